@@ -1,0 +1,32 @@
+"""spectra: how much rank did a fine-tune really use, and which LoRA rank would capture it.
+
+The public API is imported lazily so that ``import spectra`` (and ``spectra --help``)
+stays fast; torch is loaded on first use of a function that needs it.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it
+_API = {
+    "open_checkpoint": "spectra.checkpoints.source",
+    "iter_deltas": "spectra.checkpoints.pairing",
+    "DeltaW": "spectra.checkpoints.pairing",
+    "PairingOptions": "spectra.checkpoints.pairing",
+}
+
+__all__ = sorted(_API) + ["__version__"]
+
+if TYPE_CHECKING:  # pragma: no cover
+    from spectra.checkpoints.pairing import DeltaW, PairingOptions, iter_deltas
+    from spectra.checkpoints.source import open_checkpoint
+
+
+def __getattr__(name: str):
+    if name in _API:
+        return getattr(importlib.import_module(_API[name]), name)
+    raise AttributeError(f"module 'spectra' has no attribute {name!r}")
