@@ -1,0 +1,375 @@
+"""Figures of an analysis: spectra decay, cumulative energy, layer × role heatmaps, rank histogram.
+
+Every function takes the analysis dict (what ``analysis.json`` holds) and returns a
+:class:`matplotlib.figure.Figure` built directly, not through ``pyplot``, so no global
+figure state leaks and nothing is ever shown. Saving uses the Agg/SVG canvases that
+``Figure.savefig`` picks by file type.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+from matplotlib import colormaps
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import ListedColormap, LogNorm, Normalize
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+from spectra.report.tables import (
+    energy_curve,
+    full_rank,
+    matrix_rows,
+    number,
+    roles_in,
+    stats,
+)
+
+# viridis without its pale-yellow top, so the last layer's line stays visible on white.
+_LAYER_CMAP = ListedColormap(colormaps["viridis"](np.linspace(0.0, 0.88, 256)), name="layers")
+_NO_LAYER_COLOR = "0.45"
+_ENERGY_MARKS = (0.9, 0.95, 0.99)
+_LOG_X_FROM = 100  # spectra longer than this are drawn on a log index axis
+_ANNOTATE_CELLS = 300  # heatmaps with at most this many cells get their numbers written in
+
+
+def plot_decay(analysis: Mapping) -> Figure:
+    """Singular-value decay σᵢ/σ₁ of ΔW per role, one line per layer, with the noise floor.
+
+    The noise floor is the Marchenko–Pastur edge of the dtype rounding noise divided
+    by σ₁ (median over the role's modules, with their range shaded); directions
+    below it are not signal.
+
+    Parameters
+    ----------
+    analysis : mapping
+        The analysis dict.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        One panel per role, log y (and log x for spectra longer than 100 values).
+    """
+    rows = matrix_rows(analysis)
+    fig, axes, norm = _role_grid(rows)
+    for ax, role in zip(axes, roles_in(rows)):
+        members = [r for r in rows if r["role"] == role]
+        drawn = 0
+        for row in members:
+            s = np.asarray(row["singular_values"], dtype=np.float64)  # (k,)
+            if s.size == 0 or s[0] <= 0:
+                continue  # ΔW = 0: no direction to normalise by
+            ratio = s / s[0]
+            index = np.arange(1, s.size + 1)
+            keep = ratio > 0  # exact zeros have no place on a log axis
+            ax.plot(index[keep], ratio[keep], **_line_style(row, norm))
+            drawn += 1
+        floors = [_noise_floor(r) for r in members]
+        floors = [f for f in floors if f is not None]
+        if floors and drawn:
+            ax.axhline(float(np.median(floors)), color="0.15", ls="--", lw=1.2,
+                       label=r"noise floor (MP edge / $\sigma_1$)")
+            if min(floors) < max(floors):
+                ax.axhspan(min(floors), max(floors), color="0.5", alpha=0.15, lw=0)
+        _finish_panel(ax, role, members, drawn)
+        if drawn:
+            ax.set_yscale("log")
+            if max(len(r["singular_values"]) for r in members) > _LOG_X_FROM:
+                ax.set_xscale("log")
+        ax.set_xlabel("singular direction i (index)")
+        ax.set_ylabel(r"$\sigma_i / \sigma_1$ (ratio, log scale)")
+    fig.suptitle("Singular-value decay of ΔW per role: a steep fall to the noise floor means a low-rank update")
+    return fig
+
+
+def plot_cumulative_energy(analysis: Mapping) -> Figure:
+    """Cumulative energy share of the top-r directions of ΔW per role, one line per layer.
+
+    Dotted lines mark 90%, 95% and 99% energy; where a curve crosses them is the
+    module's energy rank at that level. A curve that ends below 1 comes from a
+    spectrum truncated to its top values. The rank axis is linear and ends at 1.5×
+    the role's largest 99% rank, past which every curve is flat.
+
+    Parameters
+    ----------
+    analysis : mapping
+        The analysis dict.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        One panel per role.
+    """
+    rows = matrix_rows(analysis)
+    fig, axes, norm = _role_grid(rows)
+    for ax, role in zip(axes, roles_in(rows)):
+        members = [r for r in rows if r["role"] == role]
+        drawn = 0
+        for row in members:
+            energy = energy_curve(row)  # (k,)
+            if energy.size == 0:
+                continue
+            # rank 0 captures nothing: starting at (0, 0) keeps rank-1 updates visible as a jump
+            ax.plot(np.arange(energy.size + 1), np.concatenate([[0.0], energy]), **_line_style(row, norm))
+            drawn += 1
+        for level in _ENERGY_MARKS:
+            ax.axhline(level, color="0.3", ls=":", lw=0.9)
+            ax.annotate(f"{level:.0%}", (1.0, level), xycoords=("axes fraction", "data"), xytext=(2, 0),
+                        textcoords="offset points", va="center", fontsize=7, color="0.3")
+        _finish_panel(ax, role, members, drawn)
+        if drawn:
+            ax.set_xlim(0, _energy_zoom(members))
+        ax.set_ylim(0.0, 1.02)
+        ax.set_xlabel("rank r (top singular directions kept)")
+        ax.set_ylabel("share of ‖ΔW‖² captured")
+    fig.suptitle("Cumulative energy of ΔW per role: how many directions reach 90 / 95 / 99% of the update")
+    return fig
+
+
+def plot_rank_heatmap(analysis: Mapping, *, level: str = "0.9") -> Figure:
+    """Layer × role heatmap of the energy rank at ``level`` (median over experts in a cell).
+
+    Parameters
+    ----------
+    analysis : mapping
+        The analysis dict.
+    level : str, default "0.9"
+        Key of ``energy_rank``: "0.5", "0.9", "0.95" or "0.99".
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+    """
+    percent = f"{float(level):.0%}"
+
+    def value(row):
+        return number((row.get("energy_rank") or {}).get(level))
+
+    return _heatmap(matrix_rows(analysis), value, label=f"energy-{percent} rank (directions)",
+                    title=f"Energy-{percent} rank of ΔW by layer and role", fmt="{:.0f}")
+
+
+def plot_relative_size_heatmap(analysis: Mapping) -> Figure:
+    """Layer × role heatmap of the relative update size ‖ΔW‖_F / ‖W_base‖_F.
+
+    Parameters
+    ----------
+    analysis : mapping
+        The analysis dict.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+    """
+    return _heatmap(matrix_rows(analysis), lambda row: number(row.get("relative_size")),
+                    label=r"$\|\Delta W\|_F \,/\, \|W_{base}\|_F$ (ratio)",
+                    title="Relative update size by layer and role", fmt="{:.2g}")
+
+
+def plot_effective_rank_histogram(analysis: Mapping) -> Figure:
+    """Histograms of the entropy effective rank of ΔW, absolute and as a share of full rank.
+
+    Parameters
+    ----------
+    analysis : mapping
+        The analysis dict.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        Two panels; the median is marked in each.
+    """
+    rows = matrix_rows(analysis)
+    pairs = [(number(r.get("effective_rank")), full_rank(r)) for r in rows]
+    pairs = [(e, f) for e, f in pairs if e is not None]
+    fig = Figure(figsize=(10, 4), layout="constrained")
+    left, right = fig.subplots(1, 2)
+    if not pairs:
+        for ax in (left, right):
+            _empty(ax, "no module has an entropy effective rank")
+        fig.suptitle("Entropy effective rank of ΔW: not available")
+        return fig
+    ranks = np.array([e for e, _ in pairs])  # (m,)
+    shares = np.array([100.0 * e / f for e, f in pairs if f > 0])
+    _histogram(left, ranks, unit="", log_ok=True)
+    left.set_xlabel("entropy effective rank (directions)")
+    _histogram(right, shares, unit="%", log_ok=False)
+    right.set_xlabel("entropy effective rank / full rank (%)")
+    for ax in (left, right):
+        ax.set_ylabel("modules (count)")
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.suptitle(f"Entropy effective rank of ΔW over {ranks.size} modules: median {np.median(ranks):.3g} "
+                 f"directions, {np.median(shares) if shares.size else 0:.1f}% of full rank")
+    return fig
+
+
+def all_figures(analysis: Mapping) -> dict[str, Figure]:
+    """Every report figure, keyed by the file stem it is saved under."""
+    return {
+        "decay": plot_decay(analysis),
+        "cumulative_energy": plot_cumulative_energy(analysis),
+        "rank_heatmap": plot_rank_heatmap(analysis),
+        "relative_size_heatmap": plot_relative_size_heatmap(analysis),
+        "effective_rank_hist": plot_effective_rank_histogram(analysis),
+    }
+
+
+# ---------------------------------------------------------------------------- role panels
+
+
+def _role_grid(rows: list[dict]) -> tuple[Figure, list, Normalize | None]:
+    """A figure with one panel per role, and the layer colour scale (with its colorbar)."""
+    roles = roles_in(rows)
+    ncols = min(len(roles), 3)
+    nrows = -(-len(roles) // ncols)
+    fig = Figure(figsize=(4.2 * ncols + 1.2, 3.4 * nrows + 0.6), layout="constrained")
+    grid = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False)).ravel()
+    for ax in grid[len(roles):]:
+        ax.set_visible(False)  # the grid is rectangular; roles may not fill it
+    layers = sorted({r["layer"] for r in rows if r.get("layer") is not None})
+    norm = None
+    if len(layers) > 1:
+        norm = Normalize(vmin=layers[0], vmax=layers[-1])
+        bar = fig.colorbar(ScalarMappable(norm=norm, cmap=_LAYER_CMAP), ax=list(grid[: len(roles)]),
+                           shrink=0.9, aspect=30)
+        bar.set_label("layer (index)")
+        bar.locator = MaxNLocator(integer=True)
+        bar.update_ticks()
+    return fig, list(grid[: len(roles)]), norm
+
+
+def _line_style(row: Mapping, norm: Normalize | None) -> dict:
+    layer = row.get("layer")
+    if layer is None:
+        return {"color": _NO_LAYER_COLOR, "ls": "-.", "lw": 1.4, "label": f"{row['name']} (no layer)"}
+    color = _LAYER_CMAP(norm(layer)) if norm is not None else _LAYER_CMAP(0.0)
+    label = None if norm is not None else f"layer {layer}"  # one layer: a legend instead of a colorbar
+    return {"color": color, "lw": 1.3, "alpha": 0.9, "label": label}
+
+
+def _energy_zoom(members: list[dict]) -> float:
+    """Right end of the energy axis: 1.5× the largest 99% rank (at least 8), within the spectrum.
+
+    Past the 99% rank every curve is flat at 1, so showing all of a 4096-long spectrum
+    would squeeze the part that matters against the left edge.
+    """
+    longest = max(len(r["singular_values"]) for r in members)
+    ranks = [number((r.get("energy_rank") or {}).get("0.99")) for r in members]
+    top = max((v for v in ranks if v is not None), default=longest)
+    return float(min(longest, max(8.0, np.ceil(1.5 * top))))
+
+
+def _noise_floor(row: Mapping) -> float | None:
+    """MP edge of the dtype noise relative to σ₁, or None when either is missing."""
+    edge = number((row.get("noise") or {}).get("mp_edge"))
+    s = row["singular_values"]
+    if edge is None or edge <= 0 or not s or s[0] <= 0:
+        return None
+    return edge / s[0]
+
+
+def _finish_panel(ax, role: str, members: list[dict], drawn: int) -> None:
+    """Panel title with the role's median energy-90% rank; a note where nothing could be drawn."""
+    median = stats(number((r.get("energy_rank") or {}).get("0.9")) for r in members)
+    full = int(np.median([full_rank(r) for r in members]))
+    rank = "–" if median is None else f"{median['median']:.0f}"
+    ax.set_title(f"{role}: {len(members)} module{'s' * (len(members) != 1)}, "
+                 f"median E90 rank {rank} of {full}", fontsize=10)
+    if not drawn:
+        _empty(ax, "ΔW = 0 in every module of this role")
+    elif ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7, loc="best")
+    ax.grid(True, which="major", color="0.9", lw=0.6)
+
+
+def _empty(ax, message: str) -> None:
+    ax.text(0.5, 0.5, message, ha="center", va="center", transform=ax.transAxes, color="0.3")
+
+
+# ---------------------------------------------------------------------------- heatmaps
+
+
+def _heatmap(rows: list[dict], value, *, label: str, title: str, fmt: str) -> Figure:
+    """Layer × role grid of ``value(row)`` (median where a cell holds several experts)."""
+    roles = roles_in(rows)
+    layers = sorted({r["layer"] for r in rows if r.get("layer") is not None})
+    if any(r.get("layer") is None for r in rows):
+        layers.append(None)  # embeddings and head: one "no layer" row at the bottom
+    grid = np.full((len(layers), len(roles)), np.nan)  # (layers, roles)
+    for i, layer in enumerate(layers):
+        for j, role in enumerate(roles):
+            cell = [value(r) for r in rows if r.get("layer") == layer and r["role"] == role]
+            cell = [v for v in cell if v is not None]
+            if cell:
+                grid[i, j] = float(np.median(cell))
+    fig = Figure(figsize=(min(1.0 * len(roles) + 3.0, 14), min(0.32 * len(layers) + 2.2, 24)),
+                 layout="constrained")
+    ax = fig.subplots()
+    # cividis stays ordered in greyscale; empty cells get a light grey that no value takes.
+    cmap = colormaps["cividis"].with_extremes(bad="0.93")
+    norm = _color_norm(grid)
+    image = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, norm=norm, aspect="auto", interpolation="nearest")
+    bar = fig.colorbar(image, ax=ax)
+    bar.set_label(label + (", log scale" if isinstance(norm, LogNorm) else ""))
+    if grid.size <= _ANNOTATE_CELLS:
+        _annotate(ax, grid, norm, cmap, fmt)
+    ax.set_xticks(range(len(roles)), labels=roles)
+    step = max(1, len(layers) // 40)
+    ticks = list(range(0, len(layers), step))
+    ax.set_yticks(ticks, labels=["no layer" if layers[i] is None else str(layers[i]) for i in ticks])
+    ax.set_xlabel("role")
+    ax.set_ylabel("layer (index)")
+    ax.set_title(_heatmap_title(title, grid, layers, roles, fmt), fontsize=10)
+    return fig
+
+
+def _color_norm(grid: np.ndarray) -> Normalize:
+    """A log norm when the positive values span two decades or more, a linear one otherwise."""
+    finite = grid[np.isfinite(grid)]
+    positive = finite[finite > 0]
+    if positive.size and positive.max() / positive.min() >= 100:
+        return LogNorm(vmin=positive.min(), vmax=positive.max())
+    low = float(finite.min()) if finite.size else 0.0
+    high = float(finite.max()) if finite.size else 1.0
+    return Normalize(vmin=min(low, 0.0), vmax=high if high > min(low, 0.0) else min(low, 0.0) + 1.0)
+
+
+def _annotate(ax, grid: np.ndarray, norm: Normalize, cmap, fmt: str) -> None:
+    """Write each cell's number, light on dark cells and dark on light ones."""
+    for (i, j), v in np.ndenumerate(grid):
+        if not np.isfinite(v):
+            continue
+        shade = float(np.clip(norm(v), 0, 1)) if v > 0 or not isinstance(norm, LogNorm) else 0.0
+        r, g, b, _ = cmap(shade)
+        dark = 0.299 * r + 0.587 * g + 0.114 * b < 0.5  # perceived luminance
+        ax.text(j, i, fmt.format(v), ha="center", va="center", fontsize=8,
+                color="white" if dark else "black")
+
+
+def _heatmap_title(title: str, grid: np.ndarray, layers: list, roles: list[str], fmt: str) -> str:
+    if not np.isfinite(grid).any():
+        return f"{title}: no values"
+    i, j = np.unravel_index(np.nanargmax(grid), grid.shape)
+    where = "no layer" if layers[i] is None else f"layer {layers[i]}"
+    return f"{title}: largest in {roles[j]}, {where} ({fmt.format(grid[i, j])})"
+
+
+# ---------------------------------------------------------------------------- histogram
+
+
+def _histogram(ax, values: np.ndarray, *, unit: str, log_ok: bool) -> None:
+    if values.size == 0:
+        _empty(ax, "no values")
+        return
+    positive = values[values > 0]
+    if log_ok and positive.size == values.size and values.max() / values.min() >= 30:
+        bins = np.geomspace(values.min(), values.max(), 25)
+        ax.set_xscale("log")
+    else:
+        bins = np.histogram_bin_edges(values, bins=min(25, max(5, values.size // 2)))
+    ax.hist(values, bins=bins, color="#3b528b", edgecolor="white", lw=0.6)
+    median = float(np.median(values))
+    ax.axvline(median, color="black", ls="--", lw=1.2, label=f"median {median:.3g}{unit}")
+    ax.legend(fontsize=8)
+    ax.grid(True, axis="y", color="0.9", lw=0.6)

@@ -1,0 +1,301 @@
+"""Write an analysis as a report directory: JSON, Markdown, self-contained HTML and figures.
+
+The report is first described once as a list of blocks (heading, paragraph, list,
+table, figure, code), then rendered to Markdown and to HTML from that one list, so
+the two never drift apart. The directory is built beside its destination and moved
+into place with one rename, so a failure never leaves a partial report behind.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+import os
+import secrets
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+
+from spectra.errors import ConfigError
+from spectra.report.plots import all_figures
+from spectra.report.tables import (
+    matrix_rows,
+    module_table,
+    rank_picture,
+    role_table,
+    roles_in,
+    vector_rows,
+    vector_table,
+)
+
+_FIGURE_CAPTIONS = {
+    "decay": "Singular-value decay σᵢ/σ₁ per role, one line per layer; the dashed line is the dtype "
+             "noise floor (Marchenko–Pastur edge / σ₁), the shaded band its range over layers.",
+    "cumulative_energy": "Cumulative energy share of the top-r directions; dotted lines at 90, 95 and 99%.",
+    "rank_heatmap": "Energy-90% rank by layer and role (grey: no such module).",
+    "relative_size_heatmap": "Relative update size ‖ΔW‖_F / ‖W_base‖_F by layer and role.",
+    "effective_rank_hist": "Entropy effective rank (Roy & Vetterli 2007) over all weight matrices.",
+}
+_PNG_DPI = 130
+
+
+def write_report(analysis: Mapping, out_dir: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Write the report of an analysis into ``out_dir``, atomically.
+
+    Writes ``analysis.json``, ``report.md``, a self-contained ``report.html`` (figures
+    embedded as base64 PNG, inline CSS) and ``figures/*.png`` + ``figures/*.svg``.
+    Everything is built in a hidden sibling directory and renamed into place at the
+    end; on any failure that directory is removed and ``out_dir`` is left as it was.
+
+    Parameters
+    ----------
+    analysis : mapping
+        The analysis as ``analysis.json`` holds it (``schema_version``, ``config``,
+        ``base``, ``tuned``, ``versions``, ``timings``, ``modules``).
+    out_dir : str or path-like
+        The report directory to create. Its parent is created if missing.
+    overwrite : bool, default False
+        Replace an existing ``out_dir``. Without it an existing directory is refused.
+
+    Returns
+    -------
+    pathlib.Path
+        ``out_dir``.
+
+    Raises
+    ------
+    ConfigError
+        If ``out_dir`` exists (and ``overwrite`` is False) or is not a directory, or
+        the analysis holds no weight-matrix rows.
+    """
+    out = Path(out_dir)
+    matrix_rows(analysis)  # validate before touching the disk
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"the report path {out} exists and is not a directory; choose another output directory.")
+    if out.exists() and not overwrite:
+        raise ConfigError(f"the report directory {out} already exists; pass overwrite=True (--overwrite) "
+                          "to replace it, or choose another output directory.")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # mkdir (unlike mkdtemp) honours the umask, so the renamed report gets normal permissions.
+    staging = out.parent / f".{out.name}.tmp-{secrets.token_hex(4)}"
+    staging.mkdir()
+    try:
+        _write_contents(analysis, staging)
+        _move_into_place(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out
+
+
+def _write_contents(analysis: Mapping, folder: Path) -> None:
+    (folder / "analysis.json").write_text(analysis_json(analysis), encoding="utf-8")
+    images = _write_figures(analysis, folder / "figures")
+    blocks = report_blocks(analysis, figures=list(images))
+    (folder / "report.md").write_text(to_markdown(blocks), encoding="utf-8")
+    (folder / "report.html").write_text(to_html(blocks, images=images), encoding="utf-8")
+
+
+def _write_figures(analysis: Mapping, folder: Path) -> dict[str, bytes]:
+    """Save every figure as PNG and SVG; return the PNG bytes by name for embedding."""
+    folder.mkdir()
+    images = {}
+    for name, fig in all_figures(analysis).items():
+        # metadata without dates or versions keeps the files identical across runs
+        fig.savefig(folder / f"{name}.png", dpi=_PNG_DPI, metadata={"Software": None})
+        fig.savefig(folder / f"{name}.svg", metadata={"Date": None, "Creator": None})
+        images[name] = (folder / f"{name}.png").read_bytes()
+    return images
+
+
+def _move_into_place(staging: Path, out: Path) -> None:
+    """Rename ``staging`` to ``out``; an existing ``out`` is set aside first and restored on failure."""
+    if not out.exists():
+        staging.rename(out)
+        return
+    old = out.parent / f".{out.name}.old-{secrets.token_hex(4)}"
+    out.rename(old)
+    try:
+        staging.rename(out)
+    except BaseException:
+        old.rename(out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------- JSON
+
+
+def analysis_json(analysis: Mapping) -> str:
+    """The analysis as strict JSON text, keys in the order given.
+
+    numpy scalars and arrays become numbers and lists, tuples become lists, and
+    NaN or infinite floats become ``null`` so that any JSON reader accepts the file.
+    """
+    return json.dumps(_plain(analysis), indent=2, ensure_ascii=False, allow_nan=False) + "\n"
+
+
+def _plain(value):
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return [_plain(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    return value
+
+
+# ---------------------------------------------------------------------------- content
+
+
+def report_blocks(analysis: Mapping, *, figures: list[str]) -> list[tuple]:
+    """The report as a list of blocks, shared by the Markdown and HTML renderers.
+
+    Blocks are tuples: ``("h", level, text)``, ``("p", text)``, ``("ul", items)``,
+    ``("table", headers, rows)``, ``("figure", name, caption)`` and ``("code", text)``.
+    """
+    matrices, vectors = matrix_rows(analysis), vector_rows(analysis)
+    blocks: list[tuple] = [("h", 1, "spectra report: how much rank did this fine-tune use?")]
+    blocks += [("h", 2, "Summary"), ("ul", _summary_items(analysis, matrices, vectors)),
+               ("p", rank_picture(analysis))]
+    blocks += [("h", 2, "Per role"),
+               ("p", "Median over the role's modules, with the range (min–max) in brackets. Energy-x% rank: "
+                     "fewest singular directions that hold x% of ‖ΔW‖_F²; full rank is min(out, in)."),
+               ("table", *role_table(analysis))]
+    blocks.append(("h", 2, "Figures"))
+    blocks += [("figure", name, _FIGURE_CAPTIONS.get(name, name)) for name in figures]
+    blocks += [("h", 2, "Per module"), ("table", *module_table(analysis))]
+    if vectors:
+        blocks += [("h", 3, "Vector deltas (norms, biases)"), ("table", *vector_table(analysis))]
+    blocks += [("h", 2, "Run configuration"), ("code", json.dumps(_plain(analysis.get("config", {})), indent=2))]
+    return blocks
+
+
+def _summary_items(analysis: Mapping, matrices: list[dict], vectors: list[dict]) -> list[str]:
+    items = [f"{label}: {_checkpoint(analysis.get(key))}" for key, label in (("base", "Base"), ("tuned", "Tuned"))]
+    layers = {r["layer"] for r in matrices if r.get("layer") is not None}
+    items.append(f"Modules: {len(matrices)} weight matrices and {len(vectors)} vector deltas over "
+                 f"{len(layers)} layer{'s' * (len(layers) != 1)}; roles {', '.join(roles_in(matrices))}")
+    total = (analysis.get("timings") or {}).get("total_s")
+    if isinstance(total, (int, float)):
+        items.append(f"Analysis time: {total:.1f} s")
+    versions = analysis.get("versions") or {}
+    if versions:
+        items.append("Versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()))
+    items.append(f"Schema version: {analysis.get('schema_version', '–')}")
+    return items
+
+
+def _checkpoint(info) -> str:
+    if not isinstance(info, Mapping):
+        return "–"
+    parts = [str(info.get("path", "?"))]
+    details = [str(info[k]) for k in ("format",) if info.get(k)]
+    if isinstance(info.get("size_bytes"), int):
+        details.append(_bytes(info["size_bytes"]))
+    if info.get("fingerprint"):
+        details.append(f"fingerprint {str(info['fingerprint'])[:12]}")
+    return parts[0] + (f" ({', '.join(details)})" if details else "")
+
+
+def _bytes(n: int) -> str:
+    size, unit = float(n), "B"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            break
+        size /= 1024
+    return f"{size:.0f} B" if unit == "B" else f"{size:.1f} {unit}"
+
+
+# ---------------------------------------------------------------------------- Markdown
+
+
+def to_markdown(blocks: list[tuple]) -> str:
+    """Render report blocks as Markdown; figures link to ``figures/NAME.png``."""
+    out = []
+    for block in blocks:
+        kind = block[0]
+        if kind == "h":
+            out.append(f"{'#' * block[1]} {block[2]}")
+        elif kind == "p":
+            out.append(block[1])
+        elif kind == "ul":
+            out.append("\n".join(f"- {item}" for item in block[1]))
+        elif kind == "table":
+            out.append(markdown_table(block[1], block[2]))
+        elif kind == "figure":
+            out.append(f"![{block[2]}](figures/{block[1]}.png)\n\n*{block[2]}*")
+        elif kind == "code":
+            out.append(f"```json\n{block[1]}\n```")
+    return "\n\n".join(out) + "\n"
+
+
+def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
+    """A GitHub-flavoured Markdown table; pipes inside cells are escaped."""
+    def line(cells):
+        return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
+
+    return "\n".join([line(headers), line(["---"] * len(headers))] + [line(r) for r in rows])
+
+
+def role_table_markdown(analysis: Mapping) -> str:
+    """The per-role table as Markdown (what ``report.md`` shows under "Per role")."""
+    return markdown_table(*role_table(analysis))
+
+
+# ---------------------------------------------------------------------------- HTML
+
+_CSS = """
+body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2rem auto; max-width: 1200px;
+       padding: 0 1rem; color: #1d1d1f; line-height: 1.45; }
+h1 { font-size: 1.6rem; } h2 { border-bottom: 1px solid #ddd; padding-bottom: .2rem; margin-top: 2rem; }
+table { border-collapse: collapse; font-size: .85rem; margin: .5rem 0; }
+th, td { border: 1px solid #ddd; padding: .25rem .5rem; text-align: right; white-space: nowrap; }
+th { background: #f3f3f5; position: sticky; top: 0; }
+td:first-child, th:first-child { text-align: left; }
+tbody tr:nth-child(even) { background: #fafafa; }
+.scroll { overflow: auto; max-height: 40rem; }
+figure { margin: 1.5rem 0; } figure img { max-width: 100%; height: auto; border: 1px solid #eee; }
+figcaption { font-size: .9rem; color: #555; }
+pre { background: #f6f8fa; padding: .75rem; overflow: auto; font-size: .85rem; }
+"""
+
+
+def to_html(blocks: list[tuple], *, images: Mapping[str, bytes]) -> str:
+    """Render report blocks as one self-contained HTML page (inline CSS, base64 PNG images)."""
+    body = []
+    for block in blocks:
+        kind = block[0]
+        if kind == "h":
+            body.append(f"<h{block[1]}>{html.escape(block[2])}</h{block[1]}>")
+        elif kind == "p":
+            body.append(f"<p>{html.escape(block[1])}</p>")
+        elif kind == "ul":
+            body.append("<ul>" + "".join(f"<li>{html.escape(i)}</li>" for i in block[1]) + "</ul>")
+        elif kind == "table":
+            body.append(f'<div class="scroll">{html_table(block[1], block[2])}</div>')
+        elif kind == "figure":
+            data = base64.b64encode(images[block[1]]).decode("ascii")
+            caption = html.escape(block[2])
+            body.append(f'<figure><img alt="{caption}" src="data:image/png;base64,{data}">'
+                        f"<figcaption>{caption}</figcaption></figure>")
+        elif kind == "code":
+            body.append(f"<pre><code>{html.escape(block[1])}</code></pre>")
+    title = html.escape(next((b[2] for b in blocks if b[0] == "h"), "spectra report"))
+    return (f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n<title>{title}</title>\n'
+            f"<style>{_CSS}</style>\n</head>\n<body>\n" + "\n".join(body) + "\n</body>\n</html>\n")
+
+
+def html_table(headers: list[str], rows: list[list[str]]) -> str:
+    """An HTML table with escaped cells."""
+    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"

@@ -1,0 +1,286 @@
+"""Per-role and per-module tables of an analysis, and its rank picture in two sentences.
+
+Everything here reads the plain analysis dict (what ``analysis.json`` holds) and
+returns numbers or strings; nothing draws or writes files. ``plots`` and ``render``
+both start from :func:`matrix_rows`, so the input is validated in one place.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from spectra.errors import ConfigError
+
+# Roles in the order a transformer block meets them, so tables and plots read top-down.
+ROLE_ORDER = ("embed", "q", "k", "v", "qkv", "o", "gate", "up", "gate_up", "down", "head", "other")
+ENERGY_LEVELS = ("0.5", "0.9", "0.95", "0.99")
+_REQUIRED_MATRIX_KEYS = ("name", "role", "shape", "fro_norm", "energy_rank", "singular_values")
+
+
+def matrix_rows(analysis: Mapping) -> list[dict]:
+    """Validate an analysis dict and return its weight-matrix rows, in reading order.
+
+    Parameters
+    ----------
+    analysis : mapping
+        The analysis as ``analysis.json`` holds it (``schema_version``, ``config``,
+        ``modules``, ...).
+
+    Returns
+    -------
+    list of dict
+        Rows with ``kind == "matrix"``, sorted by (embeddings first, layer, role, name).
+
+    Raises
+    ------
+    ConfigError
+        If ``modules`` is missing or not a list, holds no matrix rows, or a matrix
+        row lacks a field the report needs.
+    """
+    if not isinstance(analysis, Mapping):
+        raise ConfigError(f"the analysis must be a dict as analysis.json holds it, got {type(analysis).__name__}.")
+    modules = analysis.get("modules")
+    if not isinstance(modules, list):
+        raise ConfigError("the analysis has no 'modules' list; pass the dict that analysis.json holds.")
+    rows = [m for m in modules if m.get("kind", "matrix") == "matrix"]
+    if not rows:
+        raise ConfigError(
+            f"the analysis holds no weight-matrix modules ({len(modules)} rows in 'modules', none of kind "
+            "'matrix'), so there is no spectrum to report; check the role/layer/name filters of the run."
+        )
+    for row in rows:
+        missing = [key for key in _REQUIRED_MATRIX_KEYS if key not in row]
+        if missing:
+            raise ConfigError(f"module {row.get('name', '?')!r} in the analysis lacks {', '.join(missing)}.")
+    return sorted(rows, key=module_sort_key)
+
+
+def vector_rows(analysis: Mapping) -> list[dict]:
+    """Return the 1-D (norm, bias) rows of an analysis, in reading order."""
+    return sorted((m for m in analysis.get("modules", []) if m.get("kind") == "vector"), key=module_sort_key)
+
+
+def module_sort_key(row: Mapping) -> tuple:
+    """Sort key: embeddings, then layers in order, then un-layered modules (head); roles in block order."""
+    layer = row.get("layer")
+    group = 0 if row.get("role") == "embed" else (2 if layer is None else 1)
+    return (group, layer if layer is not None else 0, role_index(row.get("role")), row.get("name", ""))
+
+
+def role_index(role: str | None) -> int:
+    """Position of ``role`` in :data:`ROLE_ORDER`; unknown roles sort last."""
+    return ROLE_ORDER.index(role) if role in ROLE_ORDER else len(ROLE_ORDER)
+
+
+def roles_in(rows: list[Mapping]) -> list[str]:
+    """The distinct roles of ``rows``, in block order."""
+    return sorted({r["role"] for r in rows}, key=lambda role: (role_index(role), role))
+
+
+def full_rank(row: Mapping) -> int:
+    """The largest possible rank of the module's ΔW: ``min(out, in)``."""
+    return int(min(row["shape"]))
+
+
+def energy_curve(row: Mapping) -> np.ndarray:
+    """Cumulative energy share of the top-r singular values, r = 1..k.
+
+    ``Σ_{i≤r} σᵢ² / ‖ΔW‖_F²`` is exact even when only the top k values were kept,
+    because ``fro_norm`` is the norm of the whole ΔW. Empty for ΔW = 0.
+    """
+    s = np.asarray(row["singular_values"], dtype=np.float64)  # (k,)
+    fro = float(row["fro_norm"] or 0.0)
+    if s.size == 0 or fro <= 0.0:
+        return np.zeros(0)
+    return np.minimum(np.cumsum(s**2) / fro**2, 1.0)
+
+
+def number(value) -> float | None:
+    """``value`` as a finite float, or None for missing, null, NaN or infinite."""
+    if value is None or isinstance(value, bool):
+        return None
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        return None
+    return out if math.isfinite(out) else None
+
+
+def _energy(level: str) -> Callable[[Mapping], float | None]:
+    return lambda row: number((row.get("energy_rank") or {}).get(level))
+
+
+def _noise(row: Mapping) -> float | None:
+    return number((row.get("noise") or {}).get("rank_above"))
+
+
+def _decay(row: Mapping) -> float | None:
+    return number((row.get("decay") or {}).get("exponent"))
+
+
+def _share90(row: Mapping) -> float | None:
+    rank = _energy("0.9")(row)
+    return None if rank is None or full_rank(row) == 0 else rank / full_rank(row)
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One column of the per-role and per-module tables."""
+
+    key: str
+    label: str
+    value: Callable[[Mapping], float | None]
+    kind: str  # "rank" (count), "ratio" (plain number), "share" (percent)
+
+
+SUMMARY_METRICS = (
+    Metric("energy_rank_0.5", "energy-50% rank", _energy("0.5"), "rank"),
+    Metric("energy_rank_0.9", "energy-90% rank", _energy("0.9"), "rank"),
+    Metric("energy_rank_0.9_share", "energy-90% rank / full rank", _share90, "share"),
+    Metric("energy_rank_0.95", "energy-95% rank", _energy("0.95"), "rank"),
+    Metric("energy_rank_0.99", "energy-99% rank", _energy("0.99"), "rank"),
+    Metric("effective_rank", "entropy effective rank", lambda r: number(r.get("effective_rank")), "ratio"),
+    Metric("stable_rank", "stable rank", lambda r: number(r.get("stable_rank")), "ratio"),
+    Metric("gd_rank", "Gavish–Donoho rank", lambda r: number(r.get("gd_rank")), "rank"),
+    Metric("noise_rank", "rank above noise floor", _noise, "rank"),
+    Metric("relative_size", "‖ΔW‖/‖W‖", lambda r: number(r.get("relative_size")), "ratio"),
+    Metric("decay_exponent", "decay exponent", _decay, "ratio"),
+)
+
+
+def stats(values) -> dict | None:
+    """Median, quartiles and range of the finite ``values``; None when there are none."""
+    finite = np.asarray([v for v in values if v is not None], dtype=np.float64)
+    if finite.size == 0:
+        return None
+    q1, median, q3 = np.percentile(finite, [25, 50, 75])
+    return {"median": float(median), "q1": float(q1), "q3": float(q3),
+            "min": float(finite.min()), "max": float(finite.max()), "n": int(finite.size)}
+
+
+def summary_rows(analysis: Mapping) -> list[dict]:
+    """The per-role table: each metric's median and spread over the role's modules.
+
+    Parameters
+    ----------
+    analysis : mapping
+        The analysis dict (see :func:`matrix_rows`).
+
+    Returns
+    -------
+    list of dict
+        One dict per role, in block order, with ``role``, ``modules`` (count),
+        ``layers`` (distinct non-null layers), ``full_rank`` (median of ``min(shape)``)
+        and, for each :data:`SUMMARY_METRICS` key, a :func:`stats` dict or None
+        where no module of the role has the metric.
+    """
+    rows = matrix_rows(analysis)
+    table = []
+    for role in roles_in(rows):
+        members = [r for r in rows if r["role"] == role]
+        entry = {
+            "role": role,
+            "modules": len(members),
+            "layers": len({r.get("layer") for r in members if r.get("layer") is not None}),
+            "full_rank": float(np.median([full_rank(r) for r in members])),
+        }
+        for metric in SUMMARY_METRICS:
+            entry[metric.key] = stats(metric.value(r) for r in members)
+        table.append(entry)
+    return table
+
+
+def format_value(value: float | None, kind: str) -> str:
+    """Short text for one number: ranks as integers where whole, shares in percent."""
+    if value is None:
+        return "–"
+    if kind == "share":
+        return f"{value:.1%}"
+    if kind == "rank" and float(value).is_integer():
+        return str(int(value))
+    if kind == "rank":
+        return f"{value:.1f}"
+    return f"{value:.3g}"
+
+
+def format_stats(entry: dict | None, kind: str) -> str:
+    """``median (min–max)``, or the single value when the spread is nil."""
+    if entry is None:
+        return "–"
+    median = format_value(entry["median"], kind)
+    if entry["min"] == entry["max"]:
+        return median
+    return f"{median} ({format_value(entry['min'], kind)}–{format_value(entry['max'], kind)})"
+
+
+def role_table(analysis: Mapping) -> tuple[list[str], list[list[str]]]:
+    """Headers and text cells of the per-role table (median (min–max) over modules)."""
+    headers = ["role", "modules", "full rank"] + [m.label for m in SUMMARY_METRICS]
+    body = [
+        [entry["role"], str(entry["modules"]), format_value(entry["full_rank"], "rank")]
+        + [format_stats(entry[m.key], m.kind) for m in SUMMARY_METRICS]
+        for entry in summary_rows(analysis)
+    ]
+    return headers, body
+
+
+_MODULE_METRICS = ("energy_rank_0.5", "energy_rank_0.9", "energy_rank_0.99", "effective_rank",
+                   "stable_rank", "gd_rank", "noise_rank", "relative_size", "decay_exponent")
+
+
+def module_table(analysis: Mapping) -> tuple[list[str], list[list[str]]]:
+    """Headers and text cells of the per-module table (one row per weight matrix)."""
+    metrics = [m for m in SUMMARY_METRICS if m.key in _MODULE_METRICS]
+    headers = ["module", "role", "layer", "shape", "‖ΔW‖_F"] + [m.label for m in metrics] + ["method"]
+    body = [
+        [r["name"], r["role"], _text(r.get("layer")), "×".join(map(str, r["shape"])),
+         format_value(number(r["fro_norm"]), "ratio")]
+        + [format_value(m.value(r), m.kind) for m in metrics]
+        + [_text(r.get("method"))]
+        for r in matrix_rows(analysis)
+    ]
+    return headers, body
+
+
+def vector_table(analysis: Mapping) -> tuple[list[str], list[list[str]]]:
+    """Headers and text cells of the 1-D deltas (norm weights, biases): size only, no spectrum."""
+    headers = ["module", "role", "layer", "shape", "‖Δ‖_2", "‖Δ‖/‖w‖"]
+    body = [
+        [r["name"], _text(r.get("role")), _text(r.get("layer")), "×".join(map(str, r.get("shape", []))),
+         format_value(number(r.get("fro_norm")), "ratio"), format_value(number(r.get("relative_size")), "ratio")]
+        for r in vector_rows(analysis)
+    ]
+    return headers, body
+
+
+def rank_picture(analysis: Mapping) -> str:
+    """The overall rank picture in two sentences, computed from the data.
+
+    The first sentence gives the median energy-90% rank over all weight matrices
+    as a share of the full rank (and the interquartile range); the second ranks the
+    roles by that share, from the most to the least low-rank.
+    """
+    rows = matrix_rows(analysis)
+    shares = stats(_share90(r) for r in rows)
+    ranks = stats(_energy("0.9")(r) for r in rows)
+    if shares is None or ranks is None:
+        return (f"The analysis holds {len(rows)} weight matrices but no energy-90% ranks, "
+                "so no rank picture can be drawn.")
+    spread = f" (middle half of modules: {shares['q1']:.1%}–{shares['q3']:.1%})" if shares["q1"] < shares["q3"] else ""
+    first = (
+        f"Across {len(rows)} weight matrices, a median of {format_value(ranks['median'], 'rank')} singular "
+        f"directions hold 90% of the update's energy, {shares['median']:.1%} of the full rank{spread}."
+    )
+    by_role = [(entry["role"], entry["energy_rank_0.9_share"]) for entry in summary_rows(analysis)]
+    by_role = sorted(((role, s["median"]) for role, s in by_role if s is not None), key=lambda item: item[1])
+    parts = ", ".join(f"{role} {share:.1%}" for role, share in by_role)
+    second = f"By role, the median energy-90% rank as a share of full rank runs from lowest to highest: {parts}."
+    return f"{first} {second}"
+
+
+def _text(value) -> str:
+    return "–" if value is None else str(value)
