@@ -1,0 +1,117 @@
+"""Tiny real transformers architectures built from config, and planted ΔW.
+
+Every parameter is rounded to a grid of 2⁻¹² and every planted update is an integer
+low-rank product times 2⁻⁸, so ``base + planted`` is exact in float32 and the ΔW that
+spectra reads back must equal the planted update *exactly*.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+GRID = 2.0**-12
+
+
+def tiny_config(family: str):
+    """A transformers config of about 10-50k parameters for one family."""
+    import transformers as tf
+
+    common = dict(vocab_size=64)
+    if family == "llama":
+        return tf.LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                              num_key_value_heads=2, tie_word_embeddings=False, **common)
+    if family == "qwen2":
+        return tf.Qwen2Config(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                              num_key_value_heads=2, tie_word_embeddings=True, **common)
+    if family == "gpt2":
+        return tf.GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=32, bos_token_id=0, eos_token_id=0, **common)
+    if family == "bert":
+        return tf.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
+                             max_position_embeddings=32, num_labels=3, **common)
+    if family == "phi3":
+        return tf.Phi3Config(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=2, pad_token_id=0, bos_token_id=0,
+                             eos_token_id=0, **common)
+    if family == "mixtral":
+        return tf.MixtralConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                                num_key_value_heads=2, num_local_experts=3, num_experts_per_tok=2, **common)
+    if family == "gpt_neox":
+        return tf.GPTNeoXConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                                max_position_embeddings=32, **common)
+    raise ValueError(family)
+
+
+_MODEL_CLASSES = {
+    "llama": ("LlamaModel", "LlamaForCausalLM"),
+    "qwen2": ("Qwen2Model", "Qwen2ForCausalLM"),
+    "gpt2": ("GPT2Model", "GPT2LMHeadModel"),
+    "bert": ("BertModel", "BertForSequenceClassification"),
+    "phi3": ("Phi3Model", "Phi3ForCausalLM"),
+    "mixtral": ("MixtralModel", "MixtralForCausalLM"),
+    "gpt_neox": ("GPTNeoXModel", "GPTNeoXForCausalLM"),
+}
+
+
+def build_model(family: str, *, head: bool = True, seed: int = 0):
+    """A model of ``family`` with weights on the 2⁻¹² grid (base class if ``head=False``)."""
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    cls = getattr(tf, _MODEL_CLASSES[family][1 if head else 0])
+    model = cls(tiny_config(family)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.round(p / GRID) * GRID)
+    return model
+
+
+def low_rank(out_features: int, in_features: int, rank: int, *, seed: int) -> torch.Tensor:
+    """An exact integer rank-``rank`` matrix times 2⁻⁸, float64, shape (out, in)."""
+    g = torch.Generator().manual_seed(seed)
+    u = torch.randint(-2, 3, (out_features, rank), generator=g).double()
+    v = torch.randint(-2, 3, (rank, in_features), generator=g).double()
+    return (u @ v) * 2.0**-8
+
+
+@dataclass
+class PlantedPair:
+    base: Path
+    tuned: Path
+    planted: dict[str, torch.Tensor] = field(default_factory=dict)  # expected DeltaW name -> (out, in) float64
+
+
+def add_to_parameter(model, param_name: str, delta_out_in: torch.Tensor, *, conv1d: bool = False,
+                     rows: slice | None = None, expert: int | None = None) -> None:
+    """Add a planted (out, in) update to a parameter in place (Conv1D stores (in, out))."""
+    param = dict(model.named_parameters())[param_name]
+    with torch.no_grad():
+        target = param[expert] if expert is not None else param
+        update = delta_out_in.to(target.dtype)
+        if conv1d:
+            target[:, rows or slice(None)] += update.T
+        else:
+            target[rows or slice(None)] += update
+
+
+def save(model, path: Path, fmt: str) -> Path:
+    """Save the way users' checkpoints look: safetensors, sharded safetensors, or .bin."""
+    path.mkdir(parents=True, exist_ok=True)
+    if fmt == "safetensors":
+        model.save_pretrained(path)
+    elif fmt == "sharded":
+        model.save_pretrained(path, max_shard_size="20KB")
+        assert (path / "model.safetensors.index.json").is_file()
+    elif fmt == "bin":  # save_pretrained ignores safe_serialization=False in transformers 5
+        model.config.save_pretrained(path)
+        torch.save(model.state_dict(), path / "pytorch_model.bin")
+    else:
+        raise ValueError(fmt)
+    return path
+
+
+def read_config(path: Path) -> dict:
+    return json.loads((path / "config.json").read_text())
