@@ -1,0 +1,151 @@
+"""Per-family tables: module name → role, layer and expert index; fused layouts; Conv1D.
+
+A *role* groups modules across layers and architectures so that results can be
+compared by kind: ``q, k, v, o, qkv, gate, up, down, gate_up, embed, head, other``.
+Unknown architectures still work: every module whose name matches no rule gets
+role ``other`` and is analysed all the same.
+
+Names are module names as they appear in checkpoints, without ``.weight``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+ROLES = ("q", "k", "v", "o", "qkv", "gate", "up", "down", "gate_up", "embed", "head", "other")
+
+# Ordered: the first rule whose pattern matches the end of the module name wins. More
+# specific patterns (BERT's attention.output.dense) come before general ones (output.dense).
+_ROLE_RULES: tuple[tuple[str, str], ...] = (
+    # task heads first: RoBERTa's classifier.out_proj is a head, not an attention output
+    (r"(classifier(\.dense|\.out_proj)?|score|qa_outputs)", "head"),
+    # fused projections
+    (r"(attn\.c_attn|qkv_proj|query_key_value|Wqkv|attn\.qkv)", "qkv"),
+    (r"(gate_up_proj)", "gate_up"),
+    # attention, Llama/Mistral/Qwen2/Gemma/Phi-3/Mixtral
+    (r"(q_proj|self\.query|\.wq)", "q"),
+    (r"(k_proj|self\.key|\.wk)", "k"),
+    (r"(v_proj|self\.value|\.wv)", "v"),
+    (r"(o_proj|out_proj|attention\.output\.dense|attention\.dense|attn\.c_proj|self_attention\.dense|\.wo)", "o"),
+    # MLP
+    (r"(gate_proj|experts\.\d+\.w1|mlp\.fc_gate)", "gate"),
+    (r"(up_proj|experts\.\d+\.w3|intermediate\.dense|mlp\.c_fc|dense_h_to_4h|mlp\.fc1)", "up"),
+    (r"(down_proj|experts\.\d+\.w2|layer\.\d+\.output\.dense|mlp\.c_proj|dense_4h_to_h|mlp\.fc2)", "down"),
+    # embeddings and heads
+    (r"(embed_tokens|word_embeddings|wte|embed_in|tok_embeddings)", "embed"),
+    (r"(lm_head|embed_out|classifier|score|cls\.predictions\.decoder)", "head"),
+)
+_ROLE_REGEXES = tuple((re.compile(rf"(^|\.){pattern}$"), role) for pattern, role in _ROLE_RULES)
+_LAYER = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)\.")
+_EXPERT = re.compile(r"(?:^|\.)experts\.(\d+)(?:\.|$)")
+
+# transformers' Conv1D (weight stored (in, out)) is used by these model types.
+CONV1D_MODEL_TYPES = frozenset({"gpt2", "imagegpt", "decision_transformer", "openai-gpt"})
+_CONV1D_NAMES = re.compile(r"(^|\.)(c_attn|c_proj|c_fc|q_attn)$")
+# Fused qkv tensors whose rows interleave per head ([q_h; k_h; v_h] for each head h).
+_HEAD_INTERLEAVED_QKV = frozenset({"gpt_neox", "bloom", "gpt_neox_japanese"})
+# Fused qkv tensors laid out as contiguous [q; k; v] blocks (GQA-aware widths).
+_CONTIGUOUS_QKV = frozenset({"gpt2", "phi3", "phimoe", "imagegpt", "decision_transformer"})
+_CONTIGUOUS_QKV_NAMES = re.compile(r"(^|\.)(c_attn|qkv_proj)$")
+
+
+@dataclass(frozen=True)
+class ModuleInfo:
+    """What the name of one module tells: its role, layer and expert index."""
+
+    role: str
+    layer: int | None
+    expert: int | None
+
+
+def module_info(name: str) -> ModuleInfo:
+    """Role, layer index and expert index of a module name (without ``.weight``).
+
+    >>> module_info("model.layers.3.self_attn.q_proj")
+    ModuleInfo(role='q', layer=3, expert=None)
+    >>> module_info("transformer.h.0.attn.c_attn")
+    ModuleInfo(role='qkv', layer=0, expert=None)
+    """
+    role = "other"
+    for regex, candidate in _ROLE_REGEXES:
+        if regex.search(name):
+            role = candidate
+            break
+    layer = _LAYER.search(name)
+    expert = _EXPERT.search(name)
+    return ModuleInfo(role, int(layer.group(1)) if layer else None, int(expert.group(1)) if expert else None)
+
+
+def is_conv1d(name: str, config: dict[str, Any] | None) -> bool:
+    """Whether the module is a transformers ``Conv1D`` (weight stored ``(in, out)``).
+
+    Decided by the model type in ``config.json`` when present, else by the GPT-2
+    module names (``c_attn``, ``c_proj``, ``c_fc``).
+    """
+    if not _CONV1D_NAMES.search(name):
+        return False
+    if config is None or "model_type" not in config:
+        return True
+    return config["model_type"] in CONV1D_MODEL_TYPES
+
+
+@dataclass(frozen=True)
+class Projection:
+    """One projection inside a fused ``(out, in)`` tensor: its role and its output rows."""
+
+    role: str
+    rows: tuple[int, ...] | slice  # rows of the fused (out, in) matrix that belong to it
+
+
+def fused_projections(name: str, role: str, out_features: int, config: dict[str, Any] | None) -> list[Projection]:
+    """Split of a fused tensor's output rows into per-projection blocks.
+
+    Returns an empty list when the layout cannot be known (then only the fused whole
+    is analysed). Layouts, in the ``(out, in)`` orientation:
+
+    - GPT-2 ``c_attn``, Phi-3 ``qkv_proj``: contiguous ``[q; k; v]``; k and v have
+      ``num_key_value_heads × head_dim`` rows (GQA), q has ``num_attention_heads × head_dim``.
+    - GPT-NeoX / Bloom ``query_key_value``: per head ``[q_h; k_h; v_h]`` (the output is
+      viewed as ``(heads, 3·head_dim)`` then chunked), so q is every third block.
+    - ``gate_up_proj`` (Phi-3, transformers-5 MoE experts): ``[gate; up]``, equal halves.
+    """
+    if role == "gate_up":
+        if out_features % 2:
+            return []
+        half = out_features // 2
+        return [Projection("gate", slice(0, half)), Projection("up", slice(half, out_features))]
+    if role != "qkv":
+        return []
+    cfg = config or {}
+    model_type = cfg.get("model_type")
+    heads = cfg.get("num_attention_heads", cfg.get("n_head"))
+    if model_type in _HEAD_INTERLEAVED_QKV:
+        if not heads or out_features % (3 * heads):
+            return []
+        head_dim = out_features // (3 * heads)
+        blocks = {r: [] for r in ("q", "k", "v")}
+        for h in range(heads):
+            for i, r in enumerate(("q", "k", "v")):
+                start = (3 * h + i) * head_dim
+                blocks[r].extend(range(start, start + head_dim))
+        return [Projection(r, tuple(rows)) for r, rows in blocks.items()]
+    if model_type not in _CONTIGUOUS_QKV and not (model_type is None and _CONTIGUOUS_QKV_NAMES.search(name)):
+        return []  # layout unknown for this family (e.g. Falcon's grouped qkv): analyse the whole only
+    hidden = cfg.get("hidden_size", cfg.get("n_embd"))
+    kv_heads = cfg.get("num_key_value_heads") or heads
+    if heads and hidden:
+        head_dim = cfg.get("head_dim") or hidden // heads
+        q_rows, kv_rows = heads * head_dim, kv_heads * head_dim
+    elif out_features % 3 == 0:  # no config: assume multi-head attention, three equal blocks
+        q_rows = kv_rows = out_features // 3
+    else:
+        return []
+    if q_rows + 2 * kv_rows != out_features:
+        return []
+    return [
+        Projection("q", slice(0, q_rows)),
+        Projection("k", slice(q_rows, q_rows + kv_rows)),
+        Projection("v", slice(q_rows + kv_rows, out_features)),
+    ]

@@ -1,0 +1,447 @@
+"""Base × tuned → a stream of exact ΔW records, one module at a time.
+
+Every matrix ΔW comes out oriented like ``torch.nn.Linear.weight``, ``(out, in)``,
+upcast to float32 (or float64) *before* subtracting. The pairing handles prefix
+differences between model classes, Conv1D transposition, fused projections (split
+per projection, GQA-aware, with the fused whole kept), tied embeddings, resized
+vocabularies, 3-D MoE expert tensors, and a PEFT adapter as the tuned side.
+
+Only metadata is read when a :class:`Pairing` is built; tensors are read one pair at
+a time while iterating, so peak memory is a few tensors whatever the model's size.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+
+from spectra.checkpoints.adapter import AdapterDelta, plan_adapter
+from spectra.checkpoints.architectures import ROLES, ModuleInfo, Projection, fused_projections, is_conv1d, module_info
+from spectra.checkpoints.names import compile_name_filter, match_names
+from spectra.checkpoints.source import AdapterSource, CheckpointSource, open_checkpoint
+from spectra.errors import ConfigError, NonFiniteWeightError, PairingError
+
+_FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+_COMPUTE_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+@dataclass(frozen=True)
+class PairingOptions:
+    """Which ΔW to produce and how.
+
+    Attributes
+    ----------
+    roles : tuple of str, optional
+        Keep only these roles (see ``architectures.ROLES``); None keeps all.
+    layers : tuple (first, last), optional
+        Keep only layers ``first..last`` inclusive; modules without a layer are dropped.
+    include, exclude : str, optional
+        Glob on module names (a plain word matches any name containing it) or ``re:REGEX``.
+    dtype : {"float32", "float64"}
+        Dtype of the subtraction and of ΔW. float32 is exact for bf16/fp16 inputs.
+    device : str
+        Torch device for ΔW ("cpu", "cuda", "cuda:1").
+    split_fused : bool
+        Also yield each projection of a fused tensor (``c_attn[q]``…), not only the whole.
+    vectors : bool
+        Also yield 1-D deltas (norms, biases) as ``kind="vector"`` records.
+    with_weights : bool
+        Attach the upcast base and tuned weights (same orientation) to each record.
+    load : bool
+        Read tensors; False yields metadata only (``delta`` is None), for listings.
+    on_nonfinite : {"error", "skip"}
+        A NaN/Inf weight raises, or is skipped and listed in ``Pairing.skipped``.
+    """
+
+    roles: tuple[str, ...] | None = None
+    layers: tuple[int, int] | None = None
+    include: str | None = None
+    exclude: str | None = None
+    dtype: str = "float32"  # exact for bf16/fp16 checkpoints, half the memory of float64
+    device: str = "cpu"
+    split_fused: bool = True  # per-projection spectra are what LoRA on q/k/v would see
+    vectors: bool = True  # norm/bias drift is cheap to report and often telling
+    with_weights: bool = False  # analysis needs W_base for noise floors and amplification
+    load: bool = True
+    on_nonfinite: str = "error"  # a NaN in a weight is a broken checkpoint, not data
+
+    def __post_init__(self) -> None:
+        if self.roles is not None:
+            object.__setattr__(self, "roles", tuple(self.roles))
+            unknown = sorted(set(self.roles) - set(ROLES))
+            if unknown:
+                raise ConfigError(f"roles: unknown role(s) {', '.join(unknown)}; choose from {', '.join(ROLES)}.")
+        if self.layers is not None:
+            first, last = self.layers
+            if first < 0 or last < first:
+                raise ConfigError(f"layers: ({first}, {last}) is not a range first..last with 0 ≤ first ≤ last.")
+        if self.dtype not in _COMPUTE_DTYPES:
+            raise ConfigError(f"dtype: {self.dtype!r} is not one of {', '.join(_COMPUTE_DTYPES)}; ΔW is never "
+                              "computed in half precision.")
+        if self.on_nonfinite not in ("error", "skip"):
+            raise ConfigError(f"on_nonfinite: {self.on_nonfinite!r} must be 'error' or 'skip'.")
+        compile_name_filter(self.include, option="include")
+        compile_name_filter(self.exclude, option="exclude")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return _COMPUTE_DTYPES[self.dtype]
+
+
+@dataclass
+class DeltaW:
+    """One weight update ΔW = W_tuned − W_base, oriented ``(out, in)``.
+
+    ``name`` is the checkpoint module name without ``.weight`` for matrices (a split
+    projection of a fused tensor gets a suffix: ``transformer.h.0.attn.c_attn[q]``), and
+    the full tensor name for vectors (``model.norm.weight``, ``…q_proj.bias``).
+    """
+
+    name: str
+    role: str
+    layer: int | None
+    expert: int | None
+    kind: str  # "matrix" or "vector"
+    shape: tuple[int, ...]  # (out, in) for matrices
+    base_dtype: str
+    tuned_dtype: str
+    delta: torch.Tensor | None
+    base_tensor: str  # tensor name in the base checkpoint
+    fused_name: str | None = None  # for split projections: the fused module's name
+    conv1d: bool = False  # stored (in, out) on disk; PEFT needs fan_in_fan_out=True
+    added_rows: int = 0  # resized vocabulary: rows present in tuned only (not in ΔW)
+    base: torch.Tensor | None = None  # upcast W_base, same orientation (with_weights)
+    tuned: torch.Tensor | None = None  # upcast W_tuned over the shared rows (with_weights)
+
+
+@dataclass(frozen=True)
+class PairEntry:
+    """One planned tensor pair (metadata only); loading it gives one or more DeltaW."""
+
+    name: str
+    info: ModuleInfo
+    kind: str
+    shape: tuple[int, ...]  # oriented (out, in) for matrices
+    base_tensor: str
+    tuned_tensor: str | None  # None when the tuned side is an adapter module
+    base_dtype: torch.dtype
+    tuned_dtype: torch.dtype
+    conv1d: bool = False
+    added_rows: int = 0
+    expert_index: int | None = None  # slice of a 3-D (experts, out, in) tensor
+    projections: tuple[Projection, ...] = ()
+    adapter: AdapterDelta | None = None
+
+
+class Pairing:
+    """The planned pairs of a base and a tuned checkpoint; iterate to stream ΔW.
+
+    Parameters
+    ----------
+    base : str, path or CheckpointSource
+        The pretrained checkpoint.
+    tuned : str, path, CheckpointSource or AdapterSource
+        The fine-tuned checkpoint, or a PEFT LoRA/DoRA adapter trained on ``base``.
+    options : PairingOptions, optional
+
+    Raises
+    ------
+    PairingError
+        No common tensors (mismatched architectures), a shape mismatch on a shared name
+        (other than a resized vocabulary), ambiguous names.
+    AdapterError
+        An adapter whose modules or shapes do not fit the base.
+    """
+
+    def __init__(self, base, tuned, options: PairingOptions | None = None):
+        self.options = options or PairingOptions()
+        self.base = open_checkpoint(base)
+        if isinstance(self.base, AdapterSource):
+            raise PairingError(f"{self.base.spec} is a PEFT adapter; pass it as the tuned side, with the model "
+                               "it was trained on as the base.")
+        self.tuned = open_checkpoint(tuned)
+        self.config: dict[str, Any] | None = self.base.config or getattr(self.tuned, "config", None)
+        self.only_in_base: list[str] = []
+        self.only_in_tuned: list[str] = []
+        self.notes: list[str] = []
+        self.skipped: list[str] = []  # tensors skipped while iterating (non-finite)
+        if isinstance(self.tuned, AdapterSource):
+            entries = self._plan_adapter()
+        else:
+            entries = self._plan_checkpoint()
+        self.entries: list[PairEntry] = [e for e in entries if self._selected(e)]
+
+    # -- planning ---------------------------------------------------------------------
+
+    def _plan_checkpoint(self) -> list[PairEntry]:
+        base, tuned = self.base, self.tuned
+        match = match_names(base.names(), tuned.names())
+        if match.ambiguous:
+            examples = "; ".join(f"{k} ↔ {', '.join(v)}" for k, v in list(match.ambiguous.items())[:3])
+            raise PairingError(f"ambiguous tensor names between {base.spec} and {tuned.spec}: {examples}. Point "
+                               "spectra at checkpoints of the same model class, or narrow with --include.")
+        if not match.pairs:
+            raise PairingError(
+                f"{base.spec} and {tuned.spec} share no tensor names (e.g. {_first(base.names())} vs "
+                f"{_first(tuned.names())}): they are not the same architecture. Check the two paths.")
+        self.only_in_base, self.only_in_tuned = match.only_in_base, match.only_in_tuned
+        entries = []
+        for b_name, t_name in match.pairs.items():
+            entries.extend(self._entries_for(b_name, t_name))
+        return self._dedupe_tied(entries)
+
+    def _entries_for(self, b_name: str, t_name: str) -> list[PairEntry]:
+        b, t = self.base.info(b_name), self.tuned.info(t_name)
+        if b.dtype not in _FLOAT_DTYPES or t.dtype not in _FLOAT_DTYPES:
+            self.notes.append(f"{b_name}: skipped, not a floating-point tensor ({b.dtype}, {t.dtype})")
+            return []
+        if len(b.shape) == 0:
+            return []
+        module = b_name.removesuffix(".weight")
+        info = module_info(module)
+        common = dict(base_tensor=b_name, tuned_tensor=t_name, base_dtype=b.dtype, tuned_dtype=t.dtype)
+        if len(b.shape) == 1:
+            if b.shape != t.shape:
+                raise _shape_error(b_name, b.shape, t.shape, self.base, self.tuned)
+            owner = module_info(b_name.rpartition(".")[0])  # q_proj.bias belongs to q_proj
+            return [PairEntry(name=b_name, info=owner, kind="vector", shape=b.shape, **common)]
+        if len(b.shape) == 3 and ".experts." in f".{b_name}.":
+            if b.shape != t.shape:
+                raise _shape_error(b_name, b.shape, t.shape, self.base, self.tuned)
+            head, _, proj = module.rpartition(".")  # model.layers.0.mlp.experts . gate_up_proj
+            out = []
+            for e in range(b.shape[0]):
+                name = f"{head}.{e}.{proj}"
+                e_info = module_info(name)
+                out.append(PairEntry(name=name, info=e_info, kind="matrix", shape=b.shape[1:], expert_index=e,
+                                     projections=self._projections(name, e_info, b.shape[1]), **common))
+            return out
+        if len(b.shape) > 2:
+            if not b_name.endswith(".weight"):
+                self.notes.append(f"{b_name}: skipped, a {len(b.shape)}-D buffer, not a weight matrix")
+                return []
+            shape = (b.shape[0], _prod(b.shape[1:]))  # conv kernels: (out, in·k…), as LoRA for Conv sees them
+        else:
+            conv1d = is_conv1d(module, self.config)
+            shape = (b.shape[1], b.shape[0]) if conv1d else tuple(b.shape)
+            common["conv1d"] = conv1d
+        added = 0
+        if b.shape != t.shape:
+            rows_only = len(b.shape) == 2 and b.shape[1:] == t.shape[1:] and t.shape[0] > b.shape[0]
+            if not (rows_only and info.role in ("embed", "head")):
+                raise _shape_error(b_name, b.shape, t.shape, self.base, self.tuned)
+            added = t.shape[0] - b.shape[0]
+            self.notes.append(f"{module}: vocabulary resized, {added} rows added in tuned (ΔW over the "
+                              f"{b.shape[0]} shared rows)")
+        return [PairEntry(name=module, info=info, kind="matrix", shape=tuple(shape), added_rows=added,
+                          projections=self._projections(module, info, shape[0]), **common)]
+
+    def _projections(self, name: str, info: ModuleInfo, out_features: int) -> tuple[Projection, ...]:
+        if not self.options.split_fused:
+            return ()
+        return tuple(fused_projections(name, info.role, out_features, self.config))
+
+    def _dedupe_tied(self, entries: list[PairEntry]) -> list[PairEntry]:
+        """Drop the head when it is the tied embedding on both sides (same data)."""
+        heads = [e for e in entries if e.info.role == "head" and e.kind == "matrix"]
+        embeds = [e for e in entries if e.info.role == "embed" and e.kind == "matrix"]
+        if not self.options.load:
+            tied = bool((self.config or {}).get("tie_word_embeddings"))
+            drop = {h.name for h in heads for e in embeds if tied and h.shape == e.shape}
+        else:
+            drop = {h.name for h in heads for e in embeds if h.shape == e.shape and self._same_data(h, e)}
+        for name in drop:
+            self.notes.append(f"{name}: tied to the input embedding, reported once under the embedding")
+        return [e for e in entries if e.name not in drop]
+
+    def _same_data(self, a: PairEntry, b: PairEntry) -> bool:
+        return (torch.equal(self.base.read(a.base_tensor), self.base.read(b.base_tensor))
+                and torch.equal(self.tuned.read(a.tuned_tensor), self.tuned.read(b.tuned_tensor)))
+
+    def _plan_adapter(self) -> list[PairEntry]:
+        planned, notes = plan_adapter(self.tuned, self.base, self.config)
+        self.notes.extend(notes)
+        entries = []
+        for p in planned:
+            info = module_info(p.module)
+            b = self.base.info(p.base_tensor)
+            conv1d = p.conv1d
+            entries.append(PairEntry(
+                name=p.module, info=info, kind="matrix", shape=p.shape, base_tensor=p.base_tensor,
+                tuned_tensor=None, base_dtype=b.dtype, tuned_dtype=p.dtype, conv1d=conv1d,
+                projections=self._projections(p.module, info, p.shape[0]), adapter=p))
+        return entries
+
+    # -- selection --------------------------------------------------------------------
+
+    def _name_selected(self, name: str, info: ModuleInfo) -> bool:
+        opts = self.options
+        include = compile_name_filter(opts.include, option="include")
+        exclude = compile_name_filter(opts.exclude, option="exclude")
+        if opts.roles is not None and info.role not in opts.roles:
+            return False
+        if opts.layers is not None and (info.layer is None or not opts.layers[0] <= info.layer <= opts.layers[1]):
+            return False
+        if include is not None and not include(name):
+            return False
+        return exclude is None or not exclude(name)
+
+    def _parts(self, entry: PairEntry) -> list[tuple[str, ModuleInfo, Projection | None]]:
+        """The records an entry yields, after selection: the whole, then each projection."""
+        parts = []
+        if entry.kind == "vector" and not self.options.vectors:
+            return parts
+        if self._name_selected(entry.name, entry.info):
+            parts.append((entry.name, entry.info, None))
+        for proj in entry.projections:
+            name = f"{entry.name}[{proj.role}]"
+            info = replace(entry.info, role=proj.role)
+            if self._name_selected(name, info):
+                parts.append((name, info, proj))
+        return parts
+
+    def _selected(self, entry: PairEntry) -> bool:
+        return bool(self._parts(entry))
+
+    # -- loading ----------------------------------------------------------------------
+
+    def __iter__(self) -> Iterator[DeltaW]:
+        for entry in self.entries:
+            yield from self.load(entry)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def load(self, entry: PairEntry) -> list[DeltaW]:
+        """Read one entry's tensors and return its ΔW records (whole first, then projections)."""
+        parts = self._parts(entry)
+        if not self.options.load:
+            return [self._record(entry, name, info, proj, None, None, None) for name, info, proj in parts]
+        weights = self._read_pair(entry)
+        if weights is None:
+            return []
+        base, tuned = weights
+        if entry.added_rows:
+            tuned = tuned[: base.shape[0]]
+        delta = tuned - base  # both already upcast: never subtract in half precision
+        if not self.options.with_weights:
+            base = tuned = None
+        return [self._record(entry, name, info, proj, delta, base, tuned) for name, info, proj in parts]
+
+    def _read_pair(self, entry: PairEntry) -> tuple[torch.Tensor, torch.Tensor] | None:
+        opts = self.options
+        raw_base = self.base.read(entry.base_tensor)
+        if not self._finite(raw_base, entry.base_tensor, self.base.spec):
+            return None
+        if entry.adapter is not None:
+            base = _orient(raw_base, entry).to(device=opts.device, dtype=opts.torch_dtype)
+            tuned = entry.adapter.merged(base, self.tuned.weights, opts.torch_dtype)
+            if not self._finite(tuned, entry.name + " (adapter merged)", self.tuned.spec):
+                return None
+            return base, tuned
+        raw_tuned = self.tuned.read(entry.tuned_tensor)
+        if not self._finite(raw_tuned, entry.tuned_tensor, self.tuned.spec):
+            return None
+        return (_orient(raw_base, entry).to(device=opts.device, dtype=opts.torch_dtype),
+                _orient(raw_tuned, entry).to(device=opts.device, dtype=opts.torch_dtype))
+
+    def _finite(self, tensor: torch.Tensor, name: str, spec: str) -> bool:
+        if torch.isfinite(tensor).all():
+            return True
+        bad = int((~torch.isfinite(tensor)).sum())
+        message = f"tensor {name} in {spec} holds {bad} NaN/Inf value(s)"
+        if self.options.on_nonfinite == "skip":
+            self.skipped.append(message)
+            return False
+        raise NonFiniteWeightError(f"{message}. The checkpoint is broken (diverged training or a bad save); "
+                                   "re-save it, or pass on_nonfinite='skip' (CLI: --skip-nonfinite) to analyse the rest.")
+
+    def _record(self, entry, name, info, proj, delta, base, tuned) -> DeltaW:
+        shape = entry.shape
+        if proj is not None:
+            rows = proj.rows if isinstance(proj.rows, slice) else list(proj.rows)
+            if delta is not None:
+                delta = delta[rows].contiguous()
+                base = base[rows].contiguous() if base is not None else None
+                tuned = tuned[rows].contiguous() if tuned is not None else None
+            n = len(range(*proj.rows.indices(shape[0]))) if isinstance(proj.rows, slice) else len(proj.rows)
+            shape = (n, *shape[1:])
+        return DeltaW(
+            name=name, role=info.role, layer=info.layer, expert=info.expert, kind=entry.kind, shape=tuple(shape),
+            base_dtype=_dtype_name(entry.base_dtype), tuned_dtype=_dtype_name(entry.tuned_dtype), delta=delta,
+            base_tensor=entry.base_tensor, fused_name=entry.name if proj is not None else None,
+            conv1d=entry.conv1d, added_rows=entry.added_rows, base=base, tuned=tuned)
+
+
+def iter_deltas(base, tuned, options: PairingOptions | None = None, **option_overrides) -> Iterator[DeltaW]:
+    """Stream every ΔW of a checkpoint pair, one module at a time.
+
+    Parameters
+    ----------
+    base, tuned : str or path
+        Checkpoints (directory, file, index JSON or hub id); ``tuned`` may be a PEFT adapter.
+    options : PairingOptions, optional
+    **option_overrides
+        Fields of :class:`PairingOptions`, e.g. ``roles=("q", "v")``, ``dtype="float64"``.
+
+    Yields
+    ------
+    DeltaW
+        ``delta`` has shape ``(out, in)`` for matrices.
+
+    Examples
+    --------
+    >>> for d in iter_deltas("base/", "tuned/", roles=("q",)):  # doctest: +SKIP
+    ...     print(d.name, d.shape, float(d.delta.norm()))
+    """
+    options = replace(options or PairingOptions(), **option_overrides)
+    yield from Pairing(base, tuned, options)
+
+
+def _orient(tensor: torch.Tensor, entry: PairEntry) -> torch.Tensor:
+    """Stored tensor → ``(out, in)`` matrix (or the vector as is)."""
+    if entry.expert_index is not None:
+        tensor = tensor[entry.expert_index]
+    if entry.kind == "vector":
+        return tensor
+    if tensor.dim() > 2:
+        tensor = tensor.reshape(tensor.shape[0], -1)
+    return tensor.T if entry.conv1d else tensor  # Conv1D stores (in, out)
+
+
+def _shape_error(name, b_shape, t_shape, base, tuned) -> PairingError:
+    return PairingError(f"tensor {name} has shape {tuple(b_shape)} in {base.spec} but {tuple(t_shape)} in "
+                        f"{tuned.spec}: the checkpoints are different architectures or sizes. Only a resized "
+                        "vocabulary (extra embedding/head rows in tuned) is paired across shapes.")
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _prod(values) -> int:
+    out = 1
+    for v in values:
+        out *= v
+    return out
+
+
+def _first(names: list[str]) -> str:
+    return names[0] if names else "(none)"
+
+
+def describe(pairing: Pairing) -> dict[str, Any]:
+    """Counts and notes of a pairing, for reports."""
+    return {
+        "entries": len(pairing.entries),
+        "only_in_base": list(pairing.only_in_base),
+        "only_in_tuned": list(pairing.only_in_tuned),
+        "notes": list(pairing.notes),
+        "skipped": list(pairing.skipped),
+        "config_model_type": (pairing.config or {}).get("model_type"),
+        "pid": os.getpid(),
+    }

@@ -1,0 +1,254 @@
+"""Pairing on real transformers architectures: every ΔW equals the planted update exactly.
+
+Each test builds a tiny model from config, plants known low-rank updates in a copy,
+saves both the way users' checkpoints look, and checks that the pairing yields exactly
+the planted ΔW (float64, bit-exact thanks to the 2⁻¹² weight grid), in (out, in)
+orientation, with the right role and layer, and zero everywhere else.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from spectra.checkpoints.pairing import Pairing, PairingOptions, iter_deltas
+from tests.models import add_to_parameter, build_model, low_rank, save
+
+F64 = PairingOptions(dtype="float64")
+
+
+def assert_exact(pairing_or_iter, planted: dict[str, torch.Tensor]) -> dict:
+    """Every planted name appears with exactly its update; every other matrix ΔW is zero."""
+    seen = {}
+    for d in pairing_or_iter:
+        seen[d.name] = d
+        if d.kind != "matrix":
+            assert torch.count_nonzero(d.delta) == 0, d.name
+            continue
+        assert d.delta.shape == d.shape, d.name
+        if d.name in planted:
+            assert d.delta.dtype == torch.float64
+            torch.testing.assert_close(d.delta, planted[d.name], rtol=0, atol=0, msg=d.name)
+        else:
+            assert torch.count_nonzero(d.delta) == 0, f"{d.name} should be unchanged"
+    missing = set(planted) - set(seen)
+    assert not missing, f"planted modules not yielded: {missing}"
+    return seen
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "sharded", "bin"])
+def test_llama_gqa_untied(tmp_path, fmt):
+    base = build_model("llama")
+    tuned = copy.deepcopy(base)
+    dq = low_rank(32, 32, 3, seed=1)
+    dk = low_rank(16, 32, 2, seed=2)  # GQA: k has num_key_value_heads × head_dim = 2 × 8 rows
+    dhead = low_rank(64, 32, 1, seed=3)
+    add_to_parameter(tuned, "model.layers.1.self_attn.q_proj.weight", dq)
+    add_to_parameter(tuned, "model.layers.0.self_attn.k_proj.weight", dk)
+    add_to_parameter(tuned, "lm_head.weight", dhead)
+    b, t = save(base, tmp_path / "b", fmt), save(tuned, tmp_path / "t", fmt)
+    seen = assert_exact(Pairing(b, t, F64), {
+        "model.layers.1.self_attn.q_proj": dq, "model.layers.0.self_attn.k_proj": dk, "lm_head": dhead})
+    q = seen["model.layers.1.self_attn.q_proj"]
+    assert (q.role, q.layer, q.expert, q.shape) == ("q", 1, None, (32, 32))
+    k = seen["model.layers.0.self_attn.k_proj"]
+    assert (k.role, k.layer, k.shape) == ("k", 0, (16, 32))
+    assert seen["lm_head"].role == "head" and seen["model.embed_tokens"].role == "embed"  # untied: both present
+    assert seen["model.norm.weight"].kind == "vector"
+
+
+def test_gpt2_conv1d_fused_split_and_prefix(tmp_path):
+    base = build_model("gpt2", head=False)  # GPT2Model: keys "h.0…"
+    tuned = build_model("gpt2", head=True)  # GPT2LMHeadModel: keys "transformer.h.0…", no lm_head on disk
+    tuned.transformer.load_state_dict(base.state_dict())
+    dq, dk, dv = (low_rank(32, 32, r, seed=s) for r, s in ((3, 1), (2, 2), (1, 3)))
+    dfc = low_rank(128, 32, 2, seed=4)
+    conv = dict(conv1d=True)
+    add_to_parameter(tuned, "transformer.h.1.attn.c_attn.weight", dq, rows=slice(0, 32), **conv)
+    add_to_parameter(tuned, "transformer.h.1.attn.c_attn.weight", dk, rows=slice(32, 64), **conv)
+    add_to_parameter(tuned, "transformer.h.1.attn.c_attn.weight", dv, rows=slice(64, 96), **conv)
+    add_to_parameter(tuned, "transformer.h.0.mlp.c_fc.weight", dfc, **conv)
+    b, t = save(base, tmp_path / "b", "safetensors"), save(tuned, tmp_path / "t", "safetensors")
+    seen = assert_exact(Pairing(b, t, F64), {
+        "h.1.attn.c_attn[q]": dq, "h.1.attn.c_attn[k]": dk, "h.1.attn.c_attn[v]": dv,
+        "h.1.attn.c_attn": torch.cat([dq, dk, dv]), "h.0.mlp.c_fc": dfc})
+    whole = seen["h.1.attn.c_attn"]
+    assert whole.role == "qkv" and whole.conv1d and whole.shape == (96, 32)  # (out, in), transposed from disk
+    assert seen["h.1.attn.c_attn[k]"].fused_name == "h.1.attn.c_attn"
+    assert [seen[f"h.1.attn.c_attn[{r}]"].role for r in "qkv"] == ["q", "k", "v"]
+    assert seen["h.0.mlp.c_fc"].shape == (128, 32) and seen["h.0.mlp.c_fc"].role == "up"
+    assert seen["h.0.attn.c_proj"].role == "o" and seen["h.0.mlp.c_proj"].role == "down"
+
+
+def test_qwen2_tied_head_and_qkv_biases(tmp_path):
+    base = build_model("qwen2")
+    tuned = copy.deepcopy(base)
+    dv = low_rank(16, 32, 2, seed=5)
+    add_to_parameter(tuned, "model.layers.0.self_attn.v_proj.weight", dv)
+    with torch.no_grad():
+        tuned.model.layers[0].self_attn.q_proj.bias += 2.0**-8
+    b, t = save(base, tmp_path / "b", "safetensors"), save(tuned, tmp_path / "t", "bin")
+    pairing = Pairing(b, t, F64)
+    seen = {d.name: d for d in pairing}
+    torch.testing.assert_close(seen["model.layers.0.self_attn.v_proj"].delta, dv, rtol=0, atol=0)
+    bias = seen["model.layers.0.self_attn.q_proj.bias"]
+    assert bias.kind == "vector" and bias.role == "q" and torch.all(bias.delta == 2.0**-8)
+    assert not any(d.role == "head" for d in seen.values())  # tied: the head appears once, as the embedding
+    assert sum(d.role == "embed" for d in seen.values()) == 1
+
+
+def test_tied_head_saved_twice_is_reported_once(tmp_path):
+    base = build_model("qwen2")
+    tuned = copy.deepcopy(base)
+    b, t = tmp_path / "b.bin", tmp_path / "t.bin"
+    torch.save(base.state_dict(), b)  # state_dict() lists tied parameters under both names
+    torch.save(tuned.state_dict(), t)
+    pairing = Pairing(b, t)
+    names = [d.name for d in pairing]
+    assert "model.embed_tokens" in names and "lm_head" not in names
+    assert any("tied" in n for n in pairing.notes)
+
+
+def test_bert_prefix_and_roles(tmp_path):
+    base = build_model("bert", head=False)  # BertModel: "encoder.layer.0…"
+    tuned = build_model("bert", head=True)  # BertForSequenceClassification: "bert.encoder…" + classifier
+    tuned.bert.load_state_dict(base.state_dict())
+    dquery = low_rank(32, 32, 3, seed=6)
+    ddown = low_rank(32, 48, 2, seed=7)
+    add_to_parameter(tuned, "bert.encoder.layer.1.attention.self.query.weight", dquery)
+    add_to_parameter(tuned, "bert.encoder.layer.0.output.dense.weight", ddown)
+    b, t = save(base, tmp_path / "b", "safetensors"), save(tuned, tmp_path / "t", "sharded")
+    pairing = Pairing(b, t, F64)
+    seen = assert_exact(pairing, {"encoder.layer.1.attention.self.query": dquery, "encoder.layer.0.output.dense": ddown})
+    roles = {n: seen[n].role for n in ("encoder.layer.0.attention.self.query", "encoder.layer.0.attention.self.key",
+                                        "encoder.layer.0.attention.self.value", "encoder.layer.0.attention.output.dense",
+                                        "encoder.layer.0.intermediate.dense", "encoder.layer.0.output.dense")}
+    assert list(roles.values()) == ["q", "k", "v", "o", "up", "down"]
+    assert seen["encoder.layer.0.output.dense"].shape == (32, 48)
+    assert "classifier.weight" in pairing.only_in_tuned  # the new head has no base: reported, not fatal
+
+
+def test_phi3_fused_qkv_gqa_and_gate_up(tmp_path):
+    base = build_model("phi3")
+    tuned = copy.deepcopy(base)
+    # q: 4 heads × 8 = 32 rows; k, v: 2 KV heads × 8 = 16 rows each
+    dq, dk, dv = low_rank(32, 32, 2, seed=8), low_rank(16, 32, 1, seed=9), low_rank(16, 32, 3, seed=10)
+    dgate, dup = low_rank(48, 32, 2, seed=11), low_rank(48, 32, 1, seed=12)
+    p = "model.layers.0.self_attn.qkv_proj.weight"
+    add_to_parameter(tuned, p, dq, rows=slice(0, 32))
+    add_to_parameter(tuned, p, dk, rows=slice(32, 48))
+    add_to_parameter(tuned, p, dv, rows=slice(48, 64))
+    g = "model.layers.1.mlp.gate_up_proj.weight"
+    add_to_parameter(tuned, g, dgate, rows=slice(0, 48))
+    add_to_parameter(tuned, g, dup, rows=slice(48, 96))
+    b, t = save(base, tmp_path / "b", "safetensors"), save(tuned, tmp_path / "t", "safetensors")
+    seen = assert_exact(Pairing(b, t, F64), {
+        "model.layers.0.self_attn.qkv_proj[q]": dq, "model.layers.0.self_attn.qkv_proj[k]": dk,
+        "model.layers.0.self_attn.qkv_proj[v]": dv, "model.layers.0.self_attn.qkv_proj": torch.cat([dq, dk, dv]),
+        "model.layers.1.mlp.gate_up_proj[gate]": dgate, "model.layers.1.mlp.gate_up_proj[up]": dup,
+        "model.layers.1.mlp.gate_up_proj": torch.cat([dgate, dup])})
+    assert seen["model.layers.1.mlp.gate_up_proj[up]"].role == "up"
+    assert seen["model.layers.0.self_attn.qkv_proj[k]"].shape == (16, 32)
+
+
+def test_gpt_neox_head_interleaved_qkv(tmp_path):
+    base = build_model("gpt_neox")
+    tuned = copy.deepcopy(base)
+    dq = low_rank(32, 32, 2, seed=13)
+    # rows of query_key_value are [q_h; k_h; v_h] per head h (head_dim 8): q of head h is rows 24h..24h+8
+    q_rows = [24 * h + i for h in range(4) for i in range(8)]
+    full = torch.zeros(96, 32, dtype=torch.float64)
+    full[q_rows] = dq
+    add_to_parameter(tuned, "gpt_neox.layers.0.attention.query_key_value.weight", full)
+    b, t = save(base, tmp_path / "b", "safetensors"), save(tuned, tmp_path / "t", "safetensors")
+    zeros = torch.zeros(32, 32, dtype=torch.float64)
+    assert_exact(Pairing(b, t, F64), {
+        "gpt_neox.layers.0.attention.query_key_value[q]": dq,
+        "gpt_neox.layers.0.attention.query_key_value[k]": zeros,
+        "gpt_neox.layers.0.attention.query_key_value": full})
+
+
+def test_mixtral_experts(tmp_path):
+    base = build_model("mixtral")
+    tuned = copy.deepcopy(base)
+    dgate, ddown = low_rank(48, 32, 2, seed=14), low_rank(32, 48, 3, seed=15)
+    # transformers 5 keeps experts as 3-D (experts, 2·inter, hidden) in memory and saves w1/w2/w3 per expert
+    add_to_parameter(tuned, "model.layers.1.mlp.experts.gate_up_proj", dgate, expert=2, rows=slice(0, 48))
+    add_to_parameter(tuned, "model.layers.0.mlp.experts.down_proj", ddown, expert=1)
+    b, t = save(base, tmp_path / "b", "safetensors"), save(tuned, tmp_path / "t", "safetensors")
+    seen = assert_exact(Pairing(b, t, F64), {
+        "model.layers.1.block_sparse_moe.experts.2.w1": dgate, "model.layers.0.block_sparse_moe.experts.1.w2": ddown})
+    w1 = seen["model.layers.1.block_sparse_moe.experts.2.w1"]
+    assert (w1.role, w1.layer, w1.expert) == ("gate", 1, 2)
+    assert seen["model.layers.0.block_sparse_moe.experts.1.w3"].role == "up"
+    assert seen["model.layers.0.block_sparse_moe.gate"].role == "other"  # the router
+
+
+def test_mixtral_3d_expert_tensors(tmp_path):
+    """A state dict with 3-D expert tensors (transformers-5 in-memory layout) splits per expert."""
+    base = build_model("mixtral")
+    tuned = copy.deepcopy(base)
+    dup = low_rank(48, 32, 2, seed=16)
+    add_to_parameter(tuned, "model.layers.0.mlp.experts.gate_up_proj", dup, expert=0, rows=slice(48, 96))
+    torch.save(base.state_dict(), tmp_path / "b.bin")
+    torch.save(tuned.state_dict(), tmp_path / "t.bin")
+    assert_exact(Pairing(tmp_path / "b.bin", tmp_path / "t.bin", F64), {
+        "model.layers.0.mlp.experts.0.gate_up_proj[up]": dup,
+        "model.layers.0.mlp.experts.0.gate_up_proj": torch.cat([torch.zeros(48, 32, dtype=torch.float64), dup])})
+
+
+def test_bf16_pair_is_float32_difference(tmp_path):
+    base = build_model("llama").to(torch.bfloat16)
+    tuned = copy.deepcopy(base)
+    with torch.no_grad():
+        tuned.model.layers[0].self_attn.o_proj.weight += 1e-3 * torch.randn(32, 32, dtype=torch.bfloat16)
+    b, t = save(base, tmp_path / "b", "safetensors"), save(tuned, tmp_path / "t", "safetensors")
+    for d in iter_deltas(b, t):
+        assert d.delta.dtype == torch.float32 and d.base_dtype == "bfloat16"
+        if d.name == "model.layers.0.self_attn.o_proj":
+            expected = tuned.model.layers[0].self_attn.o_proj.weight.float() - base.model.layers[0].self_attn.o_proj.weight.float()
+            assert torch.equal(d.delta, expected)
+            assert torch.count_nonzero(d.delta) > 0
+
+
+def test_resized_vocabulary(tmp_path):
+    base = build_model("llama")
+    tuned = copy.deepcopy(base)
+    tuned.resize_token_embeddings(70)
+    dembed = low_rank(64, 32, 1, seed=17)
+    with torch.no_grad():
+        tuned.model.embed_tokens.weight[:64] += dembed.float()
+    b, t = save(base, tmp_path / "b", "safetensors"), save(tuned, tmp_path / "t", "safetensors")
+    pairing = Pairing(b, t, F64)
+    seen = {d.name: d for d in pairing}
+    embed = seen["model.embed_tokens"]
+    assert embed.added_rows == 6 and embed.shape == (64, 32)
+    torch.testing.assert_close(embed.delta, dembed, rtol=0, atol=0)
+    assert seen["lm_head"].added_rows == 6
+    assert any("vocabulary resized" in n for n in pairing.notes)
+
+
+def test_selection_by_role_layer_and_name(tmp_path):
+    base = build_model("gpt2")
+    b = save(base, tmp_path / "b", "safetensors")
+    t = save(copy.deepcopy(base), tmp_path / "t", "safetensors")
+    names = [d.name for d in iter_deltas(b, t, roles=("q", "v"), load=False)]
+    assert names == ["transformer.h.0.attn.c_attn[q]", "transformer.h.0.attn.c_attn[v]",
+                     "transformer.h.1.attn.c_attn[q]", "transformer.h.1.attn.c_attn[v]"]
+    layer1 = {d.layer for d in iter_deltas(b, t, layers=(1, 1), load=False)}
+    assert layer1 == {1}
+    mlp = [d.name for d in iter_deltas(b, t, include="re:mlp\\.c_fc$", load=False)]
+    assert mlp == ["transformer.h.0.mlp.c_fc", "transformer.h.1.mlp.c_fc"]
+    no_vectors = list(iter_deltas(b, t, vectors=False, exclude="*c_attn*", load=False))
+    assert all(d.kind == "matrix" and "c_attn" not in d.name for d in no_vectors)
+
+
+def test_float32_default_and_device(tmp_path):
+    base = build_model("llama")
+    b = save(base, tmp_path / "b", "safetensors")
+    t = save(copy.deepcopy(base), tmp_path / "t", "safetensors")
+    d = next(iter_deltas(b, t, roles=("q",), with_weights=True))
+    assert d.delta.dtype == torch.float32 and d.delta.device.type == "cpu"
+    torch.testing.assert_close(d.base, base.model.layers[0].self_attn.q_proj.weight.detach(), rtol=0, atol=0)
