@@ -1,0 +1,510 @@
+"""Numbers from a spectrum: the ranks, thresholds and fits that decide a LoRA rank.
+
+Every metric takes either a :class:`~spectra.linalg.svd.Spectrum` or a 1-D tensor of
+singular values in descending order. With a bare tensor the values are taken to be the
+whole spectrum unless ``total_energy`` (= ‖M‖_F²) says otherwise; a truncated
+Spectrum carries its exact ‖M‖_F², so energy-based metrics stay exact on top-k values.
+Metrics that need the whole spectrum (entropy rank, nuclear norm, the median for
+Gavish–Donoho with unknown noise) say how they treat truncated input.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+import torch
+
+from spectra.errors import ConfigError
+from spectra.linalg.svd import Spectrum
+
+__all__ = [
+    "energy_rank", "energy_ranks", "effective_rank", "stable_rank", "participation_ratio",
+    "nuclear_frobenius_ratio", "GavishDonoho", "gd_lambda_star", "gd_omega", "gd_omega_approx",
+    "marchenko_pastur_median", "gavish_donoho", "NoiseFloor", "rounding_noise_floor", "ulp",
+    "DecayFit", "decay_fit", "relative_update_size",
+]
+
+_SIGNIFICAND_BITS = {torch.float32: 24, torch.bfloat16: 8, torch.float16: 11, torch.float64: 53}
+_MIN_NORMAL_EXP = {torch.float32: -126, torch.bfloat16: -126, torch.float16: -14, torch.float64: -1022}
+
+
+# ---------------------------------------------------------------------------- input
+
+
+def _values(s, total_energy: float | None = None) -> tuple[np.ndarray, float, bool]:
+    """(σ as float64 numpy descending, ‖M‖_F², complete?) from a Spectrum or a tensor."""
+    if isinstance(s, Spectrum):
+        v = s.values.detach().double().cpu().numpy()
+        return v, float(s.total_energy if total_energy is None else total_energy), s.complete
+    if isinstance(s, torch.Tensor):
+        v = s.detach().double().cpu().numpy()
+    elif isinstance(s, np.ndarray):
+        v = s.astype(np.float64)
+    else:
+        raise ConfigError(f"expected a Spectrum or a 1-D tensor of singular values, got {type(s).__name__}.")
+    if v.ndim != 1 or v.size == 0:
+        raise ConfigError(f"singular values must be a non-empty 1-D array, got shape {v.shape}.")
+    if not np.all(np.isfinite(v)) or np.any(v < 0):
+        raise ConfigError("singular values must be finite and non-negative.")
+    if np.any(np.diff(v) > 1e-12 * max(v[0], 1e-300)):
+        raise ConfigError("singular values must be sorted in descending order.")
+    held = float(np.sum(v * v))
+    if total_energy is None:
+        return v, held, True
+    if total_energy < held * (1 - 1e-6):
+        raise ConfigError(f"`total_energy`={total_energy} is below Σσᵢ² = {held} of the values given.")
+    return v, float(total_energy), total_energy <= held * (1 + 1e-9)
+
+
+def _check_tau(tau: float) -> float:
+    if not (0.0 < float(tau) <= 1.0):
+        raise ConfigError(f"`tau` must be in (0, 1], got {tau!r}.")
+    return float(tau)
+
+
+# ---------------------------------------------------------------------------- ranks
+
+
+def energy_rank(s, tau: float = 0.9, *, total_energy: float | None = None) -> int | None:
+    """Smallest k with Σ_{i≤k} σᵢ² ≥ τ·‖M‖_F².
+
+    Parameters
+    ----------
+    s : Spectrum or torch.Tensor, shape (k,)
+        Singular values, descending.
+    tau : float in (0, 1], default 0.9
+    total_energy : float, optional
+        ‖M‖_F² when `s` is a truncated tensor (a Spectrum carries it).
+
+    Returns
+    -------
+    int or None
+        The energy rank; ``None`` when the values held capture less than τ of the
+        total, i.e. the rank exceeds the k computed (use a larger k or
+        :func:`~spectra.linalg.svd.adaptive_svd`).
+
+    Notes
+    -----
+    The definition used throughout the low-rank literature; e.g. the "energy"
+    criterion of truncated-SVD LoRA extraction. Exact for truncated values, because
+    the denominator is the exact ‖M‖_F².
+    """
+    return _energy_rank(*_values(s, total_energy)[:2], _check_tau(tau))
+
+
+def _energy_rank(v: np.ndarray, total: float, tau: float) -> int | None:
+    if total == 0.0:
+        return 0
+    cum = np.cumsum(v * v)
+    hit = np.nonzero(cum >= tau * total * (1 - 1e-12))[0]
+    return int(hit[0]) + 1 if hit.size else None
+
+
+def energy_ranks(s, taus=(0.5, 0.9, 0.95, 0.99), *, total_energy: float | None = None) -> dict[float, int | None]:
+    """:func:`energy_rank` at several τ, as ``{τ: rank}`` (``None`` where beyond the k held)."""
+    v, total, _ = _values(s, total_energy)
+    return {float(t): _energy_rank(v, total, _check_tau(t)) for t in taus}
+
+
+def effective_rank(s) -> float:
+    """Entropy effective rank exp(−Σ pᵢ ln pᵢ), pᵢ = σᵢ / Σσⱼ.
+
+    Parameters
+    ----------
+    s : Spectrum or torch.Tensor, shape (r,)
+        The whole spectrum. On a truncated Spectrum the value is the effective rank of
+        the top-k part alone (≤ k), which underestimates that of the whole matrix.
+
+    Returns
+    -------
+    float
+        1 ≤ erank ≤ number of nonzero σ (0.0 for the zero matrix).
+
+    References
+    ----------
+    .. [1] O. Roy and M. Vetterli, "The effective rank: a measure of effective
+       dimensionality", EUSIPCO 2007. (σ, not σ², is normalised.)
+    """
+    v, _, _ = _values(s)
+    total = v.sum()
+    if total == 0.0:
+        return 0.0
+    p = v[v > 0] / total
+    return float(math.exp(-np.sum(p * np.log(p))))
+
+
+def stable_rank(s, *, total_energy: float | None = None) -> float:
+    """Stable (numerical) rank ‖M‖_F² / ‖M‖₂² = Σσᵢ² / σ₁².
+
+    Exact from the top value alone when ‖M‖_F² is known (a Spectrum carries it).
+
+    References
+    ----------
+    .. [1] M. Rudelson and R. Vershynin, "Sampling from large matrices: an approach
+       through geometric functional analysis", J. ACM 54(4), 2007.
+    """
+    v, total, _ = _values(s, total_energy)
+    return 0.0 if v[0] == 0 else float(total / v[0] ** 2)
+
+
+def participation_ratio(s, *, total_energy: float | None = None) -> float:
+    """Participation ratio of the energies λᵢ = σᵢ²: (Σλᵢ)² / Σλᵢ².
+
+    On truncated values Σλᵢ² misses the tail, so the result is an upper bound (tight
+    when the tail is small, since the tail enters squared).
+
+    References
+    ----------
+    .. [1] P. Gao, E. Trautmann, B. Yu et al., "A theory of multineuronal dimensionality,
+       dynamics and measurement", bioRxiv 214262, 2017 (participation ratio of a
+       covariance spectrum).
+    """
+    v, total, _ = _values(s, total_energy)
+    sq = float(np.sum(v**4))
+    return 0.0 if sq == 0 else float(total**2 / sq)
+
+
+def nuclear_frobenius_ratio(s) -> float:
+    """‖M‖_* / ‖M‖_F = Σσᵢ / √(Σσᵢ²), in [1, √rank].
+
+    Needs the whole spectrum; on a truncated Spectrum it is that of the top-k part.
+
+    References
+    ----------
+    .. [1] B. Recht, M. Fazel, P. Parrilo, "Guaranteed minimum-rank solutions of linear
+       matrix equations via nuclear norm minimization", SIAM Review 52(3), 2010
+       (the ratio squared lower-bounds the rank).
+    """
+    v, _, _ = _values(s)
+    fro = math.sqrt(float(np.sum(v * v)))
+    return 0.0 if fro == 0 else float(v.sum() / fro)
+
+
+# ---------------------------------------------------------------------------- Gavish–Donoho
+
+
+def _check_beta(beta: float) -> float:
+    if not (0.0 < float(beta) <= 1.0):
+        raise ConfigError(f"aspect ratio `beta` must be in (0, 1] (short/long side), got {beta!r}.")
+    return float(beta)
+
+
+def gd_lambda_star(beta: float) -> float:
+    """λ*(β) = √(2(β+1) + 8β / ((β+1) + √(β²+14β+1))); 4/√3 for β = 1.
+
+    References
+    ----------
+    .. [1] M. Gavish and D. L. Donoho, "The optimal hard threshold for singular values
+       is 4/√3", IEEE Trans. Inf. Theory 60(8), 2014. arXiv:1305.5870, eq. (11).
+    """
+    b = _check_beta(beta)
+    return math.sqrt(2 * (b + 1) + 8 * b / ((b + 1) + math.sqrt(b * b + 14 * b + 1)))
+
+
+@lru_cache(maxsize=256)
+def marchenko_pastur_median(beta: float) -> float:
+    """Median μ_β of the Marchenko–Pastur law of ratio β (unit noise variance).
+
+    Density f(t) = √((β₊−t)(t−β₋)) / (2πβt) on [β₋, β₊], β± = (1 ± √β)²; the median
+    is found by root-finding on the numerically integrated CDF (μ₁ ≈ 0.6528).
+
+    References
+    ----------
+    .. [1] Gavish & Donoho 2014, arXiv:1305.5870, §III.B (definition of μ_β).
+    """
+    from scipy.integrate import quad
+    from scipy.optimize import brentq
+
+    b = _check_beta(beta)
+    lo, hi = (1 - math.sqrt(b)) ** 2, (1 + math.sqrt(b)) ** 2
+
+    def density(t):
+        return math.sqrt(max((hi - t) * (t - lo), 0.0)) / (2 * math.pi * b * t)
+
+    def cdf_minus_half(x):
+        return quad(density, lo, x, limit=200, epsabs=1e-13, epsrel=1e-12)[0] - 0.5
+
+    return float(brentq(cdf_minus_half, lo, hi, xtol=1e-14, rtol=1e-13))
+
+
+def gd_omega(beta: float) -> float:
+    """Exact ω(β) = λ*(β) / √μ_β (≈ 2.858 for square matrices).
+
+    References
+    ----------
+    .. [1] Gavish & Donoho 2014, arXiv:1305.5870, eq. (17).
+    """
+    return gd_lambda_star(beta) / math.sqrt(marchenko_pastur_median(beta))
+
+
+def gd_omega_approx(beta: float) -> float:
+    """Cubic approximation ω(β) ≈ 0.56β³ − 0.95β² + 1.82β + 1.43 (Gavish & Donoho 2014, eq. (5))."""
+    b = _check_beta(beta)
+    return 0.56 * b**3 - 0.95 * b**2 + 1.82 * b + 1.43
+
+
+@dataclass(frozen=True)
+class GavishDonoho:
+    """Result of the Gavish–Donoho optimal hard threshold.
+
+    Attributes
+    ----------
+    threshold : float
+        σ cut-off τ; singular values strictly above it are kept.
+    rank : int
+        Number of σᵢ > threshold.
+    beta : float
+        Aspect ratio short/long side.
+    noise_sigma : float
+        Per-element noise std: the given one, or the estimate median(σ)/√(n·μ_β).
+    known_noise : bool
+    omega : float
+        ω(β) (unknown noise) or λ*(β) (known noise) used.
+    """
+
+    threshold: float
+    rank: int
+    beta: float
+    noise_sigma: float
+    known_noise: bool
+    omega: float
+
+
+def gavish_donoho(s, shape: tuple[int, int], *, sigma: float | None = None) -> GavishDonoho:
+    """Optimal hard threshold for singular values of a low-rank matrix in white noise.
+
+    Known noise level σ: τ = λ*(β)·√n·σ. Unknown: τ = ω(β)·median(σᵢ) with the exact
+    ω(β) (:func:`gd_omega`, from the Marchenko–Pastur median). n is the long side,
+    β = short/long.
+
+    Parameters
+    ----------
+    s : Spectrum or torch.Tensor, shape (r,)
+        Singular values. With `sigma` given, top-k values suffice (the rank is exact if
+        σ_k is below the threshold). Without `sigma` the median needs the whole
+        spectrum: a truncated Spectrum raises ConfigError.
+    shape : (int, int)
+        (out, in) of the matrix.
+    sigma : float, optional
+        Known per-element noise standard deviation.
+
+    Returns
+    -------
+    GavishDonoho
+
+    References
+    ----------
+    .. [1] M. Gavish and D. L. Donoho, "The optimal hard threshold for singular values
+       is 4/√3", IEEE Trans. Inf. Theory 60(8), 2014. arXiv:1305.5870.
+    """
+    v, _, complete = _values(s)
+    if len(shape) != 2 or min(shape) < 1:
+        raise ConfigError(f"`shape` must be (out, in) with positive sides, got {shape!r}.")
+    m, n = sorted(int(x) for x in shape)
+    beta = m / n
+    if sigma is not None:
+        if not (float(sigma) >= 0.0):
+            raise ConfigError(f"`sigma` must be a non-negative noise std, got {sigma!r}.")
+        lam = gd_lambda_star(beta)
+        tau = lam * math.sqrt(n) * float(sigma)
+        return GavishDonoho(tau, int(np.sum(v > tau)), beta, float(sigma), True, lam)
+    if not complete or v.size != m:
+        raise ConfigError(
+            "gavish_donoho without `sigma` needs the whole spectrum (the median of all "
+            f"{m} singular values); got {v.size}. Pass `sigma` or use full_svd.")
+    med = float(np.median(v))
+    omega = gd_omega(beta)
+    tau = omega * med
+    noise = med / math.sqrt(n * marchenko_pastur_median(beta))
+    return GavishDonoho(tau, int(np.sum(v > tau)), beta, noise, False, omega)
+
+
+# ---------------------------------------------------------------------------- noise floor
+
+
+def ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Unit in the last place of each element of `x` in storage dtype `dtype`.
+
+    ulp(x) = 2^(⌊log₂|x|⌋ − (p − 1)) with p significand bits (bf16 8, fp16 11, fp32 24),
+    clamped at the subnormal spacing; 0 where x = 0 (zero is exact). Returns float64.
+    """
+    if dtype not in _SIGNIFICAND_BITS:
+        raise ConfigError(f"storage dtype must be one of {sorted(map(str, _SIGNIFICAND_BITS))}, got {dtype}.")
+    p, emin = _SIGNIFICAND_BITS[dtype], _MIN_NORMAL_EXP[dtype]
+    a = x.detach().double().abs()
+    _, e = torch.frexp(a)  # a = mant·2^e, mant in [0.5, 1) -> ⌊log₂a⌋ = e − 1
+    exp = torch.clamp(e.double() - 1, min=emin)
+    out = torch.exp2(exp - (p - 1))
+    return torch.where(a > 0, out, torch.zeros_like(out))
+
+
+@dataclass(frozen=True)
+class NoiseFloor:
+    """Rounding-noise floor under ΔW from the storage dtypes of both checkpoints.
+
+    Attributes
+    ----------
+    variance : float
+        Mean per-element variance of the rounding noise in ΔW (sum of both sides).
+    sigma : float
+        √variance, the per-element noise std.
+    noise_fro : float
+        Expected ‖noise‖_F = √(m·n·variance).
+    mp_edge : float
+        Marchenko–Pastur bulk edge σ(√m + √n): the largest singular value pure noise
+        of this size reaches.
+    rank : int or None
+        Number of singular values above `mp_edge` (when a spectrum was given).
+    base_dtype, tuned_dtype : str
+    """
+
+    variance: float
+    sigma: float
+    noise_fro: float
+    mp_edge: float
+    rank: int | None
+    base_dtype: str
+    tuned_dtype: str
+
+
+def rounding_noise_floor(
+    base: torch.Tensor,
+    tuned: torch.Tensor,
+    *,
+    base_dtype: torch.dtype | None = None,
+    tuned_dtype: torch.dtype | None = None,
+    s=None,
+) -> NoiseFloor:
+    """Expected rounding noise in ΔW = tuned − base and the singular values above it.
+
+    Rounding to nearest leaves an error uniform in ±ulp/2, variance ulp²/12, per
+    element and per checkpoint; the two are independent, so the variance in ΔW is
+    ulp_base²/12 + ulp_tuned²/12, averaged over elements. Treated as white noise of
+    that variance, its singular values fill a Marchenko–Pastur bulk whose edge is
+    σ(√m + √n); singular values of ΔW above the edge are signal.
+
+    Parameters
+    ----------
+    base, tuned : torch.Tensor, shape (out, in)
+        The two weights, as stored or up-cast.
+    base_dtype, tuned_dtype : torch.dtype, optional
+        Storage dtypes (float32, bfloat16, float16). Default: each tensor's own dtype.
+        Pass them when the tensors were up-cast after loading.
+    s : Spectrum or torch.Tensor, optional
+        Singular values of ΔW; if given, ``rank`` counts those above the edge.
+
+    Returns
+    -------
+    NoiseFloor
+
+    Notes
+    -----
+    The noise is not exactly white: its variance follows each element's magnitude,
+    and where an update is far below one ulp both sides round alike (ΔW is then an
+    exact 0, often half the elements of a bf16 pair). The MP edge of the mean variance
+    is the usual approximation for such mildly heteroscedastic noise.
+
+    References
+    ----------
+    .. [1] N. J. Higham, "Accuracy and Stability of Numerical Algorithms", 2nd ed.,
+       SIAM 2002, §2.1 (rounding to nearest, unit roundoff).
+    .. [2] V. A. Marchenko and L. A. Pastur, "Distribution of eigenvalues for some sets
+       of random matrices", Mat. Sb. 1967 (bulk edge (√m + √n)σ).
+    """
+    for name, t in (("base", base), ("tuned", tuned)):
+        if not isinstance(t, torch.Tensor) or t.ndim != 2:
+            raise ConfigError(f"`{name}` must be a 2-D tensor (out, in).")
+    if base.shape != tuned.shape:
+        raise ConfigError(f"`base` {tuple(base.shape)} and `tuned` {tuple(tuned.shape)} differ in shape.")
+    bd = base.dtype if base_dtype is None else base_dtype
+    td = tuned.dtype if tuned_dtype is None else tuned_dtype
+    m, n = base.shape
+    var = 0.0
+    # Chunk rows: ulp() makes float64 copies.
+    rows = max(1, (4 << 20) // max(1, n))
+    for start in range(0, m, rows):
+        var += float((ulp(base[start:start + rows], bd) ** 2).sum() + (ulp(tuned[start:start + rows], td) ** 2).sum())
+    var = var / 12.0 / (m * n)
+    sigma = math.sqrt(var)
+    edge = sigma * (math.sqrt(m) + math.sqrt(n))
+    rank = None
+    if s is not None:
+        v, _, _ = _values(s)
+        rank = int(np.sum(v > edge))
+    return NoiseFloor(var, sigma, math.sqrt(m * n * var), edge, rank, str(bd).replace("torch.", ""),
+                      str(td).replace("torch.", ""))
+
+
+# ---------------------------------------------------------------------------- decay, size
+
+
+@dataclass(frozen=True)
+class DecayFit:
+    """Power law σᵢ ≈ C·i^(−alpha) fitted over i = 1..n_points.
+
+    Attributes
+    ----------
+    alpha : float
+        Decay exponent (larger = faster decay = lower rank).
+    log_c : float
+        Intercept ln C.
+    r2 : float
+        Coefficient of determination of the fit in log–log space.
+    n_points : int
+    """
+
+    alpha: float
+    log_c: float
+    r2: float
+    n_points: int
+
+
+def decay_fit(s, *, stop: int | None = None, start: int = 1) -> DecayFit:
+    """Least-squares fit of ln σᵢ = ln C − α ln i over the signal part i = start..stop.
+
+    Parameters
+    ----------
+    s : Spectrum or torch.Tensor, shape (k,)
+    stop : int, optional
+        Last index (1-based) of the signal part, e.g. the noise-floor or Gavish–Donoho
+        rank. Default: every positive value held.
+    start : int, default 1
+
+    Returns
+    -------
+    DecayFit
+
+    References
+    ----------
+    .. [1] C. H. Martin and M. W. Mahoney, "Implicit self-regularization in deep neural
+       networks", JMLR 22, 2021. arXiv:1810.01075 (power-law spectra of weights).
+    """
+    v, _, _ = _values(s)
+    stop = int(np.sum(v > 0)) if stop is None else int(stop)
+    if not (1 <= start and stop <= v.size and stop - start + 1 >= 3):
+        raise ConfigError(f"decay_fit needs ≥ 3 points within the {v.size} values: got start={start}, stop={stop}.")
+    y = v[start - 1:stop]
+    if np.any(y <= 0):
+        raise ConfigError("decay_fit range holds zero singular values; lower `stop`.")
+    x = np.log(np.arange(start, stop + 1, dtype=np.float64))
+    ly = np.log(y)
+    slope, intercept = np.polyfit(x, ly, 1)
+    resid = ly - (slope * x + intercept)
+    ss_tot = float(np.sum((ly - ly.mean()) ** 2))
+    r2 = 1.0 - float(np.sum(resid**2)) / ss_tot if ss_tot > 0 else 1.0
+    return DecayFit(float(-slope), float(intercept), r2, int(y.size))
+
+
+def relative_update_size(delta: torch.Tensor, base: torch.Tensor) -> float:
+    """‖ΔW‖_F / ‖W_base‖_F, accumulated in float64 (inf when the base is zero)."""
+    for name, t in (("delta", delta), ("base", base)):
+        if not isinstance(t, torch.Tensor):
+            raise ConfigError(f"`{name}` must be a torch.Tensor.")
+    if delta.shape != base.shape:
+        raise ConfigError(f"`delta` {tuple(delta.shape)} and `base` {tuple(base.shape)} differ in shape.")
+    d = math.sqrt(float((delta.double() ** 2).sum()))
+    b = math.sqrt(float((base.double() ** 2).sum()))
+    return math.inf if b == 0 else d / b
