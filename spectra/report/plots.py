@@ -278,8 +278,14 @@ def _finish_panel(ax, role: str, members: list[dict], drawn: int) -> None:
                  f"median E90 rank {rank} of {full}", fontsize=10)
     if not drawn:
         _empty(ax, "ΔW = 0 in every module of this role")
-    elif ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=7, loc="best")
+        ax.set_xticks([])
+        ax.set_yticks([])
+    else:
+        # several modules may share a label (a layer's split projection, its experts): list each once
+        handles, labels = ax.get_legend_handles_labels()
+        unique = dict(zip(labels, handles))
+        if unique:
+            ax.legend(unique.values(), unique.keys(), fontsize=7, loc="best")
     ax.grid(True, which="major", color="0.9", lw=0.6)
 
 

@@ -33,14 +33,16 @@ def planted_spectrum(rank: int, shape, *, scale: float, rng: np.random.Generator
 
 
 def energy_rank(s: np.ndarray, fro: float, level: float) -> int:
+    if fro == 0:
+        return 0
     energy = np.cumsum(s**2) / fro**2
-    return int(np.searchsorted(energy, level - 1e-12) + 1) if fro > 0 else 0
+    return int(np.searchsorted(energy, level - 1e-12) + 1)
 
 
 def matrix_row(name, role, layer, shape, s, *, base_fro=10.0, truncate=None, **extra) -> dict:
     """An analysis row for spectrum ``s`` with every metric computed from it."""
     fro = float(np.sqrt(np.sum(s**2)))
-    p = s / s.sum() if fro > 0 else s
+    p = s / s.sum() if fro > 0 else s  # Roy–Vetterli: p_i = σ_i / Σσ
     entropy = -np.sum(p[p > 0] * np.log(p[p > 0]))
     edge = mp_edge(shape)
     kept = s if truncate is None else s[:truncate]
@@ -102,6 +104,12 @@ def build_analysis(*, layers=LAYERS, seed: int = 0) -> dict:
         "timings": {"total_s": 12.5},
         "modules": modules,
     }
+
+
+@pytest.fixture(scope="session")
+def make_analysis():
+    """The builder itself, for fixtures of wider scope than a test."""
+    return build_analysis
 
 
 @pytest.fixture

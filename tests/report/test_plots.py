@@ -1,0 +1,159 @@
+"""The report figures: produced, labelled, non-blank, and drawing the numbers they claim to."""
+
+from __future__ import annotations
+
+import io
+
+import matplotlib.image
+import numpy as np
+import pytest
+from matplotlib.colors import LogNorm
+from matplotlib.figure import Figure
+
+from spectra.errors import ConfigError
+from spectra.report import plots
+from spectra.report.tables import matrix_rows
+
+PLOTTERS = [plots.plot_decay, plots.plot_cumulative_energy, plots.plot_rank_heatmap,
+            plots.plot_relative_size_heatmap, plots.plot_effective_rank_histogram]
+
+
+def _pixels(fig: Figure) -> np.ndarray:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=50)
+    buffer.seek(0)
+    return matplotlib.image.imread(buffer, format="png")  # (h, w, 4)
+
+
+def _panel(fig: Figure, role: str):
+    return next(ax for ax in fig.axes if ax.get_title().startswith(f"{role}:"))
+
+
+def _module_lines(ax):
+    """Lines drawn for modules (axhline marks span the axes and have 2 points in axes coordinates)."""
+    return [line for line in ax.get_lines() if not line.get_label().startswith("noise floor")
+            and len(line.get_xdata()) > 2]
+
+
+@pytest.mark.parametrize("plot", PLOTTERS, ids=lambda f: f.__name__)
+def test_figure_is_labelled_and_not_blank(plot, analysis):
+    fig = plot(analysis)
+    assert isinstance(fig, Figure)
+    visible = [ax for ax in fig.axes if ax.get_visible() and ax.get_label() != "<colorbar>"]
+    assert visible
+    for ax in visible:
+        assert ax.get_xlabel() and ax.get_ylabel()
+        assert ax.get_lines() or ax.get_images() or ax.patches
+    assert (fig._suptitle is not None and fig._suptitle.get_text()) or visible[0].get_title()
+    assert _pixels(fig)[..., :3].var() > 0
+
+
+@pytest.mark.parametrize("plot", PLOTTERS, ids=lambda f: f.__name__)
+def test_edge_cases_draw_without_warnings(plot, edge_analysis):
+    # one layer, a zero ΔW (the only k), a missing and a null noise estimate, a null-layer embedding
+    fig = plot(edge_analysis)
+    assert _pixels(fig)[..., :3].var() > 0
+
+
+def test_no_pyplot_state_leaks(analysis):
+    import matplotlib.pyplot as plt
+
+    before = plt.get_fignums()
+    plots.all_figures(analysis)
+    assert plt.get_fignums() == before
+
+
+def test_decay_lines_are_normalised_spectra(analysis):
+    fig = plots.plot_decay(analysis)
+    ax = _panel(fig, "q")
+    rows = [r for r in matrix_rows(analysis) if r["role"] == "q"]
+    lines = _module_lines(ax)
+    assert len(lines) == len(rows) == 4  # three layers and the c_attn[q] split
+    expected = sorted(tuple(np.asarray(r["singular_values"]) / r["singular_values"][0]) for r in rows)
+    drawn = sorted(tuple(line.get_ydata()) for line in lines)
+    np.testing.assert_allclose(np.array(drawn), np.array(expected))
+    assert ax.get_yscale() == "log"
+    floor = next(line for line in ax.get_lines() if line.get_label().startswith("noise floor"))
+    ratios = [r["noise"]["mp_edge"] / r["singular_values"][0] for r in rows]
+    assert floor.get_ydata()[0] == pytest.approx(np.median(ratios))
+
+
+def test_decay_marks_zero_update_and_single_layer(edge_analysis):
+    fig = plots.plot_decay(edge_analysis)
+    k = _panel(fig, "k")
+    assert not _module_lines(k)
+    assert any("ΔW = 0" in t.get_text() for t in k.texts)
+    # one layer: a legend names it instead of a colorbar
+    assert not any(ax.get_label() == "<colorbar>" for ax in fig.axes)
+    assert "layer 0" in [t.get_text() for t in _panel(fig, "q").get_legend().get_texts()]
+    # v has a null noise estimate and no other module: no floor line, yet its spectrum is drawn
+    v = _panel(fig, "v")
+    assert _module_lines(v)
+    assert not any(line.get_label().startswith("noise floor") for line in v.get_lines())
+
+
+def test_cumulative_energy_crosses_90_percent_at_the_energy_rank(analysis):
+    fig = plots.plot_cumulative_energy(analysis)
+    for role in ("q", "v", "up", "embed"):
+        rows = {r["name"]: r for r in matrix_rows(analysis) if r["role"] == role}
+        lines = _module_lines(_panel(fig, role))
+        assert len(lines) == len(rows)
+        ranks = []
+        for line in lines:
+            x, y = np.asarray(line.get_xdata()), np.asarray(line.get_ydata())
+            assert x[0] == 0 and y[0] == 0 and np.all(np.diff(y) >= 0)
+            ranks.append(int(x[np.argmax(y >= 0.9)]))
+        assert sorted(ranks) == sorted(r["energy_rank"]["0.9"] for r in rows.values())
+
+
+def test_rank_heatmap_cells_hold_energy_ranks(analysis):
+    fig = plots.plot_rank_heatmap(analysis)
+    ax = fig.axes[0]
+    grid = ax.get_images()[0].get_array()  # (layers, roles), masked where no module
+    roles = [t.get_text() for t in ax.get_xticklabels()]
+    layers = [t.get_text() for t in ax.get_yticklabels()]
+    assert layers == ["0", "1", "2", "no layer"]
+    rows = matrix_rows(analysis)
+    for i, layer in enumerate([0, 1, 2, None]):
+        for j, role in enumerate(roles):
+            cell = [r["energy_rank"]["0.9"] for r in rows if r["layer"] == layer and r["role"] == role]
+            if cell:
+                assert grid[i, j] == pytest.approx(np.median(cell))
+            else:
+                assert np.ma.is_masked(grid[i, j])
+    assert len(ax.texts) == int(np.ma.count(grid))  # small grid: every cell annotated
+
+
+def test_heatmap_uses_log_scale_only_across_decades(analysis):
+    wide = np.array([[1e-4, 1e-1], [np.nan, 0.5]])
+    narrow = np.array([[0.1, 0.2], [0.3, np.nan]])
+    assert isinstance(plots._color_norm(wide), LogNorm)
+    assert not isinstance(plots._color_norm(narrow), LogNorm)
+    for row in analysis["modules"]:
+        if row["kind"] == "matrix" and row["layer"] == 0:
+            row["relative_size"] *= 1e-3
+    fig = plots.plot_relative_size_heatmap(analysis)
+    assert isinstance(fig.axes[0].get_images()[0].norm, LogNorm)
+
+
+def test_histogram_counts_every_module(analysis):
+    fig = plots.plot_effective_rank_histogram(analysis)
+    left = fig.axes[0]
+    assert sum(p.get_height() for p in left.patches) == len(matrix_rows(analysis))
+    median = np.median([r["effective_rank"] for r in matrix_rows(analysis)])
+    assert left.get_lines()[0].get_xdata()[0] == pytest.approx(median)
+
+
+@pytest.mark.parametrize("modules", [[], [{"name": "norm", "kind": "vector", "role": "other", "layer": 0,
+                                          "shape": [4], "fro_norm": 1.0, "base_fro_norm": 2.0,
+                                          "relative_size": 0.5}]])
+def test_no_matrix_rows_is_a_clear_error(analysis, modules):
+    analysis["modules"] = modules
+    with pytest.raises(ConfigError, match="no weight-matrix modules"):
+        plots.plot_decay(analysis)
+
+
+def test_row_without_spectrum_names_the_module(analysis):
+    del analysis["modules"][1]["singular_values"]
+    with pytest.raises(ConfigError, match=analysis["modules"][1]["name"].replace(".", r"\.")):
+        plots.all_figures(analysis)

@@ -1,0 +1,142 @@
+"""The report directory: its files, self-contained HTML, JSON round trip, and atomic writing."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+
+import numpy as np
+import pytest
+from matplotlib.figure import Figure
+
+from spectra.errors import ConfigError
+from spectra.report import render
+from spectra.report.tables import matrix_rows, role_table
+
+FIGURES = ("decay", "cumulative_energy", "rank_heatmap", "relative_size_heatmap", "effective_rank_hist")
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory, make_analysis):
+    """One full report of the planted analysis (figures are the slow part, so write it once)."""
+    analysis = make_analysis()
+    out = render.write_report(analysis, tmp_path_factory.mktemp("reports") / "run1")
+    return analysis, out
+
+
+@pytest.fixture
+def cheap_figures(monkeypatch):
+    """Replace the real figures with one tiny figure, for tests about writing rather than drawing."""
+    def tiny(analysis):
+        fig = Figure(figsize=(1, 1))
+        fig.subplots().plot([0, 1], [1, 0])
+        return {"tiny": fig}
+
+    monkeypatch.setattr(render, "all_figures", tiny)
+
+
+def test_report_has_every_file(written):
+    _, out = written
+    assert {p.name for p in out.iterdir()} == {"analysis.json", "report.md", "report.html", "figures"}
+    assert {p.name for p in (out / "figures").iterdir()} == {f"{n}.{e}" for n in FIGURES for e in ("png", "svg")}
+    for name in FIGURES:
+        assert (out / "figures" / f"{name}.png").read_bytes().startswith(b"\x89PNG")
+        assert "<svg" in (out / "figures" / f"{name}.svg").read_text()
+    leftovers = [p.name for p in out.parent.iterdir() if p.name.startswith(".")]
+    assert leftovers == []
+
+
+def test_json_round_trips_in_given_key_order(written):
+    analysis, out = written
+    loaded = json.loads((out / "analysis.json").read_text())
+    assert loaded == analysis
+    assert list(loaded) == list(analysis)
+    assert list(loaded["modules"][0]) == list(analysis["modules"][0])
+
+
+def test_json_is_strict_for_numpy_and_non_finite_values():
+    text = render.analysis_json({"a": np.float32(0.5), "b": np.arange(3), "c": float("nan"),
+                                 "d": (1, float("inf")), "e": np.int64(7)})
+    assert json.loads(text) == {"a": 0.5, "b": [0, 1, 2], "c": None, "d": [1, None], "e": 7}
+
+
+def test_html_is_self_contained(written):
+    _, out = written
+    page = (out / "report.html").read_text()
+    sources = re.findall(r'src="([^"]*)"', page)
+    assert len(sources) == len(FIGURES)
+    assert all(s.startswith("data:image/png;base64,") for s in sources)
+    assert not re.search(r"<link|<script|https?://|url\(", page)
+    # the embedded image is the PNG written beside it
+    first = base64.b64decode(sources[0].split(",", 1)[1])
+    assert first == (out / "figures" / f"{FIGURES[0]}.png").read_bytes()
+
+
+def test_markdown_and_html_hold_the_same_sections(written):
+    analysis, out = written
+    md = (out / "report.md").read_text()
+    page = (out / "report.html").read_text()
+    for heading in ("Summary", "Per role", "Figures", "Per module", "Run configuration"):
+        assert f"## {heading}" in md and f"<h2>{heading}</h2>" in page
+    for name in FIGURES:
+        assert f"](figures/{name}.png)" in md
+    for row in matrix_rows(analysis):  # the per-module table lists every matrix
+        assert f"| {row['name']} |" in md
+    assert "/models/base" in md and "117.7 MiB" in md and "12.5 s" in md
+    assert "transformer.h.0.attn.c_attn[q]" in page
+
+
+def test_role_table_markdown_has_one_line_per_role(analysis):
+    lines = render.role_table_markdown(analysis).splitlines()
+    headers, rows = role_table(analysis)
+    assert len(lines) == 2 + len(rows)
+    assert lines[0].count("|") == len(headers) + 1
+
+
+def test_existing_directory_is_refused_without_overwrite(tmp_path, analysis, cheap_figures):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="already exists.*overwrite"):
+        render.write_report(analysis, out)
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    render.write_report(analysis, out, overwrite=True)
+    assert not (out / "keep.txt").exists() and (out / "report.html").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # nothing set aside is left
+
+
+def test_failure_mid_write_leaves_no_directory(tmp_path, analysis, cheap_figures, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(render, "to_html", broken)  # fails after JSON, figures and Markdown are written
+    with pytest.raises(RuntimeError, match="disk full"):
+        render.write_report(analysis, tmp_path / "run")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_failure_with_overwrite_keeps_the_old_report(tmp_path, analysis, cheap_figures, monkeypatch):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "old.txt").write_text("previous report")
+    monkeypatch.setattr(render, "to_markdown", lambda blocks: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        render.write_report(analysis, out, overwrite=True)
+    assert (out / "old.txt").read_text() == "previous report"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_bad_input_creates_nothing(tmp_path, analysis):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match="not a directory"):
+        render.write_report(analysis, tmp_path / "file", overwrite=True)
+    analysis["modules"] = []
+    with pytest.raises(ConfigError, match="no weight-matrix modules"):
+        render.write_report(analysis, tmp_path / "run")
+    assert [p.name for p in tmp_path.iterdir()] == ["file"]
+
+
+def test_parent_directories_are_created(tmp_path, analysis, cheap_figures):
+    out = render.write_report(analysis, tmp_path / "reports" / "nested" / "run")
+    assert (out / "analysis.json").exists()

@@ -1,0 +1,91 @@
+"""The per-role table and the rank picture, checked against numpy on the planted analysis."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from spectra.report import tables
+from spectra.report.tables import SUMMARY_METRICS, matrix_rows, summary_rows
+
+
+def _matrices(analysis, role):
+    return [m for m in analysis["modules"] if m["kind"] == "matrix" and m["role"] == role]
+
+
+def test_summary_rows_aggregate_like_numpy(analysis):
+    rows = summary_rows(analysis)
+    assert [r["role"] for r in rows] == ["embed", "q", "k", "v", "qkv", "o", "up", "down"]
+    for entry in rows:
+        members = _matrices(analysis, entry["role"])
+        assert entry["modules"] == len(members)
+        for key, get in (("energy_rank_0.9", lambda m: m["energy_rank"]["0.9"]),
+                         ("energy_rank_0.99", lambda m: m["energy_rank"]["0.99"]),
+                         ("effective_rank", lambda m: m["effective_rank"]),
+                         ("noise_rank", lambda m: m["noise"]["rank_above"]),
+                         ("relative_size", lambda m: m["relative_size"]),
+                         ("energy_rank_0.9_share", lambda m: m["energy_rank"]["0.9"] / min(m["shape"]))):
+            values = np.array([get(m) for m in members], dtype=float)
+            got = entry[key]
+            assert got["median"] == pytest.approx(np.median(values))
+            assert (got["min"], got["max"]) == pytest.approx((values.min(), values.max()))
+            assert (got["q1"], got["q3"]) == pytest.approx(tuple(np.percentile(values, [25, 75])))
+
+
+def test_split_projection_counts_in_its_role_and_fused_whole_in_qkv(analysis):
+    by_role = {r["role"]: r for r in summary_rows(analysis)}
+    assert by_role["q"]["modules"] == 4 and by_role["q"]["layers"] == 3
+    assert by_role["qkv"]["modules"] == 1
+    assert by_role["embed"]["layers"] == 0  # its layer is null
+
+
+def test_missing_metric_is_none_not_zero(edge_analysis):
+    by_role = {r["role"]: r for r in summary_rows(edge_analysis)}
+    assert by_role["v"]["noise_rank"] is None  # its only module has noise = null
+    assert by_role["up"]["noise_rank"] is None  # ... or no noise key at all
+    assert by_role["k"]["energy_rank_0.9"]["median"] == 0  # ΔW = 0 is a real zero
+    assert tables.format_stats(None, "rank") == "–"
+
+
+def test_vectors_stay_out_of_the_rank_tables(analysis):
+    names = [r["name"] for r in matrix_rows(analysis)]
+    assert not any("layernorm" in n for n in names)
+    assert len(tables.vector_table(analysis)[1]) == 3
+
+
+def test_rows_read_in_block_order(analysis):
+    names = [r["name"] for r in matrix_rows(analysis)]
+    assert names[0] == "model.embed_tokens"
+    assert names.index("model.layers.0.self_attn.q_proj") < names.index("model.layers.0.mlp.down_proj")
+    assert names.index("model.layers.0.mlp.down_proj") < names.index("model.layers.1.self_attn.q_proj")
+
+
+def test_energy_curve_is_exact_for_truncated_spectra(analysis):
+    embed = _matrices(analysis, "embed")[0]
+    assert embed["method"] == "randomized" and len(embed["singular_values"]) < min(embed["shape"])
+    curve = tables.energy_curve(embed)
+    s = np.asarray(embed["singular_values"])
+    np.testing.assert_allclose(curve, np.cumsum(s**2) / embed["fro_norm"] ** 2)
+    assert curve[-1] < 1.0  # the dropped tail still counts in ‖ΔW‖_F
+
+
+def test_rank_picture_states_the_medians(analysis):
+    text = tables.rank_picture(analysis)
+    rows = matrix_rows(analysis)
+    median = np.median([r["energy_rank"]["0.9"] for r in rows])
+    share = np.median([r["energy_rank"]["0.9"] / min(r["shape"]) for r in rows])
+    assert f"Across {len(rows)} weight matrices" in text
+    assert f"a median of {tables.format_value(median, 'rank')} singular" in text
+    assert f"{share:.1%} of the full rank" in text
+    assert text.count(". ") == 1 and text.endswith(".")  # two sentences
+    order = [r["role"] for r in sorted(summary_rows(analysis), key=lambda r: r["energy_rank_0.9_share"]["median"])]
+    positions = [text.index(f" {role} ", text.index("By role")) for role in order]
+    assert positions == sorted(positions)
+
+
+def test_every_summary_metric_has_a_column(analysis):
+    headers, body = tables.role_table(analysis)
+    assert headers[3:] == [m.label for m in SUMMARY_METRICS]
+    assert all(len(row) == len(headers) for row in body)
+    q = next(row for row in body if row[0] == "q")
+    assert q[headers.index("energy-90% rank")] == "2.5 (2–4)"
