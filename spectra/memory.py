@@ -1,0 +1,414 @@
+"""The memory model of fine-tuning: full, LoRA, QLoRA and DoRA, component by component.
+
+``estimate_memory(config, method=..., rank_plan_or_rank=..., ...)`` reads only a model's
+``config.json`` (no weights), so it answers for a 70B model as fast as for a tiny one. Every
+figure is in bytes; every formula and assumption is stated where it is computed.
+
+What is *not* counted: the CUDA context and kernels (≈ 0.3–1 GiB), allocator fragmentation and
+caching, framework buffers (rotary tables, attention masks), dropout masks (LLM fine-tuning
+usually runs with dropout 0), communication buffers of distributed training, and data-loader
+memory. Read the totals as the floor a device must hold.
+
+References
+----------
+.. [1] Rajbhandari et al., "ZeRO: Memory Optimizations Toward Training Trillion Parameter
+       Models", arXiv:1910.02054 (mixed-precision Adam: 2 + 2 + 12 bytes per parameter).
+.. [2] Korthikanti et al., "Reducing Activation Recomputation in Large Transformer Models",
+       arXiv:2205.05198 (activations per layer: s·b·h·(34 + 5·a·s/h) bytes for GPT).
+.. [3] Dettmers et al., "QLoRA: Efficient Finetuning of Quantized LLMs", arXiv:2305.14314
+       (NF4, block 64; double quantisation: 8-bit constants in blocks of 256).
+.. [4] Liu et al., "DoRA: Weight-Decomposed Low-Rank Adaptation", arXiv:2402.09353.
+.. [5] Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models", arXiv:2106.09685.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+from spectra.errors import CheckpointError, ConfigError
+from spectra.ranks import RankPlan
+
+METHODS = ("full", "lora", "qlora", "dora")
+PRECISIONS = ("fp32", "bf16", "fp16", "mixed")
+OPTIMIZERS = ("adamw", "adamw_8bit", "sgd")
+# LoRA's usual targets: every linear layer of the blocks ("all-linear", as QLoRA recommends [3])
+DEFAULT_ROLES = ("q", "k", "v", "o", "gate", "up", "down", "qkv", "fc", "proj", "attn_out", "intermediate", "output")
+
+NF4_BLOCK = 64          # weights per NF4 absmax constant [3]
+DQ_BLOCK = 256          # absmax constants per second-level fp32 constant with double quantisation [3]
+ADAM8_BLOCK = 256       # bitsandbytes' blockwise 8-bit optimizer states: one fp32 absmax per 256
+
+
+# ---------------------------------------------------------------------------- the model from config.json
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the memory model needs from ``config.json``.
+
+    ``linears`` lists one block's linear layers as ``(role, out, in)``, MoE experts expanded.
+    ``other_params`` counts everything that is not a block linear nor the LM head (embeddings,
+    norms, biases, pooler): QLoRA keeps these in 16 bits, like transformers' bitsandbytes path.
+    """
+
+    family: str
+    hidden: int
+    layers: int
+    heads: int
+    kv_dim: int
+    q_dim: int
+    intermediate: int
+    vocab: int
+    gated_mlp: bool
+    experts_per_token: int
+    linears: tuple[tuple[str, int, int], ...]
+    other_params: int
+    head_params: int
+    causal: bool
+
+    @property
+    def linear_params(self) -> int:
+        return self.layers * sum(o * i for _, o, i in self.linears)
+
+    @property
+    def params(self) -> int:
+        return self.linear_params + self.other_params + self.head_params
+
+
+def model_shape(config: Mapping) -> ModelShape:
+    """Read a Llama-like (Llama, Mistral, Qwen2, Mixtral …), GPT-2 or BERT ``config.json`` dict.
+
+    Unknown ``model_type`` values with Llama's keys are read as Llama-like (stated in the result's
+    ``family``). Parameter counts match ``sum(p.numel())`` of the transformers model (tied
+    weights once); BERT counts ``BertModel`` (encoder + pooler, no task head).
+    """
+    cfg = dict(config)
+    mtype = str(cfg.get("model_type", "")).lower()
+    try:
+        if mtype == "gpt2" or "n_embd" in cfg:
+            return _gpt2(cfg)
+        if mtype == "bert" or "type_vocab_size" in cfg:
+            return _bert(cfg)
+        return _llama(cfg, mtype)
+    except KeyError as err:
+        raise ConfigError(f"config.json of model_type {mtype or '?'} lacks {err}; spectra's memory model reads "
+                          "Llama-like, GPT-2 and BERT configs.") from None
+
+
+def _llama(cfg: dict, mtype: str) -> ModelShape:
+    h, layers, heads = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["num_attention_heads"]
+    kv_heads = cfg.get("num_key_value_heads") or heads
+    head_dim = cfg.get("head_dim") or h // heads
+    inter, vocab = cfg["intermediate_size"], cfg["vocab_size"]
+    q_dim, kv_dim = heads * head_dim, kv_heads * head_dim
+    experts = cfg.get("num_local_experts") or 1
+    mlp = (("gate", inter, h), ("up", inter, h), ("down", h, inter)) * experts
+    router = (("router", experts, h),) if experts > 1 else ()
+    linears = (("q", q_dim, h), ("k", kv_dim, h), ("v", kv_dim, h), ("o", h, q_dim)) + mlp + router
+    qkv_bias = bool(cfg.get("attention_bias", False)) or mtype in ("qwen2", "qwen2_moe")
+    bias = (q_dim + 2 * kv_dim if qkv_bias else 0) + (h if cfg.get("attention_bias", False) else 0)
+    bias += (2 * inter + h) * experts if cfg.get("mlp_bias", False) else 0
+    tied = bool(cfg.get("tie_word_embeddings", False))
+    other = vocab * h + layers * (2 * h + bias) + h  # embed + per-layer RMSNorm weights and biases + final norm
+    return ModelShape(family=mtype or "llama-like", hidden=h, layers=layers, heads=heads, kv_dim=kv_dim,
+                      q_dim=q_dim, intermediate=inter, vocab=vocab, gated_mlp=True,
+                      experts_per_token=cfg.get("num_experts_per_tok", 1) if experts > 1 else 1,
+                      linears=linears, other_params=other, head_params=0 if tied else vocab * h, causal=True)
+
+
+def _gpt2(cfg: dict) -> ModelShape:
+    h, layers, heads, vocab = cfg["n_embd"], cfg["n_layer"], cfg["n_head"], cfg["vocab_size"]
+    inter, positions = cfg.get("n_inner") or 4 * h, cfg.get("n_positions", 1024)
+    linears = (("qkv", 3 * h, h), ("o", h, h), ("fc", inter, h), ("proj", h, inter))
+    per_layer = 3 * h + h + inter + h + 4 * h  # biases of c_attn, c_proj, c_fc, mlp.c_proj; ln_1, ln_2
+    other = vocab * h + positions * h + layers * per_layer + 2 * h  # wte, wpe, blocks, ln_f; head tied to wte
+    return ModelShape(family="gpt2", hidden=h, layers=layers, heads=heads, kv_dim=h, q_dim=h, intermediate=inter,
+                      vocab=vocab, gated_mlp=False, experts_per_token=1, linears=linears, other_params=other,
+                      head_params=0, causal=True)
+
+
+def _bert(cfg: dict) -> ModelShape:
+    h, layers, heads = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["num_attention_heads"]
+    inter, vocab = cfg["intermediate_size"], cfg["vocab_size"]
+    linears = (("q", h, h), ("k", h, h), ("v", h, h), ("attn_out", h, h), ("intermediate", inter, h),
+               ("output", h, inter))
+    per_layer = 4 * h + inter + h + 4 * h  # biases of q, k, v, attention.output.dense; intermediate; output; 2 LN
+    embeddings = (vocab + cfg.get("max_position_embeddings", 512) + cfg.get("type_vocab_size", 2)) * h + 2 * h
+    other = embeddings + layers * per_layer + h * h + h  # + pooler.dense
+    return ModelShape(family="bert", hidden=h, layers=layers, heads=heads, kv_dim=h, q_dim=h, intermediate=inter,
+                      vocab=vocab, gated_mlp=False, experts_per_token=1, linears=linears, other_params=other,
+                      head_params=0, causal=False)
+
+
+def load_config(config_or_model: Any) -> dict:
+    """A ``config.json`` dict from a dict, a transformers config or model, a path, or a hub id.
+
+    A hub id downloads ``config.json`` only (``huggingface_hub.hf_hub_download``); offline, the
+    error says so and asks for a local file.
+    """
+    if isinstance(config_or_model, Mapping):
+        return dict(config_or_model)
+    if hasattr(config_or_model, "config") and hasattr(config_or_model.config, "to_dict"):
+        config_or_model = config_or_model.config
+    if hasattr(config_or_model, "to_dict"):
+        return config_or_model.to_dict()
+    if not isinstance(config_or_model, (str, os.PathLike)):
+        raise ConfigError(f"Cannot read a model config from {type(config_or_model).__name__}: pass a dict, "
+                          "a path to config.json (or its folder) or a hub id.")
+    path = Path(config_or_model)
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.exists():
+        text = str(config_or_model)
+        if path.suffix == ".json" or text.startswith((".", "/", "~")) or text.count("/") > 1:
+            raise CheckpointError(f"No config.json at {path}.")
+        path = _download_config(text)
+    try:
+        return json.loads(Path(path).read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path} is not valid JSON ({err}).") from None
+
+
+def _download_config(repo_id: str) -> Path:
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(repo_id, "config.json"))
+    except Exception as err:  # offline, unknown repo, gated: all end the same way for the user
+        raise CheckpointError(f"Could not get config.json of hub model {repo_id!r} ({type(err).__name__}: "
+                              f"{str(err).splitlines()[0] if str(err) else ''}). If offline, pass a local "
+                              "config.json or its folder instead.") from None
+
+
+# ---------------------------------------------------------------------------- the estimate
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes per component. ``training_total``/``inference_total`` add the relevant ones.
+
+    ``activations`` is without gradient checkpointing, ``activations_checkpointed`` with it;
+    ``training_total`` uses the one the estimate was asked for. ``workspace`` holds transient
+    buffers (QLoRA's dequantised weight, DoRA's dense update) of the largest module.
+    """
+
+    method: str
+    precision: str
+    optimizer: str
+    batch: int
+    seq_len: int
+    gradient_checkpointing: bool
+    params: int
+    trainable_params: int
+    weights: int
+    quant_constants: int
+    adapter: int
+    dora_magnitude: int
+    gradients: int
+    optimizer_states: int
+    activations: int
+    activations_checkpointed: int
+    workspace: int
+    kv_cache: int
+
+    @property
+    def training_total(self) -> int:
+        act = self.activations_checkpointed if self.gradient_checkpointing else self.activations
+        return (self.weights + self.quant_constants + self.adapter + self.dora_magnitude + self.gradients
+                + self.optimizer_states + act + self.workspace)
+
+    @property
+    def inference_total(self) -> int:
+        """Weights (+ adapter, unmerged) and the KV cache for ``batch`` sequences of ``seq_len``."""
+        return self.weights + self.quant_constants + self.adapter + self.dora_magnitude + self.kv_cache
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self) | {"training_total": self.training_total,
+                                           "inference_total": self.inference_total}
+
+
+def estimate_memory(config_or_model: Any, *, method: str = "lora", rank_plan_or_rank: RankPlan | int | None = 16,
+                    batch: int = 1, seq_len: int = 2048, precision: str = "bf16", optimizer: str = "adamw",
+                    gradient_checkpointing: bool = True, roles: tuple[str, ...] | None = None,
+                    attention: str = "sdpa") -> MemoryEstimate:
+    """Estimate the memory of fine-tuning (and serving) a model, by component, in bytes.
+
+    Parameters
+    ----------
+    config_or_model : dict, str, PathLike, PretrainedConfig or model
+        ``config.json`` as a dict, its path or folder, a hub id (downloads config.json only),
+        or a transformers config/model.
+    method : {"full", "lora", "qlora", "dora"}
+        Default "lora".
+    rank_plan_or_rank : RankPlan or int or None
+        The adapter: a plan (its modules and ranks) or one rank for the modules of ``roles``.
+        Ignored for ``full``. Default 16.
+    batch, seq_len : int
+        Sequences per step and tokens per sequence. Defaults 1 and 2048.
+    precision : {"fp32", "bf16", "fp16", "mixed"}
+        Dtype of the model's weights and activations. ``"mixed"`` is bf16 weights and
+        activations with fp32 master weights in the optimizer [1]_. Default "bf16".
+    optimizer : {"adamw", "adamw_8bit", "sgd"}
+        Default "adamw".
+    gradient_checkpointing : bool
+        Which activation figure ``training_total`` uses. Default True.
+    roles : tuple of str, optional
+        Roles that an int rank targets. Default: every linear layer of the blocks.
+    attention : {"sdpa", "eager"}
+        ``"sdpa"`` (flash / memory-efficient kernels) stores no s×s matrix; ``"eager"`` stores
+        the softmax output, ``heads·s`` values per token per layer [2]_. Default "sdpa".
+
+    Returns
+    -------
+    MemoryEstimate
+
+    Notes
+    -----
+    With N parameters, w bytes per weight (4 fp32, else 2), p bytes per activation (4 fp32,
+    else 2), n_A trainable adapter parameters, L layers, b·s tokens:
+
+    * weights: N·w; QLoRA stores the block linears in NF4, 0.5 byte each, the rest (embeddings,
+      norms, biases, LM head, which transformers leaves unquantised) in w.
+    * quant_constants (QLoRA): per linear of n weights, ⌈n/64⌉ absmax constants; fp32 (4 bytes)
+      or, double-quantised [3]_, 1 byte each plus one fp32 per 256 of them; plus the 16-entry
+      NF4 code (and, double-quantised, a 256-entry fp32 code and an fp32 offset) per tensor.
+    * adapter: n_A = Σ r·(d_in + d_out) (+ Σ d_out DoRA magnitudes [4]_), kept in fp32 (PEFT's
+      ``autocast_adapter_dtype``), 4 bytes each.
+    * gradients: one per trainable parameter in its dtype (full: w, adapters: 4).
+    * optimizer_states: AdamW two moments in the parameter's dtype (PyTorch's ``zeros_like``);
+      ``mixed`` full fine-tuning adds the fp32 master copy: 12 bytes/param, ZeRO's K = 12 [1]_.
+      ``adamw_8bit``: 2·(1 + 4/256) bytes/param (bitsandbytes blockwise). ``sgd``: none.
+    * activations per token per layer, in elements of p bytes (what autograd saves; agrees with
+      [2]_'s 34·s·b·h bytes for GPT-2 without dropout masks): two norm inputs 2h; attention
+      input h, Q, K, V (q + 2·kv), attention output q; MLP input h and, gated (SwiGLU), gate,
+      up, act(gate), act·up 4i, or GELU 2i; MoE MLPs × experts per token; eager attention
+      adds heads·s. LoRA/DoRA/QLoRA add, per targeted module, a fresh copy of its input cast
+      for ``lora_A`` and ``A·x``: d_in + r. Then the LM head: b·s·V·(p + 8) bytes (the logits,
+      their fp32 upcast for the loss and the fp32 log-softmax the loss saves), plus the final
+      norm's input.
+    * activations with checkpointing (transformers checkpoints each block): the L block inputs
+      b·s·h·p, one block's full activations recomputed in backward, and the LM head.
+    * workspace: QLoRA dequantises one weight at a time (largest linear × p); DoRA forms
+      B·A and W + s·B·A of the largest module (2 × out·in × 4).
+    * kv_cache (decoder models, inference): 2·L·kv·b·s·p; encoders have none.
+    """
+    if method not in METHODS:
+        raise ConfigError(f"method must be one of {METHODS}, got {method!r}.")
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision must be one of {PRECISIONS}, got {precision!r}.")
+    if optimizer not in OPTIMIZERS:
+        raise ConfigError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}.")
+    if attention not in ("sdpa", "eager"):
+        raise ConfigError(f"attention must be 'sdpa' or 'eager', got {attention!r}.")
+    for name, value in (("batch", batch), ("seq_len", seq_len)):
+        if not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{name} must be a positive integer, got {value!r}.")
+    shape = model_shape(load_config(config_or_model))
+    adapter_modules = _adapter_modules(shape, method, rank_plan_or_rank, roles)
+    return _estimate(shape, method, adapter_modules, batch, seq_len, precision, optimizer,
+                     gradient_checkpointing, attention)
+
+
+def _adapter_modules(shape: ModelShape, method: str, plan_or_rank: Any,
+                     roles: tuple[str, ...] | None) -> list[tuple[int | None, int, int, int]]:
+    """``(layer, rank, d_in, d_out)`` of every adapted module; empty for full fine-tuning."""
+    if method == "full":
+        return []
+    if isinstance(plan_or_rank, RankPlan):
+        return [(m.layer, m.rank, m.shape[1], m.shape[0]) for m in plan_or_rank.modules]
+    if not isinstance(plan_or_rank, int) or isinstance(plan_or_rank, bool) or plan_or_rank < 1:
+        raise ConfigError(f"method {method!r} needs a RankPlan or a positive int rank, got {plan_or_rank!r}.")
+    wanted = DEFAULT_ROLES if roles is None else tuple(roles)
+    block = [(role, o, i) for role, o, i in shape.linears if role in wanted]
+    if not block:
+        raise ConfigError(f"No linear layer of this {shape.family} model has a role in {wanted}; roles here: "
+                          f"{sorted({r for r, _, _ in shape.linears})}.")
+    for role, o, i in block:
+        if plan_or_rank > min(o, i):
+            raise ConfigError(f"rank {plan_or_rank} exceeds min(d_in, d_out) = {min(o, i)} of the {role} "
+                              f"projection ({o}×{i}).")
+    return [(layer, plan_or_rank, i, o) for layer in range(shape.layers) for _, o, i in block]
+
+
+def _estimate(shape: ModelShape, method: str, adapter_modules: list, batch: int, seq_len: int, precision: str,
+              optimizer: str, checkpointing: bool, attention: str) -> MemoryEstimate:
+    w = 4 if precision == "fp32" else 2          # bytes per frozen/base weight
+    p = 4 if precision == "fp32" else 2          # bytes per activation
+    tokens = batch * seq_len
+    n = shape.params
+
+    # weights and QLoRA constants
+    quant = 0
+    if method == "qlora":
+        weights = math.ceil(shape.linear_params / 2) + (shape.other_params + shape.head_params) * w
+        tensors = [(o * i) for _, o, i in shape.linears] * shape.layers
+        for numel in tensors:
+            blocks = math.ceil(numel / NF4_BLOCK)
+            # absmax: 1 byte each + one fp32 per 256 (double quantisation); NF4 code 16 fp32;
+            # second-level code 256 fp32 and an fp32 offset
+            quant += blocks + 4 * math.ceil(blocks / DQ_BLOCK) + 16 * 4 + 256 * 4 + 4
+    else:
+        weights = n * w
+
+    # adapters (fp32), DoRA magnitudes, trainable count
+    adapter_params = sum(r * (d_in + d_out) for _, r, d_in, d_out in adapter_modules)
+    dora_params = sum(d_out for *_, d_out in adapter_modules) if method == "dora" else 0
+    trainable = n if method == "full" else adapter_params + dora_params
+
+    # gradients and optimizer states
+    if method == "full":
+        grad_bytes = w
+        opt_bytes = {"adamw": 2 * w, "adamw_8bit": 2 * (1 + 4 / ADAM8_BLOCK), "sgd": 0}[optimizer]
+        if precision == "mixed":
+            opt_bytes = 4 + (8 if optimizer == "adamw" else opt_bytes)  # fp32 master copy (+ fp32 moments)
+    else:
+        grad_bytes = 4
+        opt_bytes = {"adamw": 8, "adamw_8bit": 2 * (1 + 4 / ADAM8_BLOCK), "sgd": 0}[optimizer]
+    gradients = trainable * grad_bytes
+    optimizer_states = math.ceil(trainable * opt_bytes)
+
+    # activations: elements per token per layer
+    h, i = shape.hidden, shape.intermediate
+    mlp = (4 * i if shape.gated_mlp else 2 * i) * shape.experts_per_token
+    per_layer = 2 * h + h + shape.q_dim + 2 * shape.kv_dim + shape.q_dim + h + mlp
+    if attention == "eager":
+        per_layer += shape.heads * seq_len
+    lora_by_layer: dict = {}
+    for layer, r, d_in, _ in adapter_modules:
+        lora_by_layer[layer] = lora_by_layer.get(layer, 0) + d_in + r
+    lora_total = sum(lora_by_layer.values())
+    lora_max = max(lora_by_layer.values(), default=0)
+    head = tokens * shape.vocab * (p + 8) if shape.causal else 0
+    final = tokens * h * p
+    activations = tokens * p * (shape.layers * per_layer + lora_total) + head + final
+    activations_ckpt = tokens * p * (shape.layers * h + per_layer + lora_max) + head + final
+
+    # transient workspace of the largest module
+    largest = max(o * i for _, o, i in shape.linears)
+    workspace = 0
+    if method == "qlora":
+        workspace += largest * p
+    if method == "dora":
+        workspace += 2 * 4 * max((d_in * d_out for _, _, d_in, d_out in adapter_modules), default=0)
+
+    kv_cache = 2 * shape.layers * shape.kv_dim * tokens * p if shape.causal else 0
+    return MemoryEstimate(method=method, precision=precision, optimizer=optimizer, batch=batch, seq_len=seq_len,
+                          gradient_checkpointing=checkpointing, params=n, trainable_params=trainable,
+                          weights=weights, quant_constants=quant, adapter=adapter_params * 4,
+                          dora_magnitude=dora_params * 4, gradients=gradients, optimizer_states=optimizer_states,
+                          activations=activations, activations_checkpointed=activations_ckpt,
+                          workspace=workspace, kv_cache=kv_cache)
+
+
+def format_bytes(n: float) -> str:
+    """Bytes as GiB/MiB/KiB with three significant figures (1 GiB = 2³⁰ bytes)."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= size:
+            return f"{n / size:.3g} {unit}"
+    return f"{int(n)} B"
