@@ -30,7 +30,7 @@ from spectra.report.tables import (
 _LAYER_CMAP = ListedColormap(colormaps["viridis"](np.linspace(0.0, 0.88, 256)), name="layers")
 _NO_LAYER_COLOR = "0.45"
 _ENERGY_MARKS = (0.9, 0.95, 0.99)
-_LOG_X_FROM = 100  # spectra longer than this are drawn on a log index axis
+_LOG_X_FROM = 100  # decay panels of spectra longer than this use a log index axis
 _ANNOTATE_CELLS = 300  # heatmaps with at most this many cells get their numbers written in
 
 

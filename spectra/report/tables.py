@@ -46,6 +46,9 @@ def matrix_rows(analysis: Mapping) -> list[dict]:
     modules = analysis.get("modules")
     if not isinstance(modules, list):
         raise ConfigError("the analysis has no 'modules' list; pass the dict that analysis.json holds.")
+    for position, row in enumerate(modules):
+        if not isinstance(row, Mapping):
+            raise ConfigError(f"analysis['modules'][{position}] is a {type(row).__name__}, not a module row (dict).")
     rows = [m for m in modules if m.get("kind", "matrix") == "matrix"]
     if not rows:
         raise ConfigError(
