@@ -38,7 +38,7 @@ METHODS = ("full", "lora", "qlora", "dora")
 PRECISIONS = ("fp32", "bf16", "fp16", "mixed")
 OPTIMIZERS = ("adamw", "adamw_8bit", "sgd")
 # LoRA's usual targets: every linear layer of the blocks ("all-linear", as QLoRA recommends [3])
-DEFAULT_ROLES = ("q", "k", "v", "o", "gate", "up", "down", "qkv", "fc", "proj", "attn_out", "intermediate", "output")
+DEFAULT_ROLES = ("q", "k", "v", "o", "qkv", "gate", "up", "down", "gate_up")
 
 NF4_BLOCK = 64          # weights per NF4 absmax constant [3]
 DQ_BLOCK = 256          # absmax constants per second-level fp32 constant with double quantisation [3]
@@ -52,7 +52,8 @@ ADAM8_BLOCK = 256       # bitsandbytes' blockwise 8-bit optimizer states: one fp
 class ModelShape:
     """What the memory model needs from ``config.json``.
 
-    ``linears`` lists one block's linear layers as ``(role, out, in)``, MoE experts expanded.
+    ``linears`` lists one block's linear layers as ``(role, out, in)``, MoE experts expanded, with
+    the roles of ``spectra.checkpoints.architectures`` (``q k v o qkv gate up down``; ``router``).
     ``other_params`` counts everything that is not a block linear nor the LM head (embeddings,
     norms, biases, pooler): QLoRA keeps these in 16 bits, like transformers' bitsandbytes path.
     """
@@ -125,7 +126,7 @@ def _llama(cfg: dict, mtype: str) -> ModelShape:
 def _gpt2(cfg: dict) -> ModelShape:
     h, layers, heads, vocab = cfg["n_embd"], cfg["n_layer"], cfg["n_head"], cfg["vocab_size"]
     inter, positions = cfg.get("n_inner") or 4 * h, cfg.get("n_positions", 1024)
-    linears = (("qkv", 3 * h, h), ("o", h, h), ("fc", inter, h), ("proj", h, inter))
+    linears = (("qkv", 3 * h, h), ("o", h, h), ("up", inter, h), ("down", h, inter))
     per_layer = 3 * h + h + inter + h + 4 * h  # biases of c_attn, c_proj, c_fc, mlp.c_proj; ln_1, ln_2
     other = vocab * h + positions * h + layers * per_layer + 2 * h  # wte, wpe, blocks, ln_f; head tied to wte
     return ModelShape(family="gpt2", hidden=h, layers=layers, heads=heads, kv_dim=h, q_dim=h, intermediate=inter,
@@ -136,8 +137,7 @@ def _gpt2(cfg: dict) -> ModelShape:
 def _bert(cfg: dict) -> ModelShape:
     h, layers, heads = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["num_attention_heads"]
     inter, vocab = cfg["intermediate_size"], cfg["vocab_size"]
-    linears = (("q", h, h), ("k", h, h), ("v", h, h), ("attn_out", h, h), ("intermediate", inter, h),
-               ("output", h, inter))
+    linears = (("q", h, h), ("k", h, h), ("v", h, h), ("o", h, h), ("up", inter, h), ("down", h, inter))
     per_layer = 4 * h + inter + h + 4 * h  # biases of q, k, v, attention.output.dense; intermediate; output; 2 LN
     embeddings = (vocab + cfg.get("max_position_embeddings", 512) + cfg.get("type_vocab_size", 2)) * h + 2 * h
     other = embeddings + layers * per_layer + h * h + h  # + pooler.dense

@@ -43,7 +43,7 @@ PLAN_SCHEMA_VERSION = 1
 _ALPHA_RULES = ("scale", "constant")
 # roles a LoRA on linear layers does not target unless asked: embeddings need PEFT's embedding
 # LoRA and the head is often tied to them.
-_DEFAULT_SKIPPED_ROLES = ("embed", "head", "lm_head", "pos_embed", "type_embed")
+_DEFAULT_SKIPPED_ROLES = ("embed", "head")
 
 
 # ---------------------------------------------------------------------------- policy
