@@ -1,0 +1,114 @@
+"""A PEFT adapter as the tuned side: ΔW must equal PEFT's own merge minus the base."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from spectra.checkpoints.pairing import Pairing, PairingOptions
+from spectra.errors import AdapterError
+from tests.models import build_model, save
+
+
+def make_adapter(model, path, save_embedding_layers="auto", **lora_kwargs):
+    """Train-free adapter: random A and B (PEFT zero-inits B) saved with PEFT itself."""
+    from peft import LoraConfig, get_peft_model
+
+    peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(**lora_kwargs))
+    torch.manual_seed(123)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name or "modules_to_save" in name:
+                p.copy_(torch.randn_like(p) * 0.1 + (1.0 if "magnitude" in name else 0.0) * p)
+    peft_model.save_pretrained(path, save_embedding_layers=save_embedding_layers)
+    merged = peft_model.merge_and_unload()
+    return {k: v.detach().clone() for k, v in merged.state_dict().items()}
+
+
+def check_against_merge(base_model, base_dir, adapter_dir, merged_state, *, conv1d=()):
+    base_state = base_model.state_dict()
+    yielded = {d.name: d for d in Pairing(base_dir, adapter_dir, PairingOptions(vectors=False))}
+    assert yielded, "the adapter yielded no ΔW"
+    for name, d in yielded.items():
+        if "[" in name:
+            continue
+        key = d.base_tensor
+        expected = merged_state[key].float() - base_state[key].float()
+        if name in conv1d:
+            expected = expected.T
+        torch.testing.assert_close(d.delta, expected, rtol=1e-5, atol=1e-6, msg=name)
+    return yielded
+
+
+def test_lora_adapter_equals_peft_merge(tmp_path):
+    base = build_model("llama")
+    base_dir = save(base, tmp_path / "base", "safetensors")
+    merged = make_adapter(base, tmp_path / "ad", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"])
+    yielded = check_against_merge(base, base_dir, tmp_path / "ad", merged)
+    assert {d.role for d in yielded.values()} == {"q", "v", "down"}
+    assert len(yielded) == 6
+    assert all(torch.linalg.matrix_rank(d.delta.double(), rtol=1e-4) == 4 for d in yielded.values())
+
+
+def test_rslora_with_rank_and_alpha_patterns(tmp_path):
+    base = build_model("llama")
+    base_dir = save(base, tmp_path / "base", "safetensors")
+    merged = make_adapter(base, tmp_path / "ad", r=4, lora_alpha=8, use_rslora=True,
+                          target_modules=["q_proj", "o_proj"],
+                          rank_pattern={"model.layers.1.self_attn.q_proj": 2}, alpha_pattern={"o_proj": 3})
+    yielded = check_against_merge(base, base_dir, tmp_path / "ad", merged)
+    assert torch.linalg.matrix_rank(yielded["model.layers.1.self_attn.q_proj"].delta.double(), rtol=1e-4) == 2
+
+
+def test_dora_adapter_equals_peft_merge(tmp_path):
+    base = build_model("llama")
+    base_dir = save(base, tmp_path / "base", "safetensors")
+    merged = make_adapter(base, tmp_path / "ad", r=2, lora_alpha=4, use_dora=True, target_modules=["k_proj", "up_proj"])
+    check_against_merge(base, base_dir, tmp_path / "ad", merged)
+
+
+def test_modules_to_save_head(tmp_path):
+    base = build_model("llama")  # untied head
+    base_dir = save(base, tmp_path / "base", "safetensors")
+    merged = make_adapter(base, tmp_path / "ad", r=2, lora_alpha=4, target_modules=["q_proj"],
+                          modules_to_save=["lm_head"])
+    yielded = check_against_merge(base, base_dir, tmp_path / "ad", merged)
+    assert yielded["lm_head"].role == "head" and torch.count_nonzero(yielded["lm_head"].delta) > 0
+
+
+def test_conv1d_adapter(tmp_path):
+    base = build_model("gpt2")
+    base_dir = save(base, tmp_path / "base", "safetensors")
+    merged = make_adapter(base, tmp_path / "ad", r=3, lora_alpha=6, target_modules=["c_attn", "c_fc"],
+                          fan_in_fan_out=True)
+    yielded = check_against_merge(base, base_dir, tmp_path / "ad", merged,
+                                  conv1d={"transformer.h.0.attn.c_attn", "transformer.h.1.attn.c_attn",
+                                          "transformer.h.0.mlp.c_fc", "transformer.h.1.mlp.c_fc"})
+    assert yielded["transformer.h.0.attn.c_attn"].shape == (96, 32)
+    assert "transformer.h.0.attn.c_attn[v]" in yielded  # the split parts come from the merged fused ΔW
+
+
+def test_embedding_lora(tmp_path):
+    base = build_model("llama")
+    base_dir = save(base, tmp_path / "base", "safetensors")
+    merged = make_adapter(base, tmp_path / "ad", r=2, lora_alpha=4, target_modules=["embed_tokens"],
+                          save_embedding_layers=True)
+    yielded = check_against_merge(base, base_dir, tmp_path / "ad", merged)
+    assert yielded["model.embed_tokens"].role == "embed"
+
+
+def test_adapter_on_wrong_base_is_refused(tmp_path):
+    base = build_model("llama")
+    make_adapter(base, tmp_path / "ad", r=2, lora_alpha=4, target_modules=["q_proj"])
+    other = save(build_model("gpt2"), tmp_path / "gpt2", "safetensors")
+    with pytest.raises(AdapterError, match="absent from the base"):
+        Pairing(other, tmp_path / "ad")
+    # same module names, different widths
+    import transformers as tf
+
+    wide = tf.LlamaForCausalLM(tf.LlamaConfig(hidden_size=48, intermediate_size=48, num_hidden_layers=2,
+                                              num_attention_heads=4, num_key_value_heads=2, vocab_size=64))
+    with pytest.raises(AdapterError, match="different base model"):
+        Pairing(save(wide, tmp_path / "wide", "safetensors"), tmp_path / "ad")

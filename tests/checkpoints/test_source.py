@@ -1,0 +1,173 @@
+"""Checkpoint sources: every accepted form, metadata without data, and each bad input's error."""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from spectra.checkpoints.pairing import Pairing, iter_deltas
+from spectra.checkpoints.source import AdapterSource, open_checkpoint
+from spectra.errors import CheckpointError, NonFiniteWeightError, PairingError
+from tests.models import build_model, save
+
+
+@pytest.fixture(scope="module")
+def llama_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("llama")
+    model = build_model("llama")
+    return {fmt: save(model, root / fmt, fmt) for fmt in ("safetensors", "sharded", "bin")}, model
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "sharded", "bin"])
+def test_directory_forms_list_the_same_tensors(llama_dirs, fmt):
+    dirs, model = llama_dirs
+    src = open_checkpoint(dirs[fmt])
+    state = model.state_dict()
+    assert set(src.names()) >= {k for k in state if k != "lm_head.weight"} | {"lm_head.weight"}
+    info = src.info("model.layers.0.self_attn.k_proj.weight")
+    assert info.shape == (16, 32) and info.dtype == torch.float32
+    assert torch.equal(src.read("model.layers.0.self_attn.k_proj.weight"), state["model.layers.0.self_attn.k_proj.weight"])
+    assert src.config["model_type"] == "llama"
+    fp = src.fingerprint()
+    assert fp["size_bytes"] > 0 and len(fp["fingerprint"]) == 16
+
+
+def test_single_files_and_index(llama_dirs):
+    dirs, _ = llama_dirs
+    for spec in (dirs["safetensors"] / "model.safetensors", dirs["bin"] / "pytorch_model.bin",
+                 dirs["sharded"] / "model.safetensors.index.json"):
+        src = open_checkpoint(spec)
+        assert "model.layers.1.mlp.down_proj.weight" in src
+    assert len(open_checkpoint(dirs["sharded"]).files) > 1
+
+
+def test_adapter_directory(tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    get_peft_model(build_model("llama"), LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(tmp_path)
+    src = open_checkpoint(tmp_path)
+    assert isinstance(src, AdapterSource) and src.config["r"] == 2
+    assert any(k.endswith("lora_A.weight") for k in src.weights.names())
+
+
+def test_missing_path_and_empty_dir(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        open_checkpoint(tmp_path / "nope")
+    with pytest.raises(CheckpointError, match="no weights found in directory"):
+        open_checkpoint(tmp_path)
+
+
+def test_offline_hub_id_names_the_id(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    with pytest.raises(CheckpointError, match=r"cannot fetch hub id 'someorg/tiny-model'.*local directory"):
+        open_checkpoint("someorg/tiny-model")
+
+
+def test_truncated_and_corrupt_safetensors(llama_dirs, tmp_path):
+    dirs, _ = llama_dirs
+    data = (dirs["safetensors"] / "model.safetensors").read_bytes()
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        open_checkpoint(truncated)
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"\x00" * 64)
+    with pytest.raises(CheckpointError, match=str(garbage.name)):
+        open_checkpoint(garbage)
+
+
+def test_unsafe_pickle_is_refused(tmp_path):
+    import fractions
+
+    path = tmp_path / "evil.bin"
+    torch.save({"w": torch.zeros(2, 2), "extra": fractions.Fraction(1, 3)}, path)  # not a tensor: needs unpickling
+    with pytest.raises(CheckpointError, match="refusing to unpickle"):
+        open_checkpoint(path)
+
+
+def test_unknown_dtype(tmp_path):
+    header = json.dumps({"w": {"dtype": "F8_E8M0", "shape": [2, 2], "data_offsets": [0, 4]}}).encode()
+    path = tmp_path / "odd.safetensors"
+    path.write_bytes(len(header).to_bytes(8, "little") + header + b"\x00" * 4)
+    with pytest.raises(CheckpointError, match="odd.safetensors"):
+        open_checkpoint(path)
+
+
+def test_mismatched_architectures(tmp_path):
+    llama = save(build_model("llama"), tmp_path / "llama", "safetensors")
+    bert = save(build_model("bert", head=False), tmp_path / "bert", "safetensors")
+    with pytest.raises(PairingError, match="share no tensor names"):
+        Pairing(llama, bert)
+    import transformers as tf
+
+    wide = tf.LlamaForCausalLM(tf.LlamaConfig(hidden_size=48, intermediate_size=48, num_hidden_layers=2,
+                                              num_attention_heads=4, num_key_value_heads=2, vocab_size=64))
+    with pytest.raises(PairingError, match=r"has shape \(64, 32\) in .*llama but \(64, 48\)"):
+        Pairing(llama, save(wide, tmp_path / "wide", "safetensors"))
+    with pytest.raises(PairingError, match="pass it as the tuned side"):
+        from peft import LoraConfig, get_peft_model
+
+        get_peft_model(build_model("llama"), LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(tmp_path / "ad")
+        Pairing(tmp_path / "ad", llama)
+
+
+def test_nonfinite_weight_is_named(tmp_path):
+    base = build_model("llama")
+    tuned = copy.deepcopy(base)
+    with torch.no_grad():
+        tuned.model.layers[1].mlp.up_proj.weight[3, 5] = float("nan")
+    b, t = save(base, tmp_path / "b", "safetensors"), save(tuned, tmp_path / "t", "safetensors")
+    with pytest.raises(NonFiniteWeightError, match=r"model.layers.1.mlp.up_proj.weight .* 1 NaN/Inf"):
+        list(iter_deltas(b, t))
+    pairing = Pairing(b, t)
+    from dataclasses import replace
+
+    pairing.options = replace(pairing.options, on_nonfinite="skip")
+    names = [d.name for d in pairing]
+    assert "model.layers.1.mlp.up_proj" not in names and "model.layers.1.mlp.down_proj" in names
+    assert len(pairing.skipped) == 1
+
+
+def test_bounded_memory_while_streaming(tmp_path):
+    """Streaming every ΔW holds a few tensors, not the checkpoint: peak anonymous RSS ≤ 6·L + 64 MB."""
+    n_tensors, side = 10, 2048  # L = 16 MiB per float32 tensor; each checkpoint is 160 MiB
+    g = torch.Generator().manual_seed(0)
+    for which in ("base", "tuned"):
+        tensors = {f"model.layers.{i}.mlp.up_proj.weight": torch.randn(side, side, generator=g) for i in range(n_tensors)}
+        save_file(tensors, str(tmp_path / f"{which}.safetensors"))
+        del tensors
+    script = textwrap.dedent(f"""
+        import threading, time
+        from spectra.checkpoints.pairing import Pairing
+        def anon():
+            for line in open("/proc/self/status"):
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+        pairing = Pairing(r"{tmp_path / 'base.safetensors'}", r"{tmp_path / 'tuned.safetensors'}")
+        start = anon(); peak = [start]; done = [False]
+        def watch():
+            while not done[0]:
+                peak[0] = max(peak[0], anon()); time.sleep(0.001)
+        t = threading.Thread(target=watch); t.start()
+        total = 0.0
+        for d in pairing:
+            total += float(d.delta.norm())
+            peak[0] = max(peak[0], anon())
+        done[0] = True; t.join()
+        print(peak[0] - start)
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    extra = int(out.stdout.strip().splitlines()[-1])
+    largest = side * side * 4
+    assert extra <= 6 * largest + 64 * 2**20, f"peak extra anonymous RSS {extra / 2**20:.0f} MiB"
