@@ -6,6 +6,7 @@ import itertools
 import json
 
 import numpy as np
+import torch
 import pytest
 
 from spectra.errors import ConfigError
@@ -285,3 +286,61 @@ def test_analysis_from_directory(tmp_path):
     assert plan.base == {"path": "base", "fingerprint": "abc"} and plan.modules[0].rank == 3
     with pytest.raises(ConfigError, match="No analysis"):
         recommend_ranks(tmp_path / "nope", RankPolicy())
+
+
+# ---------------------------------------------------------------------------- PEFT as the referee
+
+
+def _plan_rows(model, prefix=""):
+    """Rows for every linear/Conv1D module of a tiny model (heads excluded), with varied planted ranks."""
+    from transformers.pytorch_utils import Conv1D
+
+    from spectra.checkpoints.architectures import module_info
+
+    rows = []
+    for i, (name, module) in enumerate(model.named_modules()):
+        if not isinstance(module, (torch.nn.Linear, Conv1D)) or name.endswith(("lm_head", "classifier")):
+            continue
+        conv1d = isinstance(module, Conv1D)
+        out_f, in_f = (module.nf, module.weight.shape[0]) if conv1d else tuple(module.weight.shape)
+        info = module_info(prefix + name)
+        sv = [1.0] * (1 + i % 4) + [0.0] * (min(out_f, in_f) - 1 - i % 4)
+        rows.append(make_row(prefix + name, sv, shape=(out_f, in_f), role=info.role, layer=info.layer, conv1d=conv1d))
+        if name.endswith("c_attn"):  # split projections of the fused tensor: never targeted
+            rows.append(make_row(prefix + name + "[q]", sv[:32], role="q", layer=info.layer, conv1d=True,
+                                 fused_name=prefix + name))
+    return rows
+
+
+@pytest.mark.parametrize(("family", "head", "prefix", "task_type", "rslora"), [
+    ("llama", True, "", "CAUSAL_LM", False),
+    ("llama", True, "", "CAUSAL_LM", True),
+    ("gpt2", True, "", "CAUSAL_LM", False),
+    ("bert", False, "bert.", None, True),  # checkpoint names carry "bert.", BertModel's modules do not
+])
+def test_every_pattern_key_hits_exactly_its_module_in_peft(tmp_path, family, head, prefix, task_type, rslora):
+    from peft import LoraConfig, get_peft_model
+    from peft.tuners.lora import LoraLayer
+
+    from tests.models import build_model
+
+    model = build_model(family, head=head)
+    plan = recommend_ranks(analysis(*_plan_rows(model, prefix)), RankPolicy(energy=0.99, rslora=rslora))
+    assert len({m.rank for m in plan.modules}) == 4  # patterns are really exercised
+    module_names = [n for n, _ in model.named_modules()]
+    cfg = plan.to_peft_config(module_names=module_names, task_type=task_type)
+    assert cfg["rank_pattern"] and all(k.startswith("^") for k in cfg["rank_pattern"])
+    (tmp_path / "adapter_config.json").write_text(json.dumps(cfg))
+    peft_model = get_peft_model(model, LoraConfig.from_pretrained(tmp_path))
+
+    lora = {n: m for n, m in peft_model.base_model.model.named_modules() if isinstance(m, LoraLayer)}
+    expected = {prefix_free: m for m in plan.modules
+                for prefix_free in [m.name[len(prefix):] if m.name.startswith(prefix) else m.name]}
+    assert set(lora) == set(expected)
+    for name, layer in lora.items():
+        assert layer.r["default"] == expected[name].rank, name
+        assert layer.scaling["default"] == pytest.approx(plan.policy.scaling(expected[name].rank)), name
+    # negative control: the same ranks under bare suffix keys collide across layers
+    bare = cfg | {"rank_pattern": {k.rsplit(".", 1)[-1]: v for k, v in cfg["rank_pattern"].items()}}
+    with pytest.raises(ConfigError):
+        check_peft_config(bare, module_names)
