@@ -1,0 +1,181 @@
+"""spectra.linalg.metrics against float64 numpy/scipy references on known spectra."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from spectra.errors import ConfigError
+from spectra.linalg import metrics as mt
+from spectra.linalg.svd import full_svd, randomized_svd
+
+from .conftest import bf16_pair, planted, power_law, reference_svdvals
+
+CASES = ("planted", "power_law", "bf16")
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_energy_ranks_match_reference(spectra_cases, case):
+    M = spectra_cases[case]
+    ref = reference_svdvals(M)
+    frac = np.cumsum(ref**2) / np.sum(ref**2)
+    F = full_svd(M)
+    for tau in (0.5, 0.9, 0.95, 0.99):
+        assert mt.energy_rank(F, tau) == int(np.searchsorted(frac, tau) + 1)
+    # Truncated values + the exact total give the same answers, or None beyond k.
+    R = randomized_svd(M, 40, n_oversamples=40, n_iter=8, random_state=0)
+    got = mt.energy_ranks(R)
+    for tau, k in got.items():
+        want = int(np.searchsorted(frac, tau) + 1)
+        if want <= 30:
+            assert k == want
+        elif want > 40:
+            assert k is None  # the needed rank exceeds the k computed: said, not guessed
+
+
+def test_energy_rank_on_bare_tensor_with_total():
+    s = torch.tensor([3.0, 2.0, 1.0])
+    assert mt.energy_rank(s, 0.9) == 2  # 13/14 ≥ 0.9
+    assert mt.energy_rank(s[:1], 0.9, total_energy=14.0) is None
+    with pytest.raises(ConfigError, match="tau"):
+        mt.energy_rank(s, 1.5)
+    with pytest.raises(ConfigError, match="descending"):
+        mt.energy_rank(torch.tensor([1.0, 2.0]))
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_scalar_ranks_match_reference(spectra_cases, case):
+    M = spectra_cases[case]
+    ref = reference_svdvals(M)
+    F = full_svd(M)
+    p = ref / ref.sum()
+    # Tolerance 1e-6 relative: float32 input, float64 reference.
+    assert mt.effective_rank(F) == pytest.approx(math.exp(-np.sum(p * np.log(p))), rel=1e-6)
+    assert mt.stable_rank(F) == pytest.approx(np.sum(ref**2) / ref[0] ** 2, rel=1e-6)
+    assert mt.participation_ratio(F) == pytest.approx(np.sum(ref**2) ** 2 / np.sum(ref**4), rel=1e-6)
+    assert mt.nuclear_frobenius_ratio(F) == pytest.approx(ref.sum() / np.sqrt(np.sum(ref**2)), rel=1e-6)
+    assert 1 <= mt.effective_rank(F) <= min(M.shape)
+
+
+def test_effective_rank_bounds():
+    assert mt.effective_rank(torch.ones(7)) == pytest.approx(7.0)
+    assert mt.effective_rank(torch.tensor([1.0, 0.0, 0.0])) == pytest.approx(1.0)
+
+
+def test_stable_rank_exact_from_truncated_spectrum():
+    M = power_law()[0]
+    ref = reference_svdvals(M)
+    R = randomized_svd(M, 4, n_iter=6, random_state=0)
+    assert mt.stable_rank(R) == pytest.approx(np.sum(ref**2) / ref[0] ** 2, rel=1e-5)
+
+
+# ---------------------------------------------------------------------------- Gavish–Donoho
+
+
+def test_gd_constants():
+    assert mt.gd_lambda_star(1.0) == pytest.approx(4 / math.sqrt(3), rel=1e-12)
+    assert mt.gd_omega(1.0) == pytest.approx(2.858, abs=1e-3)
+    for beta in (0.1, 0.25, 0.5, 0.75, 1.0):
+        # The cubic is the paper's fit to the exact ω; they agree to ~0.02.
+        assert abs(mt.gd_omega(beta) - mt.gd_omega_approx(beta)) < 0.02
+
+
+@pytest.mark.parametrize("beta", [0.25, 1.0])
+def test_marchenko_pastur_median_matches_simulation(beta):
+    n = 1200
+    m = int(beta * n)
+    g = torch.Generator().manual_seed(1)
+    X = torch.randn(m, n, generator=g, dtype=torch.float64)
+    eig = np.linalg.eigvalsh((X @ X.T / n).numpy())
+    assert np.median(eig) == pytest.approx(mt.marchenko_pastur_median(beta), rel=0.015)
+
+
+@pytest.mark.parametrize("known", [True, False])
+def test_gavish_donoho_recovers_planted_rank(known):
+    noise = 0.01
+    M = planted(m=300, n=400, rank=8, noise=noise)
+    F = full_svd(M)
+    gd = mt.gavish_donoho(F, M.shape, sigma=noise if known else None)
+    assert gd.rank == 8
+    assert gd.noise_sigma == pytest.approx(noise, rel=0.05)  # unknown: estimated from the median
+    ref = reference_svdvals(M)
+    assert ref[8] < gd.threshold < ref[7]
+
+
+def test_gavish_donoho_unknown_noise_needs_whole_spectrum():
+    M = planted()
+    R = randomized_svd(M, 10, random_state=0)
+    with pytest.raises(ConfigError, match="whole spectrum"):
+        mt.gavish_donoho(R, M.shape)
+    assert mt.gavish_donoho(R, M.shape, sigma=0.01).rank == 8  # known σ works on top-k
+
+
+def test_marchenko_pastur_edge_matches_pure_noise():
+    m, n, sigma = 256, 512, 0.02
+    g = torch.Generator().manual_seed(2)
+    N = sigma * torch.randn(m, n, generator=g, dtype=torch.float64)
+    top = reference_svdvals(N)[0]
+    edge = sigma * (math.sqrt(m) + math.sqrt(n))
+    assert top == pytest.approx(edge, rel=0.03)  # finite-size Tracy–Widom fluctuation ≪ 3 %
+
+
+# ---------------------------------------------------------------------------- noise floor
+
+
+def test_bf16_noise_floor_sits_at_planted_rank():
+    base, tuned = bf16_pair(rank=4)
+    delta = tuned.float() - base.float()
+    F = full_svd(delta)
+    floor = mt.rounding_noise_floor(base, tuned, s=F)
+    assert floor.rank == 4  # not full rank (256)
+    assert floor.base_dtype == "bfloat16"
+    # The predicted noise matches the rounding actually present (fp64 originals rebuilt).
+    g = torch.Generator().manual_seed(0)
+    base64 = 0.02 * torch.randn(256, 512, generator=g, dtype=torch.float64)
+    actual = base.double() - base64
+    assert math.sqrt(float((actual**2).mean())) == pytest.approx(math.sqrt(floor.variance / 2), rel=0.05)
+    # Everything past the planted rank lies below the edge, and close to it (within 10 %).
+    assert F.values[4] < floor.mp_edge < F.values[3]
+    assert float(F.values[4]) == pytest.approx(floor.mp_edge, rel=0.1)
+
+
+def test_float32_noise_floor_is_negligible_and_upcast_dtype_is_honoured():
+    base, tuned = bf16_pair(rank=4)
+    f32 = mt.rounding_noise_floor(base.float(), tuned.float())
+    bf = mt.rounding_noise_floor(base.float(), tuned.float(), base_dtype=torch.bfloat16,
+                                 tuned_dtype=torch.bfloat16)
+    assert f32.sigma < bf.sigma / 30_000  # 2^-23 vs 2^-7: a factor 2^16 in ulp
+    assert bf.variance == pytest.approx(mt.rounding_noise_floor(base, tuned).variance)
+
+
+def test_ulp_known_values():
+    x = torch.tensor([1.0, 1.5, 0.3, 0.0, -2.0])
+    assert mt.ulp(x, torch.bfloat16).tolist() == [2**-7, 2**-7, 2**-9, 0.0, 2**-6]
+    assert mt.ulp(x, torch.float16).tolist() == [2**-10, 2**-10, 2**-12, 0.0, 2**-9]
+    assert mt.ulp(torch.tensor([1e-7]), torch.float16).tolist() == [2**-24]  # subnormal spacing
+
+
+# ---------------------------------------------------------------------------- decay, size
+
+
+def test_decay_fit_recovers_exponent():
+    M, s = power_law(alpha=0.7)
+    fit = mt.decay_fit(full_svd(M), stop=200)
+    assert fit.alpha == pytest.approx(0.7, abs=1e-4) and fit.r2 > 0.9999
+    # A planted spectrum is no power law: the fit says so.
+    bad = mt.decay_fit(full_svd(planted()), stop=100)
+    assert bad.r2 < 0.9
+
+
+def test_decay_fit_validates_range():
+    with pytest.raises(ConfigError, match="3 points"):
+        mt.decay_fit(torch.tensor([1.0, 0.5]))
+
+
+def test_relative_update_size():
+    base = torch.ones(4, 4)
+    assert mt.relative_update_size(0.1 * base, base) == pytest.approx(0.1)
+    assert math.isinf(mt.relative_update_size(base, torch.zeros(4, 4)))
