@@ -59,6 +59,155 @@ def pairs(
     Console().print(table)
 
 
+# ---------------------------------------------------------------------------- recommend
+
+
+@app.command()
+def recommend(
+    analysis: Annotated[str, typer.Argument(help="analysis.json, or the directory of `spectra analyze` holding it.")],
+    energy: Annotated[Optional[float], typer.Option(help="Per-module energy target τ (default 0.9 unless a budget, "
+                                                         "--rank or --knee decides).")] = None,
+    noise: Annotated[bool, typer.Option(help="Cap ranks at the noise floor.")] = True,
+    knee: Annotated[bool, typer.Option(help="Also target the elbow of the energy curve.")] = False,
+    uniform: Annotated[bool, typer.Option(help="One power-of-two rank meeting the energy target on --uniform-share "
+                                               "of modules.")] = False,
+    uniform_share: Annotated[float, typer.Option(help="Share of modules the uniform rank must satisfy.")] = 0.9,
+    rank: Annotated[Optional[int], typer.Option(help="One fixed rank for every module.")] = None,
+    budget: Annotated[Optional[str], typer.Option(help="Parameters (20M) or bytes of trainable state (2GB).")] = None,
+    min_rank: Annotated[int, typer.Option(help="Smallest rank of a targeted module.")] = 1,
+    max_rank: Annotated[Optional[int], typer.Option(help="Largest rank of any module.")] = None,
+    power_of_two: Annotated[bool, typer.Option(help="Round ranks up to powers of two.")] = False,
+    roles: Annotated[Optional[str], typer.Option(help="Comma-separated roles to target, e.g. q,k,v,o.")] = None,
+    include: Annotated[Optional[str], typer.Option(help="Target only names matching this glob (or re:REGEX).")] = None,
+    rslora: Annotated[bool, typer.Option(help="Scale by α/√r (rsLoRA).")] = False,
+    dora: Annotated[bool, typer.Option(help="Plan DoRA (adds magnitude vectors).")] = False,
+    alpha_rule: Annotated[str, typer.Option(help="'scale': same update scale for all; 'constant': one α.")] = "scale",
+    scale: Annotated[float, typer.Option(help="Common update scale for alpha-rule=scale (α = scale·r).")] = 2.0,
+    alpha: Annotated[float, typer.Option(help="Common α for alpha-rule=constant.")] = 16.0,
+    config: Annotated[Optional[str], typer.Option(help="Model config (file, dir or hub id) for the memory estimate; "
+                                                       "default: the analysed base, if local.")] = None,
+    method: Annotated[str, typer.Option(help="Method for the memory estimate: lora, qlora or dora.")] = "lora",
+    batch: Annotated[int, typer.Option(help="Batch size for the memory estimate.")] = 1,
+    seq_len: Annotated[int, typer.Option(help="Sequence length for the memory estimate.")] = 2048,
+    output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Write the plan (with its PEFT config) "
+                                                                          "as JSON here.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON instead of a table.")] = False,
+) -> None:
+    """Recommend per-module LoRA ranks from an analysis, under an optional budget, as a PEFT-ready plan."""
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from spectra.memory import estimate_memory, format_bytes
+    from spectra.ranks import RankPolicy, parse_budget, recommend_ranks, save_plan
+
+    budget_kw = parse_budget(budget) if budget is not None else {}
+    if energy is None and not (budget_kw or rank is not None or knee):
+        energy = 0.9
+    policy = RankPolicy(energy=energy, noise=noise, knee=knee, uniform=uniform, uniform_share=uniform_share,
+                        rank=rank, min_rank=min_rank, max_rank=max_rank, power_of_two=power_of_two,
+                        roles=_split(roles), include=include, rslora=rslora, use_dora=dora, alpha_rule=alpha_rule,
+                        scale=scale, alpha=alpha, **budget_kw)
+    plan = recommend_ranks(analysis, policy)
+    base_path = (plan.base or {}).get("path")
+    source = config or (base_path if base_path and Path(base_path, "config.json").is_file() else None)
+    est = (estimate_memory(source, method="dora" if dora else method, rank_plan_or_rank=plan, batch=batch,
+                           seq_len=seq_len) if source else None)
+    if output is not None:
+        save_plan(plan, output)
+    if as_json:
+        typer.echo(json.dumps(plan.to_dict() | {"memory": est.to_dict() if est else None}, indent=2))
+        return
+    table = Table("module", "role", "shape", "rank", "alpha", "energy", "params", "reason",
+                  title=f"LoRA plan: {len(plan.modules)} modules, {plan.total_params:,} parameters, "
+                        f"{plan.total_energy:.1%} of ΔW energy captured")
+    for m in plan.modules:
+        bound = "" if m.energy == m.energy_upper else f"–{m.energy_upper:.1%}"
+        table.add_row(m.name, _fmt(m.role), "×".join(map(str, m.shape)), str(m.rank), f"{m.alpha:g}",
+                      f"{m.energy:.1%}{bound}", f"{m.params:,}", m.reason)
+    console = Console()
+    console.print(table)
+    if plan.left_out:
+        console.print(f"left out ({len(plan.left_out)}): " + ", ".join(
+            f"{m.name} [{m.reason}; rank {_fmt(m.rank)}]" for m in plan.left_out))
+    if plan.budget_gap:
+        console.print(f"budget allocation within {plan.budget_gap:.2%} of ΔW energy of the optimum")
+    if est is not None:
+        console.print(f"memory ({est.method}, batch {batch} × {seq_len} tokens, {est.precision}): "
+                      + ", ".join(f"{name} {format_bytes(n)}" for name, n in est.rows() if n))
+    else:
+        console.print("memory: pass --config (config.json, its folder or a hub id) for an estimate")
+    if output is not None:
+        console.print(f"plan written to {output}")
+
+
+# ---------------------------------------------------------------------------- memory
+
+
+@app.command()
+def memory(
+    model: Annotated[str, typer.Argument(help="config.json, the model directory holding it, or a hub id.")],
+    method: Annotated[str, typer.Option(help="full, lora, qlora or dora.")] = "lora",
+    rank: Annotated[int, typer.Option(help="LoRA rank of every targeted module.")] = 16,
+    plan: Annotated[Optional[Path], typer.Option(help="A plan from `spectra recommend` instead of --rank.")] = None,
+    roles: Annotated[Optional[str], typer.Option(help="Roles --rank targets (default: all block linears).")] = None,
+    batch: Annotated[int, typer.Option(help="Sequences per step.")] = 1,
+    seq_len: Annotated[int, typer.Option(help="Tokens per sequence.")] = 2048,
+    precision: Annotated[str, typer.Option(help="fp32, bf16, fp16 or mixed.")] = "bf16",
+    optimizer: Annotated[str, typer.Option(help="adamw, adamw_8bit or sgd.")] = "adamw",
+    gradient_checkpointing: Annotated[bool, typer.Option(help="Checkpoint every block.")] = True,
+    attention: Annotated[str, typer.Option(help="sdpa (no s×s matrix) or eager.")] = "sdpa",
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """Estimate the memory of fine-tuning MODEL (full, LoRA, QLoRA, DoRA) from its config.json alone."""
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from spectra.memory import estimate_memory, format_bytes
+    from spectra.ranks import load_plan
+
+    est = estimate_memory(model, method=method, rank_plan_or_rank=load_plan(plan) if plan else rank,
+                          batch=batch, seq_len=seq_len, precision=precision, optimizer=optimizer,
+                          gradient_checkpointing=gradient_checkpointing, roles=_split(roles), attention=attention)
+    if as_json:
+        typer.echo(json.dumps(est.to_dict(), indent=2))
+        return
+    table = Table("component", "bytes", "size",
+                  title=f"{method} on {est.params:,} parameters ({est.trainable_params:,} trainable), "
+                        f"batch {batch} × {seq_len} tokens, {precision}, {optimizer}")
+    for name, n in est.rows():
+        table.add_row(name, f"{n:,}", format_bytes(n))
+    Console().print(table)
+
+
+@bench_app.command("svd")
+def bench_svd(
+    out: Annotated[Path, typer.Option("-o", "--out", help="Output directory for bench_svd.{md,json,png}.")] = Path("reports/bench"),
+    shapes: Annotated[Optional[str], typer.Option(help="Comma-separated OUTxIN shapes, e.g. 1024x1024,4096x11008.")] = None,
+    kinds: Annotated[str, typer.Option(help="Spectrum types: planted,power_law,bf16.")] = "planted,power_law,bf16",
+    ks: Annotated[str, typer.Option(help="Comma-separated top-k sizes.")] = "64,256",
+    quick: Annotated[bool, typer.Option(help="Tiny shapes, seconds (a smoke test).")] = False,
+    repeats: Annotated[int, typer.Option(help="Runs per measurement; the best is kept.")] = 1,
+    seed: Annotated[int, typer.Option(help="Seed of the test matrices and sketches.")] = 0,
+) -> None:
+    """Time spectra's full, randomized and adaptive SVD side by side with torch, scikit-learn and SciPy."""
+    from spectra.bench.svd import DEFAULT_SHAPES, run_svd_bench
+    from spectra.errors import ConfigError
+
+    try:
+        shape_list = DEFAULT_SHAPES if shapes is None else tuple(
+            tuple(int(x) for x in s.lower().split("x")) for s in _split(shapes))
+        k_list = tuple(int(k) for k in _split(ks))
+    except ValueError as err:
+        raise ConfigError(f"--shapes must look like 1024x1024,768x2304 and --ks like 64,256 ({err}).") from None
+    path = run_svd_bench(out, shapes=shape_list, kinds=_split(kinds), ks=k_list, quick=quick, repeats=repeats,
+                         seed=seed)
+    typer.echo(f"wrote {path}")
+
+
 # ---------------------------------------------------------------------------- helpers
 
 

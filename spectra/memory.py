@@ -228,6 +228,16 @@ class MemoryEstimate:
         """Weights (+ adapter, unmerged) and the KV cache for ``batch`` sequences of ``seq_len``."""
         return self.weights + self.quant_constants + self.adapter + self.dora_magnitude + self.kv_cache
 
+    def rows(self) -> list[tuple[str, int]]:
+        """``(component, bytes)`` in reading order, the two totals last (for tables)."""
+        act = "activations (checkpointed)" if self.gradient_checkpointing else "activations"
+        return [("weights", self.weights), ("quant constants", self.quant_constants), ("adapter", self.adapter),
+                ("DoRA magnitudes", self.dora_magnitude), ("gradients", self.gradients),
+                ("optimizer states", self.optimizer_states),
+                (act, self.activations_checkpointed if self.gradient_checkpointing else self.activations),
+                ("workspace", self.workspace), ("training total", self.training_total),
+                ("KV cache (inference)", self.kv_cache), ("inference total", self.inference_total)]
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self) | {"training_total": self.training_total,
                                            "inference_total": self.inference_total}

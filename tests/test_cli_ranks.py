@@ -1,0 +1,68 @@
+"""The `recommend` and `memory` commands: parse, call, print or write."""
+
+from __future__ import annotations
+
+import json
+
+from typer.testing import CliRunner
+
+from spectra.cli import app
+from spectra.ranks import load_plan
+from tests.test_memory import LLAMA2_7B
+from tests.test_ranks import PLANTED, analysis, make_row
+
+runner = CliRunner()
+
+
+def _analysis_dir(tmp_path, with_config=True):
+    base = tmp_path / "base"
+    base.mkdir()
+    if with_config:
+        cfg = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+               "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 128}
+        (base / "config.json").write_text(json.dumps(cfg))
+    data = analysis(make_row("model.layers.0.self_attn.q_proj", PLANTED, layer=0),
+                    make_row("model.layers.1.self_attn.v_proj", [4.0, 0.1, 0.1], shape=(16, 32), role="v", layer=1))
+    data["base"] = {"path": str(base), "fingerprint": "abc"}
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "analysis.json").write_text(json.dumps(data))
+    return run
+
+
+def test_recommend_prints_table_memory_and_writes_plan(tmp_path):
+    run = _analysis_dir(tmp_path)
+    out = tmp_path / "plan.json"
+    result = runner.invoke(app, ["recommend", str(run), "--energy", "0.9", "--rslora", "-o", str(out)],
+                           env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "model.layers.0.self_attn.q_proj" in result.output and "training total" in result.output
+    plan = load_plan(out)
+    assert [m.rank for m in plan.modules] == [3, 1] and plan.policy.rslora
+    assert json.loads(out.read_text())["peft_config"]["rank_pattern"] == {r"^model\.layers\.0\.self_attn\.q_proj": 3}
+
+
+def test_recommend_budget_json_and_without_config(tmp_path):
+    run = _analysis_dir(tmp_path, with_config=False)
+    result = runner.invoke(app, ["recommend", str(run / "analysis.json"), "--budget", "200", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert data["totals"]["params"] <= 200 and data["memory"] is None
+    assert data["policy"]["energy"] is None and data["policy"]["budget_params"] == 200
+
+
+def test_recommend_errors_are_one_paragraph(tmp_path):
+    run = _analysis_dir(tmp_path)
+    result = runner.invoke(app, ["recommend", str(run), "--budget", "10"])
+    assert result.exit_code != 0 and "below the cheapest plan" in str(result.exception)
+
+
+def test_memory_table_and_json(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(LLAMA2_7B))
+    result = runner.invoke(app, ["memory", str(tmp_path), "--method", "qlora", "--rank", "16"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "quant constants" in result.output and "103,013,248" in result.output
+    result = runner.invoke(app, ["memory", str(tmp_path / "config.json"), "--method", "full", "--precision", "mixed",
+                                 "--json"])
+    data = json.loads(result.output)
+    assert data["optimizer_states"] == 12 * data["params"] and data["adapter"] == 0
