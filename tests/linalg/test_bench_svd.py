@@ -1,0 +1,27 @@
+"""The SVD benchmark runs end to end in quick mode (a smoke test, not a timing test)."""
+
+from __future__ import annotations
+
+import json
+
+from spectra.bench import run_svd_bench
+
+
+def test_quick_bench_writes_report(tmp_path):
+    md = run_svd_bench(tmp_path, quick=True, kinds=("power_law",))
+    data = json.loads((tmp_path / "bench_svd.json").read_text())
+    assert md.exists() and (tmp_path / "bench_svd.png").stat().st_size > 1000
+    row = data["rows"][0]
+    assert row["adaptive"]["rank"] == row["adaptive"]["exact_rank"]
+    assert row["topk"]["8"]["spectra randomized"]["err"] < 1e-3
+    assert "svd_lowrank" in md.read_text()
+
+
+def test_cli_bench_svd_quick(tmp_path):
+    from typer.testing import CliRunner
+
+    from spectra.cli import app
+
+    result = CliRunner().invoke(app, ["bench", "svd", "--quick", "--kinds", "bf16", "-o", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "bench_svd.md").exists()
