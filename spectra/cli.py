@@ -59,6 +59,97 @@ def pairs(
     Console().print(table)
 
 
+# ---------------------------------------------------------------------------- analyze
+
+
+@app.command()
+def analyze(
+    base: Annotated[str, typer.Argument(help="Pretrained checkpoint: directory, .safetensors/.bin file, index JSON or hub id.")],
+    tuned: Annotated[str, typer.Argument(help="Fine-tuned checkpoint (same forms), or a PEFT adapter directory.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Report directory to write (refused if it exists, unless --overwrite).")] = Path("reports/analysis"),
+    method: Annotated[str, typer.Option(help="SVD: auto (full when small, adaptive randomized above --full-below), full, randomized, adaptive.")] = "auto",
+    max_rank: Annotated[Optional[int], typer.Option(help="Cap on singular values computed by the randomized/adaptive paths.")] = None,
+    full_below: Annotated[int, typer.Option(help="Short side at or below which 'auto' takes the exact full spectrum.")] = 1024,
+    energy: Annotated[str, typer.Option(help="Comma-separated energy fractions whose ranks are reported.")] = "0.5,0.9,0.95,0.99",
+    roles: Annotated[Optional[str], typer.Option(help="Comma-separated roles to analyse (q,k,v,o,qkv,gate,up,down,gate_up,embed,head,other).")] = None,
+    layers: Annotated[Optional[str], typer.Option(help="Layer range FIRST-LAST (inclusive), e.g. 0-11.")] = None,
+    include: Annotated[Optional[str], typer.Option(help="Only modules whose name matches this glob (or re:REGEX).")] = None,
+    exclude: Annotated[Optional[str], typer.Option(help="Skip modules whose name matches this glob (or re:REGEX).")] = None,
+    dtype: Annotated[str, typer.Option(help="Dtype of ΔW and its SVD: float32 or float64.")] = "float32",
+    device: Annotated[str, typer.Option(help="Torch device for the math: cpu, cuda, cuda:1.")] = "cpu",
+    seed: Annotated[int, typer.Option(help="Seed of the randomized paths.")] = 0,
+    cache_dir: Annotated[Optional[Path], typer.Option(help="Cache of finished modules (default $SPECTRA_CACHE or ~/.cache/spectra).")] = None,
+    no_cache: Annotated[bool, typer.Option("--no-cache", help="Recompute everything and cache nothing.")] = False,
+    skip_nonfinite: Annotated[bool, typer.Option("--skip-nonfinite", help="Skip tensors holding NaN/Inf instead of stopping.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing report directory.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar, no summary.")] = False,
+) -> None:
+    """Measure the spectrum of every ΔW = TUNED − BASE and write a report (JSON, Markdown, HTML, figures).
+
+    Example: spectra analyze ./llama-base ./llama-tuned -o reports/run1 --roles q,v
+    """
+    from spectra.analysis import AnalysisConfig
+    from spectra.analysis import analyze as run_analysis
+    from spectra.errors import ConfigError
+
+    if output.exists() and not overwrite:
+        raise ConfigError(f"output directory {output} exists; pass --overwrite to replace it or choose another -o.")
+    try:
+        thresholds = tuple(float(t) for t in energy.split(","))
+    except ValueError:
+        raise ConfigError(f"--energy {energy!r}: expected comma-separated fractions like 0.5,0.9,0.99.") from None
+    config = AnalysisConfig(method=method, full_below=full_below, max_rank=max_rank, thresholds=thresholds,
+                            roles=_split(roles), layers=_layer_range(layers), include=include, exclude=exclude,
+                            dtype=dtype, device=device, seed=seed,
+                            on_nonfinite="skip" if skip_nonfinite else "error")
+    result = run_analysis(base, tuned, config, cache_dir=False if no_cache else (cache_dir or True), progress=not quiet)
+    path = result.write_report(output, overwrite=overwrite)
+    if not quiet:
+        _print_summary(result.to_dict())
+    typer.echo(f"report: {path / 'report.html'}  (also report.md, analysis.json, figures/)")
+
+
+@app.command()
+def show(report: Annotated[Path, typer.Argument(help="A report directory written by `spectra analyze`, or its analysis.json.")]) -> None:
+    """Print a report's summary: the rank picture and the per-role table."""
+    from spectra.analysis import AnalysisResult
+
+    _print_summary(AnalysisResult.load(report).to_dict())
+
+
+def _print_summary(analysis: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from spectra.report.tables import rank_picture, role_table
+
+    console = Console()
+    headers, rows = role_table(analysis)
+    # the terminal gets the columns that decide a rank; report.md has them all
+    keep = [i for i, h in enumerate(headers) if h in _TERMINAL_COLUMNS]
+    table = Table(*(headers[i] for i in keep), title="ΔW spectra by role: median over layers (IQR)")
+    for row in rows:
+        table.add_row(*(row[i] for i in keep))
+    console.print(table)
+    console.print(rank_picture(analysis))
+
+
+_TERMINAL_COLUMNS = ("role", "modules", "full rank", "energy-90% rank", "energy-90% rank / full rank",
+                     "entropy effective rank", "rank above noise floor", "‖ΔW‖/‖W‖")
+
+
+def _layer_range(value: str | None) -> tuple[int, int] | None:
+    from spectra.errors import ConfigError
+
+    if value is None:
+        return None
+    first, sep, last = value.partition("-")
+    try:
+        return (int(first), int(last if sep else first))
+    except ValueError:
+        raise ConfigError(f"--layers {value!r}: expected FIRST-LAST, e.g. 0-11, or one layer, e.g. 5.") from None
+
+
 # ---------------------------------------------------------------------------- recommend
 
 

@@ -12,7 +12,6 @@ a time while iterating, so peak memory is a few tensors whatever the model's siz
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -443,5 +442,4 @@ def describe(pairing: Pairing) -> dict[str, Any]:
         "notes": list(pairing.notes),
         "skipped": list(pairing.skipped),
         "config_model_type": (pairing.config or {}).get("model_type"),
-        "pid": os.getpid(),
     }

@@ -1,0 +1,372 @@
+"""The whole-model analysis: stream ΔW → spectra → metrics → one row per module.
+
+This is the one module that joins reading (``spectra.checkpoints``) and math
+(``spectra.linalg``). It streams ΔW one tensor pair at a time with read-ahead (the
+next pair is read while this one is decomposed), caches every finished module on
+disk so an interrupted run resumes, and returns an :class:`AnalysisResult` whose
+``to_dict()`` is the ``analysis.json`` schema (see the README).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import platform
+import re
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from spectra.checkpoints.pairing import DeltaW, Pairing, PairingOptions, describe
+from spectra.errors import ConfigError
+from spectra.linalg import metrics
+from spectra.linalg.svd import Spectrum, adaptive_svd, full_svd, randomized_svd
+
+SCHEMA_VERSION = 1
+_METHODS = ("auto", "full", "randomized", "adaptive")
+
+
+@dataclass(frozen=True)
+class AnalysisConfig:
+    """How to analyse a pair. Written into every report so a result can be reproduced."""
+
+    method: str = "auto"  # exact spectrum for small matrices, adaptive randomized above full_below
+    full_below: int = 1024  # short side at or below which a full SVD takes well under a second
+    max_rank: int | None = None  # cap on singular values computed by randomized/adaptive (None: no cap)
+    thresholds: tuple[float, ...] = (0.5, 0.9, 0.95, 0.99)  # energy ranks reported; the adaptive path resolves the largest
+    base_top_k: int = 16  # top singular values of W_base kept (amplification and intruder checks need them)
+    roles: tuple[str, ...] | None = None  # passed to the pairing: which modules to analyse
+    layers: tuple[int, int] | None = None
+    include: str | None = None
+    exclude: str | None = None
+    dtype: str = "float32"  # exact for bf16/fp16 checkpoints
+    device: str = "cpu"
+    seed: int = 0  # randomized paths are deterministic given the seed
+    on_nonfinite: str = "error"
+
+    def __post_init__(self) -> None:
+        if self.method not in _METHODS:
+            raise ConfigError(f"method: {self.method!r} is not one of {', '.join(_METHODS)}.")
+        object.__setattr__(self, "thresholds", tuple(sorted(float(t) for t in self.thresholds)))
+        if not self.thresholds or not all(0 < t <= 1 for t in self.thresholds):
+            raise ConfigError(f"thresholds: {self.thresholds} must be energy fractions in (0, 1].")
+        if self.max_rank is not None and self.max_rank < 1:
+            raise ConfigError(f"max_rank: {self.max_rank} must be ≥ 1 (or None for no cap).")
+        if self.full_below < 0 or self.base_top_k < 0:
+            raise ConfigError("full_below and base_top_k must be ≥ 0.")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ConfigError(f"device: {self.device!r} was asked for but torch sees no CUDA device here; "
+                              "use --device cpu.")
+        self.pairing_options()  # validates roles, layers, filters, dtype
+
+    def pairing_options(self) -> PairingOptions:
+        return PairingOptions(roles=self.roles, layers=self.layers, include=self.include, exclude=self.exclude,
+                              dtype=self.dtype, device=self.device, with_weights=True,
+                              on_nonfinite=self.on_nonfinite)
+
+
+@dataclass
+class AnalysisResult:
+    """Per-module rows plus the run's config, inputs, versions and timings.
+
+    ``modules`` holds plain dicts (the ``analysis.json`` rows), so the result reads the
+    same whether it was just computed or loaded from disk.
+    """
+
+    config: dict[str, Any]
+    base: dict[str, Any]
+    tuned: dict[str, Any]
+    modules: list[dict[str, Any]]
+    versions: dict[str, str] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    pairing: dict[str, Any] = field(default_factory=dict)
+    schema_version: int = SCHEMA_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"schema_version": self.schema_version, "config": self.config, "base": self.base,
+                "tuned": self.tuned, "versions": self.versions, "timings": self.timings,
+                "pairing": self.pairing, "modules": self.modules}
+
+    def matrices(self) -> list[dict[str, Any]]:
+        return [m for m in self.modules if m["kind"] == "matrix"]
+
+    def module(self, name: str) -> dict[str, Any]:
+        for m in self.modules:
+            if m["name"] == name:
+                return m
+        raise KeyError(name)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write ``analysis.json`` atomically (temp file, then rename)."""
+        from spectra.report.render import analysis_json
+
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(analysis_json(self.to_dict()))
+        os.replace(tmp, path)
+        return path
+
+    def write_report(self, out_dir: str | os.PathLike, *, overwrite: bool = False) -> Path:
+        """``analysis.json``, ``report.md``, ``report.html`` and figures, written atomically."""
+        from spectra.report.render import write_report
+
+        return write_report(self.to_dict(), out_dir, overwrite=overwrite)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> AnalysisResult:
+        """Read an ``analysis.json`` (or a report directory holding one)."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / "analysis.json"
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"cannot read analysis {path}: {err}. Pass a report directory written by "
+                              "`spectra analyze` or its analysis.json.") from err
+        version = data.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise ConfigError(f"{path} has schema_version {version!r}; this spectra reads version {SCHEMA_VERSION}.")
+        return cls(**{k: data[k] for k in ("config", "base", "tuned", "modules")},
+                   versions=data.get("versions", {}), timings=data.get("timings", {}),
+                   pairing=data.get("pairing", {}), schema_version=version)
+
+
+# ---------------------------------------------------------------------------- one module
+
+
+def module_spectrum(delta: torch.Tensor, config: AnalysisConfig) -> Spectrum:
+    """Spectrum of one ΔW by the configured method ("auto": full when small, else adaptive)."""
+    method = config.method
+    if method == "auto":
+        method = "full" if min(delta.shape) <= config.full_below else "adaptive"
+    if method == "full":
+        return full_svd(delta)
+    if method == "randomized":
+        k = min(config.max_rank or 256, min(delta.shape))
+        return randomized_svd(delta, k, random_state=config.seed)
+    return adaptive_svd(delta, energy=max(config.thresholds), max_rank=config.max_rank, random_state=config.seed)
+
+
+def analyze_delta(d: DeltaW, config: AnalysisConfig) -> dict[str, Any]:
+    """Every metric of one ΔW record, as an ``analysis.json`` row."""
+    start = time.perf_counter()
+    row: dict[str, Any] = {
+        "name": d.name, "role": d.role, "layer": d.layer, "expert": d.expert, "kind": d.kind,
+        "fused_name": d.fused_name, "conv1d": d.conv1d, "shape": list(d.shape),
+        "base_dtype": d.base_dtype, "tuned_dtype": d.tuned_dtype, "base_tensor": d.base_tensor,
+    }
+    fro = float(torch.linalg.vector_norm(d.delta.double()))
+    base_fro = float(torch.linalg.vector_norm(d.base.double()))
+    row.update(fro_norm=fro, base_fro_norm=base_fro, relative_size=fro / base_fro if base_fro else math.inf)
+    if d.added_rows:
+        row["added_rows"] = d.added_rows
+    if d.kind != "matrix":
+        row["seconds"] = time.perf_counter() - start
+        return row
+
+    spec = module_spectrum(d.delta, config)
+    values = spec.values.double().cpu()
+    floor = metrics.rounding_noise_floor(d.base, d.tuned, base_dtype=_dtype(d.base_dtype),
+                                         tuned_dtype=_dtype(d.tuned_dtype), s=values)
+    ranks = metrics.energy_ranks(spec, config.thresholds, total_energy=spec.total_energy) if fro else {}
+    row["energy_rank"] = {_key(t): ranks.get(t, 0) for t in config.thresholds}
+    positive = values[values > 0]
+    row["effective_rank"] = metrics.effective_rank(positive) if positive.numel() else 0.0
+    row["stable_rank"] = metrics.stable_rank(spec, total_energy=spec.total_energy) if fro else 0.0
+    row["participation_ratio"] = metrics.participation_ratio(spec, total_energy=spec.total_energy) if fro else 0.0
+    row["nuclear_fro_ratio"] = metrics.nuclear_frobenius_ratio(positive) if positive.numel() else 0.0
+    # Singular values below σ₁·max(m, n)·eps(float32) are round-off of the decomposition itself
+    # (numpy.linalg.matrix_rank's default tolerance): no threshold may count them as signal.
+    numerical = float(values[0]) * max(d.shape) * torch.finfo(torch.float32).eps if values.numel() else 0.0
+    gd = _gavish_donoho(spec, d.shape, floor)
+    row["gd_rank"] = int((values > max(gd.threshold, numerical)).sum())
+    row["gd"] = {"threshold": gd.threshold, "noise_sigma": gd.noise_sigma, "known_noise": gd.known_noise}
+    noise_rank = int((values > max(floor.mp_edge, numerical)).sum())
+    row["noise"] = {"sigma": floor.sigma, "fro": floor.noise_fro, "mp_edge": floor.mp_edge, "rank_above": noise_rank}
+    row["numerical_tolerance"] = numerical
+    row["decay"] = _decay(values, noise_rank)
+    row["singular_values"] = [float(v) for v in values]
+    row["captured_energy"] = spec.captured_fraction
+    row["base_top_singular_values"] = _top_values(d.base, config)
+    row["method"], row["tolerance"], row["complete"] = spec.method, _finite_or_none(spec.tolerance), spec.complete
+    row["seconds"] = time.perf_counter() - start
+    return row
+
+
+def _gavish_donoho(spec: Spectrum, shape, floor) -> metrics.GavishDonoho:
+    """Unknown-noise GD from the whole spectrum when we have it, else known-noise from the dtype floor."""
+    if spec.complete and spec.k == min(shape) and spec.total_energy > 0:
+        return metrics.gavish_donoho(spec, tuple(shape))
+    return metrics.gavish_donoho(spec, tuple(shape), sigma=floor.sigma)
+
+
+def _decay(values: torch.Tensor, noise_rank: int | None) -> dict[str, Any] | None:
+    """Power-law fit over the signal part: values above the noise floor (all when there is none)."""
+    positive = int((values > 0).sum())
+    stop = min(positive, noise_rank) if noise_rank else positive
+    if stop < 3:
+        return None
+    fit = metrics.decay_fit(values, stop=stop)
+    return {"exponent": fit.alpha, "r2": fit.r2, "n_points": fit.n_points}
+
+
+def _top_values(base: torch.Tensor, config: AnalysisConfig) -> list[float]:
+    k = min(config.base_top_k, min(base.shape))
+    if k == 0:
+        return []
+    if min(base.shape) <= config.full_below:
+        values = full_svd(base).values[:k]
+    else:
+        values = randomized_svd(base, k, random_state=config.seed).values
+    return [float(v) for v in values.double().cpu()]
+
+
+def _key(t: float) -> str:
+    return f"{t:g}"
+
+
+def _dtype(name: str) -> torch.dtype:
+    return getattr(torch, name)
+
+
+def _finite_or_none(x: float) -> float | None:
+    return None if x is None or not math.isfinite(x) else float(x)
+
+
+# ---------------------------------------------------------------------------- cache
+
+
+class ModuleCache:
+    """Finished modules on disk, keyed by inputs + config, so interrupted runs resume.
+
+    One JSON file per pairing entry, written atomically. A changed input (file sizes,
+    mtimes, config.json) or analysis config gives a different key, i.e. a fresh cache.
+    """
+
+    def __init__(self, root: Path | None, key: str):
+        self.dir = None if root is None else Path(root) / key
+
+    @staticmethod
+    def default_root() -> Path:
+        return Path(os.environ.get("SPECTRA_CACHE", Path.home() / ".cache" / "spectra")) / "analysis"
+
+    def _path(self, entry_name: str) -> Path:
+        safe = re.sub(r"[^\w.\-\[\]]", "_", entry_name)
+        digest = hashlib.sha1(entry_name.encode()).hexdigest()[:8]
+        return self.dir / f"{safe}-{digest}.json"
+
+    def get(self, entry_name: str) -> list[dict] | None:
+        if self.dir is None:
+            return None
+        path = self._path(entry_name)
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError):
+            return None
+
+    def put(self, entry_name: str, rows: list[dict]) -> None:
+        if self.dir is None:
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
+        path = self._path(entry_name)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(rows, allow_nan=True))
+        os.replace(tmp, path)
+
+
+def cache_key(base_fp: dict, tuned_fp: dict, config: AnalysisConfig) -> str:
+    from spectra import __version__
+
+    payload = json.dumps([SCHEMA_VERSION, __version__, base_fp, tuned_fp, _config_dict(config)], sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:20]
+
+
+def _config_dict(config: AnalysisConfig) -> dict[str, Any]:
+    out = asdict(config)
+    for k, v in out.items():
+        if isinstance(v, tuple):
+            out[k] = list(v)
+    return out
+
+
+# ---------------------------------------------------------------------------- whole model
+
+
+def analyze(base, tuned, config: AnalysisConfig | None = None, *, cache_dir: str | os.PathLike | None | bool = True,
+            progress: bool = True, on_module: Callable[[str, list[dict]], None] | None = None) -> AnalysisResult:
+    """Analyse every ΔW of a checkpoint pair.
+
+    Parameters
+    ----------
+    base, tuned : str, path or source
+        Pretrained checkpoint, and the fine-tuned one (or a PEFT adapter).
+    config : AnalysisConfig, optional
+    cache_dir : path, True, False or None
+        Where finished modules are cached (True: ``$SPECTRA_CACHE`` or
+        ``~/.cache/spectra``; False/None: no cache). A re-run with the same inputs and
+        config reads every module back; an interrupted run resumes.
+    progress : bool
+        Show a tqdm bar (module name and ETA) on stderr.
+    on_module : callable, optional
+        Called as ``on_module(entry_name, rows)`` after each module is finished.
+
+    Returns
+    -------
+    AnalysisResult
+    """
+    import tqdm
+
+    config = config or AnalysisConfig()
+    t0 = time.perf_counter()
+    pairing = Pairing(base, tuned, config.pairing_options())
+    base_fp, tuned_fp = pairing.base.fingerprint(), pairing.tuned.fingerprint()
+    root = ModuleCache.default_root() if cache_dir is True else (cache_dir or None)
+    cache = ModuleCache(root, cache_key(base_fp, tuned_fp, config))
+
+    rows_by_entry: dict[str, list[dict]] = {}
+    todo = []
+    for entry in pairing.entries:
+        cached = cache.get(entry.name)
+        if cached is not None:
+            rows_by_entry[entry.name] = cached
+        else:
+            todo.append(entry)
+    read_s = compute_s = 0.0
+    bar = tqdm.tqdm(total=len(pairing.entries), initial=len(pairing.entries) - len(todo), unit="module",
+                    disable=not progress, desc="analyze", dynamic_ncols=True)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="spectra-read") as pool:
+        future = pool.submit(pairing.load, todo[0]) if todo else None
+        for i, entry in enumerate(todo):
+            wait = time.perf_counter()
+            deltas = future.result()
+            read_s += time.perf_counter() - wait
+            # read the next pair while this one is decomposed (torch releases the GIL in both)
+            future = pool.submit(pairing.load, todo[i + 1]) if i + 1 < len(todo) else None
+            bar.set_postfix_str(entry.name, refresh=False)
+            start = time.perf_counter()
+            rows = [analyze_delta(d, config) for d in deltas]
+            compute_s += time.perf_counter() - start
+            del deltas
+            cache.put(entry.name, rows)
+            rows_by_entry[entry.name] = rows
+            if on_module is not None:
+                on_module(entry.name, rows)
+            bar.update(1)
+    bar.close()
+
+    modules = [row for entry in pairing.entries for row in rows_by_entry[entry.name]]
+    from spectra import __version__
+
+    return AnalysisResult(
+        config=_config_dict(config), base=base_fp, tuned=tuned_fp, modules=modules,
+        versions={"spectra": __version__, "torch": torch.__version__, "python": platform.python_version()},
+        timings={"total_s": time.perf_counter() - t0, "read_wait_s": read_s, "compute_s": compute_s,
+                 "modules_computed": len(todo), "modules_cached": len(pairing.entries) - len(todo)},
+        pairing=describe(pairing),
+    )
