@@ -1,0 +1,177 @@
+"""Whole-model analysis on tiny built models with planted per-module ranks."""
+
+from __future__ import annotations
+
+import base64
+import copy
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+
+import spectra.analysis as analysis_mod
+from spectra.analysis import AnalysisConfig, AnalysisResult, analyze
+from spectra.report.tables import summary_rows
+from tests.models import build_model, save
+
+# planted rank per module (equal singular values, so the energy-90% rank is exactly the rank)
+PLANTED = {
+    "model.layers.0.self_attn.q_proj": 3, "model.layers.1.self_attn.q_proj": 5,
+    "model.layers.0.self_attn.v_proj": 2, "model.layers.1.self_attn.v_proj": 4,
+    "model.layers.0.mlp.down_proj": 6, "model.layers.1.mlp.up_proj": 1,
+}
+
+
+def flat_update(shape, rank, *, seed, scale=0.05):
+    """(out, in) update with `rank` equal singular values `scale`: every energy rank equals `rank`."""
+    g = torch.Generator().manual_seed(seed)
+    u, _ = torch.linalg.qr(torch.randn(shape[0], rank, generator=g, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(shape[1], rank, generator=g, dtype=torch.float64))
+    return scale * u @ v.T
+
+
+@pytest.fixture(scope="module")
+def planted_pair(tmp_path_factory):
+    root = tmp_path_factory.mktemp("planted")
+    base = build_model("llama")
+    tuned = copy.deepcopy(base)
+    params = dict(tuned.named_parameters())
+    with torch.no_grad():
+        for i, (name, rank) in enumerate(PLANTED.items()):
+            p = params[name + ".weight"]
+            p += flat_update(tuple(p.shape), rank, seed=i).float()
+    return save(base, root / "base", "safetensors"), save(tuned, root / "tuned", "safetensors")
+
+
+def strip_timing(modules):
+    return [{k: v for k, v in m.items() if k != "seconds"} for m in modules]
+
+
+def test_energy_rank_equals_planted_rank(planted_pair):
+    result = analyze(*planted_pair, cache_dir=False, progress=False)
+    for name, rank in PLANTED.items():
+        row = result.module(name)
+        assert row["energy_rank"]["0.9"] == rank, name
+        assert row["energy_rank"]["0.5"] == (rank + 1) // 2, name  # equal σ: half the energy at ⌈r/2⌉
+        assert row["gd_rank"] == rank and row["noise"]["rank_above"] == rank, name  # float32 pair: floor negligible
+        assert row["effective_rank"] == pytest.approx(rank, rel=1e-4)  # equal σ → entropy rank = rank
+        assert row["stable_rank"] == pytest.approx(rank, rel=1e-4)
+        s = np.asarray(row["singular_values"])
+        assert s[:rank] == pytest.approx(0.05, rel=1e-4) and np.all(s[rank:] < 1e-5)
+        assert row["method"].startswith("full") and row["complete"]
+    untouched = result.module("model.layers.0.self_attn.k_proj")
+    assert untouched["fro_norm"] == 0 and untouched["energy_rank"]["0.9"] == 0
+    vectors = [m for m in result.modules if m["kind"] == "vector"]
+    assert vectors and all(m["fro_norm"] == 0 for m in vectors)
+
+
+def test_per_role_table_aggregates(planted_pair):
+    result = analyze(*planted_pair, cache_dir=False, progress=False)
+    rows = {r["role"]: r for r in summary_rows(result.to_dict())}
+    q_ranks = [result.module(f"model.layers.{i}.self_attn.q_proj")["energy_rank"]["0.9"] for i in (0, 1)]
+    assert rows["q"]["modules"] == 2
+    assert rows["q"]["energy_rank_0.9"]["median"] == pytest.approx(np.median(q_ranks))
+    assert rows["q"]["energy_rank_0.9"]["min"] == min(q_ranks) and rows["q"]["energy_rank_0.9"]["max"] == max(q_ranks)
+
+
+def test_report_files_html_and_json_round_trip(planted_pair, tmp_path):
+    result = analyze(*planted_pair, cache_dir=False, progress=False)
+    out = result.write_report(tmp_path / "report")
+    for name in ("analysis.json", "report.md", "report.html"):
+        assert (out / name).is_file()
+    assert len(list((out / "figures").glob("*.png"))) >= 4
+    html = (out / "report.html").read_text()
+    images = re.findall(r'<img[^>]+src="([^"]+)"', html)
+    assert images and all(src.startswith("data:image/png;base64,") for src in images)
+    assert base64.b64decode(images[0].split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
+    loaded = AnalysisResult.load(out)
+    assert loaded.to_dict() == json.loads(json.dumps(result.to_dict()))
+    assert loaded.config["thresholds"] == [0.5, 0.9, 0.95, 0.99]
+    assert loaded.base["fingerprint"] == result.base["fingerprint"]
+
+
+def test_interrupted_run_resumes_and_matches(planted_pair, tmp_path, monkeypatch):
+    reference = analyze(*planted_pair, cache_dir=False, progress=False)
+    calls = []
+    real = analysis_mod.analyze_delta
+
+    def counting(d, config):
+        calls.append(d.name)
+        return real(d, config)
+
+    monkeypatch.setattr(analysis_mod, "analyze_delta", counting)
+
+    class Crash(Exception):
+        pass
+
+    def crash_after(n):
+        done = []
+
+        def hook(name, rows):
+            done.append(name)
+            if len(done) == n:
+                raise Crash
+
+        return hook
+
+    with pytest.raises(Crash):
+        analyze(*planted_pair, cache_dir=tmp_path, progress=False, on_module=crash_after(5))
+    first = list(calls)
+    calls.clear()
+    resumed = analyze(*planted_pair, cache_dir=tmp_path, progress=False)
+    assert not set(first) & set(calls), "modules finished before the crash were recomputed"
+    assert resumed.timings["modules_cached"] == 5
+    assert strip_timing(resumed.modules) == strip_timing(reference.modules)
+    calls.clear()
+    again = analyze(*planted_pair, cache_dir=tmp_path, progress=False)
+    assert calls == [] and again.timings["modules_computed"] == 0  # a re-run is instant
+    analyze(*planted_pair, AnalysisConfig(thresholds=(0.8,)), cache_dir=tmp_path, progress=False)
+    assert calls, "a changed config must invalidate the cache"
+
+
+def test_bf16_noise_floor_sits_at_planted_rank(tmp_path):
+    """A small rank-4 update on bf16 weights: energy ranks swell with rounding noise, the floor does not."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(hidden_size=128, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                         num_key_value_heads=4, vocab_size=32)
+    base = tf.LlamaForCausalLM(cfg).to(torch.bfloat16)
+    tuned = copy.deepcopy(base)
+    w = tuned.model.layers[0].self_attn.q_proj.weight
+    with torch.no_grad():
+        update = flat_update((128, 128), 4, seed=0, scale=1.0)
+        w.copy_((w.double() + update * 0.005 * float(w.double().norm()) / float(update.norm())).to(torch.bfloat16))
+    b, t = save(base, tmp_path / "b", "safetensors"), save(tuned, tmp_path / "t", "safetensors")
+    row = analyze(b, t, AnalysisConfig(roles=("q",)), cache_dir=False, progress=False).module("model.layers.0.self_attn.q_proj")
+    assert row["noise"]["rank_above"] == 4
+    assert row["gd_rank"] == 4
+    assert row["energy_rank"]["0.99"] > 4  # the rounding noise holds more than 1% of the energy
+    assert row["base_dtype"] == "bfloat16" and row["noise"]["sigma"] > 0
+
+
+def test_adaptive_path_matches_full(planted_pair):
+    full = analyze(*planted_pair, AnalysisConfig(roles=("q", "down")), cache_dir=False, progress=False)
+    adaptive = analyze(*planted_pair, AnalysisConfig(roles=("q", "down"), full_below=8), cache_dir=False, progress=False)
+    for a, f in zip(adaptive.matrices(), full.matrices()):
+        assert a["name"] == f["name"]
+        if f["fro_norm"]:
+            assert a["method"].startswith("adaptive")
+            assert a["energy_rank"] == f["energy_rank"]
+            k = len(a["singular_values"])
+            np.testing.assert_allclose(a["singular_values"][: f["energy_rank"]["0.99"]],
+                                       f["singular_values"][: f["energy_rank"]["0.99"]], rtol=1e-4)
+            assert k < len(f["singular_values"]) or a["complete"]
+
+
+def test_base_top_singular_values_match_numpy(planted_pair):
+    result = analyze(*planted_pair, AnalysisConfig(roles=("o",)), cache_dir=False, progress=False)
+    from spectra.checkpoints.source import open_checkpoint
+
+    w = open_checkpoint(planted_pair[0]).read("model.layers.0.self_attn.o_proj.weight").double().numpy()
+    expected = np.linalg.svd(w, compute_uv=False)[:16]
+    np.testing.assert_allclose(result.module("model.layers.0.self_attn.o_proj")["base_top_singular_values"], expected,
+                               rtol=1e-5)
+    assert result.module("model.layers.0.self_attn.o_proj")["relative_size"] == 0.0
