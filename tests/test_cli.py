@@ -1,0 +1,97 @@
+"""The command line: fast --help, one-paragraph errors with exit code 2, nothing half-written."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from spectra.cli import main
+from tests.models import add_to_parameter, build_model, low_rank, save
+
+
+def run(monkeypatch, capsys, *args) -> tuple[int, str, str]:
+    monkeypatch.setattr(sys, "argv", ["spectra", *map(str, args)])
+    try:
+        main()
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    base = build_model("gpt2")
+    tuned = copy.deepcopy(base)
+    add_to_parameter(tuned, "transformer.h.0.attn.c_attn.weight", low_rank(96, 32, 3, seed=0), conv1d=True)
+    return save(base, root / "b", "safetensors"), save(tuned, root / "t", "safetensors")
+
+
+def test_help_is_fast_and_imports_no_torch():
+    code = "import sys; from spectra.cli import app; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
+    out = subprocess.run([sys.executable, "-m", "spectra.cli", "--help"], capture_output=True, text=True, check=True)
+    for command in ("analyze", "show", "pairs", "recommend", "memory", "bench"):
+        assert command in out.stdout
+
+
+def test_analyze_writes_report_and_show_reads_it(monkeypatch, capsys, pair, tmp_path):
+    out = tmp_path / "report"
+    code, stdout, _ = run(monkeypatch, capsys, "analyze", *pair, "-o", out, "--no-cache", "--quiet")
+    assert code == 0 and "report.html" in stdout
+    assert (out / "analysis.json").is_file() and (out / "report.html").is_file()
+    code, stdout, _ = run(monkeypatch, capsys, "show", out)
+    assert code == 0 and "energy-90% rank" in stdout and "qkv" in stdout
+
+
+def test_analyze_roles_and_layers(monkeypatch, capsys, pair, tmp_path):
+    from spectra.analysis import AnalysisResult
+
+    code, _, _ = run(monkeypatch, capsys, "analyze", *pair, "-o", tmp_path / "r", "--no-cache", "-q",
+                     "--roles", "q,k", "--layers", "0-0")
+    assert code == 0
+    names = [m["name"] for m in AnalysisResult.load(tmp_path / "r").modules]
+    assert names == ["transformer.h.0.attn.c_attn[q]", "transformer.h.0.attn.c_attn[k]"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["analyze", "{b}", "{missing}"], "does not exist"),
+    (["analyze", "{b}", "{t}", "--layers", "x-y"], "--layers"),
+    (["analyze", "{b}", "{t}", "--method", "magic"], "method"),
+    (["analyze", "{b}", "{t}", "--roles", "query"], "unknown role"),
+    (["analyze", "{b}", "{t}", "--energy", "0.9,lots"], "--energy"),
+    (["analyze", "{b}", "{t}", "--device", "cuda:7"] if not torch.cuda.is_available() else
+     ["analyze", "{b}", "{missing}"], "cuda" if not torch.cuda.is_available() else "does not exist"),
+])
+def test_bad_input_is_one_paragraph_and_writes_nothing(monkeypatch, capsys, pair, tmp_path, args, message):
+    out = tmp_path / "out"
+    fill = {"b": pair[0], "t": pair[1], "missing": tmp_path / "nope"}
+    code, _, err = run(monkeypatch, capsys, *[a.format(**fill) for a in args], "-o", out, "--no-cache", "-q")
+    assert code == 2
+    assert err.startswith("error: ") and message in err and "Traceback" not in err
+    assert not out.exists()
+    assert not list(tmp_path.glob(".*out*")), "a temporary report directory was left behind"
+
+
+def test_existing_output_needs_overwrite(monkeypatch, capsys, pair, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    code, _, err = run(monkeypatch, capsys, "analyze", *pair, "-o", out, "--no-cache", "-q")
+    assert code == 2 and "--overwrite" in err and (out / "keep.txt").read_text() == "mine"
+    code, _, _ = run(monkeypatch, capsys, "analyze", *pair, "-o", out, "--no-cache", "-q", "--overwrite")
+    assert code == 0 and (out / "analysis.json").is_file() and not (out / "keep.txt").exists()
+
+
+def test_debug_shows_traceback(monkeypatch, capsys, pair, tmp_path):
+    from spectra.errors import CheckpointError
+
+    monkeypatch.setattr(sys, "argv", ["spectra", "--debug", "analyze", str(pair[0]), str(tmp_path / "nope"), "-q"])
+    with pytest.raises(CheckpointError):
+        main()
