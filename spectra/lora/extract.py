@@ -1,0 +1,267 @@
+"""ΔW → a ready PEFT LoRA adapter by truncated SVD (Eckart–Young).
+
+For each targeted module, ΔW ≈ U_r Σ_r V_rᵀ (the best rank-r approximation in
+Frobenius norm, Eckart & Young 1936) is written as PEFT's ``s·B@A`` with the √σ
+split: ``B = U_r Σ_r^{1/2} / √s`` (out, r) and ``A = Σ_r^{1/2} V_rᵀ / √s`` (r, in), where
+``s = α/r`` (LoRA, arXiv:2106.09685) or ``α/√r`` (rsLoRA, arXiv:2312.03732). Both
+factors then have the same scale, which is what training from this initialisation
+wants. The Frobenius error of each extracted update is measured and must equal the
+Eckart–Young tail √(Σ_{i>r} σᵢ²).
+
+The adapter directory (``adapter_config.json`` + ``adapter_model.safetensors``, keys
+``base_model.model.<module>.lora_A.weight`` …) is written to a temporary sibling and
+renamed when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from spectra.checkpoints.adapter import PEFT_PREFIX
+from spectra.checkpoints.pairing import Pairing, PairingOptions
+from spectra.errors import ConfigError
+from spectra.linalg.svd import full_svd, randomized_svd
+
+
+@dataclass(frozen=True)
+class ModuleExtraction:
+    """What was written for one module, with its error against ΔW."""
+
+    name: str
+    rank: int
+    alpha: float
+    fro_norm: float  # ‖ΔW‖_F
+    error: float  # ‖ΔW − s·B@A‖_F, measured
+    tail: float  # Eckart–Young tail √(Σ_{i>r} σᵢ²); equals `error` up to round-off
+    method: str
+
+    @property
+    def captured_energy(self) -> float:
+        return 1.0 - (self.error / self.fro_norm) ** 2 if self.fro_norm else 1.0
+
+
+@dataclass
+class ExtractResult:
+    path: Path
+    modules: list[ModuleExtraction]
+    modules_to_save: list[str]
+    config: dict[str, Any] = field(default_factory=dict)
+
+
+def extract_adapter(base, tuned, plan_or_rank, out_dir: str | os.PathLike, *, roles: tuple[str, ...] | None = None,
+                    alpha: float | None = None, rslora: bool = False, modules_to_save: tuple[str, ...] = (),
+                    full_below: int = 1024, seed: int = 0, overwrite: bool = False,
+                    progress: bool = True) -> ExtractResult:
+    """Write a PEFT adapter whose merge approximates TUNED − BASE at the planned ranks.
+
+    Parameters
+    ----------
+    base, tuned : str or path
+        Pretrained and fine-tuned checkpoints (any form ``open_checkpoint`` accepts).
+    plan_or_rank : RankPlan, path to a plan JSON, int, or "full"
+        Per-module ranks and alphas from ``spectra recommend``, one rank for every
+        targeted module, or ``"full"``: each module at rank min(d_in, d_out), a lossless
+        conversion of the fine-tune into an adapter.
+    out_dir : path
+        Adapter directory to create (refused if it exists, unless ``overwrite``).
+    roles : tuple of str, optional
+        With a uniform rank: roles to target (default q, k, v, o, gate, up, down). A fused
+        module (GPT-2 ``c_attn``) is targeted when any of its projections' roles is.
+    alpha : float, optional
+        With a uniform rank: ``lora_alpha`` (default 2·rank, or 2·√rank… i.e. s = 2).
+    rslora : bool
+        With a uniform rank: use rsLoRA scaling α/√r.
+    modules_to_save : tuple of str
+        Modules copied whole from TUNED (e.g. a classification head or resized
+        embeddings), matched as name suffixes (``classifier`` matches ``classifier``).
+    full_below : int
+        Exact SVD when min(out, in) ≤ this, else randomized top-r with power iterations.
+
+    Returns
+    -------
+    ExtractResult
+        Per-module rank, α, ‖ΔW‖_F, measured error and Eckart–Young tail.
+
+    Raises
+    ------
+    ConfigError
+        A plan naming modules absent from the base, a rank above min(d_in, d_out), an
+        output directory that exists, nothing to extract.
+    """
+    import tqdm
+
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise ConfigError(f"adapter directory {out_dir} exists; pass overwrite=True (CLI: --overwrite) or another -o.")
+    targets, use_rslora, plan = _targets(plan_or_rank, alpha, rslora)
+    pairing = Pairing(base, tuned, PairingOptions(split_fused=False, vectors=False))
+    selected = _select(pairing, targets, roles if targets is None else None)
+    if not selected:
+        raise ConfigError("nothing to extract: no module of the pair matches the plan or roles "
+                          f"({', '.join(roles or _DEFAULT_ROLES)}).")
+    if plan is not None:
+        _check_plan_base(plan, pairing)
+    save_names = _modules_to_save(pairing, modules_to_save)
+
+    tensors: dict[str, torch.Tensor] = {}
+    results = []
+    ranks = {}
+    for entry in tqdm.tqdm(selected, desc="extract", unit="module", disable=not progress):
+        rank, module_alpha = targets[entry.name] if targets is not None else (plan_or_rank, None)
+        if rank == "full":
+            rank = min(entry.shape)
+        if module_alpha is None:
+            module_alpha = alpha if alpha is not None else 2.0 * (math.sqrt(rank) if use_rslora else rank)
+        if rank > min(entry.shape):
+            raise ConfigError(f"rank {rank} for {entry.name} exceeds min(d_in, d_out) = {min(entry.shape)} of its "
+                              f"{entry.shape[0]}×{entry.shape[1]} weight; lower it.")
+        (d,) = pairing.load(entry)
+        scaling = module_alpha / (math.sqrt(rank) if use_rslora else rank)
+        A, B, extraction = _factorize(d.delta, rank, scaling, full_below=full_below, seed=seed)
+        # named as in the tuned model's class (a head class when the base is a bare one)
+        module = (entry.tuned_tensor or entry.base_tensor).removesuffix(".weight")
+        tensors[f"{PEFT_PREFIX}{module}.lora_A.weight"] = A.contiguous()  # (r, in)
+        tensors[f"{PEFT_PREFIX}{module}.lora_B.weight"] = B.contiguous()  # (out, r)
+        results.append(ModuleExtraction(module, rank, module_alpha, *extraction))
+        ranks[module] = (rank, module_alpha, entry.conv1d)
+    for tensor_name in save_names:
+        tensors[PEFT_PREFIX + tensor_name] = pairing.tuned.read(tensor_name).contiguous()
+
+    config = _peft_config(ranks, use_rslora, save_names, pairing)
+    _write_atomically(out_dir, tensors, config, overwrite=overwrite)
+    return ExtractResult(out_dir, results, sorted({n.rsplit(".", 1)[0] for n in save_names}), config)
+
+
+_DEFAULT_ROLES = ("q", "k", "v", "o", "gate", "up", "down")
+_FUSED_ROLES = {"qkv": {"q", "k", "v"}, "gate_up": {"gate", "up"}}  # a LoRA on a fused module adapts all of them
+
+
+def _targets(plan_or_rank, alpha, rslora):
+    """(name → (rank, alpha)) from a plan, or None for a uniform rank; and the scaling law."""
+    if plan_or_rank == "full":
+        return None, rslora, None
+    if isinstance(plan_or_rank, int):
+        if plan_or_rank < 1:
+            raise ConfigError(f"rank must be ≥ 1, got {plan_or_rank}.")
+        return None, rslora, None
+    from spectra.ranks import RankPlan, load_plan
+
+    plan = plan_or_rank if isinstance(plan_or_rank, RankPlan) else load_plan(plan_or_rank)
+    if not plan.modules:
+        raise ConfigError("the plan targets no module; relax its policy in `spectra recommend`.")
+    return {m.name: (m.rank, m.alpha) for m in plan.modules}, plan.policy.rslora, plan
+
+
+def _select(pairing: Pairing, targets, roles):
+    matrices = [e for e in pairing.entries if e.kind == "matrix"]
+    if targets is not None:
+        by_name = {e.name: e for e in matrices}
+        missing = [n for n in targets if n not in by_name]
+        if missing:
+            raise ConfigError(f"the plan names module(s) absent from the base {pairing.base.spec}: "
+                              f"{', '.join(missing[:5])}. Was it made from an analysis of another model?")
+        return [by_name[n] for n in targets]
+    wanted = set(roles or _DEFAULT_ROLES)
+    return [e for e in matrices if e.info.role in wanted or _FUSED_ROLES.get(e.info.role, set()) & wanted]
+
+
+def _check_plan_base(plan, pairing: Pairing) -> None:
+    recorded = (plan.base or {}).get("fingerprint") if isinstance(plan.base, dict) else None
+    if recorded and recorded != pairing.base.fingerprint()["fingerprint"]:
+        raise ConfigError(f"the plan was made from an analysis of another base (fingerprint {recorded}, this base "
+                          f"{pairing.base.fingerprint()['fingerprint']}: {pairing.base.spec}). Re-run "
+                          "`spectra analyze` and `spectra recommend` on this pair.")
+
+
+def _modules_to_save(pairing: Pairing, names: tuple[str, ...]) -> list[str]:
+    """Tuned tensor names (weight and bias) of the modules copied whole, matched as name suffixes."""
+    if names and not hasattr(pairing.tuned, "names"):
+        raise ConfigError("modules_to_save needs a full tuned checkpoint, not an adapter.")
+    out = []
+    for wanted in names:
+        hits = [n for n in pairing.tuned.names()
+                if (module := n.rpartition(".")[0]) == wanted or module.endswith("." + wanted)]
+        if not hits:
+            raise ConfigError(f"modules_to_save: no module named {wanted!r} in {pairing.tuned.spec}.")
+        out.extend(hits)
+    return out
+
+
+def _factorize(delta: torch.Tensor, rank: int, scaling: float, *, full_below: int, seed: int):
+    """A (r, in), B (out, r) with s·B@A the best rank-r approximation of delta; plus its error."""
+    if min(delta.shape) <= full_below:
+        spec = full_svd(delta, compute_vectors=True)
+        U, S, Vh = spec.U[:, :rank], spec.values[:rank], spec.Vh[:rank]
+    else:
+        spec = randomized_svd(delta, rank, compute_vectors=True, random_state=seed)
+        U, S, Vh = spec.U, spec.values, spec.Vh
+    U, S, Vh = (x.to(device=delta.device, dtype=torch.float32) for x in (U, S, Vh))
+    root = torch.sqrt(S / scaling)  # (r,): each factor carries √(σ/s)
+    B = U * root  # (out, r)
+    A = root[:, None] * Vh  # (r, in)
+    approx = scaling * (B.double() @ A.double())
+    fro = float(torch.linalg.vector_norm(delta.double()))
+    error = float(torch.linalg.vector_norm(delta.double() - approx))
+    tail = math.sqrt(max(spec.total_energy - float((spec.values[:rank].double() ** 2).sum()), 0.0))
+    return A, B, (fro, error, tail, spec.method)
+
+
+def _peft_config(ranks: dict, use_rslora: bool, save_names: list[str], pairing: Pairing) -> dict[str, Any]:
+    from collections import Counter
+
+    from spectra.ranks import _anchor, check_peft_config
+
+    counts = Counter(r for r, _, _ in ranks.values())
+    r = max(counts, key=lambda k: (counts[k], -k))
+    alphas = Counter(a for rk, a, _ in ranks.values() if rk == r)
+    alpha = max(alphas, key=lambda a: alphas[a])
+    config = {
+        "peft_type": "LORA", "task_type": None, "r": r, "lora_alpha": alpha,
+        "target_modules": sorted(ranks),
+        "rank_pattern": {_anchor(n): rk for n, (rk, _, _) in ranks.items() if rk != r},
+        "alpha_pattern": {_anchor(n): a for n, (_, a, _) in ranks.items() if a != alpha},
+        "use_rslora": use_rslora, "use_dora": False,
+        "fan_in_fan_out": any(c for _, _, c in ranks.values()),
+        "lora_dropout": 0.0, "bias": "none", "init_lora_weights": True,
+        "modules_to_save": sorted({n.rsplit(".", 1)[0] for n in save_names}) or None,
+        "base_model_name_or_path": str(pairing.base.path),
+        "peft_version": _peft_version(),
+    }
+    source = pairing.tuned if hasattr(pairing.tuned, "names") else pairing.base
+    module_names = {n.rsplit(".", 1)[0] for n in source.names()}
+    check_peft_config(config, module_names)
+    return config
+
+
+def _peft_version() -> str | None:
+    try:
+        import peft
+
+        return peft.__version__
+    except ImportError:  # pragma: no cover - peft is a dependency
+        return None
+
+
+def _write_atomically(out_dir: Path, tensors: dict[str, torch.Tensor], config: dict, *, overwrite: bool) -> None:
+    from safetensors.torch import save_file
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2))
+        if out_dir.exists() and overwrite:
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -1,0 +1,143 @@
+"""Adapter extraction with PEFT as the referee: load, merge, compare with the tuned model."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from spectra.analysis import analyze
+from spectra.errors import ConfigError
+from spectra.lora.extract import extract_adapter
+from spectra.ranks import RankPolicy, recommend_ranks, save_plan
+from tests.models import build_model, save
+
+
+def perturbed(model, *, seed=0, scale=0.02, names=None):
+    tuned = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in tuned.named_parameters():
+            if p.ndim == 2 and (names is None or any(n in name for n in names)):
+                p += scale * torch.randn(p.shape, generator=g)
+    return tuned
+
+
+def merged_state(base_model, adapter_dir):
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(copy.deepcopy(base_model), str(adapter_dir))
+    return model.merge_and_unload().state_dict(), model
+
+
+@pytest.fixture(scope="module")
+def llama_pair(tmp_path_factory):
+    root = tmp_path_factory.mktemp("llama-pair")
+    base = build_model("llama")
+    tuned = perturbed(base, names=("self_attn", "mlp"))
+    return base, tuned, save(base, root / "b", "safetensors"), save(tuned, root / "t", "safetensors")
+
+
+def test_full_rank_adapter_reproduces_tuned_weights_and_logits(llama_pair, tmp_path):
+    base, tuned, b, t = llama_pair
+    result = extract_adapter(b, t, "full", tmp_path / "ad", progress=False)  # rank min(d_in, d_out) each
+    cfg = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
+    assert cfg["r"] == 32 and set(cfg["rank_pattern"].values()) == {16}  # k/v are 16×32 (GQA)
+    state, _ = merged_state(base, tmp_path / "ad")
+    for name, value in tuned.state_dict().items():
+        torch.testing.assert_close(state[name], value, rtol=1e-5, atol=2e-6, msg=name)
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    from peft import PeftModel
+
+    with torch.no_grad():
+        peft_logits = PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "ad"))(ids).logits
+        torch.testing.assert_close(peft_logits, tuned(ids).logits, rtol=1e-4, atol=1e-5)
+    assert all(m.error < 1e-5 * max(m.fro_norm, 1e-12) + 1e-6 for m in result.modules)
+
+
+def test_truncated_rank_is_eckart_young(llama_pair, tmp_path):
+    base, tuned, b, t = llama_pair
+    result = extract_adapter(b, t, 4, tmp_path / "ad", roles=("q", "down"), progress=False)
+    state, _ = merged_state(base, tmp_path / "ad")
+    names = {m.name for m in result.modules}
+    assert names == {f"model.layers.{i}.{p}" for i in (0, 1) for p in ("self_attn.q_proj", "mlp.down_proj")}
+    for m in result.modules:
+        key = m.name + ".weight"
+        delta = (tuned.state_dict()[key].double() - base.state_dict()[key].double()).numpy()
+        u, s, vt = np.linalg.svd(delta)
+        best = (u[:, :4] * s[:4]) @ vt[:4]
+        np.testing.assert_allclose(state[key].double().numpy() - base.state_dict()[key].double().numpy(), best,
+                                   atol=2e-6)
+        assert m.error == pytest.approx(np.sqrt((s[4:] ** 2).sum()), rel=1e-4)  # measured error = EY tail
+        assert m.tail == pytest.approx(m.error, rel=1e-4)
+    untouched = [k for k in state if "k_proj" in k]
+    assert all(torch.equal(state[k], base.state_dict()[k]) for k in untouched)  # not targeted: unchanged
+
+
+def test_plan_with_rank_pattern_and_rslora(llama_pair, tmp_path):
+    base, tuned, b, t = llama_pair
+    analysis = analyze(b, t, cache_dir=False, progress=False)
+    plan = recommend_ranks(analysis, RankPolicy(energy=0.5, noise=False, rslora=True, roles=("q", "v", "up")))
+    plan_path = save_plan(plan, tmp_path / "plan.json")
+    extract_adapter(b, t, plan_path, tmp_path / "ad", progress=False)
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "ad"))
+    planned = {m.name: m for m in plan.modules}
+    seen = set()
+    for name, module in model.named_modules():
+        if hasattr(module, "r") and isinstance(module.r, dict) and "default" in module.r:
+            plain = name.removeprefix("base_model.model.")
+            seen.add(plain)
+            assert module.r["default"] == planned[plain].rank
+            assert module.scaling["default"] == pytest.approx(planned[plain].alpha / np.sqrt(planned[plain].rank))
+    assert seen == set(planned)
+    assert len({m.rank for m in plan.modules}) > 1, "the test needs differing ranks to exercise rank_pattern"
+
+
+def test_gpt2_conv1d_full_rank(tmp_path):
+    base = build_model("gpt2")
+    tuned = perturbed(base, names=("c_attn", "c_fc"))
+    b, t = save(base, tmp_path / "b", "safetensors"), save(tuned, tmp_path / "t", "safetensors")
+    extract_adapter(b, t, "full", tmp_path / "ad", roles=("q", "up"), progress=False)
+    cfg = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
+    assert cfg["fan_in_fan_out"] is True
+    assert set(cfg["target_modules"]) == {f"transformer.h.{i}.{m}" for i in (0, 1) for m in ("attn.c_attn", "mlp.c_fc")}
+    state, _ = merged_state(base, tmp_path / "ad")
+    for name, value in tuned.state_dict().items():
+        torch.testing.assert_close(state[name], value, rtol=1e-5, atol=2e-6, msg=name)
+
+
+def test_modules_to_save_classification_head(tmp_path):
+    base = build_model("bert", head=True)
+    tuned = perturbed(base, names=("attention.self", "classifier"))
+    b, t = save(base, tmp_path / "b", "safetensors"), save(tuned, tmp_path / "t", "safetensors")
+    result = extract_adapter(b, t, "full", tmp_path / "ad", roles=("q", "k", "v"), modules_to_save=("classifier",),
+                             progress=False)
+    assert result.modules_to_save == ["classifier"]
+    state, model = merged_state(base, tmp_path / "ad")
+    for name in ("classifier.weight", "bert.encoder.layer.1.attention.self.value.weight"):
+        torch.testing.assert_close(state[name], tuned.state_dict()[name], rtol=1e-5, atol=2e-6)
+
+
+def test_bad_input_writes_nothing(llama_pair, tmp_path):
+    base, tuned, b, t = llama_pair
+    with pytest.raises(ConfigError, match="exceeds min"):
+        extract_adapter(b, t, 20, tmp_path / "ad", roles=("k",), progress=False)  # k is 16×32
+    assert not (tmp_path / "ad").exists() and not list(tmp_path.glob(".ad*"))
+    analysis = analyze(b, t, cache_dir=False, progress=False)
+    plan = recommend_ranks(analysis, RankPolicy(energy=0.5, noise=False))
+    data = plan.to_dict()
+    data["modules"][0]["name"] = "model.layers.9.self_attn.q_proj"
+    (tmp_path / "plan.json").write_text(json.dumps(data))
+    with pytest.raises(ConfigError, match="absent from the base"):
+        extract_adapter(b, t, tmp_path / "plan.json", tmp_path / "ad", progress=False)
+    other = save(perturbed(build_model("llama", seed=1)), tmp_path / "other", "safetensors")
+    with pytest.raises(ConfigError, match="another base"):
+        extract_adapter(other, t, plan, tmp_path / "ad", progress=False)
+    (tmp_path / "ad").mkdir()
+    with pytest.raises(ConfigError, match="exists"):
+        extract_adapter(b, t, 4, tmp_path / "ad", progress=False)
