@@ -138,6 +138,19 @@ _TERMINAL_COLUMNS = ("role", "modules", "full rank", "energy-90% rank", "energy-
                      "entropy effective rank", "rank above noise floor", "‖ΔW‖/‖W‖")
 
 
+def _analysis_or_pair(sources: list[str]):
+    """One path → that analysis; two → analyse the pair now (cached), quietly."""
+    from spectra.errors import ConfigError
+
+    if len(sources) == 1:
+        return sources[0]
+    if len(sources) == 2:
+        from spectra.analysis import analyze as run_analysis
+
+        return run_analysis(sources[0], sources[1], progress=True)
+    raise ConfigError(f"expected an analysis (one path) or a BASE TUNED pair (two), got {len(sources)} arguments.")
+
+
 def _layer_range(value: str | None) -> tuple[int, int] | None:
     from spectra.errors import ConfigError
 
@@ -155,7 +168,8 @@ def _layer_range(value: str | None) -> tuple[int, int] | None:
 
 @app.command()
 def recommend(
-    analysis: Annotated[str, typer.Argument(help="analysis.json, or the directory of `spectra analyze` holding it.")],
+    analysis: Annotated[list[str], typer.Argument(help="analysis.json or the report directory of `spectra analyze`; or "
+                                                       "BASE TUNED, which are analysed first (cached).")],
     energy: Annotated[Optional[float], typer.Option(help="Per-module energy target τ (default 0.9 unless a budget, "
                                                          "--rank or --knee decides).")] = None,
     noise: Annotated[bool, typer.Option(help="Cap ranks at the noise floor.")] = True,
@@ -200,7 +214,7 @@ def recommend(
                         rank=rank, min_rank=min_rank, max_rank=max_rank, power_of_two=power_of_two,
                         roles=_split(roles), include=include, rslora=rslora, use_dora=dora, alpha_rule=alpha_rule,
                         scale=scale, alpha=alpha, **budget_kw)
-    plan = recommend_ranks(analysis, policy)
+    plan = recommend_ranks(_analysis_or_pair(analysis), policy)
     base_path = (plan.base or {}).get("path")
     source = config or (base_path if base_path and Path(base_path, "config.json").is_file() else None)
     est = (estimate_memory(source, method="dora" if dora else method, rank_plan_or_rank=plan, batch=batch,
@@ -231,6 +245,51 @@ def recommend(
         console.print("memory: pass --config (config.json, its folder or a hub id) for an estimate")
     if output is not None:
         console.print(f"plan written to {output}")
+
+
+# ---------------------------------------------------------------------------- extract
+
+
+@app.command()
+def extract(
+    base: Annotated[str, typer.Argument(help="Pretrained checkpoint (directory, file, index JSON or hub id).")],
+    tuned: Annotated[str, typer.Argument(help="Fine-tuned checkpoint (same forms).")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Adapter directory to write (refused if it exists, unless --overwrite).")],
+    plan: Annotated[Optional[Path], typer.Option(help="Plan JSON from `spectra recommend` (per-module ranks and alphas).")] = None,
+    rank: Annotated[Optional[str], typer.Option(help="One rank for every targeted module, or 'full' for a lossless adapter.")] = None,
+    roles: Annotated[Optional[str], typer.Option(help="With --rank: roles to target (default q,k,v,o,gate,up,down).")] = None,
+    alpha: Annotated[Optional[float], typer.Option(help="With --rank: lora_alpha (default 2·rank, i.e. scale 2).")] = None,
+    rslora: Annotated[bool, typer.Option("--rslora", help="With --rank: rsLoRA scaling α/√r.")] = False,
+    modules_to_save: Annotated[Optional[str], typer.Option(help="Comma-separated modules copied whole from TUNED, e.g. classifier.")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing adapter directory.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar, no table.")] = False,
+) -> None:
+    """Write a PEFT LoRA adapter whose merge is the best rank-r approximation of TUNED − BASE.
+
+    Examples: spectra extract BASE TUNED --rank 8 --roles q,k,v,o,up,down --modules-to-save classifier -o adapter/
+              spectra extract BASE TUNED --plan plan.json -o adapter/
+    """
+    from spectra.errors import ConfigError
+    from spectra.lora.extract import extract_adapter
+
+    if (plan is None) == (rank is None):
+        raise ConfigError("pass exactly one of --plan PLAN.json or --rank R (an integer, or 'full').")
+    if rank is not None and rank != "full" and not rank.isdigit():
+        raise ConfigError(f"--rank {rank!r}: expected a positive integer or 'full'.")
+    target = plan if plan is not None else (rank if rank == "full" else int(rank))
+    result = extract_adapter(base, tuned, target, output, roles=_split(roles), alpha=alpha, rslora=rslora,
+                             modules_to_save=_split(modules_to_save) or (), overwrite=overwrite, progress=not quiet)
+    if not quiet:
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table("module", "rank", "alpha", "‖ΔW‖_F", "error ‖ΔW − BA‖_F", "energy kept",
+                      title=f"adapter {output}: {len(result.modules)} modules")
+        for m in result.modules:
+            table.add_row(m.name, str(m.rank), f"{m.alpha:g}", f"{m.fro_norm:.4g}", f"{m.error:.4g}",
+                          f"{m.captured_energy:.1%}")
+        Console().print(table)
+    typer.echo(f"adapter: {output}  (load with peft.PeftModel.from_pretrained(model, '{output}'))")
 
 
 # ---------------------------------------------------------------------------- memory

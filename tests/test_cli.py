@@ -15,6 +15,7 @@ from tests.models import add_to_parameter, build_model, low_rank, save
 
 def run(monkeypatch, capsys, *args) -> tuple[int, str, str]:
     monkeypatch.setattr(sys, "argv", ["spectra", *map(str, args)])
+    monkeypatch.setenv("COLUMNS", "250")  # rich tables would truncate cells in a narrow capture
     try:
         main()
         code = 0
@@ -95,3 +96,25 @@ def test_debug_shows_traceback(monkeypatch, capsys, pair, tmp_path):
     monkeypatch.setattr(sys, "argv", ["spectra", "--debug", "analyze", str(pair[0]), str(tmp_path / "nope"), "-q"])
     with pytest.raises(CheckpointError):
         main()
+
+
+def test_recommend_pair_then_extract_with_plan(monkeypatch, capsys, pair, tmp_path):
+    monkeypatch.setenv("SPECTRA_CACHE", str(tmp_path / "cache"))
+    plan = tmp_path / "plan.json"
+    code, stdout, err = run(monkeypatch, capsys, "recommend", *pair, "--energy", "0.9", "-o", plan)
+    assert code == 0, err
+    assert plan.is_file() and "c_attn" in stdout
+    code, stdout, err = run(monkeypatch, capsys, "extract", *pair, "--plan", plan, "-o", tmp_path / "ad", "-q")
+    assert code == 0, err
+    assert (tmp_path / "ad" / "adapter_model.safetensors").is_file()
+
+
+def test_extract_uniform_rank_form(monkeypatch, capsys, pair, tmp_path):
+    code, stdout, err = run(monkeypatch, capsys, "extract", *pair, "--rank", "2", "--roles", "q,k,v,o,up,down",
+                            "-o", tmp_path / "ad")
+    assert code == 0, err
+    assert "error ‖ΔW − BA‖_F" in stdout and "transformer.h.0.attn.c_attn" in stdout
+    code, _, err = run(monkeypatch, capsys, "extract", *pair, "-o", tmp_path / "ad2")
+    assert code == 2 and "exactly one of --plan" in err and not (tmp_path / "ad2").exists()
+    code, _, err = run(monkeypatch, capsys, "extract", *pair, "--rank", "99", "-o", tmp_path / "ad3")
+    assert code == 2 and "exceeds min" in err and not (tmp_path / "ad3").exists()
