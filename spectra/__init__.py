@@ -17,13 +17,25 @@ _API = {
     "iter_deltas": "spectra.checkpoints.pairing",
     "DeltaW": "spectra.checkpoints.pairing",
     "PairingOptions": "spectra.checkpoints.pairing",
+    "analyze": "spectra.analysis",
+    "AnalysisConfig": "spectra.analysis",
+    "AnalysisResult": "spectra.analysis",
+    "recommend_ranks": "spectra.ranks",
+    "RankPolicy": "spectra.ranks",
+    "RankPlan": "spectra.ranks",
+    "extract_adapter": "spectra.lora.extract",
+    "estimate_memory": "spectra.memory",
 }
 
 __all__ = sorted(_API) + ["__version__"]
 
 if TYPE_CHECKING:  # pragma: no cover
+    from spectra.analysis import AnalysisConfig, AnalysisResult, analyze
     from spectra.checkpoints.pairing import DeltaW, PairingOptions, iter_deltas
     from spectra.checkpoints.source import open_checkpoint
+    from spectra.lora.extract import extract_adapter
+    from spectra.memory import estimate_memory
+    from spectra.ranks import RankPlan, RankPolicy, recommend_ranks
 
 
 def __getattr__(name: str):
