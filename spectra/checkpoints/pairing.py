@@ -168,6 +168,8 @@ class Pairing:
         self.only_in_tuned: list[str] = []
         self.notes: list[str] = []
         self.skipped: list[str] = []  # tensors skipped while iterating (non-finite)
+        self._filters = (compile_name_filter(self.options.include, option="include"),
+                         compile_name_filter(self.options.exclude, option="exclude"))
         if isinstance(self.tuned, AdapterSource):
             entries = self._plan_adapter()
         else:
@@ -279,8 +281,7 @@ class Pairing:
 
     def _name_selected(self, name: str, info: ModuleInfo) -> bool:
         opts = self.options
-        include = compile_name_filter(opts.include, option="include")
-        exclude = compile_name_filter(opts.exclude, option="exclude")
+        include, exclude = self._filters
         if opts.roles is not None and info.role not in opts.roles:
             return False
         if opts.layers is not None and (info.layer is None or not opts.layers[0] <= info.layer <= opts.layers[1]):
