@@ -1,0 +1,352 @@
+"""Training data for the adapter trainer: read text / JSON lines, tokenise, batch.
+
+Two tasks:
+
+- ``causal_lm``: a ``.txt`` file is one token stream cut into blocks of
+  ``max_length`` tokens (the usual language-modelling recipe); a ``.jsonl`` file holds
+  one example per line, ``{"text": ...}``, each truncated to ``max_length``.
+- ``seq_cls``: a ``.jsonl`` file with ``{"text": ..., "label": ...}`` per line; labels
+  are integers or strings (strings map to ids in sorted order, or through the model
+  config's ``label2id`` when it has one).
+
+Tokenisation uses the checkpoint's own tokenizer when the directory has one. Tiny
+test models built from config have none; they get :class:`ByteTokenizer`, a
+deterministic byte-level tokenizer that needs no files and no network.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from spectra.errors import ConfigError
+
+TASKS = ("causal_lm", "seq_cls")
+IGNORE_INDEX = -100  # label value PyTorch's cross-entropy skips (padding)
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "tokenizer.model", "vocab.json")
+
+
+# ---------------------------------------------------------------------------- tokenizers
+
+
+class ByteTokenizer:
+    """UTF-8 bytes → token ids, for models that ship without a tokenizer.
+
+    Id 0 is padding; byte ``b`` maps to ``1 + b`` when the vocabulary holds 257 ids or
+    more (lossless), else to ``1 + b mod (vocab_size − 1)``. No files, no training, the
+    same ids on every machine.
+
+    Parameters
+    ----------
+    vocab_size : int
+        The model's ``config.vocab_size`` (at least 2).
+    """
+
+    name = "byte-level (built in)"
+
+    def __init__(self, vocab_size: int):
+        if vocab_size < 2:
+            raise ConfigError(f"vocab_size {vocab_size}: a byte tokenizer needs at least 2 ids (padding + one byte).")
+        self.vocab_size = int(vocab_size)
+        self.pad_token_id = 0
+
+    def encode(self, text: str) -> list[int]:
+        return [1 + b % (self.vocab_size - 1) for b in text.encode("utf-8")]
+
+
+class _HFTokenizer:
+    """A transformers tokenizer behind the same small interface as :class:`ByteTokenizer`."""
+
+    def __init__(self, tokenizer, *, special_tokens: bool):
+        self._tok = tokenizer
+        self._special = special_tokens
+        self.name = type(tokenizer).__name__
+        pad = tokenizer.pad_token_id
+        if pad is None:  # GPT-2/Llama tokenizers have no pad token; the mask hides it anyway
+            pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+        self.pad_token_id = int(pad)
+
+    def encode(self, text: str) -> list[int]:
+        return list(self._tok(text, add_special_tokens=self._special)["input_ids"])
+
+    def save(self, folder: Path) -> None:
+        self._tok.save_pretrained(folder)
+
+
+def load_tokenizer(model_dir: str | Path, *, vocab_size: int, task: str):
+    """The checkpoint's tokenizer when ``model_dir`` holds one, else a :class:`ByteTokenizer`.
+
+    Parameters
+    ----------
+    model_dir : str or path
+        Local model directory.
+    vocab_size : int
+        The model's vocabulary size (for the byte fallback).
+    task : {"causal_lm", "seq_cls"}
+        Classification adds the tokenizer's special tokens ([CLS] … [SEP]); language
+        modelling of a cut stream does not.
+    """
+    folder = Path(model_dir)
+    if folder.is_dir() and any((folder / f).is_file() for f in _TOKENIZER_FILES):
+        from transformers import AutoTokenizer
+
+        return _HFTokenizer(AutoTokenizer.from_pretrained(str(folder)), special_tokens=task == "seq_cls")
+    return ByteTokenizer(vocab_size)
+
+
+# ---------------------------------------------------------------------------- records
+
+
+def read_records(path: str | Path, *, task: str) -> list[dict]:
+    """Read a ``.txt`` or ``.jsonl`` data file into ``{"text"[, "label"]}`` records.
+
+    A ``.txt`` file becomes a single record (its whole text, for stream cutting); it is
+    only valid for ``causal_lm``.
+
+    Raises
+    ------
+    ConfigError
+        Missing file, invalid JSON (with the line number), records without ``text`` or,
+        for ``seq_cls``, without ``label``; an empty file.
+    """
+    _check_task(task)
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"data file {path} does not exist; pass a .txt file or a .jsonl file of "
+                          '{"text": ...} (or {"text": ..., "label": ...} for classification) records.')
+    if path.suffix not in (".jsonl", ".json"):
+        if task == "seq_cls":
+            raise ConfigError(f"data file {path}: classification needs a .jsonl file of "
+                              '{"text": ..., "label": ...} records, not plain text.')
+        text = path.read_text(encoding="utf-8")
+        if not text.strip():
+            raise ConfigError(f"data file {path} is empty.")
+        return [{"text": text, "stream": True}]
+    records = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"data file {path}, line {number}: not valid JSON ({err.msg}).") from None
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise ConfigError(f"data file {path}, line {number}: each line must be an object with a string "
+                              '"text" field.')
+        if task == "seq_cls" and not isinstance(record.get("label"), (int, str)):
+            raise ConfigError(f"data file {path}, line {number}: classification records need a \"label\" "
+                              "(integer or string).")
+        records.append(record)
+    if not records:
+        raise ConfigError(f"data file {path} holds no records.")
+    return records
+
+
+def label_ids(records: Sequence[Mapping], *, label2id: Mapping[str, int] | None = None,
+              num_labels: int | None = None, source: str = "data") -> tuple[list[int], list[str]]:
+    """Map the records' labels to ids; return the ids and the label names by id.
+
+    Integer labels are used as they are (and must lie in ``[0, num_labels)`` when that is
+    known); string labels go through ``label2id`` when given, else sorted order.
+    """
+    raw = [r["label"] for r in records]
+    if all(isinstance(v, int) and not isinstance(v, bool) for v in raw):
+        count = max(raw) + 1
+        if num_labels is not None and count > num_labels:
+            raise ConfigError(f"{source}: label {max(raw)} is outside the model's {num_labels} classes "
+                              f"(0…{num_labels - 1}).")
+        names = [str(i) for i in range(max(count, num_labels or 0))]
+        return list(raw), names
+    if any(isinstance(v, int) for v in raw):
+        raise ConfigError(f"{source}: labels mix integers and strings; use one kind.")
+    if label2id:
+        unknown = sorted({v for v in raw if v not in label2id})
+        if unknown:
+            raise ConfigError(f"{source}: label(s) {unknown[:5]} are not among the model's labels "
+                              f"{sorted(label2id)[:10]}.")
+        names = [name for name, _ in sorted(label2id.items(), key=lambda kv: kv[1])]
+        return [int(label2id[v]) for v in raw], names
+    names = sorted(set(raw))
+    index = {name: i for i, name in enumerate(names)}
+    return [index[v] for v in raw], names
+
+
+# ---------------------------------------------------------------------------- tokenised data
+
+
+@dataclass
+class TokenizedData:
+    """Examples as token-id lists, ready to batch.
+
+    Attributes
+    ----------
+    ids : list of list of int
+        One token-id list per example, each at most ``max_length`` long.
+    labels : list of int or None
+        Class ids (``seq_cls``); None for language modelling.
+    task : str
+    pad_token_id : int
+    """
+
+    ids: list[list[int]]
+    labels: list[int] | None
+    task: str
+    pad_token_id: int
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def split(self, fraction: float, *, seed: int) -> tuple["TokenizedData", "TokenizedData"]:
+        """(train, held-out) with ``fraction`` of the examples held out, by a seeded permutation."""
+        n_eval = int(round(len(self) * fraction))
+        if not 0 < n_eval < len(self):
+            raise ConfigError(f"eval_fraction {fraction} of {len(self)} examples leaves an empty train or eval "
+                              "set; pass eval data, or change eval_fraction.")
+        order = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed)).tolist()
+        return self._subset(sorted(order[n_eval:])), self._subset(sorted(order[:n_eval]))
+
+    def _subset(self, index: list[int]) -> "TokenizedData":
+        labels = None if self.labels is None else [self.labels[i] for i in index]
+        return TokenizedData([self.ids[i] for i in index], labels, self.task, self.pad_token_id)
+
+
+def tokenize(records: Sequence[Mapping], tokenizer, *, task: str, max_length: int,
+             labels: Sequence[int] | None = None) -> TokenizedData:
+    """Tokenise records: cut text streams into ``max_length`` blocks, truncate the rest.
+
+    Parameters
+    ----------
+    records : sequence of mapping
+        From :func:`read_records`.
+    tokenizer : ByteTokenizer or the checkpoint's tokenizer (see :func:`load_tokenizer`)
+    task : {"causal_lm", "seq_cls"}
+    max_length : int
+        Tokens per example.
+    labels : sequence of int, optional
+        Class ids for ``seq_cls`` (from :func:`label_ids`).
+    """
+    _check_task(task)
+    if max_length < 2:
+        raise ConfigError(f"max_length {max_length}: need at least 2 tokens per example.")
+    ids: list[list[int]] = []
+    for record in records:
+        tokens = tokenizer.encode(record["text"])
+        if record.get("stream"):
+            # a text file: one stream, cut into blocks; a short tail (< 2 tokens) cannot be trained on
+            ids += [tokens[i:i + max_length] for i in range(0, len(tokens), max_length)
+                    if len(tokens[i:i + max_length]) >= 2]
+        else:
+            ids.append(tokens[:max_length] or [tokenizer.pad_token_id])
+    if task == "seq_cls" and (labels is None or len(labels) != len(ids)):
+        raise ConfigError("classification data needs one label per record.")
+    if not ids:
+        raise ConfigError("the data tokenises to no example of at least 2 tokens; add text.")
+    return TokenizedData(ids, list(labels) if labels is not None else None, task, tokenizer.pad_token_id)
+
+
+def batches(data: TokenizedData, batch_size: int, *, generator: torch.Generator | None = None
+            ) -> Iterator[dict[str, torch.Tensor]]:
+    """Padded batches of ``data``: shuffled by ``generator`` when given, in order otherwise.
+
+    Each batch is right-padded to its own longest example (no padding to a global
+    length: less work per step). Keys: ``input_ids`` and ``attention_mask`` (B, T), and
+    ``labels``: (B, T) token targets with padding set to -100 for ``causal_lm``
+    (the model shifts them), (B,) class ids for ``seq_cls``.
+    """
+    n = len(data)
+    order = torch.randperm(n, generator=generator).tolist() if generator is not None else range(n)
+    order = list(order)
+    for start in range(0, n, batch_size):
+        index = order[start:start + batch_size]
+        width = max(len(data.ids[i]) for i in index)
+        input_ids = torch.full((len(index), width), data.pad_token_id, dtype=torch.long)  # (B, T)
+        mask = torch.zeros((len(index), width), dtype=torch.long)  # (B, T)
+        for row, i in enumerate(index):
+            seq = data.ids[i]
+            input_ids[row, :len(seq)] = torch.tensor(seq, dtype=torch.long)
+            mask[row, :len(seq)] = 1
+        if data.task == "causal_lm":
+            labels = input_ids.masked_fill(mask == 0, IGNORE_INDEX)  # (B, T)
+        else:
+            labels = torch.tensor([data.labels[i] for i in index], dtype=torch.long)  # (B,)
+        yield {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+
+
+def _check_task(task: str) -> None:
+    if task not in TASKS:
+        raise ConfigError(f"task {task!r} is not one of {', '.join(TASKS)}.")
+
+
+# ---------------------------------------------------------------------------- one call
+
+
+def prepare_data(model_dir: str | Path, data, *, task: str = "auto", max_length: int = 128, eval_data=None,
+                 eval_fraction: float = 0.0, seed: int = 0):
+    """Read and tokenise training data (and eval data) for the model in ``model_dir``.
+
+    Parameters
+    ----------
+    model_dir : str or path
+        Local model directory (config.json, and a tokenizer if it ships one).
+    data : str or path
+        Training data file.
+    task : {"auto", "causal_lm", "seq_cls"}
+        ``auto``: classification when every record has a ``label``.
+    max_length : int
+    eval_data : str or path, optional
+        Held-out data; otherwise ``eval_fraction`` of ``data`` is held out (0: none).
+    eval_fraction : float
+    seed : int
+        Seed of the held-out split.
+
+    Returns
+    -------
+    task : str
+    train : TokenizedData
+    held_out : TokenizedData or None
+    label_names : list of str or None
+    tokenizer
+    """
+    folder = Path(model_dir)
+    model_config = json.loads((folder / "config.json").read_text())
+    records = read_records(data, task="causal_lm" if task == "auto" else task)
+    if task == "auto":
+        task = "seq_cls" if all("label" in r for r in records) else "causal_lm"
+    tokenizer = load_tokenizer(folder, vocab_size=int(model_config.get("vocab_size", 256)), task=task)
+    names = None
+    labels = None
+    if task == "seq_cls":
+        records = read_records(data, task=task)  # re-read: every record needs a label
+        labels, names = label_ids(records, label2id=model_label2id(model_config), source=str(data))
+    train = tokenize(records, tokenizer, task=task, max_length=max_length, labels=labels)
+    held_out = None
+    if eval_data is not None:
+        held_out = tokenize_file(eval_data, tokenizer, task=task, max_length=max_length, label_names=names)
+    elif eval_fraction > 0 and len(train) >= 2:
+        train, held_out = train.split(eval_fraction, seed=seed)
+    return task, train, held_out, names, tokenizer
+
+
+def tokenize_file(path, tokenizer, *, task: str, max_length: int, label_names: Sequence[str] | None = None
+                  ) -> TokenizedData:
+    """Tokenise an eval file, mapping string labels through ``label_names`` (the training labels)."""
+    records = read_records(path, task=task)
+    labels = None
+    if task == "seq_cls":
+        numeric = label_names is None or list(label_names) == [str(i) for i in range(len(label_names))]
+        mapping = None if numeric else {n: i for i, n in enumerate(label_names)}
+        labels, _ = label_ids(records, label2id=mapping, num_labels=None if label_names is None else len(label_names),
+                              source=str(path))
+    return tokenize(records, tokenizer, task=task, max_length=max_length, labels=labels)
+
+
+def model_label2id(model_config: Mapping) -> dict[str, int] | None:
+    """A config's ``label2id`` when it names real labels (not transformers' LABEL_0, LABEL_1 defaults)."""
+    label2id = model_config.get("label2id")
+    if not label2id or all(str(k).startswith("LABEL_") for k in label2id):
+        return None
+    return {str(k): int(v) for k, v in label2id.items()}

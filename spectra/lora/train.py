@@ -1,0 +1,493 @@
+"""Train LoRA, DoRA, rsLoRA, QLoRA and QDoRA adapters (or a full fine-tune) with PEFT.
+
+One loop for every method; a method only changes how the model is loaded and wrapped:
+
+- LoRA (Hu et al. 2021, arXiv:2106.09685): ``W₀x + s·BAx``, ``s = α/r``; rsLoRA
+  (Kalajdzievski 2023, arXiv:2312.03732) scales by ``α/√r``.
+- DoRA (Liu et al. 2024, arXiv:2402.09353): ``m ⊙ (W₀ + sBA)/‖W₀ + sBA‖_row``
+  (PEFT's ``use_dora``).
+- QLoRA (Dettmers et al. 2023, arXiv:2305.14314): the base is stored as 4-bit NF4 with
+  double quantisation (bitsandbytes, which also runs on CPU) and computes in
+  ``compute_dtype``; QDoRA is DoRA on the same 4-bit base.
+- ``full``: every parameter trains, and the result is a normal checkpoint directory
+  that pairs with the base for ``spectra analyze``/``verify``.
+
+Training is deterministic on CPU for a given seed (same seed → same adapter bytes).
+Each step's loss goes to ``training_log.jsonl``; the run's summary to
+``spectra_train.json``; the output directory appears only when training succeeded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from spectra.errors import ConfigError
+from spectra.lora.data import TokenizedData, batches, prepare_data
+
+METHODS = ("lora", "dora", "qlora", "qdora", "full")
+BLOCK_ROLES = ("q", "k", "v", "o", "qkv", "gate", "up", "down", "gate_up")
+_COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TRAIN_SUMMARY = "spectra_train.json"
+TRAIN_LOG = "training_log.jsonl"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How to train. Written into ``spectra_train.json`` so a run can be repeated.
+
+    Attributes
+    ----------
+    method : {"lora", "dora", "qlora", "qdora", "full"}
+    rank : int
+        LoRA rank of every targeted module (ignored with ``plan``).
+    alpha : float, optional
+        LoRA α; None gives ``2·rank`` (update scale 2, the common choice).
+    rslora : bool
+        Scale by α/√r (rsLoRA) instead of α/r.
+    plan : str, optional
+        A plan file from ``spectra recommend``: per-module ranks, alphas and targets.
+    roles : tuple of str, optional
+        Roles to target (``q, k, v, o, qkv, gate, up, down, gate_up``); None: all of them.
+    task : {"auto", "causal_lm", "seq_cls"}
+        ``auto``: classification when every record has a ``label``, else language modelling.
+    max_length, batch_size, epochs, max_steps, lr, weight_decay, warmup_ratio, grad_clip
+        The optimisation (AdamW, linear warm-up then linear decay to 0).
+    lora_dropout : float
+    eval_fraction : float
+        Share of the data held out for evaluation when no eval data is passed (0: none).
+    eval_every : int, optional
+        Also evaluate every this many steps (default: at the end of each epoch).
+    compute_dtype : {"float32", "bfloat16", "float16"}
+        QLoRA/QDoRA compute dtype of the 4-bit layers.
+    teacher : str, optional
+        A checkpoint whose outputs the model learns (KL distillation) instead of the labels,
+        e.g. the full fine-tune: then a rank-r adapter is fitted to the full update's function.
+    seed : int
+    """
+
+    method: str = "lora"
+    rank: int = 8  # the LoRA paper's typical rank; small models need no more
+    alpha: float | None = None  # None -> 2·rank: update scale 2 whatever the rank
+    rslora: bool = False  # α/r is PEFT's default
+    plan: str | None = None
+    roles: tuple[str, ...] | None = None  # None -> every block linear, as QLoRA recommends
+    task: str = "auto"
+    max_length: int = 128  # covers sentence classification; longer costs quadratic attention
+    batch_size: int = 16  # fits a small model on 2 CPU cores at a step rate that shows progress
+    epochs: int = 1
+    max_steps: int | None = None  # caps the steps over all epochs
+    lr: float | None = None  # None -> 5e-4 for adapters, 1e-4 for full (small models, few epochs)
+    weight_decay: float = 0.0  # adapters start at zero update; decay would pull them back
+    warmup_ratio: float = 0.06  # RoBERTa/LoRA-paper GLUE recipe
+    grad_clip: float = 1.0
+    lora_dropout: float = 0.0  # no dropout: the update stays a deterministic function of the data
+    eval_fraction: float = 0.1  # a held-out tenth when no eval data is given
+    eval_every: int | None = None
+    compute_dtype: str = "float32"  # exact on any CPU; bfloat16 is faster where AMX exists
+    teacher: str | None = None
+    gradient_checkpointing: bool = False  # trades compute for memory; off for small models
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ConfigError(f"method {self.method!r} is not one of {', '.join(METHODS)}.")
+        if self.roles is not None:
+            object.__setattr__(self, "roles", tuple(self.roles))
+            bad = sorted(set(self.roles) - set(BLOCK_ROLES))
+            if bad:
+                raise ConfigError(f"roles {bad}: LoRA targets the block linears {', '.join(BLOCK_ROLES)}.")
+        if self.task not in ("auto", "causal_lm", "seq_cls"):
+            raise ConfigError(f"task {self.task!r} is not auto, causal_lm or seq_cls.")
+        for name in ("rank", "max_length", "batch_size", "epochs"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)!r}.")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ConfigError(f"max_steps must be positive, got {self.max_steps}.")
+        if self.lr is not None and not self.lr > 0:
+            raise ConfigError(f"lr must be positive, got {self.lr}.")
+        if not 0.0 <= self.eval_fraction < 1.0 or not 0.0 <= self.warmup_ratio < 1.0:
+            raise ConfigError("eval_fraction and warmup_ratio must lie in [0, 1).")
+        if self.compute_dtype not in _COMPUTE_DTYPES:
+            raise ConfigError(f"compute_dtype {self.compute_dtype!r} is not one of {', '.join(_COMPUTE_DTYPES)}.")
+        if self.method == "full" and (self.plan or self.rslora):
+            raise ConfigError("a full fine-tune (method full) takes no plan or rslora; drop those options.")
+
+    @property
+    def learning_rate(self) -> float:
+        return self.lr if self.lr is not None else (1e-4 if self.method == "full" else 5e-4)
+
+    @property
+    def quantized(self) -> bool:
+        return self.method in ("qlora", "qdora")
+
+
+@dataclass
+class TrainResult:
+    """What a training run produced.
+
+    Attributes
+    ----------
+    out_dir : Path
+        The adapter directory (PEFT format) or, for ``full``, the checkpoint directory.
+    task, method : str
+    steps : int
+    trainable_params : int
+    losses : list of float
+        Training loss per step (also in ``training_log.jsonl``).
+    evals : list of dict
+        ``{"step", "loss", "accuracy", ...}`` after each evaluation.
+    step_times : list of float
+        Seconds per optimiser step (forward, backward, update).
+    label_names : list of str or None
+    """
+
+    out_dir: Path
+    task: str
+    method: str
+    steps: int
+    trainable_params: int
+    losses: list[float] = field(default_factory=list)
+    evals: list[dict] = field(default_factory=list)
+    step_times: list[float] = field(default_factory=list)
+    label_names: list[str] | None = None
+
+    @property
+    def final_eval(self) -> dict | None:
+        return self.evals[-1] if self.evals else None
+
+
+# ---------------------------------------------------------------------------- models
+
+
+def model_dir(spec) -> Path:
+    """The local directory of a checkpoint (hub ids resolved); training needs config.json."""
+    from spectra.checkpoints.source import AdapterSource, open_checkpoint
+
+    source = open_checkpoint(spec)
+    if isinstance(source, AdapterSource):
+        raise ConfigError(f"{spec} is a PEFT adapter; train on the model it adapts (its base).")
+    folder = source.path if source.path.is_dir() else source.path.parent
+    if not (folder / "config.json").is_file():
+        raise ConfigError(f"{spec}: training and evaluation need a model directory with config.json, "
+                          "not a bare weight file.")
+    return folder
+
+
+def load_model(spec, *, task: str, num_labels: int | None = None, quantize: bool = False,
+               compute_dtype: str = "float32", label_names: list[str] | None = None):
+    """Load a checkpoint as a causal LM or sequence classifier in float32 (or NF4 4-bit).
+
+    A missing or resized classification head is initialised from the current torch
+    seed, so seed first for a reproducible head.
+    """
+    import transformers as tf
+
+    kwargs: dict = {"dtype": torch.float32}
+    if task == "seq_cls":
+        auto = tf.AutoModelForSequenceClassification
+        if num_labels is not None:
+            kwargs.update(num_labels=num_labels, ignore_mismatched_sizes=True)
+        if label_names is not None and not all(n == str(i) for i, n in enumerate(label_names)):
+            kwargs.update(id2label=dict(enumerate(label_names)), label2id={n: i for i, n in enumerate(label_names)})
+    else:
+        auto = tf.AutoModelForCausalLM
+    if quantize:
+        kwargs.update(device_map="cpu", quantization_config=nf4_config(compute_dtype))
+    bar = tf.utils.logging.is_progress_bar_enabled()
+    tf.utils.logging.disable_progress_bar()  # no "Loading weights" bar inside our own
+    try:
+        return auto.from_pretrained(str(model_dir(spec)), **kwargs)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"cannot load {spec} as a {task} model: {err}") from err
+    finally:
+        if bar:
+            tf.utils.logging.enable_progress_bar()
+
+
+def nf4_config(compute_dtype: str = "float32"):
+    """QLoRA's storage: NF4 4-bit, blocks of 64, double quantisation (arXiv:2305.14314)."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=_COMPUTE_DTYPES[compute_dtype])
+
+
+def target_modules(model, roles: tuple[str, ...] | None = None) -> list[str]:
+    """Full names of the Linear/Conv1D modules of ``roles`` (default: every block linear)."""
+    from transformers.pytorch_utils import Conv1D
+
+    from spectra.checkpoints.architectures import module_info
+
+    roles = roles or BLOCK_ROLES
+    names = [name for name, module in model.named_modules()
+             if isinstance(module, (torch.nn.Linear, Conv1D)) and module_info(name).role in roles]
+    if not names:
+        raise ConfigError(f"the model has no Linear/Conv1D module of role(s) {', '.join(roles)} to adapt.")
+    return names
+
+
+def head_modules(model) -> list[str]:
+    """Classification head modules (role ``head``), trained whole via ``modules_to_save``."""
+    from spectra.checkpoints.architectures import module_info
+
+    return [name.rpartition(".")[2] for name, module in model.named_modules()
+            if isinstance(module, torch.nn.Linear) and module_info(name).role == "head"]
+
+
+def lora_config(model, config: TrainConfig, *, task: str):
+    """The PEFT ``LoraConfig`` for ``model``: from the plan, or one rank on the role targets."""
+    from peft import LoraConfig
+
+    from spectra.ranks import load_plan
+
+    names = [name for name, _ in model.named_modules()]
+    if config.plan is not None:
+        fields = load_plan(config.plan).to_peft_config(module_names=names, lora_dropout=config.lora_dropout)
+        fields = {k: fields[k] for k in ("r", "lora_alpha", "target_modules", "rank_pattern", "alpha_pattern",
+                                         "use_rslora", "fan_in_fan_out", "lora_dropout")}
+        fields["use_rslora"] = fields["use_rslora"] or config.rslora
+    else:
+        targets = target_modules(model, config.roles)
+        fields = {"r": config.rank, "lora_alpha": config.alpha if config.alpha is not None else 2.0 * config.rank,
+                  "target_modules": targets, "use_rslora": config.rslora, "lora_dropout": config.lora_dropout,
+                  "fan_in_fan_out": _has_conv1d(model, targets)}
+    return LoraConfig(**fields, use_dora=config.method in ("dora", "qdora"), bias="none",
+                      task_type="SEQ_CLS" if task == "seq_cls" else "CAUSAL_LM",
+                      modules_to_save=head_modules(model) if task == "seq_cls" else None)
+
+
+def _has_conv1d(model, names: list[str]) -> bool:
+    from transformers.pytorch_utils import Conv1D
+
+    modules = dict(model.named_modules())
+    return any(isinstance(modules[n], Conv1D) for n in names)
+
+
+def wrap_model(model, config: TrainConfig, *, task: str):
+    """Attach the adapter (PEFT) to a loaded model; a full fine-tune is returned as is."""
+    if config.method == "full":
+        return model
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    with warnings.catch_warnings():  # transformers' own deprecation, raised inside PEFT
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        if config.quantized:
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.gradient_checkpointing)
+        return get_peft_model(model, lora_config(model, config, task=task))
+
+
+# ---------------------------------------------------------------------------- loop
+
+
+def train_adapter(base, data, config: TrainConfig | None = None, out_dir=None, *, eval_data=None,
+                  overwrite: bool = False, progress: bool = True) -> TrainResult:
+    """Train an adapter (or a full fine-tune) of ``base`` on ``data`` and save it atomically.
+
+    Parameters
+    ----------
+    base : str or path
+        Model directory (or hub id) with config.json and weights.
+    data : str or path
+        ``.txt`` (language modelling) or ``.jsonl`` of ``{"text"}`` / ``{"text", "label"}``.
+    config : TrainConfig, optional
+    out_dir : str or path
+        Directory to create: a PEFT adapter (``adapter_config.json``,
+        ``adapter_model.safetensors``) or, for ``method="full"``, a checkpoint
+        (``config.json``, ``model.safetensors``); both also hold ``training_log.jsonl``
+        and ``spectra_train.json``.
+    eval_data : str or path, optional
+        Held-out data (same format); default: ``config.eval_fraction`` of ``data``.
+    overwrite : bool
+        Replace an existing ``out_dir``.
+    progress : bool
+        Show a tqdm progress bar.
+
+    Returns
+    -------
+    TrainResult
+
+    Raises
+    ------
+    ConfigError
+        Bad data, options, or an existing ``out_dir`` without ``overwrite``.
+    """
+    from spectra.report.render import _move_into_place  # the one atomic rename, shared with reports
+
+    config = config or TrainConfig()
+    if out_dir is None:
+        raise ConfigError("train_adapter needs out_dir, the directory to write the adapter into.")
+    out = Path(out_dir)
+    if out.exists() and not overwrite:
+        raise ConfigError(f"output directory {out} exists; pass overwrite=True (--overwrite) or choose another.")
+    task, train, held_out, label_names, tokenizer = prepare_data(
+        model_dir(base), data, task=config.task, max_length=config.max_length, eval_data=eval_data,
+        eval_fraction=config.eval_fraction, seed=config.seed)
+    torch.manual_seed(config.seed)  # head initialisation and LoRA's A init draw from it
+    model = load_model(base, task=task, num_labels=len(label_names) if label_names else None,
+                       quantize=config.quantized, compute_dtype=config.compute_dtype, label_names=label_names)
+    if task == "causal_lm" or model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    model = wrap_model(model, config, task=task)
+    teacher = None
+    if config.teacher is not None:
+        teacher = load_model(config.teacher, task=task, num_labels=len(label_names) if label_names else None).eval()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.parent / f".{out.name}.tmp-{time.time_ns():x}"
+    staging.mkdir()
+    try:
+        result = _train(model, teacher, train, held_out, config, task, staging, progress)
+        result.label_names = label_names
+        _save(model, tokenizer, config, result, staging, base=base, data=data, eval_data=eval_data)
+        _move_into_place(staging, out)
+    except BaseException:
+        import shutil
+
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    result.out_dir = out
+    return result
+
+
+def _train(model, teacher, train: TokenizedData, held_out: TokenizedData | None, config: TrainConfig, task: str,
+           folder: Path, progress: bool) -> TrainResult:
+    import tqdm
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+    per_epoch = math.ceil(len(train) / config.batch_size)
+    total = min(config.max_steps or per_epoch * config.epochs, per_epoch * config.epochs)
+    warmup = int(config.warmup_ratio * total)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: (s + 1) / (warmup + 1) if s < warmup else max(0.0, (total - s) / max(1, total - warmup)))
+    result = TrainResult(out_dir=folder, task=task, method=config.method, steps=0,
+                         trainable_params=sum(p.numel() for p in params))
+    generator = torch.Generator().manual_seed(config.seed)
+    bar = tqdm.tqdm(total=total, unit="step", desc=f"train {config.method}", disable=not progress, leave=False)
+    with open(folder / TRAIN_LOG, "w", encoding="utf-8") as log:
+        for epoch in range(config.epochs):
+            for batch in batches(train, config.batch_size, generator=generator):
+                if result.steps >= total:
+                    break
+                start = time.perf_counter()
+                model.train()
+                loss = _loss(model, teacher, batch, task)
+                loss.backward()
+                if config.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+                optimizer.step()
+                schedule.step()
+                optimizer.zero_grad(set_to_none=True)
+                value = float(loss.detach())
+                result.step_times.append(time.perf_counter() - start)
+                result.losses.append(value)
+                result.steps += 1
+                log.write(json.dumps({"step": result.steps, "epoch": epoch, "loss": value,
+                                      "lr": schedule.get_last_lr()[0]}) + "\n")
+                bar.update()
+                bar.set_postfix(loss=f"{value:.4f}")
+                if held_out is not None and config.eval_every and result.steps % config.eval_every == 0:
+                    _record_eval(model, held_out, config, result, epoch, log)
+            if held_out is not None and not (config.eval_every and result.steps % config.eval_every == 0):
+                _record_eval(model, held_out, config, result, epoch, log)
+            if result.steps >= total:
+                break
+    bar.close()
+    return result
+
+
+def _record_eval(model, held_out, config, result: TrainResult, epoch: int, log) -> None:
+    metrics = {"step": result.steps, "epoch": epoch, **evaluate(model, held_out, batch_size=config.batch_size)}
+    result.evals.append(metrics)
+    log.write(json.dumps({"eval": metrics}) + "\n")
+
+
+def _loss(model, teacher, batch: dict, task: str) -> torch.Tensor:
+    if teacher is None:
+        return model(**batch).loss
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    logits = model(**inputs).logits  # (B, T, V) or (B, C)
+    with torch.no_grad():
+        target = teacher(**inputs).logits
+    return distill_loss(logits, target, batch["attention_mask"] if task == "causal_lm" else None)
+
+
+def distill_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean KL(teacher ‖ student) over positions (Hinton et al. 2015, arXiv:1503.02531, T = 1).
+
+    Parameters
+    ----------
+    logits, teacher_logits : torch.Tensor, shape (B, T, V) or (B, C)
+    mask : torch.Tensor, shape (B, T), optional
+        1 for positions that count.
+    """
+    log_p = torch.log_softmax(logits.float(), dim=-1)
+    log_q = torch.log_softmax(teacher_logits.float(), dim=-1)
+    kl = (log_q.exp() * (log_q - log_p)).sum(-1)  # (B, T) or (B,)
+    if mask is None:
+        return kl.mean()
+    mask = mask.to(kl.dtype)
+    return (kl * mask).sum() / mask.sum().clamp(min=1)
+
+
+@torch.no_grad()
+def evaluate(model, data: TokenizedData, *, batch_size: int = 32) -> dict:
+    """Mean loss and accuracy of ``model`` on ``data`` (token-level for causal LM).
+
+    For language modelling, loss is the mean next-token cross-entropy over every target
+    token (not a mean of batch means) and accuracy is top-1 next-token accuracy.
+    """
+    was_training = model.training
+    model.eval()
+    loss_sum, correct, count = 0.0, 0, 0
+    for batch in batches(data, batch_size):
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+        labels = batch["labels"]
+        if data.task == "causal_lm":
+            logits, labels = logits[:, :-1], labels[:, 1:]  # position t predicts token t+1
+        flat_logits, flat_labels = logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)
+        keep = flat_labels != -100
+        loss_sum += float(torch.nn.functional.cross_entropy(flat_logits[keep], flat_labels[keep], reduction="sum"))
+        correct += int((flat_logits[keep].argmax(-1) == flat_labels[keep]).sum())
+        count += int(keep.sum())
+    model.train(was_training)
+    unit = "tokens" if data.task == "causal_lm" else "examples"
+    return {"loss": loss_sum / max(count, 1), "accuracy": correct / max(count, 1), unit: count}
+
+
+# ---------------------------------------------------------------------------- saving
+
+
+def _save(model, tokenizer, config: TrainConfig, result: TrainResult, folder: Path, *, base, data, eval_data) -> None:
+    import peft
+    import transformers
+
+    model.save_pretrained(folder)  # PEFT: adapter files only; full: config.json + model.safetensors
+    if hasattr(tokenizer, "save"):
+        tokenizer.save(folder)
+    times = sorted(result.step_times)
+    summary = {
+        "schema_version": 1, "base": str(base), "data": str(data),
+        "eval_data": None if eval_data is None else str(eval_data),
+        "task": result.task, "method": config.method, "config": dataclasses.asdict(config),
+        "tokenizer": getattr(tokenizer, "name", type(tokenizer).__name__), "label_names": result.label_names,
+        "steps": result.steps, "trainable_params": result.trainable_params,
+        "final_train_loss": result.losses[-1] if result.losses else None, "evals": result.evals,
+        "timings": {"step_median_s": times[len(times) // 2] if times else None, "train_s": sum(times)},
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                     "peft": peft.__version__},
+    }
+    (folder / TRAIN_SUMMARY).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+
+
+def read_train_summary(folder) -> dict | None:
+    """``spectra_train.json`` of an adapter or checkpoint directory, if it has one."""
+    path = Path(folder) / TRAIN_SUMMARY
+    return json.loads(path.read_text()) if path.is_file() else None
