@@ -19,6 +19,7 @@ Each step's loss goes to ``training_log.jsonl``; the run's summary to
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -271,14 +272,21 @@ def _has_conv1d(model, names: list[str]) -> bool:
     return any(isinstance(modules[n], Conv1D) for n in names)
 
 
+@contextlib.contextmanager
+def quiet_peft():
+    """Silence transformers' own ``is_gradient_checkpointing`` deprecation, raised inside PEFT."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
+
+
 def wrap_model(model, config: TrainConfig, *, task: str):
     """Attach the adapter (PEFT) to a loaded model; a full fine-tune is returned as is."""
     if config.method == "full":
         return model
     from peft import get_peft_model, prepare_model_for_kbit_training
 
-    with warnings.catch_warnings():  # transformers' own deprecation, raised inside PEFT
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    with quiet_peft():
         if config.quantized:
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.gradient_checkpointing)
         return get_peft_model(model, lora_config(model, config, task=task))

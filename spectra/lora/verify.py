@@ -1,0 +1,564 @@
+"""Does an adapter capture the update a full fine-tune made? Adapter vs ΔW_full, per module.
+
+For every module an adapter adapts, with ``ΔW_full = W_tuned − W_base`` and the
+adapter's own update ``ΔW_ad = merged − W₀`` (W₀ the weight the adapter was trained
+on: the base, or its NF4 round trip for QLoRA/QDoRA):
+
+- ``captured_energy``: share of ‖ΔW_full‖_F² in the adapter's column space span(B)
+  (``_row``: in its row space span(Aᵀ); ``_both``: in both);
+- ``optimal_energy``: the Eckart–Young optimum Σ_{i≤r} σᵢ²/Σσᵢ² at the adapter's rank —
+  no rank-r subspace holds more, so ``captured_energy ≤ optimal_energy`` always;
+- ``phi``: LoRA §7 subspace similarity φ(ΔW_ad, ΔW_full, r, r) of the top-r left
+  singular vectors (``phi_row``: right), and principal angles between span(B) and the
+  top-r of ΔW_full (Hu et al. 2021, arXiv:2106.09685);
+- amplification factors ‖ΔW‖_F/‖UᵀW₀V‖_F of both updates (LoRA §7.3);
+- intruder dimensions of W₀ + ΔW_ad vs W₀, and of W_tuned vs W_base (Shuttleworth et
+  al. 2024, arXiv:2410.21228);
+- for QLoRA: the quantisation error ‖dequant(W₀⁴ᵇⁱᵗ) − W₀‖_F, which the adapter sees.
+
+With eval data, the eval loss/accuracy of the base, the full fine-tune, the adapter and
+the truncated-SVD adapter at the same ranks (W_base + the rank-r Eckart–Young part of
+ΔW_full: what ``extract_adapter`` would write, merged in memory).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from spectra.errors import ConfigError
+from spectra.linalg.subspace import (
+    amplification_factor,
+    best_rank_energy,
+    captured_energy,
+    intruder_dimensions,
+    principal_angles,
+    similarity_matrix,
+)
+from spectra.linalg.svd import frobenius_energy, full_svd
+
+SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class VerifyConfig:
+    """Options of :func:`verify_adapter`, written into ``verify.json``.
+
+    Attributes
+    ----------
+    intruder_k : int
+        Top singular vectors of the tuned weight examined for intruders (PEFT's ``top_k``).
+    intruder_epsilon : float
+        Cosine below which a direction is an intruder (PEFT's default).
+    phi_max : int
+        Largest j of φ(i, j) kept for the φ heatmaps.
+    figure_modules : int
+        φ matrices kept in ``verify.json`` for this many modules with the largest ‖ΔW_full‖.
+    quantized : bool, optional
+        The adapter was trained on an NF4 base; None reads it from ``spectra_train.json``.
+    task : {"auto", "causal_lm", "seq_cls"}
+        Task of the eval data; ``auto`` reads the adapter's task type.
+    max_length, batch_size : int
+        Tokenisation and batching of the eval data.
+    seed : int
+        Seed of any head initialised at load (a bare base model has no classifier).
+    """
+
+    intruder_k: int = 10  # PEFT reduce_intruder_dimension default (arXiv:2410.21228 uses top 10 too)
+    intruder_epsilon: float = 0.5  # PEFT's default threshold
+    phi_max: int = 64  # the LoRA paper's largest rank in Fig. 3
+    figure_modules: int = 4  # enough to see the pattern, small JSON
+    quantized: bool | None = None
+    task: str = "auto"
+    max_length: int = 128  # as in training
+    batch_size: int = 32  # eval is forward only: larger batches are cheap
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.intruder_k < 1 or self.phi_max < 1 or self.figure_modules < 0:
+            raise ConfigError("intruder_k and phi_max must be ≥ 1 and figure_modules ≥ 0.")
+        if not 0.0 < self.intruder_epsilon < 1.0:
+            raise ConfigError(f"intruder_epsilon {self.intruder_epsilon} must lie in (0, 1).")
+        if self.task not in ("auto", "causal_lm", "seq_cls"):
+            raise ConfigError(f"task {self.task!r} is not auto, causal_lm or seq_cls.")
+
+
+@dataclass
+class VerifyResult:
+    """Per-module measures of an adapter against a full fine-tune (see the module doc).
+
+    Attributes
+    ----------
+    modules : list of dict
+        One row per adapted module: ``name``, ``role``, ``layer``, ``shape``, ``rank``,
+        ``captured_energy``, ``optimal_energy``, ``phi``, … (``verify.json``'s rows).
+    summary : dict
+        Energy-weighted totals and counts over modules.
+    evals : dict or None
+        ``{"base"|"tuned"|"adapter"|"svd": {"loss", "accuracy", …}}`` with eval data.
+    phi_matrices : dict
+        Module name → φ(ΔW_ad, ΔW_full, i, j) as nested lists (i ≤ r, j ≤ phi_max).
+    """
+
+    modules: list[dict]
+    summary: dict
+    evals: dict | None = None
+    phi_matrices: dict = field(default_factory=dict)
+    saved_modules: list[dict] = field(default_factory=list)
+    sources: dict = field(default_factory=dict)
+    config: dict = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    right_vectors: dict = field(default_factory=dict, repr=False)  # name -> (r, in), not serialised
+
+    def to_dict(self) -> dict:
+        return {"schema_version": SCHEMA_VERSION, **self.sources, "config": self.config, "summary": self.summary,
+                "evals": self.evals, "modules": self.modules, "saved_modules": self.saved_modules,
+                "phi_matrices": self.phi_matrices, "notes": self.notes}
+
+    def write_report(self, out_dir, *, overwrite: bool = False) -> Path:
+        """Write ``verify.json``, ``report.md``, ``report.html`` and figures into ``out_dir`` atomically."""
+        from spectra.report.verify import write_verify_report
+
+        return write_verify_report(self.to_dict(), out_dir, overwrite=overwrite)
+
+
+# ---------------------------------------------------------------------------- one module
+
+
+def module_measures(delta_full: torch.Tensor, delta_adapter: torch.Tensor, W0: torch.Tensor, *,
+                    col_basis: torch.Tensor, row_basis: torch.Tensor, rank: int, W_base: torch.Tensor | None = None,
+                    intruder_k: int = 10, intruder_epsilon: float = 0.5, phi_max: int = 64
+                    ) -> tuple[dict, list[list[float]] | None, torch.Tensor | None]:
+    """Measures of one adapted module; see the module docstring.
+
+    Parameters
+    ----------
+    delta_full : torch.Tensor, shape (out, in)
+        ``W_tuned − W_base``.
+    delta_adapter : torch.Tensor, shape (out, in)
+        ``merged − W0``.
+    W0 : torch.Tensor, shape (out, in)
+        The weight the adapter was applied to (base, or its NF4 round trip).
+    col_basis, row_basis : torch.Tensor, shapes (out, r) and (in, r)
+        The adapter's column space (B) and row space (Aᵀ).
+    rank : int
+    W_base : torch.Tensor, shape (out, in), optional
+        The unquantised base when it differs from ``W0`` (QLoRA).
+
+    Returns
+    -------
+    row : dict
+    phi : nested list (r, J) or None
+        φ(ΔW_ad, ΔW_full, i, j), None when either update is zero.
+    right_vectors : torch.Tensor (r, in) or None
+        Top-r right singular vectors of ΔW_ad (for φ between adapters, LoRA Fig. 3).
+    """
+    W_base = W0 if W_base is None else W_base
+    short = min(delta_full.shape)
+    full_energy, ad_energy = frobenius_energy(delta_full), frobenius_energy(delta_adapter)
+    row = {"rank": rank, "fro_norm_full": math.sqrt(full_energy), "fro_norm_adapter": math.sqrt(ad_energy)}
+    error = delta_adapter + (W0 - W_base) - delta_full  # (W0 + ΔW_ad) − W_tuned
+    row["relative_error"] = math.sqrt(frobenius_energy(error) / full_energy) if full_energy else None
+    if ad_energy and full_energy:
+        row["cosine"] = float((delta_adapter.double() * delta_full.double()).sum()) / math.sqrt(ad_energy * full_energy)
+    k = min(intruder_k, short)
+    row["intruders_adapter"] = intruder_dimensions(W0, W0 + delta_adapter, k=k, epsilon=intruder_epsilon).count
+    row["intruders_full"] = intruder_dimensions(W_base, W_base + delta_full, k=k, epsilon=intruder_epsilon).count
+    if W0 is not W_base:
+        q = math.sqrt(frobenius_energy(W0 - W_base))
+        row["quant_error"] = q / math.sqrt(frobenius_energy(W_base))
+        row["quant_error_vs_update"] = q / row["fro_norm_full"] if full_energy else None
+    if not full_energy or not ad_energy:
+        return row | {"captured_energy": None, "optimal_energy": None, "phi": None}, None, None
+    row["captured_energy"] = captured_energy(delta_full, U=col_basis)
+    row["captured_energy_row"] = captured_energy(delta_full, V=row_basis)
+    row["captured_energy_both"] = captured_energy(delta_full, U=col_basis, V=row_basis)
+    row["optimal_energy"] = best_rank_energy(delta_full, rank)
+    row["energy_gap"] = row["optimal_energy"] - row["captured_energy"]
+    row["outside_lowrank"] = 1.0 - captured_energy(delta_adapter, U=col_basis)  # DoRA's magnitude part
+    Ff = full_svd(delta_full, compute_vectors=True, dtype=torch.float64)
+    Fa = full_svd(delta_adapter, compute_vectors=True, dtype=torch.float64)
+    j_max = max(rank, min(phi_max, short))
+    phi = similarity_matrix(Fa.U[:, :rank], Ff.U[:, :j_max])  # (r, J)
+    row["phi"] = float(phi[rank - 1, rank - 1])
+    row["phi_row"] = float(similarity_matrix(Fa.Vh[:rank].T, Ff.Vh[:rank].T)[rank - 1, rank - 1])
+    angles = principal_angles(col_basis, Ff.U[:, :rank])  # (r,) radians, ascending
+    row["principal_angles_deg"] = [round(math.degrees(a), 4) for a in angles.tolist()]
+    row["amplification_adapter"] = amplification_factor(delta_adapter, W0, rank)
+    row["amplification_full"] = amplification_factor(delta_full, W_base, rank)
+    return row, phi.tolist(), Fa.Vh[:rank]
+
+
+# ---------------------------------------------------------------------------- whole adapter
+
+
+def verify_adapter(base, tuned, adapter, *, eval_data=None, config: VerifyConfig | None = None,
+                   progress: bool = True, reference_evals: dict | None = None) -> VerifyResult:
+    """Measure how much of the full fine-tune ``tuned`` the adapter captures, per module.
+
+    Parameters
+    ----------
+    base : str or path
+        The pretrained checkpoint the adapter and the full fine-tune started from.
+    tuned : str or path
+        The full fine-tune (a checkpoint, e.g. from ``spectra train --full``).
+    adapter : str or path
+        A PEFT LoRA/DoRA adapter directory trained on ``base``.
+    eval_data : str or path, optional
+        Held-out data (``.txt``/``.jsonl``): adds eval loss/accuracy of base, tuned, adapter
+        and the truncated-SVD adapter at the same ranks.
+    config : VerifyConfig, optional
+    progress : bool
+        tqdm bar over modules.
+    reference_evals : dict, optional
+        Already measured ``{"base": …, "tuned": …}`` evals to reuse (rank sweeps).
+
+    Returns
+    -------
+    VerifyResult
+
+    Raises
+    ------
+    ConfigError, CheckpointError, PairingError, AdapterError
+        Unreadable inputs, an adapter that does not fit the base, no adapted module in
+        the pair.
+    """
+    import tqdm
+
+    from spectra.checkpoints.adapter import plan_adapter
+    from spectra.checkpoints.pairing import Pairing, PairingOptions
+    from spectra.checkpoints.source import AdapterSource, open_checkpoint
+    from spectra.lora.train import read_train_summary
+
+    config = config or VerifyConfig()
+    adapter_src = open_checkpoint(adapter)
+    if not isinstance(adapter_src, AdapterSource):
+        raise ConfigError(f"--adapter {adapter}: not a PEFT adapter directory (no adapter_config.json).")
+    pairing = Pairing(base, tuned, PairingOptions(vectors=False, split_fused=False, with_weights=True))
+    trained = read_train_summary(adapter_src.path) or {}
+    quantized = config.quantized if config.quantized is not None else trained.get("method") in ("qlora", "qdora")
+    planned, notes = plan_adapter(_InBase(adapter_src, pairing.base), pairing.base, pairing.config)
+    lora = {p.module: p for p in planned if "full" not in p.keys}
+    saved = {p.module: p for p in planned if "full" in p.keys}
+    notes += [f"{m}: modules_to_save tensor absent from the base (a new head); not measured"
+              for m in _InBase.absent(adapter_src, pairing.base)]
+    rows, saved_rows, phis, truncated, right = [], [], {}, {}, {}
+    coverage = [0.0, 0.0]  # Σ‖ΔW_full‖² over adapted modules, over all matrices
+    for entry in tqdm.tqdm(pairing.entries, desc="verify", unit="module", disable=not progress):
+        (d,) = pairing.load(entry)
+        energy = frobenius_energy(d.delta)
+        coverage[1] += energy
+        if d.name in saved:
+            merged = saved[d.name].merged(d.base, adapter_src.weights, torch.float32)
+            err = frobenius_energy(merged - d.tuned)
+            saved_rows.append({"name": d.name, "role": d.role, "relative_error": math.sqrt(err / energy) if energy
+                               else None, "fro_norm_full": math.sqrt(energy)})
+        if d.name not in lora:
+            continue
+        coverage[0] += energy
+        p = lora[d.name]
+        W0 = nf4_round_trip(d.base, conv1d=d.conv1d) if quantized and d.role not in ("embed", "head") else d.base
+        A, B = (adapter_src.weights.read(p.keys[k]).double() for k in (("emb_A", "emb_B") if p.embedding
+                                                                        else ("A", "B")))
+        col, rowb = (A.T, B) if p.embedding else (B, A.T)  # embedding ΔW = s·(B A)ᵀ: roles swap
+        delta_ad = p.merged(W0, adapter_src.weights, torch.float32) - W0
+        measures, phi, vectors = module_measures(d.delta, delta_ad, W0, col_basis=col, row_basis=rowb, rank=A.shape[0],
+                                        W_base=d.base, intruder_k=config.intruder_k,
+                                        intruder_epsilon=config.intruder_epsilon, phi_max=config.phi_max)
+        rows.append({"name": d.name, "role": d.role, "layer": d.layer, "shape": list(d.shape),
+                     "scaling": p.scaling, "dora": "magnitude" in p.keys, **measures})
+        if phi is not None:
+            phis[d.name] = (energy, phi)
+            right[d.name] = vectors
+        if eval_data is not None:
+            truncated[d.name] = (_truncate(d.delta, A.shape[0]) + d.base, d.conv1d)
+    if not rows:
+        raise ConfigError(f"the adapter {adapter} adapts no weight matrix that {base} × {tuned} pairs; check that "
+                          "all three belong to the same model.")
+    keep = sorted(phis, key=lambda n: -phis[n][0])[:config.figure_modules]
+    result = VerifyResult(
+        modules=rows, summary=summarize(rows, coverage), saved_modules=saved_rows,
+        phi_matrices={n: [[round(v, 5) for v in r] for r in phis[n][1]] for n in keep},
+        sources={"base": pairing.base.fingerprint(), "tuned": pairing.tuned.fingerprint(),
+                 "adapter": adapter_src.fingerprint() | {"method": trained.get("method") or _method(adapter_src),
+                                                         "quantized": quantized}},
+        config=asdict(config), notes=notes + list(pairing.notes), right_vectors={n: right[n] for n in keep})
+    if eval_data is not None:
+        result.evals = evaluate_models(base, tuned, adapter_src, eval_data, truncated, config=config,
+                                       quantized=quantized, trained=trained, reference=reference_evals)
+    return result
+
+
+def summarize(rows: list[dict], coverage: tuple[float, float]) -> dict:
+    """Totals over modules, each weighted by its ‖ΔW_full‖_F² (so big updates count more)."""
+    measured = [r for r in rows if r.get("captured_energy") is not None]
+    weights = [r["fro_norm_full"] ** 2 for r in measured]
+    total = sum(weights)
+
+    def weighted(key: str) -> float | None:
+        return sum(w * r[key] for w, r in zip(weights, measured)) / total if total else None
+
+    return {
+        "modules": len(rows), "ranks": sorted({r["rank"] for r in rows}),
+        "captured_energy": weighted("captured_energy"), "captured_energy_row": weighted("captured_energy_row"),
+        "optimal_energy": weighted("optimal_energy"), "phi": weighted("phi"),
+        "relative_error": weighted("relative_error"),
+        "intruders_adapter": sum(r["intruders_adapter"] for r in rows),
+        "intruders_full": sum(r["intruders_full"] for r in rows),
+        "coverage": coverage[0] / coverage[1] if coverage[1] else None,
+        "quant_error": (sum(r["quant_error"] for r in rows) / len(rows)) if rows and "quant_error" in rows[0] else None,
+    }
+
+
+def nf4_round_trip(W: torch.Tensor, *, conv1d: bool = False) -> torch.Tensor:
+    """dequant(quant(W)) with bitsandbytes NF4, blocks of 64, double quantisation — the W₀ QLoRA trains on.
+
+    Bit-exact with what ``from_pretrained(quantization_config=nf4_config())`` stores for a
+    float32 checkpoint (Dettmers et al. 2023, arXiv:2305.14314). ``W`` is (out, in); a
+    Conv1D weight is quantised in its stored (in, out) layout.
+    """
+    import bitsandbytes.functional as bnbf
+
+    stored = (W.T if conv1d else W).float().contiguous()
+    packed, state = bnbf.quantize_4bit(stored, blocksize=64, quant_type="nf4", compress_statistics=True)
+    out = bnbf.dequantize_4bit(packed, state).to(W.dtype)
+    return out.T if conv1d else out
+
+
+def _truncate(delta: torch.Tensor, rank: int) -> torch.Tensor:
+    """The Eckart–Young rank-r part U_r Σ_r V_rᵀ of ``delta`` (out, in)."""
+    F = full_svd(delta, compute_vectors=True, dtype=torch.float64)
+    return ((F.U[:, :rank] * F.values[:rank]) @ F.Vh[:rank]).to(delta.dtype)  # (out, r) @ (r, in)
+
+
+def _method(adapter_src) -> str:
+    return "dora" if adapter_src.config.get("use_dora") else "lora"
+
+
+class _InBase:
+    """An adapter view without modules_to_save tensors the base lacks (a head new to a bare base)."""
+
+    def __init__(self, adapter_src, base_src):
+        self.spec, self.config, self.path = adapter_src.spec, adapter_src.config, adapter_src.path
+        drop = set(self.absent_keys(adapter_src, base_src))
+        self.weights = _FilteredWeights(adapter_src.weights, drop)
+
+    @staticmethod
+    def absent_keys(adapter_src, base_src) -> list[str]:
+        from spectra.checkpoints.adapter import PEFT_PREFIX
+        from spectra.checkpoints.names import match_names
+
+        full = [k for k in adapter_src.weights.names() if "lora_" not in k and k.endswith(".weight")
+                and ".base_layer." not in k]
+        match = match_names([k.removeprefix(PEFT_PREFIX) for k in full],
+                            [n for n in base_src.names() if n.endswith(".weight")])
+        return [PEFT_PREFIX + k for k in match.only_in_base]
+
+    @classmethod
+    def absent(cls, adapter_src, base_src) -> list[str]:
+        return [k.removesuffix(".weight") for k in cls.absent_keys(adapter_src, base_src)]
+
+
+class _FilteredWeights:
+    def __init__(self, weights, drop: set[str]):
+        self._weights, self._drop = weights, drop
+
+    def names(self) -> list[str]:
+        return [n for n in self._weights.names() if n not in self._drop]
+
+    def info(self, name: str):
+        return self._weights.info(name)
+
+    def read(self, name: str) -> torch.Tensor:
+        return self._weights.read(name)
+
+
+# ---------------------------------------------------------------------------- evaluation
+
+
+def evaluate_models(base, tuned, adapter_src, eval_data, truncated: dict, *, config: VerifyConfig, quantized: bool,
+                    trained: dict, reference: dict | None = None) -> dict:
+    """Eval loss/accuracy of the base, the full fine-tune, the adapter and the truncated-SVD merge.
+
+    Models are loaded one at a time. ``truncated`` maps module name → (W_base + rank-r
+    part of ΔW_full (out, in), conv1d); the SVD model also takes the tuned task head
+    when the adapter trains one (``modules_to_save``), as ``extract_adapter`` does.
+    """
+    import json
+
+    from spectra.lora.data import load_tokenizer, tokenize_file
+    from spectra.lora.train import evaluate, load_model, model_dir
+
+    task = config.task
+    if task == "auto":
+        task = trained.get("task") or ("seq_cls" if adapter_src.config.get("task_type") == "SEQ_CLS" else "causal_lm")
+    tuned_config = json.loads((model_dir(tuned) / "config.json").read_text())
+    labels = trained.get("label_names")
+    if task == "seq_cls" and labels is None and tuned_config.get("id2label"):
+        labels = [tuned_config["id2label"][k] for k in sorted(tuned_config["id2label"], key=int)]
+    folder = model_dir(base)
+    vocab = int(json.loads((folder / "config.json").read_text()).get("vocab_size", 256))
+    tokenizer = load_tokenizer(folder, vocab_size=vocab, task=task)
+    data = tokenize_file(eval_data, tokenizer, task=task, max_length=config.max_length, label_names=labels)
+    num_labels = len(labels) if task == "seq_cls" and labels else None
+    compute = (trained.get("config") or {}).get("compute_dtype", "float32")
+
+    def base_model(quantize: bool = False):
+        torch.manual_seed(config.seed)  # a head new to a bare base is initialised from the seed
+        model = load_model(base, task=task, num_labels=num_labels, quantize=quantize, compute_dtype=compute,
+                           label_names=labels)
+        if model.config.pad_token_id is None:
+            model.config.pad_token_id = tokenizer.pad_token_id
+        return model
+
+    builders = {
+        "base": base_model,
+        "tuned": lambda: load_model(tuned, task=task),
+        "adapter": lambda: _load_adapter(base_model(quantized), adapter_src.path),
+        "svd": lambda: _set_weights(base_model(), truncated, tuned, adapter_src.config.get("modules_to_save")),
+    }
+    evals = {k: v for k, v in (reference or {}).items() if k in ("base", "tuned")}
+    for name, build in builders.items():
+        if name not in evals:
+            model = build()
+            if model.config.pad_token_id is None:
+                model.config.pad_token_id = tokenizer.pad_token_id
+            evals[name] = evaluate(model, data, batch_size=config.batch_size)
+            del model
+    return evals
+
+
+def _load_adapter(model, path):
+    from peft import PeftModel
+
+    from spectra.lora.train import quiet_peft
+
+    with quiet_peft():
+        return PeftModel.from_pretrained(model, str(path))
+
+
+def _set_weights(model, weights: dict, tuned, heads) -> torch.nn.Module:
+    """Write checkpoint-named (out, in) weights, and the tuned checkpoint's heads, into ``model``."""
+    from spectra.checkpoints.names import match_names
+    from spectra.checkpoints.source import open_checkpoint
+
+    params = dict(model.named_parameters())
+    match = match_names([n + ".weight" for n in weights], list(params))
+    tuned_src = open_checkpoint(tuned)
+    head_tensors = [n for n in tuned_src.names() if heads and any(
+        n.removesuffix(".weight").removesuffix(".bias").endswith(h) for h in heads)]
+    head_match = match_names(head_tensors, list(params))
+    with torch.no_grad():
+        for name, (W, conv1d) in weights.items():
+            params[match.pairs[name + ".weight"]].copy_(W.T if conv1d else W)
+        for tensor, key in head_match.pairs.items():
+            params[key].copy_(tuned_src.read(tensor))
+    return model
+
+
+# ---------------------------------------------------------------------------- rank sweep
+
+
+@dataclass
+class SweepResult:
+    """Adapters trained at several ranks (and methods), each verified against the full fine-tune.
+
+    Attributes
+    ----------
+    runs : list of dict
+        One per (method, rank): captured vs optimal energy, φ, eval metrics, adapter path.
+    reference_evals : dict
+        Eval of the base and the full fine-tune (the lines the curves are read against).
+    phi_between_ranks : list of dict
+        φ(A_low, A_high, i, j) between the smallest- and largest-rank adapters of each
+        method on the modules with the largest updates (LoRA §7, Fig. 3).
+    recommended_rank : int or None
+        The rank ``spectra recommend`` chose, marked in the figures.
+    """
+
+    runs: list[dict]
+    reference_evals: dict
+    phi_between_ranks: list[dict]
+    recommended_rank: int | None
+    sources: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"schema_version": SCHEMA_VERSION, "kind": "sweep", **self.sources,
+                "recommended_rank": self.recommended_rank, "reference_evals": self.reference_evals,
+                "runs": self.runs, "phi_between_ranks": self.phi_between_ranks}
+
+    def write_report(self, out_dir, *, overwrite: bool = False) -> Path:
+        """Write ``sweep.json``, ``report.md``, ``report.html`` and figures into ``out_dir`` atomically."""
+        from spectra.report.verify import write_sweep_report
+
+        return write_sweep_report(self.to_dict(), out_dir, overwrite=overwrite)
+
+
+def rank_sweep(base, tuned, data, *, ranks, methods=("lora",), adapters_dir, train_config=None, eval_data=None,
+               verify_config: VerifyConfig | None = None, recommended_rank: int | None = None,
+               overwrite: bool = False, progress: bool = True) -> SweepResult:
+    """Train an adapter per (method, rank) on ``data`` and verify each against ``tuned``.
+
+    Parameters
+    ----------
+    base, tuned : str or path
+        The pretrained checkpoint and its full fine-tune.
+    data : str or path
+        Training data (the full fine-tune's task; with ``train_config.teacher`` set to
+        ``tuned``, the adapters are distilled from it instead).
+    ranks : sequence of int
+    methods : sequence of {"lora", "dora", "qlora", "qdora"}
+    adapters_dir : str or path
+        Where the adapters go, one sub-directory ``{method}-r{rank}`` each.
+    train_config : TrainConfig, optional
+        Everything but method and rank (which the sweep sets).
+    eval_data : str or path, optional
+        Eval loss/accuracy per run, of the base and of the full fine-tune.
+    verify_config : VerifyConfig, optional
+    recommended_rank : int, optional
+        Marked in the figures (the rank from ``spectra recommend``).
+    """
+    from dataclasses import replace
+
+    from spectra.lora.train import TrainConfig, train_adapter
+
+    ranks = sorted({int(r) for r in ranks})
+    methods = tuple(dict.fromkeys(methods))
+    if not ranks or ranks[0] < 1:
+        raise ConfigError(f"--sweep {ranks}: give positive ranks, e.g. 1,2,4,8.")
+    if "full" in methods:
+        raise ConfigError("a rank sweep trains adapters; method 'full' has no rank (use lora, dora, qlora, qdora).")
+    train_config = train_config or TrainConfig()
+    runs, reference, vectors = [], None, {}
+    for method in methods:
+        for rank in ranks:
+            folder = Path(adapters_dir) / f"{method}-r{rank}"
+            cfg = replace(train_config, method=method, rank=rank, plan=None)
+            trained = train_adapter(base, data, cfg, folder, eval_data=eval_data, overwrite=overwrite,
+                                    progress=progress)
+            result = verify_adapter(base, tuned, folder, eval_data=eval_data, config=verify_config,
+                                    progress=False, reference_evals=reference)
+            reference = {k: result.evals[k] for k in ("base", "tuned")} if result.evals else None
+            s = result.summary
+            runs.append({"method": method, "rank": rank, "adapter": str(folder),
+                         "trainable_params": trained.trainable_params, "steps": trained.steps,
+                         "final_train_loss": trained.losses[-1] if trained.losses else None,
+                         "step_median_s": sorted(trained.step_times)[len(trained.step_times) // 2],
+                         **{k: s[k] for k in ("captured_energy", "captured_energy_row", "optimal_energy", "phi",
+                                              "relative_error", "intruders_adapter", "intruders_full")},
+                         "eval": (result.evals or {}).get("adapter"), "svd_eval": (result.evals or {}).get("svd")})
+            vectors[(method, rank)] = result.right_vectors
+    phi_pairs = []
+    for method in methods:
+        low, high = vectors[(method, ranks[0])], vectors[(method, ranks[-1])]
+        for name in [n for n in high if n in low][:2] if len(ranks) > 1 else []:
+            matrix = similarity_matrix(low[name].T, high[name].T)  # (r_low, r_high)
+            phi_pairs.append({"module": name, "method": method, "ranks": [ranks[0], ranks[-1]],
+                              "matrix": [[round(v, 5) for v in r] for r in matrix.tolist()]})
+    sources = {"base": str(base), "tuned": str(tuned), "data": str(data), "methods": list(methods), "ranks": ranks,
+               "eval_data": None if eval_data is None else str(eval_data), "train_config": asdict(train_config)}
+    return SweepResult(runs=runs, reference_evals=reference or {}, phi_between_ranks=phi_pairs,
+                       recommended_rank=recommended_rank, sources=sources)
