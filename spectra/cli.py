@@ -358,6 +358,130 @@ def bench_svd(
     typer.echo(f"wrote {path}")
 
 
+# ---------------------------------------------------------------------------- train / verify
+
+
+@app.command()
+def train(
+    base: Annotated[str, typer.Argument(help="Model directory (or hub id) with config.json to fine-tune.")],
+    data: Annotated[Path, typer.Option(help=".txt (language modelling) or .jsonl of {\"text\"} / {\"text\", \"label\"}.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Adapter directory (or checkpoint with --full) to create.")],
+    method: Annotated[str, typer.Option(help="lora, dora, qlora or qdora (4-bit NF4 base).")] = "lora",
+    full: Annotated[bool, typer.Option("--full", help="Full fine-tune instead of an adapter: writes a checkpoint that "
+                                                      "pairs with BASE.")] = False,
+    rank: Annotated[int, typer.Option(help="LoRA rank of every targeted module.")] = 8,
+    alpha: Annotated[Optional[float], typer.Option(help="LoRA α (default 2·rank).")] = None,
+    rslora: Annotated[bool, typer.Option("--rslora", help="Scale by α/√r (rsLoRA).")] = False,
+    plan: Annotated[Optional[Path], typer.Option(help="Per-module ranks from `spectra recommend -o plan.json`.")] = None,
+    roles: Annotated[Optional[str], typer.Option(help="Roles to target, e.g. q,v (default: every block linear).")] = None,
+    task: Annotated[str, typer.Option(help="auto, causal_lm or seq_cls.")] = "auto",
+    eval_data: Annotated[Optional[Path], typer.Option(help="Held-out data (default: 10% of --data).")] = None,
+    epochs: Annotated[int, typer.Option(help="Passes over the data.")] = 1,
+    max_steps: Annotated[Optional[int], typer.Option(help="Stop after this many steps.")] = None,
+    batch_size: Annotated[int, typer.Option(help="Examples per step.")] = 16,
+    max_length: Annotated[int, typer.Option(help="Tokens per example.")] = 128,
+    lr: Annotated[Optional[float], typer.Option(help="Learning rate (default 5e-4 adapters, 1e-4 full).")] = None,
+    compute_dtype: Annotated[str, typer.Option(help="QLoRA compute dtype: float32, bfloat16 or float16.")] = "float32",
+    teacher: Annotated[Optional[str], typer.Option(help="Distil from this checkpoint's outputs instead of labels.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed (same seed, same adapter bytes on CPU).")] = 0,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output directory.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """Train a LoRA/DoRA/QLoRA adapter (or, with --full, a full fine-tune) of BASE on DATA.
+
+    Example: spectra train ./base --data train.jsonl --rank 8 --method dora -o adapter_dora/
+    """
+    from spectra.lora.train import TrainConfig, train_adapter
+
+    config = TrainConfig(method="full" if full else method, rank=rank, alpha=alpha, rslora=rslora,
+                         plan=str(plan) if plan else None, roles=_split(roles), task=task, epochs=epochs,
+                         max_steps=max_steps, batch_size=batch_size, max_length=max_length, lr=lr,
+                         compute_dtype=compute_dtype, teacher=teacher, seed=seed)
+    result = train_adapter(base, data, config, output, eval_data=eval_data, overwrite=overwrite, progress=not quiet)
+    final = result.final_eval
+    typer.echo(f"{result.method}: {result.steps} steps, {result.trainable_params:,} trainable parameters, final "
+               f"train loss {result.losses[-1]:.4f}"
+               + (f", eval loss {final['loss']:.4f}, accuracy {final['accuracy']:.1%}" if final else ""))
+    typer.echo(f"wrote {result.out_dir}  (training_log.jsonl, spectra_train.json)")
+
+
+@app.command()
+def verify(
+    base: Annotated[str, typer.Argument(help="Pretrained checkpoint the adapter and the full fine-tune started from.")],
+    tuned: Annotated[str, typer.Argument(help="The full fine-tune (e.g. from `spectra train --full`).")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Report directory to write.")] = Path("reports/verify"),
+    adapter: Annotated[Optional[Path], typer.Option(help="An existing PEFT adapter to check (no training).")] = None,
+    sweep: Annotated[Optional[str], typer.Option(help="Ranks to train and check, e.g. 1,2,4,8,16.")] = None,
+    method: Annotated[str, typer.Option(help="Sweep methods, e.g. lora,dora (qlora, qdora too).")] = "lora",
+    data: Annotated[Optional[Path], typer.Option(help="Training data for --sweep.")] = None,
+    eval_data: Annotated[Optional[Path], typer.Option(help="Eval data: loss/accuracy of base, tuned, adapter, SVD.")] = None,
+    adapters_dir: Annotated[Optional[Path], typer.Option(help="Where --sweep puts adapters (default OUTPUT-adapters).")] = None,
+    plan: Annotated[Optional[Path], typer.Option(help="The plan from `spectra recommend`: its rank is marked.")] = None,
+    recommended: Annotated[Optional[int], typer.Option(help="Rank to mark as recommended (instead of --plan).")] = None,
+    distill: Annotated[bool, typer.Option("--distill", help="Sweep: fit adapters to TUNED's outputs, not labels.")] = False,
+    roles: Annotated[Optional[str], typer.Option(help="Sweep: roles to target (default every block linear).")] = None,
+    epochs: Annotated[int, typer.Option(help="Sweep: passes over the data.")] = 1,
+    max_steps: Annotated[Optional[int], typer.Option(help="Sweep: steps per run.")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Sweep: learning rate.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of training and of any new head.")] = 0,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace existing outputs.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+) -> None:
+    """Check an adapter against the full fine-tune: captured energy vs Eckart–Young, φ, intruders, eval.
+
+    Example: spectra verify ./base ./tuned --adapter adapter/ -o reports/verify1
+    """
+    from spectra.errors import ConfigError
+    from spectra.lora.verify import VerifyConfig, rank_sweep, verify_adapter
+
+    if (adapter is None) == (sweep is None):
+        raise ConfigError("pass either --adapter ADAPTER_DIR (check one adapter) or --sweep RANKS with --data.")
+    if output.exists() and not overwrite:
+        raise ConfigError(f"output directory {output} exists; pass --overwrite to replace it or choose another -o.")
+    vconfig = VerifyConfig(seed=seed)
+    if adapter is not None:
+        result = verify_adapter(base, tuned, adapter, eval_data=eval_data, config=vconfig, progress=not quiet)
+        path = result.write_report(output, overwrite=overwrite)
+        from spectra.report.verify import headline
+
+        typer.echo(headline(result.summary))
+        typer.echo(f"report: {path / 'report.html'}  (also report.md, verify.json, figures/)")
+        return
+    from spectra.lora.train import TrainConfig
+    from spectra.ranks import load_plan
+
+    if data is None:
+        raise ConfigError("--sweep trains adapters: pass --data (the fine-tune's training data).")
+    try:
+        ranks = [int(r) for r in _split(sweep) or ()]
+    except ValueError:
+        raise ConfigError(f"--sweep {sweep!r}: expected comma-separated ranks like 1,2,4,8.") from None
+    if plan is not None and recommended is None:
+        recommended = load_plan(plan).to_peft_config()["r"]
+    tconfig = TrainConfig(roles=_split(roles), epochs=epochs, max_steps=max_steps, lr=lr, seed=seed,
+                          teacher=tuned if distill else None)
+    result = rank_sweep(base, tuned, data, ranks=ranks, methods=_split(method) or ("lora",), train_config=tconfig,
+                        eval_data=eval_data, adapters_dir=adapters_dir or output.with_name(output.name + "-adapters"),
+                        verify_config=vconfig, recommended_rank=recommended, overwrite=overwrite,
+                        progress=not quiet)
+    path = result.write_report(output, overwrite=overwrite)
+    typer.echo(f"report: {path / 'report.html'}  (also report.md, sweep.json, figures/)")
+
+
+@bench_app.command("train")
+def bench_train(
+    out: Annotated[Path, typer.Option("-o", "--out", help="Output directory for train.{md,json}.")] = Path("reports/bench"),
+    steps: Annotated[int, typer.Option(help="Timed steps per loop (after warm-up).")] = 20,
+    quick: Annotated[bool, typer.Option(help="A tiny model and few steps (a smoke test).")] = False,
+    seed: Annotated[int, typer.Option(help="Seed of the model and batch.")] = 0,
+) -> None:
+    """Time the trainer's step against a plain PEFT loop on the same model and batch."""
+    from spectra.bench.train import run_train_bench
+
+    path = run_train_bench(out, steps=steps, quick=quick, seed=seed)
+    typer.echo(f"wrote {path}")
+
+
 # ---------------------------------------------------------------------------- helpers
 
 

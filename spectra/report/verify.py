@@ -1,0 +1,287 @@
+"""Reports of ``spectra verify``: one adapter against a full fine-tune, or a rank sweep.
+
+Same shape as the analysis report (:mod:`spectra.report.render`): JSON, Markdown and a
+self-contained HTML page rendered from one list of blocks, figures as PNG and SVG, and
+the directory built beside its destination and renamed into place when complete.
+Figures are :class:`matplotlib.figure.Figure` objects built without ``pyplot``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from spectra.errors import ConfigError
+from spectra.report.render import _move_into_place, _plain, analysis_json, to_html, to_markdown
+
+_PNG_DPI = 130
+_ROW_COLUMNS = (("module", "name", "s"), ("rank", "rank", "d"), ("captured (col)", "captured_energy", "%"),
+                ("Eckart–Young", "optimal_energy", "%"), ("captured (row)", "captured_energy_row", "%"),
+                ("φ(r, r)", "phi", "f"), ("rel. error", "relative_error", "f"),
+                ("amplification ad/full", ("amplification_adapter", "amplification_full"), "2f"),
+                ("intruders ad/full", ("intruders_adapter", "intruders_full"), "2d"), ("NF4 error", "quant_error", "%"))
+
+
+# ---------------------------------------------------------------------------- writing
+
+
+def write_verify_report(result: Mapping, out_dir, *, overwrite: bool = False) -> Path:
+    """Write a verify result as ``verify.json``, ``report.md``, ``report.html``, ``figures/``, atomically."""
+    if not result.get("modules"):
+        raise ConfigError("the verify result has no module rows; nothing to report.")
+    figures = {"energy": plot_energy(result)}
+    if result.get("phi_matrices"):
+        figures["phi"] = plot_phi(result["phi_matrices"], title="φ(ΔW_adapter, ΔW_full, i, j), left singular "
+                                                                 "vectors (LoRA §7.2)")
+    return _write(out_dir, "verify.json", result, figures, verify_blocks, overwrite=overwrite)
+
+
+def write_sweep_report(sweep: Mapping, out_dir, *, overwrite: bool = False) -> Path:
+    """Write a rank sweep as ``sweep.json``, ``report.md``, ``report.html``, ``figures/``, atomically."""
+    if not sweep.get("runs"):
+        raise ConfigError("the sweep has no runs; nothing to report.")
+    figures = {"sweep_energy": plot_sweep_energy(sweep)}
+    if any(r.get("eval") for r in sweep["runs"]):
+        figures["sweep_eval"] = plot_sweep_eval(sweep)
+    if sweep.get("phi_between_ranks"):
+        figures["sweep_phi"] = plot_phi({f"{p['module']} ({p['method']})": p["matrix"]
+                                         for p in sweep["phi_between_ranks"]},
+                                        title="φ(A_low, A_high, i, j) between adapter ranks, right singular "
+                                              "vectors (LoRA §7.2, Fig. 3)",
+                                        labels=("i (low rank)", "j (high rank)"))
+    return _write(out_dir, "sweep.json", sweep, figures, sweep_blocks, overwrite=overwrite)
+
+
+def _write(out_dir, json_name: str, data: Mapping, figures: dict[str, Figure], blocks_of: Callable,
+           *, overwrite: bool) -> Path:
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or not overwrite):
+        raise ConfigError(f"the report directory {out} already exists; pass overwrite=True (--overwrite) or "
+                          "choose another output directory.")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.parent / f".{out.name}.tmp-{secrets.token_hex(4)}"
+    staging.mkdir()
+    try:
+        (staging / json_name).write_text(analysis_json(data), encoding="utf-8")
+        (staging / "figures").mkdir()
+        images = {}
+        for name, fig in figures.items():
+            fig.savefig(staging / "figures" / f"{name}.png", dpi=_PNG_DPI, metadata={"Software": None})
+            fig.savefig(staging / "figures" / f"{name}.svg", metadata={"Date": None, "Creator": None})
+            images[name] = (staging / "figures" / f"{name}.png").read_bytes()
+        blocks = blocks_of(data, figures=list(images))
+        (staging / "report.md").write_text(to_markdown(blocks), encoding="utf-8")
+        (staging / "report.html").write_text(to_html(blocks, images=images), encoding="utf-8")
+        _move_into_place(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out
+
+
+# ---------------------------------------------------------------------------- blocks
+
+
+def verify_blocks(result: Mapping, *, figures: list[str]) -> list[tuple]:
+    """The verify report as render blocks (headings, summary, eval table, figures, per-module table)."""
+    s = result.get("summary", {})
+    adapter = result.get("adapter") or {}
+    blocks: list[tuple] = [("h", 1, "spectra verify: does the adapter capture the fine-tune's update?"),
+                           ("p", headline(s)), ("h", 2, "Summary"), ("ul", [
+                               f"Adapter: {adapter.get('path', '?')} ({adapter.get('method', '?')}"
+                               f"{', NF4 base' if adapter.get('quantized') else ''}), ranks {s.get('ranks')}",
+                               f"Full fine-tune: {(result.get('tuned') or {}).get('path', '?')}",
+                               f"Adapted modules: {s.get('modules')}, holding {_pct(s.get('coverage'))} of ‖ΔW_full‖²",
+                               f"Captured in the adapter's column space: {_pct(s.get('captured_energy'))} "
+                               f"(row space {_pct(s.get('captured_energy_row'))}); Eckart–Young optimum at the "
+                               f"same ranks {_pct(s.get('optimal_energy'))}",
+                               f"φ(r, r), energy-weighted: {_num(s.get('phi'))}; intruder dimensions: adapter "
+                               f"{s.get('intruders_adapter')}, full fine-tune {s.get('intruders_full')}",
+                           ] + ([f"NF4 quantisation error of W₀ (mean ‖ΔQ‖/‖W₀‖): {_pct(s['quant_error'])}"]
+                                if s.get("quant_error") is not None else []))]
+    if result.get("evals"):
+        blocks += [("h", 2, "Eval"), ("table", ["model", "loss", "accuracy"],
+                                      [[k, _num(v.get("loss")), _pct(v.get("accuracy"))]
+                                       for k, v in result["evals"].items()]),
+                   ("p", "svd: W_base + the rank-r truncated SVD of ΔW_full on the adapted modules (what "
+                         "`spectra extract` writes at the adapter's ranks).")]
+    blocks.append(("h", 2, "Figures"))
+    captions = {"energy": "Share of ‖ΔW_full‖² in each adapter's column space (bars) vs the Eckart–Young "
+                          "optimum at the same rank (ticks): no adapter can exceed its tick.",
+                "phi": "Subspace similarity φ(i, j) between the adapter's top-i and the full update's top-j "
+                       "left singular vectors, for the modules with the largest updates."}
+    blocks += [("figure", f, captions.get(f, f)) for f in figures]
+    blocks += [("h", 2, "Per module"), ("table", [c[0] for c in _ROW_COLUMNS],
+                                        [[_cell(row, key, kind) for _, key, kind in _ROW_COLUMNS]
+                                         for row in result["modules"]])]
+    if result.get("notes"):
+        blocks += [("h", 3, "Notes"), ("ul", list(result["notes"]))]
+    blocks += [("h", 2, "Configuration"), ("code", json.dumps(_plain(result.get("config", {})), indent=2))]
+    return blocks
+
+
+def headline(summary: Mapping) -> str:
+    """'Your adapter captured 41 % of the update where rank 8 could capture 78 %.'"""
+    ranks = summary.get("ranks") or []
+    at = f"rank {ranks[0]}" if len(ranks) == 1 else "the same ranks"
+    return (f"The adapter captured {_pct(summary.get('captured_energy'))} of the full fine-tune's update "
+            f"(share of ‖ΔW_full‖_F² in its column space) where {at} could capture "
+            f"{_pct(summary.get('optimal_energy'))} (Eckart–Young).")
+
+
+def sweep_blocks(sweep: Mapping, *, figures: list[str]) -> list[tuple]:
+    """The sweep report as render blocks."""
+    ref = sweep.get("reference_evals") or {}
+    headers = ["method", "rank", "params", "captured", "Eckart–Young", "φ(r, r)", "intruders", "eval loss",
+               "eval accuracy", "SVD eval loss", "step (ms)"]
+    rows = [[r["method"], r["rank"], f"{r['trainable_params']:,}", _pct(r.get("captured_energy")),
+             _pct(r.get("optimal_energy")), _num(r.get("phi")), r.get("intruders_adapter"),
+             _num((r.get("eval") or {}).get("loss")), _pct((r.get("eval") or {}).get("accuracy")),
+             _num((r.get("svd_eval") or {}).get("loss")), f"{1e3 * r['step_median_s']:.1f}"] for r in sweep["runs"]]
+    blocks: list[tuple] = [("h", 1, "spectra verify: rank sweep"),
+                           ("ul", [f"Base: {sweep.get('base')}", f"Full fine-tune: {sweep.get('tuned')}",
+                                   f"Data: {sweep.get('data')}; eval: {sweep.get('eval_data')}",
+                                   f"Recommended rank (spectra recommend): {sweep.get('recommended_rank') or '–'}"]
+                            + [f"{k} eval: loss {_num(v.get('loss'))}, accuracy {_pct(v.get('accuracy'))}"
+                               for k, v in ref.items()]),
+                           ("h", 2, "Runs"), ("table", headers, rows), ("h", 2, "Figures")]
+    captions = {"sweep_energy": "Captured share of ‖ΔW_full‖² vs rank: trained adapters (solid) against the "
+                                "Eckart–Young optimum (dashed); the dotted line marks the recommended rank.",
+                "sweep_eval": "Eval metric vs rank, with the full fine-tune and base as horizontal lines.",
+                "sweep_phi": "How much of the low-rank adapter's subspace the high-rank adapter contains."}
+    blocks += [("figure", f, captions.get(f, f)) for f in figures]
+    blocks += [("h", 2, "Training configuration"), ("code", json.dumps(_plain(sweep.get("train_config", {})),
+                                                                      indent=2))]
+    return blocks
+
+
+# ---------------------------------------------------------------------------- figures
+
+
+def plot_energy(result: Mapping) -> Figure:
+    """Per module: captured energy (bar) and the Eckart–Young optimum at its rank (tick)."""
+    rows = [r for r in result["modules"] if r.get("captured_energy") is not None]
+    fig = Figure(figsize=(8, max(2.5, 0.28 * len(rows) + 1.2)), layout="constrained")
+    ax = fig.add_subplot()
+    y = np.arange(len(rows))
+    ax.barh(y, [r["captured_energy"] for r in rows], color="tab:blue", label="captured (column space)")
+    ax.scatter([r["optimal_energy"] for r in rows], y, marker="|", s=200, color="black",
+               label="Eckart–Young optimum at the rank", zorder=3)
+    ax.set_yticks(y, [f"{r['name']} (r={r['rank']})" for r in rows], fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("share of ‖ΔW_full‖²")
+    ax.legend(loc="lower right", fontsize=8)
+    return fig
+
+
+def plot_phi(matrices: Mapping[str, list], *, title: str, labels=("i (adapter)", "j (full fine-tune)")) -> Figure:
+    """φ heatmaps, one panel per entry of ``matrices`` (name → (I, J) nested list)."""
+    names = list(matrices)
+    cols = min(2, len(names))
+    rows = -(-len(names) // cols)
+    fig = Figure(figsize=(5.2 * cols, 2.4 * rows + 0.8), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    image = None
+    for ax, name in zip(axes, names):
+        grid = np.asarray(matrices[name], dtype=np.float64)  # (I, J)
+        image = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto", origin="upper",
+                          extent=(0.5, grid.shape[1] + 0.5, grid.shape[0] + 0.5, 0.5))
+        ax.set_title(name, fontsize=8)
+        ax.set_xlabel(labels[1], fontsize=8)
+        ax.set_ylabel(labels[0], fontsize=8)
+    for ax in axes[len(names):]:
+        ax.set_visible(False)
+    if image is not None:
+        fig.colorbar(image, ax=list(axes[:len(names)]), label="φ")
+    fig.suptitle(title, fontsize=9)
+    return fig
+
+
+def plot_sweep_energy(sweep: Mapping) -> Figure:
+    """Captured energy vs rank per method, the Eckart–Young curve, and the recommended rank."""
+    fig = Figure(figsize=(6.5, 4), layout="constrained")
+    ax = fig.add_subplot()
+    runs = sweep["runs"]
+    for method in dict.fromkeys(r["method"] for r in runs):
+        mine = [r for r in runs if r["method"] == method]
+        ax.plot([r["rank"] for r in mine], [r["captured_energy"] for r in mine], marker="o", label=method)
+    optimal = sorted({(r["rank"], r["optimal_energy"]) for r in runs if r.get("optimal_energy") is not None})
+    ax.plot([o[0] for o in optimal], [o[1] for o in optimal], ls="--", color="black", label="Eckart–Young optimum")
+    _mark_recommended(ax, sweep)
+    ax.set_xscale("log", base=2)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("rank r")
+    ax.set_ylabel("share of ‖ΔW_full‖² captured")
+    ax.legend(fontsize=8)
+    return fig
+
+
+def plot_sweep_eval(sweep: Mapping) -> Figure:
+    """Eval loss and accuracy vs rank per method, with the full fine-tune and base lines."""
+    fig = Figure(figsize=(10, 3.8), layout="constrained")
+    runs, ref = sweep["runs"], sweep.get("reference_evals") or {}
+    for ax, metric in zip(fig.subplots(1, 2), ("loss", "accuracy")):
+        for method in dict.fromkeys(r["method"] for r in runs):
+            mine = [r for r in runs if r["method"] == method and r.get("eval")]
+            ax.plot([r["rank"] for r in mine], [r["eval"][metric] for r in mine], marker="o", label=method)
+        svd = sorted({(r["rank"], r["svd_eval"][metric]) for r in runs if r.get("svd_eval")})
+        if svd:
+            ax.plot([s[0] for s in svd], [s[1] for s in svd], ls="--", marker="x", color="0.4", label="SVD of ΔW_full")
+        for name, style in (("tuned", dict(color="black", ls="-")), ("base", dict(color="0.6", ls=":"))):
+            if name in ref:
+                ax.axhline(ref[name][metric], lw=1.2, label="full fine-tune" if name == "tuned" else name, **style)
+        _mark_recommended(ax, sweep)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("rank r")
+        ax.set_ylabel(f"eval {metric}")
+        ax.legend(fontsize=7)
+    return fig
+
+
+def _mark_recommended(ax, sweep: Mapping) -> None:
+    rank = sweep.get("recommended_rank")
+    if rank:
+        ax.axvline(rank, color="tab:red", ls=":", lw=1.5, label=f"recommended r={rank}")
+
+
+# ---------------------------------------------------------------------------- cells
+
+
+def _cell(row: Mapping, key, kind: str) -> str:
+    if isinstance(key, tuple):
+        a, b = (row.get(k) for k in key)
+        fmt = (lambda v: "–" if v is None else f"{v:.2f}") if kind == "2f" else (lambda v: "–" if v is None else str(v))
+        return f"{fmt(a)} / {fmt(b)}"
+    value = row.get(key)
+    if kind == "%":
+        return _pct(value)
+    if kind == "f":
+        return _num(value)
+    return "–" if value is None else str(value)
+
+
+def _pct(value) -> str:
+    return "–" if value is None else f"{100 * value:.1f}%"
+
+
+def _num(value) -> str:
+    return "–" if value is None else f"{value:.4g}"
+
+
+def load_result(path: str | os.PathLike) -> dict:
+    """Read ``verify.json`` or ``sweep.json`` (or the report directory holding one)."""
+    path = Path(path)
+    if path.is_dir():
+        path = next((path / n for n in ("verify.json", "sweep.json") if (path / n).is_file()), path / "verify.json")
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"cannot read {path}: {err}") from None
