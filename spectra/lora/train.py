@@ -57,6 +57,8 @@ class TrainConfig:
         A plan file from ``spectra recommend``: per-module ranks, alphas and targets.
     roles : tuple of str, optional
         Roles to target (``q, k, v, o, qkv, gate, up, down, gate_up``); None: all of them.
+    target_modules : tuple of str, optional
+        Module names to target instead of roles (as ``model.named_modules()`` names them).
     task : {"auto", "causal_lm", "seq_cls"}
         ``auto``: classification when every record has a ``label``, else language modelling.
     max_length, batch_size, epochs, max_steps, lr, weight_decay, warmup_ratio, grad_clip
@@ -80,6 +82,7 @@ class TrainConfig:
     rslora: bool = False  # α/r is PEFT's default
     plan: str | None = None
     roles: tuple[str, ...] | None = None  # None -> every block linear, as QLoRA recommends
+    target_modules: tuple[str, ...] | None = None
     task: str = "auto"
     max_length: int = 128  # covers sentence classification; longer costs quadratic attention
     batch_size: int = 16  # fits a small model on 2 CPU cores at a step rate that shows progress
@@ -100,6 +103,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ConfigError(f"method {self.method!r} is not one of {', '.join(METHODS)}.")
+        if self.target_modules is not None:
+            object.__setattr__(self, "target_modules", tuple(self.target_modules))
         if self.roles is not None:
             object.__setattr__(self, "roles", tuple(self.roles))
             bad = sorted(set(self.roles) - set(BLOCK_ROLES))
@@ -256,7 +261,11 @@ def lora_config(model, config: TrainConfig, *, task: str):
                                          "use_rslora", "fan_in_fan_out", "lora_dropout")}
         fields["use_rslora"] = fields["use_rslora"] or config.rslora
     else:
-        targets = target_modules(model, config.roles)
+        targets = list(config.target_modules) if config.target_modules else target_modules(model, config.roles)
+        missing = sorted(set(targets) - set(names))
+        if missing:
+            raise ConfigError(f"target_modules {missing[:5]} are not modules of the model; use names as "
+                              "model.named_modules() lists them, e.g. model.layers.0.self_attn.q_proj.")
         fields = {"r": config.rank, "lora_alpha": config.alpha if config.alpha is not None else 2.0 * config.rank,
                   "target_modules": targets, "use_rslora": config.rslora, "lora_dropout": config.lora_dropout,
                   "fan_in_fan_out": _has_conv1d(model, targets)}

@@ -1,0 +1,93 @@
+"""The trainer: determinism, logs, full fine-tunes that pair with the base, classification, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from spectra.checkpoints.pairing import iter_deltas
+from spectra.errors import ConfigError
+from spectra.lora.train import TrainConfig, train_adapter
+from tests.lora.conftest import classification_jsonl
+from tests.models import build_model, save
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+FAST = dict(max_length=16, batch_size=8, max_steps=4, eval_fraction=0.0)
+
+
+def test_same_seed_same_adapter_bytes(llama_base, text_data, tmp_path):
+    runs = {}
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        out = train_adapter(llama_base, text_data, TrainConfig(rank=2, seed=seed, **FAST), tmp_path / name,
+                            progress=False).out_dir
+        runs[name] = (out / "adapter_model.safetensors").read_bytes()
+    assert runs["a"] == runs["b"]
+    assert runs["a"] != runs["c"]  # negative control: the seed matters
+
+
+def test_log_summary_and_eval(llama_base, text_data, tmp_path):
+    config = TrainConfig(rank=2, max_length=16, batch_size=8, epochs=2, eval_fraction=0.25, method="dora")
+    result = train_adapter(llama_base, text_data, config, tmp_path / "ad", progress=False)
+    lines = [json.loads(x) for x in (tmp_path / "ad" / "training_log.jsonl").read_text().splitlines()]
+    steps = [x for x in lines if "step" in x and "eval" not in x]
+    assert len(steps) == result.steps == len(result.losses) > 0
+    assert [x["loss"] for x in steps] == result.losses
+    assert len(result.evals) == 2 and {"loss", "accuracy", "tokens"} <= set(result.evals[-1])
+    summary = json.loads((tmp_path / "ad" / "spectra_train.json").read_text())
+    assert summary["method"] == "dora" and summary["config"]["rank"] == 2
+    adapter_config = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
+    assert adapter_config["use_dora"] and adapter_config["r"] == 2
+    assert not list(tmp_path.glob(".ad.tmp-*"))
+
+
+def test_full_fine_tune_pairs_with_base(llama_base, text_data, tmp_path):
+    result = train_adapter(llama_base, text_data, TrainConfig(method="full", lr=1e-3, **FAST), tmp_path / "full",
+                           progress=False)
+    assert (tmp_path / "full" / "config.json").is_file() and (tmp_path / "full" / "model.safetensors").is_file()
+    deltas = {d.name: d for d in iter_deltas(llama_base, result.out_dir, vectors=False, split_fused=False)}
+    assert "model.layers.0.self_attn.q_proj" in deltas
+    assert all(float(d.delta.abs().max()) > 0 for d in deltas.values())
+
+
+def test_classification_head_in_modules_to_save(tmp_path):
+    base = save(build_model("bert", head=False), tmp_path / "bert", "safetensors")  # a bare encoder: new head
+    data = classification_jsonl(tmp_path / "train.jsonl")
+    config = TrainConfig(rank=2, epochs=2, batch_size=8, lr=5e-3, eval_fraction=0.25)
+    result = train_adapter(base, data, config, tmp_path / "ad", progress=False)
+    assert result.task == "seq_cls" and result.label_names == ["neg", "neu", "pos"]
+    adapter_config = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
+    assert adapter_config["task_type"] == "SEQ_CLS" and "classifier" in adapter_config["modules_to_save"]
+    assert result.evals[-1]["examples"] == 12
+
+
+def test_plan_and_rslora_options(llama_base, text_data, tmp_path):
+    result = train_adapter(llama_base, text_data, TrainConfig(rank=2, roles=("q", "v"), rslora=True, **FAST),
+                           tmp_path / "ad", progress=False)
+    adapter_config = json.loads((result.out_dir / "adapter_config.json").read_text())
+    assert adapter_config["use_rslora"]
+    assert sorted(adapter_config["target_modules"]) == sorted(
+        f"model.layers.{i}.self_attn.{p}_proj" for i in (0, 1) for p in "qv")
+
+
+@pytest.mark.parametrize("field, value", [("method", "ia3"), ("rank", 0), ("roles", ("embed",)),
+                                          ("compute_dtype", "int8"), ("eval_fraction", 1.5)])
+def test_bad_config(field, value):
+    with pytest.raises(ConfigError):
+        TrainConfig(**{field: value})
+
+
+def test_bad_data_and_existing_output(llama_base, text_data, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok"}\n{not json}\n')
+    with pytest.raises(ConfigError, match="line 2"):
+        train_adapter(llama_base, bad, TrainConfig(**FAST), tmp_path / "out", progress=False)
+    with pytest.raises(ConfigError, match="does not exist"):
+        train_adapter(llama_base, tmp_path / "missing.txt", TrainConfig(**FAST), tmp_path / "out", progress=False)
+    (tmp_path / "exists").mkdir()
+    with pytest.raises(ConfigError, match="exists"):
+        train_adapter(llama_base, bad, TrainConfig(**FAST), tmp_path / "exists", progress=False)
+    with pytest.raises(ConfigError, match="target_modules"):
+        train_adapter(llama_base, text_data, TrainConfig(target_modules=("nope",), **FAST),
+                      tmp_path / "out2", progress=False)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out2").exists()
