@@ -16,6 +16,7 @@ import os
 import platform
 import re
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,22 +26,26 @@ import torch
 
 from spectra.checkpoints.pairing import DeltaW, Pairing, PairingOptions, describe
 from spectra.errors import ConfigError
+from spectra import sketch
 from spectra.linalg import metrics
 from spectra.linalg.svd import Spectrum, adaptive_svd, full_svd, randomized_svd
 
 SCHEMA_VERSION = 1
-_METHODS = ("auto", "full", "randomized", "adaptive")
+_METHODS = ("auto", "full", "randomized", "adaptive", "sketch")
 
 
 @dataclass(frozen=True)
 class AnalysisConfig:
     """How to analyse a pair. Written into every report so a result can be reproduced."""
 
-    method: str = "auto"  # exact spectrum for small matrices, adaptive randomized above full_below
+    method: str = "auto"  # exact spectrum for small matrices, the bf16 energy sketch ("sketch") above full_below
     full_below: int = 1024  # short side at or below which a full SVD takes well under a second
     max_rank: int | None = None  # cap on singular values computed by randomized/adaptive (None: no cap)
     thresholds: tuple[float, ...] = (0.5, 0.9, 0.95, 0.99)  # energy ranks reported; the adaptive path resolves the largest
     base_top_k: int = 16  # top singular values of W_base kept (amplification and intruder checks need them)
+    base_top_iter: int = 2  # power steps for W_base's top σ above full_below: resolves its outlying values to ~1e-3
+    resolve: float = 0.9  # energy whose rank "sketch" must get exactly (±1); higher thresholds only when within reach
+    sketch_dtype: str = "bfloat16"  # GEMM dtype of the sketch's power steps (4× fp32's rate); Rayleigh–Ritz stays fp32
     roles: tuple[str, ...] | None = None  # passed to the pairing: which modules to analyse
     layers: tuple[int, int] | None = None
     include: str | None = None
@@ -58,8 +63,12 @@ class AnalysisConfig:
             raise ConfigError(f"thresholds: {self.thresholds} must be energy fractions in (0, 1].")
         if self.max_rank is not None and self.max_rank < 1:
             raise ConfigError(f"max_rank: {self.max_rank} must be ≥ 1 (or None for no cap).")
-        if self.full_below < 0 or self.base_top_k < 0:
-            raise ConfigError("full_below and base_top_k must be ≥ 0.")
+        if self.full_below < 0 or self.base_top_k < 0 or self.base_top_iter < 0:
+            raise ConfigError("full_below, base_top_k and base_top_iter must be ≥ 0.")
+        if not 0 < self.resolve <= 1:
+            raise ConfigError(f"resolve: {self.resolve} must be an energy fraction in (0, 1].")
+        if self.sketch_dtype not in ("bfloat16", "float16", "float32"):
+            raise ConfigError(f"sketch_dtype: {self.sketch_dtype!r} is not one of bfloat16, float16, float32.")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ConfigError(f"device: {self.device!r} was asked for but torch sees no CUDA device here; "
                               "use --device cpu.")
@@ -140,11 +149,16 @@ class AnalysisResult:
 # ---------------------------------------------------------------------------- one module
 
 
-def module_spectrum(delta: torch.Tensor, config: AnalysisConfig) -> Spectrum:
-    """Spectrum of one ΔW by the configured method ("auto": full when small, else adaptive)."""
+def module_spectrum(delta: torch.Tensor, config: AnalysisConfig, *, total_energy: float | None = None) -> Spectrum:
+    """Spectrum of one ΔW by the configured method ("auto": full when small, else the bf16 energy sketch)."""
     method = config.method
     if method == "auto":
-        method = "full" if min(delta.shape) <= config.full_below else "adaptive"
+        method = "full" if min(delta.shape) <= config.full_below else "sketch"
+    if method == "sketch":
+        total = sketch.squared_norm(delta) if total_energy is None else total_energy
+        return sketch.energy_sketch(delta, energy=config.resolve, thresholds=config.thresholds, total_energy=total,
+                                    max_rank=config.max_rank, seed=config.seed,
+                                    sketch_dtype=getattr(torch, config.sketch_dtype))
     if method == "full":
         return full_svd(delta)
     if method == "randomized":
@@ -161,8 +175,8 @@ def analyze_delta(d: DeltaW, config: AnalysisConfig) -> dict[str, Any]:
         "fused_name": d.fused_name, "conv1d": d.conv1d, "shape": list(d.shape),
         "base_dtype": d.base_dtype, "tuned_dtype": d.tuned_dtype, "base_tensor": d.base_tensor,
     }
-    fro = float(torch.linalg.vector_norm(d.delta.double()))
-    base_fro = float(torch.linalg.vector_norm(d.base.double()))
+    fro2 = sketch.squared_norm(d.delta)
+    fro, base_fro = math.sqrt(fro2), math.sqrt(sketch.squared_norm(d.base))
     row.update(fro_norm=fro, base_fro_norm=base_fro, relative_size=fro / base_fro if base_fro else math.inf)
     if d.added_rows:
         row["added_rows"] = d.added_rows
@@ -170,10 +184,11 @@ def analyze_delta(d: DeltaW, config: AnalysisConfig) -> dict[str, Any]:
         row["seconds"] = time.perf_counter() - start
         return row
 
-    spec = module_spectrum(d.delta, config)
+    floor = sketch.sampled_noise_floor(d.base, d.tuned, base_dtype=_dtype(d.base_dtype),
+                                       tuned_dtype=_dtype(d.tuned_dtype))
+    d.tuned = None  # not needed any more: free it before the decomposition's workspace
+    spec = module_spectrum(d.delta, config, total_energy=fro2)
     values = spec.values.double().cpu()
-    floor = metrics.rounding_noise_floor(d.base, d.tuned, base_dtype=_dtype(d.base_dtype),
-                                         tuned_dtype=_dtype(d.tuned_dtype), s=values)
     ranks = metrics.energy_ranks(spec, config.thresholds, total_energy=spec.total_energy) if fro else {}
     row["energy_rank"] = {_key(t): ranks.get(t, 0) for t in config.thresholds}
     positive = values[values > 0]
@@ -188,6 +203,8 @@ def analyze_delta(d: DeltaW, config: AnalysisConfig) -> dict[str, Any]:
     row["gd_rank"] = int((values > max(gd.threshold, numerical)).sum())
     row["gd"] = {"threshold": gd.threshold, "noise_sigma": gd.noise_sigma, "known_noise": gd.known_noise}
     noise_rank = int((values > max(floor.mp_edge, numerical)).sum())
+    if not spec.complete and noise_rank == values.numel():
+        noise_rank = None  # every value held is above the floor: the count is a lower bound, not known
     row["noise"] = {"sigma": floor.sigma, "fro": floor.noise_fro, "mp_edge": floor.mp_edge, "rank_above": noise_rank}
     row["numerical_tolerance"] = numerical
     row["decay"] = _decay(values, noise_rank)
@@ -223,7 +240,7 @@ def _top_values(base: torch.Tensor, config: AnalysisConfig) -> list[float]:
     if min(base.shape) <= config.full_below:
         values = full_svd(base).values[:k]
     else:
-        values = randomized_svd(base, k, random_state=config.seed).values
+        values = sketch.top_values(base, k, n_iter=config.base_top_iter, seed=config.seed)
     return [float(v) for v in values.double().cpu()]
 
 
@@ -299,8 +316,13 @@ def _config_dict(config: AnalysisConfig) -> dict[str, Any]:
 
 
 def analyze(base, tuned, config: AnalysisConfig | None = None, *, cache_dir: str | os.PathLike | None | bool = True,
-            progress: bool = True, on_module: Callable[[str, list[dict]], None] | None = None) -> AnalysisResult:
+            progress: bool = True, on_module: Callable[[str, list[dict]], None] | None = None,
+            read_ahead: int = 2, read_ahead_mb: int = 768) -> AnalysisResult:
     """Analyse every ΔW of a checkpoint pair.
+
+    Under ``torchrun`` (``WORLD_SIZE`` > 1) each rank analyses a cost-balanced share of
+    the modules, reading only its own tensors, and every rank returns the whole result
+    (see :mod:`spectra.distributed`); it equals a single-process run's.
 
     Parameters
     ----------
@@ -312,9 +334,16 @@ def analyze(base, tuned, config: AnalysisConfig | None = None, *, cache_dir: str
         ``~/.cache/spectra``; False/None: no cache). A re-run with the same inputs and
         config reads every module back; an interrupted run resumes.
     progress : bool
-        Show a tqdm bar (module name and ETA) on stderr.
+        Show a tqdm bar (module name and ETA) on stderr (rank 0 only under torchrun).
     on_module : callable, optional
         Called as ``on_module(entry_name, rows)`` after each module is finished.
+    read_ahead : int, default 2
+        Entries read (and upcast, subtracted) ahead of the one being decomposed, so short
+        modules never leave the math waiting on the disk. 0 reads in line.
+    read_ahead_mb : int, default 768
+        Most upcast tensor data (MB) held by entries read ahead of the current one; an
+        entry that would exceed it waits, so peak memory stays bounded by the largest
+        tensor, not by the model.
 
     Returns
     -------
@@ -322,43 +351,47 @@ def analyze(base, tuned, config: AnalysisConfig | None = None, *, cache_dir: str
     """
     import tqdm
 
+    from spectra.distributed import all_gather_rows, entry_cost, shard, world
+
     config = config or AnalysisConfig()
+    if read_ahead < 0 or read_ahead_mb < 0:
+        raise ConfigError(f"read_ahead={read_ahead} and read_ahead_mb={read_ahead_mb} must be ≥ 0.")
     t0 = time.perf_counter()
+    me = world(config.device)
     pairing = Pairing(base, tuned, config.pairing_options())
     base_fp, tuned_fp = pairing.base.fingerprint(), pairing.tuned.fingerprint()
     root = ModuleCache.default_root() if cache_dir is True else (cache_dir or None)
     cache = ModuleCache(root, cache_key(base_fp, tuned_fp, config))
 
+    mine = pairing.entries
+    if me.distributed:
+        shares = shard([entry_cost(e.shape) for e in pairing.entries], me.size)
+        mine = [pairing.entries[i] for i in shares[me.rank]]
     rows_by_entry: dict[str, list[dict]] = {}
     todo = []
-    for entry in pairing.entries:
+    for entry in mine:
         cached = cache.get(entry.name)
         if cached is not None:
             rows_by_entry[entry.name] = cached
         else:
             todo.append(entry)
+    bar = tqdm.tqdm(total=len(mine), initial=len(mine) - len(todo), unit="module",
+                    disable=not progress or not me.is_main, desc="analyze", dynamic_ncols=True)
     read_s = compute_s = 0.0
-    bar = tqdm.tqdm(total=len(pairing.entries), initial=len(pairing.entries) - len(todo), unit="module",
-                    disable=not progress, desc="analyze", dynamic_ncols=True)
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="spectra-read") as pool:
-        future = pool.submit(pairing.load, todo[0]) if todo else None
-        for i, entry in enumerate(todo):
-            wait = time.perf_counter()
-            deltas = future.result()
-            read_s += time.perf_counter() - wait
-            # read the next pair while this one is decomposed (torch releases the GIL in both)
-            future = pool.submit(pairing.load, todo[i + 1]) if i + 1 < len(todo) else None
-            bar.set_postfix_str(entry.name, refresh=False)
-            start = time.perf_counter()
-            rows = [analyze_delta(d, config) for d in deltas]
-            compute_s += time.perf_counter() - start
-            del deltas
-            cache.put(entry.name, rows)
-            rows_by_entry[entry.name] = rows
-            if on_module is not None:
-                on_module(entry.name, rows)
-            bar.update(1)
+    for entry, deltas, waited in _read_ahead(pairing, todo, read_ahead, read_ahead_mb << 20):
+        read_s += waited
+        bar.set_postfix_str(entry.name, refresh=False)
+        start = time.perf_counter()
+        rows = [analyze_delta(d, config) for d in deltas]
+        compute_s += time.perf_counter() - start
+        del deltas
+        cache.put(entry.name, rows)
+        rows_by_entry[entry.name] = rows
+        if on_module is not None:
+            on_module(entry.name, rows)
+        bar.update(1)
     bar.close()
+    rows_by_entry = all_gather_rows(rows_by_entry, me)
 
     modules = [row for entry in pairing.entries for row in rows_by_entry[entry.name]]
     from spectra import __version__
@@ -367,6 +400,51 @@ def analyze(base, tuned, config: AnalysisConfig | None = None, *, cache_dir: str
         config=_config_dict(config), base=base_fp, tuned=tuned_fp, modules=modules,
         versions={"spectra": __version__, "torch": torch.__version__, "python": platform.python_version()},
         timings={"total_s": time.perf_counter() - t0, "read_wait_s": read_s, "compute_s": compute_s,
-                 "modules_computed": len(todo), "modules_cached": len(pairing.entries) - len(todo)},
+                 "modules_computed": len(todo), "modules_cached": len(mine) - len(todo), "world_size": me.size},
         pairing=describe(pairing),
     )
+
+
+def _entry_bytes(entry) -> int:
+    """Upcast bytes one entry holds once read: W_base, W_tuned and ΔW in float32."""
+    n = 1
+    for x in entry.shape:
+        n *= int(x)
+    return 3 * 4 * n
+
+
+def _read_ahead(pairing: Pairing, todo: list, depth: int, budget: int):
+    """Yield (entry, ΔW records, seconds waited) in order, reading up to `depth` entries ahead.
+
+    One reader thread (torch releases the GIL while copying and subtracting) runs ahead of
+    the math by at most `depth` entries and `budget` bytes of upcast data; the entry being
+    decomposed is not counted, so one entry larger than the budget still goes through.
+    """
+    if depth == 0 or not todo:
+        for entry in todo:
+            start = time.perf_counter()
+            deltas = pairing.load(entry)
+            yield entry, deltas, time.perf_counter() - start
+        return
+    pending: deque = deque()  # (entry, future), in order
+    nxt = 0
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="spectra-read") as pool:
+        while nxt < len(todo) or pending:
+            in_flight = sum(_entry_bytes(e) for e, _ in pending)
+            while nxt < len(todo) and len(pending) < depth and (
+                    not pending or in_flight + _entry_bytes(todo[nxt]) <= budget):
+                pending.append((todo[nxt], pool.submit(pairing.load, todo[nxt])))
+                in_flight += _entry_bytes(todo[nxt])
+                nxt += 1
+            entry, future = pending.popleft()
+            wait = time.perf_counter()
+            deltas = future.result()
+            waited = time.perf_counter() - wait
+            # top up the queue before the math starts, so the reader works while we compute
+            in_flight = sum(_entry_bytes(e) for e, _ in pending)
+            while nxt < len(todo) and len(pending) < depth and in_flight + _entry_bytes(todo[nxt]) <= budget:
+                pending.append((todo[nxt], pool.submit(pairing.load, todo[nxt])))
+                in_flight += _entry_bytes(todo[nxt])
+                nxt += 1
+            yield entry, deltas, waited
+            del deltas
