@@ -1,0 +1,173 @@
+"""verify_adapter against independent numpy references and PEFT's own merge; QLoRA on CPU; the CLI."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from spectra.cli import app
+from spectra.lora.train import TrainConfig, quiet_peft, train_adapter
+from spectra.lora.verify import nf4_round_trip, verify_adapter
+from tests.lora.conftest import random_text
+from tests.models import build_model, save
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+TARGETS = ["q_proj", "v_proj", "down_proj"]
+
+
+def perturbed(model, seed: int, scale: float = 0.3):
+    """A stand-in full fine-tune: every block linear moved by a random full-rank update."""
+    tuned = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in tuned.named_parameters():
+            if name.endswith("proj.weight"):
+                p += scale * p.norm() / p.numel() ** 0.5 * torch.randn(p.shape, generator=g)
+    return tuned
+
+
+@pytest.fixture(scope="module")
+def trio(tmp_path_factory):
+    """base, tuned, a random (untrained) PEFT adapter and PEFT's merged weights."""
+    from peft import LoraConfig, get_peft_model
+
+    folder = tmp_path_factory.mktemp("trio")
+    base_model = build_model("llama")
+    base = save(base_model, folder / "base", "safetensors")
+    tuned = save(perturbed(base_model, 3), folder / "tuned", "safetensors")
+    with quiet_peft():
+        peft_model = get_peft_model(copy.deepcopy(base_model), LoraConfig(r=3, lora_alpha=6, target_modules=TARGETS))
+    torch.manual_seed(5)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn_like(p) * 0.1)
+    peft_model.save_pretrained(folder / "adapter")
+    lora = {n: p.detach().double().numpy() for n, p in peft_model.named_parameters() if "lora_" in n}
+    merged = {k: v.double().numpy() for k, v in peft_model.merge_and_unload().state_dict().items()}
+    data = random_text(folder / "eval.txt", chars=16 * 12, seed=9)
+    return base_model, base, tuned, folder / "adapter", lora, merged, data
+
+
+def _numpy_reference(W, Wt, Wm, B, r, k=10):
+    D, Dad = Wt - W, Wm - W  # (out, in)
+    Q, _ = np.linalg.qr(B)
+    Uf, sf, Vf = np.linalg.svd(D)
+    Ua, sa, Va = np.linalg.svd(Dad)
+    P = Ua[:, :r].T @ W @ Va[:r].T  # (r, r)
+    Ub, Ut = np.linalg.svd(W)[0], np.linalg.svd(Wm)[0][:, :k]
+    return {"captured_energy": np.sum((Q.T @ D) ** 2) / np.sum(D**2),
+            "optimal_energy": np.sum(sf[:r] ** 2) / np.sum(sf**2),
+            "phi": np.sum((Ua[:, :r].T @ Uf[:, :r]) ** 2) / r,
+            "relative_error": np.linalg.norm(Dad - D) / np.linalg.norm(D),
+            "amplification_adapter": np.linalg.norm(Dad) / np.linalg.norm(P),
+            "intruders_adapter": int(np.sum(np.abs(Ub.T @ Ut).max(0) < 0.5))}
+
+
+def test_verify_reproduces_numpy(trio):
+    base_model, base, tuned, adapter, lora, merged, _ = trio
+    result = verify_adapter(base, tuned, adapter, progress=False)
+    rows = {r["name"]: r for r in result.modules}
+    assert len(rows) == 6 and {r["role"] for r in rows.values()} == {"q", "v", "down"}
+    base_state = {k: v.double().numpy() for k, v in base_model.state_dict().items()}
+    tuned_state = {k: v.double().numpy() for k, v in perturbed(base_model, 3).state_dict().items()}
+    for name, row in rows.items():
+        B = lora[f"base_model.model.{name}.lora_B.default.weight"]
+        ref = _numpy_reference(base_state[name + ".weight"], tuned_state[name + ".weight"],
+                               merged[name + ".weight"], B, 3)
+        for key, value in ref.items():
+            assert row[key] == pytest.approx(value, rel=2e-4, abs=1e-6), (name, key)
+        assert row["captured_energy"] <= row["optimal_energy"] + 1e-9
+
+
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_adapter_update_equals_peft_merge(llama_base, text_data, tmp_path, method):
+    """Verify's ΔW_adapter is PEFT's merge: against the merged model as 'tuned', the error is zero."""
+    from peft import PeftModel
+
+    from spectra.lora.train import load_model
+
+    config = TrainConfig(method=method, rank=2, max_length=16, batch_size=8, max_steps=3, lr=1e-2,
+                         eval_fraction=0.0)
+    adapter = train_adapter(llama_base, text_data, config, tmp_path / "ad", progress=False).out_dir
+    with quiet_peft():
+        merged = PeftModel.from_pretrained(load_model(llama_base, task="causal_lm"), str(adapter)).merge_and_unload()
+    save(merged, tmp_path / "merged", "safetensors")
+    result = verify_adapter(llama_base, tmp_path / "merged", adapter, progress=False)
+    assert len(result.modules) == 14
+    for row in result.modules:
+        assert row["relative_error"] < 1e-4 and row["cosine"] == pytest.approx(1.0, abs=1e-6)
+        assert row["dora"] == (method == "dora")
+        assert (row["outside_lowrank"] > 1e-6) == (method == "dora")  # DoRA's magnitude leaves span(B)
+
+
+def test_qlora_and_qdora_train_on_cpu(tmp_path):
+    """bitsandbytes needs in_features ≥ its 64-wide blocks: a hidden-64 Llama."""
+    import bitsandbytes.functional as bnbf
+    import transformers as tf
+
+    from spectra.lora.train import load_model
+
+    torch.manual_seed(0)
+    model = tf.LlamaForCausalLM(tf.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                               num_attention_heads=4, num_key_value_heads=2, vocab_size=64))
+    base = save(model, tmp_path / "base", "safetensors")
+    tuned = save(perturbed(model, 4), tmp_path / "tuned", "safetensors")
+    data = random_text(tmp_path / "d.txt", chars=32 * 4 * 3, seed=1)
+    for method in ("qlora", "qdora"):
+        config = TrainConfig(method=method, rank=2, roles=("q", "v"), max_length=32, batch_size=4, max_steps=2,
+                             eval_fraction=0.0)
+        result = train_adapter(base, data, config, tmp_path / method, progress=False)
+        assert result.steps == 2 and all(np.isfinite(result.losses))
+        report = verify_adapter(base, tuned, result.out_dir, progress=False)
+        assert report.sources["adapter"]["quantized"] and report.summary["quant_error"] > 0
+    # the W₀ verify measures against is what from_pretrained stores in 4 bits, dequantised
+    quantized = load_model(base, task="causal_lm", quantize=True)
+    layer = quantized.model.layers[0].self_attn.q_proj
+    W = model.model.layers[0].self_attn.q_proj.weight.detach()
+    deq = bnbf.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
+    assert torch.equal(nf4_round_trip(W), deq)
+    row = next(r for r in report.modules if r["name"] == "model.layers.0.self_attn.q_proj")
+    assert row["quant_error"] == pytest.approx(float((deq - W).norm() / W.norm()), rel=1e-5)
+
+
+def test_cli_verify_writes_the_report(trio, tmp_path):
+    _, base, tuned, adapter, _, _, data = trio
+    out = tmp_path / "report"
+    result = CliRunner().invoke(app, ["verify", str(base), str(tuned), "--adapter", str(adapter), "-o", str(out),
+                                      "--eval-data", str(data), "-q"])
+    assert result.exit_code == 0, result.output
+    verify = json.loads((out / "verify.json").read_text())
+    assert {"name", "rank", "captured_energy", "optimal_energy", "phi"} <= set(verify["modules"][0])
+    assert verify["modules"][0]["name"].startswith("model.layers.")
+    assert set(verify["evals"]) == {"base", "tuned", "adapter", "svd"}
+    assert (out / "report.html").is_file() and (out / "figures" / "energy.png").is_file()
+    assert "could capture" in result.output
+    again = CliRunner().invoke(app, ["verify", str(base), str(tuned), "--adapter", str(adapter), "-o", str(out)])
+    assert again.exit_code != 0  # refuses to overwrite
+
+
+def test_cli_train_and_sweep(llama_base, text_data, tmp_path):
+    runner = CliRunner()
+    common = ["--data", str(text_data), "--max-steps", "2", "--max-length", "16", "--batch-size", "8", "-q"]
+    full = runner.invoke(app, ["train", str(llama_base), "--full", "-o", str(tmp_path / "tuned"), *common])
+    assert full.exit_code == 0, full.output
+    dora = runner.invoke(app, ["train", str(llama_base), "--rank", "2", "--method", "dora",
+                               "-o", str(tmp_path / "ad"), *common])
+    assert dora.exit_code == 0 and json.loads((tmp_path / "ad" / "adapter_config.json").read_text())["use_dora"]
+    sweep = runner.invoke(app, ["verify", str(llama_base), str(tmp_path / "tuned"), "--sweep", "1,2",
+                                "--method", "lora,dora", "--data", str(text_data), "--eval-data", str(text_data),
+                                "--max-steps", "2", "--recommended", "2", "-o", str(tmp_path / "sweep"), "-q"])
+    assert sweep.exit_code == 0, sweep.output
+    data = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
+    assert [(r["method"], r["rank"]) for r in data["runs"]] == [("lora", 1), ("lora", 2), ("dora", 1), ("dora", 2)]
+    assert all(r["captured_energy"] <= r["optimal_energy"] + 1e-9 for r in data["runs"])
+    assert data["phi_between_ranks"] and set(data["reference_evals"]) == {"base", "tuned"}
+    assert {p.name for p in (tmp_path / "sweep" / "figures").glob("*.png")} == {
+        "sweep_energy.png", "sweep_eval.png", "sweep_phi.png"}
+    assert (tmp_path / "sweep-adapters" / "dora-r2" / "adapter_config.json").is_file()
