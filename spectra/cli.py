@@ -59,6 +59,35 @@ def pairs(
     Console().print(table)
 
 
+# ---------------------------------------------------------------------------- demo
+
+
+@app.command()
+def demo(
+    output: Annotated[Path, typer.Option("-o", "--output", help="Where the demo report goes (replaced if present).")] = Path("reports/demo"),
+    cache_dir: Annotated[Optional[Path], typer.Option(help="Cache of the demo pair and adapters (default $SPECTRA_CACHE or ~/.cache/spectra).")] = None,
+    base: Annotated[Optional[str], typer.Option(help="Another BERT-family checkpoint to run the demo on (default: all-MiniLM-L6-v2 from the demo extra).")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+) -> None:
+    """The whole story on a real pretrained model, offline: fine-tune all-MiniLM-L6-v2 on a text task,
+    analyse the update, recommend a LoRA rank, extract and train adapters at it, and verify them.
+
+    The first run builds the pair (a few minutes on a laptop CPU); later runs reuse the cache.
+    """
+    import time
+
+    from spectra.demo.run import DemoConfig, run_demo
+
+    start = time.perf_counter()
+    result = run_demo(DemoConfig(base=base), out_dir=output, cache_dir=cache_dir, progress=not quiet)
+    from spectra.demo.report import headline
+
+    typer.echo("\n" + headline(result.summary))
+    typer.echo("stages: " + ", ".join(f"{k} {v:.0f} s" for k, v in result.timings.items()))
+    typer.echo(f"report: {result.out_dir / 'report.html'}  (also report.md, demo.json, figures/) — "
+               f"{time.perf_counter() - start:.0f} s in all")
+
+
 # ---------------------------------------------------------------------------- analyze
 
 
@@ -83,10 +112,16 @@ def analyze(
     skip_nonfinite: Annotated[bool, typer.Option("--skip-nonfinite", help="Skip tensors holding NaN/Inf instead of stopping.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing report directory.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar, no summary.")] = False,
+    resolve: Annotated[float, typer.Option(help="Energy whose rank the fast 'sketch' path resolves exactly; higher --energy levels are reported when within reach.")] = 0.9,
+    read_ahead: Annotated[int, typer.Option(help="Modules read ahead of the math (0: read in line).")] = 2,
+    read_ahead_mb: Annotated[int, typer.Option(help="Most upcast tensor data (MB) read ahead; bounds peak memory.")] = 768,
 ) -> None:
     """Measure the spectrum of every ΔW = TUNED − BASE and write a report (JSON, Markdown, HTML, figures).
 
     Example: spectra analyze ./llama-base ./llama-tuned -o reports/run1 --roles q,v
+
+    Under torchrun (`torchrun --nproc-per-node 4 $(which spectra) analyze BASE TUNED -o out`) the modules
+    are shared across ranks and rank 0 writes the report.
     """
     from spectra.analysis import AnalysisConfig
     from spectra.analysis import analyze as run_analysis
@@ -94,15 +129,21 @@ def analyze(
 
     if output.exists() and not overwrite:
         raise ConfigError(f"output directory {output} exists; pass --overwrite to replace it or choose another -o.")
+    import os
+
+    main_rank = os.environ.get("RANK", "0") == "0"
     try:
         thresholds = tuple(float(t) for t in energy.split(","))
     except ValueError:
         raise ConfigError(f"--energy {energy!r}: expected comma-separated fractions like 0.5,0.9,0.99.") from None
     config = AnalysisConfig(method=method, full_below=full_below, max_rank=max_rank, thresholds=thresholds,
                             roles=_split(roles), layers=_layer_range(layers), include=include, exclude=exclude,
-                            dtype=dtype, device=device, seed=seed,
+                            dtype=dtype, device=device, seed=seed, resolve=resolve,
                             on_nonfinite="skip" if skip_nonfinite else "error")
-    result = run_analysis(base, tuned, config, cache_dir=False if no_cache else (cache_dir or True), progress=not quiet)
+    result = run_analysis(base, tuned, config, cache_dir=False if no_cache else (cache_dir or True), progress=not quiet,
+                          read_ahead=read_ahead, read_ahead_mb=read_ahead_mb)
+    if not main_rank:
+        return  # under torchrun every rank holds the whole result; rank 0 writes it
     path = result.write_report(output, overwrite=overwrite)
     if not quiet:
         _print_summary(result.to_dict())
@@ -479,6 +520,43 @@ def bench_train(
     from spectra.bench.train import run_train_bench
 
     path = run_train_bench(out, steps=steps, quick=quick, seed=seed)
+    typer.echo(f"wrote {path}")
+
+
+@bench_app.command("make-pair")
+def bench_make_pair(
+    out: Annotated[Path, typer.Argument(help="Directory to create: OUT/base, OUT/tuned, OUT/ground_truth.json.")],
+    shape: Annotated[str, typer.Option(help="Model shapes: tinyllama-1.1b, llama-2-7b, llama-110m, llama-tiny.")] = "tinyllama-1.1b",
+    seed: Annotated[int, typer.Option(help="Seed of every tensor.")] = 0,
+    relative_size: Annotated[float, typer.Option(help="‖ΔW‖/‖W‖ per module.")] = 1e-2,
+    tail: Annotated[float, typer.Option(help="Share of ‖ΔW‖² in the broad Gaussian tail.")] = 0.03,
+    rank_scale: Annotated[float, typer.Option(help="Multiplies every role's planted effective rank.")] = 1.0,
+    shard_mb: Annotated[int, typer.Option(help="Largest safetensors shard, MB.")] = 2048,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Write into an existing non-empty OUT.")] = False,
+) -> None:
+    """Write a realistic bf16 base × tuned pair with a real model's names, shapes and sharding (tensor by tensor)."""
+    from spectra.bench.make_pair import PairConfig, make_pair
+
+    config = PairConfig(shape=shape, seed=seed, relative_size=relative_size, tail=tail, rank_scale=rank_scale,
+                        shard_bytes=shard_mb << 20)
+    path = make_pair(out, config, overwrite=overwrite, progress=True)
+    typer.echo(f"wrote {path}/base, {path}/tuned and {path}/ground_truth.json")
+
+
+@bench_app.command("e2e")
+def bench_e2e(
+    pair: Annotated[Optional[Path], typer.Option(help="A pair written by `spectra bench make-pair` (default: make one under --work).")] = None,
+    out: Annotated[Path, typer.Option("-o", "--out", help="Output directory for e2e.{md,json}.")] = Path("reports/bench"),
+    work: Annotated[Path, typer.Option(help="Scratch directory for the generated pair, caches and peer outputs.")] = Path("/tmp/spectra-e2e"),
+    shape: Annotated[str, typer.Option(help="Shapes of the generated pair when --pair is not given.")] = "tinyllama-1.1b",
+    quick: Annotated[bool, typer.Option(help="Tiny pair, no peers, no SIGKILL run: a smoke test in seconds.")] = False,
+    skip: Annotated[Optional[str], typer.Option(help="Comma-separated parts to skip: full, peers, kill, torchrun.")] = None,
+) -> None:
+    """End-to-end: spectra (default and forced full SVD), I/O and GEMM floors, peers, resume after SIGKILL, torchrun."""
+    from spectra.bench.e2e import run_e2e_bench
+
+    path = run_e2e_bench(out, pair=pair, work=work, shape="llama-tiny" if quick else shape, quick=quick,
+                         skip=_split(skip) or ())
     typer.echo(f"wrote {path}")
 
 
