@@ -1,0 +1,398 @@
+"""Activation-weighted spectra: the update ΔW as the data sees it.
+
+A module computes ``y = W x``; over the N tokens of some calibration data its inputs form
+``X`` (in, N) with second moment ``C = E[x xᵀ] = X Xᵀ / N`` (in, in). What the update does
+to those outputs is ``ΔW X``, and
+
+    ‖(ΔW − ΔW_r) X‖_F² = N · ‖(ΔW − ΔW_r) C^{1/2}‖_F²,
+
+so the rank-r ``ΔW_r`` that best preserves the outputs on the data is not the Eckart–Young
+truncation of ΔW but ``ΔW_r = [ΔW C^{1/2}]_r C^{-1/2}``, the truncated SVD taken in whitened
+coordinates (the "truncation-aware whitening" of SVD-LLM, arXiv:2403.07378; ASVD,
+arXiv:2312.05821, scales by activation magnitudes for the same reason). The spectrum of
+``ΔW C^{1/2}`` is the update's spectrum weighted by how much the data excites each input
+direction: directions the inputs never visit carry no energy there, however large they are
+in ‖ΔW‖_F.
+
+Inputs often span a subspace (padding-free text never fills every dimension, LayerNorm
+outputs have a few dead directions), so C is regularised to ``C_ε = C + ε·(tr C / in)·I``:
+a ridge of ε times C's mean eigenvalue. ΔW_r then minimises
+``‖(ΔW − ΔW_r) X‖_F² + ε·(tr C / in)·N·‖ΔW − ΔW_r‖_F²`` exactly, which keeps it defined and
+close to the plain truncation on directions the data never saw, and perturbs the data term
+by O(ε).
+
+Moments are accumulated by forward pre-hooks on the base model's Linear/Conv1D modules,
+in float64, padding excluded, as sums plus token counts, so any chunking of the data gives
+the same C. Modules fed the same tensor (q, k and v) share one accumulation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from spectra.errors import ConfigError
+from spectra.linalg import metrics
+from spectra.linalg.svd import Spectrum, full_svd, randomized_svd
+
+_INPUTS = ("base", "tuned")
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    """How calibration moments are collected and regularised. Written into reports.
+
+    Attributes
+    ----------
+    epsilon : float
+        Ridge of ``C_ε = C + ε·(tr C / in)·I``, relative to C's mean eigenvalue.
+    max_examples : int or None
+        Examples of the data file used (the first ones); None uses all.
+    max_length : int
+        Tokens per example (longer text is truncated, a ``.txt`` stream cut in blocks).
+    batch_size : int
+        Examples per forward pass.
+    task : {"auto", "causal_lm", "seq_cls"}
+        Decides tokenisation and the model class; ``auto`` reads ``seq_cls`` when every
+        record has a ``label``.
+    inputs : {"base", "tuned"}
+        Whose activations: the base model's (what the truncated model starts from, as in
+        ASVD/SVD-LLM) or the fine-tune's.
+    seed : int
+        Seed of any classification head initialised at load (its outputs are not used).
+    """
+
+    epsilon: float = 1e-6  # small enough to leave the data term exact to ~1e-6, large enough to invert C in float64
+    max_examples: int | None = 256  # 256 × 128 tokens estimate a 1k-dim C many times over at a few forward passes' cost
+    max_length: int = 128  # as training and verify tokenise
+    batch_size: int = 16  # forward only, and float64 moments per batch stay small
+    task: str = "auto"
+    inputs: str = "base"  # the issue's and SVD-LLM's choice: activations of the model being compressed
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.epsilon, (int, float)) and 0 < self.epsilon < 1):
+            raise ConfigError(f"calibration epsilon {self.epsilon!r} must lie in (0, 1): it is a ridge relative to "
+                              "C's mean eigenvalue (e.g. 1e-6).")
+        if self.max_examples is not None and self.max_examples < 1:
+            raise ConfigError(f"calibration max_examples {self.max_examples} must be ≥ 1 (or None for all).")
+        if self.max_length < 2 or self.batch_size < 1:
+            raise ConfigError("calibration max_length must be ≥ 2 and batch_size ≥ 1.")
+        if self.task not in ("auto", "causal_lm", "seq_cls"):
+            raise ConfigError(f"calibration task {self.task!r} is not auto, causal_lm or seq_cls.")
+        if self.inputs not in _INPUTS:
+            raise ConfigError(f"calibration inputs {self.inputs!r} is not one of {', '.join(_INPUTS)}.")
+
+
+# ---------------------------------------------------------------------------- moments
+
+
+class SecondMoments:
+    """Streaming sums Σ x xᵀ (float64) and token counts, per key.
+
+    ``add`` may be called with any split of the tokens; ``covariance`` is the same up to
+    float64 summation order, because only sums and counts are kept.
+    """
+
+    def __init__(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}  # key -> (in, in) float64 Σ x xᵀ
+        self.tokens: dict[str, int] = {}
+
+    def add(self, key: str, x: torch.Tensor) -> None:
+        """Accumulate the rows of ``x`` (..., in) as tokens of ``key``."""
+        x = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)  # (n, in)
+        gram = x.T @ x  # (in, n) @ (n, in) -> (in, in)
+        if key in self.sums:
+            self.sums[key] += gram
+            self.tokens[key] += int(x.shape[0])
+        else:
+            self.sums[key] = gram
+            self.tokens[key] = int(x.shape[0])
+
+    def covariance(self, key: str) -> torch.Tensor:
+        """C = Σ x xᵀ / N, (in, in) float64."""
+        n = self.tokens[key]
+        if n == 0:
+            raise ConfigError(f"calibration: module {key} saw no token; give more calibration data.")
+        return self.sums[key] / n
+
+
+@dataclass
+class Calibration:
+    """Input second moments of a model's weight matrices on calibration data.
+
+    Attributes
+    ----------
+    moments : SecondMoments
+        Keyed by *group*; modules fed the same tensor share a group.
+    groups : dict
+        Checkpoint weight name (as the base checkpoint names it, e.g.
+        ``encoder.layer.0.attention.self.query.weight``) → group key.
+    config : CalibrationConfig
+    source : dict
+        Data file, examples, model and task, for reports.
+    """
+
+    moments: SecondMoments
+    groups: dict[str, str]
+    config: CalibrationConfig = field(default_factory=CalibrationConfig)
+    source: dict = field(default_factory=dict)
+
+    def covariance(self, tensor_name: str) -> torch.Tensor | None:
+        """C (in, in) float64 of the module owning ``tensor_name``, or None when it was not hooked."""
+        key = self.groups.get(tensor_name)
+        return None if key is None else self.moments.covariance(key)
+
+    def tokens(self, tensor_name: str) -> int:
+        key = self.groups.get(tensor_name)
+        return 0 if key is None else self.moments.tokens[key]
+
+    def describe(self) -> dict:
+        return {**self.source, "config": asdict(self.config), "modules": len(self.groups)}
+
+
+# ---------------------------------------------------------------------------- whitening
+
+
+def whitening(C: torch.Tensor, *, epsilon: float) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """``C_ε^{1/2}`` and ``C_ε^{-1/2}`` (in, in) float64, with C_ε = C + ε·(tr C / in)·I.
+
+    Returns
+    -------
+    root, inverse_root : torch.Tensor, shape (in, in)
+    input_rank : int
+        Eigenvalues of C above the ridge ε·(tr C / in): the input directions the data
+        really visits.
+    """
+    C = C.to(torch.float64)
+    ridge = epsilon * float(torch.diagonal(C).sum()) / C.shape[0]
+    if not ridge > 0:
+        raise ConfigError("calibration: the inputs of a module are all zero (tr C = 0); nothing to weight by.")
+    lam, Q = torch.linalg.eigh(C)  # (in,), (in, in): C = Q diag(λ) Qᵀ
+    lam = lam.clamp(min=0.0)
+    rank = int((lam > ridge).sum())
+    lam = lam + ridge
+    root = (Q * lam.sqrt()) @ Q.T  # (in, in)
+    inverse_root = (Q * lam.rsqrt()) @ Q.T  # (in, in)
+    return root, inverse_root, rank
+
+
+def whitened_spectrum(delta: torch.Tensor, C: torch.Tensor, *, epsilon: float) -> tuple[Spectrum, int]:
+    """Singular values of ``ΔW·C_ε^{1/2}`` (float64) and C's input rank (see :func:`whitening`).
+
+    ‖ΔW C^{1/2}‖_F² = E‖ΔW x‖², the mean squared output change per token (SVD-LLM,
+    arXiv:2403.07378), so its energy ranks count the directions the data needs.
+    """
+    root, _, rank = whitening(C, epsilon=epsilon)
+    return full_svd(delta.to(torch.float64) @ root), rank  # (out, in) @ (in, in)
+
+
+def truncation_factors(delta: torch.Tensor, rank: int, *, covariance: torch.Tensor | None = None,
+                       epsilon: float = 1e-6, full_below: int = 1024, seed: int = 0
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Spectrum]:
+    """Top-``rank`` factors with ``ΔW_r = U diag(S) Vw``: Eckart–Young, or data-optimal given C.
+
+    Without ``covariance`` this is the truncated SVD of ΔW (best in ‖ΔW − ΔW_r‖_F). With it,
+    the SVD of ``M = ΔW·C_ε^{1/2}`` is truncated and mapped back, ``Vw = V_rᵀ C_ε^{-1/2}``, which
+    minimises ‖(ΔW − ΔW_r) C_ε^{1/2}‖_F: the output error on the calibration data (SVD-LLM,
+    arXiv:2403.07378, Theorem 1).
+
+    Parameters
+    ----------
+    delta : torch.Tensor, shape (out, in)
+    rank : int
+        1 ≤ rank ≤ min(out, in).
+    covariance : torch.Tensor, shape (in, in), optional
+        Input second moment C of the module.
+    epsilon : float
+        Ridge of C (see :func:`whitening`).
+    full_below : int
+        Exact SVD when min(out, in) ≤ this, else randomized top-``rank``.
+
+    Returns
+    -------
+    U : (out, rank), S : (rank,), Vw : (rank, in), all float64
+    spectrum : Spectrum
+        Of the matrix decomposed (ΔW, or ΔW·C_ε^{1/2}); its tail beyond ``rank`` is the error
+        in the norm minimised.
+    """
+    if not 1 <= rank <= min(delta.shape):
+        raise ConfigError(f"rank {rank} must lie in [1, {min(delta.shape)}] for a {tuple(delta.shape)} update.")
+    M = delta.to(torch.float64)
+    inverse_root = None
+    if covariance is not None:
+        root, inverse_root, _ = whitening(covariance, epsilon=epsilon)
+        M = M @ root  # (out, in)
+    if min(M.shape) <= full_below:
+        spec = full_svd(M, compute_vectors=True, dtype=torch.float64)
+        U, S, Vh = spec.U[:, :rank], spec.values[:rank], spec.Vh[:rank]
+    else:
+        spec = randomized_svd(M, rank, compute_vectors=True, random_state=seed)
+        U, S, Vh = spec.U, spec.values, spec.Vh
+    U, S, Vh = (x.to(torch.float64) for x in (U, S, Vh))
+    Vw = Vh if inverse_root is None else Vh @ inverse_root  # (r, in) @ (in, in)
+    return U, S, Vw, spec
+
+
+def data_optimal_truncation(delta: torch.Tensor, C: torch.Tensor, rank: int, *, epsilon: float = 1e-6
+                            ) -> torch.Tensor:
+    """The rank-r ΔW_r minimising ‖(ΔW − ΔW_r) C_ε^{1/2}‖_F (float64, shape (out, in)).
+
+    With C = XXᵀ/N this is the rank-r update that best reproduces ΔW's outputs on the
+    data X (SVD-LLM, arXiv:2403.07378); rank 0 gives zeros.
+    """
+    if rank == 0:
+        return torch.zeros(delta.shape, dtype=torch.float64)
+    U, S, Vw, _ = truncation_factors(delta, rank, covariance=C, epsilon=epsilon, full_below=min(delta.shape))
+    return (U * S) @ Vw  # (out, r) @ (r, in)
+
+
+def activation_row(delta: torch.Tensor, C: torch.Tensor, *, tokens: int, epsilon: float,
+                   thresholds: tuple[float, ...]) -> dict:
+    """The ``activation`` sub-dict of an ``analysis.json`` row: the whitened spectrum and its ranks."""
+    spec, input_rank = whitened_spectrum(delta, C, epsilon=epsilon)
+    values = spec.values.double()
+    ranks = metrics.energy_ranks(spec, thresholds) if spec.total_energy > 0 else {t: 0 for t in thresholds}
+    return {"tokens": tokens, "epsilon": epsilon, "input_rank": input_rank,
+            "rms_output_change": math.sqrt(spec.total_energy),
+            "energy_rank": {f"{t:g}": ranks.get(t, 0) for t in thresholds},
+            "singular_values": [float(v) for v in values]}
+
+
+# ---------------------------------------------------------------------------- collecting
+
+
+def collect_calibration(model_spec, data, *, config: CalibrationConfig | None = None, model=None,
+                        progress: bool = False) -> Calibration:
+    """Run a model on calibration data and accumulate every weight matrix's input C = E[x xᵀ].
+
+    Parameters
+    ----------
+    model_spec : str or path
+        The checkpoint whose activations are used (the base, normally; see
+        ``CalibrationConfig.inputs`` for what callers pass). Needs a model directory with
+        config.json.
+    data : str or path
+        ``.txt`` or ``.jsonl`` of ``{"text"}`` / ``{"text", "label"}`` records.
+    config : CalibrationConfig, optional
+    model : torch.nn.Module, optional
+        An already loaded model of ``model_spec`` (skips loading it again).
+    progress : bool
+        tqdm bar over batches.
+
+    Returns
+    -------
+    Calibration
+        Keyed by the checkpoint's weight names (what ``DeltaW.base_tensor`` holds).
+
+    Raises
+    ------
+    ConfigError
+        Unreadable data or model, or a model with no Linear/Conv1D weight in its checkpoint.
+    """
+    import tqdm
+    from transformers.pytorch_utils import Conv1D
+
+    from spectra.checkpoints.names import match_names
+    from spectra.checkpoints.source import open_checkpoint
+    from spectra.lora.data import batches, read_records
+    from spectra.lora.train import load_model, model_dir
+
+    config = config or CalibrationConfig()
+    task, tokens = _tokenized(model_spec, data, config, read_records)
+    if model is None:
+        torch.manual_seed(config.seed)  # a classifier head new to a bare checkpoint; its outputs are unused
+        model = load_model(model_spec, task=task)
+    modules = {name: m for name, m in model.named_modules() if isinstance(m, (torch.nn.Linear, Conv1D))}
+    checkpoint = [n for n in open_checkpoint(model_spec).names() if n.endswith(".weight")]
+    match = match_names(checkpoint, [f"{name}.weight" for name in modules])
+    hooked = {t.removesuffix(".weight"): c for c, t in match.pairs.items()}  # module name -> checkpoint name
+    if not hooked:
+        raise ConfigError(f"calibration: no Linear/Conv1D module of {model_spec} matches a weight of its checkpoint.")
+
+    moments = SecondMoments()
+    groups: dict[str, str] = {}
+    state: dict = {"mask": None, "last": (None, None)}  # this batch's attention mask; last input and its group
+
+    def hook(module_name: str):
+        def pre_hook(_module, args):
+            x = args[0]  # (B, T, in) or (N, in)
+            last, group = state["last"]
+            if x is not last:  # q, k, v (gate, up) are called one after another on the same tensor
+                group = module_name
+                state["last"] = (x, group)
+                mask = state["mask"]
+                if mask is not None and tuple(x.shape[:-1]) == tuple(mask.shape):
+                    x = x[mask.bool()]  # (n_tokens, in): padding never counts
+                moments.add(group, x)
+            groups[hooked[module_name]] = group
+        return pre_hook
+
+    handles = [modules[name].register_forward_pre_hook(hook(name)) for name in hooked]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            n_batches = -(-len(tokens) // config.batch_size)
+            for batch in tqdm.tqdm(batches(tokens, config.batch_size), total=n_batches, desc="calibrate",
+                                   unit="batch", disable=not progress, leave=False):
+                state["mask"], state["last"] = batch["attention_mask"], (None, None)
+                model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    finally:
+        for handle in handles:
+            handle.remove()
+        state["last"] = (None, None)
+        model.train(was_training)
+    source = {"data": str(data), "data_sha256": file_digest(data), "model": str(model_spec), "task": task,
+              "examples": len(tokens)}
+    return Calibration(moments=moments, groups=groups, config=config, source=source)
+
+
+def _tokenized(model_spec, data, config: CalibrationConfig, read_records):
+    """(task, TokenizedData) of the calibration file, labels ignored, first ``max_examples`` kept."""
+    import json
+
+    from spectra.lora.data import load_tokenizer, tokenize
+    from spectra.lora.train import model_dir
+
+    folder = model_dir(model_spec)
+    vocab = int(json.loads((folder / "config.json").read_text()).get("vocab_size", 256))
+    task = config.task
+    records = read_records(data, task="causal_lm")
+    if task == "auto":
+        task = "seq_cls" if all("label" in r for r in records) else "causal_lm"
+    tokenizer = load_tokenizer(folder, vocab_size=vocab, task=task)
+    tokens = tokenize(records, tokenizer, task="causal_lm", max_length=config.max_length)  # no labels needed
+    if config.max_examples is not None:
+        tokens.ids = tokens.ids[:config.max_examples]
+    return task, tokens
+
+
+def file_digest(path) -> str:
+    """First 16 hex digits of the SHA-256 of a data file (cache keys, reports)."""
+    h = hashlib.sha256()
+    with open(Path(path), "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def add_activation_rows(rows: list[dict], deltas: list, calibration: Calibration, *,
+                        thresholds: tuple[float, ...]) -> None:
+    """Add the ``activation`` sub-dict to the matrix rows of one pairing entry, in place.
+
+    ``deltas`` are the entry's DeltaW records, in the order of ``rows``. A module the
+    calibration did not hook (an embedding, an MoE expert slice) gets no sub-dict.
+    """
+    for row, d in zip(rows, deltas):
+        if row.get("kind") != "matrix" or d.delta is None:
+            continue
+        C = calibration.covariance(d.base_tensor)
+        if C is None or C.shape[0] != d.delta.shape[1]:
+            continue
+        row["activation"] = activation_row(d.delta, C, tokens=calibration.tokens(d.base_tensor),
+                                           epsilon=calibration.config.epsilon, thresholds=thresholds)
