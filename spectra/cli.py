@@ -551,12 +551,13 @@ def bench_e2e(
     shape: Annotated[str, typer.Option(help="Shapes of the generated pair when --pair is not given.")] = "tinyllama-1.1b",
     quick: Annotated[bool, typer.Option(help="Tiny pair, no peers, no SIGKILL run: a smoke test in seconds.")] = False,
     skip: Annotated[Optional[str], typer.Option(help="Comma-separated parts to skip: full, peers, kill, torchrun.")] = None,
+    peer_timeout: Annotated[float, typer.Option(help="Seconds a peer may run before it is stopped (reported as a lower bound).")] = 900,
 ) -> None:
     """End-to-end: spectra (default and forced full SVD), I/O and GEMM floors, peers, resume after SIGKILL, torchrun."""
     from spectra.bench.e2e import run_e2e_bench
 
     path = run_e2e_bench(out, pair=pair, work=work, shape="llama-tiny" if quick else shape, quick=quick,
-                         skip=_split(skip) or ())
+                         skip=_split(skip) or (), peer_timeout=peer_timeout)
     typer.echo(f"wrote {path}")
 
 

@@ -1,0 +1,373 @@
+"""End-to-end benchmark of ``spectra analyze`` on one realistic pair, side by side (issue 8).
+
+Every measurement runs in its own subprocess on the same pair, one after the other, so
+wall time and peak anonymous RSS (sampled from ``/proc``; mapped file pages are
+reclaimable and not counted) are comparable. Measured, in order:
+
+- the I/O floor: a pure read pass of both checkpoints with spectra's own reader;
+- this machine's GEMM rates (bf16, fp32, fp64) on the shapes the analysis multiplies;
+- spectra with default settings, and with a forced full spectrum per module
+  (``method="full"``), plus the energy-90% rank agreement between the two;
+- one rank × one thread vs ``torchrun`` with two ranks × one thread (read-ahead off in
+  both, so each rank really uses one core), which also counts the GEMM flops of the
+  default method (→ the GEMM floor = flops ÷ measured rate) and checks both give the
+  same rows;
+- a run killed with SIGKILL midway, then resumed from its cache;
+- peers, when importable (``PYTHONPATH`` may point at a ``pip install --target`` dir):
+  WeightWatcher's ``analyze(base_model=…)`` and mergekit's ``extract_lora``.
+
+``reports/bench/e2e.md`` and ``e2e.json`` hold the results; figures are ratios measured
+in this one run, because the machine may be shared.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from spectra.errors import ConfigError
+
+__all__ = ["run_e2e_bench"]
+
+_PARTS = ("full", "peers", "kill", "torchrun")
+
+
+# ---------------------------------------------------------------------------- measuring
+
+
+def _tree(pid: int) -> list[int]:
+    out = [pid]
+    try:
+        for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+            out += _tree(int(child))
+    except OSError:
+        pass
+    return out
+
+
+def _anon_mb(pid: int) -> float:
+    total = 0.0
+    for p in _tree(pid):
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("RssAnon:"):
+                    total += int(line.split()[1]) / 1024
+        except OSError:
+            pass
+    return total
+
+
+def _measure(cmd: list[str], *, env: dict | None = None, timeout: float = 3600, kill_when=None) -> dict[str, Any]:
+    """Run `cmd`; wall time, peak anonymous RSS of its process tree, exit code, output tail."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, **(env or {})})
+    peak, killed = 0.0, False
+    import threading
+
+    chunks: list[str] = []
+    reader = threading.Thread(target=lambda: chunks.extend(proc.stdout), daemon=True)
+    reader.start()
+    while proc.poll() is None:
+        peak = max(peak, _anon_mb(proc.pid))
+        if kill_when is not None and not killed and kill_when():
+            os.kill(proc.pid, signal.SIGKILL)
+            killed = True
+        if time.perf_counter() - start > timeout:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+            reader.join(5)
+            return {"wall_s": None, "timeout_s": timeout, "peak_anon_mb": peak, "rc": None,
+                    "tail": "".join(chunks)[-2000:]}
+        time.sleep(0.05)
+    reader.join(5)
+    return {"wall_s": time.perf_counter() - start, "peak_anon_mb": peak, "rc": proc.returncode, "killed": killed,
+            "tail": "".join(chunks)[-2000:]}
+
+
+def _job(*args: str) -> list[str]:
+    return [sys.executable, "-m", "spectra.bench.e2e", *args]
+
+
+# ---------------------------------------------------------------------------- jobs (subprocesses)
+
+
+def _job_read(pair: str) -> None:
+    from spectra.checkpoints.source import open_checkpoint
+
+    total, start = 0, time.perf_counter()
+    for side in ("base", "tuned"):
+        src = open_checkpoint(Path(pair) / side)
+        for name in src.names():
+            t = src.read(name)
+            total += t.numel() * t.element_size()
+            del t
+    print(json.dumps({"bytes": total, "read_s": time.perf_counter() - start}))
+
+
+def _job_gemm() -> None:
+    import torch
+
+    rates = {}
+    for dtype, (m, k, n) in (("bfloat16", (2048, 5632, 128)), ("float32", (2048, 5632, 128)),
+                             ("float64", (2048, 5632, 512))):
+        dt = getattr(torch, dtype)
+        a, b = torch.randn(m, k).to(dt), torch.randn(k, n).to(dt)
+        a @ b
+        best = math.inf
+        for _ in range(5):
+            t = time.perf_counter()
+            a @ b
+            best = min(best, time.perf_counter() - t)
+        rates[dtype] = 2 * m * k * n / best
+    print(json.dumps({"flops_per_s": rates, "threads": torch.get_num_threads()}))
+
+
+class _GemmFlops:
+    """Counts matrix-multiply flops by dtype on this thread (a torch dispatch mode)."""
+
+    def __new__(cls):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        class Mode(TorchDispatchMode):
+            flops: Counter = Counter()
+
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                name = func.overloadpacket.__name__
+                if name in ("mm", "addmm", "bmm", "baddbmm"):
+                    a, b = (args[0], args[1]) if name in ("mm", "bmm") else (args[1], args[2])
+                    batch = a.shape[0] if a.dim() == 3 else 1
+                    self.flops[str(a.dtype).removeprefix("torch.")] += 2 * batch * a.shape[-2] * a.shape[-1] * b.shape[-1]
+                return out
+
+        return Mode()
+
+
+def _job_analyze(pair: str, out: str, method: str, threads: int, read_ahead: int, cache: str, count: bool) -> None:
+    import torch
+
+    from spectra.analysis import AnalysisConfig, analyze
+
+    if threads:
+        torch.set_num_threads(threads)
+    mode = _GemmFlops() if count else None
+    start = time.perf_counter()
+    if mode is not None:
+        with mode:
+            result = analyze(Path(pair) / "base", Path(pair) / "tuned", AnalysisConfig(method=method),
+                             cache_dir=cache or False, progress=False, read_ahead=read_ahead)
+    else:
+        result = analyze(Path(pair) / "base", Path(pair) / "tuned", AnalysisConfig(method=method),
+                         cache_dir=cache or False, progress=False, read_ahead=read_ahead)
+    wall = time.perf_counter() - start
+    if os.environ.get("RANK", "0") != "0":
+        return
+    payload = {"wall_s": wall, "timings": result.timings, "modules": result.modules,
+               "flops": dict(mode.flops) if mode is not None else None}
+    Path(out).write_text(json.dumps(payload))
+
+
+def _job_weightwatcher(pair: str) -> None:
+    import torch
+    import transformers
+    import weightwatcher as ww
+
+    load = dict(dtype=torch.float32)
+    base = transformers.AutoModelForCausalLM.from_pretrained(Path(pair) / "base", **load)
+    tuned = transformers.AutoModelForCausalLM.from_pretrained(Path(pair) / "tuned", **load)
+    details = ww.WeightWatcher(model=tuned, base_model=base).analyze()
+    print(json.dumps({"layers": int(len(details))}))
+
+
+# ---------------------------------------------------------------------------- the benchmark
+
+
+def _flops_full(modules: list[dict], full_below: int) -> float:
+    """fp64 Gram flops of the full path: 2·short²·long per ΔW (and per small W_base for its top σ)."""
+    total = 0.0
+    for m in modules:
+        if m["kind"] != "matrix":
+            continue
+        a, b = m["shape"]
+        gram = 2.0 * min(a, b) ** 2 * max(a, b)
+        total += gram
+        if min(a, b) <= full_below:
+            total += gram  # top σ of W_base by the full path too
+    return total
+
+
+def _rank_agreement(a: list[dict], b: list[dict], level: str = "0.9") -> dict[str, Any]:
+    by = {m["name"]: m for m in b if m["kind"] == "matrix"}
+    diffs = []
+    for m in a:
+        if m["kind"] == "matrix" and m["name"] in by:
+            x, y = m["energy_rank"].get(level), by[m["name"]]["energy_rank"].get(level)
+            diffs.append(math.inf if x is None or y is None else abs(x - y))
+    return {"modules": len(diffs), "max_abs_diff": max(diffs) if diffs else None,
+            "within_1": sum(d <= 1 for d in diffs), "exact": sum(d == 0 for d in diffs)}
+
+
+def _same_rows(a: list[dict], b: list[dict]) -> bool:
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
+    return strip(a) == strip(b)
+
+
+def run_e2e_bench(out: str | os.PathLike = "reports/bench", *, pair: str | os.PathLike | None = None,
+                  work: str | os.PathLike = "/tmp/spectra-e2e", shape: str = "tinyllama-1.1b", quick: bool = False,
+                  skip: tuple[str, ...] = (), peer_timeout: float = 900) -> Path:
+    """Run the end-to-end benchmark and write ``e2e.md`` and ``e2e.json`` under `out`.
+
+    Parameters
+    ----------
+    out : path
+        Report directory.
+    pair : path, optional
+        A pair written by :func:`spectra.bench.make_pair.make_pair`; made under `work` if absent.
+    work : path
+        Scratch directory (pair, caches, peer outputs).
+    shape : str
+        Shapes of the generated pair.
+    quick : bool
+        Smoke test: no peers, no SIGKILL run, no torchrun.
+    skip : tuple of str
+        Parts to leave out: ``full``, ``peers``, ``kill``, ``torchrun``.
+    peer_timeout : float
+        Seconds a peer may run before it is stopped and reported as not finished.
+
+    Returns
+    -------
+    Path
+        The Markdown report.
+    """
+    unknown = set(skip) - set(_PARTS)
+    if unknown:
+        raise ConfigError(f"--skip: unknown part(s) {', '.join(sorted(unknown))}; choose from {', '.join(_PARTS)}.")
+    skip = set(skip) | ({"peers", "kill", "torchrun"} if quick else set())
+    work, out = Path(work), Path(out)
+    work.mkdir(parents=True, exist_ok=True)
+    if pair is None:
+        from spectra.bench.make_pair import PairConfig, make_pair
+
+        pair = work / f"pair-{shape}"
+        if not (pair / "ground_truth.json").exists():
+            make_pair(pair, PairConfig(shape=shape), overwrite=True)
+    pair = Path(pair)
+    if not (pair / "base").is_dir() or not (pair / "tuned").is_dir():
+        raise ConfigError(f"--pair {pair}: expected base/ and tuned/ inside (write one with `spectra bench make-pair`).")
+    res: dict[str, Any] = {"pair": str(pair), "shape": shape, "cpus": os.cpu_count(), "skipped": sorted(skip)}
+    rows: dict[str, list[dict]] = {}
+
+    def analyze(tag: str, method: str = "auto", threads: int = 0, read_ahead: int = 2, cache: str = "",
+                count: bool = False, launcher: list[str] | None = None, **kw) -> dict[str, Any]:
+        path = work / f"{tag}.json"
+        path.unlink(missing_ok=True)
+        args = ["analyze", str(pair), str(path), method, str(threads), str(read_ahead), cache, str(int(count))]
+        cmd = (launcher + ["-m", "spectra.bench.e2e", *args]) if launcher else _job(*args)
+        m = _measure(cmd, **kw)
+        if path.exists():
+            data = json.loads(path.read_text())
+            rows[tag] = data["modules"]
+            m.update(analysis_s=data["wall_s"], timings=data["timings"], flops=data["flops"],
+                     modules_per_s=len(data["modules"]) / data["wall_s"])
+        res[tag] = {k: v for k, v in m.items() if k != "tail"} | ({"tail": m["tail"]} if m.get("rc") else {})
+        return m
+
+    _measure(_job("read", str(pair)))  # warm the page cache: every run below reads from memory alike
+    io = _measure(_job("read", str(pair)))
+    io.update(json.loads(io.pop("tail").strip().splitlines()[-1]))
+    res["io_floor"] = io
+    gemm = _measure(_job("gemm"))
+    res["gemm_rates"] = json.loads(gemm["tail"].strip().splitlines()[-1])["flops_per_s"]
+    analyze("spectra_default")
+    if "full" not in skip:
+        analyze("spectra_full", method="full")
+        res["rank_agreement_0.9"] = _rank_agreement(rows["spectra_default"], rows["spectra_full"])
+    analyze("one_rank_one_thread", threads=1, read_ahead=0, count=True)
+    if "torchrun" not in skip:
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                    str(29500 + os.getpid() % 1000)]
+        analyze("torchrun_two_ranks", threads=1, read_ahead=0, launcher=launcher, env={"OMP_NUM_THREADS": "1"})
+        if "torchrun_two_ranks" in rows:
+            res["torchrun_identical"] = _same_rows(rows["one_rank_one_thread"], rows["torchrun_two_ranks"])
+    if "kill" not in skip:
+        cache = work / "kill-cache"
+        subprocess.run(["rm", "-rf", str(cache)], check=False)
+        total = len({m["name"] for m in rows["spectra_default"]})
+        files = lambda: sum(1 for _ in cache.rglob("*.json")) if cache.exists() else 0  # noqa: E731
+        analyze("killed", cache=str(cache), kill_when=lambda: files() >= total // 2)
+        res["killed"]["cached_at_kill"] = files()
+        analyze("resumed", cache=str(cache))
+        if "resumed" in rows:
+            res["resume_matches_default"] = _rank_agreement(rows["resumed"], rows["spectra_default"])
+    if "peers" not in skip:
+        res["peers"] = _peers(pair, work, peer_timeout)
+    res["floors"] = _floors(res, rows)
+    from spectra.bench.e2e_report import write_report
+
+    return write_report(res, out, ground_truth=pair / "ground_truth.json", rows=rows)
+
+
+def _floors(res: dict[str, Any], rows: dict[str, list[dict]]) -> dict[str, Any]:
+    rates = res["gemm_rates"]
+    counted = (res.get("one_rank_one_thread") or {}).get("flops") or {}
+    default_flops = dict(counted)
+    # full-gram rows multiply in numpy (invisible to the torch counter): add their fp64 Gram products
+    small = [m for m in rows.get("one_rank_one_thread", []) if str(m.get("method", "")).startswith("full")]
+    default_flops["float64"] = default_flops.get("float64", 0) + _flops_full(small, 1024)
+    gemm_default = sum(f / rates.get(dt, rates["float32"]) for dt, f in default_flops.items())
+    out = {"io_s": res["io_floor"]["read_s"], "default_flops": default_flops, "gemm_default_s": gemm_default}
+    if "spectra_full" in rows:
+        out["gemm_full_s"] = _flops_full(rows["spectra_full"], 1024) / rates["float64"]
+    return out
+
+
+def _peers(pair: Path, work: Path, timeout: float) -> dict[str, Any]:
+    peers: dict[str, Any] = {}
+    try:
+        import weightwatcher  # noqa: F401
+
+        m = _measure(_job("weightwatcher", str(pair)), timeout=timeout)
+        peers["weightwatcher"] = {k: v for k, v in m.items() if k != "tail" or m.get("rc")}
+    except ImportError as err:
+        peers["weightwatcher"] = {"unavailable": f"not importable here ({err}); pip install weightwatcher"}
+    try:
+        import mergekit  # noqa: F401
+
+        target = work / "mergekit-lora"
+        subprocess.run(["rm", "-rf", str(target)], check=False)
+        m = _measure([sys.executable, "-m", "mergekit.scripts.extract_lora", "--model", str(pair / "tuned"),
+                      "--base-model", str(pair / "base"), "--out-path", str(target), "--max-rank", "64"],
+                     timeout=timeout)
+        peers["mergekit_extract_lora_r64"] = {k: v for k, v in m.items() if k != "tail" or m.get("rc")}
+    except ImportError as err:
+        peers["mergekit_extract_lora_r64"] = {"unavailable": f"not importable here ({err}); pip install mergekit"}
+    return peers
+
+
+def main(argv: list[str]) -> None:
+    """Subprocess entry: ``python -m spectra.bench.e2e JOB ARGS…``."""
+    job, args = argv[0], argv[1:]
+    if job == "read":
+        _job_read(args[0])
+    elif job == "gemm":
+        _job_gemm()
+    elif job == "analyze":
+        pair, out, method, threads, read_ahead, cache, count = args
+        _job_analyze(pair, out, method, int(threads), int(read_ahead), cache, bool(int(count)))
+    elif job == "weightwatcher":
+        _job_weightwatcher(args[0])
+    else:
+        raise SystemExit(f"unknown job {job!r}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
