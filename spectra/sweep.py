@@ -1,0 +1,335 @@
+"""Truncation sweeps: the fine-tune with every ΔW cut to rank r, evaluated. No training.
+
+For each rank r the model is evaluated with every targeted weight set to
+``W_base + ΔW_r``, ΔW_r the best rank-r truncation of ``ΔW = W_tuned − W_base``: Eckart–Young
+(best in ‖ΔW − ΔW_r‖_F), or, given calibration data, the data-optimal truncation (best in
+‖(ΔW − ΔW_r)X‖_F; SVD-LLM, arXiv:2403.07378; see :mod:`spectra.calibration`). Rank 0 is
+W_base, and a rank at or above min(out, in) is W_tuned itself, read from the checkpoint,
+so the end points are exact. That is the curve an extracted adapter (``spectra extract``)
+would trace, measured on the user's data.
+
+Non-targeted tensors (norms, biases, embeddings, heads) come from the fine-tune
+(``non_target="tuned"``, what an adapter with ``modules_to_save`` can express) or from the
+base (``"base"``; a tensor the base lacks, such as a new classifier, still comes from the
+fine-tune, and the result says so), or both curves are measured.
+
+Each module's SVD is computed once, to the largest rank asked for, and reused at every
+rank. Every metric is pooled per example as Σ numerator / Σ denominator, so its noise is
+stated by a percentile bootstrap over eval examples (Efron & Tibshirani 1993), paired
+across points for the gap to the full fine-tune.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from spectra.calibration import Calibration, CalibrationConfig, collect_calibration, truncation_factors
+from spectra.errors import ConfigError
+from spectra.sweep_metrics import Metric, example_stats, resolve_metric
+from spectra.sweep_weights import ModelWeights
+
+SCHEMA_VERSION = 1
+NON_TARGET = ("tuned", "base", "both")
+GROUPS = ("model", "role", "both")
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """Options of :func:`truncation_sweep` besides what is swept. Written into ``sweep.json``.
+
+    Attributes
+    ----------
+    roles : tuple of str, optional
+        Roles whose ΔW are truncated; None: every block linear (q, k, v, o, qkv, gate, up,
+        down, gate_up), what LoRA targets. Ignored with a plan (its modules are the targets).
+    task : {"auto", "causal_lm", "seq_cls"}
+        ``auto``: classification when every eval record has a ``label``.
+    max_length, batch_size : int
+        Tokenisation and batching of the eval data.
+    bootstrap : int
+        Bootstrap replicates for the intervals (0: none).
+    confidence : float
+        Coverage of the percentile intervals.
+    full_below : int
+        Exact SVD when min(out, in) ≤ this, else randomized top-k.
+    epsilon : float
+        Ridge of the calibration second moments (data-optimal truncation only).
+    seed : int
+        Seed of the bootstrap and of any randomized SVD.
+    """
+
+    roles: tuple[str, ...] | None = None
+    task: str = "auto"
+    max_length: int = 128  # as training and verify
+    batch_size: int = 32  # eval is forward only: larger batches are cheap
+    bootstrap: int = 1000  # percentile endpoints settle to ~0.1 of their width at 1000 replicates
+    confidence: float = 0.95  # the usual two-sided 95 %
+    full_below: int = 1024  # exact SVD takes well under a second up to here
+    epsilon: float = 1e-6  # as CalibrationConfig: leaves the data term exact to ~1e-6
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.roles is not None:
+            object.__setattr__(self, "roles", tuple(self.roles))
+        if self.task not in ("auto", "causal_lm", "seq_cls"):
+            raise ConfigError(f"task {self.task!r} is not auto, causal_lm or seq_cls.")
+        if self.max_length < 2 or self.batch_size < 1 or self.bootstrap < 0:
+            raise ConfigError("max_length must be ≥ 2, batch_size ≥ 1 and bootstrap ≥ 0.")
+        if not 0 < self.confidence < 1:
+            raise ConfigError(f"confidence {self.confidence} must lie in (0, 1), e.g. 0.95.")
+
+
+@dataclass
+class SweepResult:
+    """Metric vs rank of truncated fine-tunes, with the base and the full fine-tune.
+
+    ``data`` is the ``sweep.json`` dict: ``reference`` (``base``, ``tuned``), ``points`` (one
+    per group, non-target source and rank: ``metric``, ``interval``, ``gap`` to the full
+    fine-tune, ``gap_interval``, ``loss``, ``accuracy``), ``metric``, ``examples`` and the
+    sources and options. ``gap`` is positive when the point is worse than the full fine-tune.
+    """
+
+    data: dict
+
+    def to_dict(self) -> dict:
+        return self.data
+
+    @property
+    def points(self) -> list[dict]:
+        return self.data["points"]
+
+    @property
+    def reference(self) -> dict:
+        return self.data["reference"]
+
+    def curve(self, *, group: str = "model", non_target: str | None = None) -> list[dict]:
+        """The points of one curve, by rank: ``group`` "model" or a role, ``non_target`` "tuned"/"base"."""
+        non_target = non_target or self.data["non_target"][0]
+        return sorted((p for p in self.points if p["group"] == group and p["non_target"] == non_target
+                       and p["rank"] is not None), key=lambda p: p["rank"])
+
+    def write_report(self, out_dir, *, overwrite: bool = False, marks: dict[str, int] | None = None) -> Path:
+        """``sweep.json``, ``report.md``, ``report.html`` and the curve figure, written atomically.
+
+        ``marks``: label → rank drawn as vertical lines (e.g. the functional and energy ranks).
+        """
+        from spectra.report.sweep import write_truncation_report
+
+        return write_truncation_report(self.data, out_dir, overwrite=overwrite, marks=marks)
+
+    @classmethod
+    def load(cls, path) -> "SweepResult":
+        """Read a ``sweep.json`` written by :meth:`write_report` (or its directory)."""
+        import json
+
+        path = Path(path)
+        path = path / "sweep.json" if path.is_dir() else path
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"cannot read sweep {path}: {err}. Pass the directory `spectra sweep` wrote.") from None
+        if data.get("kind") != "truncation_sweep":
+            raise ConfigError(f"{path} is not a truncation sweep (kind {data.get('kind')!r}); run `spectra sweep`.")
+        return cls(data)
+
+
+# ---------------------------------------------------------------------------- the sweep
+
+
+def truncation_sweep(base, tuned, data, *, ranks=(1, 2, 4, 8, 16, 32, 64), plan=None,
+                     metric: Metric | str | Callable | None = None, non_target: str = "tuned", groups: str = "model",
+                     calibration: Calibration | str | Path | None = None, config: SweepConfig | None = None,
+                     progress: bool = True) -> SweepResult:
+    """Evaluate the fine-tune with every targeted ΔW truncated to each rank.
+
+    Parameters
+    ----------
+    base, tuned : str or path
+        The pretrained checkpoint and its full fine-tune (model directories with config.json).
+    data : str or path
+        Eval data: ``.txt`` (language modelling) or ``.jsonl`` of ``{"text"}`` /
+        ``{"text", "label"}`` records.
+    ranks : sequence of int
+        Ranks to evaluate (0 allowed). A module is never truncated above min(out, in).
+    plan : RankPlan or path, optional
+        Its modules become the targets, and one more point is evaluated with each module at
+        its planned rank.
+    metric : Metric, {"accuracy", "loss", "perplexity"} or callable, optional
+        The curve's metric; default accuracy for classification, perplexity for language
+        modelling. A callable ``f(logits, batch) -> Tensor (B,)`` gives per-example scores
+        (higher is better, averaged); wrap it in :class:`Metric` for anything else.
+        Loss and accuracy are recorded at every point whatever the metric.
+    non_target : {"tuned", "base", "both"}
+        Where the non-targeted tensors come from (see the module docstring).
+    groups : {"model", "role", "both"}
+        ``model``: one rank for every targeted module. ``role``: one role at a time, the
+        other targets kept at the full fine-tune (per-role curves, for per-role ranks).
+    calibration : Calibration or path, optional
+        Use the data-optimal truncation (a data file is collected on the base first).
+    config : SweepConfig, optional
+    progress : bool
+        tqdm bar over evaluations.
+
+    Returns
+    -------
+    SweepResult
+
+    Raises
+    ------
+    ConfigError
+        Bad options, unreadable data, a tuned checkpoint that is an adapter, nothing to target.
+    """
+    import tqdm
+
+    from spectra.lora.data import prepare_data
+    from spectra.lora.train import load_model, model_dir
+
+    config = config or SweepConfig()
+    ranks = _check(ranks, non_target, groups)
+    start = time.perf_counter()
+    task, tokens, _, label_names, tokenizer = prepare_data(model_dir(tuned), data, task=config.task,
+                                                           max_length=config.max_length)
+    metric = resolve_metric(metric, task)
+    model = load_model(tuned, task=task)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    if isinstance(calibration, (str, Path)):
+        calibration = collect_calibration(base, calibration, config=CalibrationConfig(
+            epsilon=config.epsilon, max_length=config.max_length, task=task), progress=progress)
+    weights = ModelWeights(model, base, tuned, plan=plan, roles=config.roles)
+    top = max((r for r in ranks if r > 0), default=0)
+    for module in weights.targets:  # one SVD per module, reused at every rank
+        k = min(top, module.full_rank)
+        if k:
+            C = None if calibration is None else calibration.covariance(module.base_tensor)
+            U, S, Vw, _ = truncation_factors(weights.delta(module), k, covariance=C, epsilon=config.epsilon,
+                                             full_below=config.full_below, seed=config.seed)
+            module.factors = (U, S, Vw)
+
+    modes = ("tuned", "base") if non_target == "both" else (non_target,)
+    plan_ranks = weights.plan_ranks()
+    jobs = [("tuned", "reference", "tuned", None), ("base", "reference", "base", None)]  # (mode, group, label, rank)
+    for mode in modes:
+        if groups in ("model", "both"):
+            jobs += [(mode, "model", f"r={r}", r) for r in ranks]
+        if groups in ("role", "both"):
+            jobs += [(mode, role, f"{role} r={r}", r) for role in weights.roles() for r in ranks]
+        if plan_ranks is not None:
+            jobs.append((mode, "plan", "plan", None))
+    stats: dict[tuple, dict] = {}  # configuration -> per-example arrays (identical configurations run once)
+    keys = []
+    bar = tqdm.tqdm(total=len({_key(weights, *j, plan_ranks) for j in jobs}), desc="sweep", unit="eval",
+                    disable=not progress, dynamic_ncols=True)
+    for job in jobs:
+        key = _key(weights, *job, plan_ranks)
+        keys.append(key)
+        if key not in stats:
+            bar.set_postfix_str(f"{job[0]} non-targets, {job[2]}", refresh=False)
+            weights.apply(key[1], non_target=key[0])
+            stats[key] = example_stats(model, tokens, metric, batch_size=config.batch_size)
+            bar.update(1)
+    bar.close()
+    weights.apply(tuple(m.full_rank for m in weights.targets), non_target="tuned")  # leave the model as loaded
+    return SweepResult(_summarize(jobs, keys, stats, metric, weights, config, ranks=ranks, non_target=modes,
+                                  groups=groups, task=task, base=base, tuned=tuned, data=data,
+                                  calibration=calibration, label_names=label_names,
+                                  seconds=time.perf_counter() - start))
+
+
+def _check(ranks, non_target: str, groups: str) -> list[int]:
+    if non_target not in NON_TARGET:
+        raise ConfigError(f"non_target {non_target!r} is not one of {', '.join(NON_TARGET)}.")
+    if groups not in GROUPS:
+        raise ConfigError(f"groups {groups!r} is not one of {', '.join(GROUPS)}.")
+    try:
+        out = sorted({int(r) for r in ranks})
+    except (TypeError, ValueError):
+        raise ConfigError(f"ranks {ranks!r}: expected integers like 1,2,4,8.") from None
+    if not out or out[0] < 0:
+        raise ConfigError(f"ranks {ranks!r}: give ranks ≥ 0, e.g. 0,1,2,4,8.")
+    return out
+
+
+def _key(weights, mode: str, group: str, label: str, rank: int | None, plan_ranks) -> tuple:
+    """(non-target source, per-module ranks) of a job: what fixes the model's weights."""
+    full = [m.full_rank for m in weights.targets]
+    if group == "reference":
+        return mode, tuple(full if label == "tuned" else [0] * len(full))
+    if group == "plan":
+        return mode, tuple(plan_ranks)
+    if group == "model":
+        return mode, tuple(min(rank, f) for f in full)
+    return mode, tuple(min(rank, m.full_rank) if m.role == group else m.full_rank for m in weights.targets)
+
+
+# ---------------------------------------------------------------------------- summary
+
+
+def _summarize(jobs, keys, stats, metric: Metric, weights, config: SweepConfig, *, ranks, non_target, groups, task,
+               base, tuned, data, calibration, label_names, seconds) -> dict:
+    tuned_key = keys[0]
+    order = list(dict.fromkeys(keys))  # distinct configurations, tuned first
+    num = np.stack([stats[k]["num"] for k in order], axis=1)  # (n, P)
+    den = np.stack([stats[k]["den"] for k in order], axis=1)  # (n, P)
+    values = metric.pool(num.sum(0), den.sum(0))  # (P,)
+    intervals, gaps = _bootstrap(num, den, metric, config, tuned_index=order.index(tuned_key))
+    sign = 1.0 if metric.higher_is_better else -1.0
+
+    def point(k: tuple) -> dict:
+        i, s = order.index(k), stats[k]
+        return {"metric": float(values[i]), "interval": intervals[i], "gap": float(sign * (values[0] - values[i])),
+                "gap_interval": gaps[i], "loss": float(s["loss"].sum() / s["count"].sum()),
+                "accuracy": float(s["correct"].sum() / s["count"].sum())}
+
+    reference, points = {}, []
+    for (mode, group, label, rank), k in zip(jobs, keys):
+        if group == "reference":
+            reference[label] = point(k)
+        else:
+            points.append({"group": group, "non_target": mode, "rank": rank, "label": label, **point(k)})
+    first = stats[tuned_key]
+    return {
+        "schema_version": SCHEMA_VERSION, "kind": "truncation_sweep", "base": str(base), "tuned": str(tuned),
+        "data": str(data), "task": task, "label_names": label_names,
+        "metric": {"name": metric.name, "higher_is_better": metric.higher_is_better},
+        "examples": int(first["num"].shape[0]), "units": int(first["count"].sum()),
+        "unit": "tokens" if task == "causal_lm" else "examples",
+        "truncation": "eckart-young" if calibration is None else "data-optimal",
+        "ranks": ranks, "non_target": list(non_target), "groups": groups,
+        "bootstrap": {"replicates": config.bootstrap, "confidence": config.confidence, "seed": config.seed,
+                      "resampled": "eval examples"},
+        "reference": reference, "points": points,
+        "modules": [{"name": m.name, "role": m.role, "shape": list(m.shape), "full_rank": m.full_rank,
+                     "plan_rank": m.plan_rank} for m in weights.targets],
+        "config": asdict(config), "calibration": None if calibration is None else calibration.describe(),
+        "notes": list(weights.notes), "evaluations": len(order), "seconds": seconds,
+    }
+
+
+def _bootstrap(num: np.ndarray, den: np.ndarray, metric: Metric, config: SweepConfig, *, tuned_index: int
+               ) -> tuple[list, list]:
+    """Percentile intervals of each point's metric and of its paired gap to the full fine-tune."""
+    n, P = num.shape
+    if config.bootstrap == 0 or n < 2:
+        return [None] * P, [None] * P
+    rng = np.random.default_rng(config.seed)
+    sign = 1.0 if metric.higher_is_better else -1.0
+    vals, gaps = [], []
+    for start in range(0, config.bootstrap, 200):  # chunks bound the (B, n) weights in memory
+        b = min(200, config.bootstrap - start)
+        w = rng.multinomial(n, np.full(n, 1.0 / n), size=b).astype(np.float64)  # (b, n) resampling counts
+        v = metric.pool(w @ num, w @ den)  # (b, P)
+        vals.append(v)
+        gaps.append(sign * (v[:, [tuned_index]] - v))  # paired: same resample for both
+    lo, hi = (1 - config.confidence) / 2, (1 + config.confidence) / 2
+    qv = np.quantile(np.concatenate(vals), [lo, hi], axis=0)  # (2, P)
+    qg = np.quantile(np.concatenate(gaps), [lo, hi], axis=0)  # (2, P)
+    return ([[float(qv[0, i]), float(qv[1, i])] for i in range(P)],
+            [[float(qg[0, i]), float(qg[1, i])] for i in range(P)])
