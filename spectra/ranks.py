@@ -107,6 +107,12 @@ class RankPolicy:
         The common scaling s for ``alpha_rule="scale"``. Default 2.0 (α = 2r).
     alpha : float
         The common α for ``alpha_rule="constant"``. Default 16.0 (PEFT examples' value).
+    functional : float or None
+        ε in the sweep metric's units: each module gets the smallest swept rank whose truncation
+        sweep metric lies within ε of the full fine-tune's (per role when the sweep has per-role
+        curves, else one rank for the model); see :func:`functional_ranks`. Replaces the
+        ``energy``/``knee`` targets and is not capped by ``noise`` (the function was measured at
+        that rank). Needs ``recommend_ranks(..., sweep=...)``. Default None.
     """
 
     energy: float | None = 0.9
@@ -128,6 +134,7 @@ class RankPolicy:
     alpha_rule: str = "scale"
     scale: float = 2.0
     alpha: float = 16.0
+    functional: float | None = None  # None: ranks from spectra alone; set it with a truncation sweep
 
     def __post_init__(self) -> None:
         if self.roles is not None:
@@ -169,8 +176,13 @@ class RankPolicy:
                 re.compile(self.include[3:])
             except re.error as err:
                 raise ConfigError(f"RankPolicy.include {self.include!r} is not a valid regex: {err}.") from None
+        if self.functional is not None and not (isinstance(self.functional, (int, float)) and self.functional >= 0):
+            raise ConfigError(f"RankPolicy.functional must be a tolerance ≥ 0 in the sweep metric's units, "
+                              f"got {self.functional!r}.")
+        if self.functional is not None and (self.rank is not None or self.uniform):
+            raise ConfigError("RankPolicy.functional picks the ranks; it cannot be combined with rank or uniform.")
         if (self.energy is None and not self.knee and self.rank is None and not self.uniform
-                and self.budget is None):
+                and self.budget is None and self.functional is None):
             raise ConfigError("RankPolicy selects no rank: set energy, knee, rank, uniform or a budget.")
 
     @property
@@ -322,6 +334,85 @@ def _spectrum(row: Mapping) -> _Spectrum:
                      noise_rank=None if noise_rank is None else int(noise_rank))
 
 
+# ---------------------------------------------------------------------------- functional ranks
+
+
+def functional_ranks(sweep: Any, epsilon: float, *, non_target: str | None = None) -> dict:
+    """Per curve of a truncation sweep, the smallest rank whose metric stays within ε of the full fine-tune.
+
+    With ``gap(r)`` the metric's shortfall against the full fine-tune (``full − metric(r)`` when
+    higher is better, ``metric(r) − full`` otherwise), the chosen rank is the smallest swept r
+    with ``gap(r') ≤ ε`` for r and every larger swept r' (one lucky dip does not count). The
+    sweep's noise is recorded beside it: eval examples, and the paired percentile-bootstrap
+    interval of the gap; ``resolved`` is True when that whole interval lies within ε, i.e.
+    the eval set is large enough to support the claim.
+
+    Parameters
+    ----------
+    sweep : SweepResult, dict, str or PathLike
+        ``sweep.json`` of ``spectra sweep``, its directory, its dict or the result object.
+    epsilon : float
+        Tolerance ≥ 0 in the metric's units (0.01 = one accuracy point).
+    non_target : {"tuned", "base"}, optional
+        Which curve to read when both were swept. Default: the sweep's first (``tuned``).
+
+    Returns
+    -------
+    dict
+        ``epsilon``, ``metric``, ``higher_is_better``, ``examples``, ``tuned`` (the full
+        fine-tune's metric and interval), ``non_target``, ``bootstrap``, and ``groups``:
+        curve (``model`` or a role) → ``rank`` (None when no swept rank qualifies),
+        ``metric``, ``gap``, ``gap_interval``, ``resolved``, ``swept``.
+    """
+    if not (isinstance(epsilon, (int, float)) and epsilon >= 0):
+        raise ConfigError(f"functional ε must be a number ≥ 0 in the metric's units, got {epsilon!r}.")
+    data = _sweep_dict(sweep)
+    non_target = non_target or data["non_target"][0]
+    if non_target not in data["non_target"]:
+        raise ConfigError(f"non_target {non_target!r}: the sweep measured {data['non_target']} only.")
+    curves: dict[str, list[dict]] = {}
+    for p in data["points"]:
+        if p["non_target"] == non_target and p["rank"] is not None:
+            curves.setdefault(p["group"], []).append(p)
+    if not curves:
+        raise ConfigError("the sweep holds no rank points; sweep at least one rank.")
+    groups = {}
+    for group, points in curves.items():
+        points = sorted(points, key=lambda p: p["rank"])
+        chosen = None
+        for p in reversed(points):  # from the top: the last rank before the curve leaves the ε band
+            if p["gap"] > epsilon:
+                break
+            chosen = p
+        entry = {"rank": None if chosen is None else chosen["rank"], "swept": [p["rank"] for p in points]}
+        if chosen is not None:
+            interval = chosen.get("gap_interval")
+            entry.update(metric=chosen["metric"], gap=chosen["gap"], gap_interval=interval,
+                         resolved=None if interval is None else bool(interval[1] <= epsilon))
+        groups[group] = entry
+    return {"epsilon": float(epsilon), "metric": data["metric"]["name"],
+            "higher_is_better": data["metric"]["higher_is_better"], "examples": data["examples"],
+            "unit": data.get("unit"), "tuned": {k: data["reference"]["tuned"].get(k) for k in ("metric", "interval")},
+            "non_target": non_target, "bootstrap": data.get("bootstrap"), "truncation": data.get("truncation"),
+            "sweep": {"base": data.get("base"), "tuned": data.get("tuned"), "data": data.get("data")},
+            "groups": groups}
+
+
+def _sweep_dict(sweep: Any) -> dict:
+    if isinstance(sweep, (str, os.PathLike)):
+        path = Path(sweep)
+        path = path / "sweep.json" if path.is_dir() else path
+        try:
+            sweep = json.loads(path.read_text())
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"cannot read sweep {path}: {err}. Pass the directory `spectra sweep` wrote.") from None
+    if hasattr(sweep, "to_dict"):
+        sweep = sweep.to_dict()
+    if not isinstance(sweep, Mapping) or sweep.get("kind") != "truncation_sweep":
+        raise ConfigError("not a truncation sweep: pass the result of truncation_sweep or its sweep.json.")
+    return dict(sweep)
+
+
 # ---------------------------------------------------------------------------- the plan
 
 
@@ -380,6 +471,9 @@ class RankPlan:
     budget_gap : float or None
         With a binding budget: an upper bound on how much more total energy (share of all
         targeted ‖ΔW‖_F²) any plan within budget could capture (see :func:`allocate_budget`).
+    functional : dict or None
+        With ``RankPolicy.functional``: the sweep's choice per curve, with its noise (see
+        :func:`functional_ranks`).
     """
 
     modules: tuple[ModuleRank, ...]
@@ -387,6 +481,7 @@ class RankPlan:
     policy: RankPolicy = field(default_factory=RankPolicy)
     base: dict | None = None
     budget_gap: float | None = None
+    functional: dict | None = None
 
     def __post_init__(self) -> None:
         names = [m.name for m in self.modules]
@@ -417,7 +512,7 @@ class RankPlan:
                 "totals": {"modules": len(self.modules), "params": self.total_params,
                            "energy": self.total_energy, "mean_energy": self.mean_energy},
                 "modules": [dataclasses.asdict(m) for m in self.modules],
-                "left_out": [dataclasses.asdict(m) for m in self.left_out]}
+                "left_out": [dataclasses.asdict(m) for m in self.left_out], "functional": self.functional}
 
     @classmethod
     def from_dict(cls, data: Mapping) -> "RankPlan":
@@ -429,7 +524,8 @@ class RankPlan:
             policy["roles"] = tuple(policy["roles"])
         return cls(modules=tuple(ModuleRank(**m) for m in data["modules"]),
                    left_out=tuple(LeftOut(**m) for m in data.get("left_out", [])),
-                   policy=RankPolicy(**policy), base=data.get("base"), budget_gap=data.get("budget_gap"))
+                   policy=RankPolicy(**policy), base=data.get("base"), budget_gap=data.get("budget_gap"),
+                   functional=data.get("functional"))
 
     def to_peft_config(self, *, module_names: Iterable[str] | None = None, task_type: str | None = "CAUSAL_LM",
                        lora_dropout: float = 0.0) -> dict:
@@ -688,7 +784,7 @@ def allocate_budget(ladders: list[list[int]], gains: list[list[float]], unit_cos
 # ---------------------------------------------------------------------------- recommend
 
 
-def recommend_ranks(analysis: Any, policy: RankPolicy | None = None) -> RankPlan:
+def recommend_ranks(analysis: Any, policy: RankPolicy | None = None, *, sweep: Any = None) -> RankPlan:
     """Recommend per-module LoRA ranks from measured spectra.
 
     Parameters
@@ -699,6 +795,8 @@ def recommend_ranks(analysis: Any, policy: RankPolicy | None = None) -> RankPlan
         planned; vector rows are ignored.
     policy : RankPolicy, optional
         Default ``RankPolicy()``: the energy 0.9 rank of each module, capped at its noise floor.
+    sweep : SweepResult, dict, str or PathLike, optional
+        A truncation sweep (``spectra sweep``) of the same pair; needed by ``policy.functional``.
 
     Returns
     -------
@@ -713,6 +811,10 @@ def recommend_ranks(analysis: Any, policy: RankPolicy | None = None) -> RankPlan
     minimising the summed Eckart–Young error Σ_m ‖ΔW_m − ΔW_m,r‖_F²).
     """
     policy = policy or RankPolicy()
+    if policy.functional is not None and sweep is None:
+        raise ConfigError("RankPolicy.functional needs a truncation sweep: recommend_ranks(..., sweep=…) "
+                          "(run `spectra sweep BASE TUNED --data EVAL` first).")
+    functional = functional_ranks(sweep, policy.functional) if policy.functional is not None else None
     rows, base = _rows(analysis)
     spectra, left_out = [], []
     for row in rows:
@@ -734,9 +836,10 @@ def recommend_ranks(analysis: Any, policy: RankPolicy | None = None) -> RankPlan
 
     plan = []  # (spectrum, rank, reason, upper rank for the budget)
     for s in spectra:
-        rank, reason = _target(s, policy, uniform_rank)
+        rank, reason = _target(s, policy, uniform_rank) if functional is None else _functional_target(s, functional)
         if rank == 0:
-            left_out.append(LeftOut(s.name, "no signal above the noise floor", 0, math.sqrt(s.fro2)))
+            why = "not needed: the sweep at rank 0 is within ε" if functional else "no signal above the noise floor"
+            left_out.append(LeftOut(s.name, why, 0, math.sqrt(s.fro2)))
             continue
         plan.append((s, *_shape(s, rank, reason, policy)))
     if not plan:
@@ -754,7 +857,8 @@ def recommend_ranks(analysis: Any, policy: RankPolicy | None = None) -> RankPlan
                                params=r * sum(s.shape), reason=reason, conv1d=s.conv1d,
                                fro_norm=math.sqrt(s.fro2))
                     for s, r, reason in plan)
-    return RankPlan(modules=modules, left_out=tuple(left_out), policy=policy, base=base, budget_gap=budget_gap)
+    return RankPlan(modules=modules, left_out=tuple(left_out), policy=policy, base=base, budget_gap=budget_gap,
+                    functional=functional)
 
 
 def _excluded(s: _Spectrum, policy: RankPolicy) -> str | None:
@@ -807,6 +911,20 @@ def _target(s: _Spectrum, policy: RankPolicy, uniform_rank: int | None) -> tuple
     if policy.noise and s.noise_rank is not None and s.noise_rank < rank:
         rank, reason = s.noise_rank, "noise floor"
     return rank, reason
+
+
+def _functional_target(s: _Spectrum, functional: dict) -> tuple[int, str]:
+    """The swept rank of the module's role curve (else the model curve); full rank when none was within ε."""
+    groups = functional["groups"]
+    group = s.role if s.role in groups else "model"
+    if group not in groups:
+        raise ConfigError(f"the sweep has no curve for {s.name} (role {s.role!r}) and no model-wide curve; sweep "
+                          "with groups='model' or include this role.")
+    rank = groups[group]["rank"]
+    where = f"functional≤{functional['epsilon']:g} ({'role ' + group if group != 'model' else 'model'})"
+    if rank is None:
+        return s.full_rank, where + ": no swept rank within ε"
+    return min(rank, s.full_rank), where
 
 
 def _shape(s: _Spectrum, rank: int, reason: str, policy: RankPolicy) -> tuple[int, str]:
