@@ -24,6 +24,7 @@ from typing import Any, Callable
 
 import torch
 
+from spectra.calibration import add_activation_rows, collect_calibration, file_digest
 from spectra.checkpoints.pairing import DeltaW, Pairing, PairingOptions, describe
 from spectra.errors import ConfigError
 from spectra import sketch
@@ -54,6 +55,9 @@ class AnalysisConfig:
     device: str = "cpu"
     seed: int = 0  # randomized paths are deterministic given the seed
     on_nonfinite: str = "error"
+    calibration: str | None = None  # data file: adds each row's activation-weighted spectrum (spectra.calibration)
+    calibration_epsilon: float = 1e-6  # ridge of C relative to its mean eigenvalue; the data term stays exact to ~ε
+    calibration_examples: int | None = 256  # first examples of the file: C of a 1k-dim layer at a few forwards' cost
 
     def __post_init__(self) -> None:
         if self.method not in _METHODS:
@@ -73,6 +77,17 @@ class AnalysisConfig:
             raise ConfigError(f"device: {self.device!r} was asked for but torch sees no CUDA device here; "
                               "use --device cpu.")
         self.pairing_options()  # validates roles, layers, filters, dtype
+        if self.calibration is not None:
+            object.__setattr__(self, "calibration", str(self.calibration))
+            if not Path(self.calibration).is_file():
+                raise ConfigError(f"calibration: data file {self.calibration} does not exist; pass a .txt or .jsonl "
+                                  "file of the inputs the model sees.")
+            self.calibration_config()  # validates epsilon and examples
+
+    def calibration_config(self):
+        from spectra.calibration import CalibrationConfig
+
+        return CalibrationConfig(epsilon=self.calibration_epsilon, max_examples=self.calibration_examples)
 
     def pairing_options(self) -> PairingOptions:
         return PairingOptions(roles=self.roles, layers=self.layers, include=self.include, exclude=self.exclude,
@@ -361,7 +376,8 @@ def analyze(base, tuned, config: AnalysisConfig | None = None, *, cache_dir: str
     pairing = Pairing(base, tuned, config.pairing_options())
     base_fp, tuned_fp = pairing.base.fingerprint(), pairing.tuned.fingerprint()
     root = ModuleCache.default_root() if cache_dir is True else (cache_dir or None)
-    cache = ModuleCache(root, cache_key(base_fp, tuned_fp, config))
+    calibration_key = "" if config.calibration is None else "-" + file_digest(config.calibration)  # data, not path
+    cache = ModuleCache(root, cache_key(base_fp, tuned_fp, config) + calibration_key)
 
     mine = pairing.entries
     if me.distributed:
@@ -378,11 +394,15 @@ def analyze(base, tuned, config: AnalysisConfig | None = None, *, cache_dir: str
     bar = tqdm.tqdm(total=len(mine), initial=len(mine) - len(todo), unit="module",
                     disable=not progress or not me.is_main, desc="analyze", dynamic_ncols=True)
     read_s = compute_s = 0.0
+    calibration = (collect_calibration(base, config.calibration, config=config.calibration_config(),
+                                       progress=progress and me.is_main) if config.calibration and todo else None)
     for entry, deltas, waited in _read_ahead(pairing, todo, read_ahead, read_ahead_mb << 20):
         read_s += waited
         bar.set_postfix_str(entry.name, refresh=False)
         start = time.perf_counter()
         rows = [analyze_delta(d, config) for d in deltas]
+        if calibration is not None:
+            add_activation_rows(rows, deltas, calibration, thresholds=config.thresholds)
         compute_s += time.perf_counter() - start
         del deltas
         cache.put(entry.name, rows)
