@@ -39,16 +39,17 @@ def _paragraphs(module_name: str) -> list[str]:
         warnings.simplefilter("ignore")  # a few stdlib modules warn on import (deprecations)
         module = importlib.import_module(module_name)
     package = module_name.split(".")[0]
-    texts, seen = [], set()
+    texts, seen, alive = [], set(), []
 
     def visit(obj, depth: int) -> None:
         for name, member in inspect.getmembers(obj):
-            if name.startswith("_") or id(member) in seen:
-                continue
+            if name.startswith("_") or id(member) in seen or inspect.ismodule(member):
+                continue  # submodules appear only once imported: their presence depends on import order
             owner = str(getattr(member, "__module__", "") or "")
             if owner and not owner.startswith(package):
                 continue  # re-exported from elsewhere: not this area's text
             seen.add(id(member))
+            alive.append(member)  # keep it alive: a freed object's id could be reused by the next member
             doc = inspect.getdoc(member)
             if doc:
                 first = re.split(r"\n\s*\n", doc.strip())[0]
@@ -64,6 +65,11 @@ def _paragraphs(module_name: str) -> list[str]:
 
 def build_examples() -> list[dict]:
     """Every labelled example, sorted, with its split; deterministic for a Python version."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for modules in AREAS.values():  # import everything first: lazy attributes then resolve alike
+            for module in modules:
+                importlib.import_module(module)
     by_text: dict[str, set[int]] = {}
     for label, modules in enumerate(AREAS.values()):
         for module in modules:

@@ -1,0 +1,63 @@
+"""The demo pipeline end to end at test size: same code path as `spectra demo`, a tiny BERT."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import spectra.lora.train as train_mod
+from spectra.demo.run import DemoConfig, run_demo
+
+
+@pytest.fixture(scope="module")
+def tiny_demo(tmp_path_factory):
+    import transformers as tf
+
+    root = tmp_path_factory.mktemp("demo")
+    torch.manual_seed(0)
+    cfg = tf.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                        vocab_size=300, max_position_embeddings=64)  # 300 ids: the byte tokenizer is lossless
+    tf.BertModel(cfg).save_pretrained(root / "base")
+    config = DemoConfig.tiny(str(root / "base"))
+    result = run_demo(config, out_dir=root / "report", cache_dir=root / "cache", progress=False)
+    return root, config, result
+
+
+def test_report_sections_and_files(tiny_demo):
+    root, _, result = tiny_demo
+    md = (root / "report" / "report.md").read_text()
+    for heading in ("1. How low-rank", "2. What rank spectra recommends", "3. How much of the full fine-tune",
+                    "4. Test accuracy", "5. Rank sweep"):
+        assert heading in md
+    html = (root / "report" / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == len(list((root / "report" / "figures").glob("*.png"))) >= 3
+    assert json.loads((root / "report" / "demo.json").read_text())["recommended_rank"] == result.summary["recommended_rank"]
+
+
+def test_numbers_are_consistent(tiny_demo):
+    _, config, result = tiny_demo
+    s = result.summary
+    for method, a in s["adapters"].items():
+        assert a["captured_energy"] <= a["optimal_energy"] + 1e-6, method  # Eckart–Young is a hard bound
+    for row in s["sweep"]:
+        assert row["captured_energy"] <= row["optimal_energy"] + 1e-6
+    optimal = [row["optimal_energy"] for row in s["sweep"]]
+    assert optimal == sorted(optimal)  # more rank never holds less energy
+    assert s["uniform_plan"]["energy"] >= config.energy - 1e-9 or s["uniform_plan"]["rank"] == max(
+        r["full_rank"] for r in s["roles"])
+    assert set(s["evals"]) >= {"base", "full fine-tune", f"lora (trained, rank {s['recommended_rank']})"}
+    assert all(0 <= (v or {}).get("accuracy", 0) <= 1 for v in s["evals"].values())
+
+
+def test_rerun_reuses_the_cache(tiny_demo, monkeypatch):
+    root, config, first = tiny_demo
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("the second run trained again instead of reusing the cache")
+
+    monkeypatch.setattr(train_mod, "train_adapter", no_training)
+    again = run_demo(config, out_dir=root / "report2", cache_dir=root / "cache", progress=False)
+    assert again.summary["evals"] == first.summary["evals"]
+    assert again.summary["adapters"] == first.summary["adapters"]
