@@ -60,7 +60,7 @@ class ExtractResult:
 def extract_adapter(base, tuned, plan_or_rank, out_dir: str | os.PathLike, *, roles: tuple[str, ...] | None = None,
                     alpha: float | None = None, rslora: bool = False, modules_to_save: tuple[str, ...] = (),
                     full_below: int = 1024, seed: int = 0, overwrite: bool = False,
-                    progress: bool = True) -> ExtractResult:
+                    progress: bool = True, calibration=None) -> ExtractResult:
     """Write a PEFT adapter whose merge approximates TUNED − BASE at the planned ranks.
 
     Parameters
@@ -85,6 +85,12 @@ def extract_adapter(base, tuned, plan_or_rank, out_dir: str | os.PathLike, *, ro
         embeddings), matched as name suffixes (``classifier`` matches ``classifier``).
     full_below : int
         Exact SVD when min(out, in) ≤ this, else randomized top-r with power iterations.
+    calibration : Calibration, str or path, optional
+        Calibration data (a file is run through the base first; see
+        :func:`spectra.calibration.collect_calibration`): each module then gets the
+        data-optimal rank-r update, best in ‖(ΔW − ΔW_r)X‖_F on those inputs rather than in
+        ‖ΔW − ΔW_r‖_F (SVD-LLM, arXiv:2403.07378), and its ``fro_norm``/``error``/``tail`` are
+        measured in that norm, ‖· C_ε^{1/2}‖_F.
 
     Returns
     -------
@@ -111,6 +117,10 @@ def extract_adapter(base, tuned, plan_or_rank, out_dir: str | os.PathLike, *, ro
     if plan is not None:
         _check_plan_base(plan, pairing)
     save_names = _modules_to_save(pairing, modules_to_save)
+    if isinstance(calibration, (str, os.PathLike)):
+        from spectra.calibration import collect_calibration
+
+        calibration = collect_calibration(base, calibration, progress=progress)
 
     tensors: dict[str, torch.Tensor] = {}
     results = []
@@ -126,7 +136,12 @@ def extract_adapter(base, tuned, plan_or_rank, out_dir: str | os.PathLike, *, ro
                               f"{entry.shape[0]}×{entry.shape[1]} weight; lower it.")
         (d,) = pairing.load(entry)
         scaling = module_alpha / (math.sqrt(rank) if use_rslora else rank)
-        A, B, extraction = _factorize(d.delta, rank, scaling, full_below=full_below, seed=seed)
+        C = None if calibration is None else calibration.covariance(entry.base_tensor)
+        if C is not None:
+            A, B, extraction = _factorize_on_data(d.delta, rank, scaling, C, epsilon=calibration.config.epsilon,
+                                                  full_below=full_below, seed=seed)
+        else:
+            A, B, extraction = _factorize(d.delta, rank, scaling, full_below=full_below, seed=seed)
         # named as in the tuned model's class (a head class when the base is a bare one)
         module = (entry.tuned_tensor or entry.base_tensor).removesuffix(".weight")
         tensors[f"{PEFT_PREFIX}{module}.lora_A.weight"] = A.contiguous()  # (r, in)
@@ -213,6 +228,23 @@ def _factorize(delta: torch.Tensor, rank: int, scaling: float, *, full_below: in
     error = float(torch.linalg.vector_norm(delta.double() - approx))
     tail = math.sqrt(max(spec.total_energy - float((spec.values[:rank].double() ** 2).sum()), 0.0))
     return A, B, (fro, error, tail, spec.method)
+
+
+def _factorize_on_data(delta: torch.Tensor, rank: int, scaling: float, C: torch.Tensor, *, epsilon: float,
+                       full_below: int, seed: int):
+    """As :func:`_factorize`, with s·B@A the data-optimal rank-r update; errors in ‖· C_ε^{1/2}‖_F."""
+    from spectra.calibration import truncation_factors, whitening
+
+    U, S, Vw, spec = truncation_factors(delta, rank, covariance=C, epsilon=epsilon, full_below=full_below, seed=seed)
+    root = torch.sqrt(S / scaling)  # (r,): each factor carries √(σ/s)
+    B = (U * root).float()  # (out, r)
+    A = (root[:, None] * Vw).float()  # (r, in) = √(σ/s) V_rᵀ C_ε^{-1/2}
+    whiten, _, _ = whitening(C, epsilon=epsilon)
+    residual = (delta.double() - scaling * (B.double() @ A.double())) @ whiten  # (out, in)
+    fro = math.sqrt(spec.total_energy)
+    error = float(torch.linalg.vector_norm(residual))
+    tail = math.sqrt(max(spec.total_energy - float((S ** 2).sum()), 0.0))
+    return A, B, (fro, error, tail, f"data-optimal {spec.method}")
 
 
 def _peft_config(ranks: dict, use_rslora: bool, save_names: list[str], pairing: Pairing) -> dict[str, Any]:
