@@ -25,6 +25,14 @@ _API = {
     "RankPlan": "spectra.ranks",
     "extract_adapter": "spectra.lora.extract",
     "estimate_memory": "spectra.memory",
+    "train_adapter": "spectra.lora.train",
+    "TrainConfig": "spectra.lora.train",
+    "verify_adapter": "spectra.lora.verify",
+    "VerifyConfig": "spectra.lora.verify",
+    "rank_sweep": "spectra.lora.verify",
+    "run_demo": "spectra.demo.run",
+    "DemoConfig": "spectra.demo.run",
+    "write_demo_dataset": "spectra.demo.data",
 }
 
 __all__ = sorted(_API) + ["__version__"]
@@ -33,7 +41,11 @@ if TYPE_CHECKING:  # pragma: no cover
     from spectra.analysis import AnalysisConfig, AnalysisResult, analyze
     from spectra.checkpoints.pairing import DeltaW, PairingOptions, iter_deltas
     from spectra.checkpoints.source import open_checkpoint
+    from spectra.demo.data import write_demo_dataset
+    from spectra.demo.run import DemoConfig, run_demo
     from spectra.lora.extract import extract_adapter
+    from spectra.lora.train import TrainConfig, train_adapter
+    from spectra.lora.verify import VerifyConfig, rank_sweep, verify_adapter
     from spectra.memory import estimate_memory
     from spectra.ranks import RankPlan, RankPolicy, recommend_ranks
 

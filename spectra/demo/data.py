@@ -124,3 +124,6 @@ def write_dataset(out_dir: str | os.PathLike, *, max_per_class: dict[str, int] |
     labels.write_text(json.dumps(list(AREAS), indent=2) + "\n")
     paths["labels"] = labels
     return paths
+
+
+write_demo_dataset = write_dataset  # the name under which the public API exports it
