@@ -126,6 +126,18 @@ class AnalysisResult:
                 return m
         raise KeyError(name)
 
+    def figures(self) -> dict:
+        """The report's matplotlib figures by name (decay, cumulative energy, heatmaps, histogram)."""
+        from spectra.report.plots import all_figures
+
+        return all_figures(self.to_dict())
+
+    def role_summary(self) -> list[dict[str, Any]]:
+        """Per-role statistics over layers (median, quartiles, range of each metric)."""
+        from spectra.report.tables import summary_rows
+
+        return summary_rows(self.to_dict())
+
     def save(self, path: str | os.PathLike) -> Path:
         """Write ``analysis.json`` atomically (temp file, then rename)."""
         from spectra.report.render import analysis_json
