@@ -73,7 +73,8 @@ def run_train_bench(out_dir, *, steps: int = 20, warmup: int = 3, quick: bool = 
     data = {"model": {"hidden": hidden, "intermediate": inter, "layers": layers, "vocab": vocab},
             "batch": batch, "seq_len": seq_len, "steps": steps, "rank": 8,
             "trainer_step_median_s": statistics.median(trainer), "plain_step_median_s": statistics.median(plain),
-            "trainer_step_min_s": min(trainer), "plain_step_min_s": min(plain), "ratio": ratio, "ratio_fastest": ratio_min,
+            "trainer_step_min_s": min(trainer), "plain_step_min_s": min(plain), "ratio": ratio,
+            "ratio_fastest": ratio_min,
             "trainer_run_wall_s": trainer_wall, "threads": torch.get_num_threads(),
             "machine": f"{platform.machine()} {platform.processor() or ''}".strip(), "torch": torch.__version__}
     (out / "train.json").write_text(json.dumps(data, indent=2) + "\n")
