@@ -115,6 +115,8 @@ def analyze(
     resolve: Annotated[float, typer.Option(help="Energy whose rank the fast 'sketch' path resolves exactly; higher --energy levels are reported when within reach.")] = 0.9,
     read_ahead: Annotated[int, typer.Option(help="Modules read ahead of the math (0: read in line).")] = 2,
     read_ahead_mb: Annotated[int, typer.Option(help="Most upcast tensor data (MB) read ahead; bounds peak memory.")] = 768,
+    calibration: Annotated[Optional[Path], typer.Option(help="Calibration data (.txt/.jsonl): also report each ΔW's activation-weighted spectrum, ΔW·C^{1/2} on the base's inputs.")] = None,
+    calibration_epsilon: Annotated[float, typer.Option(help="Ridge of the input second moment C, relative to its mean eigenvalue.")] = 1e-6,
 ) -> None:
     """Measure the spectrum of every ΔW = TUNED − BASE and write a report (JSON, Markdown, HTML, figures).
 
@@ -139,7 +141,9 @@ def analyze(
     config = AnalysisConfig(method=method, full_below=full_below, max_rank=max_rank, thresholds=thresholds,
                             roles=_split(roles), layers=_layer_range(layers), include=include, exclude=exclude,
                             dtype=dtype, device=device, seed=seed, resolve=resolve,
-                            on_nonfinite="skip" if skip_nonfinite else "error")
+                            on_nonfinite="skip" if skip_nonfinite else "error",
+                            calibration=str(calibration) if calibration else None,
+                            calibration_epsilon=calibration_epsilon)
     result = run_analysis(base, tuned, config, cache_dir=False if no_cache else (cache_dir or True), progress=not quiet,
                           read_ahead=read_ahead, read_ahead_mb=read_ahead_mb)
     if not main_rank:
@@ -559,6 +563,89 @@ def bench_e2e(
     path = run_e2e_bench(out, pair=pair, work=work, shape="llama-tiny" if quick else shape, quick=quick,
                          skip=_split(skip) or (), peer_timeout=peer_timeout)
     typer.echo(f"wrote {path}")
+
+
+# ---------------------------------------------------------------------------- sweep
+
+
+@app.command()
+def sweep(
+    base: Annotated[str, typer.Argument(help="Pretrained checkpoint (model directory with config.json).")],
+    tuned: Annotated[str, typer.Argument(help="The full fine-tune (model directory with config.json).")],
+    data: Annotated[Path, typer.Option(help="Eval data: .txt (perplexity) or .jsonl of {\"text\", \"label\"} (accuracy).")],
+    ranks: Annotated[str, typer.Option(help="Comma-separated ranks to evaluate (0 allowed).")] = "1,2,4,8,16,32,64",
+    output: Annotated[Path, typer.Option("-o", "--output", help="Report directory to write.")] = Path("reports/sweep"),
+    non_target: Annotated[str, typer.Option(help="Norms, biases, heads, embeddings from: tuned, base or both.")] = "tuned",
+    by_role: Annotated[bool, typer.Option("--by-role", help="Also one curve per role (that role truncated, the rest full).")] = False,
+    metric: Annotated[Optional[str], typer.Option(help="accuracy, loss or perplexity (default: accuracy with labels, else perplexity).")] = None,
+    plan: Annotated[Optional[Path], typer.Option(help="A plan from `spectra recommend`: its modules are the targets, plus one point at its ranks.")] = None,
+    epsilon: Annotated[Optional[float], typer.Option(help="Mark the smallest rank within ε of the full fine-tune (metric units).")] = None,
+    analysis: Annotated[Optional[Path], typer.Option(help="With --epsilon: an analysis of the pair; writes OUTPUT/plan.json from the functional policy.")] = None,
+    calibration: Annotated[Optional[Path], typer.Option(help="Calibration data: truncate data-optimally (best on these inputs) instead of by Eckart–Young.")] = None,
+    roles: Annotated[Optional[str], typer.Option(help="Roles to truncate (default every block linear: q,k,v,o,qkv,gate,up,down,gate_up).")] = None,
+    task: Annotated[str, typer.Option(help="auto, causal_lm or seq_cls.")] = "auto",
+    batch_size: Annotated[int, typer.Option(help="Eval examples per forward pass.")] = 32,
+    max_length: Annotated[int, typer.Option(help="Tokens per example.")] = 128,
+    bootstrap: Annotated[int, typer.Option(help="Bootstrap replicates of the intervals (0: none).")] = 1000,
+    seed: Annotated[int, typer.Option(help="Seed of the bootstrap.")] = 0,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing report directory.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar, no table.")] = False,
+) -> None:
+    """Evaluate TUNED with every ΔW truncated to each rank (no training): the functional rank curve.
+
+    Example: spectra sweep ./base ./tuned --data eval.jsonl --ranks 1,2,4,8,16,32,64 --epsilon 0.01 -o reports/sweep1
+    """
+    from spectra.errors import ConfigError
+    from spectra.ranks import RankPolicy, functional_ranks, load_plan, recommend_ranks, save_plan
+    from spectra.sweep import SweepConfig, truncation_sweep
+
+    if output.exists() and not overwrite:
+        raise ConfigError(f"output directory {output} exists; pass --overwrite to replace it or choose another -o.")
+    if analysis is not None and epsilon is None:
+        raise ConfigError("--analysis writes a functional plan: pass --epsilon too (e.g. --epsilon 0.01).")
+    try:
+        rank_list = [int(r) for r in _split(ranks) or ()]
+    except ValueError:
+        raise ConfigError(f"--ranks {ranks!r}: expected comma-separated ranks like 1,2,4,8.") from None
+    config = SweepConfig(roles=_split(roles), task=task, batch_size=batch_size, max_length=max_length,
+                         bootstrap=bootstrap, seed=seed)
+    result = truncation_sweep(base, tuned, data, ranks=rank_list, plan=plan, metric=metric, non_target=non_target,
+                              groups="both" if by_role else "model", calibration=calibration, config=config,
+                              progress=not quiet)
+    marks = {}
+    if plan is not None:
+        planned = sorted(m.rank for m in load_plan(plan).modules)
+        marks["plan (median rank)"] = planned[len(planned) // 2]
+    choice, functional_plan = None, None
+    if epsilon is not None:
+        choice = functional_ranks(result, epsilon)
+        if choice["groups"].get("model", {}).get("rank") is not None:
+            marks[f"functional ε={epsilon:g}"] = choice["groups"]["model"]["rank"]
+        if analysis is not None:
+            functional_plan = recommend_ranks(analysis, RankPolicy(energy=None, functional=epsilon), sweep=result)
+    path = result.write_report(output, overwrite=overwrite, marks=marks)
+    if functional_plan is not None:
+        save_plan(functional_plan, path / "plan.json")
+    if not quiet:
+        from rich.console import Console
+        from rich.table import Table
+
+        name = result.data["metric"]["name"]
+        table = Table("rank", name, "interval", "gap to full", title=f"{name} vs rank ({result.data['examples']} "
+                      f"eval examples; full fine-tune {result.reference['tuned']['metric']:.4g}, base "
+                      f"{result.reference['base']['metric']:.4g})")
+        for p in result.curve():
+            interval = p["interval"] and f"[{p['interval'][0]:.4g}, {p['interval'][1]:.4g}]"
+            table.add_row(str(p["rank"]), f"{p['metric']:.4g}", interval or "–", f"{p['gap']:+.4g}")
+        Console().print(table)
+        if choice is not None:
+            for group, c in choice["groups"].items():
+                typer.echo(f"functional rank ({group}, ε={epsilon:g}): " + (
+                    "none of the swept ranks" if c["rank"] is None else
+                    f"{c['rank']} (gap {c['gap']:+.4g}, interval {c['gap_interval']}, "
+                    f"{'resolved' if c.get('resolved') else 'not resolved by this eval set'})"))
+    typer.echo(f"report: {path / 'report.html'}  (also report.md, sweep.json, figures/"
+               + (", plan.json)" if functional_plan is not None else ")"))
 
 
 # ---------------------------------------------------------------------------- helpers
