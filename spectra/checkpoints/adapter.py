@@ -134,6 +134,12 @@ def plan_adapter(adapter, base, config: dict[str, Any] | None) -> tuple[list[Ada
     base_weights = [n for n in base.names() if n.endswith(".weight")]
     match = match_names([m + ".weight" for m in modules], base_weights)
     missing = [m.removesuffix(".weight") for m in match.only_in_base + list(match.ambiguous)]
+    for module in [m for m in missing if set(modules[m]) == {"full"}]:
+        # a modules_to_save head the base lacks (a classifier on a bare encoder): new, not an update
+        notes.append(f"adapter module {module}: saved whole (modules_to_save) and absent from the base; "
+                     "a new module has no ΔW, not analysed")
+        del modules[module]
+        missing.remove(module)
     if missing:
         raise AdapterError(f"adapter {adapter.spec} targets module(s) absent from the base {base.spec}: "
                            f"{', '.join(missing[:5])}. Was it trained on another model? Pass the adapter's own base.")

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from spectra.report.plots import plot_decay, plot_rank_heatmap
-from spectra.report.verify import _write, plot_sweep_energy, plot_sweep_eval
+from spectra.report.verify import plot_sweep_energy, plot_sweep_eval, write_bundle
 
 
 def write_demo_report(summary: Mapping, analysis: Mapping, sweep: Mapping, out_dir) -> Path:
@@ -16,7 +16,7 @@ def write_demo_report(summary: Mapping, analysis: Mapping, sweep: Mapping, out_d
                "sweep_energy": plot_sweep_energy(sweep)}
     if any(r.get("eval") for r in sweep["runs"]):
         figures["sweep_eval"] = plot_sweep_eval(sweep)
-    return _write(out_dir, "demo.json", summary, figures, demo_blocks, overwrite=True)
+    return write_bundle(out_dir, "demo.json", summary, figures, demo_blocks, overwrite=True)
 
 
 def headline(s: Mapping) -> str:

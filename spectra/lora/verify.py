@@ -496,6 +496,12 @@ class SweepResult:
 
         return write_sweep_report(self.to_dict(), out_dir, overwrite=overwrite)
 
+    def figures(self) -> dict:
+        """The sweep figures by name (``sweep_energy``, ``sweep_eval``, ``sweep_phi``) as matplotlib Figures."""
+        from spectra.report.verify import sweep_figures
+
+        return sweep_figures(self.to_dict())
+
 
 def rank_sweep(base, tuned, data, *, ranks, methods=("lora",), adapters_dir, train_config=None, eval_data=None,
                verify_config: VerifyConfig | None = None, recommended_rank: int | None = None,

@@ -40,13 +40,18 @@ def write_verify_report(result: Mapping, out_dir, *, overwrite: bool = False) ->
     if result.get("phi_matrices"):
         figures["phi"] = plot_phi(result["phi_matrices"], title="φ(ΔW_adapter, ΔW_full, i, j), left singular "
                                                                  "vectors (LoRA §7.2)")
-    return _write(out_dir, "verify.json", result, figures, verify_blocks, overwrite=overwrite)
+    return write_bundle(out_dir, "verify.json", result, figures, verify_blocks, overwrite=overwrite)
 
 
 def write_sweep_report(sweep: Mapping, out_dir, *, overwrite: bool = False) -> Path:
     """Write a rank sweep as ``sweep.json``, ``report.md``, ``report.html``, ``figures/``, atomically."""
     if not sweep.get("runs"):
         raise ConfigError("the sweep has no runs; nothing to report.")
+    return write_bundle(out_dir, "sweep.json", sweep, sweep_figures(sweep), sweep_blocks, overwrite=overwrite)
+
+
+def sweep_figures(sweep: Mapping) -> dict[str, Figure]:
+    """The sweep's figures by name: captured energy vs rank, eval vs rank, φ between ranks."""
     figures = {"sweep_energy": plot_sweep_energy(sweep)}
     if any(r.get("eval") for r in sweep["runs"]):
         figures["sweep_eval"] = plot_sweep_eval(sweep)
@@ -56,11 +61,15 @@ def write_sweep_report(sweep: Mapping, out_dir, *, overwrite: bool = False) -> P
                                         title="φ(A_low, A_high, i, j) between adapter ranks, right singular "
                                               "vectors (LoRA §7.2, Fig. 3)",
                                         labels=("i (low rank)", "j (high rank)"))
-    return _write(out_dir, "sweep.json", sweep, figures, sweep_blocks, overwrite=overwrite)
+    return figures
 
 
-def _write(out_dir, json_name: str, data: Mapping, figures: dict[str, Figure], blocks_of: Callable,
-           *, overwrite: bool) -> Path:
+def write_bundle(out_dir, json_name: str, data: Mapping, figures: dict[str, Figure], blocks_of: Callable,
+                 *, overwrite: bool) -> Path:
+    """Write ``json_name``, ``report.md``, ``report.html`` and ``figures/`` atomically (staging dir, then rename).
+
+    ``blocks_of(data, figures=names)`` gives the report's blocks (see ``render.to_markdown``).
+    """
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or not overwrite):
         raise ConfigError(f"the report directory {out} already exists; pass overwrite=True (--overwrite) or "

@@ -112,3 +112,19 @@ def test_adapter_on_wrong_base_is_refused(tmp_path):
                                               num_attention_heads=4, num_key_value_heads=2, vocab_size=64))
     with pytest.raises(AdapterError, match="different base model"):
         Pairing(save(wide, tmp_path / "wide", "safetensors"), tmp_path / "ad")
+
+
+def test_new_head_in_modules_to_save_is_noted_not_fatal(tmp_path):
+    """A classification adapter on a bare encoder saves a head the base has no counterpart for."""
+    from peft import LoraConfig, get_peft_model
+
+    bare = build_model("bert", head=False)
+    base_dir = save(bare, tmp_path / "base", "safetensors")
+    classifier = build_model("bert", head=True)
+    classifier.bert.load_state_dict(bare.state_dict())
+    get_peft_model(classifier, LoraConfig(r=2, target_modules=["query"], modules_to_save=["classifier"])
+                   ).save_pretrained(tmp_path / "ad")
+    pairing = Pairing(base_dir, tmp_path / "ad")
+    assert [e.name for e in pairing.entries] == ["encoder.layer.0.attention.self.query",
+                                                 "encoder.layer.1.attention.self.query"]
+    assert any("classifier" in n and "absent from the base" in n for n in pairing.notes)
