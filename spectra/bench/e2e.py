@@ -67,30 +67,33 @@ def _anon_mb(pid: int) -> float:
 
 def _measure(cmd: list[str], *, env: dict | None = None, timeout: float = 3600, kill_when=None) -> dict[str, Any]:
     """Run `cmd`; wall time, peak anonymous RSS of its process tree, exit code, output tail."""
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, **(env or {})})
-    peak, killed = 0.0, False
     import threading
 
-    chunks: list[str] = []
-    reader = threading.Thread(target=lambda: chunks.extend(proc.stdout), daemon=True)
-    reader.start()
-    while proc.poll() is None:
-        peak = max(peak, _anon_mb(proc.pid))
-        if kill_when is not None and not killed and kill_when():
-            os.kill(proc.pid, signal.SIGKILL)
-            killed = True
-        if time.perf_counter() - start > timeout:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait()
-            reader.join(5)
-            return {"wall_s": None, "timeout_s": timeout, "peak_anon_mb": peak, "rc": None,
-                    "tail": "".join(chunks)[-2000:]}
-        time.sleep(0.05)
-    reader.join(5)
+    start = time.perf_counter()
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          env={**os.environ, **(env or {})}) as proc:
+        peak, killed, timed_out = 0.0, False, False
+        chunks: list[str] = []
+        reader = threading.Thread(target=lambda: chunks.extend(proc.stdout), daemon=True)
+        reader.start()
+        while proc.poll() is None:
+            peak = max(peak, _anon_mb(proc.pid))
+            if kill_when is not None and not killed and kill_when():
+                os.kill(proc.pid, signal.SIGKILL)
+                killed = True
+            if time.perf_counter() - start > timeout:
+                for pid in reversed(_tree(proc.pid)):
+                    os.kill(pid, signal.SIGKILL)
+                timed_out = True
+                proc.wait()
+                break
+            time.sleep(0.05)
+        reader.join(5)
+    tail = "".join(chunks)[-2000:]
+    if timed_out:
+        return {"wall_s": None, "timeout_s": timeout, "peak_anon_mb": peak, "rc": None, "tail": tail}
     return {"wall_s": time.perf_counter() - start, "peak_anon_mb": peak, "rc": proc.returncode, "killed": killed,
-            "tail": "".join(chunks)[-2000:]}
+            "tail": tail}
 
 
 def _job(*args: str) -> list[str]:
@@ -287,17 +290,14 @@ def run_e2e_bench(out: str | os.PathLike = "reports/bench", *, pair: str | os.Pa
     res["io_floor"] = io
     gemm = _measure(_job("gemm"))
     res["gemm_rates"] = json.loads(gemm["tail"].strip().splitlines()[-1])["flops_per_s"]
+    from spectra.bench.e2e_report import write_report
+
+    def report() -> Path:  # after every step, so a long run that is stopped still leaves its results
+        res["floors"] = _floors(res, rows)
+        return write_report(res, out, ground_truth=pair / "ground_truth.json", rows=rows)
+
     analyze("spectra_default")
-    if "full" not in skip:
-        analyze("spectra_full", method="full")
-        res["rank_agreement_0.9"] = _rank_agreement(rows["spectra_default"], rows["spectra_full"])
-    analyze("one_rank_one_thread", threads=1, read_ahead=0, count=True)
-    if "torchrun" not in skip:
-        launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-                    str(29500 + os.getpid() % 1000)]
-        analyze("torchrun_two_ranks", threads=1, read_ahead=0, launcher=launcher, env={"OMP_NUM_THREADS": "1"})
-        if "torchrun_two_ranks" in rows:
-            res["torchrun_identical"] = _same_rows(rows["one_rank_one_thread"], rows["torchrun_two_ranks"])
+    report()
     if "kill" not in skip:
         cache = work / "kill-cache"
         subprocess.run(["rm", "-rf", str(cache)], check=False)
@@ -308,12 +308,22 @@ def run_e2e_bench(out: str | os.PathLike = "reports/bench", *, pair: str | os.Pa
         analyze("resumed", cache=str(cache))
         if "resumed" in rows:
             res["resume_matches_default"] = _rank_agreement(rows["resumed"], rows["spectra_default"])
+        report()
+    analyze("one_rank_one_thread", threads=1, read_ahead=0, count=True)
+    if "torchrun" not in skip:
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                    str(29500 + os.getpid() % 1000)]
+        analyze("torchrun_two_ranks", threads=1, read_ahead=0, launcher=launcher, env={"OMP_NUM_THREADS": "1"})
+        if "torchrun_two_ranks" in rows:
+            res["torchrun_identical"] = _same_rows(rows["one_rank_one_thread"], rows["torchrun_two_ranks"])
+    report()
+    if "full" not in skip:
+        analyze("spectra_full", method="full")
+        res["rank_agreement_0.9"] = _rank_agreement(rows["spectra_default"], rows["spectra_full"])
+        report()
     if "peers" not in skip:
         res["peers"] = _peers(pair, work, peer_timeout)
-    res["floors"] = _floors(res, rows)
-    from spectra.bench.e2e_report import write_report
-
-    return write_report(res, out, ground_truth=pair / "ground_truth.json", rows=rows)
+    return report()
 
 
 def _floors(res: dict[str, Any], rows: dict[str, list[dict]]) -> dict[str, Any]:

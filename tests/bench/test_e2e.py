@@ -1,0 +1,27 @@
+"""`spectra bench e2e --quick` runs every measured path end to end on a tiny pair."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from spectra.cli import app
+
+
+@pytest.mark.slow
+def test_e2e_quick_writes_report(tmp_path):
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["bench", "e2e", "--quick", "--work", str(tmp_path / "work"), "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    data = json.loads((out / "e2e.json").read_text())
+    assert data["rank_agreement_0.9"]["within_1"] == data["rank_agreement_0.9"]["modules"] > 0
+    assert data["io_floor"]["bytes"] > 0 and data["spectra_default"]["peak_anon_mb"] > 0
+    md = (out / "e2e.md").read_text()
+    assert "## Targets (issue 8)" in md and "forced full spectrum" in md
+
+
+def test_e2e_rejects_unknown_part(tmp_path):
+    result = CliRunner().invoke(app, ["bench", "e2e", "--quick", "--skip", "gpu", "--work", str(tmp_path)])
+    assert result.exit_code != 0 and "unknown part" in str(result.exception)

@@ -1,0 +1,69 @@
+"""torchrun sharding: cost-balanced shares, and 2 gloo ranks give the single-process rows."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from spectra.bench.make_pair import PairConfig, make_pair
+from spectra.distributed import World, entry_cost, shard, world
+from spectra.errors import ConfigError
+
+
+def test_shard_balances_cost_not_count():
+    costs = [100.0, 50, 50, 1, 1, 1, 1, 1, 1, 1, 1, 1]  # one big entry, two medium, many small
+    shares = shard(costs, 2)
+    assert sorted(i for s in shares for i in s) == list(range(len(costs)))  # every entry once
+    loads = [sum(costs[i] for i in s) for s in shares]
+    assert max(loads) - min(loads) <= 1  # by cost: 104 vs 105
+    assert [0] == [i for i in shares[0] if costs[i] == 100] or [0] == [i for i in shares[1] if costs[i] == 100]
+    by_count = [list(range(0, 6)), list(range(6, 12))]  # negative control: splitting by count is lopsided
+    assert max(sum(costs[i] for i in s) for s in by_count) > 1.3 * max(loads)
+    assert shard(costs, 2) == shares and all(s == sorted(s) for s in shares)  # deterministic, disk order kept
+    assert shard(costs, 1) == [list(range(len(costs)))]
+
+
+def test_entry_cost_and_bad_input(monkeypatch):
+    assert entry_cost((2048, 5632)) > entry_cost((2048, 2048)) > entry_cost((256, 2048)) > entry_cost((2048,))
+    with pytest.raises(ConfigError):
+        shard([1.0], 0)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert world() == World(0, 1) and not world().distributed
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    with pytest.raises(ConfigError, match="torchrun"):
+        world()
+
+
+_JOB = textwrap.dedent("""
+    import json, os, sys, torch
+    torch.set_num_threads(1)
+    from spectra.analysis import AnalysisConfig, analyze
+    pair, out = sys.argv[1], sys.argv[2]
+    r = analyze(pair + "/base", pair + "/tuned", AnalysisConfig(full_below=32), cache_dir=False, progress=False)
+    if os.environ.get("RANK", "0") == "0":
+        json.dump({"modules": r.modules, "timings": r.timings}, open(out, "w"))
+""")
+
+
+def test_two_gloo_ranks_match_single_process(tmp_path):
+    pair = make_pair(tmp_path / "pair", PairConfig(shape="llama-tiny"))
+    job = tmp_path / "job.py"
+    job.write_text(_JOB)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env["OMP_NUM_THREADS"] = "1"
+    single, multi = tmp_path / "single.json", tmp_path / "multi.json"
+    subprocess.run([sys.executable, str(job), str(pair), str(single)], check=True, env=env, timeout=300)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                    str(29400 + os.getpid() % 500), str(job), str(pair), str(multi)],
+                   check=True, env=env, timeout=300, capture_output=True)
+    a, b = json.loads(single.read_text()), json.loads(multi.read_text())
+    assert b["timings"]["world_size"] == 2 and a["timings"]["world_size"] == 1
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
+    assert strip(a["modules"]) == strip(b["modules"])  # same rows, same order, bit for bit
+    assert any(m.get("method") == "adaptive-bf16" for m in a["modules"])  # the sketch path ran on both

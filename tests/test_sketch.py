@@ -1,0 +1,72 @@
+"""The fast per-module numbers against exact references (float64 numpy/scipy, metrics.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from spectra import sketch
+from spectra.linalg import metrics
+from spectra.linalg.svd import full_svd
+
+
+def bf16_pair(m, n, *, rank, rel, seed=0):
+    """bf16 base and tuned with a rank-`rank` exponentially decaying update of relative size `rel`."""
+    g = torch.Generator().manual_seed(seed)
+    w = (torch.randn(m, n, generator=g) * 0.02).bfloat16().float()
+    u, _ = torch.linalg.qr(torch.randn(m, 6 * rank, generator=g))
+    v, _ = torch.linalg.qr(torch.randn(n, 6 * rank, generator=g))
+    s = torch.exp(-torch.arange(6 * rank) / rank)
+    d = u * s @ v.T
+    d *= rel * w.norm() / d.norm()
+    return w, (w + d).bfloat16().float()
+
+
+def test_squared_norm_matches_float64():
+    x = torch.randn(1000, 777) * 1e-3
+    assert sketch.squared_norm(x) == pytest.approx(float(x.double().pow(2).sum()), rel=1e-7)
+    assert sketch.squared_norm(torch.zeros(5, 5)) == 0.0
+
+
+@pytest.mark.parametrize("storage", [torch.bfloat16, torch.float16])
+def test_noise_floor_exact_when_small_and_close_when_sampled(storage):
+    b = torch.randn(300, 200).to(storage).float()
+    t = (b + 1e-3 * torch.randn(300, 200)).to(storage).float()
+    exact = metrics.rounding_noise_floor(b, t, base_dtype=storage, tuned_dtype=storage)
+    fast = sketch.sampled_noise_floor(b, t, base_dtype=storage, tuned_dtype=storage)
+    assert fast.variance == pytest.approx(exact.variance, rel=1e-12) and fast.mp_edge == pytest.approx(exact.mp_edge)
+    sampled = sketch.sampled_noise_floor(b, t, base_dtype=storage, tuned_dtype=storage, max_elements=6000)
+    assert sampled.sigma == pytest.approx(exact.sigma, rel=0.05) and sampled.sigma != exact.sigma
+
+
+def test_energy_sketch_ranks_match_full_svd():
+    w, t = bf16_pair(600, 900, rank=12, rel=1e-2)
+    d = t - w
+    total = sketch.squared_norm(d)
+    fast = sketch.energy_sketch(d, energy=0.9, thresholds=(0.5, 0.9, 0.99), total_energy=total, block=32)
+    exact = full_svd(d.double())
+    assert fast.method == "adaptive-bf16" and not fast.complete
+    for tau in (0.5, 0.9):
+        assert abs(metrics.energy_rank(fast, tau) - metrics.energy_rank(exact, tau)) <= 1
+    assert metrics.energy_rank(fast, 0.99) is None  # deep in the rounding noise: not claimed
+    k = fast.k
+    assert np.all(fast.values.double().numpy() <= exact.values[:k].numpy() * (1 + 1e-5))  # Ritz: lower bounds
+    np.testing.assert_allclose(fast.values[:5].double().numpy(), exact.values[:5].numpy(), rtol=1e-3)
+
+
+def test_energy_sketch_falls_back_to_full_for_a_flat_spectrum():
+    d = torch.randn(256, 300)  # white noise: the 90 % rank is most of the matrix
+    fast = sketch.energy_sketch(d, energy=0.9, total_energy=sketch.squared_norm(d), block=16)
+    assert fast.method == "adaptive-bf16->full"
+    assert metrics.energy_rank(fast, 0.9) == metrics.energy_rank(full_svd(d.double()), 0.9)
+
+
+def test_top_values_resolve_outliers():
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(500, 800, generator=g) * 0.02
+    u, _ = torch.linalg.qr(torch.randn(500, 4, generator=g))
+    v, _ = torch.linalg.qr(torch.randn(800, 4, generator=g))
+    w += u * torch.tensor([8.0, 6.0, 5.0, 4.0]) @ v.T
+    top = sketch.top_values(w, 4)
+    np.testing.assert_allclose(top.numpy(), np.linalg.svd(w.double().numpy(), compute_uv=False)[:4], rtol=1e-3)
