@@ -175,3 +175,33 @@ def test_base_top_singular_values_match_numpy(planted_pair):
     np.testing.assert_allclose(result.module("model.layers.0.self_attn.o_proj")["base_top_singular_values"], expected,
                                rtol=1e-5)
     assert result.module("model.layers.0.self_attn.o_proj")["relative_size"] == 0.0
+
+
+def test_resume_after_sigkill_of_a_real_process(tmp_path):
+    """A separate `analyze` process killed with SIGKILL midway leaves a cache the next run resumes from."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from spectra.bench.make_pair import PairConfig, make_pair
+
+    pair = make_pair(tmp_path / "pair", PairConfig(shape="llama-tiny"))
+    cache = tmp_path / "cache"
+    # on_module sleeps so the kill lands while modules remain; the cache is all the next run sees
+    script = ("import sys, time; from spectra.analysis import analyze, AnalysisConfig; "
+              "analyze(sys.argv[1] + '/base', sys.argv[1] + '/tuned', AnalysisConfig(full_below=32), "
+              "cache_dir=sys.argv[2], progress=False, on_module=lambda n, r: time.sleep(0.3))")
+    proc = subprocess.Popen([sys.executable, "-c", script, str(pair), str(cache)])
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(cache.rglob("*.json"))) < 5:
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+    done = len(list(cache.rglob("*.json")))
+    assert done >= 5
+    resumed = analyze(pair / "base", pair / "tuned", AnalysisConfig(full_below=32), cache_dir=cache, progress=False)
+    fresh = analyze(pair / "base", pair / "tuned", AnalysisConfig(full_below=32), cache_dir=False, progress=False)
+    assert resumed.timings["modules_cached"] == done < len(fresh.modules)
+    assert strip_timing(resumed.modules) == strip_timing(fresh.modules)
