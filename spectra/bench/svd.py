@@ -83,7 +83,6 @@ def _run(fn, repeats: int):
         best = min(best, time.perf_counter() - t)
         if before >= 0:
             peak = max(peak, _status("VmHWM") - before)
-        del_ = None  # noqa: F841
     return best, out, peak
 
 
@@ -238,6 +237,8 @@ def run_svd_bench(
             M = make_matrix(kind, m, n, seed)
             rows.append(_bench_matrix(M, kind, ks, repeats, seed, peers_full=m * n <= torch_svd_below))
             del M
+            # Partial results survive an interrupted run.
+            (out / "bench_svd.partial.json").write_text(json.dumps(rows, indent=1))
     meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "python": platform.python_version(),
             "machine": platform.machine(), "seconds": time.perf_counter() - started, "quick": quick,
             "target_err": TARGET_ERR}
@@ -245,6 +246,7 @@ def run_svd_bench(
     _plot(rows, out / "bench_svd.png")
     md = out / "bench_svd.md"
     md.write_text(_markdown(rows, meta))
+    (out / "bench_svd.partial.json").unlink(missing_ok=True)
     return md
 
 

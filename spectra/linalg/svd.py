@@ -270,8 +270,10 @@ def randomized_svd(
         Return ``U`` (out, k) and ``Vh`` (k, in).
     sketch_dtype : torch.dtype, optional
         Run the power-iteration GEMMs in this dtype (e.g. ``torch.bfloat16`` to use
-        AMX/tensor cores). The final projection and the Ritz values are always in the
-        working precision, so the error of the bf16 subspace enters only squared.
+        AMX/tensor cores) until the Ritz values stop changing beyond that dtype's
+        rounding noise; then iterations continue in working precision until `tol`
+        holds (the accuracy guard). The final projection is always in working
+        precision, so the error of the low-precision subspace enters only squared.
 
     Returns
     -------
@@ -353,12 +355,21 @@ def _randomized_svd(A, k, l, n_iter, tol, gen, compute_vectors, sketch_dtype) ->
     Omega = torch.randn(A.shape[1], l, generator=gen, device=A.device, dtype=A.dtype)  # (long, l)
     Q, _ = _orth((S_ @ Omega.to(S_.dtype)).to(A.dtype))  # (short, long) @ (long, l) -> (short, l)
     conv = _Convergence(k)
+    # Low-precision GEMMs put first-order rounding noise (~ a few units of its roundoff)
+    # into the Ritz values: iterate in that dtype only until changes reach that noise,
+    # then refine in working precision until `tol` holds (the accuracy guard).
+    noise = 0.0 if S_ is A else 8 * torch.finfo(S_.dtype).eps
     done = 0
     for _ in range(n_iter):
         W, R = _orth((S_.T @ Q.to(S_.dtype)).to(A.dtype))  # (long, short) @ (short, l) -> (long, l)
         Q, R = _orth((S_ @ W.to(S_.dtype)).to(A.dtype))  # (short, l)
         done += 1
         est = conv.update(_ritz_values(R))
+        if S_ is not A and est == est and est <= max(noise, tol or 0.0):
+            S_, conv = A, _Convergence(k)  # switch to working precision for the refinement
+            if tol is None:
+                break
+            continue
         if tol is not None and est == est and est <= tol and done >= 2:
             break
     # Rayleigh–Ritz in working precision: Z = Aᵀ Q = (Qᵀ A)ᵀ.
