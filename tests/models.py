@@ -36,6 +36,9 @@ def tiny_config(family: str):
         return tf.Phi3Config(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
                              num_key_value_heads=2, pad_token_id=0, bos_token_id=0,
                              eos_token_id=0, **common)
+    if family == "gemma":  # multi-query attention: one KV head
+        return tf.GemmaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                              num_key_value_heads=1, head_dim=8, **common)
     if family == "mixtral":
         return tf.MixtralConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
                                 num_key_value_heads=2, num_local_experts=3, num_experts_per_tok=2, **common)
@@ -52,6 +55,7 @@ _MODEL_CLASSES = {
     "bert": ("BertModel", "BertForSequenceClassification"),
     "phi3": ("Phi3Model", "Phi3ForCausalLM"),
     "mixtral": ("MixtralModel", "MixtralForCausalLM"),
+    "gemma": ("GemmaModel", "GemmaForCausalLM"),
     "gpt_neox": ("GPTNeoXModel", "GPTNeoXForCausalLM"),
 }
 

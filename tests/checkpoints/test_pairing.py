@@ -59,6 +59,20 @@ def test_llama_gqa_untied(tmp_path, fmt):
     assert seen["model.norm.weight"].kind == "vector"
 
 
+def test_gemma_multi_query_tied(tmp_path):
+    base = build_model("gemma")
+    tuned = copy.deepcopy(base)
+    dv = low_rank(8, 32, 2, seed=21)  # one KV head of head_dim 8
+    dgate = low_rank(48, 32, 3, seed=22)
+    add_to_parameter(tuned, "model.layers.1.self_attn.v_proj.weight", dv)
+    add_to_parameter(tuned, "model.layers.0.mlp.gate_proj.weight", dgate)
+    b, t = save(base, tmp_path / "b", "safetensors"), save(tuned, tmp_path / "t", "safetensors")
+    seen = assert_exact(Pairing(b, t, F64), {"model.layers.1.self_attn.v_proj": dv, "model.layers.0.mlp.gate_proj": dgate})
+    assert (seen["model.layers.1.self_attn.v_proj"].role, seen["model.layers.1.self_attn.v_proj"].shape) == ("v", (8, 32))
+    assert seen["model.layers.0.mlp.gate_proj"].role == "gate"
+    assert not any(d.role == "head" for d in seen.values())  # Gemma ties the head to the embedding
+
+
 def test_gpt2_conv1d_fused_split_and_prefix(tmp_path):
     base = build_model("gpt2", head=False)  # GPT2Model: keys "h.0…"
     tuned = build_model("gpt2", head=True)  # GPT2LMHeadModel: keys "transformer.h.0…", no lm_head on disk
