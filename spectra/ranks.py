@@ -395,7 +395,7 @@ def functional_ranks(sweep: Any, epsilon: float, *, non_target: str | None = Non
             "unit": data.get("unit"), "tuned": {k: data["reference"]["tuned"].get(k) for k in ("metric", "interval")},
             "non_target": non_target, "bootstrap": data.get("bootstrap"), "truncation": data.get("truncation"),
             "sweep": {"base": data.get("base"), "tuned": data.get("tuned"), "data": data.get("data")},
-            "groups": groups}
+            "modules": [m["name"] for m in data.get("modules", [])], "groups": groups}
 
 
 def _sweep_dict(sweep: Any) -> dict:
@@ -836,12 +836,19 @@ def recommend_ranks(analysis: Any, policy: RankPolicy | None = None, *, sweep: A
 
     plan = []  # (spectrum, rank, reason, upper rank for the budget)
     for s in spectra:
+        if functional is not None and functional["modules"] and s.name not in functional["modules"]:
+            left_out.append(LeftOut(s.name, "not truncated by the sweep (taken whole from the fine-tune there)",
+                                    None, math.sqrt(s.fro2)))
+            continue
         rank, reason = _target(s, policy, uniform_rank) if functional is None else _functional_target(s, functional)
         if rank == 0:
             why = "not needed: the sweep at rank 0 is within ε" if functional else "no signal above the noise floor"
             left_out.append(LeftOut(s.name, why, 0, math.sqrt(s.fro2)))
             continue
         plan.append((s, *_shape(s, rank, reason, policy)))
+    if not plan and functional is not None:
+        raise ConfigError(f"The sweep is within ε={policy.functional:g} of the full fine-tune at rank 0 for every "
+                          "targeted module: no adapter is needed at that tolerance (lower functional).")
     if not plan:
         raise ConfigError("Every targeted module lies below its noise floor; nothing to plan (try noise=False).")
 

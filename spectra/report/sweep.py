@@ -16,7 +16,7 @@ from matplotlib.figure import Figure
 
 from spectra.errors import ConfigError
 from spectra.report.render import _plain
-from spectra.report.verify import _write
+from spectra.report.verify import write_bundle
 
 _STYLE = {"tuned": dict(color="tab:blue", marker="o"), "base": dict(color="tab:orange", marker="s")}
 
@@ -41,7 +41,7 @@ def write_truncation_report(sweep: Mapping, out_dir, *, overwrite: bool = False,
     figures = {"curve": plot_truncation_curve(data, marks=data["marks"])}
     if any(p["group"] not in ("model", "plan") for p in data["points"]):
         figures["roles"] = plot_role_curves(data)
-    return _write(out_dir, "sweep.json", data, figures, truncation_blocks, overwrite=overwrite)
+    return write_bundle(out_dir, "sweep.json", data, figures, truncation_blocks, overwrite=overwrite)
 
 
 # ---------------------------------------------------------------------------- figures

@@ -1,0 +1,143 @@
+"""Truncation sweeps: exact end points, rank r against an independent numpy truncation, the CLI."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import spectra.sweep as sweep_module
+from spectra.cli import app
+from spectra.errors import ConfigError
+from spectra.lora.data import prepare_data
+from spectra.lora.train import evaluate, load_model
+from spectra.sweep import SweepConfig, SweepResult, truncation_sweep
+from tests.lora.conftest import classification_jsonl, random_text
+from tests.models import build_model, save
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+FAST = SweepConfig(bootstrap=200, max_length=16)
+
+
+def perturbed(model, seed: int, scale: float = 0.3):
+    """A stand-in full fine-tune: every tensor (targets, norms, biases, head) moved at random."""
+    tuned = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in tuned.parameters():
+            p += scale * p.norm() / p.numel() ** 0.5 * torch.randn(p.shape, generator=g)
+    return tuned
+
+
+@pytest.fixture(scope="module")
+def bert(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("bert")
+    base = build_model("bert")  # with its classifier, so "base" is a whole model to compare with
+    save(base, folder / "base", "safetensors")
+    save(perturbed(base, 3), folder / "tuned", "safetensors")
+    return folder / "base", folder / "tuned", classification_jsonl(folder / "eval.jsonl", n=24)
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("llama")
+    base = build_model("llama")
+    save(base, folder / "base", "safetensors")
+    save(perturbed(base, 4), folder / "tuned", "safetensors")
+    return folder / "base", folder / "tuned", random_text(folder / "eval.txt", chars=16 * 10, seed=5)
+
+
+def reference_eval(spec, data, task):
+    _, tokens, *_ = prepare_data(spec, data, task=task, max_length=16)
+    return evaluate(load_model(spec, task=task), tokens, batch_size=32)
+
+
+def test_end_points_are_the_tuned_and_base_models(bert, monkeypatch):
+    base, tuned, data = bert
+    calls = []
+
+    def counting(*args, **kwargs):
+        calls.append(args[1])
+        return factors(*args, **kwargs)
+
+    factors = sweep_module.truncation_factors
+    monkeypatch.setattr(sweep_module, "truncation_factors", counting)
+    result = truncation_sweep(base, tuned, data, ranks=[0, 1, 64], non_target="both", config=FAST, progress=False)
+    points = {(p["non_target"], p["rank"]): p for p in result.points}
+    assert len(calls) == 12 and set(calls) == {32}  # one SVD per module (2 layers × q,k,v,o,up,down), to max rank
+    assert result.data["metric"]["name"] == "accuracy" and result.data["examples"] == 24
+
+    tuned_ref, base_ref = reference_eval(tuned, data, "seq_cls"), reference_eval(base, data, "seq_cls")
+    full, zero = points[("tuned", 64)], points[("base", 0)]
+    assert full["metric"] == result.reference["tuned"]["metric"] == tuned_ref["accuracy"]
+    assert full["loss"] == result.reference["tuned"]["loss"] == pytest.approx(tuned_ref["loss"], rel=1e-6)
+    assert zero["loss"] == result.reference["base"]["loss"] == pytest.approx(base_ref["loss"], rel=1e-6)
+    assert zero["accuracy"] == base_ref["accuracy"]
+    assert full["gap"] == 0.0 and full["gap_interval"] == [0.0, 0.0]
+    # the non-targeted tensors matter, and both choices are reported
+    assert points[("tuned", 0)]["loss"] != pytest.approx(base_ref["loss"], rel=1e-4)
+    assert points[("base", 64)]["loss"] != pytest.approx(tuned_ref["loss"], rel=1e-4)
+    for p in result.points:
+        assert p["interval"][0] <= p["metric"] <= p["interval"][1]
+
+
+def test_rank_r_is_the_eckart_young_truncation(llama):
+    """A rank-2 point equals the model rebuilt by hand from numpy's SVD of every targeted ΔW."""
+    base, tuned, data = llama
+    result = truncation_sweep(base, tuned, data, ranks=[2], groups="both", config=FAST, progress=False,
+                              metric=lambda logits, batch: logits[:, -1].max(-1).values)
+    (point,) = [p for p in result.points if p["group"] == "model"]
+    model = load_model(tuned, task="causal_lm")
+    base_state = load_model(base, task="causal_lm").state_dict()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("proj.weight"):
+                W0 = base_state[name].double().numpy()
+                U, s, Vt = np.linalg.svd(param.detach().double().numpy() - W0)
+                param.copy_(torch.from_numpy(W0 + (U[:, :2] * s[:2]) @ Vt[:2]))
+    _, tokens, *_ = prepare_data(base, data, task="causal_lm", max_length=16)
+    expected = evaluate(model, tokens)
+    assert point["loss"] == pytest.approx(expected["loss"], rel=1e-5)
+    assert point["accuracy"] == pytest.approx(expected["accuracy"], abs=1e-12)
+    assert result.data["metric"]["name"] == "<lambda>" and result.data["unit"] == "tokens"
+    roles = {p["group"] for p in result.points} - {"model"}
+    assert roles == {"q", "k", "v", "o", "gate", "up", "down"}
+    assert SweepResult(json.loads(json.dumps(result.to_dict()))).curve(group="v")[0]["rank"] == 2
+
+
+def test_bad_options(bert):
+    base, tuned, data = bert
+    with pytest.raises(ConfigError, match="non_target"):
+        truncation_sweep(base, tuned, data, ranks=[1], non_target="adapter", progress=False)
+    with pytest.raises(ConfigError, match="ranks"):
+        truncation_sweep(base, tuned, data, ranks=[-1], progress=False)
+    with pytest.raises(ConfigError, match="confidence"):
+        SweepConfig(confidence=1.5)
+
+
+def test_cli_sweep_writes_report_and_functional_plan(bert, tmp_path):
+    base, tuned, data = bert
+    runner = CliRunner()
+    analysis = tmp_path / "analysis"
+    assert runner.invoke(app, ["analyze", str(base), str(tuned), "-o", str(analysis), "--no-cache", "-q"]).exit_code == 0
+    out = tmp_path / "sweep"
+    result = runner.invoke(app, ["sweep", str(base), str(tuned), "--data", str(data), "--ranks", "1,64",
+                                 "--metric", "loss", "--epsilon", "0", "--analysis", str(analysis),
+                                 "--bootstrap", "100", "--max-length", "16", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert {p.name for p in out.iterdir()} >= {"sweep.json", "report.md", "report.html", "figures", "plan.json"}
+    assert (out / "figures" / "curve.png").is_file()
+    plan, swept = json.loads((out / "plan.json").read_text()), json.loads((out / "sweep.json").read_text())
+    chosen = plan["functional"]["groups"]["model"]["rank"]
+    assert plan["policy"]["functional"] == 0.0 and swept["marks"] == {"functional ε=0": chosen}
+    assert len(plan["modules"]) == 12 and {m["rank"] for m in plan["modules"]} == {min(chosen, 32)}
+    unswept = [m["name"] for m in plan["left_out"] if m["reason"].startswith("not truncated by the sweep")]
+    assert sorted(unswept) == ["bert.embeddings.position_embeddings", "bert.embeddings.token_type_embeddings",
+                               "bert.pooler.dense"]
+    assert "functional rank (model, ε=0)" in result.output and "loss vs rank" in result.output
+    again = runner.invoke(app, ["sweep", str(base), str(tuned), "--data", str(data), "-o", str(out)])
+    assert again.exit_code != 0 and "exists" in str(again.exception or again.output)
