@@ -104,16 +104,25 @@ def _job(*args: str) -> list[str]:
 
 
 def _job_read(pair: str) -> None:
+    """Read every byte of both checkpoints (the I/O floor), then the stream floor: read, up-cast, subtract."""
+    import torch
+
     from spectra.checkpoints.source import open_checkpoint
 
+    base, tuned = open_checkpoint(Path(pair) / "base"), open_checkpoint(Path(pair) / "tuned")
     total, start = 0, time.perf_counter()
-    for side in ("base", "tuned"):
-        src = open_checkpoint(Path(pair) / side)
+    for src in (base, tuned):
         for name in src.names():
-            t = src.read(name)
+            t = src.read(name).clone()  # the read may be a zero-copy view of the mapped file: copy every byte
             total += t.numel() * t.element_size()
             del t
-    print(json.dumps({"bytes": total, "read_s": time.perf_counter() - start}))
+    read_s = time.perf_counter() - start
+    start = time.perf_counter()
+    for name in base.names():
+        if name in tuned:
+            d = tuned.read(name).float() - base.read(name).float()
+            del d
+    print(json.dumps({"bytes": total, "read_s": read_s, "stream_s": time.perf_counter() - start}))
 
 
 def _job_gemm() -> None:

@@ -80,8 +80,11 @@ def write_report(res: dict[str, Any], out: str | os.PathLike, *, ground_truth: P
              "The machine may be shared with other jobs: compare ratios within this table, not with other runs.", "",
              "| run | wall s | analysis s | peak anon RSS MB | modules/s |", "|---|---|---|---|---|"]
     io = res.get("io_floor", {})
-    lines.append(f"| I/O floor: read every tensor of both checkpoints ({io.get('bytes', 0) / 1e9:.1f} GB) | "
+    lines.append(f"| I/O floor: read every byte of both checkpoints ({io.get('bytes', 0) / 1e9:.1f} GB) | "
                  f"{_fmt(io.get('wall_s'))} | {_fmt(io.get('read_s'))} | {_fmt(io.get('peak_anon_mb'), 0)} | |")
+    if io.get("stream_s") is not None:
+        lines.append(f"| stream floor: read, up-cast to fp32 and subtract every pair (in the same process) | | "
+                     f"{_fmt(io.get('stream_s'))} | | |")
     names = [ ("spectra_default", "spectra, default (auto)"),
              ("spectra_full", "spectra, forced full spectrum (method=full)"),
              ("one_rank_one_thread", "spectra, 1 rank × 1 thread, no read-ahead"),
