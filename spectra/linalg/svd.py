@@ -28,6 +28,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+import math
+
 import numpy as np
 import torch
 
@@ -483,6 +485,20 @@ def _stop_rank(s: torch.Tensor, total: float, energy: float | None, rtol: float 
     return min(found) if found else None
 
 
+def _rank_lower_bound(s: torch.Tensor, total: float, energy: float, usable: int) -> int:
+    """A rank the energy target cannot be met below: every σᵢ beyond ``usable`` is ≤ σ_usable.
+
+    Σ_{i≤k} σᵢ² ≥ energy·total needs at least (energy·total − Σ_{i≤usable} σᵢ²) / σ_usable²
+    more values past the first ``usable`` (each adds at most σ_usable²).
+    """
+    s2 = s[:usable].double() ** 2
+    missing = energy * total - float(s2.sum())
+    smallest = float(s2[-1]) if s2.numel() else 0.0
+    if missing <= 0:
+        return usable
+    return usable + (int(math.ceil(missing / smallest)) if smallest > 0 else 10**12)
+
+
 def _adaptive_svd(A, energy, rtol, block, max_rank, n_iter, tol, gen, compute_vectors) -> Spectrum:
     shape = (int(A.shape[0]), int(A.shape[1]))
     total = frobenius_energy(A)
@@ -492,11 +508,18 @@ def _adaptive_svd(A, energy, rtol, block, max_rank, n_iter, tol, gen, compute_ve
     short, long_ = A.shape
     Q = A.new_zeros(short, 0)
     sweeps = 0
+    # Flop model: a full spectrum costs the Gram product plus a symmetric eigen-solve; one
+    # subspace sweep costs two (short, long) x (long, l) products. Growing on past a fifth of
+    # the full cost could only make adaptive slower than going full at once.
+    full_cost = 2.0 * short * short * long_ + 9.0 * short**3
+    spent = 0.0
     while True:
         L = Q.shape[1]
         grow = min(max(block, L), short - L)  # double the subspace
         if L + grow > max_rank + block or grow <= 0:
             break  # the answer needs more than the cap: fall back below
+        if spent + 2 * 4.0 * short * long_ * (L + grow) > 0.2 * full_cost:
+            break  # the next stage alone would cost more than the full spectrum saves
         Omega = torch.randn(long_, grow, generator=gen, device=A.device, dtype=A.dtype)
         Y = A @ Omega  # (short, long) @ (long, grow) -> (short, grow)
         if L:
@@ -510,11 +533,14 @@ def _adaptive_svd(A, energy, rtol, block, max_rank, n_iter, tol, gen, compute_ve
             W, _ = _orth(A.T @ Q)  # (long, l)
             Q, R = _orth(A @ W)  # (short, l)
             sweeps += 1
+            spent += 4.0 * short * long_ * Q.shape[1]
             S = _ritz_values(R)  # σ(A W): lower bounds of the top-l σ
             est = conv.update(S)
             k = _stop_rank(S, total, energy, rtol, usable)
             if k is None and it >= 1:
                 break  # not within reach of this subspace: grow rather than polish
+        if k is None and energy is not None and _rank_lower_bound(S, total, energy, usable) > max_rank:
+            break  # even a flat tail at σ_usable needs more than the cap: go full now
             if k is not None and est == est and est <= tol:
                 break
         if k is None:
