@@ -85,7 +85,7 @@ def test_end_points_are_the_tuned_and_base_models(bert, monkeypatch):
         assert p["interval"][0] <= p["metric"] <= p["interval"][1]
 
 
-def test_rank_r_is_the_eckart_young_truncation(llama):
+def test_rank_r_is_the_eckart_young_truncation(llama, tmp_path):
     """A rank-2 point equals the model rebuilt by hand from numpy's SVD of every targeted ΔW."""
     base, tuned, data = llama
     result = truncation_sweep(base, tuned, data, ranks=[2], groups="both", config=FAST, progress=False,
@@ -107,6 +107,10 @@ def test_rank_r_is_the_eckart_young_truncation(llama):
     roles = {p["group"] for p in result.points} - {"model"}
     assert roles == {"q", "k", "v", "o", "gate", "up", "down"}
     assert SweepResult(json.loads(json.dumps(result.to_dict()))).curve(group="v")[0]["rank"] == 2
+    path = result.write_report(tmp_path / "report", marks={"energy 0.9": 4})
+    assert {p.name for p in (path / "figures").iterdir()} == {"curve.png", "curve.svg", "roles.png", "roles.svg"}
+    assert SweepResult.load(path).data["marks"] == {"energy 0.9": 4}
+    assert "perplexity" not in (path / "report.md").read_text() and "<lambda>" in (path / "report.md").read_text()
 
 
 def test_bad_options(bert):
