@@ -75,8 +75,8 @@ class PairConfig:
             raise ConfigError(f"relative_size: {self.relative_size} must be in (0, 1).")
         if not 0 <= self.tail < 1:
             raise ConfigError(f"tail: {self.tail} must be in [0, 1).")
-        if self.rank_scale <= 0 or self.shard_bytes < 1 << 20 or self.init_std <= 0:
-            raise ConfigError("rank_scale and init_std must be > 0 and shard_bytes ≥ 1 MiB.")
+        if self.rank_scale <= 0 or self.shard_bytes < 1 << 16 or self.init_std <= 0:
+            raise ConfigError("rank_scale and init_std must be > 0 and shard_bytes ≥ 64 KiB.")
 
 
 def tensor_plan(shape: str) -> list[tuple[str, tuple[int, ...]]]:

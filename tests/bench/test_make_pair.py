@@ -16,7 +16,7 @@ from spectra.errors import ConfigError
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
     # a small shard size forces several shards and an index, as for real 1B+ checkpoints
-    return make_pair(tmp_path_factory.mktemp("pair"), PairConfig(shape="llama-tiny", shard_bytes=1 << 20))
+    return make_pair(tmp_path_factory.mktemp("pair"), PairConfig(shape="llama-tiny", shard_bytes=1 << 17))
 
 
 def test_names_shapes_and_dtype_match_transformers(pair):
