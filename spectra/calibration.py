@@ -39,7 +39,6 @@ from spectra.errors import ConfigError
 from spectra.linalg import metrics
 from spectra.linalg.svd import Spectrum, full_svd, randomized_svd
 
-_INPUTS = ("base", "tuned")
 
 
 @dataclass(frozen=True)
@@ -59,9 +58,6 @@ class CalibrationConfig:
     task : {"auto", "causal_lm", "seq_cls"}
         Decides tokenisation and the model class; ``auto`` reads ``seq_cls`` when every
         record has a ``label``.
-    inputs : {"base", "tuned"}
-        Whose activations: the base model's (what the truncated model starts from, as in
-        ASVD/SVD-LLM) or the fine-tune's.
     seed : int
         Seed of any classification head initialised at load (its outputs are not used).
     """
@@ -71,7 +67,6 @@ class CalibrationConfig:
     max_length: int = 128  # as training and verify tokenise
     batch_size: int = 16  # forward only, and float64 moments per batch stay small
     task: str = "auto"
-    inputs: str = "base"  # the issue's and SVD-LLM's choice: activations of the model being compressed
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -84,8 +79,6 @@ class CalibrationConfig:
             raise ConfigError("calibration max_length must be ≥ 2 and batch_size ≥ 1.")
         if self.task not in ("auto", "causal_lm", "seq_cls"):
             raise ConfigError(f"calibration task {self.task!r} is not auto, causal_lm or seq_cls.")
-        if self.inputs not in _INPUTS:
-            raise ConfigError(f"calibration inputs {self.inputs!r} is not one of {', '.join(_INPUTS)}.")
 
 
 # ---------------------------------------------------------------------------- moments
@@ -273,9 +266,9 @@ def collect_calibration(model_spec, data, *, config: CalibrationConfig | None = 
     Parameters
     ----------
     model_spec : str or path
-        The checkpoint whose activations are used (the base, normally; see
-        ``CalibrationConfig.inputs`` for what callers pass). Needs a model directory with
-        config.json.
+        The checkpoint whose activations are used. spectra passes the base, the model the
+        truncated update is added to (as ASVD/SVD-LLM calibrate the model they compress).
+        Needs a model directory with config.json.
     data : str or path
         ``.txt`` or ``.jsonl`` of ``{"text"}`` / ``{"text", "label"}`` records.
     config : CalibrationConfig, optional

@@ -60,7 +60,8 @@ class SweepConfig:
     full_below : int
         Exact SVD when min(out, in) ≤ this, else randomized top-k.
     epsilon : float
-        Ridge of the calibration second moments (data-optimal truncation only).
+        Ridge of the calibration second moments when ``calibration`` is a data file (a
+        :class:`~spectra.calibration.Calibration` brings its own).
     seed : int
         Seed of the bootstrap and of any randomized SVD.
     """
@@ -209,7 +210,8 @@ def truncation_sweep(base, tuned, data, *, ranks=(1, 2, 4, 8, 16, 32, 64), plan=
         k = min(top, module.full_rank)
         if k:
             C = None if calibration is None else calibration.covariance(module.base_tensor)
-            U, S, Vw, _ = truncation_factors(weights.delta(module), k, covariance=C, epsilon=config.epsilon,
+            epsilon = config.epsilon if calibration is None else calibration.config.epsilon
+            U, S, Vw, _ = truncation_factors(weights.delta(module), k, covariance=C, epsilon=epsilon,
                                              full_below=config.full_below, seed=config.seed)
             module.factors = (U, S, Vw)
 
@@ -236,7 +238,6 @@ def truncation_sweep(base, tuned, data, *, ranks=(1, 2, 4, 8, 16, 32, 64), plan=
             stats[key] = example_stats(model, tokens, metric, batch_size=config.batch_size)
             bar.update(1)
     bar.close()
-    weights.apply(tuple(m.full_rank for m in weights.targets), non_target="tuned")  # leave the model as loaded
     return SweepResult(_summarize(jobs, keys, stats, metric, weights, config, ranks=ranks, non_target=modes,
                                   groups=groups, task=task, base=base, tuned=tuned, data=data,
                                   calibration=calibration, label_names=label_names,
