@@ -78,6 +78,7 @@ def write_report(res: dict[str, Any], out: str | os.PathLike, *, ground_truth: P
              "Every run is a separate process on the same pair, one after the other, page cache warm "
              "(a read pass precedes them). Peak RSS is anonymous memory of the process tree, sampled every 50 ms. "
              "The machine may be shared with other jobs: compare ratios within this table, not with other runs.", "",
+             *[f"Note: {n}" for n in res.get("notes", [])], "",
              "| run | wall s | analysis s | peak anon RSS MB | modules/s |", "|---|---|---|---|---|"]
     io = res.get("io_floor", {})
     lines.append(f"| I/O floor: read every byte of both checkpoints ({io.get('bytes', 0) / 1e9:.1f} GB) | "
