@@ -27,7 +27,7 @@ import torch
 from spectra.calibration import add_activation_rows, collect_calibration, file_digest
 from spectra.checkpoints.pairing import DeltaW, Pairing, PairingOptions, describe
 from spectra.errors import ConfigError
-from spectra import sketch
+from spectra.linalg import sketch
 from spectra.linalg import metrics
 from spectra.linalg.svd import Spectrum, adaptive_svd, full_svd, randomized_svd
 

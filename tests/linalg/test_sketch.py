@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from spectra import sketch
+from spectra.linalg import sketch
 from spectra.linalg import metrics
 from spectra.linalg.svd import full_svd
 
