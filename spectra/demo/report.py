@@ -7,13 +7,21 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from spectra.report.plots import plot_decay, plot_rank_heatmap
+from spectra.report.sweep import plot_truncation_curve
 from spectra.report.verify import plot_sweep_energy, plot_sweep_eval, write_bundle
 
 
-def write_demo_report(summary: Mapping, analysis: Mapping, sweep: Mapping, out_dir) -> Path:
+def write_demo_report(summary: Mapping, analysis: Mapping, sweep: Mapping, out_dir, *,
+                      truncation: Mapping | None = None) -> Path:
     """``demo.json``, ``report.md``, ``report.html`` and ``figures/`` in ``out_dir`` (replaced atomically)."""
     figures = {"decay": plot_decay(analysis), "rank_heatmap": plot_rank_heatmap(analysis),
                "sweep_energy": plot_sweep_energy(sweep)}
+    if truncation is not None:
+        func = summary.get("functional") or {}
+        marks = {f"recommended (energy {summary['config']['energy']:g})": summary["recommended_rank"]}
+        if func.get("rank") is not None:
+            marks[f"functional (within {func['epsilon']:g})"] = func["rank"]
+        figures["functional"] = plot_truncation_curve(truncation, marks=marks)
     if any(r.get("eval") for r in sweep["runs"]):
         figures["sweep_eval"] = plot_sweep_eval(sweep)
     return write_bundle(out_dir, "demo.json", summary, figures, demo_blocks, overwrite=True)
@@ -71,14 +79,33 @@ def demo_blocks(s: Mapping, *, figures: list[str]) -> list[tuple]:
         ("table", ["rank", "captured energy", "Eckart–Young optimum", "accuracy (trained)", "accuracy (extracted)"],
          [[str(r["rank"]), _pct(r["captured_energy"]), _pct(r["optimal_energy"]), _pct(r["accuracy"]),
            _pct(r["svd_accuracy"])] for r in s["sweep"]]),
-        ("h", 2, "Figures"),
     ]
+    func = s.get("functional")
+    if func:
+        energy90 = [r["energy_rank_0.9"] for r in s["roles"] if r.get("energy_rank_0.9") is not None]
+        median90 = sorted(energy90)[len(energy90) // 2] if energy90 else None
+        blocks += [
+            ("h", 2, "6. Energy rank vs functional rank"),
+            ("p", f"Energy counts the directions that hold 90% of ‖ΔW‖² (median {_num(median90)} per module); the "
+                  f"task may need fewer. Replacing every targeted ΔW by its best rank-r truncation, with no "
+                  f"training, the smallest rank whose test accuracy stays within {func['epsilon']:g} of the full "
+                  f"fine-tune's is {func['rank'] if func['rank'] is not None else 'not reached in the sweep'} "
+                  f"({func['examples']} test examples; "
+                  + ("the bootstrap interval of the gap lies within ε" if func.get("resolved") else
+                     "the eval set is too small for the bootstrap interval of the gap to lie within ε")
+                  + ")."),
+            ("table", ["rank", "accuracy (truncated ΔW)", "95% interval"],
+             [[str(p["rank"]), _pct(p["accuracy"]), _interval(p.get("interval"))] for p in func["points"]]),
+        ]
+    blocks.append(("h", 2, "Figures"))
     captions = {
         "decay": "Singular-value decay of ΔW per role (σᵢ/σ₁, log scale; one line per layer).",
         "rank_heatmap": "Energy-90% rank of ΔW by layer and role.",
         "sweep_energy": "Captured energy vs rank: trained LoRA vs the Eckart–Young optimum; the recommended rank "
                         "is marked.",
         "sweep_eval": "Test accuracy vs rank, with the base and the full fine-tune as lines.",
+        "functional": "Test accuracy with every targeted ΔW truncated to rank r (no training), the base and the "
+                      "full fine-tune as lines, the recommended and the functional rank marked.",
     }
     blocks += [("figure", f, captions.get(f, f)) for f in figures]
     blocks += [("h", 2, "How this was made"),
@@ -94,6 +121,10 @@ def _pct(x) -> str:
 
 def _num(x) -> str:
     return "–" if x is None else f"{x:.3g}"
+
+
+def _interval(iv) -> str:
+    return "–" if not iv else f"{100 * iv[0]:.1f}–{100 * iv[1]:.1f}%"
 
 
 def _gib(n) -> str:

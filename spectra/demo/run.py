@@ -44,6 +44,8 @@ class DemoConfig:
     energy: float = 0.9  # the recommended rank captures this share of ‖ΔW‖² on most modules
     methods: tuple[str, ...] = ("lora", "dora")
     sweep_ranks: tuple[int, ...] = (2, 8, 32)
+    truncation_ranks: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128)  # the functional curve: no training, one SVD each
+    functional_epsilon: float = 0.02  # "keeps the function": within 2 accuracy points of the full fine-tune
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -58,7 +60,7 @@ class DemoConfig:
     def tiny(cls, base: str) -> DemoConfig:
         """The same pipeline at test size, on a small model of your own (e.g. built from config)."""
         return cls(base=base, train_per_class=6, eval_per_class=2, test_per_class=3, max_length=24, batch_size=8,
-                   full_epochs=3, adapter_epochs=2, full_lr=1e-3, sweep_ranks=(1, 4))
+                   full_epochs=3, adapter_epochs=2, full_lr=1e-3, sweep_ranks=(1, 4), truncation_ranks=(1, 2, 4, 8))
 
     def key(self, base_fingerprint: str) -> str:
         payload = json.dumps([asdict(self), base_fingerprint], sort_keys=True)
@@ -125,6 +127,8 @@ def run_demo(config: DemoConfig | None = None, *, out_dir: str | os.PathLike = "
     per_module = recommend_ranks(analysis, RankPolicy(energy=config.energy, roles=ROLES))
     rank = uniform.modules[0].rank if uniform.modules else min(config.sweep_ranks)
     lap("recommend")
+    functional = _functional(base, tuned, data, config, progress=progress)
+    lap("truncation sweep (functional rank)")
     verified = {method: _train_and_verify(base, tuned, data, config, method, rank, work, progress=progress)
                 for method in config.methods}
     lap("train + verify at the recommended rank")
@@ -133,7 +137,8 @@ def run_demo(config: DemoConfig | None = None, *, out_dir: str | os.PathLike = "
     from spectra.demo.report import write_demo_report
 
     summary = _summary(analysis, uniform, per_module, verified, sweep, config, base, rank)
-    path = write_demo_report(summary, analysis.to_dict(), sweep, out_dir)
+    summary["functional"] = functional["summary"]
+    path = write_demo_report(summary, analysis.to_dict(), sweep, out_dir, truncation=functional["sweep"])
     lap("report")
     return DemoResult(path, summary, timings)
 
@@ -165,16 +170,40 @@ def _full_finetune(base, data, config: DemoConfig, folder: Path, *, progress: bo
     return _trained(base, data, _train_config(config, "full"), folder, progress=progress)
 
 
+def _functional(base, tuned, data, config: DemoConfig, *, progress: bool) -> dict:
+    """Accuracy with every targeted ΔW truncated to rank r (no training), and the smallest rank that keeps it."""
+    from spectra.ranks import functional_ranks
+    from spectra.sweep import SweepConfig, truncation_sweep
+
+    sweep = truncation_sweep(base, tuned, data["test"], ranks=config.truncation_ranks,
+                             config=SweepConfig(roles=ROLES, max_length=config.max_length, seed=config.seed),
+                             progress=progress)
+    choice = functional_ranks(sweep, config.functional_epsilon)
+    model = choice["groups"]["model"]
+    points = [{"rank": p["rank"], "accuracy": p.get("accuracy"), "interval": p.get("interval")}
+              for p in sweep.curve()]
+    return {"sweep": sweep.to_dict(),
+            "summary": {"epsilon": config.functional_epsilon, "rank": model["rank"], "resolved": model["resolved"],
+                        "gap_interval": model["gap_interval"], "examples": choice["examples"], "points": points}}
+
+
 def _train_and_verify(base, tuned, data, config: DemoConfig, method: str, rank: int, work: Path, *,
                       progress: bool) -> dict:
+    """Train (or reuse) an adapter and verify it against the full fine-tune (cached beside the adapter)."""
     from spectra.lora.verify import VerifyConfig, verify_adapter
 
     folder = _trained(base, data, _train_config(config, method, rank), work / "adapters" / f"{method}-r{rank}",
                       progress=progress)
+    cached = folder / "demo_verify.json"
+    stamp = (folder / "adapter_model.safetensors").stat().st_mtime_ns
+    if cached.is_file() and (done := json.loads(cached.read_text())).get("stamp") == stamp:
+        return done
     result = verify_adapter(base, tuned, folder, eval_data=data["test"],
                             config=VerifyConfig(max_length=config.max_length, seed=config.seed), progress=False)
-    return {"method": method, "rank": rank, "adapter": str(folder), "summary": result.summary,
-            "evals": result.evals, "result": result}
+    done = {"method": method, "rank": rank, "adapter": str(folder), "summary": result.summary,
+            "evals": result.evals, "stamp": stamp}
+    cached.write_text(json.dumps(done))
+    return done
 
 
 def _sweep(base, tuned, data, config: DemoConfig, recommended: int, work: Path, lora_at_rank: dict | None, *,
