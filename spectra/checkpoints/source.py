@@ -36,6 +36,7 @@ from spectra.errors import CheckpointError
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
 ADAPTER_CONFIG = "adapter_config.json"
+_SAMPLE = 256 * 1024  # bytes hashed at each of three places per weight file
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+(@[\w.\-/]+)?$")
 
 
@@ -177,15 +178,20 @@ class CheckpointSource:
         return "safetensors" if self.files and self.files[0].suffix == ".safetensors" else "bin"
 
     def fingerprint(self) -> dict[str, Any]:
-        """Identity of the input for caches and reports: file sizes and mtimes, hash of config/index.
+        """Identity of the input for caches and reports, from content, not paths or times.
 
-        Hashes the small files (config, index, safetensors headers' sizes) rather than the
-        weights, so fingerprinting a 14 GB checkpoint costs nothing.
+        Hashes each weight file's name, size and three 256 KiB samples (head, middle, tail),
+        plus config.json: a few MiB read whatever the checkpoint's size, the same for a copy
+        of the same files, different for any fine-tune (which changes weights everywhere).
         """
         h = hashlib.sha256()
         for file in self.files:
-            st = file.stat()
-            h.update(f"{file.name}:{st.st_size}:{int(st.st_mtime)}".encode())
+            size = file.stat().st_size
+            h.update(f"{file.name}:{size}".encode())
+            with open(file, "rb") as fh:
+                for offset in sorted({0, max(0, size // 2 - _SAMPLE // 2), max(0, size - _SAMPLE)}):
+                    fh.seek(offset)
+                    h.update(fh.read(_SAMPLE))
         if self.config is not None:
             h.update(json.dumps(self.config, sort_keys=True).encode())
         return {
