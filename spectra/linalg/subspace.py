@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from spectra.errors import ConfigError
-from spectra.linalg.svd import _full_svd, frobenius_energy
+from spectra.linalg.svd import Spectrum, _full_svd, frobenius_energy
 
 __all__ = [
     "principal_angles", "grassmann_distance", "subspace_similarity", "similarity_matrix",
@@ -205,7 +205,7 @@ def best_rank_energy(delta: torch.Tensor, rank: int) -> float:
     return 0.0 if F.total_energy == 0 else float((F.values[:rank].double() ** 2).sum()) / F.total_energy
 
 
-def amplification_factor(delta: torch.Tensor, W: torch.Tensor, rank: int) -> float:
+def amplification_factor(delta: torch.Tensor, W: torch.Tensor, rank: int, *, svd: Spectrum | None = None) -> float:
     """‖ΔW‖_F / ‖Uᵀ W V‖_F, U, V the top-`rank` singular vectors of ΔW.
 
     How strongly the update amplifies directions that W itself barely uses. Hu et al.
@@ -223,6 +223,9 @@ def amplification_factor(delta: torch.Tensor, W: torch.Tensor, rank: int) -> flo
     -------
     float (inf when W has no component in that subspace)
 
+    svd : Spectrum, optional
+        A decomposition of `delta` with vectors, when already computed.
+
     References
     ----------
     .. [1] Hu et al. 2021, arXiv:2106.09685, §7.3 and Table 7.
@@ -233,7 +236,7 @@ def amplification_factor(delta: torch.Tensor, W: torch.Tensor, rank: int) -> flo
     if delta.shape != W.shape:
         raise ConfigError(f"`delta` {tuple(delta.shape)} and `W` {tuple(W.shape)} differ in shape.")
     _check_rank(rank, min(delta.shape))
-    F = _full_svd(delta, compute_vectors=True, work=torch.float64)
+    F = svd if svd is not None and svd.U is not None else _full_svd(delta, compute_vectors=True, work=torch.float64)
     U, Vh = F.U[:, :rank], F.Vh[:rank]  # (out, r), (r, in)
     proj = U.T @ W.double() @ Vh.T  # (r, out) @ (out, in) @ (in, r) -> (r, r)
     den = float(torch.linalg.matrix_norm(proj))
@@ -276,6 +279,8 @@ def intruder_dimensions(
     k: int = 10,
     epsilon: float = 0.5,
     side: str = "left",
+    base_svd: Spectrum | None = None,
+    tuned_svd: Spectrum | None = None,
 ) -> Intruders:
     """Top-k singular vectors of W_tuned that resemble no singular vector of W_base.
 
@@ -291,6 +296,8 @@ def intruder_dimensions(
         Cosine threshold (PEFT's default).
     side : {"left", "right"}, default "left"
         Compare left (out-space) or right (in-space) singular vectors.
+    base_svd, tuned_svd : Spectrum, optional
+        Full decompositions with vectors of `W_base` / `W_tuned`, when already computed.
 
     Returns
     -------
@@ -311,8 +318,9 @@ def intruder_dimensions(
         raise ConfigError(f"`epsilon` must be in (0, 1), got {epsilon!r}.")
     if side not in ("left", "right"):
         raise ConfigError(f"`side` must be 'left' or 'right', got {side!r}.")
-    Fb = _full_svd(W_base, compute_vectors=True, work=torch.float64)
-    Ft = _full_svd(W_tuned, compute_vectors=True, work=torch.float64)
+    # precomputed full decompositions (with vectors) of either side may be passed to save work
+    Fb = base_svd if base_svd is not None else _full_svd(W_base, compute_vectors=True, work=torch.float64)
+    Ft = tuned_svd if tuned_svd is not None else _full_svd(W_tuned, compute_vectors=True, work=torch.float64)
     if side == "left":
         X, Y = Fb.U, Ft.U[:, :k]  # (out, r), (out, k)
     else:

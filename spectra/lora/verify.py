@@ -32,7 +32,6 @@ import torch
 from spectra.errors import ConfigError
 from spectra.linalg.subspace import (
     amplification_factor,
-    best_rank_energy,
     captured_energy,
     intruder_dimensions,
     principal_angles,
@@ -165,8 +164,12 @@ def module_measures(delta_full: torch.Tensor, delta_adapter: torch.Tensor, W0: t
     if ad_energy and full_energy:
         row["cosine"] = float((delta_adapter.double() * delta_full.double()).sum()) / math.sqrt(ad_energy * full_energy)
     k = min(intruder_k, short)
-    row["intruders_adapter"] = intruder_dimensions(W0, W0 + delta_adapter, k=k, epsilon=intruder_epsilon).count
-    row["intruders_full"] = intruder_dimensions(W_base, W_base + delta_full, k=k, epsilon=intruder_epsilon).count
+    Fb = full_svd(W_base, compute_vectors=True, dtype=torch.float64)  # shared by both intruder counts
+    F0 = Fb if W0 is W_base else full_svd(W0, compute_vectors=True, dtype=torch.float64)
+    row["intruders_adapter"] = intruder_dimensions(W0, W0 + delta_adapter, k=k, epsilon=intruder_epsilon,
+                                                   base_svd=F0).count
+    row["intruders_full"] = intruder_dimensions(W_base, W_base + delta_full, k=k, epsilon=intruder_epsilon,
+                                                base_svd=Fb).count
     if W0 is not W_base:
         q = math.sqrt(frobenius_energy(W0 - W_base))
         row["quant_error"] = q / math.sqrt(frobenius_energy(W_base))
@@ -176,19 +179,20 @@ def module_measures(delta_full: torch.Tensor, delta_adapter: torch.Tensor, W0: t
     row["captured_energy"] = captured_energy(delta_full, U=col_basis)
     row["captured_energy_row"] = captured_energy(delta_full, V=row_basis)
     row["captured_energy_both"] = captured_energy(delta_full, U=col_basis, V=row_basis)
-    row["optimal_energy"] = best_rank_energy(delta_full, rank)
-    row["energy_gap"] = row["optimal_energy"] - row["captured_energy"]
-    row["outside_lowrank"] = 1.0 - captured_energy(delta_adapter, U=col_basis)  # DoRA's magnitude part
     Ff = full_svd(delta_full, compute_vectors=True, dtype=torch.float64)
     Fa = full_svd(delta_adapter, compute_vectors=True, dtype=torch.float64)
+    # Eckart–Young optimum Σ_{i≤r} σᵢ² / ‖ΔW_full‖² from the decomposition already at hand
+    row["optimal_energy"] = float((Ff.values[:rank].double() ** 2).sum()) / Ff.total_energy
+    row["energy_gap"] = row["optimal_energy"] - row["captured_energy"]
+    row["outside_lowrank"] = 1.0 - captured_energy(delta_adapter, U=col_basis)  # DoRA's magnitude part
     j_max = max(rank, min(phi_max, short))
     phi = similarity_matrix(Fa.U[:, :rank], Ff.U[:, :j_max])  # (r, J)
     row["phi"] = float(phi[rank - 1, rank - 1])
     row["phi_row"] = float(similarity_matrix(Fa.Vh[:rank].T, Ff.Vh[:rank].T)[rank - 1, rank - 1])
     angles = principal_angles(col_basis, Ff.U[:, :rank])  # (r,) radians, ascending
     row["principal_angles_deg"] = [round(math.degrees(a), 4) for a in angles.tolist()]
-    row["amplification_adapter"] = amplification_factor(delta_adapter, W0, rank)
-    row["amplification_full"] = amplification_factor(delta_full, W_base, rank)
+    row["amplification_adapter"] = amplification_factor(delta_adapter, W0, rank, svd=Fa)
+    row["amplification_full"] = amplification_factor(delta_full, W_base, rank, svd=Ff)
     return row, phi.tolist(), Fa.Vh[:rank]
 
 
