@@ -109,7 +109,7 @@ def demo_blocks(s: Mapping, *, figures: list[str]) -> list[tuple]:
     }
     blocks += [("figure", f, captions.get(f, f)) for f in figures]
     blocks += [("h", 2, "How this was made"),
-               ("p", f"Base: {Path(s['base']).name} ({s['base']}). Data: docstrings of the Python standard library "
+               ("p", f"Base: {s['base']}. Data: docstrings of the Python standard library "
                      "labelled by area (spectra.demo.data). Regenerate with `spectra demo`."),
                ("code", json.dumps(s["config"], indent=2))]
     return blocks

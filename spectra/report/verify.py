@@ -19,9 +19,8 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from spectra.errors import ConfigError
-from spectra.report.render import _move_into_place, _plain, analysis_json, to_html, to_markdown
+from spectra.report.render import _move_into_place, _plain, analysis_json, save_figure, to_html, to_markdown
 
-_PNG_DPI = 130
 _ROW_COLUMNS = (("module", "name", "s"), ("rank", "rank", "d"), ("captured (col)", "captured_energy", "%"),
                 ("Eckart–Young", "optimal_energy", "%"), ("captured (row)", "captured_energy_row", "%"),
                 ("φ(r, r)", "phi", "f"), ("rel. error", "relative_error", "f"),
@@ -82,9 +81,7 @@ def write_bundle(out_dir, json_name: str, data: Mapping, figures: dict[str, Figu
         (staging / "figures").mkdir()
         images = {}
         for name, fig in figures.items():
-            fig.savefig(staging / "figures" / f"{name}.png", dpi=_PNG_DPI, metadata={"Software": None})
-            fig.savefig(staging / "figures" / f"{name}.svg", metadata={"Date": None, "Creator": None})
-            images[name] = (staging / "figures" / f"{name}.png").read_bytes()
+            images[name] = save_figure(fig, staging / "figures", name)
         blocks = blocks_of(data, figures=list(images))
         (staging / "report.md").write_text(to_markdown(blocks), encoding="utf-8")
         (staging / "report.html").write_text(to_html(blocks, images=images), encoding="utf-8")
