@@ -293,7 +293,7 @@ def collect_calibration(model_spec, data, *, config: CalibrationConfig | None = 
     from spectra.checkpoints.names import match_names
     from spectra.checkpoints.source import open_checkpoint
     from spectra.lora.data import batches, read_records
-    from spectra.lora.train import load_model, model_dir
+    from spectra.lora.train import load_model
 
     config = config or CalibrationConfig()
     task, tokens = _tokenized(model_spec, data, config, read_records)

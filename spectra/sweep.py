@@ -21,14 +21,12 @@ across points for the gap to the full fine-tune.
 
 from __future__ import annotations
 
-import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import torch
 
 from spectra.calibration import Calibration, CalibrationConfig, collect_calibration, truncation_factors
 from spectra.errors import ConfigError

@@ -105,9 +105,9 @@ def write_report(res: dict[str, Any], out: str | os.PathLike, *, ground_truth: P
     f = res.get("floors", {})
     rates = res.get("gemm_rates", {})
     lines += ["", "## Floors", "",
-              f"- GEMM rates measured here: " + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in rates.items()) + ".",
-              f"- Default method's GEMM flops (counted per dtype in the 1×1 run; fp64 Gram products of the small "
-              f"full-spectrum modules added analytically): "
+              "- GEMM rates measured here: " + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in rates.items()) + ".",
+              "- Default method's GEMM flops (counted per dtype in the 1×1 run; fp64 Gram products of the small "
+              "full-spectrum modules added analytically): "
               + ", ".join(f"{k} {v / 1e9:.0f} GFLOP" for k, v in (f.get("default_flops") or {}).items())
               + f" → GEMM floor {_fmt(f.get('gemm_default_s'))} s.",
               f"- Forced full spectrum, fp64 Gram products alone: GEMM floor {_fmt(f.get('gemm_full_s'))} s "

@@ -13,7 +13,7 @@ a time while iterating, so peak memory is a few tensors whatever the model's siz
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -21,7 +21,7 @@ import torch
 from spectra.checkpoints.adapter import AdapterDelta, plan_adapter
 from spectra.checkpoints.architectures import ROLES, ModuleInfo, Projection, fused_projections, is_conv1d, module_info
 from spectra.checkpoints.names import compile_name_filter, match_names
-from spectra.checkpoints.source import AdapterSource, CheckpointSource, open_checkpoint
+from spectra.checkpoints.source import AdapterSource, open_checkpoint
 from spectra.errors import ConfigError, NonFiniteWeightError, PairingError
 
 _FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)

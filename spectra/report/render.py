@@ -15,10 +15,11 @@ import math
 import os
 import secrets
 import shutil
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
+from matplotlib.figure import Figure
 
 from spectra.errors import ConfigError
 from spectra.report.plots import all_figures
@@ -72,8 +73,17 @@ def write_report(analysis: Mapping, out_dir: str | os.PathLike, *, overwrite: bo
         If ``out_dir`` exists (and ``overwrite`` is False) or is not a directory, or
         the analysis holds no weight-matrix rows.
     """
-    out = Path(out_dir)
     matrix_rows(analysis)  # validate before touching the disk
+    return write_bundle(out_dir, "analysis.json", analysis, all_figures(analysis), report_blocks, overwrite=overwrite)
+
+
+def write_bundle(out_dir, json_name: str, data: Mapping, figures: dict[str, Figure], blocks_of: Callable,
+                 *, overwrite: bool) -> Path:
+    """Write ``json_name``, ``report.md``, ``report.html`` and ``figures/`` atomically (staging dir, then rename).
+
+    ``blocks_of(data, figures=names)`` gives the report's blocks (see ``render.to_markdown``).
+    """
+    out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"the report path {out} exists and is not a directory; choose another output directory.")
     if out.exists() and not overwrite:
@@ -84,7 +94,14 @@ def write_report(analysis: Mapping, out_dir: str | os.PathLike, *, overwrite: bo
     staging = out.parent / f".{out.name}.tmp-{secrets.token_hex(4)}"
     staging.mkdir()
     try:
-        _write_contents(analysis, staging)
+        (staging / json_name).write_text(analysis_json(data), encoding="utf-8")
+        (staging / "figures").mkdir()
+        images = {}
+        for name, fig in figures.items():
+            images[name] = save_figure(fig, staging / "figures", name)
+        blocks = blocks_of(data, figures=list(images))
+        (staging / "report.md").write_text(to_markdown(blocks), encoding="utf-8")
+        (staging / "report.html").write_text(to_html(blocks, images=images), encoding="utf-8")
         _move_into_place(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -92,21 +109,6 @@ def write_report(analysis: Mapping, out_dir: str | os.PathLike, *, overwrite: bo
     return out
 
 
-def _write_contents(analysis: Mapping, folder: Path) -> None:
-    (folder / "analysis.json").write_text(analysis_json(analysis), encoding="utf-8")
-    images = _write_figures(analysis, folder / "figures")
-    blocks = report_blocks(analysis, figures=list(images))
-    (folder / "report.md").write_text(to_markdown(blocks), encoding="utf-8")
-    (folder / "report.html").write_text(to_html(blocks, images=images), encoding="utf-8")
-
-
-def _write_figures(analysis: Mapping, folder: Path) -> dict[str, bytes]:
-    """Save every figure as PNG and SVG; return the PNG bytes by name for embedding."""
-    folder.mkdir()
-    images = {}
-    for name, fig in all_figures(analysis).items():
-        images[name] = save_figure(fig, folder, name)  # identical files across runs
-    return images
 
 
 def save_figure(fig, folder: Path, name: str) -> bytes:

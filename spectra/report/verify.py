@@ -10,16 +10,14 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
-import shutil
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
 
 from spectra.errors import ConfigError
-from spectra.report.render import _move_into_place, _plain, analysis_json, save_figure, to_html, to_markdown
+from spectra.report.render import _plain, write_bundle
 
 _ROW_COLUMNS = (("module", "name", "s"), ("rank", "rank", "d"), ("captured (col)", "captured_energy", "%"),
                 ("Eckart–Young", "optimal_energy", "%"), ("captured (row)", "captured_energy_row", "%"),
@@ -61,35 +59,6 @@ def sweep_figures(sweep: Mapping) -> dict[str, Figure]:
                                               "vectors (LoRA §7.2, Fig. 3)",
                                         labels=("i (low rank)", "j (high rank)"))
     return figures
-
-
-def write_bundle(out_dir, json_name: str, data: Mapping, figures: dict[str, Figure], blocks_of: Callable,
-                 *, overwrite: bool) -> Path:
-    """Write ``json_name``, ``report.md``, ``report.html`` and ``figures/`` atomically (staging dir, then rename).
-
-    ``blocks_of(data, figures=names)`` gives the report's blocks (see ``render.to_markdown``).
-    """
-    out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or not overwrite):
-        raise ConfigError(f"the report directory {out} already exists; pass overwrite=True (--overwrite) or "
-                          "choose another output directory.")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = out.parent / f".{out.name}.tmp-{secrets.token_hex(4)}"
-    staging.mkdir()
-    try:
-        (staging / json_name).write_text(analysis_json(data), encoding="utf-8")
-        (staging / "figures").mkdir()
-        images = {}
-        for name, fig in figures.items():
-            images[name] = save_figure(fig, staging / "figures", name)
-        blocks = blocks_of(data, figures=list(images))
-        (staging / "report.md").write_text(to_markdown(blocks), encoding="utf-8")
-        (staging / "report.html").write_text(to_html(blocks, images=images), encoding="utf-8")
-        _move_into_place(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return out
 
 
 # ---------------------------------------------------------------------------- blocks
