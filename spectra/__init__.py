@@ -33,6 +33,9 @@ _API = {
     "run_demo": "spectra.demo.run",
     "DemoConfig": "spectra.demo.run",
     "write_demo_dataset": "spectra.demo.data",
+    "truncation_sweep": "spectra.sweep",
+    "SweepConfig": "spectra.sweep",
+    "functional_ranks": "spectra.ranks",
 }
 
 __all__ = sorted(_API) + ["__version__"]
@@ -47,7 +50,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from spectra.lora.train import TrainConfig, train_adapter
     from spectra.lora.verify import VerifyConfig, rank_sweep, verify_adapter
     from spectra.memory import estimate_memory
-    from spectra.ranks import RankPlan, RankPolicy, recommend_ranks
+    from spectra.ranks import RankPlan, RankPolicy, functional_ranks, recommend_ranks
+    from spectra.sweep import SweepConfig, truncation_sweep
 
 
 def __getattr__(name: str):

@@ -114,6 +114,12 @@ class SweepResult:
         return sorted((p for p in self.points if p["group"] == group and p["non_target"] == non_target
                        and p["rank"] is not None), key=lambda p: p["rank"])
 
+    def figure(self, *, marks: dict[str, int] | None = None):
+        """The curve (metric vs rank, base and full fine-tune as lines, ``marks`` as verticals) as a Figure."""
+        from spectra.report.sweep import plot_truncation_curve
+
+        return plot_truncation_curve(self.to_dict(), marks=marks)
+
     def write_report(self, out_dir, *, overwrite: bool = False, marks: dict[str, int] | None = None) -> Path:
         """``sweep.json``, ``report.md``, ``report.html`` and the curve figure, written atomically.
 
