@@ -51,6 +51,15 @@ _JOB = textwrap.dedent("""
 """)
 
 
+def _free_port() -> int:
+    """A loopback port nobody listens on now (a fixed one can collide with another run)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def test_two_gloo_ranks_match_single_process(tmp_path):
     pair = make_pair(tmp_path / "pair", PairConfig(shape="llama-tiny"))
     job = tmp_path / "job.py"
@@ -59,9 +68,10 @@ def test_two_gloo_ranks_match_single_process(tmp_path):
     env["OMP_NUM_THREADS"] = "1"
     single, multi = tmp_path / "single.json", tmp_path / "multi.json"
     subprocess.run([sys.executable, str(job), str(pair), str(single)], check=True, env=env, timeout=300)
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-                    str(29400 + os.getpid() % 500), str(job), str(pair), str(multi)],
-                   check=True, env=env, timeout=300, capture_output=True)
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                           "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), str(job), str(pair),
+                           str(multi)], env=env, timeout=300, capture_output=True, text=True)
+    assert done.returncode == 0, f"torchrun failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
     a, b = json.loads(single.read_text()), json.loads(multi.read_text())
     assert b["timings"]["world_size"] == 2 and a["timings"]["world_size"] == 1
     strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
