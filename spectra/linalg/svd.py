@@ -212,22 +212,24 @@ def _full_svd(M: torch.Tensor, *, compute_vectors: bool, work: torch.dtype,
 
 
 def _gram_svdvals(M: torch.Tensor) -> torch.Tensor:
-    """σ(M) as sqrt of eigenvalues of the float64 Gram matrix of the short side."""
-    import scipy.linalg
+    """σ(M) as sqrt of eigenvalues of the float64 Gram matrix of the short side.
 
+    Both the Gram product and the symmetric eigen-solve run in torch (MKL here): measured
+    faster than scipy's evr driver and than gesdd on every benchmark shape, at ~1e-9
+    relative error on every σᵢ ≥ 1e-4·σ₁ (float64 throughout).
+    """
     A = M.detach()
     if A.shape[0] > A.shape[1]:
         A = A.T  # make it wide: (short, long)
     short, long_ = A.shape
-    G = np.zeros((short, short), dtype=np.float64)  # (short, short)
+    G = torch.zeros(short, short, dtype=torch.float64, device=A.device)  # (short, short)
     # Accumulate G = A Aᵀ over column chunks so the float64 copy stays small.
     step = max(256, (32 << 20) // max(1, short * 8))
     for start in range(0, long_, step):
-        chunk = A[:, start:start + step].double().numpy()  # (short, step)
-        G += chunk @ chunk.T
-    lam = scipy.linalg.eigvalsh(G, overwrite_a=True, check_finite=False, driver="evr")  # ascending
-    lam = np.clip(lam[::-1], 0.0, None)
-    return torch.from_numpy(np.sqrt(lam).copy())
+        chunk = A[:, start:start + step].double()  # (short, step)
+        G.addmm_(chunk, chunk.T)
+    lam = torch.linalg.eigvalsh(G).flip(0).clamp_(min=0.0)  # descending
+    return lam.sqrt().cpu()
 
 
 # ---------------------------------------------------------------------------- randomized
