@@ -14,6 +14,7 @@ uses gloo on CPU and NCCL when the analysis runs on CUDA.
 from __future__ import annotations
 
 import heapq
+import atexit
 import os
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -66,7 +67,18 @@ def world(device: str = "cpu") -> World:
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend=backend)
+        # Tear the group down before the interpreter exits: a gloo/NCCL group left to static
+        # destructors can abort the process ("terminate called without an active exception").
+        atexit.register(_shutdown)
     return World(rank=dist.get_rank(), size=dist.get_world_size())
+
+
+def _shutdown() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()  # nobody leaves while a peer still talks to it
+        dist.destroy_process_group()
 
 
 def entry_cost(shape: Sequence[int]) -> float:
