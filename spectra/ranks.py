@@ -366,7 +366,7 @@ def functional_ranks(sweep: Any, epsilon: float, *, non_target: str | None = Non
     """
     if not (isinstance(epsilon, (int, float)) and epsilon >= 0):
         raise ConfigError(f"functional ε must be a number ≥ 0 in the metric's units, got {epsilon!r}.")
-    data = _sweep_dict(sweep)
+    data = read_sweep(sweep)
     non_target = non_target or data["non_target"][0]
     if non_target not in data["non_target"]:
         raise ConfigError(f"non_target {non_target!r}: the sweep measured {data['non_target']} only.")
@@ -398,10 +398,13 @@ def functional_ranks(sweep: Any, epsilon: float, *, non_target: str | None = Non
             "modules": [m["name"] for m in data.get("modules", [])], "groups": groups}
 
 
-def _sweep_dict(sweep: Any) -> dict:
+def read_sweep(sweep: Any) -> dict:
+    """A truncation sweep as a dict, from the result object, its dict, ``sweep.json`` or its directory."""
+    where = "the given sweep"
     if isinstance(sweep, (str, os.PathLike)):
         path = Path(sweep)
         path = path / "sweep.json" if path.is_dir() else path
+        where = str(path)
         try:
             sweep = json.loads(path.read_text())
         except (OSError, ValueError) as err:
@@ -409,7 +412,9 @@ def _sweep_dict(sweep: Any) -> dict:
     if hasattr(sweep, "to_dict"):
         sweep = sweep.to_dict()
     if not isinstance(sweep, Mapping) or sweep.get("kind") != "truncation_sweep":
-        raise ConfigError("not a truncation sweep: pass the result of truncation_sweep or its sweep.json.")
+        kind = sweep.get("kind") if isinstance(sweep, Mapping) else type(sweep).__name__
+        raise ConfigError(f"{where} is not a truncation sweep (kind {kind!r}): pass the result of "
+                          "truncation_sweep, or the sweep.json that `spectra sweep` wrote.")
     return dict(sweep)
 
 
@@ -555,21 +560,40 @@ class RankPlan:
         if module_names is not None:
             module_names = list(module_names)
             names = _resolve_names(list(names), module_names)
-        counts = Counter(m.rank for m in self.modules)
-        r = max(counts, key=lambda k: (counts[k], -k))
-        alpha = self.policy.alpha_for(r)
-        config = {
-            "peft_type": "LORA", "task_type": task_type, "r": r, "lora_alpha": alpha,
-            "target_modules": sorted(names.values()),
-            "rank_pattern": {_anchor(names[m.name]): m.rank for m in self.modules if m.rank != r},
-            "alpha_pattern": {_anchor(names[m.name]): m.alpha for m in self.modules if m.alpha != alpha},
-            "use_rslora": self.policy.rslora, "use_dora": self.policy.use_dora,
-            "fan_in_fan_out": any(m.conv1d for m in self.modules),
-            "lora_dropout": lora_dropout, "bias": "none",
-        }
+        config = lora_config({names[m.name]: (m.rank, m.alpha, m.conv1d) for m in self.modules},
+                             alpha_for=self.policy.alpha_for, use_rslora=self.policy.rslora,
+                             use_dora=self.policy.use_dora, task_type=task_type, lora_dropout=lora_dropout)
         if module_names is not None:
             check_peft_config(config, module_names)
         return config
+
+
+def lora_config(modules: Mapping[str, tuple[int, float, bool]], *, alpha_for=None, use_rslora: bool = False,
+                use_dora: bool = False, task_type: str | None = None, lora_dropout: float = 0.0) -> dict:
+    """A PEFT ``LoraConfig`` dict for per-module ``name → (rank, alpha, conv1d)``.
+
+    ``r`` is the most common rank (ties: the smallest) and ``lora_alpha`` is ``alpha_for(r)``
+    (default: the most common α among modules of rank ``r``); every module that differs gets
+    a ``rank_pattern``/``alpha_pattern`` key anchored with ``^`` so that PEFT's suffix-regex
+    match (``get_pattern_key``) hits only that module. ``fan_in_fan_out`` is set when any
+    module is a Conv1D.
+    """
+    counts = Counter(rank for rank, _, _ in modules.values())
+    r = max(counts, key=lambda k: (counts[k], -k))
+    if alpha_for is None:
+        alphas = Counter(a for rank, a, _ in modules.values() if rank == r)
+        alpha = max(alphas, key=lambda a: alphas[a])
+    else:
+        alpha = alpha_for(r)
+    return {
+        "peft_type": "LORA", "task_type": task_type, "r": r, "lora_alpha": alpha,
+        "target_modules": sorted(modules),
+        "rank_pattern": {_anchor(n): rank for n, (rank, _, _) in modules.items() if rank != r},
+        "alpha_pattern": {_anchor(n): a for n, (_, a, _) in modules.items() if a != alpha},
+        "use_rslora": use_rslora, "use_dora": use_dora,
+        "fan_in_fan_out": any(conv1d for _, _, conv1d in modules.values()),
+        "lora_dropout": lora_dropout, "bias": "none",
+    }
 
 
 def _anchor(name: str) -> str:

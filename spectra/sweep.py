@@ -132,17 +132,9 @@ class SweepResult:
     @classmethod
     def load(cls, path) -> "SweepResult":
         """Read a ``sweep.json`` written by :meth:`write_report` (or its directory)."""
-        import json
+        from spectra.ranks import read_sweep
 
-        path = Path(path)
-        path = path / "sweep.json" if path.is_dir() else path
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, ValueError) as err:
-            raise ConfigError(f"cannot read sweep {path}: {err}. Pass the directory `spectra sweep` wrote.") from None
-        if data.get("kind") != "truncation_sweep":
-            raise ConfigError(f"{path} is not a truncation sweep (kind {data.get('kind')!r}); run `spectra sweep`.")
-        return cls(data)
+        return cls(read_sweep(path))
 
 
 # ---------------------------------------------------------------------------- the sweep

@@ -27,7 +27,7 @@ import pickle
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
@@ -376,9 +376,3 @@ def _resolve_hub(repo_id: str, revision: str | None) -> Path:
         "the model elsewhere and pass its local directory instead (e.g. "
         f"`huggingface-cli download {repo_id} --local-dir ./model`, then `spectra analyze ./base ./model`)."
     ) from last_error
-
-
-def iter_infos(source: CheckpointSource) -> Iterator[TensorInfo]:
-    """Every tensor's metadata, in file order."""
-    for name in source.names():
-        yield source.info(name)

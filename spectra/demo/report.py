@@ -8,6 +8,7 @@ from pathlib import Path
 
 from spectra.report.plots import plot_decay, plot_rank_heatmap
 from spectra.report.sweep import plot_truncation_curve
+from spectra.report.tables import num, pct
 from spectra.report.verify import plot_sweep_energy, plot_sweep_eval, write_bundle
 
 
@@ -38,11 +39,11 @@ def headline(s: Mapping) -> str:
     return (f"90% of each update's energy sits in a median of {median:.0%} of the full rank (per role: "
             + ", ".join(f"{r['role']} {r['energy_rank_0.9']:g}/{r['full_rank']:g}" for r in roles) + "). "
             f"spectra recommends rank {rank} for every module ({s['uniform_plan']['params']:,} adapter parameters, "
-            f"{_pct(s['uniform_plan']['energy'])} of ‖ΔW‖²). "
-            f"A LoRA trained at rank {rank} captured {_pct(lora.get('captured_energy'))} of the full update's energy "
-            f"where the best rank-{rank} approximation holds {_pct(lora.get('optimal_energy'))}, and reached "
-            f"{_pct(acc.get(f'lora (trained, rank {rank})'))} test accuracy against the full fine-tune's "
-            f"{_pct(acc.get('full fine-tune'))} (base: {_pct(acc.get('base'))}).")
+            f"{pct(s['uniform_plan']['energy'])} of ‖ΔW‖²). "
+            f"A LoRA trained at rank {rank} captured {pct(lora.get('captured_energy'))} of the full update's energy "
+            f"where the best rank-{rank} approximation holds {pct(lora.get('optimal_energy'))}, and reached "
+            f"{pct(acc.get(f'lora (trained, rank {rank})'))} test accuracy against the full fine-tune's "
+            f"{pct(acc.get('full fine-tune'))} (base: {pct(acc.get('base'))}).")
 
 
 def demo_blocks(s: Mapping, *, figures: list[str]) -> list[tuple]:
@@ -57,28 +58,28 @@ def demo_blocks(s: Mapping, *, figures: list[str]) -> list[tuple]:
            _num(r["effective_rank"])] for r in s["roles"]]),
         ("h", 2, "2. What rank spectra recommends, and what it costs"),
         ("ul", [f"Uniform rank {rank} on {', '.join(sorted({r['role'] for r in s['roles']}))}: "
-                f"{s['uniform_plan']['params']:,} parameters, {_pct(s['uniform_plan']['energy'])} of ‖ΔW‖² captured",
+                f"{s['uniform_plan']['params']:,} parameters, {pct(s['uniform_plan']['energy'])} of ‖ΔW‖² captured",
                 f"Per-module ranks at the same energy target: {s['per_module_plan']['params']:,} parameters, "
-                f"{_pct(s['per_module_plan']['energy'])} of ‖ΔW‖²"]
+                f"{pct(s['per_module_plan']['energy'])} of ‖ΔW‖²"]
          + [f"Training memory, {method} at rank {rank} (batch {s['config']['batch_size']} × "
             f"{s['config']['max_length']} tokens, fp32): "
             + (_gib(m["training_total"]) if "training_total" in m else m.get("error", "?"))
             for method, m in s["memory"].items()]),
         ("h", 2, "3. How much of the full fine-tune did the adapters capture?"),
         ("table", ["adapter", f"captured energy (rank {rank})", "Eckart–Young optimum", "φ(r, r)"],
-         [[m, _pct(v["captured_energy"]), _pct(v["optimal_energy"]), _num(v["phi"])]
+         [[m, pct(v["captured_energy"]), pct(v["optimal_energy"]), _num(v["phi"])]
           for m, v in s["adapters"].items()]),
         ("p", "Captured energy: share of ‖ΔW_full‖² inside the adapter's column space. No adapter of rank r "
               "can exceed the Eckart–Young optimum, the energy of ΔW_full's own top r directions."),
         ("h", 2, "4. Test accuracy"),
         ("table", ["model", "accuracy", "loss"],
-         [[k, _pct((v or {}).get("accuracy")), _num((v or {}).get("loss"))] for k, v in s["evals"].items()]),
+         [[k, pct((v or {}).get("accuracy")), _num((v or {}).get("loss"))] for k, v in s["evals"].items()]),
         ("p", "extracted (SVD): the base plus the best rank-r approximation of each module's ΔW, with the "
               "fine-tuned head — what `spectra extract` writes, with no training."),
         ("h", 2, "5. Rank sweep (LoRA)"),
         ("table", ["rank", "captured energy", "Eckart–Young optimum", "accuracy (trained)", "accuracy (extracted)"],
-         [[str(r["rank"]), _pct(r["captured_energy"]), _pct(r["optimal_energy"]), _pct(r["accuracy"]),
-           _pct(r["svd_accuracy"])] for r in s["sweep"]]),
+         [[str(r["rank"]), pct(r["captured_energy"]), pct(r["optimal_energy"]), pct(r["accuracy"]),
+           pct(r["svd_accuracy"])] for r in s["sweep"]]),
     ]
     func = s.get("functional")
     if func:
@@ -95,7 +96,7 @@ def demo_blocks(s: Mapping, *, figures: list[str]) -> list[tuple]:
                      "the eval set is too small for the bootstrap interval of the gap to lie within ε")
                   + ")."),
             ("table", ["rank", "accuracy (truncated ΔW)", "95% interval"],
-             [[str(p["rank"]), _pct(p["accuracy"]), _interval(p.get("interval"))] for p in func["points"]]),
+             [[str(p["rank"]), pct(p["accuracy"]), _interval(p.get("interval"))] for p in func["points"]]),
         ]
     blocks.append(("h", 2, "Figures"))
     captions = {
@@ -115,12 +116,8 @@ def demo_blocks(s: Mapping, *, figures: list[str]) -> list[tuple]:
     return blocks
 
 
-def _pct(x) -> str:
-    return "–" if x is None else f"{100 * x:.1f}%"
-
-
 def _num(x) -> str:
-    return "–" if x is None else f"{x:.3g}"
+    return num(x, digits=3)  # the demo's first screen: three digits are plenty
 
 
 def _interval(iv) -> str:

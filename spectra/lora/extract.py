@@ -248,22 +248,10 @@ def _factorize_on_data(delta: torch.Tensor, rank: int, scaling: float, C: torch.
 
 
 def _peft_config(ranks: dict, use_rslora: bool, save_names: list[str], pairing: Pairing) -> dict[str, Any]:
-    from collections import Counter
+    from spectra.ranks import check_peft_config, lora_config
 
-    from spectra.ranks import _anchor, check_peft_config
-
-    counts = Counter(r for r, _, _ in ranks.values())
-    r = max(counts, key=lambda k: (counts[k], -k))
-    alphas = Counter(a for rk, a, _ in ranks.values() if rk == r)
-    alpha = max(alphas, key=lambda a: alphas[a])
-    config = {
-        "peft_type": "LORA", "task_type": None, "r": r, "lora_alpha": alpha,
-        "target_modules": sorted(ranks),
-        "rank_pattern": {_anchor(n): rk for n, (rk, _, _) in ranks.items() if rk != r},
-        "alpha_pattern": {_anchor(n): a for n, (_, a, _) in ranks.items() if a != alpha},
-        "use_rslora": use_rslora, "use_dora": False,
-        "fan_in_fan_out": any(c for _, _, c in ranks.values()),
-        "lora_dropout": 0.0, "bias": "none", "init_lora_weights": True,
+    config = lora_config(ranks, use_rslora=use_rslora) | {
+        "init_lora_weights": True,
         "modules_to_save": sorted({n.rsplit(".", 1)[0] for n in save_names}) or None,
         "base_model_name_or_path": str(pairing.base.path),
         "peft_version": _peft_version(),

@@ -15,6 +15,7 @@ from pathlib import Path
 from matplotlib.figure import Figure
 
 from spectra.errors import ConfigError
+from spectra.report.tables import num
 from spectra.report.render import _plain
 from spectra.report.verify import write_bundle
 
@@ -132,12 +133,12 @@ def truncation_blocks(sweep: Mapping, *, figures: list[str]) -> list[tuple]:
              f"{boot.get('replicates')} replicates, paired for the gap",
              f"Truncation: {sweep.get('truncation')}; non-targeted tensors from: {', '.join(sweep['non_target'])}",
              f"Metric: {metric} ({'higher' if sweep['metric']['higher_is_better'] else 'lower'} is better)"]
-    items += [f"{k}: {metric} {_num(v['metric'])} {_interval(v.get('interval'))}" for k, v in ref.items()]
+    items += [f"{k}: {metric} {num(v['metric'])} {_interval(v.get('interval'))}" for k, v in ref.items()]
     items += [f"Marked — {label}: rank {rank}" for label, rank in (sweep.get("marks") or {}).items()]
     headers = ["curve", "non-targets", "rank", metric, "gap to full", "loss", "accuracy"]
     rows = [[p["group"], p["non_target"], "plan" if p["rank"] is None else str(p["rank"]),
-             f"{_num(p['metric'])} {_interval(p.get('interval'))}", f"{_num(p['gap'])} {_interval(p.get('gap_interval'))}",
-             _num(p["loss"]), _num(p["accuracy"])] for p in sweep["points"]]
+             f"{num(p['metric'])} {_interval(p.get('interval'))}", f"{num(p['gap'])} {_interval(p.get('gap_interval'))}",
+             num(p["loss"]), num(p["accuracy"])] for p in sweep["points"]]
     captions = {"curve": f"Eval {metric} with every targeted ΔW replaced by its best rank-r truncation; the full "
                          "fine-tune and the base as horizontal lines (shaded: their intervals).",
                 "roles": "Per role: only that role's updates truncated, every other target at full rank."}
@@ -159,17 +160,14 @@ def headline(sweep: Mapping) -> str:
                     and p["rank"]), key=lambda p: p["rank"])
     if not curve or "tuned" not in ref:
         return f"{len(sweep['points'])} truncated configurations evaluated."
-    parts = ", ".join(f"rank {p['rank']} {_num(p['metric'])}" for p in curve)
+    parts = ", ".join(f"rank {p['rank']} {num(p['metric'])}" for p in curve)
     return (f"Eval {metric} with every targeted update truncated: {parts}; the full fine-tune reaches "
-            f"{_num(ref['tuned']['metric'])} and the base {_num(ref.get('base', {}).get('metric'))}.")
+            f"{num(ref['tuned']['metric'])} and the base {num(ref.get('base', {}).get('metric'))}.")
 
 
 def _interval(interval) -> str:
-    return "" if not interval else f"[{_num(interval[0])}, {_num(interval[1])}]"
+    return "" if not interval else f"[{num(interval[0])}, {num(interval[1])}]"
 
-
-def _num(value) -> str:
-    return "–" if value is None else f"{value:.4g}"
 
 
 def _pct_conf(sweep: Mapping) -> str:

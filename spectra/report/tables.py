@@ -197,6 +197,16 @@ def summary_rows(analysis: Mapping) -> list[dict]:
     return table
 
 
+def pct(value) -> str:
+    """A share as a percentage with one decimal; "–" when unknown."""
+    return "–" if value is None else f"{100 * value:.1f}%"
+
+
+def num(value, *, digits: int = 4) -> str:
+    """A number with ``digits`` significant digits; "–" when unknown."""
+    return "–" if value is None else f"{value:.{digits}g}"
+
+
 def format_value(value: float | None, kind: str) -> str:
     """Short text for one number: ranks as integers where whole, shares in percent."""
     if value is None:

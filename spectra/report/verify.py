@@ -17,6 +17,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from spectra.errors import ConfigError
+from spectra.report.tables import num, pct
 from spectra.report.render import _plain, write_bundle
 
 _ROW_COLUMNS = (("module", "name", "s"), ("rank", "rank", "d"), ("captured (col)", "captured_energy", "%"),
@@ -73,17 +74,17 @@ def verify_blocks(result: Mapping, *, figures: list[str]) -> list[tuple]:
                                f"Adapter: {adapter.get('path', '?')} ({adapter.get('method', '?')}"
                                f"{', NF4 base' if adapter.get('quantized') else ''}), ranks {s.get('ranks')}",
                                f"Full fine-tune: {(result.get('tuned') or {}).get('path', '?')}",
-                               f"Adapted modules: {s.get('modules')}, holding {_pct(s.get('coverage'))} of ‖ΔW_full‖²",
-                               f"Captured in the adapter's column space: {_pct(s.get('captured_energy'))} "
-                               f"(row space {_pct(s.get('captured_energy_row'))}); Eckart–Young optimum at the "
-                               f"same ranks {_pct(s.get('optimal_energy'))}",
-                               f"φ(r, r), energy-weighted: {_num(s.get('phi'))}; intruder dimensions: adapter "
+                               f"Adapted modules: {s.get('modules')}, holding {pct(s.get('coverage'))} of ‖ΔW_full‖²",
+                               f"Captured in the adapter's column space: {pct(s.get('captured_energy'))} "
+                               f"(row space {pct(s.get('captured_energy_row'))}); Eckart–Young optimum at the "
+                               f"same ranks {pct(s.get('optimal_energy'))}",
+                               f"φ(r, r), energy-weighted: {num(s.get('phi'))}; intruder dimensions: adapter "
                                f"{s.get('intruders_adapter')}, full fine-tune {s.get('intruders_full')}",
-                           ] + ([f"NF4 quantisation error of W₀ (mean ‖ΔQ‖/‖W₀‖): {_pct(s['quant_error'])}"]
+                           ] + ([f"NF4 quantisation error of W₀ (mean ‖ΔQ‖/‖W₀‖): {pct(s['quant_error'])}"]
                                 if s.get("quant_error") is not None else []))]
     if result.get("evals"):
         blocks += [("h", 2, "Eval"), ("table", ["model", "loss", "accuracy"],
-                                      [[k, _num(v.get("loss")), _pct(v.get("accuracy"))]
+                                      [[k, num(v.get("loss")), pct(v.get("accuracy"))]
                                        for k, v in result["evals"].items()]),
                    ("p", "svd: W_base + the rank-r truncated SVD of ΔW_full on the adapted modules (what "
                          "`spectra extract` writes at the adapter's ranks).")]
@@ -106,9 +107,9 @@ def headline(summary: Mapping) -> str:
     """'Your adapter captured 41 % of the update where rank 8 could capture 78 %.'"""
     ranks = summary.get("ranks") or []
     at = f"rank {ranks[0]}" if len(ranks) == 1 else "the same ranks"
-    return (f"The adapter captured {_pct(summary.get('captured_energy'))} of the full fine-tune's update "
+    return (f"The adapter captured {pct(summary.get('captured_energy'))} of the full fine-tune's update "
             f"(share of ‖ΔW_full‖_F² in its column space) where {at} could capture "
-            f"{_pct(summary.get('optimal_energy'))} (Eckart–Young).")
+            f"{pct(summary.get('optimal_energy'))} (Eckart–Young).")
 
 
 def sweep_blocks(sweep: Mapping, *, figures: list[str]) -> list[tuple]:
@@ -116,15 +117,15 @@ def sweep_blocks(sweep: Mapping, *, figures: list[str]) -> list[tuple]:
     ref = sweep.get("reference_evals") or {}
     headers = ["method", "rank", "params", "captured", "Eckart–Young", "φ(r, r)", "intruders", "eval loss",
                "eval accuracy", "SVD eval loss", "step (ms)"]
-    rows = [[r["method"], r["rank"], f"{r['trainable_params']:,}", _pct(r.get("captured_energy")),
-             _pct(r.get("optimal_energy")), _num(r.get("phi")), r.get("intruders_adapter"),
-             _num((r.get("eval") or {}).get("loss")), _pct((r.get("eval") or {}).get("accuracy")),
-             _num((r.get("svd_eval") or {}).get("loss")), f"{1e3 * r['step_median_s']:.1f}"] for r in sweep["runs"]]
+    rows = [[r["method"], r["rank"], f"{r['trainable_params']:,}", pct(r.get("captured_energy")),
+             pct(r.get("optimal_energy")), num(r.get("phi")), r.get("intruders_adapter"),
+             num((r.get("eval") or {}).get("loss")), pct((r.get("eval") or {}).get("accuracy")),
+             num((r.get("svd_eval") or {}).get("loss")), f"{1e3 * r['step_median_s']:.1f}"] for r in sweep["runs"]]
     blocks: list[tuple] = [("h", 1, "spectra verify: rank sweep"),
                            ("ul", [f"Base: {sweep.get('base')}", f"Full fine-tune: {sweep.get('tuned')}",
                                    f"Data: {sweep.get('data')}; eval: {sweep.get('eval_data')}",
                                    f"Recommended rank (spectra recommend): {sweep.get('recommended_rank') or '–'}"]
-                            + [f"{k} eval: loss {_num(v.get('loss'))}, accuracy {_pct(v.get('accuracy'))}"
+                            + [f"{k} eval: loss {num(v.get('loss'))}, accuracy {pct(v.get('accuracy'))}"
                                for k, v in ref.items()]),
                            ("h", 2, "Runs"), ("table", headers, rows), ("h", 2, "Figures")]
     captions = {"sweep_energy": "Captured share of ‖ΔW_full‖² vs rank: trained adapters (solid) against the "
@@ -237,18 +238,12 @@ def _cell(row: Mapping, key, kind: str) -> str:
         return f"{fmt(a)} / {fmt(b)}"
     value = row.get(key)
     if kind == "%":
-        return _pct(value)
+        return pct(value)
     if kind == "f":
-        return _num(value)
+        return num(value)
     return "–" if value is None else str(value)
 
 
-def _pct(value) -> str:
-    return "–" if value is None else f"{100 * value:.1f}%"
-
-
-def _num(value) -> str:
-    return "–" if value is None else f"{value:.4g}"
 
 
 def load_result(path: str | os.PathLike) -> dict:
