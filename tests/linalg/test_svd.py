@@ -73,6 +73,64 @@ def test_randomized_tol_stops_early_and_reports_it():
     assert err < 3e-3  # the estimate is an extrapolation, allow 3×
 
 
+@pytest.mark.parametrize("case, k", [("planted", 8), ("power_law", 16), ("power_law", 48), ("bf16", 4)])
+def test_krylov_top_k_vectors_and_energy(spectra_cases, case, k):
+    M = spectra_cases[case]
+    ref = reference_svdvals(M)
+    R = randomized_svd(M, k, algorithm="krylov", tol=1e-5, random_state=0)
+    assert R.method == "krylov" and R.tolerance <= 1e-5
+    # Tolerances: 1e-4 relative on every top-k σ (asked 1e-5; the estimate extrapolates),
+    # captured energy within 1e-6 of the optimum.
+    rel = np.abs(R.values.double().numpy() - ref[:k]) / ref[:k]
+    assert rel.max() < 1e-4
+    assert R.captured_fraction == pytest.approx(float((ref[:k] ** 2).sum() / (ref**2).sum()), abs=1e-6)
+    # Orthonormal vectors that diagonalise M: Uᵀ M Vᵀ ≈ diag(σ).
+    U, Vh = R.U.double(), R.Vh.double()
+    assert torch.allclose(U.T @ U, torch.eye(k, dtype=torch.float64), atol=1e-5)
+    assert torch.allclose(Vh @ Vh.T, torch.eye(k, dtype=torch.float64), atol=1e-5)
+    core = U.T @ M.double() @ Vh.T
+    assert torch.allclose(core, torch.diag(R.values.double()), atol=1e-4 * ref[0])
+
+
+def test_krylov_needs_fewer_products_than_subspace_iteration():
+    # Same accuracy target on the slow power law: block Krylov keeps every block the
+    # power iterations discard, so it multiplies by M with fewer columns in total.
+    M, s = power_law(m=384, n=512)
+    k = 32
+    K = randomized_svd(M, k, algorithm="krylov", tol=1e-4, random_state=0, compute_vectors=False)
+    P = randomized_svd(M, k, algorithm="subspace", tol=1e-4, random_state=0, compute_vectors=False)
+    for R in (K, P):
+        assert float((np.abs(R.values.double().numpy() - s[:k].numpy()) / s[:k].numpy()).max()) < 1e-3
+    krylov_cols = 2 * K.n_iter * 32  # two products per block step, default block 32
+    subspace_cols = (2 * P.n_iter + 2) * (k + 16)
+    assert krylov_cols < 0.7 * subspace_cols
+
+
+def test_krylov_exact_low_rank_and_full_width():
+    # Rank 3 exactly, k = 8: the Krylov space runs out of directions; values past the rank are ~0.
+    g = torch.Generator().manual_seed(1)
+    M = torch.randn(60, 3, generator=g, dtype=torch.float64) @ torch.randn(3, 80, generator=g, dtype=torch.float64)
+    R = randomized_svd(M, 8, algorithm="krylov", tol=1e-8, random_state=0)
+    ref = reference_svdvals(M)
+    np.testing.assert_allclose(R.values.numpy()[:3], ref[:3], rtol=1e-10)
+    assert float(R.values[3:].abs().max()) < 1e-10 * ref[0]
+    # The space fills the short side: the last projection is explicit and exact.
+    W = planted(m=40, n=48)
+    F = randomized_svd(W, 30, algorithm="krylov", tol=1e-12, block_size=8, random_state=0)
+    np.testing.assert_allclose(F.values.double().numpy(), reference_svdvals(W)[:30], rtol=1e-5)
+    assert F.n_iter == 5
+    # No room for a Krylov space beyond k: a full decomposition, and it says so.
+    G = randomized_svd(W, 40, algorithm="krylov", tol=1e-6, random_state=0)
+    assert G.method == "full-gesdd" and G.complete
+    np.testing.assert_allclose(G.values.double().numpy(), reference_svdvals(W), rtol=1e-5)
+
+
+def test_auto_algorithm_follows_tol():
+    M = planted()
+    assert randomized_svd(M, 8, tol=1e-3, random_state=0).method == "krylov"
+    assert randomized_svd(M, 8, n_iter=4, random_state=0).method == "randomized"
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_randomized_keeps_dtype(dtype):
     M = planted(dtype=dtype)
@@ -142,6 +200,7 @@ def test_auto_says_what_it_used():
 @pytest.mark.parametrize("bad", [
     dict(n_components=0), dict(n_components=10_000), dict(n_components=4, n_iter=-1),
     dict(n_components=4, tol=2.0), dict(n_components=4, random_state="seed"),
+    dict(n_components=4, algorithm="lanczos"), dict(n_components=4, block_size=0),
 ])
 def test_randomized_rejects_bad_options(bad):
     with pytest.raises(ConfigError):
