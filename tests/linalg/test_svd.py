@@ -77,9 +77,12 @@ def test_randomized_tol_stops_early_and_reports_it():
 def test_krylov_top_k_vectors_and_energy(spectra_cases, case, k):
     M = spectra_cases[case]
     ref = reference_svdvals(M)
-    R = randomized_svd(M, k, algorithm="krylov", tol=1e-5, random_state=0)
-    assert R.method == "krylov" and R.tolerance <= 1e-5
-    # Tolerances: 1e-4 relative on every top-k σ (asked 1e-5; the estimate extrapolates),
+    R = randomized_svd(M, k, algorithm="krylov", tol=3e-5, random_state=0)
+    assert R.method == "krylov" and R.tolerance <= 3e-5
+    # The estimate bounds the error it reports (it may overstate it, not understate it by more than 3×).
+    rel = np.abs(R.values.double().numpy() - ref[:k]) / ref[:k]
+    assert rel.max() <= 3 * R.tolerance
+    # Tolerances: 1e-4 relative on every top-k σ (asked 3e-5; the estimate extrapolates),
     # captured energy within 1e-6 of the optimum.
     rel = np.abs(R.values.double().numpy() - ref[:k]) / ref[:k]
     assert rel.max() < 1e-4
@@ -214,3 +217,20 @@ def test_rejects_bad_matrices():
         full_svd(torch.tensor([[1.0, float("nan")]]))
     with pytest.raises(ConfigError, match="stopping rule"):
         adaptive_svd(planted(), energy=None)
+
+
+@pytest.mark.parametrize("spacing", [(1, 1, 1, 1), (2, 2, 1, 1), (1, 2, 1, 2)])
+def test_convergence_estimate_is_exact_on_a_geometric_sequence(spacing):
+    # Ritz values θ_t = σ·(1 − E·ρᵗ), checked after uneven step counts: the extrapolated
+    # remaining error equals the true one (the model is exact here up to the changes being
+    # relative to the current θ, a few per cent at these errors).
+    from spectra.linalg.svd import _Convergence
+
+    sigma, E, rho = torch.tensor([2.0, 1.0], dtype=torch.float64), 0.5, 0.3
+    conv, t = _Convergence(2, monotone=True), 0
+    conv.update(sigma * (1 - E))
+    for steps in spacing:
+        t += steps
+        est = conv.update(sigma * (1 - E * rho**t), steps=steps)
+    true = E * rho**t / (1 - E * rho**t)  # |θ − σ| / θ
+    assert est == pytest.approx(true, rel=0.03)

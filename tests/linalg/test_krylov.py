@@ -1,0 +1,59 @@
+"""spectra.linalg.krylov: the block Lanczos engine against explicit float64 products."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from spectra.linalg.krylov import BlockLanczos, krylov_block
+
+from .conftest import power_law, reference_svdvals
+
+
+def _run(A, b, steps):
+    lan = BlockLanczos(A, b, torch.Generator().manual_seed(0), max_dim=min(A.shape))
+    history = []
+    for _ in range(steps):
+        lan.step()
+        history.append(lan.ritz_values())
+    return lan, history
+
+
+def test_bases_are_orthonormal_and_projection_is_exact():
+    A = power_law(m=96, n=160, dtype=torch.float64)[0]
+    lan, _ = _run(A, 8, 5)
+    d, b = lan.d, lan.b
+    U, V = lan.U[:, :d], lan.V[:, :d + b]
+    # Tolerances: float64 work, two Gram–Schmidt passes → orthogonality to ~1e-14.
+    assert torch.allclose(U.T @ U, torch.eye(d, dtype=torch.float64), atol=1e-12)
+    assert torch.allclose(V.T @ V, torch.eye(d + b, dtype=torch.float64), atol=1e-12)
+    # The coefficients held are Uᵀ A [V, V_next] computed explicitly.
+    assert torch.allclose(lan.projection(), U.T @ A @ V, atol=1e-12)
+    # Block upper-bidiagonal with bandwidth b: nothing below the diagonal.
+    assert torch.count_nonzero(torch.tril(lan.projection()[:, :d], -1).abs() > 1e-12) == 0
+
+
+def test_ritz_values_grow_monotonically_towards_the_singular_values():
+    A, s = power_law(m=96, n=160, dtype=torch.float64)
+    _, history = _run(A, 8, 8)
+    for prev, cur in zip(history, history[1:]):
+        n = prev.numel()
+        assert bool((cur[:n] >= prev[:n] - 1e-12).all())  # interlacing: never decrease
+    top = history[-1][:8].numpy()
+    assert bool((top <= s[:8].numpy() * (1 + 1e-12)).all())  # lower bounds of σ
+    np.testing.assert_allclose(top, s[:8].numpy(), rtol=1e-8)
+
+
+def test_filling_the_space_gives_the_exact_spectrum():
+    # 40 × 44 with b = 8: five steps fill U; V runs out of room and the last projection is explicit.
+    A = power_law(m=40, n=44, dtype=torch.float64)[0]
+    lan, history = _run(A, 8, 5)
+    assert lan.full
+    np.testing.assert_allclose(history[-1].numpy(), reference_svdvals(A), rtol=1e-10)
+    U, Vh = lan.vectors(5)
+    assert torch.allclose(U.T @ A @ Vh.T, torch.diag(history[-1][:5]), atol=1e-10)
+
+
+def test_default_block():
+    assert krylov_block(8, 1000) == 32 and krylov_block(256, 4096) == 64 and krylov_block(4096, 8192) == 128
+    assert krylov_block(64, 20) == 20  # never wider than the matrix
