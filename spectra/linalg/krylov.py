@@ -55,7 +55,9 @@ class BlockLanczos:
         self.V = A.new_empty(long_, min(long_, self.cap + b))
         start = torch.randn(long_, b, generator=gen, device=A.device, dtype=A.dtype)
         self.V[:, :b] = torch.linalg.qr(start)[0]
-        self.B = torch.zeros(self.cap, self.cap + b, dtype=torch.float64, device=A.device)  # Uᵀ A [V, V_next]
+        # Uᵀ A [V, V_next]; left uninitialised (pages are touched only as blocks arrive), every
+        # entry that projection() reads is written by step(), zeros included.
+        self.B = torch.empty(self.cap, self.cap + b, dtype=torch.float64, device=A.device)
         self._explicit: torch.Tensor | None = None
 
     @property
@@ -76,6 +78,7 @@ class BlockLanczos:
             self.B[:d, d:d + b] = (C + C2).double()
         U, L = torch.linalg.qr(Y)  # (short, b), (b, b)
         self.U[:, d:d + b] = U
+        self.B[d:d + b, :d] = 0.0  # A Vᵢ ⊥ Uⱼ for i < j: below the block diagonal
         self.B[d:d + b, d:d + b] = L.double()
         self.d = d = d + b
         if d + b <= self.V.shape[1]:
@@ -84,6 +87,7 @@ class BlockLanczos:
             Z -= Vc @ (Vc.T @ Z)
             Z -= Vc @ (Vc.T @ Z)
             self.V[:, d:d + b], R = torch.linalg.qr(Z)  # Aᵀ Uⱼ = … + Vⱼ₊₁ Rⱼ, so Uⱼᵀ A Vⱼ₊₁ = Rⱼᵀ
+            self.B[:d - b, d:d + b] = 0.0  # only the newest U block sees Vⱼ₊₁ (until the next step's C)
             self.B[d - b:d, d:d + b] = R.T.double()
             self._explicit = None
         else:
