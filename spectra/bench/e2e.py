@@ -235,9 +235,11 @@ def _rank_agreement(a: list[dict], b: list[dict], level: str = "0.9") -> dict[st
             "within_1": sum(d <= 1 for d in diffs), "exact": sum(d == 0 for d in diffs)}
 
 
-def _same_rows(a: list[dict], b: list[dict]) -> bool:
-    strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
-    return strip(a) == strip(b)
+def _differing_fields(a: list[dict], b: list[dict]) -> list[str]:
+    """Fields (timings aside) whose values differ between two runs' rows; [] when identical."""
+    if [r["name"] for r in a] != [r["name"] for r in b]:
+        return ["module list"]
+    return sorted({k for x, y in zip(a, b) for k in set(x) | set(y) if k != "seconds" and x.get(k) != y.get(k)})
 
 
 def run_e2e_bench(out: str | os.PathLike = "reports/bench", *, pair: str | os.PathLike | None = None,
@@ -331,7 +333,7 @@ def run_e2e_bench(out: str | os.PathLike = "reports/bench", *, pair: str | os.Pa
                     str(29500 + os.getpid() % 1000)]
         analyze("torchrun_two_ranks", threads=1, read_ahead=0, launcher=launcher, env={"OMP_NUM_THREADS": "1"})
         if "torchrun_two_ranks" in rows:
-            res["torchrun_identical"] = _same_rows(rows["one_rank_one_thread"], rows["torchrun_two_ranks"])
+            res["torchrun_identical"] = _differing_fields(rows["one_rank_one_thread"], rows["torchrun_two_ranks"])
     report()
     if "full" not in skip:
         analyze("spectra_full", method="full")

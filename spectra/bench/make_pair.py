@@ -234,7 +234,9 @@ class _ShardWriter:
 def _config_json(shape: str) -> dict[str, Any]:
     import transformers
 
-    return transformers.LlamaConfig(**SHAPES[shape], torch_dtype="bfloat16").to_dict()
+    config = transformers.LlamaConfig(**SHAPES[shape], torch_dtype="bfloat16")
+    config.architectures = ["LlamaForCausalLM"]  # as every saved checkpoint's config says (tools key on it)
+    return config.to_dict()
 
 
 def make_pair(out: str | os.PathLike, config: PairConfig | None = None, *, overwrite: bool = False,
