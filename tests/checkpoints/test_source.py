@@ -139,6 +139,20 @@ def test_nonfinite_weight_is_named(tmp_path):
     assert len(pairing.skipped) == 1
 
 
+@pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_every_nonfinite_kind_is_caught_in_any_dtype(tmp_path, bad, dtype):
+    # The check is one min/max pass (NaN propagates, ±Inf is the extreme): a single bad value
+    # among finite ones of either sign must still be found.
+    base = build_model("llama").to(dtype)
+    tuned = copy.deepcopy(base)
+    with torch.no_grad():
+        tuned.model.layers[0].self_attn.o_proj.weight[0, 0] = bad
+    b, t = save(base, tmp_path / "b", "safetensors"), save(tuned, tmp_path / "t", "safetensors")
+    with pytest.raises(NonFiniteWeightError, match=r"model.layers.0.self_attn.o_proj.weight .* 1 NaN/Inf"):
+        list(iter_deltas(b, t))
+
+
 def test_bounded_memory_while_streaming(tmp_path):
     """Streaming every ΔW holds a few tensors, not the checkpoint: peak anonymous RSS ≤ 6·L + 64 MB."""
     n_tensors, side = 10, 2048  # L = 16 MiB per float32 tensor; each checkpoint is 160 MiB
