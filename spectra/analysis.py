@@ -344,7 +344,7 @@ def _config_dict(config: AnalysisConfig) -> dict[str, Any]:
 
 def analyze(base, tuned, config: AnalysisConfig | None = None, *, cache_dir: str | os.PathLike | None | bool = True,
             progress: bool = True, on_module: Callable[[str, list[dict]], None] | None = None,
-            read_ahead: int = 2, read_ahead_mb: int = 768) -> AnalysisResult:
+            read_ahead: int = 2, read_ahead_mb: int = 512) -> AnalysisResult:
     """Analyse every ΔW of a checkpoint pair.
 
     Under ``torchrun`` (``WORLD_SIZE`` > 1) each rank analyses a cost-balanced share of
@@ -367,7 +367,7 @@ def analyze(base, tuned, config: AnalysisConfig | None = None, *, cache_dir: str
     read_ahead : int, default 2
         Entries read (and upcast, subtracted) ahead of the one being decomposed, so short
         modules never leave the math waiting on the disk. 0 reads in line.
-    read_ahead_mb : int, default 768
+    read_ahead_mb : int, default 512
         Most upcast tensor data (MB) held by entries read ahead of the current one; an
         entry that would exceed it waits, so peak memory stays bounded by the largest
         tensor, not by the model.

@@ -114,7 +114,7 @@ def analyze(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar, no summary.")] = False,
     resolve: Annotated[float, typer.Option(help="Energy whose rank the fast 'sketch' path resolves exactly; higher --energy levels are reported when within reach.")] = 0.9,
     read_ahead: Annotated[int, typer.Option(help="Modules read ahead of the math (0: read in line).")] = 2,
-    read_ahead_mb: Annotated[int, typer.Option(help="Most upcast tensor data (MB) read ahead; bounds peak memory.")] = 768,
+    read_ahead_mb: Annotated[int, typer.Option(help="Most upcast tensor data (MB) read ahead; bounds peak memory.")] = 512,
     calibration: Annotated[Optional[Path], typer.Option(help="Calibration data (.txt/.jsonl): also report each ΔW's activation-weighted spectrum, ΔW·C^{1/2} on the base's inputs.")] = None,
     calibration_epsilon: Annotated[float, typer.Option(help="Ridge of the input second moment C, relative to its mean eigenvalue.")] = 1e-6,
 ) -> None:
