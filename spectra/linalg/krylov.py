@@ -44,11 +44,17 @@ class BlockLanczos:
         Draws the Gaussian start block (long, b).
     max_dim : int
         Most columns of U (≤ short).
+    scale : float, optional
+        ‖A‖_F when known (else computed): sets the size below which a new direction counts
+        as rounding (8·eps·‖A‖_F·√long) and is replaced by a random one.
     """
 
-    def __init__(self, A: torch.Tensor, b: int, gen: torch.Generator, max_dim: int):
+    def __init__(self, A: torch.Tensor, b: int, gen: torch.Generator, max_dim: int, scale: float | None = None):
         short, long_ = A.shape
-        self.A, self.b = A, b
+        self.A, self.b, self.gen = A, b, gen
+        # Below this a new direction is rounding of A's action, not part of it (‖A‖_F·eps·√long).
+        scale = float(torch.linalg.vector_norm(A)) if scale is None else scale
+        self.tiny = 8 * torch.finfo(A.dtype).eps * scale * max(1.0, long_ ** 0.5)
         self.cap = max(b, (min(max_dim, short) // b) * b)
         self.d = 0  # columns of U so far
         self.U = A.new_empty(short, self.cap)  # filled block by block (no re-concatenation)
@@ -76,7 +82,7 @@ class BlockLanczos:
             C2 = Uc.T @ Y  # second Gram–Schmidt pass restores orthogonality to rounding
             Y -= Uc @ C2
             self.B[:d, d:d + b] = (C + C2).double()
-        U, L = torch.linalg.qr(Y)  # (short, b), (b, b)
+        U, L = self._orthonormal(Y, self.U[:, :d])  # (short, b), (b, b)
         self.U[:, d:d + b] = U
         self.B[d:d + b, :d] = 0.0  # A Vᵢ ⊥ Uⱼ for i < j: below the block diagonal
         self.B[d:d + b, d:d + b] = L.double()
@@ -86,13 +92,34 @@ class BlockLanczos:
             Vc = self.V[:, :d]
             Z -= Vc @ (Vc.T @ Z)
             Z -= Vc @ (Vc.T @ Z)
-            self.V[:, d:d + b], R = torch.linalg.qr(Z)  # Aᵀ Uⱼ = … + Vⱼ₊₁ Rⱼ, so Uⱼᵀ A Vⱼ₊₁ = Rⱼᵀ
+            self.V[:, d:d + b], R = self._orthonormal(Z, Vc)  # Aᵀ Uⱼ = … + Vⱼ₊₁ Rⱼ, so Uⱼᵀ A Vⱼ₊₁ = Rⱼᵀ
             self.B[:d - b, d:d + b] = 0.0  # only the newest U block sees Vⱼ₊₁ (until the next step's C)
             self.B[d - b:d, d:d + b] = R.T.double()
             self._explicit = None
         else:
             # The space has (nearly) filled the long side: project explicitly, exactly.
             self._explicit = (self.U[:, :d].T @ A).double()  # (d, long)
+
+    def _orthonormal(self, Y: torch.Tensor, basis: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Q (n, b) orthonormal and ⊥ `basis`, and C (b, b) with Y = Q C, for Y already ⊥ `basis`.
+
+        QR, unless Y is rank-deficient (exactly zero rows or columns of A, or a space larger
+        than A's rank): then QR would pad Q with unit vectors that are not ⊥ `basis`, and the
+        bases would stop being orthonormal. Instead Q takes an orthonormal basis of Y's range
+        (SVD) and fresh random directions ⊥ everything for the rest, with zero coefficients.
+        """
+        Q, C = torch.linalg.qr(Y)
+        if bool((C.diagonal().abs() > self.tiny).all()):
+            return Q, C
+        P, S, Wh = torch.linalg.svd(Y, full_matrices=False)  # (n, b), (b,), (b, b)
+        r = int((S > self.tiny).sum())
+        kept = torch.cat([basis, P[:, :r]], 1)
+        X = torch.randn(Y.shape[0], Y.shape[1] - r, generator=self.gen, device=Y.device, dtype=Y.dtype)
+        for _ in range(2):
+            X -= kept @ (kept.T @ X)
+        Q = torch.cat([P[:, :r], torch.linalg.qr(X)[0]], 1)
+        C = torch.cat([S[:r, None] * Wh[:r], Y.new_zeros(Y.shape[1] - r, Y.shape[1])], 0)
+        return Q, C
 
     def projection(self) -> torch.Tensor:
         """Uᵀ A restricted to the V basis: float64 (d, d + b), or (d, long) when explicit."""

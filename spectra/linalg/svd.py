@@ -102,6 +102,9 @@ def _check_matrix(M, name: str = "M") -> float:
     _check_shape(M, name)
     energy = frobenius_energy(M)
     if not math.isfinite(energy):
+        if bool(torch.isfinite(M).all()):
+            raise ConfigError(f"`{name}` is too large: ‖{name}‖_F² overflows float64 (largest |entry| "
+                              f"{float(M.abs().max()):.3g}); rescale it before the SVD.")
         raise ConfigError(f"`{name}` holds NaN or Inf; cannot take its SVD.")
     return energy
 
@@ -150,7 +153,13 @@ def frobenius_energy(M: torch.Tensor) -> float:
     -------
     float
     """
-    return float(torch.linalg.vector_norm(M, dtype=torch.float64)) ** 2  # streams: no float64 copy of M
+    # Row chunks of ≤ 4M elements: the float64 up-cast never exceeds 32 MB.
+    flat = M.reshape(M.shape[0], -1) if M.ndim else M.reshape(1, 1)
+    rows = max(1, (4 << 20) // max(1, flat.shape[1]))
+    total = 0.0
+    for start in range(0, flat.shape[0], rows):
+        total += float(torch.linalg.vector_norm(flat[start:start + rows], dtype=torch.float64)) ** 2
+    return total
 
 
 # ---------------------------------------------------------------------------- full spectrum
@@ -471,7 +480,9 @@ def _block_krylov(A, k, b, max_steps, tol, gen, compute_vectors, energy) -> Spec
     transposed = A.shape[0] > A.shape[1]
     if transposed:
         A = A.T  # (short, long)
-    lan = BlockLanczos(A, b, gen, max_dim=(1 + max_steps) * b)
+    short = A.shape[0]
+    # At least ⌈k/b⌉ blocks, whatever n_iter says (k + b ≤ short is guaranteed by the caller).
+    lan = BlockLanczos(A, b, gen, max_dim=max((1 + max_steps) * b, -(-k // b) * b), scale=math.sqrt(energy))
     conv = _Convergence(k, monotone=True, eps=torch.finfo(A.dtype).eps)
     est, steps, last_check = float("nan"), 0, 0
     next_check = max(1, math.ceil(k / b))  # first check: enough columns for k values
@@ -485,6 +496,13 @@ def _block_krylov(A, k, b, max_steps, tol, gen, compute_vectors, energy) -> Spec
             if (tol is not None and est == est and est <= tol) or lan.full:
                 break
             next_check = steps + (2 if tol is not None and est == est and est > 30 * tol else 1)
+    exhausted = lan.full and lan.cap == (short // b) * b  # the space cannot grow inside A
+    if tol is not None and not (est == est and est <= tol) and exhausted:
+        # The Krylov space filled the matrix before converging (e.g. σ_k at rounding level):
+        # the full decomposition is the honest answer, and as cheap by now.
+        F = _full_svd(A.T if transposed else A, compute_vectors=compute_vectors, work=A.dtype, total_energy=energy)
+        return Spectrum(F.values[:k], energy, shape, F.method, U=None if F.U is None else F.U[:, :k],
+                        Vh=None if F.Vh is None else F.Vh[:k], complete=k == min(shape))
     U = Vh = None
     if compute_vectors:
         U, Vh = lan.vectors(k)  # at working precision; the values stay the float64 ones
@@ -598,7 +616,8 @@ def _energy_rank_settled(s: torch.Tensor, total: float, energy: float | None, k:
     """
     if energy is None or rtol is not None:
         return False
-    est = min(max(est, 0.0), 0.05)  # beyond a few per cent the estimate itself is not trusted
+    if not 0.0 <= est <= 0.05:
+        return False  # beyond a few per cent the estimate itself is not trusted
     below = float((s[: k - 1].double() ** 2).sum()) * (1.0 + est) ** 2
     return below < energy * total * (1 - 1e-12)
 
@@ -628,7 +647,7 @@ def _adaptive_svd(A, energy, rtol, block, max_rank, tol, gen, compute_vectors, t
     # Flop model: a full spectrum costs the (triangular) Gram product plus a symmetric
     # eigen-solve; spending more than a fifth of that could only make adaptive slower.
     budget = 0.2 * (short * short * long_ + 9.0 * short**3)
-    lan = BlockLanczos(A, block, gen, max_dim=min(short, max_rank + margin(max_rank) + block))
+    lan = BlockLanczos(A, block, gen, max_dim=min(short, max_rank + margin(max_rank) + block), scale=math.sqrt(total))
     conv = _Convergence(1, monotone=True, eps=torch.finfo(A.dtype).eps)
     spent, steps, k = 0.0, 0, None
     while not lan.full and spent <= budget:

@@ -117,15 +117,58 @@ def test_krylov_exact_low_rank_and_full_width():
     ref = reference_svdvals(M)
     np.testing.assert_allclose(R.values.numpy()[:3], ref[:3], rtol=1e-10)
     assert float(R.values[3:].abs().max()) < 1e-10 * ref[0]
-    # The space fills the short side: the last projection is explicit and exact.
+    # A tolerance fp32 cannot reach: the space fills the short side without converging, and
+    # the answer comes from a full decomposition, which says so.
     W = planted(m=40, n=48)
     F = randomized_svd(W, 30, algorithm="krylov", tol=1e-12, block_size=8, random_state=0)
     np.testing.assert_allclose(F.values.double().numpy(), reference_svdvals(W)[:30], rtol=1e-5)
-    assert F.n_iter == 5
+    assert F.method == "full-gesdd"  # with vectors (the default)
+    # n_iter=0 still builds ⌈k/b⌉ blocks: k values come back, never fewer.
+    P = randomized_svd(planted(m=200, n=300), 50, algorithm="krylov", n_iter=0, block_size=8, random_state=0)
+    assert P.k == 50
     # No room for a Krylov space beyond k: a full decomposition, and it says so.
     G = randomized_svd(W, 40, algorithm="krylov", tol=1e-6, random_state=0)
     assert G.method == "full-gesdd" and G.complete
     np.testing.assert_allclose(G.values.double().numpy(), reference_svdvals(W), rtol=1e-5)
+
+
+@pytest.mark.parametrize("zero_rows", [5, 100])
+def test_krylov_survives_exactly_zero_rows_and_columns(zero_rows):
+    # A ΔW that leaves whole rows untouched is exactly rank-deficient: the Krylov blocks run
+    # out of directions and must be refilled orthogonally, or values overshoot σ₁ (a review
+    # found 10× before the fix). Checked on both orientations and in the adaptive path.
+    g = torch.Generator().manual_seed(3)
+    A = torch.zeros(200, 300)
+    A[:zero_rows] = torch.randn(zero_rows, 300, generator=g) * torch.linspace(1, 0.1, zero_rows)[:, None]
+    ref = reference_svdvals(A)
+    for M in (A, A.T.contiguous()):
+        R = randomized_svd(M, 4, tol=1e-4, random_state=0)
+        np.testing.assert_allclose(R.values.double().numpy(), ref[:4], rtol=1e-3)
+        U = R.U.double()
+        assert torch.allclose(U.T @ U, torch.eye(4, dtype=torch.float64), atol=1e-5)
+    exact = int(np.searchsorted(np.cumsum(ref**2) / np.sum(ref**2), 0.99) + 1)
+    D = adaptive_svd(A, energy=0.99, random_state=0)
+    assert D.k == exact and float(D.values[0]) <= ref[0] * (1 + 1e-5)
+
+
+def test_adaptive_does_not_trust_a_large_error_estimate():
+    # Pure noise, tiny energy targets: after two steps the estimate is ~0.2; the rank must not
+    # be declared settled from it (it was, giving 3 instead of 2).
+    M = torch.randn(600, 900, generator=torch.Generator().manual_seed(0))
+    ref = reference_svdvals(M)
+    for tau in (0.01, 0.02):
+        exact = int(np.searchsorted(np.cumsum(ref**2) / np.sum(ref**2), tau) + 1)
+        assert adaptive_svd(M, energy=tau, block_size=8, random_state=0).k == exact
+
+
+def test_huge_finite_float64_is_not_called_nan():
+    with pytest.raises(ConfigError, match="too large"):
+        full_svd(torch.full((3, 4), 1e200, dtype=torch.float64))
+    for bad in (float("nan"), float("inf")):
+        M = planted()
+        M[1, 2] = bad
+        with pytest.raises(ConfigError, match="NaN or Inf"):
+            randomized_svd(M, 4, tol=1e-3)
 
 
 def test_auto_algorithm_follows_tol():
