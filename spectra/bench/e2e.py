@@ -209,13 +209,14 @@ def _flops_full(modules: list[dict], full_below: int) -> float:
     The lower triangle of G in block rows (``spectra.linalg.svd._gram_svdvals``): nb(nb+1)/2
     products of (rows × long) by (long × rows), nb = ⌈short / rows⌉.
     """
+    from spectra.linalg.svd import gram_block_rows  # torch-heavy: only when the report is built
     total = 0.0
     for m in modules:
         if m["kind"] != "matrix":
             continue
         a, b = m["shape"]
         short, long_ = min(a, b), max(a, b)
-        rows = max(64, min(-(-short // 4), (16 << 20) // max(1, long_ * 8)))
+        rows = gram_block_rows(short, long_)
         nb = -(-short // rows)
         gram = 2.0 * rows * rows * long_ * nb * (nb + 1) / 2
         total += gram

@@ -105,7 +105,9 @@ def _check_matrix(M, name: str = "M") -> float:
         if bool(torch.isfinite(M).all()):
             raise ConfigError(f"`{name}` is too large: ‖{name}‖_F² overflows float64 (largest |entry| "
                               f"{float(M.abs().max()):.3g}); rescale it before the SVD.")
-        raise ConfigError(f"`{name}` holds NaN or Inf; cannot take its SVD.")
+        raise ConfigError(f"`{name}` holds NaN or Inf; cannot take its SVD. Locate them with "
+                          f"`torch.isfinite({name})`; in a weight update they come from a diverged fine-tune "
+                          "or a bad save of one checkpoint.")
     return energy
 
 
@@ -222,6 +224,24 @@ def _full_svd(M: torch.Tensor, *, compute_vectors: bool, work: torch.dtype,
     return Spectrum(S.to(work), energy, shape, "full-gram")
 
 
+def _full_top(M: torch.Tensor, k: int | None, *, compute_vectors: bool, energy: float, method: str | None = None,
+              n_iter: int = 0, rank_of=None) -> Spectrum:
+    """A full decomposition of M (out, in) cut to its top k — or to ``rank_of(values)`` when given.
+
+    The one fall-back of the randomized paths: `method` overrides the label (``None``
+    keeps the full path's own, e.g. ``"full-gesdd"``).
+    """
+    F = _full_svd(M, compute_vectors=compute_vectors, work=M.dtype, total_energy=energy)
+    k = rank_of(F.values) if rank_of is not None else k
+    return Spectrum(F.values[:k], energy, F.shape, method or F.method, U=None if F.U is None else F.U[:, :k],
+                    Vh=None if F.Vh is None else F.Vh[:k], n_iter=n_iter, complete=k == min(F.shape))
+
+
+def gram_block_rows(short: int, long_: int) -> int:
+    """Block rows of the triangular float64 Gram product: ≥ 4 blocks, each ≤ 16 MB in float64."""
+    return int(max(64, min(-(-short // 4), (16 << 20) // max(1, long_ * 8))))
+
+
 def _gram_svdvals(M: torch.Tensor) -> torch.Tensor:
     """σ(M) as sqrt of eigenvalues of the float64 Gram matrix of the short side.
 
@@ -237,8 +257,7 @@ def _gram_svdvals(M: torch.Tensor) -> torch.Tensor:
         A = A.T  # make it wide: (short, long)
     short, long_ = A.shape
     G = torch.zeros(short, short, dtype=torch.float64, device=A.device)  # (short, short), lower triangle
-    # Four or more block rows (the triangle saves flops), each ≤ 16 MB in float64.
-    rows = int(max(64, min(-(-short // 4), (16 << 20) // max(1, long_ * 8))))
+    rows = gram_block_rows(short, long_)  # several block rows, so the triangle saves flops
     for i in range(0, short, rows):
         Ai = A[i:i + rows].double()  # (rows, long)
         for j in range(i, short, rows):
@@ -357,9 +376,7 @@ def randomized_svd(
     if algorithm == "krylov" or (algorithm == "auto" and tol is not None and sketch_dtype is None):
         b = int(block_size) if block_size is not None else krylov_block(k, r)
         if k + b > r:  # no room for a Krylov space beyond the answer: decompose fully
-            F = _full_svd(M, compute_vectors=compute_vectors, work=work, total_energy=energy)
-            return Spectrum(F.values[:k], energy, F.shape, F.method, U=None if F.U is None else F.U[:, :k],
-                            Vh=None if F.Vh is None else F.Vh[:k], complete=k == r)
+            return _full_top(M.to(work), k, compute_vectors=compute_vectors, energy=energy)
         return _block_krylov(M.to(work), k, b, int(n_iter), tol, gen, compute_vectors, energy)
     l = min(r, k + int(n_oversamples))
     return _randomized_svd(M.to(work), k, l, int(n_iter), tol, gen, compute_vectors, sketch_dtype, energy)
@@ -500,9 +517,7 @@ def _block_krylov(A, k, b, max_steps, tol, gen, compute_vectors, energy) -> Spec
     if tol is not None and not (est == est and est <= tol) and exhausted:
         # The Krylov space filled the matrix before converging (e.g. σ_k at rounding level):
         # the full decomposition is the honest answer, and as cheap by now.
-        F = _full_svd(A.T if transposed else A, compute_vectors=compute_vectors, work=A.dtype, total_energy=energy)
-        return Spectrum(F.values[:k], energy, shape, F.method, U=None if F.U is None else F.U[:, :k],
-                        Vh=None if F.Vh is None else F.Vh[:k], complete=k == min(shape))
+        return _full_top(A.T if transposed else A, k, compute_vectors=compute_vectors, energy=energy)
     U = Vh = None
     if compute_vectors:
         U, Vh = lan.vectors(k)  # at working precision; the values stay the float64 ones
@@ -676,12 +691,9 @@ def _adaptive_svd(A, energy, rtol, block, max_rank, tol, gen, compute_vectors, t
             return Spectrum(S[:k].to(A.dtype), total, shape, "adaptive", U=U, Vh=Vh, tolerance=float(est),
                             n_iter=steps, complete=k == min(shape))
     # Fall back: one full decomposition, truncated at the stopping rank.
-    F = _full_svd(A.T if transposed else A, compute_vectors=compute_vectors, work=A.dtype, total_energy=total)
-    k = _stop_rank(F.values, total, energy, rtol, usable=F.k) or F.k
-    U = F.U[:, :k] if F.U is not None else None
-    Vh = F.Vh[:k] if F.Vh is not None else None
-    return Spectrum(F.values[:k], total, shape, "adaptive->full", U=U, Vh=Vh, tolerance=0.0, n_iter=steps,
-                    complete=k == min(shape))
+    rank_of = lambda v: _stop_rank(v, total, energy, rtol, usable=v.numel()) or v.numel()  # noqa: E731
+    return _full_top(A.T if transposed else A, None, compute_vectors=compute_vectors, energy=total,
+                     method="adaptive->full", n_iter=steps, rank_of=rank_of)
 
 
 # ---------------------------------------------------------------------------- auto
