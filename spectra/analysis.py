@@ -91,7 +91,7 @@ class AnalysisConfig:
 
     def pairing_options(self) -> PairingOptions:
         return PairingOptions(roles=self.roles, layers=self.layers, include=self.include, exclude=self.exclude,
-                              dtype=self.dtype, device=self.device, with_weights=True,
+                              dtype=self.dtype, device=self.device, with_weights=True, weights_as_stored=True,
                               on_nonfinite=self.on_nonfinite)
 
 
@@ -365,10 +365,10 @@ def analyze(base, tuned, config: AnalysisConfig | None = None, *, cache_dir: str
     on_module : callable, optional
         Called as ``on_module(entry_name, rows)`` after each module is finished.
     read_ahead : int, default 2
-        Entries read (and upcast, subtracted) ahead of the one being decomposed, so short
+        Entries read (and subtracted) ahead of the one being decomposed, so short
         modules never leave the math waiting on the disk. 0 reads in line.
     read_ahead_mb : int, default 512
-        Most upcast tensor data (MB) held by entries read ahead of the current one; an
+        Most ΔW data (MB, float32) held by entries read ahead of the current one; an
         entry that would exceed it waits, so peak memory stays bounded by the largest
         tensor, not by the model.
 
@@ -438,18 +438,19 @@ def analyze(base, tuned, config: AnalysisConfig | None = None, *, cache_dir: str
 
 
 def _entry_bytes(entry) -> int:
-    """Upcast bytes one entry holds once read: W_base, W_tuned and ΔW in float32."""
+    """Bytes one entry holds once read: ΔW in float32; the weights stay in the memory-mapped
+    files, except an adapter's up-cast base and merged tuned weight (3× then)."""
     n = 1
     for x in entry.shape:
         n *= int(x)
-    return 3 * 4 * n
+    return (12 if entry.adapter is not None else 4) * n
 
 
 def _read_ahead(pairing: Pairing, todo: list, depth: int, budget: int):
     """Yield (entry, ΔW records, seconds waited) in order, reading up to `depth` entries ahead.
 
     One reader thread (torch releases the GIL while copying and subtracting) runs ahead of
-    the math by at most `depth` entries and `budget` bytes of upcast data; the entry being
+    the math by at most `depth` entries and `budget` bytes of ΔW data; the entry being
     decomposed is not counted, so one entry larger than the budget still goes through.
     """
     if depth == 0 or not todo:

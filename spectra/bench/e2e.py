@@ -107,6 +107,7 @@ def _job_read(pair: str) -> None:
     """Read every byte of both checkpoints (the I/O floor), then the stream floor: read, up-cast, subtract."""
     import torch
 
+    from spectra.checkpoints.pairing import exact_difference
     from spectra.checkpoints.source import open_checkpoint
 
     base, tuned = open_checkpoint(Path(pair) / "base"), open_checkpoint(Path(pair) / "tuned")
@@ -120,7 +121,7 @@ def _job_read(pair: str) -> None:
     start = time.perf_counter()
     for name in base.names():
         if name in tuned:
-            d = tuned.read(name).float() - base.read(name).float()
+            d = exact_difference(tuned.read(name), base.read(name), torch.float32)  # spectra's own subtraction
             del d
     print(json.dumps({"bytes": total, "read_s": read_s, "stream_s": time.perf_counter() - start}))
 

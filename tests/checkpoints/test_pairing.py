@@ -266,3 +266,46 @@ def test_float32_default_and_device(tmp_path):
     d = next(iter_deltas(b, t, roles=("q",), with_weights=True))
     assert d.delta.dtype == torch.float32 and d.delta.device.type == "cpu"
     torch.testing.assert_close(d.base, base.model.layers[0].self_attn.q_proj.weight.detach(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("storage", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_exact_difference_is_bit_identical_to_two_upcasts(storage, dtype):
+    """Chunked up-cast (sizes around the chunk, odd tails) = tuned.to(dtype) − base.to(dtype), bit for bit."""
+    from spectra.checkpoints import pairing
+
+    g = torch.Generator().manual_seed(0)
+    for shape in [(3, 5), (pairing._CHUNK // 64, 64), (300, 777), (2, 3, pairing._CHUNK // 3 + 7)]:
+        base = torch.randn(shape, generator=g).to(storage)
+        tuned = (base.float() + 1e-2 * torch.randn(shape, generator=g)).to(storage)
+        got = pairing.exact_difference(tuned, base, dtype)
+        assert got.dtype == dtype and got.shape == base.shape
+        assert torch.equal(got, tuned.to(dtype) - base.to(dtype)), shape
+
+
+def test_exact_difference_keeps_a_transposed_view_and_mixed_dtypes():
+    from spectra.checkpoints.pairing import exact_difference
+
+    g = torch.Generator().manual_seed(1)
+    base = torch.randn(700, 300, generator=g).bfloat16()
+    tuned = torch.randn(700, 300, generator=g).bfloat16()
+    got = exact_difference(tuned.T, base.T, torch.float32)  # Conv1D: stored (in, out), seen (out, in)
+    assert got.shape == (300, 700) and torch.equal(got, tuned.T.float() - base.T.float())
+    mixed = exact_difference(tuned.float(), base, torch.float32)  # fp32 tuned against a bf16 base
+    assert torch.equal(mixed, tuned.float() - base.float())
+
+
+def test_weights_as_stored_are_the_checkpoint_tensors(tmp_path):
+    base = build_model("llama").to(torch.bfloat16)
+    tuned = copy.deepcopy(base)
+    out_features, in_features = tuned.model.layers[1].mlp.down_proj.weight.shape
+    add_to_parameter(tuned, "model.layers.1.mlp.down_proj.weight", low_rank(out_features, in_features, 2, seed=3))
+    b, t = save(base, tmp_path / "b", "safetensors"), save(tuned, tmp_path / "t", "safetensors")
+    stored = {d.name: d for d in iter_deltas(b, t, roles=("down",), with_weights=True, weights_as_stored=True)}
+    upcast = {d.name: d for d in iter_deltas(b, t, roles=("down",), with_weights=True)}
+    d = stored["model.layers.1.mlp.down_proj"]
+    assert d.base.dtype == torch.bfloat16 and d.tuned.dtype == torch.bfloat16
+    torch.testing.assert_close(d.base, base.model.layers[1].mlp.down_proj.weight.detach(), rtol=0, atol=0)
+    u = upcast["model.layers.1.mlp.down_proj"]
+    assert u.base.dtype == torch.float32 and torch.equal(u.base, d.base.float()) and torch.equal(u.delta, d.delta)
+    assert torch.equal(d.delta, d.tuned.float() - d.base.float()) and torch.count_nonzero(d.delta) > 0

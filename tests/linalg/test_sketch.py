@@ -70,3 +70,35 @@ def test_top_values_resolve_outliers():
     w += u * torch.tensor([8.0, 6.0, 5.0, 4.0]) @ v.T
     top = sketch.top_values(w, 4)
     np.testing.assert_allclose(top.numpy(), np.linalg.svd(w.double().numpy(), compute_uv=False)[:4], rtol=1e-3)
+
+
+@pytest.mark.parametrize("storage", [torch.bfloat16, torch.float16])
+def test_squared_norm_of_half_precision_is_exact_upcast(storage):
+    g = torch.Generator().manual_seed(4)
+    w = (torch.randn(333, 1001, generator=g) * 0.02).to(storage)  # > 2¹⁶ elements: chunked, odd tail
+    expected = float((w.double() ** 2).sum())
+    assert sketch.squared_norm(w) == pytest.approx(expected, rel=2e-6)  # fp32 blocks: ~7e-7 on bf16 values
+    assert sketch.squared_norm(w) == pytest.approx(sketch.squared_norm(w.float()), rel=1e-12)
+
+
+def test_noise_floor_from_stored_weights_equals_upcast():
+    base, tuned = bf16_pair(300, 500, rank=4, rel=1e-2)
+    kw = dict(base_dtype=torch.bfloat16, tuned_dtype=torch.bfloat16, max_elements=1 << 14)
+    stored = sketch.sampled_noise_floor(base.bfloat16(), tuned.bfloat16(), **kw)
+    upcast = sketch.sampled_noise_floor(base, tuned, **kw)
+    assert stored == upcast
+
+
+@pytest.mark.parametrize("tall", [False, True])
+def test_top_values_of_a_bf16_weight_match_float64(tall):
+    """A weight as stored (bf16, possibly a transposed view) gives the values of its float32 up-cast."""
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(500, 900, generator=g) * 0.02
+    u, _ = torch.linalg.qr(torch.randn(500, 4, generator=g))
+    v, _ = torch.linalg.qr(torch.randn(900, 4, generator=g))
+    w = (w + u * torch.tensor([8.0, 6.0, 5.0, 4.0]) @ v.T).bfloat16()
+    w = w.T.contiguous() if tall else w
+    for view in (w, w.T):
+        top = sketch.top_values(view, 4)
+        np.testing.assert_allclose(top.numpy(), np.linalg.svd(w.double().numpy(), compute_uv=False)[:4], rtol=1e-3)
+        np.testing.assert_allclose(top.numpy(), sketch.top_values(view.float(), 4).numpy(), rtol=1e-6)
