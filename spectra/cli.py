@@ -113,8 +113,9 @@ def analyze(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing report directory.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar, no summary.")] = False,
     resolve: Annotated[float, typer.Option(help="Energy whose rank the fast 'sketch' path resolves exactly; higher --energy levels are reported when within reach.")] = 0.9,
-    read_ahead: Annotated[int, typer.Option(help="Modules read ahead of the math (0: read in line).")] = 2,
-    read_ahead_mb: Annotated[int, typer.Option(help="Most upcast tensor data (MB) read ahead; bounds peak memory.")] = 512,
+    workers: Annotated[Optional[int], typer.Option(help="Modules analysed at once, each on its own thread with (torch threads ÷ workers) threads. Default: one per torch thread up to 4 on the CPU, 1 on a GPU.")] = None,
+    read_ahead: Annotated[int, typer.Option(help="With one worker: modules read ahead of the math (0: read in line).")] = 2,
+    read_ahead_mb: Annotated[int, typer.Option(help="Most ΔW data (MB, float32) held by modules in flight besides one; bounds peak memory.")] = 512,
     calibration: Annotated[Optional[Path], typer.Option(help="Calibration data (.txt/.jsonl): also report each ΔW's activation-weighted spectrum, ΔW·C^{1/2} on the base's inputs.")] = None,
     calibration_epsilon: Annotated[float, typer.Option(help="Ridge of the input second moment C, relative to its mean eigenvalue.")] = 1e-6,
 ) -> None:
@@ -145,7 +146,7 @@ def analyze(
                             calibration=str(calibration) if calibration else None,
                             calibration_epsilon=calibration_epsilon)
     result = run_analysis(base, tuned, config, cache_dir=False if no_cache else (cache_dir or True), progress=not quiet,
-                          read_ahead=read_ahead, read_ahead_mb=read_ahead_mb)
+                          read_ahead=read_ahead, read_ahead_mb=read_ahead_mb, workers=workers)
     if not main_rank:
         return  # under torchrun every rank holds the whole result; rank 0 writes it
     path = result.write_report(output, overwrite=overwrite)

@@ -116,12 +116,18 @@ def test_interrupted_run_resumes_and_matches(planted_pair, tmp_path, monkeypatch
 
         return hook
 
+    finished = []
+    hook = crash_after(5)
+
+    def record(name, rows):
+        finished.extend(r["name"] for r in rows)
+        hook(name, rows)
+
     with pytest.raises(Crash):
-        analyze(*planted_pair, cache_dir=tmp_path, progress=False, on_module=crash_after(5))
-    first = list(calls)
+        analyze(*planted_pair, cache_dir=tmp_path, progress=False, on_module=record)
     calls.clear()
     resumed = analyze(*planted_pair, cache_dir=tmp_path, progress=False)
-    assert not set(first) & set(calls), "modules finished before the crash were recomputed"
+    assert finished and not set(finished) & set(calls), "modules finished before the crash were recomputed"
     assert resumed.timings["modules_cached"] == 5
     assert strip_timing(resumed.modules) == strip_timing(reference.modules)
     calls.clear()
@@ -205,3 +211,35 @@ def test_resume_after_sigkill_of_a_real_process(tmp_path):
     fresh = analyze(pair / "base", pair / "tuned", AnalysisConfig(full_below=32), cache_dir=False, progress=False)
     assert resumed.timings["modules_cached"] == done < len(fresh.modules)
     assert strip_timing(resumed.modules) == strip_timing(fresh.modules)
+
+
+@pytest.mark.parametrize("workers", [2, 3])
+def test_parallel_workers_give_the_serial_result(planted_pair, workers):
+    """Modules analysed on several threads at once: same rows, same order as one worker."""
+    serial = analyze(*planted_pair, cache_dir=False, progress=False, workers=1)
+    parallel = analyze(*planted_pair, cache_dir=False, progress=False, workers=workers)
+    assert parallel.timings["workers"] == workers and serial.timings["workers"] == 1
+    assert [m["name"] for m in parallel.modules] == [m["name"] for m in serial.modules]
+    for a, b in zip(serial.matrices(), parallel.matrices()):
+        assert a["energy_rank"] == b["energy_rank"] and a["method"] == b["method"], a["name"]
+        np.testing.assert_allclose(b["singular_values"], a["singular_values"], rtol=1e-5, atol=1e-7 * a["singular_values"][0])
+
+
+def test_worker_errors_reach_the_caller(tmp_path):
+    """A broken tensor read by a worker thread raises in the caller, naming the tensor."""
+    from spectra.errors import NonFiniteWeightError
+
+    base = build_model("llama")
+    tuned = copy.deepcopy(base)
+    with torch.no_grad():
+        tuned.model.layers[1].mlp.up_proj.weight[0, 0] = float("nan")
+    b, t = save(base, tmp_path / "b", "safetensors"), save(tuned, tmp_path / "t", "safetensors")
+    with pytest.raises(NonFiniteWeightError, match="layers.1.mlp.up_proj"):
+        analyze(b, t, cache_dir=False, progress=False, workers=2)
+
+
+def test_workers_must_be_positive(planted_pair):
+    from spectra.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="workers"):
+        analyze(*planted_pair, cache_dir=False, progress=False, workers=0)
