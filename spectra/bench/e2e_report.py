@@ -91,7 +91,7 @@ def write_report(res: dict[str, Any], out: str | os.PathLike, *, ground_truth: P
     lines.append(f"| I/O floor: read every byte of both checkpoints ({io.get('bytes', 0) / 1e9:.1f} GB) | "
                  f"{_fmt(io.get('wall_s'))} | {_fmt(io.get('read_s'))} | {_fmt(io.get('peak_anon_mb'), 0)} | |")
     if io.get("stream_s") is not None:
-        lines.append(f"| stream floor: read, up-cast to fp32 and subtract every pair (in the same process) | | "
+        lines.append(f"| stream floor: read, up-cast to fp32 and subtract every pair (spectra's exact_difference, same process) | | "
                      f"{_fmt(io.get('stream_s'))} | | |")
     names = [ ("spectra_default", "spectra, default (auto)"),
              ("spectra_full", "spectra, forced full spectrum (method=full)"),
@@ -101,6 +101,9 @@ def write_report(res: dict[str, Any], out: str | os.PathLike, *, ground_truth: P
     for key, label in names:
         r = res.get(key)
         if r:
+            t = r.get("timings") or {}
+            if key.startswith("spectra_") and t.get("workers"):
+                label += f", {t['workers']} workers × {t.get('threads_per_worker', '?')} thread(s)"
             lines.append(f"| {label} | {_fmt(r.get('wall_s'))} | {_fmt(r.get('analysis_s'))} | "
                          f"{_fmt(r.get('peak_anon_mb'), 0)} | {_fmt(r.get('modules_per_s'), 2)} |")
     for key, r in (res.get("peers") or {}).items():

@@ -143,7 +143,8 @@ def _orth(Y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     harmless for a power-iteration basis (the returned values come from an exact QR).
     Falls back to Householder QR when Y is rank-deficient.
     """
-    G = Y.T.double() @ Y.double()  # (l, l)
+    Yd = Y.double()  # one up-cast, read twice
+    G = Yd.T @ Yd  # (l, l)
     L, info = torch.linalg.cholesky_ex(G)
     if int(info) == 0:
         R = L.T.to(Y.dtype)  # (l, l), upper
