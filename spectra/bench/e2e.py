@@ -207,7 +207,7 @@ def _job_weightwatcher(pair: str) -> None:
 def _flops_full(modules: list[dict], full_below: int) -> float:
     """fp64 Gram flops of the full path per ΔW (and per small W_base for its top σ).
 
-    The lower triangle of G in block rows (``spectra.linalg.svd._gram_svdvals``): nb(nb+1)/2
+    The upper triangle of G in block rows (``spectra.linalg.svd._gram_svdvals``): nb(nb+1)/2
     products of (rows × long) by (long × rows), nb = ⌈short / rows⌉.
     """
     from spectra.linalg.svd import gram_block_rows  # torch-heavy: only when the report is built

@@ -155,18 +155,14 @@ def _orth(Y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def _ritz(A: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
     """σ(Qᵀ A) in float64, descending: the Rayleigh–Ritz values, lower bounds of the top-l σ(A).
 
-    A (short, long) may be half precision (a weight as stored): Qᵀ A is then formed in
-    float32 from row blocks of A up-cast ≤ 8 MB at a time, so the values are as exact as
-    from a float32 A, without a float32 copy of it.
+    A (short, long) may be half precision (a weight as stored): bf16 goes through
+    :func:`_ritz_bf16`; fp16 is up-cast in row blocks of ≤ 8 MB, so the values are as
+    exact as from a float32 A, without a float32 copy of it.
     """
+    if A.dtype == torch.bfloat16:
+        return _ritz_bf16(A, Q)
     if A.dtype in (torch.float32, torch.float64):
         Z = A.T @ Q.to(A.dtype)  # (long, short) @ (short, l) -> (long, l) = (Qᵀ A)ᵀ
-    elif A.T.is_contiguous():  # a tall weight seen transposed: its stored rows are Z's rows
-        stored = A.T  # (long, short)
-        Z = Q.new_empty(stored.shape[0], Q.shape[1])  # (long, l)
-        rows = max(1, (8 << 20) // (4 * stored.shape[1]))
-        for i in range(0, stored.shape[0], rows):
-            torch.mm(stored[i:i + rows].float(), Q, out=Z[i:i + rows])
     else:
         Z = Q.new_zeros(Q.shape[1], A.shape[1])  # (l, long) = Qᵀ A, summed over row blocks of A
         rows = max(1, (8 << 20) // (4 * A.shape[1]))
@@ -176,6 +172,19 @@ def _ritz(A: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
     G = Z.T.double() @ Z.double()  # (l, l)
     lam = torch.linalg.eigvalsh(G).flip(0).clamp(min=0.0)
     return lam.sqrt()
+
+
+def _ritz_bf16(A: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
+    """Rayleigh–Ritz values of a bf16 A on span(Q), from one bf16 GEMM.
+
+    A is exact in bf16; what the bf16 GEMM adds is the rounding of Q to bf16 and of
+    the product's entries, which averages out over the long side: ~1e-4 relative on
+    500×800, ~4e-5 on 2048×5632 (against the float32 product), at a third of the
+    float32 GEMM's time. (Correcting for bf16(Q) not being exactly orthonormal, by a
+    generalised eigenproblem, was measured to change nothing at this level.)
+    """
+    Z = (A.T @ Q.to(torch.bfloat16)).double()  # (long, l)
+    return torch.linalg.svdvals(Z)
 
 
 def _rank(s: torch.Tensor, total: float, energy: float) -> int | None:
@@ -286,7 +295,8 @@ def top_values(W: torch.Tensor, k: int, *, n_iter: int = 2, seed: int = 0) -> to
 
     Trained weights have a few outlying singular values well above the bulk; two power
     steps resolve those to ~1e-3. Values inside the bulk are lower bounds. A bf16 weight
-    (as stored) is used as is: no copy of it is made.
+    (as stored) is used as is, no copy of it is made, and its Ritz values come from a
+    bf16 GEMM (:func:`_ritz_bf16`, ~1e-4 on top of the sketch's own error).
     """
     if W.shape[0] > W.shape[1]:
         W = W.T  # (short, long)

@@ -1,0 +1,89 @@
+"""Symmetric eigenvalues in place, through the LAPACK that torch itself links.
+
+``torch.linalg.eigvalsh`` copies its input before LAPACK overwrites it. For the
+full-spectrum Gram route that copy is the largest allocation of all: the float64 Gram
+matrix of a square float32 ΔW is already twice the size of ΔW, so the copy takes the
+peak from 2× to 4× the input. Calling the same routine torch would call (``dsyevd``,
+MKL's on x86 builds) on the Gram matrix's own buffer keeps the peak at the Gram matrix.
+
+Where torch's library does not export LAPACK symbols (some builds), :func:`eigvalsh_`
+returns None and the caller takes ``torch.linalg.eigvalsh``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import sys
+from pathlib import Path
+
+import torch
+
+__all__ = ["eigvalsh_"]
+
+_INT = ctypes.c_int  # LP64 interface (dsyevd_); the ILP64 one is dsyevd_64_
+
+
+@functools.lru_cache(maxsize=1)
+def _dsyevd():
+    """torch's own ``dsyevd_`` as a ctypes function, or None where it is not exported."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        lib = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"))
+        fn = lib.dsyevd_
+    except (OSError, AttributeError):
+        return None
+    ptr = ctypes.c_void_p
+    fn.restype = None
+    fn.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.POINTER(_INT), ptr, ctypes.POINTER(_INT), ptr, ptr,
+                   ctypes.POINTER(_INT), ptr, ctypes.POINTER(_INT), ctypes.POINTER(_INT)]
+    return fn
+
+
+def eigvalsh_(G: torch.Tensor, *, lower: bool = True) -> torch.Tensor | None:
+    """Eigenvalues (ascending, float64) of the symmetric matrix held in one triangle of `G`, computed in place.
+
+    `G` is overwritten (its contents are undefined afterwards). Only its `lower`
+    (row-major) triangle is read, like ``torch.linalg.eigvalsh(G, UPLO="L")``.
+
+    Parameters
+    ----------
+    G : torch.Tensor, shape (n, n), float64, contiguous, on the CPU
+    lower : bool, default True
+        Which triangle of the row-major `G` holds the matrix.
+
+    Returns
+    -------
+    torch.Tensor, shape (n,), or None
+        None when the in-place route is unavailable here (no exported LAPACK, another
+        dtype/device/layout); `G` is then untouched.
+
+    Raises
+    ------
+    torch.linalg.LinAlgError
+        LAPACK did not converge (as ``torch.linalg.eigvalsh`` would raise).
+    """
+    fn = _dsyevd()
+    if (fn is None or G.dtype != torch.float64 or G.device.type != "cpu" or G.dim() != 2
+            or G.shape[0] != G.shape[1] or not G.is_contiguous() or G.shape[0] == 0):
+        return None
+    n = int(G.shape[0])
+    # LAPACK is column-major: the row-major lower triangle is its upper triangle.
+    uplo = b"U" if lower else b"L"
+    w = torch.empty(n, dtype=torch.float64)
+    size, info = _INT(n), _INT(0)
+    query, iquery = torch.zeros(1, dtype=torch.float64), torch.zeros(1, dtype=torch.int32)
+    lwork, liwork = _INT(-1), _INT(-1)
+    fn(b"N", uplo, ctypes.byref(size), G.data_ptr(), ctypes.byref(size), w.data_ptr(), query.data_ptr(),
+       ctypes.byref(lwork), iquery.data_ptr(), ctypes.byref(liwork), ctypes.byref(info))
+    if info.value != 0:
+        return None
+    work = torch.empty(max(2 * n + 1, int(query[0])), dtype=torch.float64)
+    iwork = torch.empty(max(1, int(iquery[0])), dtype=torch.int32)
+    lwork, liwork = _INT(work.numel()), _INT(iwork.numel())
+    fn(b"N", uplo, ctypes.byref(size), G.data_ptr(), ctypes.byref(size), w.data_ptr(), work.data_ptr(),
+       ctypes.byref(lwork), iwork.data_ptr(), ctypes.byref(liwork), ctypes.byref(info))
+    if info.value != 0:
+        raise torch.linalg.LinAlgError(f"dsyevd failed on a {n}×{n} symmetric matrix (info={info.value}).")
+    return w
