@@ -6,14 +6,15 @@ matrix of a square float32 ΔW is already twice the size of ΔW, so the copy tak
 peak from 2× to 4× the input. Calling the same routine torch would call (``dsyevd``,
 MKL's on x86 builds) on the Gram matrix's own buffer keeps the peak at the Gram matrix.
 
-Where torch's library does not export LAPACK symbols (some builds), :func:`eigvalsh_`
-returns None and the caller takes ``torch.linalg.eigvalsh``.
+Where torch's library does not export LAPACK symbols, or is not the MKL build (Linux
+x86-64), :func:`eigvalsh_` returns None and the caller takes ``torch.linalg.eigvalsh``.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
+import platform
 import sys
 from pathlib import Path
 
@@ -26,11 +27,16 @@ _INT = ctypes.c_int  # LP64 interface (dsyevd_); the ILP64 one is dsyevd_64_
 
 @functools.lru_cache(maxsize=1)
 def _dsyevd():
-    """torch's own ``dsyevd_`` as a ctypes function, or None where it is not exported."""
-    if not sys.platform.startswith("linux"):
+    """torch's own ``dsyevd_`` as a ctypes function, or None where it is not exported.
+
+    Only on Linux x86-64, where torch links MKL (whose Fortran interface takes no hidden
+    string-length arguments); elsewhere the copying ``torch.linalg.eigvalsh`` is used.
+    """
+    if not sys.platform.startswith("linux") or platform.machine() not in ("x86_64", "AMD64"):
         return None
     try:
         lib = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"))
+        lib.mkl_get_max_threads  # MKL's own symbol: this LAPACK is MKL's
         fn = lib.dsyevd_
     except (OSError, AttributeError):
         return None
