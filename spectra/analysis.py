@@ -369,13 +369,13 @@ def analyze(base, tuned, config: AnalysisConfig | None = None, *, cache_dir: str
         decomposed by a reader thread, so short modules never leave the math waiting on
         the disk. 0 reads in line.
     read_ahead_mb : int, default 512
-        Most ΔW data (MB, float32) held by entries in flight besides the oldest; an entry
-        that would exceed it waits, so peak memory stays bounded by the largest tensors,
-        not by the model.
+        Most ΔW data (MB, float32) held by the entries in flight (one always goes); an
+        entry that would exceed it waits, so peak memory stays bounded by the largest
+        tensors, not by the model.
     workers : int, optional
         Modules analysed at once, each by its own thread that reads and decomposes whole
         entries with ``torch.get_num_threads() // workers`` torch threads. Default: one
-        per torch thread up to 4 on the CPU (2 cores: 2 workers × 1 thread, 1.8× faster
+        per torch thread up to 4 on the CPU (2 cores: 2 workers × 1 thread, 1.7× faster
         than 1 × 2 on a 1.1B pair, since the work between the GEMMs is serial), 1 on a GPU.
         Results do not depend on it beyond floating-point rounding.
 
