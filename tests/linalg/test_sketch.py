@@ -55,6 +55,28 @@ def test_energy_sketch_ranks_match_full_svd():
     np.testing.assert_allclose(fast.values[:5].double().numpy(), exact.values[:5].numpy(), rtol=1e-3)
 
 
+def test_basis_grows_to_fit_the_rank_estimate():
+    for k in (1, 7, 40, 50, 97, 300):
+        l = sketch._basis_for(k)
+        assert l % 16 == 0 and l - max(8, l // 4) >= 1.1 * k  # holds k with 10 % to spare
+        smaller = l - 16
+        assert smaller - max(8, smaller // 4) < 1.1 * k  # and is the smallest such multiple of 16
+    assert sketch._basis_for(50) == 80  # not 128: a doubling from 64 would waste 3/8 of the GEMM work
+
+
+def test_energy_sketch_past_its_first_block_still_gets_the_rank():
+    """A rank just above the first block's usable part (48 of 64) grows the basis to fit it."""
+    w, t = bf16_pair(700, 1500, rank=50, rel=1e-2)
+    d = t - w
+    total = sketch.squared_norm(d)
+    exact = full_svd(d.double())
+    assert 48 < metrics.energy_rank(exact, 0.9) < 80
+    fast = sketch.energy_sketch(d, energy=0.9, total_energy=total, block=64)
+    assert fast.method == "adaptive-bf16"
+    assert abs(metrics.energy_rank(fast, 0.9) - metrics.energy_rank(exact, 0.9)) <= 1
+    assert np.all(fast.values.double().numpy() <= exact.values[: fast.k].numpy() * (1 + 1e-5))
+
+
 def test_energy_sketch_falls_back_to_full_for_a_flat_spectrum():
     d = torch.randn(256, 300)  # white noise: the 90 % rank is most of the matrix
     fast = sketch.energy_sketch(d, energy=0.9, total_energy=sketch.squared_norm(d), block=16)
