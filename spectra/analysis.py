@@ -9,6 +9,7 @@ disk so an interrupted run resumes, and returns an :class:`AnalysisResult` whose
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -420,15 +421,16 @@ def analyze(base, tuned, config: AnalysisConfig | None = None, *, cache_dir: str
         stream = _serial(pairing, todo, config, calibration, read_ahead, read_ahead_mb << 20)
     else:
         stream = _parallel(pairing, todo, config, calibration, n_workers, threads, read_ahead_mb << 20)
-    for entry, rows, entry_read_s, entry_compute_s in stream:
-        read_s += entry_read_s
-        compute_s += entry_compute_s
-        bar.set_postfix_str(entry.name, refresh=False)
-        cache.put(entry.name, rows)
-        rows_by_entry[entry.name] = rows
-        if on_module is not None:
-            on_module(entry.name, rows)
-        bar.update(1)
+    with contextlib.closing(stream):  # an error here stops the workers now, not at garbage collection
+        for entry, rows, entry_read_s, entry_compute_s in stream:
+            read_s += entry_read_s
+            compute_s += entry_compute_s
+            bar.set_postfix_str(entry.name, refresh=False)
+            cache.put(entry.name, rows)
+            rows_by_entry[entry.name] = rows
+            if on_module is not None:
+                on_module(entry.name, rows)
+            bar.update(1)
     bar.close()
     rows_by_entry = all_gather_rows(rows_by_entry, me)
 
@@ -473,7 +475,8 @@ def _serial(pairing: Pairing, todo: list, config: AnalysisConfig, calibration, d
 
 def _parallel(pairing: Pairing, todo: list, config: AnalysisConfig, calibration, workers: int, threads: int,
               budget: int):
-    """Yield (entry, rows, read s, compute s) as entries finish; `workers` threads each read and decompose whole entries.
+    """Yield (entry, rows, read s, compute s) as entries finish, from `workers` threads that each
+    read and decompose whole entries.
 
     Each worker runs torch with `threads` threads (thread-local), so the serial work
     around the GEMMs of one module overlaps another module's. Entries start largest
@@ -490,17 +493,22 @@ def _parallel(pairing: Pairing, todo: list, config: AnalysisConfig, calibration,
         rows = _analyze_entry(deltas, config, calibration)
         return rows, loaded - start, time.perf_counter() - loaded
 
+    size = pairing.options.torch_dtype.itemsize
     queue = deque(sorted(todo, key=lambda e: -entry_cost(e.shape)))
     running: dict = {}  # future -> entry
+    # torch.set_num_threads in a worker also sets the default every later thread starts
+    # with (the calling thread keeps its own): put the process's count back afterwards.
+    restore = torch.get_num_threads()
     pool = ThreadPoolExecutor(max_workers=workers, initializer=torch.set_num_threads, initargs=(threads,),
                               thread_name_prefix="spectra-analyze")
     try:
         while queue or running:
-            busy = sum(_entry_bytes(e) for e in running.values())
-            while queue and len(running) < workers and (not running or busy + _entry_bytes(queue[0]) <= budget):
+            busy = sum(_entry_bytes(e, size) for e in running.values())
+            while queue and len(running) < workers and (
+                    not running or busy + _entry_bytes(queue[0], size) <= budget):
                 entry = queue.popleft()
                 running[pool.submit(task, entry)] = entry
-                busy += _entry_bytes(entry)
+                busy += _entry_bytes(entry, size)
             done, _ = wait(running, return_when=FIRST_COMPLETED)
             for future in done:
                 entry = running.pop(future)
@@ -508,15 +516,17 @@ def _parallel(pairing: Pairing, todo: list, config: AnalysisConfig, calibration,
                 yield entry, rows, read_s, compute_s
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+        torch.set_num_threads(restore)
 
 
-def _entry_bytes(entry) -> int:
-    """Bytes one entry holds once read: ΔW in float32; the weights stay in the memory-mapped
-    files, except an adapter's up-cast base and merged tuned weight (3× then)."""
+def _entry_bytes(entry, itemsize: int = 4) -> int:
+    """Bytes one entry holds once read: ΔW in the compute dtype (`itemsize` bytes per element);
+    the weights stay in the memory-mapped files, except an adapter's up-cast base and merged
+    tuned weight (3× then). A worker's decomposition workspace comes on top."""
     n = 1
     for x in entry.shape:
         n *= int(x)
-    return (12 if entry.adapter is not None else 4) * n
+    return (3 if entry.adapter is not None else 1) * itemsize * n
 
 
 def _read_ahead(pairing: Pairing, todo: list, depth: int, budget: int):
@@ -532,25 +542,26 @@ def _read_ahead(pairing: Pairing, todo: list, depth: int, budget: int):
             deltas = pairing.load(entry)
             yield entry, deltas, time.perf_counter() - start
         return
+    size = pairing.options.torch_dtype.itemsize
     pending: deque = deque()  # (entry, future), in order
     nxt = 0
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="spectra-read") as pool:
         while nxt < len(todo) or pending:
-            in_flight = sum(_entry_bytes(e) for e, _ in pending)
+            in_flight = sum(_entry_bytes(e, size) for e, _ in pending)
             while nxt < len(todo) and len(pending) < depth and (
-                    not pending or in_flight + _entry_bytes(todo[nxt]) <= budget):
+                    not pending or in_flight + _entry_bytes(todo[nxt], size) <= budget):
                 pending.append((todo[nxt], pool.submit(pairing.load, todo[nxt])))
-                in_flight += _entry_bytes(todo[nxt])
+                in_flight += _entry_bytes(todo[nxt], size)
                 nxt += 1
             entry, future = pending.popleft()
             wait = time.perf_counter()
             deltas = future.result()
             waited = time.perf_counter() - wait
             # top up the queue before the math starts, so the reader works while we compute
-            in_flight = sum(_entry_bytes(e) for e, _ in pending)
-            while nxt < len(todo) and len(pending) < depth and in_flight + _entry_bytes(todo[nxt]) <= budget:
+            in_flight = sum(_entry_bytes(e, size) for e, _ in pending)
+            while nxt < len(todo) and len(pending) < depth and in_flight + _entry_bytes(todo[nxt], size) <= budget:
                 pending.append((todo[nxt], pool.submit(pairing.load, todo[nxt])))
-                in_flight += _entry_bytes(todo[nxt])
+                in_flight += _entry_bytes(todo[nxt], size)
                 nxt += 1
             yield entry, deltas, waited
             del deltas

@@ -222,7 +222,8 @@ def test_parallel_workers_give_the_serial_result(planted_pair, workers):
     assert [m["name"] for m in parallel.modules] == [m["name"] for m in serial.modules]
     for a, b in zip(serial.matrices(), parallel.matrices()):
         assert a["energy_rank"] == b["energy_rank"] and a["method"] == b["method"], a["name"]
-        np.testing.assert_allclose(b["singular_values"], a["singular_values"], rtol=1e-5, atol=1e-7 * a["singular_values"][0])
+        np.testing.assert_allclose(b["singular_values"], a["singular_values"], rtol=1e-5,
+                                   atol=1e-7 * a["singular_values"][0])
 
 
 def test_worker_errors_reach_the_caller(tmp_path):
@@ -243,3 +244,16 @@ def test_workers_must_be_positive(planted_pair):
 
     with pytest.raises(ConfigError, match="workers"):
         analyze(*planted_pair, cache_dir=False, progress=False, workers=0)
+
+
+def test_parallel_run_leaves_the_thread_count_of_later_threads_alone(planted_pair):
+    """Workers set their own torch threads; threads started afterwards get the process's count back."""
+    import threading
+
+    before = torch.get_num_threads()
+    analyze(*planted_pair, cache_dir=False, progress=False, workers=2)
+    seen = []
+    t = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+    t.start()
+    t.join()
+    assert torch.get_num_threads() == before and seen == [before]
