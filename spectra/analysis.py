@@ -519,7 +519,7 @@ def _parallel(pairing: Pairing, todo: list, config: AnalysisConfig, calibration,
         torch.set_num_threads(restore)
 
 
-def _entry_bytes(entry, itemsize: int = 4) -> int:
+def _entry_bytes(entry, itemsize: int) -> int:
     """Bytes one entry holds once read: ΔW in the compute dtype (`itemsize` bytes per element);
     the weights stay in the memory-mapped files, except an adapter's up-cast base and merged
     tuned weight (3× then). A worker's decomposition workspace comes on top."""

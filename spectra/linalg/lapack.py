@@ -91,5 +91,8 @@ def eigvalsh_(G: torch.Tensor, *, lower: bool = True) -> torch.Tensor | None:
     fn(b"N", uplo, ctypes.byref(size), G.data_ptr(), ctypes.byref(size), w.data_ptr(), work.data_ptr(),
        ctypes.byref(lwork), iwork.data_ptr(), ctypes.byref(liwork), ctypes.byref(info))
     if info.value != 0:
-        raise torch.linalg.LinAlgError(f"dsyevd failed on a {n}×{n} symmetric matrix (info={info.value}).")
+        raise torch.linalg.LinAlgError(
+            f"dsyevd did not converge on a {n}×{n} symmetric matrix (info={info.value}). Its entries are finite "
+            "(checked before), so they are likely badly scaled: rescale the matrix, or take its singular values "
+            "with full_svd(M, compute_vectors=True) (LAPACK gesdd).")
     return w

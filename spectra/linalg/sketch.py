@@ -155,12 +155,11 @@ def _orth(Y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def _ritz(A: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
     """σ(Qᵀ A) in float64, descending: the Rayleigh–Ritz values, lower bounds of the top-l σ(A).
 
-    A (short, long) may be half precision (a weight as stored): bf16 goes through
-    :func:`_ritz_bf16`; fp16 is up-cast in row blocks of ≤ 8 MB, so the values are as
-    exact as from a float32 A, without a float32 copy of it.
+    A (short, long) may be half precision (a weight as stored): it is up-cast in row
+    blocks of ≤ 8 MB, so the values are as exact as from a float32 A, without a float32
+    copy of it. (:func:`_ritz_bf16` is the cheaper, approximate choice for callers that
+    can afford ~1e-4.)
     """
-    if A.dtype == torch.bfloat16:
-        return _ritz_bf16(A, Q)
     if A.dtype in (torch.float32, torch.float64):
         Z = A.T @ Q.to(A.dtype)  # (long, short) @ (short, l) -> (long, l) = (Qᵀ A)ᵀ
     else:
@@ -326,4 +325,4 @@ def top_values(W: torch.Tensor, k: int, *, n_iter: int = 2, seed: int = 0) -> to
         V, _ = _orth((low.T @ Q.to(torch.bfloat16)).float())  # (long, l)
         Q, _ = _orth((low @ V.to(torch.bfloat16)).float())  # (short, l)
     Q, _ = torch.linalg.qr(Q)
-    return _ritz(W, Q)[:k]
+    return (_ritz_bf16(W, Q) if W.dtype == torch.bfloat16 else _ritz(W, Q))[:k]

@@ -132,8 +132,9 @@ def test_bf16_ritz_values_are_the_float32_ones_within_its_rounding():
     A = (torch.randn(400, 1500, generator=g) * 0.02).bfloat16()
     Q, _ = torch.linalg.qr(torch.randn(400, 24, generator=g))
     exact = sketch._ritz(A.float(), Q).numpy()
-    fast = sketch._ritz(A, Q).numpy()
+    np.testing.assert_allclose(sketch._ritz(A, Q).numpy(), exact, rtol=1e-6)  # _ritz itself stays exact for bf16
+    fast = sketch._ritz_bf16(A, Q).numpy()
     err = np.abs(fast / exact - 1).max()
     assert 1e-7 < err < 3e-4  # really the bf16 product, and within its rounding
-    scaled = sketch._ritz(A, Q * 1.001).numpy()  # negative control: a 1e-3 error is caught at this tolerance
+    scaled = sketch._ritz_bf16(A, Q * 1.001).numpy()  # negative control: a 1e-3 error is caught at this tolerance
     assert np.abs(scaled / exact - 1).max() > 3e-4
