@@ -426,6 +426,9 @@ def train(
     max_steps: Annotated[Optional[int], typer.Option(help="Stop after this many steps.")] = None,
     batch_size: Annotated[int, typer.Option(help="Examples per step.")] = 16,
     max_length: Annotated[int, typer.Option(help="Tokens per example.")] = 128,
+    group_by_length: Annotated[bool, typer.Option(
+        "--group-by-length", help="Batch texts of similar length together: ~2× faster on short texts of mixed "
+                                  "length (less padding), batches a little less random.")] = False,
     lr: Annotated[Optional[float], typer.Option(help="Learning rate (default 5e-4 adapters, 1e-4 full).")] = None,
     compute_dtype: Annotated[str, typer.Option(help="QLoRA compute dtype: float32, bfloat16 or float16.")] = "float32",
     teacher: Annotated[Optional[str], typer.Option(help="Distil from this checkpoint's outputs instead of labels.")] = None,
@@ -442,7 +445,7 @@ def train(
     config = TrainConfig(method="full" if full else method, rank=rank, alpha=alpha, rslora=rslora,
                          plan=str(plan) if plan else None, roles=_split(roles), task=task, epochs=epochs,
                          max_steps=max_steps, batch_size=batch_size, max_length=max_length, lr=lr,
-                         compute_dtype=compute_dtype, teacher=teacher, seed=seed)
+                         group_by_length=group_by_length, compute_dtype=compute_dtype, teacher=teacher, seed=seed)
     result = train_adapter(base, data, config, output, eval_data=eval_data, overwrite=overwrite, progress=not quiet)
     final = result.final_eval
     typer.echo(f"{result.method}: {result.steps} steps, {result.trainable_params:,} trainable parameters, final "

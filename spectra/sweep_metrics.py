@@ -95,13 +95,15 @@ def resolve_metric(metric, task: str) -> Metric:
 @torch.no_grad()
 def example_stats(model, data, metric: Metric, *, batch_size: int) -> dict[str, np.ndarray]:
     """Evaluate ``model`` on ``data`` in batches; per-example arrays (n,) of the metric and of loss/accuracy."""
-    from spectra.lora.data import batches
+    from spectra.lora.data import batch_indices, collate
 
     was_training = model.training
     model.eval()
     out: dict[str, list] = {k: [] for k in ("num", "den", "loss", "correct", "count")}
+    groups = batch_indices(data, batch_size, by_length=True)  # less padding; rows go back to data order below
     try:
-        for batch in batches(data, batch_size):
+        for index in groups:
+            batch = collate(data, index)
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             loss, correct, count = token_stats(logits, batch)
             value = metric.per_example(logits, batch)
@@ -113,4 +115,5 @@ def example_stats(model, data, metric: Metric, *, batch_size: int) -> dict[str, 
                 out[k].append(v.detach().double().cpu().numpy())
     finally:
         model.train(was_training)
-    return {k: np.concatenate(v) for k, v in out.items()}
+    where = np.argsort(np.concatenate([np.asarray(i) for i in groups]))  # batch order -> data order
+    return {k: np.concatenate(v)[where] for k, v in out.items()}

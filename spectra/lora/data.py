@@ -248,32 +248,79 @@ def tokenize(records: Sequence[Mapping], tokenizer, *, task: str, max_length: in
     return TokenizedData(ids, list(labels) if labels is not None else None, task, tokenizer.pad_token_id)
 
 
-def batches(data: TokenizedData, batch_size: int, *, generator: torch.Generator | None = None
-            ) -> Iterator[dict[str, torch.Tensor]]:
-    """Padded batches of ``data``: shuffled by ``generator`` when given, in order otherwise.
+LENGTH_GROUP = 8  # batches per length-sorted group: 2× fewer padded tokens than random batches on short texts
+
+
+def batch_indices(data: TokenizedData, batch_size: int, *, generator: torch.Generator | None = None,
+                  by_length: bool = False) -> list[list[int]]:
+    """Example indices of each batch.
+
+    Parameters
+    ----------
+    data : TokenizedData
+    batch_size : int
+    generator : torch.Generator, optional
+        Shuffles the examples (training); None keeps their order (evaluation).
+    by_length : bool
+        Put examples of similar length together, so a batch pads less. When shuffling,
+        each run of ``LENGTH_GROUP`` batches is sorted by length and the batches of the
+        epoch are then shuffled (the length-grouped sampling of Hugging Face's
+        ``group_by_length``, with groups small enough that batches stay mixed in content);
+        otherwise every example is sorted by length (for sums over examples, which the
+        order does not change).
+
+    Returns
+    -------
+    list of list of int
+    """
+    if batch_size < 1:
+        raise ConfigError(f"batch_size {batch_size} must be ≥ 1.")
+    n = len(data)
+    order = torch.randperm(n, generator=generator).tolist() if generator is not None else list(range(n))
+    if not by_length:
+        return [order[i:i + batch_size] for i in range(0, n, batch_size)]
+    length = [len(ids) for ids in data.ids]
+    if generator is None:
+        order.sort(key=length.__getitem__)
+        return [order[i:i + batch_size] for i in range(0, n, batch_size)]
+    group = LENGTH_GROUP * batch_size
+    out = []
+    for g in range(0, n, group):
+        run = sorted(order[g:g + group], key=length.__getitem__)
+        out += [run[i:i + batch_size] for i in range(0, len(run), batch_size)]
+    return [out[i] for i in torch.randperm(len(out), generator=generator).tolist()]
+
+
+def collate(data: TokenizedData, index: Sequence[int]) -> dict[str, torch.Tensor]:
+    """One batch of the examples ``index``, right-padded to its own longest example.
+
+    Keys: ``input_ids`` and ``attention_mask`` (B, T), and ``labels``: (B, T) token
+    targets with padding set to -100 for ``causal_lm`` (the model shifts them), (B,)
+    class ids for ``seq_cls``.
+    """
+    width = max(len(data.ids[i]) for i in index)
+    input_ids = torch.full((len(index), width), data.pad_token_id, dtype=torch.long)  # (B, T)
+    mask = torch.zeros((len(index), width), dtype=torch.long)  # (B, T)
+    for row, i in enumerate(index):
+        seq = data.ids[i]
+        input_ids[row, :len(seq)] = torch.tensor(seq, dtype=torch.long)
+        mask[row, :len(seq)] = 1
+    if data.task == "causal_lm":
+        labels = input_ids.masked_fill(mask == 0, IGNORE_INDEX)  # (B, T)
+    else:
+        labels = torch.tensor([data.labels[i] for i in index], dtype=torch.long)  # (B,)
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+
+
+def batches(data: TokenizedData, batch_size: int, *, generator: torch.Generator | None = None,
+            by_length: bool = False) -> Iterator[dict[str, torch.Tensor]]:
+    """Padded batches of ``data`` (see :func:`batch_indices` for the order, :func:`collate` for the keys).
 
     Each batch is right-padded to its own longest example (no padding to a global
-    length: less work per step). Keys: ``input_ids`` and ``attention_mask`` (B, T), and
-    ``labels``: (B, T) token targets with padding set to -100 for ``causal_lm``
-    (the model shifts them), (B,) class ids for ``seq_cls``.
+    length: less work per step).
     """
-    n = len(data)
-    order = torch.randperm(n, generator=generator).tolist() if generator is not None else range(n)
-    order = list(order)
-    for start in range(0, n, batch_size):
-        index = order[start:start + batch_size]
-        width = max(len(data.ids[i]) for i in index)
-        input_ids = torch.full((len(index), width), data.pad_token_id, dtype=torch.long)  # (B, T)
-        mask = torch.zeros((len(index), width), dtype=torch.long)  # (B, T)
-        for row, i in enumerate(index):
-            seq = data.ids[i]
-            input_ids[row, :len(seq)] = torch.tensor(seq, dtype=torch.long)
-            mask[row, :len(seq)] = 1
-        if data.task == "causal_lm":
-            labels = input_ids.masked_fill(mask == 0, IGNORE_INDEX)  # (B, T)
-        else:
-            labels = torch.tensor([data.labels[i] for i in index], dtype=torch.long)  # (B,)
-        yield {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+    for index in batch_indices(data, batch_size, generator=generator, by_length=by_length):
+        yield collate(data, index)
 
 
 def _check_task(task: str) -> None:

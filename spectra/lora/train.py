@@ -63,6 +63,10 @@ class TrainConfig:
         ``auto``: classification when every record has a ``label``, else language modelling.
     max_length, batch_size, epochs, max_steps, lr, weight_decay, warmup_ratio, grad_clip
         The optimisation (AdamW, linear warm-up then linear decay to 0).
+    group_by_length : bool
+        Batch examples of similar length together (sorted within runs of 8 batches, then
+        the batches shuffled): about half the padded tokens on short texts of mixed
+        length, so about half the step time; batches are a little less random.
     lora_dropout : float
     eval_fraction : float
         Share of the data held out for evaluation when no eval data is passed (0: none).
@@ -98,6 +102,7 @@ class TrainConfig:
     compute_dtype: str = "float32"  # exact on any CPU; bfloat16 is faster where AMX exists
     teacher: str | None = None
     gradient_checkpointing: bool = False  # trades compute for memory; off for small models
+    group_by_length: bool = False  # Hugging Face's default: uniformly random batches
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -390,7 +395,7 @@ def _train(model, teacher, train: TokenizedData, held_out: TokenizedData | None,
     bar = tqdm.tqdm(total=total, unit="step", desc=f"train {config.method}", disable=not progress, leave=False)
     with open(folder / TRAIN_LOG, "w", encoding="utf-8") as log:
         for epoch in range(config.epochs):
-            for batch in batches(train, config.batch_size, generator=generator):
+            for batch in batches(train, config.batch_size, generator=generator, by_length=config.group_by_length):
                 if result.steps >= total:
                     break
                 start = time.perf_counter()
@@ -459,12 +464,13 @@ def evaluate(model, data: TokenizedData, *, batch_size: int = 32) -> dict:
     """Mean loss and accuracy of ``model`` on ``data`` (token-level for causal LM).
 
     For language modelling, loss is the mean next-token cross-entropy over every target
-    token (not a mean of batch means) and accuracy is top-1 next-token accuracy.
+    token (not a mean of batch means) and accuracy is top-1 next-token accuracy. Examples
+    are batched in length order (sums do not depend on the order; padding does).
     """
     was_training = model.training
     model.eval()
     loss_sum, correct, count = 0.0, 0, 0
-    for batch in batches(data, batch_size):
+    for batch in batches(data, batch_size, by_length=True):
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
         labels = batch["labels"]
         if data.task == "causal_lm":

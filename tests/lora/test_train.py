@@ -91,3 +91,17 @@ def test_bad_data_and_existing_output(llama_base, text_data, tmp_path):
         train_adapter(llama_base, text_data, TrainConfig(target_modules=("nope",), **FAST),
                       tmp_path / "out2", progress=False)
     assert not (tmp_path / "out").exists() and not (tmp_path / "out2").exists()
+
+
+def test_group_by_length_is_seeded_and_changes_the_batches(llama_base, tmp_path):
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"text": "word " * (1 + i % 9) + str(i)}) + "\n" for i in range(40)))
+    runs = {}
+    for name, grouped in (("a", True), ("b", True), ("plain", False)):
+        config = TrainConfig(rank=2, max_length=32, batch_size=4, max_steps=6, eval_fraction=0.0,
+                             group_by_length=grouped)
+        out = train_adapter(llama_base, data, config, tmp_path / name, progress=False).out_dir
+        runs[name] = (out / "adapter_model.safetensors").read_bytes()
+        assert json.loads((out / "spectra_train.json").read_text())["config"]["group_by_length"] is grouped
+    assert runs["a"] == runs["b"]
+    assert runs["a"] != runs["plain"]  # other batches, another adapter

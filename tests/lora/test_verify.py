@@ -157,9 +157,10 @@ def test_cli_train_and_sweep(llama_base, text_data, tmp_path):
     common = ["--data", str(text_data), "--max-steps", "2", "--max-length", "16", "--batch-size", "8", "-q"]
     full = runner.invoke(app, ["train", str(llama_base), "--full", "-o", str(tmp_path / "tuned"), *common])
     assert full.exit_code == 0, full.output
-    dora = runner.invoke(app, ["train", str(llama_base), "--rank", "2", "--method", "dora",
+    dora = runner.invoke(app, ["train", str(llama_base), "--rank", "2", "--method", "dora", "--group-by-length",
                                "-o", str(tmp_path / "ad"), *common])
     assert dora.exit_code == 0 and json.loads((tmp_path / "ad" / "adapter_config.json").read_text())["use_dora"]
+    assert json.loads((tmp_path / "ad" / "spectra_train.json").read_text())["config"]["group_by_length"]
     sweep = runner.invoke(app, ["verify", str(llama_base), str(tmp_path / "tuned"), "--sweep", "1,2",
                                 "--method", "lora,dora", "--data", str(text_data), "--eval-data", str(text_data),
                                 "--max-steps", "2", "--recommended", "2", "-o", str(tmp_path / "sweep"), "-q"])
