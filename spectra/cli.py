@@ -235,6 +235,12 @@ def recommend(
     alpha_rule: Annotated[str, typer.Option(help="'scale': same update scale for all; 'constant': one α.")] = "scale",
     scale: Annotated[float, typer.Option(help="Common update scale for alpha-rule=scale (α = scale·r).")] = 2.0,
     alpha: Annotated[float, typer.Option(help="Common α for alpha-rule=constant.")] = 16.0,
+    functional: Annotated[Optional[float], typer.Option(
+        help="ε in the sweep metric's units: each module gets the smallest swept rank whose truncated model stays "
+             "within ε of the full fine-tune (per role when the sweep has role curves). Needs --sweep; replaces "
+             "--energy/--knee.")] = None,
+    sweep: Annotated[Optional[Path], typer.Option(help="Truncation sweep of the same pair (the directory or "
+                                                       "sweep.json of `spectra sweep`), for --functional.")] = None,
     config: Annotated[Optional[str], typer.Option(help="Model config (file, dir or hub id) for the memory estimate; "
                                                        "default: the analysed base, if local.")] = None,
     method: Annotated[str, typer.Option(help="Method for the memory estimate: lora, qlora or dora.")] = "lora",
@@ -244,23 +250,31 @@ def recommend(
                                                                           "as JSON here.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON instead of a table.")] = False,
 ) -> None:
-    """Recommend per-module LoRA ranks from an analysis, under an optional budget, as a PEFT-ready plan."""
+    """Recommend per-module LoRA ranks from an analysis, under an optional budget, as a PEFT-ready plan.
+
+    Examples: spectra recommend reports/run --budget 20M -o plan.json;
+    spectra recommend reports/run --functional 0.01 --sweep reports/sweep -o plan.json
+    """
     import json
 
     from rich.console import Console
     from rich.table import Table
 
+    from spectra.errors import ConfigError
     from spectra.memory import estimate_memory, format_bytes
     from spectra.ranks import RankPolicy, parse_budget, recommend_ranks, save_plan
 
     budget_kw = parse_budget(budget) if budget is not None else {}
-    if energy is None and not (budget_kw or rank is not None or knee):
+    if (functional is None) != (sweep is None):
+        raise ConfigError("--functional ε and --sweep DIR go together: the sweep measured the function at each "
+                          "rank, ε says how close to the full fine-tune it must stay.")
+    if energy is None and not (budget_kw or rank is not None or knee or functional is not None):
         energy = 0.9
     policy = RankPolicy(energy=energy, noise=noise, knee=knee, uniform=uniform, uniform_share=uniform_share,
                         rank=rank, min_rank=min_rank, max_rank=max_rank, power_of_two=power_of_two,
                         roles=_split(roles), include=include, rslora=rslora, use_dora=dora, alpha_rule=alpha_rule,
-                        scale=scale, alpha=alpha, **budget_kw)
-    plan = recommend_ranks(_analysis_or_pair(analysis), policy)
+                        scale=scale, alpha=alpha, functional=functional, **budget_kw)
+    plan = recommend_ranks(_analysis_or_pair(analysis), policy, sweep=sweep)
     base_path = (plan.base or {}).get("path")
     source = config or (base_path if base_path and Path(base_path, "config.json").is_file() else None)
     est = (estimate_memory(source, method="dora" if dora else method, rank_plan_or_rank=plan, batch=batch,

@@ -143,5 +143,12 @@ def test_cli_sweep_writes_report_and_functional_plan(bert, tmp_path):
     assert sorted(unswept) == ["bert.embeddings.position_embeddings", "bert.embeddings.token_type_embeddings",
                                "bert.pooler.dense"]
     assert "functional rank (model, ε=0)" in result.output and "loss vs rank" in result.output
+    # the same plan from `spectra recommend`, from the analysis and the sweep on disk
+    again_plan = runner.invoke(app, ["recommend", str(analysis), "--functional", "0", "--sweep", str(out), "--json"])
+    assert again_plan.exit_code == 0, again_plan.output
+    recommended = json.loads(again_plan.output)
+    assert [(m["name"], m["rank"]) for m in recommended["modules"]] == [(m["name"], m["rank"]) for m in plan["modules"]]
+    half = runner.invoke(app, ["recommend", str(analysis), "--functional", "0"])  # ε without the sweep it reads
+    assert half.exit_code != 0 and "--sweep" in str(half.exception or half.output)
     again = runner.invoke(app, ["sweep", str(base), str(tuned), "--data", str(data), "-o", str(out)])
     assert again.exit_code != 0 and "exists" in str(again.exception or again.output)
