@@ -151,6 +151,8 @@ def test_analyze_reports_the_activation_spectrum(pair, tmp_path):
     assert result.module("model.layers.1.self_attn.v_proj")["activation"]["rms_output_change"] == 0.0
     again = analyze(base, tuned, config, cache_dir=tmp_path, progress=False)  # cached rows keep the sub-dict
     assert again.timings["modules_cached"] == 2 and again.module(V)["activation"] == row["activation"]
+    report = (result.write_report(tmp_path / "report") / "report.md").read_text()
+    assert "activation-weighted energy-90% rank" in report and "output change ΔW·x is" in report
     with pytest.raises(ConfigError, match="does not exist"):
         AnalysisConfig(calibration=tmp_path / "missing.jsonl")
 

@@ -24,6 +24,7 @@ from matplotlib.figure import Figure
 from spectra.errors import ConfigError
 from spectra.report.plots import all_figures
 from spectra.report.tables import (
+    has_activation,
     matrix_rows,
     module_table,
     rank_picture,
@@ -179,6 +180,11 @@ def report_blocks(analysis: Mapping, *, figures: list[str]) -> list[tuple]:
                ("p", "Median over the role's modules, with the range (min–max) in brackets. Energy-x% rank: "
                      "fewest singular directions that hold x% of ‖ΔW‖_F²; full rank is min(out, in)."),
                ("table", *role_table(analysis))]
+    if has_activation(analysis):
+        blocks.append(("p", "Activation-weighted ranks (the analysis ran with calibration data): energy ranks of "
+                            "ΔW·C^½, C = E[x xᵀ] over the calibration tokens, i.e. of the output change ΔW·x on "
+                            "the data's inputs; a rank below ΔW's own means part of the update lies in input "
+                            "directions the data barely visits. – marks modules the calibration did not reach."))
     blocks.append(("h", 2, "Figures"))
     blocks += [("figure", name, _FIGURE_CAPTIONS.get(name, name)) for name in figures]
     blocks += [("h", 2, "Per module"), ("table", *module_table(analysis))]

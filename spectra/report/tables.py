@@ -125,6 +125,10 @@ def _decay(row: Mapping) -> float | None:
     return number((row.get("decay") or {}).get("exponent"))
 
 
+def _activation_energy(level: str) -> Callable[[Mapping], float | None]:
+    return lambda row: number(((row.get("activation") or {}).get("energy_rank") or {}).get(level))
+
+
 def _share90(row: Mapping) -> float | None:
     rank = _energy("0.9")(row)
     return None if rank is None or full_rank(row) == 0 else rank / full_rank(row)
@@ -153,6 +157,21 @@ SUMMARY_METRICS = (
     Metric("relative_size", "‖ΔW‖/‖W‖", lambda r: number(r.get("relative_size")), "ratio"),
     Metric("decay_exponent", "decay exponent", _decay, "ratio"),
 )
+# Shown when the analysis ran with calibration data (``analyze --calibration``): ranks of the
+# whitened update ΔW·C^½, i.e. of the output change on the data's inputs.
+ACTIVATION_METRICS = (
+    Metric("activation_rank_0.9", "activation-weighted energy-90% rank", _activation_energy("0.9"), "rank"),
+    Metric("activation_rank_0.99", "activation-weighted energy-99% rank", _activation_energy("0.99"), "rank"),
+)
+
+
+def has_activation(analysis: Mapping) -> bool:
+    """Whether any weight-matrix row carries an ``activation`` (calibrated) spectrum."""
+    return any(r.get("activation") for r in matrix_rows(analysis))
+
+
+def _metrics(analysis: Mapping) -> tuple[Metric, ...]:
+    return SUMMARY_METRICS + (ACTIVATION_METRICS if has_activation(analysis) else ())
 
 
 def stats(values) -> dict | None:
@@ -178,8 +197,9 @@ def summary_rows(analysis: Mapping) -> list[dict]:
     list of dict
         One dict per role, in block order, with ``role``, ``modules`` (count),
         ``layers`` (distinct non-null layers), ``full_rank`` (median of ``min(shape)``)
-        and, for each :data:`SUMMARY_METRICS` key, a :func:`stats` dict or None
-        where no module of the role has the metric.
+        and, for each :data:`SUMMARY_METRICS` key (and :data:`ACTIVATION_METRICS` key when
+        the analysis was calibrated), a :func:`stats` dict or None where no module of the
+        role has the metric.
     """
     rows = matrix_rows(analysis)
     table = []
@@ -191,7 +211,7 @@ def summary_rows(analysis: Mapping) -> list[dict]:
             "layers": len({r.get("layer") for r in members if r.get("layer") is not None}),
             "full_rank": float(np.median([full_rank(r) for r in members])),
         }
-        for metric in SUMMARY_METRICS:
+        for metric in _metrics(analysis):
             entry[metric.key] = stats(metric.value(r) for r in members)
         table.append(entry)
     return table
@@ -232,22 +252,24 @@ def format_stats(entry: dict | None, kind: str) -> str:
 
 def role_table(analysis: Mapping) -> tuple[list[str], list[list[str]]]:
     """Headers and text cells of the per-role table (median (min–max) over modules)."""
-    headers = ["role", "modules", "full rank"] + [m.label for m in SUMMARY_METRICS]
+    metrics = _metrics(analysis)
+    headers = ["role", "modules", "full rank"] + [m.label for m in metrics]
     body = [
         [entry["role"], str(entry["modules"]), format_value(entry["full_rank"], "rank")]
-        + [format_stats(entry[m.key], m.kind) for m in SUMMARY_METRICS]
+        + [format_stats(entry[m.key], m.kind) for m in metrics]
         for entry in summary_rows(analysis)
     ]
     return headers, body
 
 
 _MODULE_METRICS = ("energy_rank_0.5", "energy_rank_0.9", "energy_rank_0.99", "effective_rank",
-                   "stable_rank", "gd_rank", "noise_rank", "relative_size", "decay_exponent")
+                   "stable_rank", "gd_rank", "noise_rank", "relative_size", "decay_exponent",
+                   "activation_rank_0.9")
 
 
 def module_table(analysis: Mapping) -> tuple[list[str], list[list[str]]]:
     """Headers and text cells of the per-module table (one row per weight matrix)."""
-    metrics = [m for m in SUMMARY_METRICS if m.key in _MODULE_METRICS]
+    metrics = [m for m in _metrics(analysis) if m.key in _MODULE_METRICS]
     headers = ["module", "role", "layer", "shape", "‖ΔW‖_F"] + [m.label for m in metrics] + ["method"]
     body = [
         [r["name"], r["role"], _text(r.get("layer")), "×".join(map(str, r["shape"])),
@@ -292,7 +314,20 @@ def rank_picture(analysis: Mapping) -> str:
     by_role = sorted(((role, s["median"]) for role, s in by_role if s is not None), key=lambda item: item[1])
     parts = ", ".join(f"{role} {share:.1%}" for role, share in by_role)
     second = f"By role, the median energy-90% rank as a share of full rank runs from lowest to highest: {parts}."
-    return f"{first} {second}"
+    return f"{first} {second}{_activation_picture(rows)}"
+
+
+def _activation_picture(rows: list[Mapping]) -> str:
+    """A third sentence for a calibrated analysis: the rank of the output change on the data."""
+    calibrated = [r for r in rows if r.get("activation")]
+    weighted = stats(_activation_energy("0.9")(r) for r in calibrated)
+    plain = stats(_energy("0.9")(r) for r in calibrated)
+    if weighted is None or plain is None:
+        return ""
+    tokens = max(int(r["activation"].get("tokens") or 0) for r in calibrated)
+    return (f" Weighted by the calibration data's inputs ({tokens:,} tokens, {len(calibrated)} modules), the "
+            f"median energy-90% rank of the output change ΔW·x is {format_value(weighted['median'], 'rank')}, "
+            f"against {format_value(plain['median'], 'rank')} for ΔW itself.")
 
 
 def _text(value) -> str:

@@ -89,3 +89,41 @@ def test_every_summary_metric_has_a_column(analysis):
     assert all(len(row) == len(headers) for row in body)
     q = next(row for row in body if row[0] == "q")
     assert q[headers.index("energy-90% rank")] == "2.5 (2–4)"
+
+
+def _calibrated(analysis, *, rng_seed=0):
+    """The analysis with an activation spectrum on every q/v module: ranks planted, one less than ΔW's."""
+    import copy
+
+    out = copy.deepcopy(analysis)
+    rng = np.random.default_rng(rng_seed)
+    for row in out["modules"]:
+        if row.get("kind", "matrix") == "matrix" and row["role"] in ("q", "v"):
+            r90 = max(1, int(row["energy_rank"]["0.9"]) - 1)
+            row["activation"] = {"tokens": 500 + int(rng.integers(10)), "epsilon": 1e-6, "input_rank": 8,
+                                 "rms_output_change": 1.0, "energy_rank": {"0.9": r90, "0.99": r90 + 1},
+                                 "singular_values": [1.0] * (r90 + 1)}
+    return out
+
+
+def test_activation_columns_only_for_a_calibrated_analysis(analysis):
+    headers, _ = tables.role_table(analysis)
+    assert not tables.has_activation(analysis) and not any("activation" in h for h in headers)
+    assert "calibration" not in tables.rank_picture(analysis)
+    calibrated = _calibrated(analysis)
+    assert tables.has_activation(calibrated)
+    headers, body = tables.role_table(calibrated)
+    column = headers.index("activation-weighted energy-90% rank")
+    by_role = {row[0]: row[column] for row in body}
+    for role in ("q", "v"):
+        expected = np.median([r["activation"]["energy_rank"]["0.9"] for r in matrix_rows(calibrated)
+                              if r["role"] == role])
+        assert by_role[role].split(" ")[0] == tables.format_value(expected, "rank")
+    assert by_role["up"] == "–"  # no calibrated module of that role: unknown, not 0
+    module_headers, module_body = tables.module_table(calibrated)
+    assert "activation-weighted energy-90% rank" in module_headers and len(module_body[0]) == len(module_headers)
+    text = tables.rank_picture(calibrated)
+    weighted = np.median([r["activation"]["energy_rank"]["0.9"] for r in matrix_rows(calibrated) if "activation" in r])
+    plain = np.median([r["energy_rank"]["0.9"] for r in matrix_rows(calibrated) if "activation" in r])
+    assert (f"the median energy-90% rank of the output change ΔW·x is {tables.format_value(weighted, 'rank')}, "
+            f"against {tables.format_value(plain, 'rank')} for ΔW itself") in text
