@@ -16,6 +16,7 @@ import math
 import os
 import platform
 import re
+import sys
 import time
 from collections import deque
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
@@ -422,15 +423,20 @@ def analyze(base, tuned, config: AnalysisConfig | None = None, *, cache_dir: str
     else:
         stream = _parallel(pairing, todo, config, calibration, n_workers, threads, read_ahead_mb << 20)
     with contextlib.closing(stream):  # an error here stops the workers now, not at garbage collection
-        for entry, rows, entry_read_s, entry_compute_s in stream:
-            read_s += entry_read_s
-            compute_s += entry_compute_s
-            bar.set_postfix_str(entry.name, refresh=False)
-            cache.put(entry.name, rows)
-            rows_by_entry[entry.name] = rows
-            if on_module is not None:
-                on_module(entry.name, rows)
-            bar.update(1)
+        try:
+            for entry, rows, entry_read_s, entry_compute_s in stream:
+                read_s += entry_read_s
+                compute_s += entry_compute_s
+                bar.set_postfix_str(entry.name, refresh=False)
+                cache.put(entry.name, rows)
+                rows_by_entry[entry.name] = rows
+                if on_module is not None:
+                    on_module(entry.name, rows)
+                bar.update(1)
+        except KeyboardInterrupt:
+            bar.close()
+            _interrupted(len(rows_by_entry), len(mine), cache, parallel=n_workers > 1)
+            raise  # closing the stream then waits for the modules in flight (torch cannot be stopped mid-GEMM)
     bar.close()
     rows_by_entry = all_gather_rows(rows_by_entry, me)
 
@@ -445,6 +451,14 @@ def analyze(base, tuned, config: AnalysisConfig | None = None, *, cache_dir: str
                  "workers": n_workers, "threads_per_worker": threads},
         pairing=describe(pairing),
     )
+
+
+def _interrupted(done: int, total: int, cache: ModuleCache, *, parallel: bool) -> None:
+    """Tell the user what an interrupt keeps, before the wait for the modules in flight."""
+    where = (f"are cached in {cache.dir}: the same command resumes from there" if cache.dir is not None
+             else "were not cached (no cache directory): a rerun starts over")
+    wait_note = "; stopping after the modules in flight" if parallel else ""
+    print(f"\ninterrupted: {done} of {total} modules finished and {where}{wait_note}.", file=sys.stderr, flush=True)
 
 
 def _workers(workers: int | None, device: str) -> tuple[int, int]:

@@ -680,11 +680,16 @@ def _fmt(value) -> str:
 
 
 def main() -> None:
-    """Console entry point: turn spectra's own errors into one paragraph and exit code 2."""
+    """Console entry point: spectra's own errors as one paragraph and exit code 2; Ctrl-C as exit code 130."""
     from spectra.errors import SpectraError
 
     try:
         app()
+    except KeyboardInterrupt:
+        if _state["debug"]:
+            raise
+        typer.echo("stopped (Ctrl-C).", err=True)
+        sys.exit(130)
     except SpectraError as err:
         if _state["debug"]:
             raise

@@ -257,3 +257,39 @@ def test_parallel_run_leaves_the_thread_count_of_later_threads_alone(planted_pai
     t.start()
     t.join()
     assert torch.get_num_threads() == before and seen == [before]
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_ctrl_c_says_what_is_kept_and_the_rerun_resumes(planted_pair, tmp_path, capsys, workers):
+    def interrupt_after_three():
+        done = []
+
+        def hook(name, rows):
+            done.append(name)
+            if len(done) == 3:
+                raise KeyboardInterrupt
+
+        return hook
+
+    with pytest.raises(KeyboardInterrupt):
+        analyze(*planted_pair, cache_dir=tmp_path, progress=False, workers=workers, on_module=interrupt_after_three())
+    message = capsys.readouterr().err
+    assert "interrupted: 3 of " in message and str(tmp_path) in message and "resumes" in message
+    assert ("modules in flight" in message) is (workers > 1)
+    resumed = analyze(*planted_pair, cache_dir=tmp_path, progress=False, workers=workers)
+    assert resumed.timings["modules_cached"] == 3
+    with pytest.raises(KeyboardInterrupt):
+        analyze(*planted_pair, cache_dir=False, progress=False, on_module=interrupt_after_three())
+    assert "were not cached" in capsys.readouterr().err
+
+
+def test_cli_ctrl_c_exits_130_without_a_traceback(monkeypatch, capsys):
+    import spectra.cli as cli
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "app", interrupted)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main()
+    assert exit_info.value.code == 130 and "stopped (Ctrl-C)" in capsys.readouterr().err
