@@ -148,6 +148,10 @@ def _generator(random_state, device: torch.device) -> torch.Generator:
 def frobenius_energy(M: torch.Tensor) -> float:
     """‖M‖_F² accumulated in float64 (exact to rounding of the sum).
 
+    The reference norm: verification and the SVD paths use it. Whole-model analysis uses
+    :func:`spectra.linalg.sketch.squared_norm` instead, float32 block norms summed in
+    float64 (~1e-6 relative, ~7× faster on a 2048×5632 float32 matrix, no float64 copy).
+
     Parameters
     ----------
     M : torch.Tensor, shape (out, in)

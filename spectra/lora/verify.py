@@ -467,7 +467,7 @@ def _set_weights(model, weights: dict, tuned, heads) -> torch.nn.Module:
 
 
 @dataclass
-class SweepResult:
+class RankSweepResult:
     """Adapters trained at several ranks (and methods), each verified against the full fine-tune.
 
     Attributes
@@ -509,7 +509,7 @@ class SweepResult:
 
 def rank_sweep(base, tuned, data, *, ranks, methods=("lora",), adapters_dir, train_config=None, eval_data=None,
                verify_config: VerifyConfig | None = None, recommended_rank: int | None = None,
-               overwrite: bool = False, progress: bool = True) -> SweepResult:
+               overwrite: bool = False, progress: bool = True) -> RankSweepResult:
     """Train an adapter per (method, rank) on ``data`` and verify each against ``tuned``.
 
     Parameters
@@ -570,5 +570,5 @@ def rank_sweep(base, tuned, data, *, ranks, methods=("lora",), adapters_dir, tra
                               "matrix": [[round(v, 5) for v in r] for r in matrix.tolist()]})
     sources = {"base": str(base), "tuned": str(tuned), "data": str(data), "methods": list(methods), "ranks": ranks,
                "eval_data": None if eval_data is None else str(eval_data), "train_config": asdict(train_config)}
-    return SweepResult(runs=runs, reference_evals=reference or {}, phi_between_ranks=phi_pairs,
+    return RankSweepResult(runs=runs, reference_evals=reference or {}, phi_between_ranks=phi_pairs,
                        recommended_rank=recommended_rank, sources=sources)

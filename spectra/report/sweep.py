@@ -29,7 +29,7 @@ def write_truncation_report(sweep: Mapping, out_dir, *, overwrite: bool = False,
     Parameters
     ----------
     sweep : mapping
-        ``SweepResult.to_dict()``.
+        ``spectra.sweep.SweepResult.to_dict()``.
     out_dir : path
         Directory to create (refused if it exists, unless ``overwrite``).
     marks : mapping, optional
