@@ -204,7 +204,7 @@ def truncation_factors(delta: torch.Tensor, rank: int, *, covariance: torch.Tens
     epsilon : float
         Ridge of C (see :func:`whitening`).
     full_below : int
-        Exact SVD when min(out, in) ≤ this, else randomized top-``rank``.
+        Exact SVD when min(out, in) ≤ this, else the block Krylov top-``rank``, converged to 1e-4.
 
     Returns
     -------
@@ -224,7 +224,7 @@ def truncation_factors(delta: torch.Tensor, rank: int, *, covariance: torch.Tens
         spec = full_svd(M, compute_vectors=True, dtype=torch.float64)
         U, S, Vh = spec.U[:, :rank], spec.values[:rank], spec.Vh[:rank]
     else:
-        spec = randomized_svd(M, rank, compute_vectors=True, random_state=seed)
+        spec = randomized_svd(M, rank, compute_vectors=True, random_state=seed, tol=1e-4)  # block Krylov, converged
         U, S, Vh = spec.U, spec.values, spec.Vh
     U, S, Vh = (x.to(torch.float64) for x in (U, S, Vh))
     Vw = Vh if inverse_root is None else Vh @ inverse_root  # (r, in) @ (in, in)

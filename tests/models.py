@@ -117,5 +117,16 @@ def save(model, path: Path, fmt: str) -> Path:
     return path
 
 
+def nonfinite_pair(folder: Path, module: str, value: float, *, at=(0, 0), dtype=torch.float32) -> tuple[Path, Path]:
+    """A saved llama pair whose tuned `module` (e.g. ``layers.1.mlp.up_proj``) has one NaN/Inf weight at `at`."""
+    import copy
+
+    base = build_model("llama").to(dtype)
+    tuned = copy.deepcopy(base)
+    with torch.no_grad():
+        tuned.get_submodule("model." + module).weight[at] = value
+    return save(base, folder / "b", "safetensors"), save(tuned, folder / "t", "safetensors")
+
+
 def read_config(path: Path) -> dict:
     return json.loads((path / "config.json").read_text())

@@ -14,7 +14,7 @@ import torch
 import spectra.analysis as analysis_mod
 from spectra.analysis import AnalysisConfig, AnalysisResult, analyze
 from spectra.report.tables import summary_rows
-from tests.models import build_model, save
+from tests.models import build_model, nonfinite_pair, save
 
 # planted rank per module (equal singular values, so the energy-90% rank is exactly the rank)
 PLANTED = {
@@ -230,11 +230,7 @@ def test_worker_errors_reach_the_caller(tmp_path):
     """A broken tensor read by a worker thread raises in the caller, naming the tensor."""
     from spectra.errors import NonFiniteWeightError
 
-    base = build_model("llama")
-    tuned = copy.deepcopy(base)
-    with torch.no_grad():
-        tuned.model.layers[1].mlp.up_proj.weight[0, 0] = float("nan")
-    b, t = save(base, tmp_path / "b", "safetensors"), save(tuned, tmp_path / "t", "safetensors")
+    b, t = nonfinite_pair(tmp_path, "layers.1.mlp.up_proj", float("nan"))
     with pytest.raises(NonFiniteWeightError, match="layers.1.mlp.up_proj"):
         analyze(b, t, cache_dir=False, progress=False, workers=2)
 

@@ -772,6 +772,7 @@ def spectrum(
     if method == "randomized":
         if n_components is None:
             raise ConfigError("method='randomized' needs `n_components`.")
-        return randomized_svd(M, n_components, compute_vectors=compute_vectors, random_state=random_state)
+        return randomized_svd(M, n_components, compute_vectors=compute_vectors, random_state=random_state,
+                              tol=1e-4)  # block Krylov until the top-k values converge
     return adaptive_svd(M, energy=0.9 if energy is None else energy, compute_vectors=compute_vectors,
                         random_state=random_state)

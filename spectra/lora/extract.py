@@ -84,7 +84,8 @@ def extract_adapter(base, tuned, plan_or_rank, out_dir: str | os.PathLike, *, ro
         Modules copied whole from TUNED (e.g. a classification head or resized
         embeddings), matched as name suffixes (``classifier`` matches ``classifier``).
     full_below : int
-        Exact SVD when min(out, in) ≤ this, else randomized top-r with power iterations.
+        Exact SVD when min(out, in) ≤ this, else the randomized block Krylov top-r,
+        run until its values converge to 1e-4.
     calibration : Calibration, str or path, optional
         Calibration data (a file is run through the base first; see
         :func:`spectra.calibration.collect_calibration`): each module then gets the
@@ -211,13 +212,16 @@ def _modules_to_save(pairing: Pairing, names: tuple[str, ...]) -> list[str]:
     return out
 
 
+_TOL = 1e-4  # relative convergence of the top-r singular values on the randomized path
+
+
 def _factorize(delta: torch.Tensor, rank: int, scaling: float, *, full_below: int, seed: int):
     """A (r, in), B (out, r) with s·B@A the best rank-r approximation of delta; plus its error."""
     if min(delta.shape) <= full_below:
         spec = full_svd(delta, compute_vectors=True)
         U, S, Vh = spec.U[:, :rank], spec.values[:rank], spec.Vh[:rank]
     else:
-        spec = randomized_svd(delta, rank, compute_vectors=True, random_state=seed)
+        spec = randomized_svd(delta, rank, compute_vectors=True, random_state=seed, tol=_TOL)  # block Krylov
         U, S, Vh = spec.U, spec.values, spec.Vh
     U, S, Vh = (x.to(device=delta.device, dtype=torch.float32) for x in (U, S, Vh))
     root = torch.sqrt(S / scaling)  # (r,): each factor carries √(σ/s)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import subprocess
 import sys
@@ -15,7 +14,7 @@ from safetensors.torch import save_file
 from spectra.checkpoints.pairing import Pairing, iter_deltas
 from spectra.checkpoints.source import AdapterSource, open_checkpoint
 from spectra.errors import CheckpointError, NonFiniteWeightError, PairingError
-from tests.models import build_model, save
+from tests.models import build_model, nonfinite_pair, save
 
 
 @pytest.fixture(scope="module")
@@ -123,11 +122,7 @@ def test_mismatched_architectures(tmp_path):
 
 
 def test_nonfinite_weight_is_named(tmp_path):
-    base = build_model("llama")
-    tuned = copy.deepcopy(base)
-    with torch.no_grad():
-        tuned.model.layers[1].mlp.up_proj.weight[3, 5] = float("nan")
-    b, t = save(base, tmp_path / "b", "safetensors"), save(tuned, tmp_path / "t", "safetensors")
+    b, t = nonfinite_pair(tmp_path, "layers.1.mlp.up_proj", float("nan"), at=(3, 5))
     with pytest.raises(NonFiniteWeightError, match=r"model.layers.1.mlp.up_proj.weight .* 1 NaN/Inf"):
         list(iter_deltas(b, t))
     pairing = Pairing(b, t)
@@ -144,11 +139,7 @@ def test_nonfinite_weight_is_named(tmp_path):
 def test_every_nonfinite_kind_is_caught_in_any_dtype(tmp_path, bad, dtype):
     # The check is one min/max pass (NaN propagates, ±Inf is the extreme): a single bad value
     # among finite ones of either sign must still be found.
-    base = build_model("llama").to(dtype)
-    tuned = copy.deepcopy(base)
-    with torch.no_grad():
-        tuned.model.layers[0].self_attn.o_proj.weight[0, 0] = bad
-    b, t = save(base, tmp_path / "b", "safetensors"), save(tuned, tmp_path / "t", "safetensors")
+    b, t = nonfinite_pair(tmp_path, "layers.0.self_attn.o_proj", bad, dtype=dtype)
     with pytest.raises(NonFiniteWeightError, match=r"model.layers.0.self_attn.o_proj.weight .* 1 NaN/Inf"):
         list(iter_deltas(b, t))
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from spectra.linalg.krylov import BlockLanczos, krylov_block
+from spectra.linalg.krylov import BlockLanczos, krylov_block, reorthogonalize
 
 from .conftest import power_law, reference_svdvals
 
@@ -24,7 +24,7 @@ def test_bases_are_orthonormal_and_projection_is_exact():
     lan, _ = _run(A, 8, 5)
     d, b = lan.d, lan.b
     U, V = lan.U[:, :d], lan.V[:, :d + b]
-    # Tolerances: float64 work, two Gram–Schmidt passes → orthogonality to ~1e-14.
+    # Tolerances: float64 work, a local and a guarded full Gram–Schmidt pass → orthogonality to ~1e-14.
     assert torch.allclose(U.T @ U, torch.eye(d, dtype=torch.float64), atol=1e-12)
     assert torch.allclose(V.T @ V, torch.eye(d + b, dtype=torch.float64), atol=1e-12)
     # The coefficients held are Uᵀ A [V, V_next] computed explicitly.
@@ -57,3 +57,30 @@ def test_filling_the_space_gives_the_exact_spectrum():
 def test_default_block():
     assert krylov_block(8, 1000) == 32 and krylov_block(256, 4096) == 64 and krylov_block(4096, 8192) == 128
     assert krylov_block(64, 20) == 20  # never wider than the matrix
+
+
+def test_reorthogonalize_repeats_only_while_a_pass_cancels():
+    g = torch.Generator().manual_seed(1)
+    basis = torch.linalg.qr(torch.randn(200, 24, generator=g, dtype=torch.float64))[0]
+    fresh = torch.randn(200, 4, generator=g, dtype=torch.float64)
+    fresh -= basis @ (basis.T @ fresh)  # a new direction, exactly ⊥ the basis
+    inside = basis @ torch.randn(24, 4, generator=g, dtype=torch.float64)
+    passes = []
+    real = torch.linalg.vector_norm
+
+    def counting(x, *a, **k):
+        passes.append(1)
+        return real(x, *a, **k)
+
+    for old, expect_passes in ((1e-9, 1), (1e3, 2)):  # rounding-level vs massive components along old blocks
+        Y = fresh + old * inside  # components along the whole basis, not only its newest block
+        target = Y.clone()
+        passes.clear()
+        torch.linalg.vector_norm = counting
+        try:
+            coef = reorthogonalize(Y, basis, last=8)
+        finally:
+            torch.linalg.vector_norm = real
+        assert len(passes) // 2 == expect_passes  # two norms per full pass
+        assert float((basis.T @ Y).abs().max()) < 1e-12 * float(target.abs().max())  # ⊥ the basis
+        assert torch.allclose(basis @ coef + Y, target, atol=1e-10)  # Y = basis·coef + remainder

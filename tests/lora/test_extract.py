@@ -141,3 +141,27 @@ def test_bad_input_writes_nothing(llama_pair, tmp_path):
     (tmp_path / "ad").mkdir()
     with pytest.raises(ConfigError, match="exists"):
         extract_adapter(b, t, 4, tmp_path / "ad", progress=False)
+
+
+def test_randomized_path_is_eckart_young_to_its_tolerance():
+    """Above full_below the factors come from the converged block Krylov top-r: error = EY tail to ~1e-4."""
+    from spectra.lora.extract import _factorize
+
+    g = torch.Generator().manual_seed(3)
+    u = torch.linalg.qr(torch.randn(300, 60, generator=g, dtype=torch.float64))[0]
+    v = torch.linalg.qr(torch.randn(500, 60, generator=g, dtype=torch.float64))[0]
+    delta = ((u * 0.8 ** torch.arange(60, dtype=torch.float64)) @ v.T).float()  # decaying, like a fine-tune
+    s = np.linalg.svd(delta.double().numpy(), compute_uv=False)
+    optimum = np.sqrt((s[8:] ** 2).sum())
+    A, B, (fro, error, tail, method) = _factorize(delta, 8, 2.0, full_below=0, seed=0)
+    assert method == "krylov" and A.shape == (8, 500) and B.shape == (300, 8)
+    assert error == pytest.approx(optimum, rel=1e-4) and tail == pytest.approx(optimum, rel=1e-4)
+    assert error >= optimum * (1 - 1e-6)  # never better than Eckart–Young
+    np.testing.assert_allclose(2.0 * (B.double() @ A.double()).numpy(), _best(delta, 8), atol=1e-4 * s[0])
+    _, _, (_, worse, _, _) = _factorize(delta, 7, 2.0, full_below=0, seed=0)  # negative control: one rank less
+    assert worse > 1.1 * optimum
+
+
+def _best(delta, r):
+    u, s, vt = np.linalg.svd(delta.double().numpy(), full_matrices=False)
+    return (u[:, :r] * s[:r]) @ vt[:r]
