@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from spectra.errors import ConfigError
-from spectra.linalg.svd import adaptive_svd, full_svd, randomized_svd, spectrum
+from spectra.linalg.svd import adaptive_svd, frobenius_energy, full_svd, randomized_svd, spectrum
 
 from .conftest import planted, power_law, reference_svdvals
 
@@ -277,3 +277,18 @@ def test_convergence_estimate_is_exact_on_a_geometric_sequence(spacing):
         est = conv.update(sigma * (1 - E * rho**t), steps=steps)
     true = E * rho**t / (1 - E * rho**t)  # |θ − σ| / θ
     assert est == pytest.approx(true, rel=0.03)
+
+
+@pytest.mark.parametrize("make", [
+    lambda g: torch.randn(700, 1003, generator=g),  # past one 2¹⁸-element chunk, with a ragged tail
+    lambda g: torch.randn(1003, 700, generator=g).T,  # a transposed view
+    lambda g: torch.randn(300, 400, generator=g)[:, ::3],  # a strided slice
+    lambda g: torch.randn(300, 400, generator=g).to(torch.bfloat16),
+    lambda g: torch.randn(300, 400, generator=g, dtype=torch.float64),
+    lambda g: torch.randn(7, generator=g),
+])
+def test_frobenius_energy_is_the_float64_sum(make):
+    M = make(torch.Generator().manual_seed(0))
+    reference = float(np.sum(M.double().numpy().astype(np.float64) ** 2))
+    assert frobenius_energy(M) == pytest.approx(reference, rel=1e-13)
+    assert frobenius_energy(M[:0]) == 0.0
