@@ -679,17 +679,39 @@ def _fmt(value) -> str:
     return "" if value is None else str(value)
 
 
+def _stop_on_ctrl_c(command):
+    """Wrap a command so Ctrl-C ends it with one line and exit code 130 (whatever Typer/Click's own handling)."""
+    import functools
+
+    @functools.wraps(command)
+    def run(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except KeyboardInterrupt:
+            if _state["debug"]:
+                raise
+            typer.echo("stopped (Ctrl-C).", err=True)
+            raise typer.Exit(130) from None
+
+    return run
+
+
+def _interruptible(typer_app: typer.Typer) -> None:
+    for info in typer_app.registered_commands:
+        info.callback = _stop_on_ctrl_c(info.callback)
+    for group in typer_app.registered_groups:
+        _interruptible(group.typer_instance)
+
+
+_interruptible(app)  # every command above, bench's included
+
+
 def main() -> None:
-    """Console entry point: spectra's own errors as one paragraph and exit code 2; Ctrl-C as exit code 130."""
+    """Console entry point: spectra's own errors as one paragraph and exit code 2 (Ctrl-C: 130, above)."""
     from spectra.errors import SpectraError
 
     try:
         app()
-    except KeyboardInterrupt:
-        if _state["debug"]:
-            raise
-        typer.echo("stopped (Ctrl-C).", err=True)
-        sys.exit(130)
     except SpectraError as err:
         if _state["debug"]:
             raise

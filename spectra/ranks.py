@@ -288,8 +288,8 @@ class _Spectrum:
         return max(int(np.argmax(self.cum / self.cum[k] - i / k)), 1)
 
 
-def _rows(analysis: Any) -> tuple[list[dict], dict | None]:
-    """Rows (as dicts) and the base description of an analysis object, dict, file or directory."""
+def _rows(analysis: Any) -> tuple[list[dict], dict | None, dict | None]:
+    """Rows (as dicts) and the base and tuned descriptions of an analysis object, dict, file or directory."""
     if isinstance(analysis, (str, os.PathLike)):
         path = Path(analysis)
         if path.is_dir():
@@ -301,16 +301,43 @@ def _rows(analysis: Any) -> tuple[list[dict], dict | None]:
         except json.JSONDecodeError as err:
             raise ConfigError(f"{path} is not valid JSON ({err}); re-run `spectra analyze`.") from None
     if isinstance(analysis, Mapping):
-        modules, base = analysis.get("modules"), analysis.get("base")
+        modules, base, tuned = analysis.get("modules"), analysis.get("base"), analysis.get("tuned")
     else:
         modules, base = getattr(analysis, "modules", None), getattr(analysis, "base", None)
+        tuned = getattr(analysis, "tuned", None)
     if modules is None:
         raise ConfigError("The analysis has no 'modules' list: pass an AnalysisResult or analysis.json.")
     rows = [m if isinstance(m, Mapping) else
             (dataclasses.asdict(m) if dataclasses.is_dataclass(m) else vars(m)) for m in modules]
-    if base is not None and not isinstance(base, Mapping):
-        base = dataclasses.asdict(base) if dataclasses.is_dataclass(base) else vars(base)
-    return rows, (dict(base) if base is not None else None)
+    described = []
+    for info in (base, tuned):
+        if info is not None and not isinstance(info, Mapping):
+            info = dataclasses.asdict(info) if dataclasses.is_dataclass(info) else vars(info)
+        described.append(dict(info) if info is not None else None)
+    return rows, described[0], described[1]
+
+
+def _check_sweep_pair(sweep: Mapping, base: dict | None, tuned: dict | None) -> None:
+    """Refuse a truncation sweep of another pair than the analysis's, where both can be told apart.
+
+    The sweep records its checkpoints' paths, the analysis their content fingerprints:
+    a path that still exists here is fingerprinted and compared (a moved or remote one
+    cannot be, and passes).
+    """
+    from spectra.checkpoints.source import open_checkpoint
+
+    for side, path, info in (("base", sweep.get("base"), base), ("tuned", sweep.get("tuned"), tuned)):
+        expected = (info or {}).get("fingerprint")
+        if not path or not expected or not Path(str(path)).exists():
+            continue
+        try:
+            found = open_checkpoint(str(path)).fingerprint()["fingerprint"]
+        except Exception:  # noqa: BLE001 - an unreadable path cannot be compared; the names check still runs
+            continue
+        if found != expected:
+            raise ConfigError(f"the truncation sweep was run with {side} {path}, whose content differs from the "
+                              f"analysed {side} ({(info or {}).get('path', '?')}): sweep and analysis must measure "
+                              "the same pair. Re-run `spectra sweep` on it.")
 
 
 def _is_split(row: Mapping) -> bool:
@@ -839,7 +866,9 @@ def recommend_ranks(analysis: Any, policy: RankPolicy | None = None, *, sweep: A
         raise ConfigError("RankPolicy.functional needs a truncation sweep: recommend_ranks(..., sweep=…) "
                           "(run `spectra sweep BASE TUNED --data EVAL` first).")
     functional = functional_ranks(sweep, policy.functional) if policy.functional is not None else None
-    rows, base = _rows(analysis)
+    rows, base, tuned = _rows(analysis)
+    if functional is not None:
+        _check_sweep_pair(functional["sweep"], base, tuned)
     spectra, left_out = [], []
     for row in rows:
         if row.get("kind", "matrix") != "matrix" or _is_split(row):
@@ -870,6 +899,11 @@ def recommend_ranks(analysis: Any, policy: RankPolicy | None = None, *, sweep: A
             left_out.append(LeftOut(s.name, why, 0, math.sqrt(s.fro2)))
             continue
         plan.append((s, *_shape(s, rank, reason, policy)))
+    unswept = [m.name for m in left_out if m.reason.startswith("not truncated by the sweep")]
+    if not plan and functional is not None and len(unswept) == len(spectra):
+        raise ConfigError(f"none of the {len(spectra)} targeted modules (e.g. {unswept[0]}) was truncated by the "
+                          f"sweep (it truncated e.g. {next(iter(functional['modules']))}): was it run on another "
+                          "model? Sweep and analysis must measure the same pair.")
     if not plan and functional is not None:
         raise ConfigError(f"The sweep is within ε={policy.functional:g} of the full fine-tune at rank 0 for every "
                           "targeted module: no adapter is needed at that tolerance (lower functional).")

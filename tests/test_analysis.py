@@ -279,13 +279,18 @@ def test_ctrl_c_says_what_is_kept_and_the_rerun_resumes(planted_pair, tmp_path, 
     assert "were not cached" in capsys.readouterr().err
 
 
-def test_cli_ctrl_c_exits_130_without_a_traceback(monkeypatch, capsys):
-    import spectra.cli as cli
+def test_cli_ctrl_c_exits_130_with_one_line(planted_pair, monkeypatch, tmp_path):
+    """Through the real command line (Typer and Click included): a message and exit code 130, no traceback."""
+    from typer.testing import CliRunner
 
-    def interrupted():
+    import spectra.analysis
+    from spectra.cli import app
+
+    def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli, "app", interrupted)
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main()
-    assert exit_info.value.code == 130 and "stopped (Ctrl-C)" in capsys.readouterr().err
+    monkeypatch.setattr(spectra.analysis, "analyze", interrupted)
+    result = CliRunner().invoke(app, ["analyze", *map(str, planted_pair), "-o", str(tmp_path / "r"), "-q"])
+    assert result.exit_code == 130
+    assert "stopped (Ctrl-C)" in result.output + (result.stderr if result.stderr_bytes is not None else "")
+    assert "Traceback" not in result.output and not (tmp_path / "r").exists()

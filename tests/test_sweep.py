@@ -150,5 +150,16 @@ def test_cli_sweep_writes_report_and_functional_plan(bert, tmp_path):
     assert [(m["name"], m["rank"]) for m in recommended["modules"]] == [(m["name"], m["rank"]) for m in plan["modules"]]
     half = runner.invoke(app, ["recommend", str(analysis), "--functional", "0"])  # ε without the sweep it reads
     assert half.exit_code != 0 and "--sweep" in str(half.exception or half.output)
+    # a sweep of another pair is refused: by content where its paths exist here, by module names otherwise
+    from spectra.ranks import RankPolicy, recommend_ranks
+
+    functional = RankPolicy(energy=None, functional=0.0)
+    other = dict(swept, tuned=str(base))  # "tuned" is the base checkpoint: same names, other content
+    with pytest.raises(ConfigError, match="tuned .* content differs"):
+        recommend_ranks(analysis, functional, sweep=other)
+    renamed = dict(swept, base="/moved/away", tuned="/moved/away",
+                   modules=[dict(m, name="other." + m["name"]) for m in swept["modules"]])
+    with pytest.raises(ConfigError, match="was it run on another model"):
+        recommend_ranks(analysis, functional, sweep=renamed)
     again = runner.invoke(app, ["sweep", str(base), str(tuned), "--data", str(data), "-o", str(out)])
     assert again.exit_code != 0 and "exists" in str(again.exception or again.output)

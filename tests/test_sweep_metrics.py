@@ -35,9 +35,15 @@ def test_example_stats_rows_in_data_order():
     assert stats["count"].tolist() == [1.0] * len(data)
 
 
-def test_evaluate_is_order_free():
+def test_evaluate_equals_the_per_example_definition():
+    """Length-ordered batches with padding give the mean over examples taken one by one in data order."""
     data = _data()
-    whole = evaluate(LengthModel(), data, batch_size=len(data))  # one batch: order cannot matter
-    small = evaluate(LengthModel(), data, batch_size=4)
-    assert small["examples"] == whole["examples"] == len(data)
-    assert abs(small["loss"] - whole["loss"]) < 1e-6 and small["accuracy"] == whole["accuracy"]
+    losses, correct = [], 0
+    for seq, label in zip(data.ids, data.labels):
+        logits = LengthModel()(torch.tensor([seq]), torch.ones(1, len(seq), dtype=torch.long)).logits.float()
+        losses.append(float(torch.nn.functional.cross_entropy(logits, torch.tensor([label]))))
+        correct += int(logits.argmax(-1)) == label
+    for batch_size in (4, len(data)):
+        result = evaluate(LengthModel(), data, batch_size=batch_size)
+        assert result["examples"] == len(data) and abs(result["loss"] - np.mean(losses)) < 1e-6
+        assert result["accuracy"] == correct / len(data)

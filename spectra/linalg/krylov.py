@@ -151,8 +151,21 @@ class BlockLanczos:
         return self.B[:self.d, :self.d + self.b]
 
     def ritz_values(self) -> torch.Tensor:
-        """σ(Uᵀ A), float64, descending: lower bounds of the top-d singular values of A."""
-        return torch.linalg.svdvals(self.projection())
+        """σ(Uᵀ A), float64, descending: lower bounds of the top-d singular values of A.
+
+        For a float32 A, as square roots of the eigenvalues of the float64 Gram P Pᵀ of the
+        small projection P (in-place MKL ``syevd``, 1.4× faster than its SVD at d = 700,
+        the dominant overhead of wide spaces): relative error ≲ 1e-8·(σ₁/σᵢ)², below A's
+        own float32 resolution for every σᵢ ≥ 1e-4·σ₁. For float64 A, the SVD of P.
+        """
+        P = self.projection()
+        if self.A.dtype == torch.float32 and P.device.type == "cpu":
+            from spectra.linalg.lapack import eigvalsh_
+
+            lam = eigvalsh_(P @ P.T, lower=False)
+            if lam is not None:
+                return lam.flip(0).clamp_(min=0.0).sqrt_()
+        return torch.linalg.svdvals(P)
 
     def vectors(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-k Ritz vectors at A's precision: U (short, k), Vh (k, long)."""

@@ -756,8 +756,9 @@ def spectrum(
     ``method="auto"`` takes the full spectrum when min(out, in) ≤ `full_below` or when
     nothing narrower is asked for (no `n_components`, no `energy`), or when
     `n_components` > min(out, in) / 8 (randomized would not be faster); the adaptive
-    path when only `energy` is given; randomized otherwise. The choice is recorded in
-    ``Spectrum.method``.
+    path when only `energy` is given; otherwise the randomized block Krylov top-k, run
+    until its values converge to 1e-4 (``method="randomized"`` takes that path too). The
+    path taken is recorded in ``Spectrum.method`` (``"krylov"`` for the last).
 
     Parameters
     ----------

@@ -84,3 +84,19 @@ def test_reorthogonalize_repeats_only_while_a_pass_cancels():
         assert len(passes) // 2 == expect_passes  # two norms per full pass
         assert float((basis.T @ Y).abs().max()) < 1e-12 * float(target.abs().max())  # ⊥ the basis
         assert torch.allclose(basis @ coef + Y, target, atol=1e-10)  # Y = basis·coef + remainder
+
+
+def test_float32_bases_projection_and_ritz_values():
+    """The working dtype of the SVD paths: orthogonality, the held projection and its Ritz values at fp32 level."""
+    A = power_law(m=300, n=500, dtype=torch.float32)[0]
+    lan, history = _run(A, 16, 6)
+    d, b = lan.d, lan.b
+    U, V = lan.U[:, :d].double(), lan.V[:, :d + b].double()
+    assert float((U.T @ U - torch.eye(d, dtype=torch.float64)).abs().max()) < 1e-5
+    assert float((V.T @ V - torch.eye(d + b, dtype=torch.float64)).abs().max()) < 1e-5
+    explicit = U.T @ A.double() @ V
+    assert float((lan.projection() - explicit).abs().max()) < 1e-5 * float(explicit.abs().max())
+    exact = torch.linalg.svdvals(lan.projection())  # the float64 SVD of the same projection
+    top = history[-1][:32]
+    np.testing.assert_allclose(top.numpy(), exact[:32].numpy(), rtol=1e-9)  # Gram route ≈ SVD route
+    assert not np.allclose(history[-2][:32].numpy(), exact[:32].numpy(), rtol=1e-9)  # an earlier space differs

@@ -151,33 +151,3 @@ def test_ritz_values_in_either_layout_match_float64(transposed):
     np.testing.assert_allclose(sketch._ritz(A, Q).numpy(), reference, rtol=1e-5)
     wrong = np.linalg.svd(Q.double().numpy()[:, 1:].T @ A.double().numpy(), compute_uv=False)  # negative control
     assert not np.allclose(sketch._ritz(A, Q).numpy()[:19], wrong, rtol=1e-3)
-
-
-def test_cast_keeps_a_transposed_layout():
-    A = torch.randn(50, 30).T  # (30, 50), a transposed view
-    low = sketch._cast(A, torch.bfloat16)
-    assert low.T.is_contiguous() and torch.equal(low, A.to(torch.bfloat16))
-    B = torch.randn(30, 50)
-    assert sketch._cast(B, torch.bfloat16).is_contiguous()
-
-
-def test_deficit_rank_closed_form():
-    s = torch.ones(10, dtype=torch.float64)
-    assert sketch._deficit_rank(s, 100.0, 0.9) == 10 + 80  # 80 more values of s_l² = 1 fill the deficit
-    assert sketch._deficit_rank(torch.tensor([3.0, 2.0]), 20.0, 0.9) == 2 + 2  # deficit 5 over 4 -> 2 more
-
-
-def test_basis_grows_by_the_deficit_when_the_energy_is_not_reached(monkeypatch):
-    """The first block holds too little energy: grow once, to the deficit estimate, instead of doubling twice."""
-    w, t = bf16_pair(700, 1500, rank=40, rel=1e-2)
-    d = t - w
-    exact = metrics.energy_rank(full_svd(d.double()), 0.9)
-    assert exact > 48  # beyond a doubled block's usable part (64 - 16)
-    sizes, qr = [], torch.linalg.qr
-    monkeypatch.setattr(torch.linalg, "qr", lambda Y, *a, **k: (sizes.append(Y.shape[1]), qr(Y, *a, **k))[1])
-    estimates, deficit_rank = [], sketch._deficit_rank
-    monkeypatch.setattr(sketch, "_deficit_rank", lambda *a: (estimates.append(deficit_rank(*a)), estimates[-1])[1])
-    fast = sketch.energy_sketch(d, energy=0.9, total_energy=sketch.squared_norm(d), block=32)
-    assert metrics.energy_rank(fast, 0.9) == exact
-    assert len(estimates) == 1 and estimates[0] >= exact  # one step's lower-bound values: the guess runs high
-    assert sizes == [32, -(-estimates[0] // 16) * 16, sizes[1]]  # one growth, to the guess (not 64, then more)

@@ -43,6 +43,8 @@ def test_length_grouped_training_batches():
     order = torch.randperm(len(data), generator=gen()).tolist()
     run_of = {i: pos // (LENGTH_GROUP * 16) for pos, i in enumerate(order)}
     assert all(len({run_of[i] for i in g}) == 1 for g in grouped)
+    runs = [run_of[g[0]] for g in grouped]
+    assert runs != sorted(runs)  # ...and the batches are shuffled across runs, not served run by run
 
 
 def test_evaluation_batches_sorted_by_length():
