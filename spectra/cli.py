@@ -486,6 +486,8 @@ def verify(
     epochs: Annotated[int, typer.Option(help="Sweep: passes over the data.")] = 1,
     max_steps: Annotated[Optional[int], typer.Option(help="Sweep: steps per run.")] = None,
     lr: Annotated[Optional[float], typer.Option(help="Sweep: learning rate.")] = None,
+    group_by_length: Annotated[bool, typer.Option(
+        "--group-by-length", help="Sweep: batch texts of similar length together (less padding; see `train`).")] = False,
     seed: Annotated[int, typer.Option(help="Seed of training and of any new head.")] = 0,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace existing outputs.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
@@ -522,7 +524,7 @@ def verify(
     if plan is not None and recommended is None:
         recommended = load_plan(plan).to_peft_config()["r"]
     tconfig = TrainConfig(roles=_split(roles), epochs=epochs, max_steps=max_steps, lr=lr, seed=seed,
-                          teacher=tuned if distill else None)
+                          group_by_length=group_by_length, teacher=tuned if distill else None)
     result = rank_sweep(base, tuned, data, ranks=ranks, methods=_split(method) or ("lora",), train_config=tconfig,
                         eval_data=eval_data, adapters_dir=adapters_dir or output.with_name(output.name + "-adapters"),
                         verify_config=vconfig, recommended_rank=recommended, overwrite=overwrite,

@@ -163,9 +163,11 @@ def test_cli_train_and_sweep(llama_base, text_data, tmp_path):
     assert json.loads((tmp_path / "ad" / "spectra_train.json").read_text())["config"]["group_by_length"]
     sweep = runner.invoke(app, ["verify", str(llama_base), str(tmp_path / "tuned"), "--sweep", "1,2",
                                 "--method", "lora,dora", "--data", str(text_data), "--eval-data", str(text_data),
-                                "--max-steps", "2", "--recommended", "2", "-o", str(tmp_path / "sweep"), "-q"])
+                                "--max-steps", "2", "--recommended", "2", "--group-by-length", "-o", str(tmp_path / "sweep"),
+                                "-q"])
     assert sweep.exit_code == 0, sweep.output
     data = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
+    assert data["train_config"]["group_by_length"]
     assert [(r["method"], r["rank"]) for r in data["runs"]] == [("lora", 1), ("lora", 2), ("dora", 1), ("dora", 2)]
     assert all(r["captured_energy"] <= r["optimal_energy"] + 1e-9 for r in data["runs"])
     assert data["phi_between_ranks"] and set(data["reference_evals"]) == {"base", "tuned"}
