@@ -159,12 +159,10 @@ class BlockLanczos:
         own float32 resolution for every σᵢ ≥ 1e-4·σ₁. For float64 A, the SVD of P.
         """
         P = self.projection()
-        if self.A.dtype == torch.float32 and P.device.type == "cpu":
-            from spectra.linalg.lapack import eigvalsh_
+        if self.A.dtype == torch.float32:
+            from spectra.linalg.lapack import gram_singular_values
 
-            lam = eigvalsh_(P @ P.T, lower=False)
-            if lam is not None:
-                return lam.flip(0).clamp_(min=0.0).sqrt_()
+            return gram_singular_values(P @ P.T)
         return torch.linalg.svdvals(P)
 
     def vectors(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:

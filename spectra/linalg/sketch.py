@@ -31,6 +31,7 @@ import math
 import torch
 
 from spectra.linalg import metrics
+from spectra.linalg.lapack import gram_singular_values
 from spectra.linalg.svd import Spectrum, full_svd
 
 __all__ = ["energy_sketch", "squared_norm", "sampled_noise_floor", "top_values"]
@@ -173,9 +174,7 @@ def _ritz(A: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
         for i in range(0, A.shape[0], rows):
             Z.addmm_(Q[i:i + rows].T, A[i:i + rows].float())
         Z = Z.T
-    G = Z.T.double() @ Z.double()  # (l, l)
-    lam = torch.linalg.eigvalsh(G).flip(0).clamp(min=0.0)
-    return lam.sqrt()
+    return gram_singular_values(Z.T.double() @ Z.double())  # (l, l) Gram -> l values
 
 
 def _ritz_bf16(A: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:

@@ -35,7 +35,7 @@ import torch
 
 from spectra.errors import ConfigError
 from spectra.linalg.krylov import BlockLanczos, krylov_block
-from spectra.linalg.lapack import eigvalsh_
+from spectra.linalg.lapack import gram_singular_values
 
 __all__ = ["Spectrum", "full_svd", "randomized_svd", "adaptive_svd", "spectrum", "frobenius_energy"]
 
@@ -301,10 +301,7 @@ def _gram_svdvals(M: torch.Tensor) -> torch.Tensor:
             G[i:i + rows, j:j + rows].addmm_(Ai, Aj.T)  # BLAS writes into the strided view
     del bufs, Ai, Aj
     # The upper triangle, row-major, is LAPACK's (column-major) lower one: its faster sweep.
-    lam = eigvalsh_(G, lower=False)  # MKL's syevd on G's own buffer: no copy of G
-    if lam is None:
-        lam = torch.linalg.eigvalsh(G, UPLO="U")  # reads the upper triangle only; copies G
-    return lam.flip(0).clamp_(min=0.0).sqrt().cpu()  # descending
+    return gram_singular_values(G, lower=False).cpu()  # MKL's syevd on G's own buffer: no copy of G
 
 
 # ---------------------------------------------------------------------------- randomized

@@ -50,6 +50,30 @@ def test_full_spectrum_gram_route_uses_it(monkeypatch):
     g = torch.Generator().manual_seed(3)
     M = torch.randn(120, 200, generator=g)
     in_place = svd._gram_svdvals(M)
-    monkeypatch.setattr(svd, "eigvalsh_", lambda G, lower=True: None)
+    declined = []
+    monkeypatch.setattr(lapack, "eigvalsh_", lambda G, lower=True: declined.append(lower))  # returns None
     copying = svd._gram_svdvals(M)
+    assert declined == [False]  # the copying route was taken, asked for the upper triangle
     torch.testing.assert_close(in_place, copying, rtol=1e-12, atol=1e-12 * float(copying[0]))
+
+
+@pytest.mark.parametrize("in_place", [True, False])
+@pytest.mark.parametrize("lower", [True, False])
+def test_gram_singular_values_are_the_svd_values(monkeypatch, in_place, lower):
+    """σ(M) from G = M Mᵀ, in place or through torch's eigvalsh, against float64 LAPACK's SVD of M."""
+    import numpy as np
+
+    if not in_place:
+        monkeypatch.setattr(lapack, "eigvalsh_", lambda G, lower=True: None)
+    g = torch.Generator().manual_seed(2)
+    u = torch.linalg.qr(torch.randn(60, 40, generator=g, dtype=torch.float64))[0]
+    v = torch.linalg.qr(torch.randn(90, 40, generator=g, dtype=torch.float64))[0]
+    s = torch.logspace(0, -3, 40, dtype=torch.float64)
+    M = (u * s) @ v.T  # (60, 90), rank 40, σ from 1 to 1e-3, then exact zeros
+    G = M @ M.T
+    G = torch.tril(G) if lower else torch.triu(G)  # only the named triangle may be read
+    values = lapack.gram_singular_values(G, lower=lower)
+    reference = np.linalg.svd(M.numpy(), compute_uv=False)
+    assert values.shape == (60,) and bool((values[:-1] >= values[1:]).all())  # descending
+    np.testing.assert_allclose(values[:40].numpy(), reference[:40], rtol=1e-8)  # ~eps·(σ₁/σᵢ)² at σᵢ ≥ 1e-3
+    assert float(values[40:].max()) < 1e-6  # the null space: rounding-level, clipped at 0, never NaN
