@@ -369,7 +369,7 @@ def randomized_svd(
         ``"krylov"``, `n_iter` bounds the number of block steps beyond the first and
         `n_oversamples` is not used.
     block_size : int, optional
-        Krylov block width b. Default ``clip(k // 4, 32, 128)``.
+        Krylov block width b. Default ``clip(3k/16, 32, 128)``.
 
     Returns
     -------
