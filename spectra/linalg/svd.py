@@ -350,7 +350,11 @@ def randomized_svd(
     tol : float, optional
         Stop early once the estimated relative error of every returned σᵢ is ≤ tol.
         The estimate extrapolates the change of the Ritz values between iterations
-        geometrically (an Aitken-style bound), so it is cheap but not rigorous.
+        geometrically (an Aitken-style bound), so it is cheap but not rigorous:
+        with the default block width it was within 2× of the true error on planted,
+        power-law and bf16-rounded 4096² spectra (k = 96–256, tol = 1e-3 and 1e-4); a
+        block narrower than the default, with k reaching into a flat noise bulk, has
+        stopped at 3–8× the requested error.
     random_state : int, torch.Generator or None
         Seed of the Gaussian test matrix. ``None`` draws a fresh seed.
     compute_vectors : bool, default True
