@@ -320,21 +320,26 @@ def _rows(analysis: Any) -> tuple[list[dict], dict | None, dict | None]:
 def _check_sweep_pair(sweep: Mapping, base: dict | None, tuned: dict | None) -> None:
     """Refuse a truncation sweep of another pair than the analysis's, where both can be told apart.
 
-    The sweep records its checkpoints' paths, the analysis their content fingerprints:
-    a path that still exists here is fingerprinted and compared (a moved or remote one
-    cannot be, and passes).
+    Both record content fingerprints of their checkpoints, compared wherever the files now
+    are (or for a hub id). A sweep written before it recorded them has only its paths:
+    those are fingerprinted here when they still exist, and pass when they do not (the
+    module-name check still runs).
     """
     from spectra.checkpoints.source import open_checkpoint
 
-    for side, path, info in (("base", sweep.get("base"), base), ("tuned", sweep.get("tuned"), tuned)):
+    recorded = sweep.get("fingerprints") or {}
+    for side, path in (("base", sweep.get("base")), ("tuned", sweep.get("tuned"))):
+        info = base if side == "base" else tuned
         expected = (info or {}).get("fingerprint")
-        if not path or not expected or not Path(str(path)).exists():
+        if not expected:
             continue
-        try:
-            found = open_checkpoint(str(path)).fingerprint()["fingerprint"]
-        except Exception:  # noqa: BLE001 - an unreadable path cannot be compared; the names check still runs
-            continue
-        if found != expected:
+        found = recorded.get(side)
+        if not found and path and Path(str(path)).exists():
+            try:
+                found = open_checkpoint(str(path)).fingerprint()["fingerprint"]
+            except Exception:  # noqa: BLE001 - an unreadable path cannot be compared; the names check still runs
+                found = None
+        if found and found != expected:
             raise ConfigError(f"the truncation sweep was run with {side} {path}, whose content differs from the "
                               f"analysed {side} ({(info or {}).get('path', '?')}): sweep and analysis must measure "
                               "the same pair. Re-run `spectra sweep` on it.")
@@ -421,7 +426,8 @@ def functional_ranks(sweep: Any, epsilon: float, *, non_target: str | None = Non
             "higher_is_better": data["metric"]["higher_is_better"], "examples": data["examples"],
             "unit": data.get("unit"), "tuned": {k: data["reference"]["tuned"].get(k) for k in ("metric", "interval")},
             "non_target": non_target, "bootstrap": data.get("bootstrap"), "truncation": data.get("truncation"),
-            "sweep": {"base": data.get("base"), "tuned": data.get("tuned"), "data": data.get("data")},
+            "sweep": {"base": data.get("base"), "tuned": data.get("tuned"), "data": data.get("data"),
+                      "fingerprints": data.get("fingerprints")},
             "modules": [m["name"] for m in data.get("modules", [])], "groups": groups}
 
 

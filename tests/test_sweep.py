@@ -150,14 +150,22 @@ def test_cli_sweep_writes_report_and_functional_plan(bert, tmp_path):
     assert [(m["name"], m["rank"]) for m in recommended["modules"]] == [(m["name"], m["rank"]) for m in plan["modules"]]
     half = runner.invoke(app, ["recommend", str(analysis), "--functional", "0"])  # ε without the sweep it reads
     assert half.exit_code != 0 and "--sweep" in str(half.exception or half.output)
-    # a sweep of another pair is refused: by content where its paths exist here, by module names otherwise
+    # a sweep of another pair is refused: by the fingerprints it recorded (wherever the files are now),
+    # by content where an older sweep's paths exist here, by module names otherwise
     from spectra.ranks import RankPolicy, recommend_ranks
 
+    analysed = json.loads((analysis / "analysis.json").read_text())
+    assert swept["fingerprints"] == {side: analysed[side]["fingerprint"] for side in ("base", "tuned")}
     functional = RankPolicy(energy=None, functional=0.0)
-    other = dict(swept, tuned=str(base))  # "tuned" is the base checkpoint: same names, other content
+    moved = dict(swept, base="/moved/away", tuned="hub-user/model")  # recorded fingerprints decide, not paths
+    assert recommend_ranks(analysis, functional, sweep=moved).modules
+    other = dict(moved, fingerprints=dict(swept["fingerprints"], tuned=swept["fingerprints"]["base"]))
     with pytest.raises(ConfigError, match="tuned .* content differs"):
         recommend_ranks(analysis, functional, sweep=other)
-    renamed = dict(swept, base="/moved/away", tuned="/moved/away",
+    older = {k: v for k, v in swept.items() if k != "fingerprints"}  # a sweep.json from before fingerprints
+    with pytest.raises(ConfigError, match="tuned .* content differs"):
+        recommend_ranks(analysis, functional, sweep=dict(older, tuned=str(base)))  # same names, other content
+    renamed = dict(older, base="/moved/away", tuned="/moved/away",
                    modules=[dict(m, name="other." + m["name"]) for m in swept["modules"]])
     with pytest.raises(ConfigError, match="was it run on another model"):
         recommend_ranks(analysis, functional, sweep=renamed)
