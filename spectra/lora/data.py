@@ -314,11 +314,7 @@ def collate(data: TokenizedData, index: Sequence[int]) -> dict[str, torch.Tensor
 
 def batches(data: TokenizedData, batch_size: int, *, generator: torch.Generator | None = None,
             by_length: bool = False) -> Iterator[dict[str, torch.Tensor]]:
-    """Padded batches of ``data`` (see :func:`batch_indices` for the order, :func:`collate` for the keys).
-
-    Each batch is right-padded to its own longest example (no padding to a global
-    length: less work per step).
-    """
+    """Padded batches of ``data``: :func:`collate` of each index list of :func:`batch_indices`."""
     for index in batch_indices(data, batch_size, generator=generator, by_length=by_length):
         yield collate(data, index)
 
