@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 from spectra.cli import app
 from spectra.ranks import load_plan
 from tests.test_memory import LLAMA2_7B
-from tests.test_ranks import PLANTED, analysis, make_row
+from tests.ranks.rows import PLANTED, analysis, make_row
 
 runner = CliRunner()
 

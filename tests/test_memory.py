@@ -123,7 +123,7 @@ def test_trainable_parameters_match_peft(method):
 
 def test_rank_plan_input():
     from spectra.ranks import recommend_ranks, RankPolicy
-    from tests.test_ranks import analysis, make_row
+    from tests.ranks.rows import analysis, make_row
 
     rows = [make_row("model.layers.0.self_attn.q_proj", [1.0] * 3 + [0.0] * 29, layer=0),
             make_row("model.layers.1.mlp.down_proj", [1.0] * 5 + [0.0] * 27, shape=(32, 64), role="down", layer=1)]

@@ -1,0 +1,92 @@
+"""Functional ranks: the smallest swept rank whose truncated model stays within ε of the full fine-tune."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+from spectra.errors import ConfigError
+
+
+def functional_ranks(sweep: Any, epsilon: float, *, non_target: str | None = None) -> dict:
+    """Per curve of a truncation sweep, the smallest rank whose metric stays within ε of the full fine-tune.
+
+    With ``gap(r)`` the metric's shortfall against the full fine-tune (``full − metric(r)`` when
+    higher is better, ``metric(r) − full`` otherwise), the chosen rank is the smallest swept r
+    with ``gap(r') ≤ ε`` for r and every larger swept r' (one lucky dip does not count). The
+    sweep's noise is recorded beside it: eval examples, and the paired percentile-bootstrap
+    interval of the gap; ``resolved`` is True when that whole interval lies within ε, i.e.
+    the eval set is large enough to support the claim.
+
+    Parameters
+    ----------
+    sweep : SweepResult, dict, str or PathLike
+        ``sweep.json`` of ``spectra sweep``, its directory, its dict or the result object.
+    epsilon : float
+        Tolerance ≥ 0 in the metric's units (0.01 = one accuracy point).
+    non_target : {"tuned", "base"}, optional
+        Which curve to read when both were swept. Default: the sweep's first (``tuned``).
+
+    Returns
+    -------
+    dict
+        ``epsilon``, ``metric``, ``higher_is_better``, ``examples``, ``tuned`` (the full
+        fine-tune's metric and interval), ``non_target``, ``bootstrap``, and ``groups``:
+        curve (``model`` or a role) → ``rank`` (None when no swept rank qualifies),
+        ``metric``, ``gap``, ``gap_interval``, ``resolved``, ``swept``.
+    """
+    if not (isinstance(epsilon, (int, float)) and epsilon >= 0):
+        raise ConfigError(f"functional ε must be a number ≥ 0 in the metric's units, got {epsilon!r}.")
+    data = read_sweep(sweep)
+    non_target = non_target or data["non_target"][0]
+    if non_target not in data["non_target"]:
+        raise ConfigError(f"non_target {non_target!r}: the sweep measured {data['non_target']} only.")
+    curves: dict[str, list[dict]] = {}
+    for p in data["points"]:
+        if p["non_target"] == non_target and p["rank"] is not None:
+            curves.setdefault(p["group"], []).append(p)
+    if not curves:
+        raise ConfigError("the sweep holds no rank points; sweep at least one rank.")
+    groups = {}
+    for group, points in curves.items():
+        points = sorted(points, key=lambda p: p["rank"])
+        chosen = None
+        for p in reversed(points):  # from the top: the last rank before the curve leaves the ε band
+            if p["gap"] > epsilon:
+                break
+            chosen = p
+        entry = {"rank": None if chosen is None else chosen["rank"], "swept": [p["rank"] for p in points]}
+        if chosen is not None:
+            interval = chosen.get("gap_interval")
+            entry.update(metric=chosen["metric"], gap=chosen["gap"], gap_interval=interval,
+                         resolved=None if interval is None else bool(interval[1] <= epsilon))
+        groups[group] = entry
+    return {"epsilon": float(epsilon), "metric": data["metric"]["name"],
+            "higher_is_better": data["metric"]["higher_is_better"], "examples": data["examples"],
+            "unit": data.get("unit"), "tuned": {k: data["reference"]["tuned"].get(k) for k in ("metric", "interval")},
+            "non_target": non_target, "bootstrap": data.get("bootstrap"), "truncation": data.get("truncation"),
+            "sweep": {"base": data.get("base"), "tuned": data.get("tuned"), "data": data.get("data"),
+                      "fingerprints": data.get("fingerprints")},
+            "modules": [m["name"] for m in data.get("modules", [])], "groups": groups}
+
+
+def read_sweep(sweep: Any) -> dict:
+    """A truncation sweep as a dict, from the result object, its dict, ``sweep.json`` or its directory."""
+    where = "the given sweep"
+    if isinstance(sweep, (str, os.PathLike)):
+        path = Path(sweep)
+        path = path / "sweep.json" if path.is_dir() else path
+        where = str(path)
+        try:
+            sweep = json.loads(path.read_text())
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"cannot read sweep {path}: {err}. Pass the directory `spectra sweep` wrote.") from None
+    if hasattr(sweep, "to_dict"):
+        sweep = sweep.to_dict()
+    if not isinstance(sweep, Mapping) or sweep.get("kind") != "truncation_sweep":
+        kind = sweep.get("kind") if isinstance(sweep, Mapping) else type(sweep).__name__
+        raise ConfigError(f"{where} is not a truncation sweep (kind {kind!r}): pass the result of "
+                          "truncation_sweep, or the sweep.json that `spectra sweep` wrote.")
+    return dict(sweep)

@@ -1,0 +1,311 @@
+"""The plan: per-module ranks and alphas, as a PEFT ``LoraConfig`` dict, on disk as ``plan.json``.
+
+Conventions (see DESIGN.md): a rank-r LoRA of an ``(out, in)`` ΔW costs ``r·(in + out)``
+parameters (``A`` is ``(r, in)``, ``B`` is ``(out, r)``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import tempfile
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Mapping
+
+import numpy as np
+
+from spectra.errors import ConfigError
+from spectra.ranks.policy import RankPolicy
+
+PLAN_SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ModuleRank:
+    """One targeted module of a plan.
+
+    ``energy`` is the captured share of ‖ΔW‖_F² (a lower bound when the rank exceeds the known
+    singular values; ``energy_upper`` is then its upper bound). ``params = rank·(d_in + d_out)``.
+    ``reason`` names the policy bound that set the rank.
+    """
+
+    name: str
+    role: str | None
+    layer: int | None
+    shape: tuple[int, int]
+    rank: int
+    alpha: float
+    energy: float
+    energy_upper: float
+    params: int
+    reason: str
+    conv1d: bool = False
+    fro_norm: float = 0.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "shape", tuple(int(d) for d in self.shape))
+        if not isinstance(self.rank, (int, np.integer)) or self.rank < 1:
+            raise ConfigError(f"Plan module {self.name}: rank must be a positive integer, got {self.rank!r}.")
+        if self.rank > min(self.shape):
+            raise ConfigError(f"Plan module {self.name}: rank {self.rank} exceeds min(d_in, d_out) = "
+                              f"{min(self.shape)} of its {self.shape[0]}×{self.shape[1]} weight; lower it.")
+
+
+@dataclass(frozen=True)
+class LeftOut:
+    """A module the plan does not target, with why, and the rank the energy target would need."""
+
+    name: str
+    reason: str
+    rank: int | None = None
+    fro_norm: float = 0.0
+
+
+@dataclass(frozen=True)
+class RankPlan:
+    """Per-module LoRA ranks and alphas, with their cost and captured energy.
+
+    Attributes
+    ----------
+    modules : tuple of ModuleRank
+    left_out : tuple of LeftOut
+    policy : RankPolicy
+    base : dict or None
+        ``analysis["base"]`` (path, fingerprint) so a plan can be checked against its base.
+    budget_gap : float or None
+        With a binding budget: an upper bound on how much more total energy (share of all
+        targeted ‖ΔW‖_F²) any plan within budget could capture (see :func:`allocate_budget`).
+    functional : dict or None
+        With ``RankPolicy.functional``: the sweep's choice per curve, with its noise (see
+        :func:`functional_ranks`).
+    """
+
+    modules: tuple[ModuleRank, ...]
+    left_out: tuple[LeftOut, ...] = ()
+    policy: RankPolicy = field(default_factory=RankPolicy)
+    base: dict | None = None
+    budget_gap: float | None = None
+    functional: dict | None = None
+
+    def __post_init__(self) -> None:
+        names = [m.name for m in self.modules]
+        dupes = sorted(n for n, c in Counter(names).items() if c > 1)
+        if dupes:
+            raise ConfigError(f"Plan names modules more than once: {dupes}.")
+
+    @property
+    def total_params(self) -> int:
+        """Trainable LoRA parameters Σ r·(d_in + d_out), plus DoRA magnitudes Σ d_out if used."""
+        extra = sum(m.shape[0] for m in self.modules) if self.policy.use_dora else 0
+        return sum(m.params for m in self.modules) + extra
+
+    @property
+    def total_energy(self) -> float:
+        """Captured share of the targeted modules' total energy Σ‖ΔW‖_F² (lower bound)."""
+        total = sum(m.fro_norm ** 2 for m in self.modules)
+        return sum(m.energy * m.fro_norm ** 2 for m in self.modules) / total if total > 0 else 1.0
+
+    @property
+    def mean_energy(self) -> float:
+        """Mean over modules of the captured share (each module counted once)."""
+        return float(np.mean([m.energy for m in self.modules])) if self.modules else 1.0
+
+    def to_dict(self) -> dict:
+        return {"schema_version": PLAN_SCHEMA_VERSION, "policy": dataclasses.asdict(self.policy),
+                "base": self.base, "budget_gap": self.budget_gap,
+                "totals": {"modules": len(self.modules), "params": self.total_params,
+                           "energy": self.total_energy, "mean_energy": self.mean_energy},
+                "modules": [dataclasses.asdict(m) for m in self.modules],
+                "left_out": [dataclasses.asdict(m) for m in self.left_out], "functional": self.functional}
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> "RankPlan":
+        if data.get("schema_version") != PLAN_SCHEMA_VERSION:
+            raise ConfigError(f"Plan schema_version {data.get('schema_version')!r} is not "
+                              f"{PLAN_SCHEMA_VERSION}; re-run `spectra recommend`.")
+        policy = dict(data["policy"])
+        if policy.get("roles") is not None:
+            policy["roles"] = tuple(policy["roles"])
+        return cls(modules=tuple(ModuleRank(**m) for m in data["modules"]),
+                   left_out=tuple(LeftOut(**m) for m in data.get("left_out", [])),
+                   policy=RankPolicy(**policy), base=data.get("base"), budget_gap=data.get("budget_gap"),
+                   functional=data.get("functional"))
+
+    def to_peft_config(self, *, module_names: Iterable[str] | None = None, task_type: str | None = "CAUSAL_LM",
+                       lora_dropout: float = 0.0) -> dict:
+        """A PEFT ``LoraConfig`` dict (what ``adapter_config.json`` holds) for this plan.
+
+        ``r``/``lora_alpha`` are the most common rank and its α; every module that differs gets
+        a ``rank_pattern``/``alpha_pattern`` entry. PEFT 0.21 looks a key up with
+        ``re.match(rf"(.*\\.)?({key})$", module_name)`` (``peft.utils.other.get_pattern_key``),
+        so a bare name matches as a *suffix* and its dots match any character; keys are written
+        ``"^" + re.escape(name)``, which only the full name matches. ``target_modules`` lists
+        full names (PEFT matches them exactly or as a ``.``-suffix).
+
+        Parameters
+        ----------
+        module_names : iterable of str, optional
+            Module names of the base model as PEFT sees them (``model.named_modules()``). Plan
+            names are resolved to them (exact, or the one name differing by a leading prefix
+            such as ``bert.``), and the result is checked with :func:`check_peft_config`.
+        task_type : str or None
+            PEFT task type. Default ``"CAUSAL_LM"``.
+        lora_dropout : float
+            Dropout on the LoRA input. Default 0.0 (none: keeps the update deterministic).
+        """
+        if not self.modules:
+            raise ConfigError("The plan targets no module; relax the policy (roles, noise, energy).")
+        names = {m.name: m.name for m in self.modules}
+        if module_names is not None:
+            module_names = list(module_names)
+            names = _resolve_names(list(names), module_names)
+        config = lora_config({names[m.name]: (m.rank, m.alpha, m.conv1d) for m in self.modules},
+                             alpha_for=self.policy.alpha_for, use_rslora=self.policy.rslora,
+                             use_dora=self.policy.use_dora, task_type=task_type, lora_dropout=lora_dropout)
+        if module_names is not None:
+            check_peft_config(config, module_names)
+        return config
+
+
+def lora_config(modules: Mapping[str, tuple[int, float, bool]], *, alpha_for=None, use_rslora: bool = False,
+                use_dora: bool = False, task_type: str | None = None, lora_dropout: float = 0.0) -> dict:
+    """A PEFT ``LoraConfig`` dict for per-module ``name → (rank, alpha, conv1d)``.
+
+    ``r`` is the most common rank (ties: the smallest) and ``lora_alpha`` is ``alpha_for(r)``
+    (default: the most common α among modules of rank ``r``); every module that differs gets
+    a ``rank_pattern``/``alpha_pattern`` key anchored with ``^`` so that PEFT's suffix-regex
+    match (``get_pattern_key``) hits only that module. ``fan_in_fan_out`` is set when any
+    module is a Conv1D.
+    """
+    counts = Counter(rank for rank, _, _ in modules.values())
+    r = max(counts, key=lambda k: (counts[k], -k))
+    if alpha_for is None:
+        alphas = Counter(a for rank, a, _ in modules.values() if rank == r)
+        alpha = max(alphas, key=lambda a: alphas[a])
+    else:
+        alpha = alpha_for(r)
+    return {
+        "peft_type": "LORA", "task_type": task_type, "r": r, "lora_alpha": alpha,
+        "target_modules": sorted(modules),
+        "rank_pattern": {_anchor(n): rank for n, (rank, _, _) in modules.items() if rank != r},
+        "alpha_pattern": {_anchor(n): a for n, (_, a, _) in modules.items() if a != alpha},
+        "use_rslora": use_rslora, "use_dora": use_dora,
+        "fan_in_fan_out": any(conv1d for _, _, conv1d in modules.values()),
+        "lora_dropout": lora_dropout, "bias": "none",
+    }
+
+
+def _anchor(name: str) -> str:
+    return "^" + re.escape(name)
+
+
+def _resolve_names(plan_names: list[str], module_names: list[str]) -> dict[str, str]:
+    """Plan name → the base model's module name: exact, else unique up to a leading prefix."""
+    present = set(module_names)
+    out, missing = {}, []
+    for name in plan_names:
+        if name in present:
+            out[name] = name
+            continue
+        hits = [n for n in module_names if n.endswith("." + name) or name.endswith("." + n)]
+        if len(hits) == 1:
+            out[name] = hits[0]
+        else:
+            missing.append(f"{name} ({'ambiguous: ' + ', '.join(hits[:3]) if hits else 'absent'})")
+    if missing:
+        raise ConfigError(f"The plan names {len(missing)} module(s) the base model does not have exactly once: "
+                          f"{'; '.join(missing[:5])}. Was the plan made from an analysis of this base?")
+    return out
+
+
+def check_peft_config(config: Mapping, module_names: Iterable[str]) -> dict[str, str]:
+    """Check that a LoraConfig dict targets exactly what it says, as PEFT 0.21 would match it.
+
+    Every ``target_modules`` entry, ``rank_pattern`` key and ``alpha_pattern`` key must match
+    exactly one module name, pattern keys only targeted modules, and no module may be matched
+    by two keys (PEFT would silently use the first). Matching follows PEFT:
+    ``check_target_module_exists`` (name equal to an entry or ending in ``"." + entry``) and
+    ``get_pattern_key`` (``re.match(rf"(.*\\.)?({key})$", name)``).
+
+    Returns
+    -------
+    dict
+        Each key and target entry → the module name it matches.
+
+    Raises
+    ------
+    ConfigError
+        Naming every entry that matches no module or several.
+    """
+    module_names = list(module_names)
+    problems, matched = [], {}
+    targets = config.get("target_modules") or []
+    if isinstance(targets, str):
+        targeted = {n for n in module_names if re.fullmatch(targets, n)}
+    else:
+        targeted = set()
+        for t in targets:
+            hits = [n for n in module_names if n == t or n.endswith("." + t)]
+            if len(hits) != 1:
+                problems.append(f"target_modules entry {t!r} matches {len(hits)} modules")
+            else:
+                matched[t] = hits[0]
+            targeted.update(hits)
+    for field_name in ("rank_pattern", "alpha_pattern"):
+        keys = list(config.get(field_name) or {})
+        for key in keys:
+            hits = [n for n in module_names if re.match(rf"(.*\.)?({key})$", n)]
+            if len(hits) != 1:
+                problems.append(f"{field_name} key {key!r} matches {len(hits)} modules")
+            elif hits[0] not in targeted:
+                problems.append(f"{field_name} key {key!r} matches {hits[0]}, which is not targeted")
+            else:
+                matched[key] = hits[0]
+        seen = Counter(matched[k] for k in keys if k in matched)
+        problems += [f"{field_name}: {n} is matched by {c} keys" for n, c in seen.items() if c > 1]
+    if problems:
+        raise ConfigError("The PEFT config does not match the base model one-to-one: " + "; ".join(problems[:8])
+                          + (f" (and {len(problems) - 8} more)" if len(problems) > 8 else "") + ".")
+    return matched
+
+
+def save_plan(plan: RankPlan, path: str | os.PathLike) -> Path:
+    """Write the plan as JSON atomically (temp file in the same folder, then rename).
+
+    The file also carries ``peft_config``, the plan's :meth:`RankPlan.to_peft_config` (with the
+    plan's own names), for users who copy it into their training script; it is not read back.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = plan.to_dict()
+    if plan.modules:
+        data["peft_config"] = plan.to_peft_config()
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(data, fh, indent=2)
+            fh.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_plan(path: str | os.PathLike) -> RankPlan:
+    """Read a plan written by :func:`save_plan`, validating every module's rank."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"No plan at {path}; write one with `spectra recommend … -o {path}`.") from None
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"Plan {path} is not valid JSON ({err}).") from None
+    try:
+        return RankPlan.from_dict(data)
+    except (KeyError, TypeError) as err:
+        raise ConfigError(f"Plan {path} is malformed ({err}); re-run `spectra recommend`.") from None

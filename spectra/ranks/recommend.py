@@ -1,0 +1,364 @@
+"""``recommend_ranks``: an analysis's per-module spectra + a policy → a :class:`~spectra.ranks.plan.RankPlan`.
+
+Reads the matrix rows of ``analysis.json`` (or the result object), reduces each to what a
+rank decision needs (its singular values, energy, shape) and applies the policy's targets,
+caps, shaping and budget.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import json
+import math
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from spectra.errors import ConfigError
+from spectra.ranks.budget import allocate_budget
+from spectra.ranks.functional import functional_ranks
+from spectra.ranks.plan import LeftOut, ModuleRank, RankPlan
+from spectra.ranks.policy import RankPolicy
+
+# roles a LoRA on linear layers does not target unless asked: embeddings need PEFT's embedding
+# LoRA and the head is often tied to them.
+_DEFAULT_SKIPPED_ROLES = ("embed", "head")
+
+
+@dataclass(frozen=True)
+class _Spectrum:
+    """One matrix row of an analysis, reduced to what a rank decision needs."""
+
+    name: str
+    role: str | None
+    layer: int | None
+    shape: tuple[int, int]            # (out, in)
+    conv1d: bool
+    fro2: float                       # ‖ΔW‖_F², exact
+    cum: np.ndarray                   # (k+1,) Σ_{i≤r} σᵢ², r = 0..k over the known values
+    noise_rank: int | None
+
+    @property
+    def full_rank(self) -> int:
+        return min(self.shape)
+
+    @property
+    def known(self) -> int:
+        return len(self.cum) - 1
+
+    def energy(self, rank: int) -> tuple[float, float]:
+        """Captured share of ‖ΔW‖_F² at ``rank`` as (lower, upper) bounds; equal when known.
+
+        Beyond the k known values, σᵢ ≤ σ_k bounds each further term, and the total is ≤ 1.
+        """
+        if self.fro2 <= 0:
+            return 1.0, 1.0
+        k = self.known
+        if rank <= k or k >= self.full_rank:
+            e = min(float(self.cum[min(rank, k)] / self.fro2), 1.0)
+            return e, e
+        lo = float(self.cum[k] / self.fro2)
+        last = float(self.cum[k] - self.cum[k - 1]) if k else self.fro2
+        return lo, min(1.0, lo + (rank - k) * last / self.fro2)
+
+    def energy_rank(self, tau: float) -> tuple[int, bool]:
+        """Smallest rank capturing τ of the energy, and whether it is exact (else a lower bound)."""
+        target = tau * self.fro2 * (1 - 1e-12)
+        hit = np.nonzero(self.cum >= target)[0]
+        if hit.size:
+            return max(int(hit[0]), 1), True
+        k = self.known
+        last = float(self.cum[k] - self.cum[k - 1]) if k else 0.0
+        if last <= 0:
+            return self.full_rank, False
+        # each unknown σᵢ² ≤ σ_k², so at least this many more are needed
+        more = math.ceil((target - self.cum[k]) / last)
+        return min(k + more, self.full_rank), False
+
+    def knee(self) -> int:
+        """Elbow of the cumulative-energy curve over the known values (Kneedle [4]_).
+
+        On the normalised curve x = i/k, y = E(i)/E(k), the knee is argmax_i (y_i − x_i).
+        """
+        k = self.known
+        if k <= 1 or self.cum[k] <= 0:
+            return 1
+        i = np.arange(k + 1)
+        return max(int(np.argmax(self.cum / self.cum[k] - i / k)), 1)
+
+
+def _rows(analysis: Any) -> tuple[list[dict], dict | None, dict | None]:
+    """Rows (as dicts) and the base and tuned descriptions of an analysis object, dict, file or directory."""
+    if isinstance(analysis, (str, os.PathLike)):
+        path = Path(analysis)
+        if path.is_dir():
+            path = path / "analysis.json"
+        if not path.is_file():
+            raise ConfigError(f"No analysis found at {path}: pass analysis.json or the directory holding it.")
+        try:
+            analysis = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"{path} is not valid JSON ({err}); re-run `spectra analyze`.") from None
+    if isinstance(analysis, Mapping):
+        modules, base, tuned = analysis.get("modules"), analysis.get("base"), analysis.get("tuned")
+    else:
+        modules, base = getattr(analysis, "modules", None), getattr(analysis, "base", None)
+        tuned = getattr(analysis, "tuned", None)
+    if modules is None:
+        raise ConfigError("The analysis has no 'modules' list: pass an AnalysisResult or analysis.json.")
+    rows = [m if isinstance(m, Mapping) else
+            (dataclasses.asdict(m) if dataclasses.is_dataclass(m) else vars(m)) for m in modules]
+    described = []
+    for info in (base, tuned):
+        if info is not None and not isinstance(info, Mapping):
+            info = dataclasses.asdict(info) if dataclasses.is_dataclass(info) else vars(info)
+        described.append(dict(info) if info is not None else None)
+    return rows, described[0], described[1]
+
+
+def _check_sweep_pair(sweep: Mapping, base: dict | None, tuned: dict | None) -> None:
+    """Refuse a truncation sweep of another pair than the analysis's, where both can be told apart.
+
+    Both record content fingerprints of their checkpoints, compared wherever the files now
+    are (or for a hub id). A sweep written before it recorded them has only its paths:
+    those are fingerprinted here when they still exist, and pass when they do not (the
+    module-name check still runs).
+    """
+    from spectra.checkpoints.source import open_checkpoint
+
+    recorded = sweep.get("fingerprints") or {}
+    for side, path in (("base", sweep.get("base")), ("tuned", sweep.get("tuned"))):
+        info = base if side == "base" else tuned
+        expected = (info or {}).get("fingerprint")
+        if not expected:
+            continue
+        found = recorded.get(side)
+        if not found and path and Path(str(path)).exists():
+            try:
+                found = open_checkpoint(str(path)).fingerprint()["fingerprint"]
+            except Exception:  # noqa: BLE001 - an unreadable path cannot be compared; the names check still runs
+                found = None
+        if found and found != expected:
+            raise ConfigError(f"the truncation sweep was run with {side} {path}, whose content differs from the "
+                              f"analysed {side} ({(info or {}).get('path', '?')}): sweep and analysis must measure "
+                              "the same pair. Re-run `spectra sweep` on it.")
+
+
+def _is_split(row: Mapping) -> bool:
+    # "c_attn[q]" is one projection of a fused tensor; LoRA can only target the fused whole
+    fused = row.get("fused_name")
+    return row["name"].endswith("]") or (fused is not None and fused != row["name"])
+
+
+def _spectrum(row: Mapping) -> _Spectrum:
+    try:
+        out_features, in_features = (int(d) for d in row["shape"])
+        fro = float(row["fro_norm"])
+        sv = np.asarray(row.get("singular_values") or [], dtype=np.float64)
+    except (KeyError, TypeError, ValueError) as err:
+        raise ConfigError(f"Analysis row {row.get('name')!r} lacks shape/fro_norm/singular_values ({err}).") from None
+    noise = row.get("noise") or {}
+    noise_rank = noise.get("rank_above", row.get("gd_rank"))
+    return _Spectrum(name=row["name"], role=row.get("role"), layer=row.get("layer"),
+                     shape=(out_features, in_features), conv1d=bool(row.get("conv1d", False)),
+                     fro2=fro * fro, cum=np.concatenate([[0.0], np.cumsum(sv * sv)]),
+                     noise_rank=None if noise_rank is None else int(noise_rank))
+
+
+def recommend_ranks(analysis: Any, policy: RankPolicy | None = None, *, sweep: Any = None) -> RankPlan:
+    """Recommend per-module LoRA ranks from measured spectra.
+
+    Parameters
+    ----------
+    analysis : AnalysisResult, dict, str or PathLike
+        An object with a ``.modules`` list, the dict of ``analysis.json``, that file, or the
+        directory holding it. Matrix rows that are not split projections (``c_attn[q]``) are
+        planned; vector rows are ignored.
+    policy : RankPolicy, optional
+        Default ``RankPolicy()``: the energy 0.9 rank of each module, capped at its noise floor.
+    sweep : SweepResult, dict, str or PathLike, optional
+        A truncation sweep (``spectra sweep``) of the same pair; needed by ``policy.functional``.
+
+    Returns
+    -------
+    RankPlan
+
+    Notes
+    -----
+    Order of decisions per module (the last binding one is its ``reason``):
+    target (``rank`` | ``uniform`` | max of ``energy``/``knee``) → ``noise`` cap (targets only)
+    → ``min_rank``/``max_rank``/full rank → power-of-two rounding → budget (greedy,
+    :func:`allocate_budget`, maximising the total captured Σσᵢ² of all targeted modules, i.e.
+    minimising the summed Eckart–Young error Σ_m ‖ΔW_m − ΔW_m,r‖_F²).
+    """
+    policy = policy or RankPolicy()
+    if policy.functional is not None and sweep is None:
+        raise ConfigError("RankPolicy.functional needs a truncation sweep: recommend_ranks(..., sweep=…) "
+                          "(run `spectra sweep BASE TUNED --data EVAL` first).")
+    functional = functional_ranks(sweep, policy.functional) if policy.functional is not None else None
+    rows, base, tuned = _rows(analysis)
+    if functional is not None:
+        _check_sweep_pair(functional["sweep"], base, tuned)
+    spectra, left_out = [], []
+    for row in rows:
+        if row.get("kind", "matrix") != "matrix" or _is_split(row):
+            continue
+        s = _spectrum(row)
+        why = _excluded(s, policy)
+        if why is None and s.fro2 <= 0:
+            why = "unchanged (ΔW = 0)"
+        if why is not None:
+            needed = s.energy_rank(policy.energy or 0.9)[0] if s.fro2 > 0 else 0
+            left_out.append(LeftOut(s.name, why, needed, math.sqrt(s.fro2)))
+        else:
+            spectra.append(s)
+    if not spectra:
+        raise ConfigError(f"No module of the analysis is targeted ({len(left_out)} left out; roles={policy.roles}, "
+                          f"include={policy.include!r}). Relax roles/include.")
+    uniform_rank = _uniform_rank(spectra, policy) if policy.uniform else None
+
+    plan = []  # (spectrum, rank, reason, upper rank for the budget)
+    for s in spectra:
+        if functional is not None and functional["modules"] and s.name not in functional["modules"]:
+            left_out.append(LeftOut(s.name, "not truncated by the sweep (taken whole from the fine-tune there)",
+                                    None, math.sqrt(s.fro2)))
+            continue
+        rank, reason = _target(s, policy, uniform_rank) if functional is None else _functional_target(s, functional)
+        if rank == 0:
+            why = "not needed: the sweep at rank 0 is within ε" if functional else "no signal above the noise floor"
+            left_out.append(LeftOut(s.name, why, 0, math.sqrt(s.fro2)))
+            continue
+        plan.append((s, *_shape(s, rank, reason, policy)))
+    unswept = [m.name for m in left_out if m.reason.startswith("not truncated by the sweep")]
+    if not plan and functional is not None and len(unswept) == len(spectra):
+        raise ConfigError(f"none of the {len(spectra)} targeted modules (e.g. {unswept[0]}) was truncated by the "
+                          f"sweep (it truncated e.g. {next(iter(functional['modules']))}): was it run on another "
+                          "model? Sweep and analysis must measure the same pair.")
+    if not plan and functional is not None:
+        raise ConfigError(f"The sweep is within ε={policy.functional:g} of the full fine-tune at rank 0 for every "
+                          "targeted module: no adapter is needed at that tolerance (lower functional).")
+    if not plan:
+        raise ConfigError("Every targeted module lies below its noise floor; nothing to plan (try noise=False).")
+
+    budget_gap = None
+    budget = policy.budget
+    cost = sum(r * sum(s.shape) for s, r, _ in plan) + _fixed_cost([s for s, _, _ in plan], policy)
+    if budget is not None and (cost > budget or (policy.energy is None and not policy.knee
+                                                 and policy.rank is None and not policy.uniform)):
+        plan, budget_gap = _apply_budget(plan, policy, budget)
+
+    modules = tuple(ModuleRank(name=s.name, role=s.role, layer=s.layer, shape=s.shape, rank=r,
+                               alpha=policy.alpha_for(r), energy=s.energy(r)[0], energy_upper=s.energy(r)[1],
+                               params=r * sum(s.shape), reason=reason, conv1d=s.conv1d,
+                               fro_norm=math.sqrt(s.fro2))
+                    for s, r, reason in plan)
+    return RankPlan(modules=modules, left_out=tuple(left_out), policy=policy, base=base, budget_gap=budget_gap,
+                    functional=functional)
+
+
+def _excluded(s: _Spectrum, policy: RankPolicy) -> str | None:
+    if policy.roles is not None:
+        if s.role not in policy.roles:
+            return f"role {s.role!r} not in roles"
+    elif s.role in _DEFAULT_SKIPPED_ROLES:
+        return f"role {s.role!r} (embeddings/heads are targeted only when named in roles)"
+    if policy.include is not None:
+        pattern = policy.include
+        ok = re.search(pattern[3:], s.name) if pattern.startswith("re:") else fnmatch.fnmatchcase(s.name, pattern)
+        if not ok:
+            return f"name does not match include={pattern!r}"
+    return None
+
+
+def _uniform_rank(spectra: list[_Spectrum], policy: RankPolicy) -> int:
+    """Smallest power of two capturing τ on ≥ uniform_share of modules (unknown energy counts as a miss)."""
+    tau = policy.energy or 0.9
+    need = math.ceil(policy.uniform_share * len(spectra) - 1e-9)
+    cap = max(s.full_rank for s in spectra)
+    if policy.max_rank is not None:
+        cap = min(cap, policy.max_rank)
+    r = 1
+    while True:
+        met = sum(s.energy(min(r, s.full_rank))[0] >= tau * (1 - 1e-12) for s in spectra)
+        if met >= need or 2 * r > cap:
+            return r
+        r *= 2
+
+
+def _target(s: _Spectrum, policy: RankPolicy, uniform_rank: int | None) -> tuple[int, str]:
+    if policy.rank is not None:
+        if policy.rank > s.full_rank:
+            raise ConfigError(f"rank={policy.rank} exceeds min(d_in, d_out) = {s.full_rank} of {s.name} "
+                              f"({s.shape[0]}×{s.shape[1]}); lower it or use max_rank instead.")
+        return policy.rank, "rank"
+    if uniform_rank is not None:
+        return min(uniform_rank, s.full_rank), "uniform" if uniform_rank <= s.full_rank else "full rank"
+    candidates = []
+    if policy.energy is not None:
+        r, exact = s.energy_rank(policy.energy)
+        candidates.append((r, f"energy≥{policy.energy:g}" + ("" if exact else f" (lower bound: {s.known} σ known)")))
+    if policy.knee:
+        candidates.append((s.knee(), "knee"))
+    if not candidates:  # budget alone: the budget decides up to the cap
+        rank, reason = s.known if s.known else s.full_rank, "spectrum known"
+    else:
+        rank, reason = max(candidates, key=lambda c: c[0])
+    if policy.noise and s.noise_rank is not None and s.noise_rank < rank:
+        rank, reason = s.noise_rank, "noise floor"
+    return rank, reason
+
+
+def _functional_target(s: _Spectrum, functional: dict) -> tuple[int, str]:
+    """The swept rank of the module's role curve (else the model curve); full rank when none was within ε."""
+    groups = functional["groups"]
+    group = s.role if s.role in groups else "model"
+    if group not in groups:
+        raise ConfigError(f"the sweep has no curve for {s.name} (role {s.role!r}) and no model-wide curve; sweep "
+                          "with groups='model' or include this role.")
+    rank = groups[group]["rank"]
+    where = f"functional≤{functional['epsilon']:g} ({'role ' + group if group != 'model' else 'model'})"
+    if rank is None:
+        return s.full_rank, where + ": no swept rank within ε"
+    return min(rank, s.full_rank), where
+
+
+def _shape(s: _Spectrum, rank: int, reason: str, policy: RankPolicy) -> tuple[int, str]:
+    """Apply min/max/full rank and power-of-two rounding."""
+    cap = s.full_rank if policy.max_rank is None else min(policy.max_rank, s.full_rank)
+    if rank < policy.min_rank:
+        rank, reason = policy.min_rank, "min_rank"
+    if rank > cap:
+        rank, reason = cap, "full rank" if cap == s.full_rank else "max_rank"
+    if policy.power_of_two and rank & (rank - 1):
+        up = 1 << rank.bit_length()
+        rank, reason = (up, "power of two") if up <= cap else (1 << (cap.bit_length() - 1), "power of two")
+    return rank, reason
+
+
+def _fixed_cost(spectra: list[_Spectrum], policy: RankPolicy) -> int:
+    return sum(s.shape[0] for s in spectra) if policy.use_dora else 0
+
+
+def _apply_budget(plan: list, policy: RankPolicy, budget: int) -> tuple[list, float]:
+    ladders, gains, costs = [], [], []
+    for s, upper, _ in plan:
+        lo = min(policy.min_rank, upper)
+        if policy.power_of_two:
+            ladder = [lo] + [1 << i for i in range(lo.bit_length(), upper.bit_length()) if (1 << i) <= upper]
+            if ladder[-1] != upper:
+                ladder.append(upper)
+        else:
+            ladder = list(range(lo, upper + 1))
+        ladders.append(ladder)
+        # captured Σσᵢ² at each rung; beyond the known values only the known part is counted
+        gains.append([float(s.cum[min(r, s.known)]) for r in ladder])
+        costs.append(sum(s.shape))
+    result = allocate_budget(ladders, gains, costs, budget, fixed_cost=_fixed_cost([p[0] for p in plan], policy))
+    total = sum(s.fro2 for s, _, _ in plan)
+    out = [(s, r, reason if r == upper else "budget") for (s, upper, reason), r in zip(plan, result.ranks)]
+    return out, (result.gap / total if total > 0 else 0.0)

@@ -1,0 +1,82 @@
+"""Functional ranks from truncation sweeps with planted gaps."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from spectra.errors import ConfigError
+from spectra.ranks import RankPolicy, functional_ranks, load_plan, recommend_ranks, save_plan
+from tests.ranks.rows import PLANTED, analysis, make_row
+
+
+def sweep_dict(curves, *, higher_is_better=True, examples=200, modules=None):
+    """A truncation sweep with planted gaps: curves maps group -> {rank: (gap, gap_interval)}."""
+    tuned = 0.88
+    sign = 1 if higher_is_better else -1
+    points = [{"group": g, "non_target": "tuned", "rank": r, "label": f"r={r}", "metric": tuned - sign * gap,
+               "interval": None, "gap": gap, "gap_interval": list(interval), "loss": 0.0, "accuracy": 0.0}
+              for g, curve in curves.items() for r, (gap, interval) in curve.items()]
+    return {"kind": "truncation_sweep", "metric": {"name": "accuracy", "higher_is_better": higher_is_better},
+            "examples": examples, "unit": "examples", "non_target": ["tuned"], "truncation": "eckart-young",
+            "reference": {"tuned": {"metric": tuned, "interval": [0.85, 0.91]}}, "points": points,
+            "bootstrap": {"replicates": 1000, "confidence": 0.95},
+            "modules": [{"name": n} for n in (modules or [])]}
+
+
+MODEL_CURVE = {1: (0.10, (0.07, 0.13)), 2: (0.05, (0.03, 0.07)), 4: (0.008, (-0.002, 0.02)),
+               8: (0.001, (-0.004, 0.006)), 16: (0.0, (0.0, 0.0))}
+
+
+@pytest.mark.parametrize(("epsilon", "rank", "resolved"), [(0.01, 4, False), (0.06, 2, False), (0.03, 4, True),
+                                                          (0.0, 16, True)])
+def test_functional_picks_smallest_rank_within_epsilon(epsilon, rank, resolved):
+    rows = [make_row("a", [1.0] * 32), make_row("b", [1.0] * 32, role="v", shape=(8, 32))]
+    plan = recommend_ranks(analysis(*rows), RankPolicy(functional=epsilon), sweep=sweep_dict({"model": MODEL_CURVE}))
+    assert [m.rank for m in plan.modules] == [rank, min(rank, 8)]
+    assert plan.modules[0].reason == f"functional≤{epsilon:g} (model)"
+    choice = plan.functional["groups"]["model"]
+    assert choice["rank"] == rank and choice["resolved"] is resolved  # the sweep's noise decides "resolved"
+    assert plan.functional["examples"] == 200 and plan.functional["tuned"]["interval"] == [0.85, 0.91]
+
+
+def test_functional_ignores_a_lucky_dip_and_reports_when_nothing_qualifies():
+    dip = {1: (0.001, (0, 0.01)), 2: (0.05, (0.03, 0.07)), 4: (0.001, (0, 0.01)), 8: (0.0, (0, 0))}
+    choice = functional_ranks(sweep_dict({"model": dip}), 0.01)["groups"]["model"]
+    assert choice["rank"] == 4 and choice["swept"] == [1, 2, 4, 8]
+    never = {1: (0.2, (0.1, 0.3)), 2: (0.1, (0.05, 0.15))}
+    plan = recommend_ranks(analysis(make_row("a", [1.0] * 32)), RankPolicy(functional=0.01),
+                           sweep=sweep_dict({"model": never}))
+    assert plan.modules[0].rank == 32 and plan.modules[0].reason.endswith("no swept rank within ε")
+
+
+def test_functional_per_role_and_rank_zero_leaves_a_module_out(tmp_path):
+    curves = {"q": {0: (0.004, (0, 0.008)), 1: (0.0, (0, 0))},
+              "v": {0: (0.3, (0.2, 0.4)), 1: (0.1, (0.05, 0.15)), 2: (0.0, (0, 0))}}
+    rows = [make_row("q0", PLANTED, role="q"), make_row("v0", PLANTED, role="v"), make_row("o0", PLANTED, role="o")]
+    sweep = sweep_dict(curves, modules=["q0", "v0"])
+    plan = recommend_ranks(analysis(*rows), RankPolicy(functional=0.01), sweep=sweep)
+    assert [(m.name, m.rank, m.reason) for m in plan.modules] == [("v0", 2, "functional≤0.01 (role v)")]
+    reasons = {m.name: m.reason for m in plan.left_out}
+    assert reasons["q0"].startswith("not needed") and reasons["o0"].startswith("not truncated by the sweep")
+    assert load_plan(save_plan(plan, tmp_path / "plan.json")).functional == json.loads(json.dumps(plan.functional))
+    # lower-is-better metrics read the same gaps
+    lower = sweep_dict({"model": MODEL_CURVE}, higher_is_better=False)
+    assert functional_ranks(lower, 0.01)["groups"]["model"]["rank"] == 4
+
+
+def test_functional_policy_errors(tmp_path):
+    with pytest.raises(ConfigError, match="sweep"):
+        recommend_ranks(analysis(make_row("a", PLANTED)), RankPolicy(functional=0.01))
+    with pytest.raises(ConfigError, match="functional"):
+        RankPolicy(functional=-0.1)
+    with pytest.raises(ConfigError, match="cannot be combined"):
+        RankPolicy(functional=0.01, rank=4)
+    with pytest.raises(ConfigError, match="not a truncation sweep"):
+        functional_ranks({"runs": []}, 0.01)
+    with pytest.raises(ConfigError, match="cannot read sweep"):
+        functional_ranks(tmp_path / "missing", 0.01)
+    with pytest.raises(ConfigError, match="no adapter is needed"):
+        recommend_ranks(analysis(make_row("a", PLANTED)), RankPolicy(functional=0.01),
+                        sweep=sweep_dict({"model": {0: (0.0, (0, 0))}}))
