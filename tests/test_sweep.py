@@ -162,6 +162,11 @@ def test_cli_sweep_writes_report_and_functional_plan(bert, tmp_path):
     other = dict(moved, fingerprints=dict(swept["fingerprints"], tuned=swept["fingerprints"]["base"]))
     with pytest.raises(ConfigError, match="tuned .* content differs"):
         recommend_ranks(analysis, functional, sweep=other)
+    adapter = dict(analysed, tuned=dict(analysed["tuned"], format="peft-adapter"))  # tuned side not comparable
+    assert recommend_ranks(adapter, functional, sweep=other).modules  # the base matches: accepted
+    other_base = dict(moved, fingerprints=dict(swept["fingerprints"], base=swept["fingerprints"]["tuned"]))
+    with pytest.raises(ConfigError, match="base .* content differs"):
+        recommend_ranks(adapter, functional, sweep=other_base)
     older = {k: v for k, v in swept.items() if k != "fingerprints"}  # a sweep.json from before fingerprints
     with pytest.raises(ConfigError, match="tuned .* content differs"):
         recommend_ranks(analysis, functional, sweep=dict(older, tuned=str(base)))  # same names, other content

@@ -73,15 +73,16 @@ def _status(key: str) -> int:
     return -1
 
 
-_QUICK_S = 1.0  # runs shorter than this are repeated (best of ≥ 3): one-off costs and hiccups dominate them
+_QUICK_S = 1.0  # runs shorter than this are repeated for about this long (best of ≥ 3, ≤ 20)
 
 
 def _run(fn, repeats: int):
     """(best seconds, result, peak extra bytes) of `fn()`.
 
-    `repeats` runs, at least 3 when the first takes under a second: a single short run
-    carries first-call costs (LAPACK workspace queries, thread-pool start, fresh pages)
-    and any scheduling hiccup of a shared machine at full weight.
+    `repeats` runs; when the first takes under a second, as many as fill about a second
+    (at least 3, at most 20): a single short run carries first-call costs (LAPACK
+    workspace queries, thread-pool start, fresh pages) and any scheduling hiccup of a
+    shared machine at full weight, and a 0.05 s run moved by 10–50 % between best-of-3s.
     """
     best, out, peak = math.inf, None, -1
     runs, done = repeats, 0
@@ -94,7 +95,7 @@ def _run(fn, repeats: int):
         if before >= 0:
             peak = max(peak, _status("VmHWM") - before)
         if done == 0 and elapsed < _QUICK_S:
-            runs = max(runs, 3)
+            runs = max(runs, min(20, max(3, math.ceil(_QUICK_S / max(elapsed, 1e-3)))))
         done += 1
     return best, out, peak
 

@@ -56,15 +56,19 @@ def reorthogonalize(Y: torch.Tensor, basis: torch.Tensor, last: int) -> torch.Te
 
 
 def krylov_block(k: int, r: int) -> int:
-    """Default block width for the top-k of a matrix with short side r: clip(3k/16, 32, 128).
+    """Default block width for the top-k of a matrix with short side r: clip(max(3k/16, min(k/4, 48)), 32, 128).
 
-    Narrower blocks build a higher-degree Krylov space for the same width (fewer columns
-    to converge: 624 instead of 704 for the top 256 of a slow power law on 4096²) but run
-    slower GEMMs; below ~48 columns the GEMM rate drops faster than the space shrinks.
-    Measured on 4096² and 4096×11008 at k = 256: b = 48 took 0.87–0.92× the time of
-    b = 64 on the power law, within 1e-3 on every spectrum type.
+    A narrower block builds a higher-degree Krylov space for the same accuracy (624 instead
+    of 704 columns for the top 256 of a slow power law on 4096²) but runs slower GEMMs:
+    measured on 4096² and 4096×11008 at k = 256, width 48 took 0.87–0.92× the time of 64
+    on the power law and met 1e-3 on planted, power-law and bf16 spectra, while width 32
+    let the convergence estimate stop at 3–8× the requested error on the planted and bf16
+    ones. At k = 512 on 4096², 96 against 128 (two alternating runs): 0.89–0.93× the time on
+    the bf16 and planted spectra, 0.70× and 1.24× on the power law, within 1e-3 on all. So
+    the width is 3k/16 but never below min(k/4, 48) (below k = 192 that is the k/4 rule it
+    replaced), and always within [32, 128].
     """
-    return max(1, min(r, max(32, min(128, 3 * k // 16))))
+    return max(1, min(r, max(32, min(128, max(3 * k // 16, min(k // 4, 48))))))
 
 
 class BlockLanczos:

@@ -59,7 +59,7 @@ def allocate_budget(ladders: list[list[int]], gains: list[list[float]], unit_cos
     rungs alike): cumulative energy is concave in the parameters spent.
 
     1. *Fractional relaxation* (steps may be taken in part): this is the fractional knapsack,
-       solved exactly by taking steps in decreasing ratio order [5]_. Concavity makes that
+       solved exactly by taking steps in decreasing ratio order [1]_. Concavity makes that
        order respect each ladder's order, so the "step j before j+1" constraints never bind.
     2. *Prefix optimality*: let P be the steps greedy takes before the first one that does not
        fit. P is the fractional optimum for budget C(P) and it is integral, so no plan costing

@@ -78,10 +78,10 @@ class RankPlan:
         ``analysis["base"]`` (path, fingerprint) so a plan can be checked against its base.
     budget_gap : float or None
         With a binding budget: an upper bound on how much more total energy (share of all
-        targeted ‖ΔW‖_F²) any plan within budget could capture (see :func:`allocate_budget`).
+        targeted ‖ΔW‖_F²) any plan within budget could capture (see :func:`~spectra.ranks.budget.allocate_budget`).
     functional : dict or None
         With ``RankPolicy.functional``: the sweep's choice per curve, with its noise (see
-        :func:`functional_ranks`).
+        :func:`~spectra.ranks.functional.functional_ranks`).
     """
 
     modules: tuple[ModuleRank, ...]

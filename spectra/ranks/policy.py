@@ -1,4 +1,12 @@
-"""The rank policy: which targets, caps, shaping and budget turn spectra into ranks."""
+"""The rank policy: which targets, caps, shaping and budget turn spectra into ranks.
+
+References
+----------
+.. [1] Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models", arXiv:2106.09685.
+.. [2] Kalajdzievski, "A Rank Stabilization Scaling Factor for Fine-Tuning with LoRA", arXiv:2312.03732.
+.. [3] Gavish & Donoho, "The Optimal Hard Threshold for Singular Values is 4/√3", arXiv:1305.5870.
+.. [4] Satopää et al., "Finding a 'Kneedle' in a Haystack", ICDCS workshops 2011.
+"""
 
 from __future__ import annotations
 
@@ -21,7 +29,7 @@ class RankPolicy:
     the larger wins, so each is met. ``rank`` and ``uniform`` instead give every module one rank.
     ``noise`` caps targets at the signal rank. ``min_rank``/``max_rank``/``power_of_two`` then
     shape the ranks, and a budget (``budget_params`` or ``budget_bytes``) finally trims the plan
-    by the greedy allocation of :func:`allocate_budget`, using the ranks above as per-module caps
+    by the greedy allocation of :func:`~spectra.ranks.budget.allocate_budget`, using the ranks above as per-module caps
     (pass ``energy=None`` to let the budget alone decide).
 
     Parameters
@@ -74,7 +82,7 @@ class RankPolicy:
     functional : float or None
         ε in the sweep metric's units: each module gets the smallest swept rank whose truncation
         sweep metric lies within ε of the full fine-tune's (per role when the sweep has per-role
-        curves, else one rank for the model); see :func:`functional_ranks`. Replaces the
+        curves, else one rank for the model); see :func:`~spectra.ranks.functional.functional_ranks`. Replaces the
         ``energy``/``knee`` targets and is not capped by ``noise`` (the function was measured at
         that rank). Needs ``recommend_ranks(..., sweep=...)``. Default None.
     """

@@ -2,7 +2,12 @@
 
 Reads the matrix rows of ``analysis.json`` (or the result object), reduces each to what a
 rank decision needs (its singular values, energy, shape) and applies the policy's targets,
-caps, shaping and budget.
+caps, shaping and budget; with a functional policy, it first checks that the truncation
+sweep measured the analysed pair.
+
+References
+----------
+.. [1] Satopää et al., "Finding a 'Kneedle' in a Haystack", ICDCS workshops 2011.
 """
 
 from __future__ import annotations
@@ -81,7 +86,7 @@ class _Spectrum:
         return min(k + more, self.full_rank), False
 
     def knee(self) -> int:
-        """Elbow of the cumulative-energy curve over the known values (Kneedle [4]_).
+        """Elbow of the cumulative-energy curve over the known values (Kneedle [1]_).
 
         On the normalised curve x = i/k, y = E(i)/E(k), the knee is argmax_i (y_i − x_i).
         """
@@ -127,7 +132,9 @@ def _check_sweep_pair(sweep: Mapping, base: dict | None, tuned: dict | None) -> 
     Both record content fingerprints of their checkpoints, compared wherever the files now
     are (or for a hub id). A sweep written before it recorded them has only its paths:
     those are fingerprinted here when they still exist, and pass when they do not (the
-    module-name check still runs).
+    module-name check still runs). An analysis whose tuned side is a PEFT adapter cannot
+    be compared on that side (a sweep needs the full model, an adapter's fingerprint is of
+    its own weights): its base decides.
     """
     from spectra.checkpoints.source import open_checkpoint
 
@@ -135,7 +142,7 @@ def _check_sweep_pair(sweep: Mapping, base: dict | None, tuned: dict | None) -> 
     for side, path in (("base", sweep.get("base")), ("tuned", sweep.get("tuned"))):
         info = base if side == "base" else tuned
         expected = (info or {}).get("fingerprint")
-        if not expected:
+        if not expected or (info or {}).get("format") == "peft-adapter":
             continue
         found = recorded.get(side)
         if not found and path and Path(str(path)).exists():
@@ -145,8 +152,9 @@ def _check_sweep_pair(sweep: Mapping, base: dict | None, tuned: dict | None) -> 
                 found = None
         if found and found != expected:
             raise ConfigError(f"the truncation sweep was run with {side} {path}, whose content differs from the "
-                              f"analysed {side} ({(info or {}).get('path', '?')}): sweep and analysis must measure "
-                              "the same pair. Re-run `spectra sweep` on it.")
+                              f"analysed {side} ({(info or {}).get('path', '?')}; fingerprints {found} in the sweep, "
+                              f"{expected} in the analysis): sweep and analysis must measure the same pair. "
+                              "Re-run `spectra sweep` on it.")
 
 
 def _is_split(row: Mapping) -> bool:

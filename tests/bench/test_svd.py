@@ -39,8 +39,13 @@ def test_short_runs_are_repeated_and_the_best_kept(monkeypatch):
         time.sleep(0.002 if len(calls) > 1 else 0.02)  # the first call pays a one-off cost
         return len(calls)
 
+    monkeypatch.setattr(bench_svd, "_QUICK_S", 0.05)  # a 0.02 s first run: repeated to fill 0.05 s
     best, out, _ = bench_svd._run(fn, repeats=1)
     assert len(calls) == 3 and out == 3 and best < 0.015  # best of three, not the warm-up
+    calls.clear()
+    monkeypatch.setattr(bench_svd, "_QUICK_S", 1.0)  # 50 would fill a second: capped at 20
+    bench_svd._run(fn, repeats=1)
+    assert len(calls) == 20
     calls.clear()
     monkeypatch.setattr(bench_svd, "_QUICK_S", 0.0)  # every run counts as long: no extra repeats
     bench_svd._run(fn, repeats=1)

@@ -55,7 +55,8 @@ def test_filling_the_space_gives_the_exact_spectrum():
 
 
 def test_default_block():
-    assert krylov_block(8, 1000) == 32 and krylov_block(256, 4096) == 48 and krylov_block(4096, 8192) == 128
+    assert krylov_block(8, 1000) == 32 and krylov_block(160, 4096) == 40 and krylov_block(4096, 8192) == 128
+    assert krylov_block(200, 4096) == 48 and krylov_block(256, 4096) == 48 and krylov_block(512, 4096) == 96
     assert krylov_block(64, 20) == 20  # never wider than the matrix
 
 

@@ -228,6 +228,20 @@ def test_adaptive_falls_back_to_full_beyond_cap():
     assert A.k == int(np.searchsorted(np.cumsum(ref**2) / np.sum(ref**2), 0.99) + 1)
 
 
+def test_adaptive_goes_full_at_once_when_the_budget_cannot_cover_three_steps():
+    M = planted(m=96, n=300)  # a 32-wide step is ~3.7 MFLOP; 15 % of the full spectrum is ~1.6 MFLOP
+    ref = reference_svdvals(M)
+    A = adaptive_svd(M, energy=0.9, block_size=32, random_state=0)
+    assert A.method == "adaptive->full" and A.n_iter == 0
+    assert A.k == int(np.searchsorted(np.cumsum(ref**2) / np.sum(ref**2), 0.9) + 1)
+    # 300×400 with energy rank ≤ 8: three 8-wide steps are ~12 of its 42 MFLOP budget, so the Krylov path runs
+    wider = planted(signal=torch.linspace(10, 5, 8, dtype=torch.float64))
+    ref = reference_svdvals(wider)
+    B = adaptive_svd(wider, energy=0.9, block_size=8, random_state=0)
+    assert B.method == "adaptive" and B.n_iter > 0
+    assert B.k == int(np.searchsorted(np.cumsum(ref**2) / np.sum(ref**2), 0.9) + 1)
+
+
 def test_adaptive_rtol():
     M = planted(rank=6, noise=1e-3)
     A = adaptive_svd(M, energy=None, rtol=0.2, block_size=8, random_state=0)  # σ₇/σ₁ ≈ 0.17, σ₆/σ₁ ≈ 0.5
