@@ -706,9 +706,9 @@ def _adaptive_svd(A, energy, rtol, block, max_rank, tol, gen, compute_vectors, t
     # the per-step Ritz values), so 15 % of the flops keeps a fall-back within ~1.2× of
     # going full at once (0.2 measured 1.22–1.25× on the bench's worst cases).
     budget = 0.15 * (short * short * long_ + 9.0 * short**3)
-    step = lambda d: 4.0 * short * long_ * block + 8.0 * (short + long_) * d * block  # noqa: E731  flops of a step
+    step_flops = lambda d: 4.0 * short * long_ * block + 8.0 * (short + long_) * d * block  # noqa: E731  at d columns
     rank_of = lambda v: _stop_rank(v, total, energy, rtol, usable=v.numel()) or v.numel()  # noqa: E731
-    if step(block) + step(2 * block) + step(3 * block) > budget:
+    if step_flops(block) + step_flops(2 * block) + step_flops(3 * block) > budget:
         # The budget does not cover three steps (a run returns after two at the earliest, when the
         # first block already holds a converged answer): on a matrix this small the steps' fixed
         # costs would only add to the full decomposition that follows (measured 1.3–1.6× on 768×2304).
@@ -720,7 +720,7 @@ def _adaptive_svd(A, energy, rtol, block, max_rank, tol, gen, compute_vectors, t
     while not lan.full and spent <= budget:
         lan.step()
         steps += 1
-        spent += step(lan.d)
+        spent += step_flops(lan.d)
         S = lan.ritz_values()
         usable = lan.d - margin(lan.d)
         k = _stop_rank(S, total, energy, rtol, usable)
