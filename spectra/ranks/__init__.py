@@ -11,13 +11,10 @@ Conventions (see DESIGN.md): ΔW is oriented ``(out, in)``; a rank-r LoRA costs 
 parameters (``A`` is ``(r, in)``, ``B`` is ``(out, r)``) and, by Eckart–Young, captures at most
 ``Σ_{i≤r} σᵢ² / ‖ΔW‖_F²`` of the update's energy.
 
-References
-----------
-.. [1] Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models", arXiv:2106.09685.
-.. [2] Kalajdzievski, "A Rank Stabilization Scaling Factor for Fine-Tuning with LoRA", arXiv:2312.03732.
-.. [3] Gavish & Donoho, "The Optimal Hard Threshold for Singular Values is 4/√3", arXiv:1305.5870.
-.. [4] Satopää et al., "Finding a 'Kneedle' in a Haystack", ICDCS workshops 2011.
-.. [5] Dantzig, "Discrete-variable extremum problems", Operations Research 5 (1957).
+Modules: :mod:`~spectra.ranks.policy` (what decides a rank), :mod:`~spectra.ranks.recommend`
+(analysis rows → plan), :mod:`~spectra.ranks.budget` (the allocation under a budget),
+:mod:`~spectra.ranks.plan` (the plan, its PEFT config and file) and
+:mod:`~spectra.ranks.functional` (ranks from truncation sweeps); each cites its sources.
 """
 
 from spectra.ranks.budget import Allocation, allocate_budget
