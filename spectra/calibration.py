@@ -37,7 +37,7 @@ import torch
 
 from spectra.errors import ConfigError
 from spectra.linalg import metrics
-from spectra.linalg.svd import Spectrum, full_svd, randomized_svd
+from spectra.linalg.svd import CONVERGED_TOL, Spectrum, full_svd, randomized_svd
 
 
 
@@ -224,7 +224,7 @@ def truncation_factors(delta: torch.Tensor, rank: int, *, covariance: torch.Tens
         spec = full_svd(M, compute_vectors=True, dtype=torch.float64)
         U, S, Vh = spec.U[:, :rank], spec.values[:rank], spec.Vh[:rank]
     else:
-        spec = randomized_svd(M, rank, compute_vectors=True, random_state=seed, tol=1e-4)  # block Krylov, converged
+        spec = randomized_svd(M, rank, compute_vectors=True, random_state=seed, tol=CONVERGED_TOL)  # block Krylov, converged
         U, S, Vh = spec.U, spec.values, spec.Vh
     U, S, Vh = (x.to(torch.float64) for x in (U, S, Vh))
     Vw = Vh if inverse_root is None else Vh @ inverse_root  # (r, in) @ (in, in)

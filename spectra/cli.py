@@ -400,7 +400,7 @@ def bench_svd(
     kinds: Annotated[str, typer.Option(help="Spectrum types: planted,power_law,bf16.")] = "planted,power_law,bf16",
     ks: Annotated[str, typer.Option(help="Comma-separated top-k sizes.")] = "64,256",
     quick: Annotated[bool, typer.Option(help="Tiny shapes, seconds (a smoke test).")] = False,
-    repeats: Annotated[int, typer.Option(help="Runs per measurement; the best is kept (at least 3 for runs under 1 s).")] = 1,
+    repeats: Annotated[int, typer.Option(help="Runs per measurement; the best is kept (runs under 1 s are repeated for about a second, 3–20 times).")] = 1,
     seed: Annotated[int, typer.Option(help="Seed of the test matrices and sketches.")] = 0,
 ) -> None:
     """Time spectra's full, randomized and adaptive SVD side by side with torch, scikit-learn and SciPy."""

@@ -269,21 +269,6 @@ def _key(weights, mode: str, group: str, label: str, rank: int | None, plan_rank
 # ---------------------------------------------------------------------------- summary
 
 
-def _fingerprints(base, tuned) -> dict[str, str | None]:
-    """Content fingerprints of the two checkpoints (as ``spectra analyze`` records them), so that
-    ``spectra recommend --sweep`` can tell whether the sweep measured the analysed pair even
-    after the files moved or for a hub id; None where one cannot be taken."""
-    from spectra.checkpoints.source import open_checkpoint
-
-    found = {}
-    for side, spec in (("base", base), ("tuned", tuned)):
-        try:
-            found[side] = open_checkpoint(str(spec)).fingerprint()["fingerprint"]
-        except Exception:  # noqa: BLE001 - the models loaded; a fingerprint is a check, not a requirement
-            found[side] = None
-    return found
-
-
 def _summarize(jobs, keys, stats, metric: Metric, weights, config: SweepConfig, *, ranks, non_target, groups, task,
                base, tuned, data, calibration, label_names, seconds) -> dict:
     tuned_key = keys[0]
@@ -309,7 +294,9 @@ def _summarize(jobs, keys, stats, metric: Metric, weights, config: SweepConfig, 
     first = stats[tuned_key]
     return {
         "schema_version": SCHEMA_VERSION, "kind": "truncation_sweep", "base": str(base), "tuned": str(tuned),
-        "fingerprints": _fingerprints(base, tuned), "data": str(data), "task": task, "label_names": label_names,
+        "fingerprints": {side: source.fingerprint()["fingerprint"]  # as `spectra analyze` records them
+                         for side, source in (("base", weights.pairing.base), ("tuned", weights.pairing.tuned))},
+        "data": str(data), "task": task, "label_names": label_names,
         "metric": {"name": metric.name, "higher_is_better": metric.higher_is_better},
         "examples": int(first["num"].shape[0]), "units": int(first["count"].sum()),
         "unit": "tokens" if task == "causal_lm" else "examples",

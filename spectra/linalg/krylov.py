@@ -25,6 +25,8 @@ import math
 
 import torch
 
+from spectra.linalg.lapack import gram_singular_values
+
 __all__ = ["BlockLanczos", "krylov_block", "reorthogonalize"]
 
 
@@ -171,8 +173,6 @@ class BlockLanczos:
         """
         P = self.projection()
         if self.A.dtype == torch.float32:
-            from spectra.linalg.lapack import gram_singular_values
-
             return gram_singular_values(P @ P.T)
         return torch.linalg.svdvals(P)
 

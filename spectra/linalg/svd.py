@@ -37,7 +37,11 @@ from spectra.errors import ConfigError
 from spectra.linalg.krylov import BlockLanczos, krylov_block
 from spectra.linalg.lapack import gram_singular_values
 
-__all__ = ["Spectrum", "full_svd", "randomized_svd", "adaptive_svd", "spectrum", "frobenius_energy"]
+__all__ = ["Spectrum", "full_svd", "randomized_svd", "adaptive_svd", "spectrum", "frobenius_energy", "CONVERGED_TOL"]
+
+# Relative convergence of the top singular values wherever a top-k is taken as exact enough
+# (spectrum(n_components=…), extraction, calibrated truncation, adaptive_svd's default).
+CONVERGED_TOL = 1e-4
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -145,6 +149,9 @@ def _generator(random_state, device: torch.device) -> torch.Generator:
     return gen
 
 
+_NORM_CHUNK = 1 << 18  # float64 elements up-cast at a time by frobenius_energy (2 MB)
+
+
 def frobenius_energy(M: torch.Tensor) -> float:
     """‖M‖_F² accumulated in float64 (exact to rounding of the sum).
 
@@ -185,9 +192,6 @@ def frobenius_energy(M: torch.Tensor) -> float:
         piece.copy_(flat[i:i + step])
         total += float(torch.dot(piece, piece))
     return total
-
-
-_NORM_CHUNK = 1 << 18  # float64 elements up-cast at a time by frobenius_energy (2 MB)
 
 
 # ---------------------------------------------------------------------------- full spectrum
@@ -578,7 +582,7 @@ def adaptive_svd(
     rtol: float | None = None,
     block_size: int = 32,
     max_rank: int | None = None,
-    tol: float = 1e-4,
+    tol: float = CONVERGED_TOL,
     random_state: int | torch.Generator | None = None,
     compute_vectors: bool = False,
 ) -> Spectrum:
@@ -804,6 +808,6 @@ def spectrum(
         if n_components is None:
             raise ConfigError("method='randomized' needs `n_components`.")
         return randomized_svd(M, n_components, compute_vectors=compute_vectors, random_state=random_state,
-                              tol=1e-4)  # block Krylov until the top-k values converge
+                              tol=CONVERGED_TOL)  # block Krylov until the top-k values converge
     return adaptive_svd(M, energy=0.9 if energy is None else energy, compute_vectors=compute_vectors,
                         random_state=random_state)

@@ -29,7 +29,7 @@ import torch
 from spectra.checkpoints.adapter import PEFT_PREFIX
 from spectra.checkpoints.pairing import Pairing, PairingOptions
 from spectra.errors import ConfigError
-from spectra.linalg.svd import full_svd, randomized_svd
+from spectra.linalg.svd import CONVERGED_TOL, full_svd, randomized_svd
 
 
 @dataclass(frozen=True)
@@ -212,16 +212,13 @@ def _modules_to_save(pairing: Pairing, names: tuple[str, ...]) -> list[str]:
     return out
 
 
-_TOL = 1e-4  # relative convergence of the top-r singular values on the randomized path
-
-
 def _factorize(delta: torch.Tensor, rank: int, scaling: float, *, full_below: int, seed: int):
     """A (r, in), B (out, r) with s·B@A the best rank-r approximation of delta; plus its error."""
     if min(delta.shape) <= full_below:
         spec = full_svd(delta, compute_vectors=True)
         U, S, Vh = spec.U[:, :rank], spec.values[:rank], spec.Vh[:rank]
     else:
-        spec = randomized_svd(delta, rank, compute_vectors=True, random_state=seed, tol=_TOL)  # block Krylov
+        spec = randomized_svd(delta, rank, compute_vectors=True, random_state=seed, tol=CONVERGED_TOL)  # block Krylov
         U, S, Vh = spec.U, spec.values, spec.Vh
     U, S, Vh = (x.to(device=delta.device, dtype=torch.float32) for x in (U, S, Vh))
     root = torch.sqrt(S / scaling)  # (r,): each factor carries √(σ/s)
