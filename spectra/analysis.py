@@ -204,8 +204,9 @@ def analyze_delta(d: DeltaW, config: AnalysisConfig) -> dict[str, Any]:
         "fused_name": d.fused_name, "conv1d": d.conv1d, "shape": list(d.shape),
         "base_dtype": d.base_dtype, "tuned_dtype": d.tuned_dtype, "base_tensor": d.base_tensor,
     }
-    fro2 = sketch.squared_norm(d.delta)
-    fro, base_fro = math.sqrt(fro2), math.sqrt(sketch.squared_norm(d.base))
+    fro2 = sketch.squared_norm(d.delta) if d.delta_sq is None else d.delta_sq
+    base_fro = math.sqrt(sketch.squared_norm(d.base) if d.base_sq is None else d.base_sq)
+    fro = math.sqrt(fro2)
     row.update(fro_norm=fro, base_fro_norm=base_fro, relative_size=fro / base_fro if base_fro else math.inf)
     if d.added_rows:
         row["added_rows"] = d.added_rows

@@ -34,7 +34,7 @@ from spectra.linalg import metrics
 from spectra.linalg.lapack import gram_singular_values
 from spectra.linalg.svd import Spectrum, full_svd
 
-__all__ = ["energy_sketch", "squared_norm", "sampled_noise_floor", "top_values"]
+__all__ = ["BlockSquaredNorm", "energy_sketch", "squared_norm", "sampled_noise_floor", "top_values"]
 
 _SIGNIFICAND_BITS = {torch.float32: 24, torch.bfloat16: 8, torch.float16: 11}
 _MIN_NORMAL_EXP = {torch.float32: -126, torch.bfloat16: -126, torch.float16: -14}
@@ -63,17 +63,45 @@ def squared_norm(M: torch.Tensor) -> float:
         return 0.0
     if flat.dtype == torch.float64 or flat.numel() <= _BLOCK:
         return float(torch.linalg.vector_norm(flat.double())) ** 2
+    acc = BlockSquaredNorm(flat.numel(), device=flat.device)
     if flat.dtype != torch.float32:
         step = _BLOCK << 4
-        return sum(_squared_norm_f32(flat[i:i + step].float()) for i in range(0, flat.numel(), step))
-    return _squared_norm_f32(flat)
+        for i in range(0, flat.numel(), step):
+            acc.add(flat[i:i + step].float())
+    else:
+        acc.add(flat)
+    return acc.total()
 
 
-def _squared_norm_f32(flat: torch.Tensor) -> float:
-    n = flat.numel() // _BLOCK * _BLOCK
-    blocks = torch.linalg.vector_norm(flat[:n].view(-1, _BLOCK), dim=1).double()  # (n / 2¹²,)
-    rest = float(torch.linalg.vector_norm(flat[n:].double())) ** 2 if n < flat.numel() else 0.0
-    return float((blocks * blocks).sum()) + rest
+class BlockSquaredNorm:
+    """:func:`squared_norm` of a float32 vector that arrives in consecutive chunks.
+
+    Every chunk but the last must hold whole blocks of 2¹² elements; each block's fp32
+    norm is kept, and :meth:`total` sums their squares in float64 — the same blocks and
+    sums as :func:`squared_norm` of the whole vector. A producer that has each chunk in
+    cache anyway (the up-cast and subtraction of a weight pair) gets the norm without
+    another pass over memory.
+    """
+
+    def __init__(self, numel: int, device: torch.device | str = "cpu"):
+        self.blocks = torch.empty(numel // _BLOCK, dtype=torch.float32, device=device)  # fp32 norm per block
+        self.filled = 0
+        self.rest = 0.0  # the last partial block, in float64
+
+    def add(self, chunk: torch.Tensor) -> None:
+        """Take the next `chunk` (flat float32, starting on a block boundary)."""
+        n = chunk.numel() // _BLOCK
+        if n:
+            torch.linalg.vector_norm(chunk[:n * _BLOCK].view(n, _BLOCK), dim=1,
+                                     out=self.blocks[self.filled:self.filled + n])
+            self.filled += n
+        if n * _BLOCK < chunk.numel():
+            self.rest += float(torch.linalg.vector_norm(chunk[n * _BLOCK:].double())) ** 2
+
+    def total(self) -> float:
+        """‖·‖_F² of everything added."""
+        blocks = self.blocks[:self.filled].double()
+        return float((blocks * blocks).sum()) + self.rest
 
 
 def _mean_ulp_squared(x: torch.Tensor, storage: torch.dtype) -> float:

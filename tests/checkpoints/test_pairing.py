@@ -295,6 +295,90 @@ def test_exact_difference_keeps_a_transposed_view_and_mixed_dtypes():
     assert torch.equal(mixed, tuned.float() - base.float())
 
 
+@pytest.mark.parametrize("storage", [torch.bfloat16, torch.float16])
+def test_difference_and_norms_match_float64(storage):
+    """The norms taken during the chunked subtraction: within 1e-6 of float64, equal to squared_norm's."""
+    from spectra.checkpoints import pairing
+    from spectra.linalg.sketch import squared_norm
+
+    g = torch.Generator().manual_seed(2)
+    rows = 3 * pairing._CHUNK // 64 + 5  # three chunks and a tail that is not a whole 2¹² block
+    base = torch.randn(rows, 64, generator=g).to(storage)
+    tuned = (base.float() + 1e-2 * torch.randn(rows, 64, generator=g)).to(storage)
+    delta, delta_sq, base_sq = pairing.difference_and_norms(tuned, base, torch.float32)
+    assert torch.equal(delta, tuned.float() - base.float())
+    ref_delta = float((tuned.double() - base.double()).square().sum())
+    ref_base = float(base.double().square().sum())
+    assert delta_sq == pytest.approx(ref_delta, rel=1e-6) and base_sq == pytest.approx(ref_base, rel=1e-6)
+    assert delta_sq == pytest.approx(squared_norm(delta), rel=1e-12)
+    assert base_sq == pytest.approx(squared_norm(base), rel=1e-12)
+    # Conv1D (a transposed view) takes the same route in its stored layout.
+    _, t_sq, b_sq = pairing.difference_and_norms(tuned.T, base.T, torch.float32)
+    assert (t_sq, b_sq) == (delta_sq, base_sq)
+    # Routes that do not chunk into float32 give no norms (the caller computes them).
+    assert pairing.difference_and_norms(tuned, base, torch.float64)[1:] == (None, None)
+    assert pairing.difference_and_norms(tuned.float(), base.float(), torch.float32)[1:] == (None, None)
+    assert pairing.difference_and_norms(tuned[:3], base[:3], torch.float32)[1:] == (None, None)
+
+
+def _large_bf16_pair(folder, bad_base=None, bad_tuned=None):
+    """Two bf16 safetensors checkpoints with matrices above one subtraction chunk, optionally one bad entry each."""
+    from safetensors.torch import save_file
+
+    from spectra.checkpoints import pairing
+
+    g = torch.Generator().manual_seed(3)
+    shape = (pairing._CHUNK // 256 + 9, 300)  # > one chunk
+    base = {f"model.layers.{i}.mlp.up_proj.weight": torch.randn(shape, generator=g).bfloat16() for i in range(2)}
+    tuned = {k: (v.float() + 1e-2 * torch.randn(shape, generator=g)).bfloat16() for k, v in base.items()}
+    name = "model.layers.1.mlp.up_proj.weight"
+    if bad_base is not None:
+        base[name][7, 11] = bad_base
+    if bad_tuned is not None:
+        tuned[name][shape[0] - 1, 299] = bad_tuned  # in the last, partial chunk
+    folder.mkdir()
+    save_file(base, str(folder / "base.safetensors"))
+    save_file(tuned, str(folder / "tuned.safetensors"))
+    return folder / "base.safetensors", folder / "tuned.safetensors"
+
+
+@pytest.mark.parametrize("side", ["base", "tuned"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_nonfinite_weight_found_by_the_subtraction_norms(tmp_path, side, bad):
+    """Large bf16 pairs are checked through the norms of the chunked subtraction: same errors, same skips."""
+    from dataclasses import replace
+
+    from spectra.errors import NonFiniteWeightError
+
+    b, t = _large_bf16_pair(tmp_path / "p", **{f"bad_{side}": bad})
+    with pytest.raises(NonFiniteWeightError, match=r"model.layers.1.mlp.up_proj.weight .* 1 NaN/Inf"):
+        list(iter_deltas(b, t))
+    pairing = Pairing(b, t)
+    pairing.options = replace(pairing.options, on_nonfinite="skip")
+    deltas = {d.name: d for d in pairing}
+    assert list(deltas) == ["model.layers.0.mlp.up_proj"] and len(pairing.skipped) == 1
+    clean = deltas["model.layers.0.mlp.up_proj"]
+    assert clean.delta_sq == pytest.approx(float(clean.delta.double().square().sum()), rel=1e-6)
+
+
+def test_clean_large_pair_carries_norms_and_overflow_is_an_error(tmp_path):
+    from dataclasses import replace
+
+    from spectra.errors import NonFiniteWeightError
+
+    b, t = _large_bf16_pair(tmp_path / "ok")
+    for d in iter_deltas(b, t, with_weights=True, weights_as_stored=True):
+        assert d.delta_sq == pytest.approx(float(d.delta.double().square().sum()), rel=1e-6)
+        assert d.base_sq == pytest.approx(float(d.base.double().square().sum()), rel=1e-6)
+    # Finite entries whose squares overflow the float32 block norms: refused, or skipped on request.
+    b, t = _large_bf16_pair(tmp_path / "huge", bad_base=1e30, bad_tuned=-1e30)
+    with pytest.raises(NonFiniteWeightError, match=r"model.layers.1.mlp.up_proj overflows float32"):
+        list(iter_deltas(b, t))
+    pairing = Pairing(b, t)
+    pairing.options = replace(pairing.options, on_nonfinite="skip")
+    assert [d.name for d in pairing] == ["model.layers.0.mlp.up_proj"] and "overflows" in pairing.skipped[0]
+
+
 def test_weights_as_stored_are_the_checkpoint_tensors(tmp_path):
     base = build_model("llama").to(torch.bfloat16)
     tuned = copy.deepcopy(base)
