@@ -478,7 +478,10 @@ def difference_and_norms(tuned: torch.Tensor, base: torch.Tensor, dtype: torch.d
     The chunked CPU route into float32 takes both squared norms of every chunk while it
     is in cache (:class:`~spectra.linalg.sketch.BlockSquaredNorm`: the blocks and sums of
     :func:`~spectra.linalg.sketch.squared_norm`), instead of reading ΔW and W_base again.
-    A NaN or Inf in either weight makes one of them non-finite. Other routes give None.
+    A NaN or Inf in either weight makes one of them non-finite (so does an entry beyond
+    ~1e19, whose square overflows a float32 block norm: :class:`Pairing` refuses such a
+    pair on this route, where the others would report an infinite norm). Other routes
+    give None.
 
     Returns
     -------

@@ -84,12 +84,18 @@ class BlockSquaredNorm:
     """
 
     def __init__(self, numel: int, device: torch.device | str = "cpu"):
+        self.numel = numel
         self.blocks = torch.empty(numel // _BLOCK, dtype=torch.float32, device=device)  # fp32 norm per block
         self.filled = 0
+        self.seen = 0
         self.rest = 0.0  # the last partial block, in float64
 
     def add(self, chunk: torch.Tensor) -> None:
         """Take the next `chunk` (flat float32, starting on a block boundary)."""
+        if self.seen % _BLOCK or self.seen + chunk.numel() > self.numel:
+            raise ValueError(f"BlockSquaredNorm({self.numel}): a chunk of {chunk.numel()} after {self.seen} elements "
+                             f"is past the end or follows a partial block of {_BLOCK}.")
+        self.seen += chunk.numel()
         n = chunk.numel() // _BLOCK
         if n:
             torch.linalg.vector_norm(chunk[:n * _BLOCK].view(n, _BLOCK), dim=1,
@@ -342,9 +348,11 @@ def top_values(W: torch.Tensor, k: int, *, n_iter: int = 2, seed: int = 0) -> to
     """Approximate top-`k` singular values of a weight by a bf16 block Krylov space.
 
     Blocks of b = max(k, 8) columns, A Ω, (A Aᵀ) A Ω, …, `n_iter` products deep, each
-    orthogonalised against those before; the Ritz values of the whole space ((n_iter + 1)·b
-    columns) come from one more bf16 GEMM (:func:`_ritz_bf16`, ~1e-4), or the exact fp32
-    projection when W is not bf16. Ritz values are lower bounds of the true σᵢ.
+    orthogonalised against those before (the last one cut to what is left of the short
+    side, where (n_iter + 1)·b would pass it: the space is then the whole short side and
+    the values exact); the Ritz values of the space come from one more bf16 GEMM
+    (:func:`_ritz_bf16`, ~1e-4), or the exact fp32 projection when W is not bf16. Ritz
+    values are lower bounds of the true σᵢ (up to that ~1e-4 on the bf16 route).
 
     A Krylov space keeps the lower-degree blocks that subspace iteration throws away, so
     it resolves more for fewer products with W. Measured on 5632×2048 weights (k = 16,
@@ -362,12 +370,13 @@ def top_values(W: torch.Tensor, k: int, *, n_iter: int = 2, seed: int = 0) -> to
     Omega = torch.randn(long_, b, generator=gen, device=W.device, dtype=torch.bfloat16)
     blocks = [torch.linalg.qr((low @ Omega).float())[0]]  # (short, b) each
     for _ in range(n_iter):
-        if (len(blocks) + 1) * b > short:
-            break
-        Y = (low @ (low.T @ blocks[-1].to(torch.bfloat16))).float()  # (A Aᵀ) Qⱼ, (short, b)
+        left = short - len(blocks) * b
+        if left <= 0:
+            break  # the space is the whole short side
+        Y = (low @ (low.T @ blocks[-1][:, :left].to(torch.bfloat16))).float()  # (A Aᵀ) Qⱼ, (short, ≤ b)
         basis = torch.cat(blocks, 1)
         for _ in range(2):  # twice is enough (Kahan–Parlett): the block is ⊥ the space to fp32 rounding
             Y -= basis @ (basis.T @ Y)
         blocks.append(torch.linalg.qr(Y)[0])
-    Q, _ = torch.linalg.qr(torch.cat(blocks, 1))  # (short, (n_iter + 1)·b), exactly orthonormal
+    Q, _ = torch.linalg.qr(torch.cat(blocks, 1))  # (short, ≤ (n_iter + 1)·b), exactly orthonormal
     return (_ritz_bf16(W, Q) if W.dtype == torch.bfloat16 else _ritz(W, Q))[:k]

@@ -379,6 +379,24 @@ def test_clean_large_pair_carries_norms_and_overflow_is_an_error(tmp_path):
     assert [d.name for d in pairing] == ["model.layers.0.mlp.up_proj"] and "overflows" in pairing.skipped[0]
 
 
+def test_norms_ride_on_the_whole_tensor_only(tmp_path):
+    """A chunked Conv1D fused c_attn: the whole gets the subtraction's norms, its q/k/v splits None."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(4)
+    base = {"transformer.h.0.attn.c_attn.weight": torch.randn(256, 768, generator=g).bfloat16()}  # (in, out)
+    tuned = {k: (v.float() + 1e-2 * torch.randn(v.shape, generator=g)).bfloat16() for k, v in base.items()}
+    save_file(base, str(tmp_path / "b.safetensors"))
+    save_file(tuned, str(tmp_path / "t.safetensors"))
+    deltas = {d.name: d for d in iter_deltas(tmp_path / "b.safetensors", tmp_path / "t.safetensors")}
+    whole = deltas.pop("transformer.h.0.attn.c_attn")
+    assert whole.conv1d and whole.delta_sq == pytest.approx(float(whole.delta.double().square().sum()), rel=1e-6)
+    w = base["transformer.h.0.attn.c_attn.weight"]
+    assert whole.base_sq == pytest.approx(float(w.double().square().sum()), rel=1e-6)
+    assert sorted(deltas) == [f"transformer.h.0.attn.c_attn[{p}]" for p in "kqv"]
+    assert all(d.delta_sq is None and d.base_sq is None for d in deltas.values())
+
+
 def test_weights_as_stored_are_the_checkpoint_tensors(tmp_path):
     base = build_model("llama").to(torch.bfloat16)
     tuned = copy.deepcopy(base)

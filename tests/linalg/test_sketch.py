@@ -110,6 +110,28 @@ def test_top_values_are_lower_bounds_and_depth_helps():
     assert errors[2] < 1e-3 < errors[0]  # no Krylov depth: one Gaussian block is not enough
 
 
+@pytest.mark.parametrize("short,k", [(5, 16), (30, 16), (40, 16), (300, 280)])
+def test_top_values_fill_a_small_short_side(short, k):
+    """Where the Krylov blocks would pass the short side, the last one is cut and the values are exact
+    (up to the bf16 Ritz product); an all-zero weight gives zeros."""
+    g = torch.Generator().manual_seed(7)
+    w = (torch.randn(short, 3000, generator=g) * torch.linspace(2, 0.1, short)[:, None]).bfloat16()
+    top = sketch.top_values(w, k).double().numpy()
+    ref = np.linalg.svd(w.double().numpy(), compute_uv=False)[:k]
+    np.testing.assert_allclose(top, ref, rtol=3e-3)
+    assert not sketch.top_values(torch.zeros(short, 3000, dtype=torch.bfloat16), k).any()
+
+
+def test_block_squared_norm_refuses_misuse():
+    acc = sketch.BlockSquaredNorm(3 * 4096)
+    acc.add(torch.ones(4096 + 5))  # a partial block may only come last
+    with pytest.raises(ValueError, match="partial block"):
+        acc.add(torch.ones(4096))
+    acc = sketch.BlockSquaredNorm(4096)
+    with pytest.raises(ValueError, match="past the end"):
+        acc.add(torch.ones(4097))
+
+
 @pytest.mark.parametrize("storage", [torch.bfloat16, torch.float16])
 def test_squared_norm_of_half_precision_is_exact_upcast(storage):
     g = torch.Generator().manual_seed(4)
