@@ -1,0 +1,86 @@
+"""The `--device` paths (linear algebra, pairing, whole analysis) against float64/CPU references.
+
+Every test runs on the CPU here and on CUDA wherever torch sees a device (skipped
+otherwise), so the CUDA variants are checked by the same assertions the CPU ones pass:
+`python -m pytest tests/test_devices.py` on a GPU machine is the device check.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from spectra.analysis import AnalysisConfig, analyze
+from spectra.errors import NonFiniteWeightError
+from spectra.linalg import metrics, sketch
+from spectra.linalg.svd import adaptive_svd, full_svd, randomized_svd
+from tests.models import build_model, nonfinite_pair, save
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                  reason="torch sees no CUDA device"))]
+
+
+def planted(m: int = 300, n: int = 500, rank: int = 12, seed: int = 0) -> torch.Tensor:
+    """Rank-12 signal with decaying σ (10 … 1) plus 1e-3 Gaussian noise, float32."""
+    g = torch.Generator().manual_seed(seed)
+    u, _ = torch.linalg.qr(torch.randn(m, rank, generator=g, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(n, rank, generator=g, dtype=torch.float64))
+    s = torch.linspace(10, 1, rank, dtype=torch.float64)
+    return ((u * s) @ v.T + 1e-3 * torch.randn(m, n, generator=g, dtype=torch.float64)).float()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_spectra_on_a_device_match_float64(device):
+    A = planted()
+    ref = np.linalg.svd(A.double().numpy(), compute_uv=False)
+    M = A.to(device)
+
+    full = full_svd(M)
+    assert full.values.device.type == device
+    np.testing.assert_allclose(full.values.cpu().double().numpy()[:12], ref[:12], rtol=1e-5)
+
+    top = randomized_svd(M, 12, tol=1e-4, random_state=0)
+    assert top.U.device.type == device and top.Vh.device.type == device
+    np.testing.assert_allclose(top.values.cpu().double().numpy(), ref[:12], rtol=1e-4)
+    eye = torch.eye(12, dtype=torch.float64)
+    torch.testing.assert_close(top.U.cpu().double().T @ top.U.cpu().double(), eye, atol=1e-5, rtol=0)
+
+    energy = float((A.double() ** 2).sum())
+    expected_rank = int(np.searchsorted(np.cumsum(ref**2), 0.9 * energy * (1 - 1e-12))) + 1
+    assert adaptive_svd(M, energy=0.9, random_state=0).k == expected_rank
+    fast = sketch.energy_sketch(M, energy=0.9, total_energy=sketch.squared_norm(M))
+    assert metrics.energy_rank(fast, 0.9, total_energy=energy) == expected_rank
+
+    assert sketch.squared_norm(M) == pytest.approx(energy, rel=1e-6)
+    w = M.bfloat16()
+    w_ref = np.linalg.svd(w.cpu().double().numpy(), compute_uv=False)[:4]
+    np.testing.assert_allclose(sketch.top_values(w, 4).cpu().double().numpy(), w_ref, rtol=1e-3)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_analysis_on_a_device_matches_the_cpu(tmp_path, device):
+    base = build_model("llama").to(torch.bfloat16)
+    tuned = copy.deepcopy(base)
+    with torch.no_grad():
+        for i, p in enumerate(tuned.model.layers[0].parameters()):
+            if p.dim() == 2:
+                p += (0.05 * planted(*p.shape, rank=min(3, *p.shape), seed=i)).to(p.dtype)
+    b, t = save(base, tmp_path / "b", "safetensors"), save(tuned, tmp_path / "t", "safetensors")
+    on_cpu = analyze(b, t, AnalysisConfig(), cache_dir=False, progress=False)
+    on_device = analyze(b, t, AnalysisConfig(device=device), cache_dir=False, progress=False)
+    assert [r["name"] for r in on_device.matrices()] == [r["name"] for r in on_cpu.matrices()]
+    for mine, ref in zip(on_device.matrices(), on_cpu.matrices()):
+        assert mine["energy_rank"] == ref["energy_rank"], mine["name"]
+        assert mine["fro_norm"] == pytest.approx(ref["fro_norm"], rel=1e-6), mine["name"]
+        assert mine["noise"]["mp_edge"] == pytest.approx(ref["noise"]["mp_edge"], rel=1e-6), mine["name"]
+        np.testing.assert_allclose(mine["singular_values"][:3], ref["singular_values"][:3], rtol=1e-4)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_nonfinite_weight_is_named_on_a_device(tmp_path, device):
+    b, t = nonfinite_pair(tmp_path, "layers.1.mlp.up_proj", float("nan"), dtype=torch.bfloat16)
+    with pytest.raises(NonFiniteWeightError, match=r"model.layers.1.mlp.up_proj.weight .* 1 NaN/Inf"):
+        analyze(b, t, AnalysisConfig(device=device), cache_dir=False, progress=False)
