@@ -173,15 +173,21 @@ def _print_summary(analysis: dict) -> None:
     headers, rows = role_table(analysis)
     # the terminal gets the columns that decide a rank; report.md has them all
     keep = [i for i, h in enumerate(headers) if h in _TERMINAL_COLUMNS]
-    table = Table(*(headers[i] for i in keep), title="ΔW spectra by role: median over layers (IQR)")
+    table = Table(title="ΔW spectra by role: median over layers (IQR)",
+                  caption="E90: energy-90 % rank · eff.: entropy effective rank · >noise: singular values above "
+                          "the dtype noise floor (– where the sketch held none below it) · report.md has every column")
+    for i in keep:  # wrap a long interquartile range rather than cut it
+        table.add_column(_TERMINAL_COLUMNS[headers[i]], overflow="fold")
     for row in rows:
         table.add_row(*(row[i] for i in keep))
     console.print(table)
     console.print(rank_picture(analysis))
 
 
-_TERMINAL_COLUMNS = ("role", "modules", "full rank", "energy-90% rank", "energy-90% rank / full rank",
-                     "entropy effective rank", "rank above noise floor", "‖ΔW‖/‖W‖")
+# the columns that decide a rank, with labels short enough for an 80-column terminal
+_TERMINAL_COLUMNS = {"role": "role", "modules": "n", "full rank": "full", "energy-90% rank": "E90",
+                     "energy-90% rank / full rank": "E90/full", "entropy effective rank": "eff.",
+                     "rank above noise floor": ">noise", "‖ΔW‖/‖W‖": "‖ΔW‖/‖W‖"}
 
 
 def _analysis_or_pair(sources: list[str]):

@@ -13,9 +13,9 @@ from spectra.cli import main
 from tests.models import add_to_parameter, build_model, low_rank, save
 
 
-def run(monkeypatch, capsys, *args) -> tuple[int, str, str]:
+def run(monkeypatch, capsys, *args, columns: int = 250) -> tuple[int, str, str]:
     monkeypatch.setattr(sys, "argv", ["spectra", *map(str, args)])
-    monkeypatch.setenv("COLUMNS", "250")  # rich tables would truncate cells in a narrow capture
+    monkeypatch.setenv("COLUMNS", str(columns))  # the tests read whole cells, unless they test a narrow terminal
     try:
         main()
         code = 0
@@ -49,6 +49,8 @@ def test_analyze_writes_report_and_show_reads_it(monkeypatch, capsys, pair, tmp_
     assert (out / "analysis.json").is_file() and (out / "report.html").is_file()
     code, stdout, _ = run(monkeypatch, capsys, "show", out)
     assert code == 0 and "energy-90% rank" in stdout and "qkv" in stdout
+    code, stdout, _ = run(monkeypatch, capsys, "show", out, columns=80)  # a classic terminal: cells wrap, never cut
+    assert code == 0 and "E90" in stdout and "…" not in stdout and max(map(len, stdout.splitlines())) <= 80
 
 
 def test_analyze_roles_and_layers(monkeypatch, capsys, pair, tmp_path):
