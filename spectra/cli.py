@@ -6,6 +6,8 @@ Heavy imports (torch, transformers, matplotlib) happen inside commands so that
 
 from __future__ import annotations
 
+import os
+import re
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -290,14 +292,23 @@ def recommend(
     if as_json:
         typer.echo(json.dumps(plan.to_dict() | {"memory": est.to_dict() if est else None}, indent=2))
         return
-    table = Table("module", "role", "shape", "rank", "alpha", "energy", "params", "reason",
-                  title=f"LoRA plan: {len(plan.modules)} modules, {plan.total_params:,} parameters, "
-                        f"{plan.total_energy:.1%} of ΔW energy captured")
-    for m in plan.modules:
-        bound = "" if m.energy == m.energy_upper else f"–{m.energy_upper:.1%}"
-        table.add_row(m.name, _fmt(m.role), "×".join(map(str, m.shape)), str(m.rank), f"{m.alpha:g}",
-                      f"{m.energy:.1%}{bound}", f"{m.params:,}", m.reason)
+    names = [m.name for m in plan.modules]
+    prefix = os.path.commonprefix(names).rpartition(".")[0] + "." if len(names) > 1 else ""
+    prefix = "" if prefix == "." else prefix
+    table = Table(title=f"LoRA plan: {len(plan.modules)} modules, {plan.total_params:,} parameters, "
+                        f"{plan.total_energy:.1%} of ΔW energy captured",
+                  caption=f"module names after their common prefix {prefix}" if prefix else None)
     console = Console()
+    # a narrow terminal wraps the name and the reason (a name is copied into configs: never cut it);
+    # the short columns keep their width
+    table.add_column("module", overflow="fold")
+    for header in ("role", "shape", "rank", "alpha", "energy", "params"):
+        table.add_column(header, no_wrap=True)
+    table.add_column("reason", overflow="fold")
+    for m in sorted(plan.modules, key=lambda m: _natural(m.name)):  # layer 2 before layer 10
+        bound = "" if m.energy == m.energy_upper else f"–{m.energy_upper:.1%}"
+        table.add_row(m.name[len(prefix):], _fmt(m.role), "×".join(map(str, m.shape)), str(m.rank), f"{m.alpha:g}",
+                      f"{m.energy:.1%}{bound}", f"{m.params:,}", m.reason)
     console.print(table)
     if plan.left_out:
         console.print(f"left out ({len(plan.left_out)}): " + ", ".join(
@@ -675,6 +686,11 @@ def sweep(
 
 
 # ---------------------------------------------------------------------------- helpers
+
+
+def _natural(name: str) -> list:
+    """Sort key reading the digit runs of a module name as numbers."""
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", name)]
 
 
 def _split(value: str | None) -> tuple[str, ...] | None:

@@ -120,3 +120,10 @@ def test_extract_uniform_rank_form(monkeypatch, capsys, pair, tmp_path):
     assert code == 2 and "exactly one of --plan" in err and not (tmp_path / "ad2").exists()
     code, _, err = run(monkeypatch, capsys, "extract", *pair, "--rank", "99", "-o", tmp_path / "ad3")
     assert code == 2 and "exceeds min" in err and not (tmp_path / "ad3").exists()
+
+
+def test_natural_order_of_module_names():
+    from spectra.cli import _natural
+
+    names = ["model.layers.10.mlp", "model.layers.2.mlp", "model.layers.2.attn", "lm_head"]
+    assert sorted(names, key=_natural) == ["lm_head", "model.layers.2.attn", "model.layers.2.mlp", "model.layers.10.mlp"]
