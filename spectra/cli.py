@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich.markup import escape  # module names hold brackets ("c_attn[q]") that rich would read as markup
 
 app = typer.Typer(
     name="spectra",
@@ -49,16 +50,16 @@ def pairs(
 ) -> None:
     """List the ΔW pairs spectra finds in BASE × TUNED (names, roles, layers, shapes), without any math."""
     from rich.console import Console
-    from rich.table import Table
 
     from spectra.checkpoints.pairing import PairingOptions, iter_deltas
 
     options = PairingOptions(roles=_split(roles), include=include, load=False)
-    table = Table("name", "role", "layer", "expert", "shape", "dtypes", "kind")
-    for d in iter_deltas(base, tuned, options):
-        table.add_row(d.name, d.role, _fmt(d.layer), _fmt(d.expert), "×".join(map(str, d.shape)),
-                      f"{d.base_dtype}→{d.tuned_dtype}", d.kind)
-    Console().print(table)
+    deltas = list(iter_deltas(base, tuned, options))
+    experts = any(d.expert is not None for d in deltas)  # the column only for mixture-of-experts models
+    rows = [(d.role, _fmt(d.layer), *((_fmt(d.expert),) if experts else ()), "×".join(map(str, d.shape)),
+             f"{d.base_dtype}→{d.tuned_dtype}", d.kind) for d in deltas]
+    headers = ("role", "layer", *(("expert",) if experts else ()), "shape", "dtypes", "kind")
+    Console().print(_module_table(f"{len(deltas)} ΔW pairs", [d.name for d in deltas], rows, headers))
 
 
 # ---------------------------------------------------------------------------- demo
@@ -181,9 +182,9 @@ def _print_summary(analysis: dict) -> None:
     for i in keep:  # wrap a long interquartile range rather than cut it
         table.add_column(_TERMINAL_COLUMNS[headers[i]], overflow="fold")
     for row in rows:
-        table.add_row(*(row[i] for i in keep))
+        table.add_row(*(escape(row[i]) for i in keep))
     console.print(table)
-    console.print(rank_picture(analysis))
+    console.print(escape(rank_picture(analysis)))
 
 
 # the columns that decide a rank, with labels short enough for an 80-column terminal
@@ -266,7 +267,6 @@ def recommend(
     import json
 
     from rich.console import Console
-    from rich.table import Table
 
     from spectra.errors import ConfigError
     from spectra.memory import estimate_memory, format_bytes
@@ -292,27 +292,17 @@ def recommend(
     if as_json:
         typer.echo(json.dumps(plan.to_dict() | {"memory": est.to_dict() if est else None}, indent=2))
         return
-    names = [m.name for m in plan.modules]
-    prefix = os.path.commonprefix(names).rpartition(".")[0] + "." if len(names) > 1 else ""
-    prefix = "" if prefix == "." else prefix
-    table = Table(title=f"LoRA plan: {len(plan.modules)} modules, {plan.total_params:,} parameters, "
-                        f"{plan.total_energy:.1%} of ΔW energy captured",
-                  caption=f"module names after their common prefix {prefix}" if prefix else None)
     console = Console()
-    # a narrow terminal wraps the name and the reason (a name is copied into configs: never cut it);
-    # the short columns keep their width
-    table.add_column("module", overflow="fold")
-    for header in ("role", "shape", "rank", "alpha", "energy", "params"):
-        table.add_column(header, no_wrap=True)
-    table.add_column("reason", overflow="fold")
-    for m in sorted(plan.modules, key=lambda m: _natural(m.name)):  # layer 2 before layer 10
-        bound = "" if m.energy == m.energy_upper else f"–{m.energy_upper:.1%}"
-        table.add_row(m.name[len(prefix):], _fmt(m.role), "×".join(map(str, m.shape)), str(m.rank), f"{m.alpha:g}",
-                      f"{m.energy:.1%}{bound}", f"{m.params:,}", m.reason)
+    rows = [(_fmt(m.role), "×".join(map(str, m.shape)), str(m.rank), f"{m.alpha:g}",
+             f"{m.energy:.1%}" + ("" if m.energy == m.energy_upper else f"–{m.energy_upper:.1%}"), f"{m.params:,}",
+             m.reason) for m in plan.modules]
+    table = _module_table(f"LoRA plan: {len(plan.modules)} modules, {plan.total_params:,} parameters, "
+                          f"{plan.total_energy:.1%} of ΔW energy captured", [m.name for m in plan.modules], rows,
+                          ("role", "shape", "rank", "alpha", "energy", "params", "reason"), fold=("reason",))
     console.print(table)
     if plan.left_out:
-        console.print(f"left out ({len(plan.left_out)}): " + ", ".join(
-            f"{m.name} [{m.reason}; rank {_fmt(m.rank)}]" for m in plan.left_out))
+        console.print(escape(f"left out ({len(plan.left_out)}): " + ", ".join(
+            f"{m.name} [{m.reason}; rank {_fmt(m.rank)}]" for m in plan.left_out)))
     if plan.budget_gap:
         console.print(f"budget allocation within {plan.budget_gap:.2%} of ΔW energy of the optimum")
     if est is not None:
@@ -321,7 +311,7 @@ def recommend(
     else:
         console.print("memory: pass --config (config.json, its folder or a hub id) for an estimate")
     if output is not None:
-        console.print(f"plan written to {output}")
+        console.print(escape(f"plan written to {output}"))
 
 
 # ---------------------------------------------------------------------------- extract
@@ -358,14 +348,12 @@ def extract(
                              modules_to_save=_split(modules_to_save) or (), overwrite=overwrite, progress=not quiet)
     if not quiet:
         from rich.console import Console
-        from rich.table import Table
 
-        table = Table("module", "rank", "alpha", "‖ΔW‖_F", "error ‖ΔW − BA‖_F", "energy kept",
-                      title=f"adapter {output}: {len(result.modules)} modules")
-        for m in result.modules:
-            table.add_row(m.name, str(m.rank), f"{m.alpha:g}", f"{m.fro_norm:.4g}", f"{m.error:.4g}",
-                          f"{m.captured_energy:.1%}")
-        Console().print(table)
+        rows = [(str(m.rank), f"{m.alpha:g}", f"{m.fro_norm:.4g}", f"{m.error:.4g}", f"{m.captured_energy:.1%}")
+                for m in result.modules]
+        Console().print(_module_table(f"adapter {output}: {len(result.modules)} modules",
+                                      [m.name for m in result.modules], rows,
+                                      ("rank", "alpha", "‖ΔW‖_F", "error ‖ΔW − BA‖_F", "energy kept")))
     typer.echo(f"adapter: {output}  (load with peft.PeftModel.from_pretrained(model, '{output}'))")
 
 
@@ -673,7 +661,7 @@ def sweep(
                       f"{result.reference['base']['metric']:.4g})")
         for p in result.curve():
             interval = p["interval"] and f"[{p['interval'][0]:.4g}, {p['interval'][1]:.4g}]"
-            table.add_row(str(p["rank"]), f"{p['metric']:.4g}", interval or "–", f"{p['gap']:+.4g}")
+            table.add_row(str(p["rank"]), f"{p['metric']:.4g}", escape(interval or "–"), f"{p['gap']:+.4g}")
         Console().print(table)
         if choice is not None:
             for group, c in choice["groups"].items():
@@ -686,6 +674,24 @@ def sweep(
 
 
 # ---------------------------------------------------------------------------- helpers
+
+
+def _module_table(title: str, names: list[str], rows: list[tuple[str, ...]], headers: tuple[str, ...], *,
+                  fold: tuple[str, ...] = ()):
+    """A per-module rich table: natural order (layer 2 before 10), names after their common prefix
+    (given in the caption), and in a narrow terminal the name and the `fold` columns wrapped — a
+    name is copied into configs, so it is never cut; the other columns keep their width."""
+    from rich.table import Table
+
+    prefix = os.path.commonprefix(names).rpartition(".")[0] + "." if len(names) > 1 else ""
+    prefix = "" if prefix == "." else prefix
+    table = Table(title=title, caption=f"module names after their common prefix {prefix}" if prefix else None)
+    table.add_column("module", overflow="fold")
+    for header in headers:
+        table.add_column(header, **({"overflow": "fold"} if header in fold else {"no_wrap": True}))
+    for name, row in sorted(zip(names, rows), key=lambda pair: _natural(pair[0])):
+        table.add_row(escape(name[len(prefix):]), *map(escape, row))  # "c_attn[q]" is not rich markup
+    return table
 
 
 def _natural(name: str) -> list:

@@ -115,7 +115,7 @@ def test_extract_uniform_rank_form(monkeypatch, capsys, pair, tmp_path):
     code, stdout, err = run(monkeypatch, capsys, "extract", *pair, "--rank", "2", "--roles", "q,k,v,o,up,down",
                             "-o", tmp_path / "ad")
     assert code == 0, err
-    assert "error ‖ΔW − BA‖_F" in stdout and "transformer.h.0.attn.c_attn" in stdout
+    assert "error ‖ΔW − BA‖_F" in stdout and "common prefix transformer.h." in stdout and "│ 0.attn.c_attn" in stdout
     code, _, err = run(monkeypatch, capsys, "extract", *pair, "-o", tmp_path / "ad2")
     assert code == 2 and "exactly one of --plan" in err and not (tmp_path / "ad2").exists()
     code, _, err = run(monkeypatch, capsys, "extract", *pair, "--rank", "99", "-o", tmp_path / "ad3")
@@ -127,3 +127,14 @@ def test_natural_order_of_module_names():
 
     names = ["model.layers.10.mlp", "model.layers.2.mlp", "model.layers.2.attn", "lm_head"]
     assert sorted(names, key=_natural) == ["lm_head", "model.layers.2.attn", "model.layers.2.mlp", "model.layers.10.mlp"]
+
+
+def test_pairs_lists_modules_in_order_with_experts_only_for_moe(monkeypatch, capsys, pair, tmp_path):
+    code, stdout, _ = run(monkeypatch, capsys, "pairs", *pair)
+    assert code == 0 and "│ h.0.attn.c_attn[q]" in stdout and "expert" not in stdout
+    lines = stdout.splitlines()
+    first = lambda text: next(i for i, line in enumerate(lines) if text in line)  # noqa: E731
+    assert first("│ h.0.attn.c_attn ") < first("│ h.1.attn.c_attn ")  # layers in order
+    moe = save(build_model("mixtral"), tmp_path / "moe", "safetensors")
+    code, stdout, _ = run(monkeypatch, capsys, "pairs", moe, moe, "--roles", "up")
+    assert code == 0 and "expert" in stdout
