@@ -417,8 +417,10 @@ def _estimate(shape: ModelShape, method: str, adapter_modules: list, batch: int,
 
 
 def format_bytes(n: float) -> str:
-    """Bytes as GiB/MiB/KiB with three significant figures (1 GiB = 2³⁰ bytes)."""
+    """Bytes as GiB/MiB/KiB with three significant figures (1 GiB = 2³⁰ bytes); 1000 or more of a
+    unit as a whole number ("1017 MiB", "2048 GiB", not "1.02e+03 MiB")."""
     for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if abs(n) >= size:
-            return f"{n / size:.3g} {unit}"
+            value = n / size
+            return f"{value:.0f} {unit}" if abs(value) >= 1000 else f"{value:.3g} {unit}"
     return f"{int(n)} B"
