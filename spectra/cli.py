@@ -685,7 +685,7 @@ def _module_table(title: str, names: list[str], rows: list[tuple[str, ...]], hea
 
     prefix = os.path.commonprefix(names).rpartition(".")[0] + "." if len(names) > 1 else ""
     prefix = "" if prefix == "." else prefix
-    table = Table(title=title, caption=f"module names after their common prefix {prefix}" if prefix else None)
+    table = Table(title=escape(title), caption=escape(f"module names after their common prefix {prefix}") if prefix else None)
     table.add_column("module", overflow="fold")
     for header in headers:
         table.add_column(header, **({"overflow": "fold"} if header in fold else {"no_wrap": True}))

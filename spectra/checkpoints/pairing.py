@@ -333,15 +333,15 @@ class Pairing:
         dtype = self.options.torch_dtype
         # A plain pair subtracted chunk by chunk is checked for NaN/Inf by the norms that
         # pass takes anyway (one read of each weight instead of two); any other by a scan first.
-        fused = entry.adapter is None and not entry.added_rows and self._fused(entry, dtype)
-        weights = self._read_pair(entry, check=not fused)
+        by_norms = entry.adapter is None and not entry.added_rows and self._checked_by_norms(entry, dtype)
+        weights = self._read_pair(entry, check=not by_norms)
         if weights is None:
             return []
         base, tuned = weights
         if entry.added_rows:
             tuned = tuned[: base.shape[0]]
-        delta, delta_sq, base_sq = difference_and_norms(tuned, base, dtype, norms=fused)
-        if fused and not (_finite_number(delta_sq) and _finite_number(base_sq)):
+        delta, delta_sq, base_sq = difference_and_norms(tuned, base, dtype, norms=by_norms)
+        if by_norms and not (_finite_number(delta_sq) and _finite_number(base_sq)):
             if not (self._finite(base, entry.base_tensor, self.base.spec)
                     and self._finite(tuned, entry.tuned_tensor, self.tuned.spec)):
                 return []
@@ -362,8 +362,8 @@ class Pairing:
                 record.delta_sq, record.base_sq = delta_sq, base_sq
         return records
 
-    def _fused(self, entry: PairEntry, dtype: torch.dtype) -> bool:
-        """Whether this pair's subtraction is chunked into float32 (and so gives both norms)."""
+    def _checked_by_norms(self, entry: PairEntry, dtype: torch.dtype) -> bool:
+        """Whether this pair's subtraction is chunked into float32, so its norms can stand in for the NaN/Inf scan."""
         if dtype != torch.float32 or not self.options.device.startswith("cpu"):
             return False
         half = (torch.float16, torch.bfloat16)
