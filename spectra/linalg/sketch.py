@@ -86,8 +86,7 @@ class BlockSquaredNorm:
     def __init__(self, numel: int, device: torch.device | str = "cpu"):
         self.numel = numel
         self.blocks = torch.empty(numel // _BLOCK, dtype=torch.float32, device=device)  # fp32 norm per block
-        self.filled = 0
-        self.seen = 0
+        self.seen = 0  # elements added
         self.rest = 0.0  # the last partial block, in float64
 
     def add(self, chunk: torch.Tensor) -> None:
@@ -95,18 +94,16 @@ class BlockSquaredNorm:
         if self.seen % _BLOCK or self.seen + chunk.numel() > self.numel:
             raise ValueError(f"BlockSquaredNorm({self.numel}): a chunk of {chunk.numel()} after {self.seen} elements "
                              f"is past the end or follows a partial block of {_BLOCK}.")
-        self.seen += chunk.numel()
-        n = chunk.numel() // _BLOCK
+        first, n = self.seen // _BLOCK, chunk.numel() // _BLOCK
         if n:
-            torch.linalg.vector_norm(chunk[:n * _BLOCK].view(n, _BLOCK), dim=1,
-                                     out=self.blocks[self.filled:self.filled + n])
-            self.filled += n
+            torch.linalg.vector_norm(chunk[:n * _BLOCK].view(n, _BLOCK), dim=1, out=self.blocks[first:first + n])
         if n * _BLOCK < chunk.numel():
             self.rest += float(torch.linalg.vector_norm(chunk[n * _BLOCK:].double())) ** 2
+        self.seen += chunk.numel()
 
     def total(self) -> float:
         """‖·‖_F² of everything added."""
-        blocks = self.blocks[:self.filled].double()
+        blocks = self.blocks[:self.seen // _BLOCK].double()
         return float((blocks * blocks).sum()) + self.rest
 
 
