@@ -99,7 +99,8 @@ def analyze(
     base: Annotated[str, typer.Argument(help="Pretrained checkpoint: directory, .safetensors/.bin file, index JSON or hub id.")],
     tuned: Annotated[str, typer.Argument(help="Fine-tuned checkpoint (same forms), or a PEFT adapter directory.")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Report directory to write (refused if it exists, unless --overwrite).")] = Path("reports/analysis"),
-    method: Annotated[str, typer.Option(help="SVD: auto (full when small, adaptive randomized above --full-below), full, randomized, adaptive.")] = "auto",
+    method: Annotated[str, typer.Option(help="SVD: auto (the exact spectrum up to --full-below, the bf16 energy sketch above), full, sketch, "
+                                               "adaptive (block Krylov to the energy rank), randomized (top --max-rank, default 256).")] = "auto",
     max_rank: Annotated[Optional[int], typer.Option(help="Cap on singular values computed by the randomized/adaptive paths.")] = None,
     full_below: Annotated[int, typer.Option(help="Short side at or below which 'auto' takes the exact full spectrum.")] = 1024,
     energy: Annotated[str, typer.Option(help="Comma-separated energy fractions whose ranks are reported.")] = "0.5,0.9,0.95,0.99",
