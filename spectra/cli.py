@@ -177,10 +177,10 @@ def _print_summary(analysis: dict) -> None:
     headers, rows = role_table(analysis)
     # the terminal gets the columns that decide a rank; report.md has them all
     keep = [i for i, h in enumerate(headers) if h in _TERMINAL_COLUMNS]
-    table = Table(title="ΔW spectra by role: median over layers (IQR)",
+    table = Table(title="ΔW spectra by role: median over modules (min–max)",
                   caption="E90: energy-90 % rank · eff.: entropy effective rank · >noise: singular values above "
                           "the dtype noise floor (– where the sketch held none below it) · report.md has every column")
-    for i in keep:  # wrap a long interquartile range rather than cut it
+    for i in keep:  # wrap a long (min–max) range rather than cut it
         table.add_column(_TERMINAL_COLUMNS[headers[i]], overflow="fold")
     for row in rows:
         table.add_row(*(escape(row[i]) for i in keep))
