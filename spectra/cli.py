@@ -680,14 +680,14 @@ def sweep(
 def _module_table(title: str, names: list[str], rows: list[tuple[str, ...]], headers: tuple[str, ...], *,
                   fold: tuple[str, ...] = ()):
     """A per-module rich table: natural order (layer 2 before 10), names after their common prefix
-    (given in the caption), and in a narrow terminal the name and the `fold` columns wrapped — a
+    (which heads the column), and in a narrow terminal the name and the `fold` columns wrapped — a
     name is copied into configs, so it is never cut; the other columns keep their width."""
     from rich.table import Table
 
     prefix = os.path.commonprefix(names).rpartition(".")[0] + "." if len(names) > 1 else ""
     prefix = "" if prefix == "." else prefix
-    table = Table(title=escape(title), caption=escape(f"module names after their common prefix {prefix}") if prefix else None)
-    table.add_column("module", overflow="fold")
+    table = Table(title=escape(title))
+    table.add_column(escape(f"{prefix}…") if prefix else "module", overflow="fold")  # the header carries the prefix
     for header in headers:
         table.add_column(header, **({"overflow": "fold"} if header in fold else {"no_wrap": True}))
     for name, row in sorted(zip(names, rows), key=lambda pair: _natural(pair[0])):

@@ -422,5 +422,5 @@ def format_bytes(n: float) -> str:
     for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if abs(n) >= size:
             value = n / size
-            return f"{value:.0f} {unit}" if abs(value) >= 1000 else f"{value:.3g} {unit}"
+            return f"{value:.0f} {unit}" if abs(value) >= 999.5 else f"{value:.3g} {unit}"  # .3g: 999.5 → 1e+03
     return f"{int(n)} B"

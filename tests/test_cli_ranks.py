@@ -37,8 +37,8 @@ def test_recommend_prints_table_memory_and_writes_plan(tmp_path):
                            env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
     assert "training total" in result.output
-    # names after their common prefix, which the caption gives
-    assert "common prefix model.layers." in result.output and "│ 0.self_attn.q_proj" in result.output
+    # names after their common prefix, which heads the column
+    assert "┃ model.layers.… " in result.output and "│ 0.self_attn.q_proj" in result.output
     plan = load_plan(out)
     assert [m.rank for m in plan.modules] == [3, 1] and plan.policy.rslora
     assert json.loads(out.read_text())["peft_config"]["rank_pattern"] == {r"^model\.layers\.0\.self_attn\.q_proj": 3}

@@ -34,6 +34,7 @@ def test_weights_in_16_bits():
     assert est.weights == 2 * P70 == 137_953_296_384
     assert format_bytes(est.weights) == "128 GiB"
     assert format_bytes(1017 * 2**20) == "1017 MiB" and format_bytes(1023.4 * 2**10) == "1023 KiB"
+    assert format_bytes(999.7 * 2**20) == "1000 MiB" and format_bytes(999.4 * 2**20) == "999 MiB"
     assert format_bytes(2048 * 2**30) == "2048 GiB" and format_bytes(1.5 * 2**20) == "1.5 MiB"
     assert estimate_memory(LLAMA2_7B, method="lora", precision="fp32").weights == 4 * P7
 

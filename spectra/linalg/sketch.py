@@ -114,7 +114,7 @@ def _mean_ulp_squared(x: torch.Tensor, storage: torch.dtype) -> float:
         return float((u * u).mean())
     bits = x.reshape(-1).view(torch.int32)
     exponent = torch.bitwise_and(torch.bitwise_right_shift(bits, 23), 0xFF)  # biased float32 exponent
-    counts = torch.bincount(exponent, minlength=256).double()  # (256,)
+    counts = torch.bincount(exponent, minlength=256).double().cpu()  # (256,), beside the CPU table below
     p, emin = _SIGNIFICAND_BITS[storage], _MIN_NORMAL_EXP[storage]
     e = torch.arange(256, dtype=torch.float64) - 127  # ⌊log₂|x|⌋ of each bin
     ulp2 = torch.exp2(2 * (torch.clamp(e, min=emin) - (p - 1)))
