@@ -20,7 +20,7 @@ import sys
 import time
 from collections import deque
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -75,9 +75,15 @@ class AnalysisConfig:
             raise ConfigError(f"resolve: {self.resolve} must be an energy fraction in (0, 1].")
         if self.sketch_dtype not in ("bfloat16", "float16", "float32"):
             raise ConfigError(f"sketch_dtype: {self.sketch_dtype!r} is not one of bfloat16, float16, float32.")
+        if not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
+            raise ConfigError(f"device: {self.device!r} is not cpu, cuda or cuda:N (spectra's spectra need float64, "
+                              "which MPS and other backends lack).")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ConfigError(f"device: {self.device!r} was asked for but torch sees no CUDA device here; "
                               "use --device cpu.")
+        if self.device.startswith("cuda:") and int(self.device[5:]) >= torch.cuda.device_count():
+            raise ConfigError(f"device: {self.device!r} does not exist: torch sees {torch.cuda.device_count()} "
+                              "CUDA device(s), cuda:0 onwards.")
         self.pairing_options()  # validates roles, layers, filters, dtype
         if self.calibration is not None:
             object.__setattr__(self, "calibration", str(self.calibration))
@@ -396,7 +402,14 @@ def analyze(base, tuned, config: AnalysisConfig | None = None, *, cache_dir: str
     n_workers, threads = _workers(workers, config.device)
     t0 = time.perf_counter()
     me = world(config.device)
-    pairing = Pairing(base, tuned, config.pairing_options())
+    options = config.pairing_options()
+    if me.distributed and options.device.startswith("cuda"):
+        if options.device != "cuda":
+            raise ConfigError(f"device: {options.device!r} under torchrun would put every rank on that one GPU; "
+                              "pass --device cuda, and each rank takes the GPU of its LOCAL_RANK.")
+        # The reader and worker threads start on GPU 0 whatever world() chose for this thread: name it.
+        options = replace(options, device=f"cuda:{torch.cuda.current_device()}")
+    pairing = Pairing(base, tuned, options)
     base_fp, tuned_fp = pairing.base.fingerprint(), pairing.tuned.fingerprint()
     root = ModuleCache.default_root() if cache_dir is True else (cache_dir or None)
     calibration_key = "" if config.calibration is None else "-" + file_digest(config.calibration)  # data, not path
@@ -509,6 +522,7 @@ def _parallel(pairing: Pairing, todo: list, config: AnalysisConfig, calibration,
         return rows, loaded - start, time.perf_counter() - loaded
 
     size = pairing.options.torch_dtype.itemsize
+    copies = not pairing.options.device.startswith("cpu")  # weights copied onto the device
     queue = deque(sorted(todo, key=lambda e: -entry_cost(e.shape)))
     running: dict = {}  # future -> entry
     # torch.set_num_threads in a worker also sets the default every later thread starts
@@ -518,12 +532,12 @@ def _parallel(pairing: Pairing, todo: list, config: AnalysisConfig, calibration,
                               thread_name_prefix="spectra-analyze")
     try:
         while queue or running:
-            busy = sum(_entry_bytes(e, size) for e in running.values())
+            busy = sum(_entry_bytes(e, size, copies) for e in running.values())
             while queue and len(running) < workers and (
-                    not running or busy + _entry_bytes(queue[0], size) <= budget):
+                    not running or busy + _entry_bytes(queue[0], size, copies) <= budget):
                 entry = queue.popleft()
                 running[pool.submit(task, entry)] = entry
-                busy += _entry_bytes(entry, size)
+                busy += _entry_bytes(entry, size, copies)
             done, _ = wait(running, return_when=FIRST_COMPLETED)
             for future in done:
                 entry = running.pop(future)
@@ -534,14 +548,18 @@ def _parallel(pairing: Pairing, todo: list, config: AnalysisConfig, calibration,
         torch.set_num_threads(restore)
 
 
-def _entry_bytes(entry, itemsize: int) -> int:
+def _entry_bytes(entry, itemsize: int, copies: bool = False) -> int:
     """Bytes one entry holds once read: ΔW in the compute dtype (`itemsize` bytes per element);
     the weights stay in the memory-mapped files, except an adapter's up-cast base and merged
-    tuned weight (3× then). A worker's decomposition workspace comes on top."""
+    tuned weight (3× then) and, with `copies` (a GPU), both weights as stored on the device.
+    A worker's decomposition workspace comes on top."""
     n = 1
     for x in entry.shape:
         n *= int(x)
-    return (3 if entry.adapter is not None else 1) * itemsize * n
+    if entry.adapter is not None:
+        return 3 * itemsize * n
+    stored = entry.base_dtype.itemsize + entry.tuned_dtype.itemsize if copies else 0
+    return (itemsize + stored) * n
 
 
 def _read_ahead(pairing: Pairing, todo: list, depth: int, budget: int):
@@ -558,25 +576,26 @@ def _read_ahead(pairing: Pairing, todo: list, depth: int, budget: int):
             yield entry, deltas, time.perf_counter() - start
         return
     size = pairing.options.torch_dtype.itemsize
+    copies = not pairing.options.device.startswith("cpu")  # weights copied onto the device
     pending: deque = deque()  # (entry, future), in order
     nxt = 0
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="spectra-read") as pool:
         while nxt < len(todo) or pending:
-            in_flight = sum(_entry_bytes(e, size) for e, _ in pending)
+            in_flight = sum(_entry_bytes(e, size, copies) for e, _ in pending)
             while nxt < len(todo) and len(pending) < depth and (
-                    not pending or in_flight + _entry_bytes(todo[nxt], size) <= budget):
+                    not pending or in_flight + _entry_bytes(todo[nxt], size, copies) <= budget):
                 pending.append((todo[nxt], pool.submit(pairing.load, todo[nxt])))
-                in_flight += _entry_bytes(todo[nxt], size)
+                in_flight += _entry_bytes(todo[nxt], size, copies)
                 nxt += 1
             entry, future = pending.popleft()
             wait = time.perf_counter()
             deltas = future.result()
             waited = time.perf_counter() - wait
             # top up the queue before the math starts, so the reader works while we compute
-            in_flight = sum(_entry_bytes(e, size) for e, _ in pending)
-            while nxt < len(todo) and len(pending) < depth and in_flight + _entry_bytes(todo[nxt], size) <= budget:
+            in_flight = sum(_entry_bytes(e, size, copies) for e, _ in pending)
+            while nxt < len(todo) and len(pending) < depth and in_flight + _entry_bytes(todo[nxt], size, copies) <= budget:
                 pending.append((todo[nxt], pool.submit(pairing.load, todo[nxt])))
-                in_flight += _entry_bytes(todo[nxt], size)
+                in_flight += _entry_bytes(todo[nxt], size, copies)
                 nxt += 1
             yield entry, deltas, waited
             del deltas

@@ -180,7 +180,7 @@ def whitened_spectrum(delta: torch.Tensor, C: torch.Tensor, *, epsilon: float) -
     ‖ΔW C^{1/2}‖_F² = E‖ΔW x‖², the mean squared output change per token (SVD-LLM,
     arXiv:2403.07378), so its energy ranks count the directions the data needs.
     """
-    root, _, rank = whitening(C, epsilon=epsilon)
+    root, _, rank = whitening(C.to(delta.device), epsilon=epsilon)  # C is collected on the CPU
     return full_svd(delta.to(torch.float64) @ root), rank  # (out, in) @ (in, in)
 
 
@@ -218,7 +218,7 @@ def truncation_factors(delta: torch.Tensor, rank: int, *, covariance: torch.Tens
     M = delta.to(torch.float64)
     inverse_root = None
     if covariance is not None:
-        root, inverse_root, _ = whitening(covariance, epsilon=epsilon)
+        root, inverse_root, _ = whitening(covariance.to(delta.device), epsilon=epsilon)
         M = M @ root  # (out, in)
     if min(M.shape) <= full_below:
         spec = full_svd(M, compute_vectors=True, dtype=torch.float64)
@@ -239,7 +239,7 @@ def data_optimal_truncation(delta: torch.Tensor, C: torch.Tensor, rank: int, *, 
     data X (SVD-LLM, arXiv:2403.07378); rank 0 gives zeros.
     """
     if rank == 0:
-        return torch.zeros(delta.shape, dtype=torch.float64)
+        return delta.new_zeros(delta.shape, dtype=torch.float64)
     U, S, Vw, _ = truncation_factors(delta, rank, covariance=C, epsilon=epsilon, full_below=min(delta.shape))
     return (U * S) @ Vw  # (out, r) @ (r, in)
 
@@ -248,7 +248,7 @@ def activation_row(delta: torch.Tensor, C: torch.Tensor, *, tokens: int, epsilon
                    thresholds: tuple[float, ...]) -> dict:
     """The ``activation`` sub-dict of an ``analysis.json`` row: the whitened spectrum and its ranks."""
     spec, input_rank = whitened_spectrum(delta, C, epsilon=epsilon)
-    values = spec.values.double()
+    values = spec.values.double().cpu()
     ranks = metrics.energy_ranks(spec, thresholds) if spec.total_energy > 0 else {t: 0 for t in thresholds}
     return {"tokens": tokens, "epsilon": epsilon, "input_rank": input_rank,
             "rms_output_change": math.sqrt(spec.total_energy),

@@ -84,3 +84,42 @@ def test_nonfinite_weight_is_named_on_a_device(tmp_path, device):
     b, t = nonfinite_pair(tmp_path, "layers.1.mlp.up_proj", float("nan"), dtype=torch.bfloat16)
     with pytest.raises(NonFiniteWeightError, match=r"model.layers.1.mlp.up_proj.weight .* 1 NaN/Inf"):
         analyze(b, t, AnalysisConfig(device=device), cache_dir=False, progress=False)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_calibration_and_subspace_on_a_device(device):
+    """C is collected on the CPU; the activation-weighted spectrum of a ΔW on the device still works.
+    The LoRA φ matrix likewise (its index grids follow the inputs' device)."""
+    from spectra.calibration import activation_row
+    from spectra.linalg.subspace import similarity_matrix
+
+    g = torch.Generator().manual_seed(3)
+    delta, X = planted(40, 30), torch.randn(30, 200, generator=g, dtype=torch.float64)
+    C = X @ X.T / 200  # (in, in), CPU
+    ref = activation_row(delta, C, tokens=200, epsilon=1e-6, thresholds=(0.9,))
+    got = activation_row(delta.to(device), C, tokens=200, epsilon=1e-6, thresholds=(0.9,))
+    assert got["energy_rank"] == ref["energy_rank"]
+    np.testing.assert_allclose(got["singular_values"], ref["singular_values"], rtol=1e-6)
+    U = torch.linalg.qr(torch.randn(50, 6, generator=g, dtype=torch.float64))[0]
+    phi = similarity_matrix(U.to(device), U.to(device))
+    torch.testing.assert_close(phi.diagonal().cpu(), torch.ones(6, dtype=torch.float64))
+
+
+def test_unsupported_devices_are_refused():
+    from spectra.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="not cpu, cuda or cuda:N"):
+        AnalysisConfig(device="mps")
+    with pytest.raises(ConfigError, match="cuda"):
+        AnalysisConfig(device=f"cuda:{torch.cuda.device_count()}")  # one past the last (or none at all)
+
+
+def test_read_ahead_counts_weights_copied_to_a_device(tmp_path):
+    """On a GPU the weights (as stored) are copied onto it, so an entry in flight holds them too."""
+    from spectra.analysis import _entry_bytes
+    from spectra.checkpoints.pairing import Pairing
+
+    base = save(build_model("llama").to(torch.bfloat16), tmp_path / "b", "safetensors")
+    entry = next(e for e in Pairing(base, base).entries if e.kind == "matrix")
+    n = entry.shape[0] * entry.shape[1]
+    assert _entry_bytes(entry, 4) == 4 * n and _entry_bytes(entry, 4, copies=True) == (4 + 2 + 2) * n

@@ -141,8 +141,8 @@ def similarity_matrix(U_A: torch.Tensor, U_B: torch.Tensor, max_i: int | None = 
 def _similarity_matrix(Ua: torch.Tensor, Ub: torch.Tensor) -> torch.Tensor:
     C2 = (Ua.double().T @ Ub.double()) ** 2  # (i, dim) @ (dim, j) -> (i, j)
     cum = C2.cumsum(0).cumsum(1)  # ‖U_Aⁱᵀ U_Bʲ‖_F² for every (i, j)
-    i = torch.arange(1, Ua.shape[1] + 1, dtype=torch.float64)[:, None]
-    j = torch.arange(1, Ub.shape[1] + 1, dtype=torch.float64)[None, :]
+    i = torch.arange(1, Ua.shape[1] + 1, dtype=torch.float64, device=cum.device)[:, None]
+    j = torch.arange(1, Ub.shape[1] + 1, dtype=torch.float64, device=cum.device)[None, :]
     return cum / torch.minimum(i, j)
 
 
