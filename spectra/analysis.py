@@ -75,16 +75,7 @@ class AnalysisConfig:
             raise ConfigError(f"resolve: {self.resolve} must be an energy fraction in (0, 1].")
         if self.sketch_dtype not in ("bfloat16", "float16", "float32"):
             raise ConfigError(f"sketch_dtype: {self.sketch_dtype!r} is not one of bfloat16, float16, float32.")
-        if not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
-            raise ConfigError(f"device: {self.device!r} is not cpu, cuda or cuda:N (spectra's spectra need float64, "
-                              "which MPS and other backends lack).")
-        if self.device.startswith("cuda") and not torch.cuda.is_available():
-            raise ConfigError(f"device: {self.device!r} was asked for but torch sees no CUDA device here; "
-                              "use --device cpu.")
-        if self.device.startswith("cuda:") and int(self.device[5:]) >= torch.cuda.device_count():
-            raise ConfigError(f"device: {self.device!r} does not exist: torch sees {torch.cuda.device_count()} "
-                              "CUDA device(s), cuda:0 onwards.")
-        self.pairing_options()  # validates roles, layers, filters, dtype
+        self.pairing_options()  # validates roles, layers, filters, dtype, device
         if self.calibration is not None:
             object.__setattr__(self, "calibration", str(self.calibration))
             if not Path(self.calibration).is_file():

@@ -330,6 +330,7 @@ def extract(
     rslora: Annotated[bool, typer.Option("--rslora", help="With --rank: rsLoRA scaling α/√r.")] = False,
     modules_to_save: Annotated[Optional[str], typer.Option(help="Comma-separated modules copied whole from TUNED, e.g. classifier.")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing adapter directory.")] = False,
+    device: Annotated[str, typer.Option(help="Torch device for ΔW and its SVD: cpu, cuda, cuda:1.")] = "cpu",
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar, no table.")] = False,
 ) -> None:
     """Write a PEFT LoRA adapter whose merge is the best rank-r approximation of TUNED − BASE.
@@ -346,7 +347,8 @@ def extract(
         raise ConfigError(f"--rank {rank!r}: expected a positive integer or 'full'.")
     target = plan if plan is not None else (rank if rank == "full" else int(rank))
     result = extract_adapter(base, tuned, target, output, roles=_split(roles), alpha=alpha, rslora=rslora,
-                             modules_to_save=_split(modules_to_save) or (), overwrite=overwrite, progress=not quiet)
+                             modules_to_save=_split(modules_to_save) or (), overwrite=overwrite, progress=not quiet,
+                             device=device)
     if not quiet:
         from rich.console import Console
 

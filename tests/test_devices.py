@@ -123,3 +123,28 @@ def test_read_ahead_counts_weights_copied_to_a_device(tmp_path):
     entry = next(e for e in Pairing(base, base).entries if e.kind == "matrix")
     n = entry.shape[0] * entry.shape[1]
     assert _entry_bytes(entry, 4) == 4 * n and _entry_bytes(entry, 4, copies=True) == (4 + 2 + 2) * n
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_extract_on_a_device_matches_the_cpu(tmp_path, device):
+    """`spectra extract --device`: the same adapter (up to the SVD's rounding), written from the CPU."""
+    from safetensors.torch import load_file
+
+    from spectra.lora.extract import extract_adapter
+
+    base = build_model("llama")
+    tuned = copy.deepcopy(base)
+    with torch.no_grad():
+        for i, p in enumerate(tuned.model.layers[0].parameters()):
+            if p.dim() == 2:
+                p += 0.05 * planted(*p.shape, rank=min(3, *p.shape), seed=i)
+    b, t = save(base, tmp_path / "b", "safetensors"), save(tuned, tmp_path / "t", "safetensors")
+    on_cpu = extract_adapter(b, t, 3, tmp_path / "cpu", roles=("q", "down"), progress=False)
+    on_device = extract_adapter(b, t, 3, tmp_path / "dev", roles=("q", "down"), progress=False, device=device)
+    assert [m.error for m in on_device.modules] == pytest.approx([m.error for m in on_cpu.modules], rel=1e-4, abs=1e-6)
+    ref, got = load_file(tmp_path / "cpu" / "adapter_model.safetensors"), load_file(tmp_path / "dev" / "adapter_model.safetensors")
+    assert got.keys() == ref.keys()
+    for name in ref:  # singular vectors are defined up to sign: compare the merged update B·A
+        if name.endswith("lora_B.weight"):
+            a_name = name.replace("lora_B", "lora_A")
+            torch.testing.assert_close(got[name] @ got[a_name], ref[name] @ ref[a_name], rtol=1e-4, atol=1e-6)

@@ -13,6 +13,7 @@ a time while iterating, so peak memory is a few tensors whatever the model's siz
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import Any
@@ -90,6 +91,7 @@ class PairingOptions:
                               "computed in half precision.")
         if self.on_nonfinite not in ("error", "skip"):
             raise ConfigError(f"on_nonfinite: {self.on_nonfinite!r} must be 'error' or 'skip'.")
+        check_device(self.device)
         compile_name_filter(self.include, option="include")
         compile_name_filter(self.exclude, option="exclude")
 
@@ -419,6 +421,18 @@ class Pairing:
             base_dtype=_dtype_name(entry.base_dtype), tuned_dtype=_dtype_name(entry.tuned_dtype), delta=delta,
             base_tensor=entry.base_tensor, fused_name=entry.name if proj is not None else None,
             conv1d=entry.conv1d, added_rows=entry.added_rows, base=base, tuned=tuned)
+
+
+def check_device(device: str) -> None:
+    """Refuse a device spectra cannot run on: it takes cpu, cuda or an existing cuda:N."""
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", device):
+        raise ConfigError(f"device: {device!r} is not cpu, cuda or cuda:N (spectra's spectra need float64, "
+                          "which MPS and other backends lack).")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device: {device!r} was asked for but torch sees no CUDA device here; use --device cpu.")
+    if device.startswith("cuda:") and int(device[5:]) >= torch.cuda.device_count():
+        raise ConfigError(f"device: {device!r} does not exist: torch sees {torch.cuda.device_count()} CUDA "
+                          "device(s), cuda:0 onwards.")
 
 
 def iter_deltas(base, tuned, options: PairingOptions | None = None, **option_overrides) -> Iterator[DeltaW]:

@@ -60,7 +60,7 @@ class ExtractResult:
 def extract_adapter(base, tuned, plan_or_rank, out_dir: str | os.PathLike, *, roles: tuple[str, ...] | None = None,
                     alpha: float | None = None, rslora: bool = False, modules_to_save: tuple[str, ...] = (),
                     full_below: int = 1024, seed: int = 0, overwrite: bool = False,
-                    progress: bool = True, calibration=None) -> ExtractResult:
+                    progress: bool = True, calibration=None, device: str = "cpu") -> ExtractResult:
     """Write a PEFT adapter whose merge approximates TUNED − BASE at the planned ranks.
 
     Parameters
@@ -92,6 +92,9 @@ def extract_adapter(base, tuned, plan_or_rank, out_dir: str | os.PathLike, *, ro
         data-optimal rank-r update, best in ‖(ΔW − ΔW_r)X‖_F on those inputs rather than in
         ‖ΔW − ΔW_r‖_F (SVD-LLM, arXiv:2403.07378), and its ``fro_norm``/``error``/``tail`` are
         measured in that norm, ‖· C_ε^{1/2}‖_F.
+    device : str, default "cpu"
+        Where ΔW and its decomposition live (``cuda``, ``cuda:1``); the adapter is written
+        from the CPU.
 
     Returns
     -------
@@ -110,7 +113,7 @@ def extract_adapter(base, tuned, plan_or_rank, out_dir: str | os.PathLike, *, ro
     if out_dir.exists() and not overwrite:
         raise ConfigError(f"adapter directory {out_dir} exists; pass overwrite=True (CLI: --overwrite) or another -o.")
     targets, use_rslora, plan = _targets(plan_or_rank, alpha, rslora)
-    pairing = Pairing(base, tuned, PairingOptions(split_fused=False, vectors=False))
+    pairing = Pairing(base, tuned, PairingOptions(split_fused=False, vectors=False, device=device))
     selected = _select(pairing, targets, roles if targets is None else None)
     if not selected:
         raise ConfigError("nothing to extract: no module of the pair matches the plan or roles "
@@ -145,8 +148,8 @@ def extract_adapter(base, tuned, plan_or_rank, out_dir: str | os.PathLike, *, ro
             A, B, extraction = _factorize(d.delta, rank, scaling, full_below=full_below, seed=seed)
         # named as in the tuned model's class (a head class when the base is a bare one)
         module = (entry.tuned_tensor or entry.base_tensor).removesuffix(".weight")
-        tensors[f"{PEFT_PREFIX}{module}.lora_A.weight"] = A.contiguous()  # (r, in)
-        tensors[f"{PEFT_PREFIX}{module}.lora_B.weight"] = B.contiguous()  # (out, r)
+        tensors[f"{PEFT_PREFIX}{module}.lora_A.weight"] = A.cpu().contiguous()  # (r, in)
+        tensors[f"{PEFT_PREFIX}{module}.lora_B.weight"] = B.cpu().contiguous()  # (out, r)
         results.append(ModuleExtraction(module, rank, module_alpha, *extraction))
         ranks[module] = (rank, module_alpha, entry.conv1d)
     for tensor_name in save_names:
@@ -240,7 +243,7 @@ def _factorize_on_data(delta: torch.Tensor, rank: int, scaling: float, C: torch.
     root = torch.sqrt(S / scaling)  # (r,): each factor carries √(σ/s)
     B = (U * root).float()  # (out, r)
     A = (root[:, None] * Vw).float()  # (r, in) = √(σ/s) V_rᵀ C_ε^{-1/2}
-    whiten, _, _ = whitening(C, epsilon=epsilon)
+    whiten, _, _ = whitening(C.to(delta.device), epsilon=epsilon)  # C is collected on the CPU
     residual = (delta.double() - scaling * (B.double() @ A.double())) @ whiten  # (out, in)
     fro = math.sqrt(spec.total_energy)
     error = float(torch.linalg.vector_norm(residual))
