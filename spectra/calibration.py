@@ -185,7 +185,8 @@ def whitened_spectrum(delta: torch.Tensor, C: torch.Tensor, *, epsilon: float) -
 
 
 def truncation_factors(delta: torch.Tensor, rank: int, *, covariance: torch.Tensor | None = None,
-                       epsilon: float = 1e-6, full_below: int = 1024, seed: int = 0
+                       epsilon: float = 1e-6, full_below: int = 1024, seed: int = 0,
+                       roots: tuple[torch.Tensor, torch.Tensor] | None = None
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Spectrum]:
     """Top-``rank`` factors with ``ΔW_r = U diag(S) Vw``: Eckart–Young, or data-optimal given C.
 
@@ -205,6 +206,8 @@ def truncation_factors(delta: torch.Tensor, rank: int, *, covariance: torch.Tens
         Ridge of C (see :func:`whitening`).
     full_below : int
         Exact SVD when min(out, in) ≤ this, else the block Krylov top-``rank``, converged to 1e-4.
+    roots : (C_ε^{1/2}, C_ε^{-1/2}), optional
+        :func:`whitening` of ``covariance`` when the caller has it already (on ΔW's device).
 
     Returns
     -------
@@ -218,7 +221,7 @@ def truncation_factors(delta: torch.Tensor, rank: int, *, covariance: torch.Tens
     M = delta.to(torch.float64)
     inverse_root = None
     if covariance is not None:
-        root, inverse_root, _ = whitening(covariance.to(delta.device), epsilon=epsilon)
+        root, inverse_root = roots or whitening(covariance.to(delta.device), epsilon=epsilon)[:2]
         M = M @ root  # (out, in)
     if min(M.shape) <= full_below:
         spec = full_svd(M, compute_vectors=True, dtype=torch.float64)

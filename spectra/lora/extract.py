@@ -239,11 +239,12 @@ def _factorize_on_data(delta: torch.Tensor, rank: int, scaling: float, C: torch.
     """As :func:`_factorize`, with s·B@A the data-optimal rank-r update; errors in ‖· C_ε^{1/2}‖_F."""
     from spectra.calibration import truncation_factors, whitening
 
-    U, S, Vw, spec = truncation_factors(delta, rank, covariance=C, epsilon=epsilon, full_below=full_below, seed=seed)
+    whiten, unwhiten, _ = whitening(C.to(delta.device), epsilon=epsilon)  # C is collected on the CPU
+    U, S, Vw, spec = truncation_factors(delta, rank, covariance=C, epsilon=epsilon, full_below=full_below, seed=seed,
+                                        roots=(whiten, unwhiten))
     root = torch.sqrt(S / scaling)  # (r,): each factor carries √(σ/s)
     B = (U * root).float()  # (out, r)
     A = (root[:, None] * Vw).float()  # (r, in) = √(σ/s) V_rᵀ C_ε^{-1/2}
-    whiten, _, _ = whitening(C.to(delta.device), epsilon=epsilon)  # C is collected on the CPU
     residual = (delta.double() - scaling * (B.double() @ A.double())) @ whiten  # (out, in)
     fro = math.sqrt(spec.total_energy)
     error = float(torch.linalg.vector_norm(residual))
