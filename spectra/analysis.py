@@ -393,14 +393,7 @@ def analyze(base, tuned, config: AnalysisConfig | None = None, *, cache_dir: str
     n_workers, threads = _workers(workers, config.device)
     t0 = time.perf_counter()
     me = world(config.device)
-    options = config.pairing_options()
-    if me.distributed and options.device.startswith("cuda"):
-        if options.device != "cuda":
-            raise ConfigError(f"device: {options.device!r} under torchrun would put every rank on that one GPU; "
-                              "pass --device cuda, and each rank takes the GPU of its LOCAL_RANK.")
-        # The reader and worker threads start on GPU 0 whatever world() chose for this thread: name it.
-        options = replace(options, device=f"cuda:{torch.cuda.current_device()}")
-    pairing = Pairing(base, tuned, options)
+    pairing = Pairing(base, tuned, replace(config.pairing_options(), device=me.device))
     base_fp, tuned_fp = pairing.base.fingerprint(), pairing.tuned.fingerprint()
     root = ModuleCache.default_root() if cache_dir is True else (cache_dir or None)
     calibration_key = "" if config.calibration is None else "-" + file_digest(config.calibration)  # data, not path
@@ -512,8 +505,7 @@ def _parallel(pairing: Pairing, todo: list, config: AnalysisConfig, calibration,
         rows = _analyze_entry(deltas, config, calibration)
         return rows, loaded - start, time.perf_counter() - loaded
 
-    size = pairing.options.torch_dtype.itemsize
-    copies = not pairing.options.device.startswith("cpu")  # weights copied onto the device
+    opts = pairing.options
     queue = deque(sorted(todo, key=lambda e: -entry_cost(e.shape)))
     running: dict = {}  # future -> entry
     # torch.set_num_threads in a worker also sets the default every later thread starts
@@ -523,12 +515,12 @@ def _parallel(pairing: Pairing, todo: list, config: AnalysisConfig, calibration,
                               thread_name_prefix="spectra-analyze")
     try:
         while queue or running:
-            busy = sum(_entry_bytes(e, size, copies) for e in running.values())
+            busy = sum(_entry_bytes(e, opts) for e in running.values())
             while queue and len(running) < workers and (
-                    not running or busy + _entry_bytes(queue[0], size, copies) <= budget):
+                    not running or busy + _entry_bytes(queue[0], opts) <= budget):
                 entry = queue.popleft()
                 running[pool.submit(task, entry)] = entry
-                busy += _entry_bytes(entry, size, copies)
+                busy += _entry_bytes(entry, opts)
             done, _ = wait(running, return_when=FIRST_COMPLETED)
             for future in done:
                 entry = running.pop(future)
@@ -539,18 +531,17 @@ def _parallel(pairing: Pairing, todo: list, config: AnalysisConfig, calibration,
         torch.set_num_threads(restore)
 
 
-def _entry_bytes(entry, itemsize: int, copies: bool = False) -> int:
-    """Bytes one entry holds once read: ΔW in the compute dtype (`itemsize` bytes per element);
-    the weights stay in the memory-mapped files, except an adapter's up-cast base and merged
-    tuned weight (3× then) and, with `copies` (a GPU), both weights as stored on the device.
-    A worker's decomposition workspace comes on top."""
-    n = 1
-    for x in entry.shape:
-        n *= int(x)
+def _entry_bytes(entry, options: PairingOptions) -> int:
+    """Bytes one entry holds once read: ΔW in the compute dtype; the weights stay in the
+    memory-mapped files, except an adapter's up-cast base and merged tuned weight (3× then)
+    and, on a GPU, both weights as stored, copied onto it. A worker's decomposition
+    workspace comes on top."""
+    n = math.prod(int(x) for x in entry.shape)
+    itemsize = options.torch_dtype.itemsize
     if entry.adapter is not None:
         return 3 * itemsize * n
-    stored = entry.base_dtype.itemsize + entry.tuned_dtype.itemsize if copies else 0
-    return (itemsize + stored) * n
+    copied = 0 if options.device.startswith("cpu") else entry.base_dtype.itemsize + entry.tuned_dtype.itemsize
+    return (itemsize + copied) * n
 
 
 def _read_ahead(pairing: Pairing, todo: list, depth: int, budget: int):
@@ -566,27 +557,26 @@ def _read_ahead(pairing: Pairing, todo: list, depth: int, budget: int):
             deltas = pairing.load(entry)
             yield entry, deltas, time.perf_counter() - start
         return
-    size = pairing.options.torch_dtype.itemsize
-    copies = not pairing.options.device.startswith("cpu")  # weights copied onto the device
+    opts = pairing.options
     pending: deque = deque()  # (entry, future), in order
     nxt = 0
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="spectra-read") as pool:
         while nxt < len(todo) or pending:
-            in_flight = sum(_entry_bytes(e, size, copies) for e, _ in pending)
+            in_flight = sum(_entry_bytes(e, opts) for e, _ in pending)
             while nxt < len(todo) and len(pending) < depth and (
-                    not pending or in_flight + _entry_bytes(todo[nxt], size, copies) <= budget):
+                    not pending or in_flight + _entry_bytes(todo[nxt], opts) <= budget):
                 pending.append((todo[nxt], pool.submit(pairing.load, todo[nxt])))
-                in_flight += _entry_bytes(todo[nxt], size, copies)
+                in_flight += _entry_bytes(todo[nxt], opts)
                 nxt += 1
             entry, future = pending.popleft()
             wait = time.perf_counter()
             deltas = future.result()
             waited = time.perf_counter() - wait
             # top up the queue before the math starts, so the reader works while we compute
-            in_flight = sum(_entry_bytes(e, size, copies) for e, _ in pending)
-            while nxt < len(todo) and len(pending) < depth and in_flight + _entry_bytes(todo[nxt], size, copies) <= budget:
+            in_flight = sum(_entry_bytes(e, opts) for e, _ in pending)
+            while nxt < len(todo) and len(pending) < depth and in_flight + _entry_bytes(todo[nxt], opts) <= budget:
                 pending.append((todo[nxt], pool.submit(pairing.load, todo[nxt])))
-                in_flight += _entry_bytes(todo[nxt], size, copies)
+                in_flight += _entry_bytes(todo[nxt], opts)
                 nxt += 1
             yield entry, deltas, waited
             del deltas

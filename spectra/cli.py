@@ -686,8 +686,8 @@ def _module_table(title: str, names: list[str], rows: list[tuple[str, ...]], hea
     name is copied into configs, so it is never cut; the other columns keep their width."""
     from rich.table import Table
 
-    prefix = os.path.commonprefix(names).rpartition(".")[0] + "." if len(names) > 1 else ""
-    prefix = "" if prefix == "." else prefix
+    shared = os.path.commonprefix(names).rpartition(".")[0] if len(names) > 1 else ""  # whole dotted parts only
+    prefix = shared + "." if shared else ""
     table = Table(title=escape(title))
     table.add_column(escape(f"{prefix}…") if prefix else "module", overflow="fold")  # the header carries the prefix
     for header in headers:

@@ -30,6 +30,7 @@ class World:
 
     rank: int = 0
     size: int = 1
+    device: str = "cpu"  # where this rank computes: under torchrun with "cuda", the GPU of its LOCAL_RANK
 
     @property
     def distributed(self) -> bool:
@@ -51,26 +52,33 @@ def world(device: str = "cpu") -> World:
     Returns
     -------
     World
-        ``World(0, 1)`` outside torchrun (``WORLD_SIZE`` unset or 1).
+        ``World(0, 1, device)`` outside torchrun (``WORLD_SIZE`` unset or 1); under torchrun on CUDA
+        the device is this rank's ``cuda:LOCAL_RANK`` (a fixed ``cuda:N`` is refused).
     """
     size = int(os.environ.get("WORLD_SIZE", "1") or 1)
     if size <= 1:
-        return World()
+        return World(device=device)
     if "RANK" not in os.environ or "MASTER_ADDR" not in os.environ:
         raise ConfigError("WORLD_SIZE is set but RANK/MASTER_ADDR are not: launch distributed runs with "
                           "`torchrun --nproc-per-node N spectra …` (or unset WORLD_SIZE for one process).")
     import torch
     import torch.distributed as dist
 
+    if device.startswith("cuda"):
+        if device != "cuda":
+            raise ConfigError(f"device: {device!r} under torchrun would put every rank on that one GPU; "
+                              "pass --device cuda, and each rank takes the GPU of its LOCAL_RANK.")
+        # named explicitly: reader and worker threads start on GPU 0, whatever set_device chose here
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
     if not dist.is_initialized():
         backend = "nccl" if device.startswith("cuda") else "gloo"
         if backend == "nccl":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(device)
         dist.init_process_group(backend=backend)
         # Tear the group down before the interpreter exits: a gloo/NCCL group left to static
         # destructors can abort the process ("terminate called without an active exception").
         atexit.register(_shutdown)
-    return World(rank=dist.get_rank(), size=dist.get_world_size())
+    return World(rank=dist.get_rank(), size=dist.get_world_size(), device=device)
 
 
 def _shutdown() -> None:

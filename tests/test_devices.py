@@ -116,13 +116,18 @@ def test_unsupported_devices_are_refused():
 
 def test_read_ahead_counts_weights_copied_to_a_device(tmp_path):
     """On a GPU the weights (as stored) are copied onto it, so an entry in flight holds them too."""
+    from types import SimpleNamespace
+
     from spectra.analysis import _entry_bytes
     from spectra.checkpoints.pairing import Pairing
 
     base = save(build_model("llama").to(torch.bfloat16), tmp_path / "b", "safetensors")
-    entry = next(e for e in Pairing(base, base).entries if e.kind == "matrix")
+    pairing = Pairing(base, base)
+    entry = next(e for e in pairing.entries if e.kind == "matrix")
     n = entry.shape[0] * entry.shape[1]
-    assert _entry_bytes(entry, 4) == 4 * n and _entry_bytes(entry, 4, copies=True) == (4 + 2 + 2) * n
+    assert _entry_bytes(entry, pairing.options) == 4 * n
+    on_gpu = SimpleNamespace(torch_dtype=torch.float32, device="cuda")  # PairingOptions would refuse cuda here
+    assert _entry_bytes(entry, on_gpu) == (4 + 2 + 2) * n
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -38,6 +38,11 @@ def test_entry_cost_and_bad_input(monkeypatch):
     monkeypatch.delenv("MASTER_ADDR", raising=False)
     with pytest.raises(ConfigError, match="torchrun"):
         world()
+    # under torchrun a fixed GPU would take every rank: refused before any process group starts
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    with pytest.raises(ConfigError, match="every rank on that one GPU"):
+        world("cuda:1")
 
 
 _JOB = textwrap.dedent("""

@@ -335,7 +335,7 @@ class Pairing:
         dtype = self.options.torch_dtype
         # A plain pair subtracted chunk by chunk is checked for NaN/Inf by the norms that
         # pass takes anyway (one read of each weight instead of two); any other by a scan first.
-        by_norms = entry.adapter is None and not entry.added_rows and self._checked_by_norms(entry, dtype)
+        by_norms = self._checked_by_norms(entry)
         weights = self._read_pair(entry, check=not by_norms)
         if weights is None:
             return []
@@ -364,12 +364,13 @@ class Pairing:
                 record.delta_sq, record.base_sq = delta_sq, base_sq
         return records
 
-    def _checked_by_norms(self, entry: PairEntry, dtype: torch.dtype) -> bool:
-        """Whether this pair's subtraction is chunked into float32, so its norms can stand in for the NaN/Inf scan."""
-        if dtype != torch.float32 or not self.options.device.startswith("cpu"):
-            return False
+    def _checked_by_norms(self, entry: PairEntry) -> bool:
+        """Whether this pair's subtraction is chunked into float32, so its norms can stand in for the NaN/Inf scan
+        (two stored half-precision weights of a plain module, on the CPU)."""
         half = (torch.float16, torch.bfloat16)
-        return entry.base_dtype in half and entry.tuned_dtype in half and entry.expert_index is None
+        return (self.options.torch_dtype == torch.float32 and self.options.device.startswith("cpu")
+                and entry.base_dtype in half and entry.tuned_dtype in half
+                and entry.adapter is None and not entry.added_rows and entry.expert_index is None)
 
     def _read_pair(self, entry: PairEntry, *, check: bool = True) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(W_base, W_tuned) oriented (out, in) on the device, as stored (an adapter's merge: up-cast).

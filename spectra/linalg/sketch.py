@@ -31,6 +31,7 @@ import math
 import torch
 
 from spectra.linalg import metrics
+from spectra.linalg.krylov import reorthogonalize
 from spectra.linalg.lapack import gram_singular_values
 from spectra.linalg.svd import Spectrum, full_svd
 
@@ -371,9 +372,7 @@ def top_values(W: torch.Tensor, k: int, *, n_iter: int = 2, seed: int = 0) -> to
         if left <= 0:
             break  # the space is the whole short side
         Y = (low @ (low.T @ blocks[-1][:, :left].to(torch.bfloat16))).float()  # (A Aᵀ) Qⱼ, (short, ≤ b)
-        basis = torch.cat(blocks, 1)
-        for _ in range(2):  # twice is enough (Kahan–Parlett): the block is ⊥ the space to fp32 rounding
-            Y -= basis @ (basis.T @ Y)
+        reorthogonalize(Y, torch.cat(blocks, 1), blocks[-1].shape[1])  # ⊥ the space so far, to fp32 rounding
         blocks.append(torch.linalg.qr(Y)[0])
     Q, _ = torch.linalg.qr(torch.cat(blocks, 1))  # (short, ≤ (n_iter + 1)·b), exactly orthonormal
     return (_ritz_bf16(W, Q) if W.dtype == torch.bfloat16 else _ritz(W, Q))[:k]
