@@ -454,6 +454,8 @@ def train(
     lr: Annotated[Optional[float], typer.Option(help="Learning rate (default 5e-4 adapters, 1e-4 full).")] = None,
     compute_dtype: Annotated[str, typer.Option(help="QLoRA compute dtype: float32, bfloat16 or float16.")] = "float32",
     teacher: Annotated[Optional[str], typer.Option(help="Distil from this checkpoint's outputs instead of labels.")] = None,
+    device: Annotated[str, typer.Option(help="Where the model trains: cpu, cuda, cuda:1 (CUDA runs are not "
+                                             "bit-reproducible).")] = "cpu",
     seed: Annotated[int, typer.Option(help="Seed (same seed, same adapter bytes on CPU).")] = 0,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output directory.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
@@ -467,7 +469,8 @@ def train(
     config = TrainConfig(method="full" if full else method, rank=rank, alpha=alpha, rslora=rslora,
                          plan=str(plan) if plan else None, roles=_split(roles), task=task, epochs=epochs,
                          max_steps=max_steps, batch_size=batch_size, max_length=max_length, lr=lr,
-                         group_by_length=group_by_length, compute_dtype=compute_dtype, teacher=teacher, seed=seed)
+                         group_by_length=group_by_length, compute_dtype=compute_dtype, teacher=teacher,
+                         device=device, seed=seed)
     result = train_adapter(base, data, config, output, eval_data=eval_data, overwrite=overwrite, progress=not quiet)
     final = result.final_eval
     typer.echo(f"{result.method}: {result.steps} steps, {result.trainable_params:,} trainable parameters, final "
@@ -496,6 +499,8 @@ def verify(
     lr: Annotated[Optional[float], typer.Option(help="Sweep: learning rate.")] = None,
     group_by_length: Annotated[bool, typer.Option(
         "--group-by-length", help="Sweep: batch texts of similar length together (less padding; see `train`).")] = False,
+    device: Annotated[str, typer.Option(help="Where the measures' SVDs, the evaluations and the sweep's training "
+                                             "run: cpu, cuda, cuda:1.")] = "cpu",
     seed: Annotated[int, typer.Option(help="Seed of training and of any new head.")] = 0,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace existing outputs.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
@@ -511,7 +516,7 @@ def verify(
         raise ConfigError("pass either --adapter ADAPTER_DIR (check one adapter) or --sweep RANKS with --data.")
     if output.exists() and not overwrite:
         raise ConfigError(f"output directory {output} exists; pass --overwrite to replace it or choose another -o.")
-    vconfig = VerifyConfig(seed=seed)
+    vconfig = VerifyConfig(seed=seed, device=device)
     if adapter is not None:
         result = verify_adapter(base, tuned, adapter, eval_data=eval_data, config=vconfig, progress=not quiet)
         path = result.write_report(output, overwrite=overwrite)
@@ -532,7 +537,7 @@ def verify(
     if plan is not None and recommended is None:
         recommended = load_plan(plan).to_peft_config()["r"]
     tconfig = TrainConfig(roles=_split(roles), epochs=epochs, max_steps=max_steps, lr=lr, seed=seed,
-                          group_by_length=group_by_length, teacher=tuned if distill else None)
+                          group_by_length=group_by_length, teacher=tuned if distill else None, device=device)
     result = rank_sweep(base, tuned, data, ranks=ranks, methods=_split(method) or ("lora",), train_config=tconfig,
                         eval_data=eval_data, adapters_dir=adapters_dir or output.with_name(output.name + "-adapters"),
                         verify_config=vconfig, recommended_rank=recommended, overwrite=overwrite,
@@ -615,6 +620,7 @@ def sweep(
     batch_size: Annotated[int, typer.Option(help="Eval examples per forward pass.")] = 32,
     max_length: Annotated[int, typer.Option(help="Tokens per example.")] = 128,
     bootstrap: Annotated[int, typer.Option(help="Bootstrap replicates of the intervals (0: none).")] = 1000,
+    device: Annotated[str, typer.Option(help="Where the model is evaluated: cpu, cuda, cuda:1.")] = "cpu",
     seed: Annotated[int, typer.Option(help="Seed of the bootstrap.")] = 0,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing report directory.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar, no table.")] = False,
@@ -636,7 +642,7 @@ def sweep(
     except ValueError:
         raise ConfigError(f"--ranks {ranks!r}: expected comma-separated ranks like 1,2,4,8.") from None
     config = SweepConfig(roles=_split(roles), task=task, batch_size=batch_size, max_length=max_length,
-                         bootstrap=bootstrap, seed=seed)
+                         bootstrap=bootstrap, device=device, seed=seed)
     result = truncation_sweep(base, tuned, data, ranks=rank_list, plan=plan, metric=metric, non_target=non_target,
                               groups="both" if by_role else "model", calibration=calibration, config=config,
                               progress=not quiet)

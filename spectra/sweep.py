@@ -29,6 +29,7 @@ from typing import Callable
 import numpy as np
 
 from spectra.calibration import Calibration, CalibrationConfig, collect_calibration, truncation_factors
+from spectra.checkpoints.pairing import check_device
 from spectra.errors import ConfigError
 from spectra.sweep_metrics import Metric, example_stats, resolve_metric
 from spectra.sweep_weights import ModelWeights
@@ -60,6 +61,9 @@ class SweepConfig:
     epsilon : float
         Ridge of the calibration second moments when ``calibration`` is a data file (a
         :class:`~spectra.calibration.Calibration` brings its own).
+    device : str
+        Where the model is evaluated: ``cpu``, ``cuda`` or ``cuda:N`` (the SVDs of ΔW run
+        on the CPU once per module; the evaluations are what a large model spends its time on).
     seed : int
         Seed of the bootstrap and of any randomized SVD.
     """
@@ -72,6 +76,7 @@ class SweepConfig:
     confidence: float = 0.95  # the usual two-sided 95 %
     full_below: int = 1024  # exact SVD takes well under a second up to here
     epsilon: float = 1e-6  # as CalibrationConfig: leaves the data term exact to ~1e-6
+    device: str = "cpu"
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -83,6 +88,7 @@ class SweepConfig:
             raise ConfigError("max_length must be ≥ 2, batch_size ≥ 1 and bootstrap ≥ 0.")
         if not 0 < self.confidence < 1:
             raise ConfigError(f"confidence {self.confidence} must lie in (0, 1), e.g. 0.95.")
+        check_device(self.device)
 
 
 @dataclass
@@ -194,7 +200,7 @@ def truncation_sweep(base, tuned, data, *, ranks=(1, 2, 4, 8, 16, 32, 64), plan=
     task, tokens, _, label_names, tokenizer = prepare_data(model_dir(tuned), data, task=config.task,
                                                            max_length=config.max_length)
     metric = resolve_metric(metric, task)
-    model = load_model(tuned, task=task)
+    model = load_model(tuned, task=task, device=config.device)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     if isinstance(calibration, (str, Path)):

@@ -52,7 +52,7 @@ def token_stats(logits: torch.Tensor, batch: dict) -> tuple[torch.Tensor, torch.
     logits = logits.float()
     if labels.ndim == 1:  # classification: (B, C) vs (B,)
         loss = torch.nn.functional.cross_entropy(logits, labels, reduction="none")  # (B,)
-        return loss.double(), (logits.argmax(-1) == labels).double(), torch.ones(len(labels), dtype=torch.float64)
+        return loss.double(), (logits.argmax(-1) == labels).double(), torch.ones(len(labels), dtype=torch.float64, device=labels.device)
     logits, labels = logits[:, :-1], labels[:, 1:]  # (B, T-1, V), (B, T-1): position t predicts t+1
     keep = labels != IGNORE_INDEX
     loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels.clamp(min=0), reduction="none")  # (B, T-1)
@@ -96,14 +96,16 @@ def resolve_metric(metric, task: str) -> Metric:
 def example_stats(model, data, metric: Metric, *, batch_size: int) -> dict[str, np.ndarray]:
     """Evaluate ``model`` on ``data`` in batches; per-example arrays (n,) of the metric and of loss/accuracy."""
     from spectra.lora.data import batch_indices, collate
+    from spectra.lora.train import model_device, to_device
 
     was_training = model.training
     model.eval()
+    device = model_device(model)
     out: dict[str, list] = {k: [] for k in ("num", "den", "loss", "correct", "count")}
     groups = batch_indices(data, batch_size, by_length=True)  # less padding; rows go back to data order below
     try:
         for index in groups:
-            batch = collate(data, index)
+            batch = to_device(collate(data, index), device)
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             loss, correct, count = token_stats(logits, batch)
             value = metric.per_example(logits, batch)

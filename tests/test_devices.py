@@ -153,3 +153,100 @@ def test_extract_on_a_device_matches_the_cpu(tmp_path, device):
         if name.endswith("lora_B.weight"):
             a_name = name.replace("lora_B", "lora_A")
             torch.testing.assert_close(got[name] @ got[a_name], ref[name] @ ref[a_name], rtol=1e-4, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------- the model-running paths
+
+
+@pytest.fixture(scope="module")
+def trained_trio(tmp_path_factory):
+    """A tiny llama base, a stand-in full fine-tune of it, eval text, and a LoRA adapter trained on the CPU."""
+    from spectra.lora.train import TrainConfig, train_adapter
+    from tests.lora.conftest import random_text
+    from tests.lora.test_verify import perturbed
+
+    folder = tmp_path_factory.mktemp("devices")
+    model = build_model("llama")
+    base = save(model, folder / "base", "safetensors")
+    tuned = save(perturbed(model, 3), folder / "tuned", "safetensors")
+    text = random_text(folder / "text.txt", chars=16 * 8 * 3, seed=2)
+    config = TrainConfig(rank=2, max_length=16, batch_size=8, max_steps=3, eval_fraction=0.0)
+    adapter = train_adapter(base, text, config, folder / "adapter", progress=False)
+    return base, tuned, text, config, adapter
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+@pytest.mark.parametrize("device", DEVICES)
+def test_training_on_a_device_matches_the_cpu(tmp_path, device, trained_trio):
+    """`spectra train --device`: the same losses and adapter as on the CPU (bit for bit there; CUDA sums differ)."""
+    import dataclasses
+
+    from safetensors.torch import load_file
+
+    from spectra.lora.train import read_train_summary, train_adapter
+
+    base, _, text, config, on_cpu = trained_trio
+    got = train_adapter(base, text, dataclasses.replace(config, device=device), tmp_path / "ad", progress=False)
+    assert got.losses == pytest.approx(on_cpu.losses, rel=1e-4)
+    assert read_train_summary(got.out_dir)["config"]["device"] == device
+    ref, new = (load_file(r.out_dir / "adapter_model.safetensors") for r in (on_cpu, got))
+    assert new.keys() == ref.keys() and all(t.device.type == "cpu" for t in new.values())
+    for name in ref:
+        if name.endswith("lora_B.weight"):  # the update B·A each module learnt
+            a_name = name.replace("lora_B", "lora_A")
+            want = ref[name] @ ref[a_name]
+            torch.testing.assert_close(new[name] @ new[a_name], want, rtol=0, atol=1e-3 * float(want.abs().max()))
+    if device == "cpu":
+        assert (got.out_dir / "adapter_model.safetensors").read_bytes() == \
+            (on_cpu.out_dir / "adapter_model.safetensors").read_bytes()
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+@pytest.mark.parametrize("device", DEVICES)
+def test_verify_on_a_device_matches_the_cpu(device, trained_trio):
+    """`spectra verify --device`: per-module measures (float64 SVDs) and the four evaluations as on the CPU."""
+    from spectra.lora.verify import VerifyConfig, verify_adapter
+
+    base, tuned, text, _, adapter = trained_trio
+    ref = verify_adapter(base, tuned, adapter.out_dir, eval_data=text, progress=False)
+    got = verify_adapter(base, tuned, adapter.out_dir, eval_data=text, progress=False,
+                         config=VerifyConfig(device=device))
+    assert [r["name"] for r in got.modules] == [r["name"] for r in ref.modules]
+    for mine, theirs in zip(got.modules, ref.modules):
+        for key in ("captured_energy", "optimal_energy", "phi", "relative_error", "amplification_full"):
+            assert mine[key] == pytest.approx(theirs[key], rel=1e-6, abs=1e-9), (mine["name"], key)
+        assert (mine["intruders_adapter"], mine["intruders_full"]) == (theirs["intruders_adapter"],
+                                                                       theirs["intruders_full"])
+    for model in ("base", "tuned", "adapter", "svd"):
+        assert got.evals[model]["loss"] == pytest.approx(ref.evals[model]["loss"], rel=1e-5), model
+    assert all(v.device.type == "cpu" for v in got.right_vectors.values())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_truncation_sweep_on_a_device_matches_the_cpu(device, trained_trio):
+    """`spectra sweep --device`: the model is evaluated on the device, the curve is the CPU's."""
+    from spectra.sweep import SweepConfig, truncation_sweep
+
+    base, tuned, text, _, _ = trained_trio
+    config = SweepConfig(max_length=16, bootstrap=0)
+    ref = truncation_sweep(base, tuned, text, ranks=(1, 4), config=config, progress=False)
+    got = truncation_sweep(base, tuned, text, ranks=(1, 4), progress=False,
+                           config=SweepConfig(max_length=16, bootstrap=0, device=device))
+    assert [p["label"] for p in got.data["points"]] == [p["label"] for p in ref.data["points"]]
+    for mine, theirs in zip(got.data["points"], ref.data["points"]):
+        assert mine["metric"] == pytest.approx(theirs["metric"], rel=1e-5), mine["label"]
+
+
+def test_model_paths_refuse_unsupported_devices():
+    from spectra.errors import ConfigError
+    from spectra.lora.train import TrainConfig, load_model
+    from spectra.lora.verify import VerifyConfig
+    from spectra.sweep import SweepConfig
+
+    for make in (TrainConfig, VerifyConfig, SweepConfig):
+        with pytest.raises(ConfigError, match="not cpu, cuda or cuda:N"):
+            make(device="mps")
+        with pytest.raises(ConfigError, match="cuda"):
+            make(device=f"cuda:{torch.cuda.device_count()}")  # one past the last (or none at all)
+    with pytest.raises(ConfigError, match="not cpu, cuda or cuda:N"):
+        load_model("unused", task="causal_lm", device="tpu")  # checked before anything is read

@@ -427,8 +427,8 @@ class Pairing:
 def check_device(device: str) -> None:
     """Refuse a device spectra cannot run on: it takes cpu, cuda or an existing cuda:N."""
     if not re.fullmatch(r"cpu|cuda(:\d+)?", device):
-        raise ConfigError(f"device: {device!r} is not cpu, cuda or cuda:N (spectra's spectra need float64, "
-                          "which MPS and other backends lack).")
+        raise ConfigError(f"device: {device!r} is not cpu, cuda or cuda:N (spectra's SVDs and measures need "
+                          "float64, which MPS and other backends lack).")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device: {device!r} was asked for but torch sees no CUDA device here; use --device cpu.")
     if device.startswith("cuda:") and int(device[5:]) >= torch.cuda.device_count():

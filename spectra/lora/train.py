@@ -12,7 +12,9 @@ One loop for every method; a method only changes how the model is loaded and wra
 - ``full``: every parameter trains, and the result is a normal checkpoint directory
   that pairs with the base for ``spectra analyze``/``verify``.
 
-Training is deterministic on CPU for a given seed (same seed → same adapter bytes).
+Training runs on ``device`` (cpu, cuda, cuda:N: the model, the teacher and every batch);
+it is deterministic on CPU for a given seed (same seed → same adapter bytes), not on CUDA,
+whose kernels may sum in a different order from run to run.
 Each step's loss goes to ``training_log.jsonl``; the run's summary to
 ``spectra_train.json``; the output directory appears only when training succeeded.
 """
@@ -30,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from spectra.checkpoints.pairing import check_device
 from spectra.errors import ConfigError
 from spectra.lora.data import TokenizedData, batches, prepare_data
 
@@ -77,6 +80,9 @@ class TrainConfig:
     teacher : str, optional
         A checkpoint whose outputs the model learns (KL distillation) instead of the labels,
         e.g. the full fine-tune: then a rank-r adapter is fitted to the full update's function.
+    device : str
+        Where the model trains: ``cpu``, ``cuda`` or ``cuda:N``. The adapter is written the
+        same way from any device.
     seed : int
     """
 
@@ -103,6 +109,7 @@ class TrainConfig:
     teacher: str | None = None
     gradient_checkpointing: bool = False  # trades compute for memory; off for small models
     group_by_length: bool = False  # Hugging Face's default: uniformly random batches
+    device: str = "cpu"  # reproducible bit for bit; a GPU is what a model of real size needs
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -130,6 +137,7 @@ class TrainConfig:
             raise ConfigError(f"compute_dtype {self.compute_dtype!r} is not one of {', '.join(_COMPUTE_DTYPES)}.")
         if self.method == "full" and (self.plan or self.rslora):
             raise ConfigError("a full fine-tune (method full) takes no plan or rslora; drop those options.")
+        check_device(self.device)
 
     @property
     def learning_rate(self) -> float:
@@ -193,8 +201,8 @@ def model_dir(spec) -> Path:
 
 
 def load_model(spec, *, task: str, num_labels: int | None = None, quantize: bool = False,
-               compute_dtype: str = "float32", label_names: list[str] | None = None):
-    """Load a checkpoint as a causal LM or sequence classifier in float32 (or NF4 4-bit).
+               compute_dtype: str = "float32", label_names: list[str] | None = None, device: str = "cpu"):
+    """Load a checkpoint as a causal LM or sequence classifier in float32 (or NF4 4-bit) on ``device``.
 
     A missing or resized classification head is initialised from the current torch
     seed, so seed first for a reproducible head.
@@ -210,17 +218,37 @@ def load_model(spec, *, task: str, num_labels: int | None = None, quantize: bool
             kwargs.update(id2label=dict(enumerate(label_names)), label2id={n: i for i, n in enumerate(label_names)})
     else:
         auto = tf.AutoModelForCausalLM
-    if quantize:
-        kwargs.update(device_map="cpu", quantization_config=nf4_config(compute_dtype))
+    check_device(device)
+    if quantize:  # bitsandbytes quantises while loading, on the device named here
+        kwargs.update(device_map={"": str(torch_device(device))}, quantization_config=nf4_config(compute_dtype))
     bar = tf.utils.logging.is_progress_bar_enabled()
     tf.utils.logging.disable_progress_bar()  # no "Loading weights" bar inside our own
     try:
-        return auto.from_pretrained(str(model_dir(spec)), **kwargs)
+        model = auto.from_pretrained(str(model_dir(spec)), **kwargs)
     except (OSError, ValueError) as err:
         raise ConfigError(f"cannot load {spec} as a {task} model: {err}") from err
     finally:
         if bar:
             tf.utils.logging.enable_progress_bar()
+    return model if quantize else model.to(torch_device(device))
+
+
+def torch_device(device: str) -> torch.device:
+    """``cpu``, ``cuda`` (the current GPU) or ``cuda:N`` as a ``torch.device`` with its index."""
+    if device == "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device(device)
+
+
+def model_device(model) -> torch.device:
+    """Where a model's parameters are (its batches go there); the CPU for a model without any."""
+    param = next(model.parameters(), None)
+    return torch.device("cpu") if param is None else param.device
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    """A batch of tensors moved to ``device`` (no copy where it is already)."""
+    return {k: v.to(device) for k, v in batch.items()}
 
 
 def nf4_config(compute_dtype: str = "float32"):
@@ -354,13 +382,15 @@ def train_adapter(base, data, config: TrainConfig | None = None, out_dir=None, *
         eval_fraction=config.eval_fraction, seed=config.seed)
     torch.manual_seed(config.seed)  # head initialisation and LoRA's A init draw from it
     model = load_model(base, task=task, num_labels=len(label_names) if label_names else None,
-                       quantize=config.quantized, compute_dtype=config.compute_dtype, label_names=label_names)
+                       quantize=config.quantized, compute_dtype=config.compute_dtype, label_names=label_names,
+                       device=config.device)
     if task == "causal_lm" or model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     model = wrap_model(model, config, task=task)
     teacher = None
     if config.teacher is not None:
-        teacher = load_model(config.teacher, task=task, num_labels=len(label_names) if label_names else None).eval()
+        teacher = load_model(config.teacher, task=task, num_labels=len(label_names) if label_names else None,
+                             device=config.device).eval()
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = out.parent / f".{out.name}.tmp-{time.time_ns():x}"
     staging.mkdir()
@@ -383,6 +413,7 @@ def _train(model, teacher, train: TokenizedData, held_out: TokenizedData | None,
     import tqdm
 
     params = [p for p in model.parameters() if p.requires_grad]
+    device = model_device(model)
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
     per_epoch = math.ceil(len(train) / config.batch_size)
     total = min(config.max_steps or per_epoch * config.epochs, per_epoch * config.epochs)
@@ -400,7 +431,7 @@ def _train(model, teacher, train: TokenizedData, held_out: TokenizedData | None,
                     break
                 start = time.perf_counter()
                 model.train()
-                loss = _loss(model, teacher, batch, task)
+                loss = _loss(model, teacher, to_device(batch, device), task)
                 loss.backward()
                 if config.grad_clip:
                     torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
@@ -469,8 +500,10 @@ def evaluate(model, data: TokenizedData, *, batch_size: int = 32) -> dict:
     """
     was_training = model.training
     model.eval()
+    device = model_device(model)
     loss_sum, correct, count = 0.0, 0, 0
     for batch in batches(data, batch_size, by_length=True):
+        batch = to_device(batch, device)
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
         labels = batch["labels"]
         if data.task == "causal_lm":

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from spectra.checkpoints.pairing import check_device
 from spectra.errors import ConfigError
 from spectra.linalg.subspace import (
     amplification_factor,
@@ -64,6 +65,9 @@ class VerifyConfig:
         Tokenisation and batching of the eval data.
     seed : int
         Seed of any head initialised at load (a bare base model has no classifier).
+    device : str
+        Where the per-module measures (float64 SVDs of ΔW_full, ΔW_adapter and W_base) and
+        the evaluations run: ``cpu``, ``cuda`` or ``cuda:N``. Results come back to the CPU.
     """
 
     intruder_k: int = 10  # PEFT reduce_intruder_dimension default (arXiv:2410.21228 uses top 10 too)
@@ -75,6 +79,7 @@ class VerifyConfig:
     max_length: int = 128  # as in training
     batch_size: int = 32  # eval is forward only: larger batches are cheap
     seed: int = 0
+    device: str = "cpu"
 
     def __post_init__(self) -> None:
         if self.intruder_k < 1 or self.phi_max < 1 or self.figure_modules < 0:
@@ -83,6 +88,7 @@ class VerifyConfig:
             raise ConfigError(f"intruder_epsilon {self.intruder_epsilon} must lie in (0, 1).")
         if self.task not in ("auto", "causal_lm", "seq_cls"):
             raise ConfigError(f"task {self.task!r} is not auto, causal_lm or seq_cls.")
+        check_device(self.device)
 
 
 @dataclass
@@ -241,7 +247,8 @@ def verify_adapter(base, tuned, adapter, *, eval_data=None, config: VerifyConfig
     adapter_src = open_checkpoint(adapter)
     if not isinstance(adapter_src, AdapterSource):
         raise ConfigError(f"--adapter {adapter}: not a PEFT adapter directory (no adapter_config.json).")
-    pairing = Pairing(base, tuned, PairingOptions(vectors=False, split_fused=False, with_weights=True))
+    pairing = Pairing(base, tuned, PairingOptions(vectors=False, split_fused=False, with_weights=True,
+                                                  device=config.device))
     trained = read_train_summary(adapter_src.path) or {}
     quantized = config.quantized if config.quantized is not None else trained.get("method") in ("qlora", "qdora")
     planned, notes = plan_adapter(_InBase(adapter_src, pairing.base), pairing.base, pairing.config)
@@ -265,8 +272,8 @@ def verify_adapter(base, tuned, adapter, *, eval_data=None, config: VerifyConfig
         coverage[0] += energy
         p = lora[d.name]
         W0 = nf4_round_trip(d.base, conv1d=d.conv1d) if quantized and d.role not in ("embed", "head") else d.base
-        A, B = (adapter_src.weights.read(p.keys[k]).double() for k in (("emb_A", "emb_B") if p.embedding
-                                                                        else ("A", "B")))
+        A, B = (adapter_src.weights.read(p.keys[k]).to(d.delta.device, torch.float64)
+                for k in (("emb_A", "emb_B") if p.embedding else ("A", "B")))
         col, rowb = (A.T, B) if p.embedding else (B, A.T)  # embedding ΔW = s·(B A)ᵀ: roles swap
         delta_ad = p.merged(W0, adapter_src.weights, torch.float32) - W0
         measures, phi, vectors = module_measures(d.delta, delta_ad, W0, col_basis=col, row_basis=rowb, rank=A.shape[0],
@@ -276,9 +283,9 @@ def verify_adapter(base, tuned, adapter, *, eval_data=None, config: VerifyConfig
                      "scaling": p.scaling, "dora": "magnitude" in p.keys, **measures})
         if phi is not None:
             phis[d.name] = (energy, phi)
-            right[d.name] = vectors
-        if eval_data is not None:
-            truncated[d.name] = (_truncate(d.delta, A.shape[0]) + d.base, d.conv1d)
+            right[d.name] = vectors.cpu()
+        if eval_data is not None:  # kept on the CPU: the whole model's worth, written into a model later
+            truncated[d.name] = ((_truncate(d.delta, A.shape[0]) + d.base).cpu(), d.conv1d)
     if not rows:
         raise ConfigError(f"the adapter {adapter} adapts no weight matrix that {base} × {tuned} pairs; check that "
                           "all three belong to the same model.")
@@ -413,14 +420,14 @@ def evaluate_models(base, tuned, adapter_src, eval_data, truncated: dict, *, con
     def base_model(quantize: bool = False):
         torch.manual_seed(config.seed)  # a head new to a bare base is initialised from the seed
         model = load_model(base, task=task, num_labels=num_labels, quantize=quantize, compute_dtype=compute,
-                           label_names=labels)
+                           label_names=labels, device=config.device)
         if model.config.pad_token_id is None:
             model.config.pad_token_id = tokenizer.pad_token_id
         return model
 
     builders = {
         "base": base_model,
-        "tuned": lambda: load_model(tuned, task=task),
+        "tuned": lambda: load_model(tuned, task=task, device=config.device),
         "adapter": lambda: _load_adapter(base_model(quantized), adapter_src.path),
         "svd": lambda: _set_weights(base_model(), truncated, tuned, adapter_src.config.get("modules_to_save")),
     }
