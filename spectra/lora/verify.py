@@ -38,7 +38,7 @@ from spectra.linalg.subspace import (
     principal_angles,
     similarity_matrix,
 )
-from spectra.linalg.svd import frobenius_energy, full_svd
+from spectra.linalg.svd import Spectrum, frobenius_energy, full_svd
 
 SCHEMA_VERSION = 1
 
@@ -135,8 +135,8 @@ class VerifyResult:
 
 def module_measures(delta_full: torch.Tensor, delta_adapter: torch.Tensor, W0: torch.Tensor, *,
                     col_basis: torch.Tensor, row_basis: torch.Tensor, rank: int, W_base: torch.Tensor | None = None,
-                    intruder_k: int = 10, intruder_epsilon: float = 0.5, phi_max: int = 64
-                    ) -> tuple[dict, list[list[float]] | None, torch.Tensor | None]:
+                    intruder_k: int = 10, intruder_epsilon: float = 0.5, phi_max: int = 64,
+                    delta_svd: Spectrum | None = None) -> tuple[dict, list[list[float]] | None, torch.Tensor | None]:
     """Measures of one adapted module; see the module docstring.
 
     Parameters
@@ -152,6 +152,9 @@ def module_measures(delta_full: torch.Tensor, delta_adapter: torch.Tensor, W0: t
     rank : int
     W_base : torch.Tensor, shape (out, in), optional
         The unquantised base when it differs from ``W0`` (QLoRA).
+    delta_svd : Spectrum, optional
+        ``full_svd(delta_full, compute_vectors=True, dtype=torch.float64)``, when the caller
+        has it already.
 
     Returns
     -------
@@ -185,7 +188,7 @@ def module_measures(delta_full: torch.Tensor, delta_adapter: torch.Tensor, W0: t
     row["captured_energy"] = captured_energy(delta_full, U=col_basis)
     row["captured_energy_row"] = captured_energy(delta_full, V=row_basis)
     row["captured_energy_both"] = captured_energy(delta_full, U=col_basis, V=row_basis)
-    Ff = full_svd(delta_full, compute_vectors=True, dtype=torch.float64)
+    Ff = delta_svd if delta_svd is not None else full_svd(delta_full, compute_vectors=True, dtype=torch.float64)
     Fa = full_svd(delta_adapter, compute_vectors=True, dtype=torch.float64)
     # Eckart–Young optimum Σ_{i≤r} σᵢ² / ‖ΔW_full‖² from the decomposition already at hand
     row["optimal_energy"] = float((Ff.values[:rank].double() ** 2).sum()) / Ff.total_energy
@@ -276,16 +279,18 @@ def verify_adapter(base, tuned, adapter, *, eval_data=None, config: VerifyConfig
                 for k in (("emb_A", "emb_B") if p.embedding else ("A", "B")))
         col, rowb = (A.T, B) if p.embedding else (B, A.T)  # embedding ΔW = s·(B A)ᵀ: roles swap
         delta_ad = p.merged(W0, adapter_src.weights, torch.float32) - W0
+        Ff = full_svd(d.delta, compute_vectors=True, dtype=torch.float64)  # the measures' and the truncation's
         measures, phi, vectors = module_measures(d.delta, delta_ad, W0, col_basis=col, row_basis=rowb, rank=A.shape[0],
-                                        W_base=d.base, intruder_k=config.intruder_k,
-                                        intruder_epsilon=config.intruder_epsilon, phi_max=config.phi_max)
+                                                 W_base=d.base, intruder_k=config.intruder_k,
+                                                 intruder_epsilon=config.intruder_epsilon, phi_max=config.phi_max,
+                                                 delta_svd=Ff)
         rows.append({"name": d.name, "role": d.role, "layer": d.layer, "shape": list(d.shape),
                      "scaling": p.scaling, "dora": "magnitude" in p.keys, **measures})
         if phi is not None:
             phis[d.name] = (energy, phi)
             right[d.name] = vectors.cpu()
         if eval_data is not None:  # kept on the CPU: the whole model's worth, written into a model later
-            truncated[d.name] = ((_truncate(d.delta, A.shape[0]) + d.base).cpu(), d.conv1d)
+            truncated[d.name] = ((_truncate(Ff, A.shape[0]).to(d.delta.dtype) + d.base).cpu(), d.conv1d)
     if not rows:
         raise ConfigError(f"the adapter {adapter} adapts no weight matrix that {base} × {tuned} pairs; check that "
                           "all three belong to the same model.")
@@ -339,10 +344,9 @@ def nf4_round_trip(W: torch.Tensor, *, conv1d: bool = False) -> torch.Tensor:
     return out.T if conv1d else out
 
 
-def _truncate(delta: torch.Tensor, rank: int) -> torch.Tensor:
-    """The Eckart–Young rank-r part U_r Σ_r V_rᵀ of ``delta`` (out, in)."""
-    F = full_svd(delta, compute_vectors=True, dtype=torch.float64)
-    return ((F.U[:, :rank] * F.values[:rank]) @ F.Vh[:rank]).to(delta.dtype)  # (out, r) @ (r, in)
+def _truncate(F: Spectrum, rank: int) -> torch.Tensor:
+    """The Eckart–Young rank-r part U_r Σ_r V_rᵀ (out, in) of a matrix, from its decomposition ``F``."""
+    return (F.U[:, :rank] * F.values[:rank]) @ F.Vh[:rank]  # (out, r) @ (r, in)
 
 
 def _method(adapter_src) -> str:
