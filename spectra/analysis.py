@@ -86,7 +86,8 @@ class AnalysisConfig:
     def calibration_config(self):
         from spectra.calibration import CalibrationConfig
 
-        return CalibrationConfig(epsilon=self.calibration_epsilon, max_examples=self.calibration_examples)
+        return CalibrationConfig(epsilon=self.calibration_epsilon, max_examples=self.calibration_examples,
+                                 device=self.device)
 
     def pairing_options(self) -> PairingOptions:
         return PairingOptions(roles=self.roles, layers=self.layers, include=self.include, exclude=self.exclude,

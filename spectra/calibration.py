@@ -35,6 +35,7 @@ from pathlib import Path
 
 import torch
 
+from spectra.checkpoints.pairing import check_device
 from spectra.errors import ConfigError
 from spectra.linalg import metrics
 from spectra.linalg.svd import CONVERGED_TOL, Spectrum, full_svd, randomized_svd
@@ -60,6 +61,11 @@ class CalibrationConfig:
         record has a ``label``.
     seed : int
         Seed of any classification head initialised at load (its outputs are not used).
+    device : str
+        Where the model runs and the float64 moments accumulate (``cpu``, ``cuda``,
+        ``cuda:N``); they come back to the CPU when collected. The moments take
+        8·in² bytes per input group — q/k/v share one, gate/up another — so a GPU must
+        hold them beside the model.
     """
 
     epsilon: float = 1e-6  # small enough to leave the data term exact to ~1e-6, large enough to invert C in float64
@@ -68,6 +74,7 @@ class CalibrationConfig:
     batch_size: int = 16  # forward only, and float64 moments per batch stay small
     task: str = "auto"
     seed: int = 0
+    device: str = "cpu"
 
     def __post_init__(self) -> None:
         if not (isinstance(self.epsilon, (int, float)) and 0 < self.epsilon < 1):
@@ -79,6 +86,7 @@ class CalibrationConfig:
             raise ConfigError("calibration max_length must be ≥ 2 and batch_size ≥ 1.")
         if self.task not in ("auto", "causal_lm", "seq_cls"):
             raise ConfigError(f"calibration task {self.task!r} is not auto, causal_lm or seq_cls.")
+        check_device(self.device)
 
 
 # ---------------------------------------------------------------------------- moments
@@ -296,13 +304,13 @@ def collect_calibration(model_spec, data, *, config: CalibrationConfig | None = 
     from spectra.checkpoints.names import match_names
     from spectra.checkpoints.source import open_checkpoint
     from spectra.lora.data import batches, read_records
-    from spectra.lora.train import load_model
+    from spectra.lora.train import load_model, model_device, to_device
 
     config = config or CalibrationConfig()
     task, tokens = _tokenized(model_spec, data, config, read_records)
     if model is None:
         torch.manual_seed(config.seed)  # a classifier head new to a bare checkpoint; its outputs are unused
-        model = load_model(model_spec, task=task)
+        model = load_model(model_spec, task=task, device=config.device)
     modules = {name: m for name, m in model.named_modules() if isinstance(m, (torch.nn.Linear, Conv1D))}
     checkpoint = [n for n in open_checkpoint(model_spec).names() if n.endswith(".weight")]
     match = match_names(checkpoint, [f"{name}.weight" for name in modules])
@@ -336,6 +344,7 @@ def collect_calibration(model_spec, data, *, config: CalibrationConfig | None = 
             n_batches = -(-len(tokens) // config.batch_size)
             for batch in tqdm.tqdm(batches(tokens, config.batch_size), total=n_batches, desc="calibrate",
                                    unit="batch", disable=not progress, leave=False):
+                batch = to_device(batch, model_device(model))
                 state["mask"], state["last"] = batch["attention_mask"], (None, None)
                 model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     finally:
@@ -343,6 +352,7 @@ def collect_calibration(model_spec, data, *, config: CalibrationConfig | None = 
             handle.remove()
         state["last"] = (None, None)
         model.train(was_training)
+    moments.sums = {key: total.cpu() for key, total in moments.sums.items()}  # a Calibration lives on the CPU
     source = {"data": str(data), "data_sha256": file_digest(data), "model": str(model_spec), "task": task,
               "examples": len(tokens)}
     return Calibration(moments=moments, groups=groups, config=config, source=source)

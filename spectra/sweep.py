@@ -167,7 +167,8 @@ def truncation_sweep(base, tuned, data, *, ranks=(1, 2, 4, 8, 16, 32, 64), plan=
     metric : Metric, {"accuracy", "loss", "perplexity"} or callable, optional
         The curve's metric; default accuracy for classification, perplexity for language
         modelling. A callable ``f(logits, batch) -> Tensor (B,)`` gives per-example scores
-        (higher is better, averaged); wrap it in :class:`Metric` for anything else.
+        (higher is better, averaged); wrap it in :class:`Metric` for anything else. Both
+        arguments are on ``config.device``: a tensor the callable creates should be too.
         Loss and accuracy are recorded at every point whatever the metric.
     non_target : {"tuned", "base", "both"}
         Where the non-targeted tensors come from (see the module docstring).
@@ -205,7 +206,7 @@ def truncation_sweep(base, tuned, data, *, ranks=(1, 2, 4, 8, 16, 32, 64), plan=
         model.config.pad_token_id = tokenizer.pad_token_id
     if isinstance(calibration, (str, Path)):
         calibration = collect_calibration(base, calibration, config=CalibrationConfig(
-            epsilon=config.epsilon, max_length=config.max_length, task=task), progress=progress)
+            epsilon=config.epsilon, max_length=config.max_length, task=task, device=config.device), progress=progress)
     weights = ModelWeights(model, base, tuned, plan=plan, roles=config.roles)
     top = max((r for r in ranks if r > 0), default=0)
     for module in weights.targets:  # one SVD per module, reused at every rank

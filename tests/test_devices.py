@@ -250,3 +250,17 @@ def test_model_paths_refuse_unsupported_devices():
             make(device=f"cuda:{torch.cuda.device_count()}")  # one past the last (or none at all)
     with pytest.raises(ConfigError, match="not cpu, cuda or cuda:N"):
         load_model("unused", task="causal_lm", device="tpu")  # checked before anything is read
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_calibration_collected_on_a_device_matches_the_cpu(device, trained_trio):
+    """The forward passes and float64 moments run on the device; the Calibration comes back on the CPU."""
+    from spectra.calibration import CalibrationConfig, collect_calibration
+
+    base, _, text, _, _ = trained_trio
+    ref = collect_calibration(base, text, config=CalibrationConfig(max_length=16))
+    got = collect_calibration(base, text, config=CalibrationConfig(max_length=16, device=device))
+    assert got.groups == ref.groups and got.moments.tokens == ref.moments.tokens
+    for key, total in ref.moments.sums.items():
+        assert got.moments.sums[key].device.type == "cpu"
+        torch.testing.assert_close(got.moments.sums[key], total, rtol=1e-6, atol=1e-9 * float(total.abs().max()))

@@ -122,9 +122,10 @@ def extract_adapter(base, tuned, plan_or_rank, out_dir: str | os.PathLike, *, ro
         _check_plan_base(plan, pairing)
     save_names = _modules_to_save(pairing, modules_to_save)
     if isinstance(calibration, (str, os.PathLike)):
-        from spectra.calibration import collect_calibration
+        from spectra.calibration import CalibrationConfig, collect_calibration
 
-        calibration = collect_calibration(base, calibration, progress=progress)
+        calibration = collect_calibration(base, calibration, config=CalibrationConfig(device=device),
+                                          progress=progress)
 
     tensors: dict[str, torch.Tensor] = {}
     results = []

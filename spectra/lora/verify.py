@@ -274,7 +274,7 @@ def verify_adapter(base, tuned, adapter, *, eval_data=None, config: VerifyConfig
             continue
         coverage[0] += energy
         p = lora[d.name]
-        W0 = nf4_round_trip(d.base, conv1d=d.conv1d) if quantized and d.role not in ("embed", "head") else d.base
+        W0 = nf4_round_trip(d.base) if quantized and d.role not in ("embed", "head") else d.base
         A, B = (adapter_src.weights.read(p.keys[k]).to(d.delta.device, torch.float64)
                 for k in (("emb_A", "emb_B") if p.embedding else ("A", "B")))
         col, rowb = (A.T, B) if p.embedding else (B, A.T)  # embedding ΔW = s·(B A)ᵀ: roles swap
@@ -329,19 +329,21 @@ def summarize(rows: list[dict], coverage: tuple[float, float]) -> dict:
     }
 
 
-def nf4_round_trip(W: torch.Tensor, *, conv1d: bool = False) -> torch.Tensor:
+def nf4_round_trip(W: torch.Tensor) -> torch.Tensor:
     """dequant(quant(W)) with bitsandbytes NF4, blocks of 64, double quantisation — the W₀ QLoRA trains on.
 
-    Bit-exact with what ``from_pretrained(quantization_config=nf4_config())`` stores for a
-    float32 checkpoint (Dettmers et al. 2023, arXiv:2305.14314). ``W`` is (out, in); a
-    Conv1D weight is quantised in its stored (in, out) layout.
+    ``W`` is (out, in), Conv1D weights included: transformers turns a Conv1D into a 4-bit
+    Linear and quantises its transpose, so the blocks of 64 run along the input side for
+    every layer. Bit-exact with what ``from_pretrained(quantization_config=nf4_config())``
+    stores for a float32 checkpoint when both run on the same kind of device (Dettmers et
+    al. 2023, arXiv:2305.14314); bitsandbytes' CPU and CUDA kernels sum the second-level
+    offset in different orders, so across the two W₀ differs in the last digit (~1e-7).
     """
     import bitsandbytes.functional as bnbf
 
-    stored = (W.T if conv1d else W).float().contiguous()
-    packed, state = bnbf.quantize_4bit(stored, blocksize=64, quant_type="nf4", compress_statistics=True)
-    out = bnbf.dequantize_4bit(packed, state).to(W.dtype)
-    return out.T if conv1d else out
+    packed, state = bnbf.quantize_4bit(W.float().contiguous(), blocksize=64, quant_type="nf4",
+                                       compress_statistics=True)
+    return bnbf.dequantize_4bit(packed, state).to(W.dtype)
 
 
 def _truncate(F: Spectrum, rank: int) -> torch.Tensor:
@@ -449,10 +451,10 @@ def evaluate_models(base, tuned, adapter_src, eval_data, truncated: dict, *, con
 def _load_adapter(model, path):
     from peft import PeftModel
 
-    from spectra.lora.train import quiet_peft
+    from spectra.lora.train import model_device, quiet_peft
 
     with quiet_peft():
-        return PeftModel.from_pretrained(model, str(path))
+        return PeftModel.from_pretrained(model, str(path), torch_device=str(model_device(model)))
 
 
 def _set_weights(model, weights: dict, tuned, heads) -> torch.nn.Module:

@@ -136,6 +136,37 @@ def test_qlora_and_qdora_train_on_cpu(tmp_path):
     assert row["quant_error"] == pytest.approx(float((deq - W).norm() / W.norm()), rel=1e-5)
 
 
+def test_qlora_w0_of_a_conv1d_model_is_what_transformers_stores(tmp_path):
+    """GPT-2's Conv1D weights are stored (in, out) but quantised as a 4-bit Linear, (out, in)."""
+    import bitsandbytes.functional as bnbf
+    import transformers as tf
+
+    from spectra.lora.train import load_model
+
+    torch.manual_seed(0)
+    model = tf.GPT2LMHeadModel(tf.GPT2Config(n_embd=64, n_layer=1, n_head=4, vocab_size=64, n_positions=32))
+    base = save(model, tmp_path / "base", "safetensors")
+    tuned = save(perturbed(model, 4), tmp_path / "tuned", "safetensors")  # moves the c_proj weights
+    quantized = load_model(base, task="causal_lm", quantize=True)
+    for name in ("attn.c_attn", "mlp.c_fc", "mlp.c_proj"):
+        stored = model.transformer.h[0].get_submodule(name).weight.detach()  # (in, out)
+        layer = quantized.transformer.h[0].get_submodule(name)
+        deq = bnbf.dequantize_4bit(layer.weight.data, layer.weight.quant_state)  # (out, in)
+        assert torch.equal(nf4_round_trip(stored.T), deq), name
+        blocks_of_the_stored_layout = nf4_round_trip(stored.contiguous()).T  # negative control
+        assert float((blocks_of_the_stored_layout - deq).norm() / deq.norm()) > 1e-2, name
+    data = random_text(tmp_path / "d.txt", chars=32 * 4 * 3, seed=1)
+    config = TrainConfig(method="qlora", rank=2, roles=("qkv",), max_length=32, batch_size=4, max_steps=2,
+                         eval_fraction=0.0)
+    adapter = train_adapter(base, data, config, tmp_path / "qlora", progress=False).out_dir
+    report = verify_adapter(base, tuned, adapter, progress=False)
+    row = next(r for r in report.modules if r["name"] == "transformer.h.0.attn.c_attn")
+    layer = quantized.transformer.h[0].attn.c_attn
+    deq = bnbf.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
+    W = model.transformer.h[0].attn.c_attn.weight.detach().T
+    assert row["quant_error"] == pytest.approx(float((deq - W).norm() / W.norm()), rel=1e-5)
+
+
 def test_cli_verify_writes_the_report(trio, tmp_path):
     _, base, tuned, adapter, _, _, data = trio
     out = tmp_path / "report"
