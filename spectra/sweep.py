@@ -209,8 +209,8 @@ def truncation_sweep(base, tuned, data, *, ranks=(1, 2, 4, 8, 16, 32, 64), plan=
             epsilon=config.epsilon, max_length=config.max_length, task=task, device=config.device), progress=progress)
     weights = ModelWeights(model, base, tuned, plan=plan, roles=config.roles)
     top = max((r for r in ranks if r > 0), default=0)
-    for module in weights.targets:  # one SVD per module, reused at every rank
-        k = min(top, module.full_rank)
+    for module in weights.targets:  # one SVD per module, reused at every rank (and at its planned one)
+        k = min(max(top, module.plan_rank or 0), module.full_rank)
         if k:
             C = None if calibration is None else calibration.covariance(module.base_tensor)
             epsilon = config.epsilon if calibration is None else calibration.config.epsilon

@@ -137,6 +137,8 @@ class ModelWeights:
         if rank == 0:
             return base
         U, S, Vw = target.factors
+        if rank > S.shape[0]:
+            raise ValueError(f"{target.name}: rank {rank} asked of factors computed to rank {S.shape[0]}")
         delta = (U[:, :rank] * S[:rank]) @ Vw[:rank]  # (out, r) @ (r, in) -> (out, in)
         return base.double() + (delta.T if target.conv1d else delta)  # Conv1D stores (in, out)
 

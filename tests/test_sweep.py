@@ -113,6 +113,30 @@ def test_rank_r_is_the_eckart_young_truncation(llama, tmp_path):
     assert "perplexity" not in (path / "report.md").read_text() and "<lambda>" in (path / "report.md").read_text()
 
 
+def test_plan_point_uses_the_planned_ranks_even_above_the_swept_ones(llama):
+    """A plan asking more rank than any swept point gets its own rank, not the largest swept one."""
+    from spectra.ranks import RankPlan
+    from spectra.ranks.plan import ModuleRank
+
+    base, tuned, data = llama
+    planned = {"model.layers.0.self_attn.q_proj": 6, "model.layers.1.mlp.down_proj": 5}
+    plan = RankPlan(modules=tuple(ModuleRank(name, None, None, (32, 32) if "q_proj" in name else (32, 48), rank,
+                                             2.0 * rank, 0.0, 0.0, 0, "test") for name, rank in planned.items()))
+    for swept in ([2], [0]):
+        result = truncation_sweep(base, tuned, data, ranks=swept, plan=plan, config=FAST, progress=False)
+        (point,) = [p for p in result.points if p["group"] == "plan"]
+        model = load_model(tuned, task="causal_lm")
+        base_state = load_model(base, task="causal_lm").state_dict()
+        with torch.no_grad():
+            for name, rank in planned.items():
+                param = model.get_parameter(name + ".weight")
+                W0 = base_state[name + ".weight"].double().numpy()
+                U, s, Vt = np.linalg.svd(param.detach().double().numpy() - W0)
+                param.copy_(torch.from_numpy(W0 + (U[:, :rank] * s[:rank]) @ Vt[:rank]))
+        _, tokens, *_ = prepare_data(base, data, task="causal_lm", max_length=16)
+        assert point["loss"] == pytest.approx(evaluate(model, tokens)["loss"], rel=1e-5), swept
+
+
 def test_bad_options(bert):
     base, tuned, data = bert
     with pytest.raises(ConfigError, match="non_target"):
