@@ -326,7 +326,7 @@ def extract(
     plan: Annotated[Optional[Path], typer.Option(help="Plan JSON from `spectra recommend` (per-module ranks and alphas).")] = None,
     rank: Annotated[Optional[str], typer.Option(help="One rank for every targeted module, or 'full' for a lossless adapter.")] = None,
     roles: Annotated[Optional[str], typer.Option(help="With --rank: roles to target (default q,k,v,o,gate,up,down).")] = None,
-    alpha: Annotated[Optional[float], typer.Option(help="With --rank: lora_alpha (default 2·rank, i.e. scale 2).")] = None,
+    alpha: Annotated[Optional[float], typer.Option(help="With --rank: lora_alpha (default scale 2: 2·rank, 2·√rank with --rslora).")] = None,
     rslora: Annotated[bool, typer.Option("--rslora", help="With --rank: rsLoRA scaling α/√r.")] = False,
     modules_to_save: Annotated[Optional[str], typer.Option(help="Comma-separated modules copied whole from TUNED, e.g. classifier.")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing adapter directory.")] = False,
@@ -438,7 +438,7 @@ def train(
     full: Annotated[bool, typer.Option("--full", help="Full fine-tune instead of an adapter: writes a checkpoint that "
                                                       "pairs with BASE.")] = False,
     rank: Annotated[int, typer.Option(help="LoRA rank of every targeted module.")] = 8,
-    alpha: Annotated[Optional[float], typer.Option(help="LoRA α (default 2·rank).")] = None,
+    alpha: Annotated[Optional[float], typer.Option(help="LoRA α (default scale 2: 2·rank, 2·√rank with --rslora).")] = None,
     rslora: Annotated[bool, typer.Option("--rslora", help="Scale by α/√r (rsLoRA).")] = False,
     plan: Annotated[Optional[Path], typer.Option(help="Per-module ranks from `spectra recommend -o plan.json`.")] = None,
     roles: Annotated[Optional[str], typer.Option(help="Roles to target, e.g. q,v (default: every block linear).")] = None,

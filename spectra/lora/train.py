@@ -53,7 +53,8 @@ class TrainConfig:
     rank : int
         LoRA rank of every targeted module (ignored with ``plan``).
     alpha : float, optional
-        LoRA α; None gives ``2·rank`` (update scale 2, the common choice).
+        LoRA α; None gives update scale 2, the common choice: ``2·rank``, or ``2·√rank``
+        with ``rslora`` (as ``spectra extract`` and ``recommend`` choose it).
     rslora : bool
         Scale by α/√r (rsLoRA) instead of α/r.
     plan : str, optional
@@ -88,7 +89,7 @@ class TrainConfig:
 
     method: str = "lora"
     rank: int = 8  # the LoRA paper's typical rank; small models need no more
-    alpha: float | None = None  # None -> 2·rank: update scale 2 whatever the rank
+    alpha: float | None = None  # None -> 2·rank (2·√rank with rslora): update scale 2 whatever the rank
     rslora: bool = False  # α/r is PEFT's default
     plan: str | None = None
     roles: tuple[str, ...] | None = None  # None -> every block linear, as QLoRA recommends
@@ -299,7 +300,8 @@ def lora_config(model, config: TrainConfig, *, task: str):
         if missing:
             raise ConfigError(f"target_modules {missing[:5]} are not modules of the model; use names as "
                               "model.named_modules() lists them, e.g. model.layers.0.self_attn.q_proj.")
-        fields = {"r": config.rank, "lora_alpha": config.alpha if config.alpha is not None else 2.0 * config.rank,
+        scale_2 = 2.0 * (math.sqrt(config.rank) if config.rslora else config.rank)
+        fields = {"r": config.rank, "lora_alpha": config.alpha if config.alpha is not None else scale_2,
                   "target_modules": targets, "use_rslora": config.rslora, "lora_dropout": config.lora_dropout,
                   "fan_in_fan_out": _has_conv1d(model, targets)}
     return LoraConfig(**fields, use_dora=config.method in ("dora", "qdora"), bias="none",

@@ -66,6 +66,10 @@ def test_plan_and_rslora_options(llama_base, text_data, tmp_path):
                            tmp_path / "ad", progress=False)
     adapter_config = json.loads((result.out_dir / "adapter_config.json").read_text())
     assert adapter_config["use_rslora"]
+    assert adapter_config["lora_alpha"] == pytest.approx(2 * 2 ** 0.5)  # α/√r = 2, the default scale
+    plain = train_adapter(llama_base, text_data, TrainConfig(rank=2, roles=("q",), **FAST), tmp_path / "plain",
+                          progress=False)
+    assert json.loads((plain.out_dir / "adapter_config.json").read_text())["lora_alpha"] == 4.0  # α/r = 2
     assert sorted(adapter_config["target_modules"]) == sorted(
         f"model.layers.{i}.self_attn.{p}_proj" for i in (0, 1) for p in "qv")
 
