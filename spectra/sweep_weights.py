@@ -98,6 +98,14 @@ class ModelWeights:
                 self._base_names.pop(key, None)
                 self.notes.append(f"{key}: absent from the base (or resized); taken from the fine-tune in every "
                                   "configuration.")
+        # keys no checkpoint name matches: transformers renamed them on load (gpt_neox's embed_out is the model's
+        # lm_head), unless they share storage with a matched key (tied weights follow that key)
+        known = {self.state[k].data_ptr() for k in (*targeted, *self._tuned_names)}
+        self.renamed = [k for k in self.state if k not in targeted and k not in self._tuned_names
+                        and self.state[k].data_ptr() not in known]
+        self._renamed_values: dict[str, dict[str, torch.Tensor]] = {
+            "tuned": {k: self.state[k].detach().to("cpu", copy=True) for k in self.renamed}}
+        self._base_spec, self._model_class = base, type(model)
         self._mode = "tuned"  # the model as loaded
         self._ranks = [t.full_rank for t in self.targets]
 
@@ -123,11 +131,39 @@ class ModelWeights:
                                 if non_target == "base" and key in self._base_names
                                 else (self.pairing.tuned, self._tuned_names[key]))
                 self.state[key].copy_(source.read(name))
+            for key, value in self._renamed_for(non_target).items():
+                self.state[key].copy_(value)
             self._mode = non_target
         for i, (target, rank) in enumerate(zip(self.targets, ranks)):
             if self._ranks[i] != rank:
                 self.state[target.key].copy_(self._weight(target, rank))
                 self._ranks[i] = rank
+
+    def _renamed_for(self, mode: str) -> dict[str, torch.Tensor]:
+        """Values of the renamed keys on the ``mode`` side; the base's as transformers loads the base model."""
+        if mode not in self._renamed_values:
+            base_values = {}
+            if self.renamed:
+                from spectra.lora.train import model_dir, quiet_loading
+
+                with quiet_loading():
+                    loaded, info = self._model_class.from_pretrained(
+                        str(model_dir(self._base_spec)), dtype=torch.float32, output_loading_info=True,
+                        ignore_mismatched_sizes=True)
+                absent = set(info["missing_keys"]) | {k for k, *_ in info["mismatched_keys"]}
+                state = loaded.state_dict()
+                for key in self.renamed:
+                    if key in absent or key not in state or state[key].shape != self.state[key].shape:
+                        self.notes.append(f"{key}: absent from the base (or resized); taken from the fine-tune in "
+                                          "every configuration.")
+                        base_values[key] = self._renamed_values["tuned"][key]
+                    else:
+                        base_values[key] = state[key].detach().clone()
+                        self.notes.append(f"{key}: named differently in the checkpoints; its base value is the one "
+                                          "transformers loads into the base model.")
+                del loaded, state
+            self._renamed_values[mode] = base_values
+        return self._renamed_values[mode]
 
     def _weight(self, target: Target, rank: int) -> torch.Tensor:
         """The target's tensor at ``rank``, in the checkpoint's (= the model's) layout."""

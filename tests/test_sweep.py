@@ -137,6 +137,25 @@ def test_plan_point_uses_the_planned_ranks_even_above_the_swept_ones(llama):
         assert point["loss"] == pytest.approx(evaluate(model, tokens)["loss"], rel=1e-5), swept
 
 
+def test_a_head_the_checkpoint_names_differently_comes_from_the_base(tmp_path):
+    """gpt_neox saves its head as embed_out, the model calls it lm_head: base mode must still use the base's."""
+    base_model = build_model("gpt_neox")
+    tuned_model = copy.deepcopy(base_model)
+    with torch.no_grad():  # only the head moves: every targeted ΔW is zero
+        tuned_model.get_output_embeddings().weight.add_(0.5 * torch.randn_like(tuned_model.get_output_embeddings().weight))
+    base, tuned = save(base_model, tmp_path / "b", "safetensors"), save(tuned_model, tmp_path / "t", "safetensors")
+    data = random_text(tmp_path / "x.txt", chars=16 * 10, seed=5)
+    result = truncation_sweep(base, tuned, data, ranks=[1], non_target="both", config=FAST, progress=False)
+    assert result.reference["base"]["loss"] == pytest.approx(reference_eval(base, data, "causal_lm")["loss"], rel=1e-5)
+    assert result.reference["tuned"]["loss"] == pytest.approx(reference_eval(tuned, data, "causal_lm")["loss"],
+                                                              rel=1e-5)
+    assert abs(result.reference["base"]["loss"] - result.reference["tuned"]["loss"]) > 0.1  # the heads differ
+    by_mode = {p["non_target"]: p["loss"] for p in result.points if p["group"] == "model"}
+    assert by_mode == pytest.approx({"base": result.reference["base"]["loss"],  # and switching back restores it
+                                     "tuned": result.reference["tuned"]["loss"]}, rel=1e-9)
+    assert any(n.startswith("lm_head.weight: named differently") for n in result.data["notes"])
+
+
 def test_bad_options(bert):
     base, tuned, data = bert
     with pytest.raises(ConfigError, match="non_target"):

@@ -222,16 +222,26 @@ def load_model(spec, *, task: str, num_labels: int | None = None, quantize: bool
     check_device(device)
     if quantize:  # bitsandbytes quantises while loading, on the device named here
         kwargs.update(device_map={"": str(torch_device(device))}, quantization_config=nf4_config(compute_dtype))
-    bar = tf.utils.logging.is_progress_bar_enabled()
-    tf.utils.logging.disable_progress_bar()  # no "Loading weights" bar inside our own
     try:
-        model = auto.from_pretrained(str(model_dir(spec)), **kwargs)
+        with quiet_loading():
+            model = auto.from_pretrained(str(model_dir(spec)), **kwargs)
     except (OSError, ValueError) as err:
         raise ConfigError(f"cannot load {spec} as a {task} model: {err}") from err
+    return model if quantize else model.to(torch_device(device))
+
+
+@contextlib.contextmanager
+def quiet_loading():
+    """No transformers "Loading weights" bar inside spectra's own."""
+    import transformers as tf
+
+    bar = tf.utils.logging.is_progress_bar_enabled()
+    tf.utils.logging.disable_progress_bar()
+    try:
+        yield
     finally:
         if bar:
             tf.utils.logging.enable_progress_bar()
-    return model if quantize else model.to(torch_device(device))
 
 
 def torch_device(device: str) -> torch.device:
