@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -120,6 +121,7 @@ def extract_adapter(base, tuned, plan_or_rank, out_dir: str | os.PathLike, *, ro
                           f"({', '.join(roles or _DEFAULT_ROLES)}).")
     if plan is not None:
         _check_plan_base(plan, pairing)
+    _check_module_names(selected, pairing)
     save_names = _modules_to_save(pairing, modules_to_save)
     if isinstance(calibration, (str, os.PathLike)):
         from spectra.calibration import CalibrationConfig, collect_calibration
@@ -149,8 +151,12 @@ def extract_adapter(base, tuned, plan_or_rank, out_dir: str | os.PathLike, *, ro
             A, B, extraction = _factorize(d.delta, rank, scaling, full_below=full_below, seed=seed)
         # named as in the tuned model's class (a head class when the base is a bare one)
         module = (entry.tuned_tensor or entry.base_tensor).removesuffix(".weight")
-        tensors[f"{PEFT_PREFIX}{module}.lora_A.weight"] = A.cpu().contiguous()  # (r, in)
-        tensors[f"{PEFT_PREFIX}{module}.lora_B.weight"] = B.cpu().contiguous()  # (out, r)
+        if _is_embedding(entry):  # PEFT's Embedding LoRA: ΔW (vocab, dim) = s·(B_e A_e)ᵀ, so A_e = Bᵀ, B_e = Aᵀ
+            tensors[f"{PEFT_PREFIX}{module}.lora_embedding_A"] = B.T.cpu().contiguous()  # (r, vocab)
+            tensors[f"{PEFT_PREFIX}{module}.lora_embedding_B"] = A.T.cpu().contiguous()  # (dim, r)
+        else:
+            tensors[f"{PEFT_PREFIX}{module}.lora_A.weight"] = A.cpu().contiguous()  # (r, in)
+            tensors[f"{PEFT_PREFIX}{module}.lora_B.weight"] = B.cpu().contiguous()  # (out, r)
         results.append(ModuleExtraction(module, rank, module_alpha, *extraction))
         ranks[module] = (rank, module_alpha, entry.conv1d)
     for tensor_name in save_names:
@@ -165,8 +171,18 @@ _DEFAULT_ROLES = ("q", "k", "v", "o", "gate", "up", "down")
 _FUSED_ROLES = {"qkv": {"q", "k", "v"}, "gate_up": {"gate", "up"}}  # a LoRA on a fused module adapts all of them
 
 
+def _is_embedding(entry) -> bool:
+    """Whether the module is an nn.Embedding (token, position or token-type embeddings), not a Linear."""
+    return entry.info.role == "embed" or bool(_OTHER_EMBEDDINGS.search(entry.name))
+
+
+_OTHER_EMBEDDINGS = re.compile(r"(^|\.)(wpe|position_embeddings|token_type_embeddings|embed_positions)$")
+
+
 def _targets(plan_or_rank, alpha, rslora):
     """(name → (rank, alpha)) from a plan, or None for a uniform rank; and the scaling law."""
+    if alpha is not None and not alpha > 0:
+        raise ConfigError(f"alpha must be positive, got {alpha} (the update is scaled by alpha/r).")
     if plan_or_rank == "full":
         return None, rslora, None
     if isinstance(plan_or_rank, int):
@@ -192,6 +208,47 @@ def _select(pairing: Pairing, targets, roles):
         return [by_name[n] for n in targets]
     wanted = set(roles or _DEFAULT_ROLES)
     return [e for e in matrices if e.info.role in wanted or _FUSED_ROLES.get(e.info.role, set()) & wanted]
+
+
+def _check_module_names(entries, pairing: Pairing) -> None:
+    """Refuse modules that the model class names differently from the checkpoint (PEFT would skip them silently).
+
+    transformers renames some tensors when it loads a checkpoint (GPT-NeoX stores its head as
+    ``embed_out``, the model's module is ``lm_head``); an adapter entry under the stored name
+    targets nothing. Checked against the modules of the checkpoint's architecture, built on
+    the meta device from its ``config.json`` (skipped when there is none). Expert slices are
+    exempt: PEFT itself maps the stored per-expert names onto fused expert parameters.
+    """
+    from spectra.checkpoints.source import CheckpointSource
+
+    source = pairing.tuned if isinstance(pairing.tuned, CheckpointSource) and pairing.tuned.config else pairing.base
+    modules = _model_modules(source.config)
+    if modules is None:
+        return
+    names = [(e.tuned_tensor or e.base_tensor).removesuffix(".weight") for e in entries if e.info.expert is None]
+    bad = [n for n in names if n not in modules]
+    if bad:
+        raise ConfigError(f"{', '.join(bad[:5])}: not module(s) of {source.config['architectures'][0]}; transformers "
+                          "renames these tensors when it loads the checkpoint, so PEFT could not apply an adapter "
+                          "under this name. Leave their role out (--roles) or drop them from the plan.")
+
+
+def _model_modules(config: dict | None) -> set[str] | None:
+    """Module names of the architecture a ``config.json`` names, or None when it cannot be built."""
+    if not config or not config.get("architectures") or not config.get("model_type"):
+        return None
+    import transformers
+
+    cls = getattr(transformers, config["architectures"][0], None)
+    if cls is None:
+        return None
+    try:
+        fields = {k: v for k, v in config.items() if k != "model_type"}
+        with torch.device("meta"):  # shapes only: no memory, no initialisation
+            model = cls(transformers.AutoConfig.for_model(config["model_type"], **fields))
+    except Exception:  # an architecture this transformers cannot build from its config: nothing to check against
+        return None
+    return {name for name, _ in model.named_modules()}
 
 
 def _check_plan_base(plan, pairing: Pairing) -> None:

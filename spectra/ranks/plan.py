@@ -50,6 +50,9 @@ class ModuleRank:
         object.__setattr__(self, "shape", tuple(int(d) for d in self.shape))
         if not isinstance(self.rank, (int, np.integer)) or self.rank < 1:
             raise ConfigError(f"Plan module {self.name}: rank must be a positive integer, got {self.rank!r}.")
+        if not self.alpha > 0:
+            raise ConfigError(f"Plan module {self.name}: alpha must be positive, got {self.alpha!r} (the update is "
+                              "scaled by alpha/r).")
         if self.rank > min(self.shape):
             raise ConfigError(f"Plan module {self.name}: rank {self.rank} exceeds min(d_in, d_out) = "
                               f"{min(self.shape)} of its {self.shape[0]}×{self.shape[1]} weight; lower it.")

@@ -123,6 +123,34 @@ def test_modules_to_save_classification_head(tmp_path):
         torch.testing.assert_close(state[name], tuned.state_dict()[name], rtol=1e-5, atol=2e-6)
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2", "bert"])
+def test_embeddings_are_written_as_peft_embedding_loras(family, tmp_path):
+    """nn.Embedding takes lora_embedding_A (r, vocab) / lora_embedding_B (dim, r); Linear keys would be dropped."""
+    base = build_model(family)
+    tuned = perturbed(base)
+    b, t = save(base, tmp_path / "b", "safetensors"), save(tuned, tmp_path / "t", "safetensors")
+    result = extract_adapter(b, t, 3, tmp_path / "ad", roles=("embed", "q"), progress=False)
+    (embedding,) = [m.name for m in result.modules if "emb" in m.name or m.name.endswith("wte")]
+    state, _ = merged_state(base, tmp_path / "ad")
+    key = next(k for k in state if k.endswith(embedding.split(".", 1)[-1] + ".weight"))
+    W0, W1 = base.state_dict()[key].double().numpy(), tuned.state_dict()[key].double().numpy()
+    u, s, vt = np.linalg.svd(W1 - W0)
+    np.testing.assert_allclose(state[key].double().numpy() - W0, (u[:, :3] * s[:3]) @ vt[:3], atol=2e-6)
+    assert not np.allclose(state[key].double().numpy(), W0)  # negative control: the update did land
+
+
+def test_names_the_model_does_not_have_and_bad_alpha_are_refused(tmp_path):
+    base = build_model("gpt_neox")  # stores its head as embed_out; the model's module is lm_head
+    b, t = save(base, tmp_path / "b", "safetensors"), save(perturbed(base), tmp_path / "t", "safetensors")
+    with pytest.raises(ConfigError, match="embed_out: not module"):
+        extract_adapter(b, t, 2, tmp_path / "ad", roles=("qkv", "head"), progress=False)
+    for alpha in (0.0, -4.0):
+        with pytest.raises(ConfigError, match="alpha must be positive"):
+            extract_adapter(b, t, 2, tmp_path / "ad", roles=("qkv",), alpha=alpha, progress=False)
+    assert not (tmp_path / "ad").exists()
+    extract_adapter(b, t, 2, tmp_path / "ad", roles=("qkv",), progress=False)  # the rest extracts as before
+
+
 def test_bad_input_writes_nothing(llama_pair, tmp_path):
     base, tuned, b, t = llama_pair
     with pytest.raises(ConfigError, match="exceeds min"):
