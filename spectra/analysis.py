@@ -205,7 +205,8 @@ def analyze_delta(d: DeltaW, config: AnalysisConfig) -> dict[str, Any]:
     fro2 = sketch.squared_norm(d.delta) if d.delta_sq is None else d.delta_sq
     base_fro = math.sqrt(sketch.squared_norm(d.base) if d.base_sq is None else d.base_sq)
     fro = math.sqrt(fro2)
-    row.update(fro_norm=fro, base_fro_norm=base_fro, relative_size=fro / base_fro if base_fro else math.inf)
+    relative = fro / base_fro if base_fro else (0.0 if fro == 0 else math.inf)  # unchanged zeros: no update
+    row.update(fro_norm=fro, base_fro_norm=base_fro, relative_size=relative)
     if d.added_rows:
         row["added_rows"] = d.added_rows
     if d.kind != "matrix":
@@ -220,15 +221,17 @@ def analyze_delta(d: DeltaW, config: AnalysisConfig) -> dict[str, Any]:
     ranks = metrics.energy_ranks(spec, config.thresholds, total_energy=spec.total_energy) if fro else {}
     row["energy_rank"] = {_key(t): ranks.get(t, 0) for t in config.thresholds}
     positive = values[values > 0]
-    row["effective_rank"] = metrics.effective_rank(positive) if positive.numel() else 0.0
+    whole = spec.complete or not fro  # the entropy and the nuclear norm need every σ, not the top ones
+    row["effective_rank"] = (metrics.effective_rank(positive) if positive.numel() else 0.0) if whole else None
     row["stable_rank"] = metrics.stable_rank(spec, total_energy=spec.total_energy) if fro else 0.0
     row["participation_ratio"] = metrics.participation_ratio(spec, total_energy=spec.total_energy) if fro else 0.0
-    row["nuclear_fro_ratio"] = metrics.nuclear_frobenius_ratio(positive) if positive.numel() else 0.0
+    row["nuclear_fro_ratio"] = (metrics.nuclear_frobenius_ratio(positive) if positive.numel() else 0.0) if whole else None
     # Singular values below σ₁·max(m, n)·eps(float32) are round-off of the decomposition itself
     # (numpy.linalg.matrix_rank's default tolerance): no threshold may count them as signal.
     numerical = float(values[0]) * max(d.shape) * torch.finfo(torch.float32).eps if values.numel() else 0.0
     gd = _gavish_donoho(spec, d.shape, floor)
-    row["gd_rank"] = int((values > max(gd.threshold, numerical)).sum())
+    gd_rank = int((values > max(gd.threshold, numerical)).sum())
+    row["gd_rank"] = None if not spec.complete and gd_rank == values.numel() else gd_rank  # else a lower bound
     row["gd"] = {"threshold": gd.threshold, "noise_sigma": gd.noise_sigma, "known_noise": gd.known_noise}
     noise_rank = int((values > max(floor.mp_edge, numerical)).sum())
     if not spec.complete and noise_rank == values.numel():
@@ -254,7 +257,7 @@ def _gavish_donoho(spec: Spectrum, shape, floor) -> metrics.GavishDonoho:
 def _decay(values: torch.Tensor, noise_rank: int | None) -> dict[str, Any] | None:
     """Power-law fit over the signal part: values above the noise floor (all when there is none)."""
     positive = int((values > 0).sum())
-    stop = min(positive, noise_rank) if noise_rank else positive
+    stop = positive if noise_rank is None else min(positive, noise_rank)  # 0 above the floor: nothing to fit
     if stop < 3:
         return None
     fit = metrics.decay_fit(values, stop=stop)

@@ -294,3 +294,42 @@ def test_cli_ctrl_c_exits_130_with_one_line(planted_pair, monkeypatch, tmp_path)
     assert result.exit_code == 130
     assert "stopped (Ctrl-C)" in result.output + (result.stderr if result.stderr_bytes is not None else "")
     assert "Traceback" not in result.output and not (tmp_path / "r").exists()
+
+
+def test_sketch_rows_leave_out_what_needs_the_whole_spectrum(tmp_path):
+    """Above full_below only the top of the spectrum is known: entropy rank and ‖·‖_*/‖·‖_F are null, not
+    computed from the top values, and a Gavish–Donoho count that every held value passes is a lower bound."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(400, 600, generator=g) * 0.02
+    U = torch.linalg.qr(torch.randn(400, 300, generator=g))[0]
+    V = torch.linalg.qr(torch.randn(600, 300, generator=g))[0]
+    D = (U * torch.exp(-torch.arange(300) / 40.0)) @ V.T
+    for side, weight in (("b", W), ("t", W + 0.05 * W.norm() / D.norm() * D)):
+        (tmp_path / side).mkdir()
+        save_file({"model.layers.0.self_attn.q_proj.weight": weight.contiguous()}, tmp_path / side / "model.safetensors")
+    (sketched,) = analyze(tmp_path / "b", tmp_path / "t", AnalysisConfig(full_below=0), cache_dir=False,
+                          progress=False).modules
+    (full,) = analyze(tmp_path / "b", tmp_path / "t", AnalysisConfig(method="full"), cache_dir=False,
+                      progress=False).modules
+    assert sketched["method"] == "adaptive-bf16" and not sketched["complete"] and full["complete"]
+    assert sketched["effective_rank"] is None and sketched["nuclear_fro_ratio"] is None
+    ref = np.linalg.svd((W + 0.05 * W.norm() / D.norm() * D - W).double().numpy(), compute_uv=False)
+    p = ref / ref.sum()
+    assert full["effective_rank"] == pytest.approx(np.exp(-(p * np.log(p)).sum()), rel=1e-6)
+    assert sketched["gd_rank"] is None and full["gd_rank"] > len(sketched["singular_values"])  # fp32: no floor
+    assert abs(sketched["energy_rank"]["0.9"] - full["energy_rank"]["0.9"]) <= 1
+
+
+def test_no_power_law_is_fitted_below_the_noise_floor_and_unchanged_zeros_have_size_0(tmp_path):
+    values = torch.logspace(0, -2, 50, dtype=torch.float64)
+    assert analysis_mod._decay(values, 0) is None  # nothing above the floor: nothing to fit
+    assert analysis_mod._decay(values, None)["n_points"] == 50  # no floor known: the whole spectrum
+    assert analysis_mod._decay(values, 10)["n_points"] == 10
+    base = build_model("gpt2")  # its biases start at zero
+    rows = analyze(save(base, tmp_path / "b", "safetensors"), save(base, tmp_path / "t", "safetensors"),
+                   cache_dir=False, progress=False).modules
+    zero = [r for r in rows if r["base_fro_norm"] == 0.0]
+    assert zero and all(r["relative_size"] == 0.0 for r in zero)
+

@@ -25,14 +25,16 @@ _ROLE_RULES: tuple[tuple[str, str], ...] = (
     (r"(attn\.c_attn|qkv_proj|query_key_value|Wqkv|attn\.qkv)", "qkv"),
     (r"(gate_up_proj)", "gate_up"),
     # attention, Llama/Mistral/Qwen2/Gemma/Phi-3/Mixtral
-    (r"(q_proj|self\.query|\.wq)", "q"),
-    (r"(k_proj|self\.key|\.wk)", "k"),
-    (r"(v_proj|self\.value|\.wv)", "v"),
-    (r"(o_proj|out_proj|attention\.output\.dense|attention\.dense|attn\.c_proj|self_attention\.dense|\.wo)", "o"),
+    (r"(q_proj|self\.query|attention\.wq)", "q"),  # Meta's original checkpoints: layers.N.attention.wq
+    (r"(k_proj|self\.key|attention\.wk)", "k"),
+    (r"(v_proj|self\.value|attention\.wv)", "v"),
+    (r"(o_proj|out_proj|attention\.output\.dense|attention\.dense|attn\.c_proj|self_attention\.dense|attention\.wo)",
+     "o"),
     # MLP
-    (r"(gate_proj|experts\.\d+\.w1|mlp\.fc_gate)", "gate"),
-    (r"(up_proj|experts\.\d+\.w3|intermediate\.dense|mlp\.c_fc|dense_h_to_4h|mlp\.fc1)", "up"),
-    (r"(down_proj|experts\.\d+\.w2|layer\.\d+\.output\.dense|mlp\.c_proj|dense_4h_to_h|mlp\.fc2)", "down"),
+    (r"(gate_proj|experts\.\d+\.w1|mlp\.fc_gate|feed_forward\.w1)", "gate"),
+    (r"(up_proj|experts\.\d+\.w3|intermediate\.dense|mlp\.c_fc|dense_h_to_4h|mlp\.fc1|feed_forward\.w3)", "up"),
+    (r"(down_proj|experts\.\d+\.w2|layer\.\d+\.output\.dense|mlp\.c_proj|dense_4h_to_h|mlp\.fc2|feed_forward\.w2)",
+     "down"),
     # embeddings and heads
     (r"(embed_tokens|word_embeddings|wte|embed_in|tok_embeddings)", "embed"),
     (r"(lm_head|embed_out|classifier|score|cls\.predictions\.decoder)", "head"),

@@ -320,7 +320,9 @@ def energy_sketch(A: torch.Tensor, *, energy: float, thresholds: tuple[float, ..
             if k is None or k > usable:
                 needed = k
                 break
-            out = max([k] + [r for r in (_rank(s, total_energy, t) for t in wanted) if r and r <= usable])
+            # a basis spanning the whole short side holds the whole spectrum: keep all of it
+            out = l if l == short else max([k] + [r for r in (_rank(s, total_energy, t) for t in wanted)
+                                                  if r and r <= usable])
             return Spectrum(s[:out].float(), total_energy, shape, "adaptive-bf16", tolerance=tolerance,
                             n_iter=steps, complete=out == short)
         # not settled within n_iter steps, or the rank lies beyond the basis: grow it

@@ -189,3 +189,11 @@ def test_ritz_values_in_either_layout_match_float64(transposed):
     np.testing.assert_allclose(sketch._ritz(A, Q).numpy(), reference, rtol=1e-5)
     wrong = np.linalg.svd(Q.double().numpy()[:, 1:].T @ A.double().numpy(), compute_uv=False)  # negative control
     assert not np.allclose(sketch._ritz(A, Q).numpy()[:19], wrong, rtol=1e-3)
+
+
+def test_energy_sketch_whose_basis_spans_the_short_side_returns_the_whole_spectrum():
+    d = torch.randn(48, 300, generator=torch.Generator().manual_seed(3))  # short side 48 < the first block of 64
+    fast = sketch.energy_sketch(d, energy=0.9, total_energy=sketch.squared_norm(d), block=64)
+    assert fast.complete and fast.k == 48 and fast.method == "adaptive-bf16"
+    np.testing.assert_allclose(fast.values.double().numpy(), np.linalg.svd(d.double().numpy(), compute_uv=False),
+                               rtol=1e-5)
