@@ -48,6 +48,10 @@ CONV1D_MODEL_TYPES = frozenset({"gpt2", "imagegpt", "decision_transformer", "ope
 _CONV1D_NAMES = re.compile(r"(^|\.)(c_attn|c_proj|c_fc|q_attn)$")
 # Fused qkv tensors whose rows interleave per head ([q_h; k_h; v_h] for each head h).
 _HEAD_INTERLEAVED_QKV = frozenset({"gpt_neox", "bloom", "gpt_neox_japanese"})
+# 3-D expert tensors stored (experts, in, out) — the model computes x @ W[e] — instead of (experts, out, in).
+IN_OUT_EXPERT_MODEL_TYPES = frozenset({"llama4", "llama4_text", "gpt_oss"})
+# Fused expert gate_up whose outputs alternate gate, up, gate, up, … (gpt-oss: gate_up[..., ::2], [..., 1::2]).
+_INTERLEAVED_GATE_UP = frozenset({"gpt_oss"})
 # Fused qkv tensors laid out as contiguous [q; k; v] blocks (GQA-aware widths).
 _CONTIGUOUS_QKV = frozenset({"gpt2", "phi3", "phimoe", "imagegpt", "decision_transformer"})
 _CONTIGUOUS_QKV_NAMES = re.compile(r"(^|\.)(c_attn|qkv_proj)$")
@@ -111,11 +115,15 @@ def fused_projections(name: str, role: str, out_features: int, config: dict[str,
       ``num_key_value_heads × head_dim`` rows (GQA), q has ``num_attention_heads × head_dim``.
     - GPT-NeoX / Bloom ``query_key_value``: per head ``[q_h; k_h; v_h]`` (the output is
       viewed as ``(heads, 3·head_dim)`` then chunked), so q is every third block.
-    - ``gate_up_proj`` (Phi-3, transformers-5 MoE experts): ``[gate; up]``, equal halves.
+    - ``gate_up_proj`` (Phi-3, transformers-5 MoE experts): ``[gate; up]``, equal halves;
+      gpt-oss experts alternate them (gate on even rows, up on odd).
     """
     if role == "gate_up":
         if out_features % 2:
             return []
+        if (config or {}).get("model_type") in _INTERLEAVED_GATE_UP:
+            return [Projection("gate", tuple(range(0, out_features, 2))),
+                    Projection("up", tuple(range(1, out_features, 2)))]
         half = out_features // 2
         return [Projection("gate", slice(0, half)), Projection("up", slice(half, out_features))]
     if role != "qkv":

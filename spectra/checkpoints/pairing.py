@@ -21,7 +21,8 @@ from typing import Any
 import torch
 
 from spectra.checkpoints.adapter import AdapterDelta, plan_adapter
-from spectra.checkpoints.architectures import ROLES, ModuleInfo, Projection, fused_projections, is_conv1d, module_info
+from spectra.checkpoints.architectures import (ROLES, IN_OUT_EXPERT_MODEL_TYPES, ModuleInfo, Projection, fused_projections,
+                                              is_conv1d, module_info)
 from spectra.checkpoints.names import compile_name_filter, match_names
 from spectra.checkpoints.source import AdapterSource, open_checkpoint
 from spectra.errors import ConfigError, NonFiniteWeightError, PairingError
@@ -221,16 +222,22 @@ class Pairing:
                 raise _shape_error(b_name, b.shape, t.shape, self.base, self.tuned)
             owner = module_info(b_name.rpartition(".")[0])  # q_proj.bias belongs to q_proj
             return [PairEntry(name=b_name, info=owner, kind="vector", shape=b.shape, **common)]
-        if len(b.shape) == 3 and ".experts." in f".{b_name}.":
-            if b.shape != t.shape:
+        if len(b.shape) in (2, 3) and ".experts." in f".{b_name}." and not b_name.endswith(".weight"):
+            if b.shape != t.shape:  # stacked per-expert tensors: (experts, ·, ·) matrices or (experts, ·) biases
                 raise _shape_error(b_name, b.shape, t.shape, self.base, self.tuned)
             head, _, proj = module.rpartition(".")  # model.layers.0.mlp.experts . gate_up_proj
+            in_out = (self.config or {}).get("model_type") in IN_OUT_EXPERT_MODEL_TYPES  # x @ W[e]: (in, out)
             out = []
             for e in range(b.shape[0]):
                 name = f"{head}.{e}.{proj}"
                 e_info = module_info(name)
-                out.append(PairEntry(name=name, info=e_info, kind="matrix", shape=b.shape[1:], expert_index=e,
-                                     projections=self._projections(name, e_info, b.shape[1]), **common))
+                if len(b.shape) == 2:
+                    out.append(PairEntry(name=name, info=e_info, kind="vector", shape=b.shape[1:], expert_index=e,
+                                         **common))
+                    continue
+                shape = (b.shape[2], b.shape[1]) if in_out else tuple(b.shape[1:])
+                out.append(PairEntry(name=name, info=e_info, kind="matrix", shape=shape, expert_index=e,
+                                     conv1d=in_out, projections=self._projections(name, e_info, shape[0]), **common))
             return out
         if len(b.shape) > 2:
             if not b_name.endswith(".weight"):

@@ -411,3 +411,36 @@ def test_weights_as_stored_are_the_checkpoint_tensors(tmp_path):
     u = upcast["model.layers.1.mlp.down_proj"]
     assert u.base.dtype == torch.float32 and torch.equal(u.base, d.base.float()) and torch.equal(u.delta, d.delta)
     assert torch.equal(d.delta, d.tuned.float() - d.base.float()) and torch.count_nonzero(d.delta) > 0
+
+
+@pytest.mark.parametrize("family", ["llama4", "gpt_oss"])
+def test_experts_stored_in_by_out_are_transposed_and_split_as_the_model_reads_them(family, tmp_path):
+    """Llama-4 and gpt-oss keep experts as (E, in, out) (x @ W[e]); gpt-oss interleaves gate/up outputs."""
+    import transformers as tf
+
+    common = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=8, num_local_experts=3, vocab_size=64)
+    if family == "llama4":
+        model = tf.Llama4ForCausalLM(tf.Llama4TextConfig(intermediate_size_mlp=64, moe_layers=[0], **common))
+        gate, up = slice(0, 48), slice(48, 96)  # gate_up.chunk(2, dim=-1)
+    else:
+        model = tf.GptOssForCausalLM(tf.GptOssConfig(num_experts_per_tok=2, layer_types=["full_attention"], **common))
+        gate, up = slice(0, 96, 2), slice(1, 96, 2)  # gate_up[..., ::2], gate_up[..., 1::2]
+    tuned = copy.deepcopy(model)
+    name = next(n for n, _ in tuned.named_parameters() if n.endswith("experts.gate_up_proj"))
+    with torch.no_grad():
+        tuned.get_parameter(name).add_(0.01 * torch.randn_like(tuned.get_parameter(name)))
+    model.save_pretrained(tmp_path / "b")
+    tuned.save_pretrained(tmp_path / "t")
+    deltas = {d.name: d for d in iter_deltas(tmp_path / "b", tmp_path / "t")}
+    stored = (tuned.get_parameter(name) - model.get_parameter(name)).detach()  # (E, in=32, out=96)
+    head = name.removesuffix(".gate_up_proj")
+    for e in range(3):
+        whole = deltas[f"{head}.{e}.gate_up_proj"]
+        assert whole.shape == (96, 32) and whole.kind == "matrix"
+        torch.testing.assert_close(whole.delta, stored[e].T, rtol=0, atol=0)
+        torch.testing.assert_close(deltas[f"{head}.{e}.gate_up_proj[gate]"].delta, stored[e][:, gate].T, rtol=0, atol=0)
+        torch.testing.assert_close(deltas[f"{head}.{e}.gate_up_proj[up]"].delta, stored[e][:, up].T, rtol=0, atol=0)
+        assert deltas[f"{head}.{e}.down_proj"].shape == (32, 48)  # (out=hidden, in=intermediate)
+    if family == "gpt_oss":  # its (E, 2I) biases are per-expert vectors, not a matrix
+        assert deltas[f"{head}.0.gate_up_proj_bias"].kind == "vector"
