@@ -121,7 +121,7 @@ def extract_adapter(base, tuned, plan_or_rank, out_dir: str | os.PathLike, *, ro
                           f"({', '.join(roles or _DEFAULT_ROLES)}).")
     if plan is not None:
         _check_plan_base(plan, pairing)
-    _check_module_names(selected, pairing)
+    _check_module_names(selected, pairing, targets)
     save_names = _modules_to_save(pairing, modules_to_save)
     if isinstance(calibration, (str, os.PathLike)):
         from spectra.calibration import CalibrationConfig, collect_calibration
@@ -176,6 +176,7 @@ def _is_embedding(entry) -> bool:
     return entry.info.role == "embed" or bool(_OTHER_EMBEDDINGS.search(entry.name))
 
 
+_EXPERT_INDEX = re.compile(r"\.experts\.\d+\.")
 _OTHER_EMBEDDINGS = re.compile(r"(^|\.)(wpe|position_embeddings|token_type_embeddings|embed_positions)$")
 
 
@@ -210,14 +211,15 @@ def _select(pairing: Pairing, targets, roles):
     return [e for e in matrices if e.info.role in wanted or _FUSED_ROLES.get(e.info.role, set()) & wanted]
 
 
-def _check_module_names(entries, pairing: Pairing) -> None:
+def _check_module_names(entries, pairing: Pairing, targets: dict | None = None) -> None:
     """Refuse modules that the model class names differently from the checkpoint (PEFT would skip them silently).
 
     transformers renames some tensors when it loads a checkpoint (GPT-NeoX stores its head as
     ``embed_out``, the model's module is ``lm_head``); an adapter entry under the stored name
     targets nothing. Checked against the modules of the checkpoint's architecture, built on
     the meta device from its ``config.json`` (skipped when there is none). Expert slices are
-    exempt: PEFT itself maps the stored per-expert names onto fused expert parameters.
+    exempt: PEFT itself maps the stored per-expert names onto fused expert parameters, which
+    hold one rank and one alpha for all experts of a projection, so a plan must give them one.
     """
     from spectra.checkpoints.source import CheckpointSource
 
@@ -231,6 +233,18 @@ def _check_module_names(entries, pairing: Pairing) -> None:
         raise ConfigError(f"{', '.join(bad[:5])}: not module(s) of {source.config['architectures'][0]}; transformers "
                           "renames these tensors when it loads the checkpoint, so PEFT could not apply an adapter "
                           "under this name. Leave their role out (--roles) or drop them from the plan.")
+    groups: dict[str, set] = {}  # experts of one projection that the model fuses into one parameter
+    for e in entries:
+        name = (e.tuned_tensor or e.base_tensor).removesuffix(".weight")
+        if e.info.expert is not None and name not in modules and targets is not None:
+            groups.setdefault(_EXPERT_INDEX.sub(".experts.*.", name), set()).add(targets[e.name])
+    mixed = [g for g, settings in groups.items() if len(settings) > 1]
+    if mixed:
+        raise ConfigError(f"the plan gives the experts of {mixed[0]} different ranks or alphas "
+                          f"({', '.join(f'r={r} α={a:g}' for r, a in sorted(groups[mixed[0]]))}), but "
+                          f"{source.config['architectures'][0]} fuses them into one parameter, which PEFT adapts at "
+                          "one rank: recommend one rank for all modules (`spectra recommend --uniform`) or pass "
+                          "--rank.")
 
 
 def _model_modules(config: dict | None) -> set[str] | None:

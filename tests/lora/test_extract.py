@@ -151,6 +151,30 @@ def test_names_the_model_does_not_have_and_bad_alpha_are_refused(tmp_path):
     extract_adapter(b, t, 2, tmp_path / "ad", roles=("qkv",), progress=False)  # the rest extracts as before
 
 
+@pytest.mark.filterwarnings("ignore:The following (rank|alpha)_pattern keys:RuntimeWarning")  # PEFT maps experts itself
+def test_fused_experts_need_one_rank_per_projection(tmp_path):
+    """transformers-5 Mixtral fuses its experts into one parameter per projection: PEFT adapts it at one rank."""
+    from peft import PeftModel
+
+    base = build_model("mixtral")
+    tuned = copy.deepcopy(base)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in tuned.parameters():
+            if p.ndim == 3:  # (experts, out, in), each expert moved by a different amount
+                p += 0.02 * torch.randn(p.shape, generator=g) * torch.linspace(0.1, 1, p.shape[0])[:, None, None]
+    b, t = save(base, tmp_path / "b", "safetensors"), save(tuned, tmp_path / "t", "safetensors")
+    analysis = analyze(b, t, cache_dir=False, progress=False)
+    mixed = recommend_ranks(analysis, RankPolicy(roles=("gate", "up", "down"), energy=0.6, noise=False))
+    assert len({m.rank for m in mixed.modules}) > 1
+    with pytest.raises(ConfigError, match="fuses them into one parameter"):
+        extract_adapter(b, t, mixed, tmp_path / "ad", progress=False)
+    assert not (tmp_path / "ad").exists()
+    uniform = recommend_ranks(analysis, RankPolicy(roles=("gate", "up", "down"), uniform=True, noise=False))
+    extract_adapter(b, t, uniform, tmp_path / "ad", progress=False)
+    PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "ad"))  # loads: one rank per fused parameter
+
+
 def test_bad_input_writes_nothing(llama_pair, tmp_path):
     base, tuned, b, t = llama_pair
     with pytest.raises(ConfigError, match="exceeds min"):
