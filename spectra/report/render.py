@@ -197,7 +197,10 @@ def report_blocks(analysis: Mapping, *, figures: list[str]) -> list[tuple]:
 def _summary_items(analysis: Mapping, matrices: list[dict], vectors: list[dict]) -> list[str]:
     items = [f"{label}: {_checkpoint(analysis.get(key))}" for key, label in (("base", "Base"), ("tuned", "Tuned"))]
     layers = {r["layer"] for r in matrices if r.get("layer") is not None}
-    items.append(f"Modules: {len(matrices)} weight matrices and {len(vectors)} vector deltas over "
+    tensors = [r for r in matrices if not r.get("fused_name")]  # a fused tensor once, not again per projection
+    split = len(matrices) - len(tensors)
+    items.append(f"Modules: {len(tensors)} weight matrices"
+                 + (f" (and {split} projections of fused ones)" if split else "") + f" and {len(vectors)} vector deltas over "
                  f"{len(layers)} layer{'s' * (len(layers) != 1)}; roles {', '.join(roles_in(matrices))}")
     total = (analysis.get("timings") or {}).get("total_s")
     if isinstance(total, (int, float)):

@@ -300,6 +300,8 @@ def rank_picture(analysis: Mapping) -> str:
     roles by that share, from the most to the least low-rank.
     """
     rows = matrix_rows(analysis)
+    split = {r["fused_name"] for r in rows if r.get("fused_name")}
+    rows = [r for r in rows if r["name"] not in split]  # a fused tensor counts once: through its projections
     shares = stats(_share90(r) for r in rows)
     ranks = stats(_energy("0.9")(r) for r in rows)
     if shares is None or ranks is None:
@@ -307,7 +309,7 @@ def rank_picture(analysis: Mapping) -> str:
                 "so no rank picture can be drawn.")
     spread = f" (middle half of modules: {shares['q1']:.1%}–{shares['q3']:.1%})" if shares["q1"] < shares["q3"] else ""
     first = (
-        f"Across {len(rows)} weight matrices, a median of {format_value(ranks['median'], 'rank')} singular "
+        f"Across {len(rows)} {'modules (fused tensors by projection)' if split else 'weight matrices'}, a median of {format_value(ranks['median'], 'rank')} singular "
         f"directions hold 90% of the update's energy, {shares['median']:.1%} of the full rank{spread}."
     )
     by_role = [(entry["role"], entry["energy_rank_0.9_share"]) for entry in summary_rows(analysis)]
