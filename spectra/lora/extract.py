@@ -161,8 +161,11 @@ def extract_adapter(base, tuned, plan_or_rank, out_dir: str | os.PathLike, *, ro
         ranks[module] = (rank, module_alpha, entry.conv1d)
     for tensor_name in save_names:
         tensors[PEFT_PREFIX + tensor_name] = pairing.tuned.read(tensor_name).contiguous()
+    tied = _tied_head(save_names, pairing)
+    if tied is not None:  # the tied head follows the saved embedding only if the adapter holds it too
+        tensors[f"{PEFT_PREFIX}{tied[0]}.weight"] = tensors[PEFT_PREFIX + tied[1]].clone()
 
-    config = _peft_config(ranks, use_rslora, save_names, pairing)
+    config = _peft_config(ranks, use_rslora, save_names, pairing) | ({"ensure_weight_tying": True} if tied else {})
     _write_atomically(out_dir, tensors, config, overwrite=overwrite)
     return ExtractResult(out_dir, results, sorted({n.rsplit(".", 1)[0] for n in save_names}), config)
 
@@ -249,6 +252,12 @@ def _check_module_names(entries, pairing: Pairing, targets: dict | None = None) 
 
 def _model_modules(config: dict | None) -> set[str] | None:
     """Module names of the architecture a ``config.json`` names, or None when it cannot be built."""
+    model = _meta_model(config)
+    return None if model is None else {name for name, _ in model.named_modules()}
+
+
+def _meta_model(config: dict | None):
+    """The architecture a ``config.json`` names, built on the meta device (no memory), or None."""
     if not config or not config.get("architectures") or not config.get("model_type"):
         return None
     import transformers
@@ -259,10 +268,27 @@ def _model_modules(config: dict | None) -> set[str] | None:
     try:
         fields = {k: v for k, v in config.items() if k != "model_type"}
         with torch.device("meta"):  # shapes only: no memory, no initialisation
-            model = cls(transformers.AutoConfig.for_model(config["model_type"], **fields))
+            return cls(transformers.AutoConfig.for_model(config["model_type"], **fields))
     except Exception:  # an architecture this transformers cannot build from its config: nothing to check against
         return None
-    return {name for name, _ in model.named_modules()}
+
+
+def _tied_head(save_names: list[str], pairing: Pairing) -> tuple[str, str] | None:
+    """(the output head's module, the saved embedding tensor) when a tied input embedding is saved whole.
+
+    PEFT keeps a tied head on the base embedding unless the adapter asks for
+    ``ensure_weight_tying`` and carries the head's tensor too.
+    """
+    config = pairing.config or {}
+    if not config.get("tie_word_embeddings", False):
+        return None
+    model = _meta_model(config)
+    if model is None or model.get_input_embeddings() is None or model.get_output_embeddings() is None:
+        return None
+    modules = {id(m): name for name, m in model.named_modules()}
+    embed, head = modules.get(id(model.get_input_embeddings())), modules.get(id(model.get_output_embeddings()))
+    saved = [n for n in save_names if n.removesuffix(".weight") == embed or n.removesuffix(".weight").endswith("." + embed)]
+    return (head, saved[0]) if head and saved else None
 
 
 def _check_plan_base(plan, pairing: Pairing) -> None:

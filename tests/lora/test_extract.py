@@ -175,6 +175,24 @@ def test_fused_experts_need_one_rank_per_projection(tmp_path):
     PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "ad"))  # loads: one rank per fused parameter
 
 
+def test_a_saved_tied_embedding_carries_its_head_along(tmp_path):
+    """qwen2 ties lm_head to embed_tokens: saving the embedding whole must move the head with it."""
+    from peft import PeftModel
+
+    base = build_model("qwen2")
+    tuned = copy.deepcopy(base)
+    with torch.no_grad():
+        tuned.model.embed_tokens.weight.add_(0.05 * torch.randn_like(tuned.model.embed_tokens.weight))
+    b, t = save(base, tmp_path / "b", "safetensors"), save(tuned, tmp_path / "t", "safetensors")
+    extract_adapter(b, t, 1, tmp_path / "ad", roles=("q",), modules_to_save=("embed_tokens",), progress=False)
+    assert json.loads((tmp_path / "ad" / "adapter_config.json").read_text())["ensure_weight_tying"] is True
+    ids = torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got = PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "ad"))(ids).logits
+        torch.testing.assert_close(got, tuned(ids).logits, rtol=1e-5, atol=1e-6)
+        assert float((base(ids).logits - tuned(ids).logits).abs().max()) > 1e-3  # negative control
+
+
 def test_bad_input_writes_nothing(llama_pair, tmp_path):
     base, tuned, b, t = llama_pair
     with pytest.raises(ConfigError, match="exceeds min"):
