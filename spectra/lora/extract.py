@@ -29,6 +29,7 @@ import torch
 
 from spectra.checkpoints.adapter import PEFT_PREFIX
 from spectra.checkpoints.pairing import Pairing, PairingOptions
+from spectra.checkpoints.source import CheckpointSource
 from spectra.errors import ConfigError
 from spectra.linalg.svd import CONVERGED_TOL, full_svd, randomized_svd
 
@@ -121,8 +122,12 @@ def extract_adapter(base, tuned, plan_or_rank, out_dir: str | os.PathLike, *, ro
                           f"({', '.join(roles or _DEFAULT_ROLES)}).")
     if plan is not None:
         _check_plan_base(plan, pairing)
-    _check_module_names(selected, pairing, targets)
     save_names = _modules_to_save(pairing, modules_to_save)
+    saved_modules = sorted({n.rsplit(".", 1)[0] for n in save_names})
+    source = pairing.tuned if isinstance(pairing.tuned, CheckpointSource) and pairing.tuned.config else pairing.base
+    model = _meta_model(source.config)  # the tuned model's class, on the meta device; None without a config
+    model_names = _model_names(selected, model, source, targets)  # checkpoint module name -> the model's
+    saved_names = _saved_names(saved_modules, model)
     if isinstance(calibration, (str, os.PathLike)):
         from spectra.calibration import CalibrationConfig, collect_calibration
 
@@ -149,8 +154,7 @@ def extract_adapter(base, tuned, plan_or_rank, out_dir: str | os.PathLike, *, ro
                                                   full_below=full_below, seed=seed)
         else:
             A, B, extraction = _factorize(d.delta, rank, scaling, full_below=full_below, seed=seed)
-        # named as in the tuned model's class (a head class when the base is a bare one)
-        module = (entry.tuned_tensor or entry.base_tensor).removesuffix(".weight")
+        module = model_names[entry.name]  # as the tuned model's class names it (a head class for a bare base)
         if _is_embedding(entry):  # PEFT's Embedding LoRA: ΔW (vocab, dim) = s·(B_e A_e)ᵀ, so A_e = Bᵀ, B_e = Aᵀ
             tensors[f"{PEFT_PREFIX}{module}.lora_embedding_A"] = B.T.cpu().contiguous()  # (r, vocab)
             tensors[f"{PEFT_PREFIX}{module}.lora_embedding_B"] = A.T.cpu().contiguous()  # (dim, r)
@@ -160,12 +164,15 @@ def extract_adapter(base, tuned, plan_or_rank, out_dir: str | os.PathLike, *, ro
         results.append(ModuleExtraction(module, rank, module_alpha, *extraction))
         ranks[module] = (rank, module_alpha, entry.conv1d)
     for tensor_name in save_names:
-        tensors[PEFT_PREFIX + tensor_name] = pairing.tuned.read(tensor_name).contiguous()
-    tied = _tied_head(save_names, pairing)
+        module, _, leaf = tensor_name.rpartition(".")
+        tensors[f"{PEFT_PREFIX}{saved_names[module]}.{leaf}"] = pairing.tuned.read(tensor_name).contiguous()
+    tied = _tied_head(save_names, pairing, model)
     if tied is not None:  # the tied head follows the saved embedding only if the adapter holds it too
-        tensors[f"{PEFT_PREFIX}{tied[0]}.weight"] = tensors[PEFT_PREFIX + tied[1]].clone()
+        embed = saved_names[tied[1].rpartition(".")[0]]
+        tensors[f"{PEFT_PREFIX}{tied[0]}.weight"] = tensors[f"{PEFT_PREFIX}{embed}.weight"].clone()
 
-    config = _peft_config(ranks, use_rslora, save_names, pairing) | ({"ensure_weight_tying": True} if tied else {})
+    config = _peft_config(ranks, use_rslora, list(saved_names.values()), pairing) | (
+        {"ensure_weight_tying": True} if tied else {})
     _write_atomically(out_dir, tensors, config, overwrite=overwrite)
     return ExtractResult(out_dir, results, sorted({n.rsplit(".", 1)[0] for n in save_names}), config)
 
@@ -214,33 +221,38 @@ def _select(pairing: Pairing, targets, roles):
     return [e for e in matrices if e.info.role in wanted or _FUSED_ROLES.get(e.info.role, set()) & wanted]
 
 
-def _check_module_names(entries, pairing: Pairing, targets: dict | None = None) -> None:
-    """Refuse modules that the model class names differently from the checkpoint (PEFT would skip them silently).
+def _model_names(entries, model, source, targets: dict | None = None) -> dict[str, str]:
+    """Checkpoint module name → the name of that module in the model class, for every entry and saved tensor.
 
-    transformers renames some tensors when it loads a checkpoint (GPT-NeoX stores its head as
-    ``embed_out``, the model's module is ``lm_head``); an adapter entry under the stored name
-    targets nothing. Checked against the modules of the checkpoint's architecture, built on
-    the meta device from its ``config.json`` (skipped when there is none). Expert slices are
-    exempt: PEFT itself maps the stored per-expert names onto fused expert parameters, which
-    hold one rank and one alpha for all experts of a projection, so a plan must give them one.
+    Adapter keys must use the model's module names, which may differ from the checkpoint's:
+    a prefix (the original GPT-2 checkpoint stores ``h.0.attn.c_attn``, ``GPT2LMHeadModel``
+    has ``transformer.h.0.attn.c_attn``) is resolved by dot-suffix; a renamed tensor
+    (GPT-NeoX stores its head as ``embed_out``, the model's module is ``lm_head``) is refused,
+    as PEFT would skip it silently. The model is built on the meta device from the
+    checkpoint's ``config.json`` (without one, the checkpoint's names are kept). Expert slices
+    keep their stored names: PEFT maps those onto fused expert parameters itself, which hold
+    one rank and one alpha for all experts of a projection, so a plan must give them one.
     """
-    from spectra.checkpoints.source import CheckpointSource
-
-    source = pairing.tuned if isinstance(pairing.tuned, CheckpointSource) and pairing.tuned.config else pairing.base
-    modules = _model_modules(source.config)
-    if modules is None:
-        return
-    names = [(e.tuned_tensor or e.base_tensor).removesuffix(".weight") for e in entries if e.info.expert is None]
-    bad = [n for n in names if n not in modules]
+    stored = {e.name: (e.tuned_tensor or e.base_tensor).removesuffix(".weight") for e in entries}
+    if model is None:
+        return stored
+    modules = [name for name, _ in model.named_modules() if name]
+    names, bad, groups = {}, [], {}
+    for e in entries:
+        name = stored[e.name]
+        if e.info.expert is not None and name not in modules:  # fused by the model: PEFT maps the stored name
+            names[e.name] = name
+            if targets is not None:
+                groups.setdefault(_EXPERT_INDEX.sub(".experts.*.", name), set()).add(targets[e.name])
+            continue
+        found = _resolve(name, modules)
+        if found is None:
+            bad.append(name)
+        names[e.name] = found
     if bad:
         raise ConfigError(f"{', '.join(bad[:5])}: not module(s) of {source.config['architectures'][0]}; transformers "
                           "renames these tensors when it loads the checkpoint, so PEFT could not apply an adapter "
                           "under this name. Leave their role out (--roles) or drop them from the plan.")
-    groups: dict[str, set] = {}  # experts of one projection that the model fuses into one parameter
-    for e in entries:
-        name = (e.tuned_tensor or e.base_tensor).removesuffix(".weight")
-        if e.info.expert is not None and name not in modules and targets is not None:
-            groups.setdefault(_EXPERT_INDEX.sub(".experts.*.", name), set()).add(targets[e.name])
     mixed = [g for g, settings in groups.items() if len(settings) > 1]
     if mixed:
         raise ConfigError(f"the plan gives the experts of {mixed[0]} different ranks or alphas "
@@ -248,12 +260,21 @@ def _check_module_names(entries, pairing: Pairing, targets: dict | None = None) 
                           f"{source.config['architectures'][0]} fuses them into one parameter, which PEFT adapts at "
                           "one rank: recommend one rank for all modules (`spectra recommend --uniform`) or pass "
                           "--rank.")
+    return names
 
 
-def _model_modules(config: dict | None) -> set[str] | None:
-    """Module names of the architecture a ``config.json`` names, or None when it cannot be built."""
-    model = _meta_model(config)
-    return None if model is None else {name for name, _ in model.named_modules()}
+def _saved_names(saved_modules: list[str], model) -> dict[str, str]:
+    """Modules saved whole: checkpoint name → the model's (kept when unresolved: PEFT matches them by suffix)."""
+    modules = [] if model is None else [name for name, _ in model.named_modules() if name]
+    return {m: (_resolve(m, modules) or m) if modules else m for m in saved_modules}
+
+
+def _resolve(name: str, modules: list[str]) -> str | None:
+    """The one module equal to ``name`` or differing from it by a leading prefix, else None."""
+    if name in modules:
+        return name
+    hits = [m for m in modules if m.endswith("." + name) or name.endswith("." + m)]
+    return hits[0] if len(hits) == 1 else None
 
 
 def _meta_model(config: dict | None):
@@ -273,16 +294,14 @@ def _meta_model(config: dict | None):
         return None
 
 
-def _tied_head(save_names: list[str], pairing: Pairing) -> tuple[str, str] | None:
+def _tied_head(save_names: list[str], pairing: Pairing, model) -> tuple[str, str] | None:
     """(the output head's module, the saved embedding tensor) when a tied input embedding is saved whole.
 
     PEFT keeps a tied head on the base embedding unless the adapter asks for
     ``ensure_weight_tying`` and carries the head's tensor too.
     """
-    config = pairing.config or {}
-    if not config.get("tie_word_embeddings", False):
+    if not (pairing.config or {}).get("tie_word_embeddings", False):
         return None
-    model = _meta_model(config)
     if model is None or model.get_input_embeddings() is None or model.get_output_embeddings() is None:
         return None
     modules = {id(m): name for name, m in model.named_modules()}
@@ -350,17 +369,18 @@ def _factorize_on_data(delta: torch.Tensor, rank: int, scaling: float, C: torch.
     return A, B, (fro, error, tail, f"data-optimal {spec.method}")
 
 
-def _peft_config(ranks: dict, use_rslora: bool, save_names: list[str], pairing: Pairing) -> dict[str, Any]:
+def _peft_config(ranks: dict, use_rslora: bool, saved: list[str], pairing: Pairing) -> dict[str, Any]:
+    """The adapter_config.json dict, checked against the module names its keys use (``ranks``' and ``saved``)."""
     from spectra.ranks import check_peft_config, lora_config
 
     config = lora_config(ranks, use_rslora=use_rslora) | {
         "init_lora_weights": True,
-        "modules_to_save": sorted({n.rsplit(".", 1)[0] for n in save_names}) or None,
+        "modules_to_save": sorted(saved) or None,
         "base_model_name_or_path": str(pairing.base.path),
         "peft_version": _peft_version(),
     }
     source = pairing.tuned if hasattr(pairing.tuned, "names") else pairing.base
-    module_names = {n.rsplit(".", 1)[0] for n in source.names()}
+    module_names = {n.rsplit(".", 1)[0] for n in source.names()} | set(ranks) | set(saved)
     check_peft_config(config, module_names)
     return config
 

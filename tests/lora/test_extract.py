@@ -193,6 +193,25 @@ def test_a_saved_tied_embedding_carries_its_head_along(tmp_path):
         assert float((base(ids).logits - tuned(ids).logits).abs().max()) > 1e-3  # negative control
 
 
+def test_keys_use_the_model_names_when_the_checkpoint_lacks_their_prefix(tmp_path):
+    """The original GPT-2 checkpoint stores h.0.attn.c_attn; GPT2LMHeadModel's module is transformer.h.0.attn.c_attn."""
+    from safetensors.torch import load_file, save_file
+
+    base = build_model("gpt2")
+    tuned = perturbed(base, names=("c_attn",))
+    for model, side in ((base, "b"), (tuned, "t")):
+        save(model, tmp_path / side, "safetensors")
+        file = tmp_path / side / "model.safetensors"
+        stored = {k.removeprefix("transformer."): v for k, v in load_file(str(file)).items() if k != "lm_head.weight"}
+        save_file(stored, str(file), metadata={"format": "pt"})
+    extract_adapter(tmp_path / "b", tmp_path / "t", "full", tmp_path / "ad", roles=("qkv",), progress=False)
+    keys = load_file(str(tmp_path / "ad" / "adapter_model.safetensors"))
+    assert "base_model.model.transformer.h.0.attn.c_attn.lora_A.weight" in keys
+    state, _ = merged_state(base, tmp_path / "ad")
+    for name in ("transformer.h.0.attn.c_attn.weight", "transformer.h.1.attn.c_attn.weight"):
+        torch.testing.assert_close(state[name], tuned.state_dict()[name], rtol=1e-5, atol=2e-6)
+
+
 def test_bad_input_writes_nothing(llama_pair, tmp_path):
     base, tuned, b, t = llama_pair
     with pytest.raises(ConfigError, match="exceeds min"):
