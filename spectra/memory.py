@@ -68,6 +68,7 @@ class ModelShape:
     vocab: int
     gated_mlp: bool
     experts_per_token: int
+    experts: int  # experts per MoE layer (1: a dense model)
     linears: tuple[tuple[str, int, int], ...]
     other_params: int
     head_params: int
@@ -96,6 +97,10 @@ def model_shape(config: Mapping) -> ModelShape:
             return _gpt2(cfg)
         if mtype == "bert" or "type_vocab_size" in cfg:
             return _bert(cfg)
+        if mtype in _NOT_LLAMA_LIKE:
+            raise ConfigError(f"model_type {mtype}: its blocks differ from Llama's (an ungated MLP with biases, "
+                              "LayerNorm, …), which spectra's memory model does not describe; it reads Llama-like "
+                              "(Llama, Mistral, Qwen2, Gemma, Phi-3, Mixtral …), GPT-2 and BERT configs.")
         return _llama(cfg, mtype)
     except KeyError as err:
         raise ConfigError(f"config.json of model_type {mtype or '?'} lacks {err}; spectra's memory model reads "
@@ -109,18 +114,40 @@ def _llama(cfg: dict, mtype: str) -> ModelShape:
     inter, vocab = cfg["intermediate_size"], cfg["vocab_size"]
     q_dim, kv_dim = heads * head_dim, kv_heads * head_dim
     experts = cfg.get("num_local_experts") or 1
-    mlp = (("gate", inter, h), ("up", inter, h), ("down", h, inter)) * experts
+    if mtype in _FUSED_PROJECTIONS:  # Phi-3: qkv_proj and gate_up_proj are single Linears (what LoRA adapts)
+        attention = (("qkv", q_dim + 2 * kv_dim, h), ("o", h, q_dim))
+        mlp = (("gate_up", 2 * inter, h), ("down", h, inter)) * experts
+    else:
+        attention = (("q", q_dim, h), ("k", kv_dim, h), ("v", kv_dim, h), ("o", h, q_dim))
+        mlp = (("gate", inter, h), ("up", inter, h), ("down", h, inter)) * experts
     router = (("router", experts, h),) if experts > 1 else ()
-    linears = (("q", q_dim, h), ("k", kv_dim, h), ("v", kv_dim, h), ("o", h, q_dim)) + mlp + router
+    linears = attention + mlp + router
     qkv_bias = bool(cfg.get("attention_bias", False)) or mtype in ("qwen2", "qwen2_moe")
     bias = (q_dim + 2 * kv_dim if qkv_bias else 0) + (h if cfg.get("attention_bias", False) else 0)
     bias += (2 * inter + h) * experts if cfg.get("mlp_bias", False) else 0
-    tied = bool(cfg.get("tie_word_embeddings", False))
+    tied = bool(cfg.get("tie_word_embeddings", _config_default(mtype, "tie_word_embeddings", False)))
     other = vocab * h + layers * (2 * h + bias) + h  # embed + per-layer RMSNorm weights and biases + final norm
     return ModelShape(family=mtype or "llama-like", hidden=h, layers=layers, heads=heads, kv_dim=kv_dim,
                       q_dim=q_dim, intermediate=inter, vocab=vocab, gated_mlp=True,
-                      experts_per_token=cfg.get("num_experts_per_tok", 1) if experts > 1 else 1,
+                      experts_per_token=cfg.get("num_experts_per_tok", 1) if experts > 1 else 1, experts=experts,
                       linears=linears, other_params=other, head_params=0 if tied else vocab * h, causal=True)
+
+
+_FUSED_PROJECTIONS = frozenset({"phi3", "phimoe"})
+# families with Llama's config keys but other blocks: read as Llama-like they would be counted wrong
+_NOT_LLAMA_LIKE = frozenset({"gpt_neox", "gptj", "gpt_neo", "bloom", "falcon", "opt", "phi", "mpt",
+                             "starcoder2"})
+
+
+def _config_default(model_type: str, key: str, fallback):
+    """A config key's default for this model type, as transformers fills it in when config.json omits it
+    (Gemma ties its embeddings by default; Llama does not)."""
+    try:
+        import transformers
+
+        return getattr(transformers.AutoConfig.for_model(model_type), key, fallback)
+    except (ImportError, ValueError, KeyError):
+        return fallback
 
 
 def _gpt2(cfg: dict) -> ModelShape:
@@ -130,7 +157,7 @@ def _gpt2(cfg: dict) -> ModelShape:
     per_layer = 3 * h + h + inter + h + 4 * h  # biases of c_attn, c_proj, c_fc, mlp.c_proj; ln_1, ln_2
     other = vocab * h + positions * h + layers * per_layer + 2 * h  # wte, wpe, blocks, ln_f; head tied to wte
     return ModelShape(family="gpt2", hidden=h, layers=layers, heads=heads, kv_dim=h, q_dim=h, intermediate=inter,
-                      vocab=vocab, gated_mlp=False, experts_per_token=1, linears=linears, other_params=other,
+                      vocab=vocab, gated_mlp=False, experts_per_token=1, experts=1, linears=linears, other_params=other,
                       head_params=0, causal=True)
 
 
@@ -142,7 +169,7 @@ def _bert(cfg: dict) -> ModelShape:
     embeddings = (vocab + cfg.get("max_position_embeddings", 512) + cfg.get("type_vocab_size", 2)) * h + 2 * h
     other = embeddings + layers * per_layer + h * h + h  # + pooler.dense
     return ModelShape(family="bert", hidden=h, layers=layers, heads=heads, kv_dim=h, q_dim=h, intermediate=inter,
-                      vocab=vocab, gated_mlp=False, experts_per_token=1, linears=linears, other_params=other,
+                      vocab=vocab, gated_mlp=False, experts_per_token=1, experts=1, linears=linears, other_params=other,
                       head_params=0, causal=False)
 
 
@@ -326,12 +353,18 @@ def estimate_memory(config_or_model: Any, *, method: str = "lora", rank_plan_or_
 
 
 def _adapter_modules(shape: ModelShape, method: str, plan_or_rank: Any,
-                     roles: tuple[str, ...] | None) -> list[tuple[int | None, int, int, int]]:
-    """``(layer, rank, d_in, d_out)`` of every adapted module; empty for full fine-tuning."""
+                     roles: tuple[str, ...] | None) -> list[tuple[int | None, int, int, int, float]]:
+    """``(layer, rank, d_in, d_out, token share)`` of every adapted module; empty for full fine-tuning.
+
+    The token share is the fraction of tokens the module sees: an MoE expert sees only the
+    tokens routed to it, experts_per_token / experts of them on average.
+    """
     if method == "full":
         return []
+    routed = shape.experts_per_token / shape.experts
     if isinstance(plan_or_rank, RankPlan):
-        return [(m.layer, m.rank, m.shape[1], m.shape[0]) for m in plan_or_rank.modules]
+        return [(m.layer, m.rank, m.shape[1], m.shape[0], routed if ".experts." in f".{m.name}." else 1.0)
+                for m in plan_or_rank.modules]
     if not isinstance(plan_or_rank, int) or isinstance(plan_or_rank, bool) or plan_or_rank < 1:
         raise ConfigError(f"method {method!r} needs a RankPlan or a positive int rank, got {plan_or_rank!r}.")
     wanted = DEFAULT_ROLES if roles is None else tuple(roles)
@@ -343,7 +376,9 @@ def _adapter_modules(shape: ModelShape, method: str, plan_or_rank: Any,
         if plan_or_rank > min(o, i):
             raise ConfigError(f"rank {plan_or_rank} exceeds min(d_in, d_out) = {min(o, i)} of the {role} "
                               f"projection ({o}×{i}).")
-    return [(layer, plan_or_rank, i, o) for layer in range(shape.layers) for _, o, i in block]
+    expert_roles = {"gate", "up", "down", "gate_up"} if shape.experts > 1 else set()
+    return [(layer, plan_or_rank, i, o, routed if role in expert_roles else 1.0)
+            for layer in range(shape.layers) for role, o, i in block]
 
 
 def _estimate(shape: ModelShape, method: str, adapter_modules: list, batch: int, seq_len: int, precision: str,
@@ -367,8 +402,8 @@ def _estimate(shape: ModelShape, method: str, adapter_modules: list, batch: int,
         weights = n * w
 
     # adapters (fp32), DoRA magnitudes, trainable count
-    adapter_params = sum(r * (d_in + d_out) for _, r, d_in, d_out in adapter_modules)
-    dora_params = sum(d_out for *_, d_out in adapter_modules) if method == "dora" else 0
+    adapter_params = sum(r * (d_in + d_out) for _, r, d_in, d_out, _ in adapter_modules)
+    dora_params = sum(d_out for *_, d_out, _ in adapter_modules) if method == "dora" else 0
     trainable = n if method == "full" else adapter_params + dora_params
 
     # gradients and optimizer states
@@ -389,15 +424,18 @@ def _estimate(shape: ModelShape, method: str, adapter_modules: list, batch: int,
     per_layer = 2 * h + h + shape.q_dim + 2 * shape.kv_dim + shape.q_dim + h + mlp
     if attention == "eager":
         per_layer += shape.heads * seq_len
+    # LoRA's own saved tensors, bytes per token: lora_B saves A·x (r values, fp32 like the adapter);
+    # lora_A saves its input, which is the layer input already counted above when activations are
+    # fp32, and a new fp32 copy (PEFT casts x to the adapter's dtype) when they are 16-bit
     lora_by_layer: dict = {}
-    for layer, r, d_in, _ in adapter_modules:
-        lora_by_layer[layer] = lora_by_layer.get(layer, 0) + d_in + r
-    lora_total = sum(lora_by_layer.values())
-    lora_max = max(lora_by_layer.values(), default=0)
+    for layer, r, d_in, _, share in adapter_modules:
+        lora_by_layer[layer] = lora_by_layer.get(layer, 0) + share * 4 * (r + (d_in if p < 4 else 0))
+    lora_total = math.ceil(sum(lora_by_layer.values()))
+    lora_max = math.ceil(max(lora_by_layer.values(), default=0))
     head = tokens * shape.vocab * (p + 8) if shape.causal else 0
     final = tokens * h * p
-    activations = tokens * p * (shape.layers * per_layer + lora_total) + head + final
-    activations_ckpt = tokens * p * (shape.layers * h + per_layer + lora_max) + head + final
+    activations = tokens * (p * shape.layers * per_layer + lora_total) + head + final
+    activations_ckpt = tokens * (p * (shape.layers * h + per_layer) + lora_max) + head + final
 
     # transient workspace of the largest module
     largest = max(o * i for _, o, i in shape.linears)
@@ -405,7 +443,7 @@ def _estimate(shape: ModelShape, method: str, adapter_modules: list, batch: int,
     if method == "qlora":
         workspace += largest * p
     if method == "dora":
-        workspace += 2 * 4 * max((d_in * d_out for _, _, d_in, d_out in adapter_modules), default=0)
+        workspace += 2 * 4 * max((d_in * d_out for _, _, d_in, d_out, _ in adapter_modules), default=0)
 
     kv_cache = 2 * shape.layers * shape.kv_dim * tokens * p if shape.causal else 0
     return MemoryEstimate(method=method, precision=precision, optimizer=optimizer, batch=batch, seq_len=seq_len,

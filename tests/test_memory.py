@@ -104,12 +104,37 @@ def test_gpt2_layer_activations_agree_with_korthikanti(attention):
 
 
 @pytest.mark.parametrize(("family", "head"), [("llama", True), ("qwen2", True), ("gpt2", True),
-                                              ("bert", False), ("mixtral", True)])
+                                              ("bert", False), ("mixtral", True), ("phi3", True), ("gemma", True)])
 def test_parameter_count_matches_transformers(family, head):
     from tests.models import build_model
 
     model = build_model(family, head=head)
-    assert model_shape(model.config.to_dict()).params == sum(p.numel() for p in model.parameters())
+    config = model.config.to_dict()
+    assert model_shape(config).params == sum(p.numel() for p in model.parameters())
+    if family == "gemma":  # Gemma's hub config.json has no tie_word_embeddings: GemmaConfig ties by default
+        config.pop("tie_word_embeddings")
+        assert model_shape(config).params == sum(p.numel() for p in model.parameters())
+
+
+def test_lora_activations_per_module_by_precision():
+    """PEFT casts a 16-bit input to the fp32 adapter and keeps that copy for lora_A, plus A·x (r) for lora_B;
+    with fp32 activations lora_A keeps the layer input itself (already counted): only the r values are new."""
+    tokens, modules = 2048, 32 * 7  # every block linear of Llama-2-7B
+    inputs = 32 * (4 * 4096 + 2 * 4096 + 11008)  # Σ d_in over the adapted modules: q k v o gate up | down
+    for precision, per_token in (("bf16", 4 * (inputs + 16 * modules)), ("fp32", 4 * 16 * modules)):
+        full = estimate_memory(LLAMA2_7B, method="full", precision=precision, seq_len=tokens)
+        lora = estimate_memory(LLAMA2_7B, method="lora", precision=precision, seq_len=tokens, rank_plan_or_rank=16)
+        assert lora.activations - full.activations == tokens * per_token, precision
+
+
+def test_an_expert_adapter_sees_only_its_routed_tokens():
+    mixtral = {"model_type": "mixtral", "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 1,
+               "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 64, "num_local_experts": 8,
+               "num_experts_per_tok": 2}
+    est = {roles: estimate_memory(mixtral, method="lora", seq_len=100, rank_plan_or_rank=4, roles=roles)
+           for roles in (("q",), ("q", "gate"))}
+    gate = 100 * 4 * (64 + 4) * 8 * 2 / 8  # 8 experts' gates, each on 2/8 of the tokens
+    assert est[("q", "gate")].activations - est[("q",)].activations == pytest.approx(gate, abs=1)
 
 
 @pytest.mark.parametrize("method", ["lora", "dora"])
@@ -118,10 +143,11 @@ def test_trainable_parameters_match_peft(method):
 
     from tests.models import build_model
 
-    model = build_model("llama")
-    est = estimate_memory(model, method=method, rank_plan_or_rank=4)
-    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", use_dora=method == "dora"))
-    assert est.trainable_params == sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    for family in ("llama", "phi3"):  # Phi-3: LoRA adapts the fused qkv_proj and gate_up_proj Linears
+        model = build_model(family)
+        est = estimate_memory(model, method=method, rank_plan_or_rank=4)
+        peft_model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", use_dora=method == "dora"))
+        assert est.trainable_params == sum(p.numel() for p in peft_model.parameters() if p.requires_grad), family
 
 
 def test_rank_plan_input():
@@ -157,3 +183,10 @@ def test_bad_options(kwargs):
         estimate_memory(LLAMA2_7B, **kwargs)
     with pytest.raises(ConfigError, match="lacks"):
         estimate_memory({"model_type": "llama", "hidden_size": 8})
+
+
+def test_families_unlike_llama_are_refused_not_miscounted():
+    from tests.models import build_model
+
+    with pytest.raises(ConfigError, match="model_type gpt_neox"):
+        model_shape(build_model("gpt_neox").config.to_dict())  # read as Llama-like it was 25 % too large

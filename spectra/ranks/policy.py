@@ -190,6 +190,6 @@ def parse_budget(text: str) -> dict[str, int]:
         raise ConfigError(f"Cannot read budget {text!r}: use parameters like 20M or 1.5e6, "
                           "or bytes like 2GB or 512MiB.")
     value = float(m.group(1))
-    if unit in params:
-        return {"budget_params": int(value * params[unit])}
-    return {"budget_bytes": int(value * data[unit])}
+    if unit in params:  # rounded: 4.1 × 10⁶ is 4099999.9999999995 in binary floating point
+        return {"budget_params": round(value * params[unit])}
+    return {"budget_bytes": round(value * data[unit])}

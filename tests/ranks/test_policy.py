@@ -20,6 +20,7 @@ def test_policy_validation(kwargs):
 
 def test_parse_budget():
     assert parse_budget("20M") == {"budget_params": 20_000_000}
+    assert parse_budget("4.1M") == {"budget_params": 4_100_000} and parse_budget("8.2M") == {"budget_params": 8_200_000}
     assert parse_budget("1.5e6") == {"budget_params": 1_500_000}
     assert parse_budget("2GB") == {"budget_bytes": 2_000_000_000}
     assert parse_budget("512MiB") == {"budget_bytes": 512 * 2**20}
