@@ -93,14 +93,14 @@ def model_shape(config: Mapping) -> ModelShape:
     cfg = dict(config)
     mtype = str(cfg.get("model_type", "")).lower()
     try:
+        if mtype in _NOT_LLAMA_LIKE:
+            raise ConfigError(f"model_type {mtype}: its blocks differ from Llama's, GPT-2's and BERT's (parallel "
+                              "attention, other MLPs, …), which spectra's memory model does not describe; it reads "
+                              "Llama-like (Llama, Mistral, Qwen2, Gemma, Phi-3, Mixtral …), GPT-2 and BERT configs.")
         if mtype == "gpt2" or "n_embd" in cfg:
             return _gpt2(cfg)
         if mtype == "bert" or "type_vocab_size" in cfg:
             return _bert(cfg)
-        if mtype in _NOT_LLAMA_LIKE:
-            raise ConfigError(f"model_type {mtype}: its blocks differ from Llama's (an ungated MLP with biases, "
-                              "LayerNorm, …), which spectra's memory model does not describe; it reads Llama-like "
-                              "(Llama, Mistral, Qwen2, Gemma, Phi-3, Mixtral …), GPT-2 and BERT configs.")
         return _llama(cfg, mtype)
     except KeyError as err:
         raise ConfigError(f"config.json of model_type {mtype or '?'} lacks {err}; spectra's memory model reads "
