@@ -92,21 +92,35 @@ def energy_rank(s, tau: float = 0.9, *, total_energy: float | None = None) -> in
     criterion of truncated-SVD LoRA extraction. Exact for truncated values, because
     the denominator is the exact ‖M‖_F².
     """
-    return _energy_rank(*_values(s, total_energy)[:2], _check_tau(tau))
+    v, total, complete = _values(s, total_energy)
+    return _energy_rank(v, total, _check_tau(tau), _slack(s), complete)
 
 
-def _energy_rank(v: np.ndarray, total: float, tau: float) -> int | None:
+def _energy_rank(v: np.ndarray, total: float, tau: float, slack: float = 1e-12, complete: bool = False) -> int | None:
     if total == 0.0:
         return 0
     cum = np.cumsum(v * v)
-    hit = np.nonzero(cum >= tau * total * (1 - 1e-12))[0]
-    return int(hit[0]) + 1 if hit.size else None
+    hit = np.nonzero(cum >= tau * total * (1 - slack))[0]
+    if hit.size:
+        return int(hit[0]) + 1
+    return int(np.count_nonzero(v)) if complete else None  # every value held: τ near 1 is the last nonzero one
+
+
+def _slack(s) -> float:
+    """Relative shortfall of Σσᵢ² against ‖M‖_F² that the values' own rounding explains.
+
+    ‖M‖_F² is exact (float64); float32 singular values square and sum to it only within
+    ~1e-7, so at τ near 1 a float32 spectrum would otherwise never reach its energy.
+    """
+    values = s.values if isinstance(s, Spectrum) else s
+    return 1e-12 if getattr(values, "dtype", None) in (torch.float64, np.float64) else 1e-5
 
 
 def energy_ranks(s, taus=(0.5, 0.9, 0.95, 0.99), *, total_energy: float | None = None) -> dict[float, int | None]:
     """:func:`energy_rank` at several τ, as ``{τ: rank}`` (``None`` where beyond the k held)."""
-    v, total, _ = _values(s, total_energy)
-    return {float(t): _energy_rank(v, total, _check_tau(t)) for t in taus}
+    v, total, complete = _values(s, total_energy)
+    slack = _slack(s)
+    return {float(t): _energy_rank(v, total, _check_tau(t), slack, complete) for t in taus}
 
 
 def effective_rank(s) -> float:
@@ -419,6 +433,9 @@ def rounding_noise_floor(
             raise ConfigError(f"`{name}` must be a 2-D tensor (out, in).")
     if base.shape != tuned.shape:
         raise ConfigError(f"`base` {tuple(base.shape)} and `tuned` {tuple(tuned.shape)} differ in shape.")
+    for name, t in (("base", base), ("tuned", tuned)):
+        if not bool(torch.isfinite(t).all()):
+            raise ConfigError(f"`{name}` holds NaN or Inf values: its rounding noise is undefined.")
     bd = base.dtype if base_dtype is None else base_dtype
     td = tuned.dtype if tuned_dtype is None else tuned_dtype
     m, n = base.shape

@@ -172,6 +172,7 @@ def captured_energy(delta: torch.Tensor, *, U: torch.Tensor | None = None, V: to
         raise ConfigError("`delta` must be a 2-D tensor (out, in).")
     if U is None and V is None:
         raise ConfigError("captured_energy needs a column space `U`, a row space `V`, or both.")
+    _check_finite(delta, "delta")
     D = delta.double()
     if U is not None:
         _check_basis(U, "U")
@@ -189,6 +190,21 @@ def captured_energy(delta: torch.Tensor, *, U: torch.Tensor | None = None, V: to
     return 0.0 if total == 0 else float((D**2).sum()) / total
 
 
+def _check_finite(t: torch.Tensor, name: str) -> None:
+    if not bool(torch.isfinite(t).all()):
+        raise ConfigError(f"`{name}` holds NaN or Inf values.")
+
+
+def _check_given(F: Spectrum, name: str, shape, vectors: int) -> None:
+    """A decomposition handed in must be of this matrix and hold the vectors used."""
+    if F.U is None or F.Vh is None:
+        raise ConfigError(f"`{name}` has no singular vectors; pass full_svd(..., compute_vectors=True).")
+    if tuple(F.shape) != tuple(shape):
+        raise ConfigError(f"`{name}` decomposes a {tuple(F.shape)} matrix, not this {tuple(shape)} one.")
+    if F.U.shape[1] < vectors:
+        raise ConfigError(f"`{name}` holds {F.U.shape[1]} singular vectors; {vectors} are needed here.")
+
+
 def best_rank_energy(delta: torch.Tensor, rank: int) -> float:
     """Eckart–Young optimum: the largest fraction of ‖ΔW‖_F² any rank-`rank` matrix
     captures, Σ_{i≤r} σᵢ² / Σ σᵢ².
@@ -201,6 +217,7 @@ def best_rank_energy(delta: torch.Tensor, rank: int) -> float:
     if not isinstance(delta, torch.Tensor) or delta.ndim != 2:
         raise ConfigError("`delta` must be a 2-D tensor (out, in).")
     _check_rank(rank, min(delta.shape))
+    _check_finite(delta, "delta")
     F = _full_svd(delta, compute_vectors=False, work=torch.float64)
     return 0.0 if F.total_energy == 0 else float((F.values[:rank].double() ** 2).sum()) / F.total_energy
 
@@ -236,8 +253,14 @@ def amplification_factor(delta: torch.Tensor, W: torch.Tensor, rank: int, *, svd
     if delta.shape != W.shape:
         raise ConfigError(f"`delta` {tuple(delta.shape)} and `W` {tuple(W.shape)} differ in shape.")
     _check_rank(rank, min(delta.shape))
-    F = svd if svd is not None and svd.U is not None else _full_svd(delta, compute_vectors=True, work=torch.float64)
-    U, Vh = F.U[:, :rank], F.Vh[:rank]  # (out, r), (r, in)
+    _check_finite(delta, "delta")
+    _check_finite(W, "W")
+    if svd is not None and svd.U is not None:
+        _check_given(svd, "svd", delta.shape, rank)
+        F = svd
+    else:
+        F = _full_svd(delta, compute_vectors=True, work=torch.float64)
+    U, Vh = F.U[:, :rank].double(), F.Vh[:rank].double()  # (out, r), (r, in)
     proj = U.T @ W.double() @ Vh.T  # (r, out) @ (out, in) @ (in, r) -> (r, r)
     den = float(torch.linalg.matrix_norm(proj))
     return math.inf if den == 0 else math.sqrt(F.total_energy) / den
@@ -318,13 +341,19 @@ def intruder_dimensions(
         raise ConfigError(f"`epsilon` must be in (0, 1), got {epsilon!r}.")
     if side not in ("left", "right"):
         raise ConfigError(f"`side` must be 'left' or 'right', got {side!r}.")
+    _check_finite(W_base, "W_base")
+    _check_finite(W_tuned, "W_tuned")
     # precomputed full decompositions (with vectors) of either side may be passed to save work
+    if base_svd is not None:  # every singular vector of W_base, or an intruder may be one it lacks
+        _check_given(base_svd, "base_svd", W_base.shape, min(W_base.shape))
+    if tuned_svd is not None:
+        _check_given(tuned_svd, "tuned_svd", W_tuned.shape, k)
     Fb = base_svd if base_svd is not None else _full_svd(W_base, compute_vectors=True, work=torch.float64)
     Ft = tuned_svd if tuned_svd is not None else _full_svd(W_tuned, compute_vectors=True, work=torch.float64)
     if side == "left":
-        X, Y = Fb.U, Ft.U[:, :k]  # (out, r), (out, k)
+        X, Y = Fb.U.double(), Ft.U[:, :k].double()  # (out, r), (out, k)
     else:
-        X, Y = Fb.Vh.T, Ft.Vh[:k].T  # (in, r), (in, k)
+        X, Y = Fb.Vh.T.double(), Ft.Vh[:k].T.double()  # (in, r), (in, k)
     max_cos = (X.T @ Y).abs().amax(0)  # (r, k) -> (k,)
     idx = tuple(int(j) for j in torch.nonzero(max_cos < epsilon).flatten())
     return Intruders(idx, max_cos, k, float(epsilon), side)

@@ -508,9 +508,7 @@ def _randomized_svd(A, k, l, n_iter, tol, gen, compute_vectors, sketch_dtype, en
         done += 1
         est = conv.update(_ritz_values(R))
         if S_ is not A and est == est and est <= max(noise, tol or 0.0):
-            S_, conv = A, _Convergence(k)  # switch to working precision for the refinement
-            if tol is None:
-                break
+            S_, conv = A, _Convergence(k)  # the rest (all n_iter without tol, else until tol) in working precision
             continue
         if tol is not None and est == est and est <= tol and done >= 2:
             break

@@ -179,3 +179,19 @@ def test_relative_update_size():
     base = torch.ones(4, 4)
     assert mt.relative_update_size(0.1 * base, base) == pytest.approx(0.1)
     assert math.isinf(mt.relative_update_size(base, torch.zeros(4, 4)))
+
+
+def test_energy_rank_at_full_energy_from_a_float32_spectrum():
+    """Σσᵢ² of float32 values matches the exact ‖M‖_F² only to ~1e-7: τ = 1 must still give a rank, not None."""
+    g = torch.Generator().manual_seed(1)
+    for _ in range(10):
+        assert mt.energy_rank(full_svd(torch.randn(64, 96, generator=g)), 1.0) == 64
+    low = torch.randn(64, 5, generator=g) @ torch.randn(5, 96, generator=g)  # rank 5 exactly
+    assert mt.energy_rank(full_svd(low), 1.0) == 5 and mt.energy_rank(full_svd(low.double()), 1.0) == 5
+    assert mt.energy_rank(torch.tensor([3.0, 1.0]), 0.95, total_energy=100.0) is None  # truncated: beyond k
+
+
+def test_bf16_sketch_runs_every_requested_iteration():
+    A, _ = power_law(600, 500, seed=4)
+    fixed = randomized_svd(A, 16, n_iter=7, sketch_dtype=torch.bfloat16, random_state=0)
+    assert fixed.n_iter == 7 and math.isfinite(fixed.tolerance)

@@ -119,3 +119,30 @@ def test_rejects_mismatched_inputs():
         ss.captured_energy(torch.eye(4))
     with pytest.raises(ConfigError, match="rank"):
         ss.amplification_factor(torch.eye(4), torch.eye(4), 0)
+
+
+def test_handed_in_decompositions_and_non_finite_inputs_are_checked():
+    import pytest
+
+    from spectra.errors import ConfigError
+    from spectra.linalg.subspace import amplification_factor, captured_energy, intruder_dimensions
+    from spectra.linalg.svd import full_svd, randomized_svd
+
+    g = torch.Generator().manual_seed(0)
+    W, D = torch.randn(40, 30, generator=g), torch.randn(40, 30, generator=g)
+    exact = amplification_factor(D, W, 4)
+    assert amplification_factor(D, W, 4, svd=full_svd(D, compute_vectors=True)) == pytest.approx(exact, rel=1e-5)
+    with pytest.raises(ConfigError, match="holds 2 singular vectors"):
+        amplification_factor(D, W, 4, svd=randomized_svd(D, 2, random_state=0))
+    with pytest.raises(ConfigError, match="decomposes a"):
+        amplification_factor(D, W, 4, svd=full_svd(D.T, compute_vectors=True))
+    with pytest.raises(ConfigError, match="singular vectors"):
+        intruder_dimensions(W, W + D, k=3, base_svd=randomized_svd(W, 5, random_state=0))  # not every vector
+    float32 = intruder_dimensions(W, W + D, k=3, base_svd=full_svd(W, compute_vectors=True))
+    assert float32.max_cos.dtype == torch.float64
+    bad = D.clone()
+    bad[0, 0] = float("nan")
+    for call in (lambda: captured_energy(bad, U=D[:, :2]), lambda: amplification_factor(bad, W, 2),
+                 lambda: intruder_dimensions(W, bad, k=2)):
+        with pytest.raises(ConfigError, match="NaN or Inf"):
+            call()
