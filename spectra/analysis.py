@@ -10,6 +10,7 @@ disk so an interrupted run resumes, and returns an :class:`AnalysisResult` whose
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import math
@@ -18,6 +19,7 @@ import platform
 import re
 import sys
 import time
+import warnings
 from collections import deque
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field, replace
@@ -293,8 +295,10 @@ def _finite_or_none(x: float) -> float | None:
 class ModuleCache:
     """Finished modules on disk, keyed by inputs + config, so interrupted runs resume.
 
-    One JSON file per pairing entry, written atomically. A changed input (file sizes,
-    mtimes, config.json) or analysis config gives a different key, i.e. a fresh cache.
+    One JSON file per pairing entry, written atomically. A changed input (content samples,
+    file sizes and mtimes, config.json, an adapter's config), analysis config or spectra code
+    (the source of the modules that compute rows) gives a different key, i.e. a fresh cache.
+    A cache that cannot be written is given up with a warning; the analysis goes on.
     """
 
     def __init__(self, root: Path | None, key: str):
@@ -321,18 +325,65 @@ class ModuleCache:
     def put(self, entry_name: str, rows: list[dict]) -> None:
         if self.dir is None:
             return
-        self.dir.mkdir(parents=True, exist_ok=True)
         path = self._path(entry_name)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(rows, allow_nan=True))
-        os.replace(tmp, path)
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(json.dumps(rows, allow_nan=True))
+            os.replace(tmp, path)
+        except OSError as err:
+            warnings.warn(f"the analysis cache {self.dir} cannot be written ({err}); going on without it "
+                          "(--no-cache or SPECTRA_CACHE=elsewhere to choose)", RuntimeWarning, stacklevel=2)
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            self.dir = None
 
 
-def cache_key(base_fp: dict, tuned_fp: dict, config: AnalysisConfig) -> str:
+def cache_key(base_fp: dict, tuned_fp: dict, config: AnalysisConfig, stamps: list | None = None) -> str:
+    """Key of a cache of rows: the inputs' fingerprints and file stamps, the config, and spectra's code."""
     from spectra import __version__
 
-    payload = json.dumps([SCHEMA_VERSION, __version__, base_fp, tuned_fp, _config_dict(config)], sort_keys=True)
+    payload = json.dumps([SCHEMA_VERSION, __version__, _code_digest(), base_fp, tuned_fp, _config_dict(config),
+                          stamps or []], sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:20]
+
+
+@functools.lru_cache(maxsize=1)
+def _code_digest() -> str:
+    """Hash of the source that computes rows: rows cached by other code are never reused."""
+    root = Path(__file__).parent
+    h = hashlib.sha256()
+    for file in sorted([root / "analysis.py", root / "calibration.py", *root.glob("linalg/*.py"),
+                        *root.glob("checkpoints/*.py")]):
+        h.update(file.name.encode() + file.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _calibration_digest(data, base) -> str:
+    """The calibration data's content and the tokenizer files that cut it into tokens."""
+    from spectra.lora.train import model_dir
+
+    h = hashlib.sha256(file_digest(data).encode())
+    try:
+        folder = model_dir(base)
+    except ConfigError:
+        return h.hexdigest()[:16]
+    for file in sorted(folder.iterdir()):
+        if re.match(r"(tokenizer|vocab|merges|special_tokens_map|spiece|sentencepiece)|.*\.model$", file.name):
+            h.update(file.name.encode() + file.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _stamps(*sources) -> list:
+    """(name, size, mtime_ns) of every file behind the sources: an in-place rewrite misses the cache."""
+    out = []
+    for source in sources:
+        weights = getattr(source, "weights", source)  # an adapter: its weight file and its config
+        files = list(weights.files) + ([source.path / "adapter_config.json"] if weights is not source else [])
+        for file in files:
+            st = Path(file).stat()
+            out.append([Path(file).name, st.st_size, st.st_mtime_ns])
+    return out
 
 
 def _config_dict(config: AnalysisConfig) -> dict[str, Any]:
@@ -400,8 +451,9 @@ def analyze(base, tuned, config: AnalysisConfig | None = None, *, cache_dir: str
     pairing = Pairing(base, tuned, replace(config.pairing_options(), device=me.device))
     base_fp, tuned_fp = pairing.base.fingerprint(), pairing.tuned.fingerprint()
     root = ModuleCache.default_root() if cache_dir is True else (cache_dir or None)
-    calibration_key = "" if config.calibration is None else "-" + file_digest(config.calibration)  # data, not path
-    cache = ModuleCache(root, cache_key(base_fp, tuned_fp, config) + calibration_key)
+    calibration_key = "" if config.calibration is None else "-" + _calibration_digest(config.calibration, base)
+    cache = ModuleCache(root, cache_key(base_fp, tuned_fp, config, _stamps(pairing.base, pairing.tuned))
+                        + calibration_key)
 
     mine = pairing.entries
     if me.distributed:

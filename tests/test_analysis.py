@@ -333,3 +333,56 @@ def test_no_power_law_is_fitted_below_the_noise_floor_and_unchanged_zeros_have_s
     zero = [r for r in rows if r["base_fro_norm"] == 0.0]
     assert zero and all(r["relative_size"] == 0.0 for r in zero)
 
+
+
+def test_the_cache_never_returns_rows_of_other_inputs_or_code(tmp_path, monkeypatch):
+    """Rewritten weights, an edited adapter config and changed spectra code each miss the cache."""
+    import shutil
+    import time as clock
+
+    from peft import LoraConfig, get_peft_model
+
+    base_model = build_model("llama")
+    base = save(base_model, tmp_path / "base", "safetensors")
+    tuned_model = copy.deepcopy(base_model)
+    with torch.no_grad():
+        tuned_model.model.layers[0].self_attn.q_proj.weight.add_(0.1)
+    tuned = save(tuned_model, tmp_path / "tuned", "safetensors")
+    cache = tmp_path / "cache"
+
+    def q_norm(t):
+        rows = analyze(base, t, cache_dir=cache, progress=False).modules
+        return next(r["fro_norm"] for r in rows if r["name"] == "model.layers.0.self_attn.q_proj")
+
+    import spectra.checkpoints.source as source_mod
+
+    monkeypatch.setattr(source_mod, "_SAMPLE", 16)  # content samples far smaller than the file, as on a real model
+    first = q_norm(tuned)
+    clock.sleep(0.01)
+    with torch.no_grad():  # the same file rewritten in place: same size, new content between the samples
+        tuned_model.model.layers[0].self_attn.q_proj.weight.add_(0.2)
+    save(tuned_model, tuned, "safetensors")
+    assert q_norm(tuned) == pytest.approx(3 * first, rel=1e-5)
+
+    peft_model = get_peft_model(copy.deepcopy(base_model), LoraConfig(r=2, lora_alpha=2, target_modules=["q_proj"],
+                                                                    init_lora_weights=False))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    before = q_norm(tmp_path / "adapter")
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    config["lora_alpha"] = 8  # scale ×4, weights untouched
+    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps(config))
+    assert q_norm(tmp_path / "adapter") == pytest.approx(4 * before, rel=1e-5)
+
+    keys = {p.name for p in cache.iterdir()}
+    monkeypatch.setattr(analysis_mod, "_code_digest", lambda: "other code")
+    analyze(base, tuned, cache_dir=cache, progress=False)
+    assert len({p.name for p in cache.iterdir()} - keys) == 1  # a new key: rows from other code are not reused
+    shutil.rmtree(cache)
+
+
+def test_an_unwritable_cache_is_given_up_with_a_warning(planted_pair, tmp_path):
+    blocked = tmp_path / "not-a-dir"
+    blocked.write_text("a file where the cache directory would go")
+    with pytest.warns(RuntimeWarning, match="cannot be written"):
+        result = analyze(*planted_pair, cache_dir=blocked, progress=False)
+    assert len(result.modules) == len(analyze(*planted_pair, cache_dir=False, progress=False).modules)

@@ -230,7 +230,10 @@ class AdapterSource:
     weights: CheckpointSource
 
     def fingerprint(self) -> dict[str, Any]:
+        """The weights' fingerprint, with the adapter config (its α, rank pattern, DoRA…) hashed in."""
         fp = self.weights.fingerprint()
+        config = json.dumps(self.config, sort_keys=True).encode()
+        fp["fingerprint"] = hashlib.sha256(fp["fingerprint"].encode() + config).hexdigest()[:16]
         fp["format"] = "peft-adapter"
         return fp
 
