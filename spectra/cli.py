@@ -130,6 +130,7 @@ def analyze(
     Under torchrun (`torchrun --nproc-per-node 4 $(which spectra) analyze BASE TUNED -o out`) the modules
     are shared across ranks and rank 0 writes the report.
     """
+    _writable(output)
     from spectra.analysis import AnalysisConfig
     from spectra.analysis import analyze as run_analysis
     from spectra.errors import ConfigError
@@ -265,6 +266,7 @@ def recommend(
     Examples: spectra recommend reports/run --budget 20M -o plan.json;
     spectra recommend reports/run --functional 0.01 --sweep reports/sweep -o plan.json
     """
+    _writable(output)
     import json
 
     from rich.console import Console
@@ -338,6 +340,7 @@ def extract(
     Examples: spectra extract BASE TUNED --rank 8 --roles q,k,v,o,up,down --modules-to-save classifier -o adapter/
               spectra extract BASE TUNED --plan plan.json -o adapter/
     """
+    _writable(output)
     from spectra.errors import ConfigError
     from spectra.lora.extract import extract_adapter
 
@@ -464,6 +467,7 @@ def train(
 
     Example: spectra train ./base --data train.jsonl --rank 8 --method dora -o adapter_dora/
     """
+    _writable(output)
     from spectra.lora.train import TrainConfig, train_adapter
 
     config = TrainConfig(method="full" if full else method, rank=rank, alpha=alpha, rslora=rslora,
@@ -509,6 +513,7 @@ def verify(
 
     Example: spectra verify ./base ./tuned --adapter adapter/ -o reports/verify1
     """
+    _writable(output)
     from spectra.errors import ConfigError
     from spectra.lora.verify import VerifyConfig, rank_sweep, verify_adapter
 
@@ -629,6 +634,7 @@ def sweep(
 
     Example: spectra sweep ./base ./tuned --data eval.jsonl --ranks 1,2,4,8,16,32,64 --epsilon 0.01 -o reports/sweep1
     """
+    _writable(output)
     from spectra.errors import ConfigError
     from spectra.ranks import RankPolicy, functional_ranks, load_plan, recommend_ranks, save_plan
     from spectra.sweep import SweepConfig, truncation_sweep
@@ -708,6 +714,20 @@ def _natural(name: str) -> list:
     return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", name)]
 
 
+def _writable(output: Path | None) -> None:
+    """Refuse, before any work, an output whose nearest existing folder cannot be written."""
+    from spectra.errors import ConfigError
+
+    if output is None:
+        return
+    folder = output.parent if not output.exists() else output
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if folder.exists() and not (folder.is_dir() and os.access(folder, os.W_OK)):
+        raise ConfigError(f"cannot write {output}: {folder} is not a folder this user may write to. Choose another "
+                          "-o/--output.")
+
+
 def _split(value: str | None) -> tuple[str, ...] | None:
     if value is None:
         return None
@@ -751,7 +771,7 @@ def main() -> None:
 
     try:
         app()
-    except SpectraError as err:
+    except (SpectraError, OSError) as err:  # OSError: a path that cannot be read or written, named in the message
         if _state["debug"]:
             raise
         typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)

@@ -152,3 +152,30 @@ def test_module_table_orders_layers_naturally_and_prints_names_literally():
     rows = [line for line in text.splitlines() if line.startswith("│")]
     assert [r.split("│")[1].strip() for r in rows] == ["2.attn.c_attn[q]", "2.mlp.up", "10.mlp.up"]
     assert "t [bold]x[/bold]" in text and "┃ model.layers.… " in text
+
+
+def test_paths_that_cannot_be_written_or_read_give_one_error_line(tmp_path):
+    """Unwritable outputs are refused before any work; a non-UTF-8 data file and edited JSON are named."""
+    import subprocess
+    import sys
+
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    run = lambda *args: subprocess.run([sys.executable, "-m", "spectra.cli", *args], capture_output=True,  # noqa: E731
+                                       text=True)
+    out = run("analyze", str(tmp_path / "nothing"), str(tmp_path / "nothing"), "-o", str(blocker / "report"))
+    assert out.returncode == 2 and "cannot write" in out.stderr and "Traceback" not in out.stderr
+    edited = tmp_path / "analysis.json"
+    edited.write_text('{"schema_version": 1, "modules": []}')
+    out = run("show", str(edited))
+    assert out.returncode == 2 and "not an analysis spectra wrote" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_data_that_is_not_text_is_named(tmp_path):
+    from spectra.errors import ConfigError
+    from spectra.lora.data import read_records
+
+    binary = tmp_path / "weights.txt"
+    binary.write_bytes(bytes(range(128, 256)))
+    with pytest.raises(ConfigError, match="not UTF-8 text"):
+        read_records(binary, task="causal_lm")

@@ -122,12 +122,12 @@ def read_records(path: str | Path, *, task: str) -> list[dict]:
         if task == "seq_cls":
             raise ConfigError(f"data file {path}: classification needs a .jsonl file of "
                               '{"text": ..., "label": ...} records, not plain text.')
-        text = path.read_text(encoding="utf-8")
+        text = _read_text(path)
         if not text.strip():
             raise ConfigError(f"data file {path} is empty.")
         return [{"text": text, "stream": True}]
     records = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for number, line in enumerate(_read_text(path).splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -322,6 +322,14 @@ def batches(data: TokenizedData, batch_size: int, *, generator: torch.Generator 
 def _check_task(task: str) -> None:
     if task not in TASKS:
         raise ConfigError(f"task {task!r} is not one of {', '.join(TASKS)}.")
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"data file {path} is not UTF-8 text ({err.reason} at byte {err.start}); pass a .txt "
+                          "file or a .jsonl file of records.") from None
 
 
 # ---------------------------------------------------------------------------- one call

@@ -20,7 +20,7 @@ import math
 import os
 import re
 import shutil
-import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -397,14 +397,17 @@ def _peft_version() -> str | None:
 def _write_atomically(out_dir: Path, tensors: dict[str, torch.Tensor], config: dict, *, overwrite: bool) -> None:
     from safetensors.torch import save_file
 
+    from spectra.report.render import _move_into_place  # the one atomic swap, shared with reports
+
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"{out_dir} is a file; an adapter is a directory. Choose another -o.")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{time.time_ns():x}"
+    tmp.mkdir()  # plain mkdir: the umask's permissions, not mkdtemp's owner-only 0700
     try:
         save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
         (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2))
-        if out_dir.exists() and overwrite:
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
+        _move_into_place(tmp, out_dir)  # an old adapter is set aside, and put back if the swap fails
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

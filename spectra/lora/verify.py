@@ -555,11 +555,18 @@ def rank_sweep(base, tuned, data, *, ranks, methods=("lora",), adapters_dir, tra
     if "full" in methods:
         raise ConfigError("a rank sweep trains adapters; method 'full' has no rank (use lora, dora, qlora, qdora).")
     train_config = train_config or TrainConfig()
+    # every run's options are checked before the first trains: a bad method fails now, not after hours
+    planned = {(method, rank): replace(train_config, method=method, rank=rank, plan=None)
+               for method in methods for rank in ranks}
+    existing = [f"{m}-r{r}" for m, r in planned if (Path(adapters_dir) / f"{m}-r{r}").exists()]
+    if existing and not overwrite:
+        raise ConfigError(f"{adapters_dir} already holds {', '.join(existing[:4])}; pass overwrite=True (--overwrite) "
+                          "or another adapters directory.")
     runs, reference, vectors = [], None, {}
     for method in methods:
         for rank in ranks:
             folder = Path(adapters_dir) / f"{method}-r{rank}"
-            cfg = replace(train_config, method=method, rank=rank, plan=None)
+            cfg = planned[(method, rank)]
             trained = train_adapter(base, data, cfg, folder, eval_data=eval_data, overwrite=overwrite,
                                     progress=progress)
             result = verify_adapter(base, tuned, folder, eval_data=eval_data, config=verify_config,

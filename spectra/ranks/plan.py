@@ -283,6 +283,8 @@ def save_plan(plan: RankPlan, path: str | os.PathLike) -> Path:
     plan's own names), for users who copy it into their training script; it is not read back.
     """
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path} is a directory; the plan is a file, e.g. {path / 'plan.json'}.")
     path.parent.mkdir(parents=True, exist_ok=True)
     data = plan.to_dict()
     if plan.modules:
@@ -292,6 +294,9 @@ def save_plan(plan: RankPlan, path: str | os.PathLike) -> Path:
         with os.fdopen(fd, "w") as fh:
             json.dump(data, fh, indent=2)
             fh.write("\n")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # as a plain open() would create it, not mkstemp's owner-only 0600
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
