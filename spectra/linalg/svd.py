@@ -218,15 +218,18 @@ def full_svd(
     Returns
     -------
     Spectrum
-        ``complete=True``; ``method`` is ``"full-gram"`` (values only on CPU: float64
-        Gram matrix of the short side + LAPACK ``syevr``), ``"full-gesdd"`` (CPU with
-        vectors: LAPACK divide and conquer) or ``"full-torch"`` (other devices).
+        ``complete=True``; ``method`` is ``"full-gram"`` (values only on CPU from data
+        below float64: float64 Gram matrix of the short side + LAPACK ``syevd``),
+        ``"full-gesdd"`` (CPU with vectors, or float64 data: LAPACK divide and conquer) or
+        ``"full-torch"`` (other devices).
 
     Notes
     -----
     The Gram route squares the condition number, but in float64 from float32 data it
     keeps a relative error ≲ 1e-7 on every σᵢ ≥ 1e-4·σ₁; values far below
-    ~1e-7·σ₁ are rounding-level and returned as they come (clipped at 0).
+    ~1e-7·σ₁ are rounding-level and returned as they come (clipped at 0). Float64 data
+    would lose its own accuracy there (σ = 1e-12·σ₁ came back 2.4e-9·σ₁), so it goes
+    through gesdd.
     """
     energy = _check_matrix(M)
     work = _work_dtype(M, dtype)
@@ -243,12 +246,15 @@ def _full_svd(M: torch.Tensor, *, compute_vectors: bool, work: torch.dtype,
             U, S, Vh = torch.linalg.svd(A, full_matrices=False)
             return Spectrum(S, energy, shape, "full-torch", U=U, Vh=Vh)
         return Spectrum(torch.linalg.svdvals(A), energy, shape, "full-torch")
-    if compute_vectors:
+    if compute_vectors or M.dtype == torch.float64:  # float64 data keeps float64 accuracy: no squared condition
         import scipy.linalg
 
         A = M.detach().to(work).numpy()
-        U, S, Vh = scipy.linalg.svd(A, full_matrices=False, lapack_driver="gesdd", check_finite=False)
         to = lambda x: torch.from_numpy(np.ascontiguousarray(x))  # noqa: E731
+        if not compute_vectors:
+            S = scipy.linalg.svd(A, compute_uv=False, lapack_driver="gesdd", check_finite=False)
+            return Spectrum(to(S), energy, shape, "full-gesdd")
+        U, S, Vh = scipy.linalg.svd(A, full_matrices=False, lapack_driver="gesdd", check_finite=False)
         return Spectrum(to(S), energy, shape, "full-gesdd", U=to(U), Vh=to(Vh))
     S = _gram_svdvals(M)  # (min(out, in),) float64
     return Spectrum(S.to(work), energy, shape, "full-gram")

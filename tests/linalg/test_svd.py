@@ -306,3 +306,15 @@ def test_frobenius_energy_is_the_float64_sum(make):
     reference = float(np.sum(M.double().numpy().astype(np.float64) ** 2))
     assert frobenius_energy(M) == pytest.approx(reference, rel=1e-13)
     assert frobenius_energy(M[:0]) == 0.0
+
+
+def test_float64_data_keeps_float64_accuracy_down_the_spectrum():
+    """The Gram route squares the condition number: fine for float32 data, not for float64 data."""
+    g = torch.Generator().manual_seed(0)
+    U = torch.linalg.qr(torch.randn(60, 60, generator=g, dtype=torch.float64))[0]
+    V = torch.linalg.qr(torch.randn(80, 60, generator=g, dtype=torch.float64))[0]
+    s = torch.logspace(0, -12, 60, dtype=torch.float64)
+    F = full_svd((U * s) @ V.T)
+    assert F.method == "full-gesdd" and F.values.dtype == torch.float64
+    assert float(((F.values - s).abs() / s).max()) < 1e-4  # down to σ = 1e-12·σ₁
+    assert full_svd(((U * s) @ V.T).float()).method == "full-gram"  # float32 data: the fast route
