@@ -114,6 +114,8 @@ def extract_adapter(base, tuned, plan_or_rank, out_dir: str | os.PathLike, *, ro
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise ConfigError(f"adapter directory {out_dir} exists; pass overwrite=True (CLI: --overwrite) or another -o.")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"{out_dir} is a file; an adapter is a directory. Choose another -o.")
     targets, use_rslora, plan = _targets(plan_or_rank, alpha, rslora)
     pairing = Pairing(base, tuned, PairingOptions(split_fused=False, vectors=False, device=device))
     selected = _select(pairing, targets, roles if targets is None else None)
@@ -173,7 +175,7 @@ def extract_adapter(base, tuned, plan_or_rank, out_dir: str | os.PathLike, *, ro
 
     config = _peft_config(ranks, use_rslora, list(saved_names.values()), pairing) | (
         {"ensure_weight_tying": True} if tied else {})
-    _write_atomically(out_dir, tensors, config, overwrite=overwrite)
+    _write_atomically(out_dir, tensors, config)
     return ExtractResult(out_dir, results, sorted({n.rsplit(".", 1)[0] for n in save_names}), config)
 
 
@@ -222,7 +224,7 @@ def _select(pairing: Pairing, targets, roles):
 
 
 def _model_names(entries, model, source, targets: dict | None = None) -> dict[str, str]:
-    """Checkpoint module name → the name of that module in the model class, for every entry and saved tensor.
+    """Entry name → the name of its module in the model class (the adapter's keys and targets).
 
     Adapter keys must use the model's module names, which may differ from the checkpoint's:
     a prefix (the original GPT-2 checkpoint stores ``h.0.attn.c_attn``, ``GPT2LMHeadModel``
@@ -266,7 +268,7 @@ def _model_names(entries, model, source, targets: dict | None = None) -> dict[st
 def _saved_names(saved_modules: list[str], model) -> dict[str, str]:
     """Modules saved whole: checkpoint name → the model's (kept when unresolved: PEFT matches them by suffix)."""
     modules = [] if model is None else [name for name, _ in model.named_modules() if name]
-    return {m: (_resolve(m, modules) or m) if modules else m for m in saved_modules}
+    return {m: _resolve(m, modules) or m for m in saved_modules}
 
 
 def _resolve(name: str, modules: list[str]) -> str | None:
@@ -306,7 +308,7 @@ def _tied_head(save_names: list[str], pairing: Pairing, model) -> tuple[str, str
         return None
     modules = {id(m): name for name, m in model.named_modules()}
     embed, head = modules.get(id(model.get_input_embeddings())), modules.get(id(model.get_output_embeddings()))
-    saved = [n for n in save_names if n.removesuffix(".weight") == embed or n.removesuffix(".weight").endswith("." + embed)]
+    saved = [n for n in save_names if _resolve(n.removesuffix(".weight"), [embed]) is not None]
     return (head, saved[0]) if head and saved else None
 
 
@@ -394,13 +396,11 @@ def _peft_version() -> str | None:
         return None
 
 
-def _write_atomically(out_dir: Path, tensors: dict[str, torch.Tensor], config: dict, *, overwrite: bool) -> None:
+def _write_atomically(out_dir: Path, tensors: dict[str, torch.Tensor], config: dict) -> None:
     from safetensors.torch import save_file
 
     from spectra.report.render import _move_into_place  # the one atomic swap, shared with reports
 
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ConfigError(f"{out_dir} is a file; an adapter is a directory. Choose another -o.")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{time.time_ns():x}"
     tmp.mkdir()  # plain mkdir: the umask's permissions, not mkdtemp's owner-only 0700
