@@ -171,6 +171,9 @@ def label_ids(records: Sequence[Mapping], *, label2id: Mapping[str, int] | None 
         names = [name for name, _ in sorted(label2id.items(), key=lambda kv: kv[1])]
         return [int(label2id[v]) for v in raw], names
     names = sorted(set(raw))
+    if len(names) < 2 and num_labels is None:
+        raise ConfigError(f"{source}: every record has the label {names[0]!r}; classification needs at least two "
+                          "classes (with one, transformers would train a regressor).")
     index = {name: i for i, name in enumerate(names)}
     return [index[v] for v in raw], names
 
@@ -239,8 +242,10 @@ def tokenize(records: Sequence[Mapping], tokenizer, *, task: str, max_length: in
             # a text file: one stream, cut into blocks; a short tail (< 2 tokens) cannot be trained on
             ids += [tokens[i:i + max_length] for i in range(0, len(tokens), max_length)
                     if len(tokens[i:i + max_length]) >= 2]
-        else:
+        elif task == "seq_cls":
             ids.append(tokens[:max_length] or [tokenizer.pad_token_id])
+        elif len(tokens) >= 2:  # language modelling needs a next token to predict
+            ids.append(tokens[:max_length])
     if task == "seq_cls" and (labels is None or len(labels) != len(ids)):
         raise ConfigError("classification data needs one label per record.")
     if not ids:
@@ -387,9 +392,8 @@ def tokenize_file(path, tokenizer, *, task: str, max_length: int, label_names: S
     """Tokenise an eval file, mapping string labels through ``label_names`` (the training labels)."""
     records = read_records(path, task=task)
     labels = None
-    if task == "seq_cls":
-        numeric = label_names is None or list(label_names) == [str(i) for i in range(len(label_names))]
-        mapping = None if numeric else {n: i for i, n in enumerate(label_names)}
+    if task == "seq_cls":  # string labels go through the training names, "0", "1", … included
+        mapping = None if label_names is None else {n: i for i, n in enumerate(label_names)}
         labels, _ = label_ids(records, label2id=mapping, num_labels=None if label_names is None else len(label_names),
                               source=str(path))
     return tokenize(records, tokenizer, task=task, max_length=max_length, labels=labels)

@@ -396,13 +396,13 @@ def train_adapter(base, data, config: TrainConfig | None = None, out_dir=None, *
     model = load_model(base, task=task, num_labels=len(label_names) if label_names else None,
                        quantize=config.quantized, compute_dtype=config.compute_dtype, label_names=label_names,
                        device=config.device)
-    if task == "causal_lm" or model.config.pad_token_id is None:
-        model.config.pad_token_id = tokenizer.pad_token_id
+    model.config.pad_token_id = tokenizer.pad_token_id  # batches pad with it; a classifier pools before it
     model = wrap_model(model, config, task=task)
     teacher = None
     if config.teacher is not None:
         teacher = load_model(config.teacher, task=task, num_labels=len(label_names) if label_names else None,
                              device=config.device).eval()
+        teacher.config.pad_token_id = tokenizer.pad_token_id
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = out.parent / f".{out.name}.tmp-{time.time_ns():x}"
     staging.mkdir()
@@ -447,6 +447,7 @@ def _train(model, teacher, train: TokenizedData, held_out: TokenizedData | None,
                 loss.backward()
                 if config.grad_clip:
                     torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+                rate = optimizer.param_groups[0]["lr"]  # the rate this step uses (the schedule moves on below)
                 optimizer.step()
                 schedule.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -455,7 +456,7 @@ def _train(model, teacher, train: TokenizedData, held_out: TokenizedData | None,
                 result.losses.append(value)
                 result.steps += 1
                 log.write(json.dumps({"step": result.steps, "epoch": epoch, "loss": value,
-                                      "lr": schedule.get_last_lr()[0]}) + "\n")
+                                      "lr": rate}) + "\n")
                 bar.update()
                 bar.set_postfix(loss=f"{value:.4f}")
                 if held_out is not None and config.eval_every and result.steps % config.eval_every == 0:
@@ -526,6 +527,8 @@ def evaluate(model, data: TokenizedData, *, batch_size: int = 32) -> dict:
         correct += int((flat_logits[keep].argmax(-1) == flat_labels[keep]).sum())
         count += int(keep.sum())
     model.train(was_training)
+    if count == 0:
+        raise ConfigError("the eval data holds no target (no example of at least 2 tokens); add or lengthen text.")
     unit = "tokens" if data.task == "causal_lm" else "examples"
     return {"loss": loss_sum / max(count, 1), "accuracy": correct / max(count, 1), unit: count}
 

@@ -427,8 +427,7 @@ def evaluate_models(base, tuned, adapter_src, eval_data, truncated: dict, *, con
         torch.manual_seed(config.seed)  # a head new to a bare base is initialised from the seed
         model = load_model(base, task=task, num_labels=num_labels, quantize=quantize, compute_dtype=compute,
                            label_names=labels, device=config.device)
-        if model.config.pad_token_id is None:
-            model.config.pad_token_id = tokenizer.pad_token_id
+        model.config.pad_token_id = tokenizer.pad_token_id  # batches pad with it; a classifier pools before it
         return model
 
     builders = {
@@ -441,8 +440,7 @@ def evaluate_models(base, tuned, adapter_src, eval_data, truncated: dict, *, con
     for name, build in builders.items():
         if name not in evals:
             model = build()
-            if model.config.pad_token_id is None:
-                model.config.pad_token_id = tokenizer.pad_token_id
+            model.config.pad_token_id = tokenizer.pad_token_id  # batches pad with it; a classifier pools before it
             evals[name] = evaluate(model, data, batch_size=config.batch_size)
             del model
     return evals

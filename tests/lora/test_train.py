@@ -109,3 +109,54 @@ def test_group_by_length_is_seeded_and_changes_the_batches(llama_base, tmp_path)
         assert json.loads((out / "spectra_train.json").read_text())["config"]["group_by_length"] is grouped
     assert runs["a"] == runs["b"]
     assert runs["a"] != runs["plain"]  # other batches, another adapter
+
+
+def test_a_classifier_pools_where_its_batches_pad(tmp_path):
+    """A checkpoint whose config.pad_token_id (7) is not the tokenizer's: eval must equal the unpadded examples."""
+    import torch
+    import transformers as tf
+    from peft import PeftModel
+
+    from spectra.lora.data import prepare_data
+    from tests.models import tiny_config
+
+    config = tiny_config("llama")
+    config.pad_token_id = 7
+    torch.manual_seed(0)
+    tf.LlamaForCausalLM(config).save_pretrained(tmp_path / "base")
+    rows = lambda n, w: "".join(json.dumps({"text": ("good" if i % 2 else "bad") + w * (i % 7),  # noqa: E731
+                                            "label": ["neg", "pos"][i % 2]}) + "\n" for i in range(n))
+    (tmp_path / "train.jsonl").write_text(rows(24, " x"))
+    (tmp_path / "eval.jsonl").write_text(rows(10, " y"))
+    result = train_adapter(tmp_path / "base", tmp_path / "train.jsonl", TrainConfig(rank=2, batch_size=8, lr=5e-3),
+                           tmp_path / "ad", eval_data=tmp_path / "eval.jsonl", progress=False)
+    _, _, held, _, _ = prepare_data(tmp_path / "base", tmp_path / "train.jsonl", eval_data=tmp_path / "eval.jsonl")
+    torch.manual_seed(0)
+    model = tf.AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "base"), num_labels=2)
+    model = PeftModel.from_pretrained(model, str(tmp_path / "ad")).eval()
+    with torch.no_grad():  # one example at a time: nothing to pool past
+        losses = [float(torch.nn.functional.cross_entropy(model(input_ids=torch.tensor([x])).logits, torch.tensor([y])))
+                  for x, y in zip(held.ids, held.labels)]
+    assert result.final_eval["loss"] == pytest.approx(sum(losses) / len(losses), rel=1e-5)
+
+
+def test_labels_log_rate_and_short_examples(llama_base, tmp_path):
+    from spectra.lora.data import prepare_data
+
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps({"text": f"item {i}", "label": str(i % 3)}) + "\n" for i in range(12)))
+    held = tmp_path / "eval.jsonl"
+    held.write_text("".join(json.dumps({"text": f"item {i}", "label": str(1 + i % 2)}) + "\n" for i in range(4)))
+    _, _, tokens, names, _ = prepare_data(llama_base, train, eval_data=held)
+    assert names == ["0", "1", "2"] and tokens.labels == [1, 2, 1, 2]  # "1" stays class 1, not the eval file's 0
+    one = tmp_path / "one.jsonl"
+    one.write_text("".join(json.dumps({"text": f"item {i}", "label": "pos"}) + "\n" for i in range(4)))
+    with pytest.raises(ConfigError, match="at least two classes"):
+        prepare_data(llama_base, one)
+    short = tmp_path / "short.jsonl"  # one-character texts have no next token to predict
+    short.write_text("".join(json.dumps({"text": t}) + "\n" for t in ("a", "b", "a longer text", "another text")))
+    config = TrainConfig(rank=2, batch_size=2, max_length=16, eval_fraction=0.0, warmup_ratio=0.5, lr=1e-3)
+    result = train_adapter(llama_base, short, config, tmp_path / "ad", progress=False)
+    assert result.steps == 1 and all(loss == loss for loss in result.losses)  # no NaN step
+    logged = [json.loads(x) for x in (tmp_path / "ad" / "training_log.jsonl").read_text().splitlines()]
+    assert logged[0]["lr"] == pytest.approx(1e-3 / (0 + 1))  # the rate step 1 used: warm-up 0 steps of 1
