@@ -336,9 +336,11 @@ class ModuleCache:
             return None
         path = self._path(entry_name)
         try:
-            return json.loads(path.read_text())
+            rows = json.loads(path.read_text())
         except (OSError, ValueError):
             return None
+        valid = isinstance(rows, list) and all(isinstance(r, dict) and "name" in r for r in rows)
+        return rows if valid else None  # anything else (an edited or foreign file) is recomputed
 
     def put(self, entry_name: str, rows: list[dict]) -> None:
         if self.dir is None:

@@ -386,3 +386,11 @@ def test_an_unwritable_cache_is_given_up_with_a_warning(planted_pair, tmp_path):
     with pytest.warns(RuntimeWarning, match="cannot be written"):
         result = analyze(*planted_pair, cache_dir=blocked, progress=False)
     assert len(result.modules) == len(analyze(*planted_pair, cache_dir=False, progress=False).modules)
+
+
+def test_a_cache_entry_that_is_not_rows_is_recomputed(planted_pair, tmp_path):
+    first = analyze(*planted_pair, cache_dir=tmp_path, progress=False).modules
+    (entry,) = [p for p in next(tmp_path.iterdir()).iterdir() if "q_proj" in p.name][:1]
+    entry.write_text("[1, 2]")  # valid JSON, not rows
+    again = analyze(*planted_pair, cache_dir=tmp_path, progress=False).modules
+    assert len(again) == len(first) and strip_timing(again) == strip_timing(first)
