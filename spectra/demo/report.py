@@ -31,8 +31,8 @@ def write_demo_report(summary: Mapping, analysis: Mapping, sweep: Mapping, out_d
 def headline(s: Mapping) -> str:
     """The rank picture in three sentences, from the numbers."""
     roles = [r for r in s["roles"] if r.get("energy_rank_0.9") is not None]
-    share = sorted(r["energy_rank_0.9"] / r["full_rank"] for r in roles if r["full_rank"])
-    median = share[len(share) // 2] if share else float("nan")
+    median = (s.get("modules") or {}).get("share_0.9")  # over modules, not over the roles' medians
+    median = float("nan") if median is None else median
     rank = s["recommended_rank"]
     acc = {k: (v or {}).get("accuracy") for k, v in s["evals"].items()}
     lora = s["adapters"].get("lora", {})
@@ -83,8 +83,7 @@ def demo_blocks(s: Mapping, *, figures: list[str]) -> list[tuple]:
     ]
     func = s.get("functional")
     if func:
-        energy90 = [r["energy_rank_0.9"] for r in s["roles"] if r.get("energy_rank_0.9") is not None]
-        median90 = sorted(energy90)[len(energy90) // 2] if energy90 else None
+        median90 = (s.get("modules") or {}).get("energy_rank_0.9")  # over modules
         blocks += [
             ("h", 2, "6. Energy rank vs functional rank"),
             ("p", f"Energy counts the directions that hold 90% of ‖ΔW‖² (median {_num(median90)} per module); the "

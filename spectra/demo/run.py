@@ -239,6 +239,8 @@ def _sweep(base, tuned, data, config: DemoConfig, recommended: int, work: Path, 
 
 
 def _summary(analysis, uniform, per_module, verified, sweep, config, base, rank) -> dict:
+    import numpy as np
+
     from spectra.memory import estimate_memory
     from spectra.report.tables import summary_rows
 
@@ -246,6 +248,12 @@ def _summary(analysis, uniform, per_module, verified, sweep, config, base, rank)
               "energy_rank_0.9": (r.get("energy_rank_0.9") or {}).get("median"),
               "noise_rank": (r.get("noise_rank") or {}).get("median"),
               "effective_rank": (r.get("effective_rank") or {}).get("median")} for r in summary_rows(analysis.to_dict())]
+    rows = [r for r in analysis.matrices() if r.get("energy_rank", {}).get("0.9") is not None]
+    split = {r["fused_name"] for r in rows if r.get("fused_name")}
+    rows = [r for r in rows if r["name"] not in split]  # a fused tensor once, through its projections
+    ranks = [r["energy_rank"]["0.9"] for r in rows]
+    over_modules = {"energy_rank_0.9": float(np.median(ranks)), "energy_rank_0.9_range": [min(ranks), max(ranks)],
+                    "share_0.9": float(np.median([k / min(r["shape"]) for k, r in zip(ranks, rows)]))} if rows else {}
     memory = {}
     for method in ("lora", "qlora", "dora"):
         try:
@@ -267,7 +275,7 @@ def _summary(analysis, uniform, per_module, verified, sweep, config, base, rank)
         "uniform_plan": {"rank": rank, "params": uniform.total_params, "energy": uniform.total_energy},
         "per_module_plan": {"params": per_module.total_params, "energy": per_module.total_energy,
                             "ranks": {m.name: m.rank for m in per_module.modules}},
-        "roles": roles, "memory": memory, "evals": evals,
+        "roles": roles, "modules": over_modules, "memory": memory, "evals": evals,
         "adapters": {m: {"captured_energy": v["summary"].get("captured_energy"),
                          "optimal_energy": v["summary"].get("optimal_energy"), "phi": v["summary"].get("phi")}
                      for m, v in verified.items()},

@@ -19,6 +19,7 @@ from matplotlib.ticker import MaxNLocator
 
 from spectra.report.tables import (
     energy_curve,
+    format_value,
     full_rank,
     matrix_rows,
     number,
@@ -273,7 +274,7 @@ def _finish_panel(ax, role: str, members: list[dict], drawn: int) -> None:
     """Panel title with the role's median energy-90% rank; a note where nothing could be drawn."""
     median = stats(number((r.get("energy_rank") or {}).get("0.9")) for r in members)
     full = int(np.median([full_rank(r) for r in members]))
-    rank = "–" if median is None else f"{median['median']:.0f}"
+    rank = "–" if median is None else format_value(median["median"], "rank")  # as the tables print it
     ax.set_title(f"{role}: {len(members)} module{'s' * (len(members) != 1)}, "
                  f"median E90 rank {rank} of {full}", fontsize=10)
     if not drawn:
@@ -331,10 +332,13 @@ def _heatmap(rows: list[dict], value, *, label: str, title: str, fmt: str) -> Fi
 
 
 def _color_norm(grid: np.ndarray) -> Normalize:
-    """A log norm when the positive values span two decades or more, a linear one otherwise."""
+    """A log norm when the values are all positive and span two decades or more, a linear one otherwise.
+
+    A log norm masks zeros, which would then be drawn in the grey that means "no such module".
+    """
     finite = grid[np.isfinite(grid)]
     positive = finite[finite > 0]
-    if positive.size and positive.max() / positive.min() >= 100:
+    if positive.size == finite.size and positive.size and positive.max() / positive.min() >= 100:
         return LogNorm(vmin=positive.min(), vmax=positive.max())
     low = float(finite.min()) if finite.size else 0.0
     high = float(finite.max()) if finite.size else 1.0

@@ -264,7 +264,7 @@ def role_table(analysis: Mapping) -> tuple[list[str], list[list[str]]]:
 
 _MODULE_METRICS = ("energy_rank_0.5", "energy_rank_0.9", "energy_rank_0.99", "effective_rank",
                    "stable_rank", "gd_rank", "noise_rank", "relative_size", "decay_exponent",
-                   "activation_rank_0.9")
+                   "activation_rank_0.9", "activation_rank_0.99")
 
 
 def module_table(analysis: Mapping) -> tuple[list[str], list[list[str]]]:
