@@ -301,6 +301,7 @@ def rank_picture(analysis: Mapping) -> str:
     """
     rows = matrix_rows(analysis)
     split = {r["fused_name"] for r in rows if r.get("fused_name")}
+    whole_roles = {r["role"] for r in rows if r["name"] in split} - {r["role"] for r in rows if r["name"] not in split}
     rows = [r for r in rows if r["name"] not in split]  # a fused tensor counts once: through its projections
     shares = stats(_share90(r) for r in rows)
     ranks = stats(_energy("0.9")(r) for r in rows)
@@ -312,7 +313,8 @@ def rank_picture(analysis: Mapping) -> str:
         f"Across {len(rows)} {'modules (fused tensors by projection)' if split else 'weight matrices'}, a median of {format_value(ranks['median'], 'rank')} singular "
         f"directions hold 90% of the update's energy, {shares['median']:.1%} of the full rank{spread}."
     )
-    by_role = [(entry["role"], entry["energy_rank_0.9_share"]) for entry in summary_rows(analysis)]
+    by_role = [(entry["role"], entry["energy_rank_0.9_share"]) for entry in summary_rows(analysis)
+               if entry["role"] not in whole_roles]  # qkv/gate_up read through their q, k, v / gate, up
     by_role = sorted(((role, s["median"]) for role, s in by_role if s is not None), key=lambda item: item[1])
     parts = ", ".join(f"{role} {share:.1%}" for role, share in by_role)
     second = f"By role, the median energy-90% rank as a share of full rank runs from lowest to highest: {parts}."

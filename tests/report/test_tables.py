@@ -80,7 +80,10 @@ def test_rank_picture_states_the_medians(analysis):
     assert f"a median of {tables.format_value(median, 'rank')} singular" in text
     assert f"{share:.1%} of the full rank" in text
     assert text.count(". ") == 1 and text.endswith(".")  # two sentences
-    order = [r["role"] for r in sorted(summary_rows(analysis), key=lambda r: r["energy_rank_0.9_share"]["median"])]
+    whole = {r["role"] for r in matrix_rows(analysis) if r["name"] in split}  # qkv: read through q, k, v
+    order = [r["role"] for r in sorted(summary_rows(analysis), key=lambda r: r["energy_rank_0.9_share"]["median"])
+             if r["role"] not in whole]
+    assert all(f" {role} " not in text[text.index("By role"):] for role in whole)
     positions = [text.index(f" {role} ", text.index("By role")) for role in order]
     assert positions == sorted(positions)
 
