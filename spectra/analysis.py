@@ -245,7 +245,8 @@ def analyze_delta(d: DeltaW, config: AnalysisConfig) -> dict[str, Any]:
     row["effective_rank"] = (metrics.effective_rank(positive) if positive.numel() else 0.0) if whole else None
     row["stable_rank"] = metrics.stable_rank(spec, total_energy=spec.total_energy) if fro else 0.0
     row["participation_ratio"] = metrics.participation_ratio(spec, total_energy=spec.total_energy) if fro else 0.0
-    row["nuclear_fro_ratio"] = (metrics.nuclear_frobenius_ratio(positive) if positive.numel() else 0.0) if whole else None
+    row["nuclear_fro_ratio"] = ((metrics.nuclear_frobenius_ratio(positive) if positive.numel() else 0.0)
+                                if whole else None)
     # Singular values below σ₁·max(m, n)·eps(float32) are round-off of the decomposition itself
     # (numpy.linalg.matrix_rank's default tolerance): no threshold may count them as signal.
     numerical = float(values[0]) * max(d.shape) * torch.finfo(torch.float32).eps if values.numel() else 0.0
@@ -373,8 +374,8 @@ def _code_digest() -> str:
     """Hash of the source that computes rows: rows cached by other code are never reused."""
     root = Path(__file__).parent
     h = hashlib.sha256()
-    for file in sorted([root / "analysis.py", root / "calibration.py", *root.glob("linalg/*.py"),
-                        *root.glob("checkpoints/*.py")]):
+    for file in sorted([root / "analysis.py", root / "calibration.py", root / "lora" / "data.py",
+                        *root.glob("linalg/*.py"), *root.glob("checkpoints/*.py")]):
         h.update(file.name.encode() + file.read_bytes())
     return h.hexdigest()[:16]
 

@@ -21,8 +21,8 @@ from typing import Any
 import torch
 
 from spectra.checkpoints.adapter import AdapterDelta, plan_adapter
-from spectra.checkpoints.architectures import (ROLES, IN_OUT_EXPERT_MODEL_TYPES, ModuleInfo, Projection, fused_projections,
-                                              is_conv1d, module_info)
+from spectra.checkpoints.architectures import (IN_OUT_EXPERT_MODEL_TYPES, ROLES, ModuleInfo, Projection,
+                                              fused_projections, is_conv1d, module_info)
 from spectra.checkpoints.names import compile_name_filter, match_names
 from spectra.checkpoints.source import AdapterSource, open_checkpoint
 from spectra.errors import ConfigError, NonFiniteWeightError, PairingError
