@@ -519,6 +519,10 @@ def verify(
 
     if (adapter is None) == (sweep is None):
         raise ConfigError("pass either --adapter ADAPTER_DIR (check one adapter) or --sweep RANKS with --data.")
+    sweep_only = [flag for flag, given in (("--data", data), ("--plan", plan), ("--recommended", recommended))
+                  if given is not None]
+    if adapter is not None and sweep_only:
+        raise ConfigError(f"{', '.join(sweep_only)} only apply to --sweep; with --adapter, leave them out.")
     if output.exists() and not overwrite:
         raise ConfigError(f"output directory {output} exists; pass --overwrite to replace it or choose another -o.")
     vconfig = VerifyConfig(seed=seed, device=device)

@@ -181,6 +181,9 @@ def test_cli_verify_writes_the_report(trio, tmp_path):
     assert "could capture" in result.output
     again = CliRunner().invoke(app, ["verify", str(base), str(tuned), "--adapter", str(adapter), "-o", str(out)])
     assert again.exit_code != 0  # refuses to overwrite
+    ignored = CliRunner().invoke(app, ["verify", str(base), str(tuned), "--adapter", str(adapter), "-o",
+                                       str(tmp_path / "other"), "--recommended", "4"])
+    assert ignored.exit_code != 0 and "only apply to --sweep" in str(ignored.exception)  # not silently ignored
 
 
 def test_cli_train_and_sweep(llama_base, text_data, tmp_path):
