@@ -719,12 +719,12 @@ def _natural(name: str) -> list:
 
 
 def _writable(output: Path | None) -> None:
-    """Refuse, before any work, an output whose nearest existing folder cannot be written."""
+    """Refuse, before any work, an output whose folder cannot be written (outputs are staged beside it, then renamed)."""
     from spectra.errors import ConfigError
 
     if output is None:
         return
-    folder = output.parent if not output.exists() else output
+    folder = output.absolute().parent
     while not folder.exists() and folder != folder.parent:
         folder = folder.parent
     if folder.exists() and not (folder.is_dir() and os.access(folder, os.W_OK)):

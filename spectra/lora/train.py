@@ -202,11 +202,14 @@ def model_dir(spec) -> Path:
 
 
 def load_model(spec, *, task: str, num_labels: int | None = None, quantize: bool = False,
-               compute_dtype: str = "float32", label_names: list[str] | None = None, device: str = "cpu"):
+               compute_dtype: str = "float32", label_names: list[str] | None = None, device: str = "cpu",
+               pad_token_id: int | None = None):
     """Load a checkpoint as a causal LM or sequence classifier in float32 (or NF4 4-bit) on ``device``.
 
     A missing or resized classification head is initialised from the current torch
-    seed, so seed first for a reproducible head.
+    seed, so seed first for a reproducible head. ``pad_token_id``: the id the batches are
+    padded with (the tokenizer's), set in the model's config — a classifier pools at the
+    last token before it, so the two must agree.
     """
     import transformers as tf
 
@@ -227,6 +230,8 @@ def load_model(spec, *, task: str, num_labels: int | None = None, quantize: bool
             model = auto.from_pretrained(str(model_dir(spec)), **kwargs)
     except (OSError, ValueError) as err:
         raise ConfigError(f"cannot load {spec} as a {task} model: {err}") from err
+    if pad_token_id is not None:
+        model.config.pad_token_id = pad_token_id
     return model if quantize else model.to(torch_device(device))
 
 
@@ -395,14 +400,12 @@ def train_adapter(base, data, config: TrainConfig | None = None, out_dir=None, *
     torch.manual_seed(config.seed)  # head initialisation and LoRA's A init draw from it
     model = load_model(base, task=task, num_labels=len(label_names) if label_names else None,
                        quantize=config.quantized, compute_dtype=config.compute_dtype, label_names=label_names,
-                       device=config.device)
-    model.config.pad_token_id = tokenizer.pad_token_id  # batches pad with it; a classifier pools before it
+                       device=config.device, pad_token_id=tokenizer.pad_token_id)
     model = wrap_model(model, config, task=task)
     teacher = None
     if config.teacher is not None:
         teacher = load_model(config.teacher, task=task, num_labels=len(label_names) if label_names else None,
-                             device=config.device).eval()
-        teacher.config.pad_token_id = tokenizer.pad_token_id
+                             device=config.device, pad_token_id=tokenizer.pad_token_id).eval()
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = out.parent / f".{out.name}.tmp-{time.time_ns():x}"
     staging.mkdir()

@@ -425,14 +425,12 @@ def evaluate_models(base, tuned, adapter_src, eval_data, truncated: dict, *, con
 
     def base_model(quantize: bool = False):
         torch.manual_seed(config.seed)  # a head new to a bare base is initialised from the seed
-        model = load_model(base, task=task, num_labels=num_labels, quantize=quantize, compute_dtype=compute,
-                           label_names=labels, device=config.device)
-        model.config.pad_token_id = tokenizer.pad_token_id  # batches pad with it; a classifier pools before it
-        return model
+        return load_model(base, task=task, num_labels=num_labels, quantize=quantize, compute_dtype=compute,
+                          label_names=labels, device=config.device, pad_token_id=tokenizer.pad_token_id)
 
     builders = {
         "base": base_model,
-        "tuned": lambda: load_model(tuned, task=task, device=config.device),
+        "tuned": lambda: load_model(tuned, task=task, device=config.device, pad_token_id=tokenizer.pad_token_id),
         "adapter": lambda: _load_adapter(base_model(quantized), adapter_src.path),
         "svd": lambda: _set_weights(base_model(), truncated, tuned, adapter_src.config.get("modules_to_save")),
     }
@@ -440,7 +438,6 @@ def evaluate_models(base, tuned, adapter_src, eval_data, truncated: dict, *, con
     for name, build in builders.items():
         if name not in evals:
             model = build()
-            model.config.pad_token_id = tokenizer.pad_token_id  # batches pad with it; a classifier pools before it
             evals[name] = evaluate(model, data, batch_size=config.batch_size)
             del model
     return evals
