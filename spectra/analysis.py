@@ -29,6 +29,7 @@ from typing import Any, Callable
 import torch
 
 from spectra.calibration import add_activation_rows, collect_calibration, file_digest
+from spectra.checkpoints.buffers import BufferPool
 from spectra.checkpoints.pairing import DeltaW, Pairing, PairingOptions, describe
 from spectra.errors import ConfigError
 from spectra.linalg import sketch
@@ -94,7 +95,13 @@ class AnalysisConfig:
     def pairing_options(self) -> PairingOptions:
         return PairingOptions(roles=self.roles, layers=self.layers, include=self.include, exclude=self.exclude,
                               dtype=self.dtype, device=self.device, with_weights=True, weights_as_stored=True,
-                              on_nonfinite=self.on_nonfinite)
+                              on_nonfinite=self.on_nonfinite, low_copy_above=self._sketched_above())
+
+    def _sketched_above(self) -> int | None:
+        """Short side above which a matrix goes to the bf16 sketch (None: none does)."""
+        if self.sketch_dtype != "bfloat16" or self.method not in ("auto", "sketch"):
+            return None
+        return self.full_below if self.method == "auto" else 0
 
 
 @dataclass
@@ -196,8 +203,10 @@ def _malformed(data: dict) -> str | None:
 # ---------------------------------------------------------------------------- one module
 
 
-def module_spectrum(delta: torch.Tensor, config: AnalysisConfig, *, total_energy: float | None = None) -> Spectrum:
-    """Spectrum of one ΔW by the configured method ("auto": full when small, else the bf16 energy sketch)."""
+def module_spectrum(delta: torch.Tensor, config: AnalysisConfig, *, total_energy: float | None = None,
+                    low: torch.Tensor | None = None) -> Spectrum:
+    """Spectrum of one ΔW by the configured method ("auto": full when small, else the bf16 energy sketch,
+    which takes `low`, ΔW already rounded to bf16, when given)."""
     method = config.method
     if method == "auto":
         method = "full" if min(delta.shape) <= config.full_below else "sketch"
@@ -205,7 +214,8 @@ def module_spectrum(delta: torch.Tensor, config: AnalysisConfig, *, total_energy
         total = sketch.squared_norm(delta) if total_energy is None else total_energy
         return sketch.energy_sketch(delta, energy=config.resolve, thresholds=config.thresholds, total_energy=total,
                                     max_rank=config.max_rank, seed=config.seed,
-                                    sketch_dtype=getattr(torch, config.sketch_dtype))
+                                    sketch_dtype=getattr(torch, config.sketch_dtype),
+                                    low=low if config.sketch_dtype == "bfloat16" else None)
     if method == "full":
         return full_svd(delta)
     if method == "randomized":
@@ -236,7 +246,7 @@ def analyze_delta(d: DeltaW, config: AnalysisConfig) -> dict[str, Any]:
     floor = sketch.sampled_noise_floor(d.base, d.tuned, base_dtype=_dtype(d.base_dtype),
                                        tuned_dtype=_dtype(d.tuned_dtype))
     d.tuned = None  # not needed any more: free it before the decomposition's workspace
-    spec = module_spectrum(d.delta, config, total_energy=fro2)
+    spec = module_spectrum(d.delta, config, total_energy=fro2, low=d.delta_low)
     values = spec.values.double().cpu()
     ranks = metrics.energy_ranks(spec, config.thresholds, total_energy=spec.total_energy) if fro else {}
     row["energy_rank"] = {_key(t): ranks.get(t, 0) for t in config.thresholds}
@@ -555,10 +565,11 @@ def _analyze_entry(deltas: list[DeltaW], config: AnalysisConfig, calibration) ->
 
 def _serial(pairing: Pairing, todo: list, config: AnalysisConfig, calibration, depth: int, budget: int):
     """Yield (entry, rows, read s, compute s) in order, decomposing on this thread (read-ahead aside)."""
-    for entry, deltas, waited in _read_ahead(pairing, todo, depth, budget):
+    for entry, deltas, waited, lease in _read_ahead(pairing, todo, depth, budget):
         start = time.perf_counter()
         rows = _analyze_entry(deltas, config, calibration)
         del deltas
+        lease.close()
         yield entry, rows, waited, time.perf_counter() - start
 
 
@@ -571,15 +582,20 @@ def _parallel(pairing: Pairing, todo: list, config: AnalysisConfig, calibration,
     around the GEMMs of one module overlaps another module's. Entries start largest
     first (so no big one is left for last while the other workers idle), and the
     running ones hold at most `budget` bytes of ΔW (one always runs), so memory stays
-    bounded by a few tensors.
+    bounded by a few tensors. ΔW goes into buffers reused from entry to entry
+    (:class:`~spectra.checkpoints.buffers.BufferPool`: no page faults on fresh memory).
     """
     from spectra.distributed import entry_cost
 
+    buffers = BufferPool(max_free=2 * workers)
+
     def task(entry):
         start = time.perf_counter()
-        deltas = pairing.load(entry)
-        loaded = time.perf_counter()
-        rows = _analyze_entry(deltas, config, calibration)
+        with buffers.lease() as lease:
+            deltas = pairing.load(entry, lease=lease)
+            loaded = time.perf_counter()
+            rows = _analyze_entry(deltas, config, calibration)
+            del deltas
         return rows, loaded - start, time.perf_counter() - loaded
 
     opts = pairing.options
@@ -618,42 +634,55 @@ def _entry_bytes(entry, options: PairingOptions) -> int:
     if entry.adapter is not None:
         return 3 * itemsize * n
     copied = 0 if options.device.startswith("cpu") else entry.base_dtype.itemsize + entry.tuned_dtype.itemsize
+    above = options.low_copy_above
+    if above is not None and entry.kind == "matrix" and min(entry.shape) > above:
+        copied += torch.bfloat16.itemsize  # the sketch's bf16 copy of ΔW
     return (itemsize + copied) * n
 
 
 def _read_ahead(pairing: Pairing, todo: list, depth: int, budget: int):
-    """Yield (entry, ΔW records, seconds waited) in order, reading up to `depth` entries ahead.
+    """Yield (entry, ΔW records, seconds waited, lease) in order, reading up to `depth` entries ahead.
 
     One reader thread (torch releases the GIL while copying and subtracting) runs ahead of
     the math by at most `depth` entries and `budget` bytes of ΔW data; the entry being
     decomposed is not counted, so one entry larger than the budget still goes through.
+    Each entry's ΔW lives in a :class:`~spectra.checkpoints.buffers.Lease` of one pool of
+    reused buffers, which the consumer closes once it is done with the records.
     """
+    buffers = BufferPool(max_free=2 * (depth + 1))
     if depth == 0 or not todo:
         for entry in todo:
             start = time.perf_counter()
-            deltas = pairing.load(entry)
-            yield entry, deltas, time.perf_counter() - start
+            lease = buffers.lease()
+            deltas = pairing.load(entry, lease=lease)
+            yield entry, deltas, time.perf_counter() - start, lease
+            del deltas
         return
     opts = pairing.options
-    pending: deque = deque()  # (entry, future), in order
+    pending: deque = deque()  # (entry, future, lease), in order
     nxt = 0
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="spectra-read") as pool:
+
+    def submit(entry):
+        lease = buffers.lease()
+        pending.append((entry, reader.submit(pairing.load, entry, lease=lease), lease))
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="spectra-read") as reader:
         while nxt < len(todo) or pending:
-            in_flight = sum(_entry_bytes(e, opts) for e, _ in pending)
+            in_flight = sum(_entry_bytes(e, opts) for e, _, _ in pending)
             while nxt < len(todo) and len(pending) < depth and (
                     not pending or in_flight + _entry_bytes(todo[nxt], opts) <= budget):
-                pending.append((todo[nxt], pool.submit(pairing.load, todo[nxt])))
+                submit(todo[nxt])
                 in_flight += _entry_bytes(todo[nxt], opts)
                 nxt += 1
-            entry, future = pending.popleft()
+            entry, future, lease = pending.popleft()
             wait = time.perf_counter()
             deltas = future.result()
             waited = time.perf_counter() - wait
             # top up the queue before the math starts, so the reader works while we compute
-            in_flight = sum(_entry_bytes(e, opts) for e, _ in pending)
+            in_flight = sum(_entry_bytes(e, opts) for e, _, _ in pending)
             while nxt < len(todo) and len(pending) < depth and in_flight + _entry_bytes(todo[nxt], opts) <= budget:
-                pending.append((todo[nxt], pool.submit(pairing.load, todo[nxt])))
+                submit(todo[nxt])
                 in_flight += _entry_bytes(todo[nxt], opts)
                 nxt += 1
-            yield entry, deltas, waited
+            yield entry, deltas, waited, lease
             del deltas

@@ -23,6 +23,7 @@ import torch
 from spectra.checkpoints.adapter import AdapterDelta, plan_adapter
 from spectra.checkpoints.architectures import (IN_OUT_EXPERT_MODEL_TYPES, ROLES, ModuleInfo, Projection,
                                               fused_projections, is_conv1d, module_info)
+from spectra.checkpoints.buffers import Lease
 from spectra.checkpoints.names import compile_name_filter, match_names
 from spectra.checkpoints.source import AdapterSource, open_checkpoint
 from spectra.errors import ConfigError, NonFiniteWeightError, PairingError
@@ -62,6 +63,11 @@ class PairingOptions:
         Read tensors; False yields metadata only (``delta`` is None), for listings.
     on_nonfinite : {"error", "skip"}
         A NaN/Inf weight raises, or is skipped and listed in ``Pairing.skipped``.
+    low_copy_above : int, optional
+        Also give each matrix whose short side exceeds this ``DeltaW.delta_low``, ΔW
+        rounded to bfloat16 (what the analysis's bf16 sketch multiplies with), written
+        chunk by chunk during the subtraction; only on its chunked CPU route into float32,
+        None elsewhere.
     """
 
     roles: tuple[str, ...] | None = None
@@ -76,6 +82,7 @@ class PairingOptions:
     weights_as_stored: bool = False  # bf16 views cost no memory; an fp32 copy of both costs 4 bytes/param
     load: bool = True
     on_nonfinite: str = "error"  # a NaN in a weight is a broken checkpoint, not data
+    low_copy_above: int | None = None  # bf16 copy of ΔW for the sketch, made while each chunk is in cache
 
     def __post_init__(self) -> None:
         if self.roles is not None:
@@ -127,6 +134,7 @@ class DeltaW:
     tuned: torch.Tensor | None = None  # upcast W_tuned over the shared rows (with_weights)
     delta_sq: float | None = None  # ‖ΔW‖_F² when the subtraction took it on the way (else None)
     base_sq: float | None = None  # ‖W_base‖_F² likewise
+    delta_low: torch.Tensor | None = None  # ΔW rounded to bfloat16 (PairingOptions.low_copy_above), same layout
 
 
 @dataclass(frozen=True)
@@ -334,8 +342,13 @@ class Pairing:
     def __len__(self) -> int:
         return len(self.entries)
 
-    def load(self, entry: PairEntry) -> list[DeltaW]:
-        """Read one entry's tensors and return its ΔW records (whole first, then projections)."""
+    def load(self, entry: PairEntry, *, lease: Lease | None = None) -> list[DeltaW]:
+        """Read one entry's tensors and return its ΔW records (whole first, then projections).
+
+        With a `lease` (:class:`~spectra.checkpoints.buffers.Lease`), a chunked ΔW and its
+        bf16 copy are written into its buffers instead of fresh memory: the records are then
+        only valid until the lease is closed.
+        """
         parts = self._parts(entry)
         if not self.options.load:
             return [self._record(entry, name, info, proj, None, None, None) for name, info, proj in parts]
@@ -349,7 +362,15 @@ class Pairing:
         base, tuned = weights
         if entry.added_rows:
             tuned = tuned[: base.shape[0]]
-        delta, delta_sq, base_sq = difference_and_norms(tuned, base, dtype, norms=by_norms)
+        out = low = None
+        if _chunked(tuned, base) or (tuned.dim() == 2 and _chunked(tuned.T, base.T)):
+            n = base.numel()
+            if lease is not None:
+                out = lease.take(n, dtype)
+            above = self.options.low_copy_above
+            if above is not None and entry.kind == "matrix" and min(base.shape) > above:
+                low = torch.empty(n, dtype=torch.bfloat16) if lease is None else lease.take(n, torch.bfloat16)
+        delta, delta_low, delta_sq, base_sq = _difference(tuned, base, dtype, norms=by_norms, out=out, low=low)
         if by_norms and not (_finite_number(delta_sq) and _finite_number(base_sq)):
             if not (self._finite(base, entry.base_tensor, self.base.spec)
                     and self._finite(tuned, entry.tuned_tensor, self.tuned.spec)):
@@ -368,7 +389,7 @@ class Pairing:
         records = [self._record(entry, name, info, proj, delta, base, tuned) for name, info, proj in parts]
         for record in records:
             if record.fused_name is None:  # the whole tensor; a split projection holds some rows only
-                record.delta_sq, record.base_sq = delta_sq, base_sq
+                record.delta_sq, record.base_sq, record.delta_low = delta_sq, base_sq, delta_low
         return records
 
     def _checked_by_norms(self, entry: PairEntry) -> bool:
@@ -509,27 +530,44 @@ def difference_and_norms(tuned: torch.Tensor, base: torch.Tensor, dtype: torch.d
     -------
     (ΔW, ‖ΔW‖_F² or None, ‖W_base‖_F² or None)
     """
+    delta, _, delta_sq, base_sq = _difference(tuned, base, dtype, norms=norms)
+    return delta, delta_sq, base_sq
+
+
+def _difference(tuned, base, dtype, *, norms=True, out=None, low=None):
+    """(ΔW, bf16(ΔW) or None, ‖ΔW‖_F², ‖W_base‖_F²) of :func:`difference_and_norms`.
+
+    On the chunked route ΔW is written into `out` and, when given, its bf16 rounding into
+    `low` (flat buffers of at least base.numel() elements, e.g. from a
+    :class:`~spectra.checkpoints.buffers.Lease`), each chunk while it is in cache; on the
+    other routes both are ignored and no bf16 copy is made.
+    """
     if tuned.dtype == dtype and base.dtype == dtype:
-        return tuned - base, None, None
+        return tuned - base, None, None, None
     if tuned.dim() == 2 and not base.is_contiguous() and base.T.is_contiguous() and tuned.T.is_contiguous():
-        delta, delta_sq, base_sq = difference_and_norms(tuned.T, base.T, dtype, norms=norms)
-        return delta.T, delta_sq, base_sq
+        delta, delta_low, delta_sq, base_sq = _difference(tuned.T, base.T, dtype, norms=norms, out=out, low=low)
+        return delta.T, (None if delta_low is None else delta_low.T), delta_sq, base_sq
     if not _chunked(tuned, base):
-        return tuned.to(dtype) - base.to(dtype), None, None
+        return tuned.to(dtype) - base.to(dtype), None, None, None
     norms = norms and dtype == torch.float32
-    out = torch.empty(base.shape, dtype=dtype)
+    n = base.numel()
+    out = torch.empty(base.shape, dtype=dtype) if out is None else out[:n].view(base.shape)
+    delta_low = None if low is None else low[:n].view(base.shape)
     flat_out, flat_tuned, flat_base = out.view(-1), tuned.reshape(-1), base.reshape(-1)
+    flat_low = None if low is None else delta_low.view(-1)
     buffer = torch.empty(_CHUNK, dtype=dtype)
-    delta_acc, base_acc = (BlockSquaredNorm(out.numel()), BlockSquaredNorm(out.numel())) if norms else (None, None)
-    for i in range(0, flat_out.numel(), _CHUNK):
-        chunk, up = flat_out[i:i + _CHUNK], buffer[: min(_CHUNK, flat_out.numel() - i)]
+    delta_acc, base_acc = (BlockSquaredNorm(n), BlockSquaredNorm(n)) if norms else (None, None)
+    for i in range(0, n, _CHUNK):
+        chunk, up = flat_out[i:i + _CHUNK], buffer[: min(_CHUNK, n - i)]
         chunk.copy_(flat_tuned[i:i + _CHUNK])
         up.copy_(flat_base[i:i + _CHUNK])
         chunk.sub_(up)
+        if flat_low is not None:
+            flat_low[i:i + _CHUNK].copy_(chunk)
         if norms:
             base_acc.add(up)
             delta_acc.add(chunk)
-    return out, (delta_acc.total() if norms else None), (base_acc.total() if norms else None)
+    return out, delta_low, (delta_acc.total() if norms else None), (base_acc.total() if norms else None)
 
 
 def _chunked(tuned: torch.Tensor, base: torch.Tensor) -> bool:

@@ -444,3 +444,39 @@ def test_experts_stored_in_by_out_are_transposed_and_split_as_the_model_reads_th
         assert deltas[f"{head}.{e}.down_proj"].shape == (32, 48)  # (out=hidden, in=intermediate)
     if family == "gpt_oss":  # its (E, 2I) biases are per-expert vectors, not a matrix
         assert deltas[f"{head}.0.gate_up_proj_bias"].kind == "vector"
+
+
+def test_leased_delta_and_its_bf16_copy_equal_the_fresh_ones(tmp_path):
+    """Pairing.load(lease=…) writes ΔW into reused buffers and, above low_copy_above, bf16(ΔW) beside it:
+    the same numbers as a fresh subtraction and ΔW.to(bfloat16), also for a Conv1D (transposed) matrix."""
+    from dataclasses import replace
+
+    from safetensors.torch import save_file
+
+    from spectra.checkpoints.buffers import BufferPool
+
+    b, t = _large_bf16_pair(tmp_path / "p")
+    g = torch.Generator().manual_seed(5)
+    conv = {"transformer.h.0.mlp.c_fc.weight": torch.randn(300, 1000, generator=g).bfloat16()}  # (in, out)
+    save_file(conv, str(tmp_path / "cb.safetensors"))
+    save_file({k: (v.float() + 1e-2 * torch.randn(v.shape, generator=g)).bfloat16() for k, v in conv.items()},
+              str(tmp_path / "ct.safetensors"))
+    pool = BufferPool()
+    for pair in ((b, t), (tmp_path / "cb.safetensors", tmp_path / "ct.safetensors")):
+        fresh = {d.name: d for d in Pairing(*pair)}
+        pairing = Pairing(*pair)
+        pairing.options = replace(pairing.options, low_copy_above=299)
+        for entry in pairing.entries:
+            ref = next(d for d in fresh.values() if d.base_tensor == entry.base_tensor)
+            with pool.lease() as lease:
+                (d,) = pairing.load(entry, lease=lease)
+                assert torch.equal(d.delta, ref.delta) and d.delta.shape == ref.delta.shape
+                assert d.delta_sq == ref.delta_sq and d.base_sq == ref.base_sq
+                assert d.delta_low.dtype == torch.bfloat16 and torch.equal(d.delta_low, ref.delta.to(torch.bfloat16))
+                assert ref.delta_low is None  # not asked for
+            with pool.lease() as lease:  # below the threshold: ΔW only
+                pairing.options = replace(pairing.options, low_copy_above=300)
+                (d,) = pairing.load(entry, lease=lease)
+                assert d.delta_low is None and torch.equal(d.delta, ref.delta)
+                pairing.options = replace(pairing.options, low_copy_above=299)
+    assert pool.idle_bytes > 0

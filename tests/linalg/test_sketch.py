@@ -197,3 +197,19 @@ def test_energy_sketch_whose_basis_spans_the_short_side_returns_the_whole_spectr
     assert fast.complete and fast.k == 48 and fast.method == "adaptive-bf16"
     np.testing.assert_allclose(fast.values.double().numpy(), np.linalg.svd(d.double().numpy(), compute_uv=False),
                                rtol=1e-5)
+
+
+def test_energy_sketch_takes_a_precomputed_bf16_copy():
+    """`low` (A rounded to bf16 by the caller) gives the same result as rounding inside; a wrong one is refused."""
+    g = torch.Generator().manual_seed(11)
+    for shape in ((300, 700), (700, 300)):
+        A = (torch.randn(shape[0], 20, generator=g) @ torch.randn(20, shape[1], generator=g)
+             + 0.05 * torch.randn(shape, generator=g))
+        total = sketch.squared_norm(A)
+        inside = sketch.energy_sketch(A, energy=0.9, total_energy=total, block=32)
+        given = sketch.energy_sketch(A, energy=0.9, total_energy=total, block=32, low=A.to(torch.bfloat16))
+        assert torch.equal(inside.values, given.values) and inside.n_iter == given.n_iter
+    with pytest.raises(ValueError, match="low is"):
+        sketch.energy_sketch(A, energy=0.9, total_energy=total, low=A.T.to(torch.bfloat16))
+    with pytest.raises(ValueError, match="low is"):
+        sketch.energy_sketch(A, energy=0.9, total_energy=total, low=A.half())
