@@ -252,8 +252,9 @@ def recommend(
              "--energy/--knee.")] = None,
     sweep: Annotated[Optional[Path], typer.Option(help="Truncation sweep of the same pair (the directory or "
                                                        "sweep.json of `spectra sweep`), for --functional.")] = None,
-    config: Annotated[Optional[str], typer.Option(help="Model config (file, dir or hub id) for the memory estimate; "
-                                                       "default: the analysed base, if local.")] = None,
+    config: Annotated[Optional[str], typer.Option(help="Model config (file, dir or hub id) for the memory estimate "
+                                                       "and for the module names of the plan's peft_config; default: "
+                                                       "the analysed base, if local.")] = None,
     method: Annotated[str, typer.Option(help="Method for the memory estimate: lora, qlora or dora.")] = "lora",
     batch: Annotated[int, typer.Option(help="Batch size for the memory estimate.")] = 1,
     seq_len: Annotated[int, typer.Option(help="Sequence length for the memory estimate.")] = 2048,
@@ -268,11 +269,12 @@ def recommend(
     """
     _writable(output)
     import json
+    import warnings
 
     from rich.console import Console
 
-    from spectra.errors import ConfigError
-    from spectra.memory import estimate_memory, format_bytes
+    from spectra.errors import ConfigError, PeftConfigWarning
+    from spectra.memory import estimate_memory, format_bytes, load_config
     from spectra.ranks import RankPolicy, parse_budget, recommend_ranks, save_plan
 
     budget_kw = parse_budget(budget) if budget is not None else {}
@@ -290,8 +292,12 @@ def recommend(
     source = config or (base_path if base_path and Path(base_path, "config.json").is_file() else None)
     est = (estimate_memory(source, method="dora" if dora else method, rank_plan_or_rank=plan, batch=batch,
                            seq_len=seq_len) if source else None)
+    notes = []
     if output is not None:
-        save_plan(plan, output)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", PeftConfigWarning)  # printed below from the plan, with the report
+            save_plan(plan, output, model_config=load_config(config) if config else None)
+        notes = json.loads(output.read_text()).get("peft_config_notes") or []
     if as_json:
         typer.echo(json.dumps(plan.to_dict() | {"memory": est.to_dict() if est else None}, indent=2))
         return
@@ -313,6 +319,8 @@ def recommend(
                       + ", ".join(f"{name} {format_bytes(n)}" for name, n in est.rows() if n))
     else:
         console.print("memory: pass --config (config.json, its folder or a hub id) for an estimate")
+    for note in notes:
+        console.print(escape(f"peft_config: {note}"), style="yellow")
     if output is not None:
         console.print(escape(f"plan written to {output}"))
 
@@ -333,6 +341,9 @@ def extract(
     modules_to_save: Annotated[Optional[str], typer.Option(help="Comma-separated modules copied whole from TUNED, e.g. classifier.")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing adapter directory.")] = False,
     device: Annotated[str, typer.Option(help="Torch device for ΔW and its SVD: cpu, cuda, cuda:1.")] = "cpu",
+    model_class: Annotated[Optional[str], typer.Option(
+        help="transformers class the adapter is for, whose module names its keys use, e.g. LlamaForCausalLM "
+             "(default: the base's class; the tuned one's when only it has the modules the adapter needs).")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar, no table.")] = False,
 ) -> None:
     """Write a PEFT LoRA adapter whose merge is the best rank-r approximation of TUNED − BASE.
@@ -351,7 +362,7 @@ def extract(
     target = plan if plan is not None else (rank if rank == "full" else int(rank))
     result = extract_adapter(base, tuned, target, output, roles=_split(roles), alpha=alpha, rslora=rslora,
                              modules_to_save=_split(modules_to_save) or (), overwrite=overwrite, progress=not quiet,
-                             device=device)
+                             device=device, model_class=model_class)
     if not quiet:
         from rich.console import Console
 
@@ -360,7 +371,8 @@ def extract(
         Console().print(_module_table(f"adapter {output}: {len(result.modules)} modules",
                                       [m.name for m in result.modules], rows,
                                       ("rank", "alpha", "‖ΔW‖_F", "error ‖ΔW − BA‖_F", "energy kept")))
-    typer.echo(f"adapter: {output}  (load with peft.PeftModel.from_pretrained(model, '{output}'))")
+    onto = f"a {result.model_class}" if result.model_class else "the model"
+    typer.echo(f"adapter: {output}  (load onto {onto} with peft.PeftModel.from_pretrained(model, '{output}'))")
 
 
 # ---------------------------------------------------------------------------- memory

@@ -1,4 +1,4 @@
-"""Typed errors that spectra raises for bad input.
+"""Typed errors that spectra raises for bad input, and its one warning.
 
 Every error names the file, tensor or option at fault and says what to do. The CLI
 prints them as one paragraph (no traceback unless ``--debug``).
@@ -29,3 +29,7 @@ class AdapterError(SpectraError):
 
 class ConfigError(SpectraError, ValueError):
     """An option has an invalid value."""
+
+
+class PeftConfigWarning(UserWarning):
+    """A PEFT config can express a plan only approximately (e.g. one rank for a fused expert parameter)."""

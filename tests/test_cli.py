@@ -118,6 +118,10 @@ def test_extract_uniform_rank_form(monkeypatch, capsys, pair, tmp_path):
                             "-o", tmp_path / "ad")
     assert code == 0, err
     assert "error ‖ΔW − BA‖_F" in stdout and "┃ transformer.h.… " in stdout and "│ 0.attn.c_attn" in stdout
+    assert "load onto a GPT2LMHeadModel" in stdout
+    code, _, err = run(monkeypatch, capsys, "extract", *pair, "--rank", "2", "--model-class", "GPT2ForNothing",
+                       "-o", tmp_path / "ad4")
+    assert code == 2 and "model_class 'GPT2ForNothing'" in err and not (tmp_path / "ad4").exists()
     code, _, err = run(monkeypatch, capsys, "extract", *pair, "-o", tmp_path / "ad2")
     assert code == 2 and "exactly one of --plan" in err and not (tmp_path / "ad2").exists()
     code, _, err = run(monkeypatch, capsys, "extract", *pair, "--rank", "99", "-o", tmp_path / "ad3")

@@ -68,3 +68,21 @@ def test_memory_table_and_json(tmp_path):
                                  "--json"])
     data = json.loads(result.output)
     assert data["optimizer_states"] == 12 * data["params"] and data["adapter"] == 0
+
+
+def test_recommend_writes_the_models_names_and_prints_what_they_approximate(tmp_path):
+    """transformers-5 Mixtral: plan.json's peft_config targets the fused expert parameters, and says where it rounds."""
+    from spectra.analysis import analyze
+    from tests.ranks.test_plan import _mixtral_pair
+
+    _, b, t = _mixtral_pair(tmp_path)
+    (tmp_path / "run").mkdir()
+    analyze(b, t, cache_dir=False, progress=False).save(tmp_path / "run" / "analysis.json")
+    out = tmp_path / "plan.json"
+    result = runner.invoke(app, ["recommend", str(tmp_path / "run"), "--energy", "0.99", "-o", str(out)],
+                           env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "peft_config: model.layers.1.mlp.experts.gate_up_proj:" in result.output
+    cfg = json.loads(out.read_text())["peft_config"]
+    assert "model.layers.1.mlp.experts.gate_up_proj" in cfg["target_parameters"]
+    assert not any("block_sparse_moe" in n for n in cfg["target_modules"])

@@ -30,6 +30,7 @@ import torch
 from spectra.checkpoints.adapter import PEFT_PREFIX
 from spectra.checkpoints.pairing import Pairing, PairingOptions
 from spectra.checkpoints.source import CheckpointSource
+from spectra.checkpoints.targets import architecture, meta_model, model_targets, resolve_name
 from spectra.errors import ConfigError
 from spectra.linalg.svd import CONVERGED_TOL, full_svd, randomized_svd
 
@@ -57,12 +58,14 @@ class ExtractResult:
     modules: list[ModuleExtraction]
     modules_to_save: list[str]
     config: dict[str, Any] = field(default_factory=dict)
+    model_class: str | None = None  # the class whose module names the keys use (None: the checkpoint's names)
 
 
 def extract_adapter(base, tuned, plan_or_rank, out_dir: str | os.PathLike, *, roles: tuple[str, ...] | None = None,
                     alpha: float | None = None, rslora: bool = False, modules_to_save: tuple[str, ...] = (),
                     full_below: int = 1024, seed: int = 0, overwrite: bool = False,
-                    progress: bool = True, calibration=None, device: str = "cpu") -> ExtractResult:
+                    progress: bool = True, calibration=None, device: str = "cpu",
+                    model_class: str | None = None) -> ExtractResult:
     """Write a PEFT adapter whose merge approximates TUNED − BASE at the planned ranks.
 
     Parameters
@@ -97,6 +100,12 @@ def extract_adapter(base, tuned, plan_or_rank, out_dir: str | os.PathLike, *, ro
     device : str, default "cpu"
         Where ΔW and its decomposition live (``cuda``, ``cuda:1``); the adapter is written
         from the CPU.
+    model_class : str, optional
+        The transformers class the adapter will be loaded onto (``LlamaForCausalLM``): its
+        module names are the adapter's keys. Default: the base's class (an adapter is applied
+        to the base), unless it lacks a module the adapter needs and the tuned checkpoint's
+        class has them all (a classification head saved whole from a fine-tune of a bare
+        base); see :func:`_adapter_model`.
 
     Returns
     -------
@@ -107,7 +116,8 @@ def extract_adapter(base, tuned, plan_or_rank, out_dir: str | os.PathLike, *, ro
     ------
     ConfigError
         A plan naming modules absent from the base, a rank above min(d_in, d_out), an
-        output directory that exists, nothing to extract.
+        output directory that exists, nothing to extract, a ``model_class`` that cannot be
+        built from the checkpoint's config.
     """
     import tqdm
 
@@ -126,9 +136,8 @@ def extract_adapter(base, tuned, plan_or_rank, out_dir: str | os.PathLike, *, ro
         _check_plan_base(plan, pairing)
     save_names = _modules_to_save(pairing, modules_to_save)
     saved_modules = sorted({n.rsplit(".", 1)[0] for n in save_names})
-    source = pairing.tuned if isinstance(pairing.tuned, CheckpointSource) and pairing.tuned.config else pairing.base
-    model = _meta_model(source.config)  # the tuned model's class, on the meta device; None without a config
-    model_names = _model_names(selected, model, source, targets)  # checkpoint module name -> the model's
+    model_class, model = _adapter_model(pairing, model_class, selected, saved_modules)  # None: no config.json
+    model_names = _model_names(selected, model, model_class, targets)  # checkpoint module name -> the model's
     saved_names = _saved_names(saved_modules, model)
     if isinstance(calibration, (str, os.PathLike)):
         from spectra.calibration import CalibrationConfig, collect_calibration
@@ -156,7 +165,7 @@ def extract_adapter(base, tuned, plan_or_rank, out_dir: str | os.PathLike, *, ro
                                                   full_below=full_below, seed=seed)
         else:
             A, B, extraction = _factorize(d.delta, rank, scaling, full_below=full_below, seed=seed)
-        module = model_names[entry.name]  # as the tuned model's class names it (a head class for a bare base)
+        module = model_names[entry.name]  # as the adapter's model class names it
         if _is_embedding(entry):  # PEFT's Embedding LoRA: ΔW (vocab, dim) = s·(B_e A_e)ᵀ, so A_e = Bᵀ, B_e = Aᵀ
             tensors[f"{PEFT_PREFIX}{module}.lora_embedding_A"] = B.T.cpu().contiguous()  # (r, vocab)
             tensors[f"{PEFT_PREFIX}{module}.lora_embedding_B"] = A.T.cpu().contiguous()  # (dim, r)
@@ -173,10 +182,10 @@ def extract_adapter(base, tuned, plan_or_rank, out_dir: str | os.PathLike, *, ro
         embed = saved_names[tied[1].rpartition(".")[0]]
         tensors[f"{PEFT_PREFIX}{tied[0]}.weight"] = tensors[f"{PEFT_PREFIX}{embed}.weight"].clone()
 
-    config = _peft_config(ranks, use_rslora, list(saved_names.values()), pairing) | (
+    config = _peft_config(ranks, use_rslora, list(saved_names.values()), pairing, model) | (
         {"ensure_weight_tying": True} if tied else {})
     _write_atomically(out_dir, tensors, config)
-    return ExtractResult(out_dir, results, sorted({n.rsplit(".", 1)[0] for n in save_names}), config)
+    return ExtractResult(out_dir, results, sorted({n.rsplit(".", 1)[0] for n in save_names}), config, model_class)
 
 
 _DEFAULT_ROLES = ("q", "k", "v", "o", "gate", "up", "down")
@@ -223,43 +232,87 @@ def _select(pairing: Pairing, targets, roles):
     return [e for e in matrices if e.info.role in wanted or _FUSED_ROLES.get(e.info.role, set()) & wanted]
 
 
-def _model_names(entries, model, source, targets: dict | None = None) -> dict[str, str]:
+def _stored_names(entries) -> dict[str, str]:
+    """Entry name → its module's name in the checkpoint (the tuned one's where both have it)."""
+    return {e.name: (e.tuned_tensor or e.base_tensor).removesuffix(".weight") for e in entries}
+
+
+def _adapter_model(pairing: Pairing, model_class: str | None, entries, saved_modules: list[str]):
+    """(class name, model on the meta device) whose module names the adapter's keys use; (None, None) without one.
+
+    An adapter is applied to the base, so its keys name the base's class: a bare ``LlamaModel``
+    fine-tune of a ``LlamaForCausalLM`` base (keys ``layers.0…``) is written for
+    ``LlamaForCausalLM`` (``model.layers.0…``), or PEFT would load none of it. When the base's
+    class lacks a module the adapter needs (a classification head saved whole from a fine-tune
+    of a bare base) and the tuned checkpoint's class has them all, the adapter is for the
+    tuned class; neither holding them all ends in :func:`_model_names`' error. ``model_class``
+    overrides the choice, built from the base's config (the tuned one's when the base has none).
+    """
+    base_config = pairing.base.config
+    tuned_config = pairing.tuned.config if isinstance(pairing.tuned, CheckpointSource) else None
+    if model_class is not None:
+        config = base_config if base_config and base_config.get("model_type") else tuned_config
+        model = meta_model(config, model_class)
+        if model is None:
+            spec = pairing.base.spec if config is base_config else pairing.tuned.spec
+            raise ConfigError(f"model_class {model_class!r}: this transformers has no such class, or cannot build it "
+                              f"from the config.json of {spec} (model_type {(config or {}).get('model_type')!r}). "
+                              "Name a class of that family, e.g. "
+                              f"{architecture(base_config) or architecture(tuned_config)}.")
+        return model_class, model
+    candidates = []  # (class, model): the base's, then the tuned checkpoint's when it differs
+    for config in (base_config, tuned_config):
+        cls = architecture(config)
+        if cls and cls not in [c for c, _ in candidates] and (model := meta_model(config)) is not None:
+            candidates.append((cls, model))
+    stored = list(_stored_names(entries).values())
+    for cls, model in candidates:
+        found = model_targets(stored + saved_modules, model)
+        if all(found[n] is not None for n in stored) and all(
+                found[n] is not None and not found[n].parameter for n in saved_modules):
+            return cls, model
+    return candidates[0] if candidates else (None, None)
+
+
+def _model_names(entries, model, model_class: str | None, targets: dict | None = None) -> dict[str, str]:
     """Entry name → the name of its module in the model class (the adapter's keys and targets).
 
-    Adapter keys must use the model's module names, which may differ from the checkpoint's:
-    a prefix (the original GPT-2 checkpoint stores ``h.0.attn.c_attn``, ``GPT2LMHeadModel``
-    has ``transformer.h.0.attn.c_attn``) is resolved by dot-suffix; a renamed tensor
-    (GPT-NeoX stores its head as ``embed_out``, the model's module is ``lm_head``) is refused,
-    as PEFT would skip it silently. The model is built on the meta device from the
-    checkpoint's ``config.json`` (without one, the checkpoint's names are kept). Expert slices
-    keep their stored names: PEFT maps those onto fused expert parameters itself, which hold
-    one rank and one alpha for all experts of a projection, so a plan must give them one.
+    Adapter keys must use the model's module names, which may differ from the checkpoint's
+    (see :mod:`spectra.checkpoints.targets`): a prefix (the original GPT-2 checkpoint stores
+    ``h.0.attn.c_attn``, ``GPT2LMHeadModel`` has ``transformer.h.0.attn.c_attn``), a tensor
+    transformers renames on loading (GPT-NeoX's ``embed_out`` is the model's ``lm_head``). A
+    name the model has no module for, or holds as a parameter PEFT only adapts through
+    ``target_parameters`` (a router's weight), is refused, as PEFT would skip it silently.
+    Without a ``config.json`` the checkpoint's names are kept. Expert slices keep their stored
+    names (with the model's prefix): PEFT maps those onto fused expert parameters itself, which
+    hold one rank and one alpha for all experts of a projection, so a plan must give them one.
     """
-    stored = {e.name: (e.tuned_tensor or e.base_tensor).removesuffix(".weight") for e in entries}
+    stored = _stored_names(entries)
     if model is None:
         return stored
-    modules = [name for name, _ in model.named_modules() if name]
+    found = model_targets(stored.values(), model)
     names, bad, groups = {}, [], {}
     for e in entries:
-        name = stored[e.name]
-        if e.info.expert is not None and name not in modules:  # fused by the model: PEFT maps the stored name
-            names[e.name] = name
+        name, target = stored[e.name], found[stored[e.name]]
+        if e.info.expert is not None and target is not None and target.parameter:  # PEFT maps the stored name
+            names[e.name] = target.stored_name
             if targets is not None:
-                groups.setdefault(_EXPERT_INDEX.sub(".experts.*.", name), set()).add(targets[e.name])
+                groups.setdefault(_EXPERT_INDEX.sub(".experts.*.", target.stored_name), set()).add(targets[e.name])
             continue
-        found = _resolve(name, modules)
-        if found is None:
+        if target is None or target.parameter:
             bad.append(name)
-        names[e.name] = found
+        else:
+            names[e.name] = target.name
     if bad:
-        raise ConfigError(f"{', '.join(bad[:5])}: not module(s) of {source.config['architectures'][0]}; transformers "
-                          "renames these tensors when it loads the checkpoint, so PEFT could not apply an adapter "
-                          "under this name. Leave their role out (--roles) or drop them from the plan.")
+        raise ConfigError(f"{', '.join(bad[:5])}: not module(s) of {model_class} that PEFT can adapt (transformers "
+                          "names, fuses or wraps these weights otherwise when it loads the checkpoint), so PEFT "
+                          "could not apply an adapter under this name. Leave their role out (--roles) or drop them "
+                          "from the plan.")
     mixed = [g for g, settings in groups.items() if len(settings) > 1]
     if mixed:
         raise ConfigError(f"the plan gives the experts of {mixed[0]} different ranks or alphas "
                           f"({', '.join(f'r={r} α={a:g}' for r, a in sorted(groups[mixed[0]]))}), but "
-                          f"{source.config['architectures'][0]} fuses them into one parameter, which PEFT adapts at "
+                          f"{model_class} fuses them into one parameter, which PEFT adapts at "
                           "one rank: recommend one rank for all modules (`spectra recommend --uniform`) or pass "
                           "--rank.")
     return names
@@ -267,33 +320,8 @@ def _model_names(entries, model, source, targets: dict | None = None) -> dict[st
 
 def _saved_names(saved_modules: list[str], model) -> dict[str, str]:
     """Modules saved whole: checkpoint name → the model's (kept when unresolved: PEFT matches them by suffix)."""
-    modules = [] if model is None else [name for name, _ in model.named_modules() if name]
-    return {m: _resolve(m, modules) or m for m in saved_modules}
-
-
-def _resolve(name: str, modules: list[str]) -> str | None:
-    """The one module equal to ``name`` or differing from it by a leading prefix, else None."""
-    if name in modules:
-        return name
-    hits = [m for m in modules if m.endswith("." + name) or name.endswith("." + m)]
-    return hits[0] if len(hits) == 1 else None
-
-
-def _meta_model(config: dict | None):
-    """The architecture a ``config.json`` names, built on the meta device (no memory), or None."""
-    if not config or not config.get("architectures") or not config.get("model_type"):
-        return None
-    import transformers
-
-    cls = getattr(transformers, config["architectures"][0], None)
-    if cls is None:
-        return None
-    try:
-        fields = {k: v for k, v in config.items() if k != "model_type"}
-        with torch.device("meta"):  # shapes only: no memory, no initialisation
-            return cls(transformers.AutoConfig.for_model(config["model_type"], **fields))
-    except Exception:  # an architecture this transformers cannot build from its config: nothing to check against
-        return None
+    found = {} if model is None else model_targets(saved_modules, model)
+    return {m: found[m].name if found.get(m) is not None and not found[m].parameter else m for m in saved_modules}
 
 
 def _tied_head(save_names: list[str], pairing: Pairing, model) -> tuple[str, str] | None:
@@ -308,7 +336,7 @@ def _tied_head(save_names: list[str], pairing: Pairing, model) -> tuple[str, str
         return None
     modules = {id(m): name for name, m in model.named_modules()}
     embed, head = modules.get(id(model.get_input_embeddings())), modules.get(id(model.get_output_embeddings()))
-    saved = [n for n in save_names if _resolve(n.removesuffix(".weight"), [embed]) is not None]
+    saved = [n for n in save_names if resolve_name(n.removesuffix(".weight"), [embed]) is not None]
     return (head, saved[0]) if head and saved else None
 
 
@@ -371,8 +399,11 @@ def _factorize_on_data(delta: torch.Tensor, rank: int, scaling: float, C: torch.
     return A, B, (fro, error, tail, f"data-optimal {spec.method}")
 
 
-def _peft_config(ranks: dict, use_rslora: bool, saved: list[str], pairing: Pairing) -> dict[str, Any]:
-    """The adapter_config.json dict, checked against the module names its keys use (``ranks``' and ``saved``)."""
+def _peft_config(ranks: dict, use_rslora: bool, saved: list[str], pairing: Pairing, model) -> dict[str, Any]:
+    """The adapter_config.json dict, checked against the model's module names (the checkpoint's without one).
+
+    ``ranks``' and ``saved``'s names count as modules too: expert slices keep their stored names (PEFT maps them).
+    """
     from spectra.ranks import check_peft_config, lora_config
 
     config = lora_config(ranks, use_rslora=use_rslora) | {
@@ -381,8 +412,12 @@ def _peft_config(ranks: dict, use_rslora: bool, saved: list[str], pairing: Pairi
         "base_model_name_or_path": str(pairing.base.path),
         "peft_version": _peft_version(),
     }
-    source = pairing.tuned if hasattr(pairing.tuned, "names") else pairing.base
-    module_names = {n.rsplit(".", 1)[0] for n in source.names()} | set(ranks) | set(saved)
+    if model is not None:
+        module_names = {n for n, _ in model.named_modules() if n}
+    else:
+        source = pairing.tuned if hasattr(pairing.tuned, "names") else pairing.base
+        module_names = {n.rsplit(".", 1)[0] for n in source.names()}
+    module_names |= set(ranks) | set(saved)
     check_peft_config(config, module_names)
     return config
 

@@ -11,14 +11,15 @@ import json
 import os
 import re
 import tempfile
-from collections import Counter
+import warnings
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Mapping
 
 import numpy as np
 
-from spectra.errors import ConfigError
+from spectra.errors import ConfigError, PeftConfigWarning
 from spectra.ranks.policy import RankPolicy
 
 PLAN_SCHEMA_VERSION = 1
@@ -138,8 +139,8 @@ class RankPlan:
                    policy=RankPolicy(**policy), base=data.get("base"), budget_gap=data.get("budget_gap"),
                    functional=data.get("functional"))
 
-    def to_peft_config(self, *, module_names: Iterable[str] | None = None, task_type: str | None = "CAUSAL_LM",
-                       lora_dropout: float = 0.0) -> dict:
+    def to_peft_config(self, *, module_names: Iterable[str] | None = None, model=None,
+                       task_type: str | None = "CAUSAL_LM", lora_dropout: float = 0.0) -> dict:
         """A PEFT ``LoraConfig`` dict (what ``adapter_config.json`` holds) for this plan.
 
         ``r``/``lora_alpha`` are the most common rank and its α; every module that differs gets
@@ -155,35 +156,122 @@ class RankPlan:
             Module names of the base model as PEFT sees them (``model.named_modules()``). Plan
             names are resolved to them (exact, or the one name differing by a leading prefix
             such as ``bert.``), and the result is checked with :func:`check_peft_config`.
+        model : torch.nn.Module, optional
+            Instead of ``module_names``: the model itself (real, or built on the meta device by
+            :func:`spectra.checkpoints.targets.meta_model`). Plan names are resolved as its class
+            loads the checkpoint (:func:`~spectra.checkpoints.targets.model_targets`); weights it
+            holds in a parameter PEFT cannot wrap as a module, like transformers-5 Mixtral's
+            fused experts (``mlp.experts.gate_up_proj``, experts × 2·ffn × hidden), become
+            ``target_parameters``. Such a parameter takes one rank for all it holds: per expert,
+            the sum of its planned projections' ranks (``gate`` + ``up``, as PEFT itself converts
+            adapters), the largest over experts, and α = ``policy.alpha_for(rank)``. A
+            :class:`~spectra.errors.PeftConfigWarning` says where that differs from the plan
+            (experts at different ranks, modules the plan leaves out that the parameter holds).
         task_type : str or None
             PEFT task type. Default ``"CAUSAL_LM"``.
         lora_dropout : float
             Dropout on the LoRA input. Default 0.0 (none: keeps the update deterministic).
+
+        Raises
+        ------
+        ConfigError
+            A plan name the model has no weight for, two plan names loading into one module,
+            DoRA or dropout on a parameter target (PEFT supports neither there).
         """
+        config, notes = self._peft_config(module_names=module_names, model=model, task_type=task_type,
+                                          lora_dropout=lora_dropout)
+        for note in notes:
+            warnings.warn(note, PeftConfigWarning, stacklevel=2)
+        return config
+
+    def _peft_config(self, *, module_names=None, model=None, task_type=None, lora_dropout=0.0) -> tuple[dict, list]:
+        """:meth:`to_peft_config`'s dict and its notes (what the config could only approximate)."""
         if not self.modules:
             raise ConfigError("The plan targets no module; relax the policy (roles, noise, energy).")
-        names = {m.name: m.name for m in self.modules}
-        if module_names is not None:
-            module_names = list(module_names)
-            names = _resolve_names(list(names), module_names)
-        config = lora_config({names[m.name]: (m.rank, m.alpha, m.conv1d) for m in self.modules},
-                             alpha_for=self.policy.alpha_for, use_rslora=self.policy.rslora,
-                             use_dora=self.policy.use_dora, task_type=task_type, lora_dropout=lora_dropout)
-        if module_names is not None:
+        if module_names is not None and model is not None:
+            raise ConfigError("to_peft_config: pass module_names or model, not both.")
+        notes, parameters = [], set()
+        if model is not None:
+            settings, parameters, notes = self._model_settings(model)
+        else:
+            names = {m.name: m.name for m in self.modules}
+            if module_names is not None:
+                module_names = list(module_names)
+                names = _resolve_names(list(names), module_names)
+            settings = {names[m.name]: (m.rank, m.alpha, m.conv1d) for m in self.modules}
+        if parameters and (self.policy.use_dora or lora_dropout):
+            raise ConfigError(f"PEFT adapts {sorted(parameters)[0]} (a parameter {type(model).__name__} holds no "
+                              f"module for) through target_parameters, which takes no "
+                              f"{'DoRA' if self.policy.use_dora else 'lora_dropout'}: plan LoRA without dropout, "
+                              "or leave these modules' roles out (e.g. --roles q,k,v,o).")
+        config = lora_config(settings, alpha_for=self.policy.alpha_for, use_rslora=self.policy.rslora,
+                             use_dora=self.policy.use_dora, task_type=task_type, lora_dropout=lora_dropout,
+                             parameters=parameters)
+        if model is not None:
+            check_peft_config(config, [n for n, _ in model.named_modules() if n],
+                              parameter_names=[n for n, _ in model.named_parameters()])
+        elif module_names is not None:
             check_peft_config(config, module_names)
-        return config
+        return config, notes
+
+    def _model_settings(self, model) -> tuple[dict, set, list]:
+        """Target → (rank, alpha, conv1d) on ``model``, the targets that are parameters, and notes."""
+        from spectra.checkpoints.architectures import module_info
+        from spectra.checkpoints.targets import model_targets
+
+        cls = type(model).__name__
+        left_out = {m.name: m.reason for m in self.left_out}
+        found = model_targets([m.name for m in self.modules] + list(left_out), model)
+        missing = [m.name for m in self.modules if found[m.name] is None]
+        if missing:
+            raise ConfigError(f"The plan names {len(missing)} module(s) {cls} has no weight for: "
+                              f"{', '.join(missing[:5])}. Was the plan made from an analysis of this model?")
+        settings, fused = {}, defaultdict(list)
+        for m in self.modules:
+            target = found[m.name]
+            if target.parameter:
+                fused[target.name].append(m)
+            elif target.name in settings:
+                raise ConfigError(f"{m.name} and another planned module both load into {target.name} of {cls}; "
+                                  "drop one from the plan.")
+            else:
+                settings[target.name] = (m.rank, m.alpha, m.conv1d)
+        notes = []
+        for parameter, members in fused.items():
+            per_expert = defaultdict(int)  # a fused [gate; up] slice of rank r_g + r_u holds both updates
+            for m in members:
+                per_expert[module_info(m.name).expert] += m.rank
+            rank = max(per_expert.values())
+            settings[parameter] = (rank, self.policy.alpha_for(rank), False)
+            shape = tuple(model.get_parameter(parameter).shape)  # (experts, d1, d2) or (out, in)
+            cost = rank * (shape[0] if len(shape) == 3 else 1) * sum(shape[-2:])
+            if len(set(per_expert.values())) > 1:
+                notes.append(f"{parameter}: {cls} holds {len(members)} planned modules (e.g. {members[0].name}) in "
+                             "this one parameter, which PEFT adapts at one rank for all its experts, but the plan's "
+                             f"ranks come to {sorted(set(per_expert.values()))} per expert; peft_config uses the "
+                             f"largest, {rank} ({cost:,} LoRA parameters instead of the planned "
+                             f"{sum(m.params for m in members):,}). `spectra recommend --uniform` plans one rank.")
+            unplanned = [n for n, reason in left_out.items() if found[n] is not None and found[n].name == parameter]
+            if unplanned:
+                notes.append(f"{parameter}: PEFT adapts all {cls} holds in this parameter, including "
+                             f"{len(unplanned)} module(s) the plan leaves out (e.g. {unplanned[0]}: "
+                             f"{left_out[unplanned[0]]}), at rank {rank}.")
+        return settings, set(fused), notes
 
 
 def lora_config(modules: Mapping[str, tuple[int, float, bool]], *, alpha_for=None, use_rslora: bool = False,
-                use_dora: bool = False, task_type: str | None = None, lora_dropout: float = 0.0) -> dict:
+                use_dora: bool = False, task_type: str | None = None, lora_dropout: float = 0.0,
+                parameters: Iterable[str] = ()) -> dict:
     """A PEFT ``LoraConfig`` dict for per-module ``name → (rank, alpha, conv1d)``.
 
     ``r`` is the most common rank (ties: the smallest) and ``lora_alpha`` is ``alpha_for(r)``
     (default: the most common α among modules of rank ``r``); every module that differs gets
     a ``rank_pattern``/``alpha_pattern`` key anchored with ``^`` so that PEFT's suffix-regex
     match (``get_pattern_key``) hits only that module. ``fan_in_fan_out`` is set when any
-    module is a Conv1D.
+    module is a Conv1D. Names in ``parameters`` are parameters, not modules: they are listed
+    in ``target_parameters`` (PEFT matches pattern keys against them the same way).
     """
+    parameters = set(parameters)
     counts = Counter(rank for rank, _, _ in modules.values())
     r = max(counts, key=lambda k: (counts[k], -k))
     if alpha_for is None:
@@ -193,7 +281,8 @@ def lora_config(modules: Mapping[str, tuple[int, float, bool]], *, alpha_for=Non
         alpha = alpha_for(r)
     return {
         "peft_type": "LORA", "task_type": task_type, "r": r, "lora_alpha": alpha,
-        "target_modules": sorted(modules),
+        "target_modules": sorted(set(modules) - parameters),
+    } | ({"target_parameters": sorted(parameters)} if parameters else {}) | {
         "rank_pattern": {_anchor(n): rank for n, (rank, _, _) in modules.items() if rank != r},
         "alpha_pattern": {_anchor(n): a for n, (_, a, _) in modules.items() if a != alpha},
         "use_rslora": use_rslora, "use_dora": use_dora,
@@ -225,14 +314,17 @@ def _resolve_names(plan_names: list[str], module_names: list[str]) -> dict[str, 
     return out
 
 
-def check_peft_config(config: Mapping, module_names: Iterable[str]) -> dict[str, str]:
+def check_peft_config(config: Mapping, module_names: Iterable[str], *,
+                      parameter_names: Iterable[str] = ()) -> dict[str, str]:
     """Check that a LoraConfig dict targets exactly what it says, as PEFT 0.21 would match it.
 
     Every ``target_modules`` entry, ``rank_pattern`` key and ``alpha_pattern`` key must match
     exactly one module name, pattern keys only targeted modules, and no module may be matched
     by two keys (PEFT would silently use the first). Matching follows PEFT:
     ``check_target_module_exists`` (name equal to an entry or ending in ``"." + entry``) and
-    ``get_pattern_key`` (``re.match(rf"(.*\\.)?({key})$", name)``).
+    ``get_pattern_key`` (``re.match(rf"(.*\\.)?({key})$", name)``). ``target_parameters``
+    entries must match exactly one of ``parameter_names`` the same way (PEFT's
+    ``_inject_parameters``), and pattern keys may match a targeted parameter instead of a module.
 
     Returns
     -------
@@ -258,12 +350,21 @@ def check_peft_config(config: Mapping, module_names: Iterable[str]) -> dict[str,
             else:
                 matched[t] = hits[0]
             targeted.update(hits)
+    parameter_names, targeted_parameters = list(parameter_names), []
+    for t in config.get("target_parameters") or []:
+        hits = [n for n in parameter_names if n == t or n.endswith("." + t)]
+        if len(hits) != 1:
+            problems.append(f"target_parameters entry {t!r} matches {len(hits)} parameters")
+        else:
+            matched[t] = hits[0]
+        targeted_parameters += hits
+    targeted.update(targeted_parameters)
     for field_name in ("rank_pattern", "alpha_pattern"):
         keys = list(config.get(field_name) or {})
         for key in keys:
-            hits = [n for n in module_names if re.match(rf"(.*\.)?({key})$", n)]
+            hits = [n for n in module_names + targeted_parameters if re.match(rf"(.*\.)?({key})$", n)]
             if len(hits) != 1:
-                problems.append(f"{field_name} key {key!r} matches {len(hits)} modules")
+                problems.append(f"{field_name} key {key!r} matches {len(hits)} modules or targeted parameters")
             elif hits[0] not in targeted:
                 problems.append(f"{field_name} key {key!r} matches {hits[0]}, which is not targeted")
             else:
@@ -276,19 +377,35 @@ def check_peft_config(config: Mapping, module_names: Iterable[str]) -> dict[str,
     return matched
 
 
-def save_plan(plan: RankPlan, path: str | os.PathLike) -> Path:
+def save_plan(plan: RankPlan, path: str | os.PathLike, *, model_config: Mapping | None = None) -> Path:
     """Write the plan as JSON atomically (temp file in the same folder, then rename).
 
-    The file also carries ``peft_config``, the plan's :meth:`RankPlan.to_peft_config` (with the
-    plan's own names), for users who copy it into their training script; it is not read back.
+    The file also carries ``peft_config``, the plan's :meth:`RankPlan.to_peft_config`, for users
+    who pass it to ``LoraConfig(**…)``; it is not read back. Its names are those of the model
+    class that ``model_config`` names (a ``config.json`` dict; default: the one beside the
+    analysed base, ``plan.base["path"]``), built on the meta device, so PEFT matches them on
+    that model even where transformers renames or fuses the checkpoint's tensors
+    (transformers-5 Mixtral's experts become ``target_parameters``). ``peft_config_model``
+    names that class, ``peft_config_notes`` lists what the config could only approximate (each
+    also a :class:`~spectra.errors.PeftConfigWarning`). Without a config naming a class
+    transformers can build, the plan's own (checkpoint) names are written and
+    ``peft_config_model`` is null.
     """
+    from spectra.checkpoints.targets import architecture, meta_model
+
     path = Path(path)
     if path.is_dir():
         raise ConfigError(f"{path} is a directory; the plan is a file, e.g. {path / 'plan.json'}.")
     path.parent.mkdir(parents=True, exist_ok=True)
     data = plan.to_dict()
     if plan.modules:
-        data["peft_config"] = plan.to_peft_config()
+        config = model_config if model_config is not None else _base_config(plan.base)
+        model = meta_model(config)
+        data["peft_config"], notes = plan._peft_config(model=model, task_type="CAUSAL_LM")
+        data["peft_config_model"] = architecture(config) if model is not None else None
+        data["peft_config_notes"] = notes
+        for note in notes:
+            warnings.warn(note, PeftConfigWarning, stacklevel=2)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as fh:
@@ -302,6 +419,19 @@ def save_plan(plan: RankPlan, path: str | os.PathLike) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _base_config(base: Mapping | None) -> dict | None:
+    """The ``config.json`` beside the analysed base (``analysis["base"]["path"]``, a local path), or None."""
+    text = str((base or {}).get("path") or "")
+    where = Path(text)
+    if not text or not where.exists():
+        return None
+    file = (where if where.is_dir() else where.parent) / "config.json"
+    try:
+        return json.loads(file.read_text()) if file.is_file() else None
+    except (OSError, json.JSONDecodeError):  # unreadable: the plan's own names are written, as without one
+        return None
 
 
 def load_plan(path: str | os.PathLike) -> RankPlan:

@@ -139,16 +139,29 @@ def test_embeddings_are_written_as_peft_embedding_loras(family, tmp_path):
     assert not np.allclose(state[key].double().numpy(), W0)  # negative control: the update did land
 
 
-def test_names_the_model_does_not_have_and_bad_alpha_are_refused(tmp_path):
-    base = build_model("gpt_neox")  # stores its head as embed_out; the model's module is lm_head
+def test_a_head_transformers_renames_is_written_under_the_models_name(tmp_path):
+    """GPT-NeoX stores its head as embed_out; transformers 5 loads it into lm_head, where PEFT must find it."""
+    base = build_model("gpt_neox")
+    tuned = perturbed(base)
+    b, t = save(base, tmp_path / "b", "safetensors"), save(tuned, tmp_path / "t", "safetensors")
+    result = extract_adapter(b, t, 2, tmp_path / "ad", roles=("qkv", "head"), progress=False)
+    assert "lm_head" in {m.name for m in result.modules}
+    state, _ = merged_state(base, tmp_path / "ad")
+    W0, W1 = base.state_dict()["lm_head.weight"].double().numpy(), tuned.state_dict()["lm_head.weight"].double().numpy()
+    u, s, vt = np.linalg.svd(W1 - W0)
+    np.testing.assert_allclose(state["lm_head.weight"].double().numpy() - W0, (u[:, :2] * s[:2]) @ vt[:2], atol=2e-6)
+
+
+def test_names_the_model_cannot_adapt_and_bad_alpha_are_refused(tmp_path):
+    base = build_model("mixtral")  # its router block_sparse_moe.gate loads into mlp.gate, a module PEFT cannot wrap
     b, t = save(base, tmp_path / "b", "safetensors"), save(perturbed(base), tmp_path / "t", "safetensors")
-    with pytest.raises(ConfigError, match="embed_out: not module"):
-        extract_adapter(b, t, 2, tmp_path / "ad", roles=("qkv", "head"), progress=False)
+    with pytest.raises(ConfigError, match="block_sparse_moe.gate: not module"):
+        extract_adapter(b, t, 2, tmp_path / "ad", roles=("q", "other"), progress=False)
     for alpha in (0.0, -4.0):
         with pytest.raises(ConfigError, match="alpha must be positive"):
-            extract_adapter(b, t, 2, tmp_path / "ad", roles=("qkv",), alpha=alpha, progress=False)
+            extract_adapter(b, t, 2, tmp_path / "ad", roles=("q",), alpha=alpha, progress=False)
     assert not (tmp_path / "ad").exists()
-    extract_adapter(b, t, 2, tmp_path / "ad", roles=("qkv",), progress=False)  # the rest extracts as before
+    extract_adapter(b, t, 2, tmp_path / "ad", roles=("q",), progress=False)  # the rest extracts as before
 
 
 @pytest.mark.filterwarnings("ignore:The following (rank|alpha)_pattern keys:RuntimeWarning")  # PEFT maps experts itself
@@ -209,6 +222,92 @@ def test_keys_use_the_model_names_when_the_checkpoint_lacks_their_prefix(tmp_pat
     assert "base_model.model.transformer.h.0.attn.c_attn.lora_A.weight" in keys
     state, _ = merged_state(base, tmp_path / "ad")
     for name in ("transformer.h.0.attn.c_attn.weight", "transformer.h.1.attn.c_attn.weight"):
+        torch.testing.assert_close(state[name], tuned.state_dict()[name], rtol=1e-5, atol=2e-6)
+
+
+def _load_without_missing_keys(model, adapter_dir):
+    """PEFT's merged state dict of ``model`` + adapter; PEFT only warns about keys it could not place, so fail on that."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        state, _ = merged_state(model, adapter_dir)
+    placed = [str(w.message) for w in caught if "adapter keys" in str(w.message)]
+    assert not placed, placed
+    return state
+
+
+@pytest.mark.parametrize("bare", ["tuned", "base"])
+def test_keys_name_the_base_class_when_the_other_side_is_a_bare_model(bare, tmp_path):
+    """LlamaForCausalLM saves model.layers.0…, a bare LlamaModel layers.0…: an adapter is for the base's class."""
+    full = build_model("llama")
+    tuned_full = perturbed(full, names=("self_attn", "mlp"))
+    base, tuned = (full, tuned_full.model) if bare == "tuned" else (full.model, tuned_full)
+    b, t = save(base, tmp_path / "b", "safetensors"), save(tuned, tmp_path / "t", "safetensors")
+    result = extract_adapter(b, t, 4, tmp_path / "ad", roles=("q", "down"), progress=False)
+    assert result.model_class == type(base).__name__
+    state = _load_without_missing_keys(base, tmp_path / "ad")
+    prefix = "model." if bare == "tuned" else ""
+    assert {m.name for m in result.modules} == {f"{prefix}layers.{i}.{p}" for i in (0, 1)
+                                                for p in ("self_attn.q_proj", "mlp.down_proj")}
+    tuned_state = tuned_full.state_dict() if bare == "tuned" else tuned_full.model.state_dict()
+    tuned_state = {k.removeprefix("model."): v for k, v in tuned_state.items()}
+    for m in result.modules:
+        key = m.name + ".weight"
+        W0, W1 = base.state_dict()[key].double().numpy(), tuned_state[key.removeprefix("model.")].double().numpy()
+        u, s, vt = np.linalg.svd(W1 - W0)
+        np.testing.assert_allclose(state[key].double().numpy() - W0, (u[:, :4] * s[:4]) @ vt[:4], atol=2e-6)
+        assert not np.allclose(state[key].double().numpy(), W0)  # negative control: the update did land
+
+
+@pytest.mark.filterwarnings("ignore:The following (rank|alpha)_pattern keys:RuntimeWarning")  # PEFT maps experts itself
+def test_expert_keys_of_a_bare_fine_tune_take_the_base_class_prefix(tmp_path):
+    """A bare MixtralModel fine-tune stores layers.0.block_sparse_moe.experts.N.w1; PEFT converts model.layers.0…"""
+    base = build_model("mixtral")
+    tuned = copy.deepcopy(base)
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        tuned.model.layers[1].mlp.experts.down_proj.add_(0.02 * torch.randn(3, 32, 48, generator=g))
+    b, t = save(base, tmp_path / "b", "safetensors"), save(tuned.model, tmp_path / "t", "safetensors")
+    result = extract_adapter(b, t, 3, tmp_path / "ad", roles=("down",), progress=False)
+    assert {m.name for m in result.modules} == {f"model.layers.{i}.block_sparse_moe.experts.{e}.w2"
+                                                for i in (0, 1) for e in range(3)}
+    state = _load_without_missing_keys(base, tmp_path / "ad")
+    key = "model.layers.1.mlp.experts.down_proj"
+    for e in range(3):  # (experts, out, in): each expert's slice is base + its best rank-3 update
+        W0, W1 = base.state_dict()[key][e].double().numpy(), tuned.state_dict()[key][e].double().numpy()
+        u, s, vt = np.linalg.svd(W1 - W0)
+        np.testing.assert_allclose(state[key][e].double().numpy() - W0, (u[:, :3] * s[:3]) @ vt[:3], atol=2e-6)
+
+
+def test_model_class_chooses_the_class_the_adapter_is_for(tmp_path):
+    full = build_model("llama")
+    tuned = perturbed(full, names=("self_attn",))
+    b, t = save(full, tmp_path / "b", "safetensors"), save(tuned.model, tmp_path / "t", "safetensors")
+    result = extract_adapter(b, t, 2, tmp_path / "ad", roles=("q",), model_class="LlamaModel", progress=False)
+    assert result.model_class == "LlamaModel" and {m.name for m in result.modules} == {"layers.0.self_attn.q_proj",
+                                                                                        "layers.1.self_attn.q_proj"}
+    state = _load_without_missing_keys(full.model, tmp_path / "ad")
+    key = "layers.1.self_attn.q_proj.weight"
+    assert not torch.equal(state[key], full.model.state_dict()[key])
+    with pytest.raises(ConfigError, match="model_class 'LlamaForNothing'.*e.g. LlamaForCausalLM"):
+        extract_adapter(b, t, 2, tmp_path / "ad2", roles=("q",), model_class="LlamaForNothing", progress=False)
+
+
+def test_a_head_only_the_tuned_class_has_makes_the_adapter_for_that_class(tmp_path):
+    """A classifier saved whole from a fine-tune of a bare BertModel: only BertForSequenceClassification holds it."""
+    base = build_model("bert", head=False)
+    tuned = perturbed(build_model("bert", head=True), names=("attention.self", "classifier"))
+    with torch.no_grad():  # the fine-tune started from the bare base
+        tuned.bert.load_state_dict(perturbed(base, names=("attention.self",)).state_dict(), strict=False)
+    b, t = save(base, tmp_path / "b", "safetensors"), save(tuned, tmp_path / "t", "safetensors")
+    result = extract_adapter(b, t, "full", tmp_path / "ad", roles=("q",), modules_to_save=("classifier",),
+                             progress=False)
+    assert result.model_class == "BertForSequenceClassification"
+    head_model = build_model("bert", head=True)
+    head_model.bert.load_state_dict(base.state_dict(), strict=False)
+    state = _load_without_missing_keys(head_model, tmp_path / "ad")
+    for name in ("classifier.weight", "bert.encoder.layer.1.attention.self.query.weight"):
         torch.testing.assert_close(state[name], tuned.state_dict()[name], rtol=1e-5, atol=2e-6)
 
 

@@ -104,3 +104,106 @@ def test_every_pattern_key_hits_exactly_its_module_in_peft(tmp_path, family, hea
     bare = cfg | {"rank_pattern": {k.rsplit(".", 1)[-1]: v for k, v in cfg["rank_pattern"].items()}}
     with pytest.raises(ConfigError):
         check_peft_config(bare, module_names)
+
+
+# planted ranks of the tiny Mixtral's expert projections, per (layer, expert): w1 (gate), w3 (up), w2 (down)
+_EXPERT_RANKS = {(0, 0): (2, 1, 2), (0, 1): (2, 1, 2), (0, 2): (2, 1, 2),  # one rank per fused parameter
+                 (1, 0): (1, 1, 1), (1, 1): (3, 2, 1), (1, 2): (1, 0, 1)}  # experts differ; one w3 unchanged
+
+
+def _mixtral_pair(root):
+    """A tiny transformers-5 Mixtral and a fine-tune with exact planted ranks (checkpoints store experts.N.w1…)."""
+    import copy
+    import itertools
+
+    from tests.models import add_to_parameter, build_model, low_rank, save
+
+    base = build_model("mixtral")
+    tuned = copy.deepcopy(base)
+    seeds = itertools.count(1)
+    for layer in (0, 1):
+        for proj, rank in (("q_proj", 2), ("v_proj", 1)):  # k_proj, o_proj unchanged: left out
+            out_f, in_f = tuned.get_parameter(f"model.layers.{layer}.self_attn.{proj}.weight").shape
+            add_to_parameter(tuned, f"model.layers.{layer}.self_attn.{proj}.weight",
+                             low_rank(out_f, in_f, rank, seed=next(seeds)))
+        for expert in range(3):
+            gate, up, down = _EXPERT_RANKS[layer, expert]
+            experts = f"model.layers.{layer}.mlp.experts"
+            for rows, rank in ((slice(0, 48), gate), (slice(48, 96), up)):  # gate_up_proj (experts, [gate; up], in)
+                if rank:
+                    add_to_parameter(tuned, f"{experts}.gate_up_proj", low_rank(48, 32, rank, seed=next(seeds)),
+                                     rows=rows, expert=expert)
+            add_to_parameter(tuned, f"{experts}.down_proj", low_rank(32, 48, down, seed=next(seeds)),
+                             expert=expert)
+    return base, save(base, root / "b", "safetensors"), save(tuned, root / "t", "safetensors")
+
+
+def _adapted_ranks(peft_model) -> dict[str, tuple[int, float, tuple]]:
+    """Module or parameter name → (r, scaling, lora_A shape) of every LoRA layer PEFT made."""
+    from peft.tuners.lora import LoraLayer
+
+    out = {}
+    for name, layer in peft_model.base_model.model.named_modules():
+        if isinstance(layer, LoraLayer) and "default" in layer.lora_A:
+            parameter = getattr(layer, "parameter_name", None)  # ParamWrapper: nested on one module, .base_layer…
+            key = name.replace(".base_layer", "") + (f".{parameter}" if parameter else "")
+            out[key] = (layer.r["default"], layer.scaling["default"], tuple(layer.lora_A["default"].weight.shape))
+    return out
+
+
+@pytest.mark.filterwarnings("ignore:The following (rank|alpha)_pattern keys:RuntimeWarning")  # PEFT 0.21 checks
+# pattern keys against targeted modules only, and reports those of target_parameters as ignored; they are applied
+def test_mixtral_plan_targets_the_fused_expert_parameters_at_their_rank(tmp_path):
+    """transformers 5 loads Mixtral's experts.N.w1/w3/w2 into mlp.experts.gate_up_proj/down_proj parameters."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    from spectra.analysis import analyze
+    from spectra.errors import PeftConfigWarning
+
+    base, b, t = _mixtral_pair(tmp_path)
+    plan = recommend_ranks(analyze(b, t, cache_dir=False, progress=False), RankPolicy(energy=0.99))
+    planned = {m.name: m.rank for m in plan.modules}
+    assert planned["model.layers.1.block_sparse_moe.experts.1.w1"] == 3  # the planted ranks are the plan's
+    assert "model.layers.1.block_sparse_moe.experts.2.w3" in {m.name for m in plan.left_out}
+    with pytest.warns(PeftConfigWarning) as caught:
+        save_plan(plan, tmp_path / "plan.json")
+    data = json.loads((tmp_path / "plan.json").read_text())
+    assert data["peft_config_model"] == "MixtralForCausalLM" and data["peft_config_notes"] == [
+        str(w.message) for w in caught]
+    notes = " ".join(data["peft_config_notes"])
+    assert "layers.1.mlp.experts.gate_up_proj" in notes and "ranks come to [1, 2, 5] per expert" in notes and "experts.2.w3" in notes
+    assert "layers.0" not in notes  # layer 0's experts share one rank: nothing to say
+
+    cfg = data["peft_config"]
+    adapted = _adapted_ranks(get_peft_model(copy.deepcopy(base), LoraConfig(**cfg)))
+    expected = {f"model.layers.{i}.self_attn.{p}": r for i in (0, 1) for p, r in (("q_proj", 2), ("v_proj", 1))}
+    # per expert, gate + up (a [gate; up] update of rank r_g + r_u); the largest over the experts: 1+1, 3+2, 1+0
+    expected |= {"model.layers.0.mlp.experts.gate_up_proj": 3, "model.layers.0.mlp.experts.down_proj": 2,
+                 "model.layers.1.mlp.experts.gate_up_proj": 5, "model.layers.1.mlp.experts.down_proj": 1}
+    assert {name: r for name, (r, _, _) in adapted.items()} == expected
+    for name, (r, scaling, shape) in adapted.items():
+        assert scaling == pytest.approx(plan.policy.scaling(r)), name
+        experts, in_features = (3 if "experts" in name else 1), (48 if "down_proj" in name else 32)
+        assert shape == (r * experts, in_features), name  # lora_A: (r · experts, in)
+
+    # negative control: the checkpoint's names, as plan.json held them, leave the experts at PEFT's default rank
+    old = plan.to_peft_config()
+    adapted = _adapted_ranks(get_peft_model(copy.deepcopy(base), LoraConfig(**old)))
+    assert adapted["model.layers.1.mlp.experts.gate_up_proj"][0] != 5
+
+
+def test_a_plan_for_a_model_without_renames_is_unchanged(tmp_path):
+    """Llama loads its checkpoint names as they are: plan.json's peft_config is the plan's own."""
+    from tests.models import build_model, save
+
+    model = build_model("llama")
+    data = analysis(*_plan_rows(model))
+    data["base"] = {"path": str(save(model, tmp_path / "base", "safetensors")), "fingerprint": "abc"}
+    plan = recommend_ranks(data, RankPolicy(energy=0.99))
+    path = save_plan(plan, tmp_path / "plan.json")
+    saved = json.loads(path.read_text())
+    assert saved["peft_config_model"] == "LlamaForCausalLM" and saved["peft_config_notes"] == []
+    assert saved["peft_config"] == plan.to_peft_config() and "target_parameters" not in saved["peft_config"]
+    assert saved["peft_config"]["rank_pattern"]  # the patterns are really exercised

@@ -1,0 +1,133 @@
+"""Checkpoint module names → what PEFT targets on the model class that loads them.
+
+A LoRA adapter is applied to a model, and PEFT matches ``target_modules``, ``rank_pattern``
+keys and adapter keys against that model's names, which can differ from the checkpoint's:
+
+- by a prefix: the original GPT-2 checkpoint stores ``h.0.attn.c_attn`` where
+  ``GPT2LMHeadModel`` has ``transformer.h.0.attn.c_attn``, and a bare ``LlamaModel`` saves
+  ``layers.0…`` where ``LlamaForCausalLM`` has ``model.layers.0…`` (resolved by dot-suffix);
+- by transformers' loading conversions (transformers ≥ 5): a tensor renamed (GPT-NeoX stores
+  its head as ``embed_out``, the model's module is ``lm_head``) or fused: Mixtral's per-expert
+  ``block_sparse_moe.experts.3.w1``/``w3`` (out, in) become slices of one
+  ``mlp.experts.gate_up_proj`` parameter (experts, 2·ffn, hidden), which is no module: PEFT
+  adapts it through ``target_parameters``, at one rank for all of its experts.
+
+The model is built from ``config.json`` on the meta device (shapes only, no memory), and
+transformers' own conversion table says where each checkpoint tensor lands, as it does when
+the model is loaded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class ModelTarget:
+    """Where one checkpoint module lands in the model: a module PEFT wraps, or a parameter.
+
+    ``parameter`` targets (``LoraConfig.target_parameters``) are weights held by a module PEFT
+    cannot wrap: a fused 3-D expert tensor (experts, out, in), or a router's ``weight``. Their
+    ``stored_name`` is the checkpoint module's name with the prefix of the model's names (a bare
+    ``MixtralModel``'s ``layers.0…experts.3.w1`` as ``MixtralForCausalLM`` stores it,
+    ``model.layers.0…``): the name under which PEFT converts an adapter's per-expert tensors.
+    """
+
+    name: str  # module name (target_modules) or parameter name (target_parameters)
+    parameter: bool = False
+    stored_name: str | None = None  # parameter targets: the checkpoint name, prefixed as the model's
+
+
+def architecture(config: Mapping | None) -> str | None:
+    """The model class a ``config.json`` names (its first ``architectures`` entry), or None."""
+    return ((config or {}).get("architectures") or [None])[0]
+
+
+def meta_model(config: Mapping | None, model_class: str | None = None):
+    """The class ``model_class`` (default: the one ``config`` names), built on the meta device, or None.
+
+    None when the config lacks ``model_type`` or names no class, or when this transformers has
+    no such class or cannot build it from the config: then there is nothing to check names against.
+    """
+    model_class = model_class or architecture(config)
+    if not config or not model_class or not config.get("model_type"):
+        return None
+    import transformers
+
+    cls = getattr(transformers, model_class, None)
+    if cls is None:
+        return None
+    try:
+        fields = {k: v for k, v in config.items() if k != "model_type"}
+        with torch.device("meta"):  # shapes only: no memory, no initialisation
+            return cls(transformers.AutoConfig.for_model(config["model_type"], **fields))
+    except Exception:  # an architecture this transformers cannot build from its config: nothing to check against
+        return None
+
+
+def resolve_name(name: str, names: Iterable[str]) -> str | None:
+    """The one of ``names`` equal to ``name`` or differing from it by a leading prefix, else None."""
+    names = list(names)
+    if name in names:
+        return name
+    hits = [m for m in names if m.endswith("." + name) or name.endswith("." + m)]
+    return hits[0] if len(hits) == 1 else None
+
+
+def model_targets(names: Iterable[str], model) -> dict[str, ModelTarget | None]:
+    """Checkpoint module name (``model.layers.0.self_attn.q_proj``, no ``.weight``) → its target in ``model``.
+
+    A name is the model's module when it resolves to one (exactly or up to a leading prefix) that
+    PEFT's LoRA can wrap (Linear, Embedding, Conv, transformers' Conv1D). Otherwise its
+    ``.weight`` is renamed as transformers renames it on loading, and resolved against the
+    model's parameters: the weight of a module PEFT can wrap gives that module (GPT-NeoX's
+    ``embed_out`` → ``lm_head``), any other a parameter target (Mixtral's
+    ``…experts.3.w1`` → ``…mlp.experts.gate_up_proj``). None: the model has no such weight.
+    """
+    modules = dict(model.named_modules())
+    module_names = [n for n in modules if n]
+    parameters = [n for n, _ in model.named_parameters()]
+    rename = _loading_rename(model)
+    out = {}
+    for name in names:
+        module = resolve_name(name, module_names)
+        if module is not None and _adaptable(modules[module]):
+            out[name] = ModelTarget(module)
+            continue
+        loaded = rename(name + ".weight")
+        weight = resolve_name(loaded, parameters)
+        if weight is None:
+            out[name] = None
+            continue
+        owner, _, leaf = weight.rpartition(".")
+        if leaf == "weight" and owner in modules and _adaptable(modules[owner]):
+            out[name] = ModelTarget(owner)
+        elif len(weight) >= len(loaded):  # the model's name adds a prefix: model.layers.0… for layers.0…
+            out[name] = ModelTarget(weight, parameter=True, stored_name=weight[:len(weight) - len(loaded)] + name)
+        else:  # the checkpoint's name carries a prefix the model's lacks
+            out[name] = ModelTarget(weight, parameter=True, stored_name=name[len(loaded) - len(weight):])
+    return out
+
+
+def _adaptable(module: torch.nn.Module) -> bool:
+    """Whether PEFT's LoRA wraps this module type (else only its parameters can be targeted)."""
+    from transformers.pytorch_utils import Conv1D
+
+    return isinstance(module, (torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv1d, torch.nn.Conv2d,
+                               torch.nn.Conv3d, Conv1D))
+
+
+def _loading_rename(model):
+    """Checkpoint tensor name → the model's, as transformers' loader renames and fuses it."""
+    try:  # transformers ≥ 5; PEFT maps adapters through the same table
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+    except ImportError:  # transformers 4 loads every tensor under its stored name
+        return lambda key: key
+    conversions = get_model_conversion_mapping(model)
+    renamings = [c for c in conversions if isinstance(c, WeightRenaming)]
+    converters = [c for c in conversions if isinstance(c, WeightConverter)]
+    return lambda key: rename_source_key(key, renamings, converters)[0]
