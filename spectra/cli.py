@@ -640,7 +640,7 @@ def sweep(
     """
     _writable(output)
     from spectra.errors import ConfigError
-    from spectra.ranks import RankPolicy, functional_ranks, load_plan, recommend_ranks, save_plan
+    from spectra.ranks import RankPolicy, functional_ranks, load_plan, recommend_ranks
     from spectra.sweep import SweepConfig, truncation_sweep
 
     if output.exists() and not overwrite:
@@ -667,9 +667,7 @@ def sweep(
             marks[f"functional ε={epsilon:g}"] = choice["groups"]["model"]["rank"]
         if analysis is not None:
             functional_plan = recommend_ranks(analysis, RankPolicy(energy=None, functional=epsilon), sweep=result)
-    path = result.write_report(output, overwrite=overwrite, marks=marks)
-    if functional_plan is not None:
-        save_plan(functional_plan, path / "plan.json")
+    path = result.write_report(output, overwrite=overwrite, marks=marks, plan=functional_plan)  # plan.json staged too
     if not quiet:
         from rich.console import Console
         from rich.table import Table
