@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from spectra.checkpoints.pairing import iter_deltas
 from spectra.errors import ConfigError
@@ -113,7 +114,6 @@ def test_group_by_length_is_seeded_and_changes_the_batches(llama_base, tmp_path)
 
 def test_a_classifier_pools_where_its_batches_pad(tmp_path):
     """A checkpoint whose config.pad_token_id (7) is not the tokenizer's: eval must equal the unpadded examples."""
-    import torch
     import transformers as tf
     from peft import PeftModel
 
@@ -159,4 +159,30 @@ def test_labels_log_rate_and_short_examples(llama_base, tmp_path):
     result = train_adapter(llama_base, short, config, tmp_path / "ad", progress=False)
     assert result.steps == 1 and all(loss == loss for loss in result.losses)  # no NaN step
     logged = [json.loads(x) for x in (tmp_path / "ad" / "training_log.jsonl").read_text().splitlines()]
-    assert logged[0]["lr"] == pytest.approx(1e-3 / (0 + 1))  # the rate step 1 used: warm-up 0 steps of 1
+    assert logged[0]["lr"] == pytest.approx(1e-3 / 2)  # the rate step 1 used: warm-up ceil(0.5 · 1) = 1 step
+
+
+@pytest.mark.parametrize("ratio", [0.06, 0.1, 0.5])
+def test_warmup_steps_round_up_as_transformers_does(ratio, tmp_path):
+    from transformers import TrainingArguments
+
+    from spectra.lora.train import warmup_steps
+
+    # transformers 5 takes the ratio as a float warmup_steps < 1 (4.x had warmup_ratio)
+    fields = TrainingArguments.__dataclass_fields__
+    key = "warmup_ratio" if "warmup_ratio" in fields else "warmup_steps"
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], **{key: ratio})
+    totals = (1, 2, 4, 5, 16, 17, 90, 100, 120, 1000)
+    assert [warmup_steps(ratio, n) for n in totals] == [args.get_warmup_steps(n) for n in totals]
+    assert warmup_steps(ratio, 4) >= 1  # negative control below: truncation gave short runs none
+    assert int(0.06 * 4) == 0 and warmup_steps(0.0, 4) == 0
+
+
+def test_a_short_run_warms_up(llama_base, text_data, tmp_path):
+    """4 steps at warmup_ratio 0.1: ceil(0.4) = 1 warm-up step (int() gave 0: full rate at step 1)."""
+    config = TrainConfig(rank=2, lr=1e-3, warmup_ratio=0.1, **FAST)
+    train_adapter(llama_base, text_data, config, tmp_path / "ad", progress=False)
+    rates = [json.loads(x)["lr"] for x in (tmp_path / "ad" / "training_log.jsonl").read_text().splitlines()]
+    # step s (from 0) uses (s+1)/(w+1) while s < w, then decays linearly to 0 over the remaining total − w steps
+    assert rates == pytest.approx([1e-3 / 2, 1e-3, 1e-3 * 2 / 3, 1e-3 / 3])
+
