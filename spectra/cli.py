@@ -446,7 +446,9 @@ def train(
     plan: Annotated[Optional[Path], typer.Option(help="Per-module ranks from `spectra recommend -o plan.json`.")] = None,
     roles: Annotated[Optional[str], typer.Option(help="Roles to target, e.g. q,v (default: every block linear).")] = None,
     task: Annotated[str, typer.Option(help="auto, causal_lm or seq_cls.")] = "auto",
-    eval_data: Annotated[Optional[Path], typer.Option(help="Held-out data (default: 10% of --data).")] = None,
+    eval_data: Annotated[Optional[Path], typer.Option(help="Held-out data (default: --eval-fraction of --data).")] = None,
+    eval_fraction: Annotated[float, typer.Option(help="Share of --data held out without --eval-data (at least one "
+                                                      "example; 0: no evaluation).")] = 0.1,
     epochs: Annotated[int, typer.Option(help="Passes over the data.")] = 1,
     max_steps: Annotated[Optional[int], typer.Option(help="Stop after this many steps.")] = None,
     batch_size: Annotated[int, typer.Option(help="Examples per step.")] = 16,
@@ -471,8 +473,8 @@ def train(
     from spectra.lora.train import TrainConfig, train_adapter
 
     config = TrainConfig(method="full" if full else method, rank=rank, alpha=alpha, rslora=rslora,
-                         plan=str(plan) if plan else None, roles=_split(roles), task=task, epochs=epochs,
-                         max_steps=max_steps, batch_size=batch_size, max_length=max_length, lr=lr,
+                         plan=str(plan) if plan else None, roles=_split(roles), task=task, eval_fraction=eval_fraction,
+                         epochs=epochs, max_steps=max_steps, batch_size=batch_size, max_length=max_length, lr=lr,
                          group_by_length=group_by_length, compute_dtype=compute_dtype, teacher=teacher,
                          device=device, seed=seed)
     result = train_adapter(base, data, config, output, eval_data=eval_data, overwrite=overwrite, progress=not quiet)

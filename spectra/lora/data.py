@@ -203,18 +203,39 @@ class TokenizedData:
     def __len__(self) -> int:
         return len(self.ids)
 
-    def split(self, fraction: float, *, seed: int) -> tuple["TokenizedData", "TokenizedData"]:
-        """(train, held-out) with ``fraction`` of the examples held out, by a seeded permutation."""
-        n_eval = int(round(len(self) * fraction))
-        if not 0 < n_eval < len(self):
-            raise ConfigError(f"eval_fraction {fraction} of {len(self)} examples leaves an empty train or eval "
-                              "set; pass eval data, or change eval_fraction.")
+    def split(self, fraction: float, *, seed: int, source: str = "data") -> tuple["TokenizedData", "TokenizedData"]:
+        """(train, held-out) with ``fraction`` of the examples held out, by a seeded permutation.
+
+        ``held_out_count(len(self), fraction)`` examples are held out: at least one, and at
+        least one is left to train on. ``source`` names the data in errors.
+        """
+        n_eval = held_out_count(len(self), fraction, source=source)
         order = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed)).tolist()
         return self._subset(sorted(order[n_eval:])), self._subset(sorted(order[:n_eval]))
 
     def _subset(self, index: list[int]) -> "TokenizedData":
         labels = None if self.labels is None else [self.labels[i] for i in index]
         return TokenizedData([self.ids[i] for i in index], labels, self.task, self.pad_token_id)
+
+
+def held_out_count(n: int, fraction: float, *, source: str = "data") -> int:
+    """Examples to hold out of ``n``: ``round(fraction·n)``, at least 1 and at most ``n − 1``.
+
+    A tiny data set still gets one eval and one train example (``round`` alone holds out
+    none of 2–4 examples at the default 0.1). Half-way cases round to even, as Python does.
+
+    Raises
+    ------
+    ConfigError
+        ``fraction`` outside (0, 1), or fewer than 2 examples (nothing left to train on).
+    """
+    if not 0.0 < fraction < 1.0:
+        raise ConfigError(f"eval_fraction {fraction} must lie in (0, 1) to hold out part of {source}.")
+    if n < 2:
+        raise ConfigError(f"eval_fraction {fraction}: {source} holds {n} example, too few to hold one out and "
+                          "train on the rest; pass eval data (--eval-data), or set eval_fraction to 0 "
+                          "(--eval-fraction 0) to train without evaluation.")
+    return min(max(1, round(fraction * n)), n - 1)
 
 
 def tokenize(records: Sequence[Mapping], tokenizer, *, task: str, max_length: int,
@@ -356,6 +377,9 @@ def prepare_data(model_dir: str | Path, data, *, task: str = "auto", max_length:
     eval_data : str or path, optional
         Held-out data; otherwise ``eval_fraction`` of ``data`` is held out (0: none).
     eval_fraction : float
+        Share of the examples held out when there is no ``eval_data``: at least one, and at
+        least one left to train on (:func:`held_out_count`); data of a single example is
+        refused unless this is 0.
     seed : int
         Seed of the held-out split.
 
@@ -382,8 +406,8 @@ def prepare_data(model_dir: str | Path, data, *, task: str = "auto", max_length:
     held_out = None
     if eval_data is not None:
         held_out = tokenize_file(eval_data, tokenizer, task=task, max_length=max_length, label_names=names)
-    elif eval_fraction > 0 and len(train) >= 2:
-        train, held_out = train.split(eval_fraction, seed=seed)
+    elif eval_fraction > 0:
+        train, held_out = train.split(eval_fraction, seed=seed, source=f"data file {data}")
     return task, train, held_out, names, tokenizer
 
 

@@ -75,7 +75,9 @@ class TrainConfig:
         length, so about half the step time; batches are a little less random.
     lora_dropout : float
     eval_fraction : float
-        Share of the data held out for evaluation when no eval data is passed (0: none).
+        Share of the data held out for evaluation when no eval data is passed (0: none):
+        ``round(eval_fraction · n)`` examples, at least 1 and at most ``n − 1``; data of one
+        example is refused unless this is 0.
     eval_every : int, optional
         Also evaluate every this many steps (default: at the end of each epoch).
     compute_dtype : {"float32", "bfloat16", "float16"}
