@@ -1,4 +1,5 @@
-"""Data for the trainer (spectra.lora.data): batching order, length grouping, padding, and the held-out split."""
+"""Data for the trainer (spectra.lora.data): batching order, length grouping, padding, the held-out split,
+labels against the model's head."""
 
 import json
 
@@ -8,7 +9,7 @@ import torch
 
 from spectra.errors import ConfigError
 from spectra.lora.data import (LENGTH_GROUP, TokenizedData, batch_indices, batches, collate, held_out_count,
-                               prepare_data)
+                               label_ids, prepare_data)
 
 
 def _data(n=200, seed=0, task="seq_cls"):
@@ -108,3 +109,19 @@ def test_tiny_data_files_get_one_eval_example(llama_base, tmp_path):
     _, train, held, _, _ = prepare_data(llama_base, one, eval_fraction=0.0)  # no evaluation asked: fine
     assert len(train) == 1 and held is None
 
+
+# ---------------------------------------------------------------------------- labels and the head
+
+
+def test_integer_labels_keep_a_head_they_fit_and_are_refused_beyond_it():
+    records = [{"label": v} for v in (0, 1, 1, 0)]
+    assert label_ids(records, min_labels=3) == ([0, 1, 1, 0], ["0", "1", "2"])  # the 3-class head's names
+    assert label_ids(records, num_labels=3, min_labels=3)[1] == ["0", "1", "2"]
+    assert label_ids(records + [{"label": 4}], min_labels=3)[1] == ["0", "1", "2", "3", "4"]  # a new head grows
+    with pytest.raises(ConfigError, match=r"train\.jsonl: label 3 is outside the model's 3 classes"):
+        label_ids(records + [{"label": 3}], num_labels=3, min_labels=3, source="train.jsonl")
+    with pytest.raises(ConfigError, match="negative"):
+        label_ids(records + [{"label": -1}])
+    # string labels are their own label set, whatever the head's size: one class is still refused
+    with pytest.raises(ConfigError, match="at least two classes"):
+        label_ids([{"label": "pos"}] * 3, num_labels=3)

@@ -186,3 +186,42 @@ def test_a_short_run_warms_up(llama_base, text_data, tmp_path):
     # step s (from 0) uses (s+1)/(w+1) while s < w, then decays linearly to 0 over the remaining total − w steps
     assert rates == pytest.approx([1e-3 / 2, 1e-3, 1e-3 * 2 / 3, 1e-3 / 3])
 
+
+def test_integer_labels_keep_a_pretrained_three_class_head(tmp_path, monkeypatch):
+    """A classifier checkpoint with 3 classes, data using only labels 0 and 1: the head is the checkpoint's."""
+    from safetensors.torch import load_file
+
+    import spectra.lora.train as train_module
+
+    loaded = []  # the classifier of each model the trainer loads, as loaded
+
+    def spy(*args, **kwargs):
+        model = real(*args, **kwargs)
+        loaded.append({k: v.detach().clone() for k, v in model.state_dict().items() if k.startswith("classifier.")})
+        return model
+
+    real = train_module.load_model
+    monkeypatch.setattr(train_module, "load_model", spy)
+    base = save(build_model("bert", head=True), tmp_path / "cls3", "safetensors")  # BertForSequenceClassification
+    head = {k: v for k, v in load_file(base / "model.safetensors").items() if k.startswith("classifier.")}
+    assert head["classifier.weight"].shape == (3, 32)
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"text": f"item {i}", "label": i % 2}) + "\n" for i in range(8)))
+    config = TrainConfig(rank=2, max_length=16, batch_size=4, max_steps=1, eval_fraction=0.0)
+    result = train_adapter(base, data, config, tmp_path / "ad", progress=False)
+    assert result.label_names == ["0", "1", "2"]
+    assert len(loaded) == 1 and set(loaded[0]) == set(head)
+    for key, value in head.items():  # the checkpoint's own head, not a new one of 2 classes
+        assert torch.equal(loaded[0][key], value)
+    trained = load_file(tmp_path / "ad" / "adapter_model.safetensors")
+    saved = [k for k in trained if "classifier" in k and k.endswith("weight")]
+    assert saved and trained[saved[0]].shape == (3, 32)  # the trained copy of the 3-class head
+    # negative control: a label the head has no output for is refused, not a silently replaced head
+    beyond = tmp_path / "beyond.jsonl"
+    beyond.write_text("".join(json.dumps({"text": f"item {i}", "label": i % 4}) + "\n" for i in range(8)))
+    with pytest.raises(ConfigError, match=r"beyond\.jsonl: label 3 is outside the model's 3 classes"):
+        train_adapter(base, beyond, config, tmp_path / "ad2", progress=False)
+    assert not (tmp_path / "ad2").exists()
+    # a base model without a head gets a new one, sized max(configured num_labels, max label + 1)
+    bare = save(build_model("bert", head=False), tmp_path / "bare", "safetensors")  # config: 3 labels
+    assert train_adapter(bare, beyond, config, tmp_path / "ad3", progress=False).label_names == ["0", "1", "2", "3"]
