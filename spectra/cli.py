@@ -458,7 +458,9 @@ def train(
     plan: Annotated[Optional[Path], typer.Option(help="Per-module ranks from `spectra recommend -o plan.json`.")] = None,
     roles: Annotated[Optional[str], typer.Option(help="Roles to target, e.g. q,v (default: every block linear).")] = None,
     task: Annotated[str, typer.Option(help="auto, causal_lm or seq_cls.")] = "auto",
-    eval_data: Annotated[Optional[Path], typer.Option(help="Held-out data (default: 10% of --data).")] = None,
+    eval_data: Annotated[Optional[Path], typer.Option(help="Held-out data (default: --eval-fraction of --data).")] = None,
+    eval_fraction: Annotated[float, typer.Option(help="Share of --data held out without --eval-data (at least one "
+                                                      "example; 0: no evaluation).")] = 0.1,
     epochs: Annotated[int, typer.Option(help="Passes over the data.")] = 1,
     max_steps: Annotated[Optional[int], typer.Option(help="Stop after this many steps.")] = None,
     batch_size: Annotated[int, typer.Option(help="Examples per step.")] = 16,
@@ -483,8 +485,8 @@ def train(
     from spectra.lora.train import TrainConfig, train_adapter
 
     config = TrainConfig(method="full" if full else method, rank=rank, alpha=alpha, rslora=rslora,
-                         plan=str(plan) if plan else None, roles=_split(roles), task=task, epochs=epochs,
-                         max_steps=max_steps, batch_size=batch_size, max_length=max_length, lr=lr,
+                         plan=str(plan) if plan else None, roles=_split(roles), task=task, eval_fraction=eval_fraction,
+                         epochs=epochs, max_steps=max_steps, batch_size=batch_size, max_length=max_length, lr=lr,
                          group_by_length=group_by_length, compute_dtype=compute_dtype, teacher=teacher,
                          device=device, seed=seed)
     result = train_adapter(base, data, config, output, eval_data=eval_data, overwrite=overwrite, progress=not quiet)
@@ -652,7 +654,7 @@ def sweep(
     """
     _writable(output)
     from spectra.errors import ConfigError
-    from spectra.ranks import RankPolicy, functional_ranks, load_plan, recommend_ranks, save_plan
+    from spectra.ranks import RankPolicy, functional_ranks, load_plan, recommend_ranks
     from spectra.sweep import SweepConfig, truncation_sweep
 
     if output.exists() and not overwrite:
@@ -679,9 +681,7 @@ def sweep(
             marks[f"functional ε={epsilon:g}"] = choice["groups"]["model"]["rank"]
         if analysis is not None:
             functional_plan = recommend_ranks(analysis, RankPolicy(energy=None, functional=epsilon), sweep=result)
-    path = result.write_report(output, overwrite=overwrite, marks=marks)
-    if functional_plan is not None:
-        save_plan(functional_plan, path / "plan.json")
+    path = result.write_report(output, overwrite=overwrite, marks=marks, plan=functional_plan)  # plan.json staged too
     if not quiet:
         from rich.console import Console
         from rich.table import Table

@@ -126,14 +126,17 @@ class SweepResult:
 
         return plot_truncation_curve(self.to_dict(), marks=marks)
 
-    def write_report(self, out_dir, *, overwrite: bool = False, marks: dict[str, int] | None = None) -> Path:
+    def write_report(self, out_dir, *, overwrite: bool = False, marks: dict[str, int] | None = None,
+                     plan=None) -> Path:
         """``sweep.json``, ``report.md``, ``report.html`` and the curve figure, written atomically.
 
         ``marks``: label → rank drawn as vertical lines (e.g. the functional and energy ranks).
+        ``plan``: a :class:`~spectra.ranks.RankPlan` (e.g. the functional one) written as
+        ``plan.json`` in the same staged directory, so the folder appears complete at once.
         """
         from spectra.report.sweep import write_truncation_report
 
-        return write_truncation_report(self.data, out_dir, overwrite=overwrite, marks=marks)
+        return write_truncation_report(self.data, out_dir, overwrite=overwrite, marks=marks, plan=plan)
 
     @classmethod
     def load(cls, path) -> "SweepResult":

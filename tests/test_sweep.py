@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -111,6 +112,39 @@ def test_rank_r_is_the_eckart_young_truncation(llama, tmp_path):
     assert {p.name for p in (path / "figures").iterdir()} == {"curve.png", "curve.svg", "roles.png", "roles.svg"}
     assert SweepResult.load(path).data["marks"] == {"energy 0.9": 4}
     assert "perplexity" not in (path / "report.md").read_text() and "<lambda>" in (path / "report.md").read_text()
+
+
+def test_a_plan_is_staged_with_the_report_and_renamed_with_it(llama, tmp_path, monkeypatch):
+    """plan.json is in the staging directory before its one rename; a failing plan leaves no output at all."""
+    import spectra.ranks
+    import spectra.report.render as render
+    from spectra.ranks import RankPlan, load_plan
+
+    base, tuned, data = llama
+    result = truncation_sweep(base, tuned, data, ranks=[1], config=FAST, progress=False)
+    staged = []
+    real_move = render._move_into_place
+
+    def spy(staging, out):
+        staged.append(sorted(p.name for p in staging.iterdir()))
+        real_move(staging, out)
+
+    monkeypatch.setattr(render, "_move_into_place", spy)
+    path = result.write_report(tmp_path / "out", plan=RankPlan(modules=()))
+    assert staged == [["figures", "plan.json", "report.html", "report.md", "sweep.json"]]
+    assert sorted(p.name for p in path.iterdir()) == staged[0] and load_plan(path / "plan.json").modules == ()
+
+    def broken(plan, target):
+        Path(target).write_text("{")  # half a file, then the disk fills up
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(spectra.ranks, "save_plan", broken)
+    with pytest.raises(OSError, match="No space"):
+        result.write_report(tmp_path / "failed", plan=RankPlan(modules=()))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no output folder, no staging leftovers
+    with pytest.raises(OSError, match="No space"):
+        result.write_report(path, plan=RankPlan(modules=()), overwrite=True)
+    assert (path / "plan.json").is_file() and sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # kept as it was
 
 
 def test_plan_point_uses_the_planned_ranks_even_above_the_swept_ones(llama):

@@ -6,8 +6,7 @@ Two tasks:
   ``max_length`` tokens (the usual language-modelling recipe); a ``.jsonl`` file holds
   one example per line, ``{"text": ...}``, each truncated to ``max_length``.
 - ``seq_cls``: a ``.jsonl`` file with ``{"text": ..., "label": ...}`` per line; labels
-  are integers or strings (strings map to ids in sorted order, or through the model
-  config's ``label2id`` when it has one).
+  are integers or strings (see :func:`label_ids` for how they meet the model's head).
 
 Tokenisation uses the checkpoint's own tokenizer when the directory has one. Tiny
 test models built from config have none; they get :class:`ByteTokenizer`, a
@@ -147,19 +146,46 @@ def read_records(path: str | Path, *, task: str) -> list[dict]:
 
 
 def label_ids(records: Sequence[Mapping], *, label2id: Mapping[str, int] | None = None,
-              num_labels: int | None = None, source: str = "data") -> tuple[list[int], list[str]]:
+              num_labels: int | None = None, min_labels: int = 0, source: str = "data"
+              ) -> tuple[list[int], list[str]]:
     """Map the records' labels to ids; return the ids and the label names by id.
 
-    Integer labels are used as they are (and must lie in ``[0, num_labels)`` when that is
-    known); string labels go through ``label2id`` when given, else sorted order.
+    The names' count is the classifier's size. One rule for both kinds of label: labels
+    that are the model's own classes keep its head; labels that define a new set of
+    classes get a new head.
+
+    - Integer labels are class ids of the model's head, used as they are. The names are
+      ``"0"`` … ``str(n - 1)`` with ``n = max(min_labels, max label + 1)``, so a head of
+      ``min_labels`` classes that the labels fit is kept. With ``num_labels`` (a trained
+      head of that size, or the classes an eval file must match) a label ≥ ``num_labels``
+      is refused rather than the head replaced.
+    - String labels go through ``label2id`` when given (the model's own label names;
+      another name is refused), else they are a new label set, ids in sorted order.
+
+    Parameters
+    ----------
+    records : sequence of mapping
+        Records with a ``label``.
+    label2id : mapping, optional
+        Label name → id (the model's names, or the training labels for an eval file).
+    num_labels : int, optional
+        Fixed number of classes: integer labels must lie in ``[0, num_labels)``.
+    min_labels : int
+        Integer labels get at least this many classes (the model's configured ``num_labels``).
+    source : str
+        What the records came from, for errors.
     """
     raw = [r["label"] for r in records]
     if all(isinstance(v, int) and not isinstance(v, bool) for v in raw):
+        if min(raw) < 0:
+            raise ConfigError(f"{source}: label {min(raw)} is negative; integer labels are class ids 0, 1, ….")
         count = max(raw) + 1
         if num_labels is not None and count > num_labels:
             raise ConfigError(f"{source}: label {max(raw)} is outside the model's {num_labels} classes "
-                              f"(0…{num_labels - 1}).")
-        names = [str(i) for i in range(max(count, num_labels or 0))]
+                              f"(0…{num_labels - 1}): integer labels are ids of its trained classifier head, which is "
+                              "kept, not replaced. To train a new head for other classes, write the labels as "
+                              "strings, or start from a checkpoint without a classification head.")
+        names = [str(i) for i in range(max(count, num_labels or 0, min_labels))]
         return list(raw), names
     if any(isinstance(v, int) for v in raw):
         raise ConfigError(f"{source}: labels mix integers and strings; use one kind.")
@@ -171,7 +197,7 @@ def label_ids(records: Sequence[Mapping], *, label2id: Mapping[str, int] | None 
         names = [name for name, _ in sorted(label2id.items(), key=lambda kv: kv[1])]
         return [int(label2id[v]) for v in raw], names
     names = sorted(set(raw))
-    if len(names) < 2 and num_labels is None:
+    if len(names) < 2:
         raise ConfigError(f"{source}: every record has the label {names[0]!r}; classification needs at least two "
                           "classes (with one, transformers would train a regressor).")
     index = {name: i for i, name in enumerate(names)}
@@ -203,18 +229,39 @@ class TokenizedData:
     def __len__(self) -> int:
         return len(self.ids)
 
-    def split(self, fraction: float, *, seed: int) -> tuple["TokenizedData", "TokenizedData"]:
-        """(train, held-out) with ``fraction`` of the examples held out, by a seeded permutation."""
-        n_eval = int(round(len(self) * fraction))
-        if not 0 < n_eval < len(self):
-            raise ConfigError(f"eval_fraction {fraction} of {len(self)} examples leaves an empty train or eval "
-                              "set; pass eval data, or change eval_fraction.")
+    def split(self, fraction: float, *, seed: int, source: str = "data") -> tuple["TokenizedData", "TokenizedData"]:
+        """(train, held-out) with ``fraction`` of the examples held out, by a seeded permutation.
+
+        ``held_out_count(len(self), fraction)`` examples are held out: at least one, and at
+        least one is left to train on. ``source`` names the data in errors.
+        """
+        n_eval = held_out_count(len(self), fraction, source=source)
         order = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed)).tolist()
         return self._subset(sorted(order[n_eval:])), self._subset(sorted(order[:n_eval]))
 
     def _subset(self, index: list[int]) -> "TokenizedData":
         labels = None if self.labels is None else [self.labels[i] for i in index]
         return TokenizedData([self.ids[i] for i in index], labels, self.task, self.pad_token_id)
+
+
+def held_out_count(n: int, fraction: float, *, source: str = "data") -> int:
+    """Examples to hold out of ``n``: ``round(fraction·n)``, at least 1 and at most ``n − 1``.
+
+    A tiny data set still gets one eval and one train example (``round`` alone holds out
+    none of 2–4 examples at the default 0.1). Half-way cases round to even, as Python does.
+
+    Raises
+    ------
+    ConfigError
+        ``fraction`` outside (0, 1), or fewer than 2 examples (nothing left to train on).
+    """
+    if not 0.0 < fraction < 1.0:
+        raise ConfigError(f"eval_fraction {fraction} must lie in (0, 1) to hold out part of {source}.")
+    if n < 2:
+        raise ConfigError(f"eval_fraction {fraction}: {source} holds {n} example, too few to hold one out and "
+                          "train on the rest; pass eval data (--eval-data), or set eval_fraction to 0 "
+                          "(--eval-fraction 0) to train without evaluation.")
+    return min(max(1, round(fraction * n)), n - 1)
 
 
 def tokenize(records: Sequence[Mapping], tokenizer, *, task: str, max_length: int,
@@ -356,6 +403,9 @@ def prepare_data(model_dir: str | Path, data, *, task: str = "auto", max_length:
     eval_data : str or path, optional
         Held-out data; otherwise ``eval_fraction`` of ``data`` is held out (0: none).
     eval_fraction : float
+        Share of the examples held out when there is no ``eval_data``: at least one, and at
+        least one left to train on (:func:`held_out_count`); data of a single example is
+        refused unless this is 0.
     seed : int
         Seed of the held-out split.
 
@@ -365,6 +415,10 @@ def prepare_data(model_dir: str | Path, data, *, task: str = "auto", max_length:
     train : TokenizedData
     held_out : TokenizedData or None
     label_names : list of str or None
+        The classifier's classes by id (see :func:`label_ids`): a checkpoint saved as a
+        sequence classifier keeps its head when integer labels fit it and refuses labels
+        beyond it; a base model's new head has ``max(configured num_labels, max label + 1)``
+        classes.
     tokenizer
     """
     folder = Path(model_dir)
@@ -377,13 +431,16 @@ def prepare_data(model_dir: str | Path, data, *, task: str = "auto", max_length:
     labels = None
     if task == "seq_cls":
         records = read_records(data, task=task)  # re-read: every record needs a label
-        labels, names = label_ids(records, label2id=model_label2id(model_config), source=str(data))
+        classes = configured_labels(model_config)
+        # integer labels index the head: a trained head fixes their range, a new one grows to fit them
+        labels, names = label_ids(records, label2id=model_label2id(model_config), source=str(data),
+                                  num_labels=classes if has_classifier(model_config) else None, min_labels=classes)
     train = tokenize(records, tokenizer, task=task, max_length=max_length, labels=labels)
     held_out = None
     if eval_data is not None:
         held_out = tokenize_file(eval_data, tokenizer, task=task, max_length=max_length, label_names=names)
-    elif eval_fraction > 0 and len(train) >= 2:
-        train, held_out = train.split(eval_fraction, seed=seed)
+    elif eval_fraction > 0:
+        train, held_out = train.split(eval_fraction, seed=seed, source=f"data file {data}")
     return task, train, held_out, names, tokenizer
 
 
@@ -405,3 +462,20 @@ def model_label2id(model_config: Mapping) -> dict[str, int] | None:
     if not label2id or all(str(k).startswith("LABEL_") for k in label2id):
         return None
     return {str(k): int(v) for k, v in label2id.items()}
+
+
+def configured_labels(model_config: Mapping) -> int:
+    """The classes a config declares: ``len(id2label)``, else ``num_labels``, else transformers' default 2."""
+    id2label = model_config.get("id2label")
+    if id2label:
+        return len(id2label)
+    return int(model_config.get("num_labels") or 2)
+
+
+def has_classifier(model_config: Mapping) -> bool:
+    """Whether the checkpoint was saved as a sequence classifier, so holds a trained head.
+
+    Read from ``architectures`` (``BertForSequenceClassification``, …), which
+    ``save_pretrained`` writes; a base model (``BertModel``, ``LlamaForCausalLM``) has none.
+    """
+    return any(str(a).endswith("ForSequenceClassification") for a in model_config.get("architectures") or ())

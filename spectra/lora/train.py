@@ -66,14 +66,18 @@ class TrainConfig:
     task : {"auto", "causal_lm", "seq_cls"}
         ``auto``: classification when every record has a ``label``, else language modelling.
     max_length, batch_size, epochs, max_steps, lr, weight_decay, warmup_ratio, grad_clip
-        The optimisation (AdamW, linear warm-up then linear decay to 0).
+        The optimisation (AdamW, linear warm-up then linear decay to 0). Warm-up lasts
+        ``ceil(warmup_ratio · total steps)`` steps, as Hugging Face's
+        ``TrainingArguments.get_warmup_steps`` counts them: a short run still warms up.
     group_by_length : bool
         Batch examples of similar length together (sorted within runs of 8 batches, then
         the batches shuffled): about half the padded tokens on short texts of mixed
         length, so about half the step time; batches are a little less random.
     lora_dropout : float
     eval_fraction : float
-        Share of the data held out for evaluation when no eval data is passed (0: none).
+        Share of the data held out for evaluation when no eval data is passed (0: none):
+        ``round(eval_fraction · n)`` examples, at least 1 and at most ``n − 1``; data of one
+        example is refused unless this is 0.
     eval_every : int, optional
         Also evaluate every this many steps (default: at the end of each epoch).
     compute_dtype : {"float32", "bfloat16", "float16"}
@@ -432,7 +436,7 @@ def _train(model, teacher, train: TokenizedData, held_out: TokenizedData | None,
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
     per_epoch = math.ceil(len(train) / config.batch_size)
     total = min(config.max_steps or per_epoch * config.epochs, per_epoch * config.epochs)
-    warmup = int(config.warmup_ratio * total)
+    warmup = warmup_steps(config.warmup_ratio, total)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: (s + 1) / (warmup + 1) if s < warmup else max(0.0, (total - s) / max(1, total - warmup)))
     result = TrainResult(out_dir=folder, task=task, method=config.method, steps=0,
@@ -470,6 +474,15 @@ def _train(model, teacher, train: TokenizedData, held_out: TokenizedData | None,
                 break
     bar.close()
     return result
+
+
+def warmup_steps(ratio: float, total: int) -> int:
+    """Linear warm-up steps of a run of ``total`` steps: ``ceil(ratio · total)``.
+
+    Rounded up, as transformers' ``TrainingArguments.get_warmup_steps`` does, so any
+    ratio > 0 warms up for at least one step (truncation gave short runs none).
+    """
+    return math.ceil(ratio * total)
 
 
 def _record_eval(model, held_out, config, result: TrainResult, epoch: int, log) -> None:

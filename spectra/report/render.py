@@ -79,10 +79,12 @@ def write_report(analysis: Mapping, out_dir: str | os.PathLike, *, overwrite: bo
 
 
 def write_bundle(out_dir, json_name: str, data: Mapping, figures: dict[str, Figure], blocks_of: Callable,
-                 *, overwrite: bool) -> Path:
+                 *, overwrite: bool, extra: Mapping[str, Callable[[Path], object]] | None = None) -> Path:
     """Write ``json_name``, ``report.md``, ``report.html`` and ``figures/`` atomically (staging dir, then rename).
 
     ``blocks_of(data, figures=names)`` gives the report's blocks (see ``render.to_markdown``).
+    ``extra`` maps more file names to writers, each called with its path inside the staging
+    directory, so those files appear together with the report or, if one fails, not at all.
     """
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
@@ -103,6 +105,8 @@ def write_bundle(out_dir, json_name: str, data: Mapping, figures: dict[str, Figu
         blocks = blocks_of(data, figures=list(images))
         (staging / "report.md").write_text(to_markdown(blocks), encoding="utf-8")
         (staging / "report.html").write_text(to_html(blocks, images=images), encoding="utf-8")
+        for name, write in (extra or {}).items():
+            write(staging / name)
         _move_into_place(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

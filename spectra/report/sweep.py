@@ -23,7 +23,7 @@ _STYLE = {"tuned": dict(color="tab:blue", marker="o"), "base": dict(color="tab:o
 
 
 def write_truncation_report(sweep: Mapping, out_dir, *, overwrite: bool = False,
-                            marks: Mapping[str, int] | None = None) -> Path:
+                            marks: Mapping[str, int] | None = None, plan=None) -> Path:
     """Write a truncation sweep as ``sweep.json``, ``report.md``, ``report.html``, ``figures/``, atomically.
 
     Parameters
@@ -35,6 +35,9 @@ def write_truncation_report(sweep: Mapping, out_dir, *, overwrite: bool = False,
     marks : mapping, optional
         Label → rank, drawn as vertical lines (e.g. ``{"functional ε=0.01": 8,
         "energy 0.9 (median)": 96}``) and listed; stored in ``sweep.json`` as ``marks``.
+    plan : RankPlan, optional
+        Also written, as ``plan.json`` (:func:`spectra.ranks.save_plan`), into the staged
+        directory: the output appears with every file at once, or not at all.
     """
     if sweep.get("kind") != "truncation_sweep" or not sweep.get("points"):
         raise ConfigError("not a truncation sweep with points; nothing to report.")
@@ -42,7 +45,12 @@ def write_truncation_report(sweep: Mapping, out_dir, *, overwrite: bool = False,
     figures = {"curve": plot_truncation_curve(data, marks=data["marks"])}
     if any(p["group"] not in ("model", "plan") for p in data["points"]):
         figures["roles"] = plot_role_curves(data)
-    return write_bundle(out_dir, "sweep.json", data, figures, truncation_blocks, overwrite=overwrite)
+    extra = None
+    if plan is not None:
+        from spectra.ranks import save_plan
+
+        extra = {"plan.json": lambda path: save_plan(plan, path)}
+    return write_bundle(out_dir, "sweep.json", data, figures, truncation_blocks, overwrite=overwrite, extra=extra)
 
 
 # ---------------------------------------------------------------------------- figures

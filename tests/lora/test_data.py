@@ -1,11 +1,15 @@
-"""Batching: order, length grouping, padding (spectra.lora.data)."""
+"""Data for the trainer (spectra.lora.data): batching order, length grouping, padding, the held-out split,
+labels against the model's head."""
+
+import json
 
 import numpy as np
 import pytest
 import torch
 
 from spectra.errors import ConfigError
-from spectra.lora.data import LENGTH_GROUP, TokenizedData, batch_indices, batches, collate
+from spectra.lora.data import (LENGTH_GROUP, TokenizedData, batch_indices, batches, collate, held_out_count,
+                               label_ids, prepare_data)
 
 
 def _data(n=200, seed=0, task="seq_cls"):
@@ -70,3 +74,54 @@ def test_collate_pads_and_masks():
 def test_bad_batch_size():
     with pytest.raises(ConfigError, match="batch_size"):
         batch_indices(_data(10), 0)
+
+
+# ---------------------------------------------------------------------------- held-out split
+
+
+@pytest.mark.parametrize("n, fraction, expected", [
+    (2, 0.1, 1), (3, 0.1, 1), (5, 0.1, 1),  # round() alone would hold out none
+    (2, 0.9, 1), (4, 0.9, 3),  # ...and here leave none to train on
+    (10, 0.25, 2), (20, 0.1, 2), (100, 0.1, 10),  # otherwise round(f·n), half-way to even as Python rounds
+])
+def test_held_out_count_keeps_one_eval_and_one_train_example(n, fraction, expected):
+    assert held_out_count(n, fraction) == expected
+    train, held = _data(n).split(fraction, seed=0)
+    assert (len(train), len(held)) == (n - expected, expected)
+    assert sorted(train.ids + held.ids) == sorted(_data(n).ids)  # a partition of the examples
+
+
+def test_one_example_cannot_be_split():
+    with pytest.raises(ConfigError, match=r"eval_fraction 0\.1: data file x\.jsonl holds 1 example.*--eval-fraction 0"):
+        _data(1).split(0.1, seed=0, source="data file x.jsonl")
+
+
+def test_tiny_data_files_get_one_eval_example(llama_base, tmp_path):
+    for n in (2, 3, 5):
+        path = tmp_path / f"n{n}.jsonl"
+        path.write_text("".join(json.dumps({"text": f"some text {i}"}) + "\n" for i in range(n)))
+        _, train, held, _, _ = prepare_data(llama_base, path, eval_fraction=0.1)
+        assert (len(train), len(held)) == (n - 1, 1)
+    one = tmp_path / "one.jsonl"
+    one.write_text(json.dumps({"text": "some text"}) + "\n")
+    with pytest.raises(ConfigError, match=f"eval_fraction.*{one}"):
+        prepare_data(llama_base, one, eval_fraction=0.1)
+    _, train, held, _, _ = prepare_data(llama_base, one, eval_fraction=0.0)  # no evaluation asked: fine
+    assert len(train) == 1 and held is None
+
+
+# ---------------------------------------------------------------------------- labels and the head
+
+
+def test_integer_labels_keep_a_head_they_fit_and_are_refused_beyond_it():
+    records = [{"label": v} for v in (0, 1, 1, 0)]
+    assert label_ids(records, min_labels=3) == ([0, 1, 1, 0], ["0", "1", "2"])  # the 3-class head's names
+    assert label_ids(records, num_labels=3, min_labels=3)[1] == ["0", "1", "2"]
+    assert label_ids(records + [{"label": 4}], min_labels=3)[1] == ["0", "1", "2", "3", "4"]  # a new head grows
+    with pytest.raises(ConfigError, match=r"train\.jsonl: label 3 is outside the model's 3 classes"):
+        label_ids(records + [{"label": 3}], num_labels=3, min_labels=3, source="train.jsonl")
+    with pytest.raises(ConfigError, match="negative"):
+        label_ids(records + [{"label": -1}])
+    # string labels are their own label set, whatever the head's size: one class is still refused
+    with pytest.raises(ConfigError, match="at least two classes"):
+        label_ids([{"label": "pos"}] * 3, num_labels=3)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from spectra.checkpoints.pairing import iter_deltas
 from spectra.errors import ConfigError
@@ -113,7 +114,6 @@ def test_group_by_length_is_seeded_and_changes_the_batches(llama_base, tmp_path)
 
 def test_a_classifier_pools_where_its_batches_pad(tmp_path):
     """A checkpoint whose config.pad_token_id (7) is not the tokenizer's: eval must equal the unpadded examples."""
-    import torch
     import transformers as tf
     from peft import PeftModel
 
@@ -159,4 +159,69 @@ def test_labels_log_rate_and_short_examples(llama_base, tmp_path):
     result = train_adapter(llama_base, short, config, tmp_path / "ad", progress=False)
     assert result.steps == 1 and all(loss == loss for loss in result.losses)  # no NaN step
     logged = [json.loads(x) for x in (tmp_path / "ad" / "training_log.jsonl").read_text().splitlines()]
-    assert logged[0]["lr"] == pytest.approx(1e-3 / (0 + 1))  # the rate step 1 used: warm-up 0 steps of 1
+    assert logged[0]["lr"] == pytest.approx(1e-3 / 2)  # the rate step 1 used: warm-up ceil(0.5 · 1) = 1 step
+
+
+@pytest.mark.parametrize("ratio", [0.06, 0.1, 0.5])
+def test_warmup_steps_round_up_as_transformers_does(ratio, tmp_path):
+    from transformers import TrainingArguments
+
+    from spectra.lora.train import warmup_steps
+
+    # transformers 5 takes the ratio as a float warmup_steps < 1 (4.x had warmup_ratio)
+    fields = TrainingArguments.__dataclass_fields__
+    key = "warmup_ratio" if "warmup_ratio" in fields else "warmup_steps"
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], **{key: ratio})
+    totals = (1, 2, 4, 5, 16, 17, 90, 100, 120, 1000)
+    assert [warmup_steps(ratio, n) for n in totals] == [args.get_warmup_steps(n) for n in totals]
+    assert warmup_steps(ratio, 4) >= 1  # negative control below: truncation gave short runs none
+    assert int(0.06 * 4) == 0 and warmup_steps(0.0, 4) == 0
+
+
+def test_a_short_run_warms_up(llama_base, text_data, tmp_path):
+    """4 steps at warmup_ratio 0.1: ceil(0.4) = 1 warm-up step (int() gave 0: full rate at step 1)."""
+    config = TrainConfig(rank=2, lr=1e-3, warmup_ratio=0.1, **FAST)
+    train_adapter(llama_base, text_data, config, tmp_path / "ad", progress=False)
+    rates = [json.loads(x)["lr"] for x in (tmp_path / "ad" / "training_log.jsonl").read_text().splitlines()]
+    # step s (from 0) uses (s+1)/(w+1) while s < w, then decays linearly to 0 over the remaining total − w steps
+    assert rates == pytest.approx([1e-3 / 2, 1e-3, 1e-3 * 2 / 3, 1e-3 / 3])
+
+
+def test_integer_labels_keep_a_pretrained_three_class_head(tmp_path, monkeypatch):
+    """A classifier checkpoint with 3 classes, data using only labels 0 and 1: the head is the checkpoint's."""
+    from safetensors.torch import load_file
+
+    import spectra.lora.train as train_module
+
+    loaded = []  # the classifier of each model the trainer loads, as loaded
+
+    def spy(*args, **kwargs):
+        model = real(*args, **kwargs)
+        loaded.append({k: v.detach().clone() for k, v in model.state_dict().items() if k.startswith("classifier.")})
+        return model
+
+    real = train_module.load_model
+    monkeypatch.setattr(train_module, "load_model", spy)
+    base = save(build_model("bert", head=True), tmp_path / "cls3", "safetensors")  # BertForSequenceClassification
+    head = {k: v for k, v in load_file(base / "model.safetensors").items() if k.startswith("classifier.")}
+    assert head["classifier.weight"].shape == (3, 32)
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"text": f"item {i}", "label": i % 2}) + "\n" for i in range(8)))
+    config = TrainConfig(rank=2, max_length=16, batch_size=4, max_steps=1, eval_fraction=0.0)
+    result = train_adapter(base, data, config, tmp_path / "ad", progress=False)
+    assert result.label_names == ["0", "1", "2"]
+    assert len(loaded) == 1 and set(loaded[0]) == set(head)
+    for key, value in head.items():  # the checkpoint's own head, not a new one of 2 classes
+        assert torch.equal(loaded[0][key], value)
+    trained = load_file(tmp_path / "ad" / "adapter_model.safetensors")
+    saved = [k for k in trained if "classifier" in k and k.endswith("weight")]
+    assert saved and trained[saved[0]].shape == (3, 32)  # the trained copy of the 3-class head
+    # negative control: a label the head has no output for is refused, not a silently replaced head
+    beyond = tmp_path / "beyond.jsonl"
+    beyond.write_text("".join(json.dumps({"text": f"item {i}", "label": i % 4}) + "\n" for i in range(8)))
+    with pytest.raises(ConfigError, match=r"beyond\.jsonl: label 3 is outside the model's 3 classes"):
+        train_adapter(base, beyond, config, tmp_path / "ad2", progress=False)
+    assert not (tmp_path / "ad2").exists()
+    # a base model without a head gets a new one, sized max(configured num_labels, max label + 1)
+    bare = save(build_model("bert", head=False), tmp_path / "bare", "safetensors")  # config: 3 labels
+    assert train_adapter(bare, beyond, config, tmp_path / "ad3", progress=False).label_names == ["0", "1", "2", "3"]

@@ -195,6 +195,15 @@ def test_cli_train_and_sweep(llama_base, text_data, tmp_path):
                                "-o", str(tmp_path / "ad"), *common])
     assert dora.exit_code == 0 and json.loads((tmp_path / "ad" / "adapter_config.json").read_text())["use_dora"]
     assert json.loads((tmp_path / "ad" / "spectra_train.json").read_text())["config"]["group_by_length"]
+    one = tmp_path / "one.jsonl"  # one example: nothing to hold out unless evaluation is turned off
+    one.write_text(json.dumps({"text": "a single example"}) + "\n")
+    refused = runner.invoke(app, ["train", str(llama_base), "--data", str(one), "-o", str(tmp_path / "one"), "-q"])
+    message = str(refused.exception)
+    assert refused.exit_code != 0 and str(one) in message and "--eval-fraction 0" in message
+    alone = runner.invoke(app, ["train", str(llama_base), "--data", str(one), "--eval-fraction", "0", "--rank", "2",
+                                "--max-length", "16", "-o", str(tmp_path / "one"), "-q"])
+    assert alone.exit_code == 0, alone.output
+    assert json.loads((tmp_path / "one" / "spectra_train.json").read_text())["config"]["eval_fraction"] == 0.0
     sweep = runner.invoke(app, ["verify", str(llama_base), str(tmp_path / "tuned"), "--sweep", "1,2",
                                 "--method", "lora,dora", "--data", str(text_data), "--eval-data", str(text_data),
                                 "--max-steps", "2", "--recommended", "2", "--group-by-length", "-o", str(tmp_path / "sweep"),
