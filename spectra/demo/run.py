@@ -64,8 +64,19 @@ class DemoConfig:
                    full_epochs=3, adapter_epochs=2, full_lr=1e-3, sweep_ranks=(1, 4), truncation_ranks=(1, 2, 4, 8))
 
     def key(self, base_fingerprint: str) -> str:
-        payload = json.dumps([asdict(self), base_fingerprint], sort_keys=True)
+        """Cache key: this config, the base weights, and spectra's own source (a changed trainer or
+        measure must not be served the previous version's cached runs)."""
+        payload = json.dumps([asdict(self), base_fingerprint, _source_digest()], sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:12]
+
+
+def _source_digest() -> str:
+    """Hash of every module of the spectra package."""
+    root = Path(__file__).resolve().parents[1]
+    h = hashlib.sha256()
+    for file in sorted(root.rglob("*.py")):
+        h.update(str(file.relative_to(root)).encode() + file.read_bytes())
+    return h.hexdigest()[:16]
 
 
 def default_base() -> Path:

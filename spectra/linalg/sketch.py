@@ -174,17 +174,20 @@ def _name(dtype: torch.dtype) -> str:
 def _orth(Y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Orthonormal basis of the columns of Y (n, l) and R with Y = Q R.
 
-    Cholesky-QR (a Gram GEMM, an l×l Cholesky in float64 and a triangular solve) costs
-    a fraction of Householder QR for tall thin Y; it loses orthogonality ~eps·cond(Y)²,
-    harmless for a power-iteration basis (the returned values come from an exact QR).
+    Cholesky-QR (a float64 Gram GEMM, an l×l Cholesky, and Y times R⁻¹ formed in float64)
+    costs a fraction of Householder QR for tall thin Y; it loses orthogonality
+    ~eps·cond(Y)², harmless for a power-iteration basis (the returned values come from an
+    exact QR). Multiplying by the l×l inverse is 2–2.5× faster than a triangular solve
+    with the n rows of Y (5632×64: 0.9 against 2.2 ms), and as orthonormal (1e-7).
     Falls back to Householder QR when Y is rank-deficient.
     """
-    Yd = Y.double()  # one up-cast, read twice
+    Yd = Y.double()
     G = Yd.T @ Yd  # (l, l)
     L, info = torch.linalg.cholesky_ex(G)
     if int(info) == 0:
-        R = L.T.to(Y.dtype)  # (l, l), upper
-        return torch.linalg.solve_triangular(R, Y, upper=True, left=False), R  # Y R⁻¹
+        R = L.T  # (l, l), upper, float64
+        R_inv = torch.linalg.solve_triangular(R, torch.eye(R.shape[0], dtype=R.dtype, device=R.device), upper=True)
+        return Y @ R_inv.to(Y.dtype), R.to(Y.dtype)
     return torch.linalg.qr(Y)
 
 
@@ -227,8 +230,8 @@ def _ritz_bf16(A: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
     float32 GEMM's time. (Correcting for bf16(Q) not being exactly orthonormal, by a
     generalised eigenproblem, was measured to change nothing at this level.)
     """
-    Z = (A.T @ Q.to(torch.bfloat16)).double()  # (long, l)
-    return torch.linalg.svdvals(Z)
+    Z = A.T @ Q.to(torch.bfloat16)  # (long, l)
+    return _gram_values(Z)  # float64 Gram: ~1e-12 off svdvals of Z here, at a tenth of its time on 5632×48
 
 
 def _rank(s: torch.Tensor, total: float, energy: float) -> int | None:

@@ -61,3 +61,13 @@ def test_rerun_reuses_the_cache(tiny_demo, monkeypatch):
     again = run_demo(config, out_dir=root / "report2", cache_dir=root / "cache", progress=False)
     assert again.summary["evals"] == first.summary["evals"]
     assert again.summary["adapters"] == first.summary["adapters"]
+
+
+def test_cache_key_follows_config_base_and_spectra_source(monkeypatch):
+    import spectra.demo.run as demo_run
+
+    config = DemoConfig.tiny("base")
+    key = config.key("fp")
+    assert key == config.key("fp") and key != config.key("other") and key != DemoConfig.tiny("b2").key("fp")
+    monkeypatch.setattr(demo_run, "_source_digest", lambda: "changed")  # e.g. a fixed trainer: runs again
+    assert config.key("fp") != key
