@@ -627,16 +627,16 @@ def _parallel(pairing: Pairing, todo: list, config: AnalysisConfig, calibration,
 def _entry_bytes(entry, options: PairingOptions) -> int:
     """Bytes one entry holds once read: ΔW in the compute dtype; the weights stay in the
     memory-mapped files, except an adapter's up-cast base and merged tuned weight (3× then)
-    and, on a GPU, both weights as stored, copied onto it. A worker's decomposition
-    workspace comes on top."""
+    and, on a GPU, both weights as stored, copied onto it; on the CPU the sketch's bf16
+    copy of ΔW (``low_copy_above``). A worker's decomposition workspace comes on top."""
     n = math.prod(int(x) for x in entry.shape)
     itemsize = options.torch_dtype.itemsize
     if entry.adapter is not None:
         return 3 * itemsize * n
-    copied = 0 if options.device.startswith("cpu") else entry.base_dtype.itemsize + entry.tuned_dtype.itemsize
-    above = options.low_copy_above
-    if above is not None and entry.kind == "matrix" and min(entry.shape) > above:
-        copied += torch.bfloat16.itemsize  # the sketch's bf16 copy of ΔW
+    if not options.device.startswith("cpu"):
+        return (itemsize + entry.base_dtype.itemsize + entry.tuned_dtype.itemsize) * n
+    above = options.low_copy_above  # the sketch's bf16 copy of ΔW, made on the CPU
+    copied = torch.bfloat16.itemsize if above is not None and entry.kind == "matrix" and min(entry.shape) > above else 0
     return (itemsize + copied) * n
 
 

@@ -126,6 +126,10 @@ def test_read_ahead_counts_weights_copied_to_a_device(tmp_path):
     entry = next(e for e in pairing.entries if e.kind == "matrix")
     n = entry.shape[0] * entry.shape[1]
     assert _entry_bytes(entry, pairing.options) == 4 * n
+    from dataclasses import replace
+
+    sketched = replace(pairing.options, low_copy_above=min(entry.shape) - 1)  # ΔW and its bf16 copy
+    assert _entry_bytes(entry, sketched) == (4 + 2) * n
     on_gpu = SimpleNamespace(torch_dtype=torch.float32, device="cuda")  # PairingOptions would refuse cuda here
     assert _entry_bytes(entry, on_gpu) == (4 + 2 + 2) * n
 
