@@ -54,7 +54,7 @@ def demo_blocks(s: Mapping, *, figures: list[str]) -> list[tuple]:
         ("h", 2, "1. How low-rank was the fine-tune, per module type?"),
         ("table", ["role", "modules", "full rank", "energy-90% rank (median)", "rank above noise floor (median)",
                    "entropy effective rank (median)"],
-         [[r["role"], str(r["modules"]), f"{r['full_rank']:g}", _num(r["energy_rank_0.9"]), _num(r["noise_rank"]),
+         [[r["role"], str(r["modules"]), f"{r['full_rank']:g}", _rank(r["energy_rank_0.9"]), _rank(r["noise_rank"]),
            _num(r["effective_rank"])] for r in s["roles"]]),
         ("h", 2, "2. What rank spectra recommends, and what it costs"),
         ("ul", [f"Uniform rank {rank} on {', '.join(sorted({r['role'] for r in s['roles']}))}: "
@@ -86,7 +86,7 @@ def demo_blocks(s: Mapping, *, figures: list[str]) -> list[tuple]:
         median90 = (s.get("modules") or {}).get("energy_rank_0.9")  # over modules
         blocks += [
             ("h", 2, "6. Energy rank vs functional rank"),
-            ("p", f"Energy counts the directions that hold 90% of ‖ΔW‖² (median {_num(median90)} per module); the "
+            ("p", f"Energy counts the directions that hold 90% of ‖ΔW‖² (median {_rank(median90)} per module); the "
                   f"task may need fewer. Replacing every targeted ΔW by its best rank-r truncation, with no "
                   f"training, the smallest rank whose test accuracy stays within {func['epsilon']:g} of the full "
                   f"fine-tune's is {func['rank'] if func['rank'] is not None else 'not reached in the sweep'} "
@@ -117,6 +117,11 @@ def demo_blocks(s: Mapping, *, figures: list[str]) -> list[tuple]:
 
 def _num(x) -> str:
     return num(x, digits=3)  # the demo's first screen: three digits are plenty
+
+
+def _rank(x) -> str:
+    """A median of integer ranks, whole or .5, as is (three digits would print 106.5 as 106)."""
+    return "–" if x is None else f"{x:g}"
 
 
 def _interval(iv) -> str:
