@@ -355,7 +355,7 @@ class Pairing:
                     and self._finite(tuned, entry.tuned_tensor, self.tuned.spec)):
                 return []
             if delta_sq is not None:  # both weights finite, yet a norm is not
-                message = f"the norm of ΔW or W_base of {entry.name} overflows float32 (entries beyond ~1e19)"
+                message = f"ΔW of {entry.name} overflows float32 (|tuned − base| beyond 3.4e38)"
                 if self.options.on_nonfinite == "skip":
                     self.skipped.append(message)
                     return []

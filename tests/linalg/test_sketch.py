@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -27,6 +29,41 @@ def test_squared_norm_matches_float64():
     x = torch.randn(1000, 777) * 1e-3
     assert sketch.squared_norm(x) == pytest.approx(float(x.double().pow(2).sum()), rel=1e-7)
     assert sketch.squared_norm(torch.zeros(5, 5)) == 0.0
+
+
+@pytest.mark.parametrize("scale", [1e30, 1e18, 1e-20, 1e-30, "mixed"])
+def test_squared_norm_over_the_float32_range(scale):
+    """fp32 block sums of squares overflow past ~1e17 and lose digits below ~1e-19: redone in float64."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(700, 901, generator=g)  # 153 whole blocks and a partial one
+    if scale == "mixed":  # huge, tiny and zero blocks side by side, and both extremes inside one block
+        x.view(-1)[: 40 * 4096] *= 1e30
+        x.view(-1)[40 * 4096: 80 * 4096] *= 1e-30
+        x.view(-1)[80 * 4096: 90 * 4096] = 0.0
+        x.view(-1)[100 * 4096 + 7] = 3e36
+        x.view(-1)[101 * 4096 + 9] = 1e-40  # a float32 subnormal
+    else:
+        x *= scale
+    expected = float(np.sum(x.double().numpy() ** 2))  # float64 numpy: the reference
+    assert math.isfinite(expected) and expected > 0
+    assert sketch.squared_norm(x) == pytest.approx(expected, rel=1e-6, abs=0)  # abs=0: 1e-54 is not "≈ 0"
+    acc = sketch.BlockSquaredNorm(x.numel())  # chunked as the subtraction feeds it
+    for i in range(0, x.numel(), 1 << 17):
+        acc.add(x.view(-1)[i:i + (1 << 17)])
+    assert acc.total() == pytest.approx(expected, rel=1e-6, abs=0)
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_squared_norm_reports_nan_and_inf(bad):
+    """Callers (the pairing) read a non-finite norm as a NaN/Inf entry: the float64 redo must keep it."""
+    for where in (5, 4096 * 7 + 3, 153 * 4096 + 2):  # a block of small values, a middle block, the partial tail
+        x = torch.randn(700, 901) * 1e-30  # every block is redone in float64
+        x.view(-1)[where] = bad
+        assert not math.isfinite(sketch.squared_norm(x))
+        y = torch.randn(700, 901)
+        y.view(-1)[where] = bad
+        assert not math.isfinite(sketch.squared_norm(y))
+    assert sketch.squared_norm(torch.zeros(700, 901)) == 0.0
 
 
 @pytest.mark.parametrize("storage", [torch.bfloat16, torch.float16])
