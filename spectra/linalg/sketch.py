@@ -26,6 +26,8 @@ References
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 
 import torch
@@ -33,7 +35,7 @@ import torch
 from spectra.linalg import metrics
 from spectra.linalg.krylov import reorthogonalize
 from spectra.linalg.lapack import gram_singular_values
-from spectra.linalg.svd import Spectrum, full_svd
+from spectra.linalg.svd import Spectrum, full_svd, half_range_scale
 
 __all__ = ["BlockSquaredNorm", "energy_sketch", "squared_norm", "sampled_noise_floor", "top_values"]
 
@@ -265,6 +267,27 @@ def _rank(s: torch.Tensor, total: float, energy: float) -> int | None:
     return int(hit[0]) + 1 if hit.numel() else None
 
 
+def _in_half_range(sketch):
+    """Run :func:`energy_sketch` with a float16 `sketch_dtype` on A scaled into float16's range.
+
+    The scale c (:func:`~spectra.linalg.svd.half_range_scale`, a power of two, so exact)
+    multiplies A and ‖A‖_F² by c and c², and the values come back divided by c: a ΔW of
+    entries ~1e-6 or ~1e3 then neither flushes to zero nor overflows in its float16 copy
+    or products. Other sketch dtypes (bfloat16 has float32's range) pass through.
+    """
+    @functools.wraps(sketch)
+    def scaled(A: torch.Tensor, **options) -> Spectrum:
+        total = options.get("total_energy", 0.0)
+        c = half_range_scale(total) if options.get("sketch_dtype") == torch.float16 else 1.0
+        if c == 1.0:
+            return sketch(A, **options)
+        out = sketch(A * c, **{**options, "total_energy": total * c * c})  # (out, in) fp32 copy, scaled
+        return dataclasses.replace(out, values=out.values / c, total_energy=total)
+
+    return scaled
+
+
+@_in_half_range
 def energy_sketch(A: torch.Tensor, *, energy: float, thresholds: tuple[float, ...] = (), total_energy: float,
                   block: int = 64, max_rank: int | None = None, n_iter: int = 10, seed: int = 0,
                   sketch_dtype: torch.dtype | None = torch.bfloat16) -> Spectrum:
@@ -297,7 +320,8 @@ def energy_sketch(A: torch.Tensor, *, energy: float, thresholds: tuple[float, ..
         Most power steps per basis size.
     seed : int
     sketch_dtype : torch.dtype or None, default torch.bfloat16
-        Dtype of the power-step GEMMs (None: A's own).
+        Dtype of the power-step GEMMs (None: A's own). torch.float16 runs on A scaled
+        by a power of two into its range (:func:`_in_half_range`).
 
     Returns
     -------

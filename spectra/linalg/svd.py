@@ -37,7 +37,8 @@ from spectra.errors import ConfigError
 from spectra.linalg.krylov import BlockLanczos, krylov_block
 from spectra.linalg.lapack import gram_singular_values
 
-__all__ = ["Spectrum", "full_svd", "randomized_svd", "adaptive_svd", "spectrum", "frobenius_energy", "CONVERGED_TOL"]
+__all__ = ["Spectrum", "full_svd", "randomized_svd", "adaptive_svd", "spectrum", "frobenius_energy", "CONVERGED_TOL",
+           "half_range_scale"]
 
 # Relative convergence of the top singular values wherever a top-k is taken as exact enough
 # (spectrum(n_components=…), extraction, calibrated truncation, adaptive_svd's default).
@@ -314,6 +315,22 @@ def _gram_svdvals(M: torch.Tensor) -> torch.Tensor:
     return gram_singular_values(G, lower=False).cpu()  # MKL's syevd on G's own buffer: no copy of G
 
 
+def half_range_scale(total_energy: float) -> float:
+    """Power of two c that brings a matrix with ‖M‖_F² = `total_energy` into float16's range for a sketch.
+
+    float16 holds 6.1e-5 … 65504 (normal): a ΔW of entries ~1e-6 rounds to its subnormals
+    or to 0, and one of entries ~1e3 overflows in its first product with a Gaussian block.
+    Scaled so that ‖c·M‖_F ≈ 2¹², every entry and every product with an orthonormal block
+    stays below 2¹² (|Mq| ≤ ‖M‖₂), a Gaussian product (entries ~N(0, ‖row‖²)) below ~6·2¹²
+    < 65504, and the typical entry, 2¹²/√(mn), is far above float16's normal minimum for
+    any weight shape. A power of two, so c·M is exact (in float32: bar entries that fall
+    below 2⁻¹²⁶, whose energy is < 2⁻²²⁸ of the total). 1.0 for a zero or non-finite total.
+    """
+    if not (0.0 < total_energy < math.inf):
+        return 1.0
+    return math.ldexp(1.0, 12 - math.ceil(0.5 * math.log2(total_energy)))
+
+
 # ---------------------------------------------------------------------------- randomized
 
 
@@ -375,7 +392,9 @@ def randomized_svd(
         rounding noise; then iterations continue in working precision until `tol`
         holds (the accuracy guard). The final projection is always in working
         precision, so the error of the low-precision subspace enters only squared.
-        Subspace iteration only.
+        A float16 copy is of M scaled by a power of two into float16's range
+        (:func:`half_range_scale`), so tiny or large updates neither flush to zero nor
+        overflow. Subspace iteration only.
     algorithm : {"auto", "subspace", "krylov"}, default "auto"
         ``"auto"`` takes ``"krylov"`` when `tol` is set (the run stops when the values
         have converged) and ``"subspace"`` when a fixed `n_iter` or a `sketch_dtype` is
@@ -499,7 +518,10 @@ def _randomized_svd(A, k, l, n_iter, tol, gen, compute_vectors, sketch_dtype, en
     transposed = A.shape[0] > A.shape[1]
     if transposed:
         A = A.T  # (short, long)
-    S_ = A if sketch_dtype in (None, A.dtype) else A.to(sketch_dtype)
+    if sketch_dtype == torch.float16:
+        S_ = (A * half_range_scale(energy)).to(sketch_dtype)  # exact scaling; Q and the rate ignore the scale
+    else:
+        S_ = A if sketch_dtype in (None, A.dtype) else A.to(sketch_dtype)
     Omega = torch.randn(A.shape[1], l, generator=gen, device=A.device, dtype=A.dtype)  # (long, l)
     Q, _ = _orth((S_ @ Omega.to(S_.dtype)).to(A.dtype))  # (short, long) @ (long, l) -> (short, l)
     conv = _Convergence(k)

@@ -92,6 +92,31 @@ def test_energy_sketch_ranks_match_full_svd():
     np.testing.assert_allclose(fast.values[:5].double().numpy(), exact.values[:5].numpy(), rtol=1e-3)
 
 
+def _decaying(m, n, *, rms, seed=0):
+    """A ΔW with σᵢ = e^(−i/8) (rank 60) scaled so its typical entry is `rms`."""
+    g = torch.Generator().manual_seed(seed)
+    u, _ = torch.linalg.qr(torch.randn(m, 60, generator=g))
+    v, _ = torch.linalg.qr(torch.randn(n, 60, generator=g))
+    d = u * torch.exp(-torch.arange(60) / 8.0) @ v.T
+    return d * (rms / float(d.pow(2).mean().sqrt()))
+
+
+@pytest.mark.parametrize("rms", [1e-6, 1e-8, 1e3])
+def test_float16_sketch_gives_the_float32_ranks_at_any_scale(rms):
+    """float16 holds 6e-5 … 65504: without scaling, a 1e-8 ΔW flushed to zero (the sketch fell back to a
+    full SVD) and a 1e3 one overflowed in its first Gaussian product (LinAlgError on NaN)."""
+    d = _decaying(500, 800, rms=rms)
+    total = sketch.squared_norm(d)
+    runs = {dt: sketch.energy_sketch(d, energy=0.9, thresholds=(0.5, 0.99), total_energy=total, block=16,
+                                     sketch_dtype=dt) for dt in (None, torch.float16)}
+    half, single = runs[torch.float16], runs[None]
+    assert half.method == "adaptive-bf16" and half.total_energy == total  # no fall-back, the caller's total
+    for tau in (0.5, 0.9, 0.99):
+        assert metrics.energy_rank(half, tau) == metrics.energy_rank(single, tau) is not None
+    exact = full_svd(d.double()).values[:5].numpy()
+    np.testing.assert_allclose(half.values[:5].double().numpy(), exact, rtol=1e-4)  # unscaled back
+
+
 def test_basis_grows_to_fit_the_rank_estimate():
     for k in (1, 7, 40, 50, 97, 300):
         l = sketch._basis_for(k)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -207,6 +209,21 @@ def test_randomized_bf16_sketch_is_guarded():
                        compute_vectors=False)
     assert R.values.dtype == torch.float32
     assert float((np.abs(R.values.double().numpy() - s[:16].numpy()) / s[:16].numpy()).max()) < 1e-3
+
+
+@pytest.mark.parametrize("scale", [1e-8, 1.0, 1e4])
+def test_randomized_float16_sketch_is_scaled_into_range(scale):
+    """The float16 copy is of M·2ᵉ (half_range_scale): 1e-8 used to flush to 0 (84 % error), 1e4 to overflow."""
+    from spectra.linalg.svd import half_range_scale
+
+    M, s = power_law()
+    R = randomized_svd(M * scale, 16, n_oversamples=16, n_iter=8, random_state=0, sketch_dtype=torch.float16,
+                       compute_vectors=False)
+    assert float((np.abs(R.values.double().numpy() / scale - s[:16].numpy()) / s[:16].numpy()).max()) < 1e-3
+    for energy in (1e-30, 1.0, 3e12):
+        c = half_range_scale(energy)
+        assert math.frexp(c)[0] == 0.5 and 2**11 < c * math.sqrt(energy) <= 2**12  # a power of two, ‖cM‖_F ≈ 2¹²
+    assert half_range_scale(0.0) == half_range_scale(math.inf) == 1.0
 
 
 @pytest.mark.parametrize("case", CASES)
