@@ -518,10 +518,10 @@ def _randomized_svd(A, k, l, n_iter, tol, gen, compute_vectors, sketch_dtype, en
     transposed = A.shape[0] > A.shape[1]
     if transposed:
         A = A.T  # (short, long)
-    if sketch_dtype == torch.float16:
-        S_ = (A * half_range_scale(energy)).to(sketch_dtype)  # exact scaling; Q and the rate ignore the scale
-    else:
-        S_ = A if sketch_dtype in (None, A.dtype) else A.to(sketch_dtype)
+    # A float16 copy is of A·c, c a power of two that brings it into float16's range (exact);
+    # Q ignores the scale, the Ritz values of the iteration are divided by it.
+    scale = half_range_scale(energy) if sketch_dtype == torch.float16 else 1.0
+    S_ = A if sketch_dtype in (None, A.dtype) else (A if scale == 1.0 else A * scale).to(sketch_dtype)
     Omega = torch.randn(A.shape[1], l, generator=gen, device=A.device, dtype=A.dtype)  # (long, l)
     Q, _ = _orth((S_ @ Omega.to(S_.dtype)).to(A.dtype))  # (short, long) @ (long, l) -> (short, l)
     conv = _Convergence(k)
@@ -534,7 +534,7 @@ def _randomized_svd(A, k, l, n_iter, tol, gen, compute_vectors, sketch_dtype, en
         W, R = _orth((S_.T @ Q.to(S_.dtype)).to(A.dtype))  # (long, short) @ (short, l) -> (long, l)
         Q, R = _orth((S_ @ W.to(S_.dtype)).to(A.dtype))  # (short, l)
         done += 1
-        est = conv.update(_ritz_values(R))
+        est = conv.update(_ritz_values(R) / (1.0 if S_ is A else scale))
         if S_ is not A and est == est and est <= max(noise, tol or 0.0):
             S_, conv = A, _Convergence(k)  # the rest (all n_iter without tol, else until tol) in working precision
             continue

@@ -220,6 +220,10 @@ def test_randomized_float16_sketch_is_scaled_into_range(scale):
     R = randomized_svd(M * scale, 16, n_oversamples=16, n_iter=8, random_state=0, sketch_dtype=torch.float16,
                        compute_vectors=False)
     assert float((np.abs(R.values.double().numpy() / scale - s[:16].numpy()) / s[:16].numpy()).max()) < 1e-3
+    # One float16 iteration: its Ritz values are divided by the scale before they meet the final ones
+    # (the estimate compared c·σ with σ and read 2e9).
+    one = randomized_svd(M * scale, 16, n_iter=1, random_state=0, sketch_dtype=torch.float16, compute_vectors=False)
+    assert 0 < one.tolerance < 1
     for energy in (1e-30, 1.0, 3e12):
         c = half_range_scale(energy)
         assert math.frexp(c)[0] == 0.5 and 2**11 < c * math.sqrt(energy) <= 2**12  # a power of two, ‖cM‖_F ≈ 2¹²
