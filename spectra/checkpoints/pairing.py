@@ -376,7 +376,7 @@ class Pairing:
                     and self._finite(tuned, entry.tuned_tensor, self.tuned.spec)):
                 return []
             if delta_sq is not None:  # both weights finite, yet a norm is not
-                message = f"the norm of ΔW or W_base of {entry.name} overflows float32 (entries beyond ~1e19)"
+                message = f"ΔW of {entry.name} overflows float32 (|tuned − base| beyond 3.4e38)"
                 if self.options.on_nonfinite == "skip":
                     self.skipped.append(message)
                     return []
@@ -521,10 +521,10 @@ def difference_and_norms(tuned: torch.Tensor, base: torch.Tensor, dtype: torch.d
     The chunked CPU route into float32 takes both squared norms of every chunk while it
     is in cache (:class:`~spectra.linalg.sketch.BlockSquaredNorm`: the blocks and sums of
     :func:`~spectra.linalg.sketch.squared_norm`), instead of reading ΔW and W_base again.
-    A NaN or Inf in either weight makes one of them non-finite (so does an entry beyond
-    ~1e19, whose square overflows a float32 block norm: :class:`Pairing` refuses such a
-    pair on this route, where the others would report an infinite norm). Other routes
-    give None.
+    A NaN or Inf in either weight makes one of them non-finite (so does a ΔW entry that
+    overflows float32 itself, |tuned − base| beyond 3.4e38: :class:`Pairing` refuses such
+    a pair); blocks too large or too small for float32 squares are summed in float64.
+    Other routes give None.
 
     Returns
     -------

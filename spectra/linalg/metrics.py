@@ -6,6 +6,11 @@ whole spectrum unless ``total_energy`` (= ‖M‖_F²) says otherwise; a truncat
 Spectrum carries its exact ‖M‖_F², so energy-based metrics stay exact on top-k values.
 Metrics that need the whole spectrum (entropy rank, nuclear norm, the median for
 Gavish–Donoho with unknown noise) say how they treat truncated input.
+
+Scale: the ratios (energy ranks, effective, stable and nuclear/Frobenius ranks,
+participation ratio) are computed from σᵢ/σ₁ and ‖M‖_F²/σ₁², so they are the same for a
+spectrum at 1e-150 or 1e+150 (where σᵢ² or σᵢ⁴ would underflow or overflow float64).
+The zero spectrum (σ₁ = 0) gives 0 for each of them.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -34,11 +40,24 @@ _MIN_NORMAL_EXP = {torch.float32: -126, torch.bfloat16: -126, torch.float16: -14
 # ---------------------------------------------------------------------------- input
 
 
-def _values(s, total_energy: float | None = None) -> tuple[np.ndarray, float, bool]:
-    """(σ as float64 numpy descending, ‖M‖_F², complete?) from a Spectrum or a tensor."""
+class _Values(NamedTuple):
+    """A validated spectrum; `unit` and `energy` are scale-free (squares stay in float64's range)."""
+
+    v: np.ndarray  # σ, float64, descending
+    unit: np.ndarray  # σ / σ₁ (σ itself when σ₁ = 0)
+    energy: float  # ‖M‖_F² / σ₁² (‖M‖_F² when σ₁ = 0)
+    complete: bool  # the values are the whole spectrum
+
+
+def _values(s, total_energy: float | None = None) -> _Values:
+    """σ (float64 numpy, descending), σ/σ₁, ‖M‖_F²/σ₁² and completeness from a Spectrum or a tensor.
+
+    Energies are taken relative to σ₁² from the start: σᵢ² of a spectrum at 1e+200, or
+    σᵢ⁴ at 1e-100, are outside float64's range.
+    """
     if isinstance(s, Spectrum):
         v = s.values.detach().double().cpu().numpy()
-        return v, float(s.total_energy if total_energy is None else total_energy), s.complete
+        return _normalised(v, float(s.total_energy if total_energy is None else total_energy), s.complete)
     if isinstance(s, torch.Tensor):
         v = s.detach().double().cpu().numpy()
     elif isinstance(s, np.ndarray):
@@ -49,14 +68,27 @@ def _values(s, total_energy: float | None = None) -> tuple[np.ndarray, float, bo
         raise ConfigError(f"singular values must be a non-empty 1-D array, got shape {v.shape}.")
     if not np.all(np.isfinite(v)) or np.any(v < 0):
         raise ConfigError("singular values must be finite and non-negative.")
-    if np.any(np.diff(v) > 1e-12 * max(v[0], 1e-300)):
+    if np.any(np.diff(v / v[0]) > 1e-12) if v[0] > 0 else np.any(v > 0):
         raise ConfigError("singular values must be sorted in descending order.")
-    held = float(np.sum(v * v))
     if total_energy is None:
-        return v, held, True
-    if total_energy < held * (1 - 1e-6):
-        raise ConfigError(f"`total_energy`={total_energy} is below Σσᵢ² = {held} of the values given.")
-    return v, float(total_energy), total_energy <= held * (1 + 1e-9)
+        return _normalised(v, None, True)
+    out = _normalised(v, float(total_energy), True)
+    held = float(np.sum(out.unit * out.unit))
+    if out.energy < held * (1 - 1e-6):
+        raise ConfigError(f"`total_energy`={total_energy} is below Σσᵢ² of the values given "
+                          f"({held:.9g}·σ₁², σ₁ = {v[0]:.6g}).")
+    return out._replace(complete=out.energy <= held * (1 + 1e-9))
+
+
+def _normalised(v: np.ndarray, total_energy: float | None, complete: bool) -> _Values:
+    """v with σ/σ₁ and ‖M‖_F²/σ₁² (Σ(σ/σ₁)² when `total_energy` is None), divided twice so σ₁² never forms."""
+    top = float(v[0]) if v.size else 0.0
+    unit = v / top if top > 0 else v
+    if total_energy is None:
+        energy = float(np.sum(unit * unit))
+    else:
+        energy = total_energy / top / top if top > 0 else float(total_energy)
+    return _Values(v, unit, energy, complete)
 
 
 def _check_tau(tau: float) -> float:
@@ -82,8 +114,8 @@ def energy_rank(s, tau: float = 0.9, *, total_energy: float | None = None) -> in
     Returns
     -------
     int or None
-        The energy rank; ``None`` when the values held capture less than τ of the
-        total, i.e. the rank exceeds the k computed (use a larger k or
+        The energy rank (0 for the zero matrix); ``None`` when the values held capture
+        less than τ of the total, i.e. the rank exceeds the k computed (use a larger k or
         :func:`~spectra.linalg.svd.adaptive_svd`).
 
     Notes
@@ -92,11 +124,12 @@ def energy_rank(s, tau: float = 0.9, *, total_energy: float | None = None) -> in
     criterion of truncated-SVD LoRA extraction. Exact for truncated values, because
     the denominator is the exact ‖M‖_F².
     """
-    v, total, complete = _values(s, total_energy)
-    return _energy_rank(v, total, _check_tau(tau), _slack(s), complete)
+    x = _values(s, total_energy)
+    return _energy_rank(x.unit, x.energy, _check_tau(tau), _slack(s), x.complete)
 
 
 def _energy_rank(v: np.ndarray, total: float, tau: float, slack: float = 1e-12, complete: bool = False) -> int | None:
+    """On σ/σ₁ and ‖M‖_F²/σ₁² (any common scale): 0 for the zero matrix."""
     if total == 0.0:
         return 0
     cum = np.cumsum(v * v)
@@ -118,9 +151,9 @@ def _slack(s) -> float:
 
 def energy_ranks(s, taus=(0.5, 0.9, 0.95, 0.99), *, total_energy: float | None = None) -> dict[float, int | None]:
     """:func:`energy_rank` at several τ, as ``{τ: rank}`` (``None`` where beyond the k held)."""
-    v, total, complete = _values(s, total_energy)
+    x = _values(s, total_energy)
     slack = _slack(s)
-    return {float(t): _energy_rank(v, total, _check_tau(t), slack, complete) for t in taus}
+    return {float(t): _energy_rank(x.unit, x.energy, _check_tau(t), slack, x.complete) for t in taus}
 
 
 def effective_rank(s) -> float:
@@ -142,33 +175,34 @@ def effective_rank(s) -> float:
     .. [1] O. Roy and M. Vetterli, "The effective rank: a measure of effective
        dimensionality", EUSIPCO 2007. (σ, not σ², is normalised.)
     """
-    v, _, _ = _values(s)
-    total = v.sum()
+    u = _values(s).unit
+    total = u.sum()
     if total == 0.0:
         return 0.0
-    p = v[v > 0] / total
+    p = u[u > 0] / total
     return float(math.exp(-np.sum(p * np.log(p))))
 
 
 def stable_rank(s, *, total_energy: float | None = None) -> float:
     """Stable (numerical) rank ‖M‖_F² / ‖M‖₂² = Σσᵢ² / σ₁².
 
-    Exact from the top value alone when ‖M‖_F² is known (a Spectrum carries it).
+    Exact from the top value alone when ‖M‖_F² is known (a Spectrum carries it);
+    0.0 for the zero matrix.
 
     References
     ----------
     .. [1] M. Rudelson and R. Vershynin, "Sampling from large matrices: an approach
        through geometric functional analysis", J. ACM 54(4), 2007.
     """
-    v, total, _ = _values(s, total_energy)
-    return 0.0 if v[0] == 0 else float(total / v[0] ** 2)
+    x = _values(s, total_energy)
+    return 0.0 if x.v[0] == 0 else float(x.energy)  # ‖M‖_F²/σ₁², formed without σ₁²
 
 
 def participation_ratio(s, *, total_energy: float | None = None) -> float:
     """Participation ratio of the energies λᵢ = σᵢ²: (Σλᵢ)² / Σλᵢ².
 
     On truncated values Σλᵢ² misses the tail, so the result is an upper bound (tight
-    when the tail is small, since the tail enters squared).
+    when the tail is small, since the tail enters squared). 0.0 for the zero matrix.
 
     References
     ----------
@@ -176,15 +210,16 @@ def participation_ratio(s, *, total_energy: float | None = None) -> float:
        dynamics and measurement", bioRxiv 214262, 2017 (participation ratio of a
        covariance spectrum).
     """
-    v, total, _ = _values(s, total_energy)
-    sq = float(np.sum(v**4))
-    return 0.0 if sq == 0 else float(total**2 / sq)
+    x = _values(s, total_energy)
+    sq = float(np.sum(x.unit**4))  # on σ/σ₁: σ⁴ underflows float64 at σ ~ 1e-80
+    return 0.0 if sq == 0 else float(x.energy**2 / sq)
 
 
 def nuclear_frobenius_ratio(s) -> float:
     """‖M‖_* / ‖M‖_F = Σσᵢ / √(Σσᵢ²), in [1, √rank].
 
     Needs the whole spectrum; on a truncated Spectrum it is that of the top-k part.
+    0.0 for the zero matrix.
 
     References
     ----------
@@ -192,9 +227,9 @@ def nuclear_frobenius_ratio(s) -> float:
        matrix equations via nuclear norm minimization", SIAM Review 52(3), 2010
        (the ratio squared lower-bounds the rank).
     """
-    v, _, _ = _values(s)
-    fro = math.sqrt(float(np.sum(v * v)))
-    return 0.0 if fro == 0 else float(v.sum() / fro)
+    u = _values(s).unit
+    fro = math.sqrt(float(np.sum(u * u)))
+    return 0.0 if fro == 0 else float(u.sum() / fro)
 
 
 # ---------------------------------------------------------------------------- Gavish–Donoho
@@ -314,7 +349,7 @@ def gavish_donoho(s, shape: tuple[int, int], *, sigma: float | None = None) -> G
     .. [1] M. Gavish and D. L. Donoho, "The optimal hard threshold for singular values
        is 4/√3", IEEE Trans. Inf. Theory 60(8), 2014. arXiv:1305.5870.
     """
-    v, _, complete = _values(s)
+    v, _, _, complete = _values(s)
     if len(shape) != 2 or min(shape) < 1:
         raise ConfigError(f"`shape` must be (out, in) with positive sides, got {shape!r}.")
     m, n = sorted(int(x) for x in shape)
@@ -449,8 +484,7 @@ def rounding_noise_floor(
     edge = sigma * (math.sqrt(m) + math.sqrt(n))
     rank = None
     if s is not None:
-        v, _, _ = _values(s)
-        rank = int(np.sum(v > edge))
+        rank = int(np.sum(_values(s).v > edge))
     return NoiseFloor(var, sigma, math.sqrt(m * n * var), edge, rank, str(bd).replace("torch.", ""),
                       str(td).replace("torch.", ""))
 
@@ -499,7 +533,7 @@ def decay_fit(s, *, stop: int | None = None, start: int = 1) -> DecayFit:
     .. [1] C. H. Martin and M. W. Mahoney, "Implicit self-regularization in deep neural
        networks", JMLR 22, 2021. arXiv:1810.01075 (power-law spectra of weights).
     """
-    v, _, _ = _values(s)
+    v = _values(s).v
     stop = int(np.sum(v > 0)) if stop is None else int(stop)
     if not (1 <= start and stop <= v.size and stop - start + 1 >= 3):
         raise ConfigError(f"decay_fit needs ≥ 3 points within the {v.size} values: got start={start}, stop={stop}.")

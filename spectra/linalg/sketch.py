@@ -26,6 +26,8 @@ References
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 
 import torch
@@ -33,13 +35,16 @@ import torch
 from spectra.linalg import metrics
 from spectra.linalg.krylov import reorthogonalize
 from spectra.linalg.lapack import gram_singular_values
-from spectra.linalg.svd import Spectrum, full_svd
+from spectra.linalg.svd import Spectrum, full_svd, half_range_scale
 
 __all__ = ["BlockSquaredNorm", "energy_sketch", "squared_norm", "sampled_noise_floor", "top_values"]
 
 _SIGNIFICAND_BITS = {torch.float32: 24, torch.bfloat16: 8, torch.float16: 11}
 _MIN_NORMAL_EXP = {torch.float32: -126, torch.bfloat16: -126, torch.float16: -14}
 _BLOCK = 1 << 12  # elements per fp32 partial norm
+# Block norms below this lose digits to subnormal squares (4096 of them err by ≤ 2⁻¹¹⁴ absolute
+# even with flush-to-zero: ≤ 2⁻³⁴ relative here); they, and overflowed ones, are redone in float64.
+_SAFE_BLOCK_NORM = 2.0 ** -40
 
 
 def squared_norm(M: torch.Tensor) -> float:
@@ -48,8 +53,11 @@ def squared_norm(M: torch.Tensor) -> float:
     The fast norm of whole-model analysis (:func:`spectra.linalg.svd.frobenius_energy` is
     the float64 reference). Within ~1e-6 relative of the float64 sum (7e-7 measured on
     bf16-valued data, whose fp32 block sums round with a slight bias; ~1e-8 on generic
-    fp32 data), without a float64 copy of the tensor. Half-precision input (a weight as
-    stored) is up-cast 2¹⁶ elements at a time, exactly.
+    fp32 data), without a float64 copy of the tensor, over the whole float32 range: a
+    block whose fp32 sum of squares overflows (entries beyond ~1e17) or underflows
+    (norm below 2⁻⁴⁰) is summed again in float64. A NaN or Inf entry gives a non-finite
+    result. Half-precision input (a weight as stored) is up-cast 2¹⁶ elements at a
+    time, exactly.
 
     Parameters
     ----------
@@ -82,13 +90,22 @@ class BlockSquaredNorm:
     sums as :func:`squared_norm` of the whole vector. A producer that has each chunk in
     cache anyway (the up-cast and subtraction of a weight pair) gets the norm without
     another pass over memory.
+
+    A block's fp32 sum of squares is exact to ~1e-7 only while the squares stay in
+    float32's normal range: it overflows to inf once entries pass ~1e17 (4096 squares of
+    3e17 pass 3.4e38) and loses digits to subnormal squares when the block's norm falls
+    below ~1e-17. Blocks whose norm is not in [2⁻⁴⁰, inf) — rare in weights, and found
+    by the min and max of a chunk's block norms (~1 µs) — are summed again in float64
+    (into ``rest``), except those that are exactly zero (checked by their fp32 max and
+    min, two fast passes over those blocks only: an unchanged module is all zero blocks).
+    A NaN or Inf entry stays non-finite in the float64 sum, so :meth:`total` reports it.
     """
 
     def __init__(self, numel: int, device: torch.device | str = "cpu"):
         self.numel = numel
         self.blocks = torch.empty(numel // _BLOCK, dtype=torch.float32, device=device)  # fp32 norm per block
         self.seen = 0  # elements added
-        self.rest = 0.0  # the last partial block, in float64
+        self.rest = 0.0  # the last partial block and the blocks redone in float64
 
     def add(self, chunk: torch.Tensor) -> None:
         """Take the next `chunk` (flat float32, starting on a block boundary)."""
@@ -97,7 +114,14 @@ class BlockSquaredNorm:
                              f"is past the end or follows a partial block of {_BLOCK}.")
         first, n = self.seen // _BLOCK, chunk.numel() // _BLOCK
         if n:
-            torch.linalg.vector_norm(chunk[:n * _BLOCK].view(n, _BLOCK), dim=1, out=self.blocks[first:first + n])
+            norms = self.blocks[first:first + n]
+            view = chunk[:n * _BLOCK].view(n, _BLOCK)
+            torch.linalg.vector_norm(view, dim=1, out=norms)
+            # Two scalar reductions (~1 µs) find the rare unsafe block; a NaN fails both tests.
+            low, high = float(norms.min()), float(norms.max())
+            if not (low >= _SAFE_BLOCK_NORM and high < math.inf):
+                if not (high == 0.0 and float(view.amax()) == 0.0 and float(view.amin()) == 0.0):  # all zero: exact
+                    self.rest += _redo_in_float64(view, norms)
         if n * _BLOCK < chunk.numel():
             self.rest += float(torch.linalg.vector_norm(chunk[n * _BLOCK:].double())) ** 2
         self.seen += chunk.numel()
@@ -106,6 +130,21 @@ class BlockSquaredNorm:
         """‖·‖_F² of everything added."""
         blocks = self.blocks[:self.seen // _BLOCK].double()
         return float((blocks * blocks).sum()) + self.rest
+
+
+def _redo_in_float64(view: torch.Tensor, norms: torch.Tensor) -> float:
+    """Σ‖block‖² in float64 of the blocks of `view` (n, 2¹²) whose fp32 `norms` are unsafe; those set to 0.
+
+    All-zero blocks (0 in fp32 too) are left out after a max/min test, so an unchanged
+    weight, all zero blocks, costs two fast fp32 reductions instead of a float64 copy.
+    """
+    unsafe = ~((norms >= _SAFE_BLOCK_NORM) & (norms < math.inf))  # NaN: unsafe
+    rows = view if bool(unsafe.all()) else view[unsafe]  # (f, 2¹²): the unsafe blocks only
+    nonzero = (rows.amax(dim=1) != 0) | (rows.amin(dim=1) != 0)  # NaN != 0: kept
+    norms[unsafe] = 0.0
+    if not bool(nonzero.any()):
+        return 0.0
+    return float((torch.linalg.vector_norm(rows[nonzero].double(), dim=1) ** 2).sum())
 
 
 def _mean_ulp_squared(x: torch.Tensor, storage: torch.dtype) -> float:
@@ -250,6 +289,28 @@ def _rank(s: torch.Tensor, total: float, energy: float) -> int | None:
     return int(hit[0]) + 1 if hit.numel() else None
 
 
+def _in_half_range(sketch):
+    """Run :func:`energy_sketch` with a float16 `sketch_dtype` on A scaled into float16's range.
+
+    The scale c (:func:`~spectra.linalg.svd.half_range_scale`, a power of two, so exact)
+    multiplies A and ‖A‖_F² by c and c², and the values come back divided by c: a ΔW of
+    entries ~1e-6 or ~1e3 then neither flushes to zero nor overflows in its float16 copy
+    or products. Other sketch dtypes (bfloat16 has float32's range) pass through.
+    """
+    @functools.wraps(sketch)
+    def scaled(A: torch.Tensor, **options) -> Spectrum:
+        total = options.get("total_energy", 0.0)
+        c = half_range_scale(total) if options.get("sketch_dtype") == torch.float16 else 1.0
+        if c == 1.0:
+            return sketch(A, **options)
+        options.pop("low", None)  # a rounding of the unscaled A: of no use for the scaled one
+        out = sketch(A * c, **{**options, "total_energy": total * c * c})  # (out, in) fp32 copy, scaled
+        return dataclasses.replace(out, values=out.values / c, total_energy=total)
+
+    return scaled
+
+
+@_in_half_range
 def energy_sketch(A: torch.Tensor, *, energy: float, thresholds: tuple[float, ...] = (), total_energy: float,
                   block: int = 64, max_rank: int | None = None, n_iter: int = 10, seed: int = 0,
                   sketch_dtype: torch.dtype | None = torch.bfloat16, low: torch.Tensor | None = None) -> Spectrum:
@@ -288,10 +349,12 @@ def energy_sketch(A: torch.Tensor, *, energy: float, thresholds: tuple[float, ..
         Most power steps per basis size.
     seed : int
     sketch_dtype : torch.dtype or None, default torch.bfloat16
-        Dtype of the power-step GEMMs (None: A's own).
+        Dtype of the power-step GEMMs (None: A's own). torch.float16 runs on A scaled
+        by a power of two into its range (:func:`_in_half_range`).
     low : torch.Tensor, optional
         A already rounded to `sketch_dtype`, same shape (e.g. made by the pairing while it
-        had each chunk of A in cache); taken instead of rounding A here.
+        had each chunk of A in cache); taken instead of rounding A here (and ignored when
+        a float16 sketch has to scale A first).
 
     Returns
     -------

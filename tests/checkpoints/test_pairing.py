@@ -321,8 +321,9 @@ def test_difference_and_norms_match_float64(storage):
     assert pairing.difference_and_norms(tuned[:3], base[:3], torch.float32)[1:] == (None, None)
 
 
-def _large_bf16_pair(folder, bad_base=None, bad_tuned=None):
-    """Two bf16 safetensors checkpoints with matrices above one subtraction chunk, optionally one bad entry each."""
+def _large_bf16_pair(folder, bad_base=None, bad_tuned=None, same_entry=False):
+    """Two bf16 safetensors checkpoints with matrices above one subtraction chunk, optionally one bad entry each
+    (the tuned one at the base's place with `same_entry`)."""
     from safetensors.torch import save_file
 
     from spectra.checkpoints import pairing
@@ -335,7 +336,7 @@ def _large_bf16_pair(folder, bad_base=None, bad_tuned=None):
     if bad_base is not None:
         base[name][7, 11] = bad_base
     if bad_tuned is not None:
-        tuned[name][shape[0] - 1, 299] = bad_tuned  # in the last, partial chunk
+        tuned[name][(7, 11) if same_entry else (shape[0] - 1, 299)] = bad_tuned  # else in the last, partial chunk
     folder.mkdir()
     save_file(base, str(folder / "base.safetensors"))
     save_file(tuned, str(folder / "tuned.safetensors"))
@@ -370,8 +371,13 @@ def test_clean_large_pair_carries_norms_and_overflow_is_an_error(tmp_path):
     for d in iter_deltas(b, t, with_weights=True, weights_as_stored=True):
         assert d.delta_sq == pytest.approx(float(d.delta.double().square().sum()), rel=1e-6)
         assert d.base_sq == pytest.approx(float(d.base.double().square().sum()), rel=1e-6)
-    # Finite entries whose squares overflow the float32 block norms: refused, or skipped on request.
+    # Finite entries whose squares overflow float32 (1e30² > 3.4e38): the norms are still exact (float64 blocks).
     b, t = _large_bf16_pair(tmp_path / "huge", bad_base=1e30, bad_tuned=-1e30)
+    for d in iter_deltas(b, t, with_weights=True, weights_as_stored=True):
+        assert d.delta_sq == pytest.approx(float(d.delta.double().square().sum()), rel=1e-6)
+        assert d.base_sq == pytest.approx(float(d.base.double().square().sum()), rel=1e-6)
+    # Finite weights whose difference overflows float32 (3e38 − (−3e38)): refused, or skipped on request.
+    b, t = _large_bf16_pair(tmp_path / "overflow", bad_base=-3e38, bad_tuned=3e38, same_entry=True)
     with pytest.raises(NonFiniteWeightError, match=r"model.layers.1.mlp.up_proj overflows float32"):
         list(iter_deltas(b, t))
     pairing = Pairing(b, t)

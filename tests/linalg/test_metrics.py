@@ -72,6 +72,57 @@ def test_stable_rank_exact_from_truncated_spectrum():
     assert mt.stable_rank(R) == pytest.approx(np.sum(ref**2) / ref[0] ** 2, rel=1e-5)
 
 
+@pytest.mark.parametrize("as_spectrum", [False, True])
+def test_ratio_metrics_are_scale_invariant_over_float64_range(as_spectrum):
+    """σ at 1e-150 … 1e+150: σ² or σ⁴ leave float64's range, the ratios must not change.
+
+    Before the values were normalised by σ₁, stable rank and participation ratio gave
+    0/0 → 0 or inf at 1e-100 and 1e+200 (negative control: the naive formula below).
+    """
+    from spectra.linalg.svd import Spectrum
+
+    s = torch.from_numpy(power_law(m=64, n=96)[1].numpy())  # σᵢ = i^-0.7, float64
+    top = s[:20]  # a truncated top with the exact total: energy ranks and stable rank still exact
+
+    def metrics(scale):
+        v = s * scale
+        if as_spectrum:
+            total = float((s**2).sum()) * scale * scale
+            whole = Spectrum(v, total, (64, 96), "full-gesdd")
+            part = Spectrum(top * scale, total, (64, 96), "krylov", complete=False)
+            ranks = mt.energy_ranks(part, (0.3, 0.5))
+        else:
+            whole, part = v, None
+            ranks = mt.energy_ranks(v, (0.5, 0.9, 0.99))
+        out = [mt.stable_rank(whole), mt.participation_ratio(whole), mt.effective_rank(whole),
+               mt.nuclear_frobenius_ratio(whole), *ranks.values(), mt.energy_rank(whole, 1.0)]
+        if part is not None:
+            out.append(mt.stable_rank(part))
+        return out
+
+    ref = metrics(1.0)
+    assert all(x > 0 for x in ref)
+    for scale in (1e-150, 1e-100, 1e100, 1e150):
+        np.testing.assert_allclose(metrics(scale), ref, rtol=1e-12)
+    if not as_spectrum:
+        with np.errstate(all="ignore"):  # σ⁴ underflows at 1e-100, σ² overflows at 1e+200: 0/0 and inf/inf
+            for x in (s.numpy() * 1e-100, s.numpy() * 1e200):
+                assert not np.isfinite(np.sum(x**2) ** 2 / np.sum(x**4))
+        assert mt.participation_ratio(s * 1e200) == pytest.approx(ref[1], rel=1e-12)
+
+
+def test_zero_spectrum_gives_documented_zeros():
+    z = torch.zeros(5, dtype=torch.float64)
+    assert mt.energy_rank(z, 0.9) == 0 and set(mt.energy_ranks(z).values()) == {0}
+    assert mt.stable_rank(z) == 0.0 and mt.participation_ratio(z) == 0.0
+    assert mt.effective_rank(z) == 0.0 and mt.nuclear_frobenius_ratio(z) == 0.0
+    assert mt.gavish_donoho(z, (5, 8)).rank == 0
+    zero = full_svd(torch.zeros(6, 9))
+    assert mt.energy_rank(zero, 0.9) == 0 and mt.stable_rank(zero) == 0.0 and mt.participation_ratio(zero) == 0.0
+    with pytest.raises(ConfigError, match="descending"):
+        mt.stable_rank(torch.tensor([0.0, 1.0]))  # a zero first value only when all are zero
+
+
 # ---------------------------------------------------------------------------- Gavish–Donoho
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -29,6 +31,41 @@ def test_squared_norm_matches_float64():
     assert sketch.squared_norm(torch.zeros(5, 5)) == 0.0
 
 
+@pytest.mark.parametrize("scale", [1e30, 1e18, 1e-20, 1e-30, "mixed"])
+def test_squared_norm_over_the_float32_range(scale):
+    """fp32 block sums of squares overflow past ~1e17 and lose digits below ~1e-19: redone in float64."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(700, 901, generator=g)  # 153 whole blocks and a partial one
+    if scale == "mixed":  # huge, tiny and zero blocks side by side, and both extremes inside one block
+        x.view(-1)[: 40 * 4096] *= 1e30
+        x.view(-1)[40 * 4096: 80 * 4096] *= 1e-30
+        x.view(-1)[80 * 4096: 90 * 4096] = 0.0
+        x.view(-1)[100 * 4096 + 7] = 3e36
+        x.view(-1)[101 * 4096 + 9] = 1e-40  # a float32 subnormal
+    else:
+        x *= scale
+    expected = float(np.sum(x.double().numpy() ** 2))  # float64 numpy: the reference
+    assert math.isfinite(expected) and expected > 0
+    assert sketch.squared_norm(x) == pytest.approx(expected, rel=1e-6, abs=0)  # abs=0: 1e-54 is not "≈ 0"
+    acc = sketch.BlockSquaredNorm(x.numel())  # chunked as the subtraction feeds it
+    for i in range(0, x.numel(), 1 << 17):
+        acc.add(x.view(-1)[i:i + (1 << 17)])
+    assert acc.total() == pytest.approx(expected, rel=1e-6, abs=0)
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_squared_norm_reports_nan_and_inf(bad):
+    """Callers (the pairing) read a non-finite norm as a NaN/Inf entry: the float64 redo must keep it."""
+    for where in (5, 4096 * 7 + 3, 153 * 4096 + 2):  # a block of small values, a middle block, the partial tail
+        x = torch.randn(700, 901) * 1e-30  # every block is redone in float64
+        x.view(-1)[where] = bad
+        assert not math.isfinite(sketch.squared_norm(x))
+        y = torch.randn(700, 901)
+        y.view(-1)[where] = bad
+        assert not math.isfinite(sketch.squared_norm(y))
+    assert sketch.squared_norm(torch.zeros(700, 901)) == 0.0
+
+
 @pytest.mark.parametrize("storage", [torch.bfloat16, torch.float16])
 def test_noise_floor_exact_when_small_and_close_when_sampled(storage):
     b = torch.randn(300, 200).to(storage).float()
@@ -53,6 +90,31 @@ def test_energy_sketch_ranks_match_full_svd():
     k = fast.k
     assert np.all(fast.values.double().numpy() <= exact.values[:k].numpy() * (1 + 1e-5))  # Ritz: lower bounds
     np.testing.assert_allclose(fast.values[:5].double().numpy(), exact.values[:5].numpy(), rtol=1e-3)
+
+
+def _decaying(m, n, *, rms, seed=0):
+    """A ΔW with σᵢ = e^(−i/8) (rank 60) scaled so its typical entry is `rms`."""
+    g = torch.Generator().manual_seed(seed)
+    u, _ = torch.linalg.qr(torch.randn(m, 60, generator=g))
+    v, _ = torch.linalg.qr(torch.randn(n, 60, generator=g))
+    d = u * torch.exp(-torch.arange(60) / 8.0) @ v.T
+    return d * (rms / float(d.pow(2).mean().sqrt()))
+
+
+@pytest.mark.parametrize("rms", [1e-6, 1e-8, 1e3])
+def test_float16_sketch_gives_the_float32_ranks_at_any_scale(rms):
+    """float16 holds 6e-5 … 65504: without scaling, a 1e-8 ΔW flushed to zero (the sketch fell back to a
+    full SVD) and a 1e3 one overflowed in its first Gaussian product (LinAlgError on NaN)."""
+    d = _decaying(500, 800, rms=rms)
+    total = sketch.squared_norm(d)
+    runs = {dt: sketch.energy_sketch(d, energy=0.9, thresholds=(0.5, 0.99), total_energy=total, block=16,
+                                     sketch_dtype=dt) for dt in (None, torch.float16)}
+    half, single = runs[torch.float16], runs[None]
+    assert half.method == "adaptive-bf16" and half.total_energy == total  # no fall-back, the caller's total
+    for tau in (0.5, 0.9, 0.99):
+        assert metrics.energy_rank(half, tau) == metrics.energy_rank(single, tau) is not None
+    exact = full_svd(d.double()).values[:5].numpy()
+    np.testing.assert_allclose(half.values[:5].double().numpy(), exact, rtol=1e-4)  # unscaled back
 
 
 def test_basis_grows_to_fit_the_rank_estimate():
