@@ -507,6 +507,8 @@ def verify(
     method: Annotated[str, typer.Option(help="Sweep methods, e.g. lora,dora (qlora, qdora too).")] = "lora",
     data: Annotated[Optional[Path], typer.Option(help="Training data for --sweep.")] = None,
     eval_data: Annotated[Optional[Path], typer.Option(help="Eval data: loss/accuracy of base, tuned, adapter, SVD.")] = None,
+    eval_fraction: Annotated[Optional[float], typer.Option(
+        help="Sweep: share of --data each run holds out for its own eval (default 0.1; 0 for none, e.g. one example).")] = None,
     adapters_dir: Annotated[Optional[Path], typer.Option(help="Where --sweep puts adapters (default OUTPUT-adapters).")] = None,
     plan: Annotated[Optional[Path], typer.Option(help="The plan from `spectra recommend`: its rank is marked.")] = None,
     recommended: Annotated[Optional[int], typer.Option(help="Rank to mark as recommended (instead of --plan).")] = None,
@@ -533,8 +535,8 @@ def verify(
 
     if (adapter is None) == (sweep is None):
         raise ConfigError("pass either --adapter ADAPTER_DIR (check one adapter) or --sweep RANKS with --data.")
-    sweep_only = [flag for flag, given in (("--data", data), ("--plan", plan), ("--recommended", recommended))
-                  if given is not None]
+    sweep_only = [flag for flag, given in (("--data", data), ("--plan", plan), ("--recommended", recommended),
+                                           ("--eval-fraction", eval_fraction)) if given is not None]
     if adapter is not None and sweep_only:
         raise ConfigError(f"{', '.join(sweep_only)} only apply to --sweep; with --adapter, leave them out.")
     if output.exists() and not overwrite:
@@ -560,7 +562,8 @@ def verify(
     if plan is not None and recommended is None:
         recommended = load_plan(plan).to_peft_config()["r"]
     tconfig = TrainConfig(roles=_split(roles), epochs=epochs, max_steps=max_steps, lr=lr, seed=seed,
-                          group_by_length=group_by_length, teacher=tuned if distill else None, device=device)
+                          group_by_length=group_by_length, teacher=tuned if distill else None, device=device,
+                          **({} if eval_fraction is None else {"eval_fraction": eval_fraction}))
     result = rank_sweep(base, tuned, data, ranks=ranks, methods=_split(method) or ("lora",), train_config=tconfig,
                         eval_data=eval_data, adapters_dir=adapters_dir or output.with_name(output.name + "-adapters"),
                         verify_config=vconfig, recommended_rank=recommended, overwrite=overwrite,

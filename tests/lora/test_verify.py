@@ -213,6 +213,14 @@ def test_cli_train_and_sweep(llama_base, text_data, tmp_path):
     assert data["train_config"]["group_by_length"]
     assert [(r["method"], r["rank"]) for r in data["runs"]] == [("lora", 1), ("lora", 2), ("dora", 1), ("dora", 2)]
     assert all(r["captured_energy"] <= r["optimal_energy"] + 1e-9 for r in data["runs"])
+    # one training example: a sweep needs --eval-fraction 0 too (each run would hold it out otherwise)
+    sweep_args = ["verify", str(llama_base), str(tmp_path / "tuned"), "--sweep", "1", "--data", str(one),
+                  "--max-steps", "1", "-q"]
+    refused = runner.invoke(app, [*sweep_args, "-o", str(tmp_path / "s1")])
+    assert refused.exit_code != 0 and "--eval-fraction 0" in str(refused.exception)
+    alone = runner.invoke(app, [*sweep_args, "--eval-fraction", "0", "-o", str(tmp_path / "s1")])
+    assert alone.exit_code == 0, alone.output
+    assert json.loads((tmp_path / "s1" / "sweep.json").read_text())["train_config"]["eval_fraction"] == 0.0
     assert data["phi_between_ranks"] and set(data["reference_evals"]) == {"base", "tuned"}
     assert {p.name for p in (tmp_path / "sweep" / "figures").glob("*.png")} == {
         "sweep_energy.png", "sweep_eval.png", "sweep_phi.png"}
