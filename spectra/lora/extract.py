@@ -403,17 +403,28 @@ def _peft_config(ranks: dict, use_rslora: bool, saved: list[str], pairing: Pairi
     """The adapter_config.json dict, checked against the model's module names (the checkpoint's without one).
 
     ``ranks``' and ``saved``'s names count as modules too: expert slices keep their stored names (PEFT maps them).
+    Experts the model fuses into one parameter per projection (no module of theirs exists) are converted by
+    PEFT at the config's global ``r`` and ``lora_alpha``, whatever ``rank_pattern`` says: those are theirs then.
     """
     from spectra.ranks import check_peft_config, lora_config
 
-    config = lora_config(ranks, use_rslora=use_rslora) | {
+    model_modules = None if model is None else {n for n, _ in model.named_modules() if n}
+    fused = {n: ranks[n][:2] for n in ranks if model_modules is not None and _EXPERT_INDEX.search(n)
+             and n not in model_modules}
+    if len(set(fused.values())) > 1:
+        settings = ", ".join(f"r={r} α={a:g}" for r, a in sorted(set(fused.values())))
+        raise ConfigError(f"the plan gives the fused experts different ranks or alphas across projections ({settings}); "
+                          "PEFT converts every fused expert parameter at the adapter's one global r and lora_alpha. "
+                          "Give all expert projections one rank (`spectra recommend --uniform`, or --rank).")
+    r, alpha = next(iter(fused.values())) if fused else (None, None)
+    config = lora_config(ranks, use_rslora=use_rslora, r=r, alpha=alpha) | {
         "init_lora_weights": True,
         "modules_to_save": sorted(saved) or None,
         "base_model_name_or_path": str(pairing.base.path),
         "peft_version": _peft_version(),
     }
-    if model is not None:
-        module_names = {n for n, _ in model.named_modules() if n}
+    if model_modules is not None:
+        module_names = set(model_modules)
     else:
         source = pairing.tuned if hasattr(pairing.tuned, "names") else pairing.base
         module_names = {n.rsplit(".", 1)[0] for n in source.names()}

@@ -261,7 +261,7 @@ class RankPlan:
 
 def lora_config(modules: Mapping[str, tuple[int, float, bool]], *, alpha_for=None, use_rslora: bool = False,
                 use_dora: bool = False, task_type: str | None = None, lora_dropout: float = 0.0,
-                parameters: Iterable[str] = ()) -> dict:
+                parameters: Iterable[str] = (), r: int | None = None, alpha: float | None = None) -> dict:
     """A PEFT ``LoraConfig`` dict for per-module ``name → (rank, alpha, conv1d)``.
 
     ``r`` is the most common rank (ties: the smallest) and ``lora_alpha`` is ``alpha_for(r)``
@@ -269,13 +269,18 @@ def lora_config(modules: Mapping[str, tuple[int, float, bool]], *, alpha_for=Non
     a ``rank_pattern``/``alpha_pattern`` key anchored with ``^`` so that PEFT's suffix-regex
     match (``get_pattern_key``) hits only that module. ``fan_in_fan_out`` is set when any
     module is a Conv1D. Names in ``parameters`` are parameters, not modules: they are listed
-    in ``target_parameters`` (PEFT matches pattern keys against them the same way).
+    in ``target_parameters`` (PEFT matches pattern keys against them the same way). `r` and
+    `alpha` fix the global values instead (for modules PEFT adapts at the global rank whatever
+    the patterns say, such as fused experts it converts from per-expert keys).
     """
     parameters = set(parameters)
     counts = Counter(rank for rank, _, _ in modules.values())
-    r = max(counts, key=lambda k: (counts[k], -k))
-    if alpha_for is None:
-        alphas = Counter(a for rank, a, _ in modules.values() if rank == r)
+    if r is None:
+        r = max(counts, key=lambda k: (counts[k], -k))
+    if alpha is not None:
+        pass
+    elif alpha_for is None:
+        alphas = Counter(a for rank, a, _ in modules.values() if rank == r) or Counter(a for _, a, _ in modules.values())
         alpha = max(alphas, key=lambda a: alphas[a])
     else:
         alpha = alpha_for(r)

@@ -353,3 +353,50 @@ def test_randomized_path_is_eckart_young_to_its_tolerance():
 def _best(delta, r):
     u, s, vt = np.linalg.svd(delta.double().numpy(), full_matrices=False)
     return (u[:, :r] * s[:r]) @ vt[:r]
+
+
+def _best_rank(delta: np.ndarray, r: int) -> np.ndarray:
+    u, s, vt = np.linalg.svd(delta)
+    return (u[:, :r] * s[:r]) @ vt[:r]
+
+
+@pytest.mark.filterwarnings("ignore:The following (rank|alpha)_pattern keys:RuntimeWarning")  # PEFT maps experts itself
+def test_fused_experts_get_their_rank_when_other_modules_outnumber_them(tmp_path):
+    """PEFT converts per-expert keys into the fused parameter at the config's global r and α, whatever rank_pattern
+    says: attention at rank 6 (8 modules) and expert down projections at rank 2 (6) must make r = 2 (before, r = 6
+    and PEFT refused the adapter on a size mismatch). Merged weights = base + the best rank-r ΔW, per expert too."""
+    import dataclasses
+
+    base = build_model("mixtral")
+    tuned = copy.deepcopy(base)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in tuned.named_parameters():
+            if p.ndim == 3 or "self_attn" in name:
+                p += 0.02 * torch.randn(p.shape, generator=g)
+    b, t = save(base, tmp_path / "b", "safetensors"), save(tuned, tmp_path / "t", "safetensors")
+    analysis = analyze(b, t, cache_dir=False, progress=False)
+    plan = recommend_ranks(analysis, RankPolicy(roles=("q", "k", "v", "o", "down"), uniform=True, noise=False))
+    rank = {"down": 2, "q": 6, "k": 6, "v": 6, "o": 6}
+    plan = dataclasses.replace(plan, modules=tuple(dataclasses.replace(m, rank=rank[m.role], alpha=2.0 * rank[m.role])
+                                                   for m in plan.modules))
+    result = extract_adapter(b, t, plan, tmp_path / "ad", progress=False)
+    assert (result.config["r"], result.config["lora_alpha"]) == (2, 4.0)
+    state = _load_without_missing_keys(base, tmp_path / "ad")
+    W0, W1 = base.state_dict(), tuned.state_dict()
+    for layer in (0, 1):
+        key = f"model.layers.{layer}.mlp.experts.down_proj"
+        for e in range(W0[key].shape[0]):
+            d = (W1[key][e] - W0[key][e]).double().numpy()
+            np.testing.assert_allclose(state[key][e].double().numpy() - W0[key][e].double().numpy(), _best_rank(d, 2),
+                                       atol=2e-6)
+        key = f"model.layers.{layer}.self_attn.q_proj.weight"
+        d = (W1[key] - W0[key]).double().numpy()
+        np.testing.assert_allclose(state[key].double().numpy() - W0[key].double().numpy(), _best_rank(d, 6), atol=2e-6)
+    # experts of different projections at different ranks cannot be one global r: refused, nothing written
+    rank = {"gate": 2, "up": 2, "down": 3}
+    plan = recommend_ranks(analysis, RankPolicy(roles=("gate", "up", "down"), uniform=True, noise=False))
+    plan = dataclasses.replace(plan, modules=tuple(dataclasses.replace(m, rank=rank[m.role]) for m in plan.modules))
+    with pytest.raises(ConfigError, match="different ranks or alphas across projections"):
+        extract_adapter(b, t, plan, tmp_path / "ad2", progress=False)
+    assert not (tmp_path / "ad2").exists()
