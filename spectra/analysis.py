@@ -635,8 +635,7 @@ def _entry_bytes(entry, options: PairingOptions) -> int:
         return 3 * itemsize * n
     if not options.device.startswith("cpu"):
         return (itemsize + entry.base_dtype.itemsize + entry.tuned_dtype.itemsize) * n
-    above = options.low_copy_above  # the sketch's bf16 copy of ΔW, made on the CPU
-    copied = torch.bfloat16.itemsize if above is not None and entry.kind == "matrix" and min(entry.shape) > above else 0
+    copied = torch.bfloat16.itemsize if options.low_copy(entry.kind, entry.shape) else 0  # the sketch's bf16 ΔW
     return (itemsize + copied) * n
 
 

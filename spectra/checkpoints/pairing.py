@@ -107,6 +107,10 @@ class PairingOptions:
     def torch_dtype(self) -> torch.dtype:
         return _COMPUTE_DTYPES[self.dtype]
 
+    def low_copy(self, kind: str, shape: tuple[int, ...]) -> bool:
+        """Whether an entry of this kind and (oriented) shape gets ``DeltaW.delta_low`` (``low_copy_above``)."""
+        return self.low_copy_above is not None and kind == "matrix" and min(shape) > self.low_copy_above
+
 
 @dataclass
 class DeltaW:
@@ -367,8 +371,7 @@ class Pairing:
             n = base.numel()
             if lease is not None:
                 out = lease.take(n, dtype)
-            above = self.options.low_copy_above
-            if above is not None and entry.kind == "matrix" and min(base.shape) > above:
+            if self.options.low_copy(entry.kind, base.shape):
                 low = torch.empty(n, dtype=torch.bfloat16) if lease is None else lease.take(n, torch.bfloat16)
         delta, delta_low, delta_sq, base_sq = _difference(tuned, base, dtype, norms=by_norms, out=out, low=low)
         if by_norms and not (_finite_number(delta_sq) and _finite_number(base_sq)):
