@@ -130,3 +130,33 @@ def nonfinite_pair(folder: Path, module: str, value: float, *, at=(0, 0), dtype=
 
 def read_config(path: Path) -> dict:
     return json.loads((path / "config.json").read_text())
+
+
+# planted ranks of the tiny Mixtral's expert projections, per (layer, expert): w1 (gate), w3 (up), w2 (down)
+EXPERT_RANKS = {(0, 0): (2, 1, 2), (0, 1): (2, 1, 2), (0, 2): (2, 1, 2),  # one rank per fused parameter
+                 (1, 0): (1, 1, 1), (1, 1): (3, 2, 1), (1, 2): (1, 0, 1)}  # experts differ; one w3 unchanged
+
+
+def planted_mixtral_pair(root):
+    """A tiny transformers-5 Mixtral and a fine-tune with exact planted ranks (checkpoints store experts.N.w1…)."""
+    import copy
+    import itertools
+
+    base = build_model("mixtral")
+    tuned = copy.deepcopy(base)
+    seeds = itertools.count(1)
+    for layer in (0, 1):
+        for proj, rank in (("q_proj", 2), ("v_proj", 1)):  # k_proj, o_proj unchanged: left out
+            out_f, in_f = tuned.get_parameter(f"model.layers.{layer}.self_attn.{proj}.weight").shape
+            add_to_parameter(tuned, f"model.layers.{layer}.self_attn.{proj}.weight",
+                             low_rank(out_f, in_f, rank, seed=next(seeds)))
+        for expert in range(3):
+            gate, up, down = EXPERT_RANKS[layer, expert]
+            experts = f"model.layers.{layer}.mlp.experts"
+            for rows, rank in ((slice(0, 48), gate), (slice(48, 96), up)):  # gate_up_proj (experts, [gate; up], in)
+                if rank:
+                    add_to_parameter(tuned, f"{experts}.gate_up_proj", low_rank(48, 32, rank, seed=next(seeds)),
+                                     rows=rows, expert=expert)
+            add_to_parameter(tuned, f"{experts}.down_proj", low_rank(32, 48, down, seed=next(seeds)),
+                             expert=expert)
+    return base, save(base, root / "b", "safetensors"), save(tuned, root / "t", "safetensors")

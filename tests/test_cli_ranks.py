@@ -73,9 +73,9 @@ def test_memory_table_and_json(tmp_path):
 def test_recommend_writes_the_models_names_and_prints_what_they_approximate(tmp_path):
     """transformers-5 Mixtral: plan.json's peft_config targets the fused expert parameters, and says where it rounds."""
     from spectra.analysis import analyze
-    from tests.ranks.test_plan import _mixtral_pair
+    from tests.models import planted_mixtral_pair
 
-    _, b, t = _mixtral_pair(tmp_path)
+    _, b, t = planted_mixtral_pair(tmp_path)
     (tmp_path / "run").mkdir()
     analyze(b, t, cache_dir=False, progress=False).save(tmp_path / "run" / "analysis.json")
     out = tmp_path / "plan.json"

@@ -309,10 +309,18 @@ def lora_config(model, config: TrainConfig, *, task: str):
 
     names = [name for name, _ in model.named_modules()]
     if config.plan is not None:
-        fields = load_plan(config.plan).to_peft_config(module_names=names, lora_dropout=config.lora_dropout)
-        fields = {k: fields[k] for k in ("r", "lora_alpha", "target_modules", "rank_pattern", "alpha_pattern",
-                                         "use_rslora", "fan_in_fan_out", "lora_dropout")}
+        # Resolved on the model itself, as its class loaded the checkpoint: transformers-5
+        # Mixtral's experts.N.w1/w3/w2 live in fused parameters, adapted via target_parameters.
+        fields = load_plan(config.plan).to_peft_config(model=model, lora_dropout=config.lora_dropout)
+        fields = {k: fields[k] for k in ("r", "lora_alpha", "target_modules", "target_parameters", "rank_pattern",
+                                         "alpha_pattern", "use_rslora", "fan_in_fan_out", "lora_dropout")
+                  if k in fields}
         fields["use_rslora"] = fields["use_rslora"] or config.rslora
+        if fields.get("target_parameters") and (config.method != "lora" or config.quantized):
+            raise ConfigError(f"the plan adapts {fields['target_parameters'][0]} (a parameter {type(model).__name__} "
+                              f"holds no module for) through PEFT's target_parameters, which method "
+                              f"{config.method!r} does not support: train with method lora, or plan without "
+                              "these modules' roles (spectra recommend --roles q,k,v,o).")
     else:
         targets = list(config.target_modules) if config.target_modules else target_modules(model, config.roles)
         missing = sorted(set(targets) - set(names))

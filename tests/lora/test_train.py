@@ -225,3 +225,43 @@ def test_integer_labels_keep_a_pretrained_three_class_head(tmp_path, monkeypatch
     # a base model without a head gets a new one, sized max(configured num_labels, max label + 1)
     bare = save(build_model("bert", head=False), tmp_path / "bare", "safetensors")  # config: 3 labels
     assert train_adapter(bare, beyond, config, tmp_path / "ad3", progress=False).label_names == ["0", "1", "2", "3"]
+
+
+@pytest.mark.filterwarnings("ignore:The following (rank|alpha)_pattern keys:RuntimeWarning")  # PEFT 0.21 checks
+# pattern keys against targeted modules only; those of target_parameters are applied all the same
+def test_plan_with_fused_experts_trains_them_through_target_parameters(text_data, tmp_path):
+    """transformers-5 Mixtral: the plan's experts.N.w1/w3/w2 live in fused parameters, adapted at the plan's rank."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    from spectra.analysis import analyze
+    from spectra.errors import PeftConfigWarning
+    from spectra.ranks import RankPolicy, recommend_ranks, save_plan
+    from tests.models import planted_mixtral_pair
+
+    base, b, t = planted_mixtral_pair(tmp_path)
+    plan = recommend_ranks(analyze(b, t, cache_dir=False, progress=False), RankPolicy(energy=0.99))
+    with pytest.warns(PeftConfigWarning):  # layer 1's experts differ in rank: the fused parameter takes the largest
+        path = save_plan(plan, tmp_path / "plan.json")
+    planned = json.loads(path.read_text())["peft_config"]
+    with pytest.warns(PeftConfigWarning):
+        result = train_adapter(b, text_data, TrainConfig(plan=str(path), lr=1e-2, **FAST), tmp_path / "ad",
+                               progress=False)
+    saved = json.loads((result.out_dir / "adapter_config.json").read_text())
+    fused = [f"model.layers.{i}.mlp.experts.{p}" for i in (0, 1) for p in ("down_proj", "gate_up_proj")]
+    assert sorted(saved["target_parameters"]) == fused == sorted(planned["target_parameters"])
+    assert (saved["r"], saved["lora_alpha"]) == (planned["r"], planned["lora_alpha"])
+    assert saved["rank_pattern"] == planned["rank_pattern"] and saved["alpha_pattern"] == planned["alpha_pattern"]
+    weights = load_file(result.out_dir / "adapter_model.safetensors")
+    expert_b = [k for k in weights if "experts" in k and "lora_B" in k]
+    assert len(expert_b) == 4 and all(float(weights[k].abs().max()) > 0 for k in expert_b)  # trained from B = 0
+    # layer 1's gate_up_proj at the planned 5 (gate 3 + up 2 of expert 1): lora_A is (r · experts, in)
+    a = [k for k in weights if "layers.1.mlp.experts" in k and "lora_A" in k and weights[k].shape[1] == 32]
+    assert [tuple(weights[k].shape) for k in a] == [(5 * 3, 32)]
+    reloaded = PeftModel.from_pretrained(base, result.out_dir)  # PEFT reads it back onto a fresh model
+    assert sorted(reloaded.peft_config["default"].target_parameters) == fused
+
+    with pytest.warns(PeftConfigWarning), pytest.raises(ConfigError, match="target_parameters"):  # plain LoRA only
+        train_adapter(b, text_data, TrainConfig(plan=str(path), method="dora", **FAST), tmp_path / "dora",
+                      progress=False)
+    assert not (tmp_path / "dora").exists()

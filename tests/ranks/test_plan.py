@@ -9,6 +9,7 @@ import torch
 
 from spectra.errors import ConfigError
 from spectra.ranks import ModuleRank, RankPlan, RankPolicy, check_peft_config, load_plan, recommend_ranks, save_plan
+from tests.models import planted_mixtral_pair
 from tests.ranks.rows import PLANTED, analysis, make_row
 
 
@@ -106,38 +107,6 @@ def test_every_pattern_key_hits_exactly_its_module_in_peft(tmp_path, family, hea
         check_peft_config(bare, module_names)
 
 
-# planted ranks of the tiny Mixtral's expert projections, per (layer, expert): w1 (gate), w3 (up), w2 (down)
-_EXPERT_RANKS = {(0, 0): (2, 1, 2), (0, 1): (2, 1, 2), (0, 2): (2, 1, 2),  # one rank per fused parameter
-                 (1, 0): (1, 1, 1), (1, 1): (3, 2, 1), (1, 2): (1, 0, 1)}  # experts differ; one w3 unchanged
-
-
-def _mixtral_pair(root):
-    """A tiny transformers-5 Mixtral and a fine-tune with exact planted ranks (checkpoints store experts.N.w1…)."""
-    import copy
-    import itertools
-
-    from tests.models import add_to_parameter, build_model, low_rank, save
-
-    base = build_model("mixtral")
-    tuned = copy.deepcopy(base)
-    seeds = itertools.count(1)
-    for layer in (0, 1):
-        for proj, rank in (("q_proj", 2), ("v_proj", 1)):  # k_proj, o_proj unchanged: left out
-            out_f, in_f = tuned.get_parameter(f"model.layers.{layer}.self_attn.{proj}.weight").shape
-            add_to_parameter(tuned, f"model.layers.{layer}.self_attn.{proj}.weight",
-                             low_rank(out_f, in_f, rank, seed=next(seeds)))
-        for expert in range(3):
-            gate, up, down = _EXPERT_RANKS[layer, expert]
-            experts = f"model.layers.{layer}.mlp.experts"
-            for rows, rank in ((slice(0, 48), gate), (slice(48, 96), up)):  # gate_up_proj (experts, [gate; up], in)
-                if rank:
-                    add_to_parameter(tuned, f"{experts}.gate_up_proj", low_rank(48, 32, rank, seed=next(seeds)),
-                                     rows=rows, expert=expert)
-            add_to_parameter(tuned, f"{experts}.down_proj", low_rank(32, 48, down, seed=next(seeds)),
-                             expert=expert)
-    return base, save(base, root / "b", "safetensors"), save(tuned, root / "t", "safetensors")
-
-
 def _adapted_ranks(peft_model) -> dict[str, tuple[int, float, tuple]]:
     """Module or parameter name → (r, scaling, lora_A shape) of every LoRA layer PEFT made."""
     from peft.tuners.lora import LoraLayer
@@ -162,7 +131,7 @@ def test_mixtral_plan_targets_the_fused_expert_parameters_at_their_rank(tmp_path
     from spectra.analysis import analyze
     from spectra.errors import PeftConfigWarning
 
-    base, b, t = _mixtral_pair(tmp_path)
+    base, b, t = planted_mixtral_pair(tmp_path)
     plan = recommend_ranks(analyze(b, t, cache_dir=False, progress=False), RankPolicy(energy=0.99))
     planned = {m.name: m.rank for m in plan.modules}
     assert planned["model.layers.1.block_sparse_moe.experts.1.w1"] == 3  # the planted ranks are the plan's
