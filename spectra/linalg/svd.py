@@ -384,7 +384,9 @@ def randomized_svd(
         largest relative error (Krylov; 1.25× for subspace iteration), usually 2–10×
         above it. Where σ_k is near float32's resolution (σ_k ≲ 1e-3·σ₁ on a fast-decaying
         spectrum of a large matrix) the rounding of the Ritz values can exceed the floor
-        the estimate assumes (8·eps·σ₁/σ_k) by 2–5×.
+        the estimate assumes (8·eps·σ₁/σ_k) by 2–5×. A `tol` below that floor cannot be
+        shown: block Krylov stops once two checks in a row extrapolate to under it, and
+        ``tolerance`` reports the floor (a float64 matrix resolves more).
     random_state : int, torch.Generator or None
         Seed of the Gaussian test matrix. ``None`` draws a fresh seed.
     compute_vectors : bool, default True
@@ -491,7 +493,8 @@ class _Convergence:
     flat noise bulk the changes alone suggested 3–30× faster convergence than there was.
 
     The estimate never falls below `floor`, the working precision's relative resolution
-    of σ_k.
+    of σ_k; ``at_floor`` counts the consecutive updates whose extrapolation was already
+    under it (more steps cannot show a smaller error there).
     """
 
     def __init__(self, k: int, monotone: bool = False, eps: float = 0.0):
@@ -502,6 +505,8 @@ class _Convergence:
         self.prev_change: tuple[float, int] | None = None
         self.prev_rho = 0.0  # ρ of the last fit (0 before the first)
         self.estimate = float("nan")
+        self.floor = 0.0  # the last update's floor
+        self.at_floor = 0  # consecutive updates whose extrapolated error was at or below the floor
 
     def update(self, s: torch.Tensor, steps: int = 1) -> float:
         full, s = s, s[: self.k]
@@ -519,7 +524,8 @@ class _Convergence:
             else:
                 self.estimate = change
             floor = 8 * self.eps * float(s[0] / torch.clamp(s[-1], min=s[0] * 1e-12))
-            self.estimate = max(self.estimate, floor)
+            self.at_floor = self.at_floor + 1 if self.estimate <= floor else 0
+            self.floor, self.estimate = floor, max(self.estimate, floor)
             self.prev_change = (change, steps)
         self.prev = full
         return self.estimate
@@ -612,6 +618,8 @@ def _block_krylov(A, k, b, max_steps, tol, gen, compute_vectors, energy) -> Spec
             last_check = steps
             if (tol is not None and est == est and est <= tol) or lan.full:
                 break
+            if tol is not None and conv.at_floor >= 2:
+                break  # twice under the working precision's resolution of σ_k (> tol): more steps only repeat rounding
             next_check = steps + (2 if tol is not None and est == est and est > 30 * tol else 1)
     exhausted = lan.full and lan.cap == (short // b) * b  # the space cannot grow inside A
     if tol is not None and not (est == est and est <= tol) and exhausted:

@@ -347,6 +347,26 @@ def test_krylov_still_stops_early_when_the_spectrum_converges_fast():
             assert R.method == "krylov" and R.n_iter <= 3  # 2–3 steps of 32 columns, as before the fix
 
 
+def test_krylov_stops_at_the_working_precision_when_tol_is_below_it():
+    """σ₁/σ₄₈ = e^(47/8) ≈ 356 puts float32's resolution of σ₄₈ at ~3e-4: tol = 1e-6 cannot be shown.
+
+    Before, the run went on until the space filled the matrix (18 steps) and then took a
+    full SVD; now it stops once the estimate sits at that floor, and reports the floor.
+    """
+    M = _fast_decay(m=600, n=800)
+    ref = reference_svdvals(M)
+    R = randomized_svd(M, 48, tol=1e-6, random_state=0, compute_vectors=False)
+    err = float(np.max(np.abs(R.values.double().numpy() - ref[:48]) / ref[:48]))
+    floor = 8 * torch.finfo(torch.float32).eps * ref[0] / ref[47]
+    assert R.method == "krylov" and R.n_iter <= 8
+    assert R.tolerance == pytest.approx(floor, rel=0.05) and R.tolerance > 1e-6  # not met, and says so
+    assert err <= R.tolerance
+    # negative control: in float64 the same tol is reachable, and reached
+    R64 = randomized_svd(M.double(), 48, tol=1e-6, random_state=0, compute_vectors=False)
+    err64 = float(np.max(np.abs(R64.values.numpy() - ref[:48]) / ref[:48]))
+    assert R64.tolerance <= 1e-6 and err64 <= 1.5e-6
+
+
 def test_adaptive_tolerance_is_not_below_the_true_error():
     M = planted(m=600, n=900, rank=16)
     ref = reference_svdvals(M)
