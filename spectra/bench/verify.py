@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import platform
 import time
 from pathlib import Path
@@ -75,7 +76,8 @@ def _measures(W, delta, B, A, *, exact_below: int, factors: bool, phi_max: int) 
     return row | {"delta_path": Ff.method}, phi, time.perf_counter() - start
 
 
-def run_verify_bench(out_dir, *, shapes=DEFAULT_SHAPES, kinds=KINDS, rank: int = 8, quick: bool = False) -> Path:
+def run_verify_bench(out_dir, *, shapes=DEFAULT_SHAPES, kinds=KINDS, rank: int = 8, repeats: int = 2,
+                     quick: bool = False) -> Path:
     """Time module_measures with full and with certified partial decompositions; write ``verify.{md,json}``.
 
     Parameters
@@ -86,9 +88,12 @@ def run_verify_bench(out_dir, *, shapes=DEFAULT_SHAPES, kinds=KINDS, rank: int =
         ΔW_full spectra (see the module doc).
     rank : int
         The adapter's rank.
+    repeats : int
+        Runs of each path, alternating; the fastest of each is kept (other load on a
+        shared machine only ever adds time).
     quick : bool
-        One 640×960 module, φ up to j = 32 and the certified path forced (``exact_below=0``):
-        seconds, for smoke tests.
+        One 640×960 module, φ up to j = 32, the certified path forced (``exact_below=0``)
+        and one run each: seconds, for smoke tests.
 
     Returns
     -------
@@ -100,12 +105,18 @@ def run_verify_bench(out_dir, *, shapes=DEFAULT_SHAPES, kinds=KINDS, rank: int =
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     phi_max, fast_cut = (32, 0) if quick else (64, EXACT_BELOW)
+    repeats = 1 if quick else max(1, repeats)
+    load = os.getloadavg()[0]
     rows = []
     for m, n in QUICK_SHAPES if quick else shapes:
         for kind in kinds:
             W, delta, B, A = synthetic_module(m, n, kind, rank=rank)
-            full, full_phi, t_full = _measures(W, delta, B, A, exact_below=min(m, n), factors=False, phi_max=phi_max)
-            fast, fast_phi, t_fast = _measures(W, delta, B, A, exact_below=fast_cut, factors=True, phi_max=phi_max)
+            t_full = t_fast = math.inf
+            for _ in range(repeats):
+                full, full_phi, t = _measures(W, delta, B, A, exact_below=min(m, n), factors=False, phi_max=phi_max)
+                t_full = min(t_full, t)
+                fast, fast_phi, t = _measures(W, delta, B, A, exact_below=fast_cut, factors=True, phi_max=phi_max)
+                t_fast = min(t_fast, t)
             rows.append({
                 "shape": [m, n], "kind": kind, "rank": rank, "phi_max": phi_max, "full_s": t_full,
                 "certified_s": t_fast, "speedup": t_full / t_fast, "delta_path": fast["delta_path"],
@@ -119,7 +130,8 @@ def run_verify_bench(out_dir, *, shapes=DEFAULT_SHAPES, kinds=KINDS, rank: int =
                 "intruders_equal": all(fast[k] == full[k] for k in ("intruders_adapter", "intruders_full")),
             })
     meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "python": platform.python_version(),
-            "machine": platform.machine(), "quick": quick}
+            "machine": platform.machine(), "quick": quick, "repeats": repeats,
+            "load_1min": [round(load, 2), round(os.getloadavg()[0], 2)]}
     (out / "verify.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
     table = [[f"{r['shape'][0]}×{r['shape'][1]}", r["kind"], f"{r['full_s']:.2f}", f"{r['certified_s']:.2f}",
               f"{r['speedup']:.1f}×", r["delta_path"], f"{r['max_phi_diff']:.1e}", f"{r['max_angle_diff_deg']:.1e}",
@@ -128,7 +140,9 @@ def run_verify_bench(out_dir, *, shapes=DEFAULT_SHAPES, kinds=KINDS, rank: int =
     text = ("# verify: one module's measures, full SVDs vs certified partial decompositions\n\n"
             f"`module_measures` on synthetic float32 modules, rank-{rank} LoRA adapter, {meta['threads']} threads, "
             f"torch {meta['torch']}: the five full float64 SVDs with vectors (`exact_below` above the short side) "
-            "against the default path, side by side in one run. Differences are between the two runs' reported "
+            f"against the default path, side by side in one run (fastest of {repeats} alternating runs each; "
+            f"1-minute load {meta['load_1min'][0]} before, {meta['load_1min'][1]} after, on 2 cores). "
+            "Differences are between the two runs' reported "
             f"numbers (φ over the whole r × {phi_max} matrix); intruder counts (adapter, full fine-tune) must be "
             "equal.\n\n"
             + markdown_table(["shape", "ΔW_full", "full SVDs (s)", "certified (s)", "speedup", "ΔW_full path",
