@@ -55,7 +55,7 @@ def synthetic_module(m: int, n: int, kind: str, *, rank: int = 8, seed: int = 0)
         delta += noise * torch.randn(m, n, generator=g, dtype=torch.float64)
     else:
         raise ValueError(f"kind {kind!r} is not one of {KINDS}")
-    # The adapter: ΔW_full's top-r directions, tilted, at σ ≈ 4 (between W_base's strong directions, above its bulk).
+    # The adapter: ΔW_full's top-r directions, tilted, at σ ≈ 4 (among W_base's strong ones, above its bulk).
     B = 2.0 * Uf[:, :rank] + 0.3 * torch.randn(m, rank, generator=g, dtype=torch.float64) / math.sqrt(m)
     A = (2.0 * Vf[:, :rank] + 0.3 * torch.randn(n, rank, generator=g, dtype=torch.float64) / math.sqrt(n)).T
     return W.float(), delta.float(), B.float(), A.float()

@@ -199,10 +199,19 @@ def krylov_triplets(M: torch.Tensor, k: int, *, steps: int, random_state: int = 
     -------
     Spectrum
         ``method="krylov"``, values (Ritz values: lower bounds of the top k) and vectors in
-        M's dtype, ``n_iter`` the steps taken.
+        M's dtype, ``n_iter`` the blocks built; where no block fits beside k columns
+        (k + b > min(m, n)), the full decomposition's top k instead.
     """
+    if not isinstance(M, torch.Tensor) or M.ndim != 2 or M.dtype not in (torch.float32, torch.float64):
+        raise ConfigError("`M` must be a 2-D float32 or float64 tensor.")
     short = min(M.shape)
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= short:
+        raise ConfigError(f"`k` must be an int in [1, {short}] for shape {tuple(M.shape)}, got {k!r}.")
     b = krylov_block(k, short)
+    if k + b > short:
+        F = full_svd(M, compute_vectors=True)
+        return Spectrum(F.values[:k], F.total_energy, F.shape, F.method, U=F.U[:, :k], Vh=F.Vh[:k],
+                        complete=k == short)
     lan = _lanczos(M, b, max(steps, -(-k // b)), random_state)
     while not lan.full:
         lan.step()
@@ -237,9 +246,10 @@ def top_svd(M: torch.Tensor, k: int, *, exact_below: int = EXACT_BELOW, angle_to
     in half the short side), check the top k + 1 Ritz triplets: the first whose
     :func:`ritz_bounds` put every top-j subspace (j ≤ k, left and right) within
     `angle_tol` of the exact one is returned; if none does (or, from step 14, most top-j
-    gaps are still unresolved: a noise bulk), the full decomposition is taken after all. So every top-j subspace (all that φ, principal angles, captured
-    energies and amplification factors read) is the full decomposition's to within
-    `angle_tol`, and each value to within its residual (in practice ρ²/gap).
+    gaps are still unresolved: a noise bulk), the full decomposition is taken after all.
+    So every top-j subspace (all that φ, principal angles, captured energies and
+    amplification factors read) is the full decomposition's to within `angle_tol`, and
+    each value to within its residual (in practice ρ²/gap).
 
     Parameters
     ----------
@@ -266,7 +276,7 @@ def top_svd(M: torch.Tensor, k: int, *, exact_below: int = EXACT_BELOW, angle_to
     if not 0.0 < angle_tol < 1.0:
         raise ConfigError(f"`angle_tol` must be in (0, 1), got {angle_tol!r}.")
     b = krylov_block(k + 1, short)
-    last = min(_KRYLOV_CHECKS[-1], short // (2 * b) - 1)  # a space of ≤ short/2 columns: beyond, a full SVD is as cheap
+    last = min(_KRYLOV_CHECKS[-1], short // (2 * b) - 1)  # ≤ short/2 columns: beyond, a full SVD is as cheap
     if short > exact_below and last >= _KRYLOV_MIN_STEPS:
         A = M.double()
         energy = frobenius_energy(A)

@@ -528,7 +528,7 @@ def _side_operator(W: torch.Tensor, side: str):
 
 
 def _largest_atom(S: torch.Tensor, Z: torch.Tensor, reach: torch.Tensor) -> torch.Tensor:
-    """Upper bounds on max_i ⟨x_i, z⟩² over the left singular vectors x_i of S (d, e), d ≤ e, per column z of Z (d, c).
+    """Upper bounds on max_i ⟨x_i, z⟩², x_i the left singular vectors of S (d, e), d ≤ e, per column z of Z (d, c).
 
     ⟨x_i, z⟩² are the atoms of the spectral measure μ = Σᵢ ⟨xᵢ, z⟩² δ(σᵢ²) of G = S Sᵀ
     (total mass ‖z‖²; a repeated σ pools its atoms, which only raises the bound). t steps
@@ -577,7 +577,7 @@ def _largest_atom(S: torch.Tensor, Z: torch.Tensor, reach: torch.Tensor) -> torc
 
 
 def _gauss_atom_bound(alpha: torch.Tensor, beta: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
-    """max_l (w_l + w_{l+1}) of the Gauss rules of tridiagonals (diagonals `alpha` (t, c), off-diagonals `beta` (t-1, c))."""
+    """max_l (w_l + w_{l+1}) of the Gauss rules of c tridiagonals (diagonals `alpha` (t, c), `beta` (t-1, c) beside)."""
     t, c = alpha.shape
     T = torch.diag_embed(alpha.T)  # (c, t, t)
     if t > 1:

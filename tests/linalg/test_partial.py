@@ -49,7 +49,8 @@ def test_ritz_bounds_hold_for_rough_triplets_and_vanish_for_exact_ones():
         true = _sin_largest_angle(U[:, i:i + 1], rough.U[:, i:i + 1].numpy())
         assert true <= float(b.vector_sin[i]) + 1e-12, i
     for j in range(1, 12):
-        true = max(_sin_largest_angle(U[:, :j], rough.U[:, :j].numpy()), _sin_largest_angle(Vh[:j].T, rough.Vh[:j].T.numpy()))
+        true = max(_sin_largest_angle(U[:, :j], rough.U[:, :j].numpy()),
+                   _sin_largest_angle(Vh[:j].T, rough.Vh[:j].T.numpy()))
         assert true <= float(b.subspace_sin[j - 1]) + 1e-12, j
     assert torch.isinf(b.vector_sin[-1]) and torch.isinf(b.subspace_sin[-1])
     exact = partial.ritz_bounds(M, full_svd(M, compute_vectors=True))
@@ -65,6 +66,20 @@ def test_ritz_bounds_refuse_a_tie():
     b = partial.ritz_bounds(M, full_svd(M, compute_vectors=True))
     assert float(b.subspace_sin[0]) < 1e-10 and float(b.subspace_sin[2]) < 1e-10  # gaps after σ₁ and σ₃
     assert float(b.subspace_sin[1]) > 1.0 and float(b.vector_sin[1]) > 1.0 and float(b.vector_sin[2]) > 1.0
+
+
+def test_krylov_triplets_are_ritz_triplets_of_a_fixed_space():
+    M = power_law(600, 900, alpha=1.0, seed=4)[0]  # float32
+    s = np.linalg.svd(M.double().numpy(), compute_uv=False)
+    F = partial.krylov_triplets(M, 12, steps=8)
+    assert F.method == "krylov" and F.n_iter == 9 and F.U.dtype == torch.float32  # 8 steps beyond the first block
+    assert np.all(F.values.double().numpy() <= s[:12] * (1 + 1e-6))  # Ritz values: lower bounds (float32 rounding)
+    np.testing.assert_allclose(F.values.numpy()[:4], s[:4], rtol=1e-5)
+    np.testing.assert_allclose((F.U.T @ F.U).numpy(), np.eye(12), atol=1e-5)
+    small = partial.krylov_triplets(M[:40, :50], 12, steps=8)  # no room for a block beside 12 columns: full
+    assert small.method == "full-gesdd" and small.k == 12
+    np.testing.assert_allclose(small.values.numpy(), np.linalg.svd(M[:40, :50].double().numpy(),
+                                                                   compute_uv=False)[:12], rtol=1e-5)
 
 
 @pytest.mark.parametrize("shape", [(640, 960), (960, 640)])

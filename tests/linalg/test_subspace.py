@@ -154,7 +154,7 @@ def test_handed_in_decompositions_and_non_finite_inputs_are_checked():
 
 
 def _pretrained(m, n, seed):
-    """A stand-in pretrained weight (float64): a Marchenko–Pastur bulk (edge ≈ 1 + √(m/n)) and four strong directions."""
+    """A stand-in pretrained weight (float64): a Marchenko–Pastur bulk (edge ≈ 1 + √(m/n)), four strong directions."""
     g = torch.Generator().manual_seed(seed)
     U = torch.linalg.qr(torch.randn(m, 4, generator=g, dtype=torch.float64))[0]
     V = torch.linalg.qr(torch.randn(n, 4, generator=g, dtype=torch.float64))[0]
