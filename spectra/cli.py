@@ -586,6 +586,18 @@ def bench_train(
     typer.echo(f"wrote {path}")
 
 
+@bench_app.command("verify")
+def bench_verify(
+    out: Annotated[Path, typer.Option("-o", "--out", help="Output directory for verify.{md,json}.")] = Path("reports/bench"),
+    quick: Annotated[bool, typer.Option(help="One tiny module, both paths forced (a smoke test).")] = False,
+) -> None:
+    """Time verify's per-module measures with full SVDs and with certified partial decompositions, side by side."""
+    from spectra.bench.verify import run_verify_bench
+
+    path = run_verify_bench(out, quick=quick)
+    typer.echo(f"wrote {path}")
+
+
 @bench_app.command("make-pair")
 def bench_make_pair(
     out: Annotated[Path, typer.Argument(help="Directory to create: OUT/base, OUT/tuned, OUT/ground_truth.json.")],

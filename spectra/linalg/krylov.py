@@ -125,7 +125,9 @@ class BlockLanczos:
         self.B[d:d + b, d:d + b] = L.double()
         self.d = d = d + b
         if d + b <= self.V.shape[1]:
-            Z = A.T @ U  # (long, short) @ (short, b) -> (long, b)
+            # QR's Q is column-major; MKL's float64 Aᵀ Q then took 4× as long as with a row-major
+            # copy (2048×5632, b = 32: 155 vs 38 ms; float32 7.1 vs 6.9 ms)
+            Z = A.T @ U.contiguous()  # (long, short) @ (short, b) -> (long, b)
             Vc = self.V[:, :d]
             reorthogonalize(Z, Vc, b)  # Aᵀ Uⱼ lies along Vⱼ (the newest block) and Vⱼ₊₁
             self.V[:, d:d + b], R = self._orthonormal(Z, Vc)  # Aᵀ Uⱼ = … + Vⱼ₊₁ Rⱼ, so Uⱼᵀ A Vⱼ₊₁ = Rⱼᵀ

@@ -13,12 +13,31 @@ from dataclasses import dataclass
 import torch
 
 from spectra.errors import ConfigError
-from spectra.linalg.svd import Spectrum, _full_svd, frobenius_energy
+from spectra.linalg.krylov import krylov_block
+from spectra.linalg.partial import EXACT_BELOW, krylov_triplets, ritz_bounds
+from spectra.linalg.sketch import _times
+from spectra.linalg.svd import Spectrum, _full_svd, frobenius_energy, full_svd
 
 __all__ = [
     "principal_angles", "grassmann_distance", "subspace_similarity", "similarity_matrix",
-    "captured_energy", "best_rank_energy", "amplification_factor", "Intruders", "intruder_dimensions",
+    "captured_energy", "best_rank_energy", "amplification_factor", "Intruders", "intruder_reference",
+    "intruder_dimensions",
 ]
+
+# Certified intruder decisions (see intruder_dimensions). A decision needs the vectors only to
+# the margin between |cos| and ε (~1e-2 and up), so the Krylov runs take float32 (3–10× faster
+# here than float64) and every vector's error is then bounded in float64. Their values stop
+# changing at float32's resolution (~1e-6) before the vectors stop improving, so the runs take a
+# fixed number of steps: 30 brought every top-22 vector of a 2048×5632 Marchenko–Pastur bulk
+# (gaps of 0.1 % at its edge) within sin θ ≤ 3e-3; stopping once the values had converged to
+# 1e-5 (15 steps) left them at 0.3–2. A space stays within half the short side (beyond it a
+# full SVD is as cheap), and with fewer than 8 steps room the full decompositions are taken.
+_INTRUDER_STEPS = 30
+_INTRUDER_MIN_STEPS = 8
+_LANCZOS_STEPS = 64  # most Lanczos steps per undecided direction before the full decompositions
+_LANCZOS_CHECK = 4  # steps between evaluations of the Gauss-rule bound
+_BREAKDOWN = 1e-12  # β_t below this × max|α| ends a recurrence: its Krylov space is invariant
+_QUADRATURE_SLACK = 1e-10  # added to every atom bound: rounding of float64 Lanczos with full re-orthogonalisation
 
 
 def _check_basis(X, name: str) -> None:
@@ -278,10 +297,16 @@ class Intruders:
     indices : tuple of int
         0-based positions j among the top-k singular vectors of W_tuned that are intruders.
     max_cos : torch.Tensor, shape (k,)
-        max_i |cos(y_j, x_i)| over every singular vector x_i of W_base, per top-k y_j.
+        max_i |cos(y_j, x_i)| over every singular vector x_i of W_base, per top-k y_j, with
+        ``method="full"``. With ``method="certified"`` a bound on the same side of ε as
+        that maximum: a lower bound ≥ ε for a direction the base has, an upper bound < ε
+        for an intruder (so ``max_cos < epsilon`` marks the intruders either way).
     k : int
     epsilon : float
     side : str
+    method : {"full", "certified"}
+        ``"full"``: from full decompositions of both weights; ``"certified"``: every
+        decision proved from a few triplets (see :func:`intruder_dimensions`).
     """
 
     indices: tuple[int, ...]
@@ -289,10 +314,48 @@ class Intruders:
     k: int
     epsilon: float
     side: str
+    method: str = "full"
 
     @property
     def count(self) -> int:
         return len(self.indices)
+
+
+def _krylov_steps(k: int, short: int) -> int:
+    """Steps of an intruder Krylov run for the top k of a matrix with short side `short`."""
+    return min(_INTRUDER_STEPS, short // (2 * krylov_block(k, short)) - 1)
+
+
+def intruder_reference(W_base: torch.Tensor, *, k: int = 10, exact_below: int = EXACT_BELOW,
+                       random_state: int = 0) -> Spectrum:
+    """The decomposition of W_base that :func:`intruder_dimensions` starts from.
+
+    Compute it once and pass it as ``base_svd`` to every call against the same base.
+
+    Parameters
+    ----------
+    W_base : torch.Tensor, shape (out, in)
+    k : int, default 10
+        Top tuned vectors that will be examined.
+    exact_below : int, default EXACT_BELOW
+        Short side at or below which the full decomposition is returned.
+    random_state : int, default 0
+        Seed of the Krylov start block.
+
+    Returns
+    -------
+    Spectrum
+        With vectors: the float64 full decomposition (``complete``) for small matrices,
+        else the top 2k + 2 triplets by float32 block Krylov — the base direction that a tuned
+        top-k vector follows sits among them even when k others intrude above it, and the
+        last one bounds the others' gaps.
+    """
+    short = min(W_base.shape)
+    _check_rank(k, short, "k")
+    K = 2 * k + 2
+    if short <= exact_below or _krylov_steps(K, short) < _INTRUDER_MIN_STEPS:
+        return full_svd(W_base, compute_vectors=True, dtype=torch.float64)
+    return krylov_triplets(W_base.float(), K, steps=_krylov_steps(K, short), random_state=random_state)
 
 
 def intruder_dimensions(
@@ -304,11 +367,32 @@ def intruder_dimensions(
     side: str = "left",
     base_svd: Spectrum | None = None,
     tuned_svd: Spectrum | None = None,
+    exact_below: int = EXACT_BELOW,
+    random_state: int = 0,
 ) -> Intruders:
     """Top-k singular vectors of W_tuned that resemble no singular vector of W_base.
 
     y_j (j ≤ k) is an intruder if max_i |cos(y_j, x_i)| < ε over all singular vectors
     x_i of W_base (same side).
+
+    Small matrices (short side ≤ `exact_below`), or a complete `base_svd`, take full
+    float64 decompositions. Larger ones decide every y_j without W_base's full
+    decomposition, exactly as the full one would unless max_i |cos| lies within the
+    vectors' certified errors of ε:
+
+    - the top k + 1 tuned and the top K base triplets (:func:`intruder_reference`) come
+      from float32 block Krylov, re-orthonormalised in float64; each vector's error is
+      bounded by its residual against the float64 weight over its gap
+      (:func:`~spectra.linalg.partial.ritz_bounds`: a chord ‖ỹ − y‖ ≤ √2·sin θ);
+    - not an intruder when max_{i<K} |cos(ỹ_j, x̃_i)| minus both vectors' errors is ≥ ε
+      (a lower bound of the maximum over all x_i);
+    - an intruder when the largest possible mass of ỹ_j on any one base direction,
+      bounded from a few Lanczos steps on W_base W_baseᵀ started at ỹ_j (the
+      Chebyshev–Markov–Stieltjes inequalities for its Gauss quadrature), leaves the
+      maximum < ε after adding ỹ_j's error. On the long side of a rectangular W_base
+      (left of a tall one, right of a wide one) ỹ_j is first projected onto the base
+      vectors' span by a Householder QR of W_base;
+    - any direction neither proves sends the whole call to the full decompositions.
 
     Parameters
     ----------
@@ -319,8 +403,15 @@ def intruder_dimensions(
         Cosine threshold (PEFT's default).
     side : {"left", "right"}, default "left"
         Compare left (out-space) or right (in-space) singular vectors.
-    base_svd, tuned_svd : Spectrum, optional
-        Full decompositions with vectors of `W_base` / `W_tuned`, when already computed.
+    base_svd : Spectrum, optional
+        A decomposition of `W_base` with vectors: complete (every vector: decided from
+        it), or its top K ≥ k + 1 triplets, e.g. :func:`intruder_reference`'s.
+    tuned_svd : Spectrum, optional
+        The top ≥ k triplets of `W_tuned`, taken as exact.
+    exact_below : int, default EXACT_BELOW
+        Short side at or below which full decompositions are used when `base_svd` is not given.
+    random_state : int, default 0
+        Seed of the Krylov start blocks.
 
     Returns
     -------
@@ -330,30 +421,168 @@ def intruder_dimensions(
     ----------
     .. [1] R. Shuttleworth, J. Andreas, A. Torralba, P. Sharma, "LoRA vs full
        fine-tuning: an illusion of equivalence", 2024. arXiv:2410.21228, §4.
+    .. [2] G. H. Golub, G. Meurant, "Matrices, Moments and Quadrature with
+       Applications", Princeton University Press, 2010 (Gauss quadrature of a spectral
+       measure from the Lanczos tridiagonal).
+    .. [3] G. Szegő, "Orthogonal Polynomials", AMS, 1939, §3.41 (the
+       Chebyshev–Markov–Stieltjes separation theorem).
     """
     for name, t in (("W_base", W_base), ("W_tuned", W_tuned)):
         if not isinstance(t, torch.Tensor) or t.ndim != 2:
             raise ConfigError(f"`{name}` must be a 2-D tensor (out, in).")
     if W_base.shape != W_tuned.shape:
         raise ConfigError(f"`W_base` {tuple(W_base.shape)} and `W_tuned` {tuple(W_tuned.shape)} differ in shape.")
-    _check_rank(k, min(W_base.shape), "k")
+    short = min(W_base.shape)
+    _check_rank(k, short, "k")
     if not (0.0 < float(epsilon) < 1.0):
         raise ConfigError(f"`epsilon` must be in (0, 1), got {epsilon!r}.")
     if side not in ("left", "right"):
         raise ConfigError(f"`side` must be 'left' or 'right', got {side!r}.")
     _check_finite(W_base, "W_base")
     _check_finite(W_tuned, "W_tuned")
-    # precomputed full decompositions (with vectors) of either side may be passed to save work
-    if base_svd is not None:  # every singular vector of W_base, or an intruder may be one it lacks
-        _check_given(base_svd, "base_svd", W_base.shape, min(W_base.shape))
+    if base_svd is not None:  # every vector, or the top k + 1 or more (a partial one is certified)
+        _check_given(base_svd, "base_svd", W_base.shape, short if base_svd.complete else min(k + 1, short))
     if tuned_svd is not None:
         _check_given(tuned_svd, "tuned_svd", W_tuned.shape, k)
-    Fb = base_svd if base_svd is not None else _full_svd(W_base, compute_vectors=True, work=torch.float64)
-    Ft = tuned_svd if tuned_svd is not None else _full_svd(W_tuned, compute_vectors=True, work=torch.float64)
-    if side == "left":
-        X, Y = Fb.U.double(), Ft.U[:, :k].double()  # (out, r), (out, k)
-    else:
-        X, Y = Fb.Vh.T.double(), Ft.Vh[:k].T.double()  # (in, r), (in, k)
+    Fb = base_svd if base_svd is not None else intruder_reference(W_base, k=k, exact_below=exact_below,
+                                                                  random_state=random_state)
+    if not Fb.complete:
+        found = _certified_intruders(W_base, W_tuned, Fb, tuned_svd, k, float(epsilon), side, random_state)
+        if found is not None:
+            return found
+        Fb = full_svd(W_base, compute_vectors=True, dtype=torch.float64)  # some direction undecided
+    Ft = tuned_svd if tuned_svd is not None else full_svd(W_tuned, compute_vectors=True, dtype=torch.float64)
+    X, Y = _side(Fb, side), _side(Ft, side)[:, :k]  # (dim, r), (dim, k)
     max_cos = (X.T @ Y).abs().amax(0)  # (r, k) -> (k,)
     idx = tuple(int(j) for j in torch.nonzero(max_cos < epsilon).flatten())
     return Intruders(idx, max_cos, k, float(epsilon), side)
+
+
+def _side(F: Spectrum, side: str) -> torch.Tensor:
+    """Singular vectors of one side as float64 columns: U (out, ·) or V (in, ·)."""
+    return F.U.double() if side == "left" else F.Vh.T.double()
+
+
+def _certified_intruders(W_base, W_tuned, Fb: Spectrum, tuned_svd, k: int, epsilon: float, side: str,
+                         random_state: int) -> Intruders | None:
+    """Intruders decided from a few triplets (see :func:`intruder_dimensions`), or None if any is undecided."""
+    Wb = W_base.double()
+    chord = math.sqrt(2.0)  # ‖x − x̃‖ ≤ √2·sin θ for the better-signed of ±x̃
+    if tuned_svd is not None:
+        Y, ey = _side(tuned_svd, side)[:, :k], torch.zeros(k, dtype=torch.float64, device=Wb.device)
+    else:
+        short = min(W_tuned.shape)
+        Ft = _orthonormal_triplets(krylov_triplets(W_tuned.float(), k + 1, steps=_krylov_steps(k + 1, short),
+                                                   random_state=random_state))
+        Y, ey = _side(Ft, side)[:, :k], chord * ritz_bounds(W_tuned, Ft).vector_sin[:k]
+    Fb = _orthonormal_triplets(Fb)
+    K = Fb.k - 1  # the last triplet only bounds the gaps of the others
+    X, ex = _side(Fb, side)[:, :K], chord * ritz_bounds(Wb, Fb).vector_sin[:K]
+    low = ((X.T @ Y).abs() - ex[:, None]).amax(0) - ey  # (K, k) -> (k,): max_i |cos(y_j, x_i)| ≥ low
+    high = torch.full_like(low, math.inf)  # max_i |cos(y_j, x_i)| ≤ high
+    open_ = low < epsilon
+    if bool(open_.any()):
+        if bool((ey[open_] >= epsilon).any()):
+            return None  # y_j itself too uncertain to be proved an intruder
+        reach = (epsilon - ey[open_]) ** 2  # the most mass on one base direction that leaves y_j an intruder
+        S, project = _side_operator(Wb, side)
+        mass = _largest_atom(S, project(Y[:, open_]), reach)
+        high[open_] = torch.sqrt(mass) + ey[open_]
+    intruder = high < epsilon
+    if not bool((intruder | (low >= epsilon)).all()):
+        return None
+    max_cos = torch.where(intruder, high, low)
+    idx = tuple(int(j) for j in torch.nonzero(intruder).flatten())
+    return Intruders(idx, max_cos, k, epsilon, side, method="certified")
+
+
+def _orthonormal_triplets(F: Spectrum) -> Spectrum:
+    """`F` with its vectors re-orthonormalised in float64 (QR, signs kept), as :func:`ritz_bounds` needs.
+
+    A float32 Krylov run leaves them orthonormal to ~1e-7; each moves by about that much.
+    """
+    def orth(X: torch.Tensor) -> torch.Tensor:  # (dim, k), columns
+        Q, R = torch.linalg.qr(X.double())
+        return Q * torch.where(R.diagonal() < 0, -1.0, 1.0)
+
+    return Spectrum(F.values.double(), F.total_energy, F.shape, F.method, U=orth(F.U), Vh=orth(F.Vh.T).T,
+                    tolerance=F.tolerance, n_iter=F.n_iter, complete=F.complete)
+
+
+def _side_operator(W: torch.Tensor, side: str):
+    """S (d, e), d ≤ e, whose left singular vectors are W's `side` vectors up to a map `project` (dim, c) -> (d, c).
+
+    The side's vectors are the left singular vectors of X = W (left) or Wᵀ (right). When X
+    is wide or square they span its whole space and S = X. When X (dim, e) is tall, its e
+    left singular vectors span only range(X) = range(Q), X = Q R: they are Q times those of
+    R (e, e), so inner products with them are those of Qᵀy with R's (Householder QR;
+    Qᵀ applied without forming Q).
+    """
+    X = W if side == "left" else W.T
+    if X.shape[0] <= X.shape[1]:
+        return X, lambda Y: Y
+    e = X.shape[1]
+    reflectors, tau = torch.geqrf(X)  # (dim, e), (e,)
+    R = reflectors[:e].triu()  # (e, e)
+    return R, lambda Y: torch.ormqr(reflectors, tau, Y, left=True, transpose=True)[:e]  # Qᵀ Y, (e, c)
+
+
+def _largest_atom(S: torch.Tensor, Z: torch.Tensor, reach: torch.Tensor) -> torch.Tensor:
+    """Upper bounds on max_i ⟨x_i, z⟩², x_i the left singular vectors of S (d, e), d ≤ e, per column z of Z (d, c).
+
+    ⟨x_i, z⟩² are the atoms of the spectral measure μ = Σᵢ ⟨xᵢ, z⟩² δ(σᵢ²) of G = S Sᵀ
+    (total mass ‖z‖²; a repeated σ pools its atoms, which only raises the bound). t steps
+    of Lanczos on G from z/‖z‖ (full re-orthogonalisation, float64) give the t-point Gauss
+    rule of μ: nodes θ_1 < … < θ_t (eigenvalues of the tridiagonal T_t) and weights
+    w_l = ‖z‖²·(first component of T_t's l-th eigenvector)². With F the distribution of μ,
+    Σ_{l<j} w_l ≤ F(θ_j − 0) ≤ F(θ_j) ≤ Σ_{l≤j} w_l (Chebyshev–Markov–Stieltjes), so an
+    atom in (θ_{j−1}, θ_j] is ≤ w_{j−1} + w_j, one below θ_1 ≤ w_1, one above θ_t ≤ w_t.
+    A spread-out μ (an intruder) has no large weights after a few steps; an atom ≥ ε² never
+    lets the bound fall below it. Columns stop once their bound is below `reach` (c,); the
+    others run to ``_LANCZOS_STEPS``, unless one stalls above its reach (under 10 % lower
+    than four steps before): that direction stays undecided, so the caller falls back and
+    the rest need not be sharpened. Every bound returned is valid whenever the run stops;
+    each carries ``_QUADRATURE_SLACK`` for rounding.
+    """
+    d, c = Z.shape
+    mass = (Z**2).sum(0)  # (c,)
+    bound = mass.clone()  # no atom exceeds the total mass
+    previous = torch.full_like(mass, math.inf)  # the bound at the last check
+    steps = min(_LANCZOS_STEPS, d)
+    Q = Z.new_zeros(steps + 1, d, c)  # Lanczos vectors, one recurrence per column
+    Q[0] = Z / mass.sqrt().clamp(min=torch.finfo(Z.dtype).tiny)
+    alpha, beta = Z.new_zeros(steps, c), Z.new_zeros(steps, c)
+    live = (mass > reach) & (mass > 0)
+    for t in range(steps):
+        if not bool(live.any()):
+            break
+        w = _times(S, _times(S.T, Q[t]))  # (d, e) @ (e, d) @ (d, c) -> (d, c), in S's stored layout
+        if t:
+            w -= beta[t - 1] * Q[t - 1]
+        alpha[t] = (Q[t] * w).sum(0)
+        w -= alpha[t] * Q[t]
+        for _ in range(2):  # full re-orthogonalisation: twice is enough
+            w -= torch.einsum("tdc,tc->dc", Q[:t + 1], torch.einsum("tdc,dc->tc", Q[:t + 1], w))
+        beta[t] = torch.linalg.vector_norm(w, dim=0)
+        ended = beta[t] <= _BREAKDOWN * alpha[: t + 1].abs().amax(0)  # an invariant space: the rule is μ itself
+        Q[t + 1] = torch.where(ended, 0.0, w / beta[t].clamp(min=torch.finfo(w.dtype).tiny))
+        check = live & ended if (t + 1) % _LANCZOS_CHECK and t + 1 < steps else live
+        if bool(check.any()):
+            bound[check] = _gauss_atom_bound(alpha[: t + 1, check], beta[:t, check], mass[check])
+            if bool(((bound[check] > reach[check]) & (bound[check] > 0.9 * previous[check])).any()):
+                break  # stalled above its reach: undecidable here
+            previous[check] = bound[check]
+        live &= ~ended & (bound > reach)
+    return bound
+
+
+def _gauss_atom_bound(alpha: torch.Tensor, beta: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
+    """max_l (w_l + w_{l+1}) of the Gauss rules of c tridiagonals (diagonals `alpha` (t, c), `beta` (t-1, c) beside)."""
+    t, c = alpha.shape
+    T = torch.diag_embed(alpha.T)  # (c, t, t)
+    if t > 1:
+        T = T + torch.diag_embed(beta.T, 1) + torch.diag_embed(beta.T, -1)
+    _, vecs = torch.linalg.eigh(T)  # nodes ascending
+    w = mass[:, None] * vecs[:, 0, :] ** 2  # (c, t) Gauss weights
+    pairs = w if t == 1 else w[:, 1:] + w[:, :-1]
+    return pairs.amax(1) + _QUADRATURE_SLACK

@@ -31,14 +31,16 @@ import torch
 
 from spectra.checkpoints.pairing import check_device
 from spectra.errors import ConfigError
+from spectra.linalg.partial import EXACT_BELOW, lowrank_svd, top_svd
 from spectra.linalg.subspace import (
     amplification_factor,
     captured_energy,
     intruder_dimensions,
+    intruder_reference,
     principal_angles,
     similarity_matrix,
 )
-from spectra.linalg.svd import Spectrum, frobenius_energy, full_svd
+from spectra.linalg.svd import Spectrum, frobenius_energy
 
 SCHEMA_VERSION = 1
 
@@ -68,6 +70,9 @@ class VerifyConfig:
     device : str
         Where the per-module measures (float64 SVDs of ΔW_full, ΔW_adapter and W_base) and
         the evaluations run: ``cpu``, ``cuda`` or ``cuda:N``. Results come back to the CPU.
+    exact_below : int
+        Modules whose short side is at most this take full float64 SVDs with vectors; larger
+        ones take certified partial decompositions (see :func:`module_measures`).
     """
 
     intruder_k: int = 10  # PEFT reduce_intruder_dimension default (arXiv:2410.21228 uses top 10 too)
@@ -80,10 +85,13 @@ class VerifyConfig:
     batch_size: int = 32  # eval is forward only: larger batches are cheap
     seed: int = 0
     device: str = "cpu"
+    exact_below: int = EXACT_BELOW  # full SVDs cost milliseconds up to here; certified partial ones above
 
     def __post_init__(self) -> None:
         if self.intruder_k < 1 or self.phi_max < 1 or self.figure_modules < 0:
             raise ConfigError("intruder_k and phi_max must be ≥ 1 and figure_modules ≥ 0.")
+        if isinstance(self.exact_below, bool) or not isinstance(self.exact_below, int) or self.exact_below < 0:
+            raise ConfigError(f"exact_below {self.exact_below!r} must be an int ≥ 0.")
         if not 0.0 < self.intruder_epsilon < 1.0:
             raise ConfigError(f"intruder_epsilon {self.intruder_epsilon} must lie in (0, 1).")
         if self.task not in ("auto", "causal_lm", "seq_cls"):
@@ -136,15 +144,34 @@ class VerifyResult:
 def module_measures(delta_full: torch.Tensor, delta_adapter: torch.Tensor, W0: torch.Tensor, *,
                     col_basis: torch.Tensor, row_basis: torch.Tensor, rank: int, W_base: torch.Tensor | None = None,
                     intruder_k: int = 10, intruder_epsilon: float = 0.5, phi_max: int = 64,
-                    delta_svd: Spectrum | None = None) -> tuple[dict, list[list[float]] | None, torch.Tensor | None]:
+                    delta_svd: Spectrum | None = None, adapter_svd: Spectrum | None = None,
+                    exact_below: int = EXACT_BELOW) -> tuple[dict, list[list[float]] | None, torch.Tensor | None]:
     """Measures of one adapted module; see the module docstring.
+
+    Every measure reads only a few singular triplets: the top J = max(r, min(phi_max, short))
+    of ΔW_full, the top r of ΔW_adapter and the top k of each tuned weight against W_base's.
+    Modules with a short side ≤ `exact_below` take full float64 decompositions; larger ones
+    take certified partial ones (:func:`~spectra.linalg.partial.top_svd`,
+    :func:`~spectra.linalg.subspace.intruder_dimensions`), which fall back to the full
+    decomposition wherever they cannot prove their accuracy. Against the full float64
+    decompositions, then:
+
+    - every top-j subspace of ΔW_full (j ≤ J) and of ΔW_adapter (j ≤ r; exact from
+      `adapter_svd` when that is the factors' SVD) lies within sin θ ≤ ``ANGLE_TOL`` = 1e-6,
+      so each φ(i, j) is within 2e-6 (4e-6 without `adapter_svd`), each principal angle
+      within 1e-6 rad, and each amplification factor within a relative
+      2·‖W‖₂·1e-6/‖UᵀWV‖_F (first order);
+    - the σᵢ behind ``optimal_energy`` are within their residuals (Spectrum.tolerance, in
+      practice ρ²/gap: ~1e-13 relative);
+    - intruder counts are equal: each decision is proved, or taken from full decompositions.
 
     Parameters
     ----------
     delta_full : torch.Tensor, shape (out, in)
         ``W_tuned − W_base``.
     delta_adapter : torch.Tensor, shape (out, in)
-        ``merged − W0``.
+        ``merged − W0``, best in float64 (a float32 ``merged − W0`` carries the rounding
+        of W0 + ΔW, ~1e-7·|W0| per entry).
     W0 : torch.Tensor, shape (out, in)
         The weight the adapter was applied to (base, or its NF4 round trip).
     col_basis, row_basis : torch.Tensor, shapes (out, r) and (in, r)
@@ -153,8 +180,12 @@ def module_measures(delta_full: torch.Tensor, delta_adapter: torch.Tensor, W0: t
     W_base : torch.Tensor, shape (out, in), optional
         The unquantised base when it differs from ``W0`` (QLoRA).
     delta_svd : Spectrum, optional
-        ``full_svd(delta_full, compute_vectors=True, dtype=torch.float64)``, when the caller
-        has it already.
+        :func:`delta_decomposition` of `delta_full`, when the caller has it already.
+    adapter_svd : Spectrum, optional
+        The top ≥ r triplets of `delta_adapter` in float64 when the caller has them (for
+        LoRA exactly, :func:`~spectra.linalg.partial.lowrank_svd` of its factors).
+    exact_below : int, default EXACT_BELOW
+        Short side at or below which full decompositions are taken.
 
     Returns
     -------
@@ -170,11 +201,12 @@ def module_measures(delta_full: torch.Tensor, delta_adapter: torch.Tensor, W0: t
     row = {"rank": rank, "fro_norm_full": math.sqrt(full_energy), "fro_norm_adapter": math.sqrt(ad_energy)}
     error = delta_adapter + (W0 - W_base) - delta_full  # (W0 + ΔW_ad) − W_tuned
     row["relative_error"] = math.sqrt(frobenius_energy(error) / full_energy) if full_energy else None
+    del error
     if ad_energy and full_energy:
         row["cosine"] = float((delta_adapter.double() * delta_full.double()).sum()) / math.sqrt(ad_energy * full_energy)
     k = min(intruder_k, short)
-    Fb = full_svd(W_base, compute_vectors=True, dtype=torch.float64)  # shared by both intruder counts
-    F0 = Fb if W0 is W_base else full_svd(W0, compute_vectors=True, dtype=torch.float64)
+    Fb = intruder_reference(W_base, k=k, exact_below=exact_below)  # shared by both intruder counts
+    F0 = Fb if W0 is W_base else intruder_reference(W0, k=k, exact_below=exact_below)
     row["intruders_adapter"] = intruder_dimensions(W0, W0 + delta_adapter, k=k, epsilon=intruder_epsilon,
                                                    base_svd=F0).count
     row["intruders_full"] = intruder_dimensions(W_base, W_base + delta_full, k=k, epsilon=intruder_epsilon,
@@ -188,13 +220,16 @@ def module_measures(delta_full: torch.Tensor, delta_adapter: torch.Tensor, W0: t
     row["captured_energy"] = captured_energy(delta_full, U=col_basis)
     row["captured_energy_row"] = captured_energy(delta_full, V=row_basis)
     row["captured_energy_both"] = captured_energy(delta_full, U=col_basis, V=row_basis)
-    Ff = delta_svd if delta_svd is not None else full_svd(delta_full, compute_vectors=True, dtype=torch.float64)
-    Fa = full_svd(delta_adapter, compute_vectors=True, dtype=torch.float64)
+    j_max = max(rank, min(phi_max, short))
+    Ff = delta_svd if delta_svd is not None else delta_decomposition(delta_full, rank, phi_max=phi_max,
+                                                                      exact_below=exact_below)
+    if Ff.U is None or Ff.U.shape[1] < j_max:
+        raise ConfigError(f"`delta_svd` must hold the top {j_max} singular vectors of ΔW_full (delta_decomposition).")
+    Fa = adapter_svd if adapter_svd is not None else top_svd(delta_adapter, rank, exact_below=exact_below)
     # Eckart–Young optimum Σ_{i≤r} σᵢ² / ‖ΔW_full‖² from the decomposition already at hand
     row["optimal_energy"] = float((Ff.values[:rank].double() ** 2).sum()) / Ff.total_energy
     row["energy_gap"] = row["optimal_energy"] - row["captured_energy"]
     row["outside_lowrank"] = 1.0 - captured_energy(delta_adapter, U=col_basis)  # DoRA's magnitude part
-    j_max = max(rank, min(phi_max, short))
     phi = similarity_matrix(Fa.U[:, :rank], Ff.U[:, :j_max])  # (r, J)
     row["phi"] = float(phi[rank - 1, rank - 1])
     row["phi_row"] = float(similarity_matrix(Fa.Vh[:rank].T, Ff.Vh[:rank].T)[rank - 1, rank - 1])
@@ -203,6 +238,19 @@ def module_measures(delta_full: torch.Tensor, delta_adapter: torch.Tensor, W0: t
     row["amplification_adapter"] = amplification_factor(delta_adapter, W0, rank, svd=Fa)
     row["amplification_full"] = amplification_factor(delta_full, W_base, rank, svd=Ff)
     return row, phi.tolist(), Fa.Vh[:rank]
+
+
+def delta_decomposition(delta_full: torch.Tensor, rank: int, *, phi_max: int = 64,
+                        exact_below: int = EXACT_BELOW) -> Spectrum:
+    """The triplets of ΔW_full that :func:`module_measures` and the truncated-SVD adapter read.
+
+    The top J = max(rank, min(phi_max, short)) in float64 (φ(i, j) for j ≤ J; the top
+    ``rank`` for the Eckart–Young optimum, angles, amplification and the truncation), by
+    :func:`~spectra.linalg.partial.top_svd`: full below `exact_below`, certified block
+    Krylov above it.
+    """
+    j_max = max(rank, min(phi_max, min(delta_full.shape)))
+    return top_svd(delta_full, j_max, exact_below=exact_below)
 
 
 # ---------------------------------------------------------------------------- whole adapter
@@ -278,12 +326,18 @@ def verify_adapter(base, tuned, adapter, *, eval_data=None, config: VerifyConfig
         A, B = (adapter_src.weights.read(p.keys[k]).to(d.delta.device, torch.float64)
                 for k in (("emb_A", "emb_B") if p.embedding else ("A", "B")))
         col, rowb = (A.T, B) if p.embedding else (B, A.T)  # embedding ΔW = s·(B A)ᵀ: roles swap
-        delta_ad = p.merged(W0, adapter_src.weights, torch.float32) - W0
-        Ff = full_svd(d.delta, compute_vectors=True, dtype=torch.float64)  # the measures' and the truncation's
+        W0_64 = W0.double()  # the adapter's update exactly: no float32 rounding of W0 + ΔW in it
+        delta_ad = p.merged(W0_64, adapter_src.weights, torch.float64).sub_(W0_64)
+        del W0_64
+        # Plain LoRA: ΔW_ad = s·col·rowbᵀ, its SVD exact from the factors; DoRA's is not low rank
+        plain = not {"magnitude", "base_layer"} & set(p.keys)
+        Fa = lowrank_svd(col, rowb, scale=p.scaling) if plain else None
+        Ff = delta_decomposition(d.delta, A.shape[0], phi_max=config.phi_max, exact_below=config.exact_below)
         measures, phi, vectors = module_measures(d.delta, delta_ad, W0, col_basis=col, row_basis=rowb, rank=A.shape[0],
                                                  W_base=d.base, intruder_k=config.intruder_k,
                                                  intruder_epsilon=config.intruder_epsilon, phi_max=config.phi_max,
-                                                 delta_svd=Ff)
+                                                 delta_svd=Ff, adapter_svd=Fa, exact_below=config.exact_below)
+        del delta_ad
         rows.append({"name": d.name, "role": d.role, "layer": d.layer, "shape": list(d.shape),
                      "scaling": p.scaling, "dora": "magnitude" in p.keys, **measures})
         if phi is not None:

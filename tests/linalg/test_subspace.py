@@ -136,13 +136,115 @@ def test_handed_in_decompositions_and_non_finite_inputs_are_checked():
         amplification_factor(D, W, 4, svd=randomized_svd(D, 2, random_state=0))
     with pytest.raises(ConfigError, match="decomposes a"):
         amplification_factor(D, W, 4, svd=full_svd(D.T, compute_vectors=True))
-    with pytest.raises(ConfigError, match="singular vectors"):
-        intruder_dimensions(W, W + D, k=3, base_svd=randomized_svd(W, 5, random_state=0))  # not every vector
+    with pytest.raises(ConfigError, match="holds 3 singular vectors; 4 are needed"):
+        intruder_dimensions(W, W + D, k=3, base_svd=randomized_svd(W, 3, random_state=0))  # a top k + 1 at least
     float32 = intruder_dimensions(W, W + D, k=3, base_svd=full_svd(W, compute_vectors=True))
-    assert float32.max_cos.dtype == torch.float64
+    assert float32.max_cos.dtype == torch.float64 and float32.method == "full"
+    top = intruder_dimensions(W, W + D, k=3, base_svd=randomized_svd(W.double(), 5, random_state=0))
+    assert top.indices == float32.indices
     bad = D.clone()
     bad[0, 0] = float("nan")
     for call in (lambda: captured_energy(bad, U=D[:, :2]), lambda: amplification_factor(bad, W, 2),
                  lambda: intruder_dimensions(W, bad, k=2)):
         with pytest.raises(ConfigError, match="NaN or Inf"):
             call()
+
+
+# ---------------------------------------------------------------------------- certified intruders
+
+
+def _pretrained(m, n, seed):
+    """A stand-in pretrained weight (float64): a Marchenko–Pastur bulk (edge ≈ 1 + √(m/n)), four strong directions."""
+    g = torch.Generator().manual_seed(seed)
+    U = torch.linalg.qr(torch.randn(m, 4, generator=g, dtype=torch.float64))[0]
+    V = torch.linalg.qr(torch.randn(n, 4, generator=g, dtype=torch.float64))[0]
+    bulk = torch.randn(m, n, generator=g, dtype=torch.float64) / math.sqrt(max(m, n))
+    return bulk + (U * torch.tensor([6.0, 5.0, 4.0, 3.0], dtype=torch.float64)) @ V.T
+
+
+def _reference_max_cos(W, Wt, k, side):
+    """max_i |cos(y_j, x_i)| from numpy's full SVDs: the definition."""
+    Ub, _, Vbh = np.linalg.svd(W.double().numpy(), full_matrices=False)
+    Ut, _, Vth = np.linalg.svd(Wt.double().numpy(), full_matrices=False)
+    X, Y = (Ub, Ut[:, :k]) if side == "left" else (Vbh.T, Vth[:k].T)
+    return np.abs(X.T @ Y).max(0)
+
+
+def _spikes(m, n, sigmas, seed):
+    g = torch.Generator().manual_seed(seed)
+    u = torch.linalg.qr(torch.randn(m, len(sigmas), generator=g, dtype=torch.float64))[0]
+    v = torch.linalg.qr(torch.randn(n, len(sigmas), generator=g, dtype=torch.float64))[0]
+    return (u * torch.tensor(sigmas, dtype=torch.float64)) @ v.T
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("shape", [(640, 960), (960, 640)])  # the long side goes through the QR projection
+def test_certified_intruders_equal_the_full_decision(shape, side):
+    W = _pretrained(*shape, seed=0)
+    tuned = W + _spikes(*shape, [8.0, 7.0], seed=1)  # two new directions above every base σ
+    ref = _reference_max_cos(W, tuned, 6, side)
+    assert list(np.flatnonzero(ref < 0.5)) == [0, 1]  # the planted ones, and only they
+    found = ss.intruder_dimensions(W, tuned, k=6, side=side, exact_below=0)
+    assert found.method == "certified" and found.indices == (0, 1)
+    # the bounds sit on the reference's side of ε: above it for followers, below for intruders
+    cos = found.max_cos.numpy()
+    assert np.all(cos[:2] >= ref[:2] - 1e-12) and np.all(cos[:2] < 0.5)
+    assert np.all(cos[2:] <= ref[2:] + 1e-12) and np.all(cos[2:] >= 0.5)
+    exact = ss.intruder_dimensions(W, tuned, k=6, side=side, exact_below=640)  # full decompositions
+    assert exact.method == "full" and exact.indices == (0, 1)
+    np.testing.assert_allclose(exact.max_cos.numpy(), ref, atol=1e-10)
+    deep = ss.intruder_dimensions(W, tuned, k=10, side=side, exact_below=0)  # reaching into the bulk: any path,
+    assert deep.indices == tuple(np.flatnonzero(_reference_max_cos(W, tuned, 10, side) < 0.5))  # the same answer
+
+
+def test_certified_aligned_update_has_no_intruders():
+    W = _pretrained(640, 960, seed=2)
+    U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+    aligned = W + 0.05 * (U[:, :6] * S[:6]) @ Vh[:6]  # scales the base's own top directions
+    found = ss.intruder_dimensions(W, aligned, k=6, exact_below=0)
+    assert found.method == "certified" and found.count == 0
+    assert np.all(found.max_cos.numpy() <= _reference_max_cos(W, aligned, 6, "left") + 1e-12)  # lower bounds (of 1)
+
+
+@pytest.mark.parametrize("cos", [0.6, 0.4])
+def test_direction_beyond_the_base_top_falls_back_or_is_certified_correctly(cos):
+    """A tuned direction at |cos| = 0.6 (0.4) with base vector 100, far past the computed top 2k + 2.
+
+    At 0.6 nothing short of every base vector can show it is no intruder: the call must fall
+    back to the full decompositions (negative control of the certificate). Both give the
+    reference's answer.
+    """
+    W = _pretrained(640, 960, seed=3)
+    Ub = torch.linalg.svd(W, full_matrices=False)[0]
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(640, generator=g, dtype=torch.float64)
+    w -= Ub[:, 100] * (Ub[:, 100] @ w)
+    y = cos * Ub[:, 100] + math.sqrt(1 - cos**2) * w / w.norm()
+    v = torch.randn(960, generator=g, dtype=torch.float64)
+    tuned = W + 40.0 * torch.outer(y, v / v.norm())  # its top left vector is ≈ y
+    ref = _reference_max_cos(W, tuned, 4, "left")
+    assert abs(ref[0] - cos) < 0.02
+    found = ss.intruder_dimensions(W, tuned, k=4, exact_below=0)
+    assert found.indices == tuple(np.flatnonzero(ref < 0.5))
+    if cos > 0.5:
+        assert found.method == "full"
+        np.testing.assert_allclose(found.max_cos.numpy(), ref, atol=1e-10)
+
+
+@pytest.mark.parametrize("d", [40, 300])  # 64 Lanczos steps: an invariant space at 40, the Gauss rule's bound at 300
+def test_largest_atom_bounds_every_base_direction(d):
+    g = torch.Generator().manual_seed(5)
+    S = torch.randn(d, d + 40, generator=g, dtype=torch.float64)
+    X = torch.linalg.svd(S, full_matrices=False)[0]  # (d, d) every left singular vector
+    spread = torch.nn.functional.normalize(torch.randn(d, 3, generator=g, dtype=torch.float64), dim=0)
+    Z = torch.cat([spread, 0.5 * spread[:, :1]], 1)  # the last with a quarter of the mass
+    true = ((X.T @ Z) ** 2).amax(0)  # (4,)
+    bound = ss._largest_atom(S, Z, torch.full((4,), 0.2, dtype=torch.float64))
+    assert torch.all(bound >= true)
+    if d == 300:  # random directions in 300 dimensions are told apart from ε² = 0.25
+        assert torch.all(bound < 0.2)
+    x = X[:, d // 2]  # a direction from the middle of the spectrum
+    rest = torch.nn.functional.normalize(spread[:, 0] - x * float(x @ spread[:, 0]), dim=0)
+    heavy = (0.8 * x + 0.6 * rest)[:, None]  # cos 0.8 with x
+    weight = ss._largest_atom(S, heavy, torch.tensor([0.25], dtype=torch.float64))
+    assert float(weight) >= 0.64 - 1e-12  # negative control: an atom of 0.64 is never bounded below itself

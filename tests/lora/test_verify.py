@@ -225,3 +225,87 @@ def test_cli_train_and_sweep(llama_base, text_data, tmp_path):
     assert {p.name for p in (tmp_path / "sweep" / "figures").glob("*.png")} == {
         "sweep_energy.png", "sweep_eval.png", "sweep_phi.png"}
     assert (tmp_path / "sweep-adapters" / "dora-r2" / "adapter_config.json").is_file()
+
+
+# ---------------------------------------------------------------------------- certified partial decompositions
+
+
+def _synthetic_module(m=640, n=960, r=8, seed=0):
+    """float32 W_base (a bulk and four strong directions), a decaying ΔW_full, and LoRA factors near its top.
+
+    The adapter's σ reach above W_base's, so its tuned weight has intruders; ΔW_full's
+    power-law spectrum (σᵢ ∝ i^−0.8) has gaps of ~2.5 % around j = 32, where φ stops here.
+    """
+    g = torch.Generator().manual_seed(seed)
+    orth = lambda a, b: torch.linalg.qr(torch.randn(a, b, generator=g, dtype=torch.float64))[0]  # noqa: E731
+    W = torch.randn(m, n, generator=g, dtype=torch.float64) / n**0.5 + (orth(m, 4) * torch.tensor(
+        [6.0, 5.0, 4.0, 3.0], dtype=torch.float64)) @ orth(n, 4).T
+    Uf, Vf = orth(m, m), orth(n, m)
+    delta = (Uf * 8.0 * torch.arange(1, m + 1, dtype=torch.float64) ** -0.8) @ Vf.T
+    B = Uf[:, :r] * 2.0 + 0.5 * torch.randn(m, r, generator=g, dtype=torch.float64) / m**0.5
+    A = (Vf[:, :r] + 0.5 * torch.randn(n, r, generator=g, dtype=torch.float64) / n**0.5).T
+    return W.float(), delta.float(), B.float(), A.float()
+
+
+def _reference_measures(D, Dad, W0, W, B, A, r, J, k=10):
+    """Every measure of module_measures from numpy's full float64 SVDs."""
+    import scipy.linalg
+
+    Uf, sf, Vf = np.linalg.svd(D)
+    Ua, _, Va = np.linalg.svd(Dad)
+    C2 = (Ua[:, :r].T @ Uf[:, :J]) ** 2
+    phi = C2.cumsum(0).cumsum(1) / np.minimum(np.arange(1, r + 1)[:, None], np.arange(1, J + 1)[None, :])
+
+    def intruders(base, tuned):
+        return int(np.sum(np.abs(np.linalg.svd(base)[0].T @ np.linalg.svd(tuned)[0][:, :k]).max(0) < 0.5))
+
+    angles = np.sort(scipy.linalg.subspace_angles(B, Uf[:, :r]))
+    return {
+        "captured_energy": np.sum((np.linalg.qr(B)[0].T @ D) ** 2) / np.sum(D**2),
+        "captured_energy_row": np.sum((D @ np.linalg.qr(A.T)[0]) ** 2) / np.sum(D**2),
+        "optimal_energy": np.sum(sf[:r] ** 2) / np.sum(sf**2),
+        "phi_matrix": phi, "phi": phi[r - 1, r - 1],
+        "phi_row": np.sum((Va[:r] @ Vf[:r].T) ** 2) / r,
+        "principal_angles_deg": np.degrees(angles),
+        "amplification_adapter": np.linalg.norm(Dad) / np.linalg.norm(Ua[:, :r].T @ W0 @ Va[:r].T),
+        "amplification_full": np.linalg.norm(D) / np.linalg.norm(Uf[:, :r].T @ W @ Vf[:r].T),
+        "relative_error": np.linalg.norm(Dad + (W0 - W) - D) / np.linalg.norm(D),
+        "intruders_adapter": intruders(W0, W0 + Dad), "intruders_full": intruders(W, W + D),
+    }
+
+
+@pytest.mark.parametrize("case", ["lora", "dense", "quantized"])
+def test_module_measures_fast_paths_match_the_full_decompositions(case):
+    """Certified partial decompositions (forced by exact_below=0) against numpy's full SVDs, every measure.
+
+    Tolerances: φ entries 2e-6 (4e-6 with a Krylov ΔW_adapter: ANGLE_TOL on each side),
+    angles 1e-6 rad (+ the 5e-5° rounding), amplification 1e-5 relative, energies 1e-9;
+    intruder counts equal. ``dense`` is DoRA's route (no factors: a Krylov top r of ΔW_adapter);
+    ``quantized`` has W0 ≠ W_base.
+    """
+    from spectra.linalg.partial import lowrank_svd
+    from spectra.lora.verify import delta_decomposition, module_measures
+
+    W, delta, B, A = _synthetic_module()
+    r, J, s = 8, 32, 1.5
+    W0 = W + 1e-3 * torch.randn(W.shape, generator=torch.Generator().manual_seed(9)) if case == "quantized" else W
+    delta_ad = s * (B.double() @ A.double())
+    adapter_svd = lowrank_svd(B, A.T, scale=s) if case != "dense" else None
+    assert delta_decomposition(delta, r, phi_max=J, exact_below=0).method == "krylov"  # the fast path is tested
+    common = dict(col_basis=B.double(), row_basis=A.T.double(), rank=r, W_base=W, adapter_svd=adapter_svd, phi_max=J)
+    row, phi, _ = module_measures(delta, delta_ad, W0, exact_below=0, **common)
+    exact, exact_phi, _ = module_measures(delta, delta_ad, W0, exact_below=10**6, **common)
+    ref = _reference_measures(delta.double().numpy(), delta_ad.numpy(), W0.double().numpy(), W.double().numpy(),
+                              B.double().numpy(), A.double().numpy(), r, J)
+    assert ref["intruders_adapter"] > 0  # the adapter's strong directions intrude: the count is tested
+    phi_tol = 2e-6 if case != "dense" else 4e-6
+    for got, got_phi, tol in ((row, phi, phi_tol), (exact, exact_phi, 1e-9)):
+        np.testing.assert_allclose(np.array(got_phi), ref["phi_matrix"], atol=tol, rtol=0)
+        for key in ("phi", "phi_row"):
+            assert got[key] == pytest.approx(ref[key], abs=tol), key
+        for key in ("captured_energy", "captured_energy_row", "optimal_energy", "relative_error"):
+            assert got[key] == pytest.approx(ref[key], rel=1e-9), key
+        for key in ("amplification_adapter", "amplification_full"):
+            assert got[key] == pytest.approx(ref[key], rel=1e-5), key
+        np.testing.assert_allclose(got["principal_angles_deg"], ref["principal_angles_deg"], atol=1e-4)
+        assert got["intruders_adapter"] == ref["intruders_adapter"] and got["intruders_full"] == ref["intruders_full"]
