@@ -39,7 +39,7 @@ import torch
 
 from spectra.errors import ConfigError
 from spectra.linalg.krylov import BlockLanczos, krylov_block
-from spectra.linalg.sketch import _times
+from spectra.linalg.sketch import thin_product
 from spectra.linalg.svd import Spectrum, frobenius_energy, full_svd
 
 __all__ = ["EXACT_BELOW", "ANGLE_TOL", "RitzBounds", "lowrank_svd", "ritz_bounds", "krylov_triplets", "top_svd"]
@@ -164,8 +164,8 @@ def ritz_bounds(M: torch.Tensor, F: Spectrum) -> RitzBounds:
         raise ConfigError(f"the triplets decompose a {tuple(F.shape)} matrix, not this {tuple(M.shape)} one.")
     A = M.double()
     U, S, Vh = F.U.double(), F.values.double(), F.Vh.double()  # (m, k), (k,), (k, n)
-    left = _times(A, Vh.T) - U * S  # (m, n) @ (n, k) -> (m, k)
-    right = _times(A.T, U) - Vh.T * S  # (n, m) @ (m, k) -> (n, k), as (Uᵀ A)ᵀ for a row-major A
+    left = thin_product(A, Vh.T) - U * S  # (m, n) @ (n, k) -> (m, k)
+    right = thin_product(A.T, U) - Vh.T * S  # (n, m) @ (m, k) -> (n, k), as (Uᵀ A)ᵀ for a row-major A
     rho = torch.sqrt((left**2).sum(0) + (right**2).sum(0))  # (k,)
     inf, unknown = torch.full_like(S[:1], math.inf), torch.full_like(S[:1], math.nan)
     below = torch.cat([S[:-1] - (S[1:] + rho[1:]), unknown])  # σ̃ᵢ − (upper bound of σ_{i+1}); none for i = k

@@ -15,7 +15,7 @@ import torch
 from spectra.errors import ConfigError
 from spectra.linalg.krylov import krylov_block
 from spectra.linalg.partial import EXACT_BELOW, krylov_triplets, ritz_bounds
-from spectra.linalg.sketch import _times
+from spectra.linalg.sketch import thin_product
 from spectra.linalg.svd import Spectrum, _full_svd, frobenius_energy, full_svd
 
 __all__ = [
@@ -556,7 +556,7 @@ def _largest_atom(S: torch.Tensor, Z: torch.Tensor, reach: torch.Tensor) -> torc
     for t in range(steps):
         if not bool(live.any()):
             break
-        w = _times(S, _times(S.T, Q[t]))  # (d, e) @ (e, d) @ (d, c) -> (d, c), in S's stored layout
+        w = thin_product(S, thin_product(S.T, Q[t]))  # (d, e) @ (e, d) @ (d, c) -> (d, c), in S's stored layout
         if t:
             w -= beta[t - 1] * Q[t - 1]
         alpha[t] = (Q[t] * w).sum(0)

@@ -307,7 +307,6 @@ def lora_config(model, config: TrainConfig, *, task: str):
 
     from spectra.ranks import load_plan
 
-    names = [name for name, _ in model.named_modules()]
     if config.plan is not None:
         # Resolved on the model itself, as its class loaded the checkpoint: transformers-5
         # Mixtral's experts.N.w1/w3/w2 live in fused parameters, adapted via target_parameters.
@@ -323,7 +322,7 @@ def lora_config(model, config: TrainConfig, *, task: str):
                               "these modules' roles (spectra recommend --roles q,k,v,o).")
     else:
         targets = list(config.target_modules) if config.target_modules else target_modules(model, config.roles)
-        missing = sorted(set(targets) - set(names))
+        missing = sorted(set(targets) - {name for name, _ in model.named_modules()})
         if missing:
             raise ConfigError(f"target_modules {missing[:5]} are not modules of the model; use names as "
                               "model.named_modules() lists them, e.g. model.layers.0.self_attn.q_proj.")

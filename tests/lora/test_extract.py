@@ -164,18 +164,26 @@ def test_names_the_model_cannot_adapt_and_bad_alpha_are_refused(tmp_path):
     extract_adapter(b, t, 2, tmp_path / "ad", roles=("q",), progress=False)  # the rest extracts as before
 
 
+def _mixtral_fine_tune(update, *, seed: int):
+    """A tiny transformers-5 Mixtral and a copy changed in place by ``update(tuned, generator)``."""
+    base = build_model("mixtral")
+    tuned = copy.deepcopy(base)
+    with torch.no_grad():
+        update(tuned, torch.Generator().manual_seed(seed))
+    return base, tuned
+
+
 @pytest.mark.filterwarnings("ignore:The following (rank|alpha)_pattern keys:RuntimeWarning")  # PEFT maps experts itself
 def test_fused_experts_need_one_rank_per_projection(tmp_path):
     """transformers-5 Mixtral fuses its experts into one parameter per projection: PEFT adapts it at one rank."""
     from peft import PeftModel
 
-    base = build_model("mixtral")
-    tuned = copy.deepcopy(base)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
+    def move_experts(tuned, g):  # (experts, out, in), each expert moved by a different amount
         for p in tuned.parameters():
-            if p.ndim == 3:  # (experts, out, in), each expert moved by a different amount
+            if p.ndim == 3:
                 p += 0.02 * torch.randn(p.shape, generator=g) * torch.linspace(0.1, 1, p.shape[0])[:, None, None]
+
+    base, tuned = _mixtral_fine_tune(move_experts, seed=1)
     b, t = save(base, tmp_path / "b", "safetensors"), save(tuned, tmp_path / "t", "safetensors")
     analysis = analyze(b, t, cache_dir=False, progress=False)
     mixed = recommend_ranks(analysis, RankPolicy(roles=("gate", "up", "down"), energy=0.6, noise=False))
@@ -263,11 +271,9 @@ def test_keys_name_the_base_class_when_the_other_side_is_a_bare_model(bare, tmp_
 @pytest.mark.filterwarnings("ignore:The following (rank|alpha)_pattern keys:RuntimeWarning")  # PEFT maps experts itself
 def test_expert_keys_of_a_bare_fine_tune_take_the_base_class_prefix(tmp_path):
     """A bare MixtralModel fine-tune stores layers.0.block_sparse_moe.experts.N.w1; PEFT converts model.layers.0…"""
-    base = build_model("mixtral")
-    tuned = copy.deepcopy(base)
-    g = torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        tuned.model.layers[1].mlp.experts.down_proj.add_(0.02 * torch.randn(3, 32, 48, generator=g))
+    base, tuned = _mixtral_fine_tune(
+        lambda tuned, g: tuned.model.layers[1].mlp.experts.down_proj.add_(0.02 * torch.randn(3, 32, 48, generator=g)),
+        seed=2)
     b, t = save(base, tmp_path / "b", "safetensors"), save(tuned.model, tmp_path / "t", "safetensors")
     result = extract_adapter(b, t, 3, tmp_path / "ad", roles=("down",), progress=False)
     assert {m.name for m in result.modules} == {f"model.layers.{i}.block_sparse_moe.experts.{e}.w2"
@@ -367,13 +373,12 @@ def test_fused_experts_get_their_rank_when_other_modules_outnumber_them(tmp_path
     and PEFT refused the adapter on a size mismatch). Merged weights = base + the best rank-r ΔW, per expert too."""
     import dataclasses
 
-    base = build_model("mixtral")
-    tuned = copy.deepcopy(base)
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
+    def move_experts_and_attention(tuned, g):
         for name, p in tuned.named_parameters():
             if p.ndim == 3 or "self_attn" in name:
                 p += 0.02 * torch.randn(p.shape, generator=g)
+
+    base, tuned = _mixtral_fine_tune(move_experts_and_attention, seed=3)
     b, t = save(base, tmp_path / "b", "safetensors"), save(tuned, tmp_path / "t", "safetensors")
     analysis = analyze(b, t, cache_dir=False, progress=False)
     plan = recommend_ranks(analysis, RankPolicy(roles=("q", "k", "v", "o", "down"), uniform=True, noise=False))
