@@ -581,8 +581,9 @@ def _parallel(pairing: Pairing, todo: list, config: AnalysisConfig, calibration,
     Each worker runs torch with `threads` threads (thread-local), so the serial work
     around the GEMMs of one module overlaps another module's. Entries start largest
     first (so no big one is left for last while the other workers idle), and the
-    running ones hold at most `budget` bytes of ΔW (one always runs), so memory stays
-    bounded by a few tensors. ΔW goes into buffers reused from entry to entry
+    running ones hold at most `budget` bytes of ΔW (one always runs; an entry that does not
+    fit yet lets the next largest that does go first), so memory stays bounded by a few
+    tensors. ΔW goes into buffers reused from entry to entry
     (:class:`~spectra.checkpoints.buffers.BufferPool`: no page faults on fresh memory).
     """
     from spectra.distributed import entry_cost
@@ -599,7 +600,8 @@ def _parallel(pairing: Pairing, todo: list, config: AnalysisConfig, calibration,
         return rows, loaded - start, time.perf_counter() - loaded
 
     opts = pairing.options
-    queue = deque(sorted(todo, key=lambda e: -entry_cost(e.shape)))
+    queue = sorted(todo, key=lambda e: -entry_cost(e.shape))
+    sizes = [_entry_bytes(e, opts) for e in queue]  # kept in step with queue
     running: dict = {}  # future -> entry
     # torch.set_num_threads in a worker also sets the default every later thread starts
     # with (the calling thread keeps its own): put the process's count back afterwards.
@@ -609,11 +611,13 @@ def _parallel(pairing: Pairing, todo: list, config: AnalysisConfig, calibration,
     try:
         while queue or running:
             busy = sum(_entry_bytes(e, opts) for e in running.values())
-            while queue and len(running) < workers and (
-                    not running or busy + _entry_bytes(queue[0], opts) <= budget):
-                entry = queue.popleft()
+            while queue and len(running) < workers:
+                i = _first_fitting(sizes, busy if running else None, budget)
+                if i is None:
+                    break
+                entry = queue.pop(i)
                 running[pool.submit(task, entry)] = entry
-                busy += _entry_bytes(entry, opts)
+                busy += sizes.pop(i)
             done, _ = wait(running, return_when=FIRST_COMPLETED)
             for future in done:
                 entry = running.pop(future)
@@ -622,6 +626,15 @@ def _parallel(pairing: Pairing, todo: list, config: AnalysisConfig, calibration,
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
         torch.set_num_threads(restore)
+
+
+def _first_fitting(sizes: list[int], busy: int | None, budget: int) -> int | None:
+    """Index of the first of `sizes` (largest first) that fits beside `busy` bytes within
+    `budget`; with nothing running (`busy` None) the first, whatever its size. A worker then
+    never idles behind a big entry that waits for memory while a smaller one could run."""
+    if busy is None:
+        return 0 if sizes else None
+    return next((i for i, size in enumerate(sizes) if busy + size <= budget), None)
 
 
 def _entry_bytes(entry, options: PairingOptions) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import copy
 import json
+import math
 import re
 
 import numpy as np
@@ -224,6 +225,42 @@ def test_parallel_workers_give_the_serial_result(planted_pair, workers):
         assert a["energy_rank"] == b["energy_rank"] and a["method"] == b["method"], a["name"]
         np.testing.assert_allclose(b["singular_values"], a["singular_values"], rtol=1e-5,
                                    atol=1e-7 * a["singular_values"][0])
+
+
+def test_first_fitting_lets_a_smaller_entry_run_beside_one_that_fills_the_budget():
+    from spectra.analysis import _first_fitting
+
+    sizes = [400, 400, 100, 50]  # largest first, as the queue is
+    assert _first_fitting(sizes, None, 512) == 0  # nothing running: the largest, whatever its size
+    assert _first_fitting([900], None, 512) == 0
+    assert _first_fitting(sizes, 400, 512) == 2  # the second 400 waits; 100 fits
+    assert _first_fitting(sizes, 450, 512) == 3
+    assert _first_fitting(sizes, 500, 512) is None
+    assert _first_fitting([], None, 512) is None
+
+
+def test_workers_do_not_idle_behind_an_entry_that_waits_for_memory(planted_pair, monkeypatch):
+    """With a budget that holds one of the two largest entries, the second worker starts a
+    smaller entry at once instead of waiting for the first to finish (both are inside
+    the analysis together, which a barrier for two threads proves)."""
+    import threading
+
+    analysis = analysis_mod
+    monkeypatch.setattr(analysis, "_entry_bytes", lambda entry, options: math.prod(entry.shape) * 550)
+    sizes = sorted((math.prod(e.shape) * 550 for e in analysis.Pairing(*planted_pair).entries), reverse=True)
+    assert sizes[0] + sizes[1] > (1 << 20) * 2 > sizes[0] + sizes[2]  # the two largest do not fit in 2 MB together
+    barrier, original = threading.Barrier(2, timeout=20), analysis._analyze_entry
+    calls = []
+
+    def analyze_entry(deltas, config, calibration):
+        calls.append(deltas[0].name)
+        if len(calls) <= 2:
+            barrier.wait()  # raises BrokenBarrierError if the second entry never starts alongside
+        return original(deltas, config, calibration)
+
+    monkeypatch.setattr(analysis, "_analyze_entry", analyze_entry)
+    result = analyze(*planted_pair, cache_dir=False, progress=False, workers=2, read_ahead_mb=2)
+    assert len(calls) == len(analysis.Pairing(*planted_pair).entries) and result.modules
 
 
 def test_worker_errors_reach_the_caller(tmp_path):
