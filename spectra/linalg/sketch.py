@@ -146,12 +146,21 @@ def _redo_in_float64(view: torch.Tensor, norms: torch.Tensor) -> float:
 
 
 def _mean_ulp_squared(x: torch.Tensor, storage: torch.dtype) -> float:
-    """Mean of ulp(x)² in `storage` over a float32 tensor, from its exponent histogram."""
-    if x.dtype != torch.float32 or storage not in _SIGNIFICAND_BITS:
+    """Mean of ulp(x)² in `storage` over a float32 or bfloat16 tensor, from its exponent histogram.
+
+    bfloat16 is float32 with the low 16 bits cut off, so its 8 exponent bits, read from
+    the 16-bit pattern, are the float32 exponent of the same value: no up-cast is needed.
+    """
+    if x.dtype == torch.float16:
+        x = x.float()
+    if x.dtype not in (torch.float32, torch.bfloat16) or storage not in _SIGNIFICAND_BITS:
         u = metrics.ulp(x, storage)
         return float((u * u).mean())
-    bits = x.reshape(-1).view(torch.int32)
-    exponent = torch.bitwise_and(torch.bitwise_right_shift(bits, 23), 0xFF)  # biased float32 exponent
+    if x.dtype == torch.bfloat16:
+        bits, shift = x.reshape(-1).view(torch.int16), 7
+    else:
+        bits, shift = x.reshape(-1).view(torch.int32), 23
+    exponent = torch.bitwise_and(torch.bitwise_right_shift(bits, shift), 0xFF)  # biased float32 exponent
     counts = torch.bincount(exponent, minlength=256).double().cpu()  # (256,), beside the CPU table below
     p, emin = _SIGNIFICAND_BITS[storage], _MIN_NORMAL_EXP[storage]
     e = torch.arange(256, dtype=torch.float64) - 127  # ⌊log₂|x|⌋ of each bin
@@ -188,17 +197,12 @@ def sampled_noise_floor(base: torch.Tensor, tuned: torch.Tensor, *, base_dtype: 
     """
     m, n = base.shape
     stride = max(1, math.ceil(m * n / max_elements))
-    b, t = _float32(base[::stride]), _float32(tuned[::stride])  # (≈m/stride, n): copies of the sample only
+    b, t = base[::stride], tuned[::stride]  # (≈m/stride, n) views: only the sample is read
     var = (_mean_ulp_squared(b, base_dtype) + _mean_ulp_squared(t, tuned_dtype)) / 12.0
     sigma = math.sqrt(var)
     edge = sigma * (math.sqrt(m) + math.sqrt(n))  # Marchenko–Pastur bulk edge
     rank = None if s is None else int((s.double() > edge).sum())
     return metrics.NoiseFloor(var, sigma, math.sqrt(m * n * var), edge, rank, _name(base_dtype), _name(tuned_dtype))
-
-
-def _float32(x: torch.Tensor) -> torch.Tensor:
-    """Half precision up-cast exactly to float32; float32/float64 kept (as a contiguous copy)."""
-    return x.float() if x.dtype in (torch.bfloat16, torch.float16) else x.contiguous()
 
 
 def _name(dtype: torch.dtype) -> str:

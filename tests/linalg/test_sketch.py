@@ -211,6 +211,22 @@ def test_noise_floor_from_stored_weights_equals_upcast():
     assert stored == upcast
 
 
+@pytest.mark.parametrize("storage", [torch.bfloat16, torch.float16])
+def test_noise_floor_of_stored_half_weights_over_every_exponent_equals_the_float64_reference(storage):
+    """The exponent histogram read from the 16-bit patterns (bf16) or after an up-cast (fp16)
+    gives exactly the reference's mean ulp² on entries from subnormal to large, zeros and
+    negatives included."""
+    g = torch.Generator().manual_seed(3)
+    low = -40.0 if storage == torch.bfloat16 else -7.0  # into each format's subnormals
+    x = torch.randn(400, 300, generator=g) * torch.logspace(low, 3, 300)
+    x[0, :7] = 0.0
+    base, tuned = x.to(storage), (x * 1.001).to(storage)
+    exact = metrics.rounding_noise_floor(base.double(), tuned.double(), base_dtype=storage, tuned_dtype=storage)
+    stored = sketch.sampled_noise_floor(base, tuned, base_dtype=storage, tuned_dtype=storage)
+    assert stored.variance == pytest.approx(exact.variance, rel=1e-12)
+    assert stored == sketch.sampled_noise_floor(base.float(), tuned.float(), base_dtype=storage, tuned_dtype=storage)
+
+
 @pytest.mark.parametrize("tall", [False, True])
 def test_top_values_of_a_bf16_weight_match_float64(tall):
     """A weight as stored (bf16, possibly a transposed view) gives the values of its float32 up-cast."""
