@@ -16,7 +16,7 @@ from spectra.errors import ConfigError
 from spectra.linalg.krylov import krylov_block
 from spectra.linalg.partial import EXACT_BELOW, krylov_triplets, ritz_bounds
 from spectra.linalg.sketch import thin_product
-from spectra.linalg.svd import Spectrum, _full_svd, frobenius_energy, full_svd
+from spectra.linalg.svd import Spectrum, frobenius_energy, full_svd
 
 __all__ = [
     "principal_angles", "grassmann_distance", "subspace_similarity", "similarity_matrix",
@@ -237,7 +237,7 @@ def best_rank_energy(delta: torch.Tensor, rank: int) -> float:
         raise ConfigError("`delta` must be a 2-D tensor (out, in).")
     _check_rank(rank, min(delta.shape))
     _check_finite(delta, "delta")
-    F = _full_svd(delta, compute_vectors=False, work=torch.float64)
+    F = full_svd(delta, dtype=torch.float64)
     return 0.0 if F.total_energy == 0 else float((F.values[:rank].double() ** 2).sum()) / F.total_energy
 
 
@@ -278,7 +278,7 @@ def amplification_factor(delta: torch.Tensor, W: torch.Tensor, rank: int, *, svd
         _check_given(svd, "svd", delta.shape, rank)
         F = svd
     else:
-        F = _full_svd(delta, compute_vectors=True, work=torch.float64)
+        F = full_svd(delta, compute_vectors=True, dtype=torch.float64)
     U, Vh = F.U[:, :rank].double(), F.Vh[:rank].double()  # (out, r), (r, in)
     proj = U.T @ W.double() @ Vh.T  # (r, out) @ (out, in) @ (in, r) -> (r, r)
     den = float(torch.linalg.matrix_norm(proj))
