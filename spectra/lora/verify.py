@@ -199,11 +199,10 @@ def module_measures(delta_full: torch.Tensor, delta_adapter: torch.Tensor, W0: t
     short = min(delta_full.shape)
     full_energy, ad_energy = frobenius_energy(delta_full), frobenius_energy(delta_adapter)
     row = {"rank": rank, "fro_norm_full": math.sqrt(full_energy), "fro_norm_adapter": math.sqrt(ad_energy)}
-    error = delta_adapter + (W0 - W_base) - delta_full  # (W0 + ΔW_ad) − W_tuned
-    row["relative_error"] = math.sqrt(frobenius_energy(error) / full_energy) if full_energy else None
-    del error
+    error_energy, inner = _error_and_inner(delta_adapter, delta_full, W0, W_base)
+    row["relative_error"] = math.sqrt(error_energy / full_energy) if full_energy else None
     if ad_energy and full_energy:
-        row["cosine"] = float((delta_adapter.double() * delta_full.double()).sum()) / math.sqrt(ad_energy * full_energy)
+        row["cosine"] = inner / math.sqrt(ad_energy * full_energy)
     k = min(intruder_k, short)
     Fb = intruder_reference(W_base, k=k, exact_below=exact_below)  # shared by both intruder counts
     F0 = Fb if W0 is W_base else intruder_reference(W0, k=k, exact_below=exact_below)
@@ -238,6 +237,26 @@ def module_measures(delta_full: torch.Tensor, delta_adapter: torch.Tensor, W0: t
     row["amplification_adapter"] = amplification_factor(delta_adapter, W0, rank, svd=Fa)
     row["amplification_full"] = amplification_factor(delta_full, W_base, rank, svd=Ff)
     return row, phi.tolist(), Fa.Vh[:rank]
+
+
+def _error_and_inner(delta_adapter: torch.Tensor, delta_full: torch.Tensor, W0: torch.Tensor,
+                     W_base: torch.Tensor) -> tuple[float, float]:
+    """(‖(W0 + ΔW_ad) − W_tuned‖_F², ⟨ΔW_ad, ΔW_full⟩) in float64, a block of ≤ 4 MB rows at a time.
+
+    W_tuned = W_base + ΔW_full, so the error is ΔW_ad + (W0 − W_base) − ΔW_full. Formed
+    whole, its float64 temporaries took ~5× the float32 ΔW beside the inputs (1 GB
+    extra on a 4096×11008 module); by row blocks they take a few MB.
+    """
+    rows = max(1, (4 << 20) // (8 * delta_full.shape[1]))
+    error = inner = 0.0
+    for i in range(0, delta_full.shape[0], rows):
+        ad, full = delta_adapter[i:i + rows].double(), delta_full[i:i + rows].double()
+        e = ad - full
+        if W0 is not W_base:
+            e += W0[i:i + rows].double() - W_base[i:i + rows].double()
+        error += float((e * e).sum())
+        inner += float((ad * full).sum())
+    return error, inner
 
 
 def delta_decomposition(delta_full: torch.Tensor, rank: int, *, phi_max: int = 64,

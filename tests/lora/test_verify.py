@@ -270,6 +270,7 @@ def _reference_measures(D, Dad, W0, W, B, A, r, J, k=10):
         "amplification_adapter": np.linalg.norm(Dad) / np.linalg.norm(Ua[:, :r].T @ W0 @ Va[:r].T),
         "amplification_full": np.linalg.norm(D) / np.linalg.norm(Uf[:, :r].T @ W @ Vf[:r].T),
         "relative_error": np.linalg.norm(Dad + (W0 - W) - D) / np.linalg.norm(D),
+        "cosine": np.sum(Dad * D) / (np.linalg.norm(Dad) * np.linalg.norm(D)),
         "intruders_adapter": intruders(W0, W0 + Dad), "intruders_full": intruders(W, W + D),
     }
 
@@ -303,7 +304,7 @@ def test_module_measures_fast_paths_match_the_full_decompositions(case):
         np.testing.assert_allclose(np.array(got_phi), ref["phi_matrix"], atol=tol, rtol=0)
         for key in ("phi", "phi_row"):
             assert got[key] == pytest.approx(ref[key], abs=tol), key
-        for key in ("captured_energy", "captured_energy_row", "optimal_energy", "relative_error"):
+        for key in ("captured_energy", "captured_energy_row", "optimal_energy", "relative_error", "cosine"):
             assert got[key] == pytest.approx(ref[key], rel=1e-9), key
         for key in ("amplification_adapter", "amplification_full"):
             assert got[key] == pytest.approx(ref[key], rel=1e-5), key
