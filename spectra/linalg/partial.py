@@ -162,10 +162,10 @@ def ritz_bounds(M: torch.Tensor, F: Spectrum) -> RitzBounds:
         raise ConfigError("ritz_bounds needs singular vectors; pass a Spectrum with compute_vectors=True.")
     if tuple(F.shape) != tuple(M.shape):
         raise ConfigError(f"the triplets decompose a {tuple(F.shape)} matrix, not this {tuple(M.shape)} one.")
-    A = M.double()
     U, S, Vh = F.U.double(), F.values.double(), F.Vh.double()  # (m, k), (k,), (k, n)
-    left = thin_product(A, Vh.T) - U * S  # (m, n) @ (n, k) -> (m, k)
-    right = thin_product(A.T, U) - Vh.T * S  # (n, m) @ (m, k) -> (n, k), as (Uᵀ A)ᵀ for a row-major A
+    MV, MtU = _products64(M, U, Vh.T)
+    left = MV - U * S  # (m, k)
+    right = MtU - Vh.T * S  # (n, k)
     rho = torch.sqrt((left**2).sum(0) + (right**2).sum(0))  # (k,)
     inf, unknown = torch.full_like(S[:1], math.inf), torch.full_like(S[:1], math.nan)
     below = torch.cat([S[:-1] - (S[1:] + rho[1:]), unknown])  # σ̃ᵢ − (upper bound of σ_{i+1}); none for i = k
@@ -174,6 +174,26 @@ def ritz_bounds(M: torch.Tensor, F: Spectrum) -> RitzBounds:
     vector = torch.where(gap > 0, rho / gap, math.inf)
     subspace = torch.where(below > 0, torch.sqrt(torch.cumsum(rho**2, 0)) / below, math.inf)
     return RitzBounds(rho, vector, subspace)
+
+
+def _products64(M: torch.Tensor, U: torch.Tensor, V: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(M V, Mᵀ U) in float64 for M (m, n), U (m, k), V (n, k) float64.
+
+    A float32 (or half) M is up-cast by row blocks of ≤ 8 MB (exactly: every float32 is a
+    float64), so the products equal those with a whole float64 copy up to summation order,
+    without that copy (2× the float32 M) and 1.2–1.6× faster (2048×5632, k = 21).
+    """
+    if M.dtype == torch.float64:
+        return thin_product(M, V), thin_product(M.T, U)  # (Uᵀ M)ᵀ for a row-major M
+    rows = max(1, (8 << 20) // (8 * M.shape[1]))
+    MV = U.new_empty(M.shape[0], V.shape[1])
+    UtM = U.new_zeros(U.shape[1], M.shape[1])  # (k, n)
+    U, V = U.contiguous(), V.contiguous()
+    for i in range(0, M.shape[0], rows):
+        block = M[i:i + rows].double()
+        torch.mm(block, V, out=MV[i:i + rows])
+        UtM.addmm_(U[i:i + rows].T, block)
+    return MV, UtM.T
 
 
 def krylov_triplets(M: torch.Tensor, k: int, *, steps: int, random_state: int = 0) -> Spectrum:

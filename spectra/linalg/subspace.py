@@ -466,10 +466,9 @@ def _side(F: Spectrum, side: str) -> torch.Tensor:
 def _certified_intruders(W_base, W_tuned, Fb: Spectrum, tuned_svd, k: int, epsilon: float, side: str,
                          random_state: int) -> Intruders | None:
     """Intruders decided from a few triplets (see :func:`intruder_dimensions`), or None if any is undecided."""
-    Wb = W_base.double()
     chord = math.sqrt(2.0)  # ‖x − x̃‖ ≤ √2·sin θ for the better-signed of ±x̃
     if tuned_svd is not None:
-        Y, ey = _side(tuned_svd, side)[:, :k], torch.zeros(k, dtype=torch.float64, device=Wb.device)
+        Y, ey = _side(tuned_svd, side)[:, :k], torch.zeros(k, dtype=torch.float64, device=W_base.device)
     else:
         short = min(W_tuned.shape)
         Ft = _orthonormal_triplets(krylov_triplets(W_tuned.float(), k + 1, steps=_krylov_steps(k + 1, short),
@@ -477,7 +476,7 @@ def _certified_intruders(W_base, W_tuned, Fb: Spectrum, tuned_svd, k: int, epsil
         Y, ey = _side(Ft, side)[:, :k], chord * ritz_bounds(W_tuned, Ft).vector_sin[:k]
     Fb = _orthonormal_triplets(Fb)
     K = Fb.k - 1  # the last triplet only bounds the gaps of the others
-    X, ex = _side(Fb, side)[:, :K], chord * ritz_bounds(Wb, Fb).vector_sin[:K]
+    X, ex = _side(Fb, side)[:, :K], chord * ritz_bounds(W_base, Fb).vector_sin[:K]
     low = ((X.T @ Y).abs() - ex[:, None]).amax(0) - ey  # (K, k) -> (k,): max_i |cos(y_j, x_i)| ≥ low
     high = torch.full_like(low, math.inf)  # max_i |cos(y_j, x_i)| ≤ high
     open_ = low < epsilon
@@ -485,7 +484,7 @@ def _certified_intruders(W_base, W_tuned, Fb: Spectrum, tuned_svd, k: int, epsil
         if bool((ey[open_] >= epsilon).any()):
             return None  # y_j itself too uncertain to be proved an intruder
         reach = (epsilon - ey[open_]) ** 2  # the most mass on one base direction that leaves y_j an intruder
-        S, project = _side_operator(Wb, side)
+        S, project = _side_operator(W_base.double(), side)  # float64 only where a direction is open
         mass = _largest_atom(S, project(Y[:, open_]), reach)
         high[open_] = torch.sqrt(mass) + ey[open_]
     intruder = high < epsilon
