@@ -57,6 +57,20 @@ def test_ritz_bounds_hold_for_rough_triplets_and_vanish_for_exact_ones():
     assert float(exact.subspace_sin[:11].max()) < 1e-10 and float(exact.vector_sin[:-1].max()) < 1e-10
 
 
+@pytest.mark.parametrize("transposed", [False, True])
+def test_ritz_bounds_of_a_float32_matrix_equal_those_of_its_float64_copy(transposed):
+    """A float32 M is up-cast by row blocks (here 4 of them, the last partial) instead of copied
+    whole: the residuals equal those from the float64 copy up to summation order, also for a
+    transposed view (Conv1D-style storage)."""
+    g = torch.Generator().manual_seed(5)
+    M = torch.randn(3000, 1100, generator=g)  # 8 MB blocks of 953 rows
+    M = M.T if transposed else M
+    F = randomized_svd(M.double(), 9, n_iter=1, algorithm="subspace", random_state=0)  # rough: residuals matter
+    got, ref = partial.ritz_bounds(M, F), partial.ritz_bounds(M.double(), F)
+    np.testing.assert_allclose(got.residuals.numpy(), ref.residuals.numpy(), rtol=1e-10)
+    assert float(got.residuals.min()) > 1e-3
+
+
 def test_ritz_bounds_refuse_a_tie():
     """Negative control: σ₂ = σ₃ exactly, so neither vector nor the top-2 subspace is determined."""
     g = torch.Generator().manual_seed(1)
