@@ -602,7 +602,7 @@ def _parallel(pairing: Pairing, todo: list, config: AnalysisConfig, calibration,
     opts = pairing.options
     queue = sorted(todo, key=lambda e: -entry_cost(e.shape))
     sizes = [_entry_bytes(e, opts) for e in queue]  # kept in step with queue
-    running: dict = {}  # future -> entry
+    running: dict = {}  # future -> (entry, its bytes)
     # torch.set_num_threads in a worker also sets the default every later thread starts
     # with (the calling thread keeps its own): put the process's count back afterwards.
     restore = torch.get_num_threads()
@@ -610,17 +610,16 @@ def _parallel(pairing: Pairing, todo: list, config: AnalysisConfig, calibration,
                               thread_name_prefix="spectra-analyze")
     try:
         while queue or running:
-            busy = sum(_entry_bytes(e, opts) for e in running.values())
             while queue and len(running) < workers:
-                i = _first_fitting(sizes, busy if running else None, budget)
+                busy = sum(size for _, size in running.values()) if running else None
+                i = _first_fitting(sizes, busy, budget)
                 if i is None:
                     break
                 entry = queue.pop(i)
-                running[pool.submit(task, entry)] = entry
-                busy += sizes.pop(i)
+                running[pool.submit(task, entry)] = (entry, sizes.pop(i))
             done, _ = wait(running, return_when=FIRST_COMPLETED)
             for future in done:
-                entry = running.pop(future)
+                entry, _ = running.pop(future)
                 rows, read_s, compute_s = future.result()
                 yield entry, rows, read_s, compute_s
     finally:

@@ -423,13 +423,12 @@ def _peft_config(ranks: dict, use_rslora: bool, saved: list[str], pairing: Pairi
         "base_model_name_or_path": str(pairing.base.path),
         "peft_version": _peft_version(),
     }
-    if model_modules is not None:
-        module_names = set(model_modules)
-    else:
+    if model_modules is None:
         source = pairing.tuned if hasattr(pairing.tuned, "names") else pairing.base
-        module_names = {n.rsplit(".", 1)[0] for n in source.names()}
-    module_names |= set(ranks) | set(saved)
-    check_peft_config(config, module_names)
+        known = {n.rsplit(".", 1)[0] for n in source.names()}
+    else:
+        known = model_modules
+    check_peft_config(config, known | set(ranks) | set(saved))
     return config
 
 

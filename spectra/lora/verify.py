@@ -219,7 +219,7 @@ def module_measures(delta_full: torch.Tensor, delta_adapter: torch.Tensor, W0: t
     row["captured_energy"] = captured_energy(delta_full, U=col_basis)
     row["captured_energy_row"] = captured_energy(delta_full, V=row_basis)
     row["captured_energy_both"] = captured_energy(delta_full, U=col_basis, V=row_basis)
-    j_max = max(rank, min(phi_max, short))
+    j_max = _phi_width(rank, phi_max, short)
     Ff = delta_svd if delta_svd is not None else delta_decomposition(delta_full, rank, phi_max=phi_max,
                                                                       exact_below=exact_below)
     if Ff.U is None or Ff.U.shape[1] < j_max:
@@ -244,8 +244,8 @@ def _error_and_inner(delta_adapter: torch.Tensor, delta_full: torch.Tensor, W0: 
     """(‖(W0 + ΔW_ad) − W_tuned‖_F², ⟨ΔW_ad, ΔW_full⟩) in float64, a block of ≤ 4 MB rows at a time.
 
     W_tuned = W_base + ΔW_full, so the error is ΔW_ad + (W0 − W_base) − ΔW_full. Formed
-    whole, its float64 temporaries took ~5× the float32 ΔW beside the inputs (1 GB
-    extra on a 4096×11008 module); by row blocks they take a few MB.
+    whole, the error and the product for the inner one held up to ~5× the float32 ΔW in
+    float64 temporaries (~0.8 GB on a 4096×11008 module); by row blocks they take a few MB.
     """
     rows = max(1, (4 << 20) // (8 * delta_full.shape[1]))
     error = inner = 0.0
@@ -268,8 +268,12 @@ def delta_decomposition(delta_full: torch.Tensor, rank: int, *, phi_max: int = 6
     :func:`~spectra.linalg.partial.top_svd`: full below `exact_below`, certified block
     Krylov above it.
     """
-    j_max = max(rank, min(phi_max, min(delta_full.shape)))
-    return top_svd(delta_full, j_max, exact_below=exact_below)
+    return top_svd(delta_full, _phi_width(rank, phi_max, min(delta_full.shape)), exact_below=exact_below)
+
+
+def _phi_width(rank: int, phi_max: int, short: int) -> int:
+    """J = max(r, min(phi_max, short)): the top triplets of ΔW_full that φ(i, j ≤ J) and the rank-r measures read."""
+    return max(rank, min(phi_max, short))
 
 
 # ---------------------------------------------------------------------------- whole adapter

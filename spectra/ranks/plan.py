@@ -277,13 +277,11 @@ def lora_config(modules: Mapping[str, tuple[int, float, bool]], *, alpha_for=Non
     counts = Counter(rank for rank, _, _ in modules.values())
     if r is None:
         r = max(counts, key=lambda k: (counts[k], -k))
-    if alpha is not None:
-        pass
-    elif alpha_for is None:
+    if alpha is None and alpha_for is not None:
+        alpha = alpha_for(r)
+    elif alpha is None:
         alphas = Counter(a for rank, a, _ in modules.values() if rank == r) or Counter(a for _, a, _ in modules.values())
         alpha = max(alphas, key=lambda a: alphas[a])
-    else:
-        alpha = alpha_for(r)
     return {
         "peft_type": "LORA", "task_type": task_type, "r": r, "lora_alpha": alpha,
         "target_modules": sorted(set(modules) - parameters),
