@@ -32,6 +32,7 @@ from spectra.calibration import add_activation_rows, collect_calibration, file_d
 from spectra.checkpoints.buffers import BufferPool
 from spectra.checkpoints.pairing import DeltaW, Pairing, PairingOptions, describe
 from spectra.errors import ConfigError
+from spectra.files import write_text_atomic
 from spectra.linalg import sketch
 from spectra.linalg import metrics
 from spectra.linalg.svd import Spectrum, adaptive_svd, full_svd, randomized_svd
@@ -151,11 +152,7 @@ class AnalysisResult:
         """Write ``analysis.json`` atomically (temp file, then rename)."""
         from spectra.report.render import analysis_json
 
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(analysis_json(self.to_dict()))
-        os.replace(tmp, path)
-        return path
+        return write_text_atomic(path, analysis_json(self.to_dict()))
 
     def write_report(self, out_dir: str | os.PathLike, *, overwrite: bool = False) -> Path:
         """``analysis.json``, ``report.md``, ``report.html`` and figures, written atomically."""
@@ -356,17 +353,12 @@ class ModuleCache:
     def put(self, entry_name: str, rows: list[dict]) -> None:
         if self.dir is None:
             return
-        path = self._path(entry_name)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
-            tmp.write_text(json.dumps(rows, allow_nan=True))
-            os.replace(tmp, path)
+            write_text_atomic(self._path(entry_name), json.dumps(rows, allow_nan=True))
         except OSError as err:
             warnings.warn(f"the analysis cache {self.dir} cannot be written ({err}); going on without it "
                           "(--no-cache or SPECTRA_CACHE=elsewhere to choose)", RuntimeWarning, stacklevel=2)
-            with contextlib.suppress(OSError):
-                tmp.unlink()
             self.dir = None
 
 

@@ -607,7 +607,7 @@ def bench_make_pair(
     tail: Annotated[float, typer.Option(help="Share of ‖ΔW‖² in the broad Gaussian tail.")] = 0.03,
     rank_scale: Annotated[float, typer.Option(help="Multiplies every role's planted effective rank.")] = 1.0,
     shard_mb: Annotated[int, typer.Option(help="Largest safetensors shard, MB.")] = 2048,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Write into an existing non-empty OUT.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing non-empty OUT (the new pair is swapped in when complete).")] = False,
 ) -> None:
     """Write a realistic bf16 base × tuned pair with a real model's names, shapes and sharding (tensor by tensor)."""
     from spectra.bench.make_pair import PairConfig, make_pair

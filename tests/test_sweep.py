@@ -116,20 +116,20 @@ def test_rank_r_is_the_eckart_young_truncation(llama, tmp_path):
 
 def test_a_plan_is_staged_with_the_report_and_renamed_with_it(llama, tmp_path, monkeypatch):
     """plan.json is in the staging directory before its one rename; a failing plan leaves no output at all."""
+    import spectra.files
     import spectra.ranks
-    import spectra.report.render as render
     from spectra.ranks import RankPlan, load_plan
 
     base, tuned, data = llama
     result = truncation_sweep(base, tuned, data, ranks=[1], config=FAST, progress=False)
     staged = []
-    real_move = render._move_into_place
+    real_move = spectra.files.move_into_place
 
     def spy(staging, out):
         staged.append(sorted(p.name for p in staging.iterdir()))
         real_move(staging, out)
 
-    monkeypatch.setattr(render, "_move_into_place", spy)
+    monkeypatch.setattr(spectra.files, "move_into_place", spy)
     path = result.write_report(tmp_path / "out", plan=RankPlan(modules=()))
     assert staged == [["figures", "plan.json", "report.html", "report.md", "sweep.json"]]
     assert sorted(p.name for p in path.iterdir()) == staged[0] and load_plan(path / "plan.json").modules == ()

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from spectra.errors import ConfigError
+from spectra.files import write_text_atomic
 
 __all__ = ["run_e2e_bench"]
 
@@ -186,7 +187,7 @@ def _job_analyze(pair: str, out: str, method: str, threads: int, read_ahead: int
         return
     payload = {"wall_s": wall, "timings": result.timings, "modules": result.modules,
                "flops": dict(mode.flops) if mode is not None else None}
-    Path(out).write_text(json.dumps(payload))
+    write_text_atomic(out, json.dumps(payload))
 
 
 def _job_weightwatcher(pair: str) -> None:

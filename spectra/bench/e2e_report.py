@@ -7,6 +7,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from spectra.files import write_text_atomic
+
 
 def _fmt(x, digits: int = 1) -> str:
     return "—" if x is None else f"{x:.{digits}f}"
@@ -139,7 +141,5 @@ def write_report(res: dict[str, Any], out: str | os.PathLike, *, ground_truth: P
               "more work per layer (fits), and no streaming.",
               "- **mergekit** `extract_lora --max-rank 64`: a truncated SVD per module to write a LoRA adapter; the "
               "same decomposition spectra needs, but with vectors and written to disk.", ""]
-    path = out / "e2e.md"
-    path.write_text("\n".join(lines) + "\n")
-    (out / "e2e.json").write_text(json.dumps(res, indent=1, default=str))
-    return path
+    write_text_atomic(out / "e2e.json", json.dumps(res, indent=1, default=str))
+    return write_text_atomic(out / "e2e.md", "\n".join(lines) + "\n")

@@ -34,6 +34,7 @@ from typing import Any, Iterator
 import torch
 
 from spectra.errors import ConfigError
+from spectra.files import staged_directory
 
 __all__ = ["PairConfig", "SHAPES", "make_pair", "tensor_plan"]
 
@@ -249,7 +250,7 @@ def make_pair(out: str | os.PathLike, config: PairConfig | None = None, *, overw
         Directory to create.
     config : PairConfig, optional
     overwrite : bool, default False
-        Replace files in an existing ``out``.
+        Replace an existing non-empty ``out`` (the new pair is written beside it and swapped in at the end).
     progress : bool, default False
         Show a tqdm bar over tensors.
 
@@ -262,21 +263,25 @@ def make_pair(out: str | os.PathLike, config: PairConfig | None = None, *, overw
 
     config = config or PairConfig()
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output path {out} exists and is not a directory; choose another directory.")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ConfigError(f"output directory {out} exists and is not empty; pass overwrite=True (CLI: --overwrite) "
                           "or choose another directory.")
     plan = tensor_plan(config.shape)
-    dirs = {side: out / side for side in ("base", "tuned")}
-    writers = {}
-    for side, d in dirs.items():
-        d.mkdir(parents=True, exist_ok=True)
-        (d / "config.json").write_text(json.dumps(_config_json(config.shape), indent=2))
-        writers[side] = _ShardWriter(d, plan, config.shard_bytes)
     truth: dict[str, Any] = {}
-    for name, b, t in tqdm.tqdm(_tensors(config, truth), total=len(plan), disable=not progress, unit="tensor"):
-        writers["base"].write(name, b)
-        writers["tuned"].write(name, t)
-    for w in writers.values():
-        w.close()
-    (out / "ground_truth.json").write_text(json.dumps({"config": asdict(config), "modules": truth}, indent=1))
+    with staged_directory(out) as staging:  # an interrupted run leaves no half-written pair behind
+        writers = {}
+        for side in ("base", "tuned"):
+            (staging / side).mkdir()
+            (staging / side / "config.json").write_text(json.dumps(_config_json(config.shape), indent=2))
+            writers[side] = _ShardWriter(staging / side, plan, config.shard_bytes)
+        try:
+            for name, b, t in tqdm.tqdm(_tensors(config, truth), total=len(plan), disable=not progress, unit="tensor"):
+                writers["base"].write(name, b)
+                writers["tuned"].write(name, t)
+        finally:
+            for w in writers.values():
+                w.close()
+        (staging / "ground_truth.json").write_text(json.dumps({"config": asdict(config), "modules": truth}, indent=1))
     return out

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from spectra.errors import ConfigError
+from spectra.files import write_atomic, write_text_atomic
 
 DEFAULT_SHAPES = ((1024, 1024), (768, 2304), (4096, 4096), (4096, 11008))
 KINDS = ("planted", "power_law", "bf16")
@@ -269,14 +270,13 @@ def run_svd_bench(
             rows.append(_bench_matrix(M, kind, ks, repeats, seed, peers_full=m * n <= torch_svd_below))
             del M
             # Partial results survive an interrupted run.
-            (out / "bench_svd.partial.json").write_text(json.dumps(rows, indent=1))
+            write_text_atomic(out / "bench_svd.partial.json", json.dumps(rows, indent=1))
     meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "python": platform.python_version(),
             "machine": platform.machine(), "seconds": time.perf_counter() - started, "quick": quick,
             "target_err": TARGET_ERR}
-    (out / "bench_svd.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    write_text_atomic(out / "bench_svd.json", json.dumps({"meta": meta, "rows": rows}, indent=1))
     _plot(rows, out / "bench_svd.png")
-    md = out / "bench_svd.md"
-    md.write_text(_markdown(rows, meta))
+    md = write_text_atomic(out / "bench_svd.md", _markdown(rows, meta))
     (out / "bench_svd.partial.json").unlink(missing_ok=True)
     return md
 
@@ -355,5 +355,5 @@ def _plot(rows, path: Path) -> None:
                title=f"{shape[0]}×{shape[1]} (○ planted, □ power law, △ bf16)")
         ax.legend(fontsize=6)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)

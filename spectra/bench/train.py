@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from spectra.files import write_text_atomic
 from spectra.report.render import markdown_table
 
 _SIZES = {  # name -> (hidden, intermediate, layers, heads, vocab, seq_len, batch)
@@ -77,7 +78,7 @@ def run_train_bench(out_dir, *, steps: int = 20, warmup: int = 3, quick: bool = 
             "ratio_fastest": ratio_min,
             "trainer_run_wall_s": trainer_wall, "threads": torch.get_num_threads(),
             "machine": f"{platform.machine()} {platform.processor() or ''}".strip(), "torch": torch.__version__}
-    (out / "train.json").write_text(json.dumps(data, indent=2) + "\n")
+    write_text_atomic(out / "train.json", json.dumps(data, indent=2) + "\n")
     rows = [["spectra trainer", f"{1e3 * data['trainer_step_median_s']:.1f}", f"{1e3 * data['trainer_step_min_s']:.1f}"],
             ["plain PEFT loop", f"{1e3 * data['plain_step_median_s']:.1f}", f"{1e3 * data['plain_step_min_s']:.1f}"]]
     verdict = "within" if ratio <= 1.10 else "outside"
@@ -89,9 +90,7 @@ def run_train_bench(out_dir, *, steps: int = 20, warmup: int = 3, quick: bool = 
               f"{ratio_min:.3f}. The trainer's whole run "
               f"(load, {steps + warmup} steps, save) took {trainer_wall:.1f} s. On a shared machine read the ratio, "
               "not the absolute times.\n")
-    path = out / "train.md"
-    path.write_text(text)
-    return path
+    return write_text_atomic(out / "train.md", text)
 
 
 def _plain_loop(base: Path, data: Path, config, warmup: int) -> list[float]:

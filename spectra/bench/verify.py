@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from spectra.files import write_text_atomic
 from spectra.report.render import markdown_table
 
 DEFAULT_SHAPES = ((2048, 2048), (2048, 5632))
@@ -132,7 +133,7 @@ def run_verify_bench(out_dir, *, shapes=DEFAULT_SHAPES, kinds=KINDS, rank: int =
     meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "python": platform.python_version(),
             "machine": platform.machine(), "quick": quick, "repeats": repeats,
             "load_1min": [round(load, 2), round(os.getloadavg()[0], 2)]}
-    (out / "verify.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+    write_text_atomic(out / "verify.json", json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
     table = [[f"{r['shape'][0]}×{r['shape'][1]}", r["kind"], f"{r['full_s']:.2f}", f"{r['certified_s']:.2f}",
               f"{r['speedup']:.1f}×", r["delta_path"], f"{r['max_phi_diff']:.1e}", f"{r['max_angle_diff_deg']:.1e}",
               f"{r['amplification_rel_diff']:.1e}", f"{r['optimal_energy_rel_diff']:.1e}",
@@ -149,6 +150,4 @@ def run_verify_bench(out_dir, *, shapes=DEFAULT_SHAPES, kinds=KINDS, rank: int =
                               "max |Δφ|", "max |Δangle| (°)", "amplification rel.", "optimal energy rel.",
                               "intruders"], table)
             + "\n\nOn a shared machine read the ratios, not the absolute times.\n")
-    path = out / "verify.md"
-    path.write_text(text)
-    return path
+    return write_text_atomic(out / "verify.md", text)

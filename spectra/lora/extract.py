@@ -19,8 +19,6 @@ import json
 import math
 import os
 import re
-import shutil
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +30,7 @@ from spectra.checkpoints.pairing import Pairing, PairingOptions
 from spectra.checkpoints.source import CheckpointSource
 from spectra.checkpoints.targets import architecture, meta_model, model_targets, resolve_name
 from spectra.errors import ConfigError
+from spectra.files import staged_directory
 from spectra.linalg.svd import CONVERGED_TOL, full_svd, randomized_svd
 
 
@@ -444,15 +443,6 @@ def _peft_version() -> str | None:
 def _write_atomically(out_dir: Path, tensors: dict[str, torch.Tensor], config: dict) -> None:
     from safetensors.torch import save_file
 
-    from spectra.report.render import _move_into_place  # the one atomic swap, shared with reports
-
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{time.time_ns():x}"
-    tmp.mkdir()  # plain mkdir: the umask's permissions, not mkdtemp's owner-only 0700
-    try:
+    with staged_directory(out_dir) as tmp:  # an old adapter is set aside, and put back if the swap fails
         save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
         (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2))
-        _move_into_place(tmp, out_dir)  # an old adapter is set aside, and put back if the swap fails
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

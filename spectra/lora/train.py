@@ -34,6 +34,7 @@ import torch
 
 from spectra.checkpoints.pairing import check_device
 from spectra.errors import ConfigError
+from spectra.files import staged_directory
 from spectra.lora.data import TokenizedData, batches, prepare_data
 
 METHODS = ("lora", "dora", "qlora", "qdora", "full")
@@ -397,8 +398,6 @@ def train_adapter(base, data, config: TrainConfig | None = None, out_dir=None, *
     ConfigError
         Bad data, options, or an existing ``out_dir`` without ``overwrite``.
     """
-    from spectra.report.render import _move_into_place  # the one atomic rename, shared with reports
-
     config = config or TrainConfig()
     if out_dir is None:
         raise ConfigError("train_adapter needs out_dir, the directory to write the adapter into.")
@@ -417,19 +416,10 @@ def train_adapter(base, data, config: TrainConfig | None = None, out_dir=None, *
     if config.teacher is not None:
         teacher = load_model(config.teacher, task=task, num_labels=len(label_names) if label_names else None,
                              device=config.device, pad_token_id=tokenizer.pad_token_id).eval()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = out.parent / f".{out.name}.tmp-{time.time_ns():x}"
-    staging.mkdir()
-    try:
+    with staged_directory(out) as staging:  # the adapter appears whole, or not at all
         result = _train(model, teacher, train, held_out, config, task, staging, progress)
         result.label_names = label_names
         _save(model, tokenizer, config, result, staging, base=base, data=data, eval_data=eval_data)
-        _move_into_place(staging, out)
-    except BaseException:
-        import shutil
-
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     result.out_dir = out
     return result
 

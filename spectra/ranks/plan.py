@@ -10,7 +10,6 @@ import dataclasses
 import json
 import os
 import re
-import tempfile
 import warnings
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ from typing import Iterable, Mapping
 import numpy as np
 
 from spectra.errors import ConfigError, PeftConfigWarning
+from spectra.files import write_text_atomic
 from spectra.ranks.policy import RankPolicy
 
 PLAN_SCHEMA_VERSION = 1
@@ -409,18 +409,7 @@ def save_plan(plan: RankPlan, path: str | os.PathLike, *, model_config: Mapping 
         data["peft_config_notes"] = notes
         for note in notes:
             warnings.warn(note, PeftConfigWarning, stacklevel=2)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(data, fh, indent=2)
-            fh.write("\n")
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # as a plain open() would create it, not mkstemp's owner-only 0600
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text_atomic(path, json.dumps(data, indent=2) + "\n")
     return path
 
 

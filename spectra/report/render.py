@@ -13,8 +13,6 @@ import html
 import json
 import math
 import os
-import secrets
-import shutil
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -22,6 +20,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from spectra.errors import ConfigError
+from spectra.files import staged_directory
 from spectra.report.plots import all_figures
 from spectra.report.tables import (
     has_activation,
@@ -92,11 +91,7 @@ def write_bundle(out_dir, json_name: str, data: Mapping, figures: dict[str, Figu
     if out.exists() and not overwrite:
         raise ConfigError(f"the report directory {out} already exists; pass overwrite=True (--overwrite) "
                           "to replace it, or choose another output directory.")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # mkdir (unlike mkdtemp) honours the umask, so the renamed report gets normal permissions.
-    staging = out.parent / f".{out.name}.tmp-{secrets.token_hex(4)}"
-    staging.mkdir()
-    try:
+    with staged_directory(out) as staging:
         (staging / json_name).write_text(analysis_json(data), encoding="utf-8")
         (staging / "figures").mkdir()
         images = {}
@@ -107,13 +102,7 @@ def write_bundle(out_dir, json_name: str, data: Mapping, figures: dict[str, Figu
         (staging / "report.html").write_text(to_html(blocks, images=images), encoding="utf-8")
         for name, write in (extra or {}).items():
             write(staging / name)
-        _move_into_place(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out
-
-
 
 
 def save_figure(fig, folder: Path, name: str) -> bytes:
@@ -124,21 +113,6 @@ def save_figure(fig, folder: Path, name: str) -> bytes:
         fig.savefig(folder / f"{name}.png", dpi=_PNG_DPI, metadata={"Software": None})
         fig.savefig(folder / f"{name}.svg", metadata={"Date": None, "Creator": None})
     return (folder / f"{name}.png").read_bytes()
-
-
-def _move_into_place(staging: Path, out: Path) -> None:
-    """Rename ``staging`` to ``out``; an existing ``out`` is set aside first and restored on failure."""
-    if not out.exists():
-        staging.rename(out)
-        return
-    old = out.parent / f".{out.name}.old-{secrets.token_hex(4)}"
-    out.rename(old)
-    try:
-        staging.rename(out)
-    except BaseException:
-        old.rename(out)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------- JSON

@@ -74,3 +74,30 @@ def test_plan_and_bad_options(tmp_path):
     (tmp_path / "x" / "f").write_text("")
     with pytest.raises(ConfigError, match="overwrite"):
         make_pair(tmp_path / "x", PairConfig(shape="llama-tiny"))
+
+
+def test_interrupted_pair_leaves_nothing_and_overwrite_swaps_whole(tmp_path, monkeypatch):
+    import spectra.bench.make_pair as mp
+
+    old = make_pair(tmp_path / "p", PairConfig(shape="llama-tiny"))
+    before = sorted(p.relative_to(old) for p in old.rglob("*"))
+    real = mp._tensors
+
+    def dies_midway(config, truth):
+        for i, item in enumerate(real(config, truth)):
+            if i == 5:
+                raise KeyboardInterrupt
+            yield item
+
+    monkeypatch.setattr(mp, "_tensors", dies_midway)
+    with pytest.raises(KeyboardInterrupt):
+        make_pair(tmp_path / "p", PairConfig(shape="llama-tiny", seed=1), overwrite=True)
+    with pytest.raises(KeyboardInterrupt):
+        make_pair(tmp_path / "fresh", PairConfig(shape="llama-tiny"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p"]  # no staging directory, no half-written "fresh"
+    assert sorted(p.relative_to(old) for p in old.rglob("*")) == before  # the old pair untouched
+    assert json.loads((old / "ground_truth.json").read_text())["config"]["seed"] == 0
+    monkeypatch.setattr(mp, "_tensors", real)
+    make_pair(tmp_path / "p", PairConfig(shape="llama-tiny", seed=1), overwrite=True)
+    assert json.loads((old / "ground_truth.json").read_text())["config"]["seed"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p"]

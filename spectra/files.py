@@ -1,0 +1,82 @@
+"""Files and directories that appear whole or not at all.
+
+Everything spectra writes — reports, adapters, plans, cache entries, benchmark results,
+generated checkpoint pairs — is built under a hidden name beside its destination and
+moved into place with one rename. A reader (or the next run) never sees half of it, and
+a failure, including Ctrl-C, removes the temporary and leaves the destination as it was.
+Temporaries are made with plain ``open``/``mkdir``, so the result has the permissions
+the umask gives, like any other file the user creates.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+__all__ = ["move_into_place", "staged_directory", "write_atomic", "write_text_atomic"]
+
+
+def _sibling(path: Path, what: str) -> Path:
+    """A hidden, unique name beside `path` (same directory, so the final rename stays on one filesystem)."""
+    return path.with_name(f".{path.name}.{what}-{os.getpid()}-{secrets.token_hex(4)}")
+
+
+def write_atomic(path: str | os.PathLike, write: Callable[[Path], object]) -> Path:
+    """Call ``write(tmp)`` on a hidden sibling of `path`, then rename it to `path` (replacing it).
+
+    `write` must create the file it is given; its name does not end in the target's
+    suffix, so a writer that picks a format from the suffix (``Figure.savefig``) must be
+    told the format.
+    """
+    path = Path(path)
+    tmp = _sibling(path, "tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_text_atomic(path: str | os.PathLike, text: str, *, encoding: str = "utf-8") -> Path:
+    """Write `text` to `path` through a temporary sibling and one rename."""
+    return write_atomic(path, lambda tmp: tmp.write_text(text, encoding=encoding))
+
+
+@contextlib.contextmanager
+def staged_directory(out: str | os.PathLike) -> Iterator[Path]:
+    """Yield a new empty directory beside `out`; on a clean exit it becomes `out`, on an exception it is removed.
+
+    An existing `out` is replaced in one swap (:func:`move_into_place`): callers check
+    first whether replacing it is allowed. The parent of `out` is created if missing.
+    """
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = _sibling(out, "tmp")
+    staging.mkdir()  # plain mkdir: the umask's permissions, not mkdtemp's owner-only 0700
+    try:
+        yield staging
+        move_into_place(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def move_into_place(staging: Path, out: Path) -> None:
+    """Rename ``staging`` to ``out``; an existing ``out`` is set aside first and restored on failure."""
+    if not out.exists():
+        staging.rename(out)
+        return
+    old = _sibling(out, "old")
+    out.rename(old)
+    try:
+        staging.rename(out)
+    except BaseException:
+        old.rename(out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,68 @@
+"""Files that appear whole or not at all: atomic writes and staged directories."""
+
+from __future__ import annotations
+
+import os
+import stat
+
+import pytest
+
+from spectra.files import staged_directory, write_atomic, write_text_atomic
+
+
+def _mode(path) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+def test_write_text_atomic_replaces_whole_with_umask_permissions(tmp_path):
+    target = tmp_path / "r.json"
+    target.write_text("old")
+    assert write_text_atomic(target, "new ✓") == target
+    assert target.read_text(encoding="utf-8") == "new ✓"
+    reference = tmp_path / "plain"
+    reference.write_text("")  # what a plain open() gives under this umask
+    assert _mode(target) == _mode(reference)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plain", "r.json"]
+
+
+def test_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
+    target = tmp_path / "r.md"
+    target.write_text("old")
+
+    def half_then_fail(tmp):
+        tmp.write_text("half")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        write_atomic(target, half_then_fail)
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["r.md"]
+    with pytest.raises(ValueError):
+        write_atomic(tmp_path / "new.png", lambda tmp: (_ for _ in ()).throw(ValueError("no figure")))
+    assert [p.name for p in tmp_path.iterdir()] == ["r.md"]  # a writer that made nothing: nothing left
+
+
+def test_staged_directory_swaps_whole_or_not_at_all(tmp_path):
+    out = tmp_path / "report"
+    with staged_directory(out) as staging:
+        assert staging.parent == tmp_path and staging.name.startswith(".report.") and not out.exists()
+        (staging / "a.txt").write_text("1")
+    assert (out / "a.txt").read_text() == "1"
+
+    with pytest.raises(RuntimeError):
+        with staged_directory(out) as staging:
+            (staging / "b.txt").write_text("2")
+            raise RuntimeError("failed midway")
+    assert sorted(p.name for p in out.iterdir()) == ["a.txt"]  # the old directory, untouched
+    assert [p.name for p in tmp_path.iterdir()] == ["report"]  # staging removed
+
+    with staged_directory(out) as staging:  # an existing directory is replaced in one swap
+        (staging / "c.txt").write_text("3")
+    assert sorted(p.name for p in out.iterdir()) == ["c.txt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["report"]  # the set-aside old one is gone
+
+
+def test_staged_directory_creates_missing_parents(tmp_path):
+    with staged_directory(tmp_path / "x" / "y" / "out") as staging:
+        (staging / "f").write_text("")
+    assert (tmp_path / "x" / "y" / "out" / "f").exists()
