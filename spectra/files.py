@@ -5,7 +5,11 @@ generated checkpoint pairs — is built under a hidden name beside its destinati
 moved into place with one rename. A reader (or the next run) never sees half of it, and
 a failure, including Ctrl-C, removes the temporary and leaves the destination as it was.
 Temporaries are made with plain ``open``/``mkdir``, so the result has the permissions
-the umask gives, like any other file the user creates.
+the umask gives, like any other file the user creates. Files that a library wrote into a
+staged directory are given those permissions too before it is moved into place:
+safetensors ≥ 0.8 creates every file owner-only (0600, through a temporary file of its
+own; safetensors issue #782), which leaves an adapter unreadable to the other users of a
+shared machine or serving process.
 """
 
 from __future__ import annotations
@@ -61,10 +65,32 @@ def staged_directory(out: str | os.PathLike) -> Iterator[Path]:
     staging.mkdir()  # plain mkdir: the umask's permissions, not mkdtemp's owner-only 0700
     try:
         yield staging
+        _umask_permissions(staging)
         move_into_place(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def _umask_permissions(folder: Path) -> None:
+    """Give every regular file under `folder` the mode a plain ``open()`` would: 0o666 masked by the umask."""
+    mode = 0o666 & ~_umask()
+    for path in folder.rglob("*"):
+        if path.is_file() and not path.is_symlink() and (path.stat().st_mode & 0o777) != mode:
+            path.chmod(mode)
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where the platform allows (Linux: /proc)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: the usual set-and-restore (briefly process-wide)
+    os.umask(mask)
+    return mask
 
 
 def move_into_place(staging: Path, out: Path) -> None:

@@ -62,6 +62,20 @@ def test_staged_directory_swaps_whole_or_not_at_all(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["report"]  # the set-aside old one is gone
 
 
+def test_staged_files_get_the_umask_permissions(tmp_path):
+    """A library that writes owner-only files (safetensors ≥ 0.8: 0600) into a staged directory does not
+    decide the final mode; a plain open() under the same umask does."""
+    reference = tmp_path / "plain"
+    reference.write_text("")
+    with staged_directory(tmp_path / "out") as staging:
+        (staging / "sub").mkdir()
+        for path in (staging / "weights.safetensors", staging / "sub" / "w.bin"):
+            path.write_bytes(b"x")
+            path.chmod(0o600)
+    for path in (tmp_path / "out" / "weights.safetensors", tmp_path / "out" / "sub" / "w.bin"):
+        assert _mode(path) == _mode(reference), path
+
+
 def test_staged_directory_creates_missing_parents(tmp_path):
     with staged_directory(tmp_path / "x" / "y" / "out") as staging:
         (staging / "f").write_text("")

@@ -58,6 +58,18 @@ def test_full_rank_adapter_reproduces_tuned_weights_and_logits(llama_pair, tmp_p
     assert all(m.error < 1e-5 * max(m.fro_norm, 1e-12) + 1e-6 for m in result.modules)
 
 
+def test_adapter_files_get_the_umask_permissions_not_owner_only(llama_pair, tmp_path):
+    """safetensors ≥ 0.8 writes 0600 files (its issue #782): another user or a server could not read the adapter."""
+    import stat
+
+    _, _, b, t = llama_pair
+    extract_adapter(b, t, 4, tmp_path / "ad", progress=False)
+    (tmp_path / "plain").write_text("")  # what an ordinary open() gives under this umask
+    plain = stat.S_IMODE((tmp_path / "plain").stat().st_mode)
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        assert stat.S_IMODE((tmp_path / "ad" / name).stat().st_mode) == plain, name
+
+
 def test_truncated_rank_is_eckart_young(llama_pair, tmp_path):
     base, tuned, b, t = llama_pair
     result = extract_adapter(b, t, 4, tmp_path / "ad", roles=("q", "down"), progress=False)
