@@ -228,6 +228,8 @@ def full_svd(
 
     Notes
     -----
+    With vectors, float32 gesdd gives each σᵢ to LAPACK's absolute accuracy, ~1e-6·σ₁
+    (so ~1e-6 relative already at σ₁/3); values alone (``full-gram``) are more accurate.
     The Gram route squares the condition number, but in float64 from float32 data it
     keeps a relative error ≲ 1e-7 on every σᵢ ≥ 1e-4·σ₁; values far below
     ~1e-7·σ₁ are rounding-level and returned as they come (clipped at 0). Float64 data
@@ -253,11 +255,18 @@ def _full_svd(M: torch.Tensor, *, compute_vectors: bool, work: torch.dtype,
         import scipy.linalg
 
         A = M.detach().to(work).numpy()
+        # LAPACK gets the tall orientation: gesdd of a wide matrix took 1.4–2.7× as long as of its
+        # transpose here (256×2048: 28.8 against 10.7–17.2 ms; 2048×5632: 2.3 against 1.7 s)
+        wide = A.shape[0] < A.shape[1]
+        if wide:
+            A = A.T  # M = (U S Vh)ᵀ = Vhᵀ S Uᵀ
         to = lambda x: torch.from_numpy(np.ascontiguousarray(x))  # noqa: E731
         if not compute_vectors:
             S = scipy.linalg.svd(A, compute_uv=False, lapack_driver="gesdd", check_finite=False)
             return Spectrum(to(S), energy, shape, "full-gesdd")
         U, S, Vh = scipy.linalg.svd(A, full_matrices=False, lapack_driver="gesdd", check_finite=False)
+        if wide:
+            U, Vh = Vh.T, U.T
         return Spectrum(to(S), energy, shape, "full-gesdd", U=to(U), Vh=to(Vh))
     S = _gram_svdvals(M)  # (min(out, in),) float64
     return Spectrum(S.to(work), energy, shape, "full-gram")
