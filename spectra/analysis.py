@@ -468,7 +468,7 @@ def analyze(base, tuned, config: AnalysisConfig | None = None, *, cache_dir: str
     config = config or AnalysisConfig()
     if read_ahead < 0 or read_ahead_mb < 0:
         raise ConfigError(f"read_ahead={read_ahead} and read_ahead_mb={read_ahead_mb} must be ≥ 0.")
-    n_workers, threads = _workers(workers, config.device)
+    n_workers, threads = split_workers(workers, config.device)
     t0 = time.perf_counter()
     me = world(config.device)
     pairing = Pairing(base, tuned, replace(config.pairing_options(), device=me.device))
@@ -538,7 +538,7 @@ def _interrupted(done: int, total: int, cache: ModuleCache, *, parallel: bool) -
     print(f"\ninterrupted: {done} of {total} modules finished and {where}{wait_note}.", file=sys.stderr, flush=True)
 
 
-def _workers(workers: int | None, device: str) -> tuple[int, int]:
+def split_workers(workers: int | None, device: str) -> tuple[int, int]:
     """(workers, torch threads per worker) from the request and this process's torch threads."""
     available = torch.get_num_threads()
     if workers is None:

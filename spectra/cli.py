@@ -341,6 +341,7 @@ def extract(
     modules_to_save: Annotated[Optional[str], typer.Option(help="Comma-separated modules copied whole from TUNED, e.g. classifier.")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing adapter directory.")] = False,
     device: Annotated[str, typer.Option(help="Torch device for ΔW and its SVD: cpu, cuda, cuda:1.")] = "cpu",
+    workers: Annotated[Optional[int], typer.Option(help="Modules decomposed at once, each on its own thread with (torch threads ÷ workers) threads. Default: one per torch thread up to 4 on the CPU, 1 on a GPU.")] = None,
     model_class: Annotated[Optional[str], typer.Option(
         help="transformers class the adapter is for, whose module names its keys use, e.g. LlamaForCausalLM "
              "(default: the base's class; the tuned one's when only it has the modules the adapter needs).")] = None,
@@ -362,7 +363,7 @@ def extract(
     target = plan if plan is not None else (rank if rank == "full" else int(rank))
     result = extract_adapter(base, tuned, target, output, roles=_split(roles), alpha=alpha, rslora=rslora,
                              modules_to_save=_split(modules_to_save) or (), overwrite=overwrite, progress=not quiet,
-                             device=device, model_class=model_class)
+                             device=device, model_class=model_class, workers=workers)
     if not quiet:
         from rich.console import Console
 

@@ -15,10 +15,13 @@ renamed when complete.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
 import re
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,7 +67,7 @@ def extract_adapter(base, tuned, plan_or_rank, out_dir: str | os.PathLike, *, ro
                     alpha: float | None = None, rslora: bool = False, modules_to_save: tuple[str, ...] = (),
                     full_below: int = 1024, seed: int = 0, overwrite: bool = False,
                     progress: bool = True, calibration=None, device: str = "cpu",
-                    model_class: str | None = None) -> ExtractResult:
+                    model_class: str | None = None, workers: int | None = None) -> ExtractResult:
     """Write a PEFT adapter whose merge approximates TUNED − BASE at the planned ranks.
 
     Parameters
@@ -105,6 +108,12 @@ def extract_adapter(base, tuned, plan_or_rank, out_dir: str | os.PathLike, *, ro
         to the base), unless it lacks a module the adapter needs and the tuned checkpoint's
         class has them all (a classification head saved whole from a fine-tune of a bare
         base); see :func:`_adapter_model`.
+    workers : int, optional
+        Modules decomposed at once, each on its own thread with (torch threads ÷ workers)
+        threads; default one per torch thread up to 4 on the CPU, 1 on a GPU (as
+        ``spectra analyze``). The adapter does not depend on it beyond floating-point
+        rounding (GEMMs split differently over threads; ~4e-6 relative in B·A on a
+        TinyLlama-shaped pair, inside the randomized path's tolerance).
 
     Returns
     -------
@@ -144,10 +153,8 @@ def extract_adapter(base, tuned, plan_or_rank, out_dir: str | os.PathLike, *, ro
         calibration = collect_calibration(base, calibration, config=CalibrationConfig(device=device),
                                           progress=progress)
 
-    tensors: dict[str, torch.Tensor] = {}
-    results = []
-    ranks = {}
-    for entry in tqdm.tqdm(selected, desc="extract", unit="module", disable=not progress):
+    ranks_of = {}  # every module's (rank, alpha), checked before any work starts
+    for entry in selected:
         rank, module_alpha = targets[entry.name] if targets is not None else (plan_or_rank, None)
         if rank == "full":
             rank = min(entry.shape)
@@ -156,14 +163,24 @@ def extract_adapter(base, tuned, plan_or_rank, out_dir: str | os.PathLike, *, ro
         if rank > min(entry.shape):
             raise ConfigError(f"rank {rank} for {entry.name} exceeds min(d_in, d_out) = {min(entry.shape)} of its "
                               f"{entry.shape[0]}×{entry.shape[1]} weight; lower it.")
+        ranks_of[entry.name] = (rank, module_alpha)
+
+    def factorize(entry):
+        rank, module_alpha = ranks_of[entry.name]
         (d,) = pairing.load(entry)
         scaling = module_alpha / (math.sqrt(rank) if use_rslora else rank)
         C = None if calibration is None else calibration.covariance(entry.base_tensor)
         if C is not None:
-            A, B, extraction = _factorize_on_data(d.delta, rank, scaling, C, epsilon=calibration.config.epsilon,
-                                                  full_below=full_below, seed=seed)
-        else:
-            A, B, extraction = _factorize(d.delta, rank, scaling, full_below=full_below, seed=seed)
+            return _factorize_on_data(d.delta, rank, scaling, C, epsilon=calibration.config.epsilon,
+                                      full_below=full_below, seed=seed)
+        return _factorize(d.delta, rank, scaling, full_below=full_below, seed=seed)
+
+    tensors: dict[str, torch.Tensor] = {}
+    results = []
+    ranks = {}
+    bar = tqdm.tqdm(total=len(selected), desc="extract", unit="module", disable=not progress)
+    for entry, (A, B, extraction) in _in_parallel(factorize, selected, workers, device, bar):
+        rank, module_alpha = ranks_of[entry.name]
         module = model_names[entry.name]  # as the adapter's model class names it
         if _is_embedding(entry):  # PEFT's Embedding LoRA: ΔW (vocab, dim) = s·(B_e A_e)ᵀ, so A_e = Bᵀ, B_e = Aᵀ
             tensors[f"{PEFT_PREFIX}{module}.lora_embedding_A"] = B.T.cpu().contiguous()  # (r, vocab)
@@ -173,6 +190,7 @@ def extract_adapter(base, tuned, plan_or_rank, out_dir: str | os.PathLike, *, ro
             tensors[f"{PEFT_PREFIX}{module}.lora_B.weight"] = B.cpu().contiguous()  # (out, r)
         results.append(ModuleExtraction(module, rank, module_alpha, *extraction))
         ranks[module] = (rank, module_alpha, entry.conv1d)
+    bar.close()
     for tensor_name in save_names:
         module, _, leaf = tensor_name.rpartition(".")
         tensors[f"{PEFT_PREFIX}{saved_names[module]}.{leaf}"] = pairing.tuned.read(tensor_name).contiguous()
@@ -185,6 +203,44 @@ def extract_adapter(base, tuned, plan_or_rank, out_dir: str | os.PathLike, *, ro
         {"ensure_weight_tying": True} if tied else {})
     _write_atomically(out_dir, tensors, config)
     return ExtractResult(out_dir, results, sorted({n.rsplit(".", 1)[0] for n in save_names}), config, model_class)
+
+
+def _in_parallel(fn, entries: list, workers: int | None, device: str, bar):
+    """Yield (entry, fn(entry)) in the order of `entries`, computed by worker threads.
+
+    As in :func:`spectra.analysis.analyze`: `workers` threads (default one per torch
+    thread up to 4 on the CPU, 1 on a GPU), each running torch with (torch threads ÷
+    workers) threads of its own, so the serial work around one module's GEMMs overlaps
+    another module's; at most `workers` modules are held at once. `bar` advances as modules
+    finish; an error (or Ctrl-C) cancels what has not started.
+    """
+    from spectra.analysis import split_workers
+
+    n, threads = split_workers(workers, device)
+    if n == 1:
+        for entry in entries:
+            yield entry, fn(entry)
+            bar.update()
+        return
+    restore = torch.get_num_threads()  # a worker's set_num_threads also sets later threads' default
+    pool = ThreadPoolExecutor(max_workers=n, initializer=torch.set_num_threads, initargs=(threads,),
+                              thread_name_prefix="spectra-extract")
+    try:
+        pending: deque = deque()
+        queue = iter(entries)
+        for entry in itertools.islice(queue, n):
+            pending.append((entry, pool.submit(fn, entry)))
+        while pending:
+            entry, future = pending.popleft()
+            result = future.result()
+            nxt = next(queue, None)
+            if nxt is not None:
+                pending.append((nxt, pool.submit(fn, nxt)))
+            bar.update()
+            yield entry, result
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        torch.set_num_threads(restore)
 
 
 _DEFAULT_ROLES = ("q", "k", "v", "o", "gate", "up", "down")

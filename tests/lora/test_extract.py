@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from spectra.analysis import analyze
 from spectra.errors import ConfigError
@@ -68,6 +69,22 @@ def test_adapter_files_get_the_umask_permissions_not_owner_only(llama_pair, tmp_
     plain = stat.S_IMODE((tmp_path / "plain").stat().st_mode)
     for name in ("adapter_model.safetensors", "adapter_config.json"):
         assert stat.S_IMODE((tmp_path / "ad" / name).stat().st_mode) == plain, name
+
+
+def test_workers_give_the_same_adapter_in_the_same_order(llama_pair, tmp_path):
+    _, _, b, t = llama_pair
+    one = extract_adapter(b, t, 4, tmp_path / "one", progress=False, workers=1, full_below=8)  # randomized path
+    three = extract_adapter(b, t, 4, tmp_path / "three", progress=False, workers=3, full_below=8)
+    assert [m.name for m in one.modules] == [m.name for m in three.modules]
+    for a, c in zip(one.modules, three.modules):
+        assert c.error == pytest.approx(a.error, rel=1e-4, abs=1e-9) and c.fro_norm == pytest.approx(a.fro_norm, rel=1e-9)
+    x = load_file(str(tmp_path / "one" / "adapter_model.safetensors"))
+    y = load_file(str(tmp_path / "three" / "adapter_model.safetensors"))
+    assert list(x) == list(y)
+    for key in x:
+        if key.endswith("lora_A.weight"):
+            B = key.replace("lora_A", "lora_B")
+            torch.testing.assert_close(y[B] @ y[key], x[B] @ x[key], rtol=1e-4, atol=1e-6)
 
 
 def test_truncated_rank_is_eckart_young(llama_pair, tmp_path):
