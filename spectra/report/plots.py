@@ -200,7 +200,10 @@ def plot_effective_rank_histogram(analysis: Mapping) -> Figure:
     for ax in (left, right):
         ax.set_ylabel("modules (count)")
         ax.yaxis.set_major_locator(MaxNLocator(integer=True))
-    fig.suptitle(f"Entropy effective rank of ΔW over {ranks.size} modules: median {np.median(ranks):.3g} "
+    # the entropy needs every σ: modules whose spectrum was only computed to its top have none
+    over = f"{ranks.size} modules" if ranks.size == len(rows) else (
+        f"the {ranks.size} of {len(rows)} modules with a whole spectrum (the others' top only; --method full: all)")
+    fig.suptitle(f"Entropy effective rank of ΔW over {over}: median {np.median(ranks):.3g} "
                  f"directions, {np.median(shares) if shares.size else 0:.1f}% of full rank")
     return fig
 

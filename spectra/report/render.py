@@ -39,7 +39,9 @@ _FIGURE_CAPTIONS = {
     "cumulative_energy": "Cumulative energy share of the top-r directions; dotted lines at 90, 95 and 99%.",
     "rank_heatmap": "Energy-90% rank by layer and role (grey: no such module).",
     "relative_size_heatmap": "Relative update size ‖ΔW‖_F / ‖W_base‖_F by layer and role.",
-    "effective_rank_hist": "Entropy effective rank (Roy & Vetterli 2007) over all weight matrices.",
+    "effective_rank_hist": "Entropy effective rank (Roy & Vetterli 2007) over the weight matrices whose whole "
+                           "spectrum was computed (all of them with --method full; the default sketches the big "
+                           "ones to their top only).",
 }
 _PNG_DPI = 130
 

@@ -142,6 +142,16 @@ def test_histogram_counts_every_module(analysis):
     assert sum(p.get_height() for p in left.patches) == len(matrix_rows(analysis))
     median = np.median([r["effective_rank"] for r in matrix_rows(analysis)])
     assert left.get_lines()[0].get_xdata()[0] == pytest.approx(median)
+    assert f"over {len(matrix_rows(analysis))} modules:" in fig._suptitle.get_text()
+
+
+def test_histogram_says_which_modules_it_leaves_out(analysis):
+    rows = matrix_rows(analysis)
+    for row in rows[1:]:
+        row["effective_rank"] = None  # sketched to its top: no entropy
+    fig = plots.plot_effective_rank_histogram(analysis)
+    assert sum(p.get_height() for p in fig.axes[0].patches) == 1
+    assert f"the 1 of {len(rows)} modules with a whole spectrum" in fig._suptitle.get_text()
 
 
 @pytest.mark.parametrize("modules", [[], [{"name": "norm", "kind": "vector", "role": "other", "layer": 0,
