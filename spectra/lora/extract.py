@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from spectra.analysis import split_workers
 from spectra.checkpoints.adapter import PEFT_PREFIX
 from spectra.checkpoints.pairing import Pairing, PairingOptions
 from spectra.checkpoints.source import CheckpointSource
@@ -135,6 +136,7 @@ def extract_adapter(base, tuned, plan_or_rank, out_dir: str | os.PathLike, *, ro
     if out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f"{out_dir} is a file; an adapter is a directory. Choose another -o.")
     targets, use_rslora, plan = _targets(plan_or_rank, alpha, rslora)
+    n_workers, threads = split_workers(workers, device)  # checked before any work starts
     pairing = Pairing(base, tuned, PairingOptions(split_fused=False, vectors=False, device=device))
     selected = _select(pairing, targets, roles if targets is None else None)
     if not selected:
@@ -179,7 +181,7 @@ def extract_adapter(base, tuned, plan_or_rank, out_dir: str | os.PathLike, *, ro
     results = []
     ranks = {}
     bar = tqdm.tqdm(total=len(selected), desc="extract", unit="module", disable=not progress)
-    for entry, (A, B, extraction) in _in_parallel(factorize, selected, workers, device, bar):
+    for entry, (A, B, extraction) in _in_parallel(factorize, selected, n_workers, threads, bar):
         rank, module_alpha = ranks_of[entry.name]
         module = model_names[entry.name]  # as the adapter's model class names it
         if _is_embedding(entry):  # PEFT's Embedding LoRA: ΔW (vocab, dim) = s·(B_e A_e)ᵀ, so A_e = Bᵀ, B_e = Aᵀ
@@ -205,18 +207,14 @@ def extract_adapter(base, tuned, plan_or_rank, out_dir: str | os.PathLike, *, ro
     return ExtractResult(out_dir, results, sorted({n.rsplit(".", 1)[0] for n in save_names}), config, model_class)
 
 
-def _in_parallel(fn, entries: list, workers: int | None, device: str, bar):
-    """Yield (entry, fn(entry)) in the order of `entries`, computed by worker threads.
+def _in_parallel(fn, entries: list, n: int, threads: int, bar):
+    """Yield (entry, fn(entry)) in the order of `entries`, computed by `n` worker threads.
 
-    As in :func:`spectra.analysis.analyze`: `workers` threads (default one per torch
-    thread up to 4 on the CPU, 1 on a GPU), each running torch with (torch threads ÷
-    workers) threads of its own, so the serial work around one module's GEMMs overlaps
-    another module's; at most `workers` modules are held at once. `bar` advances as modules
-    finish; an error (or Ctrl-C) cancels what has not started.
+    As in :func:`spectra.analysis.analyze`: each worker runs torch with `threads` threads
+    of its own, so the serial work around one module's GEMMs overlaps another module's; at
+    most `n` modules are held at once. `bar` advances as modules finish; an error (or
+    Ctrl-C) cancels what has not started.
     """
-    from spectra.analysis import split_workers
-
-    n, threads = split_workers(workers, device)
     if n == 1:
         for entry in entries:
             yield entry, fn(entry)

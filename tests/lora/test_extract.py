@@ -351,6 +351,9 @@ def test_bad_input_writes_nothing(llama_pair, tmp_path):
     with pytest.raises(ConfigError, match="exceeds min"):
         extract_adapter(b, t, 20, tmp_path / "ad", roles=("k",), progress=False)  # k is 16×32
     assert not (tmp_path / "ad").exists() and not list(tmp_path.glob(".ad*"))
+    with pytest.raises(ConfigError, match="workers=0"):
+        extract_adapter(b, t, 4, tmp_path / "ad", workers=0, progress=False)
+    assert not (tmp_path / "ad").exists() and not list(tmp_path.glob(".ad*"))
     analysis = analyze(b, t, cache_dir=False, progress=False)
     plan = recommend_ranks(analysis, RankPolicy(energy=0.5, noise=False))
     data = plan.to_dict()
