@@ -37,8 +37,11 @@ def test_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
         write_atomic(target, half_then_fail)
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["r.md"]
+    def fails_before_writing(tmp):
+        raise ValueError("no figure")
+
     with pytest.raises(ValueError):
-        write_atomic(tmp_path / "new.png", lambda tmp: (_ for _ in ()).throw(ValueError("no figure")))
+        write_atomic(tmp_path / "new.png", fails_before_writing)
     assert [p.name for p in tmp_path.iterdir()] == ["r.md"]  # a writer that made nothing: nothing left
 
 
