@@ -36,6 +36,7 @@ from spectra.files import write_text_atomic
 from spectra.linalg import sketch
 from spectra.linalg import metrics
 from spectra.linalg.svd import Spectrum, adaptive_svd, full_svd, randomized_svd
+from spectra.workers import split_workers, thread_pool
 
 SCHEMA_VERSION = 1
 _METHODS = ("auto", "full", "randomized", "adaptive", "sketch")
@@ -538,16 +539,6 @@ def _interrupted(done: int, total: int, cache: ModuleCache, *, parallel: bool) -
     print(f"\ninterrupted: {done} of {total} modules finished and {where}{wait_note}.", file=sys.stderr, flush=True)
 
 
-def split_workers(workers: int | None, device: str) -> tuple[int, int]:
-    """(workers, torch threads per worker) from the request and this process's torch threads."""
-    available = torch.get_num_threads()
-    if workers is None:
-        workers = 1 if not device.startswith("cpu") else max(1, min(available, 4))
-    if workers < 1:
-        raise ConfigError(f"workers={workers} must be ≥ 1 (or None for one per torch thread, up to 4).")
-    return workers, max(1, available // workers)
-
-
 def _analyze_entry(deltas: list[DeltaW], config: AnalysisConfig, calibration) -> list[dict]:
     rows = [analyze_delta(d, config) for d in deltas]
     if calibration is not None:
@@ -595,12 +586,7 @@ def _parallel(pairing: Pairing, todo: list, config: AnalysisConfig, calibration,
     queue = sorted(todo, key=lambda e: -entry_cost(e.shape))
     sizes = [_entry_bytes(e, opts) for e in queue]  # kept in step with queue
     running: dict = {}  # future -> (entry, its bytes)
-    # torch.set_num_threads in a worker also sets the default every later thread starts
-    # with (the calling thread keeps its own): put the process's count back afterwards.
-    restore = torch.get_num_threads()
-    pool = ThreadPoolExecutor(max_workers=workers, initializer=torch.set_num_threads, initargs=(threads,),
-                              thread_name_prefix="spectra-analyze")
-    try:
+    with thread_pool(workers, threads, "spectra-analyze") as pool:
         while queue or running:
             while queue and len(running) < workers:
                 busy = sum(size for _, size in running.values()) if running else None
@@ -614,9 +600,6 @@ def _parallel(pairing: Pairing, todo: list, config: AnalysisConfig, calibration,
                 entry, _ = running.pop(future)
                 rows, read_s, compute_s = future.result()
                 yield entry, rows, read_s, compute_s
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-        torch.set_num_threads(restore)
 
 
 def _first_fitting(sizes: list[int], busy: int | None, budget: int) -> int | None:

@@ -21,14 +21,12 @@ import math
 import os
 import re
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from spectra.analysis import split_workers
 from spectra.checkpoints.adapter import PEFT_PREFIX
 from spectra.checkpoints.pairing import Pairing, PairingOptions
 from spectra.checkpoints.source import CheckpointSource
@@ -36,6 +34,7 @@ from spectra.checkpoints.targets import architecture, meta_model, model_targets,
 from spectra.errors import ConfigError
 from spectra.files import staged_directory
 from spectra.linalg.svd import CONVERGED_TOL, full_svd, randomized_svd
+from spectra.workers import split_workers, thread_pool
 
 
 @dataclass(frozen=True)
@@ -220,10 +219,7 @@ def _in_parallel(fn, entries: list, n: int, threads: int, bar):
             yield entry, fn(entry)
             bar.update()
         return
-    restore = torch.get_num_threads()  # a worker's set_num_threads also sets later threads' default
-    pool = ThreadPoolExecutor(max_workers=n, initializer=torch.set_num_threads, initargs=(threads,),
-                              thread_name_prefix="spectra-extract")
-    try:
+    with thread_pool(n, threads, "spectra-extract") as pool:
         pending: deque = deque()
         queue = iter(entries)
         for entry in itertools.islice(queue, n):
@@ -236,9 +232,6 @@ def _in_parallel(fn, entries: list, n: int, threads: int, bar):
                 pending.append((nxt, pool.submit(fn, nxt)))
             bar.update()
             yield entry, result
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-        torch.set_num_threads(restore)
 
 
 _DEFAULT_ROLES = ("q", "k", "v", "o", "gate", "up", "down")
