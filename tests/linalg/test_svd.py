@@ -168,6 +168,47 @@ def test_adaptive_does_not_trust_a_large_error_estimate():
         assert adaptive_svd(M, energy=tau, block_size=8, random_state=0).k == exact
 
 
+def test_adaptive_does_not_settle_on_a_raw_first_change():
+    # Planted rank 17 (σ falling 3 → 1) over a 0.02–0.04 floor, 300×500, 8-wide blocks: after two
+    # steps the one change seen (no rate fitted yet) was taken as the error and the energy-50 %
+    # rank declared settled at 10; the exact rank is 9.
+    g = torch.Generator().manual_seed(0)
+    U = torch.linalg.qr(torch.randn(300, 300, generator=g, dtype=torch.float64))[0]
+    V = torch.linalg.qr(torch.randn(500, 300, generator=g, dtype=torch.float64))[0]
+    i = torch.arange(1, 301, dtype=torch.float64)
+    s = (i <= 17) * torch.linspace(3, 1, 300, dtype=torch.float64) + 0.02 * (1 + torch.rand(300, generator=g, dtype=torch.float64))
+    M = ((U * s) @ V.T).float()
+    ref = reference_svdvals(M)
+    exact = int(np.searchsorted(np.cumsum(ref**2) / np.sum(ref**2), 0.5) + 1)
+    assert exact == 9 and adaptive_svd(M, energy=0.5, block_size=8, random_state=0).k == exact
+
+
+def test_energy_rank_is_settled_by_each_values_own_error():
+    from spectra.linalg.svd import _energy_rank_settled
+
+    # Ritz values 1, …, 1 and 0.1 (k = 5): the top four carry nearly all the energy and have
+    # converged (1e-6), σ_5 is still moving (1e-2). Σ_{i<5} θᵢ² = 4 stays under 0.9·4.5 = 4.05
+    # with each value's own error; with σ_5's error for all, 4·1.02² = 4.16 > 4.05 would not.
+    s = torch.tensor([1.0, 1.0, 1.0, 1.0, 0.1], dtype=torch.float64)
+    total = 4.5
+    own = torch.tensor([1e-6, 1e-6, 1e-6, 1e-6, 1e-2], dtype=torch.float64)
+    assert _energy_rank_settled(s, total, 0.9, 5, own, None)
+    assert not _energy_rank_settled(s, total, 0.9, 5, torch.full((5,), 1e-2, dtype=torch.float64), None)
+    assert not _energy_rank_settled(s, total, 0.9, 5, None, None)  # no rate fitted yet: nothing settles
+    assert not _energy_rank_settled(s, total, 0.9, 5, own.clamp(min=0.03), None)  # errors past the trusted range
+    assert not _energy_rank_settled(s, total, 0.9, 5, own, 0.1)  # with rtol, only tol stops the run
+
+
+def test_adaptive_power_law_settles_before_every_value_converges():
+    # σᵢ = i^-0.7 on 1024² (the SVD bench's slow case): the energy-90 % rank (72) is known exactly
+    # after 6 Krylov steps, while σ_72 is still ~5e-3 off; tol = 1e-8 would take the whole budget
+    M, s = power_law(m=1024, n=1024, alpha=0.7)
+    exact = int(np.searchsorted(np.cumsum(s.numpy() ** 2) / np.sum(s.numpy() ** 2), 0.9) + 1)
+    A = adaptive_svd(M, energy=0.9, tol=1e-8, random_state=0)
+    assert A.method == "adaptive" and A.k == exact == 72
+    assert A.tolerance > 1e-3 and A.n_iter <= 6  # stopped by the energy bound, not by tol
+
+
 def test_huge_finite_float64_is_not_called_nan():
     with pytest.raises(ConfigError, match="too large"):
         full_svd(torch.full((3, 4), 1e200, dtype=torch.float64))
