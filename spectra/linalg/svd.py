@@ -547,8 +547,9 @@ class _Convergence:
             floor = 8 * self.eps * float(s[0] / torch.clamp(s[-1], min=s[0] * 1e-12))
             self.at_floor = self.at_floor + 1 if self.estimate <= floor else 0
             # each value's change scaled as the largest was; none before a rate is fitted (a raw change
-            # is no error estimate: a planted rank's first change fell short of its error 5-fold)
-            self.errors = torch.clamp(changes * (self.estimate / change), min=floor) if fitted else None
+            # is no error estimate: on small planted matrices it had settled the energy rank one too high)
+            scale = self.estimate / change if change > 0 else 0.0
+            self.errors = torch.clamp(changes * scale, min=floor) if fitted else None
             self.floor, self.estimate = floor, max(self.estimate, floor)
             self.prev_change = (change, steps)
         self.prev = full

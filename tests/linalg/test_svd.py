@@ -441,6 +441,21 @@ def test_convergence_estimate_does_not_trust_the_first_change():
         assert est == pytest.approx(t, rel=0.1)  # asymptotic: the model is exact again
 
 
+def test_convergence_errors_per_value():
+    from spectra.linalg.svd import _Convergence
+
+    sigma = torch.tensor([2.0, 1.0], dtype=torch.float64)
+    conv = _Convergence(2, monotone=True)
+    conv.update(sigma * 0.5)
+    conv.update(sigma * torch.tensor([0.99, 0.9], dtype=torch.float64))
+    assert conv.errors is None  # one change, no fitted rate: no per-value errors yet
+    conv.update(sigma * torch.tensor([0.999, 0.95], dtype=torch.float64))
+    e = conv.errors
+    assert e is not None and float(e[1]) == pytest.approx(conv.estimate) and float(e[0]) < float(e[1]) / 5
+    conv.update(sigma * torch.tensor([0.999, 0.95], dtype=torch.float64))  # nothing moved after a fit
+    assert conv.estimate == 0.0 and torch.equal(conv.errors, torch.zeros(2, dtype=torch.float64))
+
+
 @pytest.mark.parametrize("spacing", [(1, 1, 1, 1), (2, 2, 1, 1), (1, 2, 1, 2)])
 def test_convergence_estimate_is_exact_on_a_geometric_sequence(spacing):
     # Ritz values θ_t = σ·(1 − E·ρᵗ), checked after uneven step counts: the extrapolated
