@@ -290,8 +290,13 @@ def recommend(
     plan = recommend_ranks(_analysis_or_pair(analysis), policy, sweep=sweep)
     base_path = (plan.base or {}).get("path")
     source = config or (base_path if base_path and Path(base_path, "config.json").is_file() else None)
-    est = (estimate_memory(source, method="dora" if dora else method, rank_plan_or_rank=plan, batch=batch,
-                           seq_len=seq_len) if source else None)
+    est, memory_skipped = None, None
+    if source:
+        try:
+            est = estimate_memory(source, method="dora" if dora else method, rank_plan_or_rank=plan, batch=batch,
+                                  seq_len=seq_len)
+        except ConfigError as exc:  # the estimate is an extra: a model the memory model lacks still gets its plan
+            memory_skipped = str(exc)
     notes = []
     if output is not None:
         with warnings.catch_warnings():
@@ -299,7 +304,10 @@ def recommend(
             save_plan(plan, output, model_config=load_config(config) if config else None)
         notes = json.loads(output.read_text()).get("peft_config_notes") or []
     if as_json:
-        typer.echo(json.dumps(plan.to_dict() | {"memory": est.to_dict() if est else None}, indent=2))
+        memory = {"memory": est.to_dict() if est else None}
+        if memory_skipped:
+            memory["memory_skipped"] = memory_skipped
+        typer.echo(json.dumps(plan.to_dict() | memory, indent=2))
         return
     console = Console()
     rows = [(_fmt(m.role), "×".join(map(str, m.shape)), str(m.rank), f"{m.alpha:g}",
@@ -317,6 +325,8 @@ def recommend(
     if est is not None:
         console.print(f"memory ({est.method}, batch {batch} × {seq_len} tokens, {est.precision}): "
                       + ", ".join(f"{name} {format_bytes(n)}" for name, n in est.rows() if n))
+    elif memory_skipped:
+        console.print(escape(f"memory: no estimate ({memory_skipped})"), style="yellow")
     else:
         console.print("memory: pass --config (config.json, its folder or a hub id) for an estimate")
     for note in notes:

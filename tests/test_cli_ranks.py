@@ -53,6 +53,21 @@ def test_recommend_budget_json_and_without_config(tmp_path):
     assert data["policy"]["energy"] is None and data["policy"]["budget_params"] == 200
 
 
+def test_recommend_writes_its_plan_when_the_memory_model_lacks_the_architecture(tmp_path):
+    # GPT-NeoX analyses and plans, but spectra's memory model does not describe it: the optional
+    # estimate used to abort the command (exit 2, no plan written)
+    run = _analysis_dir(tmp_path)
+    (tmp_path / "base" / "config.json").write_text(json.dumps({"model_type": "gpt_neox", "hidden_size": 32}))
+    out = tmp_path / "plan.json"
+    result = runner.invoke(app, ["recommend", str(run), "--energy", "0.9", "-o", str(out)], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "memory: no estimate" in result.output and "gpt_neox" in result.output
+    assert [m.rank for m in load_plan(out).modules] == [3, 1]
+    result = runner.invoke(app, ["recommend", str(run), "--energy", "0.9", "--json"])
+    data = json.loads(result.output)
+    assert data["memory"] is None and "gpt_neox" in data["memory_skipped"]
+
+
 def test_recommend_errors_are_one_paragraph(tmp_path):
     run = _analysis_dir(tmp_path)
     result = runner.invoke(app, ["recommend", str(run), "--budget", "10"])

@@ -46,6 +46,32 @@ def architecture(config: Mapping | None) -> str | None:
     return ((config or {}).get("architectures") or [None])[0]
 
 
+# PEFT task type of a transformers model class, by the end of its name (GPT-2's LM class is GPT2LMHeadModel).
+_TASK_TYPES = (("ForCausalLM", "CAUSAL_LM"), ("LMHeadModel", "CAUSAL_LM"), ("ForSequenceClassification", "SEQ_CLS"),
+               ("ForTokenClassification", "TOKEN_CLS"), ("ForQuestionAnswering", "QUESTION_ANS"))
+
+
+def peft_task_type(config: Mapping | None, model_class: str | None = None) -> str | None:
+    """The PEFT ``task_type`` for the class ``model_class`` (default: the one ``config`` names).
+
+    ``CAUSAL_LM``, ``SEQ_CLS``, ``TOKEN_CLS`` or ``QUESTION_ANS`` by the class name's end,
+    ``SEQ_2_SEQ_LM`` for an encoder-decoder ``…ForConditionalGeneration``; None for anything
+    else (a bare ``BertModel``/``LlamaModel``, a masked LM, a vision-language model, no
+    config): PEFT's plain ``PeftModel``, which wraps any model. A causal-LM task type on a
+    classifier makes ``get_peft_model`` fail (BERT has no ``prepare_inputs_for_generation``)
+    and a missing ``SEQ_CLS`` would leave its classification head frozen.
+    """
+    model_class = model_class or architecture(config)
+    if not model_class:
+        return None
+    for suffix, task in _TASK_TYPES:
+        if model_class.endswith(suffix):
+            return task
+    if model_class.endswith("ForConditionalGeneration") and (config or {}).get("is_encoder_decoder"):
+        return "SEQ_2_SEQ_LM"
+    return None
+
+
 def meta_model(config: Mapping | None, model_class: str | None = None):
     """The class ``model_class`` (default: the one ``config`` names), built on the meta device, or None.
 

@@ -392,9 +392,11 @@ def save_plan(plan: RankPlan, path: str | os.PathLike, *, model_config: Mapping 
     names that class, ``peft_config_notes`` lists what the config could only approximate (each
     also a :class:`~spectra.errors.PeftConfigWarning`). Without a config naming a class
     transformers can build, the plan's own (checkpoint) names are written and
-    ``peft_config_model`` is null.
+    ``peft_config_model`` is null. Its ``task_type`` is that class's
+    (:func:`~spectra.checkpoints.targets.peft_task_type`: ``CAUSAL_LM`` for a causal LM,
+    ``SEQ_CLS`` for a sequence classifier, …, null for a bare model or no config).
     """
-    from spectra.checkpoints.targets import architecture, meta_model
+    from spectra.checkpoints.targets import architecture, meta_model, peft_task_type
 
     path = Path(path)
     if path.is_dir():
@@ -404,7 +406,7 @@ def save_plan(plan: RankPlan, path: str | os.PathLike, *, model_config: Mapping 
     if plan.modules:
         config = model_config if model_config is not None else _base_config(plan.base)
         model = meta_model(config)
-        data["peft_config"], notes = plan._peft_config(model=model, task_type="CAUSAL_LM")
+        data["peft_config"], notes = plan._peft_config(model=model, task_type=peft_task_type(config))
         data["peft_config_model"] = architecture(config) if model is not None else None
         data["peft_config_notes"] = notes
         for note in notes:

@@ -176,3 +176,39 @@ def test_a_plan_for_a_model_without_renames_is_unchanged(tmp_path):
     assert saved["peft_config_model"] == "LlamaForCausalLM" and saved["peft_config_notes"] == []
     assert saved["peft_config"] == plan.to_peft_config() and "target_parameters" not in saved["peft_config"]
     assert saved["peft_config"]["rank_pattern"]  # the patterns are really exercised
+
+
+@pytest.mark.parametrize(("family", "head", "task_type"), [
+    ("llama", True, "CAUSAL_LM"), ("gpt2", True, "CAUSAL_LM"),  # GPT2LMHeadModel
+    ("bert", True, "SEQ_CLS"), ("bert", False, None), ("llama", False, None),
+])
+def test_plan_peft_config_takes_the_task_type_of_the_model_class(tmp_path, family, head, task_type):
+    """A causal-LM task type on BertForSequenceClassification made get_peft_model fail (no
+    prepare_inputs_for_generation); bare models take PEFT's plain PeftModel."""
+    from peft import LoraConfig, get_peft_model
+
+    from tests.models import build_model, save
+
+    model = build_model(family, head=head)
+    prefix = "bert." if family == "bert" and head else ""
+    data = analysis(*_plan_rows(model, prefix))
+    data["base"] = {"path": str(save(model, tmp_path / "base", "safetensors")), "fingerprint": "abc"}
+    saved = json.loads(save_plan(recommend_ranks(data, RankPolicy(energy=0.99)), tmp_path / "plan.json").read_text())
+    config = saved["peft_config"]
+    assert config["task_type"] == task_type
+    peft_model = get_peft_model(build_model(family, head=head), LoraConfig(**config))  # failed for BERT's classifier
+    if task_type == "SEQ_CLS":  # PEFT then trains the classification head too
+        assert any("classifier" in n and p.requires_grad for n, p in peft_model.named_parameters())
+
+
+def test_peft_task_type_by_class_name():
+    from spectra.checkpoints.targets import peft_task_type
+
+    assert peft_task_type({"architectures": ["MistralForCausalLM"]}) == "CAUSAL_LM"
+    assert peft_task_type({}, "GPT2LMHeadModel") == "CAUSAL_LM"
+    assert peft_task_type({"architectures": ["RobertaForTokenClassification"]}) == "TOKEN_CLS"
+    assert peft_task_type({"architectures": ["BertForQuestionAnswering"]}) == "QUESTION_ANS"
+    assert peft_task_type({"architectures": ["T5ForConditionalGeneration"], "is_encoder_decoder": True}) == "SEQ_2_SEQ_LM"
+    assert peft_task_type({"architectures": ["LlavaForConditionalGeneration"]}) is None  # not encoder-decoder
+    assert peft_task_type({"architectures": ["BertForMaskedLM"]}) is None
+    assert peft_task_type(None) is None
