@@ -311,11 +311,12 @@ def lora_config(model, config: TrainConfig, *, task: str):
     if config.plan is not None:
         # Resolved on the model itself, as its class loaded the checkpoint: transformers-5
         # Mixtral's experts.N.w1/w3/w2 live in fused parameters, adapted via target_parameters.
-        fields = load_plan(config.plan).to_peft_config(model=model, lora_dropout=config.lora_dropout)
+        plan = load_plan(config.plan)
+        plan = plan.with_rslora() if config.rslora else plan  # α re-derived: the plan's scale is kept
+        fields = plan.to_peft_config(model=model, lora_dropout=config.lora_dropout)
         fields = {k: fields[k] for k in ("r", "lora_alpha", "target_modules", "target_parameters", "rank_pattern",
                                          "alpha_pattern", "use_rslora", "fan_in_fan_out", "lora_dropout")
                   if k in fields}
-        fields["use_rslora"] = fields["use_rslora"] or config.rslora
         if fields.get("target_parameters") and (config.method != "lora" or config.quantized):
             raise ConfigError(f"the plan adapts {fields['target_parameters'][0]} (a parameter {type(model).__name__} "
                               f"holds no module for) through PEFT's target_parameters, which method "

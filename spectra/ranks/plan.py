@@ -118,6 +118,19 @@ class RankPlan:
         """Mean over modules of the captured share (each module counted once)."""
         return float(np.mean([m.energy for m in self.modules])) if self.modules else 1.0
 
+    def with_rslora(self) -> "RankPlan":
+        """This plan under rsLoRA scaling α/√r, each module's α recomputed by the policy's rule.
+
+        With ``alpha_rule="scale"`` every module keeps its update scale s (α = s·√r instead of
+        s·r); a constant α stays and its scale follows the rsLoRA law. Switching
+        ``use_rslora`` on a plan's own α (2r) would scale each module by 2√r instead of 2.
+        """
+        if self.policy.rslora:
+            return self
+        policy = dataclasses.replace(self.policy, rslora=True)
+        return dataclasses.replace(self, policy=policy, modules=tuple(
+            dataclasses.replace(m, alpha=policy.alpha_for(m.rank)) for m in self.modules))
+
     def to_dict(self) -> dict:
         return {"schema_version": PLAN_SCHEMA_VERSION, "policy": dataclasses.asdict(self.policy),
                 "base": self.base, "budget_gap": self.budget_gap,

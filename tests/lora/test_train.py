@@ -75,6 +75,28 @@ def test_plan_and_rslora_options(llama_base, text_data, tmp_path):
         f"model.layers.{i}.self_attn.{p}_proj" for i in (0, 1) for p in "qv")
 
 
+def test_rslora_on_a_plan_keeps_its_update_scale(tmp_path):
+    """A plan made without rsLoRA (α = 2r) trained with --rslora: α is re-derived (2√r), so PEFT
+    scales every module by 2; switching use_rslora on the plan's α gave 2√r (2.8, 3.5, 4)."""
+    from peft import get_peft_model
+
+    from spectra.lora.train import lora_config
+    from spectra.ranks import RankPolicy, recommend_ranks, save_plan
+    from tests.models import build_model
+    from tests.ranks.rows import analysis, make_row
+
+    rows = [make_row(f"model.layers.{i}.self_attn.{p}_proj", [1.0] * (2 + i + j) + [0.0] * 8, shape=(32, 32),
+                     role=p, layer=i) for i in (0, 1) for j, p in enumerate("qv")]
+    plan = recommend_ranks(analysis(*rows), RankPolicy(energy=0.99))
+    assert len({m.rank for m in plan.modules}) == 3 and not plan.policy.rslora
+    path = save_plan(plan, tmp_path / "plan.json")
+    model = build_model("llama")
+    peft_model = get_peft_model(model, lora_config(model, TrainConfig(plan=str(path), rslora=True), task="causal_lm"))
+    scalings = {name: (layer.r["default"], layer.scaling["default"]) for name, layer in peft_model.named_modules()
+                if isinstance(getattr(layer, "scaling", None), dict) and "default" in layer.scaling}
+    assert len(scalings) == 4 and all(s == pytest.approx(2.0) for _, s in scalings.values()), scalings
+
+
 @pytest.mark.parametrize("field, value", [("method", "ia3"), ("rank", 0), ("roles", ("embed",)),
                                           ("compute_dtype", "int8"), ("eval_fraction", 1.5)])
 def test_bad_config(field, value):

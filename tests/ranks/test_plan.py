@@ -212,3 +212,19 @@ def test_peft_task_type_by_class_name():
     assert peft_task_type({"architectures": ["LlavaForConditionalGeneration"]}) is None  # not encoder-decoder
     assert peft_task_type({"architectures": ["BertForMaskedLM"]}) is None
     assert peft_task_type(None) is None
+
+
+@pytest.mark.parametrize("alpha_rule", ["scale", "constant"])
+def test_with_rslora_recomputes_alpha_by_the_policy(alpha_rule):
+    rows = [make_row(f"model.layers.{i}.self_attn.q_proj", [1.0] * (i + 1) + [0.0] * 8, shape=(16, 16), layer=i)
+            for i in range(3)]
+    policy = RankPolicy(energy=0.99, alpha_rule=alpha_rule, alpha=8.0)  # alpha counts under "constant" only
+    plan = recommend_ranks(analysis(*rows), policy)
+    assert [m.rank for m in plan.modules] == [1, 2, 3] and not plan.policy.rslora
+    rs = plan.with_rslora()
+    assert rs.policy.rslora and rs.with_rslora() is rs and [m.rank for m in rs.modules] == [1, 2, 3]
+    for m in rs.modules:
+        if alpha_rule == "scale":  # every module keeps its update scale 2: α = 2·√r
+            assert m.alpha == pytest.approx(2 * m.rank ** 0.5) and rs.policy.scaling(m.rank) == pytest.approx(2.0)
+        else:  # a constant α stays; its scale follows α/√r
+            assert m.alpha == 8.0 and rs.policy.scaling(m.rank) == pytest.approx(8.0 / m.rank ** 0.5)
