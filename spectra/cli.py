@@ -363,7 +363,9 @@ def extract(
               spectra extract BASE TUNED --plan plan.json -o adapter/
     """
     _writable(output)
-    from spectra.errors import ConfigError
+    import warnings
+
+    from spectra.errors import ConfigError, PeftConfigWarning
     from spectra.lora.extract import extract_adapter
 
     if (plan is None) == (rank is None):
@@ -371,9 +373,11 @@ def extract(
     if rank is not None and rank != "full" and not rank.isdigit():
         raise ConfigError(f"--rank {rank!r}: expected a positive integer or 'full'.")
     target = plan if plan is not None else (rank if rank == "full" else int(rank))
-    result = extract_adapter(base, tuned, target, output, roles=_split(roles), alpha=alpha, rslora=rslora,
-                             modules_to_save=_split(modules_to_save) or (), overwrite=overwrite, progress=not quiet,
-                             device=device, model_class=model_class, workers=workers)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PeftConfigWarning)  # printed below, after the table
+        result = extract_adapter(base, tuned, target, output, roles=_split(roles), alpha=alpha, rslora=rslora,
+                                 modules_to_save=_split(modules_to_save) or (), overwrite=overwrite,
+                                 progress=not quiet, device=device, model_class=model_class, workers=workers)
     if not quiet:
         from rich.console import Console
 
@@ -382,6 +386,8 @@ def extract(
         Console().print(_module_table(f"adapter {output}: {len(result.modules)} modules",
                                       [m.name for m in result.modules], rows,
                                       ("rank", "alpha", "‖ΔW‖_F", "error ‖ΔW − BA‖_F", "energy kept")))
+    for note in result.notes:
+        typer.secho(f"note: {note}", fg="yellow", err=True)
     onto = f"a {result.model_class}" if result.model_class else "the model"
     typer.echo(f"adapter: {output}  (load onto {onto} with peft.PeftModel.from_pretrained(model, '{output}'))")
 

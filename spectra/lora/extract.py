@@ -20,6 +20,7 @@ import json
 import math
 import os
 import re
+import warnings
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +32,7 @@ from spectra.checkpoints.adapter import PEFT_PREFIX
 from spectra.checkpoints.pairing import Pairing, PairingOptions
 from spectra.checkpoints.source import CheckpointSource
 from spectra.checkpoints.targets import architecture, meta_model, model_targets, resolve_name
-from spectra.errors import ConfigError
+from spectra.errors import ConfigError, PeftConfigWarning
 from spectra.files import staged_directory
 from spectra.linalg.svd import CONVERGED_TOL, full_svd, randomized_svd
 from spectra.workers import split_workers, thread_pool
@@ -61,6 +62,7 @@ class ExtractResult:
     modules_to_save: list[str]
     config: dict[str, Any] = field(default_factory=dict)
     model_class: str | None = None  # the class whose module names the keys use (None: the checkpoint's names)
+    notes: list[str] = field(default_factory=list)  # what the adapter holds only in part (also PeftConfigWarnings)
 
 
 def extract_adapter(base, tuned, plan_or_rank, out_dir: str | os.PathLike, *, roles: tuple[str, ...] | None = None,
@@ -203,7 +205,11 @@ def extract_adapter(base, tuned, plan_or_rank, out_dir: str | os.PathLike, *, ro
     config = _peft_config(ranks, use_rslora, list(saved_names.values()), pairing, model) | (
         {"ensure_weight_tying": True} if tied else {})
     _write_atomically(out_dir, tensors, config)
-    return ExtractResult(out_dir, results, sorted({n.rsplit(".", 1)[0] for n in save_names}), config, model_class)
+    notes = _tied_lora_notes(ranks, pairing, model)
+    for note in notes:
+        warnings.warn(note, PeftConfigWarning, stacklevel=2)
+    return ExtractResult(out_dir, results, sorted({n.rsplit(".", 1)[0] for n in save_names}), config, model_class,
+                         notes)
 
 
 def _in_parallel(fn, entries: list, n: int, threads: int, bar):
@@ -384,6 +390,27 @@ def _tied_head(save_names: list[str], pairing: Pairing, model) -> tuple[str, str
     embed, head = modules.get(id(model.get_input_embeddings())), modules.get(id(model.get_output_embeddings()))
     saved = [n for n in save_names if resolve_name(n.removesuffix(".weight"), [embed]) is not None]
     return (head, saved[0]) if head and saved else None
+
+
+def _tied_lora_notes(lora_modules, pairing: Pairing, model) -> list[str]:
+    """A note when the adapter puts LoRA on an input embedding that the output head is tied to.
+
+    PEFT applies an Embedding LoRA to the lookup only; the tied head keeps reading the base
+    weight until ``merge_and_unload()`` writes ΔW into the shared tensor. (Its
+    ``ensure_weight_tying`` does not help here: on Qwen2 the merge then adds ΔW twice.)
+    """
+    if model is None or not (pairing.config or {}).get("tie_word_embeddings", False):
+        return []
+    if model.get_input_embeddings() is None or model.get_output_embeddings() is None:
+        return []
+    modules = {id(m): name for name, m in model.named_modules()}
+    embed, head = modules.get(id(model.get_input_embeddings())), modules.get(id(model.get_output_embeddings()))
+    if not embed or embed not in lora_modules:
+        return []
+    return [f"{embed} is tied to the output head {head}: PEFT applies its LoRA to the embedding lookup only, so "
+            f"the adapter reproduces the fine-tune after merge_and_unload() (the head then shares the merged "
+            f"weight) but not unmerged, where {head} keeps the base embedding. To be exact both ways, save the "
+            f"embedding whole instead: --modules-to-save {embed.rpartition('.')[2]} (and leave embed out of --roles)."]
 
 
 def _check_plan_base(plan, pairing: Pairing) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -158,7 +159,11 @@ def test_embeddings_are_written_as_peft_embedding_loras(family, tmp_path):
     base = build_model(family)
     tuned = perturbed(base)
     b, t = save(base, tmp_path / "b", "safetensors"), save(tuned, tmp_path / "t", "safetensors")
-    result = extract_adapter(b, t, 3, tmp_path / "ad", roles=("embed", "q"), progress=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = extract_adapter(b, t, 3, tmp_path / "ad", roles=("embed", "q"), progress=False)
+    tied = "tied to the output head" in " ".join(str(w.message) for w in caught)
+    assert tied == (family == "gpt2") == bool(result.notes)  # GPT-2 ties lm_head to wte: the note says so
     (embedding,) = [m.name for m in result.modules if "emb" in m.name or m.name.endswith("wte")]
     state, _ = merged_state(base, tmp_path / "ad")
     key = next(k for k in state if k.endswith(embedding.split(".", 1)[-1] + ".weight"))
@@ -241,6 +246,34 @@ def test_a_saved_tied_embedding_carries_its_head_along(tmp_path):
         got = PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "ad"))(ids).logits
         torch.testing.assert_close(got, tuned(ids).logits, rtol=1e-5, atol=1e-6)
         assert float((base(ids).logits - tuned(ids).logits).abs().max()) > 1e-3  # negative control
+
+
+def test_a_lora_on_a_tied_embedding_says_it_holds_only_merged(tmp_path):
+    """PEFT applies an Embedding LoRA to the lookup only: the tied head reads the base weight until merged."""
+    from peft import PeftModel
+
+    from spectra.errors import PeftConfigWarning
+
+    base = build_model("qwen2")
+    tuned = copy.deepcopy(base)
+    with torch.no_grad():
+        tuned.model.embed_tokens.weight.add_(0.05 * torch.randn_like(tuned.model.embed_tokens.weight))
+    b, t = save(base, tmp_path / "b", "safetensors"), save(tuned, tmp_path / "t", "safetensors")
+    with pytest.warns(PeftConfigWarning, match="tied to the output head lm_head"):
+        result = extract_adapter(b, t, "full", tmp_path / "ad", roles=("embed",), progress=False)
+    assert len(result.notes) == 1 and "--modules-to-save embed_tokens" in result.notes[0]
+    ids = torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # PEFT's own notes on a tied layer in the adapter
+        peft_model = PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "ad"))
+        assert float((peft_model(ids).logits - tuned(ids).logits).abs().max()) > 1e-3  # what the note says
+        torch.testing.assert_close(peft_model.merge_and_unload()(ids).logits, tuned(ids).logits, rtol=1e-4, atol=1e-5)
+    untied = build_model("llama")  # no tie: no note
+    tuned = copy.deepcopy(untied)
+    with torch.no_grad():
+        tuned.model.embed_tokens.weight.add_(0.05 * torch.randn_like(tuned.model.embed_tokens.weight))
+    b, t = save(untied, tmp_path / "b2", "safetensors"), save(tuned, tmp_path / "t2", "safetensors")
+    assert extract_adapter(b, t, "full", tmp_path / "ad2", roles=("embed",), progress=False).notes == []
 
 
 def test_keys_use_the_model_names_when_the_checkpoint_lacks_their_prefix(tmp_path):
