@@ -134,6 +134,8 @@ def plan_adapter(adapter, base, config: dict[str, Any] | None) -> tuple[list[Ada
     base_weights = [n for n in base.names() if n.endswith(".weight")]
     match = match_names([m + ".weight" for m in modules], base_weights)
     missing = [m.removesuffix(".weight") for m in match.only_in_base + list(match.ambiguous)]
+    tied_to = _tied_heads(adapter, modules, missing, match, base_weights, config, notes)
+    missing = [m for m in missing if m in modules and m not in tied_to]
     for module in [m for m in missing if set(modules[m]) == {"full"}]:
         # a modules_to_save head the base lacks (a classifier on a bare encoder): new, not an update
         notes.append(f"adapter module {module}: saved whole (modules_to_save) and absent from the base; "
@@ -147,8 +149,8 @@ def plan_adapter(adapter, base, config: dict[str, Any] | None) -> tuple[list[Ada
     alpha_pattern = cfg.get("alpha_pattern") or {}
     deltas = []
     for adapter_module, parts in modules.items():
-        base_tensor = match.pairs[adapter_module + ".weight"]
-        module = base_tensor.removesuffix(".weight")
+        base_tensor = tied_to.get(adapter_module) or match.pairs[adapter_module + ".weight"]
+        module = adapter_module if adapter_module in tied_to else base_tensor.removesuffix(".weight")
         info = base.info(base_tensor)
         if len(info.shape) != 2:
             raise AdapterError(f"adapter module {adapter_module}: base tensor {base_tensor} is {len(info.shape)}-D; "
@@ -182,3 +184,42 @@ def plan_adapter(adapter, base, config: dict[str, Any] | None) -> tuple[list[Ada
         deltas.append(AdapterDelta(module=module, base_tensor=base_tensor, shape=shape, dtype=dtype, conv1d=conv1d,
                                    keys=parts, scaling=scaling, embedding=embedding))
     return deltas, notes
+
+
+def _tied_heads(adapter, modules: dict, missing: list[str], match, base_weights: list[str], config, notes) -> dict:
+    """Output heads with a LoRA whose base weight is the tied input embedding (no tensor of their own).
+
+    A tied base stores the embedding only (``tie_word_embeddings``, transformers' default).
+    PEFT's ``ensure_weight_tying`` gives the head a LoRA tied to the embedding's (A_h = B_eᵀ,
+    B_h = A_eᵀ: the same ΔW), which is dropped here and analysed once, under the embedding;
+    a head's own LoRA (no embedding LoRA, or an untied one) is read against the embedding's
+    weight. Returns {head module: the embedding's base tensor} for the latter; removes the
+    former from `modules`.
+    """
+    from spectra.checkpoints.architectures import module_info
+
+    if (config or {}).get("tie_word_embeddings", True) is False:
+        return {}
+    embeds = [n for n in base_weights if module_info(n.removesuffix(".weight")).role == "embed"]
+    heads = [m for m in missing if module_info(m).role == "head" and {"A", "B"} <= set(modules[m])]
+    if len(embeds) != 1 or not heads:
+        return {}
+    (embed_tensor,) = embeds
+    embed_module = next((m for m, t in match.pairs.items() if t == embed_tensor), None)
+    out = {}
+    for head in heads:
+        parts = modules[head]
+        embed_parts = modules.get(embed_module.removesuffix(".weight")) if embed_module else None
+        if embed_parts and {"emb_A", "emb_B"} <= set(embed_parts):
+            read = adapter.weights.read
+            if (torch.equal(read(parts["A"]), read(embed_parts["emb_B"]).T)
+                    and torch.equal(read(parts["B"]), read(embed_parts["emb_A"]).T)):
+                notes.append(f"adapter module {head}: its LoRA is tied to {embed_module.removesuffix('.weight')}'s "
+                             "(PEFT's ensure_weight_tying), the same ΔW; reported once, under the embedding")
+                del modules[head]
+                continue
+        notes.append(f"adapter module {head}: tied to {embed_tensor} in the base (it has no weight of its own); "
+                     "its ΔW is read against that weight")
+        out[head] = embed_tensor
+    return out
+

@@ -128,3 +128,38 @@ def test_new_head_in_modules_to_save_is_noted_not_fatal(tmp_path):
     assert [e.name for e in pairing.entries] == ["encoder.layer.0.attention.self.query",
                                                  "encoder.layer.1.attention.self.query"]
     assert any("classifier" in n and "absent from the base" in n for n in pairing.notes)
+
+
+@pytest.mark.parametrize(("targets", "tying"), [(["embed_tokens", "q_proj"], True), (["lm_head", "q_proj"], True),
+                                               (["lm_head", "q_proj"], False)])
+def test_a_tied_heads_lora_is_read_against_the_tied_embedding(tmp_path, targets, tying):
+    """Qwen2 ties lm_head to embed_tokens and stores the embedding only. PEFT's ensure_weight_tying gives the
+    head a LoRA tied to the embedding's (the same ΔW, reported once); a head-only LoRA is read against the
+    embedding's weight. Both were refused: 'targets module(s) absent from the base: lm_head'. (With
+    ensure_weight_tying, PEFT puts the tied pair on both modules whichever one is targeted.)"""
+    import warnings
+
+    from peft import LoraConfig, get_peft_model
+
+    base = build_model("qwen2")
+    assert base.lm_head.weight is base.model.embed_tokens.weight
+    base_dir = save(base, tmp_path / "base", "safetensors")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # PEFT's notes on tied layers
+        peft_model = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules=targets,
+                                                                    ensure_weight_tying=tying))
+        torch.manual_seed(0)
+        with torch.no_grad():
+            for name, p in peft_model.named_parameters():
+                if "lora_" in name:
+                    p.copy_(torch.randn_like(p) * 0.1)
+        peft_model.save_pretrained(tmp_path / "ad")
+    layers = {n.removeprefix("base_model.model."): m for n, m in peft_model.named_modules() if hasattr(m, "get_delta_weight")}
+    pairing = Pairing(base_dir, tmp_path / "ad", PairingOptions(vectors=False))
+    yielded = {d.name: d for d in pairing}
+    adapted = "model.embed_tokens" if tying else "lm_head"
+    assert set(yielded) == {adapted, "model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"}
+    for name, d in yielded.items():
+        torch.testing.assert_close(d.delta, layers[name].get_delta_weight("default").float(), rtol=1e-5, atol=1e-6)
+    assert yielded[adapted].base_tensor == "model.embed_tokens.weight"
+    assert any("tied" in note for note in pairing.notes)
