@@ -15,6 +15,14 @@ from dataclasses import dataclass
 from typing import Any
 
 ROLES = ("q", "k", "v", "o", "qkv", "gate", "up", "down", "gate_up", "embed", "head", "other")
+# The roles a fused module holds: a LoRA on it adapts all of them.
+FUSED_ROLES = {"qkv": frozenset({"q", "k", "v"}), "gate_up": frozenset({"gate", "up"})}
+
+
+def role_selected(role: str, roles) -> bool:
+    """Whether a module of `role` is targeted by `roles`: named itself, or fused with one that is
+    (``--roles q,v`` takes GPT-2's ``c_attn``, whose LoRA adapts q, k and v together)."""
+    return role in roles or bool(FUSED_ROLES.get(role, frozenset()) & set(roles))
 
 # Ordered: the first rule whose pattern matches the end of the module name wins. More
 # specific patterns (BERT's attention.output.dense) come before general ones (output.dense).

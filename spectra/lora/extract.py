@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from spectra.checkpoints.adapter import PEFT_PREFIX
+from spectra.checkpoints.architectures import role_selected
 from spectra.checkpoints.pairing import Pairing, PairingOptions
 from spectra.checkpoints.source import CheckpointSource
 from spectra.checkpoints.targets import architecture, meta_model, model_targets, resolve_name
@@ -241,7 +242,6 @@ def _in_parallel(fn, entries: list, n: int, threads: int, bar):
 
 
 _DEFAULT_ROLES = ("q", "k", "v", "o", "gate", "up", "down")
-_FUSED_ROLES = {"qkv": {"q", "k", "v"}, "gate_up": {"gate", "up"}}  # a LoRA on a fused module adapts all of them
 
 
 def _is_embedding(entry) -> bool:
@@ -281,7 +281,7 @@ def _select(pairing: Pairing, targets, roles):
                               f"{', '.join(missing[:5])}. Was it made from an analysis of another model?")
         return [by_name[n] for n in targets]
     wanted = set(roles or _DEFAULT_ROLES)
-    return [e for e in matrices if e.info.role in wanted or _FUSED_ROLES.get(e.info.role, set()) & wanted]
+    return [e for e in matrices if role_selected(e.info.role, wanted)]
 
 
 def _stored_names(entries) -> dict[str, str]:

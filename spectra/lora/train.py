@@ -284,11 +284,11 @@ def target_modules(model, roles: tuple[str, ...] | None = None) -> list[str]:
     """Full names of the Linear/Conv1D modules of ``roles`` (default: every block linear)."""
     from transformers.pytorch_utils import Conv1D
 
-    from spectra.checkpoints.architectures import module_info
+    from spectra.checkpoints.architectures import module_info, role_selected
 
     roles = roles or BLOCK_ROLES
     names = [name for name, module in model.named_modules()
-             if isinstance(module, (torch.nn.Linear, Conv1D)) and module_info(name).role in roles]
+             if isinstance(module, (torch.nn.Linear, Conv1D)) and role_selected(module_info(name).role, roles)]
     if not names:
         raise ConfigError(f"the model has no Linear/Conv1D module of role(s) {', '.join(roles)} to adapt.")
     return names

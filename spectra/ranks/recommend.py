@@ -24,6 +24,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from spectra.checkpoints.architectures import role_selected
 from spectra.errors import ConfigError
 from spectra.ranks.budget import allocate_budget
 from spectra.ranks.functional import functional_ranks
@@ -271,7 +272,7 @@ def recommend_ranks(analysis: Any, policy: RankPolicy | None = None, *, sweep: A
 
 def _excluded(s: _Spectrum, policy: RankPolicy) -> str | None:
     if policy.roles is not None:
-        if s.role not in policy.roles:
+        if not role_selected(s.role, policy.roles):
             return f"role {s.role!r} not in roles"
     elif s.role in _DEFAULT_SKIPPED_ROLES:
         return f"role {s.role!r} (embeddings/heads are targeted only when named in roles)"

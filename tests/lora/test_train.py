@@ -75,6 +75,17 @@ def test_plan_and_rslora_options(llama_base, text_data, tmp_path):
         f"model.layers.{i}.self_attn.{p}_proj" for i in (0, 1) for p in "qv")
 
 
+def test_roles_take_the_fused_modules_that_hold_them():
+    """GPT-2's c_attn holds q, k and v, Phi-3's gate_up_proj gate and up: --roles q,v failed on GPT-2."""
+    from spectra.lora.train import target_modules
+    from tests.models import build_model
+
+    assert target_modules(build_model("gpt2"), ("q", "v")) == [f"transformer.h.{i}.attn.c_attn" for i in (0, 1)]
+    phi3 = build_model("phi3")
+    assert target_modules(phi3, ("up",)) == [f"model.layers.{i}.mlp.gate_up_proj" for i in (0, 1)]
+    assert target_modules(phi3, ("o",)) == [f"model.layers.{i}.self_attn.o_proj" for i in (0, 1)]
+
+
 def test_rslora_on_a_plan_keeps_its_update_scale(tmp_path):
     """A plan made without rsLoRA (α = 2r) trained with --rslora: α is re-derived (2√r), so PEFT
     scales every module by 2; switching use_rslora on the plan's α gave 2√r (2.8, 3.5, 4)."""

@@ -90,6 +90,10 @@ def test_split_vector_embed_and_filtered_rows_are_not_targeted():
     assert [m.name for m in plan.left_out] == ["t.wte"] and plan.left_out[0].rank == 3
     plan = recommend_ranks(analysis(*rows), RankPolicy(roles=("up",)))
     assert [m.name for m in plan.modules] == ["t.h.0.mlp.c_fc"]
+    # a fused module is targeted by any role it holds, as extract and train take it (it was left out:
+    # "role 'qkv' not in roles"); its split rows never are
+    plan = recommend_ranks(analysis(*rows), RankPolicy(roles=("q", "v")))
+    assert [m.name for m in plan.modules] == ["t.h.0.attn.c_attn"]
     plan = recommend_ranks(analysis(*rows), RankPolicy(include="*attn*"))
     assert [m.name for m in plan.modules] == ["t.h.0.attn.c_attn"]
     assert plan.to_peft_config()["fan_in_fan_out"] is True
