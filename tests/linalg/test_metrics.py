@@ -246,3 +246,26 @@ def test_bf16_sketch_runs_every_requested_iteration():
     A, _ = power_law(600, 500, seed=4)
     fixed = randomized_svd(A, 16, n_iter=7, sketch_dtype=torch.bfloat16, random_state=0)
     assert fixed.n_iter == 7 and math.isfinite(fixed.tolerance)
+
+
+def test_float32_energy_ranks_are_not_cut_short_by_a_loose_slack():
+    """A 1e-5 slack for float32 values put ranks one (at τ = 1, many) too low."""
+    from spectra.linalg.svd import full_svd
+
+    F = full_svd(torch.diag(torch.tensor([1.0, 0.1005289])))  # top share 0.989995: τ = 0.99 needs both
+    assert mt.energy_rank(F, 0.99) == 2
+    assert mt.energy_rank(full_svd(torch.diag(torch.tensor([1.0, 0.003]))), 1.0) == 2
+    s = torch.logspace(0, -2.7, 50, dtype=torch.float32)
+    assert mt.energy_rank(s, 1.0) == 50  # was 45: values down to 3e-3·σ₁ dropped
+    assert mt.energy_rank(s, 1.0, total_energy=float((s.double() ** 2).sum())) == 50
+    # random complete float32 spectra against float64 SVDs of the same matrices: equal at every τ
+    g = torch.Generator().manual_seed(0)
+    for trial in range(60):
+        n = int(torch.randint(20, 120, (1,), generator=g))
+        M = torch.randn(n, n + 7, generator=g) * torch.rand(n, 1, generator=g) ** 3
+        ref = np.linalg.svd(M.double().numpy(), compute_uv=False)
+        share = np.cumsum(ref**2) / np.sum(ref**2)
+        got = mt.energy_ranks(full_svd(M), (0.5, 0.9, 0.95, 0.99, 1.0))
+        for tau, rank in got.items():
+            exact = int(np.argmax(share >= tau * (1 - 1e-12))) + 1
+            assert rank == exact, (trial, tau, rank, exact)
