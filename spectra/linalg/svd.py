@@ -580,7 +580,8 @@ def _randomized_svd(A, k, l, n_iter, tol, gen, compute_vectors, sketch_dtype, en
     S_ = A if sketch_dtype in (None, A.dtype) else (A if scale == 1.0 else A * scale).to(sketch_dtype)
     Omega = torch.randn(A.shape[1], l, generator=gen, device=A.device, dtype=A.dtype)  # (long, l)
     Q, _ = _orth((S_ @ Omega.to(S_.dtype)).to(A.dtype))  # (short, long) @ (long, l) -> (short, l)
-    conv = _Convergence(k)
+    eps = torch.finfo(A.dtype).eps  # the estimate's floor: what working precision resolves of σ_k
+    conv = _Convergence(k, eps=eps)
     # Low-precision GEMMs put first-order rounding noise (~ a few units of its roundoff)
     # into the Ritz values: iterate in that dtype only until changes reach that noise,
     # then refine in working precision until `tol` holds (the accuracy guard).
@@ -592,7 +593,7 @@ def _randomized_svd(A, k, l, n_iter, tol, gen, compute_vectors, sketch_dtype, en
         done += 1
         est = conv.update(_ritz_values(R) / (1.0 if S_ is A else scale))
         if S_ is not A and est == est and est <= max(noise, tol or 0.0):
-            S_, conv = A, _Convergence(k)  # the rest (all n_iter without tol, else until tol) in working precision
+            S_, conv = A, _Convergence(k, eps=eps)  # the rest (all n_iter without tol, else until tol) in working precision
             continue
         if tol is not None and est == est and est <= tol and done >= 2:
             break

@@ -498,3 +498,20 @@ def test_float64_data_keeps_float64_accuracy_down_the_spectrum():
     assert F.method == "full-gesdd" and F.values.dtype == torch.float64
     assert float(((F.values - s).abs() / s).max()) < 1e-4  # down to σ = 1e-12·σ₁
     assert full_svd(((U * s) @ V.T).float()).method == "full-gram"  # float32 data: the fast route
+
+
+@pytest.mark.parametrize("sketch_dtype", [torch.bfloat16, None])
+def test_subspace_tolerance_is_not_below_what_float32_resolves(sketch_dtype):
+    # Step spectrum, σ_k = 0.05·σ₁: the float32 values are off by ~8e-6; the subspace path reported
+    # 7e-8 (its estimate had no floor at the working precision's resolution of σ_k)
+    rng = np.random.default_rng(0)
+    n = 512
+    s = np.where(np.arange(n) < 40, 1.0, 0.05)
+    U, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    V, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    M = torch.from_numpy((U * s) @ V.T).float()
+    exact = reference_svdvals(M)[:100]
+    F = randomized_svd(M, 100, tol=1e-3, algorithm="subspace", sketch_dtype=sketch_dtype, random_state=0,
+                       compute_vectors=False)
+    err = float(np.max(np.abs(F.values.double().numpy() - exact) / exact))
+    assert F.tolerance >= 0.55 * err and F.tolerance >= 8 * torch.finfo(torch.float32).eps * 20
