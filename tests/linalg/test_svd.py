@@ -515,3 +515,20 @@ def test_subspace_tolerance_is_not_below_what_float32_resolves(sketch_dtype):
                        compute_vectors=False)
     err = float(np.max(np.abs(F.values.double().numpy() - exact) / exact))
     assert F.tolerance >= 0.55 * err and F.tolerance >= 8 * torch.finfo(torch.float32).eps * 20
+
+
+def test_krylov_paths_do_not_miss_copies_of_a_repeated_value():
+    # float64 diag(1 ×100, 0.3·i^-0.5): a 32-wide block Krylov space holds at most 32 copies of σ = 1
+    # until rounding brings more in (in float64, many steps later), and its values look converged:
+    # the top 80 had 16 tail values in them, "converged to 4e-14"; the energy-50 % rank was 55 for 33
+    n = 512
+    tail = 0.3 * torch.arange(1, n + 1, dtype=torch.float64) ** -0.5
+    M = torch.diag(torch.cat([torch.ones(100, dtype=torch.float64), tail[: n - 100]]))
+    F = randomized_svd(M, 80, tol=1e-3, random_state=0, compute_vectors=False)
+    assert torch.equal(F.values, torch.ones(80, dtype=torch.float64))
+    s2 = torch.cat([torch.ones(64, dtype=torch.float64), tail[: n - 64]])
+    exact = int((torch.cumsum(s2**2, 0) >= 0.5 * (s2**2).sum()).nonzero()[0]) + 1
+    assert adaptive_svd(torch.diag(s2), energy=0.5, random_state=0).k == exact
+    # negative control: distinct values (a power law) keep the Krylov path
+    P = torch.diag(torch.arange(1, n + 1, dtype=torch.float64) ** -0.7)
+    assert randomized_svd(P, 80, tol=1e-3, random_state=0, compute_vectors=False).method == "krylov"
