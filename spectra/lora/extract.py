@@ -207,6 +207,10 @@ def extract_adapter(base, tuned, plan_or_rank, out_dir: str | os.PathLike, *, ro
         {"ensure_weight_tying": True} if tied else {})
     _write_atomically(out_dir, tensors, config)
     notes = _tied_lora_notes(ranks, pairing, model)
+    if plan is not None and plan.policy.use_dora:
+        notes.append("the plan is for DoRA; the adapter is plain LoRA (use_dora false). Its merge, W_base + the "
+                     "best rank-r ΔW, is what a DoRA adapter of the same factors would merge to (its magnitudes "
+                     "would be that weight's row norms)")
     for note in notes:
         warnings.warn(note, PeftConfigWarning, stacklevel=2)
     return ExtractResult(out_dir, results, sorted({n.rsplit(".", 1)[0] for n in save_names}), config, model_class,

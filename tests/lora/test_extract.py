@@ -126,6 +126,13 @@ def test_plan_with_rank_pattern_and_rslora(llama_pair, tmp_path):
             assert module.scaling["default"] == pytest.approx(planned[plain].alpha / np.sqrt(planned[plain].rank))
     assert seen == set(planned)
     assert len({m.rank for m in plan.modules}) > 1, "the test needs differing ranks to exercise rank_pattern"
+    # a DoRA plan gives a plain LoRA adapter, and says so
+    from spectra.errors import PeftConfigWarning
+
+    dora = recommend_ranks(analysis, RankPolicy(energy=0.5, noise=False, use_dora=True, roles=("q",)))
+    with pytest.warns(PeftConfigWarning, match="plan is for DoRA"):
+        result = extract_adapter(b, t, dora, tmp_path / "dora", progress=False)
+    assert result.config["use_dora"] is False and len(result.notes) == 1
 
 
 def test_gpt2_conv1d_full_rank(tmp_path):
