@@ -111,6 +111,12 @@ def plan_adapter(adapter, base, config: dict[str, Any] | None) -> tuple[list[Ada
         that do not fit the base (an adapter trained on another model).
     """
     cfg = adapter.config
+    if cfg.get("target_parameters"):
+        raise AdapterError(f"adapter {adapter.spec} adapts parameters through PEFT's target_parameters "
+                           f"({', '.join(list(cfg['target_parameters'])[:2])}: fused MoE experts, as `spectra train "
+                           "--plan` writes them for transformers-5 Mixtral), which spectra cannot read as TUNED yet. "
+                           "Merge it (PeftModel.from_pretrained(...).merge_and_unload().save_pretrained(DIR)) and "
+                           "pass DIR instead.")
     notes: list[str] = []
     modules: dict[str, dict[str, str]] = {}
     for key in adapter.weights.names():

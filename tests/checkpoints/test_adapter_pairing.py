@@ -112,6 +112,14 @@ def test_adapter_on_wrong_base_is_refused(tmp_path):
                                               num_attention_heads=4, num_key_value_heads=2, vocab_size=64))
     with pytest.raises(AdapterError, match="different base model"):
         Pairing(save(wide, tmp_path / "wide", "safetensors"), tmp_path / "ad")
+    # an adapter on PEFT target_parameters (fused MoE experts) is refused as such, not as another model's
+    import json
+
+    config = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
+    config["target_parameters"] = ["model.layers.0.mlp.experts.gate_up_proj"]
+    (tmp_path / "ad" / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(AdapterError, match="target_parameters.*merge_and_unload"):
+        Pairing(save(base, tmp_path / "base", "safetensors"), tmp_path / "ad")
 
 
 def test_new_head_in_modules_to_save_is_noted_not_fatal(tmp_path):
