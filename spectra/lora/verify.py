@@ -326,8 +326,23 @@ def verify_adapter(base, tuned, adapter, *, eval_data=None, config: VerifyConfig
     trained = read_train_summary(adapter_src.path) or {}
     quantized = config.quantized if config.quantized is not None else trained.get("method") in ("qlora", "qdora")
     planned, notes = plan_adapter(_InBase(adapter_src, pairing.base), pairing.base, pairing.config)
-    lora = {p.module: p for p in planned if "full" not in p.keys}
-    saved = {p.module: p for p in planned if "full" in p.keys}
+    lora, saved = {}, {p.module: p for p in planned if "full" in p.keys}
+    for p in planned:
+        if "full" in p.keys:
+            continue
+        weight = p.base_tensor.removesuffix(".weight")
+        if p.module == weight:
+            lora[p.module] = p
+    for p in planned:  # a head tied to the embedding (no tensor of its own): measured on the embedding's row
+        weight = p.base_tensor.removesuffix(".weight")
+        if "full" in p.keys or p.module == weight:
+            continue
+        if weight in lora:
+            notes.append(f"{p.module}: its LoRA acts on the weight it shares with {weight}, whose own LoRA is the "
+                         "one measured; not measured")
+        else:
+            lora[weight] = p
+            notes.append(f"{p.module}: tied to {weight}; its LoRA is measured against that weight's ΔW (row {weight})")
     notes += [f"{m}: modules_to_save tensor absent from the base (a new head); not measured"
               for m in _InBase.absent(adapter_src, pairing.base)]
     rows, saved_rows, phis, truncated, right = [], [], {}, {}, {}
@@ -355,19 +370,27 @@ def verify_adapter(base, tuned, adapter, *, eval_data=None, config: VerifyConfig
         # Plain LoRA: ΔW_ad = s·col·rowbᵀ, its SVD exact from the factors; DoRA's is not low rank
         plain = not {"magnitude", "base_layer"} & set(p.keys)
         Fa = lowrank_svd(col, rowb, scale=p.scaling) if plain else None
-        Ff = delta_decomposition(d.delta, A.shape[0], phi_max=config.phi_max, exact_below=config.exact_below)
-        measures, phi, vectors = module_measures(d.delta, delta_ad, W0, col_basis=col, row_basis=rowb, rank=A.shape[0],
+        rank = A.shape[0]
+        if rank > min(d.shape):  # legal in PEFT; ΔW_ad then has rank ≤ the short side: measure at that rank
+            notes.append(f"{d.name}: adapter rank {rank} exceeds the module's short side {min(d.shape)}; measured "
+                         f"at rank {min(d.shape)}, the most its update can have")
+            rank = min(d.shape)
+            Fa = Fa if Fa is not None else top_svd(delta_ad, rank, exact_below=config.exact_below)
+            col, rowb = Fa.U[:, :rank], Fa.Vh[:rank].T  # orthonormal bases of its column and row spaces
+        Ff = delta_decomposition(d.delta, rank, phi_max=config.phi_max, exact_below=config.exact_below)
+        measures, phi, vectors = module_measures(d.delta, delta_ad, W0, col_basis=col, row_basis=rowb, rank=rank,
                                                  W_base=d.base, intruder_k=config.intruder_k,
                                                  intruder_epsilon=config.intruder_epsilon, phi_max=config.phi_max,
                                                  delta_svd=Ff, adapter_svd=Fa, exact_below=config.exact_below)
         del delta_ad
         rows.append({"name": d.name, "role": d.role, "layer": d.layer, "shape": list(d.shape),
-                     "scaling": p.scaling, "dora": "magnitude" in p.keys, **measures})
+                     "scaling": p.scaling, "dora": "magnitude" in p.keys, **measures}
+                    | ({"adapter_module": p.module} if p.module != d.name else {}))
         if phi is not None:
             phis[d.name] = (energy, phi)
             right[d.name] = vectors.cpu()
         if eval_data is not None:  # kept on the CPU: the whole model's worth, written into a model later
-            truncated[d.name] = ((_truncate(Ff, A.shape[0]).to(d.delta.dtype) + d.base).cpu(), d.conv1d)
+            truncated[d.name] = ((_truncate(Ff, rank).to(d.delta.dtype) + d.base).cpu(), d.conv1d)
     if not rows:
         raise ConfigError(f"the adapter {adapter} adapts no weight matrix that {base} × {tuned} pairs; check that "
                           "all three belong to the same model.")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -310,3 +311,69 @@ def test_module_measures_fast_paths_match_the_full_decompositions(case):
             assert got[key] == pytest.approx(ref[key], rel=1e-5), key
         np.testing.assert_allclose(got["principal_angles_deg"], ref["principal_angles_deg"], atol=1e-4)
         assert got["intruders_adapter"] == ref["intruders_adapter"] and got["intruders_full"] == ref["intruders_full"]
+
+
+def _tiny_trio(out, *, tie=False, **lora_kwargs):
+    """A tiny Llama base, a full fine-tune (rank-6 updates on every projection and the embedding) and a
+    PEFT adapter with random factors; returns the PEFT model."""
+    import transformers as tf
+    from peft import LoraConfig, get_peft_model
+
+    cfg = tf.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=128, tie_word_embeddings=tie)
+    torch.manual_seed(0)
+    base = tf.LlamaForCausalLM(cfg)
+    base.save_pretrained(out / "base")
+    tuned = copy.deepcopy(base)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in tuned.named_parameters():
+            if p.ndim == 2 and ("proj" in name or "embed" in name):
+                p += 0.05 * torch.randn(p.shape[0], 6, generator=g) @ torch.randn(6, p.shape[1], generator=g)
+    tuned.save_pretrained(out / "tuned")
+    with quiet_peft(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # PEFT's note on a tied layer in the adapter
+        peft_model = get_peft_model(copy.deepcopy(base), LoraConfig(**lora_kwargs))
+        with torch.no_grad():
+            for name, p in peft_model.named_parameters():
+                if "lora_" in name:
+                    p.copy_(0.3 * torch.randn(p.shape, generator=g))
+        peft_model.save_pretrained(out / "adapter")
+    return base, tuned, peft_model
+
+
+def _captured(D, Dad, r):
+    """‖P_U D‖²/‖D‖², U the top-r left singular vectors of Dad (rank r; PEFT forms it in float32), in float64 numpy."""
+    U = np.linalg.svd(Dad, full_matrices=False)[0][:, :r]
+    return float(np.sum((U.T @ D) ** 2) / np.sum(D**2))
+
+
+def test_an_adapter_rank_above_the_short_side_is_measured_at_that_side(tmp_path):
+    # r = 24 on the 16×32 k_proj (GQA): legal in PEFT; verify stopped with "`k` must be an int in [1, 16]"
+    base, tuned, peft_model = _tiny_trio(tmp_path, r=24, lora_alpha=8, target_modules=["k_proj"])
+    result = verify_adapter(tmp_path / "base", tmp_path / "tuned", tmp_path / "adapter", progress=False)
+    layers = {n.removeprefix("base_model.model."): m for n, m in peft_model.named_modules()
+              if hasattr(m, "get_delta_weight")}
+    assert [r["rank"] for r in result.modules] == [16, 16]
+    assert any("exceeds the module's short side 16" in note for note in result.notes)
+    for row in result.modules:
+        D = (tuned.state_dict()[row["name"] + ".weight"] - base.state_dict()[row["name"] + ".weight"]).double().numpy()
+        Dad = layers[row["name"]].get_delta_weight("default").detach().double().numpy()
+        assert row["captured_energy"] == pytest.approx(_captured(D, Dad, 16), rel=1e-6)
+        assert row["captured_energy_row"] == pytest.approx(_captured(D.T, Dad.T, 16), rel=1e-6)
+        assert row["captured_energy"] == pytest.approx(1.0) and row["captured_energy_row"] < 0.99  # R^16 / 16 of 32
+
+
+def test_a_tied_heads_lora_is_measured_on_the_shared_weight(tmp_path):
+    # tie_word_embeddings: the checkpoint has no lm_head tensor; the head's LoRA was left out of verify
+    base, tuned, peft_model = _tiny_trio(tmp_path, tie=True, r=4, lora_alpha=8, target_modules=["lm_head", "q_proj"])
+    result = verify_adapter(tmp_path / "base", tmp_path / "tuned", tmp_path / "adapter", progress=False)
+    rows = {r["name"]: r for r in result.modules}
+    assert set(rows) == {"model.embed_tokens", "model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"}
+    row = rows["model.embed_tokens"]
+    assert row["adapter_module"] == "lm_head" and row["rank"] == 4
+    D = (tuned.model.embed_tokens.weight - base.model.embed_tokens.weight).double().detach().numpy()
+    Dad = dict(peft_model.named_modules())["base_model.model.lm_head"].get_delta_weight("default").detach().double().numpy()
+    assert row["captured_energy"] == pytest.approx(_captured(D, Dad, 4), rel=1e-6)
+    assert row["captured_energy_row"] == pytest.approx(_captured(D.T, Dad.T, 4), rel=1e-6)
+    assert result.summary["modules"] == 3
