@@ -409,13 +409,16 @@ def verify_adapter(base, tuned, adapter, *, eval_data=None, config: VerifyConfig
 
 
 def summarize(rows: list[dict], coverage: tuple[float, float]) -> dict:
-    """Totals over modules, each weighted by its ‖ΔW_full‖_F² (so big updates count more)."""
-    measured = [r for r in rows if r.get("captured_energy") is not None]
-    weights = [r["fro_norm_full"] ** 2 for r in measured]
-    total = sum(weights)
+    """Totals over modules, each weighted by its ‖ΔW_full‖_F² (so big updates count more).
+
+    Each measure is averaged over the rows that have it: an untrained adapter (ΔW_ad = 0)
+    has no captured energy or φ, but its relative error (1.0) still counts.
+    """
 
     def weighted(key: str) -> float | None:
-        return sum(w * r[key] for w, r in zip(weights, measured)) / total if total else None
+        measured = [r for r in rows if r.get(key) is not None]
+        total = sum(r["fro_norm_full"] ** 2 for r in measured)
+        return sum(r["fro_norm_full"] ** 2 * r[key] for r in measured) / total if total else None
 
     return {
         "modules": len(rows), "ranks": sorted({r["rank"] for r in rows}),

@@ -377,3 +377,18 @@ def test_a_tied_heads_lora_is_measured_on_the_shared_weight(tmp_path):
     assert row["captured_energy"] == pytest.approx(_captured(D, Dad, 4), rel=1e-6)
     assert row["captured_energy_row"] == pytest.approx(_captured(D.T, Dad.T, 4), rel=1e-6)
     assert result.summary["modules"] == 3
+
+
+def test_summary_averages_each_measure_over_the_rows_that_have_it():
+    from spectra.lora.verify import summarize
+
+    rows = [{"rank": 4, "fro_norm_full": 1.0, "relative_error": 1.0, "captured_energy": None, "optimal_energy": None,
+             "phi": None, "intruders_adapter": 0, "intruders_full": 0},  # an untrained adapter's module
+            {"rank": 4, "fro_norm_full": 2.0, "relative_error": 0.5, "captured_energy": 0.8, "optimal_energy": 0.9,
+             "phi": 0.7, "captured_energy_row": 0.6, "intruders_adapter": 1, "intruders_full": 2}]
+    s = summarize(rows, (5.0, 10.0))
+    assert s["relative_error"] == pytest.approx((1 * 1.0 + 4 * 0.5) / 5)  # was None unless every row had φ
+    assert s["captured_energy"] == pytest.approx(0.8) and s["phi"] == pytest.approx(0.7)
+    assert s["coverage"] == 0.5 and s["intruders_full"] == 2
+    untrained = summarize(rows[:1], (1.0, 2.0))
+    assert untrained["relative_error"] == 1.0 and untrained["captured_energy"] is None
