@@ -498,7 +498,8 @@ _CHUNK = 1 << 17  # elements up-cast at a time: 512 KB of float32, in L2 (on the
 def exact_difference(tuned: torch.Tensor, base: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``tuned − base`` in `dtype`, both up-cast before subtracting (never in half precision).
 
-    The result is bit-identical to ``tuned.to(dtype) - base.to(dtype)``. On the CPU, half-
+    The result is bit-identical to ``tuned.to(dtype) - base.to(dtype)``, except for a float64
+    weight, which is subtracted in float64 and the difference rounded. On the CPU, half-
     precision inputs are up-cast in L2-sized chunks into one reused buffer, so neither
     weight is ever held in `dtype` whole: 3× faster than the two full up-casts on a
     1B-parameter pair (the page faults of two fresh float32 tensors per module dominate
@@ -547,6 +548,11 @@ def _difference(tuned, base, dtype, *, norms=True, out=None, low=None):
     """
     if tuned.dtype == dtype and base.dtype == dtype:
         return tuned - base, None, None, None
+    if torch.float64 in (tuned.dtype, base.dtype) and dtype != torch.float64:
+        # A float64 checkpoint: subtract in float64, then round the difference. Rounding each side to
+        # float32 first puts ~6e-8·|W| of full-rank noise into ΔW, far above float64's storage floor
+        # (a rank-2 update of 1e-7 came out full rank "above the noise floor").
+        return (tuned.to(torch.float64) - base.to(torch.float64)).to(dtype), None, None, None
     if tuned.dim() == 2 and not base.is_contiguous() and base.T.is_contiguous() and tuned.T.is_contiguous():
         delta, delta_low, delta_sq, base_sq = _difference(tuned.T, base.T, dtype, norms=norms, out=out, low=low)
         return delta.T, (None if delta_low is None else delta_low.T), delta_sq, base_sq

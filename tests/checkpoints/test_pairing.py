@@ -295,6 +295,27 @@ def test_exact_difference_keeps_a_transposed_view_and_mixed_dtypes():
     assert torch.equal(mixed, tuned.float() - base.float())
 
 
+def test_a_float64_pair_is_subtracted_in_float64(tmp_path):
+    """Rounding each float64 weight to float32 before subtracting put ~6e-8·|W| of full-rank noise into
+    ΔW: a rank-2 update of 1e-7 came out with 64 values "above the noise floor" (float64's, ~1e-16)."""
+    from safetensors.torch import save_file
+
+    from spectra.analysis import analyze
+    from spectra.checkpoints.pairing import exact_difference
+
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(64, 96, generator=g, dtype=torch.float64)
+    D = 1e-7 * torch.randn(64, 2, generator=g, dtype=torch.float64) @ torch.randn(2, 96, generator=g, dtype=torch.float64)
+    got = exact_difference(W + D, W, torch.float32)
+    assert torch.equal(got, ((W + D) - W).float())  # the float64 difference, rounded once
+    assert not torch.equal(got, (W + D).float() - W.float())  # negative control: the old rounding first
+    for name, t in (("base", W), ("tuned", W + D)):
+        (tmp_path / name).mkdir()
+        save_file({"model.layers.0.mlp.up_proj.weight": t.contiguous()}, tmp_path / name / "model.safetensors")
+    (row,) = analyze(tmp_path / "base", tmp_path / "tuned", cache_dir=False, progress=False).matrices()
+    assert row["noise"]["rank_above"] == 2 and row["energy_rank"]["0.99"] == 2
+
+
 @pytest.mark.parametrize("storage", [torch.bfloat16, torch.float16])
 def test_difference_and_norms_match_float64(storage):
     """The norms taken during the chunked subtraction: within 1e-6 of float64, equal to squared_norm's."""
