@@ -84,7 +84,13 @@ class _PickleFile:
     def __init__(self, path: Path):
         self.path = path
         try:
-            state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+            try:
+                state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as err:
+                if "mmap" not in str(err):
+                    raise
+                # torch's legacy (pre-1.6, non-zip) format cannot be memory-mapped: read it whole
+                state = torch.load(str(path), map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as err:
             raise CheckpointError(
                 f"refusing to unpickle {path}: it holds objects other than tensors, and loading it would "

@@ -47,6 +47,15 @@ def test_single_files_and_index(llama_dirs):
     assert len(open_checkpoint(dirs["sharded"]).files) > 1
 
 
+def test_a_legacy_format_bin_is_read(tmp_path, llama_dirs):
+    """torch's pre-1.6 (non-zip) .bin format cannot be memory-mapped; it was refused as "truncated"."""
+    _, model = llama_dirs
+    torch.save(model.state_dict(), tmp_path / "pytorch_model.bin", _use_new_zipfile_serialization=False)
+    src = open_checkpoint(tmp_path / "pytorch_model.bin")
+    name = "model.layers.0.self_attn.k_proj.weight"
+    assert torch.equal(src.read(name), model.state_dict()[name])
+
+
 def test_adapter_directory(tmp_path):
     from peft import LoraConfig, get_peft_model
 
