@@ -288,8 +288,9 @@ def recommend(
                         roles=_split(roles), include=include, rslora=rslora, use_dora=dora, alpha_rule=alpha_rule,
                         scale=scale, alpha=alpha, functional=functional, **budget_kw)
     plan = recommend_ranks(_analysis_or_pair(analysis), policy, sweep=sweep)
-    base_path = (plan.base or {}).get("path")
-    source = config or (base_path if base_path and Path(base_path, "config.json").is_file() else None)
+    base_path = Path((plan.base or {}).get("path") or "")  # a directory, or a weights file beside its config.json
+    beside = (base_path if base_path.is_dir() else base_path.parent) / "config.json"
+    source = config or (str(beside) if str(base_path) not in ("", ".") and beside.is_file() else None)
     est, memory_skipped = None, None
     if source:
         try:

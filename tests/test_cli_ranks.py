@@ -68,6 +68,18 @@ def test_recommend_writes_its_plan_when_the_memory_model_lacks_the_architecture(
     assert data["memory"] is None and "gpt_neox" in data["memory_skipped"]
 
 
+def test_recommend_finds_the_config_beside_a_single_weights_file(tmp_path):
+    # an analysis whose base was given as a .safetensors file (or an index .json): the config.json beside it
+    # gives the memory estimate (it said "pass --config")
+    run = _analysis_dir(tmp_path)
+    data = json.loads((run / "analysis.json").read_text())
+    data["base"]["path"] = str(tmp_path / "base" / "model.safetensors")
+    (run / "analysis.json").write_text(json.dumps(data))
+    result = runner.invoke(app, ["recommend", str(run), "--energy", "0.9"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "training total" in result.output
+
+
 def test_recommend_errors_are_one_paragraph(tmp_path):
     run = _analysis_dir(tmp_path)
     result = runner.invoke(app, ["recommend", str(run), "--budget", "10"])

@@ -201,7 +201,7 @@ class CheckpointSource:
         if self.config is not None:
             h.update(json.dumps(self.config, sort_keys=True).encode())
         return {
-            "path": str(self.path),
+            "path": str(self.path.absolute()),  # absolute: read back from other working directories (recommend)
             "format": self.format,
             "files": len(self.files),
             "size_bytes": sum(f.stat().st_size for f in self.files),

@@ -56,6 +56,14 @@ def test_a_legacy_format_bin_is_read(tmp_path, llama_dirs):
     assert torch.equal(src.read(name), model.state_dict()[name])
 
 
+def test_fingerprint_path_is_absolute(llama_dirs, monkeypatch):
+    """analysis.json's base path is read back by recommend from any working directory."""
+    dirs, _ = llama_dirs
+    monkeypatch.chdir(dirs["safetensors"].parent)
+    fp = open_checkpoint(dirs["safetensors"].name).fingerprint()
+    assert fp["path"] == str(dirs["safetensors"].absolute())
+
+
 def test_adapter_directory(tmp_path):
     from peft import LoraConfig, get_peft_model
 
