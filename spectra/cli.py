@@ -283,6 +283,8 @@ def recommend(
                           "rank, ε says how close to the full fine-tune it must stay.")
     if energy is None and not (budget_kw or rank is not None or knee or functional is not None):
         energy = 0.9
+    if method not in ("lora", "qlora", "dora"):
+        raise ConfigError(f"--method {method!r}: the memory estimate takes lora, qlora or dora.")
     policy = RankPolicy(energy=energy, noise=noise, knee=knee, uniform=uniform, uniform_share=uniform_share,
                         rank=rank, min_rank=min_rank, max_rank=max_rank, power_of_two=power_of_two,
                         roles=_split(roles), include=include, rslora=rslora, use_dora=dora, alpha_rule=alpha_rule,

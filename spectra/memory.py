@@ -197,9 +197,12 @@ def load_config(config_or_model: Any) -> dict:
             raise CheckpointError(f"No config.json at {path}.")
         path = _download_config(text)
     try:
-        return json.loads(Path(path).read_text())
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{path} is not valid JSON ({err}).") from None
+        data = json.loads(Path(path).read_text())
+    except ValueError as err:  # UnicodeDecodeError (a weights file given for the config) included
+        raise CheckpointError(f"{path} is not valid JSON ({err}); pass config.json, its folder or a hub id.") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} must be a JSON object (a model config), not {type(data).__name__}.")
+    return data
 
 
 def _download_config(repo_id: str) -> Path:

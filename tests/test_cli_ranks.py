@@ -80,6 +80,21 @@ def test_recommend_finds_the_config_beside_a_single_weights_file(tmp_path):
     assert "training total" in result.output
 
 
+def test_recommend_refuses_a_bad_method_or_role_and_memory_a_weights_file(tmp_path):
+    run = _analysis_dir(tmp_path)
+    result = runner.invoke(app, ["recommend", str(run), "--method", "qlroa"])
+    assert result.exit_code != 0 and "--method 'qlroa'" in str(result.exception)  # was: plan written, no estimate
+    result = runner.invoke(app, ["recommend", str(run), "--roles", "q,V"])
+    assert result.exit_code != 0 and "unknown role(s) V" in str(result.exception)  # was: V dropped silently
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"\x89binary\xff" * 10)
+    result = runner.invoke(app, ["memory", str(weights)])
+    assert result.exit_code != 0 and "not valid JSON" in str(result.exception)  # was: UnicodeDecodeError
+    (tmp_path / "list.json").write_text("[1]")
+    result = runner.invoke(app, ["memory", str(tmp_path / "list.json")])
+    assert result.exit_code != 0 and "must be a JSON object" in str(result.exception)
+
+
 def test_recommend_errors_are_one_paragraph(tmp_path):
     run = _analysis_dir(tmp_path)
     result = runner.invoke(app, ["recommend", str(run), "--budget", "10"])

@@ -333,9 +333,12 @@ def _read_config(path: Path) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text())
-    except ValueError as err:
+        data = json.loads(path.read_text())
+    except ValueError as err:  # UnicodeDecodeError (a binary file) included
         raise CheckpointError(f"{path} is not valid JSON: {err}") from err
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} must be a JSON object (a model config), not {type(data).__name__}.")
+    return data
 
 
 def _open_adapter(path: Path, spec: str) -> AdapterSource:

@@ -116,6 +116,12 @@ class RankPolicy:
                 object.__setattr__(self, "roles", tuple(self.roles))
             if not self.roles:
                 raise ConfigError("RankPolicy.roles is empty: pass None for all roles, or e.g. ('q', 'v').")
+            from spectra.checkpoints.architectures import ROLES
+
+            unknown = sorted(set(self.roles) - set(ROLES))
+            if unknown:
+                raise ConfigError(f"RankPolicy.roles: unknown role(s) {', '.join(unknown)}; choose from "
+                                  f"{', '.join(ROLES)}.")
         if self.energy is not None and not 0.0 < self.energy <= 1.0:
             raise ConfigError(f"RankPolicy.energy must be in (0, 1], got {self.energy}.")
         if not 0.0 < self.uniform_share <= 1.0:

@@ -64,6 +64,16 @@ def test_fingerprint_path_is_absolute(llama_dirs, monkeypatch):
     assert fp["path"] == str(dirs["safetensors"].absolute())
 
 
+def test_a_config_that_is_not_an_object_is_refused(llama_dirs, tmp_path):
+    import shutil
+
+    dirs, _ = llama_dirs
+    shutil.copytree(dirs["safetensors"], tmp_path / "m")
+    (tmp_path / "m" / "config.json").write_text("[1]")  # valid JSON: an AttributeError traceback before
+    with pytest.raises(CheckpointError, match="must be a JSON object"):
+        open_checkpoint(tmp_path / "m")
+
+
 def test_adapter_directory(tmp_path):
     from peft import LoraConfig, get_peft_model
 
