@@ -95,4 +95,7 @@ def compile_name_filter(pattern: str | None, *, option: str):
         return lambda name: regex.search(name) is not None
     if not any(c in pattern for c in "*?["):
         return lambda name: pattern in name  # a plain word: any name containing it
-    return lambda name: fnmatch.fnmatchcase(name, pattern)
+    # Split projections are named with brackets (c_attn[q]): a bracket that does not match as a glob
+    # character class is also tried literally, so the names spectra prints can be pasted as patterns.
+    literal = pattern.replace("[", "[[]")
+    return lambda name: fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(name, literal)

@@ -257,6 +257,13 @@ def test_selection_by_role_layer_and_name(tmp_path):
     assert mlp == ["transformer.h.0.mlp.c_fc", "transformer.h.1.mlp.c_fc"]
     no_vectors = list(iter_deltas(b, t, vectors=False, exclude="*c_attn*", load=False))
     assert all(d.kind == "matrix" and "c_attn" not in d.name for d in no_vectors)
+    # the bracketed names spectra prints can be pasted as patterns (a glob read [q] as a character class)
+    one = [d.name for d in iter_deltas(b, t, include="transformer.h.0.attn.c_attn[q]", load=False)]
+    assert one == ["transformer.h.0.attn.c_attn[q]"]
+    rest = [d.name for d in iter_deltas(b, t, roles=("q", "k"), exclude="*c_attn[q]", load=False)]
+    assert rest == ["transformer.h.0.attn.c_attn[k]", "transformer.h.1.attn.c_attn[k]"]
+    assert [d.name for d in iter_deltas(b, t, include="*.c_[af]*", roles=("up",), vectors=False, load=False)] == [
+        "transformer.h.0.mlp.c_fc", "transformer.h.1.mlp.c_fc"]  # character classes still work
 
 
 def test_float32_default_and_device(tmp_path):
