@@ -309,15 +309,20 @@ def rank_picture(analysis: Mapping) -> str:
         return (f"The analysis holds {len(rows)} weight matrices but no energy-90% ranks, "
                 "so no rank picture can be drawn.")
     spread = f" (middle half of modules: {shares['q1']:.1%}–{shares['q3']:.1%})" if shares["q1"] < shares["q3"] else ""
+    counted = sum(_share90(r) is not None for r in rows)  # a sketched module may stop short of 90 %
+    of = f"{counted}" if counted == len(rows) else f"{counted} of {len(rows)}"
     first = (
-        f"Across {len(rows)} {'modules (fused tensors by projection)' if split else 'weight matrices'}, a median of {format_value(ranks['median'], 'rank')} singular "
-        f"directions hold 90% of the update's energy, {shares['median']:.1%} of the full rank{spread}."
+        f"Across {of} {'modules (fused tensors by projection)' if split else 'weight matrices'}, a median of {format_value(ranks['median'], 'rank')} singular "
+        f"directions hold 90% of the update's energy, {shares['median']:.1%} of the full rank{spread}"
+        + ("" if counted == len(rows) else " (the others' energy-90% ranks are beyond the values they hold)") + "."
     )
     by_role = [(entry["role"], entry["energy_rank_0.9_share"]) for entry in summary_rows(analysis)
                if entry["role"] not in whole_roles]  # qkv/gate_up read through their q, k, v / gate, up
+    missing = [role for role, s in by_role if s is None]
     by_role = sorted(((role, s["median"]) for role, s in by_role if s is not None), key=lambda item: item[1])
     parts = ", ".join(f"{role} {share:.1%}" for role, share in by_role)
-    second = f"By role, the median energy-90% rank as a share of full rank runs from lowest to highest: {parts}."
+    second = (f"By role, the median energy-90% rank as a share of full rank runs from lowest to highest: {parts}"
+              + (f" (none for {', '.join(missing)})" if missing else "") + ".")
     return f"{first} {second}{_activation_picture(rows)}"
 
 

@@ -132,3 +132,20 @@ def test_activation_columns_only_for_a_calibrated_analysis(analysis):
     plain = np.median([r["energy_rank"]["0.9"] for r in matrix_rows(calibrated) if "activation" in r])
     assert (f"the median energy-90% rank of the output change ΔW·x is {tables.format_value(weighted, 'rank')}, "
             f"against {tables.format_value(plain, 'rank')} for ΔW itself") in text
+
+
+def test_rank_picture_counts_only_modules_with_a_rank(analysis):
+    """Sketched modules stopped short of 90 % have no energy-90% rank: the sentence said "Across 9" for 3."""
+    import copy
+
+    data = copy.deepcopy(analysis)
+    rows = [r for r in data["modules"] if r.get("kind", "matrix") == "matrix" and not r.get("fused_name")]
+    dropped = [r for r in rows if r["role"] in ("q", "o")]
+    for r in dropped:
+        r["energy_rank"]["0.9"] = None
+    text = tables.rank_picture(data)
+    split = {r["fused_name"] for r in matrix_rows(data) if r.get("fused_name")}
+    total = len([r for r in matrix_rows(data) if r["name"] not in split])
+    counted = len([r for r in matrix_rows(data) if r["name"] not in split and r["energy_rank"].get("0.9")])
+    assert counted < total and f"Across {counted} of {total} modules" in text
+    assert "beyond the values they hold" in text and "(none for " in text and " o" in text[text.index("(none for "):]
