@@ -21,11 +21,13 @@ from spectra.report.tables import (
     energy_curve,
     format_value,
     full_rank,
+    headline_level,
     matrix_rows,
     number,
     roles_in,
     stats,
 )
+from spectra.report.tables import percent as tables_percent
 
 # viridis without its pale-yellow top, so the last layer's line stays visible on white.
 _LAYER_CMAP = ListedColormap(colormaps["viridis"](np.linspace(0.0, 0.88, 256)), name="layers")
@@ -128,21 +130,23 @@ def plot_cumulative_energy(analysis: Mapping) -> Figure:
     return fig
 
 
-def plot_rank_heatmap(analysis: Mapping, *, level: str = "0.9") -> Figure:
+def plot_rank_heatmap(analysis: Mapping, *, level: str | None = None) -> Figure:
     """Layer × role heatmap of the energy rank at ``level`` (median over experts in a cell).
 
     Parameters
     ----------
     analysis : mapping
         The analysis dict.
-    level : str, default "0.9"
-        Key of ``energy_rank``: "0.5", "0.9", "0.95" or "0.99".
+    level : str, optional
+        Key of ``energy_rank`` ("0.5", "0.9", …); default the headline level
+        (:func:`~spectra.report.tables.headline_level`: 0.9, else the measured level nearest it).
 
     Returns
     -------
     matplotlib.figure.Figure
     """
-    percent = f"{float(level):.0%}"
+    level = headline_level(analysis) if level is None else level
+    percent = tables_percent(level)
 
     def value(row):
         return number((row.get("energy_rank") or {}).get(level))
@@ -259,7 +263,8 @@ def _energy_zoom(members: list[dict]) -> float:
     would squeeze the part that matters against the left edge.
     """
     longest = max(len(r["singular_values"]) for r in members)
-    ranks = [number((r.get("energy_rank") or {}).get("0.99")) for r in members]
+    top_level = max((k for r in members for k in (r.get("energy_rank") or {})), key=float, default="0.99")
+    ranks = [number((r.get("energy_rank") or {}).get(top_level)) for r in members]
     top = max((v for v in ranks if v is not None), default=longest)
     return float(min(longest, max(8.0, np.ceil(1.5 * top))))
 
@@ -275,11 +280,13 @@ def _noise_floor(row: Mapping) -> float | None:
 
 def _finish_panel(ax, role: str, members: list[dict], drawn: int) -> None:
     """Panel title with the role's median energy-90% rank; a note where nothing could be drawn."""
-    median = stats(number((r.get("energy_rank") or {}).get("0.9")) for r in members)
+    levels = {k for r in members for k in (r.get("energy_rank") or {})}
+    level = "0.9" if "0.9" in levels or not levels else min(levels, key=lambda v: abs(float(v) - 0.9))
+    median = stats(number((r.get("energy_rank") or {}).get(level)) for r in members)
     full = int(np.median([full_rank(r) for r in members]))
     rank = "–" if median is None else format_value(median["median"], "rank")  # as the tables print it
     ax.set_title(f"{role}: {len(members)} module{'s' * (len(members) != 1)}, "
-                 f"median E90 rank {rank} of {full}", fontsize=10)
+                 f"median E{100 * float(level):.4g} rank {rank} of {full}", fontsize=10)
     if not drawn:
         _empty(ax, "ΔW = 0 in every module of this role")
         ax.set_xticks([])

@@ -24,10 +24,12 @@ from spectra.files import staged_directory
 from spectra.report.plots import all_figures
 from spectra.report.tables import (
     has_activation,
+    headline_level,
     matrix_rows,
     module_table,
     rank_picture,
     role_table,
+    percent,
     roles_in,
     vector_rows,
     vector_table,
@@ -166,7 +168,10 @@ def report_blocks(analysis: Mapping, *, figures: list[str]) -> list[tuple]:
                             "the data's inputs; a rank below ΔW's own means part of the update lies in input "
                             "directions the data barely visits. – marks modules the calibration did not reach."))
     blocks.append(("h", 2, "Figures"))
-    blocks += [("figure", name, _FIGURE_CAPTIONS.get(name, name)) for name in figures]
+    head = headline_level(analysis)
+    captions = _FIGURE_CAPTIONS | {"rank_heatmap": f"Energy-{percent(head)} rank by layer and role "
+                                                   "(grey: no such module)."}
+    blocks += [("figure", name, captions.get(name, name)) for name in figures]
     blocks += [("h", 2, "Per module"), ("table", *module_table(analysis))]
     if vectors:
         blocks += [("h", 3, "Vector deltas (norms, biases)"), ("table", *vector_table(analysis))]

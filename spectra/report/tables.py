@@ -129,9 +129,32 @@ def _activation_energy(level: str) -> Callable[[Mapping], float | None]:
     return lambda row: number(((row.get("activation") or {}).get("energy_rank") or {}).get(level))
 
 
-def _share90(row: Mapping) -> float | None:
-    rank = _energy("0.9")(row)
-    return None if rank is None or full_rank(row) == 0 else rank / full_rank(row)
+def _share(level: str) -> Callable[[Mapping], float | None]:
+    def share(row: Mapping) -> float | None:
+        rank = _energy(level)(row)
+        return None if rank is None or full_rank(row) == 0 else rank / full_rank(row)
+
+    return share
+
+
+_share90 = _share("0.9")
+
+
+def percent(level: str) -> str:
+    """An energy level as the reports write it: "0.9" → "90%", "0.995" → "99.5%"."""
+    return f"{100 * float(level):.4g}%"
+
+
+def energy_levels(analysis: Mapping) -> tuple[str, ...]:
+    """The energy levels the analysis measured (``--energy``; by default 0.5, 0.9, 0.95, 0.99), ascending."""
+    levels = {k for r in matrix_rows(analysis) for k in (r.get("energy_rank") or {})}
+    return tuple(sorted(levels, key=float)) or ENERGY_LEVELS
+
+
+def headline_level(analysis: Mapping) -> str:
+    """The level the rank picture, the heatmap and the role panels show: 0.9, else the measured one nearest it."""
+    levels = energy_levels(analysis)
+    return "0.9" if "0.9" in levels else min(levels, key=lambda level: abs(float(level) - 0.9))
 
 
 @dataclass(frozen=True)
@@ -171,7 +194,17 @@ def has_activation(analysis: Mapping) -> bool:
 
 
 def _metrics(analysis: Mapping) -> tuple[Metric, ...]:
-    return SUMMARY_METRICS + (ACTIVATION_METRICS if has_activation(analysis) else ())
+    """:data:`SUMMARY_METRICS` with the energy levels the analysis measured (and its headline level's
+    share of full rank), plus :data:`ACTIVATION_METRICS` for a calibrated analysis."""
+    levels, head = energy_levels(analysis), headline_level(analysis)
+    energy = []
+    for level in levels:
+        energy.append(Metric(f"energy_rank_{level}", f"energy-{percent(level)} rank", _energy(level), "rank"))
+        if level == head:
+            energy.append(Metric(f"energy_rank_{level}_share", f"energy-{percent(level)} rank / full rank",
+                                 _share(level), "share"))
+    rest = tuple(m for m in SUMMARY_METRICS if not m.key.startswith("energy_rank_"))
+    return tuple(energy) + rest + (ACTIVATION_METRICS if has_activation(analysis) else ())
 
 
 def stats(values) -> dict | None:
@@ -262,14 +295,17 @@ def role_table(analysis: Mapping) -> tuple[list[str], list[list[str]]]:
     return headers, body
 
 
-_MODULE_METRICS = ("energy_rank_0.5", "energy_rank_0.9", "energy_rank_0.99", "effective_rank",
+_MODULE_METRICS = ("effective_rank",
                    "stable_rank", "gd_rank", "noise_rank", "relative_size", "decay_exponent",
                    "activation_rank_0.9", "activation_rank_0.99")
 
 
 def module_table(analysis: Mapping) -> tuple[list[str], list[list[str]]]:
     """Headers and text cells of the per-module table (one row per weight matrix)."""
-    metrics = [m for m in _metrics(analysis) if m.key in _MODULE_METRICS]
+    levels = energy_levels(analysis)
+    shown = [level for level in levels if level != "0.95" or len(levels) < 4]  # the default four: 95 % left out
+    keys = set(_MODULE_METRICS) | {f"energy_rank_{level}" for level in shown}
+    metrics = [m for m in _metrics(analysis) if m.key in keys and m.kind != "share"]
     headers = ["module", "role", "layer", "shape", "‖ΔW‖_F"] + [m.label for m in metrics] + ["method"]
     body = [
         [r["name"], r["role"], _text(r.get("layer")), "×".join(map(str, r["shape"])),
@@ -303,25 +339,27 @@ def rank_picture(analysis: Mapping) -> str:
     split = {r["fused_name"] for r in rows if r.get("fused_name")}
     whole_roles = {r["role"] for r in rows if r["name"] in split} - {r["role"] for r in rows if r["name"] not in split}
     rows = [r for r in rows if r["name"] not in split]  # a fused tensor counts once: through its projections
-    shares = stats(_share90(r) for r in rows)
-    ranks = stats(_energy("0.9")(r) for r in rows)
+    level = headline_level(analysis)
+    at = percent(level)
+    shares = stats(_share(level)(r) for r in rows)
+    ranks = stats(_energy(level)(r) for r in rows)
     if shares is None or ranks is None:
-        return (f"The analysis holds {len(rows)} weight matrices but no energy-90% ranks, "
+        return (f"The analysis holds {len(rows)} weight matrices but no energy-{at} ranks, "
                 "so no rank picture can be drawn.")
     spread = f" (middle half of modules: {shares['q1']:.1%}–{shares['q3']:.1%})" if shares["q1"] < shares["q3"] else ""
-    counted = sum(_share90(r) is not None for r in rows)  # a sketched module may stop short of 90 %
+    counted = sum(_share(level)(r) is not None for r in rows)  # a sketched module may stop short of the level
     of = f"{counted}" if counted == len(rows) else f"{counted} of {len(rows)}"
     first = (
         f"Across {of} {'modules (fused tensors by projection)' if split else 'weight matrices'}, a median of {format_value(ranks['median'], 'rank')} singular "
-        f"directions hold 90% of the update's energy, {shares['median']:.1%} of the full rank{spread}"
-        + ("" if counted == len(rows) else " (the others' energy-90% ranks are beyond the values they hold)") + "."
+        f"directions hold {at} of the update's energy, {shares['median']:.1%} of the full rank{spread}"
+        + ("" if counted == len(rows) else f" (the others' energy-{at} ranks are beyond the values they hold)") + "."
     )
-    by_role = [(entry["role"], entry["energy_rank_0.9_share"]) for entry in summary_rows(analysis)
+    by_role = [(entry["role"], entry[f"energy_rank_{level}_share"]) for entry in summary_rows(analysis)
                if entry["role"] not in whole_roles]  # qkv/gate_up read through their q, k, v / gate, up
     missing = [role for role, s in by_role if s is None]
     by_role = sorted(((role, s["median"]) for role, s in by_role if s is not None), key=lambda item: item[1])
     parts = ", ".join(f"{role} {share:.1%}" for role, share in by_role)
-    second = (f"By role, the median energy-90% rank as a share of full rank runs from lowest to highest: {parts}"
+    second = (f"By role, the median energy-{at} rank as a share of full rank runs from lowest to highest: {parts}"
               + (f" (none for {', '.join(missing)})" if missing else "") + ".")
     return f"{first} {second}{_activation_picture(rows)}"
 

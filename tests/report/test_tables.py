@@ -149,3 +149,33 @@ def test_rank_picture_counts_only_modules_with_a_rank(analysis):
     counted = len([r for r in matrix_rows(data) if r["name"] not in split and r["energy_rank"].get("0.9")])
     assert counted < total and f"Across {counted} of {total} modules" in text
     assert "beyond the values they hold" in text and "(none for " in text and " o" in text[text.index("(none for "):]
+
+
+def test_reports_follow_the_energy_levels_the_analysis_measured(analysis):
+    """`analyze --energy 0.8` measures 0.8 alone: every energy column read "–", the picture "no ranks"."""
+    import copy
+
+    from spectra.report.plots import plot_rank_heatmap
+
+    data = copy.deepcopy(analysis)
+    for r in data["modules"]:
+        if r.get("energy_rank"):
+            r["energy_rank"] = {"0.8": r["energy_rank"]["0.9"]}
+    assert tables.energy_levels(data) == ("0.8",) and tables.headline_level(data) == "0.8"
+    headers, body = tables.role_table(data)
+    assert "energy-80% rank" in headers and "energy-80% rank / full rank" in headers
+    assert not any("energy-90%" in h for h in headers)
+    column = headers.index("energy-80% rank")
+    assert all(row[column] != "–" for row in body)
+    module_headers, _ = tables.module_table(data)
+    assert "energy-80% rank" in module_headers
+    text = tables.rank_picture(data)
+    assert "hold 80% of the update's energy" in text and "energy-80% rank as a share" in text
+    fig = plot_rank_heatmap(data)
+    texts = " ".join(t.get_text() for ax in fig.axes for t in (ax.title, ax.yaxis.label, ax.xaxis.label))
+    assert "energy-80% rank (directions)" in texts and "no values" not in texts  # the colorbar and the title
+    # the default levels keep their columns as before
+    assert [h for h in tables.role_table(analysis)[0] if h.startswith("energy")] == [
+        "energy-50% rank", "energy-90% rank", "energy-90% rank / full rank", "energy-95% rank", "energy-99% rank"]
+    assert [h for h in tables.module_table(analysis)[0] if h.startswith("energy")] == [
+        "energy-50% rank", "energy-90% rank", "energy-99% rank"]
