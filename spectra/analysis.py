@@ -487,10 +487,13 @@ def analyze(base, tuned, config: AnalysisConfig | None = None, *, cache_dir: str
     todo = []
     for entry in mine:
         cached = cache.get(entry.name)
-        if cached is not None:
-            rows_by_entry[entry.name] = cached
-        else:
+        if cached is None:
             todo.append(entry)
+        elif cached and all("skipped" in row for row in cached):  # skipped before (NaN/Inf): still skipped
+            pairing.skipped.extend(row["skipped"] for row in cached)
+            rows_by_entry[entry.name] = []
+        else:
+            rows_by_entry[entry.name] = cached
     bar = tqdm.tqdm(total=len(mine), initial=len(mine) - len(todo), unit="module",
                     disable=not progress or not me.is_main, desc="analyze", dynamic_ncols=True)
     read_s = compute_s = 0.0
@@ -506,7 +509,9 @@ def analyze(base, tuned, config: AnalysisConfig | None = None, *, cache_dir: str
                 read_s += entry_read_s
                 compute_s += entry_compute_s
                 bar.set_postfix_str(entry.name, refresh=False)
-                cache.put(entry.name, rows)
+                skipped = entry.name in pairing.skipped_entries and not rows
+                cache.put(entry.name, [{"name": entry.name, "skipped": pairing.skipped_entries[entry.name]}]
+                          if skipped else rows)  # a skip is remembered, so a rerun lists it again
                 rows_by_entry[entry.name] = rows
                 if on_module is not None:
                     on_module(entry.name, rows)

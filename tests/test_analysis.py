@@ -272,6 +272,21 @@ def test_worker_errors_reach_the_caller(tmp_path):
         analyze(b, t, cache_dir=False, progress=False, workers=2)
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_skipped_tensor_is_listed_again_when_served_from_the_cache(tmp_path, workers):
+    """--skip-nonfinite: a rerun from the cache reported `skipped: []` (the cache held no row for it)."""
+    b, t = nonfinite_pair(tmp_path, "layers.1.mlp.up_proj", float("nan"))
+    first = analyze(b, t, AnalysisConfig(on_nonfinite="skip"), cache_dir=tmp_path / "cache", progress=False,
+                    workers=workers)
+    (message,) = first.pairing["skipped"]
+    assert "layers.1.mlp.up_proj" in message
+    again = analyze(b, t, AnalysisConfig(on_nonfinite="skip"), cache_dir=tmp_path / "cache", progress=False,
+                    workers=workers)
+    assert again.timings["modules_computed"] == 0 and again.pairing["skipped"] == [message]
+    assert [m["name"] for m in again.modules] == [m["name"] for m in first.modules]
+    assert all("skipped" not in m for m in again.modules)
+
+
 def test_workers_must_be_positive(planted_pair):
     from spectra.errors import ConfigError
 

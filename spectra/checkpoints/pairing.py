@@ -192,6 +192,7 @@ class Pairing:
         self.only_in_tuned: list[str] = []
         self.notes: list[str] = []
         self.skipped: list[str] = []  # tensors skipped while iterating (non-finite)
+        self.skipped_entries: dict[str, str] = {}  # entry name → why it was skipped (for caches to remember)
         self._filters = (compile_name_filter(self.options.include, option="include"),
                          compile_name_filter(self.options.exclude, option="exclude"))
         if isinstance(self.tuned, AdapterSource):
@@ -375,13 +376,13 @@ class Pairing:
                 low = torch.empty(n, dtype=torch.bfloat16) if lease is None else lease.take(n, torch.bfloat16)
         delta, delta_low, delta_sq, base_sq = _difference(tuned, base, dtype, norms=by_norms, out=out, low=low)
         if by_norms and not (_finite_number(delta_sq) and _finite_number(base_sq)):
-            if not (self._finite(base, entry.base_tensor, self.base.spec)
-                    and self._finite(tuned, entry.tuned_tensor, self.tuned.spec)):
+            if not (self._finite(base, entry.base_tensor, self.base.spec, entry.name)
+                    and self._finite(tuned, entry.tuned_tensor, self.tuned.spec, entry.name)):
                 return []
             if delta_sq is not None:  # both weights finite, yet a norm is not
                 message = f"ΔW of {entry.name} overflows float32 (|tuned − base| beyond 3.4e38)"
                 if self.options.on_nonfinite == "skip":
-                    self.skipped.append(message)
+                    self._skip(entry.name, message)
                     return []
                 raise NonFiniteWeightError(f"{message}: the checkpoint is broken. Pass on_nonfinite='skip' "
                                            "(CLI: --skip-nonfinite) to analyse the rest.")
@@ -409,20 +410,24 @@ class Pairing:
         With ``check=False`` the caller checks them for NaN/Inf itself."""
         opts = self.options
         raw_base = self.base.read(entry.base_tensor)
-        if check and not self._finite(raw_base, entry.base_tensor, self.base.spec):
+        if check and not self._finite(raw_base, entry.base_tensor, self.base.spec, entry.name):
             return None
         if entry.adapter is not None:
             base = _orient(raw_base, entry).to(device=opts.device, dtype=opts.torch_dtype)
             tuned = entry.adapter.merged(base, self.tuned.weights, opts.torch_dtype)
-            if not self._finite(tuned, entry.name + " (adapter merged)", self.tuned.spec):
+            if not self._finite(tuned, entry.name + " (adapter merged)", self.tuned.spec, entry.name):
                 return None
             return base, tuned
         raw_tuned = self.tuned.read(entry.tuned_tensor)
-        if check and not self._finite(raw_tuned, entry.tuned_tensor, self.tuned.spec):
+        if check and not self._finite(raw_tuned, entry.tuned_tensor, self.tuned.spec, entry.name):
             return None
         return _orient(raw_base, entry).to(device=opts.device), _orient(raw_tuned, entry).to(device=opts.device)
 
-    def _finite(self, tensor: torch.Tensor, name: str, spec: str) -> bool:
+    def _skip(self, entry_name: str, message: str) -> None:
+        self.skipped.append(message)
+        self.skipped_entries[entry_name] = message
+
+    def _finite(self, tensor: torch.Tensor, name: str, spec: str, entry_name: str) -> bool:
         if tensor.numel() == 0 or not tensor.is_floating_point():
             return True
         # min and max propagate NaN and are ±Inf when any element is: one reduction pass,
@@ -433,7 +438,7 @@ class Pairing:
         bad = int((~torch.isfinite(tensor)).sum())
         message = f"tensor {name} in {spec} holds {bad} NaN/Inf value(s)"
         if self.options.on_nonfinite == "skip":
-            self.skipped.append(message)
+            self._skip(entry_name, message)
             return False
         raise NonFiniteWeightError(f"{message}. The checkpoint is broken (diverged training or a bad save); "
                                    "re-save it, or pass on_nonfinite='skip' (CLI: --skip-nonfinite) to analyse the rest.")
