@@ -137,6 +137,8 @@ def analyze(
 
     if output.exists() and not overwrite:
         raise ConfigError(f"output directory {output} exists; pass --overwrite to replace it or choose another -o.")
+    if output.exists() and not output.is_dir():
+        raise ConfigError(f"-o {output} is a file, not a report directory; choose another -o.")  # before the work
     import os
 
     main_rank = os.environ.get("RANK", "0") == "0"

@@ -90,6 +90,10 @@ def test_existing_output_needs_overwrite(monkeypatch, capsys, pair, tmp_path):
     assert code == 2 and "--overwrite" in err and (out / "keep.txt").read_text() == "mine"
     code, _, _ = run(monkeypatch, capsys, "analyze", *pair, "-o", out, "--no-cache", "-q", "--overwrite")
     assert code == 0 and (out / "analysis.json").is_file() and not (out / "keep.txt").exists()
+    file = tmp_path / "a_file"
+    file.write_text("mine")
+    code, _, err = run(monkeypatch, capsys, "analyze", *pair, "-o", file, "--no-cache", "-q", "--overwrite")
+    assert code == 2 and "is a file" in err and file.read_text() == "mine"  # refused before the analysis
 
 
 def test_debug_shows_traceback(monkeypatch, capsys, pair, tmp_path):

@@ -382,8 +382,9 @@ def _resolve_hub(repo_id: str, revision: str | None) -> Path:
             if any(path.glob("*.safetensors")) or any(path.glob("*.bin")):
                 return path
     raise CheckpointError(
-        f"cannot fetch hub id {repo_id!r}{'@' + revision if revision else ''}: it is not in the local "
-        f"cache and the hub could not be reached or has no weights for it ({type(last_error).__name__}: "
+        f"no local path {repo_id!r} exists, and cannot fetch hub id {repo_id!r}{'@' + revision if revision else ''}: "
+        f"it is not in the local cache and the hub could not be reached or has no weights for it "
+        f"({type(last_error).__name__}: "
         f"{str(last_error).splitlines()[0] if last_error else 'no weight files'}). If you are offline, download "
         "the model elsewhere and pass its local directory instead (e.g. "
         f"`huggingface-cli download {repo_id} --local-dir ./model`, then `spectra analyze ./base ./model`)."

@@ -96,7 +96,7 @@ def test_offline_hub_id_names_the_id(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
-    with pytest.raises(CheckpointError, match=r"cannot fetch hub id 'someorg/tiny-model'.*local directory"):
+    with pytest.raises(CheckpointError, match=r"no local path 'someorg/tiny-model' exists, and cannot fetch hub id 'someorg/tiny-model'.*local directory"):
         open_checkpoint("someorg/tiny-model")
 
 
