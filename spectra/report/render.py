@@ -187,6 +187,13 @@ def _summary_items(analysis: Mapping, matrices: list[dict], vectors: list[dict])
     items.append(f"Modules: {len(tensors)} weight matrices"
                  + (f" (and {split} projections of fused ones)" if split else "") + f" and {len(vectors)} vector deltas over "
                  f"{len(layers)} layer{'s' * (len(layers) != 1)}; roles {', '.join(roles_in(matrices))}")
+    pairing = analysis.get("pairing") or {}
+    for key, label in (("only_in_base", "Only in the base, not analysed"),
+                       ("only_in_tuned", "Only in the tuned checkpoint, not analysed"),
+                       ("skipped", "Skipped (--skip-nonfinite)"), ("notes", "Pairing notes")):
+        listed = [str(x) for x in pairing.get(key) or []]
+        if listed:
+            items.append(f"{label} ({len(listed)}): " + "; ".join(listed[:5]) + (" …" if len(listed) > 5 else ""))
     total = (analysis.get("timings") or {}).get("total_s")
     if isinstance(total, (int, float)):
         items.append(f"Analysis time: {total:.1f} s")

@@ -140,3 +140,19 @@ def test_bad_input_creates_nothing(tmp_path, analysis):
 def test_parent_directories_are_created(tmp_path, analysis, cheap_figures):
     out = render.write_report(analysis, tmp_path / "reports" / "nested" / "run")
     assert (out / "analysis.json").exists()
+
+
+def test_the_summary_lists_what_the_pairing_left_out(analysis):
+    """Unpaired and skipped tensors were in analysis.json only, never in the report."""
+    import copy
+
+    data = copy.deepcopy(analysis)
+    data["pairing"] = {"only_in_base": ["model.layers.1.mlp.up_proj.weight"], "only_in_tuned": [],
+                       "skipped": ["tensor model.layers.0.self_attn.q_proj.weight in tuned holds 1 NaN/Inf value(s)"],
+                       "notes": [f"note {i}" for i in range(7)]}
+    items = next(b[1] for b in render.report_blocks(data, figures=[]) if b[0] == "ul")
+    text = "\n".join(items)
+    assert "Only in the base, not analysed (1): model.layers.1.mlp.up_proj.weight" in text
+    assert "Skipped (--skip-nonfinite) (1): tensor model.layers.0.self_attn.q_proj.weight" in text
+    assert "Only in the tuned" not in text  # nothing to say
+    assert "Pairing notes (7): note 0; note 1; note 2; note 3; note 4 …" in text
