@@ -218,7 +218,33 @@ class Pairing:
         entries = []
         for b_name, t_name in match.pairs.items():
             entries.extend(self._entries_for(b_name, t_name))
+        entries.extend(self._untied_heads(match))
         return self._dedupe_tied(entries)
+
+    def _untied_heads(self, match) -> list[PairEntry]:
+        """A head the tuned checkpoint stores while the base ties it to its input embedding (stored once):
+        its ΔW is taken against that embedding (it was left out as "only in tuned")."""
+        if (self.config or {}).get("tie_word_embeddings", True) is False:
+            return []
+        embeds = [n for n in match.pairs if n.endswith(".weight") and module_info(n[:-7]).role == "embed"]
+        heads = [n for n in match.only_in_tuned if n.endswith(".weight") and module_info(n[:-7]).role == "head"]
+        if len(embeds) != 1 or not heads:
+            return []
+        (embed,) = embeds
+        b = self.base.info(embed)
+        out = []
+        for head in heads:
+            t = self.tuned.info(head)
+            if t.shape != b.shape or b.dtype not in _FLOAT_DTYPES or t.dtype not in _FLOAT_DTYPES:
+                continue
+            module = head.removesuffix(".weight")
+            info = module_info(module)
+            out.append(PairEntry(name=module, info=info, kind="matrix", shape=tuple(b.shape), base_tensor=embed,
+                                 tuned_tensor=head, base_dtype=b.dtype, tuned_dtype=t.dtype))
+            self.only_in_tuned = [n for n in self.only_in_tuned if n != head]
+            self.notes.append(f"{module}: tied to {embed[:-7]} in the base (stored once), its own tensor in the "
+                              f"tuned checkpoint; its ΔW is taken against {embed}")
+        return out
 
     def _entries_for(self, b_name: str, t_name: str) -> list[PairEntry]:
         b, t = self.base.info(b_name), self.tuned.info(t_name)

@@ -227,6 +227,29 @@ def test_bf16_pair_is_float32_difference(tmp_path):
             assert torch.count_nonzero(d.delta) > 0
 
 
+def test_a_head_the_fine_tune_unties_is_measured_against_the_base_embedding(tmp_path):
+    """Qwen2 ties lm_head to embed_tokens and stores it once; a fine-tune that unties it stores lm_head.
+    The head's update was left out as "only in tuned"."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    base = build_model("qwen2")
+    b = save(base, tmp_path / "b", "safetensors")
+    shutil.copytree(b, tmp_path / "t")
+    state = load_file(tmp_path / "t" / "model.safetensors")
+    assert "lm_head.weight" not in state
+    dhead = low_rank(*state["model.embed_tokens.weight"].shape, 2, seed=5)
+    state["lm_head.weight"] = (state["model.embed_tokens.weight"].double() + dhead).float()
+    save_file(state, tmp_path / "t" / "model.safetensors", metadata={"format": "pt"})
+    pairing = Pairing(b, tmp_path / "t", F64)
+    seen = {d.name: d for d in pairing}
+    assert "lm_head" in seen and pairing.only_in_tuned == []
+    torch.testing.assert_close(seen["lm_head"].delta, dhead, rtol=0, atol=1e-7)
+    assert seen["lm_head"].role == "head" and torch.count_nonzero(seen["model.embed_tokens"].delta) == 0
+    assert any("tied to model.embed_tokens in the base" in n for n in pairing.notes)
+
+
 def test_resized_vocabulary(tmp_path):
     base = build_model("llama")
     tuned = copy.deepcopy(base)
