@@ -278,6 +278,7 @@ def recommend(
     from spectra.errors import ConfigError, PeftConfigWarning
     from spectra.memory import estimate_memory, format_bytes, load_config
     from spectra.ranks import RankPolicy, parse_budget, recommend_ranks, save_plan
+    from spectra.ranks.plan import base_config
 
     budget_kw = parse_budget(budget) if budget is not None else {}
     if (functional is None) != (sweep is None):
@@ -292,9 +293,7 @@ def recommend(
                         roles=_split(roles), include=include, rslora=rslora, use_dora=dora, alpha_rule=alpha_rule,
                         scale=scale, alpha=alpha, functional=functional, **budget_kw)
     plan = recommend_ranks(_analysis_or_pair(analysis), policy, sweep=sweep)
-    base_path = Path((plan.base or {}).get("path") or "")  # a directory, or a weights file beside its config.json
-    beside = (base_path if base_path.is_dir() else base_path.parent) / "config.json"
-    source = config or (str(beside) if str(base_path) not in ("", ".") and beside.is_file() else None)
+    source = config or base_config(plan.base)  # the config.json beside the analysed base (a folder or a file)
     est, memory_skipped = None, None
     if source:
         try:

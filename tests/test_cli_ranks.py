@@ -74,6 +74,7 @@ def test_recommend_finds_the_config_beside_a_single_weights_file(tmp_path):
     run = _analysis_dir(tmp_path)
     data = json.loads((run / "analysis.json").read_text())
     data["base"]["path"] = str(tmp_path / "base" / "model.safetensors")
+    (tmp_path / "base" / "model.safetensors").write_bytes(b"")  # stands for the weights file analysed
     (run / "analysis.json").write_text(json.dumps(data))
     result = runner.invoke(app, ["recommend", str(run), "--energy", "0.9"], env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output

@@ -226,8 +226,11 @@ class Pairing:
         its ΔW is taken against that embedding (it was left out as "only in tuned")."""
         if (self.config or {}).get("tie_word_embeddings", True) is False:
             return []
-        embeds = [n for n in match.pairs if n.endswith(".weight") and module_info(n[:-7]).role == "embed"]
-        heads = [n for n in match.only_in_tuned if n.endswith(".weight") and module_info(n[:-7]).role == "head"]
+        def role(name: str) -> str:
+            return module_info(name.removesuffix(".weight")).role if name.endswith(".weight") else ""
+
+        embeds = [n for n in match.pairs if role(n) == "embed"]
+        heads = [n for n in match.only_in_tuned if role(n) == "head"]
         if len(embeds) != 1 or not heads:
             return []
         (embed,) = embeds
@@ -242,8 +245,8 @@ class Pairing:
             out.append(PairEntry(name=module, info=info, kind="matrix", shape=tuple(b.shape), base_tensor=embed,
                                  tuned_tensor=head, base_dtype=b.dtype, tuned_dtype=t.dtype))
             self.only_in_tuned = [n for n in self.only_in_tuned if n != head]
-            self.notes.append(f"{module}: tied to {embed[:-7]} in the base (stored once), its own tensor in the "
-                              f"tuned checkpoint; its ΔW is taken against {embed}")
+            self.notes.append(f"{module}: tied to {embed.removesuffix('.weight')} in the base (stored once), its own "
+                              f"tensor in the tuned checkpoint; its ΔW is taken against {embed}")
         return out
 
     def _entries_for(self, b_name: str, t_name: str) -> list[PairEntry]:

@@ -417,7 +417,7 @@ def save_plan(plan: RankPlan, path: str | os.PathLike, *, model_config: Mapping 
     path.parent.mkdir(parents=True, exist_ok=True)
     data = plan.to_dict()
     if plan.modules:
-        config = model_config if model_config is not None else _base_config(plan.base)
+        config = model_config if model_config is not None else base_config(plan.base)
         model = meta_model(config)
         data["peft_config"], notes = plan._peft_config(model=model, task_type=peft_task_type(config))
         data["peft_config_model"] = architecture(config) if model is not None else None
@@ -428,7 +428,7 @@ def save_plan(plan: RankPlan, path: str | os.PathLike, *, model_config: Mapping 
     return path
 
 
-def _base_config(base: Mapping | None) -> dict | None:
+def base_config(base: Mapping | None) -> dict | None:
     """The ``config.json`` beside the analysed base (``analysis["base"]["path"]``, a local path), or None."""
     text = str((base or {}).get("path") or "")
     where = Path(text)
@@ -436,9 +436,10 @@ def _base_config(base: Mapping | None) -> dict | None:
         return None
     file = (where if where.is_dir() else where.parent) / "config.json"
     try:
-        return json.loads(file.read_text()) if file.is_file() else None
-    except (OSError, json.JSONDecodeError):  # unreadable: the plan's own names are written, as without one
+        data = json.loads(file.read_text()) if file.is_file() else None
+    except (OSError, ValueError):  # unreadable: the plan's own names are written, as without one
         return None
+    return data if isinstance(data, dict) else None
 
 
 def load_plan(path: str | os.PathLike) -> RankPlan:
