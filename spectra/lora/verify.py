@@ -326,13 +326,8 @@ def verify_adapter(base, tuned, adapter, *, eval_data=None, config: VerifyConfig
     trained = read_train_summary(adapter_src.path) or {}
     quantized = config.quantized if config.quantized is not None else trained.get("method") in ("qlora", "qdora")
     planned, notes = plan_adapter(_InBase(adapter_src, pairing.base), pairing.base, pairing.config)
-    lora, saved = {}, {p.module: p for p in planned if "full" in p.keys}
-    for p in planned:
-        if "full" in p.keys:
-            continue
-        weight = p.base_tensor.removesuffix(".weight")
-        if p.module == weight:
-            lora[p.module] = p
+    saved = {p.module: p for p in planned if "full" in p.keys}
+    lora = {p.module: p for p in planned if "full" not in p.keys and p.module == p.base_tensor.removesuffix(".weight")}
     for p in planned:  # a head tied to the embedding (no tensor of its own): measured on the embedding's row
         weight = p.base_tensor.removesuffix(".weight")
         if "full" in p.keys or p.module == weight:

@@ -21,13 +21,14 @@ from spectra.report.tables import (
     energy_curve,
     format_value,
     full_rank,
+    headline,
     headline_level,
     matrix_rows,
     number,
+    percent,
     roles_in,
     stats,
 )
-from spectra.report.tables import percent as tables_percent
 
 # viridis without its pale-yellow top, so the last layer's line stays visible on white.
 _LAYER_CMAP = ListedColormap(colormaps["viridis"](np.linspace(0.0, 0.88, 256)), name="layers")
@@ -146,13 +147,12 @@ def plot_rank_heatmap(analysis: Mapping, *, level: str | None = None) -> Figure:
     matplotlib.figure.Figure
     """
     level = headline_level(analysis) if level is None else level
-    percent = tables_percent(level)
 
     def value(row):
         return number((row.get("energy_rank") or {}).get(level))
 
-    return _heatmap(matrix_rows(analysis), value, label=f"energy-{percent} rank (directions)",
-                    title=f"Energy-{percent} rank of ΔW by layer and role", fmt="{:.0f}")
+    return _heatmap(matrix_rows(analysis), value, label=f"energy-{percent(level)} rank (directions)",
+                    title=f"Energy-{percent(level)} rank of ΔW by layer and role", fmt="{:.0f}")
 
 
 def plot_relative_size_heatmap(analysis: Mapping) -> Figure:
@@ -280,13 +280,12 @@ def _noise_floor(row: Mapping) -> float | None:
 
 def _finish_panel(ax, role: str, members: list[dict], drawn: int) -> None:
     """Panel title with the role's median energy-90% rank; a note where nothing could be drawn."""
-    levels = {k for r in members for k in (r.get("energy_rank") or {})}
-    level = "0.9" if "0.9" in levels or not levels else min(levels, key=lambda v: abs(float(v) - 0.9))
+    level = headline({k for r in members for k in (r.get("energy_rank") or {})})
     median = stats(number((r.get("energy_rank") or {}).get(level)) for r in members)
     full = int(np.median([full_rank(r) for r in members]))
     rank = "–" if median is None else format_value(median["median"], "rank")  # as the tables print it
     ax.set_title(f"{role}: {len(members)} module{'s' * (len(members) != 1)}, "
-                 f"median E{100 * float(level):.4g} rank {rank} of {full}", fontsize=10)
+                 f"median E{percent(level)[:-1]} rank {rank} of {full}", fontsize=10)
     if not drawn:
         _empty(ax, "ΔW = 0 in every module of this role")
         ax.set_xticks([])

@@ -153,8 +153,13 @@ def energy_levels(analysis: Mapping) -> tuple[str, ...]:
 
 def headline_level(analysis: Mapping) -> str:
     """The level the rank picture, the heatmap and the role panels show: 0.9, else the measured one nearest it."""
-    levels = energy_levels(analysis)
-    return "0.9" if "0.9" in levels else min(levels, key=lambda level: abs(float(level) - 0.9))
+    return headline(energy_levels(analysis))
+
+
+def headline(levels) -> str:
+    """0.9 when among `levels` (or `levels` is empty), else the level nearest it."""
+    levels = list(levels)
+    return "0.9" if "0.9" in levels or not levels else min(levels, key=lambda level: abs(float(level) - 0.9))
 
 
 @dataclass(frozen=True)
