@@ -190,3 +190,35 @@ def test_families_unlike_llama_are_refused_not_miscounted():
 
     with pytest.raises(ConfigError, match="model_type gpt_neox"):
         model_shape(build_model("gpt_neox").config.to_dict())  # read as Llama-like it was 25 % too large
+
+
+def test_dora_counts_its_saved_outputs_and_its_identity_workspace():
+    """PEFT's DoRA keeps each module's base output (16-bit) and LoRA output (fp32): 6 B per token and output
+    feature more than LoRA (measured 6.05 on a bf16 Llama); its B·A goes through an fp32 d_in² identity."""
+    lora = estimate_memory(LLAMA2_7B, method="lora", rank_plan_or_rank=16, gradient_checkpointing=False)
+    dora = estimate_memory(LLAMA2_7B, method="dora", rank_plan_or_rank=16, gradient_checkpointing=False)
+    h, i, layers, tokens = 4096, 11008, 32, 2048
+    d_out = 4 * h + 2 * i + h  # q, k, v, o (no GQA in 7B), gate, up, down
+    assert dora.activations - lora.activations == layers * tokens * 6 * d_out
+    assert dora.workspace == 4 * (i * i + 4 * i * h)  # the largest module: down_proj, d_in = 11008
+
+
+@pytest.mark.parametrize(("config", "match"), [
+    ({"model_type": "qwen2_moe", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+      "num_attention_heads": 4, "vocab_size": 100, "num_experts": 8, "moe_intermediate_size": 32}, "num_experts"),
+    ({"model_type": "albert", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+      "num_attention_heads": 4, "vocab_size": 100, "type_vocab_size": 2}, "albert"),
+])
+def test_configs_the_model_would_count_wrong_are_refused(config, match):
+    with pytest.raises(ConfigError, match=match):  # counted as dense Llama / as BERT before
+        estimate_memory(config, method="lora", rank_plan_or_rank=4)
+
+
+def test_phimoe_has_separate_qkv_and_fused_roles_take_their_parts():
+    phimoe = {"model_type": "phimoe", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 100, "num_local_experts": 4}
+    est = estimate_memory(phimoe, method="lora", rank_plan_or_rank=4, roles=("q", "k", "v"))
+    assert est.trainable_params == 2 * 4 * ((64 + 64) + 2 * (64 + 32))  # q 64×64, k and v 32×64, per layer
+    gpt2 = {"model_type": "gpt2", "n_embd": 64, "n_layer": 2, "n_head": 4, "vocab_size": 100, "n_positions": 128}
+    est = estimate_memory(gpt2, method="lora", rank_plan_or_rank=4, roles=("q", "v"))  # c_attn holds both
+    assert est.trainable_params == 2 * 4 * (64 + 3 * 64)
