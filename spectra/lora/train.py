@@ -208,13 +208,15 @@ def model_dir(spec) -> Path:
 
 def load_model(spec, *, task: str, num_labels: int | None = None, quantize: bool = False,
                compute_dtype: str = "float32", label_names: list[str] | None = None, device: str = "cpu",
-               pad_token_id: int | None = None):
+               pad_token_id: int | None = None, complete: bool = False):
     """Load a checkpoint as a causal LM or sequence classifier in float32 (or NF4 4-bit) on ``device``.
 
     A missing or resized classification head is initialised from the current torch
-    seed, so seed first for a reproducible head. ``pad_token_id``: the id the batches are
-    padded with (the tokenizer's), set in the model's config — a classifier pools at the
-    last token before it, so the two must agree.
+    seed, so seed first for a reproducible head — unless ``complete``: a model whose
+    function is measured (a sweep's fine-tune, a teacher, verify's references) must be the
+    checkpoint's own, so a weight the checkpoint lacks or holds at another size is refused.
+    ``pad_token_id``: the id the batches are padded with (the tokenizer's), set in the
+    model's config — a classifier pools at the last token before it, so the two must agree.
     """
     import transformers as tf
 
@@ -232,9 +234,20 @@ def load_model(spec, *, task: str, num_labels: int | None = None, quantize: bool
         kwargs.update(device_map={"": str(torch_device(device))}, quantization_config=nf4_config(compute_dtype))
     try:
         with quiet_loading():
-            model = auto.from_pretrained(str(model_dir(spec)), **kwargs)
+            model, info = auto.from_pretrained(str(model_dir(spec)), output_loading_info=True, **kwargs)
     except (OSError, ValueError) as err:
         raise ConfigError(f"cannot load {spec} as a {task} model: {err}") from err
+    missing = sorted(info.get("missing_keys") or [])
+    resized = sorted(f"{k[0]} (stored {tuple(k[1])}, needed {tuple(k[2])})" if isinstance(k, tuple) and len(k) == 3
+                     else str(k) for k in info.get("mismatched_keys") or [])
+    if complete and (missing or resized):
+        what = "sequence classifier" + (f" of {num_labels} classes" if num_labels else "") if task == "seq_cls" \
+            else "causal LM"
+        found = "; ".join(([f"it has no {', '.join(missing[:3])}"] if missing else [])
+                          + ([f"it holds {', '.join(resized[:3])}"] if resized else []))
+        raise ConfigError(f"{spec} as a {what}: {found}. Those weights would start at random, and the function "
+                          "measured would not be the checkpoint's. Give data of the task it was trained for "
+                          "(labelled .jsonl for a classifier, plain text for a causal LM) with labels its head knows.")
     if pad_token_id is not None:
         model.config.pad_token_id = pad_token_id
     return model if quantize else model.to(torch_device(device))
@@ -416,7 +429,7 @@ def train_adapter(base, data, config: TrainConfig | None = None, out_dir=None, *
     teacher = None
     if config.teacher is not None:
         teacher = load_model(config.teacher, task=task, num_labels=len(label_names) if label_names else None,
-                             device=config.device, pad_token_id=tokenizer.pad_token_id).eval()
+                             device=config.device, pad_token_id=tokenizer.pad_token_id, complete=True).eval()
     with staged_directory(out) as staging:  # the adapter appears whole, or not at all
         result = _train(model, teacher, train, held_out, config, task, staging, progress)
         result.label_names = label_names

@@ -528,7 +528,8 @@ def evaluate_models(base, tuned, adapter_src, eval_data, truncated: dict, *, con
 
     builders = {
         "base": base_model,
-        "tuned": lambda: load_model(tuned, task=task, device=config.device, pad_token_id=tokenizer.pad_token_id),
+        "tuned": lambda: load_model(tuned, task=task, device=config.device, pad_token_id=tokenizer.pad_token_id,
+                                    complete=True),
         "adapter": lambda: _load_adapter(base_model(quantized), adapter_src.path),
         "svd": lambda: _set_weights(base_model(), truncated, tuned, adapter_src.config.get("modules_to_save")),
     }
