@@ -176,7 +176,10 @@ def label_ids(records: Sequence[Mapping], *, label2id: Mapping[str, int] | None 
         What the records came from, for errors.
     """
     raw = [r["label"] for r in records]
-    if all(isinstance(v, int) and not isinstance(v, bool) for v in raw):
+    if any(isinstance(v, bool) for v in raw):
+        raise ConfigError(f"{source}: labels true/false are neither class ids nor names; write them as 0/1 or as "
+                          "strings (\"yes\"/\"no\").")
+    if all(isinstance(v, int) for v in raw):
         if min(raw) < 0:
             raise ConfigError(f"{source}: label {min(raw)} is negative; integer labels are class ids 0, 1, ….")
         count = max(raw) + 1

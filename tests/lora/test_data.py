@@ -125,3 +125,13 @@ def test_integer_labels_keep_a_head_they_fit_and_are_refused_beyond_it():
     # string labels are their own label set, whatever the head's size: one class is still refused
     with pytest.raises(ConfigError, match="at least two classes"):
         label_ids([{"label": "pos"}] * 3, num_labels=3)
+
+
+def test_boolean_labels_are_refused_as_such():
+    from spectra.lora.data import label_ids
+
+    # they were "labels mix integers and strings" (bools are ints to Python), with no string in sight
+    with pytest.raises(ConfigError, match="true/false"):
+        label_ids([{"label": True}, {"label": False}], source="bools.jsonl")
+    ids, names = label_ids([{"label": 1}, {"label": 0}], source="ints.jsonl")
+    assert ids == [1, 0] and names == ["0", "1"]
