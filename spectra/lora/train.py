@@ -253,6 +253,19 @@ def load_model(spec, *, task: str, num_labels: int | None = None, quantize: bool
     return model if quantize else model.to(torch_device(device))
 
 
+def _check_4bit_widths(model, spec) -> None:
+    """bitsandbytes' 4-bit layers need at least 64 input features (its blocks of 64); a narrower one fails in
+    the first forward pass with a bare reshape error, so it is refused before training."""
+    import bitsandbytes as bnb
+
+    narrow = [(name, m.in_features) for name, m in model.named_modules()
+              if isinstance(m, bnb.nn.Linear4bit) and m.in_features < 64]
+    if narrow:
+        name, width = narrow[0]
+        raise ConfigError(f"{spec}: {name} has {width} input features; 4-bit (QLoRA/QDoRA) layers need at least 64 "
+                          f"({len(narrow)} layer(s) are narrower). Train this model with --method lora or dora.")
+
+
 @contextlib.contextmanager
 def quiet_loading():
     """No transformers "Loading weights" bar inside spectra's own."""
@@ -425,6 +438,8 @@ def train_adapter(base, data, config: TrainConfig | None = None, out_dir=None, *
     model = load_model(base, task=task, num_labels=len(label_names) if label_names else None,
                        quantize=config.quantized, compute_dtype=config.compute_dtype, label_names=label_names,
                        device=config.device, pad_token_id=tokenizer.pad_token_id)
+    if config.quantized:
+        _check_4bit_widths(model, base)
     model = wrap_model(model, config, task=task)
     teacher = None
     if config.teacher is not None:

@@ -12,6 +12,7 @@ import torch
 from typer.testing import CliRunner
 
 from spectra.cli import app
+from spectra.errors import ConfigError
 from spectra.lora.train import TrainConfig, quiet_peft, train_adapter
 from spectra.lora.verify import nf4_round_trip, verify_adapter
 from tests.lora.conftest import random_text
@@ -135,6 +136,12 @@ def test_qlora_and_qdora_train_on_cpu(tmp_path):
     assert torch.equal(nf4_round_trip(W), deq)
     row = next(r for r in report.modules if r["name"] == "model.layers.0.self_attn.q_proj")
     assert row["quant_error"] == pytest.approx(float((deq - W).norm() / W.norm()), rel=1e-5)
+    # narrower layers are refused before training (they failed in the first eval with a bare reshape error)
+    narrow = save(build_model("llama"), tmp_path / "narrow", "safetensors")  # hidden 32
+    with pytest.raises(ConfigError, match="32 input features; 4-bit .* need at least 64"):
+        train_adapter(narrow, data, TrainConfig(method="qlora", rank=2, max_length=32, batch_size=4, max_steps=1),
+                      tmp_path / "narrow_ad", progress=False)
+    assert not (tmp_path / "narrow_ad").exists()
 
 
 def test_qlora_w0_of_a_conv1d_model_is_what_transformers_stores(tmp_path):
