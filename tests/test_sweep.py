@@ -284,3 +284,13 @@ def test_cli_sweep_writes_report_and_functional_plan(bert, tmp_path):
         recommend_ranks(analysis, functional, sweep=renamed)
     again = runner.invoke(app, ["sweep", str(base), str(tuned), "--data", str(data), "-o", str(out)])
     assert again.exit_code != 0 and "exists" in str(again.exception or again.output)
+
+
+def test_an_adapter_as_the_fine_tune_is_refused_with_what_to_do(bert, tmp_path):
+    """`sweep BASE ADAPTER` answered with the training message ("train on the model it adapts")."""
+    from peft import LoraConfig, get_peft_model
+
+    base, _, data = bert
+    get_peft_model(build_model("bert"), LoraConfig(r=2, target_modules=["query"])).save_pretrained(tmp_path / "ad")
+    with pytest.raises(ConfigError, match="is a PEFT adapter, not a model.*merge_and_unload"):
+        truncation_sweep(base, tmp_path / "ad", data, ranks=[1], config=FAST, progress=False)

@@ -198,7 +198,9 @@ def model_dir(spec) -> Path:
 
     source = open_checkpoint(spec)
     if isinstance(source, AdapterSource):
-        raise ConfigError(f"{spec} is a PEFT adapter; train on the model it adapts (its base).")
+        raise ConfigError(f"{spec} is a PEFT adapter, not a model: training starts from the model it adapts (its "
+                          "base), and a sweep or an evaluation needs a whole checkpoint (merge the adapter first: "
+                          "PeftModel.from_pretrained(...).merge_and_unload().save_pretrained(DIR)).")
     folder = source.path if source.path.is_dir() else source.path.parent
     if not (folder / "config.json").is_file():
         raise ConfigError(f"{spec}: training and evaluation need a model directory with config.json, "
