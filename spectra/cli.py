@@ -473,10 +473,11 @@ def train(
     method: Annotated[str, typer.Option(help="lora, dora, qlora or qdora (4-bit NF4 base).")] = "lora",
     full: Annotated[bool, typer.Option("--full", help="Full fine-tune instead of an adapter: writes a checkpoint that "
                                                       "pairs with BASE.")] = False,
-    rank: Annotated[int, typer.Option(help="LoRA rank of every targeted module.")] = 8,
+    rank: Annotated[Optional[int], typer.Option(help="LoRA rank of every targeted module (default 8).")] = None,
     alpha: Annotated[Optional[float], typer.Option(help="LoRA α (default scale 2: 2·rank, 2·√rank with --rslora).")] = None,
     rslora: Annotated[bool, typer.Option("--rslora", help="Scale by α/√r (rsLoRA).")] = False,
-    plan: Annotated[Optional[Path], typer.Option(help="Per-module ranks from `spectra recommend -o plan.json`.")] = None,
+    plan: Annotated[Optional[Path], typer.Option(help="Per-module ranks and α from `spectra recommend -o plan.json` "
+                                                      "(instead of --rank, --alpha and --roles).")] = None,
     roles: Annotated[Optional[str], typer.Option(help="Roles to target, e.g. q,v (default: every block linear).")] = None,
     task: Annotated[str, typer.Option(help="auto, causal_lm or seq_cls.")] = "auto",
     eval_data: Annotated[Optional[Path], typer.Option(help="Held-out data (default: --eval-fraction of --data).")] = None,
@@ -503,8 +504,14 @@ def train(
     Example: spectra train ./base --data train.jsonl --rank 8 --method dora -o adapter_dora/
     """
     _writable(output)
+    from spectra.errors import ConfigError
     from spectra.lora.train import TrainConfig, train_adapter
 
+    given = [name for name, value in (("--rank", rank), ("--alpha", alpha), ("--roles", roles)) if value is not None]
+    if plan is not None and given:
+        raise ConfigError(f"--plan sets every module's rank and α; {', '.join(given)} would be ignored. Plan other "
+                          "ranks or roles with `spectra recommend` (e.g. --roles q,v), or train without --plan.")
+    rank = 8 if rank is None else rank
     config = TrainConfig(method="full" if full else method, rank=rank, alpha=alpha, rslora=rslora,
                          plan=str(plan) if plan else None, roles=_split(roles), task=task, eval_fraction=eval_fraction,
                          epochs=epochs, max_steps=max_steps, batch_size=batch_size, max_length=max_length, lr=lr,

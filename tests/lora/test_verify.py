@@ -212,6 +212,11 @@ def test_cli_train_and_sweep(llama_base, text_data, tmp_path):
                                 "--max-length", "16", "-o", str(tmp_path / "one"), "-q"])
     assert alone.exit_code == 0, alone.output
     assert json.loads((tmp_path / "one" / "spectra_train.json").read_text())["config"]["eval_fraction"] == 0.0
+    plan = tmp_path / "plan.json"
+    plan.write_text("{}")  # refused before it is read: --rank beside --plan was ignored silently
+    both = runner.invoke(app, ["train", str(llama_base), "--plan", str(plan), "--rank", "4", "--roles", "q",
+                               "-o", str(tmp_path / "both"), *common])
+    assert both.exit_code != 0 and "--rank, --roles would be ignored" in str(both.exception)
     sweep = runner.invoke(app, ["verify", str(llama_base), str(tmp_path / "tuned"), "--sweep", "1,2",
                                 "--method", "lora,dora", "--data", str(text_data), "--eval-data", str(text_data),
                                 "--max-steps", "2", "--recommended", "2", "--group-by-length", "-o", str(tmp_path / "sweep"),
