@@ -458,7 +458,7 @@ def _estimate(shape: ModelShape, method: str, adapter_modules: list, batch: int,
     if method == "dora":
         # PEFT forms B·A as lora_B(lora_A(I)) with an fp32 d_in×d_in identity, beside fp32 copies of the
         # base weight and of W + s·B·A and their norms: ~4·(d_in² + 4·d_in·d_out) for the largest module
-        # (a 704→256 DoRA Linear peaked at 4.90 MB, this gives 4.86 MB)
+        # (a 704→256 DoRA Linear peaked at 4.90 MB, this gives 4.87 MB)
         workspace += max((4 * (d_in * d_in + 4 * d_in * d_out) for _, _, d_in, d_out, _ in adapter_modules),
                          default=0)
 

@@ -7,6 +7,7 @@ spectra reads back must equal the planted update *exactly*.
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -160,3 +161,22 @@ def planted_mixtral_pair(root):
             add_to_parameter(tuned, f"{experts}.down_proj", low_rank(32, 48, down, seed=next(seeds)),
                              expert=expert)
     return base, save(base, root / "b", "safetensors"), save(tuned, root / "t", "safetensors")
+
+
+def random_adapter(model, path: Path, *, seed: int = 123, scale: float = 0.1, save_embedding_layers="auto",
+                   **lora_kwargs):
+    """A train-free PEFT adapter on a copy of ``model``, saved with PEFT itself; returns the PEFT model.
+
+    Every ``lora_*`` and ``modules_to_save`` tensor is drawn at random (PEFT zero-inits B, which would
+    make ΔW = 0); DoRA magnitudes are moved around their initial norms.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(**lora_kwargs))
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name or "modules_to_save" in name:
+                p.copy_(torch.randn_like(p) * scale + (1.0 if "magnitude" in name else 0.0) * p)
+    peft_model.save_pretrained(path, save_embedding_layers=save_embedding_layers)
+    return peft_model

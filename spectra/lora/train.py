@@ -239,20 +239,29 @@ def load_model(spec, *, task: str, num_labels: int | None = None, quantize: bool
             model, info = auto.from_pretrained(str(model_dir(spec)), output_loading_info=True, **kwargs)
     except (OSError, ValueError) as err:
         raise ConfigError(f"cannot load {spec} as a {task} model: {err}") from err
-    missing = sorted(info.get("missing_keys") or [])
-    resized = sorted(f"{k[0]} (stored {tuple(k[1])}, needed {tuple(k[2])})" if isinstance(k, tuple) and len(k) == 3
-                     else str(k) for k in info.get("mismatched_keys") or [])
-    if complete and (missing or resized):
-        what = "sequence classifier" + (f" of {num_labels} classes" if num_labels else "") if task == "seq_cls" \
-            else "causal LM"
-        found = "; ".join(([f"it has no {', '.join(missing[:3])}"] if missing else [])
-                          + ([f"it holds {', '.join(resized[:3])}"] if resized else []))
-        raise ConfigError(f"{spec} as a {what}: {found}. Those weights would start at random, and the function "
-                          "measured would not be the checkpoint's. Give data of the task it was trained for "
-                          "(labelled .jsonl for a classifier, plain text for a causal LM) with labels its head knows.")
+    if complete:
+        _check_loaded_whole(spec, info, task, num_labels)
     if pad_token_id is not None:
         model.config.pad_token_id = pad_token_id
     return model if quantize else model.to(torch_device(device))
+
+
+def _check_loaded_whole(spec, info: dict, task: str, num_labels: int | None) -> None:
+    """Refuse a load that left weights at random (``from_pretrained``'s missing or resized keys)."""
+    missing = sorted(info.get("missing_keys") or [])
+    resized = sorted(f"{k[0]} (stored {tuple(k[1])}, needed {tuple(k[2])})" if isinstance(k, tuple) and len(k) == 3
+                     else str(k) for k in info.get("mismatched_keys") or [])
+    if not (missing or resized):
+        return
+    if task == "seq_cls":
+        what = "sequence classifier" + (f" of {num_labels} classes" if num_labels else "")
+    else:
+        what = "causal LM"
+    found = "; ".join(([f"it has no {', '.join(missing[:3])}"] if missing else [])
+                      + ([f"it holds {', '.join(resized[:3])}"] if resized else []))
+    raise ConfigError(f"{spec} as a {what}: {found}. Those weights would start at random, and the function "
+                      "measured would not be the checkpoint's. Give data of the task it was trained for "
+                      "(labelled .jsonl for a classifier, plain text for a causal LM) with labels its head knows.")
 
 
 def _check_4bit_widths(model, spec) -> None:

@@ -2,28 +2,17 @@
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 
 from spectra.checkpoints.pairing import Pairing, PairingOptions
 from spectra.errors import AdapterError
-from tests.models import build_model, save
+from tests.models import build_model, random_adapter, save
 
 
 def make_adapter(model, path, save_embedding_layers="auto", **lora_kwargs):
-    """Train-free adapter: random A and B (PEFT zero-inits B) saved with PEFT itself."""
-    from peft import LoraConfig, get_peft_model
-
-    peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(**lora_kwargs))
-    torch.manual_seed(123)
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_" in name or "modules_to_save" in name:
-                p.copy_(torch.randn_like(p) * 0.1 + (1.0 if "magnitude" in name else 0.0) * p)
-    peft_model.save_pretrained(path, save_embedding_layers=save_embedding_layers)
-    merged = peft_model.merge_and_unload()
+    """Train-free adapter (:func:`tests.models.random_adapter`) and PEFT's merged state dict."""
+    merged = random_adapter(model, path, save_embedding_layers=save_embedding_layers, **lora_kwargs).merge_and_unload()
     return {k: v.detach().clone() for k, v in merged.state_dict().items()}
 
 
@@ -147,21 +136,13 @@ def test_a_tied_heads_lora_is_read_against_the_tied_embedding(tmp_path, targets,
     ensure_weight_tying, PEFT puts the tied pair on both modules whichever one is targeted.)"""
     import warnings
 
-    from peft import LoraConfig, get_peft_model
-
     base = build_model("qwen2")
     assert base.lm_head.weight is base.model.embed_tokens.weight
     base_dir = save(base, tmp_path / "base", "safetensors")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # PEFT's notes on tied layers
-        peft_model = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules=targets,
-                                                                    ensure_weight_tying=tying))
-        torch.manual_seed(0)
-        with torch.no_grad():
-            for name, p in peft_model.named_parameters():
-                if "lora_" in name:
-                    p.copy_(torch.randn_like(p) * 0.1)
-        peft_model.save_pretrained(tmp_path / "ad")
+        peft_model = random_adapter(base, tmp_path / "ad", seed=0, r=4, lora_alpha=8, target_modules=targets,
+                                    ensure_weight_tying=tying)
     layers = {n.removeprefix("base_model.model."): m for n, m in peft_model.named_modules() if hasattr(m, "get_delta_weight")}
     pairing = Pairing(base_dir, tmp_path / "ad", PairingOptions(vectors=False))
     yielded = {d.name: d for d in pairing}

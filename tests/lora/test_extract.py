@@ -237,15 +237,20 @@ def test_fused_experts_need_one_rank_per_projection(tmp_path):
     PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "ad"))  # loads: one rank per fused parameter
 
 
-def test_a_saved_tied_embedding_carries_its_head_along(tmp_path):
-    """qwen2 ties lm_head to embed_tokens: saving the embedding whole must move the head with it."""
-    from peft import PeftModel
-
+def _qwen2_embedding_fine_tune(tmp_path):
+    """Qwen2 (lm_head tied to embed_tokens, stored once) and a fine-tune of its embedding alone, saved."""
     base = build_model("qwen2")
     tuned = copy.deepcopy(base)
     with torch.no_grad():
         tuned.model.embed_tokens.weight.add_(0.05 * torch.randn_like(tuned.model.embed_tokens.weight))
-    b, t = save(base, tmp_path / "b", "safetensors"), save(tuned, tmp_path / "t", "safetensors")
+    return base, tuned, save(base, tmp_path / "b", "safetensors"), save(tuned, tmp_path / "t", "safetensors")
+
+
+def test_a_saved_tied_embedding_carries_its_head_along(tmp_path):
+    """qwen2 ties lm_head to embed_tokens: saving the embedding whole must move the head with it."""
+    from peft import PeftModel
+
+    base, tuned, b, t = _qwen2_embedding_fine_tune(tmp_path)
     extract_adapter(b, t, 1, tmp_path / "ad", roles=("q",), modules_to_save=("embed_tokens",), progress=False)
     assert json.loads((tmp_path / "ad" / "adapter_config.json").read_text())["ensure_weight_tying"] is True
     ids = torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(0))
@@ -261,11 +266,7 @@ def test_a_lora_on_a_tied_embedding_says_it_holds_only_merged(tmp_path):
 
     from spectra.errors import PeftConfigWarning
 
-    base = build_model("qwen2")
-    tuned = copy.deepcopy(base)
-    with torch.no_grad():
-        tuned.model.embed_tokens.weight.add_(0.05 * torch.randn_like(tuned.model.embed_tokens.weight))
-    b, t = save(base, tmp_path / "b", "safetensors"), save(tuned, tmp_path / "t", "safetensors")
+    base, tuned, b, t = _qwen2_embedding_fine_tune(tmp_path)
     with pytest.warns(PeftConfigWarning, match="tied to the output head lm_head"):
         result = extract_adapter(b, t, "full", tmp_path / "ad", roles=("embed",), progress=False)
     assert len(result.notes) == 1 and "--modules-to-save embed_tokens" in result.notes[0]

@@ -16,7 +16,7 @@ from spectra.errors import ConfigError
 from spectra.lora.train import TrainConfig, quiet_peft, train_adapter
 from spectra.lora.verify import nf4_round_trip, verify_adapter
 from tests.lora.conftest import random_text
-from tests.models import build_model, save
+from tests.models import build_model, random_adapter, save
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 TARGETS = ["q_proj", "v_proj", "down_proj"]
@@ -36,20 +36,12 @@ def perturbed(model, seed: int, scale: float = 0.3):
 @pytest.fixture(scope="module")
 def trio(tmp_path_factory):
     """base, tuned, a random (untrained) PEFT adapter and PEFT's merged weights."""
-    from peft import LoraConfig, get_peft_model
-
     folder = tmp_path_factory.mktemp("trio")
     base_model = build_model("llama")
     base = save(base_model, folder / "base", "safetensors")
     tuned = save(perturbed(base_model, 3), folder / "tuned", "safetensors")
     with quiet_peft():
-        peft_model = get_peft_model(copy.deepcopy(base_model), LoraConfig(r=3, lora_alpha=6, target_modules=TARGETS))
-    torch.manual_seed(5)
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_" in name:
-                p.copy_(torch.randn_like(p) * 0.1)
-    peft_model.save_pretrained(folder / "adapter")
+        peft_model = random_adapter(base_model, folder / "adapter", seed=5, r=3, lora_alpha=6, target_modules=TARGETS)
     lora = {n: p.detach().double().numpy() for n, p in peft_model.named_parameters() if "lora_" in n}
     merged = {k: v.double().numpy() for k, v in peft_model.merge_and_unload().state_dict().items()}
     data = random_text(folder / "eval.txt", chars=16 * 12, seed=9)
@@ -325,32 +317,19 @@ def test_module_measures_fast_paths_match_the_full_decompositions(case):
         assert got["intruders_adapter"] == ref["intruders_adapter"] and got["intruders_full"] == ref["intruders_full"]
 
 
-def _tiny_trio(out, *, tie=False, **lora_kwargs):
-    """A tiny Llama base, a full fine-tune (rank-6 updates on every projection and the embedding) and a
-    PEFT adapter with random factors; returns the PEFT model."""
-    import transformers as tf
-    from peft import LoraConfig, get_peft_model
-
-    cfg = tf.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=128, tie_word_embeddings=tie)
-    torch.manual_seed(0)
-    base = tf.LlamaForCausalLM(cfg)
-    base.save_pretrained(out / "base")
-    tuned = copy.deepcopy(base)
-    g = torch.Generator().manual_seed(1)
+def _tiny_trio(out, family: str, **lora_kwargs):
+    """A tiny base of `family`, a full fine-tune (its block linears and input embedding moved) and a PEFT
+    adapter with random factors."""
+    base = build_model(family)
+    save(base, out / "base", "safetensors")
+    tuned = perturbed(base, 1)
     with torch.no_grad():
-        for name, p in tuned.named_parameters():
-            if p.ndim == 2 and ("proj" in name or "embed" in name):
-                p += 0.05 * torch.randn(p.shape[0], 6, generator=g) @ torch.randn(6, p.shape[1], generator=g)
-    tuned.save_pretrained(out / "tuned")
+        embed = tuned.get_input_embeddings().weight  # the tied head's weight too, where there is one
+        embed += 0.3 * embed.norm() / embed.numel() ** 0.5 * torch.randn(embed.shape, generator=torch.Generator().manual_seed(3))
+    save(tuned, out / "tuned", "safetensors")
     with quiet_peft(), warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # PEFT's note on a tied layer in the adapter
-        peft_model = get_peft_model(copy.deepcopy(base), LoraConfig(**lora_kwargs))
-        with torch.no_grad():
-            for name, p in peft_model.named_parameters():
-                if "lora_" in name:
-                    p.copy_(0.3 * torch.randn(p.shape, generator=g))
-        peft_model.save_pretrained(out / "adapter")
+        peft_model = random_adapter(base, out / "adapter", seed=2, scale=0.3, **lora_kwargs)
     return base, tuned, peft_model
 
 
@@ -362,7 +341,7 @@ def _captured(D, Dad, r):
 
 def test_an_adapter_rank_above_the_short_side_is_measured_at_that_side(tmp_path):
     # r = 24 on the 16×32 k_proj (GQA): legal in PEFT; verify stopped with "`k` must be an int in [1, 16]"
-    base, tuned, peft_model = _tiny_trio(tmp_path, r=24, lora_alpha=8, target_modules=["k_proj"])
+    base, tuned, peft_model = _tiny_trio(tmp_path, "llama", r=24, lora_alpha=8, target_modules=["k_proj"])
     result = verify_adapter(tmp_path / "base", tmp_path / "tuned", tmp_path / "adapter", progress=False)
     layers = {n.removeprefix("base_model.model."): m for n, m in peft_model.named_modules()
               if hasattr(m, "get_delta_weight")}
@@ -378,7 +357,7 @@ def test_an_adapter_rank_above_the_short_side_is_measured_at_that_side(tmp_path)
 
 def test_a_tied_heads_lora_is_measured_on_the_shared_weight(tmp_path):
     # tie_word_embeddings: the checkpoint has no lm_head tensor; the head's LoRA was left out of verify
-    base, tuned, peft_model = _tiny_trio(tmp_path, tie=True, r=4, lora_alpha=8, target_modules=["lm_head", "q_proj"])
+    base, tuned, peft_model = _tiny_trio(tmp_path, "qwen2", r=4, lora_alpha=8, target_modules=["lm_head", "q_proj"])
     result = verify_adapter(tmp_path / "base", tmp_path / "tuned", tmp_path / "adapter", progress=False)
     rows = {r["name"]: r for r in result.modules}
     assert set(rows) == {"model.embed_tokens", "model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"}
