@@ -13,6 +13,11 @@ Non-targeted tensors (norms, biases, embeddings, heads) come from the fine-tune
 base (``"base"``; a tensor the base lacks, such as a new classifier, still comes from the
 fine-tune, and the result says so), or both curves are measured.
 
+Given a plan, its modules are the targets of every curve, and one more point is the
+function of the adapter ``spectra extract --plan`` writes for it: each planned module at its
+rank and every other tensor, the modules the plan leaves out included, the base's (whatever
+``non_target`` says: an adapter on the base changes nothing else).
+
 Each module's SVD is computed once, to the largest rank asked for, and reused at every
 rank. Every metric is pooled per example as Σ numerator / Σ denominator, so its noise is
 stated by a percentile bootstrap over eval examples (Efron & Tibshirani 1993), paired
@@ -165,8 +170,9 @@ def truncation_sweep(base, tuned, data, *, ranks=(1, 2, 4, 8, 16, 32, 64), plan=
     ranks : sequence of int
         Ranks to evaluate (0 allowed). A module is never truncated above min(out, in).
     plan : RankPlan or path, optional
-        Its modules become the targets, and one more point is evaluated with each module at
-        its planned rank.
+        Its modules become the targets, and one more point (group ``"plan"``, non-targets
+        ``"base"``) is the base with the plan's extracted adapter: each planned module at
+        its rank, every other tensor at the base's, as ``spectra extract --plan`` gives.
     metric : Metric, {"accuracy", "loss", "perplexity"} or callable, optional
         The curve's metric; default accuracy for classification, perplexity for language
         modelling. A callable ``f(logits, batch) -> Tensor (B,)`` gives per-example scores
@@ -230,8 +236,8 @@ def truncation_sweep(base, tuned, data, *, ranks=(1, 2, 4, 8, 16, 32, 64), plan=
             jobs += [(mode, "model", f"r={r}", r) for r in ranks]
         if groups in ("role", "both"):
             jobs += [(mode, role, f"{role} r={r}", r) for role in weights.roles() for r in ranks]
-        if plan_ranks is not None:
-            jobs.append((mode, "plan", "plan", None))
+    if plan_ranks is not None:  # the plan's adapter on the base: not the non-targets of the fine-tune, nor the
+        jobs.append(("base", "plan", "plan", None))  # modules it leaves out (one evaluation, whatever the modes)
     stats: dict[tuple, dict] = {}  # configuration -> per-example arrays (identical configurations run once)
     keys = []
     bar = tqdm.tqdm(total=len({_key(weights, *j, plan_ranks) for j in jobs}), desc="sweep", unit="eval",

@@ -147,28 +147,85 @@ def test_a_plan_is_staged_with_the_report_and_renamed_with_it(llama, tmp_path, m
     assert (path / "plan.json").is_file() and sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # kept as it was
 
 
-def test_plan_point_uses_the_planned_ranks_even_above_the_swept_ones(llama):
-    """A plan asking more rank than any swept point gets its own rank, not the largest swept one."""
+def a_plan(planned: dict[str, tuple[int, tuple[int, int]]]):
+    """A RankPlan of module name -> (rank, (out, in)), alpha 2r."""
     from spectra.ranks import RankPlan
     from spectra.ranks.plan import ModuleRank
 
+    return RankPlan(modules=tuple(ModuleRank(name, None, None, shape, rank, 2.0 * rank, 0.0, 0.0, 0, "test")
+                                  for name, (rank, shape) in planned.items()))
+
+
+def truncated_by_hand(spec, base, tuned, ranks: dict[str, int]):
+    """The model saved at ``spec`` with each named module set to W_base + numpy's rank-r truncation of ΔW."""
+    model = load_model(spec, task="causal_lm")
+    base_state, tuned_state = (load_model(s, task="causal_lm").state_dict() for s in (base, tuned))
+    with torch.no_grad():
+        for name, rank in ranks.items():
+            W0 = base_state[name + ".weight"].double().numpy()
+            U, s, Vt = np.linalg.svd(tuned_state[name + ".weight"].double().numpy() - W0)
+            model.get_parameter(name + ".weight").copy_(torch.from_numpy(W0 + (U[:, :rank] * s[:rank]) @ Vt[:rank]))
+    return model
+
+
+def test_plan_point_uses_the_planned_ranks_even_above_the_swept_ones(llama):
+    """A plan asking more rank than any swept point gets its own rank, not the largest swept one."""
     base, tuned, data = llama
-    planned = {"model.layers.0.self_attn.q_proj": 6, "model.layers.1.mlp.down_proj": 5}
-    plan = RankPlan(modules=tuple(ModuleRank(name, None, None, (32, 32) if "q_proj" in name else (32, 48), rank,
-                                             2.0 * rank, 0.0, 0.0, 0, "test") for name, rank in planned.items()))
+    planned = {"model.layers.0.self_attn.q_proj": (6, (32, 32)), "model.layers.1.mlp.down_proj": (5, (32, 48))}
+    _, tokens, *_ = prepare_data(base, data, task="causal_lm", max_length=16)
+    expected = evaluate(truncated_by_hand(base, base, tuned, {n: r for n, (r, _) in planned.items()}), tokens)
     for swept in ([2], [0]):
-        result = truncation_sweep(base, tuned, data, ranks=swept, plan=plan, config=FAST, progress=False)
+        result = truncation_sweep(base, tuned, data, ranks=swept, plan=a_plan(planned), config=FAST, progress=False)
         (point,) = [p for p in result.points if p["group"] == "plan"]
-        model = load_model(tuned, task="causal_lm")
-        base_state = load_model(base, task="causal_lm").state_dict()
-        with torch.no_grad():
-            for name, rank in planned.items():
-                param = model.get_parameter(name + ".weight")
-                W0 = base_state[name + ".weight"].double().numpy()
-                U, s, Vt = np.linalg.svd(param.detach().double().numpy() - W0)
-                param.copy_(torch.from_numpy(W0 + (U[:, :rank] * s[:rank]) @ Vt[:rank]))
-        _, tokens, *_ = prepare_data(base, data, task="causal_lm", max_length=16)
-        assert point["loss"] == pytest.approx(evaluate(model, tokens)["loss"], rel=1e-5), swept
+        assert point["loss"] == pytest.approx(expected["loss"], rel=1e-5), swept
+
+
+@pytest.fixture(scope="module")
+def sharp_llama(tmp_path_factory):
+    """A llama pair whose loss tells its tensors apart: a 16× head (logits well away from uniform), every tensor
+    moved by its own norm."""
+    folder = tmp_path_factory.mktemp("sharp_llama")
+    base = build_model("llama")
+    with torch.no_grad():
+        base.lm_head.weight.mul_(16)  # a power of two: the weights stay on the tests' exact grid
+    save(base, folder / "base", "safetensors")
+    save(perturbed(base, 4, scale=1.0), folder / "tuned", "safetensors")
+    return folder / "base", folder / "tuned", random_text(folder / "eval.txt", chars=16 * 10, seed=5)
+
+
+def test_the_plan_point_is_the_base_with_the_plans_extracted_adapter(sharp_llama, tmp_path):
+    """The plan point is what `spectra extract --plan` gives: loaded through PEFT on the base, the same loss.
+
+    It used to keep every tensor outside the plan (norms, head, the modules the plan leaves out) at the
+    fine-tune's under the default non_target="tuned": a loss no adapter of the plan has (9.83 here, the
+    adapter's 5.65).
+    """
+    from peft import PeftModel
+
+    from spectra.lora.extract import extract_adapter
+
+    base, tuned, data = sharp_llama
+    planned = {"model.layers.0.self_attn.q_proj": (3, (32, 32)), "model.layers.1.mlp.down_proj": (5, (32, 48)),
+               "model.layers.0.self_attn.v_proj": (16, (16, 32))}  # v at its full rank: read from the fine-tune
+    plan = a_plan(planned)
+    result = truncation_sweep(base, tuned, data, ranks=[1], plan=plan, non_target="tuned", config=FAST,
+                              progress=False)
+    (point,) = [p for p in result.points if p["group"] == "plan"]
+    assert point["non_target"] == "base" and point["rank"] is None
+
+    extract_adapter(base, tuned, plan, tmp_path / "adapter", progress=False)
+    adapted = PeftModel.from_pretrained(load_model(base, task="causal_lm"), tmp_path / "adapter")
+    _, tokens, *_ = prepare_data(base, data, task="causal_lm", max_length=16)
+    expected = evaluate(adapted, tokens)
+    # float32 forwards of W_base + ΔW_r against W_base·x + s·B(A·x): they agree to ~1e-7 relative
+    assert point["loss"] == pytest.approx(expected["loss"], rel=1e-5)
+    assert point["accuracy"] == pytest.approx(expected["accuracy"], abs=1e-12)
+    # negative controls: the old point (the fine-tune with the planned modules truncated), and the base itself
+    old = evaluate(truncated_by_hand(tuned, base, tuned, {n: r for n, (r, _) in planned.items()}), tokens)
+    assert abs(old["loss"] - expected["loss"]) > 1.0
+    assert abs(result.reference["base"]["loss"] - expected["loss"]) > 1e-3
+    labels = result.figure().axes[0].get_legend_handles_labels()[1]  # drawn though no base curve was swept
+    assert "plan (median rank; the rest from base)" in labels
 
 
 def test_a_head_the_checkpoint_names_differently_comes_from_the_base(tmp_path):

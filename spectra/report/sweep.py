@@ -72,11 +72,11 @@ def plot_truncation_curve(sweep: Mapping, *, marks: Mapping[str, int] | None = N
             if p["rank"] == 0 and mode == "tuned":
                 ax.axhline(p["metric"], color=_STYLE["tuned"]["color"], ls="--", lw=1,
                            label="rank 0 (ΔW off, non-targets from tuned)")
-        plan = [p for p in sweep["points"] if p["group"] == "plan" and p["non_target"] == mode]
-        planned = sorted(m["plan_rank"] for m in sweep.get("modules", []) if m.get("plan_rank"))
-        if plan and planned:
-            ax.scatter([planned[len(planned) // 2]], [plan[0]["metric"]], marker="*", s=160, zorder=4,
-                       color=_STYLE.get(mode, {}).get("color", "black"), label=f"plan (median rank, {mode})")
+    planned = sorted(m["plan_rank"] for m in sweep.get("modules", []) if m.get("plan_rank"))
+    for p in (p for p in sweep["points"] if p["group"] == "plan" and planned):  # the plan's adapter on the base
+        ax.scatter([planned[len(planned) // 2]], [p["metric"]], marker="*", s=160, zorder=4,
+                   color=_STYLE.get(p["non_target"], {}).get("color", "black"),
+                   label=f"plan (median rank; the rest from {p['non_target']})")
     ref = sweep.get("reference", {})
     for name, style in (("tuned", dict(color="black", ls="-")), ("base", dict(color="0.55", ls=":"))):
         if name in ref:
