@@ -13,6 +13,10 @@ Embedding modules carry ``lora_embedding_A`` (r, vocab) and ``lora_embedding_B``
 ``modules_to_save`` replace the base tensor. ``α`` comes from ``alpha_pattern`` when a
 key matches the module name as a suffix (PEFT's rule), else ``lora_alpha``; ``r`` is
 read from A's shape, which is what PEFT builds the layer with.
+
+A LoRA on a parameter (PEFT's ``target_parameters``: fused MoE experts, a router's
+weight) is read per expert, under the names the base checkpoint stores those experts by
+(see :class:`ExpertUpdate` and :func:`_plan_parameters`).
 """
 
 from __future__ import annotations
@@ -24,8 +28,9 @@ from typing import Any
 
 import torch
 
-from spectra.checkpoints.architectures import is_conv1d
+from spectra.checkpoints.architectures import IN_OUT_EXPERT_MODEL_TYPES, is_conv1d, module_info
 from spectra.checkpoints.names import match_names
+from spectra.checkpoints.targets import architecture, meta_model, resolve_name
 from spectra.errors import AdapterError
 
 PEFT_PREFIX = "base_model.model."
@@ -50,6 +55,33 @@ def pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
 
 
 @dataclass(frozen=True)
+class ExpertUpdate:
+    """One base tensor's share of a LoRA on a parameter (PEFT's ``target_parameters``, ``lora.ParamWrapper``).
+
+    PEFT adapts a parameter W of shape (E, d₁, d₂) (E experts; a 2-D parameter is E = 1) with
+    ``A = lora_A.weight`` (r·E, in) and ``B = lora_B.weight`` (out, r·E). Expert e's update is
+    ``s·B_e@A_e`` with ``A_e = A[e·r:(e+1)·r]`` (A's rows are expert-major: PEFT reshapes A to
+    (E, r, in)) and ``B_e = B[:, e::E]`` (B's columns are expert-minor: B is reshaped to
+    (out, r, E)). It is added to W[e] as is, (out, in) = (d₁, d₂), unless the model stores W[e]
+    as (in, out) and says so (``is_transposed``, gpt-oss): then its transpose.
+    """
+
+    expert: int  # e
+    experts: int  # E
+    transposed: bool  # W[e] is (in, out): PEFT adds (s·B_e@A_e)ᵀ
+    rows: tuple[int, int] | None = None  # rows of W[e] this base tensor holds (Mixtral's w1 or w3, fused on loading)
+
+    def factors(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(col, row) with this base tensor's update ``s·col@rowᵀ`` in the parameter's stored layout
+        (W[e]'s (d₁, d₂), or its `rows`): col (d₁ or len(rows), r), row (d₂, r)."""
+        rank = a.shape[0] // self.experts
+        a_e = a[self.expert * rank:(self.expert + 1) * rank]  # (r·E, in) -> (r, in)
+        b_e = b[:, self.expert::self.experts]  # (out, r·E) -> (out, r)
+        col, row = (a_e.T, b_e) if self.transposed else (b_e, a_e.T)  # W[e] (in, out): (s·B_e@A_e)ᵀ = s·A_eᵀ@B_eᵀ
+        return (col, row) if self.rows is None else (col[self.rows[0]:self.rows[1]], row)
+
+
+@dataclass(frozen=True)
 class AdapterDelta:
     """How to rebuild one module's tuned weight from an adapter (metadata only)."""
 
@@ -61,6 +93,8 @@ class AdapterDelta:
     keys: dict[str, str]  # part ("A", "B", "magnitude", "emb_A", "emb_B", "base_layer", "full") -> adapter key
     scaling: float
     embedding: bool
+    parameter: ExpertUpdate | None = None  # a LoRA on a parameter (target_parameters): this tensor's share
+    base_expert: int | None = None  # slice of a 3-D base tensor (experts stored fused, as the model holds them)
 
     def merged(self, base: torch.Tensor, weights, dtype: torch.dtype) -> torch.Tensor:
         """W_tuned in ``(out, in)`` orientation, given the upcast base weight ``base`` (out, in)."""
@@ -75,10 +109,8 @@ class AdapterDelta:
         if "base_layer" in self.keys:
             stored = read("base_layer")
             w0 = stored.T if self.conv1d else stored
-        if self.embedding:
-            update = self.scaling * (read("emb_B") @ read("emb_A")).T  # (dim, r)@(r, vocab) -> ᵀ (vocab, dim)
-        else:
-            update = self.scaling * (read("B") @ read("A"))  # (out, r) @ (r, in) -> (out, in)
+        col, row = self.factors(weights, base.device, dtype)
+        update = self.scaling * (col @ row.T)  # (out, r) @ (r, in) -> (out, in)
         if "magnitude" not in self.keys:
             return w0 + update
         magnitude = read("magnitude")
@@ -87,6 +119,24 @@ class AdapterDelta:
             return (magnitude[:, None] * combined / combined.norm(dim=1, keepdim=True)).T
         combined = w0 + update
         return magnitude[:, None] * combined / combined.norm(dim=1, keepdim=True)
+
+    def factors(self, weights, device: torch.device | str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(col, row) with the LoRA update ``ΔW = scaling·col@rowᵀ`` in the ``(out, in)`` orientation.
+
+        col (out, r), row (in, r): ``(B, Aᵀ)`` for a Linear or Conv1D, ``(Aᵀ, B)`` for an
+        embedding (``ΔW = s·(B@A)ᵀ``), expert e's share of A and B for a parameter. DoRA's
+        update is this one, renormalised: see :meth:`merged`.
+        """
+
+        def read(part: str) -> torch.Tensor:
+            return weights.read(self.keys[part]).to(device=device, dtype=dtype)
+
+        if self.embedding:
+            return read("emb_A").T, read("emb_B")  # (vocab, r), (dim, r)
+        if self.parameter is None:
+            return read("B"), read("A").T  # (out, r), (in, r)
+        col, row = self.parameter.factors(read("A"), read("B"))  # the parameter's stored layout
+        return (row, col) if self.conv1d else (col, row)  # read transposed: experts stored (in, out), a Conv1D
 
 
 def plan_adapter(adapter, base, config: dict[str, Any] | None) -> tuple[list[AdapterDelta], list[str]]:
@@ -97,7 +147,8 @@ def plan_adapter(adapter, base, config: dict[str, Any] | None) -> tuple[list[Ada
     adapter : AdapterSource
     base : CheckpointSource
     config : dict or None
-        The base model's ``config.json`` (for Conv1D detection).
+        The base model's ``config.json``: Conv1D detection, and the model class that says
+        how a LoRA on ``target_parameters`` lies in the base's tensors.
 
     Returns
     -------
@@ -108,15 +159,10 @@ def plan_adapter(adapter, base, config: dict[str, Any] | None) -> tuple[list[Ada
     ------
     AdapterError
         Unknown adapter keys, missing A/B halves, modules absent from the base, or shapes
-        that do not fit the base (an adapter trained on another model).
+        that do not fit the base (an adapter trained on another model); a LoRA on a parameter
+        (``target_parameters``) whose layout in the base checkpoint cannot be read exactly.
     """
     cfg = adapter.config
-    if cfg.get("target_parameters"):
-        raise AdapterError(f"adapter {adapter.spec} adapts parameters through PEFT's target_parameters "
-                           f"({', '.join(list(cfg['target_parameters'])[:2])}: fused MoE experts, as `spectra train "
-                           "--plan` writes them for transformers-5 Mixtral), which spectra cannot read as TUNED yet. "
-                           "Merge it (PeftModel.from_pretrained(...).merge_and_unload().save_pretrained(DIR)) and "
-                           "pass DIR instead.")
     notes: list[str] = []
     modules: dict[str, dict[str, str]] = {}
     for key in adapter.weights.names():
@@ -137,6 +183,7 @@ def plan_adapter(adapter, base, config: dict[str, Any] | None) -> tuple[list[Ada
                                    "modules_to_save weight).")
             modules.setdefault(name.removesuffix(".weight"), {})["full"] = key
 
+    deltas = _plan_parameters(adapter, base, config, modules) if cfg.get("target_parameters") else []
     base_weights = [n for n in base.names() if n.endswith(".weight")]
     match = match_names([m + ".weight" for m in modules], base_weights)
     missing = [m.removesuffix(".weight") for m in match.only_in_base + list(match.ambiguous)]
@@ -153,7 +200,6 @@ def plan_adapter(adapter, base, config: dict[str, Any] | None) -> tuple[list[Ada
                            f"{', '.join(missing[:5])}. Was it trained on another model? Pass the adapter's own base.")
     alpha_default = cfg.get("lora_alpha", 8)
     alpha_pattern = cfg.get("alpha_pattern") or {}
-    deltas = []
     for adapter_module, parts in modules.items():
         base_tensor = tied_to.get(adapter_module) or match.pairs[adapter_module + ".weight"]
         module = adapter_module if adapter_module in tied_to else base_tensor.removesuffix(".weight")
@@ -192,6 +238,183 @@ def plan_adapter(adapter, base, config: dict[str, Any] | None) -> tuple[list[Ada
     return deltas, notes
 
 
+def _plan_parameters(adapter, base, config, modules: dict[str, dict[str, str]]) -> list[AdapterDelta]:
+    """The LoRAs on parameters (``target_parameters``), one AdapterDelta per base tensor and expert.
+
+    A saved key does not name the parameter its LoRA adapts: PEFT wraps the module holding the
+    targeted parameters (``…mlp.experts``) once per parameter, in the order the module registers
+    them, each wrapper around the previous one, so the last parameter's LoRA is saved as
+    ``…experts.lora_A.weight`` and the one before as ``…experts.base_layer.lora_A.weight``. The
+    model class, built from the base's ``config.json`` on the meta device, gives that order, each
+    parameter's shape and layout (``is_transposed``), and how the base's tensors load into it.
+    The wrappers' modules are removed from `modules`; the other modules are plain LoRA modules.
+    """
+    targets = list(adapter.config["target_parameters"])
+    model = meta_model(config)
+    if model is None:
+        raise _unreadable(adapter, ", ".join(targets), f"the base {base.spec}'s config.json names no model class "
+                          "this transformers can build, and the class alone tells which saved LoRA adapts which "
+                          "parameter, laid out how")
+    holders = _targeted_parameters(model, targets)
+    if not holders:
+        raise AdapterError(f"adapter {adapter.spec}: its target_parameters ({', '.join(targets[:3])}) match no "
+                           f"parameter of {architecture(config)}, the base {base.spec}'s model class. Was it trained "
+                           "on another model? Pass the adapter's own base.")
+    sources = _parameter_sources(model, base, {f"{h}.{p}" for h, ps in holders.items() for p in ps})
+    alpha_default = adapter.config.get("lora_alpha", 8)
+    alpha_pattern = adapter.config.get("alpha_pattern") or {}
+    deltas = []
+    for name in list(modules):
+        holder, depth = name, 0
+        while holder.endswith(".base_layer"):  # one level of nesting per parameter wrapped before
+            holder, depth = holder.removesuffix(".base_layer"), depth + 1
+        model_holder = resolve_name(holder, holders)
+        if model_holder is None:
+            continue  # a LoRA on a module (target_modules)
+        parts = modules.pop(name)
+        wrapped = holders[model_holder]  # registration order: the first is the innermost wrapper
+        if depth >= len(wrapped) or set(parts) != {"A", "B"}:
+            raise AdapterError(f"adapter {adapter.spec}: module {name} holds {', '.join(sorted(parts))} at nesting "
+                               f"depth {depth}, but {model_holder} has {len(wrapped)} targeted parameter(s) "
+                               f"({', '.join(wrapped)}), each a LoRA A and B. Was it trained on another model?")
+        leaf = wrapped[len(wrapped) - 1 - depth]
+        parameter = f"{model_holder}.{leaf}"
+        a_info, b_info = adapter.weights.info(parts["A"]), adapter.weights.info(parts["B"])
+        shape = tuple(model.get_parameter(parameter).shape)
+        experts = shape[0] if len(shape) == 3 else 1
+        transposed = len(shape) == 3 and bool(getattr(model.get_submodule(model_holder), "is_transposed", False))
+        in_features, out_features = (shape[-2], shape[-1]) if transposed else (shape[-1], shape[-2])
+        rank = a_info.shape[0] // experts
+        if not rank or tuple(a_info.shape) != (rank * experts, in_features) or \
+                tuple(b_info.shape) != (out_features, rank * experts):
+            raise AdapterError(f"adapter {adapter.spec}: the LoRA on {parameter} has A {tuple(a_info.shape)} and B "
+                               f"{tuple(b_info.shape)}, which do not fit the parameter {shape} of {experts} expert(s) "
+                               f"(A (r·{experts}, {in_features}), B ({out_features}, r·{experts})). The adapter was "
+                               "trained on a different base model; pass its own base.")
+        alpha = pattern_value(alpha_pattern, f"{holder}.{leaf}", alpha_default)  # PEFT's key: module.parameter
+        scaling = alpha / math.sqrt(rank) if adapter.config.get("use_rslora") else alpha / rank
+        if parameter not in sources:
+            raise AdapterError(f"adapter {adapter.spec} adapts {parameter}, which no tensor of the base {base.spec} "
+                               "loads into. Was it trained on another model? Pass the adapter's own base.")
+        for src in _split_sources(adapter, base, parameter, shape, sources[parameter], config):
+            deltas.append(AdapterDelta(
+                module=src["module"], base_tensor=src["tensor"], shape=src["shape"], dtype=a_info.dtype,
+                conv1d=src["conv1d"], keys=parts, scaling=scaling, embedding=False, base_expert=src.get("base_expert"),
+                parameter=ExpertUpdate(src["expert"], experts, transposed, src.get("rows"))))
+    return deltas
+
+
+def _targeted_parameters(model, targets: list[str]) -> dict[str, list[str]]:
+    """Module name → its parameters that ``target_parameters`` match, in registration order.
+
+    PEFT's rule (``BaseTuner._inject_parameters``): ``module.param`` matches a target equal to
+    it or a dot-suffix of it; parameters are wrapped in the order the module registers them.
+    """
+    holders: dict[str, list[str]] = {}
+    for module_name, module in model.named_modules():
+        for param_name, _ in module.named_parameters(recurse=False):
+            key = f"{module_name}.{param_name}"
+            if module_name and any(key == t or key.endswith("." + t) for t in targets):
+                holders.setdefault(module_name, []).append(param_name)
+    return holders
+
+
+def _parameter_sources(model, base, parameters: set[str]) -> dict[str, list[tuple[str, Any, int | None]]]:
+    """Parameter → the base tensors that load into it: (tensor, the converter or None, its source pattern's index).
+
+    transformers (≥ 5) renames checkpoint tensors on loading and fuses some (``WeightConverter``):
+    Mixtral's ``block_sparse_moe.experts.3.w1.weight`` lands in ``mlp.experts.gate_up_proj``.
+    """
+    try:  # transformers ≥ 5 (4 loads every tensor under its stored name)
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+    except ImportError:
+        conversions = []
+    else:
+        conversions = get_model_conversion_mapping(model)
+    renamings = [c for c in conversions if isinstance(c, WeightRenaming)]
+    converters = [c for c in conversions if isinstance(c, WeightConverter)]
+    loaded: dict[str, list[tuple[str, Any, int | None]]] = {}
+    for tensor in base.names():
+        key, found = (rename_source_key(tensor, renamings, [])[0] if conversions else tensor), (None, None)
+        for converter in converters:  # at most one converts a tensor, as on loading
+            renamed, pattern = rename_source_key(key, [], [converter])
+            if pattern is not None:
+                key, found = renamed, (converter, converter.source_patterns.index(pattern))
+                break
+        loaded.setdefault(key, []).append((tensor, *found))
+    out = {}
+    for parameter in parameters:  # the base's names may differ from the model's by a prefix
+        key = parameter if parameter in loaded else resolve_name(parameter, loaded)
+        if key is not None:
+            out[parameter] = loaded[key]
+    return out
+
+
+def _split_sources(adapter, base, parameter: str, shape: tuple[int, ...], sources, config) -> list[dict[str, Any]]:
+    """Each base record that a parameter's LoRA updates, named and oriented as the checkpoint pairing names them.
+
+    Two layouts are read exactly: the parameter stored as the model holds it (a 2-D weight, or
+    3-D experts split per expert as ``{…experts}.{e}.{name}``), and per-expert 2-D (out, in)
+    matrices that transformers stacks by expert (``MergeModulelist(dim=0)``), then concatenates
+    along the rows in its source patterns' order (``Concatenate(dim=1)``: Mixtral's w1, w3 →
+    gate_up_proj). Any other conversion is refused.
+    """
+    if len(sources) == 1 and sources[0][1] is None:  # stored as the model holds it
+        tensor = sources[0][0]
+        module = tensor.removesuffix(".weight")
+        if tuple(base.info(tensor).shape) != shape:
+            raise AdapterError(f"adapter {adapter.spec} adapts {parameter} of shape {shape}, but the base's {tensor} "
+                               f"is {tuple(base.info(tensor).shape)}. The adapter was trained on a different base "
+                               "model; pass its own base.")
+        if len(shape) == 2:
+            conv1d = is_conv1d(module, config)
+            return [{"tensor": tensor, "module": module, "expert": 0, "conv1d": conv1d,
+                     "shape": (shape[1], shape[0]) if conv1d else shape}]
+        if ".experts." not in f".{tensor}." or tensor.endswith(".weight"):
+            raise _unreadable(adapter, parameter, f"the base stores it as {tensor}, a 3-D tensor spectra's pairing "
+                              "does not split per expert")
+        head, _, proj = module.rpartition(".")  # model.layers.0.mlp.experts . gate_up_proj
+        in_out = (config or {}).get("model_type") in IN_OUT_EXPERT_MODEL_TYPES  # x @ W[e]: W[e] is (in, out)
+        return [{"tensor": tensor, "module": f"{head}.{e}.{proj}", "expert": e, "base_expert": e, "conv1d": in_out,
+                 "shape": (shape[2], shape[1]) if in_out else shape[1:]} for e in range(shape[0])]
+    converter = sources[0][1]
+    if converter is None or any(c is not converter for _, c, _ in sources) or len(shape) != 3:
+        raise _unreadable(adapter, parameter, f"{len(sources)} base tensors ({sources[0][0]}, …) load into it other "
+                          "than by one stacking of per-expert matrices")
+    ops = [(type(op).__name__, getattr(op, "dim", None)) for op in converter.operations]
+    if ops not in ([("MergeModulelist", 0)], [("MergeModulelist", 0), ("Concatenate", 1)]):
+        raise _unreadable(adapter, parameter, f"transformers converts the base's {sources[0][0]} into it by "
+                          f"{', '.join(f'{n}(dim={d})' for n, d in ops)}, a conversion spectra does not invert")
+    by_pattern: dict[int, list[tuple[int | None, str]]] = {}
+    for tensor, _, index in sources:
+        by_pattern.setdefault(index, []).append((module_info(tensor.removesuffix(".weight")).expert, tensor))
+    out, offset = [], 0
+    for index in sorted(by_pattern):  # Concatenate keeps the order of the source patterns
+        tensors = by_pattern[index]  # MergeModulelist stacks them by expert number
+        shapes = {tuple(base.info(t).shape) for _, t in tensors}
+        if sorted(e for e, _ in tensors if e is not None) != list(range(shape[0])) or len(tensors) != shape[0] \
+                or len(shapes) != 1 or len(next(iter(shapes))) != 2:
+            raise _unreadable(adapter, parameter, f"its base tensors {tensors[0][1]}, … are not one 2-D (out, in) "
+                              f"matrix of one shape for each of experts 0…{shape[0] - 1}")
+        ((rows, columns),) = shapes
+        if columns != shape[2]:
+            raise _unreadable(adapter, parameter, f"its base tensor {tensors[0][1]} has {columns} columns, the "
+                              f"parameter {shape[2]}")
+        out += [{"tensor": t, "module": t.removesuffix(".weight"), "expert": e, "conv1d": False,
+                 "shape": (rows, columns), "rows": (offset, offset + rows)} for e, t in sorted(tensors)]
+        offset += rows
+    if offset != shape[1]:
+        raise _unreadable(adapter, parameter, f"its base tensors hold {offset} of its {shape[1]} rows")
+    return out
+
+
+def _unreadable(adapter, parameter: str, why: str) -> AdapterError:
+    return AdapterError(f"adapter {adapter.spec} adapts {parameter} through PEFT's target_parameters, and spectra "
+                        f"cannot read it exactly: {why}. Merge it (PeftModel.from_pretrained(...).merge_and_unload()"
+                        ".save_pretrained(DIR)) and pass DIR as TUNED instead.")
+
+
 def _tied_heads(adapter, modules: dict, missing: list[str], match, base_weights: list[str], config, notes) -> dict:
     """Output heads with a LoRA whose base weight is the tied input embedding (no tensor of their own).
 
@@ -202,8 +425,6 @@ def _tied_heads(adapter, modules: dict, missing: list[str], match, base_weights:
     weight. Returns {head module: the embedding's base tensor} for the latter; removes the
     former from `modules`.
     """
-    from spectra.checkpoints.architectures import module_info
-
     if (config or {}).get("tie_word_embeddings", True) is False:
         return {}
     embeds = [n for n in base_weights if module_info(n.removesuffix(".weight")).role == "embed"]

@@ -333,7 +333,7 @@ class Pairing:
             conv1d = p.conv1d
             entries.append(PairEntry(
                 name=p.module, info=info, kind="matrix", shape=p.shape, base_tensor=p.base_tensor,
-                tuned_tensor=None, base_dtype=b.dtype, tuned_dtype=p.dtype, conv1d=conv1d,
+                tuned_tensor=None, base_dtype=b.dtype, tuned_dtype=p.dtype, conv1d=conv1d, expert_index=p.base_expert,
                 projections=self._projections(p.module, info, p.shape[0]), adapter=p))
         return entries
 

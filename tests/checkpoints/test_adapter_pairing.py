@@ -101,13 +101,13 @@ def test_adapter_on_wrong_base_is_refused(tmp_path):
                                               num_attention_heads=4, num_key_value_heads=2, vocab_size=64))
     with pytest.raises(AdapterError, match="different base model"):
         Pairing(save(wide, tmp_path / "wide", "safetensors"), tmp_path / "ad")
-    # an adapter on PEFT target_parameters (fused MoE experts) is refused as such, not as another model's
+    # target_parameters the base's model has none of (fused MoE experts on a Llama): another model's adapter
     import json
 
     config = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
     config["target_parameters"] = ["model.layers.0.mlp.experts.gate_up_proj"]
     (tmp_path / "ad" / "adapter_config.json").write_text(json.dumps(config))
-    with pytest.raises(AdapterError, match="target_parameters.*merge_and_unload"):
+    with pytest.raises(AdapterError, match="target_parameters.*match no parameter of LlamaForCausalLM"):
         Pairing(save(base, tmp_path / "base", "safetensors"), tmp_path / "ad")
 
 
@@ -152,3 +152,158 @@ def test_a_tied_heads_lora_is_read_against_the_tied_embedding(tmp_path, targets,
         torch.testing.assert_close(d.delta, layers[name].get_delta_weight("default").float(), rtol=1e-5, atol=1e-6)
     assert yielded[adapted].base_tensor == "model.embed_tokens.weight"
     assert any("tied" in note for note in pairing.notes)
+
+
+# -- LoRA on parameters (PEFT's target_parameters): transformers-5 fused MoE experts ----------------------------------
+
+MIXTRAL_EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+
+
+def parameter_deltas(peft_model) -> dict[str, torch.Tensor]:
+    """PEFT's own update of each targeted parameter (``ParamWrapper.get_delta_weight``), by the model's name:
+    (E, d₁, d₂) for experts, as the parameter stores them."""
+    out = {}
+    for name, module in peft_model.named_modules():
+        if type(module).__name__ == "ParamWrapper":
+            holder = name.removeprefix("base_model.model.").replace(".base_layer", "")
+            out[f"{holder}.{module.parameter_name}"] = module.get_delta_weight("default").detach().float()
+    return out
+
+
+@pytest.mark.parametrize("targets", [MIXTRAL_EXPERTS, MIXTRAL_EXPERTS[::-1], ["mlp.experts.down_proj"],
+                                     ["mlp.gate.weight", "mlp.experts.gate_up_proj"]])
+def test_target_parameters_adapter_equals_peft_merge(tmp_path, targets):
+    """Mixtral's checkpoint stores experts.N.w1/w3/w2 (out, in); transformers 5 fuses them into gate_up_proj
+    (E, [w1; w3], hidden) and down_proj (E, hidden, ffn), which PEFT adapts through target_parameters with A
+    (r·E, in) and B (out, r·E). Each expert's ΔW comes out under the checkpoint's name, equal to PEFT's own
+    update and to its merge, saved (the rows an analysis of the merged model has). These were refused."""
+    base = build_model("mixtral")
+    base_dir = save(base, tmp_path / "base", "safetensors")
+    peft_model = random_adapter(base, tmp_path / "ad", r=2, lora_alpha=6, target_modules=["q_proj"],
+                                target_parameters=targets)
+    reference = parameter_deltas(peft_model)
+    merged_dir = save(peft_model.merge_and_unload(), tmp_path / "merged", "safetensors")
+    yielded = {d.name: d for d in Pairing(base_dir, tmp_path / "ad", PairingOptions(vectors=False))}
+    merged = {d.name: d.delta for d in Pairing(base_dir, merged_dir, PairingOptions(vectors=False)) if d.delta.any()}
+    assert set(yielded) == set(merged)
+    for name, delta in merged.items():
+        torch.testing.assert_close(yielded[name].delta, delta, rtol=1e-5, atol=1e-6, msg=name)
+    for layer in (0, 1):
+        moe = f"model.layers.{layer}.block_sparse_moe"
+        expected = {}
+        for e in range(3):
+            if "mlp.experts.gate_up_proj" in targets:  # rows [gate; up] of W[e] (2·48, 32)
+                gate_up = reference[f"model.layers.{layer}.mlp.experts.gate_up_proj"][e]
+                expected |= {f"{moe}.experts.{e}.w1": gate_up[:48], f"{moe}.experts.{e}.w3": gate_up[48:]}
+            if "mlp.experts.down_proj" in targets:
+                expected[f"{moe}.experts.{e}.w2"] = reference[f"model.layers.{layer}.mlp.experts.down_proj"][e]
+        if "mlp.gate.weight" in targets:  # the router: a 2-D parameter, E = 1
+            expected[f"{moe}.gate"] = reference[f"model.layers.{layer}.mlp.gate.weight"]
+        for name, delta in expected.items():
+            d = yielded[name]
+            assert (d.role, d.layer, d.expert) == ({"w1": "gate", "w3": "up", "w2": "down"}.get(name[-2:], "other"),
+                                                   layer, None if name.endswith("gate") else int(name.split(".")[-2]))
+            torch.testing.assert_close(d.delta, delta, rtol=1e-5, atol=1e-6, msg=name)
+    assert {d.role for d in yielded.values()} >= {"q"}
+
+
+def test_target_parameters_negative_controls(tmp_path):
+    """The fold matters: B's columns are expert-minor (B[:, e::E]), not expert-major like A's rows, and a
+    wrong nesting (which wrapper adapts which parameter) cannot pass the shape check."""
+    from safetensors.torch import load_file
+
+    base = build_model("mixtral")
+    peft_model = random_adapter(base, tmp_path / "ad", r=2, lora_alpha=6, target_modules=[],
+                                target_parameters=MIXTRAL_EXPERTS)
+    reference = parameter_deltas(peft_model)["model.layers.0.mlp.experts.down_proj"]  # (3, 32, 48)
+    saved = load_file(tmp_path / "ad" / "adapter_model.safetensors")
+    a = saved["base_model.model.model.layers.0.mlp.experts.lora_A.weight"]  # (r·E, 48): down_proj, the outer wrapper
+    b = saved["base_model.model.model.layers.0.mlp.experts.lora_B.weight"]  # (32, r·E)
+    for e in range(3):
+        a_e = a[2 * e:2 * e + 2]
+        torch.testing.assert_close(3.0 * b[:, e::3] @ a_e, reference[e], rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(3.0 * b[:, 2 * e:2 * e + 2] @ a_e, reference[e], atol=1e-3)  # naïve unfold
+    assert a.shape == (6, 48) and saved["base_model.model.model.layers.0.mlp.experts.base_layer.lora_A.weight"
+                                        ].shape == (6, 32)  # gate_up_proj, the inner one: shapes tell them apart
+
+
+def test_target_parameters_analysis_matches_the_merged_model(tmp_path):
+    """analyze(base, adapter) gives the rows analyze(base, merged) gives for every adapted module."""
+    from spectra.analysis import analyze
+
+    base = build_model("mixtral")
+    base_dir = save(base, tmp_path / "base", "safetensors")
+    peft_model = random_adapter(base, tmp_path / "ad", r=2, lora_alpha=6, target_modules=["v_proj"],
+                                target_parameters=["mlp.gate.weight", *MIXTRAL_EXPERTS])
+    merged_dir = save(peft_model.merge_and_unload(), tmp_path / "merged", "safetensors")
+    from_adapter = {r["name"]: r for r in analyze(base_dir, tmp_path / "ad", cache_dir=False, progress=False).modules}
+    from_merged = {r["name"]: r for r in analyze(base_dir, merged_dir, cache_dir=False, progress=False).modules}
+    assert len(from_adapter) == 2 * (1 + 1 + 3 * 3)  # per layer: v_proj, the router, 3 experts × w1, w3, w2
+    for name, row in from_adapter.items():
+        other = from_merged[name]
+        assert (row["role"], row["expert"], row["shape"]) == (other["role"], other["expert"], other["shape"])
+        assert row["energy_rank"] == other["energy_rank"], name
+        assert row["fro_norm"] == pytest.approx(other["fro_norm"], rel=1e-5), name
+        assert 0 < row["energy_rank"]["0.99"] <= 2  # rank 2 per expert
+    assert {r["role"] for r in from_adapter.values()} == {"v", "other", "gate", "up", "down"}
+
+
+def tiny_gpt_oss():
+    """A gpt-oss of one layer: experts stored (E, in, out) and marked is_transposed; gate and up interleaved.
+    hidden 32 = 2·intermediate, so gate_up_proj (3, 32, 32) is square and only is_transposed tells its layout."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    return tf.GptOssForCausalLM(tf.GptOssConfig(
+        hidden_size=32, intermediate_size=16, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=8, num_local_experts=3, num_experts_per_tok=2, vocab_size=64, layer_types=["full_attention"])).eval()
+
+
+def test_target_parameters_on_experts_stored_fused_and_transposed(tmp_path):
+    """gpt-oss stores its experts as the model holds them, (E, in, out): the ΔW rows are the pairing's
+    experts.{e}.gate_up_proj (with [gate]/[up] on alternate rows), transposed into (out, in)."""
+    base = tiny_gpt_oss()
+    base_dir = save(base, tmp_path / "base", "safetensors")
+    peft_model = random_adapter(base, tmp_path / "ad", r=2, lora_alpha=6, target_modules=[],
+                                target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj",
+                                                   "mlp.router.weight"])
+    reference = parameter_deltas(peft_model)
+    merged_dir = save(peft_model.merge_and_unload(), tmp_path / "merged", "safetensors")
+    yielded = {d.name: d for d in Pairing(base_dir, tmp_path / "ad", PairingOptions(vectors=False))}
+    merged = {d.name: d.delta for d in Pairing(base_dir, merged_dir, PairingOptions(vectors=False)) if d.delta.any()}
+    assert set(yielded) == set(merged) and "model.layers.0.mlp.experts.2.gate_up_proj[up]" in yielded
+    for name, delta in merged.items():
+        torch.testing.assert_close(yielded[name].delta, delta, rtol=1e-5, atol=1e-6, msg=name)
+    for e in range(3):
+        for proj in ("gate_up_proj", "down_proj"):
+            d, stored = yielded[f"model.layers.0.mlp.experts.{e}.{proj}"], reference[f"model.layers.0.mlp.experts.{proj}"]
+            torch.testing.assert_close(d.delta, stored[e].T, rtol=1e-5, atol=1e-6)  # (in, out) → (out, in)
+            assert d.expert == e and d.conv1d
+        square = yielded[f"model.layers.0.mlp.experts.{e}.gate_up_proj"].delta
+        assert not torch.allclose(square, reference["model.layers.0.mlp.experts.gate_up_proj"][e], atol=1e-3)
+    torch.testing.assert_close(yielded["model.layers.0.mlp.router"].delta, reference["model.layers.0.mlp.router.weight"])
+
+
+def test_target_parameters_unreadable_or_foreign_is_refused(tmp_path):
+    import json
+    import shutil
+
+    import transformers as tf
+
+    base = build_model("mixtral")
+    base_dir = save(base, tmp_path / "base", "safetensors")
+    random_adapter(base, tmp_path / "ad", r=2, lora_alpha=4, target_modules=[], target_parameters=MIXTRAL_EXPERTS)
+    # no model class to build: the nesting and layout of the adapted parameters are unknown
+    bare = shutil.copytree(base_dir, tmp_path / "bare")
+    config = json.loads((bare / "config.json").read_text())
+    del config["architectures"]
+    (bare / "config.json").write_text(json.dumps(config))
+    with pytest.raises(AdapterError, match="mlp.experts.gate_up_proj.*cannot read it exactly.*"
+                                           "names no model class.*merge_and_unload"):
+        Pairing(bare, tmp_path / "ad")
+    # another Mixtral's experts (ffn 64, not 48)
+    wide = tf.MixtralForCausalLM(tf.MixtralConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                                  num_attention_heads=4, num_key_value_heads=2, num_local_experts=3,
+                                                  num_experts_per_tok=2, vocab_size=64))
+    with pytest.raises(AdapterError, match="do not fit the parameter.*different base model"):
+        Pairing(save(wide, tmp_path / "wide", "safetensors"), tmp_path / "ad")
