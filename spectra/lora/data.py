@@ -8,6 +8,10 @@ Two tasks:
 - ``seq_cls``: a ``.jsonl`` file with ``{"text": ..., "label": ...}`` per line; labels
   are integers or strings (see :func:`label_ids` for how they meet the model's head).
 
+A ``.csv`` or ``.tsv`` file holds the same records as a table whose header row names the
+columns ``text`` and (for classification) ``label``. Any other extension is refused: a
+table or a binary format read as plain text would train on the wrong thing in silence.
+
 Tokenisation uses the checkpoint's own tokenizer when the directory has one. Tiny
 test models built from config have none; they get :class:`ByteTokenizer`, a
 deterministic byte-level tokenizer that needs no files and no network.
@@ -15,7 +19,10 @@ deterministic byte-level tokenizer that needs no files and no network.
 
 from __future__ import annotations
 
+import csv
+import io
 import json
+import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +34,9 @@ from spectra.errors import ConfigError
 TASKS = ("causal_lm", "seq_cls")
 IGNORE_INDEX = -100  # label value PyTorch's cross-entropy skips (padding)
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "tokenizer.model", "vocab.json")
+_TABLE_DELIMITERS = {".csv": ",", ".tsv": "\t"}
+DATA_FORMATS = ('a .txt file (plain text), a .jsonl file of {"text": ...} (or {"text": ..., "label": ...} for '
+                "classification) records, or a .csv/.tsv file whose header row names the columns text (and label)")
 
 
 # ---------------------------------------------------------------------------- tokenizers
@@ -67,6 +77,8 @@ class _HFTokenizer:
         pad = tokenizer.pad_token_id
         if pad is None:  # GPT-2/Llama tokenizers have no pad token; the mask hides it anyway
             pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+            # named as the tokenizer's pad token, so the copy saved with an adapter pads batches as training did
+            tokenizer.pad_token = tokenizer.convert_ids_to_tokens(int(pad))
         self.pad_token_id = int(pad)
 
     def encode(self, text: str) -> list[int]:
@@ -101,31 +113,55 @@ def load_tokenizer(model_dir: str | Path, *, vocab_size: int, task: str):
 
 
 def read_records(path: str | Path, *, task: str) -> list[dict]:
-    """Read a ``.txt`` or ``.jsonl`` data file into ``{"text"[, "label"]}`` records.
+    """Read a ``.txt``, ``.jsonl`` (``.json``), ``.csv`` or ``.tsv`` data file into ``{"text"[, "label"]}`` records.
 
     A ``.txt`` file becomes a single record (its whole text, for stream cutting); it is
-    only valid for ``causal_lm``.
+    only valid for ``causal_lm``. A ``.csv``/``.tsv`` file's header row names its columns:
+    ``text`` and, for classification, ``label`` (others are ignored); a label column of
+    integers only holds class ids, as integer labels of a ``.jsonl`` file do, and an empty
+    label cell is no label.
 
     Raises
     ------
     ConfigError
-        Missing file, invalid JSON (with the line number), records without ``text`` or,
-        for ``seq_cls``, without ``label``; an empty file.
+        Missing file, another extension, invalid JSON or a malformed table row (with the
+        line number), records without ``text`` or, for ``seq_cls``, without ``label``; an
+        empty file.
     """
     _check_task(task)
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"data file {path} does not exist; pass a .txt file or a .jsonl file of "
-                          '{"text": ...} (or {"text": ..., "label": ...} for classification) records.')
-    if path.suffix not in (".jsonl", ".json"):
+        raise ConfigError(f"data file {path} does not exist; pass {DATA_FORMATS}.")
+    suffix = path.suffix.lower()
+    if suffix == ".txt":
         if task == "seq_cls":
-            raise ConfigError(f"data file {path}: classification needs a .jsonl file of "
-                              '{"text": ..., "label": ...} records, not plain text.')
+            raise ConfigError(f"data file {path}: classification needs labelled records, not plain text; pass "
+                              f"{DATA_FORMATS}.")
         text = _read_text(path)
         if not text.strip():
             raise ConfigError(f"data file {path} is empty.")
         return [{"text": text, "stream": True}]
+    if suffix in (".jsonl", ".json"):
+        rows = _json_lines(path)
+    elif suffix in _TABLE_DELIMITERS:
+        rows = _table_rows(path, _TABLE_DELIMITERS[suffix], task=task)
+    else:
+        raise ConfigError(f"data file {path}: {path.suffix or 'a name without extension'} is not a data format "
+                          f"spectra reads; pass {DATA_FORMATS}. Rename a plain-text file to .txt.")
     records = []
+    for number, record in rows:
+        if task == "seq_cls" and not isinstance(record.get("label"), (int, str)):
+            raise ConfigError(f"data file {path}, line {number}: classification records need a \"label\" "
+                              "(integer or string).")
+        records.append(record)
+    if not records:
+        raise ConfigError(f"data file {path} holds no records.")
+    return records
+
+
+def _json_lines(path: Path) -> list[tuple[int, dict]]:
+    """(line number, record) of each non-blank line of a JSON-lines file."""
+    rows = []
     for number, line in enumerate(_read_text(path).splitlines(), 1):
         if not line.strip():
             continue
@@ -136,13 +172,45 @@ def read_records(path: str | Path, *, task: str) -> list[dict]:
         if not isinstance(record, dict) or not isinstance(record.get("text"), str):
             raise ConfigError(f"data file {path}, line {number}: each line must be an object with a string "
                               '"text" field.')
-        if task == "seq_cls" and not isinstance(record.get("label"), (int, str)):
-            raise ConfigError(f"data file {path}, line {number}: classification records need a \"label\" "
-                              "(integer or string).")
-        records.append(record)
-    if not records:
-        raise ConfigError(f"data file {path} holds no records.")
-    return records
+        rows.append((number, record))
+    return rows
+
+
+def _table_rows(path: Path, delimiter: str, *, task: str) -> list[tuple[int, dict]]:
+    """(line number, record) of each row of a ``.csv``/``.tsv`` file with a header row.
+
+    The line number is the row's last line (a quoted field may span lines). A label
+    column of integers only becomes integer labels (class ids).
+    """
+    kind = "CSV" if delimiter == "," else "TSV"
+    # an Excel-saved table starts with a byte-order mark, which would make the first column "\ufefftext"
+    reader = csv.DictReader(io.StringIO(_read_text(path).removeprefix("\ufeff")), delimiter=delimiter)
+    rows = []
+    try:
+        header = reader.fieldnames or []
+        if "text" not in header or (task == "seq_cls" and "label" not in header):
+            needed = "text and label" if task == "seq_cls" else "text (and label, for classification)"
+            raise ConfigError(f"data file {path}: the header row names the columns {header}; it must name {needed}.")
+        for row in reader:
+            if None in row:  # DictReader's key for the fields beyond the header
+                raise ConfigError(f"data file {path}, line {reader.line_num}: {len(header) + len(row[None])} fields "
+                                  f"under a header of {len(header)}; quote a text that holds the delimiter "
+                                  f"({delimiter!r}) in double quotes.")
+            if row["text"] is None:  # a short row: DictReader fills the missing fields with None
+                raise ConfigError(f"data file {path}, line {reader.line_num}: no text field; each row needs the "
+                                  f"{len(header)} fields the header names.")
+            record = {"text": row["text"]}
+            if row.get("label"):
+                record["label"] = row["label"]
+            rows.append((reader.line_num, record))
+    except csv.Error as err:
+        raise ConfigError(f"data file {path}, line {reader.line_num}: not valid {kind} ({err}).") from None
+    labels = [r["label"] for _, r in rows if "label" in r]
+    if labels and all(re.fullmatch(r"\s*-?\d+\s*", v) for v in labels):  # a table holds every cell as a string
+        for _, record in rows:
+            if "label" in record:
+                record["label"] = int(record["label"])
+    return rows
 
 
 def label_ids(records: Sequence[Mapping], *, label2id: Mapping[str, int] | None = None,
@@ -157,8 +225,7 @@ def label_ids(records: Sequence[Mapping], *, label2id: Mapping[str, int] | None 
     - Integer labels are class ids of the model's head, used as they are. The names are
       ``"0"`` … ``str(n - 1)`` with ``n = max(min_labels, max label + 1)``, so a head of
       ``min_labels`` classes that the labels fit is kept. With ``num_labels`` (a trained
-      head of that size, or the classes an eval file must match) a label ≥ ``num_labels``
-      is refused rather than the head replaced.
+      head of that size) a label ≥ ``num_labels`` is refused rather than the head replaced.
     - String labels go through ``label2id`` when given (the model's own label names;
       another name is refused), else they are a new label set, ids in sorted order.
 
@@ -383,8 +450,8 @@ def _read_text(path: Path) -> str:
     try:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
-        raise ConfigError(f"data file {path} is not UTF-8 text ({err.reason} at byte {err.start}); pass a .txt "
-                          "file or a .jsonl file of records.") from None
+        raise ConfigError(f"data file {path} is not UTF-8 text ({err.reason} at byte {err.start}); save it as UTF-8 "
+                          f"and pass {DATA_FORMATS}.") from None
 
 
 # ---------------------------------------------------------------------------- one call
@@ -449,14 +516,37 @@ def prepare_data(model_dir: str | Path, data, *, task: str = "auto", max_length:
 
 def tokenize_file(path, tokenizer, *, task: str, max_length: int, label_names: Sequence[str] | None = None
                   ) -> TokenizedData:
-    """Tokenise an eval file, mapping string labels through ``label_names`` (the training labels)."""
+    """Tokenise an eval file, mapping string labels through ``label_names`` (the training labels).
+
+    Raises
+    ------
+    ConfigError
+        A label that is not one of ``label_names`` (by name, or by id for an integer).
+    """
     records = read_records(path, task=task)
     labels = None
     if task == "seq_cls":  # string labels go through the training names, "0", "1", … included
-        mapping = None if label_names is None else {n: i for i, n in enumerate(label_names)}
-        labels, _ = label_ids(records, label2id=mapping, num_labels=None if label_names is None else len(label_names),
-                              source=str(path))
+        mapping = None
+        if label_names is not None:
+            _check_trained_classes(records, label_names, source=str(path))
+            mapping = {n: i for i, n in enumerate(label_names)}
+        labels, _ = label_ids(records, label2id=mapping, source=str(path))
     return tokenize(records, tokenizer, task=task, max_length=max_length, labels=labels)
+
+
+def _check_trained_classes(records: Sequence[Mapping], label_names: Sequence[str], *, source: str) -> None:
+    """Refuse an eval label that is not a class of training: a name of ``label_names``, or an id below its length.
+
+    Whatever the head (the checkpoint's, or one new to a bare base), it has outputs for
+    these classes only, so the label is what is wrong, and the message says so.
+    """
+    for record in records:
+        value = record["label"]
+        known = value in label_names if isinstance(value, str) else 0 <= value < len(label_names)
+        if not known:
+            shown = ", ".join(label_names[:10]) + (", …" if len(label_names) > 10 else "")
+            raise ConfigError(f"{source}: label {value!r} is not among the {len(label_names)} classes seen in "
+                              f"training ({shown}); eval data must use the training data's labels.")
 
 
 def model_label2id(model_config: Mapping) -> dict[str, int] | None:

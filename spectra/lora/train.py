@@ -398,7 +398,11 @@ def wrap_model(model, config: TrainConfig, *, task: str):
     with quiet_peft():
         if config.quantized:
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.gradient_checkpointing)
-        return get_peft_model(model, lora_config(model, config, task=task))
+        model = get_peft_model(model, lora_config(model, config, task=task))
+    adapter = model.peft_config["default"]
+    if adapter.modules_to_save:  # PEFT's classifier appends its own head names ("classifier", "score") to ours
+        adapter.modules_to_save = list(dict.fromkeys(adapter.modules_to_save))  # once each, in order
+    return model
 
 
 # ---------------------------------------------------------------------------- loop
@@ -413,13 +417,15 @@ def train_adapter(base, data, config: TrainConfig | None = None, out_dir=None, *
     base : str or path
         Model directory (or hub id) with config.json and weights.
     data : str or path
-        ``.txt`` (language modelling) or ``.jsonl`` of ``{"text"}`` / ``{"text", "label"}``.
+        ``.txt`` (language modelling), ``.jsonl`` of ``{"text"}`` / ``{"text", "label"}``, or
+        ``.csv``/``.tsv`` whose header names the columns ``text`` (and ``label``).
     config : TrainConfig, optional
     out_dir : str or path
         Directory to create: a PEFT adapter (``adapter_config.json``,
         ``adapter_model.safetensors``) or, for ``method="full"``, a checkpoint
         (``config.json``, ``model.safetensors``); both also hold ``training_log.jsonl``
-        and ``spectra_train.json``.
+        and ``spectra_train.json`` (with the ``pad_token_id`` batches were padded with, which
+        a classifier loaded with the adapter needs in its config).
     eval_data : str or path, optional
         Held-out data (same format); default: ``config.eval_fraction`` of ``data``.
     overwrite : bool
@@ -602,6 +608,9 @@ def _save(model, tokenizer, config: TrainConfig, result: TrainResult, folder: Pa
         "eval_data": None if eval_data is None else str(eval_data),
         "task": result.task, "method": config.method, "config": dataclasses.asdict(config),
         "tokenizer": getattr(tokenizer, "name", type(tokenizer).__name__), "label_names": result.label_names,
+        # the id batches were padded with, set as the model's config.pad_token_id (a classifier pools at the last
+        # token before it); a PEFT adapter has no config of its own to carry it, so a loader must set it again
+        "pad_token_id": tokenizer.pad_token_id,
         "steps": result.steps, "trainable_params": result.trainable_params,
         "final_train_loss": result.losses[-1] if result.losses else None, "evals": result.evals,
         "timings": {"step_median_s": times[len(times) // 2] if times else None, "train_s": sum(times)},

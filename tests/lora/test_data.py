@@ -135,3 +135,130 @@ def test_boolean_labels_are_refused_as_such():
         label_ids([{"label": True}, {"label": False}], source="bools.jsonl")
     ids, names = label_ids([{"label": 1}, {"label": 0}], source="ints.jsonl")
     assert ids == [1, 0] and names == ["0", "1"]
+
+
+# ---------------------------------------------------------------------------- file formats
+
+
+def _write_table(path, rows, delimiter):
+    import csv
+
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        csv.writer(fh, delimiter=delimiter).writerows(rows)
+    return path
+
+
+@pytest.mark.parametrize("suffix, delimiter", [(".csv", ","), (".tsv", "\t")])
+def test_tables_read_as_the_same_records_as_json_lines(llama_base, tmp_path, suffix, delimiter):
+    """A .csv/.tsv was one plain-text stream (the header and labels trained as text, task causal_lm)."""
+    from spectra.lora.data import read_records
+
+    texts = ["good, really", "bad\tone", 'say "meh"\non two lines', "good again", "bad again", "fine"]
+    reference = [{"text": t, "label": i % 2} for i, t in enumerate(texts)]
+    jsonl = tmp_path / "train.jsonl"
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in reference))
+    table = _write_table(tmp_path / f"train{suffix}", [["id", "text", "label"]]
+                         + [[i, r["text"], r["label"]] for i, r in enumerate(reference)], delimiter)
+    assert read_records(table, task="seq_cls") == read_records(jsonl, task="seq_cls") == reference
+    task, train, _, names, _ = prepare_data(llama_base, table)
+    expected = prepare_data(llama_base, jsonl)
+    assert (task, train.ids, train.labels, names) == (expected[0], expected[1].ids, expected[1].labels, expected[3])
+    assert task == "seq_cls" and names == ["0", "1"]  # an integer column holds class ids, as in .jsonl
+    # string labels stay names; a BOM (Excel's UTF-8) is not part of the first column's name
+    named = tmp_path / f"named{suffix}"
+    named.write_text("\ufeff" + _write_table(tmp_path / f"n{suffix}", [["text", "label"], ["a b", "pos"], ["c", "2"]],
+                                             delimiter).read_text(), encoding="utf-8")
+    assert read_records(named, task="seq_cls") == [{"text": "a b", "label": "pos"}, {"text": "c", "label": "2"}]
+    # a text column alone is language modelling, one example per row (not one stream)
+    lm = _write_table(tmp_path / f"lm{suffix}", [["text"], ["some text"], ["more text"]], delimiter)
+    assert read_records(lm, task="causal_lm") == [{"text": "some text"}, {"text": "more text"}]
+    assert prepare_data(llama_base, lm)[0] == "causal_lm"
+
+
+def test_bad_tables_are_named_by_line(tmp_path):
+    from spectra.lora.data import read_records
+
+    no_text = tmp_path / "a.csv"
+    no_text.write_text("sentence,label\nhello,1\n")
+    with pytest.raises(ConfigError, match=r"a\.csv: the header row names the columns \['sentence', 'label'\]; "
+                                          "it must name text"):
+        read_records(no_text, task="causal_lm")
+    no_label = tmp_path / "b.csv"
+    no_label.write_text("text\nhello\n")
+    with pytest.raises(ConfigError, match=r"b\.csv.*must name text and label"):
+        read_records(no_label, task="seq_cls")
+    assert read_records(no_label, task="causal_lm") == [{"text": "hello"}]
+    unquoted = tmp_path / "c.csv"
+    unquoted.write_text("text,label\nfine,1\nhello, world,0\n")  # the comma splits the text
+    with pytest.raises(ConfigError, match=r"c\.csv, line 3: 3 fields under a header of 2; quote"):
+        read_records(unquoted, task="seq_cls")
+    empty_label = tmp_path / "d.csv"
+    empty_label.write_text('text,label\nfine,1\n"two\nlines",\n')
+    with pytest.raises(ConfigError, match=r"d\.csv, line 4: classification records need a \"label\""):
+        read_records(empty_label, task="seq_cls")
+    header_only = tmp_path / "e.tsv"
+    header_only.write_text("text\tlabel\n")
+    with pytest.raises(ConfigError, match="holds no records"):
+        read_records(header_only, task="seq_cls")
+
+
+@pytest.mark.parametrize("name", ["train.md", "train.parquet", "train"])
+def test_other_extensions_are_refused_with_the_formats(tmp_path, name):
+    from spectra.lora.data import read_records
+
+    path = tmp_path / name
+    path.write_text("text,label\nhello,1\n")
+    with pytest.raises(ConfigError, match=rf"{name}: .* is not a data format spectra reads; pass a \.txt file.*"
+                                          r"\.jsonl.*\.csv/\.tsv.*Rename a plain-text file to \.txt"):
+        read_records(path, task="causal_lm")
+    # the same bytes as .txt are one language-modelling stream, as every plain-text file was
+    txt = tmp_path / "same.txt"
+    txt.write_text(path.read_text())
+    assert read_records(txt, task="causal_lm") == [{"text": "text,label\nhello,1\n", "stream": True}]
+
+
+# ---------------------------------------------------------------------------- eval labels
+
+
+def test_eval_label_outside_the_training_classes_is_named(llama_base, tmp_path):
+    """A causal-LM base trained for classification has a new head: the eval label is what is wrong."""
+    train, held = tmp_path / "train.jsonl", tmp_path / "eval.jsonl"
+    train.write_text("".join(json.dumps({"text": f"item {i}", "label": i % 2}) + "\n" for i in range(8)))
+    held.write_text("".join(json.dumps({"text": f"item {i}", "label": i % 3}) + "\n" for i in range(6)))
+    with pytest.raises(ConfigError) as err:
+        prepare_data(llama_base, train, eval_data=held)
+    assert str(err.value) == (f"{held}: label 2 is not among the 2 classes seen in training (0, 1); eval data must "
+                              "use the training data's labels.")
+    named_train, named_held = tmp_path / "named.jsonl", tmp_path / "named_eval.jsonl"
+    named_train.write_text("".join(json.dumps({"text": f"item {i}", "label": ["neg", "pos"][i % 2]}) + "\n"
+                                   for i in range(8)))
+    named_held.write_text(json.dumps({"text": "item", "label": "pos"}) + "\n"
+                          + json.dumps({"text": "item", "label": "meh"}) + "\n")
+    with pytest.raises(ConfigError, match=rf"{named_held}: label 'meh' is not among the 2 classes seen in training "
+                                          r"\(neg, pos\)"):
+        prepare_data(llama_base, named_train, eval_data=named_held)
+    # negative control: eval labels among the training classes pass, by id or by name
+    held.write_text("".join(json.dumps({"text": f"item {i}", "label": i % 2}) + "\n" for i in range(6)))
+    assert prepare_data(llama_base, train, eval_data=held)[2].labels == [0, 1, 0, 1, 0, 1]
+
+
+# ---------------------------------------------------------------------------- tokenizer
+
+
+def test_a_tokenizer_without_pad_token_is_saved_with_the_one_batches_used(tmp_path):
+    """A saved copy of a tokenizer with no pad token (GPT-2, Llama) pads with the id training padded with."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    from spectra.lora.data import load_tokenizer
+
+    words = Tokenizer(models.WordLevel({"<unk>": 0, "</s>": 1, "good": 2, "bad": 3}, unk_token="<unk>"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=words, eos_token="</s>", unk_token="<unk>").save_pretrained(tmp_path / "b")
+    assert AutoTokenizer.from_pretrained(str(tmp_path / "b")).pad_token_id is None  # the checkpoint's: no pad
+    tokenizer = load_tokenizer(tmp_path / "b", vocab_size=4, task="seq_cls")
+    assert tokenizer.pad_token_id == 1 and tokenizer.encode("good bad") == [2, 3]  # eos pads; encoding unchanged
+    tokenizer.save(tmp_path / "ad")
+    saved = AutoTokenizer.from_pretrained(str(tmp_path / "ad"))
+    assert saved.pad_token_id == 1
+    assert saved(["good bad good", "bad"], padding=True)["input_ids"] == [[2, 3, 2], [3, 1, 1]]

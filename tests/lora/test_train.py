@@ -59,6 +59,7 @@ def test_classification_head_in_modules_to_save(tmp_path):
     assert result.task == "seq_cls" and result.label_names == ["neg", "neu", "pos"]
     adapter_config = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
     assert adapter_config["task_type"] == "SEQ_CLS" and "classifier" in adapter_config["modules_to_save"]
+    assert adapter_config["modules_to_save"].count("classifier") == 1  # ours and PEFT's own list name it both
     assert result.evals[-1]["examples"] == 12
 
 
@@ -298,3 +299,75 @@ def test_plan_with_fused_experts_trains_them_through_target_parameters(text_data
         train_adapter(b, text_data, TrainConfig(plan=str(path), method="dora", **FAST), tmp_path / "dora",
                       progress=False)
     assert not (tmp_path / "dora").exists()
+
+
+@pytest.fixture(scope="module")
+def llama_classifier(tmp_path_factory):
+    """A causal-LM base with no pad_token_id trained for classification; the trained model as it was in memory."""
+    import transformers as tf
+
+    import spectra.lora.train as train_module
+    from tests.models import tiny_config
+
+    root = tmp_path_factory.mktemp("llama_cls")
+    config = tiny_config("llama")
+    assert config.pad_token_id is None
+    torch.manual_seed(0)
+    tf.LlamaForCausalLM(config).save_pretrained(root / "base")
+    (root / "train.jsonl").write_text("".join(json.dumps({"text": ("good" if i % 2 else "bad") + " x" * (i % 5),
+                                                          "label": ["neg", "pos"][i % 2]}) + "\n" for i in range(24)))
+    wrapped = []
+    real = train_module.wrap_model
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(train_module, "wrap_model", lambda *a, **k: wrapped.append(real(*a, **k)) or wrapped[-1])
+        config = TrainConfig(rank=2, batch_size=8, lr=5e-3, eval_fraction=0.0)
+        train_adapter(root / "base", root / "train.jsonl", config, root / "ad", progress=False)
+    return root / "base", root / "ad", wrapped[0].eval()
+
+
+def _reload(base, adapter, *, pad_token_id):
+    """The adapter onto its base with PEFT, the way the README says to."""
+    import transformers as tf
+    from peft import PeftModel
+
+    summary = json.loads((adapter / "spectra_train.json").read_text())
+    model = tf.AutoModelForSequenceClassification.from_pretrained(str(base), num_labels=len(summary["label_names"]))
+    if pad_token_id is not None:
+        model.config.pad_token_id = pad_token_id
+    return PeftModel.from_pretrained(model, str(adapter)).eval()
+
+
+def test_classifier_head_is_saved_once_and_peft_loads_it(llama_classifier):
+    """PEFT's classifier appends "classifier", "score" to the modules_to_save spectra passes: score was listed twice."""
+    from safetensors.torch import load_file
+
+    base, adapter, _ = llama_classifier
+    saved = json.loads((adapter / "adapter_config.json").read_text())["modules_to_save"]
+    assert saved.count("score") == 1 and len(saved) == len(set(saved)), saved
+    reloaded = _reload(base, adapter, pad_token_id=0)
+    weights = load_file(adapter / "adapter_model.safetensors")
+    (key,) = [k for k in weights if "score" in k]
+    head = dict(reloaded.named_parameters())[key.replace("score.weight", "score.modules_to_save.default.weight")]
+    assert torch.equal(head, weights[key])  # the trained head, not the base's random one
+
+
+def test_reloaded_classifier_pads_batches_as_training_did(llama_classifier):
+    """A base with no pad_token_id: training pads with the tokenizer's id; the adapter now records it."""
+    base, adapter, trained = llama_classifier
+    pad = json.loads((adapter / "spectra_train.json").read_text())["pad_token_id"]
+    assert pad == trained.config.pad_token_id == 0  # the byte tokenizer's padding id
+    seqs = [[5, 9, 12, 7, 3], [8, 4]]
+    batch = torch.tensor([seqs[0], seqs[1] + [pad] * 3])  # (2, 5), right-padded
+    mask = torch.tensor([[1] * 5, [1, 1, 0, 0, 0]])
+    with torch.no_grad():
+        in_memory = trained(input_ids=batch, attention_mask=mask).logits  # (2, C)
+        reloaded = _reload(base, adapter, pad_token_id=pad)
+        torch.testing.assert_close(reloaded(input_ids=batch, attention_mask=mask).logits, in_memory)
+        # independent reference: each sequence alone, nothing to pool past
+        alone = torch.cat([reloaded(input_ids=torch.tensor([s])).logits for s in seqs])
+        torch.testing.assert_close(in_memory, alone, rtol=1e-5, atol=1e-6)
+        # negative controls: without the recorded id a batch is refused, with another one it pools at padding
+        with pytest.raises(ValueError, match="no padding token"):
+            _reload(base, adapter, pad_token_id=None)(input_ids=batch, attention_mask=mask)
+        wrong = _reload(base, adapter, pad_token_id=1)(input_ids=batch, attention_mask=mask).logits
+        assert not torch.allclose(wrong[1], in_memory[1], atol=1e-4)
