@@ -281,7 +281,7 @@ def collect_calibration(model_spec, data, *, config: CalibrationConfig | None = 
         truncated update is added to (as ASVD/SVD-LLM calibrate the model they compress).
         Needs a model directory with config.json.
     data : str or path
-        ``.txt`` or ``.jsonl`` of ``{"text"}`` / ``{"text", "label"}`` records.
+        ``.txt``, or ``.jsonl`` of ``{"text"}`` / ``{"text", "label"}`` records, or ``.csv``/``.tsv`` with those header columns.
     config : CalibrationConfig, optional
     model : torch.nn.Module, optional
         An already loaded model of ``model_spec`` (skips loading it again).

@@ -120,7 +120,7 @@ def analyze(
     workers: Annotated[Optional[int], typer.Option(help="Modules analysed at once, each on its own thread with (torch threads ÷ workers) threads. Default: one per torch thread up to 4 on the CPU, 1 on a GPU.")] = None,
     read_ahead: Annotated[int, typer.Option(help="With one worker: modules read ahead of the math (0: read in line).")] = 2,
     read_ahead_mb: Annotated[int, typer.Option(help="Most ΔW data (MB, float32) held by the modules in flight (one always goes); bounds peak memory.")] = 512,
-    calibration: Annotated[Optional[Path], typer.Option(help="Calibration data (.txt/.jsonl): also report each ΔW's activation-weighted spectrum, ΔW·C^{1/2} on the base's inputs.")] = None,
+    calibration: Annotated[Optional[Path], typer.Option(help="Calibration data (.txt, or .jsonl/.csv/.tsv with a text field): also report each ΔW's activation-weighted spectrum, ΔW·C^{1/2} on the base's inputs.")] = None,
     calibration_epsilon: Annotated[float, typer.Option(help="Ridge of the input second moment C, relative to its mean eigenvalue.")] = 1e-6,
 ) -> None:
     """Measure the spectrum of every ΔW = TUNED − BASE and write a report (JSON, Markdown, HTML, figures).
@@ -468,7 +468,7 @@ def bench_svd(
 @app.command()
 def train(
     base: Annotated[str, typer.Argument(help="Model directory (or hub id) with config.json to fine-tune.")],
-    data: Annotated[Path, typer.Option(help=".txt (language modelling) or .jsonl of {\"text\"} / {\"text\", \"label\"}.")],
+    data: Annotated[Path, typer.Option(help=".txt (language modelling), or .jsonl of {\"text\"} / {\"text\", \"label\"} records, or .csv/.tsv with a text (and label) header column.")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Adapter directory (or checkpoint with --full) to create.")],
     method: Annotated[str, typer.Option(help="lora, dora, qlora or qdora (4-bit NF4 base).")] = "lora",
     full: Annotated[bool, typer.Option("--full", help="Full fine-tune instead of an adapter: writes a checkpoint that "
@@ -671,7 +671,7 @@ def bench_e2e(
 def sweep(
     base: Annotated[str, typer.Argument(help="Pretrained checkpoint (model directory with config.json).")],
     tuned: Annotated[str, typer.Argument(help="The full fine-tune (model directory with config.json).")],
-    data: Annotated[Path, typer.Option(help="Eval data: .txt (perplexity) or .jsonl of {\"text\", \"label\"} (accuracy).")],
+    data: Annotated[Path, typer.Option(help="Eval data: .txt (perplexity), or .jsonl of {\"text\", \"label\"} / .csv/.tsv with text,label columns (accuracy).")],
     ranks: Annotated[str, typer.Option(help="Comma-separated ranks to evaluate (0 allowed).")] = "1,2,4,8,16,32,64",
     output: Annotated[Path, typer.Option("-o", "--output", help="Report directory to write.")] = Path("reports/sweep"),
     non_target: Annotated[str, typer.Option(help="Norms, biases, heads, embeddings from: tuned, base or both.")] = "tuned",
