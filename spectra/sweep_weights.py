@@ -9,10 +9,12 @@ last configuration is rewritten.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
 
+from spectra.checkpoints.names import match_names
 from spectra.errors import ConfigError
 
 
@@ -51,9 +53,9 @@ class ModelWeights:
     """
 
     def __init__(self, model, base, tuned, *, plan=None, roles=None):
-        from spectra.checkpoints.names import match_names
         from spectra.checkpoints.pairing import Pairing, PairingOptions
         from spectra.checkpoints.source import AdapterSource
+        from spectra.checkpoints.targets import loading_rename
         from spectra.lora.train import BLOCK_ROLES
 
         self.state = model.state_dict()  # key -> tensor sharing the parameter's storage
@@ -78,19 +80,21 @@ class ModelWeights:
             entries = [by_name[n] for n in planned]
         skipped = [e.name for e in entries if e.expert_index is not None]
         if skipped:
-            self.notes.append(f"{len(skipped)} expert slices of 3-D MoE tensors are not truncated (kept as tuned).")
+            self.notes.append(f"{len(skipped)} expert slices of 3-D MoE tensors are not truncated (kept whole, from "
+                              "where the non-targets come from).")
         entries = [e for e in entries if e.expert_index is None]
-        match = match_names([e.tuned_tensor for e in entries], list(self.state))
+        rename = loading_rename(model)
+        self._tuned_names = _names_by_key(self.pairing.tuned.names(), list(self.state), rename)
+        self._base_names = _names_by_key(self.pairing.base.names(), list(self.state), rename)
+        key_of = {name: key for key, name in self._tuned_names.items()}  # tuned checkpoint name -> model key
         self.targets = [Target(e.name, e.info.role, tuple(e.shape), e.base_tensor, e.tuned_tensor,
-                               match.pairs[e.tuned_tensor], e.conv1d, e,
+                               key_of[e.tuned_tensor], e.conv1d, e,
                                plan_rank=planned[e.name] if plan is not None else None)
-                        for e in entries if e.tuned_tensor in match.pairs]
+                        for e in entries if e.tuned_tensor in key_of]
         if not self.targets:
             raise ConfigError(f"nothing to truncate: no weight matrix of roles {', '.join(options.roles or ())} pairs "
                               f"between {base} and {tuned} and the loaded model.")
         targeted = {t.key for t in self.targets}
-        self._tuned_names = _by_key(match_names(self.pairing.tuned.names(), list(self.state)))
-        self._base_names = _by_key(match_names(self.pairing.base.names(), list(self.state)))
         self.non_target = [k for k in self.state if k not in targeted and k in self._tuned_names]
         for key in self.non_target:
             name = self._base_names.get(key)
@@ -98,13 +102,13 @@ class ModelWeights:
                 self._base_names.pop(key, None)
                 self.notes.append(f"{key}: absent from the base (or resized); taken from the fine-tune in every "
                                   "configuration.")
-        # keys no checkpoint name matches: transformers renamed them on load (gpt_neox's embed_out is the model's
-        # lm_head), unless they share storage with a matched key (tied weights follow that key)
+        # keys no one checkpoint tensor feeds: transformers fused several into them on load (Mixtral's experts),
+        # unless they share storage with a matched key (tied weights follow that key)
         known = {self.state[k].data_ptr() for k in (*targeted, *self._tuned_names)}
-        self.renamed = [k for k in self.state if k not in targeted and k not in self._tuned_names
-                        and self.state[k].data_ptr() not in known]
-        self._renamed_values: dict[str, dict[str, torch.Tensor]] = {
-            "tuned": {k: self.state[k].detach().to("cpu", copy=True) for k in self.renamed}}
+        self.fused = [k for k in self.state if k not in targeted and k not in self._tuned_names
+                      and self.state[k].data_ptr() not in known]
+        self._fused_values: dict[str, dict[str, torch.Tensor]] = {
+            "tuned": {k: self.state[k].detach().to("cpu", copy=True) for k in self.fused}}
         self._base_spec, self._model_class = base, type(model)
         self._mode = "tuned"  # the model as loaded
         self._ranks = [t.full_rank for t in self.targets]
@@ -131,7 +135,7 @@ class ModelWeights:
                                 if non_target == "base" and key in self._base_names
                                 else (self.pairing.tuned, self._tuned_names[key]))
                 self.state[key].copy_(source.read(name))
-            for key, value in self._renamed_for(non_target).items():
+            for key, value in self._fused_for(non_target).items():
                 self.state[key].copy_(value)
             self._mode = non_target
         for i, (target, rank) in enumerate(zip(self.targets, ranks)):
@@ -139,11 +143,15 @@ class ModelWeights:
                 self.state[target.key].copy_(self._weight(target, rank))
                 self._ranks[i] = rank
 
-    def _renamed_for(self, mode: str) -> dict[str, torch.Tensor]:
-        """Values of the renamed keys on the ``mode`` side; the base's as transformers loads the base model."""
-        if mode not in self._renamed_values:
+    def _fused_for(self, mode: str) -> dict[str, torch.Tensor]:
+        """Values of the fused keys on the ``mode`` side; the base's as transformers loads the base model.
+
+        The base model is loaded whole, on the CPU: its values are copied into the model's tensors
+        on whatever device they live, and a second copy of the model there would double its memory.
+        """
+        if mode not in self._fused_values:
             base_values = {}
-            if self.renamed:
+            if self.fused:
                 from spectra.lora.train import model_dir, quiet_loading
 
                 with quiet_loading():
@@ -152,18 +160,18 @@ class ModelWeights:
                         ignore_mismatched_sizes=True)
                 absent = set(info["missing_keys"]) | {k for k, *_ in info["mismatched_keys"]}
                 state = loaded.state_dict()
-                for key in self.renamed:
+                for key in self.fused:
                     if key in absent or key not in state or state[key].shape != self.state[key].shape:
                         self.notes.append(f"{key}: absent from the base (or resized); taken from the fine-tune in "
                                           "every configuration.")
-                        base_values[key] = self._renamed_values["tuned"][key]
+                        base_values[key] = self._fused_values["tuned"][key]
                     else:
                         base_values[key] = state[key].detach().clone()
-                        self.notes.append(f"{key}: named differently in the checkpoints; its base value is the one "
-                                          "transformers loads into the base model.")
+                        self.notes.append(f"{key}: fused from several checkpoint tensors; its base value is the "
+                                          "one transformers loads into the base model.")
                 del loaded, state
-            self._renamed_values[mode] = base_values
-        return self._renamed_values[mode]
+            self._fused_values[mode] = base_values
+        return self._fused_values[mode]
 
     def _weight(self, target: Target, rank: int) -> torch.Tensor:
         """The target's tensor at ``rank``, in the checkpoint's (= the model's) layout."""
@@ -179,6 +187,15 @@ class ModelWeights:
         return base.double() + (delta.T if target.conv1d else delta)  # Conv1D stores (in, out)
 
 
-def _by_key(match) -> dict[str, str]:
-    """state_dict key -> checkpoint name, from a match of checkpoint names against keys."""
-    return {key: name for name, key in match.pairs.items()}
+def _names_by_key(names, keys: list[str], rename) -> dict[str, str]:
+    """state_dict key -> the one checkpoint tensor transformers loads into it, read without loading the model.
+
+    A name is renamed as transformers renames it on loading (gpt_neox's ``embed_out.weight`` is the
+    model's ``lm_head.weight``), then matched to a key up to a prefix. A key several tensors are
+    fused into (Mixtral's per-expert weights into one ``gate_up_proj``) gets none.
+    """
+    names = list(names)
+    loaded = [rename(n) for n in names]
+    counts = Counter(loaded)
+    stored = {new: name for new, name in zip(loaded, names) if counts[new] == 1}  # loaded name -> checkpoint name
+    return {key: stored[new] for new, key in match_names(list(stored), keys).pairs.items()}

@@ -228,15 +228,33 @@ def test_the_plan_point_is_the_base_with_the_plans_extracted_adapter(sharp_llama
     assert "plan (median rank; the rest from base)" in labels
 
 
-def test_a_head_the_checkpoint_names_differently_comes_from_the_base(tmp_path):
-    """gpt_neox saves its head as embed_out, the model calls it lm_head: base mode must still use the base's."""
+def models_loaded(monkeypatch) -> list[Path]:
+    """The folders transformers' from_pretrained loads a model from, from now on."""
+    import transformers
+
+    loaded, real = [], transformers.PreTrainedModel.from_pretrained.__func__
+
+    def spy(cls, path, *args, **kwargs):
+        loaded.append(Path(path).resolve())
+        return real(cls, path, *args, **kwargs)
+
+    monkeypatch.setattr(transformers.PreTrainedModel, "from_pretrained", classmethod(spy))
+    return loaded
+
+
+def test_a_head_the_checkpoint_names_differently_comes_from_the_base(tmp_path, monkeypatch):
+    """gpt_neox saves its head as embed_out, the model calls it lm_head: base mode must still use the base's,
+    read as transformers renames it, from the checkpoint: the base model is not loaded (it was, whole, in
+    float32 on the CPU, to read one tensor)."""
     base_model = build_model("gpt_neox")
     tuned_model = copy.deepcopy(base_model)
     with torch.no_grad():  # only the head moves: every targeted ΔW is zero
         tuned_model.get_output_embeddings().weight.add_(0.5 * torch.randn_like(tuned_model.get_output_embeddings().weight))
     base, tuned = save(base_model, tmp_path / "b", "safetensors"), save(tuned_model, tmp_path / "t", "safetensors")
     data = random_text(tmp_path / "x.txt", chars=16 * 10, seed=5)
+    loaded = models_loaded(monkeypatch)
     result = truncation_sweep(base, tuned, data, ranks=[1], non_target="both", config=FAST, progress=False)
+    assert loaded == [tuned.resolve()]  # the fine-tune, evaluated; not the base
     assert result.reference["base"]["loss"] == pytest.approx(reference_eval(base, data, "causal_lm")["loss"], rel=1e-5)
     assert result.reference["tuned"]["loss"] == pytest.approx(reference_eval(tuned, data, "causal_lm")["loss"],
                                                               rel=1e-5)
@@ -244,7 +262,25 @@ def test_a_head_the_checkpoint_names_differently_comes_from_the_base(tmp_path):
     by_mode = {p["non_target"]: p["loss"] for p in result.points if p["group"] == "model"}
     assert by_mode == pytest.approx({"base": result.reference["base"]["loss"],  # and switching back restores it
                                      "tuned": result.reference["tuned"]["loss"]}, rel=1e-9)
-    assert any(n.startswith("lm_head.weight: named differently") for n in result.data["notes"])
+    assert not any(n.startswith("lm_head.weight") for n in result.data["notes"])  # nothing to say about it
+
+
+def test_tensors_fused_on_loading_come_from_the_base_model(tmp_path, monkeypatch):
+    """Mixtral's per-expert weights are fused into one tensor on loading: in base mode they are the base's, as
+    transformers loads the base model (then loaded, once)."""
+    base_model = build_model("mixtral")
+    base, tuned = save(base_model, tmp_path / "b", "safetensors"), save(perturbed(base_model, 6), tmp_path / "t",
+                                                                        "safetensors")
+    data = random_text(tmp_path / "x.txt", chars=16 * 10, seed=5)
+    loaded = models_loaded(monkeypatch)
+    result = truncation_sweep(base, tuned, data, ranks=[1], non_target="both", config=FAST, progress=False)
+    assert loaded == [tuned.resolve(), base.resolve()]
+    monkeypatch.undo()
+    assert result.reference["base"]["loss"] == pytest.approx(reference_eval(base, data, "causal_lm")["loss"], rel=1e-5)
+    assert result.reference["tuned"]["loss"] == pytest.approx(reference_eval(tuned, data, "causal_lm")["loss"],
+                                                              rel=1e-5)
+    assert abs(result.reference["base"]["loss"] - result.reference["tuned"]["loss"]) > 1e-3
+    assert any(n.startswith("model.layers.0.mlp.experts.gate_up_proj: fused") for n in result.data["notes"])
 
 
 def test_a_fine_tune_without_the_datas_head_is_refused(llama, tmp_path):

@@ -116,7 +116,7 @@ def model_targets(names: Iterable[str], model) -> dict[str, ModelTarget | None]:
     modules = dict(model.named_modules())
     module_names = [n for n in modules if n]
     parameters = [n for n, _ in model.named_parameters()]
-    rename = _loading_rename(model)
+    rename = loading_rename(model)
     out = {}
     for name in names:
         module = resolve_name(name, module_names)
@@ -146,7 +146,7 @@ def _adaptable(module: torch.nn.Module) -> bool:
                                torch.nn.Conv3d, Conv1D))
 
 
-def _loading_rename(model):
+def loading_rename(model):
     """Checkpoint tensor name → the model's, as transformers' loader renames and fuses it."""
     try:  # transformers ≥ 5; PEFT maps adapters through the same table
         from transformers.conversion_mapping import get_model_conversion_mapping
