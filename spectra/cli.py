@@ -677,7 +677,7 @@ def sweep(
     non_target: Annotated[str, typer.Option(help="Norms, biases, heads, embeddings from: tuned, base or both.")] = "tuned",
     by_role: Annotated[bool, typer.Option("--by-role", help="Also one curve per role (that role truncated, the rest full).")] = False,
     metric: Annotated[Optional[str], typer.Option(help="accuracy, loss or perplexity (default: accuracy with labels, else perplexity).")] = None,
-    plan: Annotated[Optional[Path], typer.Option(help="A plan from `spectra recommend`: its modules are the targets, plus one point at its ranks.")] = None,
+    plan: Annotated[Optional[Path], typer.Option(help="A plan from `spectra recommend`: its modules are the targets of every curve, plus one point for the adapter `spectra extract --plan` writes (the base with each planned module at its rank, every other tensor the base's).")] = None,
     epsilon: Annotated[Optional[float], typer.Option(help="Mark the smallest rank within ε of the full fine-tune (metric units).")] = None,
     analysis: Annotated[Optional[Path], typer.Option(help="With --epsilon: an analysis of the pair; writes OUTPUT/plan.json from the functional policy.")] = None,
     calibration: Annotated[Optional[Path], typer.Option(help="Calibration data: truncate data-optimally (best on these inputs) instead of by Eckart–Young.")] = None,
