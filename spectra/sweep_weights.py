@@ -81,7 +81,9 @@ class ModelWeights:
         skipped = [e.name for e in entries if e.expert_index is not None]
         if skipped:
             self.notes.append(f"{len(skipped)} expert slices of 3-D MoE tensors are not truncated (kept whole, from "
-                              "where the non-targets come from).")
+                              "where the non-targets come from" + ("; the plan point holds them at the base's "
+                                                                   "weights, not at their planned ranks)."
+                                                                   if plan is not None else ")."))
         entries = [e for e in entries if e.expert_index is None]
         rename = loading_rename(model)
         self._tuned_names = _names_by_key(self.pairing.tuned.names(), list(self.state), rename)
@@ -91,6 +93,12 @@ class ModelWeights:
                                key_of[e.tuned_tensor], e.conv1d, e,
                                plan_rank=planned[e.name] if plan is not None else None)
                         for e in entries if e.tuned_tensor in key_of]
+        unmatched = [e.name for e in entries if e.tuned_tensor not in key_of]
+        if unmatched:  # a checkpoint name transformers maps to no parameter of the loaded model
+            self.notes.append(f"{len(unmatched)} module(s) match no parameter of the loaded {type(model).__name__} "
+                              f"(fused on loading?) and are not truncated but follow the non-targets"
+                              + (" (the plan point: the base's, not their planned ranks)" if plan is not None else "")
+                              + f": {', '.join(unmatched[:5])}" + (", …" if len(unmatched) > 5 else "") + ".")
         if not self.targets:
             raise ConfigError(f"nothing to truncate: no weight matrix of roles {', '.join(options.roles or ())} pairs "
                               f"between {base} and {tuned} and the loaded model.")

@@ -283,6 +283,21 @@ def test_tensors_fused_on_loading_come_from_the_base_model(tmp_path, monkeypatch
     assert any(n.startswith("model.layers.0.mlp.experts.gate_up_proj: fused") for n in result.data["notes"])
 
 
+def test_planned_modules_the_loaded_model_fuses_are_named_in_the_notes(tmp_path):
+    """Mixtral's per-expert checkpoint matrices are fused into one parameter on loading, so the sweep cannot
+    truncate them: a plan naming one used to drop it from the targets without a word."""
+    base_model = build_model("mixtral")
+    base, tuned = save(base_model, tmp_path / "b", "safetensors"), save(perturbed(base_model, 6), tmp_path / "t",
+                                                                        "safetensors")
+    data = random_text(tmp_path / "x.txt", chars=16 * 10, seed=5)
+    expert = "model.layers.0.block_sparse_moe.experts.1.w1"
+    plan = a_plan({"model.layers.0.self_attn.q_proj": (2, (32, 32)), expert: (3, (48, 32))})
+    result = truncation_sweep(base, tuned, data, ranks=[1], plan=plan, config=FAST, progress=False)
+    assert [m["name"] for m in result.data["modules"]] == ["model.layers.0.self_attn.q_proj"]
+    (note,) = [n for n in result.data["notes"] if expert in n]
+    assert "not truncated" in note and "the plan point: the base's" in note
+
+
 def test_a_fine_tune_without_the_datas_head_is_refused(llama, tmp_path):
     """A causal-LM fine-tune swept on labelled data: its classifier head would start at random (unseeded: two
     runs gave tuned accuracy 0.81 and 0.38) and the notes said it came from the fine-tune."""
