@@ -2,7 +2,8 @@
 ΔW a given subspace holds.
 
 Matrices are (out_features, in_features). A *basis* is a (dim, r) tensor whose columns
-span the subspace; it is orthonormalised here, so any full-column-rank basis works.
+span the subspace; it is orthonormalised here at its numerical rank (:func:`orthonormal_basis`),
+so any spanning set works, a LoRA factor with zero or dependent columns included.
 """
 
 from __future__ import annotations
@@ -14,12 +15,13 @@ import torch
 
 from spectra.errors import ConfigError
 from spectra.linalg.krylov import krylov_block
-from spectra.linalg.partial import EXACT_BELOW, krylov_triplets, ritz_bounds
+from spectra.linalg.partial import EXACT_BELOW, krylov_triplets, lowrank_svd, ritz_bounds
 from spectra.linalg.sketch import thin_product
 from spectra.linalg.svd import Spectrum, frobenius_energy, full_svd
 
 __all__ = [
-    "principal_angles", "grassmann_distance", "subspace_similarity", "similarity_matrix",
+    "basis_rtol", "orthonormal_basis", "factor_svd", "principal_angles", "grassmann_distance",
+    "subspace_similarity", "similarity_matrix",
     "captured_energy", "best_rank_energy", "amplification_factor", "Intruders", "intruder_reference",
     "intruder_dimensions",
 ]
@@ -41,12 +43,14 @@ _QUADRATURE_SLACK = 1e-10  # added to every atom bound: rounding of float64 Lanc
 
 
 def _check_basis(X, name: str) -> None:
-    if not isinstance(X, torch.Tensor) or X.ndim != 2 or min(X.shape) == 0:
-        raise ConfigError(f"`{name}` must be a non-empty 2-D tensor (dim, r) whose columns span a subspace.")
+    """A (dim, r) floating tensor, dim ≥ 1; r = 0 is the zero subspace (what a zero factor spans)."""
+    if not isinstance(X, torch.Tensor) or X.ndim != 2 or X.shape[0] == 0:
+        raise ConfigError(f"`{name}` must be a 2-D tensor (dim, r), dim ≥ 1, whose columns span a subspace.")
     if X.shape[1] > X.shape[0]:
         raise ConfigError(f"`{name}` has more columns ({X.shape[1]}) than its dimension ({X.shape[0]}).")
     if not X.dtype.is_floating_point:
         raise ConfigError(f"`{name}` must be floating point, got {X.dtype}.")
+    _check_finite(X, name)
 
 
 def _check_pair(A, B) -> None:
@@ -56,9 +60,88 @@ def _check_pair(A, B) -> None:
         raise ConfigError(f"bases live in different spaces: `A` has dim {A.shape[0]}, `B` has {B.shape[0]}.")
 
 
-def _orthonormal(X: torch.Tensor) -> torch.Tensor:
-    Q, _ = torch.linalg.qr(X.double())  # (dim, r) -> (dim, r)
-    return Q
+def basis_rtol(X: torch.Tensor) -> float:
+    """Relative tolerance under which a singular value of `X` (dim, r) counts as zero.
+
+    max(√r·ε_X/2, max(dim, r)·ε₆₄), ε_X the machine epsilon of X's dtype. The first term
+    bounds the rounding of X's stored entries (each off by ≤ ε_X/2 of itself, so
+    ‖E‖₂ ≤ ‖E‖_F ≤ ε_X/2·‖X‖_F ≤ ε_X/2·√r·σ₁): a smaller σᵢ may be a dependence between
+    columns that rounding hid (2e-7 for a float32 rank-16 factor, 1.6e-2 for a bfloat16 one).
+    The second is the float64 SVD's own error, numpy.linalg.matrix_rank's default tolerance,
+    which decides alone for float64 input.
+    """
+    dim, r = X.shape
+    return max(math.sqrt(r) * torch.finfo(X.dtype).eps / 2, max(dim, r) * torch.finfo(torch.float64).eps)
+
+
+def orthonormal_basis(X: torch.Tensor, *, rtol: float | None = None) -> torch.Tensor:
+    """An orthonormal basis of span(X) with as many columns as X's numerical rank.
+
+    The left singular vectors of X (float64) whose σᵢ exceed ``rtol``·σ₁. A plain QR would
+    not do: for a rank-deficient X (a LoRA ``B`` whose zero-initialised columns never
+    trained, duplicated columns) its Q still has r orthonormal columns, the extra ones
+    arbitrary, and every measure would lend the subspace directions it does not have.
+
+    Parameters
+    ----------
+    X : torch.Tensor, shape (dim, r)
+        Thin (r ≤ dim): its SVD costs O(dim·r²), and only X is copied to float64.
+    rtol : float, optional
+        Relative tolerance in [0, 1); default :func:`basis_rtol` of `X` (its dtype's rounding).
+
+    Returns
+    -------
+    torch.Tensor, shape (dim, k), float64
+        k ≤ r the numerical rank; k = 0 for a zero X.
+    """
+    _check_basis(X, "X")
+    if rtol is not None and (isinstance(rtol, bool) or not isinstance(rtol, (int, float)) or not 0 <= rtol < 1):
+        raise ConfigError(f"`rtol` must be a float in [0, 1), got {rtol!r}.")
+    return _orthonormal(X, rtol)
+
+
+def _orthonormal(X: torch.Tensor, rtol: float | None = None) -> torch.Tensor:
+    if X.shape[1] == 0:
+        return X.double()
+    U, S, _ = torch.linalg.svd(X.double(), full_matrices=False)  # (dim, r), (r,) descending
+    tol = (basis_rtol(X) if rtol is None else rtol) * S[0]
+    return U[:, :int((S > tol).sum())]  # (dim, k)
+
+
+def factor_svd(L: torch.Tensor, R: torch.Tensor, *, scale: float = 1.0) -> Spectrum:
+    """SVD of a factored update s·L Rᵀ (a LoRA ``s·B A``: L = B, R = Aᵀ), cut at its numerical rank.
+
+    Its k triplets span the update's own column space (``U``) and row space (``Vh.T``).
+    These lie inside span(L) and span(R) but are smaller when L Rᵀ has lower rank than
+    either: a zero column of B leaves the matching row of A unused, so span(Aᵀ) then
+    overstates the row space even though A has full rank. Past k, the vectors of
+    :func:`~spectra.linalg.partial.lowrank_svd` belong to zero singular values and are
+    arbitrary, so they are dropped.
+
+    A σᵢ counts as zero at or below |s|·σ₁(L)·σ₁(R)·(rtol_L + rtol_R), the rtols from
+    :func:`basis_rtol` of each factor as passed (pass them in their stored dtype): the
+    rounding E_L, E_R of the factors moves s·L Rᵀ by at most |s|·(‖E_L‖₂σ₁(R) + σ₁(L)‖E_R‖₂),
+    which that bounds.
+
+    Parameters
+    ----------
+    L : torch.Tensor, shape (m, r)
+    R : torch.Tensor, shape (n, r)
+    scale : float, default 1.0
+        The LoRA scaling s = α/r (α/√r with rsLoRA).
+
+    Returns
+    -------
+    Spectrum
+        ``method="lowrank-qr"``, k ≤ min(m, n, r) values and vectors in float64 (k = 0 for a
+        zero update), ``total_energy`` = ‖s·L Rᵀ‖_F², ``complete`` when k = min(m, n).
+    """
+    F = lowrank_svd(L, R, scale=scale)  # checks both factors
+    top = [float(torch.linalg.matrix_norm(X.double(), ord=2)) for X in (L, R)]  # σ₁ of each thin factor
+    tol = abs(scale) * top[0] * top[1] * (basis_rtol(L) + basis_rtol(R))
+    k = int((F.values > tol).sum())
+    return Spectrum(F.values[:k], F.total_energy, F.shape, F.method, U=F.U[:, :k], Vh=F.Vh[:k],
+                    complete=k == min(F.shape))
 
 
 def _check_rank(r, limit: int, name: str = "rank") -> int:
@@ -73,9 +156,11 @@ def _check_rank(r, limit: int, name: str = "rank") -> int:
 def principal_angles(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     """Principal angles between span(A) and span(B), ascending, in radians.
 
-    Cosines come from the singular values of Q_Aᵀ Q_B; angles below π/4 are taken
-    from the sines (singular values of (I − Q_A Q_Aᵀ) Q_B) so small angles stay
-    accurate (Björck & Golub; Knyazev & Argentati).
+    Q_A, Q_B are orthonormal bases at the numerical ranks p', q' of A and B
+    (:func:`orthonormal_basis`), so a dependent or zero column adds no angle: a zero
+    column used to add one to an arbitrary direction. Cosines come from the singular values
+    of Q_Aᵀ Q_B; angles below π/4 are taken from the sines (singular values of
+    (I − Q_A Q_Aᵀ) Q_B) so small angles stay accurate (Björck & Golub; Knyazev & Argentati).
 
     Parameters
     ----------
@@ -84,7 +169,8 @@ def principal_angles(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
 
     Returns
     -------
-    torch.Tensor, shape (min(p, q),), float64
+    torch.Tensor, shape (min(p', q'),), float64
+        min(p, q) angles when both have full column rank; none when either is zero.
 
     References
     ----------
@@ -172,15 +258,19 @@ def captured_energy(delta: torch.Tensor, *, U: torch.Tensor | None = None, V: to
     """Fraction of ‖ΔW‖_F² inside a column space and/or a row space.
 
     ‖P_U ΔW P_V‖_F² / ‖ΔW‖_F², with P the orthogonal projector on span(U) (out side)
-    and span(V) (in side). For a LoRA adapter ΔW ≈ s·B A, pass ``U=B`` (out, r) and
-    ``V=A.T`` (in, r).
+    and span(V) (in side), each taken at its numerical rank (:func:`orthonormal_basis`):
+    a zero or dependent column adds nothing to the space. For a LoRA adapter
+    ΔW_ad = s·B A, ``U=B`` (out, r) and ``V=A.T`` (in, r) give the spans of the factors;
+    the update's own column and row spaces, smaller when B A has lower rank than B or A
+    (a zero column of B leaves its row of A unused), are ``factor_svd(B, A.T).U`` and
+    ``.Vh.T``, which ``spectra verify`` uses.
 
     Parameters
     ----------
     delta : torch.Tensor, shape (out, in)
     U : torch.Tensor, shape (out, r), optional
     V : torch.Tensor, shape (in, r), optional
-        At least one of `U`, `V`.
+        At least one of `U`, `V`. A basis with no columns is the zero subspace (captures 0).
 
     Returns
     -------

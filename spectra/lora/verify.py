@@ -4,14 +4,24 @@ For every module an adapter adapts, with ``ΔW_full = W_tuned − W_base`` and t
 adapter's own update ``ΔW_ad = merged − W₀`` (W₀ the weight the adapter was trained
 on: the base, or its NF4 round trip for QLoRA/QDoRA):
 
-- ``captured_energy``: share of ‖ΔW_full‖_F² in the adapter's column space span(B)
-  (``_row``: in its row space span(Aᵀ); ``_both``: in both);
+- ``effective_adapter_rank``: k, the numerical rank of the low-rank update s·B A
+  (:func:`~spectra.linalg.subspace.factor_svd`); below r when factors are rank-deficient
+  (zero-initialised B columns that never trained, dependent columns or rows), and then
+  listed in a note: "rank 8 adapter, 5 directions used";
+- ``captured_energy``: share of ‖ΔW_full‖_F² in the adapter's column space, that of
+  s·B A (``_row``: in its row space; ``_both``: in both). With full-rank factors these
+  are span(B) and span(Aᵀ); otherwise the update's own k-dimensional spaces, which a
+  factor's span can overstate;
 - ``optimal_energy``: the Eckart–Young optimum Σ_{i≤r} σᵢ²/Σσᵢ² at the adapter's rank —
   no rank-r subspace holds more, so ``captured_energy ≤ optimal_energy`` always;
-- ``phi``: LoRA §7 subspace similarity φ(ΔW_ad, ΔW_full, r, r) of the top-r left
-  singular vectors (``phi_row``: right), and principal angles between span(B) and the
-  top-r of ΔW_full (Hu et al. 2021, arXiv:2106.09685);
-- amplification factors ‖ΔW‖_F/‖UᵀW₀V‖_F of both updates (LoRA §7.3);
+- ``phi``: LoRA §7 subspace similarity φ(ΔW_ad, ΔW_full, k', r) of the learned updates'
+  left singular vectors (``phi_row``: right), k' = min(r, the numerical rank of ΔW_ad):
+  k for LoRA, r for DoRA (its magnitude part fills the rest). ΔW_ad has no singular
+  vectors past its rank (any completion would do), so φ reads the k' it has, normalised
+  by min(k', r) as the definition says; principal angles between the update's column
+  space and the top-r of ΔW_full, min(k, r) of them (Hu et al. 2021, arXiv:2106.09685);
+- amplification factors ‖ΔW‖_F/‖UᵀW₀V‖_F of both updates (LoRA §7.3), the adapter's
+  over its top k';
 - intruder dimensions of W₀ + ΔW_ad vs W₀, and of W_tuned vs W_base (Shuttleworth et
   al. 2024, arXiv:2410.21228);
 - for QLoRA: the quantisation error ‖dequant(W₀⁴ᵇⁱᵗ) − W₀‖_F, which the adapter sees.
@@ -31,10 +41,11 @@ import torch
 
 from spectra.checkpoints.pairing import check_device
 from spectra.errors import ConfigError
-from spectra.linalg.partial import EXACT_BELOW, lowrank_svd, top_svd
+from spectra.linalg.partial import EXACT_BELOW, top_svd
 from spectra.linalg.subspace import (
     amplification_factor,
     captured_energy,
+    factor_svd,
     intruder_dimensions,
     intruder_reference,
     principal_angles,
@@ -107,9 +118,11 @@ class VerifyResult:
     ----------
     modules : list of dict
         One row per adapted module: ``name``, ``role``, ``layer``, ``shape``, ``rank``,
-        ``captured_energy``, ``optimal_energy``, ``phi``, … (``verify.json``'s rows).
+        ``effective_adapter_rank``, ``captured_energy``, ``optimal_energy``, ``phi``, …
+        (``verify.json``'s rows).
     summary : dict
-        Energy-weighted totals and counts over modules.
+        Energy-weighted totals and counts over modules (``rank_deficient``: modules whose
+        update uses fewer directions than its rank).
     evals : dict or None
         ``{"base"|"tuned"|"adapter"|"svd": {"loss", "accuracy", …}}`` with eval data.
     phi_matrices : dict
@@ -149,7 +162,8 @@ def module_measures(delta_full: torch.Tensor, delta_adapter: torch.Tensor, W0: t
     """Measures of one adapted module; see the module docstring.
 
     Every measure reads only a few singular triplets: the top J = max(r, min(phi_max, short))
-    of ΔW_full, the top r of ΔW_adapter and the top k of each tuned weight against W_base's.
+    of ΔW_full, the top k' ≤ r of ΔW_adapter (as many as `adapter_svd` holds, at most r) and
+    the top k of each tuned weight against W_base's.
     Modules with a short side ≤ `exact_below` take full float64 decompositions; larger ones
     take certified partial ones (:func:`~spectra.linalg.partial.top_svd`,
     :func:`~spectra.linalg.subspace.intruder_dimensions`), which fall back to the full
@@ -174,26 +188,32 @@ def module_measures(delta_full: torch.Tensor, delta_adapter: torch.Tensor, W0: t
         of W0 + ΔW, ~1e-7·|W0| per entry).
     W0 : torch.Tensor, shape (out, in)
         The weight the adapter was applied to (base, or its NF4 round trip).
-    col_basis, row_basis : torch.Tensor, shapes (out, r) and (in, r)
-        The adapter's column space (B) and row space (Aᵀ).
+    col_basis, row_basis : torch.Tensor, shapes (out, k) and (in, k)
+        The column and row spaces of the adapter's low-rank update s·B A:
+        ``factor_svd(B, A.T).U`` and ``.Vh.T``. B and Aᵀ span them when both have full
+        rank r; where B A has lower rank than B or A (a zero column of B leaves its row of
+        A unused) only ``factor_svd``'s do.
     rank : int
+        The adapter's rank r (the Eckart–Young optimum and φ's j are taken at it).
     W_base : torch.Tensor, shape (out, in), optional
         The unquantised base when it differs from ``W0`` (QLoRA).
     delta_svd : Spectrum, optional
         :func:`delta_decomposition` of `delta_full`, when the caller has it already.
     adapter_svd : Spectrum, optional
-        The top ≥ r triplets of `delta_adapter` in float64 when the caller has them (for
-        LoRA exactly, :func:`~spectra.linalg.partial.lowrank_svd` of its factors).
+        The top triplets of `delta_adapter` in float64 when the caller has them, r or all
+        it has when its rank is lower (for LoRA exactly,
+        :func:`~spectra.linalg.subspace.factor_svd` of its factors, cut at its numerical
+        rank: vectors of zero singular values are arbitrary, and φ would read them).
     exact_below : int, default EXACT_BELOW
         Short side at or below which full decompositions are taken.
 
     Returns
     -------
     row : dict
-    phi : nested list (r, J) or None
+    phi : nested list (k', J) or None
         φ(ΔW_ad, ΔW_full, i, j), None when either update is zero.
-    right_vectors : torch.Tensor (r, in) or None
-        Top-r right singular vectors of ΔW_ad (for φ between adapters, LoRA Fig. 3).
+    right_vectors : torch.Tensor (k', in) or None
+        Top-k' right singular vectors of ΔW_ad (for φ between adapters, LoRA Fig. 3).
     """
     W_base = W0 if W_base is None else W_base
     short = min(delta_full.shape)
@@ -214,7 +234,10 @@ def module_measures(delta_full: torch.Tensor, delta_adapter: torch.Tensor, W0: t
         q = math.sqrt(frobenius_energy(W0 - W_base))
         row["quant_error"] = q / math.sqrt(frobenius_energy(W_base))
         row["quant_error_vs_update"] = q / row["fro_norm_full"] if full_energy else None
-    if not full_energy or not ad_energy:
+    Fa = None
+    if full_energy and ad_energy:
+        Fa = adapter_svd if adapter_svd is not None else top_svd(delta_adapter, rank, exact_below=exact_below)
+    if Fa is None or not Fa.values.numel():  # no update, or one its factors' precision cannot tell from zero
         return row | {"captured_energy": None, "optimal_energy": None, "phi": None}, None, None
     row["captured_energy"] = captured_energy(delta_full, U=col_basis)
     row["captured_energy_row"] = captured_energy(delta_full, V=row_basis)
@@ -224,19 +247,19 @@ def module_measures(delta_full: torch.Tensor, delta_adapter: torch.Tensor, W0: t
                                                                       exact_below=exact_below)
     if Ff.U is None or Ff.U.shape[1] < j_max:
         raise ConfigError(f"`delta_svd` must hold the top {j_max} singular vectors of ΔW_full (delta_decomposition).")
-    Fa = adapter_svd if adapter_svd is not None else top_svd(delta_adapter, rank, exact_below=exact_below)
+    used = min(rank, Fa.U.shape[1])  # k': ΔW_ad's singular vectors past its rank would be arbitrary
     # Eckart–Young optimum Σ_{i≤r} σᵢ² / ‖ΔW_full‖² from the decomposition already at hand
     row["optimal_energy"] = float((Ff.values[:rank].double() ** 2).sum()) / Ff.total_energy
     row["energy_gap"] = row["optimal_energy"] - row["captured_energy"]
     row["outside_lowrank"] = 1.0 - captured_energy(delta_adapter, U=col_basis)  # DoRA's magnitude part
-    phi = similarity_matrix(Fa.U[:, :rank], Ff.U[:, :j_max])  # (r, J)
-    row["phi"] = float(phi[rank - 1, rank - 1])
-    row["phi_row"] = float(similarity_matrix(Fa.Vh[:rank].T, Ff.Vh[:rank].T)[rank - 1, rank - 1])
-    angles = principal_angles(col_basis, Ff.U[:, :rank])  # (r,) radians, ascending
+    phi = similarity_matrix(Fa.U[:, :used], Ff.U[:, :j_max])  # (k', J)
+    row["phi"] = float(phi[used - 1, rank - 1])  # φ(k', r)
+    row["phi_row"] = float(similarity_matrix(Fa.Vh[:used].T, Ff.Vh[:rank].T)[used - 1, rank - 1])
+    angles = principal_angles(col_basis, Ff.U[:, :rank])  # (min(k, r),) radians, ascending
     row["principal_angles_deg"] = [round(math.degrees(a), 4) for a in angles.tolist()]
-    row["amplification_adapter"] = amplification_factor(delta_adapter, W0, rank, svd=Fa)
+    row["amplification_adapter"] = amplification_factor(delta_adapter, W0, used, svd=Fa)
     row["amplification_full"] = amplification_factor(delta_full, W_base, rank, svd=Ff)
-    return row, phi.tolist(), Fa.Vh[:rank]
+    return row, phi.tolist(), Fa.Vh[:used]
 
 
 def _error_and_inner(delta_adapter: torch.Tensor, delta_full: torch.Tensor, W0: torch.Tensor,
@@ -340,7 +363,7 @@ def verify_adapter(base, tuned, adapter, *, eval_data=None, config: VerifyConfig
             notes.append(f"{p.module}: tied to {weight}; its LoRA is measured against that weight's ΔW (row {weight})")
     notes += [f"{m}: modules_to_save tensor absent from the base (a new head); not measured"
               for m in _InBase.absent(adapter_src, pairing.base)]
-    rows, saved_rows, phis, truncated, right = [], [], {}, {}, {}
+    rows, saved_rows, phis, truncated, right, deficient = [], [], {}, {}, {}, []
     coverage = [0.0, 0.0]  # Σ‖ΔW_full‖² over adapted modules, over all matrices
     for entry in tqdm.tqdm(pairing.entries, desc="verify", unit="module", disable=not progress):
         (d,) = pairing.load(entry)
@@ -356,30 +379,34 @@ def verify_adapter(base, tuned, adapter, *, eval_data=None, config: VerifyConfig
         coverage[0] += energy
         p = lora[d.name]
         W0 = nf4_round_trip(d.base) if quantized and d.role not in ("embed", "head") else d.base
-        A, B = (adapter_src.weights.read(p.keys[k]).to(d.delta.device, torch.float64)
+        A, B = (adapter_src.weights.read(p.keys[k]).to(d.delta.device)  # stored dtype: it sets the rank tolerance
                 for k in (("emb_A", "emb_B") if p.embedding else ("A", "B")))
         col, rowb = (A.T, B) if p.embedding else (B, A.T)  # embedding ΔW = s·(B A)ᵀ: roles swap
         W0_64 = W0.double()  # the adapter's update exactly: no float32 rounding of W0 + ΔW in it
         delta_ad = p.merged(W0_64, adapter_src.weights, torch.float64).sub_(W0_64)
         del W0_64
-        # Plain LoRA: ΔW_ad = s·col·rowbᵀ, its SVD exact from the factors; DoRA's is not low rank
+        # The low-rank update s·col·rowbᵀ from its factors, cut at its numerical rank k ≤ min(r, short side):
+        # its U, V span the update's own column and row spaces. Plain LoRA: it is ΔW_ad's SVD, exact; DoRA's
+        # ΔW_ad is not low rank (its top r come from ΔW_ad itself in module_measures)
+        low = factor_svd(col, rowb, scale=p.scaling)
         plain = not {"magnitude", "base_layer"} & set(p.keys)
-        Fa = lowrank_svd(col, rowb, scale=p.scaling) if plain else None
         rank = A.shape[0]
         if rank > min(d.shape):  # legal in PEFT; ΔW_ad then has rank ≤ the short side: measure at that rank
             notes.append(f"{d.name}: adapter rank {rank} exceeds the module's short side {min(d.shape)}; measured "
                          f"at rank {min(d.shape)}, the most its update can have")
             rank = min(d.shape)
-            Fa = Fa if Fa is not None else top_svd(delta_ad, rank, exact_below=config.exact_below)
-            col, rowb = Fa.U[:, :rank], Fa.Vh[:rank].T  # orthonormal bases of its column and row spaces
+        used = low.values.numel()
+        if used < rank:
+            deficient.append(f"{d.name} ({used} of {rank})")
         Ff = delta_decomposition(d.delta, rank, phi_max=config.phi_max, exact_below=config.exact_below)
-        measures, phi, vectors = module_measures(d.delta, delta_ad, W0, col_basis=col, row_basis=rowb, rank=rank,
-                                                 W_base=d.base, intruder_k=config.intruder_k,
+        measures, phi, vectors = module_measures(d.delta, delta_ad, W0, col_basis=low.U, row_basis=low.Vh.T,
+                                                 rank=rank, W_base=d.base, intruder_k=config.intruder_k,
                                                  intruder_epsilon=config.intruder_epsilon, phi_max=config.phi_max,
-                                                 delta_svd=Ff, adapter_svd=Fa, exact_below=config.exact_below)
+                                                 delta_svd=Ff, adapter_svd=low if plain else None,
+                                                 exact_below=config.exact_below)
         del delta_ad
         rows.append({"name": d.name, "role": d.role, "layer": d.layer, "shape": list(d.shape),
-                     "scaling": p.scaling, "dora": "magnitude" in p.keys, **measures}
+                     "scaling": p.scaling, "dora": "magnitude" in p.keys, "effective_adapter_rank": used, **measures}
                     | ({"adapter_module": p.module} if p.module != d.name else {}))
         if phi is not None:
             phis[d.name] = (energy, phi)
@@ -389,6 +416,11 @@ def verify_adapter(base, tuned, adapter, *, eval_data=None, config: VerifyConfig
     if not rows:
         raise ConfigError(f"the adapter {adapter} adapts no weight matrix that {base} × {tuned} pairs; check that "
                           "all three belong to the same model.")
+    if deficient:
+        notes.append(f"rank-deficient adapter factors: the update s·B A uses fewer directions than its rank in "
+                     f"{len(deficient)} module(s), k of r: {', '.join(deficient)}. Their captured energy, angles and "
+                     "φ are measured in the k directions used (unused ones are zero or dependent columns of B, "
+                     "rows of A)")
     keep = sorted(phis, key=lambda n: -phis[n][0])[:config.figure_modules]
     result = VerifyResult(
         modules=rows, summary=summarize(rows, coverage), saved_modules=saved_rows,
@@ -417,6 +449,7 @@ def summarize(rows: list[dict], coverage: tuple[float, float]) -> dict:
 
     return {
         "modules": len(rows), "ranks": sorted({r["rank"] for r in rows}),
+        "rank_deficient": sum(r.get("effective_adapter_rank", r["rank"]) < r["rank"] for r in rows),
         "captured_energy": weighted("captured_energy"), "captured_energy_row": weighted("captured_energy_row"),
         "optimal_energy": weighted("optimal_energy"), "phi": weighted("phi"),
         "relative_error": weighted("relative_error"),

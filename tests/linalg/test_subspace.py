@@ -11,6 +11,7 @@ import torch
 
 from spectra.errors import ConfigError
 from spectra.linalg import subspace as ss
+from spectra.linalg.partial import lowrank_svd
 
 from .conftest import planted, reference_svdvals
 
@@ -248,3 +249,147 @@ def test_largest_atom_bounds_every_base_direction(d):
     heavy = (0.8 * x + 0.6 * rest)[:, None]  # cos 0.8 with x
     weight = ss._largest_atom(S, heavy, torch.tensor([0.25], dtype=torch.float64))
     assert float(weight) >= 0.64 - 1e-12  # negative control: an atom of 0.64 is never bounded below itself
+
+
+# ---------------------------------------------------------------------------- rank-deficient factors
+
+
+def _known_update(out=60, inn=40, seed=20):
+    """ΔW_full = U diag(σ) Vᵀ (float64, full rank) with σ known, and its singular vectors."""
+    g = torch.Generator().manual_seed(seed)
+    U, V = _basis(out, inn, seed), _basis(inn, inn, seed + 1)
+    sigma = torch.linspace(3.0, 0.5, inn, dtype=torch.float64)
+    return (U * sigma) @ V.T, U, V, sigma, g
+
+
+def _numpy_energy(D, Q):
+    """‖Qᵀ D‖²/‖D‖² for an orthonormal Q (numpy float64): the share of D in span(Q)."""
+    return float(np.sum((Q.T @ D) ** 2) / np.sum(D**2))
+
+
+@pytest.mark.parametrize("case", ["zero", "duplicate"])
+def test_captured_energy_of_a_rank_deficient_factor_is_that_of_its_true_span(case):
+    """B (out, 4) spanning only ΔW's top-2 left singular vectors: the captured share is (σ₁² + σ₂²)/Σσ².
+
+    A plain QR of B (what the measures took) adds two arbitrary orthonormal columns and
+    overstated it (negative control).
+    """
+    D, U, V, sigma, g = _known_update()
+    b1, b2 = 2.0 * U[:, 0], U[:, 0] - 0.5 * U[:, 1]
+    extra = (torch.zeros_like(b1), torch.zeros_like(b1)) if case == "zero" else (-3.0 * b1, b1 + b2)
+    B = torch.stack([b1, b2, *extra], 1)  # (out, 4), rank 2
+    known = float((sigma[:2] ** 2).sum() / (sigma**2).sum())
+    assert ss.captured_energy(D, U=B) == pytest.approx(known, rel=1e-12)
+    Q2 = np.linalg.qr(B[:, :2].numpy())[0]  # independent: numpy on the two independent columns
+    assert ss.captured_energy(D, U=B) == pytest.approx(_numpy_energy(D.numpy(), Q2), rel=1e-12)
+    assert _numpy_energy(D.numpy(), np.linalg.qr(B.numpy())[0]) > known + 0.01  # the plain QR's answer
+    A = torch.stack([V[:, 0], V[:, 0] + V[:, 1], 0 * V[:, 0], 2 * V[:, 1]])  # (4, in), rank 2, row space V[:, :2]
+    both = ss.captured_energy(D, U=B, V=A.T)  # P_U D P_V = σ₁u₁v₁ᵀ + σ₂u₂v₂ᵀ
+    assert both == pytest.approx(known, rel=1e-12)
+    assert ss.orthonormal_basis(B).shape == (60, 2) and ss.orthonormal_basis(A.T).shape == (40, 2)
+
+
+def test_full_rank_bases_are_unchanged():
+    """Negative control: full-rank bases and factors keep every direction, as QR and lowrank_svd did."""
+    D = _known_update()[0]
+    g = torch.Generator().manual_seed(30)
+    B = torch.randn(60, 5, generator=g, dtype=torch.float64)
+    Q = np.linalg.qr(B.numpy())[0]
+    assert ss.orthonormal_basis(B).shape == (60, 5)
+    assert ss.captured_energy(D, U=B) == pytest.approx(_numpy_energy(D.numpy(), Q), rel=1e-12)
+    C = torch.randn(60, 3, generator=g, dtype=torch.float64)
+    ref = np.sort(scipy.linalg.subspace_angles(B.numpy(), C.numpy()))
+    np.testing.assert_allclose(ss.principal_angles(B, C).numpy(), ref, atol=1e-10)
+    R = torch.randn(40, 5, generator=g, dtype=torch.float64)
+    F, L = ss.factor_svd(B, R, scale=0.5), lowrank_svd(B, R, scale=0.5)
+    assert F.values.numel() == 5 and torch.equal(F.values, L.values) and torch.equal(F.U, L.U)
+
+
+def test_principal_angles_count_only_the_directions_a_basis_has():
+    """span[u₁, u₂, 0, u₁ + u₂] vs span[u₁, u₃, u₄, u₅]: two angles, 0 and π/2 (scipy on the independent columns)."""
+    Q = _basis(32, 5, 21)
+    A = torch.stack([Q[:, 0], Q[:, 1], torch.zeros(32, dtype=torch.float64), Q[:, 0] + Q[:, 1]], 1)
+    B = Q[:, [0, 2, 3, 4]]
+    angles = ss.principal_angles(A, B)
+    ref = np.sort(scipy.linalg.subspace_angles(A[:, :2].numpy(), B.numpy()))
+    assert angles.shape == (2,)  # QR of A gave four angles, two of them to arbitrary directions
+    np.testing.assert_allclose(angles.numpy(), ref, atol=1e-10)
+    np.testing.assert_allclose(angles.numpy(), [0.0, math.pi / 2], atol=1e-10)
+    assert ss.principal_angles(torch.zeros(32, 3), B).shape == (0,)  # a zero factor spans nothing
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_dependence_hidden_by_the_factors_rounding_is_found(dtype):
+    """b₃ = 0.3·b₁ stored in float32/bf16 is dependent only up to its rounding (σ₃/σ₁ ~ ε): the
+    dtype's tolerance drops it; float64's own (the same numbers up-cast) keeps it (negative control)."""
+    g = torch.Generator().manual_seed(22)
+    b = torch.randn(64, 2, generator=g).to(dtype)
+    B = torch.cat([b, (0.3 * b[:, :1].float()).to(dtype)], 1)  # (64, 3) in `dtype`
+    sigma = np.linalg.svd(B.double().numpy(), compute_uv=False)
+    assert 0 < sigma[2] / sigma[0] < ss.basis_rtol(B)  # a rounding-sized third direction
+    assert ss.basis_rtol(B) == pytest.approx(math.sqrt(3) * torch.finfo(dtype).eps / 2)
+    assert ss.orthonormal_basis(B).shape == (64, 2)
+    assert ss.orthonormal_basis(B.double()).shape == (64, 3)
+
+
+def _product_case(case, out=60, inn=40):
+    """B (out, 4), A (4, in) and the true spaces of B A, built with a known rank.
+
+    zero: B's columns 3, 4 are zero (never trained); rank(B A) = 2, yet A has rank 4, so
+    span(Aᵀ) is too large. duplicate: B's 3rd column repeats its 1st, A's 4th row its 2nd.
+    product: rank(B) = rank(A) = 3 but B A has rank 2 (A's column space meets B's null space).
+    """
+    g = torch.Generator().manual_seed(23)
+    b = torch.randn(out, 3, generator=g, dtype=torch.float64)
+    a = torch.randn(4, inn, generator=g, dtype=torch.float64)
+    if case == "zero":
+        B, A = torch.cat([b[:, :2], torch.zeros(out, 2, dtype=torch.float64)], 1), a
+        col, row = b[:, :2], a[:2].T
+    elif case == "duplicate":
+        B, A = torch.cat([b, b[:, :1]], 1), torch.cat([a[:3], a[1:2]], 0)
+        col, row = b, a[:3].T  # B A = b₁(a₁ + a₂)ᵀ + b₂a₂ᵀ + b₃a₃ᵀ: rank 3
+    else:
+        B = torch.cat([b, (b[:, 0] + b[:, 1])[:, None]], 1)  # null(B) = span(e₁ + e₂ − e₄)
+        C = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0], [-1.0, 0.0, 0.0]], dtype=torch.float64)
+        A = C @ a[:3]  # (4, in), rank 3: col(A) = span(C) ∋ e₁ + e₂ − e₄, so B A = b₁ a₂ᵀ + b₃ a₃ᵀ
+        col, row = b[:, [0, 2]], a[1:3].T
+    return B, A, col, row
+
+
+@pytest.mark.parametrize("case", ["zero", "duplicate", "product"])
+def test_factor_svd_spans_the_products_own_spaces(case):
+    D = _known_update()[0]
+    B, A, col, row = _product_case(case)
+    s = 2.0
+    M = s * (B @ A).numpy()
+    k = int(np.linalg.matrix_rank(M))
+    Um, sm, Vmh = np.linalg.svd(M)
+    F = ss.factor_svd(B, A.T, scale=s)
+    assert F.values.numel() == k == col.shape[1]
+    np.testing.assert_allclose(F.values.numpy(), sm[:k], rtol=1e-12)
+    for mine, ref in ((F.U, Um[:, :k]), (F.Vh.T, Vmh[:k].T)):
+        np.testing.assert_allclose(mine.numpy() @ mine.numpy().T, ref @ ref.T, atol=1e-12)  # same projector
+    # captured energy in the product's spaces: numpy on the spaces known by construction
+    Qc, Qr = np.linalg.qr(col.numpy())[0], np.linalg.qr(row.numpy())[0]
+    Dn = D.numpy()
+    assert ss.captured_energy(D, U=F.U) == pytest.approx(_numpy_energy(Dn, Qc), rel=1e-10)
+    assert ss.captured_energy(D, V=F.Vh.T) == pytest.approx(_numpy_energy(Dn.T, Qr), rel=1e-10)
+    # φ(k, k) of the update against its own singular vectors is 1; the angles are zero
+    assert ss.subspace_similarity(F.U, torch.from_numpy(Um), k, k) == pytest.approx(1.0, abs=1e-12)
+    assert float(ss.principal_angles(F.U, torch.from_numpy(Um[:, :k])).max()) < 1e-7
+    # negative controls: lowrank_svd's vectors past k are arbitrary and take more energy on the row side,
+    # and so does A's own span where B A has lower rank than A (zero columns of B)
+    full = lowrank_svd(B, A.T, scale=s)
+    assert ss.captured_energy(D, V=full.Vh.T) > _numpy_energy(Dn.T, Qr) + 0.01
+    if case in ("zero", "product"):
+        assert ss.captured_energy(D, V=A.T) > _numpy_energy(Dn.T, Qr) + 0.01
+
+
+def test_zero_factors_and_bad_bases():
+    F = ss.factor_svd(torch.zeros(8, 2), torch.ones(6, 2))
+    assert F.values.numel() == 0 and F.U.shape == (8, 0) and F.total_energy == 0.0
+    assert ss.captured_energy(torch.ones(8, 6), U=torch.zeros(8, 2)) == 0.0
+    with pytest.raises(ConfigError, match="`rtol` must be a float in"):
+        ss.orthonormal_basis(torch.eye(4), rtol=1.5)
+    with pytest.raises(ConfigError, match="`U` holds NaN"):
+        ss.captured_energy(torch.ones(4, 4), U=torch.full((4, 2), float("nan")))

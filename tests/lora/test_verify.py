@@ -383,3 +383,67 @@ def test_summary_averages_each_measure_over_the_rows_that_have_it():
     assert s["coverage"] == 0.5 and s["intruders_full"] == 2
     untrained = summarize(rows[:1], (1.0, 2.0))
     assert untrained["relative_error"] == 1.0 and untrained["captured_energy"] is None
+
+
+def test_an_adapter_with_untrained_components_reports_its_effective_rank(tmp_path):
+    """q_proj of layer 0 keeps two zero B columns (PEFT's zero init, never trained): rank 4, 2 directions used.
+
+    Its update s·B A then has rank 2, column space span(b₁, b₂) and row space span(a₁, a₂)
+    — not span(Aᵀ), though A has full rank. Every measure is checked against numpy on those
+    known spaces; the plain QR of B and span(Aᵀ) (what verify took) overstate them.
+    """
+    import scipy.linalg
+
+    base, tuned, peft_model = _tiny_trio(tmp_path, "llama", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    name = "model.layers.0.self_attn.q_proj"
+    layer = dict(peft_model.named_modules())["base_model.model." + name]
+    with torch.no_grad():
+        layer.lora_B["default"].weight[:, 2:] = 0.0
+    peft_model.save_pretrained(tmp_path / "adapter")
+    result = verify_adapter(tmp_path / "base", tmp_path / "tuned", tmp_path / "adapter", progress=False)
+    rows = {r["name"]: r for r in result.modules}
+    assert {n: r["effective_adapter_rank"] for n, r in rows.items() if r["effective_adapter_rank"] != 4} == {name: 2}
+    assert result.summary["rank_deficient"] == 1
+    assert any("rank-deficient adapter factors" in n and f"{name} (2 of 4)" in n for n in result.notes)
+    row = rows[name]
+    B = layer.lora_B["default"].weight.detach().double().numpy()[:, :2]  # (out, 2)
+    A = layer.lora_A["default"].weight.detach().double().numpy()  # (4, in), full rank
+    D = (tuned.state_dict()[name + ".weight"] - base.state_dict()[name + ".weight"]).double().numpy()
+    W = base.state_dict()[name + ".weight"].double().numpy()
+    energy = lambda M, basis: float(np.sum((np.linalg.qr(basis)[0].T @ M) ** 2) / np.sum(M**2))  # noqa: E731
+    assert row["captured_energy"] == pytest.approx(energy(D, B), rel=1e-9)
+    assert row["captured_energy_row"] == pytest.approx(energy(D.T, A[:2].T), rel=1e-9)
+    assert energy(D.T, A.T) > row["captured_energy_row"] + 0.05  # span(Aᵀ): two rows the update never uses
+    B4 = layer.lora_B["default"].weight.detach().double().numpy()
+    assert energy(D, B4) > row["captured_energy"] + 0.05  # a plain QR of B: two arbitrary directions
+    Dad = layer.scaling["default"] * B4 @ A  # s·B A in float64 (PEFT's merge rounds it to float32)
+    assert np.linalg.matrix_rank(Dad) == 2
+    Uf, _, Vfh = np.linalg.svd(D)
+    Ua, _, Vah = np.linalg.svd(Dad)
+    assert row["phi"] == pytest.approx(np.sum((Ua[:, :2].T @ Uf[:, :4]) ** 2) / 2, abs=1e-9)  # φ(2, 4)
+    assert row["phi_row"] == pytest.approx(np.sum((Vah[:2] @ Vfh[:4].T) ** 2) / 2, abs=1e-9)
+    ref_angles = np.degrees(np.sort(scipy.linalg.subspace_angles(B, Uf[:, :4])))
+    np.testing.assert_allclose(row["principal_angles_deg"], ref_angles, atol=1e-4)  # two angles, not four
+    amplification = np.linalg.norm(Dad) / np.linalg.norm(Ua[:, :2].T @ W @ Vah[:2].T)
+    assert row["amplification_adapter"] == pytest.approx(amplification, rel=1e-6)
+    assert len(result.phi_matrices.get(name, [[0]] * 2)) == 2  # φ(i, j) for the two directions it has
+    assert row["captured_energy"] <= row["optimal_energy"] + 1e-9
+
+
+def test_an_update_below_its_factors_precision_is_measured_as_none():
+    """B = [b, b(1 + 2⁻²³)], A = [a; −a] in float32: s·B A = 2⁻²³·s·b aᵀ, nonzero in float64 but under
+    what the factors' rounding can move it, so it has no directions (rank 0) and no subspace measures."""
+    from spectra.linalg.subspace import factor_svd
+    from spectra.lora.verify import module_measures
+
+    g = torch.Generator().manual_seed(4)
+    b, a = torch.randn(24, 1, generator=g), torch.randn(1, 16, generator=g)
+    B, A = torch.cat([b, b * (1 + 2**-23)], 1), torch.cat([a, -a], 0)
+    low = factor_svd(B, A.T, scale=2.0)
+    delta_ad = 2.0 * B.double() @ A.double()
+    assert low.values.numel() == 0 and float(delta_ad.norm()) > 0
+    W = torch.randn(24, 16, generator=g)
+    row, phi, vectors = module_measures(torch.randn(24, 16, generator=g), delta_ad, W, col_basis=low.U,
+                                        row_basis=low.Vh.T, rank=2, adapter_svd=low)
+    assert row["captured_energy"] is None and row["phi"] is None and phi is None and vectors is None
+    assert row["relative_error"] == pytest.approx(1.0, abs=1e-3)  # still measured
