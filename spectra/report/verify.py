@@ -20,9 +20,9 @@ from spectra.errors import ConfigError
 from spectra.report.tables import num, pct
 from spectra.report.render import _plain, write_bundle
 
-_ROW_COLUMNS = (("module", "name", "s"), ("rank", "rank", "d"), ("captured (col)", "captured_energy", "%"),
+_ROW_COLUMNS = (("module", "name", "s"), ("rank (used)", "rank", "rank"), ("captured (col)", "captured_energy", "%"),
                 ("Eckart–Young", "optimal_energy", "%"), ("captured (row)", "captured_energy_row", "%"),
-                ("φ(r, r)", "phi", "f"), ("rel. error", "relative_error", "f"),
+                ("φ(k, r)", "phi", "f"), ("rel. error", "relative_error", "f"),
                 ("amplification ad/full", ("amplification_adapter", "amplification_full"), "2f"),
                 ("intruders ad/full", ("intruders_adapter", "intruders_full"), "2d"), ("NF4 error", "quant_error", "%"))
 
@@ -78,7 +78,8 @@ def verify_blocks(result: Mapping, *, figures: list[str]) -> list[tuple]:
                                f"Captured in the adapter's column space: {pct(s.get('captured_energy'))} "
                                f"(row space {pct(s.get('captured_energy_row'))}); Eckart–Young optimum at the "
                                f"same ranks {pct(s.get('optimal_energy'))}",
-                               f"φ(r, r), energy-weighted: {num(s.get('phi'))}; intruder dimensions: adapter "
+                               f"φ(k, r), energy-weighted (k: the directions the adapter uses, r unless its factors are "
+                               f"rank-deficient): {num(s.get('phi'))}; intruder dimensions: adapter "
                                f"{s.get('intruders_adapter')}, full fine-tune {s.get('intruders_full')}",
                            ] + ([f"NF4 quantisation error of W₀ (mean ‖ΔQ‖/‖W₀‖): {pct(s['quant_error'])}"]
                                 if s.get("quant_error") is not None else []))]
@@ -237,6 +238,9 @@ def _cell(row: Mapping, key, kind: str) -> str:
         fmt = (lambda v: "–" if v is None else f"{v:.2f}") if kind == "2f" else (lambda v: "–" if v is None else str(v))
         return f"{fmt(a)} / {fmt(b)}"
     value = row.get(key)
+    if kind == "rank":  # the nominal rank, and the directions s·B·A really has when fewer
+        used = row.get("effective_adapter_rank")
+        return str(value) if used is None or used == value else f"{value} ({used})"
     if kind == "%":
         return pct(value)
     if kind == "f":

@@ -428,6 +428,10 @@ def test_an_adapter_with_untrained_components_reports_its_effective_rank(tmp_pat
     assert row["amplification_adapter"] == pytest.approx(amplification, rel=1e-6)
     assert len(result.phi_matrices.get(name, [[0]] * 2)) == 2  # φ(i, j) for the two directions it has
     assert row["captured_energy"] <= row["optimal_energy"] + 1e-9
+    from spectra.report.verify import write_verify_report
+
+    report = (write_verify_report(result.to_dict(), tmp_path / "report") / "report.md").read_text()
+    assert f"| {name} | 4 (2) |" in report and "| model.layers.0.self_attn.v_proj | 4 |" in report
 
 
 def test_an_update_below_its_factors_precision_is_measured_as_none():
