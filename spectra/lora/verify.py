@@ -350,10 +350,11 @@ def verify_adapter(base, tuned, adapter, *, eval_data=None, config: VerifyConfig
     quantized = config.quantized if config.quantized is not None else trained.get("method") in ("qlora", "qdora")
     planned, notes = plan_adapter(_InBase(adapter_src, pairing.base), pairing.base, pairing.config)
     saved = {p.module: p for p in planned if "full" in p.keys}
-    lora = {p.module: p for p in planned if "full" not in p.keys and p.module == p.base_tensor.removesuffix(".weight")}
+    lora = {p.module: p for p in planned if "full" not in p.keys  # an expert of a parameter LoRA: its own row
+            and (p.parameter is not None or p.module == p.base_tensor.removesuffix(".weight"))}
     for p in planned:  # a head tied to the embedding (no tensor of its own): measured on the embedding's row
         weight = p.base_tensor.removesuffix(".weight")
-        if "full" in p.keys or p.module == weight:
+        if "full" in p.keys or p.module in lora:
             continue
         if weight in lora:
             notes.append(f"{p.module}: its LoRA acts on the weight it shares with {weight}, whose own LoRA is the "
@@ -379,9 +380,9 @@ def verify_adapter(base, tuned, adapter, *, eval_data=None, config: VerifyConfig
         coverage[0] += energy
         p = lora[d.name]
         W0 = nf4_round_trip(d.base) if quantized and d.role not in ("embed", "head") else d.base
-        A, B = (adapter_src.weights.read(p.keys[k]).to(d.delta.device)  # stored dtype: it sets the rank tolerance
-                for k in (("emb_A", "emb_B") if p.embedding else ("A", "B")))
-        col, rowb = (A.T, B) if p.embedding else (B, A.T)  # embedding ΔW = s·(B A)ᵀ: roles swap
+        # ΔW = s·col·rowbᵀ: (B, Aᵀ), an embedding's (Aᵀ, B), an expert's share of a parameter's A and B; in the
+        # stored dtype: it sets the rank tolerance
+        col, rowb = p.factors(adapter_src.weights, d.delta.device, p.dtype)
         W0_64 = W0.double()  # the adapter's update exactly: no float32 rounding of W0 + ΔW in it
         delta_ad = p.merged(W0_64, adapter_src.weights, torch.float64).sub_(W0_64)
         del W0_64
@@ -390,7 +391,7 @@ def verify_adapter(base, tuned, adapter, *, eval_data=None, config: VerifyConfig
         # ΔW_ad is not low rank (its top r come from ΔW_ad itself in module_measures)
         low = factor_svd(col, rowb, scale=p.scaling)
         plain = not {"magnitude", "base_layer"} & set(p.keys)
-        rank = A.shape[0]
+        rank = col.shape[1]
         if rank > min(d.shape):  # legal in PEFT; ΔW_ad then has rank ≤ the short side: measure at that rank
             notes.append(f"{d.name}: adapter rank {rank} exceeds the module's short side {min(d.shape)}; measured "
                          f"at rank {min(d.shape)}, the most its update can have")

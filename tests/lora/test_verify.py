@@ -451,3 +451,35 @@ def test_an_update_below_its_factors_precision_is_measured_as_none():
                                         row_basis=low.Vh.T, rank=2, adapter_svd=low)
     assert row["captured_energy"] is None and row["phi"] is None and phi is None and vectors is None
     assert row["relative_error"] == pytest.approx(1.0, abs=1e-3)  # still measured
+
+
+def test_a_lora_on_fused_experts_is_measured_per_expert(tmp_path):
+    # PEFT's target_parameters on transformers-5 Mixtral: A (r·E, in), B (out, r·E) per fused parameter. verify read
+    # them whole as one rank-6 LoRA ("`U` has 96 rows but `delta` has out=48"); each expert's w1/w3/w2 has rank 2
+    base = build_model("mixtral")
+    save(base, tmp_path / "base", "safetensors")
+    tuned = copy.deepcopy(base)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in tuned.named_parameters():
+            if ".experts." in name:
+                p += 0.3 * p.norm() / p.numel() ** 0.5 * torch.randn(p.shape, generator=g)
+    save(tuned, tmp_path / "tuned", "safetensors")
+    with quiet_peft():
+        peft_model = random_adapter(base, tmp_path / "adapter", seed=2, scale=0.3, r=2, lora_alpha=4,
+                                    target_modules=[], target_parameters=["mlp.experts.gate_up_proj",
+                                                                          "mlp.experts.down_proj"])
+    adapted = {n.removeprefix("base_model.model.").replace(".base_layer", "") + "." + m.parameter_name: m
+               for n, m in peft_model.named_modules() if type(m).__name__ == "ParamWrapper"}
+    result = verify_adapter(tmp_path / "base", tmp_path / "tuned", tmp_path / "adapter", progress=False)
+    assert len(result.modules) == 2 * 3 * 3 and {r["rank"] for r in result.modules} == {2}
+    fused = {"w1": ("gate_up_proj", slice(0, 48)), "w3": ("gate_up_proj", slice(48, 96)),
+             "w2": ("down_proj", slice(None))}
+    for row in result.modules:  # model.layers.L.block_sparse_moe.experts.E.w1
+        layer, expert, proj = int(row["name"].split(".")[2]), int(row["name"].split(".")[-2]), row["name"][-2:]
+        parameter, rows = fused[proj]
+        name = f"model.layers.{layer}.mlp.experts.{parameter}"
+        D = (tuned.get_parameter(name) - base.get_parameter(name))[expert][rows].double().detach().numpy()
+        Dad = adapted[name].get_delta_weight("default")[expert][rows].detach().double().numpy()
+        assert row["captured_energy"] == pytest.approx(_captured(D, Dad, 2), rel=1e-6), row["name"]
+        assert row["captured_energy_row"] == pytest.approx(_captured(D.T, Dad.T, 2), rel=1e-6), row["name"]
