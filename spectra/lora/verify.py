@@ -432,7 +432,8 @@ def verify_adapter(base, tuned, adapter, *, eval_data=None, config: VerifyConfig
         config=asdict(config), notes=notes + list(pairing.notes), right_vectors={n: right[n] for n in keep})
     if eval_data is not None:
         result.evals = evaluate_models(base, tuned, adapter_src, eval_data, truncated, config=config,
-                                       quantized=quantized, trained=trained, reference=reference_evals)
+                                       quantized=quantized, trained=trained, reference=reference_evals,
+                                       notes=result.notes)
     return result
 
 
@@ -529,12 +530,14 @@ class _FilteredWeights:
 
 
 def evaluate_models(base, tuned, adapter_src, eval_data, truncated: dict, *, config: VerifyConfig, quantized: bool,
-                    trained: dict, reference: dict | None = None) -> dict:
+                    trained: dict, reference: dict | None = None, notes: list[str] | None = None) -> dict:
     """Eval loss/accuracy of the base, the full fine-tune, the adapter and the truncated-SVD merge.
 
     Models are loaded one at a time. ``truncated`` maps module name → (W_base + rank-r
     part of ΔW_full (out, in), conv1d); the SVD model also takes the tuned task head
-    when the adapter trains one (``modules_to_save``), as ``extract_adapter`` does.
+    when the adapter trains one (``modules_to_save``), as ``extract_adapter`` does. Where
+    a module is no parameter of the loaded model (per-expert matrices transformers fuses on
+    loading: a LoRA on Mixtral's experts), the SVD model is left out and `notes` says so.
     """
     import json
 
@@ -560,17 +563,30 @@ def evaluate_models(base, tuned, adapter_src, eval_data, truncated: dict, *, con
         return load_model(base, task=task, num_labels=num_labels, quantize=quantize, compute_dtype=compute,
                           label_names=labels, device=config.device, pad_token_id=tokenizer.pad_token_id)
 
+    def svd_model():
+        model = base_model()
+        unmatched = _unmatched(truncated, dict(model.named_parameters()))
+        if unmatched:
+            if notes is not None:
+                notes.append(f"eval: the truncated-SVD model is left out: {len(unmatched)} adapted module(s) are no "
+                             f"parameter of the loaded model but parts of one transformers fuses on loading "
+                             f"({unmatched[0]}, …), which spectra does not write back into")
+            return None
+        return _set_weights(model, truncated, tuned, adapter_src.config.get("modules_to_save"))
+
     builders = {
         "base": base_model,
         "tuned": lambda: load_model(tuned, task=task, device=config.device, pad_token_id=tokenizer.pad_token_id,
                                     complete=True),
         "adapter": lambda: _load_adapter(base_model(quantized), adapter_src.path),
-        "svd": lambda: _set_weights(base_model(), truncated, tuned, adapter_src.config.get("modules_to_save")),
+        "svd": svd_model,
     }
     evals = {k: v for k, v in (reference or {}).items() if k in ("base", "tuned")}
     for name, build in builders.items():
         if name not in evals:
             model = build()
+            if model is None:
+                continue
             evals[name] = evaluate(model, data, batch_size=config.batch_size)
             del model
     return evals
@@ -583,6 +599,14 @@ def _load_adapter(model, path):
 
     with quiet_peft():
         return PeftModel.from_pretrained(model, str(path), torch_device=str(model_device(model)))
+
+
+def _unmatched(weights: dict, params: dict) -> list[str]:
+    """Checkpoint module names of `weights` that match no parameter of the model (fused on loading)."""
+    from spectra.checkpoints.names import match_names
+
+    match = match_names([n + ".weight" for n in weights], list(params))
+    return [n for n in weights if n + ".weight" not in match.pairs]
 
 
 def _set_weights(model, weights: dict, tuned, heads) -> torch.nn.Module:

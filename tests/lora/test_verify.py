@@ -453,9 +453,8 @@ def test_an_update_below_its_factors_precision_is_measured_as_none():
     assert row["relative_error"] == pytest.approx(1.0, abs=1e-3)  # still measured
 
 
-def test_a_lora_on_fused_experts_is_measured_per_expert(tmp_path):
-    # PEFT's target_parameters on transformers-5 Mixtral: A (r·E, in), B (out, r·E) per fused parameter. verify read
-    # them whole as one rank-6 LoRA ("`U` has 96 rows but `delta` has out=48"); each expert's w1/w3/w2 has rank 2
+def _moe_trio(tmp_path):
+    """A Mixtral base, a fine-tune of its experts, and a rank-2 LoRA on its fused experts (target_parameters)."""
     base = build_model("mixtral")
     save(base, tmp_path / "base", "safetensors")
     tuned = copy.deepcopy(base)
@@ -469,6 +468,13 @@ def test_a_lora_on_fused_experts_is_measured_per_expert(tmp_path):
         peft_model = random_adapter(base, tmp_path / "adapter", seed=2, scale=0.3, r=2, lora_alpha=4,
                                     target_modules=[], target_parameters=["mlp.experts.gate_up_proj",
                                                                           "mlp.experts.down_proj"])
+    return base, tuned, peft_model
+
+
+def test_a_lora_on_fused_experts_is_measured_per_expert(tmp_path):
+    # PEFT's target_parameters on transformers-5 Mixtral: A (r·E, in), B (out, r·E) per fused parameter. verify read
+    # them whole as one rank-6 LoRA ("`U` has 96 rows but `delta` has out=48"); each expert's w1/w3/w2 has rank 2
+    base, tuned, peft_model = _moe_trio(tmp_path)
     adapted = {n.removeprefix("base_model.model.").replace(".base_layer", "") + "." + m.parameter_name: m
                for n, m in peft_model.named_modules() if type(m).__name__ == "ParamWrapper"}
     result = verify_adapter(tmp_path / "base", tmp_path / "tuned", tmp_path / "adapter", progress=False)
@@ -483,3 +489,15 @@ def test_a_lora_on_fused_experts_is_measured_per_expert(tmp_path):
         Dad = adapted[name].get_delta_weight("default")[expert][rows].detach().double().numpy()
         assert row["captured_energy"] == pytest.approx(_captured(D, Dad, 2), rel=1e-6), row["name"]
         assert row["captured_energy_row"] == pytest.approx(_captured(D.T, Dad.T, 2), rel=1e-6), row["name"]
+
+
+def test_eval_of_a_lora_on_fused_experts_leaves_out_the_svd_model_and_says_why(tmp_path):
+    """The truncated-SVD model is written by checkpoint name, and Mixtral's per-expert matrices are fused into one
+    parameter on loading: the eval failed with a KeyError on ...experts.0.w1.weight."""
+    _moe_trio(tmp_path)
+    data = random_text(tmp_path / "eval.txt", chars=16 * 10, seed=5)
+    result = verify_adapter(tmp_path / "base", tmp_path / "tuned", tmp_path / "adapter", eval_data=data,
+                            progress=False)
+    assert set(result.evals) == {"base", "tuned", "adapter"}
+    assert any(n.startswith("eval: the truncated-SVD model is left out") and "experts.0.w1" in n for n in result.notes)
+    assert result.evals["adapter"]["loss"] != result.evals["base"]["loss"]
