@@ -248,6 +248,8 @@ def analyze_delta(d: DeltaW, config: AnalysisConfig) -> dict[str, Any]:
     values = spec.values.double().cpu()
     ranks = metrics.energy_ranks(spec, config.thresholds, total_energy=spec.total_energy) if fro else {}
     row["energy_rank"] = {_key(t): ranks.get(t, 0) for t in config.thresholds}
+    if spec.rank_bounds:  # levels the sketch could not settle: null in energy_rank, an interval here
+        row["energy_rank_bounds"] = {_key(t): list(b) for t, b in spec.rank_bounds.items()}
     positive = values[values > 0]
     whole = spec.complete or not fro  # the entropy and the nuclear norm need every σ, not the top ones
     row["effective_rank"] = (metrics.effective_rank(positive) if positive.numel() else 0.0) if whole else None

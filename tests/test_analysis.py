@@ -374,6 +374,29 @@ def test_sketch_rows_leave_out_what_needs_the_whole_spectrum(tmp_path):
     assert abs(sketched["energy_rank"]["0.9"] - full["energy_rank"]["0.9"]) <= 1
 
 
+def test_a_sketch_row_gives_an_energy_level_it_cannot_settle_as_an_interval(tmp_path):
+    """bf16 rounding noise leaves the sketch's 95 % rank unsettled: null in energy_rank, and an interval
+    around the exact rank in energy_rank_bounds (the row carried the Ritz values' rank as a number)."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(400, 1100, generator=g) * 0.02
+    U = torch.linalg.qr(torch.randn(400, 24, generator=g))[0]
+    V = torch.linalg.qr(torch.randn(1100, 24, generator=g))[0]
+    D = (U * torch.exp(-torch.arange(24) / 4.0)) @ V.T
+    for side, weight in (("b", W), ("t", W + 0.01 * W.norm() / D.norm() * D)):  # bf16: its rounding is the noise
+        (tmp_path / side).mkdir()
+        save_file({"model.layers.0.self_attn.q_proj.weight": weight.bfloat16()}, tmp_path / side / "model.safetensors")
+    (sketched,) = analyze(tmp_path / "b", tmp_path / "t", AnalysisConfig(full_below=0), cache_dir=False,
+                          progress=False).modules
+    (full,) = analyze(tmp_path / "b", tmp_path / "t", AnalysisConfig(method="full"), cache_dir=False,
+                      progress=False).modules
+    assert sketched["energy_rank"]["0.95"] is None and "energy_rank_bounds" not in full
+    lo, hi = sketched["energy_rank_bounds"]["0.95"]
+    assert lo <= full["energy_rank"]["0.95"] <= hi and len(sketched["singular_values"]) < hi
+    assert abs(sketched["energy_rank"]["0.9"] - full["energy_rank"]["0.9"]) <= 1
+
+
 def test_no_power_law_is_fitted_below_the_noise_floor_and_unchanged_zeros_have_size_0(tmp_path):
     values = torch.logspace(0, -2, 50, dtype=torch.float64)
     assert analysis_mod._decay(values, 0) is None  # nothing above the floor: nothing to fit

@@ -25,7 +25,7 @@ References
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import math
@@ -77,6 +77,10 @@ class Spectrum:
         Power iterations run (0 for full paths).
     complete : bool
         True when ``values`` is the whole spectrum (min(out, in) values).
+    rank_bounds : dict of float to (int, int)
+        Energy ranks known only as an interval, ``{τ: (lo, hi)}`` with lo ≤ rank ≤ hi; the
+        values stop before such a τ, so :func:`~spectra.linalg.metrics.energy_rank` reads
+        ``None`` there. Empty but for :func:`spectra.linalg.sketch.energy_sketch`.
     """
 
     values: torch.Tensor
@@ -88,6 +92,7 @@ class Spectrum:
     tolerance: float = 0.0
     n_iter: int = 0
     complete: bool = True
+    rank_bounds: dict[float, tuple[int, int]] = field(default_factory=dict)
 
     @property
     def k(self) -> int:
@@ -272,6 +277,27 @@ def _full_svd(M: torch.Tensor, *, compute_vectors: bool, work: torch.dtype,
     return Spectrum(S.to(work), energy, shape, "full-gram")
 
 
+def _is_zero(M: torch.Tensor, total_energy: float) -> bool:
+    """Whether M is exactly zero, given ‖M‖_F²: a zero norm is confirmed on the entries, since float64
+    entries below ~1e-154 square to 0."""
+    return total_energy == 0.0 and not bool(M.any())
+
+
+def _zero_spectrum(M: torch.Tensor, k: int, *, method: str, compute_vectors: bool, work: torch.dtype) -> Spectrum:
+    """The top-k of a zero matrix M (out, in), known without a decomposition.
+
+    ‖M‖_F = 0 puts every σ at exactly 0 (``tolerance`` 0, as for :func:`full_svd`), and
+    any orthonormal U, Vh are singular vectors of it: the first k unit vectors cost nothing.
+    """
+    shape = (int(M.shape[0]), int(M.shape[1]))
+    U = Vh = None
+    if compute_vectors:
+        U = torch.eye(shape[0], k, dtype=work, device=M.device)  # (out, k)
+        Vh = torch.eye(k, shape[1], dtype=work, device=M.device)  # (k, in)
+    return Spectrum(torch.zeros(k, dtype=work, device=M.device), 0.0, shape, method, U=U, Vh=Vh,
+                    complete=k == min(shape))
+
+
 def _full_top(M: torch.Tensor, k: int | None, *, compute_vectors: bool, energy: float, method: str | None = None,
               n_iter: int = 0, rank_of=None) -> Spectrum:
     """A full decomposition of M (out, in) cut to its top k — or to ``rank_of(values)`` when given.
@@ -431,7 +457,8 @@ def randomized_svd(
     -------
     Spectrum
         ``method="randomized"`` (subspace) or ``"krylov"``, ``complete`` only when k = min(out, in);
-        ``tolerance`` is the final relative-error estimate.
+        ``tolerance`` is the final relative-error estimate. A zero matrix gives k zeros
+        (``tolerance`` 0) and unit vectors at no cost.
 
     References
     ----------
@@ -466,7 +493,11 @@ def randomized_svd(
         raise ConfigError(f"`block_size` must be an int in [1, {r}], got {block_size!r}.")
     gen = _generator(random_state, M.device)
     work = _work_dtype(M, None)
-    if algorithm == "krylov" or (algorithm == "auto" and tol is not None and sketch_dtype is None):
+    krylov = algorithm == "krylov" or (algorithm == "auto" and tol is not None and sketch_dtype is None)
+    if _is_zero(M, energy):
+        return _zero_spectrum(M, k, method="krylov" if krylov else "randomized", compute_vectors=compute_vectors,
+                              work=work)
+    if krylov:
         b = int(block_size) if block_size is not None else krylov_block(k, r)
         if k + b > r:  # no room for a Krylov space beyond the answer: decompose fully
             return _full_top(M.to(work), k, compute_vectors=compute_vectors, energy=energy)
@@ -733,7 +764,8 @@ def adaptive_svd(
     Spectrum
         The top-k values (k = the rank that met the criterion), ``method="adaptive"``
         or ``"adaptive->full"`` after a fall-back, ``tolerance`` the achieved
-        convergence estimate of the returned values.
+        convergence estimate of the returned values. A zero matrix gives all its
+        min(out, in) values, 0, ``complete`` (as :func:`full_svd` does), at no cost.
 
     References
     ----------
@@ -756,6 +788,8 @@ def adaptive_svd(
         raise ConfigError(f"`max_rank` must be an int in [1, {r}], got {max_rank!r}.")
     if not (0.0 < float(tol) < 1.0):
         raise ConfigError(f"`tol` must be in (0, 1), got {tol!r}.")
+    if _is_zero(M, total):  # every σ is 0, so every energy rank is: the whole spectrum is known
+        return _zero_spectrum(M, r, method="adaptive", compute_vectors=compute_vectors, work=_work_dtype(M, None))
     gen = _generator(random_state, M.device)
     return _adaptive_svd(M.to(_work_dtype(M, None)), energy, rtol, int(block_size), int(max_rank),
                          float(tol), gen, compute_vectors, total)

@@ -92,6 +92,63 @@ def test_energy_sketch_ranks_match_full_svd():
     np.testing.assert_allclose(fast.values[:5].double().numpy(), exact.values[:5].numpy(), rtol=1e-3)
 
 
+def _with_tail(m, n, *, rank, tail, seed=0):
+    """ΔW of a bf16 pair: a rank-`rank` exponentially decaying update plus a Gaussian tail holding `tail` of
+    its energy (make_pair's model of a fine-tune), both sides rounded to bf16."""
+    g = torch.Generator().manual_seed(seed)
+    w = (torch.randn(m, n, generator=g) * 0.02).bfloat16().float()
+    u, _ = torch.linalg.qr(torch.randn(m, 6 * rank, generator=g))
+    v, _ = torch.linalg.qr(torch.randn(n, 6 * rank, generator=g))
+    d = u * torch.exp(-torch.arange(6 * rank) / rank) @ v.T
+    size = 1e-2 * float(w.norm())  # ‖ΔW‖_F
+    d *= size * math.sqrt(1 - tail) / d.norm()
+    d += torch.randn(m, n, generator=g) * (size * math.sqrt(tail / (m * n)))
+    return (w + d).bfloat16().float() - w
+
+
+@pytest.mark.parametrize("rank, seed", [(4, 0), (2, 1), (8, 2)])
+def test_energy_sketch_gives_a_threshold_it_cannot_settle_as_an_interval(rank, seed):
+    """A noise tail puts the 95 % rank in the basis's unconverged part, where the Ritz values still run low:
+    their rank there, which the sketch reported as a number, was 2–3 too high. It is now left out of the
+    values (energy_rank reads None) and given as an interval holding the float64 rank."""
+    d = _with_tail(400, 1100, rank=rank, tail=0.03, seed=seed)
+    taus = (0.5, 0.9, 0.95, 0.99)
+    fast = sketch.energy_sketch(d, energy=0.9, thresholds=taus, total_energy=sketch.squared_norm(d))
+    s = np.linalg.svd(d.double().numpy(), compute_uv=False)  # the float64 reference
+    cum = np.cumsum(s**2) / np.sum(s**2)
+    exact = {t: int(np.searchsorted(cum, t) + 1) for t in taus}
+    assert fast.method == "adaptive-bf16"
+    for t in (0.5, 0.9):
+        assert abs(metrics.energy_rank(fast, t) - exact[t]) <= 1
+    assert metrics.energy_rank(fast, 0.95) is None and metrics.energy_rank(fast, 0.99) is None
+    lo, hi = fast.rank_bounds[0.95]
+    assert lo <= exact[0.95] <= hi and fast.k < hi
+    assert hi - exact[0.95] >= 2  # negative control: the Ritz values' own rank is off here
+    assert 0.99 not in fast.rank_bounds  # past the basis: no interval is claimed either
+
+
+def test_energy_sketch_reports_a_higher_threshold_it_settles():
+    """Without a tail the 95 % rank converges with the 90 % one and stays a number (no interval)."""
+    d = _with_tail(400, 1100, rank=8, tail=0.0)
+    fast = sketch.energy_sketch(d, energy=0.9, thresholds=(0.95,), total_energy=sketch.squared_norm(d))
+    exact = full_svd(d.double())
+    assert fast.rank_bounds == {}
+    for t in (0.9, 0.95):
+        assert abs(metrics.energy_rank(fast, t) - metrics.energy_rank(exact, t)) <= 1
+
+
+def test_energy_sketch_of_a_zero_matrix_is_the_whole_zero_spectrum():
+    """As full_svd gives it: every value (0), complete; before, one value and complete=False."""
+    for dtype in (torch.bfloat16, torch.float16):
+        fast = sketch.energy_sketch(torch.zeros(300, 200), energy=0.9, thresholds=(0.5, 0.99), total_energy=0.0,
+                                    sketch_dtype=dtype)
+        exact = full_svd(torch.zeros(300, 200))
+        assert fast.complete and fast.k == exact.k == 200 and not fast.values.any()
+        assert fast.captured_fraction == 1.0
+        assert metrics.energy_ranks(fast, (0.5, 0.9, 0.99)) == metrics.energy_ranks(exact, (0.5, 0.9, 0.99)) \
+            == {0.5: 0, 0.9: 0, 0.99: 0}
+
+
 def _decaying(m, n, *, rms, seed=0):
     """A ΔW with σᵢ = e^(−i/8) (rank 60) scaled so its typical entry is `rms`."""
     g = torch.Generator().manual_seed(seed)

@@ -309,6 +309,29 @@ def test_adaptive_goes_full_at_once_when_the_budget_cannot_cover_three_steps():
     assert B.k == int(np.searchsorted(np.cumsum(ref**2) / np.sum(ref**2), 0.9) + 1)
 
 
+@pytest.mark.parametrize("shape", [(64, 32), (40, 1300)])
+def test_a_zero_matrix_is_known_at_once_on_every_path(shape):
+    """‖M‖_F = 0 settles every σ at 0: adaptive_svd gave one value 0.0 with complete=False ("adaptive->full")."""
+    Z = torch.zeros(shape)
+    r = min(shape)
+    full = full_svd(Z)
+    auto = spectrum(Z, energy=0.9, full_below=16)  # the adaptive path
+    for got in (adaptive_svd(Z, energy=0.9), adaptive_svd(Z, energy=None, rtol=0.1), auto):
+        assert got.method == "adaptive" and got.complete and got.k == r == full.k and got.tolerance == 0.0
+        assert torch.equal(got.values, full.values)  # all zeros, float32
+    for tol in (None, 1e-4):
+        top = randomized_svd(Z, 5, tol=tol, random_state=0)
+        assert top.k == 5 and not top.values.any() and top.tolerance == 0.0 and not top.complete
+        np.testing.assert_allclose((top.U.T @ top.U).numpy(), np.eye(5), atol=1e-7)  # still singular vectors
+        np.testing.assert_allclose((top.Vh @ top.Vh.T).numpy(), np.eye(5), atol=1e-7)
+    vec = adaptive_svd(Z.double(), energy=0.9, compute_vectors=True)
+    assert vec.U.shape == (shape[0], r) and vec.Vh.shape == (r, shape[1]) and vec.values.dtype == torch.float64
+    np.testing.assert_allclose((vec.U * vec.values) @ vec.Vh, 0.0)
+    # negative control: a float64 matrix whose squares underflow has ‖M‖_F² = 0 but is not zero
+    tiny = torch.full(shape, 1e-170, dtype=torch.float64)
+    assert frobenius_energy(tiny) == 0.0 and float(adaptive_svd(tiny, energy=0.9).values[0]) > 0
+
+
 def test_adaptive_rtol():
     M = planted(rank=6, noise=1e-3)
     A = adaptive_svd(M, energy=None, rtol=0.2, block_size=8, random_state=0)  # σ₇/σ₁ ≈ 0.17, σ₆/σ₁ ≈ 0.5
