@@ -412,6 +412,8 @@ def memory(
     optimizer: Annotated[str, typer.Option(help="adamw, adamw_8bit or sgd.")] = "adamw",
     gradient_checkpointing: Annotated[bool, typer.Option(help="Checkpoint every block.")] = True,
     attention: Annotated[str, typer.Option(help="sdpa (no s×s matrix) or eager.")] = "sdpa",
+    double_quant: Annotated[bool, typer.Option(help="QLoRA: double-quantised NF4 constants (4.127 bits per "
+                                                    "weight; without, 4.5).")] = True,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
     """Estimate the memory of fine-tuning MODEL (full, LoRA, QLoRA, DoRA) from its config.json alone."""
@@ -425,7 +427,8 @@ def memory(
 
     est = estimate_memory(model, method=method, rank_plan_or_rank=load_plan(plan) if plan else rank,
                           batch=batch, seq_len=seq_len, precision=precision, optimizer=optimizer,
-                          gradient_checkpointing=gradient_checkpointing, roles=_split(roles), attention=attention)
+                          gradient_checkpointing=gradient_checkpointing, roles=_split(roles), attention=attention,
+                          double_quant=double_quant)
     if as_json:
         typer.echo(json.dumps(est.to_dict(), indent=2))
         return

@@ -38,6 +38,7 @@ from spectra.ranks import RankPlan
 METHODS = ("full", "lora", "qlora", "dora")
 PRECISIONS = ("fp32", "bf16", "fp16", "mixed")
 OPTIMIZERS = ("adamw", "adamw_8bit", "sgd")
+ATTENTIONS = ("sdpa", "eager")
 # LoRA's usual targets: every linear layer of the blocks ("all-linear", as QLoRA recommends [3])
 DEFAULT_ROLES = ("q", "k", "v", "o", "qkv", "gate", "up", "down", "gate_up")
 
@@ -67,7 +68,11 @@ class ModelShape:
     q_dim: int
     intermediate: int
     vocab: int
-    gated_mlp: bool
+    # "rms": an RMSNorm that up-casts its input to fp32 (Llama-like); "rms_fp32": one that also applies
+    # its weight in fp32 (Gemma); "layer": LayerNorm (GPT-2, BERT)
+    norm: str
+    mlp_saved: int  # intermediate-sized tensors the MLP's activation keeps for backward, per expert
+    softmax_fp32: bool  # eager attention takes its softmax in fp32 and casts it back (Llama-like)
     experts_per_token: int
     experts: int  # experts per MoE layer (1: a dense model)
     linears: tuple[tuple[str, int, int], ...]
@@ -133,7 +138,8 @@ def _llama(cfg: dict, mtype: str) -> ModelShape:
     tied = bool(cfg.get("tie_word_embeddings", _config_default(mtype, "tie_word_embeddings", False)))
     other = vocab * h + layers * (2 * h + bias) + h  # embed + per-layer RMSNorm weights and biases + final norm
     return ModelShape(family=mtype or "llama-like", hidden=h, layers=layers, heads=heads, kv_dim=kv_dim,
-                      q_dim=q_dim, intermediate=inter, vocab=vocab, gated_mlp=True,
+                      q_dim=q_dim, intermediate=inter, vocab=vocab,
+                      norm="rms_fp32" if mtype.startswith("gemma") else "rms", mlp_saved=3, softmax_fp32=True,
                       experts_per_token=cfg.get("num_experts_per_tok", 1) if experts > 1 else 1, experts=experts,
                       linears=linears, other_params=other, head_params=0 if tied else vocab * h, causal=True)
 
@@ -160,11 +166,14 @@ def _gpt2(cfg: dict) -> ModelShape:
     h, layers, heads, vocab = cfg["n_embd"], cfg["n_layer"], cfg["n_head"], cfg["vocab_size"]
     inter, positions = cfg.get("n_inner") or 4 * h, cfg.get("n_positions", 1024)
     linears = (("qkv", 3 * h, h), ("o", h, h), ("up", inter, h), ("down", h, inter))
+    # transformers' NewGELU ("gelu_new", GPT-2's default) is written out in elementwise ops that keep the input,
+    # tanh's output, x/2 and 1 + tanh; a fused GELU or ReLU keeps one tensor
+    mlp_saved = 4 if cfg.get("activation_function", "gelu_new") == "gelu_new" else 1
     per_layer = 3 * h + h + inter + h + 4 * h  # biases of c_attn, c_proj, c_fc, mlp.c_proj; ln_1, ln_2
     other = vocab * h + positions * h + layers * per_layer + 2 * h  # wte, wpe, blocks, ln_f; head tied to wte
     return ModelShape(family="gpt2", hidden=h, layers=layers, heads=heads, kv_dim=h, q_dim=h, intermediate=inter,
-                      vocab=vocab, gated_mlp=False, experts_per_token=1, experts=1, linears=linears, other_params=other,
-                      head_params=0, causal=True)
+                      vocab=vocab, norm="layer", mlp_saved=mlp_saved, softmax_fp32=False, experts_per_token=1,
+                      experts=1, linears=linears, other_params=other, head_params=0, causal=True)
 
 
 def _bert(cfg: dict) -> ModelShape:
@@ -175,8 +184,8 @@ def _bert(cfg: dict) -> ModelShape:
     embeddings = (vocab + cfg.get("max_position_embeddings", 512) + cfg.get("type_vocab_size", 2)) * h + 2 * h
     other = embeddings + layers * per_layer + h * h + h  # + pooler.dense
     return ModelShape(family="bert", hidden=h, layers=layers, heads=heads, kv_dim=h, q_dim=h, intermediate=inter,
-                      vocab=vocab, gated_mlp=False, experts_per_token=1, experts=1, linears=linears, other_params=other,
-                      head_params=0, causal=False)
+                      vocab=vocab, norm="layer", mlp_saved=1, softmax_fp32=False, experts_per_token=1, experts=1,
+                      linears=linears, other_params=other, head_params=0, causal=False)
 
 
 def load_config(config_or_model: Any) -> dict:
@@ -240,6 +249,8 @@ class MemoryEstimate:
     batch: int
     seq_len: int
     gradient_checkpointing: bool
+    attention: str
+    double_quant: bool
     params: int
     trainable_params: int
     weights: int
@@ -282,7 +293,7 @@ class MemoryEstimate:
 def estimate_memory(config_or_model: Any, *, method: str = "lora", rank_plan_or_rank: RankPlan | int | None = 16,
                     batch: int = 1, seq_len: int = 2048, precision: str = "bf16", optimizer: str = "adamw",
                     gradient_checkpointing: bool = True, roles: tuple[str, ...] | None = None,
-                    attention: str = "sdpa") -> MemoryEstimate:
+                    attention: str = "sdpa", double_quant: bool = True) -> MemoryEstimate:
     """Estimate the memory of fine-tuning (and serving) a model, by component, in bytes.
 
     Parameters
@@ -307,8 +318,15 @@ def estimate_memory(config_or_model: Any, *, method: str = "lora", rank_plan_or_
     roles : tuple of str, optional
         Roles that an int rank targets. Default: every linear layer of the blocks.
     attention : {"sdpa", "eager"}
-        ``"sdpa"`` (flash / memory-efficient kernels) stores no s×s matrix; ``"eager"`` stores
-        the softmax output, ``heads·s`` values per token per layer [2]_. Default "sdpa".
+        transformers' ``attn_implementation``. ``"sdpa"`` assumes a fused kernel (FlashAttention or
+        memory-efficient on CUDA, the flash kernel on CPU), which is what an unpadded batch gets: it
+        keeps Q, K, V, its output and an fp32 logsumexp, no s×s matrix. ``"eager"`` keeps the
+        attention probabilities, ``heads·s`` values per token per layer: in fp32 and again in the
+        activation dtype for Llama-like models (softmax in fp32, cast back), once for GPT-2 and BERT.
+        Default "sdpa".
+    double_quant : bool
+        QLoRA only: bitsandbytes' double quantisation of the NF4 absmax constants
+        (``bnb_4bit_use_double_quant``, what ``spectra train`` uses) [3]_. Default True.
 
     Returns
     -------
@@ -321,25 +339,34 @@ def estimate_memory(config_or_model: Any, *, method: str = "lora", rank_plan_or_
 
     * weights: N·w; QLoRA stores the block linears in NF4, 0.5 byte each, the rest (embeddings,
       norms, biases, LM head, which transformers leaves unquantised) in w.
-    * quant_constants (QLoRA): per linear of n weights, ⌈n/64⌉ absmax constants; fp32 (4 bytes)
-      or, double-quantised [3]_, 1 byte each plus one fp32 per 256 of them; plus the 16-entry
-      NF4 code (and, double-quantised, a 256-entry fp32 code and an fp32 offset) per tensor.
+    * quant_constants (QLoRA): per linear of n weights, ⌈n/64⌉ absmax constants and the 16-entry
+      fp32 NF4 code. Without double quantisation the absmax are fp32: 4.5 bits per weight in all.
+      Double-quantised [3]_ they are 1 byte each plus one fp32 per 256 of them, with a 256-entry
+      fp32 code and an fp32 offset per tensor: 4.127 bits per weight.
     * adapter: n_A = Σ r·(d_in + d_out) (+ Σ d_out DoRA magnitudes [4]_), kept in fp32 (PEFT's
       ``autocast_adapter_dtype``), 4 bytes each.
     * gradients: one per trainable parameter in its dtype (full: w, adapters: 4).
     * optimizer_states: AdamW two moments in the parameter's dtype (PyTorch's ``zeros_like``);
       ``mixed`` full fine-tuning adds the fp32 master copy: 12 bytes/param, ZeRO's K = 12 [1]_.
       ``adamw_8bit``: 2·(1 + 4/256) bytes/param (bitsandbytes blockwise). ``sgd``: none.
-    * activations per token per layer, in elements of p bytes (what autograd saves; agrees with
-      [2]_'s 34·s·b·h bytes for GPT-2 without dropout masks): two norm inputs 2h; attention
-      input h, Q, K, V (q + 2·kv), attention output q; MLP input h and, gated (SwiGLU), gate,
-      up, act(gate), act·up 4i, or GELU 2i; MoE MLPs × experts per token; eager attention
-      adds heads·s. LoRA/DoRA/QLoRA add, per targeted module, a fresh copy of its input cast
-      for ``lora_A`` and ``A·x``: d_in + r. Then the LM head: b·s·V·(p + 8) bytes (the logits,
-      their fp32 upcast for the loss and the fp32 log-softmax the loss saves), plus the final
-      norm's input.
+    * activations: the tensors autograd saves for backward, each storage once, per token per
+      block (``_block_bytes``): each RMSNorm keeps its input up-cast to fp32 and the fp32 1/rms
+      (4h + 4), a LayerNorm its input and two fp32 statistics (p·h + 8); attention Q, K, V and
+      its output (sdpa), or Q, K and V repeated to every head and the probabilities (eager);
+      the MLP's activation its inputs and output (SwiGLU: gate, silu(gate), up). A frozen
+      linear keeps nothing: only full fine-tuning keeps the linears' inputs (and RMSNorm's
+      normalised input, for its weight). With a fused GELU and no dropout that is [2]_'s
+      34·s·b·h bytes per GPT layer less the two dropout masks, plus LayerNorm's statistics.
+      Each LoRA/DoRA/QLoRA module adds its input cast to the adapter's fp32 for ``lora_A`` (a
+      fresh copy per module from a 16-bit input; from fp32 activations the input itself, once
+      per tensor) and A·x, 4·r; DoRA also the base and LoRA outputs, (p + 4)·d_out. MoE MLPs
+      count experts per token. The peak then comes at the loss, with the final norm and, per
+      logit, the logits (p), their fp32 up-cast when p < 4 (4) and the fp32 log-softmax the
+      loss keeps (4), or in a block's backward, with an MLP-wide gradient (p·i) in flight.
+      Not counted: token ids and labels, the rotary tables.
     * activations with checkpointing (transformers checkpoints each block): the L block inputs
-      b·s·h·p, one block's full activations recomputed in backward, and the LM head.
+      b·s·h·p, then the larger of the loss's tensors and one block recomputed in backward
+      (its saved tensors and the p·i in flight).
     * workspace: QLoRA dequantises one weight at a time (largest linear × p); DoRA forms
       B·A and W + s·B·A of the largest module (2 × out·in × 4).
     * kv_cache (decoder models, inference): 2·L·kv·b·s·p; encoders have none.
@@ -350,20 +377,23 @@ def estimate_memory(config_or_model: Any, *, method: str = "lora", rank_plan_or_
         raise ConfigError(f"precision must be one of {PRECISIONS}, got {precision!r}.")
     if optimizer not in OPTIMIZERS:
         raise ConfigError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}.")
-    if attention not in ("sdpa", "eager"):
-        raise ConfigError(f"attention must be 'sdpa' or 'eager', got {attention!r}.")
+    if attention not in ATTENTIONS:
+        raise ConfigError(f"attention must be one of {ATTENTIONS} (transformers' attn_implementation), "
+                          f"got {attention!r}.")
+    if not isinstance(double_quant, bool):
+        raise ConfigError(f"double_quant must be True or False, got {double_quant!r}.")
     for name, value in (("batch", batch), ("seq_len", seq_len)):
         if not isinstance(value, int) or value < 1:
             raise ConfigError(f"{name} must be a positive integer, got {value!r}.")
     shape = model_shape(load_config(config_or_model))
     adapter_modules = _adapter_modules(shape, method, rank_plan_or_rank, roles)
     return _estimate(shape, method, adapter_modules, batch, seq_len, precision, optimizer,
-                     gradient_checkpointing, attention)
+                     gradient_checkpointing, attention, double_quant)
 
 
 def _adapter_modules(shape: ModelShape, method: str, plan_or_rank: Any,
-                     roles: tuple[str, ...] | None) -> list[tuple[int | None, int, int, int, float]]:
-    """``(layer, rank, d_in, d_out, token share)`` of every adapted module; empty for full fine-tuning.
+                     roles: tuple[str, ...] | None) -> list[tuple[int | None, int, int, int, float, str | None]]:
+    """``(layer, rank, d_in, d_out, token share, role)`` of every adapted module; empty for full fine-tuning.
 
     The token share is the fraction of tokens the module sees: an MoE expert sees only the
     tokens routed to it, experts_per_token / experts of them on average.
@@ -372,7 +402,7 @@ def _adapter_modules(shape: ModelShape, method: str, plan_or_rank: Any,
         return []
     routed = shape.experts_per_token / shape.experts
     if isinstance(plan_or_rank, RankPlan):
-        return [(m.layer, m.rank, m.shape[1], m.shape[0], routed if ".experts." in f".{m.name}." else 1.0)
+        return [(m.layer, m.rank, m.shape[1], m.shape[0], routed if ".experts." in f".{m.name}." else 1.0, m.role)
                 for m in plan_or_rank.modules]
     if not isinstance(plan_or_rank, int) or isinstance(plan_or_rank, bool) or plan_or_rank < 1:
         raise ConfigError(f"method {method!r} needs a RankPlan or a positive int rank, got {plan_or_rank!r}.")
@@ -386,12 +416,84 @@ def _adapter_modules(shape: ModelShape, method: str, plan_or_rank: Any,
             raise ConfigError(f"rank {plan_or_rank} exceeds min(d_in, d_out) = {min(o, i)} of the {role} "
                               f"projection ({o}×{i}).")
     expert_roles = {"gate", "up", "down", "gate_up"} if shape.experts > 1 else set()
-    return [(layer, plan_or_rank, i, o, routed if role in expert_roles else 1.0)
+    return [(layer, plan_or_rank, i, o, routed if role in expert_roles else 1.0, role)
             for layer in range(shape.layers) for role, o, i in block]
 
 
+def _quant_constants(numel: int, double_quant: bool) -> int:
+    """Bytes of bitsandbytes' NF4 constants for one weight of ``numel`` elements [3]_."""
+    blocks = math.ceil(numel / NF4_BLOCK)
+    code = 16 * 4  # the NF4 code: 16 fp32 values per tensor
+    if not double_quant:
+        return 4 * blocks + code  # one fp32 absmax per block
+    # absmax quantised to 1 byte, one fp32 per 256 of them, their 256-entry fp32 code and an fp32 offset
+    return blocks + 4 * math.ceil(blocks / DQ_BLOCK) + code + 256 * 4 + 4
+
+
+def _norm_bytes(shape: ModelShape, p: int, full: bool) -> int:
+    """Bytes per token that one norm keeps for backward; ``full``: its weight is trained."""
+    h = shape.hidden
+    if shape.norm == "layer":
+        return p * h + 8  # LayerNorm keeps its input, its mean and 1/std (fp32)
+    # transformers' RMSNorm up-casts its input to fp32 and keeps it, with the fp32 1/rms (b, s, 1); the weight's
+    # gradient needs the normalised input, in p (Gemma's in fp32)
+    return 4 * h + 4 + ((4 if shape.norm == "rms_fp32" else p) * h if full else 0)
+
+
+def _block_bytes(shape: ModelShape, p: int, attention: str, seq_len: int, full: bool) -> int:
+    """Bytes per token that one block's autograd graph keeps for backward (each storage once), adapters aside.
+
+    ``full``: the block's weights are trained, so each linear keeps its input (a frozen linear
+    needs only its weight) and each RMSNorm its normalised input. Against what transformers 5
+    saves (tests/test_memory.py): exact for Llama, Qwen2, Gemma, GPT-2 and BERT; Phi-3's full
+    fine-tuning keeps 6 % more, Mixtral's experts are approximate (routing copies).
+    """
+    h, q, kv, heads = shape.hidden, shape.q_dim, shape.kv_dim, shape.heads
+    inter = shape.intermediate * shape.experts_per_token
+    norms = 2 * _norm_bytes(shape, p, full)
+    if attention == "sdpa":
+        attn = p * (2 * q + 2 * kv) + 4 * heads  # Q, K, V (b, heads|kv_heads, s, d), output; fp32 logsumexp
+    else:
+        # Q and K, V repeated to every query head; softmax output (s per head) in fp32 and its cast to p
+        # (Llama-like, one tensor when p = 4) or once in p
+        probs = 4 + (p if p < 4 else 0) if shape.softmax_fp32 else p
+        attn = p * 3 * q + heads * seq_len * probs
+    mlp = p * shape.mlp_saved * inter
+    if full:  # inputs of q/k/v (one tensor), gate/up (one), down; o's is sdpa's output, eager's a copy
+        mlp += p * (h + inter)
+        attn += p * (h + (q if attention == "eager" else 0))
+    return norms + attn + mlp
+
+
+# the tensor a module reads, by role: modules that read one tensor share it when LoRA keeps it as is (fp32)
+_INPUT_OF = {"q": "attention input", "k": "attention input", "v": "attention input", "qkv": "attention input",
+             "o": "attention output", "gate": "mlp input", "up": "mlp input", "gate_up": "mlp input",
+             "router": "mlp input"}
+
+
+def _adapter_bytes(modules: list, p: int, attention: str, dora: bool) -> float:
+    """Bytes per token that one layer's adapted modules add to its saved tensors.
+
+    PEFT runs ``lora_A`` on its input cast to the adapter's fp32 and keeps that: a fresh copy per
+    module from a 16-bit input; with fp32 activations the input itself, kept once however many
+    modules read it, and not at all for ``o`` under sdpa (the kernel keeps its output). ``lora_B``
+    keeps A·x (r values). DoRA also keeps each module's base output (p) and LoRA output (fp32)
+    for its magnitude/direction backward: (p + 4)·d_out.
+    """
+    total, shared = 0.0, set()
+    for _, r, d_in, d_out, share, role in modules:
+        total += share * (4 * r + ((p + 4) * d_out if dora else 0))
+        source = _INPUT_OF.get(role) if share == 1.0 else None  # an expert's input: its own gathered copy
+        if p < 4 or source is None:
+            total += share * 4 * d_in
+        elif source not in shared and not (source == "attention output" and attention == "sdpa"):
+            shared.add(source)
+            total += 4 * d_in
+    return total
+
+
 def _estimate(shape: ModelShape, method: str, adapter_modules: list, batch: int, seq_len: int, precision: str,
-              optimizer: str, checkpointing: bool, attention: str) -> MemoryEstimate:
+              optimizer: str, checkpointing: bool, attention: str, double_quant: bool) -> MemoryEstimate:
     w = 4 if precision == "fp32" else 2          # bytes per frozen/base weight
     p = 4 if precision == "fp32" else 2          # bytes per activation
     tokens = batch * seq_len
@@ -401,18 +503,13 @@ def _estimate(shape: ModelShape, method: str, adapter_modules: list, batch: int,
     quant = 0
     if method == "qlora":
         weights = math.ceil(shape.linear_params / 2) + (shape.other_params + shape.head_params) * w
-        tensors = [(o * i) for _, o, i in shape.linears] * shape.layers
-        for numel in tensors:
-            blocks = math.ceil(numel / NF4_BLOCK)
-            # absmax: 1 byte each + one fp32 per 256 (double quantisation); NF4 code 16 fp32;
-            # second-level code 256 fp32 and an fp32 offset
-            quant += blocks + 4 * math.ceil(blocks / DQ_BLOCK) + 16 * 4 + 256 * 4 + 4
+        quant = shape.layers * sum(_quant_constants(o * i, double_quant) for _, o, i in shape.linears)
     else:
         weights = n * w
 
     # adapters (fp32), DoRA magnitudes, trainable count
-    adapter_params = sum(r * (d_in + d_out) for _, r, d_in, d_out, _ in adapter_modules)
-    dora_params = sum(d_out for *_, d_out, _ in adapter_modules) if method == "dora" else 0
+    adapter_params = sum(r * (d_in + d_out) for _, r, d_in, d_out, *_ in adapter_modules)
+    dora_params = sum(d_out for _, _, _, d_out, *_ in adapter_modules) if method == "dora" else 0
     trainable = n if method == "full" else adapter_params + dora_params
 
     # gradients and optimizer states
@@ -427,28 +524,29 @@ def _estimate(shape: ModelShape, method: str, adapter_modules: list, batch: int,
     gradients = trainable * grad_bytes
     optimizer_states = math.ceil(trainable * opt_bytes)
 
-    # activations: elements per token per layer
-    h, i = shape.hidden, shape.intermediate
-    mlp = (4 * i if shape.gated_mlp else 2 * i) * shape.experts_per_token
-    per_layer = 2 * h + h + shape.q_dim + 2 * shape.kv_dim + shape.q_dim + h + mlp
-    if attention == "eager":
-        per_layer += shape.heads * seq_len
-    # LoRA's own saved tensors, bytes per token: lora_B saves A·x (r values, fp32 like the adapter);
-    # lora_A saves its input, which is the layer input already counted above when activations are
-    # fp32, and a new fp32 copy (PEFT casts x to the adapter's dtype) when they are 16-bit
-    # DoRA also keeps the base output (activation dtype) and the LoRA output (fp32) of each module for
-    # its magnitude/direction backward: (p + 4)·d_out more per token (measured 6.05 B per token and
-    # output feature on a bf16 Llama with PEFT 0.21, against 6 here)
-    lora_by_layer: dict = {}
-    for layer, r, d_in, d_out, share in adapter_modules:
-        dora = (p + 4) * d_out if method == "dora" else 0
-        lora_by_layer[layer] = lora_by_layer.get(layer, 0) + share * (4 * (r + (d_in if p < 4 else 0)) + dora)
-    lora_total = math.ceil(sum(lora_by_layer.values()))
-    lora_max = math.ceil(max(lora_by_layer.values(), default=0))
-    head = tokens * shape.vocab * (p + 8) if shape.causal else 0
-    final = tokens * h * p
-    activations = tokens * (p * shape.layers * per_layer + lora_total) + head + final
-    activations_ckpt = tokens * (p * (shape.layers * h + per_layer) + lora_max) + head + final
+    # activations, bytes per token: the blocks, the adapters (by layer), the final norm and the LM head
+    full = method == "full"
+    block = _block_bytes(shape, p, attention, seq_len, full)
+    by_layer: dict = {}
+    for module in adapter_modules:
+        by_layer.setdefault(module[0], []).append(module)
+    lora = [_adapter_bytes(modules, p, attention, method == "dora") for modules in by_layer.values()]
+    lora_total, lora_max = math.ceil(sum(lora)), math.ceil(max(lora, default=0))
+    head = final = 0
+    if shape.causal:
+        h = shape.hidden
+        final = _norm_bytes(shape, p, full) + (p * h if full else 0)  # the head's input, for its gradient
+        # at the loss: the logits (p), their fp32 up-cast (a no-op when p = 4) and the fp32 log-softmax
+        # the loss keeps (measured peaks of 10.0 and 8.0 bytes per logit at bf16 and fp32)
+        head = tokens * shape.vocab * (p + (4 if p < 4 else 0) + 4)
+    # the peak comes at the loss (every block's tensors, the final norm's and the head's) or in a block's
+    # backward, by when the head's are freed and a gradient of the MLP's width is in flight (measured: the
+    # checkpointed peak of a block recomputed in backward exceeds its saved tensors by 1.0–1.2 of these)
+    in_flight = p * shape.intermediate * shape.experts_per_token
+    at_loss = tokens * final + head
+    activations = tokens * (shape.layers * block + lora_total) + max(at_loss, tokens * in_flight)
+    activations_ckpt = (tokens * shape.layers * shape.hidden * p  # the block inputs that checkpointing keeps
+                        + max(at_loss, tokens * (block + lora_max + in_flight)))
 
     # transient workspace of the largest module
     largest = max(o * i for _, o, i in shape.linears)
@@ -459,16 +557,16 @@ def _estimate(shape: ModelShape, method: str, adapter_modules: list, batch: int,
         # PEFT forms B·A as lora_B(lora_A(I)) with an fp32 d_in×d_in identity, beside fp32 copies of the
         # base weight and of W + s·B·A and their norms: ~4·(d_in² + 4·d_in·d_out) for the largest module
         # (a 704→256 DoRA Linear peaked at 4.90 MB, this gives 4.87 MB)
-        workspace += max((4 * (d_in * d_in + 4 * d_in * d_out) for _, _, d_in, d_out, _ in adapter_modules),
+        workspace += max((4 * (d_in * d_in + 4 * d_in * d_out) for _, _, d_in, d_out, *_ in adapter_modules),
                          default=0)
 
     kv_cache = 2 * shape.layers * shape.kv_dim * tokens * p if shape.causal else 0
     return MemoryEstimate(method=method, precision=precision, optimizer=optimizer, batch=batch, seq_len=seq_len,
-                          gradient_checkpointing=checkpointing, params=n, trainable_params=trainable,
-                          weights=weights, quant_constants=quant, adapter=adapter_params * 4,
-                          dora_magnitude=dora_params * 4, gradients=gradients, optimizer_states=optimizer_states,
-                          activations=activations, activations_checkpointed=activations_ckpt,
-                          workspace=workspace, kv_cache=kv_cache)
+                          gradient_checkpointing=checkpointing, attention=attention, double_quant=double_quant,
+                          params=n, trainable_params=trainable, weights=weights, quant_constants=quant,
+                          adapter=adapter_params * 4, dora_magnitude=dora_params * 4, gradients=gradients,
+                          optimizer_states=optimizer_states, activations=activations,
+                          activations_checkpointed=activations_ckpt, workspace=workspace, kv_cache=kv_cache)
 
 
 def format_bytes(n: float) -> str:

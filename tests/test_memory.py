@@ -80,27 +80,55 @@ def test_kv_cache_and_gqa():
 
 
 def test_activations_by_hand_for_7b():
-    est = estimate_memory(LLAMA2_7B, method="full", batch=1, seq_len=2048, precision="bf16")
-    per_token_layer = 4 * 4096 + 2 * 4096 + 2 * 4096 + 4 * 11008  # norms+inputs, Q/O, K/V, SwiGLU
-    head = 2048 * 32000 * (2 + 8)
-    assert est.activations == 2048 * 2 * 32 * per_token_layer + head + 2048 * 4096 * 2
-    assert est.activations_checkpointed == 2048 * 2 * (32 * 4096 + per_token_layer) + head + 2048 * 4096 * 2
+    h, i, layers, tokens, vocab = 4096, 11008, 32, 2048, 32000
+    est = estimate_memory(LLAMA2_7B, method="full", batch=1, seq_len=tokens, precision="bf16")
+    # per token per block: 2 RMSNorms (fp32 input, fp32 1/rms, bf16 normalised input for the weight);
+    # Q, K, V, output and the fp32 logsumexp of 32 heads; silu's input and output and up; the inputs of
+    # q/k/v, gate/up and down (o's is the attention output)
+    block = 2 * (4 * h + 4 + 2 * h) + 2 * 4 * h + 4 * 32 + 2 * 3 * i + 2 * (h + h + i)
+    at_loss = tokens * (4 * h + 4 + 2 * h + 2 * h) + tokens * vocab * (2 + 4 + 4)  # final norm, head input; logits
+    assert est.activations == tokens * layers * block + at_loss
+    assert est.activations_checkpointed == tokens * layers * h * 2 + max(at_loss, tokens * (block + 2 * i))
     assert est.training_total == (est.weights + est.gradients + est.optimizer_states
                                   + est.activations_checkpointed)
     assert not estimate_memory(LLAMA2_7B, method="full", gradient_checkpointing=False).training_total \
         < est.training_total
+    fp32 = estimate_memory(LLAMA2_7B, method="full", batch=1, seq_len=tokens, precision="fp32")
+    block = 2 * (4 * h + 4 + 4 * h) + 4 * 4 * h + 4 * 32 + 4 * 3 * i + 4 * (h + h + i)
+    # fp32 logits need no up-cast for the loss: 8 bytes per logit (it counted 12)
+    assert fp32.activations == tokens * layers * block + tokens * (3 * 4 * h + 4) + tokens * vocab * 8
+
+
+def test_lora_activations_by_hand_for_7b():
+    """A frozen linear keeps nothing; PEFT keeps lora_A's input in fp32 (a copy per module from bf16,
+    the tensor itself once from fp32) and A·x."""
+    h, i, layers, tokens, r = 4096, 11008, 32, 2048, 16
+    frozen = {p: 2 * (4 * h + 4) + p * 4 * h + 4 * 32 + p * 3 * i for p in (2, 4)}  # norms, attention, SwiGLU
+    adapters = {2: 4 * (6 * h + i) + 4 * r * 7,  # q k v o gate up | down inputs, each its own fp32 copy
+                4: 4 * (h + h + i) + 4 * r * 7}  # q/k/v's input, gate/up's, down's; o's is sdpa's output
+    for precision, p in (("bf16", 2), ("fp32", 4)):
+        est = estimate_memory(LLAMA2_7B, method="lora", precision=precision, seq_len=tokens, rank_plan_or_rank=r)
+        at_loss = tokens * (4 * h + 4) + tokens * 32000 * (p + (4 if p < 4 else 0) + 4)
+        assert est.activations == tokens * layers * (frozen[p] + adapters[p]) + at_loss, precision
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
 def test_gpt2_layer_activations_agree_with_korthikanti(attention):
-    # arXiv:2205.05198: s·b·h·(34 + 5·a·s/h) bytes per layer; without dropout (2 masks of 1 byte,
-    # and the dropout output of the attention matrix) that is s·b·h·32 + 2·a·s²·b
+    # arXiv:2205.05198: s·b·h·(34 + 5·a·s/h) bytes per layer with a fused GELU; without dropout (2 masks of
+    # 1 byte, and the dropout output of the attention matrix) that is s·b·h·32 + 2·a·s²·b. The paper leaves
+    # out LayerNorm's fp32 mean and 1/std (2 × 8 bytes per token) and sdpa's fp32 logsumexp (4·a)
     s, b, h, a = 1024, 2, 768, 12
-    cfg = {"model_type": "gpt2", "n_embd": h, "n_head": a, "n_positions": 1024, "vocab_size": 50257}
+    cfg = {"model_type": "gpt2", "n_embd": h, "n_head": a, "n_positions": 1024, "vocab_size": 50257,
+           "activation_function": "gelu_pytorch_tanh"}
     one = estimate_memory(cfg | {"n_layer": 1}, method="full", batch=b, seq_len=s, attention=attention)
     two = estimate_memory(cfg | {"n_layer": 2}, method="full", batch=b, seq_len=s, attention=attention)
-    expected = s * b * h * 32 + (2 * a * s * s * b if attention == "eager" else 0)
+    expected = s * b * (h * 32 + 16) + (2 * a * s * s * b if attention == "eager" else 4 * a * s * b)
     assert two.activations - one.activations == expected
+    # GPT-2's own "gelu_new" is written out in elementwise ops that keep three more 4h-wide tensors
+    cfg["activation_function"] = "gelu_new"
+    one = estimate_memory(cfg | {"n_layer": 1}, method="full", batch=b, seq_len=s, attention=attention)
+    two = estimate_memory(cfg | {"n_layer": 2}, method="full", batch=b, seq_len=s, attention=attention)
+    assert two.activations - one.activations == expected + s * b * 3 * 4 * h * 2
 
 
 @pytest.mark.parametrize(("family", "head"), [("llama", True), ("qwen2", True), ("gpt2", True),
@@ -114,17 +142,6 @@ def test_parameter_count_matches_transformers(family, head):
     if family == "gemma":  # Gemma's hub config.json has no tie_word_embeddings: GemmaConfig ties by default
         config.pop("tie_word_embeddings")
         assert model_shape(config).params == sum(p.numel() for p in model.parameters())
-
-
-def test_lora_activations_per_module_by_precision():
-    """PEFT casts a 16-bit input to the fp32 adapter and keeps that copy for lora_A, plus A·x (r) for lora_B;
-    with fp32 activations lora_A keeps the layer input itself (already counted): only the r values are new."""
-    tokens, modules = 2048, 32 * 7  # every block linear of Llama-2-7B
-    inputs = 32 * (4 * 4096 + 2 * 4096 + 11008)  # Σ d_in over the adapted modules: q k v o gate up | down
-    for precision, per_token in (("bf16", 4 * (inputs + 16 * modules)), ("fp32", 4 * 16 * modules)):
-        full = estimate_memory(LLAMA2_7B, method="full", precision=precision, seq_len=tokens)
-        lora = estimate_memory(LLAMA2_7B, method="lora", precision=precision, seq_len=tokens, rank_plan_or_rank=16)
-        assert lora.activations - full.activations == tokens * per_token, precision
 
 
 def test_an_expert_adapter_sees_only_its_routed_tokens():
@@ -177,7 +194,7 @@ def test_load_config_forms_and_errors(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("kwargs", [dict(method="adalora"), dict(precision="int8"), dict(optimizer="lion"),
                                     dict(batch=0), dict(rank_plan_or_rank=0), dict(rank_plan_or_rank=8192),
-                                    dict(roles=("nope",)), dict(attention="flash")])
+                                    dict(roles=("nope",)), dict(attention="flash"), dict(double_quant="no")])
 def test_bad_options(kwargs):
     with pytest.raises(ConfigError):
         estimate_memory(LLAMA2_7B, **kwargs)
@@ -222,3 +239,230 @@ def test_phimoe_has_separate_qkv_and_fused_roles_take_their_parts():
     gpt2 = {"model_type": "gpt2", "n_embd": 64, "n_layer": 2, "n_head": 4, "vocab_size": 100, "n_positions": 128}
     est = estimate_memory(gpt2, method="lora", rank_plan_or_rank=4, roles=("q", "v"))  # c_attn holds both
     assert est.trainable_params == 2 * 4 * (64 + 3 * 64)
+
+
+# ---------------------------------------------------------------------------- against measured memory
+
+
+class _Saved:
+    """A tensor autograd saved for backward, boxed so that a weak reference tells whether the graph still holds it."""
+
+    __slots__ = ("tensor", "__weakref__")
+
+    def __init__(self, tensor):
+        self.tensor = tensor
+
+
+def saved_bytes(model, loss_of) -> int:
+    """Bytes that autograd keeps for backward after one forward, each storage once, the parameters aside.
+
+    Every tensor the graph saves goes through a ``saved_tensors_hooks`` pack hook into a box; after the
+    forward the boxes still alive are what the graph holds (a branch the loss does not use frees its own).
+    """
+    import weakref
+
+    import torch
+
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    boxes = []
+
+    def pack(tensor):
+        box = _Saved(tensor)
+        boxes.append(weakref.ref(box))
+        return box
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda box: box.tensor):
+        loss = loss_of(model)
+    storages = {}
+    for ref in boxes:
+        if (box := ref()) is not None:
+            storage = box.tensor.untyped_storage()
+            if storage.data_ptr() not in params:
+                storages[storage.data_ptr()] = storage.nbytes()
+    del loss  # held until here: the graph, and so the boxes, live as long as the loss
+    return sum(storages.values())
+
+
+def peak_bytes(step) -> int:
+    """Peak of the memory torch allocates during ``step()`` above what it held before, in bytes, from
+    torch.profiler's allocation and free events (CPU)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    held = peak = 0
+    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
+        held += event.self_cpu_memory_usage  # allocations (+) by the op itself, frees (−) as [memory] events
+        peak = max(peak, held)
+    return peak
+
+
+def _config(family: str, layers: int, attention: str, **sizes):
+    """A tiny transformers config without dropout (which the memory model leaves out)."""
+    from tests.models import tiny_config
+
+    config = tiny_config(family)
+    config.num_hidden_layers = layers
+    config._attn_implementation = attention  # what attn_implementation= sets at construction
+    for key in ("resid_pdrop", "embd_pdrop", "attn_pdrop", "hidden_dropout_prob", "attention_probs_dropout_prob"):
+        if hasattr(config, key):
+            setattr(config, key, 0.0)
+    for key, value in sizes.items():
+        setattr(config, key, value)
+    return config
+
+
+def _trainable(config, method: str, precision: str, tmp_path):
+    """The model of ``config`` in ``precision``, set up for ``method`` as PEFT does it (QLoRA: NF4 from disk)."""
+    import torch
+    import transformers as tf
+    from peft import LoraConfig, get_peft_model
+
+    from tests.models import _MODEL_CLASSES
+
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[precision]
+    torch.manual_seed(0)
+    cls = getattr(tf, _MODEL_CLASSES[config.model_type][config.model_type != "bert"])
+    model = cls(config).to(dtype)
+    if method == "qlora":
+        from spectra.lora.train import nf4_config
+
+        model.save_pretrained(tmp_path / "base")
+        compute = {"bf16": "bfloat16", "fp32": "float32"}[precision]
+        model = cls.from_pretrained(tmp_path / "base", quantization_config=nf4_config(compute), dtype=dtype)
+    if method != "full":
+        gpt2 = config.model_type == "gpt2"
+        model = get_peft_model(model, LoraConfig(r=4, target_modules=["c_attn", "c_proj", "c_fc"] if gpt2
+                                                 else "all-linear", fan_in_fan_out=gpt2, use_dora=method == "dora"))
+    return model.train()
+
+
+def _loss(model, batch: int, seq_len: int):
+    import torch
+
+    ids = torch.randint(0, model.config.vocab_size, (batch, seq_len), generator=torch.Generator().manual_seed(1))
+    if model.config.model_type == "bert":  # BertModel: no head, a loss on its output
+        return model(input_ids=ids).last_hidden_state.float().square().mean()
+    return model(input_ids=ids, labels=ids).loss
+
+
+# (family, method, precision, attention). GPT-2 and BERT at fp32 only: on the CPU a bf16 LayerNorm keeps its
+# statistics in bf16 (CUDA's in fp32, as modelled: 8 bytes per token apart); GPT-2 with eager attention only: on
+# the CPU the flash kernel copies two of the q/k/v views of c_attn's output (2·h·p per token more than the
+# model, which follows CUDA's kernels, that take strided views)
+BLOCK_CASES = ([("llama", m, p, a) for m in ("full", "lora", "dora") for p in ("bf16", "fp32")
+                for a in ("sdpa", "eager")] + [("llama", "qlora", p, "sdpa") for p in ("bf16", "fp32")]
+               + [("gemma", "full", "bf16", "sdpa"), ("qwen2", "lora", "bf16", "sdpa")]
+               + [("gpt2", m, "fp32", "eager") for m in ("full", "lora")]
+               + [("bert", m, "fp32", a) for m in ("full", "lora") for a in ("sdpa", "eager")])
+
+
+@pytest.mark.parametrize(("family", "method", "precision", "attention"), BLOCK_CASES)
+def test_a_blocks_activations_are_what_autograd_saves(family, method, precision, attention, tmp_path):
+    """One block's bytes per sequence, from models of 1 and 2 blocks at batch 2 and 3 (the double difference
+    cancels what is not per token per block: head, loss, rotary tables, DoRA's weight norms), measured and
+    modelled. The model had a frozen base linear keep its input, RMSNorm keep no fp32 copy and eager attention
+    a third of its probabilities."""
+    seq_len = 16
+    sizes = {"hidden_size": 64, "intermediate_size": 128} if family == "llama" else {}  # NF4 needs d_in ≥ 64
+    measured, modelled = {}, {}
+    for layers in (1, 2):
+        config = _config(family, layers, attention, **sizes)
+        model = _trainable(config, method, precision, tmp_path / str(layers))
+        for batch in (2, 3):  # not 1: GPT-2 at batch 1 copies two views that it shares at other sizes
+            measured[layers, batch] = saved_bytes(model, lambda m: _loss(m, batch, seq_len))
+            modelled[layers, batch] = estimate_memory(config, method=method, rank_plan_or_rank=4, batch=batch,
+                                                      seq_len=seq_len, precision=precision,
+                                                      attention=attention).activations
+    block = {name: d[2, 3] - d[1, 3] - d[2, 2] + d[1, 2] for name, d in (("measured", measured),
+                                                                        ("modelled", modelled))}
+    assert block["modelled"] == block["measured"], block
+
+
+@pytest.mark.parametrize(("precision", "checkpointing", "vocab", "hidden"), [
+    ("fp32", False, 4096, 64), ("bf16", False, 4096, 64), ("bf16", True, 4096, 64), ("fp32", True, 64, 256)])
+def test_lora_peak_matches_the_profiler(precision, checkpointing, vocab, hidden, tmp_path):
+    """The peak a LoRA step adds to the memory it starts with (its gradients exist), against the activations
+    modelled: at the loss (logits, their fp32 up-cast, log-softmax) or in a block's backward, with and without
+    checkpointing. It was 12 bytes per fp32 logit (measured 8), and head plus recomputed block summed
+    (checkpointed peaks of 0.92 of that)."""
+    config = _config("llama", 2, "sdpa", hidden_size=hidden, intermediate_size=hidden * 43 // 16, vocab_size=vocab)
+    model = _trainable(config, "lora", precision, tmp_path)
+    if checkpointing:
+        model.base_model.model.activation_checkpointing_enable()
+
+    def step():
+        _loss(model, 2, 64).backward()
+
+    step()  # the adapters' gradients are allocated: the next step's peak is activations and transients
+    measured = peak_bytes(step)
+    est = estimate_memory(config, method="lora", rank_plan_or_rank=4, batch=2, seq_len=64, precision=precision)
+    modelled = est.activations_checkpointed if checkpointing else est.activations
+    assert measured == pytest.approx(modelled, rel=0.05)
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_qlora_storage_is_what_bitsandbytes_holds(double_quant, tmp_path):
+    """NF4 weights and their constants, summed over what from_pretrained quantises, with and without double
+    quantisation (the estimate had only the double-quantised kind)."""
+    import bitsandbytes as bnb
+    import torch
+    import transformers as tf
+
+    config = _config("llama", 2, "sdpa", hidden_size=64, intermediate_size=128)
+    tf.LlamaForCausalLM(config).save_pretrained(tmp_path)
+    quantization = tf.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                         bnb_4bit_use_double_quant=double_quant, bnb_4bit_compute_dtype=torch.bfloat16)
+    model = tf.LlamaForCausalLM.from_pretrained(tmp_path, quantization_config=quantization, dtype=torch.bfloat16)
+    constants = 0
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            state = module.weight.quant_state
+            parts = [state.absmax, state.code] + ([state.state2.absmax, state.state2.code, state.offset]
+                                                  if state.nested else [])
+            constants += sum(t.numel() * t.element_size() for t in parts)
+    est = estimate_memory(config, method="qlora", double_quant=double_quant)
+    assert est.quant_constants == constants and est.double_quant == double_quant
+    assert est.weights == sum(p.numel() * p.element_size() for p in model.parameters())
+    # on Llama-2-7B's linears: 4 + 0.5 bits per weight with fp32 absmax, 4 + 0.127 double-quantised [QLoRA §3]
+    linear = model_shape(LLAMA2_7B).linear_params
+    bits = estimate_memory(LLAMA2_7B, method="qlora", double_quant=double_quant).quant_constants * 8 / linear
+    assert bits == pytest.approx(0.127 if double_quant else 0.5, abs=1e-3)
+
+
+def test_cli_memory_without_double_quantisation(tmp_path):
+    from typer.testing import CliRunner
+
+    from spectra.cli import app
+
+    (tmp_path / "config.json").write_text(json.dumps(LLAMA2_7B))
+    runs = {flag: CliRunner().invoke(app, ["memory", str(tmp_path), "--method", "qlora", "--json", flag])
+            for flag in ("--double-quant", "--no-double-quant")}
+    data = {flag: json.loads(run.output) for flag, run in runs.items()}
+    assert data["--double-quant"]["quant_constants"] == 103_013_248  # per tensor as in the test above
+    assert data["--no-double-quant"]["quant_constants"] == 32 * (4 * (4096 * 4096 // 16 + 64)
+                                                                 + 3 * (4096 * 11008 // 16 + 64))
+    assert not data["--no-double-quant"]["double_quant"]
+
+
+def test_readme_memory_table_is_the_models():
+    """Every cell of the README's table, to the digits it prints (full in mixed precision, the rest bf16)."""
+    import re
+    from pathlib import Path
+
+    text = Path(__file__).resolve().parents[1].joinpath("README.md").read_text()
+    rows = re.findall(r"^\| (Llama-2-7\d?B) (full|LoRA|QLoRA|DoRA) \|(.*)\|$", text, flags=re.MULTILINE)
+    assert len(rows) == 8
+    for model, method, cells in rows:
+        config = {"Llama-2-7B": LLAMA2_7B, "Llama-2-70B": LLAMA2_70B}[model]
+        kwargs = dict(method=method.lower(), precision="mixed" if method == "full" else "bf16")
+        ckpt, plain = (estimate_memory(config, gradient_checkpointing=c, **kwargs) for c in (True, False))
+        modelled = [ckpt.weights + ckpt.quant_constants,
+                    ckpt.adapter + ckpt.dora_magnitude + ckpt.gradients + ckpt.optimizer_states,
+                    ckpt.activations_checkpointed, ckpt.activations, ckpt.training_total, plain.training_total,
+                    ckpt.inference_total]
+        printed = re.findall(r"[\d.]+", cells)
+        assert len(printed) == len(modelled), (model, method)
+        for cell, value in zip(printed, modelled):
+            digits = len(cell.partition(".")[2])
+            assert abs(float(cell) - value / 2**30) <= 0.5 * 10**-digits + 1e-9, (model, method, cell, value / 2**30)
