@@ -315,11 +315,20 @@ def module_table(analysis: Mapping) -> tuple[list[str], list[list[str]]]:
     body = [
         [r["name"], r["role"], _text(r.get("layer")), "×".join(map(str, r["shape"])),
          format_value(number(r["fro_norm"]), "ratio")]
-        + [format_value(m.value(r), m.kind) for m in metrics]
+        + [_energy_interval(r, m.key) or format_value(m.value(r), m.kind) for m in metrics]
         + [_text(r.get("method"))]
         for r in matrix_rows(analysis)
     ]
     return headers, body
+
+
+def _energy_interval(row: Mapping, key: str) -> str | None:
+    """"lo–hi" for an energy level the sketch left unsettled (null rank, an interval in ``energy_rank_bounds``)."""
+    level = key.removeprefix("energy_rank_")
+    if level == key or number((row.get("energy_rank") or {}).get(level)) is not None:
+        return None
+    bounds = (row.get("energy_rank_bounds") or {}).get(level)
+    return f"{int(bounds[0])}–{int(bounds[1])}" if bounds else None
 
 
 def vector_table(analysis: Mapping) -> tuple[list[str], list[list[str]]]:

@@ -179,3 +179,19 @@ def test_reports_follow_the_energy_levels_the_analysis_measured(analysis):
         "energy-50% rank", "energy-90% rank", "energy-90% rank / full rank", "energy-95% rank", "energy-99% rank"]
     assert [h for h in tables.module_table(analysis)[0] if h.startswith("energy")] == [
         "energy-50% rank", "energy-90% rank", "energy-99% rank"]
+
+
+def test_an_unsettled_energy_level_shows_its_interval_in_the_module_table(analysis):
+    """The sketch reports a level it could not settle as null with an interval (energy_rank_bounds): the table
+    shows the interval, not a bare "–" that reads as "not computed"."""
+    import copy
+
+    data = copy.deepcopy(analysis)
+    row = matrix_rows(data)[0]
+    row["energy_rank"]["0.99"] = None
+    row["energy_rank_bounds"] = {"0.99": [7, 12]}
+    headers, body = tables.module_table(data)
+    cells = dict(zip(headers, body[0]))
+    assert cells["energy-99% rank"] == "7–12"
+    assert cells["energy-90% rank"] == tables.format_value(row["energy_rank"]["0.9"], "rank")  # settled: as before
+    assert tables.module_table(analysis)[1][0][headers.index("energy-99% rank")] != "7–12"
