@@ -48,6 +48,7 @@ class _Spectrum:
     fro2: float                       # ‖ΔW‖_F², exact
     cum: np.ndarray                   # (k+1,) Σ_{i≤r} σᵢ², r = 0..k over the known values
     noise_rank: int | None
+    rank_bounds: Mapping[float, tuple[int, int]] = dataclasses.field(default_factory=dict)  # τ -> (lo, hi): unsettled
 
     @property
     def full_rank(self) -> int:
@@ -72,19 +73,28 @@ class _Spectrum:
         last = float(self.cum[k] - self.cum[k - 1]) if k else self.fro2
         return lo, min(1.0, lo + (rank - k) * last / self.fro2)
 
-    def energy_rank(self, tau: float) -> tuple[int, bool]:
-        """Smallest rank capturing τ of the energy, and whether it is exact (else a lower bound)."""
+    def energy_rank(self, tau: float) -> tuple[int, str | None]:
+        """Smallest rank capturing τ of the energy, and None when exact, else what it is instead.
+
+        Past the known values it is the analysis's upper bound where the sketch left τ
+        unsettled inside its subspace (``energy_rank_bounds``: a rank that surely captures
+        τ), else a lower bound extrapolated from the last known σ.
+        """
         target = tau * self.fro2 * (1 - 1e-12)
         hit = np.nonzero(self.cum >= target)[0]
         if hit.size:
-            return max(int(hit[0]), 1), True
+            return max(int(hit[0]), 1), None
+        bounds = next((b for t, b in self.rank_bounds.items() if math.isclose(t, tau)), None)
+        if bounds is not None:
+            lo, hi = bounds
+            return min(int(hi), self.full_rank), f"upper bound of {lo}–{hi}: not settled by the sketch"
         k = self.known
         last = float(self.cum[k] - self.cum[k - 1]) if k else 0.0
         if last <= 0:
-            return self.full_rank, False
+            return self.full_rank, f"lower bound: {k} σ known"
         # each unknown σᵢ² ≤ σ_k², so at least this many more are needed
         more = math.ceil((target - self.cum[k]) / last)
-        return min(k + more, self.full_rank), False
+        return min(k + more, self.full_rank), f"lower bound: {k} σ known"
 
     def knee(self) -> int:
         """Elbow of the cumulative-energy curve over the known values (Kneedle [1]_).
@@ -169,14 +179,16 @@ def _spectrum(row: Mapping) -> _Spectrum:
         out_features, in_features = (int(d) for d in row["shape"])
         fro = float(row["fro_norm"])
         sv = np.asarray(row.get("singular_values") or [], dtype=np.float64)
+        bounds = {float(t): (int(lo), int(hi)) for t, (lo, hi) in (row.get("energy_rank_bounds") or {}).items()}
     except (KeyError, TypeError, ValueError) as err:
-        raise ConfigError(f"Analysis row {row.get('name')!r} lacks shape/fro_norm/singular_values ({err}).") from None
+        raise ConfigError(f"Analysis row {row.get('name')!r} lacks shape/fro_norm/singular_values or has a malformed "
+                          f"energy_rank_bounds ({err}).") from None
     noise = row.get("noise") or {}
     noise_rank = noise.get("rank_above", row.get("gd_rank"))
     return _Spectrum(name=row["name"], role=row.get("role"), layer=row.get("layer"),
                      shape=(out_features, in_features), conv1d=bool(row.get("conv1d", False)),
                      fro2=fro * fro, cum=np.concatenate([[0.0], np.cumsum(sv * sv)]),
-                     noise_rank=None if noise_rank is None else int(noise_rank))
+                     noise_rank=None if noise_rank is None else int(noise_rank), rank_bounds=bounds)
 
 
 def recommend_ranks(analysis: Any, policy: RankPolicy | None = None, *, sweep: Any = None) -> RankPlan:
@@ -309,8 +321,8 @@ def _target(s: _Spectrum, policy: RankPolicy, uniform_rank: int | None) -> tuple
         return min(uniform_rank, s.full_rank), "uniform" if uniform_rank <= s.full_rank else "full rank"
     candidates = []
     if policy.energy is not None:
-        r, exact = s.energy_rank(policy.energy)
-        candidates.append((r, f"energy≥{policy.energy:g}" + ("" if exact else f" (lower bound: {s.known} σ known)")))
+        r, inexact = s.energy_rank(policy.energy)
+        candidates.append((r, f"energy≥{policy.energy:g}" + ("" if inexact is None else f" ({inexact})")))
     if policy.knee:
         candidates.append((s.knee(), "knee"))
     if not candidates:  # budget alone: the budget decides up to the cap

@@ -118,3 +118,19 @@ def test_analysis_from_directory(tmp_path):
     assert plan.base == {"path": "base", "fingerprint": "abc"} and plan.modules[0].rank == 3
     with pytest.raises(ConfigError, match="No analysis"):
         recommend_ranks(tmp_path / "nope", RankPolicy())
+
+
+def test_a_level_the_sketch_left_unsettled_takes_the_analysis_upper_bound():
+    """Values stop before a level the sketch could not settle (energy_rank_bounds holds its interval): recommend
+    took the lower bound extrapolated from the last value (3× too low in a review's runs), not the sure rank."""
+    sv = 0.9 ** np.arange(32)  # exact energy-95 % rank: 15
+    exact = int(np.searchsorted(np.cumsum(sv**2) / np.sum(sv**2), 0.95 * (1 - 1e-12)) + 1)
+    row = make_row("a", sv, top_k=10, noise_rank=32)
+    row["energy_rank_bounds"] = {"0.95": [12, 17]}
+    m = recommend_ranks(analysis(row), RankPolicy(energy=0.95)).modules[0]
+    assert exact == 15 and m.rank == 17 >= exact and m.reason == "energy≥0.95 (upper bound of 12–17: not settled by the sketch)"
+    assert m.energy <= 0.95 <= m.energy_upper
+    del row["energy_rank_bounds"]  # negative control: the extrapolation from σ₁₀ alone falls short of the exact rank
+    m = recommend_ranks(analysis(row), RankPolicy(energy=0.95)).modules[0]
+    assert m.rank < exact and "lower bound" in m.reason
+    assert recommend_ranks(analysis(make_row("a", sv)), RankPolicy(energy=0.95)).modules[0].rank == exact
