@@ -184,7 +184,12 @@ def _table_rows(path: Path, delimiter: str, *, task: str) -> list[tuple[int, dic
     """
     kind = "CSV" if delimiter == "," else "TSV"
     # an Excel-saved table starts with a byte-order mark, which would make the first column "\ufefftext"
-    reader = csv.DictReader(io.StringIO(_read_text(path).removeprefix("\ufeff")), delimiter=delimiter)
+    # A TSV is read unquoted (GLUE's files are): csv's quoting would take a text that opens with '"' for a
+    # quoted field and swallow tabs and rows up to the next quote, in silence. A whole field in quotes, as
+    # pandas writes a text holding one, is unquoted afterwards (_unquote).
+    tsv = delimiter == "\t"
+    reader = csv.DictReader(io.StringIO(_read_text(path).removeprefix("\ufeff")), delimiter=delimiter,
+                            quoting=csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL)
     rows = []
     try:
         header = reader.fieldnames or []
@@ -194,14 +199,15 @@ def _table_rows(path: Path, delimiter: str, *, task: str) -> list[tuple[int, dic
         for row in reader:
             if None in row:  # DictReader's key for the fields beyond the header
                 raise ConfigError(f"data file {path}, line {reader.line_num}: {len(header) + len(row[None])} fields "
-                                  f"under a header of {len(header)}; quote a text that holds the delimiter "
-                                  f"({delimiter!r}) in double quotes.")
+                                  f"under a header of {len(header)}; " + ("a TSV text cannot hold a tab or a line "
+                                  "break (save it as .jsonl)." if tsv else "quote a text that holds the delimiter "
+                                  f"({delimiter!r}) in double quotes."))
             if row["text"] is None:  # a short row: DictReader fills the missing fields with None
                 raise ConfigError(f"data file {path}, line {reader.line_num}: no text field; each row needs the "
                                   f"{len(header)} fields the header names.")
-            record = {"text": row["text"]}
+            record = {"text": _unquote(row["text"]) if tsv else row["text"]}
             if row.get("label"):
-                record["label"] = row["label"]
+                record["label"] = _unquote(row["label"]) if tsv else row["label"]
             rows.append((reader.line_num, record))
     except csv.Error as err:
         raise ConfigError(f"data file {path}, line {reader.line_num}: not valid {kind} ({err}).") from None
@@ -211,6 +217,13 @@ def _table_rows(path: Path, delimiter: str, *, task: str) -> list[tuple[int, dic
             if "label" in record:
                 record["label"] = int(record["label"])
     return rows
+
+
+def _unquote(field: str) -> str:
+    """A TSV field wrapped whole in double quotes, with "" for each quote inside (pandas' quoting), as its text."""
+    if len(field) >= 2 and field[0] == field[-1] == '"' and '"' not in field[1:-1].replace('""', ""):
+        return field[1:-1].replace('""', '"')
+    return field
 
 
 def label_ids(records: Sequence[Mapping], *, label2id: Mapping[str, int] | None = None,

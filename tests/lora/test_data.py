@@ -154,6 +154,8 @@ def test_tables_read_as_the_same_records_as_json_lines(llama_base, tmp_path, suf
     from spectra.lora.data import read_records
 
     texts = ["good, really", "bad\tone", 'say "meh"\non two lines', "good again", "bad again", "fine"]
+    if suffix == ".tsv":  # no tab or line break in a TSV field; a quoted one (csv.writer's, pandas') is unquoted
+        texts[1:3] = ["bad one", 'say "meh" in quotes']
     reference = [{"text": t, "label": i % 2} for i, t in enumerate(texts)]
     jsonl = tmp_path / "train.jsonl"
     jsonl.write_text("".join(json.dumps(r) + "\n" for r in reference))
@@ -173,6 +175,23 @@ def test_tables_read_as_the_same_records_as_json_lines(llama_base, tmp_path, suf
     lm = _write_table(tmp_path / f"lm{suffix}", [["text"], ["some text"], ["more text"]], delimiter)
     assert read_records(lm, task="causal_lm") == [{"text": "some text"}, {"text": "more text"}]
     assert prepare_data(llama_base, lm)[0] == "causal_lm"
+
+
+def test_a_tsv_is_read_unquoted(tmp_path):
+    """GLUE-style TSVs are not quoted: a text opening with '"' made csv's reader swallow the tabs and rows up to the
+    next quote (5 rows read as 2, in silence). Whole-field quotes (pandas' quoting) are still removed."""
+    from spectra.lora.data import read_records
+
+    path = tmp_path / "glue.tsv"
+    path.write_text('text\tlabel\n" a quote…\t1\nsecond row\t0\nthird row\t1\n"fourth" row\t0\n"fifth ""x"""\t1\n')
+    assert read_records(path, task="seq_cls") == [
+        {"text": '" a quote…', "label": 1}, {"text": "second row", "label": 0}, {"text": "third row", "label": 1},
+        {"text": '"fourth" row', "label": 0}, {"text": 'fifth "x"', "label": 1}]
+    broken = tmp_path / "broken.tsv"
+    broken.write_text('text\tlabel\nfine\t1\na\ttab inside\t0\n')
+    with pytest.raises(ConfigError, match=r"broken\.tsv, line 3: 3 fields under a header of 2; a TSV text cannot "
+                                          "hold a tab"):
+        read_records(broken, task="seq_cls")
 
 
 def test_bad_tables_are_named_by_line(tmp_path):
