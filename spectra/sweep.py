@@ -16,7 +16,10 @@ fine-tune, and the result says so), or both curves are measured.
 Given a plan, its modules are the targets of every curve, and one more point is the
 function of the adapter ``spectra extract --plan`` writes for it: each planned module at its
 rank and every other tensor, the modules the plan leaves out included, the base's (whatever
-``non_target`` says: an adapter on the base changes nothing else).
+``non_target`` says: an adapter on the base changes nothing else). With calibration data it
+is the adapter ``spectra extract --plan --calibration`` writes (data-optimal truncations). A
+planned embedding whose head is tied to it moves the head too, as the merged adapter does
+(PEFT's unmerged embedding LoRA leaves a tied head at the base's: ``spectra extract`` says so).
 
 Each module's SVD is computed once, to the largest rank asked for, and reused at every
 rank. Every metric is pooled per example as Σ numerator / Σ denominator, so its noise is
