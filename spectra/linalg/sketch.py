@@ -302,35 +302,71 @@ def _rank(s: torch.Tensor, total: float, energy: float) -> int | None:
     return int(hit[0]) + 1 if hit.numel() else None
 
 
-def _threshold_ranks(s: torch.Tensor, prev: torch.Tensor, total: float, wanted: list[float],
-                     usable: int) -> dict[float, tuple[int, bool]]:
-    """{τ: (rank, passed)} for each τ in `wanted` whose rank on the Ritz values `s` lies in the usable basis.
+def _ritz_before(Z: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+    """σ(Qᵀ A W) (l,), float64, descending: the Ritz values half a power step before those of Q.
 
-    A rank passes the stop test when the previous estimate `prev` (σ(A W) of the last bf16
-    step) gave the same rank and the cumulative energy at it has moved by less than a
-    quarter of σ_k² since (so the rank is settled to ±1).
+    Q spans A W (the last step's bf16 product), so these are that step's estimate σ(A W),
+    but from the exact Z = Aᵀ Q (long, l) and W (long, l), one fp32 GEMM (l/short of the
+    exact pass that made Z), instead of the bf16 product, whose rounding moves the top σᵢ²
+    by 1e-4–1e-3 relative: summed up to the rank on the SVD bench's bf16 ΔW (σ_k² = 2.5e-4
+    of ‖A‖_F²), 0.5 σ_k² off float64's, against 2e-4 σ_k² here. They lie below the Ritz
+    values of Q index by index (σᵢ(Qᵀ A W) ≤ σᵢ(Qᵀ A), W orthonormal), so the move from
+    them is the half step's gain.
     """
+    M = (Z.T @ W).double()  # (l, l) = Qᵀ A W
+    return gram_singular_values(M.T @ M)  # as Z's own values: σᵢ ≥ 1e-4 σ₁ to ~1e-8
+
+
+def _threshold_ranks(s: torch.Tensor, before: torch.Tensor, total: float, wanted: list[float],
+                     usable: int) -> dict[float, tuple[int, bool]]:
+    """{τ: (rank, settled)} for each τ in `wanted` whose rank on the Ritz values `s` lies in the usable basis.
+
+    The rank k on the Ritz values θ = `s` (l,) is an upper bound of the true one (θᵢ ≤ σᵢ).
+    It is settled to ±1 (the true rank is k − 1 or k) when the cumulative energy at k − 2,
+    with the deficit D still to come added, stays short of τ‖A‖_F²: Σ_{i≤k−2} θᵢ² + D <
+    τ‖A‖_F², D estimating Σ_{i≤k} (σᵢ² − θᵢ²), which bounds the deficit at k − 2 (every
+    term is ≥ 0). D extrapolates the last half step's gain m = Σ_{i≤k} (θᵢ² − βᵢ²), β =
+    `before` (:func:`_ritz_before`), as a geometric series m ρ/(1 − ρ): subspace iteration
+    shrinks the deficit at index i by about (σ_{l+1}/σᵢ)² per half step, so by at most
+    ρ = (σ_{l+1}/σ_k)² up to k. σ_{l+1} is not known; with the least converged Ritz value
+    θ_l in its place, ρ̂ = (θ_l/θ_k)², the series came down to 1/1.45 of the true deficit
+    in the 198 unconverged checks of :func:`energy_sketch`'s sweep (with the true ρ it was
+    always above it), so D = 2 m ρ̂/(1 − ρ̂): an estimate, measured, not a bound. The test
+    it replaced, m < σ_k²/4 with β the bf16 step's own estimate, passed a rank 2 too high:
+    bf16 rounding hid half of m, and the deficit was 5.7 m.
+    """
+    theta2 = s * s
+    cum = torch.cumsum(theta2, 0)  # (l,) Σ_{i≤k} θᵢ²
+    moved = torch.cumsum(theta2 - before * before, 0)  # (l,) the half step's gain in it
     out = {}
     for t in wanted:
         k = _rank(s, total, t)
         if k is None or k > usable:
             continue
-        moved = abs(float((s[:k] ** 2).sum()) - float((prev[:k] ** 2).sum()))
-        out[t] = (k, _rank(prev, total, t) == k and moved < 0.25 * float(s[k - 1]) ** 2)
+        rho = float(theta2[-1] / theta2[k - 1])  # ρ̂ = (θ_l/θ_k)² ≤ 1
+        m = max(0.0, float(moved[k - 1]))
+        deficit = 0.0 if m == 0.0 else (2 * m * rho / (1 - rho) if rho < 1 else math.inf)
+        short_of = float(cum[k - 3]) if k > 2 else 0.0  # Σ_{i≤k−2} θᵢ²
+        out[t] = (k, short_of + deficit < t * total * (1 - 1e-12))
     return out
 
 
-def _settled_rank(ranks: dict[float, tuple[int, bool]], energy: float) -> int:
-    """The largest rank of `ranks` that passed the stop test (the resolve level's has: the loop stops on it).
+def _settled_rank(ranks: dict[float, tuple[int, bool]], wanted: list[float]) -> int:
+    """The rank of the last threshold up to which (in increasing order) every one in `ranks` is settled.
 
-    Every threshold whose rank is at most this one is settled with it: the Ritz values
-    converge from the top down, so a cumulative energy that moved by less than σ_k²/4 at
-    this rank moved by less than that at a smaller one, whose σ is larger.
+    A lower rank k′ is not settled along with k: its margin, τ′‖A‖_F² − Σ_{i≤k′−2} θᵢ², is
+    only sure to exceed θ²_{k′−1}, where k's may reach θ²_{k−1} + θ_k². The loop stops once
+    this reaches the resolve level's rank.
     """
-    return max(k for t, (k, passed) in ranks.items() if passed or t == energy)
+    out = 0
+    for t in wanted:
+        if t not in ranks or not ranks[t][1]:
+            break
+        out = ranks[t][0]
+    return out
 
 
-def _sketch_result(s: torch.Tensor, ranks: dict[float, tuple[int, bool]], energy: float, total: float,
+def _sketch_result(s: torch.Tensor, ranks: dict[float, tuple[int, bool]], wanted: list[float], total: float,
                    shape: tuple[int, int], tolerance: float, steps: int, whole: bool) -> Spectrum:
     """The sketch's Spectrum: the Ritz values `s` (l,) up to the largest settled rank, and bounds for the rest.
 
@@ -346,7 +382,7 @@ def _sketch_result(s: torch.Tensor, ranks: dict[float, tuple[int, bool]], energy
     """
     if whole:  # a basis spanning the whole short side holds the whole spectrum: keep all of it
         return Spectrum(s.float(), total, shape, "adaptive-bf16", tolerance=tolerance, n_iter=steps, complete=True)
-    out = _settled_rank(ranks, energy)
+    out = _settled_rank(ranks, wanted)
     outside = max(0.0, total - float((s * s).sum())) / total  # share of ‖A‖_F² outside span(Q)
     bounds = {t: (_rank(s, total, t - outside), k) for t, (k, _) in ranks.items() if k > out}  # (lo, hi)
     return Spectrum(s[:out].float(), total, shape, "adaptive-bf16", tolerance=tolerance, n_iter=steps,
@@ -386,9 +422,15 @@ def energy_sketch(A: torch.Tensor, *, energy: float, thresholds: tuple[float, ..
     (Aᵀ Q, then A W) re-orthonormalised by Cholesky-QR, and σ(A W) estimates the top σ.
     From the second step on, the first half of each step is instead the exact fp32
     product Aᵀ Q on an exactly orthonormal Q, whose σ are the Rayleigh–Ritz values
-    (lower bounds of the true σᵢ); the loop stops once their energy rank equals the
-    previous step's estimate and the cumulative energy at it moved by less than a
-    quarter of σ_k² (so the rank is settled to ±1). The check costs no extra pass: the
+    (lower bounds of the true σᵢ, so the rank on them is at or above the true one); the
+    loop stops once that rank at `energy`, and at each lower threshold, is settled to ±1
+    (:func:`_threshold_ranks`: the energy at k − 2 plus the deficit still to come,
+    extrapolated from the last half step's gain, stays short of τ‖A‖_F²; an estimate
+    with a measured, not a proven, margin). The test it
+    replaced (the rank equal to the bf16 step's estimate, and the energy at it moved by
+    less than σ_k²/4 since) gave 170 for 168 on the SVD bench's bf16 ΔW (seed 4); on the
+    sweep below it gave 289 ranks exact, 10 one high and that one 2 high in 647 power
+    steps, this one 287 exact and 13 one high in 593. The check costs no extra pass: the
     same product carries on the iteration when it does not stop (one bf16 step fewer
     per module than checking after a settled pair of bf16 steps, 0.7–0.8× the time on
     TinyLlama-shaped ΔW, with the same energy ranks on all 156 modules). Where the first
@@ -400,14 +442,15 @@ def energy_sketch(A: torch.Tensor, *, energy: float, thresholds: tuple[float, ..
     5l/8 saved less).
 
     Returned values are the Ritz values up to the largest rank among the requested
-    thresholds that is settled: one that passes the same stop test, or lies below one that
-    does. A threshold past the resolve level whose rank falls in the basis but is not
-    settled (the values there, often in a noise floor, still run low) is not given as a
-    number: ``rank_bounds`` holds an interval that contains it, and no value reaches it.
-    Its rank from the Ritz values, which the sketch used to report, was 3–8 too high in
-    22 of 300 runs (make_pair's updates of every role and the SVD bench's matrices,
-    512×1408 to 2816×1024, 6 seeds, against a float64 SVD); iterating on to settle such
-    ranks (3–4 power steps instead of 1–2) settled 12 of 20, 2 of them 2 too high.
+    thresholds up to which every threshold passes the same test. A threshold past the
+    resolve level whose rank falls in the basis but is not settled (the values there,
+    often in a noise floor, still run low) is not given as a number: ``rank_bounds``
+    holds an interval that contains it, and no value reaches it. Its rank from the Ritz
+    values, which the sketch used to report, was 3–8 too high in 22 of 300 runs (the
+    sweep: make_pair's updates of every role and the SVD bench's matrices, 512×1408 to
+    2816×1024, 6 seeds, against a float64 SVD); iterating on to settle such ranks (3–4
+    power steps instead of 1–2) settled 12 of 20, 2 of them 2 too high (with the stop
+    test since replaced).
 
     Parameters
     ----------
@@ -439,7 +482,7 @@ def energy_sketch(A: torch.Tensor, *, energy: float, thresholds: tuple[float, ..
     -------
     Spectrum
         ``method="adaptive-bf16"`` (``"adaptive-bf16->full"`` after a fall-back);
-        ``tolerance`` is the last relative change of the cumulative energy at the rank;
+        ``tolerance`` is the last half step's relative gain in the cumulative energy at the rank;
         ``rank_bounds`` the thresholds left open, ``{τ: (lo, hi)}``. A zero `A`
         (`total_energy` 0) gives its whole spectrum, zeros, at once.
 
@@ -497,11 +540,12 @@ def energy_sketch(A: torch.Tensor, *, energy: float, thresholds: tuple[float, ..
                 if k is None or k > usable:
                     needed = k
                     break
-                ranks = _threshold_ranks(s, prev, total_energy, wanted, usable)
-                if ranks[energy][1] or l == short:
+                before = _ritz_before(Z, W)  # (l,): the values half a step back, on W's side
+                ranks = _threshold_ranks(s, before, total_energy, wanted, usable)
+                if _settled_rank(ranks, wanted) >= k or l == short:  # every level up to the resolve one settled
                     cum = float((s[:k] ** 2).sum())
-                    tolerance = abs(cum - float((prev[:k] ** 2).sum())) / cum
-                    return _sketch_result(s, ranks, energy, total_energy, shape, tolerance, steps, l == short)
+                    tolerance = abs(cum - float((before[:k] ** 2).sum())) / cum
+                    return _sketch_result(s, ranks, wanted, total_energy, shape, tolerance, steps, l == short)
                 W, _ = _orth(Z, G)
             Q, R = _orth(thin_product(low, W.to(low.dtype)).float())  # (short, l), (l, l)
             steps += 1
