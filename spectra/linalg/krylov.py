@@ -22,6 +22,7 @@ References
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
@@ -89,19 +90,29 @@ class BlockLanczos:
     scale : float, optional
         ‖A‖_F when known (else computed): sets the size below which a new direction counts
         as rounding (8·eps·‖A‖_F·√long) and is replaced by a random one.
+    times : callable, optional
+        ``times(X, transpose)`` → A X, or Aᵀ X, in the dtype of X: the bases then take
+        `dtype`. For an A stored below the working precision (a float32 A under float64
+        bases, multiplied by row blocks up-cast: no float64 copy of A).
+    dtype : torch.dtype, optional
+        Of the bases, the products and the Ritz vectors (with `times`; default A's).
     """
 
-    def __init__(self, A: torch.Tensor, b: int, gen: torch.Generator, max_dim: int, scale: float | None = None):
+    def __init__(self, A: torch.Tensor, b: int, gen: torch.Generator, max_dim: int, scale: float | None = None,
+                 times: Callable[[torch.Tensor, bool], torch.Tensor] | None = None, dtype: torch.dtype | None = None):
         short, long_ = A.shape
         self.A, self.b, self.gen = A, b, gen
+        self.times = times
+        self.dtype = A.dtype if dtype is None else dtype
         # Below this a new direction is rounding of A's action, not part of it (‖A‖_F·eps·√long).
         scale = float(torch.linalg.vector_norm(A)) if scale is None else scale
-        self.tiny = 8 * torch.finfo(A.dtype).eps * scale * max(1.0, long_ ** 0.5)
+        self.tiny = 8 * torch.finfo(self.dtype).eps * scale * max(1.0, long_ ** 0.5)
         self.cap = max(b, (min(max_dim, short) // b) * b)
         self.d = 0  # columns of U so far
-        self.U = A.new_empty(short, self.cap)  # filled block by block (no re-concatenation)
-        self.V = A.new_empty(long_, min(long_, self.cap + b))
-        start = torch.randn(long_, b, generator=gen, device=A.device, dtype=A.dtype)
+        # filled block by block (no re-concatenation)
+        self.U = torch.empty(short, self.cap, dtype=self.dtype, device=A.device)
+        self.V = torch.empty(long_, min(long_, self.cap + b), dtype=self.dtype, device=A.device)
+        start = torch.randn(long_, b, generator=gen, device=A.device, dtype=self.dtype)
         self.V[:, :b] = torch.linalg.qr(start)[0]
         # Uᵀ A [V, V_next]; left uninitialised (pages are touched only as blocks arrive), every
         # entry that projection() reads is written by step(), zeros included.
@@ -115,8 +126,9 @@ class BlockLanczos:
 
     def step(self) -> None:
         """Add one block to U (and the next one to V)."""
-        A, b, d = self.A, self.b, self.d
-        Y = A @ self.V[:, d:d + b]  # (short, long) @ (long, b) -> (short, b)
+        A, b, d, times = self.A, self.b, self.d, self.times
+        V = self.V[:, d:d + b]
+        Y = A @ V if times is None else times(V, False)  # (short, long) @ (long, b) -> (short, b)
         if d:
             self.B[:d, d:d + b] = reorthogonalize(Y, self.U[:, :d], b).double()  # A Vⱼ = Σ Uᵢ Cᵢⱼ + …
         U, L = self._orthonormal(Y, self.U[:, :d])  # (short, b), (b, b)
@@ -127,7 +139,7 @@ class BlockLanczos:
         if d + b <= self.V.shape[1]:
             # QR's Q is column-major; MKL's float64 Aᵀ Q then took 4× as long as with a row-major
             # copy (2048×5632, b = 32: 155 vs 38 ms; float32 7.1 vs 6.9 ms)
-            Z = A.T @ U.contiguous()  # (long, short) @ (short, b) -> (long, b)
+            Z = A.T @ U.contiguous() if times is None else times(U, True)  # (long, short) @ (short, b) -> (long, b)
             Vc = self.V[:, :d]
             reorthogonalize(Z, Vc, b)  # Aᵀ Uⱼ lies along Vⱼ (the newest block) and Vⱼ₊₁
             self.V[:, d:d + b], R = self._orthonormal(Z, Vc)  # Aᵀ Uⱼ = … + Vⱼ₊₁ Rⱼ, so Uⱼᵀ A Vⱼ₊₁ = Rⱼᵀ
@@ -136,7 +148,8 @@ class BlockLanczos:
             self._explicit = None
         else:
             # The space has (nearly) filled the long side: project explicitly, exactly.
-            self._explicit = (self.U[:, :d].T @ A).double()  # (d, long)
+            UtA = self.U[:, :d].T @ A if times is None else times(self.U[:, :d], True).T
+            self._explicit = UtA.double()  # (d, long)
 
     def _orthonormal(self, Y: torch.Tensor, basis: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Q (n, b) orthonormal and ⊥ `basis`, and C (b, b) with Y = Q C, for Y already ⊥ `basis`.
@@ -168,19 +181,19 @@ class BlockLanczos:
     def ritz_values(self) -> torch.Tensor:
         """σ(Uᵀ A), float64, descending: lower bounds of the top-d singular values of A.
 
-        For a float32 A, as square roots of the eigenvalues of the float64 Gram P Pᵀ of the
+        For float32 bases, as square roots of the eigenvalues of the float64 Gram P Pᵀ of the
         small projection P (in-place MKL ``syevd``, 1.4× faster than its SVD at d = 700,
         the dominant overhead of wide spaces): relative error ≲ 1e-8·(σ₁/σᵢ)², below A's
-        own float32 resolution for every σᵢ ≥ 1e-4·σ₁. For float64 A, the SVD of P.
+        own float32 resolution for every σᵢ ≥ 1e-4·σ₁. For float64 bases, the SVD of P.
         """
         P = self.projection()
-        if self.A.dtype == torch.float32:
+        if self.dtype == torch.float32:
             return gram_singular_values(P @ P.T)
         return torch.linalg.svdvals(P)
 
     def vectors(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Top-k Ritz vectors at A's precision: U (short, k), Vh (k, long)."""
-        P, _, Th = torch.linalg.svd(self.projection().to(self.A.dtype), full_matrices=False)
+        """Top-k Ritz vectors at the bases' precision: U (short, k), Vh (k, long)."""
+        P, _, Th = torch.linalg.svd(self.projection().to(self.dtype), full_matrices=False)
         U = self.U[:, :self.d] @ P[:, :k]  # (short, k)
         if self._explicit is not None:
             return U, Th[:k]

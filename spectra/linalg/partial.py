@@ -42,7 +42,8 @@ from spectra.linalg.krylov import BlockLanczos, krylov_block
 from spectra.linalg.sketch import thin_product
 from spectra.linalg.svd import Spectrum, frobenius_energy, full_svd
 
-__all__ = ["EXACT_BELOW", "ANGLE_TOL", "RitzBounds", "lowrank_svd", "ritz_bounds", "krylov_triplets", "top_svd"]
+__all__ = ["EXACT_BELOW", "ANGLE_TOL", "RitzBounds", "lowrank_svd", "ritz_bounds", "krylov_triplets", "top_svd",
+           "products64", "times64"]
 
 # Short side at or below which subspace measures take full float64 decompositions. There a
 # full SVD with vectors costs ≤ 0.2 s (512×1376, measured here), and the Krylov paths, kept to
@@ -163,7 +164,7 @@ def ritz_bounds(M: torch.Tensor, F: Spectrum) -> RitzBounds:
     if tuple(F.shape) != tuple(M.shape):
         raise ConfigError(f"the triplets decompose a {tuple(F.shape)} matrix, not this {tuple(M.shape)} one.")
     U, S, Vh = F.U.double(), F.values.double(), F.Vh.double()  # (m, k), (k,), (k, n)
-    MV, MtU = _products64(M, U, Vh.T)
+    MV, MtU = products64(M, U, Vh.T)
     left = MV - U * S  # (m, k)
     right = MtU - Vh.T * S  # (n, k)
     rho = torch.sqrt((left**2).sum(0) + (right**2).sum(0))  # (k,)
@@ -176,12 +177,13 @@ def ritz_bounds(M: torch.Tensor, F: Spectrum) -> RitzBounds:
     return RitzBounds(rho, vector, subspace)
 
 
-def _products64(M: torch.Tensor, U: torch.Tensor, V: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def products64(M: torch.Tensor, U: torch.Tensor, V: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(M V, Mᵀ U) in float64 for M (m, n), U (m, k), V (n, k) float64.
 
     A float32 (or half) M is up-cast by row blocks of ≤ 8 MB (exactly: every float32 is a
     float64), so the products equal those with a whole float64 copy up to summation order,
-    without that copy (2× the float32 M) and 1.2–1.6× faster (2048×5632, k = 21).
+    without that copy (2× the float32 M) and 1.2–1.6× faster (2048×5632, k = 21). A side
+    not wanted takes a basis with no columns (k = 0).
     """
     if M.dtype == torch.float64:
         return thin_product(M, V), thin_product(M.T, U)  # (Uᵀ M)ᵀ for a row-major M
@@ -189,11 +191,21 @@ def _products64(M: torch.Tensor, U: torch.Tensor, V: torch.Tensor) -> tuple[torc
     MV = U.new_empty(M.shape[0], V.shape[1])
     UtM = U.new_zeros(U.shape[1], M.shape[1])  # (k, n)
     U, V = U.contiguous(), V.contiguous()
+    buffer = U.new_empty(min(rows, M.shape[0]), M.shape[1])  # one up-cast block, reused: never two at once
     for i in range(0, M.shape[0], rows):
-        block = M[i:i + rows].double()
+        block = buffer[:min(rows, M.shape[0] - i)].copy_(M[i:i + rows])
         torch.mm(block, V, out=MV[i:i + rows])
         UtM.addmm_(U[i:i + rows].T, block)
     return MV, UtM.T
+
+
+def times64(A: torch.Tensor, X: torch.Tensor, transpose: bool = False) -> torch.Tensor:
+    """A X, or Aᵀ X, in float64 for X float64: :func:`products64` on A's storage (A, or M for a view A = Mᵀ)."""
+    if not A.is_contiguous() and A.T.is_contiguous():  # A = Mᵀ: A X = Mᵀ X, Aᵀ X = M X
+        A, transpose = A.T, not transpose
+    if transpose:
+        return products64(A, X, X.new_zeros(A.shape[1], 0))[1]  # (n, c)
+    return products64(A, X.new_zeros(A.shape[0], 0), X)[0]  # (m, c)
 
 
 def krylov_triplets(M: torch.Tensor, k: int, *, steps: int, random_state: int = 0) -> Spectrum:
@@ -238,11 +250,20 @@ def krylov_triplets(M: torch.Tensor, k: int, *, steps: int, random_state: int = 
     return _triplets(lan, M, k, frobenius_energy(M))
 
 
-def _lanczos(M: torch.Tensor, b: int, steps: int, random_state: int) -> BlockLanczos:
-    """A block Lanczos process on M's wide orientation with room for `steps` blocks (and one more)."""
+def _lanczos(M: torch.Tensor, b: int, steps: int, random_state: int, *, energy: float | None = None,
+             float64: bool = False) -> BlockLanczos:
+    """A block Lanczos process on M's wide orientation with room for `steps` blocks (and one more).
+
+    ``float64``: float64 bases over a lower-precision M, multiplied by row blocks of its storage
+    up-cast (:func:`times64`): no float64 copy of M. ``energy``: ‖M‖_F², when known.
+    """
     A = M.T if M.shape[0] > M.shape[1] else M  # (short, long)
     gen = torch.Generator(device=M.device).manual_seed(int(random_state))
-    return BlockLanczos(A, b, gen, max_dim=(steps + 1) * b)
+    scale = None if energy is None else math.sqrt(energy)
+    if float64 and A.dtype != torch.float64:
+        return BlockLanczos(A, b, gen, max_dim=(steps + 1) * b, scale=scale, dtype=torch.float64,
+                            times=lambda X, transpose: times64(A, X, transpose))
+    return BlockLanczos(A, b, gen, max_dim=(steps + 1) * b, scale=scale)
 
 
 def _triplets(lan: BlockLanczos, M: torch.Tensor, k: int, energy: float) -> Spectrum:
@@ -251,7 +272,7 @@ def _triplets(lan: BlockLanczos, M: torch.Tensor, k: int, energy: float) -> Spec
     if M.shape[0] > M.shape[1]:
         U, Vh = Vh.T, U.T
     shape = (int(M.shape[0]), int(M.shape[1]))
-    return Spectrum(lan.ritz_values()[:k].to(M.dtype), energy, shape, "krylov", U=U, Vh=Vh,
+    return Spectrum(lan.ritz_values()[:k].to(lan.dtype), energy, shape, "krylov", U=U, Vh=Vh,
                     n_iter=lan.d // lan.b, complete=k == min(shape))
 
 
@@ -298,14 +319,14 @@ def top_svd(M: torch.Tensor, k: int, *, exact_below: int = EXACT_BELOW, angle_to
     b = krylov_block(k + 1, short)
     last = min(_KRYLOV_CHECKS[-1], short // (2 * b) - 1)  # ≤ short/2 columns: beyond, a full SVD is as cheap
     if short > exact_below and last >= _KRYLOV_MIN_STEPS:
-        A = M.double()
-        energy = frobenius_energy(A)
-        lan = _lanczos(A, b, last, random_state)
+        energy = frobenius_energy(M)
+        # float64 bases; M as stored, multiplied by row blocks up-cast: a float64 copy of a float32 M was 2× its size
+        lan = _lanczos(M, b, last, random_state, energy=energy, float64=True)
         for step in range(1, last + 1):
             lan.step()
             if (step in _KRYLOV_CHECKS or step == last) and lan.d > k:
-                F = _triplets(lan, A, k + 1, energy)
-                bounds = ritz_bounds(A, F)
+                F = _triplets(lan, M, k + 1, energy)
+                bounds = ritz_bounds(M, F)
                 if float(bounds.subspace_sin[:k].max()) <= angle_tol:
                     values = F.values[:k]
                     rel = float((bounds.residuals[:k] / values.clamp(min=torch.finfo(values.dtype).tiny)).max())

@@ -15,15 +15,14 @@ import torch
 
 from spectra.errors import ConfigError
 from spectra.linalg.krylov import krylov_block
-from spectra.linalg.partial import EXACT_BELOW, krylov_triplets, lowrank_svd, ritz_bounds
-from spectra.linalg.sketch import thin_product
+from spectra.linalg.partial import EXACT_BELOW, krylov_triplets, lowrank_svd, products64, ritz_bounds, times64
 from spectra.linalg.svd import Spectrum, frobenius_energy, full_svd
 
 __all__ = [
     "basis_rtol", "orthonormal_basis", "factor_svd", "principal_angles", "grassmann_distance",
     "subspace_similarity", "similarity_matrix",
-    "captured_energy", "best_rank_energy", "amplification_factor", "Intruders", "intruder_reference",
-    "intruder_dimensions",
+    "captured_energy", "captured_energies", "best_rank_energy", "amplification_factor", "Intruders",
+    "intruder_reference", "intruder_dimensions",
 ]
 
 # Certified intruder decisions (see intruder_dimensions). A decision needs the vectors only to
@@ -263,11 +262,12 @@ def captured_energy(delta: torch.Tensor, *, U: torch.Tensor | None = None, V: to
     ΔW_ad = s·B A, ``U=B`` (out, r) and ``V=A.T`` (in, r) give the spans of the factors;
     the update's own column and row spaces, smaller when B A has lower rank than B or A
     (a zero column of B leaves its row of A unused), are ``factor_svd(B, A.T).U`` and
-    ``.Vh.T``, which ``spectra verify`` uses.
+    ``.Vh.T``, which ``spectra verify`` uses (through :func:`captured_energies`).
 
     Parameters
     ----------
     delta : torch.Tensor, shape (out, in)
+        Any floating dtype; read by row blocks up-cast to float64, never copied whole.
     U : torch.Tensor, shape (out, r), optional
     V : torch.Tensor, shape (in, r), optional
         At least one of `U`, `V`. A basis with no columns is the zero subspace (captures 0).
@@ -277,30 +277,62 @@ def captured_energy(delta: torch.Tensor, *, U: torch.Tensor | None = None, V: to
     float in [0, 1]
         Compare with :func:`best_rank_energy` at the same rank (Eckart–Young).
     """
-    if not isinstance(delta, torch.Tensor) or delta.ndim != 2:
-        raise ConfigError("`delta` must be a 2-D tensor (out, in).")
     if U is None and V is None:
         raise ConfigError("captured_energy needs a column space `U`, a row space `V`, or both.")
+    column, row, both = _captured(delta, U, V)
+    return both if U is not None and V is not None else column if U is not None else row
+
+
+def captured_energies(delta: torch.Tensor, U: torch.Tensor, V: torch.Tensor) -> tuple[float, float, float]:
+    """:func:`captured_energy` in span(U), in span(V) and in both, from one pass over ΔW.
+
+    Parameters
+    ----------
+    delta : torch.Tensor, shape (out, in)
+    U : torch.Tensor, shape (out, p)
+    V : torch.Tensor, shape (in, q)
+
+    Returns
+    -------
+    (column, row, both) : tuple of float in [0, 1]
+        ‖P_U ΔW‖_F², ‖ΔW P_V‖_F² and ‖P_U ΔW P_V‖_F², each over ‖ΔW‖_F².
+    """
+    return _captured(delta, U, V)
+
+
+def _captured(delta: torch.Tensor, U: torch.Tensor | None, V: torch.Tensor | None) -> tuple[float, float, float]:
+    """(column, row, both) fractions for `U`, `V` either of which may be None (the zero subspace there)."""
+    if not isinstance(delta, torch.Tensor) or delta.ndim != 2:
+        raise ConfigError("`delta` must be a 2-D tensor (out, in).")
     _check_finite(delta, "delta")
-    D = delta.double()
-    if U is not None:
-        _check_basis(U, "U")
-        if U.shape[0] != D.shape[0]:
-            raise ConfigError(f"`U` has {U.shape[0]} rows but `delta` has out={D.shape[0]}.")
-        Qu = _orthonormal(U)
-        D = Qu.T @ D  # (r, out) @ (out, in) -> (r, in); same norm as P_U ΔW
-    if V is not None:
-        _check_basis(V, "V")
-        if V.shape[0] != delta.shape[1]:
-            raise ConfigError(f"`V` has {V.shape[0]} rows but `delta` has in={delta.shape[1]}.")
-        Qv = _orthonormal(V)
-        D = D @ Qv  # (·, in) @ (in, r) -> (·, r)
+    spaces = []
+    for X, name, dim in ((U, "U", 0), (V, "V", 1)):
+        if X is None:  # no space on this side: a basis with no columns
+            spaces.append(torch.zeros(delta.shape[dim], 0, dtype=torch.float64, device=delta.device))
+            continue
+        _check_basis(X, name)
+        if X.shape[0] != delta.shape[dim]:
+            side = ("out", "in")[dim]
+            raise ConfigError(f"`{name}` has {X.shape[0]} rows but `delta` has {side}={delta.shape[dim]}.")
+        spaces.append(_orthonormal(X))
+    Qu, Qv = spaces  # (out, p'), (in, q') orthonormal
     total = frobenius_energy(delta)
-    return 0.0 if total == 0 else float((D**2).sum()) / total
+    if total == 0:
+        return 0.0, 0.0, 0.0
+    # ΔW Q_V (out, q') and ΔWᵀ Q_U (in, p'), ΔW read once by row blocks in float64; their norms are those
+    # of ΔW P_V and P_U ΔW
+    DQv, DtQu = products64(delta, Qu, Qv)
+    both = Qu.T @ DQv  # (p', out) @ (out, q') -> (p', q'): same norm as P_U ΔW P_V
+    return float((DtQu**2).sum()) / total, float((DQv**2).sum()) / total, float((both**2).sum()) / total
 
 
 def _check_finite(t: torch.Tensor, name: str) -> None:
-    if not bool(torch.isfinite(t).all()):
+    """One reduction pass: min and max propagate NaN and are ±Inf when any entry is. ``isfinite(t).all()``
+    materialised |t| and three boolean masks, 1.75× a float32 (out, in) at once."""
+    if t.numel() == 0:
+        return
+    lo, hi = torch.aminmax(t)
+    if not (math.isfinite(float(lo)) and math.isfinite(float(hi))):
         raise ConfigError(f"`{name}` holds NaN or Inf values.")
 
 
@@ -331,7 +363,8 @@ def best_rank_energy(delta: torch.Tensor, rank: int) -> float:
     return 0.0 if F.total_energy == 0 else float((F.values[:rank].double() ** 2).sum()) / F.total_energy
 
 
-def amplification_factor(delta: torch.Tensor, W: torch.Tensor, rank: int, *, svd: Spectrum | None = None) -> float:
+def amplification_factor(delta: torch.Tensor | None, W: torch.Tensor, rank: int, *,
+                         svd: Spectrum | None = None) -> float:
     """‖ΔW‖_F / ‖Uᵀ W V‖_F, U, V the top-`rank` singular vectors of ΔW.
 
     How strongly the update amplifies directions that W itself barely uses. Hu et al.
@@ -340,37 +373,45 @@ def amplification_factor(delta: torch.Tensor, W: torch.Tensor, rank: int, *, svd
 
     Parameters
     ----------
-    delta : torch.Tensor, shape (out, in)
+    delta : torch.Tensor, shape (out, in), or None
+        None when `svd` is given: ‖ΔW‖_F² is then its ``total_energy`` (a LoRA update
+        s·B A need not be formed: pass :func:`factor_svd` of its factors).
     W : torch.Tensor, shape (out, in)
-        Usually W_base (the paper's W_q).
+        Usually W_base (the paper's W_q). Read by row blocks up-cast to float64.
     rank : int
+    svd : Spectrum, optional
+        A decomposition of `delta` with vectors, when already computed.
 
     Returns
     -------
     float (inf when W has no component in that subspace)
 
-    svd : Spectrum, optional
-        A decomposition of `delta` with vectors, when already computed.
-
     References
     ----------
     .. [1] Hu et al. 2021, arXiv:2106.09685, §7.3 and Table 7.
     """
+    given = svd is not None and svd.U is not None
+    if delta is None and not given:
+        raise ConfigError("amplification_factor needs `delta`, or its decomposition `svd` with vectors.")
     for name, t in (("delta", delta), ("W", W)):
+        if t is None and name == "delta":
+            continue
         if not isinstance(t, torch.Tensor) or t.ndim != 2:
             raise ConfigError(f"`{name}` must be a 2-D tensor (out, in).")
-    if delta.shape != W.shape:
+    if delta is not None and delta.shape != W.shape:
         raise ConfigError(f"`delta` {tuple(delta.shape)} and `W` {tuple(W.shape)} differ in shape.")
-    _check_rank(rank, min(delta.shape))
-    _check_finite(delta, "delta")
+    _check_rank(rank, min(W.shape))
+    if delta is not None:
+        _check_finite(delta, "delta")
     _check_finite(W, "W")
-    if svd is not None and svd.U is not None:
-        _check_given(svd, "svd", delta.shape, rank)
+    if given:
+        _check_given(svd, "svd", W.shape, rank)
         F = svd
     else:
         F = full_svd(delta, compute_vectors=True, dtype=torch.float64)
     U, Vh = F.U[:, :rank].double(), F.Vh[:rank].double()  # (out, r), (r, in)
-    proj = U.T @ W.double() @ Vh.T  # (r, out) @ (out, in) @ (in, r) -> (r, r)
+    WV = times64(W, Vh.T)  # (out, r): W read once by row blocks in float64, never copied whole
+    proj = U.T @ WV  # (r, out) @ (out, r) -> (r, r)
     den = float(torch.linalg.matrix_norm(proj))
     return math.inf if den == 0 else math.sqrt(F.total_energy) / den
 
@@ -574,7 +615,7 @@ def _certified_intruders(W_base, W_tuned, Fb: Spectrum, tuned_svd, k: int, epsil
         if bool((ey[open_] >= epsilon).any()):
             return None  # y_j itself too uncertain to be proved an intruder
         reach = (epsilon - ey[open_]) ** 2  # the most mass on one base direction that leaves y_j an intruder
-        S, project = _side_operator(W_base.double(), side)  # float64 only where a direction is open
+        S, project = _side_operator(W_base, side)  # a float64 QR only where a direction is open
         mass = _largest_atom(S, project(Y[:, open_]), reach)
         high[open_] = torch.sqrt(mass) + ey[open_]
     intruder = high < epsilon
@@ -602,18 +643,32 @@ def _side_operator(W: torch.Tensor, side: str):
     """S (d, e), d ≤ e, whose left singular vectors are W's `side` vectors up to a map `project` (dim, c) -> (d, c).
 
     The side's vectors are the left singular vectors of X = W (left) or Wᵀ (right). When X
-    is wide or square they span its whole space and S = X. When X (dim, e) is tall, its e
-    left singular vectors span only range(X) = range(Q), X = Q R: they are Q times those of
-    R (e, e), so inner products with them are those of Qᵀy with R's (Householder QR;
+    is wide or square they span its whole space and S = X, as stored (:func:`_gram_times`
+    reads it in float64 by row blocks). When X (dim, e) is tall, its e left singular
+    vectors span only range(X) = range(Q), X = Q R: they are Q times those of R (e, e), so
+    inner products with them are those of Qᵀy with R's (Householder QR of X in float64;
     Qᵀ applied without forming Q).
     """
     X = W if side == "left" else W.T
     if X.shape[0] <= X.shape[1]:
         return X, lambda Y: Y
-    e = X.shape[1]
-    reflectors, tau = torch.geqrf(X)  # (dim, e), (e,)
+    dim, e = X.shape
+    # geqrf overwrites a column-major float64 copy of X in place (out=); torch.geqrf(X.double()) copied that
+    # copy again: 4× a float32 X at once instead of 2×
+    reflectors = torch.empty(e, dim, dtype=torch.float64, device=X.device).T.copy_(X)  # (dim, e), column-major
+    tau = reflectors.new_empty(e)
+    torch.geqrf(reflectors, out=(reflectors, tau))
     R = reflectors[:e].triu()  # (e, e)
     return R, lambda Y: torch.ormqr(reflectors, tau, Y, left=True, transpose=True)[:e]  # Qᵀ Y, (e, c)
+
+
+def _gram_times(S: torch.Tensor, Z: torch.Tensor) -> torch.Tensor:
+    """S Sᵀ Z (d, c) in float64 for S (d, e) in any floating dtype and Z (d, c) float64.
+
+    Two passes over S's storage (:func:`~spectra.linalg.partial.times64`), up-cast by row
+    blocks: no float64 copy of S.
+    """
+    return times64(S, times64(S, Z, transpose=True))  # (d, e) @ ((e, d) @ (d, c))
 
 
 def _largest_atom(S: torch.Tensor, Z: torch.Tensor, reach: torch.Tensor) -> torch.Tensor:
@@ -645,7 +700,7 @@ def _largest_atom(S: torch.Tensor, Z: torch.Tensor, reach: torch.Tensor) -> torc
     for t in range(steps):
         if not bool(live.any()):
             break
-        w = thin_product(S, thin_product(S.T, Q[t]))  # (d, e) @ (e, d) @ (d, c) -> (d, c), in S's stored layout
+        w = _gram_times(S, Q[t])  # (d, e) @ (e, d) @ (d, c) -> (d, c)
         if t:
             w -= beta[t - 1] * Q[t - 1]
         alpha[t] = (Q[t] * w).sum(0)

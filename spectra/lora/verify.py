@@ -41,9 +41,10 @@ import torch
 
 from spectra.checkpoints.pairing import check_device
 from spectra.errors import ConfigError
-from spectra.linalg.partial import EXACT_BELOW, top_svd
+from spectra.linalg.partial import EXACT_BELOW, lowrank_svd, top_svd
 from spectra.linalg.subspace import (
     amplification_factor,
+    captured_energies,
     captured_energy,
     factor_svd,
     intruder_dimensions,
@@ -154,7 +155,7 @@ class VerifyResult:
 # ---------------------------------------------------------------------------- one module
 
 
-def module_measures(delta_full: torch.Tensor, delta_adapter: torch.Tensor, W0: torch.Tensor, *,
+def module_measures(delta_full: torch.Tensor, delta_adapter: torch.Tensor | Spectrum, W0: torch.Tensor, *,
                     col_basis: torch.Tensor, row_basis: torch.Tensor, rank: int, W_base: torch.Tensor | None = None,
                     intruder_k: int = 10, intruder_epsilon: float = 0.5, phi_max: int = 64,
                     delta_svd: Spectrum | None = None, adapter_svd: Spectrum | None = None,
@@ -179,13 +180,22 @@ def module_measures(delta_full: torch.Tensor, delta_adapter: torch.Tensor, W0: t
       practice ρ²/gap: ~1e-13 relative);
     - intruder counts are equal: each decision is proved, or taken from full decompositions.
 
+    No (out, in) matrix is copied whole to float64: ΔW_full, W0 and W_base are multiplied
+    by row blocks up-cast (but for the QR a tall W0 takes where an intruder decision needs
+    it, and the full decompositions), and a factored ΔW_adapter is formed only as the
+    float32 W0 + ΔW_adapter its intruders are decided on (from float64 rows, rounded once).
+    That weight and the Krylov bases of its intruder check set the peak: 1.6–2.4× the
+    float32 ΔW on top of the inputs, with :func:`delta_decomposition` (see the README).
+
     Parameters
     ----------
     delta_full : torch.Tensor, shape (out, in)
         ``W_tuned − W_base``.
-    delta_adapter : torch.Tensor, shape (out, in)
+    delta_adapter : torch.Tensor, shape (out, in), or Spectrum
         ``merged − W0``, best in float64 (a float32 ``merged − W0`` carries the rounding
-        of W0 + ΔW, ~1e-7·|W0| per entry).
+        of W0 + ΔW, ~1e-7·|W0| per entry); or, for a plain LoRA, every nonzero triplet of
+        it (:func:`~spectra.linalg.partial.lowrank_svd` of its factors, exact), which is
+        then never formed. A factored update needs `adapter_svd`.
     W0 : torch.Tensor, shape (out, in)
         The weight the adapter was applied to (base, or its NF4 round trip).
     col_basis, row_basis : torch.Tensor, shapes (out, k) and (in, k)
@@ -217,17 +227,22 @@ def module_measures(delta_full: torch.Tensor, delta_adapter: torch.Tensor, W0: t
     """
     W_base = W0 if W_base is None else W_base
     short = min(delta_full.shape)
-    full_energy, ad_energy = frobenius_energy(delta_full), frobenius_energy(delta_adapter)
+    factored = isinstance(delta_adapter, Spectrum)
+    if factored and (delta_adapter.U is None or tuple(delta_adapter.shape) != tuple(delta_full.shape)
+                     or adapter_svd is None):
+        raise ConfigError("a factored `delta_adapter` must be the triplets (with vectors) of an update of ΔW_full's "
+                          "shape, and needs `adapter_svd`.")
+    full_energy = frobenius_energy(delta_full)
+    ad_energy, error_energy, inner, W_adapted = _adapter_pass(delta_adapter, delta_full, W0, W_base)
     row = {"rank": rank, "fro_norm_full": math.sqrt(full_energy), "fro_norm_adapter": math.sqrt(ad_energy)}
-    error_energy, inner = _error_and_inner(delta_adapter, delta_full, W0, W_base)
     row["relative_error"] = math.sqrt(error_energy / full_energy) if full_energy else None
     if ad_energy and full_energy:
         row["cosine"] = inner / math.sqrt(ad_energy * full_energy)
     k = min(intruder_k, short)
     Fb = intruder_reference(W_base, k=k, exact_below=exact_below)  # shared by both intruder counts
     F0 = Fb if W0 is W_base else intruder_reference(W0, k=k, exact_below=exact_below)
-    row["intruders_adapter"] = intruder_dimensions(W0, W0 + delta_adapter, k=k, epsilon=intruder_epsilon,
-                                                   base_svd=F0).count
+    row["intruders_adapter"] = intruder_dimensions(W0, W_adapted, k=k, epsilon=intruder_epsilon, base_svd=F0).count
+    del W_adapted  # before the full fine-tune's tuned weight: one (out, in) float32 at a time
     row["intruders_full"] = intruder_dimensions(W_base, W_base + delta_full, k=k, epsilon=intruder_epsilon,
                                                 base_svd=Fb).count
     if W0 is not W_base:
@@ -239,9 +254,8 @@ def module_measures(delta_full: torch.Tensor, delta_adapter: torch.Tensor, W0: t
         Fa = adapter_svd if adapter_svd is not None else top_svd(delta_adapter, rank, exact_below=exact_below)
     if Fa is None or not Fa.values.numel():  # no update, or one its factors' precision cannot tell from zero
         return row | {"captured_energy": None, "optimal_energy": None, "phi": None}, None, None
-    row["captured_energy"] = captured_energy(delta_full, U=col_basis)
-    row["captured_energy_row"] = captured_energy(delta_full, V=row_basis)
-    row["captured_energy_both"] = captured_energy(delta_full, U=col_basis, V=row_basis)
+    row["captured_energy"], row["captured_energy_row"], row["captured_energy_both"] = captured_energies(
+        delta_full, col_basis, row_basis)  # one pass over ΔW_full
     j_max = _phi_width(rank, phi_max, short)
     Ff = delta_svd if delta_svd is not None else delta_decomposition(delta_full, rank, phi_max=phi_max,
                                                                       exact_below=exact_below)
@@ -251,35 +265,52 @@ def module_measures(delta_full: torch.Tensor, delta_adapter: torch.Tensor, W0: t
     # Eckart–Young optimum Σ_{i≤r} σᵢ² / ‖ΔW_full‖² from the decomposition already at hand
     row["optimal_energy"] = float((Ff.values[:rank].double() ** 2).sum()) / Ff.total_energy
     row["energy_gap"] = row["optimal_energy"] - row["captured_energy"]
-    row["outside_lowrank"] = 1.0 - captured_energy(delta_adapter, U=col_basis)  # DoRA's magnitude part
+    # DoRA's magnitude part. A factored ΔW_ad = U Σ Vh (orthonormal rows Vh) has the column-space energies of U Σ
+    ad_columns = delta_adapter.U * delta_adapter.values if factored else delta_adapter  # (out, k) or (out, in)
+    row["outside_lowrank"] = 1.0 - captured_energy(ad_columns, U=col_basis)
     phi = similarity_matrix(Fa.U[:, :used], Ff.U[:, :j_max])  # (k', J)
     row["phi"] = float(phi[used - 1, rank - 1])  # φ(k', r)
     row["phi_row"] = float(similarity_matrix(Fa.Vh[:used].T, Ff.Vh[:rank].T)[used - 1, rank - 1])
     angles = principal_angles(col_basis, Ff.U[:, :rank])  # (min(k, r),) radians, ascending
     row["principal_angles_deg"] = [round(math.degrees(a), 4) for a in angles.tolist()]
-    row["amplification_adapter"] = amplification_factor(delta_adapter, W0, used, svd=Fa)
+    row["amplification_adapter"] = amplification_factor(None if factored else delta_adapter, W0, used, svd=Fa)
     row["amplification_full"] = amplification_factor(delta_full, W_base, rank, svd=Ff)
     return row, phi.tolist(), Fa.Vh[:used]
 
 
-def _error_and_inner(delta_adapter: torch.Tensor, delta_full: torch.Tensor, W0: torch.Tensor,
-                     W_base: torch.Tensor) -> tuple[float, float]:
-    """(‖(W0 + ΔW_ad) − W_tuned‖_F², ⟨ΔW_ad, ΔW_full⟩) in float64, a block of ≤ 4 MB rows at a time.
+def _adapter_pass(delta_adapter: torch.Tensor | Spectrum, delta_full: torch.Tensor, W0: torch.Tensor,
+                  W_base: torch.Tensor) -> tuple[float, float, float, torch.Tensor]:
+    """(‖ΔW_ad‖_F², ‖(W0 + ΔW_ad) − W_tuned‖_F², ⟨ΔW_ad, ΔW_full⟩, W0 + ΔW_ad) from one pass over the rows.
 
-    W_tuned = W_base + ΔW_full, so the error is ΔW_ad + (W0 − W_base) − ΔW_full. Formed
-    whole, the error and the product for the inner one held up to ~5× the float32 ΔW in
-    float64 temporaries (~0.8 GB on a 4096×11008 module); by row blocks they take a few MB.
+    Sums in float64, a block of ≤ 4 MB rows at a time; W_tuned = W_base + ΔW_full, so the
+    error is ΔW_ad + (W0 − W_base) − ΔW_full. The adapter's tuned weight (out, in) is
+    summed in float64 and stored at W0's precision (float32 or better): its intruders are
+    decided on it, as a merged checkpoint would store it. A factored ΔW_ad = U Σ Vh is
+    formed block by block. ΔW_ad and W0 + ΔW_ad formed whole in float64 held 4× the float32
+    ΔW (7× with the NaN checks' masks: 1.25 GB on a 4096×11008 module).
     """
+    W_adapted = torch.empty(W0.shape, dtype=torch.promote_types(W0.dtype, torch.float32), device=W0.device)
     rows = max(1, (4 << 20) // (8 * delta_full.shape[1]))
-    error = inner = 0.0
+    energy = error = inner = 0.0
     for i in range(0, delta_full.shape[0], rows):
-        ad, full = delta_adapter[i:i + rows].double(), delta_full[i:i + rows].double()
-        e = ad - full
+        ad, full = _rows64(delta_adapter, i, i + rows).ravel(), delta_full[i:i + rows].double().ravel()
+        energy += float(torch.dot(ad, ad))
+        inner += float(torch.dot(ad, full))
+        w0 = W0[i:i + rows].double()  # (rows, in)
+        full.sub_(ad)  # ΔW_full − ΔW_ad, in place: the error up to its sign
         if W0 is not W_base:
-            e += W0[i:i + rows].double() - W_base[i:i + rows].double()
-        error += float((e * e).sum())
-        inner += float((ad * full).sum())
-    return error, inner
+            full += W_base[i:i + rows].double().sub_(w0).ravel()  # + W_base − W0
+        error += float(torch.dot(full, full))
+        W_adapted[i:i + rows] = w0.add_(ad.view_as(w0))  # summed in float64, rounded once
+        del ad, full, w0  # before the next block's are made: one block of each at a time
+    return energy, error, inner, W_adapted
+
+
+def _rows64(delta: torch.Tensor | Spectrum, i: int, j: int) -> torch.Tensor:
+    """Rows i:j of an update in float64: a slice up-cast, or (U Σ)[i:j] Vh from its triplets."""
+    if isinstance(delta, Spectrum):
+        return (delta.U[i:j] * delta.values) @ delta.Vh  # (rows, k) @ (k, in) -> (rows, in)
+    return delta[i:j].double()
 
 
 def delta_decomposition(delta_full: torch.Tensor, rank: int, *, phi_max: int = 64,
@@ -383,14 +414,15 @@ def verify_adapter(base, tuned, adapter, *, eval_data=None, config: VerifyConfig
         # ΔW = s·col·rowbᵀ: (B, Aᵀ), an embedding's (Aᵀ, B), an expert's share of a parameter's A and B; in the
         # stored dtype: it sets the rank tolerance
         col, rowb = p.factors(adapter_src.weights, d.delta.device, p.dtype)
-        W0_64 = W0.double()  # the adapter's update exactly: no float32 rounding of W0 + ΔW in it
-        delta_ad = p.merged(W0_64, adapter_src.weights, torch.float64).sub_(W0_64)
-        del W0_64
         # The low-rank update s·col·rowbᵀ from its factors, cut at its numerical rank k ≤ min(r, short side):
         # its U, V span the update's own column and row spaces. Plain LoRA: it is ΔW_ad's SVD, exact; DoRA's
         # ΔW_ad is not low rank (its top r come from ΔW_ad itself in module_measures)
         low = factor_svd(col, rowb, scale=p.scaling)
         plain = not {"magnitude", "base_layer"} & set(p.keys)
+        # The adapter's update exactly, with no float32 rounding of W0 + ΔW in it: a plain LoRA's as every triplet
+        # of s·col·rowbᵀ (never formed), DoRA's formed in float64 (W0 is exact in float64: subtracted as stored)
+        delta_ad = (lowrank_svd(col, rowb, scale=p.scaling) if plain
+                    else p.merged(W0.double(), adapter_src.weights, torch.float64).sub_(W0))
         rank = col.shape[1]
         if rank > min(d.shape):  # legal in PEFT; ΔW_ad then has rank ≤ the short side: measure at that rank
             notes.append(f"{d.name}: adapter rank {rank} exceeds the module's short side {min(d.shape)}; measured "
@@ -413,7 +445,7 @@ def verify_adapter(base, tuned, adapter, *, eval_data=None, config: VerifyConfig
             phis[d.name] = (energy, phi)
             right[d.name] = vectors.cpu()
         if eval_data is not None:  # kept on the CPU: the whole model's worth, written into a model later
-            truncated[d.name] = ((_truncate(Ff, rank).to(d.delta.dtype) + d.base).cpu(), d.conv1d)
+            truncated[d.name] = (_truncated_weight(Ff, rank, d.base, d.delta.dtype).cpu(), d.conv1d)
     if not rows:
         raise ConfigError(f"the adapter {adapter} adapts no weight matrix that {base} × {tuned} pairs; check that "
                           "all three belong to the same model.")
@@ -479,9 +511,15 @@ def nf4_round_trip(W: torch.Tensor) -> torch.Tensor:
     return bnbf.dequantize_4bit(packed, state).to(W.dtype)
 
 
-def _truncate(F: Spectrum, rank: int) -> torch.Tensor:
-    """The Eckart–Young rank-r part U_r Σ_r V_rᵀ (out, in) of a matrix, from its decomposition ``F``."""
-    return (F.U[:, :rank] * F.values[:rank]) @ F.Vh[:rank]  # (out, r) @ (r, in)
+def _truncated_weight(F: Spectrum, rank: int, W_base: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """W_base + U_r Σ_r V_rᵀ (out, in): the Eckart–Young rank-r part of a matrix, from its decomposition ``F``,
+    rounded to `dtype` and added to the base, a block of ≤ 4 MB float64 rows at a time (no float64 (out, in))."""
+    US, Vh = F.U[:, :rank] * F.values[:rank], F.Vh[:rank]  # (out, r), (r, in)
+    out = torch.empty(W_base.shape, dtype=torch.promote_types(W_base.dtype, dtype), device=W_base.device)
+    rows = max(1, (4 << 20) // (8 * W_base.shape[1]))
+    for i in range(0, W_base.shape[0], rows):
+        torch.add((US[i:i + rows] @ Vh).to(dtype), W_base[i:i + rows], out=out[i:i + rows])
+    return out
 
 
 def _method(adapter_src) -> str:

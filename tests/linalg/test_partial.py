@@ -111,6 +111,19 @@ def test_top_svd_certified_path_matches_the_full_decomposition(shape):
     assert small.method == "full-gesdd" and small.complete
 
 
+@pytest.mark.parametrize("transposed", [False, True])
+def test_top_svd_of_a_float32_matrix_is_that_of_its_float64_copy(transposed):
+    """The float64 Krylov space multiplies a float32 M by row blocks up-cast (no float64 copy of M, 2× its
+    size): the same steps, values and vectors as from the copy, to summation order; a transposed view too."""
+    M = power_law(960, 640, alpha=0.7, seed=2)[0]
+    M = M.T.contiguous().T if transposed else M  # tall, stored as its (640, 960) transpose
+    F, ref = partial.top_svd(M, 32, exact_below=0), partial.top_svd(M.double(), 32, exact_below=0)
+    assert F.method == ref.method == "krylov" and F.n_iter == ref.n_iter and F.values.dtype == torch.float64
+    np.testing.assert_allclose(F.values.numpy(), ref.values.numpy(), rtol=1e-13)
+    np.testing.assert_allclose((F.U.T @ ref.U).diagonal().abs().numpy(), 1.0, atol=1e-10)  # the same vectors
+    assert F.total_energy == pytest.approx(ref.total_energy, rel=1e-13)
+
+
 def test_top_svd_falls_back_where_a_subspace_is_not_determined():
     """Negative control: σ₁₀ = σ₁₁, so the top-10 subspace is any of a family and cannot be certified."""
     g = torch.Generator().manual_seed(3)

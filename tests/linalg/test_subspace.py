@@ -393,3 +393,70 @@ def test_zero_factors_and_bad_bases():
         ss.orthonormal_basis(torch.eye(4), rtol=1.5)
     with pytest.raises(ConfigError, match="`U` holds NaN"):
         ss.captured_energy(torch.ones(4, 4), U=torch.full((4, 2), float("nan")))
+
+
+# ---------------------------------------------------------------------------- float64 by row blocks
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_captured_energies_are_the_three_projections_from_one_pass(dtype):
+    """ΔW is read by row blocks up-cast to float64 (no float64 copy): the same numbers as numpy's on the
+    up-cast ΔW, for the column space, the row space and both; a side with no basis is the zero space."""
+    g = torch.Generator().manual_seed(3)
+    D = torch.randn(90, 70, generator=g).to(dtype)
+    U, V = torch.randn(90, 5, generator=g), torch.randn(70, 4, generator=g, dtype=torch.float64)
+    Dn, Qu, Qv = D.double().numpy(), np.linalg.qr(U.double().numpy())[0], np.linalg.qr(V.numpy())[0]
+    total = np.sum(Dn**2)
+    want = (np.sum((Qu.T @ Dn) ** 2) / total, np.sum((Dn @ Qv) ** 2) / total, np.sum((Qu.T @ Dn @ Qv) ** 2) / total)
+    got = ss.captured_energies(D, U, V)
+    np.testing.assert_allclose(got, want, rtol=1e-12)
+    assert got == (ss.captured_energy(D, U=U), ss.captured_energy(D, V=V), ss.captured_energy(D, U=U, V=V))
+    assert ss.captured_energies(D, U[:, :0], V)[0] == 0.0 and got[2] < min(got[:2])  # negative controls
+
+
+def test_amplification_factor_from_a_decomposition_alone():
+    """A LoRA update need not be formed: its factors' SVD carries ‖ΔW‖_F² and the vectors."""
+    g = torch.Generator().manual_seed(4)
+    W, L, R = torch.randn(60, 80, generator=g), torch.randn(60, 3, generator=g), torch.randn(80, 3, generator=g)
+    F = lowrank_svd(L, R, scale=0.5)
+    Dn, Wn = 0.5 * L.double().numpy() @ R.double().numpy().T, W.double().numpy()
+    Ua, _, Vah = np.linalg.svd(Dn)
+    want = np.linalg.norm(Dn) / np.linalg.norm(Ua[:, :2].T @ Wn @ Vah[:2].T)
+    assert ss.amplification_factor(None, W, 2, svd=F) == pytest.approx(want, rel=1e-10)
+    assert ss.amplification_factor(torch.from_numpy(Dn), W, 2, svd=F) == ss.amplification_factor(None, W, 2, svd=F)
+    with pytest.raises(ConfigError, match="needs `delta`, or its decomposition"):
+        ss.amplification_factor(None, W, 2)
+    with pytest.raises(ConfigError, match="decomposes a"):
+        ss.amplification_factor(None, W.T, 2, svd=F)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("shape", [(640, 960), (960, 640)])
+def test_certified_intruders_of_float32_weights_read_them_as_stored(shape, side):
+    """A float32 W_base is multiplied in float64 by row blocks (wide) or QR-factored in place from one
+    float64 copy (tall): the decisions are those of numpy on the same float32 weights."""
+    W = _pretrained(*shape, seed=0).float()
+    tuned = (W.double() + _spikes(*shape, [8.0, 7.0], seed=1)).float()
+    ref = _reference_max_cos(W, tuned, 6, side)
+    found = ss.intruder_dimensions(W, tuned, k=6, side=side, exact_below=0)
+    assert found.method == "certified" and found.indices == tuple(np.flatnonzero(ref < 0.5)) == (0, 1)
+    cos = found.max_cos.numpy()
+    assert np.all(cos[:2] >= ref[:2] - 1e-12) and np.all(cos[2:] <= ref[2:] + 1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_side_operator_reads_the_stored_weight(dtype):
+    """S Sᵀ Z and Qᵀ Y in float64 whatever W's dtype and side, against numpy (R from one in-place QR)."""
+    g = torch.Generator().manual_seed(6)
+    W = torch.randn(50, 30, generator=g).to(dtype)
+    Z = torch.randn(50, 3, generator=g, dtype=torch.float64)
+    Wn = W.double().numpy()
+    S, project = ss._side_operator(W, "right")  # Wᵀ (30, 50) is wide: S = Wᵀ, as stored
+    assert S.dtype == dtype and S.data_ptr() == W.data_ptr()
+    np.testing.assert_allclose(ss._gram_times(S, Z[:30]).numpy(), Wn.T @ Wn @ Z[:30].numpy(), rtol=1e-12)
+    R, project = ss._side_operator(W, "left")  # W (50, 30) is tall: its R (30, 30), Qᵀ applied
+    Q, Rn = np.linalg.qr(Wn)
+    np.testing.assert_allclose(np.abs(np.diag(R.numpy())), np.abs(np.diag(Rn)), rtol=1e-12)
+    np.testing.assert_allclose(np.abs(project(Z).numpy()), np.abs(Q.T @ Z.numpy()), rtol=1e-9, atol=1e-12)
+    WWtZ = project(torch.from_numpy(Wn @ Wn.T @ Z.numpy()))  # Qᵀ W Wᵀ Z = R Rᵀ Qᵀ Z
+    np.testing.assert_allclose(ss._gram_times(R, project(Z)).numpy(), WWtZ.numpy(), rtol=1e-9, atol=1e-10)

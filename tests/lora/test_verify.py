@@ -280,14 +280,15 @@ def _reference_measures(D, Dad, W0, W, B, A, r, J, k=10):
     }
 
 
-@pytest.mark.parametrize("case", ["lora", "dense", "quantized"])
+@pytest.mark.parametrize("case", ["lora", "dense", "quantized", "factored"])
 def test_module_measures_fast_paths_match_the_full_decompositions(case):
     """Certified partial decompositions (forced by exact_below=0) against numpy's full SVDs, every measure.
 
     Tolerances: φ entries 2e-6 (4e-6 with a Krylov ΔW_adapter: ANGLE_TOL on each side),
     angles 1e-6 rad (+ the 5e-5° rounding), amplification 1e-5 relative, energies 1e-9;
     intruder counts equal. ``dense`` is DoRA's route (no factors: a Krylov top r of ΔW_adapter);
-    ``quantized`` has W0 ≠ W_base.
+    ``quantized`` has W0 ≠ W_base; ``factored`` passes ΔW_adapter as its factors' SVD, never
+    formed (verify's route for a plain LoRA).
     """
     from spectra.linalg.partial import lowrank_svd
     from spectra.lora.verify import delta_decomposition, module_measures
@@ -299,8 +300,9 @@ def test_module_measures_fast_paths_match_the_full_decompositions(case):
     adapter_svd = lowrank_svd(B, A.T, scale=s) if case != "dense" else None
     assert delta_decomposition(delta, r, phi_max=J, exact_below=0).method == "krylov"  # the fast path is tested
     common = dict(col_basis=B.double(), row_basis=A.T.double(), rank=r, W_base=W, adapter_svd=adapter_svd, phi_max=J)
-    row, phi, _ = module_measures(delta, delta_ad, W0, exact_below=0, **common)
-    exact, exact_phi, _ = module_measures(delta, delta_ad, W0, exact_below=10**6, **common)
+    given = adapter_svd if case == "factored" else delta_ad
+    row, phi, _ = module_measures(delta, given, W0, exact_below=0, **common)
+    exact, exact_phi, _ = module_measures(delta, given, W0, exact_below=10**6, **common)
     ref = _reference_measures(delta.double().numpy(), delta_ad.numpy(), W0.double().numpy(), W.double().numpy(),
                               B.double().numpy(), A.double().numpy(), r, J)
     assert ref["intruders_adapter"] > 0  # the adapter's strong directions intrude: the count is tested
@@ -315,6 +317,73 @@ def test_module_measures_fast_paths_match_the_full_decompositions(case):
             assert got[key] == pytest.approx(ref[key], rel=1e-5), key
         np.testing.assert_allclose(got["principal_angles_deg"], ref["principal_angles_deg"], atol=1e-4)
         assert got["intruders_adapter"] == ref["intruders_adapter"] and got["intruders_full"] == ref["intruders_full"]
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_a_factored_adapter_update_gives_the_formed_updates_measures(quantized):
+    """A plain LoRA's ΔW_adapter as its factors' exact SVD (verify's route: never formed) against the formed
+    float64 update verify took before: every measure equal to float64 rounding, intruders and φ alike."""
+    from spectra.linalg.partial import lowrank_svd
+    from spectra.linalg.subspace import factor_svd
+    from spectra.lora.verify import module_measures
+
+    W, delta, B, A = _synthetic_module()
+    s = 1.5
+    W0 = W + 1e-3 * torch.randn(W.shape, generator=torch.Generator().manual_seed(9)) if quantized else W
+    low = factor_svd(B, A.T, scale=s)
+    formed = (W0.double() + s * (B.double() @ A.double())).sub_(W0)  # merged − W0, as verify formed it
+    common = dict(col_basis=low.U, row_basis=low.Vh.T, rank=8, W_base=W, adapter_svd=low, phi_max=32, exact_below=0)
+    row, phi, vectors = module_measures(delta, lowrank_svd(B, A.T, scale=s), W0, **common)
+    ref, ref_phi, ref_vectors = module_measures(delta, formed, W0, **common)
+    assert set(row) == set(ref) and ref["intruders_adapter"] > 0
+    for key, value in ref.items():
+        if key in ("outside_lowrank", "energy_gap"):  # differences of nearly equal numbers
+            assert row[key] == pytest.approx(value, abs=1e-12), key
+        else:
+            assert row[key] == pytest.approx(value, rel=1e-12), key
+    np.testing.assert_allclose(phi, ref_phi, rtol=0, atol=1e-14)
+    assert torch.equal(vectors, ref_vectors)
+    with pytest.raises(ConfigError, match="needs `adapter_svd`"):
+        module_measures(delta, low, W0, **(common | {"adapter_svd": None}))
+
+
+def test_one_modules_measures_hold_no_float64_copy_of_it(tmp_path):
+    """Peak of the tensors torch allocates while one module (1024×3072, rank 8, certified paths) is measured,
+    from torch's profiler (every CPU allocation and free: deterministic, whatever else the machine runs).
+
+    Bound: 3× the float32 ΔW (measured 2.5×: the float32 W0 + ΔW_adapter and the Krylov bases of its
+    intruder check). Every float64 (out, in) is gone: ΔW_full's, W0's and W_base's up-casts, ΔW_adapter
+    itself (6.8× at peak before). Negative control: the profile sees a float64 copy of ΔW as one 2× block.
+    """
+    import json
+
+    from torch.profiler import ProfilerActivity, profile
+
+    from spectra.linalg.partial import lowrank_svd
+    from spectra.linalg.subspace import factor_svd
+    from spectra.lora.verify import delta_decomposition, module_measures
+
+    W, delta, B, A = _synthetic_module(1024, 3072)
+    unit = delta.numel() * 4
+
+    def allocations(call) -> tuple[float, float]:
+        """(peak of the bytes allocated, largest single allocation) during `call`, in units of the float32 ΔW."""
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            call()
+        prof.export_chrome_trace(str(tmp_path / "trace.json"))
+        events = [e["args"] for e in json.loads((tmp_path / "trace.json").read_text())["traceEvents"]
+                  if e.get("name") == "[memory]"]
+        return max(e["Total Allocated"] for e in events) / unit, max(e["Bytes"] for e in events) / unit
+
+    def measure():
+        low = factor_svd(B, A.T, scale=1.5)
+        Ff = delta_decomposition(delta, 8, phi_max=32, exact_below=0)
+        module_measures(delta, lowrank_svd(B, A.T, scale=1.5), W, col_basis=low.U, row_basis=low.Vh.T, rank=8,
+                        delta_svd=Ff, adapter_svd=low, phi_max=32, exact_below=0)
+
+    assert allocations(lambda: delta.double()) == (2.0, 2.0)  # negative control: the profile sees a copy
+    peak, largest = allocations(measure)
+    assert largest < 1.5 and peak < 3.0, (peak, largest)
 
 
 def _tiny_trio(out, family: str, **lora_kwargs):
