@@ -411,8 +411,7 @@ def verify_adapter(base, tuned, adapter, *, eval_data=None, config: VerifyConfig
         coverage[0] += energy
         p = lora[d.name]
         W0 = nf4_round_trip(d.base) if quantized and d.role not in ("embed", "head") else d.base
-        # ΔW = s·col·rowbᵀ: (B, Aᵀ), an embedding's (Aᵀ, B), an expert's share of a parameter's A and B; in the
-        # stored dtype: it sets the rank tolerance
+        # ΔW = s·col·rowbᵀ: (B, Aᵀ), an embedding's (Aᵀ, B), an expert's share of a parameter's A and B, as stored
         col, rowb = p.factors(adapter_src.weights, d.delta.device, p.dtype)
         # The low-rank update s·col·rowbᵀ from its factors, cut at its numerical rank k ≤ min(r, short side):
         # its U, V span the update's own column and row spaces. Plain LoRA: it is ΔW_ad's SVD, exact; DoRA's

@@ -503,18 +503,18 @@ def test_an_adapter_with_untrained_components_reports_its_effective_rank(tmp_pat
     assert f"| {name} | 4 (2) |" in report and "| model.layers.0.self_attn.v_proj | 4 |" in report
 
 
-def test_an_update_below_its_factors_precision_is_measured_as_none():
-    """B = [b, b(1 + 2⁻²³)], A = [a; −a] in float32: s·B A = 2⁻²³·s·b aᵀ, nonzero in float64 but under
-    what the factors' rounding can move it, so it has no directions (rank 0) and no subspace measures."""
+def test_an_update_that_cancels_to_zero_is_measured_as_none():
+    """B = [b, b], A = [a; −a]: s·B A = 0 exactly though neither factor is zero, so it has no directions (rank 0)
+    and no subspace measures (verify had crashed on such an update)."""
     from spectra.linalg.subspace import factor_svd
     from spectra.lora.verify import module_measures
 
     g = torch.Generator().manual_seed(4)
     b, a = torch.randn(24, 1, generator=g), torch.randn(1, 16, generator=g)
-    B, A = torch.cat([b, b * (1 + 2**-23)], 1), torch.cat([a, -a], 0)
+    B, A = torch.cat([b, b], 1), torch.cat([a, -a], 0)
     low = factor_svd(B, A.T, scale=2.0)
     delta_ad = 2.0 * B.double() @ A.double()
-    assert low.values.numel() == 0 and float(delta_ad.norm()) > 0
+    assert low.values.numel() == 0 and float(delta_ad.norm()) == 0 and float(B.norm() * A.norm()) > 0
     W = torch.randn(24, 16, generator=g)
     row, phi, vectors = module_measures(torch.randn(24, 16, generator=g), delta_ad, W, col_basis=low.U,
                                         row_basis=low.Vh.T, rank=2, adapter_svd=low)
