@@ -293,13 +293,15 @@ def _adapter_pass(delta_adapter: torch.Tensor | Spectrum, delta_full: torch.Tens
     rows = max(1, (4 << 20) // (8 * delta_full.shape[1]))
     energy = error = inner = 0.0
     for i in range(0, delta_full.shape[0], rows):
-        ad, full = _rows64(delta_adapter, i, i + rows).ravel(), delta_full[i:i + rows].double().ravel()
+        # copies (copy=True): .double() of a float64 input is the input itself, which the in-place steps would change
+        ad = _rows64(delta_adapter, i, i + rows).ravel()
+        full = delta_full[i:i + rows].to(torch.float64, copy=True).ravel()
         energy += float(torch.dot(ad, ad))
         inner += float(torch.dot(ad, full))
-        w0 = W0[i:i + rows].double()  # (rows, in)
+        w0 = W0[i:i + rows].to(torch.float64, copy=True)  # (rows, in)
         full.sub_(ad)  # ΔW_full − ΔW_ad, in place: the error up to its sign
         if W0 is not W_base:
-            full += W_base[i:i + rows].double().sub_(w0).ravel()  # + W_base − W0
+            full += W_base[i:i + rows].to(torch.float64, copy=True).sub_(w0).ravel()  # + W_base − W0
         error += float(torch.dot(full, full))
         W_adapted[i:i + rows] = w0.add_(ad.view_as(w0))  # summed in float64, rounded once
         del ad, full, w0  # before the next block's are made: one block of each at a time
@@ -308,9 +310,9 @@ def _adapter_pass(delta_adapter: torch.Tensor | Spectrum, delta_full: torch.Tens
 
 def _rows64(delta: torch.Tensor | Spectrum, i: int, j: int) -> torch.Tensor:
     """Rows i:j of an update in float64: a slice up-cast, or (U Σ)[i:j] Vh from its triplets."""
-    if isinstance(delta, Spectrum):
-        return (delta.U[i:j] * delta.values) @ delta.Vh  # (rows, k) @ (k, in) -> (rows, in)
-    return delta[i:j].double()
+    if isinstance(delta, Spectrum):  # (rows, k) @ (k, in) -> (rows, in), in float64 whatever the triplets' dtype
+        return (delta.U[i:j].double() * delta.values.double()) @ delta.Vh.double()
+    return delta[i:j].to(torch.float64, copy=True)  # a copy: the caller's float64 ΔW_ad must not change
 
 
 def delta_decomposition(delta_full: torch.Tensor, rank: int, *, phi_max: int = 64,

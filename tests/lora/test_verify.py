@@ -503,6 +503,32 @@ def test_an_adapter_with_untrained_components_reports_its_effective_rank(tmp_pat
     assert f"| {name} | 4 (2) |" in report and "| model.layers.0.self_attn.v_proj | 4 |" in report
 
 
+def test_float64_inputs_are_left_unchanged():
+    """.double() of a float64 tensor is the tensor itself: the row-block pass subtracted ΔW_ad from the caller's
+    ΔW_full and added it to W0 in place (then every later measure read W0 + ΔW_ad as the base). And a factored
+    update in float32 triplets is summed in float64 rather than refused by torch.dot."""
+    from spectra.linalg.partial import lowrank_svd
+    from spectra.linalg.subspace import factor_svd
+    from spectra.lora.verify import module_measures
+
+    W, delta, B, A = _synthetic_module()
+    W, delta = W.double(), delta.double()
+    W0 = W + 1e-3 * torch.randn(W.shape, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    kept = [t.clone() for t in (delta, W0, W)]
+    low = factor_svd(B, A.T, scale=1.5)
+    common = dict(col_basis=low.U, row_basis=low.Vh.T, rank=8, W_base=W, adapter_svd=low, phi_max=32, exact_below=0)
+    formed = 1.5 * (B.double() @ A.double())
+    row, _, _ = module_measures(delta, formed.clone(), W0, **common)
+    assert all(torch.equal(t, k) for t, k in zip((delta, W0, W), kept))
+    err = torch.linalg.matrix_norm(W0 + formed - (W + delta)) / torch.linalg.matrix_norm(delta)
+    assert row["relative_error"] == pytest.approx(float(err), rel=1e-10)
+    factored = lowrank_svd(B, A.T, scale=1.5)
+    as32 = type(factored)(factored.values.float(), factored.total_energy, factored.shape, factored.method,
+                          U=factored.U.float(), Vh=factored.Vh.float())
+    row32, _, _ = module_measures(delta, as32, W0, **common)
+    assert row32["relative_error"] == pytest.approx(row["relative_error"], rel=1e-5)
+
+
 def test_an_update_that_cancels_to_zero_is_measured_as_none():
     """B = [b, b], A = [a; −a]: s·B A = 0 exactly though neither factor is zero, so it has no directions (rank 0)
     and no subspace measures (verify had crashed on such an update)."""
