@@ -110,15 +110,18 @@ class AdapterDelta:
             stored = read("base_layer")
             w0 = stored.T if self.conv1d else stored
         col, row = self.factors(weights, base.device, dtype)
-        update = self.scaling * (col @ row.T)  # (out, r) @ (r, in) -> (out, in)
+        # W0 + s·col@rowᵀ in one (out, in) allocation, (out, r) @ (r, in), the same operations in the same order as
+        # w0 + s·(col @ rowᵀ) (bit for bit): a separate update and sum held two more copies of ΔW
+        combined = (col @ row.T).mul_(self.scaling)
+        combined = combined.add_(w0) if combined.dtype == torch.promote_types(combined.dtype, w0.dtype) else w0 + combined
         if "magnitude" not in self.keys:
-            return w0 + update
+            return combined
         magnitude = read("magnitude")
-        if self.embedding:  # PEFT's DoRA embedding normalises the (dim, vocab) view per row
-            combined = (w0 + update).T
-            return (magnitude[:, None] * combined / combined.norm(dim=1, keepdim=True)).T
-        combined = w0 + update
-        return magnitude[:, None] * combined / combined.norm(dim=1, keepdim=True)
+        # PEFT's DoRA normalises each output row (an embedding: each row of the (dim, vocab) view): m·W/‖W‖, in place
+        view = combined.T if self.embedding else combined
+        norms = view.norm(dim=1, keepdim=True)
+        view.mul_(magnitude[:, None]).div_(norms)
+        return combined
 
     def factors(self, weights, device: torch.device | str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """(col, row) with the LoRA update ``ΔW = scaling·col@rowᵀ`` in the ``(out, in)`` orientation.
