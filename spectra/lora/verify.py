@@ -41,7 +41,7 @@ import torch
 
 from spectra.checkpoints.pairing import check_device
 from spectra.errors import ConfigError
-from spectra.linalg.partial import EXACT_BELOW, lowrank_svd, top_svd
+from spectra.linalg.partial import EXACT_BELOW, top_svd
 from spectra.linalg.subspace import (
     amplification_factor,
     captured_energies,
@@ -194,8 +194,8 @@ def module_measures(delta_full: torch.Tensor, delta_adapter: torch.Tensor | Spec
     delta_adapter : torch.Tensor, shape (out, in), or Spectrum
         ``merged − W0``, best in float64 (a float32 ``merged − W0`` carries the rounding
         of W0 + ΔW, ~1e-7·|W0| per entry); or, for a plain LoRA, every nonzero triplet of
-        it (:func:`~spectra.linalg.partial.lowrank_svd` of its factors, exact), which is
-        then never formed. A factored update needs `adapter_svd`.
+        it (:func:`~spectra.linalg.subspace.factor_svd` of its factors: exact, triplets of
+        rounding-level σ dropped), which is then never formed. A factored update needs `adapter_svd`.
     W0 : torch.Tensor, shape (out, in)
         The weight the adapter was applied to (base, or its NF4 round trip).
     col_basis, row_basis : torch.Tensor, shapes (out, k) and (in, k)
@@ -420,10 +420,10 @@ def verify_adapter(base, tuned, adapter, *, eval_data=None, config: VerifyConfig
         # ΔW_ad is not low rank (its top r come from ΔW_ad itself in module_measures)
         low = factor_svd(col, rowb, scale=p.scaling)
         plain = not {"magnitude", "base_layer"} & set(p.keys)
-        # The adapter's update exactly, with no float32 rounding of W0 + ΔW in it: a plain LoRA's as every triplet
-        # of s·col·rowbᵀ (never formed), DoRA's formed in float64 (W0 is exact in float64: subtracted as stored)
-        delta_ad = (lowrank_svd(col, rowb, scale=p.scaling) if plain
-                    else p.merged(W0.double(), adapter_src.weights, torch.float64).sub_(W0))
+        # The adapter's update exactly, with no float32 rounding of W0 + ΔW in it: a plain LoRA's as the triplets of
+        # s·col·rowbᵀ above its numerical zero (`low`, never formed), DoRA's formed in float64 (W0 is exact in
+        # float64: subtracted as stored)
+        delta_ad = low if plain else p.merged(W0.double(), adapter_src.weights, torch.float64).sub_(W0)
         rank = col.shape[1]
         if rank > min(d.shape):  # legal in PEFT; ΔW_ad then has rank ≤ the short side: measure at that rank
             notes.append(f"{d.name}: adapter rank {rank} exceeds the module's short side {min(d.shape)}; measured "
