@@ -16,14 +16,16 @@ read from A's shape, which is what PEFT builds the layer with.
 
 A LoRA on a parameter (PEFT's ``target_parameters``: fused MoE experts, a router's
 weight) is read per expert, under the names the base checkpoint stores those experts by
-(see :class:`ExpertUpdate` and :func:`_plan_parameters`).
+(see :class:`ExpertUpdate` and :func:`_plan_parameters`); each parameter's A and B are read
+once for all of its experts (:class:`_HeldFactors`).
 """
 
 from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -66,6 +68,7 @@ class ExpertUpdate:
     as (in, out) and says so (``is_transposed``, gpt-oss): then its transpose.
     """
 
+    parameter: str  # the model's parameter (model.layers.0.mlp.experts.gate_up_proj), as its class names it
     expert: int  # e
     experts: int  # E
     transposed: bool  # W[e] is (in, out): PEFT adds (s·B_e@A_e)ᵀ
@@ -79,6 +82,45 @@ class ExpertUpdate:
         b_e = b[:, self.expert::self.experts]  # (out, r·E) -> (out, r)
         col, row = (a_e.T, b_e) if self.transposed else (b_e, a_e.T)  # W[e] (in, out): (s·B_e@A_e)ᵀ = s·A_eᵀ@B_eᵀ
         return (col, row) if self.rows is None else (col[self.rows[0]:self.rows[1]], row)
+
+    @property
+    def holder(self) -> str:
+        """The module holding the parameter (``model.layers.0.mlp.experts``), whose LoRAs PEFT nests."""
+        return self.parameter.rpartition(".")[0]
+
+
+class _HeldFactors:
+    """The A and B of one module's LoRAs on parameters, read once for all of its experts.
+
+    Expert e's factors are a slice of its parameter's A (r·E, in) and B (out, r·E), whose
+    columns e, e+E, … run across all of B's rows: read per expert, a parameter of E experts
+    was read and converted E times (Mixtral's gate_up_proj 2E: w1 and w3 are separate base
+    tensors); a bf16 adapter up-cast, or one copied to a GPU, copied ~E× its factors per
+    parameter, hundreds of GB on a 128-expert, 48-layer model. The pairing names a module's
+    experts one after another, its parameters interleaved (``experts.0.w1``, ``experts.0.w2``,
+    ``experts.0.w3``, ``experts.1.w1``, …), so this holds the tensors of the last holder
+    module read: every A and B of its parameters, as converted for the caller (one rank-r·E
+    LoRA per parameter of one module at most), until another module's are read. Expert slices
+    of them are what :meth:`AdapterDelta.factors` returns, as before (views: never change them
+    in place). One lock: the pairing's read-ahead thread and analysis workers read experts
+    concurrently (with several workers, a module's factors may be read again where the workers
+    cross from one module to the next: only one module's are held).
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._holder: tuple = (None, None)  # (weights, holder module) the held tensors come from
+        self._tensors: dict[tuple, torch.Tensor] = {}  # (key, device, dtype) -> tensor
+
+    def read(self, weights, holder: str, key: str, device: torch.device | str, dtype: torch.dtype) -> torch.Tensor:
+        """``weights.read(key).to(device=device, dtype=dtype)``, read once while `holder`'s tensors are held."""
+        with self._lock:
+            if self._holder[0] is not weights or self._holder[1] != holder:
+                self._holder, self._tensors = (weights, holder), {}  # the previous module's go
+            found = (key, torch.device(device), dtype)
+            if found not in self._tensors:
+                self._tensors[found] = weights.read(key).to(device=device, dtype=dtype)
+            return self._tensors[found]
 
 
 @dataclass(frozen=True)
@@ -95,6 +137,7 @@ class AdapterDelta:
     embedding: bool
     parameter: ExpertUpdate | None = None  # a LoRA on a parameter (target_parameters): this tensor's share
     base_expert: int | None = None  # slice of a 3-D base tensor (experts stored fused, as the model holds them)
+    held: _HeldFactors | None = field(default=None, compare=False, repr=False)  # a parameter's A, B; one per plan
 
     def merged(self, base: torch.Tensor, weights, dtype: torch.dtype) -> torch.Tensor:
         """W_tuned in ``(out, in)`` orientation, given the upcast base weight ``base`` (out, in)."""
@@ -138,7 +181,8 @@ class AdapterDelta:
             return read("emb_A").T, read("emb_B")  # (vocab, r), (dim, r)
         if self.parameter is None:
             return read("B"), read("A").T  # (out, r), (in, r)
-        col, row = self.parameter.factors(read("A"), read("B"))  # the parameter's stored layout
+        a, b = (self.held.read(weights, self.parameter.holder, self.keys[part], device, dtype) for part in "AB")
+        col, row = self.parameter.factors(a, b)  # the parameter's stored layout
         return (row, col) if self.conv1d else (col, row)  # read transposed: experts stored (in, out), a Conv1D
 
 
@@ -266,6 +310,7 @@ def _plan_parameters(adapter, base, config, modules: dict[str, dict[str, str]]) 
     sources = _parameter_sources(model, base, {f"{h}.{p}" for h, ps in holders.items() for p in ps})
     alpha_default = adapter.config.get("lora_alpha", 8)
     alpha_pattern = adapter.config.get("alpha_pattern") or {}
+    held = _HeldFactors()  # each parameter's A and B read once for all of its experts
     deltas = []
     for name in list(modules):
         holder, depth = name, 0
@@ -303,7 +348,7 @@ def _plan_parameters(adapter, base, config, modules: dict[str, dict[str, str]]) 
             deltas.append(AdapterDelta(
                 module=src["module"], base_tensor=src["tensor"], shape=src["shape"], dtype=a_info.dtype,
                 conv1d=src["conv1d"], keys=parts, scaling=scaling, embedding=False, base_expert=src.get("base_expert"),
-                parameter=ExpertUpdate(src["expert"], experts, transposed, src.get("rows"))))
+                parameter=ExpertUpdate(parameter, src["expert"], experts, transposed, src.get("rows")), held=held))
     return deltas
 
 

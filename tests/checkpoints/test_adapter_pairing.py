@@ -307,3 +307,39 @@ def test_target_parameters_unreadable_or_foreign_is_refused(tmp_path):
                                                   num_experts_per_tok=2, vocab_size=64))
     with pytest.raises(AdapterError, match="do not fit the parameter.*different base model"):
         Pairing(save(wide, tmp_path / "wide", "safetensors"), tmp_path / "ad")
+
+
+def test_target_parameters_factors_are_read_once_per_parameter(tmp_path, monkeypatch):
+    """Each expert's update is a slice of its parameter's A (r·E, in) and B (out, r·E): the pairing read both whole
+    for every expert (E reads of A and B per parameter, 2E for gate_up_proj, whose w1 and w3 are separate rows).
+    Now each is read once, and every ΔW is still s·B[:, e::E]@A[e·r:(e+1)·r] added to the base, bit for bit."""
+    from safetensors.torch import load_file
+
+    from spectra.checkpoints.source import CheckpointSource
+
+    base = build_model("mixtral")
+    base_dir = save(base, tmp_path / "base", "safetensors")
+    random_adapter(base, tmp_path / "ad", r=2, lora_alpha=6, target_modules=["q_proj"],
+                   target_parameters=["mlp.gate.weight", *MIXTRAL_EXPERTS])
+    reads: dict[str, int] = {}
+    read = CheckpointSource.read
+
+    def counted(self, name):
+        reads[name] = reads.get(name, 0) + 1
+        return read(self, name)
+
+    monkeypatch.setattr(CheckpointSource, "read", counted)
+    yielded = {d.name: d for d in Pairing(base_dir, tmp_path / "ad", PairingOptions(vectors=False))}
+    saved = load_file(tmp_path / "ad" / "adapter_model.safetensors")
+    assert {k for k in reads if "lora_" in k} == {k for k in saved if "lora_" in k}
+    assert {k: n for k, n in reads.items() if "lora_" in k and n != 1} == {}
+    state = base.state_dict()
+    for layer in (0, 1):
+        for e in range(3):
+            for proj, key, rows in (("w1", "base_layer.", slice(0, 48)), ("w3", "base_layer.", slice(48, 96)),
+                                    ("w2", "", slice(None))):  # gate_up_proj: the inner wrapper
+                prefix = f"base_model.model.model.layers.{layer}.mlp.experts.{key}"
+                a, b = saved[prefix + "lora_A.weight"][2 * e:2 * e + 2], saved[prefix + "lora_B.weight"][:, e::3]
+                w0 = state[f"model.layers.{layer}.mlp.experts.{'down_proj' if proj == 'w2' else 'gate_up_proj'}"][e]
+                expected = (b[rows] @ a).mul_(3.0).add_(w0[rows]) - w0[rows]
+                assert torch.equal(yielded[f"model.layers.{layer}.block_sparse_moe.experts.{e}.{proj}"].delta, expected)
