@@ -28,7 +28,8 @@ on: the base, or its NF4 round trip for QLoRA/QDoRA):
 
 With eval data, the eval loss/accuracy of the base, the full fine-tune, the adapter and
 the truncated-SVD adapter at the same ranks (W_base + the rank-r Eckart–Young part of
-ΔW_full: what ``extract_adapter`` would write, merged in memory).
+ΔW_full: what ``extract_adapter`` would write, merged in memory; for a LoRA on fused MoE
+experts, per expert, written into the loaded model's fused parameters).
 """
 
 from __future__ import annotations
@@ -446,7 +447,7 @@ def verify_adapter(base, tuned, adapter, *, eval_data=None, config: VerifyConfig
             phis[d.name] = (energy, phi)
             right[d.name] = vectors.cpu()
         if eval_data is not None:  # kept on the CPU: the whole model's worth, written into a model later
-            truncated[d.name] = (_truncated_weight(Ff, rank, d.base, d.delta.dtype).cpu(), d.conv1d)
+            truncated[d.name] = (_truncated_weight(Ff, rank, d.base, d.delta.dtype).cpu(), d.conv1d, p.parameter)
     if not rows:
         raise ConfigError(f"the adapter {adapter} adapts no weight matrix that {base} × {tuned} pairs; check that "
                           "all three belong to the same model.")
@@ -573,10 +574,12 @@ def evaluate_models(base, tuned, adapter_src, eval_data, truncated: dict, *, con
     """Eval loss/accuracy of the base, the full fine-tune, the adapter and the truncated-SVD merge.
 
     Models are loaded one at a time. ``truncated`` maps module name → (W_base + rank-r
-    part of ΔW_full (out, in), conv1d); the SVD model also takes the tuned task head
-    when the adapter trains one (``modules_to_save``), as ``extract_adapter`` does. Where
-    a module is no parameter of the loaded model (per-expert matrices transformers fuses on
-    loading: a LoRA on Mixtral's experts), the SVD model is left out and `notes` says so.
+    part of ΔW_full (out, in), conv1d, the module's
+    :class:`~spectra.checkpoints.adapter.ExpertUpdate` or None); the SVD model also takes the
+    tuned task head when the adapter trains one (``modules_to_save``), as ``extract_adapter``
+    does. An expert of a LoRA on a parameter (``target_parameters``) is written into its
+    slice of the parameter transformers fuses it into on loading (see :func:`_places`). Where
+    a module has no place in the loaded model, the SVD model is left out and `notes` says so.
     """
     import json
 
@@ -604,14 +607,16 @@ def evaluate_models(base, tuned, adapter_src, eval_data, truncated: dict, *, con
 
     def svd_model():
         model = base_model()
-        unmatched = _unmatched(truncated, dict(model.named_parameters()))
-        if unmatched:
+        places, unplaced = _places(truncated, dict(model.named_parameters()))
+        if unplaced:
             if notes is not None:
-                notes.append(f"eval: the truncated-SVD model is left out: {len(unmatched)} adapted module(s) are no "
-                             f"parameter of the loaded model but parts of one transformers fuses on loading "
-                             f"({unmatched[0]}, …), which spectra does not write back into")
+                notes.append(f"eval: the truncated-SVD model is left out: {len(unplaced)} adapted module(s) match no "
+                             f"parameter of the loaded {type(model).__name__} (by name, up to a prefix) and are no "
+                             f"expert of a LoRA on one of its parameters (target_parameters), or match one of another "
+                             f"shape, so spectra cannot write them into it: {', '.join(unplaced[:3])}"
+                             + (", …" if len(unplaced) > 3 else ""))
             return None
-        return _set_weights(model, truncated, tuned, adapter_src.config.get("modules_to_save"))
+        return _set_weights(model, truncated, places, tuned, adapter_src.config.get("modules_to_save"))
 
     builders = {
         "base": base_model,
@@ -640,28 +645,55 @@ def _load_adapter(model, path):
         return PeftModel.from_pretrained(model, str(path), torch_device=str(model_device(model)))
 
 
-def _unmatched(weights: dict, params: dict) -> list[str]:
-    """Checkpoint module names of `weights` that match no parameter of the model (fused on loading)."""
+def _places(weights: dict, params: dict) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Where each checkpoint-named weight of `weights` lies in a model: {name: the parameter or its slice}, and the
+    names with no such place.
+
+    A module's weight is the parameter of its name up to a prefix (``match_names``). An expert
+    of a LoRA on a parameter (`weights`' third item, an ``ExpertUpdate``) is a slice of the
+    parameter transformers fuses it into on loading, which the adapter's plan read from
+    transformers' conversions: expert e of a 3-D parameter (E, d₁, d₂), and of it the rows
+    the base tensor fills (Mixtral's w1 and w3: rows [0, ffn) and [ffn, 2·ffn) of
+    gate_up_proj[e]); a 2-D parameter (a router's weight) whole. A place holds the weight as
+    the checkpoint stores it, (out, in) or a Conv1D's (in, out), or it counts as none.
+    """
     from spectra.checkpoints.names import match_names
+    from spectra.checkpoints.targets import resolve_name
 
-    match = match_names([n + ".weight" for n in weights], list(params))
-    return [n for n in weights if n + ".weight" not in match.pairs]
+    match = match_names([n + ".weight" for n, (_, _, update) in weights.items() if update is None], list(params))
+    places, unplaced = {}, []
+    for name, (W, conv1d, update) in weights.items():
+        if update is None:
+            key = match.pairs.get(name + ".weight")
+            place = None if key is None else params[key]
+        else:
+            key = resolve_name(update.parameter, params)
+            place = None if key is None else params[key]
+            if place is not None and place.dim() == 3:
+                place = place[update.expert]  # (E, d₁, d₂) -> (d₁, d₂)
+            if place is not None and update.rows is not None:
+                place = place[update.rows[0]:update.rows[1]]  # this base tensor's rows of the fused W[e]
+        if place is None or tuple(place.shape) != (tuple(W.shape)[::-1] if conv1d else tuple(W.shape)):
+            unplaced.append(name)
+        else:
+            places[name] = place
+    return places, unplaced
 
 
-def _set_weights(model, weights: dict, tuned, heads) -> torch.nn.Module:
-    """Write checkpoint-named (out, in) weights, and the tuned checkpoint's heads, into ``model``."""
+def _set_weights(model, weights: dict, places: dict, tuned, heads) -> torch.nn.Module:
+    """Write checkpoint-named (out, in) weights into their `places` in ``model`` (see :func:`_places`), and the
+    tuned checkpoint's heads."""
     from spectra.checkpoints.names import match_names
     from spectra.checkpoints.source import open_checkpoint
 
     params = dict(model.named_parameters())
-    match = match_names([n + ".weight" for n in weights], list(params))
     tuned_src = open_checkpoint(tuned)
     head_tensors = [n for n in tuned_src.names() if heads and any(
         n.removesuffix(".weight").removesuffix(".bias").endswith(h) for h in heads)]
     head_match = match_names(head_tensors, list(params))
     with torch.no_grad():
-        for name, (W, conv1d) in weights.items():
-            params[match.pairs[name + ".weight"]].copy_(W.T if conv1d else W)
+        for name, (W, conv1d, _) in weights.items():
+            places[name].copy_(W.T if conv1d else W)
         for tensor, key in head_match.pairs.items():
             params[key].copy_(tuned_src.read(tensor))
     return model

@@ -586,13 +586,97 @@ def test_a_lora_on_fused_experts_is_measured_per_expert(tmp_path):
         assert row["captured_energy_row"] == pytest.approx(_captured(D.T, Dad.T, 2), rel=1e-6), row["name"]
 
 
-def test_eval_of_a_lora_on_fused_experts_leaves_out_the_svd_model_and_says_why(tmp_path):
-    """The truncated-SVD model is written by checkpoint name, and Mixtral's per-expert matrices are fused into one
-    parameter on loading: the eval failed with a KeyError on ...experts.0.w1.weight."""
-    _moe_trio(tmp_path)
+def test_eval_of_a_lora_on_fused_experts_writes_the_svd_model_per_expert(tmp_path, monkeypatch):
+    """The truncated-SVD model writes each expert's W_base + rank-r truncation into its slice of the parameter
+    transformers fuses the checkpoint's per-expert matrices into (Mixtral: w1, w3 → rows of gate_up_proj[e], w2 →
+    down_proj[e]). It was left out with a note (and had failed with a KeyError on ...experts.0.w1.weight)."""
+    import spectra.lora.train as train
+    from safetensors.torch import load_file
+
+    from tests.models import EXPERT_RANKS, planted_mixtral_pair
+
+    base_model, base, tuned = planted_mixtral_pair(tmp_path)  # per-expert ranks 0…3, q_proj/v_proj changed too
+    with quiet_peft():
+        random_adapter(base_model, tmp_path / "adapter", seed=2, scale=0.3, r=2, lora_alpha=4, target_modules=[],
+                       target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
     data = random_text(tmp_path / "eval.txt", chars=16 * 10, seed=5)
-    result = verify_adapter(tmp_path / "base", tmp_path / "tuned", tmp_path / "adapter", eval_data=data,
-                            progress=False)
-    assert set(result.evals) == {"base", "tuned", "adapter"}
-    assert any(n.startswith("eval: the truncated-SVD model is left out") and "experts.0.w1" in n for n in result.notes)
-    assert result.evals["adapter"]["loss"] != result.evals["base"]["loss"]
+    evaluated, evaluate = [], train.evaluate
+
+    def kept(model, *args, **kwargs):  # the models in the order verify evaluates them: base, tuned, adapter, svd
+        evaluated.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+        return evaluate(model, *args, **kwargs)
+
+    monkeypatch.setattr(train, "evaluate", kept)
+    out = tmp_path / "report"
+    result = CliRunner().invoke(app, ["verify", str(base), str(tuned), "--adapter", str(tmp_path / "adapter"),
+                                      "-o", str(out), "--eval-data", str(data), "-q"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "verify.json").read_text())
+    assert set(report["evals"]) == {"base", "tuned", "adapter", "svd"} and len(evaluated) == 4
+    assert not any("left out" in n for n in report["notes"])
+    svd = evaluated[3]
+    base_state, tuned_state = load_file(base / "model.safetensors"), load_file(tuned / "model.safetensors")
+    for (layer, expert), ranks in EXPERT_RANKS.items():
+        stored = f"model.layers.{layer}.block_sparse_moe.experts.{expert}"
+        fused = f"model.layers.{layer}.mlp.experts"
+        for proj, planted, written in (("w1", ranks[0], svd[f"{fused}.gate_up_proj"][expert][:48]),
+                                       ("w3", ranks[1], svd[f"{fused}.gate_up_proj"][expert][48:]),
+                                       ("w2", ranks[2], svd[f"{fused}.down_proj"][expert])):
+            W, Wt = base_state[f"{stored}.{proj}.weight"].double(), tuned_state[f"{stored}.{proj}.weight"].double()
+            U, S, Vh = np.linalg.svd((Wt - W).numpy())
+            expected = W.numpy() + (U[:, :2] * S[:2]) @ Vh[:2]  # the per-expert matrix's rank-2 Eckart–Young part
+            np.testing.assert_allclose(written.double().numpy(), expected, rtol=0, atol=1e-6, err_msg=stored + proj)
+            # a negative control: truncated below the planted rank (layer 1, expert 1's w1 has rank 3), not the tuned
+            assert np.allclose(written.double().numpy(), Wt.numpy(), atol=1e-6) == (planted <= 2), (stored, proj)
+            assert torch.equal(written, W.float()) == (planted == 0)
+    q_proj = "model.layers.0.self_attn.q_proj.weight"  # fine-tuned, not adapted: the base's
+    assert torch.equal(svd[q_proj], base_state[q_proj]) and not torch.equal(svd[q_proj], evaluated[1][q_proj])
+    assert report["evals"]["svd"]["loss"] != report["evals"]["base"]["loss"]
+
+
+def test_a_module_with_no_place_in_the_loaded_model_is_named(tmp_path):
+    """What the SVD model still cannot be written into, and is left out for: a checkpoint name that is no parameter
+    of the model and not placed by a LoRA on parameters (here Mixtral's experts.0.w1 without its ExpertUpdate), or
+    a place of another shape."""
+    from spectra.checkpoints.adapter import ExpertUpdate
+    from spectra.lora.verify import _places
+
+    params = dict(build_model("mixtral").named_parameters())
+    w1 = ExpertUpdate("model.layers.0.mlp.experts.gate_up_proj", 1, 3, False, (48, 96))  # expert 1's w3
+    weights = {"model.layers.0.self_attn.q_proj": (torch.zeros(32, 32), False, None),
+               "model.layers.0.block_sparse_moe.experts.1.w3": (torch.zeros(48, 32), False, w1),
+               "model.layers.0.block_sparse_moe.experts.0.w1": (torch.zeros(48, 32), False, None),
+               "model.layers.1.block_sparse_moe.experts.0.w2": (torch.zeros(48, 32), False,
+                                                                ExpertUpdate("model.layers.1.mlp.experts.down_proj",
+                                                                             0, 3, False))}  # down_proj[0] is 32×48
+    places, unplaced = _places(weights, params)
+    assert unplaced == ["model.layers.0.block_sparse_moe.experts.0.w1", "model.layers.1.block_sparse_moe.experts.0.w2"]
+    assert places["model.layers.0.self_attn.q_proj"] is params["model.layers.0.self_attn.q_proj.weight"]
+    gate_up = params["model.layers.0.mlp.experts.gate_up_proj"]
+    assert places["model.layers.0.block_sparse_moe.experts.1.w3"].data_ptr() == gate_up[1, 48].data_ptr()
+
+
+def test_experts_stored_fused_and_transposed_are_written_in_their_layout(tmp_path):
+    """gpt-oss stores its experts as the model holds them, (E, in, out): each expert's (out, in) weight goes into
+    parameter[e] transposed (gate_up_proj[e] is square: only the plan's layout tells), the router's whole."""
+    from spectra.checkpoints.pairing import Pairing, PairingOptions
+    from spectra.lora.verify import _places, _set_weights
+    from tests.checkpoints.test_adapter_pairing import tiny_gpt_oss
+
+    base = tiny_gpt_oss()
+    save(base, tmp_path / "base", "safetensors")
+    with quiet_peft():
+        random_adapter(base, tmp_path / "adapter", r=2, lora_alpha=6, target_modules=[],
+                       target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj", "mlp.router.weight"])
+    pairing = Pairing(tmp_path / "base", tmp_path / "adapter", PairingOptions(vectors=False, split_fused=False))
+    g = torch.Generator().manual_seed(0)
+    weights = {e.name: (torch.randn(e.shape, generator=g), e.conv1d, e.adapter.parameter) for e in pairing.entries}
+    model = copy.deepcopy(base)
+    places, unplaced = _places(weights, dict(model.named_parameters()))
+    assert unplaced == [] and len(places) == 2 * 3 + 1
+    _set_weights(model, weights, places, tmp_path / "base", None)
+    for e in range(3):
+        for proj in ("gate_up_proj", "down_proj"):
+            W = weights[f"model.layers.0.mlp.experts.{e}.{proj}"][0]  # (out, in)
+            assert torch.equal(model.get_parameter(f"model.layers.0.mlp.experts.{proj}")[e], W.T)
+    assert torch.equal(model.model.layers[0].mlp.router.weight, weights["model.layers.0.mlp.router"][0])
