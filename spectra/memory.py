@@ -79,6 +79,10 @@ class ModelShape:
     other_params: int
     head_params: int
     causal: bool
+    norms: int = 2  # norms per block; Gemma 2 also normalises each sublayer's output before the residual (4)
+    attn_softcap: bool = False  # Gemma 2 caps the attention logits (tanh): eager keeps the tanh too
+    logit_softcap: bool = False  # Gemma 2 caps the final logits (tanh), which keeps its output
+    sdpa: bool = True  # transformers runs the family with sdpa (Gemma 2 only with eager)
 
     @property
     def linear_params(self) -> int:
@@ -136,15 +140,26 @@ def _llama(cfg: dict, mtype: str) -> ModelShape:
     bias = (q_dim + 2 * kv_dim if qkv_bias else 0) + (h if cfg.get("attention_bias", False) else 0)
     bias += (2 * inter + h) * experts if cfg.get("mlp_bias", False) else 0
     tied = bool(cfg.get("tie_word_embeddings", _config_default(mtype, "tie_word_embeddings", False)))
-    other = vocab * h + layers * (2 * h + bias) + h  # embed + per-layer RMSNorm weights and biases + final norm
+    # Gemma 2's blocks normalise each sublayer's input and output (input, post-attention, pre- and
+    # post-feedforward norms) and cap attention and final logits by tanh (config.json may leave the caps to
+    # Gemma2Config's defaults, 50 and 30; null turns them off)
+    norms = 4 if mtype == "gemma2" else 2
+    caps = {key: (cfg[key] if key in cfg else _config_default(mtype, key, None) if mtype == "gemma2" else None)
+            is not None for key in ("attn_logit_softcapping", "final_logit_softcapping")}
+    other = vocab * h + layers * (norms * h + bias) + h  # embed + per-layer RMSNorm weights and biases + final norm
     return ModelShape(family=mtype or "llama-like", hidden=h, layers=layers, heads=heads, kv_dim=kv_dim,
                       q_dim=q_dim, intermediate=inter, vocab=vocab,
                       norm="rms_fp32" if mtype.startswith("gemma") else "rms", mlp_saved=3, softmax_fp32=True,
                       experts_per_token=cfg.get("num_experts_per_tok", 1) if experts > 1 else 1, experts=experts,
-                      linears=linears, other_params=other, head_params=0 if tied else vocab * h, causal=True)
+                      linears=linears, other_params=other, head_params=0 if tied else vocab * h, causal=True,
+                      norms=norms, attn_softcap=caps["attn_logit_softcapping"],
+                      logit_softcap=caps["final_logit_softcapping"], sdpa=mtype not in _EAGER_ONLY)
 
 
-_FUSED_PROJECTIONS = frozenset({"phi3"})  # PhiMoE has separate q/k/v (transformers' PhimoeForCausalLM)
+_FUSED_PROJECTIONS = frozenset({"phi3"})
+# families transformers 5 cannot run with sdpa (Gemma2ForCausalLM refuses it: its attention logits are capped);
+# asked for none, it falls back to eager, and so does the estimate
+_EAGER_ONLY = frozenset({"gemma2"})  # PhiMoE has separate q/k/v (transformers' PhimoeForCausalLM)
 # families with Llama's config keys but other blocks: read as Llama-like they would be counted wrong
 # (ALBERT has BERT's keys but one set of layer weights shared by every layer)
 _NOT_LLAMA_LIKE = frozenset({"gpt_neox", "gptj", "gpt_neo", "bloom", "falcon", "opt", "phi", "mpt",
@@ -322,7 +337,10 @@ def estimate_memory(config_or_model: Any, *, method: str = "lora", rank_plan_or_
         memory-efficient on CUDA, the flash kernel on CPU), which is what an unpadded batch gets: it
         keeps Q, K, V, its output and an fp32 logsumexp, no s×s matrix. ``"eager"`` keeps the
         attention probabilities, ``heads·s`` values per token per layer: in fp32 and again in the
-        activation dtype for Llama-like models (softmax in fp32, cast back), once for GPT-2 and BERT.
+        activation dtype for Llama-like models (softmax in fp32, cast back), once for GPT-2 and BERT;
+        Gemma 2 also keeps its logit cap's tanh (p). A family transformers runs only eagerly (Gemma 2,
+        whose capped logits sdpa refuses) is estimated with "eager" whatever is asked, as transformers
+        falls back when asked for no implementation; the result's ``attention`` says so.
         Default "sdpa".
     double_quant : bool
         QLoRA only: bitsandbytes' double quantisation of the NF4 absmax constants
@@ -351,7 +369,8 @@ def estimate_memory(config_or_model: Any, *, method: str = "lora", rank_plan_or_
       ``adamw_8bit``: 2·(1 + 4/256) bytes/param (bitsandbytes blockwise). ``sgd``: none.
     * activations: the tensors autograd saves for backward, each storage once, per token per
       block (``_block_bytes``): each RMSNorm keeps its input up-cast to fp32 and the fp32 1/rms
-      (4h + 4), a LayerNorm its input and two fp32 statistics (p·h + 8); attention Q, K, V and
+      (4h + 4), a LayerNorm its input and two fp32 statistics (p·h + 8), two norms per block
+      (Gemma 2: four, the sublayers' outputs normalised too); attention Q, K, V and
       its output (sdpa), or Q, K and V repeated to every head and the probabilities (eager);
       the MLP's activation its inputs and output (SwiGLU: gate, silu(gate), up). A frozen
       linear keeps nothing: only full fine-tuning keeps the linears' inputs (and RMSNorm's
@@ -362,7 +381,7 @@ def estimate_memory(config_or_model: Any, *, method: str = "lora", rank_plan_or_
       per tensor) and A·x, 4·r; DoRA also the base and LoRA outputs, (p + 4)·d_out. MoE MLPs
       count experts per token. The peak then comes at the loss, with the final norm and, per
       logit, the logits (p), their fp32 up-cast when p < 4 (4) and the fp32 log-softmax the
-      loss keeps (4), or in a block's backward, with an MLP-wide gradient (p·i) in flight.
+      loss keeps (4) (Gemma 2's final logit cap also its tanh's output, p), or in a block's backward, with an MLP-wide gradient (p·i) in flight.
       Not counted: token ids and labels, the rotary tables.
     * activations with checkpointing (transformers checkpoints each block): the L block inputs
       b·s·h·p, then the larger of the loss's tensors and one block recomputed in backward
@@ -386,6 +405,8 @@ def estimate_memory(config_or_model: Any, *, method: str = "lora", rank_plan_or_
         if not isinstance(value, int) or value < 1:
             raise ConfigError(f"{name} must be a positive integer, got {value!r}.")
     shape = model_shape(load_config(config_or_model))
+    if attention == "sdpa" and not shape.sdpa:
+        attention = "eager"  # what transformers runs when asked for no implementation (the result says so)
     adapter_modules = _adapter_modules(shape, method, rank_plan_or_rank, roles)
     return _estimate(shape, method, adapter_modules, batch, seq_len, precision, optimizer,
                      gradient_checkpointing, attention, double_quant)
@@ -445,18 +466,19 @@ def _block_bytes(shape: ModelShape, p: int, attention: str, seq_len: int, full: 
 
     ``full``: the block's weights are trained, so each linear keeps its input (a frozen linear
     needs only its weight) and each RMSNorm its normalised input. Against what transformers 5
-    saves (tests/test_memory.py): exact for Llama, Qwen2, Gemma, GPT-2 and BERT; Phi-3's full
+    saves (tests/test_memory.py): exact for Llama, Qwen2, Gemma, Gemma 2, GPT-2 and BERT; Phi-3's full
     fine-tuning keeps 6 % more, Mixtral's experts are approximate (routing copies).
     """
     h, q, kv, heads = shape.hidden, shape.q_dim, shape.kv_dim, shape.heads
     inter = shape.intermediate * shape.experts_per_token
-    norms = 2 * _norm_bytes(shape, p, full)
+    norms = shape.norms * _norm_bytes(shape, p, full)
     if attention == "sdpa":
         attn = p * (2 * q + 2 * kv) + 4 * heads  # Q, K, V (b, heads|kv_heads, s, d), output; fp32 logsumexp
     else:
         # Q and K, V repeated to every query head; softmax output (s per head) in fp32 and its cast to p
         # (Llama-like, one tensor when p = 4) or once in p
         probs = 4 + (p if p < 4 else 0) if shape.softmax_fp32 else p
+        probs += p if shape.attn_softcap else 0  # Gemma 2: tanh(logits / cap) keeps its output
         attn = p * 3 * q + heads * seq_len * probs
     mlp = p * shape.mlp_saved * inter
     if full:  # inputs of q/k/v (one tensor), gate/up (one), down; o's is sdpa's output, eager's a copy
@@ -537,8 +559,9 @@ def _estimate(shape: ModelShape, method: str, adapter_modules: list, batch: int,
         h = shape.hidden
         final = _norm_bytes(shape, p, full) + (p * h if full else 0)  # the head's input, for its gradient
         # at the loss: the logits (p), their fp32 up-cast (a no-op when p = 4) and the fp32 log-softmax
-        # the loss keeps (measured peaks of 10.0 and 8.0 bytes per logit at bf16 and fp32)
-        head = tokens * shape.vocab * (p + (4 if p < 4 else 0) + 4)
+        # the loss keeps (measured peaks of 10.0 and 8.0 bytes per logit at bf16 and fp32); Gemma 2's cap
+        # cap·tanh(logits / cap) keeps the tanh's output beside the logits it returns (p)
+        head = tokens * shape.vocab * (p + (4 if p < 4 else 0) + 4 + (p if shape.logit_softcap else 0))
     # the peak comes at the loss (every block's tensors, the final norm's and the head's) or in a block's
     # backward, by when the head's are freed and a gradient of the MLP's width is in flight (measured: the
     # checkpointed peak of a block recomputed in backward exceeds its saved tensors by 1.0–1.2 of these)
