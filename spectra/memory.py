@@ -83,6 +83,12 @@ class ModelShape:
     attn_softcap: bool = False  # Gemma 2 caps the attention logits (tanh): eager keeps the tanh too
     logit_softcap: bool = False  # Gemma 2 caps the final logits (tanh), which keeps its output
     sdpa: bool = True  # transformers runs the family with sdpa (Gemma 2 only with eager)
+    rotary: bool = False  # rotary position embeddings (Llama-like): Q and K are fresh tensors, not views
+
+    @property
+    def fused_qkv(self) -> bool:
+        """One linear computes Q, K and V (GPT-2's c_attn, Phi-3's qkv_proj), which are views of its output."""
+        return any(role == "qkv" for role, _, _ in self.linears)
 
     @property
     def linear_params(self) -> int:
@@ -153,7 +159,7 @@ def _llama(cfg: dict, mtype: str) -> ModelShape:
                       experts_per_token=cfg.get("num_experts_per_tok", 1) if experts > 1 else 1, experts=experts,
                       linears=linears, other_params=other, head_params=0 if tied else vocab * h, causal=True,
                       norms=norms, attn_softcap=caps["attn_logit_softcapping"],
-                      logit_softcap=caps["final_logit_softcapping"], sdpa=mtype not in _EAGER_ONLY)
+                      logit_softcap=caps["final_logit_softcapping"], sdpa=mtype not in _EAGER_ONLY, rotary=True)
 
 
 _FUSED_PROJECTIONS = frozenset({"phi3"})
@@ -266,6 +272,7 @@ class MemoryEstimate:
     gradient_checkpointing: bool
     attention: str
     double_quant: bool
+    use_cache: bool
     params: int
     trainable_params: int
     weights: int
@@ -308,7 +315,7 @@ class MemoryEstimate:
 def estimate_memory(config_or_model: Any, *, method: str = "lora", rank_plan_or_rank: RankPlan | int | None = 16,
                     batch: int = 1, seq_len: int = 2048, precision: str = "bf16", optimizer: str = "adamw",
                     gradient_checkpointing: bool = True, roles: tuple[str, ...] | None = None,
-                    attention: str = "sdpa", double_quant: bool = True) -> MemoryEstimate:
+                    attention: str = "sdpa", double_quant: bool = True, use_cache: bool = True) -> MemoryEstimate:
     """Estimate the memory of fine-tuning (and serving) a model, by component, in bytes.
 
     Parameters
@@ -345,6 +352,14 @@ def estimate_memory(config_or_model: Any, *, method: str = "lora", rank_plan_or_
     double_quant : bool
         QLoRA only: bitsandbytes' double quantisation of the NF4 absmax constants
         (``bnb_4bit_use_double_quant``, what ``spectra train`` uses) [3]_. Default True.
+    use_cache : bool
+        transformers' ``use_cache`` in training without checkpointing: decoders then build a
+        ``DynamicCache`` in every forward, whose ``torch.cat`` copies K and V. Where Q, K and V are
+        views of one fused projection without rotary embeddings (GPT-2's ``c_attn``), sdpa keeps
+        the whole projection through Q and the two copies besides: 2·kv·p per token per layer
+        more than without the cache. Elsewhere the copies replace tensors of their size.
+        Checkpointing turns the cache off (transformers does), whatever this says. Default True,
+        what a model's config and ``Trainer`` leave on.
 
     Returns
     -------
@@ -399,8 +414,9 @@ def estimate_memory(config_or_model: Any, *, method: str = "lora", rank_plan_or_
     if attention not in ATTENTIONS:
         raise ConfigError(f"attention must be one of {ATTENTIONS} (transformers' attn_implementation), "
                           f"got {attention!r}.")
-    if not isinstance(double_quant, bool):
-        raise ConfigError(f"double_quant must be True or False, got {double_quant!r}.")
+    for name, flag in (("double_quant", double_quant), ("use_cache", use_cache)):
+        if not isinstance(flag, bool):
+            raise ConfigError(f"{name} must be True or False, got {flag!r}.")
     for name, value in (("batch", batch), ("seq_len", seq_len)):
         if not isinstance(value, int) or value < 1:
             raise ConfigError(f"{name} must be a positive integer, got {value!r}.")
@@ -409,7 +425,7 @@ def estimate_memory(config_or_model: Any, *, method: str = "lora", rank_plan_or_
         attention = "eager"  # what transformers runs when asked for no implementation (the result says so)
     adapter_modules = _adapter_modules(shape, method, rank_plan_or_rank, roles)
     return _estimate(shape, method, adapter_modules, batch, seq_len, precision, optimizer,
-                     gradient_checkpointing, attention, double_quant)
+                     gradient_checkpointing, attention, double_quant, use_cache)
 
 
 def _adapter_modules(shape: ModelShape, method: str, plan_or_rank: Any,
@@ -461,7 +477,20 @@ def _norm_bytes(shape: ModelShape, p: int, full: bool) -> int:
     return 4 * h + 4 + ((4 if shape.norm == "rms_fp32" else p) * h if full else 0)
 
 
-def _block_bytes(shape: ModelShape, p: int, attention: str, seq_len: int, full: bool) -> int:
+def _qkv_bytes(shape: ModelShape, p: int, cache: bool) -> int:
+    """Bytes per token of the Q, K and V that sdpa keeps, each storage once.
+
+    ``cache``: transformers' DynamicCache (``use_cache`` in training) concatenates K and V into
+    copies. GPT-2's Q, K and V are views of c_attn's output, which Q's view then keeps whole
+    beside the two copies.
+    """
+    q, kv = shape.q_dim, shape.kv_dim
+    if shape.fused_qkv and not shape.rotary:
+        return p * (q + 2 * kv + (2 * kv if cache else 0))
+    return p * (q + 2 * kv)
+
+
+def _block_bytes(shape: ModelShape, p: int, attention: str, seq_len: int, full: bool, cache: bool) -> int:
     """Bytes per token that one block's autograd graph keeps for backward (each storage once), adapters aside.
 
     ``full``: the block's weights are trained, so each linear keeps its input (a frozen linear
@@ -472,8 +501,8 @@ def _block_bytes(shape: ModelShape, p: int, attention: str, seq_len: int, full: 
     h, q, kv, heads = shape.hidden, shape.q_dim, shape.kv_dim, shape.heads
     inter = shape.intermediate * shape.experts_per_token
     norms = shape.norms * _norm_bytes(shape, p, full)
-    if attention == "sdpa":
-        attn = p * (2 * q + 2 * kv) + 4 * heads  # Q, K, V (b, heads|kv_heads, s, d), output; fp32 logsumexp
+    if attention == "sdpa":  # Q, K, V (b, heads|kv_heads, s, d), the output, the fp32 logsumexp
+        attn = _qkv_bytes(shape, p, cache) + p * q + 4 * heads
     else:
         # Q and K, V repeated to every query head; softmax output (s per head) in fp32 and its cast to p
         # (Llama-like, one tensor when p = 4) or once in p
@@ -515,7 +544,8 @@ def _adapter_bytes(modules: list, p: int, attention: str, dora: bool) -> float:
 
 
 def _estimate(shape: ModelShape, method: str, adapter_modules: list, batch: int, seq_len: int, precision: str,
-              optimizer: str, checkpointing: bool, attention: str, double_quant: bool) -> MemoryEstimate:
+              optimizer: str, checkpointing: bool, attention: str, double_quant: bool,
+              use_cache: bool) -> MemoryEstimate:
     w = 4 if precision == "fp32" else 2          # bytes per frozen/base weight
     p = 4 if precision == "fp32" else 2          # bytes per activation
     tokens = batch * seq_len
@@ -548,7 +578,10 @@ def _estimate(shape: ModelShape, method: str, adapter_modules: list, batch: int,
 
     # activations, bytes per token: the blocks, the adapters (by layer), the final norm and the LM head
     full = method == "full"
-    block = _block_bytes(shape, p, attention, seq_len, full)
+    # transformers builds a DynamicCache in a decoder's training forward while use_cache is on; under
+    # checkpointing it turns the cache off
+    block = _block_bytes(shape, p, attention, seq_len, full, cache=use_cache and shape.causal)
+    block_recomputed = _block_bytes(shape, p, attention, seq_len, full, cache=False)
     by_layer: dict = {}
     for module in adapter_modules:
         by_layer.setdefault(module[0], []).append(module)
@@ -569,7 +602,7 @@ def _estimate(shape: ModelShape, method: str, adapter_modules: list, batch: int,
     at_loss = tokens * final + head
     activations = tokens * (shape.layers * block + lora_total) + max(at_loss, tokens * in_flight)
     activations_ckpt = (tokens * shape.layers * shape.hidden * p  # the block inputs that checkpointing keeps
-                        + max(at_loss, tokens * (block + lora_max + in_flight)))
+                        + max(at_loss, tokens * (block_recomputed + lora_max + in_flight)))
 
     # transient workspace of the largest module
     largest = max(o * i for _, o, i in shape.linears)
@@ -586,6 +619,7 @@ def _estimate(shape: ModelShape, method: str, adapter_modules: list, batch: int,
     kv_cache = 2 * shape.layers * shape.kv_dim * tokens * p if shape.causal else 0
     return MemoryEstimate(method=method, precision=precision, optimizer=optimizer, batch=batch, seq_len=seq_len,
                           gradient_checkpointing=checkpointing, attention=attention, double_quant=double_quant,
+                          use_cache=use_cache,
                           params=n, trainable_params=trainable, weights=weights, quant_constants=quant,
                           adapter=adapter_params * 4, dora_magnitude=dora_params * 4, gradients=gradients,
                           optimizer_states=optimizer_states, activations=activations,

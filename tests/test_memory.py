@@ -116,19 +116,23 @@ def test_lora_activations_by_hand_for_7b():
 def test_gpt2_layer_activations_agree_with_korthikanti(attention):
     # arXiv:2205.05198: s·b·h·(34 + 5·a·s/h) bytes per layer with a fused GELU; without dropout (2 masks of
     # 1 byte, and the dropout output of the attention matrix) that is s·b·h·32 + 2·a·s²·b. The paper leaves
-    # out LayerNorm's fp32 mean and 1/std (2 × 8 bytes per token) and sdpa's fp32 logsumexp (4·a)
+    # out LayerNorm's fp32 mean and 1/std (2 × 8 bytes per token) and sdpa's fp32 logsumexp (4·a), and has no KV
+    # cache (transformers' DynamicCache in training copies K and V: 2·h·2 bytes per token more under sdpa)
     s, b, h, a = 1024, 2, 768, 12
     cfg = {"model_type": "gpt2", "n_embd": h, "n_head": a, "n_positions": 1024, "vocab_size": 50257,
            "activation_function": "gelu_pytorch_tanh"}
-    one = estimate_memory(cfg | {"n_layer": 1}, method="full", batch=b, seq_len=s, attention=attention)
-    two = estimate_memory(cfg | {"n_layer": 2}, method="full", batch=b, seq_len=s, attention=attention)
+
+    def layer(cache=False):
+        one, two = (estimate_memory(cfg | {"n_layer": n}, method="full", batch=b, seq_len=s, attention=attention,
+                                    use_cache=cache).activations for n in (1, 2))
+        return two - one
+
     expected = s * b * (h * 32 + 16) + (2 * a * s * s * b if attention == "eager" else 4 * a * s * b)
-    assert two.activations - one.activations == expected
+    assert layer() == expected
+    assert layer(cache=True) == expected + (s * b * 2 * h * 2 if attention == "sdpa" else 0)
     # GPT-2's own "gelu_new" is written out in elementwise ops that keep three more 4h-wide tensors
     cfg["activation_function"] = "gelu_new"
-    one = estimate_memory(cfg | {"n_layer": 1}, method="full", batch=b, seq_len=s, attention=attention)
-    two = estimate_memory(cfg | {"n_layer": 2}, method="full", batch=b, seq_len=s, attention=attention)
-    assert two.activations - one.activations == expected + s * b * 3 * 4 * h * 2
+    assert layer() == expected + s * b * 3 * 4 * h * 2
 
 
 @pytest.mark.parametrize(("family", "head"), [("llama", True), ("qwen2", True), ("gpt2", True),
@@ -208,7 +212,8 @@ def test_load_config_forms_and_errors(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("kwargs", [dict(method="adalora"), dict(precision="int8"), dict(optimizer="lion"),
                                     dict(batch=0), dict(rank_plan_or_rank=0), dict(rank_plan_or_rank=8192),
-                                    dict(roles=("nope",)), dict(attention="flash"), dict(double_quant="no")])
+                                    dict(roles=("nope",)), dict(attention="flash"), dict(double_quant="no"),
+                                    dict(use_cache=1)])
 def test_bad_options(kwargs):
     with pytest.raises(ConfigError):
         estimate_memory(LLAMA2_7B, **kwargs)
@@ -374,20 +379,20 @@ def _loss(model, batch: int, seq_len: int):
     return model(input_ids=ids, labels=ids).loss
 
 
-# (family, method, precision, attention). GPT-2 and BERT at fp32 only: on the CPU a bf16 LayerNorm keeps its
-# statistics in bf16 (CUDA's in fp32, as modelled: 8 bytes per token apart); GPT-2 with eager attention only: on
-# the CPU the flash kernel copies two of the q/k/v views of c_attn's output (2·h·p per token more than the
-# model, which follows CUDA's kernels, that take strided views)
-BLOCK_CASES = ([("llama", m, p, a) for m in ("full", "lora", "dora") for p in ("bf16", "fp32")
-                for a in ("sdpa", "eager")] + [("llama", "qlora", p, "sdpa") for p in ("bf16", "fp32")]
-               + [("gemma", "full", "bf16", "sdpa"), ("qwen2", "lora", "bf16", "sdpa")]
-               + [("gemma2", m, p, "eager") for m, p in (("full", "bf16"), ("full", "fp32"), ("lora", "bf16"))]
-               + [("gpt2", m, "fp32", "eager") for m in ("full", "lora")]
-               + [("bert", m, "fp32", a) for m in ("full", "lora") for a in ("sdpa", "eager")])
+# (family, method, precision, attention, use_cache). GPT-2 and BERT at fp32 only: on the CPU a bf16 LayerNorm
+# keeps its statistics in bf16 (CUDA's in fp32, as modelled: 8 bytes per token apart). use_cache=True is what a
+# model's config leaves on; the DynamicCache it builds in training copies K and V (GPT-2 under sdpa keeps 2·h·p
+# per token more with it, which had been put down to the CPU's flash kernel)
+BLOCK_CASES = ([("llama", m, p, a, True) for m in ("full", "lora", "dora") for p in ("bf16", "fp32")
+                for a in ("sdpa", "eager")] + [("llama", "qlora", p, "sdpa", True) for p in ("bf16", "fp32")]
+               + [("gemma", "full", "bf16", "sdpa", True), ("qwen2", "lora", "bf16", "sdpa", True)]
+               + [("gemma2", m, p, "eager", True) for m, p in (("full", "bf16"), ("full", "fp32"), ("lora", "bf16"))]
+               + [("gpt2", m, "fp32", a, c) for m in ("full", "lora") for a in ("sdpa", "eager") for c in (True, False)]
+               + [("bert", m, "fp32", a, True) for m in ("full", "lora") for a in ("sdpa", "eager")])
 
 
-@pytest.mark.parametrize(("family", "method", "precision", "attention"), BLOCK_CASES)
-def test_a_blocks_activations_are_what_autograd_saves(family, method, precision, attention, tmp_path):
+@pytest.mark.parametrize(("family", "method", "precision", "attention", "use_cache"), BLOCK_CASES)
+def test_a_blocks_activations_are_what_autograd_saves(family, method, precision, attention, use_cache, tmp_path):
     """One block's bytes per sequence, from models of 1 and 2 blocks at batch 2 and 3 (the double difference
     cancels what is not per token per block: head, loss, rotary tables, DoRA's weight norms), measured and
     modelled. The model had a frozen base linear keep its input, RMSNorm keep no fp32 copy and eager attention
@@ -398,12 +403,13 @@ def test_a_blocks_activations_are_what_autograd_saves(family, method, precision,
     measured, modelled = {}, {}
     for layers in (1, 2):
         config = _config(family, layers, attention, **sizes)
+        config.use_cache = use_cache
         model = _trainable(config, method, precision, tmp_path / str(layers))
         for batch in (2, 3):  # not 1: GPT-2 at batch 1 copies two views that it shares at other sizes
             measured[layers, batch] = saved_bytes(model, lambda m: _loss(m, batch, seq_len))
             modelled[layers, batch] = estimate_memory(config, method=method, rank_plan_or_rank=4, batch=batch,
-                                                      seq_len=seq_len, precision=precision,
-                                                      attention=attention).activations
+                                                      seq_len=seq_len, precision=precision, attention=attention,
+                                                      use_cache=use_cache).activations
     block = {name: d[2, 3] - d[1, 3] - d[2, 2] + d[1, 2] for name, d in (("measured", measured),
                                                                         ("modelled", modelled))}
     assert block["modelled"] == block["measured"], block
