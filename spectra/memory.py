@@ -481,13 +481,30 @@ def _qkv_bytes(shape: ModelShape, p: int, cache: bool) -> int:
     """Bytes per token of the Q, K and V that sdpa keeps, each storage once.
 
     ``cache``: transformers' DynamicCache (``use_cache`` in training) concatenates K and V into
-    copies. GPT-2's Q, K and V are views of c_attn's output, which Q's view then keeps whole
-    beside the two copies.
+    copies. A fused projection's Q, K and V are views of its output, kept whole by any view
+    sdpa keeps: GPT-2's Q (beside the cache's copies of K and V), Phi-3's V without the cache
+    (its rotary embeddings make Q and K fresh tensors).
     """
     q, kv = shape.q_dim, shape.kv_dim
-    if shape.fused_qkv and not shape.rotary:
-        return p * (q + 2 * kv + (2 * kv if cache else 0))
-    return p * (q + 2 * kv)
+    if not shape.fused_qkv:
+        return p * (q + 2 * kv)
+    whole = q + 2 * kv  # the fused projection's output
+    if shape.rotary:
+        return p * (q + kv + (kv if cache else whole))
+    return p * (whole + (2 * kv if cache else 0))
+
+
+def _o_input_copied(shape: ModelShape, attention: str) -> bool:
+    """Whether o_proj reads a copy of the attention output rather than the tensor sdpa keeps.
+
+    transformers makes the output (b, s, heads, d)-contiguous for o_proj. Eager attention's
+    is (b, heads, s, d), so a copy. sdpa's takes Q's layout (CPU flash kernel; CUDA's
+    FlashAttention and cuDNN allocate it like Q): Llama's rotary Q keeps q_proj's (b, s, heads, d)
+    layout, so no copy; Phi-3's, rotated from a strided view of qkv_proj's output, comes out
+    (b, heads, s, d), so o_proj's input is a copy. GPT-2's strided Q gets a (b, s, heads, d)
+    output: no copy. (CUDA's memory-efficient kernel always returns (b, s, heads, d).)
+    """
+    return attention == "eager" or (shape.fused_qkv and shape.rotary)
 
 
 def _block_bytes(shape: ModelShape, p: int, attention: str, seq_len: int, full: bool, cache: bool) -> int:
@@ -495,8 +512,8 @@ def _block_bytes(shape: ModelShape, p: int, attention: str, seq_len: int, full: 
 
     ``full``: the block's weights are trained, so each linear keeps its input (a frozen linear
     needs only its weight) and each RMSNorm its normalised input. Against what transformers 5
-    saves (tests/test_memory.py): exact for Llama, Qwen2, Gemma, Gemma 2, GPT-2 and BERT; Phi-3's full
-    fine-tuning keeps 6 % more, Mixtral's experts are approximate (routing copies).
+    saves (tests/test_memory.py): exact for Llama, Qwen2, Gemma, Gemma 2, Phi-3, GPT-2 and BERT;
+    Mixtral's experts are approximate (routing copies).
     """
     h, q, kv, heads = shape.hidden, shape.q_dim, shape.kv_dim, shape.heads
     inter = shape.intermediate * shape.experts_per_token
@@ -510,9 +527,9 @@ def _block_bytes(shape: ModelShape, p: int, attention: str, seq_len: int, full: 
         probs += p if shape.attn_softcap else 0  # Gemma 2: tanh(logits / cap) keeps its output
         attn = p * 3 * q + heads * seq_len * probs
     mlp = p * shape.mlp_saved * inter
-    if full:  # inputs of q/k/v (one tensor), gate/up (one), down; o's is sdpa's output, eager's a copy
+    if full:  # inputs of q/k/v (one tensor), gate/up (one), down; o's is sdpa's output or a copy
         mlp += p * (h + inter)
-        attn += p * (h + (q if attention == "eager" else 0))
+        attn += p * (h + (q if _o_input_copied(shape, attention) else 0))
     return norms + attn + mlp
 
 
@@ -522,12 +539,13 @@ _INPUT_OF = {"q": "attention input", "k": "attention input", "v": "attention inp
              "router": "mlp input"}
 
 
-def _adapter_bytes(modules: list, p: int, attention: str, dora: bool) -> float:
+def _adapter_bytes(modules: list, p: int, o_input_kept: bool, dora: bool) -> float:
     """Bytes per token that one layer's adapted modules add to its saved tensors.
 
     PEFT runs ``lora_A`` on its input cast to the adapter's fp32 and keeps that: a fresh copy per
     module from a 16-bit input; with fp32 activations the input itself, kept once however many
-    modules read it, and not at all for ``o`` under sdpa (the kernel keeps its output). ``lora_B``
+    modules read it, and not at all for ``o`` when the block keeps its input already
+    (``o_input_kept``: sdpa keeps its output and o_proj reads it, not a copy). ``lora_B``
     keeps A·x (r values). DoRA also keeps each module's base output (p) and LoRA output (fp32)
     for its magnitude/direction backward: (p + 4)·d_out.
     """
@@ -537,7 +555,7 @@ def _adapter_bytes(modules: list, p: int, attention: str, dora: bool) -> float:
         source = _INPUT_OF.get(role) if share == 1.0 else None  # an expert's input: its own gathered copy
         if p < 4 or source is None:
             total += share * 4 * d_in
-        elif source not in shared and not (source == "attention output" and attention == "sdpa"):
+        elif source not in shared and not (source == "attention output" and o_input_kept):
             shared.add(source)
             total += 4 * d_in
     return total
@@ -585,7 +603,8 @@ def _estimate(shape: ModelShape, method: str, adapter_modules: list, batch: int,
     by_layer: dict = {}
     for module in adapter_modules:
         by_layer.setdefault(module[0], []).append(module)
-    lora = [_adapter_bytes(modules, p, attention, method == "dora") for modules in by_layer.values()]
+    o_input_kept = attention == "sdpa" and not _o_input_copied(shape, attention)
+    lora = [_adapter_bytes(modules, p, o_input_kept, method == "dora") for modules in by_layer.values()]
     lora_total, lora_max = math.ceil(sum(lora)), math.ceil(max(lora, default=0))
     head = final = 0
     if shape.causal:
