@@ -315,7 +315,9 @@ class MemoryEstimate:
 def estimate_memory(config_or_model: Any, *, method: str = "lora", rank_plan_or_rank: RankPlan | int | None = 16,
                     batch: int = 1, seq_len: int = 2048, precision: str = "bf16", optimizer: str = "adamw",
                     gradient_checkpointing: bool = True, roles: tuple[str, ...] | None = None,
-                    attention: str = "sdpa", double_quant: bool = True, use_cache: bool = True) -> MemoryEstimate:
+                    attention: str = "sdpa", double_quant: bool = True, use_cache: bool = True,
+                    layers_to_transform: int | tuple[int, ...] | None = None,
+                    input_require_grads: bool = False) -> MemoryEstimate:
     """Estimate the memory of fine-tuning (and serving) a model, by component, in bytes.
 
     Parameters
@@ -339,6 +341,9 @@ def estimate_memory(config_or_model: Any, *, method: str = "lora", rank_plan_or_
         Which activation figure ``training_total`` uses. Default True.
     roles : tuple of str, optional
         Roles that an int rank targets. Default: every linear layer of the blocks.
+    layers_to_transform : int or tuple of int, optional
+        The layers that an int rank adapts (PEFT's ``layers_to_transform``). Default: all. A
+        plan adapts the layers it names.
     attention : {"sdpa", "eager"}
         transformers' ``attn_implementation``. ``"sdpa"`` assumes a fused kernel (FlashAttention or
         memory-efficient on CUDA, the flash kernel on CPU), which is what an unpadded batch gets: it
@@ -360,6 +365,11 @@ def estimate_memory(config_or_model: Any, *, method: str = "lora", rank_plan_or_
         more than without the cache. Elsewhere the copies replace tensors of their size.
         Checkpointing turns the cache off (transformers does), whatever this says. Default True,
         what a model's config and ``Trainer`` leave on.
+    input_require_grads : bool
+        The embedding's output requires grad (transformers' ``enable_input_require_grads``, which
+        PEFT's ``prepare_model_for_kbit_training`` calls for reentrant checkpointing, its default).
+        Then every block keeps its tensors; without it the blocks before the first adapted layer
+        keep nothing, as no tensor there requires grad. Default False.
 
     Returns
     -------
@@ -383,7 +393,10 @@ def estimate_memory(config_or_model: Any, *, method: str = "lora", rank_plan_or_
       ``mixed`` full fine-tuning adds the fp32 master copy: 12 bytes/param, ZeRO's K = 12 [1]_.
       ``adamw_8bit``: 2·(1 + 4/256) bytes/param (bitsandbytes blockwise). ``sgd``: none.
     * activations: the tensors autograd saves for backward, each storage once, per token per
-      block (``_block_bytes``): each RMSNorm keeps its input up-cast to fp32 and the fp32 1/rms
+      block (``_block_bytes``). Autograd keeps a tensor only for a gradient, so under LoRA the
+      blocks before the first adapted layer keep nothing (the frozen embedding's output needs
+      none; ``input_require_grads`` makes it) and that layer keeps what follows its first
+      adapted module. A block whose input requires grad keeps: each RMSNorm keeps its input up-cast to fp32 and the fp32 1/rms
       (4h + 4), a LayerNorm its input and two fp32 statistics (p·h + 8), two norms per block
       (Gemma 2: four, the sublayers' outputs normalised too); attention Q, K, V and
       its output (sdpa), or Q, K and V repeated to every head and the probabilities (eager);
@@ -398,9 +411,9 @@ def estimate_memory(config_or_model: Any, *, method: str = "lora", rank_plan_or_
       logit, the logits (p), their fp32 up-cast when p < 4 (4) and the fp32 log-softmax the
       loss keeps (4) (Gemma 2's final logit cap also its tanh's output, p), or in a block's backward, with an MLP-wide gradient (p·i) in flight.
       Not counted: token ids and labels, the rotary tables.
-    * activations with checkpointing (transformers checkpoints each block): the L block inputs
-      b·s·h·p, then the larger of the loss's tensors and one block recomputed in backward
-      (its saved tensors and the p·i in flight).
+    * activations with checkpointing (transformers checkpoints each block, non-reentrant): the
+      inputs b·s·h·p of the blocks from the first adapted one, then the larger of the loss's
+      tensors and one block recomputed in backward (its saved tensors and the p·i in flight).
     * workspace: QLoRA dequantises one weight at a time (largest linear × p); DoRA forms
       B·A and W + s·B·A of the largest module (2 × out·in × 4).
     * kv_cache (decoder models, inference): 2·L·kv·b·s·p; encoders have none.
@@ -414,7 +427,8 @@ def estimate_memory(config_or_model: Any, *, method: str = "lora", rank_plan_or_
     if attention not in ATTENTIONS:
         raise ConfigError(f"attention must be one of {ATTENTIONS} (transformers' attn_implementation), "
                           f"got {attention!r}.")
-    for name, flag in (("double_quant", double_quant), ("use_cache", use_cache)):
+    for name, flag in (("double_quant", double_quant), ("use_cache", use_cache),
+                       ("input_require_grads", input_require_grads)):
         if not isinstance(flag, bool):
             raise ConfigError(f"{name} must be True or False, got {flag!r}.")
     for name, value in (("batch", batch), ("seq_len", seq_len)):
@@ -423,13 +437,14 @@ def estimate_memory(config_or_model: Any, *, method: str = "lora", rank_plan_or_
     shape = model_shape(load_config(config_or_model))
     if attention == "sdpa" and not shape.sdpa:
         attention = "eager"  # what transformers runs when asked for no implementation (the result says so)
-    adapter_modules = _adapter_modules(shape, method, rank_plan_or_rank, roles)
+    adapter_modules = _adapter_modules(shape, method, rank_plan_or_rank, roles, layers_to_transform)
     return _estimate(shape, method, adapter_modules, batch, seq_len, precision, optimizer,
-                     gradient_checkpointing, attention, double_quant, use_cache)
+                     gradient_checkpointing, attention, double_quant, use_cache, input_require_grads)
 
 
-def _adapter_modules(shape: ModelShape, method: str, plan_or_rank: Any,
-                     roles: tuple[str, ...] | None) -> list[tuple[int | None, int, int, int, float, str | None]]:
+def _adapter_modules(shape: ModelShape, method: str, plan_or_rank: Any, roles: tuple[str, ...] | None,
+                     layers_to_transform: int | tuple[int, ...] | None = None
+                     ) -> list[tuple[int | None, int, int, int, float, str | None]]:
     """``(layer, rank, d_in, d_out, token share, role)`` of every adapted module; empty for full fine-tuning.
 
     The token share is the fraction of tokens the module sees: an MoE expert sees only the
@@ -438,6 +453,16 @@ def _adapter_modules(shape: ModelShape, method: str, plan_or_rank: Any,
     if method == "full":
         return []
     routed = shape.experts_per_token / shape.experts
+    if layers_to_transform is None:
+        layers = range(shape.layers)
+    else:
+        layers = (layers_to_transform,) if isinstance(layers_to_transform, int) else tuple(layers_to_transform)
+        if isinstance(plan_or_rank, RankPlan):
+            raise ConfigError("layers_to_transform goes with an int rank; a rank plan adapts the layers it names.")
+        if not layers or not all(isinstance(n, int) and not isinstance(n, bool) and 0 <= n < shape.layers
+                                 for n in layers):
+            raise ConfigError(f"layers_to_transform must name layers of this {shape.layers}-layer model "
+                              f"(0 … {shape.layers - 1}), got {layers_to_transform!r}.")
     if isinstance(plan_or_rank, RankPlan):
         return [(m.layer, m.rank, m.shape[1], m.shape[0], routed if ".experts." in f".{m.name}." else 1.0, m.role)
                 for m in plan_or_rank.modules]
@@ -454,7 +479,7 @@ def _adapter_modules(shape: ModelShape, method: str, plan_or_rank: Any,
                               f"projection ({o}×{i}).")
     expert_roles = {"gate", "up", "down", "gate_up"} if shape.experts > 1 else set()
     return [(layer, plan_or_rank, i, o, routed if role in expert_roles else 1.0, role)
-            for layer in range(shape.layers) for role, o, i in block]
+            for layer in sorted(set(layers)) for role, o, i in block]
 
 
 def _quant_constants(numel: int, double_quant: bool) -> int:
@@ -507,30 +532,78 @@ def _o_input_copied(shape: ModelShape, attention: str) -> bool:
     return attention == "eager" or (shape.fused_qkv and shape.rotary)
 
 
-def _block_bytes(shape: ModelShape, p: int, attention: str, seq_len: int, full: bool, cache: bool) -> int:
+def _block_bytes(shape: ModelShape, p: int, attention: str, seq_len: int, *, full: bool, cache: bool,
+                 grad: bool = True, adapted: frozenset = frozenset()) -> tuple[int, bool, bool]:
     """Bytes per token that one block's autograd graph keeps for backward (each storage once), adapters aside.
 
-    ``full``: the block's weights are trained, so each linear keeps its input (a frozen linear
-    needs only its weight) and each RMSNorm its normalised input. Against what transformers 5
-    saves (tests/test_memory.py): exact for Llama, Qwen2, Gemma, Gemma 2, Phi-3, GPT-2 and BERT;
-    Mixtral's experts are approximate (routing copies).
+    Autograd keeps a tensor only for a gradient it will compute, so what a block keeps follows
+    which of its tensors require grad: ``grad``, its input does (full fine-tuning, or an adapted
+    module earlier in the model), and ``adapted``, the roles of its LoRA modules, whose outputs
+    do. A block before the first adapted one keeps nothing; the first adapted one keeps what
+    follows its first adapted module (its input norm keeps nothing). ``full``: the block's weights
+    are trained, so each linear keeps its input (a frozen linear needs only its weight) and
+    each RMSNorm its normalised input. Against what transformers 5 saves (tests/test_memory.py):
+    exact for Llama, Qwen2, Gemma, Gemma 2, Phi-3, GPT-2 and BERT, from the first adapted layer
+    on too; Mixtral's experts are approximate (routing copies).
+
+    Returns the bytes, whether the block keeps o_proj's input already (sdpa keeps its output and
+    o_proj reads that tensor), and whether the block's output requires grad.
     """
-    h, q, kv, heads = shape.hidden, shape.q_dim, shape.kv_dim, shape.heads
+    h, q, heads, s = shape.hidden, shape.q_dim, shape.heads, seq_len
     inter = shape.intermediate * shape.experts_per_token
-    norms = shape.norms * _norm_bytes(shape, p, full)
-    if attention == "sdpa":  # Q, K, V (b, heads|kv_heads, s, d), the output, the fp32 logsumexp
-        attn = _qkv_bytes(shape, p, cache) + p * q + 4 * heads
+    g = grad or full
+
+    def norm(requires_grad: bool) -> int:  # a norm keeps its tensors when its input requires grad
+        return _norm_bytes(shape, p, full) if requires_grad else 0
+
+    def hit(*roles: str) -> bool:
+        return bool(adapted.intersection(roles))
+
+    post_norm = shape.family == "bert"  # BERT normalises after each sublayer, the others before (Gemma 2: both)
+    total = 0 if post_norm else norm(g)
+    # attention: Q, K, V require grad from the block's input or their own adapter
+    qg, kg, vg = g or hit("q", "qkv"), g or hit("k", "qkv"), g or hit("v", "qkv")
+    scores = qg or kg  # Q·Kᵀ and the probabilities
+    attention_grad = scores or vg
+    if attention == "sdpa":  # the kernel keeps Q, K, V, its output and the fp32 logsumexp for any of their grads
+        if attention_grad:
+            total += _qkv_bytes(shape, p, cache) + p * q + 4 * heads
+        o_input_kept = attention_grad and not _o_input_copied(shape, attention)
     else:
-        # Q and K, V repeated to every query head; softmax output (s per head) in fp32 and its cast to p
-        # (Llama-like, one tensor when p = 4) or once in p
-        probs = 4 + (p if p < 4 else 0) if shape.softmax_fp32 else p
-        probs += p if shape.attn_softcap else 0  # Gemma 2: tanh(logits / cap) keeps its output
-        attn = p * 3 * q + heads * seq_len * probs
-    mlp = p * shape.mlp_saved * inter
+        # Q·Kᵀ keeps K repeated to every head (for Q's grad) and Q (for K's); probabilities·V keeps V repeated
+        # (for the probabilities' grad) and the probabilities (for V's)
+        total += p * q * (qg + kg + scores)
+        if shape.softmax_fp32:  # Llama-like: softmax in fp32, cast back to p (the same tensor when p = 4)
+            if scores:
+                total += heads * s * (4 + (p if shape.attn_softcap else 0))  # Gemma 2: tanh(logits / cap) too
+            if vg and (p < 4 or not scores):
+                total += heads * s * p
+        elif scores or vg:  # GPT-2, BERT: one softmax in p
+            total += heads * s * p
+        o_input_kept = False  # transformers copies eager's (b, heads, s, d) output for o_proj
+    o_grad = attention_grad or hit("o")
+    if shape.norms == 4:  # Gemma 2 normalises the attention's output
+        total += norm(o_grad)
+    mid = g or o_grad  # the residual stream after attention
+    total += norm(mid)  # Llama's post_attention_layernorm, GPT-2's ln_2, Gemma 2's pre-feedforward, BERT's
+    # the MLP's activation: SwiGLU keeps gate and up for gate's grad, silu(gate) for up's; a fused gate_up keeps
+    # its whole output; GPT-2's and BERT's GELU its inputs (one tensor, or gelu_new's four)
+    if any(role in ("gate", "gate_up") for role, _, _ in shape.linears):
+        gate, up = mid or hit("gate", "gate_up"), mid or hit("up", "gate_up")
+        total += p * inter * (2 * gate + up)
+        activation = gate or up
+    else:
+        activation = mid or hit("up")
+        total += p * shape.mlp_saved * inter * activation
+    down = activation or hit("down")
+    if shape.norms == 4:  # Gemma 2 normalises the MLP's output
+        total += norm(down)
+    out = mid or down
+    if post_norm:
+        total += norm(out)
     if full:  # inputs of q/k/v (one tensor), gate/up (one), down; o's is sdpa's output or a copy
-        mlp += p * (h + inter)
-        attn += p * (h + (q if _o_input_copied(shape, attention) else 0))
-    return norms + attn + mlp
+        total += p * (h + inter) + p * (h + (q if _o_input_copied(shape, attention) else 0))
+    return total, o_input_kept, out
 
 
 # the tensor a module reads, by role: modules that read one tensor share it when LoRA keeps it as is (fp32)
@@ -552,6 +625,8 @@ def _adapter_bytes(modules: list, p: int, o_input_kept: bool, dora: bool) -> flo
     total, shared = 0.0, set()
     for _, r, d_in, d_out, share, role in modules:
         total += share * (4 * r + ((p + 4) * d_out if dora else 0))
+        if role == "embed":  # PEFT's Embedding looks A up by token id: it keeps the ids, no input
+            continue
         source = _INPUT_OF.get(role) if share == 1.0 else None  # an expert's input: its own gathered copy
         if p < 4 or source is None:
             total += share * 4 * d_in
@@ -563,7 +638,7 @@ def _adapter_bytes(modules: list, p: int, o_input_kept: bool, dora: bool) -> flo
 
 def _estimate(shape: ModelShape, method: str, adapter_modules: list, batch: int, seq_len: int, precision: str,
               optimizer: str, checkpointing: bool, attention: str, double_quant: bool,
-              use_cache: bool) -> MemoryEstimate:
+              use_cache: bool, input_require_grads: bool) -> MemoryEstimate:
     w = 4 if precision == "fp32" else 2          # bytes per frozen/base weight
     p = 4 if precision == "fp32" else 2          # bytes per activation
     tokens = batch * seq_len
@@ -595,21 +670,36 @@ def _estimate(shape: ModelShape, method: str, adapter_modules: list, batch: int,
     optimizer_states = math.ceil(trainable * opt_bytes)
 
     # activations, bytes per token: the blocks, the adapters (by layer), the final norm and the LM head
-    full = method == "full"
-    # transformers builds a DynamicCache in a decoder's training forward while use_cache is on; under
-    # checkpointing it turns the cache off
-    block = _block_bytes(shape, p, attention, seq_len, full, cache=use_cache and shape.causal)
-    block_recomputed = _block_bytes(shape, p, attention, seq_len, full, cache=False)
+    full, dora = method == "full", method == "dora"
     by_layer: dict = {}
     for module in adapter_modules:
         by_layer.setdefault(module[0], []).append(module)
-    o_input_kept = attention == "sdpa" and not _o_input_copied(shape, attention)
-    lora = [_adapter_bytes(modules, p, o_input_kept, method == "dora") for modules in by_layer.values()]
-    lora_total, lora_max = math.ceil(sum(lora)), math.ceil(max(lora, default=0))
+    # blocks keep tensors from the first one whose input or adapters require grad: all with full fine-tuning,
+    # a trained embedding or enable_input_require_grads, else from the first adapted layer (autograd keeps
+    # nothing before it; non-reentrant checkpointing keeps no input there either)
+    grad = full or input_require_grads or any(module[5] == "embed" for module in adapter_modules)
+    per_token = recomputed = 0.0
+    kept_inputs = 0
+    for layer in range(shape.layers):
+        modules = by_layer.get(layer, [])
+        if not (grad or modules):
+            continue
+        roles = frozenset(module[5] for module in modules)
+        # transformers builds a DynamicCache in a decoder's training forward while use_cache is on; under
+        # checkpointing it turns the cache off
+        block, o_kept, out = _block_bytes(shape, p, attention, seq_len, full=full, cache=use_cache and shape.causal,
+                                          grad=grad, adapted=roles)
+        again, o_kept_again, _ = _block_bytes(shape, p, attention, seq_len, full=full, cache=False, grad=grad,
+                                              adapted=roles)
+        per_token += block + _adapter_bytes(modules, p, o_kept, dora)
+        recomputed = max(recomputed, again + _adapter_bytes(modules, p, o_kept_again, dora))
+        kept_inputs += 1
+        grad = out
     head = final = 0
     if shape.causal:
         h = shape.hidden
-        final = _norm_bytes(shape, p, full) + (p * h if full else 0)  # the head's input, for its gradient
+        if grad:  # the final norm, and the head's input for its gradient
+            final = _norm_bytes(shape, p, full) + (p * h if full else 0)
         # at the loss: the logits (p), their fp32 up-cast (a no-op when p = 4) and the fp32 log-softmax
         # the loss keeps (measured peaks of 10.0 and 8.0 bytes per logit at bf16 and fp32); Gemma 2's cap
         # cap·tanh(logits / cap) keeps the tanh's output beside the logits it returns (p)
@@ -618,10 +708,11 @@ def _estimate(shape: ModelShape, method: str, adapter_modules: list, batch: int,
     # backward, by when the head's are freed and a gradient of the MLP's width is in flight (measured: the
     # checkpointed peak of a block recomputed in backward exceeds its saved tensors by 1.0–1.2 of these)
     in_flight = p * shape.intermediate * shape.experts_per_token
+    final += _adapter_bytes(by_layer.get(None, []), p, False, dora)  # modules outside the blocks: a LoRA head
     at_loss = tokens * final + head
-    activations = tokens * (shape.layers * block + lora_total) + max(at_loss, tokens * in_flight)
-    activations_ckpt = (tokens * shape.layers * shape.hidden * p  # the block inputs that checkpointing keeps
-                        + max(at_loss, tokens * (block_recomputed + lora_max + in_flight)))
+    activations = math.ceil(tokens * per_token) + max(math.ceil(at_loss), tokens * in_flight)
+    activations_ckpt = (tokens * kept_inputs * shape.hidden * p  # the block inputs that checkpointing keeps
+                        + max(math.ceil(at_loss), math.ceil(tokens * (recomputed + in_flight))))
 
     # transient workspace of the largest module
     largest = max(o * i for _, o, i in shape.linears)

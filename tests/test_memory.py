@@ -101,7 +101,8 @@ def test_activations_by_hand_for_7b():
 
 def test_lora_activations_by_hand_for_7b():
     """A frozen linear keeps nothing; PEFT keeps lora_A's input in fp32 (a copy per module from bf16,
-    the tensor itself once from fp32) and A·x."""
+    the tensor itself once from fp32) and A·x. The first block's input norm keeps nothing: the frozen
+    embedding's output requires no grad."""
     h, i, layers, tokens, r = 4096, 11008, 32, 2048, 16
     frozen = {p: 2 * (4 * h + 4) + p * 4 * h + 4 * 32 + p * 3 * i for p in (2, 4)}  # norms, attention, SwiGLU
     adapters = {2: 4 * (6 * h + i) + 4 * r * 7,  # q k v o gate up | down inputs, each its own fp32 copy
@@ -109,7 +110,11 @@ def test_lora_activations_by_hand_for_7b():
     for precision, p in (("bf16", 2), ("fp32", 4)):
         est = estimate_memory(LLAMA2_7B, method="lora", precision=precision, seq_len=tokens, rank_plan_or_rank=r)
         at_loss = tokens * (4 * h + 4) + tokens * 32000 * (p + (4 if p < 4 else 0) + 4)
-        assert est.activations == tokens * layers * (frozen[p] + adapters[p]) + at_loss, precision
+        blocks = tokens * layers * (frozen[p] + adapters[p]) - tokens * (4 * h + 4)
+        assert est.activations == blocks + at_loss, precision
+        hooked = estimate_memory(LLAMA2_7B, method="lora", precision=precision, seq_len=tokens,
+                                 rank_plan_or_rank=r, input_require_grads=True)
+        assert hooked.activations == est.activations + tokens * (4 * h + 4)
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
@@ -417,6 +422,86 @@ def test_a_blocks_activations_are_what_autograd_saves(family, method, precision,
     block = {name: d[2, 3] - d[1, 3] - d[2, 2] + d[1, 2] for name, d in (("measured", measured),
                                                                         ("modelled", modelled))}
     assert block["modelled"] == block["measured"], block
+
+
+_LLAMA_TARGETS = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o", "gate_proj": "gate",
+                  "up_proj": "up", "down_proj": "down"}
+
+
+def _per_sequence(config, precision: str, hook: bool = False, **lora) -> int:
+    """Saved bytes of a LoRA Llama at batch 3 less batch 2: one sequence's, what is not per token cancelled."""
+    import torch
+    import transformers as tf
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[precision]
+    model = get_peft_model(tf.LlamaForCausalLM(config).to(dtype), LoraConfig(r=4, **lora)).train()
+    if hook:
+        model.enable_input_require_grads()
+    saved = [saved_bytes(model, lambda m: _loss(m, batch, 16)) for batch in (2, 3)]
+    return saved[1] - saved[0]
+
+
+@pytest.mark.parametrize(("attention", "precision", "targets", "layers"), [
+    ("sdpa", "bf16", tuple(_LLAMA_TARGETS), (2,)), ("sdpa", "fp32", ("o_proj", "down_proj"), (1, 2)),
+    ("eager", "bf16", ("v_proj", "up_proj"), (0, 1, 2)), ("eager", "fp32", ("q_proj", "gate_proj"), (0, 1, 2)),
+    ("eager", "bf16", ("down_proj",), (2,))])
+def test_blocks_keep_nothing_before_the_first_adapted_module(attention, precision, targets, layers):
+    """Autograd keeps a tensor only for a gradient: blocks before the first adapted layer keep nothing, and the
+    first adapted one keeps only what follows its first adapted module (under eager attention, only what the
+    adapted one of q, k, v needs). Measured against all-linear LoRA on all 3 layers, whose own first block
+    keeps no input norm; per sequence, so the head's tensors cancel. The model counted every block whole: 2.7×
+    (layer 2 of 3 adapted) to 5× (down_proj of layer 2) the bytes the blocks keep."""
+    config = _config("llama", 3, attention)
+    everything = dict(target_modules=list(_LLAMA_TARGETS))
+    measured = (_per_sequence(config, precision, **everything)
+                - _per_sequence(config, precision, target_modules=list(targets), layers_to_transform=list(layers)))
+
+    def modelled(**kwargs):
+        est = [estimate_memory(config, method="lora", rank_plan_or_rank=4, batch=batch, seq_len=16,
+                               precision=precision, attention=attention, **kwargs) for batch in (2, 3)]
+        return est[1].activations - est[0].activations
+
+    assert modelled() - modelled(roles=tuple(_LLAMA_TARGETS[t] for t in targets),
+                                 layers_to_transform=layers) == measured
+
+
+def test_input_require_grads_makes_every_block_keep_its_tensors():
+    """transformers' enable_input_require_grads (PEFT's kbit preparation for reentrant checkpointing) makes the
+    embedding's output require grad: the blocks before the adapted one keep their tensors again, and the
+    first one its input norm."""
+    config = _config("llama", 3, "sdpa")
+    lora = dict(target_modules=list(_LLAMA_TARGETS), layers_to_transform=[2])
+    measured = _per_sequence(config, "bf16", hook=True, **lora) - _per_sequence(config, "bf16", **lora)
+    est = {(hook, batch): estimate_memory(config, method="lora", rank_plan_or_rank=4, batch=batch, seq_len=16,
+                                          layers_to_transform=2, input_require_grads=hook).activations
+           for hook in (True, False) for batch in (2, 3)}
+    assert est[True, 3] - est[True, 2] - est[False, 3] + est[False, 2] == measured > 0
+
+
+def test_layers_to_transform_and_a_plan_of_later_layers_agree():
+    from spectra.ranks import RankPolicy, recommend_ranks
+    from tests.ranks.rows import analysis, make_row
+
+    plan = recommend_ranks(analysis(make_row("model.layers.1.self_attn.q_proj", [1.0] * 3 + [0.0] * 29, layer=1)),
+                           RankPolicy(energy=1.0))
+    cfg = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3, "num_attention_heads": 4,
+           "vocab_size": 128}
+    by_plan = estimate_memory(cfg, method="lora", rank_plan_or_rank=plan, gradient_checkpointing=False)
+    by_rank = estimate_memory(cfg, method="lora", rank_plan_or_rank=3, roles=("q",), layers_to_transform=[1],
+                              gradient_checkpointing=False)
+    assert by_plan.to_dict() == by_rank.to_dict()
+    everywhere = estimate_memory(cfg, method="lora", rank_plan_or_rank=3, roles=("q",), gradient_checkpointing=False)
+    assert by_rank.activations < everywhere.activations and by_rank.trainable_params * 3 == everywhere.trainable_params
+    # checkpointing keeps the inputs of the blocks from the first adapted one
+    ckpt = {n: estimate_memory(cfg, method="lora", rank_plan_or_rank=3, roles=("q",), layers_to_transform=[n])
+            for n in (0, 2)}
+    assert ckpt[0].activations_checkpointed - ckpt[2].activations_checkpointed == 2 * 2048 * 32 * 2
+    with pytest.raises(ConfigError, match="layers_to_transform"):
+        estimate_memory(cfg, method="lora", rank_plan_or_rank=3, layers_to_transform=[3])
+    with pytest.raises(ConfigError, match="layers_to_transform"):
+        estimate_memory(cfg, method="lora", rank_plan_or_rank=plan, layers_to_transform=[1])
 
 
 @pytest.mark.parametrize(("precision", "checkpointing", "vocab", "hidden"), [
