@@ -222,14 +222,22 @@ def truncation_sweep(base, tuned, data, *, ranks=(1, 2, 4, 8, 16, 32, 64), plan=
             epsilon=config.epsilon, max_length=config.max_length, task=task, device=config.device), progress=progress)
     weights = ModelWeights(model, base, tuned, plan=plan, roles=config.roles)
     top = max((r for r in ranks if r > 0), default=0)
+    uncalibrated = []
     for module in weights.targets:  # one SVD per module, reused at every rank (and at its planned one)
         k = min(max(top, module.plan_rank or 0), module.full_rank)
         if k:
             C = None if calibration is None else calibration.covariance(module.base_tensor)
+            if calibration is not None and C is None:
+                uncalibrated.append(module.name)
             epsilon = config.epsilon if calibration is None else calibration.config.epsilon
             U, S, Vw, _ = truncation_factors(weights.delta(module), k, covariance=C, epsilon=epsilon,
                                              full_below=config.full_below, seed=config.seed)
             module.factors = (U, S, Vw)
+    if uncalibrated:  # as extract_adapter(calibration=...) truncates them
+        weights.notes.append(f"{len(uncalibrated)} targeted module(s) have no calibration moments (calibration hooks "
+                             "Linear layers: an MoE expert held in a fused parameter, an embedding is none) and are "
+                             f"truncated by Eckart–Young, as `spectra extract --calibration` does: "
+                             f"{', '.join(uncalibrated[:5])}" + (", …" if len(uncalibrated) > 5 else "") + ".")
 
     modes = ("tuned", "base") if non_target == "both" else (non_target,)
     plan_ranks = weights.plan_ranks()

@@ -5,6 +5,13 @@ read from the memory-mapped checkpoints on demand: a targeted weight at rank 0 i
 base's tensor, at full rank the fine-tune's, in between ``W_base + U_r diag(S_r) Vw_r``;
 every other tensor comes from the fine-tune or from the base. Only what changed since the
 last configuration is rewritten.
+
+A module's weight is the model's parameter of its checkpoint name (as transformers renames
+it on loading), or a slice of one: an expert of a 3-D tensor the model holds as stored
+(gpt-oss's (E, in, out) experts), or a per-expert matrix transformers fuses on loading
+(Mixtral's ``experts.3.w1``/``w3``: rows [0, ffn) and [ffn, 2·ffn) of
+``mlp.experts.gate_up_proj[3]``), located through transformers' conversion table as an
+adapter on fused experts is (:func:`~spectra.checkpoints.targets.weight_places`).
 """
 
 from __future__ import annotations
@@ -15,7 +22,8 @@ from dataclasses import dataclass
 import torch
 
 from spectra.checkpoints.names import match_names
-from spectra.errors import ConfigError
+from spectra.checkpoints.targets import ParameterSlice, weight_places
+from spectra.errors import AdapterError, ConfigError
 
 
 @dataclass
@@ -27,15 +35,25 @@ class Target:
     shape: tuple[int, int]  # (out, in)
     base_tensor: str
     tuned_tensor: str
-    key: str  # the model's state_dict key
+    key: str  # the model's state_dict key: the parameter it is, or lies in
     conv1d: bool
     entry: object
+    place: torch.Tensor  # state[key] or its slice (expert, rows), in the checkpoint's layout; written in place
     plan_rank: int | None = None
     factors: tuple | None = None  # U (out, k), S (k,), Vw (k, in), float64
 
     @property
     def full_rank(self) -> int:
         return min(self.shape)
+
+
+@dataclass(frozen=True)
+class _Slot:
+    """An untargeted checkpoint tensor's slice of a fused parameter, set by name from either checkpoint."""
+
+    place: torch.Tensor  # the slice of the model's parameter, in the checkpoint's layout
+    tuned_tensor: str
+    base_tensor: str | None  # None: absent from the base (or resized), the fine-tune's in every configuration
 
 
 class ModelWeights:
@@ -78,31 +96,47 @@ class ModelWeights:
                                   "Was it made from an analysis of this pair?")
             planned = {m.name: m.rank for m in plan.modules}
             entries = [by_name[n] for n in planned]
-        skipped = [e.name for e in entries if e.expert_index is not None]
-        if skipped:
-            self.notes.append(f"{len(skipped)} expert slices of 3-D MoE tensors are not truncated (kept whole, from "
-                              "where the non-targets come from" + ("; the plan point holds them at the base's "
-                                                                   "weights, not at their planned ranks)."
-                                                                   if plan is not None else ")."))
-        entries = [e for e in entries if e.expert_index is None]
         rename = loading_rename(model)
         self._tuned_names = _names_by_key(self.pairing.tuned.names(), list(self.state), rename)
         self._base_names = _names_by_key(self.pairing.base.names(), list(self.state), rename)
         key_of = {name: key for key, name in self._tuned_names.items()}  # tuned checkpoint name -> model key
-        self.targets = [Target(e.name, e.info.role, tuple(e.shape), e.base_tensor, e.tuned_tensor,
-                               key_of[e.tuned_tensor], e.conv1d, e,
-                               plan_rank=planned[e.name] if plan is not None else None)
-                        for e in entries if e.tuned_tensor in key_of]
-        unmatched = [e.name for e in entries if e.tuned_tensor not in key_of]
-        if unmatched:  # a checkpoint name transformers maps to no parameter of the loaded model
-            self.notes.append(f"{len(unmatched)} module(s) match no parameter of the loaded {type(model).__name__} "
-                              f"(fused on loading?) and are not truncated but follow the non-targets"
+        params = dict(model.named_parameters())
+        # parameters no one checkpoint tensor loads into: transformers fused several into each (Mixtral's experts)
+        fused, refused = _fused_slices(model, self.pairing.tuned, [k for k in params if k not in self._tuned_names],
+                                       self.pairing.config)
+        stacked = {e.name: (torch.empty(e.shape, device="meta"), e.conv1d,  # one expert of a stored 3-D tensor
+                            ParameterSlice(key_of[e.tuned_tensor], e.expert_index))
+                   for e in entries if e.expert_index is not None and e.tuned_tensor in key_of}
+        stacked_places, _ = weight_places(stacked, params)
+        self.targets, unplaced = [], []
+        for e in entries:
+            if e.expert_index is None and e.tuned_tensor in key_of:
+                key = key_of[e.tuned_tensor]
+                place = self.state[key]
+            elif e.name in stacked_places:
+                key, place = key_of[e.tuned_tensor], stacked_places[e.name]
+            elif e.expert_index is None and e.tuned_tensor in fused:
+                key, place = fused[e.tuned_tensor]
+            else:
+                unplaced.append(e.name)
+                continue
+            self.targets.append(Target(e.name, e.info.role, tuple(e.shape), e.base_tensor, e.tuned_tensor, key,
+                                       e.conv1d, e, place, plan_rank=planned[e.name] if plan is not None else None))
+        if unplaced:  # no parameter of its name, and no slice of one that spectra can locate
+            self.notes.append(f"{len(unplaced)} module(s) have no place in the loaded {type(model).__name__}: no "
+                              "parameter of their name, nor a slice of one that transformers' conversion table "
+                              "locates (a fusion on loading spectra does not invert"
+                              + (f", as for {', '.join(refused[:3])}" if refused else "")
+                              + ", or a slice of another shape); they are not truncated but follow the non-targets"
                               + (" (the plan point: the base's, not their planned ranks)" if plan is not None else "")
-                              + f": {', '.join(unmatched[:5])}" + (", …" if len(unmatched) > 5 else "") + ".")
+                              + f": {', '.join(unplaced[:5])}" + (", …" if len(unplaced) > 5 else "") + ".")
         if not self.targets:
             raise ConfigError(f"nothing to truncate: no weight matrix of roles {', '.join(options.roles or ())} pairs "
                               f"between {base} and {tuned} and the loaded model.")
-        targeted = {t.key for t in self.targets}
+        covered = Counter()
+        for t in self.targets:
+            covered[t.key] += t.place.numel()
+        targeted = {k for k, n in covered.items() if n == self.state[k].numel()}  # keys the targets fill whole
         self.non_target = [k for k in self.state if k not in targeted and k in self._tuned_names]
         for key in self.non_target:
             name = self._base_names.get(key)
@@ -110,16 +144,32 @@ class ModelWeights:
                 self._base_names.pop(key, None)
                 self.notes.append(f"{key}: absent from the base (or resized); taken from the fine-tune in every "
                                   "configuration.")
-        # keys no one checkpoint tensor feeds: transformers fused several into them on load (Mixtral's experts),
+        # untargeted slices of fused parameters: from the base's or the fine-tune's tensor of the same name
+        fused_keys = {key for key, _ in fused.values()}
+        base_of = {t: b for b, t in match_names(self.pairing.base.names(), self.pairing.tuned.names()).pairs.items()}
+        target_tensors = {t.tuned_tensor for t in self.targets}
+        self.slots = []
+        for tensor, (key, place) in fused.items():
+            if tensor in target_tensors or key in targeted:
+                continue
+            name = base_of.get(tensor)
+            if name is None or self.pairing.base.info(name).shape != self.pairing.tuned.info(tensor).shape:
+                name = None
+                self.notes.append(f"{tensor}: absent from the base (or resized); its slice of {key} is taken from "
+                                  "the fine-tune in every configuration.")
+            self.slots.append(_Slot(place, tensor, name))
+        # keys no checkpoint tensor feeds that spectra can locate: set whole as transformers loads the base model,
         # unless they share storage with a matched key (tied weights follow that key)
-        known = {self.state[k].data_ptr() for k in (*targeted, *self._tuned_names)}
+        known = {self.state[k].data_ptr() for k in (*targeted, *self._tuned_names, *fused_keys)}
         self.fused = [k for k in self.state if k not in targeted and k not in self._tuned_names
-                      and self.state[k].data_ptr() not in known]
+                      and k not in fused_keys and self.state[k].data_ptr() not in known]
         self._fused_values: dict[str, dict[str, torch.Tensor]] = {
             "tuned": {k: self.state[k].detach().to("cpu", copy=True) for k in self.fused}}
         self._base_spec, self._model_class = base, type(model)
         self._mode = "tuned"  # the model as loaded
-        self._ranks = [t.full_rank for t in self.targets]
+        self._ranks: list[int | None] = [t.full_rank for t in self.targets]
+        # targets in a key the non-targets rewrite whole (some experts of a stored 3-D tensor): rewritten after it
+        self._overwritten = [i for i, t in enumerate(self.targets) if t.key not in targeted and t.key not in fused_keys]
 
     def delta(self, target: Target) -> torch.Tensor:
         """ΔW of one target, (out, in) float32."""
@@ -145,10 +195,16 @@ class ModelWeights:
                 self.state[key].copy_(source.read(name))
             for key, value in self._fused_for(non_target).items():
                 self.state[key].copy_(value)
+            for slot in self.slots:
+                base_side = non_target == "base" and slot.base_tensor is not None
+                slot.place.copy_(self.pairing.base.read(slot.base_tensor) if base_side
+                                 else self.pairing.tuned.read(slot.tuned_tensor))
+            for i in self._overwritten:
+                self._ranks[i] = None
             self._mode = non_target
         for i, (target, rank) in enumerate(zip(self.targets, ranks)):
             if self._ranks[i] != rank:
-                self.state[target.key].copy_(self._weight(target, rank))
+                target.place.copy_(self._weight(target, rank))
                 self._ranks[i] = rank
 
     def _fused_for(self, mode: str) -> dict[str, torch.Tensor]:
@@ -183,9 +239,12 @@ class ModelWeights:
 
     def _weight(self, target: Target, rank: int) -> torch.Tensor:
         """The target's tensor at ``rank``, in the checkpoint's (= the model's) layout."""
+        expert = target.entry.expert_index  # one expert of a stored (E, ·, ·) tensor
         if rank >= target.full_rank:
-            return self.pairing.tuned.read(target.tuned_tensor)
+            tuned = self.pairing.tuned.read(target.tuned_tensor)
+            return tuned if expert is None else tuned[expert]
         base = self.pairing.base.read(target.base_tensor)
+        base = base if expert is None else base[expert]
         if rank == 0:
             return base
         U, S, Vw = target.factors
@@ -207,3 +266,36 @@ def _names_by_key(names, keys: list[str], rename) -> dict[str, str]:
     counts = Counter(loaded)
     stored = {new: name for new, name in zip(loaded, names) if counts[new] == 1}  # loaded name -> checkpoint name
     return {key: stored[new] for new, key in match_names(list(stored), keys).pairs.items()}
+
+
+def _fused_slices(model, tuned, keys: list[str], config) -> tuple[dict[str, tuple[str, torch.Tensor]], list[str]]:
+    """Checkpoint tensor → (the parameter of `keys` transformers fuses it into on loading, its slice there), and the
+    parameters of `keys` that several tensors load into but whose slices spectra cannot locate.
+
+    Read from transformers' conversion table as a LoRA on fused experts is
+    (:func:`~spectra.checkpoints.adapter.plan_adapter`): per-expert (out, in) matrices stacked by
+    expert and concatenated by rows in the order of the converter's source patterns
+    (Mixtral's w1, w3 → gate_up_proj[e]). A parameter is located whole or not at all: every
+    tensor loading into it has a slice of its own shape.
+    """
+    from spectra.checkpoints.adapter import _parameter_sources, _split_sources
+
+    out, refused = {}, []
+    if not keys:  # every parameter is one checkpoint tensor: no conversion table to read
+        return out, refused
+    params = dict(model.named_parameters())
+    for parameter, sources in _parameter_sources(model, tuned, set(keys)).items():
+        shape = tuple(params[parameter].shape)
+        try:  # `tuned` in the adapter's place: it names the checkpoint in messages, which are not shown here
+            split = _split_sources(tuned, tuned, parameter, shape, sources, config)
+        except AdapterError:  # a conversion spectra does not invert (or a 2-D parameter several tensors form)
+            refused.append(parameter)
+            continue
+        weights = {s["tensor"]: (torch.empty(s["shape"], device="meta"), s["conv1d"],
+                                 ParameterSlice(parameter, s["expert"], s.get("rows"))) for s in split}
+        places, unplaced = weight_places(weights, {parameter: params[parameter]})
+        if unplaced or len(weights) != len(split):  # one tensor per slice, each of its own shape
+            refused.append(parameter)
+        else:
+            out.update({tensor: (parameter, place) for tensor, place in places.items()})
+    return out, refused

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,7 @@ from spectra.errors import ConfigError
 from spectra.lora.data import prepare_data
 from spectra.lora.train import evaluate, load_model
 from spectra.sweep import SweepConfig, SweepResult, truncation_sweep
+from spectra.sweep_weights import ModelWeights
 from tests.lora.conftest import classification_jsonl, random_text
 from tests.models import build_model, save
 
@@ -265,9 +267,128 @@ def test_a_head_the_checkpoint_names_differently_comes_from_the_base(tmp_path, m
     assert not any(n.startswith("lm_head.weight") for n in result.data["notes"])  # nothing to say about it
 
 
-def test_tensors_fused_on_loading_come_from_the_base_model(tmp_path, monkeypatch):
-    """Mixtral's per-expert weights are fused into one tensor on loading: in base mode they are the base's, as
-    transformers loads the base model (then loaded, once)."""
+def evaluated_states(monkeypatch) -> list[dict[str, torch.Tensor]]:
+    """The model's weights at each evaluation of a sweep, in order (the fine-tune, the base, then the points)."""
+    states, real = [], sweep_module.example_stats
+
+    def kept(model, *args, **kwargs):
+        states.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(sweep_module, "example_stats", kept)
+    return states
+
+
+def truncated(W: np.ndarray, Wt: np.ndarray, rank: int) -> np.ndarray:
+    """W + numpy's rank-`rank` Eckart–Young truncation of Wt − W."""
+    U, S, Vh = np.linalg.svd(Wt - W)
+    return W + (U[:, :rank] * S[:rank]) @ Vh[:rank]
+
+
+@pytest.fixture(scope="module")
+def planted_mixtral(tmp_path_factory):
+    """The tiny Mixtral fine-tune with planted per-expert ranks 0…3 (checkpoints store experts.E.w1/w2/w3)."""
+    from tests.models import planted_mixtral_pair
+
+    folder = tmp_path_factory.mktemp("mixtral")
+    _, base, tuned = planted_mixtral_pair(folder)
+    return base, tuned, random_text(folder / "eval.txt", chars=16 * 10, seed=5)
+
+
+# Mixtral's per-expert checkpoint matrices and where transformers 5 fuses them: (parameter, rows of parameter[e])
+MIXTRAL_SLICES = {"w1": ("gate_up_proj", slice(0, 48)), "w3": ("gate_up_proj", slice(48, 96)),
+                  "w2": ("down_proj", slice(None))}
+
+
+def mixtral_slices(base, tuned):
+    """(stored name, its slice of the fused parameter in a state dict, planted rank, W_base, W_tuned (out, in))."""
+    from safetensors.torch import load_file
+
+    from tests.models import EXPERT_RANKS
+
+    b, t = load_file(base / "model.safetensors"), load_file(tuned / "model.safetensors")
+    for (layer, expert), planted in EXPERT_RANKS.items():
+        for proj, rank in zip(("w1", "w3", "w2"), planted):
+            name = f"model.layers.{layer}.block_sparse_moe.experts.{expert}.{proj}"
+            parameter, rows = MIXTRAL_SLICES[proj]
+            yield (name, lambda state, p=f"model.layers.{layer}.mlp.experts.{parameter}", e=expert, r=rows:
+                   state[p][e][r], rank, b[name + ".weight"], t[name + ".weight"])
+
+
+def test_experts_fused_on_loading_are_truncated_in_their_slices(planted_mixtral, monkeypatch):
+    """transformers 5 fuses Mixtral's experts.E.w1/w3/w2 into gate_up_proj[E] (w1's rows, then w3's) and
+    down_proj[E]: each expert's slice is W_base + its own rank-r truncation. They used to match no parameter and
+    follow the non-targets (the fine-tune's at every rank), with a note."""
+    base, tuned, data = planted_mixtral
+    loaded = models_loaded(monkeypatch)
+    states = evaluated_states(monkeypatch)
+    result = truncation_sweep(base, tuned, data, ranks=[1, 2], config=FAST, progress=False)
+    assert loaded == [tuned.resolve()]  # every slice read from the checkpoints: the base model is not loaded
+    assert len(states) == 4  # the fine-tune, the base, r=1, r=2
+    fine_tune, base_state, rank1, rank2 = states
+    modules = {m["name"] for m in result.data["modules"]}
+    assert len(modules) == 2 * 4 + 2 * 3 * 3  # q, k, v, o and every expert's w1, w3, w2, per layer
+    assert not any("no place" in n or "fused" in n for n in result.data["notes"])
+    for name, place, planted, W, Wt in mixtral_slices(base, tuned):
+        assert name in modules
+        for state, rank in ((rank1, 1), (rank2, 2)):
+            written = place(state).double().numpy()
+            np.testing.assert_allclose(written, truncated(W.double().numpy(), Wt.double().numpy(), rank), rtol=0,
+                                       atol=1e-6, err_msg=f"{name} r={rank}")
+            # negative control: below its planted rank a slice is not the fine-tune's (here it was, at every rank)
+            assert np.allclose(written, Wt.double().numpy(), rtol=0, atol=1e-6) == (planted <= rank), (name, rank)
+        assert torch.equal(place(base_state), W) and torch.equal(place(fine_tune), Wt)  # the end points, exactly
+        if planted == 0:  # untouched by the fine-tune: the base's at every rank
+            assert torch.equal(place(rank1), W) and torch.equal(place(rank2), W)
+    assert result.reference["base"]["loss"] == pytest.approx(reference_eval(base, data, "causal_lm")["loss"],
+                                                             rel=1e-5)
+
+
+def test_untargeted_experts_come_from_either_checkpoint_by_name(planted_mixtral, monkeypatch):
+    """Experts left out of the targets (roles q only) follow the non-targets slice by slice: in base mode each is the
+    base's checkpoint tensor, read by name; the base model is no longer loaded whole to read them."""
+    base, tuned, data = planted_mixtral
+    loaded = models_loaded(monkeypatch)
+    states = evaluated_states(monkeypatch)
+    result = truncation_sweep(base, tuned, data, ranks=[1], non_target="both", config=replace(FAST, roles=("q",)),
+                              progress=False)
+    assert loaded == [tuned.resolve()]
+    assert [m["name"] for m in result.data["modules"]] == [f"model.layers.{i}.self_attn.q_proj" for i in (0, 1)]
+    fine_tune, base_state, tuned_r1, base_r1 = states  # modes tuned, base, tuned, base
+    for name, place, planted, W, Wt in mixtral_slices(base, tuned):
+        for state, expected in ((fine_tune, Wt), (base_state, W), (tuned_r1, Wt), (base_r1, W)):
+            assert torch.equal(place(state), expected), name
+    monkeypatch.undo()
+    assert result.reference["base"]["loss"] == pytest.approx(reference_eval(base, data, "causal_lm")["loss"],
+                                                             rel=1e-5)
+
+
+def test_experts_without_calibration_moments_are_named(planted_mixtral, monkeypatch):
+    """Calibration hooks Linear layers, and fused experts are none: with --calibration they are truncated by
+    Eckart–Young (as extract --calibration does) while the sweep says data-optimal; the notes name them."""
+    base, tuned, data = planted_mixtral
+    states = evaluated_states(monkeypatch)
+    result = truncation_sweep(base, tuned, data, ranks=[1], calibration=data, config=FAST, progress=False)
+    assert result.data["truncation"] == "data-optimal"
+    (note,) = [n for n in result.data["notes"] if "calibration" in n]
+    assert note.startswith("18 targeted module(s) have no calibration moments") and "self_attn" not in note
+    assert "model.layers.0.block_sparse_moe.experts.0.w1" in note
+    for name, place, planted, W, Wt in mixtral_slices(base, tuned):  # what the note says
+        np.testing.assert_allclose(place(states[2]).double().numpy(),
+                                   truncated(W.double().numpy(), Wt.double().numpy(), 1), rtol=0, atol=1e-6)
+
+
+def test_a_fusion_spectra_does_not_invert_comes_from_the_base_model_and_is_named(tmp_path, monkeypatch):
+    """Where transformers' conversion of a parameter's tensors is one spectra cannot invert (here: made so), the
+    parameter is set whole as transformers loads the base model (loaded once), and the modules in it, not
+    truncated, are named."""
+    import spectra.checkpoints.adapter as adapter
+    from spectra.errors import AdapterError
+
+    def refused(adapter_source, base, parameter, *args):
+        raise AdapterError(f"{parameter}: not inverted")
+
+    monkeypatch.setattr(adapter, "_split_sources", refused)
     base_model = build_model("mixtral")
     base, tuned = save(base_model, tmp_path / "b", "safetensors"), save(perturbed(base_model, 6), tmp_path / "t",
                                                                         "safetensors")
@@ -281,21 +402,98 @@ def test_tensors_fused_on_loading_come_from_the_base_model(tmp_path, monkeypatch
                                                               rel=1e-5)
     assert abs(result.reference["base"]["loss"] - result.reference["tuned"]["loss"]) > 1e-3
     assert any(n.startswith("model.layers.0.mlp.experts.gate_up_proj: fused") for n in result.data["notes"])
+    (note,) = [n for n in result.data["notes"] if "no place" in n]
+    assert note.startswith("18 module(s) have no place in the loaded MixtralForCausalLM")
+    assert "model.layers.0.block_sparse_moe.experts.0.w1" in note and "not truncated" in note
+    assert len(result.data["modules"]) == 2 * 4
 
 
-def test_planned_modules_the_loaded_model_fuses_are_named_in_the_notes(tmp_path):
-    """Mixtral's per-expert checkpoint matrices are fused into one parameter on loading, so the sweep cannot
-    truncate them: a plan naming one used to drop it from the targets without a word."""
-    base_model = build_model("mixtral")
-    base, tuned = save(base_model, tmp_path / "b", "safetensors"), save(perturbed(base_model, 6), tmp_path / "t",
+def test_a_plan_on_some_experts_truncates_their_slices_alone(planted_mixtral, monkeypatch):
+    """A plan naming one expert's w1 truncates rows [0, 48) of gate_up_proj[1] at its rank; the rest of the
+    parameter follows the non-targets (the plan point: the base's). The module was dropped from the targets with
+    a note."""
+    base, tuned, data = planted_mixtral
+    expert = "model.layers.0.block_sparse_moe.experts.1.w1"  # planted rank 2
+    plan = a_plan({"model.layers.0.self_attn.q_proj": (2, (32, 32)), expert: (1, (48, 32))})
+    states = evaluated_states(monkeypatch)
+    result = truncation_sweep(base, tuned, data, ranks=[1], plan=plan, config=FAST, progress=False)
+    assert [m["name"] for m in result.data["modules"]] == ["model.layers.0.self_attn.q_proj", expert]
+    assert not any(expert in n for n in result.data["notes"])
+    fine_tune, base_state, rank1, plan_point = states
+    for name, place, planted, W, Wt in mixtral_slices(base, tuned):
+        if name == expert:
+            for state in (rank1, plan_point):  # the plan's rank 1, below the planted 2: not the fine-tune's
+                written = place(state).double().numpy()
+                np.testing.assert_allclose(written, truncated(W.double().numpy(), Wt.double().numpy(), 1), rtol=0,
+                                           atol=1e-6)
+                assert not np.allclose(written, Wt.double().numpy(), rtol=0, atol=1e-6)
+        else:
+            assert torch.equal(place(rank1), Wt) and torch.equal(place(plan_point), W), name
+
+
+def test_experts_stored_stacked_are_truncated_in_their_layout(tmp_path, monkeypatch):
+    """gpt-oss stores its experts as the model holds them, (E, in, out): expert e's ΔW is truncated and written into
+    parameter[e] in that layout (gate_up_proj[e] is square: only the layout tells). A plan naming one expert leaves
+    the others to the non-targets, which rewrite the whole parameter when they switch sides: the expert is written
+    again after them. Expert slices of stored 3-D tensors used to be left out with a note."""
+    from safetensors.torch import load_file
+
+    from tests.checkpoints.test_adapter_pairing import tiny_gpt_oss
+
+    base_model = tiny_gpt_oss()
+    base, tuned = save(base_model, tmp_path / "b", "safetensors"), save(perturbed(base_model, 7), tmp_path / "t",
                                                                         "safetensors")
     data = random_text(tmp_path / "x.txt", chars=16 * 10, seed=5)
-    expert = "model.layers.0.block_sparse_moe.experts.1.w1"
-    plan = a_plan({"model.layers.0.self_attn.q_proj": (2, (32, 32)), expert: (3, (48, 32))})
+    key = "model.layers.0.mlp.experts.gate_up_proj"
+    weights = ModelWeights(load_model(tuned, task="causal_lm"), base, tuned)  # every block linear: each expert
+    assert {f"model.layers.0.mlp.experts.{e}.{p}" for e in range(3) for p in ("gate_up_proj", "down_proj")} <= \
+        {t.name for t in weights.targets}
+    assert key not in weights.non_target and not any("3-D" in n for n in weights.notes)
+
+    expert = "model.layers.0.mlp.experts.1.gate_up_proj"
+    states = evaluated_states(monkeypatch)
+    result = truncation_sweep(base, tuned, data, ranks=[1], plan=a_plan({expert: (2, (32, 32))}), non_target="both",
+                              config=FAST, progress=False)
+    assert [m["name"] for m in result.data["modules"]] == [expert] and not any("3-D" in n for n in result.data["notes"])
+    W, Wt = load_file(base / "model.safetensors")[key], load_file(tuned / "model.safetensors")[key]  # (E, in, out)
+    assert len(states) == 5  # the fine-tune, the base, r=1 on each side, the plan
+    for state, rank, others in ((states[2], 1, Wt), (states[3], 1, W), (states[4], 2, W)):
+        np.testing.assert_allclose(state[key][1].double().numpy(),
+                                   truncated(W[1].double().numpy(), Wt[1].double().numpy(), rank), rtol=0, atol=1e-6)
+        assert torch.equal(state[key][0], others[0]) and torch.equal(state[key][2], others[2])
+    assert torch.equal(states[0][key], Wt) and torch.equal(states[1][key], W)
+
+
+@pytest.mark.filterwarnings("ignore:The following (rank|alpha)_pattern keys:RuntimeWarning")  # PEFT maps experts itself
+def test_the_plan_point_on_fused_experts_is_the_extracted_adapter(planted_mixtral, tmp_path, monkeypatch):
+    """The plan point of a plan over Mixtral's experts is what `spectra extract --plan` gives, loaded by PEFT onto
+    the fused parameters (target_parameters): each expert slice the base's + its rank-2 truncation."""
+    from peft import PeftModel
+
+    from spectra.lora.extract import extract_adapter
+
+    base, tuned, data = planted_mixtral
+    planned = {"model.layers.0.self_attn.q_proj": (2, (32, 32))}
+    planned |= {name: (2, tuple(W.shape)) for name, _, _, W, _ in mixtral_slices(base, tuned)}  # one rank: PEFT's
+    plan = a_plan(planned)
+    states = evaluated_states(monkeypatch)
     result = truncation_sweep(base, tuned, data, ranks=[1], plan=plan, config=FAST, progress=False)
-    assert [m["name"] for m in result.data["modules"]] == ["model.layers.0.self_attn.q_proj"]
-    (note,) = [n for n in result.data["notes"] if expert in n]
-    assert "not truncated" in note and "the plan point: the base's" in note
+    (point,) = [p for p in result.points if p["group"] == "plan"]
+    plan_point = states[-1]
+    for name, place, planted, W, Wt in mixtral_slices(base, tuned):
+        np.testing.assert_allclose(place(plan_point).double().numpy(),
+                                   truncated(W.double().numpy(), Wt.double().numpy(), 2), rtol=0, atol=1e-6)
+    monkeypatch.undo()
+    extract_adapter(base, tuned, plan, tmp_path / "adapter", progress=False)
+    adapted = PeftModel.from_pretrained(load_model(base, task="causal_lm"), tmp_path / "adapter")
+    _, tokens, *_ = prepare_data(base, data, task="causal_lm", max_length=16)
+    expected = evaluate(adapted, tokens)
+    assert point["loss"] == pytest.approx(expected["loss"], rel=1e-6)
+    assert point["accuracy"] == pytest.approx(expected["accuracy"], abs=1e-12)
+    # negative controls: the base, and the plan without its experts (what the plan point measured before)
+    without = evaluate(truncated_by_hand(base, base, tuned, {"model.layers.0.self_attn.q_proj": 2}), tokens)
+    assert abs(result.reference["base"]["loss"] - expected["loss"]) > 1e-4
+    assert abs(without["loss"] - expected["loss"]) > 1e-4
 
 
 def test_a_fine_tune_without_the_datas_head_is_refused(llama, tmp_path):

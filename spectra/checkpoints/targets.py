@@ -41,6 +41,19 @@ class ModelTarget:
     stored_name: str | None = None  # parameter targets: the checkpoint name, prefixed as the model's
 
 
+@dataclass(frozen=True)
+class ParameterSlice:
+    """Where one checkpoint tensor lies in a parameter transformers fuses several into on loading.
+
+    Expert ``expert`` of a 3-D parameter (E, d₁, d₂) and of it ``rows`` (all when None); a
+    2-D parameter whole. See :func:`weight_places`.
+    """
+
+    parameter: str  # the model's parameter name (model.layers.0.mlp.experts.gate_up_proj)
+    expert: int = 0
+    rows: tuple[int, int] | None = None  # Mixtral's w3: (ffn, 2·ffn) of gate_up_proj[e]
+
+
 def architecture(config: Mapping | None) -> str | None:
     """The model class a ``config.json`` names (its first ``architectures`` entry), or None."""
     return ((config or {}).get("architectures") or [None])[0]
@@ -157,3 +170,41 @@ def loading_rename(model):
     renamings = [c for c in conversions if isinstance(c, WeightRenaming)]
     converters = [c for c in conversions if isinstance(c, WeightConverter)]
     return lambda key: rename_source_key(key, renamings, converters)[0]
+
+
+def weight_places(weights: Mapping, params: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Where each checkpoint-named weight of `weights` lies in a model: {name: the parameter or its slice}, and the
+    names with no such place.
+
+    `weights` maps a checkpoint module name to ``(W, conv1d, update)``: W (or anything with
+    its ``shape``) oriented (out, in), and ``update`` None or what names its slice of a
+    parameter (``parameter``, ``expert``, ``rows``: a :class:`ParameterSlice`, or an adapter's
+    :class:`~spectra.checkpoints.adapter.ExpertUpdate`). A module's weight is the parameter of
+    its name up to a prefix (``match_names``). A slice lies in the parameter transformers fuses
+    the checkpoint tensor into on loading, as its conversion table says: expert e of a 3-D
+    parameter (E, d₁, d₂), and of it the rows the tensor fills (Mixtral's w1 and w3: rows
+    [0, ffn) and [ffn, 2·ffn) of gate_up_proj[e]); a 2-D parameter (a router's weight) whole.
+    A place holds the weight as the checkpoint stores it, (out, in) or a Conv1D's (in, out)
+    (gpt-oss's (E, in, out) experts), or it counts as none. `params`' tensors are sliced by
+    view: writing into a place writes into the model.
+    """
+    from spectra.checkpoints.names import match_names
+
+    match = match_names([n + ".weight" for n, (_, _, update) in weights.items() if update is None], list(params))
+    places, unplaced = {}, []
+    for name, (W, conv1d, update) in weights.items():
+        if update is None:
+            key = match.pairs.get(name + ".weight")
+            place = None if key is None else params[key]
+        else:
+            key = resolve_name(update.parameter, params)
+            place = None if key is None else params[key]
+            if place is not None and place.dim() == 3:
+                place = place[update.expert]  # (E, d₁, d₂) -> (d₁, d₂)
+            if place is not None and update.rows is not None:
+                place = place[update.rows[0]:update.rows[1]]  # this tensor's rows of the fused W[e]
+        if place is None or tuple(place.shape) != (tuple(W.shape)[::-1] if conv1d else tuple(W.shape)):
+            unplaced.append(name)
+        else:
+            places[name] = place
+    return places, unplaced

@@ -41,6 +41,7 @@ from pathlib import Path
 import torch
 
 from spectra.checkpoints.pairing import check_device
+from spectra.checkpoints.targets import weight_places as _places
 from spectra.errors import ConfigError
 from spectra.linalg.partial import EXACT_BELOW, top_svd
 from spectra.linalg.subspace import (
@@ -594,8 +595,9 @@ def evaluate_models(base, tuned, adapter_src, eval_data, truncated: dict, *, con
     :class:`~spectra.checkpoints.adapter.ExpertUpdate` or None); the SVD model also takes the
     tuned task head when the adapter trains one (``modules_to_save``), as ``extract_adapter``
     does. An expert of a LoRA on a parameter (``target_parameters``) is written into its
-    slice of the parameter transformers fuses it into on loading (see :func:`_places`). Where
-    a module has no place in the loaded model, the SVD model is left out and `notes` says so.
+    slice of the parameter transformers fuses it into on loading (see
+    :func:`~spectra.checkpoints.targets.weight_places`). Where a module has no place in the
+    loaded model, the SVD model is left out and `notes` says so.
     """
     import json
 
@@ -661,44 +663,9 @@ def _load_adapter(model, path):
         return PeftModel.from_pretrained(model, str(path), torch_device=str(model_device(model)))
 
 
-def _places(weights: dict, params: dict) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """Where each checkpoint-named weight of `weights` lies in a model: {name: the parameter or its slice}, and the
-    names with no such place.
-
-    A module's weight is the parameter of its name up to a prefix (``match_names``). An expert
-    of a LoRA on a parameter (`weights`' third item, an ``ExpertUpdate``) is a slice of the
-    parameter transformers fuses it into on loading, which the adapter's plan read from
-    transformers' conversions: expert e of a 3-D parameter (E, d₁, d₂), and of it the rows
-    the base tensor fills (Mixtral's w1 and w3: rows [0, ffn) and [ffn, 2·ffn) of
-    gate_up_proj[e]); a 2-D parameter (a router's weight) whole. A place holds the weight as
-    the checkpoint stores it, (out, in) or a Conv1D's (in, out), or it counts as none.
-    """
-    from spectra.checkpoints.names import match_names
-    from spectra.checkpoints.targets import resolve_name
-
-    match = match_names([n + ".weight" for n, (_, _, update) in weights.items() if update is None], list(params))
-    places, unplaced = {}, []
-    for name, (W, conv1d, update) in weights.items():
-        if update is None:
-            key = match.pairs.get(name + ".weight")
-            place = None if key is None else params[key]
-        else:
-            key = resolve_name(update.parameter, params)
-            place = None if key is None else params[key]
-            if place is not None and place.dim() == 3:
-                place = place[update.expert]  # (E, d₁, d₂) -> (d₁, d₂)
-            if place is not None and update.rows is not None:
-                place = place[update.rows[0]:update.rows[1]]  # this base tensor's rows of the fused W[e]
-        if place is None or tuple(place.shape) != (tuple(W.shape)[::-1] if conv1d else tuple(W.shape)):
-            unplaced.append(name)
-        else:
-            places[name] = place
-    return places, unplaced
-
-
 def _set_weights(model, weights: dict, places: dict, tuned, heads) -> torch.nn.Module:
-    """Write checkpoint-named (out, in) weights into their `places` in ``model`` (see :func:`_places`), and the
-    tuned checkpoint's heads."""
+    """Write checkpoint-named (out, in) weights into their `places` in ``model`` (see
+    :func:`~spectra.checkpoints.targets.weight_places`), and the tuned checkpoint's heads."""
     from spectra.checkpoints.names import match_names
     from spectra.checkpoints.source import open_checkpoint
 
