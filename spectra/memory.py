@@ -29,7 +29,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, NamedTuple
 
 from spectra.checkpoints.architectures import role_selected
 from spectra.errors import CheckpointError, ConfigError
@@ -39,8 +39,13 @@ METHODS = ("full", "lora", "qlora", "dora")
 PRECISIONS = ("fp32", "bf16", "fp16", "mixed")
 OPTIMIZERS = ("adamw", "adamw_8bit", "sgd")
 ATTENTIONS = ("sdpa", "eager")
-# LoRA's usual targets: every linear layer of the blocks ("all-linear", as QLoRA recommends [3])
-DEFAULT_ROLES = ("q", "k", "v", "o", "qkv", "gate", "up", "down", "gate_up")
+# LoRA's usual targets: every linear layer of the blocks ("all-linear", as QLoRA recommends [3]), an MoE's
+# router included (PEFT's all-linear takes it)
+DEFAULT_ROLES = ("q", "k", "v", "o", "qkv", "gate", "up", "down", "gate_up", "router")
+# MoE families whose all-linear PEFT converts to its transformers-5 layout (peft.utils.transformers_weight_conversion):
+# the router's weight and the fused experts become target_parameters, gate_up_proj at the rank of w1 and w3 summed.
+# Elsewhere all-linear cannot reach fused experts (3-D parameters, not nn.Linear)
+_PEFT_CONVERTS_EXPERTS = frozenset({"mixtral"})
 
 NF4_BLOCK = 64          # weights per NF4 absmax constant [3]
 DQ_BLOCK = 256          # absmax constants per second-level fp32 constant with double quantisation [3]
@@ -162,10 +167,10 @@ def _llama(cfg: dict, mtype: str) -> ModelShape:
                       logit_softcap=caps["final_logit_softcapping"], sdpa=mtype not in _EAGER_ONLY, rotary=True)
 
 
-_FUSED_PROJECTIONS = frozenset({"phi3"})
+_FUSED_PROJECTIONS = frozenset({"phi3"})  # PhiMoE has separate q/k/v (transformers' PhimoeForCausalLM)
 # families transformers 5 cannot run with sdpa (Gemma2ForCausalLM refuses it: its attention logits are capped);
 # asked for none, it falls back to eager, and so does the estimate
-_EAGER_ONLY = frozenset({"gemma2"})  # PhiMoE has separate q/k/v (transformers' PhimoeForCausalLM)
+_EAGER_ONLY = frozenset({"gemma2"})
 # families with Llama's config keys but other blocks: read as Llama-like they would be counted wrong
 # (ALBERT has BERT's keys but one set of layer weights shared by every layer)
 _NOT_LLAMA_LIKE = frozenset({"gpt_neox", "gptj", "gpt_neo", "bloom", "falcon", "opt", "phi", "mpt",
@@ -381,13 +386,15 @@ def estimate_memory(config_or_model: Any, *, method: str = "lora", rank_plan_or_
     else 2), n_A trainable adapter parameters, L layers, b·s tokens:
 
     * weights: N·w; QLoRA stores the block linears in NF4, 0.5 byte each, the rest (embeddings,
-      norms, biases, LM head, which transformers leaves unquantised) in w.
+      norms, biases, LM head, which transformers leaves unquantised) in w. bitsandbytes replaces
+      nn.Linear modules only: an MoE's fused experts (3-D parameters) and router stay in w.
     * quant_constants (QLoRA): per linear of n weights, ⌈n/64⌉ absmax constants and the 16-entry
       fp32 NF4 code. Without double quantisation the absmax are fp32: 4.5 bits per weight in all.
       Double-quantised [3]_ they are 1 byte each plus one fp32 per 256 of them, with a 256-entry
       fp32 code and an fp32 offset per tensor: 4.127 bits per weight.
     * adapter: n_A = Σ r·(d_in + d_out) (+ Σ d_out DoRA magnitudes [4]_), kept in fp32 (PEFT's
-      ``autocast_adapter_dtype``), 4 bytes each.
+      ``autocast_adapter_dtype``), 4 bytes each. An MoE's fused experts take r·E·(d_in + d_out)
+      per parameter, as PEFT adapts them (``_adapter_modules``).
     * gradients: one per trainable parameter in its dtype (full: w, adapters: 4).
     * optimizer_states: AdamW two moments in the parameter's dtype (PyTorch's ``zeros_like``);
       ``mixed`` full fine-tuning adds the fp32 master copy: 12 bytes/param, ZeRO's K = 12 [1]_.
@@ -396,21 +403,26 @@ def estimate_memory(config_or_model: Any, *, method: str = "lora", rank_plan_or_
       block (``_block_bytes``). Autograd keeps a tensor only for a gradient, so under LoRA the
       blocks before the first adapted layer keep nothing (the frozen embedding's output needs
       none; ``input_require_grads`` makes it) and that layer keeps what follows its first
-      adapted module. A block whose input requires grad keeps: each RMSNorm keeps its input up-cast to fp32 and the fp32 1/rms
-      (4h + 4), a LayerNorm its input and two fp32 statistics (p·h + 8), two norms per block
-      (Gemma 2: four, the sublayers' outputs normalised too); attention Q, K, V and
-      its output (sdpa), or Q, K and V repeated to every head and the probabilities (eager);
+      adapted module. A block whose input requires grad keeps: each RMSNorm its input up-cast
+      to fp32 and the fp32 1/rms (4h + 4), a LayerNorm its input and two fp32 statistics
+      (p·h + 8), two norms per block (Gemma 2: four, the sublayers' outputs normalised too);
+      attention Q, K, V and its output (sdpa; a fused projection's views keep its whole output,
+      ``_qkv_bytes``), or Q, K and V repeated to every head and the probabilities (eager);
       the MLP's activation its inputs and output (SwiGLU: gate, silu(gate), up). A frozen
       linear keeps nothing: only full fine-tuning keeps the linears' inputs (and RMSNorm's
       normalised input, for its weight). With a fused GELU and no dropout that is [2]_'s
       34·s·b·h bytes per GPT layer less the two dropout masks, plus LayerNorm's statistics.
       Each LoRA/DoRA/QLoRA module adds its input cast to the adapter's fp32 for ``lora_A`` (a
       fresh copy per module from a 16-bit input; from fp32 activations the input itself, once
-      per tensor) and A·x, 4·r; DoRA also the base and LoRA outputs, (p + 4)·d_out. MoE MLPs
-      count experts per token. The peak then comes at the loss, with the final norm and, per
-      logit, the logits (p), their fp32 up-cast when p < 4 (4) and the fp32 log-softmax the
-      loss keeps (4) (Gemma 2's final logit cap also its tanh's output, p), or in a block's backward, with an MLP-wide gradient (p·i) in flight.
-      Not counted: token ids and labels, the rotary tables.
+      per tensor) and A·x, 4·r; DoRA also the base and LoRA outputs, (p + 4)·d_out. An MoE MLP
+      (transformers' grouped_mm experts) keeps its routing and, per routed copy of a token, the
+      experts' tensors (``_moe_bytes``); PEFT adapts its fused experts and router by merging
+      W + s·B·A into the weight in every forward, so each layer also keeps the merged weights
+      (E·out·in·p per adapted parameter, whatever the tokens). The peak then comes at the loss,
+      with the final norm and, per logit, the logits (p), their fp32 up-cast when p < 4 (4) and
+      the fp32 log-softmax the loss keeps (4) (Gemma 2's final logit cap also its tanh's output,
+      p), or in a block's backward, with an MLP-wide gradient (p·i) in flight. Not counted:
+      token ids and labels, the rotary tables.
     * activations with checkpointing (transformers checkpoints each block, non-reentrant): the
       inputs b·s·h·p of the blocks from the first adapted one, then the larger of the loss's
       tensors and one block recomputed in backward (its saved tensors and the p·i in flight).
@@ -442,17 +454,36 @@ def estimate_memory(config_or_model: Any, *, method: str = "lora", rank_plan_or_
                      gradient_checkpointing, attention, double_quant, use_cache, input_require_grads)
 
 
-def _adapter_modules(shape: ModelShape, method: str, plan_or_rank: Any, roles: tuple[str, ...] | None,
-                     layers_to_transform: int | tuple[int, ...] | None = None
-                     ) -> list[tuple[int | None, int, int, int, float, str | None]]:
-    """``(layer, rank, d_in, d_out, token share, role)`` of every adapted module; empty for full fine-tuning.
+class _Adapter(NamedTuple):
+    """One adapted module: a PEFT ``lora.Linear`` (``experts`` 0), or a ``ParamWrapper`` on a parameter
+    (``target_parameters``: an MoE's fused experts, ``experts`` of them at ``rank`` each, or Mixtral's router,
+    1), which merges W + s·B·A into the weight in every forward instead of running lora_A on the input."""
 
-    The token share is the fraction of tokens the module sees: an MoE expert sees only the
-    tokens routed to it, experts_per_token / experts of them on average.
+    layer: int | None
+    role: str | None
+    rank: int
+    d_in: int
+    d_out: int
+    experts: int = 0
+
+    @property
+    def params(self) -> int:
+        return self.rank * max(self.experts, 1) * (self.d_in + self.d_out)
+
+
+def _adapter_modules(shape: ModelShape, method: str, plan_or_rank: Any, roles: tuple[str, ...] | None,
+                     layers_to_transform: int | tuple[int, ...] | None = None) -> list[_Adapter]:
+    """Every adapted module, as PEFT adapts it; empty for full fine-tuning.
+
+    An MoE's experts are fused parameters in transformers 5 (gate_up_proj: experts × 2·ffn × hidden,
+    down_proj), which PEFT adapts as ``target_parameters`` at one rank for all experts: a plan's
+    experts at the largest over experts of gate's + up's rank (as spectra's PEFT config writes
+    them) and of down's; an int rank on Mixtral, whose all-linear PEFT converts so, at 2·r for
+    gate_up (r for each of w1 and w3), r for down and for the router's weight. Other MoE families'
+    all-linear leaves the experts (3-D parameters) alone.
     """
     if method == "full":
         return []
-    routed = shape.experts_per_token / shape.experts
     if layers_to_transform is None:
         layers = range(shape.layers)
     else:
@@ -463,23 +494,59 @@ def _adapter_modules(shape: ModelShape, method: str, plan_or_rank: Any, roles: t
                                  for n in layers):
             raise ConfigError(f"layers_to_transform must name layers of this {shape.layers}-layer model "
                               f"(0 … {shape.layers - 1}), got {layers_to_transform!r}.")
+    h, i, experts = shape.hidden, shape.intermediate, shape.experts
     if isinstance(plan_or_rank, RankPlan):
-        return [(m.layer, m.rank, m.shape[1], m.shape[0], routed if ".experts." in f".{m.name}." else 1.0, m.role)
-                for m in plan_or_rank.modules]
+        modules, fused = [], {}  # fused: (layer, parameter) -> expert -> rank summed over the modules it holds
+        for m in plan_or_rank.modules:
+            expert = m.name.partition(".experts.")[2].partition(".")[0]
+            if experts > 1 and expert.isdigit():
+                parameter = "down" if m.role == "down" else "gate_up"
+                ranks = fused.setdefault((m.layer, parameter), {})
+                ranks[expert] = ranks.get(expert, 0) + m.rank
+            else:
+                modules.append(_Adapter(m.layer, m.role, m.rank, m.shape[1], m.shape[0]))
+        for (layer, parameter), ranks in fused.items():
+            d_in, d_out = (i, h) if parameter == "down" else (h, 2 * i)
+            modules.append(_Adapter(layer, parameter, max(ranks.values()), d_in, d_out, experts))
+        _refuse_dora_on_parameters(shape, method, modules)
+        return modules
     if not isinstance(plan_or_rank, int) or isinstance(plan_or_rank, bool) or plan_or_rank < 1:
         raise ConfigError(f"method {method!r} needs a RankPlan or a positive int rank, got {plan_or_rank!r}.")
+    r = plan_or_rank
     wanted = DEFAULT_ROLES if roles is None else tuple(roles)
-    block = [(role, o, i) for role, o, i in shape.linears if role_selected(role, wanted)]
+    block: list[_Adapter] = []
+    for role, o, d_in in dict.fromkeys(shape.linears):  # an MoE's per-expert triples once
+        if not role_selected(role, wanted):
+            continue
+        if experts > 1 and role in ("gate", "up", "down", "gate_up"):
+            continue  # fused experts: below
+        if role != "router" and r > min(o, d_in):  # PEFT takes any rank; a rank past a router's experts is usual
+            raise ConfigError(f"rank {r} exceeds min(d_in, d_out) = {min(o, d_in)} of the {role} "
+                              f"projection ({o}×{d_in}).")
+        wrapped = role == "router" and shape.family in _PEFT_CONVERTS_EXPERTS  # MixtralTopKRouter: a parameter
+        block.append(_Adapter(None, role, r, d_in, o, 1 if wrapped else 0))
+    if experts > 1 and shape.family in _PEFT_CONVERTS_EXPERTS:
+        halves = sum(role_selected(role, wanted) for role in ("gate", "up")) or 2 * role_selected("gate_up", wanted)
+        if halves:
+            block.append(_Adapter(None, "gate_up", halves * r, h, 2 * i, experts))
+        if role_selected("down", wanted):
+            block.append(_Adapter(None, "down", r, i, h, experts))
     if not block:
         raise ConfigError(f"No linear layer of this {shape.family} model has a role in {wanted}; roles here: "
-                          f"{sorted({r for r, _, _ in shape.linears})}.")
-    for role, o, i in block:
-        if plan_or_rank > min(o, i):
-            raise ConfigError(f"rank {plan_or_rank} exceeds min(d_in, d_out) = {min(o, i)} of the {role} "
-                              f"projection ({o}×{i}).")
-    expert_roles = {"gate", "up", "down", "gate_up"} if shape.experts > 1 else set()
-    return [(layer, plan_or_rank, i, o, routed if role in expert_roles else 1.0, role)
-            for layer in sorted(set(layers)) for role, o, i in block]
+                          f"{sorted({r for r, _, _ in shape.linears})}"
+                          + (" (PEFT's all-linear leaves this family's fused experts alone)"
+                             if experts > 1 and shape.family not in _PEFT_CONVERTS_EXPERTS else "") + ".")
+    modules = [m._replace(layer=layer) for layer in sorted(set(layers)) for m in block]
+    _refuse_dora_on_parameters(shape, method, modules)
+    return modules
+
+
+def _refuse_dora_on_parameters(shape: ModelShape, method: str, modules: list[_Adapter]) -> None:
+    wrapped = sorted({m.role for m in modules if m.experts})
+    if wrapped and method == "dora":
+        raise ConfigError(f"PEFT adapts this {shape.family} model's {', '.join(wrapped)} as parameters "
+                          "(target_parameters), which takes no DoRA: pass roles without them (e.g. q,k,v,o) or "
+                          "plan LoRA.")
 
 
 def _quant_constants(numel: int, double_quant: bool) -> int:
@@ -533,31 +600,36 @@ def _o_input_copied(shape: ModelShape, attention: str) -> bool:
 
 
 def _block_bytes(shape: ModelShape, p: int, attention: str, seq_len: int, *, full: bool, cache: bool,
-                 grad: bool = True, adapted: frozenset = frozenset()) -> tuple[int, bool, bool]:
-    """Bytes per token that one block's autograd graph keeps for backward (each storage once), adapters aside.
+                 grad: bool = True, adapted: list[_Adapter] = ()) -> tuple[int, bool, bool, int]:
+    """Bytes per token that one block's autograd graph keeps for backward (each storage once), lora.Linear
+    adapters aside.
 
     Autograd keeps a tensor only for a gradient it will compute, so what a block keeps follows
     which of its tensors require grad: ``grad``, its input does (full fine-tuning, or an adapted
-    module earlier in the model), and ``adapted``, the roles of its LoRA modules, whose outputs
-    do. A block before the first adapted one keeps nothing; the first adapted one keeps what
-    follows its first adapted module (its input norm keeps nothing). ``full``: the block's weights
+    module earlier in the model), and ``adapted``, its adapted modules, whose outputs do. A
+    block before the first adapted one keeps nothing; the first adapted one keeps what follows
+    its first adapted module (its input norm keeps nothing). ``full``: the block's weights
     are trained, so each linear keeps its input (a frozen linear needs only its weight) and
     each RMSNorm its normalised input. Against what transformers 5 saves (tests/test_memory.py):
-    exact for Llama, Qwen2, Gemma, Gemma 2, Phi-3, GPT-2 and BERT, from the first adapted layer
-    on too; Mixtral's experts are approximate (routing copies).
+    exact for Llama, Qwen2, Gemma, Gemma 2, Phi-3, GPT-2, BERT and Mixtral (transformers' default
+    grouped_mm experts), from the first adapted layer on too.
 
     Returns the bytes, whether the block keeps o_proj's input already (sdpa keeps its output and
-    o_proj reads that tensor), and whether the block's output requires grad.
+    o_proj reads that tensor), whether the block's output requires grad, and the bytes it keeps
+    per layer whatever the tokens: the weights that PEFT's ParamWrappers merge (W + s·B·A, kept by
+    the product that needs them for its input's gradient) and the factors they cast to p.
     """
     h, q, heads, s = shape.hidden, shape.q_dim, shape.heads, seq_len
     inter = shape.intermediate * shape.experts_per_token
     g = grad or full
+    roles = {m.role for m in adapted if not m.experts}  # PEFT lora.Linear modules
+    wrapped = {m.role: m for m in adapted if m.experts}  # PEFT ParamWrappers: an MoE's router and fused experts
 
     def norm(requires_grad: bool) -> int:  # a norm keeps its tensors when its input requires grad
         return _norm_bytes(shape, p, full) if requires_grad else 0
 
-    def hit(*roles: str) -> bool:
-        return bool(adapted.intersection(roles))
+    def hit(*names: str) -> bool:
+        return bool(roles.intersection(names))
 
     post_norm = shape.family == "bert"  # BERT normalises after each sublayer, the others before (Gemma 2: both)
     total = 0 if post_norm else norm(g)
@@ -586,24 +658,69 @@ def _block_bytes(shape: ModelShape, p: int, attention: str, seq_len: int, *, ful
         total += norm(o_grad)
     mid = g or o_grad  # the residual stream after attention
     total += norm(mid)  # Llama's post_attention_layernorm, GPT-2's ln_2, Gemma 2's pre-feedforward, BERT's
+    per_layer = 0
     # the MLP's activation: SwiGLU keeps gate and up for gate's grad, silu(gate) for up's; a fused gate_up keeps
     # its whole output; GPT-2's and BERT's GELU its inputs (one tensor, or gelu_new's four)
-    if any(role in ("gate", "gate_up") for role, _, _ in shape.linears):
+    if shape.experts > 1:
+        moe, per_layer, down = _moe_bytes(shape, p, full=full, grad=mid, router=hit("router"), wrapped=wrapped)
+        total += moe
+    elif any(role in ("gate", "gate_up") for role, _, _ in shape.linears):
         gate, up = mid or hit("gate", "gate_up"), mid or hit("up", "gate_up")
         total += p * inter * (2 * gate + up)
         activation = gate or up
     else:
         activation = mid or hit("up")
         total += p * shape.mlp_saved * inter * activation
-    down = activation or hit("down")
+    if shape.experts == 1:
+        down = activation or hit("down")
+        total += p * (h + inter) if full else 0  # the inputs of gate/up (one tensor) and down
     if shape.norms == 4:  # Gemma 2 normalises the MLP's output
         total += norm(down)
     out = mid or down
     if post_norm:
         total += norm(out)
-    if full:  # inputs of q/k/v (one tensor), gate/up (one), down; o's is sdpa's output or a copy
-        total += p * (h + inter) + p * (h + (q if _o_input_copied(shape, attention) else 0))
-    return total, o_input_kept, out
+    if full:  # the inputs of q/k/v (one tensor) and o (sdpa's output, or a copy)
+        total += p * (h + (q if _o_input_copied(shape, attention) else 0))
+    return total, o_input_kept, out, per_layer
+
+
+def _moe_bytes(shape: ModelShape, p: int, *, full: bool, grad: bool, router: bool,
+               wrapped: dict) -> tuple[int, int, bool]:
+    """Bytes per token that an MoE MLP keeps as transformers 5 runs it (grouped_mm experts, its default), the
+    bytes it keeps per layer, and whether its output requires grad.
+
+    ``grad``: its input requires grad; ``router``: a lora.Linear adapts the router; ``wrapped``:
+    PEFT ParamWrappers by role (``router``, ``gate_up``, ``down``), which make the weight they merge
+    require grad, so the product keeps its input, as full fine-tuning's does. With k experts per
+    token, S = k·tokens routed copies:
+
+    * router (Mixtral's): its input (p·h) for a trained weight; for its logits' grad the fp32
+      softmax (4·E), the top-k indices (8·k) and the weights' normalisation (4·k + 4);
+    * dispatch: the indices of three gathers (the routed copies of the input, their weights, the
+      way back), 8·k each, when what they gather requires grad;
+    * experts per routed copy: gate_up's input (p·h) for a trained weight, its output (p·2i) and
+      silu(gate) (p·i), down's input (p·i) for a trained weight, and the product by the routing
+      weight its two factors (p·h, and the fp32 weight).
+
+    Per layer: grouped_mm's offsets (4·E) and each ParamWrapper's merged weight in p (E·out·in,
+    when the product needs it for its input's gradient), beside the factors it casts to p for
+    the merge when p < 4 (E·r·(in + out)).
+    """
+    h, i, k, experts = shape.hidden, shape.intermediate, shape.experts_per_token, shape.experts
+    router_w, gate_up_w, down_w = (full or role in wrapped for role in ("router", "gate_up", "down"))
+    logits = grad or router_w or router  # the router's logits, and so the routing weights, require grad
+    experts_in = grad or gate_up_w  # gate_up's output
+    down_out = experts_in or down_w
+    total = p * h * router_w + (4 * experts + 12 * k + 4 + 8 * k + p * h * k) * logits + 8 * k * grad
+    total += p * h * k * gate_up_w + 3 * p * i * k * experts_in + p * i * k * down_w
+    total += 4 * k * down_out + 8 * k * (logits or down_out)
+    per_layer = 4 * experts if (grad or gate_up_w or down_w) else 0
+    for role, m in wrapped.items():
+        needed = {"router": grad, "gate_up": grad, "down": experts_in}[role]  # the input of its product
+        per_layer += p * max(m.experts, 1) * m.d_in * m.d_out * needed
+        if p < 4 and m.experts > 1:  # PEFT casts the experts' factors to the weight's dtype for one baddbmm
+            per_layer += p * m.experts * m.rank * (m.d_in + m.d_out)
+    return total, per_layer, logits or down_out
 
 
 # the tensor a module reads, by role: modules that read one tensor share it when LoRA keeps it as is (fp32)
@@ -612,7 +729,7 @@ _INPUT_OF = {"q": "attention input", "k": "attention input", "v": "attention inp
              "router": "mlp input"}
 
 
-def _adapter_bytes(modules: list, p: int, o_input_kept: bool, dora: bool) -> float:
+def _adapter_bytes(modules: list[_Adapter], p: int, o_input_kept: bool, dora: bool) -> int:
     """Bytes per token that one layer's adapted modules add to its saved tensors.
 
     PEFT runs ``lora_A`` on its input cast to the adapter's fp32 and keeps that: a fresh copy per
@@ -622,17 +739,19 @@ def _adapter_bytes(modules: list, p: int, o_input_kept: bool, dora: bool) -> flo
     keeps A·x (r values). DoRA also keeps each module's base output (p) and LoRA output (fp32)
     for its magnitude/direction backward: (p + 4)·d_out.
     """
-    total, shared = 0.0, set()
-    for _, r, d_in, d_out, share, role in modules:
-        total += share * (4 * r + ((p + 4) * d_out if dora else 0))
-        if role == "embed":  # PEFT's Embedding looks A up by token id: it keeps the ids, no input
+    total, shared = 0, set()
+    for m in modules:
+        if m.experts:  # a ParamWrapper merges its update into the weight: the block's own terms count it
             continue
-        source = _INPUT_OF.get(role) if share == 1.0 else None  # an expert's input: its own gathered copy
+        total += 4 * m.rank + ((p + 4) * m.d_out if dora else 0)
+        if m.role == "embed":  # PEFT's Embedding looks A up by token id: it keeps the ids, no input
+            continue
+        source = _INPUT_OF.get(m.role)
         if p < 4 or source is None:
-            total += share * 4 * d_in
+            total += 4 * m.d_in
         elif source not in shared and not (source == "attention output" and o_input_kept):
             shared.add(source)
-            total += 4 * d_in
+            total += 4 * m.d_in
     return total
 
 
@@ -644,17 +763,21 @@ def _estimate(shape: ModelShape, method: str, adapter_modules: list, batch: int,
     tokens = batch * seq_len
     n = shape.params
 
-    # weights and QLoRA constants
+    # weights and QLoRA constants: bitsandbytes replaces only nn.Linear modules (an MoE's fused experts and its
+    # router, a parameter or a Linear subclass, stay in w)
     quant = 0
     if method == "qlora":
-        weights = math.ceil(shape.linear_params / 2) + (shape.other_params + shape.head_params) * w
-        quant = shape.layers * sum(_quant_constants(o * i, double_quant) for _, o, i in shape.linears)
+        quantised = [(o, i) for role, o, i in shape.linears
+                     if not (shape.experts > 1 and role in ("gate", "up", "down", "gate_up", "router"))]
+        nf4 = shape.layers * sum(o * i for o, i in quantised)
+        weights = math.ceil(nf4 / 2) + (n - nf4) * w
+        quant = shape.layers * sum(_quant_constants(o * i, double_quant) for o, i in quantised)
     else:
         weights = n * w
 
     # adapters (fp32), DoRA magnitudes, trainable count
-    adapter_params = sum(r * (d_in + d_out) for _, r, d_in, d_out, *_ in adapter_modules)
-    dora_params = sum(d_out for _, _, _, d_out, *_ in adapter_modules) if method == "dora" else 0
+    adapter_params = sum(m.params for m in adapter_modules)
+    dora_params = sum(m.d_out for m in adapter_modules) if method == "dora" else 0
     trainable = n if method == "full" else adapter_params + dora_params
 
     # gradients and optimizer states
@@ -673,26 +796,26 @@ def _estimate(shape: ModelShape, method: str, adapter_modules: list, batch: int,
     full, dora = method == "full", method == "dora"
     by_layer: dict = {}
     for module in adapter_modules:
-        by_layer.setdefault(module[0], []).append(module)
+        by_layer.setdefault(module.layer, []).append(module)
     # blocks keep tensors from the first one whose input or adapters require grad: all with full fine-tuning,
     # a trained embedding or enable_input_require_grads, else from the first adapted layer (autograd keeps
     # nothing before it; non-reentrant checkpointing keeps no input there either)
-    grad = full or input_require_grads or any(module[5] == "embed" for module in adapter_modules)
-    per_token = recomputed = 0.0
-    kept_inputs = 0
+    grad = full or input_require_grads or any(module.role == "embed" for module in adapter_modules)
+    per_token = recomputed = 0
+    kept_inputs = per_layer = 0
     for layer in range(shape.layers):
         modules = by_layer.get(layer, [])
         if not (grad or modules):
             continue
-        roles = frozenset(module[5] for module in modules)
         # transformers builds a DynamicCache in a decoder's training forward while use_cache is on; under
         # checkpointing it turns the cache off
-        block, o_kept, out = _block_bytes(shape, p, attention, seq_len, full=full, cache=use_cache and shape.causal,
-                                          grad=grad, adapted=roles)
-        again, o_kept_again, _ = _block_bytes(shape, p, attention, seq_len, full=full, cache=False, grad=grad,
-                                              adapted=roles)
+        block, o_kept, out, merged = _block_bytes(shape, p, attention, seq_len, full=full, grad=grad,
+                                                  cache=use_cache and shape.causal, adapted=modules)
+        again, o_kept_again, _, _ = _block_bytes(shape, p, attention, seq_len, full=full, grad=grad, cache=False,
+                                                 adapted=modules)
         per_token += block + _adapter_bytes(modules, p, o_kept, dora)
-        recomputed = max(recomputed, again + _adapter_bytes(modules, p, o_kept_again, dora))
+        per_layer += merged
+        recomputed = max(recomputed, tokens * (again + _adapter_bytes(modules, p, o_kept_again, dora)) + merged)
         kept_inputs += 1
         grad = out
     head = final = 0
@@ -710,21 +833,19 @@ def _estimate(shape: ModelShape, method: str, adapter_modules: list, batch: int,
     in_flight = p * shape.intermediate * shape.experts_per_token
     final += _adapter_bytes(by_layer.get(None, []), p, False, dora)  # modules outside the blocks: a LoRA head
     at_loss = tokens * final + head
-    activations = math.ceil(tokens * per_token) + max(math.ceil(at_loss), tokens * in_flight)
+    activations = tokens * per_token + per_layer + max(at_loss, tokens * in_flight)
     activations_ckpt = (tokens * kept_inputs * shape.hidden * p  # the block inputs that checkpointing keeps
-                        + max(math.ceil(at_loss), math.ceil(tokens * (recomputed + in_flight))))
+                        + max(at_loss, recomputed + tokens * in_flight))
 
     # transient workspace of the largest module
-    largest = max(o * i for _, o, i in shape.linears)
     workspace = 0
     if method == "qlora":
-        workspace += largest * p
+        workspace += max(o * i for o, i in quantised) * p
     if method == "dora":
         # PEFT forms B·A as lora_B(lora_A(I)) with an fp32 d_in×d_in identity, beside fp32 copies of the
         # base weight and of W + s·B·A and their norms: ~4·(d_in² + 4·d_in·d_out) for the largest module
         # (a 704→256 DoRA Linear peaked at 4.90 MB, this gives 4.87 MB)
-        workspace += max((4 * (d_in * d_in + 4 * d_in * d_out) for _, _, d_in, d_out, *_ in adapter_modules),
-                         default=0)
+        workspace += max((4 * (m.d_in * m.d_in + 4 * m.d_in * m.d_out) for m in adapter_modules), default=0)
 
     kv_cache = 2 * shape.layers * shape.kv_dim * tokens * p if shape.causal else 0
     return MemoryEstimate(method=method, precision=precision, optimizer=optimizer, batch=batch, seq_len=seq_len,

@@ -167,14 +167,54 @@ def test_gemma2_counts_four_norms_and_runs_eagerly():
                                                                            attention="eager").activations
 
 
-def test_an_expert_adapter_sees_only_its_routed_tokens():
-    mixtral = {"model_type": "mixtral", "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 1,
-               "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 64, "num_local_experts": 8,
-               "num_experts_per_tok": 2}
-    est = {roles: estimate_memory(mixtral, method="lora", seq_len=100, rank_plan_or_rank=4, roles=roles)
-           for roles in (("q",), ("q", "gate"))}
-    gate = 100 * 4 * (64 + 4) * 8 * 2 / 8  # 8 experts' gates, each on 2/8 of the tokens
-    assert est[("q", "gate")].activations - est[("q",)].activations == pytest.approx(gate, abs=1)
+# PEFT 0.21 checks the rank_pattern it writes for Mixtral's converted gate_up_proj against modules only and reports
+# it as ignored; it is applied (tests/ranks/test_plan.py)
+_PEFT_PATTERN_WARNING = pytest.mark.filterwarnings("ignore:The following (rank|alpha)_pattern keys:RuntimeWarning")
+
+
+@_PEFT_PATTERN_WARNING
+def test_moe_adapters_are_what_peft_makes_of_all_linear():
+    """PEFT converts Mixtral's all-linear to transformers 5's fused layout: the router's weight and the experts'
+    gate_up_proj (at 2·r: r for each of w1 and w3) and down_proj become target_parameters, which take no DoRA.
+    PhiMoE's all-linear reaches only its router (an nn.Linear) of the MLP. The model had Mixtral's gate, up and
+    down at r per expert and no router: 7552 trainable parameters where PEFT trains 10136."""
+    import transformers as tf
+    from peft import LoraConfig, get_peft_model
+
+    from tests.models import build_model
+
+    phimoe = tf.PhimoeForCausalLM(tf.PhimoeConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                                  num_attention_heads=4, num_key_value_heads=2, vocab_size=64,
+                                                  num_local_experts=3))
+    for model in (build_model("mixtral"), phimoe):
+        est = estimate_memory(model, method="lora", rank_plan_or_rank=4)
+        peft_model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear"))
+        assert est.trainable_params == sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    mixtral = build_model("mixtral").config
+    assert estimate_memory(mixtral, method="lora", rank_plan_or_rank=4).trainable_params == 10136
+    with pytest.raises(ConfigError, match="takes no DoRA"):
+        estimate_memory(mixtral, method="dora", rank_plan_or_rank=4)
+    assert estimate_memory(mixtral, method="dora", rank_plan_or_rank=4, roles=("q", "k", "v", "o")).dora_magnitude
+
+
+@_PEFT_PATTERN_WARNING
+@pytest.mark.filterwarnings("ignore::spectra.errors.PeftConfigWarning")
+def test_a_mixtral_plan_trains_what_its_peft_config_does(tmp_path):
+    """A plan's per-expert ranks become one rank per fused parameter (gate + up summed, the largest over experts),
+    as spectra's PEFT config writes them: the estimate counts what PEFT then trains (it counted the plan's)."""
+    from peft import LoraConfig, get_peft_model
+
+    from spectra.analysis import analyze
+    from spectra.ranks import RankPolicy, recommend_ranks
+    from spectra.ranks.plan import save_plan
+    from tests.models import planted_mixtral_pair
+
+    base, b, t = planted_mixtral_pair(tmp_path)
+    plan = recommend_ranks(analyze(b, t, cache_dir=False, progress=False), RankPolicy(energy=0.99))
+    cfg = json.loads(save_plan(plan, tmp_path / "plan.json").read_text())["peft_config"]
+    trained = sum(p.numel() for p in get_peft_model(base, LoraConfig(**cfg)).parameters() if p.requires_grad)
+    est = estimate_memory(base.config, method="lora", rank_plan_or_rank=plan)
+    assert est.trainable_params == trained != plan.total_params
 
 
 @pytest.mark.parametrize("method", ["lora", "dora"])
@@ -395,9 +435,11 @@ BLOCK_CASES = ([("llama", m, p, a, True) for m in ("full", "lora", "dora") for p
                + [("gpt2", m, "fp32", a, c) for m in ("full", "lora") for a in ("sdpa", "eager") for c in (True, False)]
                + [("phi3", m, p, "sdpa", c) for m, p in (("full", "bf16"), ("lora", "fp32")) for c in (True, False)]
                + [("phi3", "full", "bf16", "eager", True)]
+               + [("mixtral", m, p, "sdpa", True) for m, p in (("full", "bf16"), ("lora", "bf16"), ("lora", "fp32"))]
                + [("bert", m, "fp32", a, True) for m in ("full", "lora") for a in ("sdpa", "eager")])
 
 
+@_PEFT_PATTERN_WARNING
 @pytest.mark.parametrize(("family", "method", "precision", "attention", "use_cache"), BLOCK_CASES)
 def test_a_blocks_activations_are_what_autograd_saves(family, method, precision, attention, use_cache, tmp_path):
     """One block's bytes per sequence, from models of 1 and 2 blocks at batch 2 and 3 (the double difference
@@ -406,7 +448,9 @@ def test_a_blocks_activations_are_what_autograd_saves(family, method, precision,
     a third of its probabilities; Gemma 2 (eager: transformers has no sdpa for it) two of its four norms and
     not its attention cap's tanh (a block 15-28 % short); Phi-3 under sdpa o_proj reading the kernel's output
     (it reads a copy) and V a tensor of its own (without the cache it is a view that keeps qkv_proj's whole
-    output): 5-7 % short with the cache, 6-15 % without."""
+    output): 5-7 % short with the cache, 6-15 % without; Mixtral's experts as lora.Linear modules on the routed
+    tokens (PEFT merges its update into the fused weights, so grouped_mm keeps the inputs) and no routing:
+    17 % over under LoRA, 19 % short under full fine-tuning."""
     seq_len = 16
     sizes = {"hidden_size": 64, "intermediate_size": 128} if family == "llama" else {}  # NF4 needs d_in ≥ 64
     measured, modelled = {}, {}
@@ -422,6 +466,34 @@ def test_a_blocks_activations_are_what_autograd_saves(family, method, precision,
     block = {name: d[2, 3] - d[1, 3] - d[2, 2] + d[1, 2] for name, d in (("measured", measured),
                                                                         ("modelled", modelled))}
     assert block["modelled"] == block["measured"], block
+
+
+@_PEFT_PATTERN_WARNING
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+@pytest.mark.parametrize(("roles", "lora"), [
+    (None, dict(target_modules="all-linear")),
+    (("q", "down"), dict(target_modules=["q_proj"], target_parameters=["mlp.experts.down_proj"])),
+    (("q", "v"), dict(target_modules=["q_proj", "v_proj"]))])
+def test_mixtral_keeps_the_weights_peft_merges_per_layer(precision, roles, lora, tmp_path):
+    """PEFT's ParamWrapper merges W + s·B·A into the fused experts' (and the router's) weight in every forward; the
+    product keeps that merged weight for its input's gradient, and the factors it cast to the weight's 16 bits: a
+    copy of every adapted expert weight per layer, whatever the tokens (Mixtral-8x7B at r = 16: 2.6 GiB a layer).
+    One layer's bytes at batch 2, from models of 1 and 2 layers: the model had none of these (bf16, all-linear:
+    83712 modelled, 107340 kept)."""
+    import torch
+    import transformers as tf
+    from peft import LoraConfig, get_peft_model
+
+    measured, modelled = [], []
+    for layers in (1, 2):
+        config = _config("mixtral", layers, "sdpa")
+        torch.manual_seed(0)
+        model = tf.MixtralForCausalLM(config).to({"bf16": torch.bfloat16, "fp32": torch.float32}[precision])
+        model = get_peft_model(model, LoraConfig(r=4, **lora)).train()
+        measured.append(saved_bytes(model, lambda m: _loss(m, 2, 16)))
+        modelled.append(estimate_memory(config, method="lora", rank_plan_or_rank=4, batch=2, seq_len=16,
+                                        precision=precision, roles=roles).activations)
+    assert modelled[1] - modelled[0] == measured[1] - measured[0]
 
 
 _LLAMA_TARGETS = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o", "gate_proj": "gate",
@@ -526,6 +598,26 @@ def test_lora_peak_matches_the_profiler(precision, checkpointing, vocab, hidden,
     assert measured == pytest.approx(modelled, rel=0.05)
 
 
+@_PEFT_PATTERN_WARNING
+@pytest.mark.parametrize(("precision", "checkpointing"), [("bf16", False), ("fp32", False), ("bf16", True)])
+def test_mixtral_lora_peak_matches_the_profiler(precision, checkpointing, tmp_path):
+    """A LoRA step on a tiny Mixtral (all-linear: experts and router merged per forward), against the profiler:
+    measured within 3.7 % (bf16: PEFT's transients), 0.1 % (fp32), 0.4 % (checkpointed); the model was 11 %,
+    27 % and 9 % under."""
+    config = _config("mixtral", 2, "sdpa", hidden_size=64, intermediate_size=176)  # grouped_mm: 16-byte strides
+    model = _trainable(config, "lora", precision, tmp_path)
+    if checkpointing:
+        model.base_model.model.activation_checkpointing_enable()
+
+    def step():
+        _loss(model, 2, 64).backward()
+
+    step()
+    measured = peak_bytes(step)
+    est = estimate_memory(config, method="lora", rank_plan_or_rank=4, batch=2, seq_len=64, precision=precision)
+    assert (est.activations_checkpointed if checkpointing else est.activations) == pytest.approx(measured, rel=0.05)
+
+
 @pytest.mark.parametrize("precision", ["bf16", "fp32"])
 def test_gemma2_logit_cap_at_the_profilers_peak(precision, tmp_path):
     """Gemma 2's final cap·tanh(logits / cap) keeps the tanh's output beside the logits: p more per logit at the
@@ -542,19 +634,23 @@ def test_gemma2_logit_cap_at_the_profilers_peak(precision, tmp_path):
     assert est.activations == pytest.approx(measured, rel=0.02)  # measured: within 0.1 % (bf16), 0.5 % (fp32)
 
 
-@pytest.mark.parametrize("double_quant", [True, False])
-def test_qlora_storage_is_what_bitsandbytes_holds(double_quant, tmp_path):
+@pytest.mark.parametrize(("family", "double_quant"), [("llama", True), ("llama", False), ("mixtral", True)])
+def test_qlora_storage_is_what_bitsandbytes_holds(family, double_quant, tmp_path):
     """NF4 weights and their constants, summed over what from_pretrained quantises, with and without double
-    quantisation (the estimate had only the double-quantised kind)."""
+    quantisation (the estimate had only the double-quantised kind). bitsandbytes replaces nn.Linear modules
+    only: Mixtral's fused experts (parameters) and router stay in 16 bits (they were counted in NF4)."""
     import bitsandbytes as bnb
     import torch
     import transformers as tf
 
-    config = _config("llama", 2, "sdpa", hidden_size=64, intermediate_size=128)
-    tf.LlamaForCausalLM(config).save_pretrained(tmp_path)
+    from tests.models import _MODEL_CLASSES
+
+    config = _config(family, 2, "sdpa", hidden_size=64, intermediate_size=128)
+    cls = getattr(tf, (_MODEL_CLASSES | _CLASSES)[family][1])
+    cls(config).save_pretrained(tmp_path)
     quantization = tf.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                          bnb_4bit_use_double_quant=double_quant, bnb_4bit_compute_dtype=torch.bfloat16)
-    model = tf.LlamaForCausalLM.from_pretrained(tmp_path, quantization_config=quantization, dtype=torch.bfloat16)
+    model = cls.from_pretrained(tmp_path, quantization_config=quantization, dtype=torch.bfloat16)
     constants = 0
     for module in model.modules():
         if isinstance(module, bnb.nn.Linear4bit):
