@@ -130,7 +130,7 @@ def analyze(
     Under torchrun (`torchrun --nproc-per-node 4 $(which spectra) analyze BASE TUNED -o out`) the modules
     are shared across ranks and rank 0 writes the report.
     """
-    _writable(output)
+    _writable(output, base, tuned, calibration)
     from spectra.analysis import AnalysisConfig
     from spectra.analysis import analyze as run_analysis
     from spectra.errors import ConfigError
@@ -261,15 +261,21 @@ def recommend(
     batch: Annotated[int, typer.Option(help="Batch size for the memory estimate.")] = 1,
     seq_len: Annotated[int, typer.Option(help="Sequence length for the memory estimate.")] = 2048,
     output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Write the plan (with its PEFT config) "
-                                                                          "as JSON here.")] = None,
+                                                                          "as JSON here (refused if it exists, unless "
+                                                                          "--overwrite).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON instead of a table.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing -o file.")] = False,
 ) -> None:
     """Recommend per-module LoRA ranks from an analysis, under an optional budget, as a PEFT-ready plan.
 
     Examples: spectra recommend reports/run --budget 20M -o plan.json;
     spectra recommend reports/run --functional 0.01 --sweep reports/sweep -o plan.json
     """
-    _writable(output)
+    _writable(output, *analysis, sweep, config)
+    if output is not None and output.exists() and not overwrite:
+        from spectra.errors import ConfigError
+
+        raise ConfigError(f"-o {output} exists; pass --overwrite to replace it or choose another -o.")
     import json
     import warnings
 
@@ -366,7 +372,7 @@ def extract(
     Examples: spectra extract BASE TUNED --rank 8 --roles q,k,v,o,up,down --modules-to-save classifier -o adapter/
               spectra extract BASE TUNED --plan plan.json -o adapter/
     """
-    _writable(output)
+    _writable(output, base, tuned, plan)
     import warnings
 
     from spectra.errors import ConfigError, PeftConfigWarning
@@ -506,7 +512,7 @@ def train(
 
     Example: spectra train ./base --data train.jsonl --rank 8 --method dora -o adapter_dora/
     """
-    _writable(output)
+    _writable(output, base, data, eval_data, plan, teacher)
     from spectra.errors import ConfigError
     from spectra.lora.train import TrainConfig, train_adapter
 
@@ -560,7 +566,7 @@ def verify(
 
     Example: spectra verify ./base ./tuned --adapter adapter/ -o reports/verify1
     """
-    _writable(output)
+    _writable(output, base, tuned, adapter, data, eval_data, plan)
     from spectra.errors import ConfigError
     from spectra.lora.verify import VerifyConfig, rank_sweep, verify_adapter
 
@@ -698,7 +704,7 @@ def sweep(
 
     Example: spectra sweep ./base ./tuned --data eval.jsonl --ranks 1,2,4,8,16,32,64 --epsilon 0.01 -o reports/sweep1
     """
-    _writable(output)
+    _writable(output, base, tuned, data, plan, analysis, calibration)
     from spectra.errors import ConfigError
     from spectra.ranks import RankPolicy, functional_ranks, load_plan, recommend_ranks
     from spectra.sweep import SweepConfig, truncation_sweep
@@ -776,12 +782,15 @@ def _natural(name: str) -> list:
     return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", name)]
 
 
-def _writable(output: Path | None) -> None:
-    """Refuse, before any work, an output whose folder cannot be written (outputs are staged beside it, then renamed)."""
+def _writable(output: Path | None, *inputs) -> None:
+    """Refuse, before any work, an output whose folder cannot be written (outputs are staged beside it, then renamed),
+    or one that would replace an input (the output is, holds or lies inside one of `inputs`)."""
     from spectra.errors import ConfigError
+    from spectra.files import refuse_replacing_inputs
 
     if output is None:
         return
+    refuse_replacing_inputs(output, inputs)
     folder = output.absolute().parent
     while not folder.exists() and folder != folder.parent:
         folder = folder.parent

@@ -21,12 +21,36 @@ import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-__all__ = ["move_into_place", "staged_directory", "write_atomic", "write_text_atomic"]
+__all__ = ["move_into_place", "refuse_replacing_inputs", "staged_directory", "write_atomic", "write_text_atomic"]
 
 
 def _sibling(path: Path, what: str) -> Path:
     """A hidden, unique name beside `path` (same directory, so the final rename stays on one filesystem)."""
     return path.with_name(f".{path.name}.{what}-{os.getpid()}-{secrets.token_hex(4)}")
+
+
+def refuse_replacing_inputs(output: str | os.PathLike, inputs, *, option: str = "-o/--output") -> None:
+    """Raise ConfigError where writing `output` would replace one of `inputs` (paths; hub ids are skipped).
+
+    An existing `output` is replaced whole (:func:`move_into_place`), so it must not be an
+    input, a folder holding one (``-o models/`` around ``models/base``) or a path inside an
+    input folder (``-o run/analysis.json`` for the analysis in ``run/``, ``-o base/sub`` of a
+    checkpoint). A new path may go anywhere: it replaces nothing.
+    """
+    from spectra.errors import ConfigError
+
+    out = Path(output)
+    if not out.exists():
+        return
+    out = out.resolve()
+    for given in inputs:
+        if given is None or not Path(given).exists():
+            continue
+        src = Path(given).resolve()
+        if out == src or out in src.parents or src in out.parents:
+            what = "is" if out == src else ("holds" if out in src.parents else "is inside")
+            raise ConfigError(f"{option} {output} {what} the input {given}: writing it would replace what this "
+                              f"command reads. Choose another {option}.")
 
 
 def write_atomic(path: str | os.PathLike, write: Callable[[Path], object]) -> Path:

@@ -96,6 +96,50 @@ def test_existing_output_needs_overwrite(monkeypatch, capsys, pair, tmp_path):
     assert code == 2 and "is a file" in err and file.read_text() == "mine"  # refused before the analysis
 
 
+def test_an_output_that_would_replace_an_input_is_refused_even_with_overwrite(monkeypatch, capsys, pair, tmp_path):
+    """-o equal to an input, holding one or inside one is refused before any work; a new path inside an input
+    folder replaces nothing and is allowed."""
+    import shutil
+
+    base, tuned = (shutil.copytree(p, tmp_path / p.name) for p in pair)
+    before = sorted(p.name for p in tuned.iterdir())
+    for command, out in (("analyze", tuned), ("analyze", tmp_path), ("extract", base), ("analyze", tuned / "x")):
+        (tuned / "x").mkdir(exist_ok=True)
+        extra = ("--rank", "2") if command == "extract" else ("--no-cache",)
+        code, _, err = run(monkeypatch, capsys, command, base, tuned, *extra, "-o", out, "--overwrite", "-q")
+        assert code == 2 and "would replace what this command reads" in err, (command, out, err)
+    assert sorted(p.name for p in tuned.iterdir()) == sorted(before + ["x"]) and base.is_dir()
+    code, _, err = run(monkeypatch, capsys, "analyze", base, tuned, "--no-cache", "-o", tuned / "new", "-q")
+    assert code == 0, err
+    run_dir = tuned / "new"
+    code, _, err = run(monkeypatch, capsys, "recommend", run_dir, "-o", run_dir / "analysis.json", "--overwrite")
+    assert code == 2 and "is inside the input" in err
+    plan = tmp_path / "plan.json"
+    plan.write_text("mine")
+    code, _, err = run(monkeypatch, capsys, "recommend", run_dir, "-o", plan)
+    assert code == 2 and "--overwrite" in err and plan.read_text() == "mine"
+    code, _, err = run(monkeypatch, capsys, "recommend", run_dir, "-o", plan, "--overwrite")
+    assert code == 0 and plan.read_text() != "mine", err
+
+
+def test_recommend_names_the_spectra_file_it_was_given_instead_of_an_analysis(monkeypatch, capsys, pair, tmp_path):
+    import json
+
+    code, _, _ = run(monkeypatch, capsys, "analyze", *pair, "--no-cache", "-o", tmp_path / "run", "-q")
+    code, _, err = run(monkeypatch, capsys, "recommend", tmp_path / "run", "-o", tmp_path / "plan.json")
+    assert code == 0, err
+    code, _, err = run(monkeypatch, capsys, "recommend", tmp_path / "plan.json")
+    assert code == 2 and "is a rank plan (`spectra recommend -o`), not an analysis" in err
+    (tmp_path / "sweep.json").write_text(json.dumps({"kind": "truncation_sweep", "base": "b", "modules": []}))
+    code, _, err = run(monkeypatch, capsys, "recommend", tmp_path / "sweep.json")
+    assert code == 2 and "is a truncation sweep" in err
+    (tmp_path / "odd.json").write_text(json.dumps({"config": {}, "base": "b", "modules": []}))
+    code, _, err = run(monkeypatch, capsys, "recommend", tmp_path / "odd.json")
+    assert code == 2 and "'base' must be an object" in err
+    code, _, err = run(monkeypatch, capsys, "recommend", pair[0])
+    assert code == 2 and "is a model folder, not an analysis: pass BASE TUNED" in err
+
+
 def test_debug_shows_traceback(monkeypatch, capsys, pair, tmp_path):
     from spectra.errors import CheckpointError
 

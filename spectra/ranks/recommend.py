@@ -110,17 +110,35 @@ class _Spectrum:
 
 def _rows(analysis: Any) -> tuple[list[dict], dict | None, dict | None]:
     """Rows (as dicts) and the base and tuned descriptions of an analysis object, dict, file or directory."""
+    from spectra.analysis import _malformed
+
     if isinstance(analysis, (str, os.PathLike)):
         path = Path(analysis)
         if path.is_dir():
+            if (path / "config.json").is_file() and not (path / "analysis.json").exists():
+                raise ConfigError(f"{path} is a model folder, not an analysis: pass BASE TUNED (two checkpoints, "
+                                  "analysed first) or the report directory of `spectra analyze`.")
             path = path / "analysis.json"
         if not path.is_file():
             raise ConfigError(f"No analysis found at {path}: pass analysis.json or the directory holding it.")
         try:
-            analysis = json.loads(path.read_text())
+            data = json.loads(path.read_text())
         except json.JSONDecodeError as err:
             raise ConfigError(f"{path} is not valid JSON ({err}); re-run `spectra analyze`.") from None
+        other = _other_spectra_file(data)
+        if other:
+            raise ConfigError(f"{path} is {other}, not an analysis: pass the report directory of `spectra analyze` "
+                              "or its analysis.json.")
+        analysis, where = data, f"{path} "
+    else:
+        where = "the analysis "
     if isinstance(analysis, Mapping):
+        problem = _malformed(dict(analysis)) or next(
+            (f"'{side}' must be an object" for side in ("base", "tuned")
+             if analysis.get(side) is not None and not isinstance(analysis[side], Mapping)), None)
+        if problem:
+            raise ConfigError(f"{where}is not an analysis spectra wrote ({problem}); pass the report directory of "
+                              "`spectra analyze` or its analysis.json.")
         modules, base, tuned = analysis.get("modules"), analysis.get("base"), analysis.get("tuned")
     else:
         modules, base = getattr(analysis, "modules", None), getattr(analysis, "base", None)
@@ -135,6 +153,24 @@ def _rows(analysis: Any) -> tuple[list[dict], dict | None, dict | None]:
             info = dataclasses.asdict(info) if dataclasses.is_dataclass(info) else vars(info)
         described.append(dict(info) if info is not None else None)
     return rows, described[0], described[1]
+
+
+def _other_spectra_file(data: Any) -> str | None:
+    """What another spectra output is ("a rank plan (…)"), when `data` is one rather than an analysis."""
+    if not isinstance(data, Mapping):
+        return None
+    if "policy" in data and "modules" in data:
+        return "a rank plan (`spectra recommend -o`)"
+    kind = data.get("kind")
+    if kind == "truncation_sweep":
+        return "a truncation sweep (`spectra sweep`)"
+    if kind == "sweep":
+        return "a rank sweep of trained adapters (`spectra verify --sweep`)"
+    if "summary" in data and "adapter" in data:
+        return "an adapter check (`spectra verify`)"
+    if "per_module_plan" in data:
+        return "the demo's results (`spectra demo`)"
+    return None
 
 
 def _check_sweep_pair(sweep: Mapping, base: dict | None, tuned: dict | None) -> None:
