@@ -9,6 +9,16 @@ caching, framework buffers (rotary tables, attention masks), dropout masks (LLM 
 usually runs with dropout 0), communication buffers of distributed training, and data-loader
 memory. Read the totals as the floor a device must hold.
 
+The activations are checked tensor by tensor against what autograd saves on tiny transformers 5
+models on the CPU (tests/test_memory.py). Where a CUDA kernel could differ, the model follows
+the kernel a bf16 run gets (FlashAttention): sdpa's output takes Q's memory layout, so Phi-3's
+o_proj reads a copy (CUDA's memory-efficient kernel, which fp32 runs get, returns the layout
+o_proj wants: q·p per token less under full fine-tuning), and an MoE's experts run on
+grouped_mm (transformers' fallback where it is missing, on GPUs before Ampere, old torch or
+torch.compile outside bf16, keeps every expert's input, frozen or not). A bf16 LayerNorm keeps
+fp32 statistics, as on CUDA (the CPU keeps them in bf16). Not checked: PhiMoE (LayerNorm, its
+own router), Gemma 3 (q/k norms).
+
 References
 ----------
 .. [1] Rajbhandari et al., "ZeRO: Memory Optimizations Toward Training Trillion Parameter
