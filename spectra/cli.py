@@ -174,17 +174,21 @@ def _print_summary(analysis: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from spectra.report.tables import rank_picture, role_table
+    from spectra.report.tables import headline_level, percent, rank_picture, role_table
 
     console = Console()
     headers, rows = role_table(analysis)
-    # the terminal gets the columns that decide a rank; report.md has them all
-    keep = [i for i, h in enumerate(headers) if h in _TERMINAL_COLUMNS]
+    # the terminal gets the columns that decide a rank, at the headline energy level; report.md has them all
+    level = percent(headline_level(analysis))
+    short = f"E{level.removesuffix('%')}"
+    columns = _TERMINAL_COLUMNS | {f"energy-{level} rank": short, f"energy-{level} rank / full rank": f"{short}/full"}
+    keep = [i for i, h in enumerate(headers) if h in columns]
     table = Table(title="ΔW spectra by role: median over modules (min–max)",
-                  caption="E90: energy-90 % rank · eff.: entropy effective rank · >noise: singular values above "
-                          "the dtype noise floor (– where the sketch held none below it) · report.md has every column")
+                  caption=f"{short}: energy-{level} rank · eff.: entropy effective rank · >noise: singular values "
+                          "above the dtype noise floor (– where the sketch held none below it) · report.md has every "
+                          "column")
     for i in keep:  # wrap a long (min–max) range rather than cut it
-        table.add_column(_TERMINAL_COLUMNS[headers[i]], overflow="fold")
+        table.add_column(columns[headers[i]], overflow="fold")
     for row in rows:
         table.add_row(*(escape(row[i]) for i in keep))
     console.print(table)
@@ -192,8 +196,8 @@ def _print_summary(analysis: dict) -> None:
 
 
 # the columns that decide a rank, with labels short enough for an 80-column terminal
-_TERMINAL_COLUMNS = {"role": "role", "modules": "n", "full rank": "full", "energy-90% rank": "E90",
-                     "energy-90% rank / full rank": "E90/full", "entropy effective rank": "eff.",
+# (and the headline energy level's rank and share, E90 and E90/full by default)
+_TERMINAL_COLUMNS = {"role": "role", "modules": "n", "full rank": "full", "entropy effective rank": "eff.",
                      "rank above noise floor": ">noise", "‖ΔW‖/‖W‖": "‖ΔW‖/‖W‖"}
 
 

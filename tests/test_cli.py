@@ -53,6 +53,15 @@ def test_analyze_writes_report_and_show_reads_it(monkeypatch, capsys, pair, tmp_
     assert code == 0 and "E90" in stdout and "…" not in stdout and max(map(len, stdout.splitlines())) <= 80
 
 
+def test_the_terminal_table_shows_the_headline_energy_level(monkeypatch, capsys, pair, tmp_path):
+    """Without 0.9 among --energy, the rank columns follow the level the summary sentence uses (0.95 here)."""
+    code, stdout, err = run(monkeypatch, capsys, "analyze", *pair, "-o", tmp_path / "r", "--no-cache",
+                            "--energy", "0.8,0.95")
+    assert code == 0, err
+    assert "E95/full" in stdout and "E95: energy-95% rank" in stdout and "E90" not in stdout
+    assert "95% of the update's energy" in stdout
+
+
 def test_analyze_roles_and_layers(monkeypatch, capsys, pair, tmp_path):
     from spectra.analysis import AnalysisResult
 
