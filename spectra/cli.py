@@ -363,6 +363,7 @@ def extract(
     alpha: Annotated[Optional[float], typer.Option(help="With --rank: lora_alpha (default scale 2: 2·rank, 2·√rank with --rslora).")] = None,
     rslora: Annotated[bool, typer.Option("--rslora", help="With --rank: rsLoRA scaling α/√r.")] = False,
     modules_to_save: Annotated[Optional[str], typer.Option(help="Comma-separated modules copied whole from TUNED, e.g. classifier.")] = None,
+    calibration: Annotated[Optional[Path], typer.Option(help="Calibration data (.txt, or .jsonl/.csv/.tsv with a text field): each module's data-optimal rank-r update, best on the base's inputs for these texts (SVD-LLM), instead of the plain truncated SVD.")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing adapter directory.")] = False,
     device: Annotated[str, typer.Option(help="Torch device for ΔW and its SVD: cpu, cuda, cuda:1.")] = "cpu",
     workers: Annotated[Optional[int], typer.Option(help="Modules decomposed at once, each on its own thread with (torch threads ÷ workers) threads. Default: one per torch thread up to 4 on the CPU, 1 on a GPU.")] = None,
@@ -376,7 +377,7 @@ def extract(
     Examples: spectra extract BASE TUNED --rank 8 --roles q,k,v,o,up,down --modules-to-save classifier -o adapter/
               spectra extract BASE TUNED --plan plan.json -o adapter/
     """
-    _writable(output, base, tuned, plan)
+    _writable(output, base, tuned, plan, calibration)
     import warnings
 
     from spectra.errors import ConfigError, PeftConfigWarning
@@ -391,7 +392,8 @@ def extract(
         warnings.simplefilter("ignore", PeftConfigWarning)  # printed below, after the table
         result = extract_adapter(base, tuned, target, output, roles=_split(roles), alpha=alpha, rslora=rslora,
                                  modules_to_save=_split(modules_to_save) or (), overwrite=overwrite,
-                                 progress=not quiet, device=device, model_class=model_class, workers=workers)
+                                 progress=not quiet, device=device, model_class=model_class, workers=workers,
+                                 calibration=calibration)
     if not quiet:
         from rich.console import Console
 

@@ -177,3 +177,23 @@ def test_extract_with_calibration_is_exact_on_the_data(pair, calibration, tmp_pa
         outputs[name] = float((logits(merged, data) - target).abs().max())
     assert outputs["data"] < 1e-3 * outputs["plain"] and plain.modules[0].error > 0
     assert np.isfinite(outputs["data"])
+
+
+def test_extract_cli_takes_calibration_data(pair, tmp_path):
+    """`spectra extract --calibration FILE` writes the adapter `extract_adapter(..., calibration=FILE)` writes."""
+    from safetensors.torch import load_file
+    from typer.testing import CliRunner
+
+    from spectra.cli import app
+    from spectra.lora.extract import extract_adapter
+
+    base, tuned, data, _, _ = pair
+    extract_adapter(base, tuned, K_F, tmp_path / "api", roles=("v",), calibration=data, progress=False)
+    result = CliRunner().invoke(app, ["extract", str(base), str(tuned), "--rank", str(K_F), "--roles", "v",
+                                      "--calibration", str(data), "-o", str(tmp_path / "cli"), "-q"])
+    assert result.exit_code == 0, result.output
+    api, cli = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("api", "cli"))
+    plain = extract_adapter(base, tuned, K_F, tmp_path / "plain", roles=("v",), progress=False)
+    assert api.keys() == cli.keys() and all(torch.equal(api[k], cli[k]) for k in api)
+    assert plain.modules[0].method != "data-optimal" and not all(  # negative control: the plain SVD's differ
+        torch.equal(api[k], v) for k, v in load_file(tmp_path / "plain" / "adapter_model.safetensors").items())
