@@ -219,7 +219,8 @@ def module_spectrum(delta: torch.Tensor, config: AnalysisConfig, *, total_energy
     if method == "randomized":
         k = min(config.max_rank or 256, min(delta.shape))
         return randomized_svd(delta, k, random_state=config.seed)
-    return adaptive_svd(delta, energy=max(config.thresholds), max_rank=config.max_rank, random_state=config.seed)
+    return adaptive_svd(delta, energy=max(config.thresholds), max_rank=config.max_rank, random_state=config.seed,
+                        whole_fallback=True)
 
 
 def analyze_delta(d: DeltaW, config: AnalysisConfig) -> dict[str, Any]:

@@ -173,6 +173,23 @@ def test_adaptive_path_matches_full(planted_pair):
             assert k < len(f["singular_values"]) or a["complete"]
 
 
+def test_method_adaptive_keeps_every_value_of_a_full_fall_back(planted_pair):
+    """`--method adaptive` on matrices too small for Krylov steps decomposes them fully: the row is then
+    complete, with the full path's noise-floor and Gavish–Donoho ranks (it had kept only the energy rank's
+    values: complete false, noise rank null)."""
+    full = analyze(*planted_pair, AnalysisConfig(roles=("q", "down")), cache_dir=False, progress=False)
+    adaptive = analyze(*planted_pair, AnalysisConfig(roles=("q", "down"), method="adaptive"), cache_dir=False,
+                       progress=False)
+    fell_back = [(a, f) for a, f in zip(adaptive.matrices(), full.matrices()) if a["method"] == "adaptive->full"]
+    assert fell_back
+    for a, f in fell_back:
+        assert a["complete"] and len(a["singular_values"]) == len(f["singular_values"])
+        assert a["noise"] == f["noise"] and a["gd"] == f["gd"] and a["gd_rank"] == f["gd_rank"]
+        assert a["noise"]["rank_above"] is not None
+        assert a["energy_rank"] == f["energy_rank"]
+        assert a["effective_rank"] == pytest.approx(f["effective_rank"], rel=1e-5)
+
+
 def test_base_top_singular_values_match_numpy(planted_pair):
     result = analyze(*planted_pair, AnalysisConfig(roles=("o",)), cache_dir=False, progress=False)
     from spectra.checkpoints.source import open_checkpoint
