@@ -3,7 +3,9 @@
 Everything spectra writes — reports, adapters, plans, cache entries, benchmark results,
 generated checkpoint pairs — is built under a hidden name beside its destination and
 moved into place with one rename. A reader (or the next run) never sees half of it, and
-a failure, including Ctrl-C, removes the temporary and leaves the destination as it was.
+a failure, including Ctrl-C, removes the temporary and leaves the destination as it was;
+the temporary of a killed run (SIGKILL, a lost machine) is removed by the next write of
+the same destination on the same host.
 Temporaries are made with plain ``open``/``mkdir``, so the result has the permissions
 the umask gives, like any other file the user creates. Files that a library wrote into a
 staged directory are given those permissions too before it is moved into place:
@@ -16,8 +18,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import secrets
 import shutil
+import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -25,8 +29,45 @@ __all__ = ["move_into_place", "refuse_replacing_inputs", "staged_directory", "wr
 
 
 def _sibling(path: Path, what: str) -> Path:
-    """A hidden, unique name beside `path` (same directory, so the final rename stays on one filesystem)."""
-    return path.with_name(f".{path.name}.{what}-{os.getpid()}-{secrets.token_hex(4)}")
+    """A hidden, unique name beside `path` (same directory, so the final rename stays on one filesystem), naming
+    this host and process: a temporary left by a killed run is found and removed by the next (:func:`_sweep`)."""
+    return path.with_name(f".{path.name}.{what}-{_HOST}-{os.getpid()}-{secrets.token_hex(4)}")
+
+
+_HOST = re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:24] or "host"
+
+
+def _sweep(path: Path) -> None:
+    """Remove the temporaries of `path` that a killed process of this host left (SIGKILL runs no cleanup).
+
+    Only names of this host whose process is gone: on a shared filesystem another host's
+    run may still be writing its own.
+    """
+    prefix = f".{path.name}.tmp-{_HOST}-"
+    try:
+        names = [n for n in os.listdir(path.parent) if n.startswith(prefix)]
+    except OSError:
+        return
+    for name in names:
+        pid = name[len(prefix):].partition("-")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            leftover = path.parent / name
+            if leftover.is_dir() and not leftover.is_symlink():
+                shutil.rmtree(leftover, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    leftover.unlink()
+
+
+def _alive(pid: int) -> bool:
+    """Whether process `pid` exists on this host (one another user owns counts: it may be writing)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
 
 
 def refuse_replacing_inputs(output: str | os.PathLike, inputs, *, option: str = "-o/--output") -> None:
@@ -61,6 +102,7 @@ def write_atomic(path: str | os.PathLike, write: Callable[[Path], object]) -> Pa
     told the format.
     """
     path = Path(path)
+    _sweep(path)
     tmp = _sibling(path, "tmp")
     try:
         write(tmp)
@@ -85,6 +127,7 @@ def staged_directory(out: str | os.PathLike) -> Iterator[Path]:
     """
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    _sweep(out)
     staging = _sibling(out, "tmp")
     staging.mkdir()  # plain mkdir: the umask's permissions, not mkdtemp's owner-only 0700
     try:

@@ -83,3 +83,35 @@ def test_staged_directory_creates_missing_parents(tmp_path):
     with staged_directory(tmp_path / "x" / "y" / "out") as staging:
         (staging / "f").write_text("")
     assert (tmp_path / "x" / "y" / "out" / "f").exists()
+
+
+def test_a_killed_runs_temporaries_are_removed_by_the_next_write(tmp_path):
+    """A SIGKILLed process leaves its staging directory or file behind; the next write of the same destination
+    removes those of dead processes of this host, and keeps a live process's and another host's."""
+    import signal
+    import subprocess
+    import sys
+
+    from spectra.files import _HOST
+
+    code = ("import os, sys, time; from spectra.files import staged_directory\n"
+            "with staged_directory(sys.argv[1]) as d:\n"
+            "    (d / 'half').write_text('x'); print(d, flush=True); time.sleep(60)")
+    with subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "report")], stdout=subprocess.PIPE,
+                          text=True) as proc:
+        staging = proc.stdout.readline().strip()
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    live = tmp_path / f".report.tmp-{_HOST}-{os.getpid()}-0000"  # this process: alive
+    other = tmp_path / f".report.tmp-otherhost-{proc.pid}-0000"  # another host's: may be alive there
+    dead_file = tmp_path / f".plan.json.tmp-{_HOST}-{proc.pid}-0000"
+    for path in (live, other):
+        path.mkdir()
+    dead_file.write_text("half")
+    assert os.path.isdir(staging)
+    with staged_directory(tmp_path / "report") as d:
+        (d / "whole").write_text("y")
+    write_text_atomic(tmp_path / "plan.json", "{}")
+    assert not os.path.exists(staging) and not dead_file.exists()
+    assert live.is_dir() and other.is_dir()
+    assert (tmp_path / "report" / "whole").read_text() == "y"
