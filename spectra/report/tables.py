@@ -353,6 +353,12 @@ def rank_picture(analysis: Mapping) -> str:
     split = {r["fused_name"] for r in rows if r.get("fused_name")}
     whole_roles = {r["role"] for r in rows if r["name"] in split} - {r["role"] for r in rows if r["name"] not in split}
     rows = [r for r in rows if r["name"] not in split]  # a fused tensor counts once: through its projections
+    unchanged = [r for r in rows if number(r.get("fro_norm")) == 0.0]
+    if rows and len(unchanged) == len(rows):
+        return (f"All {len(rows)} weight matrices are unchanged (ΔW = 0): the two checkpoints hold the same values "
+                "in every compared tensor, so there is no update to measure. Check that TUNED is the fine-tune.")
+    rows = [r for r in rows if number(r.get("fro_norm")) != 0.0]  # no update: no rank to report, none to rank
+    still = {r["role"] for r in unchanged} - {r["role"] for r in rows}  # roles the fine-tune left alone entirely
     level = headline_level(analysis)
     at = percent(level)
     shares = stats(_share(level)(r) for r in rows)
@@ -367,9 +373,11 @@ def rank_picture(analysis: Mapping) -> str:
         f"Across {of} {'modules (fused tensors by projection)' if split else 'weight matrices'}, a median of {format_value(ranks['median'], 'rank')} singular "
         f"directions hold {at} of the update's energy, {shares['median']:.1%} of the full rank{spread}"
         + ("" if counted == len(rows) else f" (the others' energy-{at} ranks are beyond the values they hold)") + "."
+        + (f" {len(unchanged)} unchanged {'matrix is' if len(unchanged) == 1 else 'matrices are'} left out (ΔW = 0"
+           + (f"; every {', '.join(sorted(still))} matrix" if still else "") + ")." if unchanged else "")
     )
     by_role = [(entry["role"], entry[f"energy_rank_{level}_share"]) for entry in summary_rows(analysis)
-               if entry["role"] not in whole_roles]  # qkv/gate_up read through their q, k, v / gate, up
+               if entry["role"] not in whole_roles | still]  # qkv/gate_up read through their q, k, v / gate, up
     missing = [role for role, s in by_role if s is None]
     by_role = sorted(((role, s["median"]) for role, s in by_role if s is not None), key=lambda item: item[1])
     parts = ", ".join(f"{role} {share:.1%}" for role, share in by_role)

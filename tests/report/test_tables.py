@@ -195,3 +195,23 @@ def test_an_unsettled_energy_level_shows_its_interval_in_the_module_table(analys
     assert cells["energy-99% rank"] == "7–12"
     assert cells["energy-90% rank"] == tables.format_value(row["energy_rank"]["0.9"], "rank")  # settled: as before
     assert tables.module_table(analysis)[1][0][headers.index("energy-99% rank")] != "7–12"
+
+
+def test_rank_picture_leaves_unchanged_matrices_out_and_names_identical_checkpoints(analysis):
+    """ΔW = 0 has no rank to report: untouched matrices left the medians at 0 and led the role ranking
+    ("embed 0.0%"); a pair of identical checkpoints read as "a median of 0 singular directions"."""
+    import copy
+
+    data = copy.deepcopy(analysis)
+    for r in data["modules"]:
+        if r.get("role") == "embed":
+            r["fro_norm"], r["energy_rank"] = 0.0, {k: 0 for k in r["energy_rank"]}
+    text = tables.rank_picture(data)
+    split = {r["fused_name"] for r in matrix_rows(data) if r.get("fused_name")}
+    kept = [r for r in matrix_rows(data) if r["name"] not in split and r["role"] != "embed"]
+    assert f"Across {len(kept)} modules" in text
+    assert "1 unchanged matrix is left out (ΔW = 0; every embed matrix)" in text and "embed 0.0%" not in text
+    assert tables.rank_picture(analysis).count("unchanged") == 0  # negative control: the fixture as built
+    for r in data["modules"]:
+        r["fro_norm"] = 0.0
+    assert tables.rank_picture(data).startswith("All ") and "are unchanged (ΔW = 0)" in tables.rank_picture(data)
