@@ -193,6 +193,13 @@ def _print_summary(analysis: dict) -> None:
         table.add_row(*(escape(row[i]) for i in keep))
     console.print(table)
     console.print(escape(rank_picture(analysis)))
+    pairing = analysis.get("pairing") or {}
+    for key, label in (("only_in_base", "only in BASE, not analysed"), ("only_in_tuned", "only in TUNED, not analysed"),
+                       ("skipped", "skipped (--skip-nonfinite)")):
+        listed = [str(x) for x in pairing.get(key) or []]
+        if listed:  # report.md lists them too; a user reading only the terminal must not miss them
+            console.print(escape(f"note: {len(listed)} tensor(s) {label}: " + ", ".join(listed[:3])
+                                 + (", …" if len(listed) > 3 else "") + " (report.md lists them all)"), style="yellow")
 
 
 # the columns that decide a rank, with labels short enough for an 80-column terminal

@@ -62,6 +62,26 @@ def test_the_terminal_table_shows_the_headline_energy_level(monkeypatch, capsys,
     assert "95% of the update's energy" in stdout
 
 
+def test_analyze_names_tensors_it_could_not_pair_in_the_terminal(monkeypatch, capsys, pair, tmp_path):
+    """A tensor missing from TUNED was only in report.md: the run printed "Across N weight matrices" and nothing else."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    tuned = shutil.copytree(pair[1], tmp_path / "t")
+    weights = load_file(tuned / "model.safetensors")
+    gone = "transformer.h.1.mlp.c_fc.weight"
+    del weights[gone]
+    save_file(weights, tuned / "model.safetensors", metadata={"format": "pt"})
+    code, stdout, err = run(monkeypatch, capsys, "analyze", pair[0], tuned, "-o", tmp_path / "r", "--no-cache")
+    assert code == 0, err
+    assert f"note: 1 tensor(s) only in BASE, not analysed: {gone}" in stdout
+    code, stdout, _ = run(monkeypatch, capsys, "show", tmp_path / "r")
+    assert f"only in BASE, not analysed: {gone}" in stdout
+    code, stdout, _ = run(monkeypatch, capsys, "analyze", *pair, "-o", tmp_path / "r2", "--no-cache")
+    assert code == 0 and "not analysed" not in stdout  # negative control: a complete pair
+
+
 def test_analyze_roles_and_layers(monkeypatch, capsys, pair, tmp_path):
     from spectra.analysis import AnalysisResult
 
