@@ -121,14 +121,25 @@ def read_records(path: str | Path, *, task: str) -> list[dict]:
     integers only holds class ids, as integer labels of a ``.jsonl`` file do, and an empty
     label cell is no label.
 
+    Parameters
+    ----------
+    path : str or path
+    task : {"auto", "causal_lm", "seq_cls"}
+        ``seq_cls``: every record needs a label. ``auto``: the same when any record has
+        one (a file with some labels is a classification file with records missing theirs,
+        not a language-modelling one); records without any label are language modelling.
+        ``causal_lm`` reads labels where they are and checks nothing about them.
+
     Raises
     ------
     ConfigError
         Missing file, another extension, invalid JSON or a malformed table row (with the
-        line number), records without ``text`` or, for ``seq_cls``, without ``label``; an
-        empty file.
+        line number), records without ``text``; for ``seq_cls`` (and ``auto`` once a record
+        has a label), a record without ``label`` (the first by line, and how many) or with
+        one that is neither integer nor string; an empty file.
     """
-    _check_task(task)
+    if task != "auto":
+        _check_task(task)
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"data file {path} does not exist; pass {DATA_FORMATS}.")
@@ -148,15 +159,26 @@ def read_records(path: str | Path, *, task: str) -> list[dict]:
     else:
         raise ConfigError(f"data file {path}: {path.suffix or 'a name without extension'} is not a data format "
                           f"spectra reads; pass {DATA_FORMATS}. Rename a plain-text file to .txt.")
-    records = []
-    for number, record in rows:
-        if task == "seq_cls" and not isinstance(record.get("label"), (int, str)):
-            raise ConfigError(f"data file {path}, line {number}: classification records need a \"label\" "
-                              "(integer or string).")
-        records.append(record)
-    if not records:
+    if not rows:
         raise ConfigError(f"data file {path} holds no records.")
-    return records
+    unlabelled = [number for number, record in rows if "label" not in record]
+    if task == "seq_cls" or (task == "auto" and len(unlabelled) < len(rows)):
+        _check_labels(path, rows, unlabelled)
+    return [record for _, record in rows]
+
+
+def _check_labels(path: Path, rows: list[tuple[int, dict]], unlabelled: list[int]) -> None:
+    """Refuse classification rows without a label (the first by line, and how many) or with one of another type."""
+    if unlabelled:
+        empty = " (an empty label cell is no label)" if path.suffix.lower() in _TABLE_DELIMITERS else ""
+        raise ConfigError(f"data file {path}, line {unlabelled[0]}: no \"label\"{empty}; {len(unlabelled)} of "
+                          f"{len(rows)} records have none. Classification needs a label on every record; to train "
+                          "a language model on the text alone, drop the labels or pass task causal_lm "
+                          "(--task causal_lm).")
+    for number, record in rows:
+        if not isinstance(record["label"], (int, str)):
+            raise ConfigError(f"data file {path}, line {number}: classification records need a \"label\" "
+                              f"(integer or string), not {json.dumps(record['label'])}.")
 
 
 def _json_lines(path: Path) -> list[tuple[int, dict]]:
@@ -206,8 +228,10 @@ def _table_rows(path: Path, delimiter: str, *, task: str) -> list[tuple[int, dic
                 raise ConfigError(f"data file {path}, line {reader.line_num}: no text field; each row needs the "
                                   f"{len(header)} fields the header names.")
             record = {"text": _unquote(row["text"]) if tsv else row["text"]}
-            if row.get("label"):
-                record["label"] = _unquote(row["label"]) if tsv else row["label"]
+            label = row.get("label") or ""  # None: a short row; "": an empty cell. Neither is a label ("0" is)
+            label = _unquote(label) if tsv else label
+            if label:
+                record["label"] = label
             rows.append((reader.line_num, record))
     except csv.Error as err:
         raise ConfigError(f"data file {path}, line {reader.line_num}: not valid {kind} ({err}).") from None
@@ -481,7 +505,8 @@ def prepare_data(model_dir: str | Path, data, *, task: str = "auto", max_length:
     data : str or path
         Training data file.
     task : {"auto", "causal_lm", "seq_cls"}
-        ``auto``: classification when every record has a ``label``.
+        ``auto``: classification when every record has a ``label``, language modelling
+        when none has; a file with some labels is refused (see :func:`read_records`).
     max_length : int
     eval_data : str or path, optional
         Held-out data; otherwise ``eval_fraction`` of ``data`` is held out (0: none).
@@ -506,14 +531,13 @@ def prepare_data(model_dir: str | Path, data, *, task: str = "auto", max_length:
     """
     folder = Path(model_dir)
     model_config = json.loads((folder / "config.json").read_text())
-    records = read_records(data, task="causal_lm" if task == "auto" else task)
+    records = read_records(data, task=task)  # auto: every record labelled, or none (a mix is refused)
     if task == "auto":
-        task = "seq_cls" if all("label" in r for r in records) else "causal_lm"
+        task = "seq_cls" if "label" in records[0] else "causal_lm"
     tokenizer = load_tokenizer(folder, vocab_size=int(model_config.get("vocab_size", 256)), task=task)
     names = None
     labels = None
     if task == "seq_cls":
-        records = read_records(data, task=task)  # re-read: every record needs a label
         classes = configured_labels(model_config)
         # integer labels index the head: a trained head fixes their range, a new one grows to fit them
         labels, names = label_ids(records, label2id=model_label2id(model_config), source=str(data),

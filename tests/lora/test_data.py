@@ -213,12 +213,68 @@ def test_bad_tables_are_named_by_line(tmp_path):
         read_records(unquoted, task="seq_cls")
     empty_label = tmp_path / "d.csv"
     empty_label.write_text('text,label\nfine,1\n"two\nlines",\n')
-    with pytest.raises(ConfigError, match=r"d\.csv, line 4: classification records need a \"label\""):
+    with pytest.raises(ConfigError, match=r"d\.csv, line 4: no \"label\" \(an empty label cell is no label\); 1 of 2 "
+                                          "records have none"):
         read_records(empty_label, task="seq_cls")
     header_only = tmp_path / "e.tsv"
     header_only.write_text("text\tlabel\n")
     with pytest.raises(ConfigError, match="holds no records"):
         read_records(header_only, task="seq_cls")
+
+
+def _mixed_files(tmp_path):
+    """A .jsonl (a blank line, then line 3 unlabelled) and a .csv (line 4 empty), each labelling the others."""
+    jsonl = tmp_path / "mixed.jsonl"
+    jsonl.write_text(json.dumps({"text": "zero is a label", "label": 0}) + "\n\n"  # line 2 blank, as editors count
+                     + json.dumps({"text": "no label here"}) + "\n" + json.dumps({"text": "one", "label": 1}) + "\n"
+                     + json.dumps({"text": "nor here"}) + "\n")
+    table = tmp_path / "mixed.csv"
+    table.write_text('text,label\nfalse is a name,false\n"zero, as text",0\nempty cell,\nlast,"0"\n')
+    return jsonl, table
+
+
+def test_some_records_without_a_label_are_refused_by_line(llama_base, tmp_path):
+    """A classification file with one unlabelled record was trained as a language model, every label dropped."""
+    from spectra.lora.data import read_records
+
+    jsonl, table = _mixed_files(tmp_path)
+    for task in ("auto", "seq_cls"):
+        with pytest.raises(ConfigError, match=rf"data file {jsonl}, line 3: no \"label\"; 2 of 4 records have none\. "
+                                              r"Classification needs a label on every record.*--task causal_lm"):
+            read_records(jsonl, task=task)
+        with pytest.raises(ConfigError, match=rf"data file {table}, line 4: no \"label\" \(an empty label cell is no "
+                                              r"label\); 1 of 4 records have none"):
+            read_records(table, task=task)
+    with pytest.raises(ConfigError, match=rf"{jsonl}, line 3: no \"label\""):
+        prepare_data(llama_base, jsonl)  # what `spectra train` calls
+    # the same file as eval data of a classifier names it too
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps({"text": f"item {i}", "label": i % 2}) + "\n" for i in range(6)))
+    with pytest.raises(ConfigError, match=rf"{jsonl}, line 3: no \"label\"; 2 of 4"):
+        prepare_data(llama_base, train, eval_data=jsonl)
+    # negative controls: asked for a language model, the labels are read and ignored; 0, "0" and "false" are labels
+    assert prepare_data(llama_base, jsonl, task="causal_lm")[0] == "causal_lm"
+    table.write_text(table.read_text().replace("empty cell,", "empty cell,0"))
+    assert [r["label"] for r in read_records(table, task="auto")] == ["false", "0", "0", "0"]
+    task, tokens, _, names, _ = prepare_data(llama_base, table)
+    assert task == "seq_cls" and names == ["0", "false"] and tokens.labels == [1, 0, 0, 0]
+    jsonl.write_text("".join(json.dumps({"text": t, "label": 0 if "zero" in t else 1}) + "\n"
+                             for t in ("zero one", "one", "zero two")))
+    assert prepare_data(llama_base, jsonl)[2] is None and prepare_data(llama_base, jsonl)[1].labels == [0, 1, 0]
+    # no record labelled: a language model, as before
+    jsonl.write_text("".join(json.dumps({"text": t}) + "\n" for t in ("some text", "more text")))
+    assert prepare_data(llama_base, jsonl)[0] == "causal_lm"
+
+
+def test_a_label_of_another_type_is_named(tmp_path):
+    from spectra.lora.data import read_records
+
+    path = tmp_path / "typed.jsonl"
+    path.write_text(json.dumps({"text": "a", "label": 1}) + "\n" + json.dumps({"text": "b", "label": None}) + "\n")
+    for task in ("auto", "seq_cls"):  # a null label is a label key: refused as such, not taken for a missing one
+        with pytest.raises(ConfigError, match=rf"{path}, line 2: classification records need a \"label\" \(integer or "
+                                              r"string\), not null"):
+            read_records(path, task=task)
 
 
 @pytest.mark.parametrize("name", ["train.md", "train.parquet", "train"])
