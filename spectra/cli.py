@@ -257,8 +257,9 @@ def recommend(
     rslora: Annotated[bool, typer.Option(help="Scale by α/√r (rsLoRA).")] = False,
     dora: Annotated[bool, typer.Option(help="Plan DoRA (adds magnitude vectors).")] = False,
     alpha_rule: Annotated[str, typer.Option(help="'scale': same update scale for all; 'constant': one α.")] = "scale",
-    scale: Annotated[float, typer.Option(help="Common update scale for alpha-rule=scale (α = scale·r).")] = 2.0,
-    alpha: Annotated[float, typer.Option(help="Common α for alpha-rule=constant.")] = 16.0,
+    scale: Annotated[Optional[float], typer.Option(help="Common update scale for alpha-rule=scale (α = scale·r; "
+                                                        "default 2).")] = None,
+    alpha: Annotated[Optional[float], typer.Option(help="Common α for alpha-rule=constant (default 16).")] = None,
     functional: Annotated[Optional[float], typer.Option(
         help="ε in the sweep metric's units: each module gets the smallest swept rank whose truncated model stays "
              "within ε of the full fine-tune (per role when the sweep has role curves). Needs --sweep; replaces "
@@ -298,6 +299,14 @@ def recommend(
     from spectra.ranks.plan import base_config
 
     budget_kw = parse_budget(budget) if budget is not None else {}
+    ignored = {"scale": "--alpha", "constant": "--scale"}.get(alpha_rule)
+    if ignored and (alpha if alpha_rule == "scale" else scale) is not None:
+        raise ConfigError(f"{ignored} has no effect under --alpha-rule {alpha_rule} (" + (
+            "α = scale·r: set --scale, or pass --alpha-rule constant for one α)." if alpha_rule == "scale" else
+            "one α for every module: set --alpha, or pass --alpha-rule scale for α = scale·r)."))
+    if rank is not None and (energy is not None or knee):
+        raise ConfigError(f"--rank {rank} gives every module that rank; {'--energy' if energy is not None else '--knee'}"
+                          " would be ignored. Leave one out (a uniform rank from an energy target: --uniform).")
     if (functional is None) != (sweep is None):
         raise ConfigError("--functional ε and --sweep DIR go together: the sweep measured the function at each "
                           "rank, ε says how close to the full fine-tune it must stay.")
@@ -308,7 +317,8 @@ def recommend(
     policy = RankPolicy(energy=energy, noise=noise, knee=knee, uniform=uniform, uniform_share=uniform_share,
                         rank=rank, min_rank=min_rank, max_rank=max_rank, power_of_two=power_of_two,
                         roles=_split(roles), include=include, rslora=rslora, use_dora=dora, alpha_rule=alpha_rule,
-                        scale=scale, alpha=alpha, functional=functional, **budget_kw)
+                        scale=2.0 if scale is None else scale, alpha=16.0 if alpha is None else alpha,
+                        functional=functional, **budget_kw)
     plan = recommend_ranks(_analysis_or_pair(analysis), policy, sweep=sweep)
     source = config or base_config(plan.base)  # the config.json beside the analysed base (a folder or a file)
     est, memory_skipped = None, None
@@ -392,6 +402,17 @@ def extract(
 
     if (plan is None) == (rank is None):
         raise ConfigError("pass exactly one of --plan PLAN.json or --rank R (an integer, or 'full').")
+    given = [flag for flag, value in (("--roles", roles), ("--alpha", alpha), ("--rslora", rslora or None))
+             if value is not None]
+    if plan is not None and given:
+        raise ConfigError(f"--plan sets every module's rank and α; {', '.join(given)} would be ignored. Plan other "
+                          "roles or scaling with `spectra recommend` (--roles, --rslora), or extract with --rank.")
+    if roles is not None:
+        from spectra.checkpoints.architectures import ROLES
+
+        unknown = sorted(set(_split(roles) or ()) - set(ROLES))
+        if unknown:
+            raise ConfigError(f"--roles: unknown role(s) {', '.join(unknown)}; choose from {', '.join(ROLES)}.")
     if rank is not None and rank != "full" and not rank.isdigit():
         raise ConfigError(f"--rank {rank!r}: expected a positive integer or 'full'.")
     target = plan if plan is not None else (rank if rank == "full" else int(rank))

@@ -203,6 +203,13 @@ def test_extract_uniform_rank_form(monkeypatch, capsys, pair, tmp_path):
     assert code == 2 and "exactly one of --plan" in err and not (tmp_path / "ad2").exists()
     code, _, err = run(monkeypatch, capsys, "extract", *pair, "--rank", "99", "-o", tmp_path / "ad3")
     assert code == 2 and "exceeds min" in err and not (tmp_path / "ad3").exists()
+    code, _, err = run(monkeypatch, capsys, "extract", *pair, "--rank", "2", "--roles", "q,foo", "-o", tmp_path / "ad5")
+    assert code == 2 and "unknown role(s) foo; choose from q, k" in err and not (tmp_path / "ad5").exists()
+    plan = tmp_path / "plan.json"
+    plan.write_text("{}")
+    for extra in (["--roles", "q"], ["--alpha", "3"], ["--rslora"]):  # ignored under --plan: refused
+        code, _, err = run(monkeypatch, capsys, "extract", *pair, "--plan", plan, *extra, "-o", tmp_path / "ad6")
+        assert code == 2 and f"{extra[0]} would be ignored" in err and not (tmp_path / "ad6").exists()
 
 
 def test_natural_order_of_module_names():

@@ -129,3 +129,19 @@ def test_recommend_writes_the_models_names_and_prints_what_they_approximate(tmp_
     cfg = json.loads(out.read_text())["peft_config"]
     assert "model.layers.1.mlp.experts.gate_up_proj" in cfg["target_parameters"]
     assert not any("block_sparse_moe" in n for n in cfg["target_modules"])
+
+
+def test_recommend_refuses_options_it_would_ignore(tmp_path):
+    """--alpha under the default scale rule, --scale under the constant one and --rank with --energy had no effect."""
+    run = _analysis_dir(tmp_path)
+    for args, message in ((["--alpha", "4"], "--alpha has no effect under --alpha-rule scale"),
+                          (["--alpha-rule", "constant", "--scale", "3"], "--scale has no effect under --alpha-rule constant"),
+                          (["--rank", "4", "--energy", "0.5"], "--energy would be ignored"),
+                          (["--rank", "4", "--knee"], "--knee would be ignored")):
+        result = runner.invoke(app, ["recommend", str(run), *args])
+        assert result.exit_code != 0 and message in str(result.exception), args
+    result = runner.invoke(app, ["recommend", str(run), "--alpha-rule", "constant", "--alpha", "4", "--json"])
+    assert result.exit_code == 0, result.output  # the working forms
+    assert {m["alpha"] for m in json.loads(result.output)["modules"]} == {4.0}
+    result = runner.invoke(app, ["recommend", str(run), "--rank", "2", "--json"])
+    assert result.exit_code == 0 and {m["rank"] for m in json.loads(result.output)["modules"]} == {2}

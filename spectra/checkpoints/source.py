@@ -387,5 +387,6 @@ def _resolve_hub(repo_id: str, revision: str | None) -> Path:
         f"({type(last_error).__name__}: "
         f"{str(last_error).splitlines()[0] if last_error else 'no weight files'}). If you are offline, download "
         "the model elsewhere and pass its local directory instead (e.g. "
-        f"`huggingface-cli download {repo_id} --local-dir ./model`, then `spectra analyze ./base ./model`)."
+        f"`hf download {repo_id} --local-dir ./model` (`huggingface-cli download` before huggingface_hub 0.34), "
+        "then `spectra analyze ./base ./model`)."
     ) from last_error
