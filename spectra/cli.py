@@ -870,10 +870,25 @@ def _interruptible(typer_app: typer.Typer) -> None:
 _interruptible(app)  # every command above, bench's included
 
 
+def _quiet_third_party() -> None:
+    """Drop bitsandbytes' import-time warning that its optional CPU 4-bit kernel package is not installed.
+
+    PEFT imports bitsandbytes, so every extract/train/verify printed "Failed to load CPU
+    gemm_4bit_forward from kernels-community" although nothing needed it; QLoRA on the CPU
+    works without it (bitsandbytes falls back to its own kernel). Only the command line
+    filters it: a library user keeps bitsandbytes' logging as configured.
+    """
+    import logging
+
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+        lambda record: "gemm_4bit_forward from kernels-community" not in str(record.msg))
+
+
 def main() -> None:
     """Console entry point: spectra's own errors as one paragraph and exit code 2 (Ctrl-C: 130, above)."""
     from spectra.errors import SpectraError
 
+    _quiet_third_party()
     try:
         app()
     except (SpectraError, OSError) as err:  # OSError: a path that cannot be read or written, named in the message

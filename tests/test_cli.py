@@ -267,3 +267,22 @@ def test_data_that_is_not_text_is_named(tmp_path):
     binary.write_bytes(bytes(range(128, 256)))
     with pytest.raises(ConfigError, match="not UTF-8 text"):
         read_records(binary, task="causal_lm")
+
+
+def test_the_command_line_drops_bitsandbytes_missing_kernel_package_warning(caplog):
+    """PEFT imports bitsandbytes, whose CPU backend warned on every extract/train/verify that the optional
+    `kernels` package is missing; the CLI filters that one message and nothing else from its logger."""
+    import logging
+
+    from spectra.cli import _quiet_third_party
+
+    logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    before = list(logger.filters)
+    try:
+        _quiet_third_party()
+        with caplog.at_level(logging.WARNING, logger=logger.name):
+            logger.warning("Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please …", "no kernels")
+            logger.warning("another bitsandbytes warning")
+        assert [r.getMessage() for r in caplog.records] == ["another bitsandbytes warning"]
+    finally:
+        logger.filters[:] = before
