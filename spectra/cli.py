@@ -448,7 +448,9 @@ def memory(
     roles: Annotated[Optional[str], typer.Option(help="Roles --rank targets (default: all block linears).")] = None,
     batch: Annotated[int, typer.Option(help="Sequences per step.")] = 1,
     seq_len: Annotated[int, typer.Option(help="Tokens per sequence.")] = 2048,
-    precision: Annotated[str, typer.Option(help="fp32, bf16, fp16 or mixed.")] = "bf16",
+    precision: Annotated[Optional[str], typer.Option(help="fp32, bf16, fp16 or mixed (bf16 weights and activations, "
+                                                         "fp32 master weights and Adam states). Default: mixed for "
+                                                         "--method full, bf16 otherwise.")] = None,
     optimizer: Annotated[str, typer.Option(help="adamw, adamw_8bit or sgd.")] = "adamw",
     gradient_checkpointing: Annotated[bool, typer.Option(help="Checkpoint every block.")] = True,
     attention: Annotated[str, typer.Option(help="sdpa (no s×s matrix) or eager.")] = "sdpa",
@@ -474,7 +476,7 @@ def memory(
         return
     table = Table("component", "bytes", "size",
                   title=f"{method} on {est.params:,} parameters ({est.trainable_params:,} trainable), "
-                        f"batch {batch} × {seq_len} tokens, {precision}, {optimizer}")
+                        f"batch {batch} × {seq_len} tokens, {est.precision}, {optimizer}")
     for name, n in est.rows():
         table.add_row(name, f"{n:,}", format_bytes(n))
     Console().print(table)

@@ -328,7 +328,7 @@ class MemoryEstimate:
 
 
 def estimate_memory(config_or_model: Any, *, method: str = "lora", rank_plan_or_rank: RankPlan | int | None = 16,
-                    batch: int = 1, seq_len: int = 2048, precision: str = "bf16", optimizer: str = "adamw",
+                    batch: int = 1, seq_len: int = 2048, precision: str | None = None, optimizer: str = "adamw",
                     gradient_checkpointing: bool = True, roles: tuple[str, ...] | None = None,
                     attention: str = "sdpa", double_quant: bool = True, use_cache: bool = True,
                     layers_to_transform: int | tuple[int, ...] | None = None,
@@ -349,7 +349,10 @@ def estimate_memory(config_or_model: Any, *, method: str = "lora", rank_plan_or_
         Sequences per step and tokens per sequence. Defaults 1 and 2048.
     precision : {"fp32", "bf16", "fp16", "mixed"}
         Dtype of the model's weights and activations. ``"mixed"`` is bf16 weights and
-        activations with fp32 master weights in the optimizer [1]_. Default "bf16".
+        activations with fp32 master weights in the optimizer [1]_. Default: "mixed" for
+        ``full`` (how full fine-tuning is run: 16 bytes per parameter with AdamW; pure bf16
+        Adam states, 8 bytes, lose small updates), "bf16" for the adapters (a frozen bf16
+        base, the adapter in fp32).
     optimizer : {"adamw", "adamw_8bit", "sgd"}
         Default "adamw".
     gradient_checkpointing : bool
@@ -442,6 +445,8 @@ def estimate_memory(config_or_model: Any, *, method: str = "lora", rank_plan_or_
     """
     if method not in METHODS:
         raise ConfigError(f"method must be one of {METHODS}, got {method!r}.")
+    if precision is None:
+        precision = "mixed" if method == "full" else "bf16"
     if precision not in PRECISIONS:
         raise ConfigError(f"precision must be one of {PRECISIONS}, got {precision!r}.")
     if optimizer not in OPTIMIZERS:

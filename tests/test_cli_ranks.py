@@ -145,3 +145,18 @@ def test_recommend_refuses_options_it_would_ignore(tmp_path):
     assert {m["alpha"] for m in json.loads(result.output)["modules"]} == {4.0}
     result = runner.invoke(app, ["recommend", str(run), "--rank", "2", "--json"])
     assert result.exit_code == 0 and {m["rank"] for m in json.loads(result.output)["modules"]} == {2}
+
+
+def test_memory_of_full_fine_tuning_defaults_to_mixed_precision(tmp_path):
+    """`spectra memory --method full` gave pure-bf16 AdamW (51 GiB for Llama-2-7B) while the README's table and
+    its 16 B/parameter rule are mixed precision (~100 GiB); adapters keep the bf16 base."""
+    from spectra.memory import estimate_memory
+
+    (tmp_path / "config.json").write_text(json.dumps(LLAMA2_7B))
+    result = runner.invoke(app, ["memory", str(tmp_path), "--method", "full", "--json"])
+    assert result.exit_code == 0, result.output
+    est = json.loads(result.output)
+    mixed = estimate_memory(LLAMA2_7B, method="full", precision="mixed")
+    assert est["precision"] == "mixed" and est["training_total"] == mixed.training_total
+    assert est["training_total"] > 1.9 * estimate_memory(LLAMA2_7B, method="full", precision="bf16").training_total
+    assert estimate_memory(LLAMA2_7B, method="lora").precision == "bf16"
