@@ -35,6 +35,7 @@ experts, per expert, written into the loaded model's fused parameters).
 from __future__ import annotations
 
 import math
+import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -692,7 +693,8 @@ class RankSweepResult:
     Attributes
     ----------
     runs : list of dict
-        One per (method, rank): captured vs optimal energy, φ, eval metrics, adapter path.
+        One per (method, rank): captured vs optimal energy, φ, eval metrics, adapter path,
+        ``step_median_s`` (:func:`steady_step_time`).
     reference_evals : dict
         Eval of the base and the full fine-tune (the lines the curves are read against).
     phi_between_ranks : list of dict
@@ -782,7 +784,7 @@ def rank_sweep(base, tuned, data, *, ranks, methods=("lora",), adapters_dir, tra
             runs.append({"method": method, "rank": rank, "adapter": str(folder),
                          "trainable_params": trained.trainable_params, "steps": trained.steps,
                          "final_train_loss": trained.losses[-1] if trained.losses else None,
-                         "step_median_s": sorted(trained.step_times)[len(trained.step_times) // 2],
+                         "step_median_s": steady_step_time(trained.step_times),
                          **{k: s[k] for k in ("captured_energy", "captured_energy_row", "optimal_energy", "phi",
                                               "relative_error", "intruders_adapter", "intruders_full")},
                          "eval": (result.evals or {}).get("adapter"), "svd_eval": (result.evals or {}).get("svd")})
@@ -798,3 +800,12 @@ def rank_sweep(base, tuned, data, *, ranks, methods=("lora",), adapters_dir, tra
                "eval_data": None if eval_data is None else str(eval_data), "train_config": asdict(train_config)}
     return RankSweepResult(runs=runs, reference_evals=reference or {}, phi_between_ranks=phi_pairs,
                        recommended_rank=recommended_rank, sources=sources)
+
+
+def steady_step_time(step_times: list[float]) -> float | None:
+    """Median seconds per optimiser step, the first step left out: it pays the warm-up (allocations, kernel choice,
+    lazy initialisation), which made a run of two or three steps read 2 s a step where the others took 23 ms.
+    A run of one step gives that step; none, None."""
+    if not step_times:
+        return None
+    return statistics.median(step_times[1:] or step_times)

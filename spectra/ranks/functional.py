@@ -20,6 +20,11 @@ def functional_ranks(sweep: Any, epsilon: float, *, non_target: str | None = Non
     interval of the gap; ``resolved`` is True when that whole interval lies within ε, i.e.
     the eval set is large enough to support the claim.
 
+    A rank at or above every truncated module's full rank min(out, in) truncates nothing: that
+    point is the full fine-tune itself, its gap 0 by construction. When it is the one chosen,
+    ``at_full_rank`` says so: no swept rank below full rank met ε (its ``resolved`` is
+    trivially True and says nothing about the eval set).
+
     Parameters
     ----------
     sweep : SweepResult, dict, str or PathLike
@@ -35,7 +40,10 @@ def functional_ranks(sweep: Any, epsilon: float, *, non_target: str | None = Non
         ``epsilon``, ``metric``, ``higher_is_better``, ``examples``, ``tuned`` (the full
         fine-tune's metric and interval), ``non_target``, ``bootstrap``, and ``groups``:
         curve (``model`` or a role) → ``rank`` (None when no swept rank qualifies),
-        ``metric``, ``gap``, ``gap_interval``, ``resolved``, ``swept``.
+        ``metric``, ``gap``, ``gap_interval``, ``resolved``, ``swept``, ``full_rank`` (the
+        largest full rank among the curve's modules, from which on nothing is truncated; None
+        for a sweep that does not record it) and ``at_full_rank`` (the chosen rank is at or
+        above it; None when either is unknown).
     """
     if not (isinstance(epsilon, (int, float)) and epsilon >= 0):
         raise ConfigError(f"functional ε must be a number ≥ 0 in the metric's units, got {epsilon!r}.")
@@ -57,7 +65,10 @@ def functional_ranks(sweep: Any, epsilon: float, *, non_target: str | None = Non
             if p["gap"] > epsilon:
                 break
             chosen = p
-        entry = {"rank": None if chosen is None else chosen["rank"], "swept": [p["rank"] for p in points]}
+        full = _full_rank(data.get("modules") or [], group)
+        entry = {"rank": None if chosen is None else chosen["rank"], "swept": [p["rank"] for p in points],
+                 "full_rank": full,
+                 "at_full_rank": None if chosen is None or full is None else bool(chosen["rank"] >= full)}
         if chosen is not None:
             interval = chosen.get("gap_interval")
             entry.update(metric=chosen["metric"], gap=chosen["gap"], gap_interval=interval,
@@ -70,6 +81,13 @@ def functional_ranks(sweep: Any, epsilon: float, *, non_target: str | None = Non
             "sweep": {"base": data.get("base"), "tuned": data.get("tuned"), "data": data.get("data"),
                       "fingerprints": data.get("fingerprints")},
             "modules": [m["name"] for m in data.get("modules", [])], "groups": groups}
+
+
+def _full_rank(modules: list[Mapping], group: str) -> int | None:
+    """The rank from which a curve truncates nothing: the largest full rank of its modules (all of them for
+    ``model``, one role's otherwise); None when the sweep does not record them."""
+    ranks = [m.get("full_rank") for m in modules if group == "model" or m.get("role") == group]
+    return max(ranks) if ranks and all(isinstance(r, int) for r in ranks) else None
 
 
 def read_sweep(sweep: Any) -> dict:

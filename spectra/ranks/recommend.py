@@ -197,11 +197,27 @@ def _check_sweep_pair(sweep: Mapping, base: dict | None, tuned: dict | None) -> 
                 found = open_checkpoint(str(path)).fingerprint()["fingerprint"]
             except Exception:  # noqa: BLE001 - an unreadable path cannot be compared; the names check still runs
                 found = None
-        if found and found != expected:
-            raise ConfigError(f"the truncation sweep was run with {side} {path}, whose content differs from the "
-                              f"analysed {side} ({(info or {}).get('path', '?')}; fingerprints {found} in the sweep, "
-                              f"{expected} in the analysis): sweep and analysis must measure the same pair. "
-                              "Re-run `spectra sweep` on it.")
+        if found and found != expected:  # neutral: either input may be the odd one out
+            raise ConfigError(f"the analysis and the sweep are of different pairs: the swept {side} {path} "
+                              f"(fingerprint {found}) and the analysed {side} {(info or {}).get('path', '?')} "
+                              f"(fingerprint {expected}): their content differs. Pass an analysis and a sweep of the "
+                              "same BASE and TUNED (`spectra analyze BASE TUNED`, `spectra sweep BASE TUNED`).")
+
+
+def check_analysis_pair(analysis: Any, base, tuned) -> None:
+    """Refuse, before a truncation sweep of ``base`` × ``tuned`` runs, an analysis of another pair.
+
+    The check ``recommend_ranks`` makes of the finished sweep (content fingerprints; a
+    checkpoint that is no local path, such as a hub id, is left to that later check), so a
+    functional plan is refused before the evaluations rather than after them.
+
+    Raises
+    ------
+    ConfigError
+        ``analysis`` is no analysis, or measured other checkpoints than ``base`` / ``tuned``.
+    """
+    _, analysed_base, analysed_tuned = _rows(analysis)
+    _check_sweep_pair({"base": str(base), "tuned": str(tuned)}, analysed_base, analysed_tuned)
 
 
 def _is_split(row: Mapping) -> bool:

@@ -23,7 +23,8 @@ _STYLE = {"tuned": dict(color="tab:blue", marker="o"), "base": dict(color="tab:o
 
 
 def write_truncation_report(sweep: Mapping, out_dir, *, overwrite: bool = False,
-                            marks: Mapping[str, int] | None = None, plan=None) -> Path:
+                            marks: Mapping[str, int] | None = None, plan=None,
+                            functional: Mapping | None = None) -> Path:
     """Write a truncation sweep as ``sweep.json``, ``report.md``, ``report.html``, ``figures/``, atomically.
 
     Parameters
@@ -38,10 +39,16 @@ def write_truncation_report(sweep: Mapping, out_dir, *, overwrite: bool = False,
     plan : RankPlan, optional
         Also written, as ``plan.json`` (:func:`spectra.ranks.save_plan`), into the staged
         directory: the output appears with every file at once, or not at all.
+    functional : mapping, optional
+        :func:`spectra.ranks.functional_ranks` of this sweep: its ε, non-target source and
+        per-curve choices are stored in ``sweep.json`` as ``functional`` and stated in the
+        summary (a choice at full rank as such: no swept rank below full rank met ε).
     """
     if sweep.get("kind") != "truncation_sweep" or not sweep.get("points"):
         raise ConfigError("not a truncation sweep with points; nothing to report.")
     data = dict(sweep) | {"marks": dict(marks or sweep.get("marks") or {})}
+    if functional is not None:
+        data["functional"] = {k: functional[k] for k in ("epsilon", "metric", "non_target", "groups")}
     figures = {"curve": plot_truncation_curve(data, marks=data["marks"])}
     if any(p["group"] not in ("model", "plan") for p in data["points"]):
         figures["roles"] = plot_role_curves(data)
@@ -141,11 +148,15 @@ def truncation_blocks(sweep: Mapping, *, figures: list[str]) -> list[tuple]:
              f"{boot.get('replicates')} replicates, paired for the gap",
              f"Truncation: {sweep.get('truncation')}; non-targeted tensors from: {', '.join(sweep['non_target'])}",
              f"Metric: {metric} ({'higher' if sweep['metric']['higher_is_better'] else 'lower'} is better)"]
-    items += [f"{k}: {metric} {num(v['metric'])} {_interval(v.get('interval'))}" for k, v in ref.items()]
+    items += [f"{k}: {metric} {num(v['metric'])} {interval_text(v.get('interval'))}" for k, v in ref.items()]
     items += [f"Marked — {label}: rank {rank}" for label, rank in (sweep.get("marks") or {}).items()]
+    functional = sweep.get("functional") or {}
+    items += [f"Functional rank ({group}, ε={functional['epsilon']:g}, non-targets from {functional['non_target']}): "
+              + functional_text(entry) for group, entry in functional.get("groups", {}).items()]
     headers = ["curve", "non-targets", "rank", metric, "gap to full", "loss", "accuracy"]
     rows = [[p["group"], p["non_target"], "plan" if p["rank"] is None else str(p["rank"]),
-             f"{num(p['metric'])} {_interval(p.get('interval'))}", f"{num(p['gap'])} {_interval(p.get('gap_interval'))}",
+             f"{num(p['metric'])} {interval_text(p.get('interval'))}",
+             f"{signed(p['gap'])} {interval_text(p.get('gap_interval'))}",
              num(p["loss"]), num(p["accuracy"])] for p in sweep["points"]]
     captions = {"curve": f"Eval {metric} with every targeted ΔW replaced by its best rank-r truncation; the full "
                          "fine-tune and the base as horizontal lines (shaded: their intervals).",
@@ -173,8 +184,30 @@ def headline(sweep: Mapping) -> str:
             f"{num(ref['tuned']['metric'])} and the base {num(ref.get('base', {}).get('metric'))}.")
 
 
-def _interval(interval) -> str:
-    return "" if not interval else f"[{num(interval[0])}, {num(interval[1])}]"
+def functional_text(entry: Mapping) -> str:
+    """One curve's functional rank (an entry of ``functional_ranks(...)["groups"]``) in words, for the terminal
+    and the report: '4 (gap +0.008, interval [-0.002, 0.02], resolved)'."""
+    if entry.get("rank") is None:
+        return "none of the swept ranks"
+    gap = f"gap {signed(entry['gap'])}, " + (f"interval {interval_text(entry['gap_interval'])}"
+                                             if entry.get("gap_interval") else "no interval (no bootstrap)")
+    if entry.get("at_full_rank"):  # the full fine-tune itself: gap 0 by construction, "resolved" says nothing
+        below = any(r < entry["full_rank"] for r in entry.get("swept", ()))
+        return (f"{entry['rank']}, full rank: "
+                + ("no swept rank below full rank met ε" if below else "no rank below full rank was swept")
+                + f" ({gap})")
+    resolved = {True: "resolved", False: "not resolved by this eval set"}.get(entry.get("resolved"), "")
+    return f"{entry['rank']} ({gap}" + (f", {resolved})" if resolved else ")")
+
+
+def signed(value) -> str:
+    """A gap with its sign, 4 significant digits: '+0.01184', '-0.002', '+0' (never '-0')."""
+    return "–" if value is None else f"{value + 0.0:+.4g}"  # + 0.0: -0.0 (the full fine-tune's own gap) is 0
+
+
+def interval_text(interval) -> str:
+    """'[lo, hi]' with 4 significant digits ('[0, 0]', never '-0'); '' for none."""
+    return "" if not interval else f"[{num(interval[0] + 0.0)}, {num(interval[1] + 0.0)}]"
 
 
 

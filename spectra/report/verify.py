@@ -121,14 +121,18 @@ def sweep_blocks(sweep: Mapping, *, figures: list[str]) -> list[tuple]:
     rows = [[r["method"], r["rank"], f"{r['trainable_params']:,}", pct(r.get("captured_energy")),
              pct(r.get("optimal_energy")), num(r.get("phi")), r.get("intruders_adapter"),
              num((r.get("eval") or {}).get("loss")), pct((r.get("eval") or {}).get("accuracy")),
-             num((r.get("svd_eval") or {}).get("loss")), f"{1e3 * r['step_median_s']:.1f}"] for r in sweep["runs"]]
+             num((r.get("svd_eval") or {}).get("loss")),
+             "–" if r.get("step_median_s") is None else f"{1e3 * r['step_median_s']:.1f}"] for r in sweep["runs"]]
     blocks: list[tuple] = [("h", 1, "spectra verify: rank sweep"),
                            ("ul", [f"Base: {sweep.get('base')}", f"Full fine-tune: {sweep.get('tuned')}",
                                    f"Data: {sweep.get('data')}; eval: {sweep.get('eval_data')}",
                                    f"Recommended rank (spectra recommend): {sweep.get('recommended_rank') or '–'}"]
                             + [f"{k} eval: loss {num(v.get('loss'))}, accuracy {pct(v.get('accuracy'))}"
                                for k, v in ref.items()]),
-                           ("h", 2, "Runs"), ("table", headers, rows), ("h", 2, "Figures")]
+                           ("h", 2, "Runs"), ("table", headers, rows),
+                           ("p", "step (ms): median time of an optimiser step (forward, backward, update) after the "
+                                 "first, which includes warm-up; a run of one step shows that step."),
+                           ("h", 2, "Figures")]
     captions = {"sweep_energy": "Captured share of ‖ΔW_full‖² vs rank: trained adapters (solid) against the "
                                 "Eckart–Young optimum (dashed); the dotted line marks the recommended rank.",
                 "sweep_eval": "Eval metric vs rank, with the full fine-tune and base as horizontal lines.",

@@ -186,6 +186,30 @@ def test_cli_verify_writes_the_report(trio, tmp_path):
     assert ignored.exit_code != 0 and "only apply to --sweep" in str(ignored.exception)  # not silently ignored
 
 
+def test_sweep_step_time_leaves_out_the_first_step(monkeypatch, tmp_path):
+    """With two steps, the median of all steps had been the warm-up step (2036 ms against 23 ms)."""
+    import types
+
+    import spectra.lora.train
+    import spectra.lora.verify
+    from spectra.lora.train import TrainResult
+    from spectra.lora.verify import rank_sweep
+
+    times = {1: [2.036, 0.023], 2: [2.036, 0.030, 0.020], 4: [1.5]}
+
+    def trained(base, data, config, folder, **kwargs):
+        return TrainResult(out_dir=folder, task="causal_lm", method=config.method, steps=len(times[config.rank]),
+                           trainable_params=config.rank, losses=[1.0], step_times=times[config.rank])
+
+    summary = dict.fromkeys(("captured_energy", "captured_energy_row", "optimal_energy", "phi", "relative_error",
+                             "intruders_adapter", "intruders_full"), 0.5)
+    monkeypatch.setattr(spectra.lora.train, "train_adapter", trained)
+    monkeypatch.setattr(spectra.lora.verify, "verify_adapter", lambda *a, **k: types.SimpleNamespace(
+        summary=summary, evals=None, right_vectors={}))
+    result = rank_sweep("base", "tuned", "data", ranks=[1, 2, 4], adapters_dir=tmp_path)
+    assert [run["step_median_s"] for run in result.runs] == pytest.approx([0.023, 0.025, 1.5])  # one step: that one
+
+
 def test_cli_train_and_sweep(llama_base, text_data, tmp_path):
     runner = CliRunner()
     common = ["--data", str(text_data), "--max-steps", "2", "--max-length", "16", "--batch-size", "8", "-q"]

@@ -22,7 +22,7 @@ def sweep_dict(curves, *, higher_is_better=True, examples=200, modules=None):
             "examples": examples, "unit": "examples", "non_target": ["tuned"], "truncation": "eckart-young",
             "reference": {"tuned": {"metric": tuned, "interval": [0.85, 0.91]}}, "points": points,
             "bootstrap": {"replicates": 1000, "confidence": 0.95},
-            "modules": [{"name": n} for n in (modules or [])]}
+            "modules": [m if isinstance(m, dict) else {"name": m} for m in (modules or [])]}
 
 
 MODEL_CURVE = {1: (0.10, (0.07, 0.13)), 2: (0.05, (0.03, 0.07)), 4: (0.008, (-0.002, 0.02)),
@@ -80,3 +80,26 @@ def test_functional_policy_errors(tmp_path):
     with pytest.raises(ConfigError, match="no adapter is needed"):
         recommend_ranks(analysis(make_row("a", PLANTED)), RankPolicy(functional=0.01),
                         sweep=sweep_dict({"model": {0: (0.0, (0, 0))}}))
+
+
+def test_a_choice_at_full_rank_says_no_rank_below_full_rank_met_epsilon():
+    """A swept rank ≥ every module's min(out, in) is the full fine-tune itself (gap 0 by construction): chosen, it is
+    marked at_full_rank, not passed off as a resolved functional rank."""
+    modules = [{"name": "q0", "role": "q", "full_rank": 64}, {"name": "v0", "role": "v", "full_rank": 32}]
+    curves = {"model": {1: (0.02, (0.018, 0.021)), 2: (0.012, (0.010, 0.014)), 100: (0.0, (0.0, 0.0))},
+              "v": {1: (0.02, (0.018, 0.021)), 32: (0.0, (0.0, 0.0))},
+              "q": {1: (0.001, (0.0, 0.002)), 32: (0.0, (0.0, 0.0)), 64: (0.0, (0.0, 0.0))}}
+    groups = functional_ranks(sweep_dict(curves, modules=modules), 0.01)["groups"]
+    model, v, q = groups["model"], groups["v"], groups["q"]
+    assert (model["rank"], model["full_rank"], model["at_full_rank"]) == (100, 64, True)
+    assert model["resolved"] is True  # trivially: the interval of a gap that is 0 by construction
+    assert (v["rank"], v["full_rank"], v["at_full_rank"]) == (32, 32, True)  # one role's modules decide its curve
+    assert (q["rank"], q["full_rank"], q["at_full_rank"]) == (1, 64, False)
+    # 32 is v's full rank but not q's: on the model curve it still truncates, so it is a real functional rank
+    below = functional_ranks(sweep_dict({"model": {1: (0.02, (0.01, 0.03)), 32: (0.0, (0.0, 0.0))}},
+                                        modules=modules), 0.01)["groups"]["model"]
+    assert (below["rank"], below["at_full_rank"]) == (32, False)
+    unknown = functional_ranks(sweep_dict(curves, modules=["q0", "v0"]), 0.01)["groups"]["model"]
+    assert unknown["full_rank"] is None and unknown["at_full_rank"] is None  # an older sweep.json: not claimed
+    never = functional_ranks(sweep_dict({"model": {1: (0.2, (0.1, 0.3))}}, modules=modules), 0.01)["groups"]
+    assert never["model"]["rank"] is None and never["model"]["at_full_rank"] is None

@@ -78,6 +78,7 @@ def test_sweep_report_files(tmp_path):
     assert names == {"sweep_energy.png", "sweep_eval.png", "sweep_phi.png"}
     md = (out / "report.md").read_text()
     assert "Recommended rank (spectra recommend): 2" in md and md.count("| lora |") == 3
+    assert "step (ms): median time of an optimiser step (forward, backward, update) after the first" in md
 
 
 def test_figures_are_figures_with_marks():

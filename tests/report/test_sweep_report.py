@@ -1,0 +1,80 @@
+"""The truncation sweep's report: numbers as the table's other cells, and the functional rank in words."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from spectra.ranks import functional_ranks
+from spectra.report.sweep import functional_text, interval_text, signed, write_truncation_report
+
+NEGATIVE_ZERO = re.compile(r"(?<![\w.])-0(?![.\d])")  # "-0" on its own, not "-0.002"
+
+
+def loss_point(group, rank, loss, gap, gap_interval, *, non_target="tuned"):
+    return {"group": group, "non_target": non_target, "rank": rank, "label": "plan" if rank is None else f"r={rank}",
+            "metric": loss, "interval": [loss - 0.02, loss + 0.02], "gap": gap, "gap_interval": gap_interval,
+            "loss": loss, "accuracy": 0.4}
+
+
+def sweep_like_the_review():
+    """Ranks 1, 2 and 100 of modules 64 and 32 wide (100 is the fine-tune itself: its gap -0.0 as the sweep computes
+    it, 0.0 with a minus sign from `sign * (a - a)`), and a plan point."""
+    points = [loss_point("model", 1, 2.904, 0.01946, [0.01832, 0.02057]),
+              loss_point("model", 2, 2.897, 0.01184, [0.01032, 0.01406]),
+              loss_point("model", 100, 2.885, -0.0, [-0.0, 0.0]),
+              loss_point("plan", None, 4.598, 1.713, [1.69, 1.734], non_target="base")]
+    return {"kind": "truncation_sweep", "base": "b", "tuned": "t", "data": "eval.txt", "examples": 5, "units": 595,
+            "unit": "tokens", "truncation": "eckart-young", "non_target": ["tuned"],
+            "metric": {"name": "loss", "higher_is_better": False},
+            "bootstrap": {"replicates": 1000, "confidence": 0.95},
+            "reference": {"tuned": {"metric": 2.885, "interval": [2.862, 2.908]},
+                          "base": {"metric": 4.826, "interval": [4.804, 4.852]}},
+            "points": points, "modules": [{"name": "q0", "role": "q", "shape": [64, 64], "full_rank": 64,
+                                           "plan_rank": 2},
+                                          {"name": "v0", "role": "v", "shape": [32, 64], "full_rank": 32,
+                                           "plan_rank": 2}],
+            "config": {}, "notes": []}
+
+
+def test_numbers_have_four_significant_digits_and_zero_has_no_minus_sign():
+    assert interval_text([0.00027419586895049974, 0.012345678]) == "[0.0002742, 0.01235]"
+    assert interval_text([-0.0, 0.0]) == "[0, 0]" and interval_text(None) == ""
+    assert signed(-0.0) == "+0" and signed(0.0119999) == "+0.012" and signed(-0.0021) == "-0.0021"
+
+
+def test_report_states_a_functional_rank_at_full_rank_as_such(tmp_path):
+    sweep = sweep_like_the_review()
+    choice = functional_ranks(sweep, 0.01)
+    out = write_truncation_report(sweep, tmp_path / "sweep", marks={"functional ε=0.01": 100}, functional=choice)
+    md = (out / "report.md").read_text()
+    assert ("Functional rank (model, ε=0.01, non-targets from tuned): 100, full rank: no swept rank below full rank "
+            "met ε (gap +0, interval [0, 0])") in md
+    assert "| model | tuned | 100 | 2.885 [2.865, 2.905] | +0 [0, 0] |" in md
+    assert "| plan | base | plan | 4.598 [4.578, 4.618] | +1.713 [1.69, 1.734] |" in md
+    assert not NEGATIVE_ZERO.search(md)
+    recorded = json.loads((out / "sweep.json").read_text())["functional"]
+    assert recorded["epsilon"] == 0.01 and recorded["non_target"] == "tuned"
+    assert recorded["groups"] == json.loads(json.dumps(choice["groups"]))
+    assert recorded["groups"]["model"]["at_full_rank"] is True
+
+
+@pytest.mark.parametrize(("entry", "text"), [
+    ({"rank": 4, "gap": 0.008, "gap_interval": [-0.002, 0.02], "resolved": False, "at_full_rank": False},
+     "4 (gap +0.008, interval [-0.002, 0.02], not resolved by this eval set)"),
+    ({"rank": 4, "gap": 0.001, "gap_interval": [-0.004, 0.006], "resolved": True, "at_full_rank": False},
+     "4 (gap +0.001, interval [-0.004, 0.006], resolved)"),
+    ({"rank": 4, "gap": 0.001, "gap_interval": None, "resolved": None, "at_full_rank": None},
+     "4 (gap +0.001, no interval (no bootstrap))"),
+    ({"rank": 100, "gap": -0.0, "gap_interval": [-0.0, 0.0], "resolved": True, "at_full_rank": True,
+      "full_rank": 64, "swept": [1, 2, 100]},
+     "100, full rank: no swept rank below full rank met ε (gap +0, interval [0, 0])"),
+    ({"rank": 64, "gap": 0.0, "gap_interval": [0.0, 0.0], "resolved": True, "at_full_rank": True,
+      "full_rank": 64, "swept": [64, 128]},
+     "64, full rank: no rank below full rank was swept (gap +0, interval [0, 0])"),
+    ({"rank": None, "swept": [1, 2]}, "none of the swept ranks"),
+])
+def test_functional_text(entry, text):
+    assert functional_text(entry) == text
