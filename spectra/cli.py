@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -808,9 +809,25 @@ def _module_table(title: str, names: list[str], rows: list[tuple[str, ...]], hea
     table.add_column(escape(f"{prefix}…") if prefix else "module", overflow="fold")  # the header carries the prefix
     for header in headers:
         table.add_column(header, **({"overflow": "fold"} if header in fold else {"no_wrap": True}))
+    # the width left for names once the other columns have theirs (a fold column wraps down to 12): names wrap at
+    # their dots to fit it, not mid-word ("k_p/roj")
+    others = sum(3 + (min(12, w) if h in fold else w)
+                 for h, w in ((h, max([len(h)] + [len(r[i]) for r in rows])) for i, h in enumerate(headers)))
+    width = max(12, shutil.get_terminal_size().columns - others - 4)
     for name, row in sorted(zip(names, rows), key=lambda pair: _natural(pair[0])):
-        table.add_row(escape(name[len(prefix):]), *map(escape, row))  # "c_attn[q]" is not rich markup
+        table.add_row(escape(_wrap_dotted(name[len(prefix):], width)), *map(escape, row))  # "c_attn[q]": no markup
     return table
+
+
+def _wrap_dotted(name: str, width: int) -> str:
+    """`name` in lines of at most `width`, broken after dots (a part longer than that stays whole: rich folds it)."""
+    lines, line = [], ""
+    for part in re.findall(r"[^.]*\.|[^.]+$", name):
+        if line and len(line) + len(part) > width:
+            lines.append(line)
+            line = ""
+        line += part
+    return "\n".join(lines + [line])
 
 
 def _natural(name: str) -> list:

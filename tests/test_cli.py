@@ -242,6 +242,29 @@ def test_module_table_orders_layers_naturally_and_prints_names_literally():
     assert "t [bold]x[/bold]" in text and "┃ model.layers.… " in text
 
 
+def test_module_names_wrap_at_their_dots_in_a_narrow_terminal(monkeypatch):
+    """At 80 columns the name column wrapped mid-word ("0.self_attn.k_p" / "roj"); it now breaks after a dot, and a
+    wide terminal keeps every name on one line."""
+    from rich.console import Console
+
+    from spectra.cli import _module_table, _wrap_dotted
+
+    assert _wrap_dotted("0.self_attn.k_proj", 14) == "0.self_attn.\nk_proj"
+    assert _wrap_dotted("0.mlp.down_proj", 15) == "0.mlp.down_proj" and _wrap_dotted("abcdefgh", 3) == "abcdefgh"
+    names = [f"model.layers.{i}.self_attn.{p}_proj" for i in (0, 1) for p in "qkvo"]
+    rows = [("k", "32×64", "4", "8", "100.0%", "384", "energy≥0.9")] * len(names)
+    headers = ("role", "shape", "rank", "alpha", "energy", "params", "reason")
+    for columns, one_line in ((80, False), (200, True)):
+        monkeypatch.setenv("COLUMNS", str(columns))
+        console = Console(width=columns, record=True)
+        console.print(_module_table("t", names, rows, headers, fold=("reason",)))
+        text = console.export_text()
+        cells = [line.split("│")[1].strip() for line in text.splitlines() if line.startswith("│")]
+        assert ("0.self_attn.q_proj" in cells) == one_line, cells
+        assert all(c.endswith(".") or c.endswith("_proj") or c == "" for c in cells), cells  # never mid-word
+        assert max(map(len, text.splitlines())) <= columns
+
+
 def test_paths_that_cannot_be_written_or_read_give_one_error_line(tmp_path):
     """Unwritable outputs are refused before any work; a non-UTF-8 data file and edited JSON are named."""
     import subprocess
