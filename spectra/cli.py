@@ -47,14 +47,20 @@ def pairs(
     base: Annotated[str, typer.Argument(help="Pretrained checkpoint: directory, .safetensors/.bin file, index JSON or hub id.")],
     tuned: Annotated[str, typer.Argument(help="Fine-tuned checkpoint (same forms), or a PEFT adapter directory.")],
     roles: Annotated[Optional[str], typer.Option(help="Comma-separated roles to keep, e.g. q,k,v,o.")] = None,
+    layers: Annotated[Optional[str], typer.Option(help="Layer range FIRST-LAST (inclusive), e.g. 0-11.")] = None,
     include: Annotated[Optional[str], typer.Option(help="Keep only names matching this glob (or re:REGEX).")] = None,
+    exclude: Annotated[Optional[str], typer.Option(help="Drop names matching this glob (or re:REGEX).")] = None,
 ) -> None:
-    """List the ΔW pairs spectra finds in BASE × TUNED (names, roles, layers, shapes), without any math."""
+    """List the ΔW pairs spectra finds in BASE × TUNED (names, roles, layers, shapes), without any math.
+
+    The selection options are `spectra analyze`'s: what this lists is what it would analyse.
+    """
     from rich.console import Console
 
     from spectra.checkpoints.pairing import PairingOptions, iter_deltas
 
-    options = PairingOptions(roles=_split(roles), include=include, load=False)
+    options = PairingOptions(roles=_split(roles), layers=_layer_range(layers), include=include, exclude=exclude,
+                             load=False)
     deltas = list(iter_deltas(base, tuned, options))
     experts = any(d.expert is not None for d in deltas)  # the column only for mixture-of-experts models
     rows = [(d.role, _fmt(d.layer), *((_fmt(d.expert),) if experts else ()), "×".join(map(str, d.shape)),
@@ -105,7 +111,7 @@ def analyze(
     max_rank: Annotated[Optional[int], typer.Option(help="Cap on singular values computed by the randomized/adaptive paths.")] = None,
     full_below: Annotated[int, typer.Option(help="Short side at or below which 'auto' takes the exact full spectrum.")] = 1024,
     energy: Annotated[str, typer.Option(help="Comma-separated energy fractions whose ranks are reported.")] = "0.5,0.9,0.95,0.99",
-    roles: Annotated[Optional[str], typer.Option(help="Comma-separated roles to analyse (q,k,v,o,qkv,gate,up,down,gate_up,embed,head,other).")] = None,
+    roles: Annotated[Optional[str], typer.Option(help="Comma-separated roles to analyse (q, k, v, o, qkv, gate, up, down, gate_up, embed, head, other).")] = None,
     layers: Annotated[Optional[str], typer.Option(help="Layer range FIRST-LAST (inclusive), e.g. 0-11.")] = None,
     include: Annotated[Optional[str], typer.Option(help="Only modules whose name matches this glob (or re:REGEX).")] = None,
     exclude: Annotated[Optional[str], typer.Option(help="Skip modules whose name matches this glob (or re:REGEX).")] = None,
@@ -377,7 +383,7 @@ def extract(
     output: Annotated[Path, typer.Option("-o", "--output", help="Adapter directory to write (refused if it exists, unless --overwrite).")],
     plan: Annotated[Optional[Path], typer.Option(help="Plan JSON from `spectra recommend` (per-module ranks and alphas).")] = None,
     rank: Annotated[Optional[str], typer.Option(help="One rank for every targeted module, or 'full' for a lossless adapter.")] = None,
-    roles: Annotated[Optional[str], typer.Option(help="With --rank: roles to target (default q,k,v,o,gate,up,down).")] = None,
+    roles: Annotated[Optional[str], typer.Option(help="With --rank: roles to target (default q, k, v, o, gate, up, down).")] = None,
     alpha: Annotated[Optional[float], typer.Option(help="With --rank: lora_alpha (default scale 2: 2·rank, 2·√rank with --rslora).")] = None,
     rslora: Annotated[bool, typer.Option("--rslora", help="With --rank: rsLoRA scaling α/√r.")] = False,
     modules_to_save: Annotated[Optional[str], typer.Option(help="Comma-separated modules copied whole from TUNED, e.g. classifier.")] = None,
@@ -485,8 +491,8 @@ def memory(
 
 @bench_app.command("svd")
 def bench_svd(
-    out: Annotated[Path, typer.Option("-o", "--out", help="Output directory for bench_svd.{md,json,png}.")] = Path("reports/bench"),
-    shapes: Annotated[Optional[str], typer.Option(help="Comma-separated OUTxIN shapes, e.g. 1024x1024,4096x11008.")] = None,
+    out: Annotated[Path, typer.Option("-o", "--output", "--out", help="Output directory for bench_svd.{md,json,png}.")] = Path("reports/bench"),
+    shapes: Annotated[Optional[str], typer.Option(help="Comma-separated OUTxIN shapes (default: issue 3's four, 1024x1024, 768x2304, 4096x4096, 4096x11008; with --quick tiny ones).")] = None,
     kinds: Annotated[str, typer.Option(help="Spectrum types: planted,power_law,bf16.")] = "planted,power_law,bf16",
     ks: Annotated[str, typer.Option(help="Comma-separated top-k sizes.")] = "64,256",
     quick: Annotated[bool, typer.Option(help="Tiny shapes, seconds (a smoke test).")] = False,
@@ -648,7 +654,7 @@ def verify(
 
 @bench_app.command("train")
 def bench_train(
-    out: Annotated[Path, typer.Option("-o", "--out", help="Output directory for train.{md,json}.")] = Path("reports/bench"),
+    out: Annotated[Path, typer.Option("-o", "--output", "--out", help="Output directory for train.{md,json}.")] = Path("reports/bench"),
     steps: Annotated[int, typer.Option(help="Timed steps per loop (after warm-up).")] = 20,
     quick: Annotated[bool, typer.Option(help="A tiny model and few steps (a smoke test).")] = False,
     seed: Annotated[int, typer.Option(help="Seed of the model and batch.")] = 0,
@@ -662,7 +668,7 @@ def bench_train(
 
 @bench_app.command("verify")
 def bench_verify(
-    out: Annotated[Path, typer.Option("-o", "--out", help="Output directory for verify.{md,json}.")] = Path("reports/bench"),
+    out: Annotated[Path, typer.Option("-o", "--output", "--out", help="Output directory for verify.{md,json}.")] = Path("reports/bench"),
     quick: Annotated[bool, typer.Option(help="One tiny module, both paths forced (a smoke test).")] = False,
 ) -> None:
     """Time verify's per-module measures with full SVDs and with certified partial decompositions, side by side."""
@@ -695,7 +701,7 @@ def bench_make_pair(
 @bench_app.command("e2e")
 def bench_e2e(
     pair: Annotated[Optional[Path], typer.Option(help="A pair written by `spectra bench make-pair` (default: make one under --work).")] = None,
-    out: Annotated[Path, typer.Option("-o", "--out", help="Output directory for e2e.{md,json}.")] = Path("reports/bench"),
+    out: Annotated[Path, typer.Option("-o", "--output", "--out", help="Output directory for e2e.{md,json}.")] = Path("reports/bench"),
     work: Annotated[Path, typer.Option(help="Scratch directory for the generated pair, caches and peer outputs.")] = Path("/tmp/spectra-e2e"),
     shape: Annotated[str, typer.Option(help="Shapes of the generated pair when --pair is not given.")] = "tinyllama-1.1b",
     quick: Annotated[bool, typer.Option(help="Tiny pair, no peers, no SIGKILL run: a smoke test in seconds.")] = False,
@@ -727,7 +733,7 @@ def sweep(
     epsilon: Annotated[Optional[float], typer.Option(help="Mark the smallest rank within ε of the full fine-tune (metric units).")] = None,
     analysis: Annotated[Optional[Path], typer.Option(help="With --epsilon: an analysis of the pair; writes OUTPUT/plan.json from the functional policy.")] = None,
     calibration: Annotated[Optional[Path], typer.Option(help="Calibration data: truncate data-optimally (best on these inputs) instead of by Eckart–Young.")] = None,
-    roles: Annotated[Optional[str], typer.Option(help="Roles to truncate (default every block linear: q,k,v,o,qkv,gate,up,down,gate_up).")] = None,
+    roles: Annotated[Optional[str], typer.Option(help="Roles to truncate (default every block linear: q, k, v, o, qkv, gate, up, down, gate_up).")] = None,
     task: Annotated[str, typer.Option(help="auto, causal_lm or seq_cls.")] = "auto",
     batch_size: Annotated[int, typer.Option(help="Eval examples per forward pass.")] = 32,
     max_length: Annotated[int, typer.Option(help="Tokens per example.")] = 128,

@@ -225,6 +225,8 @@ def test_pairs_lists_modules_in_order_with_experts_only_for_moe(monkeypatch, cap
     moe = save(build_model("mixtral"), tmp_path / "moe", "safetensors")
     code, stdout, _ = run(monkeypatch, capsys, "pairs", moe, moe, "--roles", "up")
     assert code == 0 and "┃ expert ┃" in stdout
+    code, stdout, _ = run(monkeypatch, capsys, "pairs", *pair, "--layers", "1-1", "--exclude", "*mlp*")
+    assert code == 0 and "┃ transformer.h.1.… " in stdout and "│ attn.c_attn[q]" in stdout and "mlp" not in stdout
 
 
 def test_module_table_orders_layers_naturally_and_prints_names_literally():
