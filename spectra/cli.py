@@ -463,6 +463,14 @@ def memory(
     attention: Annotated[str, typer.Option(help="sdpa (no s×s matrix) or eager.")] = "sdpa",
     double_quant: Annotated[bool, typer.Option(help="QLoRA: double-quantised NF4 constants (4.127 bits per "
                                                     "weight; without, 4.5).")] = True,
+    layers: Annotated[Optional[str], typer.Option(help="Layers --rank adapts, FIRST-LAST (PEFT's "
+                                                       "layers_to_transform; default all): blocks before the first "
+                                                       "keep no activations.")] = None,
+    use_cache: Annotated[bool, typer.Option(help="transformers' use_cache during training without checkpointing "
+                                                 "(the config's default: on; it copies K and V every forward).")] = True,
+    input_require_grads: Annotated[bool, typer.Option(help="The embedding output requires grad (PEFT's "
+                                                           "prepare_model_for_kbit_training with reentrant "
+                                                           "checkpointing): every block keeps its tensors.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
     """Estimate the memory of fine-tuning MODEL (full, LoRA, QLoRA, DoRA) from its config.json alone."""
@@ -477,7 +485,9 @@ def memory(
     est = estimate_memory(model, method=method, rank_plan_or_rank=load_plan(plan) if plan else rank,
                           batch=batch, seq_len=seq_len, precision=precision, optimizer=optimizer,
                           gradient_checkpointing=gradient_checkpointing, roles=_split(roles), attention=attention,
-                          double_quant=double_quant)
+                          double_quant=double_quant, use_cache=use_cache, input_require_grads=input_require_grads,
+                          layers_to_transform=tuple(range(span[0], span[1] + 1)) if (span := _layer_range(layers))
+                          else None)
     if as_json:
         typer.echo(json.dumps(est.to_dict(), indent=2))
         return

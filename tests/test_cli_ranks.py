@@ -160,3 +160,19 @@ def test_memory_of_full_fine_tuning_defaults_to_mixed_precision(tmp_path):
     assert est["precision"] == "mixed" and est["training_total"] == mixed.training_total
     assert est["training_total"] > 1.9 * estimate_memory(LLAMA2_7B, method="full", precision="bf16").training_total
     assert estimate_memory(LLAMA2_7B, method="lora").precision == "bf16"
+
+
+def test_memory_cli_passes_layers_cache_and_input_grads_to_the_model(tmp_path):
+    from spectra.memory import estimate_memory
+
+    (tmp_path / "config.json").write_text(json.dumps(LLAMA2_7B))
+    for args, kwargs in ((["--layers", "20-31"], {"layers_to_transform": tuple(range(20, 32))}),
+                         (["--layers", "20-31", "--input-require-grads"],
+                          {"layers_to_transform": tuple(range(20, 32)), "input_require_grads": True}),
+                         (["--no-gradient-checkpointing", "--no-use-cache"],
+                          {"gradient_checkpointing": False, "use_cache": False})):
+        result = runner.invoke(app, ["memory", str(tmp_path), *args, "--json"])
+        assert result.exit_code == 0, result.output
+        assert json.loads(result.output)["training_total"] == estimate_memory(LLAMA2_7B, **kwargs).training_total
+    later = estimate_memory(LLAMA2_7B, layers_to_transform=tuple(range(20, 32))).training_total
+    assert later < estimate_memory(LLAMA2_7B).training_total  # the early blocks keep nothing
