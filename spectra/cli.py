@@ -905,15 +905,23 @@ def _interruptible(typer_app: typer.Typer) -> None:
 _interruptible(app)  # every command above, bench's included
 
 
-def _quiet_third_party() -> None:
-    """Drop bitsandbytes' import-time warning that its optional CPU 4-bit kernel package is not installed.
+def _quiet_third_party(*, quiet: bool = False) -> None:
+    """Drop bitsandbytes' import-time warning that its optional CPU 4-bit kernel package is not installed,
+    and under ``-q``/``--quiet`` the progress bars and warnings of Hugging Face libraries too.
 
     PEFT imports bitsandbytes, so every extract/train/verify printed "Failed to load CPU
     gemm_4bit_forward from kernels-community" although nothing needed it; QLoRA on the CPU
-    works without it (bitsandbytes falls back to its own kernel). Only the command line
-    filters it: a library user keeps bitsandbytes' logging as configured.
+    works without it (bitsandbytes falls back to its own kernel). With ``-q``, transformers'
+    "Writing model shards" bars and load reports ("Notes: UNEXPECTED …") went on printing:
+    both read their switches from the environment when first imported, which the commands
+    do lazily, after this. Only the command line does this: a library user keeps the
+    libraries' logging as configured.
     """
     import logging
+
+    if quiet:
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
     logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
         lambda record: "gemm_4bit_forward from kernels-community" not in str(record.msg))
@@ -923,7 +931,7 @@ def main() -> None:
     """Console entry point: spectra's own errors as one paragraph and exit code 2 (Ctrl-C: 130, above)."""
     from spectra.errors import SpectraError
 
-    _quiet_third_party()
+    _quiet_third_party(quiet=bool({"-q", "--quiet"} & set(sys.argv[1:])))
     try:
         app()
     except (SpectraError, OSError) as err:  # OSError: a path that cannot be read or written, named in the message

@@ -311,3 +311,20 @@ def test_the_command_line_drops_bitsandbytes_missing_kernel_package_warning(capl
         assert [r.getMessage() for r in caplog.records] == ["another bitsandbytes warning"]
     finally:
         logger.filters[:] = before
+
+
+def test_quiet_train_prints_no_library_progress_bars(pair, tmp_path):
+    """`spectra train --full -q` printed transformers' "Writing model shards" bar; -q now silences the Hugging Face
+    libraries' bars and warnings (the environment switches they read when first imported)."""
+    data = tmp_path / "train.txt"
+    data.write_text("\n".join(f"line {i} of some text to train on" for i in range(8)))
+    args = [sys.executable, "-m", "spectra.cli", "train", str(pair[0]), "--data", str(data), "--full",
+            "--max-steps", "1", "--batch-size", "2", "--max-length", "16"]
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_DISABLE_PROGRESS_BARS", "TRANSFORMERS_VERBOSITY")}
+    quiet = subprocess.run([*args, "-o", str(tmp_path / "q"), "-q"], capture_output=True, text=True, env=env)
+    loud = subprocess.run([*args, "-o", str(tmp_path / "l")], capture_output=True, text=True, env=env)
+    assert quiet.returncode == 0 and loud.returncode == 0, quiet.stderr + loud.stderr
+    assert "Writing model shards" in loud.stderr  # negative control: without -q the bar is there
+    assert "Writing model shards" not in quiet.stderr + quiet.stdout and "full: 1 steps" in quiet.stdout
