@@ -766,6 +766,12 @@ def sweep(
         raise ConfigError(f"output directory {output} exists; pass --overwrite to replace it or choose another -o.")
     if analysis is not None and epsilon is None:
         raise ConfigError("--analysis writes a functional plan: pass --epsilon too (e.g. --epsilon 0.01).")
+    # a bad ε, or an analysis of another pair, is refused now, not after every evaluation
+    policy = None if epsilon is None else RankPolicy(energy=None, functional=epsilon)
+    if analysis is not None:
+        from spectra.ranks.recommend import check_analysis_pair
+
+        check_analysis_pair(analysis, base, tuned)
     try:
         rank_list = [int(r) for r in _split(ranks) or ()]
     except ValueError:
@@ -785,26 +791,30 @@ def sweep(
         if choice["groups"].get("model", {}).get("rank") is not None:
             marks[f"functional ε={epsilon:g}"] = choice["groups"]["model"]["rank"]
         if analysis is not None:
-            functional_plan = recommend_ranks(analysis, RankPolicy(energy=None, functional=epsilon), sweep=result)
-    path = result.write_report(output, overwrite=overwrite, marks=marks, plan=functional_plan)  # plan.json staged too
+            functional_plan = recommend_ranks(analysis, policy, sweep=result)
+    from spectra.report.sweep import functional_text, interval_text, signed, write_truncation_report
+
+    path = write_truncation_report(result.to_dict(), output, overwrite=overwrite, marks=marks,
+                                   plan=functional_plan, functional=choice)  # plan.json staged too
     if not quiet:
         from rich.console import Console
         from rich.table import Table
 
         name = result.data["metric"]["name"]
+        planned = [p for p in result.points if p["group"] == "plan"]
         table = Table("rank", name, "interval", "gap to full", title=f"{name} vs rank ({result.data['examples']} "
                       f"eval examples; full fine-tune {result.reference['tuned']['metric']:.4g}, base "
                       f"{result.reference['base']['metric']:.4g})")
-        for p in result.curve():
-            interval = p["interval"] and f"[{p['interval'][0]:.4g}, {p['interval'][1]:.4g}]"
-            table.add_row(str(p["rank"]), f"{p['metric']:.4g}", escape(interval or "–"), f"{p['gap']:+.4g}")
+        for p in result.curve() + planned:
+            table.add_row("plan" if p["rank"] is None else str(p["rank"]), f"{p['metric']:.4g}",
+                          escape(interval_text(p["interval"]) or "–"), signed(p["gap"]))
         Console().print(table)
+        if planned:
+            typer.echo("plan: the base with the plan's adapter (`spectra extract --plan`), every other tensor the "
+                       "base's.")
         if choice is not None:
             for group, c in choice["groups"].items():
-                typer.echo(f"functional rank ({group}, ε={epsilon:g}): " + (
-                    "none of the swept ranks" if c["rank"] is None else
-                    f"{c['rank']} (gap {c['gap']:+.4g}, interval {c['gap_interval']}, "
-                    f"{'resolved' if c.get('resolved') else 'not resolved by this eval set'})"))
+                typer.echo(f"functional rank ({group}, ε={epsilon:g}): {functional_text(c)}")
     typer.echo(f"report: {path / 'report.html'}  (also report.md, sweep.json, figures/"
                + (", plan.json)" if functional_plan is not None else ")"))
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -537,11 +538,19 @@ def test_bad_options(bert):
         SweepConfig(confidence=1.5)
 
 
-def test_cli_sweep_writes_report_and_functional_plan(bert, tmp_path):
+@pytest.fixture(scope="module")
+def bert_analysis(bert, tmp_path_factory):
+    base, tuned, _ = bert
+    analysis = tmp_path_factory.mktemp("bert_analysis") / "analysis"
+    assert CliRunner().invoke(app, ["analyze", str(base), str(tuned), "-o", str(analysis), "--no-cache",
+                                    "-q"]).exit_code == 0
+    return analysis
+
+
+def test_cli_sweep_writes_report_and_functional_plan(bert, bert_analysis, tmp_path):
     base, tuned, data = bert
     runner = CliRunner()
-    analysis = tmp_path / "analysis"
-    assert runner.invoke(app, ["analyze", str(base), str(tuned), "-o", str(analysis), "--no-cache", "-q"]).exit_code == 0
+    analysis = bert_analysis
     out = tmp_path / "sweep"
     result = runner.invoke(app, ["sweep", str(base), str(tuned), "--data", str(data), "--ranks", "1,64",
                                  "--metric", "loss", "--epsilon", "0", "--analysis", str(analysis),
@@ -556,7 +565,12 @@ def test_cli_sweep_writes_report_and_functional_plan(bert, tmp_path):
     unswept = [m["name"] for m in plan["left_out"] if m["reason"].startswith("not truncated by the sweep")]
     assert sorted(unswept) == ["bert.embeddings.position_embeddings", "bert.embeddings.token_type_embeddings",
                                "bert.pooler.dense"]
-    assert "functional rank (model, ε=0)" in result.output and "loss vs rank" in result.output
+    assert "loss vs rank" in result.output
+    # 64 is above every module's full rank (32): the fine-tune itself, the only point within ε=0, said as such
+    assert ("functional rank (model, ε=0): 64, full rank: no swept rank below full rank met ε (gap +0, interval "
+            "[0, 0])") in result.output
+    assert swept["functional"]["groups"]["model"]["at_full_rank"] is True
+    assert "64, full rank: no swept rank below full rank met ε" in (out / "report.md").read_text()
     # the same plan from `spectra recommend`, from the analysis and the sweep on disk
     again_plan = runner.invoke(app, ["recommend", str(analysis), "--functional", "0", "--sweep", str(out), "--json"])
     assert again_plan.exit_code == 0, again_plan.output
@@ -574,12 +588,12 @@ def test_cli_sweep_writes_report_and_functional_plan(bert, tmp_path):
     moved = dict(swept, base="/moved/away", tuned="hub-user/model")  # recorded fingerprints decide, not paths
     assert recommend_ranks(analysis, functional, sweep=moved).modules
     other = dict(moved, fingerprints=dict(swept["fingerprints"], tuned=swept["fingerprints"]["base"]))
-    with pytest.raises(ConfigError, match="tuned .* content differs"):
+    with pytest.raises(ConfigError, match="different pairs: the swept tuned .* content differs"):
         recommend_ranks(analysis, functional, sweep=other)
     adapter = dict(analysed, tuned=dict(analysed["tuned"], format="peft-adapter"))  # tuned side not comparable
     assert recommend_ranks(adapter, functional, sweep=other).modules  # the base matches: accepted
     other_base = dict(moved, fingerprints=dict(swept["fingerprints"], base=swept["fingerprints"]["tuned"]))
-    with pytest.raises(ConfigError, match="base .* content differs"):
+    with pytest.raises(ConfigError, match="different pairs: the swept base .* content differs"):
         recommend_ranks(adapter, functional, sweep=other_base)
     older = {k: v for k, v in swept.items() if k != "fingerprints"}  # a sweep.json from before fingerprints
     with pytest.raises(ConfigError, match="tuned .* content differs"):
@@ -590,6 +604,55 @@ def test_cli_sweep_writes_report_and_functional_plan(bert, tmp_path):
         recommend_ranks(analysis, functional, sweep=renamed)
     again = runner.invoke(app, ["sweep", str(base), str(tuned), "--data", str(data), "-o", str(out)])
     assert again.exit_code != 0 and "exists" in str(again.exception or again.output)
+
+
+def test_cli_sweep_refuses_an_analysis_of_another_pair_before_evaluating(bert, bert_analysis, tmp_path,
+                                                                         monkeypatch):
+    """--analysis of another pair was refused only after the whole sweep, with the advice to re-run the sweep."""
+    base, tuned, data = bert
+    analysed = json.loads((bert_analysis / "analysis.json").read_text())
+    other = tmp_path / "other_analysis"
+    other.mkdir()
+    analysed["tuned"]["fingerprint"] = "0" * 16  # an analysis of another fine-tune of the same base
+    (other / "analysis.json").write_text(json.dumps(analysed))
+
+    def evaluated(*args, **kwargs):
+        raise AssertionError("the sweep ran")
+
+    monkeypatch.setattr(sweep_module, "truncation_sweep", evaluated)
+    result = CliRunner().invoke(app, ["sweep", str(base), str(tuned), "--data", str(data), "--ranks", "1",
+                                      "--epsilon", "0.01", "--analysis", str(other), "-o", str(tmp_path / "out")])
+    message = str(result.exception)
+    assert result.exit_code != 0 and isinstance(result.exception, ConfigError), message
+    assert message.startswith(f"the analysis and the sweep are of different pairs: the swept tuned {tuned} ")
+    assert "Re-run `spectra sweep`" not in message and not (tmp_path / "out").exists()
+
+
+def test_cli_sweep_terminal_table_has_the_plan_point_and_formatted_numbers(llama, tmp_path, monkeypatch):
+    """The plan point was in report.md only; the functional interval printed as raw floats; a zero gap as "-0"."""
+    from spectra.ranks import save_plan
+
+    base, tuned, data = llama
+    plan = save_plan(a_plan({"model.layers.0.self_attn.q_proj": (2, (32, 32)),
+                             "model.layers.1.self_attn.v_proj": (2, (16, 32))}), tmp_path / "plan.json")
+    monkeypatch.setenv("COLUMNS", "200")
+    result = CliRunner().invoke(app, ["sweep", str(base), str(tuned), "--data", str(data), "--plan", str(plan),
+                                      "--ranks", "1,100", "--epsilon", "10", "--metric", "loss", "--bootstrap", "200",
+                                      "--max-length", "16", "-o", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    swept = SweepResult.load(tmp_path / "out")
+    (planned,) = [p for p in swept.points if p["group"] == "plan"]
+    rows = {cells[0]: cells[1:] for line in result.output.splitlines()
+            if len(cells := [c.strip() for c in line.strip("│ ").split("│")]) == 4}
+    assert rows["plan"] == [f"{planned['metric']:.4g}", f"[{planned['interval'][0]:.4g}, {planned['interval'][1]:.4g}]",
+                            f"{planned['gap']:+.4g}"]
+    assert rows["100"][2] == "+0" and "plan: the base with the plan's adapter" in result.output
+    one = swept.curve()[0]  # ε=10 is lenient: rank 1 is chosen, its gap interval printed as the table's cells
+    lo, hi = one["gap_interval"]
+    interval = f"[{lo + 0.0:.4g}, {hi + 0.0:.4g}]"
+    assert (f"functional rank (model, ε=10): 1 (gap {one['gap']:+.4g}, interval {interval}, resolved)"
+            in result.output.splitlines())
+    assert not re.search(r"(?<![\w.])-0(?![.\d])", result.output)
 
 
 def test_an_adapter_as_the_fine_tune_is_refused_with_what_to_do(bert, tmp_path):
