@@ -532,9 +532,10 @@ def train(
     base: Annotated[str, typer.Argument(help="Model directory (or hub id) with config.json to fine-tune.")],
     data: Annotated[Path, typer.Option(help=".txt (language modelling), or .jsonl of {\"text\"} / {\"text\", \"label\"} records, or .csv/.tsv with a text (and label) header column.")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Adapter directory (or checkpoint with --full) to create.")],
-    method: Annotated[str, typer.Option(help="lora, dora, qlora or qdora (4-bit NF4 base).")] = "lora",
+    method: Annotated[Optional[str], typer.Option(help="lora (default), dora, qlora or qdora (4-bit NF4 base).")] = None,
     full: Annotated[bool, typer.Option("--full", help="Full fine-tune instead of an adapter: writes a checkpoint that "
-                                                      "pairs with BASE.")] = False,
+                                                      "pairs with BASE (no --method, --rank, --alpha, --rslora, "
+                                                      "--plan, --roles).")] = False,
     rank: Annotated[Optional[int], typer.Option(help="LoRA rank of every targeted module (default 8).")] = None,
     alpha: Annotated[Optional[float], typer.Option(help="LoRA α (default scale 2: 2·rank, 2·√rank with --rslora).")] = None,
     rslora: Annotated[bool, typer.Option("--rslora", help="Scale by α/√r (rsLoRA).")] = False,
@@ -543,8 +544,8 @@ def train(
     roles: Annotated[Optional[str], typer.Option(help="Roles to target, e.g. q,v (default: every block linear).")] = None,
     task: Annotated[str, typer.Option(help="auto, causal_lm or seq_cls.")] = "auto",
     eval_data: Annotated[Optional[Path], typer.Option(help="Held-out data (default: --eval-fraction of --data).")] = None,
-    eval_fraction: Annotated[float, typer.Option(help="Share of --data held out without --eval-data (at least one "
-                                                      "example; 0: no evaluation).")] = 0.1,
+    eval_fraction: Annotated[Optional[float], typer.Option(
+        help="Share of --data held out without --eval-data (default 0.1, at least one example; 0: none).")] = None,
     epochs: Annotated[int, typer.Option(help="Passes over the data.")] = 1,
     max_steps: Annotated[Optional[int], typer.Option(help="Stop after this many steps.")] = None,
     batch_size: Annotated[int, typer.Option(help="Examples per step.")] = 16,
@@ -569,16 +570,17 @@ def train(
     from spectra.errors import ConfigError
     from spectra.lora.train import TrainConfig, train_adapter
 
-    given = [name for name, value in (("--rank", rank), ("--alpha", alpha), ("--roles", roles)) if value is not None]
-    if plan is not None and given:
-        raise ConfigError(f"--plan sets every module's rank and α; {', '.join(given)} would be ignored. Plan other "
-                          "ranks or roles with `spectra recommend` (e.g. --roles q,v), or train without --plan.")
-    rank = 8 if rank is None else rank
-    config = TrainConfig(method="full" if full else method, rank=rank, alpha=alpha, rslora=rslora,
-                         plan=str(plan) if plan else None, roles=_split(roles), task=task, eval_fraction=eval_fraction,
+    # TrainConfig refuses what the method or the plan would ignore; these two it cannot see
+    if full and method is not None:
+        raise ConfigError(f"--full trains every weight, so --method {method} would be ignored; drop one of them.")
+    if eval_data is not None and eval_fraction is not None:
+        raise ConfigError("--eval-data is the held-out data, so --eval-fraction would be ignored; drop one of them.")
+    config = TrainConfig(method="full" if full else method or "lora", rank=rank, alpha=alpha, rslora=rslora,
+                         plan=str(plan) if plan else None, roles=_split(roles), task=task,
                          epochs=epochs, max_steps=max_steps, batch_size=batch_size, max_length=max_length, lr=lr,
                          group_by_length=group_by_length, compute_dtype=compute_dtype, teacher=teacher,
-                         device=device, seed=seed)
+                         device=device, seed=seed,
+                         **({} if eval_fraction is None else {"eval_fraction": eval_fraction}))
     result = train_adapter(base, data, config, output, eval_data=eval_data, overwrite=overwrite, progress=not quiet)
     final = result.final_eval
     typer.echo(f"{result.method}: {result.steps} steps, {result.trainable_params:,} trainable parameters, final "

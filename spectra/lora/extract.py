@@ -145,7 +145,7 @@ def extract_adapter(base, tuned, plan_or_rank, out_dir: str | os.PathLike, *, ro
         raise ConfigError("nothing to extract: no module of the pair matches the plan or roles "
                           f"({', '.join(roles or _DEFAULT_ROLES)}).")
     if plan is not None:
-        _check_plan_base(plan, pairing)
+        plan.check_base(pairing.base)
     save_names = _modules_to_save(pairing, modules_to_save)
     saved_modules = sorted({n.rsplit(".", 1)[0] for n in save_names})
     model_class, model = _adapter_model(pairing, model_class, selected, saved_modules)  # None: no config.json
@@ -415,14 +415,6 @@ def _tied_lora_notes(lora_modules, pairing: Pairing, model) -> list[str]:
             f"the adapter reproduces the fine-tune after merge_and_unload() (the head then shares the merged "
             f"weight) but not unmerged, where {head} keeps the base embedding. To be exact both ways, save the "
             f"embedding whole instead: --modules-to-save {embed.rpartition('.')[2]} (and leave embed out of --roles)."]
-
-
-def _check_plan_base(plan, pairing: Pairing) -> None:
-    recorded = (plan.base or {}).get("fingerprint") if isinstance(plan.base, dict) else None
-    if recorded and recorded != pairing.base.fingerprint()["fingerprint"]:
-        raise ConfigError(f"the plan was made from an analysis of another base (fingerprint {recorded}, this base "
-                          f"{pairing.base.fingerprint()['fingerprint']}: {pairing.base.spec}). Re-run "
-                          "`spectra analyze` and `spectra recommend` on this pair.")
 
 
 def _modules_to_save(pairing: Pairing, names: tuple[str, ...]) -> list[str]:

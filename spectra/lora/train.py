@@ -40,6 +40,10 @@ from spectra.lora.data import TokenizedData, batches, prepare_data
 METHODS = ("lora", "dora", "qlora", "qdora", "full")
 BLOCK_ROLES = ("q", "k", "v", "o", "qkv", "gate", "up", "down", "gate_up")
 _COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEFAULT_RANK = 8  # the LoRA paper's typical rank; small models need no more
+# the command-line option of each TrainConfig field that some combination ignores (None: library only)
+_OPTIONS = {"rank": "--rank", "alpha": "--alpha", "rslora": "--rslora", "plan": "--plan",
+            "roles": "--roles", "target_modules": None, "lora_dropout": None, "compute_dtype": "--compute-dtype"}
 TRAIN_SUMMARY = "spectra_train.json"
 TRAIN_LOG = "training_log.jsonl"
 
@@ -48,24 +52,33 @@ TRAIN_LOG = "training_log.jsonl"
 class TrainConfig:
     """How to train. Written into ``spectra_train.json`` so a run can be repeated.
 
+    Options that the method or the plan would ignore are refused, naming both: ``full``
+    trains every weight, so it takes none of ``rank``, ``alpha``, ``rslora``, ``plan``,
+    ``roles``, ``target_modules`` or ``lora_dropout``; a plan none of ``rank``, ``alpha``,
+    ``roles`` or ``target_modules``; ``roles`` and ``target_modules`` exclude each other;
+    ``compute_dtype`` is only for the 4-bit methods.
+
     Attributes
     ----------
     method : {"lora", "dora", "qlora", "qdora", "full"}
-    rank : int
-        LoRA rank of every targeted module (ignored with ``plan``).
+    rank : int, optional
+        LoRA rank of every targeted module; None: 8 (see :attr:`lora_rank`).
     alpha : float, optional
         LoRA α; None gives update scale 2, the common choice: ``2·rank``, or ``2·√rank``
         with ``rslora`` (as ``spectra extract`` and ``recommend`` choose it).
     rslora : bool
         Scale by α/√r (rsLoRA) instead of α/r.
     plan : str, optional
-        A plan file from ``spectra recommend``: per-module ranks, alphas and targets.
+        A plan file from ``spectra recommend``: per-module ranks, alphas and targets, so
+        it takes no ``rank``, ``alpha``, ``roles`` or ``target_modules``; its analysis must
+        be of this base (see :meth:`~spectra.ranks.RankPlan.check_base`).
     roles : tuple of str, optional
         Roles to target (``q, k, v, o, qkv, gate, up, down, gate_up``); None: all of them.
     target_modules : tuple of str, optional
         Module names to target instead of roles (as ``model.named_modules()`` names them).
     task : {"auto", "causal_lm", "seq_cls"}
-        ``auto``: classification when every record has a ``label``, else language modelling.
+        ``auto``: classification when every record has a ``label``, language modelling when
+        none has; a file where some records lack one is refused (see ``read_records``).
     max_length, batch_size, epochs, max_steps, lr, weight_decay, warmup_ratio, grad_clip
         The optimisation (AdamW, linear warm-up then linear decay to 0). Warm-up lasts
         ``ceil(warmup_ratio · total steps)`` steps, as Hugging Face's
@@ -93,7 +106,7 @@ class TrainConfig:
     """
 
     method: str = "lora"
-    rank: int = 8  # the LoRA paper's typical rank; small models need no more
+    rank: int | None = None  # None -> DEFAULT_RANK (lora_rank); left unset so a full fine-tune can refuse a rank
     alpha: float | None = None  # None -> 2·rank (2·√rank with rslora): update scale 2 whatever the rank
     rslora: bool = False  # α/r is PEFT's default
     plan: str | None = None
@@ -131,6 +144,8 @@ class TrainConfig:
         if self.task not in ("auto", "causal_lm", "seq_cls"):
             raise ConfigError(f"task {self.task!r} is not auto, causal_lm or seq_cls.")
         for name in ("rank", "max_length", "batch_size", "epochs"):
+            if name == "rank" and self.rank is None:
+                continue
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)!r}.")
         if self.max_steps is not None and self.max_steps < 1:
@@ -141,9 +156,38 @@ class TrainConfig:
             raise ConfigError("eval_fraction and warmup_ratio must lie in [0, 1).")
         if self.compute_dtype not in _COMPUTE_DTYPES:
             raise ConfigError(f"compute_dtype {self.compute_dtype!r} is not one of {', '.join(_COMPUTE_DTYPES)}.")
-        if self.method == "full" and (self.plan or self.rslora):
-            raise ConfigError("a full fine-tune (method full) takes no plan or rslora; drop those options.")
+        self._refuse_ignored_options()
         check_device(self.device)
+
+    def _refuse_ignored_options(self) -> None:
+        """Refuse an option that the method or the plan would ignore, naming it and what overrides it."""
+        given = {"rank": self.rank is not None, "alpha": self.alpha is not None, "rslora": self.rslora,
+                 "plan": self.plan is not None, "roles": self.roles is not None,
+                 "target_modules": self.target_modules is not None, "lora_dropout": self.lora_dropout != 0}
+        if self.method == "full":
+            ignored = [name for name, set_ in given.items() if set_]
+            if ignored:
+                raise ConfigError(f"method full (--full) trains every weight, so {_ignored(ignored)}; "
+                                  f"drop {'it' if len(ignored) == 1 else 'them'}, or train an adapter (method lora, "
+                                  "dora, qlora or qdora).")
+        elif self.plan is not None:
+            ignored = [name for name in ("rank", "alpha", "roles", "target_modules") if given[name]]
+            if ignored:
+                raise ConfigError(f"plan (--plan) sets every module's rank, α and target, so {_ignored(ignored)}. "
+                                  "Plan other ranks or roles with `spectra recommend` (e.g. --roles q,v), "
+                                  "or train without a plan.")
+        elif given["roles"] and given["target_modules"]:
+            raise ConfigError("target_modules names the modules to adapt, so roles would be ignored; pass one of "
+                              "them.")
+        if self.compute_dtype != "float32" and not self.quantized:
+            raise ConfigError(f"compute_dtype (--compute-dtype) {self.compute_dtype} is the compute dtype of the "
+                              f"4-bit layers of qlora and qdora; method {self.method} trains in float32, so it would "
+                              "be ignored. Drop it, or train with method qlora or qdora.")
+
+    @property
+    def lora_rank(self) -> int:
+        """The rank of every targeted module: ``rank``, else :data:`DEFAULT_RANK`."""
+        return self.rank if self.rank is not None else DEFAULT_RANK
 
     @property
     def learning_rate(self) -> float:
@@ -152,6 +196,12 @@ class TrainConfig:
     @property
     def quantized(self) -> bool:
         return self.method in ("qlora", "qdora")
+
+
+def _ignored(fields: list[str]) -> str:
+    """``--rank, --alpha would be ignored (rank, alpha)``: fields as the command line, then Python, names them."""
+    options = [_OPTIONS.get(f) or f for f in fields]
+    return f"{', '.join(options)} would be ignored" + ("" if options == fields else f" ({', '.join(fields)})")
 
 
 @dataclass
@@ -365,8 +415,9 @@ def lora_config(model, config: TrainConfig, *, task: str):
         if missing:
             raise ConfigError(f"target_modules {missing[:5]} are not modules of the model; use names as "
                               "model.named_modules() lists them, e.g. model.layers.0.self_attn.q_proj.")
-        scale_2 = 2.0 * (math.sqrt(config.rank) if config.rslora else config.rank)
-        fields = {"r": config.rank, "lora_alpha": config.alpha if config.alpha is not None else scale_2,
+        rank = config.lora_rank
+        scale_2 = 2.0 * (math.sqrt(rank) if config.rslora else rank)
+        fields = {"r": rank, "lora_alpha": config.alpha if config.alpha is not None else scale_2,
                   "target_modules": targets, "use_rslora": config.rslora, "lora_dropout": config.lora_dropout,
                   "fan_in_fan_out": _has_conv1d(model, targets)}
     return LoraConfig(**fields, use_dora=config.method in ("dora", "qdora"), bias="none",
@@ -440,7 +491,8 @@ def train_adapter(base, data, config: TrainConfig | None = None, out_dir=None, *
     Raises
     ------
     ConfigError
-        Bad data, options, or an existing ``out_dir`` without ``overwrite``.
+        Bad data, options, a plan made from an analysis of another base, or an existing
+        ``out_dir`` without ``overwrite``.
     """
     config = config or TrainConfig()
     if out_dir is None:
@@ -448,8 +500,14 @@ def train_adapter(base, data, config: TrainConfig | None = None, out_dir=None, *
     out = Path(out_dir)
     if out.exists() and not overwrite:
         raise ConfigError(f"output directory {out} exists; pass overwrite=True (--overwrite) or choose another.")
+    folder = model_dir(base)
+    if config.plan is not None:  # per-module names and ranks of another model would adapt this one in part
+        from spectra.checkpoints.source import open_checkpoint
+        from spectra.ranks import load_plan
+
+        load_plan(config.plan).check_base(open_checkpoint(base))
     task, train, held_out, label_names, tokenizer = prepare_data(
-        model_dir(base), data, task=config.task, max_length=config.max_length, eval_data=eval_data,
+        folder, data, task=config.task, max_length=config.max_length, eval_data=eval_data,
         eval_fraction=config.eval_fraction, seed=config.seed)
     torch.manual_seed(config.seed)  # head initialisation and LoRA's A init draw from it
     model = load_model(base, task=task, num_labels=len(label_names) if label_names else None,

@@ -118,6 +118,35 @@ class RankPlan:
         """Mean over modules of the captured share (each module counted once)."""
         return float(np.mean([m.energy for m in self.modules])) if self.modules else 1.0
 
+    def check_base(self, base) -> None:
+        """Refuse to apply this plan to a base other than the one its analysis measured.
+
+        Bases are compared by the content fingerprint the analysis recorded
+        (``CheckpointSource.fingerprint``: weight files' names, sizes and samples, and
+        config.json), so the same weights pass whatever path or hub id names them (a hub
+        snapshot and its local copy alike). A plan without a recorded fingerprint (made
+        from rows, not from ``analysis.json``) passes: there is nothing to compare.
+
+        Parameters
+        ----------
+        base : CheckpointSource
+            The opened base checkpoint (``open_checkpoint(spec)``).
+
+        Raises
+        ------
+        ConfigError
+            The fingerprints differ: per-module names and ranks of another model (another
+            depth, another width) would be applied to this one, in part or wrongly.
+        """
+        recorded = self.base.get("fingerprint") if isinstance(self.base, dict) else None
+        if not recorded:
+            return
+        found = base.fingerprint()["fingerprint"]
+        if recorded != found:
+            raise ConfigError(f"the plan was made from an analysis of another base (fingerprint {recorded}, this base "
+                              f"{found}: {base.spec}). Re-run `spectra analyze` and `spectra recommend` with this "
+                              "base.")
+
     def with_rslora(self) -> "RankPlan":
         """This plan under rsLoRA scaling α/√r, each module's α recomputed by the policy's rule.
 

@@ -116,6 +116,87 @@ def test_bad_config(field, value):
         TrainConfig(**{field: value})
 
 
+@pytest.mark.parametrize("fields, message", [
+    (dict(method="full", rank=4),
+     "method full (--full) trains every weight, so --rank would be ignored (rank); drop it"),
+    (dict(method="full", alpha=3.0, rslora=True), "so --alpha, --rslora would be ignored (alpha, rslora); drop them"),
+    (dict(method="full", plan="plan.json", roles=("q",)), "so --plan, --roles would be ignored (plan, roles)"),
+    (dict(method="full", target_modules=("model.layers.0.self_attn.q_proj",), lora_dropout=0.1),
+     "so target_modules, lora_dropout would be ignored; drop"),
+    (dict(plan="plan.json", rank=4, roles=("q",)), "plan (--plan) sets every module's rank, α and target, so "
+                                                   "--rank, --roles would be ignored (rank, roles)"),
+    (dict(plan="plan.json", alpha=2.0, target_modules=("x",)),
+     "so --alpha, target_modules would be ignored (alpha, target_modules)"),
+    (dict(roles=("q",), target_modules=("x",)), "target_modules names the modules to adapt, so roles would be ignored"),
+    (dict(method="dora", compute_dtype="bfloat16"),
+     "compute_dtype (--compute-dtype) bfloat16 is the compute dtype of the 4-bit layers of qlora and qdora; method dora "
+     "trains in float32"),
+    (dict(method="full", compute_dtype="float16"), "method full trains in float32, so it would be ignored"),
+])
+def test_options_the_method_or_the_plan_would_ignore_are_refused(fields, message):
+    """train --full --rank 4 trained a full fine-tune and dropped the rank (and --alpha, --rslora, ...) in silence."""
+    import re
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        TrainConfig(**fields)
+
+
+def test_options_that_apply_are_kept():
+    """Negative controls of the refusals above: every option here changes what is trained."""
+    assert TrainConfig(method="full").rank is None and TrainConfig().lora_rank == 8 == TrainConfig(rank=8).lora_rank
+    assert TrainConfig(rank=4, alpha=3.0, rslora=True, roles=("q",), lora_dropout=0.1).lora_rank == 4
+    TrainConfig(plan="plan.json", rslora=True, method="dora", lora_dropout=0.1)  # α re-derived; DoRA on the plan
+    TrainConfig(method="qdora", compute_dtype="bfloat16", target_modules=("model.layers.0.self_attn.q_proj",))
+
+
+def test_cli_refuses_what_train_would_ignore(llama_base, text_data, tmp_path):
+    from typer.testing import CliRunner
+
+    from spectra.cli import app
+
+    common = ["--data", str(text_data), "-o", str(tmp_path / "out"), "-q"]
+    for options, named in ((["--full", "--rank", "4"], "--full) trains every weight, so --rank"),
+                           (["--full", "--method", "dora"], "--full trains every weight, so --method dora would be "
+                                                            "ignored"),
+                           (["--full", "--method", "lora"], "--method lora would be ignored"),
+                           (["--eval-data", str(text_data), "--eval-fraction", "0.2"],
+                            "--eval-data is the held-out data, so --eval-fraction would be ignored"),
+                           (["--compute-dtype", "bfloat16"], "compute_dtype (--compute-dtype) bfloat16")):
+        refused = CliRunner().invoke(app, ["train", str(llama_base), *options, *common])
+        assert refused.exit_code != 0 and named in str(refused.exception), (options, refused.exception)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_plan_made_from_another_base_is_refused(llama_base, text_data, tmp_path):
+    """A 2-layer Llama's plan on a 6-layer one trained layers 0-1 only, in silence (extract refused it already)."""
+    import dataclasses
+    import shutil
+
+    from spectra.checkpoints.source import open_checkpoint
+    from spectra.ranks import RankPolicy, recommend_ranks, save_plan
+    from tests.ranks.rows import analysis, make_row
+
+    def analysed(spec):  # analysis.json's "base", as `spectra analyze` records it
+        return {"path": str(spec), "fingerprint": open_checkpoint(spec).fingerprint()["fingerprint"]}
+
+    rows = [make_row(f"model.layers.{i}.self_attn.q_proj", [1.0, 0.5], layer=i) for i in (0, 1)]
+    plan = recommend_ranks(analysis(*rows), RankPolicy(energy=0.99))
+    other = save(build_model("llama", seed=1), tmp_path / "other", "safetensors")
+    foreign = save_plan(dataclasses.replace(plan, base=analysed(other)), tmp_path / "foreign.json")
+    found = open_checkpoint(llama_base).fingerprint()["fingerprint"]
+    with pytest.raises(ConfigError, match=rf"the plan was made from an analysis of another base \(fingerprint "
+                                          rf"{analysed(other)['fingerprint']}, this base {found}: {llama_base}\)"):
+        train_adapter(llama_base, text_data, TrainConfig(plan=str(foreign), **FAST), tmp_path / "ad", progress=False)
+    assert not (tmp_path / "ad").exists()
+    # negative controls: the same files elsewhere (a local copy of a hub snapshot alike) are the same base
+    copy = shutil.copytree(llama_base, tmp_path / "copy")
+    own = save_plan(dataclasses.replace(plan, base=analysed(llama_base)), tmp_path / "own.json")
+    result = train_adapter(copy, text_data, TrainConfig(plan=str(own), **FAST), tmp_path / "ad", progress=False)
+    assert sorted(json.loads((result.out_dir / "adapter_config.json").read_text())["target_modules"]) == [
+        f"model.layers.{i}.self_attn.q_proj" for i in (0, 1)]
+    dataclasses.replace(plan, base=None).check_base(open_checkpoint(other))  # an older plan: nothing to compare
+
+
 def test_bad_data_and_existing_output(llama_base, text_data, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "ok"}\n{not json}\n')
