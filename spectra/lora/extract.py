@@ -203,7 +203,7 @@ def extract_adapter(base, tuned, plan_or_rank, out_dir: str | os.PathLike, *, ro
         embed = saved_names[tied[1].rpartition(".")[0]]
         tensors[f"{PEFT_PREFIX}{tied[0]}.weight"] = tensors[f"{PEFT_PREFIX}{embed}.weight"].clone()
 
-    config = _peft_config(ranks, use_rslora, list(saved_names.values()), pairing, model) | (
+    config = _peft_config(ranks, use_rslora, list(saved_names.values()), pairing, model, model_class) | (
         {"ensure_weight_tying": True} if tied else {})
     _write_atomically(out_dir, tensors, config)
     notes = _tied_lora_notes(ranks, pairing, model)
@@ -486,13 +486,22 @@ def _factorize_on_data(delta: torch.Tensor, rank: int, scaling: float, C: torch.
     return A, B, (fro, error, tail, f"data-optimal {spec.method}")
 
 
-def _peft_config(ranks: dict, use_rslora: bool, saved: list[str], pairing: Pairing, model) -> dict[str, Any]:
+def _peft_config(ranks: dict, use_rslora: bool, saved: list[str], pairing: Pairing, model,
+                 model_class: str | None) -> dict[str, Any]:
     """The adapter_config.json dict, checked against the model's module names (the checkpoint's without one).
+
+    Its ``task_type`` is the model class's (``CAUSAL_LM``, ``SEQ_CLS``, …; null where PEFT has
+    none for it), as in the plan's ``peft_config``: it had always been null. But for a
+    classifier whose head the adapter does not save: PEFT's ``SEQ_CLS``/``TOKEN_CLS``/
+    ``QUESTION_ANS`` models wrap their head (``classifier``/``score``, ``qa_outputs``) as a
+    module to save and then refuse to load an adapter without it, so such an adapter stays
+    task-less (its merge is the same).
 
     ``ranks``' and ``saved``'s names count as modules too: expert slices keep their stored names (PEFT maps them).
     Experts the model fuses into one parameter per projection (no module of theirs exists) are converted by
     PEFT at the config's global ``r`` and ``lora_alpha``, whatever ``rank_pattern`` says: those are theirs then.
     """
+    from spectra.checkpoints.targets import peft_task_type
     from spectra.ranks import check_peft_config, lora_config
 
     model_modules = None if model is None else {n for n, _ in model.named_modules() if n}
@@ -506,6 +515,7 @@ def _peft_config(ranks: dict, use_rslora: bool, saved: list[str], pairing: Pairi
     r, alpha = next(iter(fused.values())) if fused else (None, None)
     config = lora_config(ranks, use_rslora=use_rslora, r=r, alpha=alpha) | {
         "init_lora_weights": True,
+        "task_type": _task_type(peft_task_type(pairing.config, model_class), saved),
         "modules_to_save": sorted(saved) or None,
         "base_model_name_or_path": str(pairing.base.path),
         "peft_version": _peft_version(),
@@ -517,6 +527,17 @@ def _peft_config(ranks: dict, use_rslora: bool, saved: list[str], pairing: Pairi
         known = model_modules
     check_peft_config(config, known | set(ranks) | set(saved))
     return config
+
+
+# the heads PEFT's task models add to modules_to_save (and then expect in the adapter)
+_TASK_HEADS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"), "QUESTION_ANS": ("qa_outputs",)}
+
+
+def _task_type(task: str | None, saved: list[str]) -> str | None:
+    """`task`, or None for a classifier task whose head is not among the `saved` modules (see :func:`_peft_config`)."""
+    if task in _TASK_HEADS and not any(name.rpartition(".")[2] in _TASK_HEADS[task] for name in saved):
+        return None
+    return task
 
 
 def _peft_version() -> str | None:

@@ -48,6 +48,7 @@ def test_full_rank_adapter_reproduces_tuned_weights_and_logits(llama_pair, tmp_p
     result = extract_adapter(b, t, "full", tmp_path / "ad", progress=False)  # rank min(d_in, d_out) each
     cfg = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
     assert cfg["r"] == 32 and set(cfg["rank_pattern"].values()) == {16}  # k/v are 16×32 (GQA)
+    assert cfg["task_type"] == "CAUSAL_LM"  # LlamaForCausalLM's, as the plan's peft_config says
     state, _ = merged_state(base, tmp_path / "ad")
     for name, value in tuned.state_dict().items():
         torch.testing.assert_close(state[name], value, rtol=1e-5, atol=2e-6, msg=name)
@@ -158,6 +159,13 @@ def test_modules_to_save_classification_head(tmp_path):
     state, model = merged_state(base, tmp_path / "ad")
     for name in ("classifier.weight", "bert.encoder.layer.1.attention.self.value.weight"):
         torch.testing.assert_close(state[name], tuned.state_dict()[name], rtol=1e-5, atol=2e-6)
+    # the adapter's task type is the class's, as in a plan's peft_config (it was null): PEFT loads the classifier
+    # model, which takes its head from the adapter; without the head saved, SEQ_CLS would refuse to load: null
+    assert json.loads((tmp_path / "ad" / "adapter_config.json").read_text())["task_type"] == "SEQ_CLS"
+    assert type(model).__name__ == "PeftModelForSequenceClassification"
+    extract_adapter(b, t, 2, tmp_path / "ad2", roles=("q",), progress=False)
+    assert json.loads((tmp_path / "ad2" / "adapter_config.json").read_text())["task_type"] is None
+    merged_state(base, tmp_path / "ad2")  # loads
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "bert"])
