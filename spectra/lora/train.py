@@ -441,7 +441,18 @@ def quiet_peft():
 
 
 def wrap_model(model, config: TrainConfig, *, task: str):
-    """Attach the adapter (PEFT) to a loaded model; a full fine-tune is returned as is."""
+    """Attach the adapter (PEFT) to a loaded model; a full fine-tune is returned as is.
+
+    ``gradient_checkpointing`` checkpoints every block (transformers' non-reentrant
+    checkpointing, which needs no input that requires grad); QLoRA's goes through PEFT's
+    ``prepare_model_for_kbit_training``, as before. It had taken effect for QLoRA only.
+    """
+    if config.gradient_checkpointing and not config.quantized:
+        enable = getattr(model, "activation_checkpointing_enable", None)  # transformers ≥ 5.x's name
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if config.method == "full":
         return model
     from peft import get_peft_model, prepare_model_for_kbit_training

@@ -27,6 +27,25 @@ def test_same_seed_same_adapter_bytes(llama_base, text_data, tmp_path):
     assert runs["a"] != runs["c"]  # negative control: the seed matters
 
 
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_gradient_checkpointing_is_applied_and_changes_no_number(method, llama_base, text_data, tmp_path, monkeypatch):
+    """TrainConfig.gradient_checkpointing took effect for QLoRA only (through PEFT's kbit preparation): LoRA, DoRA
+    and full fine-tunes ignored it. Checkpointed, the blocks recompute their forward: the same losses."""
+    import spectra.lora.train as train
+
+    wrap, models = train.wrap_model, []
+    monkeypatch.setattr(train, "wrap_model", lambda *a, **k: models.append(wrap(*a, **k)) or models[-1])
+    extra = {} if method == "full" else {"rank": 2}
+    losses, checkpointed = {}, {}
+    for on in (False, True):
+        config = TrainConfig(method=method, gradient_checkpointing=on, **extra, **FAST)
+        losses[on] = train_adapter(llama_base, text_data, config, tmp_path / f"{method}{on}", progress=False).losses
+        blocks = [m for n, m in models[-1].named_modules() if n.endswith(("layers.0", "layers.1"))]
+        checkpointed[on] = [bool(getattr(b, "gradient_checkpointing", False)) for b in blocks]
+    assert checkpointed == {False: [False, False], True: [True, True]}  # every block, exactly when asked
+    assert losses[True] == pytest.approx(losses[False], rel=1e-5)
+
+
 def test_log_summary_and_eval(llama_base, text_data, tmp_path):
     config = TrainConfig(rank=2, max_length=16, batch_size=8, epochs=2, eval_fraction=0.25, method="dora")
     result = train_adapter(llama_base, text_data, config, tmp_path / "ad", progress=False)
