@@ -532,7 +532,8 @@ def train(
     base: Annotated[str, typer.Argument(help="Model directory (or hub id) with config.json to fine-tune.")],
     data: Annotated[Path, typer.Option(help=".txt (language modelling), or .jsonl of {\"text\"} / {\"text\", \"label\"} records, or .csv/.tsv with a text (and label) header column.")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Adapter directory (or checkpoint with --full) to create.")],
-    method: Annotated[Optional[str], typer.Option(help="lora (default), dora, qlora or qdora (4-bit NF4 base).")] = None,
+    method: Annotated[Optional[str], typer.Option(help="lora (default; dora for a plan made with `recommend --dora`), "
+                                                       "dora, qlora or qdora (4-bit NF4 base).")] = None,
     full: Annotated[bool, typer.Option("--full", help="Full fine-tune instead of an adapter: writes a checkpoint that "
                                                       "pairs with BASE (no --method, --rank, --alpha, --rslora, "
                                                       "--plan, --roles).")] = False,
@@ -578,6 +579,10 @@ def train(
         raise ConfigError(f"--full trains every weight, so --method {method} would be ignored; drop one of them.")
     if eval_data is not None and eval_fraction is not None:
         raise ConfigError("--eval-data is the held-out data, so --eval-fraction would be ignored; drop one of them.")
+    if method is None and plan is not None and not full:  # a DoRA plan (`recommend --dora`) trains DoRA
+        from spectra.ranks import load_plan
+
+        method = "dora" if load_plan(plan).policy.use_dora else "lora"
     config = TrainConfig(method="full" if full else method or "lora", rank=rank, alpha=alpha, rslora=rslora,
                          plan=str(plan) if plan else None, roles=_split(roles), task=task,
                          epochs=epochs, max_steps=max_steps, batch_size=batch_size, max_length=max_length, lr=lr,

@@ -471,3 +471,29 @@ def test_reloaded_classifier_pads_batches_as_training_did(llama_classifier):
             _reload(base, adapter, pad_token_id=None)(input_ids=batch, attention_mask=mask)
         wrong = _reload(base, adapter, pad_token_id=1)(input_ids=batch, attention_mask=mask).logits
         assert not torch.allclose(wrong[1], in_memory[1], atol=1e-4)
+
+
+def test_a_dora_plan_trains_dora_from_the_command_line_and_warns_otherwise(llama_base, text_data, tmp_path):
+    """A plan made with `recommend --dora` trained plain LoRA under `train --plan` (the default method), in silence."""
+    from typer.testing import CliRunner
+
+    from spectra.cli import app
+    from spectra.ranks import RankPolicy, recommend_ranks, save_plan
+    from tests.ranks.rows import analysis, make_row
+
+    import dataclasses
+
+    from spectra.checkpoints.source import open_checkpoint
+
+    rows = [make_row(f"model.layers.{i}.self_attn.q_proj", [1.0, 0.5], layer=i) for i in (0, 1)]
+    plan = recommend_ranks(analysis(*rows), RankPolicy(energy=0.99, use_dora=True))
+    base = {"path": str(llama_base), "fingerprint": open_checkpoint(llama_base).fingerprint()["fingerprint"]}
+    dora = save_plan(dataclasses.replace(plan, base=base), tmp_path / "d.json")
+    args = ["train", str(llama_base), "--data", str(text_data), "--plan", str(dora), "--max-steps", "1",
+            "--batch-size", "8", "--max-length", "16", "--eval-fraction", "0", "-q"]
+    result = CliRunner().invoke(app, [*args, "-o", str(tmp_path / "cli")])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "cli" / "adapter_config.json").read_text())["use_dora"] is True
+    with pytest.warns(UserWarning, match="made for DoRA .* training method lora as asked"):
+        train_adapter(llama_base, text_data, TrainConfig(plan=str(dora), **FAST), tmp_path / "api", progress=False)
+    assert json.loads((tmp_path / "api" / "adapter_config.json").read_text())["use_dora"] is False
