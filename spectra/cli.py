@@ -582,7 +582,10 @@ def train(
     if method is None and plan is not None and not full:  # a DoRA plan (`recommend --dora`) trains DoRA
         from spectra.ranks import load_plan
 
-        method = "dora" if load_plan(plan).policy.use_dora else "lora"
+        try:
+            method = "dora" if load_plan(plan).policy.use_dora else "lora"
+        except ConfigError:
+            pass  # an unreadable plan is refused below, after the options, with the reason
     config = TrainConfig(method="full" if full else method or "lora", rank=rank, alpha=alpha, rslora=rslora,
                          plan=str(plan) if plan else None, roles=_split(roles), task=task,
                          epochs=epochs, max_steps=max_steps, batch_size=batch_size, max_length=max_length, lr=lr,

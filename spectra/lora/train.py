@@ -25,6 +25,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import statistics
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -675,7 +676,7 @@ def _save(model, tokenizer, config: TrainConfig, result: TrainResult, folder: Pa
     model.save_pretrained(folder)  # PEFT: adapter files only; full: config.json + model.safetensors
     if hasattr(tokenizer, "save"):
         tokenizer.save(folder)
-    times = sorted(result.step_times)
+    times = result.step_times
     summary = {
         "schema_version": 1, "base": str(base), "data": str(data),
         "eval_data": None if eval_data is None else str(eval_data),
@@ -686,7 +687,7 @@ def _save(model, tokenizer, config: TrainConfig, result: TrainResult, folder: Pa
         "pad_token_id": tokenizer.pad_token_id,
         "steps": result.steps, "trainable_params": result.trainable_params,
         "final_train_loss": result.losses[-1] if result.losses else None, "evals": result.evals,
-        "timings": {"step_median_s": times[len(times) // 2] if times else None, "train_s": sum(times)},
+        "timings": {"step_median_s": steady_step_time(times), "train_s": sum(times)},
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                      "peft": peft.__version__},
     }
@@ -697,3 +698,12 @@ def read_train_summary(folder) -> dict | None:
     """``spectra_train.json`` of an adapter or checkpoint directory, if it has one."""
     path = Path(folder) / TRAIN_SUMMARY
     return json.loads(path.read_text()) if path.is_file() else None
+
+
+def steady_step_time(step_times: list[float]) -> float | None:
+    """Median seconds per optimiser step, the first step left out: it pays the warm-up (allocations, kernel choice,
+    lazy initialisation), which made a run of two or three steps read 2 s a step where the others took 23 ms.
+    A run of one step gives that step; none, None."""
+    if not step_times:
+        return None
+    return statistics.median(step_times[1:] or step_times)

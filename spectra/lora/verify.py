@@ -35,14 +35,13 @@ experts, per expert, written into the loaded model's fused parameters).
 from __future__ import annotations
 
 import math
-import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
 from spectra.checkpoints.pairing import check_device
-from spectra.checkpoints.targets import weight_places as _places
+from spectra.checkpoints.placement import weight_places as _places
 from spectra.errors import ConfigError
 from spectra.linalg.partial import EXACT_BELOW, top_svd
 from spectra.linalg.subspace import (
@@ -597,7 +596,7 @@ def evaluate_models(base, tuned, adapter_src, eval_data, truncated: dict, *, con
     tuned task head when the adapter trains one (``modules_to_save``), as ``extract_adapter``
     does. An expert of a LoRA on a parameter (``target_parameters``) is written into its
     slice of the parameter transformers fuses it into on loading (see
-    :func:`~spectra.checkpoints.targets.weight_places`). Where a module has no place in the
+    :func:`~spectra.checkpoints.placement.weight_places`). Where a module has no place in the
     loaded model, the SVD model is left out and `notes` says so.
     """
     import json
@@ -666,7 +665,7 @@ def _load_adapter(model, path):
 
 def _set_weights(model, weights: dict, places: dict, tuned, heads) -> torch.nn.Module:
     """Write checkpoint-named (out, in) weights into their `places` in ``model`` (see
-    :func:`~spectra.checkpoints.targets.weight_places`), and the tuned checkpoint's heads."""
+    :func:`~spectra.checkpoints.placement.weight_places`), and the tuned checkpoint's heads."""
     from spectra.checkpoints.names import match_names
     from spectra.checkpoints.source import open_checkpoint
 
@@ -694,7 +693,7 @@ class RankSweepResult:
     ----------
     runs : list of dict
         One per (method, rank): captured vs optimal energy, φ, eval metrics, adapter path,
-        ``step_median_s`` (:func:`steady_step_time`).
+        ``step_median_s`` (:func:`~spectra.lora.train.steady_step_time`).
     reference_evals : dict
         Eval of the base and the full fine-tune (the lines the curves are read against).
     phi_between_ranks : list of dict
@@ -754,7 +753,7 @@ def rank_sweep(base, tuned, data, *, ranks, methods=("lora",), adapters_dir, tra
     """
     from dataclasses import replace
 
-    from spectra.lora.train import TrainConfig, train_adapter
+    from spectra.lora.train import TrainConfig, steady_step_time, train_adapter
 
     ranks = sorted({int(r) for r in ranks})
     methods = tuple(dict.fromkeys(methods))
@@ -802,10 +801,3 @@ def rank_sweep(base, tuned, data, *, ranks, methods=("lora",), adapters_dir, tra
                        recommended_rank=recommended_rank, sources=sources)
 
 
-def steady_step_time(step_times: list[float]) -> float | None:
-    """Median seconds per optimiser step, the first step left out: it pays the warm-up (allocations, kernel choice,
-    lazy initialisation), which made a run of two or three steps read 2 s a step where the others took 23 ms.
-    A run of one step gives that step; none, None."""
-    if not step_times:
-        return None
-    return statistics.median(step_times[1:] or step_times)

@@ -497,3 +497,12 @@ def test_a_dora_plan_trains_dora_from_the_command_line_and_warns_otherwise(llama
     with pytest.warns(UserWarning, match="made for DoRA .* training method lora as asked"):
         train_adapter(llama_base, text_data, TrainConfig(plan=str(dora), **FAST), tmp_path / "api", progress=False)
     assert json.loads((tmp_path / "api" / "adapter_config.json").read_text())["use_dora"] is False
+
+
+def test_the_summary_step_time_leaves_the_warm_up_step_out():
+    """spectra_train.json's step_median_s took the sorted median of every step, the first (warm-up) included: a
+    two-step run read its slow first step. It is verify --sweep's steady_step_time now, shared."""
+    from spectra.lora.train import steady_step_time
+
+    assert steady_step_time([2.0, 0.023]) == 0.023 and steady_step_time([2.0, 0.02, 0.03, 0.025]) == 0.025
+    assert steady_step_time([1.5]) == 1.5 and steady_step_time([]) is None
