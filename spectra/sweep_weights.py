@@ -11,19 +11,21 @@ it on loading), or a slice of one: an expert of a 3-D tensor the model holds as 
 (gpt-oss's (E, in, out) experts), or a per-expert matrix transformers fuses on loading
 (Mixtral's ``experts.3.w1``/``w3``: rows [0, ffn) and [ffn, 2·ffn) of
 ``mlp.experts.gate_up_proj[3]``), located through transformers' conversion table as an
-adapter on fused experts is (:func:`~spectra.checkpoints.targets.weight_places`).
+adapter on fused experts is (:mod:`spectra.checkpoints.placement`).
 """
 
 from __future__ import annotations
 
+import functools
 from collections import Counter
 from dataclasses import dataclass
 
 import torch
 
 from spectra.checkpoints.names import match_names
-from spectra.checkpoints.targets import ParameterSlice, weight_places
-from spectra.errors import AdapterError, ConfigError
+from spectra.checkpoints.placement import (ParameterSlice, PlacementError, parameter_sources, split_sources,
+                                           weight_places)
+from spectra.errors import ConfigError
 
 
 @dataclass
@@ -130,6 +132,8 @@ class ModelWeights:
                               + ", or a slice of another shape); they are not truncated but follow the non-targets"
                               + (" (the plan point: the base's, not their planned ranks)" if plan is not None else "")
                               + f": {', '.join(unplaced[:5])}" + (", …" if len(unplaced) > 5 else "") + ".")
+        if plan is not None:
+            self.notes += _unextractable_ranks(self.targets, self.state, type(model).__name__)
         if not self.targets:
             raise ConfigError(f"nothing to truncate: no weight matrix of roles {', '.join(options.roles or ())} pairs "
                               f"between {base} and {tuned} and the loaded model.")
@@ -202,10 +206,17 @@ class ModelWeights:
             for i in self._overwritten:
                 self._ranks[i] = None
             self._mode = non_target
+        changed: dict[tuple[str, str], list[int]] = {}  # (base tensor, tuned tensor) -> the targets to rewrite
         for i, (target, rank) in enumerate(zip(self.targets, ranks)):
             if self._ranks[i] != rank:
-                target.place.copy_(self._weight(target, rank))
-                self._ranks[i] = rank
+                changed.setdefault((target.base_tensor, target.tuned_tensor), []).append(i)
+        for members in changed.values():
+            # one stored tensor may hold several targets (gpt-oss's (E, in, out) experts, one target each): each side
+            # of it is read once for all of them, and let go before the next tensor's
+            read = functools.cache(lambda side, name: getattr(self.pairing, side).read(name))
+            for i in members:
+                self.targets[i].place.copy_(self._weight(self.targets[i], ranks[i], read))
+                self._ranks[i] = ranks[i]
 
     def _fused_for(self, mode: str) -> dict[str, torch.Tensor]:
         """Values of the fused keys on the ``mode`` side; the base's as transformers loads the base model.
@@ -237,13 +248,16 @@ class ModelWeights:
             self._fused_values[mode] = base_values
         return self._fused_values[mode]
 
-    def _weight(self, target: Target, rank: int) -> torch.Tensor:
-        """The target's tensor at ``rank``, in the checkpoint's (= the model's) layout."""
+    def _weight(self, target: Target, rank: int, read) -> torch.Tensor:
+        """The target's tensor at ``rank``, in the checkpoint's (= the model's) layout.
+
+        ``read(side, name)`` reads a tensor from the ``"base"`` or ``"tuned"`` checkpoint.
+        """
         expert = target.entry.expert_index  # one expert of a stored (E, ·, ·) tensor
         if rank >= target.full_rank:
-            tuned = self.pairing.tuned.read(target.tuned_tensor)
+            tuned = read("tuned", target.tuned_tensor)
             return tuned if expert is None else tuned[expert]
-        base = self.pairing.base.read(target.base_tensor)
+        base = read("base", target.base_tensor)
         base = base if expert is None else base[expert]
         if rank == 0:
             return base
@@ -273,29 +287,57 @@ def _fused_slices(model, tuned, keys: list[str], config) -> tuple[dict[str, tupl
     parameters of `keys` that several tensors load into but whose slices spectra cannot locate.
 
     Read from transformers' conversion table as a LoRA on fused experts is
-    (:func:`~spectra.checkpoints.adapter.plan_adapter`): per-expert (out, in) matrices stacked by
-    expert and concatenated by rows in the order of the converter's source patterns
+    (:func:`~spectra.checkpoints.placement.split_sources`): per-expert (out, in) matrices stacked
+    by expert and concatenated by rows in the order of the converter's source patterns
     (Mixtral's w1, w3 → gate_up_proj[e]). A parameter is located whole or not at all: every
     tensor loading into it has a slice of its own shape.
     """
-    from spectra.checkpoints.adapter import _parameter_sources, _split_sources
-
     out, refused = {}, []
     if not keys:  # every parameter is one checkpoint tensor: no conversion table to read
         return out, refused
     params = dict(model.named_parameters())
-    for parameter, sources in _parameter_sources(model, tuned, set(keys)).items():
+    for parameter, sources in parameter_sources(model, tuned.names(), keys).items():
         shape = tuple(params[parameter].shape)
-        try:  # `tuned` in the adapter's place: it names the checkpoint in messages, which are not shown here
-            split = _split_sources(tuned, tuned, parameter, shape, sources, config)
-        except AdapterError:  # a conversion spectra does not invert (or a 2-D parameter several tensors form)
+        try:
+            split = split_sources(tuned, parameter, shape, sources, config, label="fine-tune")
+        except PlacementError:  # a conversion spectra does not invert (or a 2-D parameter several tensors form)
             refused.append(parameter)
             continue
-        weights = {s["tensor"]: (torch.empty(s["shape"], device="meta"), s["conv1d"],
-                                 ParameterSlice(parameter, s["expert"], s.get("rows"))) for s in split}
+        weights = {s.tensor: (torch.empty(s.shape, device="meta"), s.conv1d, s.place) for s in split}
         places, unplaced = weight_places(weights, {parameter: params[parameter]})
         if unplaced or len(weights) != len(split):  # one tensor per slice, each of its own shape
             refused.append(parameter)
         else:
             out.update({tensor: (parameter, place) for tensor, place in places.items()})
     return out, refused
+
+
+def _unextractable_ranks(targets: list[Target], state: dict[str, torch.Tensor], model_class: str) -> list[str]:
+    """A note where the plan point is no adapter ``spectra extract`` writes: experts in fused parameters at different
+    ranks.
+
+    The model holds each projection's experts in one 3-D parameter (E, d₁, d₂), which PEFT adapts
+    (``target_parameters``) at one rank for all of its experts, and converts every such parameter
+    of an adapter at its one global r: extract refuses a plan that gives them different ranks. The
+    sweep's plan point still truncates each expert at its own planned rank.
+    """
+    ranks: dict[str, dict[int, list[str]]] = {}  # fused parameter -> planned rank -> its modules
+    for t in targets:
+        if state[t.key].dim() == 3 and t.place.dim() == 2:  # an expert's slice of (E, d₁, d₂), not a conv kernel
+            ranks.setdefault(t.key, {}).setdefault(t.plan_rank, []).append(t.name)
+    mixed = {key: by_rank for key, by_rank in ranks.items() if len(by_rank) > 1}
+    consequence = ("`spectra extract` refuses this plan, and the plan point (each expert at its own planned rank) is "
+                   "no adapter it writes; `spectra recommend --uniform` plans one rank.")
+    if mixed:
+        listed = "; ".join(f"{key}: " + ", ".join(f"r={r} ({names[0]}{', …' if len(names) > 1 else ''})"
+                                                  for r, names in sorted(by_rank.items()))
+                           for key, by_rank in list(mixed.items())[:3])
+        return [f"the plan gives experts that {model_class} fuses into one parameter different ranks ({listed}"
+                f"{'; …' if len(mixed) > 3 else ''}), and PEFT adapts such a parameter at one rank: {consequence}"]
+    if len({r for by_rank in ranks.values() for r in by_rank}) > 1:
+        listed = ", ".join(f"{key}: r={next(iter(by_rank))}" for key, by_rank in list(ranks.items())[:4])
+        return [f"the plan gives the fused experts different ranks across parameters ({listed}"
+                f"{', …' if len(ranks) > 4 else ''}), but PEFT converts every fused expert parameter of an adapter "
+                f"at its one global r: {consequence}"]
+    return []
+

@@ -383,13 +383,13 @@ def test_a_fusion_spectra_does_not_invert_comes_from_the_base_model_and_is_named
     """Where transformers' conversion of a parameter's tensors is one spectra cannot invert (here: made so), the
     parameter is set whole as transformers loads the base model (loaded once), and the modules in it, not
     truncated, are named."""
-    import spectra.checkpoints.adapter as adapter
-    from spectra.errors import AdapterError
+    import spectra.sweep_weights as sweep_weights
+    from spectra.checkpoints.placement import PlacementError
 
-    def refused(adapter_source, base, parameter, *args):
-        raise AdapterError(f"{parameter}: not inverted")
+    def refused(checkpoint, parameter, *args, **kwargs):
+        raise PlacementError(parameter, "not inverted")
 
-    monkeypatch.setattr(adapter, "_split_sources", refused)
+    monkeypatch.setattr(sweep_weights, "split_sources", refused)
     base_model = build_model("mixtral")
     base, tuned = save(base_model, tmp_path / "b", "safetensors"), save(perturbed(base_model, 6), tmp_path / "t",
                                                                         "safetensors")
@@ -463,6 +463,71 @@ def test_experts_stored_stacked_are_truncated_in_their_layout(tmp_path, monkeypa
                                    truncated(W[1].double().numpy(), Wt[1].double().numpy(), rank), rtol=0, atol=1e-6)
         assert torch.equal(state[key][0], others[0]) and torch.equal(state[key][2], others[2])
     assert torch.equal(states[0][key], Wt) and torch.equal(states[1][key], W)
+
+
+@pytest.mark.filterwarnings("ignore:The following (rank|alpha)_pattern keys:RuntimeWarning")  # PEFT maps experts itself
+def test_a_plan_point_extract_cannot_write_for_its_expert_ranks_is_named(planted_mixtral, tmp_path):
+    """PEFT adapts a fused expert parameter at one rank for all its experts, and every one of an adapter at its one
+    global r: `spectra extract` refuses a plan giving experts different ranks. The sweep's plan point for such a
+    plan (each expert at its own rank) is no adapter extract writes, and its notes say so, naming the parameters
+    and the ranks; a plan of one rank for all experts has no such note (and extracts)."""
+    from spectra.lora.extract import extract_adapter
+
+    base, tuned, data = planted_mixtral
+    expert = "model.layers.0.block_sparse_moe.experts.{}.{}".format
+    within = a_plan({expert(0, "w1"): (1, (48, 32)), expert(1, "w1"): (2, (48, 32)), expert(2, "w1"): (1, (48, 32))})
+    across = a_plan({expert(e, "w1"): (2, (48, 32)) for e in range(3)} | {expert(e, "w2"): (1, (32, 48))
+                                                                          for e in range(3)})
+    uniform = a_plan({expert(e, p): (2, shape) for e in range(3) for p, shape in (("w1", (48, 32)), ("w2", (32, 48)))})
+    model = load_model(tuned, task="causal_lm")
+    experts = "model.layers.0.mlp.experts."
+    for plan, named in ((within, [f"{experts}gate_up_proj: r=1 ({expert(0, 'w1')}, …), r=2 ({expert(1, 'w1')})"]),
+                        (across, [f"{experts}gate_up_proj: r=2", f"{experts}down_proj: r=1"])):
+        with pytest.raises(ConfigError, match="different ranks"):
+            extract_adapter(base, tuned, plan, tmp_path / "refused", progress=False)
+        (note,) = [n for n in ModelWeights(model, base, tuned, plan=plan).notes if "different ranks" in n]
+        assert "`spectra extract` refuses this plan" in note and all(part in note for part in named), note
+    assert not any("different ranks" in n for n in ModelWeights(model, base, tuned, plan=uniform).notes)
+    extract_adapter(base, tuned, uniform, tmp_path / "written", progress=False)  # the control extracts
+
+
+def test_experts_stored_stacked_are_read_once_per_parameter_when_the_ranks_change(tmp_path, monkeypatch):
+    """gpt-oss's experts are slices of one stored (E, in, out) tensor per projection: new ranks read that tensor
+    whole once per expert (E reads per side and parameter). Now each side of it is read once per change of ranks,
+    and every expert is still W_base + its own truncation (the fine-tune's at full rank)."""
+    from collections import Counter
+
+    from safetensors.torch import load_file
+
+    from spectra.checkpoints.source import CheckpointSource
+    from tests.checkpoints.test_adapter_pairing import tiny_gpt_oss
+
+    base_model = tiny_gpt_oss()
+    base, tuned = save(base_model, tmp_path / "b", "safetensors"), save(perturbed(base_model, 7), tmp_path / "t",
+                                                                        "safetensors")
+    weights = ModelWeights(load_model(tuned, task="causal_lm"), base, tuned)
+    stacked = [f"model.layers.0.mlp.experts.{p}" for p in ("gate_up_proj", "down_proj")]
+    assert sum(t.tuned_tensor in stacked for t in weights.targets) == 2 * 3  # 3 experts per parameter
+    for t in weights.targets:  # what truncation_sweep computes once per module
+        t.factors = torch.linalg.svd(weights.delta(t).double(), full_matrices=False)
+    reads, read = Counter(), CheckpointSource.read
+
+    def counted(self, name):
+        reads["base" if self is weights.pairing.base else "tuned", name] += 1
+        return read(self, name)
+
+    monkeypatch.setattr(CheckpointSource, "read", counted)
+    W, Wt = load_file(base / "model.safetensors"), load_file(tuned / "model.safetensors")
+    for ranks, side in (((1,) * len(weights.targets), "base"), ((2,) * len(weights.targets), "base"),
+                        (tuple(t.full_rank for t in weights.targets), "tuned")):
+        reads.clear()
+        weights.apply(ranks, non_target="tuned")
+        assert {k: n for k, n in reads.items() if k[1] in stacked} == {(side, key): 1 for key in stacked}
+        for key in stacked:
+            for e in range(3):
+                expected = Wt[key][e].double().numpy() if side == "tuned" else truncated(W[key][e].double().numpy(),
+                                                                        Wt[key][e].double().numpy(), ranks[0])
+                np.testing.assert_allclose(weights.state[key][e].double().numpy(), expected, rtol=0, atol=1e-6)
 
 
 @pytest.mark.filterwarnings("ignore:The following (rank|alpha)_pattern keys:RuntimeWarning")  # PEFT maps experts itself

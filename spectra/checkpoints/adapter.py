@@ -30,8 +30,9 @@ from typing import Any
 
 import torch
 
-from spectra.checkpoints.architectures import IN_OUT_EXPERT_MODEL_TYPES, is_conv1d, module_info
+from spectra.checkpoints.architectures import is_conv1d, module_info
 from spectra.checkpoints.names import match_names
+from spectra.checkpoints.placement import PlacementError, parameter_sources, split_sources
 from spectra.checkpoints.targets import architecture, meta_model, resolve_name
 from spectra.errors import AdapterError
 
@@ -293,8 +294,9 @@ def _plan_parameters(adapter, base, config, modules: dict[str, dict[str, str]]) 
     them, each wrapper around the previous one, so the last parameter's LoRA is saved as
     ``…experts.lora_A.weight`` and the one before as ``…experts.base_layer.lora_A.weight``. The
     model class, built from the base's ``config.json`` on the meta device, gives that order, each
-    parameter's shape and layout (``is_transposed``), and how the base's tensors load into it.
-    The wrappers' modules are removed from `modules`; the other modules are plain LoRA modules.
+    parameter's shape and layout (``is_transposed``), and how the base's tensors load into it
+    (:func:`~spectra.checkpoints.placement.split_sources`). The wrappers' modules are removed
+    from `modules`; the other modules are plain LoRA modules.
     """
     targets = list(adapter.config["target_parameters"])
     model = meta_model(config)
@@ -307,7 +309,7 @@ def _plan_parameters(adapter, base, config, modules: dict[str, dict[str, str]]) 
         raise AdapterError(f"adapter {adapter.spec}: its target_parameters ({', '.join(targets[:3])}) match no "
                            f"parameter of {architecture(config)}, the base {base.spec}'s model class. Was it trained "
                            "on another model? Pass the adapter's own base.")
-    sources = _parameter_sources(model, base, {f"{h}.{p}" for h, ps in holders.items() for p in ps})
+    sources = parameter_sources(model, base.names(), {f"{h}.{p}" for h, ps in holders.items() for p in ps})
     alpha_default = adapter.config.get("lora_alpha", 8)
     alpha_pattern = adapter.config.get("alpha_pattern") or {}
     held = _HeldFactors()  # each parameter's A and B read once for all of its experts
@@ -344,11 +346,18 @@ def _plan_parameters(adapter, base, config, modules: dict[str, dict[str, str]]) 
         if parameter not in sources:
             raise AdapterError(f"adapter {adapter.spec} adapts {parameter}, which no tensor of the base {base.spec} "
                                "loads into. Was it trained on another model? Pass the adapter's own base.")
-        for src in _split_sources(adapter, base, parameter, shape, sources[parameter], config):
+        try:
+            slices = split_sources(base, parameter, shape, sources[parameter], config, label="base")
+        except PlacementError as err:
+            if err.mismatch:
+                raise AdapterError(f"adapter {adapter.spec} adapts {parameter} of shape {shape}, but {err.reason}. "
+                                   "The adapter was trained on a different base model; pass its own base.") from None
+            raise _unreadable(adapter, parameter, err.reason) from None
+        for s in slices:
             deltas.append(AdapterDelta(
-                module=src["module"], base_tensor=src["tensor"], shape=src["shape"], dtype=a_info.dtype,
-                conv1d=src["conv1d"], keys=parts, scaling=scaling, embedding=False, base_expert=src.get("base_expert"),
-                parameter=ExpertUpdate(parameter, src["expert"], experts, transposed, src.get("rows")), held=held))
+                module=s.module, base_tensor=s.tensor, shape=s.shape, dtype=a_info.dtype, conv1d=s.conv1d, keys=parts,
+                scaling=scaling, embedding=False, base_expert=s.stored_expert,
+                parameter=ExpertUpdate(parameter, s.place.expert, experts, transposed, s.place.rows), held=held))
     return deltas
 
 
@@ -365,96 +374,6 @@ def _targeted_parameters(model, targets: list[str]) -> dict[str, list[str]]:
             if module_name and any(key == t or key.endswith("." + t) for t in targets):
                 holders.setdefault(module_name, []).append(param_name)
     return holders
-
-
-def _parameter_sources(model, base, parameters: set[str]) -> dict[str, list[tuple[str, Any, int | None]]]:
-    """Parameter → the base tensors that load into it: (tensor, the converter or None, its source pattern's index).
-
-    transformers (≥ 5) renames checkpoint tensors on loading and fuses some (``WeightConverter``):
-    Mixtral's ``block_sparse_moe.experts.3.w1.weight`` lands in ``mlp.experts.gate_up_proj``.
-    """
-    try:  # transformers ≥ 5 (4 loads every tensor under its stored name)
-        from transformers.conversion_mapping import get_model_conversion_mapping
-        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
-    except ImportError:
-        conversions = []
-    else:
-        conversions = get_model_conversion_mapping(model)
-    renamings = [c for c in conversions if isinstance(c, WeightRenaming)]
-    converters = [c for c in conversions if isinstance(c, WeightConverter)]
-    loaded: dict[str, list[tuple[str, Any, int | None]]] = {}
-    for tensor in base.names():
-        key, found = (rename_source_key(tensor, renamings, [])[0] if conversions else tensor), (None, None)
-        for converter in converters:  # at most one converts a tensor, as on loading
-            renamed, pattern = rename_source_key(key, [], [converter])
-            if pattern is not None:
-                key, found = renamed, (converter, converter.source_patterns.index(pattern))
-                break
-        loaded.setdefault(key, []).append((tensor, *found))
-    out = {}
-    for parameter in parameters:  # the base's names may differ from the model's by a prefix
-        key = parameter if parameter in loaded else resolve_name(parameter, loaded)
-        if key is not None:
-            out[parameter] = loaded[key]
-    return out
-
-
-def _split_sources(adapter, base, parameter: str, shape: tuple[int, ...], sources, config) -> list[dict[str, Any]]:
-    """Each base record that a parameter's LoRA updates, named and oriented as the checkpoint pairing names them.
-
-    Two layouts are read exactly: the parameter stored as the model holds it (a 2-D weight, or
-    3-D experts split per expert as ``{…experts}.{e}.{name}``), and per-expert 2-D (out, in)
-    matrices that transformers stacks by expert (``MergeModulelist(dim=0)``), then concatenates
-    along the rows in its source patterns' order (``Concatenate(dim=1)``: Mixtral's w1, w3 →
-    gate_up_proj). Any other conversion is refused.
-    """
-    if len(sources) == 1 and sources[0][1] is None:  # stored as the model holds it
-        tensor = sources[0][0]
-        module = tensor.removesuffix(".weight")
-        if tuple(base.info(tensor).shape) != shape:
-            raise AdapterError(f"adapter {adapter.spec} adapts {parameter} of shape {shape}, but the base's {tensor} "
-                               f"is {tuple(base.info(tensor).shape)}. The adapter was trained on a different base "
-                               "model; pass its own base.")
-        if len(shape) == 2:
-            conv1d = is_conv1d(module, config)
-            return [{"tensor": tensor, "module": module, "expert": 0, "conv1d": conv1d,
-                     "shape": (shape[1], shape[0]) if conv1d else shape}]
-        if ".experts." not in f".{tensor}." or tensor.endswith(".weight"):
-            raise _unreadable(adapter, parameter, f"the base stores it as {tensor}, a 3-D tensor spectra's pairing "
-                              "does not split per expert")
-        head, _, proj = module.rpartition(".")  # model.layers.0.mlp.experts . gate_up_proj
-        in_out = (config or {}).get("model_type") in IN_OUT_EXPERT_MODEL_TYPES  # x @ W[e]: W[e] is (in, out)
-        return [{"tensor": tensor, "module": f"{head}.{e}.{proj}", "expert": e, "base_expert": e, "conv1d": in_out,
-                 "shape": (shape[2], shape[1]) if in_out else shape[1:]} for e in range(shape[0])]
-    converter = sources[0][1]
-    if converter is None or any(c is not converter for _, c, _ in sources) or len(shape) != 3:
-        raise _unreadable(adapter, parameter, f"{len(sources)} base tensors ({sources[0][0]}, …) load into it other "
-                          "than by one stacking of per-expert matrices")
-    ops = [(type(op).__name__, getattr(op, "dim", None)) for op in converter.operations]
-    if ops not in ([("MergeModulelist", 0)], [("MergeModulelist", 0), ("Concatenate", 1)]):
-        raise _unreadable(adapter, parameter, f"transformers converts the base's {sources[0][0]} into it by "
-                          f"{', '.join(f'{n}(dim={d})' for n, d in ops)}, a conversion spectra does not invert")
-    by_pattern: dict[int, list[tuple[int | None, str]]] = {}
-    for tensor, _, index in sources:
-        by_pattern.setdefault(index, []).append((module_info(tensor.removesuffix(".weight")).expert, tensor))
-    out, offset = [], 0
-    for index in sorted(by_pattern):  # Concatenate keeps the order of the source patterns
-        tensors = by_pattern[index]  # MergeModulelist stacks them by expert number
-        shapes = {tuple(base.info(t).shape) for _, t in tensors}
-        if sorted(e for e, _ in tensors if e is not None) != list(range(shape[0])) or len(tensors) != shape[0] \
-                or len(shapes) != 1 or len(next(iter(shapes))) != 2:
-            raise _unreadable(adapter, parameter, f"its base tensors {tensors[0][1]}, … are not one 2-D (out, in) "
-                              f"matrix of one shape for each of experts 0…{shape[0] - 1}")
-        ((rows, columns),) = shapes
-        if columns != shape[2]:
-            raise _unreadable(adapter, parameter, f"its base tensor {tensors[0][1]} has {columns} columns, the "
-                              f"parameter {shape[2]}")
-        out += [{"tensor": t, "module": t.removesuffix(".weight"), "expert": e, "conv1d": False,
-                 "shape": (rows, columns), "rows": (offset, offset + rows)} for e, t in sorted(tensors)]
-        offset += rows
-    if offset != shape[1]:
-        raise _unreadable(adapter, parameter, f"its base tensors hold {offset} of its {shape[1]} rows")
-    return out
 
 
 def _unreadable(adapter, parameter: str, why: str) -> AdapterError:

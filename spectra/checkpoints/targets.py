@@ -14,7 +14,7 @@ keys and adapter keys against that model's names, which can differ from the chec
 
 The model is built from ``config.json`` on the meta device (shapes only, no memory), and
 transformers' own conversion table says where each checkpoint tensor lands, as it does when
-the model is loaded.
+the model is loaded (which slice of a fused parameter: :mod:`spectra.checkpoints.placement`).
 """
 
 from __future__ import annotations
@@ -39,19 +39,6 @@ class ModelTarget:
     name: str  # module name (target_modules) or parameter name (target_parameters)
     parameter: bool = False
     stored_name: str | None = None  # parameter targets: the checkpoint name, prefixed as the model's
-
-
-@dataclass(frozen=True)
-class ParameterSlice:
-    """Where one checkpoint tensor lies in a parameter transformers fuses several into on loading.
-
-    Expert ``expert`` of a 3-D parameter (E, d₁, d₂) and of it ``rows`` (all when None); a
-    2-D parameter whole. See :func:`weight_places`.
-    """
-
-    parameter: str  # the model's parameter name (model.layers.0.mlp.experts.gate_up_proj)
-    expert: int = 0
-    rows: tuple[int, int] | None = None  # Mixtral's w3: (ffn, 2·ffn) of gate_up_proj[e]
 
 
 def architecture(config: Mapping | None) -> str | None:
@@ -159,52 +146,28 @@ def _adaptable(module: torch.nn.Module) -> bool:
                                torch.nn.Conv3d, Conv1D))
 
 
+def conversions(model) -> tuple[list, list] | None:
+    """transformers' loading conversions for the model's class: (renamings, converters), as ``WeightRenaming`` and
+    ``WeightConverter`` lists.
+
+    None under transformers 4, which loads every tensor under its stored name. The loader, PEFT
+    (mapping adapters) and :mod:`spectra.checkpoints.placement` all read the same table.
+    """
+    try:  # transformers ≥ 5
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming
+    except ImportError:
+        return None
+    table = get_model_conversion_mapping(model)
+    return ([c for c in table if isinstance(c, WeightRenaming)], [c for c in table if isinstance(c, WeightConverter)])
+
+
 def loading_rename(model):
     """Checkpoint tensor name → the model's, as transformers' loader renames and fuses it."""
-    try:  # transformers ≥ 5; PEFT maps adapters through the same table
-        from transformers.conversion_mapping import get_model_conversion_mapping
-        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
-    except ImportError:  # transformers 4 loads every tensor under its stored name
+    table = conversions(model)
+    if table is None:
         return lambda key: key
-    conversions = get_model_conversion_mapping(model)
-    renamings = [c for c in conversions if isinstance(c, WeightRenaming)]
-    converters = [c for c in conversions if isinstance(c, WeightConverter)]
+    from transformers.core_model_loading import rename_source_key
+
+    renamings, converters = table
     return lambda key: rename_source_key(key, renamings, converters)[0]
-
-
-def weight_places(weights: Mapping, params: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """Where each checkpoint-named weight of `weights` lies in a model: {name: the parameter or its slice}, and the
-    names with no such place.
-
-    `weights` maps a checkpoint module name to ``(W, conv1d, update)``: W (or anything with
-    its ``shape``) oriented (out, in), and ``update`` None or what names its slice of a
-    parameter (``parameter``, ``expert``, ``rows``: a :class:`ParameterSlice`, or an adapter's
-    :class:`~spectra.checkpoints.adapter.ExpertUpdate`). A module's weight is the parameter of
-    its name up to a prefix (``match_names``). A slice lies in the parameter transformers fuses
-    the checkpoint tensor into on loading, as its conversion table says: expert e of a 3-D
-    parameter (E, d₁, d₂), and of it the rows the tensor fills (Mixtral's w1 and w3: rows
-    [0, ffn) and [ffn, 2·ffn) of gate_up_proj[e]); a 2-D parameter (a router's weight) whole.
-    A place holds the weight as the checkpoint stores it, (out, in) or a Conv1D's (in, out)
-    (gpt-oss's (E, in, out) experts), or it counts as none. `params`' tensors are sliced by
-    view: writing into a place writes into the model.
-    """
-    from spectra.checkpoints.names import match_names
-
-    match = match_names([n + ".weight" for n, (_, _, update) in weights.items() if update is None], list(params))
-    places, unplaced = {}, []
-    for name, (W, conv1d, update) in weights.items():
-        if update is None:
-            key = match.pairs.get(name + ".weight")
-            place = None if key is None else params[key]
-        else:
-            key = resolve_name(update.parameter, params)
-            place = None if key is None else params[key]
-            if place is not None and place.dim() == 3:
-                place = place[update.expert]  # (E, d₁, d₂) -> (d₁, d₂)
-            if place is not None and update.rows is not None:
-                place = place[update.rows[0]:update.rows[1]]  # this tensor's rows of the fused W[e]
-        if place is None or tuple(place.shape) != (tuple(W.shape)[::-1] if conv1d else tuple(W.shape)):
-            unplaced.append(name)
-        else:
-            places[name] = place
-    return places, unplaced

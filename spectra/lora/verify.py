@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 
 from spectra.checkpoints.pairing import check_device
-from spectra.checkpoints.targets import weight_places as _places
+from spectra.checkpoints.placement import weight_places as _places
 from spectra.errors import ConfigError
 from spectra.linalg.partial import EXACT_BELOW, top_svd
 from spectra.linalg.subspace import (
@@ -596,7 +596,7 @@ def evaluate_models(base, tuned, adapter_src, eval_data, truncated: dict, *, con
     tuned task head when the adapter trains one (``modules_to_save``), as ``extract_adapter``
     does. An expert of a LoRA on a parameter (``target_parameters``) is written into its
     slice of the parameter transformers fuses it into on loading (see
-    :func:`~spectra.checkpoints.targets.weight_places`). Where a module has no place in the
+    :func:`~spectra.checkpoints.placement.weight_places`). Where a module has no place in the
     loaded model, the SVD model is left out and `notes` says so.
     """
     import json
@@ -665,7 +665,7 @@ def _load_adapter(model, path):
 
 def _set_weights(model, weights: dict, places: dict, tuned, heads) -> torch.nn.Module:
     """Write checkpoint-named (out, in) weights into their `places` in ``model`` (see
-    :func:`~spectra.checkpoints.targets.weight_places`), and the tuned checkpoint's heads."""
+    :func:`~spectra.checkpoints.placement.weight_places`), and the tuned checkpoint's heads."""
     from spectra.checkpoints.names import match_names
     from spectra.checkpoints.source import open_checkpoint
 

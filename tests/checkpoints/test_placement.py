@@ -1,0 +1,62 @@
+"""Where checkpoint tensors lie in the parameters transformers 5 fuses them into, read without an adapter."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from spectra.checkpoints.placement import PlacementError, parameter_sources, split_sources, weight_places
+from spectra.checkpoints.source import open_checkpoint
+from tests.models import build_model, save
+
+GATE_UP = "model.layers.0.mlp.experts.gate_up_proj"
+
+
+def test_mixtral_experts_are_placed_in_rows_of_the_fused_parameter(tmp_path):
+    """Mixtral's experts.E.w1 and w3 (48, 32) are rows [0, 48) and [48, 96) of gate_up_proj[E], as loading fuses them:
+    each slice holds that checkpoint tensor in the loaded model."""
+    model = build_model("mixtral")
+    checkpoint = open_checkpoint(save(model, tmp_path / "m", "safetensors"))
+    params = dict(model.named_parameters())
+    sources = parameter_sources(model, checkpoint.names(), [GATE_UP])[GATE_UP]
+    slices = split_sources(checkpoint, GATE_UP, tuple(params[GATE_UP].shape), sources, checkpoint.config)
+    assert [(s.module.rpartition("experts.")[2], s.place.expert, s.place.rows) for s in slices] == \
+        [(f"{e}.w1", e, (0, 48)) for e in range(3)] + [(f"{e}.w3", e, (48, 96)) for e in range(3)]
+    places, unplaced = weight_places({s.module: (torch.empty(s.shape), s.conv1d, s.place) for s in slices}, params)
+    assert unplaced == []
+    for s in slices:
+        assert torch.equal(places[s.module], checkpoint.read(s.tensor))
+
+
+def test_a_placement_that_cannot_be_read_is_refused_in_the_callers_words(tmp_path):
+    """A checkpoint that lacks one expert's w3 has no exact place for the others: a PlacementError naming the
+    checkpoint by the caller's label (no adapter involved); a tensor stored as the model holds it, of another shape,
+    is a mismatch (another model's checkpoint), not a conversion spectra does not invert."""
+    from safetensors.torch import load_file, save_file
+
+    model = build_model("mixtral")
+    whole = save(model, tmp_path / "m", "safetensors")
+    state = load_file(whole / "model.safetensors")
+    del state["model.layers.0.block_sparse_moe.experts.2.w3.weight"]
+    (tmp_path / "cut").mkdir()
+    shutil.copy(whole / "config.json", tmp_path / "cut" / "config.json")
+    save_file(state, tmp_path / "cut" / "model.safetensors", metadata={"format": "pt"})
+    checkpoint = open_checkpoint(tmp_path / "cut")
+    shape = tuple(model.get_parameter(GATE_UP).shape)
+    sources = parameter_sources(model, checkpoint.names(), [GATE_UP])[GATE_UP]
+    with pytest.raises(PlacementError, match=r"gate_up_proj: its fine-tune tensors .*experts 0…2") as refused:
+        split_sources(checkpoint, GATE_UP, shape, sources, checkpoint.config, label="fine-tune")
+    assert not refused.value.mismatch and "adapter" not in str(refused.value)
+
+    from spectra.checkpoints.targets import meta_model
+    from tests.checkpoints.test_adapter_pairing import tiny_gpt_oss
+
+    gpt_oss = open_checkpoint(save(tiny_gpt_oss(), tmp_path / "gpt_oss", "safetensors"))  # experts stored (E, in, out)
+    key = "model.layers.0.mlp.experts.down_proj"
+    (source,) = parameter_sources(meta_model(gpt_oss.config), gpt_oss.names(), [key])[key]
+    with pytest.raises(PlacementError, match=r"the base's model.layers.0.mlp.experts.down_proj is \(3, 16, 32\)") \
+            as mismatch:
+        split_sources(gpt_oss, key, (3, 32, 16), [source], gpt_oss.config, label="base")
+    assert mismatch.value.mismatch
