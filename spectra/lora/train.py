@@ -153,6 +153,8 @@ class TrainConfig:
             raise ConfigError(f"max_steps must be positive, got {self.max_steps}.")
         if self.lr is not None and not self.lr > 0:
             raise ConfigError(f"lr must be positive, got {self.lr}.")
+        if self.alpha is not None and not self.alpha > 0:  # α = 0 trains nothing, α < 0 flips the update
+            raise ConfigError(f"alpha (--alpha) must be positive, got {self.alpha}.")
         if not 0.0 <= self.eval_fraction < 1.0 or not 0.0 <= self.warmup_ratio < 1.0:
             raise ConfigError("eval_fraction and warmup_ratio must lie in [0, 1).")
         if self.compute_dtype not in _COMPUTE_DTYPES:

@@ -129,7 +129,8 @@ def test_rslora_on_a_plan_keeps_its_update_scale(tmp_path):
 
 
 @pytest.mark.parametrize("field, value", [("method", "ia3"), ("rank", 0), ("roles", ("embed",)),
-                                          ("compute_dtype", "int8"), ("eval_fraction", 1.5)])
+                                          ("compute_dtype", "int8"), ("eval_fraction", 1.5), ("alpha", 0.0),
+                                          ("alpha", -8.0)])
 def test_bad_config(field, value):
     with pytest.raises(ConfigError):
         TrainConfig(**{field: value})
