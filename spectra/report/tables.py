@@ -256,13 +256,14 @@ def summary_rows(analysis: Mapping) -> list[dict]:
 
 
 def pct(value) -> str:
-    """A share as a percentage with one decimal; "–" when unknown."""
-    return "–" if value is None else f"{100 * value:.1f}%"
+    """A share as a percentage with one decimal; "–" when unknown (a negative zero reads 0.0%)."""
+    return "–" if value is None else f"{100 * value + 0.0:.1f}%"
 
 
 def num(value, *, digits: int = 4) -> str:
-    """A number with ``digits`` significant digits; "–" when unknown."""
-    return "–" if value is None else f"{value:.{digits}g}"
+    """A number with ``digits`` significant digits; "–" when unknown (a negative zero, e.g. a gap of
+    −1·0.0, reads 0, not -0)."""
+    return "–" if value is None else f"{value + 0.0:.{digits}g}"
 
 
 def format_value(value: float | None, kind: str) -> str:

@@ -215,3 +215,9 @@ def test_rank_picture_leaves_unchanged_matrices_out_and_names_identical_checkpoi
     for r in data["modules"]:
         r["fro_norm"] = 0.0
     assert tables.rank_picture(data).startswith("All ") and "are unchanged (ΔW = 0)" in tables.rank_picture(data)
+
+
+def test_a_negative_zero_prints_without_a_minus_sign():
+    """A gap of −1·0.0 printed "-0" (and a share "-0.0%") in every report that used num/pct."""
+    assert tables.num(-0.0) == "0" and tables.pct(-0.0) == "0.0%"
+    assert tables.num(-1e-17) == "-1e-17" and tables.num(-0.25) == "-0.25"  # real negatives keep their sign
