@@ -309,7 +309,7 @@ def _summarize(jobs, keys, stats, metric: Metric, weights, config: SweepConfig, 
 
     def point(k: tuple) -> dict:
         i, s = order.index(k), stats[k]
-        return {"metric": float(values[i]), "interval": intervals[i], "gap": float(sign * (values[0] - values[i])),
+        return {"metric": float(values[i]), "interval": intervals[i], "gap": float(sign * (values[0] - values[i])) + 0.0,
                 "gap_interval": gaps[i], "loss": float(s["loss"].sum() / s["count"].sum()),
                 "accuracy": float(s["correct"].sum() / s["count"].sum())}
 
@@ -359,4 +359,4 @@ def _bootstrap(num: np.ndarray, den: np.ndarray, metric: Metric, config: SweepCo
     qv = np.quantile(np.concatenate(vals), [lo, hi], axis=0)  # (2, P)
     qg = np.quantile(np.concatenate(gaps), [lo, hi], axis=0)  # (2, P)
     return ([[float(qv[0, i]), float(qv[1, i])] for i in range(P)],
-            [[float(qg[0, i]), float(qg[1, i])] for i in range(P)])
+            [[float(qg[0, i]) + 0.0, float(qg[1, i]) + 0.0] for i in range(P)])  # + 0.0: no −0.0 in sweep.json

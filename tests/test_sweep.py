@@ -635,6 +635,10 @@ def test_cli_sweep_writes_report_and_functional_plan(bert, bert_analysis, tmp_pa
     assert ("functional rank (model, ε=0): 64, full rank: no swept rank below full rank met ε (gap +0, interval "
             "[0, 0])") in result.output
     assert swept["functional"]["groups"]["model"]["at_full_rank"] is True
+    import math
+
+    full = [p for p in swept["points"] if p["rank"] == 64]  # the fine-tune itself: a loss gap of −1·0.0 was stored
+    assert full and all(math.copysign(1.0, x) == 1.0 for p in full for x in [p["gap"], *p["gap_interval"]]), full
     assert "64, full rank: no swept rank below full rank met ε" in (out / "report.md").read_text()
     # the same plan from `spectra recommend`, from the analysis and the sweep on disk
     again_plan = runner.invoke(app, ["recommend", str(analysis), "--functional", "0", "--sweep", str(out), "--json"])
