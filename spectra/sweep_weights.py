@@ -88,6 +88,8 @@ class ModelWeights:
         self.pairing = Pairing(base, tuned, options)
         if isinstance(self.pairing.tuned, AdapterSource):
             raise ConfigError(f"{tuned} is a PEFT adapter; a truncation sweep needs the full fine-tune's checkpoint.")
+        if plan is not None:
+            plan.check_base(self.pairing.base)  # as extract and train do: a plan of another base is refused
         self.notes: list[str] = list(self.pairing.notes)
         entries = [e for e in self.pairing.entries if e.kind == "matrix"]
         if plan is not None:

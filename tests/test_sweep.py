@@ -183,6 +183,21 @@ def test_plan_point_uses_the_planned_ranks_even_above_the_swept_ones(llama):
         assert point["loss"] == pytest.approx(expected["loss"], rel=1e-5), swept
 
 
+def test_a_plan_made_from_another_base_is_refused_before_any_evaluation(llama):
+    """extract and train refuse a plan whose analysis recorded another base's fingerprint; the sweep used it."""
+    import dataclasses
+
+    from spectra.checkpoints.source import open_checkpoint
+
+    base, tuned, data = llama
+    plan = a_plan({"model.layers.0.self_attn.q_proj": (2, (32, 32))})
+    foreign = dataclasses.replace(plan, base={"path": "elsewhere", "fingerprint": "0123456789abcdef"})
+    with pytest.raises(ConfigError, match="the plan was made from an analysis of another base"):
+        truncation_sweep(base, tuned, data, ranks=[1], plan=foreign, config=FAST, progress=False)
+    own = dataclasses.replace(plan, base={"path": "x", "fingerprint": open_checkpoint(base).fingerprint()["fingerprint"]})
+    assert truncation_sweep(base, tuned, data, ranks=[1], plan=own, config=FAST, progress=False).points
+
+
 @pytest.fixture(scope="module")
 def sharp_llama(tmp_path_factory):
     """A llama pair whose loss tells its tensors apart: a 16× head (logits well away from uniform), every tensor
