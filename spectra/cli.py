@@ -290,7 +290,8 @@ def recommend(
     Examples: spectra recommend reports/run --budget 20M -o plan.json;
     spectra recommend reports/run --functional 0.01 --sweep reports/sweep -o plan.json
     """
-    _writable(output, *analysis, sweep, config)
+    _writable(output, *(Path(a) / "analysis.json" if Path(a).is_dir() and len(analysis) == 1 else a
+                        for a in analysis), sweep, config)
     if output is not None and output.exists() and not overwrite:
         from spectra.errors import ConfigError
 

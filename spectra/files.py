@@ -17,8 +17,8 @@ shared machine or serving process.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
-import re
 import secrets
 import shutil
 import socket
@@ -34,7 +34,9 @@ def _sibling(path: Path, what: str) -> Path:
     return path.with_name(f".{path.name}.{what}-{_HOST}-{os.getpid()}-{secrets.token_hex(4)}")
 
 
-_HOST = re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:24] or "host"
+# this host in temporaries' names: a hash of the whole hostname (stripping and cutting it made node-01 and node-02 of
+# a long cluster name, or web-1 and web1, one host, whose temporaries each then removed as a dead process's)
+_HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:12]
 
 
 def _sweep(path: Path) -> None:
@@ -74,9 +76,11 @@ def refuse_replacing_inputs(output: str | os.PathLike, inputs, *, option: str = 
     """Raise ConfigError where writing `output` would replace one of `inputs` (paths; hub ids are skipped).
 
     An existing `output` is replaced whole (:func:`move_into_place`), so it must not be an
-    input, a folder holding one (``-o models/`` around ``models/base``) or a path inside an
-    input folder (``-o run/analysis.json`` for the analysis in ``run/``, ``-o base/sub`` of a
-    checkpoint). A new path may go anywhere: it replaces nothing.
+    input, a folder holding one (``-o models/`` around ``models/base``), or a file directly
+    in an input folder, where a checkpoint keeps what is read (``config.json``, weights,
+    an index). Give a report folder's read file itself (``run/analysis.json``) so that its
+    other files stay writable. A new path, or a folder inside an input folder, replaces
+    nothing that is read.
     """
     from spectra.errors import ConfigError
 
@@ -88,8 +92,9 @@ def refuse_replacing_inputs(output: str | os.PathLike, inputs, *, option: str = 
         if given is None or not Path(given).exists():
             continue
         src = Path(given).resolve()
-        if out == src or out in src.parents or src in out.parents:
-            what = "is" if out == src else ("holds" if out in src.parents else "is inside")
+        what = ("is" if out == src else "holds" if out in src.parents else
+                "is a file in" if src.is_dir() and out.parent == src and not out.is_dir() else None)
+        if what:
             raise ConfigError(f"{option} {output} {what} the input {given}: writing it would replace what this "
                               f"command reads. Choose another {option}.")
 

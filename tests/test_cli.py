@@ -126,23 +126,28 @@ def test_existing_output_needs_overwrite(monkeypatch, capsys, pair, tmp_path):
 
 
 def test_an_output_that_would_replace_an_input_is_refused_even_with_overwrite(monkeypatch, capsys, pair, tmp_path):
-    """-o equal to an input, holding one or inside one is refused before any work; a new path inside an input
-    folder replaces nothing and is allowed."""
+    """-o equal to an input, holding one, or a file in an input folder (or the report file read) is refused before
+    any work; a folder inside an input folder, or a report folder's other files, replace nothing read: allowed."""
     import shutil
 
     base, tuned = (shutil.copytree(p, tmp_path / p.name) for p in pair)
     before = sorted(p.name for p in tuned.iterdir())
-    for command, out in (("analyze", tuned), ("analyze", tmp_path), ("extract", base), ("analyze", tuned / "x")):
-        (tuned / "x").mkdir(exist_ok=True)
+    for command, out in (("analyze", tuned), ("analyze", tmp_path), ("extract", base),
+                         ("analyze", tuned / "config.json")):
         extra = ("--rank", "2") if command == "extract" else ("--no-cache",)
         code, _, err = run(monkeypatch, capsys, command, base, tuned, *extra, "-o", out, "--overwrite", "-q")
         assert code == 2 and "would replace what this command reads" in err, (command, out, err)
-    assert sorted(p.name for p in tuned.iterdir()) == sorted(before + ["x"]) and base.is_dir()
-    code, _, err = run(monkeypatch, capsys, "analyze", base, tuned, "--no-cache", "-o", tuned / "new", "-q")
-    assert code == 0, err
-    run_dir = tuned / "new"
+    assert sorted(p.name for p in tuned.iterdir()) == before and base.is_dir()
+    (tuned / "x").mkdir()
+    code, _, err = run(monkeypatch, capsys, "analyze", base, tuned, "--no-cache", "-o", tuned / "x", "--overwrite",
+                       "-q")
+    assert code == 0, err  # a folder inside the checkpoint's: nothing the loader reads
+    run_dir = tuned / "x"
     code, _, err = run(monkeypatch, capsys, "recommend", run_dir, "-o", run_dir / "analysis.json", "--overwrite")
-    assert code == 2 and "is inside the input" in err
+    assert code == 2 and "is the input" in err and "analysis.json" in err
+    for _ in range(2):  # beside the analysis it reads: written, then replaced on a rerun with --overwrite
+        code, _, err = run(monkeypatch, capsys, "recommend", run_dir, "-o", run_dir / "plan.json", "--overwrite")
+        assert code == 0, err
     plan = tmp_path / "plan.json"
     plan.write_text("mine")
     code, _, err = run(monkeypatch, capsys, "recommend", run_dir, "-o", plan)
