@@ -36,7 +36,11 @@ def _sibling(path: Path, what: str) -> Path:
 
 # this host in temporaries' names: a hash of the whole hostname (stripping and cutting it made node-01 and node-02 of
 # a long cluster name, or web-1 and web1, one host, whose temporaries each then removed as a dead process's)
-_HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:12]
+def _host_tag(hostname: str) -> str:
+    return hashlib.sha256(hostname.encode()).hexdigest()[:12]
+
+
+_HOST = _host_tag(socket.gethostname())
 
 
 def _sweep(path: Path) -> None:

@@ -115,3 +115,11 @@ def test_a_killed_runs_temporaries_are_removed_by_the_next_write(tmp_path):
     assert not os.path.exists(staging) and not dead_file.exists()
     assert live.is_dir() and other.is_dir()
     assert (tmp_path / "report" / "whole").read_text() == "y"
+
+
+def test_hosts_whose_names_differ_only_in_punctuation_or_past_24_characters_are_told_apart():
+    """The tag in temporaries' names stripped punctuation and cut at 24 characters: two cluster nodes were one host."""
+    from spectra.files import _host_tag
+
+    names = ["gpu-cluster-production-node-01", "gpu-cluster-production-node-02", "web-1", "web1"]
+    assert len({_host_tag(n) for n in names}) == len(names)

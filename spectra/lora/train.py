@@ -402,10 +402,6 @@ def lora_config(model, config: TrainConfig, *, task: str):
         # Resolved on the model itself, as its class loaded the checkpoint: transformers-5
         # Mixtral's experts.N.w1/w3/w2 live in fused parameters, adapted via target_parameters.
         plan = load_plan(config.plan)
-        if plan.policy.use_dora != (config.method in ("dora", "qdora")):
-            warnings.warn(f"the plan {config.plan} was made for {'DoRA' if plan.policy.use_dora else 'plain LoRA'} "
-                          f"(recommend {'--dora' if plan.policy.use_dora else 'without --dora'}); training method "
-                          f"{config.method} as asked", stacklevel=3)
         plan = plan.with_rslora() if config.rslora else plan  # α re-derived: the plan's scale is kept
         fields = plan.to_peft_config(model=model, lora_dropout=config.lora_dropout)
         fields = {k: fields[k] for k in ("r", "lora_alpha", "target_modules", "target_parameters", "rank_pattern",
@@ -416,6 +412,10 @@ def lora_config(model, config: TrainConfig, *, task: str):
                               f"holds no module for) through PEFT's target_parameters, which method "
                               f"{config.method!r} does not support: train with method lora, or plan without "
                               "these modules' roles (spectra recommend --roles q,k,v,o).")
+        if plan.policy.use_dora != (config.method in ("dora", "qdora")):
+            warnings.warn(f"the plan {config.plan} was made for {'DoRA' if plan.policy.use_dora else 'plain LoRA'} "
+                          f"(recommend {'--dora' if plan.policy.use_dora else 'without --dora'}); training method "
+                          f"{config.method} as asked", stacklevel=3)
     else:
         targets = list(config.target_modules) if config.target_modules else target_modules(model, config.roles)
         missing = sorted(set(targets) - {name for name, _ in model.named_modules()})
