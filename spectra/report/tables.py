@@ -377,7 +377,9 @@ def rank_picture(analysis: Mapping) -> str:
         + (f" {len(unchanged)} unchanged {'matrix is' if len(unchanged) == 1 else 'matrices are'} left out (ΔW = 0"
            + (f"; every {', '.join(sorted(still))} matrix" if still else "") + ")." if unchanged else "")
     )
-    by_role = [(entry["role"], entry[f"energy_rank_{level}_share"]) for entry in summary_rows(analysis)
+    changed = dict(analysis, modules=[m for m in analysis.get("modules", []) if m.get("kind", "matrix") != "matrix"
+                                      or number(m.get("fro_norm")) != 0.0])  # the role medians without ΔW = 0 too
+    by_role = [(entry["role"], entry[f"energy_rank_{level}_share"]) for entry in summary_rows(changed)
                if entry["role"] not in whole_roles | still]  # qkv/gate_up read through their q, k, v / gate, up
     missing = [role for role, s in by_role if s is None]
     by_role = sorted(((role, s["median"]) for role, s in by_role if s is not None), key=lambda item: item[1])

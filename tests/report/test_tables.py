@@ -212,6 +212,11 @@ def test_rank_picture_leaves_unchanged_matrices_out_and_names_identical_checkpoi
     assert f"Across {len(kept)} modules" in text
     assert "1 unchanged matrix is left out (ΔW = 0; every embed matrix)" in text and "embed 0.0%" not in text
     assert tables.rank_picture(analysis).count("unchanged") == 0  # negative control: the fixture as built
+    qs = [r for r in data["modules"] if r.get("role") == "q"]
+    zeroed = next(r for r in qs if not r.get("fused_name"))
+    zeroed["fro_norm"], zeroed["energy_rank"] = 0.0, {k: 0 for k in zeroed["energy_rank"]}  # q partly unchanged
+    share = np.median([r["energy_rank"]["0.9"] / min(r["shape"]) for r in qs if r is not zeroed])
+    assert f"q {share:.1%}" in tables.rank_picture(data), (share, tables.rank_picture(data))
     for r in data["modules"]:
         r["fro_norm"] = 0.0
     assert tables.rank_picture(data).startswith("All ") and "are unchanged (ΔW = 0)" in tables.rank_picture(data)
