@@ -235,9 +235,12 @@ def _layer_range(value: str | None) -> tuple[int, int] | None:
         return None
     first, sep, last = value.partition("-")
     try:
-        return (int(first), int(last if sep else first))
+        span = (int(first), int(last if sep else first))
     except ValueError:
         raise ConfigError(f"--layers {value!r}: expected FIRST-LAST, e.g. 0-11, or one layer, e.g. 5.") from None
+    if not 0 <= span[0] <= span[1]:
+        raise ConfigError(f"--layers {value!r}: FIRST-LAST with 0 ≤ FIRST ≤ LAST, e.g. 0-11.")
+    return span
 
 
 # ---------------------------------------------------------------------------- recommend
@@ -483,6 +486,11 @@ def memory(
     from spectra.memory import estimate_memory, format_bytes
     from spectra.ranks import load_plan
 
+    if layers is not None and (plan is not None or method == "full"):
+        from spectra.errors import ConfigError
+
+        why = "--plan adapts the layers it names" if plan else "--method full trains every layer"
+        raise ConfigError(f"--layers picks the layers --rank adapts; {why}, so it would be ignored.")
     est = estimate_memory(model, method=method, rank_plan_or_rank=load_plan(plan) if plan else rank,
                           batch=batch, seq_len=seq_len, precision=precision, optimizer=optimizer,
                           gradient_checkpointing=gradient_checkpointing, roles=_split(roles), attention=attention,

@@ -498,6 +498,9 @@ def _adapter_modules(shape: ModelShape, method: str, plan_or_rank: Any, roles: t
     all-linear leaves the experts (3-D parameters) alone.
     """
     if method == "full":
+        if layers_to_transform is not None:  # it would be ignored: every layer trains
+            raise ConfigError("layers_to_transform picks the layers an adapter adapts; full fine-tuning trains "
+                              "every layer.")
         return []
     if layers_to_transform is None:
         layers = range(shape.layers)

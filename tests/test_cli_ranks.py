@@ -176,3 +176,12 @@ def test_memory_cli_passes_layers_cache_and_input_grads_to_the_model(tmp_path):
         assert json.loads(result.output)["training_total"] == estimate_memory(LLAMA2_7B, **kwargs).training_total
     later = estimate_memory(LLAMA2_7B, layers_to_transform=tuple(range(20, 32))).training_total
     assert later < estimate_memory(LLAMA2_7B).training_total  # the early blocks keep nothing
+
+
+def test_memory_layers_it_would_ignore_or_cannot_read_are_refused(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(LLAMA2_7B))
+    for args, message in ((["--method", "full", "--layers", "0-0"], "--method full trains every layer"),
+                          (["--layers", "1-0"], "0 ≤ FIRST ≤ LAST"),
+                          (["--layers", "30-40"], "must name layers of this 32-layer model")):
+        result = runner.invoke(app, ["memory", str(tmp_path), *args])
+        assert result.exit_code != 0 and message in str(result.exception), (args, result.exception)

@@ -760,10 +760,11 @@ def adaptive_svd(
     random_state : int, torch.Generator or None
     compute_vectors : bool, default False
     whole_fallback : bool, default False
-        After a fall-back, return every value of the full decomposition (``complete``;
-        its vectors, if asked for, still cut at k) instead of the top k: they cost
-        nothing more, and the noise-floor and Gavish–Donoho ranks, the entropy and the
-        nuclear norm need them all (``spectra analyze --method adaptive`` asks for them).
+        After a fall-back without vectors, return every value of the full decomposition
+        (``complete``) instead of the top k: they cost nothing more, and the noise-floor
+        and Gavish–Donoho ranks, the entropy and the nuclear norm need them all
+        (``spectra analyze --method adaptive`` asks for them). With ``compute_vectors``
+        the values stay cut at k with their vectors.
 
     Returns
     -------

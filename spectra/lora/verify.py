@@ -763,8 +763,9 @@ def rank_sweep(base, tuned, data, *, ranks, methods=("lora",), adapters_dir, tra
         raise ConfigError("a rank sweep trains adapters; method 'full' has no rank (use lora, dora, qlora, qdora).")
     train_config = train_config or TrainConfig()
     # every run's options are checked before the first trains: a bad method fails now, not after hours
-    planned = {(method, rank): replace(train_config, method=method, rank=rank, plan=None)
-               for method in methods for rank in ranks}
+    planned = {(method, rank): replace(train_config, method=method, rank=rank, plan=None,  # QLoRA's compute dtype
+                                       **({} if method in ("qlora", "qdora") else {"compute_dtype": "float32"}))
+               for method in methods for rank in ranks}  # is the k-bit layers': LoRA/DoRA train in float32
     existing = [f"{m}-r{r}" for m, r in planned if (Path(adapters_dir) / f"{m}-r{r}").exists()]
     if existing and not overwrite:
         raise ConfigError(f"{adapters_dir} already holds {', '.join(existing[:4])}; pass overwrite=True (--overwrite) "

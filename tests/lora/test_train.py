@@ -33,16 +33,25 @@ def test_gradient_checkpointing_is_applied_and_changes_no_number(method, llama_b
     and full fine-tunes ignored it. Checkpointed, the blocks recompute their forward: the same losses."""
     import spectra.lora.train as train
 
-    wrap, models = train.wrap_model, []
-    monkeypatch.setattr(train, "wrap_model", lambda *a, **k: models.append(wrap(*a, **k)) or models[-1])
+    wrap, calls = train.wrap_model, []
+
+    def counting(*args, **kwargs):  # count the blocks' passes through their checkpoint function
+        model = wrap(*args, **kwargs)
+        for name, block in model.named_modules():
+            if name.endswith(("layers.0", "layers.1")) and getattr(block, "gradient_checkpointing", False):
+                func = block._gradient_checkpointing_func
+                block._gradient_checkpointing_func = lambda *a, _f=func, **k: calls.append(1) or _f(*a, **k)
+        return model
+
+    monkeypatch.setattr(train, "wrap_model", counting)
     extra = {} if method == "full" else {"rank": 2}
-    losses, checkpointed = {}, {}
+    losses, passes = {}, {}
     for on in (False, True):
+        calls.clear()
         config = TrainConfig(method=method, gradient_checkpointing=on, **extra, **FAST)
-        losses[on] = train_adapter(llama_base, text_data, config, tmp_path / f"{method}{on}", progress=False).losses
-        blocks = [m for n, m in models[-1].named_modules() if n.endswith(("layers.0", "layers.1"))]
-        checkpointed[on] = [bool(getattr(b, "gradient_checkpointing", False)) for b in blocks]
-    assert checkpointed == {False: [False, False], True: [True, True]}  # every block, exactly when asked
+        result = train_adapter(llama_base, text_data, config, tmp_path / f"{method}{on}", progress=False)
+        losses[on], passes[on] = result.losses, len(calls)
+    assert passes[False] == 0 and passes[True] == 2 * result.steps  # each block, each step, exactly when asked
     assert losses[True] == pytest.approx(losses[False], rel=1e-5)
 
 

@@ -208,6 +208,12 @@ def test_sweep_step_time_leaves_out_the_first_step(monkeypatch, tmp_path):
         summary=summary, evals=None, right_vectors={}))
     result = rank_sweep("base", "tuned", "data", ranks=[1, 2, 4], adapters_dir=tmp_path)
     assert [run["step_median_s"] for run in result.runs] == pytest.approx([0.023, 0.025, 1.5])  # one step: that one
+    # a LoRA + QLoRA sweep from one QLoRA config: its compute dtype is the k-bit layers' alone (it was refused whole)
+    from spectra.lora.train import TrainConfig
+
+    mixed = rank_sweep("base", "tuned", "data", ranks=[1], methods=("lora", "qlora"), adapters_dir=tmp_path / "m",
+                       train_config=TrainConfig(method="qlora", compute_dtype="bfloat16"))
+    assert [run["method"] for run in mixed.runs] == ["lora", "qlora"]
 
 
 def test_cli_train_and_sweep(llama_base, text_data, tmp_path):
