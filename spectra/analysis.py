@@ -36,6 +36,7 @@ from spectra.files import write_text_atomic
 from spectra.linalg import sketch
 from spectra.linalg import metrics
 from spectra.linalg.svd import Spectrum, adaptive_svd, full_svd, randomized_svd
+from spectra.report.tables import analysis_problem
 from spectra.workers import split_workers, thread_pool
 
 SCHEMA_VERSION = 1
@@ -175,27 +176,12 @@ class AnalysisResult:
         version = data.get("schema_version") if isinstance(data, dict) else None
         if version != SCHEMA_VERSION:
             raise ConfigError(f"{path} has schema_version {version!r}; this spectra reads version {SCHEMA_VERSION}.")
-        problem = _malformed(data)
+        problem = analysis_problem(data)
         if problem:
             raise ConfigError(f"{path} is not an analysis spectra wrote ({problem}); re-run `spectra analyze`.")
         return cls(**{k: data[k] for k in ("config", "base", "tuned", "modules")},
                    versions=data.get("versions", {}), timings=data.get("timings", {}),
                    pairing=data.get("pairing", {}), schema_version=version)
-
-
-def _malformed(data: dict) -> str | None:
-    """What makes an (edited) analysis.json unreadable, or None."""
-    if not isinstance(data.get("config"), dict) or not isinstance(data.get("modules"), list):
-        return "it needs a 'config' object and a 'modules' list"
-    for row in data["modules"]:
-        if not isinstance(row, dict) or not isinstance(row.get("name"), str):
-            return "every module row needs a 'name'"
-        shape = row.get("shape")
-        if not (isinstance(shape, list) and all(isinstance(d, int) for d in shape)):
-            return f"module {row['name']}: 'shape' must be a list of integers"
-        if row.get("kind", "matrix") == "matrix" and not isinstance(row.get("role"), str):
-            return f"module {row['name']}: 'role' must be a string"
-    return None
 
 
 # ---------------------------------------------------------------------------- one module

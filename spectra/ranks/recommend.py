@@ -110,7 +110,7 @@ class _Spectrum:
 
 def _rows(analysis: Any) -> tuple[list[dict], dict | None, dict | None]:
     """Rows (as dicts) and the base and tuned descriptions of an analysis object, dict, file or directory."""
-    from spectra.analysis import _malformed
+    from spectra.report.tables import analysis_problem
 
     if isinstance(analysis, (str, os.PathLike)):
         path = Path(analysis)
@@ -133,7 +133,7 @@ def _rows(analysis: Any) -> tuple[list[dict], dict | None, dict | None]:
     else:
         where = "the analysis "
     if isinstance(analysis, Mapping):
-        problem = _malformed(dict(analysis)) or next(
+        problem = analysis_problem(dict(analysis)) or next(
             (f"'{side}' must be an object" for side in ("base", "tuned")
              if analysis.get(side) is not None and not isinstance(analysis[side], Mapping)), None)
         if problem:

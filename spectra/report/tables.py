@@ -21,6 +21,21 @@ ENERGY_LEVELS = ("0.5", "0.9", "0.95", "0.99")
 _REQUIRED_MATRIX_KEYS = ("name", "role", "shape", "fro_norm", "energy_rank", "singular_values")
 
 
+def analysis_problem(data: dict) -> str | None:
+    """What makes an (edited) analysis.json unreadable, or None (light: `recommend` checks with it, no torch)."""
+    if not isinstance(data.get("config"), dict) or not isinstance(data.get("modules"), list):
+        return "it needs a 'config' object and a 'modules' list"
+    for row in data["modules"]:
+        if not isinstance(row, dict) or not isinstance(row.get("name"), str):
+            return "every module row needs a 'name'"
+        shape = row.get("shape")
+        if not (isinstance(shape, list) and all(isinstance(d, int) for d in shape)):
+            return f"module {row['name']}: 'shape' must be a list of integers"
+        if row.get("kind", "matrix") == "matrix" and not isinstance(row.get("role"), str):
+            return f"module {row['name']}: 'role' must be a string"
+    return None
+
+
 def matrix_rows(analysis: Mapping) -> list[dict]:
     """Validate an analysis dict and return its weight-matrix rows, in reading order.
 
