@@ -814,10 +814,10 @@ def sweep(
             marks[f"functional ε={epsilon:g}"] = choice["groups"]["model"]["rank"]
         if analysis is not None:
             functional_plan = recommend_ranks(analysis, policy, sweep=result)
-    from spectra.report.sweep import functional_text, interval_text, signed, write_truncation_report
+    from spectra.report.sweep import functional_text, interval_text, signed
 
-    path = write_truncation_report(result.to_dict(), output, overwrite=overwrite, marks=marks,
-                                   plan=functional_plan, functional=choice)  # plan.json staged too
+    path = result.write_report(output, overwrite=overwrite, marks=marks, plan=functional_plan,
+                               functional=choice)  # plan.json staged too
     if not quiet:
         from rich.console import Console
         from rich.table import Table

@@ -135,16 +135,19 @@ class SweepResult:
         return plot_truncation_curve(self.to_dict(), marks=marks)
 
     def write_report(self, out_dir, *, overwrite: bool = False, marks: dict[str, int] | None = None,
-                     plan=None) -> Path:
+                     plan=None, functional: dict | None = None) -> Path:
         """``sweep.json``, ``report.md``, ``report.html`` and the curve figure, written atomically.
 
         ``marks``: label → rank drawn as vertical lines (e.g. the functional and energy ranks).
         ``plan``: a :class:`~spectra.ranks.RankPlan` (e.g. the functional one) written as
         ``plan.json`` in the same staged directory, so the folder appears complete at once.
+        ``functional``: :func:`~spectra.ranks.functional_ranks` of this sweep, recorded in
+        ``sweep.json`` and summarised in the report (as ``spectra sweep --epsilon`` does).
         """
         from spectra.report.sweep import write_truncation_report
 
-        return write_truncation_report(self.data, out_dir, overwrite=overwrite, marks=marks, plan=plan)
+        return write_truncation_report(self.data, out_dir, overwrite=overwrite, marks=marks, plan=plan,
+                                       functional=functional)
 
     @classmethod
     def load(cls, path) -> "SweepResult":

@@ -78,3 +78,17 @@ def test_report_states_a_functional_rank_at_full_rank_as_such(tmp_path):
 ])
 def test_functional_text(entry, text):
     assert functional_text(entry) == text
+
+
+def test_the_python_write_report_records_the_functional_result_as_the_cli_does(tmp_path):
+    """SweepResult.write_report had no `functional=`: a Python user's sweep.json lacked the record the CLI writes."""
+    from spectra.sweep import SweepResult
+
+    sweep = sweep_like_the_review()
+    choice = functional_ranks(sweep, 0.01)
+    out = SweepResult(sweep).write_report(tmp_path / "sweep", functional=choice)
+    recorded = json.loads((out / "sweep.json").read_text())["functional"]
+    assert recorded["groups"]["model"]["rank"] == 100 and recorded["epsilon"] == 0.01
+    assert "Functional rank (model, ε=0.01" in (out / "report.md").read_text()
+    plain = SweepResult(sweep).write_report(tmp_path / "plain")  # without: no record, as before
+    assert "functional" not in json.loads((plain / "sweep.json").read_text())
