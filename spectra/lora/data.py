@@ -179,6 +179,9 @@ def _check_labels(path: Path, rows: list[tuple[int, dict]], unlabelled: list[int
         if not isinstance(record["label"], (int, str)):
             raise ConfigError(f"data file {path}, line {number}: classification records need a \"label\" "
                               f"(integer or string), not {json.dumps(record['label'])}.")
+        if isinstance(record["label"], str) and not record["label"].strip():  # as an empty table cell is
+            raise ConfigError(f"data file {path}, line {number}: an empty \"label\" is no label; classification "
+                              "needs one on every record.")
 
 
 def _json_lines(path: Path) -> list[tuple[int, dict]]:

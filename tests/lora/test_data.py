@@ -275,6 +275,11 @@ def test_a_label_of_another_type_is_named(tmp_path):
         with pytest.raises(ConfigError, match=rf"{path}, line 2: classification records need a \"label\" \(integer or "
                                               r"string\), not null"):
             read_records(path, task=task)
+    path.write_text(json.dumps({"text": "a", "label": "pos"}) + "\n" + json.dumps({"text": "b", "label": " "}) + "\n")
+    with pytest.raises(ConfigError, match=rf"{path}, line 2: an empty \"label\" is no label"):  # as an empty cell
+        read_records(path, task="auto")  # (it had been a class named " ")
+    path.write_text(json.dumps({"text": "a", "label": "pos"}) + "\n" + json.dumps({"text": "b", "label": 0}) + "\n")
+    assert [r["label"] for r in read_records(path, task="auto")] == ["pos", 0]  # 0 is a label
 
 
 @pytest.mark.parametrize("name", ["train.md", "train.parquet", "train"])
