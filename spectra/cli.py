@@ -831,6 +831,11 @@ def sweep(
             table.add_row("plan" if p["rank"] is None else str(p["rank"]), f"{p['metric']:.4g}",
                           escape(interval_text(p["interval"]) or "–"), signed(p["gap"]))
         Console().print(table)
+        shown = ("model", result.data["non_target"][0])
+        more = sorted({(p["group"], p["non_target"]) for p in result.points if p["rank"] is not None} - {shown})
+        if more:  # --by-role, --non-target both: their curves are in the report
+            typer.echo(f"the table is the whole model's curve with non-targets from {shown[1]}; report.md has "
+                       f"{len(more)} more: " + ", ".join(f"{g} ({n})" for g, n in more))
         if planned:
             typer.echo("plan: the base with the plan's adapter (`spectra extract --plan`), every other tensor the "
                        "base's.")

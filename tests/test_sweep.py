@@ -737,6 +737,13 @@ def test_cli_sweep_terminal_table_has_the_plan_point_and_formatted_numbers(llama
     assert (f"functional rank (model, ε=10): 1 (gap {one['gap']:+.4g}, interval {interval}, resolved)"
             in result.output.splitlines())
     assert not re.search(r"(?<![\w.])-0(?![.\d])", result.output)
+    assert "report.md has" not in result.output  # one curve: nothing more to point at
+    by_role = CliRunner().invoke(app, ["sweep", str(base), str(tuned), "--data", str(data), "--ranks", "1",
+                                       "--by-role", "--roles", "q,v", "--bootstrap", "0", "--max-length", "16",
+                                       "-o", str(tmp_path / "roles")])
+    assert by_role.exit_code == 0, by_role.output
+    assert ("the table is the whole model's curve with non-targets from tuned; report.md has 2 more: q (tuned), "
+            "v (tuned)") in by_role.output
 
 
 def test_an_adapter_as_the_fine_tune_is_refused_with_what_to_do(bert, tmp_path):
