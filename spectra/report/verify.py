@@ -105,12 +105,17 @@ def verify_blocks(result: Mapping, *, figures: list[str]) -> list[tuple]:
 
 
 def headline(summary: Mapping) -> str:
-    """'Your adapter captured 41 % of the update where rank 8 could capture 78 %.'"""
+    """'The adapter captured 41 % of the full fine-tune's update in the modules it adapts, where rank 8 could
+    capture 78 % (…)'; the share of the whole update those modules hold follows when it is not all of it (the
+    headline had read as a share of the whole update)."""
     ranks = summary.get("ranks") or []
     at = f"rank {ranks[0]}" if len(ranks) == 1 else "the same ranks"
-    return (f"The adapter captured {pct(summary.get('captured_energy'))} of the full fine-tune's update "
-            f"(share of ‖ΔW_full‖_F² in its column space) where {at} could capture "
-            f"{pct(summary.get('optimal_energy'))} (Eckart–Young).")
+    coverage = summary.get("coverage")
+    whole = ("" if coverage is None or coverage >= 0.9995 else
+             f" Those modules hold {pct(coverage)} of the whole update's ‖ΔW_full‖_F².")
+    return (f"The adapter captured {pct(summary.get('captured_energy'))} of the full fine-tune's update in the "
+            f"{summary.get('modules', '')} modules it adapts (share of their ‖ΔW_full‖_F² in its column spaces) where "
+            f"{at} could capture {pct(summary.get('optimal_energy'))} (Eckart–Young).{whole}")
 
 
 def sweep_blocks(sweep: Mapping, *, figures: list[str]) -> list[tuple]:

@@ -49,6 +49,15 @@ def test_headline_says_captured_and_optimal():
     assert "41.0%" in text and "rank 8 could capture 78.0%" in text
 
 
+def test_headline_says_its_shares_are_of_the_adapted_modules_and_how_much_of_the_update_they_hold():
+    """7.6 % of the adapted modules' update read as 7.6 % of the whole fine-tune's (which was 3.0 %)."""
+    part = headline({"captured_energy": 0.076, "optimal_energy": 0.921, "ranks": [2], "modules": 6, "coverage": 0.396})
+    assert "captured 7.6% of the full fine-tune's update in the 6 modules it adapts" in part
+    assert "Those modules hold 39.6% of the whole update's ‖ΔW_full‖_F²." in part
+    whole = headline({"captured_energy": 0.5, "optimal_energy": 0.9, "ranks": [2], "modules": 6, "coverage": 1.0})
+    assert "Those modules hold" not in whole  # every module adapted: nothing to add
+
+
 def test_verify_report_files(tmp_path):
     out = write_verify_report(verify_result(), tmp_path / "rep")
     assert {p.name for p in out.iterdir()} == {"verify.json", "report.md", "report.html", "figures"}
