@@ -34,7 +34,7 @@ def targets(res: dict[str, Any]) -> list[tuple[str, str, str]]:
     agree = res.get("rank_agreement_0.9")
     rows.append(("energy-90% ranks within ±1 of full SVD on every module",
                  "—" if not agree else f"{agree['within_1']}/{agree['modules']} within ±1, {agree['exact']} exact, "
-                                       f"max |Δ| {agree['max_abs_diff']}",
+                                       f"max \\|Δ\\| {agree['max_abs_diff']}",
                  _verdict(None if not agree else agree["within_1"] == agree["modules"])))
     full = res.get("spectra_full", {}).get("analysis_s")
     speed = _ratio(full, wall)

@@ -20,6 +20,28 @@ def test_e2e_quick_writes_report(tmp_path):
     assert data["io_floor"]["bytes"] > 0 and data["spectra_default"]["peak_anon_mb"] > 0
     md = (out / "e2e.md").read_text()
     assert "## Targets (issue 8)" in md and "forced full spectrum" in md
+    assert_tables_well_formed(md)
+
+
+def assert_tables_well_formed(md: str) -> None:
+    """Every row of a Markdown table has its header's cell count: an unescaped | in a cell ("max |Δ| 0") split
+    the ranks row into five cells, and GitHub dropped its verdict."""
+    import re
+
+    count = None
+    for line in md.splitlines():
+        if not line.startswith("|"):
+            count = None
+            continue
+        cells = len(re.split(r"(?<!\\)\|", line)) - 2
+        count = count or cells
+        assert cells == count, line
+
+
+def test_the_committed_e2e_report_is_well_formed():
+    from pathlib import Path
+
+    assert_tables_well_formed((Path(__file__).parents[2] / "reports" / "bench" / "e2e.md").read_text())
 
 
 def test_e2e_rejects_unknown_part(tmp_path):
