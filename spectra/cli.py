@@ -57,16 +57,25 @@ def pairs(
     """
     from rich.console import Console
 
-    from spectra.checkpoints.pairing import PairingOptions, iter_deltas
+    from spectra.checkpoints.pairing import Pairing, PairingOptions
 
     options = PairingOptions(roles=_split(roles), layers=_layer_range(layers), include=include, exclude=exclude,
                              load=False)
-    deltas = list(iter_deltas(base, tuned, options))
+    pairing = Pairing(base, tuned, options)
+    deltas = list(pairing)
     experts = any(d.expert is not None for d in deltas)  # the column only for mixture-of-experts models
     rows = [(d.role, _fmt(d.layer), *((_fmt(d.expert),) if experts else ()), "×".join(map(str, d.shape)),
              f"{d.base_dtype}→{d.tuned_dtype}", d.kind) for d in deltas]
     headers = ("role", "layer", *(("expert",) if experts else ()), "shape", "dtypes", "kind")
-    Console().print(_module_table(f"{len(deltas)} ΔW pairs", [d.name for d in deltas], rows, headers))
+    console = Console()
+    console.print(_module_table(f"{len(deltas)} ΔW pairs", [d.name for d in deltas], rows, headers))
+    for label, names in (("only in BASE, not paired", pairing.only_in_base),
+                         ("only in TUNED, not paired", pairing.only_in_tuned)):
+        if names:  # what does not pair is what a user runs `pairs` to find
+            console.print(escape(f"{len(names)} tensor(s) {label}: " + ", ".join(list(names)[:5])
+                                 + (", …" if len(names) > 5 else "")), style="yellow")
+    for note in pairing.notes:
+        console.print(escape(f"note: {note}"), style="yellow")
 
 
 # ---------------------------------------------------------------------------- demo
@@ -454,7 +463,7 @@ def extract(
 def memory(
     model: Annotated[str, typer.Argument(help="config.json, the model directory holding it, or a hub id.")],
     method: Annotated[str, typer.Option(help="full, lora, qlora or dora.")] = "lora",
-    rank: Annotated[int, typer.Option(help="LoRA rank of every targeted module.")] = 16,
+    rank: Annotated[Optional[int], typer.Option(help="LoRA rank of every targeted module (default 16).")] = None,
     plan: Annotated[Optional[Path], typer.Option(help="A plan from `spectra recommend` instead of --rank.")] = None,
     roles: Annotated[Optional[str], typer.Option(help="Roles --rank targets (default: all block linears).")] = None,
     batch: Annotated[int, typer.Option(help="Sequences per step.")] = 1,
@@ -486,12 +495,17 @@ def memory(
     from spectra.memory import estimate_memory, format_bytes
     from spectra.ranks import load_plan
 
-    if layers is not None and (plan is not None or method == "full"):
+    given = [flag for flag, value in (("--rank", rank), ("--roles", roles), ("--layers", layers)) if value is not None]
+    if given and (plan is not None or method == "full"):  # each would be ignored
         from spectra.errors import ConfigError
 
-        why = "--plan adapts the layers it names" if plan else "--method full trains every layer"
-        raise ConfigError(f"--layers picks the layers --rank adapts; {why}, so it would be ignored.")
-    est = estimate_memory(model, method=method, rank_plan_or_rank=load_plan(plan) if plan else rank,
+        why = "--plan sets the modules, ranks and layers" if plan else "--method full trains every weight"
+        raise ConfigError(f"{why}, so {', '.join(given)} would be ignored; drop {'it' if len(given) == 1 else 'them'}.")
+    if plan is not None and method == "full":
+        from spectra.errors import ConfigError
+
+        raise ConfigError("--method full trains every weight, so --plan would be ignored; drop one of them.")
+    est = estimate_memory(model, method=method, rank_plan_or_rank=load_plan(plan) if plan else rank or 16,
                           batch=batch, seq_len=seq_len, precision=precision, optimizer=optimizer,
                           gradient_checkpointing=gradient_checkpointing, roles=_split(roles), attention=attention,
                           double_quant=double_quant, use_cache=use_cache, input_require_grads=input_require_grads,

@@ -66,9 +66,11 @@ class SweepConfig:
         Coverage of the percentile intervals.
     full_below : int
         Exact SVD when min(out, in) ≤ this, else randomized top-k.
-    epsilon : float
+    calibration_epsilon : float
         Ridge of the calibration second moments when ``calibration`` is a data file (a
-        :class:`~spectra.calibration.Calibration` brings its own).
+        :class:`~spectra.calibration.Calibration` brings its own). Named as in
+        ``AnalysisConfig``; it was ``epsilon``, which a report's configuration block showed
+        beside the functional ε of ``--epsilon``.
     device : str
         Where the model is evaluated: ``cpu``, ``cuda`` or ``cuda:N`` (the SVDs of ΔW run
         on the CPU once per module; the evaluations are what a large model spends its time on).
@@ -83,7 +85,7 @@ class SweepConfig:
     bootstrap: int = 1000  # percentile endpoints settle to ~0.1 of their width at 1000 replicates
     confidence: float = 0.95  # the usual two-sided 95 %
     full_below: int = 1024  # exact SVD takes well under a second up to here
-    epsilon: float = 1e-6  # as CalibrationConfig: leaves the data term exact to ~1e-6
+    calibration_epsilon: float = 1e-6  # as CalibrationConfig: leaves the data term exact to ~1e-6
     device: str = "cpu"
     seed: int = 0
 
@@ -222,7 +224,7 @@ def truncation_sweep(base, tuned, data, *, ranks=(1, 2, 4, 8, 16, 32, 64), plan=
                           f"classifier has {model.config.num_labels} outputs: eval data of another task?")
     if isinstance(calibration, (str, Path)):
         calibration = collect_calibration(base, calibration, config=CalibrationConfig(
-            epsilon=config.epsilon, max_length=config.max_length, task=task, device=config.device), progress=progress)
+            epsilon=config.calibration_epsilon, max_length=config.max_length, task=task, device=config.device), progress=progress)
     weights = ModelWeights(model, base, tuned, plan=plan, roles=config.roles)
     top = max((r for r in ranks if r > 0), default=0)
     uncalibrated = []
@@ -232,7 +234,7 @@ def truncation_sweep(base, tuned, data, *, ranks=(1, 2, 4, 8, 16, 32, 64), plan=
             C = None if calibration is None else calibration.covariance(module.base_tensor)
             if calibration is not None and C is None:
                 uncalibrated.append(module.name)
-            epsilon = config.epsilon if calibration is None else calibration.config.epsilon
+            epsilon = config.calibration_epsilon if calibration is None else calibration.config.epsilon
             U, S, Vw, _ = truncation_factors(weights.delta(module), k, covariance=C, epsilon=epsilon,
                                              full_below=config.full_below, seed=config.seed)
             module.factors = (U, S, Vw)

@@ -230,6 +230,16 @@ def test_pairs_lists_modules_in_order_with_experts_only_for_moe(monkeypatch, cap
     moe = save(build_model("mixtral"), tmp_path / "moe", "safetensors")
     code, stdout, _ = run(monkeypatch, capsys, "pairs", moe, moe, "--roles", "up")
     assert code == 0 and "┃ expert ┃" in stdout
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    tuned = shutil.copytree(pair[1], tmp_path / "t")
+    weights = load_file(tuned / "model.safetensors")
+    del weights["transformer.h.1.mlp.c_fc.weight"]
+    save_file(weights, tuned / "model.safetensors", metadata={"format": "pt"})
+    code, stdout, _ = run(monkeypatch, capsys, "pairs", pair[0], tuned)  # what does not pair is said, not dropped
+    assert code == 0 and "1 tensor(s) only in BASE, not paired: transformer.h.1.mlp.c_fc.weight" in stdout
     code, stdout, _ = run(monkeypatch, capsys, "pairs", *pair, "--layers", "1-1", "--exclude", "*mlp*")
     assert code == 0 and "┃ transformer.h.1.… " in stdout and "│ attn.c_attn[q]" in stdout and "mlp" not in stdout
 

@@ -180,8 +180,21 @@ def test_memory_cli_passes_layers_cache_and_input_grads_to_the_model(tmp_path):
 
 def test_memory_layers_it_would_ignore_or_cannot_read_are_refused(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(LLAMA2_7B))
-    for args, message in ((["--method", "full", "--layers", "0-0"], "--method full trains every layer"),
+    for args, message in ((["--method", "full", "--layers", "0-0"], "--method full trains every weight, so --layers"),
+                          (["--method", "full", "--rank", "64"], "so --rank would be ignored"),
+                          (["--method", "full", "--plan", "p.json"], "so --plan would be ignored"),
                           (["--layers", "1-0"], "0 ≤ FIRST ≤ LAST"),
                           (["--layers", "30-40"], "must name layers of this 32-layer model")):
         result = runner.invoke(app, ["memory", str(tmp_path), *args])
         assert result.exit_code != 0 and message in str(result.exception), (args, result.exception)
+
+
+def test_memory_with_a_plan_refuses_rank_and_roles(tmp_path):
+    """`memory --plan P --rank 4 --roles q` gave the plan's estimate, ignoring both options in silence."""
+    run = _analysis_dir(tmp_path)
+    plan = tmp_path / "plan.json"
+    assert runner.invoke(app, ["recommend", str(run), "-o", str(plan)]).exit_code == 0
+    result = runner.invoke(app, ["memory", str(tmp_path / "base"), "--plan", str(plan), "--rank", "4", "--roles", "q"])
+    message = "--plan sets the modules, ranks and layers, so --rank, --roles would be ignored"
+    assert result.exit_code != 0 and message in str(result.exception)
+    assert runner.invoke(app, ["memory", str(tmp_path / "base"), "--plan", str(plan), "--json"]).exit_code == 0

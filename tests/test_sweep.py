@@ -650,6 +650,7 @@ def test_cli_sweep_writes_report_and_functional_plan(bert, bert_analysis, tmp_pa
     assert ("functional rank (model, ε=0): 64, full rank: no swept rank below full rank met ε (gap +0, interval "
             "[0, 0])") in result.output
     assert swept["functional"]["groups"]["model"]["at_full_rank"] is True
+    assert "epsilon" not in swept["config"] and swept["config"]["calibration_epsilon"] == 1e-6  # not the ε of -e
     import math
 
     full = [p for p in swept["points"] if p["rank"] == 64]  # the fine-tune itself: a loss gap of −1·0.0 was stored
