@@ -19,6 +19,7 @@ from matplotlib.ticker import MaxNLocator
 
 from spectra.report.tables import (
     energy_curve,
+    energy_levels,
     format_value,
     full_rank,
     headline,
@@ -33,7 +34,10 @@ from spectra.report.tables import (
 # viridis without its pale-yellow top, so the last layer's line stays visible on white.
 _LAYER_CMAP = ListedColormap(colormaps["viridis"](np.linspace(0.0, 0.88, 256)), name="layers")
 _NO_LAYER_COLOR = "0.45"
-_ENERGY_MARKS = (0.9, 0.95, 0.99)
+def energy_marks(analysis: Mapping) -> tuple[float, ...]:
+    """The energy levels the cumulative-energy figure marks: the analysis's own from 75 % up (90, 95 and 99 % by
+    default; ``--energy 0.8,0.95`` marks 80 and 95 %). Lower ones sit on every curve's steep start."""
+    return tuple(float(level) for level in energy_levels(analysis) if float(level) >= 0.75) or (0.9, 0.95, 0.99)
 _LOG_X_FROM = 100  # decay panels of spectra longer than this use a log index axis
 _ANNOTATE_CELLS = 300  # heatmaps with at most this many cells get their numbers written in
 
@@ -90,7 +94,8 @@ def plot_decay(analysis: Mapping) -> Figure:
 def plot_cumulative_energy(analysis: Mapping) -> Figure:
     """Cumulative energy share of the top-r directions of ΔW per role, one line per layer.
 
-    Dotted lines mark 90%, 95% and 99% energy; where a curve crosses them is the
+    Dotted lines mark the analysis's energy levels from 75 % up (:func:`energy_marks`: 90%, 95%
+    and 99% by default); where a curve crosses them is the
     module's energy rank at that level. A curve that ends below 1 comes from a
     spectrum truncated to its top values. The rank axis is linear and ends at 1.5×
     the role's largest 99% rank, past which every curve is flat.
@@ -106,6 +111,7 @@ def plot_cumulative_energy(analysis: Mapping) -> Figure:
         One panel per role.
     """
     rows = matrix_rows(analysis)
+    marks = energy_marks(analysis)
     fig, axes, norm = _role_grid(rows)
     for ax, role in zip(axes, roles_in(rows)):
         members = [r for r in rows if r["role"] == role]
@@ -117,7 +123,7 @@ def plot_cumulative_energy(analysis: Mapping) -> Figure:
             # rank 0 captures nothing: starting at (0, 0) keeps rank-1 updates visible as a jump
             ax.plot(np.arange(energy.size + 1), np.concatenate([[0.0], energy]), **_line_style(row, norm))
             drawn += 1
-        for level in _ENERGY_MARKS:
+        for level in marks:
             ax.axhline(level, color="0.3", ls=":", lw=0.9)
             ax.annotate(f"{level:.0%}", (1.0, level), xycoords=("axes fraction", "data"), xytext=(2, 0),
                         textcoords="offset points", va="center", fontsize=7, color="0.3")
@@ -127,7 +133,8 @@ def plot_cumulative_energy(analysis: Mapping) -> Figure:
         ax.set_ylim(0.0, 1.02)
         ax.set_xlabel("rank r (top singular directions kept)")
         ax.set_ylabel("share of ‖ΔW‖² captured")
-    fig.suptitle("Cumulative energy of ΔW per role: how many directions reach 90 / 95 / 99% of the update")
+    fig.suptitle("Cumulative energy of ΔW per role: how many directions reach "
+                 + " / ".join(f"{100 * m:.4g}" for m in marks) + "% of the update")
     return fig
 
 

@@ -21,7 +21,7 @@ from matplotlib.figure import Figure
 
 from spectra.errors import ConfigError
 from spectra.files import staged_directory
-from spectra.report.plots import all_figures
+from spectra.report.plots import all_figures, energy_marks
 from spectra.report.tables import (
     has_activation,
     headline_level,
@@ -169,8 +169,12 @@ def report_blocks(analysis: Mapping, *, figures: list[str]) -> list[tuple]:
                             "directions the data barely visits. – marks modules the calibration did not reach."))
     blocks.append(("h", 2, "Figures"))
     head = headline_level(analysis)
+    levels = [f"{100 * m:.4g}" for m in energy_marks(analysis)]  # the figure's marks: "90, 95 and 99%"
+    marks = (", ".join(levels[:-1]) + " and " if len(levels) > 1 else "") + levels[-1] + "%"
     captions = _FIGURE_CAPTIONS | {"rank_heatmap": f"Energy-{percent(head)} rank by layer and role "
-                                                   "(grey: no such module)."}
+                                                   "(grey: no such module).",
+                                   "cumulative_energy": f"Cumulative energy share of the top-r directions; dotted "
+                                                        f"lines at {marks}."}
     blocks += [("figure", name, captions.get(name, name)) for name in figures]
     blocks += [("h", 2, "Per module"), ("table", *module_table(analysis))]
     if vectors:

@@ -167,3 +167,24 @@ def test_row_without_spectrum_names_the_module(analysis):
     del analysis["modules"][1]["singular_values"]
     with pytest.raises(ConfigError, match=analysis["modules"][1]["name"].replace(".", r"\.")):
         plots.all_figures(analysis)
+
+
+def test_cumulative_energy_marks_follow_the_analysis_levels(analysis, tmp_path):
+    """With --energy 0.8,0.95 the figure still marked 90/95/99 % (title, lines, caption) and drew no 80 % line."""
+    import copy
+
+    from spectra.report.plots import energy_marks, plot_cumulative_energy
+    from spectra.report.render import write_report
+
+    assert energy_marks(analysis) == (0.9, 0.95, 0.99)  # the default four: 50 % sits on the steep start, unmarked
+    data = copy.deepcopy(analysis)
+    for row in data["modules"]:
+        if row.get("energy_rank"):
+            row["energy_rank"] = {k: v for k, v in row["energy_rank"].items() if k in ("0.95",)} | {"0.8": 1}
+    assert energy_marks(data) == (0.8, 0.95)
+    fig = plot_cumulative_energy(data)
+    assert fig._suptitle.get_text().endswith("reach 80 / 95% of the update")
+    assert sorted({round(line.get_ydata()[0], 3) for ax in fig.axes for line in ax.get_lines()
+                   if line.get_linestyle() == ":"}) == [0.8, 0.95]
+    md = (write_report(data, tmp_path / "r") / "report.md").read_text()
+    assert "dotted lines at 80 and 95%." in md
