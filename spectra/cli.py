@@ -617,7 +617,8 @@ def train(
                          **({} if eval_fraction is None else {"eval_fraction": eval_fraction}))
     result = train_adapter(base, data, config, output, eval_data=eval_data, overwrite=overwrite, progress=not quiet)
     final = result.final_eval
-    typer.echo(f"{result.method}: {result.steps} steps, {result.trainable_params:,} trainable parameters, final "
+    typer.echo(f"{result.method}: {result.steps} step{'s' * (result.steps != 1)}, {result.trainable_params:,} "
+               "trainable parameters, final "
                f"train loss {result.losses[-1]:.4f}"
                + (f", eval loss {final['loss']:.4f}, accuracy {final['accuracy']:.1%}" if final else ""))
     typer.echo(f"wrote {result.out_dir}  (training_log.jsonl, spectra_train.json)")

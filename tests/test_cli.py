@@ -342,4 +342,4 @@ def test_quiet_train_prints_no_library_progress_bars(pair, tmp_path):
     loud = subprocess.run([*args, "-o", str(tmp_path / "l")], capture_output=True, text=True, env=env)
     assert quiet.returncode == 0 and loud.returncode == 0, quiet.stderr + loud.stderr
     assert "Writing model shards" in loud.stderr  # negative control: without -q the bar is there
-    assert "Writing model shards" not in quiet.stderr + quiet.stdout and "full: 1 steps" in quiet.stdout
+    assert "Writing model shards" not in quiet.stderr + quiet.stdout and "full: 1 step, " in quiet.stdout

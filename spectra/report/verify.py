@@ -26,6 +26,14 @@ _ROW_COLUMNS = (("module", "name", "s"), ("rank (used)", "rank", "rank"), ("capt
                 ("amplification ad/full", ("amplification_adapter", "amplification_full"), "2f"),
                 ("intruders ad/full", ("intruders_adapter", "intruders_full"), "2d"), ("NF4 error", "quant_error", "%"))
 
+_COLUMN_LEGEND = (
+    "rank (used): the adapter's rank r (and the directions its factors use, where fewer). captured (col) / (row): "
+    "share of ‖ΔW_full‖_F² inside the adapter's column / row space; Eckart–Young: the most any rank-r update could "
+    "capture. φ(k, r): subspace similarity of the adapter's top-k and the full update's top-r left singular vectors "
+    "(LoRA §7; 1 = same subspace). rel. error: ‖ΔW_adapter − ΔW_full‖_F / ‖ΔW_full‖_F. amplification ad/full: "
+    "‖ΔW‖_F / ‖Uᵀ W V‖_F for the adapter's and the full update's top-r directions (LoRA §7, Table 7). intruders "
+    "ad/full: top singular vectors of the tuned weight with no close match among the base's (Shuttleworth et al. "
+    "2024). NF4 error: ‖W₀ − W_base‖_F / ‖W_base‖_F of QLoRA's quantised base.")
 
 # ---------------------------------------------------------------------------- writing
 
@@ -97,7 +105,8 @@ def verify_blocks(result: Mapping, *, figures: list[str]) -> list[tuple]:
     blocks += [("figure", f, captions.get(f, f)) for f in figures]
     blocks += [("h", 2, "Per module"), ("table", [c[0] for c in _ROW_COLUMNS],
                                         [[_cell(row, key, kind) for _, key, kind in _ROW_COLUMNS]
-                                         for row in result["modules"]])]
+                                         for row in result["modules"]]),
+               ("p", _COLUMN_LEGEND)]
     if result.get("notes"):
         blocks += [("h", 3, "Notes"), ("ul", list(result["notes"]))]
     blocks += [("h", 2, "Configuration"), ("code", json.dumps(_plain(result.get("config", {})), indent=2))]

@@ -58,6 +58,13 @@ def test_headline_says_its_shares_are_of_the_adapted_modules_and_how_much_of_the
     assert "Those modules hold" not in whole  # every module adapted: nothing to add
 
 
+def test_verify_report_explains_its_module_columns(tmp_path):
+    md = (write_verify_report(verify_result(), tmp_path / "rep") / "report.md").read_text()
+    for header in ("captured (col) / (row):", "Eckart–Young:", "φ(k, r):", "rel. error:", "amplification ad/full:",
+                   "intruders ad/full:", "NF4 error:"):
+        assert header in md, header
+
+
 def test_verify_report_files(tmp_path):
     out = write_verify_report(verify_result(), tmp_path / "rep")
     assert {p.name for p in out.iterdir()} == {"verify.json", "report.md", "report.html", "figures"}
