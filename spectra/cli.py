@@ -511,8 +511,12 @@ def memory(
                           double_quant=double_quant, use_cache=use_cache, input_require_grads=input_require_grads,
                           layers_to_transform=tuple(range(span[0], span[1] + 1)) if (span := _layer_range(layers))
                           else None)
-    if as_json:
-        typer.echo(json.dumps(est.to_dict(), indent=2))
+    if as_json:  # with what it was asked: the JSON describes its own run
+        inputs = {"model": model, "method": method, "rank": None if plan else rank or 16, "plan": plan and str(plan),
+                  "roles": _split(roles), "layers": layers, "batch": batch, "seq_len": seq_len,
+                  "gradient_checkpointing": gradient_checkpointing, "attention": attention,
+                  "double_quant": double_quant, "use_cache": use_cache, "input_require_grads": input_require_grads}
+        typer.echo(json.dumps(est.to_dict() | {"inputs": inputs}, indent=2))
         return
     table = Table("component", "bytes", "size",
                   title=f"{method} on {est.params:,} parameters ({est.trainable_params:,} trainable), "

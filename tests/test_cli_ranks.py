@@ -174,6 +174,8 @@ def test_memory_cli_passes_layers_cache_and_input_grads_to_the_model(tmp_path):
         result = runner.invoke(app, ["memory", str(tmp_path), *args, "--json"])
         assert result.exit_code == 0, result.output
         assert json.loads(result.output)["training_total"] == estimate_memory(LLAMA2_7B, **kwargs).training_total
+        inputs = json.loads(result.output)["inputs"]  # the JSON says what it was asked
+        assert inputs["rank"] == 16 and inputs["layers"] == (args[1] if args[0] == "--layers" else None)
     later = estimate_memory(LLAMA2_7B, layers_to_transform=tuple(range(20, 32))).training_total
     assert later < estimate_memory(LLAMA2_7B).training_total  # the early blocks keep nothing
 

@@ -152,8 +152,9 @@ def sweep_blocks(sweep: Mapping, *, figures: list[str]) -> list[tuple]:
                 "sweep_eval": "Eval metric vs rank, with the full fine-tune and base as horizontal lines.",
                 "sweep_phi": "How much of the low-rank adapter's subspace the high-rank adapter contains."}
     blocks += [("figure", f, captions.get(f, f)) for f in figures]
-    blocks += [("h", 2, "Training configuration"), ("code", json.dumps(_plain(sweep.get("train_config", {})),
-                                                                      indent=2))]
+    blocks += [("h", 2, "Training configuration"),
+               ("p", "Shared by every run; each run's method and rank are its row's in the table above."),
+               ("code", json.dumps(_plain(sweep.get("train_config", {})), indent=2))]
     return blocks
 
 

@@ -95,6 +95,7 @@ def test_sweep_report_files(tmp_path):
     md = (out / "report.md").read_text()
     assert "Recommended rank (spectra recommend): 2" in md and md.count("| lora |") == 3
     assert "step (ms): median time of an optimiser step (forward, backward, update) after the first" in md
+    assert "Shared by every run; each run's method and rank are its row's" in md  # not "method lora, rank null"
 
 
 def test_figures_are_figures_with_marks():
