@@ -286,7 +286,8 @@ def run_e2e_bench(out: str | os.PathLike = "reports/bench", *, pair: str | os.Pa
     pair = Path(pair)
     if not (pair / "base").is_dir() or not (pair / "tuned").is_dir():
         raise ConfigError(f"--pair {pair}: expected base/ and tuned/ inside (write one with `spectra bench make-pair`).")
-    res: dict[str, Any] = {"pair": str(pair), "shape": shape, "cpus": os.cpu_count(), "skipped": sorted(skip)}
+    res: dict[str, Any] = {"pair": str(pair), "shape": shape, "cpus": os.cpu_count(), "skipped": sorted(skip),
+                           "quick": quick}
     rows: dict[str, list[dict]] = {}
 
     def analyze(tag: str, method: str = "auto", threads: int = 0, read_ahead: int = 2, cache: str = "",
