@@ -682,7 +682,9 @@ def _save(model, tokenizer, config: TrainConfig, result: TrainResult, folder: Pa
     summary = {
         "schema_version": 1, "base": str(base), "data": str(data),
         "eval_data": None if eval_data is None else str(eval_data),
-        "task": result.task, "method": config.method, "config": dataclasses.asdict(config),
+        "task": result.task, "method": config.method,  # the rank trained (a default one is None in TrainConfig)
+        "config": dataclasses.asdict(config) | ({} if config.method == "full" or config.plan else
+                                                 {"rank": config.lora_rank}),
         "tokenizer": getattr(tokenizer, "name", type(tokenizer).__name__), "label_names": result.label_names,
         # the id batches were padded with, set as the model's config.pad_token_id (a classifier pools at the last
         # token before it); a PEFT adapter has no config of its own to carry it, so a loader must set it again

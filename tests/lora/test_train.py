@@ -65,6 +65,8 @@ def test_log_summary_and_eval(llama_base, text_data, tmp_path):
     assert len(result.evals) == 2 and {"loss", "accuracy", "tokens"} <= set(result.evals[-1])
     summary = json.loads((tmp_path / "ad" / "spectra_train.json").read_text())
     assert summary["method"] == "dora" and summary["config"]["rank"] == 2
+    default = train_adapter(llama_base, text_data, TrainConfig(**FAST), tmp_path / "default", progress=False)
+    assert json.loads((default.out_dir / "spectra_train.json").read_text())["config"]["rank"] == 8  # not null
     adapter_config = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
     assert adapter_config["use_dora"] and adapter_config["r"] == 2
     assert not list(tmp_path.glob(".ad.tmp-*"))
