@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from spectra.errors import ConfigError
 from spectra.report.tables import num, pct
@@ -175,6 +176,7 @@ def plot_energy(result: Mapping) -> Figure:
     ax.set_xlim(0, 1)
     ax.set_xlabel("share of ‖ΔW_full‖²")
     ax.legend(loc="lower right", fontsize=8)
+    ax.set_title("Captured share of each module's full update vs the best at the adapter's rank", fontsize=9)
     return fig
 
 
@@ -193,6 +195,8 @@ def plot_phi(matrices: Mapping[str, list], *, title: str, labels=("i (adapter)",
         ax.set_title(name, fontsize=8)
         ax.set_xlabel(labels[1], fontsize=8)
         ax.set_ylabel(labels[0], fontsize=8)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # i and j count directions: no 0.5, 1.5, …
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     for ax in axes[len(names):]:
         ax.set_visible(False)
     if image is not None:

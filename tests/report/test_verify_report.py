@@ -109,3 +109,15 @@ def test_figures_are_figures_with_marks():
     assert isinstance(plot_energy(verify_result()), Figure)
     phi = plot_phi({"a": [[1.0, 0.5]], "b": [[0.2]]}, title="t")
     assert len([ax for ax in phi.axes if ax.get_visible() and ax.images]) == 2
+
+
+def test_phi_axes_count_whole_directions_and_the_energy_figure_has_a_title():
+    """φ panels ticked 0.5 … 3.5 on axes that count directions; the energy figure had no title."""
+    from spectra.report.verify import plot_energy, plot_phi
+
+    fig = plot_phi({"m": [[1.0, 0.5, 0.4], [0.5, 0.9, 0.6], [0.2, 0.3, 0.8]]}, title="t")
+    ax = fig.axes[0]
+    for ticks in (ax.get_xticks(), ax.get_yticks()):
+        assert all(float(t).is_integer() for t in ticks), ticks
+    assert plot_energy(verify_result()).axes[0].get_title()
+
