@@ -175,6 +175,7 @@ def analyze(
     path = result.write_report(output, overwrite=overwrite)
     if not quiet:
         _print_summary(result.to_dict())
+    _print_unpaired(result.to_dict(), quiet=quiet)  # a warning: shown under -q too (on stderr there)
     typer.echo(f"report: {path / 'report.html'}  (also report.md, analysis.json, figures/)")
 
 
@@ -183,7 +184,9 @@ def show(report: Annotated[Path, typer.Argument(help="A report directory written
     """Print a report's summary: the rank picture and the per-role table."""
     from spectra.analysis import AnalysisResult
 
-    _print_summary(AnalysisResult.load(report).to_dict())
+    analysis = AnalysisResult.load(report).to_dict()
+    _print_summary(analysis)
+    _print_unpaired(analysis)
 
 
 def _print_summary(analysis: dict) -> None:
@@ -209,11 +212,19 @@ def _print_summary(analysis: dict) -> None:
         table.add_row(*(escape(row[i]) for i in keep))
     console.print(table)
     console.print(escape(rank_picture(analysis)))
+
+
+def _print_unpaired(analysis: dict, *, quiet: bool = False) -> None:
+    """Name the tensors only in BASE or TUNED, or skipped: report.md lists them too, but a user reading only the
+    terminal must not miss them (with ``-q`` on stderr, which -q leaves for warnings)."""
+    from rich.console import Console
+
+    console = Console(stderr=quiet)
     pairing = analysis.get("pairing") or {}
     for key, label in (("only_in_base", "only in BASE, not analysed"), ("only_in_tuned", "only in TUNED, not analysed"),
                        ("skipped", "skipped (--skip-nonfinite)")):
         listed = [str(x) for x in pairing.get(key) or []]
-        if listed:  # report.md lists them too; a user reading only the terminal must not miss them
+        if listed:
             console.print(escape(f"note: {len(listed)} tensor(s) {label}: " + ", ".join(listed[:3])
                                  + (", …" if len(listed) > 3 else "") + " (report.md lists them all)"), style="yellow")
 

@@ -78,6 +78,8 @@ def test_analyze_names_tensors_it_could_not_pair_in_the_terminal(monkeypatch, ca
     assert f"note: 1 tensor(s) only in BASE, not analysed: {gone}" in stdout
     code, stdout, _ = run(monkeypatch, capsys, "show", tmp_path / "r")
     assert f"only in BASE, not analysed: {gone}" in stdout
+    code, stdout, err = run(monkeypatch, capsys, "analyze", pair[0], tuned, "-o", tmp_path / "q", "--no-cache", "-q")
+    assert code == 0 and f"only in BASE, not analysed: {gone}" in err  # a warning: -q keeps it, on stderr
     code, stdout, _ = run(monkeypatch, capsys, "analyze", *pair, "-o", tmp_path / "r2", "--no-cache")
     assert code == 0 and "not analysed" not in stdout  # negative control: a complete pair
 
