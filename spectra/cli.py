@@ -131,7 +131,7 @@ def analyze(
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Recompute everything and cache nothing.")] = False,
     skip_nonfinite: Annotated[bool, typer.Option("--skip-nonfinite", help="Skip tensors holding NaN/Inf instead of stopping.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing report directory.")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar, no summary.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar, no summary (tensors it could not pair are still named, on stderr).")] = False,
     resolve: Annotated[float, typer.Option(help="Energy whose rank the fast 'sketch' path resolves exactly; higher --energy levels are reported when within reach.")] = 0.9,
     workers: Annotated[Optional[int], typer.Option(help="Modules analysed at once, each on its own thread with (torch threads ÷ workers) threads. Default: one per torch thread up to 4 on the CPU, 1 on a GPU.")] = None,
     read_ahead: Annotated[int, typer.Option(help="With one worker: modules read ahead of the math (0: read in line).")] = 2,
