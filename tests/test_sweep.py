@@ -159,6 +159,18 @@ def a_plan(planned: dict[str, tuple[int, tuple[int, int]]]):
                                   for name, (rank, shape) in planned.items()))
 
 
+def extracted_adapter_eval(base, tuned, data, plan, folder):
+    """(eval, tokens) of the adapter `spectra extract --plan` writes, loaded through PEFT on the base: what the
+    sweep's plan point must equal."""
+    from peft import PeftModel
+
+    from spectra.lora.extract import extract_adapter
+
+    extract_adapter(base, tuned, plan, folder, progress=False)
+    _, tokens, *_ = prepare_data(base, data, task="causal_lm", max_length=16)
+    return evaluate(PeftModel.from_pretrained(load_model(base, task="causal_lm"), folder), tokens), tokens
+
+
 def truncated_by_hand(spec, base, tuned, ranks: dict[str, int]):
     """The model saved at ``spec`` with each named module set to W_base + numpy's rank-r truncation of ΔW."""
     model = load_model(spec, task="causal_lm")
@@ -218,10 +230,6 @@ def test_the_plan_point_is_the_base_with_the_plans_extracted_adapter(sharp_llama
     fine-tune's under the default non_target="tuned": a loss no adapter of the plan has (9.83 here, the
     adapter's 5.65).
     """
-    from peft import PeftModel
-
-    from spectra.lora.extract import extract_adapter
-
     base, tuned, data = sharp_llama
     planned = {"model.layers.0.self_attn.q_proj": (3, (32, 32)), "model.layers.1.mlp.down_proj": (5, (32, 48)),
                "model.layers.0.self_attn.v_proj": (16, (16, 32))}  # v at its full rank: read from the fine-tune
@@ -231,10 +239,7 @@ def test_the_plan_point_is_the_base_with_the_plans_extracted_adapter(sharp_llama
     (point,) = [p for p in result.points if p["group"] == "plan"]
     assert point["non_target"] == "base" and point["rank"] is None
 
-    extract_adapter(base, tuned, plan, tmp_path / "adapter", progress=False)
-    adapted = PeftModel.from_pretrained(load_model(base, task="causal_lm"), tmp_path / "adapter")
-    _, tokens, *_ = prepare_data(base, data, task="causal_lm", max_length=16)
-    expected = evaluate(adapted, tokens)
+    expected, tokens = extracted_adapter_eval(base, tuned, data, plan, tmp_path / "adapter")
     # float32 forwards of W_base + ΔW_r against W_base·x + s·B(A·x): they agree to ~1e-7 relative
     assert point["loss"] == pytest.approx(expected["loss"], rel=1e-5)
     assert point["accuracy"] == pytest.approx(expected["accuracy"], abs=1e-12)
@@ -549,10 +554,6 @@ def test_experts_stored_stacked_are_read_once_per_parameter_when_the_ranks_chang
 def test_the_plan_point_on_fused_experts_is_the_extracted_adapter(planted_mixtral, tmp_path, monkeypatch):
     """The plan point of a plan over Mixtral's experts is what `spectra extract --plan` gives, loaded by PEFT onto
     the fused parameters (target_parameters): each expert slice the base's + its rank-2 truncation."""
-    from peft import PeftModel
-
-    from spectra.lora.extract import extract_adapter
-
     base, tuned, data = planted_mixtral
     planned = {"model.layers.0.self_attn.q_proj": (2, (32, 32))}
     planned |= {name: (2, tuple(W.shape)) for name, _, _, W, _ in mixtral_slices(base, tuned)}  # one rank: PEFT's
@@ -565,10 +566,7 @@ def test_the_plan_point_on_fused_experts_is_the_extracted_adapter(planted_mixtra
         np.testing.assert_allclose(place(plan_point).double().numpy(),
                                    truncated(W.double().numpy(), Wt.double().numpy(), 2), rtol=0, atol=1e-6)
     monkeypatch.undo()
-    extract_adapter(base, tuned, plan, tmp_path / "adapter", progress=False)
-    adapted = PeftModel.from_pretrained(load_model(base, task="causal_lm"), tmp_path / "adapter")
-    _, tokens, *_ = prepare_data(base, data, task="causal_lm", max_length=16)
-    expected = evaluate(adapted, tokens)
+    expected, tokens = extracted_adapter_eval(base, tuned, data, plan, tmp_path / "adapter")
     assert point["loss"] == pytest.approx(expected["loss"], rel=1e-6)
     assert point["accuracy"] == pytest.approx(expected["accuracy"], abs=1e-12)
     # negative controls: the base, and the plan without its experts (what the plan point measured before)
