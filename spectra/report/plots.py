@@ -29,6 +29,8 @@ from spectra.report.tables import (
     percent,
     roles_in,
     stats,
+    unchanged,
+    unchanged_text,
 )
 
 # viridis without its pale-yellow top, so the last layer's line stays visible on white.
@@ -192,11 +194,18 @@ def plot_effective_rank_histogram(analysis: Mapping) -> Figure:
     matplotlib.figure.Figure
         Two panels; the median is marked in each.
     """
-    rows = matrix_rows(analysis)
+    every = matrix_rows(analysis)
+    rows = [r for r in every if not unchanged(r)]  # ΔW = 0 has no rank to count: its 0 would drag the median
+    left_out = unchanged_text(every)
     pairs = [(number(r.get("effective_rank")), full_rank(r)) for r in rows]
     pairs = [(e, f) for e, f in pairs if e is not None]
     fig = Figure(figsize=(10, 4), layout="constrained")
     left, right = fig.subplots(1, 2)
+    if not rows:
+        for ax in (left, right):
+            _empty(ax, "ΔW = 0 in every module: no rank to show")
+        fig.suptitle("Entropy effective rank of ΔW: every weight matrix is unchanged (ΔW = 0), no rank to show")
+        return fig
     if not pairs:
         for ax in (left, right):
             _empty(ax, "no module has an entropy effective rank")
@@ -215,7 +224,8 @@ def plot_effective_rank_histogram(analysis: Mapping) -> Figure:
     over = f"{ranks.size} modules" if ranks.size == len(rows) else (
         f"the {ranks.size} of {len(rows)} modules with a whole spectrum (the others' top only; --method full: all)")
     fig.suptitle(f"Entropy effective rank of ΔW over {over}: median {np.median(ranks):.3g} "
-                 f"directions, {np.median(shares) if shares.size else 0:.1f}% of full rank")
+                 f"directions, {np.median(shares) if shares.size else 0:.1f}% of full rank"
+                 + (f"\n{left_out}" if left_out else ""))
     return fig
 
 
@@ -288,11 +298,14 @@ def _noise_floor(row: Mapping) -> float | None:
 def _finish_panel(ax, role: str, members: list[dict], drawn: int) -> None:
     """Panel title with the role's median energy-90% rank; a note where nothing could be drawn."""
     level = headline({k for r in members for k in (r.get("energy_rank") or {})})
-    median = stats(number((r.get("energy_rank") or {}).get(level)) for r in members)
+    # the median over changed modules, as the per-role table gives it: ΔW = 0 has no rank
+    median = stats(number((r.get("energy_rank") or {}).get(level)) for r in members if not unchanged(r))
     full = int(np.median([full_rank(r) for r in members]))
     rank = "–" if median is None else format_value(median["median"], "rank")  # as the tables print it
-    ax.set_title(f"{role}: {len(members)} module{'s' * (len(members) != 1)}, "
-                 f"median E{percent(level)[:-1]} rank {rank} of {full}", fontsize=10)
+    still = sum(unchanged(r) for r in members)
+    ax.set_title(f"{role}: {len(members)} module{'s' * (len(members) != 1)}"
+                 + (f", {still} unchanged" if still else "")
+                 + f", median E{percent(level)[:-1]} rank {rank} of {full}", fontsize=10)
     if not drawn:
         _empty(ax, "ΔW = 0 in every module of this role")
         ax.set_xticks([])

@@ -30,6 +30,7 @@ from spectra.report.tables import (
     percent,
     rank_picture,
     role_table,
+    role_table_note,
     roles_in,
     vector_rows,
     vector_table,
@@ -158,10 +159,16 @@ def report_blocks(analysis: Mapping, *, figures: list[str]) -> list[tuple]:
     blocks: list[tuple] = [("h", 1, "spectra report: how much rank did this fine-tune use?")]
     blocks += [("h", 2, "Summary"), ("ul", _summary_items(analysis, matrices, vectors)),
                ("p", rank_picture(analysis))]
-    blocks += [("h", 2, "Per role"),
-               ("p", "Median over the role's modules, with the range (min–max) in brackets. Energy-x% rank: "
-                     "fewest singular directions that hold x% of ‖ΔW‖_F²; full rank is min(out, in)."),
-               ("table", *role_table(analysis))]
+    note = role_table_note(analysis)  # modules with ΔW = 0 are left out of the medians and counts
+    headers, cells = role_table(analysis)
+    blocks.append(("h", 2, "Per role"))
+    if cells:
+        blocks += [("p", "Median over the role's modules, with the range (min–max) in brackets. Energy-x% rank: "
+                         "fewest singular directions that hold x% of ‖ΔW‖_F²; full rank is min(out, in)."
+                         + (f" {note}" if note else "")),
+                   ("table", headers, cells)]
+    else:  # every matrix is unchanged: no role has a rank to tabulate
+        blocks.append(("p", note))
     if has_activation(analysis):
         blocks.append(("p", "Activation-weighted ranks (the analysis ran with calibration data): energy ranks of "
                             "ΔW·C^½, C = E[x xᵀ] over the calibration tokens, i.e. of the output change ΔW·x on "

@@ -237,8 +237,35 @@ def stats(values) -> dict | None:
             "min": float(finite.min()), "max": float(finite.max()), "n": int(finite.size)}
 
 
+def unchanged(row: Mapping) -> bool:
+    """Whether the module's ΔW is exactly zero (base and tuned hold the same tensor): it has no rank to report.
+
+    The rank picture, the per-role table and the rank figures leave such modules out of their medians,
+    counts and histograms, where their zeros would pull every statistic down, and say so
+    (:func:`unchanged_text`).
+    """
+    return number(row.get("fro_norm")) == 0.0
+
+
+def unchanged_text(rows: list[Mapping]) -> str:
+    """How many of ``rows`` a statistic leaves out as unchanged, in one sentence ('' when none):
+    '2 unchanged matrices are left out (ΔW = 0; every k matrix).' The roles named are those with no changed
+    matrix among ``rows``. Where every row is unchanged there is nothing left to state a statistic of: each caller
+    says that instead."""
+    left = [r for r in rows if unchanged(r)]
+    if not left:
+        return ""
+    still = {r["role"] for r in left} - {r["role"] for r in rows if not unchanged(r)}  # roles left alone entirely
+    return (f"{len(left)} unchanged {'matrix is' if len(left) == 1 else 'matrices are'} left out (ΔW = 0"
+            + (f"; every {', '.join(sorted(still))} matrix" if still else "") + ").")
+
+
 def summary_rows(analysis: Mapping) -> list[dict]:
-    """The per-role table: each metric's median and spread over the role's modules.
+    """The per-role table: each metric's median and spread over the role's changed modules.
+
+    Modules with ΔW = 0 (:func:`unchanged`) are left out: their zero ranks are no measurement of the
+    fine-tune's rank; a role none of whose modules changed has no entry. :func:`role_table_note` says
+    how many were left out.
 
     Parameters
     ----------
@@ -248,13 +275,13 @@ def summary_rows(analysis: Mapping) -> list[dict]:
     Returns
     -------
     list of dict
-        One dict per role, in block order, with ``role``, ``modules`` (count),
+        One dict per role with a changed module, in block order, with ``role``, ``modules`` (count of changed ones),
         ``layers`` (distinct non-null layers), ``full_rank`` (median of ``min(shape)``)
         and, for each :data:`SUMMARY_METRICS` key (and :data:`ACTIVATION_METRICS` key when
         the analysis was calibrated), a :func:`stats` dict or None where no module of the
         role has the metric.
     """
-    rows = matrix_rows(analysis)
+    rows = [r for r in matrix_rows(analysis) if not unchanged(r)]
     table = []
     for role in roles_in(rows):
         members = [r for r in rows if r["role"] == role]
@@ -316,6 +343,16 @@ def role_table(analysis: Mapping) -> tuple[list[str], list[list[str]]]:
     return headers, body
 
 
+def role_table_note(analysis: Mapping) -> str:
+    """What the per-role table leaves out, for the line beside it: '' when every matrix changed, the unchanged
+    count (:func:`unchanged_text`) when some did not, and that there is no table when none changed."""
+    rows = matrix_rows(analysis)
+    if all(unchanged(r) for r in rows):
+        return ("Every weight matrix is unchanged (ΔW = 0): the two checkpoints hold the same values, so no role "
+                "has a rank to tabulate.")
+    return unchanged_text(rows)
+
+
 _MODULE_METRICS = ("effective_rank",
                    "stable_rank", "gd_rank", "noise_rank", "relative_size", "decay_exponent",
                    "activation_rank_0.9", "activation_rank_0.99")
@@ -369,12 +406,11 @@ def rank_picture(analysis: Mapping) -> str:
     split = {r["fused_name"] for r in rows if r.get("fused_name")}
     whole_roles = {r["role"] for r in rows if r["name"] in split} - {r["role"] for r in rows if r["name"] not in split}
     rows = [r for r in rows if r["name"] not in split]  # a fused tensor counts once: through its projections
-    unchanged = [r for r in rows if number(r.get("fro_norm")) == 0.0]
-    if rows and len(unchanged) == len(rows):
+    if rows and all(unchanged(r) for r in rows):
         return (f"All {len(rows)} weight matrices are unchanged (ΔW = 0): the two checkpoints hold the same values "
                 "in every compared tensor, so there is no update to measure. Check that TUNED is the fine-tune.")
-    rows = [r for r in rows if number(r.get("fro_norm")) != 0.0]  # no update: no rank to report, none to rank
-    still = {r["role"] for r in unchanged} - {r["role"] for r in rows}  # roles the fine-tune left alone entirely
+    left_out = unchanged_text(rows)
+    rows = [r for r in rows if not unchanged(r)]  # no update: no rank to report, none to rank
     level = headline_level(analysis)
     at = percent(level)
     shares = stats(_share(level)(r) for r in rows)
@@ -389,13 +425,11 @@ def rank_picture(analysis: Mapping) -> str:
         f"Across {of} {'modules (fused tensors by projection)' if split else 'weight matrices'}, a median of {format_value(ranks['median'], 'rank')} singular "
         f"directions hold {at} of the update's energy, {shares['median']:.1%} of the full rank{spread}"
         + ("" if counted == len(rows) else f" (the others' energy-{at} ranks are beyond the values they hold)") + "."
-        + (f" {len(unchanged)} unchanged {'matrix is' if len(unchanged) == 1 else 'matrices are'} left out (ΔW = 0"
-           + (f"; every {', '.join(sorted(still))} matrix" if still else "") + ")." if unchanged else "")
+        + (f" {left_out}" if left_out else "")
     )
-    changed = dict(analysis, modules=[m for m in analysis.get("modules", []) if m.get("kind", "matrix") != "matrix"
-                                      or number(m.get("fro_norm")) != 0.0])  # the role medians without ΔW = 0 too
-    by_role = [(entry["role"], entry[f"energy_rank_{level}_share"]) for entry in summary_rows(changed)
-               if entry["role"] not in whole_roles | still]  # qkv/gate_up read through their q, k, v / gate, up
+    # summary_rows leaves ΔW = 0 out too (and roles with no changed matrix); qkv/gate_up read through their parts
+    by_role = [(entry["role"], entry[f"energy_rank_{level}_share"]) for entry in summary_rows(analysis)
+               if entry["role"] not in whole_roles]
     missing = [role for role, s in by_role if s is None]
     by_role = sorted(((role, s["median"]) for role, s in by_role if s is not None), key=lambda item: item[1])
     parts = ", ".join(f"{role} {share:.1%}" for role, share in by_role)

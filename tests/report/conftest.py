@@ -129,3 +129,16 @@ def edge_analysis() -> dict:
     no_noise["noise"] = None
     del next(r for r in rows if r["name"].endswith("layers.0.mlp.up_proj"))["noise"]
     return out
+
+
+@pytest.fixture
+def unchange():
+    """Make a matrix row's ΔW exactly zero (base and tuned hold the same tensor), every metric as analyze writes
+    it for such a module: zero norm, ranks 0, effective rank 0.0, a spectrum of zeros."""
+    def apply(row: dict) -> dict:
+        row.update(matrix_row(row["name"], row["role"], row["layer"], tuple(row["shape"]),
+                              np.zeros(len(row["singular_values"])), base_fro=row["base_fro_norm"],
+                              fused_name=row.get("fused_name"), conv1d=row.get("conv1d", False)))
+        return row
+
+    return apply

@@ -188,3 +188,38 @@ def test_cumulative_energy_marks_follow_the_analysis_levels(analysis, tmp_path):
                    if line.get_linestyle() == ":"}) == [0.8, 0.95]
     md = (write_report(data, tmp_path / "r") / "report.md").read_text()
     assert "dotted lines at 80 and 95%." in md
+
+
+def test_histogram_leaves_unchanged_matrices_out_and_says_so(analysis, unchange):
+    """ΔW = 0 was counted as effective rank 0: a bar at 0 and a median pulled down."""
+    for r in analysis["modules"]:
+        if r.get("role") == "k":
+            unchange(r)
+    changed = [r for r in matrix_rows(analysis) if r["role"] != "k"]
+    fig = plots.plot_effective_rank_histogram(analysis)
+    left = fig.axes[0]
+    assert sum(p.get_height() for p in left.patches) == len(changed)
+    assert left.get_lines()[0].get_xdata()[0] == pytest.approx(np.median([r["effective_rank"] for r in changed]))
+    title = fig._suptitle.get_text()
+    assert f"over {len(changed)} modules:" in title
+    assert "3 unchanged matrices are left out (ΔW = 0; every k matrix)." in title
+
+
+def test_histogram_of_an_unchanged_pair_says_so(analysis, unchange):
+    for r in analysis["modules"]:
+        if r.get("kind") == "matrix":
+            unchange(r)
+    fig = plots.plot_effective_rank_histogram(analysis)
+    assert not any(ax.patches for ax in fig.axes)
+    assert "every weight matrix is unchanged (ΔW = 0)" in fig._suptitle.get_text()
+    assert all(any("ΔW = 0 in every module" in t.get_text() for t in ax.texts) for ax in fig.axes)
+
+
+def test_role_panels_give_the_median_over_changed_modules(analysis, unchange):
+    qs = [r for r in matrix_rows(analysis) if r["role"] == "q"]
+    zeroed = unchange(next(r for r in analysis["modules"] if r["name"] == "model.layers.2.self_attn.q_proj"))
+    median = np.median([r["energy_rank"]["0.9"] for r in qs if r["name"] != zeroed["name"]])
+    for plot in (plots.plot_decay, plots.plot_cumulative_energy):
+        title = _panel(plot(analysis), "q").get_title()
+        assert title == f"q: 4 modules, 1 unchanged, median E90 rank {plots.format_value(median, 'rank')} of 32"
+

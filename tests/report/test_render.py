@@ -156,3 +156,27 @@ def test_the_summary_lists_what_the_pairing_left_out(analysis):
     assert "Skipped (--skip-nonfinite) (1): tensor model.layers.0.self_attn.q_proj.weight" in text
     assert "Only in the tuned" not in text  # nothing to say
     assert "Pairing notes (7): note 0; note 1; note 2; note 3; note 4 …" in text
+
+
+def _per_role(md: str) -> str:
+    return md.split("## Per role", 1)[1].split("## Figures", 1)[0]
+
+
+def test_per_role_section_says_which_unchanged_matrices_it_leaves_out(analysis, unchange, make_analysis):
+    for r in analysis["modules"]:
+        if r.get("role") == "k":
+            unchange(r)
+    section = _per_role(render.to_markdown(render.report_blocks(analysis, figures=[])))
+    assert "3 unchanged matrices are left out (ΔW = 0; every k matrix)." in section
+    assert "| k |" not in section and "| q | 4 |" in section
+    plain = _per_role(render.to_markdown(render.report_blocks(make_analysis(), figures=[])))
+    assert "unchanged" not in plain and "| k | 3 |" in plain  # negative control: the fixture as built
+
+
+def test_report_of_an_unchanged_pair_says_so_instead_of_a_table(tmp_path, analysis, unchange):
+    for r in analysis["modules"]:
+        if r.get("kind") == "matrix":
+            unchange(r)
+    out = render.write_report(analysis, tmp_path / "same")  # every figure too: none may crash
+    section = _per_role((out / "report.md").read_text())
+    assert "Every weight matrix is unchanged (ΔW = 0)" in section and "| role |" not in section

@@ -43,7 +43,7 @@ def test_missing_metric_is_none_not_zero(edge_analysis):
     by_role = {r["role"]: r for r in summary_rows(edge_analysis)}
     assert by_role["v"]["noise_rank"] is None  # its only module has noise = null
     assert by_role["up"]["noise_rank"] is None  # ... or no noise key at all
-    assert by_role["k"]["energy_rank_0.9"]["median"] == 0  # ΔW = 0 is a real zero
+    assert "k" not in by_role  # its only module has ΔW = 0: no rank to summarise (it had read as median 0)
     assert tables.format_stats(None, "rank") == "–"
 
 
@@ -226,3 +226,37 @@ def test_a_negative_zero_prints_without_a_minus_sign():
     """A gap of −1·0.0 printed "-0" (and a share "-0.0%") in every report that used num/pct."""
     assert tables.num(-0.0) == "0" and tables.pct(-0.0) == "0.0%"
     assert tables.num(-1e-17) == "-1e-17" and tables.num(-0.25) == "-0.25"  # real negatives keep their sign
+
+
+def test_per_role_table_leaves_unchanged_matrices_out_and_says_so(analysis, unchange):
+    """ΔW = 0 sat in the per-role table as rank 0: q's median fell with an untouched layer, k read 0 everywhere."""
+    qs = [r for r in analysis["modules"] if r.get("role") == "q"]
+    zeroed = unchange(next(r for r in qs if r["layer"] == 0 and not r.get("fused_name")))  # q partly unchanged
+    for r in analysis["modules"]:
+        if r.get("role") == "k":
+            unchange(r)  # k: every matrix unchanged
+    by_role = {r["role"]: r for r in summary_rows(analysis)}
+    assert "k" not in by_role
+    kept = [r for r in qs if r is not zeroed]
+    assert by_role["q"]["modules"] == len(kept) == 3
+    for key, get in (("energy_rank_0.9", lambda m: m["energy_rank"]["0.9"]),
+                     ("effective_rank", lambda m: m["effective_rank"])):
+        values = [get(m) for m in kept]
+        assert by_role["q"][key]["median"] == pytest.approx(np.median(values))
+        assert by_role["q"][key]["min"] == pytest.approx(min(values)) and min(values) > 0
+    note = "4 unchanged matrices are left out (ΔW = 0; every k matrix)."
+    assert tables.role_table_note(analysis) == note
+    assert note in tables.rank_picture(analysis)  # the rank picture's words, from the one predicate
+    assert [row[0] for row in tables.role_table(analysis)[1]] == [r["role"] for r in summary_rows(analysis)]
+
+
+def test_per_role_table_of_an_unchanged_pair_says_so(analysis, unchange):
+    for r in analysis["modules"]:
+        if r.get("kind") == "matrix":
+            unchange(r)
+    assert summary_rows(analysis) == [] and tables.role_table(analysis)[1] == []
+    assert tables.role_table_note(analysis).startswith("Every weight matrix is unchanged (ΔW = 0)")
+
+
+def test_per_role_table_note_is_empty_when_every_matrix_changed(analysis):
+    assert tables.role_table_note(analysis) == ""  # negative control: the fixture as built
