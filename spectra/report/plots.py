@@ -87,6 +87,8 @@ def plot_decay(analysis: Mapping) -> Figure:
             ax.set_yscale("log")
             if max(len(r["singular_values"]) for r in members) > _LOG_X_FROM:
                 ax.set_xscale("log")
+            else:  # i counts directions: no 2.5 on a short (k, v) spectrum's axis
+                ax.xaxis.set_major_locator(_whole_ticks())
         ax.set_xlabel("singular direction i (index)")
         ax.set_ylabel(r"$\sigma_i / \sigma_1$ (ratio, log scale)")
     fig.suptitle("Singular-value decay of ΔW per role: a steep fall to the noise floor means a low-rank update")
@@ -132,6 +134,7 @@ def plot_cumulative_energy(analysis: Mapping) -> Figure:
         _finish_panel(ax, role, members, drawn)
         if drawn:
             ax.set_xlim(0, _energy_zoom(members))
+            ax.xaxis.set_major_locator(_whole_ticks())  # r counts directions
         ax.set_ylim(0.0, 1.02)
         ax.set_xlabel("rank r (top singular directions kept)")
         ax.set_ylabel("share of ‖ΔW‖² captured")
@@ -161,7 +164,7 @@ def plot_rank_heatmap(analysis: Mapping, *, level: str | None = None) -> Figure:
         return number((row.get("energy_rank") or {}).get(level))
 
     return _heatmap(matrix_rows(analysis), value, label=f"energy-{percent(level)} rank (directions)",
-                    title=f"Energy-{percent(level)} rank of ΔW by layer and role", fmt="{:.0f}")
+                    title=f"Energy-{percent(level)} rank of ΔW by layer and role", fmt="{:.0f}", integer=True)
 
 
 def plot_relative_size_heatmap(analysis: Mapping) -> Figure:
@@ -319,6 +322,12 @@ def _finish_panel(ax, role: str, members: list[dict], drawn: int) -> None:
     ax.grid(True, which="major", color="0.9", lw=0.6)
 
 
+def _whole_ticks() -> MaxNLocator:
+    """Ticks for a count (a σ index, a rank): as many as matplotlib's default fits, whole numbers only, at
+    steps of 1, 2 or 5 of a power of ten (0, 10, 20, 30 rather than 0, 6, 12, … 30)."""
+    return MaxNLocator(nbins="auto", integer=True, steps=[1, 2, 5, 10])
+
+
 def _empty(ax, message: str) -> None:
     ax.text(0.5, 0.5, message, ha="center", va="center", transform=ax.transAxes, color="0.3")
 
@@ -326,8 +335,9 @@ def _empty(ax, message: str) -> None:
 # ---------------------------------------------------------------------------- heatmaps
 
 
-def _heatmap(rows: list[dict], value, *, label: str, title: str, fmt: str) -> Figure:
-    """Layer × role grid of ``value(row)`` (median where a cell holds several experts)."""
+def _heatmap(rows: list[dict], value, *, label: str, title: str, fmt: str, integer: bool = False) -> Figure:
+    """Layer × role grid of ``value(row)`` (median where a cell holds several experts); ``integer``: the values
+    are counts, so a linear colorbar ticks whole numbers only."""
     roles = roles_in(rows)
     layers = sorted({r["layer"] for r in rows if r.get("layer") is not None})
     if any(r.get("layer") is None for r in rows):
@@ -348,6 +358,9 @@ def _heatmap(rows: list[dict], value, *, label: str, title: str, fmt: str) -> Fi
     image = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, norm=norm, aspect="auto", interpolation="nearest")
     bar = fig.colorbar(image, ax=ax)
     bar.set_label(label + (", log scale" if isinstance(norm, LogNorm) else ""))
+    if integer and not isinstance(norm, LogNorm):  # a log colorbar ticks decades already
+        bar.locator = _whole_ticks()
+        bar.update_ticks()
     if grid.size <= _ANNOTATE_CELLS:
         _annotate(ax, grid, norm, cmap, fmt)
     ax.set_xticks(range(len(roles)), labels=roles)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import io
 
 import matplotlib.image
@@ -223,3 +224,33 @@ def test_role_panels_give_the_median_over_changed_modules(analysis, unchange):
         title = _panel(plot(analysis), "q").get_title()
         assert title == f"q: 4 modules, 1 unchanged, median E90 rank {plots.format_value(median, 'rank')} of 32"
 
+
+def _ticks_in_view(axis) -> np.ndarray:
+    low, high = sorted(axis.get_view_interval())
+    ticks = np.asarray(axis.get_ticklocs())
+    return ticks[(ticks >= low - 1e-9) & (ticks <= high + 1e-9)]
+
+
+def test_index_and_rank_axes_tick_whole_numbers(analysis):
+    """Short (k, v) spectra had σ index ticks at 1.5, 2.5; the rank heatmap's colorbar had 0.5, 1.5 on ranks."""
+    for r in matrix_rows(analysis):
+        if r["role"] in ("k", "v"):
+            r["singular_values"] = r["singular_values"][:3]  # sketched to its top 3: a 1..3 index axis
+            r["energy_rank"] = {k: min(v, 3) for k, v in r["energy_rank"].items()}
+    for plot in (plots.plot_decay, plots.plot_cumulative_energy):
+        fig = plot(analysis)
+        for role in ("k", "v", "q"):
+            ax = _panel(fig, role)
+            assert ax.get_xscale() == "linear"
+            ticks = _ticks_in_view(ax.xaxis)
+            assert ticks.size >= 2 and np.all(ticks == np.round(ticks)), (plot.__name__, role, ticks)
+    long = copy.deepcopy(analysis)
+    for r in matrix_rows(long):
+        r["singular_values"] = r["singular_values"] * 8  # 128+ values: the index axis goes log, as before
+    assert _panel(plots.plot_decay(long), "q").get_xscale() == "log"
+    for r in matrix_rows(analysis):
+        r["energy_rank"]["0.9"] = (r["layer"] or 0) + 1  # ranks 1..3: a colorbar from 0 to 3
+    fig = plots.plot_rank_heatmap(analysis)
+    bar = next(ax for ax in fig.axes if ax.get_label() == "<colorbar>")
+    ticks = _ticks_in_view(bar.yaxis)
+    assert ticks.size >= 2 and np.all(ticks == np.round(ticks)), ticks
