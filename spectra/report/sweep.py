@@ -120,6 +120,8 @@ def plot_role_curves(sweep: Mapping) -> Figure:
     ax.set_xscale("log", base=2)
     ax.set_xlabel("rank r of one role's updates (the others at full rank)")
     ax.set_ylabel(f"eval {sweep['metric']['name']}")
+    ax.set_title(f"{sweep['metric']['name']} vs rank, one role truncated at a time ({sweep.get('truncation')} "
+                 f"truncation, non-targets from {mode})", fontsize=9)
     ax.legend(fontsize=7, ncol=2)
     return fig
 

@@ -92,3 +92,16 @@ def test_the_python_write_report_records_the_functional_result_as_the_cli_does(t
     assert "Functional rank (model, ε=0.01" in (out / "report.md").read_text()
     plain = SweepResult(sweep).write_report(tmp_path / "plain")  # without: no record, as before
     assert "functional" not in json.loads((plain / "sweep.json").read_text())
+
+
+def test_every_sweep_figure_has_a_title():
+    """The per-role figure had none: a reader of the PNG alone could not tell what was truncated."""
+    from spectra.report.sweep import plot_role_curves, plot_truncation_curve
+
+    sweep = sweep_like_the_review()
+    sweep["points"] += [loss_point(role, rank, 2.9 - 0.001 * rank, 0.01, [0.0, 0.02])
+                        for role in ("q", "v") for rank in (1, 2)]
+    for fig in (plot_truncation_curve(sweep), plot_role_curves(sweep)):
+        titles = [ax.get_title() for ax in fig.axes] + [fig._suptitle.get_text() if fig._suptitle else ""]
+        assert any(t.strip() for t in titles)
+    assert plot_role_curves(sweep).axes[0].get_title().startswith("loss vs rank, one role truncated at a time")
