@@ -77,6 +77,13 @@ class _SafetensorsFile:
             raise CheckpointError(f"cannot read tensor {name!r} from {self.path}: {err}. The file may be "
                                   "truncated or corrupt; download or save it again.") from err
 
+    def read_expert(self, name: str, expert: int) -> torch.Tensor:
+        try:  # get_slice reads the slice's bytes alone (a view of the mapping where safetensors maps through torch)
+            return self._handle.get_slice(name)[expert]
+        except Exception as err:
+            raise CheckpointError(f"cannot read expert {expert} of tensor {name!r} from {self.path}: {err}. The file "
+                                  "may be truncated or corrupt; download or save it again.") from err
+
 
 class _PickleFile:
     """One pickle .bin file, loaded with ``weights_only=True`` and memory-mapped."""
@@ -110,6 +117,9 @@ class _PickleFile:
 
     def read(self, name: str) -> torch.Tensor:
         return self._tensors[name]
+
+    def read_expert(self, name: str, expert: int) -> torch.Tensor:
+        return self._tensors[name][expert]  # a view of the memory-mapped tensor
 
 
 _SAFETENSORS_DTYPES = {
@@ -214,6 +224,18 @@ class CheckpointSource:
         """Read one tensor (memory-mapped where the format allows), in its stored dtype."""
         info = self.info(name)
         return self._reader(info.file).read(name)
+
+    def read_expert(self, name: str, expert: int) -> torch.Tensor:
+        """Read ``tensor[expert]`` of a stored 3-D expert tensor (E, d₁, d₂) (or (E, d) biases) alone.
+
+        ``read(name)[expert]`` would hand its caller the whole tensor to slice; whatever scans
+        it (a NaN check) then reads all E experts' data for each one, E× the tensor per
+        parameter (gpt-oss: E = 32 or 128).
+        """
+        info = self.info(name)
+        if not len(info.shape) or not 0 <= expert < info.shape[0]:
+            raise CheckpointError(f"tensor {name!r} in {self.spec} has shape {info.shape}: no expert {expert}")
+        return self._reader(info.file).read_expert(name, expert)
 
     def _reader(self, file: Path):
         if file not in self._readers:

@@ -343,3 +343,29 @@ def test_target_parameters_factors_are_read_once_per_parameter(tmp_path, monkeyp
                 w0 = state[f"model.layers.{layer}.mlp.experts.{'down_proj' if proj == 'w2' else 'gate_up_proj'}"][e]
                 expected = (b[rows] @ a).mul_(3.0).add_(w0[rows]) - w0[rows]
                 assert torch.equal(yielded[f"model.layers.{layer}.block_sparse_moe.experts.{e}.{proj}"].delta, expected)
+
+
+def test_target_parameters_base_experts_stored_stacked_are_read_once(tmp_path, monkeypatch):
+    """With an adapter on gpt-oss's (E, in, out) experts, each expert entry read the base's stored tensor whole and
+    scanned it whole for NaN/Inf (E times its data per parameter): now its own slice, once in all per parameter."""
+    from spectra.checkpoints.source import CheckpointSource
+
+    base = tiny_gpt_oss()
+    base_dir = save(base, tmp_path / "base", "safetensors")
+    random_adapter(base, tmp_path / "ad", r=2, lora_alpha=6, target_modules=[],
+                   target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
+    handed: dict[str, int] = {}
+    read, read_expert = CheckpointSource.read, CheckpointSource.read_expert
+
+    def count(name, tensor):
+        handed[name] = handed.get(name, 0) + tensor.numel()
+        return tensor
+
+    monkeypatch.setattr(CheckpointSource, "read", lambda self, name: count(name, read(self, name)))
+    monkeypatch.setattr(CheckpointSource, "read_expert", lambda self, name, e: count(name, read_expert(self, name, e)))
+    yielded = {d.name: d for d in Pairing(base_dir, tmp_path / "ad", PairingOptions(vectors=False))}
+    assert len(yielded) == 3 * (2 + 2)  # per expert: gate_up_proj, its [gate] and [up], down_proj
+    state = base.state_dict()
+    stacked = [f"model.layers.0.mlp.experts.{p}" for p in ("gate_up_proj", "down_proj")]
+    assert {k: handed[k] for k in stacked} == {k: state[k].numel() for k in stacked}
+

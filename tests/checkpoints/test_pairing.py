@@ -537,3 +537,88 @@ def test_leased_delta_and_its_bf16_copy_equal_the_fresh_ones(tmp_path):
                 assert d.delta_low is None and torch.equal(d.delta, ref.delta)
                 pairing.options = replace(pairing.options, low_copy_above=299)
     assert pool.idle_bytes > 0
+
+
+def _stacked_expert_pair(root, fmt: str = "safetensors"):
+    """A tiny gpt-oss (experts stored (E, in, out), E = 3) and a copy whose expert tensors all moved."""
+    from tests.checkpoints.test_adapter_pairing import tiny_gpt_oss
+
+    base = tiny_gpt_oss()
+    tuned = copy.deepcopy(base)
+    with torch.no_grad():
+        for name, p in tuned.named_parameters():
+            if ".experts." in name:
+                p.add_(0.01 * torch.randn_like(p))
+    return base, tuned, save(base, root / "b", fmt), save(tuned, root / "t", fmt)
+
+
+def _count_stored_reads(monkeypatch) -> tuple[dict, dict]:
+    """({(side, tensor): elements the checkpoint handed out}, {name: elements scanned for NaN/Inf}), as reads go."""
+    from spectra.checkpoints.source import CheckpointSource
+
+    handed, scanned = {}, {}
+    read, read_expert, finite = CheckpointSource.read, CheckpointSource.read_expert, Pairing._finite
+
+    def count(source, name, tensor):
+        key = ("base" if source.path.name == "b" else "tuned", name)
+        handed[key] = handed.get(key, 0) + tensor.numel()
+        return tensor
+
+    def scan(self, tensor, name, *args):
+        scanned[name] = scanned.get(name, 0) + tensor.numel()
+        return finite(self, tensor, name, *args)
+
+    monkeypatch.setattr(CheckpointSource, "read", lambda self, name: count(self, name, read(self, name)))
+    monkeypatch.setattr(CheckpointSource, "read_expert",
+                        lambda self, name, e: count(self, name, read_expert(self, name, e)))
+    monkeypatch.setattr(Pairing, "_finite", scan)
+    return handed, scanned
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "bin"])
+def test_experts_stored_stacked_are_read_once_per_parameter(fmt, tmp_path, monkeypatch):
+    """A stored (E, in, out) expert tensor is E entries, one per expert. Each entry read the tensor whole and scanned
+    it whole for NaN/Inf, so a parameter's data was read E times per side (128× on gpt-oss-120b's experts); now each
+    entry reads its expert's slice alone: each side of a parameter is handed out and scanned once in all, and every
+    ΔW is still the stored slice's difference, bit for bit."""
+    base, tuned, b, t = _stacked_expert_pair(tmp_path, fmt)
+    handed, scanned = _count_stored_reads(monkeypatch)
+    deltas = {d.name: d for d in iter_deltas(b, t, include="experts", with_weights=True, weights_as_stored=True)}
+    state_b, state_t = base.state_dict(), tuned.state_dict()
+    stacked = [k for k in state_b if ".experts." in k]  # gate_up_proj (3, 32, 32), down_proj (3, 16, 32), biases
+    assert len(stacked) == 4 and all(state_b[k].shape[0] == 3 for k in stacked)
+    for side, state in (("base", state_b), ("tuned", state_t)):
+        assert {k: handed[side, k] for k in stacked} == {k: state[k].numel() for k in stacked}  # the planning
+        # reads the head and the embedding (tied?), the rest is the experts
+    assert {k.rpartition("[")[0] for k in scanned} == set(stacked)  # each expert's slice, named as one
+    assert {k: n for k, n in scanned.items()} == {f"{k}[{e}]": 2 * state_b[k][e].numel() for k in stacked
+                                                  for e in range(3)}
+    for e in range(3):
+        for proj in ("gate_up_proj", "down_proj"):
+            key = f"model.layers.0.mlp.experts.{proj}"
+            d = deltas[f"model.layers.0.mlp.experts.{e}.{proj}"]
+            assert torch.equal(d.delta, (state_t[key][e] - state_b[key][e]).T)  # (in, out) -> (out, in)
+            assert torch.equal(d.base, state_b[key][e].T)
+        bias = deltas[f"model.layers.0.mlp.experts.{e}.gate_up_proj_bias"]
+        assert torch.equal(bias.delta, state_t["model.layers.0.mlp.experts.gate_up_proj_bias"][e]
+                           - state_b["model.layers.0.mlp.experts.gate_up_proj_bias"][e])
+
+
+def test_a_nonfinite_expert_of_a_stacked_tensor_is_named_and_skipped_alone(tmp_path):
+    """A NaN in expert 1 of a stored (E, in, out) tensor is that expert's: the error names the slice, and a skip
+    leaves the other experts' ΔW (each was refused with the whole tensor's NaN count)."""
+    from dataclasses import replace
+
+    from spectra.errors import NonFiniteWeightError
+
+    _, tuned, _, _ = _stacked_expert_pair(tmp_path / "clean")
+    with torch.no_grad():
+        tuned.get_parameter("model.layers.0.mlp.experts.down_proj")[1, 2, 3] = float("nan")
+    b, t = tmp_path / "clean" / "b", save(tuned, tmp_path / "t", "safetensors")
+    with pytest.raises(NonFiniteWeightError, match=r"experts\.down_proj\[1\] in .* holds 1 NaN/Inf"):
+        list(iter_deltas(b, t, include="experts.1.down_proj"))
+    pairing = Pairing(b, t, PairingOptions(include="down_proj", vectors=False))
+    pairing.options = replace(pairing.options, on_nonfinite="skip")
+    assert [d.name for d in pairing] == ["model.layers.0.mlp.experts.0.down_proj",
+                                         "model.layers.0.mlp.experts.2.down_proj"]
+    assert pairing.skipped == [f"tensor model.layers.0.mlp.experts.down_proj[1] in {t} holds 1 NaN/Inf value(s)"]

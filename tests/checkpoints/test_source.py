@@ -203,3 +203,16 @@ def test_bounded_memory_while_streaming(tmp_path):
     extra = int(out.stdout.strip().splitlines()[-1])
     largest = side * side * 4
     assert extra <= 6 * largest + 64 * 2**20, f"peak extra anonymous RSS {extra / 2**20:.0f} MiB"
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".bin"])
+def test_read_expert_is_one_slice_of_a_stored_expert_tensor(tmp_path, suffix):
+    stacked = torch.randn(4, 3, 5).to(torch.bfloat16)  # (E, out, in)
+    path = tmp_path / f"w{suffix}"
+    (save_file if suffix == ".safetensors" else lambda s, p: torch.save(s, p))({"experts.w": stacked}, str(path))
+    src = open_checkpoint(path)
+    for e in range(4):
+        got = src.read_expert("experts.w", e)
+        assert got.shape == (3, 5) and got.dtype == torch.bfloat16 and torch.equal(got, stacked[e])
+    with pytest.raises(CheckpointError, match=r"experts.w.*\(4, 3, 5\): no expert 4"):
+        src.read_expert("experts.w", 4)
