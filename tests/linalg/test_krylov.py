@@ -101,3 +101,15 @@ def test_float32_bases_projection_and_ritz_values():
     top = history[-1][:32]
     np.testing.assert_allclose(top.numpy(), exact[:32].numpy(), rtol=1e-9)  # Gram route ≈ SVD route
     assert not np.allclose(history[-2][:32].numpy(), exact[:32].numpy(), rtol=1e-9)  # an earlier space differs
+
+
+def test_float32_ritz_values_after_skipped_checks():
+    """The Gram matrix of the projection is kept between checks: checks after 2, 3, 6 and 7
+    steps (blocks summed in between) give the float64 SVD's values of the same projection."""
+    A = power_law(m=300, n=500, dtype=torch.float32)[0]
+    lan = BlockLanczos(A, 16, torch.Generator().manual_seed(0), max_dim=300)
+    for step in range(1, 8):
+        lan.step()
+        if step in (2, 3, 6, 7):
+            exact = torch.linalg.svdvals(lan.projection())
+            np.testing.assert_allclose(lan.ritz_values()[:32].numpy(), exact[:32].numpy(), rtol=1e-9)
