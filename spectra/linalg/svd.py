@@ -669,11 +669,44 @@ def _randomized_svd(A, k, l, n_iter, tol, gen, compute_vectors, sketch_dtype, en
                     complete=complete)
 
 
+def _check_gap(est: float, tol: float | None, rho: float, weight: float) -> int:
+    """Block steps to the next convergence check of :func:`_block_krylov`.
+
+    `weight` is a check's cost relative to a step's (:func:`_check_weight`). While checks
+    are cheap, or before a rate ρ is fitted: every other step while the estimate is far
+    (> 30·tol), then every step. Once a check costs a third of a step or more and the
+    fitted rate ρ shows convergence (below the fit's cap, 0.99): half the steps ρ needs to
+    bring `est` to `tol`, 1 to 4, so a check comes no later than the predicted stop and
+    the overshoot is at most a few steps. Modelled on the bench's matrices (steps and
+    checks counted, each costed at its measured rate): 8–19 % less time for the top 256
+    of 4096² planted, bf16 and 1024² spectra, unchanged at k = 64.
+    """
+    if tol is None or not est == est or est <= tol:
+        return 1
+    if weight < 1 / 3 or not 0.0 < rho < 0.99:  # 0.99 is the fit's cap: no convergence seen, nothing to predict
+        return 2 if est > 30 * tol else 1
+    need = math.log(tol / est) / math.log(rho)
+    return max(1, min(4, int(need // 2)))
+
+
+def _check_weight(short: int, long_: int, b: int, d: int) -> float:
+    """A convergence check's cost over a block step's, from their flops and measured rates.
+
+    A check is a symmetric eigen-solve of a d×d matrix (~4/3·d³ flops, ~40 GFLOP/s on
+    two cores); a step two products with A (4·short·long·b) and the re-orthogonalisation
+    (~6·(short + long)·d·b), ~150 GFLOP/s. On 4096², b = 48: 0.03 at d = 300 and 1.4 at
+    d = 1200 (measured 0.1 and 1.4: 57 ms against 40 ms).
+    """
+    check = 4 / 3 * d**3 / 40.0
+    step = (4 * short * long_ * b + 6 * (short + long_) * d * b) / 150.0
+    return check / step
+
+
 def _block_krylov(A, k, b, max_steps, tol, gen, compute_vectors, energy) -> Spectrum:
     """Top-k by :class:`~spectra.linalg.krylov.BlockLanczos`, stopped when the Ritz values converge.
 
-    A check (one small SVD of the projection) costs about as much as a step, so far from
-    the target only every other step is checked; the convergence model accounts for the
+    A check (the eigenvalues of the projection's Gram matrix) costs up to about a step,
+    so checks are spaced by :func:`_check_gap`; the convergence model accounts for the
     uneven spacing.
     """
     shape = (int(A.shape[0]), int(A.shape[1]))
@@ -697,7 +730,7 @@ def _block_krylov(A, k, b, max_steps, tol, gen, compute_vectors, energy) -> Spec
                 break
             if tol is not None and conv.at_floor >= 2:
                 break  # twice under the working precision's resolution of σ_k (> tol): more steps only repeat rounding
-            next_check = steps + (2 if tol is not None and est == est and est > 30 * tol else 1)
+            next_check = steps + _check_gap(est, tol, conv.prev_rho, _check_weight(short, A.shape[1], b, lan.d))
     exhausted = lan.full and lan.cap == (short // b) * b  # the space cannot grow inside A
     if (tol is not None and not (est == est and est <= tol) and exhausted) or (
             not exhausted and _multiplicity_unresolved(S, b)):

@@ -479,7 +479,7 @@ def test_convergence_errors_per_value():
     assert conv.estimate == 0.0 and torch.equal(conv.errors, torch.zeros(2, dtype=torch.float64))
 
 
-@pytest.mark.parametrize("spacing", [(1, 1, 1, 1), (2, 2, 1, 1), (1, 2, 1, 2)])
+@pytest.mark.parametrize("spacing", [(1, 1, 1, 1), (2, 2, 1, 1), (1, 2, 1, 2), (2, 4, 3, 1)])
 def test_convergence_estimate_is_exact_on_a_geometric_sequence(spacing):
     # Ritz values θ_t = σ·(1 − E·ρᵗ), checked after uneven step counts: the extrapolated
     # remaining error equals the true one (the model is exact here up to the changes being
@@ -494,6 +494,25 @@ def test_convergence_estimate_is_exact_on_a_geometric_sequence(spacing):
         est = conv.update(sigma * (1 - E * rho**t), steps=steps)
     true = E * rho**t / (1 - E * rho**t)  # |θ − σ| / θ
     assert est == pytest.approx(true, rel=0.03)
+
+
+def test_check_gap_follows_the_cost_of_a_check():
+    from spectra.linalg.svd import _check_gap, _check_weight
+
+    # Cheap checks (small projection against a large matrix): every other step while far, then every step.
+    cheap = _check_weight(4096, 4096, 48, 300)
+    assert cheap < 1 / 3 and _check_gap(0.5, 1e-3, 0.7, cheap) == 2 and _check_gap(0.02, 1e-3, 0.7, cheap) == 1
+    # Expensive checks: half the steps the fitted rate needs (log(1e-3/0.1)/log(0.7) = 12.9 → 4 at most,
+    # log(1e-3/0.004)/log(0.7) = 3.9 → 1), never past the predicted stop.
+    dear = _check_weight(4096, 4096, 48, 1200)
+    assert dear > 1 and _check_gap(0.1, 1e-3, 0.7, dear) == 4 and _check_gap(0.004, 1e-3, 0.7, dear) == 1
+    assert _check_gap(0.02, 1e-3, 0.7, dear) == 4 and _check_gap(0.01, 1e-3, 0.5, dear) == 1
+    for est in (2e-3, 0.01, 0.1, 1.0):
+        for rho in (0.3, 0.6, 0.9):
+            need = math.log(1e-3 / est) / math.log(rho)
+            assert 1 <= _check_gap(est, 1e-3, rho, dear) <= max(1.0, need)
+    assert _check_gap(0.5, 1e-3, 0.0, dear) == 2 and _check_gap(0.5, 1e-3, 0.99, dear) == 2  # no rate fitted / seen
+    assert _check_gap(5e-4, 1e-3, 0.7, dear) == 1 and _check_gap(0.5, None, 0.7, dear) == 1
 
 
 @pytest.mark.parametrize("make", [
