@@ -78,8 +78,10 @@ class _SafetensorsFile:
                                   "truncated or corrupt; download or save it again.") from err
 
     def read_expert(self, name: str, expert: int) -> torch.Tensor:
-        try:  # get_slice reads the slice's bytes alone (a view of the mapping where safetensors maps through torch)
-            return self._handle.get_slice(name)[expert]
+        # get_slice reads the slice's bytes alone (a view of the mapping where safetensors maps through torch);
+        # a range, not an int: safetensors < 0.4.3 cannot index a slice by an integer
+        try:
+            return self._handle.get_slice(name)[expert:expert + 1][0]
         except Exception as err:
             raise CheckpointError(f"cannot read expert {expert} of tensor {name!r} from {self.path}: {err}. The file "
                                   "may be truncated or corrupt; download or save it again.") from err
