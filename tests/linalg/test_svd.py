@@ -515,6 +515,28 @@ def test_check_gap_follows_the_cost_of_a_check():
     assert _check_gap(5e-4, 1e-3, 0.7, dear) == 1 and _check_gap(0.5, None, 0.7, dear) == 1
 
 
+def test_krylov_spaces_its_checks_where_they_are_expensive(monkeypatch):
+    # 400×600 with 24-wide blocks: a check weighs over a third of a step from d ≈ 150 on, so
+    # once a rate is fitted checks skip steps; the old every-step rule (negative control) checks more.
+    import spectra.linalg.svd as svd
+    from spectra.linalg.krylov import BlockLanczos
+
+    A, _ = power_law(m=400, n=600, dtype=torch.float32)
+    ref = reference_svdvals(A)[:96]
+    checks, ritz = [], BlockLanczos.ritz_values
+    monkeypatch.setattr(BlockLanczos, "ritz_values", lambda self: checks.append(self.d) or ritz(self))
+
+    def run():
+        checks.clear()
+        F = randomized_svd(A, 96, tol=1e-4, random_state=0, compute_vectors=False, block_size=24)
+        return len(checks), float(np.max(np.abs(F.values.double().numpy() - ref) / ref))
+
+    spaced, err = run()
+    monkeypatch.setattr(svd, "_check_gap", lambda est, tol, rho, weight: 2 if est > 30 * tol else 1)
+    every, _ = run()
+    assert spaced < every and err <= 1e-4
+
+
 @pytest.mark.parametrize("make", [
     lambda g: torch.randn(700, 1003, generator=g),  # past one 2¹⁸-element chunk, with a ragged tail
     lambda g: torch.randn(1003, 700, generator=g).T,  # a transposed view
