@@ -193,10 +193,14 @@ def _print_summary(analysis: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from spectra.report.tables import headline_level, percent, rank_picture, role_table
+    from spectra.report.tables import headline_level, percent, rank_picture, role_table, role_table_note
 
     console = Console()
     headers, rows = role_table(analysis)
+    if not rows:  # every matrix unchanged (ΔW = 0): no table, the note says why
+        console.print(escape(role_table_note(analysis)))
+        console.print(escape(rank_picture(analysis)))
+        return
     # the terminal gets the columns that decide a rank, at the headline energy level; report.md has them all
     level = percent(headline_level(analysis))
     short = f"E{level.removesuffix('%')}"
@@ -211,7 +215,7 @@ def _print_summary(analysis: dict) -> None:
     for row in rows:
         table.add_row(*(escape(row[i]) for i in keep))
     console.print(table)
-    console.print(escape(rank_picture(analysis)))
+    console.print(escape(rank_picture(analysis)))  # names the unchanged matrices the table leaves out
 
 
 def _print_unpaired(analysis: dict, *, quiet: bool = False) -> None:

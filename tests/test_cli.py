@@ -53,6 +53,15 @@ def test_analyze_writes_report_and_show_reads_it(monkeypatch, capsys, pair, tmp_
     assert code == 0 and "E90" in stdout and "…" not in stdout and max(map(len, stdout.splitlines())) <= 80
 
 
+def test_show_of_identical_checkpoints_prints_no_empty_table(monkeypatch, capsys, pair, tmp_path):
+    """Every ΔW = 0: the per-role table has no rows; the terminal said so with an empty table."""
+    code, stdout, err = run(monkeypatch, capsys, "analyze", pair[0], pair[0], "-o", tmp_path / "r", "--no-cache", "-q")
+    assert code == 0, err
+    code, stdout, _ = run(monkeypatch, capsys, "show", tmp_path / "r")
+    assert code == 0 and "no role has a rank to tabulate" in stdout and "by role" not in stdout
+    assert "unchanged (ΔW = 0)" in stdout
+
+
 def test_the_terminal_table_shows_the_headline_energy_level(monkeypatch, capsys, pair, tmp_path):
     """Without 0.9 among --energy, the rank columns follow the level the summary sentence uses (0.95 here)."""
     code, stdout, err = run(monkeypatch, capsys, "analyze", *pair, "-o", tmp_path / "r", "--no-cache",
