@@ -28,3 +28,35 @@ def test_thread_pool_sets_worker_threads_and_restores_the_process_count():
     assert torch.get_num_threads() == before
     with pytest.raises(RuntimeError, match="shutdown"):  # the pool was shut down on the way out
         pool.submit(torch.get_num_threads)
+
+
+def test_workers_read_an_adapters_expert_factors_once_with_the_same_results(tmp_path, monkeypatch):
+    """An adapter on Mixtral's fused experts (target_parameters), analysed by 3 workers: a module's experts go to
+    different workers, which each read the module's LoRA factors again where another had taken them (8 factor
+    tensors read 8–16 times, at random). Every factor tensor is read once now, and the rows are those of a run that
+    reads the factors afresh for every expert."""
+    from spectra.analysis import analyze
+    from spectra.checkpoints.adapter import _HeldFactors
+    from spectra.checkpoints.source import CheckpointSource
+    from tests.checkpoints.test_adapter_pairing import _mixtral_adapter_on_experts
+
+    base_dir, adapter_dir = _mixtral_adapter_on_experts(tmp_path)
+    reads: dict[str, int] = {}
+    read = CheckpointSource.read
+
+    def counted(self, name):
+        reads[name] = reads.get(name, 0) + 1
+        return read(self, name)
+
+    def rows(**kwargs):
+        result = analyze(base_dir, adapter_dir, cache_dir=False, progress=False, workers=3, **kwargs)
+        return {r["name"]: {k: v for k, v in r.items() if k != "seconds"} for r in result.modules}
+
+    monkeypatch.setattr(CheckpointSource, "read", counted)
+    held = rows()
+    factors = {k: n for k, n in reads.items() if "experts" in k and "lora_" in k}
+    assert len(factors) == 8 and set(factors.values()) == {1}  # A, B of gate_up_proj and down_proj; two layers
+    monkeypatch.setattr(_HeldFactors, "read", lambda self, weights, holder, key, device, dtype:
+                        weights.read(key).to(device=device, dtype=dtype))  # every expert reads its own
+    assert rows() == held
+    assert len(held) == 2 * (1 + 1 + 3 * 3)  # per layer: q_proj, the router, 3 experts × w1, w3, w2

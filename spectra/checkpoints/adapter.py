@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 import re
 import threading
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -91,7 +92,7 @@ class ExpertUpdate:
 
 
 class _HeldFactors:
-    """The A and B of one module's LoRAs on parameters, read once for all of its experts.
+    """The A and B of a module's LoRAs on parameters, read once for all of its experts.
 
     Expert e's factors are a slice of its parameter's A (r·E, in) and B (out, r·E), whose
     columns e, e+E, … run across all of B's rows: read per expert, a parameter of E experts
@@ -99,29 +100,47 @@ class _HeldFactors:
     tensors); a bf16 adapter up-cast, or one copied to a GPU, copied ~E× its factors per
     parameter, hundreds of GB on a 128-expert, 48-layer model. The pairing names a module's
     experts one after another, its parameters interleaved (``experts.0.w1``, ``experts.0.w2``,
-    ``experts.0.w3``, ``experts.1.w1``, …), so this holds the tensors of the last holder
-    module read: every A and B of its parameters, as converted for the caller (one rank-r·E
-    LoRA per parameter of one module at most), until another module's are read. Expert slices
-    of them are what :meth:`AdapterDelta.factors` returns, as before (views: never change them
-    in place). One lock: the pairing's read-ahead thread and analysis workers read experts
-    concurrently (with several workers, a module's factors may be read again where the workers
-    cross from one module to the next: only one module's are held).
+    ``experts.0.w3``, ``experts.1.w1``, …), so the tensors of a holder module are held as
+    a whole: every A and B of its parameters, as converted for the caller (one rank-r·E LoRA
+    per parameter of one module at most). Expert slices of them are what
+    :meth:`AdapterDelta.factors` returns (views: never change them in place).
+
+    Which modules are held: the one each reading thread read last and, once several threads
+    read, the one opened before the newest. Analysis workers (``--workers``) split a module's
+    experts between them and reach the next module at different times, and where the memory
+    budget (``read_ahead_mb``) holds back the next expert, a smaller entry of another module
+    runs in between. With one module held for all threads they took its tensors from each
+    other, and each switch read a module's factors again: 16 factor tensors read 36–58 times
+    on a 4-layer gpt-oss adapter (4 workers, 16 MB budget), Mixtral's 8 up to 16 times with
+    the default budget; now 16 and 8. Memory: a module's factors per thread that reads, plus
+    one (the read-ahead thread alone: one module, as before).
     """
 
     def __init__(self):
         self._lock = threading.Lock()
-        self._holder: tuple = (None, None)  # (weights, holder module) the held tensors come from
-        self._tensors: dict[tuple, torch.Tensor] = {}  # (key, device, dtype) -> tensor
+        self._last: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # thread -> its last module
+        self._opened: list[tuple] = []  # the two modules opened last, newest last
+        # module (id(weights), holder) -> (weights, {(key, device, dtype): tensor}); holding `weights` keeps its id
+        self._tensors: dict[tuple, tuple[Any, dict[tuple, torch.Tensor]]] = {}
 
     def read(self, weights, holder: str, key: str, device: torch.device | str, dtype: torch.dtype) -> torch.Tensor:
         """``weights.read(key).to(device=device, dtype=dtype)``, read once while `holder`'s tensors are held."""
+        module = (id(weights), holder)
         with self._lock:
-            if self._holder[0] is not weights or self._holder[1] != holder:
-                self._holder, self._tensors = (weights, holder), {}  # the previous module's go
+            thread = threading.current_thread()
+            if self._last.get(thread) != module:
+                self._last[thread] = module
+                if module not in self._opened[-1:]:
+                    self._opened = [*self._opened[-1:], module]
+                kept = set(self._last.values())
+                if len(self._last) > 1:  # a worker may still be on the previous module's last experts
+                    kept.update(self._opened)
+                self._tensors = {m: held for m, held in self._tensors.items() if m in kept}
+            _, held = self._tensors.setdefault(module, (weights, {}))
             found = (key, torch.device(device), dtype)
-            if found not in self._tensors:
-                self._tensors[found] = weights.read(key).to(device=device, dtype=dtype)
-            return self._tensors[found]
+            if found not in held:
+                held[found] = weights.read(key).to(device=device, dtype=dtype)
+            return held[found]
 
 
 @dataclass(frozen=True)

@@ -369,3 +369,44 @@ def test_target_parameters_base_experts_stored_stacked_are_read_once(tmp_path, m
     stacked = [f"model.layers.0.mlp.experts.{p}" for p in ("gate_up_proj", "down_proj")]
     assert {k: handed[k] for k in stacked} == {k: state[k].numel() for k in stacked}
 
+
+def _mixtral_adapter_on_experts(root):
+    base = build_model("mixtral")  # two layers, each with one experts module (3 experts) adapted on both parameters
+    base_dir = save(base, root / "base", "safetensors")
+    random_adapter(base, root / "ad", r=2, lora_alpha=6, target_modules=["q_proj"],
+                   target_parameters=["mlp.gate.weight", *MIXTRAL_EXPERTS])
+    return base_dir, root / "ad"
+
+
+def test_target_parameters_factors_are_read_once_by_threads_crossing_modules(tmp_path, monkeypatch):
+    """Analysis workers split a module's experts between them and reach the next module at different times. With one
+    module's factors held for all threads, a worker on layer 1 took layer 0's from one still on layer 0's last
+    experts, which read them again (and again at every switch back). Each thread's last module is held now, and the
+    one opened before the newest: in these interleavings every factor tensor is read once, and ΔW is unchanged."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from spectra.checkpoints.source import CheckpointSource
+
+    base_dir, adapter_dir = _mixtral_adapter_on_experts(tmp_path)
+    reference = {d.name: d.delta for d in Pairing(base_dir, adapter_dir, PairingOptions(vectors=False))}
+    pairing = Pairing(base_dir, adapter_dir, PairingOptions(vectors=False))
+    entries = {e.name.removeprefix("model.layers.").replace(".block_sparse_moe.experts", ""): e
+               for e in pairing.entries}  # "0.2.w3": layer 0, expert 2, w3
+    reads: dict[str, int] = {}
+    read = CheckpointSource.read
+
+    def counted(self, name):
+        reads[name] = reads.get(name, 0) + 1
+        return read(self, name)
+
+    monkeypatch.setattr(CheckpointSource, "read", counted)
+    with ThreadPoolExecutor(1) as one, ThreadPoolExecutor(1) as two:  # two workers, each one thread
+        for worker, entry in ((one, "0.0.w1"), (two, "0.0.w2"), (one, "1.0.w1"),  # one crosses to layer 1 first
+                              (two, "0.1.w1"),  # two is still on layer 0: both modules are held
+                              (two, "1.0.w2"), (one, "1.1.w1"),  # both on layer 1 now
+                              (two, "0.2.w3"), (one, "0.2.w2"),  # late entries of layer 0, the module before
+                              (one, "1.2.w3"), (two, "1.2.w2")):
+            (d,) = worker.submit(pairing.load, entries[entry]).result()
+            assert torch.equal(d.delta, reference[d.name]), d.name
+    factors = {k: n for k, n in reads.items() if "experts" in k and "lora_" in k}
+    assert len(factors) == 8 and set(factors.values()) == {1}  # A and B of gate_up_proj, down_proj; two layers
