@@ -315,20 +315,11 @@ def test_target_parameters_factors_are_read_once_per_parameter(tmp_path, monkeyp
     Now each is read once, and every ΔW is still s·B[:, e::E]@A[e·r:(e+1)·r] added to the base, bit for bit."""
     from safetensors.torch import load_file
 
-    from spectra.checkpoints.source import CheckpointSource
-
     base = build_model("mixtral")
     base_dir = save(base, tmp_path / "base", "safetensors")
     random_adapter(base, tmp_path / "ad", r=2, lora_alpha=6, target_modules=["q_proj"],
                    target_parameters=["mlp.gate.weight", *MIXTRAL_EXPERTS])
-    reads: dict[str, int] = {}
-    read = CheckpointSource.read
-
-    def counted(self, name):
-        reads[name] = reads.get(name, 0) + 1
-        return read(self, name)
-
-    monkeypatch.setattr(CheckpointSource, "read", counted)
+    reads = _count_reads(monkeypatch)
     yielded = {d.name: d for d in Pairing(base_dir, tmp_path / "ad", PairingOptions(vectors=False))}
     saved = load_file(tmp_path / "ad" / "adapter_model.safetensors")
     assert {k for k in reads if "lora_" in k} == {k for k in saved if "lora_" in k}
@@ -370,6 +361,21 @@ def test_target_parameters_base_experts_stored_stacked_are_read_once(tmp_path, m
     assert {k: handed[k] for k in stacked} == {k: state[k].numel() for k in stacked}
 
 
+def _count_reads(monkeypatch) -> dict[str, int]:
+    """Calls of CheckpointSource.read from now on, per tensor name."""
+    from spectra.checkpoints.source import CheckpointSource
+
+    reads: dict[str, int] = {}
+    read = CheckpointSource.read
+
+    def counted(self, name):
+        reads[name] = reads.get(name, 0) + 1
+        return read(self, name)
+
+    monkeypatch.setattr(CheckpointSource, "read", counted)
+    return reads
+
+
 def _mixtral_adapter_on_experts(root):
     base = build_model("mixtral")  # two layers, each with one experts module (3 experts) adapted on both parameters
     base_dir = save(base, root / "base", "safetensors")
@@ -385,21 +391,12 @@ def test_target_parameters_factors_are_read_once_by_threads_crossing_modules(tmp
     one opened before the newest: in these interleavings every factor tensor is read once, and ΔW is unchanged."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from spectra.checkpoints.source import CheckpointSource
-
     base_dir, adapter_dir = _mixtral_adapter_on_experts(tmp_path)
     reference = {d.name: d.delta for d in Pairing(base_dir, adapter_dir, PairingOptions(vectors=False))}
     pairing = Pairing(base_dir, adapter_dir, PairingOptions(vectors=False))
     entries = {e.name.removeprefix("model.layers.").replace(".block_sparse_moe.experts", ""): e
                for e in pairing.entries}  # "0.2.w3": layer 0, expert 2, w3
-    reads: dict[str, int] = {}
-    read = CheckpointSource.read
-
-    def counted(self, name):
-        reads[name] = reads.get(name, 0) + 1
-        return read(self, name)
-
-    monkeypatch.setattr(CheckpointSource, "read", counted)
+    reads = _count_reads(monkeypatch)
     with ThreadPoolExecutor(1) as one, ThreadPoolExecutor(1) as two:  # two workers, each one thread
         for worker, entry in ((one, "0.0.w1"), (two, "0.0.w2"), (one, "1.0.w1"),  # one crosses to layer 1 first
                               (two, "0.1.w1"),  # two is still on layer 0: both modules are held
