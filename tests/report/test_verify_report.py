@@ -106,6 +106,8 @@ def test_figures_are_figures_with_marks():
     assert {"lora", "dora", "Eckart–Young optimum", "recommended r=2"} <= set(labels)
     eval_fig = plot_sweep_eval(sweep)
     assert any(line.get_label() == "full fine-tune" for line in eval_fig.axes[0].get_lines())
+    # each says what it plots (neither had a title)
+    assert "Eckart–Young" in energy.axes[0].get_title() and "Eval loss" in eval_fig.get_suptitle()
     assert isinstance(plot_energy(verify_result()), Figure)
     phi = plot_phi({"a": [[1.0, 0.5]], "b": [[0.2]]}, title="t")
     assert len([ax for ax in phi.axes if ax.get_visible() and ax.images]) == 2
