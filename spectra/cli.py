@@ -510,15 +510,13 @@ def memory(
     from spectra.memory import estimate_memory, format_bytes
     from spectra.ranks import load_plan
 
+    from spectra.errors import ConfigError
+
     given = [flag for flag, value in (("--rank", rank), ("--roles", roles), ("--layers", layers)) if value is not None]
     if given and (plan is not None or method == "full"):  # each would be ignored
-        from spectra.errors import ConfigError
-
         why = "--plan sets the modules, ranks and layers" if plan else "--method full trains every weight"
         raise ConfigError(f"{why}, so {', '.join(given)} would be ignored; drop {'it' if len(given) == 1 else 'them'}.")
     if plan is not None and method == "full":
-        from spectra.errors import ConfigError
-
         raise ConfigError("--method full trains every weight, so --plan would be ignored; drop one of them.")
     est = estimate_memory(model, method=method, rank_plan_or_rank=load_plan(plan) if plan else rank or 16,
                           batch=batch, seq_len=seq_len, precision=precision, optimizer=optimizer,

@@ -36,12 +36,14 @@ from spectra.report.tables import (
 # viridis without its pale-yellow top, so the last layer's line stays visible on white.
 _LAYER_CMAP = ListedColormap(colormaps["viridis"](np.linspace(0.0, 0.88, 256)), name="layers")
 _NO_LAYER_COLOR = "0.45"
+_LOG_X_FROM = 100  # decay panels of spectra longer than this use a log index axis
+_ANNOTATE_CELLS = 300  # heatmaps with at most this many cells get their numbers written in
+
+
 def energy_marks(analysis: Mapping) -> tuple[float, ...]:
     """The energy levels the cumulative-energy figure marks: the analysis's own from 75 % up (90, 95 and 99 % by
     default; ``--energy 0.8,0.95`` marks 80 and 95 %). Lower ones sit on every curve's steep start."""
     return tuple(float(level) for level in energy_levels(analysis) if float(level) >= 0.75) or (0.9, 0.95, 0.99)
-_LOG_X_FROM = 100  # decay panels of spectra longer than this use a log index axis
-_ANNOTATE_CELLS = 300  # heatmaps with at most this many cells get their numbers written in
 
 
 def plot_decay(analysis: Mapping) -> Figure:
