@@ -247,17 +247,30 @@ def unchanged(row: Mapping) -> bool:
     return number(row.get("fro_norm")) == 0.0
 
 
+def fused_wholes(rows: list[Mapping]) -> set[str]:
+    """Names of the fused tensors (GPT-2's ``c_attn``, a ``gate_up``) that ``rows`` also hold split by projection."""
+    return {r["fused_name"] for r in rows if r.get("fused_name")}
+
+
 def unchanged_text(rows: list[Mapping]) -> str:
-    """How many of ``rows`` a statistic leaves out as unchanged, in one sentence ('' when none):
-    '2 unchanged matrices are left out (ΔW = 0; every k matrix).' The roles named are those with no changed
-    matrix among ``rows``. Where every row is unchanged there is nothing left to state a statistic of: each caller
-    says that instead."""
-    left = [r for r in rows if unchanged(r)]
+    """How many of the weight-matrix ``rows`` a statistic leaves out as unchanged, in one sentence ('' when none):
+    '2 unchanged matrices are left out (ΔW = 0; every k matrix).'
+
+    A fused tensor reported whole and by projection counts once, through its projections, as the rank picture
+    counts modules; its whole (role qkv, …) is left out with them, which the sentence then says. The roles named
+    are those with no changed matrix among the rows so counted. Where every row is unchanged there is nothing left
+    to state a statistic of: each caller says that instead."""
+    split = fused_wholes(rows)
+    counted = [r for r in rows if r["name"] not in split]
+    left = [r for r in counted if unchanged(r)]
     if not left:
         return ""
-    still = {r["role"] for r in left} - {r["role"] for r in rows if not unchanged(r)}  # roles left alone entirely
+    changed_roles = {r["role"] for r in counted if not unchanged(r)}
+    still = [role for role in roles_in(left) if role not in changed_roles]  # roles left alone entirely, block order
+    wholes = any(unchanged(r) for r in rows if r["name"] in split)
     return (f"{len(left)} unchanged {'matrix is' if len(left) == 1 else 'matrices are'} left out (ΔW = 0"
-            + (f"; every {', '.join(sorted(still))} matrix" if still else "") + ").")
+            + (f"; every {', '.join(still)} matrix" if still else "")
+            + ("; a fused tensor counted by its projections, its whole left out with them" if wholes else "") + ").")
 
 
 def summary_rows(analysis: Mapping) -> list[dict]:
@@ -345,7 +358,9 @@ def role_table(analysis: Mapping) -> tuple[list[str], list[list[str]]]:
 
 def role_table_note(analysis: Mapping) -> str:
     """What the per-role table leaves out, for the line beside it: '' when every matrix changed, the unchanged
-    count (:func:`unchanged_text`) when some did not, and that there is no table when none changed."""
+    count (:func:`unchanged_text`, in the rank picture's words) when some did not, and that there is no table when
+    none changed. The table leaves out every unchanged row, a fused tensor's whole as well as its projections; the
+    count takes that tensor once, by its projections, and says its whole went with them."""
     rows = matrix_rows(analysis)
     if all(unchanged(r) for r in rows):
         return ("Every weight matrix is unchanged (ΔW = 0): the two checkpoints hold the same values, so no role "
@@ -403,13 +418,13 @@ def rank_picture(analysis: Mapping) -> str:
     roles by that share, from the most to the least low-rank.
     """
     rows = matrix_rows(analysis)
-    split = {r["fused_name"] for r in rows if r.get("fused_name")}
+    split = fused_wholes(rows)
     whole_roles = {r["role"] for r in rows if r["name"] in split} - {r["role"] for r in rows if r["name"] not in split}
+    left_out = unchanged_text(rows)  # the sentence beside the per-role table (role_table_note), word for word
     rows = [r for r in rows if r["name"] not in split]  # a fused tensor counts once: through its projections
     if rows and all(unchanged(r) for r in rows):
         return (f"All {len(rows)} weight matrices are unchanged (ΔW = 0): the two checkpoints hold the same values "
                 "in every compared tensor, so there is no update to measure. Check that TUNED is the fine-tune.")
-    left_out = unchanged_text(rows)
     rows = [r for r in rows if not unchanged(r)]  # no update: no rank to report, none to rank
     level = headline_level(analysis)
     at = percent(level)

@@ -7,6 +7,7 @@ import pytest
 
 from spectra.report import tables
 from spectra.report.tables import SUMMARY_METRICS, matrix_rows, summary_rows
+from tests.report.conftest import matrix_row, planted_spectrum
 
 
 def _matrices(analysis, role):
@@ -260,3 +261,45 @@ def test_per_role_table_of_an_unchanged_pair_says_so(analysis, unchange):
 
 def test_per_role_table_note_is_empty_when_every_matrix_changed(analysis):
     assert tables.role_table_note(analysis) == ""  # negative control: the fixture as built
+
+
+def _gpt2_attention() -> dict:
+    """Two GPT-2 blocks as ``analyze`` reports them: each fused c_attn whole (role qkv) and split into its q, k and
+    v projections, and c_proj (o)."""
+    rng = np.random.default_rng(0)
+    modules = []
+    for layer in (0, 1):
+        fused = f"transformer.h.{layer}.attn.c_attn"
+        modules.append(matrix_row(fused, "qkv", layer, (96, 32), planted_spectrum(6, (96, 32), scale=2.0, rng=rng),
+                                  conv1d=True))
+        for role in ("q", "k", "v"):
+            modules.append(matrix_row(f"{fused}[{role}]", role, layer, (32, 32),
+                                      planted_spectrum(2, (32, 32), scale=1.0, rng=rng), fused_name=fused,
+                                      conv1d=True))
+        modules.append(matrix_row(f"transformer.h.{layer}.attn.c_proj", "o", layer, (32, 32),
+                                  planted_spectrum(3, (32, 32), scale=1.0, rng=rng), conv1d=True))
+    return {"schema_version": 1, "config": {"energy_levels": [0.5, 0.9, 0.95, 0.99]}, "modules": modules}
+
+
+def test_an_unchanged_fused_tensor_counts_the_same_beside_the_table_and_in_the_rank_picture(unchange):
+    """The per-role table's note counted an unchanged c_attn whole and by projection ("4 unchanged matrices"), the
+    rank picture by projection only ("3") — two counts of one thing in one report."""
+    data = _gpt2_attention()
+    assert tables.role_table_note(data) == ""  # negative control: every matrix changed
+    for row in data["modules"]:
+        if row["name"].startswith("transformer.h.0.attn.c_attn"):
+            unchange(row)  # layer 0's c_attn: the whole (qkv) and its q, k, v projections
+    note = ("3 unchanged matrices are left out (ΔW = 0; a fused tensor counted by its projections, its whole left "
+            "out with them).")
+    assert tables.role_table_note(data) == note
+    assert "Across 5 modules (fused tensors by projection), a median" in tables.rank_picture(data)
+    assert f". {note} By role" in tables.rank_picture(data)
+    # what the note describes: the table leaves out the 3 projections and the whole they split
+    assert {r["role"]: r["modules"] for r in summary_rows(data)} == {"q": 1, "k": 1, "v": 1, "qkv": 1, "o": 2}
+    for row in data["modules"]:
+        if "c_attn" in row["name"]:
+            unchange(row)  # every c_attn: q, k, v and qkv hold no changed matrix
+    note = ("6 unchanged matrices are left out (ΔW = 0; every q, k, v matrix; a fused tensor counted by its "
+            "projections, its whole left out with them).")
+    assert tables.role_table_note(data) == note and f" {note} " in tables.rank_picture(data)
+    assert [r["role"] for r in summary_rows(data)] == ["o"]
