@@ -405,8 +405,8 @@ class Pairing:
                 low = torch.empty(n, dtype=torch.bfloat16) if lease is None else lease.take(n, torch.bfloat16)
         delta, delta_low, delta_sq, base_sq = _difference(tuned, base, dtype, norms=by_norms, out=out, low=low)
         if by_norms and not (_finite_number(delta_sq) and _finite_number(base_sq)):
-            if not (self._finite(base, entry.base_tensor, self.base.spec, entry.name)
-                    and self._finite(tuned, entry.tuned_tensor, self.tuned.spec, entry.name)):
+            if not (self._finite(base, _stored_name(entry.base_tensor, entry), self.base.spec, entry.name)
+                    and self._finite(tuned, _stored_name(entry.tuned_tensor, entry), self.tuned.spec, entry.name)):
                 return []
             if delta_sq is not None:  # both weights finite, yet a norm is not
                 message = f"ΔW of {entry.name} overflows float32 (|tuned − base| beyond 3.4e38)"
@@ -427,11 +427,14 @@ class Pairing:
 
     def _checked_by_norms(self, entry: PairEntry) -> bool:
         """Whether this pair's subtraction is chunked into float32, so its norms can stand in for the NaN/Inf scan
-        (two stored half-precision weights of a plain module, on the CPU)."""
+        (two stored half-precision weights of a plain module, or one expert's slice of a stored 3-D tensor, on the
+        CPU). An expert's slice is read alone (``read_expert``) and is contiguous like a module's weight, so the
+        norms cover exactly its data; where it is too small to be chunked they are None and it is scanned after all.
+        """
         half = (torch.float16, torch.bfloat16)
         return (self.options.torch_dtype == torch.float32 and self.options.device.startswith("cpu")
                 and entry.base_dtype in half and entry.tuned_dtype in half
-                and entry.adapter is None and not entry.added_rows and entry.expert_index is None)
+                and entry.adapter is None and not entry.added_rows)
 
     def _read_pair(self, entry: PairEntry, *, check: bool = True) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(W_base, W_tuned) oriented (out, in) on the device, as stored (an adapter's merge: up-cast).

@@ -90,7 +90,7 @@ def plot_decay(analysis: Mapping) -> Figure:
             if max(len(r["singular_values"]) for r in members) > _LOG_X_FROM:
                 ax.set_xscale("log")
             else:  # i counts directions: no 2.5 on a short (k, v) spectrum's axis
-                ax.xaxis.set_major_locator(_whole_ticks())
+                ax.xaxis.set_major_locator(whole_ticks())
         ax.set_xlabel("singular direction i (index)")
         ax.set_ylabel(r"$\sigma_i / \sigma_1$ (ratio, log scale)")
     fig.suptitle("Singular-value decay of ΔW per role: a steep fall to the noise floor means a low-rank update")
@@ -136,7 +136,7 @@ def plot_cumulative_energy(analysis: Mapping) -> Figure:
         _finish_panel(ax, role, members, drawn)
         if drawn:
             ax.set_xlim(0, _energy_zoom(members))
-            ax.xaxis.set_major_locator(_whole_ticks())  # r counts directions
+            ax.xaxis.set_major_locator(whole_ticks())  # r counts directions
         ax.set_ylim(0.0, 1.02)
         ax.set_xlabel("rank r (top singular directions kept)")
         ax.set_ylabel("share of ‖ΔW‖² captured")
@@ -224,7 +224,7 @@ def plot_effective_rank_histogram(analysis: Mapping) -> Figure:
     right.set_xlabel("entropy effective rank / full rank (%)")
     for ax in (left, right):
         ax.set_ylabel("modules (count)")
-        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.yaxis.set_major_locator(whole_ticks())  # a count of modules
     # the entropy needs every σ: modules whose spectrum was only computed to its top have none
     over = f"{ranks.size} modules" if ranks.size == len(rows) else (
         f"the {ranks.size} of {len(rows)} modules with a whole spectrum (the others' top only; --method full: all)")
@@ -264,7 +264,7 @@ def _role_grid(rows: list[dict]) -> tuple[Figure, list, Normalize | None]:
         bar = fig.colorbar(ScalarMappable(norm=norm, cmap=_LAYER_CMAP), ax=list(grid[: len(roles)]),
                            shrink=0.9, aspect=30)
         bar.set_label("layer (index)")
-        bar.locator = MaxNLocator(integer=True)
+        bar.locator = whole_ticks()  # layer indices
         bar.update_ticks()
     return fig, list(grid[: len(roles)]), norm
 
@@ -324,9 +324,10 @@ def _finish_panel(ax, role: str, members: list[dict], drawn: int) -> None:
     ax.grid(True, which="major", color="0.9", lw=0.6)
 
 
-def _whole_ticks() -> MaxNLocator:
-    """Ticks for a count (a σ index, a rank): as many as matplotlib's default fits, whole numbers only, at
-    steps of 1, 2 or 5 of a power of ten (0, 10, 20, 30 rather than 0, 6, 12, … 30)."""
+def whole_ticks() -> MaxNLocator:
+    """Ticks for an axis that counts (a σ index, a rank, modules, layers): as many as matplotlib's default fits,
+    whole numbers only, at steps of 1, 2 or 5 times a power of ten (0, 50, 100 rather than 0, 25, 50, …).
+    Every report figure ticks its counts with it (the φ panels of :mod:`spectra.report.verify` too)."""
     return MaxNLocator(nbins="auto", integer=True, steps=[1, 2, 5, 10])
 
 
@@ -361,7 +362,7 @@ def _heatmap(rows: list[dict], value, *, label: str, title: str, fmt: str, integ
     bar = fig.colorbar(image, ax=ax)
     bar.set_label(label + (", log scale" if isinstance(norm, LogNorm) else ""))
     if integer and not isinstance(norm, LogNorm):  # a log colorbar ticks decades already
-        bar.locator = _whole_ticks()
+        bar.locator = whole_ticks()
         bar.update_ticks()
     if grid.size <= _ANNOTATE_CELLS:
         _annotate(ax, grid, norm, cmap, fmt)

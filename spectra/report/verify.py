@@ -15,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
 
 from spectra.errors import ConfigError
+from spectra.report.plots import whole_ticks
 from spectra.report.tables import num, pct
 from spectra.report.render import _plain, write_bundle
 
@@ -195,8 +195,8 @@ def plot_phi(matrices: Mapping[str, list], *, title: str, labels=("i (adapter)",
         ax.set_title(name, fontsize=8)
         ax.set_xlabel(labels[1], fontsize=8)
         ax.set_ylabel(labels[0], fontsize=8)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # i and j count directions: no 0.5, 1.5, …
-        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.xaxis.set_major_locator(whole_ticks())  # i and j count directions: no 0.5, 1.5, …
+        ax.yaxis.set_major_locator(whole_ticks())
     for ax in axes[len(names):]:
         ax.set_visible(False)
     if image is not None:

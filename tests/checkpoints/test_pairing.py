@@ -9,6 +9,7 @@ orientation, with the right role and layer, and zero everywhere else.
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import torch
@@ -622,3 +623,63 @@ def test_a_nonfinite_expert_of_a_stacked_tensor_is_named_and_skipped_alone(tmp_p
     assert [d.name for d in pairing] == ["model.layers.0.mlp.experts.0.down_proj",
                                          "model.layers.0.mlp.experts.2.down_proj"]
     assert pairing.skipped == [f"tensor model.layers.0.mlp.experts.down_proj[1] in {t} holds 1 NaN/Inf value(s)"]
+
+
+def _large_bf16_expert_pair(folder, *, in_out: bool, bad=None):
+    """bf16 checkpoints holding one stored (E = 3, 512, 300) expert tensor, each expert's slice above one subtraction
+    chunk; `bad` (side, value) plants one value in expert 1. `in_out`: a gpt-oss config, experts stored (in, out)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(6)
+    name = "model.layers.0.mlp.experts.down_proj"
+    base = {name: torch.randn(3, 512, 300, generator=g).bfloat16()}
+    tuned = {name: (base[name].float() + 1e-2 * torch.randn(3, 512, 300, generator=g)).bfloat16()}
+    if bad is not None:
+        side, value = bad
+        (base if side == "base" else tuned)[name][1, 500, 299] = value  # in expert 1's last, partial chunk
+    for side, state in (("b", base), ("t", tuned)):
+        (folder / side).mkdir(parents=True)
+        save_file(state, str(folder / side / "model.safetensors"))
+        (folder / side / "config.json").write_text(json.dumps({"model_type": "gpt_oss" if in_out else "mixtral"}))
+    return folder / "b", folder / "t", base[name], tuned[name]
+
+
+@pytest.mark.parametrize("in_out", [False, True])
+@pytest.mark.parametrize("side", ["base", "tuned"])
+def test_a_nonfinite_expert_slice_is_found_by_the_subtraction_norms(tmp_path, monkeypatch, side, in_out):
+    """Expert entries (one expert's slice of a stored 3-D tensor) were scanned for NaN/Inf before the chunked
+    subtraction, which then left out the norms that would have found them (the analysis took ‖ΔW‖² and ‖W_base‖² in
+    two more passes): per expert two scans and two norm passes over what one pass covers. Now the norms check them
+    like a module's weight: a NaN in expert 1 is still named by its slice and skipped alone, the finite experts are
+    never scanned and carry their norms; a finite pair (negative control) passes without a scan."""
+    from spectra.errors import NonFiniteWeightError
+
+    scans: list[str] = []
+    finite = Pairing._finite
+    monkeypatch.setattr(Pairing, "_finite", lambda self, tensor, name, *args: (scans.append(name),
+                                                                               finite(self, tensor, name, *args))[1])
+    b, t, _, _ = _large_bf16_expert_pair(tmp_path / "bad", in_out=in_out, bad=(side, float("nan")))
+    stored = f"model.layers.0.mlp.experts.down_proj[1] in {b if side == 'base' else t}"
+    with pytest.raises(NonFiniteWeightError, match=re.escape(stored) + " holds 1 NaN/Inf"):
+        list(iter_deltas(b, t, include="experts.1."))
+    pairing = Pairing(b, t, PairingOptions(on_nonfinite="skip", with_weights=True, weights_as_stored=True))
+    scans.clear()
+    deltas = {d.name: d for d in pairing}
+    assert list(deltas) == [f"model.layers.0.mlp.experts.{e}.down_proj" for e in (0, 2)]
+    assert pairing.skipped == [f"tensor {stored} holds 1 NaN/Inf value(s)"]
+    assert set(scans) == {"model.layers.0.mlp.experts.down_proj[1]"}  # the bad expert only, to name and count it
+    for d in deltas.values():
+        assert d.delta_sq == pytest.approx(float(d.delta.double().square().sum()), rel=1e-6)
+        assert d.base_sq == pytest.approx(float(d.base.double().square().sum()), rel=1e-6)
+
+    b, t, base, tuned = _large_bf16_expert_pair(tmp_path / "clean", in_out=in_out)
+    scans.clear()
+    deltas = list(iter_deltas(b, t))
+    assert scans == [] and len(deltas) == 3
+    for e, d in enumerate(deltas):
+        expected = tuned[e].float() - base[e].float()
+        assert torch.equal(d.delta, expected.T if in_out else expected) and d.shape == ((300, 512) if in_out
+                                                                                        else (512, 300))
+        assert d.delta_sq == pytest.approx(float(expected.double().square().sum()), rel=1e-6)

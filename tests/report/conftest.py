@@ -142,3 +142,14 @@ def unchange():
         return row
 
     return apply
+
+
+def assert_whole_steps(ticks) -> None:
+    """``ticks`` are whole numbers one round step apart: 1, 2 or 5 times a power of ten (0, 50, 100, …; not
+    0, 25, 50, …), as an axis that counts (directions, modules, layers) should read."""
+    ticks = np.asarray(ticks, dtype=np.float64)
+    assert np.all(ticks == np.round(ticks)), ticks
+    steps = np.unique(np.diff(ticks))
+    assert steps.size == 1, ticks
+    mantissa = steps[0] / 10 ** np.floor(np.log10(steps[0]))
+    assert round(mantissa, 9) in (1.0, 2.0, 5.0), ticks

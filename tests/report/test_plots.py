@@ -14,6 +14,7 @@ from matplotlib.figure import Figure
 from spectra.errors import ConfigError
 from spectra.report import plots
 from spectra.report.tables import matrix_rows
+from tests.report.conftest import assert_whole_steps
 
 PLOTTERS = [plots.plot_decay, plots.plot_cumulative_energy, plots.plot_rank_heatmap,
             plots.plot_relative_size_heatmap, plots.plot_effective_rank_histogram]
@@ -254,3 +255,17 @@ def test_index_and_rank_axes_tick_whole_numbers(analysis):
     bar = next(ax for ax in fig.axes if ax.get_label() == "<colorbar>")
     ticks = _ticks_in_view(bar.yaxis)
     assert ticks.size >= 2 and np.all(ticks == np.round(ticks)), ticks
+
+
+def test_count_axes_tick_at_round_steps_as_the_direction_axes_do(analysis):
+    """The histogram's module counts and the layer colorbar had matplotlib's integer locator (0, 25, 50, … over
+    230) where the axes that count directions tick at steps of 1, 2 or 5 (0, 50, 100, …): one helper for both."""
+    histogram = plots.plot_effective_rank_histogram(analysis).axes[0]
+    histogram.set_ylim(0, 230)
+    assert_whole_steps(_ticks_in_view(histogram.yaxis))
+    bar = next(ax for ax in plots.plot_decay(analysis).axes if ax.get_label() == "<colorbar>")
+    assert_whole_steps(bar.yaxis.get_major_locator().tick_values(0, 230))  # the layer scale of a 231-layer model
+    decay = _panel(plots.plot_decay(analysis), "k")  # a direction axis, as before: the helper's own ticks
+    decay.set_xlim(0, 230)
+    assert_whole_steps(_ticks_in_view(decay.xaxis))
+

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 from matplotlib.figure import Figure
 
@@ -18,6 +19,7 @@ from spectra.report.verify import (
     write_sweep_report,
     write_verify_report,
 )
+from tests.report.conftest import assert_whole_steps
 
 
 def verify_result(n=3):
@@ -123,3 +125,11 @@ def test_phi_axes_count_whole_directions_and_the_energy_figure_has_a_title():
         assert all(float(t).is_integer() for t in ticks), ticks
     assert plot_energy(verify_result()).axes[0].get_title()
 
+
+def test_phi_axes_tick_at_round_steps_like_the_analysis_figures():
+    """φ panels ticked 0, 25, 50, … on a 230-direction axis (matplotlib's integer locator) where the analysis
+    figures' axes that count directions tick 0, 50, 100, … (plots.whole_ticks)."""
+    fig = plot_phi({"m": np.full((4, 230), 0.5).tolist()}, title="t")
+    ax = fig.axes[0]
+    assert_whole_steps(ax.get_xticks())
+    assert_whole_steps(ax.get_yticks())
