@@ -29,6 +29,7 @@ from typing import Any, Callable
 import torch
 
 from spectra.calibration import add_activation_rows, collect_calibration, file_digest
+from spectra.checkpoints.adapter import held_factor_bytes
 from spectra.checkpoints.buffers import BufferPool
 from spectra.checkpoints.pairing import DeltaW, Pairing, PairingOptions, describe
 from spectra.errors import ConfigError
@@ -439,7 +440,9 @@ def analyze(base, tuned, config: AnalysisConfig | None = None, *, cache_dir: str
     read_ahead_mb : int, default 512
         Most ΔW data (MB, float32) held by the entries in flight (one always goes); an
         entry that would exceed it waits, so peak memory stays bounded by the largest
-        tensors, not by the model.
+        tensors, not by the model. An adapter's LoRA factors held across a module's
+        experts (``target_parameters``) come out of it first, as much as the reading
+        threads can hold at once.
     workers : int, optional
         Modules analysed at once, each by its own thread that reads and decomposes whole
         entries with ``torch.get_num_threads() // workers`` torch threads. Default: one
@@ -560,11 +563,13 @@ def _parallel(pairing: Pairing, todo: list, config: AnalysisConfig, calibration,
     first (so no big one is left for last while the other workers idle), and the
     running ones hold at most `budget` bytes of ΔW (one always runs; an entry that does not
     fit yet lets the next largest that does go first), so memory stays bounded by a few
-    tensors. ΔW goes into buffers reused from entry to entry
+    tensors (the factors each worker holds across an adapter module's experts are reserved
+    from `budget` first: :func:`_held_factors`). ΔW goes into buffers reused from entry to entry
     (:class:`~spectra.checkpoints.buffers.BufferPool`: no page faults on fresh memory).
     """
     from spectra.distributed import entry_cost
 
+    budget = max(0, budget - _held_factors(pairing, todo, readers=workers))
     buffers = BufferPool(max_free=2 * workers)
 
     def task(entry):
@@ -609,7 +614,9 @@ def _entry_bytes(entry, options: PairingOptions) -> int:
     """Bytes one entry holds once read: ΔW in the compute dtype; the weights stay in the
     memory-mapped files, except an adapter's up-cast base and merged tuned weight (3× then)
     and, on a GPU, both weights as stored, copied onto it; on the CPU the sketch's bf16
-    copy of ΔW (``low_copy_above``). A worker's decomposition workspace comes on top."""
+    copy of ΔW (``low_copy_above``). A worker's decomposition workspace comes on top, and so
+    do an adapter's factors held across a module's experts, which are no one entry's
+    (:func:`_held_factors`)."""
     n = math.prod(int(x) for x in entry.shape)
     itemsize = options.torch_dtype.itemsize
     if entry.adapter is not None:
@@ -620,14 +627,36 @@ def _entry_bytes(entry, options: PairingOptions) -> int:
     return (itemsize + copied) * n
 
 
+def _held_factors(pairing: Pairing, todo: list, *, readers: int) -> int:
+    """Bytes of an adapter's LoRA factors held across entries while `readers` threads read `todo`.
+
+    The A and B of a module's LoRAs on parameters (fused MoE experts) are read once and held
+    for all of its expert entries (:class:`~spectra.checkpoints.adapter._HeldFactors`): ≈118 MB
+    per module in float32 on gpt-oss-120b at r = 16. They belong to the reading threads, not
+    to entries: every expert entry of a module shares them, and they stay held after its last
+    entry is decomposed, until that thread opens another module. Counted per entry they would
+    be counted E times for E queued experts of one module, and given back by a finished entry
+    while still held. So the schedulers subtract this fixed reservation from their budget up
+    front, the most the threads can hold at once
+    (:func:`~spectra.checkpoints.adapter.held_factor_bytes`: ``readers + 1`` modules, one for a
+    single reader); 0 without such an adapter.
+    """
+    adapters = [entry.adapter for entry in todo if entry.adapter is not None]
+    if not adapters:
+        return 0
+    return held_factor_bytes(adapters, pairing.tuned.weights, pairing.options.torch_dtype, readers=readers)
+
+
 def _read_ahead(pairing: Pairing, todo: list, depth: int, budget: int):
     """Yield (entry, ΔW records, seconds waited, lease) in order, reading up to `depth` entries ahead.
 
     One reader thread (torch releases the GIL while copying and subtracting) runs ahead of
     the math by at most `depth` entries and `budget` bytes of ΔW data; the entry being
-    decomposed is not counted, so one entry larger than the budget still goes through.
-    Each entry's ΔW lives in a :class:`~spectra.checkpoints.buffers.Lease` of one pool of
-    reused buffers, which the consumer closes once it is done with the records.
+    decomposed is not counted, so one entry larger than the budget still goes through; an
+    adapter's factors held across a module's experts (:func:`_held_factors`, one module: one
+    thread reads) are reserved from `budget` first. Each entry's ΔW lives in a
+    :class:`~spectra.checkpoints.buffers.Lease` of one pool of reused buffers, which the
+    consumer closes once it is done with the records.
     """
     buffers = BufferPool(max_free=2 * (depth + 1))
     if depth == 0 or not todo:
@@ -639,6 +668,7 @@ def _read_ahead(pairing: Pairing, todo: list, depth: int, budget: int):
             del deltas
         return
     opts = pairing.options
+    budget = max(0, budget - _held_factors(pairing, todo, readers=1))
     pending: deque = deque()  # (entry, future, lease), in order
     nxt = 0
 

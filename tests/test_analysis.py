@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import copy
 import json
 import math
@@ -487,3 +488,52 @@ def _sketched_and_full(folder, base, tuned):
     (full,) = analyze(folder / "b", folder / "t", AnalysisConfig(method="full"), cache_dir=False,
                       progress=False).modules
     return sketched, full
+
+
+def test_read_ahead_and_workers_reserve_the_adapter_factors_they_hold(tmp_path, monkeypatch):
+    """An adapter on fused experts: each reading thread holds a module's LoRA factors across its experts, which the
+    memory budget did not count. With a budget of two expert entries, the read-ahead thread read two ahead beside the
+    factors it held, and two workers decomposed two experts at once beside three modules' factors. The factors are
+    reserved from the budget now: one entry read ahead, and beside a running expert only an entry that fits in what
+    the factors leave (the router)."""
+    from spectra.analysis import _entry_bytes, _held_factors, _parallel, _read_ahead
+    from spectra.checkpoints.buffers import BufferPool
+    from spectra.checkpoints.pairing import Pairing
+    from tests.checkpoints.test_adapter_pairing import _mixtral_adapter_on_experts
+
+    config = AnalysisConfig()
+    pairing = Pairing(*_mixtral_adapter_on_experts(tmp_path), config.pairing_options())
+    experts = [e for e in pairing.entries if ".experts." in e.name]
+    expert = _entry_bytes(experts[0], pairing.options)
+    assert {_entry_bytes(e, pairing.options) for e in experts} == {expert} and len(experts) == 18
+    module = _held_factors(pairing, experts, readers=1)  # one module's A and B (tests.checkpoints: exactly)
+    assert 0 < module < expert and _held_factors(pairing, pairing.entries, readers=2) == 3 * module
+    budget = 2 * expert
+
+    leases = []
+
+    class Counted(BufferPool):
+        def lease(self):
+            leases.append(1)
+            return super().lease()
+
+    monkeypatch.setattr(analysis_mod, "BufferPool", Counted)
+    stream = _read_ahead(pairing, experts, 2, budget)
+    with contextlib.closing(stream):
+        _, _, _, lease = next(stream)
+        assert len(leases) == 2  # the entry handed out and one read ahead: a second does not fit beside the factors
+        lease.close()
+
+    together, first_fitting = [], analysis_mod._first_fitting
+
+    def logged(sizes, busy, budget):
+        i = first_fitting(sizes, busy, budget)
+        if busy is not None and i is not None:
+            together.append(busy + sizes[i])  # bytes of the entries running once this one starts beside them
+        return i
+
+    monkeypatch.setattr(analysis_mod, "_first_fitting", logged)
+    rows = [row for _, entry_rows, _, _ in _parallel(pairing, pairing.entries, config, None, 2, 1, budget)
+            for row in entry_rows]
+    assert len(rows) == len(pairing.entries)
+    assert together and max(together) + 3 * module <= budget  # never two experts at once

@@ -113,7 +113,8 @@ class _HeldFactors:
     other, and each switch read a module's factors again: 16 factor tensors read 36–58 times
     on a 4-layer gpt-oss adapter (4 workers, 16 MB budget), Mixtral's 8 up to 16 times with
     the default budget; now 16 and 8. Memory: a module's factors per thread that reads, plus
-    one (the read-ahead thread alone: one module, as before).
+    one (the read-ahead thread alone: one module, as before); :func:`held_factor_bytes` gives
+    that bound, which the analysis reserves from its memory budget.
     """
 
     def __init__(self):
@@ -141,6 +142,36 @@ class _HeldFactors:
             if found not in held:
                 held[found] = weights.read(key).to(device=device, dtype=dtype)
             return held[found]
+
+
+def held_factor_bytes(deltas, weights, dtype: torch.dtype, *, readers: int) -> int:
+    """Most bytes :class:`_HeldFactors` holds while `readers` threads read `deltas`' ΔW.
+
+    One module's held tensors are the A (r·E, in) and B (out, r·E) of each of its targeted
+    parameters that `deltas` use, in the compute `dtype` (≈118 MB in float32 for a
+    gpt-oss-120b experts module at r = 16). One reading thread holds one module; several hold
+    one each plus the one opened before the newest: ``readers + 1`` modules, each counted as
+    the largest. Plain LoRA modules read their factors per entry and hold nothing: 0 then.
+
+    Parameters
+    ----------
+    deltas : iterable of AdapterDelta
+        The entries that will be read (those of other modules are never held).
+    weights : CheckpointSource
+        The adapter's tensors (metadata only is read).
+    dtype : torch.dtype
+        The dtype the factors are converted to (the pairing's compute dtype).
+    readers : int
+        Threads that read entries at once (analysis workers, or 1 with a read-ahead thread).
+    """
+    modules: dict[str, dict[str, int]] = {}  # holder module -> {A or B key: elements}
+    for d in deltas:
+        if d.parameter is not None:
+            held = modules.setdefault(d.parameter.holder, {})
+            for part in "AB":
+                held[d.keys[part]] = math.prod(weights.info(d.keys[part]).shape)
+    largest = max((sum(held.values()) for held in modules.values()), default=0)
+    return (readers + 1 if readers > 1 else 1) * largest * dtype.itemsize
 
 
 @dataclass(frozen=True)

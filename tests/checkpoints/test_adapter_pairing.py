@@ -407,3 +407,30 @@ def test_target_parameters_factors_are_read_once_by_threads_crossing_modules(tmp
             assert torch.equal(d.delta, reference[d.name]), d.name
     factors = {k: n for k, n in reads.items() if "experts" in k and "lora_" in k}
     assert len(factors) == 8 and set(factors.values()) == {1}  # A and B of gate_up_proj, down_proj; two layers
+
+
+def test_held_factor_bytes_are_what_a_reading_thread_holds(tmp_path):
+    """A module's LoRA factors on fused experts are read once and held across its expert entries (_HeldFactors),
+    outside any entry's bytes. held_factor_bytes gives them: for one reading thread exactly what reading a module's
+    experts holds (A and B of gate_up_proj and down_proj, in the compute dtype), for several readers + 1 modules,
+    and nothing for LoRAs on modules, which read their factors per entry."""
+    from safetensors.torch import load_file
+
+    from spectra.checkpoints.adapter import held_factor_bytes
+
+    base_dir, adapter_dir = _mixtral_adapter_on_experts(tmp_path)
+    pairing = Pairing(base_dir, adapter_dir, PairingOptions(vectors=False))
+    saved = load_file(adapter_dir / "adapter_model.safetensors")
+    module = 4 * sum(t.numel() for k, t in saved.items() if ".layers.0.mlp.experts." in k)  # float32
+    assert module == 4 * (6 * 32 + 96 * 6 + 6 * 48 + 32 * 6)  # A (r·E, in) and B (out, r·E) of both, r = 2, E = 3
+    deltas, weights = [e.adapter for e in pairing.entries], pairing.tuned.weights
+    assert held_factor_bytes(deltas, weights, torch.float32, readers=1) == module
+    assert held_factor_bytes(deltas, weights, torch.float64, readers=3) == 2 * 4 * module
+    plain = [d for d in deltas if d.parameter is None]
+    assert plain and held_factor_bytes(plain, weights, torch.float32, readers=2) == 0  # q_proj
+    for entry in pairing.entries:
+        if ".layers.0.block_sparse_moe.experts." in entry.name:
+            pairing.load(entry)
+    held = next(d.held for d in deltas if d.held is not None)
+    assert sum(t.numel() * t.element_size() for _, tensors in held._tensors.values()
+               for t in tensors.values()) == module
