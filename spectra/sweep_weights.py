@@ -73,46 +73,50 @@ class ModelWeights:
     """
 
     def __init__(self, model, base, tuned, *, plan=None, roles=None):
-        from spectra.checkpoints.pairing import Pairing, PairingOptions
-        from spectra.checkpoints.source import AdapterSource
         from spectra.checkpoints.targets import loading_rename
-        from spectra.lora.train import BLOCK_ROLES
 
         self.state = model.state_dict()  # key -> tensor sharing the parameter's storage
         if plan is not None and not hasattr(plan, "modules"):
             from spectra.ranks import load_plan
 
             plan = load_plan(plan)
-        options = PairingOptions(roles=None if plan is not None else (roles or BLOCK_ROLES), split_fused=False,
-                                 vectors=False)
-        self.pairing = Pairing(base, tuned, options)
-        if isinstance(self.pairing.tuned, AdapterSource):
-            raise ConfigError(f"{tuned} is a PEFT adapter; a truncation sweep needs the full fine-tune's checkpoint.")
-        if plan is not None:
-            plan.check_base(self.pairing.base)  # as extract and train do: a plan of another base is refused
+        self.pairing = _sweep_pairing(base, tuned, plan=plan, roles=roles)
         self.notes: list[str] = list(self.pairing.notes)
-        entries = [e for e in self.pairing.entries if e.kind == "matrix"]
-        if plan is not None:
-            by_name = {e.name: e for e in entries}
-            missing = [m.name for m in plan.modules if m.name not in by_name]
-            if missing:
-                raise ConfigError(f"the plan names module(s) absent from {base} × {tuned}: {', '.join(missing[:5])}. "
-                                  "Was it made from an analysis of this pair?")
-            planned = {m.name: m.rank for m in plan.modules}
-            entries = [by_name[n] for n in planned]
+        entries, planned = _target_entries(self.pairing, plan, base, tuned)
         rename = loading_rename(model)
         self._tuned_names = _names_by_key(self.pairing.tuned.names(), list(self.state), rename)
         self._base_names = _names_by_key(self.pairing.base.names(), list(self.state), rename)
-        key_of = {name: key for key, name in self._tuned_names.items()}  # tuned checkpoint name -> model key
-        params = dict(model.named_parameters())
         # parameters no one checkpoint tensor loads into: transformers fused several into each (Mixtral's experts)
-        fused, refused = _fused_slices(model, self.pairing.tuned, [k for k in params if k not in self._tuned_names],
-                                       self.pairing.config)
+        unmatched = [k for k, _ in model.named_parameters() if k not in self._tuned_names]
+        fused, refused = _fused_slices(model, self.pairing.tuned, unmatched, self.pairing.config)
+        self.targets = self._placed_targets(model, entries, planned, fused, refused)
+        if plan is not None:
+            self.notes += _unextractable_ranks(self.targets, self.state, type(model).__name__)
+        if not self.targets:
+            raise ConfigError("nothing to truncate: no weight matrix of roles "
+                              f"{', '.join(self.pairing.options.roles or ())} pairs between {base} and {tuned} "
+                              "and the loaded model.")
+        targeted = self._filled_keys()  # keys the targets fill whole
+        fused_keys = {key for key, _ in fused.values()}
+        self.non_target = self._non_targets(targeted)
+        self.slots = self._untargeted_slots(fused, targeted)
+        self.fused = self._unlocated_keys(targeted, fused_keys)
+        self._fused_values: dict[str, dict[str, torch.Tensor]] = {
+            "tuned": {k: self.state[k].detach().to("cpu", copy=True) for k in self.fused}}
+        self._base_spec, self._model_class = base, type(model)
+        self._mode = "tuned"  # the model as loaded
+        self._ranks: list[int | None] = [t.full_rank for t in self.targets]
+        # targets in a key the non-targets rewrite whole (some experts of a stored 3-D tensor): rewritten after it
+        self._overwritten = [i for i, t in enumerate(self.targets) if t.key not in targeted and t.key not in fused_keys]
+
+    def _placed_targets(self, model, entries, planned, fused, refused) -> list[Target]:
+        """The entries that have a place in the model (a parameter, an expert of one, a fused slice); notes the rest."""
+        key_of = {name: key for key, name in self._tuned_names.items()}  # tuned checkpoint name -> model key
         stacked = {e.name: (torch.empty(e.shape, device="meta"), e.conv1d,  # one expert of a stored 3-D tensor
                             ParameterSlice(key_of[e.tuned_tensor], e.expert_index))
                    for e in entries if e.expert_index is not None and e.tuned_tensor in key_of}
-        stacked_places, _ = weight_places(stacked, params)
-        self.targets, unplaced = [], []
+        stacked_places, _ = weight_places(stacked, dict(model.named_parameters()))
+        targets, unplaced = [], []
         for e in entries:
             if e.expert_index is None and e.tuned_tensor in key_of:
                 key = key_of[e.tuned_tensor]
@@ -124,37 +128,35 @@ class ModelWeights:
             else:
                 unplaced.append(e.name)
                 continue
-            self.targets.append(Target(e.name, e.info.role, tuple(e.shape), e.base_tensor, e.tuned_tensor, key,
-                                       e.conv1d, e, place, plan_rank=planned[e.name] if plan is not None else None))
+            targets.append(Target(e.name, e.info.role, tuple(e.shape), e.base_tensor, e.tuned_tensor, key, e.conv1d,
+                                  e, place, plan_rank=None if planned is None else planned[e.name]))
         if unplaced:  # no parameter of its name, and no slice of one that spectra can locate
-            self.notes.append(f"{len(unplaced)} module(s) have no place in the loaded {type(model).__name__}: no "
-                              "parameter of their name, nor a slice of one that transformers' conversion table "
-                              "locates (a fusion on loading spectra does not invert"
-                              + (f", as for {', '.join(refused[:3])}" if refused else "")
-                              + ", or a slice of another shape); they are not truncated but follow the non-targets"
-                              + (" (the plan point: the base's, not their planned ranks)" if plan is not None else "")
-                              + f": {', '.join(unplaced[:5])}" + (", …" if len(unplaced) > 5 else "") + ".")
-        if plan is not None:
-            self.notes += _unextractable_ranks(self.targets, self.state, type(model).__name__)
-        if not self.targets:
-            raise ConfigError(f"nothing to truncate: no weight matrix of roles {', '.join(options.roles or ())} pairs "
-                              f"between {base} and {tuned} and the loaded model.")
+            self.notes.append(_unplaced_note(unplaced, refused, type(model).__name__, planned=planned is not None))
+        return targets
+
+    def _filled_keys(self) -> set[str]:
+        """The keys the targets fill whole: their places' sizes add up to the parameter's."""
         covered = Counter()
         for t in self.targets:
             covered[t.key] += t.place.numel()
-        targeted = {k for k, n in covered.items() if n == self.state[k].numel()}  # keys the targets fill whole
-        self.non_target = [k for k in self.state if k not in targeted and k in self._tuned_names]
-        for key in self.non_target:
+        return {k for k, n in covered.items() if n == self.state[k].numel()}
+
+    def _non_targets(self, targeted: set[str]) -> list[str]:
+        """Keys one tensor loads and no target fills; one the base lacks or resized is noted, its base name dropped."""
+        non_target = [k for k in self.state if k not in targeted and k in self._tuned_names]
+        for key in non_target:
             name = self._base_names.get(key)
             if name is None or tuple(self.pairing.base.info(name).shape) != tuple(self.state[key].shape):
                 self._base_names.pop(key, None)
                 self.notes.append(f"{key}: absent from the base (or resized); taken from the fine-tune in every "
                                   "configuration.")
-        # untargeted slices of fused parameters: from the base's or the fine-tune's tensor of the same name
-        fused_keys = {key for key, _ in fused.values()}
+        return non_target
+
+    def _untargeted_slots(self, fused: dict[str, tuple[str, torch.Tensor]], targeted: set[str]) -> list[_Slot]:
+        """The fused slices no target covers, each from the base's or the fine-tune's tensor of the same name."""
         base_of = {t: b for b, t in match_names(self.pairing.base.names(), self.pairing.tuned.names()).pairs.items()}
         target_tensors = {t.tuned_tensor for t in self.targets}
-        self.slots = []
+        slots = []
         for tensor, (key, place) in fused.items():
             if tensor in target_tensors or key in targeted:
                 continue
@@ -163,19 +165,15 @@ class ModelWeights:
                 name = None
                 self.notes.append(f"{tensor}: absent from the base (or resized); its slice of {key} is taken from "
                                   "the fine-tune in every configuration.")
-            self.slots.append(_Slot(place, tensor, name))
-        # keys no checkpoint tensor feeds that spectra can locate: set whole as transformers loads the base model,
-        # unless they share storage with a matched key (tied weights follow that key)
+            slots.append(_Slot(place, tensor, name))
+        return slots
+
+    def _unlocated_keys(self, targeted: set[str], fused_keys: set[str]) -> list[str]:
+        """Keys no checkpoint tensor feeds that spectra can locate: set whole as transformers loads the base model."""
+        # a key sharing storage with a matched one is left out: tied weights follow that key
         known = {self.state[k].data_ptr() for k in (*targeted, *self._tuned_names, *fused_keys)}
-        self.fused = [k for k in self.state if k not in targeted and k not in self._tuned_names
-                      and k not in fused_keys and self.state[k].data_ptr() not in known]
-        self._fused_values: dict[str, dict[str, torch.Tensor]] = {
-            "tuned": {k: self.state[k].detach().to("cpu", copy=True) for k in self.fused}}
-        self._base_spec, self._model_class = base, type(model)
-        self._mode = "tuned"  # the model as loaded
-        self._ranks: list[int | None] = [t.full_rank for t in self.targets]
-        # targets in a key the non-targets rewrite whole (some experts of a stored 3-D tensor): rewritten after it
-        self._overwritten = [i for i, t in enumerate(self.targets) if t.key not in targeted and t.key not in fused_keys]
+        return [k for k in self.state if k not in targeted and k not in self._tuned_names
+                and k not in fused_keys and self.state[k].data_ptr() not in known]
 
     def delta(self, target: Target) -> torch.Tensor:
         """ΔW of one target, (out, in) float32."""
@@ -270,6 +268,36 @@ class ModelWeights:
         return base.double() + (delta.T if target.conv1d else delta)  # Conv1D stores (in, out)
 
 
+def _sweep_pairing(base, tuned, *, plan, roles):
+    """The pairing of the matrices to truncate (the plan's or ``roles``'); refuses an adapter, another base's plan."""
+    from spectra.checkpoints.pairing import Pairing, PairingOptions
+    from spectra.checkpoints.source import AdapterSource
+    from spectra.lora.train import BLOCK_ROLES
+
+    options = PairingOptions(roles=None if plan is not None else (roles or BLOCK_ROLES), split_fused=False,
+                             vectors=False)
+    pairing = Pairing(base, tuned, options)
+    if isinstance(pairing.tuned, AdapterSource):
+        raise ConfigError(f"{tuned} is a PEFT adapter; a truncation sweep needs the full fine-tune's checkpoint.")
+    if plan is not None:
+        plan.check_base(pairing.base)  # as extract and train do: a plan of another base is refused
+    return pairing
+
+
+def _target_entries(pairing, plan, base, tuned) -> tuple[list, dict[str, int] | None]:
+    """The matrix entries to truncate (the plan's modules, in its order) and their planned ranks (None: no plan)."""
+    entries = [e for e in pairing.entries if e.kind == "matrix"]
+    if plan is None:
+        return entries, None
+    by_name = {e.name: e for e in entries}
+    missing = [m.name for m in plan.modules if m.name not in by_name]
+    if missing:
+        raise ConfigError(f"the plan names module(s) absent from {base} × {tuned}: {', '.join(missing[:5])}. "
+                          "Was it made from an analysis of this pair?")
+    planned = {m.name: m.rank for m in plan.modules}
+    return [by_name[n] for n in planned], planned
+
+
 def _names_by_key(names, keys: list[str], rename) -> dict[str, str]:
     """state_dict key -> the one checkpoint tensor transformers loads into it, read without loading the model.
 
@@ -312,6 +340,16 @@ def _fused_slices(model, tuned, keys: list[str], config) -> tuple[dict[str, tupl
         else:
             out.update({tensor: (parameter, place) for tensor, place in places.items()})
     return out, refused
+
+
+def _unplaced_note(unplaced: list[str], refused: list[str], model_class: str, *, planned: bool) -> str:
+    """The note naming the modules with no place in the loaded model: not truncated, they follow the non-targets."""
+    return (f"{len(unplaced)} module(s) have no place in the loaded {model_class}: no parameter of their name, nor "
+            "a slice of one that transformers' conversion table locates (a fusion on loading spectra does not invert"
+            + (f", as for {', '.join(refused[:3])}" if refused else "")
+            + ", or a slice of another shape); they are not truncated but follow the non-targets"
+            + (" (the plan point: the base's, not their planned ranks)" if planned else "")
+            + f": {', '.join(unplaced[:5])}" + (", …" if len(unplaced) > 5 else "") + ".")
 
 
 def _unextractable_ranks(targets: list[Target], state: dict[str, torch.Tensor], model_class: str) -> list[str]:
