@@ -46,6 +46,16 @@ def energy_marks(analysis: Mapping) -> tuple[float, ...]:
     return tuple(float(level) for level in energy_levels(analysis) if float(level) >= 0.75) or (0.9, 0.95, 0.99)
 
 
+def energy_marks_text(marks: tuple[float, ...], *, each: bool = False) -> str:
+    """The marks of :func:`energy_marks` as text, one % sign at the end: "90, 95 and 99%", the dotted lines a
+    caption lists; with ``each``, "90 / 95 / 99%", for the figure's title, which asks how many directions reach
+    each level (one count per level, not one count reaching all three)."""
+    levels = [percent(mark)[:-1] for mark in marks]  # "90", "99.5": as the tables write a level, less its %
+    if each:
+        return " / ".join(levels) + "%"
+    return (", ".join(levels[:-1]) + " and " if len(levels) > 1 else "") + levels[-1] + "%"
+
+
 def plot_decay(analysis: Mapping) -> Figure:
     """Singular-value decay σᵢ/σ₁ of ΔW per role, one line per layer, with the noise floor.
 
@@ -140,8 +150,8 @@ def plot_cumulative_energy(analysis: Mapping) -> Figure:
         ax.set_ylim(0.0, 1.02)
         ax.set_xlabel("rank r (top singular directions kept)")
         ax.set_ylabel("share of ‖ΔW‖² captured")
-    fig.suptitle("Cumulative energy of ΔW per role: how many directions reach "
-                 + " / ".join(f"{100 * m:.4g}" for m in marks) + "% of the update")
+    fig.suptitle(f"Cumulative energy of ΔW per role: how many directions reach {energy_marks_text(marks, each=True)} "
+                 "of the update")
     return fig
 
 

@@ -21,7 +21,7 @@ from matplotlib.figure import Figure
 
 from spectra.errors import ConfigError
 from spectra.files import staged_directory
-from spectra.report.plots import all_figures, energy_marks
+from spectra.report.plots import all_figures, energy_marks, energy_marks_text
 from spectra.report.tables import (
     has_activation,
     headline_level,
@@ -36,11 +36,11 @@ from spectra.report.tables import (
     vector_table,
 )
 
+# The captions that do not depend on the analysis; report_blocks adds the cumulative-energy and rank-heatmap ones,
+# which name its energy levels.
 _FIGURE_CAPTIONS = {
     "decay": "Singular-value decay σᵢ/σ₁ per role, one line per layer; the dashed line is the dtype "
              "noise floor (Marchenko–Pastur edge / σ₁), the shaded band its range over layers.",
-    "cumulative_energy": "Cumulative energy share of the top-r directions; dotted lines at 90, 95 and 99%.",
-    "rank_heatmap": "Energy-90% rank by layer and role (grey: no such module).",
     "relative_size_heatmap": "Relative update size ‖ΔW‖_F / ‖W_base‖_F by layer and role.",
     "effective_rank_hist": "Entropy effective rank (Roy & Vetterli 2007) over the weight matrices whose whole "
                            "spectrum was computed (all of them with --method full; the default sketches the big "
@@ -176,8 +176,7 @@ def report_blocks(analysis: Mapping, *, figures: list[str]) -> list[tuple]:
                             "directions the data barely visits. – marks modules the calibration did not reach."))
     blocks.append(("h", 2, "Figures"))
     head = headline_level(analysis)
-    levels = [f"{100 * m:.4g}" for m in energy_marks(analysis)]  # the figure's marks: "90, 95 and 99%"
-    marks = (", ".join(levels[:-1]) + " and " if len(levels) > 1 else "") + levels[-1] + "%"
+    marks = energy_marks_text(energy_marks(analysis))  # the figure's dotted lines: "90, 95 and 99%"
     captions = _FIGURE_CAPTIONS | {"rank_heatmap": f"Energy-{percent(head)} rank by layer and role "
                                                    "(grey: no such module).",
                                    "cumulative_energy": f"Cumulative energy share of the top-r directions; dotted "

@@ -269,3 +269,23 @@ def test_count_axes_tick_at_round_steps_as_the_direction_axes_do(analysis):
     decay.set_xlim(0, 230)
     assert_whole_steps(_ticks_in_view(decay.xaxis))
 
+
+@pytest.mark.parametrize(("marks", "listed", "each"), [
+    ((0.9, 0.95, 0.99), "90, 95 and 99%", "90 / 95 / 99%"),  # the default marks
+    ((0.8, 0.95), "80 and 95%", "80 / 95%"),  # --energy 0.8,0.95
+    ((0.995,), "99.5%", "99.5%"),
+])
+def test_energy_marks_read_the_same_in_the_figure_title_and_the_report_caption(analysis, marks, listed, each):
+    """The title ("90 / 95 / 99%") and the caption ("90, 95 and 99%") each formatted the marks themselves."""
+    from spectra.report.render import report_blocks
+
+    assert plots.energy_marks_text(marks) == listed
+    assert plots.energy_marks_text(marks, each=True) == each
+    data = copy.deepcopy(analysis)
+    for row in matrix_rows(data):
+        row["energy_rank"] = {f"{m:g}": 1 for m in marks}
+    assert plots.energy_marks(data) == marks
+    title = plots.plot_cumulative_energy(data)._suptitle.get_text()
+    assert title.endswith(f"how many directions reach {each} of the update")
+    caption = next(b[2] for b in report_blocks(data, figures=["cumulative_energy"]) if b[0] == "figure")
+    assert caption == f"Cumulative energy share of the top-r directions; dotted lines at {listed}."
