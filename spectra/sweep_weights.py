@@ -93,9 +93,8 @@ class ModelWeights:
         if plan is not None:
             self.notes += _unextractable_ranks(self.targets, self.state, type(model).__name__)
         if not self.targets:
-            raise ConfigError("nothing to truncate: no weight matrix of roles "
-                              f"{', '.join(self.pairing.options.roles or ())} pairs between {base} and {tuned} "
-                              "and the loaded model.")
+            raise ConfigError(_nothing_to_truncate(entries, plan, self.pairing.options.roles, base, tuned,
+                                                   type(model).__name__))
         targeted = self._filled_keys()  # keys the targets fill whole
         fused_keys = {key for key, _ in fused.values()}
         self.non_target = self._non_targets(targeted)
@@ -340,6 +339,20 @@ def _fused_slices(model, tuned, keys: list[str], config) -> tuple[dict[str, tupl
         else:
             out.update({tensor: (parameter, place) for tensor, place in places.items()})
     return out, refused
+
+
+def _nothing_to_truncate(entries, plan, roles, base, tuned, model_class: str) -> str:
+    """Why no target was found: nothing paired (of these roles; a plan names modules, not roles), or no module that
+    paired has a place in the loaded model."""
+    if not entries:
+        of = "in the plan" if plan is not None else f"of roles {', '.join(roles)}"
+        return f"nothing to truncate: no weight matrix {of} pairs between {base} and {tuned}."
+    names = ", ".join(e.name for e in entries[:5]) + (", …" if len(entries) > 5 else "")
+    which = ("the weight matrix that pairs" if len(entries) == 1
+             else f"none of the {len(entries)} weight matrices that pair")
+    return (f"nothing to truncate: {which} between {base} and {tuned} has "
+            + ("no place" if len(entries) == 1 else "a place") + f" in the loaded {model_class} (no parameter of "
+            f"its name, nor a slice of one spectra locates): {names}. Is the model loaded from {tuned}?")
 
 
 def _unplaced_note(unplaced: list[str], refused: list[str], model_class: str, *, planned: bool) -> str:

@@ -753,3 +753,18 @@ def test_an_adapter_as_the_fine_tune_is_refused_with_what_to_do(bert, tmp_path):
     get_peft_model(build_model("bert"), LoraConfig(r=2, target_modules=["query"])).save_pretrained(tmp_path / "ad")
     with pytest.raises(ConfigError, match="is a PEFT adapter, not a model.*merge_and_unload"):
         truncation_sweep(base, tmp_path / "ad", data, ranks=[1], config=FAST, progress=False)
+
+
+def test_nothing_to_truncate_names_the_modules_that_have_no_place(llama):
+    """A model that holds none of the pair's matrices: the error names them and the model class (it had said
+    "no weight matrix of roles  pairs" with an empty role list under a plan)."""
+    base, tuned, _ = llama
+    stranger = build_model("gpt2")  # no parameter of a Llama name
+    planned = {"model.layers.0.self_attn.q_proj": (2, (32, 32))}
+    for plan in (None, a_plan(planned)):
+        with pytest.raises(ConfigError) as err:
+            ModelWeights(stranger, base, tuned, plan=plan)
+        message = str(err.value)
+        assert "place in the loaded GPT2LMHeadModel" in message and "roles  " not in message
+        assert ("the weight matrix that pairs" in message and "has no place" in message if plan
+                else "none of the 14 weight matrices that pair" in message and "model.layers.0.self_attn." in message)
