@@ -43,6 +43,19 @@ def tiny_config(family: str):
     if family == "mixtral":
         return tf.MixtralConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
                                 num_key_value_heads=2, num_local_experts=3, num_experts_per_tok=2, **common)
+    if family == "phimoe":  # Phi-3.5-MoE's layout: LayerNorms with biases, biased attention and head, w1/w2/w3 experts
+        return tf.PhimoeConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                               num_key_value_heads=2, num_local_experts=3, num_experts_per_tok=2,
+                               attention_bias=True, lm_head_bias=True, **common)
+    if family == "gemma3":  # text-only Gemma 3: q/k norms, four norms per block, a sliding and a full layer, tied
+        return tf.Gemma3TextConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, head_dim=8, sliding_window=8,
+                                   layer_types=["sliding_attention", "full_attention"], **common)
+    if family == "gemma3_multimodal":  # Gemma3ForConditionalGeneration: the text model above, a SigLIP tower, a projector
+        text = tiny_config("gemma3").to_dict() | {"vocab_size": 300}  # image, begin- and end-of-image tokens
+        return tf.Gemma3Config(text_config=text, vision_config=dict(hidden_size=16, intermediate_size=24,
+                               num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14),
+                               mm_tokens_per_image=4, boi_token_index=297, eoi_token_index=298, image_token_index=299)
     if family == "gpt_neox":
         return tf.GPTNeoXConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
                                 max_position_embeddings=32, **common)
@@ -58,6 +71,9 @@ _MODEL_CLASSES = {
     "mixtral": ("MixtralModel", "MixtralForCausalLM"),
     "gemma": ("GemmaModel", "GemmaForCausalLM"),
     "gpt_neox": ("GPTNeoXModel", "GPTNeoXForCausalLM"),
+    "phimoe": ("PhimoeModel", "PhimoeForCausalLM"),
+    "gemma3": ("Gemma3TextModel", "Gemma3ForCausalLM"),
+    "gemma3_multimodal": ("Gemma3Model", "Gemma3ForConditionalGeneration"),
 }
 
 

@@ -54,6 +54,9 @@ _EXPERT = re.compile(r"(?:^|\.)experts\.(\d+)(?:\.|$)")
 # transformers' Conv1D (weight stored (in, out)) is used by these model types.
 CONV1D_MODEL_TYPES = frozenset({"gpt2", "imagegpt", "decision_transformer", "openai-gpt"})
 _CONV1D_NAMES = re.compile(r"(^|\.)(c_attn|c_proj|c_fc|q_attn)$")
+# 2-D weights that are no Linear's but a matrix the model multiplies from the right (x @ W), so stored (in, out):
+# Gemma 3's multimodal projector, (vision hidden, text hidden).
+_IN_OUT_MATRICES = {"gemma3": re.compile(r"(^|\.)multi_modal_projector\.mm_input_projection_weight$")}
 # Fused qkv tensors whose rows interleave per head ([q_h; k_h; v_h] for each head h).
 _HEAD_INTERLEAVED_QKV = frozenset({"gpt_neox", "bloom", "gpt_neox_japanese"})
 # 3-D expert tensors stored (experts, in, out) — the model computes x @ W[e] — instead of (experts, out, in).
@@ -93,11 +96,15 @@ def module_info(name: str) -> ModuleInfo:
 
 
 def is_conv1d(name: str, config: dict[str, Any] | None) -> bool:
-    """Whether the module is a transformers ``Conv1D`` (weight stored ``(in, out)``).
+    """Whether the module is a transformers ``Conv1D`` (weight stored ``(in, out)``), or another
+    weight stored ``(in, out)`` (Gemma 3's ``multi_modal_projector.mm_input_projection_weight``).
 
     Decided by the model type in ``config.json`` when present, else by the GPT-2
     module names (``c_attn``, ``c_proj``, ``c_fc``).
     """
+    in_out = _IN_OUT_MATRICES.get((config or {}).get("model_type"))
+    if in_out is not None and in_out.search(name):
+        return True
     if not _CONV1D_NAMES.search(name):
         return False
     if config is None or "model_type" not in config:

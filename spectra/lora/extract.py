@@ -15,6 +15,7 @@ renamed when complete.
 
 from __future__ import annotations
 
+import copy
 import itertools
 import json
 import math
@@ -150,6 +151,7 @@ def extract_adapter(base, tuned, plan_or_rank, out_dir: str | os.PathLike, *, ro
     saved_modules = sorted({n.rsplit(".", 1)[0] for n in save_names})
     model_class, model = _adapter_model(pairing, model_class, selected, saved_modules)  # None: no config.json
     model_names = _model_names(selected, model, model_class, targets)  # checkpoint module name -> the model's
+    fused = _unconverted_experts(selected, model_names, pairing, model)  # entry name -> its slice of a parameter
     saved_names = _saved_names(saved_modules, model)
     if isinstance(calibration, (str, os.PathLike)):
         from spectra.calibration import CalibrationConfig, collect_calibration
@@ -182,19 +184,29 @@ def extract_adapter(base, tuned, plan_or_rank, out_dir: str | os.PathLike, *, ro
     tensors: dict[str, torch.Tensor] = {}
     results = []
     ranks = {}
+    expert_factors: dict[str, list] = {}  # fused parameter -> [(its slice, A, B, scaling)] of the experts it holds
     bar = tqdm.tqdm(total=len(selected), desc="extract", unit="module", disable=not progress)
     for entry, (A, B, extraction) in _in_parallel(factorize, selected, n_workers, threads, bar):
         rank, module_alpha = ranks_of[entry.name]
         module = model_names[entry.name]  # as the adapter's model class names it
-        if _is_embedding(entry):  # PEFT's Embedding LoRA: ΔW (vocab, dim) = s·(B_e A_e)ᵀ, so A_e = Bᵀ, B_e = Aᵀ
+        if entry.name in fused:  # written below, with the other experts of its parameter
+            scaling = module_alpha / (math.sqrt(rank) if use_rslora else rank)
+            expert_factors.setdefault(fused[entry.name].parameter, []).append((fused[entry.name], A, B, scaling))
+        elif _is_embedding(entry):  # PEFT's Embedding LoRA: ΔW (vocab, dim) = s·(B_e A_e)ᵀ, so A_e = Bᵀ, B_e = Aᵀ
             tensors[f"{PEFT_PREFIX}{module}.lora_embedding_A"] = B.T.cpu().contiguous()  # (r, vocab)
             tensors[f"{PEFT_PREFIX}{module}.lora_embedding_B"] = A.T.cpu().contiguous()  # (dim, r)
         else:
             tensors[f"{PEFT_PREFIX}{module}.lora_A.weight"] = A.cpu().contiguous()  # (r, in)
             tensors[f"{PEFT_PREFIX}{module}.lora_B.weight"] = B.cpu().contiguous()  # (out, r)
         results.append(ModuleExtraction(module, rank, module_alpha, *extraction))
-        ranks[module] = (rank, module_alpha, entry.conv1d)
+        if entry.name not in fused:
+            ranks[module] = (rank, module_alpha, entry.conv1d)
     bar.close()
+    for parameter, key in _parameter_keys(model, expert_factors).items():
+        A, B, rank, parameter_alpha = _parameter_factors(expert_factors[parameter], model.get_parameter(parameter).shape,
+                                                         use_rslora)
+        tensors[f"{key}.lora_A.weight"], tensors[f"{key}.lora_B.weight"] = A, B
+        ranks[parameter] = (rank, parameter_alpha, False)
     for tensor_name in save_names:
         module, _, leaf = tensor_name.rpartition(".")
         tensors[f"{PEFT_PREFIX}{saved_names[module]}.{leaf}"] = pairing.tuned.read(tensor_name).contiguous()
@@ -203,7 +215,8 @@ def extract_adapter(base, tuned, plan_or_rank, out_dir: str | os.PathLike, *, ro
         embed = saved_names[tied[1].rpartition(".")[0]]
         tensors[f"{PEFT_PREFIX}{tied[0]}.weight"] = tensors[f"{PEFT_PREFIX}{embed}.weight"].clone()
 
-    config = _peft_config(ranks, use_rslora, list(saved_names.values()), pairing, model, model_class) | (
+    config = _peft_config(ranks, use_rslora, list(saved_names.values()), pairing, model, model_class,
+                          parameters=set(expert_factors)) | (
         {"ensure_weight_tying": True} if tied else {})
     _write_atomically(out_dir, tensors, config)
     notes = _tied_lora_notes(ranks, pairing, model)
@@ -374,6 +387,110 @@ def _model_names(entries, model, model_class: str | None, targets: dict | None =
     return names
 
 
+def _unconverted_experts(entries, model_names: dict[str, str], pairing: Pairing, model) -> dict:
+    """Entry name → its :class:`~spectra.checkpoints.placement.ParameterSlice`, for the experts whose
+    stored name PEFT would not map onto the fused parameter that holds them.
+
+    PEFT converts a LoRA on Mixtral's per-expert ``…experts.3.w1`` into one on transformers 5's
+    fused ``mlp.experts.gate_up_proj`` when it loads the adapter; PhiMoE stores its experts the same
+    way and loads them into the same fused parameters, but PEFT 0.21 converts nothing for it, and
+    ignored adapter keys under those names without a word: the experts' updates were lost. Their
+    factors are written onto the fused parameters instead (:func:`_parameter_factors`).
+    """
+    if model is None:
+        return {}
+    modules = {n for n, _ in model.named_modules() if n}
+    experts = [e for e in entries if _EXPERT_INDEX.search(model_names[e.name]) and model_names[e.name] not in modules]
+    if not experts or _peft_converts_experts(model, [model_names[e.name] for e in experts]):
+        return {}
+    from spectra.checkpoints.placement import PlacementError, parameter_sources, split_sources
+
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters() if p.dim() == 3}  # (E, out, in)
+    slices = {}  # base checkpoint tensor -> its TensorSlice
+    for parameter, sources in parameter_sources(model, pairing.base.names(), shapes).items():
+        try:
+            found = split_sources(pairing.base, parameter, shapes[parameter], sources, pairing.config, label="base")
+        except PlacementError as err:
+            raise ConfigError(f"{err}; extract cannot write a LoRA on its experts. Leave their roles out (--roles).") \
+                from None
+        slices |= {s.tensor: s for s in found}
+    out = {}
+    for entry in experts:
+        piece = slices.get(entry.base_tensor)
+        if piece is None or piece.conv1d:
+            raise ConfigError(f"{entry.name}: no (out, in) slice of a fused parameter of {type(model).__name__} "
+                              "holds it, so extract cannot place its LoRA. Leave its role out (--roles).")
+        out[entry.name] = piece.place
+    return out
+
+
+def _peft_converts_experts(model, names: list[str]) -> bool:
+    """Whether PEFT, loading an adapter onto `model`, maps LoRAs on these per-expert checkpoint modules onto the
+    fused parameters that hold them: the conversion it runs on every adapter config first (transformers ≥ 5)."""
+    try:
+        from peft import LoraConfig
+        from peft.utils.transformers_weight_conversion import convert_peft_config_for_transformers
+    except ImportError:  # a PEFT without it converts nothing
+        return False
+    config = LoraConfig(target_modules=list(names))
+    try:
+        convert_peft_config_for_transformers(config, model=model, conversions=None)
+    except ValueError:  # it converts them, but refuses a part of a fused pair (w1 without w3): PEFT says so on loading
+        return True
+    return bool(config.target_parameters)
+
+
+def _parameter_keys(model, parameters) -> dict[str, str]:
+    """Fused parameter → the adapter-key prefix of PEFT's LoRA on it (``base_model.model.….experts`` and, where PEFT
+    nests the wrappers of two parameters of one module, ``….experts.base_layer`` for the inner one).
+
+    Which wrapper is nested in which is PEFT's choice: read from PEFT itself, on a copy of the meta model."""
+    if not parameters:
+        return {}
+    from peft import LoraConfig, get_peft_model
+    from peft.tuners.lora.layer import ParamWrapper
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PEFT's notes on the meta model (no weights, no task)
+        wrapped = get_peft_model(copy.deepcopy(model), LoraConfig(r=1, target_modules=[],
+                                                                 target_parameters=sorted(parameters)))
+    keys = {}
+    for name, module in wrapped.named_modules():
+        if isinstance(module, ParamWrapper):
+            plain = name.removeprefix(PEFT_PREFIX)
+            keys[f"{plain.replace('.base_layer', '')}.{module.parameter_name}"] = PEFT_PREFIX + plain
+    return {p: keys[p] for p in parameters}
+
+
+def _parameter_factors(pieces, shape: tuple[int, ...], use_rslora: bool):
+    """PEFT's LoRA on a fused (E, out, in) expert parameter from its experts' factors: (A, B, r, α).
+
+    `pieces` holds (slice, A (r_b, in), B (rows, r_b), s_b) with s_b·B@A the best rank-r_b update of that expert's
+    rows of the parameter (PhiMoE's w1 and w3 are rows [0, ffn) and [ffn, 2·ffn) of gate_up_proj[e]). PEFT's
+    ParamWrapper holds one rank r for every expert: A (r·E, in), expert e's rows e·r … (e+1)·r, and B (out, r·E),
+    expert e's columns e, e + E, … (its ``get_delta_weight``: B viewed (out, r, E), A (E, r, in)). Each expert's
+    row blocks stack along r (B block-diagonal, as PEFT converts Mixtral's w1 and w3: r = r_w1 + r_w3); an expert or
+    block the adapter leaves out gets zeros. α keeps the first block's scaling s (α = s·r, rsLoRA s·√r); a block of
+    another scaling is folded into its B.
+    """
+    experts, out_features, in_features = shape
+    blocks = sorted({p.rows or (0, out_features) for p, *_ in pieces})  # row ranges of the parameter
+    widths = {rows: max(a.shape[0] for p, a, _, _ in pieces if (p.rows or (0, out_features)) == rows)
+              for rows in blocks}
+    offsets = dict(zip(blocks, itertools.accumulate([0] + [widths[b] for b in blocks])))
+    rank = sum(widths.values())
+    scaling = pieces[0][3]
+    A = torch.zeros(experts, rank, in_features)  # (E, r, in)
+    B = torch.zeros(out_features, rank, experts)  # (out, r, E)
+    for place, a, b, s in pieces:
+        lo, hi = place.rows or (0, out_features)
+        at = offsets[(lo, hi)]
+        A[place.expert, at:at + a.shape[0]] = a.cpu()
+        B[lo:hi, at:at + a.shape[0], place.expert] = b.cpu() * (s / scaling)
+    alpha = scaling * (math.sqrt(rank) if use_rslora else rank)
+    return A.reshape(experts * rank, in_features), B.reshape(out_features, rank * experts), rank, alpha
+
+
 def _saved_names(saved_modules: list[str], model) -> dict[str, str]:
     """Modules saved whole: checkpoint name → the model's (kept when unresolved: PEFT matches them by suffix)."""
     found = {} if model is None else model_targets(saved_modules, model)
@@ -487,7 +604,7 @@ def _factorize_on_data(delta: torch.Tensor, rank: int, scaling: float, C: torch.
 
 
 def _peft_config(ranks: dict, use_rslora: bool, saved: list[str], pairing: Pairing, model,
-                 model_class: str | None) -> dict[str, Any]:
+                 model_class: str | None, *, parameters: set[str] = frozenset()) -> dict[str, Any]:
     """The adapter_config.json dict, checked against the model's module names (the checkpoint's without one).
 
     Its ``task_type`` is the model class's (``CAUSAL_LM``, ``SEQ_CLS``, …; null where PEFT has
@@ -500,6 +617,8 @@ def _peft_config(ranks: dict, use_rslora: bool, saved: list[str], pairing: Pairi
     ``ranks``' and ``saved``'s names count as modules too: expert slices keep their stored names (PEFT maps them).
     Experts the model fuses into one parameter per projection (no module of theirs exists) are converted by
     PEFT at the config's global ``r`` and ``lora_alpha``, whatever ``rank_pattern`` says: those are theirs then.
+    ``ranks``' names in `parameters` are fused parameters the adapter adapts itself (experts PEFT does not
+    convert, :func:`_unconverted_experts`): ``target_parameters``, whose ``rank_pattern`` PEFT applies.
     """
     from spectra.checkpoints.targets import peft_task_type
     from spectra.ranks import check_peft_config, lora_config
@@ -513,7 +632,7 @@ def _peft_config(ranks: dict, use_rslora: bool, saved: list[str], pairing: Pairi
                           "PEFT converts every fused expert parameter at the adapter's one global r and lora_alpha. "
                           "Give all expert projections one rank (`spectra recommend --uniform`, or --rank).")
     r, alpha = next(iter(fused.values())) if fused else (None, None)
-    config = lora_config(ranks, use_rslora=use_rslora, r=r, alpha=alpha) | {
+    config = lora_config(ranks, use_rslora=use_rslora, r=r, alpha=alpha, parameters=parameters) | {
         "init_lora_weights": True,
         "task_type": _task_type(peft_task_type(pairing.config, model_class), saved),
         "modules_to_save": sorted(saved) or None,
@@ -525,7 +644,8 @@ def _peft_config(ranks: dict, use_rslora: bool, saved: list[str], pairing: Pairi
         known = {n.rsplit(".", 1)[0] for n in source.names()}
     else:
         known = model_modules
-    check_peft_config(config, known | set(ranks) | set(saved))
+    check_peft_config(config, known | (set(ranks) - parameters) | set(saved),
+                      parameter_names=[n for n, _ in model.named_parameters()] if parameters else ())
     return config
 
 
