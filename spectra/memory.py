@@ -16,8 +16,7 @@ o_proj reads a copy (CUDA's memory-efficient kernel, which fp32 runs get, return
 o_proj wants: q·p per token less under full fine-tuning), and an MoE's experts run on
 grouped_mm (transformers' fallback where it is missing, on GPUs before Ampere, old torch or
 torch.compile outside bf16, keeps every expert's input, frozen or not). A bf16 LayerNorm keeps
-fp32 statistics, as on CUDA (the CPU keeps them in bf16). Not checked: PhiMoE (LayerNorm, its
-own router), Gemma 3 (q/k norms).
+fp32 statistics, as on CUDA (the CPU keeps them in bf16: PhiMoE's LayerNorms are checked at fp32).
 
 References
 ----------
@@ -99,6 +98,9 @@ class ModelShape:
     logit_softcap: bool = False  # Gemma 2 caps the final logits (tanh), which keeps its output
     sdpa: bool = True  # transformers runs the family with sdpa (Gemma 2 only with eager)
     rotary: bool = False  # rotary position embeddings (Llama-like): Q and K are fresh tensors, not views
+    qk_norm: bool = False  # Gemma 3 normalises each head's Q and K (RMSNorm over head_dim) before the rotation
+    sparsemixer: bool = False  # PhiMoE routes by SparseMixer (two masked softmaxes), not Mixtral's softmax top-k
+    input_jitter: bool = False  # PhiMoE's input_jitter_noise: in training its MLP input is multiplied by noise
 
     @property
     def fused_qkv(self) -> bool:
@@ -161,23 +163,35 @@ def _llama(cfg: dict, mtype: str) -> ModelShape:
     bias = (q_dim + 2 * kv_dim if qkv_bias else 0) + (h if cfg.get("attention_bias", False) else 0)
     bias += (2 * inter + h) * experts if cfg.get("mlp_bias", False) else 0
     tied = bool(cfg.get("tie_word_embeddings", _config_default(mtype, "tie_word_embeddings", False)))
-    # Gemma 2's blocks normalise each sublayer's input and output (input, post-attention, pre- and
-    # post-feedforward norms) and cap attention and final logits by tanh (config.json may leave the caps to
-    # Gemma2Config's defaults, 50 and 30; null turns them off)
-    norms = 4 if mtype == "gemma2" else 2
+    # Gemma 2's and Gemma 3's blocks normalise each sublayer's input and output (input, post-attention, pre- and
+    # post-feedforward norms); Gemma 2 caps attention and final logits by tanh (config.json may leave the caps to
+    # Gemma2Config's defaults, 50 and 30; null turns them off), Gemma 3 normalises Q and K per head instead
+    norms = 4 if mtype in _FOUR_NORMS else 2
     caps = {key: (cfg[key] if key in cfg else _config_default(mtype, key, None) if mtype == "gemma2" else None)
             is not None for key in ("attn_logit_softcapping", "final_logit_softcapping")}
-    other = vocab * h + layers * (norms * h + bias) + h  # embed + per-layer RMSNorm weights and biases + final norm
+    qk_norm = mtype in _QK_NORMS
+    norm = "layer" if mtype in _LAYER_NORMS else "rms_fp32" if mtype.startswith("gemma") else "rms"
+    norm_params = 2 * h if norm == "layer" else h  # a LayerNorm has a bias beside its weight
+    # embed + per-layer norm weights (Gemma 3's q_norm and k_norm: head_dim each) and biases + final norm
+    other = vocab * h + layers * (norms * norm_params + 2 * head_dim * qk_norm + bias) + norm_params
+    head = (0 if tied else vocab * h) + (vocab if cfg.get("lm_head_bias", False) else 0)  # PhiMoE's head has a bias
     return ModelShape(family=mtype or "llama-like", hidden=h, layers=layers, heads=heads, kv_dim=kv_dim,
-                      q_dim=q_dim, intermediate=inter, vocab=vocab,
-                      norm="rms_fp32" if mtype.startswith("gemma") else "rms", mlp_saved=3, softmax_fp32=True,
-                      experts_per_token=cfg.get("num_experts_per_tok", 1) if experts > 1 else 1, experts=experts,
-                      linears=linears, other_params=other, head_params=0 if tied else vocab * h, causal=True,
+                      q_dim=q_dim, intermediate=inter, vocab=vocab, norm=norm, mlp_saved=3, softmax_fp32=True,
+                      experts_per_token=(2 if mtype in _SPARSEMIXER else cfg.get("num_experts_per_tok", 1))
+                      if experts > 1 else 1, experts=experts,
+                      linears=linears, other_params=other, head_params=head, causal=True,
                       norms=norms, attn_softcap=caps["attn_logit_softcapping"],
-                      logit_softcap=caps["final_logit_softcapping"], sdpa=mtype not in _EAGER_ONLY, rotary=True)
+                      logit_softcap=caps["final_logit_softcapping"], sdpa=mtype not in _EAGER_ONLY, rotary=True,
+                      qk_norm=qk_norm, sparsemixer=mtype in _SPARSEMIXER,
+                      input_jitter=mtype in _SPARSEMIXER and bool(cfg.get("input_jitter_noise", 0.0)))
 
 
 _FUSED_PROJECTIONS = frozenset({"phi3"})  # PhiMoE has separate q/k/v (transformers' PhimoeForCausalLM)
+_FOUR_NORMS = frozenset({"gemma2", "gemma3_text"})  # blocks that normalise each sublayer's input and output
+_QK_NORMS = frozenset({"gemma3_text"})  # an RMSNorm on each head's Q and K (q_norm, k_norm), before the rotation
+_LAYER_NORMS = frozenset({"phimoe"})  # Llama-like blocks normalised by LayerNorm (weight and bias), not RMSNorm
+# MoE routers that pick their two experts by SparseMixer (PhiMoE; two experts whatever num_experts_per_tok says)
+_SPARSEMIXER = frozenset({"phimoe"})
 # families transformers 5 cannot run with sdpa (Gemma2ForCausalLM refuses it: its attention logits are capped);
 # asked for none, it falls back to eager, and so does the estimate
 _EAGER_ONLY = frozenset({"gemma2"})
@@ -577,14 +591,17 @@ def _quant_constants(numel: int, double_quant: bool) -> int:
     return blocks + 4 * math.ceil(blocks / DQ_BLOCK) + code + 256 * 4 + 4
 
 
-def _norm_bytes(shape: ModelShape, p: int, full: bool) -> int:
-    """Bytes per token that one norm keeps for backward; ``full``: its weight is trained."""
-    h = shape.hidden
+def _norm_bytes(shape: ModelShape, p: int, full: bool, width: int | None = None) -> int:
+    """Bytes per token that one norm keeps for backward; ``full``: its weight is trained. ``width``: a norm per
+    head over head_dim (Gemma 3's q_norm, k_norm) of ``width`` = heads·head_dim values a token, instead of the
+    hidden size."""
+    h = shape.hidden if width is None else width
+    groups = 1 if width is None else width // (shape.q_dim // shape.heads)  # 1/rms per token, or per head
     if shape.norm == "layer":
         return p * h + 8  # LayerNorm keeps its input, its mean and 1/std (fp32)
     # transformers' RMSNorm up-casts its input to fp32 and keeps it, with the fp32 1/rms (b, s, 1); the weight's
     # gradient needs the normalised input, in p (Gemma's in fp32)
-    return 4 * h + 4 + ((4 if shape.norm == "rms_fp32" else p) * h if full else 0)
+    return 4 * h + 4 * groups + ((4 if shape.norm == "rms_fp32" else p) * h if full else 0)
 
 
 def _qkv_bytes(shape: ModelShape, p: int, cache: bool) -> int:
@@ -629,8 +646,8 @@ def _block_bytes(shape: ModelShape, p: int, attention: str, seq_len: int, *, ful
     its first adapted module (its input norm keeps nothing). ``full``: the block's weights
     are trained, so each linear keeps its input (a frozen linear needs only its weight) and
     each RMSNorm its normalised input. Against what transformers 5 saves (tests/test_memory.py):
-    exact for Llama, Qwen2, Gemma, Gemma 2, Phi-3, GPT-2, BERT and Mixtral (transformers' default
-    grouped_mm experts), from the first adapted layer on too.
+    exact for Llama, Qwen2, Gemma, Gemma 2, Gemma 3, Phi-3, GPT-2, BERT, Mixtral (transformers'
+    default grouped_mm experts) and PhiMoE, from the first adapted layer on too.
 
     Returns the bytes, whether the block keeps o_proj's input already (sdpa keeps its output and
     o_proj reads that tensor), whether the block's output requires grad, and the bytes it keeps
@@ -653,6 +670,8 @@ def _block_bytes(shape: ModelShape, p: int, attention: str, seq_len: int, *, ful
     total = 0 if post_norm else norm(g)
     # attention: Q, K, V require grad from the block's input or their own adapter
     qg, kg, vg = g or hit("q", "qkv"), g or hit("k", "qkv"), g or hit("v", "qkv")
+    if shape.qk_norm:  # Gemma 3's q_norm and k_norm: RMSNorms over head_dim, one 1/rms per head
+        total += _norm_bytes(shape, p, full, q) * qg + _norm_bytes(shape, p, full, shape.kv_dim) * kg
     scores = qg or kg  # Q·Kᵀ and the probabilities
     attention_grad = scores or vg
     if attention == "sdpa":  # the kernel keeps Q, K, V, its output and the fp32 logsumexp for any of their grads
@@ -713,12 +732,17 @@ def _moe_bytes(shape: ModelShape, p: int, *, full: bool, grad: bool, router: boo
     token, S = k·tokens routed copies:
 
     * router (Mixtral's): its input (p·h) for a trained weight; for its logits' grad the fp32
-      softmax (4·E), the top-k indices (8·k) and the weights' normalisation (4·k + 4);
+      softmax (4·E), the top-k indices (8·k) and the weights' normalisation (4·k + 4). PhiMoE's
+      SparseMixer (arXiv:2409.12136) picks its two experts one after the other, each by a softmax
+      over the logits with the experts out of reach masked: per pick the mask (E, bool), the
+      softmax (p·E), the gather's index (8) and the pick's weight (p) its custom backward keeps.
+      With ``input_jitter_noise`` (Phi-3.5-MoE's config: 0.01) the block and then its router
+      multiply the MLP's input by uniform noise in place, and each product keeps its noise (p·h);
     * dispatch: the indices of three gathers (the routed copies of the input, their weights, the
       way back), 8·k each, when what they gather requires grad;
     * experts per routed copy: gate_up's input (p·h) for a trained weight, its output (p·2i) and
       silu(gate) (p·i), down's input (p·i) for a trained weight, and the product by the routing
-      weight its two factors (p·h, and the fp32 weight).
+      weight its two factors (p·h, and the weight: fp32, SparseMixer's in p).
 
     Per layer: grouped_mm's offsets (4·E) and each ParamWrapper's merged weight in p (E·out·in,
     when the product needs it for its input's gradient), beside the factors it casts to p for
@@ -729,9 +753,14 @@ def _moe_bytes(shape: ModelShape, p: int, *, full: bool, grad: bool, router: boo
     logits = grad or router_w or router  # the router's logits, and so the routing weights, require grad
     experts_in = grad or gate_up_w  # gate_up's output
     down_out = experts_in or down_w
-    total = p * h * router_w + (4 * experts + 12 * k + 4 + 8 * k + p * h * k) * logits + 8 * k * grad
+    if shape.sparsemixer:
+        routing, weight = k * (experts * (1 + p) + 8 + p), p
+    else:
+        routing, weight = 4 * experts + 12 * k + 4, 4
+    jitter = 2 * p * h * shape.input_jitter  # the two noise tensors
+    total = p * h * router_w + (routing + 8 * k + p * h * k) * logits + (8 * k + jitter) * grad
     total += p * h * k * gate_up_w + 3 * p * i * k * experts_in + p * i * k * down_w
-    total += 4 * k * down_out + 8 * k * (logits or down_out)
+    total += weight * k * down_out + 8 * k * (logits or down_out)
     per_layer = 4 * experts if (grad or gate_up_w or down_w) else 0
     for role, m in wrapped.items():
         needed = {"router": grad, "gate_up": grad, "down": experts_in}[role]  # the input of its product
