@@ -52,8 +52,10 @@ class CalibrationConfig:
         Ridge of ``C_ε = C + ε·(tr C / in)·I``, relative to C's mean eigenvalue.
     max_examples : int or None
         Examples of the data file used (the first ones); None uses all.
-    max_length : int
-        Tokens per example (longer text is truncated, a ``.txt`` stream cut in blocks).
+    max_length : int, optional
+        Tokens per example (longer text is truncated, a ``.txt`` stream cut in blocks); None:
+        128, or the model's position limit when shorter (a note says so). A length beyond a
+        table of learned positions is refused.
     batch_size : int
         Examples per forward pass.
     task : {"auto", "causal_lm", "seq_cls"}
@@ -70,7 +72,7 @@ class CalibrationConfig:
 
     epsilon: float = 1e-6  # small enough to leave the data term exact to ~1e-6, large enough to invert C in float64
     max_examples: int | None = 256  # 256 × 128 tokens estimate a 1k-dim C many times over at a few forward passes' cost
-    max_length: int = 128  # as training and verify tokenise
+    max_length: int | None = None  # None -> 128 cut to the model's positions, as training and verify tokenise
     batch_size: int = 16  # forward only, and float64 moments per batch stay small
     task: str = "auto"
     seed: int = 0
@@ -82,8 +84,8 @@ class CalibrationConfig:
                               "C's mean eigenvalue (e.g. 1e-6).")
         if self.max_examples is not None and self.max_examples < 1:
             raise ConfigError(f"calibration max_examples {self.max_examples} must be ≥ 1 (or None for all).")
-        if self.max_length < 2 or self.batch_size < 1:
-            raise ConfigError("calibration max_length must be ≥ 2 and batch_size ≥ 1.")
+        if (self.max_length is not None and self.max_length < 2) or self.batch_size < 1:
+            raise ConfigError("calibration max_length must be ≥ 2 (or None) and batch_size ≥ 1.")
         if self.task not in ("auto", "causal_lm", "seq_cls"):
             raise ConfigError(f"calibration task {self.task!r} is not auto, causal_lm or seq_cls.")
         check_device(self.device)
@@ -135,13 +137,16 @@ class Calibration:
         ``encoder.layer.0.attention.self.query.weight``) → group key.
     config : CalibrationConfig
     source : dict
-        Data file, examples, model and task, for reports.
+        Data file, examples, tokens per example (``max_length``), model and task, for reports.
+    notes : list of str
+        What collecting decided for the user (e.g. examples cut to the model's positions).
     """
 
     moments: SecondMoments
     groups: dict[str, str]
     config: CalibrationConfig = field(default_factory=CalibrationConfig)
     source: dict = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
 
     def covariance(self, tensor_name: str) -> torch.Tensor | None:
         """C (in, in) float64 of the module owning ``tensor_name``, or None when it was not hooked."""
@@ -153,7 +158,7 @@ class Calibration:
         return 0 if key is None else self.moments.tokens[key]
 
     def describe(self) -> dict:
-        return {**self.source, "config": asdict(self.config), "modules": len(self.groups)}
+        return {**self.source, "config": asdict(self.config), "modules": len(self.groups), "notes": self.notes}
 
 
 # ---------------------------------------------------------------------------- whitening
@@ -307,7 +312,8 @@ def collect_calibration(model_spec, data, *, config: CalibrationConfig | None = 
     from spectra.lora.train import load_model, model_device, to_device
 
     config = config or CalibrationConfig()
-    task, tokens = _tokenized(model_spec, data, config, read_records)
+    notes: list[str] = []
+    task, tokens = _tokenized(model_spec, data, config, read_records, notes=notes)
     if model is None:
         torch.manual_seed(config.seed)  # a classifier head new to a bare checkpoint; its outputs are unused
         model = load_model(model_spec, task=task, device=config.device)
@@ -354,25 +360,26 @@ def collect_calibration(model_spec, data, *, config: CalibrationConfig | None = 
         model.train(was_training)
     moments.sums = {key: total.cpu() for key, total in moments.sums.items()}  # a Calibration lives on the CPU
     source = {"data": str(data), "data_sha256": file_digest(data), "model": str(model_spec), "task": task,
-              "examples": len(tokens)}
-    return Calibration(moments=moments, groups=groups, config=config, source=source)
+              "examples": len(tokens), "max_length": tokens.max_length}
+    return Calibration(moments=moments, groups=groups, config=config, source=source, notes=notes)
 
 
-def _tokenized(model_spec, data, config: CalibrationConfig, read_records):
+def _tokenized(model_spec, data, config: CalibrationConfig, read_records, *, notes: list[str]):
     """(task, TokenizedData) of the calibration file, labels ignored, first ``max_examples`` kept."""
     import json
 
-    from spectra.lora.data import load_tokenizer, tokenize
+    from spectra.lora.data import load_tokenizer, resolve_max_length, tokenize
     from spectra.lora.train import model_dir
 
     folder = model_dir(model_spec)
-    vocab = int(json.loads((folder / "config.json").read_text()).get("vocab_size", 256))
+    model_config = json.loads((folder / "config.json").read_text())
+    max_length = resolve_max_length(config.max_length, model_config, option="calibration max_length", notes=notes)
     task = config.task
     records = read_records(data, task="causal_lm")
     if task == "auto":
         task = "seq_cls" if all("label" in r for r in records) else "causal_lm"
-    tokenizer = load_tokenizer(folder, vocab_size=vocab, task=task)
-    tokens = tokenize(records, tokenizer, task="causal_lm", max_length=config.max_length)  # no labels needed
+    tokenizer = load_tokenizer(folder, vocab_size=int(model_config.get("vocab_size", 256)), task=task)
+    tokens = tokenize(records, tokenizer, task="causal_lm", max_length=max_length)  # no labels needed
     if config.max_examples is not None:
         tokens.ids = tokens.ids[:config.max_examples]
     return task, tokens

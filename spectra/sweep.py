@@ -58,8 +58,11 @@ class SweepConfig:
         down, gate_up), what LoRA targets. Ignored with a plan (its modules are the targets).
     task : {"auto", "causal_lm", "seq_cls"}
         ``auto``: classification when every eval record has a ``label``.
-    max_length, batch_size : int
-        Tokenisation and batching of the eval data.
+    max_length : int, optional
+        Tokens per eval (and calibration) example; None: 128, or the model's position limit
+        when shorter (a note says so). A length beyond a table of learned positions is refused.
+    batch_size : int
+        Eval examples per forward pass.
     bootstrap : int
         Bootstrap replicates for the intervals (0: none).
     confidence : float
@@ -80,7 +83,7 @@ class SweepConfig:
 
     roles: tuple[str, ...] | None = None
     task: str = "auto"
-    max_length: int = 128  # as training and verify
+    max_length: int | None = None  # None -> 128 cut to the model's positions, as training and verify
     batch_size: int = 32  # eval is forward only: larger batches are cheap
     bootstrap: int = 1000  # percentile endpoints settle to ~0.1 of their width at 1000 replicates
     confidence: float = 0.95  # the usual two-sided 95 %
@@ -94,8 +97,8 @@ class SweepConfig:
             object.__setattr__(self, "roles", tuple(self.roles))
         if self.task not in ("auto", "causal_lm", "seq_cls"):
             raise ConfigError(f"task {self.task!r} is not auto, causal_lm or seq_cls.")
-        if self.max_length < 2 or self.batch_size < 1 or self.bootstrap < 0:
-            raise ConfigError("max_length must be ≥ 2, batch_size ≥ 1 and bootstrap ≥ 0.")
+        if (self.max_length is not None and self.max_length < 2) or self.batch_size < 1 or self.bootstrap < 0:
+            raise ConfigError("max_length must be ≥ 2 (or None), batch_size ≥ 1 and bootstrap ≥ 0.")
         if not 0 < self.confidence < 1:
             raise ConfigError(f"confidence {self.confidence} must lie in (0, 1), e.g. 0.95.")
         check_device(self.device)
@@ -215,8 +218,9 @@ def truncation_sweep(base, tuned, data, *, ranks=(1, 2, 4, 8, 16, 32, 64), plan=
     config = config or SweepConfig()
     ranks = _check(ranks, non_target, groups)
     start = time.perf_counter()
+    notes: list[str] = []  # the data's, then the calibration's, then the pairing's
     task, tokens, _, label_names, tokenizer = prepare_data(model_dir(tuned), data, task=config.task,
-                                                           max_length=config.max_length)
+                                                           max_length=config.max_length, notes=notes)
     metric = resolve_metric(metric, task)
     model = load_model(tuned, task=task, device=config.device, pad_token_id=tokenizer.pad_token_id, complete=True)
     if task == "seq_cls" and label_names and len(label_names) > model.config.num_labels:
@@ -225,7 +229,10 @@ def truncation_sweep(base, tuned, data, *, ranks=(1, 2, 4, 8, 16, 32, 64), plan=
     if isinstance(calibration, (str, Path)):
         calibration = collect_calibration(base, calibration, config=CalibrationConfig(
             epsilon=config.calibration_epsilon, max_length=config.max_length, task=task, device=config.device), progress=progress)
+    if calibration is not None:
+        notes += [n for n in calibration.notes if n not in notes]  # the base cut as the data was: said once
     weights = ModelWeights(model, base, tuned, plan=plan, roles=config.roles)
+    weights.notes[:0] = notes
     top = max((r for r in ranks if r > 0), default=0)
     uncalibrated = []
     for module in weights.targets:  # one SVD per module, reused at every rank (and at its planned one)

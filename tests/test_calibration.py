@@ -197,3 +197,22 @@ def test_extract_cli_takes_calibration_data(pair, tmp_path):
     assert api.keys() == cli.keys() and all(torch.equal(api[k], cli[k]) for k in api)
     assert plain.modules[0].method != "data-optimal" and not all(  # negative control: the plain SVD's differ
         torch.equal(api[k], v) for k, v in load_file(tmp_path / "plain" / "adapter_model.safetensors").items())
+
+
+def test_default_length_fits_a_short_position_table(pair, tmp_path):
+    """GPT-2 with n_positions=32: calibration texts longer than that at the default max_length crashed its
+    forward pass. They are cut at 32 tokens, and the calibration says so; a longer explicit length is refused."""
+    gpt2 = save(build_model("gpt2"), tmp_path / "gpt2", "safetensors")
+    text = tmp_path / "calibration.txt"
+    text.write_text("words to cut into blocks " * 20)
+    calibration = collect_calibration(gpt2, text)
+    (note,) = calibration.notes
+    assert "cut at 32 tokens, not the default 128" in note and "n_positions = 32" in note
+    assert calibration.source["max_length"] == 32 and calibration.describe()["notes"] == [note]
+    assert calibration.tokens("transformer.h.0.attn.c_attn.weight") == 500  # every token, in blocks of ≤ 32
+    with pytest.raises(ConfigError, match=r"calibration max_length 64 is more than the model can take: its table "
+                                          r"of learned positions covers 32 tokens \(n_positions = 32"):
+        collect_calibration(gpt2, text, config=CalibrationConfig(max_length=64))
+    # negative control: Llama's 2048 positions leave the default at 128, without a note
+    llama = collect_calibration(pair[0], text)
+    assert llama.source["max_length"] == 128 and llama.notes == []

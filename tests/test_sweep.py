@@ -768,3 +768,27 @@ def test_nothing_to_truncate_names_the_modules_that_have_no_place(llama):
         assert "place in the loaded GPT2LMHeadModel" in message and "roles  " not in message
         assert ("the weight matrix that pairs" in message and "has no place" in message if plan
                 else "none of the 14 weight matrices that pair" in message and "model.layers.0.self_attn." in message)
+
+
+def test_default_length_fits_a_short_position_table(bert, llama, tmp_path):
+    """The bert pair has 32 positions: texts longer than that at the default max_length crashed its forward pass,
+    in the eval and in the calibration. Both are cut at 32, said once; an explicit longer length is refused."""
+    base, tuned, _ = bert
+    data = tmp_path / "eval.jsonl"
+    data.write_text("".join(json.dumps({"text": f"a review of item {i}, " + "and more words " * 3,
+                                        "label": ("pos", "neg", "neu")[i % 3]}) + "\n" for i in range(12)))
+    text = tmp_path / "calibration.txt"
+    text.write_text("words to cut into blocks " * 20)
+    config = SweepConfig(bootstrap=0)
+    result = truncation_sweep(base, tuned, data, ranks=[1], calibration=text, config=config, progress=False)
+    (note,) = [n for n in result.data["notes"] if "max_length" in n]  # the data's and the calibration's, once
+    assert "cut at 32 tokens, not the default 128" in note and "max_position_embeddings = 32" in note
+    assert result.data["calibration"]["max_length"] == 32 and result.data["examples"] == 12
+    with pytest.raises(ConfigError, match=r"max_length \(--max-length\) 64 is more than the model can take: its "
+                                          r"table of learned positions covers 32 tokens"):
+        truncation_sweep(base, tuned, data, ranks=[1], config=SweepConfig(bootstrap=0, max_length=64), progress=False)
+    # negative control: Llama's 2048 positions leave the default alone, without a note
+    base, tuned, text = llama
+    result = truncation_sweep(base, tuned, text, ranks=[1], calibration=text, config=config, progress=False)
+    assert result.data["calibration"]["max_length"] == 128
+    assert not [n for n in result.data["notes"] if "max_length" in n]

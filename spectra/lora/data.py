@@ -15,6 +15,11 @@ table or a binary format read as plain text would train on the wrong thing in si
 Tokenisation uses the checkpoint's own tokenizer when the directory has one. Tiny
 test models built from config have none; they get :class:`ByteTokenizer`, a
 deterministic byte-level tokenizer that needs no files and no network.
+
+An example is at most ``max_length`` tokens, and never more than the model's positions
+cover (:func:`resolve_max_length`): left unset, it is :data:`DEFAULT_MAX_LENGTH` or the
+model's limit when that is shorter (with a note); a length the model cannot take (more
+than its table of learned positions) is refused.
 """
 
 from __future__ import annotations
@@ -33,6 +38,14 @@ from spectra.errors import ConfigError
 
 TASKS = ("causal_lm", "seq_cls")
 IGNORE_INDEX = -100  # label value PyTorch's cross-entropy skips (padding)
+DEFAULT_MAX_LENGTH = 128  # covers sentence classification; longer costs quadratic attention
+# RoBERTa's position ids start after the padding id (create_position_ids_from_input_ids): its table of
+# max_position_embeddings rows holds max_position_embeddings − pad_token_id − 1 tokens (514 → 512)
+_POSITIONS_AFTER_PADDING = frozenset({"roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "data2vec-text",
+                                      "ibert", "longformer", "mpnet", "roberta-prelayernorm", "xmod", "luke", "esm"})
+# config keys of rotary position encodings (transformers 5 writes rope_parameters, older configs rope_theta)
+_ROTARY_KEYS = ("rope_parameters", "rope_theta", "rope_scaling", "rotary_dim", "rotary_pct", "rotary_emb_base",
+                "partial_rotary_factor")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "tokenizer.model", "vocab.json")
 _TABLE_DELIMITERS = {".csv": ",", ".tsv": "\t"}
 DATA_FORMATS = ('a .txt file (plain text), a .jsonl file of {"text": ...} (or {"text": ..., "label": ...} for '
@@ -314,6 +327,101 @@ def label_ids(records: Sequence[Mapping], *, label2id: Mapping[str, int] | None 
     return [index[v] for v in raw], names
 
 
+# ---------------------------------------------------------------------------- sequence length
+
+
+@dataclass(frozen=True)
+class PositionLimit:
+    """The longest sequence a model's positions cover, as its config gives it.
+
+    Attributes
+    ----------
+    length : int
+        Tokens.
+    source : str
+        Where it comes from, e.g. ``max_position_embeddings = 32``.
+    learned : bool
+        A table of learned absolute positions (BERT, GPT-2, RoBERTa): a longer sequence has
+        no position to embed, and the model fails. False for rotary positions (Llama,
+        GPT-NeoX), which run past the length the model was configured for.
+    """
+
+    length: int
+    source: str
+    learned: bool
+
+
+def position_limit(model_config: Mapping) -> PositionLimit | None:
+    """The :class:`PositionLimit` of a model's ``config.json`` dict, or None when it declares none.
+
+    Read from ``max_position_embeddings`` (BERT, Llama, …) or ``n_positions`` (GPT-2),
+    of the config or of its ``text_config`` (a multimodal model's language tower); a
+    RoBERTa-family table loses the rows its position ids skip (the padding id and those
+    below it). A model with no such key (T5's relative positions, BLOOM's ALiBi) has no limit
+    here.
+    """
+    for scope in (model_config, model_config.get("text_config") or {}):
+        for key in ("max_position_embeddings", "n_positions"):
+            value = scope.get(key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                continue
+            source = f"{key} = {value}"
+            length = value
+            if scope.get("model_type") in _POSITIONS_AFTER_PADDING:
+                skipped = int(scope.get("pad_token_id") or 0) + 1
+                length -= skipped
+                source += f", less the {skipped} ids its position ids start after (pad_token_id + 1)"
+            return PositionLimit(length, source, learned=not any(k in scope for k in _ROTARY_KEYS))
+    return None
+
+
+def resolve_max_length(max_length: int | None, model_config: Mapping, *, option: str = "max_length (--max-length)",
+                       notes: list[str] | None = None) -> int:
+    """Tokens per example for the model of ``model_config``: what was asked, within what its positions cover.
+
+    Parameters
+    ----------
+    max_length : int or None
+        The length asked for; None: :data:`DEFAULT_MAX_LENGTH`, or the model's
+        :func:`position_limit` when that is shorter (a default is no request, so it is cut
+        to fit, and ``notes`` says so).
+    model_config : mapping
+        The model's ``config.json``.
+    option : str
+        How the user set ``max_length``, for the error.
+    notes : list of str, optional
+        Receives a note when the default is cut to the model's limit, or when a length
+        beyond a rotary model's configured positions is kept.
+
+    Raises
+    ------
+    ConfigError
+        An explicit ``max_length`` beyond a table of learned positions (BERT, GPT-2), naming
+        the option, the value and the model's limit.
+    """
+    limit = position_limit(model_config)
+    if max_length is None:
+        if limit is None or limit.length >= DEFAULT_MAX_LENGTH:
+            return DEFAULT_MAX_LENGTH
+        if notes is not None:
+            notes.append(f"max_length: examples are cut at {limit.length} tokens, not the default "
+                         f"{DEFAULT_MAX_LENGTH}: the model's positions cover {limit.length} ({limit.source} in its "
+                         "config.json).")
+        return limit.length
+    if limit is None or max_length <= limit.length:
+        return max_length
+    if limit.learned:
+        raise ConfigError(f"{option} {max_length} is more than the model can take: its table of learned positions "
+                          f"covers {limit.length} tokens ({limit.source} in its config.json), and a longer sequence "
+                          f"has no position to embed. Pass {option} {limit.length} or less, or leave it out for the "
+                          f"default ({DEFAULT_MAX_LENGTH} tokens, or the model's {limit.length} when fewer).")
+    if notes is not None:
+        notes.append(f"{option} {max_length} is beyond the {limit.length} positions the model is configured for "
+                     f"({limit.source} in its config.json); its rotary positions run past them, but it was not "
+                     "trained on sequences this long.")
+    return max_length
+
+
 # ---------------------------------------------------------------------------- tokenised data
 
 
@@ -329,12 +437,15 @@ class TokenizedData:
         Class ids (``seq_cls``); None for language modelling.
     task : str
     pad_token_id : int
+    max_length : int or None
+        The length examples were cut at (:func:`tokenize` sets it).
     """
 
     ids: list[list[int]]
     labels: list[int] | None
     task: str
     pad_token_id: int
+    max_length: int | None = None
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -351,7 +462,7 @@ class TokenizedData:
 
     def _subset(self, index: list[int]) -> "TokenizedData":
         labels = None if self.labels is None else [self.labels[i] for i in index]
-        return TokenizedData([self.ids[i] for i in index], labels, self.task, self.pad_token_id)
+        return TokenizedData([self.ids[i] for i in index], labels, self.task, self.pad_token_id, self.max_length)
 
 
 def held_out_count(n: int, fraction: float, *, source: str = "data") -> int:
@@ -385,7 +496,7 @@ def tokenize(records: Sequence[Mapping], tokenizer, *, task: str, max_length: in
     tokenizer : ByteTokenizer or the checkpoint's tokenizer (see :func:`load_tokenizer`)
     task : {"causal_lm", "seq_cls"}
     max_length : int
-        Tokens per example.
+        Tokens per example; for a model, :func:`resolve_max_length` gives the length it can take.
     labels : sequence of int, optional
         Class ids for ``seq_cls`` (from :func:`label_ids`).
     """
@@ -407,7 +518,7 @@ def tokenize(records: Sequence[Mapping], tokenizer, *, task: str, max_length: in
         raise ConfigError("classification data needs one label per record.")
     if not ids:
         raise ConfigError("the data tokenises to no example of at least 2 tokens; add text.")
-    return TokenizedData(ids, list(labels) if labels is not None else None, task, tokenizer.pad_token_id)
+    return TokenizedData(ids, list(labels) if labels is not None else None, task, tokenizer.pad_token_id, max_length)
 
 
 LENGTH_GROUP = 8  # batches per length-sorted group: 2× fewer padded tokens than random batches on short texts
@@ -497,8 +608,8 @@ def _read_text(path: Path) -> str:
 # ---------------------------------------------------------------------------- one call
 
 
-def prepare_data(model_dir: str | Path, data, *, task: str = "auto", max_length: int = 128, eval_data=None,
-                 eval_fraction: float = 0.0, seed: int = 0):
+def prepare_data(model_dir: str | Path, data, *, task: str = "auto", max_length: int | None = None, eval_data=None,
+                 eval_fraction: float = 0.0, seed: int = 0, notes: list[str] | None = None):
     """Read and tokenise training data (and eval data) for the model in ``model_dir``.
 
     Parameters
@@ -510,7 +621,10 @@ def prepare_data(model_dir: str | Path, data, *, task: str = "auto", max_length:
     task : {"auto", "causal_lm", "seq_cls"}
         ``auto``: classification when every record has a ``label``, language modelling
         when none has; a file with some labels is refused (see :func:`read_records`).
-    max_length : int
+    max_length : int, optional
+        Tokens per example; None: :data:`DEFAULT_MAX_LENGTH`, or the model's position limit
+        when shorter. A length beyond a table of learned positions is refused (see
+        :func:`resolve_max_length`); the data records the length used (``max_length``).
     eval_data : str or path, optional
         Held-out data; otherwise ``eval_fraction`` of ``data`` is held out (0: none).
     eval_fraction : float
@@ -519,6 +633,8 @@ def prepare_data(model_dir: str | Path, data, *, task: str = "auto", max_length:
         refused unless this is 0.
     seed : int
         Seed of the held-out split.
+    notes : list of str, optional
+        Receives the notes of :func:`resolve_max_length` (the default cut to the model's limit).
 
     Returns
     -------
@@ -534,6 +650,7 @@ def prepare_data(model_dir: str | Path, data, *, task: str = "auto", max_length:
     """
     folder = Path(model_dir)
     model_config = json.loads((folder / "config.json").read_text())
+    max_length = resolve_max_length(max_length, model_config, notes=notes)  # before reading data
     records = read_records(data, task=task)  # auto: every record labelled, or none (a mix is refused)
     if task == "auto":
         task = "seq_cls" if "label" in records[0] else "causal_lm"

@@ -80,7 +80,11 @@ class TrainConfig:
     task : {"auto", "causal_lm", "seq_cls"}
         ``auto``: classification when every record has a ``label``, language modelling when
         none has; a file where some records lack one is refused (see ``read_records``).
-    max_length, batch_size, epochs, max_steps, lr, weight_decay, warmup_ratio, grad_clip
+    max_length : int, optional
+        Tokens per example; None: 128, or the model's position limit when shorter (noted in
+        ``spectra_train.json``). A length beyond a table of learned positions (BERT's
+        ``max_position_embeddings``, GPT-2's ``n_positions``) is refused, naming the limit.
+    batch_size, epochs, max_steps, lr, weight_decay, warmup_ratio, grad_clip
         The optimisation (AdamW, linear warm-up then linear decay to 0). Warm-up lasts
         ``ceil(warmup_ratio · total steps)`` steps, as Hugging Face's
         ``TrainingArguments.get_warmup_steps`` counts them: a short run still warms up.
@@ -114,7 +118,7 @@ class TrainConfig:
     roles: tuple[str, ...] | None = None  # None -> every block linear, as QLoRA recommends
     target_modules: tuple[str, ...] | None = None
     task: str = "auto"
-    max_length: int = 128  # covers sentence classification; longer costs quadratic attention
+    max_length: int | None = None  # None -> 128 (data.DEFAULT_MAX_LENGTH), cut to what the model's positions cover
     batch_size: int = 16  # fits a small model on 2 CPU cores at a step rate that shows progress
     epochs: int = 1
     max_steps: int | None = None  # caps the steps over all epochs
@@ -145,7 +149,7 @@ class TrainConfig:
         if self.task not in ("auto", "causal_lm", "seq_cls"):
             raise ConfigError(f"task {self.task!r} is not auto, causal_lm or seq_cls.")
         for name in ("rank", "max_length", "batch_size", "epochs"):
-            if name == "rank" and self.rank is None:
+            if name in ("rank", "max_length") and getattr(self, name) is None:
                 continue
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)!r}.")
@@ -225,6 +229,9 @@ class TrainResult:
     step_times : list of float
         Seconds per optimiser step (forward, backward, update).
     label_names : list of str or None
+    notes : list of str
+        What the run decided for the user (e.g. examples cut to the model's positions); also
+        in ``spectra_train.json``.
     """
 
     out_dir: Path
@@ -236,6 +243,7 @@ class TrainResult:
     evals: list[dict] = field(default_factory=list)
     step_times: list[float] = field(default_factory=list)
     label_names: list[str] | None = None
+    notes: list[str] = field(default_factory=list)
 
     @property
     def final_eval(self) -> dict | None:
@@ -524,9 +532,10 @@ def train_adapter(base, data, config: TrainConfig | None = None, out_dir=None, *
         from spectra.ranks import load_plan
 
         load_plan(config.plan).check_base(open_checkpoint(base))
+    notes: list[str] = []
     task, train, held_out, label_names, tokenizer = prepare_data(
         folder, data, task=config.task, max_length=config.max_length, eval_data=eval_data,
-        eval_fraction=config.eval_fraction, seed=config.seed)
+        eval_fraction=config.eval_fraction, seed=config.seed, notes=notes)
     torch.manual_seed(config.seed)  # head initialisation and LoRA's A init draw from it
     model = load_model(base, task=task, num_labels=len(label_names) if label_names else None,
                        quantize=config.quantized, compute_dtype=config.compute_dtype, label_names=label_names,
@@ -540,8 +549,9 @@ def train_adapter(base, data, config: TrainConfig | None = None, out_dir=None, *
                              device=config.device, pad_token_id=tokenizer.pad_token_id, complete=True).eval()
     with staged_directory(out) as staging:  # the adapter appears whole, or not at all
         result = _train(model, teacher, train, held_out, config, task, staging, progress)
-        result.label_names = label_names
-        _save(model, tokenizer, config, result, staging, base=base, data=data, eval_data=eval_data)
+        result.label_names, result.notes = label_names, notes
+        _save(model, tokenizer, config, result, staging, base=base, data=data, eval_data=eval_data,
+              max_length=train.max_length)
     result.out_dir = out
     return result
 
@@ -671,7 +681,8 @@ def evaluate(model, data: TokenizedData, *, batch_size: int = 32) -> dict:
 # ---------------------------------------------------------------------------- saving
 
 
-def _save(model, tokenizer, config: TrainConfig, result: TrainResult, folder: Path, *, base, data, eval_data) -> None:
+def _save(model, tokenizer, config: TrainConfig, result: TrainResult, folder: Path, *, base, data, eval_data,
+          max_length: int) -> None:
     import peft
     import transformers
 
@@ -682,16 +693,16 @@ def _save(model, tokenizer, config: TrainConfig, result: TrainResult, folder: Pa
     summary = {
         "schema_version": 1, "base": str(base), "data": str(data),
         "eval_data": None if eval_data is None else str(eval_data),
-        "task": result.task, "method": config.method,  # the rank trained (a default one is None in TrainConfig)
-        "config": dataclasses.asdict(config) | ({} if config.method == "full" or config.plan else
-                                                 {"rank": config.lora_rank}),
+        "task": result.task, "method": config.method,  # the length and rank trained (a default is None in TrainConfig)
+        "config": dataclasses.asdict(config) | {"max_length": max_length}
+                  | ({} if config.method == "full" or config.plan else {"rank": config.lora_rank}),
         "tokenizer": getattr(tokenizer, "name", type(tokenizer).__name__), "label_names": result.label_names,
         # the id batches were padded with, set as the model's config.pad_token_id (a classifier pools at the last
         # token before it); a PEFT adapter has no config of its own to carry it, so a loader must set it again
         "pad_token_id": tokenizer.pad_token_id,
         "steps": result.steps, "trainable_params": result.trainable_params,
         "final_train_loss": result.losses[-1] if result.losses else None, "evals": result.evals,
-        "timings": {"step_median_s": steady_step_time(times), "train_s": sum(times)},
+        "timings": {"step_median_s": steady_step_time(times), "train_s": sum(times)}, "notes": result.notes,
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                      "peft": peft.__version__},
     }

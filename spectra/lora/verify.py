@@ -77,8 +77,11 @@ class VerifyConfig:
         The adapter was trained on an NF4 base; None reads it from ``spectra_train.json``.
     task : {"auto", "causal_lm", "seq_cls"}
         Task of the eval data; ``auto`` reads the adapter's task type.
-    max_length, batch_size : int
-        Tokenisation and batching of the eval data.
+    max_length : int, optional
+        Tokens per eval example; None: 128, or the base's position limit when shorter (a
+        note says so). A length beyond a table of learned positions is refused.
+    batch_size : int
+        Eval examples per forward pass.
     seed : int
         Seed of any head initialised at load (a bare base model has no classifier).
     device : str
@@ -95,7 +98,7 @@ class VerifyConfig:
     figure_modules: int = 4  # enough to see the pattern, small JSON
     quantized: bool | None = None
     task: str = "auto"
-    max_length: int = 128  # as in training
+    max_length: int | None = None  # None -> 128 cut to the model's positions, as in training
     batch_size: int = 32  # eval is forward only: larger batches are cheap
     seed: int = 0
     device: str = "cpu"
@@ -110,6 +113,8 @@ class VerifyConfig:
             raise ConfigError(f"intruder_epsilon {self.intruder_epsilon} must lie in (0, 1).")
         if self.task not in ("auto", "causal_lm", "seq_cls"):
             raise ConfigError(f"task {self.task!r} is not auto, causal_lm or seq_cls.")
+        if self.max_length is not None and (not isinstance(self.max_length, int) or self.max_length < 2):
+            raise ConfigError(f"max_length {self.max_length!r} must be an int ≥ 2, or None for the default.")
         check_device(self.device)
 
 
@@ -601,7 +606,7 @@ def evaluate_models(base, tuned, adapter_src, eval_data, truncated: dict, *, con
     """
     import json
 
-    from spectra.lora.data import load_tokenizer, tokenize_file
+    from spectra.lora.data import load_tokenizer, resolve_max_length, tokenize_file
     from spectra.lora.train import evaluate, load_model, model_dir
 
     task = config.task
@@ -612,9 +617,10 @@ def evaluate_models(base, tuned, adapter_src, eval_data, truncated: dict, *, con
     if task == "seq_cls" and labels is None and tuned_config.get("id2label"):
         labels = [tuned_config["id2label"][k] for k in sorted(tuned_config["id2label"], key=int)]
     folder = model_dir(base)
-    vocab = int(json.loads((folder / "config.json").read_text()).get("vocab_size", 256))
-    tokenizer = load_tokenizer(folder, vocab_size=vocab, task=task)
-    data = tokenize_file(eval_data, tokenizer, task=task, max_length=config.max_length, label_names=labels)
+    base_config = json.loads((folder / "config.json").read_text())
+    max_length = resolve_max_length(config.max_length, base_config, option="VerifyConfig max_length", notes=notes)
+    tokenizer = load_tokenizer(folder, vocab_size=int(base_config.get("vocab_size", 256)), task=task)
+    data = tokenize_file(eval_data, tokenizer, task=task, max_length=max_length, label_names=labels)
     num_labels = len(labels) if task == "seq_cls" and labels else None
     compute = (trained.get("config") or {}).get("compute_dtype", "float32")
 
@@ -770,13 +776,14 @@ def rank_sweep(base, tuned, data, *, ranks, methods=("lora",), adapters_dir, tra
     if existing and not overwrite:
         raise ConfigError(f"{adapters_dir} already holds {', '.join(existing[:4])}; pass overwrite=True (--overwrite) "
                           "or another adapters directory.")
-    runs, reference, vectors = [], None, {}
+    runs, reference, vectors, notes = [], None, {}, []
     for method in methods:
         for rank in ranks:
             folder = Path(adapters_dir) / f"{method}-r{rank}"
             cfg = planned[(method, rank)]
             trained = train_adapter(base, data, cfg, folder, eval_data=eval_data, overwrite=overwrite,
                                     progress=progress)
+            notes += [n for n in trained.notes if n not in notes]  # the same data decisions in every run
             result = verify_adapter(base, tuned, folder, eval_data=eval_data, config=verify_config,
                                     progress=False, reference_evals=reference)
             reference = {k: result.evals[k] for k in ("base", "tuned")} if result.evals else None
@@ -797,7 +804,8 @@ def rank_sweep(base, tuned, data, *, ranks, methods=("lora",), adapters_dir, tra
             phi_pairs.append({"module": name, "method": method, "ranks": [ranks[0], ranks[-1]],
                               "matrix": [[round(v, 5) for v in r] for r in matrix.tolist()]})
     sources = {"base": str(base), "tuned": str(tuned), "data": str(data), "methods": list(methods), "ranks": ranks,
-               "eval_data": None if eval_data is None else str(eval_data), "train_config": asdict(train_config)}
+               "eval_data": None if eval_data is None else str(eval_data), "train_config": asdict(train_config),
+               "notes": notes}
     return RankSweepResult(runs=runs, reference_evals=reference or {}, phi_between_ranks=phi_pairs,
                        recommended_rank=recommended_rank, sources=sources)
 

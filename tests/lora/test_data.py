@@ -342,3 +342,90 @@ def test_a_tokenizer_without_pad_token_is_saved_with_the_one_batches_used(tmp_pa
     saved = AutoTokenizer.from_pretrained(str(tmp_path / "ad"))
     assert saved.pad_token_id == 1
     assert saved(["good bad good", "bad"], padding=True)["input_ids"] == [[2, 3, 2], [3, 1, 1]]
+
+
+# ---------------------------------------------------------------------------- sequence length
+
+
+def _config_dir(path, config):
+    """A model directory holding only config.json: all that tokenising for it reads."""
+    config.save_pretrained(path)
+    return path
+
+
+def _roberta_config():
+    import transformers as tf
+
+    # position ids start after the padding id 1: 34 rows hold 32 tokens
+    return tf.RobertaConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=48,
+                            max_position_embeddings=34, pad_token_id=1, vocab_size=64)
+
+
+@pytest.mark.parametrize("family", ["bert", "gpt2", "roberta", "gpt_neox"])
+def test_position_limit_is_the_longest_sequence_the_model_takes(family, tmp_path):
+    """The model itself is the reference: `length` tokens run, one more fails, except on rotary positions."""
+    import transformers as tf
+
+    from spectra.lora.data import position_limit
+    from tests.models import tiny_config
+
+    config = _roberta_config() if family == "roberta" else tiny_config(family)
+    saved = json.loads((_config_dir(tmp_path, config) / "config.json").read_text())
+    limit = position_limit(saved)
+    assert limit.length == 32 and limit.learned == (family != "gpt_neox")
+    model = tf.AutoModel.from_config(config).eval()
+    with torch.no_grad():
+        model(input_ids=torch.full((1, limit.length), 5))
+        if limit.learned:
+            with pytest.raises((RuntimeError, IndexError)):  # no position to embed
+                model(input_ids=torch.full((1, limit.length + 1), 5))
+        else:  # rotary: runs past the configured positions
+            model(input_ids=torch.full((1, limit.length + 1), 5))
+    assert position_limit({"model_type": "t5", "d_model": 32}) is None  # relative positions: no table to fit
+
+
+def test_default_length_is_cut_to_a_short_position_table(llama_base, tmp_path):
+    """BERT/GPT-2 with 32 positions: the default 128 had made 45-token examples, a crash in the model."""
+    from tests.models import tiny_config
+
+    records = tmp_path / "cls.jsonl"
+    records.write_text("".join(json.dumps({"text": f"example {i} " + "word " * 20, "label": i % 3}) + "\n"
+                               for i in range(6)))
+    stream = tmp_path / "train.txt"
+    stream.write_text("plain text to cut into blocks " * 20)
+    bert = _config_dir(tmp_path / "bert", tiny_config("bert"))
+    gpt2 = _config_dir(tmp_path / "gpt2", tiny_config("gpt2"))
+    for folder, data in ((bert, records), (gpt2, stream), (gpt2, records)):
+        notes = []
+        _, tokens, held, *_ = prepare_data(folder, data, eval_fraction=0.5, notes=notes)
+        lengths = [len(ids) for ids in tokens.ids + held.ids]
+        assert max(lengths) == 32 == tokens.max_length == held.max_length, (folder, data)  # truncated / cut to fit
+        (note,) = notes
+        table = "max_position_embeddings" if folder == bert else "n_positions"  # GPT-2's name for it
+        assert "cut at 32 tokens, not the default 128" in note and f"({table} = 32 in its config.json)" in note
+    # negative control: a position table longer than the default leaves it at 128, without a note
+    notes = []
+    _, tokens, *_ = prepare_data(llama_base, stream, notes=notes)
+    assert tokens.max_length == 128 == max(len(ids) for ids in tokens.ids) and notes == []
+
+
+def test_explicit_length_beyond_the_positions_is_refused_by_option_value_and_limit(tmp_path):
+    from tests.models import tiny_config
+
+    data = tmp_path / "train.txt"
+    data.write_text("plain text to cut into blocks " * 20)
+    bert = _config_dir(tmp_path / "bert", tiny_config("bert"))
+    with pytest.raises(ConfigError, match=r"^max_length \(--max-length\) 33 is more than the model can take: its "
+                                          r"table of learned positions covers 32 tokens \(max_position_embeddings = "
+                                          r"32 in its config\.json\)"):
+        prepare_data(bert, data, max_length=33)
+    assert prepare_data(bert, data, max_length=32)[1].max_length == 32  # the limit itself is asked for: as asked
+    roberta = _config_dir(tmp_path / "roberta", _roberta_config())
+    with pytest.raises(ConfigError, match=r"33 .* covers 32 tokens \(max_position_embeddings = 34, less the 2"):
+        prepare_data(roberta, data, max_length=33)
+    # rotary positions run past the configured ones: kept as asked, with a note
+    neox = _config_dir(tmp_path / "neox", tiny_config("gpt_neox"))
+    notes = []
+    _, tokens, *_ = prepare_data(neox, data, max_length=64, notes=notes)
+    assert max(len(ids) for ids in tokens.ids) == 64
+    assert len(notes) == 1 and notes[0].startswith("max_length (--max-length) 64 is beyond the 32 positions")

@@ -518,3 +518,43 @@ def test_the_summary_step_time_leaves_the_warm_up_step_out():
 
     assert steady_step_time([2.0, 0.023]) == 0.023 and steady_step_time([2.0, 0.02, 0.03, 0.025]) == 0.025
     assert steady_step_time([1.5]) == 1.5 and steady_step_time([]) is None
+
+
+def test_default_length_trains_a_bert_with_a_short_position_table(llama_base, tmp_path, monkeypatch):
+    """BERT with max_position_embeddings=32 at the default max_length: a crash in the model (45 tokens into a
+    32-row table); now examples are cut at 32 and the run says so. An explicit longer length is refused."""
+    import spectra.lora.train as train_module
+
+    tokenized = []
+
+    def spy(*args, **kwargs):
+        out = real(*args, **kwargs)
+        tokenized.append(out[1:3])  # (train, held out)
+        return out
+
+    real = train_module.prepare_data
+    monkeypatch.setattr(train_module, "prepare_data", spy)
+    base = save(build_model("bert"), tmp_path / "bert", "safetensors")
+    data = tmp_path / "cls.jsonl"
+    data.write_text("".join(json.dumps({"text": f"a review of item {i}, " + "and more words " * 3,
+                                        "label": ("pos", "neg", "neu")[i % 3]}) + "\n" for i in range(24)))
+    config = TrainConfig(rank=4, max_steps=1, batch_size=8)
+    result = train_adapter(base, data, config, tmp_path / "out", progress=False)
+    train, held = tokenized[0]
+    assert max(len(ids) for ids in train.ids + held.ids) == 32  # the texts are longer: cut to the table
+    (note,) = result.notes
+    assert "cut at 32 tokens, not the default 128" in note and "max_position_embeddings = 32" in note
+    summary = json.loads((tmp_path / "out" / "spectra_train.json").read_text())
+    assert summary["notes"] == [note] and summary["config"]["max_length"] == 32  # the length used, to repeat the run
+    with pytest.raises(ConfigError, match=r"max_length \(--max-length\) 128 is more than the model can take: its "
+                                          r"table of learned positions covers 32 tokens \(max_position_embeddings"):
+        train_adapter(base, data, TrainConfig(rank=4, max_steps=1, batch_size=8, max_length=128), tmp_path / "long",
+                      progress=False)
+    assert not (tmp_path / "long").exists()
+    # negative control: Llama's 2048 positions leave the default at 128, with no note
+    tokenized.clear()
+    text = tmp_path / "long.txt"
+    text.write_text("words to cut into blocks " * 60)
+    llama = train_adapter(llama_base, text, config, tmp_path / "llama", progress=False)
+    assert max(len(ids) for ids in tokenized[0][0].ids) == 128 and llama.notes == []
+    assert json.loads((tmp_path / "llama" / "spectra_train.json").read_text())["config"]["max_length"] == 128
