@@ -590,7 +590,7 @@ def train(
     epochs: Annotated[int, typer.Option(help="Passes over the data.")] = 1,
     max_steps: Annotated[Optional[int], typer.Option(help="Stop after this many steps.")] = None,
     batch_size: Annotated[int, typer.Option(help="Examples per step.")] = 16,
-    max_length: Annotated[int, typer.Option(help="Tokens per example.")] = 128,
+    max_length: Annotated[Optional[int], typer.Option(help="Tokens per example (default 128, or the model's position limit when shorter, said in a note; a value beyond a learned position table, BERT's or GPT-2's, is refused).")] = None,
     group_by_length: Annotated[bool, typer.Option(
         "--group-by-length", help="Batch texts of similar length together: ~2× faster on short texts of mixed "
                                   "length (less padding), batches a little less random.")] = False,
@@ -638,6 +638,8 @@ def train(
                "trainable parameters, final "
                f"train loss {result.losses[-1]:.4f}"
                + (f", eval loss {final['loss']:.4f}, accuracy {final['accuracy']:.1%}" if final else ""))
+    for note in result.notes:
+        typer.secho(f"note: {note}", fg="yellow", err=True)
     typer.echo(f"wrote {result.out_dir}  (training_log.jsonl, spectra_train.json)")
 
 
@@ -800,7 +802,7 @@ def sweep(
     roles: Annotated[Optional[str], typer.Option(help="Roles to truncate (default every block linear: q, k, v, o, qkv, gate, up, down, gate_up).")] = None,
     task: Annotated[str, typer.Option(help="auto, causal_lm or seq_cls.")] = "auto",
     batch_size: Annotated[int, typer.Option(help="Eval examples per forward pass.")] = 32,
-    max_length: Annotated[int, typer.Option(help="Tokens per example.")] = 128,
+    max_length: Annotated[Optional[int], typer.Option(help="Tokens per example (default 128, or the model's position limit when shorter, said in a note; a value beyond a learned position table, BERT's or GPT-2's, is refused).")] = None,
     bootstrap: Annotated[int, typer.Option(help="Bootstrap replicates of the intervals (0: none).")] = 1000,
     device: Annotated[str, typer.Option(help="Where the model is evaluated: cpu, cuda, cuda:1.")] = "cpu",
     seed: Annotated[int, typer.Option(help="Seed of the bootstrap.")] = 0,
@@ -874,6 +876,8 @@ def sweep(
         if choice is not None:
             for group, c in choice["groups"].items():
                 typer.echo(f"functional rank ({group}, ε={epsilon:g}): {functional_text(c)}")
+    for note in result.data["notes"]:
+        typer.secho(f"note: {note}", fg="yellow", err=True)
     typer.echo(f"report: {path / 'report.html'}  (also report.md, sweep.json, figures/"
                + (", plan.json)" if functional_plan is not None else ")"))
 

@@ -354,3 +354,23 @@ def test_quiet_train_prints_no_library_progress_bars(pair, tmp_path):
     assert quiet.returncode == 0 and loud.returncode == 0, quiet.stderr + loud.stderr
     assert "Writing model shards" in loud.stderr  # negative control: without -q the bar is there
     assert "Writing model shards" not in quiet.stderr + quiet.stdout and "full: 1 step, " in quiet.stdout
+
+
+def test_train_and_sweep_fit_the_default_length_to_a_short_position_table(monkeypatch, capsys, tmp_path):
+    """`spectra train`/`sweep` passed --max-length 128 as if typed, so a BERT with 32 positions crashed in its forward
+    (a traceback, exit 1); left unset the length is the model's 32, said in a note, and an explicit 128 is refused."""
+    import json
+
+    base = save(build_model("bert"), tmp_path / "bert", "safetensors")
+    data = tmp_path / "cls.jsonl"
+    data.write_text("".join(json.dumps({"text": f"a review of item {i}, " + "and more words " * 3,
+                                        "label": ("pos", "neg")[i % 2]}) + "\n" for i in range(16)))
+    train = ["train", base, "--data", data, "--rank", "4", "--max-steps", "1", "--batch-size", "8"]
+    code, out, err = run(monkeypatch, capsys, *train, "-o", tmp_path / "out")
+    assert code == 0 and "note: " in err and "cut at 32 tokens, not the default 128" in err, err
+    code, _, err = run(monkeypatch, capsys, *train, "--max-length", "128", "-o", tmp_path / "long")
+    assert code == 2 and "max_length (--max-length) 128 is more than the model can take" in err
+    tuned = save(build_model("bert", seed=1), tmp_path / "bert-tuned", "safetensors")
+    code, _, err = run(monkeypatch, capsys, "sweep", base, tuned, "--data", data, "--ranks", "0,2", "-q",
+                       "-o", tmp_path / "sweep")
+    assert code == 0 and "cut at 32 tokens" in err, err
