@@ -14,6 +14,11 @@ Embedding modules carry ``lora_embedding_A`` (r, vocab) and ``lora_embedding_B``
 key matches the module name as a suffix (PEFT's rule), else ``lora_alpha``; ``r`` is
 read from A's shape, which is what PEFT builds the layer with.
 
+An adapter names modules as the model class does, the base checkpoint as it stores them:
+the two are matched by dot-suffix, and else through transformers' loading renames
+(:func:`_renamed_modules`: Gemma 3's multimodal ``language_model.model.…``, PhiMoE's router,
+GPT-NeoX's ``embed_out``). ΔW is reported under the stored name.
+
 A LoRA on a parameter (PEFT's ``target_parameters``: fused MoE experts, a router's
 weight) is read per expert, under the names the base checkpoint stores those experts by
 (see :class:`ExpertUpdate` and :func:`_plan_parameters`); each parameter's A and B are read
@@ -281,10 +286,17 @@ def plan_adapter(adapter, base, config: dict[str, Any] | None) -> tuple[list[Ada
                                    "modules_to_save weight).")
             modules.setdefault(name.removesuffix(".weight"), {})["full"] = key
 
-    deltas = _plan_parameters(adapter, base, config, modules) if cfg.get("target_parameters") else []
+    model = meta_model(config) if cfg.get("target_parameters") else None  # built once, for the names below too
+    deltas = _plan_parameters(adapter, base, config, modules, model) if cfg.get("target_parameters") else []
     base_weights = [n for n in base.names() if n.endswith(".weight")]
     match = match_names([m + ".weight" for m in modules], base_weights)
+    base_tensors = {m.removesuffix(".weight"): t for m, t in match.pairs.items()}  # adapter module -> base tensor
     missing = [m.removesuffix(".weight") for m in match.only_in_base + list(match.ambiguous)]
+    missing = [m for m in missing if m in modules]
+    if missing:
+        model = meta_model(config) if model is None else model
+        base_tensors |= _renamed_modules(missing, base_weights, model)
+        missing = [m for m in missing if m not in base_tensors]
     tied_to = _tied_heads(adapter, modules, missing, match, base_weights, config, notes)
     missing = [m for m in missing if m in modules and m not in tied_to]
     for module in [m for m in missing if set(modules[m]) == {"full"}]:
@@ -299,7 +311,7 @@ def plan_adapter(adapter, base, config: dict[str, Any] | None) -> tuple[list[Ada
     alpha_default = cfg.get("lora_alpha", 8)
     alpha_pattern = cfg.get("alpha_pattern") or {}
     for adapter_module, parts in modules.items():
-        base_tensor = tied_to.get(adapter_module) or match.pairs[adapter_module + ".weight"]
+        base_tensor = tied_to.get(adapter_module) or base_tensors[adapter_module]
         module = adapter_module if adapter_module in tied_to else base_tensor.removesuffix(".weight")
         info = base.info(base_tensor)
         if len(info.shape) != 2:
@@ -336,7 +348,27 @@ def plan_adapter(adapter, base, config: dict[str, Any] | None) -> tuple[list[Ada
     return deltas, notes
 
 
-def _plan_parameters(adapter, base, config, modules: dict[str, dict[str, str]]) -> list[AdapterDelta]:
+def _renamed_modules(modules: list[str], base_weights: list[str], model) -> dict[str, str]:
+    """Adapter module → the base tensor its weight loads from, for modules whose name the base stores otherwise.
+
+    An adapter names modules as the model class does (PEFT wraps the loaded model), and transformers
+    renames some checkpoint tensors on loading: Gemma 3's multimodal checkpoints store
+    ``language_model.model.layers.N…`` for the model's ``model.language_model.layers.N…``, PhiMoE its
+    router ``block_sparse_moe.gate`` for ``mlp.router``, GPT-NeoX its head ``embed_out`` for
+    ``lm_head``. The base's names are renamed as on loading
+    (:func:`~spectra.checkpoints.placement.parameter_sources`, which :func:`_plan_parameters` reads
+    too) and ``module.weight`` is looked up among them. A weight fused from several tensors (no one
+    base tensor) or a model that cannot be built from the config (``model`` None) leaves the module
+    out.
+    """
+    if model is None:
+        return {}
+    sources = parameter_sources(model, base_weights, [m + ".weight" for m in modules])
+    return {weight.removesuffix(".weight"): found[0].tensor for weight, found in sources.items()
+            if len(found) == 1 and found[0].converter is None}
+
+
+def _plan_parameters(adapter, base, config, modules: dict[str, dict[str, str]], model) -> list[AdapterDelta]:
     """The LoRAs on parameters (``target_parameters``), one AdapterDelta per base tensor and expert.
 
     A saved key does not name the parameter its LoRA adapts: PEFT wraps the module holding the
@@ -346,10 +378,10 @@ def _plan_parameters(adapter, base, config, modules: dict[str, dict[str, str]]) 
     model class, built from the base's ``config.json`` on the meta device, gives that order, each
     parameter's shape and layout (``is_transposed``), and how the base's tensors load into it
     (:func:`~spectra.checkpoints.placement.split_sources`). The wrappers' modules are removed
-    from `modules`; the other modules are plain LoRA modules.
+    from `modules`; the other modules are plain LoRA modules. `model` is that class
+    (:func:`~spectra.checkpoints.targets.meta_model`), None when it cannot be built.
     """
     targets = list(adapter.config["target_parameters"])
-    model = meta_model(config)
     if model is None:
         raise _unreadable(adapter, ", ".join(targets), f"the base {base.spec}'s config.json names no model class "
                           "this transformers can build, and the class alone tells which saved LoRA adapts which "

@@ -154,6 +154,43 @@ def test_a_tied_heads_lora_is_read_against_the_tied_embedding(tmp_path, targets,
     assert any("tied" in note for note in pairing.notes)
 
 
+def check_renamed_against_merge(base_model, base_dir, adapter_dir, peft_model, root) -> dict:
+    """ΔW of an adapter whose modules the base stores under other names: equal to PEFT's merge, saved and paired
+    with the base (PEFT's state dict uses the model's names, the pairing the checkpoint's). Returns the ΔW by name."""
+    merged_dir = save(peft_model.merge_and_unload(), root / "merged", "safetensors")
+    yielded = {d.name: d.delta for d in Pairing(base_dir, adapter_dir, PairingOptions(vectors=False))}
+    merged = {d.name: d.delta for d in Pairing(base_dir, merged_dir, PairingOptions(vectors=False)) if d.delta.any()}
+    assert merged and set(yielded) == set(merged)
+    for name, delta in merged.items():
+        torch.testing.assert_close(yielded[name], delta, rtol=1e-5, atol=1e-6, msg=name)
+    return yielded
+
+
+def test_a_head_transformers_renames_is_read_against_its_stored_tensor(tmp_path):
+    """GPT-NeoX stores its head as embed_out; transformers 5 loads it into lm_head, the name PEFT saves the LoRA
+    under. Matched by dot-suffix only it was refused: 'targets module(s) absent from the base: lm_head'."""
+    base = build_model("gpt_neox")
+    base_dir = save(base, tmp_path / "base", "safetensors")
+    peft_model = random_adapter(base, tmp_path / "ad", r=2, lora_alpha=4, target_modules=["lm_head", "dense"],
+                                save_embedding_layers=False)  # PEFT counts lm_head an embedding: the LoRA alone
+    yielded = check_renamed_against_merge(base, base_dir, tmp_path / "ad", peft_model, tmp_path)
+    assert set(yielded) == {"embed_out", "gpt_neox.layers.0.attention.dense", "gpt_neox.layers.1.attention.dense"}
+    assert torch.linalg.matrix_rank(yielded["embed_out"].double(), rtol=1e-4) == 2
+
+
+def test_a_module_absent_under_any_name_is_still_refused(tmp_path):
+    """Negative control for the renamed names: a module neither the base nor its loading renames hold."""
+    from safetensors.torch import load_file, save_file
+
+    base = build_model("gpt_neox")
+    base_dir = save(base, tmp_path / "base", "safetensors")
+    random_adapter(base, tmp_path / "ad", r=2, lora_alpha=4, target_modules=["lm_head"], save_embedding_layers=False)
+    file = tmp_path / "ad" / "adapter_model.safetensors"
+    save_file({k.replace("lm_head", "lm_tail"): v for k, v in load_file(file).items()}, file, metadata={"format": "pt"})
+    with pytest.raises(AdapterError, match="targets module.s. absent from the base .*: lm_tail. Was it trained"):
+        Pairing(base_dir, tmp_path / "ad")
+
+
 # -- LoRA on parameters (PEFT's target_parameters): transformers-5 fused MoE experts ----------------------------------
 
 MIXTRAL_EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
