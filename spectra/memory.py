@@ -55,6 +55,11 @@ DEFAULT_ROLES = ("q", "k", "v", "o", "qkv", "gate", "up", "down", "gate_up", "ro
 # the router's weight and the fused experts become target_parameters, gate_up_proj at the rank of w1 and w3 summed.
 # Elsewhere all-linear cannot reach fused experts (3-D parameters, not nn.Linear)
 _PEFT_CONVERTS_EXPERTS = frozenset({"mixtral"})
+# MoE families whose router weight is adapted as a parameter (a PEFT ParamWrapper): Mixtral's (MixtralTopKRouter,
+# no Linear: PEFT converts all-linear's router to its weight) and PhiMoE's (PhimoeTopKRouter, an nn.Linear whose
+# forward returns a tuple: all-linear wraps it as a LoRA module, which merges but fails in every forward; spectra's
+# plans and extracted adapters adapt its weight, target_parameters, which trains)
+_PARAMETER_ROUTERS = _PEFT_CONVERTS_EXPERTS | {"phimoe"}
 
 NF4_BLOCK = 64          # weights per NF4 absmax constant [3]
 DQ_BLOCK = 256          # absmax constants per second-level fp32 constant with double quantisation [3]
@@ -485,8 +490,9 @@ def estimate_memory(config_or_model: Any, *, method: str = "lora", rank_plan_or_
 
 class _Adapter(NamedTuple):
     """One adapted module: a PEFT ``lora.Linear`` (``experts`` 0), or a ``ParamWrapper`` on a parameter
-    (``target_parameters``: an MoE's fused experts, ``experts`` of them at ``rank`` each, or Mixtral's router,
-    1), which merges W + s·B·A into the weight in every forward instead of running lora_A on the input."""
+    (``target_parameters``: an MoE's fused experts, ``experts`` of them at ``rank`` each, or a router's weight,
+    Mixtral's or PhiMoE's, 1), which merges W + s·B·A into the weight in every forward instead of running
+    lora_A on the input."""
 
     layer: int | None
     role: str | None
@@ -509,7 +515,8 @@ def _adapter_modules(shape: ModelShape, method: str, plan_or_rank: Any, roles: t
     experts at the largest over experts of gate's + up's rank (as spectra's PEFT config writes
     them) and of down's; an int rank on Mixtral, whose all-linear PEFT converts so, at 2·r for
     gate_up (r for each of w1 and w3), r for down and for the router's weight. Other MoE families'
-    all-linear leaves the experts (3-D parameters) alone.
+    all-linear leaves the experts (3-D parameters) alone. PhiMoE's router is its weight at r too
+    (a parameter: a LoRA module on it cannot run, see ``_PARAMETER_ROUTERS``).
     """
     if method == "full":
         if layers_to_transform is not None:  # it would be ignored: every layer trains
@@ -555,7 +562,7 @@ def _adapter_modules(shape: ModelShape, method: str, plan_or_rank: Any, roles: t
         if role != "router" and r > min(o, d_in):  # PEFT takes any rank; a rank past a router's experts is usual
             raise ConfigError(f"rank {r} exceeds min(d_in, d_out) = {min(o, d_in)} of the {role} "
                               f"projection ({o}×{d_in}).")
-        wrapped = role == "router" and shape.family in _PEFT_CONVERTS_EXPERTS  # MixtralTopKRouter: a parameter
+        wrapped = role == "router" and shape.family in _PARAMETER_ROUTERS  # its weight: a parameter
         block.append(_Adapter(None, role, r, d_in, o, 1 if wrapped else 0))
     if experts > 1 and shape.family in _PEFT_CONVERTS_EXPERTS:
         halves = sum(role_selected(role, wanted) for role in ("gate", "up")) or 2 * role_selected("gate_up", wanted)

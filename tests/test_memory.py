@@ -177,8 +177,10 @@ _PEFT_PATTERN_WARNING = pytest.mark.filterwarnings("ignore:The following (rank|a
 def test_moe_adapters_are_what_peft_makes_of_all_linear():
     """PEFT converts Mixtral's all-linear to transformers 5's fused layout: the router's weight and the experts'
     gate_up_proj (at 2·r: r for each of w1 and w3) and down_proj become target_parameters, which take no DoRA.
-    PhiMoE's all-linear reaches only its router (an nn.Linear) of the MLP. The model had Mixtral's gate, up and
-    down at r per expert and no router: 7552 trainable parameters where PEFT trains 10136."""
+    PhiMoE's all-linear reaches only its router (an nn.Linear) of the MLP, which a LoRA module on it cannot run
+    (its forward returns a tuple): its weight is adapted as a parameter, as spectra's adapters do, which takes no
+    DoRA either. The model had Mixtral's gate, up and down at r per expert and no router: 7552 trainable
+    parameters where PEFT trains 10136."""
     import transformers as tf
     from peft import LoraConfig, get_peft_model
 
@@ -187,10 +189,15 @@ def test_moe_adapters_are_what_peft_makes_of_all_linear():
     phimoe = tf.PhimoeForCausalLM(tf.PhimoeConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                                                   num_attention_heads=4, num_key_value_heads=2, vocab_size=64,
                                                   num_local_experts=3))
+    trained = {"mixtral": dict(target_modules="all-linear"),
+               "phimoe": dict(target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+                              target_parameters=["mlp.router.weight"])}
     for model in (build_model("mixtral"), phimoe):
         est = estimate_memory(model, method="lora", rank_plan_or_rank=4)
-        peft_model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear"))
+        peft_model = get_peft_model(model, LoraConfig(r=4, **trained[model.config.model_type]))
         assert est.trainable_params == sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    with pytest.raises(ConfigError, match="phimoe model's router as parameters"):
+        estimate_memory(phimoe.config, method="dora", rank_plan_or_rank=4)
     mixtral = build_model("mixtral").config
     assert estimate_memory(mixtral, method="lora", rank_plan_or_rank=4).trainable_params == 10136
     with pytest.raises(ConfigError, match="takes no DoRA"):
@@ -500,14 +507,18 @@ def test_mixtral_keeps_the_weights_peft_merges_per_layer(precision, roles, lora,
     assert modelled[1] - modelled[0] == measured[1] - measured[0]
 
 
-@pytest.mark.parametrize(("roles", "jitter"), [(None, 0.01), (("q", "k", "v", "o"), 0.0), (("v",), 0.01)])
-def test_a_phimoe_blocks_activations_are_what_autograd_saves(roles, jitter):
+@pytest.mark.parametrize(("method", "roles", "jitter"), [
+    ("full", None, 0.01), ("lora", ("q", "k", "v", "o"), 0.0), ("lora", ("v",), 0.01), ("lora", None, 0.0),
+    ("lora", None, 0.01)])
+def test_a_phimoe_blocks_activations_are_what_autograd_saves(method, roles, jitter):
     """PhiMoE's LayerNorms (weight and bias), SparseMixer router (two masked softmaxes, arXiv:2409.12136) and input
-    jitter (Phi-3.5-MoE's 0.01: the MLP's input multiplied by noise twice, in place) under full fine-tuning (roles
-    None) and attention LoRA, one block as the test above measures it (all-linear cannot run here: PEFT 0.21 wraps
-    the router, an nn.Linear whose forward returns a tuple, and the forward fails). At fp32: on the CPU a bf16
-    LayerNorm keeps its statistics in bf16 (CUDA's in fp32, as modelled). The model had RMSNorms, Mixtral's router
-    and no jitter: 7.6 % over under full fine-tuning without jitter, 0.7 % under with it."""
+    jitter (Phi-3.5-MoE's 0.01: the MLP's input multiplied by noise twice, in place) under full fine-tuning,
+    attention LoRA and the default roles, one block as the test above measures it. The default roles adapt the
+    router's weight as a parameter (target_parameters), as spectra's plans and extracted adapters do: PEFT 0.21's
+    all-linear wraps the router, an nn.Linear whose forward returns a tuple, and the forward fails. At fp32: on the
+    CPU a bf16 LayerNorm keeps its statistics in bf16 (CUDA's in fp32, as modelled). The model had RMSNorms,
+    Mixtral's router and no jitter: 7.6 % over under full fine-tuning without jitter, 0.7 % under with it; the
+    default roles described the router as a LoRA module, which cannot run."""
     import torch
     import transformers as tf
     from peft import LoraConfig, get_peft_model
@@ -517,14 +528,15 @@ def test_a_phimoe_blocks_activations_are_what_autograd_saves(roles, jitter):
         config = _config("phimoe", layers, "sdpa", input_jitter_noise=jitter)
         torch.manual_seed(0)
         model = tf.PhimoeForCausalLM(config)
-        if roles is not None:
-            model = get_peft_model(model, LoraConfig(r=4, target_modules=[f"{role}_proj" for role in roles]))
+        if method == "lora":
+            router = {} if roles else {"target_parameters": ["mlp.router.weight"]}  # the default roles' router
+            modules = [f"{role}_proj" for role in roles or ("q", "k", "v", "o")]
+            model = get_peft_model(model, LoraConfig(r=4, target_modules=modules, **router))
         model.train()
         for batch in (2, 3):
             measured[layers, batch] = saved_bytes(model, lambda m: _loss(m, batch, 16))
-            modelled[layers, batch] = estimate_memory(config, method="full" if roles is None else "lora",
-                                                      rank_plan_or_rank=4, batch=batch, seq_len=16, precision="fp32",
-                                                      roles=roles).activations
+            modelled[layers, batch] = estimate_memory(config, method=method, rank_plan_or_rank=4, batch=batch,
+                                                      seq_len=16, precision="fp32", roles=roles).activations
     block = {name: d[2, 3] - d[1, 3] - d[2, 2] + d[1, 2] for name, d in (("measured", measured),
                                                                         ("modelled", modelled))}
     assert block["modelled"] == block["measured"], block

@@ -107,11 +107,13 @@ def model_targets(names: Iterable[str], model) -> dict[str, ModelTarget | None]:
     """Checkpoint module name (``model.layers.0.self_attn.q_proj``, no ``.weight``) → its target in ``model``.
 
     A name is the model's module when it resolves to one (exactly or up to a leading prefix) that
-    PEFT's LoRA can wrap (Linear, Embedding, Conv, transformers' Conv1D). Otherwise its
+    PEFT's LoRA can wrap and run (Linear, Embedding, Conv, transformers' Conv1D; not a Linear whose
+    forward returns a tuple, such as PhiMoE's router: see :func:`_adaptable`). Otherwise its
     ``.weight`` is renamed as transformers renames it on loading, and resolved against the
     model's parameters: the weight of a module PEFT can wrap gives that module (GPT-NeoX's
     ``embed_out`` → ``lm_head``), any other a parameter target (Mixtral's
-    ``…experts.3.w1`` → ``…mlp.experts.gate_up_proj``). None: the model has no such weight.
+    ``…experts.3.w1`` → ``…mlp.experts.gate_up_proj``, PhiMoE's ``…block_sparse_moe.gate`` →
+    ``…mlp.router.weight``). None: the model has no such weight.
     """
     modules = dict(model.named_modules())
     module_names = [n for n in modules if n]
@@ -139,11 +141,38 @@ def model_targets(names: Iterable[str], model) -> dict[str, ModelTarget | None]:
 
 
 def _adaptable(module: torch.nn.Module) -> bool:
-    """Whether PEFT's LoRA wraps this module type (else only its parameters can be targeted)."""
+    """Whether PEFT's LoRA wraps this module and still runs (else only its parameters can be targeted).
+
+    PEFT wraps any subclass of the types below, and its ``lora.Linear`` adds ``s·B@A@x`` to what
+    the wrapped module returns. A Linear whose forward returns no tensor (PhiMoE's router
+    ``PhimoeTopKRouter`` and Llama 4's return a tuple: logits, routing weights, experts) is
+    wrapped, merges, and then fails in every forward; its weight is adapted as a parameter
+    (``target_parameters``), which PEFT merges into the weight before the module runs.
+    """
     from transformers.pytorch_utils import Conv1D
 
-    return isinstance(module, (torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv1d, torch.nn.Conv2d,
-                               torch.nn.Conv3d, Conv1D))
+    if not isinstance(module, (torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv1d, torch.nn.Conv2d,
+                               torch.nn.Conv3d, Conv1D)):
+        return False
+    return not isinstance(module, torch.nn.Linear) or type(module).forward is torch.nn.Linear.forward or \
+        _returns_a_tensor(module)
+
+
+def _returns_a_tensor(linear: torch.nn.Linear) -> bool:
+    """Whether a Linear subclass's own forward returns a tensor, run on one row of zeros with its parameters and
+    buffers swapped for meta-device ones (shapes only: no arithmetic, no random numbers drawn, the module kept
+    as it is). True when it cannot run so (nothing to tell: wrapped, as PEFT does)."""
+    from torch.func import functional_call
+
+    try:
+        meta = {name: torch.empty_like(t, device="meta")
+                for name, t in [*linear.named_parameters(), *linear.named_buffers()]}
+        x = torch.zeros(1, linear.in_features, device="meta", dtype=linear.weight.dtype)  # (1, in)
+        with torch.no_grad():
+            out = functional_call(linear, meta, (x,))
+    except Exception:  # a forward that needs other inputs or real values
+        return True
+    return isinstance(out, torch.Tensor)
 
 
 def conversions(model) -> tuple[list, list] | None:

@@ -86,7 +86,9 @@ def extract_adapter(base, tuned, plan_or_rank, out_dir: str | os.PathLike, *, ro
         Adapter directory to create (refused if it exists, unless ``overwrite``).
     roles : tuple of str, optional
         With a uniform rank: roles to target (default q, k, v, o, gate, up, down). A fused
-        module (GPT-2 ``c_attn``) is targeted when any of its projections' roles is.
+        module (GPT-2 ``c_attn``) is targeted when any of its projections' roles is. PhiMoE's
+        router (role ``other``), which a LoRA module cannot run, is adapted through its weight
+        (``target_parameters``).
     alpha : float, optional
         With a uniform rank: ``lora_alpha`` (default 2·rank, or 2·√rank… i.e. s = 2).
     rslora : bool
@@ -151,7 +153,7 @@ def extract_adapter(base, tuned, plan_or_rank, out_dir: str | os.PathLike, *, ro
     saved_modules = sorted({n.rsplit(".", 1)[0] for n in save_names})
     model_class, model = _adapter_model(pairing, model_class, selected, saved_modules)  # None: no config.json
     model_names = _model_names(selected, model, model_class, targets)  # checkpoint module name -> the model's
-    fused = _unconverted_experts(selected, model_names, pairing, model)  # entry name -> its slice of a parameter
+    on_parameters = _unconverted_parameters(selected, model_names, pairing, model)  # entry name -> its slice
     saved_names = _saved_names(saved_modules, model)
     if isinstance(calibration, (str, os.PathLike)):
         from spectra.calibration import CalibrationConfig, collect_calibration
@@ -184,14 +186,15 @@ def extract_adapter(base, tuned, plan_or_rank, out_dir: str | os.PathLike, *, ro
     tensors: dict[str, torch.Tensor] = {}
     results = []
     ranks = {}
-    expert_factors: dict[str, list] = {}  # fused parameter -> [(its slice, A, B, scaling)] of the experts it holds
+    parameter_factors: dict[str, list] = {}  # parameter -> [(its slice, A, B, scaling)] of the matrices it holds
     bar = tqdm.tqdm(total=len(selected), desc="extract", unit="module", disable=not progress)
     for entry, (A, B, extraction) in _in_parallel(factorize, selected, n_workers, threads, bar):
         rank, module_alpha = ranks_of[entry.name]
         module = model_names[entry.name]  # as the adapter's model class names it
-        if entry.name in fused:  # written below, with the other experts of its parameter
+        if entry.name in on_parameters:  # written below, with the other experts of its parameter (a router: alone)
+            place = on_parameters[entry.name]
             scaling = module_alpha / (math.sqrt(rank) if use_rslora else rank)
-            expert_factors.setdefault(fused[entry.name].parameter, []).append((fused[entry.name], A, B, scaling))
+            parameter_factors.setdefault(place.parameter, []).append((place, A, B, scaling))
         elif _is_embedding(entry):  # PEFT's Embedding LoRA: ΔW (vocab, dim) = s·(B_e A_e)ᵀ, so A_e = Bᵀ, B_e = Aᵀ
             tensors[f"{PEFT_PREFIX}{module}.lora_embedding_A"] = B.T.cpu().contiguous()  # (r, vocab)
             tensors[f"{PEFT_PREFIX}{module}.lora_embedding_B"] = A.T.cpu().contiguous()  # (dim, r)
@@ -199,12 +202,12 @@ def extract_adapter(base, tuned, plan_or_rank, out_dir: str | os.PathLike, *, ro
             tensors[f"{PEFT_PREFIX}{module}.lora_A.weight"] = A.cpu().contiguous()  # (r, in)
             tensors[f"{PEFT_PREFIX}{module}.lora_B.weight"] = B.cpu().contiguous()  # (out, r)
         results.append(ModuleExtraction(module, rank, module_alpha, *extraction))
-        if entry.name not in fused:
+        if entry.name not in on_parameters:
             ranks[module] = (rank, module_alpha, entry.conv1d)
     bar.close()
-    for parameter, key in _parameter_keys(model, expert_factors).items():
-        A, B, rank, parameter_alpha = _parameter_factors(expert_factors[parameter], model.get_parameter(parameter).shape,
-                                                         use_rslora)
+    for parameter, key in _parameter_keys(model, parameter_factors).items():
+        A, B, rank, parameter_alpha = _parameter_factors(parameter_factors[parameter],
+                                                         model.get_parameter(parameter).shape, use_rslora)
         tensors[f"{key}.lora_A.weight"], tensors[f"{key}.lora_B.weight"] = A, B
         ranks[parameter] = (rank, parameter_alpha, False)
     for tensor_name in save_names:
@@ -216,7 +219,7 @@ def extract_adapter(base, tuned, plan_or_rank, out_dir: str | os.PathLike, *, ro
         tensors[f"{PEFT_PREFIX}{tied[0]}.weight"] = tensors[f"{PEFT_PREFIX}{embed}.weight"].clone()
 
     config = _peft_config(ranks, use_rslora, list(saved_names.values()), pairing, model, model_class,
-                          parameters=set(expert_factors)) | (
+                          parameters=set(parameter_factors)) | (
         {"ensure_weight_tying": True} if tied else {})
     _write_atomically(out_dir, tensors, config)
     notes = _tied_lora_notes(ranks, pairing, model)
@@ -350,22 +353,29 @@ def _model_names(entries, model, model_class: str | None, targets: dict | None =
     (see :mod:`spectra.checkpoints.targets`): a prefix (the original GPT-2 checkpoint stores
     ``h.0.attn.c_attn``, ``GPT2LMHeadModel`` has ``transformer.h.0.attn.c_attn``), a tensor
     transformers renames on loading (GPT-NeoX's ``embed_out`` is the model's ``lm_head``). A
-    name the model has no module for, or holds as a parameter PEFT only adapts through
-    ``target_parameters`` (a router's weight), is refused, as PEFT would skip it silently.
-    Without a ``config.json`` the checkpoint's names are kept. Expert slices keep their stored
-    names (with the model's prefix): PEFT maps those onto fused expert parameters itself, which
-    hold one rank and one alpha for all experts of a projection, so a plan must give them one.
+    name the model has no module for is refused, as PEFT would skip it silently. Without a
+    ``config.json`` the checkpoint's names are kept. Expert slices keep their stored names (with
+    the model's prefix): PEFT maps those onto fused expert parameters itself (or extract writes
+    them there: :func:`_unconverted_parameters`), which hold one rank and one alpha for all
+    experts of a projection, so a plan must give them one. A weight other than an expert's that
+    the model holds as a parameter PEFT only adapts through ``target_parameters`` (a router's:
+    PhiMoE's, a Linear whose forward returns a tuple, which a LoRA module cannot wrap) keeps its
+    stored name too, and is written onto the parameter; where PEFT would convert that name
+    itself (Mixtral's ``block_sparse_moe.gate`` → ``mlp.gate.weight``) it is refused.
     """
     stored = _stored_names(entries)
     if model is None:
         return stored
     found = model_targets(stored.values(), model)
+    held = {e.name for e in entries if found[stored[e.name]] is not None and found[stored[e.name]].parameter}
+    routers = [stored[e.name] for e in entries if e.name in held and e.info.expert is None]  # a router's weight
+    written = not routers or not _peft_converts(model, routers)  # extract writes them onto their parameters
     names, bad, groups = {}, [], {}
     for e in entries:
         name, target = stored[e.name], found[stored[e.name]]
-        if e.info.expert is not None and target is not None and target.parameter:  # PEFT maps the stored name
+        if e.name in held and (e.info.expert is not None or written):
             names[e.name] = target.stored_name
-            if targets is not None:
+            if e.info.expert is not None and targets is not None:
                 groups.setdefault(_EXPERT_INDEX.sub(".experts.*.", target.stored_name), set()).add(targets[e.name])
             continue
         if target is None or target.parameter:
@@ -387,46 +397,52 @@ def _model_names(entries, model, model_class: str | None, targets: dict | None =
     return names
 
 
-def _unconverted_experts(entries, model_names: dict[str, str], pairing: Pairing, model) -> dict:
-    """Entry name → its :class:`~spectra.checkpoints.placement.ParameterSlice`, for the experts whose
-    stored name PEFT would not map onto the fused parameter that holds them.
+def _unconverted_parameters(entries, model_names: dict[str, str], pairing: Pairing, model) -> dict:
+    """Entry name → its :class:`~spectra.checkpoints.placement.ParameterSlice`, for the weights the model holds
+    in a parameter (no module PEFT can wrap) whose stored name PEFT would not map onto it.
 
     PEFT converts a LoRA on Mixtral's per-expert ``…experts.3.w1`` into one on transformers 5's
     fused ``mlp.experts.gate_up_proj`` when it loads the adapter; PhiMoE stores its experts the same
     way and loads them into the same fused parameters, but PEFT 0.21 converts nothing for it, and
-    ignored adapter keys under those names without a word: the experts' updates were lost. Their
-    factors are written onto the fused parameters instead (:func:`_parameter_factors`).
+    ignored adapter keys under those names without a word: the experts' updates were lost. PhiMoE's
+    router (``block_sparse_moe.gate``, the model's ``mlp.router``) is an nn.Linear whose forward
+    returns a tuple: a LoRA module on it merges but fails in every forward. Their factors are written
+    onto the parameters instead (:func:`_parameter_factors`; the router's weight whole, E = 1).
     """
     if model is None:
         return {}
     modules = {n for n, _ in model.named_modules() if n}
-    experts = [e for e in entries if _EXPERT_INDEX.search(model_names[e.name]) and model_names[e.name] not in modules]
-    if not experts or _peft_converts_experts(model, [model_names[e.name] for e in experts]):
+    wrapped = [e for e in entries if model_names[e.name] not in modules]  # named by their stored name
+    experts = [e for e in wrapped if e.info.expert is not None]
+    if experts and _peft_converts(model, [model_names[e.name] for e in experts]):
+        wrapped = [e for e in wrapped if e.info.expert is None]  # PEFT maps the experts' stored names itself
+    if not wrapped:
         return {}
     from spectra.checkpoints.placement import PlacementError, parameter_sources, split_sources
 
-    shapes = {n: tuple(p.shape) for n, p in model.named_parameters() if p.dim() == 3}  # (E, out, in)
+    targets = model_targets([model_names[e.name] for e in wrapped], model)
+    shapes = {t.name: tuple(model.get_parameter(t.name).shape) for t in targets.values()}  # (E, out, in) or (out, in)
     slices = {}  # base checkpoint tensor -> its TensorSlice
     for parameter, sources in parameter_sources(model, pairing.base.names(), shapes).items():
         try:
             found = split_sources(pairing.base, parameter, shapes[parameter], sources, pairing.config, label="base")
         except PlacementError as err:
-            raise ConfigError(f"{err}; extract cannot write a LoRA on its experts. Leave their roles out (--roles).") \
+            raise ConfigError(f"{err}; extract cannot write a LoRA on it. Leave its modules' roles out (--roles).") \
                 from None
         slices |= {s.tensor: s for s in found}
     out = {}
-    for entry in experts:
+    for entry in wrapped:
         piece = slices.get(entry.base_tensor)
         if piece is None or piece.conv1d:
-            raise ConfigError(f"{entry.name}: no (out, in) slice of a fused parameter of {type(model).__name__} "
+            raise ConfigError(f"{entry.name}: no (out, in) slice of a parameter of {type(model).__name__} "
                               "holds it, so extract cannot place its LoRA. Leave its role out (--roles).")
         out[entry.name] = piece.place
     return out
 
 
-def _peft_converts_experts(model, names: list[str]) -> bool:
-    """Whether PEFT, loading an adapter onto `model`, maps LoRAs on these per-expert checkpoint modules onto the
-    fused parameters that hold them: the conversion it runs on every adapter config first (transformers ≥ 5)."""
+def _peft_converts(model, names: list[str]) -> bool:
+    """Whether PEFT, loading an adapter onto `model`, maps LoRAs on these checkpoint modules (per-expert, a router)
+    onto the parameters that hold them: the conversion it runs on every adapter config first (transformers ≥ 5)."""
     try:
         from peft import LoraConfig
         from peft.utils.transformers_weight_conversion import convert_peft_config_for_transformers
@@ -441,7 +457,7 @@ def _peft_converts_experts(model, names: list[str]) -> bool:
 
 
 def _parameter_keys(model, parameters) -> dict[str, str]:
-    """Fused parameter → the adapter-key prefix of PEFT's LoRA on it (``base_model.model.….experts`` and, where PEFT
+    """Parameter → the adapter-key prefix of PEFT's LoRA on it (``base_model.model.….experts`` and, where PEFT
     nests the wrappers of two parameters of one module, ``….experts.base_layer`` for the inner one).
 
     Which wrapper is nested in which is PEFT's choice: read from PEFT itself, on a copy of the meta model."""
@@ -463,7 +479,8 @@ def _parameter_keys(model, parameters) -> dict[str, str]:
 
 
 def _parameter_factors(pieces, shape: tuple[int, ...], use_rslora: bool):
-    """PEFT's LoRA on a fused (E, out, in) expert parameter from its experts' factors: (A, B, r, α).
+    """PEFT's LoRA on a fused (E, out, in) expert parameter from its experts' factors: (A, B, r, α); on a 2-D
+    (out, in) parameter (a router's weight) as on one expert, E = 1.
 
     `pieces` holds (slice, A (r_b, in), B (rows, r_b), s_b) with s_b·B@A the best rank-r_b update of that expert's
     rows of the parameter (PhiMoE's w1 and w3 are rows [0, ffn) and [ffn, 2·ffn) of gate_up_proj[e]). PEFT's
@@ -473,7 +490,7 @@ def _parameter_factors(pieces, shape: tuple[int, ...], use_rslora: bool):
     block the adapter leaves out gets zeros. α keeps the first block's scaling s (α = s·r, rsLoRA s·√r); a block of
     another scaling is folded into its B.
     """
-    experts, out_features, in_features = shape
+    experts, out_features, in_features = shape if len(shape) == 3 else (1, *shape)
     blocks = sorted({p.rows or (0, out_features) for p, *_ in pieces})  # row ranges of the parameter
     widths = {rows: max(a.shape[0] for p, a, _, _ in pieces if (p.rows or (0, out_features)) == rows)
               for rows in blocks}
@@ -617,8 +634,9 @@ def _peft_config(ranks: dict, use_rslora: bool, saved: list[str], pairing: Pairi
     ``ranks``' and ``saved``'s names count as modules too: expert slices keep their stored names (PEFT maps them).
     Experts the model fuses into one parameter per projection (no module of theirs exists) are converted by
     PEFT at the config's global ``r`` and ``lora_alpha``, whatever ``rank_pattern`` says: those are theirs then.
-    ``ranks``' names in `parameters` are fused parameters the adapter adapts itself (experts PEFT does not
-    convert, :func:`_unconverted_experts`): ``target_parameters``, whose ``rank_pattern`` PEFT applies.
+    ``ranks``' names in `parameters` are parameters the adapter adapts itself (experts PEFT does not
+    convert, a router no LoRA module can wrap: :func:`_unconverted_parameters`): ``target_parameters``,
+    whose ``rank_pattern`` PEFT applies.
     """
     from spectra.checkpoints.targets import peft_task_type
     from spectra.ranks import check_peft_config, lora_config

@@ -227,6 +227,49 @@ def test_phimoe_extracted_experts_are_the_plans_peft_config(tmp_path):
                                            best_rank(W1[name][e][rows] - w0, rank), atol=2e-6)
 
 
+@PATTERN_WARNING
+def test_phimoe_extracted_router_is_a_parameter_that_trains(tmp_path):
+    """PhiMoE's router (block_sparse_moe.gate, the model's mlp.router) is an nn.Linear whose forward returns a tuple:
+    extract wrote a LoRA module on it, which PEFT wraps and merges, and then every forward failed ('tuple' object
+    has no attribute 'dtype'). It is written onto mlp.router.weight as target_parameters, as the plan's own
+    peft_config says: it loads, merges to the planned ΔW and trains (a forward and a backward pass)."""
+    from peft import PeftModel
+
+    from spectra.analysis import analyze
+    from spectra.checkpoints.targets import meta_model
+    from spectra.ranks import RankPolicy, recommend_ranks
+
+    base = build_model("phimoe")
+    tuned = moved(base, ("self_attn.q_proj", "mlp.router"), seed=5)
+    b, t = save(base, tmp_path / "b", "safetensors"), save(tuned, tmp_path / "t", "safetensors")
+    plan = recommend_ranks(analyze(b, t, cache_dir=False, progress=False),
+                           RankPolicy(roles=("q", "other"), noise=False, energy=0.5))
+    ranks = {m.name: m.rank for m in plan.modules}
+    routers = [f"model.layers.{i}.block_sparse_moe.gate" for i in (0, 1)]
+    assert set(routers) <= set(ranks) and all(ranks[r] < 3 for r in routers)  # truncations of 3×32 updates
+    result = extract_adapter(b, t, plan, tmp_path / "ad", progress=False)
+    peft_model = PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "ad"), is_trainable=True).train()
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    peft_model(input_ids=ids, labels=ids).loss.backward()
+    grads = {n: p.grad for n, p in peft_model.named_parameters() if "mlp.router.lora_" in n}
+    assert len(grads) == 4 and all(g is not None and g.abs().sum() > 0 for g in grads.values()), grads.keys()
+    planned = plan.to_peft_config(model=meta_model(json.loads((b / "config.json").read_text())))
+    for key in ("target_modules", "target_parameters", "rank_pattern", "alpha_pattern", "r", "lora_alpha"):
+        assert result.config[key] == planned[key], key
+    assert result.config["target_parameters"] == [f"model.layers.{i}.mlp.router.weight" for i in (0, 1)]
+    state, _ = peft_merge(base, tmp_path / "ad")
+    read_back = {d.name: d.delta for d in Pairing(b, tmp_path / "ad", PairingOptions(vectors=False))}
+    W0, W1 = base.state_dict(), tuned.state_dict()
+    for layer in (0, 1):
+        at = f"model.layers.{layer}"
+        for stored, module in ((f"{at}.block_sparse_moe.gate", f"{at}.mlp.router"),
+                               (f"{at}.self_attn.q_proj", f"{at}.self_attn.q_proj")):
+            key = f"{module}.weight"
+            best = best_rank(W1[key] - W0[key], ranks[stored])
+            np.testing.assert_allclose((state[key] - W0[key]).double().numpy(), best, atol=2e-6)
+            np.testing.assert_allclose(read_back[stored].double().numpy(), best, atol=2e-6)
+
+
 # -- Gemma 3 ---------------------------------------------------------------------------------------------------------
 
 

@@ -213,6 +213,24 @@ def test_names_the_model_cannot_adapt_and_bad_alpha_are_refused(tmp_path):
     extract_adapter(b, t, 2, tmp_path / "ad", roles=("q",), progress=False)  # the rest extracts as before
 
 
+def test_a_linear_subclass_is_a_module_unless_its_forward_returns_no_tensor():
+    """PEFT wraps any nn.Linear subclass as a LoRA module; one whose forward returns a tuple (PhiMoE's router) then
+    fails in every forward, so its weight is a parameter target. Falcon's FalconLinear (a tensor) stays a module."""
+    import transformers as tf
+
+    from spectra.checkpoints.targets import ModelTarget, meta_model, model_targets
+
+    falcon = tf.FalconConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, vocab_size=64).to_dict()
+    model = meta_model(falcon | {"architectures": ["FalconForCausalLM"]})
+    assert type(model.transformer.h[0].self_attention.query_key_value).__name__ == "FalconLinear"
+    qkv = "transformer.h.0.self_attention.query_key_value"
+    assert model_targets([qkv], model)[qkv].parameter is False
+    phimoe = meta_model(build_model("phimoe").config.to_dict() | {"architectures": ["PhimoeForCausalLM"]})
+    router = "model.layers.0.block_sparse_moe.gate"
+    assert model_targets([router], phimoe)[router] == ModelTarget("model.layers.0.mlp.router.weight", parameter=True,
+                                                                  stored_name=router)
+
+
 def _mixtral_fine_tune(update, *, seed: int):
     """A tiny transformers-5 Mixtral and a copy changed in place by ``update(tuned, generator)``."""
     base = build_model("mixtral")
