@@ -213,11 +213,14 @@ def module_spectrum(delta: torch.Tensor, config: AnalysisConfig, *, total_energy
 def analyze_delta(d: DeltaW, config: AnalysisConfig) -> dict[str, Any]:
     """Every metric of one ΔW record, as an ``analysis.json`` row."""
     start = time.perf_counter()
-    row: dict[str, Any] = {
-        "name": d.name, "role": d.role, "layer": d.layer, "expert": d.expert, "kind": d.kind,
+    row: dict[str, Any] = {"name": d.name, "role": d.role}
+    if d.stack is not None:  # a vision tower's, an encoder's: absent for the language model's (and in older files)
+        row["stack"] = d.stack
+    row.update({
+        "layer": d.layer, "expert": d.expert, "kind": d.kind,
         "fused_name": d.fused_name, "conv1d": d.conv1d, "shape": list(d.shape),
         "base_dtype": d.base_dtype, "tuned_dtype": d.tuned_dtype, "base_tensor": d.base_tensor,
-    }
+    })
     fro2 = sketch.squared_norm(d.delta) if d.delta_sq is None else d.delta_sq
     base_fro = math.sqrt(sketch.squared_norm(d.base) if d.base_sq is None else d.base_sq)
     fro = math.sqrt(fro2)

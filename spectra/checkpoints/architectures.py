@@ -1,9 +1,15 @@
-"""Per-family tables: module name → role, layer and expert index; fused layouts; Conv1D.
+"""Per-family tables: module name → role, layer, expert index and stack; fused layouts; Conv1D.
 
 A *role* groups modules across layers and architectures so that results can be
 compared by kind: ``q, k, v, o, qkv, gate, up, down, gate_up, embed, head, other``.
 Unknown architectures still work: every module whose name matches no rule gets
 role ``other`` and is analysed all the same.
+
+A *stack* says which stack of layers a module belongs to, where a checkpoint holds more
+than one, each numbered from 0: Gemma 3's vision tower has an ``encoder.layers.0.self_attn.q_proj``
+beside its language model's ``layers.0.self_attn.q_proj``. Role and layer alone would make
+them one cell of a layer × role table. ``None`` is the language model (the text decoder),
+the only stack of an ordinary LM; see :data:`STACKS` for the others.
 
 Names are module names as they appear in checkpoints, without ``.weight``.
 """
@@ -48,6 +54,21 @@ _ROLE_RULES: tuple[tuple[str, str], ...] = (
     (r"(lm_head|embed_out|classifier|score|cls\.predictions\.decoder)", "head"),
 )
 _ROLE_REGEXES = tuple((re.compile(rf"(^|\.){pattern}$"), role) for pattern, role in _ROLE_RULES)
+# Stacks other than the language model's (None), in report order, and the names that place a module in one. The
+# first rule whose pattern matches a whole segment of the name wins.
+STACKS = ("encoder", "vision", "vision_global", "audio", "projector")
+_STACK_RULES: tuple[tuple[str, str], ...] = (
+    (r"vision_model\.global_transformer", "vision_global"),  # Mllama's second vision stack, numbered from 0 again
+    # Gemma 3, PaliGemma, Llava, Pixtral: vision_tower; Mllama, Idefics, Llama 4: vision_model; Qwen2-VL: visual
+    (r"(vision_tower|vision_model|visual|vision_encoder|image_encoder|vision_backbone)", "vision"),
+    (r"(audio_tower|audio_model|audio_encoder)", "audio"),
+    (r"(multi_modal_projector|mm_projector|connector)", "projector"),  # vision → text (Idefics3: connector)
+)
+_STACK_REGEXES = tuple((re.compile(rf"(^|\.){pattern}(\.|$)"), stack) for pattern, stack in _STACK_RULES)
+# In an encoder–decoder model (config.json's is_encoder_decoder: T5, BART, Whisper, Marian) the first of these
+# segments decides: T5's encoder.block.0 is the encoder, EncoderDecoderModel's decoder.bert.encoder.layer.0 the decoder.
+# Only then: BERT's encoder.layer.N and OPT's model.decoder.layers.N are an ordinary model's one stack.
+_ENCODER_DECODER = re.compile(r"(?:^|\.)(encoder|decoder)\.")
 _LAYER = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)\.")
 _EXPERT = re.compile(r"(?:^|\.)experts\.(\d+)(?:\.|$)")
 
@@ -70,20 +91,26 @@ _CONTIGUOUS_QKV_NAMES = re.compile(r"(^|\.)(c_attn|qkv_proj)$")
 
 @dataclass(frozen=True)
 class ModuleInfo:
-    """What the name of one module tells: its role, layer and expert index."""
+    """What the name of one module tells: its role, layer, expert index and stack."""
 
     role: str
-    layer: int | None
+    layer: int | None  # counted within its stack
     expert: int | None
+    stack: str | None = None  # None: the language model; else one of STACKS (a vision tower, an encoder, …)
 
 
-def module_info(name: str) -> ModuleInfo:
-    """Role, layer index and expert index of a module name (without ``.weight``).
+def module_info(name: str, config: dict[str, Any] | None = None) -> ModuleInfo:
+    """Role, layer index, expert index and stack of a module name (without ``.weight``).
+
+    `config` (``config.json``) is needed for one thing only: whether ``encoder.`` names an
+    encoder–decoder model's encoder (``is_encoder_decoder``) or an encoder-only model's one stack.
 
     >>> module_info("model.layers.3.self_attn.q_proj")
-    ModuleInfo(role='q', layer=3, expert=None)
+    ModuleInfo(role='q', layer=3, expert=None, stack=None)
     >>> module_info("transformer.h.0.attn.c_attn")
-    ModuleInfo(role='qkv', layer=0, expert=None)
+    ModuleInfo(role='qkv', layer=0, expert=None, stack=None)
+    >>> module_info("vision_tower.encoder.layers.0.self_attn.q_proj")
+    ModuleInfo(role='q', layer=0, expert=None, stack='vision')
     """
     role = "other"
     for regex, candidate in _ROLE_REGEXES:
@@ -92,7 +119,27 @@ def module_info(name: str) -> ModuleInfo:
             break
     layer = _LAYER.search(name)
     expert = _EXPERT.search(name)
-    return ModuleInfo(role, int(layer.group(1)) if layer else None, int(expert.group(1)) if expert else None)
+    return ModuleInfo(role, int(layer.group(1)) if layer else None, int(expert.group(1)) if expert else None,
+                      module_stack(name, config))
+
+
+def module_stack(name: str, config: dict[str, Any] | None = None) -> str | None:
+    """The stack of layers a module belongs to: None for the language model, else one of :data:`STACKS`.
+
+    >>> module_stack("language_model.model.layers.0.self_attn.q_proj")  # Gemma 3's text model
+    >>> module_stack("visual.blocks.0.attn.qkv")  # Qwen2-VL
+    'vision'
+    >>> module_stack("model.encoder.layers.0.self_attn.q_proj", {"is_encoder_decoder": True})  # BART
+    'encoder'
+    """
+    for regex, stack in _STACK_REGEXES:
+        if regex.search(name):
+            return stack
+    if (config or {}).get("is_encoder_decoder"):
+        first = _ENCODER_DECODER.search(name)
+        if first is not None and first.group(1) == "encoder":
+            return "encoder"
+    return None
 
 
 def is_conv1d(name: str, config: dict[str, Any] | None) -> bool:

@@ -139,6 +139,7 @@ class DeltaW:
     delta_sq: float | None = None  # ‖ΔW‖_F² when the subtraction took it on the way (else None)
     base_sq: float | None = None  # ‖W_base‖_F² likewise
     delta_low: torch.Tensor | None = None  # ΔW rounded to bfloat16 (PairingOptions.low_copy_above), same layout
+    stack: str | None = None  # "vision", … (architectures.STACKS), None: the language model; layers count within it
 
 
 @dataclass(frozen=True)
@@ -241,7 +242,7 @@ class Pairing:
             if t.shape != b.shape or b.dtype not in _FLOAT_DTYPES or t.dtype not in _FLOAT_DTYPES:
                 continue
             module = head.removesuffix(".weight")
-            info = module_info(module)
+            info = module_info(module, self.config)
             out.append(PairEntry(name=module, info=info, kind="matrix", shape=tuple(b.shape), base_tensor=embed,
                                  tuned_tensor=head, base_dtype=b.dtype, tuned_dtype=t.dtype))
             self.only_in_tuned = [n for n in self.only_in_tuned if n != head]
@@ -257,12 +258,12 @@ class Pairing:
         if len(b.shape) == 0:
             return []
         module = b_name.removesuffix(".weight")
-        info = module_info(module)
+        info = module_info(module, self.config)
         common = dict(base_tensor=b_name, tuned_tensor=t_name, base_dtype=b.dtype, tuned_dtype=t.dtype)
         if len(b.shape) == 1:
             if b.shape != t.shape:
                 raise _shape_error(b_name, b.shape, t.shape, self.base, self.tuned)
-            owner = module_info(b_name.rpartition(".")[0])  # q_proj.bias belongs to q_proj
+            owner = module_info(b_name.rpartition(".")[0], self.config)  # q_proj.bias belongs to q_proj
             return [PairEntry(name=b_name, info=owner, kind="vector", shape=b.shape, **common)]
         if len(b.shape) in (2, 3) and ".experts." in f".{b_name}." and not b_name.endswith(".weight"):
             if b.shape != t.shape:  # stacked per-expert tensors: (experts, ·, ·) matrices or (experts, ·) biases
@@ -272,7 +273,7 @@ class Pairing:
             out = []
             for e in range(b.shape[0]):
                 name = f"{head}.{e}.{proj}"
-                e_info = module_info(name)
+                e_info = module_info(name, self.config)
                 if len(b.shape) == 2:
                     out.append(PairEntry(name=name, info=e_info, kind="vector", shape=b.shape[1:], expert_index=e,
                                          **common))
@@ -328,7 +329,7 @@ class Pairing:
         self.notes.extend(notes)
         entries = []
         for p in planned:
-            info = module_info(p.module)
+            info = module_info(p.module, self.config)
             b = self.base.info(p.base_tensor)
             conv1d = p.conv1d
             entries.append(PairEntry(
@@ -487,7 +488,8 @@ class Pairing:
             n = len(range(*proj.rows.indices(shape[0]))) if isinstance(proj.rows, slice) else len(proj.rows)
             shape = (n, *shape[1:])
         return DeltaW(
-            name=name, role=info.role, layer=info.layer, expert=info.expert, kind=entry.kind, shape=tuple(shape),
+            name=name, role=info.role, layer=info.layer, expert=info.expert, stack=info.stack, kind=entry.kind,
+            shape=tuple(shape),
             base_dtype=_dtype_name(entry.base_dtype), tuned_dtype=_dtype_name(entry.tuned_dtype), delta=delta,
             base_tensor=entry.base_tensor, fused_name=entry.name if proj is not None else None,
             conv1d=entry.conv1d, added_rows=entry.added_rows, base=base, tuned=tuned)

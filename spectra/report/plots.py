@@ -1,5 +1,8 @@
 """Figures of an analysis: spectra decay, cumulative energy, layer × role heatmaps, rank histogram.
 
+Role panels and heatmap cells group modules by stack and role (:func:`~spectra.report.tables.groups_in`),
+so a vision tower's layer-0 q_proj is never drawn as the language model's.
+
 Every function takes the analysis dict (what ``analysis.json`` holds) and returns a
 :class:`matplotlib.figure.Figure` built directly, not through ``pyplot``, so no global
 figure state leaks and nothing is ever shown. Saving uses the Agg/SVG canvases that
@@ -22,12 +25,17 @@ from spectra.report.tables import (
     energy_levels,
     format_value,
     full_rank,
+    group_label,
+    group_of,
+    groups_in,
     headline,
     headline_level,
+    layer_role_grids,
     matrix_rows,
     number,
     percent,
-    roles_in,
+    stack_label,
+    stacks_in,
     stats,
     unchanged,
     unchanged_text,
@@ -75,8 +83,9 @@ def plot_decay(analysis: Mapping) -> Figure:
     """
     rows = matrix_rows(analysis)
     fig, axes, norm = _role_grid(rows)
-    for ax, role in zip(axes, roles_in(rows)):
-        members = [r for r in rows if r["role"] == role]
+    stacks = stacks_in(rows)
+    for ax, group in zip(axes, groups_in(rows)):
+        members = [r for r in rows if group_of(r) == group]
         drawn = 0
         for row in members:
             s = np.asarray(row["singular_values"], dtype=np.float64)  # (k,)
@@ -94,7 +103,7 @@ def plot_decay(analysis: Mapping) -> Figure:
                        label=r"noise floor (MP edge / $\sigma_1$)")
             if min(floors) < max(floors):
                 ax.axhspan(min(floors), max(floors), color="0.5", alpha=0.15, lw=0)
-        _finish_panel(ax, role, members, drawn)
+        _finish_panel(ax, group_label(group, stacks), members, drawn)
         if drawn:
             ax.set_yscale("log")
             if max(len(r["singular_values"]) for r in members) > _LOG_X_FROM:
@@ -129,8 +138,9 @@ def plot_cumulative_energy(analysis: Mapping) -> Figure:
     rows = matrix_rows(analysis)
     marks = energy_marks(analysis)
     fig, axes, norm = _role_grid(rows)
-    for ax, role in zip(axes, roles_in(rows)):
-        members = [r for r in rows if r["role"] == role]
+    stacks = stacks_in(rows)
+    for ax, group in zip(axes, groups_in(rows)):
+        members = [r for r in rows if group_of(r) == group]
         drawn = 0
         for row in members:
             energy = energy_curve(row)  # (k,)
@@ -143,7 +153,7 @@ def plot_cumulative_energy(analysis: Mapping) -> Figure:
             ax.axhline(level, color="0.3", ls=":", lw=0.9)
             ax.annotate(f"{level:.0%}", (1.0, level), xycoords=("axes fraction", "data"), xytext=(2, 0),
                         textcoords="offset points", va="center", fontsize=7, color="0.3")
-        _finish_panel(ax, role, members, drawn)
+        _finish_panel(ax, group_label(group, stacks), members, drawn)
         if drawn:
             ax.set_xlim(0, _energy_zoom(members))
             ax.xaxis.set_major_locator(whole_ticks())  # r counts directions
@@ -259,24 +269,25 @@ def all_figures(analysis: Mapping) -> dict[str, Figure]:
 
 
 def _role_grid(rows: list[dict]) -> tuple[Figure, list, Normalize | None]:
-    """A figure with one panel per role, and the layer colour scale (with its colorbar)."""
-    roles = roles_in(rows)
-    ncols = min(len(roles), 3)
-    nrows = -(-len(roles) // ncols)
+    """A figure with one panel per role of each stack (:func:`~spectra.report.tables.groups_in`), and the layer
+    colour scale (with its colorbar)."""
+    groups = groups_in(rows)
+    ncols = min(len(groups), 3)
+    nrows = -(-len(groups) // ncols)
     fig = Figure(figsize=(4.2 * ncols + 1.2, 3.4 * nrows + 0.6), layout="constrained")
     grid = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False)).ravel()
-    for ax in grid[len(roles):]:
+    for ax in grid[len(groups):]:
         ax.set_visible(False)  # the grid is rectangular; roles may not fill it
     layers = sorted({r["layer"] for r in rows if r.get("layer") is not None})
     norm = None
     if len(layers) > 1:
         norm = Normalize(vmin=layers[0], vmax=layers[-1])
-        bar = fig.colorbar(ScalarMappable(norm=norm, cmap=_LAYER_CMAP), ax=list(grid[: len(roles)]),
+        bar = fig.colorbar(ScalarMappable(norm=norm, cmap=_LAYER_CMAP), ax=list(grid[: len(groups)]),
                            shrink=0.9, aspect=30)
         bar.set_label("layer (index)")
         bar.locator = whole_ticks()  # layer indices
         bar.update_ticks()
-    return fig, list(grid[: len(roles)]), norm
+    return fig, list(grid[: len(groups)]), norm
 
 
 def _line_style(row: Mapping, norm: Normalize | None) -> dict:
@@ -311,7 +322,8 @@ def _noise_floor(row: Mapping) -> float | None:
 
 
 def _finish_panel(ax, role: str, members: list[dict], drawn: int) -> None:
-    """Panel title with the role's median energy-90% rank; a note where nothing could be drawn."""
+    """Panel title with the role's median energy-90% rank (`role`: its label, "vision q" beside another stack); a
+    note where nothing could be drawn."""
     level = headline({k for r in members for k in (r.get("energy_rank") or {})})
     # the median over changed modules, as the per-role table gives it: ΔW = 0 has no rank
     median = stats(number((r.get("energy_rank") or {}).get(level)) for r in members if not unchanged(r))
@@ -349,19 +361,14 @@ def _empty(ax, message: str) -> None:
 
 
 def _heatmap(rows: list[dict], value, *, label: str, title: str, fmt: str, integer: bool = False) -> Figure:
-    """Layer × role grid of ``value(row)`` (median where a cell holds several experts); ``integer``: the values
-    are counts, so a linear colorbar ticks whole numbers only."""
-    roles = roles_in(rows)
-    layers = sorted({r["layer"] for r in rows if r.get("layer") is not None})
-    if any(r.get("layer") is None for r in rows):
-        layers.append(None)  # embeddings and head: one "no layer" row at the bottom
-    grid = np.full((len(layers), len(roles)), np.nan)  # (layers, roles)
-    for i, layer in enumerate(layers):
-        for j, role in enumerate(roles):
-            cell = [value(r) for r in rows if r.get("layer") == layer and r["role"] == role]
-            cell = [v for v in cell if v is not None]
-            if cell:
-                grid[i, j] = float(np.median(cell))
+    """Layer × role grid of ``value(row)`` (median where a cell holds several experts), one panel per stack
+    (:func:`~spectra.report.tables.layer_role_grids`); ``integer``: the values are counts, so a linear colorbar ticks
+    whole numbers only."""
+    grids = layer_role_grids(rows, value)
+    if len(grids) > 1:
+        return _stacked_heatmap(grids, label=label, title=title, fmt=fmt, integer=integer)
+    (only,) = grids
+    roles, layers, grid = only.roles, only.layers, only.values  # (layers, roles)
     fig = Figure(figsize=(min(1.0 * len(roles) + 3.0, 14), min(0.32 * len(layers) + 2.2, 24)),
                  layout="constrained")
     ax = fig.subplots()
@@ -369,21 +376,53 @@ def _heatmap(rows: list[dict], value, *, label: str, title: str, fmt: str, integ
     cmap = colormaps["cividis"].with_extremes(bad="0.93")
     norm = _color_norm(grid)
     image = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, norm=norm, aspect="auto", interpolation="nearest")
-    bar = fig.colorbar(image, ax=ax)
+    _heatmap_colorbar(fig.colorbar(image, ax=ax), norm, label, integer)
+    if grid.size <= _ANNOTATE_CELLS:
+        _annotate(ax, grid, norm, cmap, fmt)
+    _heatmap_axes(ax, roles, layers)
+    ax.set_title(_heatmap_title(title, grids, fmt), fontsize=10)
+    return fig
+
+
+def _stacked_heatmap(grids: list, *, label: str, title: str, fmt: str, integer: bool) -> Figure:
+    """The heatmap of an analysis of several stacks (a language model and its vision tower): one panel per stack,
+    top to bottom, each as tall as its layers, on one colour scale so that colours compare across them."""
+    heights = [len(g.layers) for g in grids]
+    width = max(len(g.roles) for g in grids)
+    fig = Figure(figsize=(min(1.0 * width + 3.0, 14), min(0.32 * sum(heights) + 1.0 * len(grids) + 1.2, 24)),
+                 layout="constrained")
+    axes = fig.subplots(len(grids), 1, squeeze=False, height_ratios=heights)[:, 0]
+    cmap = colormaps["cividis"].with_extremes(bad="0.93")
+    norm = _color_norm(np.concatenate([g.values.ravel() for g in grids]))
+    annotate = sum(g.values.size for g in grids) <= _ANNOTATE_CELLS
+    for ax, g in zip(axes, grids):
+        image = ax.imshow(np.ma.masked_invalid(g.values), cmap=cmap, norm=norm, aspect="auto",
+                          interpolation="nearest")
+        if annotate:
+            _annotate(ax, g.values, norm, cmap, fmt)
+        _heatmap_axes(ax, g.roles, g.layers)
+        ax.set_xlim(-0.5, width - 0.5)  # cells of one width in every panel; a stack with fewer roles ends early
+        ax.set_title(stack_label(g.stack), fontsize=10, loc="left")
+    _heatmap_colorbar(fig.colorbar(image, ax=list(axes)), norm, label, integer)
+    fig.suptitle(_heatmap_title(title, grids, fmt), fontsize=10)
+    return fig
+
+
+def _heatmap_colorbar(bar, norm: Normalize, label: str, integer: bool) -> None:
     bar.set_label(label + (", log scale" if isinstance(norm, LogNorm) else ""))
     if integer and not isinstance(norm, LogNorm):  # a log colorbar ticks decades already
         bar.locator = whole_ticks()
         bar.update_ticks()
-    if grid.size <= _ANNOTATE_CELLS:
-        _annotate(ax, grid, norm, cmap, fmt)
+
+
+def _heatmap_axes(ax, roles: list[str], layers: list) -> None:
+    """Role ticks along x, layer ticks along y (at most ~40 of them), and the axis labels."""
     ax.set_xticks(range(len(roles)), labels=roles)
     step = max(1, len(layers) // 40)
     ticks = list(range(0, len(layers), step))
     ax.set_yticks(ticks, labels=["no layer" if layers[i] is None else str(layers[i]) for i in ticks])
     ax.set_xlabel("role")
     ax.set_ylabel("layer (index)")
-    ax.set_title(_heatmap_title(title, grid, layers, roles, fmt), fontsize=10)
-    return fig
 
 
 def _color_norm(grid: np.ndarray) -> Normalize:
@@ -412,12 +451,16 @@ def _annotate(ax, grid: np.ndarray, norm: Normalize, cmap, fmt: str) -> None:
                 color="white" if dark else "black")
 
 
-def _heatmap_title(title: str, grid: np.ndarray, layers: list, roles: list[str], fmt: str) -> str:
-    if not np.isfinite(grid).any():
+def _heatmap_title(title: str, grids: list, fmt: str) -> str:
+    """`title` and where the largest value lies ("largest in vision q, layer 0 (12)" beside another stack)."""
+    filled = [g for g in grids if np.isfinite(g.values).any()]
+    if not filled:
         return f"{title}: no values"
-    i, j = np.unravel_index(np.nanargmax(grid), grid.shape)
-    where = "no layer" if layers[i] is None else f"layer {layers[i]}"
-    return f"{title}: largest in {roles[j]}, {where} ({fmt.format(grid[i, j])})"
+    g = max(filled, key=lambda g: np.nanmax(g.values))  # the first on a tie
+    i, j = np.unravel_index(np.nanargmax(g.values), g.values.shape)
+    where = "no layer" if g.layers[i] is None else f"layer {g.layers[i]}"
+    role = group_label((g.stack, g.roles[j]), [other.stack for other in grids])
+    return f"{title}: largest in {role}, {where} ({fmt.format(g.values[i, j])})"
 
 
 # ---------------------------------------------------------------------------- histogram

@@ -23,6 +23,8 @@ from spectra.errors import ConfigError
 from spectra.files import staged_directory
 from spectra.report.plots import all_figures, energy_marks, energy_marks_text
 from spectra.report.tables import (
+    group_label,
+    groups_in,
     has_activation,
     headline_level,
     matrix_rows,
@@ -31,7 +33,8 @@ from spectra.report.tables import (
     rank_picture,
     role_table,
     role_table_note,
-    roles_in,
+    stack_label,
+    stacks_in,
     vector_rows,
     vector_table,
 )
@@ -161,11 +164,12 @@ def report_blocks(analysis: Mapping, *, figures: list[str]) -> list[tuple]:
                ("p", rank_picture(analysis))]
     note = role_table_note(analysis)  # modules with ΔW = 0 are left out of the medians and counts
     headers, cells = role_table(analysis)
+    stacks = stacks_in(matrices)
     blocks.append(("h", 2, "Per role"))
     if cells:
         blocks += [("p", "Median over the role's modules, with the range (min–max) in brackets. Energy-x% rank: "
                          "fewest singular directions that hold x% of ‖ΔW‖_F²; full rank is min(out, in)."
-                         + (f" {note}" if note else "")),
+                         + (f" {_stacks_note(stacks)}" if len(stacks) > 1 else "") + (f" {note}" if note else "")),
                    ("table", headers, cells)]
     else:  # every matrix is unchanged: no role has a rank to tabulate
         blocks.append(("p", note))
@@ -177,8 +181,11 @@ def report_blocks(analysis: Mapping, *, figures: list[str]) -> list[tuple]:
     blocks.append(("h", 2, "Figures"))
     head = headline_level(analysis)
     marks = energy_marks_text(energy_marks(analysis))  # the figure's dotted lines: "90, 95 and 99%"
+    panels = (f" One panel per stack ({', '.join(stack_label(s) for s in stacks)}), on one colour scale."
+              if len(stacks) > 1 else "")
     captions = _FIGURE_CAPTIONS | {"rank_heatmap": f"Energy-{percent(head)} rank by layer and role "
-                                                   "(grey: no such module).",
+                                                   f"(grey: no such module).{panels}",
+                                   "relative_size_heatmap": _FIGURE_CAPTIONS["relative_size_heatmap"] + panels,
                                    "cumulative_energy": f"Cumulative energy share of the top-r directions; dotted "
                                                         f"lines at {marks}."}
     blocks += [("figure", name, captions.get(name, name)) for name in figures]
@@ -189,14 +196,30 @@ def report_blocks(analysis: Mapping, *, figures: list[str]) -> list[tuple]:
     return blocks
 
 
+def _stacks_note(stacks: list) -> str:
+    """What a report of several stacks (a language model and its vision tower) says about its grouping."""
+    others = [s for s in stacks if s is not None]
+    return (f"The checkpoint holds {len(stacks)} stacks of layers ({', '.join(stack_label(s) for s in stacks)}), "
+            f"each numbered from 0: their modules are never grouped together, and a role of the "
+            f"{' or '.join(others)} stack reads with its name ({group_label((others[0], 'q'), stacks)})"
+            + (", the language model's without one." if None in stacks else "."))
+
+
 def _summary_items(analysis: Mapping, matrices: list[dict], vectors: list[dict]) -> list[str]:
     items = [f"{label}: {_checkpoint(analysis.get(key))}" for key, label in (("base", "Base"), ("tuned", "Tuned"))]
+    stacks = stacks_in(matrices)
     layers = {r["layer"] for r in matrices if r.get("layer") is not None}
     tensors = [r for r in matrices if not r.get("fused_name")]  # a fused tensor once, not again per projection
     split = len(matrices) - len(tensors)
+    if len(stacks) > 1:  # layer 3 of a vision tower is not the language model's: count each stack's own
+        counts = [(stack_label(s), len({r["layer"] for r in matrices if r.get("stack") == s
+                                        and r.get("layer") is not None})) for s in stacks]
+        where = ", ".join(f"{n} layer{'s' * (n != 1)} ({name})" for name, n in counts)
+    else:
+        where = f"{len(layers)} layer{'s' * (len(layers) != 1)}"
     items.append(f"Modules: {len(tensors)} weight matrices"
                  + (f" (and {split} projections of fused ones)" if split else "") + f" and {len(vectors)} vector deltas over "
-                 f"{len(layers)} layer{'s' * (len(layers) != 1)}; roles {', '.join(roles_in(matrices))}")
+                 f"{where}; roles {', '.join(group_label(g, stacks) for g in groups_in(matrices))}")
     pairing = analysis.get("pairing") or {}
     for key, label in (("only_in_base", "Only in the base, not analysed"),
                        ("only_in_tuned", "Only in the tuned checkpoint, not analysed"),

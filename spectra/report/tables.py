@@ -3,6 +3,12 @@
 Everything here reads the plain analysis dict (what ``analysis.json`` holds) and
 returns numbers or strings; nothing draws or writes files. ``plots`` and ``render``
 both start from :func:`matrix_rows`, so the input is validated in one place.
+
+Modules are grouped by *stack* and role (:func:`groups_in`): a multimodal checkpoint's vision
+tower numbers its layers from 0 like its language model, and its q_proj is no more the
+language model's q than its layer 0 is theirs. A row's ``stack`` (absent for the language
+model, and in files written before it existed) keeps them apart; where an analysis holds
+more than one stack, another stack's roles read "vision q" (:func:`group_label`).
 """
 
 from __future__ import annotations
@@ -13,10 +19,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from spectra.checkpoints.architectures import STACKS
 from spectra.errors import ConfigError
 
 # Roles in the order a transformer block meets them, so tables and plots read top-down.
 ROLE_ORDER = ("embed", "q", "k", "v", "qkv", "o", "gate", "up", "gate_up", "down", "head", "other")
+# Stacks in report order: the language model (None) first, then the others as architectures.STACKS lists them.
+STACK_ORDER = (None, *STACKS)
 ENERGY_LEVELS = ("0.5", "0.9", "0.95", "0.99")
 _REQUIRED_MATRIX_KEYS = ("name", "role", "shape", "fro_norm", "energy_rank", "singular_values")
 
@@ -33,6 +42,8 @@ def analysis_problem(data: dict) -> str | None:
             return f"module {row['name']}: 'shape' must be a list of integers"
         if row.get("kind", "matrix") == "matrix" and not isinstance(row.get("role"), str):
             return f"module {row['name']}: 'role' must be a string"
+        if not isinstance(row.get("stack"), (str, type(None))):
+            return f"module {row['name']}: 'stack' must be a string or null"
     return None
 
 
@@ -48,7 +59,7 @@ def matrix_rows(analysis: Mapping) -> list[dict]:
     Returns
     -------
     list of dict
-        Rows with ``kind == "matrix"``, sorted by (embeddings first, layer, role, name).
+        Rows with ``kind == "matrix"``, sorted by (stack, embeddings first, layer, role, name).
 
     Raises
     ------
@@ -83,10 +94,12 @@ def vector_rows(analysis: Mapping) -> list[dict]:
 
 
 def module_sort_key(row: Mapping) -> tuple:
-    """Sort key: embeddings, then layers in order, then un-layered modules (head); roles in block order."""
+    """Sort key: stack by stack (the language model first), within one embeddings, then layers in order, then
+    un-layered modules (head); roles in block order."""
     layer = row.get("layer")
     group = 0 if row.get("role") == "embed" else (2 if layer is None else 1)
-    return (group, layer if layer is not None else 0, role_index(row.get("role")), row.get("name", ""))
+    return (stack_index(row.get("stack")), group, layer if layer is not None else 0, role_index(row.get("role")),
+            row.get("name", ""))
 
 
 def role_index(role: str | None) -> int:
@@ -94,9 +107,36 @@ def role_index(role: str | None) -> int:
     return ROLE_ORDER.index(role) if role in ROLE_ORDER else len(ROLE_ORDER)
 
 
-def roles_in(rows: list[Mapping]) -> list[str]:
-    """The distinct roles of ``rows``, in block order."""
-    return sorted({r["role"] for r in rows}, key=lambda role: (role_index(role), role))
+def stack_index(stack: str | None) -> tuple[int, str]:
+    """Sort key of ``stack``: its place in :data:`STACK_ORDER` (unknown stacks last, by name)."""
+    return (STACK_ORDER.index(stack), "") if stack in STACK_ORDER else (len(STACK_ORDER), str(stack))
+
+
+def stacks_in(rows: list[Mapping]) -> list[str | None]:
+    """The distinct stacks of ``rows`` (None: the language model, or a row written without a stack), in order."""
+    return sorted({r.get("stack") for r in rows}, key=stack_index)
+
+
+def group_of(row: Mapping) -> tuple[str | None, str]:
+    """What the per-role table, the role panels and the heatmap cells group a module by: (stack, role)."""
+    return row.get("stack"), row["role"]
+
+
+def groups_in(rows: list[Mapping]) -> list[tuple[str | None, str]]:
+    """The distinct (stack, role) groups of ``rows``: stack by stack, roles in block order within each."""
+    return sorted({group_of(r) for r in rows}, key=lambda g: (stack_index(g[0]), role_index(g[1]), g[1]))
+
+
+def group_label(group: tuple[str | None, str], stacks: list) -> str:
+    """A group as the reports name it: its role ("q"), prefixed by its stack ("vision q") where ``stacks`` (those of
+    the analysis, :func:`stacks_in`) are more than one and it is not the language model's."""
+    stack, role = group
+    return role if stack is None or len(stacks) < 2 else f"{stack} {role}"
+
+
+def stack_label(stack: str | None) -> str:
+    """A stack as panel titles and summaries name it: "language model" for None, else its name ("vision")."""
+    return "language model" if stack is None else stack
 
 
 def full_rank(row: Mapping) -> int:
@@ -265,8 +305,9 @@ def unchanged_text(rows: list[Mapping]) -> str:
     left = [r for r in counted if unchanged(r)]
     if not left:
         return ""
-    changed_roles = {r["role"] for r in counted if not unchanged(r)}
-    still = [role for role in roles_in(left) if role not in changed_roles]  # roles left alone entirely, block order
+    changed = {group_of(r) for r in counted if not unchanged(r)}
+    stacks = stacks_in(rows)
+    still = [group_label(g, stacks) for g in groups_in(left) if g not in changed]  # roles left alone entirely
     wholes = any(unchanged(r) for r in rows if r["name"] in split)
     return (f"{len(left)} unchanged {'matrix is' if len(left) == 1 else 'matrices are'} left out (ΔW = 0"
             + (f"; every {', '.join(still)} matrix" if still else "")
@@ -288,18 +329,23 @@ def summary_rows(analysis: Mapping) -> list[dict]:
     Returns
     -------
     list of dict
-        One dict per role with a changed module, in block order, with ``role``, ``modules`` (count of changed ones),
-        ``layers`` (distinct non-null layers), ``full_rank`` (median of ``min(shape)``)
-        and, for each :data:`SUMMARY_METRICS` key (and :data:`ACTIVATION_METRICS` key when
+        One dict per role of each stack (:func:`groups_in`) with a changed module, in block order, with ``role``,
+        ``stack`` (None: the language model), ``label`` (:func:`group_label`: "q", or "vision q" beside another
+        stack), ``modules`` (count of changed ones), ``layers`` (distinct non-null layers), ``full_rank`` (median
+        of ``min(shape)``) and, for each :data:`SUMMARY_METRICS` key (and :data:`ACTIVATION_METRICS` key when
         the analysis was calibrated), a :func:`stats` dict or None where no module of the
         role has the metric.
     """
-    rows = [r for r in matrix_rows(analysis) if not unchanged(r)]
+    every = matrix_rows(analysis)
+    stacks = stacks_in(every)
+    rows = [r for r in every if not unchanged(r)]
     table = []
-    for role in roles_in(rows):
-        members = [r for r in rows if r["role"] == role]
+    for group in groups_in(rows):
+        members = [r for r in rows if group_of(r) == group]
         entry = {
-            "role": role,
+            "role": group[1],
+            "stack": group[0],
+            "label": group_label(group, stacks),
             "modules": len(members),
             "layers": len({r.get("layer") for r in members if r.get("layer") is not None}),
             "full_rank": float(np.median([full_rank(r) for r in members])),
@@ -308,6 +354,42 @@ def summary_rows(analysis: Mapping) -> list[dict]:
             entry[metric.key] = stats(metric.value(r) for r in members)
         table.append(entry)
     return table
+
+
+@dataclass(frozen=True)
+class LayerRoleGrid:
+    """One stack's layer × role table of a metric, what a heatmap panel draws.
+
+    ``values[i, j]`` is the median of the metric over the modules of layer ``layers[i]`` and role ``roles[j]`` (one
+    module, or a layer's experts), NaN where there is none or none has the metric. ``layers`` ends with None when
+    some of the stack's modules have no layer (embeddings, head, a projector).
+    """
+
+    stack: str | None
+    layers: list[int | None]
+    roles: list[str]
+    values: np.ndarray  # (layers, roles)
+
+
+def layer_role_grids(rows: list[Mapping], value: Callable[[Mapping], float | None]) -> list[LayerRoleGrid]:
+    """The layer × role tables of ``value(row)`` over weight-matrix ``rows``, one per stack (:func:`stacks_in`):
+    layer 0 of a vision tower and of the language model are different rows of different tables, never one cell."""
+    grids = []
+    for stack in stacks_in(rows):
+        members = [r for r in rows if r.get("stack") == stack]
+        roles = [role for _, role in groups_in(members)]
+        layers: list[int | None] = sorted({r["layer"] for r in members if r.get("layer") is not None})
+        if any(r.get("layer") is None for r in members):
+            layers.append(None)  # embeddings and head: one "no layer" row at the bottom
+        values = np.full((len(layers), len(roles)), np.nan)  # (layers, roles)
+        for i, layer in enumerate(layers):
+            for j, role in enumerate(roles):
+                cell = [value(r) for r in members if r.get("layer") == layer and r["role"] == role]
+                cell = [v for v in cell if v is not None]
+                if cell:
+                    values[i, j] = float(np.median(cell))
+        grids.append(LayerRoleGrid(stack, layers, roles, values))
+    return grids
 
 
 def pct(value) -> str:
@@ -349,7 +431,7 @@ def role_table(analysis: Mapping) -> tuple[list[str], list[list[str]]]:
     metrics = _metrics(analysis)
     headers = ["role", "modules", "full rank"] + [m.label for m in metrics]
     body = [
-        [entry["role"], str(entry["modules"]), format_value(entry["full_rank"], "rank")]
+        [entry["label"], str(entry["modules"]), format_value(entry["full_rank"], "rank")]
         + [format_stats(entry[m.key], m.kind) for m in metrics]
         for entry in summary_rows(analysis)
     ]
@@ -380,8 +462,9 @@ def module_table(analysis: Mapping) -> tuple[list[str], list[list[str]]]:
     keys = set(_MODULE_METRICS) | {f"energy_rank_{level}" for level in shown}
     metrics = [m for m in _metrics(analysis) if m.key in keys and m.kind != "share"]
     headers = ["module", "role", "layer", "shape", "‖ΔW‖_F"] + [m.label for m in metrics] + ["method"]
+    stacks = stacks_in(matrix_rows(analysis))
     body = [
-        [r["name"], r["role"], _text(r.get("layer")), "×".join(map(str, r["shape"])),
+        [r["name"], group_label(group_of(r), stacks), _text(r.get("layer")), "×".join(map(str, r["shape"])),
          format_value(number(r["fro_norm"]), "ratio")]
         + [_energy_interval(r, m.key) or format_value(m.value(r), m.kind) for m in metrics]
         + [_text(r.get("method"))]
@@ -402,8 +485,10 @@ def _energy_interval(row: Mapping, key: str) -> str | None:
 def vector_table(analysis: Mapping) -> tuple[list[str], list[list[str]]]:
     """Headers and text cells of the 1-D deltas (norm weights, biases): size only, no spectrum."""
     headers = ["module", "role", "layer", "shape", "‖Δ‖_2", "‖Δ‖/‖w‖"]
+    stacks = stacks_in(matrix_rows(analysis) + vector_rows(analysis))
     body = [
-        [r["name"], _text(r.get("role")), _text(r.get("layer")), "×".join(map(str, r.get("shape", []))),
+        [r["name"], _text(r.get("role")) if r.get("role") is None else group_label(group_of(r), stacks),
+         _text(r.get("layer")), "×".join(map(str, r.get("shape", []))),
          format_value(number(r.get("fro_norm")), "ratio"), format_value(number(r.get("relative_size")), "ratio")]
         for r in vector_rows(analysis)
     ]
@@ -419,7 +504,8 @@ def rank_picture(analysis: Mapping) -> str:
     """
     rows = matrix_rows(analysis)
     split = fused_wholes(rows)
-    whole_roles = {r["role"] for r in rows if r["name"] in split} - {r["role"] for r in rows if r["name"] not in split}
+    whole_groups = ({group_of(r) for r in rows if r["name"] in split}
+                    - {group_of(r) for r in rows if r["name"] not in split})
     left_out = unchanged_text(rows)  # the sentence beside the per-role table (role_table_note), word for word
     rows = [r for r in rows if r["name"] not in split]  # a fused tensor counts once: through its projections
     if rows and all(unchanged(r) for r in rows):
@@ -443,8 +529,8 @@ def rank_picture(analysis: Mapping) -> str:
         + (f" {left_out}" if left_out else "")
     )
     # summary_rows leaves ΔW = 0 out too (and roles with no changed matrix); qkv/gate_up read through their parts
-    by_role = [(entry["role"], entry[f"energy_rank_{level}_share"]) for entry in summary_rows(analysis)
-               if entry["role"] not in whole_roles]
+    by_role = [(entry["label"], entry[f"energy_rank_{level}_share"]) for entry in summary_rows(analysis)
+               if (entry["stack"], entry["role"]) not in whole_groups]
     missing = [role for role, s in by_role if s is None]
     by_role = sorted(((role, s["median"]) for role, s in by_role if s is not None), key=lambda item: item[1])
     parts = ", ".join(f"{role} {share:.1%}" for role, share in by_role)

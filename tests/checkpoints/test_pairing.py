@@ -58,6 +58,7 @@ def test_llama_gqa_untied(tmp_path, fmt):
     assert (k.role, k.layer, k.shape) == ("k", 0, (16, 32))
     assert seen["lm_head"].role == "head" and seen["model.embed_tokens"].role == "embed"  # untied: both present
     assert seen["model.norm.weight"].kind == "vector"
+    assert {d.stack for d in seen.values()} == {None}  # one stack, the language model's
 
 
 def test_gemma_multi_query_tied(tmp_path):
@@ -72,6 +73,43 @@ def test_gemma_multi_query_tied(tmp_path):
     assert (seen["model.layers.1.self_attn.v_proj"].role, seen["model.layers.1.self_attn.v_proj"].shape) == ("v", (8, 32))
     assert seen["model.layers.0.mlp.gate_proj"].role == "gate"
     assert not any(d.role == "head" for d in seen.values())  # Gemma ties the head to the embedding
+
+
+def test_multimodal_towers_are_separate_stacks(tmp_path):
+    """Gemma3ForConditionalGeneration: the vision tower's encoder.layers.0.self_attn.q_proj and the language model's
+    layers.0.self_attn.q_proj are both role q, layer 0; their stack keeps them apart (the language model's is None)."""
+    base = build_model("gemma3_multimodal")
+    tuned = copy.deepcopy(base)
+    dtext, dvision = low_rank(32, 32, 1, seed=31), low_rank(16, 16, 3, seed=32)
+    add_to_parameter(tuned, "model.language_model.layers.0.self_attn.q_proj.weight", dtext)
+    add_to_parameter(tuned, "model.vision_tower.encoder.layers.0.self_attn.q_proj.weight", dvision)
+    b, t = save(base, tmp_path / "b", "safetensors"), save(tuned, tmp_path / "t", "safetensors")
+    text, vision = "language_model.model.layers.0.self_attn.q_proj", "vision_tower.encoder.layers.0.self_attn.q_proj"
+    seen = assert_exact(Pairing(b, t, F64), {text: dtext, vision: dvision})
+    assert (seen[text].role, seen[text].layer, seen[text].stack) == ("q", 0, None)
+    assert (seen[vision].role, seen[vision].layer, seen[vision].stack) == ("q", 0, "vision")
+    assert seen[vision + ".bias"].stack == "vision"  # its vectors too
+    assert seen["multi_modal_projector.mm_input_projection_weight"].stack == "projector"
+    assert {d.stack for d in seen.values() if d.name.startswith("language_model.")} == {None}
+    entries = {e.name: e for e in Pairing(b, t, PairingOptions(load=False)).entries}
+    assert (entries[text].info.stack, entries[vision].info.stack) == (None, "vision")
+
+
+def test_encoder_decoder_stacks_come_from_the_config(tmp_path):
+    """BART names its encoder's and decoder's layers alike (model.encoder.layers.0.self_attn.q_proj, model.decoder…);
+    config.json's is_encoder_decoder puts the encoder in a stack of its own (OPT's model.decoder.layers stay None)."""
+    import transformers as tf
+
+    config = tf.BartConfig(vocab_size=64, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                           decoder_attention_heads=2, encoder_ffn_dim=24, decoder_ffn_dim=24,
+                           max_position_embeddings=32)
+    b = save(tf.BartForConditionalGeneration(config), tmp_path / "b", "safetensors")
+    seen = {d.name: d for d in Pairing(b, b, PairingOptions(load=False))}
+    stacks = [seen[f"model.{name}.q_proj"].stack
+              for name in ("encoder.layers.0.self_attn", "decoder.layers.0.self_attn", "decoder.layers.0.encoder_attn")]
+    assert stacks == ["encoder", None, None]
+    assert seen["model.encoder.layers.0.self_attn.q_proj.bias"].stack == "encoder"
+    assert seen["model.shared"].stack is None
 
 
 def test_gpt2_conv1d_fused_split_and_prefix(tmp_path):
