@@ -58,15 +58,19 @@ def pairs(
     from rich.console import Console
 
     from spectra.checkpoints.pairing import Pairing, PairingOptions
+    from spectra.report.tables import stack_label
 
     options = PairingOptions(roles=_split(roles), layers=_layer_range(layers), include=include, exclude=exclude,
                              load=False)
     pairing = Pairing(base, tuned, options)
     deltas = list(pairing)
     experts = any(d.expert is not None for d in deltas)  # the column only for mixture-of-experts models
-    rows = [(d.role, _fmt(d.layer), *((_fmt(d.expert),) if experts else ()), "×".join(map(str, d.shape)),
+    stacks = any(d.stack is not None for d in deltas)  # and for checkpoints of several stacks (a vision tower, …)
+    rows = [(*((stack_label(d.stack),) if stacks else ()), d.role, _fmt(d.layer),
+             *((_fmt(d.expert),) if experts else ()), "×".join(map(str, d.shape)),
              f"{d.base_dtype}→{d.tuned_dtype}", d.kind) for d in deltas]
-    headers = ("role", "layer", *(("expert",) if experts else ()), "shape", "dtypes", "kind")
+    headers = (*(("stack",) if stacks else ()), "role", "layer", *(("expert",) if experts else ()), "shape", "dtypes",
+               "kind")
     console = Console()
     console.print(_module_table(f"{len(deltas)} ΔW pairs", [d.name for d in deltas], rows, headers))
     for label, names in (("only in BASE, not paired", pairing.only_in_base),

@@ -240,7 +240,10 @@ def test_pairs_lists_modules_in_order_with_experts_only_for_moe(monkeypatch, cap
     assert code == 0 and "│ h.0.attn.c_attn[q]" in stdout and "expert" not in stdout
     moe = save(build_model("mixtral"), tmp_path / "moe", "safetensors")
     code, stdout, _ = run(monkeypatch, capsys, "pairs", moe, moe, "--roles", "up")
-    assert code == 0 and "┃ expert ┃" in stdout
+    assert code == 0 and "┃ expert ┃" in stdout and "stack" not in stdout
+    multimodal = save(build_model("gemma3_multimodal"), tmp_path / "mm", "safetensors")  # a vision tower: a stack column
+    code, stdout, _ = run(monkeypatch, capsys, "pairs", multimodal, multimodal, "--roles", "q")
+    assert code == 0 and "┃ stack " in stdout and "│ vision " in stdout and "│ language model " in stdout
     import shutil
 
     from safetensors.torch import load_file, save_file
