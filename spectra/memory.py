@@ -516,7 +516,8 @@ def _adapter_modules(shape: ModelShape, method: str, plan_or_rank: Any, roles: t
     them) and of down's; an int rank on Mixtral, whose all-linear PEFT converts so, at 2·r for
     gate_up (r for each of w1 and w3), r for down and for the router's weight. Other MoE families'
     all-linear leaves the experts (3-D parameters) alone. PhiMoE's router is its weight at r too
-    (a parameter: a LoRA module on it cannot run, see ``_PARAMETER_ROUTERS``).
+    (a parameter: a LoRA module on it cannot run, see ``_PARAMETER_ROUTERS``), and so is a plan's
+    router at its planned rank, as the plan's ``peft_config`` adapts both (``_block_adapter``).
     """
     if method == "full":
         if layers_to_transform is not None:  # it would be ignored: every layer trains
@@ -543,7 +544,7 @@ def _adapter_modules(shape: ModelShape, method: str, plan_or_rank: Any, roles: t
                 ranks = fused.setdefault((m.layer, parameter), {})
                 ranks[expert] = ranks.get(expert, 0) + m.rank
             else:
-                modules.append(_Adapter(m.layer, m.role, m.rank, m.shape[1], m.shape[0]))
+                modules.append(_block_adapter(shape, m.layer, _planned_role(shape, m), m.rank, m.shape[1], m.shape[0]))
         for (layer, parameter), ranks in fused.items():
             d_in, d_out = (i, h) if parameter == "down" else (h, 2 * i)
             modules.append(_Adapter(layer, parameter, max(ranks.values()), d_in, d_out, experts))
@@ -562,8 +563,7 @@ def _adapter_modules(shape: ModelShape, method: str, plan_or_rank: Any, roles: t
         if role != "router" and r > min(o, d_in):  # PEFT takes any rank; a rank past a router's experts is usual
             raise ConfigError(f"rank {r} exceeds min(d_in, d_out) = {min(o, d_in)} of the {role} "
                               f"projection ({o}×{d_in}).")
-        wrapped = role == "router" and shape.family in _PARAMETER_ROUTERS  # its weight: a parameter
-        block.append(_Adapter(None, role, r, d_in, o, 1 if wrapped else 0))
+        block.append(_block_adapter(shape, None, role, r, d_in, o))
     if experts > 1 and shape.family in _PEFT_CONVERTS_EXPERTS:
         halves = sum(role_selected(role, wanted) for role in ("gate", "up")) or 2 * role_selected("gate_up", wanted)
         if halves:
@@ -578,6 +578,24 @@ def _adapter_modules(shape: ModelShape, method: str, plan_or_rank: Any, roles: t
     modules = [m._replace(layer=layer) for layer in sorted(set(layers)) for m in block]
     _refuse_dora_on_parameters(shape, method, modules)
     return modules
+
+
+def _block_adapter(shape: ModelShape, layer: int | None, role: str | None, rank: int, d_in: int,
+                   d_out: int) -> _Adapter:
+    """A block's module adapted on its own (not fused experts), by a plan or an int rank: a ``lora.Linear``, or
+    for a router whose weight PEFT adapts as a parameter (``_PARAMETER_ROUTERS``: what all-linear and the
+    plan's ``peft_config`` both make of it) a ``ParamWrapper``."""
+    wrapped = role == "router" and shape.family in _PARAMETER_ROUTERS
+    return _Adapter(layer, role, rank, d_in, d_out, 1 if wrapped else 0)
+
+
+def _planned_role(shape: ModelShape, module) -> str | None:
+    """The memory model's role of a planned module: ``router`` for an MoE's router, which analyses name ``other``
+    (Mixtral's and PhiMoE's ``block_sparse_moe.gate``): a block's (experts, hidden) weight outside its experts."""
+    if shape.experts > 1 and module.role == "other" and module.layer is not None \
+            and tuple(module.shape) == (shape.experts, shape.hidden):
+        return "router"
+    return module.role
 
 
 def _refuse_dora_on_parameters(shape: ModelShape, method: str, modules: list[_Adapter]) -> None:

@@ -542,6 +542,70 @@ def test_a_phimoe_blocks_activations_are_what_autograd_saves(method, roles, jitt
     assert block["modelled"] == block["measured"], block
 
 
+def _router_plan(config, attention: bool):
+    """A plan of every layer's router (as analyses name it: block_sparse_moe.gate, role other, rank 2 of its 3×32)
+    and, with ``attention``, q_proj at rank 3."""
+    from spectra.ranks import ModuleRank, RankPlan
+
+    def planned(name, role, layer, shape, rank):
+        return ModuleRank(name=name, role=role, layer=layer, shape=shape, rank=rank, alpha=2.0 * rank, energy=1.0,
+                          energy_upper=1.0, params=rank * sum(shape), reason="energy")
+
+    h, experts = config.hidden_size, config.num_local_experts
+    modules = []
+    for layer in range(config.num_hidden_layers):
+        modules.append(planned(f"model.layers.{layer}.block_sparse_moe.gate", "other", layer, (experts, h), 2))
+        if attention:
+            modules.append(planned(f"model.layers.{layer}.self_attn.q_proj", "q", layer, (h, h), 3))
+    return RankPlan(modules=tuple(modules))
+
+
+@_PEFT_PATTERN_WARNING
+@pytest.mark.parametrize("attention", [False, True])
+@pytest.mark.parametrize(("family", "precision"), [("mixtral", "bf16"), ("mixtral", "fp32"), ("phimoe", "fp32")])
+def test_a_plans_router_is_the_parameter_its_peft_config_trains(family, precision, attention):
+    """A plan's router (role other) is adapted through its weight by the plan's peft_config (target_parameters:
+    Mixtral's mlp.gate.weight, a MixtralTopKRouter's; PhiMoE's mlp.router.weight), as the default roles of an int
+    rank describe it: a ParamWrapper that merges into the weight, not a lora.Linear. Trainable parameters against
+    PEFT's model built from that peft_config, one block's activations against autograd (as above), and DoRA refused
+    as to_peft_config refuses it. The plan had the router as a LoRA module: Mixtral's block bytes off and a DoRA
+    estimate of what PEFT cannot build."""
+    import dataclasses
+
+    import torch
+    import transformers as tf
+    from peft import LoraConfig, get_peft_model
+
+    from spectra.ranks import RankPolicy
+
+    cls = {"mixtral": tf.MixtralForCausalLM, "phimoe": tf.PhimoeForCausalLM}[family]
+    router = {"mixtral": "gate", "phimoe": "router"}[family]
+    measured, modelled = {}, {}
+    for layers in (1, 2):
+        config = _config(family, layers, "sdpa")
+        torch.manual_seed(0)
+        model = cls(config).to({"bf16": torch.bfloat16, "fp32": torch.float32}[precision])
+        plan = _router_plan(config, attention)
+        peft_config = plan.to_peft_config(model=model)
+        assert peft_config["target_parameters"] == [f"model.layers.{i}.mlp.{router}.weight" for i in range(layers)]
+        model = get_peft_model(model, LoraConfig(**peft_config)).train()
+        trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        for batch in (2, 3):
+            est = estimate_memory(config, method="lora", rank_plan_or_rank=plan, batch=batch, seq_len=16,
+                                  precision=precision)
+            assert est.trainable_params == trained
+            measured[layers, batch] = saved_bytes(model, lambda m: _loss(m, batch, 16))
+            modelled[layers, batch] = est.activations
+    block = {name: d[2, 3] - d[1, 3] - d[2, 2] + d[1, 2] for name, d in (("measured", measured),
+                                                                        ("modelled", modelled))}
+    assert block["modelled"] == block["measured"], block
+    dora = dataclasses.replace(plan, policy=RankPolicy(use_dora=True))
+    with pytest.raises(ConfigError, match="takes no DoRA"):
+        dora.to_peft_config(model=cls(config))
+    with pytest.raises(ConfigError, match=f"{family} model's router as parameters"):
+        estimate_memory(config, method="dora", rank_plan_or_rank=dora)
+
+
 _LLAMA_TARGETS = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o", "gate_proj": "gate",
                   "up_proj": "up", "down_proj": "down"}
 
