@@ -86,9 +86,9 @@ def extract_adapter(base, tuned, plan_or_rank, out_dir: str | os.PathLike, *, ro
         Adapter directory to create (refused if it exists, unless ``overwrite``).
     roles : tuple of str, optional
         With a uniform rank: roles to target (default q, k, v, o, gate, up, down). A fused
-        module (GPT-2 ``c_attn``) is targeted when any of its projections' roles is. PhiMoE's
-        router (role ``other``), which a LoRA module cannot run, is adapted through its weight
-        (``target_parameters``).
+        module (GPT-2 ``c_attn``) is targeted when any of its projections' roles is. An MoE's
+        router (role ``other``: PhiMoE's, Mixtral's), which no LoRA module can run, is adapted
+        through its weight (``target_parameters``).
     alpha : float, optional
         With a uniform rank: ``lora_alpha`` (default 2·rank, or 2·√rank… i.e. s = 2).
     rslora : bool
@@ -359,26 +359,22 @@ def _model_names(entries, model, model_class: str | None, targets: dict | None =
     them there: :func:`_unconverted_parameters`), which hold one rank and one alpha for all
     experts of a projection, so a plan must give them one. A weight other than an expert's that
     the model holds as a parameter PEFT only adapts through ``target_parameters`` (a router's:
-    PhiMoE's, a Linear whose forward returns a tuple, which a LoRA module cannot wrap) keeps its
-    stored name too, and is written onto the parameter; where PEFT would convert that name
-    itself (Mixtral's ``block_sparse_moe.gate`` → ``mlp.gate.weight``) it is refused.
+    PhiMoE's, a Linear whose forward returns a tuple, which a LoRA module cannot wrap; Mixtral's,
+    a MixtralTopKRouter, no Linear) keeps its stored name too, and is written onto the parameter
+    (:func:`_unconverted_parameters`).
     """
     stored = _stored_names(entries)
     if model is None:
         return stored
     found = model_targets(stored.values(), model)
-    held = {e.name for e in entries if found[stored[e.name]] is not None and found[stored[e.name]].parameter}
-    routers = [stored[e.name] for e in entries if e.name in held and e.info.expert is None]  # a router's weight
-    written = not routers or not _peft_converts(model, routers)  # extract writes them onto their parameters
     names, bad, groups = {}, [], {}
     for e in entries:
         name, target = stored[e.name], found[stored[e.name]]
-        if e.name in held and (e.info.expert is not None or written):
+        if target is not None and target.parameter:
             names[e.name] = target.stored_name
             if e.info.expert is not None and targets is not None:
                 groups.setdefault(_EXPERT_INDEX.sub(".experts.*.", target.stored_name), set()).add(targets[e.name])
-            continue
-        if target is None or target.parameter:
+        elif target is None:
             bad.append(name)
         else:
             names[e.name] = target.name
@@ -408,6 +404,12 @@ def _unconverted_parameters(entries, model_names: dict[str, str], pairing: Pairi
     router (``block_sparse_moe.gate``, the model's ``mlp.router``) is an nn.Linear whose forward
     returns a tuple: a LoRA module on it merges but fails in every forward. Their factors are written
     onto the parameters instead (:func:`_parameter_factors`; the router's weight whole, E = 1).
+
+    Mixtral's router (``block_sparse_moe.gate``, loaded into ``mlp.gate``, a MixtralTopKRouter) is
+    written onto ``mlp.gate.weight`` too, although PEFT 0.21 converts its stored name: it turns any
+    ``target_modules`` entry ending in ``.gate`` into the bare ``target_parameters`` entry
+    ``gate.weight``, every layer's router at the config's global ``r`` and ``lora_alpha``, with the
+    ``rank_pattern`` and ``alpha_pattern`` keys of the stored name left matching nothing.
     """
     if model is None:
         return {}
@@ -441,7 +443,7 @@ def _unconverted_parameters(entries, model_names: dict[str, str], pairing: Pairi
 
 
 def _peft_converts(model, names: list[str]) -> bool:
-    """Whether PEFT, loading an adapter onto `model`, maps LoRAs on these checkpoint modules (per-expert, a router)
+    """Whether PEFT, loading an adapter onto `model`, maps LoRAs on these checkpoint modules (per-expert)
     onto the parameters that hold them: the conversion it runs on every adapter config first (transformers ≥ 5)."""
     try:
         from peft import LoraConfig

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import warnings
 
 import numpy as np
@@ -202,9 +203,10 @@ def test_a_head_transformers_renames_is_written_under_the_models_name(tmp_path):
 
 
 def test_names_the_model_cannot_adapt_and_bad_alpha_are_refused(tmp_path):
-    base = build_model("mixtral")  # its router block_sparse_moe.gate loads into mlp.gate, a module PEFT cannot wrap
+    # Gemma 3's multimodal projector is a bare parameter, mm_input_projection_weight, of no module PEFT can wrap
+    base = build_model("gemma3_multimodal")
     b, t = save(base, tmp_path / "b", "safetensors"), save(perturbed(base), tmp_path / "t", "safetensors")
-    with pytest.raises(ConfigError, match="block_sparse_moe.gate: not module"):
+    with pytest.raises(ConfigError, match="multi_modal_projector.mm_input_projection_weight.*: not module"):
         extract_adapter(b, t, 2, tmp_path / "ad", roles=("q", "other"), progress=False)
     for alpha in (0.0, -4.0):
         with pytest.raises(ConfigError, match="alpha must be positive"):
@@ -261,6 +263,72 @@ def test_fused_experts_need_one_rank_per_projection(tmp_path):
     uniform = recommend_ranks(analysis, RankPolicy(roles=("gate", "up", "down"), uniform=True, noise=False))
     extract_adapter(b, t, uniform, tmp_path / "ad", progress=False)
     PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "ad"))  # loads: one rank per fused parameter
+
+
+@pytest.mark.filterwarnings("ignore:The following (rank|alpha)_pattern keys:RuntimeWarning")  # applied (see below)
+def test_mixtrals_router_is_written_onto_its_weight(tmp_path):
+    """transformers 5 loads Mixtral's router block_sparse_moe.gate into mlp.gate, a MixtralTopKRouter (no Linear):
+    extract refused it. Written onto mlp.gate.weight as target_parameters, at its own rank and α (1 here, beside
+    attention at 6 and the experts PEFT converts at the global 2), as the plan's peft_config says: it loads, trains
+    (router LoRA gradients), runs unmerged as merged, and merges to base + the best rank-1 ΔW. Not under its stored
+    name: PEFT 0.21 converts that to the bare gate.weight, every layer's router at the global r, whatever
+    rank_pattern says."""
+    import dataclasses
+
+    from peft import LoraConfig, PeftModel
+    from peft.utils.transformers_weight_conversion import convert_peft_config_for_transformers
+
+    from spectra.checkpoints.targets import meta_model
+
+    def move_router_attention_and_experts(tuned, g):
+        for name, p in tuned.named_parameters():
+            if p.ndim == 3 or "q_proj" in name or "mlp.gate" in name:
+                p += 0.02 * torch.randn(p.shape, generator=g)
+
+    base, tuned = _mixtral_fine_tune(move_router_attention_and_experts, seed=5)
+    b, t = save(base, tmp_path / "b", "safetensors"), save(tuned, tmp_path / "t", "safetensors")
+    plan = recommend_ranks(analyze(b, t, cache_dir=False, progress=False),
+                           RankPolicy(roles=("q", "down", "other"), uniform=True, noise=False))
+    rank = {"q": 6, "down": 2, "other": 1}
+    plan = dataclasses.replace(plan, modules=tuple(dataclasses.replace(m, rank=rank[m.role], alpha=2.0 * rank[m.role])
+                                                   for m in plan.modules))
+    routers = [f"model.layers.{i}.mlp.gate.weight" for i in (0, 1)]
+    result = extract_adapter(b, t, plan, tmp_path / "ad", progress=False)
+    planned = plan.to_peft_config(model=meta_model(json.loads((b / "config.json").read_text())))
+    assert result.config["target_parameters"] == routers == [p for p in planned["target_parameters"] if "gate." in p]
+
+    def setting(config, name):  # the rank and α a PEFT config gives `name`
+        key = "^" + re.escape(name)
+        return config["rank_pattern"].get(key, config["r"]), config["alpha_pattern"].get(key, config["lora_alpha"])
+
+    assert all(setting(result.config, p) == setting(planned, p) == (1, 2.0) for p in routers)
+    peft_model = PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "ad"), is_trainable=True).train()
+    wrappers = {n: m for n, m in peft_model.named_modules() if n.endswith("mlp.gate")}
+    assert len(wrappers) == 2 and all((m.r["default"], m.scaling["default"]) == (1, 2.0) for m in wrappers.values())
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    peft_model(input_ids=ids, labels=ids).loss.backward()
+    grads = [p.grad for n, p in peft_model.named_parameters() if "mlp.gate.lora_" in n]
+    assert len(grads) == 4 and all(g is not None and g.abs().sum() > 0 for g in grads)
+    state = _load_without_missing_keys(base, tmp_path / "ad")
+    merged = build_model("mixtral")
+    merged.load_state_dict(state)
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model.eval()(ids).logits, merged(ids).logits, rtol=1e-4, atol=1e-5)
+    W0, W1 = base.state_dict(), tuned.state_dict()
+    for layer in (0, 1):
+        at = f"model.layers.{layer}"
+        for key, r in ((f"{at}.mlp.gate.weight", 1), (f"{at}.self_attn.q_proj.weight", 6)):
+            d = (W1[key] - W0[key]).double().numpy()
+            np.testing.assert_allclose((state[key] - W0[key]).double().numpy(), _best_rank(d, r), atol=2e-6)
+        key = f"{at}.mlp.experts.down_proj"
+        for e in range(3):
+            d = (W1[key][e] - W0[key][e]).double().numpy()
+            np.testing.assert_allclose((state[key][e] - W0[key][e]).double().numpy(), _best_rank(d, 2), atol=2e-6)
+    # the stored name, as PEFT converts it: the bare gate.weight (every layer's router), its rank_pattern left behind
+    stored = LoraConfig(r=2, target_modules=["model.layers.1.block_sparse_moe.gate"],
+                        rank_pattern={r"^model\.layers\.1\.block_sparse_moe\.gate": 1})
+    convert_peft_config_for_transformers(stored, model=base, conversions=None)
+    assert stored.target_parameters == {"gate.weight"} and stored.target_modules == set()
 
 
 def _qwen2_embedding_fine_tune(tmp_path):
