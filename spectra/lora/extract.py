@@ -64,7 +64,9 @@ class ExtractResult:
     modules_to_save: list[str]
     config: dict[str, Any] = field(default_factory=dict)
     model_class: str | None = None  # the class whose module names the keys use (None: the checkpoint's names)
-    notes: list[str] = field(default_factory=list)  # what the adapter holds only in part (also PeftConfigWarnings)
+    # what the adapter holds only in part (also PeftConfigWarnings), then what collecting the calibration decided
+    # (its Calibration.notes: texts cut to the model's positions)
+    notes: list[str] = field(default_factory=list)
 
 
 def extract_adapter(base, tuned, plan_or_rank, out_dir: str | os.PathLike, *, roles: tuple[str, ...] | None = None,
@@ -124,7 +126,10 @@ def extract_adapter(base, tuned, plan_or_rank, out_dir: str | os.PathLike, *, ro
     Returns
     -------
     ExtractResult
-        Per-module rank, α, ‖ΔW‖_F, measured error and Eckart–Young tail.
+        Per-module rank, α, ‖ΔW‖_F, measured error and Eckart–Young tail; ``notes``: what the
+        adapter holds only in part (each also a :class:`~spectra.errors.PeftConfigWarning`),
+        then the calibration's own (``Calibration.notes``, e.g. its texts cut to the model's
+        positions).
 
     Raises
     ------
@@ -229,6 +234,8 @@ def extract_adapter(base, tuned, plan_or_rank, out_dir: str | os.PathLike, *, ro
                      "would be that weight's row norms)")
     for note in notes:
         warnings.warn(note, PeftConfigWarning, stacklevel=2)
+    if calibration is not None:
+        notes += calibration.notes
     return ExtractResult(out_dir, results, sorted({n.rsplit(".", 1)[0] for n in save_names}), config, model_class,
                          notes)
 

@@ -189,6 +189,23 @@ def test_embeddings_are_written_as_peft_embedding_loras(family, tmp_path):
     assert not np.allclose(state[key].double().numpy(), W0)  # negative control: the update did land
 
 
+def test_calibration_notes_reach_the_result(tmp_path):
+    """extract --calibration collects the base's inputs itself: a GPT-2 with 32 positions cuts the texts at 32 tokens
+    (the default length is 128), which Calibration.notes says; the result dropped that note, so the CLI, which prints
+    result.notes, never said it."""
+    from spectra.calibration import collect_calibration
+
+    base = build_model("gpt2")  # n_positions = 32
+    b, t = save(base, tmp_path / "b", "safetensors"), save(perturbed(base), tmp_path / "t", "safetensors")
+    text = tmp_path / "calibration.txt"
+    text.write_text("words to cut into blocks " * 20)
+    (note,) = collect_calibration(b, text, progress=False).notes
+    assert "cut at 32 tokens, not the default 128" in note
+    result = extract_adapter(b, t, 2, tmp_path / "ad", roles=("qkv",), calibration=text, progress=False)
+    assert result.notes == [note] and result.modules[0].method.startswith("data-optimal")
+    assert extract_adapter(b, t, 2, tmp_path / "plain", roles=("qkv",), progress=False).notes == []  # no calibration
+
+
 def test_a_head_transformers_renames_is_written_under_the_models_name(tmp_path):
     """GPT-NeoX stores its head as embed_out; transformers 5 loads it into lm_head, where PEFT must find it."""
     base = build_model("gpt_neox")
