@@ -21,6 +21,11 @@ is the adapter ``spectra extract --plan --calibration`` writes (data-optimal tru
 planned embedding whose head is tied to it moves the head too, as the merged adapter does
 (PEFT's unmerged embedding LoRA leaves a tied head at the base's: ``spectra extract`` says so).
 
+Per-role curves (``groups="role"``) truncate one role of one stack at a time: a multimodal
+checkpoint's vision tower and its language model each have a q curve ("vision q" and "q",
+named as the analysis reports name their groups; :func:`~spectra.ranks.functional.role_curves`),
+so a functional rank read off one is never applied to the other.
+
 Each module's SVD is computed once, to the largest rank asked for, and reused at every
 rank. Every metric is pooled per example as Σ numerator / Σ denominator, so its noise is
 stated by a percentile bootstrap over eval examples (Efron & Tibshirani 1993), paired
@@ -39,6 +44,8 @@ import numpy as np
 from spectra.calibration import Calibration, CalibrationConfig, collect_calibration, truncation_factors
 from spectra.checkpoints.pairing import check_device
 from spectra.errors import ConfigError
+from spectra.ranks.functional import role_curves
+from spectra.report.tables import stack_index
 from spectra.sweep_metrics import Metric, example_stats, resolve_metric
 from spectra.sweep_weights import ModelWeights
 
@@ -110,8 +117,12 @@ class SweepResult:
 
     ``data`` is the ``sweep.json`` dict: ``reference`` (``base``, ``tuned``), ``points`` (one
     per group, non-target source and rank: ``metric``, ``interval``, ``gap`` to the full
-    fine-tune, ``gap_interval``, ``loss``, ``accuracy``), ``metric``, ``examples`` and the
-    sources and options. ``gap`` is positive when the point is worse than the full fine-tune.
+    fine-tune, ``gap_interval``, ``loss``, ``accuracy``), ``metric``, ``examples``, ``modules``
+    (the truncated ones: ``name``, ``role``, ``stack`` where not the language model's, ``shape``,
+    ``full_rank``, ``plan_rank``) and the sources and options. A point's ``group`` is ``model``,
+    ``plan`` or a role curve (:func:`~spectra.ranks.functional.role_curves`: "q", or "vision q"
+    where the sweep truncates another stack beside the language model). ``gap`` is positive when the
+    point is worse than the full fine-tune.
     """
 
     data: dict
@@ -128,7 +139,8 @@ class SweepResult:
         return self.data["reference"]
 
     def curve(self, *, group: str = "model", non_target: str | None = None) -> list[dict]:
-        """The points of one curve, by rank: ``group`` "model" or a role, ``non_target`` "tuned"/"base"."""
+        """The points of one curve, by rank: ``group`` "model" or a role curve ("q", "vision q"), ``non_target``
+        "tuned"/"base"."""
         non_target = non_target or self.data["non_target"][0]
         return sorted((p for p in self.points if p["group"] == group and p["non_target"] == non_target
                        and p["rank"] is not None), key=lambda p: p["rank"])
@@ -193,8 +205,9 @@ def truncation_sweep(base, tuned, data, *, ranks=(1, 2, 4, 8, 16, 32, 64), plan=
     non_target : {"tuned", "base", "both"}
         Where the non-targeted tensors come from (see the module docstring).
     groups : {"model", "role", "both"}
-        ``model``: one rank for every targeted module. ``role``: one role at a time, the
-        other targets kept at the full fine-tune (per-role curves, for per-role ranks).
+        ``model``: one rank for every targeted module. ``role``: one role of one stack at a
+        time, the other targets kept at the full fine-tune (per-role curves, for per-role
+        ranks; a vision tower's q is a curve of its own, "vision q").
     calibration : Calibration or path, optional
         Use the data-optimal truncation (a data file is collected on the base first).
     config : SweepConfig, optional
@@ -253,20 +266,26 @@ def truncation_sweep(base, tuned, data, *, ranks=(1, 2, 4, 8, 16, 32, 64), plan=
 
     modes = ("tuned", "base") if non_target == "both" else (non_target,)
     plan_ranks = weights.plan_ranks()
+    modules = _module_rows(weights.targets)
+    curve_of = role_curves(modules)
+    curves = [curve_of[t.name] for t in weights.targets]  # each target's role curve: "q", "vision q"
+    # the language model's curves first, then each other stack's; within a stack, in the targets' order
+    role_groups = sorted(dict.fromkeys(zip((t.stack for t in weights.targets), curves)),
+                         key=lambda group: stack_index(group[0]))
     jobs = [("tuned", "reference", "tuned", None), ("base", "reference", "base", None)]  # (mode, group, label, rank)
     for mode in modes:
         if groups in ("model", "both"):
             jobs += [(mode, "model", f"r={r}", r) for r in ranks]
         if groups in ("role", "both"):
-            jobs += [(mode, role, f"{role} r={r}", r) for role in weights.roles() for r in ranks]
+            jobs += [(mode, curve, f"{curve} r={r}", r) for _, curve in role_groups for r in ranks]
     if plan_ranks is not None:  # the plan's adapter on the base: not the non-targets of the fine-tune, nor the
         jobs.append(("base", "plan", "plan", None))  # modules it leaves out (one evaluation, whatever the modes)
     stats: dict[tuple, dict] = {}  # configuration -> per-example arrays (identical configurations run once)
     keys = []
-    bar = tqdm.tqdm(total=len({_key(weights, *j, plan_ranks) for j in jobs}), desc="sweep", unit="eval",
+    bar = tqdm.tqdm(total=len({_key(weights, curves, *j, plan_ranks) for j in jobs}), desc="sweep", unit="eval",
                     disable=not progress, dynamic_ncols=True)
     for job in jobs:
-        key = _key(weights, *job, plan_ranks)
+        key = _key(weights, curves, *job, plan_ranks)
         keys.append(key)
         if key not in stats:
             bar.set_postfix_str(f"{job[0]} non-targets, {job[2]}", refresh=False)
@@ -274,7 +293,7 @@ def truncation_sweep(base, tuned, data, *, ranks=(1, 2, 4, 8, 16, 32, 64), plan=
             stats[key] = example_stats(model, tokens, metric, batch_size=config.batch_size)
             bar.update(1)
     bar.close()
-    return SweepResult(_summarize(jobs, keys, stats, metric, weights, config, ranks=ranks, non_target=modes,
+    return SweepResult(_summarize(jobs, keys, stats, metric, weights, modules, config, ranks=ranks, non_target=modes,
                                   groups=groups, task=task, base=base, tuned=tuned, data=data,
                                   calibration=calibration, label_names=label_names,
                                   seconds=time.perf_counter() - start))
@@ -294,8 +313,9 @@ def _check(ranks, non_target: str, groups: str) -> list[int]:
     return out
 
 
-def _key(weights, mode: str, group: str, label: str, rank: int | None, plan_ranks) -> tuple:
-    """(non-target source, per-module ranks) of a job: what fixes the model's weights."""
+def _key(weights, curves: list[str], mode: str, group: str, label: str, rank: int | None, plan_ranks) -> tuple:
+    """(non-target source, per-module ranks) of a job: what fixes the model's weights. ``curves``: each target's role
+    curve (a role ``group`` truncates the targets of its curve only)."""
     full = [m.full_rank for m in weights.targets]
     if group == "reference":
         return mode, tuple(full if label == "tuned" else [0] * len(full))
@@ -303,14 +323,22 @@ def _key(weights, mode: str, group: str, label: str, rank: int | None, plan_rank
         return mode, tuple(plan_ranks)
     if group == "model":
         return mode, tuple(min(rank, f) for f in full)
-    return mode, tuple(min(rank, m.full_rank) if m.role == group else m.full_rank for m in weights.targets)
+    return mode, tuple(min(rank, m.full_rank) if curve == group else m.full_rank
+                       for m, curve in zip(weights.targets, curves))
 
 
 # ---------------------------------------------------------------------------- summary
 
 
-def _summarize(jobs, keys, stats, metric: Metric, weights, config: SweepConfig, *, ranks, non_target, groups, task,
-               base, tuned, data, calibration, label_names, seconds) -> dict:
+def _module_rows(targets) -> list[dict]:
+    """The ``modules`` of ``sweep.json``: each target's name, role, stack (written only when not the language
+    model's, as ``analysis.json`` writes it), shape, full and planned rank."""
+    return [{"name": m.name, "role": m.role, **({} if m.stack is None else {"stack": m.stack}), "shape": list(m.shape),
+             "full_rank": m.full_rank, "plan_rank": m.plan_rank} for m in targets]
+
+
+def _summarize(jobs, keys, stats, metric: Metric, weights, modules: list[dict], config: SweepConfig, *, ranks,
+               non_target, groups, task, base, tuned, data, calibration, label_names, seconds) -> dict:
     tuned_key = keys[0]
     order = list(dict.fromkeys(keys))  # distinct configurations, tuned first
     num = np.stack([stats[k]["num"] for k in order], axis=1)  # (n, P)
@@ -345,8 +373,7 @@ def _summarize(jobs, keys, stats, metric: Metric, weights, config: SweepConfig, 
         "bootstrap": {"replicates": config.bootstrap, "confidence": config.confidence, "seed": config.seed,
                       "resampled": "eval examples"},
         "reference": reference, "points": points,
-        "modules": [{"name": m.name, "role": m.role, "shape": list(m.shape), "full_rank": m.full_rank,
-                     "plan_rank": m.plan_rank} for m in weights.targets],
+        "modules": modules,
         "config": asdict(config), "calibration": None if calibration is None else calibration.describe(),
         "notes": list(weights.notes), "evaluations": len(order), "seconds": seconds,
     }

@@ -30,10 +30,11 @@ from spectra.errors import ConfigError
 
 @dataclass
 class Target:
-    """One truncated module: names on both sides, the model's key, and its SVD factors."""
+    """One truncated module: names on both sides, its role and stack, the model's key, and its SVD factors."""
 
     name: str
     role: str
+    stack: str | None  # None: the language model; else a vision tower, an encoder, … (ModuleInfo.stack)
     shape: tuple[int, int]  # (out, in)
     base_tensor: str
     tuned_tensor: str
@@ -127,8 +128,8 @@ class ModelWeights:
             else:
                 unplaced.append(e.name)
                 continue
-            targets.append(Target(e.name, e.info.role, tuple(e.shape), e.base_tensor, e.tuned_tensor, key, e.conv1d,
-                                  e, place, plan_rank=None if planned is None else planned[e.name]))
+            targets.append(Target(e.name, e.info.role, e.info.stack, tuple(e.shape), e.base_tensor, e.tuned_tensor,
+                                  key, e.conv1d, e, place, plan_rank=None if planned is None else planned[e.name]))
         if unplaced:  # no parameter of its name, and no slice of one that spectra can locate
             self.notes.append(_unplaced_note(unplaced, refused, type(model).__name__, planned=planned is not None))
         return targets
@@ -178,9 +179,6 @@ class ModelWeights:
         """ΔW of one target, (out, in) float32."""
         (d,) = self.pairing.load(target.entry)
         return d.delta
-
-    def roles(self) -> list[str]:
-        return list(dict.fromkeys(t.role for t in self.targets))
 
     def plan_ranks(self) -> tuple[int, ...] | None:
         if any(t.plan_rank is None for t in self.targets):

@@ -1,4 +1,9 @@
-"""Functional ranks: the smallest swept rank whose truncated model stays within ε of the full fine-tune."""
+"""Functional ranks: the smallest swept rank whose truncated model stays within ε of the full fine-tune.
+
+A sweep's curves are the whole model's (``model``) and, with ``groups="role"``, one per role of
+each stack (:func:`role_curves`): a multimodal checkpoint's vision tower has a q of its own,
+named "vision q" as the analysis reports name it, and never shares the language model's curve.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from spectra.errors import ConfigError
+from spectra.report.tables import group_label, group_of, stacks_in
 
 
 def functional_ranks(sweep: Any, epsilon: float, *, non_target: str | None = None) -> dict:
@@ -39,11 +45,11 @@ def functional_ranks(sweep: Any, epsilon: float, *, non_target: str | None = Non
     dict
         ``epsilon``, ``metric``, ``higher_is_better``, ``examples``, ``tuned`` (the full
         fine-tune's metric and interval), ``non_target``, ``bootstrap``, and ``groups``:
-        curve (``model`` or a role) → ``rank`` (None when no swept rank qualifies),
-        ``metric``, ``gap``, ``gap_interval``, ``resolved``, ``swept``, ``full_rank`` (the
-        largest full rank among the curve's modules, from which on nothing is truncated; None
-        for a sweep that does not record it) and ``at_full_rank`` (the chosen rank is at or
-        above it; None when either is unknown).
+        curve (``model``, or a role curve of :func:`role_curves`: "q", "vision q") → ``rank``
+        (None when no swept rank qualifies), ``metric``, ``gap``, ``gap_interval``,
+        ``resolved``, ``swept``, ``full_rank`` (the largest full rank among the curve's
+        modules, from which on nothing is truncated; None for a sweep that does not record it)
+        and ``at_full_rank`` (the chosen rank is at or above it; None when either is unknown).
     """
     if not (isinstance(epsilon, (int, float)) and epsilon >= 0):
         raise ConfigError(f"functional ε must be a number ≥ 0 in the metric's units, got {epsilon!r}.")
@@ -51,6 +57,8 @@ def functional_ranks(sweep: Any, epsilon: float, *, non_target: str | None = Non
     non_target = non_target or data["non_target"][0]
     if non_target not in data["non_target"]:
         raise ConfigError(f"non_target {non_target!r}: the sweep measured {data['non_target']} only.")
+    modules = data.get("modules") or []
+    curve_of = role_curves(modules)
     curves: dict[str, list[dict]] = {}
     for p in data["points"]:
         if p["non_target"] == non_target and p["rank"] is not None:
@@ -65,7 +73,7 @@ def functional_ranks(sweep: Any, epsilon: float, *, non_target: str | None = Non
             if p["gap"] > epsilon:
                 break
             chosen = p
-        full = _full_rank(data.get("modules") or [], group)
+        full = _full_rank(modules, curve_of, group)
         entry = {"rank": None if chosen is None else chosen["rank"], "swept": [p["rank"] for p in points],
                  "full_rank": full,
                  "at_full_rank": None if chosen is None or full is None else bool(chosen["rank"] >= full)}
@@ -83,10 +91,28 @@ def functional_ranks(sweep: Any, epsilon: float, *, non_target: str | None = Non
             "modules": [m["name"] for m in data.get("modules", [])], "groups": groups}
 
 
-def _full_rank(modules: list[Mapping], group: str) -> int | None:
+def role_curves(modules: list[Mapping]) -> dict[str, str]:
+    """Module name → the role curve of a sweep that truncates it: its (stack, role) group as the reports label it.
+
+    ``modules`` are the rows of ``sweep.json``'s ``modules`` (``name``, ``role`` and, for a module
+    outside the language model, ``stack``): every targeted module of the sweep, since whether
+    its roles read "q" or "vision q" depends on the stacks the sweep truncates
+    (:func:`~spectra.report.tables.group_label`). A row without a stack, as every row of a sweep
+    written before stacks existed, is the language model's: its curve is named by its role. A row
+    without a role (none that spectra writes) is on no role curve.
+
+    >>> role_curves([{"name": "layers.0.q_proj", "role": "q"},
+    ...              {"name": "vision_tower.encoder.layers.0.q_proj", "role": "q", "stack": "vision"}])
+    {'layers.0.q_proj': 'q', 'vision_tower.encoder.layers.0.q_proj': 'vision q'}
+    """
+    stacks = stacks_in(modules)
+    return {m["name"]: group_label(group_of(m), stacks) for m in modules if "role" in m}
+
+
+def _full_rank(modules: list[Mapping], curve_of: Mapping[str, str], group: str) -> int | None:
     """The rank from which a curve truncates nothing: the largest full rank of its modules (all of them for
-    ``model``, one role's otherwise); None when the sweep does not record them."""
-    ranks = [m.get("full_rank") for m in modules if group == "model" or m.get("role") == group]
+    ``model``, those ``curve_of`` puts in it otherwise); None when the sweep does not record them."""
+    ranks = [m.get("full_rank") for m in modules if group == "model" or curve_of.get(m["name"]) == group]
     return max(ranks) if ranks and all(isinstance(r, int) for r in ranks) else None
 
 

@@ -27,7 +27,7 @@ import numpy as np
 from spectra.checkpoints.architectures import role_selected
 from spectra.errors import ConfigError
 from spectra.ranks.budget import allocate_budget
-from spectra.ranks.functional import functional_ranks
+from spectra.ranks.functional import functional_ranks, read_sweep, role_curves
 from spectra.ranks.plan import LeftOut, ModuleRank, RankPlan
 from spectra.ranks.policy import RankPolicy
 
@@ -256,6 +256,9 @@ def recommend_ranks(analysis: Any, policy: RankPolicy | None = None, *, sweep: A
         Default ``RankPolicy()``: the energy 0.9 rank of each module, capped at its noise floor.
     sweep : SweepResult, dict, str or PathLike, optional
         A truncation sweep (``spectra sweep``) of the same pair; needed by ``policy.functional``.
+        Each module swept takes the functional rank of its own role curve, that of its stack
+        and role (a vision tower's q_proj that of "vision q", never the language model's
+        "q"), else of the model-wide curve.
 
     Returns
     -------
@@ -273,7 +276,11 @@ def recommend_ranks(analysis: Any, policy: RankPolicy | None = None, *, sweep: A
     if policy.functional is not None and sweep is None:
         raise ConfigError("RankPolicy.functional needs a truncation sweep: recommend_ranks(..., sweep=…) "
                           "(run `spectra sweep BASE TUNED --data EVAL` first).")
-    functional = functional_ranks(sweep, policy.functional) if policy.functional is not None else None
+    functional, curve_of = None, {}
+    if policy.functional is not None:
+        sweep = read_sweep(sweep)
+        functional = functional_ranks(sweep, policy.functional)
+        curve_of = role_curves(sweep.get("modules") or [])  # module -> its role curve in the sweep: "q", "vision q"
     rows, base, tuned = _rows(analysis)
     if functional is not None:
         _check_sweep_pair(functional["sweep"], base, tuned)
@@ -301,7 +308,8 @@ def recommend_ranks(analysis: Any, policy: RankPolicy | None = None, *, sweep: A
             left_out.append(LeftOut(s.name, "not truncated by the sweep (taken whole from the fine-tune there)",
                                     None, math.sqrt(s.fro2)))
             continue
-        rank, reason = _target(s, policy, uniform_rank) if functional is None else _functional_target(s, functional)
+        rank, reason = (_target(s, policy, uniform_rank) if functional is None
+                        else _functional_target(s, functional, curve_of.get(s.name, s.role)))
         if rank == 0:
             why = "not needed: the sweep at rank 0 is within ε" if functional else "no signal above the noise floor"
             left_out.append(LeftOut(s.name, why, 0, math.sqrt(s.fro2)))
@@ -386,10 +394,15 @@ def _target(s: _Spectrum, policy: RankPolicy, uniform_rank: int | None) -> tuple
     return rank, reason
 
 
-def _functional_target(s: _Spectrum, functional: dict) -> tuple[int, str]:
-    """The swept rank of the module's role curve (else the model curve); full rank when none was within ε."""
+def _functional_target(s: _Spectrum, functional: dict, curve: str | None) -> tuple[int, str]:
+    """The swept rank of the module's role curve (else the model curve); full rank when none was within ε.
+
+    ``curve`` is the module's role curve in the sweep (:func:`~spectra.ranks.functional.role_curves`): its own
+    stack's and role's, "vision q" for a vision tower's q_proj beside the language model's "q"; its role for a sweep
+    that recorded no modules (one written before it did, whose role curves span every stack).
+    """
     groups = functional["groups"]
-    group = s.role if s.role in groups else "model"
+    group = curve if curve in groups else "model"
     if group not in groups:
         raise ConfigError(f"the sweep has no curve for {s.name} (role {s.role!r}) and no model-wide curve; sweep "
                           "with groups='model' or include this role.")

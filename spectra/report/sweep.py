@@ -15,11 +15,13 @@ from pathlib import Path
 from matplotlib.figure import Figure
 
 from spectra.errors import ConfigError
-from spectra.report.tables import num
+from spectra.ranks.functional import role_curves
+from spectra.report.tables import num, stack_label, stacks_in
 from spectra.report.render import _plain
 from spectra.report.verify import write_bundle
 
 _STYLE = {"tuned": dict(color="tab:blue", marker="o"), "base": dict(color="tab:orange", marker="s")}
+_STACK_LINES = ("-", "--", ":", "-.")  # role curves of the language model, then of each other stack (report order)
 
 
 def write_truncation_report(sweep: Mapping, out_dir, *, overwrite: bool = False,
@@ -103,15 +105,25 @@ def plot_truncation_curve(sweep: Mapping, *, marks: Mapping[str, int] | None = N
 
 
 def plot_role_curves(sweep: Mapping) -> Figure:
-    """One line per role: only that role truncated, every other target at the full fine-tune."""
+    """One line per role curve: only that role (of one stack) truncated, every other target at the full fine-tune.
+
+    Where the sweep truncates several stacks, each stack's curves have a line style of their own ("vision q" dashed
+    beside the language model's solid "q").
+    """
     fig = Figure(figsize=(7, 4.2), layout="constrained")
     ax = fig.add_subplot()
     mode = sweep["non_target"][0]
+    modules = sweep.get("modules") or []
+    stacks = stacks_in(modules)
+    curve_of = role_curves(modules)
+    stack_of = {curve_of[m["name"]]: m.get("stack") for m in modules if m["name"] in curve_of}
     roles = list(dict.fromkeys(p["group"] for p in sweep["points"] if p["group"] not in ("model", "plan")))
     for role in roles:
         points = sorted((p for p in sweep["points"] if p["group"] == role and p["non_target"] == mode
                          and p["rank"]), key=lambda p: p["rank"])
-        _errorbar(ax, [p["rank"] for p in points], points, label=role, marker="o")
+        style = ({"ls": _STACK_LINES[stacks.index(stack_of[role]) % len(_STACK_LINES)]}
+                 if len(stacks) > 1 and role in stack_of else {})
+        _errorbar(ax, [p["rank"] for p in points], points, label=role, marker="o", **style)
     ref = sweep.get("reference", {})
     if "tuned" in ref:
         ax.axhline(ref["tuned"]["metric"], color="black", lw=1.4, label="full fine-tune")
@@ -160,9 +172,13 @@ def truncation_blocks(sweep: Mapping, *, figures: list[str]) -> list[tuple]:
              f"{num(p['metric'])} {interval_text(p.get('interval'))}",
              f"{signed(p['gap'])} {interval_text(p.get('gap_interval'))}",
              num(p["loss"]), num(p["accuracy"])] for p in sweep["points"]]
+    stacks = stacks_in(sweep.get("modules") or [])
+    per = ("Per role" if len(stacks) < 2 else  # "Per role of each stack (language model, vision; …: "vision q")"
+           f"Per role of each stack ({', '.join(map(stack_label, stacks))}; a role of another stack than the "
+           f"language model's is named after it: \"{next(s for s in stacks if s is not None)} q\")")
     captions = {"curve": f"Eval {metric} with every targeted ΔW replaced by its best rank-r truncation; the full "
                          "fine-tune and the base as horizontal lines (shaded: their intervals).",
-                "roles": "Per role: only that role's updates truncated, every other target at full rank."}
+                "roles": f"{per}: only that role's updates truncated, every other target at full rank."}
     blocks: list[tuple] = [("h", 1, "spectra sweep: how much rank does the fine-tune's function need?"),
                            ("p", headline(sweep)), ("h", 2, "Summary"), ("ul", items), ("h", 2, "Figures")]
     blocks += [("figure", f, captions.get(f, f)) for f in figures]

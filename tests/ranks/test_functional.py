@@ -103,3 +103,25 @@ def test_a_choice_at_full_rank_says_no_rank_below_full_rank_met_epsilon():
     assert unknown["full_rank"] is None and unknown["at_full_rank"] is None  # an older sweep.json: not claimed
     never = functional_ranks(sweep_dict({"model": {1: (0.2, (0.1, 0.3))}}, modules=modules), 0.01)["groups"]
     assert never["model"]["rank"] is None and never["model"]["at_full_rank"] is None
+
+
+def test_each_stack_has_role_curves_of_its_own_and_each_module_takes_its_own():
+    """A vision tower's q_proj is on the sweep's "vision q" curve (its row's stack), never on the language model's
+    "q": each takes its own curve's rank, and each curve's full rank is that of its own modules. Control: a sweep
+    written before stacks existed (no stack in its rows) reads as it did, one q curve for both."""
+    modules = [{"name": "q0", "role": "q", "full_rank": 32},
+               {"name": "vq0", "role": "q", "stack": "vision", "full_rank": 16}]
+    curves = {"q": {1: (0.3, (0.2, 0.4)), 2: (0.1, (0.05, 0.15)), 4: (0.0, (0.0, 0.0))},
+              "vision q": {1: (0.002, (0.0, 0.004)), 2: (0.0, (0.0, 0.0)), 4: (0.0, (0.0, 0.0))}}
+    rows = [make_row("q0", PLANTED, role="q"), make_row("vq0", PLANTED, role="q", shape=(16, 16)) | {"stack": "vision"}]
+    plan = recommend_ranks(analysis(*rows), RankPolicy(functional=0.01), sweep=sweep_dict(curves, modules=modules))
+    assert [(m.name, m.rank, m.reason) for m in plan.modules] == [("q0", 4, "functional≤0.01 (role q)"),
+                                                                   ("vq0", 1, "functional≤0.01 (role vision q)")]
+    groups = plan.functional["groups"]
+    assert (groups["q"]["full_rank"], groups["vision q"]["full_rank"]) == (32, 16)
+    assert groups["vision q"]["at_full_rank"] is False
+    # control: an older sweep.json, its rows without a stack, its one q curve over both towers
+    old = sweep_dict({"q": curves["q"]}, modules=[{k: v for k, v in m.items() if k != "stack"} for m in modules])
+    plan = recommend_ranks(analysis(*rows), RankPolicy(functional=0.01), sweep=old)
+    assert [(m.name, m.rank) for m in plan.modules] == [("q0", 4), ("vq0", 4)]
+    assert plan.functional["groups"]["q"]["full_rank"] == 32

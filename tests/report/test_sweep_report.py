@@ -105,3 +105,30 @@ def test_every_sweep_figure_has_a_title():
         titles = [ax.get_title() for ax in fig.axes] + [fig._suptitle.get_text() if fig._suptitle else ""]
         assert any(t.strip() for t in titles)
     assert plot_role_curves(sweep).axes[0].get_title().startswith("loss vs rank, one role truncated at a time")
+
+
+def test_role_curves_of_two_stacks_are_named_and_drawn_apart(tmp_path):
+    """A sweep of a vision tower beside the language model: its curves read "vision q" in the table, the caption
+    says what that names, and each stack's curves have a line style of their own. Control: a one-stack sweep's
+    caption and solid lines, as before."""
+    from spectra.report.sweep import plot_role_curves
+
+    def styles(sweep):
+        return {c.get_label(): c.lines[0].get_linestyle() for c in plot_role_curves(sweep).axes[0].containers}
+
+    sweep = sweep_like_the_review()
+    sweep["modules"].append({"name": "vq0", "role": "q", "stack": "vision", "shape": [16, 16], "full_rank": 16,
+                             "plan_rank": 2})
+    sweep["points"] += [loss_point(group, rank, 2.9 - 0.001 * rank, 0.01, [0.0, 0.02])
+                        for group in ("q", "v", "vision q") for rank in (1, 2)]
+    assert styles(sweep) == {"q": "-", "v": "-", "vision q": "--"}
+    md = (write_truncation_report(sweep, tmp_path / "two") / "report.md").read_text()
+    assert ('*Per role of each stack (language model, vision; a role of another stack than the language model\'s is '
+            'named after it: "vision q"): only that role\'s updates truncated, every other target at full rank.*') in md
+    assert "| vision q | tuned | 1 |" in md
+    # control: the same sweep without the tower
+    sweep["modules"].pop()
+    sweep["points"] = [p for p in sweep["points"] if p["group"] != "vision q"]
+    assert styles(sweep) == {"q": "-", "v": "-"}
+    md = (write_truncation_report(sweep, tmp_path / "one") / "report.md").read_text()
+    assert "*Per role: only that role's updates truncated, every other target at full rank.*" in md
