@@ -797,7 +797,7 @@ def sweep(
     ranks: Annotated[str, typer.Option(help="Comma-separated ranks to evaluate (0 allowed).")] = "1,2,4,8,16,32,64",
     output: Annotated[Path, typer.Option("-o", "--output", help="Report directory to write.")] = Path("reports/sweep"),
     non_target: Annotated[str, typer.Option(help="Norms, biases, heads, embeddings from: tuned, base or both.")] = "tuned",
-    by_role: Annotated[bool, typer.Option("--by-role", help="Also one curve per role (that role truncated, the rest full).")] = False,
+    by_role: Annotated[bool, typer.Option("--by-role", help="Also one curve per role of each stack (that role truncated, the rest full; a vision tower's q is 'vision q').")] = False,
     metric: Annotated[Optional[str], typer.Option(help="accuracy, loss or perplexity (default: accuracy with labels, else perplexity).")] = None,
     plan: Annotated[Optional[Path], typer.Option(help="A plan from `spectra recommend`: its modules are the targets of every curve, plus one point for the adapter `spectra extract --plan` writes (the base with each planned module at its rank, every other tensor the base's).")] = None,
     epsilon: Annotated[Optional[float], typer.Option(help="Mark the smallest rank within ε of the full fine-tune (metric units).")] = None,
