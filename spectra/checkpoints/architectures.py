@@ -54,17 +54,29 @@ _ROLE_RULES: tuple[tuple[str, str], ...] = (
     (r"(lm_head|embed_out|classifier|score|cls\.predictions\.decoder)", "head"),
 )
 _ROLE_REGEXES = tuple((re.compile(rf"(^|\.){pattern}$"), role) for pattern, role in _ROLE_RULES)
-# Stacks other than the language model's (None), in report order, and the names that place a module in one. The
-# first rule whose pattern matches a whole segment of the name wins.
-STACKS = ("encoder", "vision", "vision_global", "audio", "projector")
+# Stacks other than the language model's (None), in report order:
+#   encoder        an encoder–decoder model's encoder (T5, BART, Whisper)
+#   vision         a vision tower (Gemma 3, LLaVA, Qwen2-VL, Mllama's local layers, BLIP-2's ViT)
+#   vision_global  Mllama's second vision stack, numbered from 0 again
+#   qformer        BLIP-2's and InstructBLIP's Q-Former, a BERT of its own between vision and text
+#   audio          an audio tower (Qwen2-Audio)
+#   projector      the layers that map another stack's features into the language model's
+STACKS = ("encoder", "vision", "vision_global", "qformer", "audio", "projector")
+# The first rule whose pattern matches wins. Tower names match a whole segment anywhere (Idefics3 nests its vision
+# model under model., Gemma 3 its vision_model under vision_tower.); a projector's names are generic words, so they
+# match only at the top of the name, or under the model. that transformers-5 multimodal classes wrap it in:
+# LLaVA's multi_modal_projector.linear_1 (as stored) or model.multi_modal_projector.linear_1 (as transformers 5
+# names it), Idefics3/SmolVLM's model.connector.modality_projection.proj, LLaVA-1.5's original model.mm_projector.0,
+# BLIP-2's language_projection; a model.layers.0.mlp.connector is the language model's.
 _STACK_RULES: tuple[tuple[str, str], ...] = (
-    (r"vision_model\.global_transformer", "vision_global"),  # Mllama's second vision stack, numbered from 0 again
-    # Gemma 3, PaliGemma, Llava, Pixtral: vision_tower; Mllama, Idefics, Llama 4: vision_model; Qwen2-VL: visual
-    (r"(vision_tower|vision_model|visual|vision_encoder|image_encoder|vision_backbone)", "vision"),
-    (r"(audio_tower|audio_model|audio_encoder)", "audio"),
-    (r"(multi_modal_projector|mm_projector|connector)", "projector"),  # vision → text (Idefics3: connector)
+    (r"(^|\.)vision_model\.global_transformer(\.|$)", "vision_global"),
+    # Gemma 3, PaliGemma, Llava, Pixtral: vision_tower; Mllama, Idefics, Llama 4, BLIP-2: vision_model; Qwen2-VL: visual
+    (r"(^|\.)(vision_tower|vision_model|visual|vision_encoder|image_encoder|vision_backbone)(\.|$)", "vision"),
+    (r"(^|\.)qformer(\.|$)", "qformer"),  # BLIP-2: qformer.encoder.layer.0… beside language_model…layers.0…
+    (r"(^|\.)(audio_tower|audio_model|audio_encoder)(\.|$)", "audio"),
+    (r"^(model\.)?(multi_modal_projector|mm_projector|connector|language_projection)(\.|$)", "projector"),
 )
-_STACK_REGEXES = tuple((re.compile(rf"(^|\.){pattern}(\.|$)"), stack) for pattern, stack in _STACK_RULES)
+_STACK_REGEXES = tuple((re.compile(pattern), stack) for pattern, stack in _STACK_RULES)
 # In an encoder–decoder model (config.json's is_encoder_decoder: T5, BART, Whisper, Marian) the first of these
 # segments decides: T5's encoder.block.0 is the encoder, EncoderDecoderModel's decoder.bert.encoder.layer.0 the decoder.
 # Only then: BERT's encoder.layer.N and OPT's model.decoder.layers.N are an ordinary model's one stack.

@@ -38,6 +38,23 @@ ENCODER_DECODER = {"model_type": "bart", "is_encoder_decoder": True}
     ("vision_model.transformer.layers.3.self_attn.q_proj", None, "q", 3, "vision"),  # Mllama: two vision stacks
     ("vision_model.global_transformer.layers.3.self_attn.q_proj", None, "q", 3, "vision_global"),
     ("audio_tower.layers.2.self_attn.k_proj", None, "k", 2, "audio"),  # Qwen2-Audio
+    # BLIP-2 / InstructBLIP: the Q-Former's layer 0 is not the language model's layer 0 (nor, under a T5 language
+    # model's is_encoder_decoder, its encoder's)
+    ("qformer.encoder.layer.0.attention.output.dense", None, "o", 0, "qformer"),
+    ("qformer.encoder.layer.0.attention.attention.query", {"is_encoder_decoder": True}, "other", 0, "qformer"),
+    ("qformer.embeddings.word_embeddings", None, "embed", None, "qformer"),  # InstructBLIP's instruction embeddings
+    ("language_model.model.decoder.layers.0.self_attn.q_proj", None, "q", 0, None),  # BLIP-2 with OPT
+    ("language_model.encoder.block.0.layer.0.SelfAttention.q", {"is_encoder_decoder": True}, "other", 0, "encoder"),
+    ("language_projection", None, "other", None, "projector"),
+    # projectors as stored and as transformers-5 multimodal classes name them, under their model. wrapper
+    ("multi_modal_projector.linear_1", None, "other", None, "projector"),  # LLaVA
+    ("model.multi_modal_projector.linear_1", None, "other", None, "projector"),
+    ("model.connector.modality_projection.proj", None, "other", None, "projector"),  # Idefics3, SmolVLM
+    ("model.mm_projector.0", None, "other", None, "projector"),  # LLaVA-1.5's original checkpoints
+    # a projector's words deeper in a name are the language model's own modules
+    ("model.layers.0.mlp.connector", None, "other", 0, None),
+    ("model.layers.2.self_attn.mm_projector", None, "other", 2, None),
+    ("language_model.model.layers.1.multi_modal_projector", None, "other", 1, None),
     # encoder–decoder models: config.json's is_encoder_decoder tells their encoder from an encoder-only model
     ("model.encoder.layers.0.self_attn.q_proj", ENCODER_DECODER, "q", 0, "encoder"),  # BART, Whisper, Marian
     ("model.decoder.layers.0.self_attn.q_proj", ENCODER_DECODER, "q", 0, None),
@@ -52,3 +69,51 @@ ENCODER_DECODER = {"model_type": "bart", "is_encoder_decoder": True}
 def test_stacks(name, config, role, layer, stack):
     info = module_info(name, config)
     assert (info.role, info.layer, info.stack) == (role, layer, stack)
+
+
+def _multimodal(kind):
+    """A tiny multimodal model of `kind` on the meta device: its module names, no weights."""
+    import torch
+    import transformers as tf
+
+    text = dict(model_type="llama", hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                num_key_value_heads=2, vocab_size=128)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=28,
+                  patch_size=14)
+    qformer = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, vocab_size=128,
+                   encoder_hidden_size=32)
+    with torch.device("meta"):
+        if kind == "blip2":
+            return tf.Blip2ForConditionalGeneration(tf.Blip2Config(vision_config=vision, qformer_config=qformer,
+                                                                   text_config=text, num_query_tokens=4))
+        if kind == "instructblip":
+            return tf.InstructBlipForConditionalGeneration(tf.InstructBlipConfig(
+                vision_config=vision, qformer_config=qformer, text_config=text, num_query_tokens=4))
+        if kind == "llava":
+            return tf.LlavaForConditionalGeneration(tf.LlavaConfig(
+                text_config=text, vision_config=dict(model_type="clip_vision_model", **vision), image_token_index=127))
+        return tf.Idefics3ForConditionalGeneration(tf.Idefics3Config(text_config=text, vision_config=vision,
+                                                                     image_token_id=127, scale_factor=2))
+
+
+# The model's own submodules are the reference: each Linear lies in the stack of the submodule holding it.
+_SUBMODULE_STACKS = {"vision_model": "vision", "vision_tower": "vision", "qformer": "qformer",
+                     "language_projection": "projector", "multi_modal_projector": "projector",
+                     "connector": "projector", "language_model": None, "text_model": None, "lm_head": None}
+
+
+@pytest.mark.parametrize("kind", ["blip2", "instructblip", "llava", "idefics3"])
+def test_multimodal_stacks_follow_the_models_submodules(kind):
+    """BLIP-2's qformer.encoder.layer.0… had no stack, so its layer 0 shared a cell with the language model's."""
+    import torch
+
+    model = _multimodal(kind)
+    seen = set()
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            submodule = name.removeprefix("model.").split(".")[0]
+            info = module_info(name, model.config.to_dict())
+            assert info.stack == _SUBMODULE_STACKS[submodule], name
+            seen.add(info.stack)
+    assert None in seen and "projector" in seen and "vision" in seen
+    assert ("qformer" in seen) == (kind in ("blip2", "instructblip"))
