@@ -46,6 +46,14 @@ _POSITIONS_AFTER_PADDING = frozenset({"roberta", "xlm-roberta", "xlm-roberta-xl"
 # config keys of rotary position encodings (transformers 5 writes rope_parameters, older configs rope_theta)
 _ROTARY_KEYS = ("rope_parameters", "rope_theta", "rope_scaling", "rotary_dim", "rotary_pct", "rotary_emb_base",
                 "partial_rotary_factor")
+# position_embedding_type values that replace the table of learned positions with rotary ones (ESM: "rotary",
+# GraniteMoeHybrid: "rope"). BERT's "relative_key"/"relative_key_query" do not: transformers 4 still indexes a table
+# of 2·max_position_embeddings − 1 distances, and transformers 5 ignores the key and adds the absolute table.
+_ROTARY_TYPES = frozenset({"rotary", "rope"})
+# What runs past the configured positions, by the kind of positions that are not a learned table.
+_RUNS_PAST = {"rotary": "its rotary positions run past them",
+              "relative": "it has no table of absolute positions (position_biased_input = false): its relative "
+                          "positions run past them"}
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "tokenizer.model", "vocab.json")
 _TABLE_DELIMITERS = {".csv": ",", ".tsv": "\t"}
 DATA_FORMATS = ('a .txt file (plain text), a .jsonl file of {"text": ...} (or {"text": ..., "label": ...} for '
@@ -340,15 +348,22 @@ class PositionLimit:
         Tokens.
     source : str
         Where it comes from, e.g. ``max_position_embeddings = 32``.
-    learned : bool
-        A table of learned absolute positions (BERT, GPT-2, RoBERTa): a longer sequence has
-        no position to embed, and the model fails. False for rotary positions (Llama,
-        GPT-NeoX), which run past the length the model was configured for.
+    positions : {"learned", "rotary", "relative"}
+        ``learned``: a table of learned absolute positions (BERT, GPT-2, RoBERTa, DeBERTa by
+        default): a longer sequence has no position to embed, and the model fails. Rotary
+        positions (Llama, GPT-NeoX, ESM's ``position_embedding_type = "rotary"``) and the
+        relative ones of a DeBERTa without the absolute table (``position_biased_input =
+        false``, DeBERTa-v3) run past the length the model was configured for.
     """
 
     length: int
     source: str
-    learned: bool
+    positions: str
+
+    @property
+    def learned(self) -> bool:
+        """Whether a longer sequence has no position to embed (a table of learned absolute positions)."""
+        return self.positions == "learned"
 
 
 def position_limit(model_config: Mapping) -> PositionLimit | None:
@@ -358,7 +373,9 @@ def position_limit(model_config: Mapping) -> PositionLimit | None:
     of the config or of its ``text_config`` (a multimodal model's language tower); a
     RoBERTa-family table loses the rows its position ids skip (the padding id and those
     below it). A model with no such key (T5's relative positions, BLOOM's ALiBi) has no limit
-    here.
+    here. Whether the length binds (:attr:`PositionLimit.positions`) is read from the keys
+    that replace the learned table: rotary ones, ``position_embedding_type`` and DeBERTa's
+    ``position_biased_input``.
     """
     for scope in (model_config, model_config.get("text_config") or {}):
         for key in ("max_position_embeddings", "n_positions"):
@@ -371,8 +388,18 @@ def position_limit(model_config: Mapping) -> PositionLimit | None:
                 skipped = int(scope.get("pad_token_id") or 0) + 1
                 length -= skipped
                 source += f", less the {skipped} ids its position ids start after (pad_token_id + 1)"
-            return PositionLimit(length, source, learned=not any(k in scope for k in _ROTARY_KEYS))
+            return PositionLimit(length, source, _positions(scope))
     return None
+
+
+def _positions(scope: Mapping) -> str:
+    """The kind of positions a config dict gives its model: ``learned``, ``rotary`` or ``relative``."""
+    if scope.get("position_biased_input") is False:  # DeBERTa: no absolute table, relative attention only
+        return "relative"
+    kind = scope.get("position_embedding_type")
+    if kind is not None:  # it decides where given: ESM writes rope_theta even when its positions are "absolute"
+        return "rotary" if kind in _ROTARY_TYPES else "learned"
+    return "rotary" if any(k in scope for k in _ROTARY_KEYS) else "learned"
 
 
 def resolve_max_length(max_length: int | None, model_config: Mapping, *, option: str = "max_length (--max-length)",
@@ -391,7 +418,8 @@ def resolve_max_length(max_length: int | None, model_config: Mapping, *, option:
         How the user set ``max_length``, for the error.
     notes : list of str, optional
         Receives a note when the default is cut to the model's limit, or when a length
-        beyond a rotary model's configured positions is kept.
+        beyond the configured positions of a model whose positions run past them (rotary,
+        relative) is kept.
 
     Raises
     ------
@@ -417,7 +445,7 @@ def resolve_max_length(max_length: int | None, model_config: Mapping, *, option:
                           f"default ({DEFAULT_MAX_LENGTH} tokens, or the model's {limit.length} when fewer).")
     if notes is not None:
         notes.append(f"{option} {max_length} is beyond the {limit.length} positions the model is configured for "
-                     f"({limit.source} in its config.json); its rotary positions run past them, but it was not "
+                     f"({limit.source} in its config.json); {_RUNS_PAST[limit.positions]}, but it was not "
                      "trained on sequences this long.")
     return max_length
 

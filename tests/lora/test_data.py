@@ -361,25 +361,54 @@ def _roberta_config():
                             max_position_embeddings=34, pad_token_id=1, vocab_size=64)
 
 
-@pytest.mark.parametrize("family", ["bert", "gpt2", "roberta", "gpt_neox"])
+def _positions_config(family):
+    """A tiny config of `family` with 32 positions, of the kind :data:`POSITIONS` gives."""
+    import transformers as tf
+
+    small = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=48, vocab_size=64,
+                 max_position_embeddings=32)
+    if family == "roberta":
+        return _roberta_config()
+    if family == "deberta_v2":  # transformers' default: the absolute table, added to the input
+        return tf.DebertaV2Config(**small)
+    if family == "deberta_v2_relative":  # DeBERTa-v3's configs: relative attention only
+        return tf.DebertaV2Config(**small, position_biased_input=False, relative_attention=True, position_buckets=8)
+    if family == "deberta_relative":
+        return tf.DebertaConfig(**small, position_biased_input=False, relative_attention=True)
+    if family in ("esm", "esm_rotary"):  # position ids start after the padding id 1, as RoBERTa's: 34 hold 32
+        return tf.EsmConfig(**small | {"max_position_embeddings": 34}, pad_token_id=1, mask_token_id=2,
+                            position_embedding_type="rotary" if family == "esm_rotary" else "absolute")
+    if family == "bert_relative_key":  # transformers 5 ignores the key: BERT adds its absolute table all the same
+        return tf.BertConfig(**small, position_embedding_type="relative_key")
+    from tests.models import tiny_config
+
+    return tiny_config(family)
+
+
+POSITIONS = {"bert": "learned", "gpt2": "learned", "roberta": "learned", "gpt_neox": "rotary",
+             "deberta_v2": "learned", "deberta_v2_relative": "relative", "deberta_relative": "relative",
+             "esm": "learned", "esm_rotary": "rotary", "bert_relative_key": "learned"}
+
+
+@pytest.mark.parametrize("family", list(POSITIONS))
 def test_position_limit_is_the_longest_sequence_the_model_takes(family, tmp_path):
-    """The model itself is the reference: `length` tokens run, one more fails, except on rotary positions."""
+    """The model itself is the reference: `length` tokens run, one more fails, except where positions run past."""
     import transformers as tf
 
     from spectra.lora.data import position_limit
-    from tests.models import tiny_config
 
-    config = _roberta_config() if family == "roberta" else tiny_config(family)
+    config = _positions_config(family)
     saved = json.loads((_config_dir(tmp_path, config) / "config.json").read_text())
     limit = position_limit(saved)
-    assert limit.length == 32 and limit.learned == (family != "gpt_neox")
+    assert (limit.length, limit.positions) == (32, POSITIONS[family])
+    assert limit.learned == (POSITIONS[family] == "learned")
     model = tf.AutoModel.from_config(config).eval()
     with torch.no_grad():
         model(input_ids=torch.full((1, limit.length), 5))
         if limit.learned:
             with pytest.raises((RuntimeError, IndexError)):  # no position to embed
                 model(input_ids=torch.full((1, limit.length + 1), 5))
-        else:  # rotary: runs past the configured positions
+        else:  # rotary or relative: runs past the configured positions
             model(input_ids=torch.full((1, limit.length + 1), 5))
     assert position_limit({"model_type": "t5", "d_model": 32}) is None  # relative positions: no table to fit
 
@@ -429,3 +458,47 @@ def test_explicit_length_beyond_the_positions_is_refused_by_option_value_and_lim
     _, tokens, *_ = prepare_data(neox, data, max_length=64, notes=notes)
     assert max(len(ids) for ids in tokens.ids) == 64
     assert len(notes) == 1 and notes[0].startswith("max_length (--max-length) 64 is beyond the 32 positions")
+
+
+_POSITION_SOURCES = {"esm_rotary": "max_position_embeddings = 34, less the 2 ids its position ids start after "
+                                    "(pad_token_id + 1)"}
+
+
+@pytest.mark.parametrize("family", ["deberta_v2_relative", "deberta_relative", "esm_rotary"])
+def test_length_beyond_positions_that_run_past_them_is_kept(family, tmp_path):
+    """DeBERTa without its absolute table (position_biased_input false) ran 64 tokens at 32 positions, yet
+    --max-length 64 was refused: "its table of learned positions covers 32". The model is the reference."""
+    import transformers as tf
+
+    from spectra.lora.data import resolve_max_length
+
+    config = _positions_config(family)
+    saved = json.loads((_config_dir(tmp_path, config) / "config.json").read_text())
+    notes = []
+    assert resolve_max_length(64, saved, notes=notes) == 64
+    source = _POSITION_SOURCES.get(family, "max_position_embeddings = 32")
+    runs_past = {"esm_rotary": "its rotary positions run past them"}.get(
+        family, "it has no table of absolute positions (position_biased_input = false): its relative positions run "
+                 "past them")
+    assert notes == [f"max_length (--max-length) 64 is beyond the 32 positions the model is configured for "
+                     f"({source} in its config.json); {runs_past}, but it was not trained on sequences this long."]
+    with torch.no_grad():
+        tf.AutoModel.from_config(config).eval()(input_ids=torch.full((1, 64), 5))
+
+
+@pytest.mark.parametrize("family", ["deberta_v2", "bert_relative_key", "esm"])
+def test_length_beyond_a_learned_table_is_refused_whatever_else_the_config_says(family, tmp_path):
+    """DeBERTa's default absolute table, BERT's position_embedding_type relative_key (which transformers 5 ignores)
+    and ESM's absolute positions (whose config.json carries a rope_theta all the same: it was taken for rotary and
+    kept, a crash in the model) fail at 64 tokens, so the length is refused."""
+    import transformers as tf
+
+    from spectra.lora.data import resolve_max_length
+
+    config = _positions_config(family)
+    saved = json.loads((_config_dir(tmp_path, config) / "config.json").read_text())
+    with pytest.raises(ConfigError, match="64 is more than the model can take: its table of learned positions covers "
+                                          "32 tokens"):
+        resolve_max_length(64, saved)
+    with torch.no_grad(), pytest.raises((RuntimeError, IndexError)):
+        tf.AutoModel.from_config(config).eval()(input_ids=torch.full((1, 64), 5))
