@@ -39,6 +39,7 @@ from spectra.checkpoints.pairing import check_device
 from spectra.errors import ConfigError
 from spectra.linalg import metrics
 from spectra.linalg.svd import CONVERGED_TOL, Spectrum, full_svd, randomized_svd
+from spectra.lora.data import check_max_length
 
 
 
@@ -84,8 +85,9 @@ class CalibrationConfig:
                               "C's mean eigenvalue (e.g. 1e-6).")
         if self.max_examples is not None and self.max_examples < 1:
             raise ConfigError(f"calibration max_examples {self.max_examples} must be ≥ 1 (or None for all).")
-        if (self.max_length is not None and self.max_length < 2) or self.batch_size < 1:
-            raise ConfigError("calibration max_length must be ≥ 2 (or None) and batch_size ≥ 1.")
+        check_max_length(self.max_length, option="calibration max_length")
+        if self.batch_size < 1:
+            raise ConfigError(f"calibration batch_size {self.batch_size} must be ≥ 1.")
         if self.task not in ("auto", "causal_lm", "seq_cls"):
             raise ConfigError(f"calibration task {self.task!r} is not auto, causal_lm or seq_cls.")
         check_device(self.device)
@@ -366,19 +368,15 @@ def collect_calibration(model_spec, data, *, config: CalibrationConfig | None = 
 
 def _tokenized(model_spec, data, config: CalibrationConfig, read_records, *, notes: list[str]):
     """(task, TokenizedData) of the calibration file, labels ignored, first ``max_examples`` kept."""
-    import json
-
-    from spectra.lora.data import load_tokenizer, resolve_max_length, tokenize
+    from spectra.lora.data import prepare_tokenizer, tokenize
     from spectra.lora.train import model_dir
 
-    folder = model_dir(model_spec)
-    model_config = json.loads((folder / "config.json").read_text())
-    max_length = resolve_max_length(config.max_length, model_config, option="calibration max_length", notes=notes)
     task = config.task
     records = read_records(data, task="causal_lm")
     if task == "auto":
         task = "seq_cls" if all("label" in r for r in records) else "causal_lm"
-    tokenizer = load_tokenizer(folder, vocab_size=int(model_config.get("vocab_size", 256)), task=task)
+    _, max_length, tokenizer = prepare_tokenizer(model_dir(model_spec), task=task, max_length=config.max_length,
+                                                 option="calibration max_length", notes=notes)
     tokens = tokenize(records, tokenizer, task="causal_lm", max_length=max_length)  # no labels needed
     if config.max_examples is not None:
         tokens.ids = tokens.ids[:config.max_examples]

@@ -402,6 +402,31 @@ def _positions(scope: Mapping) -> str:
     return "rotary" if any(k in scope for k in _ROTARY_KEYS) else "learned"
 
 
+def check_max_length(max_length: int | None, *, option: str) -> None:
+    """Refuse a ``max_length`` that is neither None (the default) nor an integer ≥ 2.
+
+    The one check of the option, in ``TrainConfig``, ``VerifyConfig`` and ``CalibrationConfig``.
+    Two tokens are the fewest an example can hold: one to read and one to predict
+    (:func:`tokenize` drops shorter blocks).
+
+    Parameters
+    ----------
+    max_length : int or None
+    option : str
+        How the user set it, for the error: ``max_length (--max-length)``, ``calibration max_length``.
+
+    Raises
+    ------
+    ConfigError
+        A float (``2.5``, or ``64.0`` read from a JSON file), a bool, a string, or an int below 2.
+    """
+    if max_length is None:
+        return
+    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
+        raise ConfigError(f"{option} {max_length!r} must be an integer ≥ 2 (tokens per example), or unset for the "
+                          f"default ({DEFAULT_MAX_LENGTH}, or the model's position limit when shorter).")
+
+
 def resolve_max_length(max_length: int | None, model_config: Mapping, *, option: str = "max_length (--max-length)",
                        notes: list[str] | None = None) -> int:
     """Tokens per example for the model of ``model_config``: what was asked, within what its positions cover.
@@ -636,6 +661,42 @@ def _read_text(path: Path) -> str:
 # ---------------------------------------------------------------------------- one call
 
 
+def prepare_tokenizer(model_dir: str | Path, *, task: str, max_length: int | None,
+                      option: str = "max_length (--max-length)", notes: list[str] | None = None):
+    """What tokenising for the model in ``model_dir`` takes: its config, the tokens per example, its tokenizer.
+
+    Training and calibration data (:func:`prepare_data`, ``collect_calibration``) and
+    verification's eval data are all tokenised through this one call.
+
+    Parameters
+    ----------
+    model_dir : str or path
+        Local model directory with ``config.json`` (and a tokenizer if it ships one).
+    task : {"causal_lm", "seq_cls"}
+        As :func:`load_tokenizer` takes it.
+    max_length : int or None
+        The length asked for, resolved against the model's positions by :func:`resolve_max_length`.
+    option : str
+        How the user set ``max_length``, for its error.
+    notes : list of str, optional
+        Receives the notes of :func:`resolve_max_length`.
+
+    Returns
+    -------
+    model_config : dict
+        The model's ``config.json``.
+    max_length : int
+        Tokens per example.
+    tokenizer
+        The checkpoint's tokenizer, or a :class:`ByteTokenizer` of its ``vocab_size``.
+    """
+    folder = Path(model_dir)
+    model_config = json.loads((folder / "config.json").read_text())
+    max_length = resolve_max_length(max_length, model_config, option=option, notes=notes)
+    tokenizer = load_tokenizer(folder, vocab_size=int(model_config.get("vocab_size", 256)), task=task)
+    return model_config, max_length, tokenizer
+
+
 def prepare_data(model_dir: str | Path, data, *, task: str = "auto", max_length: int | None = None, eval_data=None,
                  eval_fraction: float = 0.0, seed: int = 0, notes: list[str] | None = None):
     """Read and tokenise training data (and eval data) for the model in ``model_dir``.
@@ -676,13 +737,10 @@ def prepare_data(model_dir: str | Path, data, *, task: str = "auto", max_length:
         classes.
     tokenizer
     """
-    folder = Path(model_dir)
-    model_config = json.loads((folder / "config.json").read_text())
-    max_length = resolve_max_length(max_length, model_config, notes=notes)  # before reading data
     records = read_records(data, task=task)  # auto: every record labelled, or none (a mix is refused)
     if task == "auto":
         task = "seq_cls" if "label" in records[0] else "causal_lm"
-    tokenizer = load_tokenizer(folder, vocab_size=int(model_config.get("vocab_size", 256)), task=task)
+    model_config, max_length, tokenizer = prepare_tokenizer(model_dir, task=task, max_length=max_length, notes=notes)
     names = None
     labels = None
     if task == "seq_cls":

@@ -36,7 +36,7 @@ import torch
 from spectra.checkpoints.pairing import check_device
 from spectra.errors import ConfigError
 from spectra.files import staged_directory
-from spectra.lora.data import TokenizedData, batches, prepare_data
+from spectra.lora.data import TokenizedData, batches, check_max_length, prepare_data
 
 METHODS = ("lora", "dora", "qlora", "qdora", "full")
 BLOCK_ROLES = ("q", "k", "v", "o", "qkv", "gate", "up", "down", "gate_up")
@@ -148,11 +148,12 @@ class TrainConfig:
                 raise ConfigError(f"roles {bad}: LoRA targets the block linears {', '.join(BLOCK_ROLES)}.")
         if self.task not in ("auto", "causal_lm", "seq_cls"):
             raise ConfigError(f"task {self.task!r} is not auto, causal_lm or seq_cls.")
-        for name in ("rank", "max_length", "batch_size", "epochs"):
-            if name in ("rank", "max_length") and getattr(self, name) is None:
+        for name in ("rank", "batch_size", "epochs"):
+            if name == "rank" and self.rank is None:
                 continue
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)!r}.")
+        check_max_length(self.max_length, option="max_length (--max-length)")
         if self.max_steps is not None and self.max_steps < 1:
             raise ConfigError(f"max_steps must be positive, got {self.max_steps}.")
         if self.lr is not None and not self.lr > 0:

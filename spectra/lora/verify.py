@@ -55,6 +55,7 @@ from spectra.linalg.subspace import (
     similarity_matrix,
 )
 from spectra.linalg.svd import Spectrum, frobenius_energy
+from spectra.lora.data import check_max_length
 
 SCHEMA_VERSION = 1
 
@@ -113,8 +114,7 @@ class VerifyConfig:
             raise ConfigError(f"intruder_epsilon {self.intruder_epsilon} must lie in (0, 1).")
         if self.task not in ("auto", "causal_lm", "seq_cls"):
             raise ConfigError(f"task {self.task!r} is not auto, causal_lm or seq_cls.")
-        if self.max_length is not None and (not isinstance(self.max_length, int) or self.max_length < 2):
-            raise ConfigError(f"max_length {self.max_length!r} must be an int ≥ 2, or None for the default.")
+        check_max_length(self.max_length, option="VerifyConfig max_length")
         check_device(self.device)
 
 
@@ -606,7 +606,7 @@ def evaluate_models(base, tuned, adapter_src, eval_data, truncated: dict, *, con
     """
     import json
 
-    from spectra.lora.data import load_tokenizer, resolve_max_length, tokenize_file
+    from spectra.lora.data import prepare_tokenizer, tokenize_file
     from spectra.lora.train import evaluate, load_model, model_dir
 
     task = config.task
@@ -616,10 +616,8 @@ def evaluate_models(base, tuned, adapter_src, eval_data, truncated: dict, *, con
     labels = trained.get("label_names")
     if task == "seq_cls" and labels is None and tuned_config.get("id2label"):
         labels = [tuned_config["id2label"][k] for k in sorted(tuned_config["id2label"], key=int)]
-    folder = model_dir(base)
-    base_config = json.loads((folder / "config.json").read_text())
-    max_length = resolve_max_length(config.max_length, base_config, option="VerifyConfig max_length", notes=notes)
-    tokenizer = load_tokenizer(folder, vocab_size=int(base_config.get("vocab_size", 256)), task=task)
+    _, max_length, tokenizer = prepare_tokenizer(model_dir(base), task=task, max_length=config.max_length,
+                                                 option="VerifyConfig max_length", notes=notes)
     data = tokenize_file(eval_data, tokenizer, task=task, max_length=max_length, label_names=labels)
     num_labels = len(labels) if task == "seq_cls" and labels else None
     compute = (trained.get("config") or {}).get("compute_dtype", "float32")
