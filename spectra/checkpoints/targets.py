@@ -108,7 +108,7 @@ def model_targets(names: Iterable[str], model) -> dict[str, ModelTarget | None]:
 
     A name is the model's module when it resolves to one (exactly or up to a leading prefix) that
     PEFT's LoRA can wrap and run (Linear, Embedding, Conv, transformers' Conv1D; not a Linear whose
-    forward returns a tuple, such as PhiMoE's router: see :func:`_adaptable`). Otherwise its
+    forward returns a tuple, such as PhiMoE's router: see :func:`lora_can_wrap`). Otherwise its
     ``.weight`` is renamed as transformers renames it on loading, and resolved against the
     model's parameters: the weight of a module PEFT can wrap gives that module (GPT-NeoX's
     ``embed_out`` → ``lm_head``), any other a parameter target (Mixtral's
@@ -122,7 +122,7 @@ def model_targets(names: Iterable[str], model) -> dict[str, ModelTarget | None]:
     out = {}
     for name in names:
         module = resolve_name(name, module_names)
-        if module is not None and _adaptable(modules[module]):
+        if module is not None and lora_can_wrap(modules[module]):
             out[name] = ModelTarget(module)
             continue
         loaded = rename(name + ".weight")
@@ -131,7 +131,7 @@ def model_targets(names: Iterable[str], model) -> dict[str, ModelTarget | None]:
             out[name] = None
             continue
         owner, _, leaf = weight.rpartition(".")
-        if leaf == "weight" and owner in modules and _adaptable(modules[owner]):
+        if leaf == "weight" and owner in modules and lora_can_wrap(modules[owner]):
             out[name] = ModelTarget(owner)
         elif len(weight) >= len(loaded):  # the model's name adds a prefix: model.layers.0… for layers.0…
             out[name] = ModelTarget(weight, parameter=True, stored_name=weight[:len(weight) - len(loaded)] + name)
@@ -140,7 +140,33 @@ def model_targets(names: Iterable[str], model) -> dict[str, ModelTarget | None]:
     return out
 
 
-def _adaptable(module: torch.nn.Module) -> bool:
+def owning_modules(names: Iterable[str], model) -> dict[str, str | None]:
+    """Checkpoint module name → the model's module that holds its tensors as stored, whatever its type; else None.
+
+    For modules saved whole (``modules_to_save``): PEFT copies such a module and runs its own forward, so unlike
+    in :func:`model_targets` it does not matter whether a LoRA module could wrap it. PhiMoE's router
+    ``block_sparse_moe.gate`` (an nn.Linear whose forward returns a tuple) is the model's ``mlp.router``, Mixtral's
+    (a MixtralTopKRouter, no Linear) ``mlp.gate``, although both are parameter targets for a LoRA. A name resolves
+    to a module (exactly or up to a leading prefix), else its ``.weight`` renamed as on loading to a module's
+    ``weight``. None: the model has no such module, or loading converts the weight (Mixtral's
+    ``…experts.3.w1``, a slice of the fused ``mlp.experts.gate_up_proj``), so no module holds it as stored.
+    """
+    modules = {n for n, _ in model.named_modules() if n}
+    parameters = [n for n, _ in model.named_parameters()]
+    rename = _loading_conversion(model)
+    out = {}
+    for name in names:
+        module = resolve_name(name, modules)
+        if module is None:
+            loaded, converted = rename(name + ".weight")
+            weight = None if converted else resolve_name(loaded, parameters)
+            owner, _, leaf = (weight or "").rpartition(".")
+            module = owner if leaf == "weight" and owner in modules else None
+        out[name] = module
+    return out
+
+
+def lora_can_wrap(module: torch.nn.Module) -> bool:
     """Whether PEFT's LoRA wraps this module and still runs (else only its parameters can be targeted).
 
     PEFT wraps any subclass of the types below, and its ``lora.Linear`` adds ``s·B@A@x`` to what
@@ -193,10 +219,22 @@ def conversions(model) -> tuple[list, list] | None:
 
 def loading_rename(model):
     """Checkpoint tensor name → the model's, as transformers' loader renames and fuses it."""
+    rename = _loading_conversion(model)
+    return lambda key: rename(key)[0]
+
+
+def _loading_conversion(model):
+    """Checkpoint tensor name → (the model's name, whether a converter changes the tensor on loading: fuses it into
+    a parameter with others, splits or transposes it), as transformers' loader does."""
     table = conversions(model)
     if table is None:
-        return lambda key: key
+        return lambda key: (key, False)
     from transformers.core_model_loading import rename_source_key
 
     renamings, converters = table
-    return lambda key: rename_source_key(key, renamings, converters)[0]
+
+    def rename(key: str) -> tuple[str, bool]:
+        name, converter = rename_source_key(key, renamings, converters)  # converter: its source pattern, or None
+        return name, converter is not None
+
+    return rename

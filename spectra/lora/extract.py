@@ -33,7 +33,7 @@ from spectra.checkpoints.adapter import PEFT_PREFIX
 from spectra.checkpoints.architectures import role_selected
 from spectra.checkpoints.pairing import Pairing, PairingOptions
 from spectra.checkpoints.source import CheckpointSource
-from spectra.checkpoints.targets import architecture, meta_model, model_targets, resolve_name
+from spectra.checkpoints.targets import architecture, meta_model, model_targets, owning_modules, resolve_name
 from spectra.errors import ConfigError, PeftConfigWarning
 from spectra.files import staged_directory
 from spectra.linalg.svd import CONVERGED_TOL, full_svd, randomized_svd
@@ -97,7 +97,9 @@ def extract_adapter(base, tuned, plan_or_rank, out_dir: str | os.PathLike, *, ro
         With a uniform rank: use rsLoRA scaling α/√r.
     modules_to_save : tuple of str
         Modules copied whole from TUNED (e.g. a classification head or resized
-        embeddings), matched as name suffixes (``classifier`` matches ``classifier``).
+        embeddings), matched as name suffixes (``classifier`` matches ``classifier``), and
+        saved as the module the model loads them into, whatever its type (an MoE's router
+        ``block_sparse_moe.gate``: PhiMoE's ``mlp.router``, Mixtral's ``mlp.gate``).
     full_below : int
         Exact SVD when min(out, in) ≤ this, else the randomized block Krylov top-r,
         run until its values converge to 1e-4.
@@ -136,7 +138,8 @@ def extract_adapter(base, tuned, plan_or_rank, out_dir: str | os.PathLike, *, ro
     ConfigError
         A plan naming modules absent from the base, a rank above min(d_in, d_out), an
         output directory that exists, nothing to extract, a ``model_class`` that cannot be
-        built from the checkpoint's config.
+        built from the checkpoint's config, a module to save that the model does not hold as
+        stored (an expert's ``w1``, fused into ``gate_up_proj`` on loading).
     """
     import tqdm
 
@@ -159,29 +162,28 @@ def extract_adapter(base, tuned, plan_or_rank, out_dir: str | os.PathLike, *, ro
     model_class, model = _adapter_model(pairing, model_class, selected, saved_modules)  # None: no config.json
     model_names = _model_names(selected, model, model_class, targets)  # checkpoint module name -> the model's
     on_parameters = _unconverted_parameters(selected, model_names, pairing, model)  # entry name -> its slice
-    saved_names = _saved_names(saved_modules, model)
+    saved_names = _saved_names(saved_modules, model, model_class)
     if isinstance(calibration, (str, os.PathLike)):
         from spectra.calibration import CalibrationConfig, collect_calibration
 
         calibration = collect_calibration(base, calibration, config=CalibrationConfig(device=device),
                                           progress=progress)
 
-    ranks_of = {}  # every module's (rank, alpha), checked before any work starts
+    ranks_of = {}  # every module's (rank, alpha, scaling s), checked before any work starts
     for entry in selected:
         rank, module_alpha = targets[entry.name] if targets is not None else (plan_or_rank, None)
         if rank == "full":
             rank = min(entry.shape)
         if module_alpha is None:
-            module_alpha = alpha if alpha is not None else 2.0 * (math.sqrt(rank) if use_rslora else rank)
+            module_alpha = alpha if alpha is not None else 2.0 * _rank_scale(rank, use_rslora)  # s = 2
         if rank > min(entry.shape):
             raise ConfigError(f"rank {rank} for {entry.name} exceeds min(d_in, d_out) = {min(entry.shape)} of its "
                               f"{entry.shape[0]}×{entry.shape[1]} weight; lower it.")
-        ranks_of[entry.name] = (rank, module_alpha)
+        ranks_of[entry.name] = (rank, module_alpha, module_alpha / _rank_scale(rank, use_rslora))
 
     def factorize(entry):
-        rank, module_alpha = ranks_of[entry.name]
+        rank, _, scaling = ranks_of[entry.name]
         (d,) = pairing.load(entry)
-        scaling = module_alpha / (math.sqrt(rank) if use_rslora else rank)
         C = None if calibration is None else calibration.covariance(entry.base_tensor)
         if C is not None:
             return _factorize_on_data(d.delta, rank, scaling, C, epsilon=calibration.config.epsilon,
@@ -194,11 +196,10 @@ def extract_adapter(base, tuned, plan_or_rank, out_dir: str | os.PathLike, *, ro
     parameter_factors: dict[str, list] = {}  # parameter -> [(its slice, A, B, scaling)] of the matrices it holds
     bar = tqdm.tqdm(total=len(selected), desc="extract", unit="module", disable=not progress)
     for entry, (A, B, extraction) in _in_parallel(factorize, selected, n_workers, threads, bar):
-        rank, module_alpha = ranks_of[entry.name]
+        rank, module_alpha, scaling = ranks_of[entry.name]
         module = model_names[entry.name]  # as the adapter's model class names it
         if entry.name in on_parameters:  # written below, with the other experts of its parameter (a router: alone)
             place = on_parameters[entry.name]
-            scaling = module_alpha / (math.sqrt(rank) if use_rslora else rank)
             parameter_factors.setdefault(place.parameter, []).append((place, A, B, scaling))
         elif _is_embedding(entry):  # PEFT's Embedding LoRA: ΔW (vocab, dim) = s·(B_e A_e)ᵀ, so A_e = Bᵀ, B_e = Aᵀ
             tensors[f"{PEFT_PREFIX}{module}.lora_embedding_A"] = B.T.cpu().contiguous()  # (r, vocab)
@@ -346,9 +347,8 @@ def _adapter_model(pairing: Pairing, model_class: str | None, entries, saved_mod
             candidates.append((cls, model))
     stored = list(_stored_names(entries).values())
     for cls, model in candidates:
-        found = model_targets(stored + saved_modules, model)
-        if all(found[n] is not None for n in stored) and all(
-                found[n] is not None and not found[n].parameter for n in saved_modules):
+        found, holders = model_targets(stored, model), owning_modules(saved_modules, model)
+        if all(found[n] is not None for n in stored) and all(holders[n] is not None for n in saved_modules):
             return cls, model
     return candidates[0] if candidates else (None, None)
 
@@ -513,14 +513,29 @@ def _parameter_factors(pieces, shape: tuple[int, ...], use_rslora: bool):
         at = offsets[(lo, hi)]
         A[place.expert, at:at + a.shape[0]] = a.cpu()
         B[lo:hi, at:at + a.shape[0], place.expert] = b.cpu() * (s / scaling)
-    alpha = scaling * (math.sqrt(rank) if use_rslora else rank)
+    alpha = scaling * _rank_scale(rank, use_rslora)
     return A.reshape(experts * rank, in_features), B.reshape(out_features, rank * experts), rank, alpha
 
 
-def _saved_names(saved_modules: list[str], model) -> dict[str, str]:
-    """Modules saved whole: checkpoint name → the model's (kept when unresolved: PEFT matches them by suffix)."""
-    found = {} if model is None else model_targets(saved_modules, model)
-    return {m: found[m].name if found.get(m) is not None and not found[m].parameter else m for m in saved_modules}
+def _saved_names(saved_modules: list[str], model, model_class: str | None) -> dict[str, str]:
+    """Modules saved whole: checkpoint name → the model's module (the checkpoint's names without a model).
+
+    Any module that holds the stored tensors, whether or not a LoRA module could wrap it
+    (:func:`~spectra.checkpoints.targets.owning_modules`): PEFT's ``modules_to_save`` copies the module and
+    runs its own forward, so a router whose LoRA must go onto its weight (PhiMoE's ``mlp.router``, Mixtral's
+    ``mlp.gate``) is saved as its module. Under the stored name ``block_sparse_moe.gate`` PEFT matched no
+    module and left the base's router, without a word. A module the model does not hold as stored is refused
+    for the same reason.
+    """
+    if model is None:
+        return {m: m for m in saved_modules}
+    found = owning_modules(saved_modules, model)
+    missing = [m for m in saved_modules if found[m] is None]
+    if missing:
+        raise ConfigError(f"modules_to_save: {', '.join(missing[:5])} is no module of {model_class} as stored "
+                          "(transformers fuses or converts its weight when it loads the checkpoint), so PEFT "
+                          "would save and restore nothing under this name. Leave it out of --modules-to-save.")
+    return found
 
 
 def _tied_head(save_names: list[str], pairing: Pairing, model) -> tuple[str, str] | None:
@@ -572,6 +587,12 @@ def _modules_to_save(pairing: Pairing, names: tuple[str, ...]) -> list[str]:
             raise ConfigError(f"modules_to_save: no module named {wanted!r} in {pairing.tuned.spec}.")
         out.extend(hits)
     return out
+
+
+def _rank_scale(rank: int, use_rslora: bool) -> float:
+    """What α is divided by in PEFT's scale s = α/r of a rank-r update s·B@A: r (LoRA, arXiv:2106.09685), or √r
+    (rsLoRA, arXiv:2312.03732)."""
+    return math.sqrt(rank) if use_rslora else rank
 
 
 def _factorize(delta: torch.Tensor, rank: int, scaling: float, *, full_below: int, seed: int):

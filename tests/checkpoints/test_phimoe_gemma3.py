@@ -67,6 +67,15 @@ def peft_merge(model, adapter_dir):
     return state, peft_model
 
 
+def assert_runs_as_merged(peft_model, state):
+    """The unmerged PeftModel's logits are those of a PhiMoE holding PEFT's merged `state` (its forward runs)."""
+    merged_model = build_model("phimoe")
+    merged_model.load_state_dict(state)
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model(ids).logits, merged_model(ids).logits, rtol=1e-4, atol=1e-5)
+
+
 # -- PhiMoE ----------------------------------------------------------------------------------------------------------
 
 
@@ -189,11 +198,7 @@ def test_phimoe_extracted_experts_load_and_merge_to_the_truncation(tmp_path):
     assert config["target_parameters"] == [f"model.layers.{i}.mlp.experts.{p}" for i in (0, 1)
                                            for p in ("down_proj", "gate_up_proj")]
     assert set(config["rank_pattern"].values()) == {6} and (config["r"], config["lora_alpha"]) == (3, 6.0)
-    merged_model = build_model("phimoe")
-    merged_model.load_state_dict(state)
-    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():  # unmerged, PEFT applies the same update in the forward
-        torch.testing.assert_close(peft_model(ids).logits, merged_model(ids).logits, rtol=1e-4, atol=1e-5)
+    assert_runs_as_merged(peft_model, state)
 
 
 @PATTERN_WARNING
@@ -268,6 +273,66 @@ def test_phimoe_extracted_router_is_a_parameter_that_trains(tmp_path):
             best = best_rank(W1[key] - W0[key], ranks[stored])
             np.testing.assert_allclose((state[key] - W0[key]).double().numpy(), best, atol=2e-6)
             np.testing.assert_allclose(read_back[stored].double().numpy(), best, atol=2e-6)
+
+
+def test_phimoe_router_saved_whole_is_the_tuned_router(tmp_path):
+    """modules_to_save naming PhiMoE's router (block_sparse_moe.gate): it is saved as the model's mlp.router, the
+    module PEFT copies and runs with its own forward (that it returns a tuple, which rules out a LoRA module on it,
+    does not matter there). It was kept under the stored name, which PEFT matches to no module: the adapter loaded
+    without a word and the merged router stayed the base's."""
+    base = build_model("phimoe")
+    tuned = moved(base, ("self_attn.q_proj", "mlp.router"), seed=7)
+    b, t = save(base, tmp_path / "b", "safetensors"), save(tuned, tmp_path / "t", "safetensors")
+    result = extract_adapter(b, t, 2, tmp_path / "ad", roles=("q",),
+                             modules_to_save=("model.layers.0.block_sparse_moe.gate",), progress=False)
+    assert result.config["modules_to_save"] == ["model.layers.0.mlp.router"]
+    state, peft_model = peft_merge(base, tmp_path / "ad")
+    W0, W1 = base.state_dict(), tuned.state_dict()
+    assert torch.equal(state["model.layers.0.mlp.router.weight"], W1["model.layers.0.mlp.router.weight"])
+    assert torch.equal(state["model.layers.1.mlp.router.weight"], W0["model.layers.1.mlp.router.weight"])  # not asked
+    for layer in (0, 1):
+        key = f"model.layers.{layer}.self_attn.q_proj.weight"
+        np.testing.assert_allclose((state[key] - W0[key]).double().numpy(), best_rank(W1[key] - W0[key], 2), atol=2e-6)
+    assert_runs_as_merged(peft_model, state)
+
+
+@PATTERN_WARNING
+def test_phimoe_extracted_router_and_experts_together(tmp_path):
+    """The router (on mlp.router.weight) and the experts (on the fused gate_up_proj at r_w1 + r_w3, and down_proj) of
+    one MLP extracted together: three target parameters per layer, two of them on one module (PEFT nests their
+    wrappers). PEFT loads every key, puts every factor in the backward pass, runs unmerged as merged, and the merge
+    is the best rank-r ΔW of the router and of every expert slice."""
+    from peft import PeftModel
+
+    base = build_model("phimoe")
+    tuned = moved(base, ("mlp.router", "mlp.experts"), seed=8)
+    b, t = save(base, tmp_path / "b", "safetensors"), save(tuned, tmp_path / "t", "safetensors")
+    result = extract_adapter(b, t, 2, tmp_path / "ad", roles=("gate", "up", "down", "other"), progress=False)
+    assert result.config["target_parameters"] == [f"model.layers.{i}.mlp.{p}" for i in (0, 1)
+                                                  for p in ("experts.down_proj", "experts.gate_up_proj",
+                                                            "router.weight")]
+    assert not result.config["target_modules"]
+    state, peft_model = peft_merge(base, tmp_path / "ad")
+    W0, W1 = base.state_dict(), tuned.state_dict()
+    for layer in (0, 1):
+        router, fused = f"model.layers.{layer}.mlp.router.weight", f"model.layers.{layer}.mlp.experts"
+        np.testing.assert_allclose((state[router] - W0[router]).double().numpy(),
+                                   best_rank(W1[router] - W0[router], 2), atol=2e-6)
+        for key, rows in (("gate_up_proj", slice(0, 48)), ("gate_up_proj", slice(48, 96)), ("down_proj", slice(None))):
+            for e in range(3):
+                w0 = W0[f"{fused}.{key}"][e][rows]
+                np.testing.assert_allclose((state[f"{fused}.{key}"][e][rows] - w0).double().numpy(),
+                                           best_rank(W1[f"{fused}.{key}"][e][rows] - w0, 2), atol=2e-6)
+    assert_runs_as_merged(peft_model, state)
+    trainable = PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "ad"), is_trainable=True).train()
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)  # SparseMixer samples its picks in training
+    trainable(input_ids=ids, labels=ids).loss.backward()
+    grads = {n: p.grad for n, p in trainable.named_parameters() if "lora_" in n}
+    # every factor is in the graph; the router's gradient is zero where its mask leaves one expert per token (the
+    # tiny model's logits are far apart: SparseMixer's masked softmax is then 1), as the plain model's router's is
+    assert len(grads) == 12 and all(g is not None for g in grads.values()), grads.keys()
+    assert all(g.abs().sum() > 0 for n, g in grads.items() if ".experts." in n)
 
 
 # -- Gemma 3 ---------------------------------------------------------------------------------------------------------

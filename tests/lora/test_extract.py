@@ -348,6 +348,40 @@ def test_mixtrals_router_is_written_onto_its_weight(tmp_path):
     assert stored.target_parameters == {"gate.weight"} and stored.target_modules == set()
 
 
+def test_mixtrals_router_saved_whole_is_the_tuned_router(tmp_path):
+    """modules_to_save naming Mixtral's router (block_sparse_moe.gate, loaded into mlp.gate, a MixtralTopKRouter whose
+    LoRA goes onto its weight) is saved as the module mlp.gate, which PEFT copies and runs as is: the merge and the
+    unmerged forward use the tuned router. It was kept under the stored name, which PEFT matches to no module: the
+    adapter loaded without a word and the router stayed the base's. An expert's w1 (rows of the fused
+    gate_up_proj, which no module holds as stored) is refused, as PEFT would drop it too."""
+    from peft import PeftModel
+
+    def move_router_and_q(tuned, g):
+        for name, p in tuned.named_parameters():
+            if "q_proj" in name or "mlp.gate" in name:
+                p += 0.02 * torch.randn(p.shape, generator=g)
+
+    base, tuned = _mixtral_fine_tune(move_router_and_q, seed=6)
+    b, t = save(base, tmp_path / "b", "safetensors"), save(tuned, tmp_path / "t", "safetensors")
+    result = extract_adapter(b, t, 2, tmp_path / "ad", roles=("q",),
+                             modules_to_save=("model.layers.1.block_sparse_moe.gate",), progress=False)
+    assert result.config["modules_to_save"] == ["model.layers.1.mlp.gate"]
+    state = _load_without_missing_keys(base, tmp_path / "ad")
+    W0, W1 = base.state_dict(), tuned.state_dict()
+    assert torch.equal(state["model.layers.1.mlp.gate.weight"], W1["model.layers.1.mlp.gate.weight"])
+    assert torch.equal(state["model.layers.0.mlp.gate.weight"], W0["model.layers.0.mlp.gate.weight"])  # not asked
+    merged = build_model("mixtral")
+    merged.load_state_dict(state)
+    peft_model = PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "ad")).eval()
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model(ids).logits, merged(ids).logits, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ConfigError, match=r"modules_to_save: model\.layers\.0\.block_sparse_moe\.experts\.0\.w1 is no"):
+        extract_adapter(b, t, 2, tmp_path / "ad2", roles=("q",),
+                        modules_to_save=("model.layers.0.block_sparse_moe.experts.0.w1",), progress=False)
+    assert not (tmp_path / "ad2").exists()
+
+
 def _qwen2_embedding_fine_tune(tmp_path):
     """Qwen2 (lm_head tied to embed_tokens, stored once) and a fine-tune of its embedding alone, saved."""
     base = build_model("qwen2")
