@@ -53,13 +53,9 @@ ATTENTIONS = ("sdpa", "eager")
 DEFAULT_ROLES = ("q", "k", "v", "o", "qkv", "gate", "up", "down", "gate_up", "router")
 # MoE families whose all-linear PEFT converts to its transformers-5 layout (peft.utils.transformers_weight_conversion):
 # the router's weight and the fused experts become target_parameters, gate_up_proj at the rank of w1 and w3 summed.
-# Elsewhere all-linear cannot reach fused experts (3-D parameters, not nn.Linear)
+# Elsewhere all-linear cannot reach fused experts (3-D parameters, not nn.Linear). (Whether the router is adapted as a
+# parameter is not listed here: ModelShape.router_parameter reads it off the model, see _router_is_parameter)
 _PEFT_CONVERTS_EXPERTS = frozenset({"mixtral"})
-# MoE families whose router weight is adapted as a parameter (a PEFT ParamWrapper): Mixtral's (MixtralTopKRouter,
-# no Linear: PEFT converts all-linear's router to its weight) and PhiMoE's (PhimoeTopKRouter, an nn.Linear whose
-# forward returns a tuple: all-linear wraps it as a LoRA module, which merges but fails in every forward; spectra's
-# plans and extracted adapters adapt its weight, target_parameters, which trains)
-_PARAMETER_ROUTERS = _PEFT_CONVERTS_EXPERTS | {"phimoe"}
 
 NF4_BLOCK = 64          # weights per NF4 absmax constant [3]
 DQ_BLOCK = 256          # absmax constants per second-level fp32 constant with double quantisation [3]
@@ -106,6 +102,9 @@ class ModelShape:
     qk_norm: bool = False  # Gemma 3 normalises each head's Q and K (RMSNorm over head_dim) before the rotation
     sparsemixer: bool = False  # PhiMoE routes by SparseMixer (two masked softmaxes), not Mixtral's softmax top-k
     input_jitter: bool = False  # PhiMoE's input_jitter_noise: in training its MLP input is multiplied by noise
+    # an MoE's router is adapted through its weight (a PEFT ParamWrapper, target_parameters), no LoRA module being
+    # able to run on it (Mixtral's MixtralTopKRouter, PhiMoE's tuple-returning Linear): _router_is_parameter
+    router_parameter: bool = False
 
     @property
     def fused_qkv(self) -> bool:
@@ -188,7 +187,43 @@ def _llama(cfg: dict, mtype: str) -> ModelShape:
                       norms=norms, attn_softcap=caps["attn_logit_softcapping"],
                       logit_softcap=caps["final_logit_softcapping"], sdpa=mtype not in _EAGER_ONLY, rotary=True,
                       qk_norm=qk_norm, sparsemixer=mtype in _SPARSEMIXER,
-                      input_jitter=mtype in _SPARSEMIXER and bool(cfg.get("input_jitter_noise", 0.0)))
+                      input_jitter=mtype in _SPARSEMIXER and bool(cfg.get("input_jitter_noise", 0.0)),
+                      router_parameter=experts > 1 and _router_is_parameter(cfg, experts, h))
+
+
+def _router_is_parameter(cfg: dict, experts: int, hidden: int) -> bool:
+    """Whether an MoE's router is adapted through its weight (a ParamWrapper), by the rule extract, plans and
+    the adapter pairing follow (:func:`spectra.checkpoints.targets.lora_can_wrap`): a router that is no module a
+    LoRA module can wrap and run. Mixtral's MixtralTopKRouter is no Linear (PEFT converts all-linear's router to
+    its weight); PhiMoE's PhimoeTopKRouter is an nn.Linear whose forward returns a tuple (all-linear wraps it as a
+    LoRA module, which merges but fails in every forward; spectra's plans and extracted adapters adapt its weight).
+
+    Read off the family's base model built from the config on the meta device (shapes only, no weights: ~10 ms
+    for Mixtral-8x7B's, after importing transformers' modeling code, ~1.5 s once per process; dense models
+    skip it): the router is the child of the first module holding ``experts`` whose weight is
+    (experts, hidden). False (a LoRA module, as on a plain nn.Linear router) when this transformers cannot
+    build the family or has no such router.
+    """
+    import torch
+
+    from spectra.checkpoints.targets import lora_can_wrap, meta_model
+
+    try:
+        from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return False
+    base_class = MODEL_MAPPING_NAMES.get(cfg.get("model_type"))
+    model = meta_model(cfg, base_class) if isinstance(base_class, str) else None
+    if model is None:
+        return False
+    for module in model.modules():
+        if isinstance(getattr(module, "experts", None), torch.nn.Module):
+            for name, child in module.named_children():
+                weight = getattr(child, "weight", None)
+                if name != "experts" and weight is not None and tuple(weight.shape) == (experts, hidden):
+                    return not lora_can_wrap(child)
+            return False
+    return False
 
 
 _FUSED_PROJECTIONS = frozenset({"phi3"})  # PhiMoE has separate q/k/v (transformers' PhimoeForCausalLM)
@@ -516,7 +551,7 @@ def _adapter_modules(shape: ModelShape, method: str, plan_or_rank: Any, roles: t
     them) and of down's; an int rank on Mixtral, whose all-linear PEFT converts so, at 2·r for
     gate_up (r for each of w1 and w3), r for down and for the router's weight. Other MoE families'
     all-linear leaves the experts (3-D parameters) alone. PhiMoE's router is its weight at r too
-    (a parameter: a LoRA module on it cannot run, see ``_PARAMETER_ROUTERS``), and so is a plan's
+    (a parameter: a LoRA module on it cannot run, see ``_router_is_parameter``), and so is a plan's
     router at its planned rank, as the plan's ``peft_config`` adapts both (``_block_adapter``).
     """
     if method == "full":
@@ -583,9 +618,9 @@ def _adapter_modules(shape: ModelShape, method: str, plan_or_rank: Any, roles: t
 def _block_adapter(shape: ModelShape, layer: int | None, role: str | None, rank: int, d_in: int,
                    d_out: int) -> _Adapter:
     """A block's module adapted on its own (not fused experts), by a plan or an int rank: a ``lora.Linear``, or
-    for a router whose weight PEFT adapts as a parameter (``_PARAMETER_ROUTERS``: what all-linear and the
-    plan's ``peft_config`` both make of it) a ``ParamWrapper``."""
-    wrapped = role == "router" and shape.family in _PARAMETER_ROUTERS
+    for a router whose weight PEFT adapts as a parameter (``ModelShape.router_parameter``: what all-linear and
+    the plan's ``peft_config`` both make of it) a ``ParamWrapper``."""
+    wrapped = role == "router" and shape.router_parameter
     return _Adapter(layer, role, rank, d_in, d_out, 1 if wrapped else 0)
 
 

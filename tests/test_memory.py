@@ -205,6 +205,30 @@ def test_moe_adapters_are_what_peft_makes_of_all_linear():
     assert estimate_memory(mixtral, method="dora", rank_plan_or_rank=4, roles=("q", "k", "v", "o")).dora_magnitude
 
 
+def test_how_a_router_is_adapted_is_read_off_the_model(monkeypatch):
+    """Whether a router is a ParamWrapper (target_parameters, no DoRA) or a lora.Linear comes from the rule that
+    extract, plans and the adapter pairing follow (spectra.checkpoints.targets.lora_can_wrap, on the model built
+    from the config on the meta device), not from a list of families: were PhiMoE's router a Linear that returns
+    its logits, the default roles would put a LoRA module on it, which takes DoRA, and the estimate trains what
+    PEFT's DoRA model then trains. The memory model listed Mixtral and PhiMoE as parameter routers by name."""
+    import torch
+    import transformers as tf
+    from peft import LoraConfig, get_peft_model
+    from peft.tuners import lora
+
+    from tests.models import tiny_config
+
+    config = tiny_config("phimoe")
+    with pytest.raises(ConfigError, match="phimoe model's router as parameters"):
+        estimate_memory(config.to_dict(), method="dora", rank_plan_or_rank=4)
+    monkeypatch.setattr(tf.models.phimoe.modeling_phimoe.PhimoeTopKRouter, "forward", torch.nn.Linear.forward)
+    est = estimate_memory(config.to_dict(), method="dora", rank_plan_or_rank=4)
+    peft_model = get_peft_model(tf.PhimoeForCausalLM(config), LoraConfig(
+        r=4, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "router"], use_dora=True))
+    assert est.trainable_params == sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    assert isinstance(peft_model.base_model.model.model.layers[0].mlp.router, lora.Linear)
+
+
 @_PEFT_PATTERN_WARNING
 @pytest.mark.filterwarnings("ignore::spectra.errors.PeftConfigWarning")
 def test_a_mixtral_plan_trains_what_its_peft_config_does(tmp_path):
