@@ -26,6 +26,18 @@ checkpoint's vision tower and its language model each have a q curve ("vision q"
 named as the analysis reports name their groups; :func:`~spectra.ranks.functional.role_curves`),
 so a functional rank read off one is never applied to the other.
 
+A curve the eval data never reaches is said so (``unreached`` in ``sweep.json``, and a note). Text never
+passes through a multimodal checkpoint's vision tower, an MoE expert the router never picks on the eval set
+is never run: truncating such modules leaves every output as it was, rank 0 (their ΔW removed) included,
+and the flat curve would read as "rank 0 suffices". The criterion is exact: a curve whose changed modules
+(ΔW ≠ 0) at rank 0 give every eval example exactly the full fine-tune's loss and metric (per example, to
+the bit; every swept rank too) is unreached. Rank 0 is evaluated for that check when it was not swept (and,
+with non-targets from the base, the full rank), only for a curve whose swept points are all identical: a
+sweep whose curves all move costs nothing more.
+A module the data does run through but whose ΔW changes no output in floating point cannot be told apart
+from one it never runs through: both are unreached, since the eval set gives no evidence about either.
+A curve whose modules are all unchanged (ΔW = 0) is flat for that reason and is not marked.
+
 Each module's SVD is computed once, to the largest rank asked for, and reused at every
 rank. Every metric is pooled per example as Σ numerator / Σ denominator, so its noise is
 stated by a percentile bootstrap over eval examples (Efron & Tibshirani 1993), paired
@@ -119,7 +131,9 @@ class SweepResult:
     per group, non-target source and rank: ``metric``, ``interval``, ``gap`` to the full
     fine-tune, ``gap_interval``, ``loss``, ``accuracy``), ``metric``, ``examples``, ``modules``
     (the truncated ones: ``name``, ``role``, ``stack`` where not the language model's, ``shape``,
-    ``full_rank``, ``plan_rank``) and the sources and options. A point's ``group`` is ``model``,
+    ``full_rank``, ``plan_rank``), ``unreached`` (the curves the eval data never reached: ``group``,
+    ``non_target``, ``modules``, ``note``; see the module docstring; absent from a sweep.json written
+    before it was checked) and the sources and options. A point's ``group`` is ``model``,
     ``plan`` or a role curve (:func:`~spectra.ranks.functional.role_curves`: "q", or "vision q"
     where the sweep truncates another stack beside the language model). ``gap`` is positive when the
     point is worse than the full fine-tune.
@@ -248,6 +262,7 @@ def truncation_sweep(base, tuned, data, *, ranks=(1, 2, 4, 8, 16, 32, 64), plan=
     weights.notes[:0] = notes
     top = max((r for r in ranks if r > 0), default=0)
     uncalibrated = []
+    changed: dict[str, bool] = {}  # module -> ΔW ≠ 0, noted where ΔW is read anyway (the unreached check's)
     for module in weights.targets:  # one SVD per module, reused at every rank (and at its planned one)
         k = min(max(top, module.plan_rank or 0), module.full_rank)
         if k:
@@ -255,7 +270,9 @@ def truncation_sweep(base, tuned, data, *, ranks=(1, 2, 4, 8, 16, 32, 64), plan=
             if calibration is not None and C is None:
                 uncalibrated.append(module.name)
             epsilon = config.calibration_epsilon if calibration is None else calibration.config.epsilon
-            U, S, Vw, _ = truncation_factors(weights.delta(module), k, covariance=C, epsilon=epsilon,
+            delta = weights.delta(module)
+            changed[module.name] = bool(delta.any())
+            U, S, Vw, _ = truncation_factors(delta, k, covariance=C, epsilon=epsilon,
                                              full_below=config.full_below, seed=config.seed)
             module.factors = (U, S, Vw)
     if uncalibrated:  # as extract_adapter(calibration=...) truncates them
@@ -281,20 +298,25 @@ def truncation_sweep(base, tuned, data, *, ranks=(1, 2, 4, 8, 16, 32, 64), plan=
     if plan_ranks is not None:  # the plan's adapter on the base: not the non-targets of the fine-tune, nor the
         jobs.append(("base", "plan", "plan", None))  # modules it leaves out (one evaluation, whatever the modes)
     stats: dict[tuple, dict] = {}  # configuration -> per-example arrays (identical configurations run once)
-    keys = []
-    bar = tqdm.tqdm(total=len({_key(weights, curves, *j, plan_ranks) for j in jobs}), desc="sweep", unit="eval",
-                    disable=not progress, dynamic_ncols=True)
-    for job in jobs:
-        key = _key(weights, curves, *job, plan_ranks)
-        keys.append(key)
+    keys = [_key(weights, curves, *job, plan_ranks) for job in jobs]
+    bar = tqdm.tqdm(total=len(set(keys)), desc="sweep", unit="eval", disable=not progress, dynamic_ncols=True)
+
+    def evaluate(key: tuple, label: str) -> None:
         if key not in stats:
-            bar.set_postfix_str(f"{job[0]} non-targets, {job[2]}", refresh=False)
+            if bar.n >= bar.total:  # a check of a flat curve's reach, beyond the planned evaluations
+                bar.total += 1
+            bar.set_postfix_str(f"{key[0]} non-targets, {label}", refresh=False)
             weights.apply(key[1], non_target=key[0])
             stats[key] = example_stats(model, tokens, metric, batch_size=config.batch_size)
             bar.update(1)
+
+    for job, key in zip(jobs, keys):
+        evaluate(key, job[2])
+    unreached = _unreached_curves(weights, curves, jobs, keys, stats, evaluate, changed, metric=metric.name)
     bar.close()
+    weights.notes += [u["note"] for u in unreached]
     return SweepResult(_summarize(jobs, keys, stats, metric, weights, modules, config, ranks=ranks, non_target=modes,
-                                  groups=groups, task=task, base=base, tuned=tuned, data=data,
+                                  unreached=unreached, groups=groups, task=task, base=base, tuned=tuned, data=data,
                                   calibration=calibration, label_names=label_names,
                                   seconds=time.perf_counter() - start))
 
@@ -327,6 +349,85 @@ def _key(weights, curves: list[str], mode: str, group: str, label: str, rank: in
                        for m, curve in zip(weights.targets, curves))
 
 
+# ---------------------------------------------------------------------------- unreached curves
+
+
+def _unreached_curves(weights, curves: list[str], jobs, keys, stats: dict, evaluate, changed: dict[str, bool], *,
+                      metric: str) -> list[dict]:
+    """The curves the eval data never reaches: their changed modules at rank 0 leave every example's outputs as the
+    full fine-tune's.
+
+    A curve (of one non-target source) is a candidate when its swept points all have the same per-example
+    statistics, equal to those of its full-rank configuration where that was evaluated (the full fine-tune, for
+    non-targets from it): a curve the data reaches moves between ranks, and costs nothing here. A candidate with a
+    changed module (ΔW ≠ 0) is evaluated at its full rank and at rank 0 where not yet (``evaluate(key, label)``), and
+    is unreached when all give the same statistics, example by example and bit for bit. A curve that moves with the
+    sweep's first non-target source is taken as reached with the second (the data runs through the same modules
+    whichever side the norms and heads come from; an untargeted MoE router is the exception, and a curve it leaves
+    unreached with the base's only is then not marked), so ``non_target="both"`` costs no full-rank evaluation with
+    the base's non-targets for a curve the data reaches. A sweep with non-targets from the base alone and one swept
+    rank costs that one evaluation.
+
+    Returns
+    -------
+    list of dict
+        One per unreached curve, in the sweep's order: ``group``, ``non_target`` (the sources it is unreached
+        with), ``modules`` (its changed modules) and ``note`` (what it means, for the notes and the report).
+    """
+    points: dict[tuple[str, str], list[tuple]] = {}  # (curve, non-target source) -> its points' configurations
+    for (mode, group, *_), key in zip(jobs, keys):
+        if group not in ("reference", "plan"):
+            points.setdefault((group, mode), []).append(key)
+    full = tuple(t.full_rank for t in weights.targets)
+    found: dict[str, dict] = {}
+    reached = set()  # curves seen to move with the sweep's first non-target source: not checked again with the next
+    for (group, mode), swept in points.items():  # the first source's curves first
+        if group in reached:
+            continue
+        reference = stats.get((mode, full))
+        first = stats[swept[0]]
+        if (not all(_same(stats[k], first) for k in swept[1:])
+                or (reference is not None and not _same(first, reference))):
+            reached.add(group)  # the curve moves: the data reaches it
+            continue
+        members = [t for t, curve in zip(weights.targets, curves) if group == "model" or curve == group]
+        moved = [t.name for t in members if _changed(weights, t, changed)]
+        if not moved:  # ΔW = 0 throughout: flat because nothing changed, not because nothing was reached
+            continue
+        evaluate((mode, full), "full rank")  # evaluated already unless the non-targets are the base's
+        if _same(first, stats[(mode, full)]):
+            zero = _key(weights, curves, mode, group, "", 0, None)
+            evaluate(zero, f"{group} r=0")
+            if _same(stats[zero], first):
+                found.setdefault(group, {"group": group, "non_target": [], "modules": moved})["non_target"].append(mode)
+                continue
+        reached.add(group)
+    outputs = "loss" if metric == "loss" else f"loss and {metric}"
+    for entry in found.values():
+        names = entry["modules"]
+        curve = "the whole-model curve" if entry["group"] == "model" else f"the '{entry['group']}' curve"
+        entry["note"] = (f"{curve} (non-targets from {' and '.join(entry['non_target'])}) is not reached by the eval "
+                         f"data: with its {len(names)} changed module(s) at rank 0 (ΔW removed), as at every swept "
+                         f"rank, every eval example's {outputs} are exactly the full fine-tune's. The data "
+                         "never ran through them (a vision tower on text, an expert the router never picks), so "
+                         "the curve says nothing about their rank: no functional rank is read off it, and "
+                         "`spectra recommend --functional` gives them their spectral (energy) rank: "
+                         + ", ".join(names[:3]) + (", …" if len(names) > 3 else "") + ".")
+    return list(found.values())
+
+
+def _same(a: dict, b: dict) -> bool:
+    """Whether two evaluations gave every example the same statistics (metric, loss, accuracy), bit for bit."""
+    return all(np.array_equal(a[k], b[k]) for k in ("num", "den", "loss", "correct", "count"))
+
+
+def _changed(weights, target, changed: dict[str, bool]) -> bool:
+    """ΔW ≠ 0 for ``target``, read once (the sweep's SVD loop notes it for the modules it factors)."""
+    if target.name not in changed:
+        changed[target.name] = bool(weights.delta(target).any())
+    return changed[target.name]
+
+
 # ---------------------------------------------------------------------------- summary
 
 
@@ -338,7 +439,7 @@ def _module_rows(targets) -> list[dict]:
 
 
 def _summarize(jobs, keys, stats, metric: Metric, weights, modules: list[dict], config: SweepConfig, *, ranks,
-               non_target, groups, task, base, tuned, data, calibration, label_names, seconds) -> dict:
+               non_target, unreached, groups, task, base, tuned, data, calibration, label_names, seconds) -> dict:
     tuned_key = keys[0]
     order = list(dict.fromkeys(keys))  # distinct configurations, tuned first
     num = np.stack([stats[k]["num"] for k in order], axis=1)  # (n, P)
@@ -373,9 +474,9 @@ def _summarize(jobs, keys, stats, metric: Metric, weights, modules: list[dict], 
         "bootstrap": {"replicates": config.bootstrap, "confidence": config.confidence, "seed": config.seed,
                       "resampled": "eval examples"},
         "reference": reference, "points": points,
-        "modules": modules,
+        "modules": modules, "unreached": unreached,
         "config": asdict(config), "calibration": None if calibration is None else calibration.describe(),
-        "notes": list(weights.notes), "evaluations": len(order), "seconds": seconds,
+        "notes": list(weights.notes), "evaluations": len(stats), "seconds": seconds,
     }
 
 

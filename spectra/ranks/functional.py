@@ -3,6 +3,10 @@
 A sweep's curves are the whole model's (``model``) and, with ``groups="role"``, one per role of
 each stack (:func:`role_curves`): a multimodal checkpoint's vision tower has a q of its own,
 named "vision q" as the analysis reports name it, and never shares the language model's curve.
+
+A curve the sweep found unreached by its eval data (``sweep.json``'s ``unreached``: truncating its
+modules, to rank 0 included, changed no eval output, e.g. a vision tower on text) has no functional rank:
+its flat curve is no evidence that the modules are not needed.
 """
 
 from __future__ import annotations
@@ -31,6 +35,12 @@ def functional_ranks(sweep: Any, epsilon: float, *, non_target: str | None = Non
     ``at_full_rank`` says so: no swept rank below full rank met ε (its ``resolved`` is
     trivially True and says nothing about the eval set).
 
+    A curve the sweep marked unreached by its eval data (``unreached`` in ``sweep.json``: at rank 0
+    its changed modules left every example's loss and metric exactly the full fine-tune's) gets no
+    rank: ``rank`` None and ``unreached`` True. Its curve is flat because the data never ran through
+    those modules, and says nothing about the rank they need. A sweep written before the check
+    (no ``unreached``) reads as it did.
+
     Parameters
     ----------
     sweep : SweepResult, dict, str or PathLike
@@ -49,7 +59,8 @@ def functional_ranks(sweep: Any, epsilon: float, *, non_target: str | None = Non
         (None when no swept rank qualifies), ``metric``, ``gap``, ``gap_interval``,
         ``resolved``, ``swept``, ``full_rank`` (the largest full rank among the curve's
         modules, from which on nothing is truncated; None for a sweep that does not record it)
-        and ``at_full_rank`` (the chosen rank is at or above it; None when either is unknown).
+        and ``at_full_rank`` (the chosen rank is at or above it; None when either is unknown); an unreached
+        curve has ``rank`` None, ``swept``, ``full_rank``, ``at_full_rank`` None and ``unreached`` True.
     """
     if not (isinstance(epsilon, (int, float)) and epsilon >= 0):
         raise ConfigError(f"functional ε must be a number ≥ 0 in the metric's units, got {epsilon!r}.")
@@ -65,15 +76,20 @@ def functional_ranks(sweep: Any, epsilon: float, *, non_target: str | None = Non
             curves.setdefault(p["group"], []).append(p)
     if not curves:
         raise ConfigError("the sweep holds no rank points; sweep at least one rank.")
+    unreached = unreached_curves(data, non_target)
     groups = {}
     for group, points in curves.items():
         points = sorted(points, key=lambda p: p["rank"])
+        full = _full_rank(modules, curve_of, group)
+        if group in unreached:  # flat because the data never ran through it: no evidence of any rank
+            groups[group] = {"rank": None, "swept": [p["rank"] for p in points], "full_rank": full,
+                             "at_full_rank": None, "unreached": True}
+            continue
         chosen = None
         for p in reversed(points):  # from the top: the last rank before the curve leaves the ε band
             if p["gap"] > epsilon:
                 break
             chosen = p
-        full = _full_rank(modules, curve_of, group)
         entry = {"rank": None if chosen is None else chosen["rank"], "swept": [p["rank"] for p in points],
                  "full_rank": full,
                  "at_full_rank": None if chosen is None or full is None else bool(chosen["rank"] >= full)}
@@ -107,6 +123,12 @@ def role_curves(modules: list[Mapping]) -> dict[str, str]:
     """
     stacks = stacks_in(modules)
     return {m["name"]: group_label(group_of(m), stacks) for m in modules if "role" in m}
+
+
+def unreached_curves(sweep: Mapping, non_target: str) -> set[str]:
+    """The curves a sweep (``sweep.json``'s dict) found unreached by its eval data with non-targets from
+    ``non_target``: none for a sweep written before it checked."""
+    return {u["group"] for u in sweep.get("unreached") or () if non_target in u.get("non_target", ())}
 
 
 def _full_rank(modules: list[Mapping], curve_of: Mapping[str, str], group: str) -> int | None:

@@ -258,7 +258,10 @@ def recommend_ranks(analysis: Any, policy: RankPolicy | None = None, *, sweep: A
         A truncation sweep (``spectra sweep``) of the same pair; needed by ``policy.functional``.
         Each module swept takes the functional rank of its own role curve, that of its stack
         and role (a vision tower's q_proj that of "vision q", never the language model's
-        "q"), else of the model-wide curve.
+        "q"), else of the model-wide curve. A module whose curve the sweep's eval data never
+        reached (``unreached``: e.g. a vision tower swept on text) takes the rank the policy's
+        spectral rule gives it (its energy rank, τ = ``policy.energy`` or 0.9, with ``knee`` and
+        the ``noise`` cap as asked), its reason saying so: never 0 read off a flat curve.
 
     Returns
     -------
@@ -308,13 +311,18 @@ def recommend_ranks(analysis: Any, policy: RankPolicy | None = None, *, sweep: A
             left_out.append(LeftOut(s.name, "not truncated by the sweep (taken whole from the fine-tune there)",
                                     None, math.sqrt(s.fro2)))
             continue
-        rank, reason = (_target(s, policy, uniform_rank) if functional is None
-                        else _functional_target(s, functional, curve_of.get(s.name, s.role)))
+        unreached = None  # with a functional policy: the curve the sweep's data never reached, named
+        if functional is None:
+            rank, reason = _target(s, policy, uniform_rank)
+        else:
+            rank, reason, unreached = _functional_target(s, functional, curve_of.get(s.name, s.role), policy)
         if rank == 0:
-            why = "not needed: the sweep at rank 0 is within ε" if functional else "no signal above the noise floor"
+            why = ("not needed: the sweep at rank 0 is within ε" if functional and not unreached
+                   else "no signal above the noise floor" + (f" ({unreached})" if unreached else ""))
             left_out.append(LeftOut(s.name, why, 0, math.sqrt(s.fro2)))
             continue
-        plan.append((s, *_shape(s, rank, reason, policy)))
+        rank, reason = _shape(s, rank, reason, policy)
+        plan.append((s, rank, reason if unreached is None else f"{reason}; {unreached}"))
     unswept = [m.name for m in left_out if m.reason.startswith("not truncated by the sweep")]
     if not plan and functional is not None and len(unswept) == len(spectra):
         raise ConfigError(f"none of the {len(spectra)} targeted modules (e.g. {unswept[0]}) was truncated by the "
@@ -394,23 +402,33 @@ def _target(s: _Spectrum, policy: RankPolicy, uniform_rank: int | None) -> tuple
     return rank, reason
 
 
-def _functional_target(s: _Spectrum, functional: dict, curve: str | None) -> tuple[int, str]:
+def _functional_target(s: _Spectrum, functional: dict, curve: str | None, policy: RankPolicy
+                       ) -> tuple[int, str, str | None]:
     """The swept rank of the module's role curve (else the model curve); full rank when none was within ε.
 
     ``curve`` is the module's role curve in the sweep (:func:`~spectra.ranks.functional.role_curves`): its own
     stack's and role's, "vision q" for a vision tower's q_proj beside the language model's "q"; its role for a sweep
     that recorded no modules (one written before it did, whose role curves span every stack).
+
+    A curve the sweep's eval data never reached has no functional rank: the module takes the policy's spectral rank
+    (:func:`_target` with energy τ = ``policy.energy`` or 0.9 unless ``knee`` alone is asked), and the third value
+    names the curve ("the sweep's data never reached role vision q"); None otherwise.
     """
     groups = functional["groups"]
     group = curve if curve in groups else "model"
     if group not in groups:
         raise ConfigError(f"the sweep has no curve for {s.name} (role {s.role!r}) and no model-wide curve; sweep "
                           "with groups='model' or include this role.")
+    label = "role " + group if group != "model" else "model"
+    if groups[group].get("unreached"):
+        energy = policy.energy if policy.energy is not None or policy.knee else 0.9  # as recommend's default
+        rank, reason = _target(s, dataclasses.replace(policy, energy=energy, functional=None), None)
+        return rank, reason, f"the sweep's data never reached {label}"
     rank = groups[group]["rank"]
-    where = f"functional≤{functional['epsilon']:g} ({'role ' + group if group != 'model' else 'model'})"
+    where = f"functional≤{functional['epsilon']:g} ({label})"
     if rank is None:
-        return s.full_rank, where + ": no swept rank within ε"
-    return min(rank, s.full_rank), where
+        return s.full_rank, where + ": no swept rank within ε", None
+    return min(rank, s.full_rank), where, None
 
 
 def _shape(s: _Spectrum, rank: int, reason: str, policy: RankPolicy) -> tuple[int, str]:

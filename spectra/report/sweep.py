@@ -15,7 +15,7 @@ from pathlib import Path
 from matplotlib.figure import Figure
 
 from spectra.errors import ConfigError
-from spectra.ranks.functional import role_curves
+from spectra.ranks.functional import role_curves, unreached_curves
 from spectra.report.tables import num, stack_label, stacks_in
 from spectra.report.render import _plain
 from spectra.report.verify import write_bundle
@@ -118,12 +118,14 @@ def plot_role_curves(sweep: Mapping) -> Figure:
     curve_of = role_curves(modules)
     stack_of = {curve_of[m["name"]]: m.get("stack") for m in modules if m["name"] in curve_of}
     roles = list(dict.fromkeys(p["group"] for p in sweep["points"] if p["group"] not in ("model", "plan")))
+    unreached = unreached_curves(sweep, mode)
     for role in roles:
         points = sorted((p for p in sweep["points"] if p["group"] == role and p["non_target"] == mode
                          and p["rank"]), key=lambda p: p["rank"])
         style = ({"ls": _STACK_LINES[stacks.index(stack_of[role]) % len(_STACK_LINES)]}
                  if len(stacks) > 1 and role in stack_of else {})
-        _errorbar(ax, [p["rank"] for p in points], points, label=role, marker="o", **style)
+        label = f"{role} (not reached by the data)" if role in unreached else role  # flat, and no evidence of rank
+        _errorbar(ax, [p["rank"] for p in points], points, label=label, marker="o", **style)
     ref = sweep.get("reference", {})
     if "tuned" in ref:
         ax.axhline(ref["tuned"]["metric"], color="black", lw=1.4, label="full fine-tune")
@@ -164,6 +166,10 @@ def truncation_blocks(sweep: Mapping, *, figures: list[str]) -> list[tuple]:
              f"Metric: {metric} ({'higher' if sweep['metric']['higher_is_better'] else 'lower'} is better)"]
     items += [f"{k}: {metric} {num(v['metric'])} {interval_text(v.get('interval'))}" for k, v in ref.items()]
     items += [f"Marked — {label}: rank {rank}" for label, rank in (sweep.get("marks") or {}).items()]
+    items += [f"Not reached by the eval data: the {'whole-model' if u['group'] == 'model' else repr(u['group'])} "
+              f"curve (non-targets from {' and '.join(u['non_target'])}): at rank 0 its {len(u['modules'])} changed "
+              f"module(s) leave every example's loss and metric exactly the full fine-tune's, so it gives no "
+              "functional rank (see the notes)" for u in sweep.get("unreached") or ()]
     functional = sweep.get("functional") or {}
     items += [f"Functional rank ({group}, ε={functional['epsilon']:g}, non-targets from {functional['non_target']}): "
               + functional_text(entry) for group, entry in functional.get("groups", {}).items()]
@@ -205,6 +211,9 @@ def headline(sweep: Mapping) -> str:
 def functional_text(entry: Mapping) -> str:
     """One curve's functional rank (an entry of ``functional_ranks(...)["groups"]``) in words, for the terminal
     and the report: '4 (gap +0.008, interval [-0.002, 0.02], resolved)'."""
+    if entry.get("unreached"):
+        return ("none: the eval data never reached this curve's modules (at rank 0 every example's outputs are the "
+                "full fine-tune's); recommend gives them their spectral rank")
     if entry.get("rank") is None:
         return "none of the swept ranks"
     gap = f"gap {signed(entry['gap'])}, " + (f"interval {interval_text(entry['gap_interval'])}"

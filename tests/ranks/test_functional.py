@@ -125,3 +125,46 @@ def test_each_stack_has_role_curves_of_its_own_and_each_module_takes_its_own():
     plan = recommend_ranks(analysis(*rows), RankPolicy(functional=0.01), sweep=old)
     assert [(m.name, m.rank) for m in plan.modules] == [("q0", 4), ("vq0", 4)]
     assert plan.functional["groups"]["q"]["full_rank"] == 32
+
+
+def test_a_curve_the_sweeps_data_never_reached_gives_its_modules_their_spectral_rank():
+    """A curve the sweep marked unreached is flat because its eval data never ran through its modules (a vision tower
+    swept on text), not because they are not needed: it has no functional rank, and its modules take the rank the
+    spectral rule gives them (energy 0.9 → 3 of PLANTED; the noise floor, 0 for vk0, still leaves one out), the
+    reason saying why, through the policy's shaping. Before, both were left out "not needed" at rank 0. Controls: the
+    sweep without the marker (a sweep.json written before the check) reads as it did; a marker for the other
+    non-target source does not apply."""
+    modules = [{"name": "q0", "role": "q", "full_rank": 32},
+               {"name": "vq0", "role": "q", "stack": "vision", "full_rank": 32},
+               {"name": "vk0", "role": "k", "stack": "vision", "full_rank": 32}]
+    flat = {0: (0.0, (0.0, 0.0)), 1: (0.0, (0.0, 0.0)), 2: (0.0, (0.0, 0.0))}
+    curves = {"q": {0: (0.3, (0.2, 0.4)), 1: (0.1, (0.05, 0.15)), 2: (0.0, (0.0, 0.0))},
+              "vision q": flat, "vision k": flat}
+    rows = [make_row("q0", PLANTED), make_row("vq0", PLANTED) | {"stack": "vision"},
+            make_row("vk0", PLANTED, role="k", noise_rank=0) | {"stack": "vision"}]
+
+    def marked(non_target):
+        return sweep_dict(curves, modules=modules) | {"unreached": [
+            {"group": g, "non_target": [non_target], "modules": [m], "note": "…"}
+            for g, m in (("vision q", "vq0"), ("vision k", "vk0"))]}
+
+    groups = functional_ranks(marked("tuned"), 0.01)["groups"]
+    assert groups["vision q"] == {"rank": None, "swept": [0, 1, 2], "full_rank": 32, "at_full_rank": None,
+                                  "unreached": True}
+    assert groups["q"]["rank"] == 2 and "unreached" not in groups["q"]
+    plan = recommend_ranks(analysis(*rows), RankPolicy(energy=None, functional=0.01), sweep=marked("tuned"))
+    assert [(m.name, m.rank, m.reason) for m in plan.modules] == [
+        ("q0", 2, "functional≤0.01 (role q)"),
+        ("vq0", 3, "energy≥0.9; the sweep's data never reached role vision q")]
+    assert {m.name: m.reason for m in plan.left_out} == {
+        "vk0": "no signal above the noise floor (the sweep's data never reached role vision k)"}
+    for policy, expected in ((RankPolicy(energy=0.8, functional=0.01), (2, "energy≥0.8")),  # 25/30: its own τ
+                             (RankPolicy(energy=None, power_of_two=True, functional=0.01), (4, "power of two"))):
+        plan = recommend_ranks(analysis(*rows), policy, sweep=marked("tuned"))
+        assert [(m.rank, m.reason) for m in plan.modules if m.name == "vq0"] == [
+            (expected[0], f"{expected[1]}; the sweep's data never reached role vision q")]
+    for sweep in (sweep_dict(curves, modules=modules), marked("base")):  # controls: as before the check
+        plan = recommend_ranks(analysis(*rows), RankPolicy(energy=None, functional=0.01), sweep=sweep)
+        assert [m.name for m in plan.modules] == ["q0"]
+        assert {m.name: m.reason for m in plan.left_out} == {n: "not needed: the sweep at rank 0 is within ε"
+                                                             for n in ("vq0", "vk0")}

@@ -75,6 +75,9 @@ def test_report_states_a_functional_rank_at_full_rank_as_such(tmp_path):
       "full_rank": 64, "swept": [64, 128]},
      "64, full rank: no rank below full rank was swept (gap +0, interval [0, 0])"),
     ({"rank": None, "swept": [1, 2]}, "none of the swept ranks"),
+    ({"rank": None, "swept": [1, 2], "full_rank": 16, "at_full_rank": None, "unreached": True},
+     "none: the eval data never reached this curve's modules (at rank 0 every example's outputs are the full "
+     "fine-tune's); recommend gives them their spectral rank"),
 ])
 def test_functional_text(entry, text):
     assert functional_text(entry) == text
@@ -132,3 +135,35 @@ def test_role_curves_of_two_stacks_are_named_and_drawn_apart(tmp_path):
     assert styles(sweep) == {"q": "-", "v": "-"}
     md = (write_truncation_report(sweep, tmp_path / "one") / "report.md").read_text()
     assert "*Per role: only that role's updates truncated, every other target at full rank.*" in md
+
+
+def test_a_curve_the_eval_data_never_reached_is_said_so(tmp_path):
+    """A sweep that found "vision q" unreached (flat: text never runs through the tower) says so in the summary, gives
+    it no functional rank there, and labels its line in the role figure; the note is listed. Control: the same sweep
+    without the marker (written before the check) reads as before."""
+    from spectra.report.sweep import plot_role_curves
+
+    def labels(sweep):
+        return [c.get_label() for c in plot_role_curves(sweep).axes[0].containers]
+
+    sweep = sweep_like_the_review()
+    sweep["modules"].append({"name": "vq0", "role": "q", "stack": "vision", "shape": [16, 16], "full_rank": 16,
+                             "plan_rank": 2})
+    sweep["points"] += [loss_point("q", rank, 2.9 - 0.001 * rank, 0.01, [0.0, 0.02]) for rank in (1, 2)]
+    sweep["points"] += [loss_point("vision q", rank, 2.885, 0.0, [0.0, 0.0]) for rank in (1, 2)]
+    note = "the 'vision q' curve (non-targets from tuned) is not reached by the eval data: …"
+    marked = sweep | {"unreached": [{"group": "vision q", "non_target": ["tuned"], "modules": ["vq0"], "note": note}],
+                      "notes": [note]}
+    md = (write_truncation_report(marked, tmp_path / "marked", functional=functional_ranks(marked, 0.01))
+          / "report.md").read_text()
+    assert ("- Not reached by the eval data: the 'vision q' curve (non-targets from tuned): at rank 0 its 1 changed "
+            "module(s) leave every example's loss and metric exactly the full fine-tune's, so it gives no functional "
+            "rank (see the notes)") in md
+    assert "Functional rank (vision q, ε=0.01, non-targets from tuned): none: the eval data never reached" in md
+    assert f"- {note}" in md
+    assert labels(marked) == ["q", "vision q (not reached by the data)"]
+    # control: before the check
+    md = (write_truncation_report(sweep, tmp_path / "plain", functional=functional_ranks(sweep, 0.01))
+          / "report.md").read_text()
+    assert "Not reached" not in md and "Functional rank (vision q, ε=0.01, non-targets from tuned): 1 (" in md
+    assert labels(sweep) == ["q", "vision q"]
