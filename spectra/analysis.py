@@ -123,12 +123,16 @@ class AnalysisResult:
     versions: dict[str, str] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     pairing: dict[str, Any] = field(default_factory=dict)
+    calibration: dict[str, Any] | None = None  # Calibration.describe() of a calibrated run: data, length, notes
     schema_version: int = SCHEMA_VERSION
 
     def to_dict(self) -> dict[str, Any]:
-        return {"schema_version": self.schema_version, "config": self.config, "base": self.base,
-                "tuned": self.tuned, "versions": self.versions, "timings": self.timings,
-                "pairing": self.pairing, "modules": self.modules}
+        out = {"schema_version": self.schema_version, "config": self.config, "base": self.base,
+               "tuned": self.tuned, "versions": self.versions, "timings": self.timings,
+               "pairing": self.pairing}
+        if self.calibration is not None:  # absent without calibration data (and in older files)
+            out["calibration"] = self.calibration
+        return out | {"modules": self.modules}
 
     def matrices(self) -> list[dict[str, Any]]:
         return [m for m in self.modules if m["kind"] == "matrix"]
@@ -146,7 +150,9 @@ class AnalysisResult:
         return all_figures(self.to_dict())
 
     def role_summary(self) -> list[dict[str, Any]]:
-        """Per-role statistics over layers (median, quartiles, range of each metric)."""
+        """Statistics of each role of each stack over its modules (median, quartiles, range of each metric):
+        one dict per (stack, role), "vision q" apart from the language model's q
+        (:func:`~spectra.report.tables.summary_rows`)."""
         from spectra.report.tables import summary_rows
 
         return summary_rows(self.to_dict())
@@ -182,7 +188,7 @@ class AnalysisResult:
             raise ConfigError(f"{path} is not an analysis spectra wrote ({problem}); re-run `spectra analyze`.")
         return cls(**{k: data[k] for k in ("config", "base", "tuned", "modules")},
                    versions=data.get("versions", {}), timings=data.get("timings", {}),
-                   pairing=data.get("pairing", {}), schema_version=version)
+                   pairing=data.get("pairing", {}), calibration=data.get("calibration"), schema_version=version)
 
 
 # ---------------------------------------------------------------------------- one module
@@ -444,8 +450,11 @@ def analyze(base, tuned, config: AnalysisConfig | None = None, *, cache_dir: str
         Most ΔW data (MB, float32) held by the entries in flight (one always goes); an
         entry that would exceed it waits, so peak memory stays bounded by the largest
         tensors, not by the model. An adapter's LoRA factors held across a module's
-        experts (``target_parameters``) come out of it first, as much as the reading
-        threads can hold at once.
+        experts (``target_parameters``) come out of it too, as much as the reading
+        threads can hold at once, from what it holds beyond room for the largest module
+        beside another (two running at once, or one read ahead); what does not fit there
+        is held on top of it, with a warning (4 workers on gpt-oss-120b at r = 16 hold
+        590 MB), rather than leave the modules to run one at a time.
     workers : int, optional
         Modules analysed at once, each by its own thread that reads and decomposes whole
         entries with ``torch.get_num_threads() // workers`` torch threads. Default: one
@@ -492,8 +501,8 @@ def analyze(base, tuned, config: AnalysisConfig | None = None, *, cache_dir: str
     bar = tqdm.tqdm(total=len(mine), initial=len(mine) - len(todo), unit="module",
                     disable=not progress or not me.is_main, desc="analyze", dynamic_ncols=True)
     read_s = compute_s = 0.0
-    calibration = (collect_calibration(base, config.calibration, config=config.calibration_config(),
-                                       progress=progress and me.is_main) if config.calibration and todo else None)
+    calibration, calibration_record = _calibration(base, config, cache, collect=bool(todo),
+                                                   progress=progress and me.is_main)
     if n_workers == 1:
         stream = _serial(pairing, todo, config, calibration, read_ahead, read_ahead_mb << 20)
     else:
@@ -527,8 +536,34 @@ def analyze(base, tuned, config: AnalysisConfig | None = None, *, cache_dir: str
         timings={"total_s": time.perf_counter() - t0, "read_wait_s": read_s, "compute_s": compute_s,
                  "modules_computed": len(todo), "modules_cached": len(mine) - len(todo), "world_size": me.size,
                  "workers": n_workers, "threads_per_worker": threads},
-        pairing=describe(pairing),
+        pairing=describe(pairing), calibration=calibration_record,
     )
+
+
+# the cache entry of a calibrated run's Calibration.describe(): no checkpoint tensor is named so
+_CALIBRATION_ENTRY = "<calibration>"
+
+
+def _calibration(base, config: AnalysisConfig, cache: ModuleCache, *, collect: bool, progress: bool):
+    """(Calibration or None, its description for ``analysis.json`` or None) of a run.
+
+    The activations are collected when modules remain to compute (`collect`), or when the cache holds modules but
+    not the description (written before them, so only a lost file does that): a rerun served from the cache
+    still reports the data, the token length and the notes (a length cut to the model's positions) it was
+    computed with, without running the model again.
+    """
+    if config.calibration is None:
+        return None, None
+    cached = cache.get(_CALIBRATION_ENTRY)
+    if not collect and cached is not None:
+        record = dict(cached[0])
+        record.pop("name")
+        return None, record
+    calibration = collect_calibration(base, config.calibration, config=config.calibration_config(),
+                                      progress=progress)
+    record = json.loads(json.dumps(calibration.describe()))  # as analysis.json will read back
+    cache.put(_CALIBRATION_ENTRY, [{"name": _CALIBRATION_ENTRY, **record}])
+    return (calibration if collect else None), record
 
 
 def _interrupted(done: int, total: int, cache: ModuleCache, *, parallel: bool) -> None:
@@ -566,13 +601,14 @@ def _parallel(pairing: Pairing, todo: list, config: AnalysisConfig, calibration,
     first (so no big one is left for last while the other workers idle), and the
     running ones hold at most `budget` bytes of ΔW (one always runs; an entry that does not
     fit yet lets the next largest that does go first), so memory stays bounded by a few
-    tensors (the factors each worker holds across an adapter module's experts are reserved
-    from `budget` first: :func:`_held_factors`). ΔW goes into buffers reused from entry to entry
+    tensors. The factors the workers hold across an adapter module's experts are reserved
+    from `budget` first, down to room for the two largest entries at once (:func:`_entry_budget`).
+    ΔW goes into buffers reused from entry to entry
     (:class:`~spectra.checkpoints.buffers.BufferPool`: no page faults on fresh memory).
     """
     from spectra.distributed import entry_cost
 
-    budget = max(0, budget - _held_factors(pairing, todo, readers=workers))
+    budget = _entry_budget(pairing, todo, budget, readers=workers)
     buffers = BufferPool(max_free=2 * workers)
 
     def task(entry):
@@ -630,6 +666,35 @@ def _entry_bytes(entry, options: PairingOptions) -> int:
     return (itemsize + copied) * n
 
 
+def _entry_budget(pairing: Pairing, todo: list, budget: int, *, readers: int) -> int:
+    """Bytes of ΔW the entries in flight may hold, of `budget`, once the LoRA factors that `readers` threads keep
+    across an adapter's fused-expert modules (:func:`_held_factors`) are reserved from it.
+
+    The factors come out of what `budget` holds beyond room for the largest entry beside another (one reader: the
+    largest read ahead, the one decomposed being outside `budget`; several workers: the two largest at once), or
+    out of nothing where `budget` is no larger. Taken from that room they made the analysis serial without a word:
+    4 workers on gpt-oss-120b at r = 16 keep 5 × 118 MB, more than the default 512 MB, and no entry ever ran beside
+    another. What does not fit is held beyond `budget` (ΔW in flight within the bytes returned, the entry that
+    always goes aside, plus the factors), and a warning says so, naming ``--read-ahead-mb``.
+    """
+    held = _held_factors(pairing, todo, readers=readers)
+    if not held:
+        return budget
+    pair = sum(sorted((_entry_bytes(e, pairing.options) for e in todo), reverse=True)[:1 if readers == 1 else 2])
+    room = min(budget, pair)
+    if budget - held >= room or room == 0:  # 0: nothing but the entry that always goes, as asked
+        return max(0, budget - held)
+    mb = 1 << 20
+    what = ("the modules in flight" if room < pair else
+            "the largest module read ahead" if readers == 1 else "the two largest modules at once")
+    warnings.warn(f"read_ahead_mb (--read-ahead-mb) = {budget / mb:.0f} MB cannot hold the {held / mb:.0f} MB of LoRA "
+                  f"factors that {readers} reading thread{'s' * (readers > 1)} keep across the adapter's fused-expert "
+                  f"modules and still leave {room / mb:.0f} MB for {what}: the factors are held beyond it (memory up "
+                  f"to {held / mb:.0f} MB over the budget). --read-ahead-mb {-(-(room + held) // mb)} counts them in it"
+                  + ("; --workers 1 keeps fewer." if readers > 1 else "."), RuntimeWarning, stacklevel=3)
+    return room
+
+
 def _held_factors(pairing: Pairing, todo: list, *, readers: int) -> int:
     """Bytes of an adapter's LoRA factors held across entries while `readers` threads read `todo`.
 
@@ -640,7 +705,7 @@ def _held_factors(pairing: Pairing, todo: list, *, readers: int) -> int:
     entry is decomposed, until that thread opens another module. Counted per entry they would
     be counted E times for E queued experts of one module, and given back by a finished entry
     while still held. So the schedulers subtract this fixed reservation from their budget up
-    front, the most the threads can hold at once
+    front (:func:`_entry_budget`), the most the threads can hold at once
     (:func:`~spectra.checkpoints.adapter.held_factor_bytes`: ``readers + 1`` modules, one for a
     single reader); 0 without such an adapter.
     """
@@ -656,8 +721,8 @@ def _read_ahead(pairing: Pairing, todo: list, depth: int, budget: int):
     One reader thread (torch releases the GIL while copying and subtracting) runs ahead of
     the math by at most `depth` entries and `budget` bytes of ΔW data; the entry being
     decomposed is not counted, so one entry larger than the budget still goes through; an
-    adapter's factors held across a module's experts (:func:`_held_factors`, one module: one
-    thread reads) are reserved from `budget` first. Each entry's ΔW lives in a
+    adapter's factors held across a module's experts (one module: one thread reads) are reserved
+    from `budget` first, down to room for the largest entry (:func:`_entry_budget`). Each entry's ΔW lives in a
     :class:`~spectra.checkpoints.buffers.Lease` of one pool of reused buffers, which the
     consumer closes once it is done with the records.
     """
@@ -671,7 +736,7 @@ def _read_ahead(pairing: Pairing, todo: list, depth: int, budget: int):
             del deltas
         return
     opts = pairing.options
-    budget = max(0, budget - _held_factors(pairing, todo, readers=1))
+    budget = _entry_budget(pairing, todo, budget, readers=1)
     pending: deque = deque()  # (entry, future, lease), in order
     nxt = 0
 

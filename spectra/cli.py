@@ -179,7 +179,7 @@ def analyze(
     path = result.write_report(output, overwrite=overwrite)
     if not quiet:
         _print_summary(result.to_dict())
-    _print_unpaired(result.to_dict(), quiet=quiet)  # a warning: shown under -q too (on stderr there)
+    _print_notes(result.to_dict(), quiet=quiet)  # a warning: shown under -q too (on stderr there)
     typer.echo(f"report: {path / 'report.html'}  (also report.md, analysis.json, figures/)")
 
 
@@ -190,7 +190,7 @@ def show(report: Annotated[Path, typer.Argument(help="A report directory written
 
     analysis = AnalysisResult.load(report).to_dict()
     _print_summary(analysis)
-    _print_unpaired(analysis)
+    _print_notes(analysis)
 
 
 def _print_summary(analysis: dict) -> None:
@@ -222,9 +222,10 @@ def _print_summary(analysis: dict) -> None:
     console.print(escape(rank_picture(analysis)))  # names the unchanged matrices the table leaves out
 
 
-def _print_unpaired(analysis: dict, *, quiet: bool = False) -> None:
-    """Name the tensors only in BASE or TUNED, or skipped: report.md lists them too, but a user reading only the
-    terminal must not miss them (with ``-q`` on stderr, which -q leaves for warnings)."""
+def _print_notes(analysis: dict, *, quiet: bool = False) -> None:
+    """Name the tensors only in BASE or TUNED, or skipped, and say what the calibration decided (its notes): report.md
+    lists them too, but a user reading only the terminal must not miss them (with ``-q`` on stderr, which -q leaves
+    for warnings)."""
     from rich.console import Console
 
     console = Console(stderr=quiet)
@@ -235,6 +236,8 @@ def _print_unpaired(analysis: dict, *, quiet: bool = False) -> None:
         if listed:
             console.print(escape(f"note: {len(listed)} tensor(s) {label}: " + ", ".join(listed[:3])
                                  + (", …" if len(listed) > 3 else "") + " (report.md lists them all)"), style="yellow")
+    for note in (analysis.get("calibration") or {}).get("notes") or []:  # e.g. texts cut at the model's positions
+        console.print(escape(f"note: calibration: {note}"), style="yellow")
 
 
 # the columns that decide a rank, with labels short enough for an 80-column terminal

@@ -8,6 +8,7 @@ import copy
 import json
 import math
 import re
+import warnings
 
 import numpy as np
 import pytest
@@ -490,25 +491,27 @@ def _sketched_and_full(folder, base, tuned):
     return sketched, full
 
 
-def test_read_ahead_and_workers_reserve_the_adapter_factors_they_hold(tmp_path, monkeypatch):
-    """An adapter on fused experts: each reading thread holds a module's LoRA factors across its experts, which the
-    memory budget did not count. With a budget of two expert entries, the read-ahead thread read two ahead beside the
-    factors it held, and two workers decomposed two experts at once beside three modules' factors. The factors are
-    reserved from the budget now: one entry read ahead, and beside a running expert only an entry that fits in what
-    the factors leave (the router)."""
-    from spectra.analysis import _entry_bytes, _held_factors, _parallel, _read_ahead
-    from spectra.checkpoints.buffers import BufferPool
+def _experts_adapter(tmp_path):
+    """A tiny Mixtral adapter on fused experts, its expert entries, one expert entry's bytes and one module's held
+    factors (the largest entries are experts, all the same size; a module's factors are under a third of one)."""
+    from spectra.analysis import _entry_bytes, _held_factors
     from spectra.checkpoints.pairing import Pairing
     from tests.checkpoints.test_adapter_pairing import _mixtral_adapter_on_experts
 
-    config = AnalysisConfig()
-    pairing = Pairing(*_mixtral_adapter_on_experts(tmp_path), config.pairing_options())
+    pairing = Pairing(*_mixtral_adapter_on_experts(tmp_path), AnalysisConfig().pairing_options())
     experts = [e for e in pairing.entries if ".experts." in e.name]
     expert = _entry_bytes(experts[0], pairing.options)
     assert {_entry_bytes(e, pairing.options) for e in experts} == {expert} and len(experts) == 18
+    assert max(_entry_bytes(e, pairing.options) for e in pairing.entries) == expert
     module = _held_factors(pairing, experts, readers=1)  # one module's A and B (tests.checkpoints: exactly)
-    assert 0 < module < expert and _held_factors(pairing, pairing.entries, readers=2) == 3 * module
-    budget = 2 * expert
+    assert 0 < 3 * module < expert and _held_factors(pairing, pairing.entries, readers=4) == 5 * module
+    return pairing, experts, expert, module
+
+
+def _read_ahead_leases(monkeypatch, pairing, experts, budget) -> int:
+    """Entries the read-ahead has leased buffers for when it hands out the first: 2 when it read one ahead."""
+    from spectra.analysis import _read_ahead
+    from spectra.checkpoints.buffers import BufferPool
 
     leases = []
 
@@ -521,19 +524,98 @@ def test_read_ahead_and_workers_reserve_the_adapter_factors_they_hold(tmp_path, 
     stream = _read_ahead(pairing, experts, 2, budget)
     with contextlib.closing(stream):
         _, _, _, lease = next(stream)
-        assert len(leases) == 2  # the entry handed out and one read ahead: a second does not fit beside the factors
         lease.close()
+    return len(leases)
+
+
+def _started_beside(monkeypatch, pairing, workers, budget) -> list[tuple[int, int]]:
+    """(bytes running, bytes of the entry started beside them) each time the workers start an entry beside others,
+    over a whole parallel run of the pairing."""
+    from spectra.analysis import _parallel
 
     together, first_fitting = [], analysis_mod._first_fitting
 
     def logged(sizes, busy, budget):
         i = first_fitting(sizes, busy, budget)
         if busy is not None and i is not None:
-            together.append(busy + sizes[i])  # bytes of the entries running once this one starts beside them
+            together.append((busy, sizes[i]))
         return i
 
     monkeypatch.setattr(analysis_mod, "_first_fitting", logged)
-    rows = [row for _, entry_rows, _, _ in _parallel(pairing, pairing.entries, config, None, 2, 1, budget)
-            for row in entry_rows]
+    rows = [row for _, entry_rows, _, _ in _parallel(pairing, pairing.entries, AnalysisConfig(), None, workers, 1,
+                                                     budget) for row in entry_rows]
     assert len(rows) == len(pairing.entries)
-    assert together and max(together) + 3 * module <= budget  # never two experts at once
+    return together
+
+
+def test_read_ahead_and_workers_reserve_the_adapter_factors_they_hold(tmp_path, monkeypatch):
+    """An adapter on fused experts: each reading thread holds a module's LoRA factors across its experts, which the
+    memory budget did not count. With a budget of two expert entries, the read-ahead thread read two ahead beside the
+    factors it held; with a budget of three experts and the five modules' factors four workers hold, less a byte,
+    three experts ran at once beside them. The factors are reserved from the budget now: one entry read ahead, and
+    never more than two experts at once (the entries started beside running ones fit in what the factors leave)."""
+    pairing, experts, expert, module = _experts_adapter(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the reservation leaves room enough: nothing to warn of
+        assert _read_ahead_leases(monkeypatch, pairing, experts, 2 * expert) == 2  # one ahead: a second does not fit
+        budget = 3 * expert + 5 * module - 1
+        together = _started_beside(monkeypatch, pairing, 4, budget)
+    assert together and max(busy + size for busy, size in together) + 5 * module <= budget
+    assert any(size == expert and busy >= expert for busy, size in together)  # two experts did run at once
+
+
+def test_held_factors_never_leave_the_analysis_serial(tmp_path, monkeypatch):
+    """The factors held across fused experts were taken from the budget whatever they left: 4 workers on gpt-oss-120b
+    at r = 16 keep 5 × 118 MB, over the default 512 MB, and the analysis ran one module at a time without a word.
+    They come out of what the budget holds beyond room for the largest entry beside another now, and a warning names
+    --read-ahead-mb when they do not fit there. Budget = the factors (the reviewer's case): entries start beside
+    running ones (none did); budget = two experts: two experts run at once (never did); with one reader, a budget of
+    one expert and the factors less a byte reads one ahead (none was)."""
+    pairing, experts, expert, module = _experts_adapter(tmp_path)
+    with pytest.warns(RuntimeWarning, match=r"--read-ahead-mb \d+ counts them in it; --workers 1 keeps fewer"):
+        together = _started_beside(monkeypatch, pairing, 4, 5 * module)
+    assert together  # none did: 0 of 22
+    assert max(busy + size for busy, size in together) <= 5 * module  # the entries keep within the budget
+    with pytest.warns(RuntimeWarning, match="the two largest modules at once"):
+        together = _started_beside(monkeypatch, pairing, 4, 2 * expert)
+    assert any(size == expert and busy >= expert for busy, size in together)  # an expert beside a running expert
+    assert max(busy + size for busy, size in together) <= 2 * expert
+    with pytest.warns(RuntimeWarning, match="the largest module read ahead"):
+        assert _read_ahead_leases(monkeypatch, pairing, experts, expert + module - 1) == 2  # was 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _read_ahead_leases(monkeypatch, pairing, experts, 0) == 1  # no read-ahead asked for: none, no warning
+
+
+def test_calibration_notes_and_length_are_in_the_result_also_when_served_from_the_cache(tmp_path, monkeypatch):
+    """analyze --calibration on a GPT-2 with 32 positions cuts its texts at 32 tokens, which Calibration.notes says;
+    the result dropped the note and the length. analysis.json now holds the calibration's description (data, length,
+    notes) and the report names it; a rerun served from the cache, which collects no activations, still does."""
+    from spectra.calibration import collect_calibration
+
+    base = build_model("gpt2")  # n_positions = 32
+    tuned = copy.deepcopy(base)
+    with torch.no_grad():
+        tuned.transformer.h[0].attn.c_attn.weight.add_(0.01)
+    b, t = save(base, tmp_path / "b", "safetensors"), save(tuned, tmp_path / "t", "safetensors")
+    text = tmp_path / "calibration.txt"
+    text.write_text("words to cut into blocks " * 20)
+    (note,) = collect_calibration(b, text).notes
+    assert "cut at 32 tokens, not the default 128" in note
+    config = AnalysisConfig(roles=("qkv",), calibration=str(text))
+    result = analyze(b, t, config, cache_dir=tmp_path / "cache", progress=False)
+    assert result.calibration["notes"] == [note] and result.calibration["max_length"] == 32
+    assert result.calibration["data"] == str(text) and result.timings["modules_computed"] > 0
+    loaded = AnalysisResult.load(result.save(tmp_path / "analysis.json"))
+    assert loaded.calibration == result.calibration
+    report = (result.write_report(tmp_path / "report") / "report.md").read_text()
+    assert f"examples of at most 32 tokens); notes: {note}" in report
+
+    def collect(*args, **kwargs):
+        raise AssertionError("every module is cached: no activations to collect")
+
+    monkeypatch.setattr(analysis_mod, "collect_calibration", collect)
+    again = analyze(b, t, config, cache_dir=tmp_path / "cache", progress=False)
+    assert again.timings["modules_computed"] == 0 and again.calibration == result.calibration
+    plain = analyze(b, t, AnalysisConfig(roles=("qkv",)), cache_dir=False, progress=False).to_dict()
+    assert "calibration" not in plain and list(plain)[-1] == "modules"  # analysis.json as before without data

@@ -93,6 +93,25 @@ def test_analyze_names_tensors_it_could_not_pair_in_the_terminal(monkeypatch, ca
     assert code == 0 and "not analysed" not in stdout  # negative control: a complete pair
 
 
+def test_analyze_prints_the_calibration_notes_also_from_the_cache(monkeypatch, capsys, pair, tmp_path):
+    """The GPT-2 pair has 32 positions: `analyze --calibration` cuts the texts at 32 tokens, which the calibration
+    notes and the terminal never said (nor analysis.json). A rerun served from the cache says it too, and `show`."""
+    text = tmp_path / "calibration.txt"
+    text.write_text("words to cut into blocks " * 20)
+    cut = "note: calibration: max_length: examples are cut at 32 tokens, not the default 128"
+    args = ("analyze", *pair, "--roles", "qkv", "--calibration", text, "--cache-dir", tmp_path / "cache")
+    for out in ("r", "again"):
+        code, stdout, err = run(monkeypatch, capsys, *args, "-o", tmp_path / out)
+        assert code == 0 and cut in stdout, err
+    code, stdout, err = run(monkeypatch, capsys, *args, "-o", tmp_path / "q", "-q")
+    assert code == 0 and cut in err  # -q: on stderr, with the other notes
+    code, stdout, _ = run(monkeypatch, capsys, "show", tmp_path / "r")
+    assert cut in stdout
+    code, stdout, _ = run(monkeypatch, capsys, "analyze", *pair, "--roles", "qkv", "-o", tmp_path / "plain",
+                          "--no-cache")
+    assert code == 0 and "calibration" not in stdout  # negative control: no calibration data, no note
+
+
 def test_analyze_roles_and_layers(monkeypatch, capsys, pair, tmp_path):
     from spectra.analysis import AnalysisResult
 

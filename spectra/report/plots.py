@@ -25,6 +25,7 @@ from spectra.report.tables import (
     energy_levels,
     format_value,
     full_rank,
+    fused_wholes,
     group_label,
     group_of,
     groups_in,
@@ -35,7 +36,7 @@ from spectra.report.tables import (
     number,
     percent,
     stack_label,
-    stacks_in,
+    stacks_of,
     stats,
     unchanged,
     unchanged_text,
@@ -83,7 +84,7 @@ def plot_decay(analysis: Mapping) -> Figure:
     """
     rows = matrix_rows(analysis)
     fig, axes, norm = _role_grid(rows)
-    stacks = stacks_in(rows)
+    stacks = stacks_of(analysis)
     for ax, group in zip(axes, groups_in(rows)):
         members = [r for r in rows if group_of(r) == group]
         drawn = 0
@@ -138,7 +139,7 @@ def plot_cumulative_energy(analysis: Mapping) -> Figure:
     rows = matrix_rows(analysis)
     marks = energy_marks(analysis)
     fig, axes, norm = _role_grid(rows)
-    stacks = stacks_in(rows)
+    stacks = stacks_of(analysis)
     for ax, group in zip(axes, groups_in(rows)):
         members = [r for r in rows if group_of(r) == group]
         drawn = 0
@@ -217,11 +218,14 @@ def plot_effective_rank_histogram(analysis: Mapping) -> Figure:
     Returns
     -------
     matplotlib.figure.Figure
-        Two panels; the median is marked in each.
+        Two panels; the median is marked in each. A fused tensor reported whole and by projection (GPT-2's
+        ``c_attn``) is counted by its projections, as the rank picture counts it.
     """
     every = matrix_rows(analysis)
-    rows = [r for r in every if not unchanged(r)]  # ΔW = 0 has no rank to count: its 0 would drag the median
-    left_out = unchanged_text(every)
+    split = fused_wholes(every)
+    # ΔW = 0 has no rank to count (its 0 would drag the median); a fused whole is counted through its projections
+    rows = [r for r in every if not unchanged(r) and r["name"] not in split]
+    left_out = unchanged_text(analysis)
     pairs = [(number(r.get("effective_rank")), full_rank(r)) for r in rows]
     pairs = [(e, f) for e, f in pairs if e is not None]
     fig = Figure(figsize=(10, 4), layout="constrained")
@@ -246,7 +250,8 @@ def plot_effective_rank_histogram(analysis: Mapping) -> Figure:
         ax.set_ylabel("modules (count)")
         ax.yaxis.set_major_locator(whole_ticks())  # a count of modules
     # the entropy needs every σ: modules whose spectrum was only computed to its top have none
-    over = f"{ranks.size} modules" if ranks.size == len(rows) else (
+    modules = "modules (fused tensors by projection)" if split else "modules"
+    over = f"{ranks.size} {modules}" if ranks.size == len(rows) else (
         f"the {ranks.size} of {len(rows)} modules with a whole spectrum (the others' top only; --method full: all)")
     fig.suptitle(f"Entropy effective rank of ΔW over {over}: median {np.median(ranks):.3g} "
                  f"directions, {np.median(shares) if shares.size else 0:.1f}% of full rank"

@@ -34,7 +34,7 @@ from spectra.report.tables import (
     role_table,
     role_table_note,
     stack_label,
-    stacks_in,
+    stacks_of,
     vector_rows,
     vector_table,
 )
@@ -164,7 +164,7 @@ def report_blocks(analysis: Mapping, *, figures: list[str]) -> list[tuple]:
                ("p", rank_picture(analysis))]
     note = role_table_note(analysis)  # modules with ΔW = 0 are left out of the medians and counts
     headers, cells = role_table(analysis)
-    stacks = stacks_in(matrices)
+    stacks = stacks_of(analysis)
     blocks.append(("h", 2, "Per role"))
     if cells:
         blocks += [("p", "Median over the role's modules, with the range (min–max) in brackets. Energy-x% rank: "
@@ -207,7 +207,7 @@ def _stacks_note(stacks: list) -> str:
 
 def _summary_items(analysis: Mapping, matrices: list[dict], vectors: list[dict]) -> list[str]:
     items = [f"{label}: {_checkpoint(analysis.get(key))}" for key, label in (("base", "Base"), ("tuned", "Tuned"))]
-    stacks = stacks_in(matrices)
+    stacks = stacks_of(analysis)
     layers = {r["layer"] for r in matrices if r.get("layer") is not None}
     tensors = [r for r in matrices if not r.get("fused_name")]  # a fused tensor once, not again per projection
     split = len(matrices) - len(tensors)
@@ -227,6 +227,12 @@ def _summary_items(analysis: Mapping, matrices: list[dict], vectors: list[dict])
         listed = [str(x) for x in pairing.get(key) or []]
         if listed:
             items.append(f"{label} ({len(listed)}): " + "; ".join(listed[:5]) + (" …" if len(listed) > 5 else ""))
+    calibration = analysis.get("calibration")
+    if isinstance(calibration, Mapping):  # a calibrated run: the data and the token length it was cut at
+        notes = [str(n) for n in calibration.get("notes") or []]
+        items.append(f"Calibration data: {calibration.get('data', '?')} ({calibration.get('examples', '?')} examples "
+                     f"of at most {calibration.get('max_length', '?')} tokens)"
+                     + (f"; notes: {'; '.join(notes)}" if notes else ""))
     total = (analysis.get("timings") or {}).get("total_s")
     if isinstance(total, (int, float)):
         items.append(f"Analysis time: {total:.1f} s")

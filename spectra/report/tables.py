@@ -117,6 +117,13 @@ def stacks_in(rows: list[Mapping]) -> list[str | None]:
     return sorted({r.get("stack") for r in rows}, key=stack_index)
 
 
+def stacks_of(analysis: Mapping) -> list[str | None]:
+    """The analysis's stacks: those of its weight matrices (:func:`stacks_in`), which every label of the report is
+    given (:func:`group_label`), so that a role reads the same in each table, panel and sentence. Vectors add none:
+    the report groups and draws matrices, and a vector's own name beside its role says where it lies."""
+    return stacks_in(matrix_rows(analysis))
+
+
 def group_of(row: Mapping) -> tuple[str | None, str]:
     """What the per-role table, the role panels and the heatmap cells group a module by: (stack, role)."""
     return row.get("stack"), row["role"]
@@ -129,7 +136,7 @@ def groups_in(rows: list[Mapping]) -> list[tuple[str | None, str]]:
 
 def group_label(group: tuple[str | None, str], stacks: list) -> str:
     """A group as the reports name it: its role ("q"), prefixed by its stack ("vision q") where ``stacks`` (those of
-    the analysis, :func:`stacks_in`) are more than one and it is not the language model's."""
+    the analysis, :func:`stacks_of`) are more than one and it is not the language model's."""
     stack, role = group
     return role if stack is None or len(stacks) < 2 else f"{stack} {role}"
 
@@ -292,21 +299,22 @@ def fused_wholes(rows: list[Mapping]) -> set[str]:
     return {r["fused_name"] for r in rows if r.get("fused_name")}
 
 
-def unchanged_text(rows: list[Mapping]) -> str:
-    """How many of the weight-matrix ``rows`` a statistic leaves out as unchanged, in one sentence ('' when none):
-    '2 unchanged matrices are left out (ΔW = 0; every k matrix).'
+def unchanged_text(analysis: Mapping) -> str:
+    """How many of the analysis's weight matrices a statistic leaves out as unchanged, in one sentence ('' when
+    none): '2 unchanged matrices are left out (ΔW = 0; every k matrix).'
 
     A fused tensor reported whole and by projection counts once, through its projections, as the rank picture
     counts modules; its whole (role qkv, …) is left out with them, which the sentence then says. The roles named
     are those with no changed matrix among the rows so counted. Where every row is unchanged there is nothing left
     to state a statistic of: each caller says that instead."""
+    rows = matrix_rows(analysis)
     split = fused_wholes(rows)
     counted = [r for r in rows if r["name"] not in split]
     left = [r for r in counted if unchanged(r)]
     if not left:
         return ""
     changed = {group_of(r) for r in counted if not unchanged(r)}
-    stacks = stacks_in(rows)
+    stacks = stacks_of(analysis)
     still = [group_label(g, stacks) for g in groups_in(left) if g not in changed]  # roles left alone entirely
     wholes = any(unchanged(r) for r in rows if r["name"] in split)
     return (f"{len(left)} unchanged {'matrix is' if len(left) == 1 else 'matrices are'} left out (ΔW = 0"
@@ -336,9 +344,8 @@ def summary_rows(analysis: Mapping) -> list[dict]:
         the analysis was calibrated), a :func:`stats` dict or None where no module of the
         role has the metric.
     """
-    every = matrix_rows(analysis)
-    stacks = stacks_in(every)
-    rows = [r for r in every if not unchanged(r)]
+    stacks = stacks_of(analysis)
+    rows = [r for r in matrix_rows(analysis) if not unchanged(r)]
     table = []
     for group in groups_in(rows):
         members = [r for r in rows if group_of(r) == group]
@@ -447,7 +454,7 @@ def role_table_note(analysis: Mapping) -> str:
     if all(unchanged(r) for r in rows):
         return ("Every weight matrix is unchanged (ΔW = 0): the two checkpoints hold the same values, so no role "
                 "has a rank to tabulate.")
-    return unchanged_text(rows)
+    return unchanged_text(analysis)
 
 
 _MODULE_METRICS = ("effective_rank",
@@ -462,7 +469,7 @@ def module_table(analysis: Mapping) -> tuple[list[str], list[list[str]]]:
     keys = set(_MODULE_METRICS) | {f"energy_rank_{level}" for level in shown}
     metrics = [m for m in _metrics(analysis) if m.key in keys and m.kind != "share"]
     headers = ["module", "role", "layer", "shape", "‖ΔW‖_F"] + [m.label for m in metrics] + ["method"]
-    stacks = stacks_in(matrix_rows(analysis))
+    stacks = stacks_of(analysis)
     body = [
         [r["name"], group_label(group_of(r), stacks), _text(r.get("layer")), "×".join(map(str, r["shape"])),
          format_value(number(r["fro_norm"]), "ratio")]
@@ -485,7 +492,7 @@ def _energy_interval(row: Mapping, key: str) -> str | None:
 def vector_table(analysis: Mapping) -> tuple[list[str], list[list[str]]]:
     """Headers and text cells of the 1-D deltas (norm weights, biases): size only, no spectrum."""
     headers = ["module", "role", "layer", "shape", "‖Δ‖_2", "‖Δ‖/‖w‖"]
-    stacks = stacks_in(matrix_rows(analysis) + vector_rows(analysis))
+    stacks = stacks_of(analysis)
     body = [
         [r["name"], _text(r.get("role")) if r.get("role") is None else group_label(group_of(r), stacks),
          _text(r.get("layer")), "×".join(map(str, r.get("shape", []))),
@@ -506,7 +513,7 @@ def rank_picture(analysis: Mapping) -> str:
     split = fused_wholes(rows)
     whole_groups = ({group_of(r) for r in rows if r["name"] in split}
                     - {group_of(r) for r in rows if r["name"] not in split})
-    left_out = unchanged_text(rows)  # the sentence beside the per-role table (role_table_note), word for word
+    left_out = unchanged_text(analysis)  # the sentence beside the per-role table (role_table_note), word for word
     rows = [r for r in rows if r["name"] not in split]  # a fused tensor counts once: through its projections
     if rows and all(unchanged(r) for r in rows):
         return (f"All {len(rows)} weight matrices are unchanged (ΔW = 0): the two checkpoints hold the same values "

@@ -71,3 +71,36 @@ def test_cache_key_follows_config_base_and_spectra_source(monkeypatch):
     assert key == config.key("fp") and key != config.key("other") and key != DemoConfig.tiny("b2").key("fp")
     monkeypatch.setattr(demo_run, "_source_digest", lambda: "changed")  # e.g. a fixed trainer: runs again
     assert config.key("fp") != key
+
+
+def test_summary_roles_are_one_per_stack_and_role(monkeypatch):
+    """The demo's per-role numbers were keyed by role: a vision tower's q and the language model's q came out as two
+    entries both called "q". They take the analysis report's labels now ("q", "vision q"), and a fused tensor is
+    counted once through tables.fused_wholes, as in the report."""
+    import copy
+    import types
+
+    import numpy as np
+
+    from spectra.analysis import AnalysisResult
+    from spectra.demo.run import _summary
+    from spectra.report.tables import summary_rows
+    from tests.report.conftest import build_analysis, matrix_row, planted_spectrum
+
+    data = copy.deepcopy(build_analysis(layers=(0, 1)))
+    s = planted_spectrum(7, (16, 16), scale=2.0, rng=np.random.default_rng(7))
+    data["modules"].append(matrix_row("vision_tower.encoder.layers.0.self_attn.q_proj", "q", 0, (16, 16), s,
+                                      stack="vision"))
+    analysis = AnalysisResult(**{k: data[k] for k in ("config", "base", "tuned", "modules")})
+
+    def no_memory(*args, **kwargs):
+        raise ValueError("no model here")  # the summary's memory lines are not this test's
+
+    monkeypatch.setattr("spectra.memory.estimate_memory", no_memory)
+    plan = types.SimpleNamespace(total_params=1, total_energy=0.5, modules=[])
+    summary = _summary(analysis, plan, plan, {}, {"runs": []}, DemoConfig(), "no-model-here", 4)
+    labels = [r["role"] for r in summary["roles"]]
+    assert labels == [e["label"] for e in summary_rows(data)] and len(set(labels)) == len(labels)
+    assert labels.count("q") == 1 and "vision q" in labels
+    counted = [r for r in analysis.matrices() if r["role"] != "qkv"]  # c_attn by its [q] split only
+    assert summary["modules"]["energy_rank_0.9"] == float(np.median([r["energy_rank"]["0.9"] for r in counted]))

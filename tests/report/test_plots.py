@@ -138,13 +138,38 @@ def test_heatmap_uses_log_scale_only_across_decades(analysis):
     assert isinstance(fig.axes[0].get_images()[0].norm, LogNorm)
 
 
+def _counted(analysis) -> list[dict]:
+    """The matrix rows the histogram counts: a fused tensor by its projections, not also whole."""
+    return [r for r in matrix_rows(analysis) if r["role"] != "qkv"]
+
+
 def test_histogram_counts_every_module(analysis):
     fig = plots.plot_effective_rank_histogram(analysis)
     left = fig.axes[0]
-    assert sum(p.get_height() for p in left.patches) == len(matrix_rows(analysis))
-    median = np.median([r["effective_rank"] for r in matrix_rows(analysis)])
+    assert sum(p.get_height() for p in left.patches) == len(_counted(analysis))
+    median = np.median([r["effective_rank"] for r in _counted(analysis)])
     assert left.get_lines()[0].get_xdata()[0] == pytest.approx(median)
-    assert f"over {len(matrix_rows(analysis))} modules:" in fig._suptitle.get_text()
+    assert f"over {len(_counted(analysis))} modules (fused tensors by projection):" in fig._suptitle.get_text()
+
+
+def test_histogram_counts_a_fused_tensor_by_its_projections_only(analysis, unchange):
+    """The histogram counted GPT-2's c_attn both whole (qkv) and by projection ([q]), while the sentence under it says
+    a fused tensor is counted by its projections, as the rank picture counts it. The whole is left out now: the
+    counts and the median are the rank picture's modules', and the whole's effective rank is in no bar."""
+    whole = next(r for r in matrix_rows(analysis) if r["role"] == "qkv")
+    whole["effective_rank"] = 1e4  # far right of every other: a bar of its own if it is counted
+    fig = plots.plot_effective_rank_histogram(analysis)
+    left = fig.axes[0]
+    assert sum(p.get_height() for p in left.patches) == len(_counted(analysis)) == len(matrix_rows(analysis)) - 1
+    assert max(p.get_x() + p.get_width() for p in left.patches if p.get_height()) < 1e4
+    assert left.get_lines()[0].get_xdata()[0] == pytest.approx(np.median([r["effective_rank"]
+                                                                          for r in _counted(analysis)]))
+    for row in matrix_rows(analysis):
+        if row["name"].startswith("transformer.h.0.attn.c_attn"):
+            unchange(row)  # the unchanged sentence then names the whole as left out with its projections
+    title = plots.plot_effective_rank_histogram(analysis)._suptitle.get_text()
+    assert f"over {len(_counted(analysis)) - 1} modules (fused tensors by projection):" in title
+    assert "a fused tensor counted by its projections, its whole left out with them" in title
 
 
 def test_histogram_says_which_modules_it_leaves_out(analysis):
@@ -153,7 +178,7 @@ def test_histogram_says_which_modules_it_leaves_out(analysis):
         row["effective_rank"] = None  # sketched to its top: no entropy
     fig = plots.plot_effective_rank_histogram(analysis)
     assert sum(p.get_height() for p in fig.axes[0].patches) == 1
-    assert f"the 1 of {len(rows)} modules with a whole spectrum" in fig._suptitle.get_text()
+    assert f"the 1 of {len(_counted(analysis))} modules with a whole spectrum" in fig._suptitle.get_text()
 
 
 @pytest.mark.parametrize("modules", [[], [{"name": "norm", "kind": "vector", "role": "other", "layer": 0,
@@ -197,13 +222,13 @@ def test_histogram_leaves_unchanged_matrices_out_and_says_so(analysis, unchange)
     for r in analysis["modules"]:
         if r.get("role") == "k":
             unchange(r)
-    changed = [r for r in matrix_rows(analysis) if r["role"] != "k"]
+    changed = [r for r in _counted(analysis) if r["role"] != "k"]
     fig = plots.plot_effective_rank_histogram(analysis)
     left = fig.axes[0]
     assert sum(p.get_height() for p in left.patches) == len(changed)
     assert left.get_lines()[0].get_xdata()[0] == pytest.approx(np.median([r["effective_rank"] for r in changed]))
     title = fig._suptitle.get_text()
-    assert f"over {len(changed)} modules:" in title
+    assert f"over {len(changed)} modules (fused tensors by projection):" in title
     assert "3 unchanged matrices are left out (ΔW = 0; every k matrix)." in title
 
 

@@ -95,3 +95,19 @@ def test_a_row_stack_must_be_a_string_or_null(two_stacks):
     assert tables.analysis_problem(two_stacks) is None
     two_stacks["modules"][-2]["stack"] = 3
     assert "'stack' must be a string or null" in tables.analysis_problem(two_stacks)
+
+
+def test_every_label_takes_the_stacks_of_the_analysis_matrices(two_stacks, make_analysis):
+    """Labels took their stacks from three lists (the rows at hand, the matrix rows, the matrix and vector rows). A
+    vision tower whose only change is a bias (its matrices all unchanged, or filtered out) had the vector table alone
+    call it "vision q", while the per-role table, panels and notes, drawn from the matrices, named one stack and
+    prefixed nothing. One list now, stacks_of (the matrices'), and every table names a group one way."""
+    lone = copy.deepcopy(make_analysis(layers=(0, 1)))
+    bias = next(r for r in two_stacks["modules"] if r.get("kind") == "vector" and r.get("stack") == "vision")
+    lone["modules"].append(copy.deepcopy(bias))
+    assert tables.stacks_of(lone) == [None] and tables.stacks_of(two_stacks) == [None, "vision"]
+    vectors = {row[0]: row[1] for row in tables.vector_table(lone)[1]}
+    assert vectors[bias["name"]] == "q"  # its name beside it says where it lies
+    assert all(not label.startswith("vision") for label in [row[1] for row in tables.module_table(lone)[1]]
+               + [e["label"] for e in tables.summary_rows(lone)])
+    assert "stacks of layers" not in render.to_markdown(render.report_blocks(lone, figures=[]))
