@@ -41,6 +41,7 @@ from spectra.checkpoints.names import match_names
 from spectra.checkpoints.placement import PlacementError, parameter_sources, split_sources
 from spectra.checkpoints.targets import architecture, meta_model, resolve_name
 from spectra.errors import AdapterError
+from spectra.ranks.policy import rank_scale
 
 PEFT_PREFIX = "base_model.model."
 _LORA_SUFFIXES = {
@@ -336,7 +337,7 @@ def plan_adapter(adapter, base, config: dict[str, Any] | None) -> tuple[list[Ada
                     f"{tuple(b_info.shape)}, which do not fit the base weight {base_tensor} of (out, in) shape "
                     f"{shape}. The adapter was trained on a different base model; pass its own base.")
             alpha = pattern_value(alpha_pattern, adapter_module, alpha_default)
-            scaling = alpha / math.sqrt(rank) if cfg.get("use_rslora") else alpha / rank
+            scaling = alpha / rank_scale(rank, bool(cfg.get("use_rslora")))
             dtype = a_info.dtype
         else:
             full_shape = tuple(adapter.weights.info(parts["full"]).shape)
@@ -424,7 +425,7 @@ def _plan_parameters(adapter, base, config, modules: dict[str, dict[str, str]], 
                                f"(A (r·{experts}, {in_features}), B ({out_features}, r·{experts})). The adapter was "
                                "trained on a different base model; pass its own base.")
         alpha = pattern_value(alpha_pattern, f"{holder}.{leaf}", alpha_default)  # PEFT's key: module.parameter
-        scaling = alpha / math.sqrt(rank) if adapter.config.get("use_rslora") else alpha / rank
+        scaling = alpha / rank_scale(rank, bool(adapter.config.get("use_rslora")))
         if parameter not in sources:
             raise AdapterError(f"adapter {adapter.spec} adapts {parameter}, which no tensor of the base {base.spec} "
                                "loads into. Was it trained on another model? Pass the adapter's own base.")

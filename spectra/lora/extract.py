@@ -37,6 +37,7 @@ from spectra.checkpoints.targets import architecture, meta_model, model_targets,
 from spectra.errors import ConfigError, PeftConfigWarning
 from spectra.files import staged_directory
 from spectra.linalg.svd import CONVERGED_TOL, full_svd, randomized_svd
+from spectra.ranks.policy import rank_scale
 from spectra.workers import split_workers, thread_pool
 
 
@@ -175,11 +176,11 @@ def extract_adapter(base, tuned, plan_or_rank, out_dir: str | os.PathLike, *, ro
         if rank == "full":
             rank = min(entry.shape)
         if module_alpha is None:
-            module_alpha = alpha if alpha is not None else 2.0 * _rank_scale(rank, use_rslora)  # s = 2
+            module_alpha = alpha if alpha is not None else 2.0 * rank_scale(rank, use_rslora)  # s = 2
         if rank > min(entry.shape):
             raise ConfigError(f"rank {rank} for {entry.name} exceeds min(d_in, d_out) = {min(entry.shape)} of its "
                               f"{entry.shape[0]}×{entry.shape[1]} weight; lower it.")
-        ranks_of[entry.name] = (rank, module_alpha, module_alpha / _rank_scale(rank, use_rslora))
+        ranks_of[entry.name] = (rank, module_alpha, module_alpha / rank_scale(rank, use_rslora))
 
     def factorize(entry):
         rank, _, scaling = ranks_of[entry.name]
@@ -513,7 +514,7 @@ def _parameter_factors(pieces, shape: tuple[int, ...], use_rslora: bool):
         at = offsets[(lo, hi)]
         A[place.expert, at:at + a.shape[0]] = a.cpu()
         B[lo:hi, at:at + a.shape[0], place.expert] = b.cpu() * (s / scaling)
-    alpha = scaling * _rank_scale(rank, use_rslora)
+    alpha = scaling * rank_scale(rank, use_rslora)
     return A.reshape(experts * rank, in_features), B.reshape(out_features, rank * experts), rank, alpha
 
 
@@ -587,12 +588,6 @@ def _modules_to_save(pairing: Pairing, names: tuple[str, ...]) -> list[str]:
             raise ConfigError(f"modules_to_save: no module named {wanted!r} in {pairing.tuned.spec}.")
         out.extend(hits)
     return out
-
-
-def _rank_scale(rank: int, use_rslora: bool) -> float:
-    """What α is divided by in PEFT's scale s = α/r of a rank-r update s·B@A: r (LoRA, arXiv:2106.09685), or √r
-    (rsLoRA, arXiv:2312.03732)."""
-    return math.sqrt(rank) if use_rslora else rank
 
 
 def _factorize(delta: torch.Tensor, rank: int, scaling: float, *, full_below: int, seed: int):

@@ -37,6 +37,7 @@ from spectra.checkpoints.pairing import check_device
 from spectra.errors import ConfigError
 from spectra.files import staged_directory
 from spectra.lora.data import TokenizedData, batches, check_max_length, prepare_data
+from spectra.ranks.policy import rank_scale
 
 METHODS = ("lora", "dora", "qlora", "qdora", "full")
 BLOCK_ROLES = ("q", "k", "v", "o", "qkv", "gate", "up", "down", "gate_up")
@@ -432,7 +433,7 @@ def lora_config(model, config: TrainConfig, *, task: str):
             raise ConfigError(f"target_modules {missing[:5]} are not modules of the model; use names as "
                               "model.named_modules() lists them, e.g. model.layers.0.self_attn.q_proj.")
         rank = config.lora_rank
-        scale_2 = 2.0 * (math.sqrt(rank) if config.rslora else rank)
+        scale_2 = 2.0 * rank_scale(rank, config.rslora)
         fields = {"r": rank, "lora_alpha": config.alpha if config.alpha is not None else scale_2,
                   "target_modules": targets, "use_rslora": config.rslora, "lora_dropout": config.lora_dropout,
                   "fan_in_fan_out": _has_conv1d(model, targets)}

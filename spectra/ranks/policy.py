@@ -174,11 +174,17 @@ class RankPolicy:
         """``lora_alpha`` for a module of this rank under ``alpha_rule`` (see the class docstring)."""
         if self.alpha_rule == "constant":
             return float(self.alpha)
-        return float(self.scale * (math.sqrt(rank) if self.rslora else rank))
+        return float(self.scale * rank_scale(rank, self.rslora))
 
     def scaling(self, rank: int) -> float:
         """The update scale s of a module: α/r [1]_, or α/√r with rsLoRA [2]_."""
-        return self.alpha_for(rank) / (math.sqrt(rank) if self.rslora else rank)
+        return self.alpha_for(rank) / rank_scale(rank, self.rslora)
+
+
+def rank_scale(rank: int, rslora: bool) -> float:
+    """What α is divided by in PEFT's update scale s = α/r of a rank-r update s·B@A: r (LoRA [1]_), or √r
+    (rsLoRA [2]_). The one place spectra writes that law: adapters read, extracted, planned and trained use it."""
+    return math.sqrt(rank) if rslora else rank
 
 
 def parse_budget(text: str) -> dict[str, int]:
