@@ -56,6 +56,7 @@ import numpy as np
 from spectra.calibration import Calibration, CalibrationConfig, collect_calibration, truncation_factors
 from spectra.checkpoints.pairing import check_device
 from spectra.errors import ConfigError
+from spectra.lora.data import check_max_length
 from spectra.ranks.functional import role_curves
 from spectra.report.tables import stack_index
 from spectra.sweep_metrics import Metric, example_stats, resolve_metric
@@ -116,8 +117,9 @@ class SweepConfig:
             object.__setattr__(self, "roles", tuple(self.roles))
         if self.task not in ("auto", "causal_lm", "seq_cls"):
             raise ConfigError(f"task {self.task!r} is not auto, causal_lm or seq_cls.")
-        if (self.max_length is not None and self.max_length < 2) or self.batch_size < 1 or self.bootstrap < 0:
-            raise ConfigError("max_length must be ≥ 2 (or None), batch_size ≥ 1 and bootstrap ≥ 0.")
+        check_max_length(self.max_length, option="max_length (--max-length)")
+        if self.batch_size < 1 or self.bootstrap < 0:
+            raise ConfigError("batch_size must be ≥ 1 and bootstrap ≥ 0.")
         if not 0 < self.confidence < 1:
             raise ConfigError(f"confidence {self.confidence} must lie in (0, 1), e.g. 0.95.")
         check_device(self.device)
