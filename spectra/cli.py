@@ -139,7 +139,7 @@ def analyze(
     resolve: Annotated[float, typer.Option(help="Energy whose rank the fast 'sketch' path resolves exactly; higher --energy levels are reported when within reach.")] = 0.9,
     workers: Annotated[Optional[int], typer.Option(help="Modules analysed at once, each on its own thread with (torch threads ÷ workers) threads. Default: one per torch thread up to 4 on the CPU, 1 on a GPU.")] = None,
     read_ahead: Annotated[int, typer.Option(help="With one worker: modules read ahead of the math (0: read in line).")] = 2,
-    read_ahead_mb: Annotated[int, typer.Option(help="Most ΔW data (MB, float32) held by the modules in flight (one always goes); bounds peak memory. An adapter's expert factors held across a module come out of it first.")] = 512,
+    read_ahead_mb: Annotated[int, typer.Option(help="Most ΔW data (MB, float32) held by the modules in flight (one always goes); bounds peak memory. An adapter's expert factors held across a module come out of what it holds beyond room for the two largest modules; more is held on top, with a warning.")] = 512,
     calibration: Annotated[Optional[Path], typer.Option(help="Calibration data (.txt, or .jsonl/.csv/.tsv with a text field): also report each ΔW's activation-weighted spectrum, ΔW·C^{1/2} on the base's inputs.")] = None,
     calibration_epsilon: Annotated[float, typer.Option(help="Ridge of the input second moment C, relative to its mean eigenvalue.")] = 1e-6,
 ) -> None:
