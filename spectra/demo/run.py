@@ -201,8 +201,9 @@ def _functional(base, tuned, data, config: DemoConfig, *, progress: bool) -> dic
     points = [{"rank": p["rank"], "accuracy": p.get("accuracy"), "interval": p.get("interval")}
               for p in sweep.curve()]
     return {"sweep": sweep.to_dict(),
-            "summary": {"epsilon": config.functional_epsilon, "rank": model["rank"], "resolved": model["resolved"],
-                        "gap_interval": model["gap_interval"], "examples": choice["examples"], "points": points}}
+            "summary": {"epsilon": config.functional_epsilon, "rank": model["rank"],  # None: no swept rank met ε
+                        "resolved": model.get("resolved"), "gap_interval": model.get("gap_interval"),
+                        "examples": choice["examples"], "points": points}}
 
 
 def _reference(done: dict) -> dict | None:

@@ -104,3 +104,20 @@ def test_summary_roles_are_one_per_stack_and_role(monkeypatch):
     assert labels.count("q") == 1 and "vision q" in labels
     counted = [r for r in analysis.matrices() if r["role"] != "qkv"]  # c_attn by its [q] split only
     assert summary["modules"]["energy_rank_0.9"] == float(np.median([r["energy_rank"]["0.9"] for r in counted]))
+
+
+def test_functional_summary_without_a_qualifying_rank(monkeypatch):
+    """No swept rank within ε (or a curve the data never reached): functional_ranks gives rank None and no
+    resolved/gap_interval keys, which the demo read with [] (a KeyError after the sweep had run)."""
+    import types
+
+    import spectra.ranks as ranks
+    import spectra.sweep as sweep
+    from spectra.demo.run import _functional
+
+    fake = types.SimpleNamespace(curve=lambda: [{"rank": 1, "accuracy": 0.5, "interval": None}], to_dict=lambda: {})
+    monkeypatch.setattr(sweep, "truncation_sweep", lambda *a, **k: fake)
+    monkeypatch.setattr(ranks, "functional_ranks", lambda *a, **k: {
+        "examples": 8, "groups": {"model": {"rank": None, "swept": [1], "full_rank": 16, "at_full_rank": None}}})
+    out = _functional("base", "tuned", {"test": "data"}, DemoConfig(), progress=False)["summary"]
+    assert out["rank"] is None and out["resolved"] is None and out["gap_interval"] is None
