@@ -223,8 +223,8 @@ def _print_summary(analysis: dict) -> None:
 
 
 def _print_notes(analysis: dict, *, quiet: bool = False) -> None:
-    """Name the tensors only in BASE or TUNED, or skipped, and say what the calibration decided (its notes): report.md
-    lists them too, but a user reading only the terminal must not miss them (with ``-q`` on stderr, which -q leaves
+    """Name the tensors only in BASE or TUNED, or skipped, give the pairing's notes (the first three) and say what the
+    calibration decided (its notes): report.md lists them too, but a user reading only the terminal must not miss them (with ``-q`` on stderr, which -q leaves
     for warnings)."""
     from rich.console import Console
 
@@ -236,6 +236,11 @@ def _print_notes(analysis: dict, *, quiet: bool = False) -> None:
         if listed:
             console.print(escape(f"note: {len(listed)} tensor(s) {label}: " + ", ".join(listed[:3])
                                  + (", …" if len(listed) > 3 else "") + " (report.md lists them all)"), style="yellow")
+    notes = [str(n) for n in pairing.get("notes") or []]  # tied weights, resized vocabularies, skipped buffers
+    for note in notes[:3]:
+        console.print(escape(f"note: {note}"), style="yellow")
+    if len(notes) > 3:
+        console.print(escape(f"note: {len(notes) - 3} more pairing note(s) (report.md lists them all)"), style="yellow")
     for note in (analysis.get("calibration") or {}).get("notes") or []:  # e.g. texts cut at the model's positions
         console.print(escape(f"note: calibration: {note}"), style="yellow")
 

@@ -396,3 +396,12 @@ def test_train_and_sweep_fit_the_default_length_to_a_short_position_table(monkey
     code, _, err = run(monkeypatch, capsys, "sweep", base, tuned, "--data", data, "--ranks", "0,2", "-q",
                        "-o", tmp_path / "sweep")
     assert code == 0 and "cut at 32 tokens" in err, err
+
+
+def test_analyze_prints_the_pairings_notes(monkeypatch, capsys, tmp_path):
+    """report.md listed the pairing's notes (tied weights, resized vocabularies, skipped buffers); the terminal did
+    not, so a user reading only it missed them. The first three are printed, with a count of the rest."""
+    multimodal = save(build_model("gemma3_multimodal"), tmp_path / "mm", "safetensors")
+    code, out, _ = run(monkeypatch, capsys, "analyze", multimodal, multimodal, "--roles", "q", "--no-cache",
+                       "-o", tmp_path / "report")
+    assert code == 0 and "note: vision_tower.head.probe: skipped, a 3-D buffer" in out, out
