@@ -502,3 +502,28 @@ def test_length_beyond_a_learned_table_is_refused_whatever_else_the_config_says(
         resolve_max_length(64, saved)
     with torch.no_grad(), pytest.raises((RuntimeError, IndexError)):
         tf.AutoModel.from_config(config).eval()(input_ids=torch.full((1, 64), 5))
+
+
+def _configs():
+    from spectra.calibration import CalibrationConfig
+    from spectra.lora.train import TrainConfig
+    from spectra.lora.verify import VerifyConfig
+    from spectra.sweep import SweepConfig
+
+    return {"train": (TrainConfig, "max_length (--max-length)"), "verify": (VerifyConfig, "VerifyConfig max_length"),
+            "calibration": (CalibrationConfig, "calibration max_length"),
+            "sweep": (SweepConfig, "max_length (--max-length)")}
+
+
+@pytest.mark.parametrize("config", ["train", "verify", "calibration", "sweep"])
+@pytest.mark.parametrize("max_length", [1, 0, 2.5, 64.0, "64", True])
+def test_every_config_refuses_a_max_length_that_is_not_an_integer_of_two_or_more(config, max_length):
+    """TrainConfig took max_length 1 (tokenize then refused it), CalibrationConfig and SweepConfig 2.5 (no type
+    check): each config now calls check_max_length, one refusal in the same words naming its option."""
+    import re
+
+    cls, option = _configs()[config]
+    message = f"{option} {max_length!r} must be an integer ≥ 2 (tokens per example), or unset for"
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        cls(max_length=max_length)
+    assert cls(max_length=2).max_length == 2 and cls().max_length is None  # negative controls

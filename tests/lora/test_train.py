@@ -172,17 +172,6 @@ def test_options_the_method_or_the_plan_would_ignore_are_refused(fields, message
         TrainConfig(**fields)
 
 
-@pytest.mark.parametrize("max_length", [1, 0, 2.5, 64.0, "64", True])
-def test_max_length_is_an_integer_of_at_least_two_tokens(max_length):
-    """TrainConfig took max_length 1, which tokenize then refused (an example reads one token and predicts the next)."""
-    import re
-
-    message = f"max_length (--max-length) {max_length!r} must be an integer ≥ 2 (tokens per example), or unset for"
-    with pytest.raises(ConfigError, match=re.escape(message)):
-        TrainConfig(max_length=max_length)
-    assert TrainConfig(max_length=2).max_length == 2 and TrainConfig().max_length is None  # negative controls
-
-
 def test_options_that_apply_are_kept():
     """Negative controls of the refusals above: every option here changes what is trained."""
     assert TrainConfig(method="full").rank is None and TrainConfig().lora_rank == 8 == TrainConfig(rank=8).lora_rank

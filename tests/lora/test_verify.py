@@ -741,16 +741,3 @@ def test_experts_stored_fused_and_transposed_are_written_in_their_layout(tmp_pat
             W = weights[f"model.layers.0.mlp.experts.{e}.{proj}"][0]  # (out, in)
             assert torch.equal(model.get_parameter(f"model.layers.0.mlp.experts.{proj}")[e], W.T)
     assert torch.equal(model.model.layers[0].mlp.router.weight, weights["model.layers.0.mlp.router"][0])
-
-
-@pytest.mark.parametrize("max_length", [1, 0, 2.5, 64.0, "64", True])
-def test_config_refuses_a_max_length_that_is_not_an_integer_of_two_or_more(max_length):
-    """The same refusal, in the same words, as TrainConfig's and CalibrationConfig's (lora.data.check_max_length)."""
-    import re
-
-    from spectra.lora.verify import VerifyConfig
-
-    with pytest.raises(ConfigError, match=re.escape(f"VerifyConfig max_length {max_length!r} must be an integer ≥ 2 "
-                                                    "(tokens per example), or unset for the default")):
-        VerifyConfig(max_length=max_length)
-    assert VerifyConfig(max_length=2).max_length == 2 and VerifyConfig().max_length is None
