@@ -690,7 +690,7 @@ def _entry_budget(pairing: Pairing, todo: list, budget: int, *, readers: int) ->
     warnings.warn(f"read_ahead_mb (--read-ahead-mb) = {budget / mb:.0f} MB cannot hold the {held / mb:.0f} MB of LoRA "
                   f"factors that {readers} reading thread{'s' * (readers > 1)} keep across the adapter's fused-expert "
                   f"modules and still leave {room / mb:.0f} MB for {what}: the factors are held beyond it (memory up "
-                  f"to {held / mb:.0f} MB over the budget). --read-ahead-mb {-(-(room + held) // mb)} counts them in it"
+                  f"to {held / mb:.0f} MB over the budget). --read-ahead-mb {-(-(pair + held) // mb)} counts them in it"
                   + ("; --workers 1 keeps fewer." if readers > 1 else "."), RuntimeWarning, stacklevel=3)
     return room
 
@@ -704,8 +704,8 @@ def _held_factors(pairing: Pairing, todo: list, *, readers: int) -> int:
     to entries: every expert entry of a module shares them, and they stay held after its last
     entry is decomposed, until that thread opens another module. Counted per entry they would
     be counted E times for E queued experts of one module, and given back by a finished entry
-    while still held. So the schedulers subtract this fixed reservation from their budget up
-    front (:func:`_entry_budget`), the most the threads can hold at once
+    while still held. So the schedulers reserve this fixed amount up front, from what their budget
+    holds beyond room for the largest entries (:func:`_entry_budget`): the most the threads can hold at once
     (:func:`~spectra.checkpoints.adapter.held_factor_bytes`: ``readers + 1`` modules, one for a
     single reader); 0 without such an adapter.
     """

@@ -587,6 +587,29 @@ def test_held_factors_never_leave_the_analysis_serial(tmp_path, monkeypatch):
         assert _read_ahead_leases(monkeypatch, pairing, experts, 0) == 1  # no read-ahead asked for: none, no warning
 
 
+def test_the_read_ahead_mb_the_warning_suggests_silences_it(monkeypatch):
+    """The warning suggested the room it had left plus the factors, and that room grows with the budget: with two
+    400 MB modules and 100 MB of held factors it suggested 512 → 612 → 712 → 812 → 900 MB, warning each time. It
+    suggests the budget that holds the two largest modules and the factors now, under which the next run is silent."""
+    import re
+    import types
+
+    import spectra.analysis as analysis_mod
+
+    mb = 1 << 20
+    sizes = {"a": 400 * mb, "b": 400 * mb, "c": 10 * mb}
+    monkeypatch.setattr(analysis_mod, "_entry_bytes", lambda entry, options: sizes[entry])
+    monkeypatch.setattr(analysis_mod, "_held_factors", lambda pairing, todo, readers: 100 * mb)
+    pairing = types.SimpleNamespace(options=None)
+    with pytest.warns(RuntimeWarning) as caught:
+        analysis_mod._entry_budget(pairing, list(sizes), 512 * mb, readers=4)
+    suggested = int(re.search(r"--read-ahead-mb (\d+) counts", str(caught[0].message)).group(1))
+    assert suggested == 900
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the suggested budget is enough
+        assert analysis_mod._entry_budget(pairing, list(sizes), suggested * mb, readers=4) == 800 * mb
+
+
 def test_calibration_notes_and_length_are_in_the_result_also_when_served_from_the_cache(tmp_path, monkeypatch):
     """analyze --calibration on a GPT-2 with 32 positions cuts its texts at 32 tokens, which Calibration.notes says;
     the result dropped the note and the length. analysis.json now holds the calibration's description (data, length,
