@@ -56,6 +56,14 @@ def tiny_config(family: str):
         return tf.Gemma3Config(text_config=text, vision_config=dict(hidden_size=16, intermediate_size=24,
                                num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14),
                                mm_tokens_per_image=4, boi_token_index=297, eoi_token_index=298, image_token_index=299)
+    if family in ("t5", "t5_gated"):  # encoder–decoder; t5_gated: v1.1 / Flan-T5's gated MLP (wi_0, wi_1, wo)
+        return tf.T5Config(d_model=32, d_kv=8, d_ff=48, num_layers=2, num_decoder_layers=2, num_heads=4,
+                           relative_attention_num_buckets=8, decoder_start_token_id=0,
+                           feed_forward_proj="gated-gelu" if family == "t5_gated" else "relu", **common)
+    if family == "bart":  # encoder–decoder with fc1/fc2 MLPs and the decoder's encoder_attn
+        return tf.BartConfig(d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                             decoder_attention_heads=4, encoder_ffn_dim=48, decoder_ffn_dim=48,
+                             max_position_embeddings=32, **common)
     if family == "gpt_neox":
         return tf.GPTNeoXConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
                                 max_position_embeddings=32, **common)
@@ -74,6 +82,9 @@ _MODEL_CLASSES = {
     "phimoe": ("PhimoeModel", "PhimoeForCausalLM"),
     "gemma3": ("Gemma3TextModel", "Gemma3ForCausalLM"),
     "gemma3_multimodal": ("Gemma3Model", "Gemma3ForConditionalGeneration"),
+    "t5": ("T5Model", "T5ForConditionalGeneration"),
+    "t5_gated": ("T5Model", "T5ForConditionalGeneration"),
+    "bart": ("BartModel", "BartForConditionalGeneration"),
 }
 
 

@@ -1,9 +1,16 @@
 """Per-family tables: module name → role, layer, expert index and stack; fused layouts; Conv1D.
 
 A *role* groups modules across layers and architectures so that results can be
-compared by kind: ``q, k, v, o, qkv, gate, up, down, gate_up, embed, head, other``.
+compared by kind: ``q, k, v, o, qkv, xq, xk, xv, xo, gate, up, down, gate_up, embed, head, other``.
 Unknown architectures still work: every module whose name matches no rule gets
 role ``other`` and is analysed all the same.
+
+``xq xk xv xo`` are cross-attention's projections: an encoder–decoder's decoder attending to
+its encoder's output (T5's ``EncDecAttention.q``, BART's ``encoder_attn.q_proj``). They hold a
+role of their own because a report groups by (stack, role) and layer, and a decoder's
+self-attention q and cross-attention q of one layer are two modules with other inputs; a
+``--roles q`` still takes them (:func:`role_selected`), as PEFT's ``target_modules=["q"]``
+adapts both on T5.
 
 A *stack* says which stack of layers a module belongs to, where a checkpoint holds more
 than one, each numbered from 0: Gemma 3's vision tower has an ``encoder.layers.0.self_attn.q_proj``
@@ -20,16 +27,22 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-ROLES = ("q", "k", "v", "o", "qkv", "gate", "up", "down", "gate_up", "embed", "head", "other")
+ROLES = ("q", "k", "v", "o", "qkv", "xq", "xk", "xv", "xo", "gate", "up", "down", "gate_up", "embed", "head", "other")
 # The roles a fused module holds: a LoRA on it adapts all of them.
 FUSED_ROLES = {"qkv": frozenset({"q", "k", "v"}), "gate_up": frozenset({"gate", "up"})}
+# Cross-attention's role → the self-attention role that also names it in a selection.
+CROSS_ROLES = {"xq": "q", "xk": "k", "xv": "v", "xo": "o"}
 
 
 def role_selected(role: str, roles) -> bool:
-    """Whether a module of `role` is targeted by `roles`: named itself, or fused with one that is
-    (``--roles q,v`` takes GPT-2's ``c_attn``, whose LoRA adapts q, k and v together)."""
-    return role in roles or bool(FUSED_ROLES.get(role, frozenset()) & set(roles))
+    """Whether a module of `role` is targeted by `roles`: named itself, named by its self-attention role
+    (``--roles q`` takes T5's ``EncDecAttention.q``, role ``xq``; ``--roles xq`` only cross-attention's),
+    or fused with one that is (``--roles q,v`` takes GPT-2's ``c_attn``, whose LoRA adapts q, k and v together)."""
+    return role in roles or CROSS_ROLES.get(role) in roles or bool(FUSED_ROLES.get(role, frozenset()) & set(roles))
 
+# A decoder's attention over its encoder's output, by the name of its module; T5's self-attention modules.
+_CROSS_ATTENTION = r"(encoder_attn|EncDecAttention|crossattention|cross_attn)"
+_T5_SELF_ATTENTION = r"(SelfAttention|LocalSelfAttention|TransientGlobalSelfAttention)"
 # Ordered: the first rule whose pattern matches the end of the module name wins. More
 # specific patterns (BERT's attention.output.dense) come before general ones (output.dense).
 _ROLE_RULES: tuple[tuple[str, str], ...] = (
@@ -38,19 +51,27 @@ _ROLE_RULES: tuple[tuple[str, str], ...] = (
     # fused projections
     (r"(attn\.c_attn|qkv_proj|query_key_value|Wqkv|attn\.qkv)", "qkv"),
     (r"(gate_up_proj)", "gate_up"),
-    # attention, Llama/Mistral/Qwen2/Gemma/Phi-3/Mixtral
-    (r"(q_proj|self\.query|attention\.wq)", "q"),  # Meta's original checkpoints: layers.N.attention.wq
-    (r"(k_proj|self\.key|attention\.wk)", "k"),
-    (r"(v_proj|self\.value|attention\.wv)", "v"),
-    (r"(o_proj|out_proj|attention\.output\.dense|attention\.dense|attn\.c_proj|self_attention\.dense|attention\.wo)",
-     "o"),
-    # MLP
-    (r"(gate_proj|experts\.\d+\.w1|mlp\.fc_gate|feed_forward\.w1)", "gate"),
-    (r"(up_proj|experts\.\d+\.w3|intermediate\.dense|mlp\.c_fc|dense_h_to_4h|mlp\.fc1|feed_forward\.w3)", "up"),
-    (r"(down_proj|experts\.\d+\.w2|layer\.\d+\.output\.dense|mlp\.c_proj|dense_4h_to_h|mlp\.fc2|feed_forward\.w2)",
-     "down"),
-    # embeddings and heads
-    (r"(embed_tokens|word_embeddings|wte|embed_in|tok_embeddings)", "embed"),
+    # cross-attention, before self-attention's rules that its names match too: BART, mBART, Marian, Pegasus, Whisper
+    # encoder_attn.q_proj; T5 EncDecAttention.q; BERT2BERT crossattention.self.query; Mllama, T5Gemma cross_attn.q_proj
+    (rf"{_CROSS_ATTENTION}\.(q_proj|q|self\.query)", "xq"),
+    (rf"{_CROSS_ATTENTION}\.(k_proj|k|self\.key)", "xk"),
+    (rf"{_CROSS_ATTENTION}\.(v_proj|v|self\.value)", "xv"),
+    (rf"{_CROSS_ATTENTION}\.(out_proj|o_proj|o|output\.dense)", "xo"),
+    # attention, Llama/Mistral/Qwen2/Gemma/Phi-3/Mixtral; T5's SelfAttention.q (LongT5: Local-, TransientGlobal-)
+    (rf"(q_proj|self\.query|attention\.wq|{_T5_SELF_ATTENTION}\.q)", "q"),  # Meta's original: layers.N.attention.wq
+    (rf"(k_proj|self\.key|attention\.wk|{_T5_SELF_ATTENTION}\.k)", "k"),
+    (rf"(v_proj|self\.value|attention\.wv|{_T5_SELF_ATTENTION}\.v)", "v"),
+    (r"(o_proj|out_proj|attention\.output\.dense|attention\.dense|attn\.c_proj|self_attention\.dense|attention\.wo"
+     rf"|{_T5_SELF_ATTENTION}\.o)", "o"),
+    # MLP; T5's DenseReluDense: wi (up) or, gated (v1.1, Flan-T5), wi_0 (gate) and wi_1 (up), then wo (down); BART's,
+    # Whisper's, OPT's layers.N.fc1 and fc2 (an MLP's fc1 is up wherever a layer holds it directly)
+    (r"(gate_proj|experts\.\d+\.w1|mlp\.fc_gate|feed_forward\.w1|DenseReluDense\.wi_0)", "gate"),
+    (r"(up_proj|experts\.\d+\.w3|intermediate\.dense|mlp\.c_fc|dense_h_to_4h|mlp\.fc1|feed_forward\.w3"
+     r"|DenseReluDense\.wi(_1)?|layers\.\d+\.fc1)", "up"),
+    (r"(down_proj|experts\.\d+\.w2|layer\.\d+\.output\.dense|mlp\.c_proj|dense_4h_to_h|mlp\.fc2|feed_forward\.w2"
+     r"|DenseReluDense\.wo|layers\.\d+\.fc2)", "down"),
+    # embeddings and heads; T5's and BART's shared (the token embedding their encoder and decoder both read)
+    (r"(embed_tokens|word_embeddings|wte|embed_in|tok_embeddings|shared)", "embed"),
     (r"(lm_head|embed_out|classifier|score|cls\.predictions\.decoder)", "head"),
 )
 _ROLE_REGEXES = tuple((re.compile(rf"(^|\.){pattern}$"), role) for pattern, role in _ROLE_RULES)

@@ -22,8 +22,10 @@ import numpy as np
 from spectra.checkpoints.architectures import STACKS
 from spectra.errors import ConfigError
 
-# Roles in the order a transformer block meets them, so tables and plots read top-down.
-ROLE_ORDER = ("embed", "q", "k", "v", "qkv", "o", "gate", "up", "gate_up", "down", "head", "other")
+# Roles in the order a transformer block meets them, so tables and plots read top-down: an encoder–decoder's
+# decoder block attends to itself (q k v o), then to the encoder's output (xq xk xv xo), then runs its MLP.
+ROLE_ORDER = ("embed", "q", "k", "v", "qkv", "o", "xq", "xk", "xv", "xo", "gate", "up", "gate_up", "down", "head",
+              "other")
 # Stacks in report order: the language model (None) first, then the others as architectures.STACKS lists them.
 STACK_ORDER = (None, *STACKS)
 ENERGY_LEVELS = ("0.5", "0.9", "0.95", "0.99")

@@ -18,7 +18,30 @@ from spectra.checkpoints.architectures import module_info
     ("layers.5.feed_forward.w3", "up", 5, None),
     ("layers.5.feed_forward.w2", "down", 5, None),
     ("model.layers.1.block_sparse_moe.experts.2.w1", "gate", 1, 2),
-    ("encoder.block.0.layer.1.DenseReluDense.wo", "other", 0, None),  # T5's MLP output is not attention's
+    # T5's MLP output is not attention's o: it was role other for that; it is the MLP's down projection
+    ("encoder.block.0.layer.1.DenseReluDense.wo", "down", 0, None),
+    ("encoder.block.0.layer.1.DenseReluDense.wi", "up", 0, None),
+    ("decoder.block.1.layer.2.DenseReluDense.wi_0", "gate", 1, None),  # T5 v1.1, Flan-T5: gated
+    ("decoder.block.1.layer.2.DenseReluDense.wi_1", "up", 1, None),
+    ("decoder.block.1.layer.0.SelfAttention.k", "k", 1, None),
+    ("decoder.block.1.layer.1.EncDecAttention.q", "xq", 1, None),  # cross-attention, a role of its own
+    ("decoder.block.1.layer.1.EncDecAttention.o", "xo", 1, None),
+    ("encoder.block.0.layer.0.TransientGlobalSelfAttention.v", "v", 0, None),  # LongT5
+    ("shared", "embed", None, None),  # T5's token embedding, read by encoder and decoder
+    ("model.shared", "embed", None, None),  # BART's
+    ("model.decoder.layers.0.encoder_attn.v_proj", "xv", 0, None),  # BART, mBART, Marian, Pegasus, Whisper
+    ("model.decoder.layers.0.encoder_attn.out_proj", "xo", 0, None),
+    ("model.encoder.layers.1.fc1", "up", 1, None),
+    ("model.decoder.layers.1.fc2", "down", 1, None),  # also OPT's, whose decoder-only names read alike
+    ("decoder.bert.encoder.layer.0.crossattention.self.key", "xk", 0, None),  # bert2bert (EncoderDecoderModel)
+    ("decoder.bert.encoder.layer.0.crossattention.output.dense", "xo", 0, None),
+    ("language_model.model.layers.3.cross_attn.q_proj", "xq", 3, None),  # Mllama's cross-attention layers
+    # decoder-only names that look alike keep their roles
+    ("model.layers.0.mlp.fc1", "up", 0, None),  # Phi-2
+    ("transformer.h.0.mlp.c_proj", "down", 0, None),
+    ("model.layers.0.self_attn.o_proj", "o", 0, None),
+    ("model.layers.0.mlp.shared_expert.down_proj", "down", 0, None),  # Qwen2-MoE: not T5's shared embedding
+    ("model.layers.0.mlp.shared_expert_gate", "other", 0, None),
 ])
 def test_roles(name, role, layer, expert):
     info = module_info(name)
@@ -44,7 +67,7 @@ ENCODER_DECODER = {"model_type": "bart", "is_encoder_decoder": True}
     ("qformer.encoder.layer.0.attention.attention.query", {"is_encoder_decoder": True}, "other", 0, "qformer"),
     ("qformer.embeddings.word_embeddings", None, "embed", None, "qformer"),  # InstructBLIP's instruction embeddings
     ("language_model.model.decoder.layers.0.self_attn.q_proj", None, "q", 0, None),  # BLIP-2 with OPT
-    ("language_model.encoder.block.0.layer.0.SelfAttention.q", {"is_encoder_decoder": True}, "other", 0, "encoder"),
+    ("language_model.encoder.block.0.layer.0.SelfAttention.q", {"is_encoder_decoder": True}, "q", 0, "encoder"),
     ("language_projection", None, "other", None, "projector"),
     # projectors as stored and as transformers-5 multimodal classes name them, under their model. wrapper
     ("multi_modal_projector.linear_1", None, "other", None, "projector"),  # LLaVA
@@ -58,7 +81,9 @@ ENCODER_DECODER = {"model_type": "bart", "is_encoder_decoder": True}
     # encoder–decoder models: config.json's is_encoder_decoder tells their encoder from an encoder-only model
     ("model.encoder.layers.0.self_attn.q_proj", ENCODER_DECODER, "q", 0, "encoder"),  # BART, Whisper, Marian
     ("model.decoder.layers.0.self_attn.q_proj", ENCODER_DECODER, "q", 0, None),
-    ("encoder.block.1.layer.0.SelfAttention.q", {"is_encoder_decoder": True}, "other", 1, "encoder"),  # T5
+    ("encoder.block.1.layer.0.SelfAttention.q", {"is_encoder_decoder": True}, "q", 1, "encoder"),  # T5
+    ("decoder.block.1.layer.1.EncDecAttention.q", {"is_encoder_decoder": True}, "xq", 1, None),
+    ("model.decoder.layers.0.encoder_attn.q_proj", ENCODER_DECODER, "xq", 0, None),  # not the self-attention's q
     ("decoder.bert.encoder.layer.0.attention.self.query", {"is_encoder_decoder": True}, "q", 0, None),  # bert2bert
     # one stack: nothing changes for ordinary models
     ("model.layers.3.self_attn.q_proj", None, "q", 3, None),
