@@ -50,10 +50,16 @@ _ROTARY_KEYS = ("rope_parameters", "rope_theta", "rope_scaling", "rotary_dim", "
 # GraniteMoeHybrid: "rope"). BERT's "relative_key"/"relative_key_query" do not: transformers 4 still indexes a table
 # of 2·max_position_embeddings − 1 distances, and transformers 5 ignores the key and adds the absolute table.
 _ROTARY_TYPES = frozenset({"rotary", "rope"})
+# position_embedding_type values of a table of learned absolute positions, and of no position encoding at all
+# (Granite 4.0-H: "nope", beside a rope_parameters its attention never reads). Any other value does not decide: the
+# rotary keys do, as for a config without the key.
+_LEARNED_TYPES = frozenset({"absolute", "relative_key", "relative_key_query"})
+_NO_POSITION_TYPES = frozenset({"nope", "none"})
 # What runs past the configured positions, by the kind of positions that are not a learned table.
 _RUNS_PAST = {"rotary": "its rotary positions run past them",
               "relative": "it has no table of absolute positions (position_biased_input = false): its relative "
-                          "positions run past them"}
+                          "positions run past them",
+              "none": "it encodes no positions (position_embedding_type = nope): nothing in it stops at them"}
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "tokenizer.model", "vocab.json")
 _TABLE_DELIMITERS = {".csv": ",", ".tsv": "\t"}
 DATA_FORMATS = ('a .txt file (plain text), a .jsonl file of {"text": ...} (or {"text": ..., "label": ...} for '
@@ -348,12 +354,13 @@ class PositionLimit:
         Tokens.
     source : str
         Where it comes from, e.g. ``max_position_embeddings = 32``.
-    positions : {"learned", "rotary", "relative"}
+    positions : {"learned", "rotary", "relative", "none"}
         ``learned``: a table of learned absolute positions (BERT, GPT-2, RoBERTa, DeBERTa by
         default): a longer sequence has no position to embed, and the model fails. Rotary
         positions (Llama, GPT-NeoX, ESM's ``position_embedding_type = "rotary"``) and the
         relative ones of a DeBERTa without the absolute table (``position_biased_input =
-        false``, DeBERTa-v3) run past the length the model was configured for.
+        false``, DeBERTa-v3) run past the length the model was configured for, and so does a model
+        that encodes no positions (``none``: Granite 4.0-H's ``position_embedding_type = "nope"``).
     """
 
     length: int
@@ -393,12 +400,18 @@ def position_limit(model_config: Mapping) -> PositionLimit | None:
 
 
 def _positions(scope: Mapping) -> str:
-    """The kind of positions a config dict gives its model: ``learned``, ``rotary`` or ``relative``."""
+    """The kind of positions a config dict gives its model: ``learned``, ``rotary``, ``relative`` or ``none``."""
     if scope.get("position_biased_input") is False:  # DeBERTa: no absolute table, relative attention only
         return "relative"
     kind = scope.get("position_embedding_type")
-    if kind is not None:  # it decides where given: ESM writes rope_theta even when its positions are "absolute"
-        return "rotary" if kind in _ROTARY_TYPES else "learned"
+    # a known value decides: ESM writes rope_theta even when its positions are "absolute", Granite 4.0-H
+    # rope_parameters beside "nope"
+    if kind in _ROTARY_TYPES:
+        return "rotary"
+    if kind in _LEARNED_TYPES:
+        return "learned"
+    if kind in _NO_POSITION_TYPES:
+        return "none"
     return "rotary" if any(k in scope for k in _ROTARY_KEYS) else "learned"
 
 

@@ -380,6 +380,11 @@ def _positions_config(family):
                             position_embedding_type="rotary" if family == "esm_rotary" else "absolute")
     if family == "bert_relative_key":  # transformers 5 ignores the key: BERT adds its absolute table all the same
         return tf.BertConfig(**small, position_embedding_type="relative_key")
+    if family == "granite_nope":  # Granite 4.0-H: no position encoding, a rope_parameters beside it all the same
+        return tf.GraniteMoeHybridConfig(**small | {"num_hidden_layers": 2}, num_key_value_heads=2, num_local_experts=2,
+                                         num_experts_per_tok=1, shared_intermediate_size=48, mamba_n_heads=4,
+                                         mamba_d_head=16, layer_types=["attention", "attention"],
+                                         position_embedding_type="nope")
     from tests.models import tiny_config
 
     return tiny_config(family)
@@ -387,7 +392,7 @@ def _positions_config(family):
 
 POSITIONS = {"bert": "learned", "gpt2": "learned", "roberta": "learned", "gpt_neox": "rotary",
              "deberta_v2": "learned", "deberta_v2_relative": "relative", "deberta_relative": "relative",
-             "esm": "learned", "esm_rotary": "rotary", "bert_relative_key": "learned"}
+             "esm": "learned", "esm_rotary": "rotary", "bert_relative_key": "learned", "granite_nope": "none"}
 
 
 @pytest.mark.parametrize("family", list(POSITIONS))
@@ -464,7 +469,7 @@ _POSITION_SOURCES = {"esm_rotary": "max_position_embeddings = 34, less the 2 ids
                                     "(pad_token_id + 1)"}
 
 
-@pytest.mark.parametrize("family", ["deberta_v2_relative", "deberta_relative", "esm_rotary"])
+@pytest.mark.parametrize("family", ["deberta_v2_relative", "deberta_relative", "esm_rotary", "granite_nope"])
 def test_length_beyond_positions_that_run_past_them_is_kept(family, tmp_path):
     """DeBERTa without its absolute table (position_biased_input false) ran 64 tokens at 32 positions, yet
     --max-length 64 was refused: "its table of learned positions covers 32". The model is the reference."""
@@ -477,7 +482,9 @@ def test_length_beyond_positions_that_run_past_them_is_kept(family, tmp_path):
     notes = []
     assert resolve_max_length(64, saved, notes=notes) == 64
     source = _POSITION_SOURCES.get(family, "max_position_embeddings = 32")
-    runs_past = {"esm_rotary": "its rotary positions run past them"}.get(
+    runs_past = {"esm_rotary": "its rotary positions run past them",
+                 "granite_nope": "it encodes no positions (position_embedding_type = nope): nothing in it stops at "
+                                 "them"}.get(
         family, "it has no table of absolute positions (position_biased_input = false): its relative positions run "
                  "past them")
     assert notes == [f"max_length (--max-length) 64 is beyond the 32 positions the model is configured for "
