@@ -40,7 +40,7 @@ from spectra.lora.data import TokenizedData, batches, check_max_length, prepare_
 from spectra.ranks.policy import rank_scale
 
 METHODS = ("lora", "dora", "qlora", "qdora", "full")
-BLOCK_ROLES = ("q", "k", "v", "o", "qkv", "gate", "up", "down", "gate_up")
+BLOCK_ROLES = ("q", "k", "v", "o", "qkv", "xq", "xk", "xv", "xo", "gate", "up", "down", "gate_up")  # x…: cross-attention
 _COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_RANK = 8  # the LoRA paper's typical rank; small models need no more
 # the command-line option of each TrainConfig field that some combination ignores (None: library only)

@@ -154,3 +154,22 @@ def test_cli_extract_roles_xq_takes_cross_attention_only(flan_t5_pair, tmp_path,
 def test_a_cross_attention_role_is_selected_by_its_own_name_or_its_self_attention_role():
     assert role_selected("xq", ("q",)) and role_selected("xq", ("xq", "v")) and role_selected("xo", ("o",))
     assert not role_selected("q", ("xq",)) and not role_selected("xq", ("k", "v", "xk"))
+
+
+def test_pairing_roles_q_takes_cross_attention_too_and_xq_only_it(tmp_path):
+    """BART's encoder_attn.q_proj was role q, so `analyze/pairs --roles q` took it; as xq it fell out of the selection.
+    q selects self- and cross-attention's q (as extract's targets and PEFT's target_modules do), xq only the latter."""
+    _, _, b, t = _planted_pair(tmp_path, "bart", {SELF_Q["bart"]: 1, CROSS_Q["bart"]: 2})
+    roles_of = {roles: {d.role for d in Pairing(b, t, PairingOptions(roles=roles, load=False))}
+                for roles in (("q",), ("xq",), ("k",))}
+    assert roles_of == {("q",): {"q", "xq"}, ("xq",): {"xq"}, ("k",): {"k", "xk"}}
+
+
+def test_train_accepts_the_cross_attention_roles():
+    """TrainConfig refused roles xq…xo ('LoRA targets the block linears q, k, …'), which extract takes."""
+    from spectra.errors import ConfigError
+    from spectra.lora.train import TrainConfig
+
+    assert TrainConfig(roles=("xq", "xv")).roles == ("xq", "xv")
+    with pytest.raises(ConfigError, match="LoRA targets the block linears"):  # negative control
+        TrainConfig(roles=("embed",))
