@@ -166,6 +166,13 @@ def owning_modules(names: Iterable[str], model) -> dict[str, str | None]:
     return out
 
 
+def converted_on_loading(name: str, model) -> bool:
+    """Whether transformers' loader converts the checkpoint module's weight when it loads it into `model` (fuses it
+    into a parameter with others, splits or transposes it: Mixtral's ``…experts.3.w1``), so no module holds it as
+    stored (:func:`owning_modules` gives None for it, as for a name the model lacks)."""
+    return _loading_conversion(model)(name + ".weight")[1]
+
+
 def lora_can_wrap(module: torch.nn.Module) -> bool:
     """Whether PEFT's LoRA wraps this module and still runs (else only its parameters can be targeted).
 

@@ -33,7 +33,8 @@ from spectra.checkpoints.adapter import PEFT_PREFIX
 from spectra.checkpoints.architectures import role_selected
 from spectra.checkpoints.pairing import Pairing, PairingOptions
 from spectra.checkpoints.source import CheckpointSource
-from spectra.checkpoints.targets import architecture, meta_model, model_targets, owning_modules, resolve_name
+from spectra.checkpoints.targets import (architecture, converted_on_loading, meta_model, model_targets,
+                                         owning_modules, resolve_name)
 from spectra.errors import ConfigError, PeftConfigWarning
 from spectra.files import staged_directory
 from spectra.linalg.svd import CONVERGED_TOL, full_svd, randomized_svd
@@ -532,10 +533,16 @@ def _saved_names(saved_modules: list[str], model, model_class: str | None) -> di
         return {m: m for m in saved_modules}
     found = owning_modules(saved_modules, model)
     missing = [m for m in saved_modules if found[m] is None]
-    if missing:
-        raise ConfigError(f"modules_to_save: {', '.join(missing[:5])} is no module of {model_class} as stored "
+    converted = [m for m in missing if converted_on_loading(m, model)]
+    if converted:
+        raise ConfigError(f"modules_to_save: {', '.join(converted[:5])} is no module of {model_class} as stored "
                           "(transformers fuses or converts its weight when it loads the checkpoint), so PEFT "
                           "would save and restore nothing under this name. Leave it out of --modules-to-save.")
+    if missing:
+        raise ConfigError(f"modules_to_save: {model_class} has no module {', '.join(missing[:5])}, so PEFT would save "
+                          "and restore nothing under this name. Name the class you will load the adapter onto "
+                          "(--model-class, e.g. a …ForSequenceClassification for a classifier's score), or leave "
+                          "the module out of --modules-to-save.")
     return found
 
 

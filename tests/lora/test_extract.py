@@ -382,6 +382,25 @@ def test_mixtrals_router_saved_whole_is_the_tuned_router(tmp_path):
     assert not (tmp_path / "ad2").exists()
 
 
+def test_a_module_to_save_the_model_class_lacks_names_the_class_to_load_onto(tmp_path):
+    """A module the adapter's class has no module for (a classifier's score beside a config.json naming
+    LlamaForCausalLM) was refused as a weight 'transformers fuses or converts when it loads the checkpoint', which
+    nothing does: the message names the class and --model-class now, and with the class it goes through."""
+    from safetensors.torch import load_file, save_file
+
+    base = build_model("llama")
+    b, t = save(base, tmp_path / "b", "safetensors"), save(base, tmp_path / "t", "safetensors")
+    weights = load_file(t / "model.safetensors")
+    weights["score.weight"] = torch.randn(2, 32)
+    save_file(weights, t / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ConfigError, match=r"modules_to_save: LlamaForCausalLM has no module score, .*--model-class"):
+        extract_adapter(b, t, 2, tmp_path / "ad", roles=("q",), modules_to_save=("score",), progress=False)
+    assert not (tmp_path / "ad").exists()
+    result = extract_adapter(b, t, 2, tmp_path / "ad", roles=("q",), modules_to_save=("score",), progress=False,
+                             model_class="LlamaForSequenceClassification")
+    assert result.config["modules_to_save"] == ["score"]
+
+
 def _qwen2_embedding_fine_tune(tmp_path):
     """Qwen2 (lm_head tied to embed_tokens, stored once) and a fine-tune of its embedding alone, saved."""
     base = build_model("qwen2")
