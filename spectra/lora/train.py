@@ -301,6 +301,13 @@ def load_model(spec, *, task: str, num_labels: int | None = None, quantize: bool
         with quiet_loading():
             model, info = auto.from_pretrained(str(model_dir(spec)), output_loading_info=True, **kwargs)
     except (OSError, ValueError) as err:
+        first = str(err).split("\n", 1)[0]  # transformers appends every config class it knows: ~200 names
+        if "Unrecognized configuration class" in first:
+            kind = {"seq_cls": "sequence classification", "causal_lm": "causal language model"}[task]
+            raise ConfigError(f"cannot load {spec} as a {task} model: transformers has no {kind} class for its "
+                              f"config ({first.split('<class ')[-1].split('>')[0].strip(chr(39))}). spectra trains "
+                              "causal language models and sequence classifiers (--task causal_lm or seq_cls); an "
+                              "encoder-decoder such as T5 is analysed and extracted, not trained here.") from err
         raise ConfigError(f"cannot load {spec} as a {task} model: {err}") from err
     if complete:
         _check_loaded_whole(spec, info, task, num_labels)
