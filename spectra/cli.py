@@ -66,7 +66,8 @@ def pairs(
     deltas = list(pairing)
     experts = any(d.expert is not None for d in deltas)  # the column only for mixture-of-experts models
     stacks = any(d.stack is not None for d in deltas)  # and for checkpoints of several stacks (a vision tower, …)
-    rows = [(*((stack_label(d.stack),) if stacks else ()), d.role, _fmt(d.layer),
+    shown = {d.stack for d in deltas}
+    rows = [(*((stack_label(d.stack, shown),) if stacks else ()), d.role, _fmt(d.layer),
              *((_fmt(d.expert),) if experts else ()), "×".join(map(str, d.shape)),
              f"{d.base_dtype}→{d.tuned_dtype}", d.kind) for d in deltas]
     headers = (*(("stack",) if stacks else ()), "role", "layer", *(("expert",) if experts else ()), "shape", "dtypes",

@@ -407,7 +407,7 @@ def _stacked_heatmap(grids: list, *, label: str, title: str, fmt: str, integer: 
             _annotate(ax, g.values, norm, cmap, fmt)
         _heatmap_axes(ax, g.roles, g.layers)
         ax.set_xlim(-0.5, width - 0.5)  # cells of one width in every panel; a stack with fewer roles ends early
-        ax.set_title(stack_label(g.stack), fontsize=10, loc="left")
+        ax.set_title(stack_label(g.stack, [h.stack for h in grids]), fontsize=10, loc="left")
     _heatmap_colorbar(fig.colorbar(image, ax=list(axes)), norm, label, integer)
     fig.suptitle(_heatmap_title(title, grids, fmt), fontsize=10)
     return fig

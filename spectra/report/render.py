@@ -181,7 +181,7 @@ def report_blocks(analysis: Mapping, *, figures: list[str]) -> list[tuple]:
     blocks.append(("h", 2, "Figures"))
     head = headline_level(analysis)
     marks = energy_marks_text(energy_marks(analysis))  # the figure's dotted lines: "90, 95 and 99%"
-    panels = (f" One panel per stack ({', '.join(stack_label(s) for s in stacks)}), on one colour scale."
+    panels = (f" One panel per stack ({', '.join(stack_label(s, stacks) for s in stacks)}), on one colour scale."
               if len(stacks) > 1 else "")
     captions = _FIGURE_CAPTIONS | {"rank_heatmap": f"Energy-{percent(head)} rank by layer and role "
                                                    f"(grey: no such module).{panels}",
@@ -199,10 +199,11 @@ def report_blocks(analysis: Mapping, *, figures: list[str]) -> list[tuple]:
 def _stacks_note(stacks: list) -> str:
     """What a report of several stacks (a language model and its vision tower) says about its grouping."""
     others = [s for s in stacks if s is not None]
-    return (f"The checkpoint holds {len(stacks)} stacks of layers ({', '.join(stack_label(s) for s in stacks)}), "
+    names = ", ".join(stack_label(s, stacks) for s in stacks)
+    return (f"The checkpoint holds {len(stacks)} stacks of layers ({names}), "
             f"each numbered from 0: their modules are never grouped together, and a role of the "
             f"{' or '.join(others)} stack reads with its name ({group_label((others[0], 'q'), stacks)})"
-            + (", the language model's without one." if None in stacks else "."))
+            + (f", the {stack_label(None, stacks)}'s without one." if None in stacks else "."))
 
 
 def _summary_items(analysis: Mapping, matrices: list[dict], vectors: list[dict]) -> list[str]:
@@ -212,7 +213,7 @@ def _summary_items(analysis: Mapping, matrices: list[dict], vectors: list[dict])
     tensors = [r for r in matrices if not r.get("fused_name")]  # a fused tensor once, not again per projection
     split = len(matrices) - len(tensors)
     if len(stacks) > 1:  # layer 3 of a vision tower is not the language model's: count each stack's own
-        counts = [(stack_label(s), len({r["layer"] for r in matrices if r.get("stack") == s
+        counts = [(stack_label(s, stacks), len({r["layer"] for r in matrices if r.get("stack") == s
                                         and r.get("layer") is not None})) for s in stacks]
         where = ", ".join(f"{n} layer{'s' * (n != 1)} ({name})" for name, n in counts)
     else:

@@ -180,8 +180,9 @@ def truncation_blocks(sweep: Mapping, *, figures: list[str]) -> list[tuple]:
              num(p["loss"]), num(p["accuracy"])] for p in sweep["points"]]
     stacks = stacks_in(sweep.get("modules") or [])
     per = ("Per role" if len(stacks) < 2 else  # "Per role of each stack (language model, vision; …: "vision q")"
-           f"Per role of each stack ({', '.join(map(stack_label, stacks))}; a role of another stack than the "
-           f"language model's is named after it: \"{next(s for s in stacks if s is not None)} q\")")
+           f"Per role of each stack ({', '.join(stack_label(s, stacks) for s in stacks)}; a role of another stack "
+           f"than the {stack_label(None, stacks)}'s is named after it: "
+           f"\"{next(s for s in stacks if s is not None)} q\")")
     captions = {"curve": f"Eval {metric} with every targeted ΔW replaced by its best rank-r truncation; the full "
                          "fine-tune and the base as horizontal lines (shaded: their intervals).",
                 "roles": f"{per}: only that role's updates truncated, every other target at full rank."}

@@ -143,9 +143,13 @@ def group_label(group: tuple[str | None, str], stacks: list) -> str:
     return role if stack is None or len(stacks) < 2 else f"{stack} {role}"
 
 
-def stack_label(stack: str | None) -> str:
-    """A stack as panel titles and summaries name it: "language model" for None, else its name ("vision")."""
-    return "language model" if stack is None else stack
+def stack_label(stack: str | None, stacks=()) -> str:
+    """A stack as panel titles and summaries name it: its name ("vision"); None, the language model, is "language
+    model", or "decoder" beside an encoder (T5, BART: the stack of the token embedding and the decoder's layers).
+    `stacks` are the stacks shown together."""
+    if stack is not None:
+        return stack
+    return "decoder" if "encoder" in stacks else "language model"
 
 
 def full_rank(row: Mapping) -> int:

@@ -187,3 +187,16 @@ def test_training_an_encoder_decoder_is_refused_in_one_paragraph(tmp_path):
     message = str(err.value)
     assert "T5Config" in message and "encoder-decoder such as T5 is analysed and extracted" in message
     assert "GPT2Config" not in message and "\n" not in message
+
+
+def test_the_stack_beside_an_encoder_is_named_the_decoder(tmp_path):
+    """The heatmap panel, the summary and `spectra pairs` called T5's decoder stack "language model"; beside an encoder
+    it is the decoder (a multimodal model's language model keeps its name)."""
+    from spectra.report.tables import stack_label
+
+    assert [stack_label(s, [None, "encoder"]) for s in (None, "encoder")] == ["decoder", "encoder"]
+    assert stack_label(None, [None, "vision"]) == "language model" and stack_label(None) == "language model"
+    _, _, b, t = _planted_pair(tmp_path, "t5", {SELF_Q["t5"]: 1})
+    report = (analyze(b, t, cache_dir=False, progress=False).write_report(tmp_path / "report") / "report.md")
+    text = report.read_text()
+    assert "stacks of layers (decoder, encoder)" in text and "language model" not in text
