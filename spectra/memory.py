@@ -49,12 +49,12 @@ PRECISIONS = ("fp32", "bf16", "fp16", "mixed")
 OPTIMIZERS = ("adamw", "adamw_8bit", "sgd")
 ATTENTIONS = ("sdpa", "eager")
 # LoRA's usual targets: every linear layer of the blocks ("all-linear", as QLoRA recommends [3]), an MoE's
-# router included (PEFT's all-linear takes it)
+# router included where PEFT's all-linear takes it (ModelShape.router_all_linear)
 DEFAULT_ROLES = ("q", "k", "v", "o", "qkv", "gate", "up", "down", "gate_up", "router")
 # MoE families whose all-linear PEFT converts to its transformers-5 layout (peft.utils.transformers_weight_conversion):
 # the router's weight and the fused experts become target_parameters, gate_up_proj at the rank of w1 and w3 summed.
-# Elsewhere all-linear cannot reach fused experts (3-D parameters, not nn.Linear). (Whether the router is adapted as a
-# parameter is not listed here: ModelShape.router_parameter reads it off the model, see _router_is_parameter)
+# Elsewhere all-linear cannot reach fused experts (3-D parameters, not nn.Linear). (The router is not listed here:
+# ModelShape.router_parameter and router_all_linear read it off the model, see _router_adapters)
 _PEFT_CONVERTS_EXPERTS = frozenset({"mixtral"})
 
 NF4_BLOCK = 64          # weights per NF4 absmax constant [3]
@@ -101,10 +101,14 @@ class ModelShape:
     rotary: bool = False  # rotary position embeddings (Llama-like): Q and K are fresh tensors, not views
     qk_norm: bool = False  # Gemma 3 normalises each head's Q and K (RMSNorm over head_dim) before the rotation
     sparsemixer: bool = False  # PhiMoE routes by SparseMixer (two masked softmaxes), not Mixtral's softmax top-k
+    topk_softmax: bool = False  # GraniteMoE takes the softmax of the top-k logits, not the top-k of the softmax
     input_jitter: bool = False  # PhiMoE's input_jitter_noise: in training its MLP input is multiplied by noise
-    # an MoE's router is adapted through its weight (a PEFT ParamWrapper, target_parameters), no LoRA module being
-    # able to run on it (Mixtral's MixtralTopKRouter, PhiMoE's tuple-returning Linear): _router_is_parameter
+    # an MoE's router, when adapted, is adapted through its weight (a PEFT ParamWrapper, target_parameters), no LoRA
+    # module being able to run on it (Mixtral's MixtralTopKRouter, PhiMoE's tuple-returning Linear): _router_adapters
     router_parameter: bool = False
+    # PEFT's all-linear (an int rank's default roles) adapts the router: a Linear (PhiMoE's), or a weight its
+    # transformers-5 conversion targets (Mixtral's); not GPT-OSS's or GraniteMoE's router (neither): _router_adapters
+    router_all_linear: bool = True
 
     @property
     def fused_qkv(self) -> bool:
@@ -186,44 +190,69 @@ def _llama(cfg: dict, mtype: str) -> ModelShape:
                       linears=linears, other_params=other, head_params=head, causal=True,
                       norms=norms, attn_softcap=caps["attn_logit_softcapping"],
                       logit_softcap=caps["final_logit_softcapping"], sdpa=mtype not in _EAGER_ONLY, rotary=True,
-                      qk_norm=qk_norm, sparsemixer=mtype in _SPARSEMIXER,
+                      qk_norm=qk_norm, sparsemixer=mtype in _SPARSEMIXER, topk_softmax=mtype in _TOPK_SOFTMAX,
                       input_jitter=mtype in _SPARSEMIXER and bool(cfg.get("input_jitter_noise", 0.0)),
-                      router_parameter=experts > 1 and _router_is_parameter(cfg, experts, h))
+                      **(_router_adapters(cfg, experts, h) if experts > 1 else {}))
 
 
-def _router_is_parameter(cfg: dict, experts: int, hidden: int) -> bool:
-    """Whether an MoE's router is adapted through its weight (a ParamWrapper), by the rule extract, plans and
-    the adapter pairing follow (:func:`spectra.checkpoints.targets.lora_can_wrap`): a router that is no module a
-    LoRA module can wrap and run. Mixtral's MixtralTopKRouter is no Linear (PEFT converts all-linear's router to
-    its weight); PhiMoE's PhimoeTopKRouter is an nn.Linear whose forward returns a tuple (all-linear wraps it as a
-    LoRA module, which merges but fails in every forward; spectra's plans and extracted adapters adapt its weight).
+def _router_adapters(cfg: dict, experts: int, hidden: int) -> dict[str, bool]:
+    """How PEFT adapts an MoE's router, read off the family's base model built from the config on the meta device:
+    ``router_parameter`` and ``router_all_linear`` of :class:`ModelShape`.
 
-    Read off the family's base model built from the config on the meta device (shapes only, no weights: ~10 ms
-    for Mixtral-8x7B's, after importing transformers' modeling code, ~1.5 s once per process; dense models
-    skip it): the router is the child of the first module holding ``experts`` whose weight is
-    (experts, hidden). False (a LoRA module, as on a plain nn.Linear router) when this transformers cannot
-    build the family or has no such router.
+    ``router_parameter``: the rule extract, plans and the adapter pairing follow
+    (:func:`spectra.checkpoints.targets.lora_can_wrap`): a router no LoRA module can wrap and run is adapted
+    through its weight (a ParamWrapper). Mixtral's MixtralTopKRouter and GPT-OSS's are no Linear; PhiMoE's
+    PhimoeTopKRouter is an nn.Linear whose forward returns a tuple (a LoRA module on it merges but fails in every
+    forward; spectra's plans and extracted adapters adapt its weight).
+
+    ``router_all_linear``: what an int rank's default roles describe, PEFT's all-linear, reaches the router: as a
+    module, being an nn.Linear (or transformers' Conv1D: all-linear's rule; PhiMoE's), or through its weight,
+    which PEFT's conversion of the config to a transformers-5 MoE layout makes a target parameter
+    (``convert_peft_config_for_transformers``, run here as ``get_peft_model`` runs it: Mixtral's, MiniMax's).
+    Otherwise all-linear leaves the router alone (GPT-OSS's, GraniteMoE's).
+
+    Shapes only, no weights: ~10 ms for Mixtral-8x7B's, after importing transformers' modeling code, ~1.5 s once
+    per process (dense models skip it). The router is the child of the first module holding ``experts`` whose
+    weight is (experts, hidden). Where this transformers cannot build the family or has no such router, a LoRA
+    module on it (as on a plain nn.Linear router).
     """
     import torch
+    from transformers.pytorch_utils import Conv1D
 
     from spectra.checkpoints.targets import lora_can_wrap, meta_model
 
+    unknown = {"router_parameter": False, "router_all_linear": True}
     try:
         from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
     except ImportError:  # pragma: no cover - transformers is a dependency
-        return False
+        return unknown
     base_class = MODEL_MAPPING_NAMES.get(cfg.get("model_type"))
     model = meta_model(cfg, base_class) if isinstance(base_class, str) else None
     if model is None:
-        return False
-    for module in model.modules():
+        return unknown
+    for prefix, module in model.named_modules():
         if isinstance(getattr(module, "experts", None), torch.nn.Module):
             for name, child in module.named_children():
                 weight = getattr(child, "weight", None)
                 if name != "experts" and weight is not None and tuple(weight.shape) == (experts, hidden):
-                    return not lora_can_wrap(child)
-            return False
-    return False
+                    all_linear = isinstance(child, (torch.nn.Linear, Conv1D)) or \
+                        _peft_converts_router(model, f"{prefix}.{name}.weight" if prefix else f"{name}.weight")
+                    return {"router_parameter": not lora_can_wrap(child), "router_all_linear": all_linear}
+            return unknown
+    return unknown
+
+
+def _peft_converts_router(model, weight: str) -> bool:
+    """Whether PEFT's conversion of ``target_modules="all-linear"`` to this transformers-5 model's layout (what
+    ``get_peft_model`` runs first) makes the router's ``weight`` (its full name) a target parameter."""
+    try:
+        from peft import LoraConfig
+        from peft.utils.transformers_weight_conversion import convert_peft_config_for_transformers
+    except ImportError:  # a PEFT without it (or transformers 4) converts nothing
+        return False
+    config = LoraConfig(target_modules="all-linear")
+    convert_peft_config_for_transformers(config, model=model, conversions=None)
+    return any(weight == target or weight.endswith("." + target) for target in config.target_parameters or ())
 
 
 _FUSED_PROJECTIONS = frozenset({"phi3"})  # PhiMoE has separate q/k/v (transformers' PhimoeForCausalLM)
@@ -232,6 +261,8 @@ _QK_NORMS = frozenset({"gemma3_text"})  # an RMSNorm on each head's Q and K (q_n
 _LAYER_NORMS = frozenset({"phimoe"})  # Llama-like blocks normalised by LayerNorm (weight and bias), not RMSNorm
 # MoE routers that pick their two experts by SparseMixer (PhiMoE; two experts whatever num_experts_per_tok says)
 _SPARSEMIXER = frozenset({"phimoe"})
+# MoE routers that weight their top-k experts by a softmax over those k logits (GraniteMoeTopKRouter)
+_TOPK_SOFTMAX = frozenset({"granitemoe"})
 # families transformers 5 cannot run with sdpa (Gemma2ForCausalLM refuses it: its attention logits are capped);
 # asked for none, it falls back to eager, and so does the estimate
 _EAGER_ONLY = frozenset({"gemma2"})
@@ -525,9 +556,9 @@ def estimate_memory(config_or_model: Any, *, method: str = "lora", rank_plan_or_
 
 class _Adapter(NamedTuple):
     """One adapted module: a PEFT ``lora.Linear`` (``experts`` 0), or a ``ParamWrapper`` on a parameter
-    (``target_parameters``: an MoE's fused experts, ``experts`` of them at ``rank`` each, or a router's weight,
-    Mixtral's or PhiMoE's, 1), which merges W + s·B·A into the weight in every forward instead of running
-    lora_A on the input."""
+    (``target_parameters``: an MoE's fused experts, ``experts`` of them at ``rank`` each, or a router's weight
+    that no LoRA module can run on, 1: ``ModelShape.router_parameter``), which merges W + s·B·A into the weight
+    in every forward instead of running lora_A on the input."""
 
     layer: int | None
     role: str | None
@@ -550,9 +581,12 @@ def _adapter_modules(shape: ModelShape, method: str, plan_or_rank: Any, roles: t
     experts at the largest over experts of gate's + up's rank (as spectra's PEFT config writes
     them) and of down's; an int rank on Mixtral, whose all-linear PEFT converts so, at 2·r for
     gate_up (r for each of w1 and w3), r for down and for the router's weight. Other MoE families'
-    all-linear leaves the experts (3-D parameters) alone. PhiMoE's router is its weight at r too
-    (a parameter: a LoRA module on it cannot run, see ``_router_is_parameter``), and so is a plan's
-    router at its planned rank, as the plan's ``peft_config`` adapts both (``_block_adapter``).
+    all-linear leaves the experts (3-D parameters) alone. An int rank's router is adapted only where
+    all-linear reaches it (``ModelShape.router_all_linear``: not GPT-OSS's or GraniteMoE's, no
+    Linear and not converted); PhiMoE's, a Linear, is its weight at r too (a parameter: a LoRA
+    module on it cannot run, ``ModelShape.router_parameter``), and so is a plan's router that no
+    LoRA module can run (GPT-OSS's too) at its planned rank, as the plan's ``peft_config`` adapts
+    it (``_block_adapter``).
     """
     if method == "full":
         if layers_to_transform is not None:  # it would be ignored: every layer trains
@@ -595,6 +629,8 @@ def _adapter_modules(shape: ModelShape, method: str, plan_or_rank: Any, roles: t
             continue
         if experts > 1 and role in ("gate", "up", "down", "gate_up"):
             continue  # fused experts: below
+        if role == "router" and not shape.router_all_linear:
+            continue  # no Linear, and no conversion of PEFT's makes its weight a target: all-linear leaves it alone
         if role != "router" and r > min(o, d_in):  # PEFT takes any rank; a rank past a router's experts is usual
             raise ConfigError(f"rank {r} exceeds min(d_in, d_out) = {min(o, d_in)} of the {role} "
                               f"projection ({o}×{d_in}).")
@@ -606,10 +642,12 @@ def _adapter_modules(shape: ModelShape, method: str, plan_or_rank: Any, roles: t
         if role_selected("down", wanted):
             block.append(_Adapter(None, "down", r, i, h, experts))
     if not block:
+        alone = [part for part, left in (("fused experts", shape.family not in _PEFT_CONVERTS_EXPERTS),
+                                         ("router", not shape.router_all_linear)) if experts > 1 and left]
         raise ConfigError(f"No linear layer of this {shape.family} model has a role in {wanted}; roles here: "
                           f"{sorted({r for r, _, _ in shape.linears})}"
-                          + (" (PEFT's all-linear leaves this family's fused experts alone)"
-                             if experts > 1 and shape.family not in _PEFT_CONVERTS_EXPERTS else "") + ".")
+                          + (f" (PEFT's all-linear leaves this family's {' and '.join(alone)} alone)"
+                             if alone else "") + ".")
     modules = [m._replace(layer=layer) for layer in sorted(set(layers)) for m in block]
     _refuse_dora_on_parameters(shape, method, modules)
     return modules
@@ -618,8 +656,8 @@ def _adapter_modules(shape: ModelShape, method: str, plan_or_rank: Any, roles: t
 def _block_adapter(shape: ModelShape, layer: int | None, role: str | None, rank: int, d_in: int,
                    d_out: int) -> _Adapter:
     """A block's module adapted on its own (not fused experts), by a plan or an int rank: a ``lora.Linear``, or
-    for a router whose weight PEFT adapts as a parameter (``ModelShape.router_parameter``: what all-linear and
-    the plan's ``peft_config`` both make of it) a ``ParamWrapper``."""
+    for a router whose weight PEFT adapts as a parameter (``ModelShape.router_parameter``: what the plan's
+    ``peft_config`` makes of it, and all-linear where it reaches the router) a ``ParamWrapper``."""
     wrapped = role == "router" and shape.router_parameter
     return _Adapter(layer, role, rank, d_in, d_out, 1 if wrapped else 0)
 
@@ -707,7 +745,7 @@ def _block_bytes(shape: ModelShape, p: int, attention: str, seq_len: int, *, ful
     are trained, so each linear keeps its input (a frozen linear needs only its weight) and
     each RMSNorm its normalised input. Against what transformers 5 saves (tests/test_memory.py):
     exact for Llama, Qwen2, Gemma, Gemma 2, Gemma 3, Phi-3, GPT-2, BERT, Mixtral (transformers'
-    default grouped_mm experts) and PhiMoE, from the first adapted layer on too.
+    default grouped_mm experts), PhiMoE and GraniteMoE, from the first adapted layer on too.
 
     Returns the bytes, whether the block keeps o_proj's input already (sdpa keeps its output and
     o_proj reads that tensor), whether the block's output requires grad, and the bytes it keeps
@@ -796,13 +834,15 @@ def _moe_bytes(shape: ModelShape, p: int, *, full: bool, grad: bool, router: boo
       SparseMixer (arXiv:2409.12136) picks its two experts one after the other, each by a softmax
       over the logits with the experts out of reach masked: per pick the mask (E, bool), the
       softmax (p·E), the gather's index (8) and the pick's weight (p) its custom backward keeps.
-      With ``input_jitter_noise`` (Phi-3.5-MoE's config: 0.01) the block and then its router
-      multiply the MLP's input by uniform noise in place, and each product keeps its noise (p·h);
+      GraniteMoE's takes the top-k of the fp32 logits (indices, 8·k) and their softmax (4·k),
+      cast to weights in p. With ``input_jitter_noise`` (Phi-3.5-MoE's config: 0.01) the block and
+      then its router multiply the MLP's input by uniform noise in place, and each product keeps
+      its noise (p·h);
     * dispatch: the indices of three gathers (the routed copies of the input, their weights, the
       way back), 8·k each, when what they gather requires grad;
     * experts per routed copy: gate_up's input (p·h) for a trained weight, its output (p·2i) and
       silu(gate) (p·i), down's input (p·i) for a trained weight, and the product by the routing
-      weight its two factors (p·h, and the weight: fp32, SparseMixer's in p).
+      weight its two factors (p·h, and the weight: fp32, SparseMixer's and GraniteMoE's in p).
 
     Per layer: grouped_mm's offsets (4·E) and each ParamWrapper's merged weight in p (E·out·in,
     when the product needs it for its input's gradient), beside the factors it casts to p for
@@ -815,6 +855,8 @@ def _moe_bytes(shape: ModelShape, p: int, *, full: bool, grad: bool, router: boo
     down_out = experts_in or down_w
     if shape.sparsemixer:
         routing, weight = k * (experts * (1 + p) + 8 + p), p
+    elif shape.topk_softmax:
+        routing, weight = 12 * k, p
     else:
         routing, weight = 4 * experts + 12 * k + 4, 4
     jitter = 2 * p * h * shape.input_jitter  # the two noise tensors

@@ -229,6 +229,51 @@ def test_how_a_router_is_adapted_is_read_off_the_model(monkeypatch):
     assert isinstance(peft_model.base_model.model.model.layers[0].mlp.router, lora.Linear)
 
 
+@pytest.mark.parametrize("method", ["lora", "dora"])
+@pytest.mark.parametrize("family", ["gpt_oss", "granitemoe"])
+def test_an_int_rank_adapts_a_router_only_where_all_linear_does(family, method):
+    """GPT-OSS's and GraniteMoE's routers are no Linear, and PEFT has no transformers-5 conversion for these
+    families (as it has for Mixtral's): all-linear leaves the router alone, so the default roles of an int rank
+    adapt none, and DoRA is estimated, not refused. The estimate trains what PEFT's all-linear model trains, which
+    runs forward and backward. A plan's router is still its weight (target_parameters, as the plan's peft_config
+    adapts it), which takes no DoRA. The default roles counted the router as that parameter (DoRA refused: 'PEFT
+    adapts this gpt_oss model's router as parameters'), and before that as a LoRA module."""
+    import torch
+    import transformers as tf
+    from peft import LoraConfig, get_peft_model
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from spectra.ranks import ModuleRank, RankPlan, RankPolicy
+
+    config = _tiny_config(family)
+    cls = getattr(tf, _CLASSES[family][1])
+    torch.manual_seed(0)
+    peft_model = get_peft_model(cls(config), LoraConfig(r=4, target_modules="all-linear", use_dora=method == "dora"))
+    ids = torch.randint(0, config.vocab_size, (2, 8), generator=torch.Generator().manual_seed(1))
+    peft_model.train()(input_ids=ids, labels=ids).loss.backward()
+    moe = "mlp" if family == "gpt_oss" else "block_sparse_moe"
+    routers = [peft_model.get_submodule(f"base_model.model.model.layers.{i}.{moe}.router") for i in range(2)]
+    assert not any(isinstance(router, BaseTunerLayer) for router in routers)  # PEFT left them alone
+    est = estimate_memory(config, method=method, rank_plan_or_rank=4)
+    assert est.trainable_params == sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    with pytest.raises(ConfigError, match="leaves this family's fused experts and router alone"):
+        estimate_memory(config, method=method, rank_plan_or_rank=4, roles=("router",))
+    # a plan of the routers: the parameters its peft_config targets
+    plan = RankPlan(modules=tuple(
+        ModuleRank(name=f"model.layers.{i}.{moe}.router", role="other", layer=i, shape=(3, 32), rank=2, alpha=4.0,
+                   energy=1.0, energy_upper=1.0, params=2 * 35, reason="energy") for i in range(2)),
+        policy=RankPolicy(use_dora=method == "dora"))
+    if method == "dora":
+        with pytest.raises(ConfigError, match=f"{family} model's router as parameters"):
+            estimate_memory(config, method=method, rank_plan_or_rank=plan)
+    else:
+        peft_config = plan.to_peft_config(model=cls(config))
+        assert peft_config["target_parameters"] == [f"model.layers.{i}.{moe}.router.weight" for i in range(2)]
+        trained = get_peft_model(cls(config), LoraConfig(**peft_config)).parameters()
+        assert estimate_memory(config, method=method, rank_plan_or_rank=plan).trainable_params \
+            == sum(p.numel() for p in trained if p.requires_grad) == 2 * 2 * 35
+
+
 @_PEFT_PATTERN_WARNING
 @pytest.mark.filterwarnings("ignore::spectra.errors.PeftConfigWarning")
 def test_a_mixtral_plan_trains_what_its_peft_config_does(tmp_path):
@@ -394,8 +439,8 @@ def peak_bytes(step) -> int:
 
 
 def _tiny_config(family: str):
-    """tests.models' tiny config of ``family``, or Gemma 2's (four norms per block, capped logits), which only
-    the memory model's tests use."""
+    """tests.models' tiny config of ``family``, or one that only the memory model's tests use: Gemma 2's (four
+    norms per block, capped logits), GraniteMoE's and GPT-OSS's (MoE routers that are no Linear)."""
     import transformers as tf
 
     from tests.models import tiny_config
@@ -403,11 +448,19 @@ def _tiny_config(family: str):
     if family == "gemma2":
         return tf.Gemma2Config(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
                                num_key_value_heads=2, head_dim=8, vocab_size=64)
+    moe = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+               num_local_experts=3, num_experts_per_tok=2, vocab_size=64)
+    if family == "granitemoe":
+        return tf.GraniteMoeConfig(**moe)
+    if family == "gpt_oss":
+        return tf.GptOssConfig(head_dim=8, **moe)
     return tiny_config(family)
 
 
 _CLASSES = {"gemma2": ("Gemma2Model", "Gemma2ForCausalLM"),  # beside tests.models' _MODEL_CLASSES
-            "gemma3_text": ("Gemma3TextModel", "Gemma3ForCausalLM")}  # its model_type: tests.models' gemma3
+            "gemma3_text": ("Gemma3TextModel", "Gemma3ForCausalLM"),  # its model_type: tests.models' gemma3
+            "granitemoe": ("GraniteMoeModel", "GraniteMoeForCausalLM"),
+            "gpt_oss": ("GptOssModel", "GptOssForCausalLM")}
 
 
 def _config(family: str, layers: int, attention: str, **sizes):
@@ -471,7 +524,10 @@ BLOCK_CASES = ([("llama", m, p, a, True) for m in ("full", "lora", "dora") for p
                + [("mixtral", m, p, "sdpa", True) for m, p in (("full", "bf16"), ("lora", "bf16"), ("lora", "fp32"))]
                + [("bert", m, "fp32", a, True) for m in ("full", "lora") for a in ("sdpa", "eager")]
                + [("gemma3", m, "bf16", "sdpa", True) for m in ("full", "lora")]  # q/k norms, four norms a block
-               + [("phimoe", "full", "fp32", "sdpa", True)])  # LayerNorm, SparseMixer (LoRA: see below)
+               + [("phimoe", "full", "fp32", "sdpa", True)]  # LayerNorm, SparseMixer (LoRA: see below)
+               # a softmax over the top-k logits; all-linear leaves the router (no Linear) alone
+               + [("granitemoe", m, p, a, True) for m, p, a in (("full", "bf16", "sdpa"), ("lora", "bf16", "sdpa"),
+                                                                ("lora", "fp32", "eager"), ("dora", "fp32", "sdpa"))])
 
 
 @_PEFT_PATTERN_WARNING
@@ -485,7 +541,9 @@ def test_a_blocks_activations_are_what_autograd_saves(family, method, precision,
     (it reads a copy) and V a tensor of its own (without the cache it is a view that keeps qkv_proj's whole
     output): 5-7 % short with the cache, 6-15 % without; Mixtral's experts as lora.Linear modules on the routed
     tokens (PEFT merges its update into the fused weights, so grouped_mm keeps the inputs) and no routing:
-    17 % over under LoRA, 19 % short under full fine-tuning."""
+    17 % over under LoRA, 19 % short under full fine-tuning; GraniteMoE routed as Mixtral (a softmax over all the
+    experts: 16-20 bytes a token over) and, under LoRA and DoRA, its router as a ParamWrapper that all-linear
+    does not make (DoRA refused)."""
     seq_len = 16
     sizes = {"hidden_size": 64, "intermediate_size": 128} if family == "llama" else {}  # NF4 needs d_in ≥ 64
     measured, modelled = {}, {}
