@@ -51,11 +51,6 @@ ATTENTIONS = ("sdpa", "eager")
 # LoRA's usual targets: every linear layer of the blocks ("all-linear", as QLoRA recommends [3]), an MoE's
 # router included where PEFT's all-linear takes it (ModelShape.router_all_linear)
 DEFAULT_ROLES = ("q", "k", "v", "o", "qkv", "gate", "up", "down", "gate_up", "router")
-# MoE families whose all-linear PEFT converts to its transformers-5 layout (peft.utils.transformers_weight_conversion):
-# the router's weight and the fused experts become target_parameters, gate_up_proj at the rank of w1 and w3 summed.
-# Elsewhere all-linear cannot reach fused experts (3-D parameters, not nn.Linear). (The router is not listed here:
-# ModelShape.router_parameter and router_all_linear read it off the model, see _router_adapters)
-_PEFT_CONVERTS_EXPERTS = frozenset({"mixtral"})
 
 NF4_BLOCK = 64          # weights per NF4 absmax constant [3]
 DQ_BLOCK = 256          # absmax constants per second-level fp32 constant with double quantisation [3]
@@ -104,11 +99,15 @@ class ModelShape:
     topk_softmax: bool = False  # GraniteMoE takes the softmax of the top-k logits, not the top-k of the softmax
     input_jitter: bool = False  # PhiMoE's input_jitter_noise: in training its MLP input is multiplied by noise
     # an MoE's router, when adapted, is adapted through its weight (a PEFT ParamWrapper, target_parameters), no LoRA
-    # module being able to run on it (Mixtral's MixtralTopKRouter, PhiMoE's tuple-returning Linear): _router_adapters
+    # module being able to run on it (Mixtral's MixtralTopKRouter, PhiMoE's tuple-returning Linear): _moe_adapters
     router_parameter: bool = False
     # PEFT's all-linear (an int rank's default roles) adapts the router: a Linear (PhiMoE's), or a weight its
-    # transformers-5 conversion targets (Mixtral's); not GPT-OSS's or GraniteMoE's router (neither): _router_adapters
+    # transformers-5 conversion targets (Mixtral's); not GraniteMoE's router (neither): _moe_adapters
     router_all_linear: bool = True
+    # PEFT's all-linear adapts the fused experts: its transformers-5 conversion makes gate_up_proj (at the rank of
+    # w1 and w3 summed) and down_proj target parameters (Mixtral's, MiniMax's); elsewhere all-linear cannot reach
+    # them (3-D parameters, not nn.Linear): _moe_adapters
+    experts_all_linear: bool = False
 
     @property
     def fused_qkv(self) -> bool:
@@ -134,10 +133,20 @@ def model_shape(config: Mapping) -> ModelShape:
     cfg = dict(config)
     mtype = str(cfg.get("model_type", "")).lower()
     try:
-        if "num_experts" in cfg and "num_local_experts" not in cfg:
-            raise ConfigError(f"model_type {mtype}: a mixture of experts configured by num_experts (Qwen2-MoE, "
-                              "OLMoE, …: expert sizes of their own, shared experts), which spectra's memory model "
-                              "does not describe; it reads Mixtral-style MoE (num_local_experts).")
+        if "num_experts" in cfg and "num_local_experts" not in cfg or "moe_intermediate_size" in cfg:
+            raise ConfigError(f"model_type {mtype}: a mixture of experts configured by num_experts or "
+                              "moe_intermediate_size (Qwen2-MoE, Qwen3-MoE, OLMoE, …: expert sizes of their own, "
+                              "shared experts), which spectra's memory model does not describe; it reads "
+                              "Mixtral-style MoE (num_local_experts, experts of intermediate_size).")
+        if mtype in _MOE_COUNTED_WRONG:
+            raise ConfigError(f"model_type {mtype}: {_MOE_COUNTED_WRONG[mtype]}, which spectra's memory model "
+                              "would count wrong; it reads Mixtral-style MoE (Mixtral, MiniMax, PhiMoE, GraniteMoE).")
+        other_layers = sorted(set(cfg.get("layer_types") or ()) - _ATTENTION_LAYERS)
+        if other_layers:
+            raise ConfigError(f"model_type {mtype}: layers of type {', '.join(map(str, other_layers))} beside "
+                              "attention (MiniMax's lightning attention, …), whose weights and activations spectra's "
+                              "memory model does not describe; it reads models of attention layers "
+                              f"({', '.join(sorted(_ATTENTION_LAYERS))}).")
         if mtype in _NOT_LLAMA_LIKE:
             raise ConfigError(f"model_type {mtype}: its blocks differ from Llama's, GPT-2's and BERT's (parallel "
                               "attention, other MLPs, …), which spectra's memory model does not describe; it reads "
@@ -192,36 +201,39 @@ def _llama(cfg: dict, mtype: str) -> ModelShape:
                       logit_softcap=caps["final_logit_softcapping"], sdpa=mtype not in _EAGER_ONLY, rotary=True,
                       qk_norm=qk_norm, sparsemixer=mtype in _SPARSEMIXER, topk_softmax=mtype in _TOPK_SOFTMAX,
                       input_jitter=mtype in _SPARSEMIXER and bool(cfg.get("input_jitter_noise", 0.0)),
-                      **(_router_adapters(cfg, experts, h) if experts > 1 else {}))
+                      **(_moe_adapters(cfg, experts, h) if experts > 1 else {}))
 
 
-def _router_adapters(cfg: dict, experts: int, hidden: int) -> dict[str, bool]:
-    """How PEFT adapts an MoE's router, read off the family's base model built from the config on the meta device:
-    ``router_parameter`` and ``router_all_linear`` of :class:`ModelShape`.
+def _moe_adapters(cfg: dict, experts: int, hidden: int) -> dict[str, bool]:
+    """How PEFT adapts an MoE's router and fused experts, read off the family's base model built from the config on
+    the meta device: ``router_parameter``, ``router_all_linear`` and ``experts_all_linear`` of :class:`ModelShape`.
 
     ``router_parameter``: the rule extract, plans and the adapter pairing follow
     (:func:`spectra.checkpoints.targets.lora_can_wrap`): a router no LoRA module can wrap and run is adapted
-    through its weight (a ParamWrapper). Mixtral's MixtralTopKRouter and GPT-OSS's are no Linear; PhiMoE's
-    PhimoeTopKRouter is an nn.Linear whose forward returns a tuple (a LoRA module on it merges but fails in every
-    forward; spectra's plans and extracted adapters adapt its weight).
+    through its weight (a ParamWrapper). Mixtral's MixtralTopKRouter is no Linear; PhiMoE's PhimoeTopKRouter is an
+    nn.Linear whose forward returns a tuple (a LoRA module on it merges but fails in every forward; spectra's plans
+    and extracted adapters adapt its weight).
 
     ``router_all_linear``: what an int rank's default roles describe, PEFT's all-linear, reaches the router: as a
     module, being an nn.Linear (or transformers' Conv1D: all-linear's rule; PhiMoE's), or through its weight,
     which PEFT's conversion of the config to a transformers-5 MoE layout makes a target parameter
     (``convert_peft_config_for_transformers``, run here as ``get_peft_model`` runs it: Mixtral's, MiniMax's).
-    Otherwise all-linear leaves the router alone (GPT-OSS's, GraniteMoE's).
+    Otherwise all-linear leaves the router alone (GraniteMoE's).
+
+    ``experts_all_linear``: that conversion also makes the experts' fused ``gate_up_proj`` and ``down_proj``
+    target parameters (Mixtral's, MiniMax's); all-linear alone cannot reach them (3-D parameters, not nn.Linear).
 
     Shapes only, no weights: ~10 ms for Mixtral-8x7B's, after importing transformers' modeling code, ~1.5 s once
     per process (dense models skip it). The router is the child of the first module holding ``experts`` whose
     weight is (experts, hidden). Where this transformers cannot build the family or has no such router, a LoRA
-    module on it (as on a plain nn.Linear router).
+    module on it (as on a plain nn.Linear router), and the experts left alone.
     """
     import torch
     from transformers.pytorch_utils import Conv1D
 
     from spectra.checkpoints.targets import lora_can_wrap, meta_model
 
-    unknown = {"router_parameter": False, "router_all_linear": True}
+    unknown = {"router_parameter": False, "router_all_linear": True, "experts_all_linear": False}
     try:
         from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
     except ImportError:  # pragma: no cover - transformers is a dependency
@@ -230,29 +242,37 @@ def _router_adapters(cfg: dict, experts: int, hidden: int) -> dict[str, bool]:
     model = meta_model(cfg, base_class) if isinstance(base_class, str) else None
     if model is None:
         return unknown
+    converted = _peft_all_linear_parameters(model)
+
+    def targeted(name: str) -> bool:
+        return any(name == target or name.endswith("." + target) for target in converted)
+
     for prefix, module in model.named_modules():
         if isinstance(getattr(module, "experts", None), torch.nn.Module):
+            stem = f"{prefix}." if prefix else ""
+            found = {"experts_all_linear": all(targeted(f"{stem}experts.{fused}") for fused in ("gate_up_proj",
+                                                                                                 "down_proj"))}
             for name, child in module.named_children():
                 weight = getattr(child, "weight", None)
                 if name != "experts" and weight is not None and tuple(weight.shape) == (experts, hidden):
-                    all_linear = isinstance(child, (torch.nn.Linear, Conv1D)) or \
-                        _peft_converts_router(model, f"{prefix}.{name}.weight" if prefix else f"{name}.weight")
-                    return {"router_parameter": not lora_can_wrap(child), "router_all_linear": all_linear}
-            return unknown
+                    all_linear = isinstance(child, (torch.nn.Linear, Conv1D)) or targeted(f"{stem}{name}.weight")
+                    return found | {"router_parameter": not lora_can_wrap(child), "router_all_linear": all_linear}
+            return unknown | found
     return unknown
 
 
-def _peft_converts_router(model, weight: str) -> bool:
-    """Whether PEFT's conversion of ``target_modules="all-linear"`` to this transformers-5 model's layout (what
-    ``get_peft_model`` runs first) makes the router's ``weight`` (its full name) a target parameter."""
+def _peft_all_linear_parameters(model) -> set[str]:
+    """The target parameters that PEFT's conversion of ``target_modules="all-linear"`` to this transformers-5
+    model's layout (what ``get_peft_model`` runs first) makes: names or name suffixes (``gate_up_proj``,
+    ``gate.weight``); none for a family it does not convert."""
     try:
         from peft import LoraConfig
         from peft.utils.transformers_weight_conversion import convert_peft_config_for_transformers
     except ImportError:  # a PEFT without it (or transformers 4) converts nothing
-        return False
+        return set()
     config = LoraConfig(target_modules="all-linear")
     convert_peft_config_for_transformers(config, model=model, conversions=None)
-    return any(weight == target or weight.endswith("." + target) for target in config.target_parameters or ())
+    return set(config.target_parameters or ())
 
 
 _FUSED_PROJECTIONS = frozenset({"phi3"})  # PhiMoE has separate q/k/v (transformers' PhimoeForCausalLM)
@@ -266,6 +286,19 @@ _TOPK_SOFTMAX = frozenset({"granitemoe"})
 # families transformers 5 cannot run with sdpa (Gemma2ForCausalLM refuses it: its attention logits are capped);
 # asked for none, it falls back to eager, and so does the estimate
 _EAGER_ONLY = frozenset({"gemma2"})
+# MoE families with Mixtral's config keys (num_local_experts) whose blocks hold more than the model describes
+_MOE_COUNTED_WRONG = {
+    "gpt_oss": "attention sinks, attention and expert biases and clamped SwiGLU experts, and transformers runs it "
+               "with eager attention only (the estimate assumes the attention asked for; a block's activations were "
+               "12-30 % under autograd's)",
+    "granitemoeshared": "a shared MLP beside the experts (shared_intermediate_size), whose weights and activations "
+                        "are not counted, nor the two Linears in it that all-linear adapts",
+    "granitemoehybrid": "Mamba layers beside attention (layer_types) and a shared MLP beside the experts",
+    "minimax_m2": "Q and K normalised across all heads (q_norm, k_norm over heads·head_dim) and a sigmoid router with "
+                  "a score-correction bias",
+}
+# layer_types of attention layers (a sliding or chunked window stores what full attention does per token)
+_ATTENTION_LAYERS = frozenset({"full_attention", "sliding_attention", "chunked_attention"})
 # families with Llama's config keys but other blocks: read as Llama-like they would be counted wrong
 # (ALBERT has BERT's keys but one set of layer weights shared by every layer)
 _NOT_LLAMA_LIKE = frozenset({"gpt_neox", "gptj", "gpt_neo", "bloom", "falcon", "opt", "phi", "mpt",
@@ -579,14 +612,14 @@ def _adapter_modules(shape: ModelShape, method: str, plan_or_rank: Any, roles: t
     An MoE's experts are fused parameters in transformers 5 (gate_up_proj: experts × 2·ffn × hidden,
     down_proj), which PEFT adapts as ``target_parameters`` at one rank for all experts: a plan's
     experts at the largest over experts of gate's + up's rank (as spectra's PEFT config writes
-    them) and of down's; an int rank on Mixtral, whose all-linear PEFT converts so, at 2·r for
-    gate_up (r for each of w1 and w3), r for down and for the router's weight. Other MoE families'
-    all-linear leaves the experts (3-D parameters) alone. An int rank's router is adapted only where
-    all-linear reaches it (``ModelShape.router_all_linear``: not GPT-OSS's or GraniteMoE's, no
-    Linear and not converted); PhiMoE's, a Linear, is its weight at r too (a parameter: a LoRA
-    module on it cannot run, ``ModelShape.router_parameter``), and so is a plan's router that no
-    LoRA module can run (GPT-OSS's too) at its planned rank, as the plan's ``peft_config`` adapts
-    it (``_block_adapter``).
+    them) and of down's; an int rank where PEFT converts all-linear so (``ModelShape.experts_all_linear``:
+    Mixtral, MiniMax) at 2·r for gate_up (r for each of w1 and w3), r for down and for the router's
+    weight. Other MoE families' all-linear leaves the experts (3-D parameters) alone. An int rank's
+    router is adapted only where all-linear reaches it (``ModelShape.router_all_linear``: not
+    GraniteMoE's, no Linear and not converted); PhiMoE's, a Linear, is its weight at r too (a
+    parameter: a LoRA module on it cannot run, ``ModelShape.router_parameter``), and so is a plan's
+    router that no LoRA module can run (GraniteMoE's too) at its planned rank, as the plan's
+    ``peft_config`` adapts it (``_block_adapter``).
     """
     if method == "full":
         if layers_to_transform is not None:  # it would be ignored: every layer trains
@@ -635,14 +668,14 @@ def _adapter_modules(shape: ModelShape, method: str, plan_or_rank: Any, roles: t
             raise ConfigError(f"rank {r} exceeds min(d_in, d_out) = {min(o, d_in)} of the {role} "
                               f"projection ({o}×{d_in}).")
         block.append(_block_adapter(shape, None, role, r, d_in, o))
-    if experts > 1 and shape.family in _PEFT_CONVERTS_EXPERTS:
+    if experts > 1 and shape.experts_all_linear:
         halves = sum(role_selected(role, wanted) for role in ("gate", "up")) or 2 * role_selected("gate_up", wanted)
         if halves:
             block.append(_Adapter(None, "gate_up", halves * r, h, 2 * i, experts))
         if role_selected("down", wanted):
             block.append(_Adapter(None, "down", r, i, h, experts))
     if not block:
-        alone = [part for part, left in (("fused experts", shape.family not in _PEFT_CONVERTS_EXPERTS),
+        alone = [part for part, left in (("fused experts", not shape.experts_all_linear),
                                          ("router", not shape.router_all_linear)) if experts > 1 and left]
         raise ConfigError(f"No linear layer of this {shape.family} model has a role in {wanted}; roles here: "
                           f"{sorted({r for r, _, _ in shape.linears})}"

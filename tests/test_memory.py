@@ -230,14 +230,13 @@ def test_how_a_router_is_adapted_is_read_off_the_model(monkeypatch):
 
 
 @pytest.mark.parametrize("method", ["lora", "dora"])
-@pytest.mark.parametrize("family", ["gpt_oss", "granitemoe"])
-def test_an_int_rank_adapts_a_router_only_where_all_linear_does(family, method):
-    """GPT-OSS's and GraniteMoE's routers are no Linear, and PEFT has no transformers-5 conversion for these
-    families (as it has for Mixtral's): all-linear leaves the router alone, so the default roles of an int rank
-    adapt none, and DoRA is estimated, not refused. The estimate trains what PEFT's all-linear model trains, which
-    runs forward and backward. A plan's router is still its weight (target_parameters, as the plan's peft_config
-    adapts it), which takes no DoRA. The default roles counted the router as that parameter (DoRA refused: 'PEFT
-    adapts this gpt_oss model's router as parameters'), and before that as a LoRA module."""
+def test_an_int_rank_adapts_a_router_only_where_all_linear_does(method):
+    """GraniteMoE's router is no Linear, and PEFT has no transformers-5 conversion for the family (as it has for
+    Mixtral's): all-linear leaves the router alone, so the default roles of an int rank adapt none, and DoRA is
+    estimated, not refused. The estimate trains what PEFT's all-linear model trains, which runs forward and backward.
+    A plan's router is still its weight (target_parameters, as the plan's peft_config adapts it), which takes no DoRA.
+    The default roles counted the router as that parameter (DoRA refused: 'PEFT adapts this granitemoe model's
+    router as parameters'), and before that as a LoRA module."""
     import torch
     import transformers as tf
     from peft import LoraConfig, get_peft_model
@@ -245,13 +244,14 @@ def test_an_int_rank_adapts_a_router_only_where_all_linear_does(family, method):
 
     from spectra.ranks import ModuleRank, RankPlan, RankPolicy
 
+    family = "granitemoe"
     config = _tiny_config(family)
     cls = getattr(tf, _CLASSES[family][1])
     torch.manual_seed(0)
     peft_model = get_peft_model(cls(config), LoraConfig(r=4, target_modules="all-linear", use_dora=method == "dora"))
     ids = torch.randint(0, config.vocab_size, (2, 8), generator=torch.Generator().manual_seed(1))
     peft_model.train()(input_ids=ids, labels=ids).loss.backward()
-    moe = "mlp" if family == "gpt_oss" else "block_sparse_moe"
+    moe = "block_sparse_moe"
     routers = [peft_model.get_submodule(f"base_model.model.model.layers.{i}.{moe}.router") for i in range(2)]
     assert not any(isinstance(router, BaseTunerLayer) for router in routers)  # PEFT left them alone
     est = estimate_memory(config, method=method, rank_plan_or_rank=4)
@@ -272,6 +272,52 @@ def test_an_int_rank_adapts_a_router_only_where_all_linear_does(family, method):
         trained = get_peft_model(cls(config), LoraConfig(**peft_config)).parameters()
         assert estimate_memory(config, method=method, rank_plan_or_rank=plan).trainable_params \
             == sum(p.numel() for p in trained if p.requires_grad) == 2 * 2 * 35
+
+
+@pytest.mark.parametrize(("family", "match"), [
+    ("gpt_oss", "attention sinks.*eager attention only"), ("granitemoeshared", "shared MLP"),
+    ("granitemoehybrid", "Mamba layers"), ("minimax_m2", "across all heads"),
+    ("minimax", "layers of type linear_attention"), ("qwen3_moe", "moe_intermediate_size")])
+def test_moe_families_the_model_would_count_wrong_are_refused(family, match):
+    """MoE families with Mixtral's keys (num_local_experts) whose blocks hold more than a Mixtral-style block, or
+    other experts: GPT-OSS's attention sinks and biases (and eager attention only), GraniteMoE-Shared's shared MLP,
+    GraniteMoE-Hybrid's Mamba layers, MiniMax-M2's cross-head Q/K norms, MiniMax's lightning-attention layers,
+    Qwen3-MoE's experts of moe_intermediate_size. Each was estimated; the negative control: read as Mixtral, the
+    tiny model's parameters are miscounted (GPT-OSS 38432 of 39214, GraniteMoE-Shared 38240 of 41312)."""
+    import transformers as tf
+
+    config = _tiny_config(family)
+    model = getattr(tf, _CLASSES[family][1])(config)
+    as_mixtral = {k: v for k, v in config.to_dict().items() if k not in ("layer_types", "moe_intermediate_size")}
+    assert model_shape(as_mixtral | {"model_type": "mixtral"}).params != sum(p.numel() for p in model.parameters())
+    with pytest.raises(ConfigError, match=match):
+        estimate_memory(config, method="lora", rank_plan_or_rank=4)
+
+
+@_PEFT_PATTERN_WARNING
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_an_int_rank_adapts_the_experts_where_peft_converts_all_linear(method):
+    """Whether all-linear reaches an MoE's fused experts is PEFT's transformers-5 conversion run on the model built
+    from the config (convert_peft_config_for_transformers), not a list of families: MiniMax's (Mixtral's layout;
+    attention layers only) become target_parameters, gate_up_proj at 2·r, as Mixtral's, so DoRA is refused. The
+    estimate trains what PEFT's all-linear model trains, which runs forward and backward. The table named Mixtral
+    alone: MiniMax's experts were not counted (2072 trainable of 10136)."""
+    import torch
+    import transformers as tf
+    from peft import LoraConfig, get_peft_model
+
+    config = _tiny_config("minimax_full")
+    if method == "dora":
+        with pytest.raises(ConfigError, match="minimax model's down, gate_up, router as parameters"):
+            estimate_memory(config, method=method, rank_plan_or_rank=4)
+        return
+    torch.manual_seed(0)
+    peft_model = get_peft_model(tf.MiniMaxForCausalLM(config), LoraConfig(r=4, target_modules="all-linear"))
+    ids = torch.randint(0, config.vocab_size, (2, 8), generator=torch.Generator().manual_seed(1))
+    peft_model.train()(input_ids=ids, labels=ids).loss.backward()
+    est = estimate_memory(config, method=method, rank_plan_or_rank=4)
+    assert est.trainable_params == sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    assert not model_shape(_tiny_config("granitemoe").to_dict()).experts_all_linear  # no conversion: left alone
 
 
 @_PEFT_PATTERN_WARNING
@@ -440,7 +486,8 @@ def peak_bytes(step) -> int:
 
 def _tiny_config(family: str):
     """tests.models' tiny config of ``family``, or one that only the memory model's tests use: Gemma 2's (four
-    norms per block, capped logits), GraniteMoE's and GPT-OSS's (MoE routers that are no Linear)."""
+    norms per block, capped logits), GraniteMoE's (an MoE router that is no Linear), MiniMax's with attention
+    layers only (``minimax_full``: experts PEFT converts), and MoE families the model refuses."""
     import transformers as tf
 
     from tests.models import tiny_config
@@ -454,13 +501,29 @@ def _tiny_config(family: str):
         return tf.GraniteMoeConfig(**moe)
     if family == "gpt_oss":
         return tf.GptOssConfig(head_dim=8, **moe)
+    if family == "granitemoeshared":
+        return tf.GraniteMoeSharedConfig(shared_intermediate_size=16, **moe)
+    if family == "granitemoehybrid":
+        return tf.GraniteMoeHybridConfig(mamba_n_heads=4, mamba_d_head=16, mamba_n_groups=1, mamba_d_state=8, **moe)
+    if family in ("minimax", "minimax_full"):  # MiniMax alternates lightning (linear) and full attention by default
+        return tf.MiniMaxConfig(head_dim=8, **moe, **({"layer_types": ["full_attention"] * 2}
+                                                      if family == "minimax_full" else {}))
+    if family == "minimax_m2":
+        return tf.MiniMaxM2Config(head_dim=8, **moe)
+    if family == "qwen3_moe":
+        return tf.Qwen3MoeConfig(head_dim=8, moe_intermediate_size=24, **moe)
     return tiny_config(family)
 
 
 _CLASSES = {"gemma2": ("Gemma2Model", "Gemma2ForCausalLM"),  # beside tests.models' _MODEL_CLASSES
             "gemma3_text": ("Gemma3TextModel", "Gemma3ForCausalLM"),  # its model_type: tests.models' gemma3
             "granitemoe": ("GraniteMoeModel", "GraniteMoeForCausalLM"),
-            "gpt_oss": ("GptOssModel", "GptOssForCausalLM")}
+            "gpt_oss": ("GptOssModel", "GptOssForCausalLM"),
+            "granitemoeshared": ("GraniteMoeSharedModel", "GraniteMoeSharedForCausalLM"),
+            "granitemoehybrid": ("GraniteMoeHybridModel", "GraniteMoeHybridForCausalLM"),
+            "minimax": ("MiniMaxModel", "MiniMaxForCausalLM"),
+            "minimax_m2": ("MiniMaxM2Model", "MiniMaxM2ForCausalLM"),
+            "qwen3_moe": ("Qwen3MoeModel", "Qwen3MoeForCausalLM")}
 
 
 def _config(family: str, layers: int, attention: str, **sizes):
@@ -527,7 +590,9 @@ BLOCK_CASES = ([("llama", m, p, a, True) for m in ("full", "lora", "dora") for p
                + [("phimoe", "full", "fp32", "sdpa", True)]  # LayerNorm, SparseMixer (LoRA: see below)
                # a softmax over the top-k logits; all-linear leaves the router (no Linear) alone
                + [("granitemoe", m, p, a, True) for m, p, a in (("full", "bf16", "sdpa"), ("lora", "bf16", "sdpa"),
-                                                                ("lora", "fp32", "eager"), ("dora", "fp32", "sdpa"))])
+                                                                ("lora", "fp32", "eager"), ("dora", "fp32", "sdpa"))]
+               # MiniMax, attention layers only (its residual is the normed input, scaled)
+               + [("minimax_full", "full", "bf16", "sdpa", True)])
 
 
 @_PEFT_PATTERN_WARNING
