@@ -141,8 +141,10 @@ def model_shape(config: Mapping) -> ModelShape:
         if mtype in _MOE_COUNTED_WRONG:
             raise ConfigError(f"model_type {mtype}: {_MOE_COUNTED_WRONG[mtype]}, which spectra's memory model "
                               "would count wrong; it reads Mixtral-style MoE (Mixtral, MiniMax, PhiMoE, GraniteMoE).")
-        other_layers = sorted(set(cfg.get("layer_types") or ()) - _ATTENTION_LAYERS)
-        if other_layers:
+        # a config.json without layer_types gets the family's (MiniMax: lightning attention every other layer)
+        layer_types = cfg.get("layer_types") or (_config_default(mtype, "layer_types", None) if mtype else None)
+        other_layers = sorted(set(layer_types or ()) - _ATTENTION_LAYERS)
+        if other_layers and mtype != "gpt2" and "n_embd" not in cfg and "type_vocab_size" not in cfg:
             raise ConfigError(f"model_type {mtype}: layers of type {', '.join(map(str, other_layers))} beside "
                               "attention (MiniMax's lightning attention, …), whose weights and activations spectra's "
                               "memory model does not describe; it reads models of attention layers "

@@ -292,6 +292,9 @@ def test_moe_families_the_model_would_count_wrong_are_refused(family, match):
     assert model_shape(as_mixtral | {"model_type": "mixtral"}).params != sum(p.numel() for p in model.parameters())
     with pytest.raises(ConfigError, match=match):
         estimate_memory(config, method="lora", rank_plan_or_rank=4)
+    if family == "minimax":  # a config.json without layer_types: transformers gives it lightning attention too
+        with pytest.raises(ConfigError, match=match):
+            estimate_memory(config.to_dict() | {"layer_types": None}, method="lora", rank_plan_or_rank=4)
 
 
 @_PEFT_PATTERN_WARNING
