@@ -126,9 +126,11 @@ class ModelShape:
 def model_shape(config: Mapping) -> ModelShape:
     """Read a Llama-like (Llama, Mistral, Qwen2, Mixtral …), GPT-2 or BERT ``config.json`` dict.
 
-    Unknown ``model_type`` values with Llama's keys are read as Llama-like (stated in the result's
-    ``family``). Parameter counts match ``sum(p.numel())`` of the transformers model (tied
-    weights once); BERT counts ``BertModel`` (encoder + pooler, no task head).
+    Other ``model_type`` values with Llama's (GPT-2's, BERT's) keys are read as Llama-like (stated in the
+    result's ``family``) where transformers' base model built from the config holds the parameters
+    counted, and refused where it holds others (:func:`_refuse_other_blocks`); a model_type this
+    transformers cannot build is read as before. Parameter counts match ``sum(p.numel())`` of the
+    transformers model (tied weights once); BERT counts ``BertModel`` (encoder + pooler, no task head).
     """
     cfg = dict(config)
     mtype = str(cfg.get("model_type", "")).lower()
@@ -154,13 +156,48 @@ def model_shape(config: Mapping) -> ModelShape:
                               "attention, other MLPs, …), which spectra's memory model does not describe; it reads "
                               "Llama-like (Llama, Mistral, Qwen2, Gemma, Phi-3, Mixtral …), GPT-2 and BERT configs.")
         if mtype == "gpt2" or "n_embd" in cfg:
-            return _gpt2(cfg)
-        if mtype == "bert" or "type_vocab_size" in cfg:
-            return _bert(cfg)
-        return _llama(cfg, mtype)
+            shape = _gpt2(cfg)
+        elif mtype == "bert" or "type_vocab_size" in cfg:
+            shape = _bert(cfg)
+        else:
+            shape = _llama(cfg, mtype)
     except KeyError as err:
         raise ConfigError(f"config.json of model_type {mtype or '?'} lacks {err}; spectra's memory model reads "
                           "Llama-like, GPT-2 and BERT configs.") from None
+    if mtype and mtype not in _COUNTED_RIGHT:
+        _refuse_other_blocks(cfg, mtype, shape)
+    return shape
+
+
+def _refuse_other_blocks(cfg: dict, mtype: str, shape: ModelShape) -> None:
+    """Refuse a ``model_type`` outside :data:`_COUNTED_RIGHT` whose base model, built by transformers from the config
+    on the meta device (shapes only, no weights), holds another number of parameters than ``shape`` counts: its
+    blocks differ from those the memory model describes (Qwen3's and OLMo 2's Q/K norms, Cohere's LayerNorms
+    without a residual norm pair, JetMoE's attention experts, …). The base model (``MODEL_MAPPING_NAMES``: no LM
+    head, tied embeddings once, buffers not counted) is compared with ``shape.params`` less its head.
+
+    Equal counts do not prove equal activations (a family may scale or normalise in ways with no weights), but
+    unequal ones prove the estimate wrong. Where this transformers has no such class or cannot build it from the
+    config, nothing to compare against: the config is read as before. Costs transformers' modeling import, ~0.8 s
+    once per process, then 10-30 ms a model (Llama-2-70B's; families of ``_COUNTED_RIGHT`` skip it)."""
+    from spectra.checkpoints.targets import meta_model
+
+    try:
+        from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return
+    base_class = MODEL_MAPPING_NAMES.get(mtype)
+    model = meta_model(cfg, base_class) if isinstance(base_class, str) else None
+    if model is None:
+        return
+    built = sum(p.numel() for p in model.parameters())  # parameters() yields a tied or shared tensor once
+    counted = shape.params - shape.head_params
+    if built != counted:
+        raise ConfigError(f"model_type {mtype}: transformers' {base_class} built from this config holds {built} "
+                          f"parameters, spectra's memory model counts {counted} (no LM head): its blocks differ from "
+                          "the families the memory model describes (Llama-like: Llama, Mistral, Qwen2, Gemma, "
+                          "Phi-3; Mixtral-style MoE: Mixtral, PhiMoE, GraniteMoE, MiniMax; GPT-2; BERT), so it "
+                          "would count them wrong.")
 
 
 def _llama(cfg: dict, mtype: str) -> ModelShape:
@@ -299,6 +336,10 @@ _MOE_COUNTED_WRONG = {
     "minimax_m2": "Q and K normalised across all heads (q_norm, k_norm over heads·head_dim) and a sigmoid router with "
                   "a score-correction bias",
 }
+# families whose config the memory model reads as transformers builds them (checked by tests/test_memory.py against
+# the base model built from a tiny config, and against autograd): model_shape skips building the meta model for them
+_COUNTED_RIGHT = frozenset({"llama", "mistral", "qwen2", "gemma", "gemma2", "gemma3_text", "phi3", "gpt2", "bert",
+                            "mixtral", "phimoe", "granitemoe", "minimax"})
 # layer_types of attention layers (a sliding or chunked window stores what full attention does per token)
 _ATTENTION_LAYERS = frozenset({"full_attention", "sliding_attention", "chunked_attention"})
 # families with Llama's config keys but other blocks: read as Llama-like they would be counted wrong

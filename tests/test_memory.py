@@ -421,6 +421,62 @@ def test_configs_the_model_would_count_wrong_are_refused(config, match):
         estimate_memory(config, method="lora", rank_plan_or_rank=4)
 
 
+@pytest.mark.parametrize("family", ["qwen3", "cohere"])
+def test_blocks_unlike_the_families_described_are_refused_with_both_counts(family):
+    """Qwen3 (an RMSNorm on each head's Q and K) and Cohere (LayerNorm, one norm per block) have Llama's keys and
+    were read as Llama. Reference: the real base model's parameters; negative control: the same config as Llama."""
+    import re
+
+    import transformers as tf
+
+    small = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=8, vocab_size=64, pad_token_id=0, bos_token_id=0, eos_token_id=0)
+    config = tf.AutoConfig.for_model(family, **small)
+    base = tf.AutoModel.from_config(config)
+    built = sum(p.numel() for p in base.parameters())
+    as_llama = model_shape(config.to_dict() | {"model_type": "llama"})  # the control: accepted, read as before
+    counted = as_llama.params - as_llama.head_params
+    assert built != counted
+    with pytest.raises(ConfigError, match=re.escape(f"model_type {family}: transformers' {type(base).__name__}")) \
+            as refused:
+        estimate_memory(config.to_dict(), method="lora", rank_plan_or_rank=4)
+    assert f"holds {built} parameters" in str(refused.value) and f"counts {counted} " in str(refused.value)
+
+
+# the families model_shape reads without building the meta model (spectra.memory._COUNTED_RIGHT)
+_READ_WITHOUT_BUILDING = ("llama", "mistral", "qwen2", "gemma", "gemma2", "gemma3_text", "phi3", "gpt2", "bert",
+                          "mixtral", "phimoe", "granitemoe", "minimax")
+
+
+@pytest.mark.parametrize("family", _READ_WITHOUT_BUILDING)
+def test_families_read_without_building_the_model_count_what_transformers_builds(family):
+    """model_shape skips the comparison with the meta model for _COUNTED_RIGHT: each of them counts what
+    transformers' base model holds (no LM head), so the comparison would accept it."""
+    import transformers as tf
+
+    from spectra.memory import _COUNTED_RIGHT, _refuse_other_blocks
+
+    assert family in _COUNTED_RIGHT
+    config = (tf.MistralConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                               num_key_value_heads=2, vocab_size=64) if family == "mistral"
+              else _tiny_config({"gemma3_text": "gemma3", "minimax": "minimax_full"}.get(family, family)))
+    assert config.model_type == family
+    shape = model_shape(config.to_dict())
+    assert shape.params - shape.head_params == sum(p.numel() for p in tf.AutoModel.from_config(config).parameters())
+    _refuse_other_blocks(config.to_dict(), family, shape)  # the guard accepts it too
+
+
+def test_the_list_read_without_building_the_model_is_what_the_tests_check():
+    from spectra.memory import _COUNTED_RIGHT
+
+    assert _COUNTED_RIGHT == set(_READ_WITHOUT_BUILDING)
+
+
+def test_a_model_type_transformers_cannot_build_is_read_as_before():
+    config = dict(LLAMA2_7B, model_type="not_in_transformers")
+    assert model_shape(config).params == P7
+
+
 def test_phimoe_has_separate_qkv_and_fused_roles_take_their_parts():
     phimoe = {"model_type": "phimoe", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
               "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 100, "num_local_experts": 4}
