@@ -207,3 +207,23 @@ def random_adapter(model, path: Path, *, seed: int = 123, scale: float = 0.1, sa
                 p.copy_(torch.randn_like(p) * scale + (1.0 if "magnitude" in name else 0.0) * p)
     peft_model.save_pretrained(path, save_embedding_layers=save_embedding_layers)
     return peft_model
+
+
+def flat_update(shape, rank, *, seed, scale=0.05):
+    """(out, in) update with `rank` equal singular values `scale`: every energy rank equals `rank`."""
+    g = torch.Generator().manual_seed(seed)
+    u, _ = torch.linalg.qr(torch.randn(shape[0], rank, generator=g, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(shape[1], rank, generator=g, dtype=torch.float64))
+    return scale * u @ v.T
+
+
+def planted_models(family: str, planted: dict[str, int], *, seed: int = 0):
+    """(base, tuned) models of `family`, tuned = base + a :func:`flat_update` of the planted rank in each named
+    parameter (the i-th planted one drawn with seed ``seed + i``): every energy rank of its ΔW is that rank."""
+    base = build_model(family)
+    tuned = copy.deepcopy(base)
+    params = dict(tuned.named_parameters())
+    with torch.no_grad():
+        for i, (name, rank) in enumerate(planted.items()):
+            params[name] += flat_update(tuple(params[name].shape), rank, seed=seed + i).float()
+    return base, tuned

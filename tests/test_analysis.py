@@ -17,7 +17,7 @@ import torch
 import spectra.analysis as analysis_mod
 from spectra.analysis import AnalysisConfig, AnalysisResult, analyze
 from spectra.report.tables import summary_rows
-from tests.models import build_model, nonfinite_pair, save
+from tests.models import build_model, flat_update, nonfinite_pair, planted_models, save
 
 # planted rank per module (equal singular values, so the energy-90% rank is exactly the rank)
 PLANTED = {
@@ -27,24 +27,10 @@ PLANTED = {
 }
 
 
-def flat_update(shape, rank, *, seed, scale=0.05):
-    """(out, in) update with `rank` equal singular values `scale`: every energy rank equals `rank`."""
-    g = torch.Generator().manual_seed(seed)
-    u, _ = torch.linalg.qr(torch.randn(shape[0], rank, generator=g, dtype=torch.float64))
-    v, _ = torch.linalg.qr(torch.randn(shape[1], rank, generator=g, dtype=torch.float64))
-    return scale * u @ v.T
-
-
 @pytest.fixture(scope="module")
 def planted_pair(tmp_path_factory):
     root = tmp_path_factory.mktemp("planted")
-    base = build_model("llama")
-    tuned = copy.deepcopy(base)
-    params = dict(tuned.named_parameters())
-    with torch.no_grad():
-        for i, (name, rank) in enumerate(PLANTED.items()):
-            p = params[name + ".weight"]
-            p += flat_update(tuple(p.shape), rank, seed=i).float()
+    base, tuned = planted_models("llama", {name + ".weight": rank for name, rank in PLANTED.items()})
     return save(base, root / "base", "safetensors"), save(tuned, root / "tuned", "safetensors")
 
 

@@ -12,13 +12,11 @@ import copy
 
 import numpy as np
 import pytest
-import torch
 
 from spectra.analysis import AnalysisResult, analyze
 from spectra.report.plots import plot_rank_heatmap
 from spectra.report.tables import layer_role_grids, matrix_rows, rank_picture, role_table, summary_rows
-from tests.models import build_model, save
-from tests.test_analysis import flat_update
+from tests.models import planted_models, save
 
 TEXT_Q = "language_model.model.layers.0.self_attn.q_proj"
 VISION_Q = "vision_tower.encoder.layers.0.self_attn.q_proj"
@@ -30,12 +28,7 @@ LLAMA_KEYS = ["name", "role", "layer", "expert", "kind", "fused_name", "conv1d",
 
 
 def _planted_pair(root, family: str, planted: dict[str, int]):
-    base = build_model(family)
-    tuned = copy.deepcopy(base)
-    params = dict(tuned.named_parameters())
-    with torch.no_grad():
-        for i, (name, rank) in enumerate(planted.items()):
-            params[name] += flat_update(tuple(params[name].shape), rank, seed=40 + i).float()
+    base, tuned = planted_models(family, planted, seed=40)
     return save(base, root / "base", "safetensors"), save(tuned, root / "tuned", "safetensors")
 
 

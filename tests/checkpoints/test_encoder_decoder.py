@@ -10,7 +10,6 @@ and PEFT's own loading and merge the referee for the adapter.
 
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch
@@ -21,8 +20,7 @@ from spectra.checkpoints.pairing import Pairing, PairingOptions
 from spectra.lora.extract import extract_adapter
 from spectra.report.tables import layer_role_grids, matrix_rows, summary_rows
 from tests.lora.test_extract import merged_state
-from tests.models import build_model, save
-from tests.test_analysis import flat_update
+from tests.models import build_model, planted_models, save
 from tests.test_cli import run
 
 # A Linear's role by its path inside one block (the segments after block.N. / layers.N.), for T5 and BART.
@@ -75,14 +73,9 @@ def test_every_linear_gets_its_role_layer_and_stack(family):
 
 
 def _planted_pair(root, family: str, planted: dict[str, int]):
-    """A base and a tuned checkpoint differing by rank-r updates with equal singular values (every energy rank r)."""
-    base = build_model(family)
-    tuned = copy.deepcopy(base)
-    params = dict(tuned.named_parameters())
-    with torch.no_grad():
-        for i, (module, rank) in enumerate(planted.items()):
-            weight = params[module + ".weight"]
-            weight += flat_update(tuple(weight.shape), rank, seed=60 + i).float()
+    """A base and a tuned checkpoint differing by rank-r updates of the named modules with equal singular values
+    (every energy rank r): (base, tuned, their folders)."""
+    base, tuned = planted_models(family, {module + ".weight": rank for module, rank in planted.items()}, seed=60)
     return base, tuned, save(base, root / "b", "safetensors"), save(tuned, root / "t", "safetensors")
 
 
