@@ -108,6 +108,12 @@ class ModelShape:
     # w1 and w3 summed) and down_proj target parameters (Mixtral's, MiniMax's); elsewhere all-linear cannot reach
     # them (3-D parameters, not nn.Linear): _moe_adapters
     experts_all_linear: bool = False
+    # a multimodal config (a nested text_config: Gemma 3's Gemma3ForConditionalGeneration) is its language model
+    # plus other towers (vision tower, projector), counted off transformers' model on the meta device
+    # (_with_other_towers): held in w, never run on text-only batches, so no activations, gradients or states
+    tower_params: int = 0
+    # their linear modules, (role, out, in) each, which PEFT's all-linear (an int rank's default roles) adapts too
+    tower_linears: tuple[tuple[str, int, int], ...] = ()
 
     @property
     def fused_qkv(self) -> bool:
@@ -120,7 +126,7 @@ class ModelShape:
 
     @property
     def params(self) -> int:
-        return self.linear_params + self.other_params + self.head_params
+        return self.linear_params + self.other_params + self.head_params + self.tower_params
 
 
 def model_shape(config: Mapping) -> ModelShape:
@@ -130,10 +136,14 @@ def model_shape(config: Mapping) -> ModelShape:
     result's ``family``) where transformers' base model built from the config holds the parameters
     counted, and refused where it holds others (:func:`_refuse_other_blocks`); a model_type this
     transformers cannot build is read as before. Parameter counts match ``sum(p.numel())`` of the
-    transformers model (tied weights once); BERT counts ``BertModel`` (encoder + pooler, no task head).
+    transformers model (tied weights once); BERT counts ``BertModel`` (encoder + pooler, no task head). A
+    multimodal config (a nested ``text_config``: Gemma 3's) is its language model plus the other towers' parameters,
+    held frozen (:func:`_with_other_towers`).
     """
     cfg = dict(config)
     mtype = str(cfg.get("model_type", "")).lower()
+    if isinstance(cfg.get("text_config"), Mapping) and "hidden_size" not in cfg:
+        return _with_other_towers(cfg, mtype)
     try:
         if "num_experts" in cfg and "num_local_experts" not in cfg or "moe_intermediate_size" in cfg:
             raise ConfigError(f"model_type {mtype}: a mixture of experts configured by num_experts or "
@@ -167,6 +177,53 @@ def model_shape(config: Mapping) -> ModelShape:
     if mtype and mtype not in _COUNTED_RIGHT:
         _refuse_other_blocks(cfg, mtype, shape)
     return shape
+
+
+def _with_other_towers(cfg: dict, mtype: str) -> ModelShape:
+    """A multimodal config (Gemma 3's ``Gemma3ForConditionalGeneration``: a ``text_config`` beside a
+    ``vision_config``) read as its language model, from ``text_config``, plus the other towers (vision tower,
+    multi-modal projector): their parameters and linear modules are counted off transformers' image-text-to-text
+    model built from the config on the meta device, as everything outside ``language_model`` and the LM head.
+
+    Text-only batches are assumed: the vision tower never runs, so it keeps no activations, and LoRA modules
+    that all-linear puts on its linears get no gradient (AdamW makes no states for them). The whole model built
+    must hold what the language model is counted to hold plus the towers, else refused naming both counts."""
+    import torch
+    from transformers.pytorch_utils import Conv1D
+
+    from spectra.checkpoints.architectures import module_info
+    from spectra.checkpoints.targets import meta_model
+
+    text = model_shape(cfg["text_config"])
+    try:
+        from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES = {}
+    model_class = MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES.get(mtype)
+    model = meta_model(cfg, model_class) if isinstance(model_class, str) else None
+    if model is None:
+        raise ConfigError(f"model_type {mtype or '?'}: a config with a text_config whose other towers this "
+                          "transformers cannot build (no image-text-to-text class for it), so spectra's memory "
+                          "model cannot count them; pass the text_config alone to estimate the language model.")
+
+    def outside(name: str) -> bool:  # a tower's: neither the language model nor the LM head
+        return ".language_model." not in f".{name}." and name.partition(".")[0] != "lm_head"
+
+    towers = sum(p.numel() for name, p in model.named_parameters() if outside(name))  # tied weights once
+    built = sum(p.numel() for p in model.parameters())
+    if built != text.params + towers:
+        raise ConfigError(f"model_type {mtype}: transformers' {model_class} built from this config holds {built} "
+                          f"parameters, spectra's memory model counts {text.params + towers} (its "
+                          f"{text.family} language model {text.params}, the other towers {towers}), so it would "
+                          "count them wrong.")
+    linears = []
+    for name, module in model.named_modules():
+        if isinstance(module, (torch.nn.Linear, Conv1D)) and outside(name):
+            out, d_in = module.weight.shape if isinstance(module, torch.nn.Linear) else module.weight.shape[::-1]
+            linears.append((module_info(name).role, int(out), int(d_in)))
+    return dataclasses.replace(text, family=f"{mtype} ({text.family} language model; vision tower and projector "
+                                            "held frozen, not run: text-only batches)",
+                               tower_params=towers, tower_linears=tuple(linears))
 
 
 def _refuse_other_blocks(cfg: dict, mtype: str, shape: ModelShape) -> None:
@@ -642,6 +699,7 @@ class _Adapter(NamedTuple):
     d_in: int
     d_out: int
     experts: int = 0
+    tower: bool = False  # on another tower's linear (a vision tower's): not run on text-only batches, no gradient
 
     @property
     def params(self) -> int:
@@ -680,6 +738,13 @@ def _adapter_modules(shape: ModelShape, method: str, plan_or_rank: Any, roles: t
             raise ConfigError(f"layers_to_transform must name layers of this {shape.layers}-layer model "
                               f"(0 … {shape.layers - 1}), got {layers_to_transform!r}.")
     h, i, experts = shape.hidden, shape.intermediate, shape.experts
+    if shape.tower_params and (method in ("qlora", "dora") or isinstance(plan_or_rank, RankPlan)
+                               or layers_to_transform is not None):
+        raise ConfigError(f"{shape.family}: spectra's memory model estimates full fine-tuning and LoRA at an int "
+                          "rank on every layer of a multimodal model; which tower linears bitsandbytes quantises "
+                          "(QLoRA), DoRA's transients on them, a plan's tower modules and the tower layers "
+                          "layers_to_transform picks are not modelled. Pass the text_config alone to estimate the "
+                          "language model.")
     if isinstance(plan_or_rank, RankPlan):
         modules, fused = [], {}  # fused: (layer, parameter) -> expert -> rank summed over the modules it holds
         for m in plan_or_rank.modules:
@@ -725,6 +790,10 @@ def _adapter_modules(shape: ModelShape, method: str, plan_or_rank: Any, roles: t
                           + (f" (PEFT's all-linear leaves this family's {' and '.join(alone)} alone)"
                              if alone else "") + ".")
     modules = [m._replace(layer=layer) for layer in sorted(set(layers)) for m in block]
+    if shape.tower_linears:  # layers_to_transform refused above
+        for role, o, d_in in shape.tower_linears:  # the other towers' linears: all-linear, or a role asked for
+            if roles is None or role_selected(role, wanted):
+                modules.append(_Adapter(None, role, r, d_in, o, tower=True))
     _refuse_dora_on_parameters(shape, method, modules)
     return modules
 
@@ -1003,7 +1072,9 @@ def _estimate(shape: ModelShape, method: str, adapter_modules: list, batch: int,
     # adapters (fp32), DoRA magnitudes, trainable count
     adapter_params = sum(m.params for m in adapter_modules)
     dora_params = sum(m.d_out for m in adapter_modules) if method == "dora" else 0
-    trainable = n if method == "full" else adapter_params + dora_params
+    trainable = n - shape.tower_params if method == "full" else adapter_params + dora_params
+    # what a text-only step gives a gradient (and AdamW states): not the adapters on another tower's linears
+    stepped = trainable - sum(m.params for m in adapter_modules if m.tower)
 
     # gradients and optimizer states
     if method == "full":
@@ -1014,18 +1085,19 @@ def _estimate(shape: ModelShape, method: str, adapter_modules: list, batch: int,
     else:
         grad_bytes = 4
         opt_bytes = {"adamw": 8, "adamw_8bit": 2 * (1 + 4 / ADAM8_BLOCK), "sgd": 0}[optimizer]
-    gradients = trainable * grad_bytes
-    optimizer_states = math.ceil(trainable * opt_bytes)
+    gradients = stepped * grad_bytes
+    optimizer_states = math.ceil(stepped * opt_bytes)
 
     # activations, bytes per token: the blocks, the adapters (by layer), the final norm and the LM head
     full, dora = method == "full", method == "dora"
     by_layer: dict = {}
     for module in adapter_modules:
-        by_layer.setdefault(module.layer, []).append(module)
+        if not module.tower:  # another tower's modules never run on text-only batches
+            by_layer.setdefault(module.layer, []).append(module)
     # blocks keep tensors from the first one whose input or adapters require grad: all with full fine-tuning,
     # a trained embedding or enable_input_require_grads, else from the first adapted layer (autograd keeps
     # nothing before it; non-reentrant checkpointing keeps no input there either)
-    grad = full or input_require_grads or any(module.role == "embed" for module in adapter_modules)
+    grad = full or input_require_grads or any(module.role == "embed" and not module.tower for module in adapter_modules)
     per_token = recomputed = 0
     kept_inputs = per_layer = 0
     for layer in range(shape.layers):

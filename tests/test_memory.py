@@ -1019,3 +1019,81 @@ def test_readme_memory_table_is_the_models():
         for cell, value in zip(printed, modelled):
             digits = len(cell.partition(".")[2])
             assert abs(float(cell) - value / 2**30) <= 0.5 * 10**-digits + 1e-9, (model, method, cell, value / 2**30)
+
+
+def _gemma3_multimodal(text_layers: int, precision: str):
+    """Gemma3ForConditionalGeneration of tests.models' tiny config with ``text_layers`` language-model layers,
+    LoRA r = 4 on PEFT's all-linear, in training mode."""
+    import torch
+    import transformers as tf
+    from peft import LoraConfig, get_peft_model
+
+    from tests.models import tiny_config
+
+    config = tiny_config("gemma3_multimodal")
+    config.text_config.num_hidden_layers = text_layers
+    config.text_config.layer_types = config.text_config.layer_types[:text_layers]
+    torch.manual_seed(0)
+    model = tf.Gemma3ForConditionalGeneration(config).to({"bf16": torch.bfloat16, "fp32": torch.float32}[precision])
+    return config, get_peft_model(model, LoraConfig(r=4, target_modules="all-linear")).train()
+
+
+def _text_only_loss(model, batch: int, seq_len: int = 16):
+    import torch
+
+    ids = torch.randint(0, 297, (batch, seq_len), generator=torch.Generator().manual_seed(1))  # no image tokens
+    return model(input_ids=ids, labels=ids).loss
+
+
+@_PEFT_PATTERN_WARNING
+def test_multimodal_gemma3_is_its_language_model_and_frozen_towers():
+    """A nested text_config (Gemma3ForConditionalGeneration) was refused ("lacks 'hidden_size'"). Its parameters are
+    the real model's, the vision tower and projector included; all-linear also adapts the vision tower's linears
+    (PEFT's count), but a text-only step gives them no gradient and AdamW no states."""
+    import torch
+
+    from tests.models import build_model
+
+    model = build_model("gemma3_multimodal")
+    config = model.config.to_dict()
+    shape = model_shape(config)
+    towers = sum(p.numel() for n, p in model.named_parameters() if ".language_model." not in n and "lm_head" not in n)
+    assert shape.params == sum(p.numel() for p in model.parameters()) and shape.tower_params == towers > 0
+    assert "text-only" in shape.family
+    est = estimate_memory(config, method="lora", rank_plan_or_rank=4, batch=2, seq_len=16, precision="fp32")
+    text = estimate_memory(config["text_config"], method="lora", rank_plan_or_rank=4, batch=2, seq_len=16,
+                           precision="fp32")
+    _, peft_model = _gemma3_multimodal(2, "fp32")
+    trainable = [p for p in peft_model.parameters() if p.requires_grad]
+    assert est.trainable_params == sum(p.numel() for p in trainable) > text.trainable_params
+    assert est.weights == 4 * shape.params and est.adapter == 4 * est.trainable_params
+    _text_only_loss(peft_model, 2).backward()
+    optimizer = torch.optim.AdamW(trainable)
+    optimizer.step()
+    stepped = sum(p.numel() for p in trainable if p.grad is not None)
+    states = sum(v.numel() for state in optimizer.state.values() for k, v in state.items() if k != "step")
+    assert est.gradients == 4 * stepped == text.gradients and est.optimizer_states == 4 * states
+    assert est.activations == text.activations and est.kv_cache == text.kv_cache
+    full = estimate_memory(config, method="full")
+    assert full.trainable_params == shape.params - towers
+    assert full.weights == 2 * shape.params
+    for kwargs in (dict(method="qlora"), dict(method="dora"), dict(layers_to_transform=0)):
+        with pytest.raises(ConfigError, match="multimodal"):
+            estimate_memory(config, rank_plan_or_rank=4, **kwargs)
+
+
+@_PEFT_PATTERN_WARNING
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_a_multimodal_gemma3_blocks_activations_on_text_are_what_autograd_saves(precision):
+    """One language-model block's bytes per text-only step of Gemma3ForConditionalGeneration under LoRA (all-linear,
+    the vision tower's linears too), from models of 1 and 2 text layers at batch 2 and 3, measured and modelled."""
+    measured, modelled = {}, {}
+    for layers in (1, 2):
+        config, model = _gemma3_multimodal(layers, precision)
+        for batch in (2, 3):
+            measured[layers, batch] = saved_bytes(model, lambda m: _text_only_loss(m, batch))
+            modelled[layers, batch] = estimate_memory(config, method="lora", rank_plan_or_rank=4, batch=batch,
+                                                      seq_len=16, precision=precision).activations
+    block = {name: d[2, 3] - d[1, 3] - d[2, 2] + d[1, 2] for name, d in (("measured", measured),
+                                                                        ("modelled", modelled))}
+    assert block["modelled"] == block["measured"] > 0, block
