@@ -144,6 +144,10 @@ def model_shape(config: Mapping) -> ModelShape:
     mtype = str(cfg.get("model_type", "")).lower()
     if isinstance(cfg.get("text_config"), Mapping) and "hidden_size" not in cfg:
         return _with_other_towers(cfg, mtype)
+    if cfg.get("is_encoder_decoder"):  # T5, BART, Whisper: two stacks and cross-attention, and none of Llama's keys
+        raise ConfigError(f"model_type {mtype or '?'}: an encoder-decoder (an encoder, a decoder with cross-attention "
+                          "over it), which spectra's memory model does not describe; it reads decoder-only "
+                          "Llama-like and GPT-2 configs, and BERT encoders.")
     try:
         if "num_experts" in cfg and "num_local_experts" not in cfg or "moe_intermediate_size" in cfg:
             raise ConfigError(f"model_type {mtype}: a mixture of experts configured by num_experts or "

@@ -1097,3 +1097,14 @@ def test_a_multimodal_gemma3_blocks_activations_on_text_are_what_autograd_saves(
     block = {name: d[2, 3] - d[1, 3] - d[2, 2] + d[1, 2] for name, d in (("measured", measured),
                                                                         ("modelled", modelled))}
     assert block["modelled"] == block["measured"] > 0, block
+
+
+@pytest.mark.parametrize("family", ["t5", "bart"])
+def test_an_encoder_decoder_is_refused_as_one(family):
+    """T5 and BART were refused because a key was missing ("lacks 'hidden_size'"), which told the user nothing; they
+    are refused as encoder-decoders now, which the memory model does not describe."""
+    from tests.models import tiny_config
+
+    config = tiny_config(family).to_dict()
+    with pytest.raises(ConfigError, match=f"model_type {family}: an encoder-decoder"):
+        estimate_memory(config)
