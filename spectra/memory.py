@@ -33,6 +33,7 @@ References
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -148,6 +149,8 @@ def model_shape(config: Mapping) -> ModelShape:
         raise ConfigError(f"model_type {mtype or '?'}: an encoder-decoder (an encoder, a decoder with cross-attention "
                           "over it), which spectra's memory model does not describe; it reads decoder-only "
                           "Llama-like and GPT-2 configs, and BERT encoders.")
+    # the base model on the meta device, built at most once (MoE adapters and the parameter check both read it)
+    base_model = functools.cache(functools.partial(_meta_model_for, cfg, mtype))
     try:
         if "num_experts" in cfg and "num_local_experts" not in cfg or "moe_intermediate_size" in cfg:
             raise ConfigError(f"model_type {mtype}: a mixture of experts configured by num_experts or "
@@ -174,12 +177,12 @@ def model_shape(config: Mapping) -> ModelShape:
         elif mtype == "bert" or "type_vocab_size" in cfg:
             shape = _bert(cfg)
         else:
-            shape = _llama(cfg, mtype)
+            shape = _llama(cfg, mtype, base_model)
     except KeyError as err:
         raise ConfigError(f"config.json of model_type {mtype or '?'} lacks {err}; spectra's memory model reads "
                           "Llama-like, GPT-2 and BERT configs.") from None
     if mtype and mtype not in _COUNTED_RIGHT:
-        _refuse_other_blocks(cfg, mtype, shape)
+        _refuse_other_blocks(cfg, mtype, shape, base_model)
     return shape
 
 
@@ -196,15 +199,9 @@ def _with_other_towers(cfg: dict, mtype: str) -> ModelShape:
     from transformers.pytorch_utils import Conv1D
 
     from spectra.checkpoints.architectures import module_info
-    from spectra.checkpoints.targets import meta_model
 
     text = model_shape(cfg["text_config"])
-    try:
-        from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
-    except ImportError:  # pragma: no cover - transformers is a dependency
-        MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES = {}
-    model_class = MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES.get(mtype)
-    model = meta_model(cfg, model_class) if isinstance(model_class, str) else None
+    model_class, model = _meta_model_for(cfg, mtype, "MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES")
     if model is None:
         raise ConfigError(f"model_type {mtype or '?'}: a config with a text_config whose other towers this "
                           "transformers cannot build (no image-text-to-text class for it), so spectra's memory "
@@ -214,12 +211,9 @@ def _with_other_towers(cfg: dict, mtype: str) -> ModelShape:
         return ".language_model." not in f".{name}." and name.partition(".")[0] != "lm_head"
 
     towers = sum(p.numel() for name, p in model.named_parameters() if outside(name))  # tied weights once
-    built = sum(p.numel() for p in model.parameters())
-    if built != text.params + towers:
-        raise ConfigError(f"model_type {mtype}: transformers' {model_class} built from this config holds {built} "
-                          f"parameters, spectra's memory model counts {text.params + towers} (its "
-                          f"{text.family} language model {text.params}, the other towers {towers}), so it would "
-                          "count them wrong.")
+    _refuse_unless_built_holds(model, text.params + towers, mtype=mtype, model_class=model_class,
+                               counted_as=f"(its {text.family} language model {text.params}, the other towers "
+                                          f"{towers})")
     linears = []
     for name, module in model.named_modules():
         if isinstance(module, (torch.nn.Linear, Conv1D)) and outside(name):
@@ -230,38 +224,55 @@ def _with_other_towers(cfg: dict, mtype: str) -> ModelShape:
                                tower_params=towers, tower_linears=tuple(linears))
 
 
-def _refuse_other_blocks(cfg: dict, mtype: str, shape: ModelShape) -> None:
+def _meta_model_for(cfg: dict, mtype: str, mapping: str = "MODEL_MAPPING_NAMES"):
+    """transformers' class for ``mtype`` in ``mapping`` (a name in ``transformers.models.auto.modeling_auto``;
+    default the base model: no LM head) and that class built from ``cfg`` on the meta device (shapes only, no
+    weights), as ``(class name, model)``; the model is None where this transformers has no such class or cannot
+    build it from the config.
+
+    Costs transformers' modelling import, ~0.8 s once per process, then 10-30 ms a build (Llama-2-70B's,
+    Mixtral-8x7B's); :func:`model_shape` builds at most one base model a config, none for :data:`_COUNTED_RIGHT`'s
+    dense families."""
+    from transformers.models.auto import modeling_auto
+
+    from spectra.checkpoints.targets import meta_model
+
+    model_class = getattr(modeling_auto, mapping).get(mtype)
+    return model_class, meta_model(cfg, model_class) if isinstance(model_class, str) else None
+
+
+def _refuse_unless_built_holds(model, counted: int, *, mtype: str, model_class: str, counted_as: str) -> None:
+    """Refuse, naming both counts, where ``model`` (transformers' ``model_class`` built from the config) holds
+    another number of parameters than the ``counted`` ones (what they are: ``counted_as``)."""
+    built = sum(p.numel() for p in model.parameters())  # parameters() yields a tied or shared tensor once
+    if built != counted:
+        raise ConfigError(f"model_type {mtype}: transformers' {model_class} built from this config holds {built} "
+                          f"parameters, spectra's memory model counts {counted} {counted_as}, so it would count "
+                          "them wrong.")
+
+
+def _refuse_other_blocks(cfg: dict, mtype: str, shape: ModelShape, base_model=None) -> None:
     """Refuse a ``model_type`` outside :data:`_COUNTED_RIGHT` whose base model, built by transformers from the config
-    on the meta device (shapes only, no weights), holds another number of parameters than ``shape`` counts: its
-    blocks differ from those the memory model describes (Qwen3's and OLMo 2's Q/K norms, Cohere's LayerNorms
-    without a residual norm pair, JetMoE's attention experts, …). The base model (``MODEL_MAPPING_NAMES``: no LM
-    head, tied embeddings once, buffers not counted) is compared with ``shape.params`` less its head.
+    on the meta device (:func:`_meta_model_for`; ``base_model()`` returns it where already built), holds another
+    number of parameters than ``shape`` counts: its blocks differ from those the memory model describes (Qwen3's
+    and OLMo 2's Q/K norms, Cohere's LayerNorms without a residual norm pair, JetMoE's attention experts, …). The
+    base model (``MODEL_MAPPING_NAMES``: no LM head, tied embeddings once, buffers not counted) is compared with
+    ``shape.params`` less its head.
 
     Equal counts do not prove equal activations (a family may scale or normalise in ways with no weights), but
     unequal ones prove the estimate wrong. Where this transformers has no such class or cannot build it from the
-    config, nothing to compare against: the config is read as before. Costs transformers' modeling import, ~0.8 s
-    once per process, then 10-30 ms a model (Llama-2-70B's; families of ``_COUNTED_RIGHT`` skip it)."""
-    from spectra.checkpoints.targets import meta_model
-
-    try:
-        from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
-    except ImportError:  # pragma: no cover - transformers is a dependency
-        return
-    base_class = MODEL_MAPPING_NAMES.get(mtype)
-    model = meta_model(cfg, base_class) if isinstance(base_class, str) else None
+    config, nothing to compare against: the config is read as before."""
+    base_class, model = base_model() if base_model is not None else _meta_model_for(cfg, mtype)
     if model is None:
         return
-    built = sum(p.numel() for p in model.parameters())  # parameters() yields a tied or shared tensor once
-    counted = shape.params - shape.head_params
-    if built != counted:
-        raise ConfigError(f"model_type {mtype}: transformers' {base_class} built from this config holds {built} "
-                          f"parameters, spectra's memory model counts {counted} (no LM head): its blocks differ from "
-                          "the families the memory model describes (Llama-like: Llama, Mistral, Qwen2, Gemma, "
-                          "Phi-3; Mixtral-style MoE: Mixtral, PhiMoE, GraniteMoE, MiniMax; GPT-2; BERT), so it "
-                          "would count them wrong.")
+    _refuse_unless_built_holds(model, shape.params - shape.head_params, mtype=mtype, model_class=base_class,
+                               counted_as="(no LM head): its blocks differ from the families the memory model "
+                                          "describes (Llama-like: Llama, Mistral, Qwen2, Gemma, Phi-3; Mixtral-style "
+                                          "MoE: Mixtral, PhiMoE, GraniteMoE, MiniMax; GPT-2; BERT)")
 
 
-def _llama(cfg: dict, mtype: str) -> ModelShape:
+def _llama(cfg: dict, mtype: str, base_model) -> ModelShape:
+    """A Llama-like config; ``base_model()``: :func:`_meta_model_for`'s, built when first asked (MoE only)."""
     h, layers, heads = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["num_attention_heads"]
     kv_heads = cfg.get("num_key_value_heads") or heads
     head_dim = cfg.get("head_dim") or h // heads
@@ -301,10 +312,10 @@ def _llama(cfg: dict, mtype: str) -> ModelShape:
                       logit_softcap=caps["final_logit_softcapping"], sdpa=mtype not in _EAGER_ONLY, rotary=True,
                       qk_norm=qk_norm, sparsemixer=mtype in _SPARSEMIXER, topk_softmax=mtype in _TOPK_SOFTMAX,
                       input_jitter=mtype in _SPARSEMIXER and bool(cfg.get("input_jitter_noise", 0.0)),
-                      **(_moe_adapters(cfg, experts, h) if experts > 1 else {}))
+                      **(_moe_adapters(base_model()[1], experts, h) if experts > 1 else {}))
 
 
-def _moe_adapters(cfg: dict, experts: int, hidden: int) -> dict[str, bool]:
+def _moe_adapters(model, experts: int, hidden: int) -> dict[str, bool]:
     """How PEFT adapts an MoE's router and fused experts, read off the family's base model built from the config on
     the meta device: ``router_parameter``, ``router_all_linear`` and ``experts_all_linear`` of :class:`ModelShape`.
 
@@ -323,23 +334,17 @@ def _moe_adapters(cfg: dict, experts: int, hidden: int) -> dict[str, bool]:
     ``experts_all_linear``: that conversion also makes the experts' fused ``gate_up_proj`` and ``down_proj``
     target parameters (Mixtral's, MiniMax's); all-linear alone cannot reach them (3-D parameters, not nn.Linear).
 
-    Shapes only, no weights: ~10 ms for Mixtral-8x7B's, after importing transformers' modeling code, ~1.5 s once
-    per process (dense models skip it). The router is the child of the first module holding ``experts`` whose
-    weight is (experts, hidden). Where this transformers cannot build the family or has no such router, a LoRA
-    module on it (as on a plain nn.Linear router), and the experts left alone.
+    ``model`` is the family's base model on the meta device (:func:`_meta_model_for`, which states its cost), None
+    where this transformers cannot build it. The router is the child of the first module holding ``experts`` whose
+    weight is (experts, hidden). Where there is no model or no such router, a LoRA module on it (as on a plain
+    nn.Linear router), and the experts left alone.
     """
     import torch
     from transformers.pytorch_utils import Conv1D
 
-    from spectra.checkpoints.targets import lora_can_wrap, meta_model
+    from spectra.checkpoints.targets import lora_can_wrap
 
     unknown = {"router_parameter": False, "router_all_linear": True, "experts_all_linear": False}
-    try:
-        from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
-    except ImportError:  # pragma: no cover - transformers is a dependency
-        return unknown
-    base_class = MODEL_MAPPING_NAMES.get(cfg.get("model_type"))
-    model = meta_model(cfg, base_class) if isinstance(base_class, str) else None
     if model is None:
         return unknown
     converted = _peft_all_linear_parameters(model)
