@@ -225,8 +225,8 @@ def _print_summary(analysis: dict) -> None:
 
 def _print_notes(analysis: dict, *, quiet: bool = False) -> None:
     """Name the tensors only in BASE or TUNED, or skipped, give the pairing's notes (the first three) and say what the
-    calibration decided (its notes): report.md lists them too, but a user reading only the terminal must not miss them (with ``-q`` on stderr, which -q leaves
-    for warnings)."""
+    calibration decided (its notes): report.md lists them too, but a user reading only the terminal must not miss
+    them (with ``-q`` on stderr, which -q leaves for warnings)."""
     from rich.console import Console
 
     console = Console(stderr=quiet)

@@ -41,7 +41,7 @@ from spectra.checkpoints.names import match_names
 from spectra.checkpoints.placement import PlacementError, parameter_sources, split_sources
 from spectra.checkpoints.targets import architecture, meta_model, resolve_name
 from spectra.errors import AdapterError
-from spectra.ranks.policy import rank_scale
+from spectra.scaling import rank_scale
 
 PEFT_PREFIX = "base_model.model."
 _LORA_SUFFIXES = {

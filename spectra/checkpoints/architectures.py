@@ -38,7 +38,15 @@ def role_selected(role: str, roles) -> bool:
     """Whether a module of `role` is targeted by `roles`: named itself, named by its self-attention role
     (``--roles q`` takes T5's ``EncDecAttention.q``, role ``xq``; ``--roles xq`` only cross-attention's),
     or fused with one that is (``--roles q,v`` takes GPT-2's ``c_attn``, whose LoRA adapts q, k and v together)."""
-    return role in roles or CROSS_ROLES.get(role) in roles or bool(FUSED_ROLES.get(role, frozenset()) & set(roles))
+    return role_named(role, roles) or bool(FUSED_ROLES.get(role, frozenset()) & set(roles))
+
+
+def role_named(role: str, roles) -> bool:
+    """Whether `roles` name a module of `role`: itself, or, for a cross-attention role, its self-attention role
+    (``--roles q`` takes T5's ``EncDecAttention.q``, role ``xq``, as PEFT's ``target_modules`` do). Pairing
+    selects by this; :func:`role_selected` adds the fused tensors a LoRA target takes whole."""
+    return role in roles or CROSS_ROLES.get(role) in roles
+
 
 # A decoder's attention over its encoder's output, by the name of its module; T5's self-attention modules.
 _CROSS_ATTENTION = r"(encoder_attn|EncDecAttention|crossattention|cross_attn)"

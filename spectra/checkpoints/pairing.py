@@ -21,8 +21,8 @@ from typing import Any
 import torch
 
 from spectra.checkpoints.adapter import AdapterDelta, plan_adapter
-from spectra.checkpoints.architectures import (CROSS_ROLES, IN_OUT_EXPERT_MODEL_TYPES, ROLES, ModuleInfo, Projection,
-                                              fused_projections, is_conv1d, module_info)
+from spectra.checkpoints.architectures import (IN_OUT_EXPERT_MODEL_TYPES, ROLES, ModuleInfo, Projection,
+                                              fused_projections, is_conv1d, module_info, role_named)
 from spectra.checkpoints.buffers import Lease
 from spectra.checkpoints.names import compile_name_filter, match_names
 from spectra.checkpoints.source import AdapterSource, open_checkpoint
@@ -343,9 +343,7 @@ class Pairing:
     def _name_selected(self, name: str, info: ModuleInfo) -> bool:
         opts = self.options
         include, exclude = self._filters
-        # a role names itself, and q/k/v/o a cross-attention's too (--roles q takes BART's encoder_attn.q_proj, role
-        # xq, as PEFT's target_modules do; --roles xq only cross-attention's)
-        if opts.roles is not None and info.role not in opts.roles and CROSS_ROLES.get(info.role) not in opts.roles:
+        if opts.roles is not None and not role_named(info.role, opts.roles):  # --roles q takes BART's encoder_attn q
             return False
         if opts.layers is not None and (info.layer is None or not opts.layers[0] <= info.layer <= opts.layers[1]):
             return False

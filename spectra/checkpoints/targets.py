@@ -140,37 +140,34 @@ def model_targets(names: Iterable[str], model) -> dict[str, ModelTarget | None]:
     return out
 
 
-def owning_modules(names: Iterable[str], model) -> dict[str, str | None]:
-    """Checkpoint module name → the model's module that holds its tensors as stored, whatever its type; else None.
+def owning_modules(names: Iterable[str], model) -> tuple[dict[str, str | None], set[str]]:
+    """(checkpoint module name → the model's module that holds its tensors as stored, whatever its type, else None;
+    the names among them whose weight loading converts).
 
     For modules saved whole (``modules_to_save``): PEFT copies such a module and runs its own forward, so unlike
     in :func:`model_targets` it does not matter whether a LoRA module could wrap it. PhiMoE's router
     ``block_sparse_moe.gate`` (an nn.Linear whose forward returns a tuple) is the model's ``mlp.router``, Mixtral's
     (a MixtralTopKRouter, no Linear) ``mlp.gate``, although both are parameter targets for a LoRA. A name resolves
     to a module (exactly or up to a leading prefix), else its ``.weight`` renamed as on loading to a module's
-    ``weight``. None: the model has no such module, or loading converts the weight (Mixtral's
-    ``…experts.3.w1``, a slice of the fused ``mlp.experts.gate_up_proj``), so no module holds it as stored.
+    ``weight``. None: the model has no such module, or loading converts the weight (fuses, splits or transposes
+    it: Mixtral's ``…experts.3.w1``, a slice of the fused ``mlp.experts.gate_up_proj``), so no module holds it as
+    stored; the second value names the latter, for the error that says which.
     """
     modules = {n for n, _ in model.named_modules() if n}
     parameters = [n for n, _ in model.named_parameters()]
     rename = _loading_conversion(model)
-    out = {}
+    out, converted_names = {}, set()
     for name in names:
         module = resolve_name(name, modules)
         if module is None:
             loaded, converted = rename(name + ".weight")
+            if converted:
+                converted_names.add(name)
             weight = None if converted else resolve_name(loaded, parameters)
             owner, _, leaf = (weight or "").rpartition(".")
             module = owner if leaf == "weight" and owner in modules else None
         out[name] = module
-    return out
-
-
-def converted_on_loading(name: str, model) -> bool:
-    """Whether transformers' loader converts the checkpoint module's weight when it loads it into `model` (fuses it
-    into a parameter with others, splits or transposes it: Mixtral's ``…experts.3.w1``), so no module holds it as
-    stored (:func:`owning_modules` gives None for it, as for a name the model lacks)."""
-    return _loading_conversion(model)(name + ".weight")[1]
+    return out, converted_names
 
 
 def lora_can_wrap(module: torch.nn.Module) -> bool:

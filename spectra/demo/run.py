@@ -258,16 +258,15 @@ def _summary(analysis, uniform, per_module, verified, sweep, config, base, rank)
     import numpy as np
 
     from spectra.memory import estimate_memory
-    from spectra.report.tables import fused_wholes, summary_rows
+    from spectra.report.tables import by_projection, summary_rows
 
     # one entry per (stack, role), named as the analysis report names it ("q"; "vision q" beside a language model)
     roles = [{"role": r["label"], "modules": r["modules"], "full_rank": r["full_rank"],
               "energy_rank_0.9": (r.get("energy_rank_0.9") or {}).get("median"),
               "noise_rank": (r.get("noise_rank") or {}).get("median"),
               "effective_rank": (r.get("effective_rank") or {}).get("median")} for r in summary_rows(analysis.to_dict())]
-    split = fused_wholes(analysis.matrices())  # a fused tensor once, through its projections
-    rows = [r for r in analysis.matrices()
-            if r.get("energy_rank", {}).get("0.9") is not None and r["name"] not in split]
+    rows = [r for r in by_projection(analysis.matrices())  # a fused tensor once, through its projections
+            if r.get("energy_rank", {}).get("0.9") is not None]
     ranks = [r["energy_rank"]["0.9"] for r in rows]
     over_modules = {"energy_rank_0.9": float(np.median(ranks)), "energy_rank_0.9_range": [min(ranks), max(ranks)],
                     "share_0.9": float(np.median([k / min(r["shape"]) for k, r in zip(ranks, rows)]))} if rows else {}

@@ -33,12 +33,11 @@ from spectra.checkpoints.adapter import PEFT_PREFIX
 from spectra.checkpoints.architectures import role_selected
 from spectra.checkpoints.pairing import Pairing, PairingOptions
 from spectra.checkpoints.source import CheckpointSource
-from spectra.checkpoints.targets import (architecture, converted_on_loading, meta_model, model_targets,
-                                         owning_modules, resolve_name)
+from spectra.checkpoints.targets import architecture, meta_model, model_targets, owning_modules, resolve_name
 from spectra.errors import ConfigError, PeftConfigWarning
 from spectra.files import staged_directory
 from spectra.linalg.svd import CONVERGED_TOL, full_svd, randomized_svd
-from spectra.ranks.policy import rank_scale
+from spectra.scaling import rank_scale
 from spectra.workers import split_workers, thread_pool
 
 
@@ -349,7 +348,7 @@ def _adapter_model(pairing: Pairing, model_class: str | None, entries, saved_mod
             candidates.append((cls, model))
     stored = list(_stored_names(entries).values())
     for cls, model in candidates:
-        found, holders = model_targets(stored, model), owning_modules(saved_modules, model)
+        found, (holders, _) = model_targets(stored, model), owning_modules(saved_modules, model)
         if all(found[n] is not None for n in stored) and all(holders[n] is not None for n in saved_modules):
             return cls, model
     return candidates[0] if candidates else (None, None)
@@ -531,9 +530,9 @@ def _saved_names(saved_modules: list[str], model, model_class: str | None) -> di
     """
     if model is None:
         return {m: m for m in saved_modules}
-    found = owning_modules(saved_modules, model)
+    found, converted_names = owning_modules(saved_modules, model)
     missing = [m for m in saved_modules if found[m] is None]
-    converted = [m for m in missing if converted_on_loading(m, model)]
+    converted = [m for m in missing if m in converted_names]
     if converted:
         raise ConfigError(f"modules_to_save: {', '.join(converted[:5])} is no module of {model_class} as stored "
                           "(transformers fuses or converts its weight when it loads the checkpoint), so PEFT "

@@ -37,7 +37,7 @@ from spectra.checkpoints.pairing import check_device
 from spectra.errors import ConfigError
 from spectra.files import staged_directory
 from spectra.lora.data import TokenizedData, batches, check_max_length, prepare_data
-from spectra.ranks.policy import rank_scale
+from spectra.scaling import rank_scale
 
 METHODS = ("lora", "dora", "qlora", "qdora", "full")
 BLOCK_ROLES = ("q", "k", "v", "o", "qkv", "xq", "xk", "xv", "xo", "gate", "up", "down", "gate_up")  # x…: cross-attention
@@ -301,13 +301,14 @@ def load_model(spec, *, task: str, num_labels: int | None = None, quantize: bool
         with quiet_loading():
             model, info = auto.from_pretrained(str(model_dir(spec)), output_loading_info=True, **kwargs)
     except (OSError, ValueError) as err:
-        first = str(err).split("\n", 1)[0]  # transformers appends every config class it knows: ~200 names
-        if "Unrecognized configuration class" in first:
+        if "Unrecognized configuration class" in str(err):  # its text goes on to name every config class: ~200
+            config = json.loads((model_dir(spec) / "config.json").read_text())
             kind = {"seq_cls": "sequence classification", "causal_lm": "causal language model"}[task]
             raise ConfigError(f"cannot load {spec} as a {task} model: transformers has no {kind} class for its "
-                              f"config ({first.split('<class ')[-1].split('>')[0].strip(chr(39))}). spectra trains "
-                              "causal language models and sequence classifiers (--task causal_lm or seq_cls); an "
-                              "encoder-decoder such as T5 is analysed and extracted, not trained here.") from err
+                              f"model_type {config.get('model_type')!r}. spectra trains causal language models and "
+                              "sequence classifiers (--task causal_lm or seq_cls)"
+                              + ("; an encoder-decoder such as T5 is analysed and extracted, not trained here."
+                                 if config.get("is_encoder_decoder") else ".")) from err
         raise ConfigError(f"cannot load {spec} as a {task} model: {err}") from err
     if complete:
         _check_loaded_whole(spec, info, task, num_labels)

@@ -10,13 +10,13 @@ References
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass
 
 import numpy as np
 
 from spectra.errors import ConfigError
+from spectra.scaling import rank_scale
 
 _ALPHA_RULES = ("scale", "constant")
 
@@ -179,12 +179,6 @@ class RankPolicy:
     def scaling(self, rank: int) -> float:
         """The update scale s of a module: α/r [1]_, or α/√r with rsLoRA [2]_."""
         return self.alpha_for(rank) / rank_scale(rank, self.rslora)
-
-
-def rank_scale(rank: int, rslora: bool) -> float:
-    """What α is divided by in PEFT's update scale s = α/r of a rank-r update s·B@A: r (LoRA [1]_), or √r
-    (rsLoRA [2]_). The one place spectra writes that law: adapters read, extracted, planned and trained use it."""
-    return math.sqrt(rank) if rslora else rank
 
 
 def parse_budget(text: str) -> dict[str, int]:

@@ -21,6 +21,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from spectra.report.tables import (
+    by_projection,
     energy_curve,
     energy_levels,
     format_value,
@@ -222,9 +223,8 @@ def plot_effective_rank_histogram(analysis: Mapping) -> Figure:
         ``c_attn``) is counted by its projections, as the rank picture counts it.
     """
     every = matrix_rows(analysis)
-    split = fused_wholes(every)
     # ΔW = 0 has no rank to count (its 0 would drag the median); a fused whole is counted through its projections
-    rows = [r for r in every if not unchanged(r) and r["name"] not in split]
+    rows = [r for r in by_projection(every) if not unchanged(r)]
     left_out = unchanged_text(analysis)
     pairs = [(number(r.get("effective_rank")), full_rank(r)) for r in rows]
     pairs = [(e, f) for e, f in pairs if e is not None]
@@ -250,7 +250,7 @@ def plot_effective_rank_histogram(analysis: Mapping) -> Figure:
         ax.set_ylabel("modules (count)")
         ax.yaxis.set_major_locator(whole_ticks())  # a count of modules
     # the entropy needs every σ: modules whose spectrum was only computed to its top have none
-    modules = "modules (fused tensors by projection)" if split else "modules"
+    modules = "modules (fused tensors by projection)" if fused_wholes(every) else "modules"
     over = f"{ranks.size} {modules}" if ranks.size == len(rows) else (
         f"the {ranks.size} of {len(rows)} modules with a whole spectrum (the others' top only; --method full: all)")
     fig.suptitle(f"Entropy effective rank of ΔW over {over}: median {np.median(ranks):.3g} "

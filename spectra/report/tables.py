@@ -305,6 +305,13 @@ def fused_wholes(rows: list[Mapping]) -> set[str]:
     return {r["fused_name"] for r in rows if r.get("fused_name")}
 
 
+def by_projection(rows: list[Mapping]) -> list[Mapping]:
+    """``rows`` with a fused tensor counted once, through its projections: its whole row left out
+    (:func:`fused_wholes`), as the rank picture, the unchanged count, the histogram and the demo count modules."""
+    split = fused_wholes(rows)
+    return [r for r in rows if r["name"] not in split]
+
+
 def unchanged_text(analysis: Mapping) -> str:
     """How many of the analysis's weight matrices a statistic leaves out as unchanged, in one sentence ('' when
     none): '2 unchanged matrices are left out (ΔW = 0; every k matrix).'
@@ -315,7 +322,7 @@ def unchanged_text(analysis: Mapping) -> str:
     to state a statistic of: each caller says that instead."""
     rows = matrix_rows(analysis)
     split = fused_wholes(rows)
-    counted = [r for r in rows if r["name"] not in split]
+    counted = by_projection(rows)
     left = [r for r in counted if unchanged(r)]
     if not left:
         return ""
@@ -520,7 +527,7 @@ def rank_picture(analysis: Mapping) -> str:
     whole_groups = ({group_of(r) for r in rows if r["name"] in split}
                     - {group_of(r) for r in rows if r["name"] not in split})
     left_out = unchanged_text(analysis)  # the sentence beside the per-role table (role_table_note), word for word
-    rows = [r for r in rows if r["name"] not in split]  # a fused tensor counts once: through its projections
+    rows = by_projection(rows)  # a fused tensor counts once: through its projections
     if rows and all(unchanged(r) for r in rows):
         return (f"All {len(rows)} weight matrices are unchanged (ΔW = 0): the two checkpoints hold the same values "
                 "in every compared tensor, so there is no update to measure. Check that TUNED is the fine-tune.")
