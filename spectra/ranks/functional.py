@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from spectra.errors import ConfigError
-from spectra.report.tables import group_label, group_of, stacks_in
+from spectra.groups import group_label, group_of, stacks_in
 
 
 def functional_ranks(sweep: Any, epsilon: float, *, non_target: str | None = None) -> dict:
@@ -113,7 +113,7 @@ def role_curves(modules: list[Mapping]) -> dict[str, str]:
     ``modules`` are the rows of ``sweep.json``'s ``modules`` (``name``, ``role`` and, for a module
     outside the language model, ``stack``): every targeted module of the sweep, since whether
     its roles read "q" or "vision q" depends on the stacks the sweep truncates
-    (:func:`~spectra.report.tables.group_label`). A row without a stack, as every row of a sweep
+    (:func:`~spectra.groups.group_label`). A row without a stack, as every row of a sweep
     written before stacks existed, is the language model's: its curve is named by its role. A row
     without a role (none that spectra writes) is on no role curve.
 

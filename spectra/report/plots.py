@@ -20,6 +20,7 @@ from matplotlib.colors import ListedColormap, LogNorm, Normalize
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from spectra.groups import group_label, group_of
 from spectra.report.tables import (
     by_projection,
     energy_curve,
@@ -27,8 +28,6 @@ from spectra.report.tables import (
     format_value,
     full_rank,
     fused_wholes,
-    group_label,
-    group_of,
     groups_in,
     headline,
     headline_level,

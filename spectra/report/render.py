@@ -21,9 +21,9 @@ from matplotlib.figure import Figure
 
 from spectra.errors import ConfigError
 from spectra.files import staged_directory
+from spectra.groups import group_label
 from spectra.report.plots import all_figures, energy_marks, energy_marks_text
 from spectra.report.tables import (
-    group_label,
     groups_in,
     has_activation,
     headline_level,

@@ -15,9 +15,10 @@ from pathlib import Path
 from matplotlib.figure import Figure
 
 from spectra.errors import ConfigError
+from spectra.groups import stacks_in
 from spectra.ranks.functional import role_curves, unreached_curves
-from spectra.report.tables import num, stack_label, stacks_in
 from spectra.report.render import _plain
+from spectra.report.tables import num, stack_label
 from spectra.report.verify import write_bundle
 
 _STYLE = {"tuned": dict(color="tab:blue", marker="o"), "base": dict(color="tab:orange", marker="s")}

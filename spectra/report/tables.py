@@ -8,7 +8,7 @@ Modules are grouped by *stack* and role (:func:`groups_in`): a multimodal checkp
 tower numbers its layers from 0 like its language model, and its q_proj is no more the
 language model's q than its layer 0 is theirs. A row's ``stack`` (absent for the language
 model, and in files written before it existed) keeps them apart; where an analysis holds
-more than one stack, another stack's roles read "vision q" (:func:`group_label`).
+more than one stack, another stack's roles read "vision q" (:func:`spectra.groups.group_label`).
 """
 
 from __future__ import annotations
@@ -19,15 +19,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from spectra.checkpoints.architectures import STACKS
 from spectra.errors import ConfigError
+from spectra.groups import group_label, group_of, stack_index, stacks_in
 
 # Roles in the order a transformer block meets them, so tables and plots read top-down: an encoder–decoder's
 # decoder block attends to itself (q k v o), then to the encoder's output (xq xk xv xo), then runs its MLP.
 ROLE_ORDER = ("embed", "q", "k", "v", "qkv", "o", "xq", "xk", "xv", "xo", "gate", "up", "gate_up", "down", "head",
               "other")
-# Stacks in report order: the language model (None) first, then the others as architectures.STACKS lists them.
-STACK_ORDER = (None, *STACKS)
 ENERGY_LEVELS = ("0.5", "0.9", "0.95", "0.99")
 _REQUIRED_MATRIX_KEYS = ("name", "role", "shape", "fro_norm", "energy_rank", "singular_values")
 
@@ -109,38 +107,17 @@ def role_index(role: str | None) -> int:
     return ROLE_ORDER.index(role) if role in ROLE_ORDER else len(ROLE_ORDER)
 
 
-def stack_index(stack: str | None) -> tuple[int, str]:
-    """Sort key of ``stack``: its place in :data:`STACK_ORDER` (unknown stacks last, by name)."""
-    return (STACK_ORDER.index(stack), "") if stack in STACK_ORDER else (len(STACK_ORDER), str(stack))
-
-
-def stacks_in(rows: list[Mapping]) -> list[str | None]:
-    """The distinct stacks of ``rows`` (None: the language model, or a row written without a stack), in order."""
-    return sorted({r.get("stack") for r in rows}, key=stack_index)
-
-
 def stacks_of(analysis: Mapping) -> list[str | None]:
-    """The analysis's stacks: those of its weight matrices (:func:`stacks_in`), which every label of the report is
-    given (:func:`group_label`), so that a role reads the same in each table, panel and sentence. Vectors add none:
-    the report groups and draws matrices, and a vector's own name beside its role says where it lies."""
+    """The analysis's stacks: those of its weight matrices (:func:`~spectra.groups.stacks_in`), which every label of
+    the report is given (:func:`~spectra.groups.group_label`), so that a role reads the same in each table, panel
+    and sentence. Vectors add none: the report groups and draws matrices, and a vector's own name beside its role
+    says where it lies."""
     return stacks_in(matrix_rows(analysis))
-
-
-def group_of(row: Mapping) -> tuple[str | None, str]:
-    """What the per-role table, the role panels and the heatmap cells group a module by: (stack, role)."""
-    return row.get("stack"), row["role"]
 
 
 def groups_in(rows: list[Mapping]) -> list[tuple[str | None, str]]:
     """The distinct (stack, role) groups of ``rows``: stack by stack, roles in block order within each."""
     return sorted({group_of(r) for r in rows}, key=lambda g: (stack_index(g[0]), role_index(g[1]), g[1]))
-
-
-def group_label(group: tuple[str | None, str], stacks: list) -> str:
-    """A group as the reports name it: its role ("q"), prefixed by its stack ("vision q") where ``stacks`` (those of
-    the analysis, :func:`stacks_of`) are more than one and it is not the language model's."""
-    stack, role = group
-    return role if stack is None or len(stacks) < 2 else f"{stack} {role}"
 
 
 def stack_label(stack: str | None, stacks=()) -> str:
@@ -351,11 +328,11 @@ def summary_rows(analysis: Mapping) -> list[dict]:
     -------
     list of dict
         One dict per role of each stack (:func:`groups_in`) with a changed module, in block order, with ``role``,
-        ``stack`` (None: the language model), ``label`` (:func:`group_label`: "q", or "vision q" beside another
-        stack), ``modules`` (count of changed ones), ``layers`` (distinct non-null layers), ``full_rank`` (median
-        of ``min(shape)``) and, for each :data:`SUMMARY_METRICS` key (and :data:`ACTIVATION_METRICS` key when
-        the analysis was calibrated), a :func:`stats` dict or None where no module of the
-        role has the metric.
+        ``stack`` (None: the language model), ``label`` (:func:`~spectra.groups.group_label`: "q", or "vision q"
+        beside another stack), ``modules`` (count of changed ones), ``layers`` (distinct non-null layers),
+        ``full_rank`` (median of ``min(shape)``) and, for each :data:`SUMMARY_METRICS` key (and
+        :data:`ACTIVATION_METRICS` key when the analysis was calibrated), a :func:`stats` dict or None where no
+        module of the role has the metric.
     """
     stacks = stacks_of(analysis)
     rows = [r for r in matrix_rows(analysis) if not unchanged(r)]
@@ -392,8 +369,9 @@ class LayerRoleGrid:
 
 
 def layer_role_grids(rows: list[Mapping], value: Callable[[Mapping], float | None]) -> list[LayerRoleGrid]:
-    """The layer × role tables of ``value(row)`` over weight-matrix ``rows``, one per stack (:func:`stacks_in`):
-    layer 0 of a vision tower and of the language model are different rows of different tables, never one cell."""
+    """The layer × role tables of ``value(row)`` over weight-matrix ``rows``, one per stack
+    (:func:`~spectra.groups.stacks_in`): layer 0 of a vision tower and of the language model are different rows of
+    different tables, never one cell."""
     grids = []
     for stack in stacks_in(rows):
         members = [r for r in rows if r.get("stack") == stack]
