@@ -37,3 +37,9 @@ def group_label(group: tuple[str | None, str], stacks: list) -> str:
     the analysis, :func:`~spectra.report.tables.stacks_of`) are more than one and it is not the language model's."""
     stack, role = group
     return role if stack is None or len(stacks) < 2 else f"{stack} {role}"
+
+
+def curve_name(group: str) -> str:
+    """A truncation sweep's curve as sentences name it: "the whole-model curve" for ``model``, else "the 'vision q'
+    curve" (a role curve, named by :func:`group_label` of its modules' group)."""
+    return "the whole-model curve" if group == "model" else f"the '{group}' curve"

@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 from spectra.checkpoints.architectures import STACKS
-from spectra.groups import group_label, group_of, stack_index, stacks_in
+from spectra.groups import curve_name, group_label, group_of, stack_index, stacks_in
 
 
 def test_stacks_sort_language_model_first_then_as_architectures_lists_them_then_unknown_by_name():
@@ -24,6 +24,12 @@ def test_a_role_reads_with_its_stack_only_beside_another_stack():
     # negative control: a stack shown alone is not named, whichever it is
     assert group_label(group_of(vision_q), stacks_in([vision_q])) == "q"
     assert group_label(group_of(lm_q), stacks_in([lm_q])) == "q"
+
+
+def test_a_sweep_curve_reads_in_a_sentence_as_the_sweep_notes_write_it():
+    """One spelling for the sweep's unreached note and the sweep report's summary, which had each their own."""
+    assert curve_name("model") == "the whole-model curve"
+    assert [curve_name(g) for g in ("q", "vision q")] == ["the 'q' curve", "the 'vision q' curve"]
 
 
 def test_the_functional_ranks_label_curves_without_loading_the_reports_or_torch():

@@ -15,7 +15,7 @@ from pathlib import Path
 from matplotlib.figure import Figure
 
 from spectra.errors import ConfigError
-from spectra.groups import stacks_in
+from spectra.groups import curve_name, stacks_in
 from spectra.ranks.functional import role_curves, unreached_curves
 from spectra.report.render import _plain
 from spectra.report.tables import num, stack_label
@@ -167,10 +167,10 @@ def truncation_blocks(sweep: Mapping, *, figures: list[str]) -> list[tuple]:
              f"Metric: {metric} ({'higher' if sweep['metric']['higher_is_better'] else 'lower'} is better)"]
     items += [f"{k}: {metric} {num(v['metric'])} {interval_text(v.get('interval'))}" for k, v in ref.items()]
     items += [f"Marked — {label}: rank {rank}" for label, rank in (sweep.get("marks") or {}).items()]
-    items += [f"Not reached by the eval data: the {'whole-model' if u['group'] == 'model' else repr(u['group'])} "
-              f"curve (non-targets from {' and '.join(u['non_target'])}): at rank 0 its {len(u['modules'])} changed "
-              f"module(s) leave every example's loss and metric exactly the full fine-tune's, so it gives no "
-              "functional rank (see the notes)" for u in sweep.get("unreached") or ()]
+    items += [f"Not reached by the eval data: {curve_name(u['group'])} (non-targets from "
+              f"{' and '.join(u['non_target'])}): at rank 0 its {len(u['modules'])} changed module(s) leave every "
+              "example's loss and metric exactly the full fine-tune's, so it gives no functional rank (see the notes)"
+              for u in sweep.get("unreached") or ()]
     functional = sweep.get("functional") or {}
     items += [f"Functional rank ({group}, ε={functional['epsilon']:g}, non-targets from {functional['non_target']}): "
               + functional_text(entry) for group, entry in functional.get("groups", {}).items()]
