@@ -167,10 +167,9 @@ def truncation_blocks(sweep: Mapping, *, figures: list[str]) -> list[tuple]:
              f"Metric: {metric} ({'higher' if sweep['metric']['higher_is_better'] else 'lower'} is better)"]
     items += [f"{k}: {metric} {num(v['metric'])} {interval_text(v.get('interval'))}" for k, v in ref.items()]
     items += [f"Marked — {label}: rank {rank}" for label, rank in (sweep.get("marks") or {}).items()]
+    # flagged here, said once: the curve's note (in the notes) gives the what and the why
     items += [f"Not reached by the eval data: {curve_name(u['group'])} (non-targets from "
-              f"{' and '.join(u['non_target'])}): at rank 0 its {len(u['modules'])} changed module(s) leave every "
-              "example's loss and metric exactly the full fine-tune's, so it gives no functional rank (see the notes)"
-              for u in sweep.get("unreached") or ()]
+              f"{' and '.join(u['non_target'])}); see the notes" for u in sweep.get("unreached") or ()]
     functional = sweep.get("functional") or {}
     items += [f"Functional rank ({group}, ε={functional['epsilon']:g}, non-targets from {functional['non_target']}): "
               + functional_text(entry) for group, entry in functional.get("groups", {}).items()]
