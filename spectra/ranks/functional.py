@@ -20,7 +20,8 @@ from spectra.errors import ConfigError
 from spectra.groups import group_label, group_of, stacks_in
 
 
-def functional_ranks(sweep: Any, epsilon: float, *, non_target: str | None = None) -> dict:
+def functional_ranks(sweep: Any, epsilon: float, *, non_target: str | None = None,
+                     curve_of: Mapping[str, str] | None = None) -> dict:
     """Per curve of a truncation sweep, the smallest rank whose metric stays within ε of the full fine-tune.
 
     With ``gap(r)`` the metric's shortfall against the full fine-tune (``full − metric(r)`` when
@@ -49,6 +50,9 @@ def functional_ranks(sweep: Any, epsilon: float, *, non_target: str | None = Non
         Tolerance ≥ 0 in the metric's units (0.01 = one accuracy point).
     non_target : {"tuned", "base"}, optional
         Which curve to read when both were swept. Default: the sweep's first (``tuned``).
+    curve_of : mapping, optional
+        :func:`role_curves` of the sweep's ``modules``, where the caller has them already
+        (``recommend_ranks`` looks each module's curve up in them); computed here otherwise.
 
     Returns
     -------
@@ -69,7 +73,7 @@ def functional_ranks(sweep: Any, epsilon: float, *, non_target: str | None = Non
     if non_target not in data["non_target"]:
         raise ConfigError(f"non_target {non_target!r}: the sweep measured {data['non_target']} only.")
     modules = data.get("modules") or []
-    curve_of = role_curves(modules)
+    curve_of = role_curves(modules) if curve_of is None else curve_of
     curves: dict[str, list[dict]] = {}
     for p in data["points"]:
         if p["non_target"] == non_target and p["rank"] is not None:

@@ -19,6 +19,9 @@ from spectra.errors import ConfigError
 from spectra.scaling import rank_scale
 
 _ALPHA_RULES = ("scale", "constant")
+# τ of the energy target: what RankPolicy() asks, and what recommend_ranks takes where a rule needs an energy share
+# the policy does not set (a uniform rank, a left-out module's needed rank, an unreached curve's modules).
+DEFAULT_ENERGY = 0.9
 
 
 @dataclass(frozen=True)
@@ -87,7 +90,7 @@ class RankPolicy:
         that rank). Needs ``recommend_ranks(..., sweep=...)``. Default None.
     """
 
-    energy: float | None = 0.9
+    energy: float | None = DEFAULT_ENERGY
     noise: bool = True
     knee: bool = False
     uniform: bool = False

@@ -29,7 +29,7 @@ from spectra.errors import ConfigError
 from spectra.ranks.budget import allocate_budget
 from spectra.ranks.functional import functional_ranks, read_sweep, role_curves
 from spectra.ranks.plan import LeftOut, ModuleRank, RankPlan
-from spectra.ranks.policy import RankPolicy
+from spectra.ranks.policy import DEFAULT_ENERGY, RankPolicy
 
 # roles a LoRA on linear layers does not target unless asked: embeddings need PEFT's embedding
 # LoRA and the head is often tied to them.
@@ -279,11 +279,12 @@ def recommend_ranks(analysis: Any, policy: RankPolicy | None = None, *, sweep: A
     if policy.functional is not None and sweep is None:
         raise ConfigError("RankPolicy.functional needs a truncation sweep: recommend_ranks(..., sweep=…) "
                           "(run `spectra sweep BASE TUNED --data EVAL` first).")
-    functional, curve_of = None, {}
+    functional, curve_of, spectral = None, {}, None
     if policy.functional is not None:
         sweep = read_sweep(sweep)
-        functional = functional_ranks(sweep, policy.functional)
         curve_of = role_curves(sweep.get("modules") or [])  # module -> its role curve in the sweep: "q", "vision q"
+        functional = functional_ranks(sweep, policy.functional, curve_of=curve_of)
+        spectral = _spectral_policy(policy)  # for the modules of a curve the sweep's data never reached
     rows, base, tuned = _rows(analysis)
     if functional is not None:
         _check_sweep_pair(functional["sweep"], base, tuned)
@@ -296,7 +297,7 @@ def recommend_ranks(analysis: Any, policy: RankPolicy | None = None, *, sweep: A
         if why is None and s.fro2 <= 0:
             why = "unchanged (ΔW = 0)"
         if why is not None:
-            needed = s.energy_rank(policy.energy or 0.9)[0] if s.fro2 > 0 else 0
+            needed = s.energy_rank(policy.energy or DEFAULT_ENERGY)[0] if s.fro2 > 0 else 0
             left_out.append(LeftOut(s.name, why, needed, math.sqrt(s.fro2)))
         else:
             spectra.append(s)
@@ -315,7 +316,7 @@ def recommend_ranks(analysis: Any, policy: RankPolicy | None = None, *, sweep: A
         if functional is None:
             rank, reason = _target(s, policy, uniform_rank)
         else:
-            rank, reason, unreached = _functional_target(s, functional, curve_of.get(s.name, s.role), policy)
+            rank, reason, unreached = _functional_target(s, functional, curve_of.get(s.name, s.role), spectral)
         if rank == 0:
             why = ("not needed: the sweep at rank 0 is within ε" if functional and not unreached
                    else "no signal above the noise floor" + (f" ({unreached})" if unreached else ""))
@@ -366,7 +367,7 @@ def _excluded(s: _Spectrum, policy: RankPolicy) -> str | None:
 
 def _uniform_rank(spectra: list[_Spectrum], policy: RankPolicy) -> int:
     """Smallest power of two capturing τ on ≥ uniform_share of modules (unknown energy counts as a miss)."""
-    tau = policy.energy or 0.9
+    tau = policy.energy or DEFAULT_ENERGY
     need = math.ceil(policy.uniform_share * len(spectra) - 1e-9)
     cap = max(s.full_rank for s in spectra)
     if policy.max_rank is not None:
@@ -402,7 +403,15 @@ def _target(s: _Spectrum, policy: RankPolicy, uniform_rank: int | None) -> tuple
     return rank, reason
 
 
-def _functional_target(s: _Spectrum, functional: dict, curve: str | None, policy: RankPolicy
+def _spectral_policy(policy: RankPolicy) -> RankPolicy:
+    """What a functional ``policy`` plans a module by where the sweep gives it no rank (its curve never reached by
+    the sweep's data): its spectral rule (:func:`_target`), with energy τ = ``policy.energy``, or recommend's
+    default unless ``knee`` alone is asked."""
+    energy = policy.energy if policy.energy is not None or policy.knee else DEFAULT_ENERGY
+    return dataclasses.replace(policy, energy=energy, functional=None)
+
+
+def _functional_target(s: _Spectrum, functional: dict, curve: str | None, spectral: RankPolicy
                        ) -> tuple[int, str, str | None]:
     """The swept rank of the module's role curve (else the model curve); full rank when none was within ε.
 
@@ -410,9 +419,9 @@ def _functional_target(s: _Spectrum, functional: dict, curve: str | None, policy
     stack's and role's, "vision q" for a vision tower's q_proj beside the language model's "q"; its role for a sweep
     that recorded no modules (one written before it did, whose role curves span every stack).
 
-    A curve the sweep's eval data never reached has no functional rank: the module takes the policy's spectral rank
-    (:func:`_target` with energy τ = ``policy.energy`` or 0.9 unless ``knee`` alone is asked), and the third value
-    names the curve ("the sweep's data never reached role vision q"); None otherwise.
+    A curve the sweep's eval data never reached has no functional rank: the module takes the rank of the policy's
+    spectral rule, ``spectral`` (:func:`_spectral_policy`), and the third value names the curve ("the sweep's data
+    never reached role vision q"); None otherwise.
     """
     groups = functional["groups"]
     group = curve if curve in groups else "model"
@@ -421,8 +430,7 @@ def _functional_target(s: _Spectrum, functional: dict, curve: str | None, policy
                           "with groups='model' or include this role.")
     label = "role " + group if group != "model" else "model"
     if groups[group].get("unreached"):
-        energy = policy.energy if policy.energy is not None or policy.knee else 0.9  # as recommend's default
-        rank, reason = _target(s, dataclasses.replace(policy, energy=energy, functional=None), None)
+        rank, reason = _target(s, spectral, None)
         return rank, reason, f"the sweep's data never reached {label}"
     rank = groups[group]["rank"]
     where = f"functional≤{functional['epsilon']:g} ({label})"

@@ -159,7 +159,9 @@ def test_a_curve_the_sweeps_data_never_reached_gives_its_modules_their_spectral_
     assert {m.name: m.reason for m in plan.left_out} == {
         "vk0": "no signal above the noise floor (the sweep's data never reached role vision k)"}
     for policy, expected in ((RankPolicy(energy=0.8, functional=0.01), (2, "energy≥0.8")),  # 25/30: its own τ
-                             (RankPolicy(energy=None, power_of_two=True, functional=0.01), (4, "power of two"))):
+                             (RankPolicy(energy=None, power_of_two=True, functional=0.01), (4, "power of two")),
+                             # knee alone: Kneedle's 2 (cum/30 − i/4 = .283, .333, .217), not the default τ's 3
+                             (RankPolicy(energy=None, knee=True, functional=0.01), (2, "knee"))):
         plan = recommend_ranks(analysis(*rows), policy, sweep=marked("tuned"))
         assert [(m.rank, m.reason) for m in plan.modules if m.name == "vq0"] == [
             (expected[0], f"{expected[1]}; the sweep's data never reached role vision q")]
