@@ -24,6 +24,11 @@ by O(ε).
 Moments are accumulated by forward pre-hooks on the base model's Linear/Conv1D modules,
 in float64, padding excluded, as sums plus token counts, so any chunking of the data gives
 the same C. Modules fed the same tensor (q, k and v) share one accumulation.
+
+An encoder–decoder (T5, BART) is calibrated on ``{"source", "target"}`` pairs run as in
+training (the decoder reads the target shifted right): its encoder's modules, and the
+decoder's cross-attention keys and values (which read the encoder's output), see the
+source's tokens; every other decoder module sees the target's.
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ from spectra.checkpoints.pairing import check_device
 from spectra.errors import ConfigError
 from spectra.linalg import metrics
 from spectra.linalg.svd import CONVERGED_TOL, Spectrum, full_svd, randomized_svd
-from spectra.lora.data import check_max_length
+from spectra.lora.data import check_max_length, check_task
 
 
 
@@ -59,8 +64,9 @@ class CalibrationConfig:
         table of learned positions is refused.
     batch_size : int
         Examples per forward pass.
-    task : {"auto", "causal_lm", "seq_cls"}
-        Decides tokenisation and the model class; ``auto`` reads ``seq_cls`` when every
+    task : {"auto", "causal_lm", "seq_cls", "seq2seq_lm"}
+        Decides tokenisation and the model class; ``auto`` reads ``seq2seq_lm`` for an
+        encoder–decoder (its records are source/target pairs), else ``seq_cls`` when every
         record has a ``label``.
     seed : int
         Seed of any classification head initialised at load (its outputs are not used).
@@ -88,8 +94,7 @@ class CalibrationConfig:
         check_max_length(self.max_length, option="calibration max_length")
         if self.batch_size < 1:
             raise ConfigError(f"calibration batch_size {self.batch_size} must be ≥ 1.")
-        if self.task not in ("auto", "causal_lm", "seq_cls"):
-            raise ConfigError(f"calibration task {self.task!r} is not auto, causal_lm or seq_cls.")
+        check_task(self.task, option="calibration task")
         check_device(self.device)
 
 
@@ -278,7 +283,7 @@ def activation_row(delta: torch.Tensor, C: torch.Tensor, *, tokens: int, epsilon
 
 
 def collect_calibration(model_spec, data, *, config: CalibrationConfig | None = None, model=None,
-                        progress: bool = False) -> Calibration:
+                        progress: bool = False, max_length_option: str = "calibration max_length") -> Calibration:
     """Run a model on calibration data and accumulate every weight matrix's input C = E[x xᵀ].
 
     Parameters
@@ -288,12 +293,16 @@ def collect_calibration(model_spec, data, *, config: CalibrationConfig | None = 
         truncated update is added to (as ASVD/SVD-LLM calibrate the model they compress).
         Needs a model directory with config.json.
     data : str or path
-        ``.txt``, or ``.jsonl`` of ``{"text"}`` / ``{"text", "label"}`` records, or ``.csv``/``.tsv`` with those header columns.
+        ``.txt``, or ``.jsonl`` of ``{"text"}`` / ``{"text", "label"}`` records, or ``.csv``/``.tsv`` with those header
+        columns; for an encoder–decoder, ``{"source", "target"}`` records (or columns).
     config : CalibrationConfig, optional
     model : torch.nn.Module, optional
         An already loaded model of ``model_spec`` (skips loading it again).
     progress : bool
         tqdm bar over batches.
+    max_length_option : str
+        How the user set ``config.max_length``, for its error and notes (a sweep's
+        ``--max-length`` cuts its eval data and its calibration data alike).
 
     Returns
     -------
@@ -308,14 +317,15 @@ def collect_calibration(model_spec, data, *, config: CalibrationConfig | None = 
     import tqdm
     from transformers.pytorch_utils import Conv1D
 
+    from spectra.checkpoints.architectures import module_info
     from spectra.checkpoints.names import match_names
     from spectra.checkpoints.source import open_checkpoint
-    from spectra.lora.data import batches, read_records
+    from spectra.lora.data import batches, model_inputs, read_records
     from spectra.lora.train import load_model, model_device, to_device
 
     config = config or CalibrationConfig()
     notes: list[str] = []
-    task, tokens = _tokenized(model_spec, data, config, read_records, notes=notes)
+    task, tokens = _tokenized(model_spec, data, config, read_records, notes=notes, option=max_length_option)
     if model is None:
         torch.manual_seed(config.seed)  # a classifier head new to a bare checkpoint; its outputs are unused
         model = load_model(model_spec, task=task, device=config.device)
@@ -328,7 +338,11 @@ def collect_calibration(model_spec, data, *, config: CalibrationConfig | None = 
 
     moments = SecondMoments()
     groups: dict[str, str] = {}
-    state: dict = {"mask": None, "last": (None, None)}  # this batch's attention mask; last input and its group
+    state: dict = {"batch": None, "last": (None, None)}  # this batch; last input and its group
+    # the padding mask over each module's inputs: the source's, but for a decoder module reading the decoder's stream
+    model_config = model.config.to_dict()
+    mask_of = {name: _mask_key(module_info(name, model_config)) if task == "seq2seq_lm" else "attention_mask"
+               for name in hooked}
 
     def hook(module_name: str):
         def pre_hook(_module, args):
@@ -337,8 +351,8 @@ def collect_calibration(model_spec, data, *, config: CalibrationConfig | None = 
             if x is not last:  # q, k, v (gate, up) are called one after another on the same tensor
                 group = module_name
                 state["last"] = (x, group)
-                mask = state["mask"]
-                if mask is not None and tuple(x.shape[:-1]) == tuple(mask.shape):
+                mask = state["batch"][mask_of[module_name]]  # (B, T)
+                if tuple(x.shape[:-1]) == tuple(mask.shape):
                     x = x[mask.bool()]  # (n_tokens, in): padding never counts
                 moments.add(group, x)
             groups[hooked[module_name]] = group
@@ -353,8 +367,8 @@ def collect_calibration(model_spec, data, *, config: CalibrationConfig | None = 
             for batch in tqdm.tqdm(batches(tokens, config.batch_size), total=n_batches, desc="calibrate",
                                    unit="batch", disable=not progress, leave=False):
                 batch = to_device(batch, model_device(model))
-                state["mask"], state["last"] = batch["attention_mask"], (None, None)
-                model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+                state["batch"], state["last"] = batch, (None, None)
+                model(**model_inputs(batch))
     finally:
         for handle in handles:
             handle.remove()
@@ -366,20 +380,35 @@ def collect_calibration(model_spec, data, *, config: CalibrationConfig | None = 
     return Calibration(moments=moments, groups=groups, config=config, source=source, notes=notes)
 
 
-def _tokenized(model_spec, data, config: CalibrationConfig, read_records, *, notes: list[str]):
+def _mask_key(info) -> str:
+    """The batch key of the padding mask over a module's inputs in an encoder–decoder: the encoder's modules and the
+    decoder's cross-attention keys and values read the source (``attention_mask``), the rest the target."""
+    if info.stack == "encoder" or info.role in ("xk", "xv"):
+        return "attention_mask"
+    return "decoder_attention_mask"
+
+
+def _tokenized(model_spec, data, config: CalibrationConfig, read_records, *, notes: list[str], option: str):
     """(task, TokenizedData) of the calibration file, labels ignored, first ``max_examples`` kept."""
-    from spectra.lora.data import prepare_tokenizer, tokenize
+    from spectra.lora.data import prepare_tokenizer, read_model_config, resolve_task, tokenize
     from spectra.lora.train import model_dir
 
+    folder = model_dir(model_spec)
+    model_config = read_model_config(folder)
     task = config.task
-    records = read_records(data, task="causal_lm")
+    if task == "auto" and model_config.get("is_encoder_decoder"):
+        task = "seq2seq_lm"
+    # texts, labels unchecked (a classifier's are not needed), or an encoder-decoder's source/target pairs
+    records = read_records(data, task="seq2seq_lm" if task == "seq2seq_lm" else "causal_lm")
     if task == "auto":
         task = "seq_cls" if all("label" in r for r in records) else "causal_lm"
-    _, max_length, tokenizer = prepare_tokenizer(model_dir(model_spec), task=task, max_length=config.max_length,
-                                                 option="calibration max_length", notes=notes)
-    tokens = tokenize(records, tokenizer, task="causal_lm", max_length=max_length)  # no labels needed
+    task = resolve_task(task, model_config, records, data=data, model=model_spec)
+    _, max_length, tokenizer = prepare_tokenizer(folder, task=task, max_length=config.max_length, option=option,
+                                                 notes=notes)
+    tokens = tokenize(records, tokenizer, task="seq2seq_lm" if task == "seq2seq_lm" else "causal_lm",
+                      max_length=max_length)  # no labels needed
     if config.max_examples is not None:
-        tokens.ids = tokens.ids[:config.max_examples]
+        tokens = tokens.first(config.max_examples)
     return task, tokens
 
 

@@ -32,6 +32,12 @@ bench_app = typer.Typer(help="Benchmarks of this machine, side by side with peer
 app.add_typer(bench_app, name="bench")
 
 _state = {"debug": False}
+# --task of train and sweep: the choices, and what each wants of the data
+_TASK_HELP = ("auto (default: seq2seq_lm for an encoder-decoder such as T5 or BART, else seq_cls when every record has "
+              "a label, else causal_lm), causal_lm (text: .txt, or {\"text\"} records), seq_cls ({\"text\", \"label\"} "
+              "records) or seq2seq_lm (an encoder-decoder learns to write target from source: .jsonl of "
+              "{\"source\": ..., \"target\": ...} records, or .csv/.tsv with source,target columns; the loss is over "
+              "target tokens).")
 
 
 @app.callback()
@@ -243,7 +249,9 @@ def _print_notes(analysis: dict, *, quiet: bool = False) -> None:
     if len(notes) > 3:
         console.print(escape(f"note: {len(notes) - 3} more pairing note(s) (report.md lists them all)"), style="yellow")
     for note in (analysis.get("calibration") or {}).get("notes") or []:  # e.g. texts cut at the model's positions
-        console.print(escape(f"note: calibration: {note}"), style="yellow")
+        # a note that names the calibration's own option ("calibration max_length: …") says it is the calibration's
+        console.print(escape(f"note: {note}" if note.startswith("calibration") else f"note: calibration: {note}"),
+                      style="yellow")
 
 
 # the columns that decide a rank, with labels short enough for an 80-column terminal
@@ -583,7 +591,7 @@ def bench_svd(
 @app.command()
 def train(
     base: Annotated[str, typer.Argument(help="Model directory (or hub id) with config.json to fine-tune.")],
-    data: Annotated[Path, typer.Option(help=".txt (language modelling), or .jsonl of {\"text\"} / {\"text\", \"label\"} records, or .csv/.tsv with a text (and label) header column.")],
+    data: Annotated[Path, typer.Option(help=".txt (language modelling), or .jsonl of {\"text\"} / {\"text\", \"label\"} / {\"source\", \"target\"} (encoder-decoder) records, or .csv/.tsv with a text (and label), or source,target, header row.")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Adapter directory (or checkpoint with --full) to create.")],
     method: Annotated[Optional[str], typer.Option(help="lora (default; dora for a plan made with `recommend --dora`), "
                                                        "dora, qlora or qdora (4-bit NF4 base).")] = None,
@@ -596,7 +604,7 @@ def train(
     plan: Annotated[Optional[Path], typer.Option(help="Per-module ranks and α from `spectra recommend -o plan.json` "
                                                       "(instead of --rank, --alpha and --roles).")] = None,
     roles: Annotated[Optional[str], typer.Option(help="Roles to target, e.g. q,v (default: every block linear).")] = None,
-    task: Annotated[str, typer.Option(help="auto, causal_lm or seq_cls.")] = "auto",
+    task: Annotated[str, typer.Option(help=_TASK_HELP)] = "auto",
     eval_data: Annotated[Optional[Path], typer.Option(help="Held-out data (default: --eval-fraction of --data).")] = None,
     eval_fraction: Annotated[Optional[float], typer.Option(
         help="Share of --data held out without --eval-data (default 0.1, at least one example; 0: none).")] = None,
@@ -802,7 +810,7 @@ def bench_e2e(
 def sweep(
     base: Annotated[str, typer.Argument(help="Pretrained checkpoint (model directory with config.json).")],
     tuned: Annotated[str, typer.Argument(help="The full fine-tune (model directory with config.json).")],
-    data: Annotated[Path, typer.Option(help="Eval data: .txt (perplexity), or .jsonl of {\"text\", \"label\"} / .csv/.tsv with text,label columns (accuracy).")],
+    data: Annotated[Path, typer.Option(help="Eval data: .txt (perplexity), or .jsonl of {\"text\", \"label\"} / .csv/.tsv with text,label columns (accuracy), or {\"source\", \"target\"} records for an encoder-decoder (perplexity over target tokens).")],
     ranks: Annotated[str, typer.Option(help="Comma-separated ranks to evaluate (0 allowed).")] = "1,2,4,8,16,32,64",
     output: Annotated[Path, typer.Option("-o", "--output", help="Report directory to write.")] = Path("reports/sweep"),
     non_target: Annotated[str, typer.Option(help="Norms, biases, heads, embeddings from: tuned, base or both.")] = "tuned",
@@ -813,7 +821,7 @@ def sweep(
     analysis: Annotated[Optional[Path], typer.Option(help="With --epsilon: an analysis of the pair; writes OUTPUT/plan.json from the functional policy.")] = None,
     calibration: Annotated[Optional[Path], typer.Option(help="Calibration data: truncate data-optimally (best on these inputs) instead of by Eckart–Young.")] = None,
     roles: Annotated[Optional[str], typer.Option(help="Roles to truncate (default every block linear: q, k, v, o, qkv, gate, up, down, gate_up).")] = None,
-    task: Annotated[str, typer.Option(help="auto, causal_lm or seq_cls.")] = "auto",
+    task: Annotated[str, typer.Option(help=_TASK_HELP)] = "auto",
     batch_size: Annotated[int, typer.Option(help="Eval examples per forward pass.")] = 32,
     max_length: Annotated[Optional[int], typer.Option(help="Tokens per example (default 128, or the model's position limit when shorter, said in a note; a value beyond a learned position table, BERT's or GPT-2's, is refused).")] = None,
     bootstrap: Annotated[int, typer.Option(help="Bootstrap replicates of the intervals (0: none).")] = 1000,

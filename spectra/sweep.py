@@ -56,7 +56,7 @@ import numpy as np
 from spectra.calibration import Calibration, CalibrationConfig, collect_calibration, truncation_factors
 from spectra.checkpoints.pairing import check_device
 from spectra.errors import ConfigError
-from spectra.lora.data import check_max_length
+from spectra.lora.data import check_max_length, check_task
 from spectra.ranks.functional import role_curves
 from spectra.report.tables import stack_index
 from spectra.sweep_metrics import Metric, example_stats, resolve_metric
@@ -76,8 +76,10 @@ class SweepConfig:
     roles : tuple of str, optional
         Roles whose ΔW are truncated; None: every block linear (q, k, v, o, qkv, gate, up,
         down, gate_up), what LoRA targets. Ignored with a plan (its modules are the targets).
-    task : {"auto", "causal_lm", "seq_cls"}
-        ``auto``: classification when every eval record has a ``label``.
+    task : {"auto", "causal_lm", "seq_cls", "seq2seq_lm"}
+        ``auto``: ``seq2seq_lm`` for an encoder–decoder (``{"source", "target"}`` records,
+        token-level metrics over the targets), else classification when every eval record
+        has a ``label``.
     max_length : int, optional
         Tokens per eval (and calibration) example; None: 128, or the model's position limit
         when shorter (a note says so). A length beyond a table of learned positions is refused.
@@ -115,8 +117,7 @@ class SweepConfig:
     def __post_init__(self) -> None:
         if self.roles is not None:
             object.__setattr__(self, "roles", tuple(self.roles))
-        if self.task not in ("auto", "causal_lm", "seq_cls"):
-            raise ConfigError(f"task {self.task!r} is not auto, causal_lm or seq_cls.")
+        check_task(self.task, option="task (--task)")
         check_max_length(self.max_length, option="max_length (--max-length)")
         if self.batch_size < 1 or self.bootstrap < 0:
             raise ConfigError("batch_size must be ≥ 1 and bootstrap ≥ 0.")
@@ -257,7 +258,8 @@ def truncation_sweep(base, tuned, data, *, ranks=(1, 2, 4, 8, 16, 32, 64), plan=
                           f"classifier has {model.config.num_labels} outputs: eval data of another task?")
     if isinstance(calibration, (str, Path)):
         calibration = collect_calibration(base, calibration, config=CalibrationConfig(
-            epsilon=config.calibration_epsilon, max_length=config.max_length, task=task, device=config.device), progress=progress)
+            epsilon=config.calibration_epsilon, max_length=config.max_length, task=task, device=config.device),
+            max_length_option="max_length (--max-length)", progress=progress)  # the sweep's option cuts both
     if calibration is not None:
         notes += [n for n in calibration.notes if n not in notes]  # the base cut as the data was: said once
     weights = ModelWeights(model, base, tuned, plan=plan, roles=config.roles)
@@ -470,7 +472,7 @@ def _summarize(jobs, keys, stats, metric: Metric, weights, modules: list[dict], 
         "data": str(data), "task": task, "label_names": label_names,
         "metric": {"name": metric.name, "higher_is_better": metric.higher_is_better},
         "examples": int(first["num"].shape[0]), "units": int(first["count"].sum()),
-        "unit": "tokens" if task == "causal_lm" else "examples",
+        "unit": "examples" if task == "seq_cls" else "tokens",
         "truncation": "eckart-young" if calibration is None else "data-optimal",
         "ranks": ranks, "non_target": list(non_target), "groups": groups,
         "bootstrap": {"replicates": config.bootstrap, "confidence": config.confidence, "seed": config.seed,

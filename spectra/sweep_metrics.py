@@ -3,7 +3,8 @@
 Every metric is a pooled ratio ``finish(Σ numerator / Σ denominator)`` over eval examples:
 accuracy is correct / counted, loss is summed cross-entropy / counted tokens (or examples),
 perplexity is exp(loss). Loss and accuracy follow :func:`spectra.lora.train.evaluate`
-(next-token and token-level for language modelling), computed per example.
+(next-token and token-level for language modelling, token-level over the targets for
+sequence to sequence), computed per example.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import numpy as np
 import torch
 
 from spectra.errors import ConfigError
+from spectra.lora.data import predicted_targets
 
 IGNORE_INDEX = -100
 
@@ -29,7 +31,9 @@ class Metric:
     per_example : callable
         ``f(logits, batch) -> Tensor (B,)`` (scores, averaged) or ``(numerator (B,),
         denominator (B,))`` (pooled as Σ num / Σ den). ``batch`` holds ``input_ids``,
-        ``attention_mask`` and ``labels`` as :func:`spectra.lora.data.batches` makes them.
+        ``attention_mask`` and ``labels`` as :func:`spectra.lora.data.batches` makes them
+        (and, for an encoder–decoder, ``decoder_attention_mask``; its logits are the
+        decoder's, aligned with ``labels``: :func:`spectra.lora.data.predicted_targets`).
     higher_is_better : bool
     finish : callable, optional
         Applied elementwise (to numpy arrays) after pooling, e.g. ``np.exp`` for perplexity.
@@ -53,7 +57,8 @@ def token_stats(logits: torch.Tensor, batch: dict) -> tuple[torch.Tensor, torch.
     if labels.ndim == 1:  # classification: (B, C) vs (B,)
         loss = torch.nn.functional.cross_entropy(logits, labels, reduction="none")  # (B,)
         return loss.double(), (logits.argmax(-1) == labels).double(), torch.ones(len(labels), dtype=torch.float64, device=labels.device)
-    logits, labels = logits[:, :-1], labels[:, 1:]  # (B, T-1, V), (B, T-1): position t predicts t+1
+    # causal: (B, T-1, V), (B, T-1), position t predicts t+1; seq2seq: (B, T, V), (B, T), decoder position t, token t
+    logits, labels = predicted_targets(logits, batch)
     keep = labels != IGNORE_INDEX
     loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels.clamp(min=0), reduction="none")  # (B, T-1)
     correct = (logits.argmax(-1) == labels) & keep
@@ -95,7 +100,7 @@ def resolve_metric(metric, task: str) -> Metric:
 @torch.no_grad()
 def example_stats(model, data, metric: Metric, *, batch_size: int) -> dict[str, np.ndarray]:
     """Evaluate ``model`` on ``data`` in batches; per-example arrays (n,) of the metric and of loss/accuracy."""
-    from spectra.lora.data import batch_indices, collate
+    from spectra.lora.data import batch_indices, collate, model_inputs
     from spectra.lora.train import model_device, to_device
 
     was_training = model.training
@@ -106,7 +111,7 @@ def example_stats(model, data, metric: Metric, *, batch_size: int) -> dict[str, 
     try:
         for index in groups:
             batch = to_device(collate(data, index), device)
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            logits = model(**model_inputs(batch)).logits
             loss, correct, count = token_stats(logits, batch)
             value = metric.per_example(logits, batch)
             num, den = value if isinstance(value, tuple) else (value, torch.ones(len(batch["labels"])))

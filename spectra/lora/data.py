@@ -1,16 +1,22 @@
 """Training data for the adapter trainer: read text / JSON lines, tokenise, batch.
 
-Two tasks:
+Three tasks:
 
 - ``causal_lm``: a ``.txt`` file is one token stream cut into blocks of
   ``max_length`` tokens (the usual language-modelling recipe); a ``.jsonl`` file holds
   one example per line, ``{"text": ...}``, each truncated to ``max_length``.
 - ``seq_cls``: a ``.jsonl`` file with ``{"text": ..., "label": ...}`` per line; labels
   are integers or strings (see :func:`label_ids` for how they meet the model's head).
+- ``seq2seq_lm``: an encoder–decoder (T5, BART) reads ``source`` and learns to write
+  ``target``: a ``.jsonl`` file with ``{"source": ..., "target": ...}`` per line, each
+  side truncated to ``max_length`` tokens. The labels are the target's token ids (padding
+  -100); the model builds its decoder inputs from them (shifted right after its
+  ``decoder_start_token_id``), so the loss is the mean cross-entropy over target tokens.
 
 A ``.csv`` or ``.tsv`` file holds the same records as a table whose header row names the
-columns ``text`` and (for classification) ``label``. Any other extension is refused: a
-table or a binary format read as plain text would train on the wrong thing in silence.
+columns ``text`` and (for classification) ``label``, or ``source`` and ``target``. Any
+other extension is refused: a table or a binary format read as plain text would train on
+the wrong thing in silence.
 
 Tokenisation uses the checkpoint's own tokenizer when the directory has one. Tiny
 test models built from config have none; they get :class:`ByteTokenizer`, a
@@ -19,7 +25,9 @@ deterministic byte-level tokenizer that needs no files and no network.
 An example is at most ``max_length`` tokens, and never more than the model's positions
 cover (:func:`resolve_max_length`): left unset, it is :data:`DEFAULT_MAX_LENGTH` or the
 model's limit when that is shorter (with a note); a length the model cannot take (more
-than its table of learned positions) is refused.
+than its table of learned positions) is refused. An encoder–decoder's source and target
+are each cut at ``max_length``, so it must fit both stacks' positions (BART's learned
+``max_position_embeddings``; T5's relative positions have no limit).
 """
 
 from __future__ import annotations
@@ -36,8 +44,10 @@ import torch
 
 from spectra.errors import ConfigError
 
-TASKS = ("causal_lm", "seq_cls")
+TASKS = ("causal_lm", "seq_cls", "seq2seq_lm")
+SEQ2SEQ_FIELDS = ("source", "target")  # the fields of a sequence-to-sequence record
 IGNORE_INDEX = -100  # label value PyTorch's cross-entropy skips (padding)
+DECODER_MASK = "decoder_attention_mask"  # the batch key that marks an encoder-decoder's batch (collate)
 DEFAULT_MAX_LENGTH = 128  # covers sentence classification; longer costs quadratic attention
 # RoBERTa's position ids start after the padding id (create_position_ids_from_input_ids): its table of
 # max_position_embeddings rows holds max_position_embeddings − pad_token_id − 1 tokens (514 → 512)
@@ -63,7 +73,10 @@ _RUNS_PAST = {"rotary": "its rotary positions run past them",
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "tokenizer.model", "vocab.json")
 _TABLE_DELIMITERS = {".csv": ",", ".tsv": "\t"}
 DATA_FORMATS = ('a .txt file (plain text), a .jsonl file of {"text": ...} (or {"text": ..., "label": ...} for '
-                "classification) records, or a .csv/.tsv file whose header row names the columns text (and label)")
+                'classification, {"source": ..., "target": ...} for an encoder-decoder) records, or a .csv/.tsv file '
+                "whose header row names the columns text (and label), or source and target")
+SEQ2SEQ_FORMAT = ('a .jsonl file of {"source": ..., "target": ...} records, or a .csv/.tsv file whose header row '
+                  "names the columns source and target")
 
 
 # ---------------------------------------------------------------------------- tokenizers
@@ -115,24 +128,31 @@ class _HFTokenizer:
         self._tok.save_pretrained(folder)
 
 
-def load_tokenizer(model_dir: str | Path, *, vocab_size: int, task: str):
+def load_tokenizer(model_dir: str | Path, *, vocab_size: int | None, task: str):
     """The checkpoint's tokenizer when ``model_dir`` holds one, else a :class:`ByteTokenizer`.
 
     Parameters
     ----------
     model_dir : str or path
         Local model directory.
-    vocab_size : int
-        The model's vocabulary size (for the byte fallback).
-    task : {"causal_lm", "seq_cls"}
-        Classification adds the tokenizer's special tokens ([CLS] … [SEP]); language
+    vocab_size : int or None
+        The model's vocabulary size (for the byte fallback; see :func:`vocab_size`). None
+        (the config declares none) is refused where the fallback is needed.
+    task : {"causal_lm", "seq_cls", "seq2seq_lm"}
+        Classification and sequence-to-sequence add the tokenizer's special tokens ([CLS] …
+        [SEP]; T5's closing ``</s>``, which the decoder learns to end with); language
         modelling of a cut stream does not.
     """
     folder = Path(model_dir)
     if folder.is_dir() and any((folder / f).is_file() for f in _TOKENIZER_FILES):
         from transformers import AutoTokenizer
 
-        return _HFTokenizer(AutoTokenizer.from_pretrained(str(folder)), special_tokens=task == "seq_cls")
+        return _HFTokenizer(AutoTokenizer.from_pretrained(str(folder)),
+                            special_tokens=task in ("seq_cls", "seq2seq_lm"))
+    if vocab_size is None:
+        raise ConfigError(f"{folder / 'config.json'} declares no vocab_size (nor text_config.vocab_size), and the "
+                          "model ships no tokenizer: spectra's built-in byte tokenizer needs the vocabulary size. "
+                          "Save the model's tokenizer beside it (tokenizer.save_pretrained).")
     return ByteTokenizer(vocab_size)
 
 
@@ -140,30 +160,35 @@ def load_tokenizer(model_dir: str | Path, *, vocab_size: int, task: str):
 
 
 def read_records(path: str | Path, *, task: str) -> list[dict]:
-    """Read a ``.txt``, ``.jsonl`` (``.json``), ``.csv`` or ``.tsv`` data file into ``{"text"[, "label"]}`` records.
+    """Read a ``.txt``, ``.jsonl`` (``.json``), ``.csv`` or ``.tsv`` data file into records.
 
-    A ``.txt`` file becomes a single record (its whole text, for stream cutting); it is
-    only valid for ``causal_lm``. A ``.csv``/``.tsv`` file's header row names its columns:
-    ``text`` and, for classification, ``label`` (others are ignored); a label column of
-    integers only holds class ids, as integer labels of a ``.jsonl`` file do, and an empty
-    label cell is no label.
+    Records are ``{"text"[, "label"]}``, or ``{"source", "target"}`` for ``seq2seq_lm``
+    (see :func:`seq2seq_records`). A ``.txt`` file becomes a single record (its whole text,
+    for stream cutting); it is only valid for ``causal_lm``. A ``.csv``/``.tsv`` file's
+    header row names its columns: ``text`` and, for classification, ``label``, or ``source``
+    and ``target`` (others are ignored); a label column of integers only holds class ids, as
+    integer labels of a ``.jsonl`` file do, and an empty label cell is no label.
 
     Parameters
     ----------
     path : str or path
-    task : {"auto", "causal_lm", "seq_cls"}
-        ``seq_cls``: every record needs a label. ``auto``: the same when any record has
-        one (a file with some labels is a classification file with records missing theirs,
-        not a language-modelling one); records without any label are language modelling.
+    task : {"auto", "causal_lm", "seq_cls", "seq2seq_lm"}
+        ``seq_cls``: every record needs a label. ``seq2seq_lm``: every record needs string
+        ``source`` and ``target`` fields. ``auto``: the first record decides the kind: one
+        with ``source`` or ``target`` and no ``text`` makes every record a source/target
+        pair; otherwise, as ``seq_cls`` when any record has a label (a file with some
+        labels is a classification file with records missing theirs, not a
+        language-modelling one), and records without any label are language modelling.
         ``causal_lm`` reads labels where they are and checks nothing about them.
 
     Raises
     ------
     ConfigError
         Missing file, another extension, invalid JSON or a malformed table row (with the
-        line number), records without ``text``; for ``seq_cls`` (and ``auto`` once a record
-        has a label), a record without ``label`` (the first by line, and how many) or with
-        one that is neither integer nor string; an empty file.
+        line number), records without ``text`` (or without ``source`` or ``target``, named);
+        for ``seq_cls`` (and ``auto`` once a record has a label), a record without ``label``
+        (the first by line, and how many) or with one that is neither integer nor string; an
+        empty file.
     """
     if task != "auto":
         _check_task(task)
@@ -175,12 +200,15 @@ def read_records(path: str | Path, *, task: str) -> list[dict]:
         if task == "seq_cls":
             raise ConfigError(f"data file {path}: classification needs labelled records, not plain text; pass "
                               f"{DATA_FORMATS}.")
+        if task == "seq2seq_lm":
+            raise ConfigError(f"data file {path}: a sequence-to-sequence model (task seq2seq_lm) learns to write a "
+                              f"target from a source, not plain text; pass {SEQ2SEQ_FORMAT}.")
         text = _read_text(path)
         if not text.strip():
             raise ConfigError(f"data file {path} is empty.")
         return [{"text": text, "stream": True}]
     if suffix in (".jsonl", ".json"):
-        rows = _json_lines(path)
+        rows = _json_lines(path, task=task)
     elif suffix in _TABLE_DELIMITERS:
         rows = _table_rows(path, _TABLE_DELIMITERS[suffix], task=task)
     else:
@@ -188,6 +216,8 @@ def read_records(path: str | Path, *, task: str) -> list[dict]:
                           f"spectra reads; pass {DATA_FORMATS}. Rename a plain-text file to .txt.")
     if not rows:
         raise ConfigError(f"data file {path} holds no records.")
+    if "source" in rows[0][1]:  # source/target pairs (checked per line as they were read): no labels to check
+        return [record for _, record in rows]
     unlabelled = [number for number, record in rows if "label" not in record]
     if task == "seq_cls" or (task == "auto" and len(unlabelled) < len(rows)):
         _check_labels(path, rows, unlabelled)
@@ -211,9 +241,33 @@ def _check_labels(path: Path, rows: list[tuple[int, dict]], unlabelled: list[int
                               "needs one on every record.")
 
 
-def _json_lines(path: Path) -> list[tuple[int, dict]]:
-    """(line number, record) of each non-blank line of a JSON-lines file."""
+def seq2seq_records(records: Sequence[Mapping]) -> bool:
+    """Whether :func:`read_records` read source/target pairs (``seq2seq_lm``), not texts."""
+    return bool(records) and "source" in records[0]
+
+
+def _is_seq2seq(fields, task: str) -> bool:
+    """Whether a file whose first record (or header row) has ``fields`` holds source/target pairs."""
+    return task == "seq2seq_lm" or (task == "auto" and "text" not in fields
+                                    and any(f in fields for f in SEQ2SEQ_FIELDS))
+
+
+def _pair(path: Path, number: int, record: Mapping, *, what: str = "field") -> dict:
+    """The ``{"source", "target"}`` of a record, or the error naming the file, the line and the field missing."""
+    for name in SEQ2SEQ_FIELDS:
+        value = record.get(name)
+        if not isinstance(value, str):
+            found = f"no \"{name}\" {what}" if value is None else f'"{name}" is {json.dumps(value)}, not a string'
+            raise ConfigError(f"data file {path}, line {number}: {found}; sequence-to-sequence records (task "
+                              "seq2seq_lm, what an encoder-decoder such as T5 or BART trains on) need string "
+                              f"\"source\" and \"target\" {what}s.")
+    return {name: record[name] for name in SEQ2SEQ_FIELDS}
+
+
+def _json_lines(path: Path, *, task: str = "auto") -> list[tuple[int, dict]]:
+    """(line number, record) of each non-blank line of a JSON-lines file (see :func:`read_records` for ``task``)."""
     rows = []
+    pairs = None  # decided by the first record
     for number, line in enumerate(_read_text(path).splitlines(), 1):
         if not line.strip():
             continue
@@ -221,9 +275,19 @@ def _json_lines(path: Path) -> list[tuple[int, dict]]:
             record = json.loads(line)
         except json.JSONDecodeError as err:
             raise ConfigError(f"data file {path}, line {number}: not valid JSON ({err.msg}).") from None
-        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+        if not isinstance(record, dict):
+            raise ConfigError(f"data file {path}, line {number}: each line must be a JSON object, not "
+                              f"{type(record).__name__}.")
+        if pairs is None:
+            pairs = _is_seq2seq(record, task)
+        if pairs:
+            record = _pair(path, number, record)
+        elif not isinstance(record.get("text"), str):
+            hint = (' A record of "source" and "target" is sequence-to-sequence data, for an encoder-decoder (T5, '
+                    "BART) and task seq2seq_lm (--task seq2seq_lm)." if "source" in record or "target" in record
+                    else "")
             raise ConfigError(f"data file {path}, line {number}: each line must be an object with a string "
-                              '"text" field.')
+                              f'"text" field.{hint}')
         rows.append((number, record))
     return rows
 
@@ -245,6 +309,8 @@ def _table_rows(path: Path, delimiter: str, *, task: str) -> list[tuple[int, dic
     rows = []
     try:
         header = reader.fieldnames or []
+        if _is_seq2seq(header, task):
+            return _table_pairs(path, reader, tsv=tsv)
         if "text" not in header or (task == "seq_cls" and "label" not in header):
             needed = "text and label" if task == "seq_cls" else "text (and label, for classification)"
             raise ConfigError(f"data file {path}: the header row names the columns {header}; it must name {needed}.")
@@ -270,6 +336,25 @@ def _table_rows(path: Path, delimiter: str, *, task: str) -> list[tuple[int, dic
         for _, record in rows:
             if "label" in record:
                 record["label"] = int(record["label"])
+    return rows
+
+
+def _table_pairs(path: Path, reader: csv.DictReader, *, tsv: bool) -> list[tuple[int, dict]]:
+    """(line number, {"source", "target"}) of each row of a table whose header names those columns."""
+    header = reader.fieldnames or []
+    missing = [name for name in SEQ2SEQ_FIELDS if name not in header]
+    if missing:
+        raise ConfigError(f"data file {path}: the header row names the columns {header}; sequence-to-sequence data "
+                          "(task seq2seq_lm) needs the columns source and target.")
+    rows = []
+    for row in reader:
+        if None in row:  # DictReader's key for the fields beyond the header
+            raise ConfigError(f"data file {path}, line {reader.line_num}: {len(header) + len(row[None])} fields "
+                              f"under a header of {len(header)}; " + ("a TSV cell cannot hold a tab or a line "
+                              "break (save it as .jsonl)." if tsv else "quote a text that holds the delimiter in "
+                              "double quotes."))
+        record = _pair(path, reader.line_num, row, what="column")  # a short row leaves a field None
+        rows.append((reader.line_num, {k: _unquote(v) for k, v in record.items()} if tsv else record))
     return rows
 
 
@@ -455,7 +540,7 @@ def resolve_max_length(max_length: int | None, model_config: Mapping, *, option:
     option : str
         How the user set ``max_length``, for the error.
     notes : list of str, optional
-        Receives a note when the default is cut to the model's limit, or when a length
+        Receives a note (starting with ``option``) when the default is cut to the model's limit, or when a length
         beyond the configured positions of a model whose positions run past them (rotary,
         relative) is kept.
 
@@ -470,7 +555,7 @@ def resolve_max_length(max_length: int | None, model_config: Mapping, *, option:
         if limit is None or limit.length >= DEFAULT_MAX_LENGTH:
             return DEFAULT_MAX_LENGTH
         if notes is not None:
-            notes.append(f"max_length: examples are cut at {limit.length} tokens, not the default "
+            notes.append(f"{option}: examples are cut at {limit.length} tokens, not the default "
                          f"{DEFAULT_MAX_LENGTH}: the model's positions cover {limit.length} ({limit.source} in its "
                          "config.json).")
         return limit.length
@@ -498,13 +583,17 @@ class TokenizedData:
     Attributes
     ----------
     ids : list of list of int
-        One token-id list per example, each at most ``max_length`` long.
+        One token-id list per example, each at most ``max_length`` long (``seq2seq_lm``: the
+        source, the encoder's input).
     labels : list of int or None
         Class ids (``seq_cls``); None for language modelling.
     task : str
     pad_token_id : int
     max_length : int or None
         The length examples were cut at (:func:`tokenize` sets it).
+    targets : list of list of int or None
+        ``seq2seq_lm``: the target's token ids per example (at least one, at most
+        ``max_length``), what the decoder learns to write; None for the other tasks.
     """
 
     ids: list[list[int]]
@@ -512,6 +601,7 @@ class TokenizedData:
     task: str
     pad_token_id: int
     max_length: int | None = None
+    targets: list[list[int]] | None = None
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -526,9 +616,15 @@ class TokenizedData:
         order = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed)).tolist()
         return self._subset(sorted(order[n_eval:])), self._subset(sorted(order[:n_eval]))
 
+    def first(self, n: int) -> "TokenizedData":
+        """The first ``n`` examples (all of them when there are fewer)."""
+        return self._subset(list(range(min(n, len(self)))))
+
     def _subset(self, index: list[int]) -> "TokenizedData":
         labels = None if self.labels is None else [self.labels[i] for i in index]
-        return TokenizedData([self.ids[i] for i in index], labels, self.task, self.pad_token_id, self.max_length)
+        targets = None if self.targets is None else [self.targets[i] for i in index]
+        return TokenizedData([self.ids[i] for i in index], labels, self.task, self.pad_token_id, self.max_length,
+                             targets)
 
 
 def held_out_count(n: int, fraction: float, *, source: str = "data") -> int:
@@ -555,12 +651,16 @@ def tokenize(records: Sequence[Mapping], tokenizer, *, task: str, max_length: in
              labels: Sequence[int] | None = None) -> TokenizedData:
     """Tokenise records: cut text streams into ``max_length`` blocks, truncate the rest.
 
+    ``seq2seq_lm`` truncates source and target to ``max_length`` tokens each and drops a
+    record whose target has no token (nothing to learn to write); an empty source is one
+    padding token, as an empty classification text is.
+
     Parameters
     ----------
     records : sequence of mapping
         From :func:`read_records`.
     tokenizer : ByteTokenizer or the checkpoint's tokenizer (see :func:`load_tokenizer`)
-    task : {"causal_lm", "seq_cls"}
+    task : {"causal_lm", "seq_cls", "seq2seq_lm"}
     max_length : int
         Tokens per example; for a model, :func:`resolve_max_length` gives the length it can take.
     labels : sequence of int, optional
@@ -569,6 +669,11 @@ def tokenize(records: Sequence[Mapping], tokenizer, *, task: str, max_length: in
     _check_task(task)
     if max_length < 2:
         raise ConfigError(f"max_length {max_length}: need at least 2 tokens per example.")
+    if task == "seq2seq_lm":
+        return _tokenize_pairs(records, tokenizer, max_length=max_length)
+    if seq2seq_records(records):
+        raise ConfigError(f"task {task}: the records are source/target pairs, which task seq2seq_lm trains (an "
+                          "encoder-decoder); give text records for this task.")
     ids: list[list[int]] = []
     for record in records:
         tokens = tokenizer.encode(record["text"])
@@ -585,6 +690,22 @@ def tokenize(records: Sequence[Mapping], tokenizer, *, task: str, max_length: in
     if not ids:
         raise ConfigError("the data tokenises to no example of at least 2 tokens; add text.")
     return TokenizedData(ids, list(labels) if labels is not None else None, task, tokenizer.pad_token_id, max_length)
+
+
+def _tokenize_pairs(records: Sequence[Mapping], tokenizer, *, max_length: int) -> TokenizedData:
+    """:func:`tokenize` of source/target pairs."""
+    if not seq2seq_records(records):
+        raise ConfigError('task seq2seq_lm: the records hold no "source" and "target" pairs; an encoder-decoder '
+                          f"learns to write a target from a source: pass {SEQ2SEQ_FORMAT}.")
+    ids, targets = [], []
+    for record in records:
+        target = tokenizer.encode(record["target"])[:max_length]
+        if target:
+            ids.append(tokenizer.encode(record["source"])[:max_length] or [tokenizer.pad_token_id])
+            targets.append(target)
+    if not ids:
+        raise ConfigError("the data tokenises to no example with a target token; add target text.")
+    return TokenizedData(ids, None, "seq2seq_lm", tokenizer.pad_token_id, max_length, targets)
 
 
 LENGTH_GROUP = 8  # batches per length-sorted group: 2× fewer padded tokens than random batches on short texts
@@ -635,7 +756,11 @@ def collate(data: TokenizedData, index: Sequence[int]) -> dict[str, torch.Tensor
 
     Keys: ``input_ids`` and ``attention_mask`` (B, T), and ``labels``: (B, T) token
     targets with padding set to -100 for ``causal_lm`` (the model shifts them), (B,)
-    class ids for ``seq_cls``.
+    class ids for ``seq_cls``. ``seq2seq_lm``: ``input_ids`` and ``attention_mask`` are the
+    source's (B, S), ``labels`` the target's ids (B, T) with padding -100, from which the
+    model builds its decoder inputs (shifted right), and ``decoder_attention_mask`` (B, T)
+    marks the target tokens (it changes no real position's output under the decoder's
+    causal mask: padding follows every real token).
     """
     width = max(len(data.ids[i]) for i in index)
     input_ids = torch.full((len(index), width), data.pad_token_id, dtype=torch.long)  # (B, T)
@@ -644,11 +769,43 @@ def collate(data: TokenizedData, index: Sequence[int]) -> dict[str, torch.Tensor
         seq = data.ids[i]
         input_ids[row, :len(seq)] = torch.tensor(seq, dtype=torch.long)
         mask[row, :len(seq)] = 1
+    if data.task == "seq2seq_lm":
+        width = max(len(data.targets[i]) for i in index)
+        labels = torch.full((len(index), width), IGNORE_INDEX, dtype=torch.long)  # (B, T)
+        for row, i in enumerate(index):
+            labels[row, :len(data.targets[i])] = torch.tensor(data.targets[i], dtype=torch.long)
+        return {"input_ids": input_ids, "attention_mask": mask, "labels": labels,
+                "decoder_attention_mask": (labels != IGNORE_INDEX).long()}
     if data.task == "causal_lm":
         labels = input_ids.masked_fill(mask == 0, IGNORE_INDEX)  # (B, T)
     else:
         labels = torch.tensor([data.labels[i] for i in index], dtype=torch.long)  # (B,)
     return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+
+
+def model_inputs(batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The keyword arguments of a forward pass that returns the logits of a :func:`collate` batch.
+
+    A decoder-only model or a classifier reads ``input_ids`` and ``attention_mask``; an
+    encoder–decoder (a batch with ``decoder_attention_mask``) also reads ``labels``, from
+    which it builds its decoder inputs (its loss comes along and is not used).
+    """
+    keys = ("input_ids", "attention_mask") + (("labels", "decoder_attention_mask") if DECODER_MASK in batch else ())
+    return {k: batch[k] for k in keys}
+
+
+def predicted_targets(logits: torch.Tensor, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, labels) paired position by position: the prediction of each target token and the token.
+
+    Causal LM: position t predicts token t + 1, so (B, T-1, V) and (B, T-1). Sequence to
+    sequence (a batch with ``decoder_attention_mask``): the decoder's position t already
+    predicts target token t (its inputs are the targets shifted right), so both as they
+    are, (B, T, V) and (B, T). Padding keeps the label -100.
+    """
+    labels = batch["labels"]
+    if DECODER_MASK in batch:
+        return logits, labels
+    return logits[:, :-1], labels[:, 1:]
 
 
 def batches(data: TokenizedData, batch_size: int, *, generator: torch.Generator | None = None,
@@ -661,6 +818,12 @@ def batches(data: TokenizedData, batch_size: int, *, generator: torch.Generator 
 def _check_task(task: str) -> None:
     if task not in TASKS:
         raise ConfigError(f"task {task!r} is not one of {', '.join(TASKS)}.")
+
+
+def check_task(task: str, *, option: str = "task") -> None:
+    """Refuse a task that is neither ``auto`` nor one of :data:`TASKS` (the configs' one check of the option)."""
+    if task != "auto" and task not in TASKS:
+        raise ConfigError(f"{option} {task!r} is not auto, {', '.join(TASKS[:-1])} or {TASKS[-1]}.")
 
 
 def _read_text(path: Path) -> str:
@@ -685,12 +848,12 @@ def prepare_tokenizer(model_dir: str | Path, *, task: str, max_length: int | Non
     ----------
     model_dir : str or path
         Local model directory with ``config.json`` (and a tokenizer if it ships one).
-    task : {"causal_lm", "seq_cls"}
+    task : {"causal_lm", "seq_cls", "seq2seq_lm"}
         As :func:`load_tokenizer` takes it.
     max_length : int or None
         The length asked for, resolved against the model's positions by :func:`resolve_max_length`.
     option : str
-        How the user set ``max_length``, for its error.
+        How the user set ``max_length``, for its error and the notes (which start with it).
     notes : list of str, optional
         Receives the notes of :func:`resolve_max_length`.
 
@@ -701,13 +864,56 @@ def prepare_tokenizer(model_dir: str | Path, *, task: str, max_length: int | Non
     max_length : int
         Tokens per example.
     tokenizer
-        The checkpoint's tokenizer, or a :class:`ByteTokenizer` of its ``vocab_size``.
+        The checkpoint's tokenizer, or a :class:`ByteTokenizer` of its :func:`vocab_size`.
     """
     folder = Path(model_dir)
-    model_config = json.loads((folder / "config.json").read_text())
+    model_config = read_model_config(folder)
     max_length = resolve_max_length(max_length, model_config, option=option, notes=notes)
-    tokenizer = load_tokenizer(folder, vocab_size=int(model_config.get("vocab_size", 256)), task=task)
-    return model_config, max_length, tokenizer
+    return model_config, max_length, load_tokenizer(folder, vocab_size=vocab_size(model_config), task=task)
+
+
+def read_model_config(model_dir: str | Path) -> dict:
+    """The ``config.json`` of a model directory, as a dict."""
+    return json.loads((Path(model_dir) / "config.json").read_text())
+
+
+def vocab_size(model_config: Mapping) -> int | None:
+    """The token ids a model embeds: the config's ``vocab_size``, else its ``text_config``'s, else None.
+
+    A multimodal config (Gemma 3's ``Gemma3ForConditionalGeneration``) keeps the language
+    model's ``vocab_size`` in ``text_config`` only; the top level's wins where both have one.
+    """
+    for scope in (model_config, model_config.get("text_config") or {}):
+        value = scope.get("vocab_size")
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return None
+
+
+def resolve_task(task: str, model_config: Mapping, records: Sequence[Mapping], *, data, model) -> str:
+    """The task of ``records`` for the model of ``model_config``; ``auto`` decided.
+
+    ``auto``: ``seq2seq_lm`` for an encoder–decoder (``is_encoder_decoder`` in its
+    config.json: T5, BART), else ``seq_cls`` when the records are labelled, else ``causal_lm``.
+
+    Raises
+    ------
+    ConfigError
+        Source/target records, or task ``seq2seq_lm``, for a model that is no encoder–decoder
+        (naming the data file, the model and its ``model_type``).
+    """
+    pairs = seq2seq_records(records)
+    if task == "auto":
+        task = ("seq2seq_lm" if model_config.get("is_encoder_decoder") else
+                "seq_cls" if not pairs and "label" in records[0] else "causal_lm")
+    if (pairs or task == "seq2seq_lm") and not model_config.get("is_encoder_decoder"):
+        what = (f"data file {data} holds source/target records (sequence-to-sequence)" if pairs
+                else "task seq2seq_lm (--task seq2seq_lm) trains an encoder-decoder")
+        raise ConfigError(f"{what}, but {model} is no encoder-decoder (model_type {model_config.get('model_type')!r}; "
+                          "its config.json does not set is_encoder_decoder): a decoder-only model or an encoder "
+                          "reads one text. Train it on {\"text\": ...} (and \"label\") records, or train an "
+                          "encoder-decoder such as T5 or BART on the pairs.")
+    return task
 
 
 def prepare_data(model_dir: str | Path, data, *, task: str = "auto", max_length: int | None = None, eval_data=None,
@@ -720,9 +926,11 @@ def prepare_data(model_dir: str | Path, data, *, task: str = "auto", max_length:
         Local model directory (config.json, and a tokenizer if it ships one).
     data : str or path
         Training data file.
-    task : {"auto", "causal_lm", "seq_cls"}
-        ``auto``: classification when every record has a ``label``, language modelling
-        when none has; a file with some labels is refused (see :func:`read_records`).
+    task : {"auto", "causal_lm", "seq_cls", "seq2seq_lm"}
+        ``auto``: ``seq2seq_lm`` for an encoder–decoder (see :func:`resolve_task`), else
+        classification when every record has a ``label``, language modelling when none has;
+        a file with some labels is refused (see :func:`read_records`). Source/target records
+        for a model that is no encoder–decoder are refused.
     max_length : int, optional
         Tokens per example; None: :data:`DEFAULT_MAX_LENGTH`, or the model's position limit
         when shorter. A length beyond a table of learned positions is refused (see
@@ -750,9 +958,11 @@ def prepare_data(model_dir: str | Path, data, *, task: str = "auto", max_length:
         classes.
     tokenizer
     """
+    model_config = read_model_config(model_dir)
+    if task == "auto" and model_config.get("is_encoder_decoder"):
+        task = "seq2seq_lm"  # an encoder-decoder reads its records as source/target pairs
     records = read_records(data, task=task)  # auto: every record labelled, or none (a mix is refused)
-    if task == "auto":
-        task = "seq_cls" if "label" in records[0] else "causal_lm"
+    task = resolve_task(task, model_config, records, data=data, model=model_dir)
     model_config, max_length, tokenizer = prepare_tokenizer(model_dir, task=task, max_length=max_length, notes=notes)
     names = None
     labels = None

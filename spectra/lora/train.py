@@ -36,11 +36,23 @@ import torch
 from spectra.checkpoints.pairing import check_device
 from spectra.errors import ConfigError
 from spectra.files import staged_directory
-from spectra.lora.data import TokenizedData, batches, check_max_length, prepare_data
+from spectra.lora.data import (
+    IGNORE_INDEX,
+    TokenizedData,
+    batches,
+    check_max_length,
+    check_task,
+    model_inputs,
+    predicted_targets,
+    prepare_data,
+)
 from spectra.scaling import rank_scale
 
 METHODS = ("lora", "dora", "qlora", "qdora", "full")
 BLOCK_ROLES = ("q", "k", "v", "o", "qkv", "xq", "xk", "xv", "xo", "gate", "up", "down", "gate_up")  # x…: cross-attention
+_KINDS = {"seq_cls": "sequence classification", "causal_lm": "causal language model",
+          "seq2seq_lm": "sequence-to-sequence language model"}  # transformers' Auto classes, by task
+_PEFT_TASKS = {"seq_cls": "SEQ_CLS", "causal_lm": "CAUSAL_LM", "seq2seq_lm": "SEQ_2_SEQ_LM"}
 _COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_RANK = 8  # the LoRA paper's typical rank; small models need no more
 # the command-line option of each TrainConfig field that some combination ignores (None: library only)
@@ -78,13 +90,17 @@ class TrainConfig:
         Roles to target (``q, k, v, o, qkv, gate, up, down, gate_up``); None: all of them.
     target_modules : tuple of str, optional
         Module names to target instead of roles (as ``model.named_modules()`` names them).
-    task : {"auto", "causal_lm", "seq_cls"}
-        ``auto``: classification when every record has a ``label``, language modelling when
-        none has; a file where some records lack one is refused (see ``read_records``).
+    task : {"auto", "causal_lm", "seq_cls", "seq2seq_lm"}
+        ``auto``: ``seq2seq_lm`` for an encoder–decoder (config.json's ``is_encoder_decoder``:
+        T5, BART), else classification when every record has a ``label``, language modelling
+        when none has; a file where some records lack one is refused (see ``read_records``).
+        ``seq2seq_lm`` trains on ``{"source", "target"}`` records: the loss is the mean
+        cross-entropy over target tokens.
     max_length : int, optional
-        Tokens per example; None: 128, or the model's position limit when shorter (noted in
-        ``spectra_train.json``). A length beyond a table of learned positions (BERT's
-        ``max_position_embeddings``, GPT-2's ``n_positions``) is refused, naming the limit.
+        Tokens per example (``seq2seq_lm``: per source and per target); None: 128, or the
+        model's position limit when shorter (noted in ``spectra_train.json``). A length beyond
+        a table of learned positions (BERT's ``max_position_embeddings``, GPT-2's
+        ``n_positions``, BART's) is refused, naming the limit.
     batch_size, epochs, max_steps, lr, weight_decay, warmup_ratio, grad_clip
         The optimisation (AdamW, linear warm-up then linear decay to 0). Warm-up lasts
         ``ceil(warmup_ratio · total steps)`` steps, as Hugging Face's
@@ -147,8 +163,7 @@ class TrainConfig:
             bad = sorted(set(self.roles) - set(BLOCK_ROLES))
             if bad:
                 raise ConfigError(f"roles {bad}: LoRA targets the block linears {', '.join(BLOCK_ROLES)}.")
-        if self.task not in ("auto", "causal_lm", "seq_cls"):
-            raise ConfigError(f"task {self.task!r} is not auto, causal_lm or seq_cls.")
+        check_task(self.task, option="task (--task)")
         for name in ("rank", "batch_size", "epochs"):
             if name == "rank" and self.rank is None:
                 continue
@@ -274,7 +289,7 @@ def model_dir(spec) -> Path:
 def load_model(spec, *, task: str, num_labels: int | None = None, quantize: bool = False,
                compute_dtype: str = "float32", label_names: list[str] | None = None, device: str = "cpu",
                pad_token_id: int | None = None, complete: bool = False):
-    """Load a checkpoint as a causal LM or sequence classifier in float32 (or NF4 4-bit) on ``device``.
+    """Load a checkpoint as a causal LM, sequence classifier or seq2seq LM in float32 (or NF4 4-bit) on ``device``.
 
     A missing or resized classification head is initialised from the current torch
     seed, so seed first for a reproducible head — unless ``complete``: a model whose
@@ -292,6 +307,8 @@ def load_model(spec, *, task: str, num_labels: int | None = None, quantize: bool
             kwargs.update(num_labels=num_labels, ignore_mismatched_sizes=True)
         if label_names is not None and not all(n == str(i) for i, n in enumerate(label_names)):
             kwargs.update(id2label=dict(enumerate(label_names)), label2id={n: i for i, n in enumerate(label_names)})
+    elif task == "seq2seq_lm":
+        auto = tf.AutoModelForSeq2SeqLM
     else:
         auto = tf.AutoModelForCausalLM
     check_device(device)
@@ -303,12 +320,13 @@ def load_model(spec, *, task: str, num_labels: int | None = None, quantize: bool
     except (OSError, ValueError) as err:
         if "Unrecognized configuration class" in str(err):  # its text goes on to name every config class: ~200
             config = json.loads((model_dir(spec) / "config.json").read_text())
-            kind = {"seq_cls": "sequence classification", "causal_lm": "causal language model"}[task]
-            raise ConfigError(f"cannot load {spec} as a {task} model: transformers has no {kind} class for its "
-                              f"model_type {config.get('model_type')!r}. spectra trains causal language models and "
-                              "sequence classifiers (--task causal_lm or seq_cls)"
-                              + ("; an encoder-decoder such as T5 is analysed and extracted, not trained here."
-                                 if config.get("is_encoder_decoder") else ".")) from err
+            raise ConfigError(f"cannot load {spec} as a {task} model: transformers has no {_KINDS[task]} class for "
+                              f"its model_type {config.get('model_type')!r}. spectra trains causal language models, "
+                              "sequence classifiers and text-to-text encoder-decoders (--task causal_lm, seq_cls or "
+                              "seq2seq_lm)" + (f"; {spec} is an encoder-decoder: train it with --task seq2seq_lm on "
+                                               '{"source": ..., "target": ...} records (auto picks it)'
+                                               if config.get("is_encoder_decoder") and task != "seq2seq_lm"
+                                               else "") + ".") from err
         raise ConfigError(f"cannot load {spec} as a {task} model: {err}") from err
     if complete:
         _check_loaded_whole(spec, info, task, num_labels)
@@ -327,7 +345,7 @@ def _check_loaded_whole(spec, info: dict, task: str, num_labels: int | None) -> 
     if task == "seq_cls":
         what = "sequence classifier" + (f" of {num_labels} classes" if num_labels else "")
     else:
-        what = "causal LM"
+        what = "causal LM" if task == "causal_lm" else "seq2seq LM"
     found = "; ".join(([f"it has no {', '.join(missing[:3])}"] if missing else [])
                       + ([f"it holds {', '.join(resized[:3])}"] if resized else []))
     raise ConfigError(f"{spec} as a {what}: {found}. Those weights would start at random, and the function "
@@ -446,7 +464,7 @@ def lora_config(model, config: TrainConfig, *, task: str):
                   "target_modules": targets, "use_rslora": config.rslora, "lora_dropout": config.lora_dropout,
                   "fan_in_fan_out": _has_conv1d(model, targets)}
     return LoraConfig(**fields, use_dora=config.method in ("dora", "qdora"), bias="none",
-                      task_type="SEQ_CLS" if task == "seq_cls" else "CAUSAL_LM",
+                      task_type=_PEFT_TASKS[task],
                       modules_to_save=head_modules(model) if task == "seq_cls" else None)
 
 
@@ -504,8 +522,9 @@ def train_adapter(base, data, config: TrainConfig | None = None, out_dir=None, *
     base : str or path
         Model directory (or hub id) with config.json and weights.
     data : str or path
-        ``.txt`` (language modelling), ``.jsonl`` of ``{"text"}`` / ``{"text", "label"}``, or
-        ``.csv``/``.tsv`` whose header names the columns ``text`` (and ``label``).
+        ``.txt`` (language modelling), ``.jsonl`` of ``{"text"}`` / ``{"text", "label"}`` /
+        ``{"source", "target"}`` (an encoder–decoder), or ``.csv``/``.tsv`` whose header
+        names the columns ``text`` (and ``label``), or ``source`` and ``target``.
     config : TrainConfig, optional
     out_dir : str or path
         Directory to create: a PEFT adapter (``adapter_config.json``,
@@ -633,11 +652,12 @@ def _record_eval(model, held_out, config, result: TrainResult, epoch: int, log) 
 def _loss(model, teacher, batch: dict, task: str) -> torch.Tensor:
     if teacher is None:
         return model(**batch).loss
-    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    inputs = model_inputs(batch)  # an encoder-decoder's decoder reads the labels, shifted right
     logits = model(**inputs).logits  # (B, T, V) or (B, C)
     with torch.no_grad():
         target = teacher(**inputs).logits
-    return distill_loss(logits, target, batch["attention_mask"] if task == "causal_lm" else None)
+    mask = {"causal_lm": batch["attention_mask"], "seq2seq_lm": batch["labels"] != IGNORE_INDEX}.get(task)
+    return distill_loss(logits, target, mask)
 
 
 def distill_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -660,11 +680,13 @@ def distill_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch
 
 @torch.no_grad()
 def evaluate(model, data: TokenizedData, *, batch_size: int = 32) -> dict:
-    """Mean loss and accuracy of ``model`` on ``data`` (token-level for causal LM).
+    """Mean loss and accuracy of ``model`` on ``data`` (token-level for causal and seq2seq LM).
 
     For language modelling, loss is the mean next-token cross-entropy over every target
-    token (not a mean of batch means) and accuracy is top-1 next-token accuracy. Examples
-    are batched in length order (sums do not depend on the order; padding does).
+    token (not a mean of batch means) and accuracy is top-1 next-token accuracy; for
+    ``seq2seq_lm`` the same over the target's tokens, each predicted by the decoder from
+    the source and the target tokens before it. Examples are batched in length order (sums
+    do not depend on the order; padding does not enter them).
     """
     was_training = model.training
     model.eval()
@@ -672,10 +694,10 @@ def evaluate(model, data: TokenizedData, *, batch_size: int = 32) -> dict:
     loss_sum, correct, count = 0.0, 0, 0
     for batch in batches(data, batch_size, by_length=True):
         batch = to_device(batch, device)
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+        logits = model(**model_inputs(batch)).logits.float()  # (B, T, V) or (B, C)
         labels = batch["labels"]
-        if data.task == "causal_lm":
-            logits, labels = logits[:, :-1], labels[:, 1:]  # position t predicts token t+1
+        if data.task != "seq_cls":  # causal: position t predicts token t+1; seq2seq: decoder position t, token t
+            logits, labels = predicted_targets(logits, batch)
         flat_logits, flat_labels = logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)
         keep = flat_labels != -100
         loss_sum += float(torch.nn.functional.cross_entropy(flat_logits[keep], flat_labels[keep], reduction="sum"))
@@ -684,7 +706,7 @@ def evaluate(model, data: TokenizedData, *, batch_size: int = 32) -> dict:
     model.train(was_training)
     if count == 0:
         raise ConfigError("the eval data holds no target (no example of at least 2 tokens); add or lengthen text.")
-    unit = "tokens" if data.task == "causal_lm" else "examples"
+    unit = "examples" if data.task == "seq_cls" else "tokens"
     return {"loss": loss_sum / max(count, 1), "accuracy": correct / max(count, 1), unit: count}
 
 

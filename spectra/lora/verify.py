@@ -55,9 +55,10 @@ from spectra.linalg.subspace import (
     similarity_matrix,
 )
 from spectra.linalg.svd import Spectrum, frobenius_energy
-from spectra.lora.data import check_max_length
+from spectra.lora.data import check_max_length, check_task
 
 SCHEMA_VERSION = 1
+_ADAPTER_TASKS = {"SEQ_CLS": "seq_cls", "SEQ_2_SEQ_LM": "seq2seq_lm"}  # PEFT's task_type → spectra's task
 
 
 @dataclass(frozen=True)
@@ -76,7 +77,7 @@ class VerifyConfig:
         φ matrices kept in ``verify.json`` for this many modules with the largest ‖ΔW_full‖.
     quantized : bool, optional
         The adapter was trained on an NF4 base; None reads it from ``spectra_train.json``.
-    task : {"auto", "causal_lm", "seq_cls"}
+    task : {"auto", "causal_lm", "seq_cls", "seq2seq_lm"}
         Task of the eval data; ``auto`` reads the adapter's task type.
     max_length : int, optional
         Tokens per eval example; None: 128, or the base's position limit when shorter (a
@@ -112,8 +113,7 @@ class VerifyConfig:
             raise ConfigError(f"exact_below {self.exact_below!r} must be an int ≥ 0.")
         if not 0.0 < self.intruder_epsilon < 1.0:
             raise ConfigError(f"intruder_epsilon {self.intruder_epsilon} must lie in (0, 1).")
-        if self.task not in ("auto", "causal_lm", "seq_cls"):
-            raise ConfigError(f"task {self.task!r} is not auto, causal_lm or seq_cls.")
+        check_task(self.task, option="VerifyConfig task")
         check_max_length(self.max_length, option="VerifyConfig max_length")
         check_device(self.device)
 
@@ -611,7 +611,7 @@ def evaluate_models(base, tuned, adapter_src, eval_data, truncated: dict, *, con
 
     task = config.task
     if task == "auto":
-        task = trained.get("task") or ("seq_cls" if adapter_src.config.get("task_type") == "SEQ_CLS" else "causal_lm")
+        task = trained.get("task") or _ADAPTER_TASKS.get(adapter_src.config.get("task_type"), "causal_lm")
     tuned_config = json.loads((model_dir(tuned) / "config.json").read_text())
     labels = trained.get("label_names")
     if task == "seq_cls" and labels is None and tuned_config.get("id2label"):
