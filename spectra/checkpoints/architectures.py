@@ -34,11 +34,21 @@ FUSED_ROLES = {"qkv": frozenset({"q", "k", "v"}), "gate_up": frozenset({"gate", 
 CROSS_ROLES = {"xq": "q", "xk": "k", "xv": "v", "xo": "o"}
 
 
-def role_selected(role: str, roles) -> bool:
+def role_selected(role: str, roles, name: str | None = None) -> bool:
     """Whether a module of `role` is targeted by `roles`: named itself, named by its self-attention role
     (``--roles q`` takes T5's ``EncDecAttention.q``, role ``xq``; ``--roles xq`` only cross-attention's),
-    or fused with one that is (``--roles q,v`` takes GPT-2's ``c_attn``, whose LoRA adapts q, k and v together)."""
-    return role_named(role, roles) or bool(FUSED_ROLES.get(role, frozenset()) & set(roles))
+    or fused with one that is (``--roles q,v`` takes GPT-2's ``c_attn``, whose LoRA adapts q, k and v together).
+
+    With the module's `name`, a fused tensor of no fused role is taken by the roles of its rows too: GPT-2's
+    cross-attention ``crossattention.c_attn`` (role ``other``, rows ``xk`` and ``xv``) by ``--roles k``, ``xv``, …"""
+    parts = FUSED_ROLES.get(role, frozenset()) | (fused_roles(name) if name is not None else frozenset())
+    return role_named(role, roles) or any(role_named(part, roles) for part in parts)
+
+
+def fused_roles(name: str) -> frozenset:
+    """The roles held by the rows of a fused tensor that has no fused role of its own, by its module name: GPT-2's
+    cross-attention ``crossattention.c_attn`` holds ``xk`` and ``xv``; empty for any other module."""
+    return frozenset({"xk", "xv"}) if _CROSS_KV.search(name) else frozenset()
 
 
 def role_named(role: str, roles) -> bool:
@@ -54,30 +64,40 @@ _T5_SELF_ATTENTION = r"(SelfAttention|LocalSelfAttention|TransientGlobalSelfAtte
 # Ordered: the first rule whose pattern matches the end of the module name wins. More
 # specific patterns (BERT's attention.output.dense) come before general ones (output.dense).
 _ROLE_RULES: tuple[tuple[str, str], ...] = (
+    # a router is no head, though SwitchTransformers' and NLLB-MoE's is named router.classifier; role other, as
+    # Mixtral's block_sparse_moe.gate (a LoRA on it is no MLP's gate)
+    (r"router\.classifier", "other"),
     # task heads first: RoBERTa's classifier.out_proj is a head, not an attention output
     (r"(classifier(\.dense|\.out_proj)?|score|qa_outputs)", "head"),
-    # fused projections
-    (r"(attn\.c_attn|qkv_proj|query_key_value|Wqkv|attn\.qkv)", "qkv"),
+    # fused projections; BLIP-2's (and InstructBLIP's) vision tower self_attn.qkv
+    (r"(attn\.c_attn|qkv_proj|query_key_value|Wqkv|attn\.qkv|self_attn\.qkv)", "qkv"),
     (r"(gate_up_proj)", "gate_up"),
     # cross-attention, before self-attention's rules that its names match too: BART, mBART, Marian, Pegasus, Whisper
-    # encoder_attn.q_proj; T5 EncDecAttention.q; BERT2BERT crossattention.self.query; Mllama, T5Gemma cross_attn.q_proj
-    (rf"{_CROSS_ATTENTION}\.(q_proj|q|self\.query)", "xq"),
-    (rf"{_CROSS_ATTENTION}\.(k_proj|k|self\.key)", "xk"),
-    (rf"{_CROSS_ATTENTION}\.(v_proj|v|self\.value)", "xv"),
-    (rf"{_CROSS_ATTENTION}\.(out_proj|o_proj|o|output\.dense)", "xo"),
-    # attention, Llama/Mistral/Qwen2/Gemma/Phi-3/Mixtral; T5's SelfAttention.q (LongT5: Local-, TransientGlobal-)
-    (rf"(q_proj|self\.query|attention\.wq|{_T5_SELF_ATTENTION}\.q)", "q"),  # Meta's original: layers.N.attention.wq
-    (rf"(k_proj|self\.key|attention\.wk|{_T5_SELF_ATTENTION}\.k)", "k"),
-    (rf"(v_proj|self\.value|attention\.wv|{_T5_SELF_ATTENTION}\.v)", "v"),
+    # encoder_attn.q_proj; T5 EncDecAttention.q; BERT2BERT crossattention.self.query; Mllama, T5Gemma cross_attn.q_proj;
+    # BLIP-2's Q-Former crossattention.attention.query; GPT-2's (add_cross_attention) crossattention.q_attn and c_proj,
+    # its crossattention.c_attn being a fused [k; v] (role other, split into xk and xv: fused_projections)
+    (rf"{_CROSS_ATTENTION}\.(q_proj|q|self\.query|attention\.query|q_attn)", "xq"),
+    (rf"{_CROSS_ATTENTION}\.(k_proj|k|self\.key|attention\.key)", "xk"),
+    (rf"{_CROSS_ATTENTION}\.(v_proj|v|self\.value|attention\.value)", "xv"),
+    (rf"{_CROSS_ATTENTION}\.(out_proj|o_proj|o|output\.dense|c_proj)", "xo"),
+    # attention, Llama/Mistral/Qwen2/Gemma/Phi-3/Mixtral; T5's SelfAttention.q (LongT5: Local-, TransientGlobal-);
+    # BLIP-2's Q-Former (and ViT's) attention.attention.query; BLIP-2's vision tower self_attn.projection
+    (rf"(q_proj|self\.query|attention\.query|attention\.wq|{_T5_SELF_ATTENTION}\.q)", "q"),  # Meta's: attention.wq
+    (rf"(k_proj|self\.key|attention\.key|attention\.wk|{_T5_SELF_ATTENTION}\.k)", "k"),
+    (rf"(v_proj|self\.value|attention\.value|attention\.wv|{_T5_SELF_ATTENTION}\.v)", "v"),
     (r"(o_proj|out_proj|attention\.output\.dense|attention\.dense|attn\.c_proj|self_attention\.dense|attention\.wo"
-     rf"|{_T5_SELF_ATTENTION}\.o)", "o"),
+     rf"|self_attn\.projection|{_T5_SELF_ATTENTION}\.o)", "o"),
     # MLP; T5's DenseReluDense: wi (up) or, gated (v1.1, Flan-T5), wi_0 (gate) and wi_1 (up), then wo (down); BART's,
-    # Whisper's, OPT's layers.N.fc1 and fc2 (an MLP's fc1 is up wherever a layer holds it directly)
-    (r"(gate_proj|experts\.\d+\.w1|mlp\.fc_gate|feed_forward\.w1|DenseReluDense\.wi_0)", "gate"),
-    (r"(up_proj|experts\.\d+\.w3|intermediate\.dense|mlp\.c_fc|dense_h_to_4h|mlp\.fc1|feed_forward\.w3"
-     r"|DenseReluDense\.wi(_1)?|layers\.\d+\.fc1)", "up"),
-    (r"(down_proj|experts\.\d+\.w2|layer\.\d+\.output\.dense|mlp\.c_proj|dense_4h_to_h|mlp\.fc2|feed_forward\.w2"
-     r"|DenseReluDense\.wo|layers\.\d+\.fc2)", "down"),
+    # Whisper's, OPT's layers.N.fc1 and fc2 (an MLP's fc1 is up wherever a layer holds it directly); SwitchTransformers'
+    # experts (experts.expert_N.wi, wo) and dense layers (layer.N.mlp.wi, wo), NLLB-MoE's experts (expert_N.fc1, fc2);
+    # BLIP-2's Q-Former: intermediate_query.dense and output_query.dense (the query tokens' MLP), as BERT's
+    (r"(gate_proj|experts\.\d+\.w1|mlp\.fc_gate|feed_forward\.w1|DenseReluDense\.wi_0|experts\.expert_\d+\.wi_0)",
+     "gate"),
+    (r"(up_proj|experts\.\d+\.w3|intermediate(_query)?\.dense|mlp\.c_fc|dense_h_to_4h|mlp\.fc1|feed_forward\.w3"
+     r"|DenseReluDense\.wi(_1)?|layers\.\d+\.fc1|experts\.expert_\d+\.(wi(_1)?|fc1)|layer\.\d+\.mlp\.wi)", "up"),
+    (r"(down_proj|experts\.\d+\.w2|layer\.\d+\.output(_query)?\.dense|mlp\.c_proj|dense_4h_to_h|mlp\.fc2"
+     r"|feed_forward\.w2|DenseReluDense\.wo|layers\.\d+\.fc2|experts\.expert_\d+\.(wo|fc2)|layer\.\d+\.mlp\.wo)",
+     "down"),
     # embeddings and heads; T5's and BART's shared (the token embedding their encoder and decoder both read)
     (r"(embed_tokens|word_embeddings|wte|embed_in|tok_embeddings|shared)", "embed"),
     (r"(lm_head|embed_out|classifier|score|cls\.predictions\.decoder)", "head"),
@@ -111,7 +131,8 @@ _STACK_REGEXES = tuple((re.compile(pattern), stack) for pattern, stack in _STACK
 # Only then: BERT's encoder.layer.N and OPT's model.decoder.layers.N are an ordinary model's one stack.
 _ENCODER_DECODER = re.compile(r"(?:^|\.)(encoder|decoder)\.")
 _LAYER = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)\.")
-_EXPERT = re.compile(r"(?:^|\.)experts\.(\d+)(?:\.|$)")
+# An expert's index: Mixtral's experts.3.w1, SwitchTransformers' and NLLB-MoE's experts.expert_3.wi
+_EXPERT = re.compile(r"(?:^|\.)experts\.(?:expert_)?(\d+)(?:\.|$)")
 
 # transformers' Conv1D (weight stored (in, out)) is used by these model types.
 CONV1D_MODEL_TYPES = frozenset({"gpt2", "imagegpt", "decision_transformer", "openai-gpt"})
@@ -126,8 +147,15 @@ IN_OUT_EXPERT_MODEL_TYPES = frozenset({"llama4", "llama4_text", "gpt_oss"})
 # Fused expert gate_up whose outputs alternate gate, up, gate, up, … (gpt-oss: gate_up[..., ::2], [..., 1::2]).
 _INTERLEAVED_GATE_UP = frozenset({"gpt_oss"})
 # Fused qkv tensors laid out as contiguous [q; k; v] blocks (GQA-aware widths).
-_CONTIGUOUS_QKV = frozenset({"gpt2", "phi3", "phimoe", "imagegpt", "decision_transformer"})
+# BLIP-2's and InstructBLIP's vision towers (model_type of their vision_config): one Linear, out = 3·hidden, viewed
+# (3, heads, head_dim) by their attention's forward.
+_CONTIGUOUS_QKV = frozenset({"gpt2", "phi3", "phimoe", "imagegpt", "decision_transformer", "blip_2_vision_model",
+                             "instructblip_vision_model", "instructblipvideo_vision_model"})
 _CONTIGUOUS_QKV_NAMES = re.compile(r"(^|\.)(c_attn|qkv_proj)$")
+# GPT-2's cross-attention (add_cross_attention; GPT2Attention(is_cross_attention=True)): its c_attn projects the
+# encoder's states to [k; v] (2·n_embd outputs, split in two by its forward), its q_attn the queries. A fused tensor
+# of no fused role (ROLES has none for cross-attention's k and v): role other, its rows xk and xv.
+_CROSS_KV = re.compile(r"(^|\.)crossattention\.c_attn$")
 
 
 @dataclass(frozen=True)
@@ -200,6 +228,18 @@ def is_conv1d(name: str, config: dict[str, Any] | None) -> bool:
     return config["model_type"] in CONV1D_MODEL_TYPES
 
 
+def _stack_config(name: str, config: dict[str, Any] | None) -> dict[str, Any]:
+    """The part of ``config.json`` that sizes a module's attention: a vision tower's ``vision_config`` where it
+    names its own model type (BLIP-2's ``blip_2_vision_model``, whose sizes are not the language model's), else
+    the config itself."""
+    cfg = config or {}
+    if module_stack(name, cfg) in ("vision", "vision_global"):
+        vision = cfg.get("vision_config")
+        if isinstance(vision, dict) and vision.get("model_type"):
+            return vision
+    return cfg
+
+
 @dataclass(frozen=True)
 class Projection:
     """One projection inside a fused ``(out, in)`` tensor: its role and its output rows."""
@@ -220,7 +260,16 @@ def fused_projections(name: str, role: str, out_features: int, config: dict[str,
       viewed as ``(heads, 3·head_dim)`` then chunked), so q is every third block.
     - ``gate_up_proj`` (Phi-3, transformers-5 MoE experts): ``[gate; up]``, equal halves;
       gpt-oss experts alternate them (gate on even rows, up on odd).
+    - BLIP-2's (InstructBLIP's) vision tower ``self_attn.qkv``: contiguous ``[q; k; v]`` of the vision
+      tower's ``hidden_size`` rows each, sized by ``config.json``'s ``vision_config``.
+    - GPT-2's cross-attention ``crossattention.c_attn`` (role ``other``): ``[k; v]``, equal halves, as
+      projections ``xk`` and ``xv`` (its queries are ``crossattention.q_attn``, role ``xq``).
     """
+    if _CROSS_KV.search(name) and (config is None or config.get("model_type") in (None, *CONV1D_MODEL_TYPES)):
+        if out_features % 2:
+            return []
+        half = out_features // 2
+        return [Projection("xk", slice(0, half)), Projection("xv", slice(half, out_features))]
     if role == "gate_up":
         if out_features % 2:
             return []
@@ -231,7 +280,7 @@ def fused_projections(name: str, role: str, out_features: int, config: dict[str,
         return [Projection("gate", slice(0, half)), Projection("up", slice(half, out_features))]
     if role != "qkv":
         return []
-    cfg = config or {}
+    cfg = _stack_config(name, config)
     model_type = cfg.get("model_type")
     heads = cfg.get("num_attention_heads", cfg.get("n_head"))
     if model_type in _HEAD_INTERLEAVED_QKV:

@@ -164,6 +164,8 @@ def extract_adapter(base, tuned, plan_or_rank, out_dir: str | os.PathLike, *, ro
     model_names = _model_names(selected, model, model_class, targets)  # checkpoint module name -> the model's
     on_parameters = _unconverted_parameters(selected, model_names, pairing, model)  # entry name -> its slice
     saved_names = _saved_names(saved_modules, model, model_class)
+    embeddings = _embedding_entries(selected, model_names, model)
+    kernels = _conv_kernels(selected, model_names, pairing, model)
     if isinstance(calibration, (str, os.PathLike)):
         from spectra.calibration import CalibrationConfig, collect_calibration
 
@@ -202,12 +204,15 @@ def extract_adapter(base, tuned, plan_or_rank, out_dir: str | os.PathLike, *, ro
         if entry.name in on_parameters:  # written below, with the other experts of its parameter (a router: alone)
             place = on_parameters[entry.name]
             parameter_factors.setdefault(place.parameter, []).append((place, A, B, scaling))
-        elif _is_embedding(entry):  # PEFT's Embedding LoRA: ΔW (vocab, dim) = s·(B_e A_e)ᵀ, so A_e = Bᵀ, B_e = Aᵀ
+        elif entry.name in embeddings:  # PEFT's Embedding LoRA: ΔW (vocab, dim) = s·(B_e A_e)ᵀ, so A_e = Bᵀ, B_e = Aᵀ
             tensors[f"{PEFT_PREFIX}{module}.lora_embedding_A"] = B.T.cpu().contiguous()  # (r, vocab)
             tensors[f"{PEFT_PREFIX}{module}.lora_embedding_B"] = A.T.cpu().contiguous()  # (dim, r)
         else:
-            tensors[f"{PEFT_PREFIX}{module}.lora_A.weight"] = A.cpu().contiguous()  # (r, in)
-            tensors[f"{PEFT_PREFIX}{module}.lora_B.weight"] = B.cpu().contiguous()  # (out, r)
+            kernel = kernels.get(entry.name, ())  # a Conv's (k…): A a conv of that kernel, B a 1×…×1 one
+            tensors[f"{PEFT_PREFIX}{module}.lora_A.weight"] = A.cpu().reshape(
+                A.shape[0], -1, *kernel).contiguous()  # (r, in) or (r, in, k…)
+            tensors[f"{PEFT_PREFIX}{module}.lora_B.weight"] = B.cpu().reshape(
+                *B.shape, *(1,) * len(kernel)).contiguous()  # (out, r) or (out, r, 1…)
         results.append(ModuleExtraction(module, rank, module_alpha, *extraction))
         if entry.name not in on_parameters:
             ranks[module] = (rank, module_alpha, entry.conv1d)
@@ -273,9 +278,41 @@ def _in_parallel(fn, entries: list, n: int, threads: int, bar):
 _DEFAULT_ROLES = ("q", "k", "v", "o", "gate", "up", "down")
 
 
-def _is_embedding(entry) -> bool:
-    """Whether the module is an nn.Embedding (token, position or token-type embeddings), not a Linear."""
-    return entry.info.role == "embed" or bool(_OTHER_EMBEDDINGS.search(entry.name))
+def _embedding_entries(entries, model_names: dict[str, str], model) -> set[str]:
+    """Names of the entries whose module is an nn.Embedding, whose LoRA PEFT holds as ``lora_embedding_A/B``.
+
+    The model's own module type where there is a model: T5's and SwitchTransformers'
+    ``relative_attention_bias`` (role other) is an Embedding, and written as a Linear's ``lora_A``/``lora_B``
+    PEFT loaded none of it, with only a warning. Without one (no ``config.json``): role embed, or a position or
+    token-type embedding by name.
+    """
+    if model is None:
+        return {e.name for e in entries if e.info.role == "embed" or _OTHER_EMBEDDINGS.search(e.name)}
+    modules = dict(model.named_modules())
+    return {e.name for e in entries if isinstance(modules.get(model_names[e.name]), torch.nn.Embedding)}
+
+
+def _conv_kernels(entries, model_names: dict[str, str], pairing: Pairing, model) -> dict[str, tuple[int, ...]]:
+    """Entry name → the kernel size (k…) of a convolution's weight (out, in, k…), which pairing flattens to
+    (out, in·k…).
+
+    PEFT's LoRA on a Conv holds A as a convolution of that kernel, (r, in, k…), and B as a 1×…×1 one,
+    (out, r, 1…); its ΔW is B @ A.flatten(1) viewed (out, in, k…), so the factors of the flattened ΔW are
+    written reshaped (they were written 2-D, and PEFT refused to load them). A grouped convolution is
+    refused: PEFT cannot merge a LoRA on one.
+    """
+    modules = {} if model is None else dict(model.named_modules())
+    out = {}
+    for entry in entries:
+        shape = tuple(pairing.base.info(entry.base_tensor).shape)
+        if entry.expert_index is not None or len(shape) <= 2:
+            continue
+        groups = getattr(modules.get(model_names[entry.name]), "groups", 1)
+        if groups != 1:
+            raise ConfigError(f"{entry.name}: a convolution of {groups} groups; PEFT cannot merge a LoRA on one, so "
+                              "extract does not write it. Leave it out (--roles, or drop it from the plan).")
+        out[entry.name] = shape[2:]
+    return out
 
 
 _EXPERT_INDEX = re.compile(r"\.experts\.\d+\.")
@@ -310,7 +347,7 @@ def _select(pairing: Pairing, targets, roles):
                               f"{', '.join(missing[:5])}. Was it made from an analysis of another model?")
         return [by_name[n] for n in targets]
     wanted = set(roles or _DEFAULT_ROLES)
-    return [e for e in matrices if role_selected(e.info.role, wanted)]
+    return [e for e in matrices if role_selected(e.info.role, wanted, e.name)]  # GPT-2's crossattention.c_attn: xk, xv
 
 
 def _stored_names(entries) -> dict[str, str]:

@@ -64,7 +64,7 @@ ENCODER_DECODER = {"model_type": "bart", "is_encoder_decoder": True}
     # BLIP-2 / InstructBLIP: the Q-Former's layer 0 is not the language model's layer 0 (nor, under a T5 language
     # model's is_encoder_decoder, its encoder's)
     ("qformer.encoder.layer.0.attention.output.dense", None, "o", 0, "qformer"),
-    ("qformer.encoder.layer.0.attention.attention.query", {"is_encoder_decoder": True}, "other", 0, "qformer"),
+    ("qformer.encoder.layer.0.attention.attention.query", {"is_encoder_decoder": True}, "q", 0, "qformer"),
     ("qformer.embeddings.word_embeddings", None, "embed", None, "qformer"),  # InstructBLIP's instruction embeddings
     ("language_model.model.decoder.layers.0.self_attn.q_proj", None, "q", 0, None),  # BLIP-2 with OPT
     ("language_model.encoder.block.0.layer.0.SelfAttention.q", {"is_encoder_decoder": True}, "q", 0, "encoder"),
