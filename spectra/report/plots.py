@@ -65,7 +65,7 @@ def energy_marks_text(marks: tuple[float, ...], *, each: bool = False) -> str:
     return (", ".join(levels[:-1]) + " and " if len(levels) > 1 else "") + levels[-1] + "%"
 
 
-def plot_decay(analysis: Mapping) -> Figure:
+def plot_decay(analysis: Mapping, *, stacks: list | None = None) -> Figure:
     """Singular-value decay σᵢ/σ₁ of ΔW per role, one line per layer, with the noise floor.
 
     The noise floor is the Marchenko–Pastur edge of the dtype rounding noise divided
@@ -76,6 +76,8 @@ def plot_decay(analysis: Mapping) -> Figure:
     ----------
     analysis : mapping
         The analysis dict.
+    stacks : list, optional
+        Its stacks (:func:`~spectra.report.tables.stacks_of`), where the caller has them.
 
     Returns
     -------
@@ -84,7 +86,7 @@ def plot_decay(analysis: Mapping) -> Figure:
     """
     rows = matrix_rows(analysis)
     fig, axes, norm = _role_grid(rows)
-    stacks = stacks_of(analysis)
+    stacks = stacks_of(analysis) if stacks is None else stacks
     for ax, group in zip(axes, groups_in(rows)):
         members = [r for r in rows if group_of(r) == group]
         drawn = 0
@@ -117,7 +119,7 @@ def plot_decay(analysis: Mapping) -> Figure:
     return fig
 
 
-def plot_cumulative_energy(analysis: Mapping) -> Figure:
+def plot_cumulative_energy(analysis: Mapping, *, stacks: list | None = None) -> Figure:
     """Cumulative energy share of the top-r directions of ΔW per role, one line per layer.
 
     Dotted lines mark the analysis's energy levels from 75 % up (:func:`energy_marks`: 90%, 95%
@@ -130,6 +132,8 @@ def plot_cumulative_energy(analysis: Mapping) -> Figure:
     ----------
     analysis : mapping
         The analysis dict.
+    stacks : list, optional
+        Its stacks (:func:`~spectra.report.tables.stacks_of`), where the caller has them.
 
     Returns
     -------
@@ -139,7 +143,7 @@ def plot_cumulative_energy(analysis: Mapping) -> Figure:
     rows = matrix_rows(analysis)
     marks = energy_marks(analysis)
     fig, axes, norm = _role_grid(rows)
-    stacks = stacks_of(analysis)
+    stacks = stacks_of(analysis) if stacks is None else stacks
     for ax, group in zip(axes, groups_in(rows)):
         members = [r for r in rows if group_of(r) == group]
         drawn = 0
@@ -207,13 +211,15 @@ def plot_relative_size_heatmap(analysis: Mapping) -> Figure:
                     title="Relative update size by layer and role", fmt="{:.2g}")
 
 
-def plot_effective_rank_histogram(analysis: Mapping) -> Figure:
+def plot_effective_rank_histogram(analysis: Mapping, *, stacks: list | None = None) -> Figure:
     """Histograms of the entropy effective rank of ΔW, absolute and as a share of full rank.
 
     Parameters
     ----------
     analysis : mapping
         The analysis dict.
+    stacks : list, optional
+        Its stacks (:func:`~spectra.report.tables.stacks_of`), where the caller has them.
 
     Returns
     -------
@@ -224,7 +230,7 @@ def plot_effective_rank_histogram(analysis: Mapping) -> Figure:
     every = matrix_rows(analysis)
     # ΔW = 0 has no rank to count (its 0 would drag the median); a fused whole is counted through its projections
     rows = [r for r in by_projection(every) if not unchanged(r)]
-    left_out = unchanged_text(analysis)
+    left_out = unchanged_text(analysis, stacks=stacks)
     pairs = [(number(r.get("effective_rank")), full_rank(r)) for r in rows]
     pairs = [(e, f) for e, f in pairs if e is not None]
     fig = Figure(figsize=(10, 4), layout="constrained")
@@ -258,14 +264,16 @@ def plot_effective_rank_histogram(analysis: Mapping) -> Figure:
     return fig
 
 
-def all_figures(analysis: Mapping) -> dict[str, Figure]:
-    """Every report figure, keyed by the file stem it is saved under."""
+def all_figures(analysis: Mapping, *, stacks: list | None = None) -> dict[str, Figure]:
+    """Every report figure, keyed by the file stem it is saved under; ``stacks``: the analysis's
+    (:func:`~spectra.report.tables.stacks_of`), computed here once where the caller has not."""
+    stacks = stacks_of(analysis) if stacks is None else stacks
     return {
-        "decay": plot_decay(analysis),
-        "cumulative_energy": plot_cumulative_energy(analysis),
+        "decay": plot_decay(analysis, stacks=stacks),
+        "cumulative_energy": plot_cumulative_energy(analysis, stacks=stacks),
         "rank_heatmap": plot_rank_heatmap(analysis),
         "relative_size_heatmap": plot_relative_size_heatmap(analysis),
-        "effective_rank_hist": plot_effective_rank_histogram(analysis),
+        "effective_rank_hist": plot_effective_rank_histogram(analysis, stacks=stacks),
     }
 
 

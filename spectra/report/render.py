@@ -9,6 +9,7 @@ into place with one rename, so a failure never leaves a partial report behind.
 from __future__ import annotations
 
 import base64
+import functools
 import html
 import json
 import math
@@ -81,8 +82,9 @@ def write_report(analysis: Mapping, out_dir: str | os.PathLike, *, overwrite: bo
         If ``out_dir`` exists (and ``overwrite`` is False) or is not a directory, or
         the analysis holds no weight-matrix rows.
     """
-    matrix_rows(analysis)  # validate before touching the disk
-    return write_bundle(out_dir, "analysis.json", analysis, all_figures(analysis), report_blocks, overwrite=overwrite)
+    stacks = stacks_of(analysis)  # validates (matrix_rows) before touching the disk; every label of the report uses it
+    return write_bundle(out_dir, "analysis.json", analysis, all_figures(analysis, stacks=stacks),
+                        functools.partial(report_blocks, stacks=stacks), overwrite=overwrite)
 
 
 def write_bundle(out_dir, json_name: str, data: Mapping, figures: dict[str, Figure], blocks_of: Callable,
@@ -152,19 +154,21 @@ def _plain(value):
 # ---------------------------------------------------------------------------- content
 
 
-def report_blocks(analysis: Mapping, *, figures: list[str]) -> list[tuple]:
+def report_blocks(analysis: Mapping, *, figures: list[str], stacks: list | None = None) -> list[tuple]:
     """The report as a list of blocks, shared by the Markdown and HTML renderers.
 
     Blocks are tuples: ``("h", level, text)``, ``("p", text)``, ``("ul", items)``,
     ``("table", headers, rows)``, ``("figure", name, caption)`` and ``("code", text)``.
+    ``stacks``: the analysis's (:func:`~spectra.report.tables.stacks_of`), computed here once where the caller has
+    not.
     """
     matrices, vectors = matrix_rows(analysis), vector_rows(analysis)
+    stacks = stacks_of(analysis) if stacks is None else stacks
     blocks: list[tuple] = [("h", 1, "spectra report: how much rank did this fine-tune use?")]
-    blocks += [("h", 2, "Summary"), ("ul", _summary_items(analysis, matrices, vectors)),
-               ("p", rank_picture(analysis))]
-    note = role_table_note(analysis)  # modules with ΔW = 0 are left out of the medians and counts
-    headers, cells = role_table(analysis)
-    stacks = stacks_of(analysis)
+    blocks += [("h", 2, "Summary"), ("ul", _summary_items(analysis, matrices, vectors, stacks)),
+               ("p", rank_picture(analysis, stacks=stacks))]
+    note = role_table_note(analysis, stacks=stacks)  # modules with ΔW = 0 are left out of the medians and counts
+    headers, cells = role_table(analysis, stacks=stacks)
     blocks.append(("h", 2, "Per role"))
     if cells:
         blocks += [("p", "Median over the role's modules, with the range (min–max) in brackets. Energy-x% rank: "
@@ -189,9 +193,9 @@ def report_blocks(analysis: Mapping, *, figures: list[str]) -> list[tuple]:
                                    "cumulative_energy": f"Cumulative energy share of the top-r directions; dotted "
                                                         f"lines at {marks}."}
     blocks += [("figure", name, captions.get(name, name)) for name in figures]
-    blocks += [("h", 2, "Per module"), ("table", *module_table(analysis))]
+    blocks += [("h", 2, "Per module"), ("table", *module_table(analysis, stacks=stacks))]
     if vectors:
-        blocks += [("h", 3, "Vector deltas (norms, biases)"), ("table", *vector_table(analysis))]
+        blocks += [("h", 3, "Vector deltas (norms, biases)"), ("table", *vector_table(analysis, stacks=stacks))]
     blocks += [("h", 2, "Run configuration"), ("code", json.dumps(_plain(analysis.get("config", {})), indent=2))]
     return blocks
 
@@ -206,9 +210,8 @@ def _stacks_note(stacks: list) -> str:
             + (f", the {stack_label(None, stacks)}'s without one." if None in stacks else "."))
 
 
-def _summary_items(analysis: Mapping, matrices: list[dict], vectors: list[dict]) -> list[str]:
+def _summary_items(analysis: Mapping, matrices: list[dict], vectors: list[dict], stacks: list) -> list[str]:
     items = [f"{label}: {_checkpoint(analysis.get(key))}" for key, label in (("base", "Base"), ("tuned", "Tuned"))]
-    stacks = stacks_of(analysis)
     layers = {r["layer"] for r in matrices if r.get("layer") is not None}
     tensors = [r for r in matrices if not r.get("fused_name")]  # a fused tensor once, not again per projection
     split = len(matrices) - len(tensors)

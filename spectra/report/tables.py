@@ -9,6 +9,8 @@ tower numbers its layers from 0 like its language model, and its q_proj is no mo
 language model's q than its layer 0 is theirs. A row's ``stack`` (absent for the language
 model, and in files written before it existed) keeps them apart; where an analysis holds
 more than one stack, another stack's roles read "vision q" (:func:`spectra.groups.group_label`).
+The functions that label groups so take ``stacks``, the analysis's (:func:`stacks_of`): a report
+computes them once and passes them to each; without them, each computes them from the analysis.
 """
 
 from __future__ import annotations
@@ -289,7 +291,7 @@ def by_projection(rows: list[Mapping]) -> list[Mapping]:
     return [r for r in rows if r["name"] not in split]
 
 
-def unchanged_text(analysis: Mapping) -> str:
+def unchanged_text(analysis: Mapping, *, stacks: list | None = None) -> str:
     """How many of the analysis's weight matrices a statistic leaves out as unchanged, in one sentence ('' when
     none): '2 unchanged matrices are left out (ΔW = 0; every k matrix).'
 
@@ -304,7 +306,7 @@ def unchanged_text(analysis: Mapping) -> str:
     if not left:
         return ""
     changed = {group_of(r) for r in counted if not unchanged(r)}
-    stacks = stacks_of(analysis)
+    stacks = stacks_of(analysis) if stacks is None else stacks
     still = [group_label(g, stacks) for g in groups_in(left) if g not in changed]  # roles left alone entirely
     wholes = any(unchanged(r) for r in rows if r["name"] in split)
     return (f"{len(left)} unchanged {'matrix is' if len(left) == 1 else 'matrices are'} left out (ΔW = 0"
@@ -312,7 +314,7 @@ def unchanged_text(analysis: Mapping) -> str:
             + ("; a fused tensor counted by its projections, its whole left out with them" if wholes else "") + ").")
 
 
-def summary_rows(analysis: Mapping) -> list[dict]:
+def summary_rows(analysis: Mapping, *, stacks: list | None = None) -> list[dict]:
     """The per-role table: each metric's median and spread over the role's changed modules.
 
     Modules with ΔW = 0 (:func:`unchanged`) are left out: their zero ranks are no measurement of the
@@ -323,6 +325,8 @@ def summary_rows(analysis: Mapping) -> list[dict]:
     ----------
     analysis : mapping
         The analysis dict (see :func:`matrix_rows`).
+    stacks : list, optional
+        The analysis's stacks (:func:`stacks_of`), where the caller has them.
 
     Returns
     -------
@@ -334,7 +338,7 @@ def summary_rows(analysis: Mapping) -> list[dict]:
         :data:`ACTIVATION_METRICS` key when the analysis was calibrated), a :func:`stats` dict or None where no
         module of the role has the metric.
     """
-    stacks = stacks_of(analysis)
+    stacks = stacks_of(analysis) if stacks is None else stacks
     rows = [r for r in matrix_rows(analysis) if not unchanged(r)]
     table = []
     for group in groups_in(rows):
@@ -424,19 +428,19 @@ def format_stats(entry: dict | None, kind: str) -> str:
     return f"{median} ({format_value(entry['min'], kind)}–{format_value(entry['max'], kind)})"
 
 
-def role_table(analysis: Mapping) -> tuple[list[str], list[list[str]]]:
+def role_table(analysis: Mapping, *, stacks: list | None = None) -> tuple[list[str], list[list[str]]]:
     """Headers and text cells of the per-role table (median (min–max) over modules)."""
     metrics = _metrics(analysis)
     headers = ["role", "modules", "full rank"] + [m.label for m in metrics]
     body = [
         [entry["label"], str(entry["modules"]), format_value(entry["full_rank"], "rank")]
         + [format_stats(entry[m.key], m.kind) for m in metrics]
-        for entry in summary_rows(analysis)
+        for entry in summary_rows(analysis, stacks=stacks)
     ]
     return headers, body
 
 
-def role_table_note(analysis: Mapping) -> str:
+def role_table_note(analysis: Mapping, *, stacks: list | None = None) -> str:
     """What the per-role table leaves out, for the line beside it: '' when every matrix changed, the unchanged
     count (:func:`unchanged_text`, in the rank picture's words) when some did not, and that there is no table when
     none changed. The table leaves out every unchanged row, a fused tensor's whole as well as its projections; the
@@ -445,7 +449,7 @@ def role_table_note(analysis: Mapping) -> str:
     if all(unchanged(r) for r in rows):
         return ("Every weight matrix is unchanged (ΔW = 0): the two checkpoints hold the same values, so no role "
                 "has a rank to tabulate.")
-    return unchanged_text(analysis)
+    return unchanged_text(analysis, stacks=stacks)
 
 
 _MODULE_METRICS = ("effective_rank",
@@ -453,14 +457,14 @@ _MODULE_METRICS = ("effective_rank",
                    "activation_rank_0.9", "activation_rank_0.99")
 
 
-def module_table(analysis: Mapping) -> tuple[list[str], list[list[str]]]:
+def module_table(analysis: Mapping, *, stacks: list | None = None) -> tuple[list[str], list[list[str]]]:
     """Headers and text cells of the per-module table (one row per weight matrix)."""
     levels = energy_levels(analysis)
     shown = [level for level in levels if level != "0.95" or len(levels) < 4]  # the default four: 95 % left out
     keys = set(_MODULE_METRICS) | {f"energy_rank_{level}" for level in shown}
     metrics = [m for m in _metrics(analysis) if m.key in keys and m.kind != "share"]
     headers = ["module", "role", "layer", "shape", "‖ΔW‖_F"] + [m.label for m in metrics] + ["method"]
-    stacks = stacks_of(analysis)
+    stacks = stacks_of(analysis) if stacks is None else stacks
     body = [
         [r["name"], group_label(group_of(r), stacks), _text(r.get("layer")), "×".join(map(str, r["shape"])),
          format_value(number(r["fro_norm"]), "ratio")]
@@ -480,10 +484,10 @@ def _energy_interval(row: Mapping, key: str) -> str | None:
     return f"{int(bounds[0])}–{int(bounds[1])}" if bounds else None
 
 
-def vector_table(analysis: Mapping) -> tuple[list[str], list[list[str]]]:
+def vector_table(analysis: Mapping, *, stacks: list | None = None) -> tuple[list[str], list[list[str]]]:
     """Headers and text cells of the 1-D deltas (norm weights, biases): size only, no spectrum."""
     headers = ["module", "role", "layer", "shape", "‖Δ‖_2", "‖Δ‖/‖w‖"]
-    stacks = stacks_of(analysis)
+    stacks = stacks_of(analysis) if stacks is None else stacks
     body = [
         [r["name"], _text(r.get("role")) if r.get("role") is None else group_label(group_of(r), stacks),
          _text(r.get("layer")), "×".join(map(str, r.get("shape", []))),
@@ -493,7 +497,7 @@ def vector_table(analysis: Mapping) -> tuple[list[str], list[list[str]]]:
     return headers, body
 
 
-def rank_picture(analysis: Mapping) -> str:
+def rank_picture(analysis: Mapping, *, stacks: list | None = None) -> str:
     """The overall rank picture in two sentences, computed from the data.
 
     The first sentence gives the median energy-90% rank over all weight matrices
@@ -504,7 +508,7 @@ def rank_picture(analysis: Mapping) -> str:
     split = fused_wholes(rows)
     whole_groups = ({group_of(r) for r in rows if r["name"] in split}
                     - {group_of(r) for r in rows if r["name"] not in split})
-    left_out = unchanged_text(analysis)  # the sentence beside the per-role table (role_table_note), word for word
+    left_out = unchanged_text(analysis, stacks=stacks)  # the sentence beside the per-role table (role_table_note), word for word
     rows = by_projection(rows)  # a fused tensor counts once: through its projections
     if rows and all(unchanged(r) for r in rows):
         return (f"All {len(rows)} weight matrices are unchanged (ΔW = 0): the two checkpoints hold the same values "
@@ -527,7 +531,7 @@ def rank_picture(analysis: Mapping) -> str:
         + (f" {left_out}" if left_out else "")
     )
     # summary_rows leaves ΔW = 0 out too (and roles with no changed matrix); qkv/gate_up read through their parts
-    by_role = [(entry["label"], entry[f"energy_rank_{level}_share"]) for entry in summary_rows(analysis)
+    by_role = [(entry["label"], entry[f"energy_rank_{level}_share"]) for entry in summary_rows(analysis, stacks=stacks)
                if (entry["stack"], entry["role"]) not in whole_groups]
     missing = [role for role, s in by_role if s is None]
     by_role = sorted(((role, s["median"]) for role, s in by_role if s is not None), key=lambda item: item[1])

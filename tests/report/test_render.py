@@ -28,7 +28,7 @@ def written(tmp_path_factory, make_analysis):
 @pytest.fixture
 def cheap_figures(monkeypatch):
     """Replace the real figures with one tiny figure, for tests about writing rather than drawing."""
-    def tiny(analysis):
+    def tiny(analysis, **options):
         fig = Figure(figsize=(1, 1))
         fig.subplots().plot([0, 1], [1, 0])
         return {"tiny": fig}
@@ -180,3 +180,25 @@ def test_report_of_an_unchanged_pair_says_so_instead_of_a_table(tmp_path, analys
     out = render.write_report(analysis, tmp_path / "same")  # every figure too: none may crash
     section = _per_role((out / "report.md").read_text())
     assert "Every weight matrix is unchanged (ΔW = 0)" in section and "| role |" not in section
+
+
+def test_a_report_finds_the_stacks_of_its_analysis_once(tmp_path, monkeypatch, make_analysis):
+    """Every label of the report takes the analysis's stacks (tables.stacks_of, a pass over its validated rows): the
+    tables, sentences and figures each computed them again, a dozen times a report. The report computes them once and
+    passes them on; its files are those of the functions called alone (the tests above, and each table's own)."""
+    from spectra.report import plots, tables
+
+    calls, stacks_of = [], tables.stacks_of
+
+    def counted(analysis):
+        calls.append(1)
+        return stacks_of(analysis)
+
+    for module in (render, plots, tables):
+        monkeypatch.setattr(module, "stacks_of", counted, raising=False)
+    analysis = make_analysis()
+    out = render.write_report(analysis, tmp_path / "run")
+    assert len(calls) == 1
+    assert (out / "report.md").read_text() == render.to_markdown(render.report_blocks(analysis, figures=FIGURES))
+    assert len(calls) == 2  # negative control: report_blocks called alone computes them itself
+
