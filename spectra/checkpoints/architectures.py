@@ -89,15 +89,15 @@ _ROLE_RULES: tuple[tuple[str, str], ...] = (
      rf"|self_attn\.projection|{_T5_SELF_ATTENTION}\.o)", "o"),
     # MLP; T5's DenseReluDense: wi (up) or, gated (v1.1, Flan-T5), wi_0 (gate) and wi_1 (up), then wo (down); BART's,
     # Whisper's, OPT's layers.N.fc1 and fc2 (an MLP's fc1 is up wherever a layer holds it directly); SwitchTransformers'
-    # experts (experts.expert_N.wi, wo) and dense layers (layer.N.mlp.wi, wo), NLLB-MoE's experts (expert_N.fc1, fc2);
+    # experts (experts.expert_N.wi, wo; never gated in transformers) and dense layers (layer.N.mlp.wi, wo); NLLB-MoE's
+    # experts (experts.expert_N.fc1, fc2) and dense layers (layers.N.ffn.fc1, fc2);
     # BLIP-2's Q-Former: intermediate_query.dense and output_query.dense (the query tokens' MLP), as BERT's
-    (r"(gate_proj|experts\.\d+\.w1|mlp\.fc_gate|feed_forward\.w1|DenseReluDense\.wi_0|experts\.expert_\d+\.wi_0)",
-     "gate"),
+    (r"(gate_proj|experts\.\d+\.w1|mlp\.fc_gate|feed_forward\.w1|DenseReluDense\.wi_0)", "gate"),
     (r"(up_proj|experts\.\d+\.w3|intermediate(_query)?\.dense|mlp\.c_fc|dense_h_to_4h|mlp\.fc1|feed_forward\.w3"
-     r"|DenseReluDense\.wi(_1)?|layers\.\d+\.fc1|experts\.expert_\d+\.(wi(_1)?|fc1)|layer\.\d+\.mlp\.wi)", "up"),
+     r"|DenseReluDense\.wi(_1)?|layers\.\d+\.(ffn\.)?fc1|experts\.expert_\d+\.(wi|fc1)|layer\.\d+\.mlp\.wi)", "up"),
     (r"(down_proj|experts\.\d+\.w2|layer\.\d+\.output(_query)?\.dense|mlp\.c_proj|dense_4h_to_h|mlp\.fc2"
-     r"|feed_forward\.w2|DenseReluDense\.wo|layers\.\d+\.fc2|experts\.expert_\d+\.(wo|fc2)|layer\.\d+\.mlp\.wo)",
-     "down"),
+     r"|feed_forward\.w2|DenseReluDense\.wo|layers\.\d+\.(ffn\.)?fc2|experts\.expert_\d+\.(wo|fc2)"
+     r"|layer\.\d+\.mlp\.wo)", "down"),
     # embeddings and heads; T5's and BART's shared (the token embedding their encoder and decoder both read)
     (r"(embed_tokens|word_embeddings|wte|embed_in|tok_embeddings|shared)", "embed"),
     (r"(lm_head|embed_out|classifier|score|cls\.predictions\.decoder)", "head"),

@@ -353,6 +353,35 @@ def test_switch_experts_routers_and_dense_mlps_get_role_layer_and_expert():
     assert module_info("lm_head", config).role == "head"  # a head stays one
 
 
+def test_nllb_moe_experts_router_and_dense_ffn_get_role_layer_and_expert():
+    """NLLB-MoE names its experts experts.expert_N.fc1/fc2 and its dense layers' MLP ffn.fc1/fc2 (all were other), its
+    router ffn.router.classifier (a head)."""
+    import transformers as tf
+
+    model = tf.NllbMoeForConditionalGeneration(tf.NllbMoeConfig(
+        vocab_size=64, d_model=16, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=24, decoder_ffn_dim=24, num_experts=2, encoder_sparse_step=2,
+        decoder_sparse_step=2, max_position_embeddings=32))
+    config = model.config.to_dict()
+    expected = {}
+    for stack in ("encoder", "decoder"):
+        for i, layer in enumerate(getattr(model.model, stack).layers):
+            prefix = f"model.{stack}.layers.{i}.ffn"
+            if hasattr(layer.ffn, "experts"):  # NllbMoeSparseMLP: router, experts ModuleDict
+                expected[f"{prefix}.router.classifier"] = ("other", i, None)
+                for key in (k for k in layer.ffn.experts if k.startswith("expert_")):  # beside a token_dropout
+                    e = int(key.removeprefix("expert_"))
+                    expected |= {f"{prefix}.experts.{key}.fc1": ("up", i, e),
+                                 f"{prefix}.experts.{key}.fc2": ("down", i, e)}
+            else:
+                expected |= {f"{prefix}.fc1": ("up", i, None), f"{prefix}.fc2": ("down", i, None)}
+    ffn = [n for n in linears(model) if ".ffn." in n]
+    assert sorted(ffn) == sorted(expected) and len(expected) == 2 * (2 + 1 + 2 * 2)
+    for name in ffn:
+        info = module_info(name, config)
+        assert (info.role, info.layer, info.expert) == expected[name], name
+
+
 SWITCH_PLANTED = {"decoder.block.1.layer.2.mlp.experts.expert_1.wi": (None, 2),
                   "decoder.block.1.layer.2.mlp.experts.expert_2.wo": (None, 1),
                   "encoder.block.1.layer.1.mlp.router.classifier": (None, 1),
