@@ -321,11 +321,15 @@ def _finite_or_none(x: float) -> float | None:
 class ModuleCache:
     """Finished modules on disk, keyed by inputs + config, so interrupted runs resume.
 
-    One JSON file per pairing entry, written atomically. A changed input (content samples,
-    file sizes and mtimes, config.json, an adapter's config), analysis config or spectra code
-    (the source of the modules that compute rows) gives a different key, i.e. a fresh cache.
-    A cache that cannot be written is given up with a warning; the analysis goes on.
+    One JSON file per pairing entry, written atomically, and beside them, for a calibrated run, the calibration's
+    description (:meth:`calibration`). A changed input (content samples, file sizes and mtimes, config.json, an
+    adapter's config), analysis config, calibration data or spectra code (the source of the modules that compute
+    rows) gives a different key, i.e. a fresh cache. A cache that cannot be written is given up with a warning; the
+    analysis goes on.
     """
+
+    # the calibration's description: no entry's file, each of which ends in "-<digest>.json", has this name
+    CALIBRATION_FILE = "calibration.json"
 
     def __init__(self, root: Path | None, key: str):
         self.dir = None if root is None else Path(root) / key
@@ -351,14 +355,32 @@ class ModuleCache:
         return rows if valid else None  # anything else (an edited or foreign file) is recomputed
 
     def put(self, entry_name: str, rows: list[dict]) -> None:
+        if self.dir is not None:
+            self._write(self._path(entry_name), rows)
+
+    def calibration(self) -> dict | None:
+        """The description (``Calibration.describe()``, as JSON reads it back) of the calibration the cached rows were
+        computed with, or None (none stored, or an unreadable file: collected again)."""
         if self.dir is None:
-            return
+            return None
+        try:
+            record = json.loads((self.dir / self.CALIBRATION_FILE).read_text())
+        except (OSError, ValueError):
+            return None
+        return record if isinstance(record, dict) else None
+
+    def put_calibration(self, record: dict) -> None:
+        if self.dir is not None:
+            self._write(self.dir / self.CALIBRATION_FILE, record)
+
+    def _write(self, path: Path, value) -> None:
+        """``value`` as JSON at ``path`` through a temporary sibling and one rename; on failure, no cache from now."""
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
-            write_text_atomic(self._path(entry_name), json.dumps(rows, allow_nan=True))
+            write_text_atomic(path, json.dumps(value, allow_nan=True))
         except OSError as err:
             warnings.warn(f"the analysis cache {self.dir} cannot be written ({err}); going on without it "
-                          "(--no-cache or SPECTRA_CACHE=elsewhere to choose)", RuntimeWarning, stacklevel=2)
+                          "(--no-cache or SPECTRA_CACHE=elsewhere to choose)", RuntimeWarning, stacklevel=3)
             self.dir = None
 
 
@@ -540,10 +562,6 @@ def analyze(base, tuned, config: AnalysisConfig | None = None, *, cache_dir: str
     )
 
 
-# the cache entry of a calibrated run's Calibration.describe(): no checkpoint tensor is named so
-_CALIBRATION_ENTRY = "<calibration>"
-
-
 def _calibration(base, config: AnalysisConfig, cache: ModuleCache, *, collect: bool, progress: bool):
     """(Calibration or None, its description for ``analysis.json`` or None) of a run.
 
@@ -554,15 +572,13 @@ def _calibration(base, config: AnalysisConfig, cache: ModuleCache, *, collect: b
     """
     if config.calibration is None:
         return None, None
-    cached = cache.get(_CALIBRATION_ENTRY)
+    cached = cache.calibration()
     if not collect and cached is not None:
-        record = dict(cached[0])
-        record.pop("name")
-        return None, record
+        return None, cached
     calibration = collect_calibration(base, config.calibration, config=config.calibration_config(),
                                       progress=progress)
     record = json.loads(json.dumps(calibration.describe()))  # as analysis.json will read back
-    cache.put(_CALIBRATION_ENTRY, [{"name": _CALIBRATION_ENTRY, **record}])
+    cache.put_calibration(record)
     return (calibration if collect else None), record
 
 

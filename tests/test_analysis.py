@@ -628,3 +628,49 @@ def test_calibration_notes_and_length_are_in_the_result_also_when_served_from_th
     assert again.timings["modules_computed"] == 0 and again.calibration == result.calibration
     plain = analyze(b, t, AnalysisConfig(roles=("qkv",)), cache_dir=False, progress=False).to_dict()
     assert "calibration" not in plain and list(plain)[-1] == "modules"  # analysis.json as before without data
+
+
+def test_the_calibration_record_is_a_file_beside_the_rows_reused_by_a_rerun_and_not_by_other_data(tmp_path,
+                                                                                                   monkeypatch):
+    """A calibrated run keeps its calibration's description (data, examples, length, notes) as calibration.json beside
+    the cached rows, written through a temporary file and a rename; it had been a fake module entry "<calibration>"
+    (a 'name' added to pass the rows' check, then popped). A rerun served from the cache reads it rather than run the
+    model again; other calibration data is another cache, with its own record; an unreadable record is collected
+    again and rewritten."""
+    base = build_model("gpt2")
+    tuned = copy.deepcopy(base)
+    with torch.no_grad():
+        tuned.transformer.h[0].attn.c_attn.weight.add_(0.01)
+    b, t = save(base, tmp_path / "b", "safetensors"), save(tuned, tmp_path / "t", "safetensors")
+    text = tmp_path / "calibration.txt"
+    first_text = "words to cut into blocks\n" * 20
+    text.write_text(first_text)
+    config = AnalysisConfig(roles=("qkv",), calibration=str(text))
+    collected, written = [], []
+    collect, write = analysis_mod.collect_calibration, analysis_mod.write_text_atomic
+    monkeypatch.setattr(analysis_mod, "collect_calibration", lambda *a, **k: collected.append(1) or collect(*a, **k))
+    monkeypatch.setattr(analysis_mod, "write_text_atomic", lambda path, *a, **k: written.append(path.name)
+                        or write(path, *a, **k))
+
+    def run():
+        return analyze(b, t, config, cache_dir=tmp_path / "cache", progress=False)
+
+    first = run()
+    (key,) = (tmp_path / "cache").iterdir()
+    assert json.loads((key / "calibration.json").read_text()) == first.calibration
+    assert len(collected) == 1 and written.count("calibration.json") == 1
+    rows = [p for p in key.iterdir() if p.name != "calibration.json"]
+    assert rows and all(isinstance(json.loads(p.read_text()), list) and "calibration" not in p.name for p in rows)
+    again = run()
+    assert len(collected) == 1 and again.timings["modules_computed"] == 0 and again.calibration == first.calibration
+    text.write_text("other words\n" * 7)  # other data: another key, collected again, its own record
+    other = run()
+    assert len(collected) == 2 and other.timings["modules_computed"] > 0
+    assert other.calibration["examples"] < first.calibration["examples"]  # fewer tokens, fewer blocks
+    (other_key,) = set((tmp_path / "cache").iterdir()) - {key}
+    assert json.loads((other_key / "calibration.json").read_text()) == other.calibration
+    (key / "calibration.json").write_text("[]")  # not a record: collected again although every row is cached
+    text.write_text(first_text)
+    restored = run()
+    assert len(collected) == 3 and restored.timings["modules_computed"] == 0
+    assert restored.calibration == first.calibration == json.loads((key / "calibration.json").read_text())
