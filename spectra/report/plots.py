@@ -374,36 +374,16 @@ def _empty(ax, message: str) -> None:
 
 def _heatmap(rows: list[dict], value, *, label: str, title: str, fmt: str, integer: bool = False) -> Figure:
     """Layer × role grid of ``value(row)`` (median where a cell holds several experts), one panel per stack
-    (:func:`~spectra.report.tables.layer_role_grids`); ``integer``: the values are counts, so a linear colorbar ticks
-    whole numbers only."""
+    (:func:`~spectra.report.tables.layer_role_grids`: a language model and its vision tower), top to bottom, each as
+    tall as its layers, on one colour scale so that colours compare across them; ``integer``: the values are counts,
+    so a linear colorbar ticks whole numbers only."""
     grids = layer_role_grids(rows, value)
-    if len(grids) > 1:
-        return _stacked_heatmap(grids, label=label, title=title, fmt=fmt, integer=integer)
-    (only,) = grids
-    roles, layers, grid = only.roles, only.layers, only.values  # (layers, roles)
-    fig = Figure(figsize=(min(1.0 * len(roles) + 3.0, 14), min(0.32 * len(layers) + 2.2, 24)),
-                 layout="constrained")
-    ax = fig.subplots()
-    # cividis stays ordered in greyscale; empty cells get a light grey that no value takes.
-    cmap = colormaps["cividis"].with_extremes(bad="0.93")
-    norm = _color_norm(grid)
-    image = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, norm=norm, aspect="auto", interpolation="nearest")
-    _heatmap_colorbar(fig.colorbar(image, ax=ax), norm, label, integer)
-    if grid.size <= _ANNOTATE_CELLS:
-        _annotate(ax, grid, norm, cmap, fmt)
-    _heatmap_axes(ax, roles, layers)
-    ax.set_title(_heatmap_title(title, grids, fmt), fontsize=10)
-    return fig
-
-
-def _stacked_heatmap(grids: list, *, label: str, title: str, fmt: str, integer: bool) -> Figure:
-    """The heatmap of an analysis of several stacks (a language model and its vision tower): one panel per stack,
-    top to bottom, each as tall as its layers, on one colour scale so that colours compare across them."""
     heights = [len(g.layers) for g in grids]
     width = max(len(g.roles) for g in grids)
     fig = Figure(figsize=(min(1.0 * width + 3.0, 14), min(0.32 * sum(heights) + 1.0 * len(grids) + 1.2, 24)),
                  layout="constrained")
     axes = fig.subplots(len(grids), 1, squeeze=False, height_ratios=heights)[:, 0]
+    # cividis stays ordered in greyscale; empty cells get a light grey that no value takes.
     cmap = colormaps["cividis"].with_extremes(bad="0.93")
     norm = _color_norm(np.concatenate([g.values.ravel() for g in grids]))
     annotate = sum(g.values.size for g in grids) <= _ANNOTATE_CELLS
@@ -414,9 +394,13 @@ def _stacked_heatmap(grids: list, *, label: str, title: str, fmt: str, integer: 
             _annotate(ax, g.values, norm, cmap, fmt)
         _heatmap_axes(ax, g.roles, g.layers)
         ax.set_xlim(-0.5, width - 0.5)  # cells of one width in every panel; a stack with fewer roles ends early
-        ax.set_title(stack_label(g.stack, [h.stack for h in grids]), fontsize=10, loc="left")
+        if len(grids) > 1:
+            ax.set_title(stack_label(g.stack, [h.stack for h in grids]), fontsize=10, loc="left")
     _heatmap_colorbar(fig.colorbar(image, ax=list(axes)), norm, label, integer)
-    fig.suptitle(_heatmap_title(title, grids, fmt), fontsize=10)
+    if len(grids) > 1:  # the title above every panel, each panel named by its stack
+        fig.suptitle(_heatmap_title(title, grids, fmt), fontsize=10)
+    else:
+        axes[0].set_title(_heatmap_title(title, grids, fmt), fontsize=10)
     return fig
 
 
