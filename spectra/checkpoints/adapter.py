@@ -287,13 +287,21 @@ def plan_adapter(adapter, base, config: dict[str, Any] | None) -> tuple[list[Ada
                                    "modules_to_save weight).")
             modules.setdefault(name.removesuffix(".weight"), {})["full"] = key
 
-    model = meta_model(config) if cfg.get("target_parameters") else None  # built once, for the names below too
-    deltas = _plan_parameters(adapter, base, config, modules, model) if cfg.get("target_parameters") else []
+    on_parameters = bool(cfg.get("target_parameters"))
+    model = meta_model(config) if on_parameters else None  # built once, for the names below too
+    deltas = _plan_parameters(adapter, base, config, modules, model) if on_parameters else []
     base_weights = [n for n in base.names() if n.endswith(".weight")]
     match = match_names([m + ".weight" for m in modules], base_weights)
     base_tensors = {m.removesuffix(".weight"): t for m, t in match.pairs.items()}  # adapter module -> base tensor
-    missing = [m.removesuffix(".weight") for m in match.only_in_base + list(match.ambiguous)]
-    missing = [m for m in missing if m in modules]
+    # Two adapter modules whose names both end one base tensor's (layers.0.mlp.up_proj and 0.mlp.up_proj): no guess.
+    # (Read as renamed, both became that tensor's ΔW; before, planning stopped on a KeyError.)
+    twice = [n.removesuffix(".weight") for key, names in match.ambiguous.items()
+             if key.removesuffix(".weight") not in modules for n in names]
+    if twice:
+        raise AdapterError(f"adapter {adapter.spec}: modules {', '.join(twice[:5])} all match one tensor of the base "
+                           f"{base.spec} (names compared up to a leading prefix). Name the adapter's modules as "
+                           "the base model names them.")
+    missing = [m for m in modules if m not in base_tensors]  # unmatched, or matching two base tensors
     if missing:
         model = meta_model(config) if model is None else model
         base_tensors |= _renamed_modules(missing, base_weights, model)

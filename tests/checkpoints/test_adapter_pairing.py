@@ -191,6 +191,25 @@ def test_a_module_absent_under_any_name_is_still_refused(tmp_path):
         Pairing(base_dir, tmp_path / "ad")
 
 
+
+def test_two_adapter_modules_claiming_one_base_tensor_are_refused_by_name(tmp_path):
+    """Keys model.layers.0.mlp.up_proj saved as layers.0.mlp.up_proj and 0.mlp.up_proj both end the base's one tensor:
+    planning stopped on a bare KeyError (and, read through the loading renames, would pair the tensor twice); it names
+    the two modules (negative control: one of them alone pairs)."""
+    from safetensors.torch import load_file, save_file
+
+    base = build_model("llama")
+    base_dir = save(base, tmp_path / "base", "safetensors")
+    random_adapter(base, tmp_path / "ad", r=2, lora_alpha=4, target_modules=["layers.0.mlp.up_proj"])
+    file = tmp_path / "ad" / "adapter_model.safetensors"
+    tensors = {k.replace("model.layers.0", "layers.0"): v for k, v in load_file(file).items()}
+    save_file(tensors, file, metadata={"format": "pt"})
+    assert [e.name for e in Pairing(base_dir, tmp_path / "ad").entries] == ["model.layers.0.mlp.up_proj"]
+    save_file(tensors | {k.replace("layers.0", "0"): v.clone() for k, v in tensors.items()}, file, metadata={"format": "pt"})
+    with pytest.raises(AdapterError, match=r"modules (0|layers\.0)\.mlp\.up_proj, (layers\.)?0\.mlp\.up_proj all match "
+                       "one tensor"):
+        Pairing(base_dir, tmp_path / "ad")
+
 # -- LoRA on parameters (PEFT's target_parameters): transformers-5 fused MoE experts ----------------------------------
 
 MIXTRAL_EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
