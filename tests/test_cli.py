@@ -98,7 +98,8 @@ def test_analyze_prints_the_calibration_notes_also_from_the_cache(monkeypatch, c
     notes and the terminal never said (nor analysis.json). A rerun served from the cache says it too, and `show`."""
     text = tmp_path / "calibration.txt"
     text.write_text("words to cut into blocks " * 20)
-    cut = "note: calibration: max_length: examples are cut at 32 tokens, not the default 128"
+    # the note names the option that set the length, the calibration's own (it said "max_length:", an option of train)
+    cut = "note: calibration max_length: examples are cut at 32 tokens, not the default 128"
     args = ("analyze", *pair, "--roles", "qkv", "--calibration", text, "--cache-dir", tmp_path / "cache")
     for out in ("r", "again"):
         code, stdout, err = run(monkeypatch, capsys, *args, "-o", tmp_path / out)

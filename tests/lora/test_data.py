@@ -437,6 +437,7 @@ def test_default_length_is_cut_to_a_short_position_table(llama_base, tmp_path):
         (note,) = notes
         table = "max_position_embeddings" if folder == bert else "n_positions"  # GPT-2's name for it
         assert "cut at 32 tokens, not the default 128" in note and f"({table} = 32 in its config.json)" in note
+        assert note.startswith("max_length (--max-length): examples are cut")  # the option that was left unset
     # negative control: a position table longer than the default leaves it at 128, without a note
     notes = []
     _, tokens, *_ = prepare_data(llama_base, stream, notes=notes)
@@ -534,3 +535,61 @@ def test_every_config_refuses_a_max_length_that_is_not_an_integer_of_two_or_more
     with pytest.raises(ConfigError, match=re.escape(message)):
         cls(max_length=max_length)
     assert cls(max_length=2).max_length == 2 and cls().max_length is None  # negative controls
+
+
+@pytest.mark.parametrize("option", ["max_length (--max-length)", "VerifyConfig max_length", "calibration max_length"])
+def test_the_default_length_note_starts_with_the_option_it_was_called_with(tmp_path, option):
+    """It started "max_length:" whatever the option, so `analyze --calibration` printed "calibration: max_length: …"
+    for a length no --max-length option sets."""
+    from spectra.lora.data import prepare_tokenizer
+    from tests.models import tiny_config
+
+    notes = []
+    _, length, _ = prepare_tokenizer(_config_dir(tmp_path, tiny_config("gpt2")), task="causal_lm", max_length=None,
+                                     option=option, notes=notes)
+    (note,) = notes
+    assert length == 32 and note.startswith(f"{option}: examples are cut at 32 tokens, not the default 128")
+
+
+def test_the_byte_tokenizer_takes_the_vocabulary_a_multimodal_config_keeps_in_text_config(tmp_path):
+    """Gemma 3's multimodal config.json has no top-level vocab_size: the byte tokenizer fell back to 256 ids whatever
+    the language model embeds. The text_config's is read; a top-level one still wins; none at all is refused."""
+    from spectra.lora.data import ByteTokenizer, prepare_tokenizer
+    from tests.models import tiny_config
+
+    multimodal = _config_dir(tmp_path / "mm", tiny_config("gemma3_multimodal"))
+    saved = json.loads((multimodal / "config.json").read_text())
+    assert "vocab_size" not in saved and saved["text_config"]["vocab_size"] == 300
+    tokenizer = prepare_tokenizer(multimodal, task="causal_lm", max_length=None)[2]
+    assert isinstance(tokenizer, ByteTokenizer) and tokenizer.vocab_size == 300
+    llama = _config_dir(tmp_path / "llama", tiny_config("llama"))
+    assert prepare_tokenizer(llama, task="causal_lm", max_length=None)[2].vocab_size == 64  # the top level's
+    both = tmp_path / "both"
+    both.mkdir()
+    (both / "config.json").write_text(json.dumps({"vocab_size": 48, "text_config": {"vocab_size": 300}}))
+    assert prepare_tokenizer(both, task="causal_lm", max_length=None)[2].vocab_size == 48
+    (both / "config.json").write_text(json.dumps({"text_config": {"hidden_size": 8}}))
+    with pytest.raises(ConfigError, match=r"declares no vocab_size \(nor text_config.vocab_size\), and the model "
+                                          "ships no tokenizer"):
+        prepare_tokenizer(both, task="causal_lm", max_length=None)
+
+
+def test_an_encoder_decoder_cuts_source_and_target_at_its_learned_positions(tmp_path):
+    """BART's learned positions (32 here) bound source and target alike; T5's relative positions bound neither."""
+    from tests.models import tiny_config
+
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps({"source": "source words " * 8, "target": "target words " * 8}) + "\n"
+                            for _ in range(4)))
+    bart = _config_dir(tmp_path / "bart", tiny_config("bart"))
+    notes = []
+    task, tokens, *_ = prepare_data(bart, data, notes=notes)
+    assert task == "seq2seq_lm" and tokens.max_length == 32
+    assert {len(i) for i in tokens.ids} == {len(t) for t in tokens.targets} == {32}  # 104 bytes each, cut
+    assert len(notes) == 1 and "max_position_embeddings = 32" in notes[0]
+    with pytest.raises(ConfigError, match=r"max_length \(--max-length\) 64 is more than the model can take"):
+        prepare_data(bart, data, max_length=64)
+    t5 = _config_dir(tmp_path / "t5", tiny_config("t5"))
+    notes = []
+    _, tokens, *_ = prepare_data(t5, data, max_length=300, notes=notes)  # no table of positions to outrun
+    assert {len(i) for i in tokens.ids} == {len(t) for t in tokens.targets} == {104} and notes == []
