@@ -115,6 +115,12 @@ class ModelShape:
     tower_params: int = 0
     # their linear modules, (role, out, in) each, which PEFT's all-linear (an int rank's default roles) adapts too
     tower_linears: tuple[tuple[str, int, int], ...] = ()
+    # each layer's sliding attention window (0: full attention; empty: none slides): transformers masks a layer whose
+    # window a sequence reaches (seq_len ≥ window), and sdpa then keeps the mask and K, V repeated (_sliding_windows)
+    windows: tuple[int, ...] = ()
+    # GLM rotates part of each head and concatenates the rest (torch.cat): Q, and so sdpa's output, come out
+    # (b, heads, s, d)-contiguous and o_proj reads a copy (_o_input_copied)
+    rotary_cat: bool = False
 
     @property
     def fused_qkv(self) -> bool:
@@ -135,8 +141,8 @@ def model_shape(config: Mapping) -> ModelShape:
 
     Other ``model_type`` values with Llama's (GPT-2's, BERT's) keys are read as Llama-like (stated in the
     result's ``family``) where transformers' base model built from the config holds the parameters
-    counted, and refused where it holds others (:func:`_refuse_other_blocks`); a model_type this
-    transformers cannot build is read as before. Parameter counts match ``sum(p.numel())`` of the
+    counted, and refused where it holds others or cannot be built from the config (:func:`_refuse_other_blocks`);
+    a model_type this transformers does not know is read as before. Parameter counts match ``sum(p.numel())`` of the
     transformers model (tied weights once); BERT counts ``BertModel`` (encoder + pooler, no task head). A
     multimodal config (a nested ``text_config``: Gemma 3's) is its language model plus the other towers' parameters,
     held frozen (:func:`_with_other_towers`).
@@ -228,7 +234,8 @@ def _meta_model_for(cfg: dict, mtype: str, mapping: str = "MODEL_MAPPING_NAMES")
     """transformers' class for ``mtype`` in ``mapping`` (a name in ``transformers.models.auto.modeling_auto``;
     default the base model: no LM head) and that class built from ``cfg`` on the meta device (shapes only, no
     weights), as ``(class name, model)``; the model is None where this transformers has no such class or cannot
-    build it from the config.
+    build it from the config. Token ids outside the vocabulary (a tiny config that keeps its family's pad_token_id:
+    GLM's 151329 of 64) stop nn.Embedding but change no parameter: the model is then built without them.
 
     Costs transformers' modelling import, ~0.8 s once per process, then 10-30 ms a build (Llama-2-70B's,
     Mixtral-8x7B's); :func:`model_shape` builds at most one base model a config, none for :data:`_COUNTED_RIGHT`'s
@@ -238,7 +245,12 @@ def _meta_model_for(cfg: dict, mtype: str, mapping: str = "MODEL_MAPPING_NAMES")
     from spectra.checkpoints.targets import meta_model
 
     model_class = getattr(modeling_auto, mapping).get(mtype)
-    return model_class, meta_model(cfg, model_class) if isinstance(model_class, str) else None
+    if not isinstance(model_class, str):
+        return model_class, None
+    model = meta_model(cfg, model_class)
+    if model is None:
+        model = meta_model(cfg | dict.fromkeys(("pad_token_id", "bos_token_id", "eos_token_id")), model_class)
+    return model_class, model
 
 
 def _refuse_unless_built_holds(model, counted: int, *, mtype: str, model_class: str, counted_as: str) -> None:
@@ -260,14 +272,25 @@ def _refuse_other_blocks(cfg: dict, mtype: str, shape: ModelShape, base_model=No
     ``shape.params`` less its head.
 
     Equal counts do not prove equal activations (a family may scale or normalise in ways with no weights), but
-    unequal ones prove the estimate wrong. Where this transformers has no such class or cannot build it from the
-    config, nothing to compare against: the config is read as before."""
+    unequal ones prove the estimate wrong. Where this transformers has no class for ``mtype``, nothing to compare
+    against: the config is read as before. Where it has one but cannot build it from the config (token ids outside
+    the vocabulary aside: :func:`_meta_model_for`), refused: the blocks cannot be checked. Tiny GLM-4, GLM, SmolLM3
+    and OpenAI privacy-filter configs, whose family's pad_token_id lies outside a vocabulary of 64, had been read
+    as Llama-like so."""
     base_class, model = base_model() if base_model is not None else _meta_model_for(cfg, mtype)
     if model is None:
+        if isinstance(base_class, str):
+            raise ConfigError(f"model_type {mtype}: transformers' {base_class} cannot be built from this config (on "
+                              "the meta device), so spectra's memory model cannot check that its blocks are ones it "
+                              "describes (Llama-like: Llama, Mistral, Qwen2, Gemma, Phi-3, Granite, Helium, "
+                              "ERNIE 4.5, Ministral, SmolLM3, GLM; Mixtral-style MoE; GPT-2; BERT) and will not read "
+                              "it as Llama-like; transformers' AutoConfig.for_model and "
+                              f"{base_class}(config) show what fails.")
         return
     _refuse_unless_built_holds(model, shape.params - shape.head_params, mtype=mtype, model_class=base_class,
                                counted_as="(no LM head): its blocks differ from the families the memory model "
-                                          "describes (Llama-like: Llama, Mistral, Qwen2, Gemma, Phi-3; Mixtral-style "
+                                          "describes (Llama-like: Llama, Mistral, Qwen2, Gemma, Phi-3, Granite, "
+                                          "Helium, ERNIE 4.5, Ministral, SmolLM3, GLM; Mixtral-style "
                                           "MoE: Mixtral, PhiMoE, GraniteMoE, MiniMax; GPT-2; BERT)")
 
 
@@ -284,12 +307,16 @@ def _llama(cfg: dict, mtype: str, base_model) -> ModelShape:
         mlp = (("gate_up", 2 * inter, h), ("down", h, inter)) * experts
     else:
         attention = (("q", q_dim, h), ("k", kv_dim, h), ("v", kv_dim, h), ("o", h, q_dim))
-        mlp = (("gate", inter, h), ("up", inter, h), ("down", h, inter)) * experts
+        mlp = (("gate_up", 2 * inter, h), ("down", h, inter)) if mtype in _FUSED_MLP \
+            else (("gate", inter, h), ("up", inter, h), ("down", h, inter)) * experts
     router = (("router", experts, h),) if experts > 1 else ()
     linears = attention + mlp + router
-    qkv_bias = bool(cfg.get("attention_bias", False)) or mtype in ("qwen2", "qwen2_moe")
-    bias = (q_dim + 2 * kv_dim if qkv_bias else 0) + (h if cfg.get("attention_bias", False) else 0)
-    bias += (2 * inter + h) * experts if cfg.get("mlp_bias", False) else 0
+    # ERNIE 4.5's use_bias puts a bias on every linear of the block (Llama's attention_bias and mlp_bias together)
+    every_bias = mtype in _USE_BIAS and bool(cfg.get("use_bias", False))
+    attention_bias = bool(cfg.get("attention_bias", False)) or every_bias
+    qkv_bias = attention_bias or mtype in ("qwen2", "qwen2_moe")
+    bias = (q_dim + 2 * kv_dim if qkv_bias else 0) + (h if attention_bias and mtype not in _FUSED_MLP else 0)
+    bias += (2 * inter + h) * experts if cfg.get("mlp_bias", False) or every_bias else 0
     tied = bool(cfg.get("tie_word_embeddings", _config_default(mtype, "tie_word_embeddings", False)))
     # Gemma 2's and Gemma 3's blocks normalise each sublayer's input and output (input, post-attention, pre- and
     # post-feedforward norms); Gemma 2 caps attention and final logits by tanh (config.json may leave the caps to
@@ -298,7 +325,8 @@ def _llama(cfg: dict, mtype: str, base_model) -> ModelShape:
     caps = {key: (cfg[key] if key in cfg else _config_default(mtype, key, None) if mtype == "gemma2" else None)
             is not None for key in ("attn_logit_softcapping", "final_logit_softcapping")}
     qk_norm = mtype in _QK_NORMS
-    norm = "layer" if mtype in _LAYER_NORMS else "rms_fp32" if mtype.startswith("gemma") else "rms"
+    norm = "layer" if mtype in _LAYER_NORMS else "rms_fp32" if mtype.startswith("gemma") or mtype in _NORM_WEIGHT_FP32 \
+        else "rms"
     norm_params = 2 * h if norm == "layer" else h  # a LayerNorm has a bias beside its weight
     # embed + per-layer norm weights (Gemma 3's q_norm and k_norm: head_dim each) and biases + final norm
     other = vocab * h + layers * (norms * norm_params + 2 * head_dim * qk_norm + bias) + norm_params
@@ -312,6 +340,7 @@ def _llama(cfg: dict, mtype: str, base_model) -> ModelShape:
                       logit_softcap=caps["final_logit_softcapping"], sdpa=mtype not in _EAGER_ONLY, rotary=True,
                       qk_norm=qk_norm, sparsemixer=mtype in _SPARSEMIXER, topk_softmax=mtype in _TOPK_SOFTMAX,
                       input_jitter=mtype in _SPARSEMIXER and bool(cfg.get("input_jitter_noise", 0.0)),
+                      windows=_sliding_windows(cfg, mtype, layers), rotary_cat=mtype in _FUSED_MLP,
                       **(_moe_adapters(base_model()[1], experts, h) if experts > 1 else {}))
 
 
@@ -380,10 +409,54 @@ def _peft_all_linear_parameters(model) -> set[str]:
     return set(config.target_parameters or ())
 
 
+def _sliding_windows(cfg: dict, mtype: str, layers: int) -> tuple[int, ...]:
+    """Each layer's sliding attention window as transformers 5 builds the family's masks (0: full attention), or ()
+    where no layer slides. Mistral-style families (:data:`_SLIDING_EVERY_LAYER`) slide every layer by
+    ``sliding_window`` when it is set; families with ``layer_types`` (:data:`_SLIDING_BY_LAYER_TYPE`) slide their
+    ``sliding_attention`` layers (the config class fills in ``layer_types`` and the window where config.json leaves
+    them out: Ministral's, Gemma 3's, Qwen2's from use_sliding_window); other families ignore a ``sliding_window``."""
+    if mtype in _SLIDING_EVERY_LAYER:
+        window = cfg.get("sliding_window")
+        return (int(window),) * layers if window else ()
+    if mtype not in _SLIDING_BY_LAYER_TYPE:
+        return ()
+    window, layer_types = cfg.get("sliding_window"), cfg.get("layer_types")
+    if "sliding_window" not in cfg or not layer_types:  # what the family fills in
+        filled = _config_object(cfg, mtype)
+        window = getattr(filled, "sliding_window", None) if "sliding_window" not in cfg else window
+        layer_types = layer_types or getattr(filled, "layer_types", None)
+    if not window or not layer_types:
+        return ()
+    windows = tuple(int(window) if kind == "sliding_attention" else 0 for kind in layer_types[:layers])
+    return windows + (0,) * (layers - len(windows)) if any(windows) else ()
+
+
+def _config_object(cfg: dict, mtype: str):
+    """transformers' config of ``mtype`` built from ``cfg`` (what the family fills in where config.json is silent),
+    None where this transformers cannot build it."""
+    try:
+        import transformers
+
+        return transformers.AutoConfig.for_model(mtype, **{k: v for k, v in cfg.items() if k != "model_type"})
+    except Exception:  # no transformers, an unknown model_type, a config its strict validation refuses
+        return None
+
+
 _FUSED_PROJECTIONS = frozenset({"phi3"})  # PhiMoE has separate q/k/v (transformers' PhimoeForCausalLM)
+# GLM: Phi-3's fused gate_up_proj beside separate q/k/v (attention_bias biases them, never o_proj), its rotary
+# embeddings on part of each head (partial_rotary_factor: Q and K are fresh tensors all the same)
+_FUSED_MLP = frozenset({"glm"})
 _FOUR_NORMS = frozenset({"gemma2", "gemma3_text"})  # blocks that normalise each sublayer's input and output
 _QK_NORMS = frozenset({"gemma3_text"})  # an RMSNorm on each head's Q and K (q_norm, k_norm), before the rotation
 _LAYER_NORMS = frozenset({"phimoe"})  # Llama-like blocks normalised by LayerNorm (weight and bias), not RMSNorm
+# RMSNorms that apply their weight to the fp32 normalised input (Gemma's families too, by name): full fine-tuning
+# keeps that fp32 tensor for the weight's gradient (Helium)
+_NORM_WEIGHT_FP32 = frozenset({"helium"})
+_USE_BIAS = frozenset({"ernie4_5"})  # config key use_bias: a bias on every linear of the block
+# families whose every attention layer slides by config.sliding_window when it is set (MistralModel's mask) and those
+# that slide the layers layer_types names sliding_attention (_sliding_windows); the others ignore sliding_window
+_SLIDING_EVERY_LAYER = frozenset({"mistral", "mixtral", "phi3", "phimoe", "minimax"})
+_SLIDING_BY_LAYER_TYPE = frozenset({"ministral", "qwen2", "gemma2", "gemma3_text", "smollm3"})
 # MoE routers that pick their two experts by SparseMixer (PhiMoE; two experts whatever num_experts_per_tok says)
 _SPARSEMIXER = frozenset({"phimoe"})
 # MoE routers that weight their top-k experts by a softmax over those k logits (GraniteMoeTopKRouter)
@@ -401,11 +474,14 @@ _MOE_COUNTED_WRONG = {
     "granitemoehybrid": "Mamba layers beside attention (layer_types) and a shared MLP beside the experts",
     "minimax_m2": "Q and K normalised across all heads (q_norm, k_norm over heads·head_dim) and a sigmoid router with "
                   "a score-correction bias",
+    "openai_privacy_filter": "a bidirectional encoder for token classification (no causal mask, no LM head) with "
+                             "GPT-OSS's blocks: attention sinks, attention and expert biases",
 }
 # families whose config the memory model reads as transformers builds them (checked by tests/test_memory.py against
 # the base model built from a tiny config, and against autograd): model_shape skips building the meta model for them
 _COUNTED_RIGHT = frozenset({"llama", "mistral", "qwen2", "gemma", "gemma2", "gemma3_text", "phi3", "gpt2", "bert",
-                            "mixtral", "phimoe", "granitemoe", "minimax"})
+                            "mixtral", "phimoe", "granitemoe", "minimax", "granite", "helium", "ernie4_5",
+                            "ministral", "smollm3", "glm"})
 # layer_types of attention layers (a sliding or chunked window stores what full attention does per token)
 _ATTENTION_LAYERS = frozenset({"full_attention", "sliding_attention", "chunked_attention"})
 # families with Llama's config keys but other blocks: read as Llama-like they would be counted wrong
@@ -592,7 +668,10 @@ def estimate_memory(config_or_model: Any, *, method: str = "lora", rank_plan_or_
     attention : {"sdpa", "eager"}
         transformers' ``attn_implementation``. ``"sdpa"`` assumes a fused kernel (FlashAttention or
         memory-efficient on CUDA, the flash kernel on CPU), which is what an unpadded batch gets: it
-        keeps Q, K, V, its output and an fp32 logsumexp, no s×s matrix. ``"eager"`` keeps the
+        keeps Q, K, V, its output and an fp32 logsumexp, no s×s matrix; a layer whose sliding
+        window the sequence reaches (seq_len ≥ window: Mistral's, Ministral's, Gemma 3's sliding
+        layers) gets a mask, which sdpa keeps in the activations' dtype (s·p per token), with K and
+        V repeated to every head. ``"eager"`` keeps the
         attention probabilities, ``heads·s`` values per token per layer: in fp32 and again in the
         activation dtype for Llama-like models (softmax in fp32, cast back), once for GPT-2 and BERT;
         Gemma 2 also keeps its logit cap's tanh (p). A family transformers runs only eagerly (Gemma 2,
@@ -856,15 +935,19 @@ def _norm_bytes(shape: ModelShape, p: int, full: bool, width: int | None = None)
     return 4 * h + 4 * groups + ((4 if shape.norm == "rms_fp32" else p) * h if full else 0)
 
 
-def _qkv_bytes(shape: ModelShape, p: int, cache: bool) -> int:
+def _qkv_bytes(shape: ModelShape, p: int, cache: bool, masked: bool = False) -> int:
     """Bytes per token of the Q, K and V that sdpa keeps, each storage once.
 
     ``cache``: transformers' DynamicCache (``use_cache`` in training) concatenates K and V into
     copies. A fused projection's Q, K and V are views of its output, kept whole by any view
     sdpa keeps: GPT-2's Q (beside the cache's copies of K and V), Phi-3's V without the cache
-    (its rotary embeddings make Q and K fresh tensors).
+    (its rotary embeddings make Q and K fresh tensors). ``masked``: the layer gets a mask (a
+    sliding window the sequence reaches), with which transformers does not ask sdpa for GQA
+    but repeats K and V to every query head (``repeat_kv``): fresh copies of Q's size.
     """
     q, kv = shape.q_dim, shape.kv_dim
+    if masked and kv < q:
+        return 3 * p * q
     if not shape.fused_qkv:
         return p * (q + 2 * kv)
     whole = q + 2 * kv  # the fused projection's output
@@ -880,14 +963,15 @@ def _o_input_copied(shape: ModelShape, attention: str) -> bool:
     is (b, heads, s, d), so a copy. sdpa's takes Q's layout (CPU flash kernel; CUDA's
     FlashAttention and cuDNN allocate it like Q): Llama's rotary Q keeps q_proj's (b, s, heads, d)
     layout, so no copy; Phi-3's, rotated from a strided view of qkv_proj's output, comes out
-    (b, heads, s, d), so o_proj's input is a copy. GPT-2's strided Q gets a (b, s, heads, d)
-    output: no copy. (CUDA's memory-efficient kernel always returns (b, s, heads, d).)
+    (b, heads, s, d), so o_proj's input is a copy; so is GLM's, whose Q comes out of a torch.cat
+    (``rotary_cat``). GPT-2's strided Q gets a (b, s, heads, d) output: no copy. (CUDA's
+    memory-efficient kernel always returns (b, s, heads, d).)
     """
-    return attention == "eager" or (shape.fused_qkv and shape.rotary)
+    return attention == "eager" or (shape.fused_qkv and shape.rotary) or shape.rotary_cat
 
 
 def _block_bytes(shape: ModelShape, p: int, attention: str, seq_len: int, *, full: bool, cache: bool,
-                 grad: bool = True, adapted: list[_Adapter] = ()) -> tuple[int, bool, bool, int]:
+                 grad: bool = True, adapted: list[_Adapter] = (), masked: bool = False) -> tuple[int, bool, bool, int]:
     """Bytes per token that one block's autograd graph keeps for backward (each storage once), lora.Linear
     adapters aside.
 
@@ -897,9 +981,14 @@ def _block_bytes(shape: ModelShape, p: int, attention: str, seq_len: int, *, ful
     block before the first adapted one keeps nothing; the first adapted one keeps what follows
     its first adapted module (its input norm keeps nothing). ``full``: the block's weights
     are trained, so each linear keeps its input (a frozen linear needs only its weight) and
-    each RMSNorm its normalised input. Against what transformers 5 saves (tests/test_memory.py):
+    each RMSNorm its normalised input. ``masked``: transformers passes the layer a mask (its
+    sliding window is within the sequence): sdpa converts the boolean (b, 1, s, s) mask to Q's
+    dtype and keeps it, s·p per token (CUDA's memory-efficient kernel, which a mask gets, pads s
+    to a multiple of 16), and K, V repeated to every head (:func:`_qkv_bytes`); eager adds the
+    mask to its logits, which keeps nothing. Against what transformers 5 saves (tests/test_memory.py):
     exact for Llama, Qwen2, Gemma, Gemma 2, Gemma 3, Phi-3, GPT-2, BERT, Mixtral (transformers'
-    default grouped_mm experts), PhiMoE and GraniteMoE, from the first adapted layer on too.
+    default grouped_mm experts), PhiMoE, GraniteMoE, Granite, Helium, ERNIE 4.5, Ministral, SmolLM3
+    and GLM, sliding layers masked or not, from the first adapted layer on too.
 
     Returns the bytes, whether the block keeps o_proj's input already (sdpa keeps its output and
     o_proj reads that tensor), whether the block's output requires grad, and the bytes it keeps
@@ -928,7 +1017,7 @@ def _block_bytes(shape: ModelShape, p: int, attention: str, seq_len: int, *, ful
     attention_grad = scores or vg
     if attention == "sdpa":  # the kernel keeps Q, K, V, its output and the fp32 logsumexp for any of their grads
         if attention_grad:
-            total += _qkv_bytes(shape, p, cache) + p * q + 4 * heads
+            total += _qkv_bytes(shape, p, cache, masked) + p * q + 4 * heads + (p * s if masked else 0)
         o_input_kept = attention_grad and not _o_input_copied(shape, attention)
     else:
         # Q·Kᵀ keeps K repeated to every head (for Q's grad) and Q (for K's); probabilities·V keeps V repeated
@@ -1115,10 +1204,12 @@ def _estimate(shape: ModelShape, method: str, adapter_modules: list, batch: int,
             continue
         # transformers builds a DynamicCache in a decoder's training forward while use_cache is on; under
         # checkpointing it turns the cache off
+        # sdpa gets a mask in a layer whose sliding window the sequence reaches (transformers' masking_utils)
+        masked = attention == "sdpa" and bool(shape.windows) and 0 < shape.windows[layer] <= seq_len
         block, o_kept, out, merged = _block_bytes(shape, p, attention, seq_len, full=full, grad=grad,
-                                                  cache=use_cache and shape.causal, adapted=modules)
+                                                  cache=use_cache and shape.causal, adapted=modules, masked=masked)
         again, o_kept_again, _, _ = _block_bytes(shape, p, attention, seq_len, full=full, grad=grad, cache=False,
-                                                 adapted=modules)
+                                                 adapted=modules, masked=masked)
         per_token += block + _adapter_bytes(modules, p, o_kept, dora)
         per_layer += merged
         recomputed = max(recomputed, tokens * (again + _adapter_bytes(modules, p, o_kept_again, dora)) + merged)

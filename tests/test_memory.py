@@ -276,6 +276,7 @@ def test_an_int_rank_adapts_a_router_only_where_all_linear_does(method):
 
 @pytest.mark.parametrize(("family", "match"), [
     ("gpt_oss", "attention sinks.*eager attention only"), ("granitemoeshared", "shared MLP"),
+    ("openai_privacy_filter", "bidirectional encoder for token classification"),
     ("granitemoehybrid", "Mamba layers"), ("minimax_m2", "across all heads"),
     ("minimax", "layers of type linear_attention"), ("qwen3_moe", "moe_intermediate_size")])
 def test_moe_families_the_model_would_count_wrong_are_refused(family, match):
@@ -445,7 +446,8 @@ def test_blocks_unlike_the_families_described_are_refused_with_both_counts(famil
 
 # the families model_shape reads without building the meta model (spectra.memory._COUNTED_RIGHT)
 _READ_WITHOUT_BUILDING = ("llama", "mistral", "qwen2", "gemma", "gemma2", "gemma3_text", "phi3", "gpt2", "bert",
-                          "mixtral", "phimoe", "granitemoe", "minimax")
+                          "mixtral", "phimoe", "granitemoe", "minimax", "granite", "helium", "ernie4_5", "ministral",
+                          "smollm3", "glm")
 
 
 @pytest.mark.parametrize("family", _READ_WITHOUT_BUILDING)
@@ -457,9 +459,7 @@ def test_families_read_without_building_the_model_count_what_transformers_builds
     from spectra.memory import _COUNTED_RIGHT, _refuse_other_blocks
 
     assert family in _COUNTED_RIGHT
-    config = (tf.MistralConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                               num_key_value_heads=2, vocab_size=64) if family == "mistral"
-              else _tiny_config({"gemma3_text": "gemma3", "minimax": "minimax_full"}.get(family, family)))
+    config = _tiny_config({"gemma3_text": "gemma3", "minimax": "minimax_full"}.get(family, family))
     assert config.model_type == family
     shape = model_shape(config.to_dict())
     assert shape.params - shape.head_params == sum(p.numel() for p in tf.AutoModel.from_config(config).parameters())
@@ -472,9 +472,51 @@ def test_the_list_read_without_building_the_model_is_what_the_tests_check():
     assert _COUNTED_RIGHT == set(_READ_WITHOUT_BUILDING)
 
 
-def test_a_model_type_transformers_cannot_build_is_read_as_before():
+def test_a_model_type_transformers_does_not_know_is_read_as_before():
     config = dict(LLAMA2_7B, model_type="not_in_transformers")
     assert model_shape(config).params == P7
+
+
+def test_a_config_transformers_cannot_build_is_refused_not_read_as_llama():
+    """A tiny GLM-4 config keeps its family's pad_token_id (151329), outside its vocabulary of 64: nn.Embedding
+    refuses it, the meta build failed, and the config was read as Llama-like (GLM-4's extra norms uncounted). Token
+    ids change no parameter: the model is built without them and the counts compared (refused, both named). A config
+    transformers cannot build for another reason (an unknown activation) is refused naming the class."""
+    import transformers as tf
+
+    from spectra.checkpoints.targets import meta_model
+
+    small = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=8, vocab_size=64)
+    config = tf.Glm4Config(**small).to_dict()
+    assert config["pad_token_id"] >= 64 and meta_model(config, "Glm4Model") is None  # the build fails as is
+    built = sum(p.numel() for p in tf.Glm4Model(tf.Glm4Config(**small, pad_token_id=0)).parameters())
+    with pytest.raises(ConfigError, match=f"model_type glm4: transformers' Glm4Model .* holds {built} parameters"):
+        model_shape(config)
+    with pytest.raises(ConfigError, match="model_type glm4: transformers' Glm4Model cannot be built from this config"):
+        model_shape(config | {"hidden_act": "no_such_activation"})
+
+
+@pytest.mark.parametrize("family", ["glm", "smollm3"])
+def test_glm_and_smollm3_with_their_own_token_ids_count_what_transformers_builds(family):
+    """The tiny GLM and SmolLM3 configs that had been read as Llama-like (their build failed on pad_token_id): GLM is
+    now described (fused gate_up_proj, q/k/v biases without o_proj's, Q out of a torch.cat), SmolLM3 checked (its
+    NoPE layers keep what rotary ones do); both count what transformers builds, and PEFT's all-linear trains what the
+    estimate counts. Their blocks are checked against autograd in BLOCK_CASES. GLM was counted 2·h too many (o_proj's
+    bias) and its MLP as separate gate and up."""
+    import transformers as tf
+    from peft import LoraConfig, get_peft_model
+
+    config = _tiny_config(family)
+    own = tf.AutoConfig.for_model(family, **{k: v for k, v in config.to_dict().items()
+                                             if k not in ("model_type", "pad_token_id", "bos_token_id",
+                                                          "eos_token_id")}).to_dict()
+    assert own["pad_token_id"] >= 64  # the family's own, which nn.Embedding refuses
+    model = getattr(tf, _CLASSES[family][1])(config)
+    assert model_shape(own).params == sum(p.numel() for p in model.parameters())
+    est = estimate_memory(own, method="lora", rank_plan_or_rank=4)
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear"))
+    assert est.trainable_params == sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
 
 
 def test_phimoe_has_separate_qkv_and_fused_roles_take_their_parts():
@@ -569,6 +611,25 @@ def _tiny_config(family: str):
                                                       if family == "minimax_full" else {}))
     if family == "minimax_m2":
         return tf.MiniMaxM2Config(head_dim=8, **moe)
+    dense = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=8, vocab_size=64)
+    if family == "granite":  # Granite 3's multipliers scale the embedding, each residual branch, the logits
+        return tf.GraniteConfig(**dense, embedding_multiplier=12.0, residual_multiplier=0.22,
+                                attention_multiplier=1 / 64, logits_scaling=8.0)
+    if family == "helium":  # its RMSNorm applies the weight to the fp32 normalised input
+        return tf.HeliumConfig(**dense)
+    if family == "ernie4_5":  # use_bias: a bias on every linear of the block
+        return tf.Ernie4_5Config(**dense, use_bias=True)
+    if family in ("ministral", "mistral"):  # windows of 8 under sequences of 16: each layer's sdpa gets a mask
+        return tf.AutoConfig.for_model(family, **dense, sliding_window=8)
+    ids = dict(pad_token_id=0, bos_token_id=0, eos_token_id=0)  # the families' own lie outside a vocabulary of 64
+    if family == "smollm3":  # its second layer without rotary embeddings (NoPE) and sliding by a window of 8
+        return tf.SmolLM3Config(**dense, **ids, no_rope_layers=[1, 0], use_sliding_window=True, sliding_window=8,
+                                layer_types=["full_attention", "sliding_attention"])
+    if family == "glm":  # fused gate_up_proj, biased q/k/v, rotary embeddings on half of each head
+        return tf.GlmConfig(**dense, **ids)
+    if family == "openai_privacy_filter":  # GPT-OSS's blocks as a bidirectional token classifier
+        return tf.OpenAIPrivacyFilterConfig(head_dim=8, pad_token_id=0, eos_token_id=0, **moe)
     if family == "qwen3_moe":
         return tf.Qwen3MoeConfig(head_dim=8, moe_intermediate_size=24, **moe)
     return tiny_config(family)
@@ -582,13 +643,20 @@ _CLASSES = {"gemma2": ("Gemma2Model", "Gemma2ForCausalLM"),  # beside tests.mode
             "granitemoehybrid": ("GraniteMoeHybridModel", "GraniteMoeHybridForCausalLM"),
             "minimax": ("MiniMaxModel", "MiniMaxForCausalLM"),
             "minimax_m2": ("MiniMaxM2Model", "MiniMaxM2ForCausalLM"),
-            "qwen3_moe": ("Qwen3MoeModel", "Qwen3MoeForCausalLM")}
+            "openai_privacy_filter": ("OpenAIPrivacyFilterModel", "OpenAIPrivacyFilterForTokenClassification"),
+            "qwen3_moe": ("Qwen3MoeModel", "Qwen3MoeForCausalLM"),
+            "granite": ("GraniteModel", "GraniteForCausalLM"), "helium": ("HeliumModel", "HeliumForCausalLM"),
+            "ernie4_5": ("Ernie4_5Model", "Ernie4_5ForCausalLM"),
+            "ministral": ("MinistralModel", "MinistralForCausalLM"), "mistral": ("MistralModel", "MistralForCausalLM"),
+            "smollm3": ("SmolLM3Model", "SmolLM3ForCausalLM"), "glm": ("GlmModel", "GlmForCausalLM")}
 
 
 def _config(family: str, layers: int, attention: str, **sizes):
     """A tiny transformers config without dropout (which the memory model leaves out)."""
     config = _tiny_config(family)
     config.num_hidden_layers = layers
+    if getattr(config, "layer_types", None):  # the first layers' types (Gemma 3's: sliding, then full)
+        config.layer_types = config.layer_types[:layers]
     config._attn_implementation = attention  # what attn_implementation= sets at construction
     for key in ("resid_pdrop", "embd_pdrop", "attn_pdrop", "hidden_dropout_prob", "attention_probs_dropout_prob"):
         if hasattr(config, key):
@@ -651,7 +719,23 @@ BLOCK_CASES = ([("llama", m, p, a, True) for m in ("full", "lora", "dora") for p
                + [("granitemoe", m, p, a, True) for m, p, a in (("full", "bf16", "sdpa"), ("lora", "bf16", "sdpa"),
                                                                 ("lora", "fp32", "eager"), ("dora", "fp32", "sdpa"))]
                # MiniMax, attention layers only (its residual is the normed input, scaled)
-               + [("minimax_full", "full", "bf16", "sdpa", True)])
+               + [("minimax_full", "full", "bf16", "sdpa", True)]
+               # Granite's multipliers (embedding, residual, attention, logits) scale and keep nothing
+               + [("granite", m, p, a, True) for m, p, a in (("full", "bf16", "sdpa"), ("lora", "fp32", "eager"),
+                                                             ("dora", "bf16", "sdpa"))]
+               # Helium's RMSNorm weight multiplies the fp32 normalised input, which full fine-tuning keeps
+               + [("helium", m, "bf16", a, True) for m, a in (("full", "sdpa"), ("full", "eager"), ("lora", "sdpa"))]
+               # ERNIE 4.5: biases on every linear, rotary embeddings in fp32
+               + [("ernie4_5", m, p, "sdpa", True) for m, p in (("full", "bf16"), ("lora", "bf16"), ("dora", "fp32"))]
+               # Ministral: every layer slides by a window of 8 under sequences of 16 (test_a_sliding_layers_mask…)
+               + [("ministral", m, p, a, True) for m, p, a in (("full", "bf16", "sdpa"), ("lora", "fp32", "sdpa"),
+                                                               ("lora", "bf16", "eager"))]
+               # SmolLM3's second layer: no rotary embeddings, a sliding window of 8
+               + [("smollm3", m, p, a, True) for m, p, a in (("full", "fp32", "sdpa"), ("lora", "bf16", "sdpa"),
+                                                             ("lora", "bf16", "eager"))]
+               # GLM: its Q comes out of a torch.cat (partial rotary), so sdpa's output does and o_proj reads a copy
+               + [("glm", m, p, a, True) for m, p, a in (("full", "bf16", "sdpa"), ("lora", "fp32", "sdpa"),
+                                                         ("dora", "fp32", "sdpa"), ("lora", "bf16", "eager"))])
 
 
 @_PEFT_PATTERN_WARNING
@@ -667,9 +751,17 @@ def test_a_blocks_activations_are_what_autograd_saves(family, method, precision,
     tokens (PEFT merges its update into the fused weights, so grouped_mm keeps the inputs) and no routing:
     17 % over under LoRA, 19 % short under full fine-tuning; GraniteMoE routed as Mixtral (a softmax over all the
     experts: 16-20 bytes a token over) and, under LoRA and DoRA, its router as a ParamWrapper that all-linear
-    does not make (DoRA refused)."""
-    seq_len = 16
+    does not make (DoRA refused). Helium's full fine-tuning kept its norms' normalised input in bf16 (it is fp32:
+    128 bytes a token short)."""
     sizes = {"hidden_size": 64, "intermediate_size": 128} if family == "llama" else {}  # NF4 needs d_in ≥ 64
+    block = _one_block(family, method, precision, attention, tmp_path, use_cache=use_cache, **sizes)
+    assert block["modelled"] == block["measured"], block
+
+
+def _one_block(family: str, method: str, precision: str, attention: str, tmp_path, *, use_cache: bool = True,
+               seq_len: int = 16, **sizes) -> dict[str, int]:
+    """One block's saved bytes per sequence, ``measured`` (autograd) and ``modelled``: from models of 1 and 2 blocks
+    at batch 2 and 3, the double difference, which cancels what is not per token per block."""
     measured, modelled = {}, {}
     for layers in (1, 2):
         config = _config(family, layers, attention, **sizes)
@@ -680,9 +772,33 @@ def test_a_blocks_activations_are_what_autograd_saves(family, method, precision,
             modelled[layers, batch] = estimate_memory(config, method=method, rank_plan_or_rank=4, batch=batch,
                                                       seq_len=seq_len, precision=precision, attention=attention,
                                                       use_cache=use_cache).activations
-    block = {name: d[2, 3] - d[1, 3] - d[2, 2] + d[1, 2] for name, d in (("measured", measured),
-                                                                        ("modelled", modelled))}
+    return {name: d[2, 3] - d[1, 3] - d[2, 2] + d[1, 2] for name, d in (("measured", measured),
+                                                                       ("modelled", modelled))}
+
+
+_SLIDING, _FULL = "sliding_attention", "full_attention"
+
+
+@_PEFT_PATTERN_WARNING
+@pytest.mark.parametrize(("family", "method", "precision", "sizes"), [
+    ("ministral", "lora", "bf16", {}), ("ministral", "full", "fp32", {}),
+    ("ministral", "lora", "fp32", dict(sliding_window=16)),  # a window of the sequence's length is masked too
+    ("ministral", "lora", "bf16", dict(num_key_value_heads=4)),  # no GQA: K and V are not repeated, the mask is kept
+    ("mistral", "lora", "bf16", {}), ("mixtral", "lora", "bf16", dict(sliding_window=8)),
+    ("phi3", "full", "bf16", dict(sliding_window=8)), ("phi3", "lora", "fp32", dict(sliding_window=8)),
+    ("qwen2", "lora", "bf16", dict(sliding_window=8, use_sliding_window=True, layer_types=[_SLIDING] * 2)),
+    ("gemma3", "lora", "bf16", dict(layer_types=[_FULL, _SLIDING])),  # its second layer slides
+    ("gemma3", "full", "bf16", dict(layer_types=[_SLIDING, _SLIDING]))])
+def test_a_sliding_layers_mask_and_repeated_kv_are_what_autograd_saves(family, method, precision, sizes, tmp_path):
+    """A layer whose sliding window the sequence reaches (16 tokens, windows of 8 or 16) gets a mask: sdpa keeps it
+    converted to the activations' dtype ((b, 1, s, s): s·p per token) and, with GQA, K and V repeated to every
+    head (transformers asks sdpa for GQA only without a mask). One such block, measured against autograd as above.
+    The negative control: the same config with its window beyond the sequence, which gets no mask, is estimated
+    lower; the model estimated every layer so (Ministral's block 5-10 % short)."""
+    block = _one_block(family, method, precision, "sdpa", tmp_path, **sizes)
     assert block["modelled"] == block["measured"], block
+    unmasked = _one_block(family, method, precision, "sdpa", tmp_path / "unmasked", **(sizes | {"sliding_window": 17}))
+    assert unmasked["modelled"] == unmasked["measured"] < block["measured"], unmasked
 
 
 @_PEFT_PATTERN_WARNING
