@@ -204,11 +204,11 @@ class AdapterDelta:
 
         if "full" in self.keys:  # modules_to_save: the adapter stores the whole tuned tensor
             full = read("full")
-            return full.T if self.conv1d else full
+            return full.T if self.conv1d else full.reshape(self.shape)  # a convolution's (out, in, k…) flattened
         w0 = base
         if "base_layer" in self.keys:
             stored = read("base_layer")
-            w0 = stored.T if self.conv1d else stored
+            w0 = stored.T if self.conv1d else stored.reshape(self.shape)
         col, row = self.factors(weights, base.device, dtype)
         # W0 + s·col@rowᵀ in one (out, in) allocation, (out, r) @ (r, in), the same operations in the same order as
         # w0 + s·(col @ rowᵀ) (bit for bit): a separate update and sum held two more copies of ΔW
@@ -216,7 +216,7 @@ class AdapterDelta:
         combined = combined.add_(w0) if combined.dtype == torch.promote_types(combined.dtype, w0.dtype) else w0 + combined
         if "magnitude" not in self.keys:
             return combined
-        magnitude = read("magnitude")
+        magnitude = read("magnitude").reshape(-1)  # (out,); a convolution's as PEFT holds it, (1, out, 1…)
         # PEFT's DoRA normalises each output row (an embedding: each row of the (dim, vocab) view): m·W/‖W‖, in place
         view = combined.T if self.embedding else combined
         norms = view.norm(dim=1, keepdim=True)
@@ -236,8 +236,9 @@ class AdapterDelta:
 
         if self.embedding:
             return read("emb_A").T, read("emb_B")  # (vocab, r), (dim, r)
-        if self.parameter is None:
-            return read("B"), read("A").T  # (out, r), (in, r)
+        if self.parameter is None:  # a convolution's B (out, r, 1…) and A (r, in, k…) flattened: ΔW (out, in·k…)
+            b, a = read("B"), read("A")
+            return b.reshape(b.shape[0], b.shape[1]), a.reshape(a.shape[0], -1).T  # (out, r), (in, r)
         a, b = (self.held.read(weights, self.parameter.holder, self.keys[part], device, dtype) for part in "AB")
         col, row = self.parameter.factors(a, b)  # the parameter's stored layout
         return (row, col) if self.conv1d else (col, row)  # read transposed: experts stored (in, out), a Conv1D
@@ -323,11 +324,14 @@ def plan_adapter(adapter, base, config: dict[str, Any] | None) -> tuple[list[Ada
         base_tensor = tied_to.get(adapter_module) or base_tensors[adapter_module]
         module = adapter_module if adapter_module in tied_to else base_tensor.removesuffix(".weight")
         info = base.info(base_tensor)
-        if len(info.shape) != 2:
+        if len(info.shape) < 2:
             raise AdapterError(f"adapter module {adapter_module}: base tensor {base_tensor} is {len(info.shape)}-D; "
-                               "spectra reads adapters on Linear, Conv1D and Embedding modules only.")
-        conv1d = is_conv1d(module, config) or bool(cfg.get("fan_in_fan_out") and is_conv1d(module, None))
-        shape = (info.shape[1], info.shape[0]) if conv1d else tuple(info.shape)
+                               "spectra reads adapters on Linear, Conv1D, Embedding and convolution modules only.")
+        # a convolution's kernel (out, in, k…) is read flattened, (out, in·k…), as pairing reads it; PEFT's LoRA on
+        # it holds A as a convolution of that kernel (r, in, k…) and B as a 1×…×1 one (out, r, 1…)
+        kernel = tuple(info.shape[2:])
+        conv1d = not kernel and (is_conv1d(module, config) or bool(cfg.get("fan_in_fan_out") and is_conv1d(module, None)))
+        shape = (info.shape[1], info.shape[0]) if conv1d else (info.shape[0], math.prod(info.shape[1:]))
         embedding = "emb_A" in parts
         scaling, dtype = 1.0, info.dtype
         if "full" not in parts:
@@ -338,7 +342,9 @@ def plan_adapter(adapter, base, config: dict[str, Any] | None) -> tuple[list[Ada
             a_info, b_info = adapter.weights.info(parts[a_key]), adapter.weights.info(parts[b_key])
             rank = a_info.shape[0]
             # A (r, in), B (out, r); an embedding's A is (r, vocab) and B (dim, r), i.e. transposed roles
-            want_a, want_b = ((rank, shape[0]), (shape[1], rank)) if embedding else ((rank, shape[1]), (shape[0], rank))
+            want_a, want_b = ((rank, shape[0]), (shape[1], rank)) if embedding else (
+                (rank, *info.shape[1:]), (shape[0], rank, *(1,) * len(kernel))) if kernel else (
+                (rank, shape[1]), (shape[0], rank))
             if tuple(a_info.shape) != want_a or tuple(b_info.shape) != want_b:
                 raise AdapterError(
                     f"adapter {adapter.spec}: module {adapter_module} has A {tuple(a_info.shape)} and B "

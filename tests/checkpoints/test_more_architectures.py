@@ -450,6 +450,29 @@ def test_extracted_convolution_is_a_conv_lora_that_merges_to_the_truncation(tmp_
     merged = state[conv + ".weight"].double() - base.state_dict()[conv + ".weight"].double()
     torch.testing.assert_close(merged.reshape(16, -1), best, rtol=0, atol=2e-6)
     assert (merged.reshape(16, -1) - delta).norm() > 1e-3  # the rank-3 update is not reproduced at rank 2
+    (read,) = [d for d in Pairing(b, tmp_path / "ad", PairingOptions(vectors=False)) if d.name == conv]
+    torch.testing.assert_close(read.delta.double(), best, rtol=0, atol=2e-6)  # the adapter read back: refused before
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_a_peft_adapter_on_a_convolution_is_read_as_peft_merges_it(tmp_path, dora):
+    """A PEFT LoRA (DoRA) on BLIP-2's patch embedding, A (r, 3, 14, 14), B (16, r, 1, 1) (magnitude (1, 16, 1, 1)):
+    the adapter reader refused a 4-D base tensor; its ΔW, flattened (out, in·k…), is PEFT's merge minus the base."""
+    from tests.models import random_adapter
+
+    base = tiny("blip2")
+    b = save(base, tmp_path / "b", "safetensors")
+    peft_model = random_adapter(base, tmp_path / "ad", r=2, lora_alpha=4, use_dora=dora,
+                                target_modules=["patch_embedding", "self_attn.qkv"])
+    merged = peft_model.merge_and_unload().state_dict()
+    yielded = {d.name: d for d in Pairing(b, tmp_path / "ad", PairingOptions(vectors=False, dtype="float64"))}
+    conv, qkv = "vision_model.embeddings.patch_embedding", "vision_model.encoder.layers.0.self_attn.qkv"
+    assert set(yielded) == {conv, qkv, *(f"{qkv}[{r}]" for r in "qkv")}
+    for name in (conv, qkv):
+        expected = merged[name + ".weight"].double() - base.state_dict()[name + ".weight"].double()
+        flat = expected.reshape(expected.shape[0], -1)  # the conv's (16, 3, 14, 14) as (16, 588); qkv's (48, 16)
+        assert yielded[name].shape == tuple(flat.shape)
+        torch.testing.assert_close(yielded[name].delta, flat, rtol=1e-5, atol=1e-6, msg=name)
 
 
 def test_a_grouped_convolution_is_refused_not_written():
