@@ -1202,10 +1202,10 @@ def _estimate(shape: ModelShape, method: str, adapter_modules: list, batch: int,
         modules = by_layer.get(layer, [])
         if not (grad or modules):
             continue
-        # transformers builds a DynamicCache in a decoder's training forward while use_cache is on; under
-        # checkpointing it turns the cache off
         # sdpa gets a mask in a layer whose sliding window the sequence reaches (transformers' masking_utils)
         masked = attention == "sdpa" and bool(shape.windows) and 0 < shape.windows[layer] <= seq_len
+        # transformers builds a DynamicCache in a decoder's training forward while use_cache is on; under
+        # checkpointing it turns the cache off
         block, o_kept, out, merged = _block_bytes(shape, p, attention, seq_len, full=full, grad=grad,
                                                   cache=use_cache and shape.causal, adapted=modules, masked=masked)
         again, o_kept_again, _, _ = _block_bytes(shape, p, attention, seq_len, full=full, grad=grad, cache=False,
