@@ -81,22 +81,25 @@ _ROLE_RULES: tuple[tuple[str, str], ...] = (
     (rf"{_CROSS_ATTENTION}\.(v_proj|v|self\.value|attention\.value)", "xv"),
     (rf"{_CROSS_ATTENTION}\.(out_proj|o_proj|o|output\.dense|c_proj)", "xo"),
     # attention, Llama/Mistral/Qwen2/Gemma/Phi-3/Mixtral; T5's SelfAttention.q (LongT5: Local-, TransientGlobal-);
-    # BLIP-2's Q-Former (and ViT's) attention.attention.query; BLIP-2's vision tower self_attn.projection
+    # BLIP-2's Q-Former (and ViT's) attention.attention.query; BLIP-2's vision tower self_attn.projection;
+    # Qwen2-VL's, Qwen2.5-VL's and Qwen3-VL's vision tower blocks.N.attn.proj (after their fused attn.qkv)
     (rf"(q_proj|self\.query|attention\.query|attention\.wq|{_T5_SELF_ATTENTION}\.q)", "q"),  # Meta's: attention.wq
     (rf"(k_proj|self\.key|attention\.key|attention\.wk|{_T5_SELF_ATTENTION}\.k)", "k"),
     (rf"(v_proj|self\.value|attention\.value|attention\.wv|{_T5_SELF_ATTENTION}\.v)", "v"),
     (r"(o_proj|out_proj|attention\.output\.dense|attention\.dense|attn\.c_proj|self_attention\.dense|attention\.wo"
-     rf"|self_attn\.projection|{_T5_SELF_ATTENTION}\.o)", "o"),
+     rf"|self_attn\.projection|attn\.proj|{_T5_SELF_ATTENTION}\.o)", "o"),
     # MLP; T5's DenseReluDense: wi (up) or, gated (v1.1, Flan-T5), wi_0 (gate) and wi_1 (up), then wo (down); BART's,
     # Whisper's, OPT's layers.N.fc1 and fc2 (an MLP's fc1 is up wherever a layer holds it directly); SwitchTransformers'
     # experts (experts.expert_N.wi, wo; never gated in transformers) and dense layers (layer.N.mlp.wi, wo); NLLB-MoE's
     # experts (experts.expert_N.fc1, fc2) and dense layers (layers.N.ffn.fc1, fc2);
-    # BLIP-2's Q-Former: intermediate_query.dense and output_query.dense (the query tokens' MLP), as BERT's
+    # BLIP-2's Q-Former: intermediate_query.dense and output_query.dense (the query tokens' MLP), as BERT's;
+    # Qwen3-VL's vision tower blocks.N.mlp.linear_fc1 and linear_fc2 (its merger's linear_fc1/fc2 are no MLP's: other)
     (r"(gate_proj|experts\.\d+\.w1|mlp\.fc_gate|feed_forward\.w1|DenseReluDense\.wi_0)", "gate"),
-    (r"(up_proj|experts\.\d+\.w3|intermediate(_query)?\.dense|mlp\.c_fc|dense_h_to_4h|mlp\.fc1|feed_forward\.w3"
-     r"|DenseReluDense\.wi(_1)?|layers\.\d+\.(ffn\.)?fc1|experts\.expert_\d+\.(wi|fc1)|layer\.\d+\.mlp\.wi)", "up"),
-    (r"(down_proj|experts\.\d+\.w2|layer\.\d+\.output(_query)?\.dense|mlp\.c_proj|dense_4h_to_h|mlp\.fc2"
-     r"|feed_forward\.w2|DenseReluDense\.wo|layers\.\d+\.(ffn\.)?fc2|experts\.expert_\d+\.(wo|fc2)"
+    (r"(up_proj|experts\.\d+\.w3|intermediate(_query)?\.dense|mlp\.c_fc|dense_h_to_4h|mlp\.(linear_)?fc1"
+     r"|feed_forward\.w3|DenseReluDense\.wi(_1)?|layers\.\d+\.(ffn\.)?fc1|experts\.expert_\d+\.(wi|fc1)"
+     r"|layer\.\d+\.mlp\.wi)", "up"),
+    (r"(down_proj|experts\.\d+\.w2|layer\.\d+\.output(_query)?\.dense|mlp\.c_proj|dense_4h_to_h"
+     r"|mlp\.(linear_)?fc2|feed_forward\.w2|DenseReluDense\.wo|layers\.\d+\.(ffn\.)?fc2|experts\.expert_\d+\.(wo|fc2)"
      r"|layer\.\d+\.mlp\.wo)", "down"),
     # embeddings and heads; T5's and BART's shared (the token embedding their encoder and decoder both read)
     (r"(embed_tokens|word_embeddings|wte|embed_in|tok_embeddings|shared)", "embed"),
@@ -116,9 +119,13 @@ STACKS = ("encoder", "vision", "vision_global", "qformer", "audio", "projector")
 # match only at the top of the name, or under the model. that transformers-5 multimodal classes wrap it in:
 # LLaVA's multi_modal_projector.linear_1 (as stored) or model.multi_modal_projector.linear_1 (as transformers 5
 # names it), Idefics3/SmolVLM's model.connector.modality_projection.proj, LLaVA-1.5's original model.mm_projector.0,
-# BLIP-2's language_projection; a model.layers.0.mlp.connector is the language model's.
+# BLIP-2's language_projection; a model.layers.0.mlp.connector is the language model's. Qwen2-VL's, Qwen2.5-VL's and
+# Qwen3-VL's projector sits inside their vision tower (visual.merger, as stored; model.visual.merger, as transformers 5
+# names it), beside Qwen3-VL's deepstack mergers (visual.deepstack_merger_list.N, feeding the language model's first
+# layers): they come before the tower's rule.
 _STACK_RULES: tuple[tuple[str, str], ...] = (
     (r"(^|\.)vision_model\.global_transformer(\.|$)", "vision_global"),
+    (r"(^|\.)visual\.(merger|deepstack_merger_list)(\.|$)", "projector"),
     # Gemma 3, PaliGemma, Llava, Pixtral: vision_tower; Mllama, Idefics, Llama 4, BLIP-2: vision_model; Qwen2-VL: visual
     (r"(^|\.)(vision_tower|vision_model|visual|vision_encoder|image_encoder|vision_backbone)(\.|$)", "vision"),
     (r"(^|\.)qformer(\.|$)", "qformer"),  # BLIP-2: qformer.encoder.layer.0… beside language_model…layers.0…
@@ -149,8 +156,18 @@ _INTERLEAVED_GATE_UP = frozenset({"gpt_oss"})
 # Fused qkv tensors laid out as contiguous [q; k; v] blocks (GQA-aware widths).
 # BLIP-2's and InstructBLIP's vision towers (model_type of their vision_config): one Linear, out = 3·hidden, viewed
 # (3, heads, head_dim) by their attention's forward.
+# Qwen2-VL's, Qwen2.5-VL's and Qwen3-VL's (and Qwen3-VL-MoE's) vision towers: attn.qkv, out = 3·width, viewed
+# (seq, 3, heads, head_dim) by their attention's forward.
 _CONTIGUOUS_QKV = frozenset({"gpt2", "phi3", "phimoe", "imagegpt", "decision_transformer", "blip_2_vision_model",
-                             "instructblip_vision_model", "instructblipvideo_vision_model"})
+                             "instructblip_vision_model", "instructblipvideo_vision_model", "qwen2_vl_vision",
+                             "qwen2_5_vl_vision", "qwen3_vl_vision", "qwen3_vl_moe_vision"})
+# The vision tower's model type, by the whole model's, for configs whose vision_config does not name its own: the hub's
+# Qwen2-VL and Qwen2.5-VL config.json hold a vision_config with no model_type, or with the whole model's.
+_VISION_MODEL_TYPES = {"qwen2_vl": "qwen2_vl_vision", "qwen2_5_vl": "qwen2_5_vl_vision",
+                       "qwen3_vl": "qwen3_vl_vision", "qwen3_vl_moe": "qwen3_vl_moe_vision"}
+# The config key of an attention's width where it is not hidden_size: Qwen2-VL's vision_config names its tower's width
+# embed_dim, its hidden_size being the merger's output (the language model's width).
+_WIDTH_KEYS = {"qwen2_vl_vision": "embed_dim"}
 _CONTIGUOUS_QKV_NAMES = re.compile(r"(^|\.)(c_attn|qkv_proj)$")
 # GPT-2's cross-attention (add_cross_attention; GPT2Attention(is_cross_attention=True)): its c_attn projects the
 # encoder's states to [k; v] (2·n_embd outputs, split in two by its forward), its q_attn the queries. A fused tensor
@@ -230,11 +247,15 @@ def is_conv1d(name: str, config: dict[str, Any] | None) -> bool:
 
 def _stack_config(name: str, config: dict[str, Any] | None) -> dict[str, Any]:
     """The part of ``config.json`` that sizes a module's attention: a vision tower's ``vision_config`` where it
-    names its own model type (BLIP-2's ``blip_2_vision_model``, whose sizes are not the language model's), else
-    the config itself."""
+    names its own model type (BLIP-2's ``blip_2_vision_model``, whose sizes are not the language model's) or the
+    whole model's type names the tower's (:data:`_VISION_MODEL_TYPES`: Qwen2-VL's hub configs), else the config
+    itself."""
     cfg = config or {}
     if module_stack(name, cfg) in ("vision", "vision_global"):
         vision = cfg.get("vision_config")
+        tower = _VISION_MODEL_TYPES.get(cfg.get("model_type"))
+        if isinstance(vision, dict) and tower is not None:
+            return vision | {"model_type": tower}
         if isinstance(vision, dict) and vision.get("model_type"):
             return vision
     return cfg
@@ -262,6 +283,8 @@ def fused_projections(name: str, role: str, out_features: int, config: dict[str,
       gpt-oss experts alternate them (gate on even rows, up on odd).
     - BLIP-2's (InstructBLIP's) vision tower ``self_attn.qkv``: contiguous ``[q; k; v]`` of the vision
       tower's ``hidden_size`` rows each, sized by ``config.json``'s ``vision_config``.
+    - Qwen2-VL's, Qwen2.5-VL's and Qwen3-VL's vision tower ``attn.qkv``: contiguous ``[q; k; v]`` of the tower's
+      width each (``vision_config``'s ``embed_dim`` for Qwen2-VL, else its ``hidden_size``), ``num_heads`` heads.
     - GPT-2's cross-attention ``crossattention.c_attn`` (role ``other``): ``[k; v]``, equal halves, as
       projections ``xk`` and ``xv`` (its queries are ``crossattention.q_attn``, role ``xq``).
     """
@@ -282,7 +305,7 @@ def fused_projections(name: str, role: str, out_features: int, config: dict[str,
         return []
     cfg = _stack_config(name, config)
     model_type = cfg.get("model_type")
-    heads = cfg.get("num_attention_heads", cfg.get("n_head"))
+    heads = cfg.get("num_attention_heads", cfg.get("n_head", cfg.get("num_heads")))
     if model_type in _HEAD_INTERLEAVED_QKV:
         if not heads or out_features % (3 * heads):
             return []
@@ -295,7 +318,7 @@ def fused_projections(name: str, role: str, out_features: int, config: dict[str,
         return [Projection(r, tuple(rows)) for r, rows in blocks.items()]
     if model_type not in _CONTIGUOUS_QKV and not (model_type is None and _CONTIGUOUS_QKV_NAMES.search(name)):
         return []  # layout unknown for this family (e.g. Falcon's grouped qkv): analyse the whole only
-    hidden = cfg.get("hidden_size", cfg.get("n_embd"))
+    hidden = cfg.get(_WIDTH_KEYS.get(model_type, "hidden_size"), cfg.get("n_embd"))
     kv_heads = cfg.get("num_key_value_heads") or heads
     if heads and hidden:
         head_dim = cfg.get("head_dim") or hidden // heads

@@ -1,0 +1,290 @@
+"""Qwen2-VL, Qwen2.5-VL and Qwen3-VL: vision tower roles, its fused qkv split, the merger as projector, extraction.
+
+Each model is built tiny from config (a 2-block vision tower of width 16, a 2-layer GQA language model of width 32),
+its weights on the 2⁻¹² grid of :mod:`tests.models`, so planted updates come back exactly. As in
+test_more_architectures.py the references are the models themselves: roles, layers and stacks read off their
+submodules; the rows of ``attn.qkv`` that spectra calls q, k and v checked against the query, key and value that
+the model's own attention computes; PEFT's loading, merge and forward referee the extracted adapters.
+
+What was wrong: the vision tower's ``attn.qkv`` was never split (its layout unknown to spectra; Qwen2-VL's
+``vision_config`` names its width ``embed_dim`` and its heads ``num_heads``, its ``hidden_size`` being the language
+model's), ``attn.proj`` was role other, Qwen3-VL's ``mlp.linear_fc1``/``linear_fc2`` other, and the merger
+(``visual.merger``, Qwen3-VL's ``visual.deepstack_merger_list.N`` too), which maps the tower's features into the
+language model, counted as the vision tower's. Qwen2-VL and Qwen2.5-VL checkpoints store the hub's names
+(``visual.…``, ``model.layers.N…``), which transformers 5 loads as ``model.visual.…`` and
+``model.language_model.layers.N…``; Qwen3-VL stores the model's own.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+from spectra.checkpoints.architectures import fused_projections, module_info
+from spectra.checkpoints.pairing import Pairing, PairingOptions
+from spectra.lora.extract import extract_adapter
+from tests.checkpoints.test_adapter_pairing import check_renamed_against_merge
+from tests.checkpoints.test_more_architectures import _planted, linears, pair
+from tests.checkpoints.test_pairing import F64, assert_exact
+from tests.lora.test_extract import merged_state
+from tests.models import GRID, add_to_parameter, low_rank, random_adapter
+
+FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+WIDTH, HEADS = 16, 2  # the vision tower's width and heads: attn.qkv is (3·16, 16)
+IMAGE_TOKEN, VISION_START = 60, 62
+GRID_THW = torch.tensor([[1, 4, 8]])  # an image of 4 × 8 patches of 3·1·2·2 values: 8 tokens after the 2 × 2 merge
+
+
+def tiny(family: str):
+    """A tiny Qwen-VL ForConditionalGeneration with eager attention (so its attention inputs can be captured)."""
+    import transformers as tf
+
+    rope = dict(rope_type="default", rope_theta=10000.0, mrope_section=[1, 1, 2])
+    text = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=64, rope_parameters=rope)
+    patches = dict(depth=2, num_heads=HEADS, patch_size=2, spatial_merge_size=2, temporal_patch_size=1)
+    tokens = dict(image_token_id=IMAGE_TOKEN, video_token_id=61, vision_start_token_id=VISION_START)
+    if family == "qwen2_vl":  # fc1/fc2 MLP; embed_dim is the tower's width, hidden_size the merger's output
+        config = tf.Qwen2VLConfig(text_config=text, vision_config=patches | dict(embed_dim=WIDTH, hidden_size=32,
+                                  mlp_ratio=2), **tokens)
+        cls = tf.Qwen2VLForConditionalGeneration
+    elif family == "qwen2_5_vl":  # gated MLP; window attention in block 0, full in block 1
+        config = tf.Qwen2_5_VLConfig(text_config=text, vision_config=patches | dict(
+            hidden_size=WIDTH, intermediate_size=24, out_hidden_size=32, window_size=8, fullatt_block_indexes=[1]),
+            **tokens)
+        cls = tf.Qwen2_5_VLForConditionalGeneration
+    elif family == "qwen3_vl":  # linear_fc1/fc2 MLP, learned position embedding, a deepstack merger after block 0
+        text |= dict(head_dim=8, rope_parameters=rope | dict(mrope_interleaved=True))
+        config = tf.Qwen3VLConfig(text_config=text, vision_config=patches | dict(
+            hidden_size=WIDTH, intermediate_size=24, out_hidden_size=32, num_position_embeddings=16,
+            deepstack_visual_indexes=[0]), **tokens)
+        cls = tf.Qwen3VLForConditionalGeneration
+    else:
+        raise ValueError(family)
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = cls(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.round(p / GRID) * GRID)
+    return model
+
+
+def stored(family: str, name: str) -> str:
+    """A module's name in the checkpoint: Qwen2-VL and Qwen2.5-VL save the hub's names, Qwen3-VL the model's."""
+    if family == "qwen3_vl":
+        return name
+    return name.replace("model.visual.", "visual.", 1).replace("model.language_model.", "model.", 1)
+
+
+def pixels():
+    return torch.randn(32, 12, generator=torch.Generator().manual_seed(0))
+
+
+def inputs():
+    """A whole multimodal batch: a vision-start token, the image's 8 tokens, text."""
+    ids = torch.tensor([[1, VISION_START] + [IMAGE_TOKEN] * 8 + [3, 4, 5]])
+    return dict(input_ids=ids, pixel_values=pixels(), image_grid_thw=GRID_THW,
+                mm_token_type_ids=(ids == IMAGE_TOKEN).int())
+
+
+# -- roles, layers and stacks -----------------------------------------------------------------------------------------
+
+VISION_ROLES = {"attn.qkv": "qkv", "attn.proj": "o", "mlp.fc1": "up", "mlp.fc2": "down", "mlp.gate_proj": "gate",
+                "mlp.up_proj": "up", "mlp.down_proj": "down", "mlp.linear_fc1": "up", "mlp.linear_fc2": "down"}
+TEXT_ROLES = {"self_attn.q_proj": "q", "self_attn.k_proj": "k", "self_attn.v_proj": "v", "self_attn.o_proj": "o",
+              "mlp.gate_proj": "gate", "mlp.up_proj": "up", "mlp.down_proj": "down"}
+
+
+def _expected(model) -> dict[str, tuple[str, int | None, str | None]]:
+    """Every Linear → (role, layer, stack), read off the model's own block, layer and merger lists."""
+    visual, out = model.model.visual, {"lm_head": ("head", None, None)}
+    for prefix, layers, roles, stack in (("model.visual.blocks", visual.blocks, VISION_ROLES, "vision"),
+                                         ("model.language_model.layers", model.model.language_model.layers,
+                                          TEXT_ROLES, None)):
+        for i, layer in enumerate(layers):
+            for path, module in layer.named_modules():
+                if isinstance(module, torch.nn.Linear):
+                    out[f"{prefix}.{i}.{path}"] = (roles[path], i, stack)
+    mergers = [("model.visual.merger", visual.merger)]
+    deepstack = getattr(visual, "deepstack_merger_list", ())  # Qwen3-VL's
+    mergers += [(f"model.visual.deepstack_merger_list.{i}", m) for i, m in enumerate(deepstack)]
+    for prefix, merger in mergers:
+        for path, module in merger.named_modules():
+            if isinstance(module, torch.nn.Linear):
+                out[f"{prefix}.{path}"] = ("other", None, "projector")
+    return out
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_linear_gets_its_role_layer_and_stack(family, tmp_path):
+    """By the model's names and by the checkpoint's (Qwen2-VL's visual.…, model.layers.N…), the saved config's."""
+    model = tiny(family)
+    config = json.loads((pair(tmp_path, model, model)[0] / "config.json").read_text())
+    expected = _expected(model)
+    assert sorted(linears(model)) == sorted(expected)  # the reference covers every Linear
+    for name in linears(model):
+        for as_named in (name, stored(family, name)):
+            info = module_info(as_named, config)
+            assert (info.role, info.layer, info.stack) == expected[name], as_named
+    vision_roles = {role for role, _, stack in expected.values() if stack == "vision"}
+    assert vision_roles == {"qkv", "o", "up", "down"} | ({"gate"} if family == "qwen2_5_vl" else set())
+    assert sum(stack == "projector" for _, _, stack in expected.values()) == (4 if family == "qwen3_vl" else 2)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_vision_qkv_split_by_the_hubs_configs(family):
+    """The hub's config.json holds a vision_config with no model_type (Qwen2.5-VL-7B's) or the whole model's: the split
+    is the same. Qwen2-VL's hidden_size (32 here) is the merger's output, not the tower's width (embed_dim, 16)."""
+    model = tiny(family)
+    config = model.config.to_dict()
+    name = "model.visual.blocks.1.attn.qkv"
+    split = [(p.role, p.rows) for p in fused_projections(name, "qkv", 3 * WIDTH, config)]
+    assert split == [("q", slice(0, 16)), ("k", slice(16, 32)), ("v", slice(32, 48))]
+    vision = {k: v for k, v in config["vision_config"].items() if k != "model_type"}
+    for hub in (config | {"vision_config": vision}, config | {"vision_config": vision | {"model_type": family}}):
+        assert [(p.role, p.rows) for p in fused_projections(stored(family, name), "qkv", 3 * WIDTH, hub)] == split
+    if family == "qwen2_vl":  # negative control: sized by hidden_size, the blocks do not add up to 48 rows
+        wrong = config | {"vision_config": config["vision_config"] | {"embed_dim": 32}}
+        assert fused_projections(name, "qkv", 3 * WIDTH, wrong) == []
+    text_q = "model.language_model.layers.0.self_attn.q_proj"
+    assert fused_projections(text_q, module_info(text_q, config).role, 32, config) == []
+
+
+def _capture_qkv(monkeypatch, model, attention: str):
+    """(query, key, value) of the vision attention at `attention` as its forward computes them from attn.qkv, before
+    the rotary embedding turns query and key: (seq, heads, head_dim) each, the value gathered from the attention
+    function's per-window calls."""
+    modeling = __import__(type(model).__module__, fromlist=["_"])
+    target, seen, active = model.get_submodule(attention), {"v": []}, []
+    target.register_forward_pre_hook(lambda *_: active.append(True))
+    target.register_forward_hook(lambda *_: active.clear())
+    rotary, attend = modeling.apply_rotary_pos_emb_vision, modeling.eager_attention_forward
+
+    def capture_rotary(q, k, *args, **kwargs):
+        if active:
+            seen.update(q=q.detach().clone(), k=k.detach().clone())
+        return rotary(q, k, *args, **kwargs)
+
+    def capture_attention(module, query, key, value, *args, **kwargs):
+        if module is target:
+            seen["v"].append(value.detach().clone())  # (1, heads, window, head_dim)
+        return attend(module, query, key, value, *args, **kwargs)
+
+    monkeypatch.setattr(modeling, "apply_rotary_pos_emb_vision", capture_rotary)
+    monkeypatch.setattr(modeling, "eager_attention_forward", capture_attention)
+    with torch.no_grad():
+        model.model.visual(pixels(), grid_thw=GRID_THW)
+    monkeypatch.undo()
+    return seen["q"], seen["k"], torch.cat(seen["v"], dim=2)[0].transpose(0, 1)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("block", [0, 1])  # Qwen2.5-VL: window attention, then full
+def test_vision_qkv_rows_are_the_query_key_and_value_the_model_computes(monkeypatch, family, block):
+    """An update planted in the rows fused_projections calls q (k, v) changes, in the model's forward, the query (key,
+    value) by exactly x @ ΔWᵀ, x the attention's input, and leaves the other two bit for bit."""
+    base = tiny(family)
+    attention = f"model.visual.blocks.{block}.attn"
+    name = attention + ".qkv"
+    seen = {}
+    handle = base.get_submodule(attention).register_forward_pre_hook(
+        lambda m, a, k: seen.update(x=(a[0] if a else k["hidden_states"]).detach().clone()), with_kwargs=True)
+    with torch.no_grad():
+        base.model.visual(pixels(), grid_thw=GRID_THW)
+    handle.remove()
+    x = seen["x"]  # (seq, width); Qwen2.5-VL's in window order
+    projections = fused_projections(name, "qkv", 3 * WIDTH, base.config.to_dict())
+    assert [p.role for p in projections] == ["q", "k", "v"]
+    before = _capture_qkv(monkeypatch, base, attention)
+    for seed, proj in enumerate(projections, 1):
+        delta = low_rank(WIDTH, WIDTH, 1, seed=seed)
+        tuned = copy.deepcopy(base)
+        add_to_parameter(tuned, name + ".weight", delta, rows=proj.rows)
+        after = _capture_qkv(monkeypatch, tuned, attention)
+        for i, role in enumerate("qkv"):
+            if role == proj.role:
+                expected = (x @ delta.float().T).view(x.shape[0], HEADS, WIDTH // HEADS)
+                torch.testing.assert_close(after[i] - before[i], expected, rtol=0, atol=1e-6, msg=role)
+            else:
+                assert torch.equal(after[i], before[i]), (proj.role, role)
+
+
+# -- pairing and extraction --------------------------------------------------------------------------------------------
+
+def _planted_modules(family: str) -> dict:
+    """module (the model's name) → (rows of its (out, in) weight or None, rank)."""
+    up = {"qwen2_vl": "mlp.fc1", "qwen2_5_vl": "mlp.up_proj", "qwen3_vl": "mlp.linear_fc1"}[family]
+    merger = "model.visual.merger." + ("linear_fc2" if family == "qwen3_vl" else "mlp.2")
+    planted = {"model.visual.blocks.0.attn.qkv": ((0, 16), 1),  # q rows only
+               "model.visual.blocks.1.attn.qkv": ((32, 48), 2),  # v rows only
+               "model.visual.blocks.1.attn.proj": (None, 2),
+               f"model.visual.blocks.0.{up}": (None, 1),
+               merger: (None, 2),
+               "model.language_model.layers.1.self_attn.q_proj": (None, 2)}
+    if family == "qwen3_vl":
+        planted["model.visual.deepstack_merger_list.0.linear_fc1"] = (None, 1)
+    return planted
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def planted_pair(request, tmp_path_factory):
+    family = request.param
+    base = tiny(family)
+    tuned, deltas = _planted(base, _planted_modules(family))
+    return family, base, tuned, deltas, *pair(tmp_path_factory.mktemp(family), base, tuned)
+
+
+def test_pairing_is_the_planted_update_with_the_vision_qkv_split(planted_pair):
+    family, _, _, deltas, b, t = planted_pair
+    deltas = {stored(family, name): d for name, d in deltas.items()}
+    qkv0, qkv1 = (stored(family, f"model.visual.blocks.{i}.attn.qkv") for i in (0, 1))
+    expected = deltas | {f"{qkv0}[q]": deltas[qkv0][:16], f"{qkv1}[v]": deltas[qkv1][32:]}  # [k], …: zero
+    seen = assert_exact(Pairing(b, t, F64), expected)
+    assert [(seen[f"{qkv0}[{r}]"].role, seen[f"{qkv0}[{r}]"].shape, seen[f"{qkv0}[{r}]"].stack,
+             seen[f"{qkv0}[{r}]"].fused_name) for r in "qkv"] == [(r, (16, 16), "vision", qkv0) for r in "qkv"]
+    for name in deltas:
+        info = module_info(name)  # the config-free reading agrees with the yielded one
+        assert (seen[name].role, seen[name].layer, seen[name].stack) == (info.role, info.layer, info.stack), name
+    assert {seen[n].stack for n in deltas if "merger" in n} == {"projector"}
+    picked = {d.name for d in Pairing(b, t, PairingOptions(roles=("o",), vectors=False, load=False))
+              if "visual" in d.name}
+    assert picked == {stored(family, f"model.visual.blocks.{i}.attn.proj") for i in (0, 1)}
+
+
+def test_extracted_adapter_merges_to_the_planted_update_and_runs_as_the_fine_tune(planted_pair, tmp_path):
+    """Rank 2 is exact on these rank ≤ 2 updates: PEFT loads the adapter under the model's names (model.visual.…),
+    merges it to the tuned model, and the unmerged adapter's logits on an image and text are the fine-tune's."""
+    from peft import PeftModel
+
+    family, base, tuned, deltas, b, t = planted_pair
+    result = extract_adapter(b, t, 2, tmp_path / "ad", roles=("q", "k", "v", "o", "up", "other"), progress=False)
+    assert result.model_class == type(base).__name__
+    assert set(deltas) <= {m.name for m in result.modules}  # the model's names, as PEFT finds the modules
+    state, _ = merged_state(base, tmp_path / "ad")
+    for key, value in tuned.state_dict().items():
+        torch.testing.assert_close(state[key], value, rtol=0, atol=1e-6, msg=key)
+    peft_model = PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "ad")).eval()
+    with torch.no_grad():
+        logits, expected, original = (m(**inputs()).logits for m in (peft_model, tuned, base))
+    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-5)
+    assert float((original - expected).abs().max()) > 1e-3  # negative control: the fine-tune moves the logits
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_peft_adapter_on_the_vision_tower_merger_and_language_model_equals_peft_merge(family, tmp_path):
+    """A PEFT LoRA on the model's modules (model.visual.…, model.language_model.…) paired with a base that stores
+    Qwen2-VL's hub names: each ΔW, the qkv's q, k and v too, is PEFT's merge minus the base."""
+    base = tiny(family)
+    b = pair(tmp_path, base, base)[0]
+    merger = "linear_fc1" if family == "qwen3_vl" else "mlp.0"
+    peft_model = random_adapter(base, tmp_path / "ad", r=2, lora_alpha=4,
+                                target_modules=["qkv", "attn.proj", f"merger.{merger}", "q_proj"])
+    yielded = check_renamed_against_merge(base, b, tmp_path / "ad", peft_model, tmp_path)
+    qkv = stored(family, "model.visual.blocks.0.attn.qkv")
+    assert {qkv, f"{qkv}[q]", f"{qkv}[v]", stored(family, f"model.visual.merger.{merger}"),
+            stored(family, "model.language_model.layers.1.self_attn.q_proj")} <= set(yielded)
+    assert len(yielded) == 2 * (1 + 3 + 1) + 1 + 2  # per block qkv, its split and proj; the merger; two q_proj
