@@ -395,9 +395,7 @@ def _tokenized(model_spec, data, config: CalibrationConfig, read_records, *, not
 
     folder = model_dir(model_spec)
     model_config = read_model_config(folder)
-    task = config.task
-    if task == "auto" and model_config.get("is_encoder_decoder"):
-        task = "seq2seq_lm"
+    task = resolve_task(config.task, model_config, None, data=data, model=model_spec)  # how to read the file
     # texts, labels unchecked (a classifier's are not needed), or an encoder-decoder's source/target pairs
     records = read_records(data, task="seq2seq_lm" if task == "seq2seq_lm" else "causal_lm")
     if task == "auto":

@@ -54,6 +54,8 @@ DEFAULT_MAX_LENGTH = 128  # covers sentence classification; longer costs quadrat
 _POSITIONS_AFTER_PADDING = frozenset({"roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "data2vec-text",
                                       "ibert", "longformer", "mpnet", "roberta-prelayernorm", "xmod", "luke", "esm"})
 # config keys of rotary position encodings (transformers 5 writes rope_parameters, older configs rope_theta)
+# an encoder-decoder's tables of learned positions, one per stack (LED), where there is no max_position_embeddings
+_STACK_POSITION_KEYS = ("max_encoder_position_embeddings", "max_decoder_position_embeddings")
 _ROTARY_KEYS = ("rope_parameters", "rope_theta", "rope_scaling", "rotary_dim", "rotary_pct", "rotary_emb_base",
                 "partial_rotary_factor")
 # position_embedding_type values that replace the table of learned positions with rotary ones (ESM: "rotary",
@@ -464,15 +466,17 @@ def position_limit(model_config: Mapping) -> PositionLimit | None:
     Read from ``max_position_embeddings`` (BERT, Llama, …) or ``n_positions`` (GPT-2),
     of the config or of its ``text_config`` (a multimodal model's language tower); a
     RoBERTa-family table loses the rows its position ids skip (the padding id and those
-    below it). A model with no such key (T5's relative positions, BLOOM's ALiBi) has no limit
-    here. Whether the length binds (:attr:`PositionLimit.positions`) is read from the keys
-    that replace the learned table: rotary ones, ``position_embedding_type`` and DeBERTa's
-    ``position_biased_input``.
+    below it). An encoder–decoder whose stacks have tables of their own (LED's
+    ``max_encoder_position_embeddings`` and ``max_decoder_position_embeddings``) is limited
+    by the shorter: one ``max_length`` cuts its source and its target. A model with no such
+    key (T5's relative positions, BLOOM's ALiBi) has no limit here. Whether the length binds
+    (:attr:`PositionLimit.positions`) is read from the keys that replace the learned table:
+    rotary ones, ``position_embedding_type`` and DeBERTa's ``position_biased_input``.
     """
     for scope in (model_config, model_config.get("text_config") or {}):
         for key in ("max_position_embeddings", "n_positions"):
             value = scope.get(key)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            if not _positive_int(value):
                 continue
             source = f"{key} = {value}"
             length = value
@@ -481,7 +485,17 @@ def position_limit(model_config: Mapping) -> PositionLimit | None:
                 length -= skipped
                 source += f", less the {skipped} ids its position ids start after (pad_token_id + 1)"
             return PositionLimit(length, source, _positions(scope))
+        sides = {key: scope[key] for key in _STACK_POSITION_KEYS if _positive_int(scope.get(key))}
+        if sides:  # source and target are cut at one length: the shorter table binds
+            key = min(sides, key=sides.get)
+            source = f"{key} = {sides[key]}" + (", the shorter of the encoder's and the decoder's" if len(sides) > 1
+                                                else "")
+            return PositionLimit(sides[key], source, _positions(scope))
     return None
+
+
+def _positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
 def _positions(scope: Mapping) -> str:
@@ -890,29 +904,33 @@ def vocab_size(model_config: Mapping) -> int | None:
     return None
 
 
-def resolve_task(task: str, model_config: Mapping, records: Sequence[Mapping], *, data, model) -> str:
+def resolve_task(task: str, model_config: Mapping, records: Sequence[Mapping] | None, *, data, model) -> str:
     """The task of ``records`` for the model of ``model_config``; ``auto`` decided.
 
     ``auto``: ``seq2seq_lm`` for an encoder–decoder (``is_encoder_decoder`` in its
     config.json: T5, BART), else ``seq_cls`` when the records are labelled, else ``causal_lm``.
+    Called before the data is read (``records`` None), it decides only the first, so the
+    file is read as the model needs it (:func:`read_records`), and refuses ``seq2seq_lm``
+    for a model that is no encoder–decoder.
 
     Raises
     ------
     ConfigError
-        Source/target records, or task ``seq2seq_lm``, for a model that is no encoder–decoder
+        Task ``seq2seq_lm``, or source/target records, for a model that is no encoder–decoder
         (naming the data file, the model and its ``model_type``).
     """
-    pairs = seq2seq_records(records)
-    if task == "auto":
-        task = ("seq2seq_lm" if model_config.get("is_encoder_decoder") else
-                "seq_cls" if not pairs and "label" in records[0] else "causal_lm")
+    pairs = records is not None and seq2seq_records(records)
     if (pairs or task == "seq2seq_lm") and not model_config.get("is_encoder_decoder"):
         what = (f"data file {data} holds source/target records (sequence-to-sequence)" if pairs
                 else "task seq2seq_lm (--task seq2seq_lm) trains an encoder-decoder")
         raise ConfigError(f"{what}, but {model} is no encoder-decoder (model_type {model_config.get('model_type')!r}; "
                           "its config.json does not set is_encoder_decoder): a decoder-only model or an encoder "
                           "reads one text. Train it on {\"text\": ...} (and \"label\") records, or train an "
-                          "encoder-decoder such as T5 or BART on the pairs.")
+                          "encoder-decoder such as T5 or BART on source/target pairs.")
+    if task == "auto" and model_config.get("is_encoder_decoder"):
+        return "seq2seq_lm"  # an encoder-decoder reads its records as source/target pairs
+    if task == "auto" and records is not None:
+        return "seq_cls" if "label" in records[0] else "causal_lm"
     return task
 
 
@@ -959,8 +977,7 @@ def prepare_data(model_dir: str | Path, data, *, task: str = "auto", max_length:
     tokenizer
     """
     model_config = read_model_config(model_dir)
-    if task == "auto" and model_config.get("is_encoder_decoder"):
-        task = "seq2seq_lm"  # an encoder-decoder reads its records as source/target pairs
+    task = resolve_task(task, model_config, None, data=data, model=model_dir)  # how to read the file
     records = read_records(data, task=task)  # auto: every record labelled, or none (a mix is refused)
     task = resolve_task(task, model_config, records, data=data, model=model_dir)
     model_config, max_length, tokenizer = prepare_tokenizer(model_dir, task=task, max_length=max_length, notes=notes)

@@ -350,7 +350,8 @@ def _check_loaded_whole(spec, info: dict, task: str, num_labels: int | None) -> 
                       + ([f"it holds {', '.join(resized[:3])}"] if resized else []))
     raise ConfigError(f"{spec} as a {what}: {found}. Those weights would start at random, and the function "
                       "measured would not be the checkpoint's. Give data of the task it was trained for "
-                      "(labelled .jsonl for a classifier, plain text for a causal LM) with labels its head knows.")
+                      "(labelled .jsonl for a classifier, plain text for a causal LM, source/target records for a "
+                      "seq2seq LM) with labels its head knows.")
 
 
 def _check_4bit_widths(model, spec) -> None:
@@ -686,7 +687,7 @@ def evaluate(model, data: TokenizedData, *, batch_size: int = 32) -> dict:
     token (not a mean of batch means) and accuracy is top-1 next-token accuracy; for
     ``seq2seq_lm`` the same over the target's tokens, each predicted by the decoder from
     the source and the target tokens before it. Examples are batched in length order (sums
-    do not depend on the order; padding does not enter them).
+    do not depend on the order; padding does).
     """
     was_training = model.training
     model.eval()

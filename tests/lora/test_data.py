@@ -593,3 +593,28 @@ def test_an_encoder_decoder_cuts_source_and_target_at_its_learned_positions(tmp_
     notes = []
     _, tokens, *_ = prepare_data(t5, data, max_length=300, notes=notes)  # no table of positions to outrun
     assert {len(i) for i in tokens.ids} == {len(t) for t in tokens.targets} == {104} and notes == []
+
+
+def test_an_encoder_decoder_with_a_table_per_stack_is_limited_by_the_shorter(tmp_path):
+    """LED's encoder takes 64 positions, its decoder 16 (here): one max_length cuts source and target, so 16 binds.
+    The model is the reference: 16 target tokens run, 17 fail. It had no limit (no max_position_embeddings key)."""
+    import transformers as tf
+
+    from spectra.lora.data import position_limit, resolve_max_length
+
+    config = tf.LEDConfig(d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
+                          decoder_attention_heads=4, encoder_ffn_dim=48, decoder_ffn_dim=48, vocab_size=64,
+                          max_encoder_position_embeddings=64, max_decoder_position_embeddings=16, attention_window=[8])
+    saved = json.loads((_config_dir(tmp_path, config) / "config.json").read_text())
+    limit = position_limit(saved)
+    assert (limit.length, limit.positions) == (16, "learned")
+    assert limit.source == "max_decoder_position_embeddings = 16, the shorter of the encoder's and the decoder's"
+    model = tf.LEDForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        model(input_ids=torch.full((1, 16), 5), labels=torch.full((1, 16), 5))
+        with pytest.raises(IndexError):  # no decoder position to embed
+            model(input_ids=torch.full((1, 16), 5), labels=torch.full((1, 17), 5))
+    with pytest.raises(ConfigError, match=r"max_length \(--max-length\) 17 is more than the model can take"):
+        resolve_max_length(17, saved)
+    one = {k: v for k, v in saved.items() if k != "max_decoder_position_embeddings"}  # a config naming one stack's
+    assert position_limit(one).source == "max_encoder_position_embeddings = 64"

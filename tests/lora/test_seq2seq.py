@@ -62,6 +62,18 @@ def reference_loss(model, data, index=None) -> tuple[float, int]:
     return total, count
 
 
+def without_dropout(folder, to):
+    """A copy of a checkpoint directory whose config.json sets every dropout rate to 0 (it had some above 0)."""
+    import shutil
+
+    copy = shutil.copytree(folder, to)
+    config = json.loads((copy / "config.json").read_text())
+    dropouts = [k for k in config if "dropout" in k and isinstance(config[k], float)]
+    assert dropouts and any(config[k] > 0 for k in dropouts)
+    (copy / "config.json").write_text(json.dumps(config | dict.fromkeys(dropouts, 0.0)))
+    return copy
+
+
 # ---------------------------------------------------------------------------- data
 
 
@@ -109,13 +121,13 @@ def test_auto_is_seq2seq_for_an_encoder_decoder_and_pairs_are_refused_elsewhere(
     task, train, held, names, _ = prepare_data(t5, data, eval_fraction=0.5)
     assert task == "seq2seq_lm" and names is None and len(train) == len(held) == 3
     assert train.targets is not None and all(len(t) >= 1 for t in train.targets + held.targets)
-    for given in ("auto", "seq2seq_lm"):
-        with pytest.raises(ConfigError) as err:
-            prepare_data(llama_base, data, task=given)
-        assert "no encoder-decoder (model_type 'llama'" in str(err.value)
-        assert (f"data file {data} holds source/target records" in str(err.value)) == (given == "auto")
     text = tmp_path / "t.jsonl"
     text.write_text('{"text": "hello there"}\n' * 4)
+    for given, records in (("auto", data), ("seq2seq_lm", data), ("seq2seq_lm", text)):
+        with pytest.raises(ConfigError) as err:  # the model is what is wrong, whatever the records
+            prepare_data(llama_base, records, task=given)
+        assert "no encoder-decoder (model_type 'llama'" in str(err.value)
+        assert (f"data file {data} holds source/target records" in str(err.value)) == (given == "auto")
     with pytest.raises(ConfigError, match=r'line 1: no "source" field; sequence-to-sequence records \(task '
                                           r"seq2seq_lm, what an encoder-decoder"):
         prepare_data(t5, text)
@@ -154,16 +166,10 @@ def test_first_training_loss_is_the_hand_loss_of_the_first_batch(pair, tmp_path)
     """The step-1 loss spectra logs (before any update; LoRA's B starts at zero) is the token mean over the first
     shuffled batch, as the float64 reference gives it. Training runs the model's dropout (T5's and BART's configs
     have 0.1), so the base is copied with every dropout rate set to 0."""
-    import shutil
-
     from spectra.lora.data import batch_indices
 
     family, source, _, data_file, _ = pair
-    base = shutil.copytree(source, tmp_path / "base")
-    config = json.loads((base / "config.json").read_text())
-    dropouts = [k for k in config if "dropout" in k and isinstance(config[k], float)]
-    assert dropouts and any(config[k] > 0 for k in dropouts)
-    (base / "config.json").write_text(json.dumps(config | dict.fromkeys(dropouts, 0.0)))
+    base = without_dropout(source, tmp_path / "base")
     config = TrainConfig(rank=2, batch_size=8, max_steps=1, eval_fraction=0.0, seed=3)
     result = train_adapter(base, data_file, config, tmp_path / "ad", progress=False)
     _, data, _, _, _ = prepare_data(base, data_file)
@@ -171,6 +177,29 @@ def test_first_training_loss_is_the_hand_loss_of_the_first_batch(pair, tmp_path)
     total, count = reference_loss(load_model(base, task="seq2seq_lm"), data, first)
     assert result.losses[0] == pytest.approx(total / count, rel=LOSS_REL), family
     assert json.loads((tmp_path / "ad" / "adapter_config.json").read_text())["task_type"] == "SEQ_2_SEQ_LM"
+
+
+def test_distillation_loss_is_the_token_mean_kl_to_the_teacher(pair, tmp_path):
+    """With the full fine-tune as teacher, step 1's loss is the mean over the first batch's target tokens of
+    KL(teacher ‖ base) (the adapter starts at zero), each example run alone in float64."""
+    from spectra.lora.data import batch_indices
+
+    family, source, tuned, data_file, _ = pair
+    base = without_dropout(source, tmp_path / "base")
+    config = TrainConfig(rank=2, batch_size=8, max_steps=1, eval_fraction=0.0, seed=5, teacher=str(tuned))
+    result = train_adapter(base, data_file, config, tmp_path / "ad", progress=False)
+    _, data, _, _, _ = prepare_data(base, data_file)
+    student, teacher = (load_model(m, task="seq2seq_lm").double().eval() for m in (base, tuned))
+    start = student.config.decoder_start_token_id
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i in batch_indices(data, 8, generator=torch.Generator().manual_seed(5))[0]:
+            inputs = dict(input_ids=torch.tensor([data.ids[i]]),
+                          decoder_input_ids=torch.tensor([[start] + data.targets[i][:-1]]))
+            log_p, log_q = (torch.log_softmax(m(**inputs).logits[0], -1) for m in (student, teacher))  # (T, V)
+            total += float((log_q.exp() * (log_q - log_p)).sum())
+            count += len(data.targets[i])
+    assert total > 0 and result.losses[0] == pytest.approx(total / count, rel=1e-4), family  # KL ~1e-1: 1e-4
 
 
 def test_padding_changes_no_loss(pair):
@@ -231,7 +260,8 @@ def test_sweep_end_points_are_the_base_and_the_fine_tune(pair):
 
     family, base, tuned, _, held = pair
     result = truncation_sweep(base, tuned, held, ranks=[0, 64], non_target="both", config=SweepConfig(bootstrap=0),
-                              progress=False)
+                              calibration=held, progress=False)  # data-optimal truncations: same end points
+    assert result.data["calibration"]["task"] == "seq2seq_lm"
     _, data, _, _, _ = prepare_data(base, held)
     refs = {}
     for name, spec in (("base", base), ("tuned", tuned)):
@@ -297,6 +327,11 @@ def test_cli_trains_verifies_and_sweeps_an_encoder_decoder(pair, tmp_path):
                               "0", "-q", "-o", str(tmp_path / "s")])
     assert out.exit_code == 0, out.output
     assert json.loads((tmp_path / "s" / "sweep.json").read_text())["metric"]["name"] == "perplexity"
+    out = runner.invoke(app, ["verify", str(base), str(tuned), "--sweep", "1,2", "--data", str(data), "--max-steps",
+                              "2", "--eval-data", str(held), "-q", "-o", str(tmp_path / "rs")])
+    assert out.exit_code == 0, out.output
+    runs = json.loads((tmp_path / "rs" / "sweep.json").read_text())["runs"]
+    assert [r["rank"] for r in runs] == [1, 2] and all(r["eval"]["tokens"] > 0 for r in runs)
 
 
 def test_eval_file_of_pairs_tokenises_as_training_does(pair):
