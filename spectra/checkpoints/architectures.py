@@ -151,6 +151,10 @@ _IN_OUT_MATRICES = {"gemma3": re.compile(r"(^|\.)multi_modal_projector\.mm_input
 _HEAD_INTERLEAVED_QKV = frozenset({"gpt_neox", "bloom", "gpt_neox_japanese"})
 # 3-D expert tensors stored (experts, in, out) — the model computes x @ W[e] — instead of (experts, out, in).
 IN_OUT_EXPERT_MODEL_TYPES = frozenset({"llama4", "llama4_text", "gpt_oss"})
+# 3-D expert tensors that transformers transposes on loading only where their shape is the transpose of the model's
+# (Transpose(1, 2, check_dims=True)): Qwen3-VL-MoE's hub checkpoints store them (experts, in, out), as its first
+# transformers release held them, and transformers 5 saves them (experts, out, in), as it holds them now.
+_TRANSPOSED_EXPERT_MODEL_TYPES = frozenset({"qwen3_vl_moe"})
 # Fused expert gate_up whose outputs alternate gate, up, gate, up, … (gpt-oss: gate_up[..., ::2], [..., 1::2]).
 _INTERLEAVED_GATE_UP = frozenset({"gpt_oss"})
 # Fused qkv tensors laid out as contiguous [q; k; v] blocks (GQA-aware widths).
@@ -243,6 +247,30 @@ def is_conv1d(name: str, config: dict[str, Any] | None) -> bool:
     if config is None or "model_type" not in config:
         return True
     return config["model_type"] in CONV1D_MODEL_TYPES
+
+
+def experts_in_out(name: str, shape: tuple[int, ...], config: dict[str, Any] | None) -> bool:
+    """Whether a stored 3-D expert tensor (``…experts.gate_up_proj``, without ``.weight``) of `shape` holds each
+    expert ``(in, out)``, the model computing ``x @ W[e]``, rather than ``(out, in)``.
+
+    By the model type (:data:`IN_OUT_EXPERT_MODEL_TYPES`: always), and for Qwen3-VL-MoE by the shape, as
+    transformers decides on loading: ``(in, out)`` where the stored expert is the transpose of the model's
+    ``gate_up_proj`` ``(2·moe_intermediate_size, hidden_size)`` or ``down_proj`` ``(hidden_size,
+    moe_intermediate_size)``, and not the model's own shape (a square one is read as the model holds it, as
+    transformers loads it).
+    """
+    cfg = config or {}
+    model_type = cfg.get("model_type")
+    if model_type in IN_OUT_EXPERT_MODEL_TYPES:
+        return True
+    if model_type not in _TRANSPOSED_EXPERT_MODEL_TYPES or len(shape) != 3:
+        return False
+    text = cfg.get("text_config") or cfg
+    hidden, ffn = text.get("hidden_size"), text.get("moe_intermediate_size")
+    if not hidden or not ffn:
+        return False
+    held = {"gate_up_proj": (2 * ffn, hidden), "down_proj": (hidden, ffn)}.get(name.rpartition(".")[2])
+    return held is not None and tuple(shape[1:]) != held and tuple(shape[1:]) == held[::-1]
 
 
 def _stack_config(name: str, config: dict[str, Any] | None) -> dict[str, Any]:

@@ -21,8 +21,8 @@ from typing import Any
 import torch
 
 from spectra.checkpoints.adapter import AdapterDelta, plan_adapter
-from spectra.checkpoints.architectures import (IN_OUT_EXPERT_MODEL_TYPES, ROLES, ModuleInfo, Projection,
-                                              fused_projections, is_conv1d, module_info, role_named)
+from spectra.checkpoints.architectures import (ROLES, ModuleInfo, Projection, experts_in_out, fused_projections,
+                                              is_conv1d, module_info, role_named)
 from spectra.checkpoints.buffers import Lease
 from spectra.checkpoints.names import compile_name_filter, match_names
 from spectra.checkpoints.source import AdapterSource, open_checkpoint
@@ -269,7 +269,7 @@ class Pairing:
             if b.shape != t.shape:  # stacked per-expert tensors: (experts, ·, ·) matrices or (experts, ·) biases
                 raise _shape_error(b_name, b.shape, t.shape, self.base, self.tuned)
             head, _, proj = module.rpartition(".")  # model.layers.0.mlp.experts . gate_up_proj
-            in_out = (self.config or {}).get("model_type") in IN_OUT_EXPERT_MODEL_TYPES  # x @ W[e]: (in, out)
+            in_out = experts_in_out(module, b.shape, self.config)  # x @ W[e]: (in, out)
             out = []
             for e in range(b.shape[0]):
                 name = f"{head}.{e}.{proj}"

@@ -33,6 +33,7 @@ from tests.lora.test_extract import merged_state
 from tests.models import GRID, add_to_parameter, low_rank, random_adapter
 
 FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+TOWERS = (*FAMILIES, "qwen3_vl_moe")  # Qwen3-VL-MoE: Qwen3-VL's tower beside an MoE language model
 WIDTH, HEADS = 16, 2  # the vision tower's width and heads: attn.qkv is (3·16, 16)
 IMAGE_TOKEN, VISION_START = 60, 62
 GRID_THW = torch.tensor([[1, 4, 8]])  # an image of 4 × 8 patches of 3·1·2·2 values: 8 tokens after the 2 × 2 merge
@@ -56,12 +57,17 @@ def tiny(family: str):
             hidden_size=WIDTH, intermediate_size=24, out_hidden_size=32, window_size=8, fullatt_block_indexes=[1]),
             **tokens)
         cls = tf.Qwen2_5_VLForConditionalGeneration
-    elif family == "qwen3_vl":  # linear_fc1/fc2 MLP, learned position embedding, a deepstack merger after block 0
+    elif family in ("qwen3_vl", "qwen3_vl_moe"):  # linear_fc1/fc2 MLP, position embedding, a deepstack merger
         text |= dict(head_dim=8, rope_parameters=rope | dict(mrope_interleaved=True))
-        config = tf.Qwen3VLConfig(text_config=text, vision_config=patches | dict(
-            hidden_size=WIDTH, intermediate_size=24, out_hidden_size=32, num_position_embeddings=16,
-            deepstack_visual_indexes=[0]), **tokens)
-        cls = tf.Qwen3VLForConditionalGeneration
+        vision = patches | dict(hidden_size=WIDTH, intermediate_size=24, out_hidden_size=32,
+                                num_position_embeddings=16, deepstack_visual_indexes=[0])
+        if family == "qwen3_vl":
+            config = tf.Qwen3VLConfig(text_config=text, vision_config=vision, **tokens)
+            cls = tf.Qwen3VLForConditionalGeneration
+        else:  # 3 experts of width 12 (gate_up_proj (3, 24, 32), down_proj (3, 32, 12)) and a router, mlp.gate
+            text |= dict(moe_intermediate_size=12, num_experts=3, num_experts_per_tok=2)
+            config = tf.Qwen3VLMoeConfig(text_config=text, vision_config=vision, **tokens)
+            cls = tf.Qwen3VLMoeForConditionalGeneration
     else:
         raise ValueError(family)
     config._attn_implementation = "eager"
@@ -75,7 +81,7 @@ def tiny(family: str):
 
 def stored(family: str, name: str) -> str:
     """A module's name in the checkpoint: Qwen2-VL and Qwen2.5-VL save the hub's names, Qwen3-VL the model's."""
-    if family == "qwen3_vl":
+    if family in ("qwen3_vl", "qwen3_vl_moe"):
         return name
     return name.replace("model.visual.", "visual.", 1).replace("model.language_model.", "model.", 1)
 
@@ -96,7 +102,7 @@ def inputs():
 VISION_ROLES = {"attn.qkv": "qkv", "attn.proj": "o", "mlp.fc1": "up", "mlp.fc2": "down", "mlp.gate_proj": "gate",
                 "mlp.up_proj": "up", "mlp.down_proj": "down", "mlp.linear_fc1": "up", "mlp.linear_fc2": "down"}
 TEXT_ROLES = {"self_attn.q_proj": "q", "self_attn.k_proj": "k", "self_attn.v_proj": "v", "self_attn.o_proj": "o",
-              "mlp.gate_proj": "gate", "mlp.up_proj": "up", "mlp.down_proj": "down"}
+              "mlp.gate_proj": "gate", "mlp.up_proj": "up", "mlp.down_proj": "down", "mlp.gate": "other"}  # a router
 
 
 def _expected(model) -> dict[str, tuple[str, int | None, str | None]]:
@@ -119,7 +125,7 @@ def _expected(model) -> dict[str, tuple[str, int | None, str | None]]:
     return out
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", TOWERS)
 def test_every_linear_gets_its_role_layer_and_stack(family, tmp_path):
     """By the model's names and by the checkpoint's (Qwen2-VL's visual.…, model.layers.N…), the saved config's."""
     model = tiny(family)
@@ -132,10 +138,10 @@ def test_every_linear_gets_its_role_layer_and_stack(family, tmp_path):
             assert (info.role, info.layer, info.stack) == expected[name], as_named
     vision_roles = {role for role, _, stack in expected.values() if stack == "vision"}
     assert vision_roles == {"qkv", "o", "up", "down"} | ({"gate"} if family == "qwen2_5_vl" else set())
-    assert sum(stack == "projector" for _, _, stack in expected.values()) == (4 if family == "qwen3_vl" else 2)
+    assert sum(stack == "projector" for _, _, stack in expected.values()) == (2 if family.startswith("qwen2") else 4)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", TOWERS)
 def test_vision_qkv_split_by_the_hubs_configs(family):
     """The hub's config.json holds a vision_config with no model_type (Qwen2.5-VL-7B's) or the whole model's: the split
     is the same. Qwen2-VL's hidden_size (32 here) is the merger's output, not the tower's width (embed_dim, 16)."""
@@ -182,7 +188,7 @@ def _capture_qkv(monkeypatch, model, attention: str):
     return seen["q"], seen["k"], torch.cat(seen["v"], dim=2)[0].transpose(0, 1)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", TOWERS)
 @pytest.mark.parametrize("block", [0, 1])  # Qwen2.5-VL: window attention, then full
 def test_vision_qkv_rows_are_the_query_key_and_value_the_model_computes(monkeypatch, family, block):
     """An update planted in the rows fused_projections calls q (k, v) changes, in the model's forward, the query (key,
@@ -288,3 +294,92 @@ def test_peft_adapter_on_the_vision_tower_merger_and_language_model_equals_peft_
     assert {qkv, f"{qkv}[q]", f"{qkv}[v]", stored(family, f"model.visual.merger.{merger}"),
             stored(family, "model.language_model.layers.1.self_attn.q_proj")} <= set(yielded)
     assert len(yielded) == 2 * (1 + 3 + 1) + 1 + 2  # per block qkv, its split and proj; the merger; two q_proj
+
+
+# -- Qwen3-VL-MoE's experts ------------------------------------------------------------------------------------------
+
+MOE = "model.language_model.layers.{}.mlp.experts.{}"
+
+
+@pytest.fixture(scope="module")
+def moe_pair(tmp_path_factory):
+    """A tiny Qwen3-VL-MoE and a fine-tune of three experts, a q_proj and the tower's q, saved as transformers 5
+    saves it (experts (E, out, in)) and as the hub stores it (experts (E, in, out)): (base, tuned, {layout: (base
+    dir, tuned dir)}, {ΔW name: ΔW})."""
+    root = tmp_path_factory.mktemp("qwen3-vl-moe")
+    base = tiny("qwen3_vl_moe")
+    tuned = copy.deepcopy(base)
+    dgate, dup, ddown = low_rank(12, 32, 2, seed=1), low_rank(12, 32, 1, seed=2), low_rank(32, 12, 2, seed=3)
+    add_to_parameter(tuned, MOE.format(1, "gate_up_proj"), dgate, expert=2, rows=slice(0, 12))
+    add_to_parameter(tuned, MOE.format(0, "gate_up_proj"), dup, expert=0, rows=slice(12, 24))
+    add_to_parameter(tuned, MOE.format(0, "down_proj"), ddown, expert=1)
+    dq, dqkv = low_rank(32, 32, 2, seed=4), low_rank(16, 16, 1, seed=5)  # attention's, the tower's q rows
+    add_to_parameter(tuned, "model.language_model.layers.1.self_attn.q_proj.weight", dq)
+    add_to_parameter(tuned, "model.visual.blocks.0.attn.qkv.weight", dqkv, rows=slice(0, 16))
+    zeros = torch.zeros(12, 32, dtype=torch.float64)
+    planted = {MOE.format(1, "2.gate_up_proj"): torch.cat([dgate, zeros]), MOE.format(1, "2.gate_up_proj[gate]"): dgate,
+               MOE.format(0, "0.gate_up_proj"): torch.cat([zeros, dup]), MOE.format(0, "0.gate_up_proj[up]"): dup,
+               MOE.format(0, "1.down_proj"): ddown, "model.language_model.layers.1.self_attn.q_proj": dq,
+               "model.visual.blocks.0.attn.qkv": torch.cat([dqkv, torch.zeros(32, 16, dtype=torch.float64)]),
+               "model.visual.blocks.0.attn.qkv[q]": dqkv}
+    layouts = {"transformers 5": pair(root / "t5", base, tuned)}
+    layouts["hub"] = tuple(_transposed_experts(d, root / "hub" / d.name) for d in layouts["transformers 5"])
+    return base, tuned, layouts, planted
+
+
+def _transposed_experts(folder, to):
+    """A copy of a saved checkpoint with every 3-D expert tensor stored (E, in, out), as Qwen3-VL-MoE's hub holds it."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    to.mkdir(parents=True)
+    shutil.copy(folder / "config.json", to / "config.json")
+    state = load_file(folder / "model.safetensors")
+    state = {k: v.transpose(1, 2).contiguous() if ".experts." in k else v for k, v in state.items()}
+    save_file(state, to / "model.safetensors", metadata={"format": "pt"})
+    return to
+
+
+@pytest.mark.parametrize("layout", ["transformers 5", "hub"])
+def test_qwen3_vl_moe_experts_are_read_as_the_model_holds_them_in_either_layout(moe_pair, layout):
+    """transformers loads both layouts into the same model (it transposes where the stored shape is the transpose of
+    its own); each expert's ΔW comes out (out, in) as the model holds it, gate rows [0, 12) and up [12, 24) of
+    gate_up_proj[e]. The hub's (E, 32, 24) was read as stored: a (32, 24) 'gate_up' split into halves of hidden rows."""
+    import transformers as tf
+
+    base, tuned, layouts, planted = moe_pair
+    b, t = layouts[layout]
+    for folder, model in ((b, base), (t, tuned)):  # the reference: transformers reads the layout as this model
+        loaded = tf.Qwen3VLMoeForConditionalGeneration.from_pretrained(folder).state_dict()
+        assert all(torch.equal(loaded[k], v) for k, v in model.state_dict().items())
+    seen = assert_exact(Pairing(b, t, F64), planted)
+    assert {seen[n].shape for n in seen if ".experts." in n and "gate_up_proj[" in n} == {(12, 32)}
+    assert {seen[n].shape for n in seen if n.endswith("down_proj")} == {(32, 12)}
+    d = seen[MOE.format(1, "2.gate_up_proj[gate]")]
+    assert (d.role, d.layer, d.expert, d.stack) == ("gate", 1, 2, None)
+    assert {seen[n].conv1d for n in seen if ".experts." in n} == {layout == "hub"}
+
+
+@pytest.mark.parametrize("layout", ["transformers 5", "hub"])
+def test_qwen3_vl_moe_experts_are_refused_by_extract_and_the_rest_extracts(moe_pair, layout, tmp_path):
+    """PEFT would adapt the experts as target_parameters, but transformers loads them through a transposing converter
+    that spectra's placement does not invert: extract refuses them by name instead of writing an adapter that PEFT
+    would place wrong or not at all; with the experts' roles left out, the vision tower and attention extract, and
+    PEFT's merge is the fine-tune there and the base in the experts."""
+    from spectra.errors import ConfigError
+
+    base, tuned, layouts, _ = moe_pair
+    b, t = layouts[layout]
+    refusal = r"experts\.gate_up_proj.*not module\(s\) of Qwen3VLMoeForConditionalGeneration that PEFT can adapt"
+    with pytest.raises(ConfigError, match=refusal):
+        extract_adapter(b, t, 2, tmp_path / "refused", roles=("gate", "q"), progress=False)
+    assert not (tmp_path / "refused" / "adapter_model.safetensors").exists()
+    result = extract_adapter(b, t, 2, tmp_path / "ad", roles=("q", "k", "v", "o"), progress=False)
+    assert "model.visual.blocks.0.attn.qkv" in {m.name for m in result.modules}
+    state, _ = merged_state(base, tmp_path / "ad")
+    for key, value in tuned.state_dict().items():
+        expected = base.state_dict()[key] if ".experts." in key else value
+        torch.testing.assert_close(state[key], expected, rtol=0, atol=1e-6, msg=key)
+    assert not torch.equal(state["model.language_model.layers.1.self_attn.q_proj.weight"],
+                           base.state_dict()["model.language_model.layers.1.self_attn.q_proj.weight"])
