@@ -383,3 +383,52 @@ def test_qwen3_vl_moe_experts_are_refused_by_extract_and_the_rest_extracts(moe_p
         torch.testing.assert_close(state[key], expected, rtol=0, atol=1e-6, msg=key)
     assert not torch.equal(state["model.language_model.layers.1.self_attn.q_proj.weight"],
                            base.state_dict()["model.language_model.layers.1.self_attn.q_proj.weight"])
+
+
+def test_qwen3_vl_moe_adapter_on_the_experts_is_refused_not_misread(moe_pair, tmp_path):
+    """A PEFT adapter on the experts (target_parameters) against either stored layout: spectra's placement does not
+    invert transformers' transposing converter, so the adapter reader refuses it, naming the parameter and the way
+    out (merge it first); the negative control, its q_proj alone, is read as PEFT merges it."""
+    from spectra.errors import AdapterError
+
+    base, _, layouts, _ = moe_pair
+    random_adapter(base, tmp_path / "experts", r=2, lora_alpha=4, target_modules=["q_proj"],
+                   target_parameters=["mlp.experts.gate_up_proj"])
+    attention = random_adapter(base, tmp_path / "q", r=2, lora_alpha=4, target_modules=["q_proj"])
+    merged = attention.merge_and_unload().state_dict()
+    for b, _ in layouts.values():
+        with pytest.raises(AdapterError, match=r"adapts model\.language_model\.layers\.0\.mlp\.experts\.gate_up_proj "
+                                               r"through PEFT's target_parameters.*Merge it"):
+            Pairing(b, tmp_path / "experts")
+        yielded = {d.name: d.delta for d in Pairing(b, tmp_path / "q", PairingOptions(vectors=False))}
+        assert len(yielded) == 2
+        for name, delta in yielded.items():
+            key = name + ".weight"
+            torch.testing.assert_close(delta, merged[key] - base.state_dict()[key], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_qwen2_vl_plan_ranks_reach_the_models_modules(tmp_path):
+    """A plan from analyze names Qwen2-VL's modules as stored (visual.…, model.layers.N…); the adapter's
+    rank_pattern and target_modules name the model's (model.visual.…, model.language_model.…), so PEFT gives each
+    module its planted rank (1 where the plan's default r is 2) and the merge is the fine-tune."""
+    from peft import PeftModel
+
+    from spectra.analysis import analyze
+    from spectra.ranks import RankPolicy, recommend_ranks
+
+    base = tiny("qwen2_vl")
+    planted = _planted_modules("qwen2_vl")
+    tuned, _ = _planted(base, planted)
+    b, t = pair(tmp_path, base, tuned)
+    plan = recommend_ranks(analyze(b, t, cache_dir=False, progress=False),
+                           RankPolicy(roles=("q", "v", "o", "up", "other"), noise=False, energy=0.99))
+    ranks = {m.name: m.rank for m in plan.modules if m.rank}
+    assert ranks == {stored("qwen2_vl", name): rank for name, (_, rank) in planted.items()}
+    extract_adapter(b, t, plan, tmp_path / "ad", progress=False)
+    peft_model = PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "ad"))
+    adapted = {name.removeprefix("base_model.model."): module.lora_A["default"].weight.shape[0]
+               for name, module in peft_model.named_modules() if hasattr(module, "lora_A")}
+    assert adapted == {name: rank for name, (_, rank) in planted.items()}
+    state = peft_model.merge_and_unload().state_dict()
+    for key, value in tuned.state_dict().items():
+        torch.testing.assert_close(state[key], value, rtol=0, atol=1e-6, msg=key)
