@@ -424,6 +424,7 @@ def _model_names(entries, model, model_class: str | None, targets: dict | None =
         else:
             names[e.name] = target.name
     if bad:
+        bad = list(dict.fromkeys(bad))  # the experts of one stored 3-D tensor share its name
         raise ConfigError(f"{', '.join(bad[:5])}: not module(s) of {model_class} that PEFT can adapt (transformers "
                           "names, fuses or wraps these weights otherwise when it loads the checkpoint), so PEFT "
                           "could not apply an adapter under this name. Leave their role out (--roles) or drop them "

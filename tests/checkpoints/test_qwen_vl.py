@@ -372,8 +372,9 @@ def test_qwen3_vl_moe_experts_are_refused_by_extract_and_the_rest_extracts(moe_p
     base, tuned, layouts, _ = moe_pair
     b, t = layouts[layout]
     refusal = r"experts\.gate_up_proj.*not module\(s\) of Qwen3VLMoeForConditionalGeneration that PEFT can adapt"
-    with pytest.raises(ConfigError, match=refusal):
+    with pytest.raises(ConfigError, match=refusal) as refused:
         extract_adapter(b, t, 2, tmp_path / "refused", roles=("gate", "q"), progress=False)
+    assert str(refused.value).split(": not")[0] == ", ".join(MOE.format(i, "gate_up_proj") for i in (0, 1))  # once each
     assert not (tmp_path / "refused" / "adapter_model.safetensors").exists()
     result = extract_adapter(b, t, 2, tmp_path / "ad", roles=("q", "k", "v", "o"), progress=False)
     assert "model.visual.blocks.0.attn.qkv" in {m.name for m in result.modules}
