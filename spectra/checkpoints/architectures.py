@@ -82,7 +82,7 @@ _ROLE_RULES: tuple[tuple[str, str], ...] = (
     (rf"{_CROSS_ATTENTION}\.(out_proj|o_proj|o|output\.dense|c_proj)", "xo"),
     # attention, Llama/Mistral/Qwen2/Gemma/Phi-3/Mixtral; T5's SelfAttention.q (LongT5: Local-, TransientGlobal-);
     # BLIP-2's Q-Former (and ViT's) attention.attention.query; BLIP-2's vision tower self_attn.projection;
-    # Qwen2-VL's, Qwen2.5-VL's and Qwen3-VL's vision tower blocks.N.attn.proj (after their fused attn.qkv)
+    # Qwen2-VL's, Qwen2.5-VL's, Qwen3-VL's and Qwen3.5's vision tower blocks.N.attn.proj (after its fused attn.qkv)
     (rf"(q_proj|self\.query|attention\.query|attention\.wq|{_T5_SELF_ATTENTION}\.q)", "q"),  # Meta's: attention.wq
     (rf"(k_proj|self\.key|attention\.key|attention\.wk|{_T5_SELF_ATTENTION}\.k)", "k"),
     (rf"(v_proj|self\.value|attention\.value|attention\.wv|{_T5_SELF_ATTENTION}\.v)", "v"),
@@ -93,7 +93,7 @@ _ROLE_RULES: tuple[tuple[str, str], ...] = (
     # experts (experts.expert_N.wi, wo; never gated in transformers) and dense layers (layer.N.mlp.wi, wo); NLLB-MoE's
     # experts (experts.expert_N.fc1, fc2) and dense layers (layers.N.ffn.fc1, fc2);
     # BLIP-2's Q-Former: intermediate_query.dense and output_query.dense (the query tokens' MLP), as BERT's;
-    # Qwen3-VL's vision tower blocks.N.mlp.linear_fc1 and linear_fc2 (its merger's linear_fc1/fc2 are no MLP's: other)
+    # Qwen3-VL's and Qwen3.5's vision tower blocks.N.mlp.linear_fc1 and linear_fc2 (the merger's: other)
     (r"(gate_proj|experts\.\d+\.w1|mlp\.fc_gate|feed_forward\.w1|DenseReluDense\.wi_0)", "gate"),
     (r"(up_proj|experts\.\d+\.w3|intermediate(_query)?\.dense|mlp\.c_fc|dense_h_to_4h|mlp\.(linear_)?fc1"
      r"|feed_forward\.w3|DenseReluDense\.wi(_1)?|layers\.\d+\.(ffn\.)?fc1|experts\.expert_\d+\.(wi|fc1)"
@@ -160,15 +160,16 @@ _INTERLEAVED_GATE_UP = frozenset({"gpt_oss"})
 # Fused qkv tensors laid out as contiguous [q; k; v] blocks (GQA-aware widths).
 # BLIP-2's and InstructBLIP's vision towers (model_type of their vision_config): one Linear, out = 3·hidden, viewed
 # (3, heads, head_dim) by their attention's forward.
-# Qwen2-VL's, Qwen2.5-VL's and Qwen3-VL's (and Qwen3-VL-MoE's) vision towers: attn.qkv, out = 3·width, viewed
-# (seq, 3, heads, head_dim) by their attention's forward.
+# Qwen2-VL's, Qwen2.5-VL's, Qwen3-VL's and Qwen3.5's (and their MoE models') vision towers: attn.qkv, out = 3·width,
+# viewed (seq, 3, heads, head_dim) by their attention's forward.
+_QWEN_VISION = {"qwen2_vl": "qwen2_vl_vision", "qwen2_5_vl": "qwen2_5_vl_vision", "qwen3_vl": "qwen3_vl_vision",
+                "qwen3_vl_moe": "qwen3_vl_moe_vision", "qwen3_5": "qwen3_5_vision", "qwen3_5_moe": "qwen3_5_moe_vision"}
 _CONTIGUOUS_QKV = frozenset({"gpt2", "phi3", "phimoe", "imagegpt", "decision_transformer", "blip_2_vision_model",
-                             "instructblip_vision_model", "instructblipvideo_vision_model", "qwen2_vl_vision",
-                             "qwen2_5_vl_vision", "qwen3_vl_vision", "qwen3_vl_moe_vision"})
+                             "instructblip_vision_model", "instructblipvideo_vision_model", *_QWEN_VISION.values()})
 # The vision tower's model type, by the whole model's, for configs whose vision_config does not name its own: the hub's
-# Qwen2-VL and Qwen2.5-VL config.json hold a vision_config with no model_type, or with the whole model's.
-_VISION_MODEL_TYPES = {"qwen2_vl": "qwen2_vl_vision", "qwen2_5_vl": "qwen2_5_vl_vision",
-                       "qwen3_vl": "qwen3_vl_vision", "qwen3_vl_moe": "qwen3_vl_moe_vision"}
+# Qwen2-VL and Qwen2.5-VL config.json hold a vision_config with no model_type, or with the whole model's (as
+# transformers' Qwen3.5 config, which renames it, expects too).
+_VISION_MODEL_TYPES = _QWEN_VISION
 # The config key of an attention's width where it is not hidden_size: Qwen2-VL's vision_config names its tower's width
 # embed_dim, its hidden_size being the merger's output (the language model's width).
 _WIDTH_KEYS = {"qwen2_vl_vision": "embed_dim"}
@@ -311,8 +312,9 @@ def fused_projections(name: str, role: str, out_features: int, config: dict[str,
       gpt-oss experts alternate them (gate on even rows, up on odd).
     - BLIP-2's (InstructBLIP's) vision tower ``self_attn.qkv``: contiguous ``[q; k; v]`` of the vision
       tower's ``hidden_size`` rows each, sized by ``config.json``'s ``vision_config``.
-    - Qwen2-VL's, Qwen2.5-VL's and Qwen3-VL's vision tower ``attn.qkv``: contiguous ``[q; k; v]`` of the tower's
-      width each (``vision_config``'s ``embed_dim`` for Qwen2-VL, else its ``hidden_size``), ``num_heads`` heads.
+    - Qwen2-VL's, Qwen2.5-VL's, Qwen3-VL's and Qwen3.5's vision tower ``attn.qkv``: contiguous ``[q; k; v]`` of
+      the tower's width each (``vision_config``'s ``embed_dim`` for Qwen2-VL, else its ``hidden_size``),
+      ``num_heads`` heads.
     - GPT-2's cross-attention ``crossattention.c_attn`` (role ``other``): ``[k; v]``, equal halves, as
       projections ``xk`` and ``xv`` (its queries are ``crossattention.q_attn``, role ``xq``).
     """

@@ -33,7 +33,8 @@ from tests.lora.test_extract import merged_state
 from tests.models import GRID, add_to_parameter, low_rank, random_adapter
 
 FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
-TOWERS = (*FAMILIES, "qwen3_vl_moe")  # Qwen3-VL-MoE: Qwen3-VL's tower beside an MoE language model
+# Qwen3-VL's tower beside an MoE language model (Qwen3-VL-MoE), a hybrid linear-attention one (Qwen3.5), both (-MoE)
+TOWERS = (*FAMILIES, "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe")
 WIDTH, HEADS = 16, 2  # the vision tower's width and heads: attn.qkv is (3·16, 16)
 IMAGE_TOKEN, VISION_START = 60, 62
 GRID_THW = torch.tensor([[1, 4, 8]])  # an image of 4 × 8 patches of 3·1·2·2 values: 8 tokens after the 2 × 2 merge
@@ -68,6 +69,20 @@ def tiny(family: str):
             text |= dict(moe_intermediate_size=12, num_experts=3, num_experts_per_tok=2)
             config = tf.Qwen3VLMoeConfig(text_config=text, vision_config=vision, **tokens)
             cls = tf.Qwen3VLMoeForConditionalGeneration
+    elif family in ("qwen3_5", "qwen3_5_moe"):  # Qwen3-VL's tower; a Gated DeltaNet layer, then a full-attention one
+        text |= dict(head_dim=8, rope_parameters=rope | dict(mrope_interleaved=True, partial_rotary_factor=0.5),
+                     layer_types=["linear_attention", "full_attention"], linear_key_head_dim=8,
+                     linear_value_head_dim=8, linear_num_key_heads=2, linear_num_value_heads=4)
+        vision = patches | dict(hidden_size=WIDTH, intermediate_size=24, out_hidden_size=32,
+                                num_position_embeddings=16)
+        if family == "qwen3_5":
+            config = tf.Qwen3_5Config(text_config=text, vision_config=vision, **tokens)
+            cls = tf.Qwen3_5ForConditionalGeneration
+        else:
+            text |= dict(moe_intermediate_size=12, shared_expert_intermediate_size=12, num_experts=3,
+                         num_experts_per_tok=2)
+            config = tf.Qwen3_5MoeConfig(text_config=text, vision_config=vision, **tokens)
+            cls = tf.Qwen3_5MoeForConditionalGeneration
     else:
         raise ValueError(family)
     config._attn_implementation = "eager"
@@ -81,7 +96,7 @@ def tiny(family: str):
 
 def stored(family: str, name: str) -> str:
     """A module's name in the checkpoint: Qwen2-VL and Qwen2.5-VL save the hub's names, Qwen3-VL the model's."""
-    if family in ("qwen3_vl", "qwen3_vl_moe"):
+    if family.startswith("qwen3"):
         return name
     return name.replace("model.visual.", "visual.", 1).replace("model.language_model.", "model.", 1)
 
@@ -105,12 +120,14 @@ TEXT_ROLES = {"self_attn.q_proj": "q", "self_attn.k_proj": "k", "self_attn.v_pro
               "mlp.gate_proj": "gate", "mlp.up_proj": "up", "mlp.down_proj": "down", "mlp.gate": "other"}  # a router
 
 
-def _expected(model) -> dict[str, tuple[str, int | None, str | None]]:
-    """Every Linear → (role, layer, stack), read off the model's own block, layer and merger lists."""
-    visual, out = model.model.visual, {"lm_head": ("head", None, None)}
-    for prefix, layers, roles, stack in (("model.visual.blocks", visual.blocks, VISION_ROLES, "vision"),
-                                         ("model.language_model.layers", model.model.language_model.layers,
-                                          TEXT_ROLES, None)):
+def _expected(model, *, text: bool = True) -> dict[str, tuple[str, int | None, str | None]]:
+    """Every Linear → (role, layer, stack), read off the model's own block, layer and merger lists (the language
+    model's too, with `text`)."""
+    visual, out = model.model.visual, {"lm_head": ("head", None, None)} if text else {}
+    stacks = [("model.visual.blocks", visual.blocks, VISION_ROLES, "vision")]
+    if text:
+        stacks.append(("model.language_model.layers", model.model.language_model.layers, TEXT_ROLES, None))
+    for prefix, layers, roles, stack in stacks:
         for i, layer in enumerate(layers):
             for path, module in layer.named_modules():
                 if isinstance(module, torch.nn.Linear):
@@ -127,18 +144,23 @@ def _expected(model) -> dict[str, tuple[str, int | None, str | None]]:
 
 @pytest.mark.parametrize("family", TOWERS)
 def test_every_linear_gets_its_role_layer_and_stack(family, tmp_path):
-    """By the model's names and by the checkpoint's (Qwen2-VL's visual.…, model.layers.N…), the saved config's."""
+    """By the model's names and by the checkpoint's (Qwen2-VL's visual.…, model.layers.N…), the saved config's.
+    Qwen3.5's language model (Gated DeltaNet layers beside full attention) is not this file's: its tower only."""
     model = tiny(family)
     config = json.loads((pair(tmp_path, model, model)[0] / "config.json").read_text())
-    expected = _expected(model)
-    assert sorted(linears(model)) == sorted(expected)  # the reference covers every Linear
-    for name in linears(model):
+    text = not family.startswith("qwen3_5")
+    expected = _expected(model, text=text)
+    names = [n for n in linears(model) if text or n.startswith("model.visual.")]
+    assert sorted(names) == sorted(expected)  # the reference covers every Linear
+    for name in names:
         for as_named in (name, stored(family, name)):
             info = module_info(as_named, config)
             assert (info.role, info.layer, info.stack) == expected[name], as_named
     vision_roles = {role for role, _, stack in expected.values() if stack == "vision"}
     assert vision_roles == {"qkv", "o", "up", "down"} | ({"gate"} if family == "qwen2_5_vl" else set())
-    assert sum(stack == "projector" for _, _, stack in expected.values()) == (2 if family.startswith("qwen2") else 4)
+    deepstack = len(getattr(model.model.visual, "deepstack_merger_list", ()))  # Qwen3-VL's: one, after block 0
+    assert sum(stack == "projector" for _, _, stack in expected.values()) == 2 * (1 + deepstack)
+    assert deepstack == (1 if family.startswith("qwen3_vl") else 0)
 
 
 @pytest.mark.parametrize("family", TOWERS)
