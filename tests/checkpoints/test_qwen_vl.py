@@ -455,3 +455,17 @@ def test_qwen2_vl_plan_ranks_reach_the_models_modules(tmp_path):
     state = peft_model.merge_and_unload().state_dict()
     for key, value in tuned.state_dict().items():
         torch.testing.assert_close(state[key], value, rtol=0, atol=1e-6, msg=key)
+
+
+def test_qwen2_vl_analysis_reports_the_towers_projections_and_the_projector_apart(tmp_path):
+    """The per-role table of analyze: the tower's q and v (rows of its qkv), o (attn.proj, which was other) and up
+    each at its planted rank, the merger under the projector (it was the tower's), the language model's q apart."""
+    from spectra.analysis import analyze
+    from spectra.report.tables import summary_rows
+
+    base = tiny("qwen2_vl")
+    tuned, _ = _planted(base, _planted_modules("qwen2_vl"))
+    analysis = analyze(*pair(tmp_path, base, tuned), cache_dir=False, progress=False).to_dict()
+    table = {(e["stack"], e["role"]): (e["modules"], e["energy_rank_0.99"]["median"]) for e in summary_rows(analysis)}
+    assert table == {(None, "q"): (1, 2), ("vision", "q"): (1, 1), ("vision", "v"): (1, 2), ("vision", "o"): (1, 2),
+                     ("vision", "up"): (1, 1), ("vision", "qkv"): (2, 1.5), ("projector", "other"): (1, 2)}
