@@ -1,10 +1,12 @@
-"""Qwen2-VL, Qwen2.5-VL and Qwen3-VL: vision tower roles, its fused qkv split, the merger as projector, extraction.
+"""Qwen2-VL, Qwen2.5-VL, Qwen3-VL (and Qwen3.5's tower): vision roles, the fused qkv split, the merger as projector,
+pairing through the hub's names, extraction; Qwen3-VL-MoE's experts in both stored layouts.
 
 Each model is built tiny from config (a 2-block vision tower of width 16, a 2-layer GQA language model of width 32),
 its weights on the 2⁻¹² grid of :mod:`tests.models`, so planted updates come back exactly. As in
 test_more_architectures.py the references are the models themselves: roles, layers and stacks read off their
 submodules; the rows of ``attn.qkv`` that spectra calls q, k and v checked against the query, key and value that
-the model's own attention computes; PEFT's loading, merge and forward referee the extracted adapters.
+the model's own attention computes; transformers' loading for the expert layouts; PEFT's loading, merge and forward
+for the extracted adapters.
 
 What was wrong: the vision tower's ``attn.qkv`` was never split (its layout unknown to spectra; Qwen2-VL's
 ``vision_config`` names its width ``embed_dim`` and its heads ``num_heads``, its ``hidden_size`` being the language
@@ -12,7 +14,8 @@ model's), ``attn.proj`` was role other, Qwen3-VL's ``mlp.linear_fc1``/``linear_f
 (``visual.merger``, Qwen3-VL's ``visual.deepstack_merger_list.N`` too), which maps the tower's features into the
 language model, counted as the vision tower's. Qwen2-VL and Qwen2.5-VL checkpoints store the hub's names
 (``visual.…``, ``model.layers.N…``), which transformers 5 loads as ``model.visual.…`` and
-``model.language_model.layers.N…``; Qwen3-VL stores the model's own.
+``model.language_model.layers.N…``; Qwen3-VL stores the model's own. Qwen3-VL-MoE's hub checkpoints store the
+experts (E, in, out), which spectra read as (out, in).
 """
 
 from __future__ import annotations
@@ -188,8 +191,8 @@ def _capture_qkv(monkeypatch, model, attention: str):
     function's per-window calls."""
     modeling = __import__(type(model).__module__, fromlist=["_"])
     target, seen, active = model.get_submodule(attention), {"v": []}, []
-    target.register_forward_pre_hook(lambda *_: active.append(True))
-    target.register_forward_hook(lambda *_: active.clear())
+    hooks = (target.register_forward_pre_hook(lambda *_: active.append(True)),
+             target.register_forward_hook(lambda *_: active.clear()))
     rotary, attend = modeling.apply_rotary_pos_emb_vision, modeling.eager_attention_forward
 
     def capture_rotary(q, k, *args, **kwargs):
@@ -207,6 +210,8 @@ def _capture_qkv(monkeypatch, model, attention: str):
     with torch.no_grad():
         model.model.visual(pixels(), grid_thw=GRID_THW)
     monkeypatch.undo()
+    for hook in hooks:
+        hook.remove()
     return seen["q"], seen["k"], torch.cat(seen["v"], dim=2)[0].transpose(0, 1)
 
 
@@ -267,16 +272,17 @@ def planted_pair(request, tmp_path_factory):
 
 
 def test_pairing_is_the_planted_update_with_the_vision_qkv_split(planted_pair):
-    family, _, _, deltas, b, t = planted_pair
-    deltas = {stored(family, name): d for name, d in deltas.items()}
+    family, base, _, planted, b, t = planted_pair
+    deltas = {stored(family, name): d for name, d in planted.items()}
     qkv0, qkv1 = (stored(family, f"model.visual.blocks.{i}.attn.qkv") for i in (0, 1))
     expected = deltas | {f"{qkv0}[q]": deltas[qkv0][:16], f"{qkv1}[v]": deltas[qkv1][32:]}  # [k], …: zero
     seen = assert_exact(Pairing(b, t, F64), expected)
     assert [(seen[f"{qkv0}[{r}]"].role, seen[f"{qkv0}[{r}]"].shape, seen[f"{qkv0}[{r}]"].stack,
              seen[f"{qkv0}[{r}]"].fused_name) for r in "qkv"] == [(r, (16, 16), "vision", qkv0) for r in "qkv"]
-    for name in deltas:
-        info = module_info(name)  # the config-free reading agrees with the yielded one
-        assert (seen[name].role, seen[name].layer, seen[name].stack) == (info.role, info.layer, info.stack), name
+    reference = _expected(base)  # by the model's names: the checkpoint's read as the modules they load into
+    for name in planted:
+        d = seen[stored(family, name)]
+        assert (d.role, d.layer, d.stack) == reference[name], name
     assert {seen[n].stack for n in deltas if "merger" in n} == {"projector"}
     picked = {d.name for d in Pairing(b, t, PairingOptions(roles=("o",), vectors=False, load=False))
               if "visual" in d.name}
