@@ -168,9 +168,9 @@ def test_train_accepts_the_cross_attention_roles():
         TrainConfig(roles=("embed",))
 
 
-def test_training_an_encoder_decoder_is_refused_in_one_paragraph(tmp_path):
-    """`spectra train` on T5 printed transformers' error with every config class it knows (~200 names); it says what
-    spectra trains now, and names its model_type."""
+def test_training_an_encoder_decoder_as_a_causal_lm_is_refused_in_one_paragraph(tmp_path):
+    """`spectra train` on T5 printed transformers' error with every config class it knows (~200 names); as a causal LM
+    it is refused in one paragraph that points to the task it trains under (seq2seq_lm)."""
     from spectra.errors import ConfigError
     from spectra.lora.train import load_model
 
@@ -178,7 +178,7 @@ def test_training_an_encoder_decoder_is_refused_in_one_paragraph(tmp_path):
     with pytest.raises(ConfigError) as err:
         load_model(t5, task="causal_lm")
     message = str(err.value)
-    assert "model_type 't5'" in message and "encoder-decoder such as T5 is analysed and extracted" in message
+    assert "is an encoder-decoder: train it with --task seq2seq_lm" in message
     assert "GPT2Config" not in message and "\n" not in message
 
 
