@@ -154,7 +154,8 @@ def model_shape(config: Mapping) -> ModelShape:
     if cfg.get("is_encoder_decoder"):  # T5, BART, Whisper: two stacks and cross-attention, and none of Llama's keys
         raise ConfigError(f"model_type {mtype or '?'}: an encoder-decoder (an encoder, a decoder with cross-attention "
                           "over it), which spectra's memory model does not describe; it reads decoder-only "
-                          "Llama-like and GPT-2 configs, and BERT encoders.")
+                          "Llama-like and GPT-2 configs, and BERT encoders. `spectra train --task seq2seq_lm` trains "
+                          "it, but its memory is not estimated.")
     # the base model on the meta device, built at most once (MoE adapters and the parameter check both read it)
     base_model = functools.cache(functools.partial(_meta_model_for, cfg, mtype))
     try:

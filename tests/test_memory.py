@@ -1227,5 +1227,6 @@ def test_an_encoder_decoder_is_refused_as_one(family):
     from tests.models import tiny_config
 
     config = tiny_config(family).to_dict()
-    with pytest.raises(ConfigError, match=f"model_type {family}: an encoder-decoder"):
+    with pytest.raises(ConfigError, match=f"model_type {family}: an encoder-decoder") as err:
         estimate_memory(config)
+    assert "--task seq2seq_lm trains it, but its memory is not estimated" in str(err.value)
