@@ -1229,4 +1229,4 @@ def test_an_encoder_decoder_is_refused_as_one(family):
     config = tiny_config(family).to_dict()
     with pytest.raises(ConfigError, match=f"model_type {family}: an encoder-decoder") as err:
         estimate_memory(config)
-    assert "--task seq2seq_lm trains it, but its memory is not estimated" in str(err.value)
+    assert "--task seq2seq_lm` trains it, but its memory is not estimated" in str(err.value)
