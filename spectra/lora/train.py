@@ -415,7 +415,7 @@ def target_modules(model, roles: tuple[str, ...] | None = None) -> list[str]:
 
     roles = roles or BLOCK_ROLES
     names = [name for name, module in model.named_modules()
-             if isinstance(module, (torch.nn.Linear, Conv1D)) and role_selected(module_info(name).role, roles)]
+             if isinstance(module, (torch.nn.Linear, Conv1D)) and role_selected(module_info(name).role, roles, name)]
     if not names:
         raise ConfigError(f"the model has no Linear/Conv1D module of role(s) {', '.join(roles)} to adapt.")
     return names

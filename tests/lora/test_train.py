@@ -117,6 +117,21 @@ def test_roles_take_the_fused_modules_that_hold_them():
     assert target_modules(phi3, ("o",)) == [f"model.layers.{i}.self_attn.o_proj" for i in (0, 1)]
 
 
+def test_roles_take_gpt2_cross_attentions_fused_key_value():
+    """GPT-2's crossattention.c_attn (role other, rows xk and xv) was left out of `--roles k`/`v` and of the
+    default targets, which extract and recommend adapt; --roles q takes q_attn and not it."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from spectra.lora.train import target_modules
+
+    model = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64, add_cross_attention=True))
+    cross = "transformer.h.0.crossattention"
+    assert target_modules(model, ("k",)) == ["transformer.h.0.attn.c_attn", f"{cross}.c_attn"]
+    assert target_modules(model, ("xv",)) == [f"{cross}.c_attn"]
+    assert target_modules(model, ("xq",)) == [f"{cross}.q_attn"]  # negative control: q's rows are not c_attn's
+    assert f"{cross}.c_attn" in target_modules(model)
+
+
 def test_rslora_on_a_plan_keeps_its_update_scale(tmp_path):
     """A plan made without rsLoRA (α = 2r) trained with --rslora: α is re-derived (2√r), so PEFT
     scales every module by 2; switching use_rslora on the plan's α gave 2√r (2.8, 3.5, 4)."""
