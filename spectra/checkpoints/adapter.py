@@ -74,6 +74,8 @@ class ExpertUpdate:
     (E, r, in)) and ``B_e = B[:, e::E]`` (B's columns are expert-minor: B is reshaped to
     (out, r, E)). It is added to W[e] as is, (out, in) = (d₁, d₂), unless the model stores W[e]
     as (in, out) and says so (``is_transposed``, gpt-oss): then its transpose.
+    ``stored_transposed`` is the base's layout, not the model's: the base stores W[e] transposed,
+    and transformers transposes it on loading (Qwen3-VL-MoE's hub experts).
     """
 
     parameter: str  # the model's parameter (model.layers.0.mlp.experts.gate_up_proj), as its class names it
@@ -81,6 +83,7 @@ class ExpertUpdate:
     experts: int  # E
     transposed: bool  # W[e] is (in, out): PEFT adds (s·B_e@A_e)ᵀ
     rows: tuple[int, int] | None = None  # rows of W[e] this base tensor holds (Mixtral's w1 or w3, fused on loading)
+    stored_transposed: bool = False  # the base tensor stores W[e]ᵀ (placement.ParameterSlice's)
 
     def factors(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(col, row) with this base tensor's update ``s·col@rowᵀ`` in the parameter's stored layout
@@ -240,8 +243,11 @@ class AdapterDelta:
             b, a = read("B"), read("A")
             return b.reshape(b.shape[0], b.shape[1]), a.reshape(a.shape[0], -1).T  # (out, r), (in, r)
         a, b = (self.held.read(weights, self.parameter.holder, self.keys[part], device, dtype) for part in "AB")
-        col, row = self.parameter.factors(a, b)  # the parameter's stored layout
-        return (row, col) if self.conv1d else (col, row)  # read transposed: experts stored (in, out), a Conv1D
+        col, row = self.parameter.factors(a, b)  # the parameter's layout
+        # the parameter holds the matrix (in, out) where the base stores it so (gpt-oss's experts, a Conv1D's) and
+        # loading does not transpose it (Qwen3-VL-MoE's hub experts, stored (in, out), are the model's (out, in))
+        held_in_out = self.conv1d and not self.parameter.stored_transposed
+        return (row, col) if held_in_out else (col, row)
 
 
 def plan_adapter(adapter, base, config: dict[str, Any] | None) -> tuple[list[AdapterDelta], list[str]]:
@@ -454,7 +460,8 @@ def _plan_parameters(adapter, base, config, modules: dict[str, dict[str, str]], 
             deltas.append(AdapterDelta(
                 module=s.module, base_tensor=s.tensor, shape=s.shape, dtype=a_info.dtype, conv1d=s.conv1d, keys=parts,
                 scaling=scaling, embedding=False, base_expert=s.stored_expert,
-                parameter=ExpertUpdate(parameter, s.place.expert, experts, transposed, s.place.rows), held=held))
+                parameter=ExpertUpdate(parameter, s.place.expert, experts, transposed, s.place.rows,
+                                       s.place.stored_transposed), held=held))
     return deltas
 
 

@@ -47,12 +47,16 @@ class ParameterSlice:
     """Where one checkpoint tensor lies in a parameter transformers fuses several into on loading.
 
     Expert ``expert`` of a 3-D parameter (E, d₁, d₂) and of it ``rows`` (all when None); a
-    2-D parameter whole. See :func:`weight_places`.
+    2-D parameter whole. ``stored_transposed``: the place holds the stored matrix's transpose. See
+    :func:`weight_places`.
     """
 
     parameter: str  # the model's parameter name (model.layers.0.mlp.experts.gate_up_proj)
     expert: int = 0
     rows: tuple[int, int] | None = None  # Mixtral's w3: (ffn, 2·ffn) of gate_up_proj[e]
+    # the checkpoint stores the matrix as the transpose of its place, which transformers transposes on loading
+    # (Qwen3-VL-MoE's hub experts, (E, in, out), for the model's (E, out, in))
+    stored_transposed: bool = False
 
 
 @dataclass(frozen=True)
@@ -62,7 +66,7 @@ class TensorSlice:
     tensor: str  # the checkpoint tensor (…experts.3.w1.weight, or a stored 3-D …experts.gate_up_proj)
     module: str  # the pairing's name: the tensor's, or an expert's of a stored 3-D one (…experts.3.gate_up_proj)
     shape: tuple[int, int]  # (out, in)
-    conv1d: bool  # stored (in, out): a Conv1D, or gpt-oss's experts
+    conv1d: bool  # stored (in, out): a Conv1D, gpt-oss's experts, Qwen3-VL-MoE's hub experts (place.stored_transposed)
     place: ParameterSlice
     stored_expert: int | None = None  # the expert of the stored 3-D `tensor` this matrix is; None: the tensor whole
 
@@ -109,11 +113,14 @@ def split_sources(checkpoint, parameter: str, shape: tuple[int, ...], sources: l
                   label: str = "checkpoint") -> list[TensorSlice]:
     """Each checkpoint matrix that lies in `parameter` (of `shape`), and its place there.
 
-    Two layouts are read exactly: the parameter stored as the model holds it (a 2-D weight, or
-    3-D experts split per expert as ``{…experts}.{e}.{name}``), and per-expert 2-D (out, in)
-    matrices that transformers stacks by expert (``MergeModulelist(dim=0)``), then concatenates
-    along the rows in its source patterns' order (``Concatenate(dim=1)``: Mixtral's w1, w3 →
-    gate_up_proj).
+    Three layouts are read exactly: the parameter stored as the model holds it (a 2-D weight, or
+    3-D experts split per expert as ``{…experts}.{e}.{name}``); 3-D experts stored with each
+    expert transposed, which transformers transposes on loading (``Transpose(1, 2)``, with
+    ``check_dims`` only where the stored shape is not the parameter's: Qwen3-VL-MoE's hub
+    checkpoints store (E, in, out), transformers 5 saves (E, out, in)); and per-expert 2-D
+    (out, in) matrices that transformers stacks by expert (``MergeModulelist(dim=0)``), then
+    concatenates along the rows in its source patterns' order (``Concatenate(dim=1)``:
+    Mixtral's w1, w3 → gate_up_proj).
 
     Parameters
     ----------
@@ -133,6 +140,11 @@ def split_sources(checkpoint, parameter: str, shape: tuple[int, ...], sources: l
     PlacementError
         Any other conversion, or a tensor stored as the model holds it in another shape.
     """
+    if len(sources) == 1 and sources[0].converter is not None and _transposes_experts(sources[0].converter):
+        stored = tuple(checkpoint.info(sources[0].tensor).shape)
+        if stored == shape and sources[0].converter.operations[0].check_dims:  # transformers loads it as stored
+            return split_sources(checkpoint, parameter, shape, [Source(sources[0].tensor)], config, label=label)
+        return _transposed_experts(parameter, shape, sources[0].tensor, stored, config, label)
     if len(sources) == 1 and sources[0].converter is None:  # stored as the model holds it
         tensor = sources[0].tensor
         module = tensor.removesuffix(".weight")
@@ -182,6 +194,28 @@ def split_sources(checkpoint, parameter: str, shape: tuple[int, ...], sources: l
     return out
 
 
+def _transposes_experts(converter) -> bool:
+    """Whether a converter only transposes each expert of one 3-D tensor, keeping its name: ``Transpose(1, 2)``."""
+    ops = converter.operations
+    return len(ops) == 1 and type(ops[0]).__name__ == "Transpose" and {ops[0].dim0, ops[0].dim1} == {1, 2} \
+        and list(converter.source_patterns) == list(converter.target_patterns)
+
+
+def _transposed_experts(parameter: str, shape: tuple[int, ...], tensor: str, stored: tuple[int, ...], config,
+                        label: str) -> list[TensorSlice]:
+    """One slice per expert of a 3-D `tensor` stored (E, d₂, d₁) for the parameter's (E, d₁, d₂): expert e's stored
+    matrix is the transpose of the parameter's [e], which the model holds (out, in) (or, for a model type of
+    :data:`IN_OUT_EXPERT_MODEL_TYPES`, (in, out)), so it is stored the other way round."""
+    if len(shape) != 3 or ".experts." not in f".{tensor}." or stored != (shape[0], shape[2], shape[1]):
+        raise PlacementError(parameter, f"the {label}'s {tensor} is {stored}, neither the parameter's {shape} nor its "
+                             "experts transposed", mismatch=True)
+    head, _, proj = tensor.rpartition(".")
+    held_in_out = (config or {}).get("model_type") in IN_OUT_EXPERT_MODEL_TYPES
+    return [TensorSlice(tensor, f"{head}.{e}.{proj}", (shape[2], shape[1]) if held_in_out else shape[1:],
+                        not held_in_out, ParameterSlice(parameter, e, stored_transposed=True), stored_expert=e)
+            for e in range(shape[0])]
+
+
 def weight_places(weights: Mapping, params: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
     """Where each checkpoint-named weight of `weights` lies in a model: {name: the parameter or its slice}, and the
     names with no such place.
@@ -195,8 +229,10 @@ def weight_places(weights: Mapping, params: Mapping[str, torch.Tensor]) -> tuple
     parameter (E, d₁, d₂), and of it the rows the tensor fills (Mixtral's w1 and w3: rows
     [0, ffn) and [ffn, 2·ffn) of gate_up_proj[e]); a 2-D parameter (a router's weight) whole.
     A place holds the weight as the checkpoint stores it, (out, in) or a Conv1D's (in, out)
-    (gpt-oss's (E, in, out) experts), or it counts as none. `params`' tensors are sliced by
-    view: writing into a place writes into the model.
+    (gpt-oss's (E, in, out) experts), or it counts as none; where the checkpoint stores the
+    parameter's matrix transposed (``stored_transposed``: Qwen3-VL-MoE's hub experts, (in, out)
+    for the model's (out, in)) the place is its transposed view, so that it too holds the weight
+    as stored. `params`' tensors are sliced by view: writing into a place writes into the model.
     """
     from spectra.checkpoints.names import match_names
 
@@ -213,6 +249,8 @@ def weight_places(weights: Mapping, params: Mapping[str, torch.Tensor]) -> tuple
                 place = place[update.expert]  # (E, d₁, d₂) -> (d₁, d₂)
             if place is not None and update.rows is not None:
                 place = place[update.rows[0]:update.rows[1]]  # this tensor's rows of the fused W[e]
+            if place is not None and getattr(update, "stored_transposed", False):
+                place = place.T  # (d₁, d₂) -> (d₂, d₁), as stored
         if place is None or tuple(place.shape) != (tuple(W.shape)[::-1] if conv1d else tuple(W.shape)):
             unplaced.append(name)
         else:

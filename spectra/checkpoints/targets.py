@@ -113,7 +113,10 @@ def model_targets(names: Iterable[str], model) -> dict[str, ModelTarget | None]:
     model's parameters: the weight of a module PEFT can wrap gives that module (GPT-NeoX's
     ``embed_out`` → ``lm_head``), any other a parameter target (Mixtral's
     ``…experts.3.w1`` → ``…mlp.experts.gate_up_proj``, PhiMoE's ``…block_sparse_moe.gate`` →
-    ``…mlp.router.weight``). None: the model has no such weight.
+    ``…mlp.router.weight``). A name that is itself a stored parameter, with no ``.weight`` (3-D
+    experts stored fused: Qwen3-VL-MoE's ``…mlp.experts.gate_up_proj``, gpt-oss's), is renamed
+    and resolved as one, whatever loading does to its values (Qwen3-VL-MoE's hub checkpoints store
+    each expert transposed): a parameter target. None: the model has no such weight.
     """
     modules = dict(model.named_modules())
     module_names = [n for n in modules if n]
@@ -127,6 +130,9 @@ def model_targets(names: Iterable[str], model) -> dict[str, ModelTarget | None]:
             continue
         loaded = rename(name + ".weight")
         weight = resolve_name(loaded, parameters)
+        if weight is None and ".experts." in f".{name}.":  # experts stored fused, a parameter under its own name
+            loaded = rename(name)
+            weight = resolve_name(loaded, parameters) if not loaded.endswith(".weight") else None
         if weight is None:
             out[name] = None
             continue

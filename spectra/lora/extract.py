@@ -201,6 +201,9 @@ def extract_adapter(base, tuned, plan_or_rank, out_dir: str | os.PathLike, *, ro
     for entry, (A, B, extraction) in _in_parallel(factorize, selected, n_workers, threads, bar):
         rank, module_alpha, scaling = ranks_of[entry.name]
         module = model_names[entry.name]  # as the adapter's model class names it
+        if entry.name in on_parameters and entry.expert_index is not None:  # expert e of a stored 3-D tensor
+            head, _, leaf = module.rpartition(".")  # …experts.gate_up_proj -> …experts.{e}.gate_up_proj
+            module = f"{head}.{entry.expert_index}.{leaf}"
         if entry.name in on_parameters:  # written below, with the other experts of its parameter (a router: alone)
             place = on_parameters[entry.name]
             parameter_factors.setdefault(place.parameter, []).append((place, A, B, scaling))
@@ -470,18 +473,20 @@ def _unconverted_parameters(entries, model_names: dict[str, str], pairing: Pairi
 
     targets = model_targets([model_names[e.name] for e in wrapped], model)
     shapes = {t.name: tuple(model.get_parameter(t.name).shape) for t in targets.values()}  # (E, out, in) or (out, in)
-    slices = {}  # base checkpoint tensor -> its TensorSlice
+    slices = {}  # (base checkpoint tensor, its expert where it stores E of them) -> its TensorSlice
     for parameter, sources in parameter_sources(model, pairing.base.names(), shapes).items():
         try:
             found = split_sources(pairing.base, parameter, shapes[parameter], sources, pairing.config, label="base")
         except PlacementError as err:
             raise ConfigError(f"{err}; extract cannot write a LoRA on it. Leave its modules' roles out (--roles).") \
                 from None
-        slices |= {s.tensor: s for s in found}
+        slices |= {(s.tensor, s.stored_expert): s for s in found}
     out = {}
     for entry in wrapped:
-        piece = slices.get(entry.base_tensor)
-        if piece is None or piece.conv1d:
+        piece = slices.get((entry.base_tensor, entry.expert_index))
+        # the parameter holds the entry's (out, in) ΔW as is, but where it holds (in, out) (gpt-oss's experts):
+        # stored (in, out) and not transposed on loading
+        if piece is None or (piece.conv1d and not piece.place.stored_transposed):
             raise ConfigError(f"{entry.name}: no (out, in) slice of a parameter of {type(model).__name__} "
                               "holds it, so extract cannot place its LoRA. Leave its role out (--roles).")
         out[entry.name] = piece.place

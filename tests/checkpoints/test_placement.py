@@ -60,3 +60,35 @@ def test_a_placement_that_cannot_be_read_is_refused_in_the_callers_words(tmp_pat
             as mismatch:
         split_sources(gpt_oss, key, (3, 32, 16), [source], gpt_oss.config, label="base")
     assert mismatch.value.mismatch
+
+
+def test_experts_that_loading_transposes_are_placed_in_either_stored_layout(tmp_path):
+    """Qwen3-VL-MoE loads its experts through Transpose(1, 2, check_dims=True): transformers 5 saves them (E, out, in)
+    as the model holds them, its hub checkpoints (E, in, out). Each expert is placed in its parameter; in the hub's
+    layout it is stored (in, out) (conv1d) and its place is the parameter's transposed view, which holds the stored
+    expert bit for bit and writes through into the model. A tensor of neither shape is another model's (mismatch).
+    It was refused as a conversion spectra does not invert."""
+    from spectra.checkpoints.targets import meta_model
+    from tests.checkpoints.test_qwen_vl import _transposed_experts, tiny
+    from tests.models import save
+
+    model = tiny("qwen3_vl_moe")
+    params = dict(model.named_parameters())
+    saved = save(model, tmp_path / "t5", "safetensors")
+    key = "model.language_model.layers.1.mlp.experts.down_proj"  # (3, 32, 12): (E, hidden, moe_ffn)
+    for folder, conv1d in ((saved, False), (_transposed_experts(saved, tmp_path / "hub"), True)):
+        checkpoint = open_checkpoint(folder)
+        sources = parameter_sources(meta_model(checkpoint.config), checkpoint.names(), [key])[key]
+        slices = split_sources(checkpoint, key, (3, 32, 12), sources, checkpoint.config, label="base")
+        assert [(s.module, s.shape, s.conv1d, s.place.expert, s.place.stored_transposed, s.stored_expert)
+                for s in slices] == [(key.replace("experts.", f"experts.{e}."), (32, 12), conv1d, e, conv1d, e)
+                                     for e in range(3)]
+        places, unplaced = weight_places({s.module: (torch.empty(s.shape), s.conv1d, s.place) for s in slices},
+                                         params)
+        assert unplaced == []
+        for s in slices:
+            assert torch.equal(places[s.module], checkpoint.read(s.tensor)[s.stored_expert])
+            assert places[s.module].data_ptr() == params[key][s.stored_expert].data_ptr()  # a view of the model's
+        with pytest.raises(PlacementError, match=r"is \((3, 32, 12|3, 12, 32)\), neither") as other:
+            split_sources(checkpoint, key, (3, 32, 16), sources, checkpoint.config, label="base")
+        assert other.value.mismatch

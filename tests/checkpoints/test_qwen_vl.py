@@ -15,7 +15,8 @@ model's), ``attn.proj`` was role other, Qwen3-VL's ``mlp.linear_fc1``/``linear_f
 language model, counted as the vision tower's. Qwen2-VL and Qwen2.5-VL checkpoints store the hub's names
 (``visual.…``, ``model.layers.N…``), which transformers 5 loads as ``model.visual.…`` and
 ``model.language_model.layers.N…``; Qwen3-VL stores the model's own. Qwen3-VL-MoE's hub checkpoints store the
-experts (E, in, out), which spectra read as (out, in).
+experts (E, in, out), which spectra read as (out, in); extract refused its experts and the adapter reader a LoRA on
+them (transformers transposes such experts on loading, which spectra's placement did not read).
 """
 
 from __future__ import annotations
@@ -390,50 +391,63 @@ def test_qwen3_vl_moe_experts_are_read_as_the_model_holds_them_in_either_layout(
 
 
 @pytest.mark.parametrize("layout", ["transformers 5", "hub"])
-def test_qwen3_vl_moe_experts_are_refused_by_extract_and_the_rest_extracts(moe_pair, layout, tmp_path):
-    """PEFT would adapt the experts as target_parameters, but transformers loads them through a transposing converter
-    that spectra's placement does not invert: extract refuses them by name instead of writing an adapter that PEFT
-    would place wrong or not at all; with the experts' roles left out, the vision tower and attention extract, and
-    PEFT's merge is the fine-tune there and the base in the experts."""
-    from spectra.errors import ConfigError
+def test_qwen3_vl_moe_experts_extract_onto_the_parameters_and_peft_merges_to_the_fine_tune(moe_pair, layout,
+                                                                                          tmp_path):
+    """The experts' LoRA is written on the model's gate_up_proj and down_proj (target_parameters, as PhiMoE's), from
+    either stored layout: PEFT's own merge is the fine-tune (rank 2 is exact on these rank ≤ 2 updates; 1e-6 on
+    2⁻¹²-grid weights), the PEFT model's logits are the fine-tune's, and spectra reads the adapter back as the planted
+    updates. Extract refused the experts by name (it resolved no parameter for a stored 3-D tensor, and placement
+    did not read transformers' transposing converter)."""
+    import json
 
-    base, tuned, layouts, _ = moe_pair
+    from peft import PeftModel
+
+    base, tuned, layouts, planted = moe_pair
     b, t = layouts[layout]
-    refusal = r"experts\.gate_up_proj.*not module\(s\) of Qwen3VLMoeForConditionalGeneration that PEFT can adapt"
-    with pytest.raises(ConfigError, match=refusal) as refused:
-        extract_adapter(b, t, 2, tmp_path / "refused", roles=("gate", "q"), progress=False)
-    assert str(refused.value).split(": not")[0] == ", ".join(MOE.format(i, "gate_up_proj") for i in (0, 1))  # once each
-    assert not (tmp_path / "refused" / "adapter_model.safetensors").exists()
-    result = extract_adapter(b, t, 2, tmp_path / "ad", roles=("q", "k", "v", "o"), progress=False)
-    assert "model.visual.blocks.0.attn.qkv" in {m.name for m in result.modules}
+    result = extract_adapter(b, t, 2, tmp_path / "ad", roles=("gate", "up", "down", "q"), progress=False)
+    config = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
+    assert sorted(config["target_parameters"]) == sorted(MOE.format(i, p) for i in (0, 1)
+                                                         for p in ("gate_up_proj", "down_proj"))
+    names = {m.name for m in result.modules}
+    assert {MOE.format(1, "2.gate_up_proj"), MOE.format(0, "1.down_proj")} <= names  # each expert by its own name
     state, _ = merged_state(base, tmp_path / "ad")
     for key, value in tuned.state_dict().items():
-        expected = base.state_dict()[key] if ".experts." in key else value
-        torch.testing.assert_close(state[key], expected, rtol=0, atol=1e-6, msg=key)
-    assert not torch.equal(state["model.language_model.layers.1.self_attn.q_proj.weight"],
-                           base.state_dict()["model.language_model.layers.1.self_attn.q_proj.weight"])
+        torch.testing.assert_close(state[key], value, rtol=0, atol=1e-6, msg=key)
+    ids = torch.tensor([[1, 5, 9, 3, 4, 5, 7, 2]])
+    peft_model = PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "ad")).eval()
+    with torch.no_grad():
+        logits, expected, original = (m(input_ids=ids).logits for m in (peft_model, tuned, base))
+    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-5)
+    assert float((original - expected).abs().max()) > 1e-3  # negative control: the fine-tune moves the logits
+    read = {d.name: d.delta for d in Pairing(b, tmp_path / "ad", PairingOptions(vectors=False))}
+    for name, delta in planted.items():
+        if "visual" not in name:  # the tower's q is role qkv here, not extracted
+            torch.testing.assert_close(read[name], delta.float(), rtol=0, atol=1e-6, msg=name)
 
 
-def test_qwen3_vl_moe_adapter_on_the_experts_is_refused_not_misread(moe_pair, tmp_path):
-    """A PEFT adapter on the experts (target_parameters) against either stored layout: spectra's placement does not
-    invert transformers' transposing converter, so the adapter reader refuses it, naming the parameter and the way
-    out (merge it first); the negative control, its q_proj alone, is read as PEFT merges it."""
-    from spectra.errors import AdapterError
-
+def test_qwen3_vl_moe_adapter_on_the_experts_reads_as_peft_merges_it(moe_pair, tmp_path):
+    """A PEFT adapter on the experts (target_parameters) against either stored layout: each expert's ΔW (out, in) is
+    PEFT's merge minus the base, the model's gate_up_proj[e] and down_proj[e]. It was refused: placement did not read
+    transformers' transposing converter."""
     base, _, layouts, _ = moe_pair
-    random_adapter(base, tmp_path / "experts", r=2, lora_alpha=4, target_modules=["q_proj"],
-                   target_parameters=["mlp.experts.gate_up_proj"])
-    attention = random_adapter(base, tmp_path / "q", r=2, lora_alpha=4, target_modules=["q_proj"])
-    merged = attention.merge_and_unload().state_dict()
+    peft_model = random_adapter(base, tmp_path / "experts", r=2, lora_alpha=4, target_modules=["q_proj"],
+                                target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
+    merged, state = peft_model.merge_and_unload().state_dict(), base.state_dict()
     for b, _ in layouts.values():
-        with pytest.raises(AdapterError, match=r"adapts model\.language_model\.layers\.0\.mlp\.experts\.gate_up_proj "
-                                               r"through PEFT's target_parameters.*Merge it"):
-            Pairing(b, tmp_path / "experts")
-        yielded = {d.name: d.delta for d in Pairing(b, tmp_path / "q", PairingOptions(vectors=False))}
-        assert len(yielded) == 2
-        for name, delta in yielded.items():
-            key = name + ".weight"
-            torch.testing.assert_close(delta, merged[key] - base.state_dict()[key], rtol=1e-5, atol=1e-6, msg=name)
+        yielded = {d.name: d for d in Pairing(b, tmp_path / "experts", PairingOptions(vectors=False))}
+        assert len(yielded) == 2 + 2 * 3 * (3 + 1)  # two q_proj; per layer and expert gate_up, [gate], [up], down
+        for layer in (0, 1):
+            for e in range(3):
+                for proj in ("gate_up_proj", "down_proj"):
+                    key = MOE.format(layer, proj)
+                    delta = yielded[MOE.format(layer, f"{e}.{proj}")].delta
+                    torch.testing.assert_close(delta, merged[key][e] - state[key][e], rtol=1e-5, atol=1e-6)
+                gate = yielded[MOE.format(layer, f"{e}.gate_up_proj[gate]")].delta
+                torch.testing.assert_close(gate, merged[MOE.format(layer, "gate_up_proj")][e, :12]
+                                           - state[MOE.format(layer, "gate_up_proj")][e, :12], rtol=1e-5, atol=1e-6)
+        q = "model.language_model.layers.1.self_attn.q_proj"
+        torch.testing.assert_close(yielded[q].delta, merged[q + ".weight"] - state[q + ".weight"], rtol=1e-5,
+                                   atol=1e-6)
 
 
 def test_qwen2_vl_plan_ranks_reach_the_models_modules(tmp_path):
