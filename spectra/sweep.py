@@ -56,9 +56,9 @@ import numpy as np
 from spectra.calibration import Calibration, CalibrationConfig, collect_calibration, truncation_factors
 from spectra.checkpoints.pairing import check_device
 from spectra.errors import ConfigError
+from spectra.groups import curve_name, stack_index
 from spectra.lora.data import check_max_length, check_task
 from spectra.ranks.functional import role_curves
-from spectra.report.tables import stack_index
 from spectra.sweep_metrics import Metric, example_stats, resolve_metric
 from spectra.sweep_weights import ModelWeights
 
@@ -409,7 +409,7 @@ def _unreached_curves(weights, curves: list[str], jobs, keys, stats: dict, evalu
     outputs = "loss" if metric == "loss" else f"loss and {metric}"
     for entry in found.values():
         names = entry["modules"]
-        curve = "the whole-model curve" if entry["group"] == "model" else f"the '{entry['group']}' curve"
+        curve = curve_name(entry["group"])
         entry["note"] = (f"{curve} (non-targets from {' and '.join(entry['non_target'])}) is not reached by the eval "
                          f"data: with its {len(names)} changed module(s) at rank 0 (ΔW removed), as at every swept "
                          f"rank, every eval example's {outputs} are exactly the full fine-tune's. The data "

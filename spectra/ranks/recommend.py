@@ -353,7 +353,7 @@ def recommend_ranks(analysis: Any, policy: RankPolicy | None = None, *, sweep: A
 
 def _excluded(s: _Spectrum, policy: RankPolicy) -> str | None:
     if policy.roles is not None:
-        if not role_selected(s.role, policy.roles):
+        if not role_selected(s.role, policy.roles, s.name):
             return f"role {s.role!r} not in roles"
     elif s.role in _DEFAULT_SKIPPED_ROLES:
         return f"role {s.role!r} (embeddings/heads are targeted only when named in roles)"

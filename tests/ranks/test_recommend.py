@@ -99,6 +99,17 @@ def test_split_vector_embed_and_filtered_rows_are_not_targeted():
     assert plan.to_peft_config()["fan_in_fan_out"] is True
 
 
+def test_roles_take_gpt2_cross_attentions_fused_key_value():
+    """GPT-2's crossattention.c_attn (role other, rows xk and xv) was left out of --roles k/v/xk/xv ("role 'other' not
+    in roles") where extract and train take it; --roles xq does not take it."""
+    cross = "t.h.0.crossattention"
+    rows = [make_row(f"{cross}.c_attn", PLANTED, shape=(64, 32), role="other", conv1d=True),
+            make_row(f"{cross}.q_attn", PLANTED, role="xq", conv1d=True)]
+    for roles in (("k",), ("xv",)):
+        assert [m.name for m in recommend_ranks(analysis(*rows), RankPolicy(roles=roles)).modules] == [f"{cross}.c_attn"]
+    assert [m.name for m in recommend_ranks(analysis(*rows), RankPolicy(roles=("xq",))).modules] == [f"{cross}.q_attn"]
+
+
 @pytest.mark.parametrize(("rule", "rslora", "alpha", "scaling"), [
     ("scale", False, lambda r: 2.0 * r, lambda r: 2.0),
     ("scale", True, lambda r: 2.0 * np.sqrt(r), lambda r: 2.0),
