@@ -134,14 +134,16 @@ def analysis_json(analysis: Mapping) -> str:
     numpy scalars and arrays become numbers and lists, tuples become lists, and
     NaN or infinite floats become ``null`` so that any JSON reader accepts the file.
     """
-    return json.dumps(_plain(analysis), indent=2, ensure_ascii=False, allow_nan=False) + "\n"
+    return json.dumps(plain(analysis), indent=2, ensure_ascii=False, allow_nan=False) + "\n"
 
 
-def _plain(value):
+def plain(value):
+    """`value` as plain JSON data: string keys, lists for tuples and arrays, Python scalars, None for a non-finite
+    float, a path as its string (the reports' JSON and their configuration blocks)."""
     if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
+        return {str(k): plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple, np.ndarray)):
-        return [_plain(v) for v in value]
+        return [plain(v) for v in value]
     if isinstance(value, np.generic):
         value = value.item()
     if isinstance(value, float) and not math.isfinite(value):
@@ -196,7 +198,7 @@ def report_blocks(analysis: Mapping, *, figures: list[str], stacks: list | None 
     blocks += [("h", 2, "Per module"), ("table", *module_table(analysis, stacks=stacks))]
     if vectors:
         blocks += [("h", 3, "Vector deltas (norms, biases)"), ("table", *vector_table(analysis, stacks=stacks))]
-    blocks += [("h", 2, "Run configuration"), ("code", json.dumps(_plain(analysis.get("config", {})), indent=2))]
+    blocks += [("h", 2, "Run configuration"), ("code", json.dumps(plain(analysis.get("config", {})), indent=2))]
     return blocks
 
 

@@ -17,7 +17,7 @@ from matplotlib.figure import Figure
 from spectra.errors import ConfigError
 from spectra.groups import curve_name, stacks_in
 from spectra.ranks.functional import role_curves, unreached_curves
-from spectra.report.render import _plain
+from spectra.report.render import plain
 from spectra.report.tables import num, stack_label
 from spectra.report.verify import write_bundle
 
@@ -193,7 +193,7 @@ def truncation_blocks(sweep: Mapping, *, figures: list[str]) -> list[tuple]:
                ("table", headers, rows)]
     if sweep.get("notes"):
         blocks += [("h", 3, "Notes"), ("ul", list(sweep["notes"]))]
-    blocks += [("h", 2, "Configuration"), ("code", json.dumps(_plain(sweep.get("config", {})), indent=2))]
+    blocks += [("h", 2, "Configuration"), ("code", json.dumps(plain(sweep.get("config", {})), indent=2))]
     return blocks
 
 

@@ -19,7 +19,7 @@ from matplotlib.figure import Figure
 from spectra.errors import ConfigError
 from spectra.report.plots import whole_ticks
 from spectra.report.tables import num, pct
-from spectra.report.render import _plain, write_bundle
+from spectra.report.render import plain, write_bundle
 
 _ROW_COLUMNS = (("module", "name", "s"), ("rank (used)", "rank", "rank"), ("captured (col)", "captured_energy", "%"),
                 ("Eckart–Young", "optimal_energy", "%"), ("captured (row)", "captured_energy_row", "%"),
@@ -110,7 +110,7 @@ def verify_blocks(result: Mapping, *, figures: list[str]) -> list[tuple]:
                ("p", _COLUMN_LEGEND)]
     if result.get("notes"):
         blocks += [("h", 3, "Notes"), ("ul", list(result["notes"]))]
-    blocks += [("h", 2, "Configuration"), ("code", json.dumps(_plain(result.get("config", {})), indent=2))]
+    blocks += [("h", 2, "Configuration"), ("code", json.dumps(plain(result.get("config", {})), indent=2))]
     return blocks
 
 
@@ -155,7 +155,7 @@ def sweep_blocks(sweep: Mapping, *, figures: list[str]) -> list[tuple]:
     blocks += [("figure", f, captions.get(f, f)) for f in figures]
     blocks += [("h", 2, "Training configuration"),
                ("p", "Shared by every run; each run's method and rank are its row's in the table above."),
-               ("code", json.dumps(_plain(sweep.get("train_config", {})), indent=2))]
+               ("code", json.dumps(plain(sweep.get("train_config", {})), indent=2))]
     return blocks
 
 
