@@ -69,8 +69,9 @@ _ROLE_RULES: tuple[tuple[str, str], ...] = (
     (r"router\.classifier", "other"),
     # task heads first: RoBERTa's classifier.out_proj is a head, not an attention output
     (r"(classifier(\.dense|\.out_proj)?|score|qa_outputs)", "head"),
-    # fused projections; BLIP-2's (and InstructBLIP's) vision tower self_attn.qkv
-    (r"(attn\.c_attn|qkv_proj|query_key_value|Wqkv|attn\.qkv|self_attn\.qkv)", "qkv"),
+    # fused projections; BLIP-2's (and InstructBLIP's) vision tower self_attn.qkv; Qwen3.5's Gated DeltaNet
+    # linear_attn.in_proj_qkv (its in_proj_z, in_proj_a and in_proj_b, a gate and two per-head scalars: other)
+    (r"(attn\.c_attn|qkv_proj|query_key_value|Wqkv|attn\.qkv|self_attn\.qkv|linear_attn\.in_proj_qkv)", "qkv"),
     (r"(gate_up_proj)", "gate_up"),
     # cross-attention, before self-attention's rules that its names match too: BART, mBART, Marian, Pegasus, Whisper
     # encoder_attn.q_proj; T5 EncDecAttention.q; BERT2BERT crossattention.self.query; Mllama, T5Gemma cross_attn.q_proj;
@@ -82,10 +83,11 @@ _ROLE_RULES: tuple[tuple[str, str], ...] = (
     (rf"{_CROSS_ATTENTION}\.(out_proj|o_proj|o|output\.dense|c_proj)", "xo"),
     # attention, Llama/Mistral/Qwen2/Gemma/Phi-3/Mixtral; T5's SelfAttention.q (LongT5: Local-, TransientGlobal-);
     # BLIP-2's Q-Former (and ViT's) attention.attention.query; BLIP-2's vision tower self_attn.projection;
-    # Qwen2-VL's, Qwen2.5-VL's, Qwen3-VL's and Qwen3.5's vision tower blocks.N.attn.proj (after its fused attn.qkv)
-    (rf"(q_proj|self\.query|attention\.query|attention\.wq|{_T5_SELF_ATTENTION}\.q)", "q"),  # Meta's: attention.wq
-    (rf"(k_proj|self\.key|attention\.key|attention\.wk|{_T5_SELF_ATTENTION}\.k)", "k"),
-    (rf"(v_proj|self\.value|attention\.value|attention\.wv|{_T5_SELF_ATTENTION}\.v)", "v"),
+    # Qwen2-VL's, Qwen2.5-VL's, Qwen3-VL's and Qwen3.5's vision tower blocks.N.attn.proj (after its fused attn.qkv);
+    # Qwen2.5-Omni's vision tower, whose blocks.N.attn.q, k and v are three Linears
+    (rf"(q_proj|self\.query|attention\.query|attention\.wq|{_T5_SELF_ATTENTION}\.q|blocks\.\d+\.attn\.q)", "q"),
+    (rf"(k_proj|self\.key|attention\.key|attention\.wk|{_T5_SELF_ATTENTION}\.k|blocks\.\d+\.attn\.k)", "k"),
+    (rf"(v_proj|self\.value|attention\.value|attention\.wv|{_T5_SELF_ATTENTION}\.v|blocks\.\d+\.attn\.v)", "v"),
     (r"(o_proj|out_proj|attention\.output\.dense|attention\.dense|attn\.c_proj|self_attention\.dense|attention\.wo"
      rf"|self_attn\.projection|attn\.proj|{_T5_SELF_ATTENTION}\.o)", "o"),
     # MLP; T5's DenseReluDense: wi (up) or, gated (v1.1, Flan-T5), wi_0 (gate) and wi_1 (up), then wo (down); BART's,
@@ -122,10 +124,10 @@ STACKS = ("encoder", "vision", "vision_global", "qformer", "audio", "projector")
 # BLIP-2's language_projection; a model.layers.0.mlp.connector is the language model's. Qwen2-VL's, Qwen2.5-VL's and
 # Qwen3-VL's projector sits inside their vision tower (visual.merger, as stored; model.visual.merger, as transformers 5
 # names it), beside Qwen3-VL's deepstack mergers (visual.deepstack_merger_list.N, feeding the language model's first
-# layers): they come before the tower's rule.
+# layers; Qwen3-Omni's visual.merger_list.N): they come before the tower's rule.
 _STACK_RULES: tuple[tuple[str, str], ...] = (
     (r"(^|\.)vision_model\.global_transformer(\.|$)", "vision_global"),
-    (r"(^|\.)visual\.(merger|deepstack_merger_list)(\.|$)", "projector"),
+    (r"(^|\.)visual\.(merger|deepstack_merger_list|merger_list)(\.|$)", "projector"),
     # Gemma 3, PaliGemma, Llava, Pixtral: vision_tower; Mllama, Idefics, Llama 4, BLIP-2: vision_model; Qwen2-VL: visual
     (r"(^|\.)(vision_tower|vision_model|visual|vision_encoder|image_encoder|vision_backbone)(\.|$)", "vision"),
     (r"(^|\.)qformer(\.|$)", "qformer"),  # BLIP-2: qformer.encoder.layer.0… beside language_model…layers.0…
@@ -137,7 +139,9 @@ _STACK_REGEXES = tuple((re.compile(pattern), stack) for pattern, stack in _STACK
 # segments decides: T5's encoder.block.0 is the encoder, EncoderDecoderModel's decoder.bert.encoder.layer.0 the decoder.
 # Only then: BERT's encoder.layer.N and OPT's model.decoder.layers.N are an ordinary model's one stack.
 _ENCODER_DECODER = re.compile(r"(?:^|\.)(encoder|decoder)\.")
-_LAYER = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)\.")
+# A layer's index; Qwen3-VL's deepstack mergers (deepstack_merger_list.N, Qwen3-Omni's merger_list.N) are numbered
+# within the projector stack, the merger of the tower's last layer having none.
+_LAYER = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block|deepstack_merger_list|merger_list)\.(\d+)\.")
 # An expert's index: Mixtral's experts.3.w1, SwitchTransformers' and NLLB-MoE's experts.expert_3.wi
 _EXPERT = re.compile(r"(?:^|\.)experts\.(?:expert_)?(\d+)(?:\.|$)")
 
@@ -162,8 +166,11 @@ _INTERLEAVED_GATE_UP = frozenset({"gpt_oss"})
 # (3, heads, head_dim) by their attention's forward.
 # Qwen2-VL's, Qwen2.5-VL's, Qwen3-VL's and Qwen3.5's (and their MoE models') vision towers: attn.qkv, out = 3·width,
 # viewed (seq, 3, heads, head_dim) by their attention's forward.
+# Qwen3-Omni's tower (Qwen3-VL's) is its thinker's: thinker_config.vision_config in the whole model's config.json.
 _QWEN_VISION = {"qwen2_vl": "qwen2_vl_vision", "qwen2_5_vl": "qwen2_5_vl_vision", "qwen3_vl": "qwen3_vl_vision",
-                "qwen3_vl_moe": "qwen3_vl_moe_vision", "qwen3_5": "qwen3_5_vision", "qwen3_5_moe": "qwen3_5_moe_vision"}
+                "qwen3_vl_moe": "qwen3_vl_moe_vision", "qwen3_5": "qwen3_5_vision", "qwen3_5_moe": "qwen3_5_moe_vision",
+                "qwen3_omni_moe": "qwen3_omni_moe_vision_encoder",
+                "qwen3_omni_moe_thinker": "qwen3_omni_moe_vision_encoder"}
 _CONTIGUOUS_QKV = frozenset({"gpt2", "phi3", "phimoe", "imagegpt", "decision_transformer", "blip_2_vision_model",
                              "instructblip_vision_model", "instructblipvideo_vision_model", *_QWEN_VISION.values()})
 # The vision tower's model type, by the whole model's, for configs whose vision_config does not name its own: the hub's
@@ -174,6 +181,11 @@ _VISION_MODEL_TYPES = _QWEN_VISION
 # embed_dim, its hidden_size being the merger's output (the language model's width).
 _WIDTH_KEYS = {"qwen2_vl_vision": "embed_dim"}
 _CONTIGUOUS_QKV_NAMES = re.compile(r"(^|\.)(c_attn|qkv_proj)$")
+# Qwen3.5's Gated DeltaNet linear_attn.in_proj_qkv: contiguous [q; k; v] with heads of its own (text_config's
+# linear_num_key_heads × linear_key_head_dim rows each for q and k, linear_num_value_heads × linear_value_head_dim for
+# v), split so by its forward after a depthwise (per-channel) convolution.
+_DELTANET_QKV = re.compile(r"(^|\.)linear_attn\.in_proj_qkv$")
+_DELTANET_MODEL_TYPES = frozenset({"qwen3_5", "qwen3_5_moe", "qwen3_5_text", "qwen3_5_moe_text"})
 # GPT-2's cross-attention (add_cross_attention; GPT2Attention(is_cross_attention=True)): its c_attn projects the
 # encoder's states to [k; v] (2·n_embd outputs, split in two by its forward), its q_attn the queries. A fused tensor
 # of no fused role (ROLES has none for cross-attention's k and v): role other, its rows xk and xv.
@@ -278,10 +290,10 @@ def _stack_config(name: str, config: dict[str, Any] | None) -> dict[str, Any]:
     """The part of ``config.json`` that sizes a module's attention: a vision tower's ``vision_config`` where it
     names its own model type (BLIP-2's ``blip_2_vision_model``, whose sizes are not the language model's) or the
     whole model's type names the tower's (:data:`_VISION_MODEL_TYPES`: Qwen2-VL's hub configs), else the config
-    itself."""
+    itself. An Omni model's tower is its thinker's (``thinker_config.vision_config``)."""
     cfg = config or {}
     if module_stack(name, cfg) in ("vision", "vision_global"):
-        vision = cfg.get("vision_config")
+        vision = cfg.get("vision_config") or (cfg.get("thinker_config") or {}).get("vision_config")  # Qwen3-Omni
         tower = _VISION_MODEL_TYPES.get(cfg.get("model_type"))
         if isinstance(vision, dict) and tower is not None:
             return vision | {"model_type": tower}
@@ -315,6 +327,11 @@ def fused_projections(name: str, role: str, out_features: int, config: dict[str,
     - Qwen2-VL's, Qwen2.5-VL's, Qwen3-VL's and Qwen3.5's vision tower ``attn.qkv``: contiguous ``[q; k; v]`` of
       the tower's width each (``vision_config``'s ``embed_dim`` for Qwen2-VL, else its ``hidden_size``),
       ``num_heads`` heads.
+    - Qwen3-Omni's vision tower (its thinker's) ``attn.qkv``: as Qwen3-VL's, sized by ``thinker_config``'s
+      ``vision_config``.
+    - Qwen3.5's Gated DeltaNet ``linear_attn.in_proj_qkv``: contiguous ``[q; k; v]``, q and k of
+      ``linear_num_key_heads × linear_key_head_dim`` rows, v ``linear_num_value_heads × linear_value_head_dim``
+      (``text_config``'s).
     - GPT-2's cross-attention ``crossattention.c_attn`` (role ``other``): ``[k; v]``, equal halves, as
       projections ``xk`` and ``xv`` (its queries are ``crossattention.q_attn``, role ``xq``).
     """
@@ -333,6 +350,8 @@ def fused_projections(name: str, role: str, out_features: int, config: dict[str,
         return [Projection("gate", slice(0, half)), Projection("up", slice(half, out_features))]
     if role != "qkv":
         return []
+    if _DELTANET_QKV.search(name):
+        return _deltanet_projections(out_features, config)
     cfg = _stack_config(name, config)
     model_type = cfg.get("model_type")
     heads = cfg.get("num_attention_heads", cfg.get("n_head", cfg.get("num_heads")))
@@ -364,3 +383,21 @@ def fused_projections(name: str, role: str, out_features: int, config: dict[str,
         Projection("k", slice(q_rows, q_rows + kv_rows)),
         Projection("v", slice(q_rows + kv_rows, out_features)),
     ]
+
+
+def _deltanet_projections(out_features: int, config: dict[str, Any] | None) -> list[Projection]:
+    """Qwen3.5's ``linear_attn.in_proj_qkv`` rows as q, k and v (:data:`_DELTANET_QKV`); [] where the config does
+    not size them to `out_features`."""
+    cfg = config or {}
+    if cfg.get("model_type") not in _DELTANET_MODEL_TYPES:
+        return []
+    text = cfg.get("text_config") or cfg
+    sizes = [text.get(k) for k in ("linear_num_key_heads", "linear_key_head_dim", "linear_num_value_heads",
+                                   "linear_value_head_dim")]
+    if not all(sizes):
+        return []
+    key, value = sizes[0] * sizes[1], sizes[2] * sizes[3]
+    if 2 * key + value != out_features:
+        return []
+    return [Projection("q", slice(0, key)), Projection("k", slice(key, 2 * key)),
+            Projection("v", slice(2 * key, out_features))]

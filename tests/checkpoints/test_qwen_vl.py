@@ -37,8 +37,11 @@ from tests.lora.test_extract import merged_state
 from tests.models import GRID, add_to_parameter, low_rank, random_adapter
 
 FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
-# Qwen3-VL's tower beside an MoE language model (Qwen3-VL-MoE), a hybrid linear-attention one (Qwen3.5), both (-MoE)
-TOWERS = (*FAMILIES, "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe")
+# Qwen3-VL's tower beside an MoE language model (Qwen3-VL-MoE), a hybrid linear-attention one (Qwen3.5), both (-MoE);
+# the Omni models' thinkers: Qwen2.5-Omni's tower (Qwen2.5-VL's, attn.q, k and v Linears), Qwen3-Omni's (Qwen3-VL's)
+OMNI = ("qwen2_5_omni", "qwen3_omni_moe")
+TOWERS = (*FAMILIES, "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe", *OMNI)
+QKV_TOWERS = tuple(f for f in TOWERS if f != "qwen2_5_omni")  # the towers with a fused attn.qkv
 WIDTH, HEADS = 16, 2  # the vision tower's width and heads: attn.qkv is (3·16, 16)
 IMAGE_TOKEN, VISION_START = 60, 62
 GRID_THW = torch.tensor([[1, 4, 8]])  # an image of 4 × 8 patches of 3·1·2·2 values: 8 tokens after the 2 × 2 merge
@@ -87,6 +90,21 @@ def tiny(family: str):
                          num_experts_per_tok=2)
             config = tf.Qwen3_5MoeConfig(text_config=text, vision_config=vision, **tokens)
             cls = tf.Qwen3_5MoeForConditionalGeneration
+    elif family in OMNI:  # the thinker alone (the whole model adds a talker and a vocoder): its tower and LM
+        audio = dict(d_model=16, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=24, num_mel_bins=8,
+                     output_dim=32, n_window=4)
+        if family == "qwen2_5_omni":
+            vision = patches | dict(hidden_size=WIDTH, intermediate_size=24, out_hidden_size=32, window_size=8,
+                                    fullatt_block_indexes=[1])
+            config = tf.Qwen2_5OmniThinkerConfig(text_config=text, vision_config=vision, audio_config=audio, **tokens)
+            cls = tf.Qwen2_5OmniThinkerForConditionalGeneration
+        else:
+            text |= dict(head_dim=8, moe_intermediate_size=12, num_experts=3, num_experts_per_tok=2,
+                         rope_parameters=rope | dict(mrope_interleaved=True))
+            vision = patches | dict(hidden_size=WIDTH, intermediate_size=24, out_hidden_size=32,
+                                    num_position_embeddings=16, deepstack_visual_indexes=[0])
+            config = tf.Qwen3OmniMoeThinkerConfig(text_config=text, vision_config=vision, audio_config=audio)
+            cls = tf.Qwen3OmniMoeThinkerForConditionalGeneration
     else:
         raise ValueError(family)
     config._attn_implementation = "eager"
@@ -99,7 +117,10 @@ def tiny(family: str):
 
 
 def stored(family: str, name: str) -> str:
-    """A module's name in the checkpoint: Qwen2-VL and Qwen2.5-VL save the hub's names, Qwen3-VL the model's."""
+    """A module's name in the checkpoint: Qwen2-VL and Qwen2.5-VL save the hub's names, Qwen3-VL the model's; the
+    Omni models' hub checkpoints (the whole model's) name the thinker's tower thinker.visual.…"""
+    if family in OMNI:
+        return name.replace("model.visual.", "thinker.visual.", 1)
     if family.startswith("qwen3"):
         return name
     return name.replace("model.visual.", "visual.", 1).replace("model.language_model.", "model.", 1)
@@ -118,15 +139,16 @@ def inputs():
 
 # -- roles, layers and stacks -----------------------------------------------------------------------------------------
 
-VISION_ROLES = {"attn.qkv": "qkv", "attn.proj": "o", "mlp.fc1": "up", "mlp.fc2": "down", "mlp.gate_proj": "gate",
-                "mlp.up_proj": "up", "mlp.down_proj": "down", "mlp.linear_fc1": "up", "mlp.linear_fc2": "down"}
+VISION_ROLES = {"attn.qkv": "qkv", "attn.q": "q", "attn.k": "k", "attn.v": "v", "attn.proj": "o", "mlp.fc1": "up",
+                "mlp.fc2": "down", "mlp.gate_proj": "gate", "mlp.up_proj": "up", "mlp.down_proj": "down",
+                "mlp.linear_fc1": "up", "mlp.linear_fc2": "down"}
 TEXT_ROLES = {"self_attn.q_proj": "q", "self_attn.k_proj": "k", "self_attn.v_proj": "v", "self_attn.o_proj": "o",
               "mlp.gate_proj": "gate", "mlp.up_proj": "up", "mlp.down_proj": "down", "mlp.gate": "other"}  # a router
 
 
 def _expected(model, *, text: bool = True) -> dict[str, tuple[str, int | None, str | None]]:
     """Every Linear → (role, layer, stack), read off the model's own block, layer and merger lists (the language
-    model's too, with `text`)."""
+    model's too, with `text`); a deepstack merger's layer is its index in its list, the last layer's merger has none."""
     visual, out = model.model.visual, {"lm_head": ("head", None, None)} if text else {}
     stacks = [("model.visual.blocks", visual.blocks, VISION_ROLES, "vision")]
     if text:
@@ -136,23 +158,25 @@ def _expected(model, *, text: bool = True) -> dict[str, tuple[str, int | None, s
             for path, module in layer.named_modules():
                 if isinstance(module, torch.nn.Linear):
                     out[f"{prefix}.{i}.{path}"] = (roles[path], i, stack)
-    mergers = [("model.visual.merger", visual.merger)]
-    deepstack = getattr(visual, "deepstack_merger_list", ())  # Qwen3-VL's
-    mergers += [(f"model.visual.deepstack_merger_list.{i}", m) for i, m in enumerate(deepstack)]
-    for prefix, merger in mergers:
+    mergers = [("model.visual.merger", visual.merger, None)]
+    for attribute, merger_list in visual.named_children():  # Qwen3-VL's deepstack mergers, Qwen3-Omni's
+        if attribute in ("deepstack_merger_list", "merger_list"):
+            mergers += [(f"model.visual.{attribute}.{i}", m, i) for i, m in enumerate(merger_list)]
+    for prefix, merger, layer in mergers:
         for path, module in merger.named_modules():
             if isinstance(module, torch.nn.Linear):
-                out[f"{prefix}.{path}"] = ("other", None, "projector")
+                out[f"{prefix}.{path}"] = ("other", layer, "projector")
     return out
 
 
 @pytest.mark.parametrize("family", TOWERS)
 def test_every_linear_gets_its_role_layer_and_stack(family, tmp_path):
     """By the model's names and by the checkpoint's (Qwen2-VL's visual.…, model.layers.N…), the saved config's.
-    Qwen3.5's language model (Gated DeltaNet layers beside full attention) is not this file's: its tower only."""
+    Qwen3.5's language model (Gated DeltaNet layers beside full attention) has a test of its own, the Omni thinkers'
+    language model and audio tower are not this file's: their tower only (by the whole model's config too)."""
     model = tiny(family)
     config = json.loads((pair(tmp_path, model, model)[0] / "config.json").read_text())
-    text = not family.startswith("qwen3_5")
+    text = not family.startswith("qwen3_5") and family not in OMNI
     expected = _expected(model, text=text)
     names = [n for n in linears(model) if text or n.startswith("model.visual.")]
     assert sorted(names) == sorted(expected)  # the reference covers every Linear
@@ -161,13 +185,19 @@ def test_every_linear_gets_its_role_layer_and_stack(family, tmp_path):
             info = module_info(as_named, config)
             assert (info.role, info.layer, info.stack) == expected[name], as_named
     vision_roles = {role for role, _, stack in expected.values() if stack == "vision"}
-    assert vision_roles == {"qkv", "o", "up", "down"} | ({"gate"} if family == "qwen2_5_vl" else set())
-    deepstack = len(getattr(model.model.visual, "deepstack_merger_list", ()))  # Qwen3-VL's: one, after block 0
+    attention = {"q", "k", "v"} if family == "qwen2_5_omni" else {"qkv"}
+    assert vision_roles == attention | {"o", "up", "down"} | ({"gate"} if "2_5" in family else set())
+    visual = model.model.visual
+    deepstack = sum(len(m) for n, m in visual.named_children() if n.endswith("merger_list"))  # after block 0
     assert sum(stack == "projector" for _, _, stack in expected.values()) == 2 * (1 + deepstack)
-    assert deepstack == (1 if family.startswith("qwen3_vl") else 0)
+    assert deepstack == (1 if family.startswith(("qwen3_vl", "qwen3_omni")) else 0)
+    assert {layer for _, layer, stack in expected.values() if stack == "projector"} == {None, *range(deepstack)}
+    if family in OMNI:  # the whole model's config.json: the thinker's, nested
+        whole = {"model_type": family, "thinker_config": config}
+        assert all(module_info(stored(family, n), whole) == module_info(n, config) for n in names)
 
 
-@pytest.mark.parametrize("family", TOWERS)
+@pytest.mark.parametrize("family", QKV_TOWERS)
 def test_vision_qkv_split_by_the_hubs_configs(family):
     """The hub's config.json holds a vision_config with no model_type (Qwen2.5-VL-7B's) or the whole model's: the split
     is the same. Qwen2-VL's hidden_size (32 here) is the merger's output, not the tower's width (embed_dim, 16)."""
@@ -182,6 +212,11 @@ def test_vision_qkv_split_by_the_hubs_configs(family):
     if family == "qwen2_vl":  # negative control: sized by hidden_size, the blocks do not add up to 48 rows
         wrong = config | {"vision_config": config["vision_config"] | {"embed_dim": 32}}
         assert fused_projections(name, "qkv", 3 * WIDTH, wrong) == []
+    if family in OMNI:  # the whole model's config.json nests the thinker's: thinker_config.vision_config
+        whole = {"model_type": family, "thinker_config": config}
+        assert [(p.role, p.rows) for p in fused_projections(stored(family, name), "qkv", 3 * WIDTH, whole)] == split
+        wrong = {"model_type": family, "thinker_config": config | {"vision_config": vision | {"hidden_size": 32}}}
+        assert fused_projections(stored(family, name), "qkv", 3 * WIDTH, wrong) == []  # negative control
     text_q = "model.language_model.layers.0.self_attn.q_proj"
     assert fused_projections(text_q, module_info(text_q, config).role, 32, config) == []
 
@@ -216,7 +251,7 @@ def _capture_qkv(monkeypatch, model, attention: str):
     return seen["q"], seen["k"], torch.cat(seen["v"], dim=2)[0].transpose(0, 1)
 
 
-@pytest.mark.parametrize("family", TOWERS)
+@pytest.mark.parametrize("family", QKV_TOWERS)
 @pytest.mark.parametrize("block", [0, 1])  # Qwen2.5-VL: window attention, then full
 def test_vision_qkv_rows_are_the_query_key_and_value_the_model_computes(monkeypatch, family, block):
     """An update planted in the rows fused_projections calls q (k, v) changes, in the model's forward, the query (key,
@@ -245,6 +280,74 @@ def test_vision_qkv_rows_are_the_query_key_and_value_the_model_computes(monkeypa
                 torch.testing.assert_close(after[i] - before[i], expected, rtol=0, atol=1e-6, msg=role)
             else:
                 assert torch.equal(after[i], before[i]), (proj.role, role)
+
+
+# -- Qwen3.5's Gated DeltaNet ------------------------------------------------------------------------------------------
+
+DELTANET = "model.language_model.layers.0.linear_attn"  # tiny()'s: 2 key heads of 8, 4 value heads of 8
+DELTANET_SPLIT = [("q", slice(0, 16)), ("k", slice(16, 32)), ("v", slice(32, 64))]
+
+
+def _capture_deltanet(monkeypatch, model) -> tuple[torch.Tensor, ...]:
+    """(query, key, value) that layer 0's Gated DeltaNet hands its gated delta rule, after its depthwise convolution."""
+    modeling = __import__(type(model).__module__, fromlist=["_"])
+    rule, seen = modeling.torch_chunk_gated_delta_rule, []
+
+    def capture(query, key, value, *args, **kwargs):
+        seen.append((query.detach().clone(), key.detach().clone(), value.detach().clone()))
+        return rule(query, key, value, *args, **kwargs)
+
+    monkeypatch.setattr(modeling, "torch_chunk_gated_delta_rule", capture)
+    with torch.no_grad():
+        model(input_ids=torch.tensor([[1, 5, 9, 3, 4, 5, 7, 2]]))
+    monkeypatch.undo()
+    (captured,) = seen  # one linear-attention layer
+    return captured
+
+
+@pytest.mark.parametrize("family", ["qwen3_5", "qwen3_5_moe"])
+def test_deltanet_in_proj_qkv_rows_are_the_query_key_and_value_it_computes(monkeypatch, family):
+    """linear_attn.in_proj_qkv is role qkv, split [q; k; v] by text_config's linear key and value heads (16, 16, 32
+    rows: 2 key heads, 4 value heads, of 8), by the whole model's config and the text model's; in_proj_z, a, b stay
+    other, out_proj is o. An update planted in the rows called q (k, v) changes the query (key, value) the forward
+    hands its gated delta rule and leaves the other two bit for bit (the convolution between is per channel). It was
+    role other, unsplit."""
+    base = tiny(family)
+    config = base.config.to_dict()
+    name = DELTANET + ".in_proj_qkv"
+    assert [module_info(f"{DELTANET}.{leaf}", config).role for leaf in ("in_proj_qkv", "in_proj_z", "in_proj_a",
+                                                                        "in_proj_b", "out_proj")] == \
+        ["qkv", "other", "other", "other", "o"]
+    text = config["text_config"]
+    for cfg in (config, text):
+        assert [(p.role, p.rows) for p in fused_projections(name, "qkv", 64, cfg)] == DELTANET_SPLIT
+    assert fused_projections(name, "qkv", 64, text | {"linear_num_value_heads": 2}) == []  # sizes that do not add up
+    assert fused_projections(name, "qkv", 64, text | {"model_type": "qwen3_next"}) == []  # another family's layout
+    before = _capture_deltanet(monkeypatch, base)
+    for seed, (role, rows) in enumerate(DELTANET_SPLIT, 1):
+        tuned = copy.deepcopy(base)
+        add_to_parameter(tuned, name + ".weight", low_rank(rows.stop - rows.start, 32, 1, seed=seed), rows=rows)
+        after = _capture_deltanet(monkeypatch, tuned)
+        for i, other in enumerate("qkv"):
+            assert torch.equal(after[i], before[i]) == (other != role), (role, other)
+
+
+def test_deltanet_pairing_splits_in_proj_qkv_and_extracts(tmp_path):
+    """Planted k and v rows of a Qwen3.5 in_proj_qkv come back exactly as in_proj_qkv[k] and [v] (q zero); an adapter
+    extracted for --roles v takes the fused module whole, and PEFT's merge is the fine-tune (1e-6)."""
+    base = tiny("qwen3_5")
+    name = DELTANET + ".in_proj_qkv"
+    tuned, deltas = _planted(base, {name: ((16, 64), 2)})
+    b, t = pair(tmp_path, base, tuned)
+    seen = assert_exact(Pairing(b, t, F64), deltas | {f"{name}[k]": deltas[name][16:32],
+                                                      f"{name}[v]": deltas[name][32:]})
+    assert [(seen[f"{name}[{r}]"].role, seen[f"{name}[{r}]"].shape, seen[f"{name}[{r}]"].layer) for r in "qkv"] == \
+        [("q", (16, 32), 0), ("k", (16, 32), 0), ("v", (32, 32), 0)]
+    result = extract_adapter(b, t, 2, tmp_path / "ad", roles=("v",), progress=False)
+    assert name in {m.name for m in result.modules}
+    state, _ = merged_state(base, tmp_path / "ad")
+    for key, value in tuned.state_dict().items():
+        torch.testing.assert_close(state[key], value, rtol=0, atol=1e-6, msg=key)
 
 
 # -- pairing and extraction --------------------------------------------------------------------------------------------
