@@ -8,7 +8,9 @@ last configuration is rewritten.
 
 A module's weight is the model's parameter of its checkpoint name (as transformers renames
 it on loading), or a slice of one: an expert of a 3-D tensor the model holds as stored
-(gpt-oss's (E, in, out) experts), or a per-expert matrix transformers fuses on loading
+(gpt-oss's (E, in, out) experts) or with each expert transposed on loading (Qwen3-VL-MoE's hub
+checkpoints store (E, in, out) for the model's (E, out, in): its place is a transposed view),
+or a per-expert matrix transformers fuses on loading
 (Mixtral's ``experts.3.w1``/``w3``: rows [0, ffn) and [ffn, 2·ffn) of
 ``mlp.experts.gate_up_proj[3]``), located through transformers' conversion table as an
 adapter on fused experts is (:mod:`spectra.checkpoints.placement`).
@@ -23,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from spectra.checkpoints.names import match_names
-from spectra.checkpoints.placement import (ParameterSlice, PlacementError, parameter_sources, split_sources,
+from spectra.checkpoints.placement import (PlacementError, TensorSlice, parameter_sources, split_sources,
                                            weight_places)
 from spectra.errors import ConfigError
 
@@ -90,7 +92,13 @@ class ModelWeights:
         # parameters no one checkpoint tensor loads into: transformers fused several into each (Mixtral's experts)
         unmatched = [k for k, _ in model.named_parameters() if k not in self._tuned_names]
         fused, refused = _fused_slices(model, self.pairing.tuned, unmatched, self.pairing.config)
-        self.targets = self._placed_targets(model, entries, planned, fused, refused)
+        stacked = _stored_experts(model, self.pairing.tuned, [k for k in self._tuned_names if self.state[k].dim() == 3],
+                                  self.pairing.config)
+        # key -> the view of the parameter that holds its checkpoint tensor as stored (Qwen3-VL-MoE's hub experts,
+        # (E, in, out), transposed on loading into the model's (E, out, in)), where that is not the parameter itself
+        self._as_stored = {key: self.state[key].transpose(1, 2) for key, slices in stacked.items()
+                           if slices[0].place.stored_transposed}
+        self.targets = self._placed_targets(model, entries, planned, fused, refused, stacked)
         if plan is not None:
             self.notes += _unextractable_ranks(self.targets, self.state, type(model).__name__)
         if not self.targets:
@@ -109,13 +117,19 @@ class ModelWeights:
         # targets in a key the non-targets rewrite whole (some experts of a stored 3-D tensor): rewritten after it
         self._overwritten = [i for i, t in enumerate(self.targets) if t.key not in targeted and t.key not in fused_keys]
 
-    def _placed_targets(self, model, entries, planned, fused, refused) -> list[Target]:
-        """The entries that have a place in the model (a parameter, an expert of one, a fused slice); notes the rest."""
+    def _placed_targets(self, model, entries, planned, fused, refused, stacked) -> list[Target]:
+        """The entries that have a place in the model (a parameter, an expert of one, a fused slice); notes the rest.
+
+        ``stacked``: model key -> the per-expert slices of the stored 3-D tensor that loads into it
+        (:func:`_stored_experts`); an expert's place is its slice's, as stored (a transposed view
+        where loading transposes it).
+        """
         key_of = {name: key for key, name in self._tuned_names.items()}  # tuned checkpoint name -> model key
-        stacked = {e.name: (torch.empty(e.shape, device="meta"), e.conv1d,  # one expert of a stored 3-D tensor
-                            ParameterSlice(key_of[e.tuned_tensor], e.expert_index))
-                   for e in entries if e.expert_index is not None and e.tuned_tensor in key_of}
-        stacked_places, _ = weight_places(stacked, dict(model.named_parameters()))
+        expert_slices = {(s.tensor, s.stored_expert): s.place for slices in stacked.values() for s in slices}
+        experts = {e.name: (torch.empty(e.shape, device="meta"), e.conv1d,  # one expert of a stored 3-D tensor
+                            expert_slices[e.tuned_tensor, e.expert_index])
+                   for e in entries if (e.tuned_tensor, e.expert_index) in expert_slices}
+        stacked_places, _ = weight_places(experts, dict(model.named_parameters()))
         targets, unplaced = [], []
         for e in entries:
             if e.expert_index is None and e.tuned_tensor in key_of:
@@ -146,11 +160,15 @@ class ModelWeights:
         non_target = [k for k in self.state if k not in targeted and k in self._tuned_names]
         for key in non_target:
             name = self._base_names.get(key)
-            if name is None or tuple(self.pairing.base.info(name).shape) != tuple(self.state[key].shape):
+            if name is None or tuple(self.pairing.base.info(name).shape) != tuple(self._stored_view(key).shape):
                 self._base_names.pop(key, None)
                 self.notes.append(f"{key}: absent from the base (or resized); taken from the fine-tune in every "
                                   "configuration.")
         return non_target
+
+    def _stored_view(self, key: str) -> torch.Tensor:
+        """The model's tensor of `key` in its checkpoint tensor's stored layout: itself, or a transposed view."""
+        return self._as_stored.get(key, self.state[key])
 
     def _untargeted_slots(self, fused: dict[str, tuple[str, torch.Tensor]], targeted: set[str]) -> list[_Slot]:
         """The fused slices no target covers, each from the base's or the fine-tune's tensor of the same name."""
@@ -193,7 +211,7 @@ class ModelWeights:
                 source, name = ((self.pairing.base, self._base_names[key])
                                 if non_target == "base" and key in self._base_names
                                 else (self.pairing.tuned, self._tuned_names[key]))
-                self.state[key].copy_(source.read(name))
+                self._stored_view(key).copy_(source.read(name))
             for key, value in self._fused_for(non_target).items():
                 self.state[key].copy_(value)
             for slot in self.slots:
@@ -307,6 +325,29 @@ def _names_by_key(names, keys: list[str], rename) -> dict[str, str]:
     counts = Counter(loaded)
     stored = {new: name for new, name in zip(loaded, names) if counts[new] == 1}  # loaded name -> checkpoint name
     return {key: stored[new] for new, key in match_names(list(stored), keys).pairs.items()}
+
+
+def _stored_experts(model, tuned, keys: list[str], config) -> dict[str, list[TensorSlice]]:
+    """Model key (of `keys`) -> its experts' slices, where one stored 3-D checkpoint tensor loads into it.
+
+    As placement reads them (:func:`~spectra.checkpoints.placement.split_sources`): expert e of a
+    tensor stored as the model holds it (gpt-oss's (E, in, out)) is ``parameter[e]``; of one whose
+    every expert transformers transposes on loading (Qwen3-VL-MoE's hub experts, (E, in, out) for
+    the model's (E, out, in)) it is ``parameter[e]``'s transpose (``stored_transposed``). A key
+    placement does not split per expert (a 3-D conv kernel) is left out.
+    """
+    params = dict(model.named_parameters())
+    keys = [k for k in keys if k in params]  # not a buffer
+    if not keys:
+        return {}
+    out = {}
+    for parameter, sources in parameter_sources(model, tuned.names(), keys).items():
+        try:
+            out[parameter] = split_sources(tuned, parameter, tuple(params[parameter].shape), sources, config,
+                                           label="fine-tune")
+        except PlacementError:
+            continue
+    return out
 
 
 def _fused_slices(model, tuned, keys: list[str], config) -> tuple[dict[str, tuple[str, torch.Tensor]], list[str]]:
