@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from spectra.checkpoints.architectures import STACKS
 from spectra.groups import curve_name, group_label, group_of, stack_index, stacks_in
 
@@ -38,3 +40,73 @@ def test_the_functional_ranks_label_curves_without_loading_the_reports_or_torch(
     code = ("import sys, spectra.groups; assert 'torch' not in sys.modules, 'torch'; import spectra.ranks.functional; "
             "loaded = [m for m in sys.modules if m.startswith('spectra.report')]; assert not loaded, loaded")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def _omni(family: str):
+    """A whole Qwen-Omni model (thinker, talker, vocoder) on the meta device, from transformers' default config: its
+    module names and config.json, no weights."""
+    import torch
+    import transformers as tf
+
+    if family == "qwen2_5_omni":
+        config, cls = tf.Qwen2_5OmniConfig(), tf.Qwen2_5OmniForConditionalGeneration
+    else:  # transformers' default talker config lacks two attributes its classes read
+        config, cls = tf.Qwen3OmniMoeConfig(), tf.Qwen3OmniMoeForConditionalGeneration
+        config.talker_config.text_config.shared_expert_intermediate_size = 64
+        config.talker_config.spatial_merge_size = 2
+    with torch.device("meta"):
+        return cls(config), config.to_dict()
+
+
+# Each layer list of an Omni model and the stack its layers belong to (None: the thinker's language model)
+THINKER = {"thinker.model.language_model.layers": None, "thinker.model.visual.blocks": "vision",
+           "thinker.model.audio_tower.layers": "audio"}
+OMNI_LAYERS = {"qwen2_5_omni": THINKER | {"talker.model.layers": "talker"},
+               "qwen3_omni_moe": THINKER | {"talker.model.layers": "talker",
+                                            "talker.code_predictor.model.layers": "code_predictor",
+                                            "code2wav.pre_transformer.layers": "vocoder"}}
+
+
+@pytest.mark.parametrize("family", sorted(OMNI_LAYERS))
+def test_an_omni_models_talker_and_vocoder_are_stacks_of_their_own(family):
+    """Qwen2.5-Omni's and Qwen3-Omni's talker (talker.model.layers.N) and Qwen3-Omni's code predictor and code2wav
+    (their own layers.N) got stack None, the thinker's language model's: their q of layer 0 shared the thinker's
+    layer × role cell. Every weight in one of the model's layer lists (read off its submodules) now gets that list's
+    stack and its index there, and no (stack, layer, role) cell holds layers of two lists; every other weight under
+    talker. and the vocoder (token2wav., code2wav.) gets its stack too."""
+    from spectra.checkpoints.architectures import module_info
+
+    model, config = _omni(family)
+    lists = OMNI_LAYERS[family]
+    cells, seen = {}, set()
+    for name, _ in model.named_parameters():
+        module = name.removesuffix(".weight")
+        info = module_info(module, config)
+        for prefix, stack in lists.items():
+            layers = model.get_submodule(prefix)
+            index = next((i for i in range(len(layers)) if module.startswith(f"{prefix}.{i}.")), None)
+            if index is not None:
+                assert (info.stack, info.layer) == (stack, index), (name, info)
+                cells.setdefault((info.stack, info.layer, info.role), set()).add(prefix)
+                seen.add(prefix)
+        top = module.split(".")[0]
+        if top in ("talker", "token2wav", "code2wav"):
+            expected = "vocoder" if top != "talker" else ("code_predictor" if ".code_predictor." in name else "talker")
+            assert info.stack == expected, name
+        else:
+            assert info.stack in (None, "vision", "audio", "projector"), name  # the thinker's, as before
+    assert seen == set(lists)
+    assert all(len(prefixes) == 1 for prefixes in cells.values()), {c: p for c, p in cells.items() if len(p) > 1}
+    # the hub's checkpoints name the thinker's thinker.model.layers.N, thinker.visual.…, the talker's as the model
+    hub = {"thinker.model.layers.0.self_attn.q_proj": None, "thinker.visual.blocks.0.attn.qkv": "vision",
+           "thinker.audio_tower.layers.0.self_attn.q_proj": "audio", "talker.model.layers.0.self_attn.q_proj": "talker"}
+    assert {n: module_info(n, config).stack for n in hub} == hub
+    # negative control: without the stack, layer × role cells hold the thinker's and the talker's layers together
+    assert any(len(prefixes) > 1 for prefixes in _without_stack(cells).values())
+
+
+def _without_stack(cells: dict) -> dict:
+    merged: dict = {}
+    for (_, layer, role), prefixes in cells.items():
+        merged.setdefault((layer, role), set()).update(prefixes)
+    return merged

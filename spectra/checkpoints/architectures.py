@@ -115,7 +115,12 @@ _ROLE_REGEXES = tuple((re.compile(rf"(^|\.){pattern}$"), role) for pattern, role
 #   qformer        BLIP-2's and InstructBLIP's Q-Former, a BERT of its own between vision and text
 #   audio          an audio tower (Qwen2-Audio)
 #   projector      the layers that map another stack's features into the language model's
-STACKS = ("encoder", "vision", "vision_global", "qformer", "audio", "projector")
+#   talker         an Omni model's speech decoder (Qwen2.5-Omni's, Qwen3-Omni's talker.…), beside its thinker's
+#                  language model (the stack None) and numbered from 0 again
+#   code_predictor Qwen3-Omni's talker's second decoder (talker.code_predictor.…), numbered from 0 again
+#   vocoder        an Omni model's codes-to-waveform model (Qwen2.5-Omni's token2wav, Qwen3-Omni's code2wav, whose
+#                  pre_transformer.layers.N are q, k, v, o, gate, up, down as the language model's)
+STACKS = ("encoder", "vision", "vision_global", "qformer", "audio", "projector", "talker", "code_predictor", "vocoder")
 # The first rule whose pattern matches wins. Tower names match a whole segment anywhere (Idefics3 nests its vision
 # model under model., Gemma 3 its vision_model under vision_tower.); a projector's names are generic words, so they
 # match only at the top of the name, or under the model. that transformers-5 multimodal classes wrap it in:
@@ -133,6 +138,10 @@ _STACK_RULES: tuple[tuple[str, str], ...] = (
     (r"(^|\.)qformer(\.|$)", "qformer"),  # BLIP-2: qformer.encoder.layer.0… beside language_model…layers.0…
     (r"(^|\.)(audio_tower|audio_model|audio_encoder)(\.|$)", "audio"),
     (r"^(model\.)?(multi_modal_projector|mm_projector|connector|language_projection)(\.|$)", "projector"),
+    # Qwen2.5-Omni, Qwen3-Omni: the whole model's talker.…, token2wav.… / code2wav.… beside its thinker.…
+    (r"(^|\.)talker\.code_predictor(\.|$)", "code_predictor"),
+    (r"(^|\.)talker(\.|$)", "talker"),
+    (r"(^|\.)(token2wav|code2wav)(\.|$)", "vocoder"),
 )
 _STACK_REGEXES = tuple((re.compile(pattern), stack) for pattern, stack in _STACK_RULES)
 # In an encoder–decoder model (config.json's is_encoder_decoder: T5, BART, Whisper, Marian) the first of these

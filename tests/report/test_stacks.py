@@ -111,3 +111,59 @@ def test_every_label_takes_the_stacks_of_the_analysis_matrices(two_stacks, make_
     assert all(not label.startswith("vision") for label in [row[1] for row in tables.module_table(lone)[1]]
                + [e["label"] for e in tables.summary_rows(lone)])
     assert "stacks of layers" not in render.to_markdown(render.report_blocks(lone, figures=[]))
+
+
+# -- an Omni model: the thinker's language model beside its talker and the talker's code predictor -------------------
+
+TALKER = {"q": (5, (16, 16)), "v": (1, (8, 16)), "down": (4, (16, 32))}  # role -> (planted rank, shape)
+
+
+@pytest.fixture
+def omni(make_analysis) -> dict:
+    """The planted analysis (the thinker's language model, layers 0, 1) plus a Qwen-Omni talker's layers 0 and 1 and
+    its code predictor's layer 0, named as the whole model's checkpoint names them; stacks as module_info gives."""
+    from spectra.checkpoints.architectures import module_info
+
+    out = copy.deepcopy(make_analysis(layers=(0, 1)))
+    rng = np.random.default_rng(11)
+    for prefix, layers in (("talker.model.layers", (0, 1)), ("talker.code_predictor.model.layers", (0,))):
+        for layer in layers:
+            for role, (rank, shape) in TALKER.items():
+                name = f"{prefix}.{layer}.{'mlp' if role == 'down' else 'self_attn'}.{role}_proj"
+                s = planted_spectrum(rank + layer, shape, scale=2.0, rng=rng)
+                out["modules"].append(matrix_row(name, role, layer, shape, s, stack=module_info(name).stack))
+    return out
+
+
+def test_every_report_and_figure_keeps_the_talker_apart(omni, tmp_path):
+    """With a talker stack present the analysis report writes every figure and both pages; the heatmaps draw the
+    language model, the talker and the code predictor in panels of their own, the talker's layer-0 q alone in its
+    cell (it shared the thinker's, stack None); the per-role table names "talker q"; a sweep of it reads so too."""
+    from spectra.report.sweep import write_truncation_report
+    from tests.report.test_sweep_report import loss_point, sweep_like_the_review
+
+    assert tables.stacks_of(omni) == [None, "talker", "code_predictor"]
+    folder = render.write_report(omni, tmp_path / "report")
+    figures = {p.stem for p in (folder / "figures").glob("*.png")}
+    assert figures == set(plots.all_figures(omni)) and figures >= {"rank_heatmap", "decay"}
+    md, html = (folder / "report.md").read_text(), (folder / "report.html").read_text()
+    assert "3 stacks of layers (language model, talker, code_predictor)" in md and "talker q" in html
+    for plot in (plots.plot_rank_heatmap, plots.plot_relative_size_heatmap):
+        panels = [ax for ax in plot(omni).axes if ax.get_images()]
+        assert [ax.get_title(loc="left") for ax in panels] == ["language model", "talker", "code_predictor"]
+    talker = plots.plot_rank_heatmap(omni).axes[1]
+    (q0,) = [r for r in tables.matrix_rows(omni) if r["name"] == "talker.model.layers.0.self_attn.q_proj"]
+    assert [t.get_text() for t in talker.get_xticklabels()] == ["q", "v", "down"]
+    assert talker.get_images()[0].get_array()[0, 0] == q0["energy_rank"]["0.9"]
+    entries = {(e["stack"], e["role"]): e for e in tables.summary_rows(omni)}
+    assert (entries[("talker", "q")]["label"], entries[("talker", "q")]["modules"]) == ("talker q", 2)
+    assert entries[(None, "q")]["modules"] == 3  # the thinker's layers 0, 1 and the split c_attn[q], as before
+    assert entries[("code_predictor", "q")]["label"] == "code_predictor q"
+
+    sweep = sweep_like_the_review()
+    sweep["modules"].append({"name": q0["name"], "role": "q", "stack": "talker", "shape": [16, 16], "full_rank": 16,
+                             "plan_rank": 2})
+    sweep["points"] += [loss_point(group, rank, 2.9 - 0.001 * rank, 0.01, [0.0, 0.02])
+                        for group in ("q", "v", "talker q") for rank in (1, 2)]
+    md = (write_truncation_report(sweep, tmp_path / "sweep") / "report.md").read_text()
+    assert "Per role of each stack (language model, talker;" in md and "| talker q | tuned | 1 |" in md
