@@ -157,6 +157,10 @@ class PairEntry:
     conv1d: bool = False
     added_rows: int = 0
     expert_index: int | None = None  # slice of a 3-D (experts, out, in) tensor
+    # the tuned checkpoint's layout where it is not the base's (``conv1d``): True, it stores the expert (in, out)
+    # where the base stores it (out, in); False, the reverse (Qwen3-VL-MoE's hub experts against a fine-tune saved
+    # by transformers 5); None, as the base
+    tuned_conv1d: bool | None = None
     projections: tuple[Projection, ...] = ()
     adapter: AdapterDelta | None = None
 
@@ -194,6 +198,7 @@ class Pairing:
         self.notes: list[str] = []
         self.skipped: list[str] = []  # tensors skipped while iterating (non-finite)
         self.skipped_entries: dict[str, str] = {}  # entry name → why it was skipped (for caches to remember)
+        self._mixed_layouts: list[tuple[str, tuple[int, ...], str, tuple[int, ...]]] = []  # experts stored unlike
         self._filters = (compile_name_filter(self.options.include, option="include"),
                          compile_name_filter(self.options.exclude, option="exclude"))
         if isinstance(self.tuned, AdapterSource):
@@ -219,6 +224,13 @@ class Pairing:
         entries = []
         for b_name, t_name in match.pairs.items():
             entries.extend(self._entries_for(b_name, t_name))
+        if self._mixed_layouts:
+            b_name, b_shape, t_name, t_shape = self._mixed_layouts[0]
+            self.notes.append(
+                f"{len(self._mixed_layouts)} expert tensor(s) stored in another layout in the tuned checkpoint than "
+                f"in the base (e.g. {b_name} {b_shape} in the base, {t_name} {t_shape} in the tuned one: one stores "
+                "each expert (in, out), the other (out, in), as transformers loads both); each expert's ΔW is taken "
+                "as the model holds both sides, (out, in)")
         entries.extend(self._untied_heads(match))
         return self._dedupe_tied(entries)
 
@@ -262,14 +274,20 @@ class Pairing:
         common = dict(base_tensor=b_name, tuned_tensor=t_name, base_dtype=b.dtype, tuned_dtype=t.dtype)
         if len(b.shape) == 1:
             if b.shape != t.shape:
-                raise _shape_error(b_name, b.shape, t.shape, self.base, self.tuned)
+                raise _shape_error(b_name, b.shape, t.shape, self.base, self.tuned, t_name)
             owner = module_info(b_name.rpartition(".")[0], self.config)  # q_proj.bias belongs to q_proj
             return [PairEntry(name=b_name, info=owner, kind="vector", shape=b.shape, **common)]
         if len(b.shape) in (2, 3) and ".experts." in f".{b_name}." and not b_name.endswith(".weight"):
-            if b.shape != t.shape:  # stacked per-expert tensors: (experts, ·, ·) matrices or (experts, ·) biases
-                raise _shape_error(b_name, b.shape, t.shape, self.base, self.tuned)
+            # stacked per-expert tensors: (experts, ·, ·) matrices or (experts, ·) biases
             head, _, proj = module.rpartition(".")  # model.layers.0.mlp.experts . gate_up_proj
             in_out = experts_in_out(module, b.shape, self.config)  # x @ W[e]: (in, out)
+            tuned_in_out = experts_in_out(module, t.shape, self.config) if len(t.shape) == 3 else in_out
+            if _held(b.shape, in_out) != _held(t.shape, tuned_in_out):
+                raise _shape_error(b_name, b.shape, t.shape, self.base, self.tuned, t_name,
+                                   experts=len(b.shape) == 3 == len(t.shape))
+            if tuned_in_out != in_out:  # Qwen3-VL-MoE: the hub's (E, in, out) against transformers 5's (E, out, in)
+                common["tuned_conv1d"] = tuned_in_out
+                self._mixed_layouts.append((b_name, tuple(b.shape), t_name, tuple(t.shape)))
             out = []
             for e in range(b.shape[0]):
                 name = f"{head}.{e}.{proj}"
@@ -295,7 +313,7 @@ class Pairing:
         if b.shape != t.shape:
             rows_only = len(b.shape) == 2 and b.shape[1:] == t.shape[1:] and t.shape[0] > b.shape[0]
             if not (rows_only and info.role in ("embed", "head")):
-                raise _shape_error(b_name, b.shape, t.shape, self.base, self.tuned)
+                raise _shape_error(b_name, b.shape, t.shape, self.base, self.tuned, t_name)
             added = t.shape[0] - b.shape[0]
             self.notes.append(f"{module}: vocabulary resized, {added} rows added in tuned (ΔW over the "
                               f"{b.shape[0]} shared rows)")
@@ -455,7 +473,10 @@ class Pairing:
         if check and not self._finite(raw_tuned, _stored_name(entry.tuned_tensor, entry), self.tuned.spec,
                                       entry.name):
             return None
-        return _orient(raw_base, entry).to(device=opts.device), _orient(raw_tuned, entry).to(device=opts.device)
+        base, tuned = _orient(raw_base, entry), _orient(raw_tuned, entry, tuned=True)
+        if entry.tuned_conv1d is not None:  # stored the other way round: copied into the base's layout (one expert),
+            tuned = tuned.T.contiguous().T if entry.conv1d else tuned.contiguous()  # so the pair is subtracted chunked
+        return base.to(device=opts.device), tuned.to(device=opts.device)
 
     def _skip(self, entry_name: str, message: str) -> None:
         self.skipped.append(message)
@@ -641,19 +662,32 @@ def _stored_name(name: str, entry: PairEntry) -> str:
     return name if entry.expert_index is None else f"{name}[{entry.expert_index}]"
 
 
-def _orient(tensor: torch.Tensor, entry: PairEntry) -> torch.Tensor:
-    """Stored tensor (an expert's slice for an expert entry) → ``(out, in)`` matrix (or the vector as is)."""
+def _orient(tensor: torch.Tensor, entry: PairEntry, *, tuned: bool = False) -> torch.Tensor:
+    """Stored tensor (an expert's slice for an expert entry) → ``(out, in)`` matrix (or the vector as is).
+
+    ``tuned``: the tuned checkpoint's tensor, stored as ``entry.tuned_conv1d`` says where that is not the base's."""
     if entry.kind == "vector":
         return tensor
     if tensor.dim() > 2:
         tensor = tensor.reshape(tensor.shape[0], -1)
-    return tensor.T if entry.conv1d else tensor  # Conv1D stores (in, out)
+    conv1d = entry.tuned_conv1d if tuned and entry.tuned_conv1d is not None else entry.conv1d
+    return tensor.T if conv1d else tensor  # Conv1D stores (in, out)
 
 
-def _shape_error(name, b_shape, t_shape, base, tuned) -> PairingError:
-    return PairingError(f"tensor {name} has shape {tuple(b_shape)} in {base.spec} but {tuple(t_shape)} in "
-                        f"{tuned.spec}: the checkpoints are different architectures or sizes. Only a resized "
-                        "vocabulary (extra embedding/head rows in tuned) is paired across shapes.")
+def _held(shape: tuple[int, ...], in_out: bool) -> tuple[int, ...]:
+    """A stored expert tensor's shape as the model holds it: (E, out, in) matrices (from (E, in, out) where
+    `in_out`), (E, d) biases as stored."""
+    return (shape[0], shape[2], shape[1]) if in_out and len(shape) == 3 else tuple(shape)
+
+
+def _shape_error(name, b_shape, t_shape, base, tuned, t_name=None, *, experts=False) -> PairingError:
+    tuned_name = "" if t_name in (None, name) else f"{t_name} "
+    layouts = (" (read as the model holds each expert, (out, in), whichever way round each checkpoint stores it)"
+               if experts else "")
+    return PairingError(f"tensor {name} has shape {tuple(b_shape)} in {base.spec} but {tuned_name}"
+                        f"{tuple(t_shape)} in {tuned.spec}{layouts}: the checkpoints are different architectures or "
+                        "sizes. Only a resized vocabulary (extra embedding/head rows in tuned) is paired across "
+                        "shapes.")
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
