@@ -164,6 +164,11 @@ class PairEntry:
     projections: tuple[Projection, ...] = ()
     adapter: AdapterDelta | None = None
 
+    @property
+    def tuned_stored_conv1d(self) -> bool:
+        """Whether the tuned checkpoint stores this matrix (in, out): ``tuned_conv1d``, else as the base."""
+        return self.conv1d if self.tuned_conv1d is None else self.tuned_conv1d
+
 
 class Pairing:
     """The planned pairs of a base and a tuned checkpoint; iterate to stream ΔW.
@@ -665,13 +670,12 @@ def _stored_name(name: str, entry: PairEntry) -> str:
 def _orient(tensor: torch.Tensor, entry: PairEntry, *, tuned: bool = False) -> torch.Tensor:
     """Stored tensor (an expert's slice for an expert entry) → ``(out, in)`` matrix (or the vector as is).
 
-    ``tuned``: the tuned checkpoint's tensor, stored as ``entry.tuned_conv1d`` says where that is not the base's."""
+    ``tuned``: the tuned checkpoint's tensor, stored as ``entry.tuned_stored_conv1d`` says."""
     if entry.kind == "vector":
         return tensor
     if tensor.dim() > 2:
         tensor = tensor.reshape(tensor.shape[0], -1)
-    conv1d = entry.tuned_conv1d if tuned and entry.tuned_conv1d is not None else entry.conv1d
-    return tensor.T if conv1d else tensor  # Conv1D stores (in, out)
+    return tensor.T if (entry.tuned_stored_conv1d if tuned else entry.conv1d) else tensor  # Conv1D stores (in, out)
 
 
 def _held(shape: tuple[int, ...], in_out: bool) -> tuple[int, ...]:

@@ -157,7 +157,8 @@ def test_each_expert_is_the_difference_transformers_loads_in_any_pair_of_layouts
 def test_mixed_pair_chunked_route_with_weights_and_norms(base_layout, tuned_layout, monkeypatch, tmp_path):
     """bfloat16 checkpoints through the chunked float32 subtraction (one norm block a chunk, experts of 9216 and
     4608 elements: hidden 64, moe_ffn 72): ΔW is still the loaded difference, the attached weights are the loaded
-    parameters (up-cast, and as stored), and the norms taken on the way are ‖ΔW‖_F² and ‖W_base‖_F² in float64."""
+    parameters (up-cast, and as stored), and the norms taken on the way are ‖ΔW‖_F² and ‖W_base‖_F² in
+    float64."""
     import spectra.checkpoints.pairing as pairing_module
     from spectra.linalg.sketch import _BLOCK
 
@@ -182,6 +183,36 @@ def test_mixed_pair_chunked_route_with_weights_and_norms(base_layout, tuned_layo
                 assert d.delta_sq is not None and d.base_sq is not None, d.name  # the chunked route took them
                 assert d.delta_sq == pytest.approx(float(exact[0]), rel=1e-6), d.name
                 assert d.base_sq == pytest.approx(float(exact[1]), rel=1e-6), d.name
+
+
+@pytest.mark.parametrize("base_layout, tuned_layout", MIXED)
+def test_mixed_pair_nan_in_a_tuned_expert_is_named_and_skipped(base_layout, tuned_layout, monkeypatch, tmp_path):
+    """A NaN in expert 1 of the tuned checkpoint's stored gate_up_proj, on the chunked bfloat16 route (whose norms
+    stand in for the scan): refused naming that expert's stored tensor, or with on_nonfinite='skip' that expert alone
+    is skipped and every other is still the loaded difference."""
+    import spectra.checkpoints.pairing as pairing_module
+    from safetensors.torch import load_file, save_file
+    from spectra.errors import NonFiniteWeightError
+    from spectra.linalg.sketch import _BLOCK
+
+    base = _model(seed=3, hidden_size=64, moe_intermediate_size=72).to(torch.bfloat16)
+    layouts = _layouts(tmp_path, base, _fine_tune(base, seed=300))
+    b, t = layouts[base_layout][0], layouts[tuned_layout][1]
+    b_state, t_state = _loaded(b), _loaded(t)
+    key = MOE.format(0, "gate_up_proj")
+    state = load_file(t / "model.safetensors")
+    state[key][1, 5, 7] = float("nan")
+    save_file(state, t / "model.safetensors", metadata={"format": "pt"})
+    monkeypatch.setattr(pairing_module, "_CHUNK", _BLOCK)
+    with pytest.raises(NonFiniteWeightError, match=rf"tensor {key}\[1\] in {t}"):
+        list(Pairing(b, t, PairingOptions(vectors=False)))
+    pairing = Pairing(b, t, PairingOptions(vectors=False, on_nonfinite="skip", split_fused=False))
+    deltas = _by_name(pairing)
+    assert set(pairing.skipped_entries) == {_expert(key, 1)} and _expert(key, 1) not in deltas
+    for k in EXPERTS:
+        for e in range(3):
+            if (k, e) != (key, 1):
+                assert torch.equal(deltas[_expert(k, e)].delta, t_state[k][e].float() - b_state[k][e].float())
 
 
 def test_another_size_is_still_refused_naming_both_tensors_and_shapes(moe, tmp_path):
