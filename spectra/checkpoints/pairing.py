@@ -4,7 +4,8 @@ Every matrix ΔW comes out oriented like ``torch.nn.Linear.weight``, ``(out, in)
 upcast to float32 (or float64) *before* subtracting. The pairing handles prefix
 differences between model classes, Conv1D transposition, fused projections (split
 per projection, GQA-aware, with the fused whole kept), tied embeddings, resized
-vocabularies, 3-D MoE expert tensors, and a PEFT adapter as the tuned side.
+vocabularies, 3-D MoE expert tensors (each side in its own stored layout: Qwen3-VL-MoE's
+hub (E, in, out) against transformers 5's (E, out, in)), and a PEFT adapter as the tuned side.
 
 Only metadata is read when a :class:`Pairing` is built; tensors are read one pair at
 a time while iterating, so peak memory is a few tensors whatever the model's size.
@@ -185,7 +186,8 @@ class Pairing:
     ------
     PairingError
         No common tensors (mismatched architectures), a shape mismatch on a shared name
-        (other than a resized vocabulary), ambiguous names.
+        (other than a resized vocabulary, or 3-D experts stored transposed on one side, which
+        transformers loads as the same model), ambiguous names.
     AdapterError
         An adapter whose modules or shapes do not fit the base.
     """
