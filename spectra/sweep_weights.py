@@ -104,6 +104,7 @@ class ModelWeights:
         if not self.targets:
             raise ConfigError(_nothing_to_truncate(entries, plan, self.pairing.options.roles, base, tuned,
                                                    type(model).__name__))
+        self._base_t: set[str] = set()  # non-target keys whose base tensor is stored transposed from the fine-tune's
         targeted = self._filled_keys()  # keys the targets fill whole
         fused_keys = {key for key, _ in fused.values()}
         self.non_target = self._non_targets(targeted)
@@ -126,7 +127,7 @@ class ModelWeights:
         """
         key_of = {name: key for key, name in self._tuned_names.items()}  # tuned checkpoint name -> model key
         expert_slices = {(s.tensor, s.stored_expert): s.place for slices in stacked.values() for s in slices}
-        experts = {e.name: (torch.empty(e.shape, device="meta"), e.conv1d,  # one expert of a stored 3-D tensor
+        experts = {e.name: (torch.empty(e.shape, device="meta"), e.tuned_stored_conv1d,  # one expert of a 3-D tensor
                             expert_slices[e.tuned_tensor, e.expert_index])
                    for e in entries if (e.tuned_tensor, e.expert_index) in expert_slices}
         stacked_places, _ = weight_places(experts, dict(model.named_parameters()))
@@ -143,7 +144,8 @@ class ModelWeights:
                 unplaced.append(e.name)
                 continue
             targets.append(Target(e.name, e.info.role, e.info.stack, tuple(e.shape), e.base_tensor, e.tuned_tensor,
-                                  key, e.conv1d, e, place, plan_rank=None if planned is None else planned[e.name]))
+                                  key, e.tuned_stored_conv1d, e, place,
+                                  plan_rank=None if planned is None else planned[e.name]))
         if unplaced:  # no parameter of its name, and no slice of one that spectra can locate
             self.notes.append(_unplaced_note(unplaced, refused, type(model).__name__, planned=planned is not None))
         return targets
@@ -160,11 +162,23 @@ class ModelWeights:
         non_target = [k for k in self.state if k not in targeted and k in self._tuned_names]
         for key in non_target:
             name = self._base_names.get(key)
-            if name is None or tuple(self.pairing.base.info(name).shape) != tuple(self._stored_view(key).shape):
+            if name is not None and self._base_transposed(key, name):
+                self._base_t.add(key)
+            elif name is None or tuple(self.pairing.base.info(name).shape) != tuple(self._stored_view(key).shape):
                 self._base_names.pop(key, None)
                 self.notes.append(f"{key}: absent from the base (or resized); taken from the fine-tune in every "
                                   "configuration.")
         return non_target
+
+    def _base_transposed(self, key: str, name: str) -> bool:
+        """Whether the base stores 3-D experts `name` each transposed from the fine-tune's (Qwen3-VL-MoE's hub layout
+        against transformers 5's), as pairing reads them."""
+        from spectra.checkpoints.architectures import experts_in_out
+
+        b, t = tuple(self.pairing.base.info(name).shape), tuple(self.pairing.tuned.info(self._tuned_names[key]).shape)
+        module, config = name.removesuffix(".weight"), self.pairing.config
+        return (len(b) == 3 and ".experts." in f".{name}." and b == (t[0], t[2], t[1]) and b != t
+                and experts_in_out(module, b, config) != experts_in_out(module, t, config))
 
     def _stored_view(self, key: str) -> torch.Tensor:
         """The model's tensor of `key` in its checkpoint tensor's stored layout: itself, or a transposed view."""
@@ -211,7 +225,9 @@ class ModelWeights:
                 source, name = ((self.pairing.base, self._base_names[key])
                                 if non_target == "base" and key in self._base_names
                                 else (self.pairing.tuned, self._tuned_names[key]))
-                self._stored_view(key).copy_(source.read(name))
+                value = source.read(name)
+                self._stored_view(key).copy_(value.transpose(1, 2) if key in self._base_t and source is
+                                             self.pairing.base else value)
             for key, value in self._fused_for(non_target).items():
                 self.state[key].copy_(value)
             for slot in self.slots:
@@ -274,6 +290,8 @@ class ModelWeights:
             return tuned if expert is None else tuned[expert]
         base = read("base", target.base_tensor)
         base = base if expert is None else base[expert]
+        if target.entry.tuned_conv1d is not None:  # the base stores the expert the other way round: as the fine-tune
+            base = base.T
         if rank == 0:
             return base
         U, S, Vw = target.factors

@@ -142,3 +142,33 @@ def test_untargeted_and_partly_targeted_experts_follow_the_non_targets_as_loaded
         np.testing.assert_allclose(weights.state[key][2].double().numpy(),
                                    _truncated(base[key][2], tuned[key][2], 1), rtol=0, atol=1e-6)
         assert torch.equal(weights.state[key][:2], reference[key][:2]), (layout, side)
+
+
+@pytest.mark.parametrize("mix", [("hub", "transformers 5"), ("transformers 5", "hub")], ids=["hub base", "t5 base"])
+def test_a_base_and_fine_tune_stored_in_different_layouts_are_truncated_as_loaded(moe_layouts, mix):
+    """A hub base fine-tuned and saved by transformers 5 stores its experts the other way round: the sweep found their
+    places by the fine-tune's layout and oriented them by the base's, so it left every expert untruncated ('no place')
+    and took them from the fine-tune where the non-targets should be the base's ('absent from the base')."""
+    b, t = moe_layouts[mix[0]][0], moe_layouts[mix[1]][1]
+    base, tuned = _loaded(b), _loaded(t)
+    w = _weights(b, t, roles=("gate_up", "down"))
+    assert not any("no place" in n or "absent" in n for n in w.notes), w.notes
+    assert len([x for x in w.targets if ".experts." in x.name]) == 12
+    full, zero = tuple(x.full_rank for x in w.targets), (0,) * len(w.targets)
+    for ranks, side in ((zero, "base"), (full, "tuned"), (full, "base"), (zero, "tuned")):
+        w.apply(ranks, non_target=side)
+        for key, value in w.state.items():
+            expected = (tuned if (ranks == full if ".experts." in key else side == "tuned") else base)[key]
+            assert torch.equal(value, expected), (ranks[0], side, key)
+    for rank in (1, 2):
+        w.apply((rank,) * len(full), non_target="tuned")
+        for key in KEYS:
+            for e in range(3):
+                np.testing.assert_allclose(w.state[key][e].double().numpy(),
+                                           _truncated(base[key][e], tuned[key][e], rank), rtol=0, atol=1e-6)
+    w = _weights(b, t, roles=("q",))  # experts untargeted: they follow the non-targets, base's as loaded
+    assert not any("absent" in n for n in w.notes), w.notes
+    for side, ref in (("base", base), ("tuned", tuned), ("base", base)):
+        w.apply(tuple(x.full_rank for x in w.targets), non_target=side)
+        for key in KEYS:
+            assert torch.equal(w.state[key], ref[key]), (side, key)
