@@ -283,16 +283,19 @@ def _refuse_other_blocks(cfg: dict, mtype: str, shape: ModelShape, base_model=No
         if isinstance(base_class, str):
             raise ConfigError(f"model_type {mtype}: transformers' {base_class} cannot be built from this config (on "
                               "the meta device), so spectra's memory model cannot check that its blocks are ones it "
-                              "describes (Llama-like: Llama, Mistral, Qwen2, Gemma, Phi-3, Granite, Helium, "
-                              "ERNIE 4.5, Ministral, SmolLM3, GLM; Mixtral-style MoE; GPT-2; BERT) and will not read "
+                              f"describes ({_LLAMA_LIKE_DESCRIBED}; Mixtral-style MoE; GPT-2; BERT) and will not read "
                               "it as Llama-like; transformers' AutoConfig.for_model and "
                               f"{base_class}(config) show what fails.")
         return
     _refuse_unless_built_holds(model, shape.params - shape.head_params, mtype=mtype, model_class=base_class,
                                counted_as="(no LM head): its blocks differ from the families the memory model "
-                                          "describes (Llama-like: Llama, Mistral, Qwen2, Gemma, Phi-3, Granite, "
-                                          "Helium, ERNIE 4.5, Ministral, SmolLM3, GLM; Mixtral-style "
-                                          "MoE: Mixtral, PhiMoE, GraniteMoE, MiniMax; GPT-2; BERT)")
+                                          f"describes ({_LLAMA_LIKE_DESCRIBED}; Mixtral-style MoE: Mixtral, PhiMoE, "
+                                          "GraniteMoE, MiniMax; GPT-2; BERT)")
+
+
+# the dense Llama-like families the memory model is checked on, as its refusals list them
+_LLAMA_LIKE_DESCRIBED = ("Llama-like: Llama, Mistral, Qwen2, Gemma, Phi-3, Granite, Helium, ERNIE 4.5, Ministral, "
+                         "SmolLM3, GLM")
 
 
 def _llama(cfg: dict, mtype: str, base_model) -> ModelShape:
