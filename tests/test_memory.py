@@ -823,7 +823,8 @@ def test_mixtral_keeps_the_weights_peft_merges_per_layer(family, precision, role
     for layers in (1, 2):
         config = _config(family, layers, "sdpa")
         torch.manual_seed(0)
-        model = getattr(tf, _CLASSES.get(config.model_type, ("", "MixtralForCausalLM"))[1])(config).to({"bf16": torch.bfloat16, "fp32": torch.float32}[precision])
+        model_class = getattr(tf, _CLASSES.get(config.model_type, ("", "MixtralForCausalLM"))[1])
+        model = model_class(config).to({"bf16": torch.bfloat16, "fp32": torch.float32}[precision])
         model = get_peft_model(model, LoraConfig(r=4, **lora)).train()
         measured.append(saved_bytes(model, lambda m: _loss(m, 2, 16)))
         modelled.append(estimate_memory(config, method="lora", rank_plan_or_rank=4, batch=2, seq_len=16,

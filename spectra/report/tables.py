@@ -508,7 +508,8 @@ def rank_picture(analysis: Mapping, *, stacks: list | None = None) -> str:
     split = fused_wholes(rows)
     whole_groups = ({group_of(r) for r in rows if r["name"] in split}
                     - {group_of(r) for r in rows if r["name"] not in split})
-    left_out = unchanged_text(analysis, stacks=stacks)  # the sentence beside the per-role table (role_table_note), word for word
+    # the sentence beside the per-role table (role_table_note), word for word
+    left_out = unchanged_text(analysis, stacks=stacks)
     rows = by_projection(rows)  # a fused tensor counts once: through its projections
     if rows and all(unchanged(r) for r in rows):
         return (f"All {len(rows)} weight matrices are unchanged (ΔW = 0): the two checkpoints hold the same values "

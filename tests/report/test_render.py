@@ -201,4 +201,3 @@ def test_a_report_finds_the_stacks_of_its_analysis_once(tmp_path, monkeypatch, m
     assert len(calls) == 1
     assert (out / "report.md").read_text() == render.to_markdown(render.report_blocks(analysis, figures=FIGURES))
     assert len(calls) == 2  # negative control: report_blocks called alone computes them itself
-
