@@ -88,17 +88,22 @@ _MODEL_CLASSES = {
 }
 
 
-def build_model(family: str, *, head: bool = True, seed: int = 0):
-    """A model of ``family`` with weights on the 2⁻¹² grid (base class if ``head=False``)."""
-    import transformers as tf
-
+def on_grid(cls, config, *, seed: int = 0):
+    """``cls(config)`` in eval mode, initialised after ``torch.manual_seed(seed)``, every parameter rounded to the
+    2⁻¹² grid."""
     torch.manual_seed(seed)
-    cls = getattr(tf, _MODEL_CLASSES[family][1 if head else 0])
-    model = cls(tiny_config(family)).eval()
+    model = cls(config).eval()
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(torch.round(p / GRID) * GRID)
     return model
+
+
+def build_model(family: str, *, head: bool = True, seed: int = 0):
+    """A model of ``family`` with weights on the 2⁻¹² grid (base class if ``head=False``)."""
+    import transformers as tf
+
+    return on_grid(getattr(tf, _MODEL_CLASSES[family][1 if head else 0]), tiny_config(family), seed=seed)
 
 
 def low_rank(out_features: int, in_features: int, rank: int, *, seed: int) -> torch.Tensor:

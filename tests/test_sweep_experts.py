@@ -24,7 +24,7 @@ import torch
 from spectra.sweep_weights import ModelWeights
 from tests.checkpoints.test_more_architectures import pair
 from tests.checkpoints.test_qwen_vl import _transposed_experts, tiny
-from tests.models import GRID
+from tests.models import GRID, on_grid
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 EXPERTS = "model.language_model.layers.{}.mlp.experts.{}"
@@ -37,12 +37,7 @@ def _moe(ffn: int):
 
     config = copy.deepcopy(tiny("qwen3_vl_moe").config)
     config.text_config.moe_intermediate_size = ffn
-    torch.manual_seed(0)
-    model = tf.Qwen3VLMoeForConditionalGeneration(config).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.round(p / GRID) * GRID)
-    return model
+    return on_grid(tf.Qwen3VLMoeForConditionalGeneration, config)
 
 
 def _fine_tune(base):

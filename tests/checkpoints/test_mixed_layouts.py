@@ -26,7 +26,7 @@ from spectra.lora.extract import extract_adapter
 from tests.checkpoints.test_more_architectures import pair
 from tests.checkpoints.test_qwen_vl import MOE, _transposed_experts, tiny
 from tests.lora.test_extract import merged_state
-from tests.models import GRID, add_to_parameter, low_rank
+from tests.models import add_to_parameter, low_rank, on_grid
 
 LAYOUTS = ("transformers 5", "hub")
 MIXED = [("hub", "transformers 5"), ("transformers 5", "hub")]  # (base's layout, tuned's)
@@ -55,12 +55,7 @@ def _model(seed: int, **text):
     for key, value in text.items():
         setattr(config.text_config, key, value)
     config.vision_config.out_hidden_size = config.text_config.hidden_size
-    torch.manual_seed(seed)
-    model = tf.Qwen3VLMoeForConditionalGeneration(config).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.round(p / GRID) * GRID)
-    return model
+    return on_grid(tf.Qwen3VLMoeForConditionalGeneration, config, seed=seed)
 
 
 def _fine_tune(base, seed: int = 0):

@@ -27,7 +27,7 @@ from spectra.checkpoints.pairing import Pairing, PairingOptions
 from spectra.lora.extract import extract_adapter
 from tests.checkpoints.test_pairing import F64, assert_exact
 from tests.lora.test_extract import merged_state
-from tests.models import GRID, add_to_parameter, low_rank, save
+from tests.models import add_to_parameter, low_rank, on_grid, save
 
 
 def tiny(family: str, **overrides):
@@ -58,12 +58,7 @@ def tiny(family: str, **overrides):
     else:
         raise ValueError(family)
     config._attn_implementation = "eager"
-    torch.manual_seed(0)
-    model = cls(config).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.round(p / GRID) * GRID)
-    return model
+    return on_grid(cls, config)
 
 
 def linears(model) -> list[str]:
@@ -211,11 +206,16 @@ def _planted(base, planted: dict, *, conv1d=()):
     return tuned, deltas
 
 
+def _planted_pair(root, family: str, planted: dict, *, conv1d=()):
+    """:func:`tiny` `family` and its :func:`_planted` fine-tune saved under `root`: (base, tuned, deltas, b, t)."""
+    base = tiny(family)
+    tuned, deltas = _planted(base, planted, conv1d=conv1d)
+    return base, tuned, deltas, *pair(root, base, tuned)
+
+
 @pytest.fixture(scope="module")
 def blip2_pair(tmp_path_factory):
-    base = tiny("blip2")
-    tuned, deltas = _planted(base, BLIP2_PLANTED)
-    return base, tuned, deltas, *pair(tmp_path_factory.mktemp("blip2"), base, tuned)
+    return _planted_pair(tmp_path_factory.mktemp("blip2"), "blip2", BLIP2_PLANTED)
 
 
 def test_blip2_pairing_is_the_planted_update_with_the_vision_qkv_split(blip2_pair):
@@ -282,9 +282,7 @@ GPT2_PLANTED = {"transformer.h.0.crossattention.c_attn": ((0, 32), 1), "transfor
 
 @pytest.fixture(scope="module")
 def gpt2_cross_pair(tmp_path_factory):
-    base = tiny("gpt2_cross")
-    tuned, deltas = _planted(base, GPT2_PLANTED, conv1d=set(GPT2_PLANTED))
-    return base, tuned, deltas, *pair(tmp_path_factory.mktemp("gpt2-cross"), base, tuned)
+    return _planted_pair(tmp_path_factory.mktemp("gpt2-cross"), "gpt2_cross", GPT2_PLANTED, conv1d=set(GPT2_PLANTED))
 
 
 def test_gpt2_cross_attention_pairing_is_the_planted_update(gpt2_cross_pair):
@@ -390,9 +388,7 @@ SWITCH_PLANTED = {"decoder.block.1.layer.2.mlp.experts.expert_1.wi": (None, 2),
 
 @pytest.fixture(scope="module")
 def switch_pair(tmp_path_factory):
-    base = tiny("switch")
-    tuned, deltas = _planted(base, SWITCH_PLANTED)
-    return base, tuned, deltas, *pair(tmp_path_factory.mktemp("switch"), base, tuned)
+    return _planted_pair(tmp_path_factory.mktemp("switch"), "switch", SWITCH_PLANTED)
 
 
 def test_switch_pairing_is_the_planted_update(switch_pair):

@@ -34,7 +34,7 @@ from tests.checkpoints.test_adapter_pairing import check_renamed_against_merge
 from tests.checkpoints.test_more_architectures import _planted, linears, pair
 from tests.checkpoints.test_pairing import F64, assert_exact
 from tests.lora.test_extract import merged_state
-from tests.models import GRID, add_to_parameter, low_rank, random_adapter
+from tests.models import add_to_parameter, low_rank, on_grid, random_adapter
 
 FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 # Qwen3-VL's tower beside an MoE language model (Qwen3-VL-MoE), a hybrid linear-attention one (Qwen3.5), both (-MoE);
@@ -108,12 +108,7 @@ def tiny(family: str):
     else:
         raise ValueError(family)
     config._attn_implementation = "eager"
-    torch.manual_seed(0)
-    model = cls(config).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.round(p / GRID) * GRID)
-    return model
+    return on_grid(cls, config)
 
 
 def stored(family: str, name: str) -> str:
