@@ -17,9 +17,8 @@ from matplotlib.figure import Figure
 from spectra.errors import ConfigError
 from spectra.groups import curve_name, stacks_in
 from spectra.ranks.functional import role_curves, unreached_curves
-from spectra.report.render import plain
+from spectra.report.render import plain, write_bundle
 from spectra.report.tables import num, stack_label
-from spectra.report.verify import write_bundle
 
 _STYLE = {"tuned": dict(color="tab:blue", marker="o"), "base": dict(color="tab:orange", marker="s")}
 _STACK_LINES = ("-", "--", ":", "-.")  # role curves of the language model, then of each other stack (report order)
