@@ -7,9 +7,10 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from spectra.report.plots import plot_decay, plot_rank_heatmap
+from spectra.report.render import write_bundle
 from spectra.report.sweep import plot_truncation_curve
 from spectra.report.tables import num, pct
-from spectra.report.verify import plot_sweep_energy, plot_sweep_eval, write_bundle
+from spectra.report.verify import plot_sweep_energy, plot_sweep_eval
 
 
 def write_demo_report(summary: Mapping, analysis: Mapping, sweep: Mapping, out_dir, *,

@@ -184,7 +184,7 @@ def test_report_of_an_unchanged_pair_says_so_instead_of_a_table(tmp_path, analys
 
 def test_a_report_finds_the_stacks_of_its_analysis_once(tmp_path, monkeypatch, make_analysis):
     """Every label of the report takes the analysis's stacks (tables.stacks_of, a pass over its validated rows): the
-    tables, sentences and figures each computed them again, a dozen times a report. The report computes them once and
+    tables, sentences and figures each computed them again, 8 times for this analysis. The report computes them once and
     passes them on; its files are those of the functions called alone (the tests above, and each table's own)."""
     from spectra.report import plots, tables
 
