@@ -336,7 +336,8 @@ def plan_adapter(adapter, base, config: dict[str, Any] | None) -> tuple[list[Ada
         # a convolution's kernel (out, in, k…) is read flattened, (out, in·k…), as pairing reads it; PEFT's LoRA on
         # it holds A as a convolution of that kernel (r, in, k…) and B as a 1×…×1 one (out, r, 1…)
         kernel = tuple(info.shape[2:])
-        conv1d = not kernel and (is_conv1d(module, config) or bool(cfg.get("fan_in_fan_out") and is_conv1d(module, None)))
+        conv1d = not kernel and (is_conv1d(module, config)
+                                 or bool(cfg.get("fan_in_fan_out") and is_conv1d(module, None)))
         shape = (info.shape[1], info.shape[0]) if conv1d else (info.shape[0], math.prod(info.shape[1:]))
         embedding = "emb_A" in parts
         scaling, dtype = 1.0, info.dtype

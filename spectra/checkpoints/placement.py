@@ -222,7 +222,7 @@ def weight_places(weights: Mapping, params: Mapping[str, torch.Tensor]) -> tuple
 
     `weights` maps a checkpoint module name to ``(W, conv1d, update)``: W (or anything with
     its ``shape``) oriented (out, in), and ``update`` None or what names its slice of a
-    parameter (``parameter``, ``expert``, ``rows``: a :class:`ParameterSlice`, or an adapter's
+    parameter (``parameter``, ``expert``, ``rows``, ``stored_transposed``: a :class:`ParameterSlice`, or an adapter's
     :class:`~spectra.checkpoints.adapter.ExpertUpdate`). A module's weight is the parameter of
     its name up to a prefix (``match_names``). A slice lies in the parameter transformers fuses
     the checkpoint tensor into on loading, as its conversion table says: expert e of a 3-D
@@ -249,7 +249,7 @@ def weight_places(weights: Mapping, params: Mapping[str, torch.Tensor]) -> tuple
                 place = place[update.expert]  # (E, d₁, d₂) -> (d₁, d₂)
             if place is not None and update.rows is not None:
                 place = place[update.rows[0]:update.rows[1]]  # this tensor's rows of the fused W[e]
-            if place is not None and getattr(update, "stored_transposed", False):
+            if place is not None and update.stored_transposed:
                 place = place.T  # (d₁, d₂) -> (d₂, d₁), as stored
         if place is None or tuple(place.shape) != (tuple(W.shape)[::-1] if conv1d else tuple(W.shape)):
             unplaced.append(name)

@@ -205,7 +205,8 @@ def test_two_adapter_modules_claiming_one_base_tensor_are_refused_by_name(tmp_pa
     tensors = {k.replace("model.layers.0", "layers.0"): v for k, v in load_file(file).items()}
     save_file(tensors, file, metadata={"format": "pt"})
     assert [e.name for e in Pairing(base_dir, tmp_path / "ad").entries] == ["model.layers.0.mlp.up_proj"]
-    save_file(tensors | {k.replace("layers.0", "0"): v.clone() for k, v in tensors.items()}, file, metadata={"format": "pt"})
+    save_file(tensors | {k.replace("layers.0", "0"): v.clone() for k, v in tensors.items()}, file,
+              metadata={"format": "pt"})
     with pytest.raises(AdapterError, match=r"modules (0|layers\.0)\.mlp\.up_proj, (layers\.)?0\.mlp\.up_proj all match "
                        "one tensor"):
         Pairing(base_dir, tmp_path / "ad")
