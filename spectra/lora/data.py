@@ -53,9 +53,9 @@ DEFAULT_MAX_LENGTH = 128  # covers sentence classification; longer costs quadrat
 # max_position_embeddings rows holds max_position_embeddings − pad_token_id − 1 tokens (514 → 512)
 _POSITIONS_AFTER_PADDING = frozenset({"roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "data2vec-text",
                                       "ibert", "longformer", "mpnet", "roberta-prelayernorm", "xmod", "luke", "esm"})
-# config keys of rotary position encodings (transformers 5 writes rope_parameters, older configs rope_theta)
 # an encoder-decoder's tables of learned positions, one per stack (LED), where there is no max_position_embeddings
 _STACK_POSITION_KEYS = ("max_encoder_position_embeddings", "max_decoder_position_embeddings")
+# config keys of rotary position encodings (transformers 5 writes rope_parameters, older configs rope_theta)
 _ROTARY_KEYS = ("rope_parameters", "rope_theta", "rope_scaling", "rotary_dim", "rotary_pct", "rotary_emb_base",
                 "partial_rotary_factor")
 # position_embedding_type values that replace the table of learned positions with rotary ones (ESM: "rotary",
@@ -317,11 +317,7 @@ def _table_rows(path: Path, delimiter: str, *, task: str) -> list[tuple[int, dic
             needed = "text and label" if task == "seq_cls" else "text (and label, for classification)"
             raise ConfigError(f"data file {path}: the header row names the columns {header}; it must name {needed}.")
         for row in reader:
-            if None in row:  # DictReader's key for the fields beyond the header
-                raise ConfigError(f"data file {path}, line {reader.line_num}: {len(header) + len(row[None])} fields "
-                                  f"under a header of {len(header)}; " + ("a TSV text cannot hold a tab or a line "
-                                  "break (save it as .jsonl)." if tsv else "quote a text that holds the delimiter "
-                                  f"({delimiter!r}) in double quotes."))
+            _check_width(path, reader, row, delimiter)
             if row["text"] is None:  # a short row: DictReader fills the missing fields with None
                 raise ConfigError(f"data file {path}, line {reader.line_num}: no text field; each row needs the "
                                   f"{len(header)} fields the header names.")
@@ -350,14 +346,20 @@ def _table_pairs(path: Path, reader: csv.DictReader, *, tsv: bool) -> list[tuple
                           "(task seq2seq_lm) needs the columns source and target.")
     rows = []
     for row in reader:
-        if None in row:  # DictReader's key for the fields beyond the header
-            raise ConfigError(f"data file {path}, line {reader.line_num}: {len(header) + len(row[None])} fields "
-                              f"under a header of {len(header)}; " + ("a TSV cell cannot hold a tab or a line "
-                              "break (save it as .jsonl)." if tsv else "quote a text that holds the delimiter in "
-                              "double quotes."))
+        _check_width(path, reader, row, "\t" if tsv else ",")
         record = _pair(path, reader.line_num, row, what="column")  # a short row leaves a field None
         rows.append((reader.line_num, {k: _unquote(v) for k, v in record.items()} if tsv else record))
     return rows
+
+
+def _check_width(path: Path, reader: csv.DictReader, row: dict, delimiter: str) -> None:
+    """Refuse a table row with more fields than its header names (DictReader keeps the extra ones under None)."""
+    if None in row:
+        header = reader.fieldnames or []
+        raise ConfigError(f"data file {path}, line {reader.line_num}: {len(header) + len(row[None])} fields under a "
+                          f"header of {len(header)}; " + ("a TSV text cannot hold a tab or a line break (save it as "
+                          ".jsonl)." if delimiter == "\t" else f"quote a text that holds the delimiter ({delimiter!r}) "
+                          "in double quotes."))
 
 
 def _unquote(field: str) -> str:

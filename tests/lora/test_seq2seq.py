@@ -113,6 +113,10 @@ def test_tables_read_as_the_same_pairs_as_json_lines(tmp_path, suffix, delimiter
     table.write_text(f"source{delimiter}label\na{delimiter}b\n")
     with pytest.raises(ConfigError, match="needs the columns source and target"):
         read_records(table, task="seq2seq_lm")
+    table.write_text(f"source{delimiter}target\na{delimiter}b{delimiter}c\n")  # a row wider than the header
+    advice = "a TSV text cannot hold a tab" if delimiter == "\t" else r"quote a text that holds the delimiter \(','\)"
+    with pytest.raises(ConfigError, match=rf"p\{suffix}, line 2: 3 fields under a header of 2; {advice}"):
+        read_records(table, task="auto")
 
 
 def test_auto_is_seq2seq_for_an_encoder_decoder_and_pairs_are_refused_elsewhere(llama_base, tmp_path):
