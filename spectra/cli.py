@@ -591,7 +591,9 @@ def bench_svd(
 @app.command()
 def train(
     base: Annotated[str, typer.Argument(help="Model directory (or hub id) with config.json to fine-tune.")],
-    data: Annotated[Path, typer.Option(help=".txt (language modelling), or .jsonl of {\"text\"} / {\"text\", \"label\"} / {\"source\", \"target\"} (encoder-decoder) records, or .csv/.tsv with a text (and label), or source,target, header row.")],
+    data: Annotated[Path, typer.Option(help=".txt (language modelling), or .jsonl of {\"text\"} / {\"text\", \"label\"} / "
+                                            "{\"source\", \"target\"} (encoder-decoder) records, or .csv/.tsv with a "
+                                            "text (and label), or source,target, header row.")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Adapter directory (or checkpoint with --full) to create.")],
     method: Annotated[Optional[str], typer.Option(help="lora (default; dora for a plan made with `recommend --dora`), "
                                                        "dora, qlora or qdora (4-bit NF4 base).")] = None,
@@ -810,7 +812,9 @@ def bench_e2e(
 def sweep(
     base: Annotated[str, typer.Argument(help="Pretrained checkpoint (model directory with config.json).")],
     tuned: Annotated[str, typer.Argument(help="The full fine-tune (model directory with config.json).")],
-    data: Annotated[Path, typer.Option(help="Eval data: .txt (perplexity), or .jsonl of {\"text\", \"label\"} / .csv/.tsv with text,label columns (accuracy), or {\"source\", \"target\"} records for an encoder-decoder (perplexity over target tokens).")],
+    data: Annotated[Path, typer.Option(help="Eval data: .txt (perplexity), or .jsonl of {\"text\", \"label\"} / .csv/.tsv "
+                                            "with text,label columns (accuracy), or {\"source\", \"target\"} records "
+                                            "for an encoder-decoder (perplexity over target tokens).")],
     ranks: Annotated[str, typer.Option(help="Comma-separated ranks to evaluate (0 allowed).")] = "1,2,4,8,16,32,64",
     output: Annotated[Path, typer.Option("-o", "--output", help="Report directory to write.")] = Path("reports/sweep"),
     non_target: Annotated[str, typer.Option(help="Norms, biases, heads, embeddings from: tuned, base or both.")] = "tuned",
