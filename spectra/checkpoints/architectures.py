@@ -176,16 +176,17 @@ _INTERLEAVED_GATE_UP = frozenset({"gpt_oss"})
 # Qwen2-VL's, Qwen2.5-VL's, Qwen3-VL's and Qwen3.5's (and their MoE models') vision towers: attn.qkv, out = 3·width,
 # viewed (seq, 3, heads, head_dim) by their attention's forward.
 # Qwen3-Omni's tower (Qwen3-VL's) is its thinker's: thinker_config.vision_config in the whole model's config.json.
-_QWEN_VISION = {"qwen2_vl": "qwen2_vl_vision", "qwen2_5_vl": "qwen2_5_vl_vision", "qwen3_vl": "qwen3_vl_vision",
-                "qwen3_vl_moe": "qwen3_vl_moe_vision", "qwen3_5": "qwen3_5_vision", "qwen3_5_moe": "qwen3_5_moe_vision",
-                "qwen3_omni_moe": "qwen3_omni_moe_vision_encoder",
-                "qwen3_omni_moe_thinker": "qwen3_omni_moe_vision_encoder"}
+# _VISION_MODEL_TYPES: the vision tower's model type, by the whole model's, for configs whose vision_config does not
+# name its own: the hub's Qwen2-VL and Qwen2.5-VL config.json hold a vision_config with no model_type, or with the
+# whole model's (as transformers' Qwen3.5 config, which renames it, expects too).
+_VISION_MODEL_TYPES = {"qwen2_vl": "qwen2_vl_vision", "qwen2_5_vl": "qwen2_5_vl_vision",
+                       "qwen3_vl": "qwen3_vl_vision", "qwen3_vl_moe": "qwen3_vl_moe_vision",
+                       "qwen3_5": "qwen3_5_vision", "qwen3_5_moe": "qwen3_5_moe_vision",
+                       "qwen3_omni_moe": "qwen3_omni_moe_vision_encoder",
+                       "qwen3_omni_moe_thinker": "qwen3_omni_moe_vision_encoder"}
 _CONTIGUOUS_QKV = frozenset({"gpt2", "phi3", "phimoe", "imagegpt", "decision_transformer", "blip_2_vision_model",
-                             "instructblip_vision_model", "instructblipvideo_vision_model", *_QWEN_VISION.values()})
-# The vision tower's model type, by the whole model's, for configs whose vision_config does not name its own: the hub's
-# Qwen2-VL and Qwen2.5-VL config.json hold a vision_config with no model_type, or with the whole model's (as
-# transformers' Qwen3.5 config, which renames it, expects too).
-_VISION_MODEL_TYPES = _QWEN_VISION
+                             "instructblip_vision_model", "instructblipvideo_vision_model",
+                             *_VISION_MODEL_TYPES.values()})
 # The config key of an attention's width where it is not hidden_size: Qwen2-VL's vision_config names its tower's width
 # embed_dim, its hidden_size being the merger's output (the language model's width).
 _WIDTH_KEYS = {"qwen2_vl_vision": "embed_dim"}
