@@ -22,22 +22,12 @@ import pytest
 import torch
 
 from spectra.sweep_weights import ModelWeights
-from tests.checkpoints.test_more_architectures import pair
-from tests.checkpoints.test_qwen_vl import _transposed_experts, tiny
-from tests.models import GRID, on_grid
+from tests.checkpoints.test_mixed_layouts import _layouts, _model
+from tests.models import GRID
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 EXPERTS = "model.language_model.layers.{}.mlp.experts.{}"
 KEYS = [EXPERTS.format(layer, p) for layer in (0, 1) for p in ("gate_up_proj", "down_proj")]
-
-
-def _moe(ffn: int):
-    """Tiny Qwen3-VL-MoE (width 32, 3 experts of width `ffn`): ffn 16 makes gate_up_proj[e] square (32, 32)."""
-    import transformers as tf
-
-    config = copy.deepcopy(tiny("qwen3_vl_moe").config)
-    config.text_config.moe_intermediate_size = ffn
-    return on_grid(tf.Qwen3VLMoeForConditionalGeneration, config)
 
 
 def _fine_tune(base):
@@ -53,12 +43,10 @@ def _fine_tune(base):
 
 @pytest.fixture(scope="module", params=[12, 16], ids=["non-square", "square gate_up"])
 def moe_layouts(request, tmp_path_factory):
-    """{layout: (base dir, tuned dir)} of one fine-tune saved by transformers 5 and as the hub stores it."""
-    root = tmp_path_factory.mktemp(f"sweep-moe-{request.param}")
-    base = _moe(request.param)
-    layouts = {"transformers 5": pair(root / "t5", base, _fine_tune(base))}
-    layouts["hub"] = tuple(_transposed_experts(d, root / "hub" / d.name) for d in layouts["transformers 5"])
-    return layouts
+    """{layout: (base dir, tuned dir)} of one fine-tune saved by transformers 5 and as the hub stores it, of a tiny
+    Qwen3-VL-MoE (width 32, 3 experts of width 12 or 16: 16 makes gate_up_proj[e] square, (32, 32))."""
+    base = _model(0, moe_intermediate_size=request.param)
+    return _layouts(tmp_path_factory.mktemp(f"sweep-moe-{request.param}"), base, _fine_tune(base))
 
 
 def _loaded(folder) -> dict[str, torch.Tensor]:
