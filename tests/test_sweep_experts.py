@@ -22,7 +22,8 @@ import pytest
 import torch
 
 from spectra.sweep_weights import ModelWeights
-from tests.checkpoints.test_mixed_layouts import _layouts, _model
+from tests.checkpoints.test_mixed_layouts import _model
+from tests.checkpoints.test_qwen_vl import _layouts
 from tests.models import GRID
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")

@@ -24,7 +24,7 @@ from spectra.checkpoints.pairing import Pairing, PairingOptions
 from spectra.errors import PairingError
 from spectra.lora.extract import extract_adapter
 from tests.checkpoints.test_more_architectures import pair
-from tests.checkpoints.test_qwen_vl import MOE, _transposed_experts, tiny
+from tests.checkpoints.test_qwen_vl import MOE, _layouts, tiny
 from tests.lora.test_extract import merged_state
 from tests.models import add_to_parameter, low_rank, on_grid
 
@@ -67,12 +67,6 @@ def _fine_tune(base, seed: int = 0):
         for e in range(params[key].shape[0]):
             add_to_parameter(tuned, key, low_rank(out_features, in_features, 2, seed=seed + 10 * i + e), expert=e)
     return tuned
-
-
-def _layouts(root, base, tuned) -> dict[str, tuple]:
-    """{layout: (base dir, tuned dir)}: as transformers 5 saves them, and with every expert transposed (the hub's)."""
-    saved = pair(root / "t5", base, tuned)
-    return {"transformers 5": saved, "hub": tuple(_transposed_experts(d, root / "hub" / d.name) for d in saved)}
 
 
 @pytest.fixture(scope="module")

@@ -449,9 +449,7 @@ def moe_pair(tmp_path_factory):
                MOE.format(0, "1.down_proj"): ddown, "model.language_model.layers.1.self_attn.q_proj": dq,
                "model.visual.blocks.0.attn.qkv": torch.cat([dqkv, torch.zeros(32, 16, dtype=torch.float64)]),
                "model.visual.blocks.0.attn.qkv[q]": dqkv}
-    layouts = {"transformers 5": pair(root / "t5", base, tuned)}
-    layouts["hub"] = tuple(_transposed_experts(d, root / "hub" / d.name) for d in layouts["transformers 5"])
-    return base, tuned, layouts, planted
+    return base, tuned, _layouts(root, base, tuned), planted
 
 
 def _transposed_experts(folder, to):
@@ -466,6 +464,12 @@ def _transposed_experts(folder, to):
     state = {k: v.transpose(1, 2).contiguous() if ".experts." in k else v for k, v in state.items()}
     save_file(state, to / "model.safetensors", metadata={"format": "pt"})
     return to
+
+
+def _layouts(root, base, tuned) -> dict[str, tuple]:
+    """{layout: (base dir, tuned dir)}: as transformers 5 saves them, and with every expert transposed (the hub's)."""
+    saved = pair(root / "t5", base, tuned)
+    return {"transformers 5": saved, "hub": tuple(_transposed_experts(d, root / "hub" / d.name) for d in saved)}
 
 
 @pytest.mark.parametrize("layout", ["transformers 5", "hub"])
