@@ -395,16 +395,16 @@ def _tokenized(model_spec, data, config: CalibrationConfig, read_records, *, not
 
     folder = model_dir(model_spec)
     model_config = read_model_config(folder)
-    task = resolve_task(config.task, model_config, None, data=data, model=model_spec)  # how to read the file
+    # seq2seq_lm for an encoder-decoder, refused for another model; the records are read as this decides
+    task = resolve_task(config.task, model_config, None, data=data, model=model_spec)
     # texts, labels unchecked (a classifier's are not needed), or an encoder-decoder's source/target pairs
-    records = read_records(data, task="seq2seq_lm" if task == "seq2seq_lm" else "causal_lm")
+    reading = "seq2seq_lm" if task == "seq2seq_lm" else "causal_lm"
+    records = read_records(data, task=reading)
     if task == "auto":
         task = "seq_cls" if all("label" in r for r in records) else "causal_lm"
-    task = resolve_task(task, model_config, records, data=data, model=model_spec)
     _, max_length, tokenizer = prepare_tokenizer(folder, task=task, max_length=config.max_length, option=option,
                                                  notes=notes)
-    tokens = tokenize(records, tokenizer, task="seq2seq_lm" if task == "seq2seq_lm" else "causal_lm",
-                      max_length=max_length)  # no labels needed
+    tokens = tokenize(records, tokenizer, task=reading, max_length=max_length)  # no labels needed
     if config.max_examples is not None:
         tokens = tokens.first(config.max_examples)
     return task, tokens
