@@ -41,9 +41,9 @@ class Target:
     base_tensor: str
     tuned_tensor: str
     key: str  # the model's state_dict key: the parameter it is, or lies in
-    conv1d: bool
+    conv1d: bool  # the fine-tune stores it (in, out): a Conv1D, gpt-oss's experts, Qwen3-VL-MoE's hub experts
     entry: object
-    place: torch.Tensor  # state[key] or its slice (expert, rows), in the checkpoint's layout; written in place
+    place: torch.Tensor  # state[key] or its slice (expert, rows), in the fine-tune's stored layout; written in place
     plan_rank: int | None = None
     factors: tuple | None = None  # U (out, k), S (k,), Vw (k, in), float64
 
@@ -280,7 +280,8 @@ class ModelWeights:
         return self._fused_values[mode]
 
     def _weight(self, target: Target, rank: int, read) -> torch.Tensor:
-        """The target's tensor at ``rank``, in the checkpoint's (= the model's) layout.
+        """The target's tensor at ``rank``, in the fine-tune's stored layout (its place's; the base's expert turned
+        to it where the base stores it the other way round).
 
         ``read(side, name)`` reads a tensor from the ``"base"`` or ``"tuned"`` checkpoint.
         """
