@@ -206,16 +206,15 @@ def _planted(base, planted: dict, *, conv1d=()):
     return tuned, deltas
 
 
-def _planted_pair(root, family: str, planted: dict, *, conv1d=()):
-    """:func:`tiny` `family` and its :func:`_planted` fine-tune saved under `root`: (base, tuned, deltas, b, t)."""
-    base = tiny(family)
+def _planted_pair(root, base, planted: dict, *, conv1d=()):
+    """`base` and its :func:`_planted` fine-tune, saved under `root`: (base, tuned, deltas, b, t)."""
     tuned, deltas = _planted(base, planted, conv1d=conv1d)
     return base, tuned, deltas, *pair(root, base, tuned)
 
 
 @pytest.fixture(scope="module")
 def blip2_pair(tmp_path_factory):
-    return _planted_pair(tmp_path_factory.mktemp("blip2"), "blip2", BLIP2_PLANTED)
+    return _planted_pair(tmp_path_factory.mktemp("blip2"), tiny("blip2"), BLIP2_PLANTED)
 
 
 def test_blip2_pairing_is_the_planted_update_with_the_vision_qkv_split(blip2_pair):
@@ -282,7 +281,8 @@ GPT2_PLANTED = {"transformer.h.0.crossattention.c_attn": ((0, 32), 1), "transfor
 
 @pytest.fixture(scope="module")
 def gpt2_cross_pair(tmp_path_factory):
-    return _planted_pair(tmp_path_factory.mktemp("gpt2-cross"), "gpt2_cross", GPT2_PLANTED, conv1d=set(GPT2_PLANTED))
+    return _planted_pair(tmp_path_factory.mktemp("gpt2-cross"), tiny("gpt2_cross"), GPT2_PLANTED,
+                         conv1d=set(GPT2_PLANTED))
 
 
 def test_gpt2_cross_attention_pairing_is_the_planted_update(gpt2_cross_pair):
@@ -388,7 +388,7 @@ SWITCH_PLANTED = {"decoder.block.1.layer.2.mlp.experts.expert_1.wi": (None, 2),
 
 @pytest.fixture(scope="module")
 def switch_pair(tmp_path_factory):
-    return _planted_pair(tmp_path_factory.mktemp("switch"), "switch", SWITCH_PLANTED)
+    return _planted_pair(tmp_path_factory.mktemp("switch"), tiny("switch"), SWITCH_PLANTED)
 
 
 def test_switch_pairing_is_the_planted_update(switch_pair):

@@ -31,7 +31,7 @@ from spectra.checkpoints.architectures import fused_projections, module_info
 from spectra.checkpoints.pairing import Pairing, PairingOptions
 from spectra.lora.extract import extract_adapter
 from tests.checkpoints.test_adapter_pairing import check_renamed_against_merge
-from tests.checkpoints.test_more_architectures import _planted, linears, pair
+from tests.checkpoints.test_more_architectures import _planted, _planted_pair, linears, pair
 from tests.checkpoints.test_pairing import F64, assert_exact
 from tests.lora.test_extract import merged_state
 from tests.models import add_to_parameter, low_rank, on_grid, random_adapter
@@ -365,9 +365,7 @@ def _planted_modules(family: str) -> dict:
 @pytest.fixture(scope="module", params=FAMILIES)
 def planted_pair(request, tmp_path_factory):
     family = request.param
-    base = tiny(family)
-    tuned, deltas = _planted(base, _planted_modules(family))
-    return family, base, tuned, deltas, *pair(tmp_path_factory.mktemp(family), base, tuned)
+    return family, *_planted_pair(tmp_path_factory.mktemp(family), tiny(family), _planted_modules(family))
 
 
 def test_pairing_is_the_planted_update_with_the_vision_qkv_split(planted_pair):
