@@ -191,7 +191,6 @@ def test_a_module_absent_under_any_name_is_still_refused(tmp_path):
         Pairing(base_dir, tmp_path / "ad")
 
 
-
 def test_two_adapter_modules_claiming_one_base_tensor_are_refused_by_name(tmp_path):
     """Keys model.layers.0.mlp.up_proj saved as layers.0.mlp.up_proj and 0.mlp.up_proj both end the base's one tensor:
     planning stopped on a bare KeyError (and, read through the loading renames, would pair the tensor twice); it names
@@ -210,6 +209,7 @@ def test_two_adapter_modules_claiming_one_base_tensor_are_refused_by_name(tmp_pa
     with pytest.raises(AdapterError, match=r"modules (0|layers\.0)\.mlp\.up_proj, (layers\.)?0\.mlp\.up_proj all match "
                        "one tensor"):
         Pairing(base_dir, tmp_path / "ad")
+
 
 # -- LoRA on parameters (PEFT's target_parameters): transformers-5 fused MoE experts ----------------------------------
 
