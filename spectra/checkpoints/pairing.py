@@ -155,7 +155,7 @@ class PairEntry:
     tuned_tensor: str | None  # None when the tuned side is an adapter module
     base_dtype: torch.dtype
     tuned_dtype: torch.dtype
-    conv1d: bool = False
+    conv1d: bool = False  # the base stores it (in, out): a Conv1D, gpt-oss's experts, the hub's Qwen3-VL-MoE experts
     added_rows: int = 0
     expert_index: int | None = None  # slice of a 3-D (experts, out, in) tensor
     # the tuned checkpoint's layout where it is not the base's (``conv1d``): True, it stores the expert (in, out)
