@@ -16,9 +16,7 @@ import numpy as np
 import torch
 
 from spectra.errors import ConfigError
-from spectra.lora.data import predicted_targets
-
-IGNORE_INDEX = -100
+from spectra.lora.data import IGNORE_INDEX, predicted_targets
 
 
 @dataclass(frozen=True)

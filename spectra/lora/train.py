@@ -52,7 +52,7 @@ METHODS = ("lora", "dora", "qlora", "qdora", "full")
 BLOCK_ROLES = ("q", "k", "v", "o", "qkv", "xq", "xk", "xv", "xo", "gate", "up", "down", "gate_up")  # x…: cross-attention
 _KINDS = {"seq_cls": "sequence classification", "causal_lm": "causal language model",
           "seq2seq_lm": "sequence-to-sequence language model"}  # transformers' Auto classes, by task
-_PEFT_TASKS = {"seq_cls": "SEQ_CLS", "causal_lm": "CAUSAL_LM", "seq2seq_lm": "SEQ_2_SEQ_LM"}
+PEFT_TASKS = {"seq_cls": "SEQ_CLS", "causal_lm": "CAUSAL_LM", "seq2seq_lm": "SEQ_2_SEQ_LM"}  # PEFT's task_type, by task
 _COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_RANK = 8  # the LoRA paper's typical rank; small models need no more
 # the command-line option of each TrainConfig field that some combination ignores (None: library only)
@@ -465,7 +465,7 @@ def lora_config(model, config: TrainConfig, *, task: str):
                   "target_modules": targets, "use_rslora": config.rslora, "lora_dropout": config.lora_dropout,
                   "fan_in_fan_out": _has_conv1d(model, targets)}
     return LoraConfig(**fields, use_dora=config.method in ("dora", "qdora"), bias="none",
-                      task_type=_PEFT_TASKS[task],
+                      task_type=PEFT_TASKS[task],
                       modules_to_save=head_modules(model) if task == "seq_cls" else None)
 
 
@@ -700,7 +700,7 @@ def evaluate(model, data: TokenizedData, *, batch_size: int = 32) -> dict:
         if data.task != "seq_cls":  # causal: position t predicts token t+1; seq2seq: decoder position t, token t
             logits, labels = predicted_targets(logits, batch)
         flat_logits, flat_labels = logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)
-        keep = flat_labels != -100
+        keep = flat_labels != IGNORE_INDEX
         loss_sum += float(torch.nn.functional.cross_entropy(flat_logits[keep], flat_labels[keep], reduction="sum"))
         correct += int((flat_logits[keep].argmax(-1) == flat_labels[keep]).sum())
         count += int(keep.sum())

@@ -58,7 +58,6 @@ from spectra.linalg.svd import Spectrum, frobenius_energy
 from spectra.lora.data import check_max_length, check_task
 
 SCHEMA_VERSION = 1
-_ADAPTER_TASKS = {"SEQ_CLS": "seq_cls", "SEQ_2_SEQ_LM": "seq2seq_lm"}  # PEFT's task_type → spectra's task
 
 
 @dataclass(frozen=True)
@@ -607,11 +606,12 @@ def evaluate_models(base, tuned, adapter_src, eval_data, truncated: dict, *, con
     import json
 
     from spectra.lora.data import prepare_tokenizer, tokenize_file
-    from spectra.lora.train import evaluate, load_model, model_dir
+    from spectra.lora.train import PEFT_TASKS, evaluate, load_model, model_dir
 
     task = config.task
-    if task == "auto":
-        task = trained.get("task") or _ADAPTER_TASKS.get(adapter_src.config.get("task_type"), "causal_lm")
+    if task == "auto":  # spectra_train.json's task, else the adapter's PEFT task_type
+        adapter_task = {peft: name for name, peft in PEFT_TASKS.items()}.get(adapter_src.config.get("task_type"))
+        task = trained.get("task") or adapter_task or "causal_lm"
     tuned_config = json.loads((model_dir(tuned) / "config.json").read_text())
     labels = trained.get("label_names")
     if task == "seq_cls" and labels is None and tuned_config.get("id2label"):

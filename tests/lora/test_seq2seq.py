@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -64,8 +65,6 @@ def reference_loss(model, data, index=None) -> tuple[float, int]:
 
 def without_dropout(folder, to):
     """A copy of a checkpoint directory whose config.json sets every dropout rate to 0 (it had some above 0)."""
-    import shutil
-
     copy = shutil.copytree(folder, to)
     config = json.loads((copy / "config.json").read_text())
     dropouts = [k for k in config if "dropout" in k and isinstance(config[k], float)]
@@ -249,6 +248,10 @@ def test_adapter_loads_in_peft_and_its_merge_gives_the_reported_eval_loss(pair, 
                                                       / count, rel=1e-3)  # negative control: the adapter trained
     verified = verify_adapter(base, tuned, tmp_path / "ad", eval_data=held, progress=False)
     assert verified.evals["adapter"]["loss"] == pytest.approx(total / count, rel=LOSS_REL)
+    bare = shutil.copytree(tmp_path / "ad", tmp_path / "bare")
+    (bare / "spectra_train.json").unlink()  # no task recorded: verify takes it from PEFT's task_type, SEQ_2_SEQ_LM
+    assert verify_adapter(base, tuned, bare, eval_data=held, progress=False).evals["adapter"]["loss"] == pytest.approx(
+        total / count, rel=LOSS_REL)
     tuned_total, _ = reference_loss(load_model(tuned, task="seq2seq_lm"), data)
     assert verified.evals["tuned"]["loss"] == pytest.approx(tuned_total / count, rel=LOSS_REL)
     roles = {(r["role"], r["name"].split(".")[0 if family == "t5" else 1]) for r in verified.modules}
