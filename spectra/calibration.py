@@ -40,6 +40,7 @@ from pathlib import Path
 
 import torch
 
+from spectra.checkpoints.architectures import fused_roles
 from spectra.checkpoints.pairing import check_device
 from spectra.errors import ConfigError
 from spectra.linalg import metrics
@@ -341,7 +342,7 @@ def collect_calibration(model_spec, data, *, config: CalibrationConfig | None = 
     state: dict = {"batch": None, "last": (None, None)}  # this batch; last input and its group
     # the padding mask over each module's inputs: the source's, but for a decoder module reading the decoder's stream
     model_config = model.config.to_dict()
-    mask_of = {name: _mask_key(module_info(name, model_config)) if task == "seq2seq_lm" else "attention_mask"
+    mask_of = {name: _mask_key(name, module_info(name, model_config)) if task == "seq2seq_lm" else "attention_mask"
                for name in hooked}
 
     def hook(module_name: str):
@@ -380,10 +381,11 @@ def collect_calibration(model_spec, data, *, config: CalibrationConfig | None = 
     return Calibration(moments=moments, groups=groups, config=config, source=source, notes=notes)
 
 
-def _mask_key(info) -> str:
+def _mask_key(name: str, info) -> str:
     """The batch key of the padding mask over a module's inputs in an encoder–decoder: the encoder's modules and the
-    decoder's cross-attention keys and values read the source (``attention_mask``), the rest the target."""
-    if info.stack == "encoder" or info.role in ("xk", "xv"):
+    decoder's cross-attention keys and values read the source (``attention_mask``), the rest the target. A fused
+    key/value of no fused role (GPT-2's ``crossattention.c_attn``, role other, rows xk and xv) reads the source too."""
+    if info.stack == "encoder" or info.role in ("xk", "xv") or fused_roles(name) & {"xk", "xv"}:
         return "attention_mask"
     return "decoder_attention_mask"
 

@@ -217,3 +217,19 @@ def test_default_length_fits_a_short_position_table(pair, tmp_path):
     # negative control: Llama's 2048 positions leave the default at 128, without a note
     llama = collect_calibration(pair[0], text)
     assert llama.source["max_length"] == 128 and llama.notes == []
+
+
+def test_an_encoder_decoders_fused_cross_key_value_reads_the_sources_mask():
+    """A BERT-encoder + GPT-2-decoder model's crossattention.c_attn (role other, rows xk and xv) reads the encoder's
+    output, so its calibration inputs are masked by the source's padding; it got the target's (skipped by a shape check
+    when the lengths differ, applied wrongly when they are equal). Its q_attn and the self-attention read the target."""
+    from spectra.calibration import _mask_key
+    from spectra.checkpoints.architectures import module_info
+
+    def key(name):
+        return _mask_key(name, module_info(name, {"is_encoder_decoder": True}))
+
+    assert key("decoder.transformer.h.0.crossattention.c_attn") == "attention_mask"
+    assert key("encoder.encoder.layer.0.attention.self.query") == "attention_mask"
+    assert key("decoder.transformer.h.0.crossattention.q_attn") == "decoder_attention_mask"  # negative controls
+    assert key("decoder.transformer.h.0.attn.c_attn") == "decoder_attention_mask"
