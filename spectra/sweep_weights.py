@@ -171,14 +171,12 @@ class ModelWeights:
         return non_target
 
     def _base_transposed(self, key: str, name: str) -> bool:
-        """Whether the base stores 3-D experts `name` each transposed from the fine-tune's (Qwen3-VL-MoE's hub layout
-        against transformers 5's), as pairing reads them."""
-        from spectra.checkpoints.architectures import experts_in_out
+        """Whether the base stores 3-D experts `name` each transposed from the fine-tune's, as pairing reads them."""
+        from spectra.checkpoints.pairing import experts_stored_unlike
 
-        b, t = tuple(self.pairing.base.info(name).shape), tuple(self.pairing.tuned.info(self._tuned_names[key]).shape)
-        module, config = name.removesuffix(".weight"), self.pairing.config
-        return (len(b) == 3 and ".experts." in f".{name}." and b == (t[0], t[2], t[1]) and b != t
-                and experts_in_out(module, b, config) != experts_in_out(module, t, config))
+        b, t = self.pairing.base.info(name).shape, self.pairing.tuned.info(self._tuned_names[key]).shape
+        return ".experts." in f".{name}." and experts_stored_unlike(name.removesuffix(".weight"), tuple(b), tuple(t),
+                                                                     self.pairing.config)
 
     def _stored_view(self, key: str) -> torch.Tensor:
         """The model's tensor of `key` in its checkpoint tensor's stored layout: itself, or a transposed view."""

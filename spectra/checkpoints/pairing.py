@@ -292,7 +292,7 @@ class Pairing:
             if _held(b.shape, in_out) != _held(t.shape, tuned_in_out):
                 raise _shape_error(b_name, b.shape, t.shape, self.base, self.tuned, t_name,
                                    experts=len(b.shape) == 3 == len(t.shape))
-            if tuned_in_out != in_out:  # Qwen3-VL-MoE: the hub's (E, in, out) against transformers 5's (E, out, in)
+            if experts_stored_unlike(module, b.shape, t.shape, self.config):
                 common["tuned_conv1d"] = tuned_in_out
                 self._mixed_layouts.append((b_name, tuple(b.shape), t_name, tuple(t.shape)))
             out = []
@@ -678,6 +678,15 @@ def _orient(tensor: torch.Tensor, entry: PairEntry, *, tuned: bool = False) -> t
     if tensor.dim() > 2:
         tensor = tensor.reshape(tensor.shape[0], -1)
     return tensor.T if (entry.tuned_stored_conv1d if tuned else entry.conv1d) else tensor  # Conv1D stores (in, out)
+
+
+def experts_stored_unlike(module: str, b_shape: tuple[int, ...], t_shape: tuple[int, ...], config) -> bool:
+    """Whether the base and the fine-tune store the 3-D experts `module` in opposite layouts that transformers loads
+    into the same parameter (Qwen3-VL-MoE: the hub's (E, in, out) against transformers 5's (E, out, in))."""
+    if len(b_shape) != 3 or len(t_shape) != 3:
+        return False
+    b_in_out, t_in_out = experts_in_out(module, b_shape, config), experts_in_out(module, t_shape, config)
+    return b_in_out != t_in_out and _held(b_shape, b_in_out) == _held(t_shape, t_in_out)
 
 
 def _held(shape: tuple[int, ...], in_out: bool) -> tuple[int, ...]:
