@@ -30,6 +30,7 @@ import torch
 
 from spectra.calibration import add_activation_rows, collect_calibration, file_digest
 from spectra.checkpoints.adapter import held_factor_bytes
+from spectra.checkpoints.architectures import parse_stacks
 from spectra.checkpoints.buffers import BufferPool
 from spectra.checkpoints.pairing import DeltaW, Pairing, PairingOptions, describe
 from spectra.errors import ConfigError
@@ -57,6 +58,7 @@ class AnalysisConfig:
     resolve: float = 0.9  # energy whose rank "sketch" must get exactly (±1); higher thresholds only when within reach
     sketch_dtype: str = "bfloat16"  # GEMM dtype of the sketch's power steps (4× fp32's rate); Rayleigh–Ritz stays fp32
     roles: tuple[str, ...] | None = None  # passed to the pairing: which modules to analyse
+    stacks: tuple[str, ...] | None = None  # and of which stacks (language, vision, encoder, …); None: every one
     layers: tuple[int, int] | None = None
     include: str | None = None
     exclude: str | None = None
@@ -82,7 +84,8 @@ class AnalysisConfig:
             raise ConfigError(f"resolve: {self.resolve} must be an energy fraction in (0, 1].")
         if self.sketch_dtype not in ("bfloat16", "float16", "float32"):
             raise ConfigError(f"sketch_dtype: {self.sketch_dtype!r} is not one of bfloat16, float16, float32.")
-        self.pairing_options()  # validates roles, layers, filters, dtype, device
+        object.__setattr__(self, "stacks", parse_stacks(self.stacks))  # "decoder" spelled "language", once
+        self.pairing_options()  # validates roles, stacks, layers, filters, dtype, device
         if self.calibration is not None:
             object.__setattr__(self, "calibration", str(self.calibration))
             if not Path(self.calibration).is_file():
@@ -97,7 +100,7 @@ class AnalysisConfig:
                                  device=self.device)
 
     def pairing_options(self) -> PairingOptions:
-        return PairingOptions(roles=self.roles, layers=self.layers, include=self.include, exclude=self.exclude,
+        return PairingOptions(roles=self.roles, stacks=self.stacks, layers=self.layers, include=self.include, exclude=self.exclude,
                               dtype=self.dtype, device=self.device, with_weights=True, weights_as_stored=True,
                               on_nonfinite=self.on_nonfinite, low_copy_above=self._sketched_above())
 
@@ -433,6 +436,8 @@ def _stamps(*sources) -> list:
 
 def _config_dict(config: AnalysisConfig) -> dict[str, Any]:
     out = asdict(config)
+    if out["stacks"] is None:  # absent without a stack selection: a run's configuration reads as before it existed
+        del out["stacks"]
     for k, v in out.items():
         if isinstance(v, tuple):
             out[k] = list(v)

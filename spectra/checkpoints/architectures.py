@@ -27,6 +27,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from spectra.errors import ConfigError
+
 ROLES = ("q", "k", "v", "o", "qkv", "xq", "xk", "xv", "xo", "gate", "up", "down", "gate_up", "embed", "head", "other")
 # The roles a fused module holds: a LoRA on it adapts all of them.
 FUSED_ROLES = {"qkv": frozenset({"q", "k", "v"}), "gate_up": frozenset({"gate", "up"})}
@@ -49,6 +51,63 @@ def fused_roles(name: str) -> frozenset:
     """The roles held by the rows of a fused tensor that has no fused role of its own, by its module name: GPT-2's
     cross-attention ``crossattention.c_attn`` holds ``xk`` and ``xv``; empty for any other module."""
     return frozenset({"xk", "xv"}) if _CROSS_KV.search(name) else frozenset()
+
+
+def parse_stacks(stacks, *, option: str = "stacks") -> tuple[str, ...] | None:
+    """A stack selection checked and spelled as :data:`STACK_NAMES` do: None (every stack) stays None; a string is
+    split on commas; ``decoder`` and ``language model`` are the language model's names in the reports, so read as
+    ``language``. An unknown name is refused, naming `option` and the stacks spectra knows.
+
+    >>> parse_stacks("language, vision")
+    ('language', 'vision')
+    >>> parse_stacks(["decoder", "encoder"])  # T5's, as its report names them
+    ('language', 'encoder')
+    """
+    if stacks is None:
+        return None
+    items = stacks.split(",") if isinstance(stacks, str) else list(stacks)
+    names = [LANGUAGE if str(s).strip().lower() in _LANGUAGE_ALIASES else str(s).strip().lower() for s in items]
+    names = [n for n in dict.fromkeys(names) if n]
+    if not names:
+        raise ConfigError(f"{option}: no stack named; pass e.g. {LANGUAGE} or {LANGUAGE},vision (or leave it out "
+                          "for every stack).")
+    unknown = [n for n in names if n not in STACK_NAMES]
+    if unknown:
+        raise ConfigError(f"{option}: unknown stack(s) {', '.join(unknown)}; choose from {', '.join(STACK_NAMES)} "
+                          f"({LANGUAGE}: the language model, which reports call 'language model', or 'decoder' "
+                          "beside an encoder).")
+    return tuple(names)
+
+
+def stack_name(stack: str | None) -> str:
+    """A module's stack (:attr:`ModuleInfo.stack`) as a selection names it: :data:`LANGUAGE` for None."""
+    return LANGUAGE if stack is None else stack
+
+
+def stack_selected(stack: str | None, stacks) -> bool:
+    """Whether a module of `stack` (None: the language model) is in the selection `stacks` (as
+    :func:`parse_stacks` returns it; None: every stack). The one stack rule of every command: a module is selected
+    when its role is (:func:`role_selected`, :func:`role_named`) and its stack is."""
+    return stacks is None or stack_name(stack) in stacks
+
+
+def missing_stacks(stacks, present, *, option: str = "stacks") -> str | None:
+    """Check a selection against the stacks a model holds (`present`: :attr:`ModuleInfo.stack` values).
+
+    Raises ConfigError where the model holds none of `stacks` (nothing would be selected); returns a note naming
+    those it lacks where it holds some of them, else None."""
+    if stacks is None:
+        return None
+    held = sorted({stack_name(s) for s in present}, key=STACK_NAMES.index)
+    lacking = [s for s in stacks if s not in held]
+    if lacking and len(lacking) == len(stacks):
+        which = "that stack" if len(stacks) == 1 else "those stacks"
+        raise ConfigError(f"{option} {','.join(stacks)}: the model has no module of {which}; its stacks are "
+                          f"{', '.join(held) or 'none'}.")
+    if lacking:
+        return f"{option}: the model has no {', '.join(lacking)} stack (its stacks: {', '.join(held)}); selected " \
+               f"from {', '.join(s for s in stacks if s in held)}"
+    return None
 
 
 def role_named(role: str, roles) -> bool:
@@ -121,6 +180,13 @@ _ROLE_REGEXES = tuple((re.compile(rf"(^|\.){pattern}$"), role) for pattern, role
 #   vocoder        an Omni model's codes-to-waveform model (Qwen2.5-Omni's token2wav, Qwen3-Omni's code2wav, whose
 #                  pre_transformer.layers.N are q, k, v, o, gate, up, down as the language model's)
 STACKS = ("encoder", "vision", "vision_global", "qformer", "audio", "projector", "talker", "code_predictor", "vocoder")
+# What a selection (``--stacks``) calls the stack None, the language model; "decoder" and "language model" are the
+# names the reports give it (:func:`spectra.report.tables.stack_label`: "decoder" beside an encoder), so a user may
+# type what a report shows.
+LANGUAGE = "language"
+_LANGUAGE_ALIASES = ("decoder", "language model", "language_model")
+# Every stack a selection may name, in report order.
+STACK_NAMES = (LANGUAGE, *STACKS)
 # The first rule whose pattern matches wins. Tower names match a whole segment anywhere (Idefics3 nests its vision
 # model under model., Gemma 3 its vision_model under vision_tower.); a projector's names are generic words, so they
 # match only at the top of the name, or under the model. that transformers-5 multimodal classes wrap it in:

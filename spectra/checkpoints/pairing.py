@@ -23,7 +23,8 @@ import torch
 
 from spectra.checkpoints.adapter import AdapterDelta, plan_adapter
 from spectra.checkpoints.architectures import (ROLES, ModuleInfo, Projection, experts_in_out, fused_projections,
-                                              is_conv1d, module_info, role_named)
+                                              is_conv1d, missing_stacks, module_info, parse_stacks, role_named,
+                                              stack_selected)
 from spectra.checkpoints.buffers import Lease
 from spectra.checkpoints.names import compile_name_filter, match_names
 from spectra.checkpoints.source import AdapterSource, open_checkpoint
@@ -42,6 +43,11 @@ class PairingOptions:
     ----------
     roles : tuple of str, optional
         Keep only these roles (see ``architectures.ROLES``); None keeps all.
+    stacks : tuple of str, optional
+        Keep only these stacks (``architectures.STACK_NAMES``: ``language``, ``vision``, ``encoder`` …), with
+        the roles: ``roles=("q", "v"), stacks=("language",)`` is the language model's q and v, not a vision
+        tower's. None keeps all. A stack the checkpoints lack is noted (``Pairing.notes``); none of them held is
+        refused.
     layers : tuple (first, last), optional
         Keep only layers ``first..last`` inclusive; modules without a layer are dropped.
     include, exclude : str, optional
@@ -72,6 +78,7 @@ class PairingOptions:
     """
 
     roles: tuple[str, ...] | None = None
+    stacks: tuple[str, ...] | None = None  # None: every stack (language model, vision tower, encoder, …)
     layers: tuple[int, int] | None = None
     include: str | None = None
     exclude: str | None = None
@@ -91,6 +98,7 @@ class PairingOptions:
             unknown = sorted(set(self.roles) - set(ROLES))
             if unknown:
                 raise ConfigError(f"roles: unknown role(s) {', '.join(unknown)}; choose from {', '.join(ROLES)}.")
+        object.__setattr__(self, "stacks", parse_stacks(self.stacks))
         if self.layers is not None:
             first, last = self.layers
             if first < 0 or last < first:
@@ -212,6 +220,9 @@ class Pairing:
             entries = self._plan_adapter()
         else:
             entries = self._plan_checkpoint()
+        lacking = missing_stacks(self.options.stacks, {e.info.stack for e in entries})
+        if lacking:
+            self.notes.append(lacking)
         self.entries: list[PairEntry] = [e for e in entries if self._selected(e)]
 
     # -- planning ---------------------------------------------------------------------
@@ -369,6 +380,8 @@ class Pairing:
         opts = self.options
         include, exclude = self._filters
         if opts.roles is not None and not role_named(info.role, opts.roles):  # --roles q takes BART's encoder_attn q
+            return False
+        if not stack_selected(info.stack, opts.stacks):
             return False
         if opts.layers is not None and (info.layer is None or not opts.layers[0] <= info.layer <= opts.layers[1]):
             return False

@@ -67,6 +67,11 @@ class RankPolicy:
     roles : tuple of str or None
         Roles to target (``q``, ``k``, ``v``, ``o``, ``gate``, ``up``, ``down`` …). Default None:
         every matrix except embeddings and heads.
+    stacks : tuple of str or None
+        Stacks to target (``language``, ``vision``, ``encoder``, ``qformer`` …: ``architectures.STACK_NAMES``), with
+        the roles: ``roles=("q", "v"), stacks=("language",)`` targets the language model's q and v and not a vision
+        tower's, which ``roles`` alone (as PEFT's ``target_modules=["q_proj"]``) would take too. A string is
+        split on commas. Default None: every stack.
     include : str or None
         Keep only module names matching this glob (or ``re:REGEX``). Default None (all).
     rslora : bool
@@ -103,6 +108,7 @@ class RankPolicy:
     max_rank: int | None = None
     power_of_two: bool = False
     roles: tuple[str, ...] | None = None
+    stacks: tuple[str, ...] | None = None  # None: every stack, as roles alone select
     include: str | None = None
     rslora: bool = False
     use_dora: bool = False
@@ -125,6 +131,9 @@ class RankPolicy:
             if unknown:
                 raise ConfigError(f"RankPolicy.roles: unknown role(s) {', '.join(unknown)}; choose from "
                                   f"{', '.join(ROLES)}.")
+        from spectra.checkpoints.architectures import parse_stacks
+
+        object.__setattr__(self, "stacks", parse_stacks(self.stacks, option="RankPolicy.stacks"))
         if self.energy is not None and not 0.0 < self.energy <= 1.0:
             raise ConfigError(f"RankPolicy.energy must be in (0, 1], got {self.energy}.")
         if not 0.0 < self.uniform_share <= 1.0:

@@ -24,7 +24,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from spectra.checkpoints.architectures import role_selected
+from spectra.checkpoints.architectures import missing_stacks, role_selected, stack_name, stack_selected
 from spectra.errors import ConfigError
 from spectra.ranks.budget import allocate_budget
 from spectra.ranks.functional import functional_ranks, read_sweep, role_curves
@@ -43,6 +43,7 @@ class _Spectrum:
     name: str
     role: str | None
     layer: int | None
+    stack: str | None                 # None: the language model (and rows written before stacks existed)
     shape: tuple[int, int]            # (out, in)
     conv1d: bool
     fro2: float                       # ‖ΔW‖_F², exact
@@ -237,7 +238,7 @@ def _spectrum(row: Mapping) -> _Spectrum:
                           f"energy_rank_bounds ({err}).") from None
     noise = row.get("noise") or {}
     noise_rank = noise.get("rank_above", row.get("gd_rank"))
-    return _Spectrum(name=row["name"], role=row.get("role"), layer=row.get("layer"),
+    return _Spectrum(name=row["name"], role=row.get("role"), layer=row.get("layer"), stack=row.get("stack"),
                      shape=(out_features, in_features), conv1d=bool(row.get("conv1d", False)),
                      fro2=fro * fro, cum=np.concatenate([[0.0], np.cumsum(sv * sv)]),
                      noise_rank=None if noise_rank is None else int(noise_rank), rank_bounds=bounds)
@@ -288,6 +289,8 @@ def recommend_ranks(analysis: Any, policy: RankPolicy | None = None, *, sweep: A
     rows, base, tuned = _rows(analysis)
     if functional is not None:
         _check_sweep_pair(functional["sweep"], base, tuned)
+    # a stack the analysis lacks entirely is refused, naming those it holds (the others' left out say why)
+    missing_stacks(policy.stacks, {r.get("stack") for r in rows if r.get("kind", "matrix") == "matrix"})
     spectra, left_out = [], []
     for row in rows:
         if row.get("kind", "matrix") != "matrix" or _is_split(row):
@@ -303,7 +306,9 @@ def recommend_ranks(analysis: Any, policy: RankPolicy | None = None, *, sweep: A
             spectra.append(s)
     if not spectra:
         raise ConfigError(f"No module of the analysis is targeted ({len(left_out)} left out; roles={policy.roles}, "
-                          f"include={policy.include!r}). Relax roles/include.")
+                          + (f"stacks={policy.stacks}, " if policy.stacks is not None else "")
+                          + f"include={policy.include!r}). Relax roles/{'stacks/' * (policy.stacks is not None)}"
+                          "include.")
     uniform_rank = _uniform_rank(spectra, policy) if policy.uniform else None
 
     plan = []  # (spectrum, rank, reason, upper rank for the budget)
@@ -357,6 +362,8 @@ def _excluded(s: _Spectrum, policy: RankPolicy) -> str | None:
             return f"role {s.role!r} not in roles"
     elif s.role in _DEFAULT_SKIPPED_ROLES:
         return f"role {s.role!r} (embeddings/heads are targeted only when named in roles)"
+    if not stack_selected(s.stack, policy.stacks):
+        return f"stack {stack_name(s.stack)!r} not in stacks"
     if policy.include is not None:
         pattern = policy.include
         ok = re.search(pattern[3:], s.name) if pattern.startswith("re:") else fnmatch.fnmatchcase(s.name, pattern)
