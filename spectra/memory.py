@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, NamedTuple
 
-from spectra.checkpoints.architectures import role_selected
+from spectra.checkpoints.architectures import missing_stacks, parse_stacks, role_selected, stack_selected
 from spectra.errors import CheckpointError, ConfigError
 from spectra.ranks import RankPlan
 
@@ -113,8 +113,9 @@ class ModelShape:
     # plus other towers (vision tower, projector), counted off transformers' model on the meta device
     # (_with_other_towers): held in w, never run on text-only batches, so no activations, gradients or states
     tower_params: int = 0
-    # their linear modules, (role, out, in) each, which PEFT's all-linear (an int rank's default roles) adapts too
-    tower_linears: tuple[tuple[str, int, int], ...] = ()
+    # their linear modules, (role, out, in, stack) each, which PEFT's all-linear (an int rank's default roles) adapts
+    # too; stack as architectures names it ("vision", "projector")
+    tower_linears: tuple[tuple[str, int, int, str | None], ...] = ()
     # each layer's sliding attention window (0: full attention; empty: none slides): transformers masks a layer whose
     # window a sequence reaches (seq_len ≥ window), and sdpa then keeps the mask and K, V repeated (_sliding_windows)
     windows: tuple[int, ...] = ()
@@ -225,7 +226,8 @@ def _with_other_towers(cfg: dict, mtype: str) -> ModelShape:
     for name, module in model.named_modules():
         if isinstance(module, (torch.nn.Linear, Conv1D)) and outside(name):
             out, d_in = module.weight.shape if isinstance(module, torch.nn.Linear) else module.weight.shape[::-1]
-            linears.append((module_info(name).role, int(out), int(d_in)))
+            info = module_info(name)
+            linears.append((info.role, int(out), int(d_in), info.stack))
     return dataclasses.replace(text, family=f"{mtype} ({text.family} language model; vision tower and projector "
                                             "held frozen, not run: text-only batches)",
                                tower_params=towers, tower_linears=tuple(linears))
@@ -637,7 +639,7 @@ class MemoryEstimate:
 def estimate_memory(config_or_model: Any, *, method: str = "lora", rank_plan_or_rank: RankPlan | int | None = 16,
                     batch: int = 1, seq_len: int = 2048, precision: str | None = None, optimizer: str = "adamw",
                     gradient_checkpointing: bool = True, roles: tuple[str, ...] | None = None,
-                    attention: str = "sdpa", double_quant: bool = True, use_cache: bool = True,
+                    stacks: tuple[str, ...] | None = None, attention: str = "sdpa", double_quant: bool = True, use_cache: bool = True,
                     layers_to_transform: int | tuple[int, ...] | None = None,
                     input_require_grads: bool = False) -> MemoryEstimate:
     """Estimate the memory of fine-tuning (and serving) a model, by component, in bytes.
@@ -666,6 +668,12 @@ def estimate_memory(config_or_model: Any, *, method: str = "lora", rank_plan_or_
         Which activation figure ``training_total`` uses. Default True.
     roles : tuple of str, optional
         Roles that an int rank targets. Default: every linear layer of the blocks.
+    stacks : tuple of str, optional
+        Stacks whose modules of ``roles`` an int rank targets (``architectures.STACK_NAMES``); default every stack
+        the config holds. The estimate is of text-only batches, which run the language model alone, so ``language``
+        must be among them: ``("language",)`` leaves a multimodal model's vision tower and projector unadapted
+        (PEFT's all-linear, or ``roles`` alone, adapts their linears too); ``("language", "vision")`` adds the
+        vision tower's. A stack the config lacks is refused.
     layers_to_transform : int or tuple of int, optional
         The layers that an int rank adapts (PEFT's ``layers_to_transform``). Default: all. A
         plan adapts the layers it names.
@@ -774,7 +782,8 @@ def estimate_memory(config_or_model: Any, *, method: str = "lora", rank_plan_or_
     shape = model_shape(load_config(config_or_model))
     if attention == "sdpa" and not shape.sdpa:
         attention = "eager"  # what transformers runs when asked for no implementation (the result says so)
-    adapter_modules = _adapter_modules(shape, method, rank_plan_or_rank, roles, layers_to_transform)
+    adapter_modules = _adapter_modules(shape, method, rank_plan_or_rank, roles, layers_to_transform,
+                                       parse_stacks(stacks))
     return _estimate(shape, method, adapter_modules, batch, seq_len, precision, optimizer,
                      gradient_checkpointing, attention, double_quant, use_cache, input_require_grads)
 
@@ -799,7 +808,8 @@ class _Adapter(NamedTuple):
 
 
 def _adapter_modules(shape: ModelShape, method: str, plan_or_rank: Any, roles: tuple[str, ...] | None,
-                     layers_to_transform: int | tuple[int, ...] | None = None) -> list[_Adapter]:
+                     layers_to_transform: int | tuple[int, ...] | None = None,
+                     stacks: tuple[str, ...] | None = None) -> list[_Adapter]:
     """Every adapted module, as PEFT adapts it; empty for full fine-tuning.
 
     An MoE's experts are fused parameters in transformers 5 (gate_up_proj: experts × 2·ffn × hidden,
@@ -814,6 +824,7 @@ def _adapter_modules(shape: ModelShape, method: str, plan_or_rank: Any, roles: t
     router that no LoRA module can run (GraniteMoE's too) at its planned rank, as the plan's
     ``peft_config`` adapts it (``_block_adapter``).
     """
+    _check_stacks(shape, method, plan_or_rank, stacks)
     if method == "full":
         if layers_to_transform is not None:  # it would be ignored: every layer trains
             raise ConfigError("layers_to_transform picks the layers an adapter adapts; full fine-tuning trains "
@@ -883,11 +894,31 @@ def _adapter_modules(shape: ModelShape, method: str, plan_or_rank: Any, roles: t
                              if alone else "") + ".")
     modules = [m._replace(layer=layer) for layer in sorted(set(layers)) for m in block]
     if shape.tower_linears:  # layers_to_transform refused above
-        for role, o, d_in in shape.tower_linears:  # the other towers' linears: all-linear, or a role asked for
-            if roles is None or role_selected(role, wanted):
+        for role, o, d_in, stack in shape.tower_linears:  # the other towers' linears: all-linear, or a role asked for
+            if (roles is None or role_selected(role, wanted)) and stack_selected(stack, stacks):
                 modules.append(_Adapter(None, role, r, d_in, o, tower=True))
     _refuse_dora_on_parameters(shape, method, modules)
     return modules
+
+
+def _check_stacks(shape: ModelShape, method: str, plan_or_rank: Any, stacks: tuple[str, ...] | None) -> None:
+    """Refuse a stack selection the memory model would ignore or cannot describe: with full fine-tuning or a plan
+    (which adapts the modules it names), without the language model (text-only batches run it alone: an adapter
+    elsewhere would train nothing), or naming a stack the config lacks."""
+    if stacks is None:
+        return
+    if method == "full":
+        raise ConfigError("stacks pick the modules an adapter adapts; full fine-tuning trains every weight.")
+    if isinstance(plan_or_rank, RankPlan):
+        raise ConfigError("stacks go with an int rank; a rank plan adapts the modules it names (plan the stacks "
+                          "with `spectra recommend --stacks`).")
+    if not stack_selected(None, stacks):
+        raise ConfigError(f"stacks {','.join(stacks)}: spectra's memory model estimates training on text-only "
+                          "batches, which run the language model alone, so an adapter without the language model's "
+                          "modules is not modelled. Add language (e.g. language,vision) or leave stacks out.")
+    lacking = missing_stacks(stacks, {None, *(stack for *_, stack in shape.tower_linears)})
+    if lacking:
+        raise ConfigError(f"{lacking}; leave it out.")
 
 
 def _block_adapter(shape: ModelShape, layer: int | None, role: str | None, rank: int, d_in: int,

@@ -105,8 +105,7 @@ def missing_stacks(stacks, present, *, option: str = "stacks") -> str | None:
         raise ConfigError(f"{option} {','.join(stacks)}: the model has no module of {which}; its stacks are "
                           f"{', '.join(held) or 'none'}.")
     if lacking:
-        return f"{option}: the model has no {', '.join(lacking)} stack (its stacks: {', '.join(held)}); selected " \
-               f"from {', '.join(s for s in stacks if s in held)}"
+        return f"{option}: the model has no {', '.join(lacking)} stack (its stacks: {', '.join(held)})"
     return None
 
 

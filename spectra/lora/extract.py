@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from spectra.checkpoints.adapter import PEFT_PREFIX
-from spectra.checkpoints.architectures import role_selected
+from spectra.checkpoints.architectures import missing_stacks, parse_stacks, role_selected, stack_selected
 from spectra.checkpoints.pairing import Pairing, PairingOptions
 from spectra.checkpoints.source import CheckpointSource
 from spectra.checkpoints.targets import architecture, meta_model, model_targets, owning_modules, resolve_name
@@ -71,7 +71,7 @@ class ExtractResult:
 
 
 def extract_adapter(base, tuned, plan_or_rank, out_dir: str | os.PathLike, *, roles: tuple[str, ...] | None = None,
-                    alpha: float | None = None, rslora: bool = False, modules_to_save: tuple[str, ...] = (),
+                    stacks: tuple[str, ...] | None = None, alpha: float | None = None, rslora: bool = False, modules_to_save: tuple[str, ...] = (),
                     full_below: int = 1024, seed: int = 0, overwrite: bool = False,
                     progress: bool = True, calibration=None, device: str = "cpu",
                     model_class: str | None = None, workers: int | None = None) -> ExtractResult:
@@ -92,6 +92,11 @@ def extract_adapter(base, tuned, plan_or_rank, out_dir: str | os.PathLike, *, ro
         module (GPT-2 ``c_attn``) is targeted when any of its projections' roles is. An MoE's
         router (role ``other``: PhiMoE's, Mixtral's), which no LoRA module can run, is adapted
         through its weight (``target_parameters``).
+    stacks : tuple of str, optional
+        With a uniform rank: stacks to target with the roles (``language``, ``vision``, ``encoder`` …:
+        ``architectures.STACK_NAMES``; default every stack). ``roles=("q", "v"), stacks=("language",)`` adapts
+        the language model's q and v and no vision tower's; the adapter's ``target_modules`` are full module
+        names, so PEFT wraps those alone. A plan names its modules: plan stacks with ``spectra recommend``.
     alpha : float, optional
         With a uniform rank: ``lora_alpha`` (default 2·rank, or 2·√rank… i.e. s = 2).
     rslora : bool
@@ -150,12 +155,18 @@ def extract_adapter(base, tuned, plan_or_rank, out_dir: str | os.PathLike, *, ro
     if out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f"{out_dir} is a file; an adapter is a directory. Choose another -o.")
     targets, use_rslora, plan = _targets(plan_or_rank, alpha, rslora)
+    stacks = parse_stacks(stacks)
+    if targets is not None and stacks is not None:
+        raise ConfigError("stacks go with a uniform rank; a plan names its modules, so they would be ignored. Plan "
+                          "the stacks with `spectra recommend --stacks`, or extract with a rank.")
     n_workers, threads = split_workers(workers, device)  # checked before any work starts
     pairing = Pairing(base, tuned, PairingOptions(split_fused=False, vectors=False, device=device))
-    selected = _select(pairing, targets, roles if targets is None else None)
+    lacking = missing_stacks(stacks, {e.info.stack for e in pairing.entries if e.kind == "matrix"})
+    selected = _select(pairing, targets, roles if targets is None else None, stacks)
     if not selected:
         raise ConfigError("nothing to extract: no module of the pair matches the plan or roles "
-                          f"({', '.join(roles or _DEFAULT_ROLES)}).")
+                          f"({', '.join(roles or _DEFAULT_ROLES)})"
+                          + (f" of the stacks {', '.join(stacks)}." if stacks is not None else "."))
     if plan is not None:
         plan.check_base(pairing.base)
     save_names = _modules_to_save(pairing, modules_to_save)
@@ -244,6 +255,8 @@ def extract_adapter(base, tuned, plan_or_rank, out_dir: str | os.PathLike, *, ro
                      "would be that weight's row norms)")
     for note in notes:
         warnings.warn(note, PeftConfigWarning, stacklevel=2)
+    if lacking:  # a stack asked for that the pair lacks: said, not warned as the adapter's
+        notes.append(lacking)
     if calibration is not None:
         notes += calibration.notes
     return ExtractResult(out_dir, results, sorted({n.rsplit(".", 1)[0] for n in save_names}), config, model_class,
@@ -340,7 +353,7 @@ def _targets(plan_or_rank, alpha, rslora):
     return {m.name: (m.rank, m.alpha) for m in plan.modules}, plan.policy.rslora, plan
 
 
-def _select(pairing: Pairing, targets, roles):
+def _select(pairing: Pairing, targets, roles, stacks=None):
     matrices = [e for e in pairing.entries if e.kind == "matrix"]
     if targets is not None:
         by_name = {e.name: e for e in matrices}
@@ -350,7 +363,8 @@ def _select(pairing: Pairing, targets, roles):
                               f"{', '.join(missing[:5])}. Was it made from an analysis of another model?")
         return [by_name[n] for n in targets]
     wanted = set(roles or _DEFAULT_ROLES)
-    return [e for e in matrices if role_selected(e.info.role, wanted, e.name)]  # GPT-2's crossattention.c_attn: xk, xv
+    return [e for e in matrices  # GPT-2's crossattention.c_attn: xk, xv
+            if role_selected(e.info.role, wanted, e.name) and stack_selected(e.info.stack, stacks)]
 
 
 def _stored_names(entries) -> dict[str, str]:
