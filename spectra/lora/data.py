@@ -9,7 +9,8 @@ Three tasks:
   are integers or strings (see :func:`label_ids` for how they meet the model's head).
 - ``seq2seq_lm``: an encoder–decoder (T5, BART) reads ``source`` and learns to write
   ``target``: a ``.jsonl`` file with ``{"source": ..., "target": ...}`` per line, each
-  side truncated to ``max_length`` tokens. The labels are the target's token ids (padding
+  side truncated to ``max_length`` tokens by the tokenizer, which keeps the closing ``</s>``
+  (a decoder that never sees it is never taught to stop). The labels are the target's token ids (padding
   -100); the model builds its decoder inputs from them (shifted right after its
   ``decoder_start_token_id``), so the loss is the mean cross-entropy over target tokens.
 
@@ -105,8 +106,9 @@ class ByteTokenizer:
         self.vocab_size = int(vocab_size)
         self.pad_token_id = 0
 
-    def encode(self, text: str) -> list[int]:
-        return [1 + b % (self.vocab_size - 1) for b in text.encode("utf-8")]
+    def encode(self, text: str, *, max_length: int | None = None, target: bool = False) -> list[int]:
+        """The ids of ``text``'s bytes, the first ``max_length`` of them (``target`` changes nothing here)."""
+        return [1 + b % (self.vocab_size - 1) for b in text.encode("utf-8")][:max_length]
 
 
 class _HFTokenizer:
@@ -123,8 +125,18 @@ class _HFTokenizer:
             tokenizer.pad_token = tokenizer.convert_ids_to_tokens(int(pad))
         self.pad_token_id = int(pad)
 
-    def encode(self, text: str) -> list[int]:
-        return list(self._tok(text, add_special_tokens=self._special)["input_ids"])
+    def encode(self, text: str, *, max_length: int | None = None, target: bool = False) -> list[int]:
+        """``text``'s ids, cut by the tokenizer itself to ``max_length`` so the special tokens stay.
+
+        A slice of the ids would cut T5's closing ``</s>`` (BERT's ``[SEP]``, BART's ``</s>``) off
+        a long text, and a decoder trained on such targets is never taught to stop. ``target``:
+        the text is a decoder's target (``text_target``), for tokenizers that mark targets
+        with their own special tokens (mBART's and NLLB's target language).
+        """
+        text_arg = {"text_target" if target else "text": text}
+        encoded = self._tok(**text_arg, add_special_tokens=self._special, truncation=max_length is not None,
+                            max_length=max_length)
+        return list(encoded["input_ids"])
 
     def save(self, folder: Path) -> None:
         self._tok.save_pretrained(folder)
@@ -667,8 +679,10 @@ def tokenize(records: Sequence[Mapping], tokenizer, *, task: str, max_length: in
              labels: Sequence[int] | None = None) -> TokenizedData:
     """Tokenise records: cut text streams into ``max_length`` blocks, truncate the rest.
 
-    ``seq2seq_lm`` truncates source and target to ``max_length`` tokens each and drops a
-    record whose target has no token (nothing to learn to write); an empty source is one
+    A record is truncated by the checkpoint's tokenizer (its own ``truncation=True``), so the
+    special tokens it adds stay: BERT's closing ``[SEP]``, T5's and BART's ``</s>``.
+    ``seq2seq_lm`` truncates source and target (``text_target``) to ``max_length`` tokens each
+    and drops a record whose target has no token (nothing to learn to write); an empty source is one
     padding token, as an empty classification text is.
 
     Parameters
@@ -692,15 +706,16 @@ def tokenize(records: Sequence[Mapping], tokenizer, *, task: str, max_length: in
                           "encoder-decoder); give text records for this task.")
     ids: list[list[int]] = []
     for record in records:
-        tokens = tokenizer.encode(record["text"])
+        # a stream is cut into blocks below; a record is cut by the tokenizer, which keeps its special tokens
+        tokens = tokenizer.encode(record["text"], max_length=None if record.get("stream") else max_length)
         if record.get("stream"):
             # a text file: one stream, cut into blocks; a short tail (< 2 tokens) cannot be trained on
             ids += [tokens[i:i + max_length] for i in range(0, len(tokens), max_length)
                     if len(tokens[i:i + max_length]) >= 2]
         elif task == "seq_cls":
-            ids.append(tokens[:max_length] or [tokenizer.pad_token_id])
+            ids.append(tokens or [tokenizer.pad_token_id])
         elif len(tokens) >= 2:  # language modelling needs a next token to predict
-            ids.append(tokens[:max_length])
+            ids.append(tokens)
     if task == "seq_cls" and (labels is None or len(labels) != len(ids)):
         raise ConfigError("classification data needs one label per record.")
     if not ids:
@@ -715,9 +730,9 @@ def _tokenize_pairs(records: Sequence[Mapping], tokenizer, *, max_length: int) -
                           f"learns to write a target from a source: pass {SEQ2SEQ_FORMAT}.")
     ids, targets = [], []
     for record in records:
-        target = tokenizer.encode(record["target"])[:max_length]
+        target = tokenizer.encode(record["target"], max_length=max_length, target=True)  # ends with </s> (T5, BART)
         if target:
-            ids.append(tokenizer.encode(record["source"])[:max_length] or [tokenizer.pad_token_id])
+            ids.append(tokenizer.encode(record["source"], max_length=max_length) or [tokenizer.pad_token_id])
             targets.append(target)
     if not ids:
         raise ConfigError("the data tokenises to no example with a target token; add target text.")

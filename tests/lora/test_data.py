@@ -344,6 +344,29 @@ def test_a_tokenizer_without_pad_token_is_saved_with_the_one_batches_used(tmp_pa
     assert saved(["good bad good", "bad"], padding=True)["input_ids"] == [[2, 3, 2], [3, 1, 1]]
 
 
+def test_a_long_classification_text_keeps_its_closing_sep(tmp_path):
+    """Cut at max_length, a BERT-style [CLS] … [SEP] text keeps [SEP], as the tokenizer's own truncation does."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    from spectra.lora.data import load_tokenizer, tokenize
+
+    words = Tokenizer(models.WordLevel({"[PAD]": 0, "[UNK]": 1, "[CLS]": 2, "[SEP]": 3, "good": 4, "bad": 5},
+                                       unk_token="[UNK]"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    words.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2),
+                                                                                                  ("[SEP]", 3)])
+    hf = PreTrainedTokenizerFast(tokenizer_object=words, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
+                                 sep_token="[SEP]")
+    hf.save_pretrained(tmp_path / "b")
+    text = "good bad good bad good"
+    assert hf(text)["input_ids"][:4] == [2, 4, 5, 4]  # negative control: a slice of the ids loses [SEP]
+    data = tokenize([{"text": text, "label": 1}, {"text": "bad", "label": 0}],
+                    load_tokenizer(tmp_path / "b", vocab_size=6, task="seq_cls"), task="seq_cls", max_length=4,
+                    labels=[1, 0])
+    assert data.ids == [hf(text, truncation=True, max_length=4)["input_ids"], [2, 5, 3]] and data.ids[0] == [2, 4, 5, 3]
+
+
 # ---------------------------------------------------------------------------- sequence length
 
 

@@ -1,0 +1,56 @@
+"""Task seq2seq_lm's data path: truncation that keeps the closing special tokens, length-grouped batches that count
+both sides' padding, and the advice a decoder-only model gets for source/target records.
+
+The references are the checkpoint tokenizer's own ``truncation=True`` (T5's and BART's, built offline from a word
+list), and padded-token counts taken from the batches themselves.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from spectra.lora.data import prepare_data
+from tests.models import build_model, save
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+WORDS = ("a", "b", "c", "d", "e", "f", "g", "h")
+
+
+def with_tokenizer(family: str, folder):
+    """A tiny T5 or BART checkpoint saved with a tokenizer of its family (vocabulary < the model's 64 ids)."""
+    import transformers as tf
+
+    path = save(build_model(family), folder, "safetensors")
+    if family == "t5":  # a unigram vocabulary; T5 appends </s> (id 1)
+        pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [(f"▁{w}", -1.0) for w in WORDS]
+        tokenizer = tf.T5Tokenizer(vocab=pieces, extra_ids=0)
+    else:  # byte-level BPE without merges; BART wraps a text in <s> … </s> (ids 0 and 2)
+        vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3, "<mask>": 4, "Ġ": 5} | {
+            w: 6 + i for i, w in enumerate(WORDS)}
+        tokenizer = tf.BartTokenizer(vocab=vocab, merges=[])
+    tokenizer.save_pretrained(path)
+    return path, tokenizer
+
+
+@pytest.mark.parametrize("family", ["t5", "bart"])
+def test_truncated_sources_and_targets_keep_their_closing_special_tokens(family, tmp_path):
+    """Cut at max_length, a target still ends with </s> (so the decoder learns to stop) and a source keeps its own
+    special tokens: what the tokenizer's own truncation (text_target for targets) gives. Short texts are whole."""
+    model, tokenizer = with_tokenizer(family, tmp_path / family)
+    long_text, short_text = " ".join(WORDS * 2), "a b"
+    data = tmp_path / "p.jsonl"
+    data.write_text(json.dumps({"source": long_text, "target": long_text}) + "\n"
+                    + json.dumps({"source": short_text, "target": short_text}) + "\n")
+    _, tokens, _, _, _ = prepare_data(model, data, max_length=6)
+    whole = tokenizer(text_target=long_text)["input_ids"]
+    assert len(whole) > 6 and whole[:6][-1] != tokenizer.eos_token_id  # negative control: a slice loses </s>
+    assert tokens.targets[0] == tokenizer(text_target=long_text, truncation=True, max_length=6)["input_ids"]
+    assert len(tokens.targets[0]) == 6 and tokens.targets[0][-1] == tokenizer.eos_token_id
+    assert tokens.ids[0] == tokenizer(long_text, truncation=True, max_length=6)["input_ids"]
+    assert tokens.ids[0][-1] == tokenizer.eos_token_id
+    if family == "bart":
+        assert tokens.ids[0][0] == tokens.targets[0][0] == tokenizer.bos_token_id
+    assert tokens.ids[1] == tokens.targets[1] == tokenizer(short_text)["input_ids"]  # nothing to cut
