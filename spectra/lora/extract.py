@@ -25,7 +25,7 @@ import warnings
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -216,7 +216,12 @@ def extract_adapter(base, tuned, plan_or_rank, out_dir: str | os.PathLike, *, ro
             head, _, leaf = module.rpartition(".")  # …experts.gate_up_proj -> …experts.{e}.gate_up_proj
             module = f"{head}.{entry.expert_index}.{leaf}"
         if entry.name in on_parameters:  # written below, with the other experts of its parameter (a router: alone)
-            place = on_parameters[entry.name]
+            place, held_in_out = on_parameters[entry.name]
+            if _peft_transposes(model, place.parameter) != held_in_out:  # PEFT's B·A is the expert's ΔWᵀ
+                if place.rows is not None:  # no known model fuses row blocks of experts it holds (in, out)
+                    raise ConfigError(f"{entry.name}: rows {place.rows} of {place.parameter}, held (in, out): "
+                                      "extract cannot write that LoRA. Leave its role out (--roles).")
+                A, B = B.T, A.T  # (r, out), (in, r)
             parameter_factors.setdefault(place.parameter, []).append((place, A, B, scaling))
         elif entry.name in embeddings:  # PEFT's Embedding LoRA: ΔW (vocab, dim) = s·(B_e A_e)ᵀ, so A_e = Bᵀ, B_e = Aᵀ
             tensors[f"{PEFT_PREFIX}{module}.lora_embedding_A"] = B.T.cpu().contiguous()  # (r, vocab)
@@ -233,7 +238,7 @@ def extract_adapter(base, tuned, plan_or_rank, out_dir: str | os.PathLike, *, ro
     bar.close()
     for parameter, key in _parameter_keys(model, parameter_factors).items():
         A, B, rank, parameter_alpha = _parameter_factors(parameter_factors[parameter],
-                                                         model.get_parameter(parameter).shape, use_rslora)
+                                                         _peft_shape(model, parameter), use_rslora)
         tensors[f"{key}.lora_A.weight"], tensors[f"{key}.lora_B.weight"] = A, B
         ranks[parameter] = (rank, parameter_alpha, False)
     for tensor_name in save_names:
@@ -498,13 +503,20 @@ def _unconverted_parameters(entries, model_names: dict[str, str], pairing: Pairi
     out = {}
     for entry in wrapped:
         piece = slices.get((entry.base_tensor, entry.expert_index))
-        # the parameter holds the entry's (out, in) ΔW as is, but where it holds (in, out) (gpt-oss's experts):
-        # stored (in, out) and not transposed on loading
-        if piece is None or (piece.conv1d and not piece.place.stored_transposed):
-            raise ConfigError(f"{entry.name}: no (out, in) slice of a parameter of {type(model).__name__} "
-                              "holds it, so extract cannot place its LoRA. Leave its role out (--roles).")
-        out[entry.name] = piece.place
+        if piece is None:
+            raise ConfigError(f"{entry.name}: no slice of a parameter of {type(model).__name__} holds it, so "
+                              "extract cannot place its LoRA. Leave its role out (--roles).")
+        # the parameter holds the entry's (out, in) ΔW as is, or its transpose where the checkpoint stores it
+        # (in, out) and loading keeps that (gpt-oss's and Llama 4's experts: x @ W[e])
+        out[entry.name] = _OnParameter(piece.place, piece.conv1d and not piece.place.stored_transposed)
     return out
+
+
+class _OnParameter(NamedTuple):
+    """Where an entry's LoRA goes: its slice of a parameter, and whether the parameter holds that slice (in, out)."""
+
+    place: Any  # a placement.ParameterSlice
+    held_in_out: bool  # x @ W[e]: the checkpoint stores the expert (in, out) and loading keeps it so
 
 
 def _peft_converts(model, names: list[str]) -> bool:
@@ -543,6 +555,26 @@ def _parameter_keys(model, parameters) -> dict[str, str]:
             plain = name.removeprefix(PEFT_PREFIX)
             keys[f"{plain.replace('.base_layer', '')}.{module.parameter_name}"] = PEFT_PREFIX + plain
     return {p: keys[p] for p in parameters}
+
+
+def _peft_transposes(model, parameter: str) -> bool:
+    """Whether PEFT's LoRA on this parameter adds (B·A)ᵀ to each expert (rather than B·A).
+
+    PEFT's ``ParamWrapper`` reads a 3-D parameter as (E, in, out) where its module says
+    ``is_transposed`` (transformers' marker for x @ W[e]: gpt-oss's experts), and then adds (B·A)ᵀ
+    to W[e]; otherwise it swaps the two (E, out, in) and adds B·A: also on Llama 4's experts, which
+    are (E, in, out) without the marker, so there B·A is the expert's (in, out) update, ΔWᵀ. A
+    2-D parameter (a router's weight) takes B·A.
+    """
+    module_name, _, _ = parameter.rpartition(".")
+    return model.get_parameter(parameter).dim() == 3 and bool(
+        getattr(model.get_submodule(module_name), "is_transposed", False))
+
+
+def _peft_shape(model, parameter: str) -> tuple[int, ...]:
+    """The parameter's shape as PEFT's LoRA factors read it: (E, out, in) of B·A, or (out, in)."""
+    shape = tuple(model.get_parameter(parameter).shape)
+    return (shape[0], shape[2], shape[1]) if _peft_transposes(model, parameter) else shape
 
 
 def _parameter_factors(pieces, shape: tuple[int, ...], use_rslora: bool):

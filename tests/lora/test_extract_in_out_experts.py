@@ -1,0 +1,102 @@
+"""Extraction onto experts the model holds (E, in, out) (x @ W[e]): gpt-oss, which marks them ``is_transposed``
+for PEFT, and Llama 4, which does not. PEFT's own load and merge is the referee; the reference update is the
+best rank-r approximation of each stored expert's ΔW, by a float64 numpy SVD."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from spectra.lora.extract import extract_adapter
+from tests.models import save
+
+RANK, PLANTED = 4, 6
+
+
+def _tiny(family: str):
+    import transformers as tf
+
+    torch.manual_seed(0)
+    common = dict(hidden_size=32, intermediate_size=24, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=8, num_local_experts=3, vocab_size=64)
+    if family == "llama4":
+        return tf.Llama4ForCausalLM(tf.Llama4TextConfig(intermediate_size_mlp=40, moe_layers=[0, 1],
+                                                        num_experts_per_tok=1, **common)).eval()
+    return tf.GptOssForCausalLM(tf.GptOssConfig(num_experts_per_tok=2, layer_types=["full_attention"] * 2,
+                                                **common)).eval()
+
+
+def _expert_parameters(model) -> dict[str, torch.Tensor]:
+    return {n: p for n, p in model.named_parameters() if ".experts." in f".{n}" and p.dim() == 3}
+
+
+def _best(delta: np.ndarray, rank: int) -> np.ndarray:
+    u, s, vt = np.linalg.svd(delta, full_matrices=False)
+    return (u[:, :rank] * s[:rank]) @ vt[:rank]
+
+
+@pytest.mark.parametrize("family", ["gpt_oss", "llama4"])
+def test_experts_held_in_by_out_merge_to_each_experts_best_rank_r_update(family, tmp_path):
+    from peft import PeftModel
+
+    base = _tiny(family)
+    tuned = copy.deepcopy(base)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in _expert_parameters(tuned).values():  # (E, in, out): a rank-6 update of every expert
+            E, d_in, d_out = p.shape
+            p += 0.05 * torch.randn(E, d_in, PLANTED, generator=g) @ torch.randn(E, PLANTED, d_out, generator=g)
+    b, t = save(base, tmp_path / "b", "safetensors"), save(tuned, tmp_path / "t", "safetensors")
+
+    result = extract_adapter(b, t, RANK, tmp_path / "ad", roles=("gate_up", "down"), progress=False)
+
+    parameters = _expert_parameters(base)
+    assert sorted(result.config["target_parameters"]) == sorted(parameters)
+    peft_model = PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "ad"))
+    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        unmerged = peft_model(ids).logits
+        merged = peft_model.merge_and_unload()
+        for name, p in parameters.items():
+            stored = (_expert_parameters(tuned)[name] - p).double().numpy()  # (E, in, out) as the model holds it
+            got = (_expert_parameters(merged)[name] - p).double().numpy()
+            for e in range(stored.shape[0]):
+                want = _best(stored[e], RANK)
+                np.testing.assert_allclose(got[e], want, rtol=0, atol=2e-6 * np.abs(want).max(), err_msg=f"{name}[{e}]")
+                assert np.linalg.norm(stored[e] - want) > 0.05 * np.linalg.norm(stored[e])  # rank 4 < 6: truncated
+                assert np.abs(got[e] - want.T).max() > 1e-3 if want.shape[0] == want.shape[1] else True
+        reference = copy.deepcopy(base)
+        for name, p in _expert_parameters(reference).items():
+            stored = (_expert_parameters(tuned)[name] - p).double().numpy()
+            p += torch.from_numpy(np.stack([_best(d, RANK) for d in stored])).float()
+        torch.testing.assert_close(merged(ids).logits, reference(ids).logits, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(unmerged, reference(ids).logits, rtol=1e-4, atol=1e-5)  # PEFT's forward, unmerged
+        assert float((reference(ids).logits - base(ids).logits).abs().max()) > 1e-3  # negative control: it moved
+
+
+@pytest.mark.parametrize("family", ["gpt_oss", "llama4"])
+def test_default_roles_extract_attention_and_experts_together(family, tmp_path):
+    """The default targets (q, k, v, o, gate, up, down) take the fused experts whole beside the attention."""
+    from peft import PeftModel
+
+    base = _tiny(family)
+    tuned = copy.deepcopy(base)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in tuned.named_parameters():
+            if p.dim() == 3 and ".experts." in f".{name}":
+                p += 0.05 * torch.randn(p.shape[0], p.shape[1], 2, generator=g) @ torch.randn(p.shape[0], 2, p.shape[2],
+                                                                                         generator=g)
+            elif p.dim() == 2 and "self_attn" in name:
+                p += 0.05 * torch.randn(p.shape[0], 2, generator=g) @ torch.randn(2, p.shape[1], generator=g)
+    b, t = save(base, tmp_path / "b", "safetensors"), save(tuned, tmp_path / "t", "safetensors")
+    result = extract_adapter(b, t, 2, tmp_path / "ad", progress=False)  # every planted update is rank 2: exact
+    assert result.config["target_parameters"] and result.config["target_modules"]
+    merged = PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "ad")).merge_and_unload()
+    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, tuned(ids).logits, rtol=1e-4, atol=1e-5)
+        assert float((tuned(ids).logits - base(ids).logits).abs().max()) > 1e-3
