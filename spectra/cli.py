@@ -16,6 +16,8 @@ from typing import Annotated, Optional
 import typer
 from rich.markup import escape  # module names hold brackets ("c_attn[q]") that rich would read as markup
 
+from spectra.checkpoints.architectures import STACKS  # no torch: the names --stacks takes, for its help
+
 app = typer.Typer(
     name="spectra",
     help=(
@@ -32,6 +34,12 @@ bench_app = typer.Typer(help="Benchmarks of this machine, side by side with peer
 app.add_typer(bench_app, name="bench")
 
 _state = {"debug": False}
+# --stacks of every command with --roles: the stacks by the names the reports print (architectures.STACK_NAMES)
+_STACKS_HELP = ("Comma-separated stacks to keep, with --roles: language (the language model; reports call it "
+                f"'language model', or 'decoder' beside an encoder), {', '.join(STACKS)} — what a report's "
+                "'vision q' starts with. E.g. --roles q,v "
+                "--stacks language: the language model's q and v, not the vision tower's (--roles alone takes "
+                "both, as PEFT's target_modules do); --stacks vision: the vision tower only. Default: every stack.")
 # --task of train and sweep: the choices, and what each wants of the data
 _TASK_HELP = ("auto (default: seq2seq_lm for an encoder-decoder such as T5 or BART, else seq_cls when every record has "
               "a label, else causal_lm), causal_lm (text: .txt, or {\"text\"} records), seq_cls ({\"text\", \"label\"} "
@@ -53,6 +61,7 @@ def pairs(
     base: Annotated[str, typer.Argument(help="Pretrained checkpoint: directory, .safetensors/.bin file, index JSON or hub id.")],
     tuned: Annotated[str, typer.Argument(help="Fine-tuned checkpoint (same forms), or a PEFT adapter directory.")],
     roles: Annotated[Optional[str], typer.Option(help="Comma-separated roles to keep, e.g. q,k,v,o.")] = None,
+    stacks: Annotated[Optional[str], typer.Option(help=_STACKS_HELP)] = None,
     layers: Annotated[Optional[str], typer.Option(help="Layer range FIRST-LAST (inclusive), e.g. 0-11.")] = None,
     include: Annotated[Optional[str], typer.Option(help="Keep only names matching this glob (or re:REGEX).")] = None,
     exclude: Annotated[Optional[str], typer.Option(help="Drop names matching this glob (or re:REGEX).")] = None,
@@ -66,8 +75,8 @@ def pairs(
     from spectra.checkpoints.pairing import Pairing, PairingOptions
     from spectra.report.tables import stack_label
 
-    options = PairingOptions(roles=_split(roles), layers=_layer_range(layers), include=include, exclude=exclude,
-                             load=False)
+    options = PairingOptions(roles=_split(roles), stacks=_stacks(stacks), layers=_layer_range(layers),
+                             include=include, exclude=exclude, load=False)
     pairing = Pairing(base, tuned, options)
     deltas = list(pairing)
     experts = any(d.expert is not None for d in deltas)  # the column only for mixture-of-experts models
@@ -132,6 +141,7 @@ def analyze(
     full_below: Annotated[int, typer.Option(help="Short side at or below which 'auto' takes the exact full spectrum.")] = 1024,
     energy: Annotated[str, typer.Option(help="Comma-separated energy fractions whose ranks are reported.")] = "0.5,0.9,0.95,0.99",
     roles: Annotated[Optional[str], typer.Option(help="Comma-separated roles to analyse (q, k, v, o, qkv, xq, xk, xv, xo, gate, up, down, gate_up, embed, head, other; xq…xo: an encoder–decoder's cross-attention).")] = None,
+    stacks: Annotated[Optional[str], typer.Option(help=_STACKS_HELP)] = None,
     layers: Annotated[Optional[str], typer.Option(help="Layer range FIRST-LAST (inclusive), e.g. 0-11.")] = None,
     include: Annotated[Optional[str], typer.Option(help="Only modules whose name matches this glob (or re:REGEX).")] = None,
     exclude: Annotated[Optional[str], typer.Option(help="Skip modules whose name matches this glob (or re:REGEX).")] = None,
@@ -153,6 +163,7 @@ def analyze(
     """Measure the spectrum of every ΔW = TUNED − BASE and write a report (JSON, Markdown, HTML, figures).
 
     Example: spectra analyze ./llama-base ./llama-tuned -o reports/run1 --roles q,v
+    (a VLM's language model alone: --stacks language; its vision tower alone: --stacks vision)
 
     Under torchrun (`torchrun --nproc-per-node 4 $(which spectra) analyze BASE TUNED -o out`) the modules
     are shared across ranks and rank 0 writes the report.
@@ -174,8 +185,8 @@ def analyze(
     except ValueError:
         raise ConfigError(f"--energy {energy!r}: expected comma-separated fractions like 0.5,0.9,0.99.") from None
     config = AnalysisConfig(method=method, full_below=full_below, max_rank=max_rank, thresholds=thresholds,
-                            roles=_split(roles), layers=_layer_range(layers), include=include, exclude=exclude,
-                            dtype=dtype, device=device, seed=seed, resolve=resolve,
+                            roles=_split(roles), stacks=_stacks(stacks), layers=_layer_range(layers),
+                            include=include, exclude=exclude, dtype=dtype, device=device, seed=seed, resolve=resolve,
                             on_nonfinite="skip" if skip_nonfinite else "error",
                             calibration=str(calibration) if calibration else None,
                             calibration_epsilon=calibration_epsilon)
@@ -308,6 +319,7 @@ def recommend(
     max_rank: Annotated[Optional[int], typer.Option(help="Largest rank of any module.")] = None,
     power_of_two: Annotated[bool, typer.Option(help="Round ranks up to powers of two.")] = False,
     roles: Annotated[Optional[str], typer.Option(help="Comma-separated roles to target, e.g. q,k,v,o (q also takes cross-attention's xq; xq only it).")] = None,
+    stacks: Annotated[Optional[str], typer.Option(help=_STACKS_HELP)] = None,
     include: Annotated[Optional[str], typer.Option(help="Target only names matching this glob (or re:REGEX).")] = None,
     rslora: Annotated[bool, typer.Option(help="Scale by α/√r (rsLoRA).")] = False,
     dora: Annotated[bool, typer.Option(help="Plan DoRA (adds magnitude vectors).")] = False,
@@ -372,7 +384,7 @@ def recommend(
         raise ConfigError(f"--method {method!r}: the memory estimate takes lora, qlora or dora.")
     policy = RankPolicy(energy=energy, noise=noise, knee=knee, uniform=uniform, uniform_share=uniform_share,
                         rank=rank, min_rank=min_rank, max_rank=max_rank, power_of_two=power_of_two,
-                        roles=_split(roles), include=include, rslora=rslora, use_dora=dora, alpha_rule=alpha_rule,
+                        roles=_split(roles), stacks=_stacks(stacks), include=include, rslora=rslora, use_dora=dora, alpha_rule=alpha_rule,
                         scale=2.0 if scale is None else scale, alpha=16.0 if alpha is None else alpha,
                         functional=functional, **budget_kw)
     plan = recommend_ranks(_analysis_or_pair(analysis), policy, sweep=sweep)
@@ -433,6 +445,7 @@ def extract(
     plan: Annotated[Optional[Path], typer.Option(help="Plan JSON from `spectra recommend` (per-module ranks and alphas).")] = None,
     rank: Annotated[Optional[str], typer.Option(help="One rank for every targeted module, or 'full' for a lossless adapter.")] = None,
     roles: Annotated[Optional[str], typer.Option(help="With --rank: roles to target (default q, k, v, o, gate, up, down; q also takes cross-attention's xq, k xk, v xv, o xo).")] = None,
+    stacks: Annotated[Optional[str], typer.Option(help="With --rank: " + _STACKS_HELP)] = None,
     alpha: Annotated[Optional[float], typer.Option(help="With --rank: lora_alpha (default scale 2: 2·rank, 2·√rank with --rslora).")] = None,
     rslora: Annotated[bool, typer.Option("--rslora", help="With --rank: rsLoRA scaling α/√r.")] = False,
     modules_to_save: Annotated[Optional[str], typer.Option(help="Comma-separated modules copied whole from TUNED, e.g. classifier.")] = None,
@@ -449,6 +462,7 @@ def extract(
 
     Examples: spectra extract BASE TUNED --rank 8 --roles q,k,v,o,up,down --modules-to-save classifier -o adapter/
               spectra extract BASE TUNED --plan plan.json -o adapter/
+              spectra extract VLM_BASE VLM_TUNED --rank 16 --roles q,v --stacks language -o adapter/
     """
     _writable(output, base, tuned, plan, calibration)
     import warnings
@@ -458,11 +472,12 @@ def extract(
 
     if (plan is None) == (rank is None):
         raise ConfigError("pass exactly one of --plan PLAN.json or --rank R (an integer, or 'full').")
-    given = [flag for flag, value in (("--roles", roles), ("--alpha", alpha), ("--rslora", rslora or None))
-             if value is not None]
+    given = [flag for flag, value in (("--roles", roles), ("--stacks", stacks), ("--alpha", alpha),
+                                      ("--rslora", rslora or None)) if value is not None]
     if plan is not None and given:
         raise ConfigError(f"--plan sets every module's rank and α; {', '.join(given)} would be ignored. Plan other "
-                          "roles or scaling with `spectra recommend` (--roles, --rslora), or extract with --rank.")
+                          "roles, stacks or scaling with `spectra recommend` (--roles, --stacks, --rslora), or "
+                          "extract with --rank.")
     if roles is not None:
         from spectra.checkpoints.architectures import ROLES
 
@@ -474,7 +489,8 @@ def extract(
     target = plan if plan is not None else (rank if rank == "full" else int(rank))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", PeftConfigWarning)  # printed below, after the table
-        result = extract_adapter(base, tuned, target, output, roles=_split(roles), alpha=alpha, rslora=rslora,
+        result = extract_adapter(base, tuned, target, output, roles=_split(roles), stacks=_stacks(stacks),
+                                 alpha=alpha, rslora=rslora,
                                  modules_to_save=_split(modules_to_save) or (), overwrite=overwrite,
                                  progress=not quiet, device=device, model_class=model_class, workers=workers,
                                  calibration=calibration)
@@ -502,6 +518,12 @@ def memory(
     rank: Annotated[Optional[int], typer.Option(help="LoRA rank of every targeted module (default 16).")] = None,
     plan: Annotated[Optional[Path], typer.Option(help="A plan from `spectra recommend` instead of --rank.")] = None,
     roles: Annotated[Optional[str], typer.Option(help="Roles --rank targets (default: all block linears).")] = None,
+    stacks: Annotated[Optional[str], typer.Option(help="Stacks --rank targets, with --roles: language (the language "
+                                                       "model, which text-only batches run: always one of them), "
+                                                       "vision, projector … of a multimodal config. E.g. --stacks "
+                                                       "language leaves a VLM's vision tower unadapted, which "
+                                                       "all-linear or --roles alone adapt too. Default: every "
+                                                       "stack.")] = None,
     batch: Annotated[int, typer.Option(help="Sequences per step.")] = 1,
     seq_len: Annotated[int, typer.Option(help="Tokens per sequence.")] = 2048,
     precision: Annotated[Optional[str], typer.Option(help="fp32, bf16, fp16 or mixed (bf16 weights and activations, "
@@ -533,7 +555,8 @@ def memory(
 
     from spectra.errors import ConfigError
 
-    given = [flag for flag, value in (("--rank", rank), ("--roles", roles), ("--layers", layers)) if value is not None]
+    given = [flag for flag, value in (("--rank", rank), ("--roles", roles), ("--stacks", stacks), ("--layers", layers))
+             if value is not None]
     if given and (plan is not None or method == "full"):  # each would be ignored
         why = "--plan sets the modules, ranks and layers" if plan else "--method full trains every weight"
         raise ConfigError(f"{why}, so {', '.join(given)} would be ignored; drop {'it' if len(given) == 1 else 'them'}.")
@@ -541,13 +564,15 @@ def memory(
         raise ConfigError("--method full trains every weight, so --plan would be ignored; drop one of them.")
     est = estimate_memory(model, method=method, rank_plan_or_rank=load_plan(plan) if plan else rank or 16,
                           batch=batch, seq_len=seq_len, precision=precision, optimizer=optimizer,
-                          gradient_checkpointing=gradient_checkpointing, roles=_split(roles), attention=attention,
+                          gradient_checkpointing=gradient_checkpointing, roles=_split(roles), stacks=_stacks(stacks),
+                          attention=attention,
                           double_quant=double_quant, use_cache=use_cache, input_require_grads=input_require_grads,
                           layers_to_transform=tuple(range(span[0], span[1] + 1)) if (span := _layer_range(layers))
                           else None)
     if as_json:  # with what it was asked: the JSON describes its own run
         inputs = {"model": model, "method": method, "rank": None if plan else rank or 16, "plan": plan and str(plan),
-                  "roles": _split(roles), "layers": layers, "batch": batch, "seq_len": seq_len,
+                  "roles": _split(roles), **({"stacks": _stacks(stacks)} if stacks is not None else {}),
+                  "layers": layers, "batch": batch, "seq_len": seq_len,
                   "gradient_checkpointing": gradient_checkpointing, "attention": attention,
                   "double_quant": double_quant, "use_cache": use_cache, "input_require_grads": input_require_grads}
         typer.echo(json.dumps(est.to_dict() | {"inputs": inputs}, indent=2))
@@ -970,6 +995,13 @@ def _split(value: str | None) -> tuple[str, ...] | None:
     if value is None:
         return None
     return tuple(v.strip() for v in value.split(",") if v.strip())
+
+
+def _stacks(value: str | None) -> tuple[str, ...] | None:
+    """--stacks as the library spells it (decoder → language); an unknown stack refused, naming the option."""
+    from spectra.checkpoints.architectures import parse_stacks
+
+    return parse_stacks(value, option="--stacks")
 
 
 def _fmt(value) -> str:
