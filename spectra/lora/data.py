@@ -753,12 +753,12 @@ def batch_indices(data: TokenizedData, batch_size: int, *, generator: torch.Gene
     generator : torch.Generator, optional
         Shuffles the examples (training); None keeps their order (evaluation).
     by_length : bool
-        Put examples of similar length together, so a batch pads less. When shuffling,
-        each run of ``LENGTH_GROUP`` batches is sorted by length and the batches of the
-        epoch are then shuffled (the length-grouped sampling of Hugging Face's
-        ``group_by_length``, with groups small enough that batches stay mixed in content);
-        otherwise every example is sorted by length (for sums over examples, which the
-        order does not change).
+        Put examples of similar length (:func:`example_lengths`) together, so a batch pads
+        less. When shuffling, each run of ``LENGTH_GROUP`` batches is sorted by length and
+        the batches of the epoch are then shuffled (the length-grouped sampling of Hugging
+        Face's ``group_by_length``, with groups small enough that batches stay mixed in
+        content); otherwise every example is sorted by length (for sums over examples, which
+        the order does not change).
 
     Returns
     -------
@@ -770,7 +770,7 @@ def batch_indices(data: TokenizedData, batch_size: int, *, generator: torch.Gene
     order = torch.randperm(n, generator=generator).tolist() if generator is not None else list(range(n))
     if not by_length:
         return [order[i:i + batch_size] for i in range(0, n, batch_size)]
-    length = [len(ids) for ids in data.ids]
+    length = example_lengths(data)
     if generator is None:
         order.sort(key=length.__getitem__)
         return [order[i:i + batch_size] for i in range(0, n, batch_size)]
@@ -780,6 +780,26 @@ def batch_indices(data: TokenizedData, batch_size: int, *, generator: torch.Gene
         run = sorted(order[g:g + group], key=length.__getitem__)
         out += [run[i:i + batch_size] for i in range(0, len(run), batch_size)]
     return [out[i] for i in torch.randperm(len(out), generator=generator).tolist()]
+
+
+def example_lengths(data: TokenizedData) -> list[int]:
+    """The length each example is sorted by when batches are grouped by length (:func:`batch_indices`).
+
+    The tokens of a text; for ``seq2seq_lm``, the longer of the source and the target,
+    ``max(S, T)``. A batch pads its sources to the widest source and its targets to the
+    widest target, so it pads little when both widths are close to each example's own;
+    examples of similar ``max(S, T)`` have both sides under the batch's largest key. The
+    source alone (Hugging Face's ``group_by_length`` reads ``input_ids`` only) leaves the
+    targets in random order, which is most of the padding where targets vary more than
+    sources (short prompts, long answers); the sum ``S + T`` puts a long source with a short
+    target beside a short source with a long target, each padding the other's short side.
+    Sorting by ``max(S, T)`` is no help only where the two lengths are anti-correlated (long
+    sources have short targets and the reverse, in one data set), where the source alone
+    sorts both.
+    """
+    if data.targets is None:
+        return [len(ids) for ids in data.ids]
+    return [max(len(source), len(target)) for source, target in zip(data.ids, data.targets)]
 
 
 def collate(data: TokenizedData, index: Sequence[int]) -> dict[str, torch.Tensor]:

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
-from spectra.lora.data import prepare_data
+from spectra.lora.data import IGNORE_INDEX, LENGTH_GROUP, TokenizedData, batch_indices, collate, prepare_data
 from tests.models import build_model, save
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -54,3 +55,55 @@ def test_truncated_sources_and_targets_keep_their_closing_special_tokens(family,
     if family == "bart":
         assert tokens.ids[0][0] == tokens.targets[0][0] == tokenizer.bos_token_id
     assert tokens.ids[1] == tokens.targets[1] == tokenizer(short_text)["input_ids"]  # nothing to cut
+
+
+def pairs_of_lengths(sources, targets) -> TokenizedData:
+    """Source/target examples of the given lengths (ids 1, 2, …; the values do not matter to padding)."""
+    return TokenizedData([list(range(1, s + 1)) for s in sources], None, "seq2seq_lm", pad_token_id=0,
+                         targets=[list(range(1, t + 1)) for t in targets])
+
+
+def padded_tokens(data: TokenizedData, groups) -> int:
+    """Pad positions of the batches `groups`, both sides, counted in what collate builds."""
+    total = 0
+    for index in groups:
+        batch = collate(data, index)
+        total += int((batch["attention_mask"] == 0).sum()) + int((batch["labels"] == IGNORE_INDEX).sum())
+    return total
+
+
+def source_sorted(data: TokenizedData, batch_size: int, generator=None):
+    """Batches grouped by the source's length alone (the key before seq2seq examples were sorted by both sides)."""
+    n = len(data)
+    order = torch.randperm(n, generator=generator).tolist() if generator is not None else list(range(n))
+    key = [len(s) for s in data.ids].__getitem__
+    if generator is None:
+        order.sort(key=key)
+        return [order[i:i + batch_size] for i in range(0, n, batch_size)]
+    group, out = LENGTH_GROUP * batch_size, []
+    for g in range(0, n, group):
+        run = sorted(order[g:g + group], key=key)
+        out += [run[i:i + batch_size] for i in range(0, len(run), batch_size)]
+    return out
+
+
+def test_length_grouped_batches_pad_both_sides_less_than_grouping_by_the_source():
+    """Short prompts, long answers of varied length: sorting by the source leaves the targets' padding as random
+    batches have it; sorting by max(S, T) removes most of it, in evaluation (all sorted) and training (groups of
+    LENGTH_GROUP batches). Negative control: where every source is longer than its target, the batches are the
+    source-sorted ones."""
+    rng = np.random.default_rng(0)
+    n, size = 512, 8
+    data = pairs_of_lengths(rng.integers(20, 25, n), rng.integers(2, 120, n))
+    for seed in (None, 3):
+        generator = None if seed is None else torch.Generator().manual_seed(seed)
+        new = padded_tokens(data, batch_indices(data, size, generator=generator, by_length=True))
+        old = padded_tokens(data, source_sorted(data, size, None if seed is None else
+                                                torch.Generator().manual_seed(seed)))
+        assert new < 0.25 * old, (seed, new, old)
+    long_sources = pairs_of_lengths(rng.integers(50, 200, n), rng.integers(2, 40, n))
+    for seed in (None, 3):
+        grouped = batch_indices(long_sources, size, by_length=True,
+                                generator=None if seed is None else torch.Generator().manual_seed(seed))
+        by_source = source_sorted(long_sources, size, None if seed is None else torch.Generator().manual_seed(seed))
+        assert sorted(grouped) == sorted(by_source)  # the same batches (training shuffles their order)
