@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from spectra.checkpoints.architectures import module_info
+from spectra.checkpoints.architectures import (STACK_NAMES, STACKS, missing_stacks, module_info, parse_stacks,
+                                              role_selected, stack_selected)
+from spectra.errors import ConfigError
 
 
 @pytest.mark.parametrize("name, role, layer, expert", [
@@ -142,3 +144,106 @@ def test_multimodal_stacks_follow_the_models_submodules(kind):
             seen.add(info.stack)
     assert None in seen and "projector" in seen and "vision" in seen
     assert ("qformer" in seen) == (kind in ("blip2", "instructblip"))
+
+
+# -- selecting by stack -----------------------------------------------------------------------------------------------
+
+def _selected(model, roles, stacks) -> set[str]:
+    """The Linears a selection takes, as every command decides it: its role (role_selected) and its stack."""
+    import torch
+
+    config = model.config.to_dict()
+    return {name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)
+            and role_selected((info := module_info(name, config)).role, roles, name)
+            and stack_selected(info.stack, stacks)}
+
+
+def _linears(model, prefix: str, *suffixes: str) -> set[str]:
+    import torch
+
+    return {name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)
+            and name.startswith(prefix) and name.endswith(suffixes)}
+
+
+def _meta(cls_name: str, config):
+    import torch
+    import transformers as tf
+
+    with torch.device("meta"):
+        return getattr(tf, cls_name)(config)
+
+
+def test_a_vlms_language_q_and_v_leave_its_vision_towers_alone():
+    """Qwen2-VL: --roles q,v takes the vision tower's fused attn.qkv too (its LoRA adapts q, k and v together), as PEFT's
+    target_modules would; --stacks language keeps the language model's q_proj and v_proj alone, --stacks vision the
+    tower's qkv alone. The reference is the model's own submodules (model.language_model.…, model.visual.blocks.…)."""
+    import transformers as tf
+
+    model = _meta("Qwen2VLForConditionalGeneration", tf.Qwen2VLConfig(
+        text_config=dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=64),
+        vision_config=dict(depth=2, num_heads=2, embed_dim=16, hidden_size=32, mlp_ratio=2)))
+    language = _linears(model, "model.language_model.", "q_proj", "v_proj")
+    vision = _linears(model, "model.visual.blocks.", "attn.qkv")
+    assert len(language) == 4 and len(vision) == 2
+    assert _selected(model, ("q", "v"), None) == language | vision  # negative control: roles alone take both
+    assert _selected(model, ("q", "v"), parse_stacks("language")) == language
+    assert _selected(model, ("q", "v"), parse_stacks("vision")) == vision
+    assert _selected(model, ("q", "v"), parse_stacks("language,vision")) == language | vision
+    merger = _linears(model, "model.visual.merger.", "")
+    assert merger and _selected(model, ("other",), parse_stacks("projector")) == merger
+
+
+def test_blip2_qformer_selected_apart_from_its_vision_tower_and_language_model():
+    """BLIP-2's Q-Former (qformer.…) is a stack of its own: its self- and cross-attention query and value (roles q, v,
+    xq, xv: q takes xq) and nothing of the vision tower (whose qkv --roles q also takes) or of the OPT decoder."""
+    model = _multimodal("blip2")
+    qformer = _linears(model, "qformer.", ".query", ".value")
+    assert len(qformer) == 2 * 2 + 2 * 1  # 2 layers' self-attention; cross-attention every 2nd layer (1)
+    assert _selected(model, ("q", "v"), parse_stacks("qformer")) == qformer
+    everything = _selected(model, ("q", "v"), None)
+    assert everything > qformer | _linears(model, "vision_model.", "self_attn.qkv")  # negative control
+    assert _selected(model, ("q", "v"), parse_stacks("language")) == _linears(model, "language_model.", "q_proj",
+                                                                                "v_proj")
+
+
+def test_t5_encoder_and_decoder_by_the_names_its_reports_print():
+    """T5's report names its stacks encoder and decoder (the language model): --stacks decoder reads as language. The
+    decoder's q includes its cross-attention's EncDecAttention.q (role xq); the encoder is known by config.json's
+    is_encoder_decoder, without which encoder.block.N reads as an ordinary model's one stack."""
+    import transformers as tf
+
+    model = _meta("T5ForConditionalGeneration", tf.T5Config(d_model=32, d_kv=8, d_ff=48, num_layers=2,
+                                                             num_decoder_layers=2, num_heads=4, vocab_size=64))
+    encoder = _linears(model, "encoder.", "SelfAttention.q")
+    decoder = _linears(model, "decoder.", "SelfAttention.q", "EncDecAttention.q")
+    assert len(encoder) == 2 and len(decoder) == 4
+    assert parse_stacks("decoder") == ("language",)
+    assert _selected(model, ("q",), parse_stacks("encoder")) == encoder
+    assert _selected(model, ("q",), parse_stacks("decoder")) == decoder
+    assert _selected(model, ("xq",), parse_stacks("decoder")) == _linears(model, "decoder.", "EncDecAttention.q")
+    assert _selected(model, ("q",), parse_stacks("vision")) == set()
+    assert module_info(next(iter(encoder))).stack is None  # negative control: without its config, no encoder
+
+
+def test_parse_stacks_spells_and_refuses():
+    assert parse_stacks(None) is None
+    assert parse_stacks(" Vision , language model,decoder") == ("vision", "language")
+    assert parse_stacks(("encoder", "decoder")) == ("encoder", "language")
+    assert STACK_NAMES == ("language", *STACKS)
+    with pytest.raises(ConfigError, match=r"--stacks: unknown stack\(s\) visoin; choose from language, encoder, vision"):
+        parse_stacks("visoin,language", option="--stacks")
+    with pytest.raises(ConfigError, match="no stack named"):
+        parse_stacks(" , ")
+    assert stack_selected(None, ("language",)) and not stack_selected("vision", ("language",))
+    assert stack_selected("vision", None) and stack_selected(None, None)
+
+
+def test_missing_stacks_notes_some_and_refuses_all():
+    assert missing_stacks(None, {None}) is None
+    assert missing_stacks(("language", "vision"), {None, "vision", "projector"}) is None
+    assert missing_stacks(("language", "vision"), {None}) == ("stacks: the model has no vision stack (its stacks: "
+                                                              "language)")
+    with pytest.raises(ConfigError, match="stacks vision: the model has no module of that stack; its stacks are "
+                                          "language, encoder"):
+        missing_stacks(("vision",), {"encoder", None})
