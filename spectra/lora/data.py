@@ -204,8 +204,7 @@ def read_records(path: str | Path, *, task: str) -> list[dict]:
         (the first by line, and how many) or with one that is neither integer nor string; an
         empty file.
     """
-    if task != "auto":
-        _check_task(task)
+    check_task(task)
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"data file {path} does not exist; pass {DATA_FORMATS}.")
@@ -696,7 +695,7 @@ def tokenize(records: Sequence[Mapping], tokenizer, *, task: str, max_length: in
     labels : sequence of int, optional
         Class ids for ``seq_cls`` (from :func:`label_ids`).
     """
-    _check_task(task)
+    check_task(task, auto=False)
     if max_length < 2:
         raise ConfigError(f"max_length {max_length}: need at least 2 tokens per example.")
     if task == "seq2seq_lm":
@@ -866,15 +865,29 @@ def batches(data: TokenizedData, batch_size: int, *, generator: torch.Generator 
         yield collate(data, index)
 
 
-def _check_task(task: str) -> None:
-    if task not in TASKS:
-        raise ConfigError(f"task {task!r} is not one of {', '.join(TASKS)}.")
+def check_task(task: str, *, option: str = "task", auto: bool = True) -> None:
+    """Refuse a task that is not one of :data:`TASKS`, or ``auto`` where ``auto`` is allowed.
 
+    The one check of the option: the configs (``TrainConfig``, ``VerifyConfig``,
+    ``CalibrationConfig``, ``SweepConfig``) and :func:`read_records` take ``auto``;
+    :func:`tokenize` needs the task decided (``auto=False``).
 
-def check_task(task: str, *, option: str = "task") -> None:
-    """Refuse a task that is neither ``auto`` nor one of :data:`TASKS` (the configs' one check of the option)."""
-    if task != "auto" and task not in TASKS:
-        raise ConfigError(f"{option} {task!r} is not auto, {', '.join(TASKS[:-1])} or {TASKS[-1]}.")
+    Parameters
+    ----------
+    task : str
+    option : str
+        How the user set it, for the error: ``task (--task)``, ``calibration task``.
+    auto : bool
+        Whether ``auto`` (decided later from the model and the data) is allowed.
+
+    Raises
+    ------
+    ConfigError
+        Naming the option, the value and the tasks allowed.
+    """
+    allowed = (("auto",) if auto else ()) + TASKS
+    if task not in allowed:
+        raise ConfigError(f"{option} {task!r} is not {', '.join(allowed[:-1])} or {allowed[-1]}.")
 
 
 def _read_text(path: Path) -> str:

@@ -641,3 +641,24 @@ def test_an_encoder_decoder_with_a_table_per_stack_is_limited_by_the_shorter(tmp
         resolve_max_length(17, saved)
     one = {k: v for k, v in saved.items() if k != "max_decoder_position_embeddings"}  # a config naming one stack's
     assert position_limit(one).source == "max_encoder_position_embeddings = 64"
+
+
+def test_one_task_check_names_the_option_and_the_tasks_it_allows(tmp_path):
+    """read_records takes auto (and its error says so); tokenize needs a decided task; the configs name their option."""
+    from spectra.lora.data import check_task, read_records, tokenize
+    from spectra.lora.train import TrainConfig
+
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"text": "hello there"}) + "\n")
+    with pytest.raises(ConfigError) as err:
+        read_records(data, task="causal")
+    assert str(err.value) == "task 'causal' is not auto, causal_lm, seq_cls or seq2seq_lm."
+    with pytest.raises(ConfigError) as err:
+        tokenize([{"text": "hello there"}], None, task="auto", max_length=8)
+    assert str(err.value) == "task 'auto' is not causal_lm, seq_cls or seq2seq_lm."
+    with pytest.raises(ConfigError) as err:
+        TrainConfig(task="seq2seq")
+    assert str(err.value) == "task (--task) 'seq2seq' is not auto, causal_lm, seq_cls or seq2seq_lm."
+    for task in ("auto", "causal_lm", "seq_cls", "seq2seq_lm"):  # negative control: every task passes
+        check_task(task)
+    assert read_records(data, task="auto") == [{"text": "hello there"}]
