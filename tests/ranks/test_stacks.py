@@ -1,0 +1,56 @@
+"""recommend_ranks with RankPolicy.stacks: the roles of the chosen stacks only, on analysis rows of several stacks."""
+
+from __future__ import annotations
+
+import pytest
+
+from spectra.errors import ConfigError
+from spectra.ranks import RankPlan, RankPolicy, recommend_ranks
+from tests.ranks.rows import PLANTED, analysis, make_row
+
+
+def _row(name, role, stack, layer=0):
+    row = make_row(name, PLANTED, role=role, layer=layer)
+    return row | ({} if stack is None else {"stack": stack})  # the language model's rows carry no stack
+
+
+# a VLM's language model (no stack key, as analysis.json writes it), vision tower (fused qkv), and projector
+ROWS = [_row("model.layers.0.self_attn.q_proj", "q", None), _row("model.layers.0.self_attn.v_proj", "v", None),
+        _row("model.layers.0.mlp.up_proj", "up", None), _row("visual.blocks.0.attn.qkv", "qkv", "vision"),
+        _row("visual.blocks.0.mlp.fc1", "up", "vision"), _row("visual.merger.mlp.0", "other", "projector")]
+
+
+def _planned(**policy) -> list[str]:
+    return [m.name for m in recommend_ranks(analysis(*ROWS), RankPolicy(energy=0.9, **policy)).modules]
+
+
+def test_stacks_narrow_the_roles_to_the_chosen_stacks():
+    # negative control: roles alone take the vision tower's qkv (its LoRA adapts q, k and v together)
+    assert _planned(roles=("q", "v")) == ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj",
+                                          "visual.blocks.0.attn.qkv"]
+    assert _planned(roles=("q", "v"), stacks=("language",)) == ["model.layers.0.self_attn.q_proj",
+                                                                 "model.layers.0.self_attn.v_proj"]
+    assert _planned(stacks="vision") == ["visual.blocks.0.attn.qkv", "visual.blocks.0.mlp.fc1"]
+    assert _planned(roles=("other",), stacks=("projector",)) == ["visual.merger.mlp.0"]
+    assert _planned(stacks=("decoder",)) == ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj",
+                                             "model.layers.0.mlp.up_proj"]  # what T5's report calls it
+
+
+def test_left_out_says_the_stack_and_the_plan_keeps_the_policy(tmp_path):
+    plan = recommend_ranks(analysis(*ROWS), RankPolicy(energy=0.9, roles=("up",), stacks=("vision",)))
+    assert [m.name for m in plan.modules] == ["visual.blocks.0.mlp.fc1"]
+    reasons = {m.name: m.reason for m in plan.left_out}
+    assert reasons["model.layers.0.mlp.up_proj"] == "stack 'language' not in stacks"
+    assert reasons["visual.blocks.0.attn.qkv"] == "role 'qkv' not in roles"
+    again = RankPlan.from_dict(plan.to_dict())
+    assert again.policy.stacks == ("vision",) and again.policy == plan.policy
+
+
+def test_a_stack_the_analysis_lacks_is_refused_and_an_unknown_one_too():
+    with pytest.raises(ConfigError, match="stacks audio: the model has no module of that stack; its stacks are "
+                                          "language, vision, projector"):
+        recommend_ranks(analysis(*ROWS), RankPolicy(stacks=("audio",)))
+    with pytest.raises(ConfigError, match=r"RankPolicy.stacks: unknown stack\(s\) text; choose from language"):
+        RankPolicy(stacks="text")
+    with pytest.raises(ConfigError, match="Relax roles/stacks/include"):  # stacks held, roles none of theirs
+        recommend_ranks(analysis(*ROWS), RankPolicy(roles=("other",), stacks=("language",)))
