@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from spectra.checkpoints.quantized import QuantizedTensor, quantized_tensors
 from spectra.errors import CheckpointError
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -144,27 +145,6 @@ def _parse_dtype(code: str, name: str, path: Path) -> torch.dtype:
         ) from None
 
 
-_MXFP4_BLOCKS, _MXFP4_SCALES = "_blocks", "_scales"
-# the 16 FP4 (E2M1) values of a 4-bit code, in code order (OCP Microscaling Formats spec v1.0, §5.3.3)
-_FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
-
-
-def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """MXFP4 experts as the model holds them: (E, in, out) bfloat16 from uint8 blocks (E, out, G, 16) and scales
-    (E, out, G).
-
-    Each byte holds two FP4 codes, the low nibble first; each group of 32 values along the input
-    shares one E8M0 scale 2^(s − 127) (OCP Microscaling Formats v1.0). Every product is exact in
-    bfloat16 down to its smallest subnormal, 2^-133; gpt-oss's scales sit far above that.
-    """
-    experts, rows, groups, width = blocks.shape
-    pairs = torch.tensor(_FP4_VALUES, dtype=torch.float32)[torch.arange(256).reshape(256, 1) >> torch.tensor([0, 4])
-                                                            & 0x0F]  # byte -> (its low nibble's, its high nibble's)
-    values = pairs[blocks.int()].reshape(experts, rows, groups, 2 * width)  # (E, out, G, 32)
-    values = torch.ldexp(values, (scales.to(torch.int32) - 127)[..., None].float())  # exact in float32
-    return values.reshape(experts, rows, groups * 2 * width).to(torch.bfloat16).transpose(1, 2)  # (E, in, out)
-
-
 @dataclass
 class CheckpointSource:
     """A lazy view of one checkpoint: names, shapes and dtypes now; data on demand.
@@ -188,39 +168,25 @@ class CheckpointSource:
     _readers: dict[Path, Any] = field(default_factory=dict, repr=False)
     _infos: dict[str, TensorInfo] = field(default_factory=dict, repr=False)
 
-    _mxfp4: dict[str, tuple[str, str]] = field(default_factory=dict, repr=False)  # name -> (blocks, scales)
+    _quantized: dict[str, QuantizedTensor] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         for file in self.files:
             reader = self._reader(file)
             for name, info in reader.infos.items():
                 self._infos.setdefault(name, info)
-        self._fold_mxfp4()
-
-    def _fold_mxfp4(self) -> None:
-        """List each MXFP4 tensor (a ``NAME_blocks``/``NAME_scales`` pair: gpt-oss as released) as ``NAME``.
-
-        Its shape is the dequantised parameter's, (E, in, out), and its dtype bfloat16, which holds
-        every MXFP4 value exactly (an FP4 E2M1 code times a power of two): what transformers loads
-        with ``Mxfp4Config(dequantize=True)`` and a fine-tune starts from.
-        """
-        quantization = (self.config or {}).get("quantization_config") or {}
-        for blocks in [n for n in self._infos if n.endswith(_MXFP4_BLOCKS)]:
-            name = blocks.removesuffix(_MXFP4_BLOCKS)
-            scales = name + _MXFP4_SCALES
-            b, sc = self._infos[blocks], self._infos.get(scales)
-            if sc is None or b.dtype != torch.uint8 or sc.dtype != torch.uint8 or b.shape[:-1] != sc.shape \
-                    or len(b.shape) != 4 or name in self._infos:
-                if quantization.get("quant_method") == "mxfp4":
-                    raise CheckpointError(f"{self.spec}: {blocks} is not MXFP4 as gpt-oss stores it (uint8 blocks "
-                                          f"(E, out, groups, 16) beside uint8 {scales} (E, out, groups)); found "
-                                          f"{b.dtype} {b.shape} and "
-                                          f"{'nothing' if sc is None else f'{sc.dtype} {sc.shape}'}.")
-                continue
-            experts, rows, groups, width = b.shape
-            self._infos[name] = TensorInfo(name, (experts, groups * 2 * width, rows), torch.bfloat16, b.file)
-            self._mxfp4[name] = (blocks, scales)
-            del self._infos[blocks], self._infos[scales]
+        # a quantised weight (MXFP4, block-scaled FP8) is listed in its codes' place, as the tensor it encodes
+        self._quantized = quantized_tensors(self._infos, self.config, self.spec)
+        listed = {q.parts[0]: name for name, q in self._quantized.items()}
+        scales = {q.parts[1] for q in self._quantized.values()}
+        infos = {}
+        for name, info in self._infos.items():
+            if name in listed:
+                q = self._quantized[listed[name]]
+                infos[listed[name]] = TensorInfo(listed[name], q.shape, q.dtype, info.file)
+            elif name not in scales:
+                infos[name] = info
+        self._infos = infos
 
     # -- metadata -------------------------------------------------------------------
 
@@ -272,11 +238,12 @@ class CheckpointSource:
     # -- data -----------------------------------------------------------------------
 
     def read(self, name: str) -> torch.Tensor:
-        """Read one tensor (memory-mapped where the format allows), in its stored dtype (MXFP4: bfloat16)."""
+        """Read one tensor (memory-mapped where the format allows), in its stored dtype (a quantised one: as
+        :mod:`spectra.checkpoints.quantized` dequantises it)."""
         info = self.info(name)
-        if name in self._mxfp4:
-            blocks, scales = self._mxfp4[name]
-            return dequantize_mxfp4(self._read_stored(blocks), self._read_stored(scales))
+        if name in self._quantized:
+            q = self._quantized[name]
+            return q.decode(*(self._read_stored(part) for part in q.parts))
         return self._reader(info.file).read(name)
 
     def read_expert(self, name: str, expert: int) -> torch.Tensor:
@@ -289,13 +256,13 @@ class CheckpointSource:
         info = self.info(name)
         if not len(info.shape) or not 0 <= expert < info.shape[0]:
             raise CheckpointError(f"tensor {name!r} in {self.spec} has shape {info.shape}: no expert {expert}")
-        if name in self._mxfp4:
-            blocks, scales = self._mxfp4[name]
-            return dequantize_mxfp4(self._read_stored(blocks, expert)[None], self._read_stored(scales, expert)[None])[0]
+        if name in self._quantized:
+            q = self._quantized[name]
+            return q.decode(*(self._read_stored(part, expert)[None] for part in q.parts))[0]
         return self._reader(info.file).read_expert(name, expert)
 
     def _read_stored(self, name: str, expert: int | None = None) -> torch.Tensor:
-        """A stored tensor, listed or not (an MXFP4 tensor's blocks and scales are listed as the tensor)."""
+        """A stored tensor, listed or not (a quantised weight's codes and scales are listed as the weight)."""
         for file in self.files:
             reader = self._reader(file)
             if name in reader.infos:

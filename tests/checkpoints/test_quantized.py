@@ -1,6 +1,9 @@
-"""MXFP4 checkpoints (gpt-oss as released: experts as uint8 ``_blocks`` + ``_scales``) read as the bfloat16
-experts transformers dequantises them to. References: an encoder written here from the OCP Microscaling spec,
-transformers' own ``convert_moe_packed_tensors``, and PEFT's merge for an adapter extracted against such a base."""
+"""Quantised checkpoints read as the weights they encode.
+
+MXFP4 (gpt-oss as released: experts as uint8 ``_blocks`` + ``_scales``) as the bfloat16 experts transformers
+dequantises them to; block-scaled FP8 (``weight_scale_inv``) in float32; other quantisations refused. References:
+encoders written here from the formats' specs, transformers' own dequantisers, a float64 numpy block loop, and
+PEFT's merge for an adapter extracted against an MXFP4 base."""
 
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ from safetensors.torch import save_file
 
 from spectra.checkpoints.pairing import iter_deltas
 from spectra.checkpoints.source import open_checkpoint
-from spectra.checkpoints.source import dequantize_mxfp4
+from spectra.checkpoints.quantized import dequantize_fp8, dequantize_mxfp4
 from spectra.errors import CheckpointError
 
 FP4 = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
@@ -132,3 +135,107 @@ def test_mxfp4_blocks_without_their_scales_are_named(tmp_path):
         open_checkpoint(tmp_path / "m")
     (tmp_path / "m" / "config.json").write_text(json.dumps({"model_type": "other"}))  # not declared MXFP4: as stored
     assert open_checkpoint(tmp_path / "m").names() == ["model.layers.0.mlp.experts.down_proj_blocks"]
+
+
+def _blockwise_reference(codes: np.ndarray, scales: np.ndarray, block: tuple[int, int]) -> np.ndarray:
+    out = codes.astype(np.float64).copy()
+    for i in range(scales.shape[0]):
+        for j in range(scales.shape[1]):
+            out[i * block[0]:(i + 1) * block[0], j * block[1]:(j + 1) * block[1]] *= scales[i, j]
+    return out
+
+
+def test_block_scaled_fp8_equals_a_float64_block_loop_and_transformers():
+    from transformers.integrations.finegrained_fp8 import _dequantize_fp8_weight
+
+    g = torch.Generator().manual_seed(0)
+    codes = (torch.randn(200, 300, generator=g) * 100).to(torch.float8_e4m3fn)  # blocks do not divide the shape
+    scales = torch.rand(2, 3, generator=g) * 1e-3
+    got = dequantize_fp8(codes, scales, (128, 128))
+    assert got.dtype == torch.float32 and got.shape == (200, 300)
+    want = _blockwise_reference(codes.double().numpy(), scales.double().numpy(), (128, 128))
+    np.testing.assert_allclose(got.double().numpy(), want, rtol=2 ** -23, atol=0)  # one float32 rounding
+    torch.testing.assert_close(got, _dequantize_fp8_weight(codes, scales, [128, 128], torch.float32), rtol=0, atol=0)
+    assert not np.allclose(got.double().numpy(), codes.double().numpy() * float(scales[0, 0]))  # blocks differ
+    one = torch.tensor(0.25)
+    torch.testing.assert_close(dequantize_fp8(codes, one, None), codes.float() * 0.25, rtol=0, atol=0)
+
+
+def _fp8_llama(root, block=(16, 16)):
+    """A tiny Llama whose decoder linears are saved as block-scaled FP8 (``quant_method: fp8``), and its model
+    holding the dequantised weights."""
+    from tests.models import build_model
+
+    model = build_model("llama")
+    state = {}
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2 and ".layers." in name:
+                rows, cols = p.shape
+                blocks = p.reshape(rows // block[0], block[0], cols // block[1], block[1])
+                scale = blocks.abs().amax(dim=(1, 3)) / 448.0  # (rows/b0, cols/b1): e4m3's largest value
+                codes = (blocks / scale[:, None, :, None]).reshape(rows, cols).to(torch.float8_e4m3fn)
+                state[name], state[f"{name}_scale_inv"] = codes, scale.float().contiguous()
+                p.copy_(dequantize_fp8(codes, scale, block))
+            else:
+                state[name] = p.detach().clone().contiguous()
+    (root / "base").mkdir(parents=True)
+    save_file(state, str(root / "base" / "model.safetensors"), metadata={"format": "pt"})
+    config = model.config.to_dict() | {"quantization_config": {"quant_method": "fp8", "fmt": "e4m3",
+                                                               "weight_block_size": list(block)}}
+    (root / "base" / "config.json").write_text(json.dumps(config))
+    return model, root / "base"
+
+
+def test_an_fp8_base_pairs_with_its_fine_tune_in_float32(tmp_path):
+    base_model, base = _fp8_llama(tmp_path)
+    source = open_checkpoint(base)
+    assert not any(n.endswith("_scale_inv") for n in source.names())
+    assert source.info("model.layers.0.self_attn.q_proj.weight").dtype == torch.float32
+    tuned = copy.deepcopy(base_model)
+    with torch.no_grad():
+        tuned.model.layers[0].self_attn.q_proj.weight += 0.01 * torch.randn(32, 2) @ torch.randn(2, 32)
+    tuned.save_pretrained(tmp_path / "tuned")
+    deltas = {d.name: d for d in iter_deltas(base, tmp_path / "tuned")}
+    want = (tuned.model.layers[0].self_attn.q_proj.weight - base_model.model.layers[0].self_attn.q_proj.weight)
+    torch.testing.assert_close(deltas["model.layers.0.self_attn.q_proj"].delta, want.detach(), rtol=0, atol=0)
+    assert torch.count_nonzero(deltas["model.layers.0.self_attn.k_proj"].delta) == 0  # dequantised exactly alike
+    assert torch.linalg.matrix_rank(deltas["model.layers.0.self_attn.q_proj"].delta.double(), rtol=1e-5) == 2
+
+
+def test_malformed_fp8_scales_are_named(tmp_path):
+    _, base = _fp8_llama(tmp_path)
+    config = json.loads((base / "config.json").read_text())
+    config["quantization_config"]["weight_block_size"] = [8, 8]  # the scales were written for 16 × 16 blocks
+    (base / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"down_proj.weight_scale_inv does not scale an FP8 weight.*one scale per "
+                                              r"\[8, 8\] block.*\(32, 48\) and scales \(2, 3\)"):
+        open_checkpoint(base)
+
+
+@pytest.mark.parametrize("case", ["bitsandbytes", "compressed-tensors", "undeclared fp8"])
+def test_other_quantisations_are_refused_not_read_as_weights(case, tmp_path):
+    (tmp_path / "m").mkdir()
+    config = {"model_type": "llama"}
+    if case == "bitsandbytes":
+        state = {"model.layers.0.mlp.down_proj.weight": torch.zeros(512, 1, dtype=torch.uint8),
+                 "model.layers.0.mlp.down_proj.weight.absmax": torch.ones(16)}
+        config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+    else:
+        state = {"model.layers.0.mlp.down_proj.weight": torch.zeros(32, 64).to(torch.float8_e4m3fn),
+                 "model.layers.0.mlp.down_proj.weight_scale": torch.ones(32, 1)}
+        if case == "compressed-tensors":
+            config["quantization_config"] = {"quant_method": "compressed-tensors"}
+    save_file(state, str(tmp_path / "m" / "model.safetensors"))
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config))
+    method = {"undeclared fp8": "scaled float8"}.get(case, case)
+    with pytest.raises(CheckpointError, match=rf"is quantised \({method}: model.layers.0.mlp.down_proj.weight is "
+                                              r"stored as torch.(uint8|float8_e4m3fn) codes.*give a dequantised"):
+        open_checkpoint(tmp_path / "m")
+
+
+def test_integer_buffers_of_an_unquantised_checkpoint_are_kept(tmp_path):
+    (tmp_path / "m").mkdir()
+    save_file({"embeddings.position_ids": torch.arange(8)[None], "encoder.layer.0.dense.weight": torch.ones(4, 4)},
+              str(tmp_path / "m" / "model.safetensors"))
+    assert sorted(open_checkpoint(tmp_path / "m").names()) == ["embeddings.position_ids", "encoder.layer.0.dense.weight"]
