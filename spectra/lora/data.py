@@ -78,6 +78,9 @@ _TABLE_DELIMITERS = {".csv": ",", ".tsv": "\t"}
 DATA_FORMATS = ('a .txt file (plain text), a .jsonl file of {"text": ...} (or {"text": ..., "label": ...} for '
                 'classification, {"source": ..., "target": ...} for an encoder-decoder) records, or a .csv/.tsv file '
                 "whose header row names the columns text (and label), or source and target")
+# what a reader of one text (decoder-only model, encoder) is told of source/target records: what each model reads
+_PAIRS_ADVICE = ("sequence-to-sequence data, which an encoder-decoder (T5, BART) reads with task auto or seq2seq_lm; a "
+                 "decoder-only model or an encoder reads one text: join each pair into one, {joined}.")
 SEQ2SEQ_FORMAT = ('a .jsonl file of {"source": ..., "target": ...} records, or a .csv/.tsv file whose header row '
                   "names the columns source and target")
 
@@ -296,9 +299,9 @@ def _json_lines(path: Path, *, task: str = "auto") -> list[tuple[int, dict]]:
         if pairs:
             record = _pair(path, number, record)
         elif not isinstance(record.get("text"), str):
-            hint = (' A record of "source" and "target" is sequence-to-sequence data, for an encoder-decoder (T5, '
-                    "BART) and task seq2seq_lm (--task seq2seq_lm)." if "source" in record or "target" in record
-                    else "")
+            hint = (' A record of "source" and "target" is '
+                    + _PAIRS_ADVICE.format(joined='{"text": source + " " + target}')
+                    if "source" in record or "target" in record else "")
             raise ConfigError(f"data file {path}, line {number}: each line must be an object with a string "
                               f'"text" field.{hint}')
         rows.append((number, record))
@@ -326,7 +329,11 @@ def _table_rows(path: Path, delimiter: str, *, task: str) -> list[tuple[int, dic
             return _table_pairs(path, reader, tsv=tsv)
         if "text" not in header or (task == "seq_cls" and "label" not in header):
             needed = "text and label" if task == "seq_cls" else "text (and label, for classification)"
-            raise ConfigError(f"data file {path}: the header row names the columns {header}; it must name {needed}.")
+            pairs = (" Columns source and target are " + _PAIRS_ADVICE.format(joined='a column text of source + " " '
+                                                                              "+ target")
+                     if "text" not in header and any(f in header for f in SEQ2SEQ_FIELDS) else "")
+            raise ConfigError(f"data file {path}: the header row names the columns {header}; it must name "
+                              f"{needed}.{pairs}")
         for row in reader:
             _check_width(path, reader, row, delimiter)
             if row["text"] is None:  # a short row: DictReader fills the missing fields with None
@@ -972,11 +979,12 @@ def resolve_task(task: str, model_config: Mapping, records: Sequence[Mapping] | 
     pairs = records is not None and seq2seq_records(records)
     if (pairs or task == "seq2seq_lm") and not model_config.get("is_encoder_decoder"):
         what = (f"data file {data} holds source/target records (sequence-to-sequence)" if pairs
-                else "task seq2seq_lm (--task seq2seq_lm) trains an encoder-decoder")
+                else "task seq2seq_lm (--task seq2seq_lm) is for an encoder-decoder")
         raise ConfigError(f"{what}, but {model} is no encoder-decoder (model_type {model_config.get('model_type')!r}; "
                           "its config.json does not set is_encoder_decoder): a decoder-only model or an encoder "
-                          "reads one text. Train it on {\"text\": ...} (and \"label\") records, or train an "
-                          "encoder-decoder such as T5 or BART on source/target pairs.")
+                          "reads one text. Give it {\"text\": ...} records (and \"label\", for classification), "
+                          "each source and target joined into one text, or use an encoder-decoder such as T5 or BART "
+                          "for source/target pairs.")
     if task == "auto" and model_config.get("is_encoder_decoder"):
         return "seq2seq_lm"  # an encoder-decoder reads its records as source/target pairs
     if task == "auto" and records is not None:

@@ -107,3 +107,29 @@ def test_length_grouped_batches_pad_both_sides_less_than_grouping_by_the_source(
                                 generator=None if seed is None else torch.Generator().manual_seed(seed))
         by_source = source_sorted(long_sources, size, None if seed is None else torch.Generator().manual_seed(seed))
         assert sorted(grouped) == sorted(by_source)  # the same batches (training shuffles their order)
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv"])
+def test_source_target_records_for_a_decoder_only_model_get_advice_that_works(llama_base, tmp_path, suffix):
+    """Calibrating a decoder-only model reads the file as texts; source/target records are refused, naming the file,
+    with what each kind of model reads. Following the advice (each pair joined into one text) calibrates, on the
+    joined texts' tokens; an encoder-decoder reads the pairs as they are (tested in test_seq2seq)."""
+    from spectra.calibration import CalibrationConfig, collect_calibration
+    from spectra.errors import ConfigError
+
+    pairs = [("copy 1", "1"), ("copy 22 please", "22 22")]
+    data = tmp_path / f"p{suffix}"
+    data.write_text("".join(json.dumps({"source": s, "target": t}) + "\n" for s, t in pairs) if suffix == ".jsonl"
+                    else "source,target\n" + "".join(f"{s},{t}\n" for s, t in pairs))
+    with pytest.raises(ConfigError) as err:
+        collect_calibration(llama_base, data, config=CalibrationConfig())
+    where = f"data file {data}" + (", line 1" if suffix == ".jsonl" else "")
+    assert str(err.value).startswith(where) and "which an encoder-decoder (T5, BART) reads" in str(err.value)
+    joined = ('{"text": source + " " + target}' if suffix == ".jsonl" else 'a column text of source + " " + target')
+    assert f"a decoder-only model or an encoder reads one text: join each pair into one, {joined}." in str(err.value)
+    texts = [f"{s} {t}" for s, t in pairs]
+    data.write_text("".join(json.dumps({"text": x}) + "\n" for x in texts) if suffix == ".jsonl"
+                    else "text\n" + "".join(f"{x}\n" for x in texts))
+    calibration = collect_calibration(llama_base, data, config=CalibrationConfig())
+    assert calibration.source["task"] == "causal_lm"
+    assert calibration.tokens("model.layers.0.self_attn.q_proj.weight") == sum(len(x.encode()) for x in texts)
