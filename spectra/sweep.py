@@ -252,7 +252,8 @@ def truncation_sweep(base, tuned, data, *, ranks=(1, 2, 4, 8, 16, 32, 64), plan=
     task, tokens, _, label_names, tokenizer = prepare_data(model_dir(tuned), data, task=config.task,
                                                            max_length=config.max_length, notes=notes)
     metric = resolve_metric(metric, task)
-    model = load_model(tuned, task=task, device=config.device, pad_token_id=tokenizer.pad_token_id, complete=True)
+    model = load_model(tuned, task=task, device=config.device, pad_token_id=tokenizer.pad_token_id, complete=True,
+                       notes=notes)
     if task == "seq_cls" and label_names and len(label_names) > model.config.num_labels:
         raise ConfigError(f"{data} has {len(label_names)} labels ({', '.join(label_names[:5])}) but {tuned}'s "
                           f"classifier has {model.config.num_labels} outputs: eval data of another task?")

@@ -55,6 +55,7 @@ _KINDS = {"seq_cls": "sequence classification", "causal_lm": "causal language mo
 PEFT_TASKS = {"seq_cls": "SEQ_CLS", "causal_lm": "CAUSAL_LM", "seq2seq_lm": "SEQ_2_SEQ_LM"}  # PEFT's task_type, by task
 _COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_RANK = 8  # the LoRA paper's typical rank; small models need no more
+TEXT_STACKS = (None, "encoder")  # the stacks text batches run through: the language model, an encoder-decoder's encoder
 # the command-line option of each TrainConfig field that some combination ignores (None: library only)
 _OPTIONS = {"rank": "--rank", "alpha": "--alpha", "rslora": "--rslora", "plan": "--plan",
             "roles": "--roles", "target_modules": None, "lora_dropout": None, "compute_dtype": "--compute-dtype"}
@@ -288,7 +289,7 @@ def model_dir(spec) -> Path:
 
 def load_model(spec, *, task: str, num_labels: int | None = None, quantize: bool = False,
                compute_dtype: str = "float32", label_names: list[str] | None = None, device: str = "cpu",
-               pad_token_id: int | None = None, complete: bool = False):
+               pad_token_id: int | None = None, complete: bool = False, notes: list[str] | None = None):
     """Load a checkpoint as a causal LM, sequence classifier or seq2seq LM in float32 (or NF4 4-bit) on ``device``.
 
     A missing or resized classification head is initialised from the current torch
@@ -297,6 +298,9 @@ def load_model(spec, *, task: str, num_labels: int | None = None, quantize: bool
     checkpoint's own, so a weight the checkpoint lacks or holds at another size is refused.
     ``pad_token_id``: the id the batches are padded with (the tokenizer's), set in the
     model's config — a classifier pools at the last token before it, so the two must agree.
+    A vision-language model with no causal-LM class loads for ``causal_lm`` through its
+    image-text-to-text class (see :func:`loads_as_image_text_to_text`), and ``notes`` (once)
+    says that its batches are text alone.
     """
     import transformers as tf
 
@@ -309,6 +313,11 @@ def load_model(spec, *, task: str, num_labels: int | None = None, quantize: bool
             kwargs.update(id2label=dict(enumerate(label_names)), label2id={n: i for i, n in enumerate(label_names)})
     elif task == "seq2seq_lm":
         auto = tf.AutoModelForSeq2SeqLM
+    elif loads_as_image_text_to_text(model_config := json.loads((model_dir(spec) / "config.json").read_text())):
+        auto = tf.AutoModelForImageTextToText  # a VLM's language model and head, run on text alone
+        note = VLM_NOTE.format(model_type=model_config["model_type"])
+        if notes is not None and note not in notes:
+            notes.append(note)
     else:
         auto = tf.AutoModelForCausalLM
     check_device(device)
@@ -320,10 +329,11 @@ def load_model(spec, *, task: str, num_labels: int | None = None, quantize: bool
     except (OSError, ValueError) as err:
         if "Unrecognized configuration class" in str(err):  # its text goes on to name every config class: ~200
             config = json.loads((model_dir(spec) / "config.json").read_text())
-            raise ConfigError(f"cannot load {spec} as a {task} model: transformers has no {_KINDS[task]} class for "
-                              f"its model_type {config.get('model_type')!r}. spectra trains causal language models, "
-                              "sequence classifiers and text-to-text encoder-decoders (--task causal_lm, seq_cls or "
-                              "seq2seq_lm)" + (f"; {spec} is an encoder-decoder: train it with --task seq2seq_lm on "
+            nor = " (nor a decoder-only image-text-to-text one)" if task == "causal_lm" else ""
+            raise ConfigError(f"cannot load {spec} as a {task} model: transformers has no {_KINDS[task]} class{nor} "
+                              f"for its model_type {config.get('model_type')!r}. spectra trains causal language "
+                              "models, sequence classifiers and text-to-text encoder-decoders (--task causal_lm, "
+                              "seq_cls or seq2seq_lm)" + (f"; {spec} is an encoder-decoder: train it with --task seq2seq_lm on "
                                                '{"source": ..., "target": ...} records (auto picks it)'
                                                if config.get("is_encoder_decoder") and task != "seq2seq_lm"
                                                else "") + ".") from err
@@ -333,6 +343,31 @@ def load_model(spec, *, task: str, num_labels: int | None = None, quantize: bool
     if pad_token_id is not None:
         model.config.pad_token_id = pad_token_id
     return model if quantize else model.to(torch_device(device))
+
+
+def loads_as_image_text_to_text(model_config: dict) -> bool:
+    """Whether a causal LM of this config.json loads through ``AutoModelForImageTextToText``.
+
+    transformers 5 gives many vision-language models (Qwen2-VL, Qwen2.5-VL, Qwen3-VL(-MoE),
+    LLaVA, Mistral 3, Idefics 3, PaliGemma, InternVL, …) an image-text-to-text class and no
+    causal-LM one. Their forward takes text alone (``input_ids``, ``attention_mask``,
+    ``labels``; no ``pixel_values``): the language model and its head, the vision tower not
+    run. An encoder–decoder of that kind (Florence-2, Pix2Struct) is no causal LM: False.
+    """
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
+    )
+
+    model_type = model_config.get("model_type")
+    text = model_config.get("text_config") or {}
+    return (model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+            and model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+            and not (model_config.get("is_encoder_decoder") or text.get("is_encoder_decoder")))
+
+
+VLM_NOTE = ("model_type {model_type} loaded as image-text-to-text (transformers has no causal-LM class for it); "
+            "text-only batches: its vision tower is not evaluated")
 
 
 def _check_loaded_whole(spec, info: dict, task: str, num_labels: int | None) -> None:
@@ -407,18 +442,35 @@ def nf4_config(compute_dtype: str = "float32"):
                               bnb_4bit_compute_dtype=_COMPUTE_DTYPES[compute_dtype])
 
 
-def target_modules(model, roles: tuple[str, ...] | None = None) -> list[str]:
-    """Full names of the Linear/Conv1D modules of ``roles`` (default: every block linear)."""
+def target_modules(model, roles: tuple[str, ...] | None = None, *, notes: list[str] | None = None) -> list[str]:
+    """Full names of the Linear/Conv1D modules of ``roles`` (default: every block linear) that text runs through.
+
+    A multimodal model's other stacks (a vision or audio tower, the projector into the
+    language model; see :data:`~spectra.checkpoints.architectures.STACKS`) are left out:
+    spectra's batches are text, which never reaches them, so an adapter there would get no
+    gradient and stay at zero. ``notes`` says how many were left out (``target_modules``
+    names them to adapt them anyway). An encoder–decoder's encoder is text's: kept.
+    """
     from transformers.pytorch_utils import Conv1D
 
     from spectra.checkpoints.architectures import module_info, role_selected
 
+    asked = f"role(s) {', '.join(roles)}" if roles else "every block role"
     roles = roles or BLOCK_ROLES
     names = [name for name, module in model.named_modules()
              if isinstance(module, (torch.nn.Linear, Conv1D)) and role_selected(module_info(name).role, roles, name)]
-    if not names:
-        raise ConfigError(f"the model has no Linear/Conv1D module of role(s) {', '.join(roles)} to adapt.")
-    return names
+    stacks = {name: module_info(name).stack for name in names}
+    towers = {name: stack for name, stack in stacks.items() if stack not in TEXT_STACKS}  # a vision tower's, …
+    if not names or len(towers) == len(names):
+        raise ConfigError(f"the model has no Linear/Conv1D module of role(s) {', '.join(roles)} to adapt"
+                          + (f" that text reaches (only {len(towers)} in its {', '.join(sorted(set(towers.values())))} "
+                             "stack)" if names else "") + ".")
+    if towers and notes is not None:
+        notes.append(f"LoRA targets the {len(names) - len(towers)} module(s) of {asked} that text "
+                     f"runs through; the {len(towers)} of the {', '.join(sorted(set(towers.values())))} stack(s) (e.g. "
+                     f"{next(iter(towers))}) are left out: text-only batches never reach them, so they would get no "
+                     "gradient (name them in target_modules to adapt them anyway)")
+    return [name for name in names if name not in towers]
 
 
 def head_modules(model) -> list[str]:
@@ -429,7 +481,7 @@ def head_modules(model) -> list[str]:
             if isinstance(module, torch.nn.Linear) and module_info(name).role == "head"]
 
 
-def lora_config(model, config: TrainConfig, *, task: str):
+def lora_config(model, config: TrainConfig, *, task: str, notes: list[str] | None = None):
     """The PEFT ``LoraConfig`` for ``model``: from the plan, or one rank on the role targets."""
     from peft import LoraConfig
 
@@ -454,7 +506,8 @@ def lora_config(model, config: TrainConfig, *, task: str):
                           f"(recommend {'--dora' if plan.policy.use_dora else 'without --dora'}); training method "
                           f"{config.method} as asked", stacklevel=3)
     else:
-        targets = list(config.target_modules) if config.target_modules else target_modules(model, config.roles)
+        targets = (list(config.target_modules) if config.target_modules
+                   else target_modules(model, config.roles, notes=notes))
         missing = sorted(set(targets) - {name for name, _ in model.named_modules()})
         if missing:
             raise ConfigError(f"target_modules {missing[:5]} are not modules of the model; use names as "
@@ -484,7 +537,7 @@ def quiet_peft():
         yield
 
 
-def wrap_model(model, config: TrainConfig, *, task: str):
+def wrap_model(model, config: TrainConfig, *, task: str, notes: list[str] | None = None):
     """Attach the adapter (PEFT) to a loaded model; a full fine-tune is returned as is.
 
     ``gradient_checkpointing`` checkpoints every block (transformers' non-reentrant
@@ -504,7 +557,7 @@ def wrap_model(model, config: TrainConfig, *, task: str):
     with quiet_peft():
         if config.quantized:
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.gradient_checkpointing)
-        model = get_peft_model(model, lora_config(model, config, task=task))
+        model = get_peft_model(model, lora_config(model, config, task=task, notes=notes))
     adapter = model.peft_config["default"]
     if adapter.modules_to_save:  # PEFT's classifier appends its own head names ("classifier", "score") to ours
         adapter.modules_to_save = list(dict.fromkeys(adapter.modules_to_save))  # once each, in order
@@ -569,10 +622,10 @@ def train_adapter(base, data, config: TrainConfig | None = None, out_dir=None, *
     torch.manual_seed(config.seed)  # head initialisation and LoRA's A init draw from it
     model = load_model(base, task=task, num_labels=len(label_names) if label_names else None,
                        quantize=config.quantized, compute_dtype=config.compute_dtype, label_names=label_names,
-                       device=config.device, pad_token_id=tokenizer.pad_token_id)
+                       device=config.device, pad_token_id=tokenizer.pad_token_id, notes=notes)
     if config.quantized:
         _check_4bit_widths(model, base)
-    model = wrap_model(model, config, task=task)
+    model = wrap_model(model, config, task=task, notes=notes)
     teacher = None
     if config.teacher is not None:
         teacher = load_model(config.teacher, task=task, num_labels=len(label_names) if label_names else None,

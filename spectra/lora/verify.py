@@ -35,6 +35,7 @@ experts, per expert, written into the loaded model's fused parameters).
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -625,11 +626,11 @@ def evaluate_models(base, tuned, adapter_src, eval_data, truncated: dict, *, con
     def base_model(quantize: bool = False):
         torch.manual_seed(config.seed)  # a head new to a bare base is initialised from the seed
         return load_model(base, task=task, num_labels=num_labels, quantize=quantize, compute_dtype=compute,
-                          label_names=labels, device=config.device, pad_token_id=tokenizer.pad_token_id)
+                          label_names=labels, device=config.device, pad_token_id=tokenizer.pad_token_id, notes=notes)
 
     def svd_model():
         model = base_model()
-        places, unplaced = _places(truncated, dict(model.named_parameters()))
+        places, unplaced = _loaded_places(truncated, model)
         if unplaced:
             if notes is not None:
                 notes.append(f"eval: the truncated-SVD model is left out: {len(unplaced)} adapted module(s) match no "
@@ -643,7 +644,7 @@ def evaluate_models(base, tuned, adapter_src, eval_data, truncated: dict, *, con
     builders = {
         "base": base_model,
         "tuned": lambda: load_model(tuned, task=task, device=config.device, pad_token_id=tokenizer.pad_token_id,
-                                    complete=True),
+                                    complete=True, notes=notes),
         "adapter": lambda: _load_adapter(base_model(quantized), adapter_src.path),
         "svd": svd_model,
     }
@@ -656,6 +657,22 @@ def evaluate_models(base, tuned, adapter_src, eval_data, truncated: dict, *, con
             evals[name] = evaluate(model, data, batch_size=config.batch_size)
             del model
     return evals
+
+
+def _loaded_places(weights: dict, model) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """:func:`~spectra.checkpoints.placement.weight_places` of checkpoint-named ``weights`` in ``model``, each name
+    first renamed as transformers' loader renames its tensor: Qwen2-VL's and Qwen2.5-VL's hub checkpoints store
+    ``model.layers.N…``, which their transformers-5 class loads as ``model.language_model.layers.N…``."""
+    from spectra.checkpoints.targets import loading_rename
+
+    rename = loading_rename(model)
+    loaded = {name: name if update is not None else rename(f"{name}.weight").removesuffix(".weight")
+              for name, (_, _, update) in weights.items()}
+    fused = {n for n, count in Counter(loaded.values()).items() if count > 1}  # tensors loaded into one parameter
+    loaded = {name: name if as_loaded in fused else as_loaded for name, as_loaded in loaded.items()}
+    places, unplaced = _places({loaded[name]: w for name, w in weights.items()}, dict(model.named_parameters()))
+    stored = {as_loaded: name for name, as_loaded in loaded.items()}
+    return {stored[n]: place for n, place in places.items()}, [stored[n] for n in unplaced]
 
 
 def _load_adapter(model, path):

@@ -1,0 +1,370 @@
+"""Vision-language models with no causal-LM class (Qwen2-VL, Qwen3-VL, Qwen3-VL-MoE, LLaVA) trained, verified and
+calibrated on text.
+
+transformers 5 gives these models an image-text-to-text class only, and ``load_model`` refused them. They now load
+through it and run on text batches (no ``pixel_values``). The reference is independent of that class: the family's
+plain causal LM (Qwen2, Qwen3, Qwen3-MoE, Llama) built from the text config and given the language model's and
+head's weights, run on each example alone in float64. spectra's numbers come from padded float32 batches of the
+VLM class: 1e-5 relative on losses, as for the seq2seq models.
+
+What was wrong beside the refusal: by default LoRA wrapped the vision tower's linears, which text never reaches
+(their adapters stay at zero); verify's truncated-SVD model and the calibration hooks matched Qwen2-VL's hub names
+(``model.layers.N…``) against the loaded ``model.language_model.layers.N…`` and found nothing, so verify left the
+SVD model out and the calibration held the head's moments only.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from spectra.cli import app
+from spectra.errors import ConfigError
+from spectra.lora.data import prepare_data
+from spectra.lora.train import (
+    TrainConfig,
+    evaluate,
+    load_model,
+    loads_as_image_text_to_text,
+    quiet_peft,
+    train_adapter,
+)
+from tests.checkpoints.test_qwen_vl import tiny
+from tests.lora.conftest import random_text
+from tests.models import add_to_parameter, low_rank, on_grid, save
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+LOSS_REL = 1e-5  # float32 batches vs the float64 reference, per-token cross-entropy ~4
+FAMILIES = ("qwen2_vl", "qwen3_vl_moe")  # trained, verified, swept: hub names (Qwen2-VL), experts (Qwen3-VL-MoE)
+TEXT_Q, VISION_QKV = "model.language_model.layers.0.self_attn.q_proj", "model.visual.blocks.0.attn.qkv"
+NOTE = "loaded as image-text-to-text (transformers has no causal-LM class for it); text-only batches"
+BLOCK_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def tiny_vlm(family: str):
+    """A tiny VLM of `family` on the 2⁻¹² grid: test_qwen_vl's Qwen models, or a LLaVA (a 2-layer CLIP tower of width
+    16, a 2-layer Llama of width 32)."""
+    import transformers as tf
+
+    if family != "llava":
+        return tiny(family)
+    text = tf.LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                          num_key_value_heads=2, vocab_size=64, tie_word_embeddings=False)
+    vision = tf.CLIPVisionConfig(hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2,
+                                 image_size=28, patch_size=14, projection_dim=16)
+    return on_grid(tf.LlavaForConditionalGeneration, tf.LlavaConfig(vision_config=vision, text_config=text,
+                                                                     image_token_id=63))
+
+
+def text_lm(vlm):
+    """The family's plain causal LM holding `vlm`'s language model and head, float64, eval mode (the reference)."""
+    import transformers as tf
+
+    text = vlm.config.text_config
+    common = dict(hidden_size=text.hidden_size, intermediate_size=text.intermediate_size,
+                  num_hidden_layers=text.num_hidden_layers, num_attention_heads=text.num_attention_heads,
+                  num_key_value_heads=text.num_key_value_heads, vocab_size=text.vocab_size,
+                  rms_norm_eps=text.rms_norm_eps, tie_word_embeddings=False, attn_implementation="eager",
+                  rope_parameters=dict(rope_type="default", rope_theta=text.rope_parameters["rope_theta"]))
+    model_type = vlm.config.model_type
+    if model_type == "qwen2_vl":
+        lm = tf.Qwen2ForCausalLM(tf.Qwen2Config(**common))
+    elif model_type == "qwen3_vl":
+        lm = tf.Qwen3ForCausalLM(tf.Qwen3Config(**common, head_dim=text.head_dim))
+    elif model_type == "qwen3_vl_moe":  # eager experts: grouped_mm takes no float64
+        lm = tf.Qwen3MoeForCausalLM(tf.Qwen3MoeConfig(
+            **common, head_dim=text.head_dim, moe_intermediate_size=text.moe_intermediate_size,
+            num_experts=text.num_experts, num_experts_per_tok=text.num_experts_per_tok, norm_topk_prob=True,
+            experts_implementation="eager"))
+    else:
+        lm = tf.LlamaForCausalLM(tf.LlamaConfig(**common))
+    state = {"model." + k.removeprefix("model.language_model."): v for k, v in vlm.state_dict().items()
+             if k.startswith("model.language_model.")}
+    lm.load_state_dict(state | {"lm_head.weight": vlm.state_dict()["lm_head.weight"]}, strict=True)
+    return lm.double().eval()
+
+
+def reference_loss(lm, data, index=None) -> tuple[float, int]:
+    """Σ −log p(next token) over the examples `index` of `data`, each run alone through `lm`, and the token count."""
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(len(data)) if index is None else index:
+            ids = torch.tensor([data.ids[i]])  # (1, T)
+            log_p = torch.log_softmax(lm(input_ids=ids).logits[0, :-1], -1)  # (T-1, V): position t predicts t+1
+            total -= float(log_p.gather(1, ids[0, 1:, None]).sum())
+            count += ids.shape[1] - 1
+    return total, count
+
+
+def language_linears(model) -> list[str]:
+    """The language model's q, k, v, o, gate, up, down Linears (a router, mlp.gate, is none), by the model's names."""
+    return sorted(n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
+                  and n.startswith("model.language_model.") and n.rpartition(".")[2] in BLOCK_NAMES)
+
+
+def planted_fine_tune(base):
+    """The base with a rank-4 update on the language model's layer-0 q and a rank-2 one on the tower's qkv."""
+    tuned = copy.deepcopy(base)
+    params = dict(tuned.named_parameters())
+    for seed, (name, rank) in enumerate(((TEXT_Q, 4), (VISION_QKV, 2))):
+        add_to_parameter(tuned, f"{name}.weight", 64 * low_rank(*params[f"{name}.weight"].shape, rank, seed=seed + 1))
+    return tuned
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def vlm(request, tmp_path_factory):
+    """(family, base, tuned, train data, eval data): a planted fine-tune, both saved by save_pretrained (Qwen2-VL with
+    the hub's names: model.layers.N…, visual.…)."""
+    folder = tmp_path_factory.mktemp(request.param)
+    model = tiny_vlm(request.param)
+    base, tuned = save(model, folder / "base", "safetensors"), save(planted_fine_tune(model), folder / "tuned",
+                                                                     "safetensors")
+    data = random_text(folder / "train.txt", chars=16 * 8 * 4, seed=2)
+    held = random_text(folder / "eval.txt", chars=16 * 6, seed=5)
+    return request.param, base, tuned, data, held
+
+
+def _loaded(spec):
+    from transformers import AutoModelForImageTextToText
+
+    return AutoModelForImageTextToText.from_pretrained(str(spec), dtype=torch.float32)
+
+
+# ---------------------------------------------------------------------------- loading
+
+
+def test_only_a_model_type_without_a_causal_lm_class_loads_as_image_text_to_text():
+    for model_type in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl_moe", "llava", "mistral3", "idefics3", "paligemma"):
+        assert loads_as_image_text_to_text({"model_type": model_type}), model_type
+    # a causal LM; Gemma 3 and Qwen3.5, whose causal-LM class is their multimodal one; a vision model; a VLM that is
+    # an encoder-decoder (Florence-2: its text model reads the image's features through cross-attention)
+    for config in ({"model_type": "llama"}, {"model_type": "gemma3"}, {"model_type": "qwen3_5"}, {"model_type": "vit"},
+                   {"model_type": "florence2", "is_encoder_decoder": True}):
+        assert not loads_as_image_text_to_text(config), config
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen3_vl", "qwen3_vl_moe", "llava"])
+def test_text_loss_is_the_plain_language_models_and_the_tower_is_not_run(family, tmp_path):
+    """The VLM class's loss on padded text batches is the plain causal LM's, each example alone in float64; the image
+    placeholder's id (Qwen's 60, byte 'z') is in the text and changes nothing. Changing the vision tower changes no
+    loss (not run); changing a language weight does (the negative control)."""
+    model = tiny_vlm(family)
+    folder = save(model, tmp_path / "m", "safetensors")
+    _, data, _, _, _ = prepare_data(folder, random_text(tmp_path / "t.txt", chars=16 * 6, seed=5), max_length=16)
+    notes: list[str] = []
+    loaded = load_model(folder, task="causal_lm", notes=notes)
+    assert type(loaded).__name__.endswith("ForConditionalGeneration") and len(notes) == 1 and NOTE in notes[0]
+    assert f"model_type {family} " in notes[0]
+    spectra = evaluate(loaded, data, batch_size=4)
+    total, count = reference_loss(text_lm(model), data)
+    assert spectra["tokens"] == count and spectra["loss"] == pytest.approx(total / count, rel=LOSS_REL)
+    tower = next(p for n, p in loaded.named_parameters() if ".visual." in n or ".vision_tower." in n)
+    with torch.no_grad():
+        tower.add_(1.0)
+        assert evaluate(loaded, data, batch_size=4)["loss"] == spectra["loss"]
+        loaded.get_submodule("model.language_model.layers.0.self_attn.o_proj").weight.add_(1.0)
+    assert evaluate(loaded, data, batch_size=4)["loss"] != pytest.approx(spectra["loss"], rel=1e-4)
+
+
+def test_a_causal_lm_still_loads_as_one_without_a_note(llama_base):
+    notes: list[str] = []
+    assert type(load_model(llama_base, task="causal_lm", notes=notes)).__name__ == "LlamaForCausalLM" and not notes
+
+
+def test_a_model_of_neither_class_is_refused_in_one_paragraph(tmp_path):
+    import transformers as tf
+
+    config = tf.ViTConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=24,
+                          image_size=28, patch_size=14)
+    vit = save(on_grid(tf.ViTModel, config), tmp_path / "vit", "safetensors")
+    with pytest.raises(ConfigError) as err:
+        load_model(vit, task="causal_lm")
+    message = str(err.value)
+    assert "no causal language model class (nor a decoder-only image-text-to-text one) for its model_type 'vit'" \
+        in message and "\n" not in message and "LlamaConfig" not in message
+
+
+# ---------------------------------------------------------------------------- training
+
+
+@pytest.fixture(scope="module")
+def trained(vlm, tmp_path_factory):
+    """LoRA and DoRA adapters of rank 2 on the default targets, trained two epochs on text, evaluated on held data."""
+    family, base, _, data, held = vlm
+    out = {}
+    for method in ("lora", "dora"):
+        config = TrainConfig(method=method, rank=2, batch_size=8, epochs=2, lr=1e-2, max_length=16, seed=1)
+        folder = tmp_path_factory.mktemp(f"{family}-{method}") / "ad"
+        out[method] = train_adapter(base, data, config, folder, eval_data=held, progress=False)
+    return out
+
+
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_adapter_loads_in_peft_on_the_vlm_and_its_merge_gives_the_reported_eval_loss(vlm, trained, method):
+    """The adapter spectra trained loads in PEFT onto the VLM class; merged, the plain LM holding its weights gives the
+    eval loss spectra reported (float64, each example alone), which is not the base's (the adapter trained)."""
+    from peft import PeftModel
+
+    family, base, _, _, held = vlm
+    result = trained[method]
+    with quiet_peft():
+        merged = PeftModel.from_pretrained(_loaded(base), str(result.out_dir)).merge_and_unload()
+    _, data, _, _, _ = prepare_data(base, held, max_length=16)
+    total, count = reference_loss(text_lm(merged), data)
+    assert result.final_eval["tokens"] == count
+    assert result.final_eval["loss"] == pytest.approx(total / count, rel=LOSS_REL), (family, method)
+    base_total, _ = reference_loss(text_lm(_loaded(base)), data)
+    assert result.final_eval["loss"] != pytest.approx(base_total / count, rel=1e-3)  # negative control
+    summary = json.loads((result.out_dir / "spectra_train.json").read_text())
+    assert any(NOTE in n for n in summary["notes"]) and summary["task"] == "causal_lm"
+
+
+def test_default_targets_are_the_language_models_block_linears_and_the_note_says_why(vlm, trained):
+    family, base, _, _, _ = vlm
+    model = _loaded(base)
+    expected = language_linears(model)
+    tower = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".visual." in n]
+    assert expected and tower
+    for result in trained.values():
+        adapter = json.loads((result.out_dir / "adapter_config.json").read_text())
+        assert sorted(adapter["target_modules"]) == expected, family
+        left_out = [n for n in result.notes if "left out" in n]
+        assert len(left_out) == 1 and f"the {len(expected)} module(s) of every block role" in left_out[0]
+        assert "vision stack" in left_out[0] and "target_modules" in left_out[0]
+    with pytest.raises(ConfigError, match=r"that text reaches \(only 2 in its vision stack\)"):
+        from spectra.lora.train import target_modules
+
+        target_modules(model, ("qkv",))  # only the tower's attn.qkv has role qkv
+
+
+def test_a_tower_module_named_in_target_modules_is_adapted_and_gets_no_gradient(vlm, tmp_path):
+    """Why the default leaves the tower out: named explicitly, its LoRA is trained (its B and A in the adapter) and
+    stays exactly where it started, B = 0, while the language model's q moved."""
+    from safetensors.torch import load_file
+
+    family, base, _, data, _ = vlm
+    config = TrainConfig(target_modules=(VISION_QKV, TEXT_Q), rank=2, max_steps=3, batch_size=8, lr=1e-2,
+                         max_length=16, eval_fraction=0.0)
+    result = train_adapter(base, data, config, tmp_path / "ad", progress=False)
+    assert not any("left out" in n for n in result.notes)  # named modules are taken as named
+    tensors = load_file(tmp_path / "ad" / "adapter_model.safetensors")
+    b = {name: t for name, t in tensors.items() if "lora_B" in name}
+    tower_b = [t for name, t in b.items() if ".visual." in name]
+    text_b = [t for name, t in b.items() if ".language_model." in name]
+    assert len(tower_b) == len(text_b) == 1
+    assert torch.count_nonzero(tower_b[0]) == 0 and torch.count_nonzero(text_b[0]) > 0, family
+
+
+# ---------------------------------------------------------------------------- verify
+
+
+def _svd_reference(base_spec, tuned_spec, modules: list[str], rank: int):
+    """The base VLM with each of `modules` (the model's names) set to W_base + the rank-`rank` SVD truncation of
+    ΔW = W_tuned − W_base, in float64."""
+    base, tuned = _loaded(base_spec).double(), _loaded(tuned_spec).double()
+    params, tuned_params = dict(base.named_parameters()), dict(tuned.named_parameters())
+    with torch.no_grad():
+        for name in modules:
+            W = params[f"{name}.weight"]
+            u, s, vh = torch.linalg.svd(tuned_params[f"{name}.weight"] - W, full_matrices=False)
+            W += (u[:, :rank] * s[:rank]) @ vh[:rank]
+    return base
+
+
+def test_verify_evaluates_the_adapter_the_fine_tune_and_the_truncated_svd_model(vlm, trained):
+    """Every model verify evaluates is the float64 reference's: the PEFT merge, the fine-tune, and base + the rank-2
+    truncation of ΔW in the adapted modules (only q changed: rank 4, so rank 2 is neither end). For Qwen2-VL's hub
+    names the SVD model was left out ("match no parameter of the loaded Qwen2VLForConditionalGeneration")."""
+    from peft import PeftModel
+
+    from spectra.lora.verify import VerifyConfig, verify_adapter
+
+    family, base, tuned, _, held = vlm
+    adapter = trained["lora"].out_dir
+    verified = verify_adapter(base, tuned, adapter, eval_data=held, config=VerifyConfig(max_length=16),
+                              progress=False)
+    assert set(verified.evals) == {"base", "tuned", "adapter", "svd"}, verified.notes
+    assert sum(NOTE in n for n in verified.notes) == 1
+    _, data, _, _, _ = prepare_data(base, held, max_length=16)
+    with quiet_peft():
+        merged = PeftModel.from_pretrained(_loaded(base), str(adapter)).merge_and_unload()
+    modules = language_linears(_loaded(base))
+    references = {"base": _loaded(base), "tuned": _loaded(tuned), "adapter": merged,
+                  "svd": _svd_reference(base, tuned, modules, rank=2)}
+    losses = {}
+    for name, model in references.items():
+        total, count = reference_loss(text_lm(model), data)
+        losses[name] = total / count
+        assert verified.evals[name]["loss"] == pytest.approx(losses[name], rel=LOSS_REL), (family, name)
+    assert len({round(v, 6) for v in losses.values()}) == 4  # four different models
+    rows = {r["name"] for r in verified.modules}
+    assert len(rows) == len(modules) and not any("visual" in n for n in rows)
+
+
+# ---------------------------------------------------------------------------- calibration
+
+
+def test_calibration_hooks_every_language_linear_under_the_checkpoints_names(vlm):
+    """C = Σ x xᵀ / N of each language-model Linear's inputs, under the checkpoint's name (Qwen2-VL's hub
+    model.layers.N…), is the plain LM's, hooked on each example alone in float64; the tower has no moments (text never
+    reaches it). Qwen2-VL's calibration had held the head's moments only."""
+    from safetensors import safe_open
+
+    from spectra.calibration import CalibrationConfig, collect_calibration
+
+    family, base, _, _, held = vlm
+    calibration = collect_calibration(base, held, config=CalibrationConfig(batch_size=4, max_length=16))
+    assert any(NOTE in n for n in calibration.notes)
+    with safe_open(base / "model.safetensors", "pt") as fh:
+        names = list(fh.keys())  # as stored
+    hub = family == "qwen2_vl"
+    prefix = "model." if hub else "model.language_model."
+    model = _loaded(base)
+    lm = text_lm(model)
+    modules = [n.removeprefix("model.language_model.") for n in language_linears(model)]  # layers.0.self_attn.q_proj
+    assert all(f"{prefix}{m}.weight" in names for m in modules)
+    _, data, _, _, _ = prepare_data(base, held, max_length=16)
+    inputs = {m: [] for m in modules}
+    hooks = [lm.get_submodule(f"model.{m}").register_forward_pre_hook(lambda _, a, m=m: inputs[m].append(a[0][0]))
+             for m in modules]
+    with torch.no_grad():
+        for ids in data.ids:
+            lm(input_ids=torch.tensor([ids]))
+    for h in hooks:
+        h.remove()
+    for m in modules:
+        X = torch.cat(inputs[m])  # (N, in) float64
+        reference = X.T @ X / X.shape[0]
+        C = calibration.covariance(f"{prefix}{m}.weight")
+        assert C is not None and calibration.tokens(f"{prefix}{m}.weight") == X.shape[0], (family, m)
+        assert torch.allclose(C.double(), reference, rtol=1e-5, atol=1e-6 * float(reference.abs().max())), m
+    tower = [n for n in names if ("visual." in n) and n.endswith("attn.qkv.weight")]
+    assert tower and all(calibration.covariance(n) is None for n in tower)
+
+
+# ---------------------------------------------------------------------------- command line
+
+
+def test_cli_trains_verifies_and_sweeps_a_vlm_saying_it_reads_text_only(vlm, tmp_path):
+    family, base, tuned, data, held = vlm
+    if family != "qwen2_vl":
+        pytest.skip("one family is enough for the command line")
+    runner = CliRunner()
+    out = runner.invoke(app, ["train", str(base), "--data", str(data), "--rank", "2", "--max-steps", "2",
+                              "--max-length", "16", "-o", str(tmp_path / "ad")], terminal_width=400)
+    assert out.exit_code == 0, out.output
+    assert "loaded as image-text-to-text" in out.output and "left out" in out.output
+    out = runner.invoke(app, ["verify", str(base), str(tuned), "--adapter", str(tmp_path / "ad"), "--eval-data",
+                              str(held), "-o", str(tmp_path / "v")], terminal_width=400)
+    assert out.exit_code == 0, out.output
+    evals = json.loads((tmp_path / "v" / "verify.json").read_text())["evals"]
+    assert set(evals) == {"base", "tuned", "adapter", "svd"}
+    out = runner.invoke(app, ["sweep", str(base), str(tuned), "--data", str(held), "--ranks", "1,2", "--bootstrap",
+                              "0", "--max-length", "16", "-o", str(tmp_path / "s")], terminal_width=400)
+    assert out.exit_code == 0, out.output
+    notes = json.loads((tmp_path / "s" / "sweep.json").read_text())["notes"]
+    assert any(NOTE in n for n in notes)
