@@ -18,6 +18,12 @@ beside its language model's ``layers.0.self_attn.q_proj``. Role and layer alone 
 them one cell of a layer × role table. ``None`` is the language model (the text decoder),
 the only stack of an ordinary LM; see :data:`STACKS` for the others.
 
+A selection names stacks as the reports print them (:data:`STACK_NAMES`: ``language`` for None, which the reports
+call "language model", or "decoder" beside an encoder; then ``vision``, ``encoder`` …). Every command selects a
+module when its role is selected (:func:`role_selected`; pairing :func:`role_named`) and its stack is
+(:func:`stack_selected`): ``--roles q,v --stacks language`` is a VLM's language-model q and v, not its vision
+tower's, which ``--roles`` alone takes as PEFT's ``target_modules=["q_proj"]`` does.
+
 Names are module names as they appear in checkpoints, without ``.weight``.
 """
 
