@@ -100,7 +100,8 @@ class AnalysisConfig:
                                  device=self.device)
 
     def pairing_options(self) -> PairingOptions:
-        return PairingOptions(roles=self.roles, stacks=self.stacks, layers=self.layers, include=self.include, exclude=self.exclude,
+        return PairingOptions(roles=self.roles, stacks=self.stacks, layers=self.layers, include=self.include,
+                              exclude=self.exclude,
                               dtype=self.dtype, device=self.device, with_weights=True, weights_as_stored=True,
                               on_nonfinite=self.on_nonfinite, low_copy_above=self._sketched_above())
 

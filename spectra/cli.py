@@ -384,7 +384,8 @@ def recommend(
         raise ConfigError(f"--method {method!r}: the memory estimate takes lora, qlora or dora.")
     policy = RankPolicy(energy=energy, noise=noise, knee=knee, uniform=uniform, uniform_share=uniform_share,
                         rank=rank, min_rank=min_rank, max_rank=max_rank, power_of_two=power_of_two,
-                        roles=_split(roles), stacks=_stacks(stacks), include=include, rslora=rslora, use_dora=dora, alpha_rule=alpha_rule,
+                        roles=_split(roles), stacks=_stacks(stacks), include=include, rslora=rslora, use_dora=dora,
+                        alpha_rule=alpha_rule,
                         scale=2.0 if scale is None else scale, alpha=16.0 if alpha is None else alpha,
                         functional=functional, **budget_kw)
     plan = recommend_ranks(_analysis_or_pair(analysis), policy, sweep=sweep)

@@ -639,7 +639,8 @@ class MemoryEstimate:
 def estimate_memory(config_or_model: Any, *, method: str = "lora", rank_plan_or_rank: RankPlan | int | None = 16,
                     batch: int = 1, seq_len: int = 2048, precision: str | None = None, optimizer: str = "adamw",
                     gradient_checkpointing: bool = True, roles: tuple[str, ...] | None = None,
-                    stacks: tuple[str, ...] | None = None, attention: str = "sdpa", double_quant: bool = True, use_cache: bool = True,
+                    stacks: tuple[str, ...] | None = None, attention: str = "sdpa", double_quant: bool = True,
+                    use_cache: bool = True,
                     layers_to_transform: int | tuple[int, ...] | None = None,
                     input_require_grads: bool = False) -> MemoryEstimate:
     """Estimate the memory of fine-tuning (and serving) a model, by component, in bytes.

@@ -71,7 +71,8 @@ class ExtractResult:
 
 
 def extract_adapter(base, tuned, plan_or_rank, out_dir: str | os.PathLike, *, roles: tuple[str, ...] | None = None,
-                    stacks: tuple[str, ...] | None = None, alpha: float | None = None, rslora: bool = False, modules_to_save: tuple[str, ...] = (),
+                    stacks: tuple[str, ...] | None = None, alpha: float | None = None, rslora: bool = False,
+                    modules_to_save: tuple[str, ...] = (),
                     full_below: int = 1024, seed: int = 0, overwrite: bool = False,
                     progress: bool = True, calibration=None, device: str = "cpu",
                     model_class: str | None = None, workers: int | None = None) -> ExtractResult:

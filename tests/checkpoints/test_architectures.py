@@ -174,9 +174,10 @@ def _meta(cls_name: str, config):
 
 
 def test_a_vlms_language_q_and_v_leave_its_vision_towers_alone():
-    """Qwen2-VL: --roles q,v takes the vision tower's fused attn.qkv too (its LoRA adapts q, k and v together), as PEFT's
-    target_modules would; --stacks language keeps the language model's q_proj and v_proj alone, --stacks vision the
-    tower's qkv alone. The reference is the model's own submodules (model.language_model.…, model.visual.blocks.…)."""
+    """Qwen2-VL: --roles q,v takes the vision tower's fused attn.qkv too (its LoRA adapts q, k and v together), as
+    PEFT's target_modules would; --stacks language keeps the language model's q_proj and v_proj alone, --stacks
+    vision the tower's qkv alone. The reference is the model's own submodules (model.language_model.…,
+    model.visual.blocks.…)."""
     import transformers as tf
 
     model = _meta("Qwen2VLForConditionalGeneration", tf.Qwen2VLConfig(
@@ -231,7 +232,8 @@ def test_parse_stacks_spells_and_refuses():
     assert parse_stacks(" Vision , language model,decoder") == ("vision", "language")
     assert parse_stacks(("encoder", "decoder")) == ("encoder", "language")
     assert STACK_NAMES == ("language", *STACKS)
-    with pytest.raises(ConfigError, match=r"--stacks: unknown stack\(s\) visoin; choose from language, encoder, vision"):
+    with pytest.raises(ConfigError, match=r"--stacks: unknown stack\(s\) visoin; choose from language, encoder, "
+                                          "vision"):
         parse_stacks("visoin,language", option="--stacks")
     with pytest.raises(ConfigError, match="no stack named"):
         parse_stacks(" , ")
