@@ -239,3 +239,44 @@ def test_integer_buffers_of_an_unquantised_checkpoint_are_kept(tmp_path):
     save_file({"embeddings.position_ids": torch.arange(8)[None], "encoder.layer.0.dense.weight": torch.ones(4, 4)},
               str(tmp_path / "m" / "model.safetensors"))
     assert sorted(open_checkpoint(tmp_path / "m").names()) == ["embeddings.position_ids", "encoder.layer.0.dense.weight"]
+
+
+def test_the_sweep_truncates_experts_against_the_dequantised_mxfp4_base(tmp_path):
+    """The sweep loads the (bf16) fine-tune and reads the base through the checkpoint: rank 0 with the base's
+    non-targets is the dequantised base, every tensor; rank 1 each expert's float64 rank-1 truncation."""
+    import transformers as tf
+
+    from spectra.sweep_weights import ModelWeights
+
+    base_model, base = _mxfp4_gpt_oss(tmp_path)
+    tuned = copy.deepcopy(base_model)
+    with torch.no_grad():
+        for name, p in tuned.named_parameters():
+            if ".experts." in name and p.dim() == 3:
+                p += 0.05 * torch.randn(p.shape[0], p.shape[1], 2) @ torch.randn(p.shape[0], 2, p.shape[2])
+    tuned.save_pretrained(tmp_path / "tuned")
+    weights = ModelWeights(tf.GptOssForCausalLM.from_pretrained(tmp_path / "tuned", dtype=torch.float32), base,
+                           tmp_path / "tuned", roles=("gate_up", "down"))
+    for target in weights.targets:
+        target.factors = torch.linalg.svd(weights.delta(target).double(), full_matrices=False)
+    weights.apply((0,) * len(weights.targets), non_target="base")
+    expected = base_model.state_dict()
+    for key, value in weights.state.items():
+        assert torch.equal(value, expected[key]), key
+    weights.apply((1,) * len(weights.targets), non_target="tuned")
+    for name, p in _expert_parameters(base_model).items():
+        delta = (_expert_parameters(tuned)[name] - p).detach().double().numpy()  # (E, in, out)
+        for e in range(3):
+            want = p[e].detach().double().numpy() + _best(delta[e], 1)
+            np.testing.assert_allclose(weights.state[name][e].double().numpy(), want, rtol=0, atol=1e-6)
+            assert not np.allclose(weights.state[name][e].double().numpy(), p[e].detach().double().numpy() +
+                                   delta[e], atol=1e-4)  # not the fine-tune: truncated
+
+
+def _expert_parameters(model) -> dict[str, torch.Tensor]:
+    return {n: p for n, p in model.named_parameters() if ".experts." in f".{n}" and p.dim() == 3}
+
+
+def _best(delta: np.ndarray, rank: int) -> np.ndarray:
+    u, s, vt = np.linalg.svd(delta, full_matrices=False)
+    return (u[:, :rank] * s[:rank]) @ vt[:rank]
