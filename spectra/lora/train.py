@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from spectra.checkpoints.architectures import parse_stacks
 from spectra.checkpoints.pairing import check_device
 from spectra.errors import ConfigError
 from spectra.files import staged_directory
@@ -58,7 +59,8 @@ DEFAULT_RANK = 8  # the LoRA paper's typical rank; small models need no more
 TEXT_STACKS = (None, "encoder")  # the stacks text batches run through: the language model, an encoder-decoder's encoder
 # the command-line option of each TrainConfig field that some combination ignores (None: library only)
 _OPTIONS = {"rank": "--rank", "alpha": "--alpha", "rslora": "--rslora", "plan": "--plan",
-            "roles": "--roles", "target_modules": None, "lora_dropout": None, "compute_dtype": "--compute-dtype"}
+            "roles": "--roles", "stacks": "--stacks", "target_modules": None, "lora_dropout": None,
+            "compute_dtype": "--compute-dtype"}
 TRAIN_SUMMARY = "spectra_train.json"
 TRAIN_LOG = "training_log.jsonl"
 
@@ -89,6 +91,11 @@ class TrainConfig:
         be of this base (see :meth:`~spectra.ranks.RankPlan.check_base`).
     roles : tuple of str, optional
         Roles to target (``q, k, v, o, qkv, gate, up, down, gate_up``); None: all of them.
+    stacks : tuple of str, optional
+        Stacks whose modules of those roles are targeted (``language``, ``encoder``, ``vision``,
+        …; see :func:`~spectra.checkpoints.architectures.parse_stacks`). None: the stacks text
+        runs through (the language model, an encoder–decoder's encoder): training batches are
+        text, so a vision tower's adapter would get no gradient (see :func:`target_modules`).
     target_modules : tuple of str, optional
         Module names to target instead of roles (as ``model.named_modules()`` names them).
     task : {"auto", "causal_lm", "seq_cls", "seq2seq_lm"}
@@ -134,6 +141,7 @@ class TrainConfig:
     rslora: bool = False  # α/r is PEFT's default
     plan: str | None = None
     roles: tuple[str, ...] | None = None  # None -> every block linear, as QLoRA recommends
+    stacks: tuple[str, ...] | None = None  # None -> the stacks text reaches: a tower's adapter would not train
     target_modules: tuple[str, ...] | None = None
     task: str = "auto"
     max_length: int | None = None  # None -> 128 (data.DEFAULT_MAX_LENGTH), cut to what the model's positions cover
@@ -164,6 +172,8 @@ class TrainConfig:
             bad = sorted(set(self.roles) - set(BLOCK_ROLES))
             if bad:
                 raise ConfigError(f"roles {bad}: LoRA targets the block linears {', '.join(BLOCK_ROLES)}.")
+        if self.stacks is not None:
+            object.__setattr__(self, "stacks", parse_stacks(self.stacks, option="stacks (--stacks)"))
         check_task(self.task, option="task (--task)")
         for name in ("rank", "batch_size", "epochs"):
             if name == "rank" and self.rank is None:
@@ -187,7 +197,7 @@ class TrainConfig:
     def _refuse_ignored_options(self) -> None:
         """Refuse an option that the method or the plan would ignore, naming it and what overrides it."""
         given = {"rank": self.rank is not None, "alpha": self.alpha is not None, "rslora": self.rslora,
-                 "plan": self.plan is not None, "roles": self.roles is not None,
+                 "plan": self.plan is not None, "roles": self.roles is not None, "stacks": self.stacks is not None,
                  "target_modules": self.target_modules is not None, "lora_dropout": self.lora_dropout != 0}
         if self.method == "full":
             ignored = [name for name, set_ in given.items() if set_]
@@ -196,14 +206,15 @@ class TrainConfig:
                                   f"drop {'it' if len(ignored) == 1 else 'them'}, or train an adapter (method lora, "
                                   "dora, qlora or qdora).")
         elif self.plan is not None:
-            ignored = [name for name in ("rank", "alpha", "roles", "target_modules") if given[name]]
+            ignored = [name for name in ("rank", "alpha", "roles", "stacks", "target_modules") if given[name]]
             if ignored:
                 raise ConfigError(f"plan (--plan) sets every module's rank, α and target, so {_ignored(ignored)}. "
                                   "Plan other ranks or roles with `spectra recommend` (e.g. --roles q,v), "
                                   "or train without a plan.")
-        elif given["roles"] and given["target_modules"]:
-            raise ConfigError("target_modules names the modules to adapt, so roles would be ignored; pass one of "
-                              "them.")
+        elif given["target_modules"] and (given["roles"] or given["stacks"]):
+            which = " and ".join(name for name in ("roles", "stacks") if given[name])
+            raise ConfigError(f"target_modules names the modules to adapt, so {which} would be ignored; pass one "
+                              "of them.")
         if self.compute_dtype != "float32" and not self.quantized:
             raise ConfigError(f"compute_dtype (--compute-dtype) {self.compute_dtype} is the compute dtype of the "
                               f"4-bit layers of qlora and qdora; method {self.method} trains in float32, so it would "
@@ -333,8 +344,8 @@ def load_model(spec, *, task: str, num_labels: int | None = None, quantize: bool
             raise ConfigError(f"cannot load {spec} as a {task} model: transformers has no {_KINDS[task]} class{nor} "
                               f"for its model_type {config.get('model_type')!r}. spectra trains causal language "
                               "models, sequence classifiers and text-to-text encoder-decoders (--task causal_lm, "
-                              "seq_cls or seq2seq_lm)" + (f"; {spec} is an encoder-decoder: train it with --task seq2seq_lm on "
-                                               '{"source": ..., "target": ...} records (auto picks it)'
+                              "seq_cls or seq2seq_lm)" + (f"; {spec} is an encoder-decoder: train it with --task "
+                                               'seq2seq_lm on {"source": ..., "target": ...} records (auto picks it)'
                                                if config.get("is_encoder_decoder") and task != "seq2seq_lm"
                                                else "") + ".") from err
         raise ConfigError(f"cannot load {spec} as a {task} model: {err}") from err
@@ -442,35 +453,51 @@ def nf4_config(compute_dtype: str = "float32"):
                               bnb_4bit_compute_dtype=_COMPUTE_DTYPES[compute_dtype])
 
 
-def target_modules(model, roles: tuple[str, ...] | None = None, *, notes: list[str] | None = None) -> list[str]:
-    """Full names of the Linear/Conv1D modules of ``roles`` (default: every block linear) that text runs through.
+def target_modules(model, roles: tuple[str, ...] | None = None, *, stacks: tuple[str, ...] | None = None,
+                   notes: list[str] | None = None) -> list[str]:
+    """Full names of the Linear/Conv1D modules of ``roles`` (default: every block linear) in ``stacks``.
 
-    A multimodal model's other stacks (a vision or audio tower, the projector into the
-    language model; see :data:`~spectra.checkpoints.architectures.STACKS`) are left out:
-    spectra's batches are text, which never reaches them, so an adapter there would get no
-    gradient and stay at zero. ``notes`` says how many were left out (``target_modules``
-    names them to adapt them anyway). An encoder–decoder's encoder is text's: kept.
+    ``stacks`` None: the stacks text runs through (:data:`TEXT_STACKS`). A multimodal
+    model's others (a vision or audio tower, the projector into the language model; see
+    :data:`~spectra.checkpoints.architectures.STACKS`) are then left out: spectra's batches
+    are text, which never reaches them, so an adapter there would get no gradient and stay
+    at zero; ``notes`` says how many. ``stacks`` that name such a stack take its modules,
+    and ``notes`` says that text will not train them.
     """
     from transformers.pytorch_utils import Conv1D
 
-    from spectra.checkpoints.architectures import module_info, role_selected
+    from spectra.checkpoints.architectures import missing_stacks, module_info, role_selected, stack_selected
 
     asked = f"role(s) {', '.join(roles)}" if roles else "every block role"
     roles = roles or BLOCK_ROLES
-    names = [name for name, module in model.named_modules()
-             if isinstance(module, (torch.nn.Linear, Conv1D)) and role_selected(module_info(name).role, roles, name)]
-    stacks = {name: module_info(name).stack for name in names}
-    towers = {name: stack for name, stack in stacks.items() if stack not in TEXT_STACKS}  # a vision tower's, …
-    if not names or len(towers) == len(names):
-        raise ConfigError(f"the model has no Linear/Conv1D module of role(s) {', '.join(roles)} to adapt"
-                          + (f" that text reaches (only {len(towers)} in its {', '.join(sorted(set(towers.values())))} "
-                             "stack)" if names else "") + ".")
+    model_config = model.config.to_dict()  # an encoder-decoder's encoder is a stack of its own
+    infos = {name: module_info(name, model_config) for name, module in model.named_modules()
+             if isinstance(module, (torch.nn.Linear, Conv1D))}
+    stack_of = {name: info.stack for name, info in infos.items() if role_selected(info.role, roles, name)}
+    if not stack_of:
+        raise ConfigError(f"the model has no Linear/Conv1D module of role(s) {', '.join(roles)} to adapt.")
+    if stacks is not None:
+        lacking = missing_stacks(stacks, set(stack_of.values()), option="stacks (--stacks)")  # none held: refused
+        if lacking and notes is not None:
+            notes.append(lacking)
+        names = [name for name, stack in stack_of.items() if stack_selected(stack, stacks)]
+        unreached = sorted({stack for name, stack in stack_of.items() if name in names and stack not in TEXT_STACKS},
+                           key=str)
+        if unreached and notes is not None:
+            notes.append(f"stacks {','.join(stacks)}: the adapters of the {', '.join(unreached)} stack(s) get no "
+                         "gradient from text-only batches (text never reaches them), so they stay at zero")
+        return names
+    towers = {name: stack for name, stack in stack_of.items() if stack not in TEXT_STACKS}  # a vision tower's, …
+    if len(towers) == len(stack_of):
+        raise ConfigError(f"the model has no Linear/Conv1D module of role(s) {', '.join(roles)} that text reaches "
+                          f"(only {len(towers)} in its {', '.join(sorted(set(towers.values())))} stack); "
+                          "name the stack to adapt it anyway (stacks, --stacks).")
     if towers and notes is not None:
-        notes.append(f"LoRA targets the {len(names) - len(towers)} module(s) of {asked} that text "
-                     f"runs through; the {len(towers)} of the {', '.join(sorted(set(towers.values())))} stack(s) (e.g. "
+        notes.append(f"LoRA targets the {len(stack_of) - len(towers)} module(s) of {asked} that text runs through; "
+                     f"the {len(towers)} of the {', '.join(sorted(set(towers.values())))} stack(s) (e.g. "
                      f"{next(iter(towers))}) are left out: text-only batches never reach them, so they would get no "
-                     "gradient (name them in target_modules to adapt them anyway)")
-    return [name for name in names if name not in towers]
+                     "gradient (--stacks names a stack to adapt it anyway)")
+    return [name for name in stack_of if name not in towers]
 
 
 def head_modules(model) -> list[str]:
@@ -507,7 +534,7 @@ def lora_config(model, config: TrainConfig, *, task: str, notes: list[str] | Non
                           f"{config.method} as asked", stacklevel=3)
     else:
         targets = (list(config.target_modules) if config.target_modules
-                   else target_modules(model, config.roles, notes=notes))
+                   else target_modules(model, config.roles, stacks=config.stacks, notes=notes))
         missing = sorted(set(targets) - {name for name, _ in model.named_modules()})
         if missing:
             raise ConfigError(f"target_modules {missing[:5]} are not modules of the model; use names as "

@@ -234,29 +234,65 @@ def test_default_targets_are_the_language_models_block_linears_and_the_note_says
         assert sorted(adapter["target_modules"]) == expected, family
         left_out = [n for n in result.notes if "left out" in n]
         assert len(left_out) == 1 and f"the {len(expected)} module(s) of every block role" in left_out[0]
-        assert "vision stack" in left_out[0] and "target_modules" in left_out[0]
-    with pytest.raises(ConfigError, match=r"that text reaches \(only 2 in its vision stack\)"):
-        from spectra.lora.train import target_modules
-
-        target_modules(model, ("qkv",))  # only the tower's attn.qkv has role qkv
+        assert "vision stack" in left_out[0] and "--stacks" in left_out[0]
 
 
-def test_a_tower_module_named_in_target_modules_is_adapted_and_gets_no_gradient(vlm, tmp_path):
-    """Why the default leaves the tower out: named explicitly, its LoRA is trained (its B and A in the adapter) and
-    stays exactly where it started, B = 0, while the language model's q moved."""
+def test_stacks_select_the_targets_and_name_what_text_cannot_train():
+    """stacks=None: the language model's; stacks naming the tower take its modules too (a note says they will not
+    train); a stack the model lacks is noted, none held refused; with role qkv, which only the tower's attn.qkv has,
+    the default finds nothing text reaches and says how to adapt it anyway."""
+    from spectra.lora.train import target_modules
+
+    model = tiny_vlm("qwen2_vl")
+    text = [f"model.language_model.layers.{i}.self_attn.q_proj" for i in (0, 1)]
+    tower = [f"model.visual.blocks.{i}.attn.qkv" for i in (0, 1)]  # role qkv: q selects its rows
+    notes: list[str] = []
+    assert target_modules(model, ("q",), notes=notes) == text and "left out" in notes[0]
+    for stacks, expected in ((("language",), text), (("vision",), tower), (("language", "vision"), tower + text)):
+        notes = []
+        assert target_modules(model, ("q",), stacks=stacks, notes=notes) == expected, stacks
+        assert (notes == []) == (stacks == ("language",))
+        assert all("the vision stack(s) get no gradient from text-only batches" in n for n in notes)
+    notes = []
+    assert target_modules(model, ("q",), stacks=("vision", "audio"), notes=notes) == tower
+    assert "the model has no audio stack" in notes[0]
+    with pytest.raises(ConfigError, match=r"stacks \(--stacks\) audio: the model has no module of that stack"):
+        target_modules(model, ("q",), stacks=("audio",))
+    with pytest.raises(ConfigError, match=r"that text reaches \(only 2 in its vision stack\); name the stack"):
+        target_modules(model, ("qkv",))
+
+
+def test_stacks_are_parsed_and_refused_where_ignored():
+    assert TrainConfig(stacks="decoder, vision").stacks == ("language", "vision")  # the reports' name for it
+    with pytest.raises(ConfigError, match=r"stacks \(--stacks\): unknown stack\(s\) eye"):
+        TrainConfig(stacks="eye")
+    with pytest.raises(ConfigError, match="target_modules names the modules to adapt, so stacks would be ignored"):
+        TrainConfig(stacks="vision", target_modules=("a",))
+    with pytest.raises(ConfigError, match=r"method full \(--full\) trains every weight, so --stacks would be"):
+        TrainConfig(stacks="vision", method="full")
+    with pytest.raises(ConfigError, match=r"plan \(--plan\) sets every module's rank, α and target, so --stacks"):
+        TrainConfig(stacks="vision", plan="plan.json")
+
+
+@pytest.mark.parametrize("how", ["stacks", "target_modules"])
+def test_a_tower_module_chosen_by_stack_or_name_is_adapted_and_gets_no_gradient(vlm, tmp_path, how):
+    """Why the default leaves the tower out: chosen by --stacks or named in target_modules, its LoRA is trained (its
+    B and A in the adapter) and stays exactly where it started, B = 0, while the language model's q moved."""
     from safetensors.torch import load_file
 
     family, base, _, data, _ = vlm
-    config = TrainConfig(target_modules=(VISION_QKV, TEXT_Q), rank=2, max_steps=3, batch_size=8, lr=1e-2,
-                         max_length=16, eval_fraction=0.0)
+    chosen = (dict(stacks=("language", "vision"), roles=("q",)) if how == "stacks"
+              else dict(target_modules=(VISION_QKV, TEXT_Q)))
+    config = TrainConfig(**chosen, rank=2, max_steps=3, batch_size=8, lr=1e-2, max_length=16, eval_fraction=0.0)
     result = train_adapter(base, data, config, tmp_path / "ad", progress=False)
-    assert not any("left out" in n for n in result.notes)  # named modules are taken as named
+    assert not any("left out" in n for n in result.notes)  # chosen modules are taken as chosen
+    assert any("get no gradient" in n for n in result.notes) == (how == "stacks")
     tensors = load_file(tmp_path / "ad" / "adapter_model.safetensors")
     b = {name: t for name, t in tensors.items() if "lora_B" in name}
     tower_b = [t for name, t in b.items() if ".visual." in name]
     text_b = [t for name, t in b.items() if ".language_model." in name]
-    assert len(tower_b) == len(text_b) == 1
-    assert torch.count_nonzero(tower_b[0]) == 0 and torch.count_nonzero(text_b[0]) > 0, family
+    assert len(tower_b) == (2 if how == "stacks" else 1) and len(text_b) == len(tower_b)  # stacks: both layers' q
+    assert all(torch.count_nonzero(t) == 0 for t in tower_b) and all(torch.count_nonzero(t) > 0 for t in text_b)
 
 
 # ---------------------------------------------------------------------------- verify
