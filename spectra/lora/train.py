@@ -528,6 +528,7 @@ def lora_config(model, config: TrainConfig, *, task: str, notes: list[str] | Non
                               f"holds no module for) through PEFT's target_parameters, which method "
                               f"{config.method!r} does not support: train with method lora, or plan without "
                               "these modules' roles (spectra recommend --roles q,k,v,o).")
+        _note_unreached_plan_modules(plan, model, notes)
         if plan.policy.use_dora != (config.method in ("dora", "qdora")):
             warnings.warn(f"the plan {config.plan} was made for {'DoRA' if plan.policy.use_dora else 'plain LoRA'} "
                           f"(recommend {'--dora' if plan.policy.use_dora else 'without --dora'}); training method "
@@ -547,6 +548,21 @@ def lora_config(model, config: TrainConfig, *, task: str, notes: list[str] | Non
     return LoraConfig(**fields, use_dora=config.method in ("dora", "qdora"), bias="none",
                       task_type=PEFT_TASKS[task],
                       modules_to_save=head_modules(model) if task == "seq_cls" else None)
+
+
+def _note_unreached_plan_modules(plan, model, notes: list[str] | None) -> None:
+    """Note a plan's modules in a stack text never reaches (a VLM's vision tower, planned from its analysis): trained
+    on text-only batches, their adapters get no gradient and stay at zero."""
+    from spectra.checkpoints.architectures import module_info
+
+    model_config = model.config.to_dict()
+    unreached = {m.name: module_info(m.name, model_config).stack for m in plan.modules}
+    unreached = {name: stack for name, stack in unreached.items() if stack not in TEXT_STACKS}
+    if unreached and notes is not None:
+        name, stack = next(iter(unreached.items()))
+        notes.append(f"the plan adapts {len(unreached)} module(s) of the {', '.join(sorted(set(unreached.values())))} "
+                     f"stack(s) (e.g. {name}, {stack}), which text-only batches never reach: their adapters get no "
+                     "gradient and stay at zero (plan the stacks text reaches: spectra recommend --stacks language)")
 
 
 def _has_conv1d(model, names: list[str]) -> bool:

@@ -35,7 +35,7 @@ from spectra.lora.train import (
 )
 from tests.checkpoints.test_qwen_vl import tiny
 from tests.lora.conftest import random_text
-from tests.models import add_to_parameter, low_rank, on_grid, save
+from tests.models import add_to_parameter, build_model, low_rank, on_grid, save
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 LOSS_REL = 1e-5  # float32 batches vs the float64 reference, per-token cross-entropy ~4
@@ -260,6 +260,28 @@ def test_stacks_select_the_targets_and_name_what_text_cannot_train():
         target_modules(model, ("q",), stacks=("audio",))
     with pytest.raises(ConfigError, match=r"that text reaches \(only 2 in its vision stack\); name the stack"):
         target_modules(model, ("qkv",))
+    gemma = build_model("gemma3_multimodal")  # a VLM whose causal-LM class is its multimodal one: the same rule
+    every = [n for n, m in gemma.named_modules() if isinstance(m, torch.nn.Linear) and n.endswith("q_proj")]
+    assert any("vision_tower" in n for n in every)
+    assert target_modules(gemma, ("q",)) == [n for n in every if "vision_tower" not in n]
+
+
+def test_a_plan_with_tower_modules_is_noted(tmp_path):
+    """A plan recommended from a VLM's analysis may hold its tower's modules (by the hub's names): trained on text,
+    the note says their adapters stay at zero; a plan of the language model alone gets no such note."""
+    from spectra.lora.train import lora_config
+    from spectra.ranks import RankPolicy, recommend_ranks, save_plan
+    from tests.ranks.rows import analysis, make_row
+
+    model = tiny_vlm("qwen2_vl")
+    text = make_row("model.layers.0.self_attn.q_proj", [1.0] * 3 + [0.0] * 8, shape=(32, 32), role="q", layer=0)
+    tower = make_row("visual.blocks.0.attn.qkv", [1.0] * 2 + [0.0] * 8, shape=(48, 16), role="qkv", layer=0)
+    for rows, noted in (((text, tower), True), ((text,), False)):
+        path = save_plan(recommend_ranks(analysis(*rows), RankPolicy(energy=0.99)), tmp_path / f"{noted}.json")
+        notes: list[str] = []
+        lora_config(model, TrainConfig(plan=str(path)), task="causal_lm", notes=notes)
+        assert len(notes) == int(noted)
+        assert not noted or "1 module(s) of the vision stack(s) (e.g. visual.blocks.0.attn.qkv, vision)" in notes[0]
 
 
 def test_stacks_are_parsed_and_refused_where_ignored():
