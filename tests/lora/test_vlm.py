@@ -46,8 +46,8 @@ BLOCK_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 
 
 def tiny_vlm(family: str):
-    """A tiny VLM of `family` on the 2⁻¹² grid: test_qwen_vl's Qwen models, or a LLaVA (a 2-layer CLIP tower of width
-    16, a 2-layer Llama of width 32)."""
+    """A tiny VLM of `family` on the 2⁻¹² grid: test_qwen_vl's Qwen models, or a LLaVA (a 2-layer CLIP tower of
+    width 16, a 2-layer Llama of width 32)."""
     import transformers as tf
 
     if family != "llava":
@@ -315,6 +315,53 @@ def test_a_tower_module_chosen_by_stack_or_name_is_adapted_and_gets_no_gradient(
     text_b = [t for name, t in b.items() if ".language_model." in name]
     assert len(tower_b) == (2 if how == "stacks" else 1) and len(text_b) == len(tower_b)  # stacks: both layers' q
     assert all(torch.count_nonzero(t) == 0 for t in tower_b) and all(torch.count_nonzero(t) > 0 for t in text_b)
+
+
+def test_qlora_of_a_vlm_is_the_dequantised_language_model_plus_its_adapter(tmp_path):
+    """QLoRA loads the VLM class in 4 bits as a causal LM is loaded (bitsandbytes needs 64 input features: a Qwen2-VL
+    of width 64 here). Its eval loss is the plain Qwen2 LM's holding bitsandbytes' own dequantised NF4 weights plus
+    s·B A of the saved adapter, in float64; the negative control, the full-precision weights plus the adapter, is
+    another loss."""
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as bnbf
+    import transformers as tf
+    from safetensors.torch import load_file
+
+    rope = dict(rope_type="default", rope_theta=10000.0, mrope_section=[2, 2, 4])
+    text = dict(hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=64, rope_parameters=rope)
+    vision = dict(depth=1, num_heads=2, patch_size=2, spatial_merge_size=2, temporal_patch_size=1, embed_dim=64,
+                  hidden_size=64, mlp_ratio=1)
+    model = on_grid(tf.Qwen2VLForConditionalGeneration, tf.Qwen2VLConfig(
+        text_config=text, vision_config=vision, image_token_id=60, video_token_id=61, vision_start_token_id=62))
+    base = save(model, tmp_path / "base", "safetensors")
+    data, held = (random_text(tmp_path / f"{n}.txt", chars=16 * k, seed=k) for n, k in (("t", 24), ("e", 6)))
+    config = TrainConfig(method="qlora", rank=2, max_steps=3, batch_size=8, lr=1e-2, max_length=16)
+    result = train_adapter(base, data, config, tmp_path / "ad", eval_data=held, progress=False)
+    assert any(NOTE in n for n in result.notes)
+    quantized = load_model(base, task="causal_lm", quantize=True)
+    adapter = load_file(tmp_path / "ad" / "adapter_model.safetensors")
+    scale = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())["lora_alpha"] / 2
+    _, eval_data, _, _, _ = prepare_data(base, held, max_length=16)
+    losses = []
+    for dequantised in (True, False):
+        reference = copy.deepcopy(model)
+        n = 0
+        with torch.no_grad():
+            for name, layer in quantized.named_modules():
+                if not isinstance(layer, bnb.nn.Linear4bit) or ".language_model." not in name:
+                    continue
+                weight = reference.get_submodule(name).weight
+                if dequantised:
+                    weight.copy_(bnbf.dequantize_4bit(layer.weight.data, layer.weight.quant_state))
+                A, B = (adapter[f"base_model.model.{name}.lora_{x}.weight"] for x in "AB")
+                weight += scale * (B.double() @ A.double()).float()
+                n += 1
+        assert n == len(language_linears(model)) == 14
+        total, count = reference_loss(text_lm(reference), eval_data)
+        losses.append(total / count)
+    assert result.final_eval["loss"] == pytest.approx(losses[0], rel=LOSS_REL)
+    assert losses[1] != pytest.approx(losses[0], rel=1e-4)  # negative control: the 4-bit rounding is measured
 
 
 # ---------------------------------------------------------------------------- verify
