@@ -315,6 +315,7 @@ def load_model(spec, *, task: str, num_labels: int | None = None, quantize: bool
     """
     import transformers as tf
 
+    folder = model_dir(spec)
     kwargs: dict = {"dtype": torch.float32}
     if task == "seq_cls":
         auto = tf.AutoModelForSequenceClassification
@@ -324,7 +325,7 @@ def load_model(spec, *, task: str, num_labels: int | None = None, quantize: bool
             kwargs.update(id2label=dict(enumerate(label_names)), label2id={n: i for i, n in enumerate(label_names)})
     elif task == "seq2seq_lm":
         auto = tf.AutoModelForSeq2SeqLM
-    elif loads_as_image_text_to_text(model_config := json.loads((model_dir(spec) / "config.json").read_text())):
+    elif loads_as_image_text_to_text(model_config := json.loads((folder / "config.json").read_text())):
         auto = tf.AutoModelForImageTextToText  # a VLM's language model and head, run on text alone
         note = VLM_NOTE.format(model_type=model_config["model_type"])
         if notes is not None and note not in notes:
@@ -336,10 +337,10 @@ def load_model(spec, *, task: str, num_labels: int | None = None, quantize: bool
         kwargs.update(device_map={"": str(torch_device(device))}, quantization_config=nf4_config(compute_dtype))
     try:
         with quiet_loading():
-            model, info = auto.from_pretrained(str(model_dir(spec)), output_loading_info=True, **kwargs)
+            model, info = auto.from_pretrained(str(folder), output_loading_info=True, **kwargs)
     except (OSError, ValueError) as err:
         if "Unrecognized configuration class" in str(err):  # its text goes on to name every config class: ~200
-            config = json.loads((model_dir(spec) / "config.json").read_text())
+            config = json.loads((folder / "config.json").read_text())
             nor = " (nor a decoder-only image-text-to-text one)" if task == "causal_lm" else ""
             raise ConfigError(f"cannot load {spec} as a {task} model: transformers has no {_KINDS[task]} class{nor} "
                               f"for its model_type {config.get('model_type')!r}. spectra trains causal language "
