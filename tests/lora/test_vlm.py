@@ -317,6 +317,27 @@ def test_a_tower_module_chosen_by_stack_or_name_is_adapted_and_gets_no_gradient(
     assert all(torch.count_nonzero(t) == 0 for t in tower_b) and all(torch.count_nonzero(t) > 0 for t in text_b)
 
 
+def test_distillation_from_a_vlm_fine_tune_is_the_token_mean_kl_of_the_plain_language_models(vlm, tmp_path):
+    """With the full fine-tune (a VLM too) as teacher, step 1's loss is the mean over the first batch's tokens of
+    KL(teacher ‖ base) (the adapter starts at zero), the plain LMs run on each example alone in float64."""
+    from spectra.lora.data import batch_indices
+
+    family, base, tuned, data_file, _ = vlm
+    config = TrainConfig(rank=2, batch_size=8, max_steps=1, eval_fraction=0.0, seed=5, teacher=str(tuned),
+                         max_length=16)
+    result = train_adapter(base, data_file, config, tmp_path / "ad", progress=False)
+    _, data, _, _, _ = prepare_data(base, data_file, max_length=16)
+    student, teacher = text_lm(_loaded(base)), text_lm(_loaded(tuned))
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i in batch_indices(data, 8, generator=torch.Generator().manual_seed(5))[0]:
+            ids = torch.tensor([data.ids[i]])
+            log_p, log_q = (torch.log_softmax(m(input_ids=ids).logits[0], -1) for m in (student, teacher))  # (T, V)
+            total += float((log_q.exp() * (log_q - log_p)).sum())
+            count += ids.shape[1]
+    assert total > 0 and result.losses[0] == pytest.approx(total / count, rel=1e-4), family  # KL ~1e-4
+
+
 def test_qlora_of_a_vlm_is_the_dequantised_language_model_plus_its_adapter(tmp_path):
     """QLoRA loads the VLM class in 4 bits as a causal LM is loaded (bitsandbytes needs 64 input features: a Qwen2-VL
     of width 64 here). Its eval loss is the plain Qwen2 LM's holding bitsandbytes' own dequantised NF4 weights plus
