@@ -374,7 +374,7 @@ def collect_calibration(model_spec, data, *, config: CalibrationConfig | None = 
                                    unit="batch", disable=not progress, leave=False):
                 batch = to_device(batch, model_device(model))
                 state["batch"], state["last"] = batch, (None, None)
-                model(**model_inputs(batch))
+                model(**model_inputs(batch, model))
     finally:
         for handle in handles:
             handle.remove()

@@ -109,7 +109,7 @@ def example_stats(model, data, metric: Metric, *, batch_size: int) -> dict[str, 
     try:
         for index in groups:
             batch = to_device(collate(data, index), device)
-            logits = model(**model_inputs(batch)).logits
+            logits = model(**model_inputs(batch, model)).logits
             loss, correct, count = token_stats(logits, batch)
             value = metric.per_example(logits, batch)
             num, den = value if isinstance(value, tuple) else (value, torch.ones(len(batch["labels"])))

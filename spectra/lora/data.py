@@ -815,7 +815,7 @@ def collate(data: TokenizedData, index: Sequence[int]) -> dict[str, torch.Tensor
     targets with padding set to -100 for ``causal_lm`` (the model shifts them), (B,)
     class ids for ``seq_cls``. ``seq2seq_lm``: ``input_ids`` and ``attention_mask`` are the
     source's (B, S), ``labels`` the target's ids (B, T) with padding -100, from which the
-    model builds its decoder inputs (shifted right), and ``decoder_attention_mask`` (B, T)
+    model builds its decoder inputs (shifted right; :func:`model_inputs`), and ``decoder_attention_mask`` (B, T)
     marks the target tokens (it changes no real position's output under the decoder's
     causal mask: padding follows every real token).
     """
@@ -840,15 +840,35 @@ def collate(data: TokenizedData, index: Sequence[int]) -> dict[str, torch.Tensor
     return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
 
 
-def model_inputs(batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The keyword arguments of a forward pass that returns the logits of a :func:`collate` batch.
+def model_inputs(batch: Mapping[str, torch.Tensor], model) -> dict[str, torch.Tensor]:
+    """The keyword arguments of ``model``'s forward pass that returns the logits of a :func:`collate` batch.
 
-    A decoder-only model or a classifier reads ``input_ids`` and ``attention_mask``; an
-    encoder–decoder (a batch with ``decoder_attention_mask``) also reads ``labels``, from
-    which it builds its decoder inputs (its loss comes along and is not used).
+    A decoder-only model or a classifier reads ``input_ids`` and ``attention_mask``. An
+    encoder–decoder (a batch with ``decoder_attention_mask``) also reads its decoder's
+    inputs, the target shifted right, built by the model's own
+    ``prepare_decoder_input_ids_from_labels`` (what its forward does with ``labels``: T5 and
+    BART put ``decoder_start_token_id`` first, mBART the target's last token, its language
+    id), so the logits are those of a forward given the labels, without the loss it would
+    compute and nobody reads (a (B, T, V) cross-entropy per eval batch). A model without
+    that method (M2M100, Blenderbot) is given the labels, and builds its inputs and a loss.
+    The training loss (``model(**batch).loss``) passes the whole batch instead.
+
+    Parameters
+    ----------
+    batch : mapping
+        From :func:`collate`.
+    model : torch.nn.Module
+        The model (or PEFT model) the batch is for.
     """
-    keys = ("input_ids", "attention_mask") + (("labels", "decoder_attention_mask") if DECODER_MASK in batch else ())
-    return {k: batch[k] for k in keys}
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
+    if DECODER_MASK in batch:
+        prepare = getattr(model, "prepare_decoder_input_ids_from_labels", None)
+        if prepare is None:
+            inputs["labels"] = batch["labels"]
+        else:
+            inputs["decoder_input_ids"] = prepare(labels=batch["labels"])  # (B, T)
+        inputs[DECODER_MASK] = batch[DECODER_MASK]
+    return inputs
 
 
 def predicted_targets(logits: torch.Tensor, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

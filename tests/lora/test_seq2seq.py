@@ -217,12 +217,12 @@ def test_padding_changes_no_loss(pair):
     with torch.no_grad():
         from spectra.lora.data import model_inputs
 
-        loss = token_stats(model(**model_inputs(batch)).logits, batch)[0]
+        loss = token_stats(model(**model_inputs(batch, model)).logits, batch)[0]
         other = dict(batch, input_ids=batch["input_ids"].masked_fill(batch["attention_mask"] == 0, 7))
-        assert torch.equal(token_stats(model(**model_inputs(other)).logits, other)[0], loss)
+        assert torch.equal(token_stats(model(**model_inputs(other, model)).logits, other)[0], loss)
         real = dict(batch, input_ids=batch["input_ids"].clone())
         real["input_ids"][0, 0] = 7 if real["input_ids"][0, 0] != 7 else 8
-        changed = token_stats(model(**model_inputs(real)).logits, real)[0]
+        changed = token_stats(model(**model_inputs(real, model)).logits, real)[0]
     assert changed[0] != loss[0] and torch.equal(changed[1:], loss[1:])  # only the example whose source changed
 
 
