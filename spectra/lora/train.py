@@ -354,7 +354,23 @@ def load_model(spec, *, task: str, num_labels: int | None = None, quantize: bool
         _check_loaded_whole(spec, info, task, num_labels)
     if pad_token_id is not None:
         model.config.pad_token_id = pad_token_id
+    if quantize and compute_dtype == "float32":
+        _keep_4bit_float32(model)
     return model if quantize else model.to(torch_device(device))
+
+
+def _keep_4bit_float32(model) -> None:
+    """Keep bitsandbytes' CPU 4-bit layers on their float32 path (dequantise, then a float32 matmul).
+
+    On a CPU with AVX512-BF16, bitsandbytes (0.50 here) repacks a layer's weight the first time it
+    runs in eval mode without gradients and computes in bfloat16 from then on, in training too:
+    the first eval would silently turn ``compute_dtype`` float32 into bfloat16 (~1e-2 relative per layer).
+    """
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit) and hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def loads_as_image_text_to_text(model_config: dict) -> bool:
@@ -750,7 +766,7 @@ def _record_eval(model, held_out, config, result: TrainResult, epoch: int, log) 
 def _loss(model, teacher, batch: dict, task: str) -> torch.Tensor:
     if teacher is None:
         return model(**batch).loss
-    inputs = model_inputs(batch)  # an encoder-decoder's decoder reads the labels, shifted right
+    inputs = model_inputs(batch, model)  # an encoder-decoder's decoder reads the labels, shifted right
     logits = model(**inputs).logits  # (B, T, V) or (B, C)
     with torch.no_grad():
         target = teacher(**inputs).logits
@@ -792,7 +808,7 @@ def evaluate(model, data: TokenizedData, *, batch_size: int = 32) -> dict:
     loss_sum, correct, count = 0.0, 0, 0
     for batch in batches(data, batch_size, by_length=True):
         batch = to_device(batch, device)
-        logits = model(**model_inputs(batch)).logits.float()  # (B, T, V) or (B, C)
+        logits = model(**model_inputs(batch, model)).logits.float()  # (B, T, V) or (B, C)
         labels = batch["labels"]
         if data.task != "seq_cls":  # causal: position t predicts token t+1; seq2seq: decoder position t, token t
             logits, labels = predicted_targets(logits, batch)
