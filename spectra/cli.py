@@ -625,13 +625,17 @@ def train(
                                                        "dora, qlora or qdora (4-bit NF4 base).")] = None,
     full: Annotated[bool, typer.Option("--full", help="Full fine-tune instead of an adapter: writes a checkpoint that "
                                                       "pairs with BASE (no --method, --rank, --alpha, --rslora, "
-                                                      "--plan, --roles).")] = False,
+                                                      "--plan, --roles, --stacks).")] = False,
     rank: Annotated[Optional[int], typer.Option(help="LoRA rank of every targeted module (default 8).")] = None,
     alpha: Annotated[Optional[float], typer.Option(help="LoRA α (default scale 2: 2·rank, 2·√rank with --rslora).")] = None,
     rslora: Annotated[bool, typer.Option("--rslora", help="Scale by α/√r (rsLoRA).")] = False,
     plan: Annotated[Optional[Path], typer.Option(help="Per-module ranks and α from `spectra recommend -o plan.json` "
                                                       "(instead of --rank, --alpha and --roles).")] = None,
     roles: Annotated[Optional[str], typer.Option(help="Roles to target, e.g. q,v (default: every block linear).")] = None,
+    stacks: Annotated[Optional[str], typer.Option(
+        help="Stacks whose modules of --roles to target: language, encoder, vision, projector, … (default: the "
+             "stacks text runs through: a vision-language model's language model, not its vision tower, which "
+             "text-only batches never reach, so its adapters would stay at zero).")] = None,
     task: Annotated[str, typer.Option(help=_TASK_HELP)] = "auto",
     eval_data: Annotated[Optional[Path], typer.Option(help="Held-out data (default: --eval-fraction of --data).")] = None,
     eval_fraction: Annotated[Optional[float], typer.Option(
@@ -676,7 +680,7 @@ def train(
         except ConfigError:
             pass  # an unreadable plan is refused below, after the options, with the reason
     config = TrainConfig(method="full" if full else method or "lora", rank=rank, alpha=alpha, rslora=rslora,
-                         plan=str(plan) if plan else None, roles=_split(roles), task=task,
+                         plan=str(plan) if plan else None, roles=_split(roles), stacks=_stacks(stacks), task=task,
                          epochs=epochs, max_steps=max_steps, batch_size=batch_size, max_length=max_length, lr=lr,
                          group_by_length=group_by_length, compute_dtype=compute_dtype, teacher=teacher,
                          device=device, seed=seed, gradient_checkpointing=gradient_checkpointing,
@@ -709,6 +713,7 @@ def verify(
     recommended: Annotated[Optional[int], typer.Option(help="Rank to mark as recommended (instead of --plan).")] = None,
     distill: Annotated[bool, typer.Option("--distill", help="Sweep: fit adapters to TUNED's outputs, not labels.")] = False,
     roles: Annotated[Optional[str], typer.Option(help="Sweep: roles to target (default every block linear).")] = None,
+    stacks: Annotated[Optional[str], typer.Option(help="Sweep: " + _STACKS_HELP)] = None,
     epochs: Annotated[int, typer.Option(help="Sweep: passes over the data.")] = 1,
     max_steps: Annotated[Optional[int], typer.Option(help="Sweep: steps per run.")] = None,
     lr: Annotated[Optional[float], typer.Option(help="Sweep: learning rate.")] = None,
@@ -756,7 +761,7 @@ def verify(
         raise ConfigError(f"--sweep {sweep!r}: expected comma-separated ranks like 1,2,4,8.") from None
     if plan is not None and recommended is None:
         recommended = load_plan(plan).to_peft_config()["r"]
-    tconfig = TrainConfig(roles=_split(roles), epochs=epochs, max_steps=max_steps, lr=lr, seed=seed,
+    tconfig = TrainConfig(roles=_split(roles), stacks=_stacks(stacks), epochs=epochs, max_steps=max_steps, lr=lr, seed=seed,
                           group_by_length=group_by_length, teacher=tuned if distill else None, device=device,
                           **({} if eval_fraction is None else {"eval_fraction": eval_fraction}))
     result = rank_sweep(base, tuned, data, ranks=ranks, methods=_split(method) or ("lora",), train_config=tconfig,
@@ -851,6 +856,7 @@ def sweep(
     analysis: Annotated[Optional[Path], typer.Option(help="With --epsilon: an analysis of the pair; writes OUTPUT/plan.json from the functional policy.")] = None,
     calibration: Annotated[Optional[Path], typer.Option(help="Calibration data: truncate data-optimally (best on these inputs) instead of by Eckart–Young.")] = None,
     roles: Annotated[Optional[str], typer.Option(help="Roles to truncate (default every block linear: q, k, v, o, qkv, gate, up, down, gate_up).")] = None,
+    stacks: Annotated[Optional[str], typer.Option(help=_STACKS_HELP)] = None,
     task: Annotated[str, typer.Option(help=_TASK_HELP)] = "auto",
     batch_size: Annotated[int, typer.Option(help="Eval examples per forward pass.")] = 32,
     max_length: Annotated[Optional[int], typer.Option(help="Tokens per example (default 128, or the model's position limit when shorter, said in a note; a value beyond a learned position table, BERT's or GPT-2's, is refused).")] = None,
@@ -883,7 +889,7 @@ def sweep(
         rank_list = [int(r) for r in _split(ranks) or ()]
     except ValueError:
         raise ConfigError(f"--ranks {ranks!r}: expected comma-separated ranks like 1,2,4,8.") from None
-    config = SweepConfig(roles=_split(roles), task=task, batch_size=batch_size, max_length=max_length,
+    config = SweepConfig(roles=_split(roles), stacks=_stacks(stacks), task=task, batch_size=batch_size, max_length=max_length,
                          bootstrap=bootstrap, device=device, seed=seed)
     result = truncation_sweep(base, tuned, data, ranks=rank_list, plan=plan, metric=metric, non_target=non_target,
                               groups="both" if by_role else "model", calibration=calibration, config=config,

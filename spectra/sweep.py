@@ -54,6 +54,7 @@ from typing import Callable
 import numpy as np
 
 from spectra.calibration import Calibration, CalibrationConfig, collect_calibration, truncation_factors
+from spectra.checkpoints.architectures import parse_stacks
 from spectra.checkpoints.pairing import check_device
 from spectra.errors import ConfigError
 from spectra.groups import curve_name, stack_index
@@ -76,6 +77,9 @@ class SweepConfig:
     roles : tuple of str, optional
         Roles whose ΔW are truncated; None: every block linear (q, k, v, o, qkv, gate, up,
         down, gate_up), what LoRA targets. Ignored with a plan (its modules are the targets).
+    stacks : tuple of str, optional
+        Stacks whose modules of ``roles`` are truncated (``language``, ``vision``, ``encoder`` …:
+        ``architectures.STACK_NAMES``); None: every stack. Refused with a plan.
     task : {"auto", "causal_lm", "seq_cls", "seq2seq_lm"}
         ``auto``: ``seq2seq_lm`` for an encoder–decoder (``{"source", "target"}`` records,
         token-level metrics over the targets), else classification when every eval record
@@ -104,6 +108,7 @@ class SweepConfig:
     """
 
     roles: tuple[str, ...] | None = None
+    stacks: tuple[str, ...] | None = None  # None: every stack, as roles alone select
     task: str = "auto"
     max_length: int | None = None  # None -> 128 cut to the model's positions, as training and verify
     batch_size: int = 32  # eval is forward only: larger batches are cheap
@@ -117,6 +122,7 @@ class SweepConfig:
     def __post_init__(self) -> None:
         if self.roles is not None:
             object.__setattr__(self, "roles", tuple(self.roles))
+        object.__setattr__(self, "stacks", parse_stacks(self.stacks, option="stacks (--stacks)"))
         check_task(self.task, option="task (--task)")
         check_max_length(self.max_length, option="max_length (--max-length)")
         if self.batch_size < 1 or self.bootstrap < 0:
@@ -263,7 +269,10 @@ def truncation_sweep(base, tuned, data, *, ranks=(1, 2, 4, 8, 16, 32, 64), plan=
             max_length_option="max_length (--max-length)", progress=progress)  # the sweep's option cuts both
     if calibration is not None:
         notes += [n for n in calibration.notes if n not in notes]  # the base cut as the data was: said once
-    weights = ModelWeights(model, base, tuned, plan=plan, roles=config.roles)
+    if plan is not None and config.stacks is not None:
+        raise ConfigError("a plan names the modules to truncate, so stacks (--stacks) would be ignored; plan the "
+                          "stacks with `spectra recommend --stacks`, or sweep without a plan.")
+    weights = ModelWeights(model, base, tuned, plan=plan, roles=config.roles, stacks=config.stacks)
     weights.notes[:0] = notes
     top = max((r for r in ranks if r > 0), default=0)
     uncalibrated = []

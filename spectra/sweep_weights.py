@@ -73,9 +73,11 @@ class ModelWeights:
         Its modules are the targets (each with its planned rank).
     roles : tuple of str, optional
         Roles targeted without a plan (default: every block linear).
+    stacks : tuple of str, optional
+        Stacks whose modules of ``roles`` are targeted without a plan (default: every stack).
     """
 
-    def __init__(self, model, base, tuned, *, plan=None, roles=None):
+    def __init__(self, model, base, tuned, *, plan=None, roles=None, stacks=None):
         from spectra.checkpoints.targets import loading_rename
 
         self.state = model.state_dict()  # key -> tensor sharing the parameter's storage
@@ -83,7 +85,7 @@ class ModelWeights:
             from spectra.ranks import load_plan
 
             plan = load_plan(plan)
-        self.pairing = _sweep_pairing(base, tuned, plan=plan, roles=roles)
+        self.pairing = _sweep_pairing(base, tuned, plan=plan, roles=roles, stacks=stacks)
         self.notes: list[str] = list(self.pairing.notes)
         entries, planned = _target_entries(self.pairing, plan, base, tuned)
         rename = loading_rename(model)
@@ -300,14 +302,14 @@ class ModelWeights:
         return base.double() + (delta.T if target.conv1d else delta)  # Conv1D stores (in, out)
 
 
-def _sweep_pairing(base, tuned, *, plan, roles):
+def _sweep_pairing(base, tuned, *, plan, roles, stacks=None):
     """The pairing of the matrices to truncate (the plan's or ``roles``'); refuses an adapter, another base's plan."""
     from spectra.checkpoints.pairing import Pairing, PairingOptions
     from spectra.checkpoints.source import AdapterSource
     from spectra.lora.train import BLOCK_ROLES
 
-    options = PairingOptions(roles=None if plan is not None else (roles or BLOCK_ROLES), split_fused=False,
-                             vectors=False)
+    options = PairingOptions(roles=None if plan is not None else (roles or BLOCK_ROLES),
+                             stacks=None if plan is not None else stacks, split_fused=False, vectors=False)
     pairing = Pairing(base, tuned, options)
     if isinstance(pairing.tuned, AdapterSource):
         raise ConfigError(f"{tuned} is a PEFT adapter; a truncation sweep needs the full fine-tune's checkpoint.")
