@@ -234,7 +234,9 @@ _IN_OUT_MATRICES = {"gemma3": re.compile(r"(^|\.)multi_modal_projector\.mm_input
 # Fused qkv tensors whose rows interleave per head ([q_h; k_h; v_h] for each head h).
 _HEAD_INTERLEAVED_QKV = frozenset({"gpt_neox", "bloom", "gpt_neox_japanese"})
 # 3-D expert tensors stored (experts, in, out) — the model computes x @ W[e] — instead of (experts, out, in).
-IN_OUT_EXPERT_MODEL_TYPES = frozenset({"llama4", "llama4_text", "gpt_oss"})
+# transformers marks them ``is_transposed`` (gpt-oss, OpenAI's privacy filter, Aria), except Llama 4's.
+IN_OUT_EXPERT_MODEL_TYPES = frozenset({"llama4", "llama4_text", "gpt_oss", "openai_privacy_filter", "aria",
+                                       "aria_text"})
 # 3-D expert tensors that transformers transposes on loading only where their shape is the transpose of the model's
 # (Transpose(1, 2, check_dims=True)): Qwen3-VL-MoE's hub checkpoints store them (experts, in, out), as its first
 # transformers release held them, and transformers 5 saves them (experts, out, in), as it holds them now.

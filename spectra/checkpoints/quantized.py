@@ -61,15 +61,55 @@ def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor
     return values.reshape(experts, rows, groups * 2 * width).to(torch.bfloat16).transpose(1, 2)  # (E, in, out)
 
 
-def dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int] | None) -> torch.Tensor:
-    """Block-scaled FP8 as float32: ``weight`` (…, out, in) float8 times its block's ``scale_inv``
-    (…, ⌈out/b₀⌉, ⌈in/b₁⌉), or the one scale of the tensor where ``block`` is None."""
+def fp8_scales(scale_inv: torch.Tensor) -> torch.Tensor:
+    """FP8 scales as float32 values: uint8 bytes are E8M0 exponents, 2^(b − 127) (MXFP8, as transformers decodes
+    them); float8_e8m0fnu and float scales are their values."""
+    if scale_inv.dtype == torch.uint8:
+        return (scale_inv.float() - 127.0).exp2()  # exact: integer powers of two, 2^-127 a float32 subnormal
+    return scale_inv.float()
+
+
+def fp8_block(weight_shape: tuple[int, ...], scale_shape: tuple[int, ...],
+              block: tuple[int, int] | None) -> tuple[int, int] | None:
+    """The (rows, cols) block each scale covers, or None where the scales do not tile the weight.
+
+    The configured ``weight_block_size`` where the scales are its ⌈out/b₀⌉ × ⌈in/b₁⌉ grid (DeepSeek-V3's,
+    whose edge blocks are partial); otherwise the grid read off the scales' last two dimensions where it
+    divides the weight exactly (one scale per tensor, per half of a fused gate_up, per row), as transformers
+    reads it. Leading dimensions must be the weight's (one scale grid per expert) or absent.
+    """
+    rows, cols = weight_shape[-2:]
+    if len(scale_shape) < 2:
+        return (rows, cols) if math.prod(scale_shape) == 1 else None
+    lead = tuple(scale_shape[:-2])
+    if lead and lead != tuple(weight_shape[:-2]) and math.prod(lead) != 1:
+        return None
+    grid = tuple(scale_shape[-2:])
+    if block is not None and grid == (math.ceil(rows / block[0]), math.ceil(cols / block[1])):
+        return int(block[0]), int(block[1])
+    if rows % grid[0] == 0 and cols % grid[1] == 0:
+        return rows // grid[0], cols // grid[1]
+    return None
+
+
+def dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int] | None = None) -> torch.Tensor:
+    """Block-scaled FP8 as float32: ``weight`` (…, out, in) float8 times its block's scale (:func:`fp8_block`
+    says which; ``block`` is the configured ``weight_block_size``)."""
     values = weight.float()
-    if block is None:
-        return values * scale_inv.float()
+    scale = fp8_scales(scale_inv)
+    b = fp8_block(tuple(weight.shape), tuple(scale.shape), block)
+    if b is None:
+        raise ValueError(f"FP8 scales {tuple(scale.shape)} do not tile a weight {tuple(weight.shape)} "
+                         f"(weight_block_size {block})")
     rows, cols = values.shape[-2:]
-    scale = scale_inv.float().repeat_interleave(block[0], dim=-2)[..., :rows, :]
-    return values * scale.repeat_interleave(block[1], dim=-1)[..., :cols]
+    if scale.dim() < 2:
+        return values.mul_(scale.reshape(()))
+    if rows % b[0] == 0 and cols % b[1] == 0:  # in place, through a view: no weight-sized copy of the scales
+        grid = values.unflatten(-1, (cols // b[1], b[1])).unflatten(-3, (rows // b[0], b[0]))  # (…, R, b₀, C, b₁)
+        grid.mul_(scale[..., :, None, :, None])
+        return values
+    expanded = scale.repeat_interleave(b[0], dim=-2)[..., :rows, :]  # partial edge blocks (DeepSeek-V3's 576 rows)
+    return values.mul_(expanded.repeat_interleave(b[1], dim=-1)[..., :cols])
 
 
 def quantized_tensors(infos: Mapping[str, Any], config: Mapping | None, spec: str) -> dict[str, QuantizedTensor]:
@@ -103,20 +143,15 @@ def quantized_tensors(infos: Mapping[str, Any], config: Mapping | None, spec: st
     for scales in [n for n in infos if n.endswith(FP8_SCALE)] if method == "fp8" else []:
         name = scales.removesuffix(FP8_SCALE)
         w, s = infos.get(name), infos[scales]
-        if w is None or not str(w.dtype).startswith("torch.float8") or len(w.shape) < 2:
-            want = None
-        elif block is None:
-            want = {(), (1,)}
-        else:
-            want = {tuple(w.shape[:-2]) + tuple(math.ceil(d / b) for d, b in zip(w.shape[-2:], block))}
-        if want is None or tuple(s.shape) not in want:
+        fp8 = w is not None and str(w.dtype).startswith("torch.float8") and len(w.shape) >= 2
+        if not fp8 or fp8_block(tuple(w.shape), tuple(s.shape), block) is None:
             raise CheckpointError(f"{spec}: {scales} does not scale an FP8 weight as quant_method fp8 stores it "
-                                  f"(float8 {name} with {'one scale' if block is None else f'one scale per {block} block'}"
-                                  f"); found {'no weight' if w is None else f'{w.dtype} {w.shape}'} and scales "
-                                  f"{tuple(s.shape)}.")
-        blocks_of = None if block is None else (int(block[0]), int(block[1]))
+                                  f"(float8 {name} with one scale per {block or 'tensor'} block, or a grid of scales "
+                                  f"that tiles it); found {'no weight' if w is None else f'{w.dtype} {w.shape}'} and "
+                                  f"scales {tuple(s.shape)}.")
+        configured = None if block is None else (int(block[0]), int(block[1]))
         found[name] = QuantizedTensor(tuple(w.shape), torch.float32, (name, scales),
-                                      lambda weight, scale, b=blocks_of: dequantize_fp8(weight, scale, b))
+                                      lambda weight, scale, b=configured: dequantize_fp8(weight, scale, b))
     parts = {p for q in found.values() for p in q.parts}
     codes = [n for n, i in infos.items() if n not in parts and i.dtype in _CODES and len(i.shape) >= 2]
     scaled = [n for n in codes if str(infos[n].dtype).startswith("torch.float8")

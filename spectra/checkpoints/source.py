@@ -130,7 +130,7 @@ _SAFETENSORS_DTYPES = {
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
     "BOOL": torch.bool,
 }
-for _name, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2")):
+for _name, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"), ("F8_E8M0", "float8_e8m0fnu")):
     if hasattr(torch, _attr):
         _SAFETENSORS_DTYPES[_name] = getattr(torch, _attr)
 
@@ -256,10 +256,19 @@ class CheckpointSource:
         info = self.info(name)
         if not len(info.shape) or not 0 <= expert < info.shape[0]:
             raise CheckpointError(f"tensor {name!r} in {self.spec} has shape {info.shape}: no expert {expert}")
-        if name in self._quantized:
+        if name in self._quantized:  # each part's slice of the expert, or the part whole where it has none
             q = self._quantized[name]
-            return q.decode(*(self._read_stored(part, expert)[None] for part in q.parts))[0]
+            return q.decode(*(self._read_stored(part, expert)[None] if self._per_expert(part, info.shape)
+                              else self._read_stored(part) for part in q.parts))[0]
         return self._reader(info.file).read_expert(name, expert)
+
+    def _per_expert(self, part: str, shape: tuple[int, ...]) -> bool:
+        """Whether a quantised tensor's stored part holds one slice per expert of the (E, ·, ·) tensor it encodes."""
+        for file in self.files:
+            stored = self._reader(file).infos.get(part)
+            if stored is not None:
+                return len(stored.shape) >= len(shape) and stored.shape[0] == shape[0]
+        raise CheckpointError(f"tensor {part!r} is not in {self.spec}")
 
     def _read_stored(self, name: str, expert: int | None = None) -> torch.Tensor:
         """A stored tensor, listed or not (a quantised weight's codes and scales are listed as the weight)."""

@@ -204,12 +204,14 @@ def test_an_fp8_base_pairs_with_its_fine_tune_in_float32(tmp_path):
 
 
 def test_malformed_fp8_scales_are_named(tmp_path):
+    from safetensors.torch import load_file
+
     _, base = _fp8_llama(tmp_path)
-    config = json.loads((base / "config.json").read_text())
-    config["quantization_config"]["weight_block_size"] = [8, 8]  # the scales were written for 16 × 16 blocks
-    (base / "config.json").write_text(json.dumps(config))
+    state = load_file(str(base / "model.safetensors"))
+    state["model.layers.0.mlp.down_proj.weight_scale_inv"] = torch.ones(3, 3)  # tiles neither 16 × 16 nor exactly
+    save_file(state, str(base / "model.safetensors"))
     with pytest.raises(CheckpointError, match=r"down_proj.weight_scale_inv does not scale an FP8 weight.*one scale per "
-                                              r"\[8, 8\] block.*\(32, 48\) and scales \(2, 3\)"):
+                                              r"\[16, 16\] block.*\(32, 48\) and scales \(3, 3\)"):
         open_checkpoint(base)
 
 
@@ -280,3 +282,87 @@ def _expert_parameters(model) -> dict[str, torch.Tensor]:
 def _best(delta: np.ndarray, rank: int) -> np.ndarray:
     u, s, vt = np.linalg.svd(delta, full_matrices=False)
     return (u[:, :rank] * s[:rank]) @ vt[:rank]
+
+
+@pytest.mark.parametrize("case", ["uint8 E8M0 bytes", "float8_e8m0fnu", "per tensor (1, 1)", "per expert (E, 1, 1)",
+                                  "per half (E, 2, 1)"])
+def test_fp8_scale_formats_decode_as_transformers_does(case, tmp_path):
+    """Scales as E8M0 exponent bytes (2^(b − 127)), as float8_e8m0fnu, and grids that tile the weight exactly (one per
+    tensor, per expert, per half of a fused gate_up) all equal transformers' Fp8Dequantize."""
+    from transformers.integrations.finegrained_fp8 import Fp8Dequantize
+
+    g = torch.Generator().manual_seed(0)
+    block = [1, 32] if case.startswith(("uint8", "float8")) else None
+    shape = (4, 64) if block else (3, 8, 64)
+    weight = (torch.randn(shape, generator=g) * 4).to(torch.float8_e4m3fn)
+    scales = {"uint8 E8M0 bytes": torch.randint(100, 130, (4, 2), generator=g).to(torch.uint8),
+              "float8_e8m0fnu": torch.tensor([[0.25, 8.0]] * 4).to(torch.float8_e8m0fnu),
+              "per tensor (1, 1)": torch.rand(1, 1, generator=g),
+              "per expert (E, 1, 1)": torch.rand(3, 1, 1, generator=g),
+              "per half (E, 2, 1)": torch.rand(3, 2, 1, generator=g)}[case]
+    (tmp_path / "m").mkdir()
+    save_file({"model.layers.0.mlp.experts.gate_up_proj": weight, "model.layers.0.mlp.experts.gate_up_proj_scale_inv":
+               scales.contiguous()}, str(tmp_path / "m" / "model.safetensors"))
+    (tmp_path / "m" / "config.json").write_text(json.dumps({"model_type": "mixtral", "quantization_config": {
+        "quant_method": "fp8", "weight_block_size": block}}))
+    source = open_checkpoint(tmp_path / "m")
+    want = Fp8Dequantize(None)._dequantize_one(weight, scales, output_dtype=torch.float32)
+    got = source.read("model.layers.0.mlp.experts.gate_up_proj")
+    assert torch.equal(got, want), case
+    if len(shape) == 3:
+        assert torch.equal(source.read_expert("model.layers.0.mlp.experts.gate_up_proj", 2), want[2])
+    assert not torch.equal(got, weight.float())  # negative controls: the codes alone, or one raw scale for all
+    assert scales.numel() == 1 or not torch.equal(got, weight.float() * scales.float().flatten()[0])
+
+
+def test_partial_edge_blocks_and_a_grid_that_does_not_tile_are_told_apart(tmp_path):
+    g = torch.Generator().manual_seed(1)
+    weight = (torch.randn(200, 300, generator=g) * 4).to(torch.float8_e4m3fn)
+    good, bad = torch.rand(2, 3, generator=g), torch.rand(3, 3, generator=g)
+    np.testing.assert_allclose(dequantize_fp8(weight, good, (128, 128)).double().numpy(),
+                               _blockwise_reference(weight.double().numpy(), good.double().numpy(), (128, 128)),
+                               rtol=2 ** -23)
+    with pytest.raises(ValueError, match=r"scales \(3, 3\) do not tile a weight \(200, 300\)"):
+        dequantize_fp8(weight, bad, (128, 128))
+
+
+def test_experts_transformers_holds_in_by_out_are_known_as_such():
+    """Every model whose experts class transformers marks is_transposed (x @ W[e], (E, in, out)) is in
+    IN_OUT_EXPERT_MODEL_TYPES, so its stored experts are transposed and split as the model reads them."""
+    import pathlib
+    import re
+
+    import transformers
+
+    from spectra.checkpoints.architectures import IN_OUT_EXPERT_MODEL_TYPES
+
+    marked = {path.parent.name for path in pathlib.Path(transformers.__file__).parent.glob("models/*/modeling_*.py")
+              if re.search(r"use_experts_implementation\([^)]*is_transposed=True", path.read_text())}
+    assert {"gpt_oss", "openai_privacy_filter", "aria"} <= marked  # the scan sees them
+    assert marked <= IN_OUT_EXPERT_MODEL_TYPES
+
+
+def test_privacy_filter_experts_split_gate_and_up_along_the_outputs(tmp_path):
+    """A rank-1 update planted in the gate half of one expert: [gate] holds it all, [up] nothing (read as (out, in)
+    the halves had been split along the hidden axis, both ~1.5)."""
+    import transformers as tf
+
+    from spectra.analysis import AnalysisConfig, analyze
+    from tests.models import save
+
+    torch.manual_seed(0)
+    base = tf.OpenAIPrivacyFilterForTokenClassification(tf.OpenAIPrivacyFilterConfig(
+        hidden_size=32, intermediate_size=24, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=8, num_local_experts=3, num_experts_per_tok=2, vocab_size=64, num_labels=3, pad_token_id=0)).eval()
+    tuned = copy.deepcopy(base)
+    name = next(n for n, _ in tuned.named_parameters() if n.endswith("experts.gate_up_proj"))
+    update = 0.1 * torch.randn(32, 1) @ torch.randn(1, 24)  # (in = hidden, out = gate half)
+    with torch.no_grad():
+        tuned.get_parameter(name)[0, :, :24] += update
+    b, t = save(base, tmp_path / "b", "safetensors"), save(tuned, tmp_path / "t", "safetensors")
+    rows = {r["name"]: r for r in analyze(b, t, AnalysisConfig(dtype="float64"), cache_dir=False,
+                                          progress=False).modules}
+    head = name.removesuffix(".gate_up_proj")
+    gate, up = rows[f"{head}.0.gate_up_proj[gate]"], rows[f"{head}.0.gate_up_proj[up]"]
+    assert gate["shape"] == [24, 32] and up["fro_norm"] == 0.0
+    assert gate["fro_norm"] == pytest.approx(float(update.double().norm()), rel=1e-6)

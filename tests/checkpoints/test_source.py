@@ -123,10 +123,10 @@ def test_unsafe_pickle_is_refused(tmp_path):
 
 
 def test_unknown_dtype(tmp_path):
-    header = json.dumps({"w": {"dtype": "F8_E8M0", "shape": [2, 2], "data_offsets": [0, 4]}}).encode()
+    header = json.dumps({"w": {"dtype": "F6_E3M2", "shape": [2, 2], "data_offsets": [0, 3]}}).encode()
     path = tmp_path / "odd.safetensors"
-    path.write_bytes(len(header).to_bytes(8, "little") + header + b"\x00" * 4)
-    with pytest.raises(CheckpointError, match="odd.safetensors"):
+    path.write_bytes(len(header).to_bytes(8, "little") + header + b"\x00" * 3)
+    with pytest.raises(CheckpointError, match="odd.safetensors has dtype F6_E3M2, which spectra cannot read"):
         open_checkpoint(path)
 
 
