@@ -229,7 +229,8 @@ def analyze_delta(d: DeltaW, config: AnalysisConfig) -> dict[str, Any]:
     row.update({
         "layer": d.layer, "expert": d.expert, "kind": d.kind,
         "fused_name": d.fused_name, "conv1d": d.conv1d, "shape": list(d.shape),
-        "base_dtype": d.base_dtype, "tuned_dtype": d.tuned_dtype, "base_tensor": d.base_tensor,
+        "base_dtype": d.base_format or d.base_dtype, "tuned_dtype": d.tuned_format or d.tuned_dtype,
+        "base_tensor": d.base_tensor,
     })
     fro2 = sketch.squared_norm(d.delta) if d.delta_sq is None else d.delta_sq
     base_fro = math.sqrt(sketch.squared_norm(d.base) if d.base_sq is None else d.base_sq)
@@ -243,7 +244,10 @@ def analyze_delta(d: DeltaW, config: AnalysisConfig) -> dict[str, Any]:
         return row
 
     floor = sketch.sampled_noise_floor(d.base, d.tuned, base_dtype=_dtype(d.base_dtype),
-                                       tuned_dtype=_dtype(d.tuned_dtype))
+                                       tuned_dtype=_dtype(d.tuned_dtype),
+                                       base_grid=None if d.base_spacing is None else (d.base_format, d.base_spacing),
+                                       tuned_grid=None if d.tuned_spacing is None else (d.tuned_format, d.tuned_spacing))
+    d.base_spacing = d.tuned_spacing = None
     d.tuned = None  # not needed any more: free it before the decomposition's workspace
     spec = module_spectrum(d.delta, config, total_energy=fro2, low=d.delta_low)
     values = spec.values.double().cpu()

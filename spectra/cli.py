@@ -84,7 +84,7 @@ def pairs(
     shown = {d.stack for d in deltas}
     rows = [(*((stack_label(d.stack, shown),) if stacks else ()), d.role, _fmt(d.layer),
              *((_fmt(d.expert),) if experts else ()), "×".join(map(str, d.shape)),
-             f"{d.base_dtype}→{d.tuned_dtype}", d.kind) for d in deltas]
+             f"{d.base_format or d.base_dtype}→{d.tuned_format or d.tuned_dtype}", d.kind) for d in deltas]
     headers = (*(("stack",) if stacks else ()), "role", "layer", *(("expert",) if experts else ()), "shape", "dtypes",
                "kind")
     console = Console()

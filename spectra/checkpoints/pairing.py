@@ -148,6 +148,12 @@ class DeltaW:
     delta_sq: float | None = None  # ‖ΔW‖_F² when the subtraction took it on the way (else None)
     base_sq: float | None = None  # ‖W_base‖_F² likewise
     delta_low: torch.Tensor | None = None  # ΔW rounded to bfloat16 (PairingOptions.low_copy_above), same layout
+    # a quantised side's storage format (mxfp4, float8_e4m3fn), which the listed dtype (its dequantised values') is
+    # not, and the spacing of its grid at each element, shaped as ΔW: its rounding (with_weights only)
+    base_format: str | None = None
+    tuned_format: str | None = None
+    base_spacing: torch.Tensor | None = None
+    tuned_spacing: torch.Tensor | None = None
     stack: str | None = None  # "vision", … (architectures.STACKS), None: the language model; layers count within it
 
 
@@ -528,12 +534,19 @@ class Pairing:
                 tuned = tuned[rows].contiguous() if tuned is not None else None
             n = len(range(*proj.rows.indices(shape[0]))) if isinstance(proj.rows, slice) else len(proj.rows)
             shape = (n, *shape[1:])
+        sides = ((self.base, entry.base_tensor, False), (self.tuned, entry.tuned_tensor, True))
+        formats = [source.storage_format(tensor) if tensor is not None and hasattr(source, "storage_format") else None
+                   for source, tensor, _ in sides]
+        grids = [None if fmt is None or base is None or entry.kind != "matrix" or entry.added_rows
+                 else _spacing(source, tensor, entry, proj, tuned=tuned)
+                 for fmt, (source, tensor, tuned) in zip(formats, sides)]
         return DeltaW(
             name=name, role=info.role, layer=info.layer, expert=info.expert, stack=info.stack, kind=entry.kind,
             shape=tuple(shape),
             base_dtype=_dtype_name(entry.base_dtype), tuned_dtype=_dtype_name(entry.tuned_dtype), delta=delta,
             base_tensor=entry.base_tensor, fused_name=entry.name if proj is not None else None,
-            conv1d=entry.conv1d, added_rows=entry.added_rows, base=base, tuned=tuned)
+            conv1d=entry.conv1d, added_rows=entry.added_rows, base=base, tuned=tuned,
+            base_format=formats[0], tuned_format=formats[1], base_spacing=grids[0], tuned_spacing=grids[1])
 
 
 def check_device(device: str) -> None:
@@ -675,6 +688,15 @@ def _read_stored(source, name: str, entry: PairEntry) -> torch.Tensor:
     A 3-D expert tensor is E entries. Read whole for each, its data was scanned for NaN/Inf
     (and handed out) E times per parameter: 128× on gpt-oss-120b's (128, 2880, 5760) weights."""
     return source.read(name) if entry.expert_index is None else source.read_expert(name, entry.expert_index)
+
+
+def _spacing(source, tensor: str, entry: PairEntry, proj, *, tuned: bool = False) -> torch.Tensor:
+    """A quantised tensor's grid spacing at each element of a record (its rows of the oriented matrix)."""
+    _, spacing = source.quantized_spacing(tensor, entry.expert_index)
+    spacing = _orient(spacing, entry, tuned=tuned)
+    if proj is not None:
+        spacing = spacing[proj.rows if isinstance(proj.rows, slice) else list(proj.rows)]
+    return spacing
 
 
 def _stored_name(name: str, entry: PairEntry) -> str:

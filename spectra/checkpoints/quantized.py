@@ -44,6 +44,44 @@ class QuantizedTensor:
     dtype: torch.dtype
     parts: tuple[str, str]  # (codes, scales) as stored
     decode: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    grid: str  # the storage format, as the noise floor names it: "mxfp4", "float8_e4m3fn"
+    spacing: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # each element's grid spacing (its ulp), decoded
+
+
+def code_spacing(codes: torch.Tensor, significand_bits: int, min_exponent: int) -> torch.Tensor:
+    """The spacing of a float format's grid at each (unscaled) code value: 2^(max(⌊log₂|c|⌋, e_min) − (p − 1)),
+    float32. A zero code gets the subnormal spacing: a value rounded to zero is not exact, unlike a stored 0."""
+    _, exponent = torch.frexp(codes.float().abs())  # |c| = m·2^e, m in [0.5, 1): ⌊log₂|c|⌋ = e − 1
+    exponent = torch.where(codes == 0, min_exponent, torch.clamp(exponent - 1, min=min_exponent))
+    return torch.exp2((exponent - (significand_bits - 1)).float())
+
+
+def mxfp4_codes(blocks: torch.Tensor) -> torch.Tensor:
+    """The unscaled FP4 values of uint8 blocks (E, out, G, 16): (E, out, G, 32) float32, low nibble first."""
+    experts, rows, groups, width = blocks.shape
+    pairs = torch.tensor(FP4_VALUES, dtype=torch.float32)[torch.arange(256).reshape(256, 1) >> torch.tensor([0, 4])
+                                                           & 0x0F]  # byte -> (its low nibble's, its high nibble's)
+    return pairs[blocks.int()].reshape(experts, rows, groups, 2 * width)
+
+
+def _mxfp4_scaled(values: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """(E, out, G, 32) values times their group's 2^(s − 127), as (E, in, out) bfloat16 (exact)."""
+    experts, rows, groups, width = values.shape
+    values = torch.ldexp(values, (scales.to(torch.int32) - 127)[..., None].float())  # exact in float32
+    return values.reshape(experts, rows, groups * width).to(torch.bfloat16).transpose(1, 2)
+
+
+def mxfp4_spacing(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """Each MXFP4 element's grid spacing, (E, in, out): E2M1's (p = 2, e_min = 0: 0.5 below 2, 1 to 4, 2 above)
+    times its group's scale."""
+    return _mxfp4_scaled(code_spacing(mxfp4_codes(blocks), 2, 0), scales)
+
+
+def fp8_spacing(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int] | None = None) -> torch.Tensor:
+    """Each FP8 element's grid spacing (its code's ulp: e4m3 p = 4, e_min = −6; e5m2 p = 3, e_min = −14) times its
+    block's scale, float32."""
+    bits = {"torch.float8_e5m2": (3, -14)}.get(str(weight.dtype), (4, -6))
+    return dequantize_fp8(code_spacing(weight, *bits), scale_inv, block)
 
 
 def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -53,12 +91,7 @@ def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor
     Every product is exact in bfloat16 down to its smallest subnormal, 2^-133 (gpt-oss's scales
     sit far above that).
     """
-    experts, rows, groups, width = blocks.shape
-    pairs = torch.tensor(FP4_VALUES, dtype=torch.float32)[torch.arange(256).reshape(256, 1) >> torch.tensor([0, 4])
-                                                           & 0x0F]  # byte -> (its low nibble's, its high nibble's)
-    values = pairs[blocks.int()].reshape(experts, rows, groups, 2 * width)  # (E, out, G, 32)
-    values = torch.ldexp(values, (scales.to(torch.int32) - 127)[..., None].float())  # exact in float32
-    return values.reshape(experts, rows, groups * 2 * width).to(torch.bfloat16).transpose(1, 2)  # (E, in, out)
+    return _mxfp4_scaled(mxfp4_codes(blocks), scales)
 
 
 def fp8_scales(scale_inv: torch.Tensor) -> torch.Tensor:
@@ -138,7 +171,7 @@ def quantized_tensors(infos: Mapping[str, Any], config: Mapping | None, spec: st
             continue
         experts, rows, groups, width = b.shape
         found[name] = QuantizedTensor((experts, groups * 2 * width, rows), torch.bfloat16, (blocks, scales),
-                                      dequantize_mxfp4)
+                                      dequantize_mxfp4, "mxfp4", mxfp4_spacing)
     block = quantization.get("weight_block_size") if method == "fp8" else None
     for scales in [n for n in infos if n.endswith(FP8_SCALE)] if method == "fp8" else []:
         name = scales.removesuffix(FP8_SCALE)
@@ -151,7 +184,9 @@ def quantized_tensors(infos: Mapping[str, Any], config: Mapping | None, spec: st
                                   f"scales {tuple(s.shape)}.")
         configured = None if block is None else (int(block[0]), int(block[1]))
         found[name] = QuantizedTensor(tuple(w.shape), torch.float32, (name, scales),
-                                      lambda weight, scale, b=configured: dequantize_fp8(weight, scale, b))
+                                      lambda weight, scale, b=configured: dequantize_fp8(weight, scale, b),
+                                      str(w.dtype).removeprefix("torch."),
+                                      lambda weight, scale, b=configured: fp8_spacing(weight, scale, b))
     parts = {p for q in found.values() for p in q.parts}
     codes = [n for n, i in infos.items() if n not in parts and i.dtype in _CODES and len(i.shape) >= 2]
     scaled = [n for n in codes if str(infos[n].dtype).startswith("torch.float8")

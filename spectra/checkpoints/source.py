@@ -262,6 +262,23 @@ class CheckpointSource:
                               else self._read_stored(part) for part in q.parts))[0]
         return self._reader(info.file).read_expert(name, expert)
 
+    def storage_format(self, name: str) -> str | None:
+        """The quantised format a tensor is stored in (``mxfp4``, ``float8_e4m3fn``), None where it is stored as listed."""
+        q = self._quantized.get(name)
+        return None if q is None else q.grid
+
+    def quantized_spacing(self, name: str, expert: int | None = None) -> tuple[str, torch.Tensor] | None:
+        """(format, each element's grid spacing) of a quantised tensor as :meth:`read`/:meth:`read_expert` give it,
+        the rounding its storage made (:mod:`spectra.checkpoints.quantized`); None for any other tensor."""
+        q = self._quantized.get(name)
+        if q is None:
+            return None
+        if expert is None:
+            return q.grid, q.spacing(*(self._read_stored(part) for part in q.parts))
+        shape = self.info(name).shape
+        return q.grid, q.spacing(*(self._read_stored(part, expert)[None] if self._per_expert(part, shape)
+                                   else self._read_stored(part) for part in q.parts))[0]
+
     def _per_expert(self, part: str, shape: tuple[int, ...]) -> bool:
         """Whether a quantised tensor's stored part holds one slice per expert of the (E, ·, ·) tensor it encodes."""
         for file in self.files:

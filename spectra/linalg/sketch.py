@@ -178,7 +178,8 @@ def _mean_ulp_squared(x: torch.Tensor, storage: torch.dtype) -> float:
 
 def sampled_noise_floor(base: torch.Tensor, tuned: torch.Tensor, *, base_dtype: torch.dtype,
                         tuned_dtype: torch.dtype, s: torch.Tensor | None = None,
-                        max_elements: int = 1 << 20) -> metrics.NoiseFloor:
+                        max_elements: int = 1 << 20, base_grid: tuple[str, torch.Tensor] | None = None,
+                        tuned_grid: tuple[str, torch.Tensor] | None = None) -> metrics.NoiseFloor:
     """:func:`~spectra.linalg.metrics.rounding_noise_floor` from a strided row sample.
 
     The mean rounding variance (ulp²/12 per element and side) is taken over every
@@ -196,19 +197,58 @@ def sampled_noise_floor(base: torch.Tensor, tuned: torch.Tensor, *, base_dtype: 
         Singular values of ΔW; ``rank`` counts those above the edge.
     max_elements : int, default 2²⁰
         Elements sampled per side.
+    base_grid, tuned_grid : (str, torch.Tensor), optional
+        A quantised side's storage format and each element's grid spacing, shaped as the weight
+        (MXFP4, block-scaled FP8: :meth:`~spectra.checkpoints.source.CheckpointSource.quantized_spacing`),
+        used for that side instead of its dtype's ulp: its rounding is the quantisation's. Such
+        noise is far from white (each block's scale sets its elements' spacing), so the edge is
+        then :func:`heteroscedastic_edge` of the per-element variances over every element, which
+        is the Marchenko–Pastur edge where they are all equal.
 
     Returns
     -------
     NoiseFloor
     """
     m, n = base.shape
-    stride = max(1, math.ceil(m * n / max_elements))
-    b, t = base[::stride], tuned[::stride]  # (≈m/stride, n) views: only the sample is read
-    var = (_mean_ulp_squared(b, base_dtype) + _mean_ulp_squared(t, tuned_dtype)) / 12.0
+    if base_grid is not None or tuned_grid is not None:
+        var, edge = heteroscedastic_edge(base, tuned, base_dtype, tuned_dtype,
+                                         None if base_grid is None else base_grid[1],
+                                         None if tuned_grid is None else tuned_grid[1])
+    else:
+        stride = max(1, math.ceil(m * n / max_elements))
+        b, t = base[::stride], tuned[::stride]  # (≈m/stride, n) views: only the sample is read
+        var = (_mean_ulp_squared(b, base_dtype) + _mean_ulp_squared(t, tuned_dtype)) / 12.0
+        edge = math.sqrt(var) * (math.sqrt(m) + math.sqrt(n))  # Marchenko–Pastur bulk edge
     sigma = math.sqrt(var)
-    edge = sigma * (math.sqrt(m) + math.sqrt(n))  # Marchenko–Pastur bulk edge
     rank = None if s is None else int((s.double() > edge).sum())
-    return metrics.NoiseFloor(var, sigma, math.sqrt(m * n * var), edge, rank, _name(base_dtype), _name(tuned_dtype))
+    return metrics.NoiseFloor(var, sigma, math.sqrt(m * n * var), edge, rank,
+                              base_grid[0] if base_grid else _name(base_dtype),
+                              tuned_grid[0] if tuned_grid else _name(tuned_dtype))
+
+
+def heteroscedastic_edge(base: torch.Tensor, tuned: torch.Tensor, base_dtype: torch.dtype, tuned_dtype: torch.dtype,
+                         base_spacing: torch.Tensor | None, tuned_spacing: torch.Tensor | None) -> tuple[float, float]:
+    """(mean variance, edge) of independent rounding noise whose variance v_ij = (Δ_base,ij² + Δ_tuned,ij²) / 12
+    varies by element: Δ a side's grid spacing where given, else its dtype's ulp of the element.
+
+    The edge is max_i √(Σ_j v_ij) + max_j √(Σ_i v_ij), the leading term of Bandeira and van
+    Handel's bound on the expected norm of a matrix of independent entries (Ann. Probab. 44, 2016,
+    Theorem 1.1); for equal variances it is the Marchenko–Pastur edge σ(√m + √n). Rows are
+    taken in chunks of ~4 M elements (float64 variances).
+    """
+    m, n = base.shape
+    row_sums = torch.empty(m, dtype=torch.float64)
+    col_sums = torch.zeros(n, dtype=torch.float64)
+    rows = max(1, (4 << 20) // max(1, n))
+    for start in range(0, m, rows):
+        part = slice(start, start + rows)
+        var = sum((metrics.ulp(x[part], dtype) if spacing is None else spacing[part].to(x.device).double()).square()
+                  for x, dtype, spacing in ((base, base_dtype, base_spacing), (tuned, tuned_dtype, tuned_spacing)))
+        var = var.cpu() / 12.0
+        row_sums[part] = var.sum(1)
+        col_sums += var.sum(0)
+    edge = float(row_sums.max().sqrt() + col_sums.max().sqrt())
+    return float(row_sums.sum()) / (m * n), edge
 
 
 def _name(dtype: torch.dtype) -> str:

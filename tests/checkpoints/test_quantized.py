@@ -366,3 +366,109 @@ def test_privacy_filter_experts_split_gate_and_up_along_the_outputs(tmp_path):
     gate, up = rows[f"{head}.0.gate_up_proj[gate]"], rows[f"{head}.0.gate_up_proj[up]"]
     assert gate["shape"] == [24, 32] and up["fro_norm"] == 0.0
     assert gate["fro_norm"] == pytest.approx(float(update.double().norm()), rel=1e-6)
+
+
+def _requantised_pair(root, fmt: str):
+    """A base and a fine-tune (a rank-2 update of q_proj) both stored quantised: two FP8 releases (16 × 16 blocks,
+    as DeepSeek-V3 and R1) or two MXFP4 gpt-oss checkpoints, each rounded anew."""
+    if fmt == "fp8":
+        base, b = _fp8_llama(root / "b")
+        tuned = copy.deepcopy(base)
+        with torch.no_grad():
+            tuned.model.layers[0].self_attn.q_proj.weight += 0.05 * torch.randn(32, 2) @ torch.randn(2, 32)
+        _, t = _fp8_llama_from(tuned, root / "t")
+        return b / "", t / "", "model.layers.0.self_attn.q_proj"
+    base, b = _mxfp4_gpt_oss(root / "b")
+    tuned = copy.deepcopy(base)
+    with torch.no_grad():
+        p = tuned.model.layers[0].mlp.experts.down_proj  # (E, in = intermediate, out = hidden)
+        p[0] += 0.05 * torch.randn(32, 2) @ torch.randn(2, 64)
+    _, t = _mxfp4_from(tuned, root / "t")
+    return b, t, "model.layers.0.mlp.experts.0.down_proj"
+
+
+def _fp8_llama_from(model, root, block=(16, 16)):
+    """`model` saved as block-scaled FP8 (as :func:`_fp8_llama` saves a fresh one)."""
+    state = {}
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2 and ".layers." in name:
+                rows, cols = p.shape
+                blocks = p.reshape(rows // block[0], block[0], cols // block[1], block[1])
+                scale = blocks.abs().amax(dim=(1, 3)) / 448.0
+                state[name] = (blocks / scale[:, None, :, None]).reshape(rows, cols).to(torch.float8_e4m3fn)
+                state[f"{name}_scale_inv"] = scale.float().contiguous()
+            else:
+                state[name] = p.detach().clone().contiguous()
+    (root / "base").mkdir(parents=True)
+    save_file(state, str(root / "base" / "model.safetensors"), metadata={"format": "pt"})
+    config = model.config.to_dict() | {"quantization_config": {"quant_method": "fp8", "weight_block_size": list(block)}}
+    (root / "base" / "config.json").write_text(json.dumps(config))
+    return model, root / "base"
+
+
+def _mxfp4_from(model, root):
+    state = {}
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+                state[f"{name}_blocks"], state[f"{name}_scales"], _ = quantize_mxfp4(p.detach())
+            else:
+                state[name] = p.detach().to(torch.bfloat16).contiguous()
+    (root / "base").mkdir(parents=True)
+    save_file(state, str(root / "base" / "model.safetensors"), metadata={"format": "pt"})
+    config = model.config.to_dict() | {"quantization_config": {"quant_method": "mxfp4"}}
+    (root / "base" / "config.json").write_text(json.dumps(config))
+    return model, root / "base"
+
+
+def _spacing_fp8(codes: np.ndarray) -> np.ndarray:
+    """e4m3's grid spacing at each code, by enumeration: the gap to the next representable magnitude."""
+    grid = np.unique(np.abs(torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float().numpy()))
+    grid = grid[np.isfinite(grid)]
+    gaps = np.diff(grid)
+    index = np.searchsorted(grid, np.abs(codes), side="right") - 1
+    return gaps[np.minimum(index, len(gaps) - 1)]
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "mxfp4"])
+def test_two_quantised_checkpoints_have_their_grids_rounding_as_noise_floor(fmt, tmp_path):
+    """Both sides re-quantised: ΔW carries their rounding, full rank and far from white (each block's scale sets its
+    spacing). The floor's variance is each side's (spacing × scale)² / 12 per element (a numpy reference enumerating
+    the code grid), its edge max_i √Σ_j v_ij + max_j √Σ_i v_ij (Bandeira–van Handel), and for FP8 the planted rank 2
+    is what stands above it. Read with the dequantised dtype's ulp (float32, bfloat16), the floor sat far below and
+    the rounding counted as signal; with the mean variance's Marchenko–Pastur edge, FP8's noise still rose above it.
+    MXFP4 re-quantised by the spec's shared exponent also clips (values up to 8 against FP4's 6): that error is not
+    rounding, and no floor covers it, so only its floor's numbers are checked."""
+    from spectra.analysis import AnalysisConfig, analyze
+    from spectra.linalg.sketch import sampled_noise_floor
+
+    b, t, name = _requantised_pair(tmp_path, fmt)
+    result = analyze(b, t, AnalysisConfig(dtype="float64"), cache_dir=False, progress=False)
+    row = next(r for r in result.modules if r["name"] == name)
+    assert row["base_dtype"] == row["tuned_dtype"] == ("float8_e4m3fn" if fmt == "fp8" else "mxfp4")
+    variance = 0.0
+    for side in (b, t):
+        source = open_checkpoint(side)
+        if fmt == "fp8":
+            codes = source._read_stored(f"{name}.weight").float().numpy()
+            scales = source._read_stored(f"{name}.weight_scale_inv").double().numpy()
+            spacing = _spacing_fp8(codes) * np.kron(scales, np.ones((16, 16)))
+        else:  # expert 0 of down_proj, (out, G, 32) as stored: the module's (out, in)
+            blocks = source._read_stored("model.layers.0.mlp.experts.down_proj_blocks")[0].numpy()
+            scales = source._read_stored("model.layers.0.mlp.experts.down_proj_scales")[0].numpy().astype(np.int64)
+            values = np.abs(FP4[np.stack((blocks & 15, blocks >> 4), -1).reshape(blocks.shape[0], -1)])  # (out, in)
+            spacing = np.where(values < 2, 0.5, np.where(values < 4, 1.0, 2.0)) * 2.0 ** (np.repeat(scales, 32, -1) - 127)
+        variance = variance + spacing ** 2 / 12
+    edge = np.sqrt(variance.sum(1)).max() + np.sqrt(variance.sum(0)).max()
+    assert row["noise"]["sigma"] == pytest.approx(float(np.sqrt(variance.mean())), rel=1e-9)
+    assert row["noise"]["mp_edge"] == pytest.approx(float(edge), rel=1e-9)
+    pair = next(d for d in iter_deltas(b, t, with_weights=True) if d.name == name)
+    values = torch.linalg.svdvals(pair.delta.double())
+    listed = torch.bfloat16 if fmt == "mxfp4" else torch.float32
+    as_listed = sampled_noise_floor(pair.base, pair.tuned, base_dtype=listed, tuned_dtype=listed, s=values)
+    assert as_listed.rank > 10  # negative control: the dequantised dtype's floor takes the rounding for signal
+    if fmt == "fp8":
+        assert row["noise"]["rank_above"] == 2
+        white = float(np.sqrt(variance.mean())) * (32 ** 0.5 + 32 ** 0.5)  # the mean variance's MP edge
+        assert int((values > white).sum()) > 2  # negative control: heteroscedastic noise rises above it
