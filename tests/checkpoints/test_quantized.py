@@ -472,3 +472,27 @@ def test_two_quantised_checkpoints_have_their_grids_rounding_as_noise_floor(fmt,
         assert row["noise"]["rank_above"] == 2
         white = float(np.sqrt(variance.mean())) * (32 ** 0.5 + 32 ** 0.5)  # the mean variance's MP edge
         assert int((values > white).sum()) > 2  # negative control: heteroscedastic noise rises above it
+
+
+def test_a_fine_tune_stored_finer_than_its_quantised_base_has_the_dtype_floor(tmp_path):
+    """gpt-oss as released (MXFP4) fine-tuned and saved in bf16: the fine-tune started from the dequantised experts,
+    which bf16 holds exactly, so the base's FP4 grid put no noise in ΔW. The floor is the bf16 one of both sides (as
+    for any bf16 pair), not FP4's, which would sit ~100× higher and bury the update."""
+    from spectra.analysis import AnalysisConfig, analyze
+    from spectra.linalg.sketch import sampled_noise_floor
+
+    base_model, base = _mxfp4_gpt_oss(tmp_path)
+    tuned = copy.deepcopy(base_model)
+    with torch.no_grad():
+        tuned.model.layers[0].mlp.experts.down_proj[0] += 0.05 * torch.randn(32, 2) @ torch.randn(2, 64)
+    tuned.to(torch.bfloat16).save_pretrained(tmp_path / "tuned")
+    name = "model.layers.0.mlp.experts.0.down_proj"
+    row = next(r for r in analyze(base, tmp_path / "tuned", AnalysisConfig(dtype="float64"), cache_dir=False,
+                                  progress=False).modules if r["name"] == name)
+    assert (row["base_dtype"], row["tuned_dtype"]) == ("mxfp4", "bfloat16")
+    pair = next(d for d in iter_deltas(base, tmp_path / "tuned", with_weights=True) if d.name == name)
+    as_bf16 = sampled_noise_floor(pair.base, pair.tuned, base_dtype=torch.bfloat16, tuned_dtype=torch.bfloat16)
+    assert row["noise"]["sigma"] == pytest.approx(as_bf16.sigma, rel=1e-12)
+    assert row["noise"]["rank_above"] >= 2
+    _, spacing = open_checkpoint(base).quantized_spacing("model.layers.0.mlp.experts.down_proj", 0)
+    assert float(spacing.double().square().mean().sqrt()) > 30 * as_bf16.sigma  # what counting FP4 would have added
