@@ -24,7 +24,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from spectra.checkpoints.architectures import missing_stacks, role_selected, stack_name, stack_selected
+from spectra.checkpoints.architectures import missing_stacks, module_stack, role_selected, stack_name, stack_selected
 from spectra.errors import ConfigError
 from spectra.ranks.budget import allocate_budget
 from spectra.ranks.functional import functional_ranks, read_sweep, role_curves
@@ -287,6 +287,10 @@ def recommend_ranks(analysis: Any, policy: RankPolicy | None = None, *, sweep: A
         functional = functional_ranks(sweep, policy.functional, curve_of=curve_of)
         spectral = _spectral_policy(policy)  # for the modules of a curve the sweep's data never reached
     rows, base, tuned = _rows(analysis)
+    if policy.stacks is not None and not any("stack" in r for r in rows):
+        # written before rows named their stack (or of one stack): read each row's stack off its name, or a vision
+        # tower's rows would count as the language model's
+        rows = [{**r, "stack": module_stack(r["name"])} for r in rows]
     if functional is not None:
         _check_sweep_pair(functional["sweep"], base, tuned)
     # a stack the analysis lacks entirely is refused, naming those it holds (the others' left out say why)

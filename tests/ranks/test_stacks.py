@@ -54,3 +54,14 @@ def test_a_stack_the_analysis_lacks_is_refused_and_an_unknown_one_too():
         RankPolicy(stacks="text")
     with pytest.raises(ConfigError, match="Relax roles/stacks/include"):  # stacks held, roles none of theirs
         recommend_ranks(analysis(*ROWS), RankPolicy(roles=("other",), stacks=("language",)))
+
+
+def test_an_analysis_written_before_rows_named_their_stack_reads_it_off_the_names():
+    """No row carries a stack (analysis.json files from before stacks): --stacks language must not plan the vision
+    tower as the language model's (it did: every row read as the language model)."""
+    old = [{k: v for k, v in row.items() if k != "stack"} for row in ROWS]
+    planned = [m.name for m in recommend_ranks(analysis(*old), RankPolicy(energy=0.9, stacks=("language",))).modules]
+    assert planned == ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj",
+                       "model.layers.0.mlp.up_proj"]
+    vision = recommend_ranks(analysis(*old), RankPolicy(energy=0.9, stacks=("vision",))).modules
+    assert [m.name for m in vision] == ["visual.blocks.0.attn.qkv", "visual.blocks.0.mlp.fc1"]
