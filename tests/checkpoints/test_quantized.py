@@ -61,6 +61,23 @@ def _mxfp4_gpt_oss(root):
     model = tf.GptOssForCausalLM(tf.GptOssConfig(
         hidden_size=64, intermediate_size=32, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
         head_dim=16, num_local_experts=3, num_experts_per_tok=2, vocab_size=64, layer_types=["full_attention"])).eval()
+    return model, _save_mxfp4(model, root)
+
+
+def _rank2_expert_update(model, generator=None):
+    """A copy of `model` whose every stored-as-3-D expert moved by a rank-2 update (in its (E, in, out) layout)."""
+    tuned = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, p in tuned.named_parameters():
+            if ".experts." in name and p.dim() == 3:
+                p += 0.05 * torch.randn(p.shape[0], p.shape[1], 2, generator=generator) @ torch.randn(
+                    p.shape[0], 2, p.shape[2], generator=generator)
+    return tuned
+
+
+def _save_mxfp4(model, root):
+    """`model` saved with its experts in MXFP4 and the rest in bf16, as gpt-oss is released; its parameters are
+    set to the values saved (dequantised). Returns the folder."""
     state = {}
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -76,7 +93,7 @@ def _mxfp4_gpt_oss(root):
     config = model.config.to_dict() | {"quantization_config": {"quant_method": "mxfp4", "modules_to_not_convert": [
         "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}}
     (root / "base" / "config.json").write_text(json.dumps(config))
-    return model, root / "base"
+    return root / "base"
 
 
 def test_an_mxfp4_base_pairs_with_its_bf16_fine_tune(tmp_path):
@@ -85,13 +102,7 @@ def test_an_mxfp4_base_pairs_with_its_bf16_fine_tune(tmp_path):
     assert not any(n.endswith(("_blocks", "_scales")) for n in source.names())
     info = source.info("model.layers.0.mlp.experts.gate_up_proj")
     assert info.shape == (3, 64, 64) and info.dtype == torch.bfloat16  # (E, in = hidden, out = 2·intermediate)
-    tuned = copy.deepcopy(base_model)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in tuned.named_parameters():
-            if ".experts." in name and p.dim() == 3:
-                p += 0.05 * torch.randn(p.shape[0], p.shape[1], 2, generator=g) @ torch.randn(p.shape[0], 2, p.shape[2],
-                                                                                         generator=g)
+    tuned = _rank2_expert_update(base_model, torch.Generator().manual_seed(1))
     tuned.to(torch.bfloat16).save_pretrained(tmp_path / "tuned")
     deltas = {d.name: d for d in iter_deltas(base, tmp_path / "tuned")}
     for name, p in tuned.named_parameters():
@@ -110,11 +121,7 @@ def test_an_adapter_extracted_against_an_mxfp4_base_merges_to_the_fine_tune(tmp_
     from spectra.lora.extract import extract_adapter
 
     base_model, base = _mxfp4_gpt_oss(tmp_path)
-    tuned = copy.deepcopy(base_model)
-    with torch.no_grad():
-        for name, p in tuned.named_parameters():
-            if ".experts." in name and p.dim() == 3:
-                p += 0.05 * torch.randn(p.shape[0], p.shape[1], 2) @ torch.randn(p.shape[0], 2, p.shape[2])
+    tuned = _rank2_expert_update(base_model)
     tuned.save_pretrained(tmp_path / "tuned")  # float32: the update is exactly rank 2 per expert
     extract_adapter(base, tmp_path / "tuned", 2, tmp_path / "ad", roles=("gate_up", "down"), progress=False)
     merged = PeftModel.from_pretrained(copy.deepcopy(base_model), str(tmp_path / "ad")).merge_and_unload()
@@ -167,13 +174,19 @@ def _fp8_llama(root, block=(16, 16)):
     from tests.models import build_model
 
     model = build_model("llama")
+    return model, _save_fp8(model, root, block)
+
+
+def _save_fp8(model, root, block=(16, 16)):
+    """`model` saved with its decoder linears in block-scaled FP8 (one float32 scale per block, e4m3's largest value
+    448 at the block's largest magnitude); its parameters are set to the values saved. Returns the folder."""
     state = {}
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.dim() == 2 and ".layers." in name:
                 rows, cols = p.shape
                 blocks = p.reshape(rows // block[0], block[0], cols // block[1], block[1])
-                scale = blocks.abs().amax(dim=(1, 3)) / 448.0  # (rows/b0, cols/b1): e4m3's largest value
+                scale = blocks.abs().amax(dim=(1, 3)) / 448.0  # (rows/b0, cols/b1)
                 codes = (blocks / scale[:, None, :, None]).reshape(rows, cols).to(torch.float8_e4m3fn)
                 state[name], state[f"{name}_scale_inv"] = codes, scale.float().contiguous()
                 p.copy_(dequantize_fp8(codes, scale, block))
@@ -184,7 +197,7 @@ def _fp8_llama(root, block=(16, 16)):
     config = model.config.to_dict() | {"quantization_config": {"quant_method": "fp8", "fmt": "e4m3",
                                                                "weight_block_size": list(block)}}
     (root / "base" / "config.json").write_text(json.dumps(config))
-    return model, root / "base"
+    return root / "base"
 
 
 def test_an_fp8_base_pairs_with_its_fine_tune_in_float32(tmp_path):
@@ -251,11 +264,7 @@ def test_the_sweep_truncates_experts_against_the_dequantised_mxfp4_base(tmp_path
     from spectra.sweep_weights import ModelWeights
 
     base_model, base = _mxfp4_gpt_oss(tmp_path)
-    tuned = copy.deepcopy(base_model)
-    with torch.no_grad():
-        for name, p in tuned.named_parameters():
-            if ".experts." in name and p.dim() == 3:
-                p += 0.05 * torch.randn(p.shape[0], p.shape[1], 2) @ torch.randn(p.shape[0], 2, p.shape[2])
+    tuned = _rank2_expert_update(base_model)
     tuned.save_pretrained(tmp_path / "tuned")
     weights = ModelWeights(tf.GptOssForCausalLM.from_pretrained(tmp_path / "tuned", dtype=torch.float32), base,
                            tmp_path / "tuned", roles=("gate_up", "down"))
@@ -376,50 +385,13 @@ def _requantised_pair(root, fmt: str):
         tuned = copy.deepcopy(base)
         with torch.no_grad():
             tuned.model.layers[0].self_attn.q_proj.weight += 0.05 * torch.randn(32, 2) @ torch.randn(2, 32)
-        _, t = _fp8_llama_from(tuned, root / "t")
-        return b / "", t / "", "model.layers.0.self_attn.q_proj"
+        return b, _save_fp8(tuned, root / "t"), "model.layers.0.self_attn.q_proj"
     base, b = _mxfp4_gpt_oss(root / "b")
     tuned = copy.deepcopy(base)
     with torch.no_grad():
         p = tuned.model.layers[0].mlp.experts.down_proj  # (E, in = intermediate, out = hidden)
         p[0] += 0.05 * torch.randn(32, 2) @ torch.randn(2, 64)
-    _, t = _mxfp4_from(tuned, root / "t")
-    return b, t, "model.layers.0.mlp.experts.0.down_proj"
-
-
-def _fp8_llama_from(model, root, block=(16, 16)):
-    """`model` saved as block-scaled FP8 (as :func:`_fp8_llama` saves a fresh one)."""
-    state = {}
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 2 and ".layers." in name:
-                rows, cols = p.shape
-                blocks = p.reshape(rows // block[0], block[0], cols // block[1], block[1])
-                scale = blocks.abs().amax(dim=(1, 3)) / 448.0
-                state[name] = (blocks / scale[:, None, :, None]).reshape(rows, cols).to(torch.float8_e4m3fn)
-                state[f"{name}_scale_inv"] = scale.float().contiguous()
-            else:
-                state[name] = p.detach().clone().contiguous()
-    (root / "base").mkdir(parents=True)
-    save_file(state, str(root / "base" / "model.safetensors"), metadata={"format": "pt"})
-    config = model.config.to_dict() | {"quantization_config": {"quant_method": "fp8", "weight_block_size": list(block)}}
-    (root / "base" / "config.json").write_text(json.dumps(config))
-    return model, root / "base"
-
-
-def _mxfp4_from(model, root):
-    state = {}
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
-                state[f"{name}_blocks"], state[f"{name}_scales"], _ = quantize_mxfp4(p.detach())
-            else:
-                state[name] = p.detach().to(torch.bfloat16).contiguous()
-    (root / "base").mkdir(parents=True)
-    save_file(state, str(root / "base" / "model.safetensors"), metadata={"format": "pt"})
-    config = model.config.to_dict() | {"quantization_config": {"quant_method": "mxfp4"}}
-    (root / "base" / "config.json").write_text(json.dumps(config))
-    return model, root / "base"
+    return b, _save_mxfp4(tuned, root / "t"), "model.layers.0.mlp.experts.0.down_proj"
 
 
 def _spacing_fp8(codes: np.ndarray) -> np.ndarray:
