@@ -259,11 +259,10 @@ class RankPlan:
     def _model_settings(self, model) -> tuple[dict, set, list]:
         """Target → (rank, alpha, conv1d) on ``model``, the targets that are parameters, and notes."""
         from spectra.checkpoints.architectures import module_info
-        from spectra.checkpoints.targets import model_targets
 
         cls = type(model).__name__
         left_out = {m.name: m.reason for m in self.left_out}
-        found = model_targets([m.name for m in self.modules] + list(left_out), model)
+        found = _expert_targets([m.name for m in self.modules] + list(left_out), model)
         missing = [m.name for m in self.modules if found[m.name] is None]
         if missing:
             raise ConfigError(f"The plan names {len(missing)} module(s) {cls} has no weight for: "
@@ -299,6 +298,24 @@ class RankPlan:
                              f"{len(unplanned)} module(s) the plan leaves out (e.g. {unplanned[0]}: "
                              f"{left_out[unplanned[0]]}), at rank {rank}.")
         return settings, set(fused), notes
+
+
+_EXPERT_INDEX = re.compile(r"\.experts\.\d+\.")
+
+
+def _expert_targets(names: list[str], model) -> dict:
+    """:func:`~spectra.checkpoints.targets.model_targets`, where a name of one expert of a 3-D tensor the checkpoint
+    stores fused (gpt-oss's, Llama 4's, Qwen3-VL-MoE's ``…experts.0.gate_up_proj``: analysis names each expert) is
+    that tensor's target (``…experts.gate_up_proj``, a parameter). Mixtral's ``…experts.0.w1`` resolves as is."""
+    from spectra.checkpoints.targets import model_targets
+
+    found = model_targets(names, model)
+    fused = {n: _EXPERT_INDEX.sub(".experts.", n) for n in names if found[n] is None and _EXPERT_INDEX.search(n)}
+    stored = model_targets(sorted(set(fused.values())), model)
+    for name, tensor in fused.items():
+        if stored[tensor] is not None and stored[tensor].parameter:
+            found[name] = stored[tensor]
+    return found
 
 
 def lora_config(modules: Mapping[str, tuple[int, float, bool]], *, alpha_for=None, use_rslora: bool = False,

@@ -5,6 +5,7 @@ best rank-r approximation of each stored expert's ΔW, by a float64 numpy SVD.""
 from __future__ import annotations
 
 import copy
+import json
 
 import numpy as np
 import pytest
@@ -100,3 +101,50 @@ def test_default_roles_extract_attention_and_experts_together(family, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(merged(ids).logits, tuned(ids).logits, rtol=1e-4, atol=1e-5)
         assert float((tuned(ids).logits - base(ids).logits).abs().max()) > 1e-3
+
+
+# PEFT warns of the rank_pattern keys of parameters it adapts, which it applies (the ranks are checked below)
+@pytest.mark.filterwarnings("ignore:The following (rank|alpha)_pattern keys:RuntimeWarning")
+@pytest.mark.parametrize("rslora", [False, True])
+@pytest.mark.parametrize("family", ["gpt_oss", "llama4"])
+def test_a_recommended_plan_is_written_read_back_and_extracted(family, rslora, tmp_path):
+    """recommend → save_plan → load_plan → extract → PEFT's merge, where the checkpoint stores each projection's
+    experts as one 3-D tensor: the plan names them per expert (…experts.0.gate_up_proj), which save_plan could not
+    resolve ("has no weight for"). Planted ranks 4 (gate_up) and 2 (down) in exact binary fractions: the plan
+    finds them, and its adapter and its peft_config hold them; the merge is the fine-tune."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    from spectra.analysis import AnalysisConfig, analyze
+    from spectra.ranks import RankPolicy, load_plan, recommend_ranks, save_plan
+
+    base = _tiny(family)
+    tuned = copy.deepcopy(base)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, p in _expert_parameters(tuned).items():
+            k = 4 if "gate_up" in name else 2
+            p += 2 ** -6 * (torch.randint(-3, 4, (p.shape[0], p.shape[1], k), generator=g).float()
+                            @ torch.randint(-3, 4, (p.shape[0], k, p.shape[2]), generator=g).float())
+    b, t = save(base, tmp_path / "b", "safetensors"), save(tuned, tmp_path / "t", "safetensors")
+    roles = ("gate_up", "down")
+    analysis = analyze(b, t, AnalysisConfig(roles=roles, dtype="float64"), cache_dir=False, progress=False)
+    plan = recommend_ranks(analysis, RankPolicy(energy=0.999999, roles=roles, rslora=rslora))
+    assert {(m.name.rpartition(".")[2], m.rank) for m in plan.modules} == {("gate_up_proj", 4), ("down_proj", 2)}
+
+    path = save_plan(plan, tmp_path / "plan.json")
+    config = json.loads(path.read_text())["peft_config"]
+    assert sorted(config["target_parameters"]) == sorted(_expert_parameters(base))
+    peft_model = get_peft_model(copy.deepcopy(base), LoraConfig(
+        **{k: v for k, v in config.items() if k in LoraConfig.__dataclass_fields__}))
+    ranks = {f"{n.removeprefix('base_model.model.').replace('.base_layer', '')}.{m.parameter_name}": m.r["default"]
+             for n, m in peft_model.named_modules() if hasattr(m, "parameter_name")}
+    assert ranks == {n: 4 if "gate_up" in n else 2 for n in _expert_parameters(base)}
+
+    result = extract_adapter(b, t, load_plan(path), tmp_path / "ad", progress=False)
+    assert result.config["use_rslora"] is rslora
+    merged = PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "ad")).merge_and_unload()
+    with torch.no_grad():
+        for name, p in _expert_parameters(base).items():
+            want = (_expert_parameters(tuned)[name] - p).double()
+            got = (_expert_parameters(merged)[name] - p).double()
+            assert float((got - want).norm() / want.norm()) < 1e-5, name
