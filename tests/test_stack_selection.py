@@ -11,18 +11,17 @@ from __future__ import annotations
 
 import copy
 import json
-import sys
 
 import pytest
 import torch
 
 from spectra.analysis import AnalysisConfig, analyze
 from spectra.checkpoints.pairing import Pairing, PairingOptions
-from spectra.cli import main
 from spectra.errors import ConfigError
 from spectra.lora.extract import extract_adapter
 from tests.checkpoints.test_more_architectures import _planted_pair
 from tests.checkpoints.test_qwen_vl import _planted_modules, stored, tiny
+from tests.test_cli import run
 
 LANGUAGE_Q = "model.language_model.layers.1.self_attn.q_proj"  # planted, rank 2 (model's names)
 VISION_QKV = "model.visual.blocks.0.attn.qkv"  # planted in its q rows, rank 1
@@ -159,18 +158,6 @@ def test_memory_of_the_language_models_adapters_is_pefts_count():
 
 
 # -- the command line -------------------------------------------------------------------------------------------------
-
-def run(monkeypatch, capsys, *args) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["spectra", *map(str, args)])
-    monkeypatch.setenv("COLUMNS", "250")
-    try:
-        main()
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    out, err = capsys.readouterr()
-    return code, out, err
-
 
 def test_cli_stacks_select_and_refuse(monkeypatch, capsys, vl_pair, tmp_path):
     _, _, _, b, t = vl_pair
