@@ -146,6 +146,44 @@ def model_targets(names: Iterable[str], model) -> dict[str, ModelTarget | None]:
     return out
 
 
+def peft_rewritten_modules(names: Iterable[str], model) -> list[str]:
+    """The module names among ``names`` that PEFT would not keep as ``target_modules`` entries on ``model``.
+
+    PEFT (0.21) runs ``convert_peft_config_for_transformers`` on every LoRA config in ``get_peft_model`` and
+    ``PeftModel.from_pretrained``. For a model type transformers maps to the ``qwen2_moe`` or ``mixtral``
+    conversion (Qwen3-MoE, DeepSeek-V2/V3, GLM-4 MoE, GLM-4.5V, OLMoE, Qwen3-Next, Qwen3-Omni, …) it turns every
+    entry that ends in ``.gate_proj``, ``.up_proj``, ``.down_proj`` or ``.gate`` (``.w1``/``.w2``/``.w3``), a
+    full name included, into the bare ``target_parameters`` entry ``gate_up_proj``/``down_proj``/``gate.weight``:
+    a dense MLP's, a shared expert's or a vision tower's projection is then not adapted at all, and every
+    fused expert parameter of the model is instead. Asked of PEFT itself, on a copy of no config that matters:
+    empty without PEFT or without the conversion.
+    """
+    names = list(names)
+    try:
+        from peft import LoraConfig
+        from peft.utils.transformers_weight_conversion import convert_peft_config_for_transformers
+    except ImportError:  # a PEFT without it converts nothing
+        return []
+
+    def kept(batch: list[str]) -> set[str]:
+        config = LoraConfig(target_modules=list(batch))
+        convert_peft_config_for_transformers(config, model=model, conversions=None)
+        return set(config.target_modules or ()) & set(batch)
+
+    if not names:
+        return []
+    try:
+        left = kept(names)
+    except ValueError:  # a part of a fused pair (gate_proj without up_proj): PEFT refuses; ask name by name
+        left = set()
+        for name in names:
+            try:
+                left |= kept([name])
+            except ValueError:
+                pass
+    return [n for n in names if n not in left]
+
+
 def owning_modules(names: Iterable[str], model) -> tuple[dict[str, str | None], set[str]]:
     """(checkpoint module name → the model's module that holds its tensors as stored, whatever its type, else None;
     the names among them whose weight loading converts).

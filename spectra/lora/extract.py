@@ -463,40 +463,62 @@ def _model_names(entries, model, model_class: str | None, targets: dict | None =
 
 
 def _unconverted_parameters(entries, model_names: dict[str, str], pairing: Pairing, model) -> dict:
-    """Entry name → its :class:`~spectra.checkpoints.placement.ParameterSlice`, for the weights the model holds
-    in a parameter (no module PEFT can wrap) whose stored name PEFT would not map onto it.
+    """Entry name → its :class:`~spectra.checkpoints.placement.ParameterSlice`, for the weights whose LoRA extract
+    writes onto the parameter that holds them (``target_parameters``), because PEFT would not adapt them as named.
 
-    PEFT converts a LoRA on Mixtral's per-expert ``…experts.3.w1`` into one on transformers 5's
-    fused ``mlp.experts.gate_up_proj`` when it loads the adapter; PhiMoE stores its experts the same
-    way and loads them into the same fused parameters, but PEFT 0.21 converts nothing for it, and
-    ignored adapter keys under those names without a word: the experts' updates were lost. PhiMoE's
-    router (``block_sparse_moe.gate``, the model's ``mlp.router``) is an nn.Linear whose forward
-    returns a tuple: a LoRA module on it merges but fails in every forward. Their factors are written
-    onto the parameters instead (:func:`_parameter_factors`; the router's weight whole, E = 1).
+    - A weight the model holds in a parameter (no module PEFT can wrap) whose stored name PEFT does not map onto
+      it. PEFT converts a LoRA on Mixtral's per-expert ``…experts.3.w1`` into one on transformers 5's fused
+      ``mlp.experts.gate_up_proj`` when it loads the adapter; PhiMoE stores its experts the same way and loads
+      them into the same fused parameters, but PEFT 0.21 converts nothing for it, and ignored adapter keys under
+      those names without a word: the experts' updates were lost. PhiMoE's router (``block_sparse_moe.gate``, the
+      model's ``mlp.router``) is an nn.Linear whose forward returns a tuple: a LoRA module on it merges but fails
+      in every forward. Mixtral's router (``block_sparse_moe.gate``, loaded into ``mlp.gate``, a
+      MixtralTopKRouter) too, although PEFT 0.21 converts its stored name: into the bare ``target_parameters``
+      entry ``gate.weight``, every layer's router at the config's global ``r`` and ``lora_alpha``.
+    - Experts PEFT does convert, unless its conversion adapts exactly them (:func:`_peft_converts_exactly`: all
+      experts of each fused parameter, both halves of gate_up_proj, no other layer's or stack's experts).
+    - A module PEFT would rewrite (:func:`~spectra.checkpoints.targets.peft_rewritten_modules`): for the
+      ``qwen2_moe`` and ``mixtral`` conversion families PEFT turns every ``target_modules`` entry ending in
+      ``.gate_proj``/``.up_proj``/``.down_proj`` into a fused expert parameter, so a dense layer's MLP
+      (Qwen3-MoE's ``mlp_only_layers``, DeepSeek-V3's first layers), a shared expert or GLM-4.5V's vision MLP
+      would lose its LoRA (merged: 0). Its weight (``…mlp.gate_proj.weight``) is targeted instead, which PEFT
+      leaves as it is.
 
-    Mixtral's router (``block_sparse_moe.gate``, loaded into ``mlp.gate``, a MixtralTopKRouter) is
-    written onto ``mlp.gate.weight`` too, although PEFT 0.21 converts its stored name: it turns any
-    ``target_modules`` entry ending in ``.gate`` into the bare ``target_parameters`` entry
-    ``gate.weight``, every layer's router at the config's global ``r`` and ``lora_alpha``, with the
-    ``rank_pattern`` and ``alpha_pattern`` keys of the stored name left matching nothing.
+    Their factors are written onto the parameters (:func:`_parameter_factors`; a 2-D weight whole, E = 1).
     """
     if model is None:
         return {}
-    modules = {n for n, _ in model.named_modules() if n}
+    from spectra.checkpoints.placement import PlacementError, parameter_sources, split_sources
+    from spectra.checkpoints.targets import peft_rewritten_modules
+
+    modules = dict(model.named_modules())
     wrapped = [e for e in entries if model_names[e.name] not in modules]  # named by their stored name
-    experts = [e for e in wrapped if e.info.expert is not None]
-    if experts and _peft_converts(model, [model_names[e.name] for e in experts]):
-        wrapped = [e for e in wrapped if e.info.expert is None]  # PEFT maps the experts' stored names itself
+    targets = model_targets([model_names[e.name] for e in wrapped], model)
+    parameter_of = {e.name: targets[model_names[e.name]].name for e in wrapped}
+    rewritten = set(peft_rewritten_modules(sorted({model_names[e.name] for e in entries} & set(modules)), model))
+    for entry in entries:
+        module = model_names[entry.name]
+        if module in rewritten:
+            if not isinstance(modules[module], torch.nn.Linear):
+                raise ConfigError(f"{entry.name}: PEFT rewrites the target_modules entry {module} of "
+                                  f"{type(model).__name__} into a fused expert parameter, and it is no Linear whose "
+                                  "weight extract could adapt instead. Leave its role out (--roles).")
+            wrapped.append(entry)
+            parameter_of[entry.name] = f"{module}.weight"
     if not wrapped:
         return {}
-    from spectra.checkpoints.placement import PlacementError, parameter_sources, split_sources
-
-    targets = model_targets([model_names[e.name] for e in wrapped], model)
-    shapes = {t.name: tuple(model.get_parameter(t.name).shape) for t in targets.values()}  # (E, out, in) or (out, in)
+    shapes = {p: tuple(model.get_parameter(p).shape) for p in parameter_of.values()}  # (E, out, in) or (out, in)
+    sources = parameter_sources(model, pairing.base.names(), shapes)
+    experts = [e for e in wrapped if e.info.expert is not None]
+    if experts and _peft_converts_exactly(
+            model, [model_names[e.name] for e in experts], {parameter_of[e.name] for e in experts}, sources,
+            {e.base_tensor for e in experts}):
+        wrapped = [e for e in wrapped if e.info.expert is None]  # PEFT maps the experts' stored names itself
     slices = {}  # (base checkpoint tensor, its expert where it stores E of them) -> its TensorSlice
-    for parameter, sources in parameter_sources(model, pairing.base.names(), shapes).items():
+    for parameter in {parameter_of[e.name] for e in wrapped}:
         try:
-            found = split_sources(pairing.base, parameter, shapes[parameter], sources, pairing.config, label="base")
+            found = split_sources(pairing.base, parameter, shapes[parameter], sources.get(parameter, []),
+                                  pairing.config, label="base")
         except PlacementError as err:
             raise ConfigError(f"{err}; extract cannot write a LoRA on it. Leave its modules' roles out (--roles).") \
                 from None
@@ -520,9 +542,15 @@ class _OnParameter(NamedTuple):
     held_in_out: bool  # x @ W[e]: the checkpoint stores the expert (in, out) and loading keeps it so
 
 
-def _peft_converts(model, names: list[str]) -> bool:
-    """Whether PEFT, loading an adapter onto `model`, maps LoRAs on these checkpoint modules (per-expert)
-    onto the parameters that hold them: the conversion it runs on every adapter config first (transformers ≥ 5)."""
+def _peft_converts_exactly(model, names: list[str], parameters: set[str], sources: dict, selected: set[str]) -> bool:
+    """Whether PEFT, loading an adapter onto `model`, maps LoRAs on these per-expert checkpoint modules onto exactly
+    the fused `parameters` that hold them (the conversion it runs on every adapter config first, transformers ≥ 5),
+    and the adapter holds every tensor that loads into them (`sources`: parameter → its checkpoint tensors;
+    `selected`: the base tensors extracted).
+
+    PEFT's conversion names the fused parameter bare (``gate_up_proj``), so it adapts that projection's experts
+    in every layer and stack; it refuses gate without up; and it builds each fused LoRA from all experts' keys.
+    Where any of that would differ from the adapter, extract writes the experts onto the parameters itself."""
     try:
         from peft import LoraConfig
         from peft.utils.transformers_weight_conversion import convert_peft_config_for_transformers
@@ -531,9 +559,13 @@ def _peft_converts(model, names: list[str]) -> bool:
     config = LoraConfig(target_modules=list(names))
     try:
         convert_peft_config_for_transformers(config, model=model, conversions=None)
-    except ValueError:  # it converts them, but refuses a part of a fused pair (w1 without w3): PEFT says so on loading
-        return True
-    return bool(config.target_parameters)
+    except ValueError:  # a part of a fused pair (w1 without w3)
+        return False
+    if config.target_modules or not config.target_parameters:  # some or all left as named: PhiMoE's
+        return False
+    wrapped = {n for n, _ in model.named_parameters()
+               if any(n == t or n.endswith("." + t) for t in config.target_parameters)}
+    return wrapped == parameters and all(s.tensor in selected for p in parameters for s in sources.get(p, []))
 
 
 def _parameter_keys(model, parameters) -> dict[str, str]:
@@ -760,7 +792,7 @@ def _peft_config(ranks: dict, use_rslora: bool, saved: list[str], pairing: Pairi
     whose ``rank_pattern`` PEFT applies.
     """
     from spectra.checkpoints.targets import peft_task_type
-    from spectra.ranks import check_peft_config, lora_config
+    from spectra.ranks import check_peft_config, check_peft_conversion, lora_config
 
     model_modules = None if model is None else {n for n, _ in model.named_modules() if n}
     fused = {n: ranks[n][:2] for n in ranks if model_modules is not None and _EXPERT_INDEX.search(n)
@@ -785,6 +817,8 @@ def _peft_config(ranks: dict, use_rslora: bool, saved: list[str], pairing: Pairi
         known = model_modules
     check_peft_config(config, known | (set(ranks) - parameters) | set(saved),
                       parameter_names=[n for n, _ in model.named_parameters()] if parameters else ())
+    if model is not None:
+        check_peft_conversion(config, model)  # what PEFT wraps after rewriting the config is what it names
     return config
 
 

@@ -243,7 +243,8 @@ class RankPlan:
             settings = {names[m.name]: (m.rank, m.alpha, m.conv1d) for m in self.modules}
         if parameters and (self.policy.use_dora or lora_dropout):
             raise ConfigError(f"PEFT adapts {sorted(parameters)[0]} (a parameter {type(model).__name__} holds no "
-                              f"module for) through target_parameters, which takes no "
+                              "module for, or the weight of a module PEFT would rewrite into a fused expert target) "
+                              f"through target_parameters, which takes no "
                               f"{'DoRA' if self.policy.use_dora else 'lora_dropout'}: plan LoRA without dropout, "
                               "or leave these modules' roles out (e.g. --roles q,k,v,o).")
         config = lora_config(settings, alpha_for=self.policy.alpha_for, use_rslora=self.policy.rslora,
@@ -252,6 +253,7 @@ class RankPlan:
         if model is not None:
             check_peft_config(config, [n for n, _ in model.named_modules() if n],
                               parameter_names=[n for n, _ in model.named_parameters()])
+            check_peft_conversion(config, model)
         elif module_names is not None:
             check_peft_config(config, module_names)
         return config, notes
@@ -259,6 +261,7 @@ class RankPlan:
     def _model_settings(self, model) -> tuple[dict, set, list]:
         """Target → (rank, alpha, conv1d) on ``model``, the targets that are parameters, and notes."""
         from spectra.checkpoints.architectures import module_info
+        from spectra.checkpoints.targets import peft_rewritten_modules
 
         cls = type(model).__name__
         left_out = {m.name: m.reason for m in self.left_out}
@@ -277,6 +280,15 @@ class RankPlan:
                                   "drop one from the plan.")
             else:
                 settings[target.name] = (m.rank, m.alpha, m.conv1d)
+        rewritten = peft_rewritten_modules(list(settings), model)  # PEFT would turn them into other targets
+        for module in rewritten:  # …mlp.gate_proj of a dense layer or shared expert, a tower's MLP: named by weight
+            rank, alpha, conv1d = settings.pop(module)
+            weight = model.get_submodule(module).weight
+            if conv1d or weight.dim() != 2:
+                raise ConfigError(f"{module}: PEFT rewrites this target_modules entry of {cls} into a fused expert "
+                                  "parameter, and its weight is not an (out, in) matrix it could adapt instead. Leave "
+                                  "its role out (--roles).")
+            settings[f"{module}.weight"] = (rank, alpha, False)
         notes = []
         for parameter, members in fused.items():
             per_expert = defaultdict(int)  # a fused [gate; up] slice of rank r_g + r_u holds both updates
@@ -297,7 +309,7 @@ class RankPlan:
                 notes.append(f"{parameter}: PEFT adapts all {cls} holds in this parameter, including "
                              f"{len(unplanned)} module(s) the plan leaves out (e.g. {unplanned[0]}: "
                              f"{left_out[unplanned[0]]}), at rank {rank}.")
-        return settings, set(fused), notes
+        return settings, set(fused) | {f"{m}.weight" for m in rewritten}, notes
 
 
 _EXPERT_INDEX = re.compile(r"\.experts\.\d+\.")
@@ -437,6 +449,65 @@ def check_peft_config(config: Mapping, module_names: Iterable[str], *,
         raise ConfigError("The PEFT config does not match the base model one-to-one: " + "; ".join(problems[:8])
                           + (f" (and {len(problems) - 8} more)" if len(problems) > 8 else "") + ".")
     return matched
+
+
+def check_peft_conversion(config: Mapping, model) -> None:
+    """Check that PEFT, loading a LoraConfig dict onto ``model``, adapts what it names and no more, at its scaling.
+
+    PEFT (0.21) rewrites the config of a transformers-5 MoE first (``convert_peft_config_for_transformers``:
+    :func:`~spectra.checkpoints.targets.peft_rewritten_modules`). Its conversion is run here on a copy of the
+    config, and the modules and parameters PEFT would then wrap (its matching: a name equal to an entry or ending
+    in ``"." + entry``) must be those the config means: its ``target_modules`` that are modules of the model, its
+    ``target_parameters``, and for a per-expert checkpoint name (``…experts.3.w1``, which PEFT maps) the fused
+    parameter that holds it. With ``use_rslora`` PEFT's fusion of two projections into ``gate_up_proj`` is
+    refused as well: it doubles ``r`` and ``lora_alpha``, which keeps α/r but makes rsLoRA's α/√r √2 larger.
+
+    Raises
+    ------
+    ConfigError
+        Naming what PEFT would leave out or adapt instead.
+    """
+    try:
+        from peft import LoraConfig
+        from peft.utils.transformers_weight_conversion import convert_peft_config_for_transformers
+    except ImportError:  # a PEFT without it converts nothing
+        return
+    from spectra.checkpoints.targets import model_targets
+
+    cls = type(model).__name__
+    modules = [n for n, _ in model.named_modules() if n]
+    parameters = [n for n, _ in model.named_parameters()]
+
+    def matching(entries, names) -> set[str]:
+        entries = list(entries or ())
+        return {n for n in names if any(n == t or n.endswith("." + t) for t in entries)}
+
+    if isinstance(config.get("target_modules"), str):  # a regex: PEFT resolves it itself (spectra writes lists)
+        return
+    targets = list(config.get("target_modules") or [])
+    meant_modules = matching(targets, modules)
+    mapped = [t for t in targets if not matching([t], modules)]  # per-expert checkpoint names, which PEFT maps
+    meant_parameters = matching(config.get("target_parameters"), parameters) | {
+        target.name for target in model_targets(mapped, model).values() if target is not None and target.parameter}
+    converted = LoraConfig(target_modules=targets, target_parameters=list(config.get("target_parameters") or []),
+                           r=config.get("r", 8), lora_alpha=config.get("lora_alpha", 8))
+    try:
+        convert_peft_config_for_transformers(converted, model=model, conversions=None)
+    except ValueError as err:
+        raise ConfigError(f"PEFT refuses this config on {cls}: {err}") from None
+    wrapped_modules = matching(converted.target_modules, modules)
+    wrapped_parameters = matching(converted.target_parameters, parameters)
+    lost = sorted((meant_modules - wrapped_modules) | (meant_parameters - wrapped_parameters))
+    extra = sorted((wrapped_modules - meant_modules) | (wrapped_parameters - meant_parameters))
+    if lost or extra:
+        raise ConfigError(f"PEFT rewrites this config's targets for {cls} when it loads it "
+                          "(peft.utils.transformers_weight_conversion), so it would "
+                          + "; ".join(([f"not adapt {', '.join(lost[:4])}" + (" …" if len(lost) > 4 else "")]
+                                       if lost else [])
+                                      + ([f"adapt {', '.join(extra[:4])}" + (" …" if len(extra) > 4 else "")
+                                          + " instead"] if extra else []))
+                          + ". Name such modules by their weight in target_parameters (…mlp.gate_proj.weight), "
+                          "which PEFT does not rewrite.")
 
 
 def save_plan(plan: RankPlan, path: str | os.PathLike, *, model_config: Mapping | None = None) -> Path:

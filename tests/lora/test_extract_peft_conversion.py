@@ -1,0 +1,178 @@
+"""Extraction onto MoE models whose adapter config PEFT rewrites when it loads it.
+
+PEFT 0.21 runs ``convert_peft_config_for_transformers`` in ``PeftModel.from_pretrained``: for a model of the
+``qwen2_moe`` or ``mixtral`` conversion family it turns every ``target_modules`` entry ending in ``.gate_proj``,
+``.up_proj`` or ``.down_proj`` into a fused expert parameter, so a dense layer's MLP and a shared expert lost their
+LoRA (merged: 0). PEFT's own load
+and merge is the referee; the reference update of every projection (each expert's gate, up and down apart) is its
+best rank-r approximation by a float64 numpy SVD.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from spectra.lora.extract import extract_adapter
+from tests.models import save
+
+RANK, PLANTED = 2, 3
+_MLP = re.compile(r"\.(mlp|shared_experts?)\.(gate_proj|up_proj|down_proj)\.weight$")
+
+
+def _tiny(family: str):
+    import transformers as tf
+
+    torch.manual_seed(0)
+    common = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, vocab_size=64)
+    if family == "qwen3_moe":  # layer 0 dense (mlp_only_layers)
+        config = tf.Qwen3MoeConfig(intermediate_size=40, moe_intermediate_size=16, num_key_value_heads=2, head_dim=8,
+                                   num_experts=3, num_experts_per_tok=2, mlp_only_layers=[0], **common)
+        return tf.Qwen3MoeForCausalLM(config).eval()
+    if family == "deepseek_v3":  # layer 0 dense (first_k_dense_replace), layer 1 routed experts and a shared one
+        config = tf.DeepseekV3Config(intermediate_size=40, moe_intermediate_size=16, num_key_value_heads=4,
+                                     n_routed_experts=3, num_experts_per_tok=2, n_shared_experts=1,
+                                     first_k_dense_replace=1, n_group=1, topk_group=1, q_lora_rank=16,
+                                     kv_lora_rank=8, qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8, **common)
+        return tf.DeepseekV3ForCausalLM(config).eval()
+    config = tf.MixtralConfig(intermediate_size=24, num_local_experts=3, num_experts_per_tok=2, num_key_value_heads=2,
+                              head_dim=8, **common)
+    return tf.MixtralForCausalLM(config).eval()
+
+
+def _matrices(model) -> dict[tuple[str, int | None, int], torch.Tensor]:
+    """(parameter, expert, half) → the (out, in) matrix LoRA adapts: a dense or shared MLP projection whole, each
+    expert's gate and up (halves 0 and 1 of gate_up_proj) and down apart. Views: planting in them moves the model."""
+    out = {}
+    for name, p in model.named_parameters():
+        if _MLP.search(name):
+            out[(name, None, 0)] = p.data
+        elif p.dim() == 3 and name.endswith("gate_up_proj"):
+            half = p.shape[1] // 2
+            for e in range(p.shape[0]):
+                out[(name, e, 0)], out[(name, e, 1)] = p.data[e, :half], p.data[e, half:]
+        elif p.dim() == 3 and name.endswith("down_proj"):
+            for e in range(p.shape[0]):
+                out[(name, e, 0)] = p.data[e]
+    return out
+
+
+def _best(delta: np.ndarray, rank: int) -> np.ndarray:
+    u, s, vt = np.linalg.svd(delta, full_matrices=False)
+    return (u[:, :rank] * s[:rank]) @ vt[:rank]
+
+
+def _merged(base, adapter_dir):
+    from peft import PeftModel
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PEFT's notes on the rank_pattern keys of the experts it converts
+        peft_model = PeftModel.from_pretrained(copy.deepcopy(base), str(adapter_dir))
+    return peft_model
+
+
+@pytest.mark.parametrize("rslora", [False])
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3", "mixtral"])
+def test_every_projection_merges_to_its_best_rank_r_update(family, rslora, tmp_path):
+    base = _tiny(family)
+    tuned = copy.deepcopy(base)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for matrix in _matrices(tuned).values():  # a rank-3 update of every projection, truncated to rank 2
+            matrix += 0.05 * torch.randn(matrix.shape[0], PLANTED, generator=g) @ torch.randn(PLANTED, matrix.shape[1],
+                                                                                          generator=g)
+    b, t = save(base, tmp_path / "b", "safetensors"), save(tuned, tmp_path / "t", "safetensors")
+
+    roles = ("gate", "up", "down")
+    result = extract_adapter(b, t, RANK, tmp_path / "ad", roles=roles, rslora=rslora, progress=False)
+
+    peft_model = _merged(base, tmp_path / "ad")
+    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        unmerged = peft_model(ids).logits
+        merged = peft_model.merge_and_unload()
+        reference = copy.deepcopy(base)
+        got, want, ref = _matrices(merged), _matrices(tuned), _matrices(reference)
+        for key, matrix in _matrices(base).items():
+            delta = (want[key] - matrix).double().numpy()
+            best = _best(delta, RANK)
+            error = np.linalg.norm((got[key] - matrix).double().numpy() - best) / np.linalg.norm(best)
+            assert error < 1e-4, (key, error)
+            assert np.linalg.norm(delta - best) > 0.05 * np.linalg.norm(delta)  # rank 2 < 3: truncated
+            ref[key] += torch.from_numpy(best).float()
+        torch.testing.assert_close(merged(ids).logits, reference(ids).logits, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(unmerged, reference(ids).logits, rtol=1e-4, atol=1e-5)  # PEFT's forward, unmerged
+        assert float((reference(ids).logits - base(ids).logits).abs().max()) > 1e-3  # negative control: it moved
+    dense = sorted(n for n, _ in base.named_parameters() if _MLP.search(n))
+    assert (family == "mixtral") == (not dense)
+    assert set(dense) <= set(result.config.get("target_parameters") or [])  # named by weight: PEFT keeps them
+    assert any(".experts.0." in n for n in result.config["target_modules"])  # experts: PEFT converts them exactly
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3"])
+def test_dense_mlps_named_as_modules_are_lost_to_peft(family, tmp_path):
+    """Negative control: the same adapter with the dense/shared MLPs named as modules (what extract wrote before;
+    the tensors' keys are the same) loads silently, and PEFT merges nothing into them."""
+    base = _tiny(family)
+    tuned = copy.deepcopy(base)
+    with torch.no_grad():
+        for name, p in tuned.named_parameters():
+            if _MLP.search(name):
+                p += 0.05 * torch.randn(p.shape[0], 1) @ torch.randn(1, p.shape[1])
+    b, t = save(base, tmp_path / "b", "safetensors"), save(tuned, tmp_path / "t", "safetensors")
+    result = extract_adapter(b, t, 1, tmp_path / "ad", roles=("gate", "up", "down"), progress=False)
+    dense = sorted(n for n, _ in base.named_parameters() if _MLP.search(n))
+    fine = _merged(base, tmp_path / "ad").merge_and_unload()
+    config = dict(result.config)
+    config["target_modules"] = sorted(config["target_modules"] + [n.removesuffix(".weight") for n in dense])
+    config["target_parameters"] = sorted(set(config["target_parameters"]) - set(dense)) or None
+    (tmp_path / "ad" / "adapter_config.json").write_text(json.dumps(config))
+    lost = _merged(base, tmp_path / "ad").merge_and_unload()
+    for name in dense:
+        moved = dict(tuned.named_parameters())[name] - dict(base.named_parameters())[name]
+        torch.testing.assert_close(dict(fine.named_parameters())[name] - dict(base.named_parameters())[name], moved,
+                                   rtol=1e-4, atol=1e-5)
+        assert torch.equal(dict(lost.named_parameters())[name], dict(base.named_parameters())[name])
+
+
+def test_a_vision_stack_of_glm4v_moe_is_adapted_and_nothing_else(tmp_path):
+    """GLM-4.5V's vision tower MLP is gate_proj/up_proj/down_proj: as target_modules PEFT turned it into the language
+    model's fused experts. Extracted with stacks=("vision",), PEFT wraps the tower's projections alone and merges
+    the fine-tune's (rank-1) update into them; the language model's dense, shared and routed MLPs, moved too, stay."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    text = dict(hidden_size=32, intermediate_size=40, moe_intermediate_size=16, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, n_routed_experts=4, num_experts_per_tok=2,
+                first_k_dense_replace=1, n_shared_experts=1, vocab_size=64, head_dim=8)
+    vision = dict(depth=1, hidden_size=32, intermediate_size=16, num_heads=4, out_hidden_size=32)
+    base = tf.Glm4vMoeForConditionalGeneration(tf.Glm4vMoeConfig(text_config=text, vision_config=vision)).eval()
+    tuned = copy.deepcopy(base)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in tuned.named_parameters():
+            if name.endswith(("gate_proj.weight", "up_proj.weight", "down_proj.weight", "experts.gate_up_proj")):
+                p += 0.05 * torch.randn(*p.shape[:-1], 1, generator=g) @ torch.randn(1, p.shape[-1], generator=g)
+    b, t = save(base, tmp_path / "b", "safetensors"), save(tuned, tmp_path / "t", "safetensors")
+
+    extract_adapter(b, t, 1, tmp_path / "ad", roles=("gate", "up", "down"), stacks=("vision",), progress=False)
+
+    from peft.tuners.lora import LoraLayer
+
+    peft_model = _merged(base, tmp_path / "ad")
+    tower = {f"model.visual.blocks.0.mlp.{p}" for p in ("gate_proj", "up_proj", "down_proj")}
+    assert {n.removeprefix("base_model.model.") for n, m in peft_model.named_modules()
+            if isinstance(m, LoraLayer) and not n.endswith("base_layer")} == tower
+    merged = dict(peft_model.merge_and_unload().named_parameters())
+    for name, p in base.named_parameters():
+        if name.removesuffix(".weight") in tower:  # rank-1 update, rank-1 LoRA: exact
+            torch.testing.assert_close(merged[name], dict(tuned.named_parameters())[name], rtol=1e-5, atol=1e-6)
+            assert not torch.equal(merged[name], p)
+        else:
+            assert torch.equal(merged[name], p), name
