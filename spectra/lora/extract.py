@@ -174,7 +174,8 @@ def extract_adapter(base, tuned, plan_or_rank, out_dir: str | os.PathLike, *, ro
     saved_modules = sorted({n.rsplit(".", 1)[0] for n in save_names})
     model_class, model = _adapter_model(pairing, model_class, selected, saved_modules)  # None: no config.json
     model_names = _model_names(selected, model, model_class, targets)  # checkpoint module name -> the model's
-    on_parameters = _unconverted_parameters(selected, model_names, pairing, model)  # entry name -> its slice
+    on_parameters = _unconverted_parameters(selected, model_names, pairing, model,  # entry name -> its slice
+                                           use_rslora=use_rslora)
     saved_names = _saved_names(saved_modules, model, model_class)
     embeddings = _embedding_entries(selected, model_names, model)
     kernels = _conv_kernels(selected, model_names, pairing, model)
@@ -462,7 +463,8 @@ def _model_names(entries, model, model_class: str | None, targets: dict | None =
     return names
 
 
-def _unconverted_parameters(entries, model_names: dict[str, str], pairing: Pairing, model) -> dict:
+def _unconverted_parameters(entries, model_names: dict[str, str], pairing: Pairing, model, *,
+                            use_rslora: bool = False) -> dict:
     """Entry name → its :class:`~spectra.checkpoints.placement.ParameterSlice`, for the weights whose LoRA extract
     writes onto the parameter that holds them (``target_parameters``), because PEFT would not adapt them as named.
 
@@ -476,7 +478,8 @@ def _unconverted_parameters(entries, model_names: dict[str, str], pairing: Pairi
       MixtralTopKRouter) too, although PEFT 0.21 converts its stored name: into the bare ``target_parameters``
       entry ``gate.weight``, every layer's router at the config's global ``r`` and ``lora_alpha``.
     - Experts PEFT does convert, unless its conversion adapts exactly them (:func:`_peft_converts_exactly`: all
-      experts of each fused parameter, both halves of gate_up_proj, no other layer's or stack's experts).
+      experts of each fused parameter, both halves of gate_up_proj, no other layer's or stack's experts) and
+      without rsLoRA: PEFT fuses gate and up at 2r and 2α, which keeps α/r but makes rsLoRA's α/√r √2 too large.
     - A module PEFT would rewrite (:func:`~spectra.checkpoints.targets.peft_rewritten_modules`): for the
       ``qwen2_moe`` and ``mixtral`` conversion families PEFT turns every ``target_modules`` entry ending in
       ``.gate_proj``/``.up_proj``/``.down_proj`` into a fused expert parameter, so a dense layer's MLP
@@ -510,7 +513,7 @@ def _unconverted_parameters(entries, model_names: dict[str, str], pairing: Pairi
     shapes = {p: tuple(model.get_parameter(p).shape) for p in parameter_of.values()}  # (E, out, in) or (out, in)
     sources = parameter_sources(model, pairing.base.names(), shapes)
     experts = [e for e in wrapped if e.info.expert is not None]
-    if experts and _peft_converts_exactly(
+    if experts and not use_rslora and _peft_converts_exactly(
             model, [model_names[e.name] for e in experts], {parameter_of[e.name] for e in experts}, sources,
             {e.base_tensor for e in experts}):
         wrapped = [e for e in wrapped if e.info.expert is None]  # PEFT maps the experts' stored names itself

@@ -465,7 +465,7 @@ def check_peft_conversion(config: Mapping, model) -> None:
     Raises
     ------
     ConfigError
-        Naming what PEFT would leave out or adapt instead.
+        Naming what PEFT would leave out or adapt instead, or the rsLoRA fusion.
     """
     try:
         from peft import LoraConfig
@@ -508,6 +508,11 @@ def check_peft_conversion(config: Mapping, model) -> None:
                                           + " instead"] if extra else []))
                           + ". Name such modules by their weight in target_parameters (…mlp.gate_proj.weight), "
                           "which PEFT does not rewrite.")
+    fused = [k for k in (converted.rank_pattern or {}) if k not in (config.get("rank_pattern") or {})]
+    if config.get("use_rslora") and fused:
+        raise ConfigError(f"use_rslora: PEFT fuses this config's per-expert targets into {fused[0]} at twice r and "
+                          "lora_alpha, which keeps α/r but makes rsLoRA's α/√r √2 too large. Name the fused "
+                          "parameters in target_parameters instead, or train without rsLoRA.")
 
 
 def save_plan(plan: RankPlan, path: str | os.PathLike, *, model_config: Mapping | None = None) -> Path:

@@ -83,7 +83,8 @@ def test_dense_mlps_and_experts_are_adapted_at_the_planned_scale(qwen3_moe_analy
 
 
 def test_configs_peft_would_rewrite_are_refused(qwen3_moe_analysis):
-    """Negative control: the dense MLP named as modules (the old peft_config)."""
+    """Negative controls: the dense MLP named as modules (the old peft_config), and per-expert names under rsLoRA
+    (PEFT fuses gate and up at 2r, 2α: rsLoRA's α/√r √2 too large)."""
     base, result, _ = qwen3_moe_analysis
     with torch.device("meta"):
         model = type(base)(base.config)
@@ -99,5 +100,7 @@ def test_configs_peft_would_rewrite_are_refused(qwen3_moe_analysis):
     experts = [f"model.layers.1.mlp.experts.{e}.{p}" for e in range(3) for p in ("gate_proj", "up_proj", "down_proj")]
     per_expert = {"target_modules": experts, "r": 2, "lora_alpha": 4, "use_rslora": False}
     check_peft_conversion(per_expert, model)  # PEFT converts them to exactly those experts' parameters
+    with pytest.raises(ConfigError, match="rsLoRA"):
+        check_peft_conversion(per_expert | {"use_rslora": True}, model)
     with pytest.raises(ConfigError, match="PEFT refuses"):  # gate without up: PEFT's own refusal, named
         check_peft_conversion({"target_modules": [e for e in experts if "gate" in e], "r": 2}, model)
