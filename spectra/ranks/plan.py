@@ -474,29 +474,40 @@ def check_peft_conversion(config: Mapping, model) -> None:
         return
     from spectra.checkpoints.targets import model_targets
 
+    if isinstance(config.get("target_modules"), str):  # a regex: PEFT resolves it itself (spectra writes lists)
+        return
     cls = type(model).__name__
     modules = [n for n, _ in model.named_modules() if n]
     parameters = [n for n, _ in model.named_parameters()]
 
-    def matching(entries, names) -> set[str]:
-        entries = list(entries or ())
-        return {n for n in names if any(n == t or n.endswith("." + t) for t in entries)}
+    def by_suffix(names: list[str]) -> dict[str, set[str]]:  # every dot-suffix of a name → the names ending so
+        index: dict[str, set[str]] = {}
+        for name in names:
+            parts = name.split(".")
+            for i in range(len(parts)):
+                index.setdefault(".".join(parts[i:]), set()).add(name)
+        return index
 
-    if isinstance(config.get("target_modules"), str):  # a regex: PEFT resolves it itself (spectra writes lists)
-        return
+    module_index, parameter_index = by_suffix(modules), by_suffix(parameters)
+
+    def matching(entries, index) -> set[str]:  # PEFT's match: a name equal to an entry or ending in "." + entry
+        return set().union(*(index.get(t, ()) for t in entries or ()))
+
     targets = list(config.get("target_modules") or [])
-    meant_modules = matching(targets, modules)
-    mapped = [t for t in targets if not matching([t], modules)]  # per-expert checkpoint names, which PEFT maps
-    meant_parameters = matching(config.get("target_parameters"), parameters) | {
-        target.name for target in model_targets(mapped, model).values() if target is not None and target.parameter}
+    meant_modules = matching(targets, module_index)
+    mapped = [t for t in targets if t not in module_index]  # per-expert checkpoint names, which PEFT maps
+    one_expert = {_EXPERT_INDEX.sub(".experts.0.", t): t for t in mapped}  # all experts of a projection: one place
+    meant_parameters = matching(config.get("target_parameters"), parameter_index) | {
+        target.name for target in model_targets(list(one_expert.values()), model).values()
+        if target is not None and target.parameter}
     converted = LoraConfig(target_modules=targets, target_parameters=list(config.get("target_parameters") or []),
                            r=config.get("r", 8), lora_alpha=config.get("lora_alpha", 8))
     try:
         convert_peft_config_for_transformers(converted, model=model, conversions=None)
     except ValueError as err:
         raise ConfigError(f"PEFT refuses this config on {cls}: {err}") from None
-    wrapped_modules = matching(converted.target_modules, modules)
-    wrapped_parameters = matching(converted.target_parameters, parameters)
+    wrapped_modules = matching(converted.target_modules, module_index)
+    wrapped_parameters = matching(converted.target_parameters, parameter_index)
     lost = sorted((meant_modules - wrapped_modules) | (meant_parameters - wrapped_parameters))
     extra = sorted((wrapped_modules - meant_modules) | (wrapped_parameters - meant_parameters))
     if lost or extra:
