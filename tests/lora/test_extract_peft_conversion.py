@@ -177,3 +177,27 @@ def test_a_vision_stack_of_glm4v_moe_is_adapted_and_nothing_else(tmp_path):
             assert not torch.equal(merged[name], p)
         else:
             assert torch.equal(merged[name], p), name
+
+
+def test_gate_experts_alone_go_onto_their_rows_of_gate_up_proj(tmp_path):
+    """--roles gate on Qwen3-MoE: PEFT refuses per-expert gate_proj without up_proj ("Cannot convert … without also
+    targeting up_proj"), which is how extract wrote them. Written onto the gate rows of gate_up_proj instead: at
+    full rank PEFT's merge gives each expert's tuned gate rows, and the up rows stay the base's."""
+    base = _tiny("qwen3_moe")
+    tuned = copy.deepcopy(base)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in tuned.parameters():
+            p += 1e-2 * torch.randn(p.shape, generator=g)
+    b, t = save(base, tmp_path / "b", "safetensors"), save(tuned, tmp_path / "t", "safetensors")
+    result = extract_adapter(b, t, "full", tmp_path / "ad", roles=("gate",), progress=False)
+    fused = "model.layers.1.mlp.experts.gate_up_proj"
+    assert sorted(result.config["target_parameters"]) == ["model.layers.0.mlp.gate_proj.weight", fused]
+    merged = dict(_merged(base, tmp_path / "ad").merge_and_unload().named_parameters())
+    before, after = dict(base.named_parameters()), dict(tuned.named_parameters())
+    half = before[fused].shape[1] // 2
+    with torch.no_grad():
+        torch.testing.assert_close(merged[fused][:, :half], after[fused][:, :half], rtol=1e-5, atol=1e-6)
+        assert torch.equal(merged[fused][:, half:], before[fused][:, half:])
+        dense = "model.layers.0.mlp.gate_proj.weight"
+        torch.testing.assert_close(merged[dense], after[dense], rtol=1e-5, atol=1e-6)
