@@ -34,6 +34,21 @@ def _expert_parameters(model) -> dict[str, torch.Tensor]:
     return {n: p for n, p in model.named_parameters() if ".experts." in f".{n}" and p.dim() == 3}
 
 
+def _planted(model, rank: int, *, seed: int, attention: bool = False):
+    """A copy of `model` with a rank-`rank` update of every expert (in its (E, in, out) layout) and, with
+    `attention`, a rank-2 update of every attention projection."""
+    tuned = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in tuned.named_parameters():
+            if p.dim() == 3 and ".experts." in f".{name}":
+                p += 0.05 * torch.randn(p.shape[0], p.shape[1], rank, generator=g) @ torch.randn(
+                    p.shape[0], rank, p.shape[2], generator=g)
+            elif attention and p.dim() == 2 and "self_attn" in name:
+                p += 0.05 * torch.randn(p.shape[0], 2, generator=g) @ torch.randn(2, p.shape[1], generator=g)
+    return tuned
+
+
 def _best(delta: np.ndarray, rank: int) -> np.ndarray:
     u, s, vt = np.linalg.svd(delta, full_matrices=False)
     return (u[:, :rank] * s[:rank]) @ vt[:rank]
@@ -44,12 +59,7 @@ def test_experts_held_in_by_out_merge_to_each_experts_best_rank_r_update(family,
     from peft import PeftModel
 
     base = _tiny(family)
-    tuned = copy.deepcopy(base)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in _expert_parameters(tuned).values():  # (E, in, out): a rank-6 update of every expert
-            E, d_in, d_out = p.shape
-            p += 0.05 * torch.randn(E, d_in, PLANTED, generator=g) @ torch.randn(E, PLANTED, d_out, generator=g)
+    tuned = _planted(base, PLANTED, seed=1)  # (E, in, out): a rank-6 update of every expert
     b, t = save(base, tmp_path / "b", "safetensors"), save(tuned, tmp_path / "t", "safetensors")
 
     result = extract_adapter(b, t, RANK, tmp_path / "ad", roles=("gate_up", "down"), progress=False)
@@ -84,15 +94,7 @@ def test_default_roles_extract_attention_and_experts_together(family, tmp_path):
     from peft import PeftModel
 
     base = _tiny(family)
-    tuned = copy.deepcopy(base)
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for name, p in tuned.named_parameters():
-            if p.dim() == 3 and ".experts." in f".{name}":
-                p += 0.05 * torch.randn(p.shape[0], p.shape[1], 2, generator=g) @ torch.randn(p.shape[0], 2, p.shape[2],
-                                                                                         generator=g)
-            elif p.dim() == 2 and "self_attn" in name:
-                p += 0.05 * torch.randn(p.shape[0], 2, generator=g) @ torch.randn(2, p.shape[1], generator=g)
+    tuned = _planted(base, 2, seed=3, attention=True)
     b, t = save(base, tmp_path / "b", "safetensors"), save(tuned, tmp_path / "t", "safetensors")
     result = extract_adapter(b, t, 2, tmp_path / "ad", progress=False)  # every planted update is rank 2: exact
     assert result.config["target_parameters"] and result.config["target_modules"]
