@@ -474,6 +474,22 @@ def target_modules(model, roles: tuple[str, ...] | None = None, *, stacks: tuple
                    notes: list[str] | None = None) -> list[str]:
     """Full names of the Linear/Conv1D modules of ``roles`` (default: every block linear) in ``stacks``.
 
+    The modules of :func:`role_targets`; an MoE's fused expert parameters of those roles are its second list.
+    """
+    return role_targets(model, roles, stacks=stacks, notes=notes)[0]
+
+
+def role_targets(model, roles: tuple[str, ...] | None = None, *, stacks: tuple[str, ...] | None = None,
+                 notes: list[str] | None = None) -> tuple[list[str], list[str]]:
+    """(Linear/Conv1D module names, fused expert parameter names) of ``roles`` (default: every block linear) in
+    ``stacks``.
+
+    An MoE of transformers 5 holds its routed experts as 3-D parameters of a module no LoRA can wrap (Mixtral's,
+    Qwen3-MoE's, DeepSeek-V3's ``mlp.experts.gate_up_proj`` (experts, 2·ffn, hidden) and ``down_proj``): PEFT
+    adapts them through ``target_parameters``, so they are the second list. ``gate_up_proj`` holds gate and up
+    together, so either role takes it whole (as ``--roles q`` takes GPT-2's fused ``c_attn``). A router (role
+    ``other``) is no block role: never taken.
+
     ``stacks`` None: the stacks text runs through (:data:`TEXT_STACKS`). A multimodal
     model's others (a vision or audio tower, the projector into the language model; see
     :data:`~spectra.checkpoints.architectures.STACKS`) are then left out: spectra's batches
@@ -484,15 +500,25 @@ def target_modules(model, roles: tuple[str, ...] | None = None, *, stacks: tuple
     from transformers.pytorch_utils import Conv1D
 
     from spectra.checkpoints.architectures import missing_stacks, module_info, role_selected, stack_selected
+    from spectra.checkpoints.targets import lora_can_wrap
 
     asked = f"role(s) {', '.join(roles)}" if roles else "every block role"
     roles = roles or BLOCK_ROLES
     model_config = model.config.to_dict()  # an encoder-decoder's encoder is a stack of its own
-    infos = {name: module_info(name, model_config) for name, module in model.named_modules()
+    modules = dict(model.named_modules())
+    infos = {name: module_info(name, model_config) for name, module in modules.items()
              if isinstance(module, (torch.nn.Linear, Conv1D))}
+    experts = {name: module_info(name, model_config) for name, p in model.named_parameters()
+               if p.dim() == 3 and not lora_can_wrap(modules[name.rpartition(".")[0]])}  # (experts, ·, ·)
+    infos |= experts
     stack_of = {name: info.stack for name, info in infos.items() if role_selected(info.role, roles, name)}
     if not stack_of:
-        raise ConfigError(f"the model has no Linear/Conv1D module of role(s) {', '.join(roles)} to adapt.")
+        raise ConfigError(f"the model has no Linear/Conv1D module or expert parameter of role(s) {', '.join(roles)} "
+                          "to adapt.")
+
+    def split(names) -> tuple[list[str], list[str]]:
+        return [n for n in names if n not in experts], [n for n in names if n in experts]
+
     if stacks is not None:
         lacking = missing_stacks(stacks, set(stack_of.values()), option="stacks (--stacks)")  # none held: refused
         if lacking and notes is not None:
@@ -503,18 +529,19 @@ def target_modules(model, roles: tuple[str, ...] | None = None, *, stacks: tuple
         if unreached and notes is not None:
             notes.append(f"stacks {','.join(stacks)}: the adapters of the {', '.join(unreached)} stack(s) get no "
                          "gradient from text-only batches (text never reaches them), so they stay at zero")
-        return names
+        return split(names)
     towers = {name: stack for name, stack in stack_of.items() if stack not in TEXT_STACKS}  # a vision tower's, …
     if len(towers) == len(stack_of):
         raise ConfigError(f"the model has no Linear/Conv1D module of role(s) {', '.join(roles)} that text reaches "
                           f"(only {len(towers)} in its {', '.join(sorted(set(towers.values())))} stack); "
                           "name the stack to adapt it anyway (stacks, --stacks).")
     if towers and notes is not None:
-        notes.append(f"LoRA targets the {len(stack_of) - len(towers)} module(s) of {asked} that text runs through; "
+        kept = [name for name in stack_of if name not in towers and name not in experts]  # experts: a note of their own
+        notes.append(f"LoRA targets the {len(kept)} module(s) of {asked} that text runs through; "
                      f"the {len(towers)} of the {', '.join(sorted(set(towers.values())))} stack(s) (e.g. "
                      f"{next(iter(towers))}) are left out: text-only batches never reach them, so they would get no "
                      "gradient (--stacks names a stack to adapt it anyway)")
-    return [name for name in stack_of if name not in towers]
+    return split([name for name in stack_of if name not in towers])
 
 
 def head_modules(model) -> list[str]:
@@ -551,20 +578,121 @@ def lora_config(model, config: TrainConfig, *, task: str, notes: list[str] | Non
                           f"(recommend {'--dora' if plan.policy.use_dora else 'without --dora'}); training method "
                           f"{config.method} as asked", stacklevel=3)
     else:
-        targets = (list(config.target_modules) if config.target_modules
-                   else target_modules(model, config.roles, stacks=config.stacks, notes=notes))
-        missing = sorted(set(targets) - {name for name, _ in model.named_modules()})
-        if missing:
-            raise ConfigError(f"target_modules {missing[:5]} are not modules of the model; use names as "
-                              "model.named_modules() lists them, e.g. model.layers.0.self_attn.q_proj.")
+        from spectra.ranks import check_peft_conversion
+
+        targets, parameters = peft_targets(model, config, notes=notes)
         rank = config.lora_rank
         scale_2 = 2.0 * rank_scale(rank, config.rslora)
         fields = {"r": rank, "lora_alpha": config.alpha if config.alpha is not None else scale_2,
                   "target_modules": targets, "use_rslora": config.rslora, "lora_dropout": config.lora_dropout,
                   "fan_in_fan_out": _has_conv1d(model, targets)}
+        if parameters:
+            fields["target_parameters"] = parameters
+        check_peft_conversion(fields, model)  # PEFT wraps exactly these, or the run is refused
     return LoraConfig(**fields, use_dora=config.method in ("dora", "qdora"), bias="none",
                       task_type=PEFT_TASKS[task],
                       modules_to_save=head_modules(model) if task == "seq_cls" else None)
+
+
+def peft_targets(model, config: TrainConfig, *, notes: list[str] | None = None) -> tuple[list[str], list[str]]:
+    """(``target_modules``, ``target_parameters``) that make PEFT adapt exactly what ``config`` targets (no plan).
+
+    The targets are ``config.target_modules``, else the modules and fused expert parameters of its roles and stacks
+    (:func:`role_targets`). PEFT 0.21 rewrites a ``target_modules`` entry ending in ``.gate_proj``/``.up_proj``/
+    ``.down_proj``/``.gate`` of a ``qwen2_moe``- or ``mixtral``-family model (Qwen3-MoE, DeepSeek-V2/V3, GLM-4 MoE,
+    GLM-4.5V, OLMoE, Qwen3-Next, …) into the bare fused expert parameters, so a dense layer's MLP
+    (``mlp_only_layers``, ``first_k_dense_replace``) or a shared expert would get no adapter and every layer's
+    experts would get one instead (:func:`~spectra.checkpoints.targets.peft_rewritten_modules`). Those modules are
+    named by their weight in ``target_parameters`` (``…mlp.gate_proj.weight``), which PEFT does not rewrite, beside
+    the experts' fused parameters. ``notes`` says what goes through ``target_parameters``.
+
+    PEFT adapts a parameter with plain LoRA only: with DoRA, a 4-bit base (QLoRA, QDoRA) or ``lora_dropout``, such
+    targets are refused where ``roles`` or ``target_modules`` asked for them, and left out of the default roles
+    (every block linear: every one this method can adapt), which ``notes`` says; see :func:`_fit_method`.
+    """
+    cls = type(model).__name__
+    modules, weights, experts = _peft_targets(model, config, notes=notes)
+    modules, parameters = _fit_method(cls, modules, weights + experts, config, notes=notes)
+    if parameters and weights and notes is not None:
+        notes.append(f"{len(weights)} module(s) of {cls} adapted through their weights (target_parameters, e.g. "
+                     f"{weights[0]}): PEFT would rewrite their target_modules entries into the fused expert "
+                     "parameters of every MoE layer, leaving them without an adapter")
+    if parameters and experts and notes is not None:
+        layers = sorted({name.rpartition(".")[0] for name in experts})
+        notes.append(f"the routed experts of {len(layers)} MoE layer(s) ({layers[0]}, …) are adapted as fused "
+                     f"parameters ({', '.join(sorted({n.rpartition('.')[2] for n in experts}))}; target_parameters): "
+                     "PEFT's LoRA on each is rank r per expert, and gate_up_proj holds gate and up together, so "
+                     "either role adapts both")
+    return modules, parameters
+
+
+def _peft_targets(model, config: TrainConfig, *, notes: list[str] | None = None) -> tuple[list[str], list[str],
+                                                                                           list[str]]:
+    """:func:`peft_targets` whatever the method: (modules, weights of the modules PEFT would rewrite, experts)."""
+    from spectra.checkpoints.targets import peft_rewritten_modules
+
+    if config.target_modules:
+        targets, experts = list(config.target_modules), []
+        missing = sorted(set(targets) - {name for name, _ in model.named_modules()})
+        if missing:
+            raise ConfigError(f"target_modules {missing[:5]} are not modules of the model; use names as "
+                              "model.named_modules() lists them, e.g. model.layers.0.self_attn.q_proj.")
+    else:
+        targets, experts = role_targets(model, config.roles, stacks=config.stacks, notes=notes)
+    rewritten = peft_rewritten_modules(targets, model)
+    cls = type(model).__name__
+    for name in rewritten:
+        weight = getattr(model.get_submodule(name), "weight", None)
+        if weight is None or weight.dim() != 2 or _has_conv1d(model, [name]):
+            raise ConfigError(f"{name}: PEFT rewrites this target of {cls} into a fused expert parameter, and its "
+                              "weight is not an (out, in) matrix spectra could adapt instead. Leave its role out "
+                              "(--roles q,k,v,o).")
+    return [t for t in targets if t not in rewritten], [f"{name}.weight" for name in rewritten], experts
+
+
+def _fit_method(cls: str, modules: list[str], parameters: list[str], config: TrainConfig, *,
+                notes: list[str] | None = None) -> tuple[list[str], list[str]]:
+    """(``target_modules``, ``target_parameters``) that ``config.method`` can train.
+
+    PEFT 0.21's LoRA on a parameter (``target_parameters``) is plain LoRA on a float weight: no DoRA, no 4-bit base,
+    no dropout (``lora.ParamWrapper`` raises on DoRA and dropout; a 4-bit weight is no float matrix, and
+    bitsandbytes leaves 3-D experts unquantised anyway). Parameter targets that ``roles`` or ``target_modules``
+    asked for are then refused, naming the model, the target and the way out; the default roles (every block
+    linear) keep the modules alone, with a note naming what is left out, and are refused when nothing is left.
+    """
+    what = ("DoRA" if config.method == "dora" else "QLoRA's 4-bit base" if config.method == "qlora"
+            else "QDoRA (DoRA on a 4-bit base)" if config.method == "qdora"
+            else f"lora_dropout {config.lora_dropout}" if config.lora_dropout else None)
+    if what is None or not parameters:
+        return modules, parameters
+    if config.roles is None and config.target_modules is None and modules:
+        if notes is not None:
+            notes.append(f"{config.method}{' with lora_dropout' if config.lora_dropout else ''}: {len(parameters)} "
+                         f"target(s) of {cls} are not adapted (e.g. {parameters[0]}): PEFT adapts them only through "
+                         f"target_parameters, which takes no {what}; method lora without dropout adapts them")
+        return modules, []
+    raise ConfigError(f"{cls}: spectra adapts {parameters[0]} through PEFT's target_parameters (an MoE's fused "
+                      "expert parameter, or a module PEFT would rewrite into one), which takes no "
+                      f"{what}. Train it with method lora{' and lora_dropout 0' if config.lora_dropout else ''}, or "
+                      "leave the MLP roles out (--roles q,k,v,o).")
+
+
+def _refuse_parameter_methods_early(folder: Path, config: TrainConfig) -> None:
+    """:func:`_fit_method`'s refusal of DoRA, QLoRA or dropout on parameter targets, on the model built from its
+    config.json on the meta device: before the data and weights are loaded. Anything else it cannot tell there
+    (a class transformers cannot build so, a name of another class) waits for the loaded model."""
+    from spectra.checkpoints.targets import meta_model
+
+    if config.plan is not None or (config.method == "lora" and not config.lora_dropout):
+        return
+    model = meta_model(json.loads((folder / "config.json").read_text()))
+    if model is None:
+        return
+    try:
+        targets = _peft_targets(model, config)
+    except ConfigError:
+        return  # refused for another reason: said, with the loaded model's names, after loading
+    _fit_method(type(model).__name__, targets[0], targets[1] + targets[2], config)
 
 
 def _note_unreached_plan_modules(plan, model, notes: list[str] | None) -> None:
@@ -675,6 +803,7 @@ def train_adapter(base, data, config: TrainConfig | None = None, out_dir=None, *
         from spectra.ranks import load_plan
 
         load_plan(config.plan).check_base(open_checkpoint(base))
+    _refuse_parameter_methods_early(folder, config)
     notes: list[str] = []
     task, train, held_out, label_names, tokenizer = prepare_data(
         folder, data, task=config.task, max_length=config.max_length, eval_data=eval_data,

@@ -1,0 +1,234 @@
+"""Training role targets of MoE models whose LoRA config PEFT rewrites when it wraps the model.
+
+PEFT 0.21 runs ``convert_peft_config_for_transformers`` in ``get_peft_model`` (and ``PeftModel.from_pretrained``):
+for a model of the ``qwen2_moe`` or ``mixtral`` conversion family every ``target_modules`` entry ending in
+``.gate_proj``, ``.up_proj`` or ``.down_proj`` becomes the bare fused expert parameter, so ``spectra train`` with its
+default roles trained every layer's experts instead of a dense layer's MLP (Qwen3-MoE's ``mlp_only_layers``,
+DeepSeek-V3's ``first_k_dense_replace``) and a shared expert, and those got no adapter. The referees here are PEFT's
+own wrapping (which modules and parameters carry a LoRA), PEFT's load and merge of the saved adapter, and the loss
+of the merged model computed example by example with transformers.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import warnings
+
+import pytest
+import torch
+
+from spectra.errors import ConfigError
+from spectra.lora.train import TrainConfig, lora_config, train_adapter
+from tests.lora.conftest import random_text
+from tests.models import save
+
+pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+              pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")]
+FAMILIES = ("qwen3_moe", "deepseek_v3", "mixtral")
+FAST = dict(rank=2, lr=1e-2, max_length=16, batch_size=8, max_steps=4)
+
+
+def _tiny(family: str):
+    """Two layers each: Qwen3-MoE's layer 0 dense (mlp_only_layers), DeepSeek-V3's too (first_k_dense_replace) and
+    its layer 1 with a shared expert beside the routed ones; Mixtral's both routed."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    common = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, vocab_size=64)
+    if family == "qwen3_moe":
+        config = tf.Qwen3MoeConfig(intermediate_size=40, moe_intermediate_size=16, num_key_value_heads=2, head_dim=8,
+                                   num_experts=3, num_experts_per_tok=2, mlp_only_layers=[0], **common)
+        return tf.Qwen3MoeForCausalLM(config).eval()
+    if family == "deepseek_v3":
+        config = tf.DeepseekV3Config(intermediate_size=40, moe_intermediate_size=16, num_key_value_heads=4,
+                                     n_routed_experts=3, num_experts_per_tok=2, n_shared_experts=1,
+                                     first_k_dense_replace=1, n_group=1, topk_group=1, q_lora_rank=16,
+                                     kv_lora_rank=8, qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8, **common)
+        return tf.DeepseekV3ForCausalLM(config).eval()
+    config = tf.MixtralConfig(intermediate_size=24, num_local_experts=3, num_experts_per_tok=2, num_key_value_heads=2,
+                              head_dim=8, **common)
+    return tf.MixtralForCausalLM(config).eval()
+
+
+# What "every block linear" means on these models, written out by name rather than asked of spectra: attention's
+# q, k, v, o (DeepSeek-V3's MLA has o_proj alone of them; its low-rank q_a/q_b/kv_a/kv_b projections have no block
+# role), each dense MLP's and shared expert's gate, up and down weights, and each routed layer's fused experts.
+_ATTENTION = re.compile(r"self_attn\.[qkvo]_proj$")
+_DENSE = re.compile(r"\.mlp\.(shared_experts\.)?(gate|up|down)_proj\.weight$")
+_EXPERTS = re.compile(r"\.mlp\.experts\.(gate_up|down)_proj$")
+
+
+def _intended(model, roles=("q", "k", "v", "o", "gate", "up", "down")) -> set[str]:
+    """Module names (attention) and parameter names (dense MLP weights, fused experts) of `roles`."""
+    fused = {"gate": "gate_up", "up": "gate_up", "down": "down"}
+    attention = {n for n, _ in model.named_modules() if _ATTENTION.search(n) and n[-6] in roles}
+    dense = {n for n, _ in model.named_parameters() if (m := _DENSE.search(n)) and m.group(2) in roles}
+    experts = {n for n, _ in model.named_parameters()
+               if (m := _EXPERTS.search(n)) and m.group(1) in {fused[r] for r in roles if r in fused}}
+    return attention | dense | experts
+
+
+def _wrapped(peft_model) -> dict[str, torch.nn.Module]:
+    """What PEFT put a LoRA on, by the base model's names: a module (lora.Linear) or a parameter (ParamWrapper,
+    nested one in another when a module holds several: the experts' gate_up_proj and down_proj) → its LoRA layer."""
+    from peft.tuners.lora.layer import LoraLayer, ParamWrapper
+
+    out = {}
+    for name, module in peft_model.named_modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        name = name.removeprefix("base_model.model.").replace(".base_layer", "")
+        out[f"{name}.{module.parameter_name}" if isinstance(module, ParamWrapper) else name] = module
+    return out
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_peft_wraps_the_dense_mlps_the_shared_expert_and_every_expert(family):
+    """spectra's config, through PEFT's own get_peft_model: a LoRA on exactly the intended modules and parameters,
+    for every block role and for --roles gate / down alone. Negative control: the config spectra wrote before (every
+    block linear in target_modules) wraps no dense MLP or shared expert and no attention is lost, yet every expert
+    is wrapped: PEFT's rewrite; check_peft_conversion refuses it."""
+    from peft import LoraConfig, get_peft_model
+
+    from spectra.ranks import check_peft_conversion
+
+    model = _tiny(family)
+    for roles in (None, ("gate",), ("down",), ("k", "o")):
+        notes: list[str] = []
+        config = lora_config(model, TrainConfig(rank=2, roles=roles), task="causal_lm", notes=notes)
+        wrapped = _wrapped(get_peft_model(copy.deepcopy(model), config))
+        assert set(wrapped) == _intended(model, roles or ("q", "k", "v", "o", "gate", "up", "down")), roles
+        dense = [n for n in wrapped if _DENSE.search(n)]
+        assert any("through their weights" in n and f"{len(dense)} module(s)" in n for n in notes) == bool(dense)
+        assert any("adapted as fused parameters" in n for n in notes) == any(_EXPERTS.search(n) for n in wrapped)
+    if family == "mixtral":  # no dense MLP to lose
+        return
+    old = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"
+           and (_ATTENTION.search(n) or _DENSE.search(n + ".weight"))]
+    with warnings.catch_warnings():  # PEFT's rank_pattern for the gate_up_proj its rewrite made matches no module
+        warnings.simplefilter("ignore", RuntimeWarning)
+        wrapped = _wrapped(get_peft_model(copy.deepcopy(model), LoraConfig(r=2, target_modules=old)))
+    dense = {n for n, _ in model.named_parameters() if _DENSE.search(n)}
+    assert dense and not dense & set(wrapped)  # the dense MLP and shared expert: no LoRA
+    assert {n for n in _intended(model) if _EXPERTS.search(n)} <= set(wrapped)  # every expert: one, unasked
+    with pytest.raises(ConfigError, match=r"PEFT rewrites this config's targets .* not adapt model\.layers\.0\.mlp"):
+        check_peft_conversion({"target_modules": old}, model)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("moe_data")
+    return random_text(root / "train.txt", chars=16 * 8 * 6, seed=2), random_text(root / "eval.txt", chars=16 * 8,
+                                                                                   seed=3)
+
+
+def _loss(model, held) -> float:
+    """Mean next-token cross-entropy over every held-out token, one example at a time (no padding), by
+    transformers' own loss."""
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for ids in held.ids:
+            x = torch.tensor([ids])
+            total += float(model(input_ids=x, labels=x).loss) * (len(ids) - 1)
+            count += len(ids) - 1
+    return total / count
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_intended_adapter_trains_and_peft_merges_to_the_evaluated_loss(family, data, tmp_path):
+    """Trained a few steps: every intended target's lora_B has left 0 (as PEFT reads the saved adapter back), and
+    PEFT's merge of that adapter gives the loss spectra's evaluate reported; the dense MLP's weight and the experts
+    change in the merge (negative control: the base's loss is not the trained one)."""
+    import transformers as tf
+    from peft import PeftModel
+
+    from spectra.lora.data import prepare_data
+
+    train, held_file = data
+    base = save(_tiny(family), tmp_path / "base", "safetensors")
+    result = train_adapter(base, train, TrainConfig(**FAST), tmp_path / "ad", eval_data=held_file, progress=False)
+    saved = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
+    summary = json.loads((tmp_path / "ad" / "spectra_train.json").read_text())
+    assert any("adapted as fused parameters" in n for n in summary["notes"])
+    assert any("through their weights" in n for n in summary["notes"]) == (family != "mixtral")
+    assert not any(_DENSE.search(t + ".weight") for t in saved["target_modules"])
+
+    reference = tf.AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32).eval()
+    peft_model = PeftModel.from_pretrained(copy.deepcopy(reference), str(tmp_path / "ad")).eval()
+    wrapped = _wrapped(peft_model)
+    assert set(wrapped) == _intended(reference)
+    unmoved = [n for n, layer in wrapped.items() if not layer.lora_B["default"].weight.abs().max() > 0]
+    assert not unmoved
+    merged = peft_model.merge_and_unload()
+    _, _, held, _, _ = prepare_data(base, train, eval_data=held_file, max_length=16)
+    assert result.final_eval["loss"] == pytest.approx(_loss(merged, held), rel=1e-5)
+    assert _loss(reference, held) != pytest.approx(result.final_eval["loss"], rel=1e-4)
+    changed = {n for n, p in merged.named_parameters() if not torch.equal(p, reference.get_parameter(n))}
+    assert {n for n in _intended(reference) if not _ATTENTION.search(n)} <= changed
+
+
+METHODS = [({"method": "dora"}, "no DoRA"), ({"method": "qlora"}, "QLoRA's 4-bit"), ({"method": "qdora"}, "QDoRA"),
+           ({"lora_dropout": 0.1}, "no lora_dropout 0.1")]
+
+
+@pytest.mark.parametrize(("option", "says"), METHODS)
+def test_dora_qlora_and_dropout_on_parameter_targets_asked_for_are_refused_before_loading(option, says, data,
+                                                                                         tmp_path, monkeypatch):
+    """PEFT's LoRA on a parameter takes none of them (its ParamWrapper raises on DoRA and dropout; a 4-bit weight
+    is no float matrix). Roles that ask for such targets are refused from config.json, before the data and weights
+    are read, naming the model, the target and --roles q,k,v,o; so are target_modules naming a dense MLP, on the
+    loaded model (lora_config, as the benchmark calls it)."""
+    import spectra.lora.train as train_module
+
+    base = save(_tiny("qwen3_moe"), tmp_path / "base", "safetensors")
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("data or weights read before the refusal")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(train_module, "load_model", no_loading)
+        patch.setattr(train_module, "prepare_data", no_loading)
+        with pytest.raises(ConfigError, match=rf"Qwen3MoeForCausalLM: spectra adapts model\.layers\.0\.mlp\.gate_proj"
+                                              rf"\.weight through PEFT's target_parameters .*{says}.*--roles q,k,v,o"):
+            train_adapter(base, data[0], TrainConfig(**FAST | option, roles=("gate", "up", "down")), tmp_path / "ad",
+                          progress=False)
+    assert not (tmp_path / "ad").exists()
+    with pytest.raises(ConfigError, match=rf"Mixtral.*adapts model\.layers\.0\.mlp\.experts\.gate_up_proj .*{says}"):
+        lora_config(_tiny("mixtral"), TrainConfig(rank=2, roles=("up",), **option), task="causal_lm")
+    with pytest.raises(ConfigError, match=rf"adapts model\.layers\.0\.mlp\.down_proj\.weight .*{says}"):
+        lora_config(_tiny("qwen3_moe"), TrainConfig(rank=2, target_modules=("model.layers.0.mlp.down_proj",), **option),
+                    task="causal_lm")
+
+
+@pytest.mark.parametrize(("option", "says"), METHODS)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_default_roles_with_dora_qlora_or_dropout_leave_the_parameter_targets_out_and_say_so(option, says,
+                                                                                                  family):
+    """Every block linear, with a method that cannot adapt a parameter: the modules it can (attention), wrapped by
+    PEFT exactly, and a note naming what is left out; no MLP or expert gets an adapter."""
+    from peft import get_peft_model
+
+    model = _tiny(family)
+    notes: list[str] = []
+    config = lora_config(model, TrainConfig(rank=2, **option), task="causal_lm", notes=notes)
+    assert not config.target_parameters
+    left_out = [n for n in notes if "are not adapted" in n]
+    assert len(left_out) == 1 and says.removeprefix("no ") in left_out[0] and type(model).__name__ in left_out[0]
+    assert not any("adapted as fused parameters" in n or "through their weights" in n for n in notes)
+    if option.get("method", "lora") in ("lora", "dora"):  # 4-bit needs a quantised model to wrap
+        wrapped = _wrapped(get_peft_model(copy.deepcopy(model), config))
+        assert set(wrapped) == _intended(model, ("q", "k", "v", "o"))
+
+
+def test_target_modules_naming_a_dense_mlp_adapt_it_through_its_weight():
+    """target_modules (the library's option) of a Qwen3-MoE's dense MLP: that MLP's weight and the attention named,
+    and no expert (PEFT's rewrite would have adapted the experts instead)."""
+    from peft import get_peft_model
+
+    model = _tiny("qwen3_moe")
+    names = ("model.layers.0.mlp.down_proj", "model.layers.1.self_attn.q_proj")
+    config = lora_config(model, TrainConfig(rank=2, target_modules=names), task="causal_lm")
+    wrapped = _wrapped(get_peft_model(copy.deepcopy(model), config))
+    assert set(wrapped) == {"model.layers.0.mlp.down_proj.weight", "model.layers.1.self_attn.q_proj"}
