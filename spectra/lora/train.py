@@ -586,7 +586,7 @@ def lora_config(model, config: TrainConfig, *, task: str, notes: list[str] | Non
         fields = {"r": rank, "lora_alpha": config.alpha if config.alpha is not None else scale_2,
                   "target_modules": targets, "use_rslora": config.rslora, "lora_dropout": config.lora_dropout,
                   "fan_in_fan_out": _has_conv1d(model, targets)}
-        if parameters:
+        if parameters:  # an expert's [gate; up] at rank r, as any fused module (GPT-2's c_attn, Phi-3's)
             fields["target_parameters"] = parameters
         check_peft_conversion(fields, model)  # PEFT wraps exactly these, or the run is refused
     return LoraConfig(**fields, use_dora=config.method in ("dora", "qdora"), bias="none",
@@ -621,8 +621,8 @@ def peft_targets(model, config: TrainConfig, *, notes: list[str] | None = None) 
         layers = sorted({name.rpartition(".")[0] for name in experts})
         notes.append(f"the routed experts of {len(layers)} MoE layer(s) ({layers[0]}, …) are adapted as fused "
                      f"parameters ({', '.join(sorted({n.rpartition('.')[2] for n in experts}))}; target_parameters): "
-                     "PEFT's LoRA on each is rank r per expert, and gate_up_proj holds gate and up together, so "
-                     "either role adapts both")
+                     "PEFT's LoRA on each is one rank-r update per expert, and gate_up_proj holds gate and up "
+                     "together, so either role adapts both (at rank r, as a fused module is)")
     return modules, parameters
 
 

@@ -100,6 +100,8 @@ def test_peft_wraps_the_dense_mlps_the_shared_expert_and_every_expert(family):
         config = lora_config(model, TrainConfig(rank=2, roles=roles), task="causal_lm", notes=notes)
         wrapped = _wrapped(get_peft_model(copy.deepcopy(model), config))
         assert set(wrapped) == _intended(model, roles or ("q", "k", "v", "o", "gate", "up", "down")), roles
+        for name, layer in wrapped.items():  # one rank r, scale 2, an expert's [gate; up] included
+            assert (layer.r["default"], layer.scaling["default"]) == (2, 2.0), (roles, name)
         dense = [n for n in wrapped if _DENSE.search(n)]
         assert any("through their weights" in n and f"{len(dense)} module(s)" in n for n in notes) == bool(dense)
         assert any("adapted as fused parameters" in n for n in notes) == any(_EXPERTS.search(n) for n in wrapped)
@@ -161,6 +163,9 @@ def test_every_intended_adapter_trains_and_peft_merges_to_the_evaluated_loss(fam
     assert set(wrapped) == _intended(reference)
     unmoved = [n for n, layer in wrapped.items() if not layer.lora_B["default"].weight.abs().max() > 0]
     assert not unmoved
+    experts = reference.get_parameter(next(n for n in wrapped if n.endswith("experts.gate_up_proj")))
+    assert [tuple(layer.lora_A["default"].weight.shape) for n, layer in wrapped.items()
+            if n.endswith("experts.gate_up_proj")][0] == (2 * experts.shape[0], 32)  # (r · experts, hidden)
     merged = peft_model.merge_and_unload()
     _, _, held, _, _ = prepare_data(base, train, eval_data=held_file, max_length=16)
     assert result.final_eval["loss"] == pytest.approx(_loss(merged, held), rel=1e-5)
