@@ -668,7 +668,11 @@ def estimate_memory(config_or_model: Any, *, method: str = "lora", rank_plan_or_
     gradient_checkpointing : bool
         Which activation figure ``training_total`` uses. Default True.
     roles : tuple of str, optional
-        Roles that an int rank targets. Default: every linear layer of the blocks.
+        Roles that an int rank targets. Default: every linear layer of the blocks, as PEFT's all-linear adapts
+        them. On an MoE that is not what ``spectra train``'s default roles adapt: all-linear takes Mixtral's
+        router weight at r and its experts' ``gate_up_proj`` at 2·r (PEFT's conversion), PhiMoE's router and no
+        expert, where ``spectra train`` adapts every fused expert parameter at r and no router
+        (:func:`spectra.lora.train.role_targets`), and refuses DoRA only where ``roles`` ask for the experts.
     stacks : tuple of str, optional
         Stacks whose modules of ``roles`` an int rank targets (``architectures.STACK_NAMES``); default every stack
         the config holds. The estimate is of text-only batches, which run the language model alone, so ``language``

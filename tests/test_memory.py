@@ -1231,3 +1231,38 @@ def test_an_encoder_decoder_is_refused_as_one(family):
     with pytest.raises(ConfigError, match=f"model_type {family}: an encoder-decoder") as err:
         estimate_memory(config)
     assert "--task seq2seq_lm` trains it, but its memory is not estimated" in str(err.value)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+@pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
+def test_an_int_rank_counts_peft_all_linear_not_spectra_trains_default_roles():
+    """The estimate's default roles are PEFT's all-linear (Mixtral: the router's weight at r, gate_up_proj at 2r;
+    PhiMoE: its router, no expert); `spectra train`'s default roles adapt every fused expert parameter at r and no
+    router. The trainable counts differ by exactly those parameters per layer, the reference being PEFT's model
+    built from spectra's own LoraConfig; with the attention roles alone they agree (what the docstring says)."""
+    import copy
+
+    import transformers as tf
+    from peft import get_peft_model
+
+    from spectra.lora.train import TrainConfig, lora_config
+    from tests.models import build_model
+
+    r = 4
+    phimoe = tf.PhimoeForCausalLM(tf.PhimoeConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                                  num_attention_heads=4, num_key_value_heads=2, vocab_size=64,
+                                                  num_local_experts=3))
+    for model in (build_model("mixtral"), phimoe):
+        h, i, e, layers = 32, 48, 3, 2
+        router, gate_up, down = r * (h + e), r * e * (h + 2 * i), r * e * (i + h)
+        for roles in (None, ("q", "k", "v", "o")):
+            config = lora_config(model, TrainConfig(rank=r, roles=roles), task="causal_lm")
+            peft_model = get_peft_model(copy.deepcopy(model), config)
+            trained = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+            estimated = estimate_memory(model.config, method="lora", rank_plan_or_rank=r, roles=roles).trainable_params
+            if roles is not None:
+                assert estimated == trained
+            elif model.config.model_type == "mixtral":
+                assert estimated - trained == layers * (router + gate_up)  # all-linear's router and second r
+            else:
+                assert estimated - trained == layers * (router - gate_up - down)  # its router; train's experts
