@@ -90,7 +90,9 @@ class TrainConfig:
         it takes no ``rank``, ``alpha``, ``roles`` or ``target_modules``; its analysis must
         be of this base (see :meth:`~spectra.ranks.RankPlan.check_base`).
     roles : tuple of str, optional
-        Roles to target (``q, k, v, o, qkv, gate, up, down, gate_up``); None: all of them.
+        Roles to target (``q, k, v, o, qkv, gate, up, down, gate_up``); None: all of them. An MoE's fused
+        expert parameters are taken by ``gate``/``up`` (``gate_up_proj``) and ``down`` (``down_proj``), through
+        PEFT's ``target_parameters`` (see :func:`role_targets` and :func:`peft_targets`).
     stacks : tuple of str, optional
         Stacks whose modules of those roles are targeted (``language``, ``encoder``, ``vision``,
         …; see :func:`~spectra.checkpoints.architectures.parse_stacks`). None: the stacks text
@@ -315,6 +317,7 @@ def load_model(spec, *, task: str, num_labels: int | None = None, quantize: bool
     """
     import transformers as tf
 
+    check_device(device)  # before anything is read
     folder = model_dir(spec)
     kwargs: dict = {"dtype": torch.float32}
     if task == "seq_cls":
@@ -332,7 +335,6 @@ def load_model(spec, *, task: str, num_labels: int | None = None, quantize: bool
             notes.append(note)
     else:
         auto = tf.AutoModelForCausalLM
-    check_device(device)
     if quantize:  # bitsandbytes quantises while loading, on the device named here
         kwargs.update(device_map={"": str(torch_device(device))}, quantization_config=nf4_config(compute_dtype))
     try:
