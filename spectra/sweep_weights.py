@@ -424,31 +424,27 @@ def _unplaced_note(unplaced: list[str], refused: list[str], model_class: str, *,
 
 
 def _unextractable_ranks(targets: list[Target], state: dict[str, torch.Tensor], model_class: str) -> list[str]:
-    """A note where the plan point is no adapter ``spectra extract`` writes: experts in fused parameters at different
-    ranks.
+    """A note where the plan point is no adapter ``spectra extract`` writes: the experts of one fused parameter at
+    different ranks.
 
     The model holds each projection's experts in one 3-D parameter (E, d₁, d₂), which PEFT adapts
-    (``target_parameters``) at one rank for all of its experts, and converts every such parameter
-    of an adapter at its one global r: extract refuses a plan that gives them different ranks. The
-    sweep's plan point still truncates each expert at its own planned rank.
+    (``target_parameters``) at one rank for all of its experts: extract refuses a plan that gives the
+    experts of one parameter different ranks. Different ranks across parameters it writes (each
+    parameter at its own rank, onto the parameters itself). The sweep's plan point still truncates
+    each expert at its own planned rank.
     """
     ranks: dict[str, dict[int, list[str]]] = {}  # fused parameter -> planned rank -> its modules
     for t in targets:
         if state[t.key].dim() == 3 and t.place.dim() == 2:  # an expert's slice of (E, d₁, d₂), not a conv kernel
             ranks.setdefault(t.key, {}).setdefault(t.plan_rank, []).append(t.name)
     mixed = {key: by_rank for key, by_rank in ranks.items() if len(by_rank) > 1}
-    consequence = ("`spectra extract` refuses this plan, and the plan point (each expert at its own planned rank) is "
-                   "no adapter it writes; `spectra recommend --uniform` plans one rank.")
-    if mixed:
-        listed = "; ".join(f"{key}: " + ", ".join(f"r={r} ({names[0]}{', …' if len(names) > 1 else ''})"
-                                                  for r, names in sorted(by_rank.items()))
-                           for key, by_rank in list(mixed.items())[:3])
-        return [f"the plan gives experts that {model_class} fuses into one parameter different ranks ({listed}"
-                f"{'; …' if len(mixed) > 3 else ''}), and PEFT adapts such a parameter at one rank: {consequence}"]
-    if len({r for by_rank in ranks.values() for r in by_rank}) > 1:
-        listed = ", ".join(f"{key}: r={next(iter(by_rank))}" for key, by_rank in list(ranks.items())[:4])
-        return [f"the plan gives the fused experts different ranks across parameters ({listed}"
-                f"{', …' if len(ranks) > 4 else ''}), but PEFT converts every fused expert parameter of an adapter "
-                f"at its one global r: {consequence}"]
-    return []
+    if not mixed:
+        return []
+    listed = "; ".join(f"{key}: " + ", ".join(f"r={r} ({names[0]}{', …' if len(names) > 1 else ''})"
+                                              for r, names in sorted(by_rank.items()))
+                       for key, by_rank in list(mixed.items())[:3])
+    return [f"the plan gives experts that {model_class} fuses into one parameter different ranks ({listed}"
+            f"{'; …' if len(mixed) > 3 else ''}), and PEFT adapts such a parameter at one rank: `spectra extract` "
+            "refuses this plan, and the plan point (each expert at its own planned rank) is no adapter it writes; "
+            "`spectra recommend --uniform` plans one rank."]
 

@@ -428,7 +428,11 @@ def test_verify_evaluates_the_adapter_the_fine_tune_and_the_truncated_svd_model(
         assert verified.evals[name]["loss"] == pytest.approx(losses[name], rel=LOSS_REL), (family, name)
     assert len({round(v, 6) for v in losses.values()}) == 4  # four different models
     rows = {r["name"] for r in verified.modules}
-    assert len(rows) == len(modules) and not any("visual" in n for n in rows)
+    # the default roles adapt an MoE's fused experts too (target_parameters): verify reports each expert's projection
+    experts = {f"{n.rpartition('.')[0]}.{e}.{n.rpartition('.')[2]}" for n, p in _loaded(base).named_parameters()
+               if p.dim() == 3 and ".experts." in n for e in range(p.shape[0])}
+    assert bool(experts) == (family == "qwen3_vl_moe")
+    assert len(rows) == len(modules) + len(experts) and experts <= rows and not any("visual" in n for n in rows)
 
 
 # ---------------------------------------------------------------------------- calibration
