@@ -497,8 +497,9 @@ def test_a_plan_point_extract_cannot_write_for_its_expert_ranks_is_named(planted
     base, tuned, data = planted_mixtral
     expert = "model.layers.0.block_sparse_moe.experts.{}.{}".format
     within = a_plan({expert(0, "w1"): (1, (48, 32)), expert(1, "w1"): (2, (48, 32)), expert(2, "w1"): (1, (48, 32))})
-    across = a_plan({expert(e, "w1"): (2, (48, 32)) for e in range(3)} | {expert(e, "w2"): (1, (32, 48))
-                                                                          for e in range(3)})
+    every = "model.layers.{}.block_sparse_moe.experts.{}.{}".format  # each projection at its own rank, every layer
+    across = a_plan({every(layer, e, p): (r, shape) for layer in (0, 1) for e in range(3)
+                     for p, r, shape in (("w1", 2, (48, 32)), ("w3", 2, (48, 32)), ("w2", 1, (32, 48)))})
     uniform = a_plan({expert(e, p): (2, shape) for e in range(3) for p, shape in (("w1", (48, 32)), ("w2", (32, 48)))})
     model = load_model(tuned, task="causal_lm")
     with pytest.raises(ConfigError, match="different ranks"):
@@ -509,6 +510,21 @@ def test_a_plan_point_extract_cannot_write_for_its_expert_ranks_is_named(planted
     for plan, folder in ((across, "across"), (uniform, "uniform")):  # extracted, and no note
         assert not any("different ranks" in n for n in ModelWeights(model, base, tuned, plan=plan).notes)
         extract_adapter(base, tuned, plan, tmp_path / folder, progress=False)
+    # the common non-uniform plan (w1 = w3 = 2, w2 = 1 in every layer: per-role functional ranks) merges through PEFT
+    # to each expert's own truncation; it had been refused ("different ranks or alphas across projections")
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    merged = PeftModel.from_pretrained(load_model(base, task="causal_lm"), str(tmp_path / "across")).merge_and_unload()
+    state, b, t = merged.state_dict(), load_file(base / "model.safetensors"), load_file(tuned / "model.safetensors")
+    for module in across.modules:
+        layer, e, proj = int(module.name.split(".")[2]), int(module.name.split(".")[-2]), module.name.split(".")[-1]
+        parameter, rows = MIXTRAL_SLICES[proj]
+        W0, W1 = b[module.name + ".weight"].double().numpy(), t[module.name + ".weight"].double().numpy()
+        U, S, Vt = np.linalg.svd(W1 - W0)
+        want = W0 + (U[:, :module.rank] * S[:module.rank]) @ Vt[:module.rank]
+        got = state[f"model.layers.{layer}.mlp.experts.{parameter}"][e][rows].double().numpy()
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-5, err_msg=module.name)
 
 
 def test_experts_stored_stacked_are_read_once_per_parameter_when_the_ranks_change(tmp_path, monkeypatch):

@@ -537,8 +537,9 @@ class Pairing:
         sides = ((self.base, entry.base_tensor, False), (self.tuned, entry.tuned_tensor, True))
         formats = [source.storage_format(tensor) if tensor is not None and hasattr(source, "storage_format") else None
                    for source, tensor, _ in sides]
-        grids = [None if fmt is None or base is None or entry.kind != "matrix" or entry.added_rows
-                 else _spacing(source, tensor, entry, proj, tuned=tuned)
+        # the spacing only where the floor uses it: the fine-tune quantised (then the base's too, where it is)
+        grids = [None if fmt is None or formats[1] is None or base is None or entry.kind != "matrix"
+                 or entry.added_rows else _spacing(source, tensor, entry, proj, tuned=tuned)
                  for fmt, (source, tensor, tuned) in zip(formats, sides)]
         return DeltaW(
             name=name, role=info.role, layer=info.layer, expert=info.expert, stack=info.stack, kind=entry.kind,

@@ -175,7 +175,7 @@ def extract_adapter(base, tuned, plan_or_rank, out_dir: str | os.PathLike, *, ro
     model_class, model = _adapter_model(pairing, model_class, selected, saved_modules)  # None: no config.json
     model_names = _model_names(selected, model, model_class, targets)  # checkpoint module name -> the model's
     on_parameters = _unconverted_parameters(selected, model_names, pairing, model,  # entry name -> its slice
-                                           use_rslora=use_rslora)
+                                           use_rslora=use_rslora, planned=targets)
     saved_names = _saved_names(saved_modules, model, model_class)
     embeddings = _embedding_entries(selected, model_names, model)
     kernels = _conv_kernels(selected, model_names, pairing, model)
@@ -464,7 +464,7 @@ def _model_names(entries, model, model_class: str | None, targets: dict | None =
 
 
 def _unconverted_parameters(entries, model_names: dict[str, str], pairing: Pairing, model, *,
-                            use_rslora: bool = False) -> dict:
+                            use_rslora: bool = False, planned: dict | None = None) -> dict:
     """Entry name → its :class:`~spectra.checkpoints.placement.ParameterSlice`, for the weights whose LoRA extract
     writes onto the parameter that holds them (``target_parameters``), because PEFT would not adapt them as named.
 
@@ -478,8 +478,11 @@ def _unconverted_parameters(entries, model_names: dict[str, str], pairing: Pairi
       MixtralTopKRouter) too, although PEFT 0.21 converts its stored name: into the bare ``target_parameters``
       entry ``gate.weight``, every layer's router at the config's global ``r`` and ``lora_alpha``.
     - Experts PEFT does convert, unless its conversion adapts exactly them (:func:`_peft_converts_exactly`: all
-      experts of each fused parameter, both halves of gate_up_proj, no other layer's or stack's experts) and
-      without rsLoRA: PEFT fuses gate and up at 2r and 2α, which keeps α/r but makes rsLoRA's α/√r √2 too large.
+      experts of each fused parameter, both halves of gate_up_proj, no other layer's or stack's experts), at one
+      rank and α (`planned`, the plan's (rank, α) per entry: PEFT converts them all at the adapter's global r and
+      lora_alpha, so a plan giving the projections different ranks is written onto the parameters, each at its
+      own), and without rsLoRA: PEFT fuses gate and up at 2r and 2α, which keeps α/r but makes rsLoRA's α/√r √2
+      too large.
     - A module PEFT would rewrite (:func:`~spectra.checkpoints.targets.peft_rewritten_modules`): for the
       ``qwen2_moe`` and ``mixtral`` conversion families PEFT turns every ``target_modules`` entry ending in
       ``.gate_proj``/``.up_proj``/``.down_proj`` into a fused expert parameter, so a dense layer's MLP
@@ -513,7 +516,8 @@ def _unconverted_parameters(entries, model_names: dict[str, str], pairing: Pairi
     shapes = {p: tuple(model.get_parameter(p).shape) for p in parameter_of.values()}  # (E, out, in) or (out, in)
     sources = parameter_sources(model, pairing.base.names(), shapes)
     experts = [e for e in wrapped if e.info.expert is not None]
-    if experts and not use_rslora and _peft_converts_exactly(
+    one_setting = planned is None or len({planned[e.name] for e in experts}) <= 1
+    if experts and not use_rslora and one_setting and _peft_converts_exactly(
             model, [model_names[e.name] for e in experts], {parameter_of[e.name] for e in experts}, sources,
             {e.base_tensor for e in experts}):
         wrapped = [e for e in wrapped if e.info.expert is None]  # PEFT maps the experts' stored names itself

@@ -635,10 +635,19 @@ def test_fused_experts_get_their_rank_when_other_modules_outnumber_them(tmp_path
         key = f"model.layers.{layer}.self_attn.q_proj.weight"
         d = (W1[key] - W0[key]).double().numpy()
         np.testing.assert_allclose(state[key].double().numpy() - W0[key].double().numpy(), _best_rank(d, 6), atol=2e-6)
-    # experts of different projections at different ranks cannot be one global r: refused, nothing written
+    # experts of different projections at different ranks are no one global r for PEFT's conversion: extract writes
+    # them onto the fused parameters itself, each at its own rank (it used to refuse the plan)
     rank = {"gate": 2, "up": 2, "down": 3}
     plan = recommend_ranks(analysis, RankPolicy(roles=("gate", "up", "down"), uniform=True, noise=False))
-    plan = dataclasses.replace(plan, modules=tuple(dataclasses.replace(m, rank=rank[m.role]) for m in plan.modules))
-    with pytest.raises(ConfigError, match="different ranks or alphas across projections"):
-        extract_adapter(b, t, plan, tmp_path / "ad2", progress=False)
-    assert not (tmp_path / "ad2").exists()
+    plan = dataclasses.replace(plan, modules=tuple(dataclasses.replace(m, rank=rank[m.role], alpha=2.0 * rank[m.role])
+                                                   for m in plan.modules))
+    result = extract_adapter(b, t, plan, tmp_path / "ad2", progress=False)
+    assert sorted(result.config["target_parameters"]) == [f"model.layers.{layer}.mlp.experts.{p}" for layer in (0, 1)
+                                                          for p in ("down_proj", "gate_up_proj")]
+    state = _load_without_missing_keys(base, tmp_path / "ad2")
+    for layer in (0, 1):
+        key = f"model.layers.{layer}.mlp.experts.down_proj"
+        for e in range(W0[key].shape[0]):
+            d = (W1[key][e] - W0[key][e]).double().numpy()
+            np.testing.assert_allclose(state[key][e].double().numpy() - W0[key][e].double().numpy(), _best_rank(d, 3),
+                                       atol=2e-6)
