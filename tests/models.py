@@ -232,3 +232,39 @@ def planted_models(family: str, planted: dict[str, int], *, seed: int = 0):
         for i, (name, rank) in enumerate(planted.items()):
             params[name] += flat_update(tuple(params[name].shape), rank, seed=seed + i).float()
     return base, tuned
+
+
+def tiny_moe(family: str):
+    """Two-layer MoE causal LMs whose MLPs PEFT's config conversion rewrites: Qwen3-MoE with layer 0 dense
+    (``mlp_only_layers``), DeepSeek-V3 with layer 0 dense (``first_k_dense_replace``) and a shared expert beside the
+    routed ones in layer 1, and Mixtral (``"mixtral"``), both layers routed; 3 experts, width 32."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    common = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, vocab_size=64)
+    if family == "qwen3_moe":
+        config = tf.Qwen3MoeConfig(intermediate_size=40, moe_intermediate_size=16, num_key_value_heads=2, head_dim=8,
+                                   num_experts=3, num_experts_per_tok=2, mlp_only_layers=[0], **common)
+        return tf.Qwen3MoeForCausalLM(config).eval()
+    if family == "deepseek_v3":
+        config = tf.DeepseekV3Config(intermediate_size=40, moe_intermediate_size=16, num_key_value_heads=4,
+                                     n_routed_experts=3, num_experts_per_tok=2, n_shared_experts=1,
+                                     first_k_dense_replace=1, n_group=1, topk_group=1, q_lora_rank=16,
+                                     kv_lora_rank=8, qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8, **common)
+        return tf.DeepseekV3ForCausalLM(config).eval()
+    config = tf.MixtralConfig(intermediate_size=24, num_local_experts=3, num_experts_per_tok=2, num_key_value_heads=2,
+                              head_dim=8, **common)
+    return tf.MixtralForCausalLM(config).eval()
+
+
+def moved(model, *, seed: int, scale: float = 1e-2):
+    """A copy of `model` with every parameter moved by Gaussian noise of std `scale` (a full-rank fine-tune)."""
+    import copy
+
+    tuned = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in tuned.parameters():
+            p += scale * torch.randn(p.shape, generator=g)
+    return tuned
+

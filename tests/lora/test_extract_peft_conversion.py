@@ -20,30 +20,10 @@ import pytest
 import torch
 
 from spectra.lora.extract import extract_adapter
-from tests.models import save
+from tests.models import moved, save, tiny_moe as _tiny
 
 RANK, PLANTED = 2, 3
 _MLP = re.compile(r"\.(mlp|shared_experts?)\.(gate_proj|up_proj|down_proj)\.weight$")
-
-
-def _tiny(family: str):
-    import transformers as tf
-
-    torch.manual_seed(0)
-    common = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, vocab_size=64)
-    if family == "qwen3_moe":  # layer 0 dense (mlp_only_layers)
-        config = tf.Qwen3MoeConfig(intermediate_size=40, moe_intermediate_size=16, num_key_value_heads=2, head_dim=8,
-                                   num_experts=3, num_experts_per_tok=2, mlp_only_layers=[0], **common)
-        return tf.Qwen3MoeForCausalLM(config).eval()
-    if family == "deepseek_v3":  # layer 0 dense (first_k_dense_replace), layer 1 routed experts and a shared one
-        config = tf.DeepseekV3Config(intermediate_size=40, moe_intermediate_size=16, num_key_value_heads=4,
-                                     n_routed_experts=3, num_experts_per_tok=2, n_shared_experts=1,
-                                     first_k_dense_replace=1, n_group=1, topk_group=1, q_lora_rank=16,
-                                     kv_lora_rank=8, qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8, **common)
-        return tf.DeepseekV3ForCausalLM(config).eval()
-    config = tf.MixtralConfig(intermediate_size=24, num_local_experts=3, num_experts_per_tok=2, num_key_value_heads=2,
-                              head_dim=8, **common)
-    return tf.MixtralForCausalLM(config).eval()
 
 
 def _matrices(model) -> dict[tuple[str, int | None, int], torch.Tensor]:
@@ -184,11 +164,7 @@ def test_gate_experts_alone_go_onto_their_rows_of_gate_up_proj(tmp_path):
     targeting up_proj"), which is how extract wrote them. Written onto the gate rows of gate_up_proj instead: at
     full rank PEFT's merge gives each expert's tuned gate rows, and the up rows stay the base's."""
     base = _tiny("qwen3_moe")
-    tuned = copy.deepcopy(base)
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for p in tuned.parameters():
-            p += 1e-2 * torch.randn(p.shape, generator=g)
+    tuned = moved(base, seed=3)
     b, t = save(base, tmp_path / "b", "safetensors"), save(tuned, tmp_path / "t", "safetensors")
     result = extract_adapter(b, t, "full", tmp_path / "ad", roles=("gate",), progress=False)
     fused = "model.layers.1.mlp.experts.gate_up_proj"

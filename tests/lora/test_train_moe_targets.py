@@ -22,34 +22,12 @@ import torch
 from spectra.errors import ConfigError
 from spectra.lora.train import TrainConfig, lora_config, train_adapter
 from tests.lora.conftest import random_text
-from tests.models import save
+from tests.models import save, tiny_moe as _tiny
 
 pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning"),
               pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")]
 FAMILIES = ("qwen3_moe", "deepseek_v3", "mixtral")
 FAST = dict(rank=2, lr=1e-2, max_length=16, batch_size=8, max_steps=4)
-
-
-def _tiny(family: str):
-    """Two layers each: Qwen3-MoE's layer 0 dense (mlp_only_layers), DeepSeek-V3's too (first_k_dense_replace) and
-    its layer 1 with a shared expert beside the routed ones; Mixtral's both routed."""
-    import transformers as tf
-
-    torch.manual_seed(0)
-    common = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, vocab_size=64)
-    if family == "qwen3_moe":
-        config = tf.Qwen3MoeConfig(intermediate_size=40, moe_intermediate_size=16, num_key_value_heads=2, head_dim=8,
-                                   num_experts=3, num_experts_per_tok=2, mlp_only_layers=[0], **common)
-        return tf.Qwen3MoeForCausalLM(config).eval()
-    if family == "deepseek_v3":
-        config = tf.DeepseekV3Config(intermediate_size=40, moe_intermediate_size=16, num_key_value_heads=4,
-                                     n_routed_experts=3, num_experts_per_tok=2, n_shared_experts=1,
-                                     first_k_dense_replace=1, n_group=1, topk_group=1, q_lora_rank=16,
-                                     kv_lora_rank=8, qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8, **common)
-        return tf.DeepseekV3ForCausalLM(config).eval()
-    config = tf.MixtralConfig(intermediate_size=24, num_local_experts=3, num_experts_per_tok=2, num_key_value_heads=2,
-                              head_dim=8, **common)
-    return tf.MixtralForCausalLM(config).eval()
 
 
 # What "every block linear" means on these models, written out by name rather than asked of spectra: attention's

@@ -17,19 +17,9 @@ import torch
 from spectra.analysis import AnalysisConfig, analyze
 from spectra.errors import ConfigError
 from spectra.ranks import RankPolicy, check_peft_conversion, recommend_ranks, save_plan
-from tests.models import save
+from tests.models import moved, save, tiny_moe
 
 DENSE = [f"model.layers.0.mlp.{p}" for p in ("gate_proj", "up_proj", "down_proj")]
-
-
-def _qwen3_moe():
-    import transformers as tf
-
-    torch.manual_seed(0)
-    config = tf.Qwen3MoeConfig(hidden_size=32, intermediate_size=40, moe_intermediate_size=16, num_hidden_layers=2,
-                               num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_experts=3,
-                               num_experts_per_tok=2, vocab_size=64, mlp_only_layers=[0])  # layer 0 dense
-    return tf.Qwen3MoeForCausalLM(config).eval()
 
 
 def _wrapped(model, config: dict) -> dict[str, object]:
@@ -48,12 +38,8 @@ def _wrapped(model, config: dict) -> dict[str, object]:
 @pytest.fixture(scope="module")
 def qwen3_moe_analysis(tmp_path_factory):
     root = tmp_path_factory.mktemp("qwen3-moe")
-    base = _qwen3_moe()
-    tuned = copy.deepcopy(base)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in tuned.parameters():
-            p += 1e-2 * torch.randn(p.shape, generator=g)
+    base = tiny_moe("qwen3_moe")
+    tuned = moved(base, seed=1)
     b, t = save(base, root / "b", "safetensors"), save(tuned, root / "t", "safetensors")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
