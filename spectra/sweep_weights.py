@@ -101,8 +101,6 @@ class ModelWeights:
         self._as_stored = {key: self.state[key].transpose(1, 2) for key, slices in stacked.items()
                            if slices[0].place.stored_transposed}
         self.targets = self._placed_targets(model, entries, planned, fused, refused, stacked)
-        if plan is not None:
-            self.notes += _unextractable_ranks(self.targets, self.state, type(model).__name__)
         if not self.targets:
             raise ConfigError(_nothing_to_truncate(entries, plan, self.pairing.options.roles, base, tuned,
                                                    type(model).__name__))
@@ -421,30 +419,3 @@ def _unplaced_note(unplaced: list[str], refused: list[str], model_class: str, *,
             + ", or a slice of another shape); they are not truncated but follow the non-targets"
             + (" (the plan point: the base's, not their planned ranks)" if planned else "")
             + f": {', '.join(unplaced[:5])}" + (", …" if len(unplaced) > 5 else "") + ".")
-
-
-def _unextractable_ranks(targets: list[Target], state: dict[str, torch.Tensor], model_class: str) -> list[str]:
-    """A note where the plan point is no adapter ``spectra extract`` writes: the experts of one fused parameter at
-    different ranks.
-
-    The model holds each projection's experts in one 3-D parameter (E, d₁, d₂), which PEFT adapts
-    (``target_parameters``) at one rank for all of its experts: extract refuses a plan that gives the
-    experts of one parameter different ranks. Different ranks across parameters it writes (each
-    parameter at its own rank, onto the parameters itself). The sweep's plan point still truncates
-    each expert at its own planned rank.
-    """
-    ranks: dict[str, dict[int, list[str]]] = {}  # fused parameter -> planned rank -> its modules
-    for t in targets:
-        if state[t.key].dim() == 3 and t.place.dim() == 2:  # an expert's slice of (E, d₁, d₂), not a conv kernel
-            ranks.setdefault(t.key, {}).setdefault(t.plan_rank, []).append(t.name)
-    mixed = {key: by_rank for key, by_rank in ranks.items() if len(by_rank) > 1}
-    if not mixed:
-        return []
-    listed = "; ".join(f"{key}: " + ", ".join(f"r={r} ({names[0]}{', …' if len(names) > 1 else ''})"
-                                              for r, names in sorted(by_rank.items()))
-                       for key, by_rank in list(mixed.items())[:3])
-    return [f"the plan gives experts that {model_class} fuses into one parameter different ranks ({listed}"
-            f"{'; …' if len(mixed) > 3 else ''}), and PEFT adapts such a parameter at one rank: `spectra extract` "
-            "refuses this plan, and the plan point (each expert at its own planned rank) is no adapter it writes; "
-            "`spectra recommend --uniform` plans one rank."]
-

@@ -486,45 +486,43 @@ def test_experts_stored_stacked_are_truncated_in_their_layout(tmp_path, monkeypa
 
 
 @pytest.mark.filterwarnings("ignore:The following (rank|alpha)_pattern keys:RuntimeWarning")  # PEFT maps experts itself
-def test_a_plan_point_extract_cannot_write_for_its_expert_ranks_is_named(planted_mixtral, tmp_path):
-    """PEFT adapts a fused expert parameter at one rank for all its experts: `spectra extract` refuses a plan giving
-    the experts of one parameter different ranks, and the sweep's plan point for it (each expert at its own rank) is
-    no adapter extract writes; its notes say so, naming the parameter and the ranks. Different ranks across
-    parameters extract now writes (each parameter at its own rank, onto the parameters: it used to refuse them too),
-    so that plan, and a plan of one rank, get no such note."""
-    from spectra.lora.extract import extract_adapter
-
-    base, tuned, data = planted_mixtral
-    expert = "model.layers.0.block_sparse_moe.experts.{}.{}".format
-    within = a_plan({expert(0, "w1"): (1, (48, 32)), expert(1, "w1"): (2, (48, 32)), expert(2, "w1"): (1, (48, 32))})
-    every = "model.layers.{}.block_sparse_moe.experts.{}.{}".format  # each projection at its own rank, every layer
-    across = a_plan({every(layer, e, p): (r, shape) for layer in (0, 1) for e in range(3)
-                     for p, r, shape in (("w1", 2, (48, 32)), ("w3", 2, (48, 32)), ("w2", 1, (32, 48)))})
-    uniform = a_plan({expert(e, p): (2, shape) for e in range(3) for p, shape in (("w1", (48, 32)), ("w2", (32, 48)))})
-    model = load_model(tuned, task="causal_lm")
-    with pytest.raises(ConfigError, match="different ranks"):
-        extract_adapter(base, tuned, within, tmp_path / "refused", progress=False)
-    (note,) = [n for n in ModelWeights(model, base, tuned, plan=within).notes if "different ranks" in n]
-    named = f"model.layers.0.mlp.experts.gate_up_proj: r=1 ({expert(0, 'w1')}, …), r=2 ({expert(1, 'w1')})"
-    assert "`spectra extract` refuses this plan" in note and named in note, note
-    for plan, folder in ((across, "across"), (uniform, "uniform")):  # extracted, and no note
-        assert not any("different ranks" in n for n in ModelWeights(model, base, tuned, plan=plan).notes)
-        extract_adapter(base, tuned, plan, tmp_path / folder, progress=False)
-    # the common non-uniform plan (w1 = w3 = 2, w2 = 1 in every layer: per-role functional ranks) merges through PEFT
-    # to each expert's own truncation; it had been refused ("different ranks or alphas across projections")
+@pytest.mark.parametrize("rslora", [False, True])
+def test_a_plan_point_with_experts_at_their_own_ranks_is_the_adapter_extract_writes(planted_mixtral, tmp_path, rslora):
+    """PEFT adapts a fused expert parameter at one rank for all its experts, and converts per-expert names at the
+    adapter's one global r. A plan giving experts their own ranks (within a parameter: w1 of experts 0, 1, 2 at 1, 2, 1;
+    across parameters: w1 = w3 = 2 and w2 = 1 in every layer, what per-role functional ranks give) was refused by
+    `spectra extract`, and the sweep noted its plan point as no adapter extract writes. Extract now writes them onto
+    the fused parameters itself (the largest rank, the others padded with zeros): PEFT's merge gives each expert its
+    own float64 truncation, with rsLoRA too, and the sweep has nothing to note."""
     from peft import PeftModel
     from safetensors.torch import load_file
 
-    merged = PeftModel.from_pretrained(load_model(base, task="causal_lm"), str(tmp_path / "across")).merge_and_unload()
-    state, b, t = merged.state_dict(), load_file(base / "model.safetensors"), load_file(tuned / "model.safetensors")
-    for module in across.modules:
-        layer, e, proj = int(module.name.split(".")[2]), int(module.name.split(".")[-2]), module.name.split(".")[-1]
-        parameter, rows = MIXTRAL_SLICES[proj]
-        W0, W1 = b[module.name + ".weight"].double().numpy(), t[module.name + ".weight"].double().numpy()
-        U, S, Vt = np.linalg.svd(W1 - W0)
-        want = W0 + (U[:, :module.rank] * S[:module.rank]) @ Vt[:module.rank]
-        got = state[f"model.layers.{layer}.mlp.experts.{parameter}"][e][rows].double().numpy()
-        np.testing.assert_allclose(got, want, rtol=0, atol=1e-5, err_msg=module.name)
+    from spectra.lora.extract import extract_adapter
+
+    base, tuned, data = planted_mixtral
+    expert = "model.layers.{}.block_sparse_moe.experts.{}.{}".format
+    within = a_plan({expert(0, 0, "w1"): (1, (48, 32)), expert(0, 1, "w1"): (2, (48, 32)),
+                     expert(0, 2, "w1"): (1, (48, 32))})
+    across = a_plan({expert(layer, e, p): (r, shape) for layer in (0, 1) for e in range(3)
+                     for p, r, shape in (("w1", 2, (48, 32)), ("w3", 2, (48, 32)), ("w2", 1, (32, 48)))})
+    model = load_model(tuned, task="causal_lm")
+    b, t = load_file(base / "model.safetensors"), load_file(tuned / "model.safetensors")
+    for plan, folder in ((within, "within"), (across, "across")):
+        assert not any("rank" in n and "extract" in n for n in ModelWeights(model, base, tuned, plan=plan).notes)
+        extract_adapter(base, tuned, plan, tmp_path / folder, rslora=rslora, progress=False)
+        merged = PeftModel.from_pretrained(load_model(base, task="causal_lm"), str(tmp_path / folder))
+        state = merged.merge_and_unload().state_dict()
+        truncated = 0  # negative control: some planned rank is below the planted one, so not the fine-tune there
+        for module in plan.modules:
+            layer, e, proj = int(module.name.split(".")[2]), int(module.name.split(".")[-2]), module.name.split(".")[-1]
+            parameter, rows = MIXTRAL_SLICES[proj]
+            W0, W1 = b[module.name + ".weight"].double().numpy(), t[module.name + ".weight"].double().numpy()
+            U, S, Vt = np.linalg.svd(W1 - W0)
+            want = W0 + (U[:, :module.rank] * S[:module.rank]) @ Vt[:module.rank]
+            got = state[f"model.layers.{layer}.mlp.experts.{parameter}"][e][rows].double().numpy()
+            np.testing.assert_allclose(got, want, rtol=0, atol=1e-5, err_msg=f"{folder} {module.name}")
+            truncated += not np.allclose(got, W1, atol=1e-4)
+        assert truncated > 0, folder
 
 
 def test_experts_stored_stacked_are_read_once_per_parameter_when_the_ranks_change(tmp_path, monkeypatch):

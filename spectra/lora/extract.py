@@ -425,8 +425,9 @@ def _model_names(entries, model, model_class: str | None, targets: dict | None =
     name the model has no module for is refused, as PEFT would skip it silently. Without a
     ``config.json`` the checkpoint's names are kept. Expert slices keep their stored names (with
     the model's prefix): PEFT maps those onto fused expert parameters itself (or extract writes
-    them there: :func:`_unconverted_parameters`), which hold one rank and one alpha for all
-    experts of a projection, so a plan must give them one. A weight other than an expert's that
+    them there: :func:`_unconverted_parameters`, which also takes experts a plan gives different
+    ranks: PEFT holds one rank for all experts of a parameter, the largest, the others' factors
+    padded with zeros). A weight other than an expert's that
     the model holds as a parameter PEFT only adapts through ``target_parameters`` (a router's:
     PhiMoE's, a Linear whose forward returns a tuple, which a LoRA module cannot wrap; Mixtral's,
     a MixtralTopKRouter, no Linear) keeps its stored name too, and is written onto the parameter
@@ -436,13 +437,11 @@ def _model_names(entries, model, model_class: str | None, targets: dict | None =
     if model is None:
         return stored
     found = model_targets(stored.values(), model)
-    names, bad, groups = {}, [], {}
+    names, bad = {}, []
     for e in entries:
         name, target = stored[e.name], found[stored[e.name]]
         if target is not None and target.parameter:
             names[e.name] = target.stored_name
-            if e.info.expert is not None and targets is not None:
-                groups.setdefault(_EXPERT_INDEX.sub(".experts.*.", target.stored_name), set()).add(targets[e.name])
         elif target is None:
             bad.append(name)
         else:
@@ -453,13 +452,6 @@ def _model_names(entries, model, model_class: str | None, targets: dict | None =
                           "names, fuses or wraps these weights otherwise when it loads the checkpoint), so PEFT "
                           "could not apply an adapter under this name. Leave their role out (--roles) or drop them "
                           "from the plan.")
-    mixed = [g for g, settings in groups.items() if len(settings) > 1]
-    if mixed:
-        raise ConfigError(f"the plan gives the experts of {mixed[0]} different ranks or alphas "
-                          f"({', '.join(f'r={r} α={a:g}' for r, a in sorted(groups[mixed[0]]))}), but "
-                          f"{model_class} fuses them into one parameter, which PEFT adapts at "
-                          "one rank: recommend one rank for all modules (`spectra recommend --uniform`) or pass "
-                          "--rank.")
     return names
 
 

@@ -260,10 +260,11 @@ def _mixtral_fine_tune(update, *, seed: int):
 
 
 @pytest.mark.filterwarnings("ignore:The following (rank|alpha)_pattern keys:RuntimeWarning")  # PEFT maps experts itself
-def test_fused_experts_need_one_rank_per_projection(tmp_path):
-    """transformers-5 Mixtral fuses its experts into one parameter per projection: PEFT adapts it at one rank."""
-    from peft import PeftModel
-
+def test_fused_experts_at_their_own_ranks_merge_to_their_own_truncations(tmp_path):
+    """transformers-5 Mixtral fuses its experts into one parameter per projection, which PEFT adapts at one rank. A
+    per-module plan gives the experts of a projection different ranks: extract refused it. It writes them onto the
+    fused parameters itself now (the largest rank, the others' factors padded with zeros), and PEFT's merge gives
+    each expert its own rank's float64 truncation."""
     def move_experts(tuned, g):  # (experts, out, in), each expert moved by a different amount
         for p in tuned.parameters():
             if p.ndim == 3:
@@ -273,13 +274,17 @@ def test_fused_experts_need_one_rank_per_projection(tmp_path):
     b, t = save(base, tmp_path / "b", "safetensors"), save(tuned, tmp_path / "t", "safetensors")
     analysis = analyze(b, t, cache_dir=False, progress=False)
     mixed = recommend_ranks(analysis, RankPolicy(roles=("gate", "up", "down"), energy=0.6, noise=False))
-    assert len({m.rank for m in mixed.modules}) > 1
-    with pytest.raises(ConfigError, match="fuses them into one parameter"):
-        extract_adapter(b, t, mixed, tmp_path / "ad", progress=False)
-    assert not (tmp_path / "ad").exists()
-    uniform = recommend_ranks(analysis, RankPolicy(roles=("gate", "up", "down"), uniform=True, noise=False))
-    extract_adapter(b, t, uniform, tmp_path / "ad", progress=False)
-    PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "ad"))  # loads: one rank per fused parameter
+    assert len({m.rank for m in mixed.modules if m.name.endswith(".w2")}) > 1  # down's experts: several ranks
+    result = extract_adapter(b, t, mixed, tmp_path / "ad", progress=False)
+    assert all(".experts." in n and not re.search(r"\.experts\.\d", n) for n in result.config["target_parameters"])
+    state = _load_without_missing_keys(base, tmp_path / "ad")
+    W0, W1 = base.state_dict(), tuned.state_dict()
+    for m in (m for m in mixed.modules if m.name.endswith(".w2")):
+        layer, e = int(m.name.split(".")[2]), int(m.name.split(".")[-2])
+        key = f"model.layers.{layer}.mlp.experts.down_proj"
+        d = (W1[key][e] - W0[key][e]).double().numpy()
+        np.testing.assert_allclose(state[key][e].double().numpy() - W0[key][e].double().numpy(),
+                                   _best_rank(d, m.rank), atol=2e-6, err_msg=m.name)
 
 
 @pytest.mark.filterwarnings("ignore:The following (rank|alpha)_pattern keys:RuntimeWarning")  # applied (see below)
