@@ -109,8 +109,9 @@ class _Spectrum:
         return max(int(np.argmax(self.cum / self.cum[k] - i / k)), 1)
 
 
-def _rows(analysis: Any) -> tuple[list[dict], dict | None, dict | None]:
-    """Rows (as dicts) and the base and tuned descriptions of an analysis object, dict, file or directory."""
+def _rows(analysis: Any) -> tuple[list[dict], dict | None, dict | None, dict]:
+    """Rows (as dicts), the base and tuned descriptions and the configuration of an analysis object, dict, file or
+    directory."""
     from spectra.report.tables import analysis_problem
 
     if isinstance(analysis, (str, os.PathLike)):
@@ -141,9 +142,10 @@ def _rows(analysis: Any) -> tuple[list[dict], dict | None, dict | None]:
             raise ConfigError(f"{where}is not an analysis spectra wrote ({problem}); pass the report directory of "
                               "`spectra analyze` or its analysis.json.")
         modules, base, tuned = analysis.get("modules"), analysis.get("base"), analysis.get("tuned")
+        config = analysis.get("config")
     else:
         modules, base = getattr(analysis, "modules", None), getattr(analysis, "base", None)
-        tuned = getattr(analysis, "tuned", None)
+        tuned, config = getattr(analysis, "tuned", None), getattr(analysis, "config", None)
     if modules is None:
         raise ConfigError("The analysis has no 'modules' list: pass an AnalysisResult or analysis.json.")
     rows = [m if isinstance(m, Mapping) else
@@ -153,7 +155,7 @@ def _rows(analysis: Any) -> tuple[list[dict], dict | None, dict | None]:
         if info is not None and not isinstance(info, Mapping):
             info = dataclasses.asdict(info) if dataclasses.is_dataclass(info) else vars(info)
         described.append(dict(info) if info is not None else None)
-    return rows, described[0], described[1]
+    return rows, described[0], described[1], dict(config) if isinstance(config, Mapping) else {}
 
 
 def _other_spectra_file(data: Any) -> str | None:
@@ -217,7 +219,7 @@ def check_analysis_pair(analysis: Any, base, tuned) -> None:
     ConfigError
         ``analysis`` is no analysis, or measured other checkpoints than ``base`` / ``tuned``.
     """
-    _, analysed_base, analysed_tuned = _rows(analysis)
+    _, analysed_base, analysed_tuned, _ = _rows(analysis)
     _check_sweep_pair({"base": str(base), "tuned": str(tuned)}, analysed_base, analysed_tuned)
 
 
@@ -286,7 +288,7 @@ def recommend_ranks(analysis: Any, policy: RankPolicy | None = None, *, sweep: A
         curve_of = role_curves(sweep.get("modules") or [])  # module -> its role curve in the sweep: "q", "vision q"
         functional = functional_ranks(sweep, policy.functional, curve_of=curve_of)
         spectral = _spectral_policy(policy)  # for the modules of a curve the sweep's data never reached
-    rows, base, tuned = _rows(analysis)
+    rows, base, tuned, analysed = _rows(analysis)
     if policy.stacks is not None and not any("stack" in r for r in rows):
         # written before rows named their stack (or of one stack): read each row's stack off its name, or a vision
         # tower's rows would count as the language model's
@@ -294,7 +296,13 @@ def recommend_ranks(analysis: Any, policy: RankPolicy | None = None, *, sweep: A
     if functional is not None:
         _check_sweep_pair(functional["sweep"], base, tuned)
     # a stack the analysis lacks entirely is refused, naming those it holds (the others' left out say why)
-    missing_stacks(policy.stacks, {r.get("stack") for r in rows if r.get("kind", "matrix") == "matrix"})
+    try:
+        missing_stacks(policy.stacks, {r.get("stack") for r in rows if r.get("kind", "matrix") == "matrix"})
+    except ConfigError as err:
+        if analysed.get("stacks"):  # the analysis chose its stacks: the model may well hold the others
+            raise ConfigError(f"{err} The analysis was made with --stacks {','.join(analysed['stacks'])}, so it left "
+                              "the others out: analyse them (spectra analyze … --stacks) to plan them.") from None
+        raise
     spectra, left_out = [], []
     for row in rows:
         if row.get("kind", "matrix") != "matrix" or _is_split(row):

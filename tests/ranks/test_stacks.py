@@ -65,3 +65,16 @@ def test_an_analysis_written_before_rows_named_their_stack_reads_it_off_the_name
                        "model.layers.0.mlp.up_proj"]
     vision = recommend_ranks(analysis(*old), RankPolicy(energy=0.9, stacks=("vision",))).modules
     assert [m.name for m in vision] == ["visual.blocks.0.attn.qkv", "visual.blocks.0.mlp.fc1"]
+
+
+def test_a_stack_an_analysis_was_told_to_leave_out_is_named_as_such():
+    """An analysis made with --stacks vision holds no language-model row: recommend --stacks language says that the
+    analysis left it out, not (only) that the model has none (the model has one)."""
+    vision = analysis(*(row for row in ROWS if row.get("stack") == "vision")) | {"config": {"stacks": ["vision"]}}
+    with pytest.raises(ConfigError, match=r"no module of that stack.*made with --stacks vision, so it left the others "
+                                          r"out"):
+        recommend_ranks(vision, RankPolicy(energy=0.9, stacks=("language",)))
+    with pytest.raises(ConfigError) as plain:  # negative control: an analysis of every stack says what it said
+        recommend_ranks(analysis(*(row for row in ROWS if row.get("stack") == "vision")),
+                        RankPolicy(energy=0.9, stacks=("language",)))
+    assert "--stacks vision" not in str(plain.value)
