@@ -49,9 +49,9 @@ METHODS = ("full", "lora", "qlora", "dora")
 PRECISIONS = ("fp32", "bf16", "fp16", "mixed")
 OPTIMIZERS = ("adamw", "adamw_8bit", "sgd")
 ATTENTIONS = ("sdpa", "eager")
-# LoRA's usual targets: every linear layer of the blocks ("all-linear", as QLoRA recommends [3]), an MoE's
-# router included where PEFT's all-linear takes it (ModelShape.router_all_linear)
-DEFAULT_ROLES = ("q", "k", "v", "o", "qkv", "gate", "up", "down", "gate_up", "router")
+# LoRA's usual targets: every linear layer of the blocks ("all-linear", as QLoRA recommends [3]); an MoE's are
+# what spectra train adapts (_trained_moe_adapters)
+DEFAULT_ROLES = ("q", "k", "v", "o", "qkv", "gate", "up", "down", "gate_up")
 
 NF4_BLOCK = 64          # weights per NF4 absmax constant [3]
 DQ_BLOCK = 256          # absmax constants per second-level fp32 constant with double quantisation [3]
@@ -102,13 +102,6 @@ class ModelShape:
     # an MoE's router, when adapted, is adapted through its weight (a PEFT ParamWrapper, target_parameters), no LoRA
     # module being able to run on it (Mixtral's MixtralTopKRouter, PhiMoE's tuple-returning Linear): _moe_adapters
     router_parameter: bool = False
-    # PEFT's all-linear (an int rank's default roles) adapts the router: a Linear (PhiMoE's), or a weight its
-    # transformers-5 conversion targets (Mixtral's); not GraniteMoE's router (neither): _moe_adapters
-    router_all_linear: bool = True
-    # PEFT's all-linear adapts the fused experts: its transformers-5 conversion makes gate_up_proj (at the rank of
-    # w1 and w3 summed) and down_proj target parameters (Mixtral's, MiniMax's); elsewhere all-linear cannot reach
-    # them (3-D parameters, not nn.Linear): _moe_adapters
-    experts_all_linear: bool = False
     # a multimodal config (a nested text_config: Gemma 3's Gemma3ForConditionalGeneration) is its language model
     # plus other towers (vision tower, projector), counted off transformers' model on the meta device
     # (_with_other_towers): held in w, never run on text-only batches, so no activations, gradients or states
@@ -351,68 +344,34 @@ def _llama(cfg: dict, mtype: str, base_model) -> ModelShape:
 
 
 def _moe_adapters(model, experts: int, hidden: int) -> dict[str, bool]:
-    """How PEFT adapts an MoE's router and fused experts, read off the family's base model built from the config on
-    the meta device: ``router_parameter``, ``router_all_linear`` and ``experts_all_linear`` of :class:`ModelShape`.
+    """How PEFT adapts a plan's MoE router, read off the family's base model built from the config on the meta
+    device: ``router_parameter`` of :class:`ModelShape`.
 
-    ``router_parameter``: the rule extract, plans and the adapter pairing follow
-    (:func:`spectra.checkpoints.targets.lora_can_wrap`): a router no LoRA module can wrap and run is adapted
-    through its weight (a ParamWrapper). Mixtral's MixtralTopKRouter is no Linear; PhiMoE's PhimoeTopKRouter is an
-    nn.Linear whose forward returns a tuple (a LoRA module on it merges but fails in every forward; spectra's plans
-    and extracted adapters adapt its weight).
-
-    ``router_all_linear``: what an int rank's default roles describe, PEFT's all-linear, reaches the router: as a
-    module, being an nn.Linear (or transformers' Conv1D: all-linear's rule; PhiMoE's), or through its weight,
-    which PEFT's conversion of the config to a transformers-5 MoE layout makes a target parameter
-    (``convert_peft_config_for_transformers``, run here as ``get_peft_model`` runs it: Mixtral's, MiniMax's).
-    Otherwise all-linear leaves the router alone (GraniteMoE's).
-
-    ``experts_all_linear``: that conversion also makes the experts' fused ``gate_up_proj`` and ``down_proj``
-    target parameters (Mixtral's, MiniMax's); all-linear alone cannot reach them (3-D parameters, not nn.Linear).
+    The rule extract, plans and the adapter pairing follow (:func:`spectra.checkpoints.targets.lora_can_wrap`): a
+    router no LoRA module can wrap and run is adapted through its weight (a ParamWrapper). Mixtral's
+    MixtralTopKRouter is no Linear; PhiMoE's PhimoeTopKRouter is an nn.Linear whose forward returns a tuple (a LoRA
+    module on it merges but fails in every forward; spectra's plans and extracted adapters adapt its weight). An
+    int rank adapts no router (``spectra train``'s roles never take one: :func:`_trained_moe_adapters`).
 
     ``model`` is the family's base model on the meta device (:func:`_meta_model_for`, which states its cost), None
     where this transformers cannot build it. The router is the child of the first module holding ``experts`` whose
     weight is (experts, hidden). Where there is no model or no such router, a LoRA module on it (as on a plain
-    nn.Linear router), and the experts left alone.
+    nn.Linear router).
     """
     import torch
-    from transformers.pytorch_utils import Conv1D
 
     from spectra.checkpoints.targets import lora_can_wrap
 
-    unknown = {"router_parameter": False, "router_all_linear": True, "experts_all_linear": False}
     if model is None:
-        return unknown
-    converted = _peft_all_linear_parameters(model)
-
-    def targeted(name: str) -> bool:
-        return any(name == target or name.endswith("." + target) for target in converted)
-
-    for prefix, module in model.named_modules():
+        return {"router_parameter": False}
+    for module in model.modules():
         if isinstance(getattr(module, "experts", None), torch.nn.Module):
-            stem = f"{prefix}." if prefix else ""
-            found = {"experts_all_linear": all(targeted(f"{stem}experts.{fused}") for fused in ("gate_up_proj",
-                                                                                                 "down_proj"))}
             for name, child in module.named_children():
                 weight = getattr(child, "weight", None)
                 if name != "experts" and weight is not None and tuple(weight.shape) == (experts, hidden):
-                    all_linear = isinstance(child, (torch.nn.Linear, Conv1D)) or targeted(f"{stem}{name}.weight")
-                    return found | {"router_parameter": not lora_can_wrap(child), "router_all_linear": all_linear}
-            return unknown | found
-    return unknown
-
-
-def _peft_all_linear_parameters(model) -> set[str]:
-    """The target parameters that PEFT's conversion of ``target_modules="all-linear"`` to this transformers-5
-    model's layout (what ``get_peft_model`` runs first) makes: names or name suffixes (``gate_up_proj``,
-    ``gate.weight``); none for a family it does not convert."""
-    try:
-        from peft import LoraConfig
-        from peft.utils.transformers_weight_conversion import convert_peft_config_for_transformers
-    except ImportError:  # a PEFT without it (or transformers 4) converts nothing
-        return set()
-    config = LoraConfig(target_modules="all-linear")
-    convert_peft_config_for_transformers(config, model=model, conversions=None)
-    return set(config.target_parameters or ())
+                    return {"router_parameter": not lora_can_wrap(child)}
+            break
+    return {"router_parameter": False}
 
 
 def _sliding_windows(cfg: dict, mtype: str, layers: int) -> tuple[int, ...]:
@@ -668,11 +627,11 @@ def estimate_memory(config_or_model: Any, *, method: str = "lora", rank_plan_or_
     gradient_checkpointing : bool
         Which activation figure ``training_total`` uses. Default True.
     roles : tuple of str, optional
-        Roles that an int rank targets. Default: every linear layer of the blocks, as PEFT's all-linear adapts
-        them. On an MoE that is not what ``spectra train``'s default roles adapt: all-linear takes Mixtral's
-        router weight at r and its experts' ``gate_up_proj`` at 2·r (PEFT's conversion), PhiMoE's router and no
-        expert, where ``spectra train`` adapts every fused expert parameter at r and no router
-        (:func:`spectra.lora.train.role_targets`), and refuses DoRA only where ``roles`` ask for the experts.
+        Roles that an int rank targets, as ``spectra train --roles`` takes them. Default: every linear layer of
+        the blocks. On an MoE the targets are what ``spectra train`` adapts, asked of its own target selection
+        (:func:`spectra.lora.train.peft_targets`): the roles' Linear modules and the routed experts' fused
+        ``gate_up_proj`` (gate or up; at r) and ``down_proj`` (down), never a router; with DoRA or QLoRA the
+        default roles leave the experts out, and roles that ask for them are refused, as train does.
     stacks : tuple of str, optional
         Stacks whose modules of ``roles`` an int rank targets (``architectures.STACK_NAMES``); default every stack
         the config holds. The estimate is of text-only batches, which run the language model alone, so ``language``
@@ -784,11 +743,15 @@ def estimate_memory(config_or_model: Any, *, method: str = "lora", rank_plan_or_
     for name, value in (("batch", batch), ("seq_len", seq_len)):
         if not isinstance(value, int) or value < 1:
             raise ConfigError(f"{name} must be a positive integer, got {value!r}.")
-    shape = model_shape(load_config(config_or_model))
+    cfg = load_config(config_or_model)
+    shape = model_shape(cfg)
     if attention == "sdpa" and not shape.sdpa:
         attention = "eager"  # what transformers runs when asked for no implementation (the result says so)
+    # the causal LM spectra train loads (AutoModelForCausalLM), on the meta device: built only for an MoE's int rank
+    train_model = functools.partial(_meta_model_for, cfg, str(cfg.get("model_type", "")).lower(),
+                                    "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES")
     adapter_modules = _adapter_modules(shape, method, rank_plan_or_rank, roles, layers_to_transform,
-                                       parse_stacks(stacks))
+                                       parse_stacks(stacks), train_model)
     return _estimate(shape, method, adapter_modules, batch, seq_len, precision, optimizer,
                      gradient_checkpointing, attention, double_quant, use_cache, input_require_grads)
 
@@ -814,20 +777,19 @@ class _Adapter(NamedTuple):
 
 def _adapter_modules(shape: ModelShape, method: str, plan_or_rank: Any, roles: tuple[str, ...] | None,
                      layers_to_transform: int | tuple[int, ...] | None = None,
-                     stacks: tuple[str, ...] | None = None) -> list[_Adapter]:
+                     stacks: tuple[str, ...] | None = None, train_model=None) -> list[_Adapter]:
     """Every adapted module, as PEFT adapts it; empty for full fine-tuning.
 
     An MoE's experts are fused parameters in transformers 5 (gate_up_proj: experts × 2·ffn × hidden,
     down_proj), which PEFT adapts as ``target_parameters`` at one rank for all experts: a plan's
     experts at the largest over experts of gate's + up's rank (as spectra's PEFT config writes
-    them) and of down's; an int rank where PEFT converts all-linear so (``ModelShape.experts_all_linear``:
-    Mixtral, MiniMax) at 2·r for gate_up (r for each of w1 and w3), r for down and for the router's
-    weight. Other MoE families' all-linear leaves the experts (3-D parameters) alone. An int rank's
-    router is adapted only where all-linear reaches it (``ModelShape.router_all_linear``: not
-    GraniteMoE's, no Linear and not converted); PhiMoE's, a Linear, is its weight at r too (a
-    parameter: a LoRA module on it cannot run, ``ModelShape.router_parameter``), and so is a plan's
-    router that no LoRA module can run (GraniteMoE's too) at its planned rank, as the plan's
-    ``peft_config`` adapts it (``_block_adapter``).
+    them) and of down's; a plan's router that no LoRA module can run (Mixtral's, PhiMoE's, GraniteMoE's) is
+    its weight at its planned rank, as the plan's ``peft_config`` adapts it (``_block_adapter``). An int rank on
+    an MoE adapts what ``spectra train`` adapts for the same method, roles and stacks
+    (:func:`_trained_moe_adapters`, which asks train's target selection on the model built from the config on
+    the meta device; ``train_model`` builds it): every block role's Linear modules and the experts' fused
+    parameters at r each (gate_up_proj at r, not 2·r), never a router; DoRA and QLoRA leave the experts out of the
+    default roles.
     """
     _check_stacks(shape, method, plan_or_rank, stacks)
     if method == "full":
@@ -871,39 +833,66 @@ def _adapter_modules(shape: ModelShape, method: str, plan_or_rank: Any, roles: t
     if not isinstance(plan_or_rank, int) or isinstance(plan_or_rank, bool) or plan_or_rank < 1:
         raise ConfigError(f"method {method!r} needs a RankPlan or a positive int rank, got {plan_or_rank!r}.")
     r = plan_or_rank
+    if experts > 1:  # what spectra train adapts, asked of its own target selection
+        return _trained_moe_adapters(shape, method, r, roles, stacks, layers, train_model)
     wanted = DEFAULT_ROLES if roles is None else tuple(roles)
     block: list[_Adapter] = []
-    for role, o, d_in in dict.fromkeys(shape.linears):  # an MoE's per-expert triples once
+    for role, o, d_in in shape.linears:
         if not role_selected(role, wanted):
             continue
-        if experts > 1 and role in ("gate", "up", "down", "gate_up"):
-            continue  # fused experts: below
-        if role == "router" and not shape.router_all_linear:
-            continue  # no Linear, and no conversion of PEFT's makes its weight a target: all-linear leaves it alone
-        if role != "router" and r > min(o, d_in):  # PEFT takes any rank; a rank past a router's experts is usual
+        if r > min(o, d_in):  # PEFT takes any rank
             raise ConfigError(f"rank {r} exceeds min(d_in, d_out) = {min(o, d_in)} of the {role} "
                               f"projection ({o}×{d_in}).")
-        block.append(_block_adapter(shape, None, role, r, d_in, o))
-    if experts > 1 and shape.experts_all_linear:
-        halves = sum(role_selected(role, wanted) for role in ("gate", "up")) or 2 * role_selected("gate_up", wanted)
-        if halves:
-            block.append(_Adapter(None, "gate_up", halves * r, h, 2 * i, experts))
-        if role_selected("down", wanted):
-            block.append(_Adapter(None, "down", r, i, h, experts))
+        block.append(_Adapter(None, role, r, d_in, o))
     if not block:
-        alone = [part for part, left in (("fused experts", not shape.experts_all_linear),
-                                         ("router", not shape.router_all_linear)) if experts > 1 and left]
         raise ConfigError(f"No linear layer of this {shape.family} model has a role in {wanted}; roles here: "
-                          f"{sorted({r for r, _, _ in shape.linears})}"
-                          + (f" (PEFT's all-linear leaves this family's {' and '.join(alone)} alone)"
-                             if alone else "") + ".")
+                          f"{sorted({r for r, _, _ in shape.linears})}.")
     modules = [m._replace(layer=layer) for layer in sorted(set(layers)) for m in block]
     if shape.tower_linears:  # layers_to_transform refused above
         for role, o, d_in, stack in shape.tower_linears:  # the other towers' linears: all-linear, or a role asked for
             if (roles is None or role_selected(role, wanted)) and stack_selected(stack, stacks):
                 modules.append(_Adapter(None, role, r, d_in, o, tower=True))
-    _refuse_dora_on_parameters(shape, method, modules)
     return modules
+
+
+def _trained_moe_adapters(shape: ModelShape, method: str, rank: int, roles: tuple[str, ...] | None,
+                          stacks: tuple[str, ...] | None, layers, train_model) -> list[_Adapter]:
+    """An MoE's adapters at an int ``rank``: what ``spectra train`` adapts for the same method, roles and stacks,
+    asked of its own target selection (:func:`spectra.lora.train.peft_targets`, as ``lora_config`` runs it) on the
+    causal LM it loads, built from the config on the meta device (``train_model()``: :func:`_meta_model_for`'s), in
+    ``layers``.
+
+    Every Linear of the roles (default: every block role) is a ``lora.Linear`` at ``rank``; the routed experts'
+    fused ``gate_up_proj`` (for gate or up, whole: at ``rank``, as a fused module is) and ``down_proj`` are PEFT
+    ParamWrappers at ``rank`` per expert (``target_parameters``); a router is never adapted (no block role). DoRA and
+    QLoRA leave the experts out of the default roles (PEFT's ParamWrapper takes neither) and refuse roles that ask
+    for them, with train's own error (:func:`spectra.lora.train._fit_method`)."""
+    from spectra.checkpoints.architectures import module_info
+    from spectra.lora.train import TrainConfig, peft_targets
+
+    model = train_model()[1] if train_model is not None else None
+    if model is None:
+        raise ConfigError(f"{shape.family}: transformers cannot build this MoE from its config on the meta device, "
+                          "so spectra's memory model cannot ask which modules and expert parameters `spectra train` "
+                          "adapts; estimate with a rank plan (--plan) instead.")
+    config = TrainConfig(method=method, rank=rank, roles=None if roles is None else tuple(roles), stacks=stacks)
+    modules, parameters = peft_targets(model, config)
+    wanted, adapters = set(layers), []
+    for name in modules:
+        info, weight = module_info(name), model.get_submodule(name).weight
+        d_out, d_in = weight.shape
+        if rank > min(d_out, d_in):
+            raise ConfigError(f"rank {rank} exceeds min(d_in, d_out) = {min(d_out, d_in)} of {name} "
+                              f"({d_out}×{d_in}).")
+        adapters.append(_Adapter(info.layer, info.role, rank, int(d_in), int(d_out)))
+    for name in parameters:
+        info, weight = module_info(name), model.get_parameter(name)
+        if weight.dim() != 3 or info.role not in ("gate_up", "down"):  # a dense MLP by weight: not modelled
+            raise ConfigError(f"{shape.family}: `spectra train` adapts {name} through its weight "
+                              "(target_parameters), which spectra's memory model does not describe.")
+        count, d_out, d_in = weight.shape  # PEFT's ParamWrapper: (experts, out, in), one rank-r update each
+        adapters.append(_Adapter(info.layer, info.role, rank, int(d_in), int(d_out), int(count)))
+    return [m for m in adapters if m.layer in wanted]
 
 
 def _check_stacks(shape: ModelShape, method: str, plan_or_rank: Any, stacks: tuple[str, ...] | None) -> None:

@@ -173,92 +173,49 @@ def test_gemma2_counts_four_norms_and_runs_eagerly():
 _PEFT_PATTERN_WARNING = pytest.mark.filterwarnings("ignore:The following (rank|alpha)_pattern keys:RuntimeWarning")
 
 
-@_PEFT_PATTERN_WARNING
-def test_moe_adapters_are_what_peft_makes_of_all_linear():
-    """PEFT converts Mixtral's all-linear to transformers 5's fused layout: the router's weight and the experts'
-    gate_up_proj (at 2·r: r for each of w1 and w3) and down_proj become target_parameters, which take no DoRA.
-    PhiMoE's all-linear reaches only its router (an nn.Linear) of the MLP, which a LoRA module on it cannot run
-    (its forward returns a tuple): its weight is adapted as a parameter, as spectra's adapters do, which takes no
-    DoRA either. The model had Mixtral's gate, up and down at r per expert and no router: 7552 trainable
-    parameters where PEFT trains 10136."""
-    import transformers as tf
-    from peft import LoraConfig, get_peft_model
-
-    from tests.models import build_model
-
-    phimoe = tf.PhimoeForCausalLM(tf.PhimoeConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                                  num_attention_heads=4, num_key_value_heads=2, vocab_size=64,
-                                                  num_local_experts=3))
-    trained = {"mixtral": dict(target_modules="all-linear"),
-               "phimoe": dict(target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
-                              target_parameters=["mlp.router.weight"])}
-    for model in (build_model("mixtral"), phimoe):
-        est = estimate_memory(model, method="lora", rank_plan_or_rank=4)
-        peft_model = get_peft_model(model, LoraConfig(r=4, **trained[model.config.model_type]))
-        assert est.trainable_params == sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
-    with pytest.raises(ConfigError, match="phimoe model's router as parameters"):
-        estimate_memory(phimoe.config, method="dora", rank_plan_or_rank=4)
-    mixtral = build_model("mixtral").config
-    assert estimate_memory(mixtral, method="lora", rank_plan_or_rank=4).trainable_params == 10136
-    with pytest.raises(ConfigError, match="takes no DoRA"):
-        estimate_memory(mixtral, method="dora", rank_plan_or_rank=4)
-    assert estimate_memory(mixtral, method="dora", rank_plan_or_rank=4, roles=("q", "k", "v", "o")).dora_magnitude
-
-
 def test_how_a_router_is_adapted_is_read_off_the_model(monkeypatch):
-    """Whether a router is a ParamWrapper (target_parameters, no DoRA) or a lora.Linear comes from the rule that
-    extract, plans and the adapter pairing follow (spectra.checkpoints.targets.lora_can_wrap, on the model built
+    """Whether a plan's router is a ParamWrapper (target_parameters, no DoRA) or a lora.Linear comes from the rule
+    that extract, plans and the adapter pairing follow (spectra.checkpoints.targets.lora_can_wrap, on the model built
     from the config on the meta device), not from a list of families: were PhiMoE's router a Linear that returns
-    its logits, the default roles would put a LoRA module on it, which takes DoRA, and the estimate trains what
-    PEFT's DoRA model then trains. The memory model listed Mixtral and PhiMoE as parameter routers by name."""
+    its logits, a plan of it would put a LoRA module on it, which takes DoRA, and the estimate trains what PEFT's
+    DoRA model then trains. The memory model listed Mixtral and PhiMoE as parameter routers by name."""
+    import dataclasses
+
     import torch
     import transformers as tf
     from peft import LoraConfig, get_peft_model
     from peft.tuners import lora
 
+    from spectra.ranks import RankPolicy
     from tests.models import tiny_config
 
     config = tiny_config("phimoe")
+    plan = dataclasses.replace(_router_plan(config, False), policy=RankPolicy(use_dora=True))
+    assert model_shape(config.to_dict()).router_parameter
     with pytest.raises(ConfigError, match="phimoe model's router as parameters"):
-        estimate_memory(config.to_dict(), method="dora", rank_plan_or_rank=4)
+        estimate_memory(config.to_dict(), method="dora", rank_plan_or_rank=plan)
     monkeypatch.setattr(tf.models.phimoe.modeling_phimoe.PhimoeTopKRouter, "forward", torch.nn.Linear.forward)
-    est = estimate_memory(config.to_dict(), method="dora", rank_plan_or_rank=4)
-    peft_model = get_peft_model(tf.PhimoeForCausalLM(config), LoraConfig(
-        r=4, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "router"], use_dora=True))
-    assert est.trainable_params == sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    assert not model_shape(config.to_dict()).router_parameter
+    est = estimate_memory(config.to_dict(), method="dora", rank_plan_or_rank=plan)
+    peft_model = get_peft_model(tf.PhimoeForCausalLM(config), LoraConfig(r=2, target_modules=["router"],
+                                                                         use_dora=True))
+    assert est.trainable_params == sum(p.numel() for p in peft_model.parameters() if p.requires_grad) > 0
     assert isinstance(peft_model.base_model.model.model.layers[0].mlp.router, lora.Linear)
 
 
 @pytest.mark.parametrize("method", ["lora", "dora"])
-def test_an_int_rank_adapts_a_router_only_where_all_linear_does(method):
-    """GraniteMoE's router is no Linear, and PEFT has no transformers-5 conversion for the family (as it has for
-    Mixtral's): all-linear leaves the router alone, so the default roles of an int rank adapt none, and DoRA is
-    estimated, not refused. The estimate trains what PEFT's all-linear model trains, which runs forward and backward.
-    A plan's router is still its weight (target_parameters, as the plan's peft_config adapts it), which takes no DoRA.
-    The default roles counted the router as that parameter (DoRA refused: 'PEFT adapts this granitemoe model's
-    router as parameters'), and before that as a LoRA module."""
-    import torch
+def test_a_plan_of_granitemoe_routers_is_their_weights(method):
+    """GraniteMoE's router is no Linear: a plan's router is its weight (target_parameters, as the plan's peft_config
+    adapts it), which takes no DoRA. An int rank adapts no router (spectra train's roles take none, and refuse
+    router as a role: tests/test_memory_moe_targets.py)."""
     import transformers as tf
     from peft import LoraConfig, get_peft_model
-    from peft.tuners.tuners_utils import BaseTunerLayer
 
     from spectra.ranks import ModuleRank, RankPlan, RankPolicy
 
-    family = "granitemoe"
+    family, moe = "granitemoe", "block_sparse_moe"
     config = _tiny_config(family)
     cls = getattr(tf, _CLASSES[family][1])
-    torch.manual_seed(0)
-    peft_model = get_peft_model(cls(config), LoraConfig(r=4, target_modules="all-linear", use_dora=method == "dora"))
-    ids = torch.randint(0, config.vocab_size, (2, 8), generator=torch.Generator().manual_seed(1))
-    peft_model.train()(input_ids=ids, labels=ids).loss.backward()
-    moe = "block_sparse_moe"
-    routers = [peft_model.get_submodule(f"base_model.model.model.layers.{i}.{moe}.router") for i in range(2)]
-    assert not any(isinstance(router, BaseTunerLayer) for router in routers)  # PEFT left them alone
-    est = estimate_memory(config, method=method, rank_plan_or_rank=4)
-    assert est.trainable_params == sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
-    with pytest.raises(ConfigError, match="leaves this family's fused experts and router alone"):
-        estimate_memory(config, method=method, rank_plan_or_rank=4, roles=("router",))
-    # a plan of the routers: the parameters its peft_config targets
     plan = RankPlan(modules=tuple(
         ModuleRank(name=f"model.layers.{i}.{moe}.router", role="other", layer=i, shape=(3, 32), rank=2, alpha=4.0,
                    energy=1.0, energy_upper=1.0, params=2 * 35, reason="energy") for i in range(2)),
@@ -296,32 +253,6 @@ def test_moe_families_the_model_would_count_wrong_are_refused(family, match):
     if family == "minimax":  # a config.json without layer_types: transformers gives it lightning attention too
         with pytest.raises(ConfigError, match=match):
             estimate_memory(config.to_dict() | {"layer_types": None}, method="lora", rank_plan_or_rank=4)
-
-
-@_PEFT_PATTERN_WARNING
-@pytest.mark.parametrize("method", ["lora", "dora"])
-def test_an_int_rank_adapts_the_experts_where_peft_converts_all_linear(method):
-    """Whether all-linear reaches an MoE's fused experts is PEFT's transformers-5 conversion run on the model built
-    from the config (convert_peft_config_for_transformers), not a list of families: MiniMax's (Mixtral's layout;
-    attention layers only) become target_parameters, gate_up_proj at 2·r, as Mixtral's, so DoRA is refused. The
-    estimate trains what PEFT's all-linear model trains, which runs forward and backward. The table named Mixtral
-    alone: MiniMax's experts were not counted (2072 trainable of 10136)."""
-    import torch
-    import transformers as tf
-    from peft import LoraConfig, get_peft_model
-
-    config = _tiny_config("minimax_full")
-    if method == "dora":
-        with pytest.raises(ConfigError, match="minimax model's down, gate_up, router as parameters"):
-            estimate_memory(config, method=method, rank_plan_or_rank=4)
-        return
-    torch.manual_seed(0)
-    peft_model = get_peft_model(tf.MiniMaxForCausalLM(config), LoraConfig(r=4, target_modules="all-linear"))
-    ids = torch.randint(0, config.vocab_size, (2, 8), generator=torch.Generator().manual_seed(1))
-    peft_model.train()(input_ids=ids, labels=ids).loss.backward()
-    est = estimate_memory(config, method=method, rank_plan_or_rank=4)
-    assert est.trainable_params == sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
-    assert not model_shape(_tiny_config("granitemoe").to_dict()).experts_all_linear  # no conversion: left alone
 
 
 @_PEFT_PATTERN_WARNING
@@ -684,11 +615,20 @@ def _trainable(config, method: str, precision: str, tmp_path):
         model.save_pretrained(tmp_path / "base")
         compute = {"bf16": "bfloat16", "fp32": "float32"}[precision]
         model = cls.from_pretrained(tmp_path / "base", quantization_config=nf4_config(compute), dtype=dtype)
-    if method != "full":
+    if method != "full" and getattr(config, "num_local_experts", 1) > 1:
+        model = get_peft_model(model, train_lora_config(model, method))  # what spectra train adapts on an MoE
+    elif method != "full":
         gpt2 = config.model_type == "gpt2"
         model = get_peft_model(model, LoraConfig(r=4, target_modules=["c_attn", "c_proj", "c_fc"] if gpt2
                                                  else "all-linear", fan_in_fan_out=gpt2, use_dora=method == "dora"))
     return model.train()
+
+
+def train_lora_config(model, method: str = "lora", roles: tuple[str, ...] | None = None, rank: int = 4):
+    """The LoraConfig ``spectra train`` builds for ``model`` at ``rank`` (an int rank's targets, no plan)."""
+    from spectra.lora.train import TrainConfig, lora_config
+
+    return lora_config(model, TrainConfig(method=method, rank=rank, roles=roles), task="causal_lm")
 
 
 def _loss(model, batch: int, seq_len: int):
@@ -804,20 +744,18 @@ def test_a_sliding_layers_mask_and_repeated_kv_are_what_autograd_saves(family, m
 
 @_PEFT_PATTERN_WARNING
 @pytest.mark.parametrize("precision", ["bf16", "fp32"])
-@pytest.mark.parametrize(("roles", "lora"), [
-    (None, dict(target_modules="all-linear")),
-    (("q", "down"), dict(target_modules=["q_proj"], target_parameters=["mlp.experts.down_proj"])),
-    (("q", "v"), dict(target_modules=["q_proj", "v_proj"]))])
+@pytest.mark.parametrize("roles", [None, ("q", "down"), ("q", "up"), ("q", "v")])
 @pytest.mark.parametrize("family", ["mixtral", "minimax_full"])
-def test_mixtral_keeps_the_weights_peft_merges_per_layer(family, precision, roles, lora, tmp_path):
-    """PEFT's ParamWrapper merges W + s·B·A into the fused experts' (and the router's) weight in every forward; the
-    product keeps that merged weight for its input's gradient, and the factors it cast to the weight's 16 bits: a
-    copy of every adapted expert weight per layer, whatever the tokens (Mixtral-8x7B at r = 16: 2.6 GiB a layer).
-    One layer's bytes at batch 2, from models of 1 and 2 layers: the model had none of these (bf16, all-linear:
-    83712 modelled, 107340 kept). MiniMax's attention layers keep the same."""
+def test_mixtral_keeps_the_weights_peft_merges_per_layer(family, precision, roles, tmp_path):
+    """PEFT's ParamWrapper merges W + s·B·A into the fused experts' weight in every forward; the product keeps that
+    merged weight for its input's gradient, and the factors it cast to the weight's 16 bits: a copy of every
+    adapted expert weight per layer, whatever the tokens (Mixtral-8x7B at r = 16: 2.6 GiB a layer). One layer's
+    bytes at batch 2, from models of 1 and 2 layers, LoRA as spectra train builds it for those roles (gate_up_proj
+    at r whole for up): the model had none of these (bf16, all-linear: 83712 modelled, 107340 kept). MiniMax's
+    attention layers keep the same."""
     import torch
     import transformers as tf
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
 
     measured, modelled = [], []
     for layers in (1, 2):
@@ -825,7 +763,7 @@ def test_mixtral_keeps_the_weights_peft_merges_per_layer(family, precision, role
         torch.manual_seed(0)
         model_class = getattr(tf, _CLASSES.get(config.model_type, ("", "MixtralForCausalLM"))[1])
         model = model_class(config).to({"bf16": torch.bfloat16, "fp32": torch.float32}[precision])
-        model = get_peft_model(model, LoraConfig(r=4, **lora)).train()
+        model = get_peft_model(model, train_lora_config(model, roles=roles)).train()
         measured.append(saved_bytes(model, lambda m: _loss(m, 2, 16)))
         modelled.append(estimate_memory(config, method="lora", rank_plan_or_rank=4, batch=2, seq_len=16,
                                         precision=precision, roles=roles).activations)
@@ -838,15 +776,14 @@ def test_mixtral_keeps_the_weights_peft_merges_per_layer(family, precision, role
 def test_a_phimoe_blocks_activations_are_what_autograd_saves(method, roles, jitter):
     """PhiMoE's LayerNorms (weight and bias), SparseMixer router (two masked softmaxes, arXiv:2409.12136) and input
     jitter (Phi-3.5-MoE's 0.01: the MLP's input multiplied by noise twice, in place) under full fine-tuning,
-    attention LoRA and the default roles, one block as the test above measures it. The default roles adapt the
-    router's weight as a parameter (target_parameters), as spectra's plans and extracted adapters do: PEFT 0.21's
-    all-linear wraps the router, an nn.Linear whose forward returns a tuple, and the forward fails. At fp32: on the
-    CPU a bf16 LayerNorm keeps its statistics in bf16 (CUDA's in fp32, as modelled). The model had RMSNorms,
-    Mixtral's router and no jitter: 7.6 % over under full fine-tuning without jitter, 0.7 % under with it; the
-    default roles described the router as a LoRA module, which cannot run."""
+    attention LoRA and the default roles, one block as the test above measures it, LoRA as spectra train builds it
+    for the roles (the default ones: the fused experts gate_up_proj and down_proj as target_parameters, no
+    router). At fp32: on the CPU a bf16 LayerNorm keeps its statistics in bf16 (CUDA's in fp32, as modelled). The
+    model had RMSNorms, Mixtral's router and no jitter: 7.6 % over under full fine-tuning without jitter, 0.7 %
+    under with it; the default roles had described the router as a LoRA module, which cannot run."""
     import torch
     import transformers as tf
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
 
     measured, modelled = {}, {}
     for layers in (1, 2):
@@ -854,9 +791,7 @@ def test_a_phimoe_blocks_activations_are_what_autograd_saves(method, roles, jitt
         torch.manual_seed(0)
         model = tf.PhimoeForCausalLM(config)
         if method == "lora":
-            router = {} if roles else {"target_parameters": ["mlp.router.weight"]}  # the default roles' router
-            modules = [f"{role}_proj" for role in roles or ("q", "k", "v", "o")]
-            model = get_peft_model(model, LoraConfig(r=4, target_modules=modules, **router))
+            model = get_peft_model(model, train_lora_config(model, roles=roles))
         model.train()
         for batch in (2, 3):
             measured[layers, batch] = saved_bytes(model, lambda m: _loss(m, batch, 16))
@@ -1231,38 +1166,3 @@ def test_an_encoder_decoder_is_refused_as_one(family):
     with pytest.raises(ConfigError, match=f"model_type {family}: an encoder-decoder") as err:
         estimate_memory(config)
     assert "--task seq2seq_lm` trains it, but its memory is not estimated" in str(err.value)
-
-
-@pytest.mark.filterwarnings("ignore::DeprecationWarning")
-@pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
-def test_an_int_rank_counts_peft_all_linear_not_spectra_trains_default_roles():
-    """The estimate's default roles are PEFT's all-linear (Mixtral: the router's weight at r, gate_up_proj at 2r;
-    PhiMoE: its router, no expert); `spectra train`'s default roles adapt every fused expert parameter at r and no
-    router. The trainable counts differ by exactly those parameters per layer, the reference being PEFT's model
-    built from spectra's own LoraConfig; with the attention roles alone they agree (what the docstring says)."""
-    import copy
-
-    import transformers as tf
-    from peft import get_peft_model
-
-    from spectra.lora.train import TrainConfig, lora_config
-    from tests.models import build_model
-
-    r = 4
-    phimoe = tf.PhimoeForCausalLM(tf.PhimoeConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                                  num_attention_heads=4, num_key_value_heads=2, vocab_size=64,
-                                                  num_local_experts=3))
-    for model in (build_model("mixtral"), phimoe):
-        h, i, e, layers = 32, 48, 3, 2
-        router, gate_up, down = r * (h + e), r * e * (h + 2 * i), r * e * (i + h)
-        for roles in (None, ("q", "k", "v", "o")):
-            config = lora_config(model, TrainConfig(rank=r, roles=roles), task="causal_lm")
-            peft_model = get_peft_model(copy.deepcopy(model), config)
-            trained = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
-            estimated = estimate_memory(model.config, method="lora", rank_plan_or_rank=r, roles=roles).trainable_params
-            if roles is not None:
-                assert estimated == trained
-            elif model.config.model_type == "mixtral":
-                assert estimated - trained == layers * (router + gate_up)  # all-linear's router and second r
-            else:
-                assert estimated - trained == layers * (router - gate_up - down)  # its router; train's experts
