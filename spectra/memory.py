@@ -106,8 +106,8 @@ class ModelShape:
     # plus other towers (vision tower, projector), counted off transformers' model on the meta device
     # (_with_other_towers): held in w, never run on text-only batches, so no activations, gradients or states
     tower_params: int = 0
-    # their linear modules, (role, out, in, stack) each, which PEFT's all-linear (an int rank's default roles) adapts
-    # too; stack as architectures names it ("vision", "projector")
+    # their linear modules, (role, out, in, stack) each, which an int rank adapts where stacks name their stack (as
+    # spectra train does; its default stacks are those text runs through); stack as architectures names it ("vision")
     tower_linears: tuple[tuple[str, int, int, str | None], ...] = ()
     # each layer's sliding attention window (0: full attention; empty: none slides): transformers masks a layer whose
     # window a sequence reaches (seq_len ≥ window), and sdpa then keeps the mask and K, V repeated (_sliding_windows)
@@ -194,7 +194,8 @@ def _with_other_towers(cfg: dict, mtype: str) -> ModelShape:
     model built from the config on the meta device, as everything outside ``language_model`` and the LM head.
 
     Text-only batches are assumed: the vision tower never runs, so it keeps no activations, and LoRA modules
-    that all-linear puts on its linears get no gradient (AdamW makes no states for them). The whole model built
+    on its linears (``stacks`` naming it, as ``spectra train --stacks`` does) get no gradient (AdamW makes no
+    states for them). The whole model built
     must hold what the language model is counted to hold plus the towers, else refused naming both counts."""
     import torch
     from transformers.pytorch_utils import Conv1D
@@ -633,11 +634,12 @@ def estimate_memory(config_or_model: Any, *, method: str = "lora", rank_plan_or_
         ``gate_up_proj`` (gate or up; at r) and ``down_proj`` (down), never a router; with DoRA or QLoRA the
         default roles leave the experts out, and roles that ask for them are refused, as train does.
     stacks : tuple of str, optional
-        Stacks whose modules of ``roles`` an int rank targets (``architectures.STACK_NAMES``); default every stack
-        the config holds. The estimate is of text-only batches, which run the language model alone, so ``language``
-        must be among them: ``("language",)`` leaves a multimodal model's vision tower and projector unadapted
-        (PEFT's all-linear, or ``roles`` alone, adapts their linears too); ``("language", "vision")`` adds the
-        vision tower's. A stack the config lacks is refused.
+        Stacks whose modules of ``roles`` an int rank targets (``architectures.STACK_NAMES``), as ``spectra train
+        --stacks`` takes them; default the language model alone, as train's default (the stacks text runs through:
+        a multimodal model's vision tower and projector are left unadapted). The estimate is of text-only batches,
+        which run the language model alone, so ``language`` must be among them; ``("language", "vision")`` adds
+        the vision tower's linears of ``roles`` (their adapters get no gradient). A stack the config lacks is
+        refused.
     layers_to_transform : int or tuple of int, optional
         The layers that an int rank adapts (PEFT's ``layers_to_transform``). Default: all. A
         plan adapts the layers it names.
@@ -849,8 +851,8 @@ def _adapter_modules(shape: ModelShape, method: str, plan_or_rank: Any, roles: t
                           f"{sorted({r for r, _, _ in shape.linears})}.")
     modules = [m._replace(layer=layer) for layer in sorted(set(layers)) for m in block]
     if shape.tower_linears:  # layers_to_transform refused above
-        for role, o, d_in, stack in shape.tower_linears:  # the other towers' linears: all-linear, or a role asked for
-            if (roles is None or role_selected(role, wanted)) and stack_selected(stack, stacks):
+        for role, o, d_in, stack in shape.tower_linears:  # the other towers' linears of the roles, where stacks name them
+            if stacks is not None and role_selected(role, wanted) and stack_selected(stack, stacks):
                 modules.append(_Adapter(None, role, r, d_in, o, tower=True))
     return modules
 

@@ -1105,9 +1105,14 @@ def _text_only_loss(model, batch: int, seq_len: int = 16):
 @_PEFT_PATTERN_WARNING
 def test_multimodal_gemma3_is_its_language_model_and_frozen_towers():
     """A nested text_config (Gemma3ForConditionalGeneration) was refused ("lacks 'hidden_size'"). Its parameters are
-    the real model's, the vision tower and projector included; all-linear also adapts the vision tower's linears
-    (PEFT's count), but a text-only step gives them no gradient and AdamW no states."""
+    the real model's, the vision tower and projector included. The default stacks adapt what spectra train adapts by
+    default, the language model alone (PEFT's count on train's LoraConfig); they had been PEFT's all-linear, which
+    adapts the vision tower's linears too. Those are what stacks language,vision adapts (PEFT's all-linear count),
+    but a text-only step gives them no gradient and AdamW no states."""
+    import copy
+
     import torch
+    from peft import get_peft_model
 
     from tests.models import build_model
 
@@ -1117,9 +1122,13 @@ def test_multimodal_gemma3_is_its_language_model_and_frozen_towers():
     towers = sum(p.numel() for n, p in model.named_parameters() if ".language_model." not in n and "lm_head" not in n)
     assert shape.params == sum(p.numel() for p in model.parameters()) and shape.tower_params == towers > 0
     assert "text-only" in shape.family
-    est = estimate_memory(config, method="lora", rank_plan_or_rank=4, batch=2, seq_len=16, precision="fp32")
+    est = estimate_memory(config, method="lora", rank_plan_or_rank=4, batch=2, seq_len=16, precision="fp32",
+                          stacks=("language", "vision"))
     text = estimate_memory(config["text_config"], method="lora", rank_plan_or_rank=4, batch=2, seq_len=16,
                            precision="fp32")
+    default = estimate_memory(config, method="lora", rank_plan_or_rank=4, batch=2, seq_len=16, precision="fp32")
+    trained = get_peft_model(copy.deepcopy(model), train_lora_config(model)).parameters()
+    assert default.trainable_params == sum(p.numel() for p in trained if p.requires_grad) == text.trainable_params
     _, peft_model = _gemma3_multimodal(2, "fp32")
     trainable = [p for p in peft_model.parameters() if p.requires_grad]
     assert est.trainable_params == sum(p.numel() for p in trainable) > text.trainable_params
@@ -1150,7 +1159,8 @@ def test_a_multimodal_gemma3_blocks_activations_on_text_are_what_autograd_saves(
         for batch in (2, 3):
             measured[layers, batch] = saved_bytes(model, lambda m: _text_only_loss(m, batch))
             modelled[layers, batch] = estimate_memory(config, method="lora", rank_plan_or_rank=4, batch=batch,
-                                                      seq_len=16, precision=precision).activations
+                                                      seq_len=16, precision=precision,
+                                                      stacks=("language", "vision")).activations
     block = {name: d[2, 3] - d[1, 3] - d[2, 2] + d[1, 2] for name, d in (("measured", measured),
                                                                         ("modelled", modelled))}
     assert block["modelled"] == block["measured"] > 0, block
