@@ -518,13 +518,15 @@ def memory(
     method: Annotated[str, typer.Option(help="full, lora, qlora or dora.")] = "lora",
     rank: Annotated[Optional[int], typer.Option(help="LoRA rank of every targeted module (default 16).")] = None,
     plan: Annotated[Optional[Path], typer.Option(help="A plan from `spectra recommend` instead of --rank.")] = None,
-    roles: Annotated[Optional[str], typer.Option(help="Roles --rank targets (default: all block linears).")] = None,
-    stacks: Annotated[Optional[str], typer.Option(help="Stacks --rank targets, with --roles: language (the language "
-                                                       "model, which text-only batches run: always one of them), "
-                                                       "vision, projector … of a multimodal config. E.g. --stacks "
-                                                       "language leaves a VLM's vision tower unadapted, which "
-                                                       "all-linear or --roles alone adapt too. Default: every "
-                                                       "stack.")] = None,
+    roles: Annotated[Optional[str], typer.Option(help="Roles --rank targets, as `spectra train --roles` takes them "
+                                                      "(default: all block linears; on an MoE the fused experts, "
+                                                      "never the router).")] = None,
+    stacks: Annotated[Optional[str], typer.Option(help="Stacks --rank targets, with --roles, as `spectra train "
+                                                       "--stacks` takes them: language (the language model, which "
+                                                       "text-only batches run: always one of them), vision, "
+                                                       "projector … of a multimodal config. E.g. --stacks "
+                                                       "language,vision adds a VLM's vision tower. Default: the "
+                                                       "language model alone, as train's.")] = None,
     batch: Annotated[int, typer.Option(help="Sequences per step.")] = 1,
     seq_len: Annotated[int, typer.Option(help="Tokens per sequence.")] = 2048,
     precision: Annotated[Optional[str], typer.Option(help="fp32, bf16, fp16 or mixed (bf16 weights and activations, "

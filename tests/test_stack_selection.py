@@ -133,7 +133,8 @@ def test_extract_of_the_vision_tower_alone_and_its_refusals(vl_pair, tmp_path):
 @pytest.mark.filterwarnings("ignore:The following (rank|alpha)_pattern keys:RuntimeWarning")
 def test_memory_of_the_language_models_adapters_is_pefts_count():
     """Gemma 3 multimodal: stacks=language counts the adapters PEFT makes on the language model's linears alone (its
-    trainable parameters), fewer than all-linear's, which adapts the vision tower too; language,vision is all-linear."""
+    trainable parameters), as the default stacks do (spectra train's default: the stacks text runs through), fewer
+    than language,vision, which adapts the vision tower too (all-linear's count)."""
     from peft import LoraConfig, get_peft_model
 
     from spectra.memory import estimate_memory
@@ -145,10 +146,11 @@ def test_memory_of_the_language_models_adapters_is_pefts_count():
     peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(r=4, target_modules=language))
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     est = estimate_memory(config, rank_plan_or_rank=4, precision="fp32", stacks=("language",))
-    everything = estimate_memory(config, rank_plan_or_rank=4, precision="fp32")
+    everything = estimate_memory(config, rank_plan_or_rank=4, precision="fp32", stacks="language,vision")
+    all_linear = get_peft_model(copy.deepcopy(model), LoraConfig(r=4, target_modules="all-linear")).parameters()
     assert est.trainable_params == trainable < everything.trainable_params
-    assert estimate_memory(config, rank_plan_or_rank=4, precision="fp32",
-                           stacks="language,vision").trainable_params == everything.trainable_params
+    assert everything.trainable_params == sum(p.numel() for p in all_linear if p.requires_grad)
+    assert estimate_memory(config, rank_plan_or_rank=4, precision="fp32") == est  # the default: language alone
     assert est.gradients == everything.gradients  # the tower's adapters got no gradient on text batches anyway
     for stacks, message in ((("vision",), "text-only batches"), (("language", "audio"), "no audio stack")):
         with pytest.raises(ConfigError, match=message):
