@@ -237,10 +237,18 @@ def planted_models(family: str, planted: dict[str, int], *, seed: int = 0):
 def tiny_moe(family: str):
     """Two-layer MoE causal LMs whose MLPs PEFT's config conversion rewrites: Qwen3-MoE with layer 0 dense
     (``mlp_only_layers``), DeepSeek-V3 with layer 0 dense (``first_k_dense_replace``) and a shared expert beside the
-    routed ones in layer 1, and Mixtral (``"mixtral"``), both layers routed; 3 experts, width 32."""
+    routed ones in layer 1, and Mixtral (``"mixtral"``), both layers routed; 3 experts, width 32. ``"glm4v_moe"``:
+    GLM-4.5V, whose vision tower's MLP is gate_proj/up_proj/down_proj too, beside a language model like DeepSeek's
+    (4 experts)."""
     import transformers as tf
 
     torch.manual_seed(0)
+    if family == "glm4v_moe":
+        text = dict(hidden_size=32, intermediate_size=40, moe_intermediate_size=16, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, n_routed_experts=4, num_experts_per_tok=2,
+                    first_k_dense_replace=1, n_shared_experts=1, vocab_size=64, head_dim=8)
+        vision = dict(depth=1, hidden_size=32, intermediate_size=16, num_heads=4, out_hidden_size=32)
+        return tf.Glm4vMoeForConditionalGeneration(tf.Glm4vMoeConfig(text_config=text, vision_config=vision)).eval()
     common = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, vocab_size=64)
     if family == "qwen3_moe":
         config = tf.Qwen3MoeConfig(intermediate_size=40, moe_intermediate_size=16, num_key_value_heads=2, head_dim=8,

@@ -126,14 +126,7 @@ def test_a_vision_stack_of_glm4v_moe_is_adapted_and_nothing_else(tmp_path):
     """GLM-4.5V's vision tower MLP is gate_proj/up_proj/down_proj: as target_modules PEFT turned it into the language
     model's fused experts. Extracted with stacks=("vision",), PEFT wraps the tower's projections alone and merges
     the fine-tune's (rank-1) update into them; the language model's dense, shared and routed MLPs, moved too, stay."""
-    import transformers as tf
-
-    torch.manual_seed(0)
-    text = dict(hidden_size=32, intermediate_size=40, moe_intermediate_size=16, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=2, n_routed_experts=4, num_experts_per_tok=2,
-                first_k_dense_replace=1, n_shared_experts=1, vocab_size=64, head_dim=8)
-    vision = dict(depth=1, hidden_size=32, intermediate_size=16, num_heads=4, out_hidden_size=32)
-    base = tf.Glm4vMoeForConditionalGeneration(tf.Glm4vMoeConfig(text_config=text, vision_config=vision)).eval()
+    base = _tiny("glm4v_moe")
     tuned = copy.deepcopy(base)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():

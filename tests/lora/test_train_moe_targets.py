@@ -221,15 +221,9 @@ def test_glm4v_moe_stacks_pick_the_tower_mlp_or_the_language_experts_as_asked():
     """GLM-4.5V's vision MLP is gate_proj/up_proj/down_proj, which PEFT turned into the language model's fused
     experts. --stacks vision --roles gate,up,down: PEFT wraps the tower's MLP weights alone; the default stacks
     (text's): the language model's dense MLP, shared expert and experts, no tower module."""
-    import transformers as tf
     from peft import get_peft_model
 
-    torch.manual_seed(0)
-    text = dict(hidden_size=32, intermediate_size=40, moe_intermediate_size=16, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=2, n_routed_experts=4, num_experts_per_tok=2,
-                first_k_dense_replace=1, n_shared_experts=1, vocab_size=64, head_dim=8)
-    vision = dict(depth=1, hidden_size=32, intermediate_size=16, num_heads=4, out_hidden_size=32)
-    model = tf.Glm4vMoeForConditionalGeneration(tf.Glm4vMoeConfig(text_config=text, vision_config=vision)).eval()
+    model = _tiny("glm4v_moe")
     mlp = re.compile(r"\.(gate|up|down)_proj\.weight$|\.experts\.(gate_up|down)_proj$")
     tower = {n for n, _ in model.named_parameters()  # the tower's blocks; visual.merger is the projector stack
              if mlp.search(n) and ".visual.blocks." in n}
