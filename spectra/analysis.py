@@ -243,13 +243,10 @@ def analyze_delta(d: DeltaW, config: AnalysisConfig) -> dict[str, Any]:
         row["seconds"] = time.perf_counter() - start
         return row
 
-    # A quantised side rounds on its grid. The base's grid counts only where the fine-tune is quantised too (both
-    # rounded from finer weights, as two FP8 releases are); a fine-tune stored finer (bf16) started from the
-    # dequantised base, which its dtype holds exactly, so the base's grid put no noise in ΔW.
-    base_grid = None if d.base_spacing is None or d.tuned_spacing is None else (d.base_format, d.base_spacing)
-    floor = sketch.sampled_noise_floor(d.base, d.tuned, base_dtype=_dtype(d.base_dtype),
-                                       tuned_dtype=_dtype(d.tuned_dtype), base_grid=base_grid,
-                                       tuned_grid=None if d.tuned_spacing is None else (d.tuned_format, d.tuned_spacing))
+    floor = sketch.sampled_noise_floor(  # a quantised side's grid, where pairing gave it (which says when)
+        d.base, d.tuned, base_dtype=_dtype(d.base_dtype), tuned_dtype=_dtype(d.tuned_dtype),
+        base_grid=None if d.base_spacing is None else (d.base_format, d.base_spacing),
+        tuned_grid=None if d.tuned_spacing is None else (d.tuned_format, d.tuned_spacing))
     d.base_spacing = d.tuned_spacing = None
     d.tuned = None  # not needed any more: free it before the decomposition's workspace
     spec = module_spectrum(d.delta, config, total_energy=fro2, low=d.delta_low)

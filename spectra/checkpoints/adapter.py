@@ -301,7 +301,6 @@ def plan_adapter(adapter, base, config: dict[str, Any] | None) -> tuple[list[Ada
     match = match_names([m + ".weight" for m in modules], base_weights)
     base_tensors = {m.removesuffix(".weight"): t for m, t in match.pairs.items()}  # adapter module -> base tensor
     # Two adapter modules whose names both end one base tensor's (layers.0.mlp.up_proj and 0.mlp.up_proj): no guess.
-    # (Read as renamed, both became that tensor's ΔW; before, planning stopped on a KeyError.)
     twice = [n.removesuffix(".weight") for key, names in match.ambiguous.items()
              if key.removesuffix(".weight") not in modules for n in names]
     if twice:

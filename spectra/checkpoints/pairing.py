@@ -309,7 +309,7 @@ class Pairing:
             if _held(b.shape, in_out) != _held(t.shape, tuned_in_out):
                 raise _shape_error(b_name, b.shape, t.shape, self.base, self.tuned, t_name,
                                    experts=len(b.shape) == 3 == len(t.shape))
-            if experts_stored_unlike(module, b.shape, t.shape, self.config):
+            if in_out != tuned_in_out:  # stored in opposite layouts that load alike (experts_stored_unlike)
                 common["tuned_conv1d"] = tuned_in_out
                 self._mixed_layouts.append((b_name, tuple(b.shape), t_name, tuple(t.shape)))
             out = []
@@ -535,12 +535,14 @@ class Pairing:
             n = len(range(*proj.rows.indices(shape[0]))) if isinstance(proj.rows, slice) else len(proj.rows)
             shape = (n, *shape[1:])
         sides = ((self.base, entry.base_tensor, False), (self.tuned, entry.tuned_tensor, True))
-        formats = [source.storage_format(tensor) if tensor is not None and hasattr(source, "storage_format") else None
-                   for source, tensor, _ in sides]
-        # the spacing only where the floor uses it: the fine-tune quantised (then the base's too, where it is)
+        formats = [None if tensor is None else source.storage_format(tensor) for source, tensor, _ in sides]
+        # The spacing only where the noise floor uses it. A quantised side rounds on its grid; the base's grid
+        # counts only where the fine-tune is quantised too (both rounded from finer weights, as two FP8 releases
+        # are): a fine-tune stored finer (bf16) started from the dequantised base, which its dtype holds exactly,
+        # so the base's grid put no noise in ΔW.
         grids = [None if fmt is None or formats[1] is None or base is None or entry.kind != "matrix"
-                 or entry.added_rows else _spacing(source, tensor, entry, proj, tuned=tuned)
-                 for fmt, (source, tensor, tuned) in zip(formats, sides)]
+                 or entry.added_rows else _spacing(source, tensor, entry, proj, tuned=is_tuned)
+                 for fmt, (source, tensor, is_tuned) in zip(formats, sides)]
         return DeltaW(
             name=name, role=info.role, layer=info.layer, expert=info.expert, stack=info.stack, kind=entry.kind,
             shape=tuple(shape),
@@ -693,7 +695,7 @@ def _read_stored(source, name: str, entry: PairEntry) -> torch.Tensor:
 
 def _spacing(source, tensor: str, entry: PairEntry, proj, *, tuned: bool = False) -> torch.Tensor:
     """A quantised tensor's grid spacing at each element of a record (its rows of the oriented matrix)."""
-    _, spacing = source.quantized_spacing(tensor, entry.expert_index)
+    spacing = source.quantized_spacing(tensor, entry.expert_index)
     spacing = _orient(spacing, entry, tuned=tuned)
     if proj is not None:
         spacing = spacing[proj.rows if isinstance(proj.rows, slice) else list(proj.rows)]

@@ -20,6 +20,7 @@ their raw codes would otherwise be read as weights.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -56,12 +57,15 @@ def code_spacing(codes: torch.Tensor, significand_bits: int, min_exponent: int) 
     return torch.exp2((exponent - (significand_bits - 1)).float())
 
 
+# byte -> (its low nibble's FP4 value, its high nibble's)
+_FP4_BYTE_PAIRS = torch.tensor(FP4_VALUES, dtype=torch.float32)[torch.arange(256).reshape(256, 1)
+                                                                 >> torch.tensor([0, 4]) & 0x0F]
+
+
 def mxfp4_codes(blocks: torch.Tensor) -> torch.Tensor:
     """The unscaled FP4 values of uint8 blocks (E, out, G, 16): (E, out, G, 32) float32, low nibble first."""
     experts, rows, groups, width = blocks.shape
-    pairs = torch.tensor(FP4_VALUES, dtype=torch.float32)[torch.arange(256).reshape(256, 1) >> torch.tensor([0, 4])
-                                                           & 0x0F]  # byte -> (its low nibble's, its high nibble's)
-    return pairs[blocks.int()].reshape(experts, rows, groups, 2 * width)
+    return _FP4_BYTE_PAIRS[blocks.int()].reshape(experts, rows, groups, 2 * width)
 
 
 def _mxfp4_scaled(values: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -167,7 +171,10 @@ def quantized_tensors(infos: Mapping[str, Any], config: Mapping | None, spec: st
             if method == "mxfp4":
                 raise CheckpointError(f"{spec}: {blocks} is not MXFP4 as gpt-oss stores it (uint8 blocks (E, out, "
                                       f"groups, 16) beside uint8 {scales} (E, out, groups)); found {b.dtype} "
-                                      f"{b.shape} and {'nothing' if s is None else f'{s.dtype} {s.shape}'}.")
+                                      f"{b.shape} and {'nothing' if s is None else f'{s.dtype} {s.shape}'}. The "
+                                      "checkpoint is incomplete or in another layout: download it again, or give a "
+                                      "dequantised one (load it with Mxfp4Config(dequantize=True) and save_pretrained "
+                                      "it).")
             continue
         experts, rows, groups, width = b.shape
         found[name] = QuantizedTensor((experts, groups * 2 * width, rows), torch.bfloat16, (blocks, scales),
@@ -181,12 +188,14 @@ def quantized_tensors(infos: Mapping[str, Any], config: Mapping | None, spec: st
             raise CheckpointError(f"{spec}: {scales} does not scale an FP8 weight as quant_method fp8 stores it "
                                   f"(float8 {name} with one scale per {block or 'tensor'} block, or a grid of scales "
                                   f"that tiles it); found {'no weight' if w is None else f'{w.dtype} {w.shape}'} and "
-                                  f"scales {tuple(s.shape)}.")
+                                  f"scales {tuple(s.shape)}. The checkpoint is incomplete or in another layout "
+                                  "(check weight_block_size in its config.json): download it again, or give a "
+                                  "dequantised one (load it with its quantisation's dequantize option and "
+                                  "save_pretrained it).")
         configured = None if block is None else (int(block[0]), int(block[1]))
         found[name] = QuantizedTensor(tuple(w.shape), torch.float32, (name, scales),
-                                      lambda weight, scale, b=configured: dequantize_fp8(weight, scale, b),
-                                      str(w.dtype).removeprefix("torch."),
-                                      lambda weight, scale, b=configured: fp8_spacing(weight, scale, b))
+                                      functools.partial(dequantize_fp8, block=configured),
+                                      str(w.dtype).removeprefix("torch."), functools.partial(fp8_spacing, block=configured))
     parts = {p for q in found.values() for p in q.parts}
     codes = [n for n, i in infos.items() if n not in parts and i.dtype in _CODES and len(i.shape) >= 2]
     scaled = [n for n in codes if str(infos[n].dtype).startswith("torch.float8")

@@ -169,6 +169,7 @@ class CheckpointSource:
     _infos: dict[str, TensorInfo] = field(default_factory=dict, repr=False)
 
     _quantized: dict[str, QuantizedTensor] = field(default_factory=dict, repr=False)
+    _parts: dict[str, TensorInfo] = field(default_factory=dict, repr=False)  # a quantised weight's stored tensors
 
     def __post_init__(self) -> None:
         for file in self.files:
@@ -179,6 +180,7 @@ class CheckpointSource:
         self._quantized = quantized_tensors(self._infos, self.config, self.spec)
         listed = {q.parts[0]: name for name, q in self._quantized.items()}
         scales = {q.parts[1] for q in self._quantized.values()}
+        self._parts = {part: self._infos[part] for q in self._quantized.values() for part in q.parts}
         infos = {}
         for name, info in self._infos.items():
             if name in listed:
@@ -242,8 +244,7 @@ class CheckpointSource:
         :mod:`spectra.checkpoints.quantized` dequantises it)."""
         info = self.info(name)
         if name in self._quantized:
-            q = self._quantized[name]
-            return q.decode(*(self._read_stored(part) for part in q.parts))
+            return self._quantized[name].decode(*self._stored_parts(name))
         return self._reader(info.file).read(name)
 
     def read_expert(self, name: str, expert: int) -> torch.Tensor:
@@ -256,10 +257,8 @@ class CheckpointSource:
         info = self.info(name)
         if not len(info.shape) or not 0 <= expert < info.shape[0]:
             raise CheckpointError(f"tensor {name!r} in {self.spec} has shape {info.shape}: no expert {expert}")
-        if name in self._quantized:  # each part's slice of the expert, or the part whole where it has none
-            q = self._quantized[name]
-            return q.decode(*(self._read_stored(part, expert)[None] if self._per_expert(part, info.shape)
-                              else self._read_stored(part) for part in q.parts))[0]
+        if name in self._quantized:
+            return self._quantized[name].decode(*self._stored_parts(name, expert))[0]
         return self._reader(info.file).read_expert(name, expert)
 
     def storage_format(self, name: str) -> str | None:
@@ -267,33 +266,27 @@ class CheckpointSource:
         q = self._quantized.get(name)
         return None if q is None else q.grid
 
-    def quantized_spacing(self, name: str, expert: int | None = None) -> tuple[str, torch.Tensor] | None:
-        """(format, each element's grid spacing) of a quantised tensor as :meth:`read`/:meth:`read_expert` give it,
-        the rounding its storage made (:mod:`spectra.checkpoints.quantized`); None for any other tensor."""
+    def quantized_spacing(self, name: str, expert: int | None = None) -> torch.Tensor | None:
+        """Each element's grid spacing in a quantised tensor, shaped as :meth:`read`/:meth:`read_expert` give it: the
+        rounding its storage made (:mod:`spectra.checkpoints.quantized`); None for any other tensor."""
         q = self._quantized.get(name)
         if q is None:
             return None
-        if expert is None:
-            return q.grid, q.spacing(*(self._read_stored(part) for part in q.parts))
+        spacing = q.spacing(*self._stored_parts(name, expert))
+        return spacing if expert is None else spacing[0]
+
+    def _stored_parts(self, name: str, expert: int | None = None) -> list[torch.Tensor]:
+        """A quantised tensor's stored parts (codes, scales): whole, or for one expert each part's slice of it
+        (shaped (1, …)), or the part whole where it holds none per expert (one scale for all)."""
         shape = self.info(name).shape
-        return q.grid, q.spacing(*(self._read_stored(part, expert)[None] if self._per_expert(part, shape)
-                                   else self._read_stored(part) for part in q.parts))[0]
-
-    def _per_expert(self, part: str, shape: tuple[int, ...]) -> bool:
-        """Whether a quantised tensor's stored part holds one slice per expert of the (E, ·, ·) tensor it encodes."""
-        for file in self.files:
-            stored = self._reader(file).infos.get(part)
-            if stored is not None:
-                return len(stored.shape) >= len(shape) and stored.shape[0] == shape[0]
-        raise CheckpointError(f"tensor {part!r} is not in {self.spec}")
-
-    def _read_stored(self, name: str, expert: int | None = None) -> torch.Tensor:
-        """A stored tensor, listed or not (a quantised weight's codes and scales are listed as the weight)."""
-        for file in self.files:
-            reader = self._reader(file)
-            if name in reader.infos:
-                return reader.read(name) if expert is None else reader.read_expert(name, expert)
-        raise CheckpointError(f"tensor {name!r} is not in {self.spec}")
+        out = []
+        for part in self._quantized[name].parts:
+            stored = self._parts[part]
+            reader = self._reader(stored.file)
+            per_expert = len(stored.shape) >= len(shape) and stored.shape[0] == shape[0]
+            out.append(reader.read(part) if expert is None or not per_expert
+                       else reader.read_expert(part, expert)[None])
+        return out
 
     def _reader(self, file: Path):
         if file not in self._readers:

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
+from spectra.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class ModelTarget:
@@ -159,6 +161,8 @@ def peft_rewritten_modules(names: Iterable[str], model) -> list[str]:
     empty without PEFT or without the conversion.
     """
     names = list(names)
+    if not names:
+        return []
     try:
         from peft import LoraConfig
         from peft.utils.transformers_weight_conversion import convert_peft_config_for_transformers
@@ -170,8 +174,6 @@ def peft_rewritten_modules(names: Iterable[str], model) -> list[str]:
         convert_peft_config_for_transformers(config, model=model, conversions=None)
         return set(config.target_modules or ()) & set(batch)
 
-    if not names:
-        return []
     try:
         left = kept(names)
     except ValueError:  # a part of a fused pair (gate_proj without up_proj): PEFT refuses; ask name by name
@@ -182,6 +184,26 @@ def peft_rewritten_modules(names: Iterable[str], model) -> list[str]:
             except ValueError:
                 pass
     return [n for n in names if n not in left]
+
+
+
+def rewritten_weights(names: Iterable[str], model) -> list[str]:
+    """:func:`peft_rewritten_modules` of ``names``, each checked to be a Linear whose (out, in) weight can be adapted
+    in its place (``target_parameters`` ``{name}.weight``, which PEFT leaves alone).
+
+    Raises
+    ------
+    ConfigError
+        A rewritten target that is no Linear (a Conv1D, say): there is no weight to adapt instead.
+    """
+    rewritten = peft_rewritten_modules(names, model)
+    for name in rewritten:
+        module = model.get_submodule(name)
+        if not isinstance(module, torch.nn.Linear) or module.weight.dim() != 2:
+            raise ConfigError(f"{name}: PEFT rewrites this target_modules entry of {type(model).__name__} into a "
+                              "fused expert parameter, and it is no Linear whose (out, in) weight spectra could "
+                              "adapt instead. Leave its role out (--roles q,k,v,o).")
+    return rewritten
 
 
 def owning_modules(names: Iterable[str], model) -> tuple[dict[str, str | None], set[str]]:

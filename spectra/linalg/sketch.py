@@ -231,9 +231,11 @@ def heteroscedastic_edge(base: torch.Tensor, tuned: torch.Tensor, base_dtype: to
     """(mean variance, edge) of independent rounding noise whose variance v_ij = (Δ_base,ij² + Δ_tuned,ij²) / 12
     varies by element: Δ a side's grid spacing where given, else its dtype's ulp of the element.
 
-    The edge is max_i √(Σ_j v_ij) + max_j √(Σ_i v_ij), the leading term of Bandeira and van
-    Handel's bound on the expected norm of a matrix of independent entries (Ann. Probab. 44, 2016,
-    Theorem 1.1); for equal variances it is the Marchenko–Pastur edge σ(√m + √n). Rows are
+    The edge is σ₁ + σ₂ = max_i √(Σ_j v_ij) + max_j √(Σ_i v_ij), the leading term of Bandeira and
+    van Handel's bound E‖X‖ ≤ (1 + ε)(σ₁ + σ₂) + C_ε·max|σ_ij|·√log(m + n) for a rectangular matrix
+    of independent centred entries ("Sharp nonasymptotic bounds on the norm of random matrices with
+    independent entries", Ann. Probab. 44, 2016, the rectangular form of their Theorem 1.1); for
+    equal variances it is the Marchenko–Pastur edge σ(√m + √n). Rows are
     taken in chunks of ~4 M elements (float64 variances).
     """
     m, n = base.shape

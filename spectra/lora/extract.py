@@ -487,20 +487,16 @@ def _unconverted_parameters(entries, model_names: dict[str, str], pairing: Pairi
     if model is None:
         return {}
     from spectra.checkpoints.placement import PlacementError, parameter_sources, split_sources
-    from spectra.checkpoints.targets import peft_rewritten_modules
+    from spectra.checkpoints.targets import rewritten_weights
 
     modules = dict(model.named_modules())
     wrapped = [e for e in entries if model_names[e.name] not in modules]  # named by their stored name
     targets = model_targets([model_names[e.name] for e in wrapped], model)
     parameter_of = {e.name: targets[model_names[e.name]].name for e in wrapped}
-    rewritten = set(peft_rewritten_modules(sorted({model_names[e.name] for e in entries} & set(modules)), model))
+    rewritten = set(rewritten_weights(sorted({model_names[e.name] for e in entries} & set(modules)), model))
     for entry in entries:
         module = model_names[entry.name]
         if module in rewritten:
-            if not isinstance(modules[module], torch.nn.Linear):
-                raise ConfigError(f"{entry.name}: PEFT rewrites the target_modules entry {module} of "
-                                  f"{type(model).__name__} into a fused expert parameter, and it is no Linear whose "
-                                  "weight extract could adapt instead. Leave its role out (--roles).")
             wrapped.append(entry)
             parameter_of[entry.name] = f"{module}.weight"
     if not wrapped:

@@ -631,7 +631,7 @@ def peft_targets(model, config: TrainConfig, *, notes: list[str] | None = None) 
 def _peft_targets(model, config: TrainConfig, *, notes: list[str] | None = None) -> tuple[list[str], list[str],
                                                                                            list[str]]:
     """:func:`peft_targets` whatever the method: (modules, weights of the modules PEFT would rewrite, experts)."""
-    from spectra.checkpoints.targets import peft_rewritten_modules
+    from spectra.checkpoints.targets import rewritten_weights
 
     if config.target_modules:
         targets, experts = list(config.target_modules), []
@@ -641,14 +641,7 @@ def _peft_targets(model, config: TrainConfig, *, notes: list[str] | None = None)
                               "model.named_modules() lists them, e.g. model.layers.0.self_attn.q_proj.")
     else:
         targets, experts = role_targets(model, config.roles, stacks=config.stacks, notes=notes)
-    rewritten = peft_rewritten_modules(targets, model)
-    cls = type(model).__name__
-    for name in rewritten:
-        weight = getattr(model.get_submodule(name), "weight", None)
-        if weight is None or weight.dim() != 2 or _has_conv1d(model, [name]):
-            raise ConfigError(f"{name}: PEFT rewrites this target of {cls} into a fused expert parameter, and its "
-                              "weight is not an (out, in) matrix spectra could adapt instead. Leave its role out "
-                              "(--roles q,k,v,o).")
+    rewritten = rewritten_weights(targets, model)
     return [t for t in targets if t not in rewritten], [f"{name}.weight" for name in rewritten], experts
 
 

@@ -261,7 +261,7 @@ class RankPlan:
     def _model_settings(self, model) -> tuple[dict, set, list]:
         """Target → (rank, alpha, conv1d) on ``model``, the targets that are parameters, and notes."""
         from spectra.checkpoints.architectures import module_info
-        from spectra.checkpoints.targets import peft_rewritten_modules
+        from spectra.checkpoints.targets import rewritten_weights
 
         cls = type(model).__name__
         left_out = {m.name: m.reason for m in self.left_out}
@@ -280,14 +280,10 @@ class RankPlan:
                                   "drop one from the plan.")
             else:
                 settings[target.name] = (m.rank, m.alpha, m.conv1d)
-        rewritten = peft_rewritten_modules(list(settings), model)  # PEFT would turn them into other targets
-        for module in rewritten:  # …mlp.gate_proj of a dense layer or shared expert, a tower's MLP: named by weight
-            rank, alpha, conv1d = settings.pop(module)
-            weight = model.get_submodule(module).weight
-            if conv1d or weight.dim() != 2:
-                raise ConfigError(f"{module}: PEFT rewrites this target_modules entry of {cls} into a fused expert "
-                                  "parameter, and its weight is not an (out, in) matrix it could adapt instead. Leave "
-                                  "its role out (--roles).")
+        # …mlp.gate_proj of a dense layer or shared expert, a tower's MLP, which PEFT would turn into other targets:
+        rewritten = rewritten_weights(list(settings), model)
+        for module in rewritten:  # named by their weight
+            rank, alpha, _ = settings.pop(module)
             settings[f"{module}.weight"] = (rank, alpha, False)
         notes = []
         for parameter, members in fused.items():

@@ -13,7 +13,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from spectra.checkpoints.pairing import iter_deltas
 from spectra.checkpoints.source import open_checkpoint
@@ -217,8 +217,6 @@ def test_an_fp8_base_pairs_with_its_fine_tune_in_float32(tmp_path):
 
 
 def test_malformed_fp8_scales_are_named(tmp_path):
-    from safetensors.torch import load_file
-
     _, base = _fp8_llama(tmp_path)
     state = load_file(str(base / "model.safetensors"))
     state["model.layers.0.mlp.down_proj.weight_scale_inv"] = torch.ones(3, 3)  # tiles neither 16 × 16 nor exactly
@@ -421,14 +419,14 @@ def test_two_quantised_checkpoints_have_their_grids_rounding_as_noise_floor(fmt,
     assert row["base_dtype"] == row["tuned_dtype"] == ("float8_e4m3fn" if fmt == "fp8" else "mxfp4")
     variance = 0.0
     for side in (b, t):
-        source = open_checkpoint(side)
+        stored = load_file(str(side / "model.safetensors"))  # the codes and scales as written, not through spectra
         if fmt == "fp8":
-            codes = source._read_stored(f"{name}.weight").float().numpy()
-            scales = source._read_stored(f"{name}.weight_scale_inv").double().numpy()
+            codes = stored[f"{name}.weight"].float().numpy()
+            scales = stored[f"{name}.weight_scale_inv"].double().numpy()
             spacing = _spacing_fp8(codes) * np.kron(scales, np.ones((16, 16)))
         else:  # expert 0 of down_proj, (out, G, 32) as stored: the module's (out, in)
-            blocks = source._read_stored("model.layers.0.mlp.experts.down_proj_blocks")[0].numpy()
-            scales = source._read_stored("model.layers.0.mlp.experts.down_proj_scales")[0].numpy().astype(np.int64)
+            blocks = stored["model.layers.0.mlp.experts.down_proj_blocks"][0].numpy()
+            scales = stored["model.layers.0.mlp.experts.down_proj_scales"][0].numpy().astype(np.int64)
             values = np.abs(FP4[np.stack((blocks & 15, blocks >> 4), -1).reshape(blocks.shape[0], -1)])  # (out, in)
             spacing = np.where(values < 2, 0.5, np.where(values < 4, 1.0, 2.0)) * 2.0 ** (np.repeat(scales, 32, -1) - 127)
         variance = variance + spacing ** 2 / 12
@@ -466,5 +464,5 @@ def test_a_fine_tune_stored_finer_than_its_quantised_base_has_the_dtype_floor(tm
     as_bf16 = sampled_noise_floor(pair.base, pair.tuned, base_dtype=torch.bfloat16, tuned_dtype=torch.bfloat16)
     assert row["noise"]["sigma"] == pytest.approx(as_bf16.sigma, rel=1e-12)
     assert row["noise"]["rank_above"] >= 2
-    _, spacing = open_checkpoint(base).quantized_spacing("model.layers.0.mlp.experts.down_proj", 0)
+    spacing = open_checkpoint(base).quantized_spacing("model.layers.0.mlp.experts.down_proj", 0)
     assert float(spacing.double().square().mean().sqrt()) > 30 * as_bf16.sigma  # what counting FP4 would have added
