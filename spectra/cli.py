@@ -16,7 +16,7 @@ from typing import Annotated, Optional
 import typer
 from rich.markup import escape  # module names hold brackets ("c_attn[q]") that rich would read as markup
 
-from spectra.checkpoints.architectures import STACKS  # no torch: the names --stacks takes, for its help
+from spectra.checkpoints.architectures import STACKS, parse_stacks  # no torch: the names --stacks takes
 
 app = typer.Typer(
     name="spectra",
@@ -80,12 +80,12 @@ def pairs(
     pairing = Pairing(base, tuned, options)
     deltas = list(pairing)
     experts = any(d.expert is not None for d in deltas)  # the column only for mixture-of-experts models
-    stacks = any(d.stack is not None for d in deltas)  # and for checkpoints of several stacks (a vision tower, …)
+    show_stacks = any(d.stack is not None for d in deltas)  # and for checkpoints of several stacks (a vision tower)
     shown = {d.stack for d in deltas}
-    rows = [(*((stack_label(d.stack, shown),) if stacks else ()), d.role, _fmt(d.layer),
+    rows = [(*((stack_label(d.stack, shown),) if show_stacks else ()), d.role, _fmt(d.layer),
              *((_fmt(d.expert),) if experts else ()), "×".join(map(str, d.shape)),
              f"{d.base_format or d.base_dtype}→{d.tuned_format or d.tuned_dtype}", d.kind) for d in deltas]
-    headers = (*(("stack",) if stacks else ()), "role", "layer", *(("expert",) if experts else ()), "shape", "dtypes",
+    headers = (*(("stack",) if show_stacks else ()), "role", "layer", *(("expert",) if experts else ()), "shape", "dtypes",
                "kind")
     console = Console()
     console.print(_module_table(f"{len(deltas)} ΔW pairs", [d.name for d in deltas], rows, headers))
@@ -1008,8 +1008,6 @@ def _split(value: str | None) -> tuple[str, ...] | None:
 
 def _stacks(value: str | None) -> tuple[str, ...] | None:
     """--stacks as the library spells it (decoder → language); an unknown stack refused, naming the option."""
-    from spectra.checkpoints.architectures import parse_stacks
-
     return parse_stacks(value, option="--stacks")
 
 

@@ -253,6 +253,9 @@ def truncation_sweep(base, tuned, data, *, ranks=(1, 2, 4, 8, 16, 32, 64), plan=
 
     config = config or SweepConfig()
     ranks = _check(ranks, non_target, groups)
+    if plan is not None and config.stacks is not None:  # before the data, the model and the calibration are read
+        raise ConfigError("a plan names the modules to truncate, so stacks (--stacks) would be ignored; plan the "
+                          "stacks with `spectra recommend --stacks`, or sweep without a plan.")
     start = time.perf_counter()
     notes: list[str] = []  # the data's, then the calibration's, then the pairing's
     task, tokens, _, label_names, tokenizer = prepare_data(model_dir(tuned), data, task=config.task,
@@ -269,9 +272,6 @@ def truncation_sweep(base, tuned, data, *, ranks=(1, 2, 4, 8, 16, 32, 64), plan=
             max_length_option="max_length (--max-length)", progress=progress)  # the sweep's option cuts both
     if calibration is not None:
         notes += [n for n in calibration.notes if n not in notes]  # the base cut as the data was: said once
-    if plan is not None and config.stacks is not None:
-        raise ConfigError("a plan names the modules to truncate, so stacks (--stacks) would be ignored; plan the "
-                          "stacks with `spectra recommend --stacks`, or sweep without a plan.")
     weights = ModelWeights(model, base, tuned, plan=plan, roles=config.roles, stacks=config.stacks)
     weights.notes[:0] = notes
     top = max((r for r in ranks if r > 0), default=0)

@@ -127,6 +127,12 @@ def test_extract_of_the_vision_tower_alone_and_its_refusals(vl_pair, tmp_path):
         extract_adapter(b, t, 1, tmp_path / "none", stacks=("audio",), progress=False)
     with pytest.raises(ConfigError, match=r"unknown stack\(s\) visual"):
         extract_adapter(b, t, 1, tmp_path / "none", stacks=("visual",), progress=False)
+    from spectra.ranks import RankPolicy, recommend_ranks
+
+    plan = recommend_ranks(analyze(b, t, AnalysisConfig(roles=("q",)), cache_dir=False, progress=False),
+                           RankPolicy(energy=0.9, roles=("q",)))
+    with pytest.raises(ConfigError, match="stacks go with a uniform rank; a plan names its modules"):
+        extract_adapter(b, t, plan, tmp_path / "none", stacks=("vision",), progress=False)
     assert not (tmp_path / "none").exists()
 
 

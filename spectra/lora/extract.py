@@ -167,13 +167,15 @@ def extract_adapter(base, tuned, plan_or_rank, out_dir: str | os.PathLike, *, ro
     if not selected:
         raise ConfigError("nothing to extract: no module of the pair matches the plan or roles "
                           f"({', '.join(roles or _DEFAULT_ROLES)})"
-                          + (f" of the stacks {', '.join(stacks)}." if stacks is not None else "."))
+                          + (f" of the stacks {', '.join(stacks)}" if stacks is not None else "")
+                          + "; widen --roles or --stacks (`spectra pairs BASE TUNED` lists each module's role and "
+                          "stack).")
     if plan is not None:
         plan.check_base(pairing.base)
     save_names = _modules_to_save(pairing, modules_to_save)
     saved_modules = sorted({n.rsplit(".", 1)[0] for n in save_names})
     model_class, model = _adapter_model(pairing, model_class, selected, saved_modules)  # None: no config.json
-    model_names = _model_names(selected, model, model_class, targets)  # checkpoint module name -> the model's
+    model_names = _model_names(selected, model, model_class)  # checkpoint module name -> the model's
     on_parameters = _unconverted_parameters(selected, model_names, pairing, model,  # entry name -> its slice
                                            use_rslora=use_rslora, planned=targets)
     saved_names = _saved_names(saved_modules, model, model_class)
@@ -415,7 +417,7 @@ def _adapter_model(pairing: Pairing, model_class: str | None, entries, saved_mod
     return candidates[0] if candidates else (None, None)
 
 
-def _model_names(entries, model, model_class: str | None, targets: dict | None = None) -> dict[str, str]:
+def _model_names(entries, model, model_class: str | None) -> dict[str, str]:
     """Entry name → the name of its module in the model class (the adapter's keys and targets).
 
     Adapter keys must use the model's module names, which may differ from the checkpoint's

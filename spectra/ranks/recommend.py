@@ -18,6 +18,7 @@ import json
 import math
 import os
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -297,12 +298,14 @@ def recommend_ranks(analysis: Any, policy: RankPolicy | None = None, *, sweep: A
         _check_sweep_pair(functional["sweep"], base, tuned)
     # a stack the analysis lacks entirely is refused, naming those it holds (the others' left out say why)
     try:
-        missing_stacks(policy.stacks, {r.get("stack") for r in rows if r.get("kind", "matrix") == "matrix"})
+        lacking = missing_stacks(policy.stacks, {r.get("stack") for r in rows if r.get("kind", "matrix") == "matrix"})
     except ConfigError as err:
         if analysed.get("stacks"):  # the analysis chose its stacks: the model may well hold the others
             raise ConfigError(f"{err} The analysis was made with --stacks {','.join(analysed['stacks'])}, so it left "
                               "the others out: analyse them (spectra analyze … --stacks) to plan them.") from None
         raise
+    if lacking:  # some of the stacks asked for: the plan holds the others'
+        warnings.warn(f"{lacking}: the plan holds no module of it", stacklevel=2)
     spectra, left_out = [], []
     for row in rows:
         if row.get("kind", "matrix") != "matrix" or _is_split(row):

@@ -78,3 +78,12 @@ def test_a_stack_an_analysis_was_told_to_leave_out_is_named_as_such():
         recommend_ranks(analysis(*(row for row in ROWS if row.get("stack") == "vision")),
                         RankPolicy(energy=0.9, stacks=("language",)))
     assert "--stacks vision" not in str(plain.value)
+
+
+def test_a_stack_some_of_the_asked_ones_lack_is_said():
+    """--stacks language,audio on an analysis with no audio tower: the language model is planned, and a warning says
+    the audio stack is missing (the note missing_stacks returned had been dropped)."""
+    with pytest.warns(UserWarning, match=r"no audio stack \(its stacks: language, vision, projector\): the plan "
+                                         r"holds no module of it"):
+        planned = _planned(roles=("q", "v"), stacks=("language", "audio"))
+    assert planned == ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj"]
