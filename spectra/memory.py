@@ -1015,7 +1015,8 @@ def _block_bytes(shape: ModelShape, p: int, attention: str, seq_len: int, *, ful
     each RMSNorm its normalised input. ``masked``: transformers passes the layer a mask (its
     sliding window is within the sequence): sdpa converts the boolean (b, 1, s, s) mask to Q's
     dtype and keeps it, s·p per token (CUDA's memory-efficient kernel, which a mask gets, pads s
-    to a multiple of 16), and K, V repeated to every head (:func:`_qkv_bytes`); eager adds the
+    to a multiple of 16: not counted, so on CUDA this is short by up to 15·p per token where s is
+    not a multiple of 16; unchecked, no GPU here), and K, V repeated to every head (:func:`_qkv_bytes`); eager adds the
     mask to its logits, which keeps nothing. Against what transformers 5 saves (tests/test_memory.py):
     exact for Llama, Qwen2, Gemma, Gemma 2, Gemma 3, Phi-3, GPT-2, BERT, Mixtral (transformers'
     default grouped_mm experts), PhiMoE, GraniteMoE, Granite, Helium, ERNIE 4.5, Ministral, SmolLM3

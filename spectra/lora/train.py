@@ -366,7 +366,9 @@ def _keep_4bit_float32(model) -> None:
 
     On a CPU with AVX512-BF16, bitsandbytes (0.50 here) repacks a layer's weight the first time it
     runs in eval mode without gradients and computes in bfloat16 from then on, in training too:
-    the first eval would silently turn ``compute_dtype`` float32 into bfloat16 (~1e-2 relative per layer).
+    the first eval would silently turn ``compute_dtype`` float32 into bfloat16 (bitsandbytes' ``Linear4bit.forward``
+    checks ``support_avx512bf16_for_cpu``; measured here: QLoRA eval losses ~5e-4 relative off a float32 reference,
+    tests/lora/test_seq2seq_qlora.py).
     """
     import bitsandbytes as bnb
 
@@ -515,8 +517,9 @@ def role_targets(model, roles: tuple[str, ...] | None = None, *, stacks: tuple[s
     infos |= experts
     stack_of = {name: info.stack for name, info in infos.items() if role_selected(info.role, roles, name)}
     if not stack_of:
+        held = sorted({info.role for info in infos.values()})
         raise ConfigError(f"the model has no Linear/Conv1D module or expert parameter of role(s) {', '.join(roles)} "
-                          "to adapt.")
+                          f"to adapt; its roles are {', '.join(held) or 'none'}: pass --roles from those.")
 
     def split(names) -> tuple[list[str], list[str]]:
         return [n for n in names if n not in experts], [n for n in names if n in experts]
@@ -684,10 +687,10 @@ def _refuse_parameter_methods_early(folder: Path, config: TrainConfig) -> None:
     if model is None:
         return
     try:
-        targets = _peft_targets(model, config)
+        modules, weights, experts = _peft_targets(model, config)
     except ConfigError:
         return  # refused for another reason: said, with the loaded model's names, after loading
-    _fit_method(type(model).__name__, targets[0], targets[1] + targets[2], config)
+    _fit_method(type(model).__name__, modules, weights + experts, config)
 
 
 def _note_unreached_plan_modules(plan, model, notes: list[str] | None) -> None:
