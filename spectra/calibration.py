@@ -319,9 +319,8 @@ def collect_calibration(model_spec, data, *, config: CalibrationConfig | None = 
     from transformers.pytorch_utils import Conv1D
 
     from spectra.checkpoints.architectures import module_info
-    from spectra.checkpoints.names import match_names
     from spectra.checkpoints.source import open_checkpoint
-    from spectra.checkpoints.targets import loading_rename
+    from spectra.checkpoints.targets import loading_rename, names_by_key
     from spectra.lora.data import batches, model_inputs, read_records
     from spectra.lora.train import load_model, model_device, to_device
 
@@ -333,12 +332,9 @@ def collect_calibration(model_spec, data, *, config: CalibrationConfig | None = 
         model = load_model(model_spec, task=task, device=config.device, notes=notes)
     modules = {name: m for name, m in model.named_modules() if isinstance(m, (torch.nn.Linear, Conv1D))}
     # checkpoint names as transformers loads them (Qwen2-VL's hub model.layers.N… is model.language_model.layers.N…)
-    rename, loaded = loading_rename(model), {}
-    for name in open_checkpoint(model_spec).names():
-        if name.endswith(".weight"):
-            loaded.setdefault(rename(name), name)  # tensors fused into one parameter (experts): not a Linear's
-    match = match_names(list(loaded), [f"{name}.weight" for name in modules])
-    hooked = {t.removesuffix(".weight"): loaded[c] for c, t in match.pairs.items()}  # module name -> checkpoint name
+    stored = names_by_key([n for n in open_checkpoint(model_spec).names() if n.endswith(".weight")],
+                          [f"{name}.weight" for name in modules], loading_rename(model))
+    hooked = {key.removesuffix(".weight"): name for key, name in stored.items()}  # module name -> checkpoint name
     if not hooked:
         raise ConfigError(f"calibration: no Linear/Conv1D module of {model_spec} matches a weight of its checkpoint.")
 

@@ -78,7 +78,7 @@ class ModelWeights:
     """
 
     def __init__(self, model, base, tuned, *, plan=None, roles=None, stacks=None):
-        from spectra.checkpoints.targets import loading_rename
+        from spectra.checkpoints.targets import loading_rename, names_by_key
 
         self.state = model.state_dict()  # key -> tensor sharing the parameter's storage
         if plan is not None and not hasattr(plan, "modules"):
@@ -89,8 +89,8 @@ class ModelWeights:
         self.notes: list[str] = list(self.pairing.notes)
         entries, planned = _target_entries(self.pairing, plan, base, tuned)
         rename = loading_rename(model)
-        self._tuned_names = _names_by_key(self.pairing.tuned.names(), list(self.state), rename)
-        self._base_names = _names_by_key(self.pairing.base.names(), list(self.state), rename)
+        self._tuned_names = names_by_key(self.pairing.tuned.names(), list(self.state), rename)
+        self._base_names = names_by_key(self.pairing.base.names(), list(self.state), rename)
         # parameters no one checkpoint tensor loads into: transformers fused several into each (Mixtral's experts)
         unmatched = [k for k, _ in model.named_parameters() if k not in self._tuned_names]
         fused, refused = _fused_slices(model, self.pairing.tuned, unmatched, self.pairing.config)
@@ -328,20 +328,6 @@ def _target_entries(pairing, plan, base, tuned) -> tuple[list, dict[str, int] | 
                           "Was it made from an analysis of this pair?")
     planned = {m.name: m.rank for m in plan.modules}
     return [by_name[n] for n in planned], planned
-
-
-def _names_by_key(names, keys: list[str], rename) -> dict[str, str]:
-    """state_dict key -> the one checkpoint tensor transformers loads into it, read without loading the model.
-
-    A name is renamed as transformers renames it on loading (gpt_neox's ``embed_out.weight`` is the
-    model's ``lm_head.weight``), then matched to a key up to a prefix. A key several tensors are
-    fused into (Mixtral's per-expert weights into one ``gate_up_proj``) gets none.
-    """
-    names = list(names)
-    loaded = [rename(n) for n in names]
-    counts = Counter(loaded)
-    stored = {new: name for new, name in zip(loaded, names) if counts[new] == 1}  # loaded name -> checkpoint name
-    return {key: stored[new] for new, key in match_names(list(stored), keys).pairs.items()}
 
 
 def _stored_experts(model, tuned, keys: list[str], config) -> dict[str, list[TensorSlice]]:

@@ -293,6 +293,27 @@ def loading_rename(model):
     return lambda key: rename(key)[0]
 
 
+
+def names_by_key(names: Iterable[str], keys: list[str], rename) -> dict[str, str]:
+    """State-dict key (of `keys`) -> the one checkpoint tensor (of `names`) transformers loads into it, read without
+    loading the model.
+
+    A name is renamed as transformers renames it on loading (`rename`: :func:`loading_rename`; gpt_neox's
+    ``embed_out.weight`` is the model's ``lm_head.weight``, Qwen2-VL's hub ``model.layers.N…`` its
+    ``model.language_model.layers.N…``), then matched to a key up to a prefix. A key several tensors are fused
+    into (Mixtral's per-expert weights into one ``gate_up_proj``) gets none.
+    """
+    from collections import Counter
+
+    from spectra.checkpoints.names import match_names
+
+    names = list(names)
+    loaded = [rename(n) for n in names]
+    counts = Counter(loaded)
+    stored = {new: name for new, name in zip(loaded, names) if counts[new] == 1}  # loaded name -> checkpoint name
+    return {key: stored[new] for new, key in match_names(list(stored), keys).pairs.items()}
+
+
 def _loading_conversion(model):
     """Checkpoint tensor name → (the model's name, whether a converter changes the tensor on loading: fuses it into
     a parameter with others, splits or transposes it), as transformers' loader does."""
