@@ -404,6 +404,10 @@ def _tokenized(model_spec, data, config: CalibrationConfig, read_records, *, not
     reading = "seq2seq_lm" if task == "seq2seq_lm" else "causal_lm"
     records = read_records(data, task=reading)
     if task == "auto":
+        # Not resolve_task's records[0]: that follows training's read (task auto), which refuses a file where some
+        # records are labelled and others not, so there the first record speaks for all. Read as texts here, the
+        # labels went unchecked and such a file passed: a classifier's head is loaded only when every record is
+        # labelled; a partly labelled file is calibrated as text (its labels are not needed for activations).
         task = "seq_cls" if all("label" in r for r in records) else "causal_lm"
     _, max_length, tokenizer = prepare_tokenizer(folder, task=task, max_length=config.max_length, option=option,
                                                  notes=notes)
