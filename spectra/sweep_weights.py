@@ -104,10 +104,10 @@ class ModelWeights:
         if not self.targets:
             raise ConfigError(_nothing_to_truncate(entries, plan, self.pairing.options.roles, base, tuned,
                                                    type(model).__name__))
-        self._base_t: set[str] = set()  # non-target keys whose base tensor is stored transposed from the fine-tune's
         targeted = self._filled_keys()  # keys the targets fill whole
         fused_keys = {key for key, _ in fused.values()}
-        self.non_target = self._non_targets(targeted)
+        # and the non-target keys whose base tensor is stored transposed from the fine-tune's
+        self.non_target, self._base_t = self._non_targets(targeted)
         self.slots = self._untargeted_slots(fused, targeted)
         self.fused = self._unlocated_keys(targeted, fused_keys)
         self._fused_values: dict[str, dict[str, torch.Tensor]] = {
@@ -157,18 +157,20 @@ class ModelWeights:
             covered[t.key] += t.place.numel()
         return {k for k, n in covered.items() if n == self.state[k].numel()}
 
-    def _non_targets(self, targeted: set[str]) -> list[str]:
-        """Keys one tensor loads and no target fills; one the base lacks or resized is noted, its base name dropped."""
+    def _non_targets(self, targeted: set[str]) -> tuple[list[str], set[str]]:
+        """Keys one tensor loads and no target fills, and those of them whose base tensor is stored transposed from
+        the fine-tune's (3-D experts); one the base lacks or resized is noted, its base name dropped."""
         non_target = [k for k in self.state if k not in targeted and k in self._tuned_names]
+        base_t = set()
         for key in non_target:
             name = self._base_names.get(key)
             if name is not None and self._base_transposed(key, name):
-                self._base_t.add(key)
+                base_t.add(key)
             elif name is None or tuple(self.pairing.base.info(name).shape) != tuple(self._stored_view(key).shape):
                 self._base_names.pop(key, None)
                 self.notes.append(f"{key}: absent from the base (or resized); taken from the fine-tune in every "
                                   "configuration.")
-        return non_target
+        return non_target, base_t
 
     def _base_transposed(self, key: str, name: str) -> bool:
         """Whether the base stores 3-D experts `name` each transposed from the fine-tune's, as pairing reads them."""
