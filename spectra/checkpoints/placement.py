@@ -18,6 +18,7 @@ spectra does not invert.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -216,7 +217,8 @@ def _transposed_experts(parameter: str, shape: tuple[int, ...], tensor: str, sto
             for e in range(shape[0])]
 
 
-def weight_places(weights: Mapping, params: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
+def weight_places(weights: Mapping, params: Mapping[str, torch.Tensor], *,
+                  rename=None) -> tuple[dict[str, torch.Tensor], list[str]]:
     """Where each checkpoint-named weight of `weights` lies in a model: {name: the parameter or its slice}, and the
     names with no such place.
 
@@ -224,7 +226,11 @@ def weight_places(weights: Mapping, params: Mapping[str, torch.Tensor]) -> tuple
     its ``shape``) oriented (out, in), and ``update`` None or what names its slice of a
     parameter (``parameter``, ``expert``, ``rows``, ``stored_transposed``: a :class:`ParameterSlice`, or an adapter's
     :class:`~spectra.checkpoints.adapter.ExpertUpdate`). A module's weight is the parameter of
-    its name up to a prefix (``match_names``). A slice lies in the parameter transformers fuses
+    its name up to a prefix (``match_names``), its name first renamed by ``rename`` (checkpoint
+    tensor name → the model's, :func:`~spectra.checkpoints.targets.loading_rename`: Qwen2-VL's
+    hub ``model.layers.N…`` loads as ``model.language_model.layers.N…``), but for names that
+    ``rename`` sends to one parameter together (tensors transformers fuses on loading), which
+    keep their own. A slice lies in the parameter transformers fuses
     the checkpoint tensor into on loading, as its conversion table says: expert e of a 3-D
     parameter (E, d₁, d₂), and of it the rows the tensor fills (Mixtral's w1 and w3: rows
     [0, ffn) and [ffn, 2·ffn) of gate_up_proj[e]); a 2-D parameter (a router's weight) whole.
@@ -236,11 +242,15 @@ def weight_places(weights: Mapping, params: Mapping[str, torch.Tensor]) -> tuple
     """
     from spectra.checkpoints.names import match_names
 
-    match = match_names([n + ".weight" for n, (_, _, update) in weights.items() if update is None], list(params))
+    whole = [n for n, (_, _, update) in weights.items() if update is None]
+    loaded = {n: n + ".weight" if rename is None else rename(n + ".weight") for n in whole}
+    fused = {key for key, count in Counter(loaded.values()).items() if count > 1}  # several into one parameter
+    loaded = {n: n + ".weight" if key in fused else key for n, key in loaded.items()}
+    match = match_names(list(loaded.values()), list(params))
     places, unplaced = {}, []
     for name, (W, conv1d, update) in weights.items():
         if update is None:
-            key = match.pairs.get(name + ".weight")
+            key = match.pairs.get(loaded[name])
             place = None if key is None else params[key]
         else:
             key = resolve_name(update.parameter, params)

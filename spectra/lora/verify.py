@@ -35,7 +35,6 @@ experts, per expert, written into the loaded model's fused parameters).
 from __future__ import annotations
 
 import math
-from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -606,6 +605,7 @@ def evaluate_models(base, tuned, adapter_src, eval_data, truncated: dict, *, con
     """
     import json
 
+    from spectra.checkpoints.targets import loading_rename
     from spectra.lora.data import prepare_tokenizer, tokenize_file
     from spectra.lora.train import PEFT_TASKS, evaluate, load_model, model_dir
 
@@ -630,7 +630,8 @@ def evaluate_models(base, tuned, adapter_src, eval_data, truncated: dict, *, con
 
     def svd_model():
         model = base_model()
-        places, unplaced = _loaded_places(truncated, model)
+        # each checkpoint name renamed as transformers' loader renames its tensor (Qwen2-VL's hub model.layers.N…)
+        places, unplaced = _places(truncated, dict(model.named_parameters()), rename=loading_rename(model))
         if unplaced:
             if notes is not None:
                 notes.append(f"eval: the truncated-SVD model is left out: {len(unplaced)} adapted module(s) match no "
@@ -657,22 +658,6 @@ def evaluate_models(base, tuned, adapter_src, eval_data, truncated: dict, *, con
             evals[name] = evaluate(model, data, batch_size=config.batch_size)
             del model
     return evals
-
-
-def _loaded_places(weights: dict, model) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """:func:`~spectra.checkpoints.placement.weight_places` of checkpoint-named ``weights`` in ``model``, each name
-    first renamed as transformers' loader renames its tensor: Qwen2-VL's and Qwen2.5-VL's hub checkpoints store
-    ``model.layers.N…``, which their transformers-5 class loads as ``model.language_model.layers.N…``."""
-    from spectra.checkpoints.targets import loading_rename
-
-    rename = loading_rename(model)
-    loaded = {name: name if update is not None else rename(f"{name}.weight").removesuffix(".weight")
-              for name, (_, _, update) in weights.items()}
-    fused = {n for n, count in Counter(loaded.values()).items() if count > 1}  # tensors loaded into one parameter
-    loaded = {name: name if as_loaded in fused else as_loaded for name, as_loaded in loaded.items()}
-    places, unplaced = _places({loaded[name]: w for name, w in weights.items()}, dict(model.named_parameters()))
-    stored = {as_loaded: name for name, as_loaded in loaded.items()}
-    return {stored[n]: place for n, place in places.items()}, [stored[n] for n in unplaced]
 
 
 def _load_adapter(model, path):

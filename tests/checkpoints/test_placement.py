@@ -92,3 +92,30 @@ def test_experts_that_loading_transposes_are_placed_in_either_stored_layout(tmp_
         with pytest.raises(PlacementError, match=r"is \((3, 32, 12|3, 12, 32)\), neither") as other:
             split_sources(checkpoint, key, (3, 32, 16), sources, checkpoint.config, label="base")
         assert other.value.mismatch
+
+
+def test_checkpoint_names_are_placed_as_the_loader_renames_them():
+    """Qwen2-VL's hub checkpoints name the language model ``model.layers.N…``, which transformers 5 loads as
+    ``model.language_model.layers.N…``: with ``rename=loading_rename(model)`` each hub name is placed in the parameter
+    it loads into (the very tensor), without it in none (negative control). Names the rename sends into one parameter
+    together (Mixtral's per-expert w1 and w3, fused into gate_up_proj) keep their own and have no whole place."""
+    from spectra.checkpoints.targets import loading_rename
+    from tests.checkpoints.test_qwen_vl import tiny
+
+    model = tiny("qwen2_vl")
+    params = dict(model.named_parameters())
+    loaded = [n.removesuffix(".weight") for n in params
+              if n.startswith("model.language_model.layers.0.") and n.endswith("_proj.weight")]
+    hub = {n.replace("model.language_model.", "model."): (params[n + ".weight"], False, None) for n in loaded}
+    assert len(hub) == 7  # q, k, v, o, gate, up, down
+    places, unplaced = weight_places(hub, params, rename=loading_rename(model))
+    assert unplaced == [] and set(places) == set(hub)
+    for name in hub:
+        assert places[name] is params[name.replace("model.", "model.language_model.", 1) + ".weight"]
+    places, unplaced = weight_places(hub, params)
+    assert places == {} and sorted(unplaced) == sorted(hub)
+
+    mixtral = build_model("mixtral")
+    experts = {f"model.layers.0.block_sparse_moe.experts.0.{w}": (torch.empty(48, 32), False, None) for w in ("w1", "w3")}
+    places, unplaced = weight_places(experts, dict(mixtral.named_parameters()), rename=loading_rename(mixtral))
+    assert places == {} and sorted(unplaced) == sorted(experts)
