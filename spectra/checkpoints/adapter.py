@@ -38,7 +38,7 @@ import torch
 
 from spectra.checkpoints.architectures import is_conv1d, module_info
 from spectra.checkpoints.names import match_names
-from spectra.checkpoints.placement import PlacementError, parameter_sources, split_sources
+from spectra.checkpoints.placement import PlacementError, held_in_out, parameter_sources, split_sources
 from spectra.checkpoints.targets import architecture, meta_model, resolve_name
 from spectra.errors import AdapterError
 from spectra.scaling import rank_scale
@@ -243,11 +243,8 @@ class AdapterDelta:
             b, a = read("B"), read("A")
             return b.reshape(b.shape[0], b.shape[1]), a.reshape(a.shape[0], -1).T  # (out, r), (in, r)
         a, b = (self.held.read(weights, self.parameter.holder, self.keys[part], device, dtype) for part in "AB")
-        col, row = self.parameter.factors(a, b)  # the parameter's layout
-        # the parameter holds the matrix (in, out) where the base stores it so (gpt-oss's experts, a Conv1D's) and
-        # loading does not transpose it (Qwen3-VL-MoE's hub experts, stored (in, out), are the model's (out, in))
-        held_in_out = self.conv1d and not self.parameter.stored_transposed
-        return (row, col) if held_in_out else (col, row)
+        col, row = self.parameter.factors(a, b)  # the parameter's layout, (in, out) where it holds the matrix so
+        return (row, col) if held_in_out(self.conv1d, self.parameter.stored_transposed) else (col, row)
 
 
 def plan_adapter(adapter, base, config: dict[str, Any] | None) -> tuple[list[AdapterDelta], list[str]]:

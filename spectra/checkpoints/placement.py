@@ -71,6 +71,18 @@ class TensorSlice:
     place: ParameterSlice
     stored_expert: int | None = None  # the expert of the stored 3-D `tensor` this matrix is; None: the tensor whole
 
+    @property
+    def held_in_out(self) -> bool:
+        """Whether the parameter holds this matrix (in, out): see :func:`held_in_out`."""
+        return held_in_out(self.conv1d, self.place.stored_transposed)
+
+
+def held_in_out(conv1d: bool, stored_transposed: bool) -> bool:
+    """Whether a parameter holds a checkpoint matrix (in, out) (``x @ W[e]``): the checkpoint stores it so (`conv1d`:
+    gpt-oss's experts, a Conv1D's weight) and loading keeps that layout, that is, does not transpose it
+    (`stored_transposed`: Qwen3-VL-MoE's hub experts, stored (in, out), are the model's (out, in))."""
+    return conv1d and not stored_transposed
+
 
 class Source(NamedTuple):
     """A checkpoint tensor that loads into a parameter, and how."""
@@ -211,9 +223,9 @@ def _transposed_experts(parameter: str, shape: tuple[int, ...], tensor: str, sto
         raise PlacementError(parameter, f"the {label}'s {tensor} is {stored}, neither the parameter's {shape} nor its "
                              "experts transposed", mismatch=True)
     head, _, proj = tensor.rpartition(".")
-    held_in_out = (config or {}).get("model_type") in IN_OUT_EXPERT_MODEL_TYPES
-    return [TensorSlice(tensor, f"{head}.{e}.{proj}", (shape[2], shape[1]) if held_in_out else shape[1:],
-                        not held_in_out, ParameterSlice(parameter, e, stored_transposed=True), stored_expert=e)
+    model_in_out = (config or {}).get("model_type") in IN_OUT_EXPERT_MODEL_TYPES  # the model's [e] is (in, out)
+    return [TensorSlice(tensor, f"{head}.{e}.{proj}", (shape[2], shape[1]) if model_in_out else shape[1:],
+                        not model_in_out, ParameterSlice(parameter, e, stored_transposed=True), stored_expert=e)
             for e in range(shape[0])]
 
 

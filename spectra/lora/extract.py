@@ -528,7 +528,7 @@ def _unconverted_parameters(entries, model_names: dict[str, str], pairing: Pairi
                               "extract cannot place its LoRA. Leave its role out (--roles).")
         # the parameter holds the entry's (out, in) ΔW as is, or its transpose where the checkpoint stores it
         # (in, out) and loading keeps that (gpt-oss's and Llama 4's experts: x @ W[e])
-        out[entry.name] = _OnParameter(piece.place, piece.conv1d and not piece.place.stored_transposed)
+        out[entry.name] = _OnParameter(piece.place, piece.held_in_out)
     return out
 
 
