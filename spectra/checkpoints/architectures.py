@@ -1,9 +1,35 @@
 """Per-family tables: module name → role, layer, expert index and stack; fused layouts; Conv1D.
 
 A *role* groups modules across layers and architectures so that results can be
-compared by kind: ``q, k, v, o, qkv, xq, xk, xv, xo, gate, up, down, gate_up, embed, head, other``.
-Unknown architectures still work: every module whose name matches no rule gets
+compared by kind: ``q, k, v, o, qkv, q_a, q_b, kv_a, kv_b, xq, xk, xv, xo, gate, up, down, gate_up, embed, head,
+other``. Unknown architectures still work: every module whose name matches no rule gets
 role ``other`` and is analysed all the same.
+
+``q_a q_b kv_a kv_b`` are multi-head latent attention's (MLA: DeepSeek-V2, arXiv:2405.04434; DeepSeek-V3 and Kimi-K2,
+MiniCPM3, GLM-4.7-Flash, LongCat-Flash, Mistral 4 and the other transformers models built on DeepSeek's attention)
+low-rank projections, by what each tensor computes (``(out, in)``; ``c`` = ``q_lora_rank``, ``d`` = ``kv_lora_rank``):
+
+- ``q_a_proj`` (c, hidden), role ``q_a``: x → the query latent (then an RMSNorm);
+- ``q_b_proj`` (heads·(nope + rope), c), role ``q_b``: the latent → every head's query. A model without a query
+  latent (DeepSeek-V2-Lite: ``q_lora_rank`` None) holds a plain ``q_proj``, role ``q``;
+- ``kv_a_proj_with_mqa`` (d + rope, hidden), role ``kv_a``: x → ``[the key-value latent; one rotary key]``, the
+  latent normed and expanded by kv_b, the rotary key (``qk_rope_head_dim`` rows) shared by every head (the "MQA");
+- ``kv_b_proj`` (heads·(nope + v), d), role ``kv_b``: the latent → every head's ``[k_nope_h; v_h]``, interleaved per
+  head. A fused tensor as GPT-NeoX's query_key_value is: also analysed as projections ``k`` and ``v``
+  (:func:`fused_projections`), which are what a Llama's k and v panels compare with.
+
+``kv_a`` is kept whole: no block of its rows is a projection of any role but the rotary key's few, a single key head
+that every head shares and no other model's k compares with (``qk_rope_head_dim`` = 64 of DeepSeek-V3's 576 rows);
+the latent rows feed k and v alike, through kv_b. A LoRA adapts it whole either way.
+
+In a selection, ``--roles q`` takes ``q_a`` and ``q_b`` (they compute the query and nothing else; :func:`role_named`)
+and ``--roles k`` or ``v`` takes ``kv_b``'s projection of that role in an analysis, and ``kv_a`` and ``kv_b`` whole
+in what adapts modules (train, extract, a plan, the memory estimate: :func:`role_selected`, :data:`FUSED_ROLES`), as
+``--roles v`` takes GPT-2's ``c_attn``: a LoRA on kv_a or kv_b changes the keys and the values. PEFT matches
+``target_modules`` by name suffix instead, so its ``["q_proj", "v_proj"]`` adapts no module of DeepSeek-V3 (whose
+attention holds no q_proj or v_proj) and PEFT 0.21 has no default target modules for DeepSeek; spectra's roles name
+what the modules compute. ``--roles q_a`` (…) takes that module alone. Reports lay the four out after ``qkv`` and
+before ``o``, in the order the attention's forward meets them.
 
 ``xq xk xv xo`` are cross-attention's projections: an encoder–decoder's decoder attending to
 its encoder's output (T5's ``EncDecAttention.q``, BART's ``encoder_attn.q_proj``). They hold a
@@ -35,9 +61,15 @@ from typing import Any
 
 from spectra.errors import ConfigError
 
-ROLES = ("q", "k", "v", "o", "qkv", "xq", "xk", "xv", "xo", "gate", "up", "down", "gate_up", "embed", "head", "other")
-# The roles a fused module holds: a LoRA on it adapts all of them.
-FUSED_ROLES = {"qkv": frozenset({"q", "k", "v"}), "gate_up": frozenset({"gate", "up"})}
+ROLES = ("q", "k", "v", "o", "qkv", "q_a", "q_b", "kv_a", "kv_b", "xq", "xk", "xv", "xo", "gate", "up", "down",
+         "gate_up", "embed", "head", "other")
+# The roles a fused module holds: a LoRA on it adapts all of them. MLA's factors hold the roles they compute: q_a and
+# q_b the query, kv_a (the latent and the shared rotary key) and kv_b ([k_nope_h; v_h] per head) keys and values.
+FUSED_ROLES = {"qkv": frozenset({"q", "k", "v"}), "gate_up": frozenset({"gate", "up"}),
+               "q_a": frozenset({"q"}), "q_b": frozenset({"q"}), "kv_a": frozenset({"k", "v"}),
+               "kv_b": frozenset({"k", "v"})}
+# MLA's query factors → the one role they compute, which also names them in a selection (an analysis's --roles q)
+_QUERY_FACTORS = {"q_a": "q", "q_b": "q"}
 # Cross-attention's role → the self-attention role that also names it in a selection.
 CROSS_ROLES = {"xq": "q", "xk": "k", "xv": "v", "xo": "o"}
 
@@ -117,9 +149,10 @@ def missing_stacks(stacks, present, *, option: str = "stacks") -> str | None:
 
 def role_named(role: str, roles) -> bool:
     """Whether `roles` name a module of `role`: itself, or, for a cross-attention role, its self-attention role
-    (``--roles q`` takes T5's ``EncDecAttention.q``, role ``xq``, as PEFT's ``target_modules`` do). Pairing
-    selects by this; :func:`role_selected` adds the fused tensors a LoRA target takes whole."""
-    return role in roles or CROSS_ROLES.get(role) in roles
+    (``--roles q`` takes T5's ``EncDecAttention.q``, role ``xq``, as PEFT's ``target_modules`` do), or, for MLA's
+    query factors ``q_a`` and ``q_b``, ``q``. Pairing selects by this; :func:`role_selected` adds the fused tensors
+    a LoRA target takes whole (MLA's ``kv_a`` and ``kv_b`` by ``k`` or ``v``)."""
+    return role in roles or CROSS_ROLES.get(role) in roles or _QUERY_FACTORS.get(role) in roles
 
 
 # A decoder's attention over its encoder's output, by the name of its module; T5's self-attention modules.
@@ -137,6 +170,12 @@ _ROLE_RULES: tuple[tuple[str, str], ...] = (
     # linear_attn.in_proj_qkv (its in_proj_z, in_proj_a and in_proj_b, a gate and two per-head scalars: other)
     (r"(attn\.c_attn|qkv_proj|query_key_value|Wqkv|attn\.qkv|self_attn\.qkv|linear_attn\.in_proj_qkv)", "qkv"),
     (r"(gate_up_proj)", "gate_up"),
+    # multi-head latent attention (DeepSeek-V2/V3, Kimi-K2, MiniCPM3, …): the query's and the key-value's factors
+    (r"q_a_proj", "q_a"),
+    (r"indexer\.q_b_proj", "other"),  # DeepSeek-V4's sparse-attention indexer scores tokens: no attention's query
+    (r"q_b_proj", "q_b"),
+    (r"kv_a_proj_with_mqa", "kv_a"),
+    (r"kv_b_proj", "kv_b"),
     # cross-attention, before self-attention's rules that its names match too: BART, mBART, Marian, Pegasus, Whisper
     # encoder_attn.q_proj; T5 EncDecAttention.q; BERT2BERT crossattention.self.query; Mllama, T5Gemma cross_attn.q_proj;
     # BLIP-2's Q-Former crossattention.attention.query; GPT-2's (add_cross_attention) crossattention.q_attn and c_proj,
@@ -417,6 +456,10 @@ def fused_projections(name: str, role: str, out_features: int, config: dict[str,
       (``text_config``'s).
     - GPT-2's cross-attention ``crossattention.c_attn`` (role ``other``): ``[k; v]``, equal halves, as
       projections ``xk`` and ``xv`` (its queries are ``crossattention.q_attn``, role ``xq``).
+    - MLA's ``kv_b_proj`` (role ``kv_b``): per head ``[k_nope_h; v_h]`` (the output is viewed as
+      ``(heads, qk_nope_head_dim + v_head_dim)`` then split), so k is the first ``qk_nope_head_dim`` rows of every
+      block of ``qk_nope_head_dim + v_head_dim``, v the rest; sized by ``config.json`` (its ``text_config``, where
+      it has one).
     """
     if _CROSS_KV.search(name) and (config is None or config.get("model_type") in (None, *CONV1D_MODEL_TYPES)):
         if out_features % 2:
@@ -431,6 +474,8 @@ def fused_projections(name: str, role: str, out_features: int, config: dict[str,
                     Projection("up", tuple(range(1, out_features, 2)))]
         half = out_features // 2
         return [Projection("gate", slice(0, half)), Projection("up", slice(half, out_features))]
+    if role == "kv_b":
+        return _mla_kv_projections(out_features, config)
     if role != "qkv":
         return []
     if _DELTANET_QKV.search(name):
@@ -484,3 +529,22 @@ def _deltanet_projections(out_features: int, config: dict[str, Any] | None) -> l
         return []
     return [Projection("q", slice(0, key)), Projection("k", slice(key, 2 * key)),
             Projection("v", slice(2 * key, out_features))]
+
+
+def _mla_kv_projections(out_features: int, config: dict[str, Any] | None) -> list[Projection]:
+    """MLA's ``kv_b_proj`` rows as k (every head's ``k_nope``) and v; [] where the config does not size them to
+    `out_features`. Its forward: ``kv_b_proj(latent).view(…, heads, k_width + v_head_dim)`` then
+    ``split([k_width, v_head_dim], -1)``, ``k_width`` being ``qk_nope_head_dim``, or ``qk_nope_head_dim +
+    qk_rope_head_dim`` in a layer without rotary embedding (Mistral Large 4's)."""
+    cfg = config or {}
+    text = cfg.get("text_config") or cfg
+    nope, rope = text.get("qk_nope_head_dim"), text.get("qk_rope_head_dim") or 0
+    value, heads = text.get("v_head_dim"), text.get("num_attention_heads")
+    if not nope or not value or not heads or out_features % heads:
+        return []
+    width = out_features // heads  # (heads·(k_width + v), d) -> heads blocks of [k_nope_h; v_h]
+    if width - value not in (nope, nope + rope):
+        return []
+    key = width - value
+    return [Projection("k", tuple(r for h in range(heads) for r in range(h * width, h * width + key))),
+            Projection("v", tuple(r for h in range(heads) for r in range(h * width + key, (h + 1) * width)))]

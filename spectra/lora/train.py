@@ -50,7 +50,9 @@ from spectra.lora.data import (
 from spectra.scaling import rank_scale
 
 METHODS = ("lora", "dora", "qlora", "qdora", "full")
-BLOCK_ROLES = ("q", "k", "v", "o", "qkv", "xq", "xk", "xv", "xo", "gate", "up", "down", "gate_up")  # x…: cross-attention
+# x…: cross-attention; q_a … kv_b: multi-head latent attention's factors (DeepSeek-V2/V3, Kimi-K2, MiniCPM3, …)
+BLOCK_ROLES = ("q", "k", "v", "o", "qkv", "q_a", "q_b", "kv_a", "kv_b", "xq", "xk", "xv", "xo", "gate", "up", "down",
+               "gate_up")
 _KINDS = {"seq_cls": "sequence classification", "causal_lm": "causal language model",
           "seq2seq_lm": "sequence-to-sequence language model"}  # transformers' Auto classes, by task
 PEFT_TASKS = {"seq_cls": "SEQ_CLS", "causal_lm": "CAUSAL_LM", "seq2seq_lm": "SEQ_2_SEQ_LM"}  # PEFT's task_type, by task
@@ -90,7 +92,10 @@ class TrainConfig:
         it takes no ``rank``, ``alpha``, ``roles`` or ``target_modules``; its analysis must
         be of this base (see :meth:`~spectra.ranks.RankPlan.check_base`).
     roles : tuple of str, optional
-        Roles to target (``q, k, v, o, qkv, gate, up, down, gate_up``); None: all of them. An MoE's fused
+        Roles to target (:data:`BLOCK_ROLES`: ``q, k, v, o, qkv``, MLA's ``q_a, q_b, kv_a, kv_b``, cross-attention's
+        ``xq, xk, xv, xo``, ``gate, up, down, gate_up``); None: all of them. A role takes the modules that hold it
+        (:func:`~spectra.checkpoints.architectures.role_selected`): ``q`` DeepSeek's ``q_a_proj`` and ``q_b_proj``,
+        ``k`` or ``v`` its ``kv_a_proj_with_mqa`` and ``kv_b_proj``, as GPT-2's ``c_attn``. An MoE's fused
         expert parameters are taken by ``gate``/``up`` (``gate_up_proj``) and ``down`` (``down_proj``), through
         PEFT's ``target_parameters`` (see :func:`role_targets` and :func:`peft_targets`).
     stacks : tuple of str, optional

@@ -31,9 +31,12 @@ FAST = dict(rank=2, lr=1e-2, max_length=16, batch_size=8, max_steps=4)
 
 
 # What "every block linear" means on these models, written out by name rather than asked of spectra: attention's
-# q, k, v, o (DeepSeek-V3's MLA has o_proj alone of them; its low-rank q_a/q_b/kv_a/kv_b projections have no block
-# role), each dense MLP's and shared expert's gate, up and down weights, and each routed layer's fused experts.
-_ATTENTION = re.compile(r"self_attn\.[qkvo]_proj$")
+# q, k, v, o, and DeepSeek-V3's multi-head latent attention (o_proj beside the factors q_a_proj and q_b_proj, which
+# compute the query, kv_a_proj_with_mqa and kv_b_proj, which compute keys and values together: a LoRA on either
+# changes both), each dense MLP's and shared expert's gate, up and down weights, and each routed layer's fused experts.
+_HOLDS = {"q_proj": {"q"}, "k_proj": {"k"}, "v_proj": {"v"}, "o_proj": {"o"}, "q_a_proj": {"q"}, "q_b_proj": {"q"},
+          "kv_a_proj_with_mqa": {"k", "v"}, "kv_b_proj": {"k", "v"}}
+_ATTENTION = re.compile(rf"self_attn\.({'|'.join(_HOLDS)})$")
 _DENSE = re.compile(r"\.mlp\.(shared_experts\.)?(gate|up|down)_proj\.weight$")
 _EXPERTS = re.compile(r"\.mlp\.experts\.(gate_up|down)_proj$")
 
@@ -41,7 +44,7 @@ _EXPERTS = re.compile(r"\.mlp\.experts\.(gate_up|down)_proj$")
 def _intended(model, roles=("q", "k", "v", "o", "gate", "up", "down")) -> set[str]:
     """Module names (attention) and parameter names (dense MLP weights, fused experts) of `roles`."""
     fused = {"gate": "gate_up", "up": "gate_up", "down": "down"}
-    attention = {n for n, _ in model.named_modules() if _ATTENTION.search(n) and n[-6] in roles}
+    attention = {n for n, _ in model.named_modules() if (m := _ATTENTION.search(n)) and _HOLDS[m.group(1)] & set(roles)}
     dense = {n for n, _ in model.named_parameters() if (m := _DENSE.search(n)) and m.group(2) in roles}
     experts = {n for n, _ in model.named_parameters()
                if (m := _EXPERTS.search(n)) and m.group(1) in {fused[r] for r in roles if r in fused}}
