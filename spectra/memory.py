@@ -99,6 +99,10 @@ class ModelShape:
     sparsemixer: bool = False  # PhiMoE routes by SparseMixer (two masked softmaxes), not Mixtral's softmax top-k
     topk_softmax: bool = False  # GraniteMoE takes the softmax of the top-k logits, not the top-k of the softmax
     input_jitter: bool = False  # PhiMoE's input_jitter_noise: in training its MLP input is multiplied by noise
+    # Qwen3-MoE's router: Mixtral's (top-k of an fp32 softmax), but renormalising the k weights only with
+    # norm_topk_prob (routing_norm) and casting them to the activations' dtype (routing_cast)
+    routing_cast: bool = False
+    routing_norm: bool = True
     # an MoE's router, when adapted, is adapted through its weight (a PEFT ParamWrapper, target_parameters), no LoRA
     # module being able to run on it (Mixtral's MixtralTopKRouter, PhiMoE's tuple-returning Linear): _moe_adapters
     router_parameter: bool = False
@@ -115,15 +119,43 @@ class ModelShape:
     # GLM rotates part of each head and concatenates the rest (torch.cat): Q, and so sdpa's output, come out
     # (b, heads, s, d)-contiguous and o_proj reads a copy (_o_input_copied)
     rotary_cat: bool = False
+    # MoE families whose layers differ: the layers whose MLP is dense (Qwen3-MoE's mlp_only_layers and those
+    # decoder_sparse_step skips, DeepSeek's first first_k_dense_replace), and such a block's linears and MLP width
+    # (:meth:`block`); ``linears`` and ``intermediate`` are then the MoE layers'
+    dense_layers: tuple[int, ...] = ()
+    dense_linears: tuple[tuple[str, int, int], ...] = ()
+    dense_intermediate: int = 0
+    # DeepSeek's shared experts: a SwiGLU MLP of this width that every token runs beside the routed experts
+    shared_intermediate: int = 0
+    # parameters transformers keeps in fp32 whatever the dtype asked (_keep_in_fp32_modules_strict: DeepSeek's
+    # routers), counted in ``params`` too
+    fp32_params: int = 0
+    # values per token and layer that the KV cache holds (0: K and V, 2·kv_dim; DeepSeek's MLA caches its compressed
+    # latent and the rotary key, kv_lora_rank + qk_rope_head_dim)
+    cache_width: int = 0
+    # why the activations are not estimated (a block the memory model cannot describe faithfully), else None
+    activations_refused: str | None = None
 
     @property
     def fused_qkv(self) -> bool:
         """One linear computes Q, K and V (GPT-2's c_attn, Phi-3's qkv_proj), which are views of its output."""
         return any(role == "qkv" for role, _, _ in self.linears)
 
+    def block(self, layer: int) -> ModelShape:
+        """The shape of block ``layer``: this one, or for a dense layer of an MoE (``dense_layers``) one without
+        experts, of ``dense_linears`` and ``dense_intermediate``."""
+        if layer not in self.dense_layers:
+            return self
+        return dataclasses.replace(self, linears=self.dense_linears, intermediate=self.dense_intermediate,
+                                   experts=1, experts_per_token=1, shared_intermediate=0, router_parameter=False,
+                                   dense_layers=())
+
     @property
     def linear_params(self) -> int:
-        return self.layers * sum(o * i for _, o, i in self.linears)
+        """The blocks' weight matrices (experts expanded, routers included), every layer's own."""
+        moe = sum(o * i for _, o, i in self.linears)
+        dense = sum(o * i for _, o, i in self.dense_linears)
+        return (self.layers - len(self.dense_layers)) * moe + len(self.dense_layers) * dense
 
     @property
     def params(self) -> int:
@@ -153,16 +185,17 @@ def model_shape(config: Mapping) -> ModelShape:
     # the base model on the meta device, built at most once (MoE adapters and the parameter check both read it)
     base_model = functools.cache(functools.partial(_meta_model_for, cfg, mtype))
     try:
-        if "num_experts" in cfg and "num_local_experts" not in cfg or "moe_intermediate_size" in cfg:
+        if mtype not in _OWN_EXPERT_SIZES and ("num_experts" in cfg and "num_local_experts" not in cfg
+                                               or "moe_intermediate_size" in cfg):
             raise ConfigError(f"model_type {mtype}: a mixture of experts configured by num_experts or "
-                              "moe_intermediate_size (Qwen2-MoE, Qwen3-MoE, OLMoE, …: expert sizes of their own, "
-                              "shared experts), which spectra's memory model does not describe; it reads "
-                              "Mixtral-style MoE (num_local_experts, experts of intermediate_size).")
+                              "moe_intermediate_size (Qwen2-MoE, OLMoE, …: expert sizes of their own, shared "
+                              "experts), which spectra's memory model does not describe; it reads Mixtral-style MoE "
+                              "(num_local_experts, experts of intermediate_size), Qwen3-MoE and DeepSeek-V2/V3.")
         if mtype in _MOE_COUNTED_WRONG:
             raise ConfigError(f"model_type {mtype}: {_MOE_COUNTED_WRONG[mtype]}, which spectra's memory model "
                               "would count wrong; it reads Mixtral-style MoE (Mixtral, MiniMax, PhiMoE, GraniteMoE).")
         # a config.json without layer_types gets the family's (MiniMax: lightning attention every other layer)
-        layer_types = cfg.get("layer_types") or (_config_default(mtype, "layer_types", None) if mtype else None)
+        layer_types = cfg.get("layer_types") or (getattr(_config_object(mtype), "layer_types", None) if mtype else None)
         other_layers = sorted(set(layer_types or ()) - _ATTENTION_LAYERS)
         if other_layers and mtype != "gpt2" and "n_embd" not in cfg and "type_vocab_size" not in cfg:
             raise ConfigError(f"model_type {mtype}: layers of type {', '.join(map(str, other_layers))} beside "
@@ -177,6 +210,8 @@ def model_shape(config: Mapping) -> ModelShape:
             shape = _gpt2(cfg)
         elif mtype == "bert" or "type_vocab_size" in cfg:
             shape = _bert(cfg)
+        elif mtype in _MLA:
+            shape = _deepseek(cfg, mtype, base_model)
         else:
             shape = _llama(cfg, mtype, base_model)
     except KeyError as err:
@@ -301,28 +336,30 @@ def _llama(cfg: dict, mtype: str, base_model) -> ModelShape:
     head_dim = cfg.get("head_dim") or h // heads
     inter, vocab = cfg["intermediate_size"], cfg["vocab_size"]
     q_dim, kv_dim = heads * head_dim, kv_heads * head_dim
-    experts = cfg.get("num_local_experts") or 1
+    experts = cfg.get("num_local_experts") or (cfg.get("num_experts") if mtype in _OWN_EXPERT_SIZES else None) or 1
+    dense_inter, dense_layers = inter, ()
+    if experts > 1 and mtype in _OWN_EXPERT_SIZES:  # Qwen3-MoE: experts of moe_intermediate_size, some layers dense
+        inter, dense_layers = cfg["moe_intermediate_size"], _qwen_moe_dense_layers(cfg, mtype, layers)
     if mtype in _FUSED_PROJECTIONS:  # Phi-3: qkv_proj and gate_up_proj are single Linears (what LoRA adapts)
         attention = (("qkv", q_dim + 2 * kv_dim, h), ("o", h, q_dim))
-        mlp = (("gate_up", 2 * inter, h), ("down", h, inter)) * experts
+        dense = (("gate_up", 2 * inter, h), ("down", h, inter))
     else:
         attention = (("q", q_dim, h), ("k", kv_dim, h), ("v", kv_dim, h), ("o", h, q_dim))
-        mlp = (("gate_up", 2 * inter, h), ("down", h, inter)) if mtype in _FUSED_MLP \
-            else (("gate", inter, h), ("up", inter, h), ("down", h, inter)) * experts
-    router = (("router", experts, h),) if experts > 1 else ()
-    linears = attention + mlp + router
+        dense = (("gate_up", 2 * dense_inter, h), ("down", h, dense_inter)) if mtype in _FUSED_MLP \
+            else (("gate", dense_inter, h), ("up", dense_inter, h), ("down", h, dense_inter))
+    linears = attention + (_routed(experts, inter, h) if experts > 1 else dense)
     # ERNIE 4.5's use_bias puts a bias on every linear of the block (Llama's attention_bias and mlp_bias together)
     every_bias = mtype in _USE_BIAS and bool(cfg.get("use_bias", False))
     attention_bias = bool(cfg.get("attention_bias", False)) or every_bias
     qkv_bias = attention_bias or mtype in ("qwen2", "qwen2_moe")
     bias = (q_dim + 2 * kv_dim if qkv_bias else 0) + (h if attention_bias and mtype not in _FUSED_MLP else 0)
     bias += (2 * inter + h) * experts if cfg.get("mlp_bias", False) or every_bias else 0
-    tied = bool(cfg.get("tie_word_embeddings", _config_default(mtype, "tie_word_embeddings", False)))
+    tied = bool(cfg.get("tie_word_embeddings", getattr(_config_object(mtype), "tie_word_embeddings", False)))
     # Gemma 2's and Gemma 3's blocks normalise each sublayer's input and output (input, post-attention, pre- and
     # post-feedforward norms); Gemma 2 caps attention and final logits by tanh (config.json may leave the caps to
     # Gemma2Config's defaults, 50 and 30; null turns them off), Gemma 3 normalises Q and K per head instead
     norms = 4 if mtype in _FOUR_NORMS else 2
-    caps = {key: (cfg[key] if key in cfg else _config_default(mtype, key, None) if mtype == "gemma2" else None)
+    caps = {key: (cfg[key] if key in cfg else getattr(_config_object(mtype), key, None) if mtype == "gemma2" else None)
             is not None for key in ("attn_logit_softcapping", "final_logit_softcapping")}
     qk_norm = mtype in _QK_NORMS
     norm = "layer" if mtype in _LAYER_NORMS else "rms_fp32" if mtype.startswith("gemma") or mtype in _NORM_WEIGHT_FP32 \
@@ -341,7 +378,79 @@ def _llama(cfg: dict, mtype: str, base_model) -> ModelShape:
                       qk_norm=qk_norm, sparsemixer=mtype in _SPARSEMIXER, topk_softmax=mtype in _TOPK_SOFTMAX,
                       input_jitter=mtype in _SPARSEMIXER and bool(cfg.get("input_jitter_noise", 0.0)),
                       windows=_sliding_windows(cfg, mtype, layers), rotary_cat=mtype in _FUSED_MLP,
+                      routing_cast=mtype in _OWN_EXPERT_SIZES,
+                      routing_norm=bool(cfg.get("norm_topk_prob", getattr(_config_object(mtype), "norm_topk_prob", True))),
+                      dense_layers=dense_layers, dense_linears=attention + dense if dense_layers else (),
+                      dense_intermediate=dense_inter if dense_layers else 0,
                       **(_moe_adapters(base_model()[1], experts, h) if experts > 1 else {}))
+
+
+def _deepseek(cfg: dict, mtype: str, base_model) -> ModelShape:
+    """A DeepSeek-V2 or -V3 config, as transformers 5's DeepseekV2/V3Model holds it.
+
+    Multi-head latent attention (MLA, arXiv:2405.04434): Q through ``q_a_proj`` (h → q_lora_rank), an RMSNorm and
+    ``q_b_proj`` (→ heads·(qk_nope + qk_rope)), or one ``q_proj`` where q_lora_rank is null (V2-Lite);
+    ``kv_a_proj_with_mqa`` (h → kv_lora_rank + qk_rope), an RMSNorm on the latent and ``kv_b_proj`` (kv_lora_rank
+    → heads·(qk_nope + v_head_dim)); ``o_proj`` (heads·v_head_dim → h); ``attention_bias`` biases q_a, kv_a and o.
+    The first ``first_k_dense_replace`` layers have a dense SwiGLU MLP of ``intermediate_size``, the others
+    ``n_routed_experts`` routed experts of ``moe_intermediate_size`` (fused gate_up_proj and down_proj), a router
+    whose weight transformers keeps in fp32 (``_keep_in_fp32_modules_strict``; V3's score-correction bias is a
+    buffer) and shared experts, one SwiGLU MLP of ``moe_intermediate_size·n_shared_experts`` (V2: ``mlp_bias``
+    biases it and the dense MLP). The KV cache holds the latent and the rotary key, kv_lora_rank + qk_rope per
+    token and layer.
+
+    The activations are not estimated (``activations_refused``): which sdpa kernel runs MLA's Q·Kᵀ of
+    qk_nope + qk_rope per head against V of v_head_dim (FlashAttention takes one head size for Q, K and V) and what
+    the grouped sigmoid router keeps have not been checked against autograd.
+    """
+    h, layers, heads, vocab = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["num_attention_heads"], cfg["vocab_size"]
+    q_lora, kv_lora = cfg.get("q_lora_rank"), cfg["kv_lora_rank"]
+    nope, rope, v_dim = cfg["qk_nope_head_dim"], cfg["qk_rope_head_dim"], cfg["v_head_dim"]
+    inter, moe_inter = cfg["intermediate_size"], cfg["moe_intermediate_size"]
+    experts = cfg.get("n_routed_experts") or cfg.get("num_local_experts") or cfg["num_experts"]
+    shared = moe_inter * cfg.get("n_shared_experts", 1)
+    first_dense = min(cfg.get("first_k_dense_replace") or 0, layers)
+    q_dim = heads * (nope + rope)
+    query = (("q_a", q_lora, h), ("q_b", q_dim, q_lora)) if q_lora else (("q", q_dim, h),)
+    attention = query + (("kv_a", kv_lora + rope, h), ("kv_b", heads * (nope + v_dim), kv_lora), ("o", h, heads * v_dim))
+    swiglu = lambda width: (("gate", width, h), ("up", width, h), ("down", h, width))  # noqa: E731
+    attention_bias, mlp_bias = bool(cfg.get("attention_bias", False)), bool(cfg.get("mlp_bias", False))
+    # biases (q_a, kv_a, o), the attention's RMSNorms (on Q's and KV's latents) and the block's two
+    per_layer = (((q_lora or 0) + kv_lora + rope + h) if attention_bias else 0) + (q_lora or 0) + kv_lora + 2 * h
+    dense_bias, moe_bias = (2 * inter + h, 2 * shared + h) if mlp_bias else (0, 0)
+    other = vocab * h + layers * per_layer + first_dense * dense_bias + (layers - first_dense) * moe_bias + h
+    tied = bool(cfg.get("tie_word_embeddings", getattr(_config_object(mtype), "tie_word_embeddings", False)))
+    return ModelShape(family=mtype, hidden=h, layers=layers, heads=heads, kv_dim=heads * (nope + rope), q_dim=q_dim,
+                      intermediate=moe_inter, vocab=vocab, norm="rms", mlp_saved=3, softmax_fp32=True,
+                      experts_per_token=cfg.get("num_experts_per_tok") or 1, experts=experts,
+                      linears=attention + swiglu(shared) + _routed(experts, moe_inter, h), other_params=other,
+                      head_params=0 if tied else vocab * h, causal=True, rotary=True,
+                      dense_layers=tuple(range(first_dense)), dense_linears=attention + swiglu(inter),
+                      dense_intermediate=inter, shared_intermediate=shared,
+                      fp32_params=(layers - first_dense) * experts * h, cache_width=kv_lora + rope,
+                      activations_refused=f"{mtype}'s multi-head latent attention (K assembled from a latent and "
+                                          f"a rotary key shared by the heads, Q and K of {nope + rope} values a head "
+                                          f"against V's {v_dim}), its shared experts and its grouped sigmoid router "
+                                          "are not modelled against what autograd saves, so its activations (and "
+                                          "training total) are not estimated; its weights, adapter, gradients, "
+                                          "optimizer states and KV cache are",
+                      **_moe_adapters(base_model()[1], experts, h))
+
+
+def _routed(experts: int, inter: int, hidden: int) -> tuple[tuple[str, int, int], ...]:
+    """An MoE layer's routed experts, as transformers 5 holds them (fused 3-D gate_up_proj and down_proj parameters,
+    expanded per expert: roles of :data:`_UNQUANTISED`), and its router's (experts, hidden) weight."""
+    return (("routed gate_up", 2 * inter, hidden), ("routed down", hidden, inter)) * experts \
+        + (("router", experts, hidden),)
+
+
+def _qwen_moe_dense_layers(cfg: dict, mtype: str, layers: int) -> tuple[int, ...]:
+    """The layers of a Qwen3-MoE whose MLP is dense, as Qwen3MoeDecoderLayer decides: those in ``mlp_only_layers``
+    and those ``decoder_sparse_step`` skips (layer + 1 not a multiple of it); defaults from the family's config."""
+    family = _config_object(mtype)
+    only = cfg.get("mlp_only_layers", getattr(family, "mlp_only_layers", None)) or ()
+    step = cfg.get("decoder_sparse_step", getattr(family, "decoder_sparse_step", 1)) or 1
+    return tuple(layer for layer in range(layers) if layer in only or (layer + 1) % step)
 
 
 def _moe_adapters(model, experts: int, hidden: int) -> dict[str, bool]:
@@ -384,11 +493,14 @@ def _sliding_windows(cfg: dict, mtype: str, layers: int) -> tuple[int, ...]:
     if mtype in _SLIDING_EVERY_LAYER:
         window = cfg.get("sliding_window")
         return (int(window),) * layers if window else ()
+    if mtype in _SLIDING_WHEN_USED:  # its config keeps sliding_window only with use_sliding_window
+        window = getattr(_config_object(mtype, cfg), "sliding_window", None)
+        return (int(window),) * layers if window else ()
     if mtype not in _SLIDING_BY_LAYER_TYPE:
         return ()
     window, layer_types = cfg.get("sliding_window"), cfg.get("layer_types")
     if "sliding_window" not in cfg or not layer_types:  # what the family fills in
-        filled = _config_object(cfg, mtype)
+        filled = _config_object(mtype, cfg)
         window = getattr(filled, "sliding_window", None) if "sliding_window" not in cfg else window
         layer_types = layer_types or getattr(filled, "layer_types", None)
     if not window or not layer_types:
@@ -397,23 +509,30 @@ def _sliding_windows(cfg: dict, mtype: str, layers: int) -> tuple[int, ...]:
     return windows + (0,) * (layers - len(windows)) if any(windows) else ()
 
 
-def _config_object(cfg: dict, mtype: str):
-    """transformers' config of ``mtype`` built from ``cfg`` (what the family fills in where config.json is silent),
-    None where this transformers cannot build it."""
+def _config_object(mtype: str, cfg: Mapping | None = None):
+    """transformers' config of ``mtype`` built from ``cfg`` (what the family fills in where config.json is silent;
+    without ``cfg``, the family's defaults: Gemma ties its embeddings, Llama does not), None where this transformers
+    cannot build it. Read a key the config lacks as ``getattr(_config_object(mtype), key, fallback)``."""
     try:
         import transformers
 
-        return transformers.AutoConfig.for_model(mtype, **{k: v for k, v in cfg.items() if k != "model_type"})
+        return transformers.AutoConfig.for_model(mtype, **{k: v for k, v in (cfg or {}).items() if k != "model_type"})
     except Exception:  # no transformers, an unknown model_type, a config its strict validation refuses
         return None
 
 
+# MoE families with expert sizes of their own (moe_intermediate_size) and dense layers between the MoE ones: Qwen3-MoE
+# (Llama-like blocks with Q/K norms), DeepSeek-V2/V3 (multi-head latent attention, shared experts: _MLA)
+_OWN_EXPERT_SIZES = frozenset({"qwen3_moe", "deepseek_v2", "deepseek_v3"})
+_MLA = frozenset({"deepseek_v2", "deepseek_v3"})
+# what bitsandbytes leaves in 16 bits in an MoE block: the routed experts (3-D parameters, no nn.Linear) and the router
+_UNQUANTISED = frozenset({"routed gate_up", "routed down", "router"})
 _FUSED_PROJECTIONS = frozenset({"phi3"})  # PhiMoE has separate q/k/v (transformers' PhimoeForCausalLM)
 # GLM: Phi-3's fused gate_up_proj beside separate q/k/v (attention_bias biases them, never o_proj), its rotary
 # embeddings on part of each head (partial_rotary_factor: Q and K are fresh tensors all the same)
 _FUSED_MLP = frozenset({"glm"})
 _FOUR_NORMS = frozenset({"gemma2", "gemma3_text"})  # blocks that normalise each sublayer's input and output
-_QK_NORMS = frozenset({"gemma3_text"})  # an RMSNorm on each head's Q and K (q_norm, k_norm), before the rotation
+_QK_NORMS = frozenset({"gemma3_text", "qwen3_moe"})  # an RMSNorm on each head's Q and K (q_norm, k_norm), before the rotation
 _LAYER_NORMS = frozenset({"phimoe"})  # Llama-like blocks normalised by LayerNorm (weight and bias), not RMSNorm
 # RMSNorms that apply their weight to the fp32 normalised input (Gemma's families too, by name): full fine-tuning
 # keeps that fp32 tensor for the weight's gradient (Helium)
@@ -422,6 +541,7 @@ _USE_BIAS = frozenset({"ernie4_5"})  # config key use_bias: a bias on every line
 # families whose every attention layer slides by config.sliding_window when it is set (MistralModel's mask) and those
 # that slide the layers layer_types names sliding_attention (_sliding_windows); the others ignore sliding_window
 _SLIDING_EVERY_LAYER = frozenset({"mistral", "mixtral", "phi3", "phimoe", "minimax"})
+_SLIDING_WHEN_USED = frozenset({"qwen3_moe"})
 _SLIDING_BY_LAYER_TYPE = frozenset({"ministral", "qwen2", "gemma2", "gemma3_text", "smollm3"})
 # MoE routers that pick their two experts by SparseMixer (PhiMoE; two experts whatever num_experts_per_tok says)
 _SPARSEMIXER = frozenset({"phimoe"})
@@ -454,17 +574,6 @@ _ATTENTION_LAYERS = frozenset({"full_attention", "sliding_attention", "chunked_a
 # (ALBERT has BERT's keys but one set of layer weights shared by every layer)
 _NOT_LLAMA_LIKE = frozenset({"gpt_neox", "gptj", "gpt_neo", "bloom", "falcon", "opt", "phi", "mpt",
                              "starcoder2", "albert"})
-
-
-def _config_default(model_type: str, key: str, fallback):
-    """A config key's default for this model type, as transformers fills it in when config.json omits it
-    (Gemma ties its embeddings by default; Llama does not)."""
-    try:
-        import transformers
-
-        return getattr(transformers.AutoConfig.for_model(model_type), key, fallback)
-    except (ImportError, ValueError, KeyError):
-        return fallback
 
 
 def _gpt2(cfg: dict) -> ModelShape:
@@ -544,8 +653,11 @@ class MemoryEstimate:
     """Bytes per component. ``training_total``/``inference_total`` add the relevant ones.
 
     ``activations`` is without gradient checkpointing, ``activations_checkpointed`` with it;
-    ``training_total`` uses the one the estimate was asked for. ``workspace`` holds transient
-    buffers (QLoRA's dequantised weight, DoRA's dense update) of the largest module.
+    ``training_total`` uses the one the estimate was asked for. Both are None where the memory
+    model does not describe the blocks' activations (DeepSeek's), and then so is ``training_total``:
+    ``notes`` says why. ``workspace`` holds transient buffers (QLoRA's dequantised weight, DoRA's
+    dense update) of the largest module. ``notes``: what the estimate leaves out or adapts
+    otherwise than asked, and why (an MoE's experts that QLoRA or DoRA does not adapt).
     """
 
     method: str
@@ -565,14 +677,17 @@ class MemoryEstimate:
     dora_magnitude: int
     gradients: int
     optimizer_states: int
-    activations: int
-    activations_checkpointed: int
+    activations: int | None
+    activations_checkpointed: int | None
     workspace: int
     kv_cache: int
+    notes: tuple[str, ...] = ()
 
     @property
-    def training_total(self) -> int:
+    def training_total(self) -> int | None:
         act = self.activations_checkpointed if self.gradient_checkpointing else self.activations
+        if act is None:
+            return None
         return (self.weights + self.quant_constants + self.adapter + self.dora_magnitude + self.gradients
                 + self.optimizer_states + act + self.workspace)
 
@@ -582,14 +697,16 @@ class MemoryEstimate:
         return self.weights + self.quant_constants + self.adapter + self.dora_magnitude + self.kv_cache
 
     def rows(self) -> list[tuple[str, int]]:
-        """``(component, bytes)`` in reading order, the two totals last (for tables)."""
+        """``(component, bytes)`` in reading order, the two totals last (for tables); a component not estimated
+        (None: DeepSeek's activations, and so the training total) is left out, ``notes`` saying why."""
         act = "activations (checkpointed)" if self.gradient_checkpointing else "activations"
-        return [("weights", self.weights), ("quant constants", self.quant_constants), ("adapter", self.adapter),
+        rows = [("weights", self.weights), ("quant constants", self.quant_constants), ("adapter", self.adapter),
                 ("DoRA magnitudes", self.dora_magnitude), ("gradients", self.gradients),
                 ("optimizer states", self.optimizer_states),
                 (act, self.activations_checkpointed if self.gradient_checkpointing else self.activations),
                 ("workspace", self.workspace), ("training total", self.training_total),
                 ("KV cache (inference)", self.kv_cache), ("inference total", self.inference_total)]
+        return [(name, n) for name, n in rows if n is not None]
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self) | {"training_total": self.training_total,
@@ -752,10 +869,17 @@ def estimate_memory(config_or_model: Any, *, method: str = "lora", rank_plan_or_
     # the causal LM spectra train loads (AutoModelForCausalLM), on the meta device: built only for an MoE's int rank
     train_model = functools.partial(_meta_model_for, cfg, str(cfg.get("model_type", "")).lower(),
                                     "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES")
+    notes: list[str] = []
     adapter_modules = _adapter_modules(shape, method, rank_plan_or_rank, roles, layers_to_transform,
-                                       parse_stacks(stacks), train_model)
+                                       parse_stacks(stacks), train_model, notes=notes)
+    if method == "qlora" and shape.experts > 1:
+        routed = sum(o * i for block in map(shape.block, range(shape.layers)) for role, o, i in block.linears
+                     if role in _UNQUANTISED)
+        notes.append(f"QLoRA: bitsandbytes quantises nn.Linear modules only, so the routed experts and routers "
+                     f"({routed:,} parameters: fused 3-D expert tensors and router weights) stay in "
+                     f"{'fp32' if precision == 'fp32' else precision}")
     return _estimate(shape, method, adapter_modules, batch, seq_len, precision, optimizer,
-                     gradient_checkpointing, attention, double_quant, use_cache, input_require_grads)
+                     gradient_checkpointing, attention, double_quant, use_cache, input_require_grads, notes)
 
 
 class _Adapter(NamedTuple):
@@ -779,7 +903,8 @@ class _Adapter(NamedTuple):
 
 def _adapter_modules(shape: ModelShape, method: str, plan_or_rank: Any, roles: tuple[str, ...] | None,
                      layers_to_transform: int | tuple[int, ...] | None = None,
-                     stacks: tuple[str, ...] | None = None, train_model=None) -> list[_Adapter]:
+                     stacks: tuple[str, ...] | None = None, train_model=None, *,
+                     notes: list[str] | None = None) -> list[_Adapter]:
     """Every adapted module, as PEFT adapts it; empty for full fine-tuning.
 
     An MoE's experts are fused parameters in transformers 5 (gate_up_proj: experts × 2·ffn × hidden,
@@ -836,7 +961,7 @@ def _adapter_modules(shape: ModelShape, method: str, plan_or_rank: Any, roles: t
         raise ConfigError(f"method {method!r} needs a RankPlan or a positive int rank, got {plan_or_rank!r}.")
     r = plan_or_rank
     if experts > 1:  # what spectra train adapts, asked of its own target selection
-        return _trained_moe_adapters(shape, method, r, roles, stacks, layers, train_model)
+        return _trained_moe_adapters(shape, method, r, roles, stacks, layers, train_model, notes=notes)
     wanted = DEFAULT_ROLES if roles is None else tuple(roles)
     block: list[_Adapter] = []
     for role, o, d_in in shape.linears:
@@ -858,7 +983,8 @@ def _adapter_modules(shape: ModelShape, method: str, plan_or_rank: Any, roles: t
 
 
 def _trained_moe_adapters(shape: ModelShape, method: str, rank: int, roles: tuple[str, ...] | None,
-                          stacks: tuple[str, ...] | None, layers, train_model) -> list[_Adapter]:
+                          stacks: tuple[str, ...] | None, layers, train_model, *,
+                          notes: list[str] | None = None) -> list[_Adapter]:
     """An MoE's adapters at an int ``rank``: what ``spectra train`` adapts for the same method, roles and stacks,
     asked of its own target selection (:func:`spectra.lora.train.peft_targets`, as ``lora_config`` runs it) on the
     causal LM it loads, built from the config on the meta device (``train_model()``: :func:`_meta_model_for`'s), in
@@ -878,7 +1004,7 @@ def _trained_moe_adapters(shape: ModelShape, method: str, rank: int, roles: tupl
                           "so spectra's memory model cannot ask which modules and expert parameters `spectra train` "
                           "adapts; estimate with a rank plan (--plan) instead.")
     config = TrainConfig(method=method, rank=rank, roles=None if roles is None else tuple(roles), stacks=stacks)
-    modules, parameters = peft_targets(model, config)
+    modules, parameters = peft_targets(model, config, notes=notes)  # train's notes: what it leaves out, and why
     wanted, adapters = set(layers), []
     for name in modules:
         info, weight = module_info(name), model.get_submodule(name).weight
@@ -889,7 +1015,12 @@ def _trained_moe_adapters(shape: ModelShape, method: str, rank: int, roles: tupl
         adapters.append(_Adapter(info.layer, info.role, rank, int(d_in), int(d_out)))
     for name in parameters:
         info, weight = module_info(name), model.get_parameter(name)
-        if weight.dim() != 3 or info.role not in ("gate_up", "down"):  # a dense MLP by weight: not modelled
+        if weight.dim() == 2:  # a Linear PEFT would rewrite (a dense layer's or shared experts' MLP): its weight
+            d_out, d_in = weight.shape
+            role = module_info(name.removesuffix(".weight")).role  # the module's role, not its weight's
+            adapters.append(_Adapter(info.layer, role, rank, int(d_in), int(d_out), 1))
+            continue
+        if weight.dim() != 3 or info.role not in ("gate_up", "down"):
             raise ConfigError(f"{shape.family}: `spectra train` adapts {name} through its weight "
                               "(target_parameters), which spectra's memory model does not describe.")
         count, d_out, d_in = weight.shape  # PEFT's ParamWrapper: (experts, out, in), one rank-r update each
@@ -1075,15 +1206,22 @@ def _block_bytes(shape: ModelShape, p: int, attention: str, seq_len: int, *, ful
         moe, per_layer, down = _moe_bytes(shape, p, full=full, grad=mid, router=hit("router"), wrapped=wrapped)
         total += moe
     elif any(role in ("gate", "gate_up") for role, _, _ in shape.linears):
-        gate, up = mid or hit("gate", "gate_up"), mid or hit("up", "gate_up")
+        gate = mid or hit("gate", "gate_up") or "gate" in wrapped
+        up = mid or hit("up", "gate_up") or "up" in wrapped
         total += p * inter * (2 * gate + up)
         activation = gate or up
     else:
         activation = mid or hit("up")
         total += p * shape.mlp_saved * inter * activation
     if shape.experts == 1:
-        down = activation or hit("down")
-        total += p * (h + inter) if full else 0  # the inputs of gate/up (one tensor) and down
+        down = activation or hit("down") or "down" in wrapped
+        if full:
+            total += p * (h + inter)  # the inputs of gate/up (one tensor) and down
+        else:  # a dense MLP's weight merged by a ParamWrapper (Qwen3-MoE's dense layers): a trained weight's input
+            total += p * h * bool({"gate", "up"} & set(wrapped)) + p * inter * ("down" in wrapped)
+        for role, m in wrapped.items():  # ... and the merged weight, for its input's gradient
+            if role in ("gate", "up", "down"):
+                per_layer += p * m.d_in * m.d_out * (activation if role == "down" else mid)
     if shape.norms == 4:  # Gemma 2 normalises the MLP's output
         total += norm(down)
     out = mid or down
@@ -1132,6 +1270,8 @@ def _moe_bytes(shape: ModelShape, p: int, *, full: bool, grad: bool, router: boo
         routing, weight = k * (experts * (1 + p) + 8 + p), p
     elif shape.topk_softmax:
         routing, weight = 12 * k, p
+    elif shape.routing_cast:  # Qwen3-MoE: Mixtral's, normalised only with norm_topk_prob, the weights cast to p
+        routing, weight = 4 * experts + 8 * k + (4 * k + 4) * shape.routing_norm, p
     else:
         routing, weight = 4 * experts + 12 * k + 4, 4
     jitter = 2 * p * h * shape.input_jitter  # the two noise tensors
@@ -1179,45 +1319,11 @@ def _adapter_bytes(modules: list[_Adapter], p: int, o_input_kept: bool, dora: bo
     return total
 
 
-def _estimate(shape: ModelShape, method: str, adapter_modules: list, batch: int, seq_len: int, precision: str,
-              optimizer: str, checkpointing: bool, attention: str, double_quant: bool,
-              use_cache: bool, input_require_grads: bool) -> MemoryEstimate:
-    w = 4 if precision == "fp32" else 2          # bytes per frozen/base weight
-    p = 4 if precision == "fp32" else 2          # bytes per activation
-    tokens = batch * seq_len
-    n = shape.params
-
-    # weights and QLoRA constants: bitsandbytes replaces only nn.Linear modules (an MoE's fused experts and its
-    # router, a parameter or a Linear subclass, stay in w)
-    quant = 0
-    if method == "qlora":
-        quantised = [(o, i) for role, o, i in shape.linears
-                     if not (shape.experts > 1 and role in ("gate", "up", "down", "gate_up", "router"))]
-        nf4 = shape.layers * sum(o * i for o, i in quantised)
-        weights = math.ceil(nf4 / 2) + (n - nf4) * w
-        quant = shape.layers * sum(_quant_constants(o * i, double_quant) for o, i in quantised)
-    else:
-        weights = n * w
-
-    # adapters (fp32), DoRA magnitudes, trainable count
-    adapter_params = sum(m.params for m in adapter_modules)
-    dora_params = sum(m.d_out for m in adapter_modules) if method == "dora" else 0
-    trainable = n - shape.tower_params if method == "full" else adapter_params + dora_params
-    # what a text-only step gives a gradient (and AdamW states): not the adapters on another tower's linears
-    stepped = trainable - sum(m.params for m in adapter_modules if m.tower)
-
-    # gradients and optimizer states
-    if method == "full":
-        grad_bytes = w
-        opt_bytes = {"adamw": 2 * w, "adamw_8bit": 2 * (1 + 4 / ADAM8_BLOCK), "sgd": 0}[optimizer]
-        if precision == "mixed":
-            opt_bytes = 4 + (8 if optimizer == "adamw" else opt_bytes)  # fp32 master copy (+ fp32 moments)
-    else:
-        grad_bytes = 4
-        opt_bytes = {"adamw": 8, "adamw_8bit": 2 * (1 + 4 / ADAM8_BLOCK), "sgd": 0}[optimizer]
-    gradients = stepped * grad_bytes
-    optimizer_states = math.ceil(stepped * opt_bytes)
-
+def _activations(shape: ModelShape, blocks: list[ModelShape], method: str, adapter_modules: list[_Adapter], p: int,
+                 tokens: int, seq_len: int, attention: str, use_cache: bool,
+                 input_require_grads: bool) -> tuple[int, int]:
+    """(activations without, with gradient checkpointing), bytes: see :func:`estimate_memory`'s notes. ``blocks``:
+    each layer's :meth:`ModelShape.block`."""
     # activations, bytes per token: the blocks, the adapters (by layer), the final norm and the LM head
     full, dora = method == "full", method == "dora"
     by_layer: dict = {}
@@ -1238,10 +1344,10 @@ def _estimate(shape: ModelShape, method: str, adapter_modules: list, batch: int,
         masked = attention == "sdpa" and bool(shape.windows) and 0 < shape.windows[layer] <= seq_len
         # transformers builds a DynamicCache in a decoder's training forward while use_cache is on; under
         # checkpointing it turns the cache off
-        block, o_kept, out, merged = _block_bytes(shape, p, attention, seq_len, full=full, grad=grad,
+        block, o_kept, out, merged = _block_bytes(blocks[layer], p, attention, seq_len, full=full, grad=grad,
                                                   cache=use_cache and shape.causal, adapted=modules, masked=masked)
-        again, o_kept_again, _, _ = _block_bytes(shape, p, attention, seq_len, full=full, grad=grad, cache=False,
-                                                 adapted=modules, masked=masked)
+        again, o_kept_again, _, _ = _block_bytes(blocks[layer], p, attention, seq_len, full=full, grad=grad,
+                                                 cache=False, adapted=modules, masked=masked)
         per_token += block + _adapter_bytes(modules, p, o_kept, dora)
         per_layer += merged
         recomputed = max(recomputed, tokens * (again + _adapter_bytes(modules, p, o_kept_again, dora)) + merged)
@@ -1259,12 +1365,65 @@ def _estimate(shape: ModelShape, method: str, adapter_modules: list, batch: int,
     # the peak comes at the loss (every block's tensors, the final norm's and the head's) or in a block's
     # backward, by when the head's are freed and a gradient of the MLP's width is in flight (measured: the
     # checkpointed peak of a block recomputed in backward exceeds its saved tensors by 1.0–1.2 of these)
-    in_flight = p * shape.intermediate * shape.experts_per_token
+    in_flight = max(p * block.intermediate * block.experts_per_token for block in blocks)
     final += _adapter_bytes(by_layer.get(None, []), p, False, dora)  # modules outside the blocks: a LoRA head
     at_loss = tokens * final + head
     activations = tokens * per_token + per_layer + max(at_loss, tokens * in_flight)
     activations_ckpt = (tokens * kept_inputs * shape.hidden * p  # the block inputs that checkpointing keeps
                         + max(at_loss, recomputed + tokens * in_flight))
+    return activations, activations_ckpt
+
+
+def _estimate(shape: ModelShape, method: str, adapter_modules: list, batch: int, seq_len: int, precision: str,
+              optimizer: str, checkpointing: bool, attention: str, double_quant: bool,
+              use_cache: bool, input_require_grads: bool, notes: list[str] = ()) -> MemoryEstimate:
+    w = 4 if precision == "fp32" else 2          # bytes per frozen/base weight
+    p = 4 if precision == "fp32" else 2          # bytes per activation
+    tokens = batch * seq_len
+    n = shape.params
+
+    # weights and QLoRA constants: bitsandbytes replaces only nn.Linear modules (an MoE's fused experts and its
+    # router, a parameter or a Linear subclass, stay in w); parameters transformers keeps in fp32 take 4 bytes
+    quant = 0
+    blocks = [shape.block(layer) for layer in range(shape.layers)]
+    if method == "qlora":
+        quantised = [(o, i) for block in blocks for role, o, i in block.linears if role not in _UNQUANTISED]
+        nf4 = sum(o * i for o, i in quantised)
+        weights = math.ceil(nf4 / 2) + (n - nf4) * w
+        quant = sum(_quant_constants(o * i, double_quant) for o, i in quantised)
+    else:
+        weights = n * w
+    weights += shape.fp32_params * (4 - w)
+
+    # adapters (fp32), DoRA magnitudes, trainable count
+    adapter_params = sum(m.params for m in adapter_modules)
+    dora_params = sum(m.d_out for m in adapter_modules) if method == "dora" else 0
+    trainable = n - shape.tower_params if method == "full" else adapter_params + dora_params
+    # what a text-only step gives a gradient (and AdamW states): not the adapters on another tower's linears
+    stepped = trainable - sum(m.params for m in adapter_modules if m.tower)
+
+    # gradients and optimizer states
+    if method == "full":
+        grad_bytes = w
+        opt_bytes = {"adamw": 2 * w, "adamw_8bit": 2 * (1 + 4 / ADAM8_BLOCK), "sgd": 0}[optimizer]
+        if precision == "mixed":
+            opt_bytes = 4 + (8 if optimizer == "adamw" else opt_bytes)  # fp32 master copy (+ fp32 moments)
+    else:
+        grad_bytes = 4
+        opt_bytes = {"adamw": 8, "adamw_8bit": 2 * (1 + 4 / ADAM8_BLOCK), "sgd": 0}[optimizer]
+    gradients = stepped * grad_bytes
+    optimizer_states = math.ceil(stepped * opt_bytes)
+    if method == "full" and w < 4:  # an fp32 parameter's gradient and AdamW moments are fp32 too (its own master)
+        gradients += shape.fp32_params * (4 - w)
+        optimizer_states += shape.fp32_params * ({"adamw": 8, "sgd": 0}.get(optimizer, opt_bytes) - opt_bytes)
+
+    notes = list(notes)
+    if shape.activations_refused:  # said, not guessed: no activations, so no training total
+        activations = activations_ckpt = None
+        notes.append(f"activations not estimated: {shape.activations_refused}")
+    else:
+        activations, activations_ckpt = _activations(shape, blocks, method, adapter_modules, p, tokens, seq_len,
+                                                     attention, use_cache, input_require_grads)
 
     # transient workspace of the largest module
     workspace = 0
@@ -1276,14 +1435,15 @@ def _estimate(shape: ModelShape, method: str, adapter_modules: list, batch: int,
         # (a 704→256 DoRA Linear peaked at 4.90 MB, this gives 4.87 MB)
         workspace += max((4 * (m.d_in * m.d_in + 4 * m.d_in * m.d_out) for m in adapter_modules), default=0)
 
-    kv_cache = 2 * shape.layers * shape.kv_dim * tokens * p if shape.causal else 0
+    kv_cache = shape.layers * (shape.cache_width or 2 * shape.kv_dim) * tokens * p if shape.causal else 0
     return MemoryEstimate(method=method, precision=precision, optimizer=optimizer, batch=batch, seq_len=seq_len,
                           gradient_checkpointing=checkpointing, attention=attention, double_quant=double_quant,
                           use_cache=use_cache,
                           params=n, trainable_params=trainable, weights=weights, quant_constants=quant,
                           adapter=adapter_params * 4, dora_magnitude=dora_params * 4, gradients=gradients,
                           optimizer_states=optimizer_states, activations=activations,
-                          activations_checkpointed=activations_ckpt, workspace=workspace, kv_cache=kv_cache)
+                          activations_checkpointed=activations_ckpt, workspace=workspace, kv_cache=kv_cache,
+                          notes=tuple(notes))
 
 
 def format_bytes(n: float) -> str:
