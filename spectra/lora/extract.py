@@ -548,20 +548,15 @@ def _peft_converts_exactly(model, names: list[str], parameters: set[str], source
     PEFT's conversion names the fused parameter bare (``gate_up_proj``), so it adapts that projection's experts
     in every layer and stack; it refuses gate without up; and it builds each fused LoRA from all experts' keys.
     Where any of that would differ from the adapter, extract writes the experts onto the parameters itself."""
+    from spectra.checkpoints.peft_match import config_targets, peft_converted
+
     try:
-        from peft import LoraConfig
-        from peft.utils.transformers_weight_conversion import convert_peft_config_for_transformers
-    except ImportError:  # a PEFT without it converts nothing
-        return False
-    config = LoraConfig(target_modules=list(names))
-    try:
-        convert_peft_config_for_transformers(config, model=model, conversions=None)
+        config = peft_converted({"target_modules": list(names)}, model)
     except ValueError:  # a part of a fused pair (w1 without w3)
         return False
-    if config.target_modules or not config.target_parameters:  # some or all left as named: PhiMoE's
+    if config is None or config["target_modules"] or not config["target_parameters"]:  # some left as named: PhiMoE's
         return False
-    wrapped = {n for n, _ in model.named_parameters()
-               if any(n == t or n.endswith("." + t) for t in config.target_parameters)}
+    wrapped = config_targets(config, [], parameter_names=[n for n, _ in model.named_parameters()]).parameters
     return wrapped == parameters and all(s.tensor in selected for p in parameters for s in sources.get(p, []))
 
 

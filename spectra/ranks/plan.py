@@ -390,11 +390,10 @@ def check_peft_config(config: Mapping, module_names: Iterable[str], *,
 
     Every ``target_modules`` entry, ``rank_pattern`` key and ``alpha_pattern`` key must match
     exactly one module name, pattern keys only targeted modules, and no module may be matched
-    by two keys (PEFT would silently use the first). Matching follows PEFT:
-    ``check_target_module_exists`` (name equal to an entry or ending in ``"." + entry``) and
-    ``get_pattern_key`` (``re.match(rf"(.*\\.)?({key})$", name)``). ``target_parameters``
-    entries must match exactly one of ``parameter_names`` the same way (PEFT's
-    ``_inject_parameters``), and pattern keys may match a targeted parameter instead of a module.
+    by two keys (PEFT would silently use the first). Matching is PEFT's
+    (:func:`~spectra.checkpoints.peft_match.config_targets`);
+    ``target_parameters`` entries must match exactly one of ``parameter_names``, and pattern
+    keys may match a targeted parameter instead of a module.
 
     Returns
     -------
@@ -406,33 +405,19 @@ def check_peft_config(config: Mapping, module_names: Iterable[str], *,
     ConfigError
         Naming every entry that matches no module or several.
     """
-    module_names = list(module_names)
+    from spectra.checkpoints.peft_match import config_targets
+
+    found = config_targets(config, module_names, parameter_names=parameter_names)
     problems, matched = [], {}
-    targets = config.get("target_modules") or []
-    if isinstance(targets, str):
-        targeted = {n for n in module_names if re.fullmatch(targets, n)}
-    else:
-        targeted = set()
-        for t in targets:
-            hits = [n for n in module_names if n == t or n.endswith("." + t)]
+    for field_name, what in (("target_modules", "modules"), ("target_parameters", "parameters")):
+        for entry, hits in found.entries[field_name].items():
             if len(hits) != 1:
-                problems.append(f"target_modules entry {t!r} matches {len(hits)} modules")
+                problems.append(f"{field_name} entry {entry!r} matches {len(hits)} {what}")
             else:
-                matched[t] = hits[0]
-            targeted.update(hits)
-    parameter_names, targeted_parameters = list(parameter_names), []
-    for t in config.get("target_parameters") or []:
-        hits = [n for n in parameter_names if n == t or n.endswith("." + t)]
-        if len(hits) != 1:
-            problems.append(f"target_parameters entry {t!r} matches {len(hits)} parameters")
-        else:
-            matched[t] = hits[0]
-        targeted_parameters += hits
-    targeted.update(targeted_parameters)
-    for field_name in ("rank_pattern", "alpha_pattern"):
-        keys = list(config.get(field_name) or {})
-        for key in keys:
-            hits = [n for n in module_names + targeted_parameters if re.match(rf"(.*\.)?({key})$", n)]
+                matched[entry] = hits[0]
+    targeted = found.modules | found.parameters
+    for field_name, keys in found.keys.items():
+        for key, hits in keys.items():
             if len(hits) != 1:
                 problems.append(f"{field_name} key {key!r} matches {len(hits)} modules or targeted parameters")
             elif hits[0] not in targeted:
@@ -450,62 +435,44 @@ def check_peft_config(config: Mapping, module_names: Iterable[str], *,
 def check_peft_conversion(config: Mapping, model) -> None:
     """Check that PEFT, loading a LoraConfig dict onto ``model``, adapts what it names and no more, at its scaling.
 
-    PEFT (0.21) rewrites the config of a transformers-5 MoE first (``convert_peft_config_for_transformers``:
-    :func:`~spectra.checkpoints.targets.peft_rewritten_modules`). Its conversion is run here on a copy of the
-    config, and the modules and parameters PEFT would then wrap (its matching: a name equal to an entry or ending
-    in ``"." + entry``) must be those the config means: its ``target_modules`` that are modules of the model, its
-    ``target_parameters``, and for a per-expert checkpoint name (``…experts.3.w1``, which PEFT maps) the fused
-    parameter that holds it. With ``use_rslora`` PEFT's fusion of two projections into ``gate_up_proj`` is
-    refused as well: it doubles ``r`` and ``lora_alpha``, which keeps α/r but makes rsLoRA's α/√r √2 larger.
+    PEFT (0.21) rewrites the config of a transformers-5 MoE first
+    (:func:`~spectra.checkpoints.peft_match.peft_converted`; see
+    :func:`~spectra.checkpoints.targets.peft_rewritten_modules`). The modules and parameters PEFT would then wrap
+    (:func:`~spectra.checkpoints.peft_match.config_targets` of the rewritten config) must be those the config
+    means: its ``target_modules`` that are modules of the model, its ``target_parameters``, and for a per-expert
+    checkpoint name (``…experts.3.w1``, which PEFT maps) the fused parameter that holds it. With ``use_rslora``
+    PEFT's fusion of two projections into ``gate_up_proj`` is refused as well: it doubles ``r`` and ``lora_alpha``,
+    which keeps
+    α/r but makes rsLoRA's α/√r √2 larger.
 
     Raises
     ------
     ConfigError
         Naming what PEFT would leave out or adapt instead, or the rsLoRA fusion.
     """
-    try:
-        from peft import LoraConfig
-        from peft.utils.transformers_weight_conversion import convert_peft_config_for_transformers
-    except ImportError:  # a PEFT without it converts nothing
-        return
+    from spectra.checkpoints.peft_match import config_targets, peft_converted
     from spectra.checkpoints.targets import model_targets
 
     if isinstance(config.get("target_modules"), str):  # a regex: PEFT resolves it itself (spectra writes lists)
         return
     cls = type(model).__name__
-    modules = [n for n, _ in model.named_modules() if n]
-    parameters = [n for n, _ in model.named_parameters()]
-
-    def by_suffix(names: list[str]) -> dict[str, set[str]]:  # every dot-suffix of a name → the names ending so
-        index: dict[str, set[str]] = {}
-        for name in names:
-            parts = name.split(".")
-            for i in range(len(parts)):
-                index.setdefault(".".join(parts[i:]), set()).add(name)
-        return index
-
-    module_index, parameter_index = by_suffix(modules), by_suffix(parameters)
-
-    def matching(entries, index) -> set[str]:  # PEFT's match: a name equal to an entry or ending in "." + entry
-        return set().union(*(index.get(t, ()) for t in entries or ()))
-
-    targets = list(config.get("target_modules") or [])
-    meant_modules = matching(targets, module_index)
-    mapped = [t for t in targets if t not in module_index]  # per-expert checkpoint names, which PEFT maps
-    one_expert = {_EXPERT_INDEX.sub(".experts.0.", t): t for t in mapped}  # all experts of a projection: one place
-    meant_parameters = matching(config.get("target_parameters"), parameter_index) | {
-        target.name for target in model_targets(list(one_expert.values()), model).values()
-        if target is not None and target.parameter}
-    converted = LoraConfig(target_modules=targets, target_parameters=list(config.get("target_parameters") or []),
-                           r=config.get("r", 8), lora_alpha=config.get("lora_alpha", 8))
     try:
-        convert_peft_config_for_transformers(converted, model=model, conversions=None)
+        converted = peft_converted(config, model)
     except ValueError as err:
         raise ConfigError(f"PEFT refuses this config on {cls}: {err}") from None
-    wrapped_modules = matching(converted.target_modules, module_index)
-    wrapped_parameters = matching(converted.target_parameters, parameter_index)
-    lost = sorted((meant_modules - wrapped_modules) | (meant_parameters - wrapped_parameters))
-    extra = sorted((wrapped_modules - meant_modules) | (wrapped_parameters - meant_parameters))
+    if converted is None:
+        return
+    modules = [n for n, _ in model.named_modules() if n]
+    parameters = [n for n, _ in model.named_parameters()]
+    meant = config_targets(config, modules, parameter_names=parameters)
+    mapped = [t for t, hits in meant.entries["target_modules"].items() if not hits]  # per-expert checkpoint names
+    one_expert = {_EXPERT_INDEX.sub(".experts.0.", t): t for t in mapped}  # all experts of a projection: one place
+    meant_parameters = meant.parameters | {target.name for target in model_targets(list(one_expert.values()),
+                                                                                    model).values()
+                                           if target is not None and target.parameter}
+    wrapped = config_targets(converted, modules, parameter_names=parameters)
+    lost = sorted((meant.modules - wrapped.modules) | (meant_parameters - wrapped.parameters))
+    extra = sorted((wrapped.modules - meant.modules) | (wrapped.parameters - meant_parameters))
     if lost or extra:
         raise ConfigError(f"PEFT rewrites this config's targets for {cls} when it loads it "
                           "(peft.utils.transformers_weight_conversion), so it would "
@@ -515,7 +482,7 @@ def check_peft_conversion(config: Mapping, model) -> None:
                                           + " instead"] if extra else []))
                           + ". Name such modules by their weight in target_parameters (…mlp.gate_proj.weight), "
                           "which PEFT does not rewrite.")
-    fused = [k for k in (converted.rank_pattern or {}) if k not in (config.get("rank_pattern") or {})]
+    fused = [k for k in converted["rank_pattern"] if k not in (config.get("rank_pattern") or {})]
     if config.get("use_rslora") and fused:
         raise ConfigError(f"use_rslora: PEFT fuses this config's per-expert targets into {fused[0]} at twice r and "
                           "lora_alpha, which keeps α/r but makes rsLoRA's α/√r √2 too large. Name the fused "
