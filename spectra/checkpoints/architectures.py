@@ -6,7 +6,7 @@ other``. Unknown architectures still work: every module whose name matches no ru
 role ``other`` and is analysed all the same.
 
 ``q_a q_b kv_a kv_b`` are multi-head latent attention's (MLA: DeepSeek-V2, arXiv:2405.04434; DeepSeek-V3 and Kimi-K2,
-MiniCPM3, GLM-4.7-Flash, LongCat-Flash, Mistral 4 and the other transformers models built on DeepSeek's attention)
+MiniCPM3, LongCat-Flash, Mistral Small 4, ``glm4_moe_lite`` and the other transformers models built on its attention)
 low-rank projections, by what each tensor computes (``(out, in)``; ``c`` = ``q_lora_rank``, ``d`` = ``kv_lora_rank``):
 
 - ``q_a_proj`` (c, hidden), role ``q_a``: x → the query latent (then an RMSNorm);

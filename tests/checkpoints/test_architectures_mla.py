@@ -1,0 +1,218 @@
+"""Multi-head latent attention (DeepSeek-V2/V3, Kimi-K2, MiniCPM3, …): its factors get roles q_a, q_b, kv_a, kv_b.
+
+They were role ``other``: no role analysed, trained or extracted them by default, and reports lumped them with
+routers. The references are the models themselves, built from config: the Linears each attention holds (scanned,
+not listed), and the attention's own ``expand_kv`` for which rows of ``kv_b_proj`` are keys and which values.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+import warnings
+
+import pytest
+import torch
+
+from spectra.analysis import AnalysisResult, analyze
+from spectra.checkpoints import architectures
+from spectra.checkpoints.architectures import fused_projections, module_info, role_named, role_selected
+from spectra.report.tables import summary_rows
+from tests.models import flat_update, on_grid, save
+from tests.test_cli import run
+
+# What each Linear of an MLA attention computes, by its attribute name, written out here rather than asked of spectra
+MLA_ROLES = {"q_proj": "q", "q_a_proj": "q_a", "q_b_proj": "q_b", "kv_a_proj_with_mqa": "kv_a", "kv_b_proj": "kv_b",
+             "o_proj": "o"}
+HEADS, NOPE, ROPE, VALUE, KV_LORA = 4, 4, 4, 8, 8
+
+
+def tiny_mla(family: str, *, q_lora_rank: int | None = 16, seed: int = 0):
+    """A two-layer DeepSeek-V3 or -V2 causal LM (layer 0 dense, layer 1 routed), width 32, on the 2⁻¹² grid;
+    ``q_lora_rank`` None: DeepSeek-V2-Lite's plain q_proj instead of q_a_proj and q_b_proj."""
+    import transformers as tf
+
+    sizes = dict(hidden_size=32, intermediate_size=40, moe_intermediate_size=16, num_hidden_layers=2,
+                 num_attention_heads=HEADS, num_key_value_heads=HEADS, n_routed_experts=3, num_experts_per_tok=2,
+                 n_shared_experts=1, first_k_dense_replace=1, q_lora_rank=q_lora_rank, kv_lora_rank=KV_LORA,
+                 qk_rope_head_dim=ROPE, qk_nope_head_dim=NOPE, v_head_dim=VALUE, vocab_size=64)
+    if family == "deepseek_v3":
+        return on_grid(tf.DeepseekV3ForCausalLM, tf.DeepseekV3Config(n_group=1, topk_group=1, **sizes), seed=seed)
+    return on_grid(tf.DeepseekV2ForCausalLM, tf.DeepseekV2Config(**sizes), seed=seed)
+
+
+FAMILIES = [("deepseek_v3", 16), ("deepseek_v2", 16), ("deepseek_v2", None)]
+
+
+@pytest.mark.parametrize(("family", "q_lora_rank"), FAMILIES)
+def test_every_linear_of_the_attention_gets_its_role(family, q_lora_rank):
+    """Every Linear inside each layer's self_attn, scanned off the built model, has the role of what it computes;
+    none is left other. V2-Lite's (q_lora_rank None) query is one q_proj, role q."""
+    model = tiny_mla(family, q_lora_rank=q_lora_rank)
+    config = model.config.to_dict()
+    attention = [(name, name.rpartition(".")[2]) for name, m in model.named_modules()
+                 if isinstance(m, torch.nn.Linear) and ".self_attn." in name]
+    held = {attr for _, attr in attention}
+    assert held == ({"q_a_proj", "q_b_proj"} if q_lora_rank else {"q_proj"}) | {"kv_a_proj_with_mqa", "kv_b_proj",
+                                                                                   "o_proj"}
+    for name, attr in attention:
+        info = module_info(name, config)
+        assert (info.role, info.layer, info.stack) == (MLA_ROLES[attr], int(name.split(".")[2]), None), name
+
+
+@pytest.mark.parametrize("family", ["deepseek_v3", "deepseek_v2"])
+def test_kv_b_projections_are_the_rows_the_attention_reads_as_keys_and_values(family):
+    """kv_b_proj's k and v projections are the rows whose outputs the attention's own expand_kv returns as every
+    head's k_nope and value. Negative control: the contiguous halves a [k; v] layout would take are not them."""
+    model = tiny_mla(family)
+    attn = model.model.layers[0].self_attn
+    weight = attn.kv_b_proj.weight.detach().double()  # (heads·(nope + v), kv_lora_rank)
+    projections = {p.role: list(p.rows) for p in fused_projections("model.layers.0.self_attn.kv_b_proj", "kv_b",
+                                                                    weight.shape[0], model.config.to_dict())}
+    assert set(projections) == {"k", "v"} and sorted(projections["k"] + projections["v"]) == list(range(len(weight)))
+    latent = torch.randn(1, 1, 5, KV_LORA, generator=torch.Generator().manual_seed(0))  # (batch, 1, seq, d)
+    with torch.no_grad():
+        keys, values = attn.expand_kv(latent, torch.zeros(1, 1, 5, ROPE))  # (batch, heads, seq, ·)
+    k_nope = keys[0, :, :, :NOPE].transpose(0, 1).reshape(5, -1).double()  # (seq, heads·nope), head-major
+    values = values[0].transpose(0, 1).reshape(5, -1).double()  # (seq, heads·v)
+    x = latent[0, 0].double()
+    torch.testing.assert_close(x @ weight[projections["k"]].T, k_nope, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(x @ weight[projections["v"]].T, values, rtol=1e-6, atol=1e-6)
+    half = HEADS * NOPE
+    assert not torch.allclose(x @ weight[:half].T, k_nope, atol=1e-3)
+
+
+def test_kv_b_is_split_only_where_the_config_sizes_it():
+    """No config, or one whose heads × (nope + v) is not the tensor's rows: analysed whole only. A layer without
+    rotary embedding (Mistral Large 4's) reads qk_nope_head_dim + qk_rope_head_dim per head as keys."""
+    name, config = "model.layers.0.self_attn.kv_b_proj", {"num_attention_heads": 2, "qk_nope_head_dim": 2,
+                                                          "qk_rope_head_dim": 1, "v_head_dim": 3}
+    assert fused_projections(name, "kv_b", 10, None) == []
+    assert fused_projections(name, "kv_b", 11, config) == []
+    assert [(p.role, p.rows) for p in fused_projections(name, "kv_b", 10, config)] == [("k", (0, 1, 5, 6)),
+                                                                                        ("v", (2, 3, 4, 7, 8, 9))]
+    assert [(p.role, p.rows) for p in fused_projections(name, "kv_b", 12, {"text_config": config})] == [
+        ("k", (0, 1, 2, 6, 7, 8)), ("v", (3, 4, 5, 9, 10, 11))]
+
+
+def test_roles_select_the_factors_by_what_they_compute():
+    """--roles q takes q_a and q_b (in an analysis too: they compute nothing but the query); k or v takes kv_a and
+    kv_b whole where modules are adapted, as --roles v takes GPT-2's c_attn, and in an analysis kv_b's projection of
+    that role only (role_named); a factor's own role takes it alone."""
+    for role in ("q_a", "q_b"):
+        assert role_named(role, ("q",)) and role_selected(role, ("q",)) and role_selected(role, (role,))
+        assert not role_selected(role, ("k", "v", "o", "xq")) and not role_named(role, ("kv_a", "kv_b"))
+    for role in ("kv_a", "kv_b"):
+        assert role_selected(role, ("k",)) and role_selected(role, ("v",)) and role_selected(role, (role,))
+        assert not role_named(role, ("k", "v")) and not role_selected(role, ("q", "o", "xk", "xv", "qkv"))
+    assert not role_selected("q", ("q_a", "q_b", "kv_a", "kv_b")) and not role_selected("o", ("kv_b",))
+
+
+def test_analyze_reports_each_factor_and_kv_bs_keys_and_values_in_block_order(tmp_path, monkeypatch, capsys):
+    """A tiny DeepSeek-V3 pair with planted ranks in each factor and in kv_b's key rows alone: every analysis row
+    has its role and planted rank, kv_b[k] holds kv_b's update and kv_b[v] none; the per-role table lists them in
+    the order the attention meets them, before o. --roles q analyses q_a and q_b, --roles v kv_b[v] alone."""
+    base = tiny_mla("deepseek_v3")
+    tuned = copy.deepcopy(base)
+    key_rows = [h * (NOPE + VALUE) + i for h in range(HEADS) for i in range(NOPE)]
+    planted = {"model.layers.0.self_attn.q_a_proj": 2, "model.layers.1.self_attn.q_b_proj": 1,
+               "model.layers.0.self_attn.kv_a_proj_with_mqa": 3, "model.layers.1.self_attn.o_proj": 1}
+    params = dict(tuned.named_parameters())
+    with torch.no_grad():
+        for i, (name, rank) in enumerate(planted.items()):
+            params[name + ".weight"] += flat_update(tuple(params[name + ".weight"].shape), rank, seed=i).float()
+        params["model.layers.1.self_attn.kv_b_proj.weight"][key_rows] += flat_update((len(key_rows), KV_LORA), 2,
+                                                                                       seed=9).float()
+    b, t = save(base, tmp_path / "b", "safetensors"), save(tuned, tmp_path / "t", "safetensors")
+    analysis = analyze(b, t, cache_dir=False, progress=False).to_dict()
+    rows = {r["name"]: r for r in analysis["modules"]}
+    kv_b = "model.layers.1.self_attn.kv_b_proj"
+    expected = {**planted, kv_b: 2, f"{kv_b}[k]": 2}
+    roles = {**{n: MLA_ROLES[n.rpartition(".")[2]] for n in planted}, kv_b: "kv_b", f"{kv_b}[k]": "k"}
+    for name, rank in expected.items():
+        assert (rows[name]["role"], rows[name]["energy_rank"]["0.9"]) == (roles[name], rank), name
+    assert rows[f"{kv_b}[v]"]["role"] == "v" and rows[f"{kv_b}[v]"]["fro_norm"] == 0
+    assert [e["label"] for e in summary_rows(analysis)] == ["k", "q_a", "q_b", "kv_a", "kv_b", "o"]
+    for roles_asked, names in (("q", {"q_a_proj", "q_b_proj"}), ("v", {"kv_b_proj[v]"}), ("kv_a", {"kv_a_proj_with_mqa"})):
+        out = tmp_path / f"r-{roles_asked}"
+        code, _, err = run(monkeypatch, capsys, "analyze", b, t, "-o", out, "--no-cache", "-q", "--roles", roles_asked)
+        assert code == 0, err
+        assert {m["name"].rpartition(".")[2] for m in AnalysisResult.load(out).modules} == names, roles_asked
+
+
+def _meta_models():
+    """(model type, module names of its Linears) of every transformers class buildable from its default config on
+    the meta device, at most two layers deep."""
+    import transformers as tf
+    from transformers.models.auto import modeling_auto
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    mappings = (modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+                modeling_auto.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES, modeling_auto.MODEL_MAPPING_NAMES)
+    for model_type in sorted(CONFIG_MAPPING_NAMES):
+        cls = next((m[model_type] for m in mappings if model_type in m), None)
+        cls = cls[0] if isinstance(cls, (list, tuple)) else cls
+        if cls is None or not hasattr(tf, cls):
+            continue
+        try:
+            config = tf.AutoConfig.for_model(model_type)
+            for c in (config, getattr(config, "text_config", None)):
+                for key in ("num_hidden_layers", "num_layers", "n_layer", "decoder_layers", "encoder_layers"):
+                    if isinstance(getattr(c, key, None), int) and getattr(c, key) > 2:
+                        setattr(c, key, 2)
+            with torch.device("meta"):
+                model = getattr(tf, cls)._from_config(config)
+        except Exception:  # a class that needs more than its default config (a backbone, a library): not scanned
+            continue
+        yield model_type, model.config.to_dict(), [n for n, m in model.named_modules()
+                                                   if isinstance(m, torch.nn.Linear)]
+
+
+@pytest.mark.slow
+def test_the_mla_rules_change_no_other_module_of_any_transformers_class(monkeypatch):
+    """Every transformers class built on the meta device (~570 of them): the role of each Linear under the rules,
+    and under the rules without the MLA ones. They differ only at q_a_proj, q_b_proj, kv_a_proj_with_mqa and
+    kv_b_proj, which were other, and in the MLA model types (DeepSeek-V2/V3, Kimi-K2.5, MiniCPM3, …)."""
+    import transformers as tf
+
+    mla = {"q_a", "q_b", "kv_a", "kv_b"}
+    changed: dict[str, set[tuple[str, str, str]]] = {}
+    built = 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        verbosity = tf.utils.logging.get_verbosity()
+        tf.utils.logging.set_verbosity_error()
+        try:
+            for model_type, config, linears in _meta_models():
+                built += 1
+                now = {name: module_info(name, config).role for name in linears}
+                with monkeypatch.context() as patch:
+                    patch.setattr(architectures, "_ROLE_REGEXES",
+                                  tuple(r for r in architectures._ROLE_REGEXES if r[1] not in mla))
+                    before = {name: module_info(name, config).role for name in linears}
+                for name in linears:
+                    if now[name] != before[name]:
+                        changed.setdefault(model_type, set()).add((re.sub(r"\.\d+\.", ".N.", name), before[name],
+                                                                   now[name]))
+        finally:
+            tf.utils.logging.set_verbosity(verbosity)
+    assert built > 400
+    assert {"deepseek_v2", "deepseek_v3", "kimi_k25", "minicpm3", "longcat_flash", "mistral4"} <= set(changed)
+    suffix = {"q_a_proj": "q_a", "q_b_proj": "q_b", "kv_a_proj_with_mqa": "kv_a", "kv_b_proj": "kv_b"}
+    for model_type, changes in changed.items():
+        for name, before, now in changes:
+            assert before == "other" and now == suffix.get(name.rpartition(".")[2]), (model_type, name, before, now)
+            assert ".self_attn." in name and "indexer" not in name, (model_type, name)
+
+
+def test_a_llamas_roles_are_unchanged():
+    """Negative control: a Llama's Linears keep q, k, v, o, gate, up, down and head."""
+    import transformers as tf
+
+    config = tf.LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                            num_key_value_heads=2, vocab_size=64)
+    model = tf.LlamaForCausalLM(config)
+    roles = {name.rpartition(".")[2]: module_info(name, config.to_dict()).role for name, m in model.named_modules()
+             if isinstance(m, torch.nn.Linear)}
+    assert roles == {"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o", "gate_proj": "gate", "up_proj": "up",
+                     "down_proj": "down", "lm_head": "head"}
