@@ -26,8 +26,8 @@ class ConfigTargets:
     parameters : frozenset of str
         The parameter names ``target_parameters`` selects (PEFT's ``ParamWrapper``).
     entries : dict
-        ``"target_modules"`` / ``"target_parameters"`` → each list entry → the names it matches
-        (``target_modules`` as a regex string has none: it is one pattern, not entries).
+        ``"target_modules"`` / ``"target_parameters"`` → each list entry → the names it matches (that PEFT
+        does not exclude; ``target_modules`` as a regex string has none: it is one pattern, not entries).
     keys : dict
         ``"rank_pattern"`` / ``"alpha_pattern"`` → each key → the names it matches among all
         modules and the targeted parameters (targeted or not: a key on an untargeted module
@@ -73,7 +73,7 @@ def config_targets(config, module_names: Iterable[str], *, parameter_names: Iter
         modules = {n for n in module_names if re.fullmatch(targets, n)}
     else:
         index = _by_suffix(module_names)
-        entries["target_modules"] = {t: tuple(sorted(index.get(t, ()))) for t in targets or ()}
+        entries["target_modules"] = {t: tuple(sorted(index.get(t, set()) - excluded)) for t in targets or ()}
         modules = set().union(*entries["target_modules"].values())
     modules -= excluded
     index = _by_suffix(parameter_names)

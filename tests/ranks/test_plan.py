@@ -31,6 +31,17 @@ def test_peft_keys_are_anchored_and_checked():
         plan.to_peft_config(module_names=["model.layers.1.self_attn.q_proj"])
 
 
+def test_a_target_peft_leaves_unwrapped_matches_nothing():
+    """PEFT wraps no module that modules_to_save holds (or exclude_modules names), even when target_modules names it:
+    such an entry matches no module, so check_peft_config refuses it (it had counted the module as targeted)."""
+    names = ["model.layers.0.self_attn.q_proj", "lm_head"]
+    config = {"target_modules": names, "r": 2}
+    assert check_peft_config(config, names) == {n: n for n in names}  # as targets alone
+    for leaves_out in ({"modules_to_save": ["lm_head"]}, {"exclude_modules": ["lm_head"]}):
+        with pytest.raises(ConfigError, match="target_modules entry 'lm_head' matches 0 modules"):
+            check_peft_config(config | leaves_out, names)
+
+
 def test_plan_round_trip_and_bad_plans(tmp_path):
     plan = recommend_ranks(analysis(make_row("a", PLANTED), make_row("b", PLANTED, layer=1, role="v")),
                            RankPolicy(energy=0.9, roles=("q", "v"), rslora=True))
