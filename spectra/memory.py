@@ -113,6 +113,9 @@ class ModelShape:
     # their linear modules, (role, out, in, stack) each, which an int rank adapts where stacks name their stack (as
     # spectra train does; its default stacks are those text runs through); stack as architectures names it ("vision")
     tower_linears: tuple[tuple[str, int, int, str | None], ...] = ()
+    # the (out, in) of the towers' linears that bitsandbytes stores in 4 bits under QLoRA, as transformers picks them
+    # (exactly nn.Linear or Conv1D, outside get_keys_to_not_convert: not a MultiheadAttention's out_proj)
+    tower_quantised: tuple[tuple[int, int], ...] = ()
     # each layer's sliding attention window (0: full attention; empty: none slides): transformers masks a layer whose
     # window a sequence reaches (seq_len ≥ window), and sdpa then keeps the mask and K, V repeated (_sliding_windows)
     windows: tuple[int, ...] = ()
@@ -251,15 +254,29 @@ def _with_other_towers(cfg: dict, mtype: str) -> ModelShape:
     _refuse_unless_built_holds(model, text.params + towers, mtype=mtype, model_class=model_class,
                                counted_as=f"(its {text.family} language model {text.params}, the other towers "
                                           f"{towers})")
-    linears = []
+    linears, quantised = [], []
+    kept = _not_quantised(model)
     for name, module in model.named_modules():
         if isinstance(module, (torch.nn.Linear, Conv1D)) and outside(name):
             out, d_in = module.weight.shape if isinstance(module, torch.nn.Linear) else module.weight.shape[::-1]
             info = module_info(name)
             linears.append((info.role, int(out), int(d_in), info.stack))
+            if (type(module) is torch.nn.Linear or isinstance(module, Conv1D)) and name not in kept:
+                quantised.append((int(out), int(d_in)))
     return dataclasses.replace(text, family=f"{mtype} ({text.family} language model; vision tower and projector "
                                             "held frozen, not run: text-only batches)",
-                               tower_params=towers, tower_linears=tuple(linears))
+                               tower_params=towers, tower_linears=tuple(linears), tower_quantised=tuple(quantised))
+
+
+def _not_quantised(model) -> set[str]:
+    """The modules transformers' bitsandbytes path leaves unconverted whatever their type
+    (``transformers.quantizers.base.get_keys_to_not_convert``: the output embedding, tied weights, the module of
+    the last parameter); empty where this transformers lacks it."""
+    try:
+        from transformers.quantizers.base import get_keys_to_not_convert
+    except ImportError:
+        return set()
+    return set(get_keys_to_not_convert(model))
 
 
 def _meta_model_for(cfg: dict, mtype: str, mapping: str = "MODEL_MAPPING_NAMES"):
@@ -935,13 +952,21 @@ def _adapter_modules(shape: ModelShape, method: str, plan_or_rank: Any, roles: t
             raise ConfigError(f"layers_to_transform must name layers of this {shape.layers}-layer model "
                               f"(0 … {shape.layers - 1}), got {layers_to_transform!r}.")
     h, i, experts = shape.hidden, shape.intermediate, shape.experts
-    if shape.tower_params and (method in ("qlora", "dora") or isinstance(plan_or_rank, RankPlan)
-                               or layers_to_transform is not None):
-        raise ConfigError(f"{shape.family}: spectra's memory model estimates full fine-tuning and LoRA at an int "
-                          "rank on every layer of a multimodal model; which tower linears bitsandbytes quantises "
-                          "(QLoRA), DoRA's transients on them, a plan's tower modules and the tower layers "
+    if shape.tower_params and (isinstance(plan_or_rank, RankPlan) or layers_to_transform is not None):
+        raise ConfigError(f"{shape.family}: spectra's memory model estimates full fine-tuning and an int rank on "
+                          "every layer of a multimodal model; a plan's tower modules and the tower layers "
                           "layers_to_transform picks are not modelled. Pass the text_config alone to estimate the "
                           "language model.")
+    adapted_towers = sorted({stack for role, _, _, stack in shape.tower_linears if stacks is not None
+                             and stack_selected(stack, stacks) and role_selected(role, DEFAULT_ROLES if roles is None
+                                                                                 else tuple(roles))}, key=str)
+    if method in ("qlora", "dora") and adapted_towers:
+        raise ConfigError(f"{shape.family}: {method} on the {', '.join(map(str, adapted_towers))} stack's linears "
+                          f"(stacks {','.join(stacks)}) is not modelled: "
+                          + ("a LoRA module on a 4-bit tower linear (QLoRA)" if method == "qlora"
+                             else "DoRA's weight norms and transients on the tower's linears")
+                          + f". Leave {', '.join(map(str, adapted_towers))} out of stacks (the default adapts the "
+                            "language model alone) or estimate lora.")
     if isinstance(plan_or_rank, RankPlan):
         modules, fused = [], {}  # fused: (layer, parameter) -> expert -> rank summed over the modules it holds
         for m in plan_or_rank.modules:
@@ -1388,9 +1413,9 @@ def _estimate(shape: ModelShape, method: str, adapter_modules: list, batch: int,
     blocks = [shape.block(layer) for layer in range(shape.layers)]
     if method == "qlora":
         quantised = [(o, i) for block in blocks for role, o, i in block.linears if role not in _UNQUANTISED]
-        nf4 = sum(o * i for o, i in quantised)
+        nf4 = sum(o * i for o, i in quantised + list(shape.tower_quantised))  # the towers' too (never run: no workspace)
         weights = math.ceil(nf4 / 2) + (n - nf4) * w
-        quant = sum(_quant_constants(o * i, double_quant) for o, i in quantised)
+        quant = sum(_quant_constants(o * i, double_quant) for o, i in quantised + list(shape.tower_quantised))
     else:
         weights = n * w
     weights += shape.fp32_params * (4 - w)

@@ -248,3 +248,22 @@ def test_deepseeks_activations_are_refused_not_guessed():
         assert any("multi-head latent attention" in note and "not estimated" in note for note in est.notes)
     qwen = estimate_memory(_config("qwen3_moe").to_dict(), method="lora", rank_plan_or_rank=4)
     assert qwen.activations > 0 and not any("not estimated" in note for note in qwen.notes)
+
+
+def test_cli_json_carries_the_notes_and_no_activations_for_deepseek(tmp_path):
+    """`spectra memory --json` writes the notes and null activations and training total for DeepSeek (the table's
+    rows leave them out; printing the notes under the table is a cli.py change proposed separately)."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from spectra.cli import app
+
+    (tmp_path / "config.json").write_text(json.dumps(_config("deepseek_v3").to_dict()))
+    run = CliRunner().invoke(app, ["memory", str(tmp_path), "--rank", "4", "--json"])
+    assert run.exit_code == 0, run.output
+    data = json.loads(run.output)
+    assert data["activations"] is None and data["training_total"] is None and data["weights"] > 0
+    assert any("not estimated" in note for note in data["notes"])
+    table = CliRunner().invoke(app, ["memory", str(tmp_path), "--rank", "4"])
+    assert table.exit_code == 0 and "inference total" in table.output and "training total" not in table.output
