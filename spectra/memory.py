@@ -283,8 +283,7 @@ def _meta_model_for(cfg: dict, mtype: str, mapping: str = "MODEL_MAPPING_NAMES")
     """transformers' class for ``mtype`` in ``mapping`` (a name in ``transformers.models.auto.modeling_auto``;
     default the base model: no LM head) and that class built from ``cfg`` on the meta device (shapes only, no
     weights), as ``(class name, model)``; the model is None where this transformers has no such class or cannot
-    build it from the config. Token ids outside the vocabulary (a tiny config that keeps its family's pad_token_id:
-    GLM's 151329 of 64) stop nn.Embedding but change no parameter: the model is then built without them.
+    build it from the config (token ids outside the vocabulary aside: :func:`spectra.checkpoints.targets.meta_model`).
 
     Costs transformers' modelling import, ~0.8 s once per process, then 10-30 ms a build (Llama-2-70B's,
     Mixtral-8x7B's); :func:`model_shape` builds at most one base model a config, none for :data:`_COUNTED_RIGHT`'s
@@ -296,10 +295,7 @@ def _meta_model_for(cfg: dict, mtype: str, mapping: str = "MODEL_MAPPING_NAMES")
     model_class = getattr(modeling_auto, mapping).get(mtype)
     if not isinstance(model_class, str):
         return model_class, None
-    model = meta_model(cfg, model_class)
-    if model is None:
-        model = meta_model(cfg | dict.fromkeys(("pad_token_id", "bos_token_id", "eos_token_id")), model_class)
-    return model_class, model
+    return model_class, meta_model(cfg, model_class)
 
 
 def _refuse_unless_built_holds(model, counted: int, *, mtype: str, model_class: str, counted_as: str) -> None:

@@ -79,6 +79,9 @@ def meta_model(config: Mapping | None, model_class: str | None = None):
 
     None when the config lacks ``model_type`` or names no class, or when this transformers has
     no such class or cannot build it from the config: then there is nothing to check names against.
+    Token ids outside the vocabulary (a tiny config that keeps its family's pad_token_id: GLM's
+    151329 of 64) stop ``nn.Embedding`` but change no module or parameter: the model is then built
+    with ``pad_token_id``, ``bos_token_id`` and ``eos_token_id`` unset.
     """
     model_class = model_class or architecture(config)
     if not config or not model_class or not config.get("model_type"):
@@ -88,12 +91,14 @@ def meta_model(config: Mapping | None, model_class: str | None = None):
     cls = getattr(transformers, model_class, None)
     if cls is None:
         return None
-    try:
-        fields = {k: v for k, v in config.items() if k != "model_type"}
-        with torch.device("meta"):  # shapes only: no memory, no initialisation
-            return cls(transformers.AutoConfig.for_model(config["model_type"], **fields))
-    except Exception:  # an architecture this transformers cannot build from its config: nothing to check against
-        return None
+    fields = {k: v for k, v in config.items() if k != "model_type"}
+    for ids in ({}, dict.fromkeys(("pad_token_id", "bos_token_id", "eos_token_id"))):
+        try:
+            with torch.device("meta"):  # shapes only: no memory, no initialisation
+                return cls(transformers.AutoConfig.for_model(config["model_type"], **(fields | ids)))
+        except Exception:  # an architecture this transformers cannot build from its config: nothing to check against
+            continue
+    return None
 
 
 def resolve_name(name: str, names: Iterable[str]) -> str | None:
