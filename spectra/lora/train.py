@@ -22,9 +22,11 @@ Each step's loss goes to ``training_log.jsonl``; the run's summary to
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import json
 import math
+import re
 import statistics
 import time
 import warnings
@@ -721,11 +723,52 @@ def _has_conv1d(model, names: list[str]) -> bool:
 
 
 @contextlib.contextmanager
-def quiet_peft():
-    """Silence transformers' own ``is_gradient_checkpointing`` deprecation, raised inside PEFT."""
+def quiet_peft(model=None, adapter=None):
+    """Silence transformers' own ``is_gradient_checkpointing`` deprecation, raised inside PEFT; with the `model` and
+    the `adapter` PEFT is about to put on it (a ``LoraConfig``, or a saved adapter's directory), also PEFT's
+    warning that rank_pattern / alpha_pattern keys "did not match any targeted module", where every key it lists
+    names a parameter the adapter targets (:func:`parameter_pattern_keys`).
+
+    PEFT 0.21 checks those keys against the targeted *modules* only, so the keys of ``target_parameters`` (an
+    MoE's fused experts; the ``.*\\.gate_up_proj`` its conversion of transformers-5 MoE configs writes itself) are
+    listed although PEFT applies them (tests/lora/test_train.py's plan over Mixtral's experts checks the ranks). A
+    warning that lists any other key, and every other warning, is shown as before.
+    """
+    keys = parameter_pattern_keys(model, adapter) if model is not None and adapter is not None else []
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        if keys:  # the message PEFT writes, listing sorted(unmatched) as a Python list: only these keys in it
+            key = "|".join(re.escape(repr(k)) for k in keys)
+            warnings.filterwarnings("ignore", category=RuntimeWarning,
+                                    message=rf"The following (rank|alpha)_pattern keys did not match any targeted "
+                                            rf"module and were ignored: \[(?:{key})(?:, (?:{key}))*\]\.$")
         yield
+
+
+def parameter_pattern_keys(model, adapter) -> list[str]:
+    """The rank_pattern / alpha_pattern keys of `adapter` (a ``LoraConfig`` or a saved adapter's directory), as PEFT
+    will hold them on `model` (after its ``convert_peft_config_for_transformers``), that name a parameter among
+    its ``target_parameters``: PEFT's own match, ``(.*\\.)?(key)$``, of a full parameter name of `model`."""
+    from peft import LoraConfig
+
+    config = copy.deepcopy(adapter) if isinstance(adapter, LoraConfig) else LoraConfig.from_pretrained(str(adapter))
+    try:
+        from peft.utils.transformers_weight_conversion import convert_peft_config_for_transformers
+
+        convert_peft_config_for_transformers(config, model=model, conversions=None)
+    except (ImportError, ValueError):  # a PEFT without the conversion, or a config it refuses (PEFT says so itself)
+        pass
+    targets = list(getattr(config, "target_parameters", None) or ())
+    names = [n for n, _ in model.named_parameters() if any(n == t or n.endswith("." + t) for t in targets)]
+    keys = set(config.rank_pattern or {}) | set(config.alpha_pattern or {})
+
+    def names_a_parameter(key: str) -> bool:
+        try:
+            return any(re.match(rf"(.*\.)?({key})$", n) for n in names)
+        except re.error:
+            return False
+
+    return sorted(k for k in keys if names_a_parameter(k))
 
 
 def wrap_model(model, config: TrainConfig, *, task: str, notes: list[str] | None = None):
@@ -748,7 +791,9 @@ def wrap_model(model, config: TrainConfig, *, task: str, notes: list[str] | None
     with quiet_peft():
         if config.quantized:
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.gradient_checkpointing)
-        model = get_peft_model(model, lora_config(model, config, task=task, notes=notes))
+        peft_config = lora_config(model, config, task=task, notes=notes)
+    with quiet_peft(model, peft_config):
+        model = get_peft_model(model, peft_config)
     adapter = model.peft_config["default"]
     if adapter.modules_to_save:  # PEFT's classifier appends its own head names ("classifier", "score") to ours
         adapter.modules_to_save = list(dict.fromkeys(adapter.modules_to_save))  # once each, in order
