@@ -99,19 +99,35 @@ class ByteTokenizer:
     ----------
     vocab_size : int
         The model's ``config.vocab_size`` (at least 2).
+    eos_token_id : int, optional
+        Appended to every text, as T5's tokenizer closes source and target with ``</s>``: an
+        encoder–decoder's targets must end in it, or the decoder is never taught to stop
+        (generation ends at the model's ``eos_token_id``). None (default): nothing appended,
+        as transformers' tokenizers add nothing at the end of a causal LM's text (GPT-2's,
+        Llama's) and spectra reads a causal LM's or a classifier's text without special tokens
+        there too. :func:`load_tokenizer` gives one for ``seq2seq_lm``. It shares an id with
+        a byte (T5's ``1``: byte 0, NUL, in a lossless vocabulary).
     """
 
     name = "byte-level (built in)"
 
-    def __init__(self, vocab_size: int):
+    def __init__(self, vocab_size: int, *, eos_token_id: int | None = None):
         if vocab_size < 2:
             raise ConfigError(f"vocab_size {vocab_size}: a byte tokenizer needs at least 2 ids (padding + one byte).")
+        if eos_token_id is not None and not 0 < eos_token_id < vocab_size:
+            raise ConfigError(f"eos_token_id {eos_token_id}: the byte tokenizer's end-of-sequence id must lie in "
+                              f"[1, {vocab_size}) (0 is padding).")
         self.vocab_size = int(vocab_size)
         self.pad_token_id = 0
+        self.eos_token_id = eos_token_id
 
     def encode(self, text: str, *, max_length: int | None = None, target: bool = False) -> list[int]:
-        """The ids of ``text``'s bytes, the first ``max_length`` of them (``target`` changes nothing here)."""
-        return [1 + b % (self.vocab_size - 1) for b in text.encode("utf-8")][:max_length]
+        """The ids of ``text``'s bytes and the end-of-sequence id if there is one, at most ``max_length`` of them
+        (the end kept, as transformers' truncation keeps special tokens); ``target`` changes nothing here."""
+        ids = [1 + b % (self.vocab_size - 1) for b in text.encode("utf-8")]
+        if self.eos_token_id is None:
+            return ids[:max_length]
+        return ids[:None if max_length is None else max(max_length - 1, 0)] + [self.eos_token_id]
 
 
 class _HFTokenizer:
@@ -145,7 +161,7 @@ class _HFTokenizer:
         self._tok.save_pretrained(folder)
 
 
-def load_tokenizer(model_dir: str | Path, *, vocab_size: int | None, task: str):
+def load_tokenizer(model_dir: str | Path, *, vocab_size: int | None, task: str, eos_token_id: int | None = None):
     """The checkpoint's tokenizer when ``model_dir`` holds one, else a :class:`ByteTokenizer`.
 
     Parameters
@@ -158,7 +174,11 @@ def load_tokenizer(model_dir: str | Path, *, vocab_size: int | None, task: str):
     task : {"causal_lm", "seq_cls", "seq2seq_lm"}
         Classification and sequence-to-sequence add the tokenizer's special tokens ([CLS] …
         [SEP]; T5's closing ``</s>``, which the decoder learns to end with); language
-        modelling of a cut stream does not.
+        modelling of a cut stream does not. The byte fallback closes each text of
+        ``seq2seq_lm`` with an end-of-sequence id, T5-style: ``eos_token_id``.
+    eos_token_id : int, optional
+        The model's (``config.eos_token_id``) for the byte fallback of ``seq2seq_lm``; None, or
+        one outside the vocabulary or equal to padding (0): the last id, ``vocab_size − 1``.
     """
     folder = Path(model_dir)
     if folder.is_dir() and any((folder / f).is_file() for f in _TOKENIZER_FILES):
@@ -170,7 +190,10 @@ def load_tokenizer(model_dir: str | Path, *, vocab_size: int | None, task: str):
         raise ConfigError(f"{folder / 'config.json'} declares no vocab_size (nor text_config.vocab_size), and the "
                           "model ships no tokenizer: spectra's built-in byte tokenizer needs the vocabulary size. "
                           "Save the model's tokenizer beside it (tokenizer.save_pretrained).")
-    return ByteTokenizer(vocab_size)
+    if task != "seq2seq_lm":
+        return ByteTokenizer(vocab_size)
+    valid = isinstance(eos_token_id, int) and 0 < eos_token_id < vocab_size
+    return ByteTokenizer(vocab_size, eos_token_id=eos_token_id if valid else vocab_size - 1)
 
 
 # ---------------------------------------------------------------------------- records
@@ -960,7 +983,10 @@ def prepare_tokenizer(model_dir: str | Path, *, task: str, max_length: int | Non
     folder = Path(model_dir)
     model_config = read_model_config(folder)
     max_length = resolve_max_length(max_length, model_config, option=option, notes=notes)
-    return model_config, max_length, load_tokenizer(folder, vocab_size=vocab_size(model_config), task=task)
+    eos = model_config.get("eos_token_id")
+    eos = eos[0] if isinstance(eos, list) and eos else eos  # some configs list several; the first ends a text
+    return model_config, max_length, load_tokenizer(folder, vocab_size=vocab_size(model_config), task=task,
+                                                    eos_token_id=eos)
 
 
 def read_model_config(model_dir: str | Path) -> dict:
