@@ -430,11 +430,19 @@ def _check_loaded_whole(spec, info: dict, task: str, num_labels: int | None) -> 
 
 def _check_4bit_widths(model, spec) -> None:
     """bitsandbytes' 4-bit layers need at least 64 input features (its blocks of 64); a narrower one fails in
-    the first forward pass with a bare reshape error, so it is refused before training."""
+    the first forward pass with a bare reshape error, so it is refused before training.
+
+    Only the layers text runs through (:data:`TEXT_STACKS`) are checked. A VLM's vision tower and projector are
+    stored in 4 bits as well (transformers quantises them, and spectra's memory estimate counts them so), but text
+    batches never run them, so a narrow one cannot fail; leaving them in float32 instead would only cost memory."""
     import bitsandbytes as bnb
 
+    from spectra.checkpoints.architectures import module_stack
+
+    model_config = model.config.to_dict()  # an encoder-decoder's encoder is a stack of its own, which text runs
     narrow = [(name, m.in_features) for name, m in model.named_modules()
-              if isinstance(m, bnb.nn.Linear4bit) and m.in_features < 64]
+              if isinstance(m, bnb.nn.Linear4bit) and m.in_features < 64
+              and module_stack(name, model_config) in TEXT_STACKS]
     if narrow:
         name, width = narrow[0]
         raise ConfigError(f"{spec}: {name} has {width} input features; 4-bit (QLoRA/QDoRA) layers need at least 64 "
