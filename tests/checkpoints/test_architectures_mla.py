@@ -133,7 +133,8 @@ def test_analyze_reports_each_factor_and_kv_bs_keys_and_values_in_block_order(tm
         assert (rows[name]["role"], rows[name]["energy_rank"]["0.9"]) == (roles[name], rank), name
     assert rows[f"{kv_b}[v]"]["role"] == "v" and rows[f"{kv_b}[v]"]["fro_norm"] == 0
     assert [e["label"] for e in summary_rows(analysis)] == ["k", "q_a", "q_b", "kv_a", "kv_b", "o"]
-    for roles_asked, names in (("q", {"q_a_proj", "q_b_proj"}), ("v", {"kv_b_proj[v]"}), ("kv_a", {"kv_a_proj_with_mqa"})):
+    for roles_asked, names in (("q", {"q_a_proj", "q_b_proj"}), ("v", {"kv_b_proj[v]"}),
+                               ("kv_a", {"kv_a_proj_with_mqa"})):
         out = tmp_path / f"r-{roles_asked}"
         code, _, err = run(monkeypatch, capsys, "analyze", b, t, "-o", out, "--no-cache", "-q", "--roles", roles_asked)
         assert code == 0, err
