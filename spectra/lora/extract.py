@@ -176,17 +176,6 @@ def extract_adapter(base, tuned, plan_or_rank, out_dir: str | os.PathLike, *, ro
     saved_modules = sorted({n.rsplit(".", 1)[0] for n in save_names})
     model_class, model = _adapter_model(pairing, model_class, selected, saved_modules)  # None: no config.json
     model_names = _model_names(selected, model, model_class)  # checkpoint module name -> the model's
-    on_parameters = _unconverted_parameters(selected, model_names, pairing, model,  # entry name -> its slice
-                                           use_rslora=use_rslora, planned=targets)
-    saved_names = _saved_names(saved_modules, model, model_class)
-    embeddings = _embedding_entries(selected, model_names, model)
-    kernels = _conv_kernels(selected, model_names, pairing, model)
-    if isinstance(calibration, (str, os.PathLike)):
-        from spectra.calibration import CalibrationConfig, collect_calibration
-
-        calibration = collect_calibration(base, calibration, config=CalibrationConfig(device=device),
-                                          progress=progress)
-
     ranks_of = {}  # every module's (rank, alpha, scaling s), checked before any work starts
     for entry in selected:
         rank, module_alpha = targets[entry.name] if targets is not None else (plan_or_rank, None)
@@ -198,6 +187,17 @@ def extract_adapter(base, tuned, plan_or_rank, out_dir: str | os.PathLike, *, ro
             raise ConfigError(f"rank {rank} for {entry.name} exceeds min(d_in, d_out) = {min(entry.shape)} of its "
                               f"{entry.shape[0]}×{entry.shape[1]} weight; lower it.")
         ranks_of[entry.name] = (rank, module_alpha, module_alpha / rank_scale(rank, use_rslora))
+    on_parameters = _unconverted_parameters(selected, model_names, pairing, model,  # entry name -> its slice
+                                           use_rslora=use_rslora,
+                                           settings={n: (r, a) for n, (r, a, _) in ranks_of.items()})
+    saved_names = _saved_names(saved_modules, model, model_class)
+    embeddings = _embedding_entries(selected, model_names, model)
+    kernels = _conv_kernels(selected, model_names, pairing, model)
+    if isinstance(calibration, (str, os.PathLike)):
+        from spectra.calibration import CalibrationConfig, collect_calibration
+
+        calibration = collect_calibration(base, calibration, config=CalibrationConfig(device=device),
+                                          progress=progress)
 
     def factorize(entry):
         rank, _, scaling = ranks_of[entry.name]
@@ -458,7 +458,7 @@ def _model_names(entries, model, model_class: str | None) -> dict[str, str]:
 
 
 def _unconverted_parameters(entries, model_names: dict[str, str], pairing: Pairing, model, *,
-                            use_rslora: bool = False, planned: dict | None = None) -> dict:
+                            use_rslora: bool = False, settings: dict | None = None) -> dict:
     """Entry name → its :class:`~spectra.checkpoints.placement.ParameterSlice`, for the weights whose LoRA extract
     writes onto the parameter that holds them (``target_parameters``), because PEFT would not adapt them as named.
 
@@ -473,10 +473,11 @@ def _unconverted_parameters(entries, model_names: dict[str, str], pairing: Pairi
       entry ``gate.weight``, every layer's router at the config's global ``r`` and ``lora_alpha``.
     - Experts PEFT does convert, unless its conversion adapts exactly them (:func:`_peft_converts_exactly`: all
       experts of each fused parameter, both halves of gate_up_proj, no other layer's or stack's experts), at one
-      rank and α (`planned`, the plan's (rank, α) per entry: PEFT converts them all at the adapter's global r and
-      lora_alpha, so a plan giving the projections different ranks is written onto the parameters, each at its
-      own), and without rsLoRA: PEFT fuses gate and up at 2r and 2α, which keeps α/r but makes rsLoRA's α/√r √2
-      too large.
+      rank and α (`settings`, each entry's (rank, α) as extracted: PEFT converts them all at the adapter's global r
+      and lora_alpha, so experts at different ranks are written onto the parameters, each at its own: a plan's
+      per-projection ranks, or ``--rank full`` where experts differ in shape, as Qwen3-Omni-MoE's thinker's and
+      talker's do), and without rsLoRA: PEFT fuses gate and up at 2r and 2α, which keeps α/r but makes rsLoRA's
+      α/√r √2 too large.
     - A module PEFT would rewrite (:func:`~spectra.checkpoints.targets.peft_rewritten_modules`): for the
       ``qwen2_moe`` and ``mixtral`` conversion families PEFT turns every ``target_modules`` entry ending in
       ``.gate_proj``/``.up_proj``/``.down_proj`` into a fused expert parameter, so a dense layer's MLP
@@ -506,7 +507,7 @@ def _unconverted_parameters(entries, model_names: dict[str, str], pairing: Pairi
     shapes = {p: tuple(model.get_parameter(p).shape) for p in parameter_of.values()}  # (E, out, in) or (out, in)
     sources = parameter_sources(model, pairing.base.names(), shapes)
     experts = [e for e in wrapped if e.info.expert is not None]
-    one_setting = planned is None or len({planned[e.name] for e in experts}) <= 1
+    one_setting = settings is None or len({settings[e.name] for e in experts}) <= 1
     if experts and not use_rslora and one_setting and _peft_converts_exactly(
             model, [model_names[e.name] for e in experts], {parameter_of[e.name] for e in experts}, sources,
             {e.base_tensor for e in experts}):
@@ -787,13 +788,10 @@ def _peft_config(ranks: dict, use_rslora: bool, saved: list[str], pairing: Pairi
     from spectra.ranks import check_peft_config, check_peft_conversion, lora_config
 
     model_modules = None if model is None else {n for n, _ in model.named_modules() if n}
+    # experts left for PEFT to convert share one (rank, α): :func:`_unconverted_parameters` writes experts at
+    # different ones onto their parameters
     fused = {n: ranks[n][:2] for n in ranks if model_modules is not None and _EXPERT_INDEX.search(n)
              and n not in model_modules}
-    if len(set(fused.values())) > 1:
-        settings = ", ".join(f"r={r} α={a:g}" for r, a in sorted(set(fused.values())))
-        raise ConfigError(f"the plan gives the fused experts different ranks or alphas across projections ({settings}); "
-                          "PEFT converts every fused expert parameter at the adapter's one global r and lora_alpha. "
-                          "Give all expert projections one rank (`spectra recommend --uniform`, or --rank).")
     r, alpha = next(iter(fused.values())) if fused else (None, None)
     config = lora_config(ranks, use_rslora=use_rslora, r=r, alpha=alpha, parameters=parameters) | {
         "init_lora_weights": True,
