@@ -136,8 +136,14 @@ class ModelShape:
     # values per token and layer that the KV cache holds (0: K and V, 2·kv_dim; DeepSeek's MLA caches its compressed
     # latent and the rotary key, kv_lora_rank + qk_rope_head_dim)
     cache_width: int = 0
-    # why the activations are not estimated (a block the memory model cannot describe faithfully), else None
-    activations_refused: str | None = None
+    # DeepSeek's multi-head latent attention: (q_lora_rank or 0, kv_lora_rank, qk_nope_head_dim, qk_rope_head_dim,
+    # v_head_dim); empty for attention by q/k/v projections (_mla_bytes)
+    mla: tuple[int, ...] = ()
+    # DeepSeek's routers: logits of the input cast to fp32 times an fp32 weight; V3's by sigmoid scores (V2's by an
+    # fp32 softmax), and V2's group_limited_greedy masks the groups it drops (a bool per expert and token)
+    router_fp32: bool = False
+    router_sigmoid: bool = False
+    router_group_mask: bool = False
 
     @property
     def fused_qkv(self) -> bool:
@@ -412,9 +418,9 @@ def _deepseek(cfg: dict, mtype: str, base_model) -> ModelShape:
     biases it and the dense MLP). The KV cache holds the latent and the rotary key, kv_lora_rank + qk_rope per
     token and layer.
 
-    The activations are not estimated (``activations_refused``): which sdpa kernel runs MLA's Q·Kᵀ of
-    qk_nope + qk_rope per head against V of v_head_dim (FlashAttention takes one head size for Q, K and V) and what
-    the grouped sigmoid router keeps have not been checked against autograd.
+    The activations are modelled as autograd saves them (:func:`_mla_bytes`, :func:`_moe_bytes`): checked with
+    eager attention, and with sdpa where Q's head size equals V's; where it does not (DeepSeek's own configs: 192
+    against 128) sdpa's activations are refused (:func:`_activations_refused`).
     """
     h, layers, heads, vocab = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["num_attention_heads"], cfg["vocab_size"]
     q_lora, kv_lora = cfg.get("q_lora_rank"), cfg["kv_lora_rank"]
@@ -441,12 +447,11 @@ def _deepseek(cfg: dict, mtype: str, base_model) -> ModelShape:
                       dense_layers=tuple(range(first_dense)), dense_linears=attention + swiglu(inter),
                       dense_intermediate=inter, shared_intermediate=shared,
                       fp32_params=(layers - first_dense) * experts * h, cache_width=kv_lora + rope,
-                      activations_refused=f"{mtype}'s multi-head latent attention (K assembled from a latent and "
-                                          f"a rotary key shared by the heads, Q and K of {nope + rope} values a head "
-                                          f"against V's {v_dim}), its shared experts and its grouped sigmoid router "
-                                          "are not modelled against what autograd saves, so its activations (and "
-                                          "training total) are not estimated; its weights, adapter, gradients, "
-                                          "optimizer states and KV cache are",
+                      mla=(q_lora or 0, kv_lora, nope, rope, v_dim), router_fp32=True,
+                      router_sigmoid=mtype == "deepseek_v3",
+                      router_group_mask=mtype == "deepseek_v2" and cfg.get("topk_method") == "group_limited_greedy",
+                      routing_norm=bool(cfg.get("norm_topk_prob", getattr(_config_object(mtype), "norm_topk_prob",
+                                                                          False))) and mtype == "deepseek_v3",
                       **_moe_adapters(base_model()[1], experts, h))
 
 
@@ -1183,7 +1188,10 @@ def _block_bytes(shape: ModelShape, p: int, attention: str, seq_len: int, *, ful
     inter = shape.intermediate * shape.experts_per_token
     g = grad or full
     roles = {m.role for m in adapted if not m.experts}  # PEFT lora.Linear modules
-    wrapped = {m.role: m for m in adapted if m.experts}  # PEFT ParamWrappers: an MoE's router and fused experts
+    # PEFT ParamWrappers: an MoE's router and fused experts; a dense MLP's weights (Qwen3-MoE's dense layers,
+    # DeepSeek's dense and shared MLPs, which spectra train adapts through their weights)
+    wrapped = {m.role: m for m in adapted if m.experts > 1 or m.role == "router"}
+    weights = {m.role: m for m in adapted if m.experts == 1 and m.role != "router"}
 
     def norm(requires_grad: bool) -> int:  # a norm keeps its tensors when its input requires grad
         return _norm_bytes(shape, p, full) if requires_grad else 0
@@ -1193,17 +1201,24 @@ def _block_bytes(shape: ModelShape, p: int, attention: str, seq_len: int, *, ful
 
     post_norm = shape.family == "bert"  # BERT normalises after each sublayer, the others before (Gemma 2: both)
     total = 0 if post_norm else norm(g)
-    # attention: Q, K, V require grad from the block's input or their own adapter
-    qg, kg, vg = g or hit("q", "qkv"), g or hit("k", "qkv"), g or hit("v", "qkv")
+    if shape.mla:  # DeepSeek's multi-head latent attention
+        attention_bytes, attention_grad = _mla_bytes(shape, p, attention, s, full=full, grad=g, hit=hit)
+        total += attention_bytes
+        qg = kg = vg = False  # (its own)
+    else:  # attention: Q, K, V require grad from the block's input or their own adapter
+        qg, kg, vg = g or hit("q", "qkv"), g or hit("k", "qkv"), g or hit("v", "qkv")
     if shape.qk_norm:  # Gemma 3's q_norm and k_norm: RMSNorms over head_dim, one 1/rms per head
         total += _norm_bytes(shape, p, full, q) * qg + _norm_bytes(shape, p, full, shape.kv_dim) * kg
     scores = qg or kg  # Q·Kᵀ and the probabilities
-    attention_grad = scores or vg
-    if attention == "sdpa":  # the kernel keeps Q, K, V, its output and the fp32 logsumexp for any of their grads
+    if shape.mla:
+        o_input_kept = False  # o_proj reads a copy of the (b, heads, s, v) output
+    elif attention == "sdpa":  # the kernel keeps Q, K, V, its output and the fp32 logsumexp for any of their grads
+        attention_grad = scores or vg
         if attention_grad:
             total += _qkv_bytes(shape, p, cache, masked) + p * q + 4 * heads + (p * s if masked else 0)
         o_input_kept = attention_grad and not _o_input_copied(shape, attention)
     else:
+        attention_grad = scores or vg
         # Q·Kᵀ keeps K repeated to every head (for Q's grad) and Q (for K's); probabilities·V keeps V repeated
         # (for the probabilities' grad) and the probabilities (for V's)
         total += p * q * (qg + kg + scores)
@@ -1224,37 +1239,90 @@ def _block_bytes(shape: ModelShape, p: int, attention: str, seq_len: int, *, ful
     # the MLP's activation: SwiGLU keeps gate and up for gate's grad, silu(gate) for up's; a fused gate_up keeps
     # its whole output; GPT-2's and BERT's GELU its inputs (one tensor, or gelu_new's four)
     if shape.experts > 1:
-        moe, per_layer, down = _moe_bytes(shape, p, full=full, grad=mid, router=hit("router"), wrapped=wrapped)
+        moe, per_layer, down = _moe_bytes(shape, p, full=full, grad=mid, router=hit("router"), wrapped=wrapped,
+                                          lora=roles, weights=weights)
         total += moe
     elif any(role in ("gate", "gate_up") for role, _, _ in shape.linears):
-        gate = mid or hit("gate", "gate_up") or "gate" in wrapped
-        up = mid or hit("up", "gate_up") or "up" in wrapped
-        total += p * inter * (2 * gate + up)
-        activation = gate or up
+        mlp, per_layer, down = _swiglu_bytes(p, h, inter, full=full, grad=mid, lora=roles, weights=weights)
+        total += mlp
     else:
         activation = mid or hit("up")
         total += p * shape.mlp_saved * inter * activation
-    if shape.experts == 1:
-        down = activation or hit("down") or "down" in wrapped
-        if full:
-            total += p * (h + inter)  # the inputs of gate/up (one tensor) and down
-        else:  # a dense MLP's weight merged by a ParamWrapper (Qwen3-MoE's dense layers): a trained weight's input
-            total += p * h * bool({"gate", "up"} & set(wrapped)) + p * inter * ("down" in wrapped)
-        for role, m in wrapped.items():  # ... and the merged weight, for its input's gradient
-            if role in ("gate", "up", "down"):
-                per_layer += p * m.d_in * m.d_out * (activation if role == "down" else mid)
+        down = activation or hit("down")
+        total += p * (h + inter) if full else 0  # the inputs of up and down
     if shape.norms == 4:  # Gemma 2 normalises the MLP's output
         total += norm(down)
     out = mid or down
     if post_norm:
         total += norm(out)
-    if full:  # the inputs of q/k/v (one tensor) and o (sdpa's output, or a copy)
+    if full and not shape.mla:  # the inputs of q/k/v (one tensor) and o (sdpa's output, or a copy)
         total += p * (h + (q if _o_input_copied(shape, attention) else 0))
     return total, o_input_kept, out, per_layer
 
 
-def _moe_bytes(shape: ModelShape, p: int, *, full: bool, grad: bool, router: bool,
-               wrapped: dict) -> tuple[int, int, bool]:
+def _swiglu_bytes(p: int, h: int, width: int, *, full: bool, grad: bool, lora: set[str],
+                  weights: dict) -> tuple[int, int, bool]:
+    """Bytes per token that a SwiGLU MLP of ``width`` keeps (down(silu(gate(x))·up(x)); a fused gate_up alike), the
+    bytes it keeps per layer, and whether its output requires grad.
+
+    SwiGLU keeps gate and up for gate's grad and silu(gate) for up's when its input (``grad``) or a projection's
+    adapter makes them require grad; full fine-tuning also the inputs of gate/up (one tensor) and down. ``lora``:
+    roles of its lora.Linear modules; ``weights``: its ParamWrappers by role, each a weight W + s·B·A merged in every
+    forward, which requires grad, so its product keeps its input (as full fine-tuning's does) and, where that input
+    requires grad, the merged weight (p·out·in per layer).
+    """
+    gate = grad or bool(lora & {"gate", "gate_up"}) or "gate" in weights
+    up = grad or bool(lora & {"up", "gate_up"}) or "up" in weights
+    activation = gate or up
+    total = p * width * (2 * gate + up)
+    if full:
+        total += p * (h + width)
+    else:
+        total += p * h * bool({"gate", "up"} & set(weights)) + p * width * ("down" in weights)
+    per_layer = sum(p * m.d_in * m.d_out * (activation if role == "down" else grad) for role, m in weights.items()
+                    if role in ("gate", "up", "down"))
+    return total, per_layer, activation or "down" in lora or "down" in weights
+
+
+def _mla_bytes(shape: ModelShape, p: int, attention: str, s: int, *, full: bool, grad: bool, hit) -> tuple[int, bool]:
+    """Bytes per token that DeepSeek's multi-head latent attention keeps (arXiv:2405.04434, as transformers 5 runs
+    it), and whether its output requires grad; ``grad``: its input does; ``hit(*roles)``: a lora.Linear adapts one.
+
+    Q = q_b(RMSNorm(q_a(x))) (or q_proj(x)), split into a part without and one with rotary embeddings; the latent
+    kv_a(x) splits into c (kv_lora_rank, RMSNorm'd) and the rotary key shared by the heads; kv_b(c) gives each
+    head's K part and V (a view of kv_b's output). Each RMSNorm keeps its fp32 input and 1/rms when its input
+    requires grad. The rotation (of the table's cos and sin) and the concatenations keep nothing per token; K is a
+    fresh (b, heads, s, nope + rope) tensor and Q a concatenation, so o_proj reads a copy of the attention's output.
+    sdpa (where Q's head size is V's: :func:`_activations_refused`) keeps Q, K, V (kv_b's whole output), its output
+    and the fp32 logsumexp; eager keeps Q for K's grad, K for Q's, V for the probabilities', the fp32 softmax and
+    its cast to p (as Llama's). Full fine-tuning also keeps the inputs of q_a/kv_a (one tensor), q_b, kv_b and o,
+    and each latent norm's normalised input.
+    """
+    q_lora, kv_lora, nope, rope, v_dim = shape.mla
+    heads, h = shape.heads, shape.hidden
+    qk, kv_out, o_in = heads * (nope + rope), heads * (nope + v_dim), heads * v_dim
+
+    def latent_norm(width: int, stored: int, requires_grad: bool) -> int:  # stored: the storage its input views
+        return (4 * (width if p < 4 else stored) + 4 + (p * width if full else 0)) * requires_grad
+
+    # at fp32 the norm keeps its input itself, and c is a view of kv_a's whole output (c and the rotary key)
+    total = latent_norm(kv_lora, kv_lora + rope, grad or hit("kv_a"))
+    total += latent_norm(q_lora, q_lora, grad or hit("q_a")) if q_lora else 0  # none before q_proj
+    qg = grad or hit("q_a", "q_b", "q")
+    kvg = grad or hit("kv_a", "kv_b")  # K (its latent part and the rotary key) and V
+    if attention == "sdpa":
+        total += (p * (2 * qk + kv_out + o_in) + 4 * heads) * (qg or kvg)
+    else:
+        scores = qg or kvg  # V, a strided view of kv_b's output, reaches the matmul as a copy
+        total += p * qk * (kvg + qg) + p * o_in * scores
+        total += heads * s * (4 * scores + p * (kvg and (p < 4 or not scores)))
+    if full:
+        total += p * (h + q_lora + kv_lora + o_in)
+    return total, qg or kvg
+
+
+def _moe_bytes(shape: ModelShape, p: int, *, full: bool, grad: bool, router: bool, wrapped: dict,
+               lora: set[str] = frozenset(), weights: dict | None = None) -> tuple[int, int, bool]:
     """Bytes per token that an MoE MLP keeps as transformers 5 runs it (grouped_mm experts, its default), the
     bytes it keeps per layer, and whether its output requires grad.
 
@@ -1291,12 +1359,16 @@ def _moe_bytes(shape: ModelShape, p: int, *, full: bool, grad: bool, router: boo
         routing, weight = k * (experts * (1 + p) + 8 + p), p
     elif shape.topk_softmax:
         routing, weight = 12 * k, p
-    elif shape.routing_cast:  # Qwen3-MoE: Mixtral's, normalised only with norm_topk_prob, the weights cast to p
-        routing, weight = 4 * experts + 8 * k + (4 * k + 4) * shape.routing_norm, p
-    else:
-        routing, weight = 4 * experts + 12 * k + 4, 4
+    else:  # Mixtral's: an fp32 softmax (DeepSeek-V3: sigmoid), the top-k indices, normalised; Qwen3-MoE, DeepSeek
+        # normalise only with norm_topk_prob (DeepSeek-V2 never) and Qwen3-MoE casts the weights to p; DeepSeek-V2's
+        # group_limited_greedy keeps the mask of the groups it drops
+        routing = 4 * experts + 8 * k + (4 * k + 4) * shape.routing_norm + experts * shape.router_group_mask
+        weight = p if shape.routing_cast else 4
     jitter = 2 * p * h * shape.input_jitter  # the two noise tensors
-    total = p * h * router_w + (routing + 8 * k + p * h * k) * logits + (8 * k + jitter) * grad
+    # the router's input for its trained weight: DeepSeek's takes it cast to fp32 (a copy when p < 4; at fp32 the
+    # input itself, which its shared experts keep)
+    router_input = (4 * h if p < 4 else 0) if shape.router_fp32 else p * h
+    total = router_input * router_w + (routing + 8 * k + p * h * k) * logits + (8 * k + jitter) * grad
     total += p * h * k * gate_up_w + 3 * p * i * k * experts_in + p * i * k * down_w
     total += weight * k * down_out + 8 * k * (logits or down_out)
     per_layer = 4 * experts if (grad or gate_up_w or down_w) else 0
@@ -1305,13 +1377,18 @@ def _moe_bytes(shape: ModelShape, p: int, *, full: bool, grad: bool, router: boo
         per_layer += p * max(m.experts, 1) * m.d_in * m.d_out * needed
         if p < 4 and m.experts > 1:  # PEFT casts the experts' factors to the weight's dtype for one baddbmm
             per_layer += p * m.experts * m.rank * (m.d_in + m.d_out)
-    return total, per_layer, logits or down_out
+    shared_out = False
+    if shape.shared_intermediate:  # DeepSeek's shared experts: a SwiGLU MLP on every token, added to the experts'
+        shared, shared_layer, shared_out = _swiglu_bytes(p, h, shape.shared_intermediate, full=full, grad=grad,
+                                                         lora=lora, weights=weights or {})
+        total, per_layer = total + shared, per_layer + shared_layer
+    return total, per_layer, logits or down_out or shared_out
 
 
 # the tensor a module reads, by role: modules that read one tensor share it when LoRA keeps it as is (fp32)
 _INPUT_OF = {"q": "attention input", "k": "attention input", "v": "attention input", "qkv": "attention input",
              "o": "attention output", "gate": "mlp input", "up": "mlp input", "gate_up": "mlp input",
-             "router": "mlp input"}
+             "router": "mlp input", "q_a": "attention input", "kv_a": "attention input"}
 
 
 def _adapter_bytes(modules: list[_Adapter], p: int, o_input_kept: bool, dora: bool) -> int:
@@ -1338,6 +1415,23 @@ def _adapter_bytes(modules: list[_Adapter], p: int, o_input_kept: bool, dora: bo
             shared.add(source)
             total += 4 * m.d_in
     return total
+
+
+def _activations_refused(shape: ModelShape, attention: str) -> str | None:
+    """Why the activations cannot be estimated for this attention, or None. sdpa on multi-head latent attention
+    whose Q and K heads are wider than V's (DeepSeek's 192 against 128): FlashAttention takes one head size, so
+    CUDA runs another kernel, and the CPU's flash kernel does not take it either (it falls back to the math kernel,
+    which keeps the s×s probabilities): what CUDA's kernel keeps is unchecked here."""
+    if not shape.mla or attention != "sdpa":
+        return None
+    _, _, nope, rope, v_dim = shape.mla
+    if nope + rope == v_dim:
+        return None
+    return (f"{shape.family}'s multi-head latent attention under sdpa: its Q and K heads of {nope + rope} values "
+            f"against V's {v_dim} keep FlashAttention from running it (CUDA picks the memory-efficient kernel, the "
+            "CPU the math one, which keeps the s×s probabilities), and what that kernel saves has not been checked "
+            "against autograd; attention='eager' (--attention eager) is estimated. The weights, adapter, gradients, "
+            "optimizer states and KV cache are estimated")
 
 
 def _activations(shape: ModelShape, blocks: list[ModelShape], method: str, adapter_modules: list[_Adapter], p: int,
@@ -1386,7 +1480,7 @@ def _activations(shape: ModelShape, blocks: list[ModelShape], method: str, adapt
     # the peak comes at the loss (every block's tensors, the final norm's and the head's) or in a block's
     # backward, by when the head's are freed and a gradient of the MLP's width is in flight (measured: the
     # checkpointed peak of a block recomputed in backward exceeds its saved tensors by 1.0–1.2 of these)
-    in_flight = max(p * block.intermediate * block.experts_per_token for block in blocks)
+    in_flight = max(p * (block.intermediate * block.experts_per_token + block.shared_intermediate) for block in blocks)
     final += _adapter_bytes(by_layer.get(None, []), p, False, dora)  # modules outside the blocks: a LoRA head
     at_loss = tokens * final + head
     activations = tokens * per_token + per_layer + max(at_loss, tokens * in_flight)
@@ -1439,9 +1533,10 @@ def _estimate(shape: ModelShape, method: str, adapter_modules: list, batch: int,
         optimizer_states += shape.fp32_params * ({"adamw": 8, "sgd": 0}.get(optimizer, opt_bytes) - opt_bytes)
 
     notes = list(notes)
-    if shape.activations_refused:  # said, not guessed: no activations, so no training total
+    refused = _activations_refused(shape, attention)
+    if refused:  # said, not guessed: no activations, so no training total
         activations = activations_ckpt = None
-        notes.append(f"activations not estimated: {shape.activations_refused}")
+        notes.append(f"activations not estimated: {refused}")
     else:
         activations, activations_ckpt = _activations(shape, blocks, method, adapter_modules, p, tokens, seq_len,
                                                      attention, use_cache, input_require_grads)

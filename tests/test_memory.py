@@ -413,6 +413,7 @@ def test_a_config_transformers_cannot_build_is_refused_not_read_as_llama():
     refuses it, the meta build failed, and the config was read as Llama-like (GLM-4's extra norms uncounted). Token
     ids change no parameter: the model is built without them and the counts compared (refused, both named). A config
     transformers cannot build for another reason (an unknown activation) is refused naming the class."""
+    import torch
     import transformers as tf
 
     from spectra.checkpoints.targets import meta_model
@@ -420,7 +421,10 @@ def test_a_config_transformers_cannot_build_is_refused_not_read_as_llama():
     small = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, head_dim=8, vocab_size=64)
     config = tf.Glm4Config(**small).to_dict()
-    assert config["pad_token_id"] >= 64 and meta_model(config, "Glm4Model") is None  # the build fails as is
+    assert config["pad_token_id"] >= 64
+    with pytest.raises(Exception), torch.device("meta"):  # the build fails as is; meta_model builds it without ids
+        tf.Glm4Model(tf.Glm4Config(**{k: v for k, v in config.items() if k != "model_type"}))
+    assert meta_model(config, "Glm4Model") is not None
     built = sum(p.numel() for p in tf.Glm4Model(tf.Glm4Config(**small, pad_token_id=0)).parameters())
     with pytest.raises(ConfigError, match=f"model_type glm4: transformers' Glm4Model .* holds {built} parameters"):
         model_shape(config)

@@ -235,31 +235,108 @@ def test_deepseek_keeps_its_routers_in_fp32_and_caches_its_latents(tmp_path):
     assert est.kv_cache == held
 
 
-def test_deepseeks_activations_are_refused_not_guessed():
-    """MLA's attention, the shared experts and the grouped sigmoid router are not modelled against autograd: the
-    activations and the training total are None, the rows leave them out and the notes say why; the rest is
-    estimated (gradients and optimizer states of train's adapters)."""
-    config = _config("deepseek_v3").to_dict()
+def test_deepseeks_sdpa_activations_are_refused_where_q_and_v_heads_differ():
+    """DeepSeek's own configs give Q and K heads of qk_nope + qk_rope = 192 values and V heads of 128: FlashAttention
+    takes one head size, so sdpa runs another kernel (the CPU's math kernel keeps the s×s probabilities; CUDA's
+    memory-efficient one is unchecked here). Those activations, and so the training total, are None, the rows leave
+    them out and the notes say why and that eager attention is estimated; the rest is estimated."""
+    config = _config("deepseek_v3", v_head_dim=4).to_dict()
     for checkpointing in (True, False):
         est = estimate_memory(config, method="lora", rank_plan_or_rank=4, gradient_checkpointing=checkpointing)
         assert est.activations is None and est.activations_checkpointed is None and est.training_total is None
         assert not any(name.startswith(("activations", "training")) for name, _ in est.rows())
         assert est.gradients == 4 * est.trainable_params > 0 and est.to_dict()["training_total"] is None
-        assert any("multi-head latent attention" in note and "not estimated" in note for note in est.notes)
-    qwen = estimate_memory(_config("qwen3_moe").to_dict(), method="lora", rank_plan_or_rank=4)
-    assert qwen.activations > 0 and not any("not estimated" in note for note in qwen.notes)
+        assert any("multi-head latent attention under sdpa" in note and "attention='eager'" in note
+                   for note in est.notes)
+    eager = estimate_memory(config, method="lora", rank_plan_or_rank=4, attention="eager")
+    assert eager.activations > 0 and eager.training_total > 0
+    assert not any("not estimated" in note for note in eager.notes)
+    equal = estimate_memory(_config("deepseek_v3").to_dict(), method="lora", rank_plan_or_rank=4)  # 8 and 8
+    assert equal.activations > 0
 
 
-def test_cli_json_carries_the_notes_and_no_activations_for_deepseek(tmp_path):
-    """`spectra memory --json` writes the notes and null activations and training total for DeepSeek (the table's
-    rows leave them out; printing the notes under the table is a cli.py change proposed separately)."""
+def _deepseek_block(name: str, method: str, roles, precision: str, attention: str, **overrides) -> dict[str, int]:
+    """One block's saved bytes per sequence (the double difference of models of 1 and 2 blocks at batch 2 and 3),
+    measured and modelled, LoRA as spectra train builds it; the routers kept in fp32, as from_pretrained keeps
+    them (_keep_in_fp32_modules_strict)."""
+    import torch
+    from peft import get_peft_model
+
+    measured, modelled = {}, {}
+    for layers in (1, 2):
+        model = _model(name, num_hidden_layers=layers, **overrides)
+        model.config._attn_implementation = attention
+        config = model.config
+        model = model.to({"bf16": torch.bfloat16, "fp32": torch.float32}[precision])
+        for layer in model.model.layers:
+            if hasattr(layer.mlp, "gate"):
+                layer.mlp.gate.float()
+        if method != "full":
+            model = get_peft_model(model, train_lora_config(model, method, roles))
+        model.train()
+        for batch in (2, 3):
+            measured[layers, batch] = saved_bytes(model, lambda m: _loss(m, batch, 16))
+            modelled[layers, batch] = estimate_memory(config, method=method, rank_plan_or_rank=4, batch=batch,
+                                                      seq_len=16, precision=precision, roles=roles,
+                                                      attention=attention).activations
+    return {name: d[2, 3] - d[1, 3] - d[2, 2] + d[1, 2] for name, d in (("measured", measured),
+                                                                       ("modelled", modelled))}
+
+
+@_PEFT_PATTERN_WARNING
+@pytest.mark.parametrize(("name", "method", "roles", "precision", "attention", "overrides"), [
+    # an MoE block (layer 1): MLA, the sigmoid router (normalised), routed and shared experts
+    ("deepseek_v3", "full", None, "fp32", "eager", {}), ("deepseek_v3", "full", None, "bf16", "eager", {}),
+    ("deepseek_v3", "full", None, "bf16", "sdpa", {}), ("deepseek_v3", "lora", None, "bf16", "sdpa", {}),
+    ("deepseek_v3", "lora", None, "fp32", "eager", {}), ("deepseek_v3", "lora", ("o",), "bf16", "eager", {}),
+    ("deepseek_v3", "lora", ("q", "k", "v", "o"), "bf16", "eager", dict(v_head_dim=4)),
+    ("deepseek_v3", "dora", None, "bf16", "sdpa", {}),
+    # a dense block (first_k_dense_replace 2), its MLP adapted through its weights
+    ("deepseek_v3", "lora", None, "bf16", "sdpa", dict(first_k_dense_replace=2)),
+    # q_proj instead of q_a/q_b (V2-Lite's layout)
+    ("deepseek_v3_no_q_lora", "full", None, "bf16", "eager", {}),
+    # V2: an fp32 softmax router, unnormalised; group_limited_greedy keeps its group mask
+    ("deepseek_v2", "full", None, "fp32", "eager", {}), ("deepseek_v2", "lora", None, "bf16", "sdpa", {}),
+    ("deepseek_v2", "full", None, "bf16", "sdpa", dict(topk_method="group_limited_greedy", n_group=3, topk_group=2))])
+def test_a_deepseek_blocks_activations_are_what_autograd_saves(name, method, roles, precision, attention, overrides):
+    """MLA keeps its latents' norms, Q, K (fresh), V (kv_b's whole output under sdpa, a copy under eager) and
+    o_proj reads a copy; while the model was being written, a 1/rms counted for the absent Q latent (q_proj) put
+    V2 4 bytes a token over, eager's V counted as kv_b's whole output 32 over."""
+    block = _deepseek_block(name, method, roles, precision, attention, **overrides)
+    assert block["modelled"] == block["measured"] > 0, block
+
+
+@_PEFT_PATTERN_WARNING
+@pytest.mark.parametrize(("name", "overrides"), [("deepseek_v3", {}), ("deepseek_v3", dict(first_k_dense_replace=2)),
+                                                 ("deepseek_v2", {})])
+def test_deepseeks_merged_weights_are_kept_per_layer(name, overrides):
+    """The shared experts' and dense MLPs' weights that train adapts through PEFT's ParamWrapper, and the routed
+    experts', are merged in every forward and kept: one layer's bytes at batch 2 (fp32, so the router's fp32
+    weight is no cast copy), from models of 1 and 2 layers, per-layer terms included."""
+    from peft import get_peft_model
+
+    measured, modelled = [], []
+    for layers in (1, 2):
+        model = _model(name, num_hidden_layers=layers, **overrides)
+        config = model.config
+        model = get_peft_model(model, train_lora_config(model)).train()
+        measured.append(saved_bytes(model, lambda m: _loss(m, 2, 16)))
+        modelled.append(estimate_memory(config, method="lora", rank_plan_or_rank=4, batch=2, seq_len=16,
+                                        precision="fp32").activations)
+    assert modelled[1] - modelled[0] == measured[1] - measured[0]
+
+
+def test_cli_json_carries_the_notes_and_no_activations_for_deepseek_under_sdpa(tmp_path):
+    """`spectra memory --json` writes the notes and null activations and training total for DeepSeek under sdpa
+    (Q heads wider than V's; the table's rows leave them out; printing the notes under the table is a cli.py change
+    proposed separately)."""
     import json
 
     from typer.testing import CliRunner
 
     from spectra.cli import app
 
-    (tmp_path / "config.json").write_text(json.dumps(_config("deepseek_v3").to_dict()))
+    (tmp_path / "config.json").write_text(json.dumps(_config("deepseek_v3", v_head_dim=4).to_dict()))
     run = CliRunner().invoke(app, ["memory", str(tmp_path), "--rank", "4", "--json"])
     assert run.exit_code == 0, run.output
     data = json.loads(run.output)
