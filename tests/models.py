@@ -276,3 +276,16 @@ def moved(model, *, seed: int, scale: float = 1e-2):
             p += scale * torch.randn(p.shape, generator=g)
     return tuned
 
+
+def peft_wrapped(peft_model) -> dict:
+    """What PEFT put a LoRA on, by the base model's names → its LoRA layer: a module (``lora.Linear``, under the
+    module's name) or a parameter (``ParamWrapper``, under ``module.parameter``; PEFT nests the wrappers of one
+    module's parameters, ``….experts.base_layer``, which are named without ``.base_layer``)."""
+    from peft.tuners.lora.layer import LoraLayer, ParamWrapper
+
+    out = {}
+    for name, module in peft_model.named_modules():
+        if isinstance(module, LoraLayer):
+            name = name.removeprefix("base_model.model.").replace(".base_layer", "")
+            out[f"{name}.{module.parameter_name}" if isinstance(module, ParamWrapper) else name] = module
+    return out

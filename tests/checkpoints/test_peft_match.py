@@ -10,9 +10,7 @@ import pytest
 
 from spectra.checkpoints.peft_match import config_targets, peft_converted
 from spectra.errors import ConfigError
-from tests.models import build_model, tiny_moe
-
-PREFIX = "base_model.model."
+from tests.models import build_model, peft_wrapped, tiny_moe
 
 CONFIGS = {  # family, config: short names, a regex, full names, regex pattern keys, target_parameters, exclusions
     "list": ("llama", {"target_modules": ["q_proj", "v_proj"], "r": 4, "lora_alpha": 8}),
@@ -41,19 +39,11 @@ def _model(family):
 def peft_wraps(model, config: dict) -> dict[str, tuple[int, float]]:
     """Name → (r, lora_alpha) of every module and parameter PEFT's get_peft_model wraps for `config`."""
     from peft import LoraConfig, get_peft_model
-    from peft.tuners.lora.layer import LoraLayer, ParamWrapper
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # PEFT's notes on fan_in_fan_out and tiny models
         wrapped = get_peft_model(copy.deepcopy(model), LoraConfig(**config))
-    out = {}
-    for name, module in wrapped.named_modules():
-        if isinstance(module, LoraLayer):
-            plain = name.removeprefix(PREFIX)
-            if isinstance(module, ParamWrapper):  # nested wrappers of one module's parameters: …experts.base_layer
-                plain = f"{plain.replace('.base_layer', '')}.{module.parameter_name}"
-            out[plain] = (module.r["default"], module.lora_alpha["default"])
-    return out
+    return {name: (layer.r["default"], layer.lora_alpha["default"]) for name, layer in peft_wrapped(wrapped).items()}
 
 
 @pytest.mark.parametrize("case", list(CONFIGS))

@@ -19,12 +19,17 @@ from spectra.ranks import RankPolicy, recommend_ranks, save_plan
 from tests.models import build_model, save
 
 
-def perturbed(model, *, seed=0, scale=0.02, names=None):
+def perturbed(model, *, seed=0, scale=0.02, names=None, select=None):
+    """A copy of `model` whose chosen parameters each moved by N(0, scale²) noise, drawn in parameter order: every
+    matrix (2-D) whose name holds one of `names` (any, without), or those `select(name, parameter)` picks."""
+    if select is None:
+        def select(name, p):
+            return p.ndim == 2 and (names is None or any(n in name for n in names))
     tuned = copy.deepcopy(model)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in tuned.named_parameters():
-            if p.ndim == 2 and (names is None or any(n in name for n in names)):
+            if select(name, p):
                 p += scale * torch.randn(p.shape, generator=g)
     return tuned
 
@@ -302,12 +307,8 @@ def test_mixtrals_router_is_written_onto_its_weight(tmp_path):
 
     from spectra.checkpoints.targets import meta_model
 
-    def move_router_attention_and_experts(tuned, g):
-        for name, p in tuned.named_parameters():
-            if p.ndim == 3 or "q_proj" in name or "mlp.gate" in name:
-                p += 0.02 * torch.randn(p.shape, generator=g)
-
-    base, tuned = _mixtral_fine_tune(move_router_attention_and_experts, seed=5)
+    base = build_model("mixtral")  # its router, attention's q and the experts moved
+    tuned = perturbed(base, seed=5, select=lambda name, p: p.ndim == 3 or "q_proj" in name or "mlp.gate" in name)
     b, t = save(base, tmp_path / "b", "safetensors"), save(tuned, tmp_path / "t", "safetensors")
     plan = recommend_ranks(analyze(b, t, cache_dir=False, progress=False),
                            RankPolicy(roles=("q", "down", "other"), uniform=True, noise=False))
@@ -361,12 +362,8 @@ def test_mixtrals_router_saved_whole_is_the_tuned_router(tmp_path):
     gate_up_proj, which no module holds as stored) is refused, as PEFT would drop it too."""
     from peft import PeftModel
 
-    def move_router_and_q(tuned, g):
-        for name, p in tuned.named_parameters():
-            if "q_proj" in name or "mlp.gate" in name:
-                p += 0.02 * torch.randn(p.shape, generator=g)
-
-    base, tuned = _mixtral_fine_tune(move_router_and_q, seed=6)
+    base = build_model("mixtral")  # its router and attention's q moved
+    tuned = perturbed(base, seed=6, select=lambda name, p: "q_proj" in name or "mlp.gate" in name)
     b, t = save(base, tmp_path / "b", "safetensors"), save(tuned, tmp_path / "t", "safetensors")
     result = extract_adapter(b, t, 2, tmp_path / "ad", roles=("q",),
                              modules_to_save=("model.layers.1.block_sparse_moe.gate",), progress=False)
@@ -615,12 +612,8 @@ def test_fused_experts_get_their_rank_when_other_modules_outnumber_them(tmp_path
     and PEFT refused the adapter on a size mismatch). Merged weights = base + the best rank-r ΔW, per expert too."""
     import dataclasses
 
-    def move_experts_and_attention(tuned, g):
-        for name, p in tuned.named_parameters():
-            if p.ndim == 3 or "self_attn" in name:
-                p += 0.02 * torch.randn(p.shape, generator=g)
-
-    base, tuned = _mixtral_fine_tune(move_experts_and_attention, seed=3)
+    base = build_model("mixtral")  # its experts and attention moved
+    tuned = perturbed(base, seed=3, select=lambda name, p: p.ndim == 3 or "self_attn" in name)
     b, t = save(base, tmp_path / "b", "safetensors"), save(tuned, tmp_path / "t", "safetensors")
     analysis = analyze(b, t, cache_dir=False, progress=False)
     plan = recommend_ranks(analysis, RankPolicy(roles=("q", "k", "v", "o", "down"), uniform=True, noise=False))

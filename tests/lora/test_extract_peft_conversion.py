@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from spectra.lora.extract import extract_adapter
-from tests.models import moved, save, tiny_moe as _tiny
+from tests.models import moved, peft_wrapped, save, tiny_moe as _tiny
 
 RANK, PLANTED = 2, 3
 _MLP = re.compile(r"\.(mlp|shared_experts?)\.(gate_proj|up_proj|down_proj)\.weight$")
@@ -137,12 +137,9 @@ def test_a_vision_stack_of_glm4v_moe_is_adapted_and_nothing_else(tmp_path):
 
     extract_adapter(b, t, 1, tmp_path / "ad", roles=("gate", "up", "down"), stacks=("vision",), progress=False)
 
-    from peft.tuners.lora import LoraLayer
-
     peft_model = _merged(base, tmp_path / "ad")
     tower = {f"model.visual.blocks.0.mlp.{p}" for p in ("gate_proj", "up_proj", "down_proj")}
-    assert {n.removeprefix("base_model.model.") for n, m in peft_model.named_modules()
-            if isinstance(m, LoraLayer) and not n.endswith("base_layer")} == tower
+    assert set(peft_wrapped(peft_model)) == {f"{m}.weight" for m in tower}  # by their weights (target_parameters)
     merged = dict(peft_model.merge_and_unload().named_parameters())
     for name, p in base.named_parameters():
         if name.removesuffix(".weight") in tower:  # rank-1 update, rank-1 LoRA: exact

@@ -22,7 +22,7 @@ import torch
 from spectra.errors import ConfigError
 from spectra.lora.train import TrainConfig, lora_config, train_adapter
 from tests.lora.conftest import random_text
-from tests.models import save, tiny_moe as _tiny
+from tests.models import peft_wrapped as _wrapped, save, tiny_moe as _tiny
 
 pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning"),
               pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")]
@@ -49,20 +49,6 @@ def _intended(model, roles=("q", "k", "v", "o", "gate", "up", "down")) -> set[st
     experts = {n for n, _ in model.named_parameters()
                if (m := _EXPERTS.search(n)) and m.group(1) in {fused[r] for r in roles if r in fused}}
     return attention | dense | experts
-
-
-def _wrapped(peft_model) -> dict[str, torch.nn.Module]:
-    """What PEFT put a LoRA on, by the base model's names: a module (lora.Linear) or a parameter (ParamWrapper,
-    nested one in another when a module holds several: the experts' gate_up_proj and down_proj) → its LoRA layer."""
-    from peft.tuners.lora.layer import LoraLayer, ParamWrapper
-
-    out = {}
-    for name, module in peft_model.named_modules():
-        if not isinstance(module, LoraLayer):
-            continue
-        name = name.removeprefix("base_model.model.").replace(".base_layer", "")
-        out[f"{name}.{module.parameter_name}" if isinstance(module, ParamWrapper) else name] = module
-    return out
 
 
 @pytest.mark.parametrize("family", FAMILIES)
