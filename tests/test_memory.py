@@ -375,7 +375,7 @@ def test_blocks_unlike_the_families_described_are_refused_with_both_counts(famil
     assert f"holds {built} parameters" in str(refused.value) and f"counts {counted} " in str(refused.value)
 
 
-# the families model_shape reads without building the meta model (spectra.memory._COUNTED_RIGHT)
+# the families model_shape reads without building the meta model (spectra.memory.shape._COUNTED_RIGHT)
 _READ_WITHOUT_BUILDING = ("llama", "mistral", "qwen2", "gemma", "gemma2", "gemma3_text", "phi3", "gpt2", "bert",
                           "mixtral", "phimoe", "granitemoe", "minimax", "granite", "helium", "ernie4_5", "ministral",
                           "smollm3", "glm")
@@ -387,7 +387,7 @@ def test_families_read_without_building_the_model_count_what_transformers_builds
     transformers' base model holds (no LM head), so the comparison would accept it."""
     import transformers as tf
 
-    from spectra.memory import _COUNTED_RIGHT, _refuse_other_blocks
+    from spectra.memory.shape import _COUNTED_RIGHT, _refuse_other_blocks
 
     assert family in _COUNTED_RIGHT
     config = _tiny_config({"gemma3_text": "gemma3", "minimax": "minimax_full"}.get(family, family))
@@ -398,7 +398,7 @@ def test_families_read_without_building_the_model_count_what_transformers_builds
 
 
 def test_the_list_read_without_building_the_model_is_what_the_tests_check():
-    from spectra.memory import _COUNTED_RIGHT
+    from spectra.memory.shape import _COUNTED_RIGHT
 
     assert _COUNTED_RIGHT == set(_READ_WITHOUT_BUILDING)
 

@@ -1,0 +1,387 @@
+"""Activations: the bytes autograd keeps for backward, per token and block, as transformers 5 and PEFT run the
+blocks (checked tensor by tensor against autograd on tiny models: tests/test_memory*.py). See
+:func:`spectra.memory.estimate_memory`'s notes for the formulas in words."""
+
+from __future__ import annotations
+
+from spectra.memory.adapters import _Adapter
+from spectra.memory.shape import ModelShape
+
+
+def _norm_bytes(shape: ModelShape, p: int, full: bool, width: int | None = None) -> int:
+    """Bytes per token that one norm keeps for backward; ``full``: its weight is trained. ``width``: a norm per
+    head over head_dim (Gemma 3's q_norm, k_norm) of ``width`` = heads·head_dim values a token, instead of the
+    hidden size."""
+    h = shape.hidden if width is None else width
+    groups = 1 if width is None else width // (shape.q_dim // shape.heads)  # 1/rms per token, or per head
+    if shape.norm == "layer":
+        return p * h + 8  # LayerNorm keeps its input, its mean and 1/std (fp32)
+    # transformers' RMSNorm up-casts its input to fp32 and keeps it, with the fp32 1/rms (b, s, 1); the weight's
+    # gradient needs the normalised input, in p (Gemma's in fp32)
+    return 4 * h + 4 * groups + ((4 if shape.norm == "rms_fp32" else p) * h if full else 0)
+
+
+def _qkv_bytes(shape: ModelShape, p: int, cache: bool, masked: bool = False) -> int:
+    """Bytes per token of the Q, K and V that sdpa keeps, each storage once.
+
+    ``cache``: transformers' DynamicCache (``use_cache`` in training) concatenates K and V into
+    copies. A fused projection's Q, K and V are views of its output, kept whole by any view
+    sdpa keeps: GPT-2's Q (beside the cache's copies of K and V), Phi-3's V without the cache
+    (its rotary embeddings make Q and K fresh tensors). ``masked``: the layer gets a mask (a
+    sliding window the sequence reaches), with which transformers does not ask sdpa for GQA
+    but repeats K and V to every query head (``repeat_kv``): fresh copies of Q's size.
+    """
+    q, kv = shape.q_dim, shape.kv_dim
+    if masked and kv < q:
+        return 3 * p * q
+    if not shape.fused_qkv:
+        return p * (q + 2 * kv)
+    whole = q + 2 * kv  # the fused projection's output
+    if shape.rotary:
+        return p * (q + kv + (kv if cache else whole))
+    return p * (whole + (2 * kv if cache else 0))
+
+
+def _o_input_copied(shape: ModelShape, attention: str) -> bool:
+    """Whether o_proj reads a copy of the attention output rather than the tensor sdpa keeps.
+
+    transformers makes the output (b, s, heads, d)-contiguous for o_proj. Eager attention's
+    is (b, heads, s, d), so a copy. sdpa's takes Q's layout (CPU flash kernel; CUDA's
+    FlashAttention and cuDNN allocate it like Q): Llama's rotary Q keeps q_proj's (b, s, heads, d)
+    layout, so no copy; Phi-3's, rotated from a strided view of qkv_proj's output, comes out
+    (b, heads, s, d), so o_proj's input is a copy; so is GLM's, whose Q comes out of a torch.cat
+    (``rotary_cat``). GPT-2's strided Q gets a (b, s, heads, d) output: no copy. (CUDA's
+    memory-efficient kernel always returns (b, s, heads, d).)
+    """
+    return attention == "eager" or (shape.fused_qkv and shape.rotary) or shape.rotary_cat
+
+
+def _block_bytes(shape: ModelShape, p: int, attention: str, seq_len: int, *, full: bool, cache: bool,
+                 grad: bool = True, adapted: list[_Adapter] = (), masked: bool = False) -> tuple[int, bool, bool, int]:
+    """Bytes per token that one block's autograd graph keeps for backward (each storage once), lora.Linear
+    adapters aside.
+
+    Autograd keeps a tensor only for a gradient it will compute, so what a block keeps follows
+    which of its tensors require grad: ``grad``, its input does (full fine-tuning, or an adapted
+    module earlier in the model), and ``adapted``, its adapted modules, whose outputs do. A
+    block before the first adapted one keeps nothing; the first adapted one keeps what follows
+    its first adapted module (its input norm keeps nothing). ``full``: the block's weights
+    are trained, so each linear keeps its input (a frozen linear needs only its weight) and
+    each RMSNorm its normalised input. ``masked``: transformers passes the layer a mask (its
+    sliding window is within the sequence): sdpa converts the boolean (b, 1, s, s) mask to Q's
+    dtype and keeps it, s·p per token (CUDA's memory-efficient kernel, which a mask gets, pads s
+    to a multiple of 16: not counted, so on CUDA this is short by up to 15·p per token where s is
+    not a multiple of 16; unchecked, no GPU here), and K, V repeated to every head (:func:`_qkv_bytes`); eager adds the
+    mask to its logits, which keeps nothing. Against what transformers 5 saves (tests/test_memory.py):
+    exact for Llama, Qwen2, Gemma, Gemma 2, Gemma 3, Phi-3, GPT-2, BERT, Mixtral (transformers'
+    default grouped_mm experts), PhiMoE, GraniteMoE, Granite, Helium, ERNIE 4.5, Ministral, SmolLM3
+    and GLM, sliding layers masked or not, from the first adapted layer on too.
+
+    Returns the bytes, whether the block keeps o_proj's input already (sdpa keeps its output and
+    o_proj reads that tensor), whether the block's output requires grad, and the bytes it keeps
+    per layer whatever the tokens: the weights that PEFT's ParamWrappers merge (W + s·B·A, kept by
+    the product that needs them for its input's gradient) and the factors they cast to p.
+    """
+    h, q, heads, s = shape.hidden, shape.q_dim, shape.heads, seq_len
+    inter = shape.intermediate * shape.experts_per_token
+    g = grad or full
+    roles = {m.role for m in adapted if not m.experts}  # PEFT lora.Linear modules
+    # PEFT ParamWrappers: an MoE's router and fused experts; a dense MLP's weights (Qwen3-MoE's dense layers,
+    # DeepSeek's dense and shared MLPs, which spectra train adapts through their weights)
+    wrapped = {m.role: m for m in adapted if m.experts > 1 or m.role == "router"}
+    weights = {m.role: m for m in adapted if m.experts == 1 and m.role != "router"}
+
+    def norm(requires_grad: bool) -> int:  # a norm keeps its tensors when its input requires grad
+        return _norm_bytes(shape, p, full) if requires_grad else 0
+
+    def hit(*names: str) -> bool:
+        return bool(roles.intersection(names))
+
+    post_norm = shape.family == "bert"  # BERT normalises after each sublayer, the others before (Gemma 2: both)
+    total = 0 if post_norm else norm(g)
+    if shape.mla:  # DeepSeek's multi-head latent attention
+        attention_bytes, attention_grad = _mla_bytes(shape, p, attention, s, full=full, grad=g, hit=hit)
+        total += attention_bytes
+        qg = kg = vg = False  # (its own)
+    else:  # attention: Q, K, V require grad from the block's input or their own adapter
+        qg, kg, vg = g or hit("q", "qkv"), g or hit("k", "qkv"), g or hit("v", "qkv")
+    if shape.qk_norm:  # Gemma 3's q_norm and k_norm: RMSNorms over head_dim, one 1/rms per head
+        total += _norm_bytes(shape, p, full, q) * qg + _norm_bytes(shape, p, full, shape.kv_dim) * kg
+    scores = qg or kg  # Q·Kᵀ and the probabilities
+    if shape.mla:
+        o_input_kept = False  # o_proj reads a copy of the (b, heads, s, v) output
+    elif attention == "sdpa":  # the kernel keeps Q, K, V, its output and the fp32 logsumexp for any of their grads
+        attention_grad = scores or vg
+        if attention_grad:
+            total += _qkv_bytes(shape, p, cache, masked) + p * q + 4 * heads + (p * s if masked else 0)
+        o_input_kept = attention_grad and not _o_input_copied(shape, attention)
+    else:
+        attention_grad = scores or vg
+        # Q·Kᵀ keeps K repeated to every head (for Q's grad) and Q (for K's); probabilities·V keeps V repeated
+        # (for the probabilities' grad) and the probabilities (for V's)
+        total += p * q * (qg + kg + scores)
+        if shape.softmax_fp32:  # Llama-like: softmax in fp32, cast back to p (the same tensor when p = 4)
+            if scores:
+                total += heads * s * (4 + (p if shape.attn_softcap else 0))  # Gemma 2: tanh(logits / cap) too
+            if vg and (p < 4 or not scores):
+                total += heads * s * p
+        elif scores or vg:  # GPT-2, BERT: one softmax in p
+            total += heads * s * p
+        o_input_kept = False  # transformers copies eager's (b, heads, s, d) output for o_proj
+    o_grad = attention_grad or hit("o")
+    if shape.norms == 4:  # Gemma 2 normalises the attention's output
+        total += norm(o_grad)
+    mid = g or o_grad  # the residual stream after attention
+    total += norm(mid)  # Llama's post_attention_layernorm, GPT-2's ln_2, Gemma 2's pre-feedforward, BERT's
+    per_layer = 0
+    # the MLP's activation: SwiGLU keeps gate and up for gate's grad, silu(gate) for up's; a fused gate_up keeps
+    # its whole output; GPT-2's and BERT's GELU its inputs (one tensor, or gelu_new's four)
+    if shape.experts > 1:
+        moe, per_layer, down = _moe_bytes(shape, p, full=full, grad=mid, router=hit("router"), wrapped=wrapped,
+                                          lora=roles, weights=weights)
+        total += moe
+    elif any(role in ("gate", "gate_up") for role, _, _ in shape.linears):
+        mlp, per_layer, down = _swiglu_bytes(p, h, inter, full=full, grad=mid, lora=roles, weights=weights)
+        total += mlp
+    else:
+        activation = mid or hit("up")
+        total += p * shape.mlp_saved * inter * activation
+        down = activation or hit("down")
+        total += p * (h + inter) if full else 0  # the inputs of up and down
+    if shape.norms == 4:  # Gemma 2 normalises the MLP's output
+        total += norm(down)
+    out = mid or down
+    if post_norm:
+        total += norm(out)
+    if full and not shape.mla:  # the inputs of q/k/v (one tensor) and o (sdpa's output, or a copy)
+        total += p * (h + (q if _o_input_copied(shape, attention) else 0))
+    return total, o_input_kept, out, per_layer
+
+
+def _swiglu_bytes(p: int, h: int, width: int, *, full: bool, grad: bool, lora: set[str],
+                  weights: dict) -> tuple[int, int, bool]:
+    """Bytes per token that a SwiGLU MLP of ``width`` keeps (down(silu(gate(x))·up(x)); a fused gate_up alike), the
+    bytes it keeps per layer, and whether its output requires grad.
+
+    SwiGLU keeps gate and up for gate's grad and silu(gate) for up's when its input (``grad``) or a projection's
+    adapter makes them require grad; full fine-tuning also the inputs of gate/up (one tensor) and down. ``lora``:
+    roles of its lora.Linear modules; ``weights``: its ParamWrappers by role, each a weight W + s·B·A merged in every
+    forward, which requires grad, so its product keeps its input (as full fine-tuning's does) and, where that input
+    requires grad, the merged weight (p·out·in per layer).
+    """
+    gate = grad or bool(lora & {"gate", "gate_up"}) or "gate" in weights
+    up = grad or bool(lora & {"up", "gate_up"}) or "up" in weights
+    activation = gate or up
+    total = p * width * (2 * gate + up)
+    if full:
+        total += p * (h + width)
+    else:
+        total += p * h * bool({"gate", "up"} & set(weights)) + p * width * ("down" in weights)
+    per_layer = sum(p * m.d_in * m.d_out * (activation if role == "down" else grad) for role, m in weights.items()
+                    if role in ("gate", "up", "down"))
+    return total, per_layer, activation or "down" in lora or "down" in weights
+
+
+def _mla_bytes(shape: ModelShape, p: int, attention: str, s: int, *, full: bool, grad: bool, hit) -> tuple[int, bool]:
+    """Bytes per token that DeepSeek's multi-head latent attention keeps (arXiv:2405.04434, as transformers 5 runs
+    it), and whether its output requires grad; ``grad``: its input does; ``hit(*roles)``: a lora.Linear adapts one.
+
+    Q = q_b(RMSNorm(q_a(x))) (or q_proj(x)), split into a part without and one with rotary embeddings; the latent
+    kv_a(x) splits into c (kv_lora_rank, RMSNorm'd) and the rotary key shared by the heads; kv_b(c) gives each
+    head's K part and V (a view of kv_b's output). Each RMSNorm keeps its fp32 input and 1/rms when its input
+    requires grad. The rotation (of the table's cos and sin) and the concatenations keep nothing per token; K is a
+    fresh (b, heads, s, nope + rope) tensor and Q a concatenation, so o_proj reads a copy of the attention's output.
+    sdpa (where Q's head size is V's: :func:`_activations_refused`) keeps Q, K, V (kv_b's whole output), its output
+    and the fp32 logsumexp; eager keeps Q for K's grad, K for Q's, V for the probabilities', the fp32 softmax and
+    its cast to p (as Llama's). Full fine-tuning also keeps the inputs of q_a/kv_a (one tensor), q_b, kv_b and o,
+    and each latent norm's normalised input.
+    """
+    q_lora, kv_lora, nope, rope, v_dim = shape.mla
+    heads, h = shape.heads, shape.hidden
+    qk, kv_out, o_in = heads * (nope + rope), heads * (nope + v_dim), heads * v_dim
+
+    def latent_norm(width: int, stored: int, requires_grad: bool) -> int:  # stored: the storage its input views
+        return (4 * (width if p < 4 else stored) + 4 + (p * width if full else 0)) * requires_grad
+
+    # at fp32 the norm keeps its input itself, and c is a view of kv_a's whole output (c and the rotary key)
+    total = latent_norm(kv_lora, kv_lora + rope, grad or hit("kv_a"))
+    total += latent_norm(q_lora, q_lora, grad or hit("q_a")) if q_lora else 0  # none before q_proj
+    qg = grad or hit("q_a", "q_b", "q")
+    kvg = grad or hit("kv_a", "kv_b")  # K (its latent part and the rotary key) and V
+    if attention == "sdpa":
+        total += (p * (2 * qk + kv_out + o_in) + 4 * heads) * (qg or kvg)
+    else:
+        scores = qg or kvg  # V, a strided view of kv_b's output, reaches the matmul as a copy
+        total += p * qk * (kvg + qg) + p * o_in * scores
+        total += heads * s * (4 * scores + p * (kvg and (p < 4 or not scores)))
+    if full:
+        total += p * (h + q_lora + kv_lora + o_in)
+    return total, qg or kvg
+
+
+def _moe_bytes(shape: ModelShape, p: int, *, full: bool, grad: bool, router: bool, wrapped: dict,
+               lora: set[str] = frozenset(), weights: dict | None = None) -> tuple[int, int, bool]:
+    """Bytes per token that an MoE MLP keeps as transformers 5 runs it (grouped_mm experts, its default), the
+    bytes it keeps per layer, and whether its output requires grad.
+
+    ``grad``: its input requires grad; ``router``: a lora.Linear adapts the router; ``wrapped``:
+    PEFT ParamWrappers by role (``router``, ``gate_up``, ``down``), which make the weight they merge
+    require grad, so the product keeps its input, as full fine-tuning's does. With k experts per
+    token, S = k·tokens routed copies:
+
+    * router (Mixtral's): its input (p·h) for a trained weight; for its logits' grad the fp32
+      softmax (4·E), the top-k indices (8·k) and the weights' normalisation (4·k + 4). PhiMoE's
+      SparseMixer (arXiv:2409.12136) picks its two experts one after the other, each by a softmax
+      over the logits with the experts out of reach masked: per pick the mask (E, bool), the
+      softmax (p·E), the gather's index (8) and the pick's weight (p) its custom backward keeps.
+      GraniteMoE's takes the top-k of the fp32 logits (indices, 8·k) and their softmax (4·k),
+      cast to weights in p. With ``input_jitter_noise`` (Phi-3.5-MoE's config: 0.01) the block and
+      then its router multiply the MLP's input by uniform noise in place, and each product keeps
+      its noise (p·h);
+    * dispatch: the indices of three gathers (the routed copies of the input, their weights, the
+      way back), 8·k each, when what they gather requires grad;
+    * experts per routed copy: gate_up's input (p·h) for a trained weight, its output (p·2i) and
+      silu(gate) (p·i), down's input (p·i) for a trained weight, and the product by the routing
+      weight its two factors (p·h, and the weight: fp32, SparseMixer's and GraniteMoE's in p).
+
+    Per layer: grouped_mm's offsets (4·E) and each ParamWrapper's merged weight in p (E·out·in,
+    when the product needs it for its input's gradient), beside the factors it casts to p for
+    the merge when p < 4 (E·r·(in + out)).
+    """
+    h, i, k, experts = shape.hidden, shape.intermediate, shape.experts_per_token, shape.experts
+    router_w, gate_up_w, down_w = (full or role in wrapped for role in ("router", "gate_up", "down"))
+    logits = grad or router_w or router  # the router's logits, and so the routing weights, require grad
+    experts_in = grad or gate_up_w  # gate_up's output
+    down_out = experts_in or down_w
+    if shape.sparsemixer:
+        routing, weight = k * (experts * (1 + p) + 8 + p), p
+    elif shape.topk_softmax:
+        routing, weight = 12 * k, p
+    else:  # Mixtral's: an fp32 softmax (DeepSeek-V3: sigmoid), the top-k indices, normalised; Qwen3-MoE, DeepSeek
+        # normalise only with norm_topk_prob (DeepSeek-V2 never) and Qwen3-MoE casts the weights to p; DeepSeek-V2's
+        # group_limited_greedy keeps the mask of the groups it drops
+        routing = 4 * experts + 8 * k + (4 * k + 4) * shape.routing_norm + experts * shape.router_group_mask
+        weight = p if shape.routing_cast else 4
+    jitter = 2 * p * h * shape.input_jitter  # the two noise tensors
+    # the router's input for its trained weight: DeepSeek's takes it cast to fp32 (a copy when p < 4; at fp32 the
+    # input itself, which its shared experts keep)
+    router_input = (4 * h if p < 4 else 0) if shape.router_fp32 else p * h
+    total = router_input * router_w + (routing + 8 * k + p * h * k) * logits + (8 * k + jitter) * grad
+    total += p * h * k * gate_up_w + 3 * p * i * k * experts_in + p * i * k * down_w
+    total += weight * k * down_out + 8 * k * (logits or down_out)
+    per_layer = 4 * experts if (grad or gate_up_w or down_w) else 0
+    for role, m in wrapped.items():
+        needed = {"router": grad, "gate_up": grad, "down": experts_in}[role]  # the input of its product
+        per_layer += p * max(m.experts, 1) * m.d_in * m.d_out * needed
+        if p < 4 and m.experts > 1:  # PEFT casts the experts' factors to the weight's dtype for one baddbmm
+            per_layer += p * m.experts * m.rank * (m.d_in + m.d_out)
+    shared_out = False
+    if shape.shared_intermediate:  # DeepSeek's shared experts: a SwiGLU MLP on every token, added to the experts'
+        shared, shared_layer, shared_out = _swiglu_bytes(p, h, shape.shared_intermediate, full=full, grad=grad,
+                                                         lora=lora, weights=weights or {})
+        total, per_layer = total + shared, per_layer + shared_layer
+    return total, per_layer, logits or down_out or shared_out
+
+
+# the tensor a module reads, by role: modules that read one tensor share it when LoRA keeps it as is (fp32)
+_INPUT_OF = {"q": "attention input", "k": "attention input", "v": "attention input", "qkv": "attention input",
+             "o": "attention output", "gate": "mlp input", "up": "mlp input", "gate_up": "mlp input",
+             "router": "mlp input", "q_a": "attention input", "kv_a": "attention input"}
+
+
+def _adapter_bytes(modules: list[_Adapter], p: int, o_input_kept: bool, dora: bool) -> int:
+    """Bytes per token that one layer's adapted modules add to its saved tensors.
+
+    PEFT runs ``lora_A`` on its input cast to the adapter's fp32 and keeps that: a fresh copy per
+    module from a 16-bit input; with fp32 activations the input itself, kept once however many
+    modules read it, and not at all for ``o`` when the block keeps its input already
+    (``o_input_kept``: sdpa keeps its output and o_proj reads it, not a copy). ``lora_B``
+    keeps A·x (r values). DoRA also keeps each module's base output (p) and LoRA output (fp32)
+    for its magnitude/direction backward: (p + 4)·d_out.
+    """
+    total, shared = 0, set()
+    for m in modules:
+        if m.experts:  # a ParamWrapper merges its update into the weight: the block's own terms count it
+            continue
+        total += 4 * m.rank + ((p + 4) * m.d_out if dora else 0)
+        if m.role == "embed":  # PEFT's Embedding looks A up by token id: it keeps the ids, no input
+            continue
+        source = _INPUT_OF.get(m.role)
+        if p < 4 or source is None:
+            total += 4 * m.d_in
+        elif source not in shared and not (source == "attention output" and o_input_kept):
+            shared.add(source)
+            total += 4 * m.d_in
+    return total
+
+
+def _activations_refused(shape: ModelShape, attention: str) -> str | None:
+    """Why the activations cannot be estimated for this attention, or None. sdpa on multi-head latent attention
+    whose Q and K heads are wider than V's (DeepSeek's 192 against 128): FlashAttention takes one head size, so
+    CUDA runs another kernel, and the CPU's flash kernel does not take it either (it falls back to the math kernel,
+    which keeps the s×s probabilities): what CUDA's kernel keeps is unchecked here."""
+    if not shape.mla or attention != "sdpa":
+        return None
+    _, _, nope, rope, v_dim = shape.mla
+    if nope + rope == v_dim:
+        return None
+    return (f"{shape.family}'s multi-head latent attention under sdpa: its Q and K heads of {nope + rope} values "
+            f"against V's {v_dim} keep FlashAttention from running it (CUDA picks the memory-efficient kernel, the "
+            "CPU the math one, which keeps the s×s probabilities), and what that kernel saves has not been checked "
+            "against autograd; attention='eager' (--attention eager) is estimated. The weights, adapter, gradients, "
+            "optimizer states and KV cache are estimated")
+
+
+def _activations(shape: ModelShape, blocks: list[ModelShape], method: str, adapter_modules: list[_Adapter], p: int,
+                 tokens: int, seq_len: int, attention: str, use_cache: bool,
+                 input_require_grads: bool) -> tuple[int, int]:
+    """(activations without, with gradient checkpointing), bytes: see :func:`estimate_memory`'s notes. ``blocks``:
+    each layer's :meth:`ModelShape.block`."""
+    # activations, bytes per token: the blocks, the adapters (by layer), the final norm and the LM head
+    full, dora = method == "full", method == "dora"
+    by_layer: dict = {}
+    for module in adapter_modules:
+        if not module.tower:  # another tower's modules never run on text-only batches
+            by_layer.setdefault(module.layer, []).append(module)
+    # blocks keep tensors from the first one whose input or adapters require grad: all with full fine-tuning,
+    # a trained embedding or enable_input_require_grads, else from the first adapted layer (autograd keeps
+    # nothing before it; non-reentrant checkpointing keeps no input there either)
+    grad = full or input_require_grads or any(module.role == "embed" and not module.tower for module in adapter_modules)
+    per_token = recomputed = 0
+    kept_inputs = per_layer = 0
+    for layer in range(shape.layers):
+        modules = by_layer.get(layer, [])
+        if not (grad or modules):
+            continue
+        # sdpa gets a mask in a layer whose sliding window the sequence reaches (transformers' masking_utils)
+        masked = attention == "sdpa" and bool(shape.windows) and 0 < shape.windows[layer] <= seq_len
+        # transformers builds a DynamicCache in a decoder's training forward while use_cache is on; under
+        # checkpointing it turns the cache off
+        block, o_kept, out, merged = _block_bytes(blocks[layer], p, attention, seq_len, full=full, grad=grad,
+                                                  cache=use_cache and shape.causal, adapted=modules, masked=masked)
+        again, o_kept_again, _, _ = _block_bytes(blocks[layer], p, attention, seq_len, full=full, grad=grad,
+                                                 cache=False, adapted=modules, masked=masked)
+        per_token += block + _adapter_bytes(modules, p, o_kept, dora)
+        per_layer += merged
+        recomputed = max(recomputed, tokens * (again + _adapter_bytes(modules, p, o_kept_again, dora)) + merged)
+        kept_inputs += 1
+        grad = out
+    head = final = 0
+    if shape.causal:
+        h = shape.hidden
+        if grad:  # the final norm, and the head's input for its gradient
+            final = _norm_bytes(shape, p, full) + (p * h if full else 0)
+        # at the loss: the logits (p), their fp32 up-cast (a no-op when p = 4) and the fp32 log-softmax
+        # the loss keeps (measured peaks of 10.0 and 8.0 bytes per logit at bf16 and fp32); Gemma 2's cap
+        # cap·tanh(logits / cap) keeps the tanh's output beside the logits it returns (p)
+        head = tokens * shape.vocab * (p + (4 if p < 4 else 0) + 4 + (p if shape.logit_softcap else 0))
+    # the peak comes at the loss (every block's tensors, the final norm's and the head's) or in a block's
+    # backward, by when the head's are freed and a gradient of the MLP's width is in flight (measured: the
+    # checkpointed peak of a block recomputed in backward exceeds its saved tensors by 1.0–1.2 of these)
+    in_flight = max(p * (block.intermediate * block.experts_per_token + block.shared_intermediate) for block in blocks)
+    final += _adapter_bytes(by_layer.get(None, []), p, False, dora)  # modules outside the blocks: a LoRA head
+    at_loss = tokens * final + head
+    activations = tokens * per_token + per_layer + max(at_loss, tokens * in_flight)
+    activations_ckpt = (tokens * kept_inputs * shape.hidden * p  # the block inputs that checkpointing keeps
+                        + max(at_loss, recomputed + tokens * in_flight))
+    return activations, activations_ckpt

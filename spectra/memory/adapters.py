@@ -1,0 +1,216 @@
+"""The modules an adapter adapts, as PEFT adapts them: a plan's modules, or an int rank's (on an MoE, what
+``spectra train`` adapts, asked of its own target selection)."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+from spectra.checkpoints.architectures import missing_stacks, role_selected, stack_selected
+from spectra.errors import ConfigError
+from spectra.memory.shape import ModelShape
+from spectra.ranks import RankPlan
+
+
+# LoRA's usual targets: every linear layer of the blocks ("all-linear", as QLoRA recommends [3]); an MoE's are
+# what spectra train adapts (_trained_moe_adapters)
+DEFAULT_ROLES = ("q", "k", "v", "o", "qkv", "gate", "up", "down", "gate_up")
+
+
+class _Adapter(NamedTuple):
+    """One adapted module: a PEFT ``lora.Linear`` (``experts`` 0), or a ``ParamWrapper`` on a parameter
+    (``target_parameters``: an MoE's fused experts, ``experts`` of them at ``rank`` each, or a router's weight
+    that no LoRA module can run on, 1: ``ModelShape.router_parameter``), which merges W + s·B·A into the weight
+    in every forward instead of running lora_A on the input."""
+
+    layer: int | None
+    role: str | None
+    rank: int
+    d_in: int
+    d_out: int
+    experts: int = 0
+    tower: bool = False  # on another tower's linear (a vision tower's): not run on text-only batches, no gradient
+
+    @property
+    def params(self) -> int:
+        return self.rank * max(self.experts, 1) * (self.d_in + self.d_out)
+
+
+def _adapter_modules(shape: ModelShape, method: str, plan_or_rank: Any, roles: tuple[str, ...] | None,
+                     layers_to_transform: int | tuple[int, ...] | None = None,
+                     stacks: tuple[str, ...] | None = None, train_model=None, *,
+                     notes: list[str] | None = None) -> list[_Adapter]:
+    """Every adapted module, as PEFT adapts it; empty for full fine-tuning.
+
+    An MoE's experts are fused parameters in transformers 5 (gate_up_proj: experts × 2·ffn × hidden,
+    down_proj), which PEFT adapts as ``target_parameters`` at one rank for all experts: a plan's
+    experts at the largest over experts of gate's + up's rank (as spectra's PEFT config writes
+    them) and of down's; a plan's router that no LoRA module can run (Mixtral's, PhiMoE's, GraniteMoE's) is
+    its weight at its planned rank, as the plan's ``peft_config`` adapts it (``_block_adapter``). An int rank on
+    an MoE adapts what ``spectra train`` adapts for the same method, roles and stacks
+    (:func:`_trained_moe_adapters`, which asks train's target selection on the model built from the config on
+    the meta device; ``train_model`` builds it): every block role's Linear modules and the experts' fused
+    parameters at r each (gate_up_proj at r, not 2·r), never a router; DoRA and QLoRA leave the experts out of the
+    default roles.
+    """
+    _check_stacks(shape, method, plan_or_rank, stacks)
+    if method == "full":
+        if layers_to_transform is not None:  # it would be ignored: every layer trains
+            raise ConfigError("layers_to_transform picks the layers an adapter adapts; full fine-tuning trains "
+                              "every layer.")
+        return []
+    if layers_to_transform is None:
+        layers = range(shape.layers)
+    else:
+        layers = (layers_to_transform,) if isinstance(layers_to_transform, int) else tuple(layers_to_transform)
+        if isinstance(plan_or_rank, RankPlan):
+            raise ConfigError("layers_to_transform goes with an int rank; a rank plan adapts the layers it names.")
+        if not layers or not all(isinstance(n, int) and not isinstance(n, bool) and 0 <= n < shape.layers
+                                 for n in layers):
+            raise ConfigError(f"layers_to_transform must name layers of this {shape.layers}-layer model "
+                              f"(0 … {shape.layers - 1}), got {layers_to_transform!r}.")
+    h, i, experts = shape.hidden, shape.intermediate, shape.experts
+    if shape.tower_params and (isinstance(plan_or_rank, RankPlan) or layers_to_transform is not None):
+        raise ConfigError(f"{shape.family}: spectra's memory model estimates full fine-tuning and an int rank on "
+                          "every layer of a multimodal model; a plan's tower modules and the tower layers "
+                          "layers_to_transform picks are not modelled. Pass the text_config alone to estimate the "
+                          "language model.")
+    adapted_towers = sorted({stack for role, _, _, stack in shape.tower_linears if stacks is not None
+                             and stack_selected(stack, stacks) and role_selected(role, DEFAULT_ROLES if roles is None
+                                                                                 else tuple(roles))}, key=str)
+    if method in ("qlora", "dora") and adapted_towers:
+        raise ConfigError(f"{shape.family}: {method} on the {', '.join(map(str, adapted_towers))} stack's linears "
+                          f"(stacks {','.join(stacks)}) is not modelled: "
+                          + ("a LoRA module on a 4-bit tower linear (QLoRA)" if method == "qlora"
+                             else "DoRA's weight norms and transients on the tower's linears")
+                          + f". Leave {', '.join(map(str, adapted_towers))} out of stacks (the default adapts the "
+                            "language model alone) or estimate lora.")
+    if isinstance(plan_or_rank, RankPlan):
+        modules, fused = [], {}  # fused: (layer, parameter) -> expert -> rank summed over the modules it holds
+        for m in plan_or_rank.modules:
+            expert = m.name.partition(".experts.")[2].partition(".")[0]
+            if experts > 1 and expert.isdigit():
+                parameter = "down" if m.role == "down" else "gate_up"
+                ranks = fused.setdefault((m.layer, parameter), {})
+                ranks[expert] = ranks.get(expert, 0) + m.rank
+            else:
+                modules.append(_block_adapter(shape, m.layer, _planned_role(shape, m), m.rank, m.shape[1], m.shape[0]))
+        for (layer, parameter), ranks in fused.items():
+            d_in, d_out = (i, h) if parameter == "down" else (h, 2 * i)
+            modules.append(_Adapter(layer, parameter, max(ranks.values()), d_in, d_out, experts))
+        _refuse_dora_on_parameters(shape, method, modules)
+        return modules
+    if not isinstance(plan_or_rank, int) or isinstance(plan_or_rank, bool) or plan_or_rank < 1:
+        raise ConfigError(f"method {method!r} needs a RankPlan or a positive int rank, got {plan_or_rank!r}.")
+    r = plan_or_rank
+    if experts > 1:  # what spectra train adapts, asked of its own target selection
+        return _trained_moe_adapters(shape, method, r, roles, stacks, layers, train_model, notes=notes)
+    wanted = DEFAULT_ROLES if roles is None else tuple(roles)
+    block: list[_Adapter] = []
+    for role, o, d_in in shape.linears:
+        if not role_selected(role, wanted):
+            continue
+        if r > min(o, d_in):  # PEFT takes any rank
+            raise ConfigError(f"rank {r} exceeds min(d_in, d_out) = {min(o, d_in)} of the {role} "
+                              f"projection ({o}×{d_in}).")
+        block.append(_Adapter(None, role, r, d_in, o))
+    if not block:
+        raise ConfigError(f"No linear layer of this {shape.family} model has a role in {wanted}; roles here: "
+                          f"{sorted({r for r, _, _ in shape.linears})}.")
+    modules = [m._replace(layer=layer) for layer in sorted(set(layers)) for m in block]
+    if shape.tower_linears:  # layers_to_transform refused above
+        for role, o, d_in, stack in shape.tower_linears:  # the other towers' linears of the roles, where stacks name them
+            if stacks is not None and role_selected(role, wanted) and stack_selected(stack, stacks):
+                modules.append(_Adapter(None, role, r, d_in, o, tower=True))
+    return modules
+
+
+def _trained_moe_adapters(shape: ModelShape, method: str, rank: int, roles: tuple[str, ...] | None,
+                          stacks: tuple[str, ...] | None, layers, train_model, *,
+                          notes: list[str] | None = None) -> list[_Adapter]:
+    """An MoE's adapters at an int ``rank``: what ``spectra train`` adapts for the same method, roles and stacks,
+    asked of its own target selection (:func:`spectra.lora.train.peft_targets`, as ``lora_config`` runs it) on the
+    causal LM it loads, built from the config on the meta device (``train_model()``: :func:`_meta_model_for`'s), in
+    ``layers``.
+
+    Every Linear of the roles (default: every block role) is a ``lora.Linear`` at ``rank``; the routed experts'
+    fused ``gate_up_proj`` (for gate or up, whole: at ``rank``, as a fused module is) and ``down_proj`` are PEFT
+    ParamWrappers at ``rank`` per expert (``target_parameters``); a router is never adapted (no block role). DoRA and
+    QLoRA leave the experts out of the default roles (PEFT's ParamWrapper takes neither) and refuse roles that ask
+    for them, with train's own error (:func:`spectra.lora.train._fit_method`)."""
+    from spectra.checkpoints.architectures import module_info
+    from spectra.lora.train import TrainConfig, peft_targets
+
+    model = train_model()[1] if train_model is not None else None
+    if model is None:
+        raise ConfigError(f"{shape.family}: transformers cannot build this MoE from its config on the meta device, "
+                          "so spectra's memory model cannot ask which modules and expert parameters `spectra train` "
+                          "adapts; estimate with a rank plan (--plan) instead.")
+    config = TrainConfig(method=method, rank=rank, roles=None if roles is None else tuple(roles), stacks=stacks)
+    modules, parameters = peft_targets(model, config, notes=notes)  # train's notes: what it leaves out, and why
+    wanted, adapters = set(layers), []
+    for name in modules:
+        info, weight = module_info(name), model.get_submodule(name).weight
+        d_out, d_in = weight.shape
+        if rank > min(d_out, d_in):
+            raise ConfigError(f"rank {rank} exceeds min(d_in, d_out) = {min(d_out, d_in)} of {name} "
+                              f"({d_out}×{d_in}).")
+        adapters.append(_Adapter(info.layer, info.role, rank, int(d_in), int(d_out)))
+    for name in parameters:
+        info, weight = module_info(name), model.get_parameter(name)
+        if weight.dim() == 2:  # a Linear PEFT would rewrite (a dense layer's or shared experts' MLP): its weight
+            d_out, d_in = weight.shape
+            role = module_info(name.removesuffix(".weight")).role  # the module's role, not its weight's
+            adapters.append(_Adapter(info.layer, role, rank, int(d_in), int(d_out), 1))
+            continue
+        if weight.dim() != 3 or info.role not in ("gate_up", "down"):
+            raise ConfigError(f"{shape.family}: `spectra train` adapts {name} through its weight "
+                              "(target_parameters), which spectra's memory model does not describe.")
+        count, d_out, d_in = weight.shape  # PEFT's ParamWrapper: (experts, out, in), one rank-r update each
+        adapters.append(_Adapter(info.layer, info.role, rank, int(d_in), int(d_out), int(count)))
+    return [m for m in adapters if m.layer in wanted]
+
+
+def _check_stacks(shape: ModelShape, method: str, plan_or_rank: Any, stacks: tuple[str, ...] | None) -> None:
+    """Refuse a stack selection the memory model would ignore or cannot describe: with full fine-tuning or a plan
+    (which adapts the modules it names), without the language model (text-only batches run it alone: an adapter
+    elsewhere would train nothing), or naming a stack the config lacks."""
+    if stacks is None:
+        return
+    if method == "full":
+        raise ConfigError("stacks pick the modules an adapter adapts; full fine-tuning trains every weight.")
+    if isinstance(plan_or_rank, RankPlan):
+        raise ConfigError("stacks go with an int rank; a rank plan adapts the modules it names (plan the stacks "
+                          "with `spectra recommend --stacks`).")
+    if not stack_selected(None, stacks):
+        raise ConfigError(f"stacks {','.join(stacks)}: spectra's memory model estimates training on text-only "
+                          "batches, which run the language model alone, so an adapter without the language model's "
+                          "modules is not modelled. Add language (e.g. language,vision) or leave stacks out.")
+    lacking = missing_stacks(stacks, {None, *(stack for *_, stack in shape.tower_linears)})
+    if lacking:
+        raise ConfigError(f"{lacking}; leave it out.")
+
+
+def _block_adapter(shape: ModelShape, layer: int | None, role: str | None, rank: int, d_in: int,
+                   d_out: int) -> _Adapter:
+    """A block's module adapted on its own (not fused experts), by a plan or an int rank: a ``lora.Linear``, or
+    for a router whose weight PEFT adapts as a parameter (``ModelShape.router_parameter``: what the plan's
+    ``peft_config`` makes of it, and all-linear where it reaches the router) a ``ParamWrapper``."""
+    wrapped = role == "router" and shape.router_parameter
+    return _Adapter(layer, role, rank, d_in, d_out, 1 if wrapped else 0)
+
+
+def _planned_role(shape: ModelShape, module) -> str | None:
+    """The memory model's role of a planned module: ``router`` for an MoE's router, which analyses name ``other``
+    (Mixtral's and PhiMoE's ``block_sparse_moe.gate``): a block's (experts, hidden) weight outside its experts."""
+    if shape.experts > 1 and module.role == "other" and module.layer is not None \
+            and tuple(module.shape) == (shape.experts, shape.hidden):
+        return "router"
+    return module.role
+
+
+def _refuse_dora_on_parameters(shape: ModelShape, method: str, modules: list[_Adapter]) -> None:
+    wrapped = sorted({m.role for m in modules if m.experts})
+    if wrapped and method == "dora":
+        raise ConfigError(f"PEFT adapts this {shape.family} model's {', '.join(wrapped)} as parameters "
+                          "(target_parameters), which takes no DoRA: pass roles without them (e.g. q,k,v,o) or "
+                          "plan LoRA.")

@@ -1,0 +1,66 @@
+"""Reading a ``config.json`` (a dict, a transformers config or model, a path, a hub id) and the family's defaults
+that transformers fills in where it is silent."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+from spectra.errors import CheckpointError, ConfigError
+
+
+def _config_object(mtype: str, cfg: Mapping | None = None):
+    """transformers' config of ``mtype`` built from ``cfg`` (what the family fills in where config.json is silent;
+    without ``cfg``, the family's defaults: Gemma ties its embeddings, Llama does not), None where this transformers
+    cannot build it. Read a key the config lacks as ``getattr(_config_object(mtype), key, fallback)``."""
+    try:
+        import transformers
+
+        return transformers.AutoConfig.for_model(mtype, **{k: v for k, v in (cfg or {}).items() if k != "model_type"})
+    except Exception:  # no transformers, an unknown model_type, a config its strict validation refuses
+        return None
+
+
+def load_config(config_or_model: Any) -> dict:
+    """A ``config.json`` dict from a dict, a transformers config or model, a path, or a hub id.
+
+    A hub id downloads ``config.json`` only (``huggingface_hub.hf_hub_download``); offline, the
+    error says so and asks for a local file.
+    """
+    if isinstance(config_or_model, Mapping):
+        return dict(config_or_model)
+    if hasattr(config_or_model, "config") and hasattr(config_or_model.config, "to_dict"):
+        config_or_model = config_or_model.config
+    if hasattr(config_or_model, "to_dict"):
+        return config_or_model.to_dict()
+    if not isinstance(config_or_model, (str, os.PathLike)):
+        raise ConfigError(f"Cannot read a model config from {type(config_or_model).__name__}: pass a dict, "
+                          "a path to config.json (or its folder) or a hub id.")
+    path = Path(config_or_model)
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.exists():
+        text = str(config_or_model)
+        if path.suffix == ".json" or text.startswith((".", "/", "~")) or text.count("/") > 1:
+            raise CheckpointError(f"No config.json at {path}.")
+        path = _download_config(text)
+    try:
+        data = json.loads(Path(path).read_text())
+    except ValueError as err:  # UnicodeDecodeError (a weights file given for the config) included
+        raise CheckpointError(f"{path} is not valid JSON ({err}); pass config.json, its folder or a hub id.") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} must be a JSON object (a model config), not {type(data).__name__}.")
+    return data
+
+
+def _download_config(repo_id: str) -> Path:
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(repo_id, "config.json"))
+    except Exception as err:  # offline, unknown repo, gated: all end the same way for the user
+        raise CheckpointError(f"Could not get config.json of hub model {repo_id!r} ({type(err).__name__}: "
+                              f"{str(err).splitlines()[0] if str(err) else ''}). If offline, pass a local "
+                              "config.json or its folder instead.") from None

@@ -1,0 +1,355 @@
+"""The estimate: bytes by component (weights, quantisation constants, adapter, gradients, optimizer states,
+activations, workspace, KV cache) for one method, precision and batch (:func:`estimate_memory`). References
+[1]–[5]: :mod:`spectra.memory`'s docstring."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from spectra.checkpoints.architectures import parse_stacks
+from spectra.errors import ConfigError
+from spectra.memory.activations import _activations, _activations_refused
+from spectra.memory.adapters import _adapter_modules
+from spectra.memory.config import load_config
+from spectra.memory.shape import _UNQUANTISED, ModelShape, _meta_model_for, model_shape
+from spectra.ranks import RankPlan
+
+
+METHODS = ("full", "lora", "qlora", "dora")
+PRECISIONS = ("fp32", "bf16", "fp16", "mixed")
+OPTIMIZERS = ("adamw", "adamw_8bit", "sgd")
+ATTENTIONS = ("sdpa", "eager")
+NF4_BLOCK = 64          # weights per NF4 absmax constant [3]
+DQ_BLOCK = 256          # absmax constants per second-level fp32 constant with double quantisation [3]
+ADAM8_BLOCK = 256       # bitsandbytes' blockwise 8-bit optimizer states: one fp32 absmax per 256
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes per component. ``training_total``/``inference_total`` add the relevant ones.
+
+    ``activations`` is without gradient checkpointing, ``activations_checkpointed`` with it;
+    ``training_total`` uses the one the estimate was asked for. Both are None where the memory
+    model does not describe the blocks' activations (DeepSeek's), and then so is ``training_total``:
+    ``notes`` says why. ``workspace`` holds transient buffers (QLoRA's dequantised weight, DoRA's
+    dense update) of the largest module. ``notes``: what the estimate leaves out or adapts
+    otherwise than asked, and why (an MoE's experts that QLoRA or DoRA does not adapt).
+    """
+
+    method: str
+    precision: str
+    optimizer: str
+    batch: int
+    seq_len: int
+    gradient_checkpointing: bool
+    attention: str
+    double_quant: bool
+    use_cache: bool
+    params: int
+    trainable_params: int
+    weights: int
+    quant_constants: int
+    adapter: int
+    dora_magnitude: int
+    gradients: int
+    optimizer_states: int
+    activations: int | None
+    activations_checkpointed: int | None
+    workspace: int
+    kv_cache: int
+    notes: tuple[str, ...] = ()
+
+    @property
+    def training_total(self) -> int | None:
+        act = self.activations_checkpointed if self.gradient_checkpointing else self.activations
+        if act is None:
+            return None
+        return (self.weights + self.quant_constants + self.adapter + self.dora_magnitude + self.gradients
+                + self.optimizer_states + act + self.workspace)
+
+    @property
+    def inference_total(self) -> int:
+        """Weights (+ adapter, unmerged) and the KV cache for ``batch`` sequences of ``seq_len``."""
+        return self.weights + self.quant_constants + self.adapter + self.dora_magnitude + self.kv_cache
+
+    def rows(self) -> list[tuple[str, int]]:
+        """``(component, bytes)`` in reading order, the two totals last (for tables); a component not estimated
+        (None: DeepSeek's activations, and so the training total) is left out, ``notes`` saying why."""
+        act = "activations (checkpointed)" if self.gradient_checkpointing else "activations"
+        rows = [("weights", self.weights), ("quant constants", self.quant_constants), ("adapter", self.adapter),
+                ("DoRA magnitudes", self.dora_magnitude), ("gradients", self.gradients),
+                ("optimizer states", self.optimizer_states),
+                (act, self.activations_checkpointed if self.gradient_checkpointing else self.activations),
+                ("workspace", self.workspace), ("training total", self.training_total),
+                ("KV cache (inference)", self.kv_cache), ("inference total", self.inference_total)]
+        return [(name, n) for name, n in rows if n is not None]
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self) | {"training_total": self.training_total,
+                                           "inference_total": self.inference_total}
+
+
+def estimate_memory(config_or_model: Any, *, method: str = "lora", rank_plan_or_rank: RankPlan | int | None = 16,
+                    batch: int = 1, seq_len: int = 2048, precision: str | None = None, optimizer: str = "adamw",
+                    gradient_checkpointing: bool = True, roles: tuple[str, ...] | None = None,
+                    stacks: tuple[str, ...] | None = None, attention: str = "sdpa", double_quant: bool = True,
+                    use_cache: bool = True,
+                    layers_to_transform: int | tuple[int, ...] | None = None,
+                    input_require_grads: bool = False) -> MemoryEstimate:
+    """Estimate the memory of fine-tuning (and serving) a model, by component, in bytes.
+
+    Parameters
+    ----------
+    config_or_model : dict, str, PathLike, PretrainedConfig or model
+        ``config.json`` as a dict, its path or folder, a hub id (downloads config.json only),
+        or a transformers config/model.
+    method : {"full", "lora", "qlora", "dora"}
+        Default "lora".
+    rank_plan_or_rank : RankPlan or int or None
+        The adapter: a plan (its modules and ranks) or one rank for the modules of ``roles``.
+        Ignored for ``full``. Default 16.
+    batch, seq_len : int
+        Sequences per step and tokens per sequence. Defaults 1 and 2048.
+    precision : {"fp32", "bf16", "fp16", "mixed"}
+        Dtype of the model's weights and activations. ``"mixed"`` is bf16 weights and
+        activations with fp32 master weights in the optimizer [1]_. Default: "mixed" for
+        ``full`` (how full fine-tuning is run: 16 bytes per parameter with AdamW; pure bf16
+        Adam states, 8 bytes, lose small updates), "bf16" for the adapters (a frozen bf16
+        base, the adapter in fp32).
+    optimizer : {"adamw", "adamw_8bit", "sgd"}
+        Default "adamw".
+    gradient_checkpointing : bool
+        Which activation figure ``training_total`` uses. Default True.
+    roles : tuple of str, optional
+        Roles that an int rank targets, as ``spectra train --roles`` takes them. Default: every linear layer of
+        the blocks. On an MoE the targets are what ``spectra train`` adapts, asked of its own target selection
+        (:func:`spectra.lora.train.peft_targets`): the roles' Linear modules and the routed experts' fused
+        ``gate_up_proj`` (gate or up; at r) and ``down_proj`` (down), never a router; with DoRA or QLoRA the
+        default roles leave the experts out, and roles that ask for them are refused, as train does.
+    stacks : tuple of str, optional
+        Stacks whose modules of ``roles`` an int rank targets (``architectures.STACK_NAMES``), as ``spectra train
+        --stacks`` takes them; default the language model alone, as train's default (the stacks text runs through:
+        a multimodal model's vision tower and projector are left unadapted). The estimate is of text-only batches,
+        which run the language model alone, so ``language`` must be among them; ``("language", "vision")`` adds
+        the vision tower's linears of ``roles`` (their adapters get no gradient). A stack the config lacks is
+        refused.
+    layers_to_transform : int or tuple of int, optional
+        The layers that an int rank adapts (PEFT's ``layers_to_transform``). Default: all. A
+        plan adapts the layers it names.
+    attention : {"sdpa", "eager"}
+        transformers' ``attn_implementation``. ``"sdpa"`` assumes a fused kernel (FlashAttention or
+        memory-efficient on CUDA, the flash kernel on CPU), which is what an unpadded batch gets: it
+        keeps Q, K, V, its output and an fp32 logsumexp, no s×s matrix; a layer whose sliding
+        window the sequence reaches (seq_len ≥ window: Mistral's, Ministral's, Gemma 3's sliding
+        layers) gets a mask, which sdpa keeps in the activations' dtype (s·p per token), with K and
+        V repeated to every head. ``"eager"`` keeps the
+        attention probabilities, ``heads·s`` values per token per layer: in fp32 and again in the
+        activation dtype for Llama-like models (softmax in fp32, cast back), once for GPT-2 and BERT;
+        Gemma 2 also keeps its logit cap's tanh (p). A family transformers runs only eagerly (Gemma 2,
+        whose capped logits sdpa refuses) is estimated with "eager" whatever is asked, as transformers
+        falls back when asked for no implementation; the result's ``attention`` says so.
+        Default "sdpa".
+    double_quant : bool
+        QLoRA only: bitsandbytes' double quantisation of the NF4 absmax constants
+        (``bnb_4bit_use_double_quant``, what ``spectra train`` uses) [3]_. Default True.
+    use_cache : bool
+        transformers' ``use_cache`` in training without checkpointing: decoders then build a
+        ``DynamicCache`` in every forward, whose ``torch.cat`` copies K and V. Where Q, K and V are
+        views of one fused projection without rotary embeddings (GPT-2's ``c_attn``), sdpa keeps
+        the whole projection through Q and the two copies besides: 2·kv·p per token per layer
+        more than without the cache. Elsewhere the copies replace tensors of their size.
+        Checkpointing turns the cache off (transformers does), whatever this says. Default True,
+        what a model's config and ``Trainer`` leave on.
+    input_require_grads : bool
+        The embedding's output requires grad (transformers' ``enable_input_require_grads``, which
+        PEFT's ``prepare_model_for_kbit_training`` calls for reentrant checkpointing, its default).
+        Then every block keeps its tensors; without it the blocks before the first adapted layer
+        keep nothing, as no tensor there requires grad. Default False.
+
+    Returns
+    -------
+    MemoryEstimate
+
+    Notes
+    -----
+    With N parameters, w bytes per weight (4 fp32, else 2), p bytes per activation (4 fp32,
+    else 2), n_A trainable adapter parameters, L layers, b·s tokens:
+
+    * weights: N·w; QLoRA stores the block linears in NF4, 0.5 byte each, the rest (embeddings,
+      norms, biases, LM head, which transformers leaves unquantised) in w. bitsandbytes replaces
+      nn.Linear modules only: an MoE's fused experts (3-D parameters) and router stay in w.
+    * quant_constants (QLoRA): per linear of n weights, ⌈n/64⌉ absmax constants and the 16-entry
+      fp32 NF4 code. Without double quantisation the absmax are fp32: 4.5 bits per weight in all.
+      Double-quantised [3]_ they are 1 byte each plus one fp32 per 256 of them, with a 256-entry
+      fp32 code and an fp32 offset per tensor: 4.127 bits per weight.
+    * adapter: n_A = Σ r·(d_in + d_out) (+ Σ d_out DoRA magnitudes [4]_), kept in fp32 (PEFT's
+      ``autocast_adapter_dtype``), 4 bytes each. An MoE's fused experts take r·E·(d_in + d_out)
+      per parameter, as PEFT adapts them (``_adapter_modules``).
+    * gradients: one per trainable parameter in its dtype (full: w, adapters: 4).
+    * optimizer_states: AdamW two moments in the parameter's dtype (PyTorch's ``zeros_like``);
+      ``mixed`` full fine-tuning adds the fp32 master copy: 12 bytes/param, ZeRO's K = 12 [1]_.
+      ``adamw_8bit``: 2·(1 + 4/256) bytes/param (bitsandbytes blockwise). ``sgd``: none.
+    * activations: the tensors autograd saves for backward, each storage once, per token per
+      block (``_block_bytes``). Autograd keeps a tensor only for a gradient, so under LoRA the
+      blocks before the first adapted layer keep nothing (the frozen embedding's output needs
+      none; ``input_require_grads`` makes it) and that layer keeps what follows its first
+      adapted module. A block whose input requires grad keeps: each RMSNorm its input up-cast
+      to fp32 and the fp32 1/rms (4h + 4), a LayerNorm its input and two fp32 statistics
+      (p·h + 8), two norms per block (Gemma 2: four, the sublayers' outputs normalised too);
+      attention Q, K, V and its output (sdpa; a fused projection's views keep its whole output,
+      ``_qkv_bytes``), or Q, K and V repeated to every head and the probabilities (eager);
+      the MLP's activation its inputs and output (SwiGLU: gate, silu(gate), up). A frozen
+      linear keeps nothing: only full fine-tuning keeps the linears' inputs (and RMSNorm's
+      normalised input, for its weight). With a fused GELU and no dropout that is [2]_'s
+      34·s·b·h bytes per GPT layer less the two dropout masks, plus LayerNorm's statistics.
+      Each LoRA/DoRA/QLoRA module adds its input cast to the adapter's fp32 for ``lora_A`` (a
+      fresh copy per module from a 16-bit input; from fp32 activations the input itself, once
+      per tensor) and A·x, 4·r; DoRA also the base and LoRA outputs, (p + 4)·d_out. An MoE MLP
+      (transformers' grouped_mm experts) keeps its routing and, per routed copy of a token, the
+      experts' tensors (``_moe_bytes``); PEFT adapts its fused experts and router by merging
+      W + s·B·A into the weight in every forward, so each layer also keeps the merged weights
+      (E·out·in·p per adapted parameter, whatever the tokens). The peak then comes at the loss,
+      with the final norm and, per logit, the logits (p), their fp32 up-cast when p < 4 (4) and
+      the fp32 log-softmax the loss keeps (4) (Gemma 2's final logit cap also its tanh's output,
+      p), or in a block's backward, with an MLP-wide gradient (p·i) in flight. Not counted:
+      token ids and labels, the rotary tables.
+    * activations with checkpointing (transformers checkpoints each block, non-reentrant): the
+      inputs b·s·h·p of the blocks from the first adapted one, then the larger of the loss's
+      tensors and one block recomputed in backward (its saved tensors and the p·i in flight).
+    * workspace: QLoRA dequantises one weight at a time (largest linear × p); DoRA forms
+      B·A and W + s·B·A of the largest module (2 × out·in × 4).
+    * kv_cache (decoder models, inference): 2·L·kv·b·s·p; encoders have none.
+    """
+    if method not in METHODS:
+        raise ConfigError(f"method must be one of {METHODS}, got {method!r}.")
+    if precision is None:
+        precision = "mixed" if method == "full" else "bf16"
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision must be one of {PRECISIONS}, got {precision!r}.")
+    if optimizer not in OPTIMIZERS:
+        raise ConfigError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}.")
+    if attention not in ATTENTIONS:
+        raise ConfigError(f"attention must be one of {ATTENTIONS} (transformers' attn_implementation), "
+                          f"got {attention!r}.")
+    for name, flag in (("double_quant", double_quant), ("use_cache", use_cache),
+                       ("input_require_grads", input_require_grads)):
+        if not isinstance(flag, bool):
+            raise ConfigError(f"{name} must be True or False, got {flag!r}.")
+    for name, value in (("batch", batch), ("seq_len", seq_len)):
+        if not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{name} must be a positive integer, got {value!r}.")
+    cfg = load_config(config_or_model)
+    shape = model_shape(cfg)
+    if attention == "sdpa" and not shape.sdpa:
+        attention = "eager"  # what transformers runs when asked for no implementation (the result says so)
+    # the causal LM spectra train loads (AutoModelForCausalLM), on the meta device: built only for an MoE's int rank
+    train_model = functools.partial(_meta_model_for, cfg, str(cfg.get("model_type", "")).lower(),
+                                    "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES")
+    notes: list[str] = []
+    adapter_modules = _adapter_modules(shape, method, rank_plan_or_rank, roles, layers_to_transform,
+                                       parse_stacks(stacks), train_model, notes=notes)
+    if method == "qlora" and shape.experts > 1:
+        routed = sum(o * i for block in map(shape.block, range(shape.layers)) for role, o, i in block.linears
+                     if role in _UNQUANTISED)
+        notes.append(f"QLoRA: bitsandbytes quantises nn.Linear modules only, so the routed experts and routers "
+                     f"({routed:,} parameters: fused 3-D expert tensors and router weights) stay in "
+                     f"{'fp32' if precision == 'fp32' else precision}")
+    return _estimate(shape, method, adapter_modules, batch, seq_len, precision, optimizer,
+                     gradient_checkpointing, attention, double_quant, use_cache, input_require_grads, notes)
+
+
+def _quant_constants(numel: int, double_quant: bool) -> int:
+    """Bytes of bitsandbytes' NF4 constants for one weight of ``numel`` elements [3]_."""
+    blocks = math.ceil(numel / NF4_BLOCK)
+    code = 16 * 4  # the NF4 code: 16 fp32 values per tensor
+    if not double_quant:
+        return 4 * blocks + code  # one fp32 absmax per block
+    # absmax quantised to 1 byte, one fp32 per 256 of them, their 256-entry fp32 code and an fp32 offset
+    return blocks + 4 * math.ceil(blocks / DQ_BLOCK) + code + 256 * 4 + 4
+
+
+def _estimate(shape: ModelShape, method: str, adapter_modules: list, batch: int, seq_len: int, precision: str,
+              optimizer: str, checkpointing: bool, attention: str, double_quant: bool,
+              use_cache: bool, input_require_grads: bool, notes: list[str] = ()) -> MemoryEstimate:
+    w = 4 if precision == "fp32" else 2          # bytes per frozen/base weight
+    p = 4 if precision == "fp32" else 2          # bytes per activation
+    tokens = batch * seq_len
+    n = shape.params
+
+    # weights and QLoRA constants: bitsandbytes replaces only nn.Linear modules (an MoE's fused experts and its
+    # router, a parameter or a Linear subclass, stay in w); parameters transformers keeps in fp32 take 4 bytes
+    quant = 0
+    blocks = [shape.block(layer) for layer in range(shape.layers)]
+    if method == "qlora":
+        quantised = [(o, i) for block in blocks for role, o, i in block.linears if role not in _UNQUANTISED]
+        nf4 = sum(o * i for o, i in quantised + list(shape.tower_quantised))  # the towers' too (never run: no workspace)
+        weights = math.ceil(nf4 / 2) + (n - nf4) * w
+        quant = sum(_quant_constants(o * i, double_quant) for o, i in quantised + list(shape.tower_quantised))
+    else:
+        weights = n * w
+    weights += shape.fp32_params * (4 - w)
+
+    # adapters (fp32), DoRA magnitudes, trainable count
+    adapter_params = sum(m.params for m in adapter_modules)
+    dora_params = sum(m.d_out for m in adapter_modules) if method == "dora" else 0
+    trainable = n - shape.tower_params if method == "full" else adapter_params + dora_params
+    # what a text-only step gives a gradient (and AdamW states): not the adapters on another tower's linears
+    stepped = trainable - sum(m.params for m in adapter_modules if m.tower)
+
+    # gradients and optimizer states
+    if method == "full":
+        grad_bytes = w
+        opt_bytes = {"adamw": 2 * w, "adamw_8bit": 2 * (1 + 4 / ADAM8_BLOCK), "sgd": 0}[optimizer]
+        if precision == "mixed":
+            opt_bytes = 4 + (8 if optimizer == "adamw" else opt_bytes)  # fp32 master copy (+ fp32 moments)
+    else:
+        grad_bytes = 4
+        opt_bytes = {"adamw": 8, "adamw_8bit": 2 * (1 + 4 / ADAM8_BLOCK), "sgd": 0}[optimizer]
+    gradients = stepped * grad_bytes
+    optimizer_states = math.ceil(stepped * opt_bytes)
+    if method == "full" and w < 4:  # an fp32 parameter's gradient and AdamW moments are fp32 too (its own master)
+        gradients += shape.fp32_params * (4 - w)
+        optimizer_states += shape.fp32_params * ({"adamw": 8, "sgd": 0}.get(optimizer, opt_bytes) - opt_bytes)
+
+    notes = list(notes)
+    refused = _activations_refused(shape, attention)
+    if refused:  # said, not guessed: no activations, so no training total
+        activations = activations_ckpt = None
+        notes.append(f"activations not estimated: {refused}")
+    else:
+        activations, activations_ckpt = _activations(shape, blocks, method, adapter_modules, p, tokens, seq_len,
+                                                     attention, use_cache, input_require_grads)
+
+    # transient workspace of the largest module
+    workspace = 0
+    if method == "qlora":
+        workspace += max(o * i for o, i in quantised) * p
+    if method == "dora":
+        # PEFT forms B·A as lora_B(lora_A(I)) with an fp32 d_in×d_in identity, beside fp32 copies of the
+        # base weight and of W + s·B·A and their norms: ~4·(d_in² + 4·d_in·d_out) for the largest module
+        # (a 704→256 DoRA Linear peaked at 4.90 MB, this gives 4.87 MB)
+        workspace += max((4 * (m.d_in * m.d_in + 4 * m.d_in * m.d_out) for m in adapter_modules), default=0)
+
+    kv_cache = shape.layers * (shape.cache_width or 2 * shape.kv_dim) * tokens * p if shape.causal else 0
+    return MemoryEstimate(method=method, precision=precision, optimizer=optimizer, batch=batch, seq_len=seq_len,
+                          gradient_checkpointing=checkpointing, attention=attention, double_quant=double_quant,
+                          use_cache=use_cache,
+                          params=n, trainable_params=trainable, weights=weights, quant_constants=quant,
+                          adapter=adapter_params * 4, dora_magnitude=dora_params * 4, gradients=gradients,
+                          optimizer_states=optimizer_states, activations=activations,
+                          activations_checkpointed=activations_ckpt, workspace=workspace, kv_cache=kv_cache,
+                          notes=tuple(notes))
+
+
+def format_bytes(n: float) -> str:
+    """Bytes as GiB/MiB/KiB with three significant figures (1 GiB = 2³⁰ bytes); 1000 or more of a
+    unit as a whole number ("1017 MiB", "2048 GiB", not "1.02e+03 MiB")."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= size:
+            value = n / size
+            return f"{value:.0f} {unit}" if abs(value) >= 999.5 else f"{value:.3g} {unit}"  # .3g: 999.5 → 1e+03
+    return f"{int(n)} B"

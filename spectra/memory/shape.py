@@ -1,0 +1,563 @@
+"""The model a ``config.json`` describes, as the memory model needs it: :class:`ModelShape` and :func:`model_shape`.
+
+Each family's blocks (their linear layers, norms, attention and MoE layout) are read off the config as transformers 5
+builds them; families it would count wrong are refused with the reason (:func:`model_shape`). Where a family is not
+in :data:`_COUNTED_RIGHT`, transformers' base model built from the config on the meta device checks the count.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from dataclasses import dataclass
+from typing import Mapping
+
+from spectra.errors import ConfigError
+from spectra.memory.config import _config_object
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the memory model needs from ``config.json``.
+
+    ``linears`` lists one block's linear layers as ``(role, out, in)``, MoE experts expanded, with
+    the roles of ``spectra.checkpoints.architectures`` (``q k v o qkv gate up down``; ``router``).
+    ``other_params`` counts everything that is not a block linear nor the LM head (embeddings,
+    norms, biases, pooler): QLoRA keeps these in 16 bits, like transformers' bitsandbytes path.
+    """
+
+    family: str
+    hidden: int
+    layers: int
+    heads: int
+    kv_dim: int
+    q_dim: int
+    intermediate: int
+    vocab: int
+    # "rms": an RMSNorm that up-casts its input to fp32 (Llama-like); "rms_fp32": one that also applies
+    # its weight in fp32 (Gemma); "layer": LayerNorm (GPT-2, BERT)
+    norm: str
+    mlp_saved: int  # intermediate-sized tensors the MLP's activation keeps for backward, per expert
+    softmax_fp32: bool  # eager attention takes its softmax in fp32 and casts it back (Llama-like)
+    experts_per_token: int
+    experts: int  # experts per MoE layer (1: a dense model)
+    linears: tuple[tuple[str, int, int], ...]
+    other_params: int
+    head_params: int
+    causal: bool
+    norms: int = 2  # norms per block; Gemma 2 also normalises each sublayer's output before the residual (4)
+    attn_softcap: bool = False  # Gemma 2 caps the attention logits (tanh): eager keeps the tanh too
+    logit_softcap: bool = False  # Gemma 2 caps the final logits (tanh), which keeps its output
+    sdpa: bool = True  # transformers runs the family with sdpa (Gemma 2 only with eager)
+    rotary: bool = False  # rotary position embeddings (Llama-like): Q and K are fresh tensors, not views
+    qk_norm: bool = False  # Gemma 3 normalises each head's Q and K (RMSNorm over head_dim) before the rotation
+    sparsemixer: bool = False  # PhiMoE routes by SparseMixer (two masked softmaxes), not Mixtral's softmax top-k
+    topk_softmax: bool = False  # GraniteMoE takes the softmax of the top-k logits, not the top-k of the softmax
+    input_jitter: bool = False  # PhiMoE's input_jitter_noise: in training its MLP input is multiplied by noise
+    # Qwen3-MoE's router: Mixtral's (top-k of an fp32 softmax), but renormalising the k weights only with
+    # norm_topk_prob (routing_norm) and casting them to the activations' dtype (routing_cast)
+    routing_cast: bool = False
+    routing_norm: bool = True
+    # an MoE's router, when adapted, is adapted through its weight (a PEFT ParamWrapper, target_parameters), no LoRA
+    # module being able to run on it (Mixtral's MixtralTopKRouter, PhiMoE's tuple-returning Linear): _moe_adapters
+    router_parameter: bool = False
+    # a multimodal config (a nested text_config: Gemma 3's Gemma3ForConditionalGeneration) is its language model
+    # plus other towers (vision tower, projector), counted off transformers' model on the meta device
+    # (_with_other_towers): held in w, never run on text-only batches, so no activations, gradients or states
+    tower_params: int = 0
+    # their linear modules, (role, out, in, stack) each, which an int rank adapts where stacks name their stack (as
+    # spectra train does; its default stacks are those text runs through); stack as architectures names it ("vision")
+    tower_linears: tuple[tuple[str, int, int, str | None], ...] = ()
+    # the (out, in) of the towers' linears that bitsandbytes stores in 4 bits under QLoRA, as transformers picks them
+    # (exactly nn.Linear or Conv1D, outside get_keys_to_not_convert: not a MultiheadAttention's out_proj)
+    tower_quantised: tuple[tuple[int, int], ...] = ()
+    # each layer's sliding attention window (0: full attention; empty: none slides): transformers masks a layer whose
+    # window a sequence reaches (seq_len ≥ window), and sdpa then keeps the mask and K, V repeated (_sliding_windows)
+    windows: tuple[int, ...] = ()
+    # GLM rotates part of each head and concatenates the rest (torch.cat): Q, and so sdpa's output, come out
+    # (b, heads, s, d)-contiguous and o_proj reads a copy (_o_input_copied)
+    rotary_cat: bool = False
+    # MoE families whose layers differ: the layers whose MLP is dense (Qwen3-MoE's mlp_only_layers and those
+    # decoder_sparse_step skips, DeepSeek's first first_k_dense_replace), and such a block's linears and MLP width
+    # (:meth:`block`); ``linears`` and ``intermediate`` are then the MoE layers'
+    dense_layers: tuple[int, ...] = ()
+    dense_linears: tuple[tuple[str, int, int], ...] = ()
+    dense_intermediate: int = 0
+    # DeepSeek's shared experts: a SwiGLU MLP of this width that every token runs beside the routed experts
+    shared_intermediate: int = 0
+    # parameters transformers keeps in fp32 whatever the dtype asked (_keep_in_fp32_modules_strict: DeepSeek's
+    # routers), counted in ``params`` too
+    fp32_params: int = 0
+    # values per token and layer that the KV cache holds (0: K and V, 2·kv_dim; DeepSeek's MLA caches its compressed
+    # latent and the rotary key, kv_lora_rank + qk_rope_head_dim)
+    cache_width: int = 0
+    # DeepSeek's multi-head latent attention: (q_lora_rank or 0, kv_lora_rank, qk_nope_head_dim, qk_rope_head_dim,
+    # v_head_dim); empty for attention by q/k/v projections (_mla_bytes)
+    mla: tuple[int, ...] = ()
+    # DeepSeek's routers: logits of the input cast to fp32 times an fp32 weight; V3's by sigmoid scores (V2's by an
+    # fp32 softmax), and V2's group_limited_greedy masks the groups it drops (a bool per expert and token)
+    router_fp32: bool = False
+    router_sigmoid: bool = False
+    router_group_mask: bool = False
+
+    @property
+    def fused_qkv(self) -> bool:
+        """One linear computes Q, K and V (GPT-2's c_attn, Phi-3's qkv_proj), which are views of its output."""
+        return any(role == "qkv" for role, _, _ in self.linears)
+
+    def block(self, layer: int) -> ModelShape:
+        """The shape of block ``layer``: this one, or for a dense layer of an MoE (``dense_layers``) one without
+        experts, of ``dense_linears`` and ``dense_intermediate``."""
+        if layer not in self.dense_layers:
+            return self
+        return dataclasses.replace(self, linears=self.dense_linears, intermediate=self.dense_intermediate,
+                                   experts=1, experts_per_token=1, shared_intermediate=0, router_parameter=False,
+                                   dense_layers=())
+
+    @property
+    def linear_params(self) -> int:
+        """The blocks' weight matrices (experts expanded, routers included), every layer's own."""
+        moe = sum(o * i for _, o, i in self.linears)
+        dense = sum(o * i for _, o, i in self.dense_linears)
+        return (self.layers - len(self.dense_layers)) * moe + len(self.dense_layers) * dense
+
+    @property
+    def params(self) -> int:
+        return self.linear_params + self.other_params + self.head_params + self.tower_params
+
+
+def model_shape(config: Mapping) -> ModelShape:
+    """Read a Llama-like (Llama, Mistral, Qwen2, Mixtral …), GPT-2 or BERT ``config.json`` dict.
+
+    Other ``model_type`` values with Llama's (GPT-2's, BERT's) keys are read as Llama-like (stated in the
+    result's ``family``) where transformers' base model built from the config holds the parameters
+    counted, and refused where it holds others or cannot be built from the config (:func:`_refuse_other_blocks`);
+    a model_type this transformers does not know is read as before. Parameter counts match ``sum(p.numel())`` of the
+    transformers model (tied weights once); BERT counts ``BertModel`` (encoder + pooler, no task head). A
+    multimodal config (a nested ``text_config``: Gemma 3's) is its language model plus the other towers' parameters,
+    held frozen (:func:`_with_other_towers`).
+    """
+    cfg = dict(config)
+    mtype = str(cfg.get("model_type", "")).lower()
+    if isinstance(cfg.get("text_config"), Mapping) and "hidden_size" not in cfg:
+        return _with_other_towers(cfg, mtype)
+    if cfg.get("is_encoder_decoder"):  # T5, BART, Whisper: two stacks and cross-attention, and none of Llama's keys
+        raise ConfigError(f"model_type {mtype or '?'}: an encoder-decoder (an encoder, a decoder with cross-attention "
+                          "over it), which spectra's memory model does not describe; it reads decoder-only "
+                          "Llama-like and GPT-2 configs, and BERT encoders. `spectra train --task seq2seq_lm` trains "
+                          "it, but its memory is not estimated.")
+    # the base model on the meta device, built at most once (MoE adapters and the parameter check both read it)
+    base_model = functools.cache(functools.partial(_meta_model_for, cfg, mtype))
+    try:
+        if mtype not in _OWN_EXPERT_SIZES and ("num_experts" in cfg and "num_local_experts" not in cfg
+                                               or "moe_intermediate_size" in cfg):
+            raise ConfigError(f"model_type {mtype}: a mixture of experts configured by num_experts or "
+                              "moe_intermediate_size (Qwen2-MoE, OLMoE, …: expert sizes of their own, shared "
+                              "experts), which spectra's memory model does not describe; it reads Mixtral-style MoE "
+                              "(num_local_experts, experts of intermediate_size), Qwen3-MoE and DeepSeek-V2/V3.")
+        if mtype in _MOE_COUNTED_WRONG:
+            raise ConfigError(f"model_type {mtype}: {_MOE_COUNTED_WRONG[mtype]}, which spectra's memory model "
+                              "would count wrong; it reads Mixtral-style MoE (Mixtral, MiniMax, PhiMoE, GraniteMoE).")
+        # a config.json without layer_types gets the family's (MiniMax: lightning attention every other layer)
+        layer_types = cfg.get("layer_types") or (getattr(_config_object(mtype), "layer_types", None) if mtype else None)
+        other_layers = sorted(set(layer_types or ()) - _ATTENTION_LAYERS)
+        if other_layers and mtype != "gpt2" and "n_embd" not in cfg and "type_vocab_size" not in cfg:
+            raise ConfigError(f"model_type {mtype}: layers of type {', '.join(map(str, other_layers))} beside "
+                              "attention (MiniMax's lightning attention, …), whose weights and activations spectra's "
+                              "memory model does not describe; it reads models of attention layers "
+                              f"({', '.join(sorted(_ATTENTION_LAYERS))}).")
+        if mtype in _NOT_LLAMA_LIKE:
+            raise ConfigError(f"model_type {mtype}: its blocks differ from Llama's, GPT-2's and BERT's (parallel "
+                              "attention, other MLPs, …), which spectra's memory model does not describe; it reads "
+                              "Llama-like (Llama, Mistral, Qwen2, Gemma, Phi-3, Mixtral …), GPT-2 and BERT configs.")
+        if mtype == "gpt2" or "n_embd" in cfg:
+            shape = _gpt2(cfg)
+        elif mtype == "bert" or "type_vocab_size" in cfg:
+            shape = _bert(cfg)
+        elif mtype in _MLA:
+            shape = _deepseek(cfg, mtype, base_model)
+        else:
+            shape = _llama(cfg, mtype, base_model)
+    except KeyError as err:
+        raise ConfigError(f"config.json of model_type {mtype or '?'} lacks {err}; spectra's memory model reads "
+                          "Llama-like, GPT-2 and BERT configs.") from None
+    if mtype and mtype not in _COUNTED_RIGHT:
+        _refuse_other_blocks(cfg, mtype, shape, base_model)
+    return shape
+
+
+def _with_other_towers(cfg: dict, mtype: str) -> ModelShape:
+    """A multimodal config (Gemma 3's ``Gemma3ForConditionalGeneration``: a ``text_config`` beside a
+    ``vision_config``) read as its language model, from ``text_config``, plus the other towers (vision tower,
+    multi-modal projector): their parameters and linear modules are counted off transformers' image-text-to-text
+    model built from the config on the meta device, as everything outside ``language_model`` and the LM head.
+
+    Text-only batches are assumed: the vision tower never runs, so it keeps no activations, and LoRA modules
+    on its linears (``stacks`` naming it, as ``spectra train --stacks`` does) get no gradient (AdamW makes no
+    states for them). The whole model built
+    must hold what the language model is counted to hold plus the towers, else refused naming both counts."""
+    import torch
+    from transformers.pytorch_utils import Conv1D
+
+    from spectra.checkpoints.architectures import module_info
+
+    text = model_shape(cfg["text_config"])
+    model_class, model = _meta_model_for(cfg, mtype, "MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES")
+    if model is None:
+        raise ConfigError(f"model_type {mtype or '?'}: a config with a text_config whose other towers this "
+                          "transformers cannot build (no image-text-to-text class for it), so spectra's memory "
+                          "model cannot count them; pass the text_config alone to estimate the language model.")
+
+    def outside(name: str) -> bool:  # a tower's: neither the language model nor the LM head
+        return ".language_model." not in f".{name}." and name.partition(".")[0] != "lm_head"
+
+    towers = sum(p.numel() for name, p in model.named_parameters() if outside(name))  # tied weights once
+    _refuse_unless_built_holds(model, text.params + towers, mtype=mtype, model_class=model_class,
+                               counted_as=f"(its {text.family} language model {text.params}, the other towers "
+                                          f"{towers})")
+    linears, quantised = [], []
+    kept = _not_quantised(model)
+    for name, module in model.named_modules():
+        if isinstance(module, (torch.nn.Linear, Conv1D)) and outside(name):
+            out, d_in = module.weight.shape if isinstance(module, torch.nn.Linear) else module.weight.shape[::-1]
+            info = module_info(name)
+            linears.append((info.role, int(out), int(d_in), info.stack))
+            if (type(module) is torch.nn.Linear or isinstance(module, Conv1D)) and name not in kept:
+                quantised.append((int(out), int(d_in)))
+    return dataclasses.replace(text, family=f"{mtype} ({text.family} language model; vision tower and projector "
+                                            "held frozen, not run: text-only batches)",
+                               tower_params=towers, tower_linears=tuple(linears), tower_quantised=tuple(quantised))
+
+
+def _not_quantised(model) -> set[str]:
+    """The modules transformers' bitsandbytes path leaves unconverted whatever their type
+    (``transformers.quantizers.base.get_keys_to_not_convert``: the output embedding, tied weights, the module of
+    the last parameter); empty where this transformers lacks it."""
+    try:
+        from transformers.quantizers.base import get_keys_to_not_convert
+    except ImportError:
+        return set()
+    return set(get_keys_to_not_convert(model))
+
+
+def _meta_model_for(cfg: dict, mtype: str, mapping: str = "MODEL_MAPPING_NAMES"):
+    """transformers' class for ``mtype`` in ``mapping`` (a name in ``transformers.models.auto.modeling_auto``;
+    default the base model: no LM head) and that class built from ``cfg`` on the meta device (shapes only, no
+    weights), as ``(class name, model)``; the model is None where this transformers has no such class or cannot
+    build it from the config (token ids outside the vocabulary aside: :func:`spectra.checkpoints.targets.meta_model`).
+
+    Costs transformers' modelling import, ~0.8 s once per process, then 10-30 ms a build (Llama-2-70B's,
+    Mixtral-8x7B's); :func:`model_shape` builds at most one base model a config, none for :data:`_COUNTED_RIGHT`'s
+    dense families."""
+    from transformers.models.auto import modeling_auto
+
+    from spectra.checkpoints.targets import meta_model
+
+    model_class = getattr(modeling_auto, mapping).get(mtype)
+    if not isinstance(model_class, str):
+        return model_class, None
+    return model_class, meta_model(cfg, model_class)
+
+
+def _refuse_unless_built_holds(model, counted: int, *, mtype: str, model_class: str, counted_as: str) -> None:
+    """Refuse, naming both counts, where ``model`` (transformers' ``model_class`` built from the config) holds
+    another number of parameters than the ``counted`` ones (what they are: ``counted_as``)."""
+    built = sum(p.numel() for p in model.parameters())  # parameters() yields a tied or shared tensor once
+    if built != counted:
+        raise ConfigError(f"model_type {mtype}: transformers' {model_class} built from this config holds {built} "
+                          f"parameters, spectra's memory model counts {counted} {counted_as}, so it would count "
+                          "them wrong.")
+
+
+def _refuse_other_blocks(cfg: dict, mtype: str, shape: ModelShape, base_model=None) -> None:
+    """Refuse a ``model_type`` outside :data:`_COUNTED_RIGHT` whose base model, built by transformers from the config
+    on the meta device (:func:`_meta_model_for`; ``base_model()`` returns it where already built), holds another
+    number of parameters than ``shape`` counts: its blocks differ from those the memory model describes (Qwen3's
+    and OLMo 2's Q/K norms, Cohere's LayerNorms without a residual norm pair, JetMoE's attention experts, …). The
+    base model (``MODEL_MAPPING_NAMES``: no LM head, tied embeddings once, buffers not counted) is compared with
+    ``shape.params`` less its head.
+
+    Equal counts do not prove equal activations (a family may scale or normalise in ways with no weights), but
+    unequal ones prove the estimate wrong. Where this transformers has no class for ``mtype``, nothing to compare
+    against: the config is read as before. Where it has one but cannot build it from the config (token ids outside
+    the vocabulary aside: :func:`_meta_model_for`), refused: the blocks cannot be checked. Tiny GLM-4, GLM, SmolLM3
+    and OpenAI privacy-filter configs, whose family's pad_token_id lies outside a vocabulary of 64, had been read
+    as Llama-like so."""
+    base_class, model = base_model() if base_model is not None else _meta_model_for(cfg, mtype)
+    if model is None:
+        if isinstance(base_class, str):
+            raise ConfigError(f"model_type {mtype}: transformers' {base_class} cannot be built from this config (on "
+                              "the meta device), so spectra's memory model cannot check that its blocks are ones it "
+                              f"describes ({_LLAMA_LIKE_DESCRIBED}; Mixtral-style MoE; GPT-2; BERT) and will not read "
+                              "it as Llama-like; transformers' AutoConfig.for_model and "
+                              f"{base_class}(config) show what fails.")
+        return
+    _refuse_unless_built_holds(model, shape.params - shape.head_params, mtype=mtype, model_class=base_class,
+                               counted_as="(no LM head): its blocks differ from the families the memory model "
+                                          f"describes ({_LLAMA_LIKE_DESCRIBED}; Mixtral-style MoE: Mixtral, PhiMoE, "
+                                          "GraniteMoE, MiniMax; GPT-2; BERT)")
+
+
+# the dense Llama-like families the memory model is checked on, as its refusals list them
+_LLAMA_LIKE_DESCRIBED = ("Llama-like: Llama, Mistral, Qwen2, Gemma, Phi-3, Granite, Helium, ERNIE 4.5, Ministral, "
+                         "SmolLM3, GLM")
+
+
+def _llama(cfg: dict, mtype: str, base_model) -> ModelShape:
+    """A Llama-like config; ``base_model()``: :func:`_meta_model_for`'s, built when first asked (MoE only)."""
+    h, layers, heads = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["num_attention_heads"]
+    kv_heads = cfg.get("num_key_value_heads") or heads
+    head_dim = cfg.get("head_dim") or h // heads
+    inter, vocab = cfg["intermediate_size"], cfg["vocab_size"]
+    q_dim, kv_dim = heads * head_dim, kv_heads * head_dim
+    experts = cfg.get("num_local_experts") or (cfg.get("num_experts") if mtype in _OWN_EXPERT_SIZES else None) or 1
+    dense_inter, dense_layers = inter, ()
+    if experts > 1 and mtype in _OWN_EXPERT_SIZES:  # Qwen3-MoE: experts of moe_intermediate_size, some layers dense
+        inter, dense_layers = cfg["moe_intermediate_size"], _qwen_moe_dense_layers(cfg, mtype, layers)
+    if mtype in _FUSED_PROJECTIONS:  # Phi-3: qkv_proj and gate_up_proj are single Linears (what LoRA adapts)
+        attention = (("qkv", q_dim + 2 * kv_dim, h), ("o", h, q_dim))
+        dense = (("gate_up", 2 * inter, h), ("down", h, inter))
+    else:
+        attention = (("q", q_dim, h), ("k", kv_dim, h), ("v", kv_dim, h), ("o", h, q_dim))
+        dense = (("gate_up", 2 * dense_inter, h), ("down", h, dense_inter)) if mtype in _FUSED_MLP \
+            else (("gate", dense_inter, h), ("up", dense_inter, h), ("down", h, dense_inter))
+    linears = attention + (_routed(experts, inter, h) if experts > 1 else dense)
+    # ERNIE 4.5's use_bias puts a bias on every linear of the block (Llama's attention_bias and mlp_bias together)
+    every_bias = mtype in _USE_BIAS and bool(cfg.get("use_bias", False))
+    attention_bias = bool(cfg.get("attention_bias", False)) or every_bias
+    qkv_bias = attention_bias or mtype in ("qwen2", "qwen2_moe")
+    bias = (q_dim + 2 * kv_dim if qkv_bias else 0) + (h if attention_bias and mtype not in _FUSED_MLP else 0)
+    bias += (2 * inter + h) * experts if cfg.get("mlp_bias", False) or every_bias else 0
+    tied = bool(cfg.get("tie_word_embeddings", getattr(_config_object(mtype), "tie_word_embeddings", False)))
+    # Gemma 2's and Gemma 3's blocks normalise each sublayer's input and output (input, post-attention, pre- and
+    # post-feedforward norms); Gemma 2 caps attention and final logits by tanh (config.json may leave the caps to
+    # Gemma2Config's defaults, 50 and 30; null turns them off), Gemma 3 normalises Q and K per head instead
+    norms = 4 if mtype in _FOUR_NORMS else 2
+    caps = {key: (cfg[key] if key in cfg else getattr(_config_object(mtype), key, None) if mtype == "gemma2" else None)
+            is not None for key in ("attn_logit_softcapping", "final_logit_softcapping")}
+    qk_norm = mtype in _QK_NORMS
+    norm = "layer" if mtype in _LAYER_NORMS else "rms_fp32" if mtype.startswith("gemma") or mtype in _NORM_WEIGHT_FP32 \
+        else "rms"
+    norm_params = 2 * h if norm == "layer" else h  # a LayerNorm has a bias beside its weight
+    # embed + per-layer norm weights (Gemma 3's q_norm and k_norm: head_dim each) and biases + final norm
+    other = vocab * h + layers * (norms * norm_params + 2 * head_dim * qk_norm + bias) + norm_params
+    head = (0 if tied else vocab * h) + (vocab if cfg.get("lm_head_bias", False) else 0)  # PhiMoE's head has a bias
+    return ModelShape(family=mtype or "llama-like", hidden=h, layers=layers, heads=heads, kv_dim=kv_dim,
+                      q_dim=q_dim, intermediate=inter, vocab=vocab, norm=norm, mlp_saved=3, softmax_fp32=True,
+                      experts_per_token=(2 if mtype in _SPARSEMIXER else cfg.get("num_experts_per_tok", 1))
+                      if experts > 1 else 1, experts=experts,
+                      linears=linears, other_params=other, head_params=head, causal=True,
+                      norms=norms, attn_softcap=caps["attn_logit_softcapping"],
+                      logit_softcap=caps["final_logit_softcapping"], sdpa=mtype not in _EAGER_ONLY, rotary=True,
+                      qk_norm=qk_norm, sparsemixer=mtype in _SPARSEMIXER, topk_softmax=mtype in _TOPK_SOFTMAX,
+                      input_jitter=mtype in _SPARSEMIXER and bool(cfg.get("input_jitter_noise", 0.0)),
+                      windows=_sliding_windows(cfg, mtype, layers), rotary_cat=mtype in _FUSED_MLP,
+                      routing_cast=mtype in _OWN_EXPERT_SIZES,
+                      routing_norm=bool(cfg.get("norm_topk_prob", getattr(_config_object(mtype), "norm_topk_prob", True))),
+                      dense_layers=dense_layers, dense_linears=attention + dense if dense_layers else (),
+                      dense_intermediate=dense_inter if dense_layers else 0,
+                      **(_moe_adapters(base_model()[1], experts, h) if experts > 1 else {}))
+
+
+def _deepseek(cfg: dict, mtype: str, base_model) -> ModelShape:
+    """A DeepSeek-V2 or -V3 config, as transformers 5's DeepseekV2/V3Model holds it.
+
+    Multi-head latent attention (MLA, arXiv:2405.04434): Q through ``q_a_proj`` (h → q_lora_rank), an RMSNorm and
+    ``q_b_proj`` (→ heads·(qk_nope + qk_rope)), or one ``q_proj`` where q_lora_rank is null (V2-Lite);
+    ``kv_a_proj_with_mqa`` (h → kv_lora_rank + qk_rope), an RMSNorm on the latent and ``kv_b_proj`` (kv_lora_rank
+    → heads·(qk_nope + v_head_dim)); ``o_proj`` (heads·v_head_dim → h); ``attention_bias`` biases q_a, kv_a and o.
+    The first ``first_k_dense_replace`` layers have a dense SwiGLU MLP of ``intermediate_size``, the others
+    ``n_routed_experts`` routed experts of ``moe_intermediate_size`` (fused gate_up_proj and down_proj), a router
+    whose weight transformers keeps in fp32 (``_keep_in_fp32_modules_strict``; V3's score-correction bias is a
+    buffer) and shared experts, one SwiGLU MLP of ``moe_intermediate_size·n_shared_experts`` (V2: ``mlp_bias``
+    biases it and the dense MLP). The KV cache holds the latent and the rotary key, kv_lora_rank + qk_rope per
+    token and layer.
+
+    The activations are modelled as autograd saves them (:func:`_mla_bytes`, :func:`_moe_bytes`): checked with
+    eager attention, and with sdpa where Q's head size equals V's; where it does not (DeepSeek's own configs: 192
+    against 128) sdpa's activations are refused (:func:`_activations_refused`).
+    """
+    h, layers, heads, vocab = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["num_attention_heads"], cfg["vocab_size"]
+    q_lora, kv_lora = cfg.get("q_lora_rank"), cfg["kv_lora_rank"]
+    nope, rope, v_dim = cfg["qk_nope_head_dim"], cfg["qk_rope_head_dim"], cfg["v_head_dim"]
+    inter, moe_inter = cfg["intermediate_size"], cfg["moe_intermediate_size"]
+    experts = cfg.get("n_routed_experts") or cfg.get("num_local_experts") or cfg["num_experts"]
+    shared = moe_inter * cfg.get("n_shared_experts", 1)
+    first_dense = min(cfg.get("first_k_dense_replace") or 0, layers)
+    q_dim = heads * (nope + rope)
+    query = (("q_a", q_lora, h), ("q_b", q_dim, q_lora)) if q_lora else (("q", q_dim, h),)
+    attention = query + (("kv_a", kv_lora + rope, h), ("kv_b", heads * (nope + v_dim), kv_lora), ("o", h, heads * v_dim))
+    swiglu = lambda width: (("gate", width, h), ("up", width, h), ("down", h, width))  # noqa: E731
+    attention_bias, mlp_bias = bool(cfg.get("attention_bias", False)), bool(cfg.get("mlp_bias", False))
+    # biases (q_a, kv_a, o), the attention's RMSNorms (on Q's and KV's latents) and the block's two
+    per_layer = (((q_lora or 0) + kv_lora + rope + h) if attention_bias else 0) + (q_lora or 0) + kv_lora + 2 * h
+    dense_bias, moe_bias = (2 * inter + h, 2 * shared + h) if mlp_bias else (0, 0)
+    other = vocab * h + layers * per_layer + first_dense * dense_bias + (layers - first_dense) * moe_bias + h
+    tied = bool(cfg.get("tie_word_embeddings", getattr(_config_object(mtype), "tie_word_embeddings", False)))
+    return ModelShape(family=mtype, hidden=h, layers=layers, heads=heads, kv_dim=heads * (nope + rope), q_dim=q_dim,
+                      intermediate=moe_inter, vocab=vocab, norm="rms", mlp_saved=3, softmax_fp32=True,
+                      experts_per_token=cfg.get("num_experts_per_tok") or 1, experts=experts,
+                      linears=attention + swiglu(shared) + _routed(experts, moe_inter, h), other_params=other,
+                      head_params=0 if tied else vocab * h, causal=True, rotary=True,
+                      dense_layers=tuple(range(first_dense)), dense_linears=attention + swiglu(inter),
+                      dense_intermediate=inter, shared_intermediate=shared,
+                      fp32_params=(layers - first_dense) * experts * h, cache_width=kv_lora + rope,
+                      mla=(q_lora or 0, kv_lora, nope, rope, v_dim), router_fp32=True,
+                      router_sigmoid=mtype == "deepseek_v3",
+                      router_group_mask=mtype == "deepseek_v2" and cfg.get("topk_method") == "group_limited_greedy",
+                      routing_norm=bool(cfg.get("norm_topk_prob", getattr(_config_object(mtype), "norm_topk_prob",
+                                                                          False))) and mtype == "deepseek_v3",
+                      **_moe_adapters(base_model()[1], experts, h))
+
+
+def _routed(experts: int, inter: int, hidden: int) -> tuple[tuple[str, int, int], ...]:
+    """An MoE layer's routed experts, as transformers 5 holds them (fused 3-D gate_up_proj and down_proj parameters,
+    expanded per expert: roles of :data:`_UNQUANTISED`), and its router's (experts, hidden) weight."""
+    return (("routed gate_up", 2 * inter, hidden), ("routed down", hidden, inter)) * experts \
+        + (("router", experts, hidden),)
+
+
+def _qwen_moe_dense_layers(cfg: dict, mtype: str, layers: int) -> tuple[int, ...]:
+    """The layers of a Qwen3-MoE whose MLP is dense, as Qwen3MoeDecoderLayer decides: those in ``mlp_only_layers``
+    and those ``decoder_sparse_step`` skips (layer + 1 not a multiple of it); defaults from the family's config."""
+    family = _config_object(mtype)
+    only = cfg.get("mlp_only_layers", getattr(family, "mlp_only_layers", None)) or ()
+    step = cfg.get("decoder_sparse_step", getattr(family, "decoder_sparse_step", 1)) or 1
+    return tuple(layer for layer in range(layers) if layer in only or (layer + 1) % step)
+
+
+def _moe_adapters(model, experts: int, hidden: int) -> dict[str, bool]:
+    """How PEFT adapts a plan's MoE router, read off the family's base model built from the config on the meta
+    device: ``router_parameter`` of :class:`ModelShape`.
+
+    The rule extract, plans and the adapter pairing follow (:func:`spectra.checkpoints.targets.lora_can_wrap`): a
+    router no LoRA module can wrap and run is adapted through its weight (a ParamWrapper). Mixtral's
+    MixtralTopKRouter is no Linear; PhiMoE's PhimoeTopKRouter is an nn.Linear whose forward returns a tuple (a LoRA
+    module on it merges but fails in every forward; spectra's plans and extracted adapters adapt its weight). An
+    int rank adapts no router (``spectra train``'s roles never take one: :func:`_trained_moe_adapters`).
+
+    ``model`` is the family's base model on the meta device (:func:`_meta_model_for`, which states its cost), None
+    where this transformers cannot build it. The router is the child of the first module holding ``experts`` whose
+    weight is (experts, hidden). Where there is no model or no such router, a LoRA module on it (as on a plain
+    nn.Linear router).
+    """
+    import torch
+
+    from spectra.checkpoints.targets import lora_can_wrap
+
+    if model is None:
+        return {"router_parameter": False}
+    for module in model.modules():
+        if isinstance(getattr(module, "experts", None), torch.nn.Module):
+            for name, child in module.named_children():
+                weight = getattr(child, "weight", None)
+                if name != "experts" and weight is not None and tuple(weight.shape) == (experts, hidden):
+                    return {"router_parameter": not lora_can_wrap(child)}
+            break
+    return {"router_parameter": False}
+
+
+def _sliding_windows(cfg: dict, mtype: str, layers: int) -> tuple[int, ...]:
+    """Each layer's sliding attention window as transformers 5 builds the family's masks (0: full attention), or ()
+    where no layer slides. Mistral-style families (:data:`_SLIDING_EVERY_LAYER`) slide every layer by
+    ``sliding_window`` when it is set; families with ``layer_types`` (:data:`_SLIDING_BY_LAYER_TYPE`) slide their
+    ``sliding_attention`` layers (the config class fills in ``layer_types`` and the window where config.json leaves
+    them out: Ministral's, Gemma 3's, Qwen2's from use_sliding_window); other families ignore a ``sliding_window``."""
+    if mtype in _SLIDING_EVERY_LAYER:
+        window = cfg.get("sliding_window")
+        return (int(window),) * layers if window else ()
+    if mtype in _SLIDING_WHEN_USED:  # its config keeps sliding_window only with use_sliding_window
+        window = getattr(_config_object(mtype, cfg), "sliding_window", None)
+        return (int(window),) * layers if window else ()
+    if mtype not in _SLIDING_BY_LAYER_TYPE:
+        return ()
+    window, layer_types = cfg.get("sliding_window"), cfg.get("layer_types")
+    if "sliding_window" not in cfg or not layer_types:  # what the family fills in
+        filled = _config_object(mtype, cfg)
+        window = getattr(filled, "sliding_window", None) if "sliding_window" not in cfg else window
+        layer_types = layer_types or getattr(filled, "layer_types", None)
+    if not window or not layer_types:
+        return ()
+    windows = tuple(int(window) if kind == "sliding_attention" else 0 for kind in layer_types[:layers])
+    return windows + (0,) * (layers - len(windows)) if any(windows) else ()
+
+
+# MoE families with expert sizes of their own (moe_intermediate_size) and dense layers between the MoE ones: Qwen3-MoE
+# (Llama-like blocks with Q/K norms), DeepSeek-V2/V3 (multi-head latent attention, shared experts: _MLA)
+_OWN_EXPERT_SIZES = frozenset({"qwen3_moe", "deepseek_v2", "deepseek_v3"})
+_MLA = frozenset({"deepseek_v2", "deepseek_v3"})
+# what bitsandbytes leaves in 16 bits in an MoE block: the routed experts (3-D parameters, no nn.Linear) and the router
+_UNQUANTISED = frozenset({"routed gate_up", "routed down", "router"})
+_FUSED_PROJECTIONS = frozenset({"phi3"})  # PhiMoE has separate q/k/v (transformers' PhimoeForCausalLM)
+# GLM: Phi-3's fused gate_up_proj beside separate q/k/v (attention_bias biases them, never o_proj), its rotary
+# embeddings on part of each head (partial_rotary_factor: Q and K are fresh tensors all the same)
+_FUSED_MLP = frozenset({"glm"})
+_FOUR_NORMS = frozenset({"gemma2", "gemma3_text"})  # blocks that normalise each sublayer's input and output
+_QK_NORMS = frozenset({"gemma3_text", "qwen3_moe"})  # an RMSNorm on each head's Q and K (q_norm, k_norm), before the rotation
+_LAYER_NORMS = frozenset({"phimoe"})  # Llama-like blocks normalised by LayerNorm (weight and bias), not RMSNorm
+# RMSNorms that apply their weight to the fp32 normalised input (Gemma's families too, by name): full fine-tuning
+# keeps that fp32 tensor for the weight's gradient (Helium)
+_NORM_WEIGHT_FP32 = frozenset({"helium"})
+_USE_BIAS = frozenset({"ernie4_5"})  # config key use_bias: a bias on every linear of the block
+# families whose every attention layer slides by config.sliding_window when it is set (MistralModel's mask) and those
+# that slide the layers layer_types names sliding_attention (_sliding_windows); the others ignore sliding_window
+_SLIDING_EVERY_LAYER = frozenset({"mistral", "mixtral", "phi3", "phimoe", "minimax"})
+_SLIDING_WHEN_USED = frozenset({"qwen3_moe"})
+_SLIDING_BY_LAYER_TYPE = frozenset({"ministral", "qwen2", "gemma2", "gemma3_text", "smollm3"})
+# MoE routers that pick their two experts by SparseMixer (PhiMoE; two experts whatever num_experts_per_tok says)
+_SPARSEMIXER = frozenset({"phimoe"})
+# MoE routers that weight their top-k experts by a softmax over those k logits (GraniteMoeTopKRouter)
+_TOPK_SOFTMAX = frozenset({"granitemoe"})
+# families transformers 5 cannot run with sdpa (Gemma2ForCausalLM refuses it: its attention logits are capped);
+# asked for none, it falls back to eager, and so does the estimate
+_EAGER_ONLY = frozenset({"gemma2"})
+# MoE families with Mixtral's config keys (num_local_experts) whose blocks hold more than the model describes
+_MOE_COUNTED_WRONG = {
+    "gpt_oss": "attention sinks, attention and expert biases and clamped SwiGLU experts, and transformers runs it "
+               "with eager attention only (the estimate assumes the attention asked for; a block's activations were "
+               "12-30 % under autograd's)",
+    "granitemoeshared": "a shared MLP beside the experts (shared_intermediate_size), whose weights and activations "
+                        "are not counted, nor the two Linears in it that all-linear adapts",
+    "granitemoehybrid": "Mamba layers beside attention (layer_types) and a shared MLP beside the experts",
+    "minimax_m2": "Q and K normalised across all heads (q_norm, k_norm over heads·head_dim) and a sigmoid router with "
+                  "a score-correction bias",
+    "openai_privacy_filter": "a bidirectional encoder for token classification (no causal mask, no LM head) with "
+                             "GPT-OSS's blocks: attention sinks, attention and expert biases",
+}
+# families whose config the memory model reads as transformers builds them (checked by tests/test_memory.py against
+# the base model built from a tiny config, and against autograd): model_shape skips building the meta model for them
+_COUNTED_RIGHT = frozenset({"llama", "mistral", "qwen2", "gemma", "gemma2", "gemma3_text", "phi3", "gpt2", "bert",
+                            "mixtral", "phimoe", "granitemoe", "minimax", "granite", "helium", "ernie4_5",
+                            "ministral", "smollm3", "glm"})
+# layer_types of attention layers (a sliding or chunked window stores what full attention does per token)
+_ATTENTION_LAYERS = frozenset({"full_attention", "sliding_attention", "chunked_attention"})
+# families with Llama's config keys but other blocks: read as Llama-like they would be counted wrong
+# (ALBERT has BERT's keys but one set of layer weights shared by every layer)
+_NOT_LLAMA_LIKE = frozenset({"gpt_neox", "gptj", "gpt_neo", "bloom", "falcon", "opt", "phi", "mpt",
+                             "starcoder2", "albert"})
+
+
+def _gpt2(cfg: dict) -> ModelShape:
+    h, layers, heads, vocab = cfg["n_embd"], cfg["n_layer"], cfg["n_head"], cfg["vocab_size"]
+    inter, positions = cfg.get("n_inner") or 4 * h, cfg.get("n_positions", 1024)
+    linears = (("qkv", 3 * h, h), ("o", h, h), ("up", inter, h), ("down", h, inter))
+    # transformers' NewGELU ("gelu_new", GPT-2's default) is written out in elementwise ops that keep the input,
+    # tanh's output, x/2 and 1 + tanh; a fused GELU or ReLU keeps one tensor
+    mlp_saved = 4 if cfg.get("activation_function", "gelu_new") == "gelu_new" else 1
+    per_layer = 3 * h + h + inter + h + 4 * h  # biases of c_attn, c_proj, c_fc, mlp.c_proj; ln_1, ln_2
+    other = vocab * h + positions * h + layers * per_layer + 2 * h  # wte, wpe, blocks, ln_f; head tied to wte
+    return ModelShape(family="gpt2", hidden=h, layers=layers, heads=heads, kv_dim=h, q_dim=h, intermediate=inter,
+                      vocab=vocab, norm="layer", mlp_saved=mlp_saved, softmax_fp32=False, experts_per_token=1,
+                      experts=1, linears=linears, other_params=other, head_params=0, causal=True)
+
+
+def _bert(cfg: dict) -> ModelShape:
+    h, layers, heads = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["num_attention_heads"]
+    inter, vocab = cfg["intermediate_size"], cfg["vocab_size"]
+    linears = (("q", h, h), ("k", h, h), ("v", h, h), ("o", h, h), ("up", inter, h), ("down", h, inter))
+    per_layer = 4 * h + inter + h + 4 * h  # biases of q, k, v, attention.output.dense; intermediate; output; 2 LN
+    embeddings = (vocab + cfg.get("max_position_embeddings", 512) + cfg.get("type_vocab_size", 2)) * h + 2 * h
+    other = embeddings + layers * per_layer + h * h + h  # + pooler.dense
+    return ModelShape(family="bert", hidden=h, layers=layers, heads=heads, kv_dim=h, q_dim=h, intermediate=inter,
+                      vocab=vocab, norm="layer", mlp_saved=1, softmax_fp32=False, experts_per_token=1, experts=1,
+                      linears=linears, other_params=other, head_params=0, causal=False)
