@@ -665,7 +665,7 @@ def _load_adapter(model, path):
 
     from spectra.lora.train import model_device, quiet_peft
 
-    with quiet_peft():
+    with quiet_peft(model, path):  # and PEFT's note on the rank_pattern keys of target_parameters, which it applies
         return PeftModel.from_pretrained(model, str(path), torch_device=str(model_device(model)))
 
 
