@@ -425,6 +425,8 @@ def recommend(
     if est is not None:
         console.print(f"memory ({est.method}, batch {batch} × {seq_len} tokens, {est.precision}): "
                       + ", ".join(f"{name} {format_bytes(n)}" for name, n in est.rows() if n))
+        for note in est.notes:
+            console.print(escape(f"memory note: {note}"), style="yellow")
     elif memory_skipped:
         console.print(escape(f"memory: no estimate ({memory_skipped})"), style="yellow")
     else:
@@ -585,7 +587,10 @@ def memory(
                         f"batch {batch} × {seq_len} tokens, {est.precision}, {optimizer}")
     for name, n in est.rows():
         table.add_row(name, f"{n:,}", format_bytes(n))
-    Console().print(table)
+    console = Console()
+    console.print(table)
+    for note in est.notes:  # what the estimate leaves out or adapts otherwise than asked (an MoE's experts), and why
+        console.print(escape(f"note: {note}"), style="yellow")
 
 
 @bench_app.command("svd")
