@@ -165,19 +165,15 @@ def peft_rewritten_modules(names: Iterable[str], model) -> list[str]:
     fused expert parameter of the model is instead. Asked of PEFT itself, on a copy of no config that matters:
     empty without PEFT or without the conversion.
     """
+    from spectra.checkpoints.peft_match import peft_converted
+
     names = list(names)
     if not names:
         return []
-    try:
-        from peft import LoraConfig
-        from peft.utils.transformers_weight_conversion import convert_peft_config_for_transformers
-    except ImportError:  # a PEFT without it converts nothing
-        return []
 
     def kept(batch: list[str]) -> set[str]:
-        config = LoraConfig(target_modules=list(batch))
-        convert_peft_config_for_transformers(config, model=model, conversions=None)
-        return set(config.target_modules or ()) & set(batch)
+        converted = peft_converted({"target_modules": list(batch)}, model)  # None: a PEFT that converts nothing
+        return set(batch) if converted is None else set(converted["target_modules"] or ()) & set(batch)
 
     try:
         left = kept(names)
