@@ -47,6 +47,25 @@ _TASK_HELP = ("auto (default: seq2seq_lm for an encoder-decoder such as T5 or BA
               "{\"source\": ..., \"target\": ...} records, or .csv/.tsv with source,target columns; the loss is over "
               "target tokens).")
 
+# What each command writes into its -o directory, as glob patterns: --overwrite replaces a directory that holds one of
+# the command's record files and nothing but these (or an empty one), never a folder holding anything else
+# (files.refuse_replacing_others)
+_REPORT_FILES = ("report.md", "report.html", "figures", "figures/*.png", "figures/*.svg")
+_ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "README.md")
+_TOKENIZER_FILES = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.*", "merges.txt", "*.model",
+                    "chat_template.*")
+_WRITES = {  # command: (its record files, everything it writes)
+    "analyze": (("analysis.json",), _REPORT_FILES),
+    "sweep": (("sweep.json",), ("plan.json", *_REPORT_FILES)),
+    "verify": (("verify.json", "sweep.json"), _REPORT_FILES),
+    "demo": (("demo.json",), _REPORT_FILES),
+    "extract": (("adapter_config.json",), _ADAPTER_FILES),
+    "bench make-pair": (("ground_truth.json",), ("base", "base/*", "tuned", "tuned/*")),
+    "train": (("spectra_train.json",), ("training_log.jsonl", *_ADAPTER_FILES, "config.json", "generation_config.json",
+                                        "model.safetensors", "model-*.safetensors", "model.safetensors.index.json",
+                                        *_TOKENIZER_FILES)),
+}
+
 
 @app.callback()
 def _root(debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks on errors.")] = False) -> None:
@@ -113,6 +132,7 @@ def demo(
 
     The first run builds the pair (a few minutes on a laptop CPU); later runs reuse the cache.
     """
+    _writable(output, base, cache_dir, command="demo", overwrite=True)  # replaced if spectra demo wrote it, or empty
     import time
 
     from spectra.demo.run import DemoConfig, run_demo
@@ -168,15 +188,11 @@ def analyze(
     Under torchrun (`torchrun --nproc-per-node 4 $(which spectra) analyze BASE TUNED -o out`) the modules
     are shared across ranks and rank 0 writes the report.
     """
-    _writable(output, base, tuned, calibration)
+    _writable(output, base, tuned, calibration, command="analyze", overwrite=overwrite)  # before the work
     from spectra.analysis import AnalysisConfig
     from spectra.analysis import analyze as run_analysis
     from spectra.errors import ConfigError
 
-    if output.exists() and not overwrite:
-        raise ConfigError(f"output directory {output} exists; pass --overwrite to replace it or choose another -o.")
-    if output.exists() and not output.is_dir():
-        raise ConfigError(f"-o {output} is a file, not a report directory; choose another -o.")  # before the work
     import os
 
     main_rank = os.environ.get("RANK", "0") == "0"
@@ -284,6 +300,21 @@ def _analysis_or_pair(sources: list[str]):
     raise ConfigError(f"expected an analysis (one path) or a BASE TUNED pair (two), got {len(sources)} arguments.")
 
 
+def _analysed_checkpoints(sources: list[str]) -> list[str]:
+    """The BASE and TUNED paths an analysis file records (absolute; none where it cannot be read: recommend then
+    refuses the analysis itself, with the reason)."""
+    import json
+
+    if len(sources) != 1:
+        return []
+    path = Path(sources[0])
+    try:
+        data = json.loads((path / "analysis.json" if path.is_dir() else path).read_text())
+        return [data[side]["path"] for side in ("base", "tuned") if isinstance(data[side]["path"], str)]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+
+
 def _layer_range(value: str | None) -> tuple[int, int] | None:
     from spectra.errors import ConfigError
 
@@ -350,12 +381,10 @@ def recommend(
     Examples: spectra recommend reports/run --budget 20M -o plan.json;
     spectra recommend reports/run --functional 0.01 --sweep reports/sweep -o plan.json
     """
+    # what recommend reads: the analysis (its file: the report folder's other files stay writable), the checkpoints
+    # it measured (the plan's memory estimate reads the base's config.json), the sweep and the config
     _writable(output, *(Path(a) / "analysis.json" if Path(a).is_dir() and len(analysis) == 1 else a
-                        for a in analysis), sweep, config)
-    if output is not None and output.exists() and not overwrite:
-        from spectra.errors import ConfigError
-
-        raise ConfigError(f"-o {output} exists; pass --overwrite to replace it or choose another -o.")
+                        for a in analysis), *_analysed_checkpoints(analysis), sweep, config, overwrite=overwrite)
     import json
     import warnings
 
@@ -467,7 +496,7 @@ def extract(
               spectra extract BASE TUNED --plan plan.json -o adapter/
               spectra extract VLM_BASE VLM_TUNED --rank 16 --roles q,v --stacks language -o adapter/
     """
-    _writable(output, base, tuned, plan, calibration)
+    _writable(output, base, tuned, plan, calibration, command="extract", overwrite=overwrite)
     import warnings
 
     from spectra.errors import ConfigError, PeftConfigWarning
@@ -670,7 +699,7 @@ def train(
 
     Example: spectra train ./base --data train.jsonl --rank 8 --method dora -o adapter_dora/
     """
-    _writable(output, base, data, eval_data, plan, teacher)
+    _writable(output, base, data, eval_data, plan, teacher, command="train", overwrite=overwrite)
     from spectra.errors import ConfigError
     from spectra.lora.train import TrainConfig, train_adapter
 
@@ -736,7 +765,7 @@ def verify(
 
     Example: spectra verify ./base ./tuned --adapter adapter/ -o reports/verify1
     """
-    _writable(output, base, tuned, adapter, data, eval_data, plan)
+    _writable(output, base, tuned, adapter, data, eval_data, plan, command="verify", overwrite=overwrite)
     from spectra.errors import ConfigError
     from spectra.lora.verify import VerifyConfig, rank_sweep, verify_adapter
 
@@ -746,8 +775,6 @@ def verify(
                                            ("--eval-fraction", eval_fraction)) if given is not None]
     if adapter is not None and sweep_only:
         raise ConfigError(f"{', '.join(sweep_only)} only apply to --sweep; with --adapter, leave them out.")
-    if output.exists() and not overwrite:
-        raise ConfigError(f"output directory {output} exists; pass --overwrite to replace it or choose another -o.")
     vconfig = VerifyConfig(seed=seed, device=device)
     if adapter is not None:
         result = verify_adapter(base, tuned, adapter, eval_data=eval_data, config=vconfig, progress=not quiet)
@@ -817,6 +844,7 @@ def bench_make_pair(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing non-empty OUT (the new pair is swapped in when complete).")] = False,
 ) -> None:
     """Write a realistic bf16 base × tuned pair with a real model's names, shapes and sharding (tensor by tensor)."""
+    _writable(out, command="bench make-pair", overwrite=overwrite or (out.is_dir() and not any(out.iterdir())))
     from spectra.bench.make_pair import PairConfig, make_pair
 
     config = PairConfig(shape=shape, seed=seed, relative_size=relative_size, tail=tail, rank_scale=rank_scale,
@@ -877,13 +905,11 @@ def sweep(
 
     Example: spectra sweep ./base ./tuned --data eval.jsonl --ranks 1,2,4,8,16,32,64 --epsilon 0.01 -o reports/sweep1
     """
-    _writable(output, base, tuned, data, plan, analysis, calibration)
+    _writable(output, base, tuned, data, plan, analysis, calibration, command="sweep", overwrite=overwrite)
     from spectra.errors import ConfigError
     from spectra.ranks import RankPolicy, functional_ranks, load_plan, recommend_ranks
     from spectra.sweep import SweepConfig, truncation_sweep
 
-    if output.exists() and not overwrite:
-        raise ConfigError(f"output directory {output} exists; pass --overwrite to replace it or choose another -o.")
     if analysis is not None and epsilon is None:
         raise ConfigError("--analysis writes a functional plan: pass --epsilon too (e.g. --epsilon 0.01).")
     # a bad ε, or an analysis of another pair, is refused now, not after every evaluation
@@ -988,15 +1014,24 @@ def _natural(name: str) -> list:
     return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", name)]
 
 
-def _writable(output: Path | None, *inputs) -> None:
+def _writable(output: Path | None, *inputs, command: str | None = None, overwrite: bool = False) -> None:
     """Refuse, before any work, an output whose folder cannot be written (outputs are staged beside it, then renamed),
-    or one that would replace an input (the output is, holds or lies inside one of `inputs`)."""
+    one that would replace an input (the output is, holds or lies inside one of `inputs`), and, for a `command` that
+    writes a directory, an existing one unless --overwrite is given and it holds only what `command` writes
+    (``_WRITES``); without `command` (a file output) an existing directory there is refused."""
     from spectra.errors import ConfigError
-    from spectra.files import refuse_replacing_inputs
+    from spectra.files import refuse_replacing_inputs, refuse_replacing_others
 
     if output is None:
         return
     refuse_replacing_inputs(output, inputs)
+    if command is not None:
+        records, writes = _WRITES[command]
+        refuse_replacing_others(output, writes, records=records, overwrite=overwrite, command=f"spectra {command}")
+    elif output.is_dir():
+        raise ConfigError(f"-o {output} is a directory; this command writes a file there. Choose another -o.")
+    elif output.exists() and not overwrite:
+        raise ConfigError(f"-o {output} exists; pass --overwrite to replace it or choose another -o.")
     folder = output.absolute().parent
     while not folder.exists() and folder != folder.parent:
         folder = folder.parent

@@ -17,15 +17,17 @@ shared machine or serving process.
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import hashlib
 import os
 import secrets
 import shutil
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
-__all__ = ["move_into_place", "refuse_replacing_inputs", "staged_directory", "write_atomic", "write_text_atomic"]
+__all__ = ["move_into_place", "refuse_replacing_inputs", "refuse_replacing_others", "staged_directory",
+           "write_atomic", "write_text_atomic"]
 
 
 def _sibling(path: Path, what: str) -> Path:
@@ -103,6 +105,41 @@ def refuse_replacing_inputs(output: str | os.PathLike, inputs, *, option: str = 
                               f"command reads. Choose another {option}.")
 
 
+def refuse_replacing_others(output: str | os.PathLike, writes: Sequence[str], *, records: Sequence[str],
+                            overwrite: bool, command: str, option: str = "-o/--output") -> None:
+    """Raise ConfigError unless the output directory `output` may be written: it is new, or ``overwrite`` is given
+    and it is empty or holds only what `command` writes.
+
+    An output directory is replaced whole (:func:`move_into_place`), so ``--overwrite`` must
+    not delete what spectra did not write: a folder holding a user's ``thesis.tex``, or the
+    cache, is refused with the name of one such file. `writes` are glob patterns of the
+    paths (relative, ``/``-separated) that `command` writes, the first being its record
+    file (``analysis.json``), which a directory spectra wrote holds; every file and folder
+    under `output` must match one. A file where a directory goes is refused with or without
+    ``overwrite`` (it is not what this command writes, and ``--overwrite`` would not help).
+    """
+    from spectra.errors import ConfigError
+
+    out = Path(output)
+    if not out.exists() and not out.is_symlink():
+        return
+    if not out.is_dir():
+        raise ConfigError(f"{option} {output} is a file; `{command}` writes a directory there. Choose another {option}.")
+    if not overwrite:
+        raise ConfigError(f"{option} {output} exists; pass --overwrite to replace it or choose another {option}.")
+    entries = sorted(out.rglob("*"))
+    if not entries:
+        return
+    foreign = next((p for p in entries if not any(fnmatch.fnmatchcase(p.relative_to(out).as_posix(), w)
+                                                   for w in (*records, *writes))), None)
+    if foreign is None and any((out / name).is_file() for name in records):
+        return
+    why = (f"holds {foreign.relative_to(out).as_posix()}, which `{command}` does not write" if foreign is not None
+           else f"holds no {' or '.join(records)}, so `{command}` did not write it")
+    raise ConfigError(f"{option} {output} {why}: --overwrite replaces only a directory that `{command}` wrote (or an "
+                      f"empty one), and nothing else in it. Choose another {option}, or move the files out first.")
+
+
 def write_atomic(path: str | os.PathLike, write: Callable[[Path], object]) -> Path:
     """Call ``write(tmp)`` on a hidden sibling of `path`, then rename it to `path` (replacing it).
 
@@ -132,9 +169,15 @@ def staged_directory(out: str | os.PathLike) -> Iterator[Path]:
     """Yield a new empty directory beside `out`; on a clean exit it becomes `out`, on an exception it is removed.
 
     An existing `out` is replaced in one swap (:func:`move_into_place`): callers check
-    first whether replacing it is allowed. The parent of `out` is created if missing.
+    first whether replacing it is allowed (:func:`refuse_replacing_others`). A file at `out`
+    is refused here, whatever the caller allowed: a directory never replaces a file. The
+    parent of `out` is created if missing.
     """
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        from spectra.errors import ConfigError
+
+        raise ConfigError(f"{out} is a file; a directory is written there. Choose another output.")
     out.parent.mkdir(parents=True, exist_ok=True)
     _sweep(out)
     staging = _sibling(out, "tmp")
@@ -181,4 +224,8 @@ def move_into_place(staging: Path, out: Path) -> None:
     except BaseException:
         old.rename(out)
         raise
-    shutil.rmtree(old, ignore_errors=True)
+    if old.is_dir() and not old.is_symlink():
+        shutil.rmtree(old, ignore_errors=True)
+    else:  # a file (or link) set aside: rmtree would leave it behind as a hidden .old file
+        with contextlib.suppress(OSError):
+            old.unlink()

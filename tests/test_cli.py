@@ -148,12 +148,18 @@ def test_existing_output_needs_overwrite(monkeypatch, capsys, pair, tmp_path):
     (out / "keep.txt").write_text("mine")
     code, _, err = run(monkeypatch, capsys, "analyze", *pair, "-o", out, "--no-cache", "-q")
     assert code == 2 and "--overwrite" in err and (out / "keep.txt").read_text() == "mine"
-    code, _, _ = run(monkeypatch, capsys, "analyze", *pair, "-o", out, "--no-cache", "-q", "--overwrite")
-    assert code == 0 and (out / "analysis.json").is_file() and not (out / "keep.txt").exists()
+    code, _, err = run(monkeypatch, capsys, "analyze", *pair, "-o", out, "--no-cache", "-q", "--overwrite")
+    assert code == 2 and "holds keep.txt, which `spectra analyze` does not write" in err  # a user's file: kept
+    assert (out / "keep.txt").read_text() == "mine"
+    (out / "keep.txt").unlink()  # an empty directory, then the report spectra wrote there: replaced
+    for _ in range(2):
+        code, _, err = run(monkeypatch, capsys, "analyze", *pair, "-o", out, "--no-cache", "-q", "--overwrite")
+        assert code == 0 and (out / "analysis.json").is_file(), err
     file = tmp_path / "a_file"
     file.write_text("mine")
-    code, _, err = run(monkeypatch, capsys, "analyze", *pair, "-o", file, "--no-cache", "-q", "--overwrite")
-    assert code == 2 and "is a file" in err and file.read_text() == "mine"  # refused before the analysis
+    for overwrite in ((), ("--overwrite",)):  # "is a file" with or without --overwrite, which would not help
+        code, _, err = run(monkeypatch, capsys, "analyze", *pair, "-o", file, "--no-cache", "-q", *overwrite)
+        assert code == 2 and "is a file" in err and "pass --overwrite" not in err and file.read_text() == "mine"
 
 
 def test_an_output_that_would_replace_an_input_is_refused_even_with_overwrite(monkeypatch, capsys, pair, tmp_path):

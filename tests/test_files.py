@@ -123,3 +123,50 @@ def test_hosts_whose_names_differ_only_in_punctuation_or_past_24_characters_are_
 
     names = ["gpu-cluster-production-node-01", "gpu-cluster-production-node-02", "web-1", "web1"]
     assert len({_host_tag(n) for n in names}) == len(names)
+
+
+def test_refuse_replacing_others_allows_only_what_the_command_writes(tmp_path):
+    """--overwrite replaced any directory whole; now only one holding a record of the command and nothing else."""
+    from spectra.errors import ConfigError
+    from spectra.files import refuse_replacing_others
+
+    def check(out, overwrite=True):
+        refuse_replacing_others(out, ("report.md", "figures", "figures/*.png"), records=("analysis.json",),
+                                overwrite=overwrite, command="spectra analyze")
+
+    check(tmp_path / "new")  # nothing there
+    (tmp_path / "empty").mkdir()
+    check(tmp_path / "empty")
+    run = tmp_path / "run"
+    (run / "figures").mkdir(parents=True)
+    for name in ("analysis.json", "report.md", "figures/decay.png"):
+        (run / name).write_text("x")
+    check(run)
+    with pytest.raises(ConfigError, match="exists; pass --overwrite"):
+        check(run, overwrite=False)
+    (run / "figures" / "thesis.tex").write_text("mine")  # deep inside: named too
+    with pytest.raises(ConfigError, match="holds figures/thesis.tex, which `spectra analyze` does not write"):
+        check(run)
+    (run / "figures" / "thesis.tex").unlink()
+    (run / "analysis.json").unlink()
+    with pytest.raises(ConfigError, match="holds no analysis.json"):
+        check(run)
+    (tmp_path / "file").write_text("mine")
+    for overwrite in (False, True):
+        with pytest.raises(ConfigError, match="is a file; `spectra analyze` writes a directory there"):
+            check(tmp_path / "file", overwrite)
+
+
+def test_a_directory_never_replaces_a_file_and_a_replaced_file_leaves_nothing(tmp_path):
+    """staged_directory over a file swapped it for a directory and left the file behind as a hidden .old sibling."""
+    from spectra.errors import ConfigError
+    from spectra.files import move_into_place
+
+    (tmp_path / "f").write_text("mine")
+    with pytest.raises(ConfigError, match="is a file"):
+        with staged_directory(tmp_path / "f"):
+            pass
+    assert (tmp_path / "f").read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["f"]
+    (tmp_path / "g").write_text("new")
+    move_into_place(tmp_path / "g", tmp_path / "f")  # a file replaced by a file: no set-aside copy stays
+    assert (tmp_path / "f").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["f"]

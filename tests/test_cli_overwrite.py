@@ -1,0 +1,89 @@
+"""What -o and --overwrite may replace: never an input (nor a file in its folder), never what spectra did not write."""
+
+from __future__ import annotations
+
+import copy
+import shutil
+
+import pytest
+
+from tests.models import add_to_parameter, build_model, low_rank, save
+from tests.test_cli import run
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    root = tmp_path_factory.mktemp("overwrite")
+    base = build_model("gpt2")
+    tuned = copy.deepcopy(base)
+    add_to_parameter(tuned, "transformer.h.0.attn.c_attn.weight", low_rank(96, 32, 3, seed=0), conv1d=True)
+    return save(base, root / "b", "safetensors"), save(tuned, root / "t", "safetensors")
+
+
+def test_recommend_never_writes_over_the_checkpoints_it_analysed(monkeypatch, capsys, pair, tmp_path):
+    """`recommend REPORT -o BASE/config.json --overwrite` replaced the base's config (and -o TUNED/model.safetensors
+    the fine-tune's weights): only the analysis file was checked, not the checkpoints it records."""
+    base, tuned = (shutil.copytree(p, tmp_path / p.name) for p in pair)
+    code, _, err = run(monkeypatch, capsys, "analyze", base, tuned, "--no-cache", "-q", "-o", tmp_path / "run")
+    assert code == 0, err
+    before = {p: p.read_bytes() for side in (base, tuned) for p in side.iterdir()}
+    for target in (base / "config.json", tuned / "model.safetensors"):
+        for report in (tmp_path / "run", tmp_path / "run" / "analysis.json"):
+            code, _, err = run(monkeypatch, capsys, "recommend", report, "-o", target, "--overwrite")
+            assert code == 2 and "would replace what this command reads" in err, (target, err)
+    assert {p: p.read_bytes() for side in (base, tuned) for p in side.iterdir()} == before
+    code, _, err = run(monkeypatch, capsys, "recommend", tmp_path / "run", "-o", tmp_path / "plan.json")
+    assert code == 0 and (tmp_path / "plan.json").is_file(), err  # negative control: beside them, written
+    (tmp_path / "dir.json").mkdir()
+    code, _, err = run(monkeypatch, capsys, "recommend", tmp_path / "run", "-o", tmp_path / "dir.json", "--overwrite")
+    assert code == 2 and "is a directory; this command writes a file there" in err
+
+
+def test_overwrite_replaces_only_a_directory_the_command_wrote(monkeypatch, capsys, pair, tmp_path):
+    """--overwrite deleted any existing directory whole: a folder holding a user's thesis.tex, or the cache."""
+    out = tmp_path / "adapter"
+    extract = ("extract", *pair, "--rank", "2", "-q", "-o", out)
+    for _ in range(2):  # new, then what extract wrote: replaced
+        code, _, err = run(monkeypatch, capsys, *extract, "--overwrite")
+        assert code == 0 and (out / "adapter_config.json").is_file(), err
+    (out / "thesis.tex").write_text("mine")
+    code, _, err = run(monkeypatch, capsys, *extract, "--overwrite")
+    assert code == 2 and "holds thesis.tex, which `spectra extract` does not write" in err
+    assert (out / "thesis.tex").read_text() == "mine" and (out / "adapter_config.json").is_file()
+    code, _, err = run(monkeypatch, capsys, *extract)
+    assert code == 2 and "exists; pass --overwrite" in err
+    # the cache (a folder of spectra's, but not an adapter): refused, by name of something in it
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("SPECTRA_CACHE", str(cache))
+    code, _, err = run(monkeypatch, capsys, "analyze", *pair, "-q", "-o", tmp_path / "r1")
+    assert code == 0 and any(cache.iterdir()), err
+    code, _, err = run(monkeypatch, capsys, "analyze", *pair, "-q", "-o", cache, "--overwrite")
+    assert code == 2 and "which `spectra analyze` does not write" in err and any(cache.iterdir())
+    # a report of another command is not this one's to replace
+    code, _, err = run(monkeypatch, capsys, "extract", *pair, "--rank", "2", "-q", "-o", tmp_path / "r1", "--overwrite")
+    assert code == 2 and "holds analysis.json, which `spectra extract` does not write" in err
+    assert (tmp_path / "r1" / "analysis.json").is_file()
+    # files spectra could have written, but no record file: not a directory spectra wrote
+    (tmp_path / "fig").mkdir()
+    (tmp_path / "fig" / "report.md").write_text("mine")
+    code, _, err = run(monkeypatch, capsys, "analyze", *pair, "-q", "-o", tmp_path / "fig", "--overwrite")
+    assert code == 2 and "holds no analysis.json" in err and (tmp_path / "fig" / "report.md").read_text() == "mine"
+
+
+def test_train_refuses_a_file_and_reruns_over_its_own_output(monkeypatch, capsys, pair, tmp_path):
+    """`train -o FILE --overwrite` replaced a file with a directory (analyze and extract refused); what train writes,
+    adapter or full checkpoint with its tokenizer files, is replaced by a rerun with --overwrite."""
+    data = tmp_path / "train.txt"
+    data.write_text("\n".join(f"line {i} of some text to train on" for i in range(8)))
+    train = ("train", pair[0], "--data", data, "--max-steps", "1", "--batch-size", "4", "--max-length", "16", "-q")
+    file = tmp_path / "a_file"
+    file.write_text("mine")
+    code, _, err = run(monkeypatch, capsys, *train, "-o", file, "--overwrite")
+    assert code == 2 and "is a file" in err and file.read_text() == "mine"
+    for kind in ((), ("--full",)):
+        out = tmp_path / f"out{len(kind)}"
+        for _ in range(2):
+            code, _, err = run(monkeypatch, capsys, *train, *kind, "-o", out, "--overwrite")
+            assert code == 0, err
+        assert (out / "spectra_train.json").is_file()
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")], "a set-aside old output was left"
