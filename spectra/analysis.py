@@ -36,7 +36,7 @@ from spectra.checkpoints.pairing import DeltaW, Pairing, PairingOptions, describ
 from spectra.errors import ConfigError
 from spectra.files import write_text_atomic
 from spectra.linalg import sketch
-from spectra.linalg import metrics
+from spectra.linalg import metrics, noise
 from spectra.linalg.svd import Spectrum, adaptive_svd, full_svd, randomized_svd
 from spectra.report.tables import analysis_problem
 from spectra.workers import split_workers, thread_pool
@@ -69,6 +69,10 @@ class AnalysisConfig:
     calibration: str | None = None  # data file: adds each row's activation-weighted spectrum (spectra.calibration)
     calibration_epsilon: float = 1e-6  # ridge of C relative to its mean eigenvalue; the data term stays exact to ~ε
     calibration_examples: int | None = 256  # first examples of the file: C of a 1k-dim layer at a few forwards' cost
+    # Is the base's rounding in ΔW? "auto": decided per module from ΔW's residual; "exact": the fine-tune started
+    # from the base's stored values (a bf16 release tuned and saved in bf16); "counted": both were rounded from finer
+    # weights (two releases trained in fp32). See spectra.linalg.noise.
+    base_rounding: str = "auto"
 
     def __post_init__(self) -> None:
         if self.method not in _METHODS:
@@ -82,6 +86,9 @@ class AnalysisConfig:
             raise ConfigError("full_below, base_top_k and base_top_iter must be ≥ 0.")
         if not 0 < self.resolve <= 1:
             raise ConfigError(f"resolve: {self.resolve} must be an energy fraction in (0, 1].")
+        if self.base_rounding not in metrics.BASE_ROUNDING:
+            raise ConfigError(f"base_rounding: {self.base_rounding!r} is not one of "
+                              f"{', '.join(metrics.BASE_ROUNDING)}.")
         if self.sketch_dtype not in ("bfloat16", "float16", "float32"):
             raise ConfigError(f"sketch_dtype: {self.sketch_dtype!r} is not one of bfloat16, float16, float32.")
         object.__setattr__(self, "stacks", parse_stacks(self.stacks))  # "decoder" spelled "language", once
@@ -247,6 +254,11 @@ def analyze_delta(d: DeltaW, config: AnalysisConfig) -> dict[str, Any]:
         d.base, d.tuned, base_dtype=_dtype(d.base_dtype), tuned_dtype=_dtype(d.tuned_dtype),
         base_grid=None if d.base_spacing is None else (d.base_format, d.base_spacing),
         tuned_grid=None if d.tuned_spacing is None else (d.tuned_format, d.tuned_spacing))
+    quantised = d.base_spacing is not None or d.tuned_spacing is not None
+    tuned_floor = None  # the fine-tune's rounding alone: the floor when it started from the base's stored values
+    if config.base_rounding == "exact" or (config.base_rounding == "auto" and not quantised):
+        tuned_floor = noise.tuned_side_floor(floor, d.tuned, tuned_dtype=_dtype(d.tuned_dtype),
+                                             tuned_spacing=d.tuned_spacing)
     d.base_spacing = d.tuned_spacing = None
     d.tuned = None  # not needed any more: free it before the decomposition's workspace
     spec = module_spectrum(d.delta, config, total_energy=fro2, low=d.delta_low)
@@ -265,6 +277,8 @@ def analyze_delta(d: DeltaW, config: AnalysisConfig) -> dict[str, Any]:
     # Singular values below σ₁·max(m, n)·eps(float32) are round-off of the decomposition itself
     # (numpy.linalg.matrix_rank's default tolerance): no threshold may count them as signal.
     numerical = float(values[0]) * max(d.shape) * torch.finfo(torch.float32).eps if values.numel() else 0.0
+    floor = noise.settle_floor(config.base_rounding, floor, tuned_floor, spec, tuple(d.shape), total_energy=fro2,
+                               numerical=numerical, quantised=quantised)
     gd = _gavish_donoho(spec, d.shape, floor)
     gd_rank = int((values > max(gd.threshold, numerical)).sum())
     row["gd_rank"] = None if not spec.complete and gd_rank == values.numel() else gd_rank  # else a lower bound
@@ -272,7 +286,8 @@ def analyze_delta(d: DeltaW, config: AnalysisConfig) -> dict[str, Any]:
     noise_rank = int((values > max(floor.mp_edge, numerical)).sum())
     if not spec.complete and noise_rank == values.numel():
         noise_rank = None  # every value held is above the floor: the count is a lower bound, not known
-    row["noise"] = {"sigma": floor.sigma, "fro": floor.noise_fro, "mp_edge": floor.mp_edge, "rank_above": noise_rank}
+    row["noise"] = {"sigma": floor.sigma, "fro": floor.noise_fro, "mp_edge": floor.mp_edge, "rank_above": noise_rank,
+                    "base_rounding": floor.base_rounding, "sigma_residual": floor.sigma_residual}
     row["numerical_tolerance"] = numerical
     row["decay"] = _decay(values, noise_rank)
     row["singular_values"] = [float(v) for v in values]

@@ -16,7 +16,7 @@ The zero spectrum (σ₁ = 0) gives 0 for each of them.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import NamedTuple
 
@@ -29,12 +29,15 @@ from spectra.linalg.svd import Spectrum
 __all__ = [
     "energy_rank", "energy_ranks", "effective_rank", "stable_rank", "participation_ratio",
     "nuclear_frobenius_ratio", "GavishDonoho", "gd_lambda_star", "gd_omega", "gd_omega_approx",
-    "marchenko_pastur_median", "gavish_donoho", "NoiseFloor", "rounding_noise_floor", "ulp",
+    "marchenko_pastur_median", "gavish_donoho", "NoiseFloor", "rounding_noise_floor", "ulp", "BASE_ROUNDING",
+    "residual_variance", "counts_base_rounding",
     "DecayFit", "decay_fit", "relative_update_size",
 ]
 
 _SIGNIFICAND_BITS = {torch.float32: 24, torch.bfloat16: 8, torch.float16: 11, torch.float64: 53}
 _MIN_NORMAL_EXP = {torch.float32: -126, torch.bfloat16: -126, torch.float16: -14, torch.float64: -1022}
+# Whether the base's rounding is in ΔW: decided from ΔW's residual ("auto"), or said by the user.
+BASE_ROUNDING = ("auto", "counted", "exact")
 
 
 # ---------------------------------------------------------------------------- input
@@ -419,6 +422,13 @@ class NoiseFloor:
     rank : int or None
         Number of singular values above `mp_edge` (when a spectrum was given).
     base_dtype, tuned_dtype : str
+    base_rounding : str
+        "counted" (the base's rounding is in `variance`) or "exact" (only the fine-tune's: it
+        started from the base's stored values).
+    tuned_variance : float or None
+        The fine-tune's share of `variance` (None where not split).
+    sigma_residual : float or None
+        √ of :func:`residual_variance` of ΔW when "auto" decided `base_rounding`, else None.
     """
 
     variance: float
@@ -428,6 +438,9 @@ class NoiseFloor:
     rank: int | None
     base_dtype: str
     tuned_dtype: str
+    base_rounding: str = "counted"
+    tuned_variance: float | None = None
+    sigma_residual: float | None = None
 
 
 def rounding_noise_floor(
@@ -437,14 +450,19 @@ def rounding_noise_floor(
     base_dtype: torch.dtype | None = None,
     tuned_dtype: torch.dtype | None = None,
     s=None,
+    base_rounding: str = "counted",
 ) -> NoiseFloor:
     """Expected rounding noise in ΔW = tuned − base and the singular values above it.
 
     Rounding to nearest leaves an error uniform in ±ulp/2, variance ulp²/12, per
-    element and per checkpoint; the two are independent, so the variance in ΔW is
-    ulp_base²/12 + ulp_tuned²/12, averaged over elements. Treated as white noise of
-    that variance, its singular values fill a Marchenko–Pastur bulk whose edge is
-    σ(√m + √n); singular values of ΔW above the edge are signal.
+    element and per checkpoint. When both checkpoints were rounded from finer weights
+    (two bf16 releases trained in fp32) the two errors are independent, so the variance
+    in ΔW is ulp_base²/12 + ulp_tuned²/12, averaged over elements ("counted"). When the
+    fine-tune started from the base's stored values (a bf16 release fine-tuned and saved
+    in bf16), ΔW = round(W_base + δ) − W_base holds the fine-tune's rounding alone,
+    ulp_tuned²/12 ("exact"). Treated as white noise of that variance, its singular
+    values fill a Marchenko–Pastur bulk whose edge is σ(√m + √n); singular values of
+    ΔW above the edge are signal.
 
     Parameters
     ----------
@@ -455,6 +473,9 @@ def rounding_noise_floor(
         Pass them when the tensors were up-cast after loading.
     s : Spectrum or torch.Tensor, optional
         Singular values of ΔW; if given, ``rank`` counts those above the edge.
+    base_rounding : {"counted", "exact", "auto"}, default "counted"
+        Whether the base's rounding is in ΔW; "auto" decides it from ΔW's residual
+        (:func:`counts_base_rounding`) and needs `s`, the whole spectrum or its top.
 
     Returns
     -------
@@ -482,22 +503,104 @@ def rounding_noise_floor(
     for name, t in (("base", base), ("tuned", tuned)):
         if not bool(torch.isfinite(t).all()):
             raise ConfigError(f"`{name}` holds NaN or Inf values: its rounding noise is undefined.")
+    if base_rounding not in BASE_ROUNDING:
+        raise ConfigError(f"`base_rounding` must be one of {', '.join(BASE_ROUNDING)}, got {base_rounding!r}.")
+    if base_rounding == "auto" and s is None:
+        raise ConfigError("`base_rounding='auto'` decides from ΔW's singular values: pass `s`.")
     bd = base.dtype if base_dtype is None else base_dtype
     td = tuned.dtype if tuned_dtype is None else tuned_dtype
     m, n = base.shape
-    var = 0.0
-    # Chunk rows: ulp() makes float64 copies.
+    var_b = var_t = fro2 = 0.0
+    # Chunk rows: ulp() and the float64 difference make float64 copies.
     rows = max(1, (4 << 20) // max(1, n))
     for start in range(0, m, rows):
-        var += float((ulp(base[start:start + rows], bd) ** 2).sum() + (ulp(tuned[start:start + rows], td) ** 2).sum())
-    var = var / 12.0 / (m * n)
+        b, t = base[start:start + rows], tuned[start:start + rows]
+        var_b += float((ulp(b, bd) ** 2).sum())
+        var_t += float((ulp(t, td) ** 2).sum())
+        fro2 += float(((t.double() - b.double()) ** 2).sum())
+    var_b, var_t = var_b / 12.0 / (m * n), var_t / 12.0 / (m * n)
+    names = str(bd).replace("torch.", ""), str(td).replace("torch.", "")
+    both = _white_floor(var_b + var_t, (m, n), s, names)
+    if base_rounding == "counted":
+        return replace(both, tuned_variance=var_t)
+    residual = sigma_residual = None
+    if base_rounding == "auto":
+        residual = residual_variance(s, (m, n), edge=both.mp_edge, total_energy=fro2)
+        sigma_residual = None if residual is None else math.sqrt(residual)
+        if counts_base_rounding(residual, tuned_variance=var_t, base_variance=var_b):
+            return replace(both, tuned_variance=var_t, sigma_residual=sigma_residual)
+    return replace(_white_floor(var_t, (m, n), s, names), base_rounding="exact", tuned_variance=var_t,
+                   sigma_residual=sigma_residual)
+
+
+def _white_floor(var: float, shape: tuple[int, int], s, names: tuple[str, str]) -> NoiseFloor:
+    """The floor of white noise of per-element variance `var` on an (m, n) matrix, with the count of `s` above it."""
+    m, n = shape
     sigma = math.sqrt(var)
     edge = sigma * (math.sqrt(m) + math.sqrt(n))
-    rank = None
-    if s is not None:
-        rank = int(np.sum(_values(s).v > edge))
-    return NoiseFloor(var, sigma, math.sqrt(m * n * var), edge, rank, str(bd).replace("torch.", ""),
-                      str(td).replace("torch.", ""))
+    rank = None if s is None else int(np.sum(_values(s).v > edge))
+    return NoiseFloor(var, sigma, math.sqrt(m * n * var), edge, rank, *names)
+
+
+def residual_variance(s, shape: tuple[int, int], *, edge: float, total_energy: float | None = None) -> float | None:
+    """Per-element variance of ΔW outside its singular values above `edge`.
+
+    σ̂² = (‖ΔW‖_F² − Σ_{i≤k} σᵢ²) / ((m − k)(n − k)), k = #σᵢ > edge: the energy left after
+    the k directions above the edge, over the dimensions white noise keeps outside them
+    (a rank-k fit removes k(m + n) − k² of its mn dimensions). Exact on top values when
+    ‖ΔW‖_F² is known (a Spectrum carries it), since only the k values above the edge enter.
+
+    Parameters
+    ----------
+    s : Spectrum or torch.Tensor, shape (r,)
+        Singular values of ΔW, descending (all, or the top ones with `total_energy`).
+    shape : (int, int)
+        (out, in) of ΔW.
+    edge : float
+        The noise's bulk edge: values above it are taken as signal.
+    total_energy : float, optional
+        ‖ΔW‖_F² (default: the Spectrum's, or Σσᵢ² of the values given).
+
+    Returns
+    -------
+    float or None
+        σ̂² (≥ 0); None when every direction is above the edge (k = min(m, n)): nothing left to measure.
+
+    Notes
+    -----
+    Signal below the edge stays in the residual and raises σ̂², so it errs towards more
+    noise, never less. Where every value held is above the edge but the spectrum is
+    truncated, the signal beyond the values held raises it the same way.
+    """
+    x = _values(s, total_energy)
+    m, n = (int(d) for d in shape)
+    k = int(np.sum(x.v > edge))
+    if k >= min(m, n):
+        return None
+    top = float(x.v[0])
+    left = max(x.energy - float(np.sum(x.unit[:k] ** 2)), 0.0)  # in units of σ₁²: squares stay in range
+    return left * top * top / ((m - k) * (n - k)) if top > 0 else 0.0
+
+
+def counts_base_rounding(residual: float | None, *, tuned_variance: float, base_variance: float) -> bool:
+    """Whether ΔW's residual variance says the base's rounding is in it.
+
+    The two hypotheses put σ_t² (the fine-tune started from the base's stored values) or
+    σ_t² + σ_b² (both rounded from finer weights) of white noise under ΔW. The base's
+    rounding counts when σ̂² ≥ √(σ_t²·(σ_t² + σ_b²)), the geometric mean of the two (the
+    middle of the two on a log scale, where a variance estimate's error is symmetric); an
+    unknown residual (None: every direction above the edge) counts it.
+
+    Parameters
+    ----------
+    residual : float or None
+        σ̂², from :func:`residual_variance`.
+    tuned_variance, base_variance : float
+        σ_t², σ_b²: each side's mean rounding variance (ulp²/12 per element).
+    """
+    if residual is None:
+        return True
+    return residual >= math.sqrt(tuned_variance * (tuned_variance + base_variance))
 
 
 # ---------------------------------------------------------------------------- decay, size

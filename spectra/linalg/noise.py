@@ -1,0 +1,104 @@
+"""Which roundings are under ΔW: the floor of the fine-tune's side alone, and the choice between the two.
+
+A base stored in bf16 and fine-tuned from those stored values puts no rounding of its own
+into ΔW = round(W_base + δ) − W_base: only the fine-tune's is there, and the floor of both
+sides (:func:`~spectra.linalg.sketch.sampled_noise_floor`) sits √2 too high. Two releases
+rounded from finer masters (an fp32-trained base and its instruct model) carry both. The
+spectrum tells them apart: :func:`settle_floor` compares ΔW's residual variance, outside
+its directions above the two-sided edge, with the two hypotheses
+(:func:`~spectra.linalg.metrics.counts_base_rounding`), or takes the user's word.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import torch
+
+from spectra.errors import ConfigError
+from spectra.linalg import metrics
+from spectra.linalg.sketch import _mean_ulp_squared, heteroscedastic_edge
+
+__all__ = ["tuned_side_floor", "settle_floor"]
+
+
+def tuned_side_floor(both: metrics.NoiseFloor, tuned: torch.Tensor, *, tuned_dtype: torch.dtype,
+                     tuned_spacing: torch.Tensor | None = None, max_elements: int = 1 << 20) -> metrics.NoiseFloor:
+    """The floor of the fine-tune's rounding alone, beside `both` (the two sides' floor of the same pair).
+
+    Parameters
+    ----------
+    both : NoiseFloor
+        :func:`~spectra.linalg.sketch.sampled_noise_floor` of the pair, with the same `max_elements`.
+    tuned : torch.Tensor, shape (out, in)
+        The fine-tune's weight, as stored or up-cast.
+    tuned_dtype : torch.dtype
+        Its storage dtype.
+    tuned_spacing : torch.Tensor, optional
+        A quantised fine-tune's grid spacing per element, as `both` took it: the edge is then
+        :func:`~spectra.linalg.sketch.heteroscedastic_edge` of its variances alone.
+    max_elements : int, default 2²⁰
+        Elements sampled, as `both` sampled them (every ⌈m·n / max_elements⌉-th row).
+
+    Returns
+    -------
+    NoiseFloor
+        ``base_rounding="exact"``; ``tuned_variance`` = ``variance``.
+    """
+    m, n = tuned.shape
+    if tuned_spacing is not None:
+        none = torch.zeros((), dtype=torch.float64).expand(m, n)  # the base puts no variance in
+        var, edge = heteroscedastic_edge(tuned, tuned, tuned_dtype, tuned_dtype, none, tuned_spacing)
+    else:
+        stride = max(1, math.ceil(m * n / max_elements))  # the rows sampled_noise_floor read
+        var = _mean_ulp_squared(tuned[::stride], tuned_dtype) / 12.0
+        edge = math.sqrt(var) * (math.sqrt(m) + math.sqrt(n))  # Marchenko–Pastur bulk edge
+    return replace(both, variance=var, sigma=math.sqrt(var), noise_fro=math.sqrt(m * n * var), mp_edge=edge,
+                   rank=None, base_rounding="exact", tuned_variance=var)
+
+
+def settle_floor(choice: str, both: metrics.NoiseFloor, tuned_only: metrics.NoiseFloor | None, s, shape, *,
+                 total_energy: float, numerical: float = 0.0, quantised: bool = False) -> metrics.NoiseFloor:
+    """The floor under ΔW: both sides' rounding ("counted") or the fine-tune's alone ("exact").
+
+    Parameters
+    ----------
+    choice : {"auto", "counted", "exact"}
+        "auto" decides from the spectrum: the base's rounding counts when ΔW's residual
+        variance σ̂² (:func:`~spectra.linalg.metrics.residual_variance`, outside the values
+        above the two-sided edge, and `numerical`) reaches √(σ_t²·(σ_t² + σ_b²)).
+    both, tuned_only : NoiseFloor
+        The two sides' floor and the fine-tune's (:func:`tuned_side_floor`); `tuned_only` may
+        be None with choice "counted" or with `quantised`.
+    s : Spectrum or torch.Tensor
+        Singular values of ΔW (the whole spectrum or its top).
+    shape : (int, int)
+        (out, in).
+    total_energy : float
+        ‖ΔW‖_F², exact.
+    numerical : float, default 0.0
+        The decomposition's own round-off level: no value below it counts as signal.
+    quantised : bool, default False
+        A side rounds on a quantised grid: "auto" keeps the pairing's rule (the base's grid
+        counts only where the fine-tune is quantised too) and counts what it gave.
+
+    Returns
+    -------
+    NoiseFloor
+        With ``base_rounding`` and, under "auto", ``sigma_residual``.
+    """
+    if choice not in metrics.BASE_ROUNDING:
+        raise ConfigError(f"base_rounding: {choice!r} is not one of {', '.join(metrics.BASE_ROUNDING)}.")
+    if choice == "counted" or (choice == "auto" and quantised):
+        return replace(both, base_rounding="counted")
+    if tuned_only is None:
+        raise ConfigError(f"base_rounding {choice!r} needs the fine-tune's own floor (tuned_side_floor).")
+    if choice == "exact":
+        return tuned_only
+    residual = metrics.residual_variance(s, shape, edge=max(both.mp_edge, numerical), total_energy=total_energy)
+    sigma_residual = None if residual is None else math.sqrt(residual)
+    counted = metrics.counts_base_rounding(residual, tuned_variance=tuned_only.variance,
+                                           base_variance=max(both.variance - tuned_only.variance, 0.0))
+    return replace(both if counted else tuned_only, base_rounding="counted" if counted else "exact",
+                   sigma_residual=sigma_residual)
