@@ -1104,6 +1104,55 @@ def _quiet_third_party(*, quiet: bool = False) -> None:
         lambda record: "gemm_4bit_forward from kernels-community" not in str(record.msg))
 
 
+# library fields whose option has another name: analyze's --energy fills AnalysisConfig.thresholds, --skip-nonfinite
+# its on_nonfinite='skip'; sweep's --epsilon is the functional policy's ε (recommend's --functional)
+_FIELD_OPTIONS = {"thresholds": "energy", "on_nonfinite": "skip_nonfinite", "functional": "epsilon"}
+# a library field as an error names it: RankPolicy.energy, workers=0, on_nonfinite='skip', max_rank
+_FIELD = re.compile(r"(?<![\w.-])(?:(?:RankPolicy|[A-Z]\w*Config)\.)?([a-z][a-z0-9]*(?:_[a-z0-9]+)*)"
+                    r"(?:=('[^']*'|[^\s,;:)]+))?")
+
+
+def _cli_message(err: Exception, argv: list[str]) -> str:
+    """A library error in the words of the command that was run (`argv`, without the program): the configuration
+    fields it names become the command's options (``workers=0`` → ``--workers 0``, ``RankPolicy.energy`` →
+    ``--energy``, ``max_rank`` → ``--max-rank``), and the NaN/Inf error's hint names --skip-nonfinite only where the
+    command has it. A field is read as one where it is qualified, assigned, holds an underscore or opens the
+    message: a plain word ("the rank of") stays prose. A field the command has no option for stays as it is."""
+    text = str(err)
+    words = [a for a in argv if not a.startswith("-")]
+    command = typer.main.get_command(app)  # click's objects (typer's own copy of click: asked by what they hold)
+    for name in words[:2]:
+        if not hasattr(command, "commands"):
+            break
+        command = command.commands.get(name)
+        if command is None:
+            return text
+    if hasattr(command, "commands"):
+        return text
+    options = {p.name: (max((o for o in p.opts if o.startswith("--")), key=len), p.is_flag)
+               for p in command.params
+               if p.param_type_name == "option" and any(o.startswith("--") for o in p.opts)}
+    from spectra.errors import NonFiniteWeightError
+
+    if isinstance(err, NonFiniteWeightError) and "skip_nonfinite" not in options:  # a broken checkpoint: re-saved
+        from spectra.checkpoints.pairing import SKIP_NONFINITE_HINT
+
+        text = text.replace(" " + SKIP_NONFINITE_HINT, "")
+
+    def option(match: re.Match) -> str:
+        field, value = match.group(1), match.group(2)
+        name = field if field in options else _FIELD_OPTIONS.get(field)
+        named = match.group(0) != field or "_" in field or match.start() == 0  # a field, not a word of prose
+        if name not in options or not named:
+            return match.group(0)
+        flag, is_flag = options[name]
+        return flag if value is None or is_flag else f"{flag} {value}"
+
+    text = _FIELD.sub(option, text)
+    # "--max-length (--max-length) 128", "--overwrite (CLI: --overwrite)": the option once
+    return re.sub(r"(--[\w-]+)((?: [^\s()]+)?) \((?:CLI: )?\1\)", r"\1\2", text)
+
+
 def main() -> None:
     """Console entry point: spectra's own errors as one paragraph and exit code 2 (Ctrl-C: 130, above)."""
     from spectra.errors import SpectraError
@@ -1114,7 +1163,8 @@ def main() -> None:
     except (SpectraError, OSError) as err:  # OSError: a path that cannot be read or written, named in the message
         if _state["debug"]:
             raise
-        typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+        message = _cli_message(err, sys.argv[1:]) if isinstance(err, SpectraError) else str(err)
+        typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
         typer.echo("(run with --debug for the full traceback)", err=True)
         sys.exit(2)
 

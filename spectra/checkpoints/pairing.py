@@ -33,6 +33,9 @@ from spectra.linalg.sketch import BlockSquaredNorm
 
 _FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 _COMPUTE_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+# the last sentence of a NaN/Inf error: the command line names its own option instead (analyze's --skip-nonfinite), or
+# drops the sentence where the command has none (extract, sweep, verify: a broken checkpoint is re-saved, not skipped)
+SKIP_NONFINITE_HINT = "Pass on_nonfinite='skip' to analyse the rest."
 
 
 @dataclass(frozen=True)
@@ -458,8 +461,7 @@ class Pairing:
                 if self.options.on_nonfinite == "skip":
                     self._skip(entry.name, message)
                     return []
-                raise NonFiniteWeightError(f"{message}: the checkpoint is broken. Pass on_nonfinite='skip' "
-                                           "(CLI: --skip-nonfinite) to analyse the rest.")
+                raise NonFiniteWeightError(f"{message}: the checkpoint is broken. {SKIP_NONFINITE_HINT}")
         if not self.options.with_weights:
             base = tuned = None
         elif not self.options.weights_as_stored:
@@ -521,8 +523,8 @@ class Pairing:
         if self.options.on_nonfinite == "skip":
             self._skip(entry_name, message)
             return False
-        raise NonFiniteWeightError(f"{message}. The checkpoint is broken (diverged training or a bad save); "
-                                   "re-save it, or pass on_nonfinite='skip' (CLI: --skip-nonfinite) to analyse the rest.")
+        raise NonFiniteWeightError(f"{message}. The checkpoint is broken (diverged training or a bad save): "
+                                   f"re-save it. {SKIP_NONFINITE_HINT}")
 
     def _record(self, entry, name, info, proj, delta, base, tuned) -> DeltaW:
         shape = entry.shape

@@ -1,0 +1,93 @@
+"""Errors at the command line name the command's options, not the library's fields it fills."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+from spectra.errors import ConfigError, NonFiniteWeightError
+from tests.models import add_to_parameter, build_model, low_rank, save
+from tests.test_cli import run
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    root = tmp_path_factory.mktemp("messages")
+    base = build_model("gpt2")
+    tuned = copy.deepcopy(base)
+    add_to_parameter(tuned, "transformer.h.0.attn.c_attn.weight", low_rank(96, 32, 3, seed=0), conv1d=True)
+    broken = copy.deepcopy(tuned)
+    with torch.no_grad():
+        broken.transformer.h[1].mlp.c_fc.weight[0, 0] = float("nan")
+    return (save(base, root / "b", "safetensors"), save(tuned, root / "t", "safetensors"),
+            save(broken, root / "nan", "safetensors"))
+
+
+@pytest.fixture(scope="module")
+def report(pair, tmp_path_factory):
+    from spectra.analysis import analyze
+
+    out = tmp_path_factory.mktemp("report") / "run"
+    analyze(pair[0], pair[1], cache_dir=False, progress=False).write_report(out)
+    return out
+
+
+@pytest.mark.parametrize("args, said, field", [
+    (["analyze", "{b}", "{t}", "--energy", "1.5"], "--energy", "thresholds"),
+    (["analyze", "{b}", "{t}", "--full-below", "-5"], "--full-below,", "full_below"),
+    (["analyze", "{b}", "{t}", "--workers", "0"], "--workers 0 must be ≥ 1", "workers=0"),
+    (["analyze", "{b}", "{t}", "--read-ahead", "-1"], "--read-ahead -1 and --read-ahead-mb 512", "read_ahead=-1"),
+    (["recommend", "{r}", "--energy", "1.5"], "--energy must be in (0, 1], got 1.5", "RankPolicy.energy"),
+    (["recommend", "{r}", "--min-rank", "0"], "--min-rank must be", "RankPolicy.min_rank"),
+    (["recommend", "{r}", "--rank", "40"], "--rank 40 exceeds", "max_rank"),
+    (["extract", "{b}", "{t}", "--rank", "0"], "--rank must be ≥ 1, got 0", "error: rank must"),
+    (["sweep", "{b}", "{t}", "--data", "{d}", "--non-target", "foo"], "--non-target 'foo' is not one of",
+     "non_target"),
+    (["sweep", "{b}", "{t}", "--data", "{d}", "--epsilon", "-1"], "--epsilon must be a tolerance", "functional"),
+])
+def test_errors_name_the_option_not_the_field(monkeypatch, capsys, pair, report, tmp_path, args, said, field):
+    data = tmp_path / "eval.txt"
+    data.write_text("some text to evaluate on\n" * 4)
+    fill = {"b": pair[0], "t": pair[1], "r": report, "d": data}
+    code, _, err = run(monkeypatch, capsys, *[a.format(**fill) for a in args], "-o", tmp_path / "out")
+    assert code == 2 and said in err, err
+    assert field not in err  # the library's word for it: what the message said before
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_nan_hint_names_skip_nonfinite_only_where_the_command_has_it(monkeypatch, capsys, pair, tmp_path):
+    """extract, sweep, verify and recommend BASE TUNED said "(CLI: --skip-nonfinite)", an option only analyze has."""
+    base, _, broken = pair
+    code, _, err = run(monkeypatch, capsys, "analyze", base, broken, "--no-cache", "-q", "-o", tmp_path / "a")
+    assert code == 2 and "NaN/Inf" in err and "Pass --skip-nonfinite to analyse the rest." in err, err
+    assert "on_nonfinite" not in err
+    code, _, err = run(monkeypatch, capsys, "analyze", base, broken, "--no-cache", "-q", "--skip-nonfinite",
+                       "-o", tmp_path / "a")
+    assert code == 0, err  # negative control: the option the message names does what it says
+    data = tmp_path / "eval.txt"
+    data.write_text("some text to evaluate on\n" * 4)
+    monkeypatch.setenv("SPECTRA_CACHE", str(tmp_path / "cache"))
+    for args in (["extract", base, broken, "--rank", "2", "-o", tmp_path / "x"],
+                 ["recommend", base, broken],
+                 ["sweep", base, broken, "--data", data, "--ranks", "1", "-o", tmp_path / "s"]):
+        code, _, err = run(monkeypatch, capsys, *args)
+        assert code == 2 and "NaN/Inf" in err and "re-save it." in err, (args[0], err)
+        assert "skip-nonfinite" not in err and "on_nonfinite" not in err, (args[0], err)
+
+
+def test_the_library_keeps_its_field_names():
+    """The rule is the command line's: a library caller reads the fields it passed."""
+    from spectra.analysis import AnalysisConfig
+    from spectra.cli import _cli_message
+
+    with pytest.raises(ConfigError, match="thresholds") as info:
+        AnalysisConfig(thresholds=(1.5,))
+    assert "--energy" in _cli_message(info.value, ["analyze", "b", "t"])
+    assert "thresholds" in _cli_message(info.value, ["memory", "m"])  # memory has no option for it: unchanged
+    # prose stays prose; an option the library already names is not doubled
+    assert _cli_message(ConfigError("the rank of max_length (--max-length) 128"), ["train", "b"]) == \
+        "the rank of --max-length 128"
+    assert _cli_message(NonFiniteWeightError(json.dumps("x")), ["nope"]) == '"x"'
