@@ -179,6 +179,7 @@ def analyze(
     read_ahead_mb: Annotated[int, typer.Option(help="Most ΔW data (MB, float32) held by the modules in flight (one always goes); bounds peak memory. An adapter's expert factors held across a module come out of what it holds beyond room for the two largest modules; more is held on top, with a warning.")] = 512,
     calibration: Annotated[Optional[Path], typer.Option(help="Calibration data (.txt, or .jsonl/.csv/.tsv with a text field): also report each ΔW's activation-weighted spectrum, ΔW·C^{1/2} on the base's inputs.")] = None,
     calibration_epsilon: Annotated[float, typer.Option(help="Ridge of the input second moment C, relative to its mean eigenvalue.")] = 1e-6,
+    base_rounding: Annotated[str, typer.Option(help="Is the base's rounding in ΔW? auto (decided per module from ΔW's residual: when in doubt, counted), exact (the fine-tune started from the base's stored values, e.g. a bf16 release tuned and saved in bf16: only the fine-tune's rounding is noise), counted (both were rounded from finer weights, e.g. two bf16 releases trained in fp32).")] = "auto",
 ) -> None:
     """Measure the spectrum of every ΔW = TUNED − BASE and write a report (JSON, Markdown, HTML, figures).
 
@@ -205,7 +206,7 @@ def analyze(
                             include=include, exclude=exclude, dtype=dtype, device=device, seed=seed, resolve=resolve,
                             on_nonfinite="skip" if skip_nonfinite else "error",
                             calibration=str(calibration) if calibration else None,
-                            calibration_epsilon=calibration_epsilon)
+                            calibration_epsilon=calibration_epsilon, base_rounding=base_rounding)
     result = run_analysis(base, tuned, config, cache_dir=False if no_cache else (cache_dir or True), progress=not quiet,
                           read_ahead=read_ahead, read_ahead_mb=read_ahead_mb, workers=workers)
     if not main_rank:

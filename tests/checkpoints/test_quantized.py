@@ -446,9 +446,11 @@ def test_two_quantised_checkpoints_have_their_grids_rounding_as_noise_floor(fmt,
 
 def test_a_fine_tune_stored_finer_than_its_quantised_base_has_the_dtype_floor(tmp_path):
     """gpt-oss as released (MXFP4) fine-tuned and saved in bf16: the fine-tune started from the dequantised experts,
-    which bf16 holds exactly, so the base's FP4 grid put no noise in ΔW. The floor is the bf16 one of both sides (as
-    for any bf16 pair), not FP4's, which would sit ~100× higher and bury the update."""
+    which bf16 holds exactly, so neither the base's FP4 grid nor its bf16 rounding put noise in ΔW. The floor is the
+    fine-tune's bf16 rounding alone (base_rounding "exact", which ΔW's residual gives), not FP4's, which would sit
+    ~100× higher and bury the update."""
     from spectra.analysis import AnalysisConfig, analyze
+    from spectra.linalg.metrics import rounding_noise_floor
     from spectra.linalg.sketch import sampled_noise_floor
 
     base_model, base = _mxfp4_gpt_oss(tmp_path)
@@ -462,7 +464,11 @@ def test_a_fine_tune_stored_finer_than_its_quantised_base_has_the_dtype_floor(tm
     assert (row["base_dtype"], row["tuned_dtype"]) == ("mxfp4", "bfloat16")
     pair = next(d for d in iter_deltas(base, tmp_path / "tuned", with_weights=True) if d.name == name)
     as_bf16 = sampled_noise_floor(pair.base, pair.tuned, base_dtype=torch.bfloat16, tuned_dtype=torch.bfloat16)
-    assert row["noise"]["sigma"] == pytest.approx(as_bf16.sigma, rel=1e-12)
+    tuned_only = rounding_noise_floor(pair.base, pair.tuned, base_dtype=torch.bfloat16, tuned_dtype=torch.bfloat16,
+                                      base_rounding="exact")  # the float64 per-element reference
+    assert row["noise"]["base_rounding"] == "exact"
+    assert row["noise"]["sigma"] == pytest.approx(tuned_only.sigma, rel=1e-9)
+    assert row["noise"]["sigma"] < as_bf16.sigma
     assert row["noise"]["rank_above"] >= 2
     spacing = open_checkpoint(base).quantized_spacing("model.layers.0.mlp.experts.down_proj", 0)
     assert float(spacing.double().square().mean().sqrt()) > 30 * as_bf16.sigma  # what counting FP4 would have added
