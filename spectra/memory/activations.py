@@ -245,8 +245,8 @@ def _moe_bytes(shape: ModelShape, p: int, *, full: bool, grad: bool, router: boo
       weight its two factors (p·h, and the weight: fp32, SparseMixer's and GraniteMoE's in p).
 
     Per layer: grouped_mm's offsets (4·E) and each ParamWrapper's merged weight in p (E·out·in,
-    when the product needs it for its input's gradient), beside the factors it casts to p for
-    the merge when p < 4 (E·r·(in + out)).
+    when the product needs it for its input's gradient; DeepSeek's router in fp32, as its weight
+    is kept), beside the factors it casts to p for the merge when p < 4 (E·r·(in + out)).
     """
     h, i, k, experts = shape.hidden, shape.intermediate, shape.experts_per_token, shape.experts
     router_w, gate_up_w, down_w = (full or role in wrapped for role in ("router", "gate_up", "down"))
@@ -272,7 +272,9 @@ def _moe_bytes(shape: ModelShape, p: int, *, full: bool, grad: bool, router: boo
     per_layer = 4 * experts if (grad or gate_up_w or down_w) else 0
     for role, m in wrapped.items():
         needed = {"router": grad, "gate_up": grad, "down": experts_in}[role]  # the input of its product
-        per_layer += p * max(m.experts, 1) * m.d_in * m.d_out * needed
+        # DeepSeek's router weight stays fp32 (_keep_in_fp32_modules_strict), and so does the weight merged into it
+        merged = 4 if role == "router" and shape.router_fp32 else p
+        per_layer += merged * max(m.experts, 1) * m.d_in * m.d_out * needed
         if p < 4 and m.experts > 1:  # PEFT casts the experts' factors to the weight's dtype for one baddbmm
             per_layer += p * m.experts * m.rank * (m.d_in + m.d_out)
     shared_out = False
