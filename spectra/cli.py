@@ -932,13 +932,16 @@ def sweep(
     if plan is not None:
         planned = sorted(m.rank for m in load_plan(plan).modules)
         marks["plan (median rank)"] = planned[len(planned) // 2]
-    choice, functional_plan = None, None
+    choice, functional_plan, plan_error = None, None, None
     if epsilon is not None:
         choice = functional_ranks(result, epsilon)
         if choice["groups"].get("model", {}).get("rank") is not None:
             marks[f"functional ε={epsilon:g}"] = choice["groups"]["model"]["rank"]
         if analysis is not None:
-            functional_plan = recommend_ranks(analysis, policy, sweep=result)
+            try:
+                functional_plan = recommend_ranks(analysis, policy, sweep=result)
+            except ConfigError as err:  # e.g. rank 0 within ε everywhere: the evaluations still make their report
+                plan_error = err
     from spectra.report.sweep import functional_text, interval_text, signed
 
     path = result.write_report(output, overwrite=overwrite, marks=marks, plan=functional_plan,
@@ -969,6 +972,8 @@ def sweep(
                 typer.echo(f"functional rank ({group}, ε={epsilon:g}): {functional_text(c)}")
     for note in result.data["notes"]:
         typer.secho(f"note: {note}", fg="yellow", err=True)
+    if plan_error is not None:
+        typer.secho(f"note: plan.json not written: {_cli_message(plan_error, ['sweep'])}", fg="yellow", err=True)
     typer.echo(f"report: {path / 'report.html'}  (also report.md, sweep.json, figures/"
                + (", plan.json)" if functional_plan is not None else ")"))
 
@@ -1130,7 +1135,8 @@ def _cli_message(err: Exception, argv: list[str]) -> str:
             return text
     if hasattr(command, "commands"):
         return text
-    options = {p.name: (max((o for o in p.opts if o.startswith("--")), key=len), p.is_flag)
+    options = {p.name: (max((o for o in p.opts if o.startswith("--")), key=len), p.is_flag,
+                        next(iter(p.secondary_opts), None))  # --no-noise of --noise
                for p in command.params
                if p.param_type_name == "option" and any(o.startswith("--") for o in p.opts)}
     from spectra.errors import NonFiniteWeightError
@@ -1146,8 +1152,10 @@ def _cli_message(err: Exception, argv: list[str]) -> str:
         named = match.group(0) != field or "_" in field or match.start() == 0  # a field, not a word of prose
         if name not in options or not named:
             return match.group(0)
-        flag, is_flag = options[name]
-        return flag if value is None or is_flag else f"{flag} {value}"
+        flag, is_flag, off = options[name]
+        if is_flag:  # noise=False: --no-noise
+            return off if value == "False" and off else flag
+        return flag if value is None else f"{flag} {value}"
 
     text = _FIELD.sub(option, text)
     # "--max-length (--max-length) 128", "--overwrite (CLI: --overwrite)": the option once

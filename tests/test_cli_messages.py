@@ -91,3 +91,8 @@ def test_the_library_keeps_its_field_names():
     assert _cli_message(ConfigError("the rank of max_length (--max-length) 128"), ["train", "b"]) == \
         "the rank of --max-length 128"
     assert _cli_message(NonFiniteWeightError(json.dumps("x")), ["nope"]) == '"x"'
+    # a flag set off is its --no- form; sweep's ε is --epsilon, recommend's --functional
+    assert _cli_message(ConfigError("nothing to plan (try noise=False)."), ["recommend", "r"]) == \
+        "nothing to plan (try --no-noise)."
+    assert _cli_message(ConfigError("(lower RankPolicy.functional)."), ["sweep", "b", "t"]) == "(lower --epsilon)."
+    assert _cli_message(ConfigError("(lower RankPolicy.functional)."), ["recommend", "r"]) == "(lower --functional)."

@@ -703,6 +703,28 @@ def test_cli_sweep_writes_report_and_functional_plan(bert, bert_analysis, tmp_pa
     assert again.exit_code != 0 and "exists" in str(again.exception or again.output)
 
 
+def test_cli_sweep_writes_its_report_when_no_plan_is_needed_at_epsilon(bert, bert_analysis, tmp_path):
+    """Rank 0 within ε everywhere: the plan failed after every evaluation ("lower functional", a library field) and
+    nothing was written. The report is written, and the note says why plan.json is not, naming --epsilon."""
+    base, tuned, data = bert
+    out = tmp_path / "sweep"
+    result = CliRunner().invoke(app, ["sweep", str(base), str(tuned), "--data", str(data), "--ranks", "0,1",
+                                      "--metric", "loss", "--epsilon", "1e6", "--analysis", str(bert_analysis),
+                                      "--bootstrap", "0", "--max-length", "16", "-q", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert (out / "sweep.json").is_file() and (out / "report.md").is_file() and not (out / "plan.json").exists()
+    swept = json.loads((out / "sweep.json").read_text())
+    assert swept["functional"]["groups"]["model"]["rank"] == 0  # the measured answer: no adapter needed
+    assert "note: plan.json not written: The sweep is within ε=1e+06 of the full fine-tune at rank 0" in result.output
+    assert "(lower --epsilon)" in result.output and "functional" not in result.output
+    assert "plan.json)" not in result.output
+    # negative control: ε that rank 0 misses still writes the plan
+    again = CliRunner().invoke(app, ["sweep", str(base), str(tuned), "--data", str(data), "--ranks", "0,64",
+                                     "--metric", "loss", "--epsilon", "0", "--analysis", str(bert_analysis),
+                                     "--bootstrap", "0", "--max-length", "16", "-q", "-o", str(tmp_path / "s2")])
+    assert again.exit_code == 0 and (tmp_path / "s2" / "plan.json").is_file(), again.output
+
+
 def test_cli_sweep_refuses_an_analysis_of_another_pair_before_evaluating(bert, bert_analysis, tmp_path,
                                                                          monkeypatch):
     """--analysis of another pair was refused only after the whole sweep, with the advice to re-run the sweep."""

@@ -351,7 +351,7 @@ def recommend_ranks(analysis: Any, policy: RankPolicy | None = None, *, sweep: A
                           "model? Sweep and analysis must measure the same pair.")
     if not plan and functional is not None:
         raise ConfigError(f"The sweep is within ε={policy.functional:g} of the full fine-tune at rank 0 for every "
-                          "targeted module: no adapter is needed at that tolerance (lower functional).")
+                          "targeted module: no adapter is needed at that tolerance (lower RankPolicy.functional).")
     if not plan:
         raise ConfigError("Every targeted module lies below its noise floor; nothing to plan (try noise=False).")
 
