@@ -353,10 +353,19 @@ def _llama(cfg: dict, mtype: str, base_model) -> ModelShape:
                       input_jitter=mtype in _SPARSEMIXER and bool(cfg.get("input_jitter_noise", 0.0)),
                       windows=_sliding_windows(cfg, mtype, layers), rotary_cat=mtype in _FUSED_MLP,
                       routing_cast=mtype in _OWN_EXPERT_SIZES,
-                      routing_norm=bool(cfg.get("norm_topk_prob", getattr(_config_object(mtype), "norm_topk_prob", True))),
+                      routing_norm=_routing_norm(cfg, mtype),
                       dense_layers=dense_layers, dense_linears=attention + dense if dense_layers else (),
                       dense_intermediate=dense_inter if dense_layers else 0,
                       **(_moe_adapters(base_model()[1], experts, h) if experts > 1 else {}))
+
+
+def _routing_norm(cfg: dict, mtype: str) -> bool:
+    """Whether a Llama-like MoE's router renormalises its top-k weights: Qwen3-MoE's only with ``norm_topk_prob``
+    (its config's default where config.json leaves it out); Mixtral's and MiniMax's always, whatever a
+    ``norm_topk_prob`` in config.json says (MixtralTopKRouter reads none)."""
+    if mtype not in _OWN_EXPERT_SIZES:
+        return True
+    return bool(cfg.get("norm_topk_prob", getattr(_config_object(mtype), "norm_topk_prob", True)))
 
 
 def _deepseek(cfg: dict, mtype: str, base_model) -> ModelShape:
