@@ -109,6 +109,8 @@ def test_the_option_is_validated_recorded_and_keys_the_cache(tmp_path):
     data = json.loads((out / "analysis.json").read_text())
     assert data["config"]["base_rounding"] == "exact"
     assert data["modules"][0]["noise"]["base_rounding"] == "exact"
+    assert ("- Noise floor (--base-rounding exact): the fine-tune's alone (it started from the base's stored values) "
+            "in 1 module\n") in (out / "report.md").read_text()
 
 
 def test_an_analysis_written_before_the_option_still_loads_and_renders(tmp_path):
@@ -124,4 +126,4 @@ def test_an_analysis_written_before_the_option_still_loads_and_renders(tmp_path)
     (tmp_path / "old" / "analysis.json").write_text(json.dumps(data))
     old = AnalysisResult.load(tmp_path / "old")
     assert "base_rounding" not in old.module(Q)["noise"]
-    assert (old.write_report(tmp_path / "old_report") / "report.md").is_file()
+    assert "Noise floor" not in (old.write_report(tmp_path / "old_report") / "report.md").read_text()

@@ -226,6 +226,9 @@ def _summary_items(analysis: Mapping, matrices: list[dict], vectors: list[dict],
     items.append(f"Modules: {len(tensors)} weight matrices"
                  + (f" (and {split} projections of fused ones)" if split else "") + f" and {len(vectors)} vector deltas over "
                  f"{where}; roles {', '.join(group_label(g, stacks) for g in groups_in(matrices))}")
+    floor = _floor_item(analysis, matrices)
+    if floor:
+        items.append(floor)
     pairing = analysis.get("pairing") or {}
     for key, label in (("only_in_base", "Only in the base, not analysed"),
                        ("only_in_tuned", "Only in the tuned checkpoint, not analysed"),
@@ -247,6 +250,19 @@ def _summary_items(analysis: Mapping, matrices: list[dict], vectors: list[dict],
         items.append("Versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()))
     items.append(f"Schema version: {analysis.get('schema_version', '–')}")
     return items
+
+
+def _floor_item(analysis: Mapping, matrices: list[dict]) -> str | None:
+    """Which roundings the noise floor holds, counted over the modules (None in files written before it was recorded)."""
+    held = [(r.get("noise") or {}).get("base_rounding") for r in matrices]
+    counted, exact = held.count("counted"), held.count("exact")
+    if not counted + exact:
+        return None
+    choice = (analysis.get("config") or {}).get("base_rounding", "auto")
+    parts = [f"both checkpoints' rounding in {counted} module{'s' * (counted != 1)}" if counted else "",
+             f"the fine-tune's alone (it started from the base's stored values) in {exact} module{'s' * (exact != 1)}"
+             if exact else ""]
+    return f"Noise floor (--base-rounding {choice}): " + "; ".join(p for p in parts if p)
 
 
 def _checkpoint(info) -> str:
