@@ -87,7 +87,7 @@ class ModelWeights:
             plan = load_plan(plan)
         self.pairing = _sweep_pairing(base, tuned, plan=plan, roles=roles, stacks=stacks)
         self.notes: list[str] = list(self.pairing.notes)
-        entries, planned = _target_entries(self.pairing, plan, base, tuned)
+        entries, planned = _target_entries(self.pairing, plan, roles, base, tuned)
         rename = loading_rename(model)
         self._tuned_names = names_by_key(self.pairing.tuned.names(), list(self.state), rename)
         self._base_names = names_by_key(self.pairing.base.names(), list(self.state), rename)
@@ -102,7 +102,7 @@ class ModelWeights:
                            if slices[0].place.stored_transposed}
         self.targets = self._placed_targets(model, entries, planned, fused, refused, stacked)
         if not self.targets:
-            raise ConfigError(_nothing_to_truncate(entries, plan, self.pairing.options.roles, base, tuned,
+            raise ConfigError(_nothing_to_truncate(entries, plan, roles, base, tuned,
                                                    type(model).__name__))
         targeted = self._filled_keys()  # keys the targets fill whole
         fused_keys = {key for key, _ in fused.values()}
@@ -303,13 +303,16 @@ class ModelWeights:
 
 
 def _sweep_pairing(base, tuned, *, plan, roles, stacks=None):
-    """The pairing of the matrices to truncate (the plan's or ``roles``'); refuses an adapter, another base's plan."""
+    """The pairing of the checkpoints (of ``stacks`` without a plan); refuses an adapter, another base's plan, an
+    unknown role. Every role is paired: :func:`_target_entries` selects by role as train and extract do."""
+    from spectra.checkpoints.architectures import ROLES
     from spectra.checkpoints.pairing import Pairing, PairingOptions
     from spectra.checkpoints.source import AdapterSource
-    from spectra.lora.train import BLOCK_ROLES
 
-    options = PairingOptions(roles=None if plan is not None else (roles or BLOCK_ROLES),
-                             stacks=None if plan is not None else stacks, split_fused=False, vectors=False)
+    unknown = sorted(set(roles or ()) - set(ROLES))
+    if plan is None and unknown:
+        raise ConfigError(f"roles: unknown role(s) {', '.join(unknown)}; choose from {', '.join(ROLES)}.")
+    options = PairingOptions(stacks=None if plan is not None else stacks, split_fused=False, vectors=False)
     pairing = Pairing(base, tuned, options)
     if isinstance(pairing.tuned, AdapterSource):
         raise ConfigError(f"{tuned} is a PEFT adapter; a truncation sweep needs the full fine-tune's checkpoint.")
@@ -318,11 +321,20 @@ def _sweep_pairing(base, tuned, *, plan, roles, stacks=None):
     return pairing
 
 
-def _target_entries(pairing, plan, base, tuned) -> tuple[list, dict[str, int] | None]:
-    """The matrix entries to truncate (the plan's modules, in its order) and their planned ranks (None: no plan)."""
+def _target_entries(pairing, plan, roles, base, tuned) -> tuple[list, dict[str, int] | None]:
+    """The matrix entries to truncate (the plan's modules, in its order; else those of `roles`, default every block
+    linear) and their planned ranks (None: no plan).
+
+    Roles select as a LoRA adapts (:func:`~spectra.checkpoints.architectures.role_selected`, as train and extract
+    do): ``k`` or ``v`` takes DeepSeek's ``kv_a`` and ``kv_b`` and GPT-2's ``c_attn``, whose truncation changes the
+    keys and the values; pairing's own selection (an analysis's) would take neither."""
+    from spectra.checkpoints.architectures import role_selected
+    from spectra.lora.train import BLOCK_ROLES
+
     entries = [e for e in pairing.entries if e.kind == "matrix"]
     if plan is None:
-        return entries, None
+        wanted = roles or BLOCK_ROLES
+        return [e for e in entries if role_selected(e.info.role, wanted, e.name)], None
     by_name = {e.name: e for e in entries}
     missing = [m.name for m in plan.modules if m.name not in by_name]
     if missing:
@@ -389,7 +401,8 @@ def _nothing_to_truncate(entries, plan, roles, base, tuned, model_class: str) ->
     """Why no target was found: nothing paired (of these roles; a plan names modules, not roles), or no module that
     paired has a place in the loaded model."""
     if not entries:
-        of = "in the plan" if plan is not None else f"of roles {', '.join(roles)}"
+        of = ("in the plan" if plan is not None else f"of roles {', '.join(roles)}" if roles
+              else "of a block linear's role")
         return f"nothing to truncate: no weight matrix {of} pairs between {base} and {tuned}."
     names = ", ".join(e.name for e in entries[:5]) + (", …" if len(entries) > 5 else "")
     which = ("the weight matrix that pairs" if len(entries) == 1

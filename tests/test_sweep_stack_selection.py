@@ -8,7 +8,7 @@ import torch
 
 from spectra.errors import ConfigError
 from spectra.sweep import SweepConfig
-from spectra.sweep_weights import _sweep_pairing
+from spectra.sweep_weights import _sweep_pairing, _target_entries
 from tests.models import build_model, save
 
 
@@ -25,14 +25,19 @@ def test_sweep_config_reads_and_refuses_stacks():
         SweepConfig(stacks="visoin")
 
 
+def _truncated(b, roles, stacks=None) -> set[str]:
+    pairing = _sweep_pairing(b, b, plan=None, roles=roles, stacks=stacks)
+    return {e.name for e in _target_entries(pairing, None, roles, b, b)[0]}
+
+
 def test_sweep_pairing_truncates_the_chosen_stack(tmp_path):
     model = build_model("t5")
     b = save(model, tmp_path / "b", "safetensors")
-    names = {e.name for e in _sweep_pairing(b, b, plan=None, roles=("q",), stacks=("encoder",)).entries}
+    names = _truncated(b, ("q",), ("encoder",))
     assert names == set(_linears(model, "encoder.", "SelfAttention.q"))
-    decoder = {e.name for e in _sweep_pairing(b, b, plan=None, roles=("q",), stacks=("language",)).entries}
+    decoder = _truncated(b, ("q",), ("language",))
     assert decoder == set(_linears(model, "decoder.", ".q")) and len(decoder) == 4  # self- and cross-attention q
-    everything = {e.name for e in _sweep_pairing(b, b, plan=None, roles=("q",)).entries}
+    everything = _truncated(b, ("q",))
     assert everything == names | decoder  # negative control: without stacks, both
 
 
