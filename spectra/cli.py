@@ -536,8 +536,10 @@ def extract(
                                       [m.name for m in result.modules], rows,
                                       ("rank", "alpha", "‖ΔW‖_F", "error ‖ΔW − BA‖_F", "energy kept")))
     for note in result.notes:
-        typer.secho(f"note: {note}", fg="yellow", err=True)
+        typer.secho(f"note: {_cli_words(note, ['extract'])}", fg="yellow", err=True)
     onto = f"a {result.model_class}" if result.model_class else "the model"
+    if result.vocab_size is not None:  # whole embedding/head rows of TUNED's resized vocabulary: resize first
+        onto += f" resized to the fine-tune's vocabulary, model.resize_token_embeddings({result.vocab_size}),"
     typer.echo(f"adapter: {output}  (load onto {onto} with peft.PeftModel.from_pretrained(model, '{output}'))")
 
 
@@ -1124,7 +1126,18 @@ def _cli_message(err: Exception, argv: list[str]) -> str:
     ``--energy``, ``max_rank`` → ``--max-rank``), and the NaN/Inf error's hint names --skip-nonfinite only where the
     command has it. A field is read as one where it is qualified, assigned, holds an underscore or opens the
     message: a plain word ("the rank of") stays prose. A field the command has no option for stays as it is."""
+    from spectra.errors import NonFiniteWeightError
+
     text = str(err)
+    if isinstance(err, NonFiniteWeightError) and "skip_nonfinite" not in _command_options(argv):
+        from spectra.checkpoints.pairing import SKIP_NONFINITE_HINT  # a broken checkpoint: re-saved, not skipped
+
+        text = text.replace(" " + SKIP_NONFINITE_HINT, "")
+    return _cli_words(text, argv)
+
+
+def _command_options(argv: list[str]) -> dict[str, tuple[str, bool, str | None]]:
+    """The options of the command `argv` runs: parameter name → (its --option, whether a flag, its --no- form)."""
     words = [a for a in argv if not a.startswith("-")]
     command = typer.main.get_command(app)  # click's objects (typer's own copy of click: asked by what they hold)
     for name in words[:2]:
@@ -1132,19 +1145,18 @@ def _cli_message(err: Exception, argv: list[str]) -> str:
             break
         command = command.commands.get(name)
         if command is None:
-            return text
+            return {}
     if hasattr(command, "commands"):
-        return text
-    options = {p.name: (max((o for o in p.opts if o.startswith("--")), key=len), p.is_flag,
-                        next(iter(p.secondary_opts), None))  # --no-noise of --noise
-               for p in command.params
-               if p.param_type_name == "option" and any(o.startswith("--") for o in p.opts)}
-    from spectra.errors import NonFiniteWeightError
+        return {}
+    return {p.name: (max((o for o in p.opts if o.startswith("--")), key=len), p.is_flag,
+                     next(iter(p.secondary_opts), None))  # --no-noise of --noise
+            for p in command.params if p.param_type_name == "option" and any(o.startswith("--") for o in p.opts)}
 
-    if isinstance(err, NonFiniteWeightError) and "skip_nonfinite" not in options:  # a broken checkpoint: re-saved
-        from spectra.checkpoints.pairing import SKIP_NONFINITE_HINT
 
-        text = text.replace(" " + SKIP_NONFINITE_HINT, "")
+def _cli_words(text: str, argv: list[str]) -> str:
+    """`text` (an error or a note of the library) with the fields it names as the options of the command `argv`
+    runs (see :func:`_cli_message`)."""
+    options = _command_options(argv)
 
     def option(match: re.Match) -> str:
         field, value = match.group(1), match.group(2)

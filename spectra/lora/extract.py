@@ -68,6 +68,9 @@ class ExtractResult:
     # what the adapter holds only in part (also PeftConfigWarnings), then what collecting the calibration decided
     # (its Calibration.notes: texts cut to the model's positions)
     notes: list[str] = field(default_factory=list)
+    # TUNED's vocabulary, where the adapter saves an embedding or head of a resized vocabulary whole: the model is
+    # resized to it (resize_token_embeddings) before the adapter loads. None: it loads onto the base as it is
+    vocab_size: int | None = None
 
 
 def extract_adapter(base, tuned, plan_or_rank, out_dir: str | os.PathLike, *, roles: tuple[str, ...] | None = None,
@@ -174,6 +177,7 @@ def extract_adapter(base, tuned, plan_or_rank, out_dir: str | os.PathLike, *, ro
         plan.check_base(pairing.base)
     save_names = _modules_to_save(pairing, modules_to_save)
     saved_modules = sorted({n.rsplit(".", 1)[0] for n in save_names})
+    vocabulary_notes, vocab_size = _resized_vocabulary(pairing, selected, saved_modules)  # may refuse: before work
     model_class, model = _adapter_model(pairing, model_class, selected, saved_modules)  # None: no config.json
     model_names = _model_names(selected, model, model_class)  # checkpoint module name -> the model's
     ranks_of = {}  # every module's (rank, alpha, scaling s), checked before any work starts
@@ -266,10 +270,42 @@ def extract_adapter(base, tuned, plan_or_rank, out_dir: str | os.PathLike, *, ro
         warnings.warn(note, PeftConfigWarning, stacklevel=2)
     if lacking:  # a stack asked for that the pair lacks: said, not warned as the adapter's
         notes.append(lacking)
+    notes += vocabulary_notes
     if calibration is not None:
         notes += calibration.notes
     return ExtractResult(out_dir, results, sorted({n.rsplit(".", 1)[0] for n in save_names}), config, model_class,
-                         notes)
+                         notes, vocab_size)
+
+
+def _resized_vocabulary(pairing: Pairing, selected: list, saved_modules: list[str]) -> tuple[list[str], int | None]:
+    """What a vocabulary resized in TUNED (rows added to its embedding and head) means for the adapter: a note per
+    resized matrix, and the vocabulary the model must be resized to before loading (None: the base's, as it is).
+
+    A LoRA of a resized matrix covers the rows both sides hold (ΔW is defined there only), so it is for the base's
+    vocabulary; one saved whole (modules_to_save) holds TUNED's rows, so the model is resized first. An adapter
+    needing both loads onto no model: refused.
+    """
+    resized = [e for e in pairing.entries if e.kind == "matrix" and e.added_rows]
+    lora = {e.name for e in selected}
+    saved = [e for e in resized if e.name in saved_modules]
+    covered = [e for e in resized if e.name in lora]
+    if saved and covered:
+        raise ConfigError(f"the vocabulary is resized in TUNED ({covered[0].added_rows} rows added): a LoRA of "
+                          f"{covered[0].name} covers the base's {covered[0].shape[0]} rows, while {saved[0].name}, "
+                          f"saved whole, holds TUNED's {saved[0].shape[0] + saved[0].added_rows}; no model loads "
+                          "both. Save both whole (modules_to_save) or leave the embedding out of the LoRA roles.")
+    notes = []
+    for e in resized:
+        rows, total = e.shape[0], e.shape[0] + e.added_rows
+        if e in saved:
+            notes.append(f"{e.name}: saved whole from TUNED, {total} rows (the base's vocabulary has {rows}): resize "
+                         f"the model first, model.resize_token_embeddings({total}), then load the adapter")
+        else:
+            notes.append(f"{e.name}: vocabulary resized, {e.added_rows} rows added in TUNED; "
+                         + (f"the LoRA covers the {rows} shared rows" if e in covered else "not in the adapter")
+                         + f", so the adapter is for the base's {rows}-token vocabulary and the added rows' "
+                         "fine-tuned values are not in it (modules_to_save holds the whole tuned matrix)")
+    return notes, (saved[0].shape[0] + saved[0].added_rows if saved else None)
 
 
 def _in_parallel(fn, entries: list, n: int, threads: int, bar):
