@@ -35,6 +35,12 @@ class ConfigTargets:
     ranks, alphas : dict
         Each targeted name → the ``r`` / ``lora_alpha`` PEFT gives it: the value of the first
         pattern key that matches it, else the config's global one.
+    applied : dict
+        ``"rank_pattern"`` / ``"alpha_pattern"`` → each targeted name that a key matches → the key PEFT applies
+        to it, the first that matches (a later key matching it too is ignored there).
+    withheld : dict
+        Each ``target_modules`` list entry → the modules it names that PEFT does not wrap all the same → the
+        field that keeps it from wrapping them (``"exclude_modules"`` or ``"modules_to_save"``).
     """
 
     modules: frozenset[str]
@@ -43,6 +49,8 @@ class ConfigTargets:
     keys: dict[str, dict[str, tuple[str, ...]]]
     ranks: dict[str, int]
     alphas: dict[str, float]
+    applied: dict[str, dict[str, str]]
+    withheld: dict[str, dict[str, str]]
 
 
 def config_targets(config, module_names: Iterable[str], *, parameter_names: Iterable[str] = ()) -> ConfigTargets:
@@ -61,21 +69,24 @@ def config_targets(config, module_names: Iterable[str], *, parameter_names: Iter
     Raises
     ------
     ConfigError
-        ``target_modules="all-linear"``: PEFT resolves that from the modules' types, not names.
+        ``target_modules="all-linear"`` (in any case, as PEFT lower-cases it): PEFT resolves that from the
+        modules' types, not names.
     """
     module_names, parameter_names = list(module_names), list(parameter_names)
     targets, excluded = _field(config, "target_modules"), _excluded(config, module_names)
     entries: dict[str, dict[str, tuple[str, ...]]] = {"target_modules": {}, "target_parameters": {}}
+    withheld: dict[str, dict[str, str]] = {}
     if isinstance(targets, str):
-        if targets == "all-linear":
-            raise ConfigError("target_modules='all-linear' is PEFT's shorthand for every Linear but the output layer, "
-                              "resolved from the model's module types: list the modules instead.")
+        if targets.lower() == "all-linear":
+            raise ConfigError(f"target_modules={targets!r} is PEFT's shorthand for every Linear but the output "
+                              "layer, resolved from the model's module types: list the modules instead.")
         modules = {n for n in module_names if re.fullmatch(targets, n)}
     else:
         index = _by_suffix(module_names)
-        entries["target_modules"] = {t: tuple(sorted(index.get(t, set()) - excluded)) for t in targets or ()}
+        entries["target_modules"] = {t: tuple(sorted(index.get(t, set()) - set(excluded))) for t in targets or ()}
+        withheld = {t: {n: excluded[n] for n in sorted(index.get(t, set()) & set(excluded))} for t in targets or ()}
         modules = set().union(*entries["target_modules"].values())
-    modules -= excluded
+    modules -= set(excluded)
     index = _by_suffix(parameter_names)
     entries["target_parameters"] = {t: tuple(sorted(index.get(t, ())))
                                     for t in _field(config, "target_parameters") or ()}
@@ -89,13 +100,15 @@ def config_targets(config, module_names: Iterable[str], *, parameter_names: Iter
             for name in hits:
                 first[field].setdefault(name, key)
     targeted = modules | parameters
+    applied = {field: {n: key for n, key in first[field].items() if n in targeted} for field in first}
     rank_pattern, alpha_pattern = _field(config, "rank_pattern") or {}, _field(config, "alpha_pattern") or {}
     r, alpha = _field(config, "r", 8), _field(config, "lora_alpha", 8)  # LoraConfig's defaults
     return ConfigTargets(
         frozenset(modules), frozenset(parameters), entries, keys,
-        ranks={n: rank_pattern[first["rank_pattern"][n]] if n in first["rank_pattern"] else r for n in targeted},
-        alphas={n: alpha_pattern[first["alpha_pattern"][n]] if n in first["alpha_pattern"] else alpha
-                for n in targeted})
+        ranks={n: rank_pattern[applied["rank_pattern"][n]] if n in applied["rank_pattern"] else r for n in targeted},
+        alphas={n: alpha_pattern[applied["alpha_pattern"][n]] if n in applied["alpha_pattern"] else alpha
+                for n in targeted},
+        applied=applied, withheld=withheld)
 
 
 def _field(config, name: str, default: Any = None) -> Any:
@@ -113,17 +126,18 @@ def _by_suffix(names: list[str]) -> dict[str, set[str]]:
     return index
 
 
-def _excluded(config, module_names: list[str]) -> set[str]:
-    """The modules PEFT never wraps: ``exclude_modules``' (matched as ``target_modules`` is) and those in or under a
-    module of ``modules_to_save`` (its key ``re.match(rf"(^|.*\\.){m}($|\\..*)", name)``)."""
+def _excluded(config, module_names: list[str]) -> dict[str, str]:
+    """The modules PEFT never wraps → the field that keeps them out: ``exclude_modules``' (matched as
+    ``target_modules`` is) and those in or under a module of ``modules_to_save`` (its key
+    ``re.match(rf"(^|.*\\.){m}($|\\..*)", name)``)."""
     exclude, saved = _field(config, "exclude_modules"), _field(config, "modules_to_save") or ()
-    out = set()
+    out = {n: "modules_to_save" for n in module_names if any(re.match(rf"(^|.*\.){m}($|\..*)", n) for m in saved)}
     if isinstance(exclude, str):
-        out = {n for n in module_names if re.fullmatch(exclude, n)}
+        out |= {n: "exclude_modules" for n in module_names if re.fullmatch(exclude, n)}
     elif exclude:
         index = _by_suffix(module_names)
-        out = set().union(*(index.get(e, ()) for e in exclude))
-    return out | {n for n in module_names if any(re.match(rf"(^|.*\.){m}($|\..*)", n) for m in saved)}
+        out |= {n: "exclude_modules" for e in exclude for n in index.get(e, ())}
+    return out
 
 
 def peft_converted(config, model) -> dict | None:

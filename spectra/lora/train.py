@@ -735,29 +735,39 @@ def quiet_peft(model=None, adapter=None):
     """Silence transformers' own ``is_gradient_checkpointing`` deprecation, raised inside PEFT; with the `model` and
     the `adapter` PEFT is about to put on it (a ``LoraConfig``, or a saved adapter's directory), also PEFT's
     warning that rank_pattern / alpha_pattern keys "did not match any targeted module", where every key it lists
-    names a parameter the adapter targets (:func:`parameter_pattern_keys`).
+    is one PEFT applies to a parameter the adapter targets (:func:`parameter_pattern_keys`).
 
     PEFT 0.21 checks those keys against the targeted *modules* only, so the keys of ``target_parameters`` (an
     MoE's fused experts; the ``.*\\.gate_up_proj`` its conversion of transformers-5 MoE configs writes itself) are
     listed although PEFT applies them (tests/lora/test_train.py's plan over Mixtral's experts checks the ranks). A
-    warning that lists any other key, and every other warning, is shown as before.
+    warning that lists any other key (one naming nothing, in PEFT's case-sensitive match; one an earlier key
+    overrides), and every other warning, is shown as before.
     """
-    keys = parameter_pattern_keys(model, adapter) if model is not None and adapter is not None else []
+    keys = parameter_pattern_keys(model, adapter) if model is not None and adapter is not None else {}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        if keys:  # the message PEFT writes, listing sorted(unmatched) as a Python list: only these keys in it
-            key = "|".join(re.escape(repr(k)) for k in keys)
+        for field, applied in keys.items():
+            if not applied:
+                continue
+            # the message PEFT writes, listing sorted(unmatched) as a Python list: only these keys in it. The
+            # warnings module matches `message` ignoring case; PEFT's keys are matched with it: (?-i:…)
+            key = "|".join(re.escape(repr(k)) for k in applied)
             warnings.filterwarnings("ignore", category=RuntimeWarning,
-                                    message=rf"The following (rank|alpha)_pattern keys did not match any targeted "
-                                            rf"module and were ignored: \[(?:{key})(?:, (?:{key}))*\]\.$")
+                                    message=rf"(?-i:The following {field} keys did not match any targeted module "
+                                            rf"and were ignored: \[(?:{key})(?:, (?:{key}))*\]\.$)")
         yield
 
 
-def parameter_pattern_keys(model, adapter) -> list[str]:
-    """The rank_pattern / alpha_pattern keys of `adapter` (a ``LoraConfig`` or a saved adapter's directory), as PEFT
-    will hold them on `model` (after its ``convert_peft_config_for_transformers``), that name a parameter among
-    its ``target_parameters``: PEFT's own match, ``(.*\\.)?(key)$``, of a full parameter name of `model`."""
+def parameter_pattern_keys(model, adapter) -> dict[str, list[str]]:
+    """``"rank_pattern"`` / ``"alpha_pattern"`` → the keys of `adapter` (a ``LoraConfig`` or a saved adapter's
+    directory), as PEFT will hold them on `model` (after its ``convert_peft_config_for_transformers``), that PEFT
+    applies to a parameter among its ``target_parameters``: the first key of the field, in the config's order, that
+    matches the parameter's full name (PEFT's ``get_pattern_key``, as
+    :func:`~spectra.checkpoints.peft_match.config_targets` reads it). A key that matches a parameter only after an
+    earlier key is not applied there."""
     from peft import LoraConfig
+
+    from spectra.checkpoints.peft_match import config_targets
 
     config = copy.deepcopy(adapter) if isinstance(adapter, LoraConfig) else LoraConfig.from_pretrained(str(adapter))
     try:
@@ -766,17 +776,15 @@ def parameter_pattern_keys(model, adapter) -> list[str]:
         convert_peft_config_for_transformers(config, model=model, conversions=None)
     except (ImportError, ValueError):  # a PEFT without the conversion, or a config it refuses (PEFT says so itself)
         pass
-    targets = list(getattr(config, "target_parameters", None) or ())
-    names = [n for n, _ in model.named_parameters() if any(n == t or n.endswith("." + t) for t in targets)]
-    keys = set(config.rank_pattern or {}) | set(config.alpha_pattern or {})
-
-    def names_a_parameter(key: str) -> bool:
-        try:
-            return any(re.match(rf"(.*\.)?({key})$", n) for n in names)
-        except re.error:
-            return False
-
-    return sorted(k for k in keys if names_a_parameter(k))
+    fields = ("rank_pattern", "alpha_pattern")
+    on_parameters = {"target_parameters": list(getattr(config, "target_parameters", None) or ())}
+    on_parameters |= {field: dict(getattr(config, field, None) or {}) for field in fields}
+    try:
+        found = config_targets(on_parameters, [], parameter_names=[n for n, _ in model.named_parameters()])
+    except re.error:  # a key that is no regex: PEFT fails on it itself
+        return {field: [] for field in fields}
+    return {field: sorted({found.applied[field][n] for n in found.parameters if n in found.applied[field]})
+            for field in fields}
 
 
 def wrap_model(model, config: TrainConfig, *, task: str, notes: list[str] | None = None):

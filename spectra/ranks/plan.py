@@ -411,7 +411,13 @@ def check_peft_config(config: Mapping, module_names: Iterable[str], *,
     problems, matched = [], {}
     for field_name, what in (("target_modules", "modules"), ("target_parameters", "parameters")):
         for entry, hits in found.entries[field_name].items():
-            if len(hits) != 1:
+            withheld = found.withheld.get(entry) if field_name == "target_modules" and not hits else None
+            if withheld:  # it names modules, which modules_to_save or exclude_modules keeps PEFT from wrapping
+                by_field = {why: [n for n, w in withheld.items() if w == why] for why in withheld.values()}
+                problems.append(f"{field_name} entry {entry!r} matches 0 modules PEFT wraps: it names "
+                                + " and ".join(f"{', '.join(names)}, which {why} keeps PEFT from wrapping"
+                                               for why, names in by_field.items()))
+            elif len(hits) != 1:
                 problems.append(f"{field_name} entry {entry!r} matches {len(hits)} {what}")
             else:
                 matched[entry] = hits[0]

@@ -25,6 +25,8 @@ CONFIGS = {  # family, config: short names, a regex, full names, regex pattern k
                                "rank_pattern": {r"mlp\.c_proj": 4}}),
     "excluded": ("llama", {"target_modules": ["q_proj", "o_proj"],
                            "exclude_modules": ["model.layers.0.self_attn.o_proj"], "r": 2}),
+    "saved or excluded": ("llama", {"target_modules": ["q_proj", "lm_head", "o_proj"], "modules_to_save": ["lm_head"],
+                                    "exclude_modules": ["model.layers.1.self_attn.o_proj"], "r": 2}),
     "target_parameters": ("mixtral", {
         "target_modules": ["q_proj"], "r": 2, "lora_alpha": 4,
         "target_parameters": ["mlp.experts.gate_up_proj", "layers.1.mlp.experts.down_proj"],
@@ -42,17 +44,19 @@ def peft_wraps(model, config: dict) -> dict[str, tuple[int, float]]:
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # PEFT's notes on fan_in_fan_out and tiny models
-        wrapped = get_peft_model(copy.deepcopy(model), LoraConfig(**config))
+        # a copy: PEFT's conversion of an MoE config writes its own keys into the rank_pattern dict it is given
+        wrapped = get_peft_model(copy.deepcopy(model), LoraConfig(**copy.deepcopy(config)))
     return {name: (layer.r["default"], layer.lora_alpha["default"]) for name, layer in peft_wrapped(wrapped).items()}
 
 
 @pytest.mark.parametrize("case", list(CONFIGS))
 def test_config_targets_are_what_peft_wraps_at_the_rank_and_alpha_it_gives(case):
     family, config = CONFIGS[case]
-    model = _model(family)
+    model, written = _model(family), copy.deepcopy(config)
     found = config_targets(config, [n for n, _ in model.named_modules() if n],
                            parameter_names=[n for n, _ in model.named_parameters()])
     wrapped = peft_wraps(model, config)
+    assert config == written  # neither PEFT nor config_targets changed the config the next case reads
     assert found.modules | found.parameters == set(wrapped) and wrapped, case
     assert {n: (found.ranks[n], found.alphas[n]) for n in wrapped} == wrapped, case
     if case == "regex pattern keys":  # the first key in the config's order wins, as in PEFT
@@ -66,6 +70,10 @@ def test_config_targets_are_what_peft_wraps_at_the_rank_and_alpha_it_gives(case)
     if case == "excluded":
         assert "model.layers.0.self_attn.o_proj" not in found.modules
         assert "model.layers.1.self_attn.o_proj" in found.modules
+    if case == "saved or excluded":  # named by target_modules, left out by PEFT: withheld, and why
+        assert "lm_head" not in wrapped and not found.entries["target_modules"]["lm_head"]
+        assert found.withheld == {"q_proj": {}, "lm_head": {"lm_head": "modules_to_save"},
+                                  "o_proj": {"model.layers.1.self_attn.o_proj": "exclude_modules"}}
 
 
 def test_peft_converted_is_the_config_peft_wraps_on_a_transformers_5_moe():
@@ -90,6 +98,24 @@ def test_peft_converted_is_the_config_peft_wraps_on_a_transformers_5_moe():
     assert set(peft_converted(config, build_model("llama"))["target_modules"]) == set(config["target_modules"])
 
 
-def test_all_linear_is_refused_by_name():
-    with pytest.raises(ConfigError, match="all-linear"):
-        config_targets({"target_modules": "all-linear"}, ["model.layers.0.self_attn.q_proj"])
+def test_the_first_matching_key_is_the_one_applied():
+    """applied names, per targeted name, the key PEFT gives it (the first in the config's order); a later key that
+    matches it too is not applied there. Checked against the rank PEFT gives."""
+    family, config = CONFIGS["regex pattern keys"]
+    model = _model(family)
+    found = config_targets(config, [n for n, _ in model.named_modules() if n])
+    wrapped = peft_wraps(model, config)
+    k0, k1 = "model.layers.0.self_attn.k_proj", "model.layers.1.self_attn.k_proj"
+    assert found.applied["rank_pattern"][k0] == r"layers\.0\..*_proj" and wrapped[k0][0] == 5
+    assert found.applied["rank_pattern"][k1] == "k_proj" and wrapped[k1][0] == 3
+    assert set(found.applied["rank_pattern"]) <= set(wrapped)  # targeted names only
+
+
+@pytest.mark.parametrize("shorthand", ["all-linear", "ALL-LINEAR", "All-Linear"])
+def test_all_linear_is_refused_by_name_in_any_case(shorthand):
+    """PEFT lower-cases target_modules before it compares it with its shorthand: 'ALL-LINEAR' wraps every Linear
+    but the head (PEFT itself, below), where read as a regex it would match no module."""
+    with pytest.raises(ConfigError, match=rf"target_modules='{shorthand}' is PEFT's shorthand"):
+        config_targets({"target_modules": shorthand}, ["model.layers.0.self_attn.q_proj"])
+    wrapped = peft_wraps(build_model("llama"), {"target_modules": shorthand})
+    assert "model.layers.0.self_attn.q_proj" in wrapped and "lm_head" not in wrapped

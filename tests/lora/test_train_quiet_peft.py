@@ -45,7 +45,7 @@ def _expert_rank(peft_model) -> int:
 def test_the_warning_of_a_target_parameters_key_is_silenced_and_its_rank_applied():
     model = tiny_moe("mixtral")
     config = _config(rank_pattern={EXPERTS: 4}, alpha_pattern={EXPERTS: 8})
-    assert parameter_pattern_keys(model, config) == [EXPERTS]
+    assert parameter_pattern_keys(model, config) == {"rank_pattern": [EXPERTS], "alpha_pattern": [EXPERTS]}
     loud, said = _wrap(model, config)  # negative control: PEFT warns of both patterns
     assert sum(UNMATCHED in s for s in said) == 2 and _expert_rank(loud) == 4
     quiet, said = _wrap(model, config, model, config)
@@ -56,12 +56,30 @@ def test_the_warning_of_a_target_parameters_key_is_silenced_and_its_rank_applied
     {"rank_pattern": {"model.layers.0.self_attn.no_such_proj": 4}},  # a key naming nothing
     {"rank_pattern": {EXPERTS: 4, "no_such_proj": 4}},  # a target parameter's key beside one naming nothing
     {"rank_pattern": {"model.layers.1.mlp.experts.gate_up_proj": 4}},  # a parameter the adapter does not target
+    # PEFT matches keys with case: Gate_Up_Proj names nothing (the warnings module matches its filter without)
+    {"rank_pattern": {EXPERTS: 4, "model.layers.0.mlp.experts.Gate_Up_Proj": 6}},
+    {"alpha_pattern": {EXPERTS: 4, "model.layers.0.mlp.experts.Gate_Up_Proj": 6}},
 ])
 def test_a_key_naming_no_target_parameter_still_warns(patterns):
     model = tiny_moe("mixtral")
     config = _config(**patterns)
+    _, loud = _wrap(model, config)
     _, said = _wrap(model, config, model, config)
-    assert [s for s in said if UNMATCHED in s], patterns
+    assert [s for s in said if UNMATCHED in s] == [s for s in loud if UNMATCHED in s] != [], patterns
+
+
+def test_a_key_an_earlier_key_overrides_still_warns():
+    """PEFT gives a parameter the first key that matches it: with rank_pattern {gate_up_proj: 3, EXPERTS: 4} the
+    experts get rank 3 and EXPERTS is ignored, so its warning stays. Alone, gate_up_proj is applied and silenced."""
+    model = tiny_moe("mixtral")
+    config = _config(rank_pattern={"gate_up_proj": 3, EXPERTS: 4})
+    assert parameter_pattern_keys(model, config)["rank_pattern"] == ["gate_up_proj"]
+    quiet, said = _wrap(model, config, model, config)
+    assert _expert_rank(quiet) == 3  # PEFT's own: the first key
+    assert [s for s in said if UNMATCHED in s and repr(EXPERTS) in s]
+    alone = _config(rank_pattern={"gate_up_proj": 3})  # negative control: without the overridden key, no warning
+    quiet, said = _wrap(model, alone, model, alone)
+    assert _expert_rank(quiet) == 3 and not [s for s in said if UNMATCHED in s]
 
 
 def test_other_peft_warnings_still_show():
