@@ -114,6 +114,15 @@ class ModelShape:
                                    experts=1, experts_per_token=1, shared_intermediate=0, router_parameter=False,
                                    dense_layers=())
 
+    def cached_tokens(self, seq_len: int) -> int:
+        """Tokens of one sequence of ``seq_len`` that transformers' DynamicCache holds, summed over the layers: a
+        sliding layer's (``windows``: DynamicSlidingWindowLayer) keeps the last window − 1 once the sequence is
+        longer (the token the next step adds completes its window), a full-attention layer every token."""
+        if not self.windows:
+            return self.layers * seq_len
+        # DynamicSlidingWindowLayer keeps keys[:, :, -window + 1:]: every token under a window of 1 (a slice from 0)
+        return sum(min(seq_len, window - 1) if window > 1 else seq_len for window in self.windows)
+
     @property
     def linear_params(self) -> int:
         """The blocks' weight matrices (experts expanded, routers included), every layer's own."""
