@@ -127,3 +127,30 @@ def test_an_analysis_written_before_the_option_still_loads_and_renders(tmp_path)
     old = AnalysisResult.load(tmp_path / "old")
     assert "base_rounding" not in old.module(Q)["noise"]
     assert "Noise floor" not in (old.write_report(tmp_path / "old_report") / "report.md").read_text()
+
+
+def test_quantised_pairs_keep_their_grid_rule_and_a_forced_exact_drops_the_base_grid(tmp_path):
+    """Two FP8 releases (both sides re-quantised, 16 × 16 blocks): "auto" keeps the pairing's rule, both grids
+    counted, the floor as it was ("counted" gives the same). Forced "exact" keeps the fine-tune's grid alone: its
+    variance (spacing × scale)² / 12 per element from the stored codes (numpy, enumerating e4m3's grid), and the
+    Bandeira–van Handel edge max_i √Σ_j v_ij + max_j √Σ_i v_ij of those variances."""
+    import numpy as np
+    from safetensors.torch import load_file
+
+    from tests.checkpoints.test_quantized import _requantised_pair, _spacing_fp8
+
+    b, t, name = _requantised_pair(tmp_path, "fp8")
+    rows = {c: next(r for r in analyze(b, t, AnalysisConfig(dtype="float64", base_rounding=c), cache_dir=False,
+                                       progress=False).modules if r["name"] == name)["noise"]
+            for c in ("auto", "counted", "exact")}
+    assert rows["auto"]["base_rounding"] == "counted" and rows["auto"]["sigma_residual"] is None
+    assert {k: rows["auto"][k] for k in ("sigma", "mp_edge")} == {k: rows["counted"][k] for k in ("sigma", "mp_edge")}
+    stored = load_file(str(t / "model.safetensors"))
+    codes = stored[f"{name}.weight"].float().numpy()
+    scales = stored[f"{name}.weight_scale_inv"].double().numpy()
+    variance = (_spacing_fp8(codes) * np.kron(scales, np.ones((16, 16)))) ** 2 / 12
+    assert rows["exact"]["base_rounding"] == "exact"
+    assert rows["exact"]["sigma"] == pytest.approx(float(np.sqrt(variance.mean())), rel=1e-9)
+    edge = np.sqrt(variance.sum(1)).max() + np.sqrt(variance.sum(0)).max()
+    assert rows["exact"]["mp_edge"] == pytest.approx(float(edge), rel=1e-9)
+    assert rows["exact"]["sigma"] < rows["counted"]["sigma"]
