@@ -154,3 +154,17 @@ def test_quantised_pairs_keep_their_grid_rule_and_a_forced_exact_drops_the_base_
     edge = np.sqrt(variance.sum(1)).max() + np.sqrt(variance.sum(0)).max()
     assert rows["exact"]["mp_edge"] == pytest.approx(float(edge), rel=1e-9)
     assert rows["exact"]["sigma"] < rows["counted"]["sigma"]
+
+
+def test_the_cli_passes_the_option_through_and_refuses_a_wrong_one(tmp_path, monkeypatch, capsys):
+    from tests.test_cli import run
+
+    b, t, _ = _llama_pair(tmp_path, "B")
+    code, _, _ = run(monkeypatch, capsys, "analyze", b, t, "-o", tmp_path / "r", "--roles", "q", "--no-cache", "-q",
+                     "--base-rounding", "exact")
+    data = json.loads((tmp_path / "r" / "analysis.json").read_text())
+    assert code == 0 and data["config"]["base_rounding"] == "exact"
+    assert data["modules"][0]["noise"]["base_rounding"] == "exact"  # B holds both, but the user's word is taken
+    code, out, err = run(monkeypatch, capsys, "analyze", b, t, "-o", tmp_path / "r2", "--no-cache", "-q",
+                         "--base-rounding", "sometimes")
+    assert code != 0 and "--base-rounding: 'sometimes' is not one of auto, counted, exact" in err
