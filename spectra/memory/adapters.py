@@ -7,8 +7,9 @@ from typing import Any, NamedTuple
 
 from spectra.checkpoints.architectures import missing_stacks, role_selected, stack_selected
 from spectra.errors import ConfigError
-from spectra.memory.shape import ModelShape
+from spectra.memory.shape import ModelShape, model_shape
 from spectra.ranks import RankPlan
+from spectra.ranks.plan import base_config
 
 
 # LoRA's usual targets: every linear layer of the blocks ("all-linear", as QLoRA recommends [3]); an MoE's are
@@ -33,6 +34,57 @@ class _Adapter(NamedTuple):
     @property
     def params(self) -> int:
         return self.rank * max(self.experts, 1) * (self.d_in + self.d_out)
+
+
+def _check_plan_base(shape: ModelShape, plan: RankPlan) -> None:
+    """Refuse a plan made on another model, as ``spectra train``, ``extract`` and ``sweep`` refuse a plan of another
+    base (:meth:`~spectra.ranks.RankPlan.check_base`): its ranks would be summed over modules this model lacks or has
+    otherwise shaped (a 2-layer Llama's plan read on Llama-2-7B: 2,016 trainable parameters).
+
+    The memory model reads a config alone, so it compares configs, not the weights' fingerprint: the config.json
+    beside the plan's analysed base (where it is still there) must describe the layers and linear layers this one
+    does, and every planned module must be one of this model's: its layer among the layers, and a block linear of its
+    role (an MoE's experts aside) of the planned (out, in). A same-shaped model (the base's fine-tune, a copy) passes:
+    its estimate is the same."""
+    again = ("Re-run `spectra analyze` and `spectra recommend` on this model's base (or estimate an int rank, "
+             "--rank, instead of --plan).")
+    recorded = base_config(plan.base)
+    if recorded is not None:
+        try:
+            planned = model_shape(recorded)
+        except ConfigError:  # a base the memory model does not describe: its modules are checked below
+            planned = None
+        if planned is not None and _layout(planned) != _layout(shape):
+            theirs, ours = _describe(planned), _describe(shape)
+            if theirs == ours:  # the same depth and width: the linears differ (the MLP's width, the heads)
+                theirs, ours = (f"{d}, linears {_linears(s)}" for d, s in ((theirs, planned), (ours, shape)))
+            raise ConfigError(f"the plan was made from an analysis of another model ({plan.base['path']}: "
+                              f"{theirs}), not of this config ({ours}). {again}")
+    for m in plan.modules:
+        if m.layer is not None and not 0 <= m.layer < shape.layers:
+            raise ConfigError(f"the plan was made from an analysis of another model: {m.name} is in layer {m.layer}, "
+                              f"and this {shape.family} config has {shape.layers} layers. {again}")
+        if m.layer is None or ".experts." in m.name:
+            continue
+        held = {(o, i) for role, o, i in shape.block(m.layer).linears if role == m.role}
+        if held and tuple(m.shape) not in held:
+            raise ConfigError(f"the plan was made from an analysis of another model: {m.name} is "
+                              f"{'×'.join(map(str, m.shape))}, and this {shape.family} config's {m.role} projection "
+                              f"is {' or '.join('×'.join(map(str, s)) for s in sorted(held))}. {again}")
+
+
+def _layout(shape: ModelShape) -> tuple:
+    """What a plan's modules depend on: the layers and each block's linear layers (MoE layers' and dense ones')."""
+    return shape.layers, shape.hidden, shape.linears, shape.dense_layers, shape.dense_linears
+
+
+def _describe(shape: ModelShape) -> str:
+    return f"{shape.family}, {shape.layers} layers, hidden size {shape.hidden}"
+
+
+def _linears(shape: ModelShape) -> str:
+    """A block's linear layers as ``q 32×32, k 16×32, …`` (for an error)."""
+    return ", ".join(f"{role} {o}×{i}" for role, o, i in dict.fromkeys(shape.linears))
 
 
 def _adapter_modules(shape: ModelShape, method: str, plan_or_rank: Any, roles: tuple[str, ...] | None,

@@ -13,7 +13,7 @@ from typing import Any
 from spectra.checkpoints.architectures import parse_stacks
 from spectra.errors import ConfigError
 from spectra.memory.activations import _activations, _activations_refused
-from spectra.memory.adapters import _adapter_modules
+from spectra.memory.adapters import _adapter_modules, _check_plan_base
 from spectra.memory.config import load_config
 from spectra.memory.shape import _UNQUANTISED, ModelShape, _meta_model_for, model_shape
 from spectra.ranks import RankPlan
@@ -26,6 +26,7 @@ ATTENTIONS = ("sdpa", "eager")
 NF4_BLOCK = 64          # weights per NF4 absmax constant [3]
 DQ_BLOCK = 256          # absmax constants per second-level fp32 constant with double quantisation [3]
 ADAM8_BLOCK = 256       # bitsandbytes' blockwise 8-bit optimizer states: one fp32 absmax per 256
+DEFAULT_SEQ_LEN = 2048  # a common fine-tuning context; cut to a model's position limit when that is shorter
 
 
 @dataclass(frozen=True)
@@ -94,7 +95,7 @@ class MemoryEstimate:
 
 
 def estimate_memory(config_or_model: Any, *, method: str = "lora", rank_plan_or_rank: RankPlan | int | None = 16,
-                    batch: int = 1, seq_len: int = 2048, precision: str | None = None, optimizer: str = "adamw",
+                    batch: int = 1, seq_len: int | None = None, precision: str | None = None, optimizer: str = "adamw",
                     gradient_checkpointing: bool = True, roles: tuple[str, ...] | None = None,
                     stacks: tuple[str, ...] | None = None, attention: str = "sdpa", double_quant: bool = True,
                     use_cache: bool = True,
@@ -110,10 +111,18 @@ def estimate_memory(config_or_model: Any, *, method: str = "lora", rank_plan_or_
     method : {"full", "lora", "qlora", "dora"}
         Default "lora".
     rank_plan_or_rank : RankPlan or int or None
-        The adapter: a plan (its modules and ranks) or one rank for the modules of ``roles``.
-        Ignored for ``full``. Default 16.
-    batch, seq_len : int
-        Sequences per step and tokens per sequence. Defaults 1 and 2048.
+        The adapter: a plan (its modules and ranks) or one rank (≥ 1) for the modules of ``roles``.
+        Ignored for ``full``. Default 16. A plan must be of this model: one made on another (whose analysed base's
+        config.json describes other layers, or whose modules this model lacks or shapes otherwise) is refused, as
+        ``spectra train`` refuses a plan of another base.
+    batch : int
+        Sequences per step (≥ 1). Default 1.
+    seq_len : int, optional
+        Tokens per sequence. Default 2048, or the model's position limit when shorter
+        (``max_position_embeddings``, GPT-2's ``n_positions``: :func:`spectra.lora.data.position_limit`, as
+        ``spectra train`` reads it), which ``notes`` then says. A length beyond a table of learned positions
+        (GPT-2's, BERT's) is refused: the model cannot run it; beyond the positions a rotary model is configured
+        for, it is estimated with a note.
     precision : {"fp32", "bf16", "fp16", "mixed"}
         Dtype of the model's weights and activations. ``"mixed"`` is bf16 weights and
         activations with fp32 master weights in the optimizer [1]_. Default: "mixed" for
@@ -125,7 +134,9 @@ def estimate_memory(config_or_model: Any, *, method: str = "lora", rank_plan_or_
     gradient_checkpointing : bool
         Which activation figure ``training_total`` uses. Default True.
     roles : tuple of str, optional
-        Roles that an int rank targets, as ``spectra train --roles`` takes them. Default: every linear layer of
+        Roles that an int rank targets, as ``spectra train --roles`` takes them and checked as train checks them
+        (``TrainConfig``: block roles only, spelt as :data:`spectra.lora.train.BLOCK_ROLES` spells them; a role
+        the model lacks is refused). Default: every linear layer of
         the blocks. On an MoE the targets are what ``spectra train`` adapts, asked of its own target selection
         (:func:`spectra.lora.train.peft_targets`): the roles' Linear modules and the routed experts' fused
         ``gate_up_proj`` (gate or up; at r) and ``down_proj`` (down), never a router; with DoRA or QLoRA the
@@ -155,7 +166,10 @@ def estimate_memory(config_or_model: Any, *, method: str = "lora", rank_plan_or_
         Default "sdpa".
     double_quant : bool
         QLoRA only: bitsandbytes' double quantisation of the NF4 absmax constants
-        (``bnb_4bit_use_double_quant``, what ``spectra train`` uses) [3]_. Default True.
+        (``bnb_4bit_use_double_quant``, what ``spectra train`` uses) [3]_. Default True. QLoRA on a model
+        with a 4-bit layer of fewer than 64 input features (bitsandbytes' blocks), among the layers text runs
+        through, which ``spectra train`` refuses (the first forward pass would fail), is estimated with a note
+        that says so.
     use_cache : bool
         transformers' ``use_cache`` in training without checkpointing: decoders then build a
         ``DynamicCache`` in every forward, whose ``torch.cat`` copies K and V. Where Q, K and V are
@@ -239,19 +253,27 @@ def estimate_memory(config_or_model: Any, *, method: str = "lora", rank_plan_or_
                        ("input_require_grads", input_require_grads)):
         if not isinstance(flag, bool):
             raise ConfigError(f"{name} must be True or False, got {flag!r}.")
-    for name, value in (("batch", batch), ("seq_len", seq_len)):
-        if not isinstance(value, int) or value < 1:
+    for name, value in (("batch (--batch)", batch), ("seq_len (--seq-len)", seq_len)):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
             raise ConfigError(f"{name} must be a positive integer, got {value!r}.")
+    plan = rank_plan_or_rank if isinstance(rank_plan_or_rank, RankPlan) else None
+    _check_rank(rank_plan_or_rank, method)
+    _check_roles(roles, method, plan)
     cfg = load_config(config_or_model)
     shape = model_shape(cfg)
+    notes: list[str] = []
+    seq_len = _seq_len(seq_len, cfg, notes, rotary=shape.rotary)
+    if plan is not None:
+        _check_plan_base(shape, plan)
     if attention == "sdpa" and not shape.sdpa:
         attention = "eager"  # what transformers runs when asked for no implementation (the result says so)
     # the causal LM spectra train loads (AutoModelForCausalLM), on the meta device: built only for an MoE's int rank
     train_model = functools.partial(_meta_model_for, cfg, str(cfg.get("model_type", "")).lower(),
                                     "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES")
-    notes: list[str] = []
     adapter_modules = _adapter_modules(shape, method, rank_plan_or_rank, roles, layers_to_transform,
                                        parse_stacks(stacks), train_model, notes=notes)
+    if method == "qlora" and (narrow := _narrow_4bit_note(shape)):
+        notes.append(narrow)
     if method == "qlora" and shape.experts > 1:
         routed = sum(o * i for block in map(shape.block, range(shape.layers)) for role, o, i in block.linears
                      if role in _UNQUANTISED)
@@ -260,6 +282,78 @@ def estimate_memory(config_or_model: Any, *, method: str = "lora", rank_plan_or_
                      f"{'fp32' if precision == 'fp32' else precision}")
     return _estimate(shape, method, adapter_modules, batch, seq_len, precision, optimizer,
                      gradient_checkpointing, attention, double_quant, use_cache, input_require_grads, notes)
+
+
+def _check_rank(rank_plan_or_rank: Any, method: str) -> None:
+    """An adapter's rank: a plan, or an int ≥ 1 (full fine-tuning takes none; an int given is still checked)."""
+    if isinstance(rank_plan_or_rank, RankPlan) or (rank_plan_or_rank is None and method == "full"):
+        return
+    if not isinstance(rank_plan_or_rank, int) or isinstance(rank_plan_or_rank, bool) or rank_plan_or_rank < 1:
+        raise ConfigError(f"rank_plan_or_rank (--rank) must be a positive integer (or a RankPlan, --plan), got "
+                          f"{rank_plan_or_rank!r}.")
+
+
+def _check_roles(roles: tuple[str, ...] | None, method: str, plan: RankPlan | None) -> None:
+    """Refuse roles the estimate would ignore (full fine-tuning, a plan) and check the others as ``spectra train``
+    does: its own ``TrainConfig`` validation (block roles only, exactly as spelt), not a copy of it."""
+    if roles is None:
+        return
+    if method == "full":
+        raise ConfigError("roles pick the modules an adapter adapts; full fine-tuning trains every weight.")
+    if plan is not None:
+        raise ConfigError("roles go with an int rank; a rank plan adapts the modules it names (plan the roles with "
+                          "`spectra recommend --roles`).")
+    from spectra.lora.train import TrainConfig  # here, not at the top: importing spectra.memory imports no torch
+
+    TrainConfig(method=method, roles=tuple(roles))
+
+
+def _seq_len(seq_len: int | None, cfg: dict, notes: list[str], *, rotary: bool) -> int:
+    """Tokens per sequence: ``seq_len``, or :data:`DEFAULT_SEQ_LEN` cut to the model's position limit (a default is
+    no request, so it is cut to fit, with a note), read as ``spectra train`` reads it
+    (:func:`spectra.lora.data.position_limit`). A ``seq_len`` beyond a table of learned positions is refused (a longer
+    sequence has no position to embed); beyond a rotary model's configured positions it is kept, with a note. The
+    family decides ``rotary`` (``ModelShape.rotary``) where config.json names no rotary key (a Llama config.json of
+    its required keys alone), which position_limit alone would read as a learned table."""
+    from spectra.lora.data import position_limit
+
+    limit = position_limit(cfg)
+    if limit is not None and rotary and limit.learned:
+        limit = dataclasses.replace(limit, positions="rotary")
+    if seq_len is None:
+        if limit is None or limit.length >= DEFAULT_SEQ_LEN:
+            return DEFAULT_SEQ_LEN
+        notes.append(f"seq_len (--seq-len): {limit.length} tokens per sequence, not the default {DEFAULT_SEQ_LEN}: "
+                     f"the model's positions cover {limit.length} ({limit.source} in its config.json)")
+        return limit.length
+    if limit is None or seq_len <= limit.length:
+        return seq_len
+    if limit.learned:
+        raise ConfigError(f"seq_len (--seq-len) {seq_len} is more than the model can take: its table of learned "
+                          f"positions covers {limit.length} tokens ({limit.source} in its config.json), and a longer "
+                          f"sequence has no position to embed. Pass --seq-len {limit.length} or less, or leave it out "
+                          f"for the default ({DEFAULT_SEQ_LEN} tokens, or the model's {limit.length} when fewer).")
+    notes.append(f"seq_len (--seq-len) {seq_len} is beyond the {limit.length} positions the model is configured for "
+                 f"({limit.source} in its config.json): its {limit.positions} positions run past them, but it was "
+                 "not trained on sequences this long")
+    return seq_len
+
+
+def _narrow_4bit_note(shape: ModelShape) -> str | None:
+    """What ``spectra train`` refuses of QLoRA on this model (:func:`spectra.lora.train._check_4bit_widths`, on the
+    loaded model): bitsandbytes' 4-bit layers need at least 64 input features (its blocks of 64), and a narrower one
+    among the layers text runs through fails in the first forward pass. Here on the shape: the blocks' linears that
+    bitsandbytes quantises (a multimodal model's other towers, which text never runs, are not checked, as train does
+    not). A note, not a refusal: bitsandbytes stores such a layer (the bytes are what it holds); only running it fails.
+    None where every such layer is wide enough."""
+    narrow = sorted({(i, role) for layer in range(shape.layers) for role, _, i in shape.block(layer).linears
+                     if role not in _UNQUANTISED and i < NF4_BLOCK})
+    if not narrow:
+        return None
+    width, role = narrow[0]
+    return (f"QLoRA: `spectra train` refuses this model: its {role} projection has {width} input features, and 4-bit "
+            f"layers need at least {NF4_BLOCK} (the first forward pass would fail); the figures are what bitsandbytes "
+            "would store. Train it with --method lora or dora")
 
 
 def _quant_constants(numel: int, double_quant: bool) -> int:
