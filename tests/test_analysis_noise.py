@@ -22,7 +22,7 @@ RANK = 4
 
 
 def _llama_pair(tmp_path, scenario: str):
-    """A one-layer Llama (hidden 128) from config, stored in bf16; q_proj moved by a rank-4 δ of ‖δ‖ = 1 % ‖W‖."""
+    """A one-layer Llama (hidden 128) from config, stored in bf16; q_proj moved by a rank-4 δ, ‖δ‖ = 1 % ‖W‖."""
     import transformers as tf
 
     torch.manual_seed(0)

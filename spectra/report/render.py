@@ -253,7 +253,8 @@ def _summary_items(analysis: Mapping, matrices: list[dict], vectors: list[dict],
 
 
 def _floor_item(analysis: Mapping, matrices: list[dict]) -> str | None:
-    """Which roundings the noise floor holds, counted over the modules (None in files written before it was recorded)."""
+    """Which roundings the noise floor holds, counted over the modules (None in files written before it was
+    recorded)."""
     held = [(r.get("noise") or {}).get("base_rounding") for r in matrices]
     counted, exact = held.count("counted"), held.count("exact")
     if not counted + exact:

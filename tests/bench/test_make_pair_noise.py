@@ -40,8 +40,8 @@ def test_the_exact_floor_is_the_rounding_make_pair_added(default_pair):
 
 
 def test_auto_counts_the_base_where_a_white_tail_at_the_roundings_level_is_in_the_residual(default_pair):
-    """The default tail (3 % of ‖ΔW‖²) is white at ~1.04× the rounding's std per element: no spectrum tells it from the
-    base's rounding, so "auto" errs to the higher floor on every module, which then stands for rounding + tail."""
+    """The default tail (3 % of ‖ΔW‖²) is white at ~1.04× the rounding's std per element: no spectrum tells it
+    from the base's rounding, so "auto" errs to the higher floor on every module, which then stands for rounding + tail."""
     for row, truth in _rows(default_pair, "auto"):
         assert truth["tail_fro"] == pytest.approx(truth["tail_sigma"] * math.sqrt(math.prod(row["shape"])), rel=0.05)
         assert row["noise"]["base_rounding"] == "counted", row["name"]

@@ -20,8 +20,8 @@ M, N, RANK = 256, 384, 6
 
 
 def _planted(seed: int = 0, rel: float = 0.01, tail: float = 0.0):
-    """Weights W (float64, off the bf16 grid) and a rank-6 update δ at ‖δ‖ = rel·‖W‖ (a few bf16 ulps per element),
-    plus white noise of std `tail`·σ_t, σ_t the fine-tune's bf16 rounding std (`tail` > 0: full rank)."""
+    """Weights W (float64, off the bf16 grid) and a rank-6 update δ at ‖δ‖ = rel·‖W‖ (a few bf16 ulps per
+    element), plus white noise of std `tail`·σ_t, σ_t the fine-tune's bf16 rounding std (`tail` > 0: full rank)."""
     g = torch.Generator().manual_seed(seed)
     W = torch.randn(M, N, generator=g, dtype=torch.float64) * 0.02
     U = torch.linalg.qr(torch.randn(M, RANK, generator=g, dtype=torch.float64))[0]
@@ -161,7 +161,8 @@ def test_sampled_floor_settles_as_the_dense_reference(scenario, expected):
         assert floor.sigma == pytest.approx(reference.sigma, rel=1e-9)
         assert floor.mp_edge == pytest.approx(reference.mp_edge, rel=1e-9)
         assert floor.sigma_residual == pytest.approx(reference.sigma_residual, rel=1e-6)
-    assert noise.settle_floor("auto", both, None, s, (M, N), total_energy=fro2, quantised=True).base_rounding == "counted"
+    kept = noise.settle_floor("auto", both, None, s, (M, N), total_energy=fro2, quantised=True)
+    assert kept.base_rounding == "counted" and kept.sigma == both.sigma
 
 
 def test_bad_options_name_themselves():
