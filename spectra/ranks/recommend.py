@@ -319,6 +319,17 @@ def recommend_ranks(analysis: Any, policy: RankPolicy | None = None, *, sweep: A
             left_out.append(LeftOut(s.name, why, needed, math.sqrt(s.fro2)))
         else:
             spectra.append(s)
+    unchanged = sum(m.reason == "unchanged (ΔW = 0)" for m in left_out)
+    if not spectra and unchanged and all(float(r.get("fro_norm") or 0.0) == 0.0 for r in rows
+                                         if r.get("kind", "matrix") == "matrix"):
+        raise ConfigError(f"Every ΔW of the analysis is 0: all {len(left_out)} modules are unchanged, so there is "
+                          "no update to plan. Check that TUNED is the fine-tune (the same checkpoint twice?).")
+    if not spectra and unchanged:
+        chosen = ", ".join(f"{field}={','.join(value) if isinstance(value, tuple) else value}" for field, value in (("roles", policy.roles), ("stacks", policy.stacks),
+                                                                     ("include", policy.include)) if value is not None)
+        raise ConfigError(f"The {unchanged} targeted module(s) are unchanged (ΔW = 0): no update to plan there; "
+                          f"the others changed but are not targeted{f' ({chosen})' if chosen else ''}. Relax "
+                          f"roles/{'stacks/' * (policy.stacks is not None)}include.")
     if not spectra:
         raise ConfigError(f"No module of the analysis is targeted ({len(left_out)} left out; roles={policy.roles}, "
                           + (f"stacks={policy.stacks}, " if policy.stacks is not None else "")
