@@ -746,14 +746,14 @@ def quiet_peft(model=None, adapter=None):
     keys = parameter_pattern_keys(model, adapter) if model is not None and adapter is not None else {}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        for field, applied in keys.items():
+        for pattern, applied in keys.items():
             if not applied:
                 continue
             # the message PEFT writes, listing sorted(unmatched) as a Python list: only these keys in it. The
             # warnings module matches `message` ignoring case; PEFT's keys are matched with it: (?-i:…)
             key = "|".join(re.escape(repr(k)) for k in applied)
             warnings.filterwarnings("ignore", category=RuntimeWarning,
-                                    message=rf"(?-i:The following {field} keys did not match any targeted module "
+                                    message=rf"(?-i:The following {pattern} keys did not match any targeted module "
                                             rf"and were ignored: \[(?:{key})(?:, (?:{key}))*\]\.$)")
         yield
 
@@ -776,15 +776,14 @@ def parameter_pattern_keys(model, adapter) -> dict[str, list[str]]:
         convert_peft_config_for_transformers(config, model=model, conversions=None)
     except (ImportError, ValueError):  # a PEFT without the conversion, or a config it refuses (PEFT says so itself)
         pass
-    fields = ("rank_pattern", "alpha_pattern")
+    patterns = ("rank_pattern", "alpha_pattern")
     on_parameters = {"target_parameters": list(getattr(config, "target_parameters", None) or ())}
-    on_parameters |= {field: dict(getattr(config, field, None) or {}) for field in fields}
+    on_parameters |= {p: dict(getattr(config, p, None) or {}) for p in patterns}
     try:
         found = config_targets(on_parameters, [], parameter_names=[n for n, _ in model.named_parameters()])
     except re.error:  # a key that is no regex: PEFT fails on it itself
-        return {field: [] for field in fields}
-    return {field: sorted({found.applied[field][n] for n in found.parameters if n in found.applied[field]})
-            for field in fields}
+        return {p: [] for p in patterns}
+    return {p: sorted({found.applied[p][n] for n in found.parameters if n in found.applied[p]}) for p in patterns}
 
 
 def wrap_model(model, config: TrainConfig, *, task: str, notes: list[str] | None = None):
