@@ -370,7 +370,8 @@ def recommend(
                                                        "the analysed base, if local.")] = None,
     method: Annotated[str, typer.Option(help="Method for the memory estimate: lora, qlora or dora.")] = "lora",
     batch: Annotated[int, typer.Option(help="Batch size for the memory estimate.")] = 1,
-    seq_len: Annotated[int, typer.Option(help="Sequence length for the memory estimate.")] = 2048,
+    seq_len: Annotated[Optional[int], typer.Option(help="Sequence length for the memory estimate (default 2048, or "
+                                                        "the model's position limit when shorter).")] = None,
     output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Write the plan (with its PEFT config) "
                                                                           "as JSON here (refused if it exists, unless "
                                                                           "--overwrite).")] = None,
@@ -453,7 +454,7 @@ def recommend(
     if plan.budget_gap:
         console.print(f"budget allocation within {plan.budget_gap:.2%} of ΔW energy of the optimum")
     if est is not None:
-        console.print(f"memory ({est.method}, batch {batch} × {seq_len} tokens, {est.precision}): "
+        console.print(f"memory ({est.method}, batch {batch} × {est.seq_len} tokens, {est.precision}): "
                       + ", ".join(f"{name} {format_bytes(n)}" for name, n in est.rows() if n))
         for note in est.notes:
             console.print(escape(f"memory note: {note}"), style="yellow")
@@ -562,12 +563,15 @@ def memory(
                                                        "language,vision adds a VLM's vision tower. Default: the "
                                                        "language model alone, as train's.")] = None,
     batch: Annotated[int, typer.Option(help="Sequences per step.")] = 1,
-    seq_len: Annotated[int, typer.Option(help="Tokens per sequence.")] = 2048,
+    seq_len: Annotated[Optional[int], typer.Option(help="Tokens per sequence (default 2048, or the model's position "
+                                                        "limit when shorter; more than a learned position table, "
+                                                        "GPT-2's or BERT's, is refused).")] = None,
     precision: Annotated[Optional[str], typer.Option(help="fp32, bf16, fp16 or mixed (bf16 weights and activations, "
                                                          "fp32 master weights and Adam states). Default: mixed for "
                                                          "--method full, bf16 otherwise.")] = None,
     optimizer: Annotated[str, typer.Option(help="adamw, adamw_8bit or sgd.")] = "adamw",
-    gradient_checkpointing: Annotated[bool, typer.Option(help="Checkpoint every block.")] = True,
+    gradient_checkpointing: Annotated[bool, typer.Option(help="Checkpoint every block (default: on).",
+                                                         show_default=False)] = True,
     attention: Annotated[str, typer.Option(help="sdpa (no s×s matrix) or eager.")] = "sdpa",
     double_quant: Annotated[bool, typer.Option(help="QLoRA: double-quantised NF4 constants (4.127 bits per "
                                                     "weight; without, 4.5).")] = True,
@@ -576,9 +580,10 @@ def memory(
                                                        "keep no activations.")] = None,
     use_cache: Annotated[bool, typer.Option(help="transformers' use_cache during training without checkpointing "
                                                  "(the config's default: on; it copies K and V every forward).")] = True,
-    input_require_grads: Annotated[bool, typer.Option(help="The embedding output requires grad (PEFT's "
-                                                           "prepare_model_for_kbit_training with reentrant "
-                                                           "checkpointing): every block keeps its tensors.")] = False,
+    input_require_grads: Annotated[bool, typer.Option(help="The embedding output requires grad (as PEFT's k-bit "
+                                                           "preparation makes it for reentrant checkpointing): every "
+                                                           "block keeps its tensors (default: off).",
+                                                      show_default=False)] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
     """Estimate the memory of fine-tuning MODEL (full, LoRA, QLoRA, DoRA) from its config.json alone."""
@@ -599,7 +604,8 @@ def memory(
         raise ConfigError(f"{why}, so {', '.join(given)} would be ignored; drop {'it' if len(given) == 1 else 'them'}.")
     if plan is not None and method == "full":
         raise ConfigError("--method full trains every weight, so --plan would be ignored; drop one of them.")
-    est = estimate_memory(model, method=method, rank_plan_or_rank=load_plan(plan) if plan else rank or 16,
+    rank_or_plan = load_plan(plan) if plan else 16 if rank is None else rank  # 0 is refused, not read as 16
+    est = estimate_memory(model, method=method, rank_plan_or_rank=rank_or_plan,
                           batch=batch, seq_len=seq_len, precision=precision, optimizer=optimizer,
                           gradient_checkpointing=gradient_checkpointing, roles=_split(roles), stacks=_stacks(stacks),
                           attention=attention,
@@ -607,7 +613,7 @@ def memory(
                           layers_to_transform=tuple(range(span[0], span[1] + 1)) if (span := _layer_range(layers))
                           else None)
     if as_json:  # with what it was asked: the JSON describes its own run
-        inputs = {"model": model, "method": method, "rank": None if plan else rank or 16, "plan": plan and str(plan),
+        inputs = {"model": model, "method": method, "rank": None if plan else rank_or_plan, "plan": plan and str(plan),
                   "roles": _split(roles), **({"stacks": _stacks(stacks)} if stacks is not None else {}),
                   "layers": layers, "batch": batch, "seq_len": seq_len,
                   "gradient_checkpointing": gradient_checkpointing, "attention": attention,
@@ -616,7 +622,7 @@ def memory(
         return
     table = Table("component", "bytes", "size",
                   title=f"{method} on {est.params:,} parameters ({est.trainable_params:,} trainable), "
-                        f"batch {batch} × {seq_len} tokens, {est.precision}, {optimizer}")
+                        f"batch {batch} × {est.seq_len} tokens, {est.precision}, {optimizer}")
     for name, n in est.rows():
         table.add_row(name, f"{n:,}", format_bytes(n))
     console = Console()
