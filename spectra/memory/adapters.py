@@ -36,7 +36,7 @@ class _Adapter(NamedTuple):
         return self.rank * max(self.experts, 1) * (self.d_in + self.d_out)
 
 
-def _check_plan_base(shape: ModelShape, plan: RankPlan) -> None:
+def _check_plan_base(shape: ModelShape, plan: RankPlan, config: dict) -> None:
     """Refuse a plan made on another model, as ``spectra train``, ``extract`` and ``sweep`` refuse a plan of another
     base (:meth:`~spectra.ranks.RankPlan.check_base`): its ranks would be summed over modules this model lacks or has
     otherwise shaped (a 2-layer Llama's plan read on Llama-2-7B: 2,016 trainable parameters).
@@ -49,7 +49,7 @@ def _check_plan_base(shape: ModelShape, plan: RankPlan) -> None:
     again = ("Re-run `spectra analyze` and `spectra recommend` on this model's base (or estimate an int rank, "
              "--rank, instead of --plan).")
     recorded = base_config(plan.base)
-    if recorded is not None:
+    if recorded is not None and recorded != config:  # the base's own config.json (recommend's default) passes
         try:
             planned = model_shape(recorded)
         except ConfigError:  # a base the memory model does not describe: its modules are checked below

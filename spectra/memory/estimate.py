@@ -264,7 +264,7 @@ def estimate_memory(config_or_model: Any, *, method: str = "lora", rank_plan_or_
     notes: list[str] = []
     seq_len = _seq_len(seq_len, cfg, notes, rotary=shape.rotary)
     if plan is not None:
-        _check_plan_base(shape, plan)
+        _check_plan_base(shape, plan, cfg)
     if attention == "sdpa" and not shape.sdpa:
         attention = "eager"  # what transformers runs when asked for no implementation (the result says so)
     # the causal LM spectra train loads (AutoModelForCausalLM), on the meta device: built only for an MoE's int rank
