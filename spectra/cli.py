@@ -98,6 +98,13 @@ def pairs(
                              include=include, exclude=exclude, load=False)
     pairing = Pairing(base, tuned, options)
     deltas = list(pairing)
+    chosen = [f"--{flag} {value}" for flag, value in (("roles", roles), ("stacks", stacks), ("layers", layers),
+                                                       ("include", include), ("exclude", exclude)) if value is not None]
+    if not deltas and chosen:  # an empty untitled table, exit 0, said nothing
+        from spectra.errors import ConfigError
+
+        raise ConfigError(f"no ΔW pair of {base} × {tuned} matches {', '.join(chosen)}; `spectra pairs BASE TUNED` "
+                          "without them lists every pair, with its name, role and layer.")
     experts = any(d.expert is not None for d in deltas)  # the column only for mixture-of-experts models
     show_stacks = any(d.stack is not None for d in deltas)  # and for checkpoints of several stacks (a vision tower)
     shown = {d.stack for d in deltas}

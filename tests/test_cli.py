@@ -282,6 +282,8 @@ def test_pairs_lists_modules_in_order_with_experts_only_for_moe(monkeypatch, cap
     assert code == 0 and "1 tensor(s) only in BASE, not paired: transformer.h.1.mlp.c_fc.weight" in stdout
     code, stdout, _ = run(monkeypatch, capsys, "pairs", *pair, "--layers", "1-1", "--exclude", "*mlp*")
     assert code == 0 and "┃ transformer.h.1.… " in stdout and "│ attn.c_attn[q]" in stdout and "mlp" not in stdout
+    code, stdout, err = run(monkeypatch, capsys, "pairs", *pair, "--include", "zzz*")  # was an empty table, exit 0
+    assert code == 2 and "no ΔW pair of" in err and "matches --include zzz*" in err and "┃" not in stdout
 
 
 def test_module_table_orders_layers_naturally_and_prints_names_literally():
@@ -408,7 +410,10 @@ def test_train_and_sweep_fit_the_default_length_to_a_short_position_table(monkey
 def test_analyze_prints_the_pairings_notes(monkeypatch, capsys, tmp_path):
     """report.md listed the pairing's notes (tied weights, resized vocabularies, skipped buffers); the terminal did
     not, so a user reading only it missed them. The first three are printed, with a count of the rest."""
-    multimodal = save(build_model("gemma3_multimodal"), tmp_path / "mm", "safetensors")
+    model = build_model("gemma3_multimodal")
+    probe = next(n for n, _ in model.named_parameters() if n.endswith("head.probe"))  # a parameter: never "a buffer"
+    assert probe not in dict(model.named_buffers())
+    multimodal = save(model, tmp_path / "mm", "safetensors")
     code, out, _ = run(monkeypatch, capsys, "analyze", multimodal, multimodal, "--roles", "q", "--no-cache",
                        "-o", tmp_path / "report")
-    assert code == 0 and "note: vision_tower.head.probe: skipped, a 3-D buffer" in out, out
+    assert code == 0 and "note: vision_tower.head.probe: skipped, a 3-D tensor that is no layer's weight" in out, out

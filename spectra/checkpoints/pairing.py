@@ -329,7 +329,9 @@ class Pairing:
             return out
         if len(b.shape) > 2:
             if not b_name.endswith(".weight"):
-                self.notes.append(f"{b_name}: skipped, a {len(b.shape)}-D buffer, not a weight matrix")
+                # a parameter (SigLIP's attention-pool probe) or a buffer: a checkpoint does not say which
+                self.notes.append(f"{b_name}: skipped, a {len(b.shape)}-D tensor that is no layer's weight (not "
+                                  "*.weight: no LoRA module adapts it)")
                 return []
             shape = (b.shape[0], _prod(b.shape[1:]))  # conv kernels: (out, in·k…), as LoRA for Conv sees them
         else:
