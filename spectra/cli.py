@@ -47,6 +47,8 @@ _TASK_HELP = ("auto (default: seq2seq_lm for an encoder-decoder such as T5 or BA
               "{\"source\": ..., \"target\": ...} records, or .csv/.tsv with source,target columns; the loss is over "
               "target tokens).")
 
+_OVERWRITE_HELP = ("Replace an existing output directory that this command wrote, or an empty one; a folder holding "
+                   "any other file is refused, naming it.")
 # What each command writes into its -o directory, as glob patterns: --overwrite replaces a directory that holds one of
 # the command's record files and nothing but these (or an empty one), never a folder holding anything else
 # (files.refuse_replacing_others)
@@ -129,7 +131,7 @@ def pairs(
 
 @app.command()
 def demo(
-    output: Annotated[Path, typer.Option("-o", "--output", help="Where the demo report goes (replaced if present).")] = Path("reports/demo"),
+    output: Annotated[Path, typer.Option("-o", "--output", help="Where the demo report goes (replaced if `spectra demo` wrote it or it is empty; a folder holding any other file is refused).")] = Path("reports/demo"),
     cache_dir: Annotated[Optional[Path], typer.Option(help="Cache of the demo pair and adapters (default $SPECTRA_CACHE or ~/.cache/spectra).")] = None,
     base: Annotated[Optional[str], typer.Option(help="Another BERT-family checkpoint to run the demo on (default: all-MiniLM-L6-v2 from the demo extra).")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
@@ -178,7 +180,7 @@ def analyze(
     cache_dir: Annotated[Optional[Path], typer.Option(help="Cache of finished modules (default $SPECTRA_CACHE or ~/.cache/spectra).")] = None,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Recompute everything and cache nothing.")] = False,
     skip_nonfinite: Annotated[bool, typer.Option("--skip-nonfinite", help="Skip tensors holding NaN/Inf instead of stopping.")] = False,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing report directory.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help=_OVERWRITE_HELP)] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar, no summary (tensors it could not pair are still named, on stderr).")] = False,
     resolve: Annotated[float, typer.Option(help="Energy whose rank the fast 'sketch' path resolves exactly; higher --energy levels are reported when within reach.")] = 0.9,
     workers: Annotated[Optional[int], typer.Option(help="Modules analysed at once, each on its own thread with (torch threads ÷ workers) threads. Default: one per torch thread up to 4 on the CPU, 1 on a GPU.")] = None,
@@ -481,17 +483,18 @@ def recommend(
 @app.command()
 def extract(
     base: Annotated[str, typer.Argument(help="Pretrained checkpoint (directory, file, index JSON or hub id).")],
-    tuned: Annotated[str, typer.Argument(help="Fine-tuned checkpoint (same forms).")],
+    tuned: Annotated[str, typer.Argument(help="Fine-tuned checkpoint (same forms), or a PEFT adapter directory (its "
+                                              "merge onto BASE, re-extracted at --rank or --plan).")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Adapter directory to write (refused if it exists, unless --overwrite).")],
     plan: Annotated[Optional[Path], typer.Option(help="Plan JSON from `spectra recommend` (per-module ranks and alphas).")] = None,
     rank: Annotated[Optional[str], typer.Option(help="One rank for every targeted module, or 'full' for a lossless adapter.")] = None,
     roles: Annotated[Optional[str], typer.Option(help="With --rank: roles to target (default q, k, v, o, gate, up, down; q also takes cross-attention's xq, k xk, v xv, o xo, and DeepSeek's q_a and q_b; k and v its kv_a and kv_b).")] = None,
-    stacks: Annotated[Optional[str], typer.Option(help="With --rank: " + _STACKS_HELP)] = None,
+    stacks: Annotated[Optional[str], typer.Option(help="With --rank: c" + _STACKS_HELP.removeprefix("C"))] = None,
     alpha: Annotated[Optional[float], typer.Option(help="With --rank: lora_alpha (default scale 2: 2·rank, 2·√rank with --rslora).")] = None,
     rslora: Annotated[bool, typer.Option("--rslora", help="With --rank: rsLoRA scaling α/√r.")] = False,
     modules_to_save: Annotated[Optional[str], typer.Option(help="Comma-separated modules copied whole from TUNED, e.g. classifier.")] = None,
     calibration: Annotated[Optional[Path], typer.Option(help="Calibration data (.txt, or .jsonl/.csv/.tsv with a text field): each module's data-optimal rank-r update, best on the base's inputs for these texts (SVD-LLM), instead of the plain truncated SVD.")] = None,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing adapter directory.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help=_OVERWRITE_HELP)] = False,
     device: Annotated[str, typer.Option(help="Torch device for ΔW and its SVD: cpu, cuda, cuda:1.")] = "cpu",
     workers: Annotated[Optional[int], typer.Option(help="Modules decomposed at once, each on its own thread with (torch threads ÷ workers) threads. Default: one per torch thread up to 4 on the CPU, 1 on a GPU.")] = None,
     model_class: Annotated[Optional[str], typer.Option(
@@ -672,7 +675,7 @@ def train(
     data: Annotated[Path, typer.Option(help=".txt (language modelling), or .jsonl of {\"text\"} / {\"text\", \"label\"} / "
                                             "{\"source\", \"target\"} (encoder-decoder) records, or .csv/.tsv with a "
                                             "text (and label), or source,target, header row.")],
-    output: Annotated[Path, typer.Option("-o", "--output", help="Adapter directory (or checkpoint with --full) to create.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Adapter directory (or checkpoint with --full) to create (refused if it exists, unless --overwrite).")],
     method: Annotated[Optional[str], typer.Option(help="lora (default; dora for a plan made with `recommend --dora`), "
                                                        "dora, qlora or qdora (4-bit NF4 base).")] = None,
     full: Annotated[bool, typer.Option("--full", help="Full fine-tune instead of an adapter: writes a checkpoint that "
@@ -708,7 +711,7 @@ def train(
     device: Annotated[str, typer.Option(help="Where the model trains: cpu, cuda, cuda:1 (CUDA runs are not "
                                              "bit-reproducible).")] = "cpu",
     seed: Annotated[int, typer.Option(help="Seed (same seed, same adapter bytes on CPU).")] = 0,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output directory.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help=_OVERWRITE_HELP)] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     """Train a LoRA/DoRA/QLoRA adapter (or, with --full, a full fine-tune) of BASE on DATA.
@@ -752,7 +755,7 @@ def train(
 def verify(
     base: Annotated[str, typer.Argument(help="Pretrained checkpoint the adapter and the full fine-tune started from.")],
     tuned: Annotated[str, typer.Argument(help="The full fine-tune (e.g. from `spectra train --full`).")],
-    output: Annotated[Path, typer.Option("-o", "--output", help="Report directory to write.")] = Path("reports/verify"),
+    output: Annotated[Path, typer.Option("-o", "--output", help="Report directory to write (refused if it exists, unless --overwrite).")] = Path("reports/verify"),
     adapter: Annotated[Optional[Path], typer.Option(help="An existing PEFT adapter to check (no training).")] = None,
     sweep: Annotated[Optional[str], typer.Option(help="Ranks to train and check, e.g. 1,2,4,8,16.")] = None,
     method: Annotated[str, typer.Option(help="Sweep methods, e.g. lora,dora (qlora, qdora too).")] = "lora",
@@ -765,7 +768,7 @@ def verify(
     recommended: Annotated[Optional[int], typer.Option(help="Rank to mark as recommended (instead of --plan).")] = None,
     distill: Annotated[bool, typer.Option("--distill", help="Sweep: fit adapters to TUNED's outputs, not labels.")] = False,
     roles: Annotated[Optional[str], typer.Option(help="Sweep: roles to target (default every block linear).")] = None,
-    stacks: Annotated[Optional[str], typer.Option(help="Sweep: " + _STACKS_HELP)] = None,
+    stacks: Annotated[Optional[str], typer.Option(help="Sweep: c" + _STACKS_HELP.removeprefix("C"))] = None,
     epochs: Annotated[int, typer.Option(help="Sweep: passes over the data.")] = 1,
     max_steps: Annotated[Optional[int], typer.Option(help="Sweep: steps per run.")] = None,
     lr: Annotated[Optional[float], typer.Option(help="Sweep: learning rate.")] = None,
@@ -774,7 +777,8 @@ def verify(
     device: Annotated[str, typer.Option(help="Where the measures' SVDs, the evaluations and the sweep's training "
                                              "run: cpu, cuda, cuda:1.")] = "cpu",
     seed: Annotated[int, typer.Option(help="Seed of training and of any new head.")] = 0,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace existing outputs.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help=_OVERWRITE_HELP + " With --sweep, the adapters "
+                                                                "under --adapters-dir are replaced too.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
 ) -> None:
     """Check an adapter against the full fine-tune: captured energy vs Eckart–Young, φ, intruders, eval.
@@ -857,7 +861,7 @@ def bench_make_pair(
     tail: Annotated[float, typer.Option(help="Share of ‖ΔW‖² in the broad Gaussian tail.")] = 0.03,
     rank_scale: Annotated[float, typer.Option(help="Multiplies every role's planted effective rank.")] = 1.0,
     shard_mb: Annotated[int, typer.Option(help="Largest safetensors shard, MB.")] = 2048,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing non-empty OUT (the new pair is swapped in when complete).")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing OUT that make-pair wrote (base/, tuned/, ground_truth.json; swapped in when complete); a folder holding any other file is refused.")] = False,
 ) -> None:
     """Write a realistic bf16 base × tuned pair with a real model's names, shapes and sharding (tensor by tensor)."""
     _writable(out, command="bench make-pair", overwrite=overwrite or (out.is_dir() and not any(out.iterdir())))
@@ -898,7 +902,7 @@ def sweep(
                                             "with text,label columns (accuracy), or {\"source\", \"target\"} records "
                                             "for an encoder-decoder (perplexity over target tokens).")],
     ranks: Annotated[str, typer.Option(help="Comma-separated ranks to evaluate (0 allowed).")] = "1,2,4,8,16,32,64",
-    output: Annotated[Path, typer.Option("-o", "--output", help="Report directory to write.")] = Path("reports/sweep"),
+    output: Annotated[Path, typer.Option("-o", "--output", help="Report directory to write (refused if it exists, unless --overwrite).")] = Path("reports/sweep"),
     non_target: Annotated[str, typer.Option(help="Norms, biases, heads, embeddings from: tuned, base or both.")] = "tuned",
     by_role: Annotated[bool, typer.Option("--by-role", help="Also one curve per role of each stack (that role truncated, the rest full; a vision tower's q is 'vision q').")] = False,
     metric: Annotated[Optional[str], typer.Option(help="accuracy, loss or perplexity (default: accuracy with labels, else perplexity).")] = None,
@@ -914,7 +918,7 @@ def sweep(
     bootstrap: Annotated[int, typer.Option(help="Bootstrap replicates of the intervals (0: none).")] = 1000,
     device: Annotated[str, typer.Option(help="Where the model is evaluated: cpu, cuda, cuda:1.")] = "cpu",
     seed: Annotated[int, typer.Option(help="Seed of the bootstrap.")] = 0,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing report directory.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help=_OVERWRITE_HELP)] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar, no table.")] = False,
 ) -> None:
     """Evaluate TUNED with every ΔW truncated to each rank (no training): the functional rank curve.

@@ -96,3 +96,24 @@ def test_the_library_keeps_its_field_names():
         "nothing to plan (try --no-noise)."
     assert _cli_message(ConfigError("(lower RankPolicy.functional)."), ["sweep", "b", "t"]) == "(lower --epsilon)."
     assert _cli_message(ConfigError("(lower RankPolicy.functional)."), ["recommend", "r"]) == "(lower --functional)."
+
+
+def test_help_says_what_an_existing_output_meets_and_what_extract_reads():
+    """extract's TUNED did not say it takes a PEFT adapter; "With --rank: Comma-separated…"; train/sweep/verify's -o
+    did not say an existing output is refused; --overwrite did not say what it replaces."""
+    from typer.testing import CliRunner
+
+    from spectra.cli import app
+
+    def help_of(*command):
+        result = CliRunner().invoke(app, [*command, "--help"], env={"COLUMNS": "400"})
+        assert result.exit_code == 0, result.output
+        return " ".join(result.output.split())  # rich's box lines and wrapping aside
+
+    extract = help_of("extract")
+    assert "or a PEFT adapter directory" in extract and "With --rank: comma-separated stacks" in extract
+    assert "Sweep: comma-separated stacks" in help_of("verify")
+    for command in ("analyze", "extract", "train", "sweep", "verify"):
+        text = help_of(command)
+        assert "refused if it exists, unless --overwrite" in text, command
+        assert "that this command wrote, or an empty one; a folder holding any other file is refused" in text, command
