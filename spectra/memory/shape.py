@@ -188,6 +188,12 @@ def model_shape(config: Mapping) -> ModelShape:
         else:
             shape = _llama(cfg, mtype, base_model)
     except KeyError as err:
+        if isinstance(cfg.get("text_config"), Mapping):  # PaliGemma's: its projection width as hidden_size on top
+            raise ConfigError(f"model_type {mtype or '?'}: a multimodal config whose top level carries "
+                              f"{', '.join(sorted(_LANGUAGE_KEYS & set(cfg)))} of its own beside its text_config, "
+                              "which spectra's memory model does not read as a multimodal model (it reads those whose "
+                              "text_config alone describes the language model: Gemma 3, LLaVA, Qwen2-VL, …). Pass the "
+                              "text_config alone to estimate the language model.") from None
         raise ConfigError(f"config.json of model_type {mtype or '?'} lacks {err}; spectra's memory model reads "
                           "Llama-like, GPT-2 and BERT configs.") from None
     if mtype and mtype not in _COUNTED_RIGHT:
@@ -334,7 +340,7 @@ def _llama(cfg: dict, mtype: str, base_model) -> ModelShape:
     # ERNIE 4.5's use_bias puts a bias on every linear of the block (Llama's attention_bias and mlp_bias together)
     every_bias = mtype in _USE_BIAS and bool(cfg.get("use_bias", False))
     attention_bias = bool(cfg.get("attention_bias", False)) or every_bias
-    qkv_bias = attention_bias or mtype in ("qwen2", "qwen2_moe")
+    qkv_bias = attention_bias or mtype in _QKV_BIAS
     bias = (q_dim + 2 * kv_dim if qkv_bias else 0) + (h if attention_bias and mtype not in _FUSED_MLP else 0)
     bias += (2 * inter + h) * experts if cfg.get("mlp_bias", False) or every_bias else 0
     tied = bool(cfg.get("tie_word_embeddings", getattr(_config_object(mtype), "tie_word_embeddings", False)))
@@ -516,12 +522,18 @@ _LAYER_NORMS = frozenset({"phimoe"})  # Llama-like blocks normalised by LayerNor
 # RMSNorms that apply their weight to the fp32 normalised input (Gemma's families too, by name): full fine-tuning
 # keeps that fp32 tensor for the weight's gradient (Helium)
 _NORM_WEIGHT_FP32 = frozenset({"helium"})
+# a language model's keys, which a multimodal config's top level leaves to its text_config (PaliGemma's keeps some)
+_LANGUAGE_KEYS = frozenset({"hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                            "vocab_size"})
+# Qwen2's families bias q, k and v whatever attention_bias says (Qwen2-VL's and Qwen2.5-VL's language models too)
+_QKV_BIAS = frozenset({"qwen2", "qwen2_moe", "qwen2_vl_text", "qwen2_5_vl_text"})
 _USE_BIAS = frozenset({"ernie4_5"})  # config key use_bias: a bias on every linear of the block
 # families whose every attention layer slides by config.sliding_window when it is set (MistralModel's mask) and those
 # that slide the layers layer_types names sliding_attention (_sliding_windows); the others ignore sliding_window
 _SLIDING_EVERY_LAYER = frozenset({"mistral", "mixtral", "phi3", "phimoe", "minimax"})
 _SLIDING_WHEN_USED = frozenset({"qwen3_moe"})
-_SLIDING_BY_LAYER_TYPE = frozenset({"ministral", "qwen2", "gemma2", "gemma3_text", "smollm3"})
+_SLIDING_BY_LAYER_TYPE = frozenset({"ministral", "qwen2", "gemma2", "gemma3_text", "smollm3", "qwen2_vl_text",
+                                    "qwen2_5_vl_text"})
 # MoE routers that pick their two experts by SparseMixer (PhiMoE; two experts whatever num_experts_per_tok says)
 _SPARSEMIXER = frozenset({"phimoe"})
 # MoE routers that weight their top-k experts by a softmax over those k logits (GraniteMoeTopKRouter)
