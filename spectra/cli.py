@@ -1191,11 +1191,28 @@ def _cli_words(text: str, argv: list[str]) -> str:
     return re.sub(r"(--[\w-]+)((?: [^\s()]+)?) \((?:CLI: )?\1\)", r"\1\2", text)
 
 
+_PACKAGE = Path(__file__).resolve().parent  # where spectra's own warnings come from
+
+
 def main() -> None:
     """Console entry point: spectra's own errors as one paragraph and exit code 2 (Ctrl-C: 130, above)."""
     from spectra.errors import SpectraError
 
     _quiet_third_party(quiet=bool({"-q", "--quiet"} & set(sys.argv[1:])))
+    import warnings
+
+    default_show = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        """spectra's own warnings as one line, in the command's words ("warning: the analysis cache … cannot be
+        written"); Python's format added the category and the source line that raised it, which tell a user
+        nothing. Other libraries' warnings keep their form (their file and line help to report them)."""
+        if Path(filename).resolve().is_relative_to(_PACKAGE):
+            typer.secho(f"warning: {_cli_words(str(message), sys.argv[1:])}", fg="yellow", err=True)
+        else:
+            default_show(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
     try:
         app()
     except (SpectraError, OSError) as err:  # OSError: a path that cannot be read or written, named in the message
@@ -1205,6 +1222,8 @@ def main() -> None:
         typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
         typer.echo("(run with --debug for the full traceback)", err=True)
         sys.exit(2)
+    finally:
+        warnings.showwarning = default_show  # main() called in-process (tests) leaves the caller's display
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -117,3 +117,28 @@ def test_help_says_what_an_existing_output_meets_and_what_extract_reads():
         text = help_of(command)
         assert "refused if it exists, unless --overwrite" in text, command
         assert "that this command wrote, or an empty one; a folder holding any other file is refused" in text, command
+
+
+def test_spectras_warnings_are_one_line_without_the_source(monkeypatch, capsys, pair, tmp_path):
+    """An unwritable cache printed "…/analysis.py:564: RuntimeWarning: …" and the source line that raised it."""
+    import warnings
+
+    cache = tmp_path / "cachefile"
+    cache.write_text("")  # a file where the cache directory goes
+    monkeypatch.setenv("SPECTRA_CACHE", str(cache))
+    before = warnings.showwarning
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        code, _, err = run(monkeypatch, capsys, "analyze", pair[0], pair[1], "-q", "-o", tmp_path / "r")
+        assert warnings.showwarning is before  # the caller's display is given back
+    assert code == 0 and f"warning: the analysis cache {cache}" in err and "cannot be written" in err, err
+    assert "RuntimeWarning" not in err and "analysis.py" not in err and "cache.put(" not in err
+    shown = []  # negative control: another library's warning goes to the display the caller had
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = lambda message, category, filename, *args: shown.append((str(message), filename))
+        from spectra.cli import main
+
+        monkeypatch.setattr("spectra.cli.app", lambda: warnings.warn_explicit("theirs", UserWarning, "/x/lib.py", 7))
+        main()
+    assert shown == [("theirs", "/x/lib.py")] and "theirs" not in capsys.readouterr().err
