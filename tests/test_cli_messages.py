@@ -142,3 +142,21 @@ def test_spectras_warnings_are_one_line_without_the_source(monkeypatch, capsys, 
         monkeypatch.setattr("spectra.cli.app", lambda: warnings.warn_explicit("theirs", UserWarning, "/x/lib.py", 7))
         main()
     assert shown == [("theirs", "/x/lib.py")] and "theirs" not in capsys.readouterr().err
+
+
+def test_two_unrelated_checkpoints_are_said_to_be_no_fine_tune(monkeypatch, capsys, pair, tmp_path):
+    """Two checkpoints of one architecture from other seeds (‖ΔW‖/‖W‖ ≈ 1.41 everywhere) analysed without a hint."""
+    import numpy as np
+
+    other = save(build_model("gpt2", seed=7), tmp_path / "other", "safetensors")
+    code, out, err = run(monkeypatch, capsys, "analyze", pair[0], other, "--no-cache", "-q", "-o", tmp_path / "r")
+    assert code == 0, err
+    rows = json.loads((tmp_path / "r" / "analysis.json").read_text())["modules"]
+    median = float(np.median([r["relative_size"] for r in rows if r.get("relative_size") and "[" not in r["name"]]))
+    assert 1.3 < median < 1.5  # independent draws of one scale: √2
+    err = " ".join(err.split())  # rich wraps long lines
+    assert "warning: the median module's ‖ΔW‖/‖W‖ is 1.4" in err and "Check that TUNED is a fine-tune of BASE" in err
+    code, out, _ = run(monkeypatch, capsys, "show", tmp_path / "r")
+    assert "Check that TUNED is a fine-tune of BASE" in " ".join(out.split())
+    code, out, err = run(monkeypatch, capsys, "analyze", pair[0], pair[1], "--no-cache", "-o", tmp_path / "f")
+    assert code == 0 and "a fine-tune of BASE" not in " ".join((out + err).split())  # negative control: a real update
