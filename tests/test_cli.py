@@ -236,11 +236,13 @@ def test_extract_uniform_rank_form(monkeypatch, capsys, pair, tmp_path):
     code, stdout, err = run(monkeypatch, capsys, "extract", *pair, "--rank", "2", "--roles", "q,k,v,o,up,down",
                             "-o", tmp_path / "ad")
     assert code == 0, err
-    assert "error ‖ΔW − BA‖_F" in stdout and "┃ transformer.h.… " in stdout and "│ 0.attn.c_attn" in stdout
+    # the one changed module (c_attn); the unchanged ones are left out, said in a note
+    assert "error ‖ΔW − BA‖_F" in stdout and "│ transformer.h.0.attn.c_attn" in stdout and "1 modules" in stdout
+    assert "7 targeted module(s) unchanged (ΔW = 0) left out of the adapter" in err  # 8 modules, c_attn changed
     assert "load onto a GPT2LMHeadModel" in stdout
     code, _, err = run(monkeypatch, capsys, "extract", *pair, "--rank", "2", "--model-class", "GPT2ForNothing",
                        "-o", tmp_path / "ad4")
-    assert code == 2 and "model_class 'GPT2ForNothing'" in err and not (tmp_path / "ad4").exists()
+    assert code == 2 and "--model-class 'GPT2ForNothing'" in err and not (tmp_path / "ad4").exists()
     code, _, err = run(monkeypatch, capsys, "extract", *pair, "-o", tmp_path / "ad2")
     assert code == 2 and "exactly one of --plan" in err and not (tmp_path / "ad2").exists()
     code, _, err = run(monkeypatch, capsys, "extract", *pair, "--rank", "99", "-o", tmp_path / "ad3")
@@ -400,7 +402,7 @@ def test_train_and_sweep_fit_the_default_length_to_a_short_position_table(monkey
     code, out, err = run(monkeypatch, capsys, *train, "-o", tmp_path / "out")
     assert code == 0 and "note: " in err and "cut at 32 tokens, not the default 128" in err, err
     code, _, err = run(monkeypatch, capsys, *train, "--max-length", "128", "-o", tmp_path / "long")
-    assert code == 2 and "max_length (--max-length) 128 is more than the model can take" in err
+    assert code == 2 and "error: --max-length 128 is more than the model can take" in err
     tuned = save(build_model("bert", seed=1), tmp_path / "bert-tuned", "safetensors")
     code, _, err = run(monkeypatch, capsys, "sweep", base, tuned, "--data", data, "--ranks", "0,2", "-q",
                        "-o", tmp_path / "sweep")

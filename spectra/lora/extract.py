@@ -71,6 +71,8 @@ class ExtractResult:
     # TUNED's vocabulary, where the adapter saves an embedding or head of a resized vocabulary whole: the model is
     # resized to it (resize_token_embeddings) before the adapter loads. None: it loads onto the base as it is
     vocab_size: int | None = None
+    # targeted modules left out of the adapter because their ΔW is 0 (as the model class names them)
+    unchanged: list[str] = field(default_factory=list)
 
 
 def extract_adapter(base, tuned, plan_or_rank, out_dir: str | os.PathLike, *, roles: tuple[str, ...] | None = None,
@@ -244,7 +246,7 @@ def extract_adapter(base, tuned, plan_or_rank, out_dir: str | os.PathLike, *, ro
         if entry.name not in on_parameters:
             ranks[module] = (rank, module_alpha, entry.conv1d)
     bar.close()
-    unchanged_notes = _leave_out_unchanged(results, tensors, ranks, parameter_factors, save_names)
+    unchanged = _leave_out_unchanged(results, tensors, ranks, save_names)
     for parameter, key in _parameter_keys(model, parameter_factors).items():
         A, B, rank, parameter_alpha = _parameter_factors(parameter_factors[parameter],
                                                          _peft_shape(model, parameter), use_rslora)
@@ -271,18 +273,24 @@ def extract_adapter(base, tuned, plan_or_rank, out_dir: str | os.PathLike, *, ro
         warnings.warn(note, PeftConfigWarning, stacklevel=2)
     if lacking:  # a stack asked for that the pair lacks: said, not warned as the adapter's
         notes.append(lacking)
-    notes += unchanged_notes + vocabulary_notes
+    if unchanged:
+        notes.append(f"{len(unchanged)} targeted module(s) unchanged (ΔW = 0) left out of the adapter, e.g. "
+                     f"{unchanged[0]}")
+    elif save_names and all(m.fro_norm == 0.0 for m in results):
+        notes.append("every targeted module is unchanged (ΔW = 0): their LoRA factors are zeros; the adapter carries "
+                     f"the saved modules ({', '.join(sorted({n.rsplit('.', 1)[0] for n in save_names}))})")
+    notes += vocabulary_notes
     if calibration is not None:
         notes += calibration.notes
     return ExtractResult(out_dir, results, sorted({n.rsplit(".", 1)[0] for n in save_names}), config, model_class,
-                         notes, vocab_size)
+                         notes, vocab_size, unchanged)
 
 
-def _leave_out_unchanged(results: list, tensors: dict, ranks: dict, parameter_factors: dict,
-                         save_names: list) -> list[str]:
+def _leave_out_unchanged(results: list, tensors: dict, ranks: dict, save_names: list) -> list[str]:
     """Drop the modules whose ΔW is 0 (LoRA factors of zeros, which PEFT would load and run for nothing) from the
-    adapter, and say how many; refuse where every targeted module is unchanged and nothing else would be saved (an
-    adapter of zeros: the same checkpoint twice?). Experts stay: a slice of a stored 3-D expert tensor, whose
+    adapter (`results`, `tensors` and `ranks`) and return their names; refuse where every targeted module is
+    unchanged and nothing else would be saved (an adapter of zeros: the same checkpoint twice?); with saved modules
+    there, the zero factors stay (PEFT needs a target). Experts stay: a slice of a stored 3-D expert tensor, whose
     parameter's factors are assembled from every expert, and experts PEFT converts to its fused parameters as a set
     (a subset it would rewrite onto other modules)."""
     zero = [m for m in results if m.fro_norm == 0.0 and m.name in ranks and not _EXPERT_INDEX.search(m.name)]
@@ -293,14 +301,14 @@ def _leave_out_unchanged(results: list, tensors: dict, ranks: dict, parameter_fa
             raise ConfigError(f"every ΔW is 0: all {len(zero)} targeted modules are unchanged in TUNED, so the "
                               "adapter would hold zeros only. Check that TUNED is the fine-tune (the same checkpoint "
                               "twice?).")
-        return [f"every targeted module is unchanged (ΔW = 0): their LoRA factors are zeros; the adapter carries "
-                f"the saved modules ({', '.join(sorted({n.rsplit('.', 1)[0] for n in save_names}))})"]
+        return []
     for m in zero:
         del ranks[m.name]
         for key in [k for k in tensors if k.startswith(f"{PEFT_PREFIX}{m.name}.lora_")]:
             del tensors[key]
         results.remove(m)
-    return [f"{len(zero)} targeted module(s) unchanged (ΔW = 0) left out of the adapter, e.g. {zero[0].name}"]
+    return sorted((m.name for m in zero), key=lambda n: [(0, int(p)) if p.isdigit() else (1, p)
+                                                          for p in re.split(r"(\d+)", n)])
 
 
 def _resized_vocabulary(pairing: Pairing, selected: list, saved_modules: list[str]) -> tuple[list[str], int | None]:

@@ -32,6 +32,8 @@ def test_unchanged_modules_are_left_out_of_the_adapter_with_a_note(q_only, tmp_p
     result = extract_adapter(b, t, 2, tmp_path / "ad", progress=False)
     assert {m.name.rsplit(".", 1)[1] for m in result.modules} == {"q_proj"}
     assert "12 targeted module(s) unchanged (ΔW = 0) left out of the adapter" in result.notes[0]  # 2 layers × 6
+    assert len(result.unchanged) == 12 and result.unchanged[0] == "model.layers.0.mlp.down_proj"  # in natural order
+    assert not any(".q_proj" in n for n in result.unchanged)
     keys = load_file(tmp_path / "ad" / "adapter_model.safetensors")
     assert keys and all(".q_proj.lora_" in k for k in keys)
     targets = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())["target_modules"]
