@@ -402,9 +402,11 @@ def recommend(
                                                        "and for the module names of the plan's peft_config; default: "
                                                        "the analysed base, if local.")] = None,
     method: Annotated[str, typer.Option(help="Method for the memory estimate: lora, qlora or dora.")] = "lora",
-    batch: Annotated[int, typer.Option(help="Batch size for the memory estimate.")] = 1,
-    seq_len: Annotated[Optional[int], typer.Option(help="Sequence length for the memory estimate (default 2048, or "
-                                                        "the model's position limit when shorter).")] = None,
+    # min=1: refused as the command's input, where the library's refusal would read as "memory: no estimate"
+    batch: Annotated[int, typer.Option(min=1, help="Batch size for the memory estimate.")] = 1,
+    seq_len: Annotated[Optional[int], typer.Option(min=1, help="Sequence length for the memory estimate (default "
+                                                               "2048, or the model's position limit when "
+                                                               "shorter).")] = None,
     output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Write the plan (with its PEFT config) "
                                                                           "as JSON here (refused if it exists, unless "
                                                                           "--overwrite).")] = None,

@@ -200,3 +200,15 @@ def test_memory_with_a_plan_refuses_rank_and_roles(tmp_path):
     message = "--plan sets the modules, ranks and layers, so --rank, --roles would be ignored"
     assert result.exit_code != 0 and message in str(result.exception)
     assert runner.invoke(app, ["memory", str(tmp_path / "base"), "--plan", str(plan), "--json"]).exit_code == 0
+
+
+def test_recommend_refuses_a_batch_or_length_below_one(tmp_path):
+    """`recommend --batch 0` planned and printed "memory: no estimate (batch must be …)", exit 0: the user's own
+    option read as a model the memory model lacks."""
+    run = _analysis_dir(tmp_path)
+    for option in ("--batch", "--seq-len"):
+        result = runner.invoke(app, ["recommend", str(run), option, "0"], env={"COLUMNS": "200"})
+        assert result.exit_code == 2 and f"Invalid value for '{option}'" in result.output, result.output
+        assert "LoRA plan" not in result.output
+    result = runner.invoke(app, ["recommend", str(run), "--batch", "2"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0 and "batch 2 ×" in result.output, result.output  # negative control
