@@ -66,7 +66,7 @@ class RankPolicy:
         Round ranks up to powers of two (under the bounds). Default False.
     roles : tuple of str or None
         Roles to target (``q``, ``k``, ``v``, ``o``, ``gate``, ``up``, ``down`` …). Default None:
-        every matrix except embeddings and heads.
+        every matrix except embeddings, heads and MoE routers (role ``other``, which ``other`` takes).
     stacks : tuple of str or None
         Stacks to target (``language``, ``vision``, ``encoder``, ``qformer`` …: ``architectures.STACK_NAMES``), with
         the roles: ``roles=("q", "v"), stacks=("language",)`` targets the language model's q and v and not a vision

@@ -35,6 +35,11 @@ from spectra.ranks.policy import DEFAULT_ENERGY, RankPolicy
 # roles a LoRA on linear layers does not target unless asked: embeddings need PEFT's embedding
 # LoRA and the head is often tied to them.
 _DEFAULT_SKIPPED_ROLES = ("embed", "head")
+# An MoE's router (role other), by its checkpoint name: DeepSeek's, Qwen-MoE's and OLMoE's mlp.gate, Mixtral's and
+# PhiMoE's block_sparse_moe.gate, Qwen2-MoE's shared_expert_gate, gpt-oss's mlp.router, Llama 4's feed_forward.router,
+# Granite-MoE's router.layer, Switch's router.classifier. Not planned unless roles name other: no default of train,
+# extract or memory adapts one (a router is no block role), and extract cannot write DeepSeek's (a TopkRouter).
+_ROUTER = re.compile(r"(^|\.)(gate|shared_expert_gate)$|(^|\.)router(\.|$)")
 
 
 @dataclass(frozen=True)
@@ -388,6 +393,8 @@ def _excluded(s: _Spectrum, policy: RankPolicy) -> str | None:
             return f"role {s.role!r} not in roles"
     elif s.role in _DEFAULT_SKIPPED_ROLES:
         return f"role {s.role!r} (embeddings/heads are targeted only when named in roles)"
+    elif s.role == "other" and _ROUTER.search(s.name):
+        return "an MoE router (role 'other'), targeted only when roles name other (--roles …,other)"
     if not stack_selected(s.stack, policy.stacks):
         return f"stack {stack_name(s.stack)!r} not in stacks"
     if policy.include is not None:
