@@ -1159,8 +1159,9 @@ def _quiet_third_party(*, quiet: bool = False) -> None:
 # its on_nonfinite='skip'; sweep's --epsilon is the functional policy's ε (recommend's --functional)
 _FIELD_OPTIONS = {"thresholds": "energy", "on_nonfinite": "skip_nonfinite", "functional": "epsilon"}
 # a library field as an error names it: RankPolicy.energy, workers=0, on_nonfinite='skip', max_rank
-_FIELD = re.compile(r"(?<![\w.-])(?:(?:RankPolicy|[A-Z]\w*Config)\.)?([a-z][a-z0-9]*(?:_[a-z0-9]+)*)"
-                    r"(?:=('[^']*'|[^\s,;:)]+))?")
+# (never inside a path or a dotted name: /data/eval_data/x.txt, model.layers.0.mlp.gate_proj, max_length.txt)
+_FIELD = re.compile(r"(?<![\w./\\-])(?:(?:RankPolicy|[A-Z]\w*Config)\.)?([a-z][a-z0-9]*(?:_[a-z0-9]+)*)"
+                    r"(?![\w/\\-]|\.\w)(?:=('[^']*'|[^\s,;:)]+))?")
 
 
 def _cli_message(err: Exception, argv: list[str]) -> str:

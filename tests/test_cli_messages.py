@@ -91,6 +91,10 @@ def test_the_library_keeps_its_field_names():
     assert _cli_message(ConfigError("the rank of max_length (--max-length) 128"), ["train", "b"]) == \
         "the rank of --max-length 128"
     assert _cli_message(NonFiniteWeightError(json.dumps("x")), ["nope"]) == '"x"'
+    # a path or a dotted module name is never read as a field (eval_data is train's --eval-data)
+    for text in ("cannot read /data/eval_data/max_length.txt", "model.layers.0.mlp.gate_proj: rank 3"):
+        assert _cli_message(ConfigError(text), ["train", "b"]) == text
+    assert _cli_message(ConfigError("use max_rank."), ["recommend", "r"]) == "use --max-rank."  # at a sentence's end
     # a flag set off is its --no- form; sweep's ε is --epsilon, recommend's --functional
     assert _cli_message(ConfigError("nothing to plan (try noise=False)."), ["recommend", "r"]) == \
         "nothing to plan (try --no-noise)."
