@@ -137,6 +137,7 @@ def _adapter_modules(shape: ModelShape, method: str, plan_or_rank: Any, roles: t
                           + f". Leave {', '.join(map(str, adapted_towers))} out of stacks (the default adapts the "
                             "language model alone) or estimate lora.")
     if isinstance(plan_or_rank, RankPlan):
+        through_weights = _planned_weights(shape, plan_or_rank, train_model)
         modules, fused = [], {}  # fused: (layer, parameter) -> expert -> rank summed over the modules it holds
         for m in plan_or_rank.modules:
             expert = m.name.partition(".experts.")[2].partition(".")[0]
@@ -145,7 +146,8 @@ def _adapter_modules(shape: ModelShape, method: str, plan_or_rank: Any, roles: t
                 ranks = fused.setdefault((m.layer, parameter), {})
                 ranks[expert] = ranks.get(expert, 0) + m.rank
             else:
-                modules.append(_block_adapter(shape, m.layer, _planned_role(shape, m), m.rank, m.shape[1], m.shape[0]))
+                modules.append(_block_adapter(shape, m.layer, _planned_role(shape, m), m.rank, m.shape[1], m.shape[0],
+                                              weight=m.name in through_weights))
         for (layer, parameter), ranks in fused.items():
             d_in, d_out = (i, h) if parameter == "down" else (h, 2 * i)
             modules.append(_Adapter(layer, parameter, max(ranks.values()), d_in, d_out, experts))
@@ -243,12 +245,31 @@ def _check_stacks(shape: ModelShape, method: str, plan_or_rank: Any, stacks: tup
 
 
 def _block_adapter(shape: ModelShape, layer: int | None, role: str | None, rank: int, d_in: int,
-                   d_out: int) -> _Adapter:
+                   d_out: int, *, weight: bool = False) -> _Adapter:
     """A block's module adapted on its own (not fused experts), by a plan or an int rank: a ``lora.Linear``, or
-    for a router whose weight PEFT adapts as a parameter (``ModelShape.router_parameter``: what the plan's
-    ``peft_config`` makes of it, and all-linear where it reaches the router) a ``ParamWrapper``."""
-    wrapped = role == "router" and shape.router_parameter
+    a ``ParamWrapper`` on its weight for a router whose weight PEFT adapts as a parameter
+    (``ModelShape.router_parameter``: what the plan's ``peft_config`` makes of it, and all-linear where it reaches
+    the router) and for a module the plan adapts through its weight (``weight``: :func:`_planned_weights`)."""
+    wrapped = weight or role == "router" and shape.router_parameter
     return _Adapter(layer, role, rank, d_in, d_out, 1 if wrapped else 0)
+
+
+def _planned_weights(shape: ModelShape, plan: RankPlan, train_model) -> set[str]:
+    """The planned modules that the plan's ``peft_config`` adapts through their weight (``target_parameters``
+    ``{module}.weight``, a ParamWrapper), as :meth:`RankPlan.to_peft_config` decides on the model: the Linears that
+    PEFT would rewrite into fused expert targets (:func:`spectra.checkpoints.targets.rewritten_weights`: Qwen3-MoE's
+    dense MLPs, DeepSeek's dense and shared-expert MLPs), asked of the causal LM built from the config on the meta
+    device (``train_model()``). Only an MoE's are rewritten; where the model cannot be built, none."""
+    if shape.experts <= 1 or train_model is None:
+        return set()
+    model = train_model()[1]
+    if model is None:
+        return set()
+    from spectra.checkpoints.targets import model_targets, rewritten_weights
+
+    found = model_targets([m.name for m in plan.modules if ".experts." not in m.name], model)
+    modules = {target.name: name for name, target in found.items() if target is not None and not target.parameter}
+    return {modules[name] for name in rewritten_weights(list(modules), model)}
 
 
 def _planned_role(shape: ModelShape, module) -> str | None:

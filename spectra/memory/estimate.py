@@ -236,7 +236,9 @@ def estimate_memory(config_or_model: Any, *, method: str = "lora", rank_plan_or_
       tensors and one block recomputed in backward (its saved tensors and the p·i in flight).
     * workspace: QLoRA dequantises one weight at a time (largest linear × p); DoRA forms
       B·A and W + s·B·A of the largest module (2 × out·in × 4).
-    * kv_cache (decoder models, inference): 2·L·kv·b·s·p; encoders have none.
+    * kv_cache (decoder models, inference): what transformers' DynamicCache holds, 2·kv·b·p per token and layer
+      (DeepSeek's MLA: its latent and rotary key), s tokens a full-attention layer, min(s, window − 1) a sliding one
+      (Mistral's, Gemma 2's and 3's, …): 2·L·kv·b·s·p without sliding layers; encoders have none.
     """
     if method not in METHODS:
         raise ConfigError(f"method must be one of {METHODS}, got {method!r}.")
@@ -277,9 +279,13 @@ def estimate_memory(config_or_model: Any, *, method: str = "lora", rank_plan_or_
     if method == "qlora" and shape.experts > 1:
         routed = sum(o * i for block in map(shape.block, range(shape.layers)) for role, o, i in block.linears
                      if role in _UNQUANTISED)
+        dtype = "fp32" if precision == "fp32" else precision
+        kept = f"stay in {dtype}"
+        if shape.fp32_params and dtype != "fp32":  # DeepSeek's routers: transformers keeps them in fp32
+            kept = (f"stay unquantised: the experts in {dtype}, the routers ({shape.fp32_params:,}) in fp32, as "
+                    "transformers keeps them")
         notes.append(f"QLoRA: bitsandbytes quantises nn.Linear modules only, so the routed experts and routers "
-                     f"({routed:,} parameters: fused 3-D expert tensors and router weights) stay in "
-                     f"{'fp32' if precision == 'fp32' else precision}")
+                     f"({routed:,} parameters: fused 3-D expert tensors and router weights) {kept}")
     return _estimate(shape, method, adapter_modules, batch, seq_len, precision, optimizer,
                      gradient_checkpointing, attention, double_quant, use_cache, input_require_grads, notes)
 
@@ -428,7 +434,8 @@ def _estimate(shape: ModelShape, method: str, adapter_modules: list, batch: int,
         # (a 704→256 DoRA Linear peaked at 4.90 MB, this gives 4.87 MB)
         workspace += max((4 * (m.d_in * m.d_in + 4 * m.d_in * m.d_out) for m in adapter_modules), default=0)
 
-    kv_cache = shape.layers * (shape.cache_width or 2 * shape.kv_dim) * tokens * p if shape.causal else 0
+    # what DynamicCache holds: every token in a full-attention layer, the last window − 1 in a sliding one
+    kv_cache = shape.cached_tokens(seq_len) * (shape.cache_width or 2 * shape.kv_dim) * batch * p if shape.causal else 0
     return MemoryEstimate(method=method, precision=precision, optimizer=optimizer, batch=batch, seq_len=seq_len,
                           gradient_checkpointing=checkpointing, attention=attention, double_quant=double_quant,
                           use_cache=use_cache,
