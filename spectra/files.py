@@ -112,11 +112,12 @@ def refuse_replacing_others(output: str | os.PathLike, writes: Sequence[str], *,
 
     An output directory is replaced whole (:func:`move_into_place`), so ``--overwrite`` must
     not delete what spectra did not write: a folder holding a user's ``thesis.tex``, or the
-    cache, is refused with the name of one such file. `writes` are glob patterns of the
-    paths (relative, ``/``-separated) that `command` writes, the first being its record
-    file (``analysis.json``), which a directory spectra wrote holds; every file and folder
-    under `output` must match one. A file where a directory goes is refused with or without
-    ``overwrite`` (it is not what this command writes, and ``--overwrite`` would not help).
+    cache, is refused with the name of one such file. `records` are the files of which a
+    directory `command` wrote holds one (``analysis.json``); `writes` are glob patterns of the
+    other paths (relative, ``/``-separated) it writes. Every file and folder under `output`
+    must be a record or match a pattern. A file where a directory goes is refused with or
+    without ``overwrite`` (it is not what this command writes, and ``--overwrite`` would not
+    help).
     """
     from spectra.errors import ConfigError
 
