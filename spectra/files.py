@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import hashlib
+import itertools
 import os
 import secrets
 import shutil
@@ -128,11 +129,13 @@ def refuse_replacing_others(output: str | os.PathLike, writes: Sequence[str], *,
         raise ConfigError(f"{option} {output} is a file; `{command}` writes a directory there. Choose another {option}.")
     if not overwrite:
         raise ConfigError(f"{option} {output} exists; pass --overwrite to replace it or choose another {option}.")
-    entries = sorted(out.rglob("*"))
-    if not entries:
+    entries = out.rglob("*")  # lazily: a home folder given by mistake is refused at its first foreign file
+    first = next(entries, None)
+    if first is None:
         return
-    foreign = next((p for p in entries if not any(fnmatch.fnmatchcase(p.relative_to(out).as_posix(), w)
-                                                   for w in (*records, *writes))), None)
+    foreign = next((p for p in itertools.chain([first], entries)
+                    if not any(fnmatch.fnmatchcase(p.relative_to(out).as_posix(), w) for w in (*records, *writes))),
+                   None)
     if foreign is None and any((out / name).is_file() for name in records):
         return
     why = (f"holds {foreign.relative_to(out).as_posix()}, which `{command}` does not write" if foreign is not None
