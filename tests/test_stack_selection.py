@@ -95,19 +95,21 @@ def test_extract_for_the_language_models_q_and_v_wraps_no_vision_module(vl_pair,
 
     base, tuned, _, b, t = vl_pair
     language = _model_linears(base, "model.language_model.", "q_proj", "v_proj")
-    extract_adapter(b, t, 2, tmp_path / "lang", roles=("q", "v"), stacks=("language",), progress=False)
+    result = extract_adapter(b, t, 2, tmp_path / "lang", roles=("q", "v"), stacks=("language",), progress=False)
     config = json.loads((tmp_path / "lang" / "adapter_config.json").read_text())
     assert not any("visual" in n for n in config["target_modules"])
     peft_model = PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "lang"))
-    assert _wrapped(peft_model) == language
+    assert set(result.unchanged) < language  # selected, unchanged (ΔW = 0): left out of the adapter
+    assert _wrapped(peft_model) == language - set(result.unchanged)
     merged = peft_model.merge_and_unload().state_dict()
     torch.testing.assert_close(merged[LANGUAGE_Q + ".weight"], tuned.state_dict()[LANGUAGE_Q + ".weight"],
                                rtol=0, atol=1e-6)
     assert torch.equal(merged[VISION_QKV + ".weight"], base.state_dict()[VISION_QKV + ".weight"])
 
-    extract_adapter(b, t, 1, tmp_path / "all", roles=("q", "v"), progress=False)
+    result = extract_adapter(b, t, 1, tmp_path / "all", roles=("q", "v"), progress=False)
     everything = PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "all"))
-    assert _wrapped(everything) == language | _model_linears(base, "model.visual.blocks.", "attn.qkv")
+    assert _wrapped(everything) | set(result.unchanged) == language | _model_linears(base, "model.visual.blocks.",
+                                                                                      "attn.qkv")
     vision = everything.merge_and_unload().state_dict()[VISION_QKV + ".weight"]
     assert not torch.equal(vision, base.state_dict()[VISION_QKV + ".weight"])
 

@@ -128,7 +128,7 @@ def test_extract_by_roles_gives_a_peft_adapter_that_merges_to_the_planted_update
     cross-attention's v, gate and down the gated MLP's wi_0 and wo; a rank-2 adapter is exact on rank ≤ 2 updates."""
     base, tuned, b, t = flan_t5_pair
     result = extract_adapter(b, t, 2, tmp_path / "ad", roles=("q", "xv", "gate", "down"), progress=False)
-    names = {m.name for m in result.modules}
+    names = {m.name for m in result.modules} | set(result.unchanged)  # unchanged ones: selected, left out of the file
     assert len(names) == 4 + 2 + 2 + 4 + 4  # per layer of 2: q in both stacks, xq and xv in the decoder, wi_0, wo
     assert {n.rsplit(".", 2)[-2] + "." + n.rsplit(".", 1)[-1] for n in names} == {
         "SelfAttention.q", "EncDecAttention.q", "EncDecAttention.v", "DenseReluDense.wi_0", "DenseReluDense.wo"}
