@@ -118,18 +118,24 @@ def test_an_int_rank_trains_what_spectra_train_adapts(name, method, roles):
 # ---------------------------------------------------------------------------- Qwen3-MoE's activations
 
 
-def _qwen3_block(method: str, roles, precision: str, attention: str = "sdpa", **overrides) -> dict[str, int]:
+def _block(name: str, method: str, roles, precision: str, attention: str = "sdpa", *, fp32_routers: bool = False,
+           **overrides) -> dict[str, int]:
     """One block's saved bytes per sequence (the double difference of models of 1 and 2 blocks at batch 2 and 3),
-    measured and modelled, with LoRA as spectra train builds it."""
+    measured and modelled, with LoRA as spectra train builds it. ``fp32_routers``: DeepSeek's routers kept in fp32,
+    as from_pretrained keeps them (_keep_in_fp32_modules_strict)."""
     import torch
     from peft import get_peft_model
 
     measured, modelled = {}, {}
     for layers in (1, 2):
-        model = _model("qwen3_moe", num_hidden_layers=layers, **overrides)
+        model = _model(name, num_hidden_layers=layers, **overrides)
         model.config._attn_implementation = attention
         config = model.config
         model = model.to({"bf16": torch.bfloat16, "fp32": torch.float32}[precision])
+        if fp32_routers:
+            for layer in model.model.layers:
+                if hasattr(layer.mlp, "gate"):
+                    layer.mlp.gate.float()
         if method != "full":
             model = get_peft_model(model, train_lora_config(model, method, roles))
         model.train()
@@ -138,7 +144,7 @@ def _qwen3_block(method: str, roles, precision: str, attention: str = "sdpa", **
             modelled[layers, batch] = estimate_memory(config, method=method, rank_plan_or_rank=4, batch=batch,
                                                       seq_len=16, precision=precision, roles=roles,
                                                       attention=attention).activations
-    return {name: d[2, 3] - d[1, 3] - d[2, 2] + d[1, 2] for name, d in (("measured", measured),
+    return {kind: d[2, 3] - d[1, 3] - d[2, 2] + d[1, 2] for kind, d in (("measured", measured),
                                                                        ("modelled", modelled))}
 
 
@@ -157,7 +163,7 @@ def test_a_qwen3_moe_blocks_activations_are_what_autograd_saves(method, roles, p
     """Mixtral's routing counted for Qwen3-MoE is 16 bytes a token over at bf16 without norm_topk_prob (no
     renormalisation, weights cast to bf16); a dense layer's MLP adapted through its weights keeps its inputs (a
     block was 144 bytes a token short before they were counted)."""
-    block = _qwen3_block(method, roles, precision, attention, **overrides)
+    block = _block("qwen3_moe", method, roles, precision, attention, **overrides)
     assert block["modelled"] == block["measured"] > 0, block
 
 
@@ -257,34 +263,6 @@ def test_deepseeks_sdpa_activations_are_refused_where_q_and_v_heads_differ():
     assert equal.activations > 0
 
 
-def _deepseek_block(name: str, method: str, roles, precision: str, attention: str, **overrides) -> dict[str, int]:
-    """One block's saved bytes per sequence (the double difference of models of 1 and 2 blocks at batch 2 and 3),
-    measured and modelled, LoRA as spectra train builds it; the routers kept in fp32, as from_pretrained keeps
-    them (_keep_in_fp32_modules_strict)."""
-    import torch
-    from peft import get_peft_model
-
-    measured, modelled = {}, {}
-    for layers in (1, 2):
-        model = _model(name, num_hidden_layers=layers, **overrides)
-        model.config._attn_implementation = attention
-        config = model.config
-        model = model.to({"bf16": torch.bfloat16, "fp32": torch.float32}[precision])
-        for layer in model.model.layers:
-            if hasattr(layer.mlp, "gate"):
-                layer.mlp.gate.float()
-        if method != "full":
-            model = get_peft_model(model, train_lora_config(model, method, roles))
-        model.train()
-        for batch in (2, 3):
-            measured[layers, batch] = saved_bytes(model, lambda m: _loss(m, batch, 16))
-            modelled[layers, batch] = estimate_memory(config, method=method, rank_plan_or_rank=4, batch=batch,
-                                                      seq_len=16, precision=precision, roles=roles,
-                                                      attention=attention).activations
-    return {name: d[2, 3] - d[1, 3] - d[2, 2] + d[1, 2] for name, d in (("measured", measured),
-                                                                       ("modelled", modelled))}
-
-
 @_PEFT_PATTERN_WARNING
 @pytest.mark.parametrize(("name", "method", "roles", "precision", "attention", "overrides"), [
     # an MoE block (layer 1): MLA, the sigmoid router (normalised), routed and shared experts
@@ -304,7 +282,7 @@ def test_a_deepseek_blocks_activations_are_what_autograd_saves(name, method, rol
     """MLA keeps its latents' norms, Q, K (fresh), V (kv_b's whole output under sdpa, a copy under eager) and
     o_proj reads a copy; while the model was being written, a 1/rms counted for the absent Q latent (q_proj) put
     V2 4 bytes a token over, eager's V counted as kv_b's whole output 32 over."""
-    block = _deepseek_block(name, method, roles, precision, attention, **overrides)
+    block = _block(name, method, roles, precision, attention, fp32_routers=True, **overrides)
     assert block["modelled"] == block["measured"] > 0, block
 
 
