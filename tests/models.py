@@ -289,3 +289,24 @@ def peft_wrapped(peft_model) -> dict:
             name = name.removeprefix("base_model.model.").replace(".base_layer", "")
             out[f"{name}.{module.parameter_name}" if isinstance(module, ParamWrapper) else name] = module
     return out
+
+
+def load_4bit(model, folder: Path, *, double_quant: bool = True):
+    """``model`` saved to ``folder`` and loaded back in 4 bits by bitsandbytes (NF4, bf16 compute, double quantisation
+    unless ``double_quant`` is False), and the bytes of its quantisation constants: each Linear4bit's absmax and
+    code, and with double quantisation the absmax's own absmax, code and offset. Returns (loaded model, bytes)."""
+    import bitsandbytes as bnb
+    import transformers as tf
+
+    model.save_pretrained(folder)
+    quantization = tf.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                         bnb_4bit_use_double_quant=double_quant, bnb_4bit_compute_dtype=torch.bfloat16)
+    loaded = type(model).from_pretrained(folder, quantization_config=quantization, dtype=torch.bfloat16)
+    constants = 0
+    for module in loaded.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            state = module.weight.quant_state
+            parts = [state.absmax, state.code] + ([state.state2.absmax, state.state2.code, state.offset]
+                                                  if state.nested else [])
+            constants += sum(t.numel() * t.element_size() for t in parts)
+    return loaded, constants

@@ -197,22 +197,13 @@ def test_qlora_storage_is_what_bitsandbytes_holds(name, tmp_path):
     the fused routed experts and the routers in 16 bits (DeepSeek's routers in fp32: transformers keeps them so);
     the estimate's weights and constants are the loaded model's bytes, and its note says which stay unquantised.
     Negative control: the model's bf16 bytes, had the experts been quantised, are not."""
-    import bitsandbytes as bnb
     import torch
-    import transformers as tf
+
+    from tests.models import load_4bit
 
     model = _model(name, hidden_size=64, intermediate_size=128, moe_intermediate_size=64)
     config = model.config
-    model.save_pretrained(tmp_path)
-    quantization = tf.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                         bnb_4bit_compute_dtype=torch.bfloat16)
-    loaded = type(model).from_pretrained(tmp_path, quantization_config=quantization, dtype=torch.bfloat16)
-    constants = 0
-    for module in loaded.modules():
-        if isinstance(module, bnb.nn.Linear4bit):
-            state = module.weight.quant_state
-            constants += sum(t.numel() * t.element_size()
-                             for t in (state.absmax, state.code, state.state2.absmax, state.state2.code, state.offset))
+    loaded, constants = load_4bit(model, tmp_path)
     est = estimate_memory(config.to_dict(), method="qlora", rank_plan_or_rank=4)
     held = sum(p.numel() * p.element_size() for p in loaded.parameters())
     assert est.weights == held and est.quant_constants == constants

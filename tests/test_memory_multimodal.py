@@ -25,24 +25,13 @@ def test_qlora_of_a_multimodal_language_model_stores_what_bitsandbytes_holds(sta
     model's linears), and the activations are the text_config's alone (text-only batches never run the tower).
     The towers' 4-bit linears are those bitsandbytes converted, not every tower linear."""
     import bitsandbytes as bnb
-    import torch
-    import transformers as tf
     from peft import get_peft_model
 
-    from tests.models import build_model
+    from tests.models import build_model, load_4bit
 
     model = build_model("gemma3_multimodal")
     config = model.config.to_dict()
-    model.save_pretrained(tmp_path)
-    quantization = tf.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                         bnb_4bit_compute_dtype=torch.bfloat16)
-    loaded = type(model).from_pretrained(tmp_path, quantization_config=quantization, dtype=torch.bfloat16)
-    constants = 0
-    for module in loaded.modules():
-        if isinstance(module, bnb.nn.Linear4bit):
-            state = module.weight.quant_state
-            constants += sum(t.numel() * t.element_size()
-                             for t in (state.absmax, state.code, state.state2.absmax, state.state2.code, state.offset))
+    loaded, constants = load_4bit(model, tmp_path)
     est = estimate_memory(config, method="qlora", rank_plan_or_rank=4, batch=2, seq_len=16, stacks=stacks)
     held = sum(p.numel() * p.element_size() for p in loaded.parameters())
     assert est.weights == held and est.quant_constants == constants
