@@ -10,15 +10,13 @@ and the fine-tune as transformers loads them.
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 
 from spectra.errors import ConfigError
 from spectra.sweep_weights import ModelWeights, _sweep_pairing, _target_entries
-from tests.checkpoints.test_architectures_mla import tiny_mla
-from tests.models import build_model, flat_update, save
+from tests.checkpoints.test_architectures_mla import tiny_mla_pair
+from tests.models import build_model, save
 
 MLA = {"q": {"q_a_proj", "q_b_proj"}, "k": {"kv_a_proj_with_mqa", "kv_b_proj"},
        "v": {"kv_a_proj_with_mqa", "kv_b_proj"}, "o": {"o_proj"}, "kv_b": {"kv_b_proj"}}
@@ -40,14 +38,7 @@ def _selected(b, t, roles) -> set[str]:
 @pytest.fixture(scope="module")
 def mla_pair(tmp_path_factory):
     """(base model, base dir, tuned dir) of a tiny DeepSeek-V3, every weight matrix moved by a rank-1 update."""
-    base = tiny_mla("deepseek_v3")
-    tuned = copy.deepcopy(base)
-    with torch.no_grad():
-        for i, (name, p) in enumerate(tuned.named_parameters()):
-            if p.dim() == 2 and "embed" not in name and "lm_head" not in name:
-                p += flat_update(tuple(p.shape), 1, seed=i).float()
-    root = tmp_path_factory.mktemp("sweep-mla")
-    return base, save(base, root / "b", "safetensors"), save(tuned, root / "t", "safetensors")
+    return tiny_mla_pair(tmp_path_factory.mktemp("sweep-mla"))
 
 
 @pytest.mark.parametrize("roles", [("k",), ("v",), ("q",), ("o",), ("kv_b",), ("q", "k", "v")])

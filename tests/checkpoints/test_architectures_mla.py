@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import re
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -39,6 +40,19 @@ def tiny_mla(family: str, *, q_lora_rank: int | None = 16, seed: int = 0):
     if family == "deepseek_v3":
         return on_grid(tf.DeepseekV3ForCausalLM, tf.DeepseekV3Config(n_group=1, topk_group=1, **sizes), seed=seed)
     return on_grid(tf.DeepseekV2ForCausalLM, tf.DeepseekV2Config(**sizes), seed=seed)
+
+
+def tiny_mla_pair(root: Path):
+    """(base model, base dir, tuned dir): :func:`tiny_mla`'s DeepSeek-V3 and a fine-tune with a rank-1
+    :func:`~tests.models.flat_update` in every weight matrix but the embeddings and the LM head (the router's
+    included), saved as safetensors under ``root/b`` and ``root/t``."""
+    base = tiny_mla("deepseek_v3")
+    tuned = copy.deepcopy(base)
+    with torch.no_grad():
+        for i, (name, p) in enumerate(tuned.named_parameters()):
+            if p.dim() == 2 and "embed" not in name and "lm_head" not in name:
+                p += flat_update(tuple(p.shape), 1, seed=i).float()
+    return base, save(base, root / "b", "safetensors"), save(tuned, root / "t", "safetensors")
 
 
 FAMILIES = [("deepseek_v3", 16), ("deepseek_v2", 16), ("deepseek_v2", None)]

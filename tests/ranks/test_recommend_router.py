@@ -58,16 +58,9 @@ def test_a_default_plan_of_deepseek_v3_extracts_and_merges_to_the_fine_tune(tmp_
     from spectra.analysis import analyze
     from spectra.lora.extract import extract_adapter
     from spectra.lora.train import quiet_peft
-    from tests.checkpoints.test_architectures_mla import tiny_mla
-    from tests.models import flat_update, save
+    from tests.checkpoints.test_architectures_mla import tiny_mla_pair
 
-    base = tiny_mla("deepseek_v3")
-    tuned = copy.deepcopy(base)
-    with torch.no_grad():
-        for i, (name, p) in enumerate(tuned.named_parameters()):
-            if p.dim() == 2 and "embed" not in name and "lm_head" not in name:
-                p += flat_update(tuple(p.shape), 1, seed=i).float()
-    b, t = save(base, tmp_path / "b", "safetensors"), save(tuned, tmp_path / "t", "safetensors")
+    _, b, t = tiny_mla_pair(tmp_path)
     plan = recommend_ranks(analyze(b, t, cache_dir=False, progress=False), RankPolicy())
     router = "model.layers.1.mlp.gate"
     assert router not in {m.name for m in plan.modules}
