@@ -38,7 +38,7 @@ import io
 import json
 import re
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -583,23 +583,38 @@ def check_max_length(max_length: int | None, *, option: str) -> None:
 
 
 def resolve_max_length(max_length: int | None, model_config: Mapping, *, option: str = "max_length (--max-length)",
-                       notes: list[str] | None = None) -> int:
+                       notes: list[str] | None = None, default: int = DEFAULT_MAX_LENGTH,
+                       cut: str = "examples are cut at {length} tokens", rotary: bool = False) -> int:
     """Tokens per example for the model of ``model_config``: what was asked, within what its positions cover.
+
+    The one rule for a sequence length, of ``spectra train``'s ``--max-length`` and ``spectra memory``'s
+    ``--seq-len`` (each passes its own ``option``, ``default`` and ``cut``).
 
     Parameters
     ----------
     max_length : int or None
-        The length asked for; None: :data:`DEFAULT_MAX_LENGTH`, or the model's
-        :func:`position_limit` when that is shorter (a default is no request, so it is cut
-        to fit, and ``notes`` says so).
+        The length asked for; None: ``default``, or the model's :func:`position_limit` when
+        that is shorter (a default is no request, so it is cut to fit, and ``notes`` says so).
     model_config : mapping
         The model's ``config.json``.
     option : str
-        How the user set ``max_length``, for the error.
+        How the user set ``max_length``, for the error and the notes: ``max_length (--max-length)``,
+        ``seq_len (--seq-len)``.
     notes : list of str, optional
         Receives a note (starting with ``option``) when the default is cut to the model's limit, or when a length
         beyond the configured positions of a model whose positions run past them (rotary,
         relative) is kept.
+    default : int
+        The length when none is asked: :data:`DEFAULT_MAX_LENGTH` (examples to train on);
+        ``spectra memory`` estimates a longer context (its ``DEFAULT_SEQ_LEN``).
+    cut : str
+        How the note of a default cut to the model's limit words the length, ``{length}`` filled in:
+        ``examples are cut at {length} tokens``, ``{length} tokens per sequence``.
+    rotary : bool
+        The caller knows the model's positions are rotary where its config.json names no rotary
+        key (``spectra memory`` reads it from the family, ``ModelShape.rotary``, for a Llama
+        config.json of its required keys alone): a table read as learned from the config then
+        does not refuse a longer length.
 
     Raises
     ------
@@ -608,13 +623,14 @@ def resolve_max_length(max_length: int | None, model_config: Mapping, *, option:
         the option, the value and the model's limit.
     """
     limit = position_limit(model_config)
+    if limit is not None and rotary and limit.learned:
+        limit = replace(limit, positions="rotary")
     if max_length is None:
-        if limit is None or limit.length >= DEFAULT_MAX_LENGTH:
-            return DEFAULT_MAX_LENGTH
+        if limit is None or limit.length >= default:
+            return default
         if notes is not None:
-            notes.append(f"{option}: examples are cut at {limit.length} tokens, not the default "
-                         f"{DEFAULT_MAX_LENGTH}: the model's positions cover {limit.length} ({limit.source} in its "
-                         "config.json).")
+            notes.append(f"{option}: {cut.format(length=limit.length)}, not the default {default}: the model's "
+                         f"positions cover {limit.length} ({limit.source} in its config.json).")
         return limit.length
     if limit is None or max_length <= limit.length:
         return max_length
@@ -622,7 +638,7 @@ def resolve_max_length(max_length: int | None, model_config: Mapping, *, option:
         raise ConfigError(f"{option} {max_length} is more than the model can take: its table of learned positions "
                           f"covers {limit.length} tokens ({limit.source} in its config.json), and a longer sequence "
                           f"has no position to embed. Pass {option} {limit.length} or less, or leave it out for the "
-                          f"default ({DEFAULT_MAX_LENGTH} tokens, or the model's {limit.length} when fewer).")
+                          f"default ({default} tokens, or the model's {limit.length} when fewer).")
     if notes is not None:
         notes.append(f"{option} {max_length} is beyond the {limit.length} positions the model is configured for "
                      f"({limit.source} in its config.json); {_RUNS_PAST[limit.positions]}, but it was not "

@@ -119,8 +119,9 @@ def estimate_memory(config_or_model: Any, *, method: str = "lora", rank_plan_or_
         Sequences per step (≥ 1). Default 1.
     seq_len : int, optional
         Tokens per sequence. Default 2048, or the model's position limit when shorter
-        (``max_position_embeddings``, GPT-2's ``n_positions``: :func:`spectra.lora.data.position_limit`, as
-        ``spectra train`` reads it), which ``notes`` then says. A length beyond a table of learned positions
+        (``max_position_embeddings``, GPT-2's ``n_positions``: :func:`spectra.lora.data.position_limit`), which
+        ``notes`` then says: ``spectra train``'s rule for ``--max-length``
+        (:func:`spectra.lora.data.resolve_max_length`). A length beyond a table of learned positions
         (GPT-2's, BERT's) is refused: the model cannot run it; beyond the positions a rotary model is configured
         for, it is estimated with a note.
     precision : {"fp32", "bf16", "fp16", "mixed"}
@@ -264,7 +265,12 @@ def estimate_memory(config_or_model: Any, *, method: str = "lora", rank_plan_or_
     cfg = load_config(config_or_model)
     shape = model_shape(cfg)
     notes: list[str] = []
-    seq_len = _seq_len(seq_len, cfg, notes, rotary=shape.rotary)
+    from spectra.lora.data import resolve_max_length  # here, not at the top: importing spectra.memory imports no torch
+
+    # train's rule for --max-length: the default cut to the model's positions, beyond a learned table refused. The
+    # family decides rotary where config.json names no rotary key (a Llama config.json of its required keys alone)
+    seq_len = resolve_max_length(seq_len, cfg, option="seq_len (--seq-len)", notes=notes, default=DEFAULT_SEQ_LEN,
+                                 cut="{length} tokens per sequence", rotary=shape.rotary)
     if plan is not None:
         _check_plan_base(shape, plan, cfg)
     if attention == "sdpa" and not shape.sdpa:
@@ -312,37 +318,6 @@ def _check_roles(roles: tuple[str, ...] | None, method: str, plan: RankPlan | No
     from spectra.lora.train import TrainConfig  # here, not at the top: importing spectra.memory imports no torch
 
     TrainConfig(method=method, roles=tuple(roles))
-
-
-def _seq_len(seq_len: int | None, cfg: dict, notes: list[str], *, rotary: bool) -> int:
-    """Tokens per sequence: ``seq_len``, or :data:`DEFAULT_SEQ_LEN` cut to the model's position limit (a default is
-    no request, so it is cut to fit, with a note), read as ``spectra train`` reads it
-    (:func:`spectra.lora.data.position_limit`). A ``seq_len`` beyond a table of learned positions is refused (a longer
-    sequence has no position to embed); beyond a rotary model's configured positions it is kept, with a note. The
-    family decides ``rotary`` (``ModelShape.rotary``) where config.json names no rotary key (a Llama config.json of
-    its required keys alone), which position_limit alone would read as a learned table."""
-    from spectra.lora.data import position_limit
-
-    limit = position_limit(cfg)
-    if limit is not None and rotary and limit.learned:
-        limit = dataclasses.replace(limit, positions="rotary")
-    if seq_len is None:
-        if limit is None or limit.length >= DEFAULT_SEQ_LEN:
-            return DEFAULT_SEQ_LEN
-        notes.append(f"seq_len (--seq-len): {limit.length} tokens per sequence, not the default {DEFAULT_SEQ_LEN}: "
-                     f"the model's positions cover {limit.length} ({limit.source} in its config.json)")
-        return limit.length
-    if limit is None or seq_len <= limit.length:
-        return seq_len
-    if limit.learned:
-        raise ConfigError(f"seq_len (--seq-len) {seq_len} is more than the model can take: its table of learned "
-                          f"positions covers {limit.length} tokens ({limit.source} in its config.json), and a longer "
-                          f"sequence has no position to embed. Pass --seq-len {limit.length} or less, or leave it out "
-                          f"for the default ({DEFAULT_SEQ_LEN} tokens, or the model's {limit.length} when fewer).")
-    notes.append(f"seq_len (--seq-len) {seq_len} is beyond the {limit.length} positions the model is configured for "
-                 f"({limit.source} in its config.json): its {limit.positions} positions run past them, but it was "
-                 "not trained on sequences this long")
-    return seq_len
 
 
 def _narrow_4bit_note(shape: ModelShape) -> str | None:
