@@ -839,13 +839,21 @@ def verify(
         ranks = [int(r) for r in _split(sweep) or ()]
     except ValueError:
         raise ConfigError(f"--sweep {sweep!r}: expected comma-separated ranks like 1,2,4,8.") from None
+    methods = _split(method) or ("lora",)
+    adapters_dir = adapters_dir or output.with_name(output.name + "-adapters")
+    from spectra.files import refuse_replacing_others
+
+    records, writes = _WRITES["train"]
+    for name in dict.fromkeys(f"{m}-r{r}" for m in methods for r in ranks):  # each run replaces its folder whole:
+        refuse_replacing_others(adapters_dir / name, writes, records=records, overwrite=overwrite,  # all checked
+                                command="spectra verify --sweep", option="--adapters-dir")  # before the first trains
     if plan is not None and recommended is None:
         recommended = load_plan(plan).to_peft_config()["r"]
     tconfig = TrainConfig(roles=_split(roles), stacks=_stacks(stacks), epochs=epochs, max_steps=max_steps, lr=lr, seed=seed,
                           group_by_length=group_by_length, teacher=tuned if distill else None, device=device,
                           **({} if eval_fraction is None else {"eval_fraction": eval_fraction}))
-    result = rank_sweep(base, tuned, data, ranks=ranks, methods=_split(method) or ("lora",), train_config=tconfig,
-                        eval_data=eval_data, adapters_dir=adapters_dir or output.with_name(output.name + "-adapters"),
+    result = rank_sweep(base, tuned, data, ranks=ranks, methods=methods, train_config=tconfig,
+                        eval_data=eval_data, adapters_dir=adapters_dir,
                         verify_config=vconfig, recommended_rank=recommended, overwrite=overwrite,
                         progress=not quiet)
     path = result.write_report(output, overwrite=overwrite)

@@ -87,3 +87,28 @@ def test_train_refuses_a_file_and_reruns_over_its_own_output(monkeypatch, capsys
             assert code == 0, err
         assert (out / "spectra_train.json").is_file()
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")], "a set-aside old output was left"
+
+
+def test_verify_sweep_replaces_only_adapter_folders_it_wrote(monkeypatch, capsys, pair, tmp_path):
+    """`verify --sweep --overwrite` replaced each {method}-r{rank} folder under --adapters-dir whole, a user's
+    thesis.tex with it: the rule of -o now holds there, for every planned run before the first trains."""
+    data = tmp_path / "train.txt"
+    data.write_text("\n".join(f"line {i} of some text to train on" for i in range(8)))
+    ads = tmp_path / "ads"
+    sweep = ("verify", *pair, "--sweep", "1,2", "--data", data, "--max-steps", "1", "-q", "--adapters-dir", ads)
+    (ads / "lora-r2").mkdir(parents=True)
+    (ads / "lora-r2" / "thesis.tex").write_text("mine")
+    code, _, err = run(monkeypatch, capsys, *sweep, "-o", tmp_path / "v0", "--overwrite")
+    assert code == 2 and "--adapters-dir" in err and "holds thesis.tex" in err, err
+    assert (ads / "lora-r2" / "thesis.tex").read_text() == "mine"
+    assert not (ads / "lora-r1").exists() and not (tmp_path / "v0").exists()  # refused before r1 trained
+    (ads / "lora-r2" / "thesis.tex").unlink()
+    code, _, err = run(monkeypatch, capsys, *sweep, "-o", tmp_path / "v1", "--overwrite")  # empty folder: written
+    assert code == 0, err
+    written = (ads / "lora-r1" / "adapter_model.safetensors").read_bytes()
+    code, _, err = run(monkeypatch, capsys, *sweep, "-o", tmp_path / "v2")
+    assert code == 2 and "lora-r1 exists; pass --overwrite" in err, err  # negative control: no --overwrite, no replacing
+    (ads / "lora-r1" / "adapter_model.safetensors").write_bytes(b"stale")
+    code, _, err = run(monkeypatch, capsys, *sweep, "-o", tmp_path / "v2", "--overwrite")  # what the sweep wrote
+    assert code == 0, err
+    assert (ads / "lora-r1" / "adapter_model.safetensors").read_bytes() == written
