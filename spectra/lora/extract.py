@@ -292,15 +292,15 @@ def _leave_out_unchanged(results: list, tensors: dict, ranks: dict, save_names: 
     unchanged and nothing else would be saved (an adapter of zeros: the same checkpoint twice?); with saved modules
     there, the zero factors stay (PEFT needs a target). Experts stay: a slice of a stored 3-D expert tensor, whose
     parameter's factors are assembled from every expert, and experts PEFT converts to its fused parameters as a set
-    (a subset it would rewrite onto other modules)."""
-    zero = [m for m in results if m.fro_norm == 0.0 and m.name in ranks and not _EXPERT_INDEX.search(m.name)]
-    if not zero:
-        return []
-    if len(zero) == len(results):
+    (a subset it would rewrite onto other modules), but count in the refusal: experts of zeros are zeros too."""
+    if results and all(m.fro_norm == 0.0 for m in results):
         if not save_names:
-            raise ConfigError(f"every ΔW is 0: all {len(zero)} targeted modules are unchanged in TUNED, so the "
+            raise ConfigError(f"every ΔW is 0: all {len(results)} targeted modules are unchanged in TUNED, so the "
                               "adapter would hold zeros only. Check that TUNED is the fine-tune (the same checkpoint "
                               "twice?).")
+        return []
+    zero = [m for m in results if m.fro_norm == 0.0 and m.name in ranks and not _EXPERT_INDEX.search(m.name)]
+    if not zero:
         return []
     for m in zero:
         del ranks[m.name]

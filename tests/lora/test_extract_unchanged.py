@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from spectra.errors import ConfigError
 from spectra.lora.extract import extract_adapter
 from tests.lora.test_extract import merged_state, perturbed
-from tests.models import build_model, save
+from tests.models import build_model, planted_mixtral_pair, save
 from tests.test_cli import run
 
 
@@ -67,3 +67,23 @@ def test_the_same_checkpoint_twice_is_refused_by_extract_and_recommend(q_only, t
     assert code == 2 and "The 2 targeted module(s) are unchanged (ΔW = 0)" in err and "changed but are not targeted (--roles k)" in err, err
     code, out, err = run(monkeypatch, capsys, "recommend", tmp_path / "q", "--roles", "q")
     assert code == 0 and "LoRA plan: 2 modules" in out, err  # negative control: the changed role is planned
+
+
+def test_the_same_mixtral_twice_is_refused_with_its_experts_targeted(tmp_path, monkeypatch, capsys):
+    """Experts were kept out of the count of unchanged modules, so a MoE pair saved twice gave an adapter of zero
+    expert factors (exit 0; with --roles gate,up,down not even a note): the refusal now counts every result."""
+    import copy
+
+    model = build_model("mixtral")
+    b = save(model, tmp_path / "mb", "safetensors")
+    t = save(copy.deepcopy(model), tmp_path / "mt", "safetensors")
+    for roles in ((), ("--roles", "gate,up,down")):
+        code, _, err = run(monkeypatch, capsys, "extract", b, t, "--rank", "2", "-q", "-o", tmp_path / "ad", *roles)
+        assert code == 2 and "every ΔW is 0" in err and "same checkpoint twice?" in err, (roles, err)
+        assert not (tmp_path / "ad").exists()
+    _, pb, pt = planted_mixtral_pair(tmp_path / "planted")  # negative control: experts changed, written
+    code, _, err = run(monkeypatch, capsys, "extract", pb, pt, "--rank", "2", "-q", "-o", tmp_path / "moe",
+                       "--roles", "gate,up,down")
+    assert code == 0, err
+    factors = load_file(tmp_path / "moe" / "adapter_model.safetensors")
+    assert factors and all("experts" in k for k in factors) and max(float(v.abs().max()) for v in factors.values()) > 0
