@@ -278,7 +278,7 @@ def analyze_delta(d: DeltaW, config: AnalysisConfig) -> dict[str, Any]:
     # (numpy.linalg.matrix_rank's default tolerance): no threshold may count them as signal.
     numerical = float(values[0]) * max(d.shape) * torch.finfo(torch.float32).eps if values.numel() else 0.0
     floor = noise.settle_floor(config.base_rounding, floor, tuned_floor, spec, tuple(d.shape), total_energy=fro2,
-                               numerical=numerical, quantised=quantised)
+                               numerical=numerical, quantised=quantised, delta=d.delta, seed=config.seed)
     gd = _gavish_donoho(spec, d.shape, floor)
     gd_rank = int((values > max(gd.threshold, numerical)).sum())
     row["gd_rank"] = None if not spec.complete and gd_rank == values.numel() else gd_rank  # else a lower bound

@@ -20,7 +20,7 @@ from spectra.errors import ConfigError
 from spectra.linalg import metrics
 from spectra.linalg.sketch import _mean_ulp_squared, heteroscedastic_edge
 
-__all__ = ["tuned_side_floor", "settle_floor"]
+__all__ = ["tuned_side_floor", "settle_floor", "residual_energy"]
 
 
 def tuned_side_floor(both: metrics.NoiseFloor, tuned: torch.Tensor, *, tuned_dtype: torch.dtype,
@@ -59,7 +59,8 @@ def tuned_side_floor(both: metrics.NoiseFloor, tuned: torch.Tensor, *, tuned_dty
 
 
 def settle_floor(choice: str, both: metrics.NoiseFloor, tuned_only: metrics.NoiseFloor | None, s, shape, *,
-                 total_energy: float, numerical: float = 0.0, quantised: bool = False) -> metrics.NoiseFloor:
+                 total_energy: float, numerical: float = 0.0, quantised: bool = False,
+                 delta: torch.Tensor | None = None, seed: int = 0) -> metrics.NoiseFloor:
     """The floor under ΔW: both sides' rounding ("counted") or the fine-tune's alone ("exact").
 
     Parameters
@@ -82,11 +83,20 @@ def settle_floor(choice: str, both: metrics.NoiseFloor, tuned_only: metrics.Nois
     quantised : bool, default False
         A side rounds on a quantised grid: "auto" keeps the pairing's rule (the base's grid
         counts only where the fine-tune is quantised too) and counts what it gave.
+    delta : torch.Tensor, shape (out, in), optional
+        ΔW itself. Where ‖ΔW‖_F² − Σ_{i≤k} σᵢ² cannot resolve the threshold (the values' own
+        round-off, 2·`numerical`·Σ_{i≤k} σᵢ, reaches a tenth of the threshold's energy: a
+        fine-tune stored in fp32 from a bf16 base, with a large update), "auto" takes the
+        residual from the matrix in float64 instead (:func:`residual_energy`).
+    seed : int, default 0
+        Start of that residual's subspace iteration.
 
     Returns
     -------
     NoiseFloor
-        With ``base_rounding`` and, under "auto", ``sigma_residual``.
+        With ``base_rounding`` and, under "auto", ``sigma_residual``: None where every
+        direction is above the edge, or where the values could not resolve the residual and
+        no `delta` was given (the base's rounding is then counted, the larger floor).
     """
     if choice not in metrics.BASE_ROUNDING:
         raise ConfigError(f"base_rounding: {choice!r} is not one of {', '.join(metrics.BASE_ROUNDING)}.")
@@ -96,9 +106,61 @@ def settle_floor(choice: str, both: metrics.NoiseFloor, tuned_only: metrics.Nois
         raise ConfigError(f"base_rounding {choice!r} needs the fine-tune's own floor (tuned_side_floor).")
     if choice == "exact":
         return tuned_only
-    residual = metrics.residual_variance(s, shape, edge=max(both.mp_edge, numerical), total_energy=total_energy)
+    edge = max(both.mp_edge, numerical)
+    residual = metrics.residual_variance(s, shape, edge=edge, total_energy=total_energy)
+    base_variance = max(both.variance - tuned_only.variance, 0.0)
+    threshold = math.sqrt(tuned_only.variance * (tuned_only.variance + base_variance))
+    if residual is not None:
+        values = metrics._values(s, total_energy).v
+        top = values[values > edge]
+        k, (m, n) = top.size, (int(d) for d in shape)
+        if k:
+            tolerance = numerical or float(values[0]) * max(m, n) * torch.finfo(torch.float32).eps
+            if 2.0 * tolerance * float(top.sum()) > 0.1 * threshold * (m - k) * (n - k):  # round-off, not noise
+                residual = (None if delta is None
+                            else residual_energy(delta, k, seed=seed) / ((m - k) * (n - k)))
     sigma_residual = None if residual is None else math.sqrt(residual)
-    counted = metrics.counts_base_rounding(residual, tuned_variance=tuned_only.variance,
-                                           base_variance=max(both.variance - tuned_only.variance, 0.0))
+    counted = metrics.counts_base_rounding(residual, tuned_variance=tuned_only.variance, base_variance=base_variance)
     return replace(both if counted else tuned_only, base_rounding="counted" if counted else "exact",
                    sigma_residual=sigma_residual)
+
+
+def residual_energy(delta: torch.Tensor, k: int, *, oversample: int = 8, iterations: int = 4, seed: int = 0) -> float:
+    """‖ΔW − Q_k Q_kᵀ ΔW‖_F², in float64: the energy outside ΔW's top `k` left singular directions.
+
+    Summed from the residual matrix itself, so it holds no cancellation: ‖ΔW‖_F² − Σ_{i≤k} σᵢ²
+    from float32 values loses everything below ~eps32·‖ΔW‖_F², which a large update's
+    rounding residual is. Q_k is found by float64 subspace iteration (`k` + `oversample`
+    vectors, `iterations` power steps, then Rayleigh–Ritz); an inexact Q_k only leaves more
+    energy out, so the result errs towards more noise. Rows are read in chunks: no float64 copy
+    of ΔW is made.
+
+    References
+    ----------
+    .. [1] N. Halko, P. G. Martinsson and J. A. Tropp, "Finding structure with randomness",
+       SIAM Review 53(2), 2011, Algorithms 4.4 (subspace iteration) and 5.1.
+    """
+    m, n = delta.shape
+    if k <= 0:
+        return sum(float((delta[i:i + 4096].double() ** 2).sum()) for i in range(0, m, 4096))
+    rows = max(1, (4 << 20) // max(1, n))
+    chunks = [slice(i, i + rows) for i in range(0, m, rows)]
+
+    def times(x: torch.Tensor) -> torch.Tensor:  # ΔW x, (m, l)
+        return torch.cat([delta[c].double() @ x for c in chunks])
+
+    def transposed(y: torch.Tensor) -> torch.Tensor:  # ΔWᵀ y, (n, l)
+        out = torch.zeros(n, y.shape[1], dtype=torch.float64, device=delta.device)
+        for c in chunks:
+            out += delta[c].double().T @ y[c]
+        return out
+
+    width = min(k + oversample, m, n)
+    start = torch.randn(n, width, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    q = torch.linalg.qr(times(start.to(delta.device))).Q
+    for _ in range(iterations):
+        q = torch.linalg.qr(times(torch.linalg.qr(transposed(q)).Q)).Q
+    u = torch.linalg.svd(transposed(q).T, full_matrices=False).U  # Rayleigh–Ritz in span(q)
+    qk = q @ u[:, :k]
+    coefficients = transposed(qk).T  # Q_kᵀ ΔW, (k, n)
+    return sum(float(((delta[c].double() - qk[c] @ coefficients) ** 2).sum()) for c in chunks)

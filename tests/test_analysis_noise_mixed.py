@@ -1,0 +1,80 @@
+"""auto's choice of floor where the residual is below float32's resolution of ‖ΔW‖²: a bf16 base fine-tuned from its
+stored values and saved in fp32, with a large update (‖ΔW‖/‖W‖ 0.1, 0.5). ‖ΔW‖² − Σσᵢ² from float32 values was
+round-off 1000× the fp32 rounding and picked "counted", a floor 65,600× too high; the residual now comes from the
+matrix in float64. Reference: the float64 std of ΔW_stored − δ for the planted δ."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from spectra.analysis import AnalysisConfig, analyze
+from spectra.linalg import metrics, noise
+from tests.models import flat_update
+
+Q = "model.layers.0.self_attn.q_proj"
+RANK = 6
+
+
+def _pair(tmp_path, scenario: str, rel: float):
+    """256×512 W (float64 master), base stored in bf16; δ of rank 6 with ‖δ‖ = rel·‖W‖; the fine-tune starts from
+    the stored base (A) or the master (B) and is stored in fp32."""
+    w = torch.randn(256, 512, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 0.02
+    update = flat_update((256, 512), RANK, seed=1, scale=1.0)
+    delta = update * rel * float(w.norm()) / float(update.norm())
+    base = w.to(torch.bfloat16)
+    tuned = ((base.double() if scenario == "A" else w) + delta).to(torch.float32)
+    for side, weight in (("b", base), ("t", tuned)):
+        (tmp_path / side).mkdir()
+        save_file({Q + ".weight": weight.contiguous()}, tmp_path / side / "model.safetensors")
+    return tmp_path / "b", tmp_path / "t", float((tuned.double() - base.double() - delta).std())
+
+
+def _noise(b, t, **config):
+    (row,) = analyze(b, t, AnalysisConfig(**config), cache_dir=False, progress=False).modules
+    return row["noise"]
+
+
+@pytest.mark.parametrize("rel", [0.1, 0.5])
+def test_auto_resolves_the_fine_tunes_rounding_under_a_large_update(tmp_path, rel):
+    b, t, true = _pair(tmp_path, "A", rel)
+    row = _noise(b, t)
+    assert row["base_rounding"] == "exact" and row["rank_above"] == RANK
+    assert row["sigma"] == pytest.approx(true, rel=0.05)
+    assert row["sigma_residual"] == pytest.approx(true, rel=0.1)
+    wide = _noise(b, t, dtype="float64")  # float64 values resolved it before: unchanged
+    assert wide["base_rounding"] == "exact" and wide["sigma"] == pytest.approx(row["sigma"], rel=1e-6)
+    assert wide["sigma_residual"] == pytest.approx(true, rel=0.1)
+
+
+def test_a_master_rounded_base_still_counts_under_a_large_update(tmp_path):
+    """Negative control: B holds the base's bf16 rounding (σ_b ≫ σ_t); auto keeps counting it."""
+    b, t, true = _pair(tmp_path, "B", 0.5)
+    row = _noise(b, t)
+    assert row["base_rounding"] == "counted" and row["rank_above"] == RANK
+    assert row["sigma"] == pytest.approx(true, rel=0.05) and row["sigma_residual"] == pytest.approx(true, rel=0.05)
+
+
+def test_residual_energy_matches_float64_numpy_and_the_values_alone_are_not_trusted():
+    torch.manual_seed(0)
+    signal = flat_update((96, 160), 3, seed=2, scale=1.0)
+    delta = (signal + 1e-9 * torch.randn(96, 160, dtype=torch.float64)).float()
+    s = np.linalg.svd(delta.double().numpy(), compute_uv=False)
+    reference = float(np.sum(s[3:] ** 2))  # float64 LAPACK on the same float32 matrix
+    assert noise.residual_energy(delta, 3) == pytest.approx(reference, rel=1e-6)
+    assert noise.residual_energy(delta, 0) == pytest.approx(float(np.sum(s ** 2)), rel=1e-12)
+    # settle_floor on float32 values: the residual (~1e-14 of ‖ΔW‖²) is unresolved; without ΔW: counted, no σ̂
+    values = torch.linalg.svdvals(delta)
+    fro2 = float((delta.double() ** 2).sum())
+    var_t, var_b = 1e-18, 1e-10  # an fp32 fine-tune's rounding, a bf16 base's
+    both = metrics.NoiseFloor(var_t + var_b, (var_t + var_b) ** 0.5, 0.0, (var_t + var_b) ** 0.5 * (96 ** 0.5 + 160 ** 0.5),
+                              None, "bfloat16", "float32", tuned_variance=var_t)
+    exact = metrics.NoiseFloor(var_t, var_t ** 0.5, 0.0, var_t ** 0.5 * (96 ** 0.5 + 160 ** 0.5), None, "bfloat16",
+                               "float32", base_rounding="exact", tuned_variance=var_t)
+    blind = noise.settle_floor("auto", both, exact, values, (96, 160), total_energy=fro2)
+    assert blind.base_rounding == "counted" and blind.sigma_residual is None
+    seen = noise.settle_floor("auto", both, exact, values, (96, 160), total_energy=fro2, delta=delta)
+    assert seen.base_rounding == "exact"
+    assert seen.sigma_residual ** 2 == pytest.approx(reference / (93 * 157), rel=1e-6)
