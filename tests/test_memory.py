@@ -1016,25 +1016,13 @@ def test_qlora_storage_is_what_bitsandbytes_holds(family, double_quant, tmp_path
     """NF4 weights and their constants, summed over what from_pretrained quantises, with and without double
     quantisation (the estimate had only the double-quantised kind). bitsandbytes replaces nn.Linear modules
     only: Mixtral's fused experts (parameters) and router stay in 16 bits (they were counted in NF4)."""
-    import bitsandbytes as bnb
-    import torch
     import transformers as tf
 
-    from tests.models import _MODEL_CLASSES
+    from tests.models import _MODEL_CLASSES, load_4bit
 
     config = _config(family, 2, "sdpa", hidden_size=64, intermediate_size=128)
     cls = getattr(tf, (_MODEL_CLASSES | _CLASSES)[family][1])
-    cls(config).save_pretrained(tmp_path)
-    quantization = tf.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                         bnb_4bit_use_double_quant=double_quant, bnb_4bit_compute_dtype=torch.bfloat16)
-    model = cls.from_pretrained(tmp_path, quantization_config=quantization, dtype=torch.bfloat16)
-    constants = 0
-    for module in model.modules():
-        if isinstance(module, bnb.nn.Linear4bit):
-            state = module.weight.quant_state
-            parts = [state.absmax, state.code] + ([state.state2.absmax, state.state2.code, state.offset]
-                                                  if state.nested else [])
-            constants += sum(t.numel() * t.element_size() for t in parts)
+    model, constants = load_4bit(cls(config), tmp_path, double_quant=double_quant)
     est = estimate_memory(config, method="qlora", double_quant=double_quant)
     assert est.quant_constants == constants and est.double_quant == double_quant
     assert est.weights == sum(p.numel() * p.element_size() for p in model.parameters())
