@@ -109,8 +109,13 @@ def test_the_option_is_validated_recorded_and_keys_the_cache(tmp_path):
     data = json.loads((out / "analysis.json").read_text())
     assert data["config"]["base_rounding"] == "exact"
     assert data["modules"][0]["noise"]["base_rounding"] == "exact"
-    assert ("- Noise floor (--base-rounding exact): the fine-tune's alone (it started from the base's stored values) "
-            "in 1 module\n") in (out / "report.md").read_text()
+    assert "- Noise floor (--base-rounding exact): the fine-tune's rounding alone in 1 module\n" in (
+        out / "report.md").read_text()
+    # auto: what the residual fits, not a claim on how the fine-tune was made (sub-ulp updates fit it otherwise made)
+    auto = analyze(b, t, AnalysisConfig(roles=("q",)), cache_dir=False, progress=False)
+    text = (auto.write_report(tmp_path / "auto") / "report.md").read_text()
+    assert "- Noise floor (--base-rounding auto): ΔW's residual fits the fine-tune's rounding alone in 1 module\n" in text
+    assert "started from" not in text
 
 
 def test_an_analysis_written_before_the_option_still_loads_and_renders(tmp_path):

@@ -254,15 +254,16 @@ def _summary_items(analysis: Mapping, matrices: list[dict], vectors: list[dict],
 
 def _floor_item(analysis: Mapping, matrices: list[dict]) -> str | None:
     """Which roundings the noise floor holds, counted over the modules (None in files written before it was
-    recorded)."""
+    recorded): under auto, what ΔW's residual fits, not how the checkpoints were made (a residual at the fine-tune's
+    rounding level does not prove it started from the base's stored values)."""
     held = [(r.get("noise") or {}).get("base_rounding") for r in matrices]
     counted, exact = held.count("counted"), held.count("exact")
     if not counted + exact:
         return None
     choice = (analysis.get("config") or {}).get("base_rounding", "auto")
+    alone = "ΔW's residual fits the fine-tune's rounding alone" if choice == "auto" else "the fine-tune's rounding alone"
     parts = [f"both checkpoints' rounding in {counted} module{'s' * (counted != 1)}" if counted else "",
-             f"the fine-tune's alone (it started from the base's stored values) in {exact} module{'s' * (exact != 1)}"
-             if exact else ""]
+             f"{alone} in {exact} module{'s' * (exact != 1)}" if exact else ""]
     return f"Noise floor (--base-rounding {choice}): " + "; ".join(p for p in parts if p)
 
 
