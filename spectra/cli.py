@@ -1168,8 +1168,8 @@ def _quiet_third_party(*, quiet: bool = False) -> None:
 _FIELD_OPTIONS = {"thresholds": "energy", "on_nonfinite": "skip_nonfinite", "functional": "epsilon"}
 # a library field as an error names it: RankPolicy.energy, workers=0, on_nonfinite='skip', max_rank
 # (never inside a path or a dotted name: /data/eval_data/x.txt, model.layers.0.mlp.gate_proj, max_length.txt)
-_FIELD = re.compile(r"(?<![\w./\\-])(?:(?:RankPolicy|[A-Z]\w*Config)\.)?([a-z][a-z0-9]*(?:_[a-z0-9]+)*)"
-                    r"(?![\w/\\-]|\.\w)(?:=('[^']*'|[^\s,;:)]+))?")
+_FIELD = re.compile(r"(?<![\w./\\@-])(?:(?:RankPolicy|[A-Z]\w*Config)\.)?([a-z][a-z0-9]*(?:_[a-z0-9]+)*)"
+                    r"(?![\w/\\@-]|\.\w)(?:=('[^']*'|[^\s,;:)]+))?")  # nor an address: eval_data@host
 
 
 def _cli_message(err: Exception, argv: list[str]) -> str:
@@ -1177,7 +1177,8 @@ def _cli_message(err: Exception, argv: list[str]) -> str:
     fields it names become the command's options (``workers=0`` → ``--workers 0``, ``RankPolicy.energy`` →
     ``--energy``, ``max_rank`` → ``--max-rank``), and the NaN/Inf error's hint names --skip-nonfinite only where the
     command has it. A field is read as one where it is qualified, assigned, holds an underscore or opens the
-    message: a plain word ("the rank of") stays prose. A field the command has no option for stays as it is."""
+    message: a plain word ("the rank of") stays prose, and so does a bare word the user typed as a value (a folder
+    named eval_data). A field the command has no option for stays as it is."""
     from spectra.errors import NonFiniteWeightError
 
     text = str(err)
@@ -1209,11 +1210,15 @@ def _cli_words(text: str, argv: list[str]) -> str:
     """`text` (an error or a note of the library) with the fields it names as the options of the command `argv`
     runs (see :func:`_cli_message`)."""
     options = _command_options(argv)
+    # what the user typed as values (a path `eval_data`, --output=max_steps): a bare word equal to one is theirs,
+    # named back to them ("cannot read eval_data: no such file"), not the field of the same name
+    typed = {a.split("=", 1)[1] if a.startswith("-") else a for a in argv if not a.startswith("-") or "=" in a}
 
     def option(match: re.Match) -> str:
         field, value = match.group(1), match.group(2)
         name = field if field in options else _FIELD_OPTIONS.get(field)
-        named = match.group(0) != field or "_" in field or match.start() == 0  # a field, not a word of prose
+        bare = match.group(0) == field
+        named = not bare or ("_" in field or match.start() == 0) and field not in typed  # a field, not prose
         if name not in options or not named:
             return match.group(0)
         flag, is_flag, off = options[name]
