@@ -803,8 +803,12 @@ def verify(
     device: Annotated[str, typer.Option(help="Where the measures' SVDs, the evaluations and the sweep's training "
                                              "run: cpu, cuda, cuda:1.")] = "cpu",
     seed: Annotated[int, typer.Option(help="Seed of training and of any new head.")] = 0,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help=_OVERWRITE_HELP + " With --sweep, the adapters "
-                                                                "under --adapters-dir are replaced too.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help=_OVERWRITE_HELP + " With --sweep, each "
+                                                                "{method}-r{rank} folder under --adapters-dir is "
+                                                                "replaced too, by the same rule (one `train` wrote, or "
+                                                                "empty), all checked before the first run trains. "
+                                                                "A report of `verify --sweep` (sweep.json) may be "
+                                                                "replaced by `verify --adapter`'s.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
 ) -> None:
     """Check an adapter against the full fine-tune: captured energy vs Eckart–Young, φ, intruders, eval.
