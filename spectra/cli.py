@@ -49,24 +49,6 @@ _TASK_HELP = ("auto (default: seq2seq_lm for an encoder-decoder such as T5 or BA
 
 _OVERWRITE_HELP = ("Replace an existing output directory that this command wrote, or an empty one; a folder holding "
                    "any other file is refused, naming it.")
-# What each command writes into its -o directory, as glob patterns: --overwrite replaces a directory that holds one of
-# the command's record files and nothing but these (or an empty one), never a folder holding anything else
-# (files.refuse_replacing_others)
-_REPORT_FILES = ("report.md", "report.html", "figures", "figures/*.png", "figures/*.svg")
-_ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "README.md")
-_TOKENIZER_FILES = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.*", "merges.txt", "*.model",
-                    "chat_template.*")
-_WRITES = {  # command: (its record files, everything it writes)
-    "analyze": (("analysis.json",), _REPORT_FILES),
-    "sweep": (("sweep.json",), ("plan.json", *_REPORT_FILES)),
-    "verify": (("verify.json", "sweep.json"), _REPORT_FILES),
-    "demo": (("demo.json",), _REPORT_FILES),
-    "extract": (("adapter_config.json",), _ADAPTER_FILES),
-    "bench make-pair": (("ground_truth.json",), ("base", "base/*", "tuned", "tuned/*")),
-    "train": (("spectra_train.json",), ("training_log.jsonl", *_ADAPTER_FILES, "config.json", "generation_config.json",
-                                        "model.safetensors", "model-*.safetensors", "model.safetensors.index.json",
-                                        *_TOKENIZER_FILES)),
-}
 
 
 @app.callback()
@@ -847,10 +829,9 @@ def verify(
     adapters_dir = adapters_dir or output.with_name(output.name + "-adapters")
     from spectra.files import refuse_replacing_others
 
-    records, writes = _WRITES["train"]
     for name in dict.fromkeys(f"{m}-r{r}" for m in methods for r in ranks):  # each run replaces its folder whole:
-        refuse_replacing_others(adapters_dir / name, writes, records=records, overwrite=overwrite,  # all checked
-                                command="spectra verify --sweep", option="--adapters-dir")  # before the first trains
+        refuse_replacing_others(adapters_dir / name, command="train", overwrite=overwrite,  # all checked before
+                                option="--adapters-dir")  # the first trains
     if plan is not None and recommended is None:
         recommended = load_plan(plan).to_peft_config()["r"]
     tconfig = TrainConfig(roles=_split(roles), stacks=_stacks(stacks), epochs=epochs, max_steps=max_steps, lr=lr, seed=seed,
@@ -1081,7 +1062,8 @@ def _writable(output: Path | None, *inputs, command: str | None = None, overwrit
     """Refuse, before any work, an output whose folder cannot be written (outputs are staged beside it, then renamed),
     one that would replace an input (the output is, holds or lies inside one of `inputs`), and, for a `command` that
     writes a directory, an existing one unless --overwrite is given and it holds only what `command` writes
-    (``_WRITES``); without `command` (a file output) an existing directory there is refused."""
+    (``files.OUTPUTS``, the table the library's writers read); without `command` (a file output) an existing
+    directory there is refused."""
     from spectra.errors import ConfigError
     from spectra.files import refuse_replacing_inputs, refuse_replacing_others
 
@@ -1089,8 +1071,7 @@ def _writable(output: Path | None, *inputs, command: str | None = None, overwrit
         return
     refuse_replacing_inputs(output, inputs)
     if command is not None:
-        records, writes = _WRITES[command]
-        refuse_replacing_others(output, writes, records=records, overwrite=overwrite, command=f"spectra {command}")
+        refuse_replacing_others(output, command=command, overwrite=overwrite)
     elif output.is_dir():
         raise ConfigError(f"-o {output} is a directory; this command writes a file there. Choose another -o.")
     elif output.exists() and not overwrite:

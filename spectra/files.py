@@ -27,7 +27,7 @@ import socket
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
-__all__ = ["move_into_place", "refuse_replacing_inputs", "refuse_replacing_others", "staged_directory",
+__all__ = ["OUTPUTS", "move_into_place", "refuse_replacing_inputs", "refuse_replacing_others", "staged_directory",
            "write_atomic", "write_text_atomic"]
 
 
@@ -106,29 +106,54 @@ def refuse_replacing_inputs(output: str | os.PathLike, inputs, *, option: str = 
                               f"command reads. Choose another {option}.")
 
 
-def refuse_replacing_others(output: str | os.PathLike, writes: Sequence[str], *, records: Sequence[str],
-                            overwrite: bool, command: str, option: str = "-o/--output") -> None:
-    """Raise ConfigError unless the output directory `output` may be written: it is new, or ``overwrite`` is given
-    and it is empty or holds only what `command` writes.
+# What each command writes into its output directory, as glob patterns (relative, ``/``-separated): an existing
+# directory may be replaced (with overwrite) only if it holds one of the command's record files and nothing but these,
+# or nothing at all. The library's writers (staged_directory's callers) and the CLI's early check read this one table.
+_REPORT_FILES = ("report.md", "report.html", "figures", "figures/*.png", "figures/*.svg")
+_ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "README.md")
+_TOKENIZER_FILES = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.*", "merges.txt", "*.model",
+                    "chat_template.*")
+OUTPUTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {  # command: (its record files, the rest it writes)
+    "analyze": (("analysis.json",), _REPORT_FILES),
+    "sweep": (("sweep.json",), ("plan.json", *_REPORT_FILES)),
+    "verify": (("verify.json", "sweep.json"), _REPORT_FILES),  # verify --adapter and --sweep share a -o
+    "demo": (("demo.json",), _REPORT_FILES),
+    "extract": (("adapter_config.json",), _ADAPTER_FILES),
+    "bench make-pair": (("ground_truth.json",), ("base", "base/*", "tuned", "tuned/*")),
+    "train": (("spectra_train.json",), ("training_log.jsonl", *_ADAPTER_FILES, "config.json", "generation_config.json",
+                                        "model.safetensors", "model-*.safetensors", "model.safetensors.index.json",
+                                        *_TOKENIZER_FILES)),
+}
 
-    An output directory is replaced whole (:func:`move_into_place`), so ``--overwrite`` must
+
+def refuse_replacing_others(output: str | os.PathLike, *, command: str, overwrite: bool,
+                            option: str = "-o/--output") -> None:
+    """Raise ConfigError unless the output directory `output` may be written by `command`: it is new, or
+    ``overwrite`` is given and it is empty or holds only what `command` writes.
+
+    An output directory is replaced whole (:func:`move_into_place`), so ``overwrite`` must
     not delete what spectra did not write: a folder holding a user's ``thesis.tex``, or the
-    cache, is refused with the name of one such file. `records` are the files of which a
-    directory `command` wrote holds one (``analysis.json``); `writes` are glob patterns of the
-    other paths (relative, ``/``-separated) it writes. Every file and folder under `output`
-    must be a record or match a pattern. A file where a directory goes is refused with or
-    without ``overwrite`` (it is not what this command writes, and ``--overwrite`` would not
-    help).
+    cache, is refused with the name of one such file. `command` is a key of :data:`OUTPUTS`
+    (``"analyze"``, ``"train"``, ...): a directory it wrote holds one of its record files
+    (``analysis.json``), and every file and folder under `output` must be a record or match
+    one of its patterns. A file where a directory goes is refused with or without
+    ``overwrite`` (it is not what this command writes, and ``overwrite`` would not help).
+    `option` names the output in messages (``-o/--output`` in the CLI, ``out_dir`` in Python).
     """
     from spectra.errors import ConfigError
 
+    if command not in OUTPUTS:
+        raise ValueError(f"command {command!r} has no entry in spectra.files.OUTPUTS; known: {', '.join(OUTPUTS)}.")
+    records, writes = OUTPUTS[command]
     out = Path(output)
     if not out.exists() and not out.is_symlink():
         return
     if not out.is_dir():
-        raise ConfigError(f"{option} {output} is a file; `{command}` writes a directory there. Choose another {option}.")
+        raise ConfigError(f"{option} {output} is a file; `spectra {command}` writes a directory there. Choose another "
+                          f"{option}.")
     if not overwrite:
-        raise ConfigError(f"{option} {output} exists; pass --overwrite to replace it or choose another {option}.")
+        raise ConfigError(f"{option} {output} exists; pass --overwrite (overwrite=True in Python) to replace it or "
+                          f"choose another {option}.")
     entries = out.rglob("*")  # lazily: a home folder given by mistake is refused at its first foreign file
     first = next(entries, None)
     if first is None:
@@ -138,10 +163,11 @@ def refuse_replacing_others(output: str | os.PathLike, writes: Sequence[str], *,
                    None)
     if foreign is None and any((out / name).is_file() for name in records):
         return
-    why = (f"holds {foreign.relative_to(out).as_posix()}, which `{command}` does not write" if foreign is not None
-           else f"holds no {' or '.join(records)}, so `{command}` did not write it")
-    raise ConfigError(f"{option} {output} {why}: --overwrite replaces only a directory that `{command}` wrote (or an "
-                      f"empty one), and nothing else in it. Choose another {option}, or move the files out first.")
+    why = (f"holds {foreign.relative_to(out).as_posix()}, which `spectra {command}` does not write" if foreign is not None
+           else f"holds no {' or '.join(records)}, so `spectra {command}` did not write it")
+    raise ConfigError(f"{option} {output} {why}: --overwrite replaces only a directory that `spectra {command}` wrote "
+                      f"(or an empty one), and nothing else in it. Choose another {option}, or move the files out "
+                      "first.")
 
 
 def write_atomic(path: str | os.PathLike, write: Callable[[Path], object]) -> Path:
@@ -169,15 +195,19 @@ def write_text_atomic(path: str | os.PathLike, text: str, *, encoding: str = "ut
 
 
 @contextlib.contextmanager
-def staged_directory(out: str | os.PathLike) -> Iterator[Path]:
+def staged_directory(out: str | os.PathLike, *, command: str | None = None, overwrite: bool = False,
+                     option: str = "out_dir") -> Iterator[Path]:
     """Yield a new empty directory beside `out`; on a clean exit it becomes `out`, on an exception it is removed.
 
-    An existing `out` is replaced in one swap (:func:`move_into_place`): callers check
-    first whether replacing it is allowed (:func:`refuse_replacing_others`). A file at `out`
-    is refused here, whatever the caller allowed: a directory never replaces a file. The
-    parent of `out` is created if missing.
+    An existing `out` is replaced in one swap (:func:`move_into_place`). With `command` (a key
+    of :data:`OUTPUTS`), that is allowed only by :func:`refuse_replacing_others`' rule, checked
+    here before anything is staged: the library's writers and the CLI share it. Without
+    `command` the caller has decided. A file at `out` is refused either way: a directory
+    never replaces a file. The parent of `out` is created if missing.
     """
     out = Path(out)
+    if command is not None:
+        refuse_replacing_others(out, command=command, overwrite=overwrite, option=option)
     if out.exists() and not out.is_dir():
         from spectra.errors import ConfigError
 

@@ -131,8 +131,7 @@ def test_refuse_replacing_others_allows_only_what_the_command_writes(tmp_path):
     from spectra.files import refuse_replacing_others
 
     def check(out, overwrite=True):
-        refuse_replacing_others(out, ("report.md", "figures", "figures/*.png"), records=("analysis.json",),
-                                overwrite=overwrite, command="spectra analyze")
+        refuse_replacing_others(out, command="analyze", overwrite=overwrite)
 
     check(tmp_path / "new")  # nothing there
     (tmp_path / "empty").mkdir()
@@ -170,3 +169,36 @@ def test_a_directory_never_replaces_a_file_and_a_replaced_file_leaves_nothing(tm
     (tmp_path / "g").write_text("new")
     move_into_place(tmp_path / "g", tmp_path / "f")  # a file replaced by a file: no set-aside copy stays
     assert (tmp_path / "f").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["f"]
+
+
+def test_staged_directory_given_its_command_applies_the_overwrite_rule_before_staging(tmp_path):
+    """staged_directory replaced any folder whole (the rule lived in the CLI only): given the writer's command, it
+    refuses a folder holding a foreign file (left intact, nothing staged) and replaces one the command wrote."""
+    from spectra.errors import ConfigError
+
+    out = tmp_path / "run"
+    with staged_directory(out, command="analyze", overwrite=False) as staging:  # new: written
+        (staging / "analysis.json").write_text("old")
+    with pytest.raises(ConfigError, match="exists; pass --overwrite"):  # negative control: no overwrite, refused
+        with staged_directory(out, command="analyze"):
+            pass
+    (out / "thesis.tex").write_text("mine")
+    with pytest.raises(ConfigError, match="out_dir .* holds thesis.tex, which `spectra analyze` does not write"):
+        with staged_directory(out, command="analyze", overwrite=True):
+            raise AssertionError("staged although the folder holds a foreign file")
+    assert sorted(p.name for p in out.iterdir()) == ["analysis.json", "thesis.tex"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no staging left beside it
+    with pytest.raises(ConfigError, match="holds analysis.json, which `spectra train` does not write"):
+        with staged_directory(out, command="train", overwrite=True):  # another command's output: not its own
+            pass
+    (out / "thesis.tex").unlink()
+    with staged_directory(out, command="analyze", overwrite=True) as staging:  # what it wrote: replaced
+        (staging / "analysis.json").write_text("new")
+    assert (out / "analysis.json").read_text() == "new"
+    with staged_directory(out, overwrite=True) as staging:  # without a command the caller decides (a raw swap)
+        (staging / "x").write_text("y")
+    assert sorted(p.name for p in out.iterdir()) == ["x"]
+    with pytest.raises(ValueError, match="'analyse' has no entry in spectra.files.OUTPUTS"):
+        with staged_directory(out, command="analyse", overwrite=True):
+            pass
+
