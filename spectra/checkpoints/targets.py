@@ -187,10 +187,17 @@ def peft_rewritten_modules(names: Iterable[str], model) -> list[str]:
     return [n for n in names if n not in left]
 
 
+# what a user does about a module that cannot be adapted, whichever way it was selected
+_LEAVE_OUT = ("Leave it out of the targets: its role (--roles q,k,v,o), or the module (drop it from the plan or "
+              "target_modules).")
 
-def rewritten_weights(names: Iterable[str], model) -> list[str]:
+
+def rewritten_weights(names: Iterable[str], model, *, fix: str = _LEAVE_OUT) -> list[str]:
     """:func:`peft_rewritten_modules` of ``names``, each checked to be a Linear whose (out, in) weight can be adapted
     in its place (``target_parameters`` ``{name}.weight``, which PEFT leaves alone).
+
+    ``fix`` ends the error: what the caller's user does to leave the module out (``--roles``, or the plan, as the
+    module was selected).
 
     Raises
     ------
@@ -203,7 +210,7 @@ def rewritten_weights(names: Iterable[str], model) -> list[str]:
         if not isinstance(module, torch.nn.Linear) or module.weight.dim() != 2:
             raise ConfigError(f"{name}: PEFT rewrites this target_modules entry of {type(model).__name__} into a "
                               "fused expert parameter, and it is no Linear whose (out, in) weight spectra could "
-                              "adapt instead. Leave its role out (--roles q,k,v,o).")
+                              f"adapt instead. {fix}")
     return rewritten
 
 

@@ -96,8 +96,8 @@ def extract_adapter(base, tuned, plan_or_rank, out_dir: str | os.PathLike, *, ro
     roles : tuple of str, optional
         With a uniform rank: roles to target (default q, k, v, o, gate, up, down). A fused
         module (GPT-2 ``c_attn``) is targeted when any of its projections' roles is. An MoE's
-        router (role ``other``: PhiMoE's, Mixtral's), which no LoRA module can run, is adapted
-        through its weight (``target_parameters``).
+        router (role ``other``: PhiMoE's, Mixtral's, DeepSeek-V3's), which no LoRA module can run, is
+        adapted through its weight (``target_parameters``).
     stacks : tuple of str, optional
         With a uniform rank: stacks to target with the roles (``language``, ``vision``, ``encoder`` …:
         ``architectures.STACK_NAMES``; default every stack). ``roles=("q", "v"), stacks=("language",)`` adapts
@@ -195,7 +195,8 @@ def extract_adapter(base, tuned, plan_or_rank, out_dir: str | os.PathLike, *, ro
         ranks_of[entry.name] = (rank, module_alpha, module_alpha / rank_scale(rank, use_rslora))
     on_parameters = _unconverted_parameters(selected, model_names, pairing, model,  # entry name -> its slice
                                            use_rslora=use_rslora,
-                                           settings={n: (r, a) for n, (r, a, _) in ranks_of.items()})
+                                           settings={n: (r, a) for n, (r, a, _) in ranks_of.items()},
+                                           planned=plan is not None)
     saved_names = _saved_names(saved_modules, model, model_class)
     embeddings = _embedding_entries(selected, model_names, model)
     kernels = _conv_kernels(selected, model_names, pairing, model)
@@ -230,7 +231,7 @@ def extract_adapter(base, tuned, plan_or_rank, out_dir: str | os.PathLike, *, ro
             if _peft_transposes(model, place.parameter) != held_in_out:  # PEFT's B·A is the expert's ΔWᵀ
                 if place.rows is not None:  # no known model fuses row blocks of experts it holds (in, out)
                     raise ConfigError(f"{entry.name}: rows {place.rows} of {place.parameter}, held (in, out): "
-                                      "extract cannot write that LoRA. Leave its role out (--roles).")
+                                      f"extract cannot write that LoRA. {_LEAVE_OUT[plan is not None]}")
                 A, B = B.T, A.T  # (r, out), (in, r)
             parameter_factors.setdefault(place.parameter, []).append((place, A, B, scaling))
         elif entry.name in embeddings:  # PEFT's Embedding LoRA: ΔW (vocab, dim) = s·(B_e A_e)ᵀ, so A_e = Bᵀ, B_e = Aᵀ
@@ -528,7 +529,7 @@ def _model_names(entries, model, model_class: str | None) -> dict[str, str]:
 
 
 def _unconverted_parameters(entries, model_names: dict[str, str], pairing: Pairing, model, *,
-                            use_rslora: bool = False, settings: dict | None = None) -> dict:
+                            use_rslora: bool = False, settings: dict | None = None, planned: bool = False) -> dict:
     """Entry name → its :class:`~spectra.checkpoints.placement.ParameterSlice`, for the weights whose LoRA extract
     writes onto the parameter that holds them (``target_parameters``), because PEFT would not adapt them as named.
 
@@ -540,7 +541,9 @@ def _unconverted_parameters(entries, model_names: dict[str, str], pairing: Pairi
       model's ``mlp.router``) is an nn.Linear whose forward returns a tuple: a LoRA module on it merges but fails
       in every forward. Mixtral's router (``block_sparse_moe.gate``, loaded into ``mlp.gate``, a
       MixtralTopKRouter) too, although PEFT 0.21 converts its stored name: into the bare ``target_parameters``
-      entry ``gate.weight``, every layer's router at the config's global ``r`` and ``lora_alpha``.
+      entry ``gate.weight``, every layer's router at the config's global ``r`` and ``lora_alpha``. DeepSeek-V3's
+      router is stored under the name of the module it loads into (``mlp.gate``, a DeepseekV3TopkRouter holding a
+      bare weight), which is still no module a LoRA can wrap.
     - Experts PEFT does convert, unless its conversion adapts exactly them (:func:`_peft_converts_exactly`: all
       experts of each fused parameter, both halves of gate_up_proj, no other layer's or stack's experts), at one
       rank and α (`settings`, each entry's (rank, α) as extracted: PEFT converts them all at the adapter's global r
@@ -560,13 +563,17 @@ def _unconverted_parameters(entries, model_names: dict[str, str], pairing: Pairi
     if model is None:
         return {}
     from spectra.checkpoints.placement import PlacementError, parameter_sources, split_sources
-    from spectra.checkpoints.targets import rewritten_weights
+    from spectra.checkpoints.targets import lora_can_wrap, rewritten_weights
 
     modules = dict(model.named_modules())
-    wrapped = [e for e in entries if model_names[e.name] not in modules]  # named by their stored name
+    # named by their stored name (no module of the model), or by a module no LoRA can wrap: DeepSeek-V3's router is
+    # stored as mlp.gate, the name of the DeepseekV3TopkRouter (a bare weight Parameter) it loads into
+    wrapped = [e for e in entries
+               if model_names[e.name] not in modules or not lora_can_wrap(modules[model_names[e.name]])]
     targets = model_targets([model_names[e.name] for e in wrapped], model)
     parameter_of = {e.name: targets[model_names[e.name]].name for e in wrapped}
-    rewritten = set(rewritten_weights(sorted({model_names[e.name] for e in entries} & set(modules)), model))
+    lora_modules = {model_names[e.name] for e in entries} - {model_names[e.name] for e in wrapped}
+    rewritten = set(rewritten_weights(sorted(lora_modules), model, fix=_LEAVE_OUT[planned]))
     for entry in entries:
         module = model_names[entry.name]
         if module in rewritten:
@@ -588,19 +595,23 @@ def _unconverted_parameters(entries, model_names: dict[str, str], pairing: Pairi
             found = split_sources(pairing.base, parameter, shapes[parameter], sources.get(parameter, []),
                                   pairing.config, label="base")
         except PlacementError as err:
-            raise ConfigError(f"{err}; extract cannot write a LoRA on it. Leave its modules' roles out (--roles).") \
-                from None
+            raise ConfigError(f"{err}; extract cannot write a LoRA on it. {_LEAVE_OUT[planned]}") from None
         slices |= {(s.tensor, s.stored_expert): s for s in found}
     out = {}
     for entry in wrapped:
         piece = slices.get((entry.base_tensor, entry.expert_index))
         if piece is None:
             raise ConfigError(f"{entry.name}: no slice of a parameter of {type(model).__name__} holds it, so "
-                              "extract cannot place its LoRA. Leave its role out (--roles).")
+                              f"extract cannot place its LoRA. {_LEAVE_OUT[planned]}")
         # the parameter holds the entry's (out, in) ΔW as is, or its transpose where the checkpoint stores it
         # (in, out) and loading keeps that (gpt-oss's and Llama 4's experts: x @ W[e])
         out[entry.name] = _OnParameter(piece.place, piece.held_in_out)
     return out
+
+
+# what to do about a module extract cannot adapt, by whether a plan (True) or --roles (False) selected it
+_LEAVE_OUT = {True: "Drop it from the plan (or plan without its role: spectra recommend --roles, e.g. q,k,v,o).",
+              False: "Leave its role out (--roles, e.g. q,k,v,o)."}
 
 
 class _OnParameter(NamedTuple):
