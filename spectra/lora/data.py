@@ -38,41 +38,24 @@ import io
 import json
 import re
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from spectra.checkpoints.positions import (  # the one rule of a sequence length, shared with spectra memory
+    DEFAULT_MAX_LENGTH,
+    PositionLimit,
+    check_max_length,
+    position_limit,
+    resolve_max_length,
+)
 from spectra.errors import ConfigError
 
 TASKS = ("causal_lm", "seq_cls", "seq2seq_lm")
 SEQ2SEQ_FIELDS = ("source", "target")  # the fields of a sequence-to-sequence record
 IGNORE_INDEX = -100  # label value PyTorch's cross-entropy skips (padding)
 DECODER_MASK = "decoder_attention_mask"  # the batch key that marks an encoder-decoder's batch (collate)
-DEFAULT_MAX_LENGTH = 128  # covers sentence classification; longer costs quadratic attention
-# RoBERTa's position ids start after the padding id (create_position_ids_from_input_ids): its table of
-# max_position_embeddings rows holds max_position_embeddings − pad_token_id − 1 tokens (514 → 512)
-_POSITIONS_AFTER_PADDING = frozenset({"roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "data2vec-text",
-                                      "ibert", "longformer", "mpnet", "roberta-prelayernorm", "xmod", "luke", "esm"})
-# an encoder-decoder's tables of learned positions, one per stack (LED), where there is no max_position_embeddings
-_STACK_POSITION_KEYS = ("max_encoder_position_embeddings", "max_decoder_position_embeddings")
-# config keys of rotary position encodings (transformers 5 writes rope_parameters, older configs rope_theta)
-_ROTARY_KEYS = ("rope_parameters", "rope_theta", "rope_scaling", "rotary_dim", "rotary_pct", "rotary_emb_base",
-                "partial_rotary_factor")
-# position_embedding_type values that replace the table of learned positions with rotary ones (ESM: "rotary",
-# GraniteMoeHybrid: "rope"). BERT's "relative_key"/"relative_key_query" do not: transformers 4 still indexes a table
-# of 2·max_position_embeddings − 1 distances, and transformers 5 ignores the key and adds the absolute table.
-_ROTARY_TYPES = frozenset({"rotary", "rope"})
-# position_embedding_type values of a table of learned absolute positions, and of no position encoding at all
-# (Granite 4.0-H: "nope", beside a rope_parameters its attention never reads). Any other value does not decide: the
-# rotary keys do, as for a config without the key.
-_LEARNED_TYPES = frozenset({"absolute", "relative_key", "relative_key_query"})
-_NO_POSITION_TYPES = frozenset({"nope", "none"})
-# What runs past the configured positions, by the kind of positions that are not a learned table.
-_RUNS_PAST = {"rotary": "its rotary positions run past them",
-              "relative": "it has no table of absolute positions (position_biased_input = false): its relative "
-                          "positions run past them",
-              "none": "it encodes no positions (position_embedding_type = nope): nothing in it stops at them"}
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "tokenizer.model", "vocab.json")
 _TABLE_DELIMITERS = {".csv": ",", ".tsv": "\t"}
 DATA_FORMATS = ('a .txt file (plain text), a .jsonl file of {"text": ...} (or {"text": ..., "label": ...} for '
@@ -469,181 +452,6 @@ def label_ids(records: Sequence[Mapping], *, label2id: Mapping[str, int] | None 
                           "classes (with one, transformers would train a regressor).")
     index = {name: i for i, name in enumerate(names)}
     return [index[v] for v in raw], names
-
-
-# ---------------------------------------------------------------------------- sequence length
-
-
-@dataclass(frozen=True)
-class PositionLimit:
-    """The longest sequence a model's positions cover, as its config gives it.
-
-    Attributes
-    ----------
-    length : int
-        Tokens.
-    source : str
-        Where it comes from, e.g. ``max_position_embeddings = 32``.
-    positions : {"learned", "rotary", "relative", "none"}
-        ``learned``: a table of learned absolute positions (BERT, GPT-2, RoBERTa, DeBERTa by
-        default): a longer sequence has no position to embed, and the model fails. Rotary
-        positions (Llama, GPT-NeoX, ESM's ``position_embedding_type = "rotary"``) and the
-        relative ones of a DeBERTa without the absolute table (``position_biased_input =
-        false``, DeBERTa-v3) run past the length the model was configured for, and so does a model
-        that encodes no positions (``none``: Granite 4.0-H's ``position_embedding_type = "nope"``).
-    """
-
-    length: int
-    source: str
-    positions: str
-
-    @property
-    def learned(self) -> bool:
-        """Whether a longer sequence has no position to embed (a table of learned absolute positions)."""
-        return self.positions == "learned"
-
-
-def position_limit(model_config: Mapping) -> PositionLimit | None:
-    """The :class:`PositionLimit` of a model's ``config.json`` dict, or None when it declares none.
-
-    Read from ``max_position_embeddings`` (BERT, Llama, …) or ``n_positions`` (GPT-2),
-    of the config or of its ``text_config`` (a multimodal model's language tower); a
-    RoBERTa-family table loses the rows its position ids skip (the padding id and those
-    below it). An encoder–decoder whose stacks have tables of their own (LED's
-    ``max_encoder_position_embeddings`` and ``max_decoder_position_embeddings``) is limited
-    by the shorter: one ``max_length`` cuts its source and its target. A model with no such
-    key (T5's relative positions, BLOOM's ALiBi) has no limit here. Whether the length binds
-    (:attr:`PositionLimit.positions`) is read from the keys that replace the learned table:
-    rotary ones, ``position_embedding_type`` and DeBERTa's ``position_biased_input``.
-    """
-    for scope in (model_config, model_config.get("text_config") or {}):
-        for key in ("max_position_embeddings", "n_positions"):
-            value = scope.get(key)
-            if not _positive_int(value):
-                continue
-            source = f"{key} = {value}"
-            length = value
-            if scope.get("model_type") in _POSITIONS_AFTER_PADDING:
-                skipped = int(scope.get("pad_token_id") or 0) + 1
-                length -= skipped
-                source += f", less the {skipped} ids its position ids start after (pad_token_id + 1)"
-            return PositionLimit(length, source, _positions(scope))
-        sides = {key: scope[key] for key in _STACK_POSITION_KEYS if _positive_int(scope.get(key))}
-        if sides:  # source and target are cut at one length: the shorter table binds
-            key = min(sides, key=sides.get)
-            source = f"{key} = {sides[key]}" + (", the shorter of the encoder's and the decoder's" if len(sides) > 1
-                                                else "")
-            return PositionLimit(sides[key], source, _positions(scope))
-    return None
-
-
-def _positive_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
-
-
-def _positions(scope: Mapping) -> str:
-    """The kind of positions a config dict gives its model: ``learned``, ``rotary``, ``relative`` or ``none``."""
-    if scope.get("position_biased_input") is False:  # DeBERTa: no absolute table, relative attention only
-        return "relative"
-    kind = scope.get("position_embedding_type")
-    # a known value decides: ESM writes rope_theta even when its positions are "absolute", Granite 4.0-H
-    # rope_parameters beside "nope"
-    if kind in _ROTARY_TYPES:
-        return "rotary"
-    if kind in _LEARNED_TYPES:
-        return "learned"
-    if kind in _NO_POSITION_TYPES:
-        return "none"
-    return "rotary" if any(k in scope for k in _ROTARY_KEYS) else "learned"
-
-
-def check_max_length(max_length: int | None, *, option: str) -> None:
-    """Refuse a ``max_length`` that is neither None (the default) nor an integer ≥ 2.
-
-    The one check of the option, in ``TrainConfig``, ``VerifyConfig`` and ``CalibrationConfig``.
-    Two tokens are the fewest an example can hold: one to read and one to predict
-    (:func:`tokenize` drops shorter blocks).
-
-    Parameters
-    ----------
-    max_length : int or None
-    option : str
-        How the user set it, for the error: ``max_length (--max-length)``, ``calibration max_length``.
-
-    Raises
-    ------
-    ConfigError
-        A float (``2.5``, or ``64.0`` read from a JSON file), a bool, a string, or an int below 2.
-    """
-    if max_length is None:
-        return
-    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
-        raise ConfigError(f"{option} {max_length!r} must be an integer ≥ 2 (tokens per example), or unset for the "
-                          f"default ({DEFAULT_MAX_LENGTH}, or the model's position limit when shorter).")
-
-
-def resolve_max_length(max_length: int | None, model_config: Mapping, *, option: str = "max_length (--max-length)",
-                       notes: list[str] | None = None, default: int = DEFAULT_MAX_LENGTH,
-                       cut: str = "examples are cut at {length} tokens", rotary: bool = False) -> int:
-    """Tokens per example for the model of ``model_config``: what was asked, within what its positions cover.
-
-    The one rule for a sequence length, of ``spectra train``'s ``--max-length`` and ``spectra memory``'s
-    ``--seq-len`` (each passes its own ``option``, ``default`` and ``cut``).
-
-    Parameters
-    ----------
-    max_length : int or None
-        The length asked for; None: ``default``, or the model's :func:`position_limit` when
-        that is shorter (a default is no request, so it is cut to fit, and ``notes`` says so).
-    model_config : mapping
-        The model's ``config.json``.
-    option : str
-        How the user set ``max_length``, for the error and the notes: ``max_length (--max-length)``,
-        ``seq_len (--seq-len)``.
-    notes : list of str, optional
-        Receives a note (starting with ``option``) when the default is cut to the model's limit, or when a length
-        beyond the configured positions of a model whose positions run past them (rotary,
-        relative) is kept.
-    default : int
-        The length when none is asked: :data:`DEFAULT_MAX_LENGTH` (examples to train on);
-        ``spectra memory`` estimates a longer context (its ``DEFAULT_SEQ_LEN``).
-    cut : str
-        How the note of a default cut to the model's limit words the length, ``{length}`` filled in:
-        ``examples are cut at {length} tokens``, ``{length} tokens per sequence``.
-    rotary : bool
-        The caller knows the model's positions are rotary where its config.json names no rotary
-        key (``spectra memory`` reads it from the family, ``ModelShape.rotary``, for a Llama
-        config.json of its required keys alone): a table read as learned from the config then
-        does not refuse a longer length.
-
-    Raises
-    ------
-    ConfigError
-        An explicit ``max_length`` beyond a table of learned positions (BERT, GPT-2), naming
-        the option, the value and the model's limit.
-    """
-    limit = position_limit(model_config)
-    if limit is not None and rotary and limit.learned:
-        limit = replace(limit, positions="rotary")
-    if max_length is None:
-        if limit is None or limit.length >= default:
-            return default
-        if notes is not None:
-            notes.append(f"{option}: {cut.format(length=limit.length)}, not the default {default}: the model's "
-                         f"positions cover {limit.length} ({limit.source} in its config.json).")
-        return limit.length
-    if limit is None or max_length <= limit.length:
-        return max_length
-    if limit.learned:
-        raise ConfigError(f"{option} {max_length} is more than the model can take: its table of learned positions "
-                          f"covers {limit.length} tokens ({limit.source} in its config.json), and a longer sequence "
-                          f"has no position to embed. Pass {option} {limit.length} or less, or leave it out for the "
-                          f"default ({default} tokens, or the model's {limit.length} when fewer).")
-    if notes is not None:
-        notes.append(f"{option} {max_length} is beyond the {limit.length} positions the model is configured for "
-                     f"({limit.source} in its config.json); {_RUNS_PAST[limit.positions]}, but it was not "
-                     "trained on sequences this long.")
-    return max_length
 
 
 # ---------------------------------------------------------------------------- tokenised data

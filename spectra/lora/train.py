@@ -37,6 +37,7 @@ import torch
 
 from spectra.checkpoints.architectures import parse_stacks
 from spectra.checkpoints.pairing import check_device
+from spectra.checkpoints.roles import BLOCK_ROLES, check_roles
 from spectra.errors import ConfigError
 from spectra.files import staged_directory
 from spectra.lora.data import (
@@ -52,9 +53,6 @@ from spectra.lora.data import (
 from spectra.scaling import rank_scale
 
 METHODS = ("lora", "dora", "qlora", "qdora", "full")
-# x…: cross-attention; q_a … kv_b: multi-head latent attention's factors (DeepSeek-V2/V3, Kimi-K2, MiniCPM3, …)
-BLOCK_ROLES = ("q", "k", "v", "o", "qkv", "q_a", "q_b", "kv_a", "kv_b", "xq", "xk", "xv", "xo", "gate", "up", "down",
-               "gate_up")
 _KINDS = {"seq_cls": "sequence classification", "causal_lm": "causal language model",
           "seq2seq_lm": "sequence-to-sequence language model"}  # transformers' Auto classes, by task
 PEFT_TASKS = {"seq_cls": "SEQ_CLS", "causal_lm": "CAUSAL_LM", "seq2seq_lm": "SEQ_2_SEQ_LM"}  # PEFT's task_type, by task
@@ -95,7 +93,7 @@ class TrainConfig:
         be of this base (see :meth:`~spectra.ranks.RankPlan.check_base`).
     roles : tuple of str, optional
         Roles to target (:data:`BLOCK_ROLES`: ``q, k, v, o, qkv``, MLA's ``q_a, q_b, kv_a, kv_b``, cross-attention's
-        ``xq, xk, xv, xo``, ``gate, up, down, gate_up``); None: all of them. A role takes the modules that hold it
+        ``xq, xk, xv, xo``, ``gate, up, down, gate_up``); None or (): all of them (stored as None). A role takes the modules that hold it
         (:func:`~spectra.checkpoints.architectures.role_selected`): ``q`` DeepSeek's ``q_a_proj`` and ``q_b_proj``,
         ``k`` or ``v`` its ``kv_a_proj_with_mqa`` and ``kv_b_proj``, as GPT-2's ``c_attn``. An MoE's fused
         expert parameters are taken by ``gate``/``up`` (``gate_up_proj``) and ``down`` (``down_proj``), through
@@ -176,11 +174,7 @@ class TrainConfig:
             raise ConfigError(f"method {self.method!r} is not one of {', '.join(METHODS)}.")
         if self.target_modules is not None:
             object.__setattr__(self, "target_modules", tuple(self.target_modules))
-        if self.roles is not None:
-            object.__setattr__(self, "roles", tuple(self.roles))
-            bad = sorted(set(self.roles) - set(BLOCK_ROLES))
-            if bad:
-                raise ConfigError(f"roles {bad}: LoRA targets the block linears {', '.join(BLOCK_ROLES)}.")
+        object.__setattr__(self, "roles", check_roles(self.roles))  # () reads as None: every block role
         if self.stacks is not None:
             object.__setattr__(self, "stacks", parse_stacks(self.stacks, option="stacks (--stacks)"))
         check_task(self.task, option="task (--task)")

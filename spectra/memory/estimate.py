@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from spectra.checkpoints.architectures import parse_stacks
+from spectra.checkpoints.positions import resolve_max_length
+from spectra.checkpoints.roles import check_roles
 from spectra.errors import ConfigError
 from spectra.memory.activations import _activations, _activations_refused
 from spectra.memory.adapters import _adapter_modules, _check_plan_base
@@ -119,9 +121,9 @@ def estimate_memory(config_or_model: Any, *, method: str = "lora", rank_plan_or_
         Sequences per step (≥ 1). Default 1.
     seq_len : int, optional
         Tokens per sequence. Default 2048, or the model's position limit when shorter
-        (``max_position_embeddings``, GPT-2's ``n_positions``: :func:`spectra.lora.data.position_limit`), which
+        (``max_position_embeddings``, GPT-2's ``n_positions``: :func:`spectra.checkpoints.positions.position_limit`), which
         ``notes`` then says: ``spectra train``'s rule for ``--max-length``
-        (:func:`spectra.lora.data.resolve_max_length`). A length beyond a table of learned positions
+        (:func:`spectra.checkpoints.positions.resolve_max_length`). A length beyond a table of learned positions
         (GPT-2's, BERT's) is refused: the model cannot run it; beyond the positions a rotary model is configured
         for, it is estimated with a note.
     precision : {"fp32", "bf16", "fp16", "mixed"}
@@ -136,9 +138,9 @@ def estimate_memory(config_or_model: Any, *, method: str = "lora", rank_plan_or_
         Which activation figure ``training_total`` uses. Default True.
     roles : tuple of str, optional
         Roles that an int rank targets, as ``spectra train --roles`` takes them and checked as train checks them
-        (``TrainConfig``: block roles only, spelt as :data:`spectra.lora.train.BLOCK_ROLES` spells them; a role
-        the model lacks is refused). Default: every linear layer of
-        the blocks. On an MoE the targets are what ``spectra train`` adapts, asked of its own target selection
+        (:func:`spectra.checkpoints.roles.check_roles`, ``TrainConfig``'s check: block roles only, spelt as
+        :data:`spectra.checkpoints.roles.BLOCK_ROLES` spells them; a role the model lacks is refused). Default (None
+        or ``()``, as train reads both): every linear layer of the blocks. On an MoE the targets are what ``spectra train`` adapts, asked of its own target selection
         (:func:`spectra.lora.train.peft_targets`): the roles' Linear modules and the routed experts' fused
         ``gate_up_proj`` (gate or up; at r) and ``down_proj`` (down), never a router; with DoRA or QLoRA the
         default roles leave the experts out, and roles that ask for them are refused, as train does.
@@ -261,12 +263,10 @@ def estimate_memory(config_or_model: Any, *, method: str = "lora", rank_plan_or_
             raise ConfigError(f"{name} must be a positive integer, got {value!r}.")
     plan = rank_plan_or_rank if isinstance(rank_plan_or_rank, RankPlan) else None
     _check_rank(rank_plan_or_rank, method)
-    _check_roles(roles, method, plan)
+    roles = _check_roles(roles, method, plan)  # () reads as None: every block role, as train reads it
     cfg = load_config(config_or_model)
     shape = model_shape(cfg)
     notes: list[str] = []
-    from spectra.lora.data import resolve_max_length  # here, not at the top: importing spectra.memory imports no torch
-
     # train's rule for --max-length: the default cut to the model's positions, beyond a learned table refused. The
     # family decides rotary where config.json names no rotary key (a Llama config.json of its required keys alone)
     seq_len = resolve_max_length(seq_len, cfg, option="seq_len (--seq-len)", notes=notes, default=DEFAULT_SEQ_LEN,
@@ -305,19 +305,19 @@ def _check_rank(rank_plan_or_rank: Any, method: str) -> None:
                           f"{rank_plan_or_rank!r}.")
 
 
-def _check_roles(roles: tuple[str, ...] | None, method: str, plan: RankPlan | None) -> None:
-    """Refuse roles the estimate would ignore (full fine-tuning, a plan) and check the others as ``spectra train``
-    does: its own ``TrainConfig`` validation (block roles only, exactly as spelt), not a copy of it."""
+def _check_roles(roles: tuple[str, ...] | None, method: str, plan: RankPlan | None) -> tuple[str, ...] | None:
+    """``roles`` checked as ``spectra train`` checks them (:func:`~spectra.checkpoints.roles.check_roles`, as
+    ``TrainConfig`` calls it: block roles only, exactly as spelt; ``()`` is None, every block role), refusing roles
+    the estimate would ignore (full fine-tuning, a plan)."""
+    roles = check_roles(roles)
     if roles is None:
-        return
+        return None
     if method == "full":
         raise ConfigError("roles pick the modules an adapter adapts; full fine-tuning trains every weight.")
     if plan is not None:
         raise ConfigError("roles go with an int rank; a rank plan adapts the modules it names (plan the roles with "
                           "`spectra recommend --roles`).")
-    from spectra.lora.train import TrainConfig  # here, not at the top: importing spectra.memory imports no torch
-
-    TrainConfig(method=method, roles=tuple(roles))
+    return roles
 
 
 def _narrow_4bit_note(shape: ModelShape) -> str | None:

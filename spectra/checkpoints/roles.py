@@ -1,0 +1,39 @@
+"""The block roles an adapter may target, and the one check of a ``roles`` selection: ``spectra train``'s
+``TrainConfig.roles`` and ``spectra memory``'s ``roles`` read it alike (no torch, no transformers here:
+``spectra.memory`` imports this module at its top).
+
+A role is a module's place in a block (:mod:`spectra.checkpoints.architectures` names it from the module's
+checkpoint name); :func:`~spectra.checkpoints.architectures.role_selected` decides which modules a selection takes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from spectra.errors import ConfigError
+
+# x…: cross-attention; q_a … kv_b: multi-head latent attention's factors (DeepSeek-V2/V3, Kimi-K2, MiniCPM3, …)
+BLOCK_ROLES = ("q", "k", "v", "o", "qkv", "q_a", "q_b", "kv_a", "kv_b", "xq", "xk", "xv", "xo", "gate", "up", "down",
+               "gate_up")
+
+
+def check_roles(roles: Iterable[str] | None) -> tuple[str, ...] | None:
+    """``roles`` as a tuple of block roles, or None for every block role.
+
+    None and an empty selection both mean every block role (as ``roles or BLOCK_ROLES`` reads them), so
+    both come back None: a caller that tells "given" from "left out" sees an empty selection as left out.
+
+    Raises
+    ------
+    ConfigError
+        A role that is not one of :data:`BLOCK_ROLES`, exactly as spelt (``--roles`` takes ``q``, not ``q_proj``).
+    """
+    if roles is None:
+        return None
+    roles = tuple(roles)
+    if not roles:
+        return None
+    bad = sorted(set(roles) - set(BLOCK_ROLES))
+    if bad:
+        raise ConfigError(f"roles {bad}: LoRA targets the block linears {', '.join(BLOCK_ROLES)}.")
+    return roles
