@@ -11,7 +11,11 @@ low-rank projections, by what each tensor computes (``(out, in)``; ``c`` = ``q_l
 
 - ``q_a_proj`` (c, hidden), role ``q_a``: x → the query latent (then an RMSNorm);
 - ``q_b_proj`` (heads·(nope + rope), c), role ``q_b``: the latent → every head's query. A model without a query
-  latent (DeepSeek-V2-Lite: ``q_lora_rank`` None) holds a plain ``q_proj``, role ``q``;
+  latent (DeepSeek-V2-Lite: ``q_lora_rank`` None) holds a plain ``q_proj``, role ``q``. AXK2's ``q_gate_proj``
+  (heads·(nope + rope + v), 2c) is role ``q_b`` too: it reads ``[RMSNorm(latent); latent]`` and returns every head's
+  ``[q_h; g_h]``, the query fused with a sigmoid gate on that head's attention output (as Qwen3-Next's gated
+  ``q_proj``, role ``q``, holds its gate): the gate rows have no role of their own (they gate no MLP), a LoRA on it
+  adapts both, and ``--roles q`` takes it with ``q_a``;
 - ``kv_a_proj_with_mqa`` (d + rope, hidden), role ``kv_a``: x → ``[the key-value latent; one rotary key]``, the
   latent normed and expanded by kv_b, the rotary key (``qk_rope_head_dim`` rows) shared by every head (the "MQA");
 - ``kv_b_proj`` (heads·(nope + v), d), role ``kv_b``: the latent → every head's ``[k_nope_h; v_h]``, interleaved per
@@ -173,7 +177,11 @@ _ROLE_RULES: tuple[tuple[str, str], ...] = (
     # multi-head latent attention (DeepSeek-V2/V3, Kimi-K2, MiniCPM3, …): the query's and the key-value's factors
     (r"q_a_proj", "q_a"),
     (r"indexer\.q_b_proj", "other"),  # DeepSeek-V4's sparse-attention indexer scores tokens: no attention's query
-    (r"q_b_proj", "q_b"),
+    # AXK2's q_gate_proj: q_b fused with the attention's output gate (per head [q_h; g_h], as Qwen3-Next's q_proj)
+    (r"(q_b_proj|q_gate_proj)", "q_b"),
+    # DeepSeek-V4's KV compressors (and their indexer's): gate_proj gives the softmax weights that pool a window of
+    # kv_proj's outputs into one entry, no MLP's gate
+    (r"compressor\.(indexer\.)?gate_proj", "other"),
     (r"kv_a_proj_with_mqa", "kv_a"),
     (r"kv_b_proj", "kv_b"),
     # cross-attention, before self-attention's rules that its names match too: BART, mBART, Marian, Pegasus, Whisper

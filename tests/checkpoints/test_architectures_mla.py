@@ -183,14 +183,28 @@ def _meta_models():
                                                    if isinstance(m, torch.nn.Linear)]
 
 
+# The rules this scan checks, by their pattern: MLA's factors (AXK2's q_gate_proj with q_b_proj), and DeepSeek-V4's
+# compressors' gate_proj (a window's pooling weights, role other: it was the MLP's gate)
+_NEW_RULES = ("q_a_proj", "(q_b_proj|q_gate_proj)", "kv_a_proj_with_mqa", "kv_b_proj",
+              r"compressor\.(indexer\.)?gate_proj")
+# what a changed module's name ends with → (its role without the new rules, with them): the only changes allowed
+_ALLOWED = {"q_a_proj": ("other", "q_a"), "q_b_proj": ("other", "q_b"), "q_gate_proj": ("other", "q_b"),
+            "kv_a_proj_with_mqa": ("other", "kv_a"), "kv_b_proj": ("other", "kv_b"),
+            "compressor.gate_proj": ("gate", "other"), "compressor.indexer.gate_proj": ("gate", "other")}
+
+
 @pytest.mark.slow
-def test_the_mla_rules_change_no_other_module_of_any_transformers_class(monkeypatch):
+def test_the_new_rules_change_no_other_module_of_any_transformers_class(monkeypatch):
     """Every transformers class built on the meta device (~570 of them): the role of each Linear under the rules,
-    and under the rules without the MLA ones. They differ only at q_a_proj, q_b_proj, kv_a_proj_with_mqa and
-    kv_b_proj, which were other, and in the MLA model types (DeepSeek-V2/V3, Kimi-K2.5, MiniCPM3, …)."""
+    and under the rules without the MLA ones and DeepSeek-V4's compressor gates (:data:`_NEW_RULES`). They differ
+    only at q_a_proj, q_b_proj, AXK2's q_gate_proj, kv_a_proj_with_mqa and kv_b_proj of an attention (which were
+    other), and at DeepSeek-V4's self_attn.compressor.gate_proj (which was gate), in the MLA model types
+    (DeepSeek-V2/V3, Kimi-K2.5, MiniCPM3, AXK2, …) and DeepSeek-V4."""
     import transformers as tf
 
-    mla = {"q_a", "q_b", "kv_a", "kv_b"}
+    kept = tuple(r for r in architectures._ROLE_REGEXES if r[0].pattern.removeprefix("(^|\\.)").removesuffix("$")
+                 not in _NEW_RULES)
+    assert len(architectures._ROLE_REGEXES) - len(kept) == len(_NEW_RULES)  # each new rule found, and no other
     changed: dict[str, set[tuple[str, str, str]]] = {}
     built = 0
     with warnings.catch_warnings():
@@ -202,8 +216,7 @@ def test_the_mla_rules_change_no_other_module_of_any_transformers_class(monkeypa
                 built += 1
                 now = {name: module_info(name, config).role for name in linears}
                 with monkeypatch.context() as patch:
-                    patch.setattr(architectures, "_ROLE_REGEXES",
-                                  tuple(r for r in architectures._ROLE_REGEXES if r[1] not in mla))
+                    patch.setattr(architectures, "_ROLE_REGEXES", kept)
                     before = {name: module_info(name, config).role for name in linears}
                 for name in linears:
                     if now[name] != before[name]:
@@ -212,12 +225,16 @@ def test_the_mla_rules_change_no_other_module_of_any_transformers_class(monkeypa
         finally:
             tf.utils.logging.set_verbosity(verbosity)
     assert built > 400
-    assert {"deepseek_v2", "deepseek_v3", "kimi_k25", "minicpm3", "longcat_flash", "mistral4"} <= set(changed)
-    suffix = {"q_a_proj": "q_a", "q_b_proj": "q_b", "kv_a_proj_with_mqa": "kv_a", "kv_b_proj": "kv_b"}
+    assert {"deepseek_v2", "deepseek_v3", "kimi_k25", "minicpm3", "longcat_flash", "mistral4", "axk2",
+            "deepseek_v4"} <= set(changed)
     for model_type, changes in changed.items():
         for name, before, now in changes:
-            assert before == "other" and now == suffix.get(name.rpartition(".")[2]), (model_type, name, before, now)
-            assert ".self_attn." in name and "indexer" not in name, (model_type, name)
+            ending = next((e for e in _ALLOWED if name.endswith("." + e)), None)
+            assert ending is not None and (before, now) == _ALLOWED[ending], (model_type, name, before, now)
+            if ending.startswith("compressor."):
+                assert model_type == "deepseek_v4" and ".self_attn.compressor." in name, (model_type, name)
+            else:
+                assert ".self_attn." in name and "indexer" not in name, (model_type, name)
 
 
 def test_a_llamas_roles_are_unchanged():
