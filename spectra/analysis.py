@@ -77,13 +77,12 @@ class AnalysisConfig:
     def __post_init__(self) -> None:
         if self.method not in _METHODS:
             raise ConfigError(f"method: {self.method!r} is not one of {', '.join(_METHODS)}.")
-        object.__setattr__(self, "thresholds", tuple(sorted(float(t) for t in self.thresholds)))
-        if not self.thresholds or not all(0 < t <= 1 for t in self.thresholds):
-            raise ConfigError(f"thresholds: {self.thresholds} must be energy fractions in (0, 1].")
+        object.__setattr__(self, "thresholds", _energy_fractions(self.thresholds))
         if self.max_rank is not None and self.max_rank < 1:
             raise ConfigError(f"max_rank: {self.max_rank} must be ≥ 1 (or None for no cap).")
-        if self.full_below < 0 or self.base_top_k < 0 or self.base_top_iter < 0:
-            raise ConfigError("full_below, base_top_k and base_top_iter must be ≥ 0.")
+        for name in ("full_below", "base_top_k", "base_top_iter"):  # the one at fault, by its name and value
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}: {getattr(self, name)} must be ≥ 0.")
         if not 0 < self.resolve <= 1:
             raise ConfigError(f"resolve: {self.resolve} must be an energy fraction in (0, 1].")
         if self.base_rounding not in metrics.BASE_ROUNDING:
@@ -117,6 +116,25 @@ class AnalysisConfig:
         if self.sketch_dtype != "bfloat16" or self.method not in ("auto", "sketch"):
             return None
         return self.full_below if self.method == "auto" else 0
+
+
+def _energy_fractions(thresholds) -> tuple[float, ...]:
+    """``thresholds`` as sorted floats, each an energy fraction in (0, 1]; an error names the values at fault as
+    given (``1.5``), not the tuple that holds them."""
+    if isinstance(thresholds, (int, float, str)):  # one value where a tuple goes: (0.9,), not 0.9
+        raise ConfigError(f"thresholds: {thresholds!r} is one value; pass a tuple of energy fractions in (0, 1], "
+                          "e.g. (0.5, 0.9).")
+    try:
+        values = [(t, float(t)) for t in thresholds]
+    except (TypeError, ValueError):
+        raise ConfigError(f"thresholds: {thresholds!r} must be numbers: energy fractions in (0, 1].") from None
+    if not values:
+        raise ConfigError("thresholds: none given; pass at least one energy fraction in (0, 1].")
+    bad = [str(t) for t, value in values if not 0 < value <= 1]  # NaN included
+    if bad:
+        raise ConfigError(f"thresholds: {', '.join(bad)} must be " + ("an energy fraction" if len(bad) == 1 else
+                                                                      "energy fractions") + " in (0, 1].")
+    return tuple(sorted(value for _, value in values))
 
 
 @dataclass
