@@ -201,6 +201,9 @@ _ROLE_RULES: tuple[tuple[str, str], ...] = (
     (rf"(v_proj|self\.value|attention\.value|attention\.wv|{_T5_SELF_ATTENTION}\.v|blocks\.\d+\.attn\.v)", "v"),
     (r"(o_proj|out_proj|attention\.output\.dense|attention\.dense|attn\.c_proj|self_attention\.dense|attention\.wo"
      rf"|self_attn\.projection|attn\.proj|{_T5_SELF_ATTENTION}\.o)", "o"),
+    # AXK2's gated RMSNorm (input_layernorm, post_attention_layernorm): a low-rank mlp.fc1, fc2 whose sigmoid scales
+    # the normed states, no block's MLP (its up and down)
+    (r"(input|post_attention)_layernorm\.mlp\.(fc1|fc2)", "other"),
     # MLP; T5's DenseReluDense: wi (up) or, gated (v1.1, Flan-T5), wi_0 (gate) and wi_1 (up), then wo (down); BART's,
     # Whisper's, OPT's layers.N.fc1 and fc2 (an MLP's fc1 is up wherever a layer holds it directly); SwitchTransformers'
     # experts (experts.expert_N.wi, wo; never gated in transformers) and dense layers (layer.N.mlp.wi, wo); NLLB-MoE's

@@ -1,11 +1,14 @@
-"""Linears named like a gate that gate no MLP: DeepSeek-V4's KV compressors' ``gate_proj`` and AXK2's ``q_gate_proj``.
+"""Linears named like an MLP's that are none: DeepSeek-V4's KV compressors' ``gate_proj``, AXK2's ``q_gate_proj``
+and its gated norms' ``mlp.fc1``/``fc2``.
 
 DeepSeek-V4's compressors (``self_attn.compressor``, and the CSA compressor's Lightning Indexer,
 ``compressor.indexer``) hold a ``gate_proj`` whose outputs are softmax weights that pool a window of ``kv_proj``'s
 outputs into one compressed entry: role ``other``, not the MLP's ``gate`` it was (so ``--roles gate`` took them with
 the MLP's). AXK2's ``q_gate_proj`` reads ``[RMSNorm(q latent); q latent]`` and returns every head's ``[q_h; g_h]``,
 MLA's ``q_b`` fused with a sigmoid gate on the head's attention output: role ``q_b``, not ``other`` (which left the
-query's second factor out of ``--roles q`` and the default roles). The references are the models built from config
+query's second factor out of ``--roles q`` and the default roles). AXK2's gated RMSNorms (``input_layernorm``,
+``post_attention_layernorm``) scale the normed states by the sigmoid of a low-rank ``mlp.fc1``, ``fc2``: role ``other``,
+not the block MLP's ``up`` and ``down`` they were. The references are the models built from config
 on the meta device: the class that holds each Linear, and its shape.
 """
 
@@ -86,9 +89,17 @@ def test_axk2s_q_gate_proj_is_the_query_factor_fused_with_its_output_gate(axk2):
     assert role_selected("q_b", ("q",)) and not role_selected("q_b", ("gate",))
     assert module_info("model.layers.0.mlp.gate_proj", config).role == "gate"
     assert {module_info(n, config).role for n in linears if ".indexer." in n} == {"other"}
+    for name, (holder, _) in linears.items():  # the gated norms' low-rank gate MLP is no block MLP's up and down
+        if holder == "AXK2GateMLP":
+            assert module_info(name, config).role == "other", name
+    assert {n.split(".")[3] for n, (holder, _) in linears.items() if holder == "AXK2GateMLP"} == {
+        "input_layernorm", "post_attention_layernorm"}
+    assert {module_info(f"model.layers.0.mlp.{m}_proj", config).role for m in ("up", "down")} == {"up", "down"}
     for roles in (("q",), None):
         modules, _ = peft_targets(axk2, TrainConfig(rank=2, roles=roles))
         assert {f"model.layers.{i}.self_attn.{m}" for i in (0, 1) for m in ("q_a_proj", "q_gate_proj")} <= set(
             modules), roles
     modules, _ = peft_targets(axk2, TrainConfig(rank=2, roles=("gate",)))
     assert not any("q_gate_proj" in m for m in modules)
+    modules, _ = peft_targets(axk2, TrainConfig(rank=2, roles=("up", "down")))
+    assert not any("layernorm" in m for m in modules) and "model.layers.0.mlp.up_proj" in modules

@@ -183,14 +183,17 @@ def _meta_models():
                                                    if isinstance(m, torch.nn.Linear)]
 
 
-# The rules this scan checks, by their pattern: MLA's factors (AXK2's q_gate_proj with q_b_proj), and DeepSeek-V4's
-# compressors' gate_proj (a window's pooling weights, role other: it was the MLP's gate)
+# The rules this scan checks, by their pattern: MLA's factors (AXK2's q_gate_proj with q_b_proj), DeepSeek-V4's
+# compressors' gate_proj (a window's pooling weights, role other: it was the MLP's gate) and AXK2's gated norms'
+# mlp.fc1 and fc2 (other: they were the MLP's up and down)
 _NEW_RULES = ("q_a_proj", "(q_b_proj|q_gate_proj)", "kv_a_proj_with_mqa", "kv_b_proj",
-              r"compressor\.(indexer\.)?gate_proj")
+              r"compressor\.(indexer\.)?gate_proj", r"(input|post_attention)_layernorm\.mlp\.(fc1|fc2)")
 # what a changed module's name ends with → (its role without the new rules, with them): the only changes allowed
 _ALLOWED = {"q_a_proj": ("other", "q_a"), "q_b_proj": ("other", "q_b"), "q_gate_proj": ("other", "q_b"),
             "kv_a_proj_with_mqa": ("other", "kv_a"), "kv_b_proj": ("other", "kv_b"),
-            "compressor.gate_proj": ("gate", "other"), "compressor.indexer.gate_proj": ("gate", "other")}
+            "compressor.gate_proj": ("gate", "other"), "compressor.indexer.gate_proj": ("gate", "other"),
+            **{f"{norm}_layernorm.mlp.{fc}": (role, "other") for norm in ("input", "post_attention")
+               for fc, role in (("fc1", "up"), ("fc2", "down"))}}
 
 
 @pytest.mark.slow
@@ -198,8 +201,9 @@ def test_the_new_rules_change_no_other_module_of_any_transformers_class(monkeypa
     """Every transformers class built on the meta device (~570 of them): the role of each Linear under the rules,
     and under the rules without the MLA ones and DeepSeek-V4's compressor gates (:data:`_NEW_RULES`). They differ
     only at q_a_proj, q_b_proj, AXK2's q_gate_proj, kv_a_proj_with_mqa and kv_b_proj of an attention (which were
-    other), and at DeepSeek-V4's self_attn.compressor.gate_proj (which was gate), in the MLA model types
-    (DeepSeek-V2/V3, Kimi-K2.5, MiniCPM3, AXK2, …) and DeepSeek-V4."""
+    other), at DeepSeek-V4's self_attn.compressor.gate_proj (which was gate) and at AXK2's gated norms' mlp.fc1 and
+    fc2 (which were up and down), in the MLA model types (DeepSeek-V2/V3, Kimi-K2.5, MiniCPM3, AXK2, …) and
+    DeepSeek-V4."""
     import transformers as tf
 
     kept = tuple(r for r in architectures._ROLE_REGEXES if r[0].pattern.removeprefix("(^|\\.)").removesuffix("$")
@@ -233,6 +237,8 @@ def test_the_new_rules_change_no_other_module_of_any_transformers_class(monkeypa
             assert ending is not None and (before, now) == _ALLOWED[ending], (model_type, name, before, now)
             if ending.startswith("compressor."):
                 assert model_type == "deepseek_v4" and ".self_attn.compressor." in name, (model_type, name)
+            elif "_layernorm." in ending:
+                assert model_type == "axk2", (model_type, name)
             else:
                 assert ".self_attn." in name and "indexer" not in name, (model_type, name)
 
