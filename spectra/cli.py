@@ -791,7 +791,7 @@ def verify(
                                                                 "empty), all checked before the first run trains. "
                                                                 "A report of `verify --sweep` (sweep.json) may be "
                                                                 "replaced by `verify --adapter`'s.")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars, no tables.")] = False,
 ) -> None:
     """Check an adapter against the full fine-tune: captured energy vs Eckart–Young, φ, intruders, eval.
 
@@ -811,9 +811,18 @@ def verify(
     if adapter is not None:
         result = verify_adapter(base, tuned, adapter, eval_data=eval_data, config=vconfig, progress=not quiet)
         path = result.write_report(output, overwrite=overwrite)
-        from spectra.report.verify import headline
+        from spectra.report.verify import EVAL_HEADERS, eval_rows, headline, summary_rows
 
         typer.echo(headline(result.summary))
+        if not quiet:  # the eval numbers were in report.md only
+            from rich.console import Console
+
+            console = Console()
+            console.print(_plain_table(f"adapter vs full fine-tune ({result.summary.get('modules')} modules)",
+                                       ("measure", "value"), summary_rows(result.summary)))
+            if result.evals:
+                console.print(_plain_table("eval (loss gap: the loss minus the full fine-tune's; svd: the rank-r "
+                                           "truncated SVD of ΔW_full)", EVAL_HEADERS, eval_rows(result.evals)))
         typer.echo(f"report: {path / 'report.html'}  (also report.md, verify.json, figures/)")
         return
     from spectra.lora.train import TrainConfig
@@ -842,6 +851,15 @@ def verify(
                         verify_config=vconfig, recommended_rank=recommended, overwrite=overwrite,
                         progress=not quiet)
     path = result.write_report(output, overwrite=overwrite)
+    from spectra.report.verify import SWEEP_HEADERS, reference_lines, sweep_rows
+
+    if not quiet:  # the per-rank numbers were in report.md only
+        from rich.console import Console
+
+        data = result.to_dict()
+        Console().print(_plain_table("rank sweep: adapters vs the full fine-tune", SWEEP_HEADERS, sweep_rows(data)))
+        for line in reference_lines(data):
+            typer.echo(line)
     typer.echo(f"report: {path / 'report.html'}  (also report.md, sweep.json, figures/)")
 
 
@@ -1017,6 +1035,16 @@ def sweep(
 
 
 # ---------------------------------------------------------------------------- helpers
+
+
+def _plain_table(title: str, headers, rows: list[list[str]]):
+    """A rich table of text cells, each kept whole (numbers are never wrapped)."""
+    from rich.table import Table
+
+    table = Table(*(escape(h) for h in headers), title=escape(title))
+    for row in rows:
+        table.add_row(*map(escape, row))
+    return table
 
 
 def _module_table(title: str, names: list[str], rows: list[tuple[str, ...]], headers: tuple[str, ...], *,

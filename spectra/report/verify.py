@@ -20,6 +20,7 @@ from spectra.errors import ConfigError
 from spectra.report.plots import whole_ticks
 from spectra.report.tables import num, pct
 from spectra.report.render import plain, write_bundle
+from spectra.report.sweep import signed
 
 _ROW_COLUMNS = (("module", "name", "s"), ("rank (used)", "rank", "rank"), ("captured (col)", "captured_energy", "%"),
                 ("Eckart–Young", "optimal_energy", "%"), ("captured (row)", "captured_energy_row", "%"),
@@ -93,11 +94,10 @@ def verify_blocks(result: Mapping, *, figures: list[str]) -> list[tuple]:
                            ] + ([f"NF4 quantisation error of W₀ (mean ‖ΔQ‖/‖W₀‖): {pct(s['quant_error'])}"]
                                 if s.get("quant_error") is not None else []))]
     if result.get("evals"):
-        blocks += [("h", 2, "Eval"), ("table", ["model", "loss", "accuracy"],
-                                      [[k, num(v.get("loss")), pct(v.get("accuracy"))]
-                                       for k, v in result["evals"].items()]),
+        blocks += [("h", 2, "Eval"), ("table", list(EVAL_HEADERS), eval_rows(result["evals"])),
                    ("p", "svd: W_base + the rank-r truncated SVD of ΔW_full on the adapted modules (what "
-                         "`spectra extract` writes at the adapter's ranks).")]
+                         "`spectra extract` writes at the adapter's ranks). loss gap: the loss minus the full "
+                         "fine-tune's (positive: worse).")]
     blocks.append(("h", 2, "Figures"))
     captions = {"energy": "Share of ‖ΔW_full‖² in each adapter's column space (bars) vs the Eckart–Young "
                           "optimum at the same rank (ticks): no adapter can exceed its tick.",
@@ -128,23 +128,60 @@ def headline(summary: Mapping) -> str:
             f"{at} could capture {pct(summary.get('optimal_energy'))} (Eckart–Young).{whole}")
 
 
-def sweep_blocks(sweep: Mapping, *, figures: list[str]) -> list[tuple]:
-    """The sweep report as render blocks."""
-    ref = sweep.get("reference_evals") or {}
-    headers = ["method", "rank", "params", "captured", "Eckart–Young", "φ(r, r)", "intruders", "eval loss",
-               "eval accuracy", "SVD eval loss", "step (ms)"]
-    rows = [[r["method"], r["rank"], f"{r['trainable_params']:,}", pct(r.get("captured_energy")),
-             pct(r.get("optimal_energy")), num(r.get("phi")), r.get("intruders_adapter"),
+# ---------------------------------------------------------------------------- tables (report and terminal)
+
+EVAL_HEADERS = ("model", "loss", "loss gap", "accuracy")
+SWEEP_HEADERS = ("method", "rank", "params", "captured", "Eckart–Young", "φ(r, r)", "intruders", "eval loss",
+                 "eval accuracy", "SVD eval loss", "step (ms)")
+
+
+def summary_rows(summary: Mapping) -> list[list[str]]:
+    """The verify summary's headline measures as (measure, value) rows: what `spectra verify` prints."""
+    return [["captured (column space)", pct(summary.get("captured_energy"))],
+            ["captured (row space)", pct(summary.get("captured_energy_row"))],
+            ["Eckart–Young optimum at the same ranks", pct(summary.get("optimal_energy"))],
+            ["φ(k, r), energy-weighted", num(summary.get("phi"))],
+            ["relative error ‖ΔW_adapter − ΔW_full‖/‖ΔW_full‖", num(summary.get("relative_error"))],
+            ["intruder dimensions adapter / full", f"{_text(summary.get('intruders_adapter'))} / "
+                                                   f"{_text(summary.get('intruders_full'))}"]]
+
+
+def eval_rows(evals: Mapping) -> list[list[str]]:
+    """One row per evaluated model (base, tuned, adapter, svd): loss, its gap to the full fine-tune's loss
+    (positive: worse) and accuracy."""
+    tuned = (evals.get("tuned") or {}).get("loss")
+    return [[name, num(v.get("loss")),
+             "–" if tuned is None or v.get("loss") is None else signed(v["loss"] - tuned), pct(v.get("accuracy"))]
+            for name, v in evals.items()]
+
+
+def sweep_rows(sweep: Mapping) -> list[list[str]]:
+    """One row per run of a rank sweep, in the columns of :data:`SWEEP_HEADERS`."""
+    return [[r["method"], str(r["rank"]), f"{r['trainable_params']:,}", pct(r.get("captured_energy")),
+             pct(r.get("optimal_energy")), num(r.get("phi")), _text(r.get("intruders_adapter")),
              num((r.get("eval") or {}).get("loss")), pct((r.get("eval") or {}).get("accuracy")),
              num((r.get("svd_eval") or {}).get("loss")),
              "–" if r.get("step_median_s") is None else f"{1e3 * r['step_median_s']:.1f}"] for r in sweep["runs"]]
+
+
+def reference_lines(sweep: Mapping) -> list[str]:
+    """'tuned eval: loss 0.4, accuracy 90.0%' for the full fine-tune and the base a sweep was measured against."""
+    return [f"{k} eval: loss {num(v.get('loss'))}, accuracy {pct(v.get('accuracy'))}"
+            for k, v in (sweep.get("reference_evals") or {}).items()]
+
+
+def _text(value) -> str:
+    return "–" if value is None else str(value)
+
+
+def sweep_blocks(sweep: Mapping, *, figures: list[str]) -> list[tuple]:
+    """The sweep report as render blocks."""
     blocks: list[tuple] = [("h", 1, "spectra verify: rank sweep"),
                            ("ul", [f"Base: {sweep.get('base')}", f"Full fine-tune: {sweep.get('tuned')}",
                                    f"Data: {sweep.get('data')}; eval: {sweep.get('eval_data')}",
                                    f"Recommended rank (spectra recommend): {sweep.get('recommended_rank') or '–'}"]
-                            + [f"{k} eval: loss {num(v.get('loss'))}, accuracy {pct(v.get('accuracy'))}"
-                               for k, v in ref.items()]),
-                           ("h", 2, "Runs"), ("table", headers, rows),
+                            + reference_lines(sweep)),
+                           ("h", 2, "Runs"), ("table", list(SWEEP_HEADERS), sweep_rows(sweep)),
                            ("p", "step (ms): median time of an optimiser step (forward, backward, update) after the "
                                  "first, which includes warm-up; a run of one step shows that step."),
                            ("h", 2, "Figures")]
