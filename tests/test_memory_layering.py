@@ -1,5 +1,6 @@
-"""spectra.memory comes before spectra.lora in the pipeline (DESIGN.md): estimating a dense model's memory, with
-roles and a sequence length checked as train checks them, imports no spectra.lora module (nor torch's trainer)."""
+"""spectra.memory comes before spectra.lora in the pipeline (DESIGN.md): estimating a model's memory, with roles and
+a sequence length checked as train checks them, and an MoE's targets asked of train's own selection, imports no
+spectra.lora module."""
 
 from __future__ import annotations
 
@@ -15,14 +16,14 @@ import json, sys
 from spectra.memory import estimate_memory
 
 config = json.loads(sys.argv[1])
-estimate = estimate_memory(config, roles=("q", "v"), seq_len=64)  # the role check and train's length rule
+estimate = estimate_memory(config, roles=tuple(sys.argv[2].split(",")), seq_len=64)  # role check, length rule
 assert estimate.seq_len == 64 and estimate.trainable_params > 0
 print(json.dumps(sorted(m for m in sys.modules if m == "spectra.lora" or m.startswith("spectra.lora."))))
 """
 
 
-def _lora_modules_imported(config: dict) -> list[str]:
-    done = subprocess.run([sys.executable, "-c", _SCRIPT, json.dumps(config)], cwd=ROOT, capture_output=True,
+def _lora_modules_imported(config: dict, roles: str = "q,v") -> list[str]:
+    done = subprocess.run([sys.executable, "-c", _SCRIPT, json.dumps(config), roles], cwd=ROOT, capture_output=True,
                           text=True, check=True, env={"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1",
                                                        "PATH": "/usr/bin:/bin"})
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -34,3 +35,12 @@ def test_memory_imports_no_lora_module():
     llama = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2,
              "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 64, "max_position_embeddings": 128}
     assert _lora_modules_imported(llama) == []
+
+
+def test_memory_of_an_moe_asks_trains_selection_without_importing_lora():
+    """An MoE's int rank adapts what train adapts (peft_targets, on the model built on the meta device): that
+    selection now lives in spectra.checkpoints.adapted, which train imports too."""
+    from tests.models import tiny_config
+
+    mixtral = tiny_config("mixtral").to_dict() | {"max_position_embeddings": 128}
+    assert _lora_modules_imported(mixtral, "q,up") == []

@@ -43,7 +43,8 @@ from pathlib import Path
 
 import torch
 
-from spectra.checkpoints.positions import (  # the one rule of a sequence length, shared with spectra memory
+# the one rule of a sequence length, shared with spectra memory (and spectra.lora.data's names for its callers)
+from spectra.checkpoints.positions import (  # noqa: F401
     DEFAULT_MAX_LENGTH,
     PositionLimit,
     check_max_length,

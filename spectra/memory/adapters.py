@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
+from spectra.checkpoints.adapted import TargetSelection, peft_targets
 from spectra.checkpoints.architectures import missing_stacks, role_selected, stack_selected
 from spectra.errors import ConfigError
 from spectra.memory.shape import ModelShape, model_shape
@@ -182,7 +183,7 @@ def _trained_moe_adapters(shape: ModelShape, method: str, rank: int, roles: tupl
                           stacks: tuple[str, ...] | None, layers, train_model, *,
                           notes: list[str] | None = None) -> list[_Adapter]:
     """An MoE's adapters at an int ``rank``: what ``spectra train`` adapts for the same method, roles and stacks,
-    asked of its own target selection (:func:`spectra.lora.train.peft_targets`, as ``lora_config`` runs it) on the
+    asked of its own target selection (:func:`spectra.checkpoints.adapted.peft_targets`, as train's ``lora_config`` runs it) on the
     causal LM it loads, built from the config on the meta device (``train_model()``: :func:`_meta_model_for`'s), in
     ``layers``.
 
@@ -190,16 +191,15 @@ def _trained_moe_adapters(shape: ModelShape, method: str, rank: int, roles: tupl
     fused ``gate_up_proj`` (for gate or up, whole: at ``rank``, as a fused module is) and ``down_proj`` are PEFT
     ParamWrappers at ``rank`` per expert (``target_parameters``); a router is never adapted (no block role). DoRA and
     QLoRA leave the experts out of the default roles (PEFT's ParamWrapper takes neither) and refuse roles that ask
-    for them, with train's own error (:func:`spectra.lora.train._fit_method`)."""
+    for them, with train's own error (:func:`spectra.checkpoints.adapted._fit_method`)."""
     from spectra.checkpoints.architectures import module_info
-    from spectra.lora.train import TrainConfig, peft_targets
 
     model = train_model()[1] if train_model is not None else None
     if model is None:
         raise ConfigError(f"{shape.family}: transformers cannot build this MoE from its config on the meta device, "
                           "so spectra's memory model cannot ask which modules and expert parameters `spectra train` "
                           "adapts; estimate with a rank plan (--plan) instead.")
-    config = TrainConfig(method=method, rank=rank, roles=None if roles is None else tuple(roles), stacks=stacks)
+    config = TargetSelection(method=method, roles=roles, stacks=stacks)  # train's TrainConfig selects alike
     modules, parameters = peft_targets(model, config, notes=notes)  # train's notes: what it leaves out, and why
     wanted, adapters = set(layers), []
     for name in modules:

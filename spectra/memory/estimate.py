@@ -141,7 +141,7 @@ def estimate_memory(config_or_model: Any, *, method: str = "lora", rank_plan_or_
         (:func:`spectra.checkpoints.roles.check_roles`, ``TrainConfig``'s check: block roles only, spelt as
         :data:`spectra.checkpoints.roles.BLOCK_ROLES` spells them; a role the model lacks is refused). Default (None
         or ``()``, as train reads both): every linear layer of the blocks. On an MoE the targets are what ``spectra train`` adapts, asked of its own target selection
-        (:func:`spectra.lora.train.peft_targets`): the roles' Linear modules and the routed experts' fused
+        (:func:`spectra.checkpoints.adapted.peft_targets`): the roles' Linear modules and the routed experts' fused
         ``gate_up_proj`` (gate or up; at r) and ``down_proj`` (down), never a router; with DoRA or QLoRA the
         default roles leave the experts out, and roles that ask for them are refused, as train does.
     stacks : tuple of str, optional
