@@ -44,7 +44,7 @@ from typing import Any, Iterator
 import torch
 
 from spectra.errors import ConfigError
-from spectra.files import staged_directory
+from spectra.files import refuse_replacing_others, staged_directory
 
 __all__ = ["PairConfig", "SHAPES", "make_pair", "tensor_plan"]
 
@@ -274,14 +274,13 @@ def make_pair(out: str | os.PathLike, config: PairConfig | None = None, *, overw
 
     config = config or PairConfig()
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"output path {out} exists and is not a directory; choose another directory.")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise ConfigError(f"output directory {out} exists and is not empty; pass overwrite=True (CLI: --overwrite) "
-                          "or choose another directory.")
+    # an empty folder is taken without overwrite, as before; otherwise only one that make-pair wrote is replaced
+    overwrite = overwrite or (out.is_dir() and not any(out.iterdir()))
+    refuse_replacing_others(out, command="bench make-pair", overwrite=overwrite, option="out")
     plan = tensor_plan(config.shape)
     truth: dict[str, Any] = {}
-    with staged_directory(out) as staging:  # an interrupted run leaves no half-written pair behind
+    # an interrupted run leaves no half-written pair behind
+    with staged_directory(out, command="bench make-pair", overwrite=overwrite, option="out") as staging:
         writers = {}
         for side in ("base", "tuned"):
             (staging / side).mkdir()

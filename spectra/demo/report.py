@@ -26,7 +26,7 @@ def write_demo_report(summary: Mapping, analysis: Mapping, sweep: Mapping, out_d
         figures["functional"] = plot_truncation_curve(truncation, marks=marks)
     if any(r.get("eval") for r in sweep["runs"]):
         figures["sweep_eval"] = plot_sweep_eval(sweep)
-    return write_bundle(out_dir, "demo.json", summary, figures, demo_blocks, overwrite=True)
+    return write_bundle(out_dir, "demo.json", summary, figures, demo_blocks, command="demo", overwrite=True)
 
 
 def headline(s: Mapping) -> str:

@@ -180,6 +180,8 @@ def _trained(base, data, train_config, folder: Path, *, progress: bool) -> Path:
     done = read_train_summary(folder)
     if done and done.get("config") == json.loads(json.dumps(asdict(train_config))) and done.get("base") == str(base):
         return folder
+    # the demo's own cache file beside a stale adapter goes first: train replaces only a folder holding what it writes
+    (folder / "demo_verify.json").unlink(missing_ok=True)
     train_adapter(base, data["train"], train_config, folder, eval_data=data["eval"], overwrite=True, progress=progress)
     return folder
 

@@ -35,7 +35,7 @@ from spectra.checkpoints.pairing import Pairing, PairingOptions
 from spectra.checkpoints.source import CheckpointSource
 from spectra.checkpoints.targets import architecture, meta_model, model_targets, owning_modules, resolve_name
 from spectra.errors import ConfigError, PeftConfigWarning
-from spectra.files import staged_directory
+from spectra.files import refuse_replacing_others, staged_directory
 from spectra.linalg.svd import CONVERGED_TOL, full_svd, randomized_svd
 from spectra.scaling import rank_scale
 from spectra.workers import split_workers, thread_pool
@@ -92,7 +92,8 @@ def extract_adapter(base, tuned, plan_or_rank, out_dir: str | os.PathLike, *, ro
         targeted module, or ``"full"``: each module at rank min(d_in, d_out), a lossless
         conversion of the fine-tune into an adapter.
     out_dir : path
-        Adapter directory to create (refused if it exists, unless ``overwrite``).
+        Adapter directory to create (refused if it exists, unless ``overwrite``; even then a
+        folder holding a file that ``extract`` does not write is refused and left intact).
     roles : tuple of str, optional
         With a uniform rank: roles to target (default q, k, v, o, gate, up, down). A fused
         module (GPT-2 ``c_attn``) is targeted when any of its projections' roles is. An MoE's
@@ -156,10 +157,7 @@ def extract_adapter(base, tuned, plan_or_rank, out_dir: str | os.PathLike, *, ro
     import tqdm
 
     out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise ConfigError(f"adapter directory {out_dir} exists; pass overwrite=True (CLI: --overwrite) or another -o.")
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ConfigError(f"{out_dir} is a file; an adapter is a directory. Choose another -o.")
+    refuse_replacing_others(out_dir, command="extract", overwrite=overwrite, option="out_dir")  # before the work
     targets, use_rslora, plan = _targets(plan_or_rank, alpha, rslora)
     stacks = parse_stacks(stacks)
     if targets is not None and stacks is not None:
@@ -264,7 +262,7 @@ def extract_adapter(base, tuned, plan_or_rank, out_dir: str | os.PathLike, *, ro
     config = _peft_config(ranks, use_rslora, list(saved_names.values()), pairing, model, model_class,
                           parameters=set(parameter_factors)) | (
         {"ensure_weight_tying": True} if tied else {})
-    _write_atomically(out_dir, tensors, config)
+    _write_atomically(out_dir, tensors, config, overwrite=overwrite)
     notes = _tied_lora_notes(ranks, pairing, model)
     if plan is not None and plan.policy.use_dora:
         notes.append("the plan is for DoRA; the adapter is plain LoRA (use_dora false). Its merge, W_base + the "
@@ -913,9 +911,10 @@ def _peft_version() -> str | None:
         return None
 
 
-def _write_atomically(out_dir: Path, tensors: dict[str, torch.Tensor], config: dict) -> None:
+def _write_atomically(out_dir: Path, tensors: dict[str, torch.Tensor], config: dict, *, overwrite: bool) -> None:
     from safetensors.torch import save_file
 
-    with staged_directory(out_dir) as tmp:  # an old adapter is set aside, and put back if the swap fails
+    # an old adapter (one extract wrote) is set aside, and put back if the swap fails
+    with staged_directory(out_dir, command="extract", overwrite=overwrite) as tmp:
         save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
         (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2))

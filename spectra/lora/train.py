@@ -49,7 +49,7 @@ from spectra.checkpoints.architectures import parse_stacks
 from spectra.checkpoints.pairing import check_device
 from spectra.checkpoints.roles import BLOCK_ROLES, check_roles  # noqa: F401
 from spectra.errors import ConfigError
-from spectra.files import staged_directory
+from spectra.files import refuse_replacing_others, staged_directory
 from spectra.lora.data import (
     IGNORE_INDEX,
     TokenizedData,
@@ -710,8 +710,7 @@ def train_adapter(base, data, config: TrainConfig | None = None, out_dir=None, *
     if out_dir is None:
         raise ConfigError("train_adapter needs out_dir, the directory to write the adapter into.")
     out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise ConfigError(f"output directory {out} exists; pass overwrite=True (--overwrite) or choose another.")
+    refuse_replacing_others(out, command="train", overwrite=overwrite, option="out_dir")  # before loading anything
     folder = model_dir(base)
     if config.plan is not None:  # per-module names and ranks of another model would adapt this one in part
         from spectra.checkpoints.source import open_checkpoint
@@ -734,7 +733,7 @@ def train_adapter(base, data, config: TrainConfig | None = None, out_dir=None, *
     if config.teacher is not None:
         teacher = load_model(config.teacher, task=task, num_labels=len(label_names) if label_names else None,
                              device=config.device, pad_token_id=tokenizer.pad_token_id, complete=True).eval()
-    with staged_directory(out) as staging:  # the adapter appears whole, or not at all
+    with staged_directory(out, command="train", overwrite=overwrite) as staging:  # appears whole, or not at all
         result = _train(model, teacher, train, held_out, config, task, staging, progress)
         result.label_names, result.notes = label_names, notes
         _save(model, tokenizer, config, result, staging, base=base, data=data, eval_data=eval_data,

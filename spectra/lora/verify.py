@@ -772,10 +772,11 @@ def rank_sweep(base, tuned, data, *, ranks, methods=("lora",), adapters_dir, tra
     planned = {(method, rank): replace(train_config, method=method, rank=rank, plan=None,  # QLoRA's compute dtype
                                        **({} if method in ("qlora", "qdora") else {"compute_dtype": "float32"}))
                for method in methods for rank in ranks}  # is the k-bit layers': LoRA/DoRA train in float32
-    existing = [f"{m}-r{r}" for m, r in planned if (Path(adapters_dir) / f"{m}-r{r}").exists()]
-    if existing and not overwrite:
-        raise ConfigError(f"{adapters_dir} already holds {', '.join(existing[:4])}; pass overwrite=True (--overwrite) "
-                          "or another adapters directory.")
+    from spectra.files import refuse_replacing_others
+
+    for method, rank in planned:  # each run replaces its folder whole: all checked before the first trains
+        refuse_replacing_others(Path(adapters_dir) / f"{method}-r{rank}", command="train", overwrite=overwrite,
+                                option="adapters_dir")
     runs, reference, vectors, notes = [], None, {}, []
     for method in methods:
         for rank in ranks:

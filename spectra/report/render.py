@@ -20,7 +20,6 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-from spectra.errors import ConfigError
 from spectra.files import staged_directory
 from spectra.groups import group_label
 from spectra.report.plots import all_figures, energy_marks, energy_marks_text
@@ -79,29 +78,27 @@ def write_report(analysis: Mapping, out_dir: str | os.PathLike, *, overwrite: bo
     Raises
     ------
     ConfigError
-        If ``out_dir`` exists (and ``overwrite`` is False) or is not a directory, or
+        If ``out_dir`` exists (and ``overwrite`` is False, or it holds a file that
+        ``analyze`` does not write, or no ``analysis.json``) or is not a directory, or
         the analysis holds no weight-matrix rows.
     """
     stacks = stacks_of(analysis)  # validates (matrix_rows) before touching the disk; every label of the report uses it
     return write_bundle(out_dir, "analysis.json", analysis, all_figures(analysis, stacks=stacks),
-                        functools.partial(report_blocks, stacks=stacks), overwrite=overwrite)
+                        functools.partial(report_blocks, stacks=stacks), command="analyze", overwrite=overwrite)
 
 
 def write_bundle(out_dir, json_name: str, data: Mapping, figures: dict[str, Figure], blocks_of: Callable,
-                 *, overwrite: bool, extra: Mapping[str, Callable[[Path], object]] | None = None) -> Path:
+                 *, command: str, overwrite: bool, extra: Mapping[str, Callable[[Path], object]] | None = None) -> Path:
     """Write ``json_name``, ``report.md``, ``report.html`` and ``figures/`` atomically (staging dir, then rename).
 
+    ``command`` names the writer in :data:`spectra.files.OUTPUTS`: an existing ``out_dir`` is
+    replaced (with ``overwrite``) only if it is empty or holds only what that command writes.
     ``blocks_of(data, figures=names)`` gives the report's blocks (see ``render.to_markdown``).
     ``extra`` maps more file names to writers, each called with its path inside the staging
     directory, so those files appear together with the report or, if one fails, not at all.
     """
     out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"the report path {out} exists and is not a directory; choose another output directory.")
-    if out.exists() and not overwrite:
-        raise ConfigError(f"the report directory {out} already exists; pass overwrite=True (--overwrite) "
-                          "to replace it, or choose another output directory.")
-    with staged_directory(out) as staging:
+    with staged_directory(out, command=command, overwrite=overwrite) as staging:
         (staging / json_name).write_text(analysis_json(data), encoding="utf-8")
         (staging / "figures").mkdir()
         images = {}

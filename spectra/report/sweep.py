@@ -59,7 +59,8 @@ def write_truncation_report(sweep: Mapping, out_dir, *, overwrite: bool = False,
         from spectra.ranks import save_plan
 
         extra = {"plan.json": lambda path: save_plan(plan, path)}
-    return write_bundle(out_dir, "sweep.json", data, figures, truncation_blocks, overwrite=overwrite, extra=extra)
+    return write_bundle(out_dir, "sweep.json", data, figures, truncation_blocks, command="sweep", overwrite=overwrite,
+                        extra=extra)
 
 
 # ---------------------------------------------------------------------------- figures

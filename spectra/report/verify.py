@@ -48,14 +48,16 @@ def write_verify_report(result: Mapping, out_dir, *, overwrite: bool = False) ->
     if result.get("phi_matrices"):
         figures["phi"] = plot_phi(result["phi_matrices"], title="φ(ΔW_adapter, ΔW_full, i, j), left singular "
                                                                  "vectors (LoRA §7.2)")
-    return write_bundle(out_dir, "verify.json", result, figures, verify_blocks, overwrite=overwrite)
+    return write_bundle(out_dir, "verify.json", result, figures, verify_blocks, command="verify",
+                        overwrite=overwrite)
 
 
 def write_sweep_report(sweep: Mapping, out_dir, *, overwrite: bool = False) -> Path:
     """Write a rank sweep as ``sweep.json``, ``report.md``, ``report.html``, ``figures/``, atomically."""
     if not sweep.get("runs"):
         raise ConfigError("the sweep has no runs; nothing to report.")
-    return write_bundle(out_dir, "sweep.json", sweep, sweep_figures(sweep), sweep_blocks, overwrite=overwrite)
+    return write_bundle(out_dir, "sweep.json", sweep, sweep_figures(sweep), sweep_blocks, command="verify",
+                        overwrite=overwrite)
 
 
 def sweep_figures(sweep: Mapping) -> dict[str, Figure]:

@@ -98,11 +98,17 @@ def test_existing_directory_is_refused_without_overwrite(tmp_path, analysis, che
     out = tmp_path / "run"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    with pytest.raises(ConfigError, match="already exists.*overwrite"):
+    with pytest.raises(ConfigError, match="exists; pass --overwrite"):
         render.write_report(analysis, out)
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    # overwrite replaced the folder whole, keep.txt with it: only a folder write_report wrote (or an empty one) goes
+    with pytest.raises(ConfigError, match="holds keep.txt, which `spectra analyze` does not write"):
+        render.write_report(analysis, out, overwrite=True)
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    (out / "keep.txt").unlink()
     render.write_report(analysis, out, overwrite=True)
-    assert not (out / "keep.txt").exists() and (out / "report.html").exists()
+    render.write_report(analysis, out, overwrite=True)  # its own report: replaced
+    assert (out / "report.html").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # nothing set aside is left
 
 
@@ -118,18 +124,18 @@ def test_failure_mid_write_leaves_no_directory(tmp_path, analysis, cheap_figures
 
 def test_failure_with_overwrite_keeps_the_old_report(tmp_path, analysis, cheap_figures, monkeypatch):
     out = tmp_path / "run"
-    out.mkdir()
-    (out / "old.txt").write_text("previous report")
+    render.write_report(analysis, out)
+    (out / "report.md").write_text("previous report")
     monkeypatch.setattr(render, "to_markdown", lambda blocks: 1 / 0)
     with pytest.raises(ZeroDivisionError):
         render.write_report(analysis, out, overwrite=True)
-    assert (out / "old.txt").read_text() == "previous report"
+    assert (out / "report.md").read_text() == "previous report"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
 
 
 def test_bad_input_creates_nothing(tmp_path, analysis):
     (tmp_path / "file").write_text("x")
-    with pytest.raises(ConfigError, match="not a directory"):
+    with pytest.raises(ConfigError, match="is a file; `spectra analyze` writes a directory there"):
         render.write_report(analysis, tmp_path / "file", overwrite=True)
     analysis["modules"] = []
     with pytest.raises(ConfigError, match="no weight-matrix modules"):
