@@ -37,7 +37,7 @@ def report(pair, tmp_path_factory):
 
 @pytest.mark.parametrize("args, said, field", [
     (["analyze", "{b}", "{t}", "--energy", "1.5"], "--energy", "thresholds"),
-    (["analyze", "{b}", "{t}", "--full-below", "-5"], "--full-below,", "full_below"),
+    (["analyze", "{b}", "{t}", "--full-below", "-5"], "--full-below: -5", "full_below"),
     (["analyze", "{b}", "{t}", "--workers", "0"], "--workers 0 must be ≥ 1", "workers=0"),
     (["analyze", "{b}", "{t}", "--read-ahead", "-1"], "--read-ahead -1 and --read-ahead-mb 512", "read_ahead=-1"),
     (["recommend", "{r}", "--energy", "1.5"], "--energy must be in (0, 1], got 1.5", "RankPolicy.energy"),
