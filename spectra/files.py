@@ -24,7 +24,7 @@ import os
 import secrets
 import shutil
 import socket
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 __all__ = ["OUTPUTS", "move_into_place", "refuse_replacing_inputs", "refuse_replacing_others", "staged_directory",
