@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import glob
 import hashlib
 import itertools
 import os
@@ -110,7 +111,7 @@ def refuse_replacing_inputs(output: str | os.PathLike, inputs, *, option: str = 
 # directory may be replaced (with overwrite) only if it holds one of the command's record files and nothing but these,
 # or nothing at all. The library's writers (staged_directory's callers) and the CLI's early check read this one table.
 _REPORT_FILES = ("report.md", "report.html", "figures", "figures/*.png", "figures/*.svg")
-_ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "README.md")
+_ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 _TOKENIZER_FILES = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.*", "merges.txt", "*.model",
                     "chat_template.*")
 OUTPUTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {  # command: (its record files, the rest it writes)
@@ -120,7 +121,10 @@ OUTPUTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {  # command: (its
     "demo": (("demo.json",), _REPORT_FILES),
     "extract": (("adapter_config.json",), _ADAPTER_FILES),
     "bench make-pair": (("ground_truth.json",), ("base", "base/*", "tuned", "tuned/*")),
-    "train": (("spectra_train.json",), ("training_log.jsonl", *_ADAPTER_FILES, "config.json", "generation_config.json",
+    # train's record lists the files it saved (a tokenizer's vocabulary files vary by family: PhoBERT's bpe.codes,
+    # Marian's source.spm, …), which then stand for these patterns; the patterns serve records written before it
+    "train": (("spectra_train.json",), ("training_log.jsonl", *_ADAPTER_FILES, "README.md", "config.json",
+                                        "generation_config.json",
                                         "model.safetensors", "model-*.safetensors", "model.safetensors.index.json",
                                         *_TOKENIZER_FILES)),
 }
@@ -158,6 +162,9 @@ def refuse_replacing_others(output: str | os.PathLike, *, command: str, overwrit
     first = next(entries, None)
     if first is None:
         return
+    listed = _recorded_files(out, records)
+    if listed is not None:  # the record names every file the command saved: those alone, and their folders
+        writes = (*listed, *{Path(f).parent.as_posix() for f in listed if "/" in f})
     foreign = next((p for p in itertools.chain([first], entries)
                     if not any(fnmatch.fnmatchcase(p.relative_to(out).as_posix(), w) for w in (*records, *writes))),
                    None)
@@ -168,6 +175,21 @@ def refuse_replacing_others(output: str | os.PathLike, *, command: str, overwrit
     raise ConfigError(f"{option} {output} {why}: --overwrite replaces only a directory that `spectra {command}` wrote "
                       f"(or an empty one), and nothing else in it. Choose another {option}, or move the files out "
                       "first.")
+
+
+def _recorded_files(out: Path, records: tuple[str, ...]) -> tuple[str, ...] | None:
+    """The files a command's record in `out` says it saved (its ``"files"`` list, paths relative to `out`), or None
+    where no record lists them (a record written before the list, or a command that keeps none)."""
+    import json
+
+    for name in records:
+        try:
+            listed = json.loads((out / name).read_text(encoding="utf-8")).get("files")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(listed, list) and all(isinstance(f, str) for f in listed):
+            return tuple(glob.escape(f) for f in listed)
+    return None
 
 
 def write_atomic(path: str | os.PathLike, write: Callable[[Path], object]) -> Path:

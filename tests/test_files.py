@@ -202,3 +202,38 @@ def test_staged_directory_given_its_command_applies_the_overwrite_rule_before_st
         with staged_directory(out, command="analyse", overwrite=True):
             pass
 
+
+
+def test_train_records_the_files_it_saved_and_overwrite_replaces_those_alone(tmp_path):
+    """A tokenizer's vocabulary files vary by family (PhoBERT's bpe.codes, Marian's source.spm): no pattern list holds
+    them all, so train's record lists what it saved, and a rerun with overwrite replaces exactly those. A file the
+    record does not list (a model card added by hand) is refused; so is extract's folder with a README.md, which
+    extract never writes."""
+    import json
+
+    from spectra.errors import ConfigError
+    from spectra.files import refuse_replacing_others
+
+    out = tmp_path / "adapter"
+    (out / "sub").mkdir(parents=True)
+    saved = ["adapter_model.safetensors", "bpe.codes", "spectra_train.json", "sub/source.spm"]
+    for name in saved:
+        (out / name).write_text("x")
+    (out / "spectra_train.json").write_text(json.dumps({"files": saved}))
+    refuse_replacing_others(out, command="train", overwrite=True)  # its own files: replaced
+
+    (out / "README.md").write_text("my model card")
+    with pytest.raises(ConfigError, match="holds README.md, which `spectra train` does not write"):
+        refuse_replacing_others(out, command="train", overwrite=True)
+
+    (out / "README.md").unlink()
+    (out / "spectra_train.json").write_text(json.dumps({"steps": 3}))  # a record from before the list: patterns
+    with pytest.raises(ConfigError, match="holds (bpe.codes|sub), which"):
+        refuse_replacing_others(out, command="train", overwrite=True)
+
+    extracted = tmp_path / "extracted"
+    extracted.mkdir()
+    for name in ("adapter_config.json", "adapter_model.safetensors", "README.md"):
+        (extracted / name).write_text("{}")
+    with pytest.raises(ConfigError, match="holds README.md, which `spectra extract` does not write"):
+        refuse_replacing_others(extracted, command="extract", overwrite=True)

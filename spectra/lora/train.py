@@ -894,6 +894,8 @@ def _save(model, tokenizer, config: TrainConfig, result: TrainResult, folder: Pa
         "timings": {"step_median_s": steady_step_time(times), "train_s": sum(times)}, "notes": result.notes,
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                      "peft": peft.__version__},
+        # every file saved here (the record too): what --overwrite may replace on a rerun, and nothing else
+        "files": sorted({p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()} | {TRAIN_SUMMARY}),
     }
     (folder / TRAIN_SUMMARY).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
 
