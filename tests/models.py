@@ -134,6 +134,15 @@ def add_to_parameter(model, param_name: str, delta_out_in: torch.Tensor, *, conv
             target[rows or slice(None)] += update
 
 
+def planted_gpt2() -> tuple:
+    """A tiny GPT-2 and a copy with a rank-3 update planted in layer 0's fused ``c_attn`` (a Conv1D, stored (in, out)):
+    the pair the CLI tests analyse, recommend from and extract."""
+    base = build_model("gpt2")
+    tuned = copy.deepcopy(base)
+    add_to_parameter(tuned, "transformer.h.0.attn.c_attn.weight", low_rank(96, 32, 3, seed=0), conv1d=True)
+    return base, tuned
+
+
 def save(model, path: Path, fmt: str) -> Path:
     """Save the way users' checkpoints look: safetensors, sharded safetensors, or .bin."""
     path.mkdir(parents=True, exist_ok=True)

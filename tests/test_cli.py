@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import subprocess
 import sys
 
@@ -10,7 +9,7 @@ import pytest
 import torch
 
 from spectra.cli import main
-from tests.models import add_to_parameter, build_model, low_rank, save
+from tests.models import build_model, planted_gpt2, save
 
 
 def run(monkeypatch, capsys, *args, columns: int = 250) -> tuple[int, str, str]:
@@ -28,9 +27,7 @@ def run(monkeypatch, capsys, *args, columns: int = 250) -> tuple[int, str, str]:
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
-    base = build_model("gpt2")
-    tuned = copy.deepcopy(base)
-    add_to_parameter(tuned, "transformer.h.0.attn.c_attn.weight", low_rank(96, 32, 3, seed=0), conv1d=True)
+    base, tuned = planted_gpt2()
     return save(base, root / "b", "safetensors"), save(tuned, root / "t", "safetensors")
 
 

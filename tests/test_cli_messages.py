@@ -9,16 +9,14 @@ import pytest
 import torch
 
 from spectra.errors import ConfigError, NonFiniteWeightError
-from tests.models import add_to_parameter, build_model, low_rank, save
+from tests.models import build_model, planted_gpt2, save
 from tests.test_cli import run
 
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
     root = tmp_path_factory.mktemp("messages")
-    base = build_model("gpt2")
-    tuned = copy.deepcopy(base)
-    add_to_parameter(tuned, "transformer.h.0.attn.c_attn.weight", low_rank(96, 32, 3, seed=0), conv1d=True)
+    base, tuned = planted_gpt2()
     broken = copy.deepcopy(tuned)
     with torch.no_grad():
         broken.transformer.h[1].mlp.c_fc.weight[0, 0] = float("nan")

@@ -3,20 +3,16 @@ write_report with overwrite=True replaced any existing folder whole, a user's th
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 
 from spectra.errors import ConfigError
-from tests.models import add_to_parameter, build_model, low_rank, save
+from tests.models import planted_gpt2, save
 
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
     root = tmp_path_factory.mktemp("overwrite_library")
-    base = build_model("gpt2")
-    tuned = copy.deepcopy(base)
-    add_to_parameter(tuned, "transformer.h.0.attn.c_attn.weight", low_rank(96, 32, 3, seed=0), conv1d=True)
+    base, tuned = planted_gpt2()
     return save(base, root / "b", "safetensors"), save(tuned, root / "t", "safetensors")
 
 
