@@ -78,3 +78,20 @@ def test_residual_energy_matches_float64_numpy_and_the_values_alone_are_not_trus
     seen = noise.settle_floor("auto", both, exact, values, (96, 160), total_energy=fro2, delta=delta)
     assert seen.base_rounding == "exact"
     assert seen.sigma_residual ** 2 == pytest.approx(reference / (93 * 157), rel=1e-6)
+
+
+@pytest.mark.parametrize("scenario, expected", [("A", "exact"), ("B", "counted")])
+def test_the_library_floor_decides_as_the_analysis_does(tmp_path, scenario, expected):
+    """metrics.rounding_noise_floor(base_rounding="auto") takes the analysis's decision (noise.settle_floor, which
+    falls back to ΔW in float64 where the values cannot resolve the residual): given float32 values of ΔW, A is the
+    fine-tune's rounding alone and B (the base's rounding really in ΔW) counts the base, σ within 5 % of the truth."""
+    from safetensors.torch import load_file
+
+    b, t, true = _pair(tmp_path, scenario, 0.5)
+    base, tuned = load_file(b / "model.safetensors")[Q + ".weight"], load_file(t / "model.safetensors")[Q + ".weight"]
+    s = torch.linalg.svdvals(tuned.float() - base.float())  # float32 values: too coarse for the residual here
+    floor = metrics.rounding_noise_floor(base, tuned, s=s, base_rounding="auto")
+    # (no rank: under A the fp32 floor lies below float32 svdvals' own round-off, which the analysis cuts at its
+    # numerical tolerance and this function, given bare values, does not)
+    assert floor.base_rounding == expected
+    assert floor.sigma == pytest.approx(true, rel=0.05)

@@ -523,14 +523,15 @@ def rounding_noise_floor(
     both = _white_floor(var_b + var_t, (m, n), s, names)
     if base_rounding == "counted":
         return replace(both, tuned_variance=var_t)
-    residual = sigma_residual = None
-    if base_rounding == "auto":
-        residual = residual_variance(s, (m, n), edge=both.mp_edge, total_energy=fro2)
-        sigma_residual = None if residual is None else math.sqrt(residual)
-        if counts_base_rounding(residual, tuned_variance=var_t, base_variance=var_b):
-            return replace(both, tuned_variance=var_t, sigma_residual=sigma_residual)
-    return replace(_white_floor(var_t, (m, n), s, names), base_rounding="exact", tuned_variance=var_t,
-                   sigma_residual=sigma_residual)
+    exact = replace(_white_floor(var_t, (m, n), s, names), base_rounding="exact", tuned_variance=var_t)
+    if base_rounding == "exact":
+        return exact
+    from spectra.linalg.noise import settle_floor  # noise builds on this module; one decision for both callers
+
+    # ΔW in float32, as the analysis holds it: settle_floor resolves the residual from it in float64 where the
+    # float32 values cannot (a large update on a bf16 base)
+    return settle_floor("auto", replace(both, tuned_variance=var_t), exact, s, (m, n), total_energy=fro2,
+                        delta=tuned.float() - base.float())
 
 
 def _white_floor(var: float, shape: tuple[int, int], s, names: tuple[str, str]) -> NoiseFloor:
