@@ -18,7 +18,7 @@ import torch
 
 from spectra.errors import ConfigError
 from spectra.linalg import metrics
-from spectra.linalg.sketch import _mean_ulp_squared, heteroscedastic_edge
+from spectra.linalg.sketch import heteroscedastic_edge, mean_ulp_squared
 
 __all__ = ["tuned_side_floor", "settle_floor", "residual_energy"]
 
@@ -52,7 +52,7 @@ def tuned_side_floor(both: metrics.NoiseFloor, tuned: torch.Tensor, *, tuned_dty
         var, edge = heteroscedastic_edge(tuned, tuned, tuned_dtype, tuned_dtype, none, tuned_spacing)
     else:
         stride = max(1, math.ceil(m * n / max_elements))  # the rows sampled_noise_floor read
-        var = _mean_ulp_squared(tuned[::stride], tuned_dtype) / 12.0
+        var = mean_ulp_squared(tuned[::stride], tuned_dtype) / 12.0
         edge = math.sqrt(var) * (math.sqrt(m) + math.sqrt(n))  # Marchenko–Pastur bulk edge
     return replace(both, variance=var, sigma=math.sqrt(var), noise_fro=math.sqrt(m * n * var), mp_edge=edge,
                    rank=None, base_rounding="exact", tuned_variance=var)

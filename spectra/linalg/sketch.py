@@ -37,7 +37,8 @@ from spectra.linalg.krylov import reorthogonalize
 from spectra.linalg.lapack import gram_singular_values
 from spectra.linalg.svd import Spectrum, full_svd, half_range_scale
 
-__all__ = ["BlockSquaredNorm", "energy_sketch", "squared_norm", "sampled_noise_floor", "thin_product", "top_values"]
+__all__ = ["BlockSquaredNorm", "energy_sketch", "mean_ulp_squared", "sampled_noise_floor", "squared_norm",
+           "thin_product", "top_values"]
 
 _SIGNIFICAND_BITS = {torch.float32: 24, torch.bfloat16: 8, torch.float16: 11}
 _MIN_NORMAL_EXP = {torch.float32: -126, torch.bfloat16: -126, torch.float16: -14}
@@ -145,7 +146,7 @@ def _redo_in_float64(view: torch.Tensor, norms: torch.Tensor) -> float:
     return float((torch.linalg.vector_norm(rows[nonzero].double(), dim=1) ** 2).sum())
 
 
-def _mean_ulp_squared(x: torch.Tensor, storage: torch.dtype) -> float:
+def mean_ulp_squared(x: torch.Tensor, storage: torch.dtype) -> float:
     """Mean of ulp(x)² in `storage` over a float32 or bfloat16 tensor, from its exponent bits.
 
     ulp(x) = 2^(e − p + 1) with 2^e = 2^⌊log₂|x|⌋, which is x with its sign and significand
@@ -217,7 +218,7 @@ def sampled_noise_floor(base: torch.Tensor, tuned: torch.Tensor, *, base_dtype: 
     else:
         stride = max(1, math.ceil(m * n / max_elements))
         b, t = base[::stride], tuned[::stride]  # (≈m/stride, n) views: only the sample is read
-        var = (_mean_ulp_squared(b, base_dtype) + _mean_ulp_squared(t, tuned_dtype)) / 12.0
+        var = (mean_ulp_squared(b, base_dtype) + mean_ulp_squared(t, tuned_dtype)) / 12.0
         edge = math.sqrt(var) * (math.sqrt(m) + math.sqrt(n))  # Marchenko–Pastur bulk edge
     sigma = math.sqrt(var)
     rank = None if s is None else int((s.double() > edge).sum())

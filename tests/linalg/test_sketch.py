@@ -335,8 +335,8 @@ def test_mean_ulp_squared_counts_inf_and_nan_as_exact(dtype):
     x[3, 4], x[7, 1], x[9, 9] = math.inf, -math.inf, math.nan
     clean[3, 4] = clean[7, 1] = clean[9, 9] = 0.0
     for storage in (torch.bfloat16, torch.float16):
-        got = sketch._mean_ulp_squared(x, storage)
-        assert math.isfinite(got) and got == sketch._mean_ulp_squared(clean, storage) > 0
+        got = sketch.mean_ulp_squared(x, storage)
+        assert math.isfinite(got) and got == sketch.mean_ulp_squared(clean, storage) > 0
 
 
 @pytest.mark.parametrize("tall", [False, True])
