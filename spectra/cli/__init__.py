@@ -1244,7 +1244,7 @@ def _cli_words(text: str, argv: list[str]) -> str:
     return re.sub(r"(--[\w-]+)((?: [^\s()]+)?) \((?:CLI: )?\1\)", r"\1\2", text)
 
 
-_PACKAGE = Path(__file__).resolve().parent  # where spectra's own warnings come from
+_PACKAGE = Path(__file__).resolve().parents[1]  # where spectra's own warnings come from: spectra/, not spectra/cli/
 
 
 def main() -> None:
@@ -1278,6 +1278,3 @@ def main() -> None:
     finally:
         warnings.showwarning = default_show  # main() called in-process (tests) leaves the caller's display
 
-
-if __name__ == "__main__":  # pragma: no cover
-    main()
