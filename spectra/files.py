@@ -25,11 +25,11 @@ import os
 import secrets
 import shutil
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
-__all__ = ["OUTPUTS", "move_into_place", "refuse_replacing_inputs", "refuse_replacing_others", "staged_directory",
-           "write_atomic", "write_text_atomic"]
+__all__ = ["OUTPUTS", "RECORD_WRITERS", "command_of", "move_into_place", "record_origin", "record_writer", "refuse_replacing_inputs",
+           "refuse_replacing_others", "staged_directory", "write_atomic", "write_text_atomic"]
 
 
 def _sibling(path: Path, what: str) -> Path:
@@ -130,6 +130,88 @@ OUTPUTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {  # command: (its
 }
 
 
+# Records whose file name more than one command writes (sweep.json: `spectra sweep`'s truncation sweep and `spectra
+# verify --sweep`'s rank sweep) are told apart by content: each says the command line that wrote it ("command", which
+# the report writers stamp), and one written before that key by its "kind", which every sweep of either command has
+# carried since the first. An adapter check (verify.json) has no kind: its name alone tells it.
+RECORD_WRITERS: dict[str, tuple[str | None, str]] = {  # the command line in a record → (its older "kind", what it is)
+    "sweep": ("truncation_sweep", "a truncation sweep"),
+    "verify --sweep": ("sweep", "a rank sweep"),
+    "verify --adapter": (None, "an adapter check"),
+}
+
+
+def record_writer(record) -> str | None:
+    """The command line that wrote `record` (a report's JSON data): its ``"command"`` (``"verify --sweep"``), or,
+    for a record written before that key, the one its ``"kind"`` names; None when neither tells (not a mapping, an
+    older verify.json, another file).
+
+    >>> record_writer({"kind": "truncation_sweep"}), record_writer({"command": "verify --sweep", "kind": "sweep"})
+    ('sweep', 'verify --sweep')
+    """
+    if not isinstance(record, Mapping):
+        return None
+    command = record.get("command")
+    if isinstance(command, str):
+        return command
+    kind = record.get("kind")
+    return next((writer for writer, (older, _) in RECORD_WRITERS.items() if older is not None and kind == older), None)
+
+
+def record_origin(record) -> str | None:
+    """What `record` is and which command wrote it, for messages: "a rank sweep of `spectra verify --sweep`"; None
+    when :func:`record_writer` cannot tell."""
+    writer = record_writer(record)
+    if writer is None:
+        return None
+    what = RECORD_WRITERS.get(writer, (None, "a record"))[1]
+    return f"{what} of `spectra {writer}`"
+
+
+def command_of(writer: str) -> str | None:
+    """The :data:`OUTPUTS` command a record's command line belongs to ("verify --sweep" → "verify"); None for none."""
+    return next((c for c in sorted(OUTPUTS, key=len, reverse=True) if writer == c or writer.startswith(c + " -")), None)
+
+
+def _read_record(path: Path):
+    """A record file's JSON data, or None where it cannot be read as JSON."""
+    import json
+
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _shared_records() -> set[str]:
+    """Record names that more than one command of :data:`OUTPUTS` writes: their content tells who wrote them."""
+    names = [name for records, _ in OUTPUTS.values() for name in records]
+    return {name for name in names if names.count(name) > 1}
+
+
+def _not_written_by(out: Path, command: str, records: tuple[str, ...]) -> str | None:
+    """Why a record of `command`'s name in `out` is not `command`'s, or None where each one present is (or may be).
+
+    A record whose ``"command"`` or ``"kind"`` names another command is that command's (`spectra verify --sweep`'s
+    sweep.json in a `spectra sweep` folder); a record under a name several commands write must say which wrote it.
+    Any other record is told by its name, as before the key (an older verify.json, a train record).
+    """
+    shared = _shared_records()
+    for name in records:
+        path = out / name
+        if not path.is_file():
+            continue
+        data = _read_record(path)
+        writer = record_writer(data)
+        if writer is not None and command_of(writer) != command:
+            return f"holds {name}, {record_origin(data)}"
+        if writer is None and name in shared:
+            writers = [f"`spectra {c}`" for c, (names, _) in OUTPUTS.items() if name in names]
+            return (f"holds {name}, which says neither the command that wrote it (\"command\") nor its \"kind\" "
+                    f"({' and '.join(writers)} each write a {name})")
+    return None
+
+
 def refuse_replacing_others(output: str | os.PathLike, *, command: str, overwrite: bool,
                             option: str = "-o/--output") -> None:
     """Raise ConfigError unless the output directory `output` may be written by `command`: it is new, or
@@ -143,6 +225,10 @@ def refuse_replacing_others(output: str | os.PathLike, *, command: str, overwrit
     one of its patterns. A file where a directory goes is refused with or without
     ``overwrite`` (it is not what this command writes, and ``overwrite`` would not help).
     `option` names the output in messages (``-o/--output`` in the CLI, ``out_dir`` in Python).
+
+    A record must also be `command`'s by content where it says: a ``sweep.json`` that `spectra verify --sweep`
+    wrote (its ``"command"``, or its ``"kind"`` where older) is not `spectra sweep`'s to replace, nor the reverse;
+    a record under a name both write must say which (:data:`RECORD_WRITERS`).
     """
     from spectra.errors import ConfigError
 
@@ -162,6 +248,10 @@ def refuse_replacing_others(output: str | os.PathLike, *, command: str, overwrit
     first = next(entries, None)
     if first is None:
         return
+    other = _not_written_by(out, command, records)  # first: a report of the other kind is named as such
+    if other is not None:
+        raise ConfigError(f"{option} {output} {other}: --overwrite replaces only a directory that `spectra {command}` "
+                          f"wrote (or an empty one). Choose another {option}, or move the files out first.")
     listed = _recorded_files(out, records)
     if listed is not None:  # the record names every file the command saved: those alone, and their folders
         writes = (*listed, *{Path(f).parent.as_posix() for f in listed if "/" in f})
@@ -170,7 +260,11 @@ def refuse_replacing_others(output: str | os.PathLike, *, command: str, overwrit
                    None)
     if foreign is None and any((out / name).is_file() for name in records):
         return
-    why = (f"holds {foreign.relative_to(out).as_posix()}, which `spectra {command}` does not write" if foreign is not None
+    any_record = {name for names, _ in OUTPUTS.values() for name in names}  # another command's: say whose
+    origin = (record_origin(_read_record(foreign)) if foreign is not None and foreign.is_file()
+              and foreign.relative_to(out).as_posix() in any_record else None)
+    why = (f"holds {foreign.relative_to(out).as_posix()}{f' ({origin})' if origin else ''}, which `spectra {command}` "
+           "does not write" if foreign is not None
            else f"holds no {' or '.join(records)}, so `spectra {command}` did not write it")
     raise ConfigError(f"{option} {output} {why}: --overwrite replaces only a directory that `spectra {command}` wrote "
                       f"(or an empty one), and nothing else in it. Choose another {option}, or move the files out "

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from spectra.errors import ConfigError
+from spectra.files import record_origin, record_writer
 from spectra.groups import group_label, group_of, stacks_in
 
 
@@ -143,7 +144,11 @@ def _full_rank(modules: list[Mapping], curve_of: Mapping[str, str], group: str) 
 
 
 def read_sweep(sweep: Any) -> dict:
-    """A truncation sweep as a dict, from the result object, its dict, ``sweep.json`` or its directory."""
+    """A truncation sweep as a dict, from the result object, its dict, ``sweep.json`` or its directory.
+
+    A rank sweep of `spectra verify --sweep`, whose record is also named ``sweep.json``, is refused by name: by its
+    ``"command"``, or its ``"kind"`` where older (:func:`spectra.files.record_writer`).
+    """
     where = "the given sweep"
     if isinstance(sweep, (str, os.PathLike)):
         path = Path(sweep)
@@ -155,6 +160,10 @@ def read_sweep(sweep: Any) -> dict:
             raise ConfigError(f"cannot read sweep {path}: {err}. Pass the directory `spectra sweep` wrote.") from None
     if hasattr(sweep, "to_dict"):
         sweep = sweep.to_dict()
+    writer = record_writer(sweep)
+    if writer not in (None, "sweep"):  # `spectra verify --sweep` writes a sweep.json too: a rank sweep
+        raise ConfigError(f"{where} is {record_origin(sweep)}; --functional (functional_ranks, SweepResult.load) takes "
+                          "the truncation sweep of `spectra sweep`: pass the directory or sweep.json it wrote.")
     if not isinstance(sweep, Mapping) or sweep.get("kind") != "truncation_sweep":
         kind = sweep.get("kind") if isinstance(sweep, Mapping) else type(sweep).__name__
         raise ConfigError(f"{where} is not a truncation sweep (kind {kind!r}): pass the result of "

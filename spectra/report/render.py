@@ -88,16 +88,23 @@ def write_report(analysis: Mapping, out_dir: str | os.PathLike, *, overwrite: bo
 
 
 def write_bundle(out_dir, json_name: str, data: Mapping, figures: dict[str, Figure], blocks_of: Callable,
-                 *, command: str, overwrite: bool, extra: Mapping[str, Callable[[Path], object]] | None = None) -> Path:
+                 *, command: str, overwrite: bool, extra: Mapping[str, Callable[[Path], object]] | None = None,
+                 writer: str | None = None) -> Path:
     """Write ``json_name``, ``report.md``, ``report.html`` and ``figures/`` atomically (staging dir, then rename).
 
     ``command`` names the writer in :data:`spectra.files.OUTPUTS`: an existing ``out_dir`` is
     replaced (with ``overwrite``) only if it is empty or holds only what that command writes.
+    ``writer``, the command line of :data:`spectra.files.RECORD_WRITERS` (``"verify --sweep"``,
+    one of ``command``'s), is stored in the record as ``"command"``: `spectra sweep` and
+    `spectra verify --sweep` both write a ``sweep.json``, and the overwrite rule and the readers
+    tell them apart by it. Records of one writer's name (analysis.json, demo.json) carry none.
     ``blocks_of(data, figures=names)`` gives the report's blocks (see ``render.to_markdown``).
     ``extra`` maps more file names to writers, each called with its path inside the staging
     directory, so those files appear together with the report or, if one fails, not at all.
     """
     out = Path(out_dir)
+    if writer is not None:
+        data = stamped(data, writer, command=command)
     with staged_directory(out, command=command, overwrite=overwrite) as staging:
         (staging / json_name).write_text(analysis_json(data), encoding="utf-8")
         (staging / "figures").mkdir()
@@ -110,6 +117,18 @@ def write_bundle(out_dir, json_name: str, data: Mapping, figures: dict[str, Figu
         for name, write in (extra or {}).items():
             write(staging / name)
     return out
+
+
+def stamped(data: Mapping, writer: str, *, command: str) -> dict:
+    """`data` with ``"command": writer`` after its ``schema_version`` and ``kind`` (the head of the JSON), after
+    checking that `writer` is a command line of :data:`spectra.files.RECORD_WRITERS` that belongs to `command`."""
+    from spectra.files import RECORD_WRITERS, command_of
+
+    if writer not in RECORD_WRITERS or command_of(writer) != command:
+        raise ValueError(f"writer {writer!r} is not one of `spectra {command}`'s in spectra.files.RECORD_WRITERS "
+                         f"({', '.join(RECORD_WRITERS)}).")
+    head = {k: data[k] for k in ("schema_version", "kind") if k in data}
+    return head | {"command": writer} | {k: v for k, v in data.items() if k not in head and k != "command"}
 
 
 def save_figure(fig, folder: Path, name: str) -> bytes:

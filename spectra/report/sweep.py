@@ -15,6 +15,7 @@ from pathlib import Path
 from matplotlib.figure import Figure
 
 from spectra.errors import ConfigError
+from spectra.files import record_origin, record_writer
 from spectra.groups import curve_name, stacks_in
 from spectra.ranks.functional import role_curves, unreached_curves
 from spectra.report.render import plain, write_bundle
@@ -28,6 +29,9 @@ def write_truncation_report(sweep: Mapping, out_dir, *, overwrite: bool = False,
                             marks: Mapping[str, int] | None = None, plan=None,
                             functional: Mapping | None = None) -> Path:
     """Write a truncation sweep as ``sweep.json``, ``report.md``, ``report.html``, ``figures/``, atomically.
+
+    ``sweep.json`` says ``"command": "sweep"``: `spectra verify --sweep` writes a ``sweep.json`` too (a rank
+    sweep), and neither replaces (``overwrite``) nor reads the other's.
 
     Parameters
     ----------
@@ -46,6 +50,9 @@ def write_truncation_report(sweep: Mapping, out_dir, *, overwrite: bool = False,
         per-curve choices are stored in ``sweep.json`` as ``functional`` and stated in the
         summary (a choice at full rank as such: no swept rank below full rank met ε).
     """
+    if record_writer(sweep) not in (None, "sweep"):  # verify --sweep's rank sweep: its own report, not this one
+        raise ConfigError(f"the given sweep is {record_origin(sweep)}; write_truncation_report writes the truncation "
+                          "sweep of `spectra sweep` (a rank sweep's report: spectra.report.verify.write_sweep_report).")
     if sweep.get("kind") != "truncation_sweep" or not sweep.get("points"):
         raise ConfigError("not a truncation sweep with points; nothing to report.")
     data = dict(sweep) | {"marks": dict(marks or sweep.get("marks") or {})}
@@ -60,7 +67,7 @@ def write_truncation_report(sweep: Mapping, out_dir, *, overwrite: bool = False,
 
         extra = {"plan.json": lambda path: save_plan(plan, path)}
     return write_bundle(out_dir, "sweep.json", data, figures, truncation_blocks, command="sweep", overwrite=overwrite,
-                        extra=extra)
+                        extra=extra, writer="sweep")
 
 
 # ---------------------------------------------------------------------------- figures

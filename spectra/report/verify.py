@@ -17,6 +17,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from spectra.errors import ConfigError
+from spectra.files import command_of, record_origin, record_writer
 from spectra.report.plots import whole_ticks
 from spectra.report.tables import num, pct
 from spectra.report.render import plain, write_bundle
@@ -41,7 +42,11 @@ _COLUMN_LEGEND = (
 
 
 def write_verify_report(result: Mapping, out_dir, *, overwrite: bool = False) -> Path:
-    """Write a verify result as ``verify.json``, ``report.md``, ``report.html``, ``figures/``, atomically."""
+    """Write a verify result as ``verify.json``, ``report.md``, ``report.html``, ``figures/``, atomically.
+
+    ``verify.json`` says ``"command": "verify --adapter"`` (:data:`spectra.files.RECORD_WRITERS`).
+    """
+    _refuse_other_writer(result, "verify --adapter", "write_verify_report")
     if not result.get("modules"):
         raise ConfigError("the verify result has no module rows; nothing to report.")
     figures = {"energy": plot_energy(result)}
@@ -49,15 +54,26 @@ def write_verify_report(result: Mapping, out_dir, *, overwrite: bool = False) ->
         figures["phi"] = plot_phi(result["phi_matrices"], title="φ(ΔW_adapter, ΔW_full, i, j), left singular "
                                                                  "vectors (LoRA §7.2)")
     return write_bundle(out_dir, "verify.json", result, figures, verify_blocks, command="verify",
-                        overwrite=overwrite)
+                        overwrite=overwrite, writer="verify --adapter")
 
 
 def write_sweep_report(sweep: Mapping, out_dir, *, overwrite: bool = False) -> Path:
-    """Write a rank sweep as ``sweep.json``, ``report.md``, ``report.html``, ``figures/``, atomically."""
+    """Write a rank sweep as ``sweep.json``, ``report.md``, ``report.html``, ``figures/``, atomically.
+
+    ``sweep.json`` says ``"command": "verify --sweep"``: `spectra sweep` writes a ``sweep.json`` too (a truncation
+    sweep), and neither replaces (``overwrite``) nor reads the other's (:data:`spectra.files.RECORD_WRITERS`).
+    """
+    _refuse_other_writer(sweep, "verify --sweep", "write_sweep_report")
     if not sweep.get("runs"):
         raise ConfigError("the sweep has no runs; nothing to report.")
     return write_bundle(out_dir, "sweep.json", sweep, sweep_figures(sweep), sweep_blocks, command="verify",
-                        overwrite=overwrite)
+                        overwrite=overwrite, writer="verify --sweep")
+
+
+def _refuse_other_writer(data: Mapping, writer: str, function: str) -> None:
+    """Refuse data that says another command wrote it (a truncation sweep given to the rank sweep's writer)."""
+    if record_writer(data) not in (None, writer):
+        raise ConfigError(f"the given data is {record_origin(data)}; {function} writes {record_origin({'command': writer})}.")
 
 
 def sweep_figures(sweep: Mapping) -> dict[str, Figure]:
@@ -317,11 +333,20 @@ def _cell(row: Mapping, key, kind: str) -> str:
 
 
 def load_result(path: str | os.PathLike) -> dict:
-    """Read ``verify.json`` or ``sweep.json`` (or the report directory holding one)."""
+    """Read ``verify.json`` or ``sweep.json`` (or the report directory holding one) that `spectra verify` wrote.
+
+    A ``sweep.json`` of `spectra sweep` (a truncation sweep: :func:`spectra.ranks.read_sweep` reads it) is refused
+    by its ``"command"``, or its ``"kind"`` where older.
+    """
     path = Path(path)
     if path.is_dir():
         path = next((path / n for n in ("verify.json", "sweep.json") if (path / n).is_file()), path / "verify.json")
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except (OSError, ValueError) as err:
         raise ConfigError(f"cannot read {path}: {err}") from None
+    writer = record_writer(data)
+    if writer is not None and command_of(writer) != "verify":
+        raise ConfigError(f"{path} is {record_origin(data)}; load_result reads the reports of `spectra verify` "
+                          "(verify.json of --adapter, sweep.json of --sweep).")
+    return data
