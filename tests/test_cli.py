@@ -34,6 +34,14 @@ def pair(tmp_path_factory):
 def test_help_is_fast_and_imports_no_torch():
     code = "import sys; from spectra.cli import app; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+    # every command module is imported with the package: each imports the heavy libraries inside its commands
+    code = ("import sys; import spectra.cli; print(sorted({'torch', 'transformers', 'peft', 'spectra.lora', "
+            "'spectra.analysis', 'matplotlib'} & set(sys.modules)))")
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert loaded.strip() == "[]", loaded
+    negative = subprocess.run([sys.executable, "-c", code.replace("import spectra.cli", "import spectra.lora.train")],
+                              capture_output=True, text=True, check=True).stdout
+    assert "'spectra.lora'" in negative and "'torch'" in negative  # the check sees a heavy import where there is one
     out = subprocess.run([sys.executable, "-m", "spectra.cli", "--help"], capture_output=True, text=True, check=True)
     for command in ("analyze", "show", "pairs", "recommend", "memory", "bench"):
         assert command in out.stdout
@@ -254,7 +262,7 @@ def test_extract_uniform_rank_form(monkeypatch, capsys, pair, tmp_path):
 
 
 def test_natural_order_of_module_names():
-    from spectra.cli import _natural
+    from spectra.cli.tables import _natural
 
     names = ["model.layers.10.mlp", "model.layers.2.mlp", "model.layers.2.attn", "lm_head"]
     assert sorted(names, key=_natural) == ["lm_head", "model.layers.2.attn", "model.layers.2.mlp", "model.layers.10.mlp"]
@@ -288,7 +296,7 @@ def test_pairs_lists_modules_in_order_with_experts_only_for_moe(monkeypatch, cap
 def test_module_table_orders_layers_naturally_and_prints_names_literally():
     from rich.console import Console
 
-    from spectra.cli import _module_table
+    from spectra.cli.tables import _module_table
 
     names = ["model.layers.10.mlp.up", "model.layers.2.mlp.up", "model.layers.2.attn.c_attn[q]"]
     table = _module_table("t [bold]x[/bold]", names, [("a",), ("b",), ("c",)], ("col",))
@@ -305,7 +313,7 @@ def test_module_names_wrap_at_their_dots_in_a_narrow_terminal(monkeypatch):
     wide terminal keeps every name on one line."""
     from rich.console import Console
 
-    from spectra.cli import _module_table, _wrap_dotted
+    from spectra.cli.tables import _module_table, _wrap_dotted
 
     assert _wrap_dotted("0.self_attn.k_proj", 14) == "0.self_attn.\nk_proj"
     assert _wrap_dotted("0.mlp.down_proj", 15) == "0.mlp.down_proj" and _wrap_dotted("abcdefgh", 3) == "abcdefgh"
@@ -355,7 +363,7 @@ def test_the_command_line_drops_bitsandbytes_missing_kernel_package_warning(capl
     `kernels` package is missing; the CLI filters that one message and nothing else from its logger."""
     import logging
 
-    from spectra.cli import _quiet_third_party
+    from spectra.cli.messages import _quiet_third_party
 
     logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
     before = list(logger.filters)

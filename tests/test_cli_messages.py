@@ -79,7 +79,7 @@ def test_the_nan_hint_names_skip_nonfinite_only_where_the_command_has_it(monkeyp
 def test_the_library_keeps_its_field_names():
     """The rule is the command line's: a library caller reads the fields it passed."""
     from spectra.analysis import AnalysisConfig
-    from spectra.cli import _cli_message
+    from spectra.cli.messages import _cli_message
 
     with pytest.raises(ConfigError, match="thresholds") as info:
         AnalysisConfig(thresholds=(1.5,))

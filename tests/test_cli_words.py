@@ -3,7 +3,7 @@ eval_data or max_steps (no '/', no extension) was printed back as --eval-data / 
 
 from __future__ import annotations
 
-from spectra.cli import _cli_words
+from spectra.cli.messages import _cli_words
 from tests.models import build_model, save
 from tests.test_cli import run
 

@@ -1,0 +1,249 @@
+"""`spectra recommend` and `spectra extract`: per-module LoRA ranks from an analysis, and the adapter they make."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.markup import escape  # module names hold brackets ("c_attn[q]") that rich would read as markup
+
+from spectra.cli.messages import _cli_words
+from spectra.cli.options import _OVERWRITE_HELP, _STACKS_HELP, _split, _stacks, _writable
+from spectra.cli.tables import _fmt, _module_table
+
+
+def recommend(
+    analysis: Annotated[list[str], typer.Argument(help="analysis.json or the report directory of `spectra analyze`; or "
+                                                       "BASE TUNED, which are analysed first (cached).")],
+    energy: Annotated[Optional[float], typer.Option(help="Per-module energy target τ (default 0.9 unless a budget, "
+                                                         "--rank or --knee decides).")] = None,
+    noise: Annotated[bool, typer.Option(help="Cap ranks at the noise floor.")] = True,
+    knee: Annotated[bool, typer.Option(help="Also target the elbow of the energy curve.")] = False,
+    uniform: Annotated[bool, typer.Option(help="One power-of-two rank meeting the energy target on --uniform-share "
+                                               "of modules.")] = False,
+    uniform_share: Annotated[float, typer.Option(help="Share of modules the uniform rank must satisfy.")] = 0.9,
+    rank: Annotated[Optional[int], typer.Option(help="One fixed rank for every module.")] = None,
+    budget: Annotated[Optional[str], typer.Option(help="Parameters (20M) or bytes of trainable state (2GB).")] = None,
+    min_rank: Annotated[int, typer.Option(help="Smallest rank of a targeted module.")] = 1,
+    max_rank: Annotated[Optional[int], typer.Option(help="Largest rank of any module.")] = None,
+    power_of_two: Annotated[bool, typer.Option(help="Round ranks up to powers of two.")] = False,
+    roles: Annotated[Optional[str], typer.Option(help="Comma-separated roles to target, e.g. q,k,v,o (q also takes cross-attention's xq; xq only it).")] = None,
+    stacks: Annotated[Optional[str], typer.Option(help=_STACKS_HELP)] = None,
+    include: Annotated[Optional[str], typer.Option(help="Target only names matching this glob (or re:REGEX).")] = None,
+    rslora: Annotated[bool, typer.Option(help="Scale by α/√r (rsLoRA).")] = False,
+    dora: Annotated[bool, typer.Option(help="Plan DoRA (adds magnitude vectors).")] = False,
+    alpha_rule: Annotated[str, typer.Option(help="'scale': same update scale for all; 'constant': one α.")] = "scale",
+    scale: Annotated[Optional[float], typer.Option(help="Common update scale for alpha-rule=scale (α = scale·r; "
+                                                        "default 2).")] = None,
+    alpha: Annotated[Optional[float], typer.Option(help="Common α for alpha-rule=constant (default 16).")] = None,
+    functional: Annotated[Optional[float], typer.Option(
+        help="ε in the sweep metric's units: each module gets the smallest swept rank whose truncated model stays "
+             "within ε of the full fine-tune (per role when the sweep has role curves). Needs --sweep; replaces "
+             "--energy/--knee.")] = None,
+    sweep: Annotated[Optional[Path], typer.Option(help="Truncation sweep of the same pair (the directory or "
+                                                       "sweep.json of `spectra sweep`), for --functional.")] = None,
+    config: Annotated[Optional[str], typer.Option(help="Model config (file, dir or hub id) for the memory estimate "
+                                                       "and for the module names of the plan's peft_config; default: "
+                                                       "the analysed base, if local.")] = None,
+    method: Annotated[str, typer.Option(help="Method for the memory estimate: lora, qlora or dora.")] = "lora",
+    # min=1: refused as the command's input, where the library's refusal would read as "memory: no estimate"
+    batch: Annotated[int, typer.Option(min=1, help="Batch size for the memory estimate.")] = 1,
+    seq_len: Annotated[Optional[int], typer.Option(min=1, help="Sequence length for the memory estimate (default "
+                                                               "2048, or the model's position limit when "
+                                                               "shorter).")] = None,
+    output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Write the plan (with its PEFT config) "
+                                                                          "as JSON here (refused if it exists, unless "
+                                                                          "--overwrite).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON instead of a table.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing -o file.")] = False,
+) -> None:
+    """Recommend per-module LoRA ranks from an analysis, under an optional budget, as a PEFT-ready plan.
+
+    Examples: spectra recommend reports/run --budget 20M -o plan.json;
+    spectra recommend reports/run --functional 0.01 --sweep reports/sweep -o plan.json
+    """
+    # what recommend reads: the analysis (its file: the report folder's other files stay writable), the checkpoints
+    # it measured (the plan's memory estimate reads the base's config.json), the sweep and the config
+    _writable(output, *(Path(a) / "analysis.json" if Path(a).is_dir() and len(analysis) == 1 else a
+                        for a in analysis), *_analysed_checkpoints(analysis), sweep, config, overwrite=overwrite)
+    import json
+    import warnings
+
+    from rich.console import Console
+
+    from spectra.errors import ConfigError, PeftConfigWarning
+    from spectra.memory import estimate_memory, format_bytes, load_config
+    from spectra.ranks import RankPolicy, parse_budget, recommend_ranks, save_plan
+    from spectra.ranks.plan import base_config
+
+    budget_kw = parse_budget(budget) if budget is not None else {}
+    ignored = {"scale": "--alpha", "constant": "--scale"}.get(alpha_rule)
+    if ignored and (alpha if alpha_rule == "scale" else scale) is not None:
+        raise ConfigError(f"{ignored} has no effect under --alpha-rule {alpha_rule} (" + (
+            "α = scale·r: set --scale, or pass --alpha-rule constant for one α)." if alpha_rule == "scale" else
+            "one α for every module: set --alpha, or pass --alpha-rule scale for α = scale·r)."))
+    if rank is not None and (energy is not None or knee):
+        raise ConfigError(f"--rank {rank} gives every module that rank; {'--energy' if energy is not None else '--knee'}"
+                          " would be ignored. Leave one out (a uniform rank from an energy target: --uniform).")
+    if (functional is None) != (sweep is None):
+        raise ConfigError("--functional ε and --sweep DIR go together: the sweep measured the function at each "
+                          "rank, ε says how close to the full fine-tune it must stay.")
+    if energy is None and not (budget_kw or rank is not None or knee or functional is not None):
+        energy = 0.9
+    if method not in ("lora", "qlora", "dora"):
+        raise ConfigError(f"--method {method!r}: the memory estimate takes lora, qlora or dora.")
+    policy = RankPolicy(energy=energy, noise=noise, knee=knee, uniform=uniform, uniform_share=uniform_share,
+                        rank=rank, min_rank=min_rank, max_rank=max_rank, power_of_two=power_of_two,
+                        roles=_split(roles), stacks=_stacks(stacks), include=include, rslora=rslora, use_dora=dora,
+                        alpha_rule=alpha_rule,
+                        scale=2.0 if scale is None else scale, alpha=16.0 if alpha is None else alpha,
+                        functional=functional, **budget_kw)
+    plan = recommend_ranks(_analysis_or_pair(analysis), policy, sweep=sweep)
+    source = config or base_config(plan.base)  # the config.json beside the analysed base (a folder or a file)
+    est, memory_skipped = None, None
+    if source:
+        try:
+            est = estimate_memory(source, method="dora" if dora else method, rank_plan_or_rank=plan, batch=batch,
+                                  seq_len=seq_len)
+        except ConfigError as exc:  # the estimate is an extra: a model the memory model lacks still gets its plan
+            memory_skipped = str(exc)
+    notes = []
+    if output is not None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", PeftConfigWarning)  # printed below from the plan, with the report
+            save_plan(plan, output, model_config=load_config(config) if config else None)
+        notes = json.loads(output.read_text()).get("peft_config_notes") or []
+    if as_json:
+        memory = {"memory": est.to_dict() if est else None}
+        if memory_skipped:
+            memory["memory_skipped"] = memory_skipped
+        typer.echo(json.dumps(plan.to_dict() | memory, indent=2))
+        return
+    console = Console()
+    rows = [(_fmt(m.role), "×".join(map(str, m.shape)), str(m.rank), f"{m.alpha:g}",
+             f"{m.energy:.1%}" + ("" if m.energy == m.energy_upper else f"–{m.energy_upper:.1%}"), f"{m.params:,}",
+             m.reason) for m in plan.modules]
+    table = _module_table(f"LoRA plan: {len(plan.modules)} modules, {plan.total_params:,} parameters, "
+                          f"{plan.total_energy:.1%} of ΔW energy captured", [m.name for m in plan.modules], rows,
+                          ("role", "shape", "rank", "alpha", "energy", "params", "reason"), fold=("reason",))
+    console.print(table)
+    if plan.left_out:
+        console.print(escape(f"left out ({len(plan.left_out)}): " + ", ".join(
+            f"{m.name} [{m.reason}; rank {_fmt(m.rank)}]" for m in plan.left_out)))
+    if plan.budget_gap:
+        console.print(f"budget allocation within {plan.budget_gap:.2%} of ΔW energy of the optimum")
+    if est is not None:
+        console.print(f"memory ({est.method}, batch {batch} × {est.seq_len} tokens, {est.precision}): "
+                      + ", ".join(f"{name} {format_bytes(n)}" for name, n in est.rows() if n))
+        for note in est.notes:
+            console.print(escape(f"memory note: {note}"), style="yellow")
+    elif memory_skipped:
+        console.print(escape(f"memory: no estimate ({memory_skipped})"), style="yellow")
+    else:
+        console.print("memory: pass --config (config.json, its folder or a hub id) for an estimate")
+    for note in notes:
+        console.print(escape(f"peft_config: {note}"), style="yellow")
+    if output is not None:
+        console.print(escape(f"plan written to {output}"))
+
+
+def _analysis_or_pair(sources: list[str]):
+    """One path → that analysis; two → analyse the pair now (cached), quietly."""
+    from spectra.errors import ConfigError
+
+    if len(sources) == 1:
+        return sources[0]
+    if len(sources) == 2:
+        from spectra.analysis import analyze as run_analysis
+
+        return run_analysis(sources[0], sources[1], progress=True)
+    raise ConfigError(f"expected an analysis (one path) or a BASE TUNED pair (two), got {len(sources)} arguments.")
+
+
+def _analysed_checkpoints(sources: list[str]) -> list[str]:
+    """The BASE and TUNED paths an analysis file records (absolute; none where it cannot be read: recommend then
+    refuses the analysis itself, with the reason)."""
+    import json
+
+    if len(sources) != 1:
+        return []
+    path = Path(sources[0])
+    try:
+        data = json.loads((path / "analysis.json" if path.is_dir() else path).read_text())
+        return [data[side]["path"] for side in ("base", "tuned") if isinstance(data[side]["path"], str)]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+
+
+def extract(
+    base: Annotated[str, typer.Argument(help="Pretrained checkpoint (directory, file, index JSON or hub id).")],
+    tuned: Annotated[str, typer.Argument(help="Fine-tuned checkpoint (same forms), or a PEFT adapter directory (its "
+                                              "merge onto BASE, re-extracted at --rank or --plan).")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Adapter directory to write (refused if it exists, unless --overwrite).")],
+    plan: Annotated[Optional[Path], typer.Option(help="Plan JSON from `spectra recommend` (per-module ranks and alphas).")] = None,
+    rank: Annotated[Optional[str], typer.Option(help="One rank for every targeted module, or 'full' for a lossless adapter.")] = None,
+    roles: Annotated[Optional[str], typer.Option(help="With --rank: roles to target (default q, k, v, o, gate, up, down; q also takes cross-attention's xq, k xk, v xv, o xo, and DeepSeek's q_a and q_b; k and v its kv_a and kv_b).")] = None,
+    stacks: Annotated[Optional[str], typer.Option(help="With --rank: c" + _STACKS_HELP.removeprefix("C"))] = None,
+    alpha: Annotated[Optional[float], typer.Option(help="With --rank: lora_alpha (default scale 2: 2·rank, 2·√rank with --rslora).")] = None,
+    rslora: Annotated[bool, typer.Option("--rslora", help="With --rank: rsLoRA scaling α/√r.")] = False,
+    modules_to_save: Annotated[Optional[str], typer.Option(help="Comma-separated modules copied whole from TUNED, e.g. classifier.")] = None,
+    calibration: Annotated[Optional[Path], typer.Option(help="Calibration data (.txt, or .jsonl/.csv/.tsv with a text field): each module's data-optimal rank-r update, best on the base's inputs for these texts (SVD-LLM), instead of the plain truncated SVD.")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help=_OVERWRITE_HELP)] = False,
+    device: Annotated[str, typer.Option(help="Torch device for ΔW and its SVD: cpu, cuda, cuda:1.")] = "cpu",
+    workers: Annotated[Optional[int], typer.Option(help="Modules decomposed at once, each on its own thread with (torch threads ÷ workers) threads. Default: one per torch thread up to 4 on the CPU, 1 on a GPU.")] = None,
+    model_class: Annotated[Optional[str], typer.Option(
+        help="transformers class the adapter is for, whose module names its keys use, e.g. LlamaForCausalLM "
+             "(default: the base's class; the tuned one's when only it has the modules the adapter needs).")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar, no table.")] = False,
+) -> None:
+    """Write a PEFT LoRA adapter whose merge is the best rank-r approximation of TUNED − BASE.
+
+    Examples: spectra extract BASE TUNED --rank 8 --roles q,k,v,o,up,down --modules-to-save classifier -o adapter/
+              spectra extract BASE TUNED --plan plan.json -o adapter/
+              spectra extract VLM_BASE VLM_TUNED --rank 16 --roles q,v --stacks language -o adapter/
+    """
+    _writable(output, base, tuned, plan, calibration, command="extract", overwrite=overwrite)
+    import warnings
+
+    from spectra.errors import ConfigError, PeftConfigWarning
+    from spectra.lora.extract import extract_adapter
+
+    if (plan is None) == (rank is None):
+        raise ConfigError("pass exactly one of --plan PLAN.json or --rank R (an integer, or 'full').")
+    given = [flag for flag, value in (("--roles", roles), ("--stacks", stacks), ("--alpha", alpha),
+                                      ("--rslora", rslora or None)) if value is not None]
+    if plan is not None and given:
+        raise ConfigError(f"--plan sets every module's rank and α; {', '.join(given)} would be ignored. Plan other "
+                          "roles, stacks or scaling with `spectra recommend` (--roles, --stacks, --rslora), or "
+                          "extract with --rank.")
+    if roles is not None:
+        from spectra.checkpoints.architectures import ROLES
+
+        unknown = sorted(set(_split(roles) or ()) - set(ROLES))
+        if unknown:
+            raise ConfigError(f"--roles: unknown role(s) {', '.join(unknown)}; choose from {', '.join(ROLES)}.")
+    if rank is not None and rank != "full" and not rank.isdigit():
+        raise ConfigError(f"--rank {rank!r}: expected a positive integer or 'full'.")
+    target = plan if plan is not None else (rank if rank == "full" else int(rank))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PeftConfigWarning)  # printed below, after the table
+        result = extract_adapter(base, tuned, target, output, roles=_split(roles), stacks=_stacks(stacks),
+                                 alpha=alpha, rslora=rslora,
+                                 modules_to_save=_split(modules_to_save) or (), overwrite=overwrite,
+                                 progress=not quiet, device=device, model_class=model_class, workers=workers,
+                                 calibration=calibration)
+    if not quiet:
+        from rich.console import Console
+
+        rows = [(str(m.rank), f"{m.alpha:g}", f"{m.fro_norm:.4g}", f"{m.error:.4g}", f"{m.captured_energy:.1%}")
+                for m in result.modules]
+        Console().print(_module_table(f"adapter {output}: {len(result.modules)} modules",
+                                      [m.name for m in result.modules], rows,
+                                      ("rank", "alpha", "‖ΔW‖_F", "error ‖ΔW − BA‖_F", "energy kept")))
+    for note in result.notes:
+        typer.secho(f"note: {_cli_words(note, ['extract'])}", fg="yellow", err=True)
+    onto = f"a {result.model_class}" if result.model_class else "the model"
+    if result.vocab_size is not None:  # whole embedding/head rows of TUNED's resized vocabulary: resize first
+        onto += f" resized to the fine-tune's vocabulary, model.resize_token_embeddings({result.vocab_size}),"
+    typer.echo(f"adapter: {output}  (load onto {onto} with peft.PeftModel.from_pretrained(model, '{output}'))")
