@@ -56,6 +56,19 @@ def test_errors_name_the_option_not_the_field(monkeypatch, capsys, pair, report,
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("typed, shown", [("0.9,2", "2"), ("0.5, 1.50", "1.50"), ("1e0,3e-1,7", "7"),
+                                           ("0.9,-0", "-0")])
+def test_a_refused_energy_level_is_named_as_typed(monkeypatch, capsys, pair, tmp_path, typed, shown):
+    """--energy 0.9,2 said "--energy: 2.0 must be an energy fraction": the number after float(), not what was typed."""
+    code, _, err = run(monkeypatch, capsys, "analyze", pair[0], pair[1], "--energy", typed, "-o", tmp_path / "out")
+    assert code == 2 and f"--energy: {shown} must be an energy fraction in (0, 1]" in err, err
+    assert f"--energy: {float(shown)} must" not in err  # 2.0, 1.5, 7.0, -0.0: the number, not what was typed
+    assert not (tmp_path / "out").exists()
+    # negative control: a word that is no number is refused by the command itself, quoting the whole list
+    code, _, err = run(monkeypatch, capsys, "analyze", pair[0], pair[1], "--energy", "0.9,2x", "-o", tmp_path / "out")
+    assert code == 2 and "--energy '0.9,2x': expected comma-separated fractions like 0.5,0.9,0.99." in err, err
+
+
 def test_the_nan_hint_names_skip_nonfinite_only_where_the_command_has_it(monkeypatch, capsys, pair, tmp_path):
     """extract, sweep, verify and recommend BASE TUNED said "(CLI: --skip-nonfinite)", an option only analyze has."""
     base, _, broken = pair

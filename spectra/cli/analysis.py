@@ -106,8 +106,10 @@ def analyze(
     import os
 
     main_rank = os.environ.get("RANK", "0") == "0"
+    thresholds = tuple(t.strip() for t in energy.split(","))  # as typed: AnalysisConfig names one it refuses so (2)
     try:
-        thresholds = tuple(float(t) for t in energy.split(","))
+        for t in thresholds:
+            float(t)
     except ValueError:
         raise ConfigError(f"--energy {energy!r}: expected comma-separated fractions like 0.5,0.9,0.99.") from None
     config = AnalysisConfig(method=method, full_below=full_below, max_rank=max_rank, thresholds=thresholds,
