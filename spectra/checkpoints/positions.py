@@ -13,6 +13,7 @@ No torch here, and transformers only when the keys do not decide: ``spectra.memo
 from __future__ import annotations
 
 import functools
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
@@ -37,11 +38,28 @@ _ROTARY_TYPES = frozenset({"rotary", "rope"})
 # rotary keys do, as for a config without the key.
 _LEARNED_TYPES = frozenset({"absolute", "relative_key", "relative_key_query"})
 _NO_POSITION_TYPES = frozenset({"nope", "none"})
-# What runs past the configured positions, by the kind of positions that are not a learned table.
+# Families whose model builds its positions from position_embedding_type alone, so that a value neither rotary nor
+# learned (null) is no position encoding: ESM adds its table only at "absolute" and rotates only at "rotary";
+# GraniteMoeHybrid rotates only at "rope" (transformers' default there is null, beside a rope_parameters it never
+# reads). BERT's family is not one: transformers 5 adds its absolute table whatever the key says.
+_SWITCHED_BY_TYPE = frozenset({"esm", "granitemoehybrid"})
+# Keys of a state-space (Mamba) hybrid: Jamba, Zamba, Nemotron-H and Granite 4.0-H attend without position encodings
+# (the recurrent layers carry the order), unless a rotary key says otherwise (Bamba, Falcon-H1).
+_STATE_SPACE_KEYS = ("mamba_d_state", "ssm_state_size")
+# Keys of a hidden-state-conditioned relative position bias over rel_extent distances (Inkling), clamped beyond them.
+_RELATIVE_BIAS_KEYS = ("rel_extent", "d_rel")
+# Families whose sinusoidal positions are computed, not looked up: their position modules grow the sinusoid past
+# max_position_embeddings (M2M100SinusoidalPositionalEmbedding and its copies) or compute it for each position
+# (Pegasus-X). No config key tells these from Marian's or Pegasus's fixed sinusoidal table of max_position_embeddings
+# rows, which fails past it: the family is the only rule. TrOCR says so with a key (use_learned_position_embeddings).
+_COMPUTED_SINUSOID_FAMILIES = frozenset({"m2m_100", "nllb-moe", "xglm", "kosmos_2_text_model", "kosmos_2_5_text_model",
+                                         "fsmt", "pegasus_x", "seamless_m4t", "seamless_m4t_v2"})
+# What runs past the configured positions, by the kind of positions that are not a learned table; {why} is the key
+# that decided (PositionLimit.why).
 _RUNS_PAST = {"rotary": "its rotary positions run past them",
-              "relative": "it has no table of absolute positions (position_biased_input = false): its relative "
-                          "positions run past them",
-              "none": "it encodes no positions (position_embedding_type = nope): nothing in it stops at them"}
+              "relative": "it has no table of absolute positions ({why}): its relative positions run past them",
+              "sinusoidal": "its sinusoidal positions are computed for any length ({why}): they run past them",
+              "none": "it encodes no positions ({why}): nothing in it stops at them"}
 
 
 @dataclass(frozen=True)
@@ -54,18 +72,24 @@ class PositionLimit:
         Tokens.
     source : str
         Where it comes from, e.g. ``max_position_embeddings = 32``.
-    positions : {"learned", "rotary", "relative", "none"}
-        ``learned``: a table of learned absolute positions (BERT, GPT-2, RoBERTa, DeBERTa by
-        default): a longer sequence has no position to embed, and the model fails. Rotary
-        positions (Llama, GPT-NeoX, ESM's ``position_embedding_type = "rotary"``) and the
-        relative ones of a DeBERTa without the absolute table (``position_biased_input =
-        false``, DeBERTa-v3) run past the length the model was configured for, and so does a model
-        that encodes no positions (``none``: Granite 4.0-H's ``position_embedding_type = "nope"``).
+    positions : {"learned", "rotary", "relative", "sinusoidal", "none"}
+        ``learned``: a table of absolute positions (BERT, GPT-2, RoBERTa, DeBERTa by default,
+        Marian's fixed sinusoidal one): a longer sequence has no position to embed, and the model
+        fails. Rotary positions (Llama, GPT-NeoX, ESM's ``position_embedding_type = "rotary"``),
+        relative ones (a DeBERTa without the absolute table, ``position_biased_input = false``;
+        Inkling's relative bias), sinusoidal positions computed for any length (M2M100, XGLM) run
+        past the length the model was configured for, and so does a model that encodes no
+        positions (``none``: Granite 4.0-H's ``position_embedding_type = "nope"``, the state-space
+        hybrids Jamba, Zamba, Nemotron-H, an MLA without a rotary part, ``qk_rope_head_dim = 0``).
+    why : str
+        The key that decided ``positions``, e.g. ``position_biased_input = false``, ``mamba_d_state = 16,
+        jamba's default``; empty where the rotary keys or the fallback to a learned table did.
     """
 
     length: int
     source: str
     positions: str
+    why: str = ""
 
     @property
     def learned(self) -> bool:
@@ -99,13 +123,13 @@ def position_limit(model_config: Mapping) -> PositionLimit | None:
                 skipped = int(scope.get("pad_token_id") or 0) + 1
                 length -= skipped
                 source += f", less the {skipped} ids its position ids start after (pad_token_id + 1)"
-            return PositionLimit(length, source, _positions(scope))
+            return PositionLimit(length, source, *_positions(scope))
         sides = {key: scope[key] for key in _STACK_POSITION_KEYS if _positive_int(scope.get(key))}
         if sides:  # source and target are cut at one length: the shorter table binds
             key = min(sides, key=sides.get)
             source = f"{key} = {sides[key]}" + (", the shorter of the encoder's and the decoder's" if len(sides) > 1
                                                 else "")
-            return PositionLimit(sides[key], source, _positions(scope))
+            return PositionLimit(sides[key], source, *_positions(scope))
     return None
 
 
@@ -113,33 +137,59 @@ def _positive_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
-def _positions(scope: Mapping) -> str:
-    """The kind of positions a config dict gives its model: ``learned``, ``rotary``, ``relative`` or ``none``.
+def _positions(scope: Mapping) -> tuple[str, str]:
+    """(kind, why) of the positions a config dict gives its model: ``learned``, ``rotary``, ``relative``,
+    ``sinusoidal`` or ``none``, and the key that decided (:attr:`PositionLimit.why`).
 
-    Its own keys decide (:func:`_keyed_positions`); where they say nothing, its family's defaults do (those of
-    transformers' config class of its ``model_type``: Llama's rope_parameters, BERT's table), and a model_type
-    transformers does not know reads as a table of learned positions (the refusal errs on the side of a crash)."""
-    kind = _keyed_positions(scope)
-    if kind is None and isinstance(scope.get("model_type"), str):
-        family = _family_defaults(scope["model_type"])
-        kind = _keyed_positions(family) if family is not None else None
-    return kind or "learned"
+    The keys are read as transformers reads them: its config class of the dict's ``model_type`` fills in the keys
+    the dict lacks (a Llama config.json of its required keys alone gets Llama's rope_parameters, a Zamba2 one
+    its use_mem_rope = false beside a rope_theta), and the dict's own keys win. Where none decides, a table of
+    learned positions: GPT-2's and BERT's families, and a model_type transformers does not know (the refusal errs on
+    the side of a crash)."""
+    model_type = scope.get("model_type")
+    family = _family_defaults(model_type) if isinstance(model_type, str) else None
+    return _keyed_positions({**(family or {}), **scope}, scope) or ("learned", "")
 
 
-def _keyed_positions(scope: Mapping) -> str | None:
-    """The kind of positions a config dict's keys name, None where none decides."""
-    if scope.get("position_biased_input") is False:  # DeBERTa: no absolute table, relative attention only
-        return "relative"
-    kind = scope.get("position_embedding_type")
+def _keyed_positions(config: Mapping, own: Mapping) -> tuple[str, str] | None:
+    """(kind, why) named by the keys of ``config`` (a config dict over its family's defaults), None where none
+    decides; ``own`` (the dict as given) tells a key the config.json holds from its family's default."""
+
+    def said(key: str) -> str:  # e.g. "use_mem_rope = false, zamba2's default"
+        value = config[key]
+        text = f"{key} = {value if isinstance(value, str) else json.dumps(value)}"
+        return text if key in own else f"{text}, {config.get('model_type')}'s default"
+
+    model_type = config.get("model_type")
+    if config.get("position_biased_input") is False:  # DeBERTa: no absolute table, relative attention only
+        return "relative", said("position_biased_input")
+    kind = config.get("position_embedding_type")
     # a known value decides: ESM writes rope_theta even when its positions are "absolute", Granite 4.0-H
     # rope_parameters beside "nope"
     if kind in _ROTARY_TYPES:
-        return "rotary"
+        return "rotary", said("position_embedding_type")
     if kind in _LEARNED_TYPES:
-        return "learned"
-    if kind in _NO_POSITION_TYPES:
-        return "none"
-    return "rotary" if any(k in scope for k in _ROTARY_KEYS) else None
+        return "learned", said("position_embedding_type")
+    if kind in _NO_POSITION_TYPES or (model_type in _SWITCHED_BY_TYPE and "position_embedding_type" in config):
+        return "none", said("position_embedding_type")
+    if config.get("qk_rope_head_dim") == 0:  # MLA (GLM-5-Next): no rotary part in its queries and keys
+        return "none", said("qk_rope_head_dim")
+    if isinstance(config.get("use_mem_rope"), bool):  # Zamba2: its shared attention rotates only when set
+        return ("rotary", said("use_mem_rope")) if config["use_mem_rope"] else ("none", said("use_mem_rope"))
+    if isinstance(config.get("use_learned_position_embeddings"), bool):  # TrOCR: a table, or a computed sinusoid
+        return ("learned" if config["use_learned_position_embeddings"] else "sinusoidal",
+                said("use_learned_position_embeddings"))
+    relative = next((k for k in _RELATIVE_BIAS_KEYS if k in config), None)
+    if relative is not None:
+        return "relative", f"a relative position bias, {said(relative)}"
+    if model_type in _COMPUTED_SINUSOID_FAMILIES:
+        return "sinusoidal", f"model_type = {model_type}"
+    if any(k in config for k in _ROTARY_KEYS):
+        return "rotary", ""
+    state_space = next((k for k in _STATE_SPACE_KEYS if k in config), None)
+    if state_space is not None:
+        return "none", f"a state-space hybrid, {said(state_space)}, with no rotary key"
+    return None
 
 
 @functools.cache
@@ -231,6 +281,7 @@ def resolve_max_length(max_length: int | None, model_config: Mapping, *, option:
         return limit.length
     if limit is None or max_length <= limit.length:
         return max_length
+    runs_past = _RUNS_PAST.get(limit.positions, "").format(why=limit.why)
     if limit.learned:
         raise ConfigError(f"{option} {max_length} is more than the model can take: its table of learned positions "
                           f"covers {limit.length} tokens ({limit.source} in its config.json), and a longer sequence "
@@ -238,6 +289,6 @@ def resolve_max_length(max_length: int | None, model_config: Mapping, *, option:
                           f"default ({default} tokens, or the model's {limit.length} when fewer).")
     if notes is not None:
         notes.append(f"{option} {max_length} is beyond the {limit.length} positions the model is configured for "
-                     f"({limit.source} in its config.json); {_RUNS_PAST[limit.positions]}, but it was not "
+                     f"({limit.source} in its config.json); {runs_past}, but it was not "
                      "trained on sequences this long.")
     return max_length
