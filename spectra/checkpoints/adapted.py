@@ -57,14 +57,14 @@ def target_modules(model, roles: tuple[str, ...] | None = None, *, stacks: tuple
 
 def role_targets(model, roles: tuple[str, ...] | None = None, *, stacks: tuple[str, ...] | None = None,
                  notes: list[str] | None = None) -> tuple[list[str], list[str]]:
-    """(Linear/Conv1D module names, fused expert parameter names) of ``roles`` (default: every block linear) in
-    ``stacks``.
+    """(Linear/Conv1D module names, parameter names) of ``roles`` (default: every block linear) in ``stacks``.
 
     An MoE of transformers 5 holds its routed experts as 3-D parameters of a module no LoRA can wrap (Mixtral's,
     Qwen3-MoE's, DeepSeek-V3's ``mlp.experts.gate_up_proj`` (experts, 2·ffn, hidden) and ``down_proj``): PEFT
-    adapts them through ``target_parameters``, so they are the second list. ``gate_up_proj`` holds gate and up
-    together, so either role takes it whole (as ``--roles q`` takes GPT-2's fused ``c_attn``). A router (role
-    ``other``) is no block role: never taken.
+    adapts them through ``target_parameters``, so they are in the second list, after the weights (``….weight``) of
+    the Linears PEFT's ``lora.Linear`` cannot wrap (:func:`~spectra.checkpoints.targets.lora_can_wrap`: DeepSeek-V4's
+    grouped ``o_a_proj``), adapted so too. ``gate_up_proj`` holds gate and up together, so either role takes it
+    whole (as ``--roles q`` takes GPT-2's fused ``c_attn``). A router (role ``other``) is no block role: never taken.
 
     ``stacks`` None: the stacks text runs through (:data:`TEXT_STACKS`). A multimodal
     model's others (a vision or audio tower, the projector into the language model; see
@@ -73,6 +73,13 @@ def role_targets(model, roles: tuple[str, ...] | None = None, *, stacks: tuple[s
     at zero; ``notes`` says how many. ``stacks`` that name such a stack take its modules,
     and ``notes`` says that text will not train them.
     """
+    modules, weights, experts = _role_targets(model, roles, stacks=stacks, notes=notes)
+    return modules, weights + experts
+
+
+def _role_targets(model, roles: tuple[str, ...] | None = None, *, stacks: tuple[str, ...] | None = None,
+                  notes: list[str] | None = None) -> tuple[list[str], list[str], list[str]]:
+    """:func:`role_targets` as three lists: (modules, weights of the Linears no ``lora.Linear`` wraps, experts)."""
     import torch
     from transformers.pytorch_utils import Conv1D
 
@@ -87,14 +94,16 @@ def role_targets(model, roles: tuple[str, ...] | None = None, *, stacks: tuple[s
     experts = {name: module_info(name, model_config) for name, p in model.named_parameters()
                if p.dim() == 3 and not lora_can_wrap(modules[name.rpartition(".")[0]])}  # (experts, ·, ·)
     infos |= experts
+    unwrapped = {name for name in infos if name not in experts and not lora_can_wrap(modules[name])}  # V4's o_a_proj
     stack_of = {name: info.stack for name, info in infos.items() if role_selected(info.role, roles, name)}
     if not stack_of:
         held = sorted({info.role for info in infos.values()})
         raise ConfigError(f"the model has no Linear/Conv1D module or expert parameter of role(s) {', '.join(roles)} "
                           f"to adapt; its roles are {', '.join(held) or 'none'}: pass --roles from those.")
 
-    def split(names) -> tuple[list[str], list[str]]:
-        return [n for n in names if n not in experts], [n for n in names if n in experts]
+    def split(names) -> tuple[list[str], list[str], list[str]]:
+        return ([n for n in names if n not in experts and n not in unwrapped],
+                [f"{n}.weight" for n in names if n in unwrapped], [n for n in names if n in experts])
 
     if stacks is not None:
         lacking = missing_stacks(stacks, set(stack_of.values()), option="stacks (--stacks)")  # none held: refused
@@ -138,13 +147,22 @@ def peft_targets(model, config: TargetSelection, *, notes: list[str] | None = No
     targets are refused where ``roles`` or ``target_modules`` asked for them, and left out of the default roles
     (every block linear: every one this method can adapt), which ``notes`` says; see :func:`_fit_method`.
     """
+    from spectra.checkpoints.targets import lora_can_wrap
+
     cls = type(model).__name__
     modules, weights, experts = _peft_targets(model, config, notes=notes)
     modules, parameters = _fit_method(cls, modules, weights + experts, config, notes=notes)
+    unwrapped = [w for w in weights if not lora_can_wrap(model.get_submodule(w.rpartition(".")[0]))]
+    weights = [w for w in weights if w not in unwrapped]  # those PEFT would rewrite
     if parameters and weights and notes is not None:
         notes.append(f"{len(weights)} module(s) of {cls} adapted through their weights (target_parameters, e.g. "
                      f"{weights[0]}): PEFT would rewrite their target_modules entries into the fused expert "
                      "parameters of every MoE layer, leaving them without an adapter")
+    if parameters and unwrapped and notes is not None:
+        notes.append(f"{len(unwrapped)} Linear(s) of {cls} adapted through their weights (target_parameters, e.g. "
+                     f"{unwrapped[0]}): their forward maps no (…, in) to (…, out) (DeepSeek-V4's grouped o_a_proj "
+                     "takes (…, groups, in)), so PEFT's lora.Linear cannot wrap them; the update is one rank-r "
+                     "matrix of the stored weight")
     if parameters and experts and notes is not None:
         layers = sorted({name.rpartition(".")[0] for name in experts})
         notes.append(f"the routed experts of {len(layers)} MoE layer(s) ({layers[0]}, …) are adapted as fused "
@@ -156,19 +174,25 @@ def peft_targets(model, config: TargetSelection, *, notes: list[str] | None = No
 
 def _peft_targets(model, config: TargetSelection, *,
                   notes: list[str] | None = None) -> tuple[list[str], list[str], list[str]]:
-    """:func:`peft_targets` whatever the method: (modules, weights of the modules PEFT would rewrite, experts)."""
-    from spectra.checkpoints.targets import rewritten_weights
+    """:func:`peft_targets` whatever the method: (modules, weights (of the modules PEFT would rewrite, then of the
+    Linears no ``lora.Linear`` wraps), experts)."""
+    import torch
+
+    from spectra.checkpoints.targets import lora_can_wrap, rewritten_weights
 
     if config.target_modules:
-        targets, experts = list(config.target_modules), []
-        missing = sorted(set(targets) - {name for name, _ in model.named_modules()})
+        targets, experts, modules = list(config.target_modules), [], dict(model.named_modules())
+        missing = sorted(set(targets) - set(modules))
         if missing:
             raise ConfigError(f"target_modules {missing[:5]} are not modules of the model; use names as "
                               "model.named_modules() lists them, e.g. model.layers.0.self_attn.q_proj.")
+        unwrapped = [f"{t}.weight" for t in targets  # a Linear no lora.Linear runs on: DeepSeek-V4's o_a_proj
+                     if isinstance(modules[t], torch.nn.Linear) and not lora_can_wrap(modules[t])]
+        targets = [t for t in targets if f"{t}.weight" not in unwrapped]
     else:
-        targets, experts = role_targets(model, config.roles, stacks=config.stacks, notes=notes)
+        targets, unwrapped, experts = _role_targets(model, config.roles, stacks=config.stacks, notes=notes)
     rewritten = rewritten_weights(targets, model)
-    return [t for t in targets if t not in rewritten], [f"{name}.weight" for name in rewritten], experts
+    return [t for t in targets if t not in rewritten], [f"{name}.weight" for name in rewritten] + unwrapped, experts
 
 
 def _fit_method(cls: str, modules: list[str], parameters: list[str], config: TargetSelection, *,
@@ -193,6 +217,7 @@ def _fit_method(cls: str, modules: list[str], parameters: list[str], config: Tar
                          f"target_parameters, which takes no {what}; method lora without dropout adapts them")
         return modules, []
     raise ConfigError(f"{cls}: spectra adapts {parameters[0]} through PEFT's target_parameters (an MoE's fused "
-                      "expert parameter, or a module PEFT would rewrite into one), which takes no "
+                      "expert parameter, a module PEFT would rewrite into one, or a Linear PEFT cannot wrap), which "
+                      "takes no "
                       f"{what}. Train it with method lora{' and lora_dropout 0' if config.lora_dropout else ''}, or "
                       "leave the MLP roles out (--roles q,k,v,o).")

@@ -1,8 +1,8 @@
 """Per-family tables: module name → role, layer, expert index and stack; fused layouts; Conv1D.
 
 A *role* groups modules across layers and architectures so that results can be
-compared by kind: ``q, k, v, o, qkv, q_a, q_b, kv_a, kv_b, xq, xk, xv, xo, gate, up, down, gate_up, embed, head,
-other``. Unknown architectures still work: every module whose name matches no rule gets
+compared by kind: ``q, k, v, o, qkv, q_a, q_b, kv_a, kv_b, kv, o_a, o_b, xq, xk, xv, xo, gate, up, down, gate_up,
+projector, embed, head, other``. Unknown architectures still work: every module whose name matches no rule gets
 role ``other`` and is analysed all the same.
 
 ``q_a q_b kv_a kv_b`` are multi-head latent attention's (MLA: DeepSeek-V2, arXiv:2405.04434; DeepSeek-V3 and Kimi-K2,
@@ -25,6 +25,35 @@ low-rank projections, by what each tensor computes (``(out, in)``; ``c`` = ``q_l
 ``kv_a`` is kept whole: no block of its rows is a projection of any role but the rotary key's few, a single key head
 that every head shares and no other model's k compares with (``qk_rope_head_dim`` = 64 of DeepSeek-V3's 576 rows);
 the latent rows feed k and v alike, through kv_b. A LoRA adapts it whole either way.
+
+DeepSeek-V4's attention (``deepseek_v4``) holds a query as MLA's (``q_a_proj``, ``q_b_proj``), one key-value head
+and a grouped low-rank output (``n`` heads of width ``h``, ``g`` = ``o_groups``, ``r`` = ``o_lora_rank``):
+
+- ``self_attn.kv_proj`` (h, hidden), role ``kv``: x → the one head that every query head attends to, read as its keys
+  and as its values (``attention(q, kv, kv)``: K = V, the "shared-KV MQA"). Its rows are no [k; v] blocks, so it is
+  not split: the whole is the key and the value. ``--roles k`` or ``v`` takes it, in an analysis too
+  (:func:`role_named`), and a LoRA on it adapts both. Its compressor's ``compressor.kv_proj`` stays ``other``: a
+  window of its outputs is pooled by ``compressor.gate_proj``'s softmax into one long-range entry (CSA's in two
+  overlapping series), no token's key;
+- ``o_a_proj`` (g·r, n·h/g), role ``o_a``: a grouped Linear (``DeepseekV4GroupedLinear``): the heads' outputs cut in
+  g groups of n·h/g, group i mapped by rows i·r … (i+1)·r − 1 to r outputs, i.e. the block-diagonal (g·r, n·h) operator
+  that these g blocks are its diagonal of. Its forward takes ``(…, g, n·h/g)``, so PEFT's ``lora.Linear`` cannot wrap
+  it (it adds ``B@A@x`` of shape ``(…, g·r)``): spectra adapts its weight through ``target_parameters``, a rank-r
+  update of the stored ``(g·r, n·h/g)`` matrix (every group's update then shares one input subspace);
+- ``o_b_proj`` (hidden, g·r), role ``o_b``: the g·r group outputs → the residual stream.
+
+``o_a`` and ``o_b`` are the output projection's factors, as ``q_a`` and ``q_b`` are the query's: ``--roles o`` takes
+them (:func:`role_named`), and each has a role of its own because a report groups by role and layer.
+
+A multimodal model's *projector* (the ``projector`` stack: LLaVA's ``multi_modal_projector.linear_1`` and
+``linear_2``, LLaVA-1.5's ``mm_projector.N``, Idefics3's ``connector.modality_projection.proj``, BLIP-2's
+``language_projection``, Qwen2-VL's ``visual.merger.mlp.N``, Qwen3-VL's ``merger.linear_fc1`` …) maps another stack's
+features into the language model's. A module of that stack that no rule names gets role ``projector``
+(:data:`_STACK_ROLES`), unless its name reads as a norm (``ln_q``, ``layer_norm``, ``mm_soft_emb_norm``: ``other``);
+one a rule names keeps its role (Idefics2's perceiver ``q_proj``, GLM-4V's merger ``gate_proj``). ``projector`` is a
+block role (:data:`~spectra.checkpoints.roles.BLOCK_ROLES`), so ``--stacks projector`` adapts a projector with the
+default roles; text runs leave it out all the same, by stack (text never reaches it:
+:data:`~spectra.checkpoints.adapted.TEXT_STACKS`).
 
 In a selection, ``--roles q`` takes ``q_a`` and ``q_b`` (they compute the query and nothing else; :func:`role_named`)
 and ``--roles k`` or ``v`` takes ``kv_b``'s projection of that role in an analysis, and ``kv_a`` and ``kv_b`` whole
@@ -65,15 +94,20 @@ from typing import Any
 
 from spectra.errors import ConfigError
 
-ROLES = ("q", "k", "v", "o", "qkv", "q_a", "q_b", "kv_a", "kv_b", "xq", "xk", "xv", "xo", "gate", "up", "down",
-         "gate_up", "embed", "head", "other")
+ROLES = ("q", "k", "v", "o", "qkv", "q_a", "q_b", "kv_a", "kv_b", "kv", "o_a", "o_b", "xq", "xk", "xv", "xo", "gate",
+         "up", "down", "gate_up", "projector", "embed", "head", "other")
 # The roles a fused module holds: a LoRA on it adapts all of them. MLA's factors hold the roles they compute: q_a and
-# q_b the query, kv_a (the latent and the shared rotary key) and kv_b ([k_nope_h; v_h] per head) keys and values.
+# q_b the query, kv_a (the latent and the shared rotary key) and kv_b ([k_nope_h; v_h] per head) keys and values;
+# DeepSeek-V4's kv (K = V) the keys and the values, its o_a and o_b the output.
 FUSED_ROLES = {"qkv": frozenset({"q", "k", "v"}), "gate_up": frozenset({"gate", "up"}),
                "q_a": frozenset({"q"}), "q_b": frozenset({"q"}), "kv_a": frozenset({"k", "v"}),
-               "kv_b": frozenset({"k", "v"})}
-# MLA's query factors → the one role they compute, which also names them in a selection (an analysis's --roles q)
-_QUERY_FACTORS = {"q_a": "q", "q_b": "q"}
+               "kv_b": frozenset({"k", "v"}), "kv": frozenset({"k", "v"}), "o_a": frozenset({"o"}),
+               "o_b": frozenset({"o"})}
+# Roles whose whole module computes what other roles name, which also name it in a selection (an analysis's --roles q
+# or o): MLA's query factors and DeepSeek-V4's output factors compute one role each; V4's kv computes the keys and,
+# the same tensor, the values
+_NAMED_BY = {"q_a": frozenset({"q"}), "q_b": frozenset({"q"}), "o_a": frozenset({"o"}), "o_b": frozenset({"o"}),
+             "kv": frozenset({"k", "v"})}
 # Cross-attention's role → the self-attention role that also names it in a selection.
 CROSS_ROLES = {"xq": "q", "xk": "k", "xv": "v", "xo": "o"}
 
@@ -154,9 +188,11 @@ def missing_stacks(stacks, present, *, option: str = "stacks") -> str | None:
 def role_named(role: str, roles) -> bool:
     """Whether `roles` name a module of `role`: itself, or, for a cross-attention role, its self-attention role
     (``--roles q`` takes T5's ``EncDecAttention.q``, role ``xq``, as PEFT's ``target_modules`` do), or, for MLA's
-    query factors ``q_a`` and ``q_b``, ``q``. Pairing selects by this; :func:`role_selected` adds the fused tensors
-    a LoRA target takes whole (MLA's ``kv_a`` and ``kv_b`` by ``k`` or ``v``)."""
-    return role in roles or CROSS_ROLES.get(role) in roles or _QUERY_FACTORS.get(role) in roles
+    query factors ``q_a`` and ``q_b``, ``q``, for DeepSeek-V4's output factors ``o_a`` and ``o_b``, ``o``, and for
+    its ``kv`` (K = V), ``k`` or ``v``. Pairing selects by this; :func:`role_selected` adds the fused tensors a LoRA
+    target takes whole (MLA's ``kv_a`` and ``kv_b`` by ``k`` or ``v``)."""
+    return (role in roles or CROSS_ROLES.get(role) in roles
+            or any(named in roles for named in _NAMED_BY.get(role, ())))
 
 
 # A decoder's attention over its encoder's output, by the name of its module; T5's self-attention modules.
@@ -184,6 +220,12 @@ _ROLE_RULES: tuple[tuple[str, str], ...] = (
     (r"compressor\.(indexer\.)?gate_proj", "other"),
     (r"kv_a_proj_with_mqa", "kv_a"),
     (r"kv_b_proj", "kv_b"),
+    # DeepSeek-V4's attention: one key-value head read as keys and values (K = V), and the grouped low-rank output's
+    # two factors; its compressors' kv_proj (pooled into long-range entries) and JetMoE's self_attention.kv_proj
+    # (a contiguous [k; v]) are not matched
+    (r"self_attn\.kv_proj", "kv"),
+    (r"o_a_proj", "o_a"),
+    (r"o_b_proj", "o_b"),
     # cross-attention, before self-attention's rules that its names match too: BART, mBART, Marian, Pegasus, Whisper
     # encoder_attn.q_proj; T5 EncDecAttention.q; BERT2BERT crossattention.self.query; Mllama, T5Gemma cross_attn.q_proj;
     # BLIP-2's Q-Former crossattention.attention.query; GPT-2's (add_cross_attention) crossattention.q_attn and c_proj,
@@ -209,7 +251,7 @@ _ROLE_RULES: tuple[tuple[str, str], ...] = (
     # experts (experts.expert_N.wi, wo; never gated in transformers) and dense layers (layer.N.mlp.wi, wo); NLLB-MoE's
     # experts (experts.expert_N.fc1, fc2) and dense layers (layers.N.ffn.fc1, fc2);
     # BLIP-2's Q-Former: intermediate_query.dense and output_query.dense (the query tokens' MLP), as BERT's;
-    # Qwen3-VL's and Qwen3.5's vision tower blocks.N.mlp.linear_fc1 and linear_fc2 (the merger's: other)
+    # Qwen3-VL's and Qwen3.5's vision tower blocks.N.mlp.linear_fc1 and linear_fc2 (the merger's: projector)
     (r"(gate_proj|experts\.\d+\.w1|mlp\.fc_gate|feed_forward\.w1|DenseReluDense\.wi_0)", "gate"),
     (r"(up_proj|experts\.\d+\.w3|intermediate(_query)?\.dense|mlp\.c_fc|dense_h_to_4h|mlp\.(linear_)?fc1"
      r"|feed_forward\.w3|DenseReluDense\.wi(_1)?|layers\.\d+\.(ffn\.)?fc1|experts\.expert_\d+\.(wi|fc1)"
@@ -265,6 +307,12 @@ _STACK_RULES: tuple[tuple[str, str], ...] = (
     (r"(^|\.)(token2wav|code2wav)(\.|$)", "vocoder"),
 )
 _STACK_REGEXES = tuple((re.compile(pattern), stack) for pattern, stack in _STACK_RULES)
+# The role of a stack's module that no role rule names (it would be other): a projector's Linears (LLaVA's
+# multi_modal_projector.linear_1, Qwen2-VL's visual.merger.mlp.0, BLIP-2's language_projection, …) are what the
+# projector computes. Its norms (Qwen2-VL's merger.ln_q, InternVL's layer_norm, Gemma 3's mm_soft_emb_norm, Pixtral's
+# norm: _NORM) stay other, as the language model's do.
+_STACK_ROLES = {"projector": "projector"}
+_NORM = re.compile(r"(^|\.)(\w*norm\w*|ln(_\w+)?)$")
 # In an encoder–decoder model (config.json's is_encoder_decoder: T5, BART, Whisper, Marian) the first of these
 # segments decides: T5's encoder.block.0 is the encoder, EncoderDecoderModel's decoder.bert.encoder.layer.0 the decoder.
 # Only then: BERT's encoder.layer.N and OPT's model.decoder.layers.N are an ordinary model's one stack.
@@ -347,16 +395,20 @@ def module_info(name: str, config: dict[str, Any] | None = None) -> ModuleInfo:
     ModuleInfo(role='qkv', layer=0, expert=None, stack=None)
     >>> module_info("vision_tower.encoder.layers.0.self_attn.q_proj")
     ModuleInfo(role='q', layer=0, expert=None, stack='vision')
+    >>> module_info("model.multi_modal_projector.linear_1")  # LLaVA's projector (transformers 5's names)
+    ModuleInfo(role='projector', layer=None, expert=None, stack='projector')
     """
     role = "other"
     for regex, candidate in _ROLE_REGEXES:
         if regex.search(name):
             role = candidate
             break
+    stack = module_stack(name, config)
+    if role == "other" and stack in _STACK_ROLES and not _NORM.search(name):
+        role = _STACK_ROLES[stack]  # a projector's Linear: role projector
     layer = _LAYER.search(name)
     expert = _EXPERT.search(name)
-    return ModuleInfo(role, int(layer.group(1)) if layer else None, int(expert.group(1)) if expert else None,
-                      module_stack(name, config))
+    return ModuleInfo(role, int(layer.group(1)) if layer else None, int(expert.group(1)) if expert else None, stack)
 
 
 def module_stack(name: str, config: dict[str, Any] | None = None) -> str | None:

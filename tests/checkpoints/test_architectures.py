@@ -58,7 +58,8 @@ ENCODER_DECODER = {"model_type": "bart", "is_encoder_decoder": True}
     ("language_model.model.layers.0.self_attn.q_proj", None, "q", 0, None),
     ("vision_tower.encoder.layers.0.self_attn.q_proj", None, "q", 0, "vision"),
     ("model.vision_tower.vision_model.encoder.layers.0.self_attn.q_proj", None, "q", 0, "vision"),
-    ("multi_modal_projector.mm_input_projection_weight", None, "other", None, "projector"),
+    ("multi_modal_projector.mm_input_projection_weight", None, "projector", None, "projector"),
+    ("multi_modal_projector.mm_soft_emb_norm", None, "other", None, "projector"),  # a projector's norm stays other
     ("visual.blocks.0.attn.qkv", None, "qkv", 0, "vision"),  # Qwen2-VL
     ("vision_model.transformer.layers.3.self_attn.q_proj", None, "q", 3, "vision"),  # Mllama: two vision stacks
     ("vision_model.global_transformer.layers.3.self_attn.q_proj", None, "q", 3, "vision_global"),
@@ -70,12 +71,12 @@ ENCODER_DECODER = {"model_type": "bart", "is_encoder_decoder": True}
     ("qformer.embeddings.word_embeddings", None, "embed", None, "qformer"),  # InstructBLIP's instruction embeddings
     ("language_model.model.decoder.layers.0.self_attn.q_proj", None, "q", 0, None),  # BLIP-2 with OPT
     ("language_model.encoder.block.0.layer.0.SelfAttention.q", {"is_encoder_decoder": True}, "q", 0, "encoder"),
-    ("language_projection", None, "other", None, "projector"),
+    ("language_projection", None, "projector", None, "projector"),
     # projectors as stored and as transformers-5 multimodal classes name them, under their model. wrapper
-    ("multi_modal_projector.linear_1", None, "other", None, "projector"),  # LLaVA
-    ("model.multi_modal_projector.linear_1", None, "other", None, "projector"),
-    ("model.connector.modality_projection.proj", None, "other", None, "projector"),  # Idefics3, SmolVLM
-    ("model.mm_projector.0", None, "other", None, "projector"),  # LLaVA-1.5's original checkpoints
+    ("multi_modal_projector.linear_1", None, "projector", None, "projector"),  # LLaVA
+    ("model.multi_modal_projector.linear_1", None, "projector", None, "projector"),
+    ("model.connector.modality_projection.proj", None, "projector", None, "projector"),  # Idefics3, SmolVLM
+    ("model.mm_projector.0", None, "projector", None, "projector"),  # LLaVA-1.5's original checkpoints
     # a projector's words deeper in a name are the language model's own modules
     ("model.layers.0.mlp.connector", None, "other", 0, None),
     ("model.layers.2.self_attn.mm_projector", None, "other", 2, None),
@@ -192,7 +193,8 @@ def test_a_vlms_language_q_and_v_leave_its_vision_towers_alone():
     assert _selected(model, ("q", "v"), parse_stacks("vision")) == vision
     assert _selected(model, ("q", "v"), parse_stacks("language,vision")) == language | vision
     merger = _linears(model, "model.visual.merger.", "")
-    assert merger and _selected(model, ("other",), parse_stacks("projector")) == merger
+    assert merger and _selected(model, ("projector",), parse_stacks("projector")) == merger
+    assert _selected(model, ("projector",), parse_stacks("language,vision")) == set()  # only the projector holds it
 
 
 def test_blip2_qformer_selected_apart_from_its_vision_tower_and_language_model():

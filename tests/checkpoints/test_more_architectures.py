@@ -88,7 +88,7 @@ BLIP2_ROLES = {
 
 def _blip2_expected(model) -> dict[str, tuple[str, int | None, str | None]]:
     """Every Linear → (role, layer, stack), read off the model's own layer lists."""
-    out = {"language_projection": ("other", None, "projector"), "language_model.lm_head": ("head", None, None)}
+    out = {"language_projection": ("projector", None, "projector"), "language_model.lm_head": ("head", None, None)}
     stacks = (("vision_model.encoder.layers", model.vision_model.encoder.layers, "vision"),
               ("qformer.encoder.layer", model.qformer.encoder.layer, "qformer"),
               ("language_model.model.decoder.layers", model.language_model.model.decoder.layers, None))

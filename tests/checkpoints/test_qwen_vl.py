@@ -160,7 +160,7 @@ def _expected(model, *, text: bool = True) -> dict[str, tuple[str, int | None, s
     for prefix, merger, layer in mergers:
         for path, module in merger.named_modules():
             if isinstance(module, torch.nn.Linear):
-                out[f"{prefix}.{path}"] = ("other", layer, "projector")
+                out[f"{prefix}.{path}"] = ("projector", layer, "projector")
     return out
 
 
@@ -392,7 +392,7 @@ def test_extracted_adapter_merges_to_the_planted_update_and_runs_as_the_fine_tun
     from peft import PeftModel
 
     family, base, tuned, deltas, b, t = planted_pair
-    result = extract_adapter(b, t, 2, tmp_path / "ad", roles=("q", "k", "v", "o", "up", "other"), progress=False)
+    result = extract_adapter(b, t, 2, tmp_path / "ad", roles=("q", "k", "v", "o", "up", "projector"), progress=False)
     assert result.model_class == type(base).__name__
     assert set(deltas) <= {m.name for m in result.modules}  # the model's names, as PEFT finds the modules
     state, _ = merged_state(base, tmp_path / "ad")
@@ -564,7 +564,7 @@ def test_qwen2_vl_plan_ranks_reach_the_models_modules(tmp_path):
     tuned, _ = _planted(base, planted)
     b, t = pair(tmp_path, base, tuned)
     plan = recommend_ranks(analyze(b, t, cache_dir=False, progress=False),
-                           RankPolicy(roles=("q", "v", "o", "up", "other"), noise=False, energy=0.99))
+                           RankPolicy(roles=("q", "v", "o", "up", "projector"), noise=False, energy=0.99))
     ranks = {m.name: m.rank for m in plan.modules if m.rank}
     assert ranks == {stored("qwen2_vl", name): rank for name, (_, rank) in planted.items()}
     extract_adapter(b, t, plan, tmp_path / "ad", progress=False)
@@ -588,4 +588,4 @@ def test_qwen2_vl_analysis_reports_the_towers_projections_and_the_projector_apar
     analysis = analyze(*pair(tmp_path, base, tuned), cache_dir=False, progress=False).to_dict()
     table = {(e["stack"], e["role"]): (e["modules"], e["energy_rank_0.99"]["median"]) for e in summary_rows(analysis)}
     assert table == {(None, "q"): (1, 2), ("vision", "q"): (1, 1), ("vision", "v"): (1, 2), ("vision", "o"): (1, 2),
-                     ("vision", "up"): (1, 1), ("vision", "qkv"): (2, 1.5), ("projector", "other"): (1, 2)}
+                     ("vision", "up"): (1, 1), ("vision", "qkv"): (2, 1.5), ("projector", "projector"): (1, 2)}
