@@ -16,6 +16,7 @@ import typer
 
 from spectra.cli import analysis, bench, demo, memory, plans, sweep, training
 from spectra.cli.messages import _cli_message, _cli_words, _quiet_third_party
+from spectra.cli.switches import SpectraCommand
 
 app = typer.Typer(
     name="spectra",
@@ -40,22 +41,22 @@ def _root(debug: Annotated[bool, typer.Option("--debug", help="Show full traceba
     _state["debug"] = debug
 
 
-# the commands, in the order `spectra --help` lists them
-app.command()(analysis.pairs)
-app.command()(demo.demo)
-app.command()(analysis.analyze)
-app.command()(analysis.show)
-app.command()(plans.recommend)
-app.command()(plans.extract)
-app.command()(memory.memory)
-app.command()(training.train)
-app.command()(training.verify)
-app.command()(sweep.sweep)
-bench_app.command("svd")(bench.bench_svd)
-bench_app.command("train")(bench.bench_train)
-bench_app.command("verify")(bench.bench_verify)
-bench_app.command("make-pair")(bench.bench_make_pair)
-bench_app.command("e2e")(bench.bench_e2e)
+# the commands, in the order `spectra --help` lists them (their --help never cuts a switch's name: switches.py)
+app.command(cls=SpectraCommand)(analysis.pairs)
+app.command(cls=SpectraCommand)(demo.demo)
+app.command(cls=SpectraCommand)(analysis.analyze)
+app.command(cls=SpectraCommand)(analysis.show)
+app.command(cls=SpectraCommand)(plans.recommend)
+app.command(cls=SpectraCommand)(plans.extract)
+app.command(cls=SpectraCommand)(memory.memory)
+app.command(cls=SpectraCommand)(training.train)
+app.command(cls=SpectraCommand)(training.verify)
+app.command(cls=SpectraCommand)(sweep.sweep)
+bench_app.command("svd", cls=SpectraCommand)(bench.bench_svd)
+bench_app.command("train", cls=SpectraCommand)(bench.bench_train)
+bench_app.command("verify", cls=SpectraCommand)(bench.bench_verify)
+bench_app.command("make-pair", cls=SpectraCommand)(bench.bench_make_pair)
+bench_app.command("e2e", cls=SpectraCommand)(bench.bench_e2e)
 
 
 def _stop_on_ctrl_c(command):
