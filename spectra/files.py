@@ -28,8 +28,9 @@ import socket
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
-__all__ = ["OUTPUTS", "RECORD_WRITERS", "command_of", "move_into_place", "record_origin", "record_writer", "refuse_replacing_inputs",
-           "refuse_replacing_others", "staged_directory", "write_atomic", "write_text_atomic"]
+__all__ = ["OUTPUTS", "RECORD_WRITERS", "command_of", "move_into_place", "record_origin", "record_writer",
+           "refuse_replacing_inputs", "refuse_replacing_others", "staged_directory", "write_atomic",
+           "write_text_atomic"]
 
 
 def _sibling(path: Path, what: str) -> Path:
@@ -274,13 +275,9 @@ def refuse_replacing_others(output: str | os.PathLike, *, command: str, overwrit
 def _recorded_files(out: Path, records: tuple[str, ...]) -> tuple[str, ...] | None:
     """The files a command's record in `out` says it saved (its ``"files"`` list, paths relative to `out`), or None
     where no record lists them (a record written before the list, or a command that keeps none)."""
-    import json
-
     for name in records:
-        try:
-            listed = json.loads((out / name).read_text(encoding="utf-8")).get("files")
-        except (OSError, ValueError, AttributeError):
-            continue
+        data = _read_record(out / name)
+        listed = data.get("files") if isinstance(data, Mapping) else None
         if isinstance(listed, list) and all(isinstance(f, str) for f in listed):
             return tuple(glob.escape(f) for f in listed)
     return None

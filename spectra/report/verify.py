@@ -73,7 +73,8 @@ def write_sweep_report(sweep: Mapping, out_dir, *, overwrite: bool = False) -> P
 def _refuse_other_writer(data: Mapping, writer: str, function: str) -> None:
     """Refuse data that says another command wrote it (a truncation sweep given to the rank sweep's writer)."""
     if record_writer(data) not in (None, writer):
-        raise ConfigError(f"the given data is {record_origin(data)}; {function} writes {record_origin({'command': writer})}.")
+        raise ConfigError(f"the given data is {record_origin(data)}; {function} writes "
+                          f"{record_origin({'command': writer})}.")
 
 
 def sweep_figures(sweep: Mapping) -> dict[str, Figure]:
