@@ -1,14 +1,17 @@
 """How long a sequence a model takes, read from its ``config.json``: the one rule of ``spectra train``'s
 ``--max-length`` (and verify's, sweep's, calibration's ``max_length``) and ``spectra memory``'s ``--seq-len``.
 
-A table of learned absolute positions (BERT, GPT-2, BART) has no row for a longer sequence: such a length is refused.
-Rotary positions (Llama, GPT-NeoX), DeBERTa-v3's relative ones and a model without position encodings run past the
-length the model was configured for: a longer length is kept, with a note. Which kind a model has is read from the
-config's keys, and where they say nothing (a Llama config.json of its required keys alone) from its family's: the
-defaults transformers' config class of its ``model_type`` fills in (:func:`position_limit`).
+A table of absolute positions (BERT's and GPT-2's learned ones, Marian's fixed sinusoid) has no row for a longer
+sequence: such a length is refused. Rotary positions (Llama, GPT-NeoX), relative ones (DeBERTa-v3, Inkling),
+sinusoids computed for any length (M2M100, XGLM) and a model without position encodings (Granite 4.0-H, the
+state-space hybrids Jamba, Zamba, Nemotron-H) run past the length the model was configured for: a longer length is
+kept, with a note naming the key that decided. Which kind a model has is read from the config's keys over its
+family's: the defaults transformers' config class of its ``model_type`` fills in where the config.json is silent (a
+Llama config.json of its required keys alone is rotary, a Jamba one has Jamba's mamba_d_state) (:func:`position_limit`).
+tests/checkpoints/test_positions_scan.py holds the rule to every model transformers builds.
 
-No torch here, and transformers only when the keys do not decide: ``spectra.memory`` imports this module at its top.
-"""
+No torch here, and transformers' config classes only (once per model_type): ``spectra.memory`` imports this module at
+its top."""
 
 from __future__ import annotations
 
@@ -107,10 +110,12 @@ def position_limit(model_config: Mapping) -> PositionLimit | None:
     ``max_encoder_position_embeddings`` and ``max_decoder_position_embeddings``) is limited
     by the shorter: one ``max_length`` cuts its source and its target. A model with no such
     key (T5's relative positions, BLOOM's ALiBi) has no limit here. Whether the length binds
-    (:attr:`PositionLimit.positions`) is read from the keys that replace the learned table:
-    rotary ones, ``position_embedding_type`` and DeBERTa's ``position_biased_input``; where the config
-    names none of them, from its family's defaults (transformers' config class of its ``model_type``), so a
-    Llama config.json of its required keys alone is rotary, as its model is.
+    (:attr:`PositionLimit.positions`, and :attr:`PositionLimit.why`) is read from the keys that replace the learned
+    table (``position_embedding_type``, DeBERTa's ``position_biased_input``, ``qk_rope_head_dim = 0``, Zamba2's
+    ``use_mem_rope``, TrOCR's ``use_learned_position_embeddings``, a relative bias's ``rel_extent``, the rotary
+    keys, a state-space hybrid's ``mamba_d_state``) and a few families' computed sinusoids, over the defaults of its
+    family (transformers' config class of its ``model_type``): a Llama config.json of its required keys alone is
+    rotary, as its model is.
     """
     for scope in (model_config, model_config.get("text_config") or {}):
         for key in ("max_position_embeddings", "n_positions"):
@@ -250,7 +255,7 @@ def resolve_max_length(max_length: int | None, model_config: Mapping, *, option:
     notes : list of str, optional
         Receives a note (starting with ``option``) when the default is cut to the model's limit, or when a length
         beyond the configured positions of a model whose positions run past them (rotary,
-        relative) is kept.
+        relative, computed sinusoids, none) is kept.
     default : int
         The length when none is asked: :data:`DEFAULT_MAX_LENGTH` (examples to train on);
         ``spectra memory`` estimates a longer context (its ``DEFAULT_SEQ_LEN``).

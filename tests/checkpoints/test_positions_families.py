@@ -56,6 +56,12 @@ def _config(family: str):
     if family == "xglm":
         return tf.XGLMConfig(vocab_size=64, d_model=32, num_layers=1, attention_heads=4, ffn_dim=48,
                              max_position_embeddings=32)
+    if family == "esm_null":  # ESM adds a table only at "absolute", rotates only at "rotary"; null: neither
+        return tf.EsmConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                            intermediate_size=48, pad_token_id=1, mask_token_id=2, position_embedding_type=None)
+    if family in ("trocr", "trocr_learned"):  # a computed sinusoid, or a learned table, as the key says
+        return tf.TrOCRConfig(vocab_size=64, d_model=32, decoder_layers=1, decoder_attention_heads=4,
+                              decoder_ffn_dim=48, use_learned_position_embeddings=family == "trocr_learned")
     if family == "marian":  # negative control: a fixed sinusoidal table of max_position_embeddings rows
         return tf.MarianConfig(**_SEQ2SEQ, pad_token_id=0, decoder_start_token_id=0)
     if family == "t5":
@@ -69,7 +75,9 @@ def _config(family: str):
 def _with_32_positions(family: str):
     """`family`'s config with 32 positions (T5 has no such key: its relative positions have no limit)."""
     config = _config(family)
-    if family != "t5":
+    if family == "esm_null":  # RoBERTa's layout: position ids start after the padding id 1, 34 rows hold 32
+        config.max_position_embeddings = 34
+    elif family != "t5":
         setattr(config, "n_positions" if family == "gpt2" else "max_position_embeddings", 32)
     return config
 
@@ -88,7 +96,7 @@ def _runs(family: str, length: int) -> bool:
 
     config = _with_32_positions(family)
     torch.manual_seed(0)
-    model = tf.AutoModel.from_config(config).eval()
+    model = (tf.TrOCRForCausalLM(config) if config.model_type == "trocr" else tf.AutoModel.from_config(config)).eval()
     ids = torch.full((1, length), 5)
     extra = {"decoder_input_ids": ids} if config.is_encoder_decoder else {}
     try:
@@ -107,6 +115,8 @@ RUN_PAST = {
     "zamba2": ("none", "use_mem_rope = false"),
     "granitemoehybrid": ("none", "position_embedding_type = null"),
     "glm5_next_text": ("none", "qk_rope_head_dim = 0"),
+    "esm_null": ("none", "position_embedding_type = null"),
+    "trocr": ("sinusoidal", "use_learned_position_embeddings = false"),
     "m2m_100": ("sinusoidal", "model_type = m2m_100"),
     "xglm": ("sinusoidal", "model_type = xglm"),
 }
@@ -127,9 +137,11 @@ def test_a_model_without_a_table_of_positions_takes_a_longer_length(family, tmp_
     assert _runs(family, 40)  # the reference: nothing in the model stops at 32
     notes = []
     assert resolve_max_length(40, saved, notes=notes) == 40
+    source = ("max_position_embeddings = 34, less the 2 ids its position ids start after (pad_token_id + 1)"
+              if family == "esm_null" else "max_position_embeddings = 32")
     assert notes == ["max_length (--max-length) 40 is beyond the 32 positions the model is configured for "
-                     f"(max_position_embeddings = 32 in its config.json); {_NOTES[kind].format(why=why)}, but it was "
-                     "not trained on sequences this long."]
+                     f"({source} in its config.json); {_NOTES[kind].format(why=why)}, but it was not trained on "
+                     "sequences this long."]
 
 
 def test_granitemoehybrid_with_position_embedding_type_null_is_noted_as_encoding_no_positions(tmp_path):
@@ -162,9 +174,10 @@ def test_a_jamba_config_of_its_required_keys_alone_reads_its_familys_mamba_keys(
     assert resolve_max_length(40, saved) == 40
 
 
-@pytest.mark.parametrize("family", ["gpt2", "bert", "marian"])
+@pytest.mark.parametrize("family", ["gpt2", "bert", "marian", "trocr_learned"])
 def test_a_table_of_positions_is_still_refused(family, tmp_path):
-    """Negative controls: GPT-2's and BERT's learned tables, and Marian's fixed sinusoidal one, fail past 32."""
+    """Negative controls: GPT-2's, BERT's and TrOCR's (use_learned_position_embeddings true) learned tables, and
+    Marian's fixed sinusoidal one, fail past 32."""
     saved = _saved(tmp_path, family)
     assert position_limit(saved).positions == "learned"
     assert not _runs(family, 40)
