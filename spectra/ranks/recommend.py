@@ -27,6 +27,7 @@ import numpy as np
 
 from spectra.checkpoints.architectures import missing_stacks, module_stack, role_selected, stack_name, stack_selected
 from spectra.errors import ConfigError
+from spectra.files import record_origin
 from spectra.ranks.budget import allocate_budget
 from spectra.ranks.functional import functional_ranks, read_sweep, role_curves
 from spectra.ranks.plan import LeftOut, ModuleRank, RankPlan
@@ -170,12 +171,10 @@ def _other_spectra_file(data: Any) -> str | None:
         return None
     if "policy" in data and "modules" in data:
         return "a rank plan (`spectra recommend -o`)"
-    kind = data.get("kind")
-    if kind == "truncation_sweep":
-        return "a truncation sweep (`spectra sweep`)"
-    if kind == "sweep":
-        return "a rank sweep of trained adapters (`spectra verify --sweep`)"
-    if "summary" in data and "adapter" in data:
+    origin = record_origin(data)  # a sweep.json of `spectra sweep` or `verify --sweep`, a verify.json: by their
+    if origin:  # "command", or their "kind" where older (spectra.files.RECORD_WRITERS)
+        return origin
+    if "summary" in data and "adapter" in data:  # a verify.json written before records said their command
         return "an adapter check (`spectra verify`)"
     if "per_module_plan" in data:
         return "the demo's results (`spectra demo`)"
