@@ -22,7 +22,9 @@ class SpectraCommand(TyperCommand):
     def format_help(self, ctx, formatter) -> None:
         from typer import rich_utils  # the options table is made there, as rich_utils.Table
 
-        table = rich_utils.Table
+        table = getattr(rich_utils, "Table", None)
+        if table is not Table:  # a typer that draws its tables otherwise: its own layout
+            return super().format_help(ctx, formatter)
         rich_utils.Table = _OptionsTable
         try:
             super().format_help(ctx, formatter)
