@@ -108,7 +108,8 @@ def position_limit(model_config: Mapping) -> PositionLimit | None:
     RoBERTa-family table loses the rows its position ids skip (the padding id and those
     below it). An encoder–decoder whose stacks have tables of their own (LED's
     ``max_encoder_position_embeddings`` and ``max_decoder_position_embeddings``) is limited
-    by the shorter: one ``max_length`` cuts its source and its target. A model with no such
+    by the shorter: one ``max_length`` cuts its source and its target; so is a composite one (EncoderDecoderModel's
+    ``encoder`` and ``decoder`` configs: a table binds before a stack whose positions run past). A model with no such
     key (T5's relative positions, BLOOM's ALiBi) has no limit here. Whether the length binds
     (:attr:`PositionLimit.positions`, and :attr:`PositionLimit.why`) is read from the keys that replace the learned
     table (``position_embedding_type``, DeBERTa's ``position_biased_input``, ``qk_rope_head_dim = 0``, Zamba2's
@@ -135,6 +136,14 @@ def position_limit(model_config: Mapping) -> PositionLimit | None:
             source = f"{key} = {sides[key]}" + (", the shorter of the encoder's and the decoder's" if len(sides) > 1
                                                 else "")
             return PositionLimit(sides[key], source, *_positions(scope))
+    # a composite encoder–decoder (EncoderDecoderModel's BERT2BERT, VisionEncoderDecoderModel's text decoder): a
+    # config of each stack; one max_length cuts both, so a table binds before a stack that runs past its positions,
+    # and the shorter table first
+    stacks = [(name, limit) for name in ("encoder", "decoder") if isinstance(model_config.get(name), Mapping)
+              and (limit := position_limit(model_config[name])) is not None]
+    if stacks:
+        name, limit = min(stacks, key=lambda stack: (not stack[1].learned, stack[1].length))
+        return replace(limit, source=f"its {name}'s {limit.source}")
     return None
 
 
@@ -177,6 +186,8 @@ def _keyed_positions(config: Mapping, own: Mapping) -> tuple[str, str] | None:
         return "learned", said("position_embedding_type")
     if kind in _NO_POSITION_TYPES or (model_type in _SWITCHED_BY_TYPE and "position_embedding_type" in config):
         return "none", said("position_embedding_type")
+    if config.get("alibi") is True:  # Falcon-RW: ALiBi's distance bias in place of rotary positions
+        return "relative", f"ALiBi, {said('alibi')}"
     if config.get("qk_rope_head_dim") == 0:  # MLA (GLM-5-Next): no rotary part in its queries and keys
         return "none", said("qk_rope_head_dim")
     if isinstance(config.get("use_mem_rope"), bool):  # Zamba2: its shared attention rotates only when set

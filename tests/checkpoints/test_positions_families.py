@@ -62,6 +62,16 @@ def _config(family: str):
     if family in ("trocr", "trocr_learned"):  # a computed sinusoid, or a learned table, as the key says
         return tf.TrOCRConfig(vocab_size=64, d_model=32, decoder_layers=1, decoder_attention_heads=4,
                               decoder_ffn_dim=48, use_learned_position_embeddings=family == "trocr_learned")
+    if family in ("falcon_alibi", "falcon"):  # Falcon-RW's ALiBi, or the rotary positions of Falcon's default
+        return tf.FalconConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                               alibi=family == "falcon_alibi")
+    if family == "bert2bert":  # EncoderDecoderModel: a BERT encoder of 32 positions, a BERT decoder of 48
+        from tests.models import tiny_config
+
+        decoder = tiny_config("bert")
+        decoder.update({"max_position_embeddings": 48, "is_decoder": True, "add_cross_attention": True})
+        return tf.EncoderDecoderConfig.from_encoder_decoder_configs(tiny_config("bert"), decoder,
+                                                                    decoder_start_token_id=0, pad_token_id=0)
     if family == "marian":  # negative control: a fixed sinusoidal table of max_position_embeddings rows
         return tf.MarianConfig(**_SEQ2SEQ, pad_token_id=0, decoder_start_token_id=0)
     if family == "t5":
@@ -77,7 +87,7 @@ def _with_32_positions(family: str):
     config = _config(family)
     if family == "esm_null":  # RoBERTa's layout: position ids start after the padding id 1, 34 rows hold 32
         config.max_position_embeddings = 34
-    elif family != "t5":
+    elif family not in ("t5", "bert2bert"):
         setattr(config, "n_positions" if family == "gpt2" else "max_position_embeddings", 32)
     return config
 
@@ -96,7 +106,9 @@ def _runs(family: str, length: int) -> bool:
 
     config = _with_32_positions(family)
     torch.manual_seed(0)
-    model = (tf.TrOCRForCausalLM(config) if config.model_type == "trocr" else tf.AutoModel.from_config(config)).eval()
+    classes = {"trocr": tf.TrOCRForCausalLM, "encoder-decoder": tf.EncoderDecoderModel}  # no AutoModel class
+    model = (classes[config.model_type](config) if config.model_type in classes
+             else tf.AutoModel.from_config(config)).eval()
     ids = torch.full((1, length), 5)
     extra = {"decoder_input_ids": ids} if config.is_encoder_decoder else {}
     try:
@@ -117,10 +129,12 @@ RUN_PAST = {
     "glm5_next_text": ("none", "qk_rope_head_dim = 0"),
     "esm_null": ("none", "position_embedding_type = null"),
     "trocr": ("sinusoidal", "use_learned_position_embeddings = false"),
+    "falcon_alibi": ("relative", "ALiBi, alibi = true"),
     "m2m_100": ("sinusoidal", "model_type = m2m_100"),
     "xglm": ("sinusoidal", "model_type = xglm"),
 }
-_NOTES = {"none": "it encodes no positions ({why}): nothing in it stops at them",
+_NOTES = {"relative": "it has no table of absolute positions ({why}): its relative positions run past them",
+          "none": "it encodes no positions ({why}): nothing in it stops at them",
           "sinusoidal": "its sinusoidal positions are computed for any length ({why}): they run past them"}
 
 
@@ -174,12 +188,16 @@ def test_a_jamba_config_of_its_required_keys_alone_reads_its_familys_mamba_keys(
     assert resolve_max_length(40, saved) == 40
 
 
-@pytest.mark.parametrize("family", ["gpt2", "bert", "marian", "trocr_learned"])
+@pytest.mark.parametrize("family", ["gpt2", "bert", "marian", "trocr_learned", "bert2bert"])
 def test_a_table_of_positions_is_still_refused(family, tmp_path):
     """Negative controls: GPT-2's, BERT's and TrOCR's (use_learned_position_embeddings true) learned tables, and
-    Marian's fixed sinusoidal one, fail past 32."""
+    Marian's fixed sinusoidal one, fail past 32. A BERT2BERT EncoderDecoderModel (its tables in its encoder and
+    decoder configs) was read as having no limit, a crash at 40: its encoder's 32 bind."""
     saved = _saved(tmp_path, family)
-    assert position_limit(saved).positions == "learned"
+    limit = position_limit(saved)
+    assert (limit.length, limit.positions) == (32, "learned")
+    assert limit.source == ("its encoder's max_position_embeddings = 32" if family == "bert2bert" else
+                            f"{'n_positions' if family == 'gpt2' else 'max_position_embeddings'} = 32")
     assert not _runs(family, 40)
     with pytest.raises(ConfigError, match="40 is more than the model can take: its table of learned positions"):
         resolve_max_length(40, saved)
@@ -190,6 +208,8 @@ def test_rotary_and_relative_controls(tmp_path):
     T5's relative positions have no limit at all. Both models run past 32."""
     assert position_limit(_saved(tmp_path / "llama", "llama")).positions == "rotary"
     assert _runs("llama", 40)
+    assert position_limit(_saved(tmp_path / "falcon", "falcon")).positions == "rotary"  # alibi false
+    assert _runs("falcon", 40)
     for family in ("bamba", "falcon_h1"):  # Mamba hybrids whose attention rotates
         limit = position_limit({"model_type": family, "max_position_embeddings": 32})
         assert (limit.positions, limit.why) == ("rotary", ""), family
