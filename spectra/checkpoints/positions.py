@@ -56,7 +56,7 @@ _RELATIVE_BIAS_KEYS = ("rel_extent", "d_rel")
 # (Pegasus-X). No config key tells these from Marian's or Pegasus's fixed sinusoidal table of max_position_embeddings
 # rows, which fails past it: the family is the only rule. TrOCR says so with a key (use_learned_position_embeddings).
 _COMPUTED_SINUSOID_FAMILIES = frozenset({"m2m_100", "nllb-moe", "xglm", "kosmos_2_text_model", "kosmos_2_5_text_model",
-                                         "fsmt", "pegasus_x", "seamless_m4t", "seamless_m4t_v2"})
+                                         "fsmt", "pegasus_x", "seamless_m4t", "seamless_m4t_v2", "speech_to_text"})
 # What runs past the configured positions, by the kind of positions that are not a learned table; {why} is the key
 # that decided (PositionLimit.why).
 _RUNS_PAST = {"rotary": "its rotary positions run past them",
@@ -103,7 +103,8 @@ class PositionLimit:
 def position_limit(model_config: Mapping) -> PositionLimit | None:
     """The :class:`PositionLimit` of a model's ``config.json`` dict, or None when it declares none.
 
-    Read from ``max_position_embeddings`` (BERT, Llama, …) or ``n_positions`` (GPT-2),
+    Read from ``max_position_embeddings`` (BERT, Llama, …), ``n_positions`` (GPT-2) or
+    ``max_target_positions`` (the decoder's table of Whisper, which loads as a causal LM),
     of the config or of its ``text_config`` (a multimodal model's language tower); a
     RoBERTa-family table loses the rows its position ids skip (the padding id and those
     below it). An encoder–decoder whose stacks have tables of their own (LED's
@@ -119,7 +120,7 @@ def position_limit(model_config: Mapping) -> PositionLimit | None:
     rotary, as its model is.
     """
     for scope in (model_config, model_config.get("text_config") or {}):
-        for key in ("max_position_embeddings", "n_positions"):
+        for key in ("max_position_embeddings", "n_positions", "max_target_positions"):
             value = scope.get(key)
             if not _positive_int(value):
                 continue

@@ -72,6 +72,11 @@ def _config(family: str):
         decoder.update({"max_position_embeddings": 48, "is_decoder": True, "add_cross_attention": True})
         return tf.EncoderDecoderConfig.from_encoder_decoder_configs(tiny_config("bert"), decoder,
                                                                     decoder_start_token_id=0, pad_token_id=0)
+    if family == "whisper":  # its decoder's learned table: max_target_positions (WhisperForCausalLM)
+        return tf.WhisperConfig(vocab_size=64, d_model=32, encoder_layers=1, decoder_layers=1,
+                                encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=48,
+                                decoder_ffn_dim=48, max_target_positions=32, pad_token_id=0,
+                                decoder_start_token_id=0)
     if family == "marian":  # negative control: a fixed sinusoidal table of max_position_embeddings rows
         return tf.MarianConfig(**_SEQ2SEQ, pad_token_id=0, decoder_start_token_id=0)
     if family == "t5":
@@ -87,7 +92,7 @@ def _with_32_positions(family: str):
     config = _config(family)
     if family == "esm_null":  # RoBERTa's layout: position ids start after the padding id 1, 34 rows hold 32
         config.max_position_embeddings = 34
-    elif family not in ("t5", "bert2bert"):
+    elif family not in ("t5", "bert2bert", "whisper"):
         setattr(config, "n_positions" if family == "gpt2" else "max_position_embeddings", 32)
     return config
 
@@ -106,11 +111,12 @@ def _runs(family: str, length: int) -> bool:
 
     config = _with_32_positions(family)
     torch.manual_seed(0)
-    classes = {"trocr": tf.TrOCRForCausalLM, "encoder-decoder": tf.EncoderDecoderModel}  # no AutoModel class
+    classes = {"trocr": tf.TrOCRForCausalLM, "encoder-decoder": tf.EncoderDecoderModel,  # no AutoModel class
+               "whisper": tf.WhisperForCausalLM}  # what spectra train loads (AutoModelForCausalLM), on tokens
     model = (classes[config.model_type](config) if config.model_type in classes
              else tf.AutoModel.from_config(config)).eval()
     ids = torch.full((1, length), 5)
-    extra = {"decoder_input_ids": ids} if config.is_encoder_decoder else {}
+    extra = {"decoder_input_ids": ids} if config.is_encoder_decoder and config.model_type != "whisper" else {}
     try:
         with torch.no_grad():
             model(input_ids=ids, **extra)
@@ -188,17 +194,18 @@ def test_a_jamba_config_of_its_required_keys_alone_reads_its_familys_mamba_keys(
     assert resolve_max_length(40, saved) == 40
 
 
-@pytest.mark.parametrize("family", ["gpt2", "bert", "marian", "trocr_learned", "bert2bert"])
+@pytest.mark.parametrize("family", ["gpt2", "bert", "marian", "trocr_learned", "bert2bert", "whisper"])
 def test_a_table_of_positions_is_still_refused(family, tmp_path):
     """Negative controls: GPT-2's, BERT's and TrOCR's (use_learned_position_embeddings true) learned tables, and
     Marian's fixed sinusoidal one, fail past 32. A BERT2BERT EncoderDecoderModel (its tables in its encoder and
-    decoder configs) was read as having no limit, a crash at 40: its encoder's 32 bind."""
+    decoder configs) and Whisper's decoder (max_target_positions) were read as having no limit, a crash at 40: their
+    32 bind."""
     saved = _saved(tmp_path, family)
     limit = position_limit(saved)
     assert (limit.length, limit.positions) == (32, "learned")
-    assert limit.source == ("its encoder's max_position_embeddings = 32" if family == "bert2bert" else
-                            f"{'n_positions' if family == 'gpt2' else 'max_position_embeddings'} = 32")
-    assert not _runs(family, 40)
+    key = {"gpt2": "n_positions", "whisper": "max_target_positions"}.get(family, "max_position_embeddings")
+    assert limit.source == ("its encoder's max_position_embeddings = 32" if family == "bert2bert" else f"{key} = 32")
+    assert _runs(family, 32) and not _runs(family, 40)
     with pytest.raises(ConfigError, match="40 is more than the model can take: its table of learned positions"):
         resolve_max_length(40, saved)
 
