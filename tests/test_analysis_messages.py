@@ -47,7 +47,7 @@ def _run(monkeypatch, capsys, *args) -> tuple[int, str]:
 
 @pytest.mark.parametrize(("option", "value", "says", "not_said"), [
     ("--energy", "1.5", "--energy: 1.5 must be an energy fraction in (0, 1].", "(1.5,)"),
-    ("--energy", "0.9,2", "--energy: 2.0 must be an energy fraction in (0, 1].", "(0.9, 2.0)"),
+    ("--energy", "0.9,2", "--energy: 2 must be an energy fraction in (0, 1].", "(0.9, 2.0)"),  # as typed
     ("--full-below", "-5", "--full-below: -5 must be ≥ 0.", "base_top"),
 ])
 def test_analyze_names_only_the_option_at_fault(option, value, says, not_said, monkeypatch, capsys, tmp_path):

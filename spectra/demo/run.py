@@ -74,7 +74,7 @@ def _source_digest() -> str:
     """Hash of the spectra modules that compute the demo's numbers (not those that only
     render reports, benchmarks or the CLI: a changed table layout reuses the cached runs)."""
     root = Path(__file__).resolve().parents[1]
-    skip = ("report/", "bench/", "demo/report.py", "cli.py")
+    skip = ("report/", "bench/", "demo/report.py", "cli/")
     h = hashlib.sha256()
     for file in sorted(root.rglob("*.py")):
         rel = file.relative_to(root).as_posix()
