@@ -123,7 +123,8 @@ def verify(
                                                                 "replaced too, by the same rule (one `train` wrote, or "
                                                                 "empty), all checked before the first run trains. "
                                                                 "A report of `verify --sweep` (sweep.json) may be "
-                                                                "replaced by `verify --adapter`'s.")] = False,
+                                                                "replaced by `verify --adapter`'s; a `spectra sweep` "
+                                                                "report (also sweep.json) is refused.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars, no tables.")] = False,
 ) -> None:
     """Check an adapter against the full fine-tune: captured energy vs Eckart–Young, φ, intruders, eval.
