@@ -46,8 +46,8 @@ _NO_POSITION_TYPES = frozenset({"nope", "none"})
 # GraniteMoeHybrid rotates only at "rope" (transformers' default there is null, beside a rope_parameters it never
 # reads). BERT's family is not one: transformers 5 adds its absolute table whatever the key says.
 _SWITCHED_BY_TYPE = frozenset({"esm", "granitemoehybrid"})
-# Keys of a state-space (Mamba) hybrid: Jamba, Zamba, Nemotron-H and Granite 4.0-H attend without position encodings
-# (the recurrent layers carry the order), unless a rotary key says otherwise (Bamba, Falcon-H1).
+# Keys of a state-space (Mamba) hybrid: Jamba's, Zamba's and Nemotron-H's attention layers encode no positions (the
+# recurrent layers carry the order), unless a rotary key says otherwise (Bamba, Falcon-H1).
 _STATE_SPACE_KEYS = ("mamba_d_state", "ssm_state_size")
 # Keys of a hidden-state-conditioned relative position bias over rel_extent distances (Inkling), clamped beyond them.
 _RELATIVE_BIAS_KEYS = ("rel_extent", "d_rel")
@@ -56,7 +56,8 @@ _RELATIVE_BIAS_KEYS = ("rel_extent", "d_rel")
 # (Pegasus-X). No config key tells these from Marian's or Pegasus's fixed sinusoidal table of max_position_embeddings
 # rows, which fails past it: the family is the only rule. TrOCR says so with a key (use_learned_position_embeddings).
 _COMPUTED_SINUSOID_FAMILIES = frozenset({"m2m_100", "nllb-moe", "xglm", "kosmos_2_text_model", "kosmos_2_5_text_model",
-                                         "fsmt", "pegasus_x", "seamless_m4t", "seamless_m4t_v2", "speech_to_text"})
+                                         "fsmt", "pegasus_x", "seamless_m4t", "seamless_m4t_v2", "speech_to_text",
+                                         "musicgen_decoder", "musicgen_melody_decoder"})
 # What runs past the configured positions, by the kind of positions that are not a learned table; {why} is the key
 # that decided (PositionLimit.why).
 _RUNS_PAST = {"rotary": "its rotary positions run past them",

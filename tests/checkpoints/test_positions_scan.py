@@ -33,7 +33,8 @@ _GROWS = re.compile(r"max_pos\s*>\s*self\.weights?\.size|\+ cache_length > self\
 # pad_token_id; layer lists that no longer match two layers; no prediction_length for the time-series models).
 # Of the text models among them, position_limit reads Ministral, Nemotron, HunYuan, dots1, LFM2-MoE, Chameleon, Gemma 3n
 # and the VLMs as rotary (their rope keys), ESM as its "absolute" table (tests/lora/test_data.py builds it tiny, and
-# test_positions_families.py its null), DBRX and MusicGen with no limit.
+# test_positions_families.py its null), MusicGen's decoder as a computed sinusoid (its module grows the table: read
+# from its source), DBRX with no limit.
 _UNBUILT = {
     # timm, natten, detectron2 or torchaudio is missing
     "conditional_detr", "dab-detr", "deformable_detr", "detr", "dinat", "edgetam", "edgetam_vision_model", "fast_vlm",
