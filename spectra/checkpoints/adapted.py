@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from spectra.checkpoints.architectures import missing_stacks, module_info, role_selected, stack_selected
-from spectra.checkpoints.roles import BLOCK_ROLES, check_roles
+from spectra.checkpoints.roles import check_roles, default_roles
 from spectra.errors import ConfigError
 
 TEXT_STACKS = (None, "encoder")  # the stacks text batches run through: the language model, an encoder-decoder's encoder
@@ -27,7 +27,8 @@ class TargetSelection:
     method : {"lora", "dora", "qlora", "qdora", "full"}
         Decides which parameter targets PEFT can adapt (:func:`_fit_method`).
     roles : tuple of str, optional
-        Block roles (:data:`~spectra.checkpoints.roles.BLOCK_ROLES`); None or (): every one.
+        Block roles (:data:`~spectra.checkpoints.roles.BLOCK_ROLES`); None or (): every one, a projector's
+        (role projector) only where ``stacks`` name the projector (:func:`~spectra.checkpoints.roles.default_roles`).
     stacks : tuple of str, optional
         None: the stacks text runs through (:data:`TEXT_STACKS`).
     target_modules : tuple of str, optional
@@ -86,7 +87,7 @@ def _role_targets(model, roles: tuple[str, ...] | None = None, *, stacks: tuple[
     from spectra.checkpoints.targets import lora_can_wrap
 
     asked = f"role(s) {', '.join(roles)}" if roles else "every block role"
-    roles = roles or BLOCK_ROLES
+    roles = roles or default_roles(stacks)  # --stacks projector adds role projector
     model_config = model.config.to_dict()  # an encoder-decoder's encoder is a stack of its own
     modules = dict(model.named_modules())
     infos = {name: module_info(name, model_config) for name, module in modules.items()

@@ -42,6 +42,10 @@ and a grouped low-rank output (``n`` heads of width ``h``, ``g`` = ``o_groups``,
   update of the stored ``(g·r, n·h/g)`` matrix (every group's update then shares one input subspace);
 - ``o_b_proj`` (hidden, g·r), role ``o_b``: the g·r group outputs → the residual stream.
 
+Its checkpoints keep DeepSeek's names, which transformers renames on loading (``attn.wq_a``, ``wq_b``, ``wkv``,
+``wo_a``, ``wo_b``; ``ffn.shared_experts.w1``, ``w3``, ``w2``; the top-level ``embed`` and ``head``): they get the
+roles of the modules they load into.
+
 ``o_a`` and ``o_b`` are the output projection's factors, as ``q_a`` and ``q_b`` are the query's: ``--roles o`` takes
 them (:func:`role_named`), and each has a role of its own because a report groups by role and layer.
 
@@ -226,6 +230,18 @@ _ROLE_RULES: tuple[tuple[str, str], ...] = (
     (r"self_attn\.kv_proj", "kv"),
     (r"o_a_proj", "o_a"),
     (r"o_b_proj", "o_b"),
+    # DeepSeek-V4's checkpoints (the hub's, and transformers' save_pretrained) keep DeepSeek's names, which transformers
+    # renames on loading: layers.N.attn.wq_a, wq_b, wkv, wo_a, wo_b (its attn.compressor.wkv, wgate and
+    # attn.indexer.wq_b stay other: other names end them) and ffn.shared_experts.w1 (gate), w3 (up), w2 (down); the
+    # routed experts' ffn.experts.N.w1 … are Mixtral's names, below
+    (r"attn\.wq_a", "q_a"),
+    (r"attn\.wq_b", "q_b"),
+    (r"attn\.wkv", "kv"),
+    (r"attn\.wo_a", "o_a"),
+    (r"attn\.wo_b", "o_b"),
+    (r"shared_experts\.w1", "gate"),
+    (r"shared_experts\.w3", "up"),
+    (r"shared_experts\.w2", "down"),
     # cross-attention, before self-attention's rules that its names match too: BART, mBART, Marian, Pegasus, Whisper
     # encoder_attn.q_proj; T5 EncDecAttention.q; BERT2BERT crossattention.self.query; Mllama, T5Gemma cross_attn.q_proj;
     # BLIP-2's Q-Former crossattention.attention.query; GPT-2's (add_cross_attention) crossattention.q_attn and c_proj,
@@ -262,6 +278,10 @@ _ROLE_RULES: tuple[tuple[str, str], ...] = (
     # embeddings and heads; T5's and BART's shared (the token embedding their encoder and decoder both read)
     (r"(embed_tokens|word_embeddings|wte|embed_in|tok_embeddings|shared)", "embed"),
     (r"(lm_head|embed_out|classifier|score|cls\.predictions\.decoder)", "head"),
+    # DeepSeek-V4's checkpoints' top-level embed and head (transformers' model.embed_tokens and lm_head); "^" keeps
+    # any other model's ….head or ….embed module out
+    (r"^embed", "embed"),
+    (r"^head", "head"),
 )
 _ROLE_REGEXES = tuple((re.compile(rf"(^|\.){pattern}$"), role) for pattern, role in _ROLE_RULES)
 # Stacks other than the language model's (None), in report order:

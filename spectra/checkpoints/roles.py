@@ -17,6 +17,27 @@ from spectra.errors import ConfigError
 # the projector stack holds, so a selection of stacks decides whether the default roles reach them (text runs: never)
 BLOCK_ROLES = ("q", "k", "v", "o", "qkv", "q_a", "q_b", "kv_a", "kv_b", "kv", "o_a", "o_b", "xq", "xk", "xv", "xo",
                "gate", "up", "down", "gate_up", "projector")
+# Stack → the role only its modules hold, which the default roles take only where a selection names that stack
+# (architectures gives a projector's Linears role projector)
+_STACK_ONLY_ROLES = {"projector": "projector"}
+
+
+def stack_roles(stacks) -> tuple[str, ...]:
+    """The roles that default roles add for `stacks` (a selection as
+    :func:`~spectra.checkpoints.architectures.parse_stacks` returns it): ``("projector",)`` where it names the
+    projector stack, else ``()``. None (every stack, or a command's default stacks) adds none, so a command that
+    names no stack adapts no projector by default, as before its Linears had a role of their own.
+
+    >>> stack_roles(("language", "projector")), stack_roles(None)
+    (('projector',), ())
+    """
+    return tuple(role for stack, role in _STACK_ONLY_ROLES.items() if stacks is not None and stack in stacks)
+
+
+def default_roles(stacks) -> tuple[str, ...]:
+    """The roles an adapter of `stacks` targets when none are named: every block role but those only a stack holds,
+    plus those of the stacks named (:func:`stack_roles`): ``--stacks projector`` adapts a projector's Linears."""
+    return tuple(r for r in BLOCK_ROLES if r not in _STACK_ONLY_ROLES.values()) + stack_roles(stacks)
 
 
 def check_roles(roles: Iterable[str] | None) -> tuple[str, ...] | None:

@@ -17,7 +17,7 @@ import torch
 
 from spectra.analysis import AnalysisResult, analyze
 from spectra.checkpoints import architectures
-from spectra.checkpoints.architectures import fused_projections, module_info, role_named, role_selected
+from spectra.checkpoints.architectures import fused_projections, module_info, module_stack, role_named, role_selected
 from spectra.report.tables import summary_rows
 from tests.models import flat_update, on_grid, save
 from tests.test_cli import run
@@ -184,26 +184,38 @@ def _meta_models():
 
 
 # The rules this scan checks, by their pattern: MLA's factors (AXK2's q_gate_proj with q_b_proj), DeepSeek-V4's
-# compressors' gate_proj (a window's pooling weights, role other: it was the MLP's gate) and AXK2's gated norms'
-# mlp.fc1 and fc2 (other: they were the MLP's up and down)
+# compressors' gate_proj (a window's pooling weights, role other: it was the MLP's gate), AXK2's gated norms'
+# mlp.fc1 and fc2 (other: they were the MLP's up and down), DeepSeek-V4's key-value head (kv) and output factors
+# (o_a, o_b), its checkpoints' names for them (attn.wq_a …, shared_experts.w1 …: no model's module is so named, so they
+# may change nothing here); and the projector stack's role (architectures._STACK_ROLES) for its Linears that no rule
+# names
 _NEW_RULES = ("q_a_proj", "(q_b_proj|q_gate_proj)", "kv_a_proj_with_mqa", "kv_b_proj",
-              r"compressor\.(indexer\.)?gate_proj", r"(input|post_attention)_layernorm\.mlp\.(fc1|fc2)")
-# what a changed module's name ends with → (its role without the new rules, with them): the only changes allowed
+              r"compressor\.(indexer\.)?gate_proj", r"(input|post_attention)_layernorm\.mlp\.(fc1|fc2)",
+              r"self_attn\.kv_proj", "o_a_proj", "o_b_proj", r"attn\.wq_a", r"attn\.wq_b", r"attn\.wkv", r"attn\.wo_a",
+              r"attn\.wo_b", r"shared_experts\.w1", r"shared_experts\.w3", r"shared_experts\.w2", "^embed", "^head")
+# what a changed module's name ends with (TOP_LEVEL: is) → (its role without the new rules, with them): the only
+# changes allowed
+TOP_LEVEL = ("head", "embed")
 _ALLOWED = {"q_a_proj": ("other", "q_a"), "q_b_proj": ("other", "q_b"), "q_gate_proj": ("other", "q_b"),
             "kv_a_proj_with_mqa": ("other", "kv_a"), "kv_b_proj": ("other", "kv_b"),
             "compressor.gate_proj": ("gate", "other"), "compressor.indexer.gate_proj": ("gate", "other"),
             **{f"{norm}_layernorm.mlp.{fc}": (role, "other") for norm in ("input", "post_attention")
-               for fc, role in (("fc1", "up"), ("fc2", "down"))}}
+               for fc, role in (("fc1", "up"), ("fc2", "down"))},
+            "self_attn.kv_proj": ("other", "kv"), "self_attn.o_a_proj": ("other", "o_a"),
+            "self_attn.o_b_proj": ("other", "o_b"),
+            # a top-level head (V4's checkpoints' LM head; RWKV's model holds its LM head so) or embed: whole names
+            "head": ("other", "head"), "embed": ("other", "embed")}
 
 
 @pytest.mark.slow
 def test_the_new_rules_change_no_other_module_of_any_transformers_class(monkeypatch):
     """Every transformers class built on the meta device (~570 of them): the role of each Linear under the rules,
-    and under the rules without the MLA ones and DeepSeek-V4's compressor gates (:data:`_NEW_RULES`). They differ
+    and under the rules without the MLA ones, DeepSeek-V4's and the projector's (:data:`_NEW_RULES`). They differ
     only at q_a_proj, q_b_proj, AXK2's q_gate_proj, kv_a_proj_with_mqa and kv_b_proj of an attention (which were
-    other), at DeepSeek-V4's self_attn.compressor.gate_proj (which was gate) and at AXK2's gated norms' mlp.fc1 and
-    fc2 (which were up and down), in the MLA model types (DeepSeek-V2/V3, Kimi-K2.5, MiniCPM3, AXK2, …) and
-    DeepSeek-V4."""
+    other), at DeepSeek-V4's self_attn.compressor.gate_proj (which was gate), self_attn.kv_proj, o_a_proj and
+    o_b_proj (which were other), at AXK2's gated norms' mlp.fc1 and fc2 (which were up and down), in the MLA model
+    types (DeepSeek-V2/V3, Kimi-K2.5, MiniCPM3, AXK2, …) and DeepSeek-V4, and at Linears of the projector stack
+    (which were other, now projector) in the multimodal model types (LLaVA, Qwen2-VL, BLIP-2, …)."""
     import transformers as tf
 
     kept = tuple(r for r in architectures._ROLE_REGEXES if r[0].pattern.removeprefix("(^|\\.)").removesuffix("$")
@@ -221,22 +233,31 @@ def test_the_new_rules_change_no_other_module_of_any_transformers_class(monkeypa
                 now = {name: module_info(name, config).role for name in linears}
                 with monkeypatch.context() as patch:
                     patch.setattr(architectures, "_ROLE_REGEXES", kept)
+                    patch.setattr(architectures, "_STACK_ROLES", {})
                     before = {name: module_info(name, config).role for name in linears}
                 for name in linears:
                     if now[name] != before[name]:
                         changed.setdefault(model_type, set()).add((re.sub(r"\.\d+\.", ".N.", name), before[name],
-                                                                   now[name]))
+                                                                   now[name], module_stack(name, config)))
         finally:
             tf.utils.logging.set_verbosity(verbosity)
     assert built > 400
     assert {"deepseek_v2", "deepseek_v3", "kimi_k25", "minicpm3", "longcat_flash", "mistral4", "axk2",
-            "deepseek_v4"} <= set(changed)
+            "deepseek_v4", "llava", "qwen2_vl", "blip-2", "idefics3"} <= set(changed)
+    assert {(name, before, now) for name, before, now, _ in changed["deepseek_v4"]} >= {
+        ("model.layers.N.self_attn.kv_proj", "other", "kv"), ("model.layers.N.self_attn.o_a_proj", "other", "o_a"),
+        ("model.layers.N.self_attn.o_b_proj", "other", "o_b")}
     for model_type, changes in changed.items():
-        for name, before, now in changes:
-            ending = next((e for e in _ALLOWED if name.endswith("." + e)), None)
+        for name, before, now, stack in changes:
+            if stack == "projector":  # a projector's Linear that no rule names
+                assert (before, now) == ("other", "projector"), (model_type, name, before, now)
+                continue
+            ending = next((e for e in _ALLOWED if name == e or name.endswith("." + e) and e not in TOP_LEVEL), None)
             assert ending is not None and (before, now) == _ALLOWED[ending], (model_type, name, before, now)
-            if ending.startswith("compressor."):
-                assert model_type == "deepseek_v4" and ".self_attn.compressor." in name, (model_type, name)
+            if ending in TOP_LEVEL:
+                assert name == ending, (model_type, name)
+            elif ending.startswith(("compressor.", "self_attn.kv_proj", "self_attn.o_")):
+                assert model_type == "deepseek_v4" and ".self_attn." in name, (model_type, name)
             elif "_layernorm." in ending:
                 assert model_type == "axk2", (model_type, name)
             else:

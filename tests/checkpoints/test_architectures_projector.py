@@ -15,7 +15,7 @@ import torch
 
 from spectra.analysis import AnalysisConfig, analyze
 from spectra.checkpoints.architectures import module_info, module_stack, parse_stacks, role_named, role_selected
-from spectra.checkpoints.roles import BLOCK_ROLES
+from spectra.checkpoints.roles import BLOCK_ROLES, default_roles, stack_roles
 from spectra.errors import ConfigError
 from spectra.lora.extract import extract_adapter
 from spectra.lora.train import target_modules
@@ -69,8 +69,12 @@ def test_every_linear_of_the_projector_stack_is_role_projector_and_no_other_modu
 
 def test_projector_is_a_block_role_that_no_other_role_names():
     """--roles projector takes the projector's Linears alone; q, k, v, o, … never take them, nor does projector take
-    any other role's module."""
+    any other role's module. The default roles hold it only where the stacks name the projector."""
     assert "projector" in BLOCK_ROLES
+    assert "projector" not in default_roles(None) and "projector" not in default_roles(("language", "vision"))
+    assert default_roles(("projector",)) == default_roles(None) + ("projector",) == (*default_roles(None), *stack_roles(
+        ("language", "projector")))
+    assert set(default_roles(None)) == set(BLOCK_ROLES) - {"projector"}
     assert role_selected("projector", ("projector",)) and role_named("projector", ("projector",))
     others = tuple(r for r in BLOCK_ROLES if r != "projector")
     assert not role_selected("projector", others)
@@ -155,3 +159,6 @@ def test_extract_of_the_projector_merges_by_peft_to_base_plus_its_delta_alone(fa
         torch.testing.assert_close(value.double(), expected[key], rtol=0, atol=1e-6, msg=key)
     q = next(name for name in planted if module_stack(name, config) is None)
     assert torch.equal(merged[q], base.state_dict()[q])  # negative control: planted there, not extracted
+    default = extract_adapter(b, t, 2, tmp_path / "default", progress=False)  # no stack named: no projector
+    assert [m.name for m in default.modules if module_stack(m.name, config) == "projector"] == []
+    assert q.removesuffix(".weight") in {m.name for m in default.modules}
