@@ -182,7 +182,7 @@ def extract(
                                               "merge onto BASE, re-extracted at --rank or --plan).")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Adapter directory to write (refused if it exists, unless --overwrite).")],
     plan: Annotated[Optional[Path], typer.Option(help="Plan JSON from `spectra recommend` (per-module ranks and alphas).")] = None,
-    rank: Annotated[Optional[str], typer.Option(help="One rank for every targeted module, or 'full' for a lossless adapter.")] = None,
+    rank: Annotated[Optional[str], typer.Option(help="One rank for every targeted module, or 'full': each at rank min(d_in, d_out), lossless for what the adapter holds (a note names the changed tensors it leaves out).")] = None,
     roles: Annotated[Optional[str], typer.Option(help="With --rank: roles to target (default q, k, v, o, gate, up, down; q also takes cross-attention's xq, k xk, v xv, o xo, and DeepSeek's q_a and q_b; k and v its kv_a and kv_b).")] = None,
     stacks: Annotated[Optional[str], typer.Option(help="With --rank: c" + _STACKS_HELP.removeprefix("C"))] = None,
     alpha: Annotated[Optional[float], typer.Option(help="With --rank: lora_alpha (default scale 2: 2·rank, 2·√rank with --rslora).")] = None,
@@ -243,6 +243,9 @@ def extract(
                                       ("rank", "alpha", "‖ΔW‖_F", "error ‖ΔW − BA‖_F", "energy kept")))
     for note in result.notes:
         typer.secho(f"note: {_cli_words(note, ['extract'])}", fg="yellow", err=True)
+    if target == "full" and result.complete:  # said only where true: every changed tensor is in the adapter
+        typer.echo("lossless: every tensor TUNED changed is in the adapter, each module at full rank, so PEFT's "
+                   "merge gives TUNED back")
     onto = f"a {result.model_class}" if result.model_class else "the model"
     if result.vocab_size is not None:  # whole embedding/head rows of TUNED's resized vocabulary: resize first
         onto += f" resized to the fine-tune's vocabulary, model.resize_token_embeddings({result.vocab_size}),"

@@ -30,7 +30,8 @@ from typing import Any, NamedTuple
 import torch
 
 from spectra.checkpoints.adapter import PEFT_PREFIX
-from spectra.checkpoints.architectures import missing_stacks, parse_stacks, role_selected, stack_selected
+from spectra.checkpoints.architectures import (ROLES, missing_stacks, parse_stacks, role_selected, stack_name,
+                                               stack_selected)
 from spectra.checkpoints.pairing import Pairing, PairingOptions
 from spectra.checkpoints.source import CheckpointSource
 from spectra.checkpoints.targets import architecture, meta_model, model_targets, owning_modules, resolve_name
@@ -73,6 +74,14 @@ class ExtractResult:
     vocab_size: int | None = None
     # targeted modules left out of the adapter because their ΔW is 0 (as the model class names them)
     unchanged: list[str] = field(default_factory=list)
+    # what TUNED changed that the adapter does not carry (checkpoint names, natural order; each also said in `notes`):
+    # matrices outside the roles, stacks or plan; vectors (norms, biases), which no LoRA holds; tensors only in TUNED
+    left_out: list[str] = field(default_factory=list)
+    left_out_vectors: list[str] = field(default_factory=list)
+    only_in_tuned: list[str] = field(default_factory=list)
+    # whether every change of TUNED is in the adapter (nothing above, no resized vocabulary's rows outside it): at
+    # rank "full", PEFT's merge is then TUNED, a lossless conversion
+    complete: bool = True
 
 
 def extract_adapter(base, tuned, plan_or_rank, out_dir: str | os.PathLike, *, roles: tuple[str, ...] | None = None,
@@ -89,8 +98,9 @@ def extract_adapter(base, tuned, plan_or_rank, out_dir: str | os.PathLike, *, ro
         Pretrained and fine-tuned checkpoints (any form ``open_checkpoint`` accepts).
     plan_or_rank : RankPlan, path to a plan JSON, int, or "full"
         Per-module ranks and alphas from ``spectra recommend``, one rank for every
-        targeted module, or ``"full"``: each module at rank min(d_in, d_out), a lossless
-        conversion of the fine-tune into an adapter.
+        targeted module, or ``"full"``: each module at rank min(d_in, d_out), lossless for
+        what the adapter holds: the whole fine-tune when it holds every changed tensor
+        (``ExtractResult.complete``); else the notes name what it leaves out.
     out_dir : path
         Adapter directory to create (refused if it exists, unless ``overwrite``; even then a
         folder holding a file that ``extract`` does not write is refused and left intact).
@@ -143,6 +153,8 @@ def extract_adapter(base, tuned, plan_or_rank, out_dir: str | os.PathLike, *, ro
     ExtractResult
         Per-module rank, α, ‖ΔW‖_F, measured error and Eckart–Young tail; ``notes``: what the
         adapter holds only in part (each also a :class:`~spectra.errors.PeftConfigWarning`),
+        what TUNED changed that it does not hold (``left_out``, ``left_out_vectors``,
+        ``only_in_tuned``: a changed embedding or head outside the roles, norms and biases),
         then the calibration's own (``Calibration.notes``, e.g. its texts cut to the model's
         positions).
 
@@ -164,7 +176,8 @@ def extract_adapter(base, tuned, plan_or_rank, out_dir: str | os.PathLike, *, ro
         raise ConfigError("stacks go with a uniform rank; a plan names its modules, so they would be ignored. Plan "
                           "the stacks with `spectra recommend --stacks`, or extract with a rank.")
     n_workers, threads = split_workers(workers, device)  # checked before any work starts
-    pairing = Pairing(base, tuned, PairingOptions(split_fused=False, vectors=False, device=device))
+    # vectors too: only to say which changed ones the adapter leaves out (:func:`_not_carried`); selection is of matrices
+    pairing = Pairing(base, tuned, PairingOptions(split_fused=False, vectors=True, device=device))
     lacking = missing_stacks(stacks, {e.info.stack for e in pairing.entries if e.kind == "matrix"})
     selected = _select(pairing, targets, roles if targets is None else None, stacks)
     if not selected:
@@ -278,11 +291,18 @@ def extract_adapter(base, tuned, plan_or_rank, out_dir: str | os.PathLike, *, ro
     elif save_names and all(m.fro_norm == 0.0 for m in results):
         notes.append("every targeted module is unchanged (ΔW = 0): their LoRA factors are zeros; the adapter carries "
                      f"the saved modules ({', '.join(sorted({n.rsplit('.', 1)[0] for n in save_names}))})")
+    left_out, left_out_vectors, only_in_tuned = _not_carried(pairing, selected, save_names)
+    notes += _not_carried_notes(pairing, left_out, left_out_vectors, only_in_tuned, selected,
+                                roles=roles or _DEFAULT_ROLES, stacks=stacks, planned=plan is not None,
+                                full=plan_or_rank == "full")
     notes += vocabulary_notes
     if calibration is not None:
         notes += calibration.notes
+    complete = not (left_out or left_out_vectors or only_in_tuned) and all(
+        e.name in saved_modules for e in pairing.entries if e.kind == "matrix" and e.added_rows)
     return ExtractResult(out_dir, results, sorted({n.rsplit(".", 1)[0] for n in save_names}), config, model_class,
-                         notes, vocab_size, unchanged)
+                         notes, vocab_size, unchanged, [n for n, _ in left_out], [n for n, _ in left_out_vectors],
+                         only_in_tuned, complete)
 
 
 def _leave_out_unchanged(results: list, tensors: dict, ranks: dict, save_names: list) -> list[str]:
@@ -306,8 +326,124 @@ def _leave_out_unchanged(results: list, tensors: dict, ranks: dict, save_names: 
         for key in [k for k in tensors if k.startswith(f"{PEFT_PREFIX}{m.name}.lora_")]:
             del tensors[key]
         results.remove(m)
-    return sorted((m.name for m in zero), key=lambda n: [(0, int(p)) if p.isdigit() else (1, p)
-                                                          for p in re.split(r"(\d+)", n)])
+    return sorted((m.name for m in zero), key=_natural)
+
+
+def _natural(name: str) -> list:
+    """Sort key of a module name in natural order: layers.2 before layers.10."""
+    return [(0, int(p)) if p.isdigit() else (1, p) for p in re.split(r"(\d+)", name)]
+
+
+def _not_carried(pairing: Pairing, selected: list, save_names: list[str]):
+    """What TUNED changed that the adapter does not carry: (matrices, vectors), each a list of (name, entry) in
+    natural order, and the tensors only in TUNED.
+
+    The adapter carries the LoRAs of the `selected` matrices and the tensors saved whole (`save_names`, TUNED's
+    names); at rank full it is lossless for those alone. Any other paired tensor that differs between the sides is
+    left out: a matrix outside the roles, stacks or plan (an embedding, a head, a router), or a vector (a norm, a
+    bias), which no LoRA holds. A matrix of a resized vocabulary is left to :func:`_resized_vocabulary`'s note.
+
+    Cost: each other pair is read once as stored and compared element by element (:func:`_same_values`, one pass
+    over memory-mapped data and no ΔW), a 3-D expert tensor whole; an entry that is only part of a stored tensor
+    (some of its experts selected), stored in another layout on each side, or a module of an adapter TUNED, is
+    loaded as a ΔW and tested for a non-zero.
+    """
+    carried = {e.name for e in selected}
+    saved = set(save_names)
+    by_pair: dict[tuple, list] = {}  # (base tensor, tuned tensor) -> its entries (the experts of a 3-D tensor)
+    for e in pairing.entries:
+        by_pair.setdefault((e.base_tensor, e.tuned_tensor), []).append(e)
+    matrices, vectors = [], []
+    for (base_tensor, tuned_tensor), group in by_pair.items():
+        asked = [e for e in group if e.name not in carried and e.tuned_tensor not in saved and not e.added_rows]
+        if not asked:
+            continue
+        if (len(asked) == len(group) and tuned_tensor is not None and all(e.tuned_conv1d is None for e in group)
+                and pairing.base.info(base_tensor).shape == pairing.tuned.info(tuned_tensor).shape):
+            if _same_values(pairing.base.read(base_tensor), pairing.tuned.read(tuned_tensor)):
+                continue
+            # one stored tensor: the module's name, or the stored name of a 3-D tensor of experts
+            changed = [(asked[0].name if len(group) == 1 else base_tensor.removesuffix(".weight"), asked[0])]
+        else:
+            changed = [(e.name, e) for e in asked if _entry_changed(pairing, e)]
+        for name, e in changed:
+            (matrices if e.kind == "matrix" else vectors).append((name, e))
+    only_in_tuned = [n for n in pairing.only_in_tuned if n not in saved]
+    return (sorted(matrices, key=lambda x: _natural(x[0])), sorted(vectors, key=lambda x: _natural(x[0])),
+            sorted(only_in_tuned, key=_natural))
+
+
+def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two stored tensors hold equal values (NaN never equals), compared in blocks of ≤ 1M elements where
+    their dtypes differ (a bf16 base, an fp32 fine-tune that kept its values), so no up-cast copy is made whole."""
+    if a.shape != b.shape:
+        return False
+    if a.dtype == b.dtype:
+        return torch.equal(a, b)
+    dtype = torch.promote_types(a.dtype, b.dtype)
+    a, b = a.reshape(-1), b.reshape(-1)
+    step = 1 << 20
+    return all(torch.equal(a[i:i + step].to(dtype), b[i:i + step].to(dtype)) for i in range(0, a.numel(), step))
+
+
+def _entry_changed(pairing: Pairing, entry) -> bool:
+    """Whether one entry's ΔW is non-zero (a NaN/Inf in it counts as a change: extract does not read it)."""
+    from spectra.errors import NonFiniteWeightError
+
+    try:
+        records = pairing.load(entry)
+    except NonFiniteWeightError:
+        return True
+    return not records or any(r.delta is None or bool(r.delta.any()) for r in records)
+
+
+def _not_carried_notes(pairing: Pairing, matrices: list, vectors: list, only_in_tuned: list[str], selected: list, *,
+                       roles, stacks, planned: bool, full: bool) -> list[str]:
+    """The notes naming what :func:`_not_carried` found (counted, the first few named) and what would carry it."""
+    def named(items: list[str]) -> str:
+        return ", ".join(items[:3]) + (f" and {len(items) - 3} more" if len(items) > 3 else "")
+
+    def leaves(names) -> str:
+        return ",".join(dict.fromkeys(n.rpartition(".")[2] for n in names))
+
+    notes = []
+    lead = "rank full is not lossless here: " if full else ""
+    if matrices:
+        outside = "plan" if planned else "roles (" + ", ".join(roles) + ")" + (" and stacks" if stacks else "")
+        plain = [n for n, e in matrices if e.info.expert is None]  # a module PEFT can save whole (no expert tensor)
+        asked = () if planned else tuple(roles)  # a plan's own roles are not known here: name every one left out
+        new_roles = [r for r in ROLES if r not in asked and any(e.info.role == r for _, e in matrices)]
+        new_stacks = sorted({stack_name(e.info.stack) for _, e in matrices if stacks is not None
+                             and role_selected(e.info.role, roles, e.name) and not stack_selected(e.info.stack, stacks)})
+        if planned:
+            fix = [f"plan them (spectra recommend --roles …,{','.join(new_roles)})"]
+        else:
+            fix = ([f"add their roles (roles={','.join([*roles, *new_roles])})"] if new_roles else []) + (
+                [f"their stacks (stacks={','.join([*stacks, *new_stacks])})"] if new_stacks else [])
+        if plain:
+            fix.append(f"save them whole (modules_to_save={leaves(plain)})")
+        notes.append(f"{lead}the adapter leaves out {len(matrices)} changed matri{'x' if len(matrices) == 1 else 'ces'}"
+                     f" outside the {outside}: "
+                     + named([f"{n} ({e.info.role})" for n, e in matrices])
+                     + "; their fine-tuning is not in it. To carry them, " + " or ".join(fix))
+        lead = ""
+    if vectors:
+        adapted = {e.name for e in selected}
+        # a bias of a module the adapter adapts: PEFT adapts a module or saves it whole, not both
+        owned = [n for n, _ in vectors if n.rpartition(".")[0] in adapted
+                 or any(a.startswith(n.rpartition(".")[0] + ".") for a in adapted)]
+        free = [n.rpartition(".")[0] for n, _ in vectors if n not in owned]
+        fix = ([f"To carry them, save their modules whole (modules_to_save={leaves(free)})"] if free else []) + (
+            [f"{len(owned)} {'is a bias' if len(owned) == 1 else 'are biases'} of adapted modules, which no LoRA "
+             "carries"] if owned else [])
+        notes.append(f"{lead}the adapter leaves out {len(vectors)} changed vector(s) (norms, biases: a LoRA holds "
+                     f"matrices only): {named([n for n, _ in vectors])}. " + "; ".join(fix))
+        lead = ""
+    if only_in_tuned:
+        notes.append(f"{lead}{len(only_in_tuned)} tensor(s) only in TUNED (no base tensor to take a ΔW against) are "
+                     f"not in the adapter: {named(only_in_tuned)}. To carry them, save their modules whole "
+                     f"(modules_to_save={leaves(n.rpartition('.')[0] for n in only_in_tuned)})")
+    return notes
 
 
 def _resized_vocabulary(pairing: Pairing, selected: list, saved_modules: list[str]) -> tuple[list[str], int | None]:
