@@ -55,8 +55,10 @@ A multimodal model's *projector* (the ``projector`` stack: LLaVA's ``multi_modal
 features into the language model's. A module of that stack that no rule names gets role ``projector``
 (:data:`_STACK_ROLES`), unless its name reads as a norm (``ln_q``, ``layer_norm``, ``mm_soft_emb_norm``: ``other``);
 one a rule names keeps its role (Idefics2's perceiver ``q_proj``, GLM-4V's merger ``gate_proj``). ``projector`` is a
-block role (:data:`~spectra.checkpoints.roles.BLOCK_ROLES`), so ``--stacks projector`` adapts a projector with the
-default roles; text runs leave it out all the same, by stack (text never reaches it:
+block role (:data:`~spectra.checkpoints.roles.BLOCK_ROLES`: ``--roles projector``), which the default roles hold only
+where a selection names the projector stack (:func:`~spectra.checkpoints.roles.default_roles`): ``--stacks projector``
+adapts a projector with the default roles, and a command that names no stack adapts none, as before it had a role
+(train's default stacks are those text runs through, which never reaches a projector:
 :data:`~spectra.checkpoints.adapted.TEXT_STACKS`).
 
 In a selection, ``--roles q`` takes ``q_a`` and ``q_b`` (they compute the query and nothing else; :func:`role_named`)

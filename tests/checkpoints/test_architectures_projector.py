@@ -1,4 +1,4 @@
-"""A multimodal projector's Linears get role ``projector``, so ``--stacks projector`` adapts them with the default roles.
+"""A multimodal projector's Linears get role ``projector``: ``--stacks projector`` adapts them with the default roles.
 
 They were role ``other`` (no block role): ``spectra train --stacks projector`` and ``extract --stacks projector``
 adapted nothing, where PEFT's ``all-linear`` adapts them. Text runs must still leave them out (text never reaches a
@@ -39,7 +39,8 @@ FAMILIES = ("llava", "qwen2_vl")
     ("multi_modal_projector.patch_merger.merging_layer", "projector"),  # Mistral 3
     ("multi_modal_projector.mm_input_projection_weight", "projector"),  # Gemma 3: a bare (in, out) matrix
     # a projector's norms stay other, as the language model's do
-    ("visual.merger.ln_q", "other"), ("multi_modal_projector.layer_norm", "other"), ("multi_modal_projector.norm", "other"),
+    ("visual.merger.ln_q", "other"), ("multi_modal_projector.layer_norm", "other"),
+    ("multi_modal_projector.norm", "other"),
     ("multi_modal_projector.mm_soft_emb_norm", "other"), ("model.visual.deepstack_merger_list.0.norm", "other"),
     # a rule's role is kept: GLM-4V's merger MLP, Idefics2's perceiver attention
     ("model.visual.merger.gate_proj", "gate"), ("model.connector.perceiver_resampler.layers.0.self_attn.q_proj", "q"),
