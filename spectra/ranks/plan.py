@@ -1,7 +1,9 @@
 """The plan: per-module ranks and alphas, as a PEFT ``LoraConfig`` dict, on disk as ``plan.json``.
 
 Conventions (see DESIGN.md): a rank-r LoRA of an ``(out, in)`` ΔW costs ``r·(in + out)``
-parameters (``A`` is ``(r, in)``, ``B`` is ``(out, r)``).
+parameters (``A`` is ``(r, in)``, ``B`` is ``(out, r)``). An expert held in a fused 3-D parameter
+(transformers-5 MoE experts, ``experts × d1 × d2``) costs ``r·(d1 + d2)``: PEFT's LoRA on the parameter spans
+all its rows (``B`` of ``gate_up_proj`` covers gate and up), at one rank for every expert.
 """
 
 from __future__ import annotations
@@ -30,8 +32,10 @@ class ModuleRank:
     """One targeted module of a plan.
 
     ``energy`` is the captured share of ‖ΔW‖_F² (a lower bound when the rank exceeds the known
-    singular values; ``energy_upper`` is then its upper bound). ``params = rank·(d_in + d_out)``.
-    ``reason`` names the policy bound that set the rank.
+    singular values; ``energy_upper`` is then its upper bound). ``params = rank·(d_in + d_out)``; for an
+    expert that PEFT adapts inside a fused parameter (see :class:`FusedParameter`), ``rank·(d1 + d2)`` of that
+    parameter's ``(experts, d1, d2)``: what its rank costs PEFT (Mixtral's gate and up each span ``gate_up_proj``'s
+    2·ffn rows). ``reason`` names the policy bound that set the rank.
     """
 
     name: str
@@ -70,6 +74,31 @@ class LeftOut:
 
 
 @dataclass(frozen=True)
+class FusedParameter:
+    """A 3-D parameter PEFT adapts at one rank for all the experts it holds (``target_parameters``).
+
+    transformers 5 loads an MoE's experts (Mixtral's ``experts.N.w1``/``w3``/``w2``) into fused parameters
+    (``mlp.experts.gate_up_proj``: experts × 2·ffn × hidden; ``down_proj``), and PEFT's LoRA on one is
+    ``A (r·E, d_in)``, ``B (d_out, r·E)``: one rank ``r`` for every expert, whatever the plan gives each.
+    The plan therefore gives every expert of one projection the same rank, and ``r`` is the sum over the
+    projections the parameter holds (gate's + up's: B block-diagonal, as PEFT converts Mixtral's w1/w3).
+
+    ``params = r·experts·(d1 + d2)`` is what PEFT trains on it; ``padding`` is the part of it no planned
+    module's ``params`` holds: the rows of experts the plan leaves out of a planned projection (an
+    unchanged expert's w3), which PEFT trains at ``r`` all the same. ``RankPlan.total_params`` counts it.
+    """
+
+    name: str
+    shape: tuple[int, int, int]
+    rank: int
+    params: int
+    padding: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "shape", tuple(int(d) for d in self.shape))
+
+
+@dataclass(frozen=True)
 class RankPlan:
     """Per-module LoRA ranks and alphas, with their cost and captured energy.
 
@@ -86,6 +115,9 @@ class RankPlan:
     functional : dict or None
         With ``RankPolicy.functional``: the sweep's choice per curve, with its noise (see
         :func:`~spectra.ranks.functional.functional_ranks`).
+    fused : tuple of FusedParameter
+        The fused expert parameters the model (built from the analysed base's config) adapts the
+        planned experts through, each at its one rank; empty for models without them.
     """
 
     modules: tuple[ModuleRank, ...]
@@ -94,6 +126,7 @@ class RankPlan:
     base: dict | None = None
     budget_gap: float | None = None
     functional: dict | None = None
+    fused: tuple[FusedParameter, ...] = ()
 
     def __post_init__(self) -> None:
         names = [m.name for m in self.modules]
@@ -103,9 +136,10 @@ class RankPlan:
 
     @property
     def total_params(self) -> int:
-        """Trainable LoRA parameters Σ r·(d_in + d_out), plus DoRA magnitudes Σ d_out if used."""
+        """Trainable LoRA parameters: Σ of the modules' ``params``, the fused expert parameters' ``padding``, and
+        DoRA magnitudes Σ d_out if used. What ``get_peft_model`` trains with the plan's ``peft_config``."""
         extra = sum(m.shape[0] for m in self.modules) if self.policy.use_dora else 0
-        return sum(m.params for m in self.modules) + extra
+        return sum(m.params for m in self.modules) + sum(f.padding for f in self.fused) + extra
 
     @property
     def total_energy(self) -> float:
@@ -166,7 +200,8 @@ class RankPlan:
                 "totals": {"modules": len(self.modules), "params": self.total_params,
                            "energy": self.total_energy, "mean_energy": self.mean_energy},
                 "modules": [dataclasses.asdict(m) for m in self.modules],
-                "left_out": [dataclasses.asdict(m) for m in self.left_out], "functional": self.functional}
+                "left_out": [dataclasses.asdict(m) for m in self.left_out], "functional": self.functional,
+                "fused": [dataclasses.asdict(f) for f in self.fused]}
 
     @classmethod
     def from_dict(cls, data: Mapping) -> "RankPlan":
@@ -179,7 +214,8 @@ class RankPlan:
         return cls(modules=tuple(ModuleRank(**m) for m in data["modules"]),
                    left_out=tuple(LeftOut(**m) for m in data.get("left_out", [])),
                    policy=RankPolicy(**policy), base=data.get("base"), budget_gap=data.get("budget_gap"),
-                   functional=data.get("functional"))
+                   functional=data.get("functional"),
+                   fused=tuple(FusedParameter(**f) for f in data.get("fused") or ()))
 
     def to_peft_config(self, *, module_names: Iterable[str] | None = None, model=None,
                        task_type: str | None = "CAUSAL_LM", lora_dropout: float = 0.0) -> dict:
@@ -260,7 +296,6 @@ class RankPlan:
 
     def _model_settings(self, model) -> tuple[dict, set, list]:
         """Target → (rank, alpha, conv1d) on ``model``, the targets that are parameters, and notes."""
-        from spectra.checkpoints.architectures import module_info
         from spectra.checkpoints.targets import rewritten_weights
 
         cls = type(model).__name__
@@ -285,26 +320,35 @@ class RankPlan:
         for module in rewritten:  # named by their weight
             rank, alpha, _ = settings.pop(module)
             settings[f"{module}.weight"] = (rank, alpha, False)
-        notes = []
+        notes, recorded = [], {f.name: f for f in self.fused}
         for parameter, members in fused.items():
-            per_expert = defaultdict(int)  # a fused [gate; up] slice of rank r_g + r_u holds both updates
+            blocks = defaultdict(list)  # one projection of every expert (…experts.w1): its rows of the parameter
             for m in members:
-                per_expert[module_info(m.name).expert] += m.rank
-            rank = max(per_expert.values())
+                blocks[_EXPERT_INDEX.sub(".experts.", m.name)].append(m.rank)
+            # B block-diagonal over the projections (as extract writes it, as PEFT converts Mixtral's w1 and w3), each
+            # as wide as its largest expert rank: r = r_gate + r_up
+            rank = sum(max(ranks) for ranks in blocks.values())
             settings[parameter] = (rank, self.policy.alpha_for(rank), False)
             shape = tuple(model.get_parameter(parameter).shape)  # (experts, d1, d2) or (out, in)
             cost = rank * (shape[0] if len(shape) == 3 else 1) * sum(shape[-2:])
-            if len(set(per_expert.values())) > 1:
+            planned = sum(m.params for m in members) + (recorded[parameter].padding if parameter in recorded else 0)
+            if cost != planned:
+                uneven = next((block for block, ranks in blocks.items() if len(set(ranks)) > 1), None)
                 notes.append(f"{parameter}: {cls} holds {len(members)} planned modules (e.g. {members[0].name}) in "
-                             "this one parameter, which PEFT adapts at one rank for all its experts, but the plan's "
-                             f"ranks come to {sorted(set(per_expert.values()))} per expert; peft_config uses the "
-                             f"largest, {rank} ({cost:,} LoRA parameters instead of the planned "
-                             f"{sum(m.params for m in members):,}). `spectra recommend --uniform` plans one rank.")
+                             f"this one parameter, which PEFT adapts at one rank for all its experts: {rank}"
+                             + (f" (the plan gives {uneven}'s experts ranks {sorted(set(blocks[uneven]))}; "
+                                "peft_config takes the largest)" if uneven else "")
+                             + f", so PEFT trains {cost:,} parameters there, not the plan's {planned:,}. Plan with "
+                             "this model's config (recommend --config, or a base with its config.json) to allocate "
+                             "at that cost.")
             unplanned = [n for n, reason in left_out.items() if found[n] is not None and found[n].name == parameter]
             if unplanned:
+                counted = parameter in recorded and recorded[parameter].padding > 0
                 notes.append(f"{parameter}: PEFT adapts all {cls} holds in this parameter, including "
                              f"{len(unplanned)} module(s) the plan leaves out (e.g. {unplanned[0]}: "
-                             f"{left_out[unplanned[0]]}), at rank {rank}.")
+                             f"{left_out[unplanned[0]]}), at rank {rank}"
+                             + (f" ({recorded[parameter].padding:,} parameters, counted in the plan's total)."
+                                if counted else "."))
         return settings, set(fused) | {f"{m}.weight" for m in rewritten}, notes
 
 
@@ -324,6 +368,32 @@ def _expert_targets(names: list[str], model) -> dict:
         if stored[tensor] is not None and stored[tensor].parameter:
             found[name] = stored[tensor]
     return found
+
+
+def expert_parameters(names: Iterable[str], model) -> dict[str, tuple[str, tuple[int, int, int]]]:
+    """Name of one expert's projection → (the 3-D parameter of ``model`` that holds it, its shape (experts, d1, d2)).
+
+    Only names ``model`` holds in a fused expert parameter (transformers-5 Mixtral's ``…experts.3.w1`` →
+    ``…mlp.experts.gate_up_proj``; gpt-oss's per-expert ``…experts.3.gate_up_proj``) are keys. One expert per
+    projection and layer is resolved (:func:`_expert_targets`): every expert of a projection lies in the same
+    parameter, so a model of thousands of experts costs what its layers do.
+    """
+    projections = defaultdict(list)  # …experts.w1 -> every expert's …experts.N.w1
+    for name in names:
+        if _EXPERT_INDEX.search(name):
+            projections[_EXPERT_INDEX.sub(".experts.", name)].append(name)
+    if model is None or not projections:
+        return {}
+    found = _expert_targets([members[0] for members in projections.values()], model)
+    out = {}
+    for members in projections.values():
+        target = found[members[0]]
+        if target is None or not target.parameter:
+            continue
+        shape = tuple(model.get_parameter(target.name).shape)
+        if len(shape) == 3:
+            out.update({name: (target.name, shape) for name in members})
+    return out
 
 
 def lora_config(modules: Mapping[str, tuple[int, float, bool]], *, alpha_for=None, use_rslora: bool = False,

@@ -30,7 +30,7 @@ from spectra.errors import ConfigError
 from spectra.files import record_origin
 from spectra.ranks.budget import allocate_budget
 from spectra.ranks.functional import functional_ranks, read_sweep, role_curves
-from spectra.ranks.plan import LeftOut, ModuleRank, RankPlan
+from spectra.ranks.plan import _EXPERT_INDEX, FusedParameter, LeftOut, ModuleRank, RankPlan
 from spectra.ranks.policy import DEFAULT_ENERGY, RankPolicy
 
 # roles a LoRA on linear layers does not target unless asked: embeddings need PEFT's embedding
@@ -251,7 +251,8 @@ def _spectrum(row: Mapping) -> _Spectrum:
                      noise_rank=None if noise_rank is None else int(noise_rank), rank_bounds=bounds)
 
 
-def recommend_ranks(analysis: Any, policy: RankPolicy | None = None, *, sweep: Any = None) -> RankPlan:
+def recommend_ranks(analysis: Any, policy: RankPolicy | None = None, *, sweep: Any = None,
+                    model_config: Mapping | None = None) -> RankPlan:
     """Recommend per-module LoRA ranks from measured spectra.
 
     Parameters
@@ -270,6 +271,11 @@ def recommend_ranks(analysis: Any, policy: RankPolicy | None = None, *, sweep: A
         reached (``unreached``: e.g. a vision tower swept on text) takes the rank the policy's
         spectral rule gives it (its energy rank, τ = ``policy.energy`` or 0.9, with ``knee`` and
         the ``noise`` cap as asked), its reason saying so: never 0 read off a flat curve.
+    model_config : dict, optional
+        The model's ``config.json`` (default: the one beside the analysed base, when local). Where the class it
+        names holds experts in fused 3-D parameters (transformers-5 Mixtral's ``mlp.experts.gate_up_proj``), which
+        PEFT adapts at one rank for all experts, every expert of one projection gets one rank and its cost is the
+        parameter's (see Notes).
 
     Returns
     -------
@@ -282,6 +288,14 @@ def recommend_ranks(analysis: Any, policy: RankPolicy | None = None, *, sweep: A
     → ``min_rank``/``max_rank``/full rank → power-of-two rounding → budget (greedy,
     :func:`allocate_budget`, maximising the total captured Σσᵢ² of all targeted modules, i.e.
     minimising the summed Eckart–Young error Σ_m ‖ΔW_m − ΔW_m,r‖_F²).
+
+    Fused experts. PEFT's LoRA on a parameter of shape (E, d1, d2) is A (r·E, d_in), B (d_out, r·E): one rank r
+    for all E experts, r·E·(d1 + d2) parameters, and B spans the parameter's rows (Mixtral's gate_up_proj holds
+    gate and up: r = r_gate + r_up, B block-diagonal). So each projection of such a parameter (all experts' w1)
+    is one decision: its rank is the largest its experts' targets ask (each expert then meets its own), each
+    rank costs E·(d1 + d2) (an expert the plan leaves out of the projection, an unchanged w3, is trained all the
+    same: :class:`~spectra.ranks.plan.FusedParameter`'s ``padding``) and gains Σ over its experts of the σᵢ²
+    captured. The budget then holds for what ``get_peft_model`` trains with the plan's ``peft_config``.
     """
     policy = policy or RankPolicy()
     if policy.functional is not None and sweep is None:
@@ -370,20 +384,34 @@ def recommend_ranks(analysis: Any, policy: RankPolicy | None = None, *, sweep: A
     if not plan:
         raise ConfigError("Every targeted module lies below its noise floor; nothing to plan (try noise=False).")
 
+    items = _decisions(plan, _expert_parameters([s.name for s, _, _ in plan], base, model_config))
     budget_gap = None
     budget = policy.budget
-    cost = sum(r * sum(s.shape) for s, r, _ in plan) + _fixed_cost([s for s, _, _ in plan], policy)
+    cost = sum(item.upper * item.unit for item in items) + _fixed_cost([s for s, _, _ in plan], policy)
     if budget is not None and (cost > budget or (policy.energy is None and not policy.knee
                                                  and policy.rank is None and not policy.uniform)):
-        plan, budget_gap = _apply_budget(plan, policy, budget)
+        ranks, budget_gap = _apply_budget(items, policy, budget)
+    else:
+        ranks = [item.upper for item in items]
 
-    modules = tuple(ModuleRank(name=s.name, role=s.role, layer=s.layer, shape=s.shape, rank=r,
-                               alpha=policy.alpha_for(r), energy=s.energy(r)[0], energy_upper=s.energy(r)[1],
-                               params=r * sum(s.shape), reason=reason, conv1d=s.conv1d,
-                               fro_norm=math.sqrt(s.fro2))
-                    for s, r, reason in plan)
-    return RankPlan(modules=modules, left_out=tuple(left_out), policy=policy, base=base, budget_gap=budget_gap,
-                    functional=functional)
+    modules, fused = [], {}  # fused: parameter -> (shape, its rank: Σ over its projections, planned params)
+    for item, r in zip(items, ranks):
+        per_rank = sum(item.shape[1:]) if item.parameter else None  # a fused expert: (d1 + d2) of its parameter
+        for s, reason in item.members:
+            modules.append(ModuleRank(name=s.name, role=s.role, layer=s.layer, shape=s.shape, rank=r,
+                                      alpha=policy.alpha_for(r), energy=s.energy(r)[0], energy_upper=s.energy(r)[1],
+                                      params=r * (per_rank or sum(s.shape)), reason=reason if r == item.upper
+                                      else "budget", conv1d=s.conv1d, fro_norm=math.sqrt(s.fro2)))
+        if item.parameter:
+            _, rank, planned = fused.get(item.parameter, (item.shape, 0, 0))
+            fused[item.parameter] = (item.shape, rank + r, planned + r * per_rank * len(item.members))
+    order = {s.name: i for i, (s, _, _) in enumerate(plan)}
+    modules.sort(key=lambda m: order[m.name])
+    records = tuple(FusedParameter(name, shape, rank, rank * shape[0] * (shape[1] + shape[2]),
+                                   rank * shape[0] * (shape[1] + shape[2]) - planned)
+                    for name, (shape, rank, planned) in fused.items())
+    return RankPlan(modules=tuple(modules), left_out=tuple(left_out), policy=policy, base=base,
+                    budget_gap=budget_gap, functional=functional, fused=records)
 
 
 def _excluded(s: _Spectrum, policy: RankPolicy) -> str | None:
@@ -495,9 +523,64 @@ def _fixed_cost(spectra: list[_Spectrum], policy: RankPolicy) -> int:
     return sum(s.shape[0] for s in spectra) if policy.use_dora else 0
 
 
-def _apply_budget(plan: list, policy: RankPolicy, budget: int) -> tuple[list, float]:
+@dataclass(frozen=True)
+class _Decision:
+    """One rank decision: a module, or one projection of every expert a fused parameter holds (all at one rank)."""
+
+    members: tuple[tuple[_Spectrum, str], ...]  # (spectrum, reason at `upper`)
+    upper: int                                  # the rank the policy asks (the budget may lower it)
+    unit: int                                   # parameters per rank: d_in + d_out, or E·(d1 + d2) of the parameter
+    parameter: str | None = None                # the fused parameter, or None for a module
+    shape: tuple[int, int, int] | None = None   # the parameter's (experts, d1, d2)
+
+    def gain(self, rank: int) -> float:
+        """Σ σᵢ² captured at ``rank`` over the members; beyond the known values only the known part counts."""
+        return sum(float(s.cum[min(rank, s.known)]) for s, _ in self.members)
+
+
+def _expert_parameters(names: list[str], base: Mapping | None, model_config: Mapping | None) -> dict:
+    """:func:`~spectra.ranks.plan.expert_parameters` on the class ``model_config`` (default: the config beside the
+    analysed base) names, built on the meta device; empty when no name is an expert's or there is no such class."""
+    if not any(_EXPERT_INDEX.search(name) for name in names):
+        return {}
+    from spectra.checkpoints.targets import meta_model
+    from spectra.ranks.plan import base_config, expert_parameters
+
+    return expert_parameters(names, meta_model(model_config if model_config is not None else base_config(base)))
+
+
+def _decisions(plan: list, experts: Mapping[str, tuple[str, tuple[int, int, int]]]) -> list[_Decision]:
+    """The plan's (spectrum, rank, reason) as rank decisions: one per module, one per projection of a fused parameter
+    (``experts``: name → (parameter, shape)), in the plan's order."""
+    out, projections = [], {}  # a projection's place in `out` is its key (…experts.w1) until its members are known
+    for s, rank, reason in plan:
+        if s.name in experts:
+            key = _EXPERT_INDEX.sub(".experts.", s.name)
+            if key not in projections:
+                projections[key] = []
+                out.append(key)
+            projections[key].append((s, rank, reason))
+        else:
+            out.append(_Decision(((s, reason),), rank, sum(s.shape)))
+    return [_projection(projections[d], *experts[projections[d][0][0].name]) if isinstance(d, str) else d
+            for d in out]
+
+
+def _projection(members: list, parameter: str, shape: tuple[int, int, int]) -> _Decision:
+    """One projection of the experts in ``parameter`` (E, d1, d2): at the largest rank its experts ask, so each meets
+    its own target (capped at their full rank), each rank costing E·(d1 + d2)."""
+    largest = max(r for _, r, _ in members)
+    upper = min(largest, min(s.full_rank for s, _, _ in members))
+    top = next(reason for _, r, reason in members if r == largest)
+    shared = f"{top}; one rank for all experts of {parameter}"
+    return _Decision(tuple((s, reason if r == upper else shared) for s, r, reason in members), upper,
+                     shape[0] * (shape[1] + shape[2]), parameter, shape)
+
+
+def _apply_budget(items: list[_Decision], policy: RankPolicy, budget: int) -> tuple[list[int], float]:
     ladders, gains, costs = [], [], []
-    for s, upper, _ in plan:
+    for item in items:
+        upper = item.upper
         lo = min(policy.min_rank, upper)
         if policy.power_of_two:
             ladder = [lo] + [1 << i for i in range(lo.bit_length(), upper.bit_length()) if (1 << i) <= upper]
@@ -506,10 +589,9 @@ def _apply_budget(plan: list, policy: RankPolicy, budget: int) -> tuple[list, fl
         else:
             ladder = list(range(lo, upper + 1))
         ladders.append(ladder)
-        # captured Σσᵢ² at each rung; beyond the known values only the known part is counted
-        gains.append([float(s.cum[min(r, s.known)]) for r in ladder])
-        costs.append(sum(s.shape))
-    result = allocate_budget(ladders, gains, costs, budget, fixed_cost=_fixed_cost([p[0] for p in plan], policy))
-    total = sum(s.fro2 for s, _, _ in plan)
-    out = [(s, r, reason if r == upper else "budget") for (s, upper, reason), r in zip(plan, result.ranks)]
-    return out, (result.gap / total if total > 0 else 0.0)
+        gains.append([item.gain(r) for r in ladder])  # captured Σσᵢ² at each rung
+        costs.append(item.unit)
+    spectra = [s for item in items for s, _ in item.members]
+    result = allocate_budget(ladders, gains, costs, budget, fixed_cost=_fixed_cost(spectra, policy))
+    total = sum(s.fro2 for s in spectra)
+    return list(result.ranks), (result.gap / total if total > 0 else 0.0)
