@@ -29,7 +29,11 @@ on: the base, or its NF4 round trip for QLoRA/QDoRA):
 With eval data, the eval loss/accuracy of the base, the full fine-tune, the adapter and
 the truncated-SVD adapter at the same ranks (W_base + the rank-r Eckart–Young part of
 ΔW_full: what ``extract_adapter`` would write, merged in memory; for a LoRA on fused MoE
-experts, per expert, written into the loaded model's fused parameters).
+experts, per expert, written into the loaded model's fused parameters). A LoRA on a weight that
+another module reads too (an input embedding tied to the output head) is evaluated merged, as
+``merge_and_unload()`` leaves it and as measured: the shared weight moves for both, as in the full
+fine-tune and the truncated-SVD model; PEFT's unmerged model, where the other module keeps the base
+weight, is the eval row ``adapter_unmerged``, and a note says so.
 """
 
 from __future__ import annotations
@@ -131,7 +135,8 @@ class VerifyResult:
         Energy-weighted totals and counts over modules (``rank_deficient``: modules whose
         update uses fewer directions than its rank).
     evals : dict or None
-        ``{"base"|"tuned"|"adapter"|"svd": {"loss", "accuracy", …}}`` with eval data.
+        ``{"base"|"tuned"|"adapter"|"svd": {"loss", "accuracy", …}}`` with eval data, and
+        ``adapter_unmerged`` for a LoRA on a tied weight (evaluated merged as ``adapter``).
     phi_matrices : dict
         Module name → φ(ΔW_ad, ΔW_full, i, j) as nested lists (i ≤ r, j ≤ phi_max).
     """
@@ -601,7 +606,9 @@ def evaluate_models(base, tuned, adapter_src, eval_data, truncated: dict, *, con
     does. An expert of a LoRA on a parameter (``target_parameters``) is written into its
     slice of the parameter transformers fuses it into on loading (see
     :func:`~spectra.checkpoints.placement.weight_places`). Where a module has no place in the
-    loaded model, the SVD model is left out and `notes` says so.
+    loaded model, the SVD model is left out and `notes` says so. The adapter's LoRA layers on a weight that
+    another module reads as is (:func:`_tied_loras`) are merged before its eval, and its unmerged eval is
+    ``adapter_unmerged``.
     """
     import json
 
@@ -655,9 +662,64 @@ def evaluate_models(base, tuned, adapter_src, eval_data, truncated: dict, *, con
             model = build()
             if model is None:
                 continue
-            evals[name] = evaluate(model, data, batch_size=config.batch_size)
+            if name == "adapter" and (tied := _tied_loras(model)):  # as merged, as measured; unmerged beside it
+                unmerged = evaluate(model, data, batch_size=config.batch_size)
+                for layer in tied.values():
+                    layer.merge()  # W += ΔW in the shared Parameter, as merge_and_unload() does: the head moves too
+                evals[name] = evaluate(model, data, batch_size=config.batch_size)
+                evals["adapter_unmerged"] = unmerged
+                if notes is not None:
+                    notes.append(_tied_eval_note(tied))
+            else:
+                evals[name] = evaluate(model, data, batch_size=config.batch_size)
             del model
     return evals
+
+
+def _tied_loras(model) -> dict[tuple[str, tuple[str, ...]], torch.nn.Module]:
+    """The LoRA layers of a PeftModel whose weight other modules read as is: (layer, the modules that share its
+    weight) → layer.
+
+    A LoRA on an input embedding tied to the output head (``tie_word_embeddings``), or on that head, adapts one
+    module of two that hold the same Parameter. Unmerged, PEFT adds its update to that module's output only, and
+    the other keeps reading the base weight; ``merge_and_unload()`` adds it to the shared weight, which moves both,
+    as the full fine-tune moved both. A sharer that carries a LoRA layer of its own (PEFT's ``ensure_weight_tying``
+    puts the embedding's LoRA on the head, transposed), or sits unused in a ``modules_to_save`` wrapper, does not
+    read the base weight, and makes no entry.
+    """
+    from peft.tuners.lora.layer import LoraLayer, ParamWrapper
+
+    layers = {name: m for name, m in model.named_modules()
+              if isinstance(m, LoraLayer) and not isinstance(m, ParamWrapper)}
+    wrapped = {id(m.get_base_layer()) for m in layers.values()}
+    owners: dict[int, list[tuple[str, torch.nn.Module]]] = {}  # id(Parameter) -> the modules holding it directly
+    for name, module in model.named_modules():
+        for p in module.parameters(recurse=False):
+            owners.setdefault(id(p), []).append((name, module))
+
+    def shown(name: str) -> str:
+        return name.removeprefix("base_model.model.").replace(".base_layer", "")
+
+    out = {}
+    for name, layer in layers.items():
+        base = layer.get_base_layer()
+        weight = getattr(base, "weight", None)
+        if not isinstance(weight, torch.nn.Parameter):
+            continue
+        readers = [shown(n) for n, m in owners.get(id(weight), []) if m is not base and id(m) not in wrapped
+                   and ".original_module" not in f".{n}."]
+        if readers:
+            out[(shown(name), tuple(readers))] = layer
+    return out
+
+
+def _tied_eval_note(tied: dict) -> str:
+    pairs = "; ".join(f"{layer}'s LoRA on the weight {', '.join(readers)} reads too" for layer, readers in tied)
+    return (f"eval: a LoRA on a tied weight ({pairs}): the 'adapter' row is the adapter with that LoRA merged, as "
+            "merge_and_unload() leaves the model: the shared weight moves for every module that reads it, as in the "
+            "full fine-tune, the 'svd' row and the per-module measures. 'adapter_unmerged' is PEFT's unmerged model, "
+            "where the LoRA acts on its own module only and the others keep the base weight (what serving the "
+            "adapter unmerged gives). Saving the embedding whole (extract --modules-to-save) is exact both ways")
 
 
 def _load_adapter(model, path):
