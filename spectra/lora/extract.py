@@ -176,7 +176,7 @@ def extract_adapter(base, tuned, plan_or_rank, out_dir: str | os.PathLike, *, ro
         raise ConfigError("stacks go with a uniform rank; a plan names its modules, so they would be ignored. Plan "
                           "the stacks with `spectra recommend --stacks`, or extract with a rank.")
     n_workers, threads = split_workers(workers, device)  # checked before any work starts
-    # vectors too: only to say which changed ones the adapter leaves out (:func:`_not_carried`); selection is of matrices
+    # vectors too, to name the changed ones the adapter leaves out (:func:`_not_carried`); it selects matrices only
     pairing = Pairing(base, tuned, PairingOptions(split_fused=False, vectors=True, device=device))
     lacking = missing_stacks(stacks, {e.info.stack for e in pairing.entries if e.kind == "matrix"})
     selected = _select(pairing, targets, roles if targets is None else None, stacks)
@@ -413,8 +413,9 @@ def _not_carried_notes(pairing: Pairing, matrices: list, vectors: list, only_in_
         plain = [n for n, e in matrices if e.info.expert is None]  # a module PEFT can save whole (no expert tensor)
         asked = () if planned else tuple(roles)  # a plan's own roles are not known here: name every one left out
         new_roles = [r for r in ROLES if r not in asked and any(e.info.role == r for _, e in matrices)]
-        new_stacks = sorted({stack_name(e.info.stack) for _, e in matrices if stacks is not None
-                             and role_selected(e.info.role, roles, e.name) and not stack_selected(e.info.stack, stacks)})
+        new_stacks = sorted({stack_name(e.info.stack) for _, e in matrices
+                             if stacks is not None and role_selected(e.info.role, roles, e.name)
+                             and not stack_selected(e.info.stack, stacks)})
         if planned:
             fix = [f"plan them (spectra recommend --roles …,{','.join(new_roles)})"]
         else:

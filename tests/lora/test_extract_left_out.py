@@ -72,7 +72,8 @@ def test_the_notes_name_exactly_what_peft_merge_does_not_give_back(llama_all, tm
     assert matrices.startswith("rank full is not lossless here: " if rank == "full" else "the adapter leaves out")
     assert "2 changed matrices outside the roles (q, k, v, o, gate, up, down): lm_head (head), model.embed_tokens " \
            "(embed)" in matrices and "roles=q,k,v,o,gate,up,down,embed,head" in matrices
-    assert "5 changed vector(s)" in vectors and "modules_to_save=input_layernorm,post_attention_layernorm,norm" in vectors
+    assert "5 changed vector(s)" in vectors
+    assert "modules_to_save=input_layernorm,post_attention_layernorm,norm" in vectors
     if rank == "full":  # at full rank the adapter holds the rest exactly: what PEFT misses is what the notes name
         assert _missed(base, tuned, tmp_path / "ad") == _as_tensors(result)
 
@@ -129,7 +130,7 @@ def test_gpt2_names_its_embeddings_and_the_biases_no_lora_carries(tmp_path):
     assert missed == _as_tensors(result) | {"lm_head.weight"}  # lm_head is wte (tied)
     advised = extract_adapter(b, t, "full", tmp_path / "ad2", modules_to_save=_advice(result.notes, "modules_to_save"),
                               progress=False)
-    assert advised.left_out_vectors == sorted(biases, key=biases.index) and advised.left_out == []
+    assert advised.left_out_vectors == biases and advised.left_out == []
     assert _missed(base, tuned, tmp_path / "ad2") == set(biases)  # what the remaining note says it cannot carry
 
 
@@ -144,8 +145,9 @@ def test_a_plan_and_experts_stored_stacked(tmp_path):
     tuned = _planted(base, 3, seed=1, attention=True)
     b, t = save(base, tmp_path / "b", "safetensors"), save(tuned, tmp_path / "t", "safetensors")
     result = extract_adapter(b, t, 2, tmp_path / "ad", roles=("q", "k", "v", "o"), progress=False)
-    assert result.left_out == [f"model.layers.{i}.mlp.experts.{p}" for i in (0, 1) for p in ("down_proj", "gate_up_proj")]
-    assert "roles=q,k,v,o,gate_up,down" in result.notes[0] or "roles=q,k,v,o,down,gate_up" in result.notes[0]
+    assert result.left_out == [f"model.layers.{i}.mlp.experts.{p}" for i in (0, 1)
+                               for p in ("down_proj", "gate_up_proj")]
+    assert "roles=q,k,v,o,down,gate_up" in result.notes[0]
     assert "modules_to_save" not in result.notes[0]  # an expert tensor is no module to save
     plan = recommend_ranks(analyze(b, t, progress=False), RankPolicy(rank=2, noise=False, include=r"re:experts\.0\."))
     planned = extract_adapter(b, t, plan, tmp_path / "plan", progress=False)
@@ -169,3 +171,31 @@ def test_the_cli_says_lossless_only_when_nothing_is_left_out(llama_all, monkeypa
     code, out, err = run(monkeypatch, capsys, "extract", b, t, "--rank", "2", "-q", "-o", tmp_path / "r2",
                          "--modules-to-save", "lm_head,embed_tokens,input_layernorm,post_attention_layernorm,norm")
     assert code == 0 and "note:" not in err and "lossless:" not in out, err  # complete, but truncated: not lossless
+
+
+def test_a_head_only_in_tuned_and_an_adapter_as_tuned(tmp_path):
+    """A classifier added by the fine-tune of a bare BertModel has no base tensor: named as only in TUNED, carried by
+    --modules-to-save classifier. An adapter TUNED's LoRA on embed_tokens, re-extracted with the default roles, is a
+    changed matrix left out (its ΔW is PEFT's merged update, not a stored pair)."""
+    from tests.models import random_adapter
+
+    bare = build_model("bert", head=False)
+    classifier = build_model("bert", head=True)
+    classifier.bert.load_state_dict(bare.state_dict())
+    tuned = perturbed(classifier, names=("attention.self",))
+    b, t = save(bare, tmp_path / "b", "safetensors"), save(tuned, tmp_path / "t", "safetensors")
+    result = extract_adapter(b, t, 2, tmp_path / "ad", roles=("q", "k", "v"), progress=False)
+    assert result.only_in_tuned == ["classifier.bias", "classifier.weight"] and not result.complete
+    assert result.left_out == [] and "modules_to_save=classifier" in result.notes[-1]
+    saved = extract_adapter(b, t, 2, tmp_path / "saved", roles=("q", "k", "v"), modules_to_save=("classifier",),
+                            progress=False)
+    assert saved.notes == [] and saved.complete  # negative control
+
+    llama = build_model("llama")
+    random_adapter(llama, tmp_path / "lora", r=2, target_modules=["q_proj", "embed_tokens"],
+                   save_embedding_layers=False)
+    b = save(llama, tmp_path / "lb", "safetensors")
+    result = extract_adapter(b, tmp_path / "lora", 2, tmp_path / "re", progress=False)
+    assert result.left_out == ["model.embed_tokens"] and result.left_out_vectors == [] and not result.complete
+    both = extract_adapter(b, tmp_path / "lora", 2, tmp_path / "re2", roles=("q", "embed"), progress=False)
+    assert both.notes == [] and both.complete
