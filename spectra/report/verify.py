@@ -116,7 +116,11 @@ def verify_blocks(result: Mapping, *, figures: list[str]) -> list[tuple]:
         blocks += [("h", 2, "Eval"), ("table", list(EVAL_HEADERS), eval_rows(result["evals"])),
                    ("p", "svd: W_base + the rank-r truncated SVD of ΔW_full on the adapted modules (what "
                          "`spectra extract` writes at the adapter's ranks). loss gap: the loss minus the full "
-                         "fine-tune's (positive: worse).")]
+                         "fine-tune's (positive: worse)."
+                         + (" adapter: a LoRA on a tied weight merged, as merge_and_unload() leaves it (the tied "
+                            "modules move together, as in the full fine-tune and svd); adapter_unmerged: PEFT's "
+                            "unmerged model, where the tied module keeps the base weight (see the notes)."
+                            if "adapter_unmerged" in result["evals"] else ""))]
     blocks.append(("h", 2, "Figures"))
     captions = {"energy": "Share of ‖ΔW_full‖² in each adapter's column space (bars) vs the Eckart–Young "
                           "optimum at the same rank (ticks): no adapter can exceed its tick.",
