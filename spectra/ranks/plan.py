@@ -240,11 +240,13 @@ class RankPlan:
             loads the checkpoint (:func:`~spectra.checkpoints.targets.model_targets`); weights it
             holds in a parameter PEFT cannot wrap as a module, like transformers-5 Mixtral's
             fused experts (``mlp.experts.gate_up_proj``, experts × 2·ffn × hidden), become
-            ``target_parameters``. Such a parameter takes one rank for all it holds: per expert,
-            the sum of its planned projections' ranks (``gate`` + ``up``, as PEFT itself converts
-            adapters), the largest over experts, and α = ``policy.alpha_for(rank)``. A
-            :class:`~spectra.errors.PeftConfigWarning` says where that differs from the plan
-            (experts at different ranks, modules the plan leaves out that the parameter holds).
+            ``target_parameters``. Such a parameter takes one rank for all it holds: the sum over
+            its projections (``gate`` + ``up``, B block-diagonal, as PEFT itself converts adapters
+            and extract writes them) of the largest rank the plan gives that projection's experts,
+            and α = ``policy.alpha_for(rank)``. A :class:`~spectra.errors.PeftConfigWarning` says
+            where PEFT then trains more than the plan counts (a plan made without the model's
+            fused parameters: experts at their own ranks and costs) and which modules the plan
+            leaves out that the parameter holds (PEFT trains them; ``RankPlan.fused`` counts them).
         task_type : str or None
             PEFT task type. Default ``"CAUSAL_LM"``.
         lora_dropout : float
