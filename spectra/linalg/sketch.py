@@ -409,9 +409,40 @@ def _settled_rank(ranks: dict[float, tuple[int, bool]], wanted: list[float]) -> 
     return out
 
 
-def _sketch_result(s: torch.Tensor, ranks: dict[float, tuple[int, bool]], wanted: list[float], total: float,
-                   shape: tuple[int, int], tolerance: float, steps: int, whole: bool) -> Spectrum:
-    """The sketch's Spectrum: the Ritz values `s` (l,) up to the largest settled rank, and bounds for the rest.
+def _value_error(s: torch.Tensor, before: torch.Tensor, k: int) -> float:
+    """Estimated largest relative error, max_{i≤k} (σᵢ − θᵢ)/σᵢ, of the first `k` Ritz values θ = `s` (l,).
+
+    Each θᵢ rose by gᵢ = 1 − βᵢ/θᵢ of itself in the last half step (β = `before`, the
+    values half a step back, :func:`_ritz_before`: exact, and βᵢ ≤ θᵢ). Subspace iteration
+    shrinks the error of the i-th value by about ρᵢ = (σ_{l+1}/σᵢ)² per half step, so under
+    geometric decay the error half a step back was gᵢ/(1 − ρᵢ), above the present one; with
+    the least converged Ritz value θ_l standing in for the unknown σ_{l+1},
+    ρ̂ᵢ = (θ_l/θᵢ)². The estimate is max_{i≤k} gᵢ/(1 − ρ̂ᵢ) — an estimate with a measured
+    margin, not a bound: against float64 SVDs in 174 sketches (decaying spectra over a
+    flat floor, planted values over a bulk, power laws, exponential decay, bf16 pairs with
+    Gaussian tails of 0–20 % of the energy; 96×400 to 400×1100, fp32 and bf16-exact,
+    blocks 16–64, 3 seeds), the true largest error was at most 1.10× above it (a tail of
+    10 % of the energy, where the values returned run into the bulk), a median 7× below it
+    and at most 53× below. gᵢ alone came out up to 2.9× low (the same tails), and the half
+    step's relative gain in the energy at the rank, which this replaced, up to 617× low
+    (median 2×): that sum is dominated by the top values, the error sits in the lowest. Values that do not move cost nothing (gᵢ = 0); a moving value
+    tied with θ_l (ρ̂ᵢ = 1) has no rate to extrapolate and gives ``inf``. O(l) work on
+    values the stop test already has.
+    """
+    if k == 0:
+        return 0.0
+    theta, beta = s[:k].double(), before[:k].double()
+    gain = torch.where(theta > 0, (1 - beta / theta).clamp(min=0), torch.zeros_like(theta))  # (k,) gᵢ
+    rho = (float(s[-1]) / theta.clamp(min=torch.finfo(torch.float64).tiny)) ** 2  # (k,) ρ̂ᵢ ≤ 1
+    ratio = torch.where(gain > 0, gain / (1 - rho).clamp(min=0), torch.zeros_like(gain))  # g/0 → inf
+    return float(ratio.max())
+
+
+def _sketch_result(s: torch.Tensor, before: torch.Tensor, ranks: dict[float, tuple[int, bool]], wanted: list[float],
+                   total: float, shape: tuple[int, int], steps: int, whole: bool) -> Spectrum:
+    """The sketch's Spectrum: the Ritz values `s` (l,) up to the largest settled rank, and bounds for the rest;
+    its ``tolerance`` is :func:`_value_error` of the values returned (`before`: those half a step back), 0 when
+    the basis spans the whole short side (`whole`: the values are then σ(A) to fp32 rounding).
 
     A threshold whose rank lies past the settled part gets the interval [lo, hi] in
     ``rank_bounds`` and no values (so it reads ``None`` from them): hi is its rank on the
@@ -424,13 +455,15 @@ def _sketch_result(s: torch.Tensor, ranks: dict[float, tuple[int, bool]], wanted
     threshold open under the first stop rule (32 of 300 under the current one, measured
     with a slightly different sweep).
     """
-    if whole:  # a basis spanning the whole short side holds the whole spectrum: keep all of it
-        return Spectrum(s.float(), total, shape, "adaptive-bf16", tolerance=tolerance, n_iter=steps, complete=True)
+    if whole:  # a basis spanning the whole short side holds the whole spectrum: keep all of it. Its values are
+        # σ(Qᵀ A) for an orthonormal Q of the whole short side, i.e. σ(A) to the fp32 product's rounding (~2e-7
+        # relative where full_svd's is ~5e-8): a full decomposition at working precision, tolerance 0 as full_svd's
+        return Spectrum(s.float(), total, shape, "adaptive-bf16", tolerance=0.0, n_iter=steps, complete=True)
     out = _settled_rank(ranks, wanted)
     outside = max(0.0, total - float((s * s).sum())) / total  # share of ‖A‖_F² outside span(Q)
     bounds = {t: (_rank(s, total, t - outside), k) for t, (k, _) in ranks.items() if k > out}  # (lo, hi)
-    return Spectrum(s[:out].float(), total, shape, "adaptive-bf16", tolerance=tolerance, n_iter=steps,
-                    complete=False, rank_bounds=bounds)
+    return Spectrum(s[:out].float(), total, shape, "adaptive-bf16", tolerance=_value_error(s, before, out),
+                    n_iter=steps, complete=False, rank_bounds=bounds)
 
 
 def _in_half_range(sketch):
@@ -526,7 +559,9 @@ def energy_sketch(A: torch.Tensor, *, energy: float, thresholds: tuple[float, ..
     -------
     Spectrum
         ``method="adaptive-bf16"`` (``"adaptive-bf16->full"`` after a fall-back);
-        ``tolerance`` is the last half step's relative gain in the cumulative energy at the rank;
+        ``tolerance`` the estimated largest relative error of the values returned (:func:`_value_error`:
+        each value's last half-step gain extrapolated at its convergence rate; measured never
+        more than 1.1× below the true error);
         ``rank_bounds`` the thresholds left open, ``{τ: (lo, hi)}``. A zero `A`
         (`total_energy` 0) gives its whole spectrum, zeros, at once.
 
@@ -587,9 +622,7 @@ def energy_sketch(A: torch.Tensor, *, energy: float, thresholds: tuple[float, ..
                 before = _ritz_before(Z, W)  # (l,): the values half a step back, on W's side
                 ranks = _threshold_ranks(s, before, total_energy, wanted, usable)
                 if _settled_rank(ranks, wanted) >= k or l == short:  # every level up to the resolve one settled
-                    cum = float((s[:k] ** 2).sum())
-                    tolerance = abs(cum - float((before[:k] ** 2).sum())) / cum
-                    return _sketch_result(s, ranks, wanted, total_energy, shape, tolerance, steps, l == short)
+                    return _sketch_result(s, before, ranks, wanted, total_energy, shape, steps, l == short)
                 W, _ = _orth(Z, G)
             Q, R = _orth(thin_product(low, W.to(low.dtype)).float())  # (short, l), (l, l)
             steps += 1
