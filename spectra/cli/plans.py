@@ -99,7 +99,8 @@ def recommend(
                         alpha_rule=alpha_rule,
                         scale=2.0 if scale is None else scale, alpha=16.0 if alpha is None else alpha,
                         functional=functional, **budget_kw)
-    plan = recommend_ranks(_analysis_or_pair(analysis), policy, sweep=sweep)
+    model_config = load_config(config) if config else None  # its fused expert parameters set what ranks cost
+    plan = recommend_ranks(_analysis_or_pair(analysis), policy, sweep=sweep, model_config=model_config)
     source = config or base_config(plan.base)  # the config.json beside the analysed base (a folder or a file)
     est, memory_skipped = None, None
     if source:
@@ -112,7 +113,7 @@ def recommend(
     if output is not None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", PeftConfigWarning)  # printed below from the plan, with the report
-            save_plan(plan, output, model_config=load_config(config) if config else None)
+            save_plan(plan, output, model_config=model_config)
         notes = json.loads(output.read_text()).get("peft_config_notes") or []
     if as_json:
         memory = {"memory": est.to_dict() if est else None}
@@ -131,6 +132,12 @@ def recommend(
     if plan.left_out:
         console.print(escape(f"left out ({len(plan.left_out)}): " + ", ".join(
             f"{m.name} [{m.reason}; rank {_fmt(m.rank)}]" for m in plan.left_out)))
+    padded = [f for f in plan.fused if f.padding]
+    if padded:  # in the title's total, in no row: PEFT trains every expert of a fused parameter at its one rank
+        console.print(escape(f"fused experts: PEFT also trains {sum(f.padding for f in padded):,} parameters for "
+                             "experts the plan leaves out, at their parameter's rank (in the total): "
+                             + ", ".join(f"{f.name} {f.padding:,}" for f in padded[:3])
+                             + (" …" if len(padded) > 3 else "")))
     if plan.budget_gap:
         console.print(f"budget allocation within {plan.budget_gap:.2%} of ΔW energy of the optimum")
     if est is not None:

@@ -153,7 +153,10 @@ def test_mixtral_plan_targets_the_fused_expert_parameters_at_their_rank(tmp_path
     assert data["peft_config_model"] == "MixtralForCausalLM" and data["peft_config_notes"] == [
         str(w.message) for w in caught]
     notes = " ".join(data["peft_config_notes"])
-    assert "layers.1.mlp.experts.gate_up_proj" in notes and "ranks come to [1, 2, 5] per expert" in notes and "experts.2.w3" in notes
+    # every expert of a projection now has one rank (gate 3, up 2 in layer 1): PEFT's rank 5 is the plan's; what
+    # remains to say is the unchanged expert-2 w3 whose rows PEFT trains at that rank, counted in the total
+    assert "layers.1.mlp.experts.gate_up_proj" in notes and "experts.2.w3" in notes
+    assert "256 parameters, counted in the plan's total" in notes and "so PEFT trains" not in notes
     assert "layers.0" not in notes  # layer 0's experts share one rank: nothing to say
 
     cfg = data["peft_config"]
