@@ -329,11 +329,11 @@ def _target_entries(pairing, plan, roles, base, tuned) -> tuple[list, dict[str, 
     do): ``k`` or ``v`` takes DeepSeek's ``kv_a`` and ``kv_b`` and GPT-2's ``c_attn``, whose truncation changes the
     keys and the values; pairing's own selection (an analysis's) would take neither."""
     from spectra.checkpoints.architectures import role_selected
-    from spectra.lora.train import BLOCK_ROLES
+    from spectra.checkpoints.roles import default_roles
 
     entries = [e for e in pairing.entries if e.kind == "matrix"]
     if plan is None:
-        wanted = roles or BLOCK_ROLES
+        wanted = roles or default_roles(pairing.options.stacks)  # --stacks projector: role projector
         return [e for e in entries if role_selected(e.info.role, wanted, e.name)], None
     by_name = {e.name: e for e in entries}
     missing = [m.name for m in plan.modules if m.name not in by_name]

@@ -93,12 +93,12 @@ def _llava():
 
 @_PEFT_PATTERN_WARNING
 def test_stacks_of_a_llava_count_what_train_adapts_and_all_linear_adds_the_projector():
-    """LLaVA's multi_modal_projector holds two Linears (linear_1, linear_2; stack projector, role other), which
+    """LLaVA's multi_modal_projector holds two Linears (linear_1, linear_2; stack projector, role projector), which
     Gemma 3's has none of, so there ``language,vision == all-linear`` could not tell whether a projector is counted.
     Here each stack selection's count is PEFT's on spectra train's LoraConfig for the same stacks, and PEFT's
-    all-linear exceeds ``language,vision,projector`` by exactly the projector's adapters: they have no block role,
-    so train (and the estimate) leave them out of the default roles where all-linear takes them. The towers' adapters
-    get no gradient on text-only batches."""
+    all-linear is ``language,vision,projector`` exactly (the projector's role is a block role: it had none, and was
+    left out) and exceeds ``language,vision`` by the projector's adapters. The towers' adapters get no gradient on
+    text-only batches."""
     from peft import LoraConfig, get_peft_model
 
     from spectra.lora.train import TrainConfig, lora_config
@@ -117,5 +117,7 @@ def test_stacks_of_a_llava_count_what_train_adapts_and_all_linear_adds_the_proje
         assert est.trainable_params == _trained(get_peft_model(copy.deepcopy(model), trained)), stacks
     all_linear = _trained(get_peft_model(copy.deepcopy(model), LoraConfig(r=r, target_modules="all-linear")))
     est = estimate_memory(config, rank_plan_or_rank=r, precision="fp32", stacks=everything)
-    assert all_linear - est.trainable_params == projector_params > 0
+    assert all_linear == est.trainable_params
+    towers = estimate_memory(config, rank_plan_or_rank=r, precision="fp32", stacks=("language", "vision"))
+    assert all_linear - towers.trainable_params == projector_params > 0
     assert est.gradients == estimate_memory(config, rank_plan_or_rank=r, precision="fp32").gradients

@@ -247,11 +247,13 @@ def owning_modules(names: Iterable[str], model) -> tuple[dict[str, str | None], 
 def lora_can_wrap(module: torch.nn.Module) -> bool:
     """Whether PEFT's LoRA wraps this module and still runs (else only its parameters can be targeted).
 
-    PEFT wraps any subclass of the types below, and its ``lora.Linear`` adds ``s·B@A@x`` to what
-    the wrapped module returns. A Linear whose forward returns no tensor (PhiMoE's router
-    ``PhimoeTopKRouter`` and Llama 4's return a tuple: logits, routing weights, experts) is
-    wrapped, merges, and then fails in every forward; its weight is adapted as a parameter
-    (``target_parameters``), which PEFT merges into the weight before the module runs.
+    PEFT wraps any subclass of the types below, and its ``lora.Linear`` adds ``s·B@A@x``, of shape ``(…, out)``, to
+    what the wrapped module returns for ``x`` of shape ``(…, in)``. A Linear whose forward returns no tensor (PhiMoE's
+    router ``PhimoeTopKRouter`` and Llama 4's return a tuple: logits, routing weights, experts) is wrapped, merges,
+    and then fails in every forward; so does one whose forward is no map of ``(…, in)`` to ``(…, out)``: DeepSeek-V4's
+    grouped ``o_a_proj`` (``DeepseekV4GroupedLinear``, weight ``(groups·r, in/groups)``) takes ``(…, groups, in)``
+    and returns ``(…, groups, r)``. Their weight is adapted as a parameter (``target_parameters``), which PEFT merges
+    into the weight before the module runs.
     """
     from transformers.pytorch_utils import Conv1D
 
@@ -259,13 +261,18 @@ def lora_can_wrap(module: torch.nn.Module) -> bool:
                                torch.nn.Conv3d, Conv1D)):
         return False
     return not isinstance(module, torch.nn.Linear) or type(module).forward is torch.nn.Linear.forward or \
-        _returns_a_tensor(module)
+        _maps_like_a_linear(module)
 
 
-def _returns_a_tensor(linear: torch.nn.Linear) -> bool:
-    """Whether a Linear subclass's own forward returns a tensor, run on one row of zeros with its parameters and
-    buffers swapped for meta-device ones (shapes only: no arithmetic, no random numbers drawn, the module kept
-    as it is). True when it cannot run so (nothing to tell: wrapped, as PEFT does)."""
+def _maps_like_a_linear(linear: torch.nn.Linear) -> bool:
+    """Whether a Linear subclass's own forward maps ``(1, in)`` to a ``(1, out)`` tensor, run on one row of zeros
+    with its parameters and buffers swapped for meta-device ones (shapes only: no arithmetic, no random numbers
+    drawn, the module kept as it is).
+
+    Where it cannot run so, a model's own layer (its class defined in ``transformers.models``: DeepSeek-V4's
+    grouped ``o_a_proj``, which reshapes its input into groups) is no Linear to PEFT: False. Any other (a
+    quantisation backend's Linear, which needs its real packed weight): True, nothing to tell (wrapped, as PEFT
+    does)."""
     from torch.func import functional_call
 
     try:
@@ -275,8 +282,8 @@ def _returns_a_tensor(linear: torch.nn.Linear) -> bool:
         with torch.no_grad():
             out = functional_call(linear, meta, (x,))
     except Exception:  # a forward that needs other inputs or real values
-        return True
-    return isinstance(out, torch.Tensor)
+        return not type(linear).__module__.startswith("transformers.models.")
+    return isinstance(out, torch.Tensor) and tuple(out.shape) == (1, linear.out_features)
 
 
 def conversions(model) -> tuple[list, list] | None:

@@ -577,7 +577,9 @@ def _select(pairing: Pairing, targets, roles, stacks=None):
             raise ConfigError(f"the plan names module(s) absent from the base {pairing.base.spec}: "
                               f"{', '.join(missing[:5])}. Was it made from an analysis of another model?")
         return [by_name[n] for n in targets]
-    wanted = set(roles or _DEFAULT_ROLES)
+    from spectra.checkpoints.roles import stack_roles
+
+    wanted = set(roles or _DEFAULT_ROLES + stack_roles(stacks))  # --stacks projector: a projector's Linears too
     return [e for e in matrices  # GPT-2's crossattention.c_attn: xk, xv
             if role_selected(e.info.role, wanted, e.name) and stack_selected(e.info.stack, stacks)]
 

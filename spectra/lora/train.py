@@ -101,10 +101,13 @@ class TrainConfig:
         it takes no ``rank``, ``alpha``, ``roles`` or ``target_modules``; its analysis must
         be of this base (see :meth:`~spectra.ranks.RankPlan.check_base`).
     roles : tuple of str, optional
-        Roles to target (:data:`BLOCK_ROLES`: ``q, k, v, o, qkv``, MLA's ``q_a, q_b, kv_a, kv_b``, cross-attention's
-        ``xq, xk, xv, xo``, ``gate, up, down, gate_up``); None or (): all of them (stored as None). A role takes the modules that hold it
+        Roles to target (:data:`BLOCK_ROLES`: ``q, k, v, o, qkv``, MLA's ``q_a, q_b, kv_a, kv_b``, DeepSeek-V4's
+        ``kv, o_a, o_b``, cross-attention's ``xq, xk, xv, xo``, ``gate, up, down, gate_up``, a multimodal
+        projector's ``projector``); None or (): all of them (stored as None), ``projector`` only where ``stacks``
+        name the projector (:func:`~spectra.checkpoints.roles.default_roles`). A role takes the modules that hold it
         (:func:`~spectra.checkpoints.architectures.role_selected`): ``q`` DeepSeek's ``q_a_proj`` and ``q_b_proj``,
-        ``k`` or ``v`` its ``kv_a_proj_with_mqa`` and ``kv_b_proj``, as GPT-2's ``c_attn``. An MoE's fused
+        ``k`` or ``v`` its ``kv_a_proj_with_mqa`` and ``kv_b_proj`` (V4's ``kv_proj``), as GPT-2's ``c_attn``, ``o``
+        V4's ``o_a_proj`` (through its weight: PEFT cannot wrap it) and ``o_b_proj``. An MoE's fused
         expert parameters are taken by ``gate``/``up`` (``gate_up_proj``) and ``down`` (``down_proj``), through
         PEFT's ``target_parameters`` (see :func:`role_targets` and :func:`peft_targets`).
     stacks : tuple of str, optional

@@ -7,6 +7,7 @@ from typing import Any, NamedTuple
 
 from spectra.checkpoints.adapted import TargetSelection, peft_targets
 from spectra.checkpoints.architectures import missing_stacks, role_selected, stack_selected
+from spectra.checkpoints.roles import stack_roles
 from spectra.errors import ConfigError
 from spectra.memory.shape import ModelShape, model_shape
 from spectra.ranks import RankPlan
@@ -127,9 +128,9 @@ def _adapter_modules(shape: ModelShape, method: str, plan_or_rank: Any, roles: t
                           "every layer of a multimodal model; a plan's tower modules and the tower layers "
                           "layers_to_transform picks are not modelled. Pass the text_config alone to estimate the "
                           "language model.")
+    wanted = DEFAULT_ROLES + stack_roles(stacks) if roles is None else tuple(roles)  # --stacks projector: projector
     adapted_towers = sorted({stack for role, _, _, stack in shape.tower_linears if stacks is not None
-                             and stack_selected(stack, stacks) and role_selected(role, DEFAULT_ROLES if roles is None
-                                                                                 else tuple(roles))}, key=str)
+                             and stack_selected(stack, stacks) and role_selected(role, wanted)}, key=str)
     if method in ("qlora", "dora") and adapted_towers:
         raise ConfigError(f"{shape.family}: {method} on the {', '.join(map(str, adapted_towers))} stack's linears "
                           f"(stacks {','.join(stacks)}) is not modelled: "
@@ -159,7 +160,6 @@ def _adapter_modules(shape: ModelShape, method: str, plan_or_rank: Any, roles: t
     r = plan_or_rank
     if experts > 1:  # what spectra train adapts, asked of its own target selection
         return _trained_moe_adapters(shape, method, r, roles, stacks, layers, train_model, notes=notes)
-    wanted = DEFAULT_ROLES if roles is None else tuple(roles)
     block: list[_Adapter] = []
     for role, o, d_in in shape.linears:
         if not role_selected(role, wanted):
