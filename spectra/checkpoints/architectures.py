@@ -5,6 +5,13 @@ compared by kind: ``q, k, v, o, qkv, q_a, q_b, kv_a, kv_b, kv, o_a, o_b, xq, xk,
 projector, embed, head, other``. Unknown architectures still work: every module whose name matches no rule gets
 role ``other`` and is analysed all the same.
 
+``embed`` is every embedding table, not only the token embedding's (``embed_tokens``, ``wte``, ``word_embeddings``,
+``shared`` …): a learned position table (GPT-2's ``wpe``, BERT's ``position_embeddings``, BART's and OPT's
+``embed_positions``), a token-type table (BERT's ``token_type_embeddings``) and a relative-position table (T5's
+``relative_attention_bias``, DeBERTa's ``rel_embeddings``) too, by name. They were ``other``, which ``recommend``'s
+default plans (every matrix but embeddings, heads and MoE routers); ``--roles embed`` takes them all, and no default of
+train, extract, memory or the sweep (block roles only) does.
+
 ``q_a q_b kv_a kv_b`` are multi-head latent attention's (MLA: DeepSeek-V2, arXiv:2405.04434; DeepSeek-V3 and Kimi-K2,
 MiniCPM3, LongCat-Flash, Mistral Small 4, ``glm4_moe_lite`` and the other transformers models built on its attention)
 low-rank projections, by what each tensor computes (``(out, in)``; ``c`` = ``q_lora_rank``, ``d`` = ``kv_lora_rank``):
@@ -203,6 +210,10 @@ def role_named(role: str, roles) -> bool:
 
 # A decoder's attention over its encoder's output, by the name of its module; T5's self-attention modules.
 _CROSS_ATTENTION = r"(encoder_attn|EncDecAttention|crossattention|cross_attn)"
+# Embedding tables that the token-embedding rule does not name (role embed; see _ROLE_RULES)
+_EMBEDDING_TABLES = (r"(wpe|\w*pos(ition)?s?_emb(ed|edding|eddings)?(_table)?|\w*token_type_embeddings(_\d+)?"
+                     r"|segment_emb(edding)?|embed_positions|relative_attention_bias|rel_embeddings|token_embedding"
+                     r"|word_embedding|tokens_embed)")
 _T5_SELF_ATTENTION = r"(SelfAttention|LocalSelfAttention|TransientGlobalSelfAttention)"
 # Ordered: the first rule whose pattern matches the end of the module name wins. More
 # specific patterns (BERT's attention.output.dense) come before general ones (output.dense).
@@ -279,6 +290,13 @@ _ROLE_RULES: tuple[tuple[str, str], ...] = (
      r"|layer\.\d+\.mlp\.wo)", "down"),
     # embeddings and heads; T5's and BART's shared (the token embedding their encoder and decoder both read)
     (r"(embed_tokens|word_embeddings|wte|embed_in|tok_embeddings|shared)", "embed"),
+    # every other embedding table (an nn.Embedding: a LoRA on it is PEFT's Embedding LoRA, no block's Linear), by its
+    # name: a learned position table (GPT-2's wpe, BERT's position_embeddings, BART's and OPT's embed_positions, CLIP's
+    # and SigLIP's position_embedding, Qwen3-VL's tower pos_embed, LayoutLM's x_position_embeddings …), a token-type
+    # (segment) table (BERT's token_type_embeddings), a relative-position table (T5's relative_attention_bias,
+    # DeBERTa's rel_embeddings), a vocabulary under another name (CLIP's token_embedding, XLNet's word_embedding,
+    # GPT-1's tokens_embed). They were other, so recommend's default planned them
+    (_EMBEDDING_TABLES, "embed"),
     (r"(lm_head|embed_out|classifier|score|cls\.predictions\.decoder)", "head"),
     # DeepSeek-V4's checkpoints' top-level embed and head (transformers' model.embed_tokens and lm_head); "^" keeps
     # any other model's ….head or ….embed module out

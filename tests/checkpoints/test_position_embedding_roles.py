@@ -1,0 +1,179 @@
+"""Every embedding table has role embed: position tables (GPT-2's wpe, BERT's position_embeddings, BART's and OPT's
+embed_positions), token-type tables (BERT's token_type_embeddings) and relative-position tables (T5's
+relative_attention_bias), as the token embedding has.
+
+What was wrong: they got role other, so ``recommend``'s default plan (every matrix but embeddings, heads and routers)
+planned them and they took budget (audit F2). The references are the models themselves, built from config: which of
+their modules are ``nn.Embedding`` (scanned, not listed), and, in the slow scan, every transformers class's modules.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+
+import pytest
+import torch
+
+from spectra.checkpoints import architectures
+from spectra.checkpoints.architectures import module_info, role_selected
+from spectra.checkpoints.roles import BLOCK_ROLES, default_roles
+from tests.models import on_grid, tiny_config
+
+FAMILIES = ("gpt2", "bert", "bart", "t5", "opt")
+# the tables the token-embedding rule (embed_tokens, wte, word_embeddings, shared …) did not name, by family
+TABLES = {"gpt2": {"transformer.wpe"},
+          "bert": {"bert.embeddings.position_embeddings", "bert.embeddings.token_type_embeddings"},
+          "bart": {"model.encoder.embed_positions", "model.decoder.embed_positions"},
+          "t5": {"encoder.block.0.layer.0.SelfAttention.relative_attention_bias",
+                 "decoder.block.0.layer.0.SelfAttention.relative_attention_bias"},
+          "opt": {"model.decoder.embed_positions"}}
+
+
+def tiny_model(family: str):
+    """A tiny model of `family` with its head, on the 2⁻¹² grid (OPT's config here, the rest from tests.models)."""
+    import transformers as tf
+
+    if family == "opt":
+        config = tf.OPTConfig(hidden_size=32, ffn_dim=48, num_hidden_layers=2, num_attention_heads=4,
+                              max_position_embeddings=32, word_embed_proj_dim=32, vocab_size=64)
+        return on_grid(tf.OPTForCausalLM, config)
+    classes = {"gpt2": tf.GPT2LMHeadModel, "bert": tf.BertForSequenceClassification,
+               "bart": tf.BartForConditionalGeneration, "t5": tf.T5ForConditionalGeneration}
+    return on_grid(classes[family], tiny_config(family))
+
+
+def _roles(model) -> dict[str, tuple[str, str]]:
+    """Module name → (its type, its role), for every module holding a weight."""
+    config = model.config.to_dict()
+    return {name: (type(m).__name__, module_info(name, config).role) for name, m in model.named_modules()
+            if isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.dim() == 2}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_embedding_table_has_role_embed(family):
+    model = tiny_model(family)
+    roles = _roles(model)
+    embeddings = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Embedding)}
+    assert TABLES[family] <= embeddings  # the tables this test is about exist in the model
+    assert {n for n, (_, role) in roles.items() if role == "embed"} == embeddings
+    # and no Linear (or GPT-2's Conv1D) is role embed: a block's matrices keep their roles
+    assert all(role != "embed" for name, (_, role) in roles.items() if name not in embeddings)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_without_the_rule_the_tables_were_other(family, monkeypatch):
+    """Negative control: the rules without the embedding-table rule give these tables role other (as before), and
+    change nothing else."""
+    model = tiny_model(family)
+    now = _roles(model)
+    kept = tuple(r for r in architectures._ROLE_REGEXES if not r[0].pattern.endswith(
+        f"{architectures._EMBEDDING_TABLES}$"))
+    assert len(kept) == len(architectures._ROLE_REGEXES) - 1
+    monkeypatch.setattr(architectures, "_ROLE_REGEXES", kept)
+    before = _roles(model)
+    assert {n for n in now if now[n] != before[n]} == TABLES[family]
+    assert all(before[n][1] == "other" and now[n][1] == "embed" for n in TABLES[family])
+
+
+def test_roles_embed_selects_the_tables_and_the_default_roles_do_not():
+    """--roles embed takes a position table (as it takes the token embedding); no command's default roles (train's,
+    extract's, memory's, the sweep's: block roles) do, and --roles other no longer does."""
+    for name in TABLES["gpt2"] | TABLES["t5"] | TABLES["bert"]:
+        role = module_info(name).role
+        assert role_selected(role, ("embed",), name)
+        assert not role_selected(role, default_roles(None), name) and role not in BLOCK_ROLES
+        assert not role_selected(role, ("other",), name)
+
+
+def test_a_llamas_only_table_is_its_token_embedding():
+    """Negative control: a Llama (rotary positions: no table) has one embed, embed_tokens; its Linears keep their
+    roles."""
+    import transformers as tf
+
+    config = tf.LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                            num_key_value_heads=2, vocab_size=64, tie_word_embeddings=False)
+    roles = _roles(tf.LlamaForCausalLM(config))
+    assert {n for n, (_, r) in roles.items() if r == "embed"} == {"model.embed_tokens"}
+    assert {r for n, (_, r) in roles.items() if n != "model.embed_tokens"} == {"q", "k", "v", "o", "gate", "up",
+                                                                                  "down", "head"}
+
+
+# What the embedding-table rule may change, by the type of the module (or "parameter" for a bare parameter such as
+# a ViT's pos_embed): an embedding table, a container of position encodings (sinusoidal or rotary, no weight), a
+# table held as a parameter. Never a Linear. From role other (or projector: a projector stack's position table).
+_TABLE_TYPES = re.compile(r"\w*(Embedding|Position|Rotary)\w*|parameter")
+
+
+@pytest.mark.slow
+def test_the_table_rule_changes_no_linear_of_any_transformers_class(monkeypatch):
+    """Every transformers class built on the meta device (~570): the role of each module and bare parameter with and
+    without the embedding-table rule. They differ only at embedding tables (nn.Embedding and its subclasses, position
+    encodings, tables held as parameters), from other (or projector) to embed; at GPT-2's, BERT's, BART's, T5's and
+    OPT's tables among them."""
+    import transformers as tf
+    from transformers.models.auto import modeling_auto
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    kept = tuple(r for r in architectures._ROLE_REGEXES if not r[0].pattern.endswith(
+        f"{architectures._EMBEDDING_TABLES}$"))
+    mappings = (modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+                modeling_auto.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES, modeling_auto.MODEL_MAPPING_NAMES)
+    changed, built = {}, 0
+    verbosity = tf.utils.logging.get_verbosity()
+    tf.utils.logging.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for model_type in sorted(CONFIG_MAPPING_NAMES):
+                cls = next((m[model_type] for m in mappings if model_type in m), None)
+                cls = cls[0] if isinstance(cls, (list, tuple)) else cls
+                if cls is None or not hasattr(tf, cls):
+                    continue
+                try:
+                    config = tf.AutoConfig.for_model(model_type)
+                    for c in (config, getattr(config, "text_config", None)):
+                        for key in ("num_hidden_layers", "num_layers", "n_layer", "decoder_layers", "encoder_layers"):
+                            if isinstance(getattr(c, key, None), int) and getattr(c, key) > 2:
+                                setattr(c, key, 2)
+                    with torch.device("meta"):
+                        model = getattr(tf, cls)._from_config(config)
+                except Exception:  # a class that needs more than its default config: not scanned
+                    continue
+                built += 1
+                cfg = model.config.to_dict()
+                kinds = {n: type(m).__name__ for n, m in model.named_modules() if n}
+                kinds |= {n: "parameter" for n, _ in model.named_parameters() if not n.endswith((".weight", ".bias"))}
+                now = {n: module_info(n, cfg).role for n in kinds}
+                with monkeypatch.context() as patch:
+                    patch.setattr(architectures, "_ROLE_REGEXES", kept)
+                    before = {n: module_info(n, cfg).role for n in kinds}
+                for n in kinds:
+                    if now[n] != before[n]:
+                        changed.setdefault(model_type, set()).add((re.sub(r"\.\d+\.", ".N.", n), kinds[n],
+                                                                   before[n], now[n]))
+    finally:
+        tf.utils.logging.set_verbosity(verbosity)
+    assert built > 400
+    for model_type, changes in changed.items():
+        for name, kind, before, now in changes:
+            assert _TABLE_TYPES.fullmatch(kind) and "Linear" not in kind, (model_type, name, kind)
+            assert (before, now) in (("other", "embed"), ("projector", "embed")), (model_type, name, before, now)
+    expected = {("gpt2", "transformer.wpe"), ("bert", "embeddings.position_embeddings"),
+                ("bert", "embeddings.token_type_embeddings"), ("bart", "decoder.embed_positions"),
+                ("t5", "encoder.block.N.layer.N.SelfAttention.relative_attention_bias"),
+                ("opt", "decoder.embed_positions")}
+    for model_type, ending in expected:
+        assert any(n == ending or n.endswith("." + ending) for n, _, _, _ in changed[model_type]), (model_type, ending)
+
+
+def test_analyze_roles_help_lists_every_role():
+    """`spectra analyze --roles`'s help names every role a module can have (kv, o_a, o_b and projector were
+    missing)."""
+    import typing
+
+    from spectra.cli.analysis import analyze
+
+    option = typing.get_type_hints(analyze, include_extras=True)["roles"].__metadata__[0]
+    listed = option.help.partition("(")[2].partition(";")[0].split(", ")
+    assert listed == list(architectures.ROLES)
