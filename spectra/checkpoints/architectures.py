@@ -2,15 +2,18 @@
 
 A *role* groups modules across layers and architectures so that results can be
 compared by kind: ``q, k, v, o, qkv, q_a, q_b, kv_a, kv_b, kv, o_a, o_b, xq, xk, xv, xo, gate, up, down, gate_up,
-projector, embed, head, other``. Unknown architectures still work: every module whose name matches no rule gets
-role ``other`` and is analysed all the same.
+projector, embed, pos_embed, head, other``. Unknown architectures still work: every module whose name matches no rule
+gets role ``other`` and is analysed all the same.
 
-``embed`` is every embedding table, not only the token embedding's (``embed_tokens``, ``wte``, ``word_embeddings``,
-``shared`` …): a learned position table (GPT-2's ``wpe``, BERT's ``position_embeddings``, BART's and OPT's
-``embed_positions``), a token-type table (BERT's ``token_type_embeddings``) and a relative-position table (T5's
-``relative_attention_bias``, DeBERTa's ``rel_embeddings``) too, by name. They were ``other``, which ``recommend``'s
-default plans (every matrix but embeddings, heads and MoE routers); ``--roles embed`` takes them all, and no default of
-train, extract, memory or the sweep (block roles only) does.
+``embed`` is a vocabulary's table, the token embedding (``embed_tokens``, ``wte``, ``word_embeddings``, ``shared``,
+CLIP's ``token_embedding`` …); ``pos_embed`` every other embedding table, one looked up by position or segment, not by
+token: a learned position table (GPT-2's ``wpe``, BERT's ``position_embeddings``, BART's and OPT's ``embed_positions``,
+CLIP's and SigLIP's ``position_embedding``, Qwen3-VL's tower ``pos_embed``), a relative-position table (T5's
+``relative_attention_bias``, DeBERTa's ``rel_embeddings``) and a token-type (segment) table (BERT's
+``token_type_embeddings``). They were ``other``, which ``recommend``'s default plans (every matrix but embeddings,
+heads and MoE routers); ``--roles pos_embed`` takes them. A role of their own keeps ``--roles embed`` (and what reads
+the token embedding: a tied head, a resized vocabulary) to the vocabulary's table, as before, and no default of train,
+extract, memory or the sweep (block roles) takes either.
 
 ``q_a q_b kv_a kv_b`` are multi-head latent attention's (MLA: DeepSeek-V2, arXiv:2405.04434; DeepSeek-V3 and Kimi-K2,
 MiniCPM3, LongCat-Flash, Mistral Small 4, ``glm4_moe_lite`` and the other transformers models built on its attention)
@@ -108,7 +111,7 @@ from typing import Any
 from spectra.errors import ConfigError
 
 ROLES = ("q", "k", "v", "o", "qkv", "q_a", "q_b", "kv_a", "kv_b", "kv", "o_a", "o_b", "xq", "xk", "xv", "xo", "gate",
-         "up", "down", "gate_up", "projector", "embed", "head", "other")
+         "up", "down", "gate_up", "projector", "embed", "pos_embed", "head", "other")
 # The roles a fused module holds: a LoRA on it adapts all of them. MLA's factors hold the roles they compute: q_a and
 # q_b the query, kv_a (the latent and the shared rotary key) and kv_b ([k_nope_h; v_h] per head) keys and values;
 # DeepSeek-V4's kv (K = V) the keys and the values, its o_a and o_b the output.
@@ -210,10 +213,11 @@ def role_named(role: str, roles) -> bool:
 
 # A decoder's attention over its encoder's output, by the name of its module; T5's self-attention modules.
 _CROSS_ATTENTION = r"(encoder_attn|EncDecAttention|crossattention|cross_attn)"
-# Embedding tables that the token-embedding rule does not name (role embed; see _ROLE_RULES)
-_EMBEDDING_TABLES = (r"(wpe|\w*pos(ition)?s?_emb(ed|edding|eddings)?(_table)?|\w*token_type_embeddings(_\d+)?"
-                     r"|segment_emb(edding)?|embed_positions|relative_attention_bias|rel_embeddings|token_embedding"
-                     r"|word_embedding|tokens_embed)")
+# Embedding tables looked up by position or segment (role pos_embed): GPT-2's wpe, BERT's position_embeddings and
+# token_type_embeddings (TAPAS's token_type_embeddings_N), LayoutLM's x_position_embeddings, CLIP's position_embedding,
+# a ViT's pos_embed, GPT-1's positions_embed, BART's and OPT's embed_positions, T5's relative_attention_bias, …
+_POSITION_TABLES = (r"(wpe|\w*pos(ition)?s?_emb(ed|edding|eddings)?(_table)?|\w*token_type_embeddings(_\d+)?"
+                    r"|segment_emb(edding)?|embed_positions|relative_attention_bias|rel_embeddings)")
 _T5_SELF_ATTENTION = r"(SelfAttention|LocalSelfAttention|TransientGlobalSelfAttention)"
 # Ordered: the first rule whose pattern matches the end of the module name wins. More
 # specific patterns (BERT's attention.output.dense) come before general ones (output.dense).
@@ -289,14 +293,12 @@ _ROLE_RULES: tuple[tuple[str, str], ...] = (
      r"|mlp\.(linear_)?fc2|feed_forward\.w2|DenseReluDense\.wo|layers\.\d+\.(ffn\.)?fc2|experts\.expert_\d+\.(wo|fc2)"
      r"|layer\.\d+\.mlp\.wo)", "down"),
     # embeddings and heads; T5's and BART's shared (the token embedding their encoder and decoder both read)
-    (r"(embed_tokens|word_embeddings|wte|embed_in|tok_embeddings|shared)", "embed"),
-    # every other embedding table (an nn.Embedding: a LoRA on it is PEFT's Embedding LoRA, no block's Linear), by its
-    # name: a learned position table (GPT-2's wpe, BERT's position_embeddings, BART's and OPT's embed_positions, CLIP's
-    # and SigLIP's position_embedding, Qwen3-VL's tower pos_embed, LayoutLM's x_position_embeddings …), a token-type
-    # (segment) table (BERT's token_type_embeddings), a relative-position table (T5's relative_attention_bias,
-    # DeBERTa's rel_embeddings), a vocabulary under another name (CLIP's token_embedding, XLNet's word_embedding,
-    # GPT-1's tokens_embed). They were other, so recommend's default planned them
-    (_EMBEDDING_TABLES, "embed"),
+    (r"(embed_tokens|word_embeddings|wte|embed_in|tok_embeddings|shared|token_embedding|word_embedding|tokens_embed)",
+     "embed"),
+    # every other embedding table (an nn.Embedding: a LoRA on it is PEFT's Embedding LoRA, no block's Linear), by
+    # its name: looked up by position or segment, not by token (the module docstring). They were other, so
+    # recommend's default planned them
+    (_POSITION_TABLES, "pos_embed"),
     (r"(lm_head|embed_out|classifier|score|cls\.predictions\.decoder)", "head"),
     # DeepSeek-V4's checkpoints' top-level embed and head (transformers' model.embed_tokens and lm_head); "^" keeps
     # any other model's ….head or ….embed module out

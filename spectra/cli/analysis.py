@@ -69,7 +69,7 @@ def analyze(
     max_rank: Annotated[Optional[int], typer.Option(help="Cap on singular values computed by the randomized/adaptive paths.")] = None,
     full_below: Annotated[int, typer.Option(help="Short side at or below which 'auto' takes the exact full spectrum.")] = 1024,
     energy: Annotated[str, typer.Option(help="Comma-separated energy fractions whose ranks are reported.")] = "0.5,0.9,0.95,0.99",
-    roles: Annotated[Optional[str], typer.Option(help="Comma-separated roles to analyse (q, k, v, o, qkv, q_a, q_b, kv_a, kv_b, kv, o_a, o_b, xq, xk, xv, xo, gate, up, down, gate_up, projector, embed, head, other; q_a…kv_b: DeepSeek's latent attention, q taking q_a and q_b; xq…xo: an encoder–decoder's cross-attention).")] = None,
+    roles: Annotated[Optional[str], typer.Option(help="Comma-separated roles to analyse (q, k, v, o, qkv, q_a, q_b, kv_a, kv_b, kv, o_a, o_b, xq, xk, xv, xo, gate, up, down, gate_up, projector, embed, pos_embed, head, other; q_a…kv_b: DeepSeek's latent attention, q taking q_a and q_b; xq…xo: an encoder–decoder's cross-attention; pos_embed: position, relative-position and token-type tables, GPT-2's wpe, T5's relative_attention_bias, BERT's token_type_embeddings).")] = None,
     stacks: Annotated[Optional[str], typer.Option(help=_STACKS_HELP)] = None,
     layers: Annotated[Optional[str], typer.Option(help="Layer range FIRST-LAST (inclusive), e.g. 0-11.")] = None,
     include: Annotated[Optional[str], typer.Option(help="Only modules whose name matches this glob (or re:REGEX).")] = None,

@@ -1,10 +1,12 @@
-"""Every embedding table has role embed: position tables (GPT-2's wpe, BERT's position_embeddings, BART's and OPT's
-embed_positions), token-type tables (BERT's token_type_embeddings) and relative-position tables (T5's
-relative_attention_bias), as the token embedding has.
+"""Embedding tables looked up by position or segment have role pos_embed: position tables (GPT-2's wpe, BERT's
+position_embeddings, BART's and OPT's embed_positions), token-type tables (BERT's token_type_embeddings) and
+relative-position tables (T5's relative_attention_bias); a vocabulary's table keeps (or, CLIP's token_embedding, gets)
+role embed.
 
 What was wrong: they got role other, so ``recommend``'s default plan (every matrix but embeddings, heads and routers)
 planned them and they took budget (audit F2). The references are the models themselves, built from config: which of
-their modules are ``nn.Embedding`` (scanned, not listed), and, in the slow scan, every transformers class's modules.
+their modules are ``nn.Embedding`` and which one is the model's own input embedding (``get_input_embeddings``), and, in
+the slow scan, every transformers class's modules.
 """
 
 from __future__ import annotations
@@ -50,45 +52,80 @@ def _roles(model) -> dict[str, tuple[str, str]]:
             if isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.dim() == 2}
 
 
+# The token-embedding rule before the vocabularies under other names (CLIP's token_embedding …) joined it
+_OLD_TOKEN_RULE = r"(embed_tokens|word_embeddings|wte|embed_in|tok_embeddings|shared)"
+
+
+def _rules_before() -> tuple:
+    """The role rules as they were: without the position-table rule, with the old token-embedding rule."""
+    rules = []
+    for regex, role in architectures._ROLE_REGEXES:
+        if role == "pos_embed":
+            continue
+        if role == "embed" and "token_embedding" in regex.pattern:
+            regex = re.compile(rf"(^|\.){_OLD_TOKEN_RULE}$")
+        rules.append((regex, role))
+    assert len(rules) == len(architectures._ROLE_REGEXES) - 1
+    return tuple(rules)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
-def test_every_embedding_table_has_role_embed(family):
+def test_every_position_table_has_role_pos_embed(family):
     model = tiny_model(family)
     roles = _roles(model)
     embeddings = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Embedding)}
+    # the input embedding, and the tables that share its weight (BART's and T5's encoder and decoder embed_tokens)
+    shared = model.get_input_embeddings().weight
+    vocabulary = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Embedding) and m.weight is shared}
     assert TABLES[family] <= embeddings  # the tables this test is about exist in the model
-    assert {n for n, (_, role) in roles.items() if role == "embed"} == embeddings
-    # and no Linear (or GPT-2's Conv1D) is role embed: a block's matrices keep their roles
-    assert all(role != "embed" for name, (_, role) in roles.items() if name not in embeddings)
+    assert {n for n, (_, role) in roles.items() if role == "pos_embed"} == embeddings - vocabulary == TABLES[family]
+    assert {n for n, (_, role) in roles.items() if role == "embed"} == vocabulary  # the token embedding alone
+    assert all(role not in ("embed", "pos_embed") for name, (_, role) in roles.items() if name not in embeddings)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_without_the_rule_the_tables_were_other(family, monkeypatch):
-    """Negative control: the rules without the embedding-table rule give these tables role other (as before), and
-    change nothing else."""
+    """Negative control: the rules as they were give these tables role other, and the rest the roles they have."""
     model = tiny_model(family)
     now = _roles(model)
-    kept = tuple(r for r in architectures._ROLE_REGEXES if not r[0].pattern.endswith(
-        f"{architectures._EMBEDDING_TABLES}$"))
-    assert len(kept) == len(architectures._ROLE_REGEXES) - 1
-    monkeypatch.setattr(architectures, "_ROLE_REGEXES", kept)
+    monkeypatch.setattr(architectures, "_ROLE_REGEXES", _rules_before())
     before = _roles(model)
     assert {n for n in now if now[n] != before[n]} == TABLES[family]
-    assert all(before[n][1] == "other" and now[n][1] == "embed" for n in TABLES[family])
+    assert all(before[n][1] == "other" and now[n][1] == "pos_embed" for n in TABLES[family])
 
 
-def test_roles_embed_selects_the_tables_and_the_default_roles_do_not():
-    """--roles embed takes a position table (as it takes the token embedding); no command's default roles (train's,
-    extract's, memory's, the sweep's: block roles) do, and --roles other no longer does."""
+def test_roles_pos_embed_selects_the_tables_and_no_default_does():
+    """--roles pos_embed takes a position table; --roles embed (the token embedding), --roles other and no command's
+    default roles (train's, extract's, memory's, the sweep's: block roles) do."""
     for name in TABLES["gpt2"] | TABLES["t5"] | TABLES["bert"]:
         role = module_info(name).role
-        assert role_selected(role, ("embed",), name)
+        assert role_selected(role, ("pos_embed",), name)
         assert not role_selected(role, default_roles(None), name) and role not in BLOCK_ROLES
-        assert not role_selected(role, ("other",), name)
+        assert not role_selected(role, ("embed",), name) and not role_selected(role, ("other",), name)
+    assert not role_selected("embed", ("pos_embed",), "transformer.wte")
+
+
+def test_vocabularies_under_other_names_are_embed():
+    """CLIP's token_embedding, XLNet's word_embedding and GPT-1's tokens_embed are their model's input embedding
+    (transformers' get_input_embeddings): role embed, as wte; their position tables pos_embed."""
+    import transformers as tf
+
+    clip = tf.CLIPTextModel(tf.CLIPTextConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                              num_attention_heads=4, vocab_size=64, max_position_embeddings=16))
+    gpt1 = tf.OpenAIGPTModel(tf.OpenAIGPTConfig(n_embd=32, n_layer=1, n_head=4, n_positions=16, vocab_size=64))
+    xlnet = tf.XLNetModel(tf.XLNetConfig(d_model=32, n_layer=1, n_head=4, d_inner=48, vocab_size=64))
+    for model in (clip, gpt1, xlnet):
+        roles = _roles(model)
+        (vocabulary,) = [n for n, m in model.named_modules() if m is model.get_input_embeddings()]
+        assert roles[vocabulary][1] == "embed"
+        assert {n for n, (_, r) in roles.items() if r == "embed"} == {vocabulary}
+    assert _roles(clip)["embeddings.position_embedding"][1] == "pos_embed"
+    assert _roles(gpt1)["positions_embed"][1] == "pos_embed"
 
 
 def test_a_llamas_only_table_is_its_token_embedding():
-    """Negative control: a Llama (rotary positions: no table) has one embed, embed_tokens; its Linears keep their
-    roles."""
+    """Negative control: a Llama (rotary positions: no table) has one embed, embed_tokens, no pos_embed; its Linears
+    keep their roles."""
     import transformers as tf
 
     config = tf.LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
@@ -99,24 +136,25 @@ def test_a_llamas_only_table_is_its_token_embedding():
                                                                                   "down", "head"}
 
 
-# What the embedding-table rule may change, by the type of the module (or "parameter" for a bare parameter such as
+# What the new rules may change, by the type of the module (or "parameter" for a bare parameter such as
 # a ViT's pos_embed): an embedding table, a container of position encodings (sinusoidal or rotary, no weight), a
-# table held as a parameter. Never a Linear. From role other (or projector: a projector stack's position table).
+# table held as a parameter. Never a Linear. From role other (or projector: a projector stack's position table) to
+# pos_embed, or, for a vocabulary under another name, from other to embed.
 _TABLE_TYPES = re.compile(r"\w*(Embedding|Position|Rotary)\w*|parameter")
 
 
 @pytest.mark.slow
-def test_the_table_rule_changes_no_linear_of_any_transformers_class(monkeypatch):
-    """Every transformers class built on the meta device (~570): the role of each module and bare parameter with and
-    without the embedding-table rule. They differ only at embedding tables (nn.Embedding and its subclasses, position
-    encodings, tables held as parameters), from other (or projector) to embed; at GPT-2's, BERT's, BART's, T5's and
-    OPT's tables among them."""
+def test_the_table_rules_change_no_linear_of_any_transformers_class(monkeypatch):
+    """Every transformers class built on the meta device (~570): the role of each module and bare parameter under the
+    rules and under the rules as they were (:func:`_rules_before`). They differ only at embedding tables
+    (nn.Embedding and its subclasses, position encodings, tables held as parameters), from other (or projector) to
+    pos_embed, and at vocabularies under other names, other to embed; at GPT-2's, BERT's, BART's, T5's and OPT's
+    tables among them."""
     import transformers as tf
     from transformers.models.auto import modeling_auto
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 
-    kept = tuple(r for r in architectures._ROLE_REGEXES if not r[0].pattern.endswith(
-        f"{architectures._EMBEDDING_TABLES}$"))
+    kept = _rules_before()
     mappings = (modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
                 modeling_auto.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES, modeling_auto.MODEL_MAPPING_NAMES)
     changed, built = {}, 0
@@ -158,7 +196,9 @@ def test_the_table_rule_changes_no_linear_of_any_transformers_class(monkeypatch)
     for model_type, changes in changed.items():
         for name, kind, before, now in changes:
             assert _TABLE_TYPES.fullmatch(kind) and "Linear" not in kind, (model_type, name, kind)
-            assert (before, now) in (("other", "embed"), ("projector", "embed")), (model_type, name, before, now)
+            assert (before, now) in (("other", "pos_embed"), ("projector", "pos_embed")) or (
+                (before, now) == ("other", "embed") and re.search(r"(token_embedding|word_embedding|tokens_embed)$",
+                                                                  name)), (model_type, name, before, now)
     expected = {("gpt2", "transformer.wpe"), ("bert", "embeddings.position_embeddings"),
                 ("bert", "embeddings.token_type_embeddings"), ("bart", "decoder.embed_positions"),
                 ("t5", "encoder.block.N.layer.N.SelfAttention.relative_attention_bias"),

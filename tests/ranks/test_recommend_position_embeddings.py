@@ -1,5 +1,5 @@
-"""recommend's default plan leaves every embedding table out, position and token-type tables too (role embed, reason
-"embeddings/heads are targeted only when named in roles"), and ``--roles embed`` plans them.
+"""recommend's default plan leaves the embedding tables looked up by position or segment out (role pos_embed, with the
+embeddings' reason "embeddings/heads are targeted only when named in roles"), and ``--roles pos_embed`` plans them.
 
 What was wrong (audit F2): GPT-2's wpe, BERT's position_embeddings and token_type_embeddings, BART's and OPT's
 embed_positions and T5's relative_attention_bias had role other, so the default plan held them (PEFT wrapped wpe as an
@@ -18,7 +18,7 @@ import torch
 from spectra.analysis import analyze
 from spectra.checkpoints import architectures
 from spectra.ranks import RankPolicy, recommend_ranks
-from tests.checkpoints.test_position_embedding_roles import FAMILIES, TABLES, tiny_model
+from tests.checkpoints.test_position_embedding_roles import FAMILIES, TABLES, _rules_before, tiny_model
 from tests.models import moved, peft_wrapped, save
 
 
@@ -66,30 +66,36 @@ def test_the_default_plan_leaves_every_table_out(fine_tune):
     planned, left = {m.name for m in plan.modules}, {m.name: m.reason for m in plan.left_out}
     assert TABLES[family] <= set(left) and not planned & _embeddings(model)
     for name in TABLES[family]:
-        assert left[name] == "role 'embed' (embeddings/heads are targeted only when named in roles)"
+        assert left[name] == "role 'pos_embed' (embeddings/heads are targeted only when named in roles)"
     # the plan: every Linear (GPT-2's Conv1D) but the head, as PEFT's all-linear would pick them
     assert planned == _linears(model) - {"lm_head", "classifier"}
     assert _peft_targets(model, plan) == planned  # PEFT adapts the plan: no Embedding LoRA
 
 
-def test_roles_embed_plans_the_tables(fine_tune):
+def test_roles_pos_embed_plans_the_tables(fine_tune):
+    family, model, result, _ = fine_tune
+    plan = recommend_ranks(result, RankPolicy(roles=("pos_embed",)))
+    assert {m.name for m in plan.modules} == TABLES[family] and all(m.role == "pos_embed" for m in plan.modules)
+    assert _peft_targets(model, plan) == TABLES[family]  # PEFT wraps each as an Embedding LoRA at its planned rank
+    assert all(isinstance(dict(model.named_modules())[n], torch.nn.Embedding) for n in TABLES[family])
+
+
+def test_roles_embed_plans_the_token_embedding_alone(fine_tune):
+    """Negative control: --roles embed plans what it planned before, the vocabulary's table (T5's and BART's
+    shared, stored once), no position table."""
     family, model, result, _ = fine_tune
     plan = recommend_ranks(result, RankPolicy(roles=("embed",)))
-    planned = {m.name for m in plan.modules}
-    assert TABLES[family] <= planned <= _embeddings(model)  # every table, each an Embedding of the model
-    assert all(m.role == "embed" for m in plan.modules)
-    assert _peft_targets(model, plan) == planned  # PEFT wraps each as an Embedding LoRA at its planned rank
+    vocabulary = {n for n, m in model.named_modules() if m is model.get_input_embeddings()}
+    assert {m.name for m in plan.modules} == vocabulary
 
 
 def test_a_gpt2_budget_goes_to_its_blocks_not_to_wpe(tmp_path, monkeypatch):
-    """The audit's case: --budget 2000 on GPT-2. wpe is left out and the budget holds; negative control: the rules
-    without the embedding-table rule give wpe role other, and the budget plan holds it again (as the audit saw)."""
+    """The audit's case: --budget 2000 on GPT-2. wpe is left out and the budget holds; negative control: the rules as
+    they were give wpe role other, and the budget plan holds it again (as the audit saw)."""
     _, _, result, pair = _fine_tune("gpt2", tmp_path)
     plan = recommend_ranks(result, RankPolicy(budget_params=2000))
     assert "transformer.wpe" not in {m.name for m in plan.modules} and plan.total_params <= 2000
-    kept = tuple(r for r in architectures._ROLE_REGEXES if not r[0].pattern.endswith(
-        f"{architectures._EMBEDDING_TABLES}$"))
-    monkeypatch.setattr(architectures, "_ROLE_REGEXES", kept)
+    monkeypatch.setattr(architectures, "_ROLE_REGEXES", _rules_before())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         before = analyze(*pair, cache_dir=False, progress=False)
