@@ -66,9 +66,9 @@ class RankPolicy:
         Round ranks up to powers of two (under the bounds). Default False.
     roles : tuple of str or None
         Roles to target (``q``, ``k``, ``v``, ``o``, ``gate``, ``up``, ``down`` …). Default None:
-        every matrix except embeddings (role ``embed``: every embedding table, GPT-2's ``wpe``, BERT's
-        ``token_type_embeddings`` and T5's ``relative_attention_bias`` too, which ``embed`` takes), heads and MoE
-        routers (role ``other``, which ``other`` takes).
+        every matrix except embeddings (role ``embed``, the token embedding, and ``pos_embed``, the tables looked up
+        by position or segment: GPT-2's ``wpe``, BERT's ``token_type_embeddings``, T5's ``relative_attention_bias``),
+        heads and MoE routers (role ``other``, which ``other`` takes).
     stacks : tuple of str or None
         Stacks to target (``language``, ``vision``, ``encoder``, ``qformer`` …: ``architectures.STACK_NAMES``), with
         the roles: ``roles=("q", "v"), stacks=("language",)`` targets the language model's q and v and not a vision
