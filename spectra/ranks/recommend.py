@@ -33,9 +33,10 @@ from spectra.ranks.functional import functional_ranks, read_sweep, role_curves
 from spectra.ranks.plan import _EXPERT_INDEX, FusedParameter, LeftOut, ModuleRank, RankPlan
 from spectra.ranks.policy import DEFAULT_ENERGY, RankPolicy
 
-# roles a LoRA on linear layers does not target unless asked: embeddings need PEFT's embedding
-# LoRA and the head is often tied to them.
-_DEFAULT_SKIPPED_ROLES = ("embed", "head")
+# roles a LoRA on linear layers does not target unless asked: embeddings (the token embedding, and the tables looked
+# up by position or segment: GPT-2's wpe, BERT's token_type_embeddings, T5's relative_attention_bias) need PEFT's
+# embedding LoRA and the head is often tied to them.
+_DEFAULT_SKIPPED_ROLES = ("embed", "pos_embed", "head")
 # An MoE's router (role other), by its checkpoint name: DeepSeek's, Qwen-MoE's and OLMoE's mlp.gate, Mixtral's and
 # PhiMoE's block_sparse_moe.gate, Qwen2-MoE's shared_expert_gate, gpt-oss's mlp.router, Llama 4's feed_forward.router,
 # Granite-MoE's router.layer, Switch's router.classifier. Not planned unless roles name other: no default of train,

@@ -27,9 +27,10 @@ from spectra.groups import group_label, group_of, stack_index, stacks_in
 # Roles in the order a transformer block meets them, so tables and plots read top-down: an encoder–decoder's
 # decoder block attends to itself (q k v o), then to the encoder's output (xq xk xv xo), then runs its MLP. MLA's
 # factors (DeepSeek's q_a q_b kv_a kv_b) and DeepSeek-V4's kv (K = V) come before the o that reads their heads, V4's
-# output factors o_a o_b after it; a multimodal projector's Linears (projector) after the MLP.
-ROLE_ORDER = ("embed", "q", "k", "v", "qkv", "q_a", "q_b", "kv_a", "kv_b", "kv", "o", "o_a", "o_b", "xq", "xk", "xv",
-              "xo", "gate", "up", "gate_up", "down", "projector", "head", "other")
+# output factors o_a o_b after it; a multimodal projector's Linears (projector) after the MLP. The tables looked up by
+# position or segment (pos_embed) come with the token embedding, first.
+ROLE_ORDER = ("embed", "pos_embed", "q", "k", "v", "qkv", "q_a", "q_b", "kv_a", "kv_b", "kv", "o", "o_a", "o_b", "xq",
+              "xk", "xv", "xo", "gate", "up", "gate_up", "down", "projector", "head", "other")
 ENERGY_LEVELS = ("0.5", "0.9", "0.95", "0.99")
 _REQUIRED_MATRIX_KEYS = ("name", "role", "shape", "fro_norm", "energy_rank", "singular_values")
 
@@ -101,7 +102,7 @@ def module_sort_key(row: Mapping) -> tuple:
     """Sort key: stack by stack (the language model first), within one embeddings, then layers in order, then
     un-layered modules (head); roles in block order."""
     layer = row.get("layer")
-    group = 0 if row.get("role") == "embed" else (2 if layer is None else 1)
+    group = 0 if row.get("role") in ("embed", "pos_embed") else (2 if layer is None else 1)
     return (stack_index(row.get("stack")), group, layer if layer is not None else 0, role_index(row.get("role")),
             row.get("name", ""))
 

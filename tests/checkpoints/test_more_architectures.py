@@ -415,13 +415,13 @@ def test_switch_extracted_experts_and_router_merge_to_the_planted_update(switch_
 # -- modules of role other that are no Linear: an Embedding, a convolution ------------------------------------------
 
 def test_extracted_relative_attention_bias_is_an_embedding_lora_that_merges(tmp_path):
-    """SwitchTransformers' (and T5's) relative_attention_bias is an nn.Embedding of role other: written as a Linear's
-    lora_A/lora_B, PEFT loaded none of it (only a warning) and its merge kept the base's bias."""
+    """SwitchTransformers' (and T5's) relative_attention_bias is an nn.Embedding (role pos_embed; it was other): written
+    as a Linear's lora_A/lora_B, PEFT loaded none of it (only a warning) and its merge kept the base's bias."""
     base = tiny("switch")
     bias = "encoder.block.0.layer.0.SelfAttention.relative_attention_bias"  # (buckets 8, heads 4)
     tuned, _ = _planted(base, {bias: (None, 2), "decoder.block.0.layer.2.mlp.router.classifier": (None, 1)})
     b, t = pair(tmp_path, base, tuned)
-    extract_adapter(b, t, 2, tmp_path / "ad", roles=("other",), progress=False)
+    extract_adapter(b, t, 2, tmp_path / "ad", roles=("pos_embed", "other"), progress=False)
     state, model = merged_state(base, tmp_path / "ad")
     for key, value in tuned.state_dict().items():
         torch.testing.assert_close(state[key], value, rtol=0, atol=1e-6, msg=key)
