@@ -247,6 +247,17 @@ class AdapterDelta:
         return (row, col) if held_in_out(self.conv1d, self.parameter.stored_transposed) else (col, row)
 
 
+@dataclass(frozen=True)
+class UnpairedTensor:
+    """A tensor an adapter saves whole that :func:`plan_adapter` pairs with no ΔW: a trained bias (PEFT's
+    ``bias="lora_only"``/``"all"``, or the bias of a module saved whole) or the weight of a module saved whole
+    (``modules_to_save``) that the base lacks (a ``score`` head of a SEQ_CLS adapter on a causal-LM base)."""
+
+    key: str  # the adapter's key
+    name: str  # as the adapter's model names it, PEFT's prefix and ``base_layer`` dropped: ``…q_proj.bias``
+    base_tensor: str | None  # the base's tensor it replaces on loading; None where the base lacks it
+
+
 def plan_adapter(adapter, base, config: dict[str, Any] | None) -> tuple[list[AdapterDelta], list[str]]:
     """Group an adapter's tensors by module and check each against the base.
 
@@ -270,7 +281,25 @@ def plan_adapter(adapter, base, config: dict[str, Any] | None) -> tuple[list[Ada
         that do not fit the base (an adapter trained on another model); a LoRA on a parameter
         (``target_parameters``) whose layout in the base checkpoint cannot be read exactly.
     """
+    deltas, notes, _ = _plan(adapter, base, config)
+    return deltas, notes
+
+
+def unpaired_tensors(adapter, base, config: dict[str, Any] | None) -> list[UnpairedTensor]:
+    """The tensors the adapter saves whole that :func:`plan_adapter` leaves out of its ΔWs (trained biases, modules
+    saved whole that the base lacks), each with the base tensor it replaces on loading, if any.
+
+    Whether such a bias differs from the base's is for the caller to read (PEFT saves every bias of its LoRA
+    layers under ``bias="lora_only"``, trained or not). Costs what :func:`plan_adapter` costs (the tensors' headers,
+    a tied head's factors), no ΔW.
+    """
+    return _plan(adapter, base, config)[2]
+
+
+def _plan(adapter, base, config) -> tuple[list[AdapterDelta], list[str], list[UnpairedTensor]]:
+    """:func:`plan_adapter`'s deltas and notes, and :func:`unpaired_tensors`."""
     cfg = adapter.config
+    biases: dict[str, str] = {}  # the adapter's name of a trained bias -> its key
     notes: list[str] = []
     modules: dict[str, dict[str, str]] = {}
     for key in adapter.weights.names():
@@ -285,6 +314,7 @@ def plan_adapter(adapter, base, config: dict[str, Any] | None) -> tuple[list[Ada
             if not name.endswith(".weight"):
                 if name.endswith(".bias"):
                     notes.append(f"adapter tensor {key}: trained bias, reported as not analysed")
+                    biases[name.replace(".base_layer.", ".")] = key  # a LoRA layer's: …q_proj.base_layer.bias
                     continue
                 raise AdapterError(f"adapter {adapter.spec}: tensor {key} is not a LoRA/DoRA tensor spectra "
                                    "understands (lora_A/lora_B/lora_embedding_A/B/lora_magnitude_vector or a "
@@ -311,10 +341,12 @@ def plan_adapter(adapter, base, config: dict[str, Any] | None) -> tuple[list[Ada
         missing = [m for m in missing if m not in base_tensors]
     tied_to = _tied_heads(adapter, modules, missing, match, base_weights, config, notes)
     missing = [m for m in missing if m in modules and m not in tied_to]
+    unpaired = []
     for module in [m for m in missing if set(modules[m]) == {"full"}]:
         # a modules_to_save head the base lacks (a classifier on a bare encoder): new, not an update
         notes.append(f"adapter module {module}: saved whole (modules_to_save) and absent from the base; "
                      "a new module has no ΔW, not analysed")
+        unpaired.append(UnpairedTensor(modules[module]["full"], f"{module}.weight", None))
         del modules[module]
         missing.remove(module)
     if missing:
@@ -363,7 +395,22 @@ def plan_adapter(adapter, base, config: dict[str, Any] | None) -> tuple[list[Ada
                                    f"but the base's {base_tensor} is {tuple(info.shape)}.")
         deltas.append(AdapterDelta(module=module, base_tensor=base_tensor, shape=shape, dtype=dtype, conv1d=conv1d,
                                    keys=parts, scaling=scaling, embedding=embedding))
-    return deltas, notes
+    return deltas, notes, unpaired + _paired_biases(biases, base, base_tensors)
+
+
+def _paired_biases(biases: dict[str, str], base, base_tensors: dict[str, str]) -> list[UnpairedTensor]:
+    """The adapter's trained biases (its name -> key), each with the base's bias it replaces: matched by name as
+    the weights are, else through its module's matched weight (a module the base stores renamed), else None."""
+    base_biases = [n for n in base.names() if n.endswith(".bias")]
+    pairs = match_names(list(biases), base_biases).pairs
+    out = []
+    for name, key in biases.items():
+        found = pairs.get(name)
+        if found is None and name.removesuffix(".bias") in base_tensors:
+            renamed = base_tensors[name.removesuffix(".bias")].removesuffix(".weight") + ".bias"
+            found = renamed if renamed in base_biases else None
+        out.append(UnpairedTensor(key, name, found))
+    return out
 
 
 def _renamed_modules(modules: list[str], base_weights: list[str], model) -> dict[str, str]:

@@ -29,7 +29,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from spectra.checkpoints.adapter import PEFT_PREFIX
+from spectra.checkpoints.adapter import PEFT_PREFIX, unpaired_tensors
 from spectra.checkpoints.architectures import (ROLES, missing_stacks, parse_stacks, role_selected, stack_name,
                                                stack_selected)
 from spectra.checkpoints.pairing import Pairing, PairingOptions
@@ -80,7 +80,9 @@ class ExtractResult:
     left_out_vectors: list[str] = field(default_factory=list)
     only_in_tuned: list[str] = field(default_factory=list)
     # whether every change of TUNED is in the adapter (nothing above, no resized vocabulary's rows outside it): at
-    # rank "full", PEFT's merge is then TUNED, a lossless conversion
+    # rank "full", PEFT's merge is then TUNED, a lossless conversion. A tensor TUNED holds as the base's values
+    # rounded to its lower-precision storage (fp32 base, bf16 fine-tune) is no change: a note counts those, which
+    # the merge gives back to within that rounding
     complete: bool = True
 
 
@@ -182,7 +184,7 @@ def extract_adapter(base, tuned, plan_or_rank, out_dir: str | os.PathLike, *, ro
     selected = _select(pairing, targets, roles if targets is None else None, stacks)
     if not selected:
         raise ConfigError("nothing to extract: no module of the pair matches the plan or roles "
-                          f"({', '.join(roles or _DEFAULT_ROLES)})"
+                          f"({', '.join(_roles_used(roles, stacks))})"
                           + (f" of the stacks {', '.join(stacks)}" if stacks is not None else "")
                           + "; widen --roles or --stacks (`spectra pairs BASE TUNED` lists each module's role and "
                           "stack).")
@@ -291,10 +293,16 @@ def extract_adapter(base, tuned, plan_or_rank, out_dir: str | os.PathLike, *, ro
     elif save_names and all(m.fro_norm == 0.0 for m in results):
         notes.append("every targeted module is unchanged (ΔW = 0): their LoRA factors are zeros; the adapter carries "
                      f"the saved modules ({', '.join(sorted({n.rsplit('.', 1)[0] for n in save_names}))})")
-    left_out, left_out_vectors, only_in_tuned = _not_carried(pairing, selected, save_names)
+    left_out, left_out_vectors, only_in_tuned, rounded = _not_carried(pairing, selected, save_names)
     notes += _not_carried_notes(pairing, left_out, left_out_vectors, only_in_tuned, selected,
-                                roles=roles or _DEFAULT_ROLES, stacks=stacks, planned=plan is not None,
+                                roles=_roles_used(roles, stacks), stacks=stacks, planned=plan is not None,
                                 full=plan_or_rank == "full")
+    if rounded:
+        stored = str(pairing.tuned.info(rounded[0]).dtype).removeprefix("torch.")
+        notes.append(f"{len(rounded)} tensor(s) outside the adapter differ from the base only by TUNED's lower-"
+                     f"precision storage (the base's values rounded to {stored}), "
+                     f"not by fine-tuning: {', '.join(rounded[:3])}{' …' if len(rounded) > 3 else ''}. PEFT's "
+                     "merge gives them back to within that rounding")
     notes += vocabulary_notes
     if calibration is not None:
         notes += calibration.notes
@@ -343,13 +351,23 @@ def _not_carried(pairing: Pairing, selected: list, save_names: list[str]):
     left out: a matrix outside the roles, stacks or plan (an embedding, a head, a router), or a vector (a norm, a
     bias), which no LoRA holds. A matrix of a resized vocabulary is left to :func:`_resized_vocabulary`'s note.
 
+    An adapter TUNED also saves tensors whole that pair with no ΔW (:func:`~spectra.checkpoints.adapter.
+    unpaired_tensors`): a trained bias (``bias="lora_only"``/``"all"``) that differs from the base's is a changed
+    vector, and a module saved whole that the base lacks (a new classifier) is only in TUNED.
+
+    A tensor TUNED stores in a lower precision than the base (a bf16 fine-tune of an fp32 base) whose values are
+    exactly the base's rounded to that precision is a storage cast, not a change: it is left out of these lists and
+    counted in the third item's place, ``rounded`` (names), for a note of its own.
+
     Cost: each other pair is read once as stored and compared element by element (:func:`_same_values`, one pass
-    over memory-mapped data and no ΔW), a 3-D expert tensor whole; an entry that is only part of a stored tensor
+    over memory-mapped data and no ΔW), a 3-D expert tensor whole; one stored in a lower precision in TUNED that
+    differs is compared once more, with the base rounded to it; an entry that is only part of a stored tensor
     (some of its experts selected), stored in another layout on each side, or a module of an adapter TUNED, is
-    loaded as a ΔW and tested for a non-zero.
+    loaded as a ΔW and tested for a non-zero; an adapter's trained biases are read once each.
     """
     carried = {e.name for e in selected}
     saved = set(save_names)
+    rounded = []
     by_pair: dict[tuple, list] = {}  # (base tensor, tuned tensor) -> its entries (the experts of a 3-D tensor)
     for e in pairing.entries:
         by_pair.setdefault((e.base_tensor, e.tuned_tensor), []).append(e)
@@ -360,7 +378,11 @@ def _not_carried(pairing: Pairing, selected: list, save_names: list[str]):
             continue
         if (len(asked) == len(group) and tuned_tensor is not None and all(e.tuned_conv1d is None for e in group)
                 and pairing.base.info(base_tensor).shape == pairing.tuned.info(tuned_tensor).shape):
-            if _same_values(pairing.base.read(base_tensor), pairing.tuned.read(tuned_tensor)):
+            base_value, tuned_value = pairing.base.read(base_tensor), pairing.tuned.read(tuned_tensor)
+            if _same_values(base_value, tuned_value):
+                continue
+            if _rounded_to(base_value, tuned_value):
+                rounded.append(tuned_tensor)
                 continue
             # one stored tensor: the module's name, or the stored name of a 3-D tensor of experts
             changed = [(asked[0].name if len(group) == 1 else base_tensor.removesuffix(".weight"), asked[0])]
@@ -369,8 +391,14 @@ def _not_carried(pairing: Pairing, selected: list, save_names: list[str]):
         for name, e in changed:
             (matrices if e.kind == "matrix" else vectors).append((name, e))
     only_in_tuned = [n for n in pairing.only_in_tuned if n not in saved]
+    if hasattr(pairing.tuned, "weights"):  # an adapter TUNED: its biases and new modules saved whole
+        for t in unpaired_tensors(pairing.tuned, pairing.base, pairing.config):
+            if t.base_tensor is None:
+                only_in_tuned.append(t.name)
+            elif not _same_values(pairing.base.read(t.base_tensor), pairing.tuned.weights.read(t.key)):
+                vectors.append((t.base_tensor, None))
     return (sorted(matrices, key=lambda x: _natural(x[0])), sorted(vectors, key=lambda x: _natural(x[0])),
-            sorted(only_in_tuned, key=_natural))
+            sorted(only_in_tuned, key=_natural), sorted(rounded, key=_natural))
 
 
 def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -384,6 +412,17 @@ def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
     a, b = a.reshape(-1), b.reshape(-1)
     step = 1 << 20
     return all(torch.equal(a[i:i + step].to(dtype), b[i:i + step].to(dtype)) for i in range(0, a.numel(), step))
+
+
+def _rounded_to(base: torch.Tensor, tuned: torch.Tensor) -> bool:
+    """Whether `tuned`, stored in a lower precision than `base`, holds exactly `base` rounded to its dtype (a storage
+    cast: an fp32 base saved as bf16), compared in blocks of ≤ 1M elements."""
+    if (base.shape != tuned.shape or base.dtype == tuned.dtype or not tuned.is_floating_point()
+            or torch.promote_types(base.dtype, tuned.dtype) != base.dtype):
+        return False
+    a, b = base.reshape(-1), tuned.reshape(-1)
+    step = 1 << 20
+    return all(torch.equal(a[i:i + step].to(tuned.dtype), b[i:i + step]) for i in range(0, a.numel(), step))
 
 
 def _entry_changed(pairing: Pairing, entry) -> bool:
@@ -406,6 +445,11 @@ def _not_carried_notes(pairing: Pairing, matrices: list, vectors: list, only_in_
     def leaves(names) -> str:
         return ",".join(dict.fromkeys(n.rpartition(".")[2] for n in names))
 
+    # extract saves modules whole from a checkpoint TUNED only (:func:`_modules_to_save`)
+    merged = (" from TUNED merged into a checkpoint (PeftModel.from_pretrained(…).merge_and_unload()"
+              ".save_pretrained(DIR); extract saves modules whole from a checkpoint only)"
+              if hasattr(pairing.tuned, "weights") else "")
+
     notes = []
     lead = "rank full is not lossless here: " if full else ""
     if matrices:
@@ -422,7 +466,7 @@ def _not_carried_notes(pairing: Pairing, matrices: list, vectors: list, only_in_
             fix = ([f"add their roles (roles={','.join([*roles, *new_roles])})"] if new_roles else []) + (
                 [f"their stacks (stacks={','.join([*stacks, *new_stacks])})"] if new_stacks else [])
         if plain:
-            fix.append(f"save them whole (modules_to_save={leaves(plain)})")
+            fix.append(f"save them whole (modules_to_save={leaves(plain)}){merged}")
         notes.append(f"{lead}the adapter leaves out {len(matrices)} changed matri{'x' if len(matrices) == 1 else 'ces'}"
                      f" outside the {outside}: "
                      + named([f"{n} ({e.info.role})" for n, e in matrices])
@@ -434,7 +478,8 @@ def _not_carried_notes(pairing: Pairing, matrices: list, vectors: list, only_in_
         owned = [n for n, _ in vectors if n.rpartition(".")[0] in adapted
                  or any(a.startswith(n.rpartition(".")[0] + ".") for a in adapted)]
         free = [n.rpartition(".")[0] for n, _ in vectors if n not in owned]
-        fix = ([f"To carry them, save their modules whole (modules_to_save={leaves(free)})"] if free else []) + (
+        fix = ([f"To carry them, save their modules whole (modules_to_save={leaves(free)}){merged}"]
+               if free else []) + (
             [f"{len(owned)} {'is a bias' if len(owned) == 1 else 'are biases'} of adapted modules, which no LoRA "
              "carries"] if owned else [])
         notes.append(f"{lead}the adapter leaves out {len(vectors)} changed vector(s) (norms, biases: a LoRA holds "
@@ -443,7 +488,7 @@ def _not_carried_notes(pairing: Pairing, matrices: list, vectors: list, only_in_
     if only_in_tuned:
         notes.append(f"{lead}{len(only_in_tuned)} tensor(s) only in TUNED (no base tensor to take a ΔW against) are "
                      f"not in the adapter: {named(only_in_tuned)}. To carry them, save their modules whole "
-                     f"(modules_to_save={leaves(n.rpartition('.')[0] for n in only_in_tuned)})")
+                     f"(modules_to_save={leaves(n.rpartition('.')[0] for n in only_in_tuned)}){merged}")
     return notes
 
 
@@ -507,6 +552,15 @@ def _in_parallel(fn, entries: list, n: int, threads: int, bar):
 
 
 _DEFAULT_ROLES = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+def _roles_used(roles, stacks) -> tuple[str, ...]:
+    """The roles a uniform-rank extract selects: `roles` as named, else the default ones plus those of the stacks
+    named (``--stacks projector``: a projector's Linears, :func:`~spectra.checkpoints.roles.stack_roles`). Named
+    roles get no stack roles, so advice that names roles names these."""
+    from spectra.checkpoints.roles import stack_roles
+
+    return tuple(roles) if roles else _DEFAULT_ROLES + stack_roles(stacks)
 
 
 def _embedding_entries(entries, model_names: dict[str, str], model) -> set[str]:
@@ -577,9 +631,7 @@ def _select(pairing: Pairing, targets, roles, stacks=None):
             raise ConfigError(f"the plan names module(s) absent from the base {pairing.base.spec}: "
                               f"{', '.join(missing[:5])}. Was it made from an analysis of another model?")
         return [by_name[n] for n in targets]
-    from spectra.checkpoints.roles import stack_roles
-
-    wanted = set(roles or _DEFAULT_ROLES + stack_roles(stacks))  # --stacks projector: a projector's Linears too
+    wanted = set(_roles_used(roles, stacks))
     return [e for e in matrices  # GPT-2's crossattention.c_attn: xk, xv
             if role_selected(e.info.role, wanted, e.name) and stack_selected(e.info.stack, stacks)]
 
