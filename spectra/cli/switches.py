@@ -4,8 +4,10 @@ under the other where side by side they would be cut.
 typer lays the options out in a rich table whose columns are the names, the ``--no-`` names, the type and the help.
 In a narrow terminal rich narrows the widest columns first, all together, so once the help column is down to the
 names' width it cuts the names with the help: ``spectra memory --help`` at 80 columns printed
-``--gradient-checkpoi…    --no-gradient-chec…``. A name is what a user types, so it is never cut: where it would be,
-the ``--no-`` name goes under the other in the names' column, which frees the ``--no-`` column for the help.
+``--gradient-checkpoi…    --no-gradient-chec…``. A name is what a user types, so where it would be cut the ``--no-``
+name goes under the other in the names' column, which frees the ``--no-`` column for the help. At 80 columns and
+wider no name is cut; narrower (40 columns) rich narrows the names' column as well and names are still cut
+(``--gradien…``, ``--no-doub…``), though fewer and less than in typer's own layout.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typer.core import TyperCommand
 
 
 class SpectraCommand(TyperCommand):
-    """A command whose ``--help`` never cuts an option's name (see the module's docstring)."""
+    """A command whose ``--help`` cuts no option's name at 80 columns and wider (see the module's docstring)."""
 
     def format_help(self, ctx, formatter) -> None:
         from typer import rich_utils  # the options table is made there, as rich_utils.Table
