@@ -33,7 +33,7 @@ from spectra.checkpoints.adapter import PEFT_PREFIX, unpaired_tensors
 from spectra.checkpoints.architectures import (ROLES, missing_stacks, parse_stacks, role_selected, stack_name,
                                                stack_selected)
 from spectra.checkpoints.pairing import Pairing, PairingOptions
-from spectra.checkpoints.source import CheckpointSource
+from spectra.checkpoints.source import AdapterSource, CheckpointSource
 from spectra.checkpoints.targets import architecture, meta_model, model_targets, owning_modules, resolve_name
 from spectra.errors import ConfigError, PeftConfigWarning
 from spectra.files import refuse_replacing_others, staged_directory
@@ -391,7 +391,7 @@ def _not_carried(pairing: Pairing, selected: list, save_names: list[str]):
         for name, e in changed:
             (matrices if e.kind == "matrix" else vectors).append((name, e))
     only_in_tuned = [n for n in pairing.only_in_tuned if n not in saved]
-    if hasattr(pairing.tuned, "weights"):  # an adapter TUNED: its biases and new modules saved whole
+    if isinstance(pairing.tuned, AdapterSource):  # its biases and new modules saved whole
         for t in unpaired_tensors(pairing.tuned, pairing.base, pairing.config):
             if t.base_tensor is None:
                 only_in_tuned.append(t.name)
@@ -448,7 +448,7 @@ def _not_carried_notes(pairing: Pairing, matrices: list, vectors: list, only_in_
     # extract saves modules whole from a checkpoint TUNED only (:func:`_modules_to_save`)
     merged = (" from TUNED merged into a checkpoint (PeftModel.from_pretrained(…).merge_and_unload()"
               ".save_pretrained(DIR); extract saves modules whole from a checkpoint only)"
-              if hasattr(pairing.tuned, "weights") else "")
+              if isinstance(pairing.tuned, AdapterSource) else "")
 
     notes = []
     lead = "rank full is not lossless here: " if full else ""
