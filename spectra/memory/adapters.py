@@ -97,8 +97,8 @@ def _adapter_modules(shape: ModelShape, method: str, plan_or_rank: Any, roles: t
 
     An MoE's experts are fused parameters in transformers 5 (gate_up_proj: experts × 2·ffn × hidden,
     down_proj), which PEFT adapts as ``target_parameters`` at one rank for all experts: a plan's
-    experts at the largest over experts of gate's + up's rank (as spectra's PEFT config writes
-    them) and of down's; a plan's router that no LoRA module can run (Mixtral's, PhiMoE's, GraniteMoE's) is
+    fused parameter at the rank the plan's ``peft_config`` gives it (:func:`_fused_ranks`: Σ over the projections
+    it holds, gate's and up's, of the largest rank the plan gives that projection's experts); a plan's router that no LoRA module can run (Mixtral's, PhiMoE's, GraniteMoE's) is
     its weight at its planned rank, as the plan's ``peft_config`` adapts it (``_block_adapter``). An int rank on
     an MoE adapts what ``spectra train`` adapts for the same method, roles and stacks
     (:func:`_trained_moe_adapters`, which asks train's target selection on the model built from the config on
@@ -139,20 +139,19 @@ def _adapter_modules(shape: ModelShape, method: str, plan_or_rank: Any, roles: t
                           + f". Leave {', '.join(map(str, adapted_towers))} out of stacks (the default adapts the "
                             "language model alone) or estimate lora.")
     if isinstance(plan_or_rank, RankPlan):
-        through_weights = _planned_weights(shape, plan_or_rank, train_model)
-        modules, fused = [], {}  # fused: (layer, parameter) -> expert -> rank summed over the modules it holds
+        model = _moe_model(shape, train_model, "which rank the plan's peft_config gives its fused experts")
+        through_weights = _planned_weights(plan_or_rank, model)
+        held, ranks = _fused_ranks(plan_or_rank, model)
+        modules, fused = [], {}  # fused: the parameter PEFT adapts -> its layer and role (down or gate_up)
         for m in plan_or_rank.modules:
-            expert = m.name.partition(".experts.")[2].partition(".")[0]
-            if experts > 1 and expert.isdigit():
-                parameter = "down" if m.role == "down" else "gate_up"
-                ranks = fused.setdefault((m.layer, parameter), {})
-                ranks[expert] = ranks.get(expert, 0) + m.rank
+            if m.name in held:
+                fused.setdefault(held[m.name], (m.layer, "down" if m.role == "down" else "gate_up"))
             else:
                 modules.append(_block_adapter(shape, m.layer, _planned_role(shape, m), m.rank, m.shape[1], m.shape[0],
                                               weight=m.name in through_weights))
-        for (layer, parameter), ranks in fused.items():
-            d_in, d_out = (i, h) if parameter == "down" else (h, 2 * i)
-            modules.append(_Adapter(layer, parameter, max(ranks.values()), d_in, d_out, experts))
+        for parameter, (layer, role) in fused.items():
+            d_in, d_out = (i, h) if role == "down" else (h, 2 * i)
+            modules.append(_Adapter(layer, role, ranks[parameter], d_in, d_out, experts))
         _refuse_dora_on_parameters(shape, method, modules)
         return modules
     if not isinstance(plan_or_rank, int) or isinstance(plan_or_rank, bool) or plan_or_rank < 1:
@@ -254,15 +253,25 @@ def _block_adapter(shape: ModelShape, layer: int | None, role: str | None, rank:
     return _Adapter(layer, role, rank, d_in, d_out, 1 if wrapped else 0)
 
 
-def _planned_weights(shape: ModelShape, plan: RankPlan, train_model) -> set[str]:
+def _moe_model(shape: ModelShape, train_model, asked: str):
+    """The causal LM ``spectra train`` loads, built from the config on the meta device (``train_model()``), for an
+    MoE's plan; None for a dense model. An MoE that transformers cannot build is refused: memory could not say
+    ``asked``."""
+    if shape.experts <= 1 or train_model is None:
+        return None
+    model = train_model()[1]
+    if model is None:
+        raise ConfigError(f"{shape.family}: transformers cannot build this MoE from its config on the meta device, "
+                          f"so spectra's memory model cannot ask {asked}.")
+    return model
+
+
+def _planned_weights(plan: RankPlan, model) -> set[str]:
     """The planned modules that the plan's ``peft_config`` adapts through their weight (``target_parameters``
     ``{module}.weight``, a ParamWrapper), as :meth:`RankPlan.to_peft_config` decides on the model: the Linears that
     PEFT would rewrite into fused expert targets (:func:`spectra.checkpoints.targets.rewritten_weights`: Qwen3-MoE's
-    dense MLPs, DeepSeek's dense and shared-expert MLPs), asked of the causal LM built from the config on the meta
-    device (``train_model()``). Only an MoE's are rewritten; where the model cannot be built, none."""
-    if shape.experts <= 1 or train_model is None:
-        return set()
-    model = train_model()[1]
+    dense MLPs, DeepSeek's dense and shared-expert MLPs), asked of ``model`` (:func:`_moe_model`). Only an MoE's are
+    rewritten; for a dense model (``model`` None), none."""
     if model is None:
         return set()
     from spectra.checkpoints.targets import model_targets, rewritten_weights
@@ -270,6 +279,24 @@ def _planned_weights(shape: ModelShape, plan: RankPlan, train_model) -> set[str]
     found = model_targets([m.name for m in plan.modules if ".experts." not in m.name], model)
     modules = {target.name: name for name, target in found.items() if target is not None and not target.parameter}
     return {modules[name] for name in rewritten_weights(list(modules), model)}
+
+
+def _fused_ranks(plan: RankPlan, model) -> tuple[dict[str, str], dict[str, int]]:
+    """Planned module → the fused expert parameter of ``model`` that holds it
+    (:func:`spectra.ranks.plan.expert_parameters`), and that parameter → the rank the plan's ``peft_config`` gives it
+    on ``model`` (:meth:`RankPlan.to_peft_config`'s own rule: Σ over the projections it holds of the largest rank
+    the plan gives that projection's experts; a plan made with the model's config records the same in ``fused``).
+    Empty for a dense model (``model`` None)."""
+    if model is None:
+        return {}, {}
+    from spectra.ranks.plan import expert_parameters
+
+    held = {name: parameter for name, (parameter, _) in
+            expert_parameters([m.name for m in plan.modules], model).items()}
+    if not held:
+        return {}, {}
+    settings = plan._model_settings(model)[0]  # what to_peft_config writes: target -> (rank, alpha, conv1d)
+    return held, {parameter: settings[parameter][0] for parameter in set(held.values())}
 
 
 def _planned_role(shape: ModelShape, module) -> str | None:
