@@ -51,6 +51,12 @@ _SWITCHED_BY_TYPE = frozenset({"esm", "granitemoehybrid"})
 _STATE_SPACE_KEYS = ("mamba_d_state", "ssm_state_size")
 # Keys of a hidden-state-conditioned relative position bias over rel_extent distances (Inkling), clamped beyond them.
 _RELATIVE_BIAS_KEYS = ("rel_extent", "d_rel")
+# T5's relative position bias (T5, mT5, LongT5, UMT5, Switch Transformers, Pop2Piano, UDOP, Pix2Struct, MusicGen's
+# text encoder): its hub config.json files carry a stray n_positions (t5-small's and flan-t5's 512) that no T5 module
+# reads. The key decides only where the family's config class declares no table key (_TABLE_KEYS): MPNet's has
+# max_position_embeddings beside it, and MPNet adds a table of learned positions to its relative bias.
+_RELATIVE_BUCKETS_KEY = "relative_attention_num_buckets"
+_TABLE_KEYS = ("max_position_embeddings", "n_positions", "max_target_positions")
 # Families whose sinusoidal positions are computed, not looked up: their position modules grow the sinusoid past
 # max_position_embeddings (M2M100SinusoidalPositionalEmbedding and its copies) or compute it for each position
 # (Pegasus-X). No config key tells these from Marian's or Pegasus's fixed sinusoidal table of max_position_embeddings
@@ -112,7 +118,8 @@ def position_limit(model_config: Mapping) -> PositionLimit | None:
     ``max_encoder_position_embeddings`` and ``max_decoder_position_embeddings``) is limited
     by the shorter: one ``max_length`` cuts its source and its target; so is a composite one (EncoderDecoderModel's
     ``encoder`` and ``decoder`` configs: a table binds before a stack whose positions run past). A model with no such
-    key (T5's relative positions, BLOOM's ALiBi) has no limit here. Whether the length binds
+    key (T5's relative positions, BLOOM's ALiBi) has no limit here, and neither does a T5-family config.json's stray
+    ``n_positions`` (t5-small's 512; its ``relative_attention_num_buckets`` decides: ``relative``). Whether the length binds
     (:attr:`PositionLimit.positions`, and :attr:`PositionLimit.why`) is read from the keys that replace the learned
     table (``position_embedding_type``, DeBERTa's ``position_biased_input``, ``qk_rope_head_dim = 0``, Zamba2's
     ``use_mem_rope``, TrOCR's ``use_learned_position_embeddings``, a relative bias's ``rel_extent``, the rotary
@@ -121,7 +128,7 @@ def position_limit(model_config: Mapping) -> PositionLimit | None:
     rotary, as its model is.
     """
     for scope in (model_config, model_config.get("text_config") or {}):
-        for key in ("max_position_embeddings", "n_positions", "max_target_positions"):
+        for key in _TABLE_KEYS:
             value = scope.get(key)
             if not _positive_int(value):
                 continue
@@ -164,7 +171,14 @@ def _positions(scope: Mapping) -> tuple[str, str]:
     the side of a crash)."""
     model_type = scope.get("model_type")
     family = _family_defaults(model_type) if isinstance(model_type, str) else None
-    return _keyed_positions({**(family or {}), **scope}, scope) or ("learned", "")
+    config = {**(family or {}), **scope}
+    if family is not None and _RELATIVE_BUCKETS_KEY in config and not any(k in family for k in _TABLE_KEYS):
+        # a T5: the bias over relative_attention_num_buckets distances, no table (its config class has no table key)
+        value = config[_RELATIVE_BUCKETS_KEY]
+        own = "" if _RELATIVE_BUCKETS_KEY in scope else f", {model_type}'s default"
+        return "relative", (f"a relative position bias, {_RELATIVE_BUCKETS_KEY} = {json.dumps(value)}{own}; "
+                            f"{model_type}'s config class declares no table of positions")
+    return _keyed_positions(config, scope) or ("learned", "")
 
 
 def _keyed_positions(config: Mapping, own: Mapping) -> tuple[str, str] | None:
