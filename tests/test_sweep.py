@@ -655,8 +655,12 @@ def test_cli_sweep_writes_report_and_functional_plan(bert, bert_analysis, tmp_pa
     assert plan["policy"]["functional"] == 0.0 and swept["marks"] == {"functional ε=0": chosen}
     assert len(plan["modules"]) == 12 and {m["rank"] for m in plan["modules"]} == {min(chosen, 32)}
     unswept = [m["name"] for m in plan["left_out"] if m["reason"].startswith("not truncated by the sweep")]
-    assert sorted(unswept) == ["bert.embeddings.position_embeddings", "bert.embeddings.token_type_embeddings",
-                               "bert.pooler.dense"]
+    assert unswept == ["bert.pooler.dense"]
+    # BERT's position and token-type tables are role pos_embed: the plan leaves them out as embeddings, unswept or not
+    tables = {m["name"]: m["reason"] for m in plan["left_out"] if m["name"].startswith("bert.embeddings.")}
+    assert sorted(tables) == ["bert.embeddings.position_embeddings", "bert.embeddings.token_type_embeddings",
+                              "bert.embeddings.word_embeddings"]
+    assert all("embeddings/heads are targeted only when named in roles" in r for r in tables.values()), tables
     assert "loss vs rank" in result.output
     # 64 is above every module's full rank (32): the fine-tune itself, the only point within ε=0, said as such
     assert ("functional rank (model, ε=0): 64, full rank: no swept rank below full rank met ε (gap +0, interval "
