@@ -7,13 +7,16 @@ gets role ``other`` and is analysed all the same.
 
 ``embed`` is a vocabulary's table, the token embedding (``embed_tokens``, ``wte``, ``word_embeddings``, ``shared``,
 CLIP's ``token_embedding`` …); ``pos_embed`` every other embedding table, one looked up by position or segment, not by
-token: a learned position table (GPT-2's ``wpe``, BERT's ``position_embeddings``, BART's and OPT's ``embed_positions``,
-CLIP's and SigLIP's ``position_embedding``, Qwen3-VL's tower ``pos_embed``), a relative-position table (T5's
-``relative_attention_bias``, DeBERTa's ``rel_embeddings``) and a token-type (segment) table (BERT's
-``token_type_embeddings``). They were ``other``, which ``recommend``'s default plans (every matrix but embeddings,
-heads and MoE routers); ``--roles pos_embed`` takes them. A role of their own keeps ``--roles embed`` (and what reads
-the token embedding: a tied head, a resized vocabulary) to the vocabulary's table, as before, and no default of train,
-extract, memory or the sweep (block roles) takes either.
+token: a learned position table (GPT-2's ``wpe``, BERT's ``position_embeddings``, BART's and OPT's
+``embed_positions``, CLIP's and SigLIP's ``position_embedding``, Qwen3-VL's tower ``pos_embed``, Bark's and CLVP's
+``position_embeds_layer``, Kosmos-2.5's and Florence2's row and column tables), a relative-position table (T5's
+``relative_attention_bias``, DeBERTa's ``rel_embeddings``, WavLM's ``rel_attn_embed``, Wav2Vec2-BERT's
+``distance_embedding``, SpeechT5's ``embed_positions.pe_k``) and a token-type (segment) table (BERT's
+``token_type_embeddings``): the tables :data:`_POSITION_TABLES` names, as found in transformers' models (a table under
+a name it does not know stays ``other``). They were ``other``, which ``recommend``'s default plans (every matrix but
+embeddings, heads and MoE routers); ``--roles pos_embed`` takes them. A role of their own keeps ``--roles embed`` (and
+what reads the token embedding: a tied head, a resized vocabulary) to the vocabulary's table, as before, and no
+default of train, extract, memory or the sweep (block roles) takes either.
 
 ``q_a q_b kv_a kv_b`` are multi-head latent attention's (MLA: DeepSeek-V2, arXiv:2405.04434; DeepSeek-V3 and Kimi-K2,
 MiniCPM3, LongCat-Flash, Mistral Small 4, ``glm4_moe_lite`` and the other transformers models built on its attention)
@@ -62,13 +65,15 @@ them (:func:`role_named`), and each has a role of its own because a report group
 A multimodal model's *projector* (the ``projector`` stack: LLaVA's ``multi_modal_projector.linear_1`` and
 ``linear_2``, LLaVA-1.5's ``mm_projector.N``, Idefics3's ``connector.modality_projection.proj``, BLIP-2's
 ``language_projection``, Qwen2-VL's ``visual.merger.mlp.N``, Qwen3-VL's ``merger.linear_fc1`` …) maps another stack's
-features into the language model's. A module of that stack that no rule names gets role ``projector``
-(:data:`_STACK_ROLES`), unless its name reads as a norm (``ln_q``, ``layer_norm``, ``mm_soft_emb_norm``: ``other``);
-one a rule names keeps its role (Idefics2's perceiver ``q_proj``, GLM-4V's merger ``gate_proj``). ``projector`` is a
-block role (:data:`~spectra.checkpoints.roles.BLOCK_ROLES`: ``--roles projector``), which the default roles hold only
-where a selection names the projector stack (:func:`~spectra.checkpoints.roles.default_roles`): ``--stacks projector``
-adapts a projector with the default roles, and a command that names no stack adapts none, as before it had a role
-(train's default stacks are those text runs through, which never reaches a projector:
+features into the language model's. A Linear (or convolution) of that stack that no rule names gets role ``projector``
+(:data:`_STACK_ROLES`), unless its name reads as a norm (``ln_q``, ``layer_norm``, ``mm_soft_emb_norm``: ``other``) or
+as a bare parameter no PEFT module holds (Gemma 3's ``mm_input_projection_weight``, Idefics2's ``latents``, Aria's
+``query`` and ``in_proj_weight``: ``other``, :data:`_STACK_PARAMETERS`); one a rule names keeps its role (Idefics2's
+perceiver ``q_proj``, GLM-4V's merger ``gate_proj``). ``projector`` is a block role
+(:data:`~spectra.checkpoints.roles.BLOCK_ROLES`: ``--roles projector``), which the default roles hold only where a
+selection names the projector stack (:func:`~spectra.checkpoints.roles.default_roles`): ``--stacks projector`` adapts
+a projector with the default roles, and a command that names no stack adapts none, as before it had a role (train's
+default stacks are those text runs through, which never reaches a projector:
 :data:`~spectra.checkpoints.adapted.TEXT_STACKS`).
 
 In a selection, ``--roles q`` takes ``q_a`` and ``q_b`` (they compute the query and nothing else; :func:`role_named`)
@@ -216,8 +221,13 @@ _CROSS_ATTENTION = r"(encoder_attn|EncDecAttention|crossattention|cross_attn)"
 # Embedding tables looked up by position or segment (role pos_embed): GPT-2's wpe, BERT's position_embeddings and
 # token_type_embeddings (TAPAS's token_type_embeddings_N), LayoutLM's x_position_embeddings, CLIP's position_embedding,
 # a ViT's pos_embed, GPT-1's positions_embed, BART's and OPT's embed_positions, T5's relative_attention_bias, …
-_POSITION_TABLES = (r"(wpe|\w*pos(ition)?s?_emb(ed|edding|eddings)?(_table)?|\w*token_type_embeddings(_\d+)?"
-                    r"|segment_emb(edding)?|embed_positions|relative_attention_bias|rel_embeddings)")
+# Bark's and CLVP's position_embeds_layer, WavLM's rel_attn_embed, Wav2Vec2-BERT's (SeamlessM4T-v2's, xcodec2's)
+# distance_embedding, Phi-4-multimodal's audio relative_attention_bias_layer.bias_values, SpeechT5's relative
+# embed_positions.pe_k, Kosmos-2.5's row_embedder/column_embedder, Florence2's and DETR's row_embeddings and
+# column_embeddings
+_POSITION_TABLES = (r"(wpe|\w*pos(ition)?s?_emb(eds?|eddings?)?(_table|_layer)?|\w*token_type_embeddings(_\d+)?"
+                    r"|segment_emb(edding)?|embed_positions(\.pe_[kv])?|relative_attention_bias(_layer\.bias_values)?"
+                    r"|rel_embeddings|rel_attn_embed|distance_embedding|(row|column)_embedd(er|ings))")
 _T5_SELF_ATTENTION = r"(SelfAttention|LocalSelfAttention|TransientGlobalSelfAttention)"
 # Ordered: the first rule whose pattern matches the end of the module name wins. More
 # specific patterns (BERT's attention.output.dense) come before general ones (output.dense).
@@ -354,6 +364,11 @@ _STACK_REGEXES = tuple((re.compile(pattern), stack) for pattern, stack in _STACK
 # projector computes. Its norms (Qwen2-VL's merger.ln_q, InternVL's layer_norm, Gemma 3's mm_soft_emb_norm, Pixtral's
 # norm: _NORM) stay other, as the language model's do.
 _STACK_ROLES = {"projector": "projector"}
+# A projector's parameters outside its Linears keep other (no module PEFT adapts, so no projector role to leave out):
+# Gemma 3's mm_input_projection_weight (a bare x @ W matrix), Aria's cross-attention in_proj_weight (MultiheadAttention
+# packs q, k, v in one parameter) and learned query, Idefics2's perceiver latents. Read off the name: module_info sees
+# no types (tests/checkpoints/test_architectures_projector_parameters.py holds it to the models).
+_STACK_PARAMETERS = re.compile(r"(^|\.)(\w+_weight|latents|query)$")
 _NORM = re.compile(r"(^|\.)(\w*norm\w*|ln(_\w+)?)$")
 # In an encoder–decoder model (config.json's is_encoder_decoder: T5, BART, Whisper, Marian) the first of these
 # segments decides: T5's encoder.block.0 is the encoder, EncoderDecoderModel's decoder.bert.encoder.layer.0 the decoder.
@@ -446,7 +461,7 @@ def module_info(name: str, config: dict[str, Any] | None = None) -> ModuleInfo:
             role = candidate
             break
     stack = module_stack(name, config)
-    if role == "other" and stack in _STACK_ROLES and not _NORM.search(name):
+    if role == "other" and stack in _STACK_ROLES and not _NORM.search(name) and not _STACK_PARAMETERS.search(name):
         role = _STACK_ROLES[stack]  # a projector's Linear: role projector
     layer = _LAYER.search(name)
     expert = _EXPERT.search(name)

@@ -118,8 +118,9 @@ def position_limit(model_config: Mapping) -> PositionLimit | None:
     ``max_encoder_position_embeddings`` and ``max_decoder_position_embeddings``) is limited
     by the shorter: one ``max_length`` cuts its source and its target; so is a composite one (EncoderDecoderModel's
     ``encoder`` and ``decoder`` configs: a table binds before a stack whose positions run past). A model with no such
-    key (T5's relative positions, BLOOM's ALiBi) has no limit here, and neither does a T5-family config.json's stray
-    ``n_positions`` (t5-small's 512; its ``relative_attention_num_buckets`` decides: ``relative``). Whether the length binds
+    key (T5's relative positions, BLOOM's ALiBi) has no limit here; a T5-family config.json's stray ``n_positions``
+    (t5-small's 512) is read as ``relative`` positions, which run past it (``relative_attention_num_buckets`` decides
+    where the family's config class declares no table key). Whether the length binds
     (:attr:`PositionLimit.positions`, and :attr:`PositionLimit.why`) is read from the keys that replace the learned
     table (``position_embedding_type``, DeBERTa's ``position_biased_input``, ``qk_rope_head_dim = 0``, Zamba2's
     ``use_mem_rope``, TrOCR's ``use_learned_position_embeddings``, a relative bias's ``rel_extent``, the rotary

@@ -43,9 +43,10 @@ def recommend(
              "--energy/--knee.")] = None,
     sweep: Annotated[Optional[Path], typer.Option(help="Truncation sweep of the same pair (the directory or "
                                                        "sweep.json of `spectra sweep`), for --functional.")] = None,
-    config: Annotated[Optional[str], typer.Option(help="Model config (file, dir or hub id) for the memory estimate "
-                                                       "and for the module names of the plan's peft_config; default: "
-                                                       "the analysed base, if local.")] = None,
+    config: Annotated[Optional[str], typer.Option(help="Model config (file, dir or hub id) for the memory estimate, "
+                                                       "the module names of the plan's peft_config and the ranks and "
+                                                       "costs of fused MoE experts (one rank per fused parameter); "
+                                                       "default: the analysed base, if local.")] = None,
     method: Annotated[str, typer.Option(help="Method for the memory estimate: lora, qlora or dora.")] = "lora",
     # min=1: refused as the command's input, where the library's refusal would read as "memory: no estimate"
     batch: Annotated[int, typer.Option(min=1, help="Batch size for the memory estimate.")] = 1,

@@ -95,16 +95,16 @@ def _adapter_modules(shape: ModelShape, method: str, plan_or_rank: Any, roles: t
                      notes: list[str] | None = None) -> list[_Adapter]:
     """Every adapted module, as PEFT adapts it; empty for full fine-tuning.
 
-    An MoE's experts are fused parameters in transformers 5 (gate_up_proj: experts × 2·ffn × hidden,
-    down_proj), which PEFT adapts as ``target_parameters`` at one rank for all experts: a plan's
-    fused parameter at the rank the plan's ``peft_config`` gives it (:func:`_fused_ranks`: Σ over the projections
-    it holds, gate's and up's, of the largest rank the plan gives that projection's experts); a plan's router that no LoRA module can run (Mixtral's, PhiMoE's, GraniteMoE's) is
-    its weight at its planned rank, as the plan's ``peft_config`` adapts it (``_block_adapter``). An int rank on
-    an MoE adapts what ``spectra train`` adapts for the same method, roles and stacks
-    (:func:`_trained_moe_adapters`, which asks train's target selection on the model built from the config on
-    the meta device; ``train_model`` builds it): every block role's Linear modules and the experts' fused
-    parameters at r each (gate_up_proj at r, not 2·r), never a router; DoRA and QLoRA leave the experts out of the
-    default roles.
+    An MoE's experts are fused parameters in transformers 5 (gate_up_proj: experts × 2·ffn × hidden, down_proj),
+    which PEFT adapts as ``target_parameters`` at one rank for all experts: a plan's fused parameter at the rank the
+    plan's ``peft_config`` gives it (:func:`_fused_ranks`: Σ over the projections it holds, gate's and up's, of the
+    largest rank the plan gives that projection's experts); a plan's router that no LoRA module can run (Mixtral's,
+    PhiMoE's, GraniteMoE's) is its weight at its planned rank, as the plan's ``peft_config`` adapts it
+    (``_block_adapter``). An int rank on an MoE adapts what ``spectra train`` adapts for the same method, roles and
+    stacks (:func:`_trained_moe_adapters`, which asks train's target selection on the model built from the config on
+    the meta device; ``train_model`` builds it): every block role's Linear modules and the experts' fused parameters
+    at r each (gate_up_proj at r, not 2·r), never a router; DoRA and QLoRA leave the experts out of the default
+    roles.
     """
     _check_stacks(shape, method, plan_or_rank, stacks)
     if method == "full":

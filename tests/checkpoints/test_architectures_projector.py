@@ -37,7 +37,8 @@ FAMILIES = ("llava", "qwen2_vl")
     ("model.visual.merger.linear_fc1", "projector"),  # Qwen3-VL
     ("model.visual.deepstack_merger_list.0.linear_fc2", "projector"),
     ("multi_modal_projector.patch_merger.merging_layer", "projector"),  # Mistral 3
-    ("multi_modal_projector.mm_input_projection_weight", "projector"),  # Gemma 3: a bare (in, out) matrix
+    # a projector's bare parameters are no Linear PEFT adapts: other (Gemma 3's (in, out) matrix, Idefics2's latents)
+    ("multi_modal_projector.mm_input_projection_weight", "other"), ("model.connector.perceiver_resampler.latents", "other"),
     # a projector's norms stay other, as the language model's do
     ("visual.merger.ln_q", "other"), ("multi_modal_projector.layer_norm", "other"),
     ("multi_modal_projector.norm", "other"),

@@ -136,6 +136,53 @@ def test_a_llamas_only_table_is_its_token_embedding():
                                                                                   "down", "head"}
 
 
+# rev1 F3: tables looked up by position or relative distance that the first rule missed, by model type (transformers'
+# base model class of it, built from its default config on the meta device) and module name
+MORE_TABLES = {"bark": "semantic.position_embeds_layer",  # learned absolute positions, GPT-2-like
+               "clvp": "speech_decoder_model.model.decoder.position_embeds_layer",
+               "wavlm": "encoder.layers.0.attention.rel_attn_embed",  # relative position bias table
+               "wav2vec2-bert": "encoder.layers.0.self_attn.distance_embedding",  # relative distances
+               "speecht5": "encoder.wrapped_encoder.embed_positions.pe_k",  # relative positions
+               "phi4_multimodal": "embed_tokens_extend.audio_embed.encoder.relative_attention_bias_layer.bias_values",
+               "kosmos-2.5": "vision_model.embeddings.row_embedder",  # patch row and column tables
+               "florence2": "model.multi_modal_projector.image_position_embed.column_embeddings"}  # was projector
+
+
+def _meta_base_model(model_type: str):
+    import transformers as tf
+    from transformers.models.auto import modeling_auto
+
+    cls = next(m[model_type] for m in (modeling_auto.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
+                                       modeling_auto.MODEL_MAPPING_NAMES) if model_type in m)
+    with warnings.catch_warnings(), torch.device("meta"):
+        warnings.simplefilter("ignore")
+        return getattr(tf, cls if isinstance(cls, str) else cls[0])._from_config(tf.AutoConfig.for_model(model_type))
+
+
+@pytest.mark.parametrize("model_type", sorted(MORE_TABLES))
+def test_more_position_and_distance_tables_are_pos_embed(model_type, monkeypatch):
+    """Each is an nn.Embedding of its model and role pos_embed; under the rules before rev1's tables (the first
+    pos_embed rule) it was other (Florence2's: projector); the model's Linears keep their roles."""
+    from spectra.checkpoints.architectures import _POSITION_TABLES
+
+    model = _meta_base_model(model_type)
+    config = model.config.to_dict()
+    name = MORE_TABLES[model_type]
+    assert isinstance(model.get_submodule(name), torch.nn.Embedding)
+    linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    now = {n: module_info(n, config).role for n in linears + [name]}
+    assert now[name] == "pos_embed"
+    first = (r"(wpe|\w*pos(ition)?s?_emb(ed|edding|eddings)?(_table)?|\w*token_type_embeddings(_\d+)?"
+             r"|segment_emb(edding)?|embed_positions|relative_attention_bias|rel_embeddings)")
+    monkeypatch.setattr(architectures, "_ROLE_REGEXES", tuple(
+        (re.compile(rf"(^|\.){first}$") if role == "pos_embed" else regex, role)
+        for regex, role in architectures._ROLE_REGEXES))
+    assert _POSITION_TABLES != first
+    before = {n: module_info(n, config).role for n in linears + [name]}
+    assert before[name] == ("projector" if model_type == "florence2" else "other")
+    assert {n: r for n, r in now.items() if n != name} == {n: r for n, r in before.items() if n != name}
+
+
 # What the new rules may change, by the type of the module (or "parameter" for a bare parameter such as
 # a ViT's pos_embed): an embedding table, a container of position encodings (sinusoidal or rotary, no weight), a
 # table held as a parameter. Never a Linear. From role other (or projector: a projector stack's position table) to
@@ -149,7 +196,8 @@ def test_the_table_rules_change_no_linear_of_any_transformers_class(monkeypatch)
     rules and under the rules as they were (:func:`_rules_before`). They differ only at embedding tables
     (nn.Embedding and its subclasses, position encodings, tables held as parameters), from other (or projector) to
     pos_embed, and at vocabularies under other names, other to embed; at GPT-2's, BERT's, BART's, T5's and OPT's
-    tables among them."""
+    tables among them, and at rev1's (WavLM's rel_attn_embed, Wav2Vec2-BERT's distance_embedding, Kosmos-2.5's
+    row_embedder, Florence2's projector row_embeddings)."""
     import transformers as tf
     from transformers.models.auto import modeling_auto
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
@@ -202,7 +250,10 @@ def test_the_table_rules_change_no_linear_of_any_transformers_class(monkeypatch)
     expected = {("gpt2", "transformer.wpe"), ("bert", "embeddings.position_embeddings"),
                 ("bert", "embeddings.token_type_embeddings"), ("bart", "decoder.embed_positions"),
                 ("t5", "encoder.block.N.layer.N.SelfAttention.relative_attention_bias"),
-                ("opt", "decoder.embed_positions")}
+                ("opt", "decoder.embed_positions"), ("wavlm", "encoder.layers.N.attention.rel_attn_embed"),
+                ("wav2vec2-bert", "encoder.layers.N.self_attn.distance_embedding"),
+                ("kosmos-2.5", "vision_model.embeddings.row_embedder"),
+                ("florence2", "multi_modal_projector.image_position_embed.row_embeddings")}
     for model_type, ending in expected:
         assert any(n == ending or n.endswith("." + ending) for n, _, _, _ in changed[model_type]), (model_type, ending)
 

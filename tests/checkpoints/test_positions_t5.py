@@ -44,7 +44,8 @@ def test_each_t5_family_with_a_stray_n_positions_is_relative(family):
     assert "relative_attention_num_buckets" in position_limit(config).why
     assert resolve_max_length(40, config) == 40
     if family in ("t5", "mt5", "umt5"):  # the reference: the model built from the keys runs 40 tokens
-        cls = {"t5": (tf.T5Config, tf.T5ForConditionalGeneration), "mt5": (tf.MT5Config, tf.MT5ForConditionalGeneration),
+        cls = {"t5": (tf.T5Config, tf.T5ForConditionalGeneration),
+               "mt5": (tf.MT5Config, tf.MT5ForConditionalGeneration),
                "umt5": (tf.UMT5Config, tf.UMT5ForConditionalGeneration)}[family]
         model = cls[1](cls[0](**_TINY)).eval()
         assert not [n for n, _ in model.named_parameters() if "position" in n and "relative" not in n]
