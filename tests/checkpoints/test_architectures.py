@@ -58,7 +58,7 @@ ENCODER_DECODER = {"model_type": "bart", "is_encoder_decoder": True}
     ("language_model.model.layers.0.self_attn.q_proj", None, "q", 0, None),
     ("vision_tower.encoder.layers.0.self_attn.q_proj", None, "q", 0, "vision"),
     ("model.vision_tower.vision_model.encoder.layers.0.self_attn.q_proj", None, "q", 0, "vision"),
-    ("multi_modal_projector.mm_input_projection_weight", None, "projector", None, "projector"),
+    ("multi_modal_projector.mm_input_projection_weight", None, "other", None, "projector"),  # a bare parameter
     ("multi_modal_projector.mm_soft_emb_norm", None, "other", None, "projector"),  # a projector's norm stays other
     ("visual.blocks.0.attn.qkv", None, "qkv", 0, "vision"),  # Qwen2-VL
     ("vision_model.transformer.layers.3.self_attn.q_proj", None, "q", 3, "vision"),  # Mllama: two vision stacks

@@ -229,12 +229,13 @@ def test_a_head_transformers_renames_is_written_under_the_models_name(tmp_path):
 
 
 def test_names_the_model_cannot_adapt_and_bad_alpha_are_refused(tmp_path):
-    # Gemma 3's multimodal projector is a bare parameter, mm_input_projection_weight (role projector), of no module
-    # PEFT can wrap
+    # Gemma 3's multimodal projector is a bare parameter, mm_input_projection_weight (role other, stack projector), of
+    # no module PEFT can wrap
     base = build_model("gemma3_multimodal")
     b, t = save(base, tmp_path / "b", "safetensors"), save(perturbed(base), tmp_path / "t", "safetensors")
     with pytest.raises(ConfigError, match="multi_modal_projector.mm_input_projection_weight.*: not module"):
-        extract_adapter(b, t, 2, tmp_path / "ad", roles=("q", "projector"), progress=False)
+        extract_adapter(b, t, 2, tmp_path / "ad", roles=("q", "other"), stacks=("language", "projector"),
+                        progress=False)
     for alpha in (0.0, -4.0):
         with pytest.raises(ConfigError, match="alpha must be positive"):
             extract_adapter(b, t, 2, tmp_path / "ad", roles=("q",), alpha=alpha, progress=False)
