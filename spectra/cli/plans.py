@@ -253,7 +253,8 @@ def extract(
         typer.secho(f"note: {_cli_words(note, ['extract'])}", fg="yellow", err=True)
     if target == "full" and result.complete:  # said only where true: every changed tensor is in the adapter
         typer.echo("lossless: every tensor TUNED changed is in the adapter, each module at full rank, so PEFT's "
-                   "merge gives TUNED back")
+                   "merge gives TUNED back" + (" (to within TUNED's storage rounding of the tensors a note names)"
+                                               if result.storage_rounded else ""))
     onto = f"a {result.model_class}" if result.model_class else "the model"
     if result.vocab_size is not None:  # whole embedding/head rows of TUNED's resized vocabulary: resize first
         onto += f" resized to the fine-tune's vocabulary, model.resize_token_embeddings({result.vocab_size}),"

@@ -84,6 +84,8 @@ class ExtractResult:
     # rounded to its lower-precision storage (fp32 base, bf16 fine-tune) is no change: a note counts those, which
     # the merge gives back to within that rounding
     complete: bool = True
+    # those tensors (outside the adapter, equal to the base's values rounded to TUNED's storage dtype)
+    storage_rounded: list[str] = field(default_factory=list)
 
 
 def extract_adapter(base, tuned, plan_or_rank, out_dir: str | os.PathLike, *, roles: tuple[str, ...] | None = None,
@@ -310,7 +312,7 @@ def extract_adapter(base, tuned, plan_or_rank, out_dir: str | os.PathLike, *, ro
         e.name in saved_modules for e in pairing.entries if e.kind == "matrix" and e.added_rows)
     return ExtractResult(out_dir, results, sorted({n.rsplit(".", 1)[0] for n in save_names}), config, model_class,
                          notes, vocab_size, unchanged, [n for n, _ in left_out], [n for n, _ in left_out_vectors],
-                         only_in_tuned, complete)
+                         only_in_tuned, complete, rounded)
 
 
 def _leave_out_unchanged(results: list, tensors: dict, ranks: dict, save_names: list) -> list[str]:

@@ -157,6 +157,16 @@ def test_a_lower_precision_fine_tune_s_rounding_is_not_a_change(tmp_path):
     assert result.complete and result.left_out == [] and result.left_out_vectors == []
     assert len(result.notes) == 1 and f"{len([n for n in rounded if 'q_proj' not in n])} tensor(s)" in result.notes[0]
     assert "bfloat16" in result.notes[0]
+    assert sorted(result.storage_rounded) == sorted(n for n in rounded if "q_proj" not in n)
+    from typer.testing import CliRunner
+
+    from spectra.cli import app
+
+    said = CliRunner().invoke(app, ["extract", str(b), str(t), "--rank", "full", "--roles", "q", "-o",
+                                    str(tmp_path / "cli")])
+    assert said.exit_code == 0, said.output
+    assert "lossless: every tensor TUNED changed is in the adapter" in said.output
+    assert "to within TUNED's storage rounding of the tensors a note names" in said.output
     got = _merged(base, tmp_path / "re")  # within the bf16 rounding of TUNED everywhere
     assert all(torch.allclose(got[n], v.double(), rtol=2 ** -8, atol=0) for n, v in tuned.state_dict().items())
 
