@@ -319,3 +319,31 @@ def load_4bit(model, folder: Path, *, double_quant: bool = True):
                                                   if state.nested else [])
             constants += sum(t.numel() * t.element_size() for t in parts)
     return loaded, constants
+
+
+def meta_models():
+    """(model type, model) of every transformers class buildable from its default config on the meta device, at most
+    two layers deep (the slow scans of roles and tables); a class that needs more than its default config (a backbone,
+    a library that is not installed) is skipped."""
+    import transformers as tf
+    from transformers.models.auto import modeling_auto
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    mappings = (modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+                modeling_auto.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES, modeling_auto.MODEL_MAPPING_NAMES)
+    for model_type in sorted(CONFIG_MAPPING_NAMES):
+        cls = next((m[model_type] for m in mappings if model_type in m), None)
+        cls = cls[0] if isinstance(cls, (list, tuple)) else cls
+        if cls is None or not hasattr(tf, cls):
+            continue
+        try:
+            config = tf.AutoConfig.for_model(model_type)
+            for c in (config, getattr(config, "text_config", None)):
+                for key in ("num_hidden_layers", "num_layers", "n_layer", "decoder_layers", "encoder_layers"):
+                    if isinstance(getattr(c, key, None), int) and getattr(c, key) > 2:
+                        setattr(c, key, 2)
+            with torch.device("meta"):
+                model = getattr(tf, cls)._from_config(config)
+        except Exception:
+            continue
+        yield model_type, model

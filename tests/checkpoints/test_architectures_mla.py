@@ -19,7 +19,7 @@ from spectra.analysis import AnalysisResult, analyze
 from spectra.checkpoints import architectures
 from spectra.checkpoints.architectures import fused_projections, module_info, module_stack, role_named, role_selected
 from spectra.report.tables import summary_rows
-from tests.models import flat_update, on_grid, save
+from tests.models import flat_update, meta_models, on_grid, save
 from tests.test_cli import run
 
 # What each Linear of an MLA attention computes, by its attribute name, written out here rather than asked of spectra
@@ -156,31 +156,10 @@ def test_analyze_reports_each_factor_and_kv_bs_keys_and_values_in_block_order(tm
 
 
 def _meta_models():
-    """(model type, module names of its Linears) of every transformers class buildable from its default config on
-    the meta device, at most two layers deep."""
-    import transformers as tf
-    from transformers.models.auto import modeling_auto
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
-
-    mappings = (modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
-                modeling_auto.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES, modeling_auto.MODEL_MAPPING_NAMES)
-    for model_type in sorted(CONFIG_MAPPING_NAMES):
-        cls = next((m[model_type] for m in mappings if model_type in m), None)
-        cls = cls[0] if isinstance(cls, (list, tuple)) else cls
-        if cls is None or not hasattr(tf, cls):
-            continue
-        try:
-            config = tf.AutoConfig.for_model(model_type)
-            for c in (config, getattr(config, "text_config", None)):
-                for key in ("num_hidden_layers", "num_layers", "n_layer", "decoder_layers", "encoder_layers"):
-                    if isinstance(getattr(c, key, None), int) and getattr(c, key) > 2:
-                        setattr(c, key, 2)
-            with torch.device("meta"):
-                model = getattr(tf, cls)._from_config(config)
-        except Exception:  # a class that needs more than its default config (a backbone, a library): not scanned
-            continue
-        yield model_type, model.config.to_dict(), [n for n, m in model.named_modules()
-                                                   if isinstance(m, torch.nn.Linear)]
+    """(model type, config dict, names of its Linears) of every class :func:`tests.models.meta_models` builds."""
+    for model_type, model in meta_models():
+        linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+        yield model_type, model.config.to_dict(), linears
 
 
 # The rules this scan checks, by their pattern: MLA's factors (AXK2's q_gate_proj with q_b_proj), DeepSeek-V4's

@@ -20,7 +20,7 @@ import torch
 from spectra.checkpoints import architectures
 from spectra.checkpoints.architectures import module_info, role_selected
 from spectra.checkpoints.roles import BLOCK_ROLES, default_roles
-from tests.models import on_grid, tiny_config
+from tests.models import meta_models, on_grid, tiny_config
 
 FAMILIES = ("gpt2", "bert", "bart", "t5", "opt")
 # the tables the token-embedding rule (embed_tokens, wte, word_embeddings, shared …) did not name, by family
@@ -199,33 +199,15 @@ def test_the_table_rules_change_no_linear_of_any_transformers_class(monkeypatch)
     tables among them, and at rev1's (WavLM's rel_attn_embed, Wav2Vec2-BERT's distance_embedding, Kosmos-2.5's
     row_embedder, Florence2's projector row_embeddings)."""
     import transformers as tf
-    from transformers.models.auto import modeling_auto
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 
     kept = _rules_before()
-    mappings = (modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
-                modeling_auto.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES, modeling_auto.MODEL_MAPPING_NAMES)
     changed, built = {}, 0
     verbosity = tf.utils.logging.get_verbosity()
     tf.utils.logging.set_verbosity_error()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            for model_type in sorted(CONFIG_MAPPING_NAMES):
-                cls = next((m[model_type] for m in mappings if model_type in m), None)
-                cls = cls[0] if isinstance(cls, (list, tuple)) else cls
-                if cls is None or not hasattr(tf, cls):
-                    continue
-                try:
-                    config = tf.AutoConfig.for_model(model_type)
-                    for c in (config, getattr(config, "text_config", None)):
-                        for key in ("num_hidden_layers", "num_layers", "n_layer", "decoder_layers", "encoder_layers"):
-                            if isinstance(getattr(c, key, None), int) and getattr(c, key) > 2:
-                                setattr(c, key, 2)
-                    with torch.device("meta"):
-                        model = getattr(tf, cls)._from_config(config)
-                except Exception:  # a class that needs more than its default config: not scanned
-                    continue
+            for model_type, model in meta_models():
                 built += 1
                 cfg = model.config.to_dict()
                 kinds = {n: type(m).__name__ for n, m in model.named_modules() if n}
