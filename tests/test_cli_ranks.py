@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 
 from spectra.cli import app
 from spectra.ranks import load_plan
-from tests.test_memory import LLAMA2_7B
+from tests.memory.test_memory import LLAMA2_7B
 from tests.ranks.rows import PLANTED, analysis, make_row
 
 runner = CliRunner()

@@ -15,7 +15,7 @@ usually runs with dropout 0), communication buffers of distributed training, and
 memory. Read the totals as the floor a device must hold.
 
 The activations are checked tensor by tensor against what autograd saves on tiny transformers 5
-models on the CPU (tests/test_memory.py). Where a CUDA kernel could differ, the model follows
+models on the CPU (tests/memory/test_memory.py). Where a CUDA kernel could differ, the model follows
 the kernel a bf16 run gets (FlashAttention): sdpa's output takes Q's memory layout, so Phi-3's
 o_proj reads a copy (CUDA's memory-efficient kernel, which fp32 runs get, returns the layout
 o_proj wants: q·p per token less under full fine-tuning), and an MoE's experts run on

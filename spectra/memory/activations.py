@@ -1,5 +1,5 @@
 """Activations: the bytes autograd keeps for backward, per token and block, as transformers 5 and PEFT run the
-blocks (checked tensor by tensor against autograd on tiny models: tests/test_memory*.py). See
+blocks (checked tensor by tensor against autograd on tiny models: tests/memory/test_memory*.py). See
 :func:`spectra.memory.estimate_memory`'s notes for the formulas in words."""
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ def _block_bytes(shape: ModelShape, p: int, attention: str, seq_len: int, *, ful
     dtype and keeps it, s·p per token (CUDA's memory-efficient kernel, which a mask gets, pads s
     to a multiple of 16: not counted, so on CUDA this is short by up to 15·p per token where s is
     not a multiple of 16; unchecked, no GPU here), and K, V repeated to every head (:func:`_qkv_bytes`); eager adds the
-    mask to its logits, which keeps nothing. Against what transformers 5 saves (tests/test_memory.py):
+    mask to its logits, which keeps nothing. Against what transformers 5 saves (tests/memory/test_memory.py):
     exact for Llama, Qwen2, Gemma, Gemma 2, Gemma 3, Phi-3, GPT-2, BERT, Mixtral (transformers'
     default grouped_mm experts), PhiMoE, GraniteMoE, Granite, Helium, ERNIE 4.5, Ministral, SmolLM3
     and GLM, sliding layers masked or not, from the first adapted layer on too.

@@ -554,7 +554,7 @@ _MOE_COUNTED_WRONG = {
     "openai_privacy_filter": "a bidirectional encoder for token classification (no causal mask, no LM head) with "
                              "GPT-OSS's blocks: attention sinks, attention and expert biases",
 }
-# families whose config the memory model reads as transformers builds them (checked by tests/test_memory.py against
+# families whose config the memory model reads as transformers builds them (checked by tests/memory/test_memory.py against
 # the base model built from a tiny config, and against autograd): model_shape skips building the meta model for them
 _COUNTED_RIGHT = frozenset({"llama", "mistral", "qwen2", "gemma", "gemma2", "gemma3_text", "phi3", "gpt2", "bert",
                             "mixtral", "phimoe", "granitemoe", "minimax", "granite", "helium", "ernie4_5",

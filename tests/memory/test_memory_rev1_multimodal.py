@@ -1,7 +1,7 @@
 """Qwen2-VL's and Qwen2.5-VL's language models (qwen2_vl_text, qwen2_5_vl_text: Qwen2's blocks, q/k/v biased, sliding
 by layer_types) are estimated; they had been refused, their biases uncounted ("blocks differ"). PaliGemma, whose top
 level keeps a hidden_size of its own, is refused as the multimodal config it is, not for a missing key. Checked
-against the models transformers builds and what autograd saves (tests/test_memory.py's measurement) on tiny configs."""
+against the models transformers builds and what autograd saves (tests/memory/test_memory.py's measurement) on tiny configs."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 
 from spectra.errors import ConfigError
 from spectra.memory import estimate_memory, model_shape
-from tests.test_memory import _PEFT_PATTERN_WARNING, saved_bytes, train_lora_config
+from tests.memory.test_memory import _PEFT_PATTERN_WARNING, saved_bytes, train_lora_config
 
 _CLASSES = {"qwen2_vl": ("Qwen2VLConfig", "Qwen2VLForConditionalGeneration"),
             "qwen2_5_vl": ("Qwen2_5_VLConfig", "Qwen2_5_VLForConditionalGeneration")}

@@ -1,7 +1,7 @@
 """Rank plans over an MoE's dense MLPs, which PEFT would rewrite into fused expert targets, so the plan's peft_config
 adapts them through their weights (target_parameters, a ParamWrapper): Qwen3-MoE's dense layers, DeepSeek's dense
 and shared-expert MLPs. Checked against what autograd saves on the PEFT model built from the plan's own config
-(tests/test_memory.py's measurement), on tiny configs."""
+(tests/memory/test_memory.py's measurement), on tiny configs."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import pytest
 from spectra.errors import ConfigError
 from spectra.memory import estimate_memory
 from spectra.ranks import RankPlan
-from tests.test_memory import _PEFT_PATTERN_WARNING, _loss, saved_bytes
-from tests.test_memory_moe_own_experts import _model
-from tests.test_memory_rev1_plans import _peft_of_plan, _planned
+from tests.memory.test_memory import _PEFT_PATTERN_WARNING, _loss, saved_bytes
+from tests.memory.test_memory_moe_own_experts import _model
+from tests.memory.test_memory_rev1_plans import _peft_of_plan, _planned
 
 # (name, config overrides): every MLP dense (Qwen3-MoE's mlp_only_layers), a dense layer then an MoE one (DeepSeek)
 _DENSE_MLPS = [("qwen3_moe", dict(mlp_only_layers=[0, 1])), ("deepseek_v3", dict(first_k_dense_replace=1))]

@@ -8,7 +8,7 @@ import json
 from typer.testing import CliRunner
 
 from spectra.cli import app
-from tests.test_memory_moe_own_experts import _config
+from tests.memory.test_memory_moe_own_experts import _config
 
 
 def test_the_table_is_followed_by_the_notes(tmp_path):

@@ -207,7 +207,7 @@ def test_how_a_router_is_adapted_is_read_off_the_model(monkeypatch):
 def test_a_plan_of_granitemoe_routers_is_their_weights(method):
     """GraniteMoE's router is no Linear: a plan's router is its weight (target_parameters, as the plan's peft_config
     adapts it), which takes no DoRA. An int rank adapts no router (spectra train's roles take none, and refuse
-    router as a role: tests/test_memory_moe_targets.py)."""
+    router as a role: tests/memory/test_memory_moe_targets.py)."""
     import transformers as tf
     from peft import LoraConfig, get_peft_model
 
@@ -240,7 +240,7 @@ def test_moe_families_the_model_would_count_wrong_are_refused(family, match):
     """MoE families with Mixtral's keys (num_local_experts) whose blocks hold more than a Mixtral-style block, or
     other experts: GPT-OSS's attention sinks and biases (and eager attention only), GraniteMoE-Shared's shared MLP,
     GraniteMoE-Hybrid's Mamba layers, MiniMax-M2's cross-head Q/K norms, MiniMax's lightning-attention layers
-    (Qwen3-MoE, refused here before, is estimated now: tests/test_memory_moe_own_experts.py). Each was estimated; the negative control: read as Mixtral, the
+    (Qwen3-MoE, refused here before, is estimated now: tests/memory/test_memory_moe_own_experts.py). Each was estimated; the negative control: read as Mixtral, the
     tiny model's parameters are miscounted (GPT-OSS 38432 of 39214, GraniteMoE-Shared 38240 of 41312)."""
     import transformers as tf
 
@@ -1136,7 +1136,7 @@ def test_multimodal_gemma3_is_its_language_model_and_frozen_towers():
     full = estimate_memory(config, method="full")
     assert full.trainable_params == shape.params - towers
     assert full.weights == 2 * shape.params
-    with pytest.raises(ConfigError, match="multimodal"):  # QLoRA and DoRA: tests/test_memory_multimodal.py
+    with pytest.raises(ConfigError, match="multimodal"):  # QLoRA and DoRA: tests/memory/test_memory_multimodal.py
         estimate_memory(config, rank_plan_or_rank=4, layers_to_transform=0)
 
 

@@ -2,7 +2,7 @@
 decoder_sparse_step) and DeepSeek-V2/V3 (multi-head latent attention, shared experts, first_k_dense_replace). Both
 were refused ("a mixture of experts configured by num_experts or moe_intermediate_size"). Checked against the models
 transformers builds from tiny configs, PEFT's count on spectra train's LoraConfig, bitsandbytes' 4-bit load and what
-autograd saves (tests/test_memory.py's measurement)."""
+autograd saves (tests/memory/test_memory.py's measurement)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 
 from spectra.errors import ConfigError
 from spectra.memory import estimate_memory, model_shape
-from tests.test_memory import _PEFT_PATTERN_WARNING, _loss, saved_bytes, train_lora_config
+from tests.memory.test_memory import _PEFT_PATTERN_WARNING, _loss, saved_bytes, train_lora_config
 
 _SMALL = dict(hidden_size=32, num_attention_heads=4, vocab_size=64)
 _MLA = dict(moe_intermediate_size=16, num_key_value_heads=4, n_routed_experts=3, num_experts_per_tok=2,
@@ -299,7 +299,7 @@ def test_deepseeks_merged_weights_are_kept_per_layer(name, overrides):
 
 def test_cli_json_carries_the_notes_and_no_activations_for_deepseek_under_sdpa(tmp_path):
     """`spectra memory --json` writes the notes and null activations and training total for DeepSeek under sdpa
-    (Q heads wider than V's; the table's rows leave them out; tests/test_memory_cli_notes.py checks the notes printed
+    (Q heads wider than V's; the table's rows leave them out; tests/memory/test_memory_cli_notes.py checks the notes printed
     under the table)."""
     import json
 

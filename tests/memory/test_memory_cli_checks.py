@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from spectra.cli import app
 from tests.test_cli_ranks import _analysis_dir
-from tests.test_memory import LLAMA2_7B
+from tests.memory.test_memory import LLAMA2_7B
 
 runner = CliRunner()
 GPT2 = {"model_type": "gpt2", "n_embd": 32, "n_layer": 2, "n_head": 4, "vocab_size": 64, "n_positions": 32}

@@ -1,5 +1,5 @@
 """An int rank's adapters on an MoE are what `spectra train` adapts: PEFT's count on train's own LoraConfig, and the
-activations autograd saves for them (tests/test_memory.py's measurement)."""
+activations autograd saves for them (tests/memory/test_memory.py's measurement)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 
 from spectra.errors import ConfigError
 from spectra.memory import estimate_memory
-from tests.test_memory import _CLASSES, _PEFT_PATTERN_WARNING, _config, _loss, _tiny_config, saved_bytes, \
+from tests.memory.test_memory import _CLASSES, _PEFT_PATTERN_WARNING, _config, _loss, _tiny_config, saved_bytes, \
     train_lora_config
 
 # Mixtral and MiniMax (attention layers only) hold their routers as MixtralTopKRouter-like modules, PhiMoE as a
@@ -124,7 +124,7 @@ def test_layers_to_transform_and_stacks_keep_trains_targets():
 def test_a_blocks_activations_under_trains_targets_are_what_autograd_saves(family, method, roles, precision):
     """One block's bytes per sequence under the adapters spectra train builds, from models of 1 and 2 blocks at
     batch 2 and 3 (the double difference cancels what is not per token per block: head, loss, rotary tables), as
-    tests/test_memory.py measures it: the experts' ParamWrappers (gate_up_proj at r) keep their merged weights and
+    tests/memory/test_memory.py measures it: the experts' ParamWrappers (gate_up_proj at r) keep their merged weights and
     the routed copies their inputs; experts alone (no attention adapter) make the next block's input require grad.
     PhiMoE at fp32: on the CPU a bf16 LayerNorm keeps its statistics in bf16 (CUDA's in fp32, as modelled)."""
     import torch
@@ -155,7 +155,7 @@ def test_mixtral_8x7b_qlora_and_dora_say_why_they_come_out_below_lora():
     under QLoRA and DoRA (train's own note, naming an expert parameter), so they train the attention alone, 13.6M
     parameters against LoRA's 223M; and bitsandbytes quantises nn.Linear modules only, so QLoRA's weights keep the
     experts and routers in bf16 (the note gives their count: 32 layers × 8 × 3·4096·14336 and 32 × 8 × 4096).
-    The 4-bit bytes themselves: tests/test_memory.py::test_qlora_storage_is_what_bitsandbytes_holds[mixtral]."""
+    The 4-bit bytes themselves: tests/memory/test_memory.py::test_qlora_storage_is_what_bitsandbytes_holds[mixtral]."""
     h, i, e, layers, r = 4096, 14336, 8, 32, 16
     est = {m: estimate_memory(MIXTRAL_8X7B, method=m) for m in ("lora", "qlora", "dora")}
     attention = layers * r * (2 * (h + h) + 2 * (h + 1024))

@@ -12,7 +12,7 @@ import transformers
 from spectra.errors import ConfigError
 from spectra.memory import estimate_memory
 from spectra.ranks import ModuleRank, RankPlan
-from tests.test_memory import LLAMA2_7B
+from tests.memory.test_memory import LLAMA2_7B
 
 TINY_LLAMA = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, vocab_size=64, max_position_embeddings=64, tie_word_embeddings=False)

@@ -1,4 +1,4 @@
-"""The estimate's KV cache is what transformers' DynamicCache holds after a forward (tests/test_memory_rev1_kv_cache.py
+"""The estimate's KV cache is what transformers' DynamicCache holds after a forward (tests/memory/test_memory_rev1_kv_cache.py
 reads it): every token in a full-attention layer, the last window − 1 in a sliding one."""
 
 from __future__ import annotations
@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 
 from spectra.memory import estimate_memory
-from tests.test_memory_moe_own_experts import _config as _own_experts_config
-from tests.test_memory_rev1_kv_cache import CASES, _cache_bytes, _config_json
+from tests.memory.test_memory_moe_own_experts import _config as _own_experts_config
+from tests.memory.test_memory_rev1_kv_cache import CASES, _cache_bytes, _config_json
 
 
 @pytest.mark.parametrize("name", CASES)

@@ -1,5 +1,5 @@
 """Which MoE routers renormalise their top-k weights: Qwen3-MoE's by norm_topk_prob, Mixtral's always (its router
-reads no norm_topk_prob, whatever config.json carries). Checked against what autograd saves (tests/test_memory.py's
+reads no norm_topk_prob, whatever config.json carries). Checked against what autograd saves (tests/memory/test_memory.py's
 measurement) on tiny Mixtral models."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 
 from spectra.memory import estimate_memory, model_shape
-from tests.test_memory import _PEFT_PATTERN_WARNING, _loss, _tiny_config, saved_bytes, train_lora_config
-from tests.test_memory_moe_own_experts import _config
+from tests.memory.test_memory import _PEFT_PATTERN_WARNING, _loss, _tiny_config, saved_bytes, train_lora_config
+from tests.memory.test_memory_moe_own_experts import _config
 
 
 def _mixtral(layers: int, **extra) -> dict:

@@ -1,6 +1,6 @@
 """QLoRA and DoRA of a multimodal config's language model (stacks that leave the towers unadapted), and stacks on a
 config whose projector has linear layers (LLaVA). QLoRA and DoRA had been refused on every multimodal config, and
-tests/test_memory.py checked ``language,vision == all-linear`` only on Gemma 3, whose projector has no Linear."""
+tests/memory/test_memory.py checked ``language,vision == all-linear`` only on Gemma 3, whose projector has no Linear."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 
 from spectra.errors import ConfigError
 from spectra.memory import estimate_memory, model_shape
-from tests.test_memory import _PEFT_PATTERN_WARNING, train_lora_config
+from tests.memory.test_memory import _PEFT_PATTERN_WARNING, train_lora_config
 
 
 def _trained(model) -> int:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from spectra.memory import model_shape
-from tests.test_memory import _tiny_config
+from tests.memory.test_memory import _tiny_config
 
 _FULL, _SLIDING = "full_attention", "sliding_attention"
 # (family, config.json overrides): windows of 4 under sequences of 16; the config class fills in what is left out

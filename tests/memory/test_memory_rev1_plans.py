@@ -8,8 +8,8 @@ import copy
 
 from spectra.memory import estimate_memory
 from spectra.ranks import ModuleRank, RankPlan
-from tests.test_memory import _PEFT_PATTERN_WARNING, _loss, saved_bytes
-from tests.test_memory_moe_own_experts import _model
+from tests.memory.test_memory import _PEFT_PATTERN_WARNING, _loss, saved_bytes
+from tests.memory.test_memory_moe_own_experts import _model
 
 
 def _planned(name: str, layer: int, shape: tuple[int, int], role: str, rank: int = 2) -> ModuleRank:
