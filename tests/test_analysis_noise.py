@@ -162,7 +162,7 @@ def test_quantised_pairs_keep_their_grid_rule_and_a_forced_exact_drops_the_base_
 
 
 def test_the_cli_passes_the_option_through_and_refuses_a_wrong_one(tmp_path, monkeypatch, capsys):
-    from tests.test_cli import run
+    from tests.cli.test_cli import run
 
     b, t, _ = _llama_pair(tmp_path, "B")
     code, _, _ = run(monkeypatch, capsys, "analyze", b, t, "-o", tmp_path / "r", "--roles", "q", "--no-cache", "-q",

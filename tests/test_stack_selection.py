@@ -21,7 +21,7 @@ from spectra.errors import ConfigError
 from spectra.lora.extract import extract_adapter
 from tests.checkpoints.test_more_architectures import _planted_pair
 from tests.checkpoints.test_qwen_vl import _planted_modules, stored, tiny
-from tests.test_cli import run
+from tests.cli.test_cli import run
 
 LANGUAGE_Q = "model.language_model.layers.1.self_attn.q_proj"  # planted, rank 2 (model's names)
 VISION_QKV = "model.visual.blocks.0.attn.qkv"  # planted in its q rows, rank 1

@@ -20,7 +20,7 @@ from spectra.checkpoints import architectures
 from spectra.checkpoints.architectures import fused_projections, module_info, module_stack, role_named, role_selected
 from spectra.report.tables import summary_rows
 from tests.models import flat_update, meta_models, on_grid, save
-from tests.test_cli import run
+from tests.cli.test_cli import run
 
 # What each Linear of an MLA attention computes, by its attribute name, written out here rather than asked of spectra
 MLA_ROLES = {"q_proj": "q", "q_a_proj": "q_a", "q_b_proj": "q_b", "kv_a_proj_with_mqa": "kv_a", "kv_b_proj": "kv_b",

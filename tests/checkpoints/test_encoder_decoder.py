@@ -21,7 +21,7 @@ from spectra.lora.extract import extract_adapter
 from spectra.report.tables import layer_role_grids, matrix_rows, summary_rows
 from tests.lora.test_extract import merged_state
 from tests.models import build_model, planted_models, save
-from tests.test_cli import run
+from tests.cli.test_cli import run
 
 # A Linear's role by its path inside one block (the segments after block.N. / layers.N.), for T5 and BART.
 T5_ROLES = {"SelfAttention.q": "q", "SelfAttention.k": "k", "SelfAttention.v": "v", "SelfAttention.o": "o",

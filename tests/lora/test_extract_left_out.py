@@ -15,7 +15,7 @@ import torch
 from spectra.lora.extract import extract_adapter
 from tests.lora.test_extract import perturbed
 from tests.models import build_model, save
-from tests.test_cli import run
+from tests.cli.test_cli import run
 
 ALL = lambda name, p: True  # noqa: E731 - every parameter, vectors (norms, biases) too
 

@@ -24,7 +24,7 @@ from spectra.lora.train import quiet_peft
 from spectra.ranks import RankPolicy, recommend_ranks, save_plan
 from tests.checkpoints.test_architectures_mla import tiny_mla, tiny_mla_pair
 from tests.lora.test_extract import merged_state
-from tests.test_cli import run
+from tests.cli.test_cli import run
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 

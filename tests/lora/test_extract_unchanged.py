@@ -13,7 +13,7 @@ from spectra.errors import ConfigError
 from spectra.lora.extract import extract_adapter
 from tests.lora.test_extract import merged_state, perturbed
 from tests.models import build_model, planted_mixtral_pair, save
-from tests.test_cli import run
+from tests.cli.test_cli import run
 
 
 @pytest.fixture(scope="module")

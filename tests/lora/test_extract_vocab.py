@@ -11,7 +11,7 @@ from spectra.errors import ConfigError
 from spectra.lora.extract import extract_adapter
 from tests.lora.test_extract import perturbed
 from tests.models import build_model, save
-from tests.test_cli import run
+from tests.cli.test_cli import run
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import json
 from typer.testing import CliRunner
 
 from spectra.cli import app
-from tests.test_cli_ranks import _analysis_dir
+from tests.cli.test_cli_ranks import _analysis_dir
 from tests.memory.test_memory import LLAMA2_7B
 
 runner = CliRunner()

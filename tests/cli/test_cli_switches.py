@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from tests.test_cli import run
+from tests.cli.test_cli import run
 
 COMMANDS = ("pairs", "demo", "analyze", "show", "recommend", "extract", "memory", "train", "verify", "sweep",
             "bench svd", "bench train", "bench verify", "bench make-pair", "bench e2e")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from spectra.cli.messages import _cli_words
 from tests.models import build_model, save
-from tests.test_cli import run
+from tests.cli.test_cli import run
 
 
 def test_a_value_the_user_typed_is_not_read_as_a_field(monkeypatch, capsys, tmp_path):

@@ -10,7 +10,7 @@ import torch
 
 from spectra.errors import ConfigError, NonFiniteWeightError
 from tests.models import build_model, planted_gpt2, save
-from tests.test_cli import run
+from tests.cli.test_cli import run
 
 
 @pytest.fixture(scope="module")

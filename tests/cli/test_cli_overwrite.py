@@ -7,7 +7,7 @@ import shutil
 import pytest
 
 from tests.models import planted_gpt2, save
-from tests.test_cli import run
+from tests.cli.test_cli import run
 
 
 @pytest.fixture(scope="module")
