@@ -1053,7 +1053,7 @@ def test_readme_memory_table_is_the_models():
     import re
     from pathlib import Path
 
-    text = Path(__file__).resolve().parents[1].joinpath("README.md").read_text()
+    text = Path(__file__).resolve().parents[2].joinpath("README.md").read_text()
     rows = re.findall(r"^\| (Llama-2-7\d?B) (full|LoRA|QLoRA|DoRA) \|(.*)\|$", text, flags=re.MULTILINE)
     assert len(rows) == 8
     for model, method, cells in rows:

@@ -85,7 +85,7 @@ def _llava():
     import sys
     from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).parent / "lora"))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lora"))
     from tests.lora.test_vlm import tiny_vlm
 
     return tiny_vlm("llava")
