@@ -713,9 +713,12 @@ def _tied_loras(model) -> dict[tuple[str, tuple[str, ...]], torch.nn.Module]:
     return out
 
 
+_TIED_EVAL = "eval: a LoRA on a tied weight"  # how _tied_eval_note begins: rank_sweep carries that note over
+
+
 def _tied_eval_note(tied: dict) -> str:
     pairs = "; ".join(f"{layer}'s LoRA on the weight {', '.join(readers)} reads too" for layer, readers in tied)
-    return (f"eval: a LoRA on a tied weight ({pairs}): the 'adapter' row is the adapter with that LoRA merged, as "
+    return (f"{_TIED_EVAL} ({pairs}): the 'adapter' row is the adapter with that LoRA merged, as "
             "merge_and_unload() leaves the model: the shared weight moves for every module that reads it, as in the "
             "full fine-tune, the 'svd' row and the per-module measures. 'adapter_unmerged' is PEFT's unmerged model, "
             "where the LoRA acts on its own module only and the others keep the base weight (what serving the "
@@ -850,6 +853,10 @@ def rank_sweep(base, tuned, data, *, ranks, methods=("lora",), adapters_dir, tra
             result = verify_adapter(base, tuned, folder, eval_data=eval_data, config=verify_config,
                                     progress=False, reference_evals=reference)
             reference = {k: result.evals[k] for k in ("base", "tuned")} if result.evals else None
+            unmerged = (result.evals or {}).get("adapter_unmerged")  # a LoRA on a tied weight: eval is it merged
+            notes += [f"{n} (in the sweep's runs: 'eval' is the 'adapter' row, 'eval_unmerged' the "
+                      "'adapter_unmerged' one)" for n in result.notes if n.startswith(_TIED_EVAL)
+                      and not any(m.startswith(n) for m in notes)]
             s = result.summary
             runs.append({"method": method, "rank": rank, "adapter": str(folder),
                          "trainable_params": trained.trainable_params, "steps": trained.steps,
@@ -857,7 +864,8 @@ def rank_sweep(base, tuned, data, *, ranks, methods=("lora",), adapters_dir, tra
                          "step_median_s": steady_step_time(trained.step_times),
                          **{k: s[k] for k in ("captured_energy", "captured_energy_row", "optimal_energy", "phi",
                                               "relative_error", "intruders_adapter", "intruders_full")},
-                         "eval": (result.evals or {}).get("adapter"), "svd_eval": (result.evals or {}).get("svd")})
+                         "eval": (result.evals or {}).get("adapter"), "svd_eval": (result.evals or {}).get("svd"),
+                         **({} if unmerged is None else {"eval_unmerged": unmerged})})
             vectors[(method, rank)] = result.right_vectors
     phi_pairs = []
     for method in methods:

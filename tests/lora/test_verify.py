@@ -205,9 +205,10 @@ def test_sweep_step_time_leaves_out_the_first_step(monkeypatch, tmp_path):
                              "intruders_adapter", "intruders_full"), 0.5)
     monkeypatch.setattr(spectra.lora.train, "train_adapter", trained)
     monkeypatch.setattr(spectra.lora.verify, "verify_adapter", lambda *a, **k: types.SimpleNamespace(
-        summary=summary, evals=None, right_vectors={}))
+        summary=summary, evals=None, right_vectors={}, notes=[]))
     result = rank_sweep("base", "tuned", "data", ranks=[1, 2, 4], adapters_dir=tmp_path)
     assert [run["step_median_s"] for run in result.runs] == pytest.approx([0.023, 0.025, 1.5])  # one step: that one
+    assert all("eval_unmerged" not in run for run in result.runs) and result.sources["notes"] == []
     # a LoRA + QLoRA sweep from one QLoRA config: its compute dtype is the k-bit layers' alone (it was refused whole)
     from spectra.lora.train import TrainConfig
 
@@ -741,3 +742,35 @@ def test_experts_stored_fused_and_transposed_are_written_in_their_layout(tmp_pat
             W = weights[f"model.layers.0.mlp.experts.{e}.{proj}"][0]  # (out, in)
             assert torch.equal(model.get_parameter(f"model.layers.0.mlp.experts.{proj}")[e], W.T)
     assert torch.equal(model.model.layers[0].mlp.router.weight, weights["model.layers.0.mlp.router"][0])
+
+
+
+def test_sweep_keeps_a_tied_lora_s_unmerged_eval_and_its_note(monkeypatch, tmp_path):
+    """verify evaluates a LoRA on a tied weight merged ('adapter') with PEFT's unmerged model beside it
+    ('adapter_unmerged') and a note (tests/lora/test_verify_tied_embedding.py checks those numbers against PEFT in
+    float64); the rank sweep had kept only 'adapter' as each run's eval and dropped the note. Each run now carries
+    'eval_unmerged', and the note is said once for the sweep."""
+    import types
+
+    import spectra.lora.train
+    import spectra.lora.verify
+    from spectra.lora.train import TrainResult
+    from spectra.lora.verify import _tied_eval_note, rank_sweep
+
+    note = _tied_eval_note({("model.embed_tokens", ("lm_head",)): None})
+    evals = {rank: {"base": {"loss": 5.0}, "tuned": {"loss": 4.0}, "adapter": {"loss": 4.5 - rank / 10},
+                    "svd": {"loss": 4.4}, "adapter_unmerged": {"loss": 4.6 - rank / 10}} for rank in (1, 2)}
+    monkeypatch.setattr(spectra.lora.train, "train_adapter", lambda base, data, config, folder, **k: TrainResult(
+        out_dir=folder, task="causal_lm", method=config.method, steps=1, trainable_params=config.rank, losses=[1.0],
+        step_times=[0.1]))
+    summary = dict.fromkeys(("captured_energy", "captured_energy_row", "optimal_energy", "phi", "relative_error",
+                             "intruders_adapter", "intruders_full"), 0.5)
+    monkeypatch.setattr(spectra.lora.verify, "verify_adapter", lambda base, tuned, folder, **k: types.SimpleNamespace(
+        summary=summary, evals=evals[int(str(folder).rsplit("-r", 1)[1])], right_vectors={}, notes=[note]))
+    result = rank_sweep("base", "tuned", "data", ranks=[1, 2], adapters_dir=tmp_path)
+    assert [run["eval"] for run in result.runs] == [evals[1]["adapter"], evals[2]["adapter"]]
+    assert [run["eval_unmerged"] for run in result.runs] == [evals[1]["adapter_unmerged"],
+                                                             evals[2]["adapter_unmerged"]]
+    assert len(result.sources["notes"]) == 1 and result.sources["notes"][0].startswith(note)
+    assert "'eval_unmerged' the 'adapter_unmerged' one" in result.sources["notes"][0]
+
