@@ -103,7 +103,7 @@ class PositionLimit:
 
     @property
     def learned(self) -> bool:
-        """Whether a longer sequence has no position to embed (a table of learned absolute positions)."""
+        """Whether a longer sequence has no position to embed (a table of absolute positions, learned or fixed)."""
         return self.positions == "learned"
 
 
@@ -230,7 +230,7 @@ def _family_defaults(model_type: str) -> dict | None:
     """The config dict transformers' config class of ``model_type`` holds with no key given (what it fills in where
     a config.json is silent), None where this transformers has no such class."""
     try:
-        import transformers  # here, not at the top: only a config whose keys do not decide needs it
+        import transformers  # here, not at the top: only a config naming a model_type needs it (once per type)
 
         return transformers.AutoConfig.for_model(model_type).to_dict()
     except Exception:  # an unknown model_type, no transformers, a class whose defaults do not validate
