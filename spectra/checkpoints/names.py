@@ -99,3 +99,9 @@ def compile_name_filter(pattern: str | None, *, option: str):
     # character class is also tried literally, so the names spectra prints can be pasted as patterns.
     literal = pattern.replace("[", "[[]")
     return lambda name: fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(name, literal)
+
+
+def natural_key(name: str) -> list:
+    """Sort key of a module name in natural order, its digit runs read as numbers: layers.2 before layers.10."""
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", name)]
+

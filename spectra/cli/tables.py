@@ -8,6 +8,8 @@ import shutil
 
 from rich.markup import escape  # module names hold brackets ("c_attn[q]") that rich would read as markup
 
+from spectra.checkpoints.names import natural_key
+
 
 def _plain_table(title: str, headers, rows: list[list[str]]):
     """A rich table of text cells, each kept whole (numbers are never wrapped)."""
@@ -37,7 +39,7 @@ def _module_table(title: str, names: list[str], rows: list[tuple[str, ...]], hea
     others = sum(3 + (min(12, w) if h in fold else w)
                  for h, w in ((h, max([len(h)] + [len(r[i]) for r in rows])) for i, h in enumerate(headers)))
     width = max(12, shutil.get_terminal_size().columns - others - 4)
-    for name, row in sorted(zip(names, rows), key=lambda pair: _natural(pair[0])):
+    for name, row in sorted(zip(names, rows), key=lambda pair: natural_key(pair[0])):
         table.add_row(escape(_wrap_dotted(name[len(prefix):], width)), *map(escape, row))  # "c_attn[q]": no markup
     return table
 
@@ -51,11 +53,6 @@ def _wrap_dotted(name: str, width: int) -> str:
             line = ""
         line += part
     return "\n".join(lines + [line])
-
-
-def _natural(name: str) -> list:
-    """Sort key reading the digit runs of a module name as numbers."""
-    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", name)]
 
 
 def _fmt(value) -> str:

@@ -32,6 +32,7 @@ import torch
 from spectra.checkpoints.adapter import PEFT_PREFIX, unpaired_tensors
 from spectra.checkpoints.architectures import (ROLES, missing_stacks, parse_stacks, role_selected, stack_name,
                                                stack_selected)
+from spectra.checkpoints.names import natural_key
 from spectra.checkpoints.pairing import Pairing, PairingOptions
 from spectra.checkpoints.source import AdapterSource, CheckpointSource
 from spectra.checkpoints.targets import architecture, meta_model, model_targets, owning_modules, resolve_name
@@ -336,12 +337,7 @@ def _leave_out_unchanged(results: list, tensors: dict, ranks: dict, save_names: 
         for key in [k for k in tensors if k.startswith(f"{PEFT_PREFIX}{m.name}.lora_")]:
             del tensors[key]
         results.remove(m)
-    return sorted((m.name for m in zero), key=_natural)
-
-
-def _natural(name: str) -> list:
-    """Sort key of a module name in natural order: layers.2 before layers.10."""
-    return [(0, int(p)) if p.isdigit() else (1, p) for p in re.split(r"(\d+)", name)]
+    return sorted((m.name for m in zero), key=natural_key)
 
 
 def _not_carried(pairing: Pairing, selected: list, save_names: list[str]):
@@ -399,8 +395,8 @@ def _not_carried(pairing: Pairing, selected: list, save_names: list[str]):
                 only_in_tuned.append(t.name)
             elif not _same_values(pairing.base.read(t.base_tensor), pairing.tuned.weights.read(t.key)):
                 vectors.append((t.base_tensor, None))
-    return (sorted(matrices, key=lambda x: _natural(x[0])), sorted(vectors, key=lambda x: _natural(x[0])),
-            sorted(only_in_tuned, key=_natural), sorted(rounded, key=_natural))
+    return (sorted(matrices, key=lambda x: natural_key(x[0])), sorted(vectors, key=lambda x: natural_key(x[0])),
+            sorted(only_in_tuned, key=natural_key), sorted(rounded, key=natural_key))
 
 
 def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -262,10 +262,10 @@ def test_extract_uniform_rank_form(monkeypatch, capsys, pair, tmp_path):
 
 
 def test_natural_order_of_module_names():
-    from spectra.cli.tables import _natural
+    from spectra.checkpoints.names import natural_key
 
     names = ["model.layers.10.mlp", "model.layers.2.mlp", "model.layers.2.attn", "lm_head"]
-    assert sorted(names, key=_natural) == ["lm_head", "model.layers.2.attn", "model.layers.2.mlp", "model.layers.10.mlp"]
+    assert sorted(names, key=natural_key) == ["lm_head", "model.layers.2.attn", "model.layers.2.mlp", "model.layers.10.mlp"]
 
 
 def test_pairs_lists_modules_in_order_with_experts_only_for_moe(monkeypatch, capsys, pair, tmp_path):
