@@ -76,7 +76,7 @@ def recommend(
     from spectra.errors import ConfigError, PeftConfigWarning
     from spectra.memory import estimate_memory, format_bytes, load_config
     from spectra.ranks import RankPolicy, parse_budget, recommend_ranks, save_plan
-    from spectra.ranks.plan import base_config
+    from spectra.ranks.plan import MetaModels, base_config
 
     budget_kw = parse_budget(budget) if budget is not None else {}
     ignored = {"scale": "--alpha", "constant": "--scale"}.get(alpha_rule)
@@ -101,7 +101,9 @@ def recommend(
                         scale=2.0 if scale is None else scale, alpha=16.0 if alpha is None else alpha,
                         functional=functional, **budget_kw)
     model_config = load_config(config) if config else None  # its fused expert parameters set what ranks cost
-    plan = recommend_ranks(_analysis_or_pair(analysis), policy, sweep=sweep, model_config=model_config)
+    models = MetaModels()  # the model on the meta device, built once for the plan, its peft_config and memory
+    plan = recommend_ranks(_analysis_or_pair(analysis), policy, sweep=sweep, model_config=model_config,
+                           models=models)
     source = config or base_config(plan.base)  # the config.json beside the analysed base (a folder or a file)
     est, memory_skipped = None, None
     if source:
@@ -114,7 +116,7 @@ def recommend(
     if output is not None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", PeftConfigWarning)  # printed below from the plan, with the report
-            save_plan(plan, output, model_config=model_config)
+            save_plan(plan, output, model_config=model_config, models=models)
         notes = json.loads(output.read_text()).get("peft_config_notes") or []
     if as_json:
         memory = {"memory": est.to_dict() if est else None}

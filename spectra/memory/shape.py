@@ -135,7 +135,7 @@ class ModelShape:
         return self.linear_params + self.other_params + self.head_params + self.tower_params
 
 
-def model_shape(config: Mapping) -> ModelShape:
+def model_shape(config: Mapping, *, models=None) -> ModelShape:
     """Read a Llama-like (Llama, Mistral, Qwen2, Mixtral …), GPT-2 or BERT ``config.json`` dict.
 
     Other ``model_type`` values with Llama's (GPT-2's, BERT's) keys are read as Llama-like (stated in the
@@ -144,7 +144,8 @@ def model_shape(config: Mapping) -> ModelShape:
     a model_type this transformers does not know is read as before. Parameter counts match ``sum(p.numel())`` of the
     transformers model (tied weights once); BERT counts ``BertModel`` (encoder + pooler, no task head). A
     multimodal config (a nested ``text_config``: Gemma 3's) is its language model plus the other towers' parameters,
-    held frozen (:func:`_with_other_towers`).
+    held frozen (:func:`_with_other_towers`). ``models``: the command's :class:`~spectra.ranks.plan.MetaModels`,
+    which builds the base model where needed (a model of the config built already for the plan holds it).
     """
     cfg = dict(config)
     mtype = str(cfg.get("model_type", "")).lower()
@@ -156,7 +157,7 @@ def model_shape(config: Mapping) -> ModelShape:
                           "Llama-like and GPT-2 configs, and BERT encoders. `spectra train --task seq2seq_lm` trains "
                           "it, but its memory is not estimated.")
     # the base model on the meta device, built at most once (MoE adapters and the parameter check both read it)
-    base_model = functools.cache(functools.partial(_meta_model_for, cfg, mtype))
+    base_model = functools.cache(functools.partial(_meta_model_for, cfg, mtype, models=models))
     try:
         if mtype not in _OWN_EXPERT_SIZES and ("num_experts" in cfg and "num_local_experts" not in cfg
                                                or "moe_intermediate_size" in cfg):
@@ -255,7 +256,7 @@ def _not_quantised(model) -> set[str]:
     return set(get_keys_to_not_convert(model))
 
 
-def _meta_model_for(cfg: dict, mtype: str, mapping: str = "MODEL_MAPPING_NAMES"):
+def _meta_model_for(cfg: dict, mtype: str, mapping: str = "MODEL_MAPPING_NAMES", *, models=None):
     """transformers' class for ``mtype`` in ``mapping`` (a name in ``transformers.models.auto.modeling_auto``;
     default the base model: no LM head) and that class built from ``cfg`` on the meta device (shapes only, no
     weights), as ``(class name, model)``; the model is None where this transformers has no such class or cannot
@@ -263,7 +264,8 @@ def _meta_model_for(cfg: dict, mtype: str, mapping: str = "MODEL_MAPPING_NAMES")
 
     Costs transformers' modelling import, ~0.8 s once per process, then 10-30 ms a build (Llama-2-70B's,
     Mixtral-8x7B's); :func:`model_shape` builds at most one base model a config, none for :data:`_COUNTED_RIGHT`'s
-    dense families."""
+    dense families. ``models`` (:class:`~spectra.ranks.plan.MetaModels`) builds it instead, where one command's
+    other steps may have built it (or the causal LM holding it) already."""
     from transformers.models.auto import modeling_auto
 
     from spectra.checkpoints.targets import meta_model
@@ -271,7 +273,7 @@ def _meta_model_for(cfg: dict, mtype: str, mapping: str = "MODEL_MAPPING_NAMES")
     model_class = getattr(modeling_auto, mapping).get(mtype)
     if not isinstance(model_class, str):
         return model_class, None
-    return model_class, meta_model(cfg, model_class)
+    return model_class, (models or meta_model)(cfg, model_class)
 
 
 def _refuse_unless_built_holds(model, counted: int, *, mtype: str, model_class: str, counted_as: str) -> None:

@@ -8,6 +8,7 @@ all its rows (``B`` of ``gate_up_proj`` covers gate and up), at one rank for eve
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
@@ -567,7 +568,42 @@ def check_peft_conversion(config: Mapping, model) -> None:
                           "parameters in target_parameters instead, or train without rsLoRA.")
 
 
-def save_plan(plan: RankPlan, path: str | os.PathLike, *, model_config: Mapping | None = None) -> Path:
+class MetaModels:
+    """:func:`~spectra.checkpoints.targets.meta_model` for the steps of one command, each model built once.
+
+    ``models(config, model_class=None)`` returns what ``meta_model(config, model_class)`` would, building it the first
+    time a class is asked for a config equal to one asked before (compared as dicts) and handing back that model
+    after; a base model (``MixtralModel``) asked after a model of the config that holds it (``MixtralForCausalLM``:
+    its ``base_model``, built by the same ``__init__`` from the same config) is that one. ``spectra recommend``
+    makes one for :func:`~spectra.ranks.recommend_ranks` (an MoE's fused experts) and :func:`save_plan` (the
+    peft_config's names), which then build the model once between them; :func:`spectra.memory.shape.model_shape`
+    takes it too. After the first build of a process (transformers' modelling import, seconds) a build costs
+    0.1-0.3 s (Mixtral-8x7B's, DeepSeek-V3's on the meta device).
+
+    Made per command, never shared beyond it: the callers only read the models (names, shapes, PEFT's config
+    conversion); one handed to ``get_peft_model``, which wraps its modules in place, must be built afresh.
+    """
+
+    def __init__(self) -> None:
+        self._built: list[tuple[Mapping, str | None, object]] = []  # (the config as asked, class, model or None)
+
+    def __call__(self, config: Mapping | None, model_class: str | None = None):
+        from spectra.checkpoints.targets import architecture, meta_model
+
+        model_class = model_class or architecture(config)
+        same = [(cls, model) for seen, cls, model in self._built if seen == config]
+        for cls, model in same:
+            if cls == model_class:
+                return model
+        held = next((m.base_model for _, m in same if m is not None and m.base_model is not m
+                     and type(m.base_model).__name__ == model_class), None)
+        model = held if held is not None else meta_model(config, model_class)
+        self._built.append((copy.deepcopy(config), model_class, model))  # a copy: the caller may change its dict
+        return model
+
+
+def save_plan(plan: RankPlan, path: str | os.PathLike, *, model_config: Mapping | None = None,
+              models: MetaModels | None = None) -> Path:
     """Write the plan as JSON atomically (temp file in the same folder, then rename).
 
     The file also carries ``peft_config``, the plan's :meth:`RankPlan.to_peft_config`, for users
@@ -581,7 +617,8 @@ def save_plan(plan: RankPlan, path: str | os.PathLike, *, model_config: Mapping 
     transformers can build, the plan's own (checkpoint) names are written and
     ``peft_config_model`` is null. Its ``task_type`` is that class's
     (:func:`~spectra.checkpoints.targets.peft_task_type`: ``CAUSAL_LM`` for a causal LM,
-    ``SEQ_CLS`` for a sequence classifier, …, null for a bare model or no config).
+    ``SEQ_CLS`` for a sequence classifier, …, null for a bare model or no config). ``models``: the command's
+    :class:`MetaModels`, where that model may have been built already (default: built here).
     """
     from spectra.checkpoints.targets import architecture, meta_model, peft_task_type
 
@@ -592,7 +629,7 @@ def save_plan(plan: RankPlan, path: str | os.PathLike, *, model_config: Mapping 
     data = plan.to_dict()
     if plan.modules:
         config = model_config if model_config is not None else base_config(plan.base)
-        model = meta_model(config)
+        model = (models or meta_model)(config)
         data["peft_config"], notes = plan._peft_config(model=model, task_type=peft_task_type(config))
         data["peft_config_model"] = architecture(config) if model is not None else None
         data["peft_config_notes"] = notes

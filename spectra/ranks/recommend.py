@@ -30,7 +30,7 @@ from spectra.errors import ConfigError
 from spectra.files import record_origin
 from spectra.ranks.budget import allocate_budget
 from spectra.ranks.functional import functional_ranks, read_sweep, role_curves
-from spectra.ranks.plan import _EXPERT_INDEX, FusedParameter, LeftOut, ModuleRank, RankPlan
+from spectra.ranks.plan import _EXPERT_INDEX, FusedParameter, LeftOut, MetaModels, ModuleRank, RankPlan
 from spectra.ranks.policy import DEFAULT_ENERGY, RankPolicy
 
 # roles a LoRA on linear layers does not target unless asked: embeddings (the token embedding, and the tables looked
@@ -253,7 +253,7 @@ def _spectrum(row: Mapping) -> _Spectrum:
 
 
 def recommend_ranks(analysis: Any, policy: RankPolicy | None = None, *, sweep: Any = None,
-                    model_config: Mapping | None = None) -> RankPlan:
+                    model_config: Mapping | None = None, models: MetaModels | None = None) -> RankPlan:
     """Recommend per-module LoRA ranks from measured spectra.
 
     Parameters
@@ -277,6 +277,9 @@ def recommend_ranks(analysis: Any, policy: RankPolicy | None = None, *, sweep: A
         names holds experts in fused 3-D parameters (transformers-5 Mixtral's ``mlp.experts.gate_up_proj``), which
         PEFT adapts at one rank for all experts, every expert of one projection gets one rank and its cost is the
         parameter's (see Notes).
+    models : MetaModels, optional
+        Builds that class on the meta device (default: built here, where a planned module is an expert's); pass
+        the one :func:`~spectra.ranks.save_plan` and the memory estimate get too, and they share the model.
 
     Returns
     -------
@@ -385,7 +388,7 @@ def recommend_ranks(analysis: Any, policy: RankPolicy | None = None, *, sweep: A
     if not plan:
         raise ConfigError("Every targeted module lies below its noise floor; nothing to plan (try noise=False).")
 
-    items = _decisions(plan, _expert_parameters([s.name for s, _, _ in plan], base, model_config))
+    items = _decisions(plan, _expert_parameters([s.name for s, _, _ in plan], base, model_config, models))
     budget_gap = None
     budget = policy.budget
     cost = sum(item.upper * item.unit for item in items) + _fixed_cost([s for s, _, _ in plan], policy)
@@ -539,15 +542,18 @@ class _Decision:
         return sum(float(s.cum[min(rank, s.known)]) for s, _ in self.members)
 
 
-def _expert_parameters(names: list[str], base: Mapping | None, model_config: Mapping | None) -> dict:
+def _expert_parameters(names: list[str], base: Mapping | None, model_config: Mapping | None,
+                       models: MetaModels | None = None) -> dict:
     """:func:`~spectra.ranks.plan.expert_parameters` on the class ``model_config`` (default: the config beside the
-    analysed base) names, built on the meta device; empty when no name is an expert's or there is no such class."""
+    analysed base) names, built on the meta device (by ``models`` where given); empty when no name is an expert's or
+    there is no such class."""
     if not any(_EXPERT_INDEX.search(name) for name in names):
         return {}
     from spectra.checkpoints.targets import meta_model
     from spectra.ranks.plan import base_config, expert_parameters
 
-    return expert_parameters(names, meta_model(model_config if model_config is not None else base_config(base)))
+    config = model_config if model_config is not None else base_config(base)
+    return expert_parameters(names, (models or meta_model)(config))
 
 
 def _decisions(plan: list, experts: Mapping[str, tuple[str, tuple[int, int, int]]]) -> list[_Decision]:
