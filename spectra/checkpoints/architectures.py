@@ -62,6 +62,20 @@ roles of the modules they load into.
 ``o_a`` and ``o_b`` are the output projection's factors, as ``q_a`` and ``q_b`` are the query's: ``--roles o`` takes
 them (:func:`role_named`), and each has a role of its own because a report groups by role and layer.
 
+Gemma 4 (``gemma4``, ``gemma4_unified``, their assistants) with ``attention_k_eq_v`` reads keys and values alike off
+one projection in each full-attention layer (``use_alternative_attention``: a layer that ``layer_types`` does not
+make ``sliding_attention``): it holds no ``v_proj`` there, and its ``self_attn.k_proj`` output is the keys (after
+``k_norm`` and rotary embedding) and the values (after ``v_norm``). That ``k_proj`` is role ``kv``, as V4's: decided
+by :func:`module_info` from the config per layer (:func:`_k_is_v`), not by the name, which a sliding layer's ``k_proj``
+(role ``k``, beside its own ``v_proj``) shares.
+
+JetMoE's ``self_attention.kv_proj`` (2·kv_heads·kv_channels, hidden) is another fused tensor: contiguous ``[k; v]``,
+halves (its forward: ``kv_proj(x).chunk(2, -1)``), the same keys and values for every attention expert (its
+mixture-of-attention experts hold the queries and the output: ``experts.input_linear``, ``output_linear``). It has no
+fused role (``kv`` is K = V, the whole read as both): role ``other``, its rows ``k`` and ``v``
+(:func:`fused_roles`, :func:`fused_projections`), as GPT-2's cross-attention ``c_attn`` holds ``xk`` and ``xv``, so
+``--roles v`` analyses its value rows and adapts it whole.
+
 A multimodal model's *projector* (the ``projector`` stack: LLaVA's ``multi_modal_projector.linear_1`` and
 ``linear_2``, LLaVA-1.5's ``mm_projector.N``, Idefics3's ``connector.modality_projection.proj``, BLIP-2's
 ``language_projection``, Qwen2-VL's ``visual.merger.mlp.N``, Qwen3-VL's ``merger.linear_fc1`` …) maps another stack's
@@ -146,8 +160,11 @@ def role_selected(role: str, roles, name: str | None = None) -> bool:
 
 def fused_roles(name: str) -> frozenset:
     """The roles held by the rows of a fused tensor that has no fused role of its own, by its module name: GPT-2's
-    cross-attention ``crossattention.c_attn`` holds ``xk`` and ``xv``; empty for any other module."""
-    return frozenset({"xk", "xv"}) if _CROSS_KV.search(name) else frozenset()
+    cross-attention ``crossattention.c_attn`` holds ``xk`` and ``xv``, JetMoE's ``self_attention.kv_proj`` ``k`` and
+    ``v``; empty for any other module."""
+    if _CROSS_KV.search(name):
+        return frozenset({"xk", "xv"})
+    return frozenset({"k", "v"}) if _JETMOE_KV.search(name) else frozenset()
 
 
 def parse_stacks(stacks, *, option: str = "stacks") -> tuple[str, ...] | None:
@@ -253,7 +270,8 @@ _ROLE_RULES: tuple[tuple[str, str], ...] = (
     (r"kv_b_proj", "kv_b"),
     # DeepSeek-V4's attention: one key-value head read as keys and values (K = V), and the grouped low-rank output's
     # two factors; its compressors' kv_proj (pooled into long-range entries) and JetMoE's self_attention.kv_proj
-    # (a contiguous [k; v]) are not matched
+    # (a contiguous [k; v]: role other, its rows k and v, fused_roles) are not matched. Gemma 4's k_proj read as K = V
+    # is kv too, by its config (module_info, _k_is_v)
     (r"self_attn\.kv_proj", "kv"),
     (r"o_a_proj", "o_a"),
     (r"o_b_proj", "o_b"),
@@ -428,6 +446,13 @@ _DELTANET_MODEL_TYPES = frozenset({"qwen3_5", "qwen3_5_moe", "qwen3_5_text", "qw
 # encoder's states to [k; v] (2·n_embd outputs, split in two by its forward), its q_attn the queries. A fused tensor
 # of no fused role (ROLES has none for cross-attention's k and v): role other, its rows xk and xv.
 _CROSS_KV = re.compile(r"(^|\.)crossattention\.c_attn$")
+# JetMoE's self_attention.kv_proj: contiguous [k; v] (kv_proj(x).chunk(2, -1)), 2·num_key_value_heads·kv_channels
+# outputs; role other, its rows k and v (no other transformers class names a module so: the slow role scan).
+_JETMOE_KV = re.compile(r"(^|\.)self_attention\.kv_proj$")
+_JETMOE_MODEL_TYPES = frozenset({"jetmoe"})
+# Gemma 4's key projection, which a full-attention layer of a config with attention_k_eq_v reads as keys and values
+# (it holds no v_proj): role kv, decided per layer by _k_is_v
+_K_AS_V = re.compile(r"(^|\.)self_attn\.k_proj$")
 
 
 @dataclass(frozen=True)
@@ -465,7 +490,34 @@ def module_info(name: str, config: dict[str, Any] | None = None) -> ModuleInfo:
         role = _STACK_ROLES[stack]  # a projector's Linear: role projector
     layer = _LAYER.search(name)
     expert = _EXPERT.search(name)
+    if role == "k" and stack is None and layer and _K_AS_V.search(name) and _k_is_v(int(layer.group(1)), config):
+        role = "kv"  # Gemma 4's full-attention k_proj under attention_k_eq_v: its output is the keys and the values
     return ModuleInfo(role, int(layer.group(1)) if layer else None, int(expert.group(1)) if expert else None, stack)
+
+
+def _k_is_v(layer: int, config: dict[str, Any] | None) -> bool:
+    """Whether the language model's `layer` reads its ``k_proj`` output as keys and values, as Gemma 4's attention
+    does (``use_alternative_attention = config.attention_k_eq_v and not is_sliding``, with no ``v_proj``): the text
+    config (``text_config`` where it has one) sets ``attention_k_eq_v`` and ``layer_types`` does not make the layer
+    ``sliding_attention``. Without ``layer_types``, Gemma 4's default pattern (every sixth layer full), and the last
+    layer is full either way, as transformers' config forces it.
+
+    >>> cfg = {"attention_k_eq_v": True, "layer_types": ["sliding_attention", "full_attention"]}
+    >>> _k_is_v(0, cfg), _k_is_v(1, cfg), _k_is_v(1, {**cfg, "attention_k_eq_v": False})
+    (False, True, False)
+    """
+    cfg = config or {}
+    text = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else cfg
+    if not text.get("attention_k_eq_v"):
+        return False
+    types = text.get("layer_types")
+    if not types:
+        count = text.get("num_hidden_layers")
+        if not isinstance(count, int) or count < 1:
+            return False
+        types = ["sliding_attention" if (i + 1) % 6 else "full_attention" for i in range(count)]
+    types = [*types[:-1], "full_attention"]
+    return layer < len(types) and types[layer] != "sliding_attention"
 
 
 def module_stack(name: str, config: dict[str, Any] | None = None) -> str | None:
@@ -576,6 +628,8 @@ def fused_projections(name: str, role: str, out_features: int, config: dict[str,
       (``text_config``'s).
     - GPT-2's cross-attention ``crossattention.c_attn`` (role ``other``): ``[k; v]``, equal halves, as
       projections ``xk`` and ``xv`` (its queries are ``crossattention.q_attn``, role ``xq``).
+    - JetMoE's ``self_attention.kv_proj`` (role ``other``): ``[k; v]``, equal halves of
+      ``num_key_value_heads × kv_channels`` rows, as projections ``k`` and ``v``.
     - MLA's ``kv_b_proj`` (role ``kv_b``): per head ``[k_nope_h; v_h]`` (the output is viewed as
       ``(heads, qk_nope_head_dim + v_head_dim)`` then split), so k is the first ``qk_nope_head_dim`` rows of every
       block of ``qk_nope_head_dim + v_head_dim``, v the rest; sized by ``config.json`` (its ``text_config``, where
@@ -586,6 +640,8 @@ def fused_projections(name: str, role: str, out_features: int, config: dict[str,
             return []
         half = out_features // 2
         return [Projection("xk", slice(0, half)), Projection("xv", slice(half, out_features))]
+    if _JETMOE_KV.search(name) and (config is None or config.get("model_type") in (None, *_JETMOE_MODEL_TYPES)):
+        return _jetmoe_kv_projections(out_features, config)
     if role == "gate_up":
         if out_features % 2:
             return []
@@ -631,6 +687,17 @@ def fused_projections(name: str, role: str, out_features: int, config: dict[str,
         Projection("k", slice(q_rows, q_rows + kv_rows)),
         Projection("v", slice(q_rows + kv_rows, out_features)),
     ]
+
+
+def _jetmoe_kv_projections(out_features: int, config: dict[str, Any] | None) -> list[Projection]:
+    """JetMoE's ``self_attention.kv_proj`` rows as k (the first half) and v (:data:`_JETMOE_KV`); [] where the
+    config sizes it otherwise (``2 · num_key_value_heads · kv_channels`` rows) or, without one, the rows are odd."""
+    cfg = config or {}
+    heads, width = cfg.get("num_key_value_heads"), cfg.get("kv_channels")
+    if out_features % 2 or (heads and width and 2 * heads * width != out_features):
+        return []
+    half = out_features // 2
+    return [Projection("k", slice(0, half)), Projection("v", slice(half, out_features))]
 
 
 def _deltanet_projections(out_features: int, config: dict[str, Any] | None) -> list[Projection]:

@@ -17,7 +17,8 @@ import torch
 
 from spectra.analysis import AnalysisResult, analyze
 from spectra.checkpoints import architectures
-from spectra.checkpoints.architectures import fused_projections, module_info, module_stack, role_named, role_selected
+from spectra.checkpoints.architectures import (fused_projections, fused_roles, module_info, module_stack, role_named,
+                                               role_selected)
 from spectra.report.tables import summary_rows
 from tests.models import flat_update, meta_models, on_grid, save
 from tests.cli.test_cli import run
@@ -167,7 +168,9 @@ def _meta_models():
 # mlp.fc1 and fc2 (other: they were the MLP's up and down), DeepSeek-V4's key-value head (kv) and output factors
 # (o_a, o_b), its checkpoints' names for them (attn.wq_a …, shared_experts.w1 …: no model's module is so named, so they
 # may change nothing here); and the projector stack's role (architectures._STACK_ROLES) for its Linears that no rule
-# names
+# names. Beside the rules: Gemma 4's k_proj read as K = V (architectures._K_AS_V, role kv by the config: no default
+# config sets attention_k_eq_v, so it may change nothing here; tests/checkpoints/test_architectures_gemma4_jetmoe.py
+# builds the classes with it) and JetMoE's kv_proj rows (architectures._JETMOE_KV: role other, rows k and v)
 _NEW_RULES = ("q_a_proj", "(q_b_proj|q_gate_proj)", "kv_a_proj_with_mqa", "kv_b_proj",
               r"compressor\.(indexer\.)?gate_proj", r"(input|post_attention)_layernorm\.mlp\.(fc1|fc2)",
               r"self_attn\.kv_proj", "o_a_proj", "o_b_proj", r"attn\.wq_a", r"attn\.wq_b", r"attn\.wkv", r"attn\.wo_a",
@@ -184,6 +187,9 @@ _ALLOWED = {"q_a_proj": ("other", "q_a"), "q_b_proj": ("other", "q_b"), "q_gate_
             "self_attn.o_b_proj": ("other", "o_b"),
             # a top-level head (V4's checkpoints' LM head; RWKV's model holds its LM head so) or embed: whole names
             "head": ("other", "head"), "embed": ("other", "embed")}
+# what a module's fused_roles may become (each was empty): JetMoE's kv_proj's rows, in jetmoe alone
+_ALLOWED_ROWS = {"self_attention.kv_proj": ("jetmoe", frozenset({"k", "v"}))}
+_NEVER = re.compile(r"(?!)")
 
 
 @pytest.mark.slow
@@ -194,13 +200,16 @@ def test_the_new_rules_change_no_other_module_of_any_transformers_class(monkeypa
     other), at DeepSeek-V4's self_attn.compressor.gate_proj (which was gate), self_attn.kv_proj, o_a_proj and
     o_b_proj (which were other), at AXK2's gated norms' mlp.fc1 and fc2 (which were up and down), in the MLA model
     types (DeepSeek-V2/V3, Kimi-K2.5, MiniCPM3, AXK2, …) and DeepSeek-V4, and at Linears of the projector stack
-    (which were other, now projector) in the multimodal model types (LLaVA, Qwen2-VL, BLIP-2, …)."""
+    (which were other, now projector) in the multimodal model types (LLaVA, Qwen2-VL, BLIP-2, …). Rows: fused_roles
+    (the roles of a fused tensor's rows where it has no fused role) change at JetMoE's self_attention.kv_proj alone
+    (k and v); Gemma 4's K = V k_proj (kv by its config) changes nothing under the default configs."""
     import transformers as tf
 
     kept = tuple(r for r in architectures._ROLE_REGEXES if r[0].pattern.removeprefix("(^|\\.)").removesuffix("$")
                  not in _NEW_RULES)
     assert len(architectures._ROLE_REGEXES) - len(kept) == len(_NEW_RULES)  # each new rule found, and no other
     changed: dict[str, set[tuple[str, str, str]]] = {}
+    rows: dict[str, set[tuple[str, frozenset, frozenset]]] = {}  # fused_roles changed
     built = 0
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -210,17 +219,29 @@ def test_the_new_rules_change_no_other_module_of_any_transformers_class(monkeypa
             for model_type, config, linears in _meta_models():
                 built += 1
                 now = {name: module_info(name, config).role for name in linears}
+                rows_now = {name: fused_roles(name) for name in linears}
                 with monkeypatch.context() as patch:
                     patch.setattr(architectures, "_ROLE_REGEXES", kept)
                     patch.setattr(architectures, "_STACK_ROLES", {})
+                    patch.setattr(architectures, "_K_AS_V", _NEVER)
+                    patch.setattr(architectures, "_JETMOE_KV", _NEVER)
                     before = {name: module_info(name, config).role for name in linears}
+                    rows_before = {name: fused_roles(name) for name in linears}
                 for name in linears:
                     if now[name] != before[name]:
                         changed.setdefault(model_type, set()).add((re.sub(r"\.\d+\.", ".N.", name), before[name],
                                                                    now[name], module_stack(name, config)))
+                    if rows_now[name] != rows_before[name]:
+                        rows.setdefault(model_type, set()).add((re.sub(r"\.\d+\.", ".N.", name), rows_before[name],
+                                                                rows_now[name]))
         finally:
             tf.utils.logging.set_verbosity(verbosity)
     assert built > 400
+    assert set(rows) == {"jetmoe"}, sorted(rows)
+    for model_type, changes in rows.items():
+        for name, before, now in changes:
+            ending = next((e for e in _ALLOWED_ROWS if name.endswith("." + e)), None)
+            assert ending is not None and (model_type, now) == _ALLOWED_ROWS[ending] and not before, (model_type, name)
     assert {"deepseek_v2", "deepseek_v3", "kimi_k25", "minicpm3", "longcat_flash", "mistral4", "axk2",
             "deepseek_v4", "llava", "qwen2_vl", "blip-2", "idefics3"} <= set(changed)
     assert {(name, before, now) for name, before, now, _ in changed["deepseek_v4"]} >= {
