@@ -65,7 +65,8 @@ class RankPolicy:
     power_of_two : bool
         Round ranks up to powers of two (under the bounds). Default False.
     roles : tuple of str or None
-        Roles to target (``q``, ``k``, ``v``, ``o``, ``gate``, ``up``, ``down`` …). Default None:
+        Roles to target (``q``, ``k``, ``v``, ``o``, ``gate``, ``up``, ``down`` …). A string is split on commas.
+        Default None, or an empty selection (``()``, ``""``: as ``spectra train`` and ``spectra memory`` read one):
         every matrix except embeddings (role ``embed``, the token embedding, and ``pos_embed``, the tables looked up
         by position or segment: GPT-2's ``wpe``, BERT's ``token_type_embeddings``, T5's ``relative_attention_bias``),
         heads and MoE routers (role ``other``, which ``other`` takes).
@@ -121,12 +122,11 @@ class RankPolicy:
 
     def __post_init__(self) -> None:
         if self.roles is not None:
-            if isinstance(self.roles, str):
-                object.__setattr__(self, "roles", tuple(r.strip() for r in self.roles.split(",") if r.strip()))
-            else:
-                object.__setattr__(self, "roles", tuple(self.roles))
-            if not self.roles:
-                raise ConfigError("RankPolicy.roles is empty: pass None for all roles, or e.g. ('q', 'v').")
+            roles = (tuple(r.strip() for r in self.roles.split(",") if r.strip()) if isinstance(self.roles, str)
+                     else tuple(self.roles))
+            # an empty selection is none, the default, as train and memory read it (checkpoints.roles.check_roles)
+            object.__setattr__(self, "roles", roles or None)
+        if self.roles is not None:
             from spectra.checkpoints.architectures import ROLES
 
             unknown = sorted(set(self.roles) - set(ROLES))

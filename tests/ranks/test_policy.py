@@ -11,7 +11,7 @@ from spectra.ranks import RankPolicy, parse_budget
 @pytest.mark.parametrize("kwargs", [dict(energy=0.0), dict(energy=1.5), dict(min_rank=0), dict(max_rank=0),
                                     dict(min_rank=4, max_rank=2), dict(budget_params=10, budget_bytes=10),
                                     dict(rank=3, power_of_two=True), dict(rank=4, uniform=True),
-                                    dict(alpha_rule="magic"), dict(include="re:("), dict(roles=()),
+                                    dict(alpha_rule="magic"), dict(include="re:("), dict(roles=("q", "q_proj")),
                                     dict(energy=None), dict(budget_params=-1), dict(scale=0.0)])
 def test_policy_validation(kwargs):
     with pytest.raises(ConfigError):
@@ -27,3 +27,28 @@ def test_parse_budget():
     for bad in ("7B", "lots", "3 parsecs"):
         with pytest.raises(ConfigError):
             parse_budget(bad)
+
+
+@pytest.mark.parametrize("empty", [(), [], "", " , "])
+def test_an_empty_roles_selection_is_the_default_as_train_reads_it(empty):
+    """RankPolicy(roles=()) was refused ("RankPolicy.roles is empty") while TrainConfig and estimate_memory read an
+    empty selection as none given (checkpoints.roles.check_roles: every block role). It reads as None here too, and
+    plans what None plans: every block role's matrices, the same plan as the explicit list of every block role."""
+    from spectra.checkpoints.roles import default_roles
+    from spectra.ranks import recommend_ranks
+    from tests.ranks.rows import PLANTED, analysis, make_row
+
+    assert RankPolicy(roles=empty).roles is None  # as TrainConfig(roles=()).roles (tests/lora/test_train_roles.py)
+    rows = [make_row("m.embed_tokens", PLANTED, shape=(64, 32), role="embed", layer=None),
+            *(make_row(f"m.layers.0.{n}", PLANTED, role=r) for n, r in
+              (("self_attn.q_proj", "q"), ("self_attn.k_proj", "k"), ("self_attn.v_proj", "v"),
+               ("self_attn.o_proj", "o"), ("mlp.up_proj", "up"), ("mlp.down_proj", "down"))),
+            make_row("m.layers.0.mlp.gate", PLANTED, shape=(4, 32), role="other"),  # an MoE router
+            make_row("lm_head", PLANTED, shape=(64, 32), role="head", layer=None)]
+    empty_plan = recommend_ranks(analysis(*rows), RankPolicy(roles=empty, energy=0.8))
+    assert empty_plan == recommend_ranks(analysis(*rows), RankPolicy(roles=None, energy=0.8))
+    explicit = recommend_ranks(analysis(*rows), RankPolicy(roles=default_roles(None), energy=0.8))
+    assert empty_plan.modules == explicit.modules and len(empty_plan.modules) == 6
+    assert {m.name for m in empty_plan.left_out} == {m.name for m in explicit.left_out} == {
+        "m.embed_tokens", "m.layers.0.mlp.gate", "lm_head"}
+    assert recommend_ranks(analysis(*rows), RankPolicy(roles=("q",), energy=0.8)).modules != empty_plan.modules
