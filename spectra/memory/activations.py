@@ -306,14 +306,39 @@ def _adapter_bytes(modules: list[_Adapter], p: int, o_input_kept: bool, dora: bo
         if m.experts:  # a ParamWrapper merges its update into the weight: the block's own terms count it
             continue
         total += 4 * m.rank + ((p + 4) * m.d_out if dora else 0)
-        if m.role == "embed":  # PEFT's Embedding looks A up by token id: it keeps the ids, no input
-            continue
         source = _INPUT_OF.get(m.role)
         if p < 4 or source is None:
             total += 4 * m.d_in
         elif source not in shared and not (source == "attention output" and o_input_kept):
             shared.add(source)
             total += 4 * m.d_in
+    return total
+
+
+# embedding tables, looked up before the blocks: a LoRA on one makes the embeddings' output, every block's input,
+# require grad, and keeps its tensors until backward ends (the tables are the last modules it reaches)
+_TABLES = ("embed", "pos_embed")
+
+
+def _table_bytes(modules: list[_Adapter], p: int, tokens: int, seq_len: int, *, dora: bool,
+                 fresh_positions: bool) -> int:
+    """Bytes that LoRA on the embedding tables keeps for backward, in all (not per token).
+
+    PEFT's ``lora.Embedding`` (0.21) computes ``F.embedding(ids, Aᵀ) @ Bᵀ · s``, A in the adapter's fp32: the
+    lookup keeps the ids, the product the lookup (r values, fp32, per id) for B's gradient; the base table is
+    frozen and keeps nothing. The token embedding's and a token-type table's ids are the batch's own, (b, s): 4·r
+    per token (the ids themselves are not counted, as token ids never are). A position table's ids are the
+    positions, (1, s), one row for the whole batch (``by_position``: GPT-2's wpe, BERT's position_embeddings):
+    4·r·s, whatever the batch, and the position ids, 8·s (int64), where the model builds them each forward
+    (``fresh_positions``: GPT-2's, from cache_position; BERT's are a slice of its buffer). DoRA adds its base and
+    LoRA outputs per token, (p + 4)·d_out, as for a Linear (unchecked on a table)."""
+    total = 0
+    for m in modules:
+        if m.by_position:
+            total += seq_len * (4 * m.rank + (8 if fresh_positions else 0))
+        else:
+            total += tokens * 4 * m.rank
+        total += tokens * (p + 4) * m.d_out if dora else 0
     return total
 
 
@@ -346,9 +371,12 @@ def _activations(shape: ModelShape, blocks: list[ModelShape], method: str, adapt
         if not module.tower:  # another tower's modules never run on text-only batches
             by_layer.setdefault(module.layer, []).append(module)
     # blocks keep tensors from the first one whose input or adapters require grad: all with full fine-tuning,
-    # a trained embedding or enable_input_require_grads, else from the first adapted layer (autograd keeps
-    # nothing before it; non-reentrant checkpointing keeps no input there either)
-    grad = full or input_require_grads or any(module.role == "embed" and not module.tower for module in adapter_modules)
+    # a LoRA on an embedding table (the token embedding, a position or token-type table) or
+    # enable_input_require_grads, else from the first adapted layer (autograd keeps nothing before it;
+    # non-reentrant checkpointing keeps no input there either)
+    outside = by_layer.get(None, [])  # modules outside the blocks: embedding tables, a LoRA head
+    tables = [module for module in outside if module.role in _TABLES]
+    grad = embedded_grad = full or input_require_grads or bool(tables)
     per_token = recomputed = 0
     kept_inputs = per_layer = 0
     for layer in range(shape.layers):
@@ -381,9 +409,14 @@ def _activations(shape: ModelShape, blocks: list[ModelShape], method: str, adapt
     # backward, by when the head's are freed and a gradient of the MLP's width is in flight (measured: the
     # checkpointed peak of a block recomputed in backward exceeds its saved tensors by 1.0–1.2 of these)
     in_flight = max(p * (block.intermediate * block.experts_per_token + block.shared_intermediate) for block in blocks)
-    final += _adapter_bytes(by_layer.get(None, []), p, False, dora)  # modules outside the blocks: a LoRA head
+    final += _adapter_bytes([m for m in outside if m.role not in _TABLES], p, False, dora)  # a LoRA head
     at_loss = tokens * final + head
-    activations = tokens * per_token + per_layer + max(at_loss, tokens * in_flight)
+    # the tables' LoRA tensors are held through the whole backward, beside either peak, checkpointed or not
+    # (transformers checkpoints the blocks, not the embeddings)
+    embedding = _table_bytes(tables, p, tokens, seq_len, dora=dora, fresh_positions=shape.family == "gpt2")
+    if shape.family == "bert" and embedded_grad:  # BERT normalises the embeddings' sum: a LayerNorm on a grad input
+        embedding += tokens * _norm_bytes(shape, p, full)
+    activations = tokens * per_token + per_layer + embedding + max(at_loss, tokens * in_flight)
     activations_ckpt = (tokens * kept_inputs * shape.hidden * p  # the block inputs that checkpointing keeps
-                        + max(at_loss, recomputed + tokens * in_flight))
+                        + embedding + max(at_loss, recomputed + tokens * in_flight))
     return activations, activations_ckpt

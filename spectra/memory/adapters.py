@@ -17,6 +17,9 @@ from spectra.ranks.plan import base_config
 # LoRA's usual targets: every linear layer of the blocks ("all-linear", as QLoRA recommends [3]); an MoE's are
 # what spectra train adapts (_trained_moe_adapters)
 DEFAULT_ROLES = ("q", "k", "v", "o", "qkv", "gate", "up", "down", "gate_up")
+# the position tables of the families the memory model reads that transformers looks up by position ids of shape
+# (1, s): GPT-2's (built each forward from cache_position) and BERT's (a slice of its position_ids buffer)
+_POSITION_LOOKUPS = ("wpe", "position_embeddings")
 
 
 class _Adapter(NamedTuple):
@@ -32,6 +35,9 @@ class _Adapter(NamedTuple):
     d_out: int
     experts: int = 0
     tower: bool = False  # on another tower's linear (a vision tower's): not run on text-only batches, no gradient
+    # a table looked up by the positions (GPT-2's wpe, BERT's position_embeddings: ids of shape (1, s), one row for
+    # the whole batch), not by each token's id (the token embedding, BERT's token_type_embeddings)
+    by_position: bool = False
 
     @property
     def params(self) -> int:
@@ -148,7 +154,9 @@ def _adapter_modules(shape: ModelShape, method: str, plan_or_rank: Any, roles: t
                 fused.setdefault(held[m.name], (m.layer, "down" if m.role == "down" else "gate_up"))
             else:
                 modules.append(_block_adapter(shape, m.layer, _planned_role(shape, m), m.rank, m.shape[1], m.shape[0],
-                                              weight=m.name in through_weights))
+                                              weight=m.name in through_weights)
+                               ._replace(by_position=m.role == "pos_embed"
+                                         and m.name.rpartition(".")[2] in _POSITION_LOOKUPS))
         for parameter, (layer, role) in fused.items():
             d_in, d_out = (i, h) if role == "down" else (h, 2 * i)
             modules.append(_Adapter(layer, role, ranks[parameter], d_in, d_out, experts))

@@ -225,7 +225,12 @@ def estimate_memory(config_or_model: Any, *, method: str = "lora", rank_plan_or_
       34·s·b·h bytes per GPT layer less the two dropout masks, plus LayerNorm's statistics.
       Each LoRA/DoRA/QLoRA module adds its input cast to the adapter's fp32 for ``lora_A`` (a
       fresh copy per module from a 16-bit input; from fp32 activations the input itself, once
-      per tensor) and A·x, 4·r; DoRA also the base and LoRA outputs, (p + 4)·d_out. An MoE MLP
+      per tensor) and A·x, 4·r; DoRA also the base and LoRA outputs, (p + 4)·d_out. A LoRA on an
+      embedding table (PEFT's lora.Embedding: the token embedding, GPT-2's wpe, BERT's position and
+      token-type tables) keeps its fp32 lookup of A, 4·r per id, until backward ends: per token for
+      the token and token-type ids, once per sequence position for a table looked up by the (1, s)
+      positions (wpe, BERT's position_embeddings; GPT-2's fresh position ids too, 8·s), and makes
+      every block's input require grad (BERT's embedding LayerNorm then keeps p·h + 8). An MoE MLP
       (transformers' grouped_mm experts) keeps its routing and, per routed copy of a token, the
       experts' tensors (``_moe_bytes``); PEFT adapts its fused experts and router by merging
       W + s·B·A into the weight in every forward, so each layer also keeps the merged weights
