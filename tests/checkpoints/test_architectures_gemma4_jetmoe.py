@@ -19,6 +19,7 @@ import torch
 from spectra.analysis import AnalysisConfig, AnalysisResult, analyze
 from spectra.checkpoints.architectures import (fused_projections, fused_roles, module_info, role_named,
                                                role_selected)
+from spectra.errors import ConfigError
 from tests.cli.test_cli import run
 from tests.models import flat_update, on_grid, save
 
@@ -285,3 +286,25 @@ def test_every_k_eq_v_class_gets_kv_where_it_holds_no_v_proj():
         finally:
             tf.utils.logging.set_verbosity(verbosity)
     assert {"gemma4", "gemma4_text", "gemma4_unified"} <= seen, sorted(seen)
+
+
+def test_train_targets_take_the_values_wherever_they_come_from():
+    """What train, extract and the memory model adapt (role_targets, from the model's own config): --roles v takes
+    Gemma 4's sliding layers' v_proj and full layers' k_proj, and JetMoE's kv_proj whole; --roles q neither's (JetMoE
+    then holds nothing to adapt: its queries and output are the attention experts' 3-D weights); the default roles
+    take JetMoE's kv_proj (no default role took it: role other), never its routers."""
+    from spectra.checkpoints.adapted import role_targets
+
+    gemma = tiny_gemma4(True)
+    assert sorted(role_targets(gemma, ("v",))[0]) == ["model.layers.0.self_attn.v_proj",
+                                                      "model.layers.1.self_attn.k_proj",
+                                                      "model.layers.2.self_attn.v_proj",
+                                                      "model.layers.3.self_attn.k_proj"]
+    assert not [n for n in role_targets(gemma, ("q",))[0] if "k_proj" in n or "v_proj" in n]
+    jet = tiny_jetmoe()
+    kv = [f"model.layers.{i}.self_attention.kv_proj" for i in (0, 1)]
+    assert sorted(role_targets(jet, ("v",))[0]) == kv
+    with pytest.raises(ConfigError, match="no Linear/Conv1D module"):  # its experts are 3-D weights, role other
+        role_targets(jet, ("q", "o", "gate", "up", "down"))
+    default = role_targets(jet, None)[0]
+    assert set(kv) <= set(default) and not [n for n in default if "router" in n]
