@@ -13,8 +13,9 @@ from collections.abc import Iterable
 from spectra.errors import ConfigError
 
 # x…: cross-attention; q_a … kv_b: multi-head latent attention's factors (DeepSeek-V2/V3, Kimi-K2, MiniCPM3, …);
-# kv, o_a, o_b: DeepSeek-V4's key-value head (K = V) and output factors; projector: a multimodal projector's Linears,
-# which only the projector stack holds, so a selection of stacks decides whether the default roles take them
+# kv, o_a, o_b: DeepSeek-V4's key-value head (K = V; Gemma 4's k_proj that its full-attention layers read as K = V
+# too) and output factors; projector: a multimodal projector's Linears, which only the projector stack holds, so a
+# selection of stacks decides whether the default roles take them
 BLOCK_ROLES = ("q", "k", "v", "o", "qkv", "q_a", "q_b", "kv_a", "kv_b", "kv", "o_a", "o_b", "xq", "xk", "xv", "xo",
                "gate", "up", "down", "gate_up", "projector")
 # Stack → the role only its modules hold, which the default roles take only where a selection names that stack
