@@ -64,6 +64,13 @@ _TABLE_KEYS = ("max_position_embeddings", "n_positions", "max_target_positions")
 _COMPUTED_SINUSOID_FAMILIES = frozenset({"m2m_100", "nllb-moe", "xglm", "kosmos_2_text_model", "kosmos_2_5_text_model",
                                          "fsmt", "pegasus_x", "seamless_m4t", "seamless_m4t_v2", "speech_to_text",
                                          "musicgen_decoder", "musicgen_melody_decoder"})
+# Families whose table of positions is a fixed sinusoid, not trained weights (Marian's and Pegasus's frozen
+# embedding, CTRL's pos_encoding buffer, RoFormer's frozen table of rotary angles, TIPSv2's and VideoPrism's text
+# buffers): still a table of max_position_embeddings (CTRL: n_positions) rows, refused past it as a learned one is
+# (PositionLimit.fixed). No key says so. DistilBERT's sinusoidal_pos_embds and XLM's sinusoidal_embeddings do not
+# make one: transformers 5 starts their table at a sinusoid and trains it.
+_FIXED_SINUSOID_FAMILIES = frozenset({"marian", "pegasus", "ctrl", "roformer", "tipsv2_text_model",
+                                      "videoprism_text_model"})
 # What runs past the configured positions, by the kind of positions that are not a learned table; {why} is the key
 # that decided (PositionLimit.why).
 _RUNS_PAST = {"rotary": "its rotary positions run past them",
@@ -94,12 +101,17 @@ class PositionLimit:
     why : str
         The key that decided ``positions``, e.g. ``position_biased_input = false``, ``mamba_d_state = 16,
         jamba's default``; empty where the rotary keys or the fallback to a learned table did.
+    fixed : str
+        Of a ``learned`` table whose rows are a fixed sinusoid, not trained weights, the family that
+        has one: ``model_type = marian`` (Marian, Pegasus, CTRL, RoFormer); empty for a trained table
+        and for positions that are no table. The refusal of a longer length says which table it is.
     """
 
     length: int
     source: str
     positions: str
     why: str = ""
+    fixed: str = ""
 
     @property
     def learned(self) -> bool:
@@ -161,9 +173,10 @@ def _positive_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
-def _positions(scope: Mapping) -> tuple[str, str]:
-    """(kind, why) of the positions a config dict gives its model: ``learned``, ``rotary``, ``relative``,
-    ``sinusoidal`` or ``none``, and the key that decided (:attr:`PositionLimit.why`).
+def _positions(scope: Mapping) -> tuple[str, str, str]:
+    """(kind, why, fixed) of the positions a config dict gives its model: ``learned``, ``rotary``, ``relative``,
+    ``sinusoidal`` or ``none``, the key that decided (:attr:`PositionLimit.why`), and of a table whose rows are a
+    fixed sinusoid the family that has one (:attr:`PositionLimit.fixed`).
 
     The keys are read as transformers reads them: its config class of the dict's ``model_type`` fills in the keys
     the dict lacks (a Llama config.json of its required keys alone gets Llama's rope_parameters, a Zamba2 one
@@ -177,9 +190,17 @@ def _positions(scope: Mapping) -> tuple[str, str]:
         # a T5: the bias over relative_attention_num_buckets distances, no table (its config class has no table key)
         value = config[_RELATIVE_BUCKETS_KEY]
         own = "" if _RELATIVE_BUCKETS_KEY in scope else f", {model_type}'s default"
-        return "relative", (f"a relative position bias, {_RELATIVE_BUCKETS_KEY} = {json.dumps(value)}{own}; "
-                            f"{model_type}'s config class declares no table of positions")
-    return _keyed_positions(config, scope) or ("learned", "")
+        return ("relative", f"a relative position bias, {_RELATIVE_BUCKETS_KEY} = {json.dumps(value)}{own}; "
+                             f"{model_type}'s config class declares no table of positions", "")
+    kind, why = _keyed_positions(config, scope) or ("learned", "")
+    return kind, why, _fixed_sinusoid(config) if kind == "learned" else ""
+
+
+def _fixed_sinusoid(config: Mapping) -> str:
+    """``model_type = marian`` where a family's table of positions is a fixed sinusoid, empty for a table of trained
+    weights."""
+    model_type = config.get("model_type")
+    return f"model_type = {model_type}" if model_type in _FIXED_SINUSOID_FAMILIES else ""
 
 
 def _keyed_positions(config: Mapping, own: Mapping) -> tuple[str, str] | None:
@@ -299,8 +320,8 @@ def resolve_max_length(max_length: int | None, model_config: Mapping, *, option:
     Raises
     ------
     ConfigError
-        An explicit ``max_length`` beyond a table of learned positions (BERT, GPT-2), naming
-        the option, the value and the model's limit.
+        An explicit ``max_length`` beyond a table of positions (BERT's and GPT-2's learned ones,
+        Marian's fixed sinusoid), naming the option, the value, the kind of table and the model's limit.
     """
     limit = position_limit(model_config)
     if limit is not None and rotary and limit.learned:
@@ -316,7 +337,8 @@ def resolve_max_length(max_length: int | None, model_config: Mapping, *, option:
         return max_length
     runs_past = _RUNS_PAST.get(limit.positions, "").format(why=limit.why)
     if limit.learned:
-        raise ConfigError(f"{option} {max_length} is more than the model can take: its table of learned positions "
+        table = f"fixed sinusoidal positions ({limit.fixed})" if limit.fixed else "learned positions"
+        raise ConfigError(f"{option} {max_length} is more than the model can take: its table of {table} "
                           f"covers {limit.length} tokens ({limit.source} in its config.json), and a longer sequence "
                           f"has no position to embed. Pass {option} {limit.length} or less, or leave it out for the "
                           f"default ({default} tokens, or the model's {limit.length} when fewer).")

@@ -7,6 +7,7 @@ the negative controls (GPT-2, BERT, Marian's fixed sinusoidal table) fail."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -199,14 +200,18 @@ def test_a_table_of_positions_is_still_refused(family, tmp_path):
     """Negative controls: GPT-2's, BERT's and TrOCR's (use_learned_position_embeddings true) learned tables, and
     Marian's fixed sinusoidal one, fail past 32. A BERT2BERT EncoderDecoderModel (its tables in its encoder and
     decoder configs) and Whisper's decoder (max_target_positions) were read as having no limit, a crash at 40: their
-    32 bind."""
+    32 bind. The refusal names Marian's table as fixed sinusoidal positions (it said "learned positions"), the others
+    as learned (test_positions_fixed.py holds the tables' weights to it)."""
     saved = _saved(tmp_path, family)
     limit = position_limit(saved)
-    assert (limit.length, limit.positions) == (32, "learned")
+    fixed = "model_type = marian" if family == "marian" else ""  # Marian's table is no weights it learns
+    assert (limit.length, limit.positions, limit.fixed) == (32, "learned", fixed)
     key = {"gpt2": "n_positions", "whisper": "max_target_positions"}.get(family, "max_position_embeddings")
     assert limit.source == ("its encoder's max_position_embeddings = 32" if family == "bert2bert" else f"{key} = 32")
     assert _runs(family, 32) and not _runs(family, 40)
-    with pytest.raises(ConfigError, match="40 is more than the model can take: its table of learned positions"):
+    table = "fixed sinusoidal positions (model_type = marian)" if fixed else "learned positions"
+    with pytest.raises(ConfigError, match=re.escape(f"40 is more than the model can take: its table of {table} "
+                                                    f"covers 32 tokens ({limit.source} in its config.json)")):
         resolve_max_length(40, saved)
 
 
