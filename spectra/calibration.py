@@ -14,12 +14,15 @@ arXiv:2312.05821, scales by activation magnitudes for the same reason). The spec
 direction: directions the inputs never visit carry no energy there, however large they are
 in ‖ΔW‖_F.
 
-Inputs often span a subspace (padding-free text never fills every dimension, LayerNorm
-outputs have a few dead directions), so C is regularised to ``C_ε = C + ε·(tr C / in)·I``:
-a ridge of ε times C's mean eigenvalue. ΔW_r then minimises
+The spectrum is taken with C's own root (its eigenvalues at float64 rounding read as 0), so
+its energy is exactly E‖ΔW x‖² over the calibration tokens. Inputs often span a subspace
+(padding-free text never fills every dimension, LayerNorm outputs have a few dead
+directions), so C^{-1/2} need not exist: the truncation regularises C to
+``C_ε = C + ε·(tr C / in)·I``, a ridge of ε times C's mean eigenvalue. ΔW_r then minimises
 ``‖(ΔW − ΔW_r) X‖_F² + ε·(tr C / in)·N·‖ΔW − ΔW_r‖_F²`` exactly, which keeps it defined and
 close to the plain truncation on directions the data never saw, and perturbs the data term
-by O(ε).
+by O(ε). The ridge stays out of the spectrum: there it would give an update the data never
+sees an energy of ε·(tr C / in)·‖ΔW‖_F².
 
 Moments are accumulated by forward pre-hooks on the base model's Linear/Conv1D modules,
 in float64, padding excluded, as sums plus token counts, so any chunking of the data gives
@@ -35,7 +38,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -172,6 +175,25 @@ class Calibration:
 # ---------------------------------------------------------------------------- whitening
 
 
+def _eigen(C: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(λ, Q) of C = Q diag(λ) Qᵀ, float64, eigenvalues at C's float64 rounding set to 0.
+
+    λ ≤ in·eps·λ_max is C's rounding, not data (the tolerance of numpy's ``matrix_rank``):
+    eigh gives a null direction of C such a value, of either sign.
+    """
+    C = C.to(torch.float64)
+    lam, Q = torch.linalg.eigh(C)  # (in,), (in, in)
+    floor = C.shape[0] * torch.finfo(torch.float64).eps * float(lam.abs().max())
+    return torch.where(lam > floor, lam, torch.zeros_like(lam)), Q
+
+
+def _ridge(C: torch.Tensor, epsilon: float) -> float:
+    ridge = epsilon * float(torch.diagonal(C).sum()) / C.shape[0]
+    if not ridge > 0:
+        raise ConfigError("calibration: the inputs of a module are all zero (tr C = 0); nothing to weight by.")
+    return ridge
+
+
 def whitening(C: torch.Tensor, *, epsilon: float) -> tuple[torch.Tensor, torch.Tensor, int]:
     """``C_ε^{1/2}`` and ``C_ε^{-1/2}`` (in, in) float64, with C_ε = C + ε·(tr C / in)·I.
 
@@ -182,12 +204,8 @@ def whitening(C: torch.Tensor, *, epsilon: float) -> tuple[torch.Tensor, torch.T
         Eigenvalues of C above the ridge ε·(tr C / in): the input directions the data
         really visits.
     """
-    C = C.to(torch.float64)
-    ridge = epsilon * float(torch.diagonal(C).sum()) / C.shape[0]
-    if not ridge > 0:
-        raise ConfigError("calibration: the inputs of a module are all zero (tr C = 0); nothing to weight by.")
-    lam, Q = torch.linalg.eigh(C)  # (in,), (in, in): C = Q diag(λ) Qᵀ
-    lam = lam.clamp(min=0.0)
+    ridge = _ridge(C, epsilon)
+    lam, Q = _eigen(C)
     rank = int((lam > ridge).sum())
     lam = lam + ridge
     root = (Q * lam.sqrt()) @ Q.T  # (in, in)
@@ -196,13 +214,26 @@ def whitening(C: torch.Tensor, *, epsilon: float) -> tuple[torch.Tensor, torch.T
 
 
 def whitened_spectrum(delta: torch.Tensor, C: torch.Tensor, *, epsilon: float) -> tuple[Spectrum, int]:
-    """Singular values of ``ΔW·C_ε^{1/2}`` (float64) and C's input rank (see :func:`whitening`).
+    """Singular values of ``ΔW·C^{1/2}`` (float64) and C's input rank (see :func:`whitening`).
 
-    ‖ΔW C^{1/2}‖_F² = E‖ΔW x‖², the mean squared output change per token (SVD-LLM,
-    arXiv:2403.07378), so its energy ranks count the directions the data needs.
+    ‖ΔW C^{1/2}‖_F² = tr(ΔW C ΔWᵀ) = E‖ΔW x‖², the mean squared output change per token
+    (SVD-LLM, arXiv:2403.07378), so its energy ranks count the directions the data needs.
+    C^{1/2} is C's own PSD root, without the ridge ε (which only sets ``input_rank``): a
+    direction the inputs never visit adds nothing. Singular values at the float64 rounding
+    of the product, ≤ max(out, in)·eps·‖ΔW‖_F·λ_max(C)^{1/2}, read as 0, so an update the
+    data never sees has no energy and energy ranks 0.
     """
-    root, _, rank = whitening(C.to(delta.device), epsilon=epsilon)  # C is collected on the CPU
-    return full_svd(delta.to(torch.float64) @ root), rank  # (out, in) @ (in, in)
+    ridge = _ridge(C, epsilon)
+    lam, Q = _eigen(C.to(delta.device))  # C is collected on the CPU
+    delta = delta.to(torch.float64)
+    root = (Q * lam.sqrt()) @ Q.T  # (in, in) C^{1/2}
+    spec = full_svd(delta @ root)  # (out, in) @ (in, in)
+    eps = torch.finfo(torch.float64).eps
+    # the float64 rounding of ΔW·C^{1/2}: values at or below it are not resolved from 0
+    floor = max(delta.shape) * eps * float(torch.linalg.norm(delta)) * math.sqrt(float(lam.max()))
+    values = torch.where(spec.values > floor, spec.values, torch.zeros_like(spec.values))
+    spec = replace(spec, values=values, total_energy=float((values.double() ** 2).sum()))
+    return spec, int((lam > ridge).sum())
 
 
 def truncation_factors(delta: torch.Tensor, rank: int, *, covariance: torch.Tensor | None = None,
@@ -270,7 +301,11 @@ def data_optimal_truncation(delta: torch.Tensor, C: torch.Tensor, rank: int, *, 
 
 def activation_row(delta: torch.Tensor, C: torch.Tensor, *, tokens: int, epsilon: float,
                    thresholds: tuple[float, ...]) -> dict:
-    """The ``activation`` sub-dict of an ``analysis.json`` row: the whitened spectrum and its ranks."""
+    """The ``activation`` sub-dict of an ``analysis.json`` row: the whitened spectrum and its ranks.
+
+    ``rms_output_change`` is √(E‖ΔW x‖²) = ‖ΔW C^{1/2}‖_F over the calibration tokens, and
+    ``energy_rank`` the energy ranks of ΔW·C^{1/2} (0 when the data sees no change).
+    """
     spec, input_rank = whitened_spectrum(delta, C, epsilon=epsilon)
     values = spec.values.double().cpu()
     ranks = metrics.energy_ranks(spec, thresholds) if spec.total_energy > 0 else {t: 0 for t in thresholds}
