@@ -62,7 +62,8 @@ class PairingOptions:
     split_fused : bool
         Also yield each projection of a fused tensor (``c_attn[q]``…), not only the whole.
     vectors : bool
-        Also yield 1-D deltas (norms, biases) as ``kind="vector"`` records.
+        Also yield 1-D deltas (norms, biases) and 0-D ones (scalar parameters: CLIP's ``logit_scale``, shape ``()``)
+        as ``kind="vector"`` records.
     with_weights : bool
         Attach the upcast base and tuned weights (same orientation) to each record.
     weights_as_stored : bool
@@ -137,7 +138,7 @@ class DeltaW:
     role: str
     layer: int | None
     expert: int | None
-    kind: str  # "matrix" or "vector"
+    kind: str  # "matrix", or "vector": 1-D (a norm, a bias) or 0-D (a scalar parameter)
     shape: tuple[int, ...]  # (out, in) for matrices
     base_dtype: str
     tuned_dtype: str
@@ -294,12 +295,10 @@ class Pairing:
         if b.dtype not in _FLOAT_DTYPES or t.dtype not in _FLOAT_DTYPES:
             self.notes.append(f"{b_name}: skipped, not a floating-point tensor ({b.dtype}, {t.dtype})")
             return []
-        if len(b.shape) == 0:
-            return []
         module = b_name.removesuffix(".weight")
         info = module_info(module, self.config)
         common = dict(base_tensor=b_name, tuned_tensor=t_name, base_dtype=b.dtype, tuned_dtype=t.dtype)
-        if len(b.shape) == 1:
+        if len(b.shape) <= 1:  # a norm, a bias, or a scalar parameter (CLIP's logit_scale: shape ()), kept as stored
             if b.shape != t.shape:
                 raise _shape_error(b_name, b.shape, t.shape, self.base, self.tuned, t_name)
             owner = module_info(b_name.rpartition(".")[0], self.config)  # q_proj.bias belongs to q_proj

@@ -76,7 +76,8 @@ class ExtractResult:
     # targeted modules left out of the adapter because their ΔW is 0 (as the model class names them)
     unchanged: list[str] = field(default_factory=list)
     # what TUNED changed that the adapter does not carry (checkpoint names, natural order; each also said in `notes`):
-    # matrices outside the roles, stacks or plan; vectors (norms, biases), which no LoRA holds; tensors only in TUNED
+    # matrices outside the roles, stacks or plan; vectors (norms, biases, scalar parameters such as CLIP's
+    # logit_scale), which no LoRA holds; tensors only in TUNED
     left_out: list[str] = field(default_factory=list)
     left_out_vectors: list[str] = field(default_factory=list)
     only_in_tuned: list[str] = field(default_factory=list)
@@ -347,7 +348,8 @@ def _not_carried(pairing: Pairing, selected: list, save_names: list[str]):
     The adapter carries the LoRAs of the `selected` matrices and the tensors saved whole (`save_names`, TUNED's
     names); at rank full it is lossless for those alone. Any other paired tensor that differs between the sides is
     left out: a matrix outside the roles, stacks or plan (an embedding, a head, a router), or a vector (a norm, a
-    bias), which no LoRA holds. A matrix of a resized vocabulary is left to :func:`_resized_vocabulary`'s note.
+    bias, a scalar parameter: CLIP's logit_scale), which no LoRA holds. A matrix of a resized vocabulary is left to
+    :func:`_resized_vocabulary`'s note.
 
     An adapter TUNED also saves tensors whole that pair with no ΔW (:func:`~spectra.checkpoints.adapter.
     unpaired_tensors`): a trained bias (``bias="lora_only"``/``"all"``) that differs from the base's is a changed
@@ -472,16 +474,22 @@ def _not_carried_notes(pairing: Pairing, matrices: list, vectors: list, only_in_
         lead = ""
     if vectors:
         adapted = {e.name for e in selected}
+        # a parameter of the model itself (CLIP's logit_scale), of no submodule: PEFT saves submodules only
+        own = [n for n, _ in vectors if "." not in n]
         # a bias of a module the adapter adapts: PEFT adapts a module or saves it whole, not both
-        owned = [n for n, _ in vectors if n.rpartition(".")[0] in adapted
-                 or any(a.startswith(n.rpartition(".")[0] + ".") for a in adapted)]
-        free = [n.rpartition(".")[0] for n, _ in vectors if n not in owned]
+        owned = [n for n, _ in vectors if n not in own and (n.rpartition(".")[0] in adapted
+                 or any(a.startswith(n.rpartition(".")[0] + ".") for a in adapted))]
+        free = [n.rpartition(".")[0] for n, _ in vectors if n not in owned and n not in own]
         fix = ([f"To carry them, save their modules whole (modules_to_save={leaves(free)}){merged}"]
                if free else []) + (
             [f"{len(owned)} {'is a bias' if len(owned) == 1 else 'are biases'} of adapted modules, which no LoRA "
-             "carries"] if owned else [])
-        notes.append(f"{lead}the adapter leaves out {len(vectors)} changed vector(s) (norms, biases: a LoRA holds "
-                     f"matrices only): {named([n for n, _ in vectors])}. " + "; ".join(fix))
+             "carries"] if owned else []) + (
+            [f"{named(own)} {'is a parameter' if len(own) == 1 else 'are parameters'} of the model itself, of no "
+             "module, which no PEFT adapter carries (modules_to_save saves modules): copy "
+             f"{'it' if len(own) == 1 else 'them'} from TUNED onto the loaded model"] if own else [])
+        scalars = ", scalars" if any(e is not None and not e.shape for _, e in vectors) else ""
+        notes.append(f"{lead}the adapter leaves out {len(vectors)} changed vector(s) (norms, biases{scalars}: a LoRA "
+                     f"holds matrices only): {named([n for n, _ in vectors])}. " + "; ".join(fix))
         lead = ""
     if only_in_tuned:
         notes.append(f"{lead}{len(only_in_tuned)} tensor(s) only in TUNED (no base tensor to take a ΔW against) are "

@@ -721,3 +721,68 @@ def test_a_nonfinite_expert_slice_is_found_by_the_subtraction_norms(tmp_path, mo
         assert torch.equal(d.delta, expected.T if in_out else expected) and d.shape == ((300, 512) if in_out
                                                                                         else (512, 300))
         assert d.delta_sq == pytest.approx(float(expected.double().square().sum()), rel=1e-6)
+
+
+def _scalar_pair(root, *, tuned_scale, tuned_shape=()):
+    """A hand-made pair holding a 0-d parameter, CLIP's ``logit_scale`` (the model's own) and a module's 0-d
+    ``blocks.0.gate.scale`` (bf16), beside a matrix: the fine-tune moved `logit_scale` to `tuned_scale`."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randint(-8, 9, (4, 6), generator=g).float() * 2.0**-6
+    base = {"logit_scale": torch.tensor(2.6592), "blocks.0.gate.scale": torch.tensor(0.25, dtype=torch.bfloat16),
+            "blocks.0.proj.weight": weight}
+    tuned = dict(base, logit_scale=torch.full(tuned_shape, tuned_scale))
+    for name, state in (("b", base), ("t", tuned)):
+        (root / name).mkdir()
+        save_file(state, root / name / "model.safetensors", metadata={"format": "pt"})
+    return root / "b", root / "t"
+
+
+def test_a_scalar_parameter_is_paired_as_a_vector(tmp_path):
+    """A 0-d tensor (CLIP's logit_scale, a scalar nn.Parameter) was dropped by the pairing without a word, so a
+    fine-tune that moved it was invisible (extract called such an adapter complete). It pairs as a vector record of
+    shape (), its ΔW the float64 difference; vectors=False leaves it out like any vector."""
+    b, t = _scalar_pair(tmp_path, tuned_scale=3.1592)
+    records = {d.name: d for d in Pairing(b, t, F64)}
+    scale, gate = records["logit_scale"], records["blocks.0.gate.scale"]
+    assert scale.kind == gate.kind == "vector" and scale.shape == gate.shape == () and scale.layer is None
+    assert scale.delta.shape == () and scale.delta.dtype == torch.float64
+    expected = torch.tensor(3.1592).double() - torch.tensor(2.6592).double()  # float64 of the stored float32s
+    assert float(scale.delta) == float(expected) != 0.0
+    assert float(gate.delta) == 0.0 and gate.base_dtype == "bfloat16" and gate.layer == 0  # the module's layer
+    assert set(records) == {"logit_scale", "blocks.0.gate.scale", "blocks.0.proj"}
+    assert {d.name for d in Pairing(b, t, PairingOptions(vectors=False))} == {"blocks.0.proj"}  # control
+
+
+def test_a_scalar_against_a_one_element_vector_is_a_shape_mismatch(tmp_path):
+    from spectra.errors import PairingError
+
+    b, t = _scalar_pair(tmp_path, tuned_scale=3.0, tuned_shape=(1,))
+    with pytest.raises(PairingError, match=r"tensor logit_scale has shape \(\) in .* but \(1,\)"):
+        Pairing(b, t)
+
+
+def test_a_nonfinite_scalar_is_named(tmp_path):
+    from spectra.errors import NonFiniteWeightError
+
+    b, t = _scalar_pair(tmp_path, tuned_scale=float("nan"))
+    with pytest.raises(NonFiniteWeightError, match="tensor logit_scale in .* holds 1 NaN/Inf"):
+        list(Pairing(b, t))
+    pairing = Pairing(b, t, PairingOptions(on_nonfinite="skip"))
+    assert "logit_scale" not in {d.name for d in pairing} and "logit_scale" in pairing.skipped_entries
+
+
+def test_a_scalar_reaches_the_analysis_and_its_report(tmp_path):
+    """The analysis gives a 0-d ΔW a vector's row (sizes, no spectrum) and the report lists it with the vectors."""
+    from spectra.analysis import analyze
+
+    b, t = _scalar_pair(tmp_path, tuned_scale=3.1592)
+    analysis = analyze(b, t, progress=False)
+    (row,) = [m for m in analysis.modules if m["name"] == "logit_scale"]
+    expected = abs(3.1592 - float(torch.tensor(2.6592)))  # float32's 3.1592 − 2.6592, in float64
+    assert row["kind"] == "vector" and row["shape"] == [] and "energy_rank" not in row
+    assert row["fro_norm"] == pytest.approx(expected, rel=1e-6)
+    assert row["relative_size"] == pytest.approx(expected / float(torch.tensor(2.6592)), rel=1e-6)
+    out = analysis.write_report(tmp_path / "report")
+    assert re.search(r"^\| logit_scale \|", (out / "report.md").read_text(), re.M)
