@@ -1,5 +1,5 @@
-"""The command line's words: library errors and notes in the options of the command that was run, and third-party
-output kept out of the terminal."""
+"""The command line's words: library errors and notes in the options of the command that was run (and its float
+options' numbers as typed), and third-party output kept out of the terminal."""
 
 from __future__ import annotations
 
@@ -46,7 +46,8 @@ def _cli_message(err: Exception, argv: list[str]) -> str:
     ``--energy``, ``max_rank`` → ``--max-rank``), and the NaN/Inf error's hint names --skip-nonfinite only where the
     command has it. A field is read as one where it is qualified, assigned, holds an underscore or opens the
     message: a plain word ("the rank of") stays prose, and so does a bare word the user typed as a value (a folder
-    named eval_data). A field the command has no option for stays as it is."""
+    named eval_data). A field the command has no option for stays as it is. A float option's number is named as
+    typed (``--energy 2``: ``got 2``, not typer's ``2.0``; :func:`_typed_numbers`)."""
     from spectra.errors import NonFiniteWeightError
 
     text = str(err)
@@ -57,23 +58,58 @@ def _cli_message(err: Exception, argv: list[str]) -> str:
     return _cli_words(text, argv)
 
 
-def _command_options(argv: list[str]) -> dict[str, tuple[str, bool, str | None]]:
-    """The options of the command `argv` runs: parameter name → (its --option, whether a flag, its --no- form)."""
+def _command(argv: list[str]):
+    """The click command `argv` runs (typer's own copy of click: asked by what it holds), None where `argv` names
+    a group or no command."""
     from spectra.cli import app  # the package's: it imports this module before it makes the app
 
     words = [a for a in argv if not a.startswith("-")]
-    command = typer.main.get_command(app)  # click's objects (typer's own copy of click: asked by what they hold)
+    command = typer.main.get_command(app)
     for name in words[:2]:
         if not hasattr(command, "commands"):
             break
         command = command.commands.get(name)
         if command is None:
-            return {}
-    if hasattr(command, "commands"):
+            return None
+    return None if hasattr(command, "commands") else command
+
+
+def _command_options(argv: list[str]) -> dict[str, tuple[str, bool, str | None]]:
+    """The options of the command `argv` runs: parameter name → (its --option, whether a flag, its --no- form)."""
+    command = _command(argv)
+    if command is None:
         return {}
     return {p.name: (max((o for o in p.opts if o.startswith("--")), key=len), p.is_flag,
                      next(iter(p.secondary_opts), None))  # --no-noise of --noise
             for p in command.params if p.param_type_name == "option" and any(o.startswith("--") for o in p.opts)}
+
+
+def _typed_numbers(argv: list[str]) -> dict[str, str]:
+    """The number each float option of the command `argv` runs was given as, as a library message prints it (``2.0``,
+    ``-1.0``, ``1e-06``), → the text the user typed for it (``2``, ``-1``, ``1e-6``), where the two differ. A number
+    that two options typed differently share is left out: which one a message means cannot be told."""
+    command = _command(argv)
+    typed: dict[str, set[str]] = {}
+    for param in command.params if command is not None else ():
+        annotation = getattr(getattr(param, "type_descriptor", None), "annotation", None)  # typer 0.29: float
+        kind = getattr(getattr(param, "type", None), "name", None)  # an older typer: click's FLOAT
+        if param.param_type_name != "option" or not (annotation is float or kind in ("float", "float range")):
+            continue
+        value = None
+        for i, arg in enumerate(argv):  # the last one given counts, as for click
+            if arg == "--":
+                break
+            if arg in param.opts and i + 1 < len(argv):
+                value = argv[i + 1]
+            elif arg.startswith(tuple(f"{o}=" for o in param.opts if o.startswith("--"))):
+                value = arg.partition("=")[2]
+        try:
+            shown = str(float(value))  # as the library prints the float the command passed it (str and repr agree)
+        except (TypeError, ValueError):
+            continue
+        if shown != value.strip():
+            typed.setdefault(shown, set()).add(value.strip())
+    return {shown: values.pop() for shown, values in typed.items() if len(values) == 1}
 
 
 def _cli_words(text: str, argv: list[str]) -> str:
@@ -97,5 +133,13 @@ def _cli_words(text: str, argv: list[str]) -> str:
         return flag if value is None else f"{flag} {value}"
 
     text = _FIELD.sub(option, text)
+    # a float option's number as typed: `recommend --energy 2` was refused as "got 2.0", typer's float of "2". The
+    # text stands for the same number, so a message that meant another option's equal number still reads true. Not
+    # inside a longer number or a path (-12.0, 2.05, run-2.0/), nor where the user typed the printed text itself (a
+    # folder named 2.0)
+    for shown, value in _typed_numbers(argv).items():
+        if shown in typed:
+            continue
+        text = re.sub(rf"(?<![\w.+\-/\\]){re.escape(shown)}(?![\w/\\]|\.\d)", lambda _: value, text)
     # "--max-length (--max-length) 128", "--overwrite (CLI: --overwrite)": the option once
     return re.sub(r"(--[\w-]+)((?: [^\s()]+)?) \((?:CLI: )?\1\)", r"\1\2", text)
