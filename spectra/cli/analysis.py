@@ -45,7 +45,7 @@ def pairs(
     show_stacks = any(d.stack is not None for d in deltas)  # and for checkpoints of several stacks (a vision tower)
     shown = {d.stack for d in deltas}
     rows = [(*((stack_label(d.stack, shown),) if show_stacks else ()), d.role, _fmt(d.layer),
-             *((_fmt(d.expert),) if experts else ()), "×".join(map(str, d.shape)),
+             *((_fmt(d.expert),) if experts else ()), "×".join(map(str, d.shape)) or "scalar",  # 0-d: logit_scale
              f"{d.base_format or d.base_dtype}→{d.tuned_format or d.tuned_dtype}", d.kind) for d in deltas]
     headers = (*(("stack",) if show_stacks else ()), "role", "layer", *(("expert",) if experts else ()), "shape", "dtypes",
                "kind")

@@ -493,7 +493,7 @@ def vector_table(analysis: Mapping, *, stacks: list | None = None) -> tuple[list
     stacks = stacks_of(analysis) if stacks is None else stacks
     body = [
         [r["name"], _text(r.get("role")) if r.get("role") is None else group_label(group_of(r), stacks),
-         _text(r.get("layer")), "×".join(map(str, r.get("shape", []))),
+         _text(r.get("layer")), "×".join(map(str, r.get("shape", []))) or ("scalar" if "shape" in r else ""),
          format_value(number(r.get("fro_norm")), "ratio"), format_value(number(r.get("relative_size")), "ratio")]
         for r in vector_rows(analysis)
     ]

@@ -54,6 +54,17 @@ def test_vectors_stay_out_of_the_rank_tables(analysis):
     assert len(tables.vector_table(analysis)[1]) == 3
 
 
+def test_a_scalar_reads_scalar_in_the_vector_table(analysis):
+    """A 0-d tensor (CLIP's logit_scale) has shape []: its shape cell says so, where it had been empty."""
+    import copy
+    edited = copy.deepcopy(analysis)
+    vector = next(m for m in edited["modules"] if m["kind"] == "vector")
+    vector["shape"] = []
+    cells = {row[0]: row[3] for row in tables.vector_table(edited)[1]}
+    assert cells[vector["name"]] == "scalar"
+    assert all(cell not in ("", "scalar") for name, cell in cells.items() if name != vector["name"])  # control
+
+
 def test_rows_read_in_block_order(analysis):
     names = [r["name"] for r in matrix_rows(analysis)]
     assert names[0] == "model.embed_tokens"
