@@ -2,7 +2,8 @@
 
 For every module an adapter adapts, with ``ΔW_full = W_tuned − W_base`` and the
 adapter's own update ``ΔW_ad = merged − W₀`` (W₀ the weight the adapter was trained
-on: the base, or its NF4 round trip for QLoRA/QDoRA):
+on: the base, or for QLoRA/QDoRA its NF4 round trip where the 4-bit load stores the module in
+NF4, :func:`bnb_4bit_modules`; an embedding table keeps the base):
 
 - ``effective_adapter_rank``: k, the numerical rank of the low-rank update s·B A
   (:func:`~spectra.linalg.subspace.factor_svd`); below r when factors are rank-deficient
@@ -419,6 +420,7 @@ def verify_adapter(base, tuned, adapter, *, eval_data=None, config: VerifyConfig
     trained = read_train_summary(adapter_src.path) or {}
     quantized = config.quantized if config.quantized is not None else trained.get("method") in ("qlora", "qdora")
     planned, notes = plan_adapter(_InBase(adapter_src, pairing.base), pairing.base, pairing.config)
+    task = _adapter_task(config, adapter_src, trained)
     saved = {p.module: p for p in planned if "full" in p.keys}
     lora = {p.module: p for p in planned if "full" not in p.keys  # an expert of a parameter LoRA: its own row
             and (p.parameter is not None or p.module == p.base_tensor.removesuffix(".weight"))}
@@ -434,6 +436,8 @@ def verify_adapter(base, tuned, adapter, *, eval_data=None, config: VerifyConfig
             notes.append(f"{p.module}: tied to {weight}; its LoRA is measured against that weight's ΔW (row {weight})")
     notes += [f"{m}: modules_to_save tensor absent from the base (a new head); not measured"
               for m in _InBase.absent(adapter_src, pairing.base)]
+    # W₀: the NF4 round trip of W_base where QLoRA's 4-bit loading stores the module in NF4, else W_base itself
+    in_4bit = bnb_4bit_modules(lora, pairing.config, task) if quantized else {}
     rows, saved_rows, phis, truncated, right, deficient = [], [], {}, {}, {}, []
     coverage = [0.0, 0.0]  # Σ‖ΔW_full‖² over adapted modules, over all matrices
     for entry in tqdm.tqdm(pairing.entries, desc="verify", unit="module", disable=not progress):
@@ -449,7 +453,7 @@ def verify_adapter(base, tuned, adapter, *, eval_data=None, config: VerifyConfig
             continue
         coverage[0] += energy
         p = lora[d.name]
-        W0 = nf4_round_trip(d.base) if quantized and d.role not in ("embed", "head") else d.base
+        W0 = nf4_round_trip(d.base) if in_4bit.get(d.name) else d.base
         # ΔW = s·col·rowbᵀ: (B, Aᵀ), an embedding's (Aᵀ, B), an expert's share of a parameter's A and B, as stored
         col, rowb = p.factors(adapter_src.weights, d.delta.device, p.dtype)
         # The low-rank update s·col·rowbᵀ from its factors, cut at its numerical rank k ≤ min(r, short side):
@@ -518,7 +522,8 @@ def summarize(rows: list[dict], coverage: tuple[float, float]) -> dict:
         "intruders_adapter": sum(r["intruders_adapter"] for r in rows),
         "intruders_full": sum(r["intruders_full"] for r in rows),
         "coverage": coverage[0] / coverage[1] if coverage[1] else None,
-        "quant_error": (sum(r["quant_error"] for r in rows) / len(rows)) if rows and "quant_error" in rows[0] else None,
+        # over the modules QLoRA stores in NF4 (an embedding table's W₀ is W_base: no row of its own says 0)
+        "quant_error": (sum(q) / len(q)) if (q := [r["quant_error"] for r in rows if "quant_error" in r]) else None,
     }
 
 
@@ -537,6 +542,83 @@ def nf4_round_trip(W: torch.Tensor) -> torch.Tensor:
     packed, state = bnbf.quantize_4bit(W.float().contiguous(), blocksize=64, quant_type="nf4",
                                        compress_statistics=True)
     return bnbf.dequantize_4bit(packed, state).to(W.dtype)
+
+
+def bnb_4bit_modules(names, config: dict | None, task: str = "causal_lm") -> dict[str, bool]:
+    """Checkpoint module name → whether QLoRA's load stores its weight in NF4 (its W₀ is then the round trip).
+
+    transformers' bitsandbytes path (``from_pretrained(quantization_config=nf4_config())``, what
+    :func:`spectra.lora.train.load_model` does for ``task``) replaces exactly the ``nn.Linear`` and
+    ``Conv1D`` modules outside its keep list (the output embedding, tied weights, the last
+    parameter's module, the class's ``_keep_in_fp32_modules`` such as T5's ``wo``); an
+    ``nn.Embedding`` (the token embedding, GPT-2's ``wpe``, T5's ``relative_attention_bias``), a
+    Linear subclass (an MoE router) and a bare parameter (fused experts) keep their weights as
+    stored. Asked of transformers itself: its ``replace_with_bnb_linear`` is run on the task's model
+    class built from ``config`` on the meta device. Where that model cannot be built, or a name
+    does not resolve in it, the rule falls back to the module's role: every role but the
+    embedding tables and the head.
+    """
+    from spectra.checkpoints.architectures import module_info
+    from spectra.checkpoints.targets import meta_model, model_targets
+
+    names = list(names)
+    fallback = {n: module_info(n, config).role not in ("embed", "pos_embed", "head") for n in names}
+    model = meta_model(config, _loaded_class(config, task)) if config else None
+    if model is None:
+        return fallback
+    targets = model_targets(names, model)  # resolved before the swap: the names stay, the Linears' classes go
+    try:
+        import bitsandbytes as bnb
+        from transformers.integrations import replace_with_bnb_linear
+        from transformers.quantizers.auto import AutoHfQuantizer
+
+        from spectra.lora.train import nf4_config
+
+        quantizer = AutoHfQuantizer.from_config(nf4_config())
+        skip = quantizer.get_modules_to_not_convert(model, quantizer.quantization_config.llm_int8_skip_modules,
+                                                    model._keep_in_fp32_modules)
+        replace_with_bnb_linear(model, modules_to_not_convert=skip, quantization_config=quantizer.quantization_config)
+    except (ImportError, AttributeError, TypeError):  # a transformers without this path: the role rule
+        return fallback
+    converted = {n for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    out = {}
+    for name, target in targets.items():
+        if target is None:
+            out[name] = fallback[name]
+        else:  # a parameter target's owner (a router's weight) is converted only if it is a plain Linear
+            out[name] = (target.name.rpartition(".")[0] if target.parameter else target.name) in converted
+    return out
+
+
+def _loaded_class(config: dict, task: str) -> str | None:
+    """The transformers class :func:`spectra.lora.train.load_model` loads ``config`` as for ``task`` (its Auto
+    class's choice), else the class the config names."""
+    from transformers.models.auto import modeling_auto as auto
+
+    from spectra.checkpoints.targets import architecture
+    from spectra.lora.train import loads_as_image_text_to_text
+
+    if task == "seq_cls":
+        mapping = auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
+    elif task == "seq2seq_lm":
+        mapping = auto.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES
+    elif loads_as_image_text_to_text(config):
+        mapping = auto.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+    else:
+        mapping = auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    cls = mapping.get(config.get("model_type"))
+    return cls if isinstance(cls, str) else architecture(config)
+
+
+def _adapter_task(config: VerifyConfig, adapter_src, trained: dict) -> str:
+    """The task the adapter was trained for: ``config.task``, or on ``auto`` spectra_train.json's task, else the
+    adapter's PEFT task_type, else ``causal_lm``."""
+    from spectra.lora.train import PEFT_TASKS
+
+    if config.task != "auto":
+        return config.task
+    adapter_task = {peft: name for name, peft in PEFT_TASKS.items()}.get(adapter_src.config.get("task_type"))
+    return trained.get("task") or adapter_task or "causal_lm"
 
 
 def _truncated_weight(F: Spectrum, rank: int, W_base: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -614,12 +696,9 @@ def evaluate_models(base, tuned, adapter_src, eval_data, truncated: dict, *, con
 
     from spectra.checkpoints.targets import loading_rename
     from spectra.lora.data import prepare_tokenizer, tokenize_file
-    from spectra.lora.train import PEFT_TASKS, evaluate, load_model, model_dir
+    from spectra.lora.train import evaluate, load_model, model_dir
 
-    task = config.task
-    if task == "auto":  # spectra_train.json's task, else the adapter's PEFT task_type
-        adapter_task = {peft: name for name, peft in PEFT_TASKS.items()}.get(adapter_src.config.get("task_type"))
-        task = trained.get("task") or adapter_task or "causal_lm"
+    task = _adapter_task(config, adapter_src, trained)
     tuned_config = json.loads((model_dir(tuned) / "config.json").read_text())
     labels = trained.get("label_names")
     if task == "seq_cls" and labels is None and tuned_config.get("id2label"):
