@@ -317,8 +317,11 @@ def analyze_delta(d: DeltaW, config: AnalysisConfig) -> dict[str, Any]:
 
 
 def _gavish_donoho(spec: Spectrum, shape, floor) -> metrics.GavishDonoho:
-    """Unknown-noise GD from the whole spectrum when we have it, else known-noise from the dtype floor."""
-    if spec.complete and spec.k == min(shape) and spec.total_energy > 0:
+    """Unknown-noise GD from the whole spectrum when we have it and it has at least ``GD_MIN_SHORT_SIDE`` values,
+    else known-noise from the dtype floor (a 1×n head or a 3-label classifier: too few values for the median to
+    be noise's; on 1×n the unknown form gave 0 whatever the update)."""
+    if (spec.complete and spec.k == min(shape) and min(shape) >= metrics.GD_MIN_SHORT_SIDE
+            and spec.total_energy > 0):
         return metrics.gavish_donoho(spec, tuple(shape))
     return metrics.gavish_donoho(spec, tuple(shape), sigma=floor.sigma)
 

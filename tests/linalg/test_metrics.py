@@ -116,7 +116,8 @@ def test_zero_spectrum_gives_documented_zeros():
     assert mt.energy_rank(z, 0.9) == 0 and set(mt.energy_ranks(z).values()) == {0}
     assert mt.stable_rank(z) == 0.0 and mt.participation_ratio(z) == 0.0
     assert mt.effective_rank(z) == 0.0 and mt.nuclear_frobenius_ratio(z) == 0.0
-    assert mt.gavish_donoho(z, (5, 8)).rank == 0
+    assert mt.gavish_donoho(torch.zeros(12, dtype=torch.float64), (12, 16)).rank == 0
+    assert mt.gavish_donoho(z, (5, 8), sigma=0.0).rank == 0  # a short side of 5: the known-noise form only
     zero = full_svd(torch.zeros(6, 9))
     assert mt.energy_rank(zero, 0.9) == 0 and mt.stable_rank(zero) == 0.0 and mt.participation_ratio(zero) == 0.0
     with pytest.raises(ConfigError, match="descending"):
