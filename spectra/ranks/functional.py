@@ -12,6 +12,7 @@ its flat curve is no evidence that the modules are not needed.
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any, Mapping
@@ -36,6 +37,10 @@ def functional_ranks(sweep: Any, epsilon: float, *, non_target: str | None = Non
     point is the full fine-tune itself, its gap 0 by construction. When it is the one chosen,
     ``at_full_rank`` says so: no swept rank below full rank met ε (its ``resolved`` is
     trivially True and says nothing about the eval set).
+
+    A gap that is not a finite number (NaN or ±inf: the truncated model's outputs overflowed or went NaN at that
+    rank) is not within ε, so the chosen rank lies above that point; the curve's ``nonfinite_gap`` lists such
+    ranks. A full fine-tune whose own metric is not finite leaves no gap defined and is refused.
 
     A curve the sweep marked unreached by its eval data (``unreached`` in ``sweep.json``: at rank 0
     its changed modules left every example's loss and metric exactly the full fine-tune's) gets no
@@ -73,6 +78,11 @@ def functional_ranks(sweep: Any, epsilon: float, *, non_target: str | None = Non
     non_target = non_target or data["non_target"][0]
     if non_target not in data["non_target"]:
         raise ConfigError(f"non_target {non_target!r}: the sweep measured {data['non_target']} only.")
+    tuned_metric = data["reference"]["tuned"].get("metric")  # every gap is against it, whatever the non-targets
+    if tuned_metric is not None and not math.isfinite(tuned_metric):
+        raise ConfigError(f"the sweep's full fine-tune has {data['metric']['name']} {tuned_metric}: every gap is "
+                          "measured against it, so no functional rank can be read. Check the tuned checkpoint and "
+                          "the eval data (a NaN or an overflow in its outputs).")
     modules = data.get("modules") or []
     curve_of = role_curves(modules) if curve_of is None else curve_of
     curves: dict[str, list[dict]] = {}
@@ -92,12 +102,15 @@ def functional_ranks(sweep: Any, epsilon: float, *, non_target: str | None = Non
             continue
         chosen = None
         for p in reversed(points):  # from the top: the last rank before the curve leaves the ε band
-            if p["gap"] > epsilon:
+            if not (math.isfinite(p["gap"]) and p["gap"] <= epsilon):  # a NaN gap is not known to be within ε
                 break
             chosen = p
         entry = {"rank": None if chosen is None else chosen["rank"], "swept": [p["rank"] for p in points],
                  "full_rank": full,
                  "at_full_rank": None if chosen is None or full is None else bool(chosen["rank"] >= full)}
+        nonfinite = [p["rank"] for p in points if not math.isfinite(p["gap"])]
+        if nonfinite:
+            entry["nonfinite_gap"] = nonfinite
         if chosen is not None:
             interval = chosen.get("gap_interval")
             entry.update(metric=chosen["metric"], gap=chosen["gap"], gap_interval=interval,
