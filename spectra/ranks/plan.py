@@ -99,6 +99,48 @@ class FusedParameter:
         object.__setattr__(self, "shape", tuple(int(d) for d in self.shape))
 
 
+# The modules PEFT's task models train in full whatever the config says, by task type (peft 0.21, peft_model.py:
+# PeftModelForSequenceClassification and PeftModelForTokenClassification add "classifier" and "score" to
+# modules_to_save, PeftModelForQuestionAnswering "qa_outputs"; CAUSAL_LM, SEQ_2_SEQ_LM and FEATURE_EXTRACTION add none).
+PEFT_TASK_MODULES = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"),
+                     "QUESTION_ANS": ("qa_outputs",)}
+
+
+@dataclass(frozen=True)
+class SavedModule:
+    """A module ``get_peft_model`` trains in full for the plan's task type: PEFT adds it to ``modules_to_save``
+    itself (RoBERTa's ``classifier`` head for ``SEQ_CLS``) and trains a copy of every parameter it holds.
+
+    ``params`` is that count, which ``RankPlan.total_params`` (and a budget) includes.
+    """
+
+    name: str
+    params: int
+    task_type: str
+
+
+def task_modules(model, task_type: str | None) -> tuple[SavedModule, ...]:
+    """The modules of ``model`` (real or on the meta device) that PEFT trains in full for ``task_type``.
+
+    Found as PEFT finds them (``peft.utils.other._set_trainable``): every module whose name ends with one of the
+    task's names (:data:`PEFT_TASK_MODULES`; a bare suffix, so DistilBERT's ``pre_classifier`` is one), wrapped in a
+    ``ModulesToSaveWrapper`` that trains a copy of all its parameters. A module inside one already found is part of
+    it; one without parameters trains nothing. Empty for a task type without such modules (``CAUSAL_LM``) or no
+    model.
+    """
+    suffixes = PEFT_TASK_MODULES.get(task_type or "")
+    if model is None or not suffixes:
+        return ()
+    out = []
+    for name, module in model.named_modules(remove_duplicate=False):
+        if not name or not name.endswith(suffixes) or any(name.startswith(m.name + ".") for m in out):
+            continue
+        params = sum(p.numel() for p in module.parameters())
+        if params:
+            out.append(SavedModule(name, int(params), task_type))
+    return tuple(out)
+
+
 @dataclass(frozen=True)
 class RankPlan:
     """Per-module LoRA ranks and alphas, with their cost and captured energy.
@@ -119,6 +161,9 @@ class RankPlan:
     fused : tuple of FusedParameter
         The fused expert parameters the model (built from the analysed base's config) adapts the
         planned experts through, each at its one rank; empty for models without them.
+    modules_to_save : tuple of SavedModule
+        The modules PEFT trains in full for the model's task type (a sequence classifier's head,
+        :func:`task_modules`), counted in ``total_params``; empty for a causal LM.
     """
 
     modules: tuple[ModuleRank, ...]
@@ -128,6 +173,7 @@ class RankPlan:
     budget_gap: float | None = None
     functional: dict | None = None
     fused: tuple[FusedParameter, ...] = ()
+    modules_to_save: tuple[SavedModule, ...] = ()
 
     def __post_init__(self) -> None:
         names = [m.name for m in self.modules]
@@ -137,10 +183,17 @@ class RankPlan:
 
     @property
     def total_params(self) -> int:
-        """Trainable LoRA parameters: Σ of the modules' ``params``, the fused expert parameters' ``padding``, and
-        DoRA magnitudes Σ d_out if used. What ``get_peft_model`` trains with the plan's ``peft_config``."""
+        """Trainable parameters: Σ of the modules' ``params``, the fused expert parameters' ``padding``, DoRA
+        magnitudes Σ d_out if used, and the parameters of the modules PEFT trains in full for the task type
+        (``modules_to_save``: a classifier's head). What ``get_peft_model`` trains with the plan's ``peft_config``."""
         extra = sum(m.shape[0] for m in self.modules) if self.policy.use_dora else 0
-        return sum(m.params for m in self.modules) + sum(f.padding for f in self.fused) + extra
+        return (sum(m.params for m in self.modules) + sum(f.padding for f in self.fused) + extra
+                + self.saved_params)
+
+    @property
+    def saved_params(self) -> int:
+        """Parameters of the modules PEFT trains in full for the task type (``modules_to_save``), in the total."""
+        return sum(m.params for m in self.modules_to_save)
 
     @property
     def total_energy(self) -> float:
@@ -202,7 +255,9 @@ class RankPlan:
                            "energy": self.total_energy, "mean_energy": self.mean_energy},
                 "modules": [dataclasses.asdict(m) for m in self.modules],
                 "left_out": [dataclasses.asdict(m) for m in self.left_out], "functional": self.functional,
-                "fused": [dataclasses.asdict(f) for f in self.fused]}
+                "fused": [dataclasses.asdict(f) for f in self.fused]} | (
+                    {"modules_to_save": [dataclasses.asdict(m) for m in self.modules_to_save]}
+                    if self.modules_to_save else {})  # only where PEFT trains some: other plans' files unchanged
 
     @classmethod
     def from_dict(cls, data: Mapping) -> "RankPlan":
@@ -216,7 +271,8 @@ class RankPlan:
                    left_out=tuple(LeftOut(**m) for m in data.get("left_out", [])),
                    policy=RankPolicy(**policy), base=data.get("base"), budget_gap=data.get("budget_gap"),
                    functional=data.get("functional"),
-                   fused=tuple(FusedParameter(**f) for f in data.get("fused") or ()))
+                   fused=tuple(FusedParameter(**f) for f in data.get("fused") or ()),
+                   modules_to_save=tuple(SavedModule(**m) for m in data.get("modules_to_save") or ()))
 
     def to_peft_config(self, *, module_names: Iterable[str] | None = None, model=None,
                        task_type: str | None = "CAUSAL_LM", lora_dropout: float = 0.0) -> dict:
@@ -617,8 +673,9 @@ def save_plan(plan: RankPlan, path: str | os.PathLike, *, model_config: Mapping 
     transformers can build, the plan's own (checkpoint) names are written and
     ``peft_config_model`` is null. Its ``task_type`` is that class's
     (:func:`~spectra.checkpoints.targets.peft_task_type`: ``CAUSAL_LM`` for a causal LM,
-    ``SEQ_CLS`` for a sequence classifier, …, null for a bare model or no config). ``models``: the command's
-    :class:`MetaModels`, where that model may have been built already (default: built here).
+    ``SEQ_CLS`` for a sequence classifier, …, null for a bare model or no config); a note says where PEFT, for that
+    task type, trains other modules in full than the plan counts (``RankPlan.modules_to_save``). ``models``: the
+    command's :class:`MetaModels`, where that model may have been built already (default: built here).
     """
     from spectra.checkpoints.targets import architecture, meta_model, peft_task_type
 
@@ -630,13 +687,24 @@ def save_plan(plan: RankPlan, path: str | os.PathLike, *, model_config: Mapping 
     if plan.modules:
         config = model_config if model_config is not None else base_config(plan.base)
         model = (models or meta_model)(config)
-        data["peft_config"], notes = plan._peft_config(model=model, task_type=peft_task_type(config))
+        task_type = peft_task_type(config)
+        data["peft_config"], notes = plan._peft_config(model=model, task_type=task_type)
+        saved = task_modules(model, task_type)
+        if saved != plan.modules_to_save:  # a plan made without this model's config (from rows, another class)
+            notes.append(f"get_peft_model trains {_saved_text(saved) or 'no module'} in full for task_type "
+                         f"{task_type} (it adds them to modules_to_save), the plan's total counts "
+                         f"{_saved_text(plan.modules_to_save) or 'none'}: plan with this model's config "
+                         "(recommend --config, or a base with its config.json) for a total and budget that hold.")
         data["peft_config_model"] = architecture(config) if model is not None else None
         data["peft_config_notes"] = notes
         for note in notes:
             warnings.warn(note, PeftConfigWarning, stacklevel=2)
     write_text_atomic(path, json.dumps(data, indent=2) + "\n")
     return path
+
+
+def _saved_text(saved: Iterable[SavedModule]) -> str:
+    return ", ".join(f"{m.name} ({m.params:,} parameters)" for m in saved)
 
 
 def base_config(base: Mapping | None) -> dict | None:

@@ -30,7 +30,8 @@ from spectra.errors import ConfigError
 from spectra.files import record_origin
 from spectra.ranks.budget import allocate_budget
 from spectra.ranks.functional import functional_ranks, read_sweep, role_curves
-from spectra.ranks.plan import _EXPERT_INDEX, FusedParameter, LeftOut, MetaModels, ModuleRank, RankPlan
+from spectra.ranks.plan import (_EXPERT_INDEX, PEFT_TASK_MODULES, FusedParameter, LeftOut, MetaModels, ModuleRank,
+                                RankPlan, SavedModule)
 from spectra.ranks.policy import DEFAULT_ENERGY, RankPolicy
 
 # roles a LoRA on linear layers does not target unless asked: embeddings (the token embedding, and the tables looked
@@ -300,6 +301,13 @@ def recommend_ranks(analysis: Any, policy: RankPolicy | None = None, *, sweep: A
     rank costs E·(d1 + d2) (an expert the plan leaves out of the projection, an unchanged w3, is trained all the
     same: :class:`~spectra.ranks.plan.FusedParameter`'s ``padding``) and gains Σ over its experts of the σᵢ²
     captured. The budget then holds for what ``get_peft_model`` trains with the plan's ``peft_config``.
+
+    Task heads. For a classifier (``…ForSequenceClassification``: task type ``SEQ_CLS``; ``TOKEN_CLS``,
+    ``QUESTION_ANS``) PEFT trains the head in full whatever the config says (it adds ``classifier``/``score`` or
+    ``qa_outputs`` to ``modules_to_save``). Those modules (:func:`~spectra.ranks.plan.task_modules`, on the model
+    built on the meta device) are ``RankPlan.modules_to_save``, their parameters in the total; a budget spends
+    them first (a budget that does not cover them is refused), and a targeted module inside them is left out
+    (PEFT puts no LoRA there).
     """
     policy = policy or RankPolicy()
     if policy.functional is not None and sweep is None:
@@ -341,6 +349,9 @@ def recommend_ranks(analysis: Any, policy: RankPolicy | None = None, *, sweep: A
             left_out.append(LeftOut(s.name, why, needed, math.sqrt(s.fro2)))
         else:
             spectra.append(s)
+    saved = _saved_by_peft(base, model_config, models)  # a classifier's head, which PEFT trains in full
+    if saved:
+        spectra = _outside_saved(spectra, saved, left_out, policy, base, model_config, models)
     unchanged = sum(m.reason == "unchanged (ΔW = 0)" for m in left_out)
     if not spectra and unchanged and all(float(r.get("fro_norm") or 0.0) == 0.0 for r in rows
                                          if r.get("kind", "matrix") == "matrix"):
@@ -391,10 +402,16 @@ def recommend_ranks(analysis: Any, policy: RankPolicy | None = None, *, sweep: A
     items = _decisions(plan, _expert_parameters([s.name for s, _, _ in plan], base, model_config, models))
     budget_gap = None
     budget = policy.budget
-    cost = sum(item.upper * item.unit for item in items) + _fixed_cost([s for s, _, _ in plan], policy)
+    head = sum(m.params for m in saved)
+    cost = sum(item.upper * item.unit for item in items) + _fixed_cost([s for s, _, _ in plan], policy) + head
+    if budget is not None and budget <= head:
+        raise ConfigError(f"The budget (RankPolicy.budget, {budget:,} parameters) does not cover "
+                          f"{' and '.join(m.name for m in saved)}, which PEFT trains in full for task_type "
+                          f"{saved[0].task_type} ({head:,} parameters: get_peft_model adds it to modules_to_save), "
+                          f"and leaves nothing for LoRA. Raise the budget above {head:,} parameters.")
     if budget is not None and (cost > budget or (policy.energy is None and not policy.knee
                                                  and policy.rank is None and not policy.uniform)):
-        ranks, budget_gap = _apply_budget(items, policy, budget)
+        ranks, budget_gap = _apply_budget(items, policy, budget, head)
     else:
         ranks = [item.upper for item in items]
 
@@ -415,7 +432,45 @@ def recommend_ranks(analysis: Any, policy: RankPolicy | None = None, *, sweep: A
                                    rank * shape[0] * (shape[1] + shape[2]) - planned)
                     for name, (shape, rank, planned) in fused.items())
     return RankPlan(modules=tuple(modules), left_out=tuple(left_out), policy=policy, base=base,
-                    budget_gap=budget_gap, functional=functional, fused=records)
+                    budget_gap=budget_gap, functional=functional, fused=records, modules_to_save=saved)
+
+
+def _saved_by_peft(base: Mapping | None, model_config: Mapping | None,
+                   models: MetaModels | None) -> tuple[SavedModule, ...]:
+    """The modules PEFT trains in full for the task type of the class ``model_config`` names (default: the config
+    beside the analysed base): :func:`~spectra.ranks.plan.task_modules` on it, built on the meta device (by
+    ``models`` where given) only for a task type that has such modules (a classifier's); empty otherwise."""
+    from spectra.checkpoints.targets import meta_model, peft_task_type
+    from spectra.ranks.plan import base_config, task_modules
+
+    config = model_config if model_config is not None else base_config(base)
+    task = peft_task_type(config)
+    if task not in PEFT_TASK_MODULES:
+        return ()
+    return task_modules((models or meta_model)(config), task)
+
+
+def _outside_saved(spectra: list[_Spectrum], saved: tuple[SavedModule, ...], left_out: list[LeftOut],
+                   policy: RankPolicy, base: Mapping | None, model_config: Mapping | None,
+                   models: MetaModels | None) -> list[_Spectrum]:
+    """The targeted modules outside those PEFT trains in full; those inside (``--roles head`` on a classifier: PEFT
+    puts no LoRA there, it trains the whole head) go to ``left_out``, saying so."""
+    from spectra.checkpoints.targets import meta_model, model_targets
+    from spectra.ranks.plan import base_config
+
+    config = model_config if model_config is not None else base_config(base)
+    found = model_targets([s.name for s in spectra], (models or meta_model)(config))
+    kept = []
+    for s in spectra:
+        target = found[s.name].name if found[s.name] is not None else s.name
+        holder = next((m for m in saved if target == m.name or target.startswith(m.name + ".")), None)
+        if holder is None:
+            kept.append(s)
+            continue
+        left_out.append(LeftOut(s.name, f"in {holder.name}, which PEFT trains in full for task_type "
+                                        f"{holder.task_type} (modules_to_save): no LoRA there",
+                                s.energy_rank(policy.energy or DEFAULT_ENERGY)[0], math.sqrt(s.fro2)))
+    return kept
 
 
 def _excluded(s: _Spectrum, policy: RankPolicy) -> str | None:
@@ -584,7 +639,9 @@ def _projection(members: list, parameter: str, shape: tuple[int, int, int]) -> _
                      shape[0] * (shape[1] + shape[2]), parameter, shape)
 
 
-def _apply_budget(items: list[_Decision], policy: RankPolicy, budget: int) -> tuple[list[int], float]:
+def _apply_budget(items: list[_Decision], policy: RankPolicy, budget: int, saved: int = 0) -> tuple[list[int], float]:
+    """Ranks within ``budget`` and the gap bound; ``saved``: the parameters PEFT trains in full (a classifier's
+    head), spent before any rank, beside DoRA's magnitudes."""
     ladders, gains, costs = [], [], []
     for item in items:
         upper = item.upper
@@ -599,6 +656,10 @@ def _apply_budget(items: list[_Decision], policy: RankPolicy, budget: int) -> tu
         gains.append([item.gain(r) for r in ladder])  # captured Σσᵢ² at each rung
         costs.append(item.unit)
     spectra = [s for item in items for s, _ in item.members]
-    result = allocate_budget(ladders, gains, costs, budget, fixed_cost=_fixed_cost(spectra, policy))
+    dora = _fixed_cost(spectra, policy)
+    parts = ([f"{dora:,} DoRA magnitudes"] if dora else []) + ([f"{saved:,} the head PEFT trains in full"]
+                                                               if saved else [])
+    result = allocate_budget(ladders, gains, costs, budget, fixed_cost=dora + saved,
+                             fixed_label="fixed: " + " and ".join(parts) if parts else "fixed")
     total = sum(s.fro2 for s in spectra)
     return list(result.ranks), (result.gap / total if total > 0 else 0.0)
