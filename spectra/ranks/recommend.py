@@ -454,21 +454,30 @@ def _outside_saved(spectra: list[_Spectrum], saved: tuple[SavedModule, ...], lef
                    policy: RankPolicy, base: Mapping | None, model_config: Mapping | None,
                    models: MetaModels | None) -> list[_Spectrum]:
     """The targeted modules outside those PEFT trains in full; those inside (``--roles head`` on a classifier: PEFT
-    puts no LoRA there, it trains the whole head) go to ``left_out``, saying so."""
+    puts no LoRA there, it trains the whole head) go to ``left_out``, saying so, and a module left out already
+    (the head's role, unchanged) that lies inside one says PEFT trains it all the same."""
     from spectra.checkpoints.targets import meta_model, model_targets
     from spectra.ranks.plan import base_config
 
     config = model_config if model_config is not None else base_config(base)
-    found = model_targets([s.name for s in spectra], (models or meta_model)(config))
+    found = model_targets([s.name for s in spectra] + [m.name for m in left_out], (models or meta_model)(config))
+
+    def holder(name: str) -> SavedModule | None:
+        target = found[name].name if found[name] is not None else name
+        return next((m for m in saved if target == m.name or target.startswith(m.name + ".")), None)
+
+    def trained(m: SavedModule) -> str:
+        return f"in {m.name}, which PEFT trains in full for task_type {m.task_type} (modules_to_save)"
+
+    for i, m in enumerate(left_out):
+        if (held := holder(m.name)) is not None:
+            left_out[i] = dataclasses.replace(m, reason=f"{m.reason}; {trained(held)}")
     kept = []
     for s in spectra:
-        target = found[s.name].name if found[s.name] is not None else s.name
-        holder = next((m for m in saved if target == m.name or target.startswith(m.name + ".")), None)
-        if holder is None:
+        if (held := holder(s.name)) is None:
             kept.append(s)
             continue
-        left_out.append(LeftOut(s.name, f"in {holder.name}, which PEFT trains in full for task_type "
-                                        f"{holder.task_type} (modules_to_save): no LoRA there",
+        left_out.append(LeftOut(s.name, f"{trained(held)}: no LoRA there",
                                 s.energy_rank(policy.energy or DEFAULT_ENERGY)[0], math.sqrt(s.fro2)))
     return kept
 

@@ -101,6 +101,9 @@ def test_plan_total_is_what_peft_trains(pair, tmp_path, budget):
         assert saved["modules_to_save"] == [{"name": "classifier", "params": head, "task_type": "SEQ_CLS"}]
         assert plan.saved_params == head and trained == sum(m.params for m in plan.modules) + head
         assert load_plan(tmp_path / "plan.json").modules_to_save == plan.modules_to_save  # read back
+        head_rows = [m for m in plan.left_out if m.name.startswith("classifier")]  # left out by role, trained whole
+        assert head_rows and all(m.reason.startswith("role 'head'") and m.reason.endswith(
+            "; in classifier, which PEFT trains in full for task_type SEQ_CLS (modules_to_save)") for m in head_rows)
     if budget_params is not None:
         assert plan.budget_gap is not None and trained <= budget_params
         assert any(m.reason == "budget" for m in plan.modules)  # the budget bound
