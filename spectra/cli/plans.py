@@ -109,7 +109,7 @@ def recommend(
     if source:
         try:
             est = estimate_memory(source, method="dora" if dora else method, rank_plan_or_rank=plan, batch=batch,
-                                  seq_len=seq_len)
+                                  seq_len=seq_len, models=models)
         except ConfigError as exc:  # the estimate is an extra: a model the memory model lacks still gets its plan
             memory_skipped = str(exc)
     notes = []

@@ -102,7 +102,7 @@ def estimate_memory(config_or_model: Any, *, method: str = "lora", rank_plan_or_
                     stacks: tuple[str, ...] | None = None, attention: str = "sdpa", double_quant: bool = True,
                     use_cache: bool = True,
                     layers_to_transform: int | tuple[int, ...] | None = None,
-                    input_require_grads: bool = False) -> MemoryEstimate:
+                    input_require_grads: bool = False, models=None) -> MemoryEstimate:
     """Estimate the memory of fine-tuning (and serving) a model, by component, in bytes.
 
     Parameters
@@ -186,6 +186,10 @@ def estimate_memory(config_or_model: Any, *, method: str = "lora", rank_plan_or_
         PEFT's ``prepare_model_for_kbit_training`` calls for reentrant checkpointing, its default).
         Then every block keeps its tensors; without it the blocks before the first adapted layer
         keep nothing, as no tensor there requires grad. Default False.
+    models : MetaModels, optional
+        Builds the models read off the config on the meta device (an MoE's base model and causal LM;
+        :class:`spectra.ranks.plan.MetaModels`): pass the one that built the plan's, and they are built once for
+        both. Default: built here.
 
     Returns
     -------
@@ -270,7 +274,7 @@ def estimate_memory(config_or_model: Any, *, method: str = "lora", rank_plan_or_
     _check_rank(rank_plan_or_rank, method)
     roles = _check_roles(roles, method, plan)  # () reads as None: every block role, as train reads it
     cfg = load_config(config_or_model)
-    shape = model_shape(cfg)
+    shape = model_shape(cfg, models=models)
     notes: list[str] = []
     # train's rule for --max-length: the default cut to the model's positions, beyond a learned table refused. The
     # family decides rotary where config.json names no rotary key (a Llama config.json of its required keys alone)
@@ -282,7 +286,7 @@ def estimate_memory(config_or_model: Any, *, method: str = "lora", rank_plan_or_
         attention = "eager"  # what transformers runs when asked for no implementation (the result says so)
     # the causal LM spectra train loads (AutoModelForCausalLM), on the meta device: built only for an MoE's int rank
     train_model = functools.partial(_meta_model_for, cfg, str(cfg.get("model_type", "")).lower(),
-                                    "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES")
+                                    "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", models=models)
     adapter_modules = _adapter_modules(shape, method, rank_plan_or_rank, roles, layers_to_transform,
                                        parse_stacks(stacks), train_model, notes=notes)
     if method == "qlora" and (narrow := _narrow_4bit_note(shape)):

@@ -632,8 +632,8 @@ class MetaModels:
     after; a base model (``MixtralModel``) asked after a model of the config that holds it (``MixtralForCausalLM``:
     its ``base_model``, built by the same ``__init__`` from the same config) is that one. ``spectra recommend``
     makes one for :func:`~spectra.ranks.recommend_ranks` (an MoE's fused experts) and :func:`save_plan` (the
-    peft_config's names), which then build the model once between them; :func:`spectra.memory.shape.model_shape`
-    takes it too. After the first build of a process (transformers' modelling import, seconds) a build costs
+    peft_config's names) and :func:`~spectra.memory.estimate_memory` (an MoE's base model and causal LM), which
+    then build the model once between them. After the first build of a process (transformers' modelling import, seconds) a build costs
     0.1-0.3 s (Mixtral-8x7B's, DeepSeek-V3's on the meta device).
 
     Made per command, never shared beyond it: the callers only read the models (names, shapes, PEFT's config

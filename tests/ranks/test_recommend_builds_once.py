@@ -117,3 +117,29 @@ def test_another_config_is_built_afresh(builds):
     assert len(models(deeper).model.layers) == 3 and len(first.model.layers) == 2
     config["num_hidden_layers"] = 3  # the dict it was built from, changed in place: now the deeper one's
     assert models(config) is models(deeper) is not first and len(builds) == 2
+
+
+def test_recommend_builds_the_model_once(tmp_path, builds):
+    """`spectra recommend -o` on an MoE: one build for the plan's experts, its peft_config and the memory estimate
+    (four before: the plan's, MixtralModel and MixtralForCausalLM for memory, the peft_config's), and the same plan
+    and estimate as each step building its own."""
+    from typer.testing import CliRunner
+
+    from spectra.cli import app
+    from spectra.memory import estimate_memory
+
+    analysis, _ = _mixtral_analysis(tmp_path)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "analysis.json").write_text(json.dumps(analysis))
+    out = tmp_path / "plan.json"
+    result = CliRunner().invoke(app, ["recommend", str(tmp_path / "run"), "--energy", "0.99", "--json", "-o",
+                                      str(out)])
+    assert result.exit_code == 0, result.output
+    assert builds == ["MixtralForCausalLM"]
+    printed = json.loads(result.output)
+    builds.clear()
+    plan = recommend_ranks(analysis, RankPolicy(energy=0.99))
+    reference = estimate_memory(tmp_path / "base", rank_plan_or_rank=plan)
+    assert len(builds) == 3  # each its own: the plan's, then memory's base model and causal LM
+    assert printed == json.loads(json.dumps(plan.to_dict() | {"memory": reference.to_dict()}))
+    assert json.loads(out.read_text())["peft_config"] == _saved(plan, tmp_path / "before.json")["peft_config"]
