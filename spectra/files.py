@@ -225,7 +225,8 @@ def refuse_replacing_others(output: str | os.PathLike, *, command: str, overwrit
     (``analysis.json``), and every file and folder under `output` must be a record or match
     one of its patterns. A file where a directory goes is refused with or without
     ``overwrite`` (it is not what this command writes, and ``overwrite`` would not help).
-    `option` names the output in messages (``-o/--output`` in the CLI, ``out_dir`` in Python).
+    `option` names the output in messages (``-o/--output`` in the CLI, ``out_dir`` in Python); they name
+    ``overwrite=True``, which the CLI's messages read as ``--overwrite``.
 
     A record must also be `command`'s by content where it says: a ``sweep.json`` that `spectra verify --sweep`
     wrote (its ``"command"``, or its ``"kind"`` where older) is not `spectra sweep`'s to replace, nor the reverse;
@@ -243,16 +244,16 @@ def refuse_replacing_others(output: str | os.PathLike, *, command: str, overwrit
         raise ConfigError(f"{option} {output} is a file; `spectra {command}` writes a directory there. Choose another "
                           f"{option}.")
     if not overwrite:
-        raise ConfigError(f"{option} {output} exists; pass --overwrite (overwrite=True in Python) to replace it or "
-                          f"choose another {option}.")
+        raise ConfigError(f"{option} {output} exists; pass overwrite=True to replace it or choose another {option}.")
     entries = out.rglob("*")  # lazily: a home folder given by mistake is refused at its first foreign file
     first = next(entries, None)
     if first is None:
         return
     other = _not_written_by(out, command, records)  # first: a report of the other kind is named as such
     if other is not None:
-        raise ConfigError(f"{option} {output} {other}: --overwrite replaces only a directory that `spectra {command}` "
-                          f"wrote (or an empty one). Choose another {option}, or move the files out first.")
+        raise ConfigError(f"{option} {output} {other}: overwrite=True replaces only a directory that "
+                          f"`spectra {command}` wrote (or an empty one). Choose another {option}, or move the files "
+                          "out first.")
     listed = _recorded_files(out, records)
     if listed is not None:  # the record names every file the command saved: those alone, and their folders
         writes = (*listed, *{Path(f).parent.as_posix() for f in listed if "/" in f})
@@ -267,9 +268,9 @@ def refuse_replacing_others(output: str | os.PathLike, *, command: str, overwrit
     why = (f"holds {foreign.relative_to(out).as_posix()}{f' ({origin})' if origin else ''}, which `spectra {command}` "
            "does not write" if foreign is not None
            else f"holds no {' or '.join(records)}, so `spectra {command}` did not write it")
-    raise ConfigError(f"{option} {output} {why}: --overwrite replaces only a directory that `spectra {command}` wrote "
-                      f"(or an empty one), and nothing else in it. Choose another {option}, or move the files out "
-                      "first.")
+    raise ConfigError(f"{option} {output} {why}: overwrite=True replaces only a directory that `spectra {command}` "
+                      f"wrote (or an empty one), and nothing else in it. Choose another {option}, or move the files "
+                      "out first.")
 
 
 def _recorded_files(out: Path, records: tuple[str, ...]) -> tuple[str, ...] | None:

@@ -141,7 +141,7 @@ def test_refuse_replacing_others_allows_only_what_the_command_writes(tmp_path):
     for name in ("analysis.json", "report.md", "figures/decay.png"):
         (run / name).write_text("x")
     check(run)
-    with pytest.raises(ConfigError, match="exists; pass --overwrite"):
+    with pytest.raises(ConfigError, match="exists; pass overwrite=True to replace it"):
         check(run, overwrite=False)
     (run / "figures" / "thesis.tex").write_text("mine")  # deep inside: named too
     with pytest.raises(ConfigError, match="holds figures/thesis.tex, which `spectra analyze` does not write"):
@@ -179,7 +179,7 @@ def test_staged_directory_given_its_command_applies_the_overwrite_rule_before_st
     out = tmp_path / "run"
     with staged_directory(out, command="analyze", overwrite=False) as staging:  # new: written
         (staging / "analysis.json").write_text("old")
-    with pytest.raises(ConfigError, match="exists; pass --overwrite"):  # negative control: no overwrite, refused
+    with pytest.raises(ConfigError, match="exists; pass overwrite=True to replace it"):  # negative control: no overwrite, refused
         with staged_directory(out, command="analyze"):
             pass
     (out / "thesis.tex").write_text("mine")

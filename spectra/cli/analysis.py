@@ -61,6 +61,7 @@ def pairs(
 
 
 def analyze(
+    ctx: typer.Context,
     base: Annotated[str, typer.Argument(help="Pretrained checkpoint: directory, .safetensors/.bin file, index JSON or hub id.")],
     tuned: Annotated[str, typer.Argument(help="Fine-tuned checkpoint (same forms), or a PEFT adapter directory.")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Report directory to write (refused if it exists, unless --overwrite).")] = Path("reports/analysis"),
@@ -98,10 +99,14 @@ def analyze(
     Under torchrun (`torchrun --nproc-per-node 4 $(which spectra) analyze BASE TUNED -o out`) the modules
     are shared across ranks and rank 0 writes the report.
     """
+    from spectra.errors import ConfigError
+
+    if calibration is None and ctx.get_parameter_source("calibration_epsilon").name != "DEFAULT":
+        raise ConfigError("--calibration-epsilon is the ridge of the calibration data's second moment, so without "
+                          "--calibration it would be ignored; pass --calibration DATA, or drop it.")
     _writable(output, base, tuned, calibration, command="analyze", overwrite=overwrite)  # before the work
     from spectra.analysis import AnalysisConfig
     from spectra.analysis import analyze as run_analysis
-    from spectra.errors import ConfigError
 
     import os
 

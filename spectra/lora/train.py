@@ -202,8 +202,9 @@ class TrainConfig:
             raise ConfigError(f"lr must be positive, got {self.lr}.")
         if self.alpha is not None and not self.alpha > 0:  # α = 0 trains nothing, α < 0 flips the update
             raise ConfigError(f"alpha (--alpha) must be positive, got {self.alpha}.")
-        if not 0.0 <= self.eval_fraction < 1.0 or not 0.0 <= self.warmup_ratio < 1.0:
-            raise ConfigError("eval_fraction and warmup_ratio must lie in [0, 1).")
+        for name in ("eval_fraction", "warmup_ratio"):  # each named with its value (the CLI's --eval-fraction)
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"{name} must lie in [0, 1), got {getattr(self, name)}.")
         if self.compute_dtype not in _COMPUTE_DTYPES:
             raise ConfigError(f"compute_dtype {self.compute_dtype!r} is not one of {', '.join(_COMPUTE_DTYPES)}.")
         self._refuse_ignored_options()

@@ -161,8 +161,9 @@ class RankPolicy:
                     raise ConfigError(f"RankPolicy.{name}={value} is not a power of two but power_of_two=True.")
         if self.alpha_rule not in _ALPHA_RULES:
             raise ConfigError(f"RankPolicy.alpha_rule must be one of {_ALPHA_RULES}, got {self.alpha_rule!r}.")
-        if not (self.scale > 0 and self.alpha > 0):
-            raise ConfigError(f"RankPolicy.scale and alpha must be > 0, got {self.scale}, {self.alpha}.")
+        for name in ("scale", "alpha"):  # each named with its value: the CLI reads RankPolicy.alpha as --alpha
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"RankPolicy.{name} must be > 0, got {getattr(self, name)}.")
         if self.include is not None and self.include.startswith("re:"):
             try:
                 re.compile(self.include[3:])

@@ -40,12 +40,14 @@ def test_recommend_names_a_refused_energy_as_typed(monkeypatch, capsys, report, 
 
 
 def test_the_number_of_an_option_not_typed_stays_as_printed(monkeypatch, capsys, report):
-    """--alpha -1 with alpha-rule constant: the typed -1 as typed, and beside it the default scale (2.0, not typed)
-    as the library prints it."""
+    """--alpha -1 with alpha-rule constant: the typed -1 as typed; a number beside it that no option typed (the
+    default scale, 2.0) as the library prints it."""
     code, _, err = run(monkeypatch, capsys, "recommend", report, "--alpha-rule", "constant", "--alpha", "-1")
-    assert code == 2 and "must be > 0, got 2.0, -1.\n" in err, err
+    assert code == 2 and "--alpha must be > 0, got -1.\n" in err, err
     code, _, err = run(monkeypatch, capsys, "recommend", report, "--scale", "-1.0")  # typed as printed: unchanged
-    assert code == 2 and "must be > 0, got -1.0, 16.0." in err, err
+    assert code == 2 and "--scale must be > 0, got -1.0." in err, err
+    argv = ["recommend", "r", "--alpha-rule", "constant", "--alpha", "-1"]
+    assert _cli_words("alpha must be > 0, got -1.0 (scale 2.0).", argv) == "--alpha must be > 0, got -1 (scale 2.0)."
 
 
 @pytest.mark.parametrize("args, said, before", [

@@ -52,3 +52,17 @@ def test_an_empty_roles_selection_is_the_default_as_train_reads_it(empty):
     assert {m.name for m in empty_plan.left_out} == {m.name for m in explicit.left_out} == {
         "m.embed_tokens", "m.layers.0.mlp.gate", "lm_head"}
     assert recommend_ranks(analysis(*rows), RankPolicy(roles=("q",), energy=0.8)).modules != empty_plan.modules
+
+
+@pytest.mark.parametrize("kwargs, said", [
+    (dict(scale=-1.0), "RankPolicy.scale must be > 0, got -1.0."),
+    (dict(scale=0.0, alpha_rule="constant"), "RankPolicy.scale must be > 0, got 0.0."),
+    (dict(alpha=0.0, alpha_rule="constant"), "RankPolicy.alpha must be > 0, got 0.0."),
+    (dict(alpha=float("nan")), "RankPolicy.alpha must be > 0, got nan."),
+])
+def test_scale_and_alpha_are_refused_each_by_name_with_its_value(kwargs, said):
+    """"RankPolicy.scale and alpha must be > 0, got 2.0, -1.0": which one was at fault was left to the reader."""
+    with pytest.raises(ConfigError) as exc:
+        RankPolicy(**kwargs)
+    assert str(exc.value) == said
+    RankPolicy(scale=0.5, alpha=0.5)  # negative control: both positive, taken
