@@ -91,7 +91,7 @@ class CalibrationConfig:
 
     def __post_init__(self) -> None:
         if not (isinstance(self.epsilon, (int, float)) and 0 < self.epsilon < 1):
-            raise ConfigError(f"calibration epsilon {self.epsilon!r} must lie in (0, 1): it is a ridge relative to "
+            raise ConfigError(f"calibration_epsilon {self.epsilon!r} must lie in (0, 1): it is a ridge relative to "
                               "C's mean eigenvalue (e.g. 1e-6).")
         if self.max_examples is not None and self.max_examples < 1:
             raise ConfigError(f"calibration max_examples {self.max_examples} must be ≥ 1 (or None for all).")

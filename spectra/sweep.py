@@ -125,8 +125,10 @@ class SweepConfig:
         object.__setattr__(self, "stacks", parse_stacks(self.stacks, option="stacks (--stacks)"))
         check_task(self.task, option="task (--task)")
         check_max_length(self.max_length, option="max_length (--max-length)")
-        if self.batch_size < 1 or self.bootstrap < 0:
-            raise ConfigError("batch_size must be ≥ 1 and bootstrap ≥ 0.")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size must be ≥ 1, got {self.batch_size}.")
+        if self.bootstrap < 0:
+            raise ConfigError(f"bootstrap must be ≥ 0, got {self.bootstrap}.")
         if not 0 < self.confidence < 1:
             raise ConfigError(f"confidence {self.confidence} must lie in (0, 1), e.g. 0.95.")
         check_device(self.device)

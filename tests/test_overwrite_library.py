@@ -24,7 +24,7 @@ def check_rule(write, out, *, record: str, command: str, written: str):
     (out / written).write_bytes(b"stale")
     write(True)  # a folder it wrote: replaced whole
     assert (out / written).read_bytes() != b"stale"
-    with pytest.raises(ConfigError, match="exists; pass --overwrite"):  # negative control: no overwrite, refused
+    with pytest.raises(ConfigError, match="exists; pass overwrite=True"):  # negative control: no overwrite, refused
         write(False)
     (out / "thesis.tex").write_text("mine")
     kept = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}

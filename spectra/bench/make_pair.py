@@ -86,8 +86,11 @@ class PairConfig:
             raise ConfigError(f"relative_size: {self.relative_size} must be in (0, 1).")
         if not 0 <= self.tail < 1:
             raise ConfigError(f"tail: {self.tail} must be in [0, 1).")
-        if self.rank_scale <= 0 or self.shard_bytes < 1 << 16 or self.init_std <= 0:
-            raise ConfigError("rank_scale and init_std must be > 0 and shard_bytes ≥ 64 KiB.")
+        for name in ("rank_scale", "init_std"):  # each named with its value (the CLI's --rank-scale)
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}.")
+        if self.shard_bytes < 1 << 16:
+            raise ConfigError(f"shard_bytes must be ≥ 64 KiB (65536), got {self.shard_bytes}.")
 
 
 def tensor_plan(shape: str) -> list[tuple[str, tuple[int, ...]]]:

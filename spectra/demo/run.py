@@ -50,8 +50,9 @@ class DemoConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if min(self.train_per_class, self.eval_per_class, self.test_per_class) < 1:
-            raise ConfigError("train/eval/test_per_class must be ≥ 1.")
+        for name in ("train_per_class", "eval_per_class", "test_per_class"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be ≥ 1, got {getattr(self, name)}.")
         if not 0 < self.energy <= 1:
             raise ConfigError(f"energy {self.energy} must lie in (0, 1].")
         if not self.sweep_ranks or min(self.sweep_ranks) < 1:

@@ -111,8 +111,9 @@ class VerifyConfig:
     exact_below: int = EXACT_BELOW  # full SVDs cost milliseconds up to here; certified partial ones above
 
     def __post_init__(self) -> None:
-        if self.intruder_k < 1 or self.phi_max < 1 or self.figure_modules < 0:
-            raise ConfigError("intruder_k and phi_max must be ≥ 1 and figure_modules ≥ 0.")
+        for name, least in (("intruder_k", 1), ("phi_max", 1), ("figure_modules", 0)):  # each with its value
+            if getattr(self, name) < least:
+                raise ConfigError(f"{name} must be ≥ {least}, got {getattr(self, name)}.")
         if isinstance(self.exact_below, bool) or not isinstance(self.exact_below, int) or self.exact_below < 0:
             raise ConfigError(f"exact_below {self.exact_below!r} must be an int ≥ 0.")
         if not 0.0 < self.intruder_epsilon < 1.0:

@@ -98,7 +98,7 @@ def test_existing_directory_is_refused_without_overwrite(tmp_path, analysis, che
     out = tmp_path / "run"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    with pytest.raises(ConfigError, match="exists; pass --overwrite"):
+    with pytest.raises(ConfigError, match="exists; pass overwrite=True"):
         render.write_report(analysis, out)
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
     # overwrite replaced the folder whole, keep.txt with it: only a folder write_report wrote (or an empty one) goes

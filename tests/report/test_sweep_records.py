@@ -25,8 +25,13 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 
 def cli(*args) -> tuple[int, str]:
+    """The exit code and the output, with a library error in the command's words as `spectra` prints it
+    (``overwrite=True`` read as ``--overwrite``)."""
+    from spectra.cli.messages import _cli_message
+
     result = CliRunner().invoke(app, [str(a) for a in args])
-    message = "" if result.exception is None or isinstance(result.exception, SystemExit) else str(result.exception)
+    message = ("" if result.exception is None or isinstance(result.exception, SystemExit)
+               else _cli_message(result.exception, [str(a) for a in args]))
     return result.exit_code, result.output + message
 
 
