@@ -128,7 +128,9 @@ def recommend(
     rows = [(_fmt(m.role), "×".join(map(str, m.shape)), str(m.rank), f"{m.alpha:g}",
              f"{m.energy:.1%}" + ("" if m.energy == m.energy_upper else f"–{m.energy_upper:.1%}"), f"{m.params:,}",
              m.reason) for m in plan.modules]
-    table = _module_table(f"LoRA plan: {len(plan.modules)} modules, {plan.total_params:,} parameters, "
+    head = (f" ({plan.total_params - plan.saved_params:,} LoRA + {plan.saved_params:,} of the head)"
+            if plan.modules_to_save else "")
+    table = _module_table(f"LoRA plan: {len(plan.modules)} modules, {plan.total_params:,} parameters{head}, "
                           f"{plan.total_energy:.1%} of ΔW energy captured", [m.name for m in plan.modules], rows,
                           ("role", "shape", "rank", "alpha", "energy", "params", "reason"), fold=("reason",))
     console.print(table)
@@ -141,6 +143,12 @@ def recommend(
                              "experts the plan leaves out, at their parameter's rank (in the total): "
                              + ", ".join(f"{f.name} {f.padding:,}" for f in padded[:3])
                              + (" …" if len(padded) > 3 else "")))
+    if plan.modules_to_save:  # in the title's total, in no row: get_peft_model adds the task's head to modules_to_save
+        task = plan.modules_to_save[0].task_type
+        console.print(escape(f"+ {plan.saved_params:,} parameters of the head ("
+                             + ", ".join(f"{m.name} {m.params:,}" for m in plan.modules_to_save)
+                             + f"), trained in full by PEFT for {task}: it adds the head to modules_to_save "
+                             "(in the total" + (" and the budget)" if plan.policy.budget is not None else ")")))
     if plan.budget_gap:
         console.print(f"budget allocation within {plan.budget_gap:.2%} of ΔW energy of the optimum")
     if est is not None:

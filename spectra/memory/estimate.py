@@ -210,7 +210,9 @@ def estimate_memory(config_or_model: Any, *, method: str = "lora", rank_plan_or_
     * adapter: n_A = Σ r·(d_in + d_out) (+ Σ d_out DoRA magnitudes [4]_), kept in fp32 (PEFT's
       ``autocast_adapter_dtype``), 4 bytes each. An MoE's fused experts take r·E·(d_in + d_out)
       per parameter, as PEFT adapts them (``_adapter_modules``).
-    * gradients: one per trainable parameter in its dtype (full: w, adapters: 4).
+    * gradients: one per trainable parameter in its dtype (full: w, adapters: 4). A plan's ``modules_to_save`` (the
+      head PEFT trains in full for a classifier's task type) adds its copy to the weights, and its gradients and
+      optimizer states, all in w.
     * optimizer_states: AdamW two moments in the parameter's dtype (PyTorch's ``zeros_like``);
       ``mixed`` full fine-tuning adds the fp32 master copy: 12 bytes/param, ZeRO's K = 12 [1]_.
       ``adamw_8bit``: 2·(1 + 4/256) bytes/param (bitsandbytes blockwise). ``sgd``: none.
@@ -301,8 +303,14 @@ def estimate_memory(config_or_model: Any, *, method: str = "lora", rank_plan_or_
                     "transformers keeps them")
         notes.append(f"QLoRA: bitsandbytes quantises nn.Linear modules only, so the routed experts and routers "
                      f"({routed:,} parameters: fused 3-D expert tensors and router weights) {kept}")
+    saved = plan.modules_to_save if plan is not None and method != "full" else ()
+    if saved:  # a classifier's head: get_peft_model adds it to modules_to_save and trains a copy of it whole
+        notes.append(f"{', '.join(m.name for m in saved)} ({plan.saved_params:,} parameters): trained in full by PEFT "
+                     f"for {saved[0].task_type} (modules_to_save), as the plan counts it; its trainable copy, "
+                     "gradients and optimizer states are in the base's dtype (PEFT upcasts only the LoRA layers)")
     return _estimate(shape, method, adapter_modules, batch, seq_len, precision, optimizer,
-                     gradient_checkpointing, attention, double_quant, use_cache, input_require_grads, notes)
+                     gradient_checkpointing, attention, double_quant, use_cache, input_require_grads, notes,
+                     saved=plan.saved_params if saved else 0)
 
 
 def _check_rank(rank_plan_or_rank: Any, method: str) -> None:
@@ -358,7 +366,7 @@ def _quant_constants(numel: int, double_quant: bool) -> int:
 
 def _estimate(shape: ModelShape, method: str, adapter_modules: list, batch: int, seq_len: int, precision: str,
               optimizer: str, checkpointing: bool, attention: str, double_quant: bool,
-              use_cache: bool, input_require_grads: bool, notes: list[str] = ()) -> MemoryEstimate:
+              use_cache: bool, input_require_grads: bool, notes: list[str] = (), saved: int = 0) -> MemoryEstimate:
     w = 4 if precision == "fp32" else 2          # bytes per frozen/base weight
     p = 4 if precision == "fp32" else 2          # bytes per activation
     tokens = batch * seq_len
@@ -398,6 +406,13 @@ def _estimate(shape: ModelShape, method: str, adapter_modules: list, batch: int,
     if method == "full" and w < 4:  # an fp32 parameter's gradient and AdamW moments are fp32 too (its own master)
         gradients += shape.fp32_params * (4 - w)
         optimizer_states += shape.fp32_params * ({"adamw": 8, "sgd": 0}.get(optimizer, opt_bytes) - opt_bytes)
+
+    if saved:  # PEFT's trainable copy of the head a plan's task type trains in full (ModulesToSaveWrapper), in w
+        weights += saved * w
+        gradients += saved * w
+        optimizer_states += math.ceil(saved * {"adamw": 2 * w, "adamw_8bit": 2 * (1 + 4 / ADAM8_BLOCK),
+                                               "sgd": 0}[optimizer])
+        trainable += saved
 
     notes = list(notes)
     refused = _activations_refused(shape, attention)

@@ -1,0 +1,78 @@
+"""The memory estimate of a classifier's plan counts the head PEFT trains in full, as PEFT holds it.
+
+For SEQ_CLS, get_peft_model wraps the head in a ModulesToSaveWrapper: a trainable copy in the base's dtype (PEFT
+upcasts only its LoRA layers), with its gradients and AdamW's two moments. The reference is PEFT on a bf16 tiny
+RoBERTa-for-sequence-classification and torch's AdamW after one step.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from spectra.memory import estimate_memory
+from spectra.ranks import RankPolicy, recommend_ranks, save_plan
+from tests.models import flat_update, save
+from tests.ranks.test_plan_task_heads import _PLANTED, _model
+
+
+@pytest.fixture(scope="module")
+def roberta_plan(tmp_path_factory):
+    """(config.json dict, plan, the plan's peft_config) of a tiny RoBERTa classifier pair with planted ranks."""
+    from spectra.analysis import analyze
+
+    root = tmp_path_factory.mktemp("memory_head")
+    base = _model("roberta")
+    tuned = copy.deepcopy(base)
+    params = dict(tuned.named_parameters())
+    with torch.no_grad():
+        for i, (suffix, rank) in enumerate(_PLANTED["roberta"].items()):
+            name = next(n for n in params if n.endswith(suffix))
+            params[name] += flat_update(tuple(params[name].shape), rank, seed=i).float()
+    base_dir = save(base, root / "base", "safetensors")
+    result = analyze(str(base_dir), str(save(tuned, root / "tuned", "safetensors")), cache_dir=False, progress=False)
+    plan = recommend_ranks(result, RankPolicy(energy=0.99))
+    peft_config = json.loads(save_plan(plan, root / "plan.json").read_text())["peft_config"]
+    return json.loads((base_dir / "config.json").read_text()), plan, peft_config
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_memory_counts_the_head_peft_trains_in_full(roberta_plan, precision):
+    from peft import LoraConfig, get_peft_model
+
+    config, plan, peft_config = roberta_plan
+    assert plan.modules_to_save and plan.saved_params > 0
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    peft_model = get_peft_model(_model("roberta").to(dtype),
+                                LoraConfig(**{k: v for k, v in peft_config.items() if k != "peft_type"}))
+    trainable = [(n, p) for n, p in peft_model.named_parameters() if p.requires_grad]
+    copies = [p for n, p in trainable if ".modules_to_save." in n]  # the head's trainable copy
+    head_bytes = sum(p.numel() * p.element_size() for p in copies)
+    for p in copies:
+        p.grad = torch.zeros_like(p)
+    optimizer = torch.optim.AdamW(copies)
+    optimizer.step()
+    state_bytes = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values()
+                      if torch.is_tensor(t) and t.ndim > 0)  # the moments, not the step count
+
+    est = estimate_memory(config, rank_plan_or_rank=plan, seq_len=16, precision=precision)
+    bare = estimate_memory(config, rank_plan_or_rank=dataclasses.replace(plan, modules_to_save=()), seq_len=16,
+                           precision=precision)
+    assert est.trainable_params == plan.total_params == sum(p.numel() for _, p in trainable)
+    assert est.trainable_params - bare.trainable_params == sum(p.numel() for p in copies) == plan.saved_params
+    assert est.weights - bare.weights == head_bytes  # the copy, beside the frozen original
+    assert est.gradients - bare.gradients == sum(p.grad.numel() * p.grad.element_size() for p in copies)
+    assert est.optimizer_states - bare.optimizer_states == state_bytes == 2 * head_bytes
+    assert est.adapter == bare.adapter and est.activations == bare.activations
+    assert any("trained in full by PEFT for SEQ_CLS" in note for note in est.notes)
+    assert not any("trained in full" in note for note in bare.notes)  # negative control: a plan without a head
+
+
+def test_full_fine_tuning_ignores_the_plan_head(roberta_plan):
+    config, plan, _ = roberta_plan
+    est = estimate_memory(config, method="full", rank_plan_or_rank=None, seq_len=16)
+    assert not any("trained in full by PEFT" in note for note in est.notes)
