@@ -222,17 +222,20 @@ def functional_text(entry: Mapping) -> str:
     if entry.get("unreached"):
         return ("none: the eval data never reached this curve's modules (at rank 0 every example's outputs are the "
                 "full fine-tune's); recommend gives them their spectral rank")
+    nonfinite = entry.get("nonfinite_gap")
+    note = (f"; the metric is not finite at rank {', '.join(map(str, nonfinite))}, read as outside ε"
+            if nonfinite else "")
     if entry.get("rank") is None:
-        return "none of the swept ranks"
+        return "none of the swept ranks" + note
     gap = f"gap {signed(entry['gap'])}, " + (f"interval {interval_text(entry['gap_interval'])}"
                                              if entry.get("gap_interval") else "no interval (no bootstrap)")
     if entry.get("at_full_rank"):  # the full fine-tune itself: gap 0 by construction, "resolved" says nothing
         below = any(r < entry["full_rank"] for r in entry.get("swept", ()))
         return (f"{entry['rank']}, full rank: "
                 + ("no swept rank below full rank met ε" if below else "no rank below full rank was swept")
-                + f" ({gap})")
+                + f" ({gap})" + note)
     resolved = {True: "resolved", False: "not resolved by this eval set"}.get(entry.get("resolved"), "")
-    return f"{entry['rank']} ({gap}" + (f", {resolved})" if resolved else ")")
+    return f"{entry['rank']} ({gap}" + (f", {resolved})" if resolved else ")") + note
 
 
 def signed(value) -> str:

@@ -75,6 +75,10 @@ def test_report_states_a_functional_rank_at_full_rank_as_such(tmp_path):
       "full_rank": 64, "swept": [64, 128]},
      "64, full rank: no rank below full rank was swept (gap +0, interval [0, 0])"),
     ({"rank": None, "swept": [1, 2]}, "none of the swept ranks"),
+    ({"rank": None, "swept": [1, 2], "nonfinite_gap": [1]},
+     "none of the swept ranks; the metric is not finite at rank 1, read as outside ε"),
+    ({"rank": 4, "gap": 0.001, "gap_interval": None, "resolved": None, "at_full_rank": False, "nonfinite_gap": [8, 16]},
+     "4 (gap +0.001, no interval (no bootstrap)); the metric is not finite at rank 8, 16, read as outside ε"),
     ({"rank": None, "swept": [1, 2], "full_rank": 16, "at_full_rank": None, "unreached": True},
      "none: the eval data never reached this curve's modules (at rank 0 every example's outputs are the full "
      "fine-tune's); recommend gives them their spectral rank"),
