@@ -65,7 +65,7 @@ class CalibrationConfig:
     max_length : int, optional
         Tokens per example (longer text is truncated, a ``.txt`` stream cut in blocks); None:
         128, or the model's position limit when shorter (a note says so). A length beyond a
-        table of learned positions is refused.
+        table of positions (learned, or a fixed sinusoid as Marian's) is refused.
     batch_size : int
         Examples per forward pass.
     task : {"auto", "causal_lm", "seq_cls", "seq2seq_lm"}

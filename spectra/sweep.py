@@ -86,7 +86,8 @@ class SweepConfig:
         has a ``label``.
     max_length : int, optional
         Tokens per eval (and calibration) example; None: 128, or the model's position limit
-        when shorter (a note says so). A length beyond a table of learned positions is refused.
+        when shorter (a note says so). A length beyond a table of positions (learned, or a fixed
+        sinusoid as Marian's) is refused.
     batch_size : int
         Eval examples per forward pass.
     bootstrap : int

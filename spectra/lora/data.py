@@ -26,7 +26,7 @@ deterministic byte-level tokenizer that needs no files and no network.
 An example is at most ``max_length`` tokens, and never more than the model's positions
 cover (:func:`resolve_max_length`): left unset, it is :data:`DEFAULT_MAX_LENGTH` or the
 model's limit when that is shorter (with a note); a length the model cannot take (more
-than its table of learned positions) is refused. An encoder–decoder's source and target
+than its table of positions, learned or fixed) is refused. An encoder–decoder's source and target
 are each cut at ``max_length``, so it must fit both stacks' positions (BART's learned
 ``max_position_embeddings``; T5's relative positions have no limit).
 """
@@ -880,7 +880,7 @@ def prepare_data(model_dir: str | Path, data, *, task: str = "auto", max_length:
         for a model that is no encoder–decoder are refused.
     max_length : int, optional
         Tokens per example; None: :data:`DEFAULT_MAX_LENGTH`, or the model's position limit
-        when shorter. A length beyond a table of learned positions is refused (see
+        when shorter. A length beyond a table of positions (learned or fixed) is refused (see
         :func:`resolve_max_length`); the data records the length used (``max_length``).
     eval_data : str or path, optional
         Held-out data; otherwise ``eval_fraction`` of ``data`` is held out (0: none).

@@ -126,8 +126,8 @@ class TrainConfig:
     max_length : int, optional
         Tokens per example (``seq2seq_lm``: per source and per target); None: 128, or the
         model's position limit when shorter (noted in ``spectra_train.json``). A length beyond
-        a table of learned positions (BERT's ``max_position_embeddings``, GPT-2's
-        ``n_positions``, BART's) is refused, naming the limit.
+        a table of positions (BERT's ``max_position_embeddings``, GPT-2's ``n_positions``,
+        BART's: learned; Marian's: a fixed sinusoid) is refused, naming the limit and the table.
     batch_size, epochs, max_steps, lr, weight_decay, warmup_ratio, grad_clip
         The optimisation (AdamW, linear warm-up then linear decay to 0). Warm-up lasts
         ``ceil(warmup_ratio · total steps)`` steps, as Hugging Face's

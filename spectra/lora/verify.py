@@ -85,7 +85,8 @@ class VerifyConfig:
         Task of the eval data; ``auto`` reads the adapter's task type.
     max_length : int, optional
         Tokens per eval example; None: 128, or the base's position limit when shorter (a
-        note says so). A length beyond a table of learned positions is refused.
+        note says so). A length beyond a table of positions (learned, or a fixed sinusoid as
+        Marian's) is refused.
     batch_size : int
         Eval examples per forward pass.
     seed : int

@@ -123,8 +123,8 @@ def estimate_memory(config_or_model: Any, *, method: str = "lora", rank_plan_or_
         Tokens per sequence. Default 2048, or the model's position limit when shorter
         (``max_position_embeddings``, GPT-2's ``n_positions``: :func:`spectra.checkpoints.positions.position_limit`), which
         ``notes`` then says: ``spectra train``'s rule for ``--max-length``
-        (:func:`spectra.checkpoints.positions.resolve_max_length`). A length beyond a table of learned positions
-        (GPT-2's, BERT's) is refused: the model cannot run it; beyond the positions a rotary model is configured
+        (:func:`spectra.checkpoints.positions.resolve_max_length`). A length beyond a table of positions
+        (GPT-2's and BERT's learned ones, Marian's fixed sinusoid) is refused: the model cannot run it; beyond the positions a rotary model is configured
         for, it is estimated with a note.
     precision : {"fp32", "bf16", "fp16", "mixed"}
         Dtype of the model's weights and activations. ``"mixed"`` is bf16 weights and
