@@ -9,11 +9,12 @@ from spectra.memory.shape import ModelShape
 
 
 def _norm_bytes(shape: ModelShape, p: int, full: bool, width: int | None = None) -> int:
-    """Bytes per token that one norm keeps for backward; ``full``: its weight is trained. ``width``: a norm per
-    head over head_dim (Gemma 3's q_norm, k_norm) of ``width`` = heads·head_dim values a token, instead of the
-    hidden size."""
+    """Bytes per token that one norm keeps for backward; ``full``: its weight is trained. ``width``: a Q or K norm
+    of ``width`` = heads·head_dim values a token, instead of the hidden size: per head over head_dim (Gemma 3's and
+    Qwen3's q_norm, k_norm: a 1/rms per head), or across the heads (OLMo 2's: one 1/rms)."""
     h = shape.hidden if width is None else width
-    groups = 1 if width is None else width // (shape.q_dim // shape.heads)  # 1/rms per token, or per head
+    per_head = width is not None and not shape.qk_norm_across_heads
+    groups = width // (shape.q_dim // shape.heads) if per_head else 1  # 1/rms per head, or per token
     if shape.norm == "layer":
         return p * h + 8  # LayerNorm keeps its input, its mean and 1/std (fp32)
     # transformers' RMSNorm up-casts its input to fp32 and keeps it, with the fp32 1/rms (b, s, 1); the weight's
@@ -74,8 +75,9 @@ def _block_bytes(shape: ModelShape, p: int, attention: str, seq_len: int, *, ful
     not a multiple of 16; unchecked, no GPU here), and K, V repeated to every head (:func:`_qkv_bytes`); eager adds the
     mask to its logits, which keeps nothing. Against what transformers 5 saves (tests/memory/test_memory.py):
     exact for Llama, Qwen2, Gemma, Gemma 2, Gemma 3, Phi-3, GPT-2, BERT, Mixtral (transformers'
-    default grouped_mm experts), PhiMoE, GraniteMoE, Granite, Helium, ERNIE 4.5, Ministral, SmolLM3
-    and GLM, sliding layers masked or not, from the first adapted layer on too.
+    default grouped_mm experts), PhiMoE, GraniteMoE, Granite, Helium, ERNIE 4.5, Ministral, SmolLM3,
+    GLM, Qwen3, OLMo 2 and OLMo 3 (tests/memory/test_memory_qk_norms.py), sliding layers masked or not, from the
+    first adapted layer on too.
 
     Returns the bytes, whether the block keeps o_proj's input already (sdpa keeps its output and
     o_proj reads that tensor), whether the block's output requires grad, and the bytes it keeps
@@ -98,14 +100,16 @@ def _block_bytes(shape: ModelShape, p: int, attention: str, seq_len: int, *, ful
         return bool(roles.intersection(names))
 
     post_norm = shape.family == "bert"  # BERT normalises after each sublayer, the others before (Gemma 2: both)
-    total = 0 if post_norm else norm(g)
+    # OLMo 2 normalises each sublayer's output before the residual, not its input (output_norms_only)
+    output_norms, input_norms = shape.norms == 4 or shape.output_norms_only, not shape.output_norms_only
+    total = 0 if post_norm or not input_norms else norm(g)
     if shape.mla:  # DeepSeek's multi-head latent attention
         attention_bytes, attention_grad = _mla_bytes(shape, p, attention, s, full=full, grad=g, hit=hit)
         total += attention_bytes
         qg = kg = vg = False  # (its own)
     else:  # attention: Q, K, V require grad from the block's input or their own adapter
         qg, kg, vg = g or hit("q", "qkv"), g or hit("k", "qkv"), g or hit("v", "qkv")
-    if shape.qk_norm:  # Gemma 3's q_norm and k_norm: RMSNorms over head_dim, one 1/rms per head
+    if shape.qk_norm:  # q_norm and k_norm: RMSNorms per head (Gemma 3, Qwen3) or across the heads (OLMo 2)
         total += _norm_bytes(shape, p, full, q) * qg + _norm_bytes(shape, p, full, shape.kv_dim) * kg
     scores = qg or kg  # Q·Kᵀ and the probabilities
     if shape.mla:
@@ -129,10 +133,11 @@ def _block_bytes(shape: ModelShape, p: int, attention: str, seq_len: int, *, ful
             total += heads * s * p
         o_input_kept = False  # transformers copies eager's (b, heads, s, d) output for o_proj
     o_grad = attention_grad or hit("o")
-    if shape.norms == 4:  # Gemma 2 normalises the attention's output
+    if output_norms:  # Gemma 2 and OLMo 2 normalise the attention's output
         total += norm(o_grad)
     mid = g or o_grad  # the residual stream after attention
-    total += norm(mid)  # Llama's post_attention_layernorm, GPT-2's ln_2, Gemma 2's pre-feedforward, BERT's
+    if input_norms:  # Llama's post_attention_layernorm, GPT-2's ln_2, Gemma 2's pre-feedforward, BERT's
+        total += norm(mid)
     per_layer = 0
     # the MLP's activation: SwiGLU keeps gate and up for gate's grad, silu(gate) for up's; a fused gate_up keeps
     # its whole output; GPT-2's and BERT's GELU its inputs (one tensor, or gelu_new's four)
@@ -148,7 +153,7 @@ def _block_bytes(shape: ModelShape, p: int, attention: str, seq_len: int, *, ful
         total += p * shape.mlp_saved * inter * activation
         down = activation or hit("down")
         total += p * (h + inter) if full else 0  # the inputs of up and down
-    if shape.norms == 4:  # Gemma 2 normalises the MLP's output
+    if output_norms:  # Gemma 2 and OLMo 2 normalise the MLP's output
         total += norm(down)
     out = mid or down
     if post_norm:

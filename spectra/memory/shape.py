@@ -50,7 +50,12 @@ class ModelShape:
     logit_softcap: bool = False  # Gemma 2 caps the final logits (tanh), which keeps its output
     sdpa: bool = True  # transformers runs the family with sdpa (Gemma 2 only with eager)
     rotary: bool = False  # rotary position embeddings (Llama-like): Q and K are fresh tensors, not views
-    qk_norm: bool = False  # Gemma 3 normalises each head's Q and K (RMSNorm over head_dim) before the rotation
+    qk_norm: bool = False  # Gemma 3, Qwen3 normalise each head's Q and K (RMSNorm over head_dim) before the rotation
+    # OLMo 2 normalises Q and K across all heads instead (q_norm over q_dim, k_norm over kv_dim: one 1/rms a token)
+    qk_norm_across_heads: bool = False
+    # OLMo 2 normalises each sublayer's output before the residual (post_attention, post_feedforward) and not its
+    # input: the attention and the MLP read the residual stream itself
+    output_norms_only: bool = False
     sparsemixer: bool = False  # PhiMoE routes by SparseMixer (two masked softmaxes), not Mixtral's softmax top-k
     topk_softmax: bool = False  # GraniteMoE takes the softmax of the top-k logits, not the top-k of the softmax
     input_jitter: bool = False  # PhiMoE's input_jitter_noise: in training its MLP input is multiplied by noise
@@ -289,8 +294,8 @@ def _refuse_unless_built_holds(model, counted: int, *, mtype: str, model_class: 
 def _refuse_other_blocks(cfg: dict, mtype: str, shape: ModelShape, base_model=None) -> None:
     """Refuse a ``model_type`` outside :data:`_COUNTED_RIGHT` whose base model, built by transformers from the config
     on the meta device (:func:`_meta_model_for`; ``base_model()`` returns it where already built), holds another
-    number of parameters than ``shape`` counts: its blocks differ from those the memory model describes (Qwen3's
-    and OLMo 2's Q/K norms, Cohere's LayerNorms without a residual norm pair, JetMoE's attention experts, …). The
+    number of parameters than ``shape`` counts: its blocks differ from those the memory model describes (OLMo's
+    norms without weights, Cohere's LayerNorms without a residual norm pair, JetMoE's attention experts, …). The
     base model (``MODEL_MAPPING_NAMES``: no LM head, tied embeddings once, buffers not counted) is compared with
     ``shape.params`` less its head.
 
@@ -316,8 +321,8 @@ def _refuse_other_blocks(cfg: dict, mtype: str, shape: ModelShape, base_model=No
 
 
 # the dense Llama-like families the memory model is checked on, as its refusals list them
-_LLAMA_LIKE_DESCRIBED = ("Llama-like: Llama, Mistral, Qwen2, Gemma, Phi-3, Granite, Helium, ERNIE 4.5, Ministral, "
-                         "SmolLM3, GLM")
+_LLAMA_LIKE_DESCRIBED = ("Llama-like: Llama, Mistral, Qwen2, Qwen3, Gemma, Phi-3, Granite, Helium, ERNIE 4.5, "
+                         "Ministral, SmolLM3, GLM, OLMo 2, OLMo 3")
 
 
 def _llama(cfg: dict, mtype: str, base_model) -> ModelShape:
@@ -352,12 +357,14 @@ def _llama(cfg: dict, mtype: str, base_model) -> ModelShape:
     norms = 4 if mtype in _FOUR_NORMS else 2
     caps = {key: (cfg[key] if key in cfg else getattr(_config_object(mtype), key, None) if mtype == "gemma2" else None)
             is not None for key in ("attn_logit_softcapping", "final_logit_softcapping")}
-    qk_norm = mtype in _QK_NORMS
+    qk_norm, across_heads = mtype in _QK_NORMS, mtype in _QK_NORMS_ACROSS_HEADS
     norm = "layer" if mtype in _LAYER_NORMS else "rms_fp32" if mtype.startswith("gemma") or mtype in _NORM_WEIGHT_FP32 \
         else "rms"
     norm_params = 2 * h if norm == "layer" else h  # a LayerNorm has a bias beside its weight
-    # embed + per-layer norm weights (Gemma 3's q_norm and k_norm: head_dim each) and biases + final norm
-    other = vocab * h + layers * (norms * norm_params + 2 * head_dim * qk_norm + bias) + norm_params
+    # q_norm and k_norm: head_dim each (Gemma 3, Qwen3), or q_dim and kv_dim across the heads (OLMo 2)
+    qk_norm_params = ((q_dim + kv_dim) if across_heads else 2 * head_dim) if qk_norm else 0
+    # embed + per-layer norm weights and biases + final norm
+    other = vocab * h + layers * (norms * norm_params + qk_norm_params + bias) + norm_params
     head = (0 if tied else vocab * h) + (vocab if cfg.get("lm_head_bias", False) else 0)  # PhiMoE's head has a bias
     return ModelShape(family=mtype or "llama-like", hidden=h, layers=layers, heads=heads, kv_dim=kv_dim,
                       q_dim=q_dim, intermediate=inter, vocab=vocab, norm=norm, mlp_saved=3, softmax_fp32=True,
@@ -366,7 +373,8 @@ def _llama(cfg: dict, mtype: str, base_model) -> ModelShape:
                       linears=linears, other_params=other, head_params=head, causal=True,
                       norms=norms, attn_softcap=caps["attn_logit_softcapping"],
                       logit_softcap=caps["final_logit_softcapping"], sdpa=mtype not in _EAGER_ONLY, rotary=True,
-                      qk_norm=qk_norm, sparsemixer=mtype in _SPARSEMIXER, topk_softmax=mtype in _TOPK_SOFTMAX,
+                      qk_norm=qk_norm, qk_norm_across_heads=across_heads,
+                      output_norms_only=mtype in _OUTPUT_NORMS_ONLY, sparsemixer=mtype in _SPARSEMIXER, topk_softmax=mtype in _TOPK_SOFTMAX,
                       input_jitter=mtype in _SPARSEMIXER and bool(cfg.get("input_jitter_noise", 0.0)),
                       windows=_sliding_windows(cfg, mtype, layers), rotary_cat=mtype in _FUSED_MLP,
                       routing_cast=mtype in _OWN_EXPERT_SIZES,
@@ -519,11 +527,16 @@ _FUSED_PROJECTIONS = frozenset({"phi3"})  # PhiMoE has separate q/k/v (transform
 # embeddings on part of each head (partial_rotary_factor: Q and K are fresh tensors all the same)
 _FUSED_MLP = frozenset({"glm"})
 _FOUR_NORMS = frozenset({"gemma2", "gemma3_text"})  # blocks that normalise each sublayer's input and output
-_QK_NORMS = frozenset({"gemma3_text", "qwen3_moe"})  # an RMSNorm on each head's Q and K (q_norm, k_norm), before the rotation
+# an RMSNorm on Q and K (q_norm, k_norm) before the rotation: each head's (over head_dim), or OLMo 2's across all heads
+_QK_NORMS = frozenset({"gemma3_text", "qwen3", "qwen3_moe", "olmo2", "olmo3"})
+_QK_NORMS_ACROSS_HEADS = frozenset({"olmo2", "olmo3"})
+# blocks that normalise each sublayer's output and not its input (OLMo 2, OLMo 3: x + norm(attention(x)), the same
+# for the MLP)
+_OUTPUT_NORMS_ONLY = frozenset({"olmo2", "olmo3"})
 _LAYER_NORMS = frozenset({"phimoe"})  # Llama-like blocks normalised by LayerNorm (weight and bias), not RMSNorm
 # RMSNorms that apply their weight to the fp32 normalised input (Gemma's families too, by name): full fine-tuning
-# keeps that fp32 tensor for the weight's gradient (Helium)
-_NORM_WEIGHT_FP32 = frozenset({"helium"})
+# keeps that fp32 tensor for the weight's gradient (Helium; OLMo 2 and 3, whose norm casts the product to p)
+_NORM_WEIGHT_FP32 = frozenset({"helium", "olmo2", "olmo3"})
 # a language model's keys, which a multimodal config's top level leaves to its text_config (PaliGemma's keeps some)
 _LANGUAGE_KEYS = frozenset({"hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
                             "vocab_size"})
@@ -534,8 +547,8 @@ _USE_BIAS = frozenset({"ernie4_5"})  # config key use_bias: a bias on every line
 # that slide the layers layer_types names sliding_attention (_sliding_windows); the others ignore sliding_window
 _SLIDING_EVERY_LAYER = frozenset({"mistral", "mixtral", "phi3", "phimoe", "minimax"})
 _SLIDING_WHEN_USED = frozenset({"qwen3_moe"})
-_SLIDING_BY_LAYER_TYPE = frozenset({"ministral", "qwen2", "gemma2", "gemma3_text", "smollm3", "qwen2_vl_text",
-                                    "qwen2_5_vl_text"})
+_SLIDING_BY_LAYER_TYPE = frozenset({"ministral", "qwen2", "qwen3", "gemma2", "gemma3_text", "smollm3",
+                                    "qwen2_vl_text", "qwen2_5_vl_text", "olmo3"})
 # MoE routers that pick their two experts by SparseMixer (PhiMoE; two experts whatever num_experts_per_tok says)
 _SPARSEMIXER = frozenset({"phimoe"})
 # MoE routers that weight their top-k experts by a softmax over those k logits (GraniteMoeTopKRouter)
@@ -560,7 +573,7 @@ _MOE_COUNTED_WRONG = {
 # the base model built from a tiny config, and against autograd): model_shape skips building the meta model for them
 _COUNTED_RIGHT = frozenset({"llama", "mistral", "qwen2", "gemma", "gemma2", "gemma3_text", "phi3", "gpt2", "bert",
                             "mixtral", "phimoe", "granitemoe", "minimax", "granite", "helium", "ernie4_5",
-                            "ministral", "smollm3", "glm"})
+                            "ministral", "smollm3", "glm", "qwen3", "olmo2", "olmo3"})
 # layer_types of attention layers (a sliding or chunked window stores what full attention does per token)
 _ATTENTION_LAYERS = frozenset({"full_attention", "sliding_attention", "chunked_attention"})
 # families with Llama's config keys but other blocks: read as Llama-like they would be counted wrong

@@ -354,10 +354,11 @@ def test_configs_the_model_would_count_wrong_are_refused(config, match):
         estimate_memory(config, method="lora", rank_plan_or_rank=4)
 
 
-@pytest.mark.parametrize("family", ["qwen3", "cohere"])
+@pytest.mark.parametrize("family", ["stablelm", "cohere"])
 def test_blocks_unlike_the_families_described_are_refused_with_both_counts(family):
-    """Qwen3 (an RMSNorm on each head's Q and K) and Cohere (LayerNorm, one norm per block) have Llama's keys and
-    were read as Llama. Reference: the real base model's parameters; negative control: the same config as Llama."""
+    """StableLM (LayerNorms with biases) and Cohere (LayerNorm, one norm per block) have Llama's keys and were read
+    as Llama. Reference: the real base model's parameters; negative control: the same config as Llama. (Qwen3 was
+    the first case here; it is described now: tests/memory/test_memory_qk_norms.py.)"""
     import re
 
     import transformers as tf
@@ -379,7 +380,7 @@ def test_blocks_unlike_the_families_described_are_refused_with_both_counts(famil
 # the families model_shape reads without building the meta model (spectra.memory.shape._COUNTED_RIGHT)
 _READ_WITHOUT_BUILDING = ("llama", "mistral", "qwen2", "gemma", "gemma2", "gemma3_text", "phi3", "gpt2", "bert",
                           "mixtral", "phimoe", "granitemoe", "minimax", "granite", "helium", "ernie4_5", "ministral",
-                          "smollm3", "glm")
+                          "smollm3", "glm", "qwen3", "olmo2", "olmo3")
 
 
 @pytest.mark.parametrize("family", _READ_WITHOUT_BUILDING)
@@ -568,6 +569,8 @@ def _tiny_config(family: str):
         return tf.OpenAIPrivacyFilterConfig(head_dim=8, pad_token_id=0, eos_token_id=0, **moe)
     if family == "qwen3_moe":
         return tf.Qwen3MoeConfig(head_dim=8, moe_intermediate_size=24, **moe)
+    if family in ("qwen3", "olmo2", "olmo3"):  # Q/K norms (OLMo's across the heads, its norms after each sublayer)
+        return tf.AutoConfig.for_model(family, **dense, **ids)
     return tiny_config(family)
 
 
@@ -584,7 +587,9 @@ _CLASSES = {"gemma2": ("Gemma2Model", "Gemma2ForCausalLM"),  # beside tests.mode
             "granite": ("GraniteModel", "GraniteForCausalLM"), "helium": ("HeliumModel", "HeliumForCausalLM"),
             "ernie4_5": ("Ernie4_5Model", "Ernie4_5ForCausalLM"),
             "ministral": ("MinistralModel", "MinistralForCausalLM"), "mistral": ("MistralModel", "MistralForCausalLM"),
-            "smollm3": ("SmolLM3Model", "SmolLM3ForCausalLM"), "glm": ("GlmModel", "GlmForCausalLM")}
+            "smollm3": ("SmolLM3Model", "SmolLM3ForCausalLM"), "glm": ("GlmModel", "GlmForCausalLM"),
+            "qwen3": ("Qwen3Model", "Qwen3ForCausalLM"), "olmo2": ("Olmo2Model", "Olmo2ForCausalLM"),
+            "olmo3": ("Olmo3Model", "Olmo3ForCausalLM")}
 
 
 def _config(family: str, layers: int, attention: str, **sizes):

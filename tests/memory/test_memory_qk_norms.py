@@ -1,0 +1,191 @@
+"""Qwen3 (an RMSNorm on each head's Q and K) and OLMo 2 / OLMo 3 (RMSNorms on Q and K across all heads, and each
+sublayer's output normalised before the residual instead of its input). All three were refused ("holds 17600
+parameters, spectra's memory model counts 17568"). Checked against the models transformers builds from tiny configs:
+their parameters, PEFT's trainable count, bitsandbytes' 4-bit load, and what autograd saves for backward (one block's
+bytes by tests/memory/test_memory.py's measurement: the double difference of models of 1 and 2 blocks at batch 2
+and 3)."""
+
+from __future__ import annotations
+
+import pytest
+
+from spectra.memory import estimate_memory, model_shape
+from tests.memory.test_memory import _PEFT_PATTERN_WARNING, _loss, saved_bytes
+
+_SMALL = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, head_dim=8, vocab_size=64, pad_token_id=0, bos_token_id=0, eos_token_id=0)
+_CAUSAL_LM = {"qwen3": "Qwen3ForCausalLM", "olmo2": "Olmo2ForCausalLM", "olmo3": "Olmo3ForCausalLM"}
+# what target_modules names a role (all-linear: every one)
+_MODULES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "gate": "gate_proj", "up": "up_proj",
+            "down": "down_proj"}
+
+
+def _config(family: str, **overrides):
+    import transformers as tf
+
+    return tf.AutoConfig.for_model(family, **(_SMALL | overrides))
+
+
+def _model(family: str, **overrides):
+    import torch
+    import transformers as tf
+
+    if "layer_types" in overrides:  # the first layers' types
+        overrides["layer_types"] = overrides["layer_types"][:overrides.get("num_hidden_layers", 2)]
+    torch.manual_seed(0)
+    return getattr(tf, _CAUSAL_LM[family])(_config(family, **overrides))
+
+
+def _peft(model, method: str, roles):
+    from peft import LoraConfig, get_peft_model
+
+    targets = "all-linear" if roles is None else [_MODULES[role] for role in roles]
+    return get_peft_model(model, LoraConfig(r=4, target_modules=targets, use_dora=method == "dora"))
+
+
+@pytest.mark.parametrize("family", ["qwen3", "olmo2", "olmo3"])
+def test_parameters_are_what_transformers_builds(family):
+    """Every parameter of the causal LM (q_norm, k_norm: head_dim each for Qwen3, q_dim and kv_dim for OLMo 2), the
+    base model's count the guard compares, and tied embeddings counted once. Negative control: the same config read
+    as Llama is off by the Q/K norms."""
+    from spectra.memory.shape import _refuse_other_blocks
+
+    for tied in (False, True):
+        model = _model(family, tie_word_embeddings=tied)
+        config = model.config.to_dict()
+        shape = model_shape(config)
+        assert shape.params == sum(p.numel() for p in model.parameters())
+        _refuse_other_blocks(config, family, shape)  # the base model's own count agrees too
+        norms = sum(p.numel() for n, p in model.named_parameters() if n.endswith(("q_norm.weight", "k_norm.weight")))
+        as_llama = model_shape(config | {"model_type": "llama"})
+        assert norms > 0 and shape.params - as_llama.params == norms
+
+
+@pytest.mark.parametrize("method", ["full", "lora", "dora"])
+@pytest.mark.parametrize("family", ["qwen3", "olmo2"])
+def test_trainable_parameters_gradients_and_states_count_the_norms(family, method):
+    """Full fine-tuning trains the Q/K norms' weights: the estimate's gradients and AdamW states (fp32) are the bytes
+    of the gradients one backward leaves and of the moments torch's AdamW keeps after one step. LoRA and DoRA on
+    all-linear train PEFT's count (norms frozen)."""
+    import torch
+
+    model = _model(family)
+    est = estimate_memory(model.config.to_dict(), method=method, rank_plan_or_rank=4, precision="fp32")
+    if method != "full":
+        model = _peft(model, method, None)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    assert est.trainable_params == sum(p.numel() for p in trained)
+    _loss(model.train(), 2, 8).backward()
+    torch.optim.AdamW(trained).step()
+    assert est.gradients == sum(p.grad.numel() * p.grad.element_size() for p in trained)
+    optimizer = torch.optim.AdamW(trained)
+    optimizer.step()
+    moments = [t for p in trained for k, t in optimizer.state[p].items() if k in ("exp_avg", "exp_avg_sq")]
+    assert est.optimizer_states == sum(t.numel() * t.element_size() for t in moments)
+    if method == "full":
+        assert any(n.endswith("q_norm.weight") for n, p in model.named_parameters() if p.grad is not None)
+
+
+def _block(family: str, method: str, precision: str, attention: str, roles=None, **overrides) -> dict[str, int]:
+    """One block's saved bytes per sequence, measured (autograd) and modelled."""
+    import torch
+
+    measured, modelled = {}, {}
+    for layers in (1, 2):
+        model = _model(family, num_hidden_layers=layers, **overrides)
+        model.config._attn_implementation = attention
+        config = model.config
+        model = model.to({"bf16": torch.bfloat16, "fp32": torch.float32}[precision])
+        if method != "full":
+            model = _peft(model, method, roles)
+        model.train()
+        for batch in (2, 3):
+            measured[layers, batch] = saved_bytes(model, lambda m: _loss(m, batch, 16))
+            modelled[layers, batch] = estimate_memory(config, method=method, rank_plan_or_rank=4, batch=batch,
+                                                      seq_len=16, precision=precision, attention=attention,
+                                                      roles=roles).activations
+    return {kind: d[2, 3] - d[1, 3] - d[2, 2] + d[1, 2] for kind, d in (("measured", measured),
+                                                                       ("modelled", modelled))}
+
+
+_SLIDING = dict(use_sliding_window=True, sliding_window=8, max_window_layers=0)  # Qwen3: every layer slides by 8
+_OLMO3_SLIDING = dict(sliding_window=8, layer_types=["sliding_attention", "sliding_attention"])
+
+
+@_PEFT_PATTERN_WARNING
+@pytest.mark.parametrize(("family", "method", "precision", "attention", "roles", "overrides"), [
+    ("qwen3", "full", "bf16", "sdpa", None, {}), ("qwen3", "full", "fp32", "eager", None, {}),
+    ("qwen3", "lora", "bf16", "sdpa", None, {}), ("qwen3", "lora", "fp32", "sdpa", None, {}),
+    ("qwen3", "lora", "bf16", "eager", None, {}), ("qwen3", "dora", "fp32", "sdpa", None, {}),
+    ("qwen3", "lora", "bf16", "sdpa", ("q", "v"), {}), ("qwen3", "lora", "bf16", "sdpa", ("k",), {}),
+    ("qwen3", "lora", "bf16", "sdpa", None, _SLIDING), ("qwen3", "full", "bf16", "sdpa", None, _SLIDING),
+    ("olmo2", "full", "bf16", "sdpa", None, {}), ("olmo2", "full", "fp32", "sdpa", None, {}),
+    ("olmo2", "full", "bf16", "eager", None, {}), ("olmo2", "lora", "bf16", "sdpa", None, {}),
+    ("olmo2", "lora", "fp32", "sdpa", None, {}), ("olmo2", "lora", "fp32", "eager", None, {}),
+    ("olmo2", "dora", "bf16", "sdpa", None, {}), ("olmo2", "lora", "bf16", "sdpa", ("o", "down"), {}),
+    ("olmo2", "lora", "bf16", "sdpa", ("q",), {}), ("olmo2", "lora", "bf16", "sdpa", ("up",), {}),
+    ("olmo3", "lora", "bf16", "sdpa", None, _OLMO3_SLIDING), ("olmo3", "full", "bf16", "sdpa", None, _OLMO3_SLIDING),
+    ("olmo3", "lora", "fp32", "sdpa", None, {})])
+def test_a_blocks_activations_are_what_autograd_saves(family, method, precision, attention, roles, overrides):
+    """Qwen3's q_norm and k_norm keep their fp32 input and a 1/rms per head; OLMo 2's one 1/rms a token over q_dim and
+    kv_dim, its RMSNorms apply their weight to the fp32 normalised input (kept for the weight's gradient under full
+    fine-tuning), and its block normalises the attention's and the MLP's outputs, not their inputs. Sliding layers
+    (Qwen3's use_sliding_window, OLMo 3's layer_types) under a window the sequence reaches keep the mask and K, V
+    repeated."""
+    block = _block(family, method, precision, attention, roles, **overrides)
+    assert block["modelled"] == block["measured"] > 0, block
+
+
+@_PEFT_PATTERN_WARNING
+def test_olmo2_read_with_llamas_norm_placement_is_wrong():
+    """Negative control: the same OLMo 2 block modelled with input norms (Llama's placement) and per-head Q/K norms
+    (Qwen3's) misses what autograd saves."""
+    import dataclasses
+
+    import spectra.memory.estimate as estimate_module
+
+    measured = _block("olmo2", "lora", "bf16", "sdpa")["measured"]
+    real = estimate_module.model_shape
+
+    def misread(config, **kwargs):
+        return dataclasses.replace(real(config, **kwargs), output_norms_only=False, qk_norm_across_heads=False)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(estimate_module, "model_shape", misread)
+        assert _block("olmo2", "lora", "bf16", "sdpa")["modelled"] != measured
+
+
+@pytest.mark.parametrize("family", ["qwen3", "olmo2"])
+def test_qlora_storage_is_what_bitsandbytes_holds(family, tmp_path):
+    """bitsandbytes quantises the block linears and keeps the Q/K norms (and every other norm) in bf16: the
+    estimate's weights and constants are the loaded model's bytes."""
+    from tests.models import load_4bit
+
+    model = _model(family, hidden_size=64, intermediate_size=128, head_dim=16)
+    loaded, constants = load_4bit(model, tmp_path)
+    est = estimate_memory(model.config.to_dict(), method="qlora", rank_plan_or_rank=4)
+    assert est.weights == sum(p.numel() * p.element_size() for p in loaded.parameters())
+    assert est.quant_constants == constants
+
+
+@pytest.mark.parametrize("family", ["qwen3", "olmo2"])
+def test_cli_memory_estimates_a_saved_model(family, tmp_path):
+    """The user's path: `spectra memory <folder> --rank 8` on a model saved by save_pretrained (refused before)."""
+    from typer.testing import CliRunner
+
+    from spectra.cli import app
+
+    _model(family).save_pretrained(tmp_path)
+    run = CliRunner().invoke(app, ["memory", str(tmp_path), "--rank", "8"])
+    assert run.exit_code == 0, run.output
+    assert "training total" in run.output
+
+
+def test_sliding_layers_are_read_as_the_family_builds_them():
+    """Qwen3 slides only with use_sliding_window, from layer max_window_layers on (Qwen3Config's layer_types); OLMo 3
+    slides its sliding_attention layers (by default three of every four). The block tests above run them under a
+    window the sequence reaches; this checks the estimate reads them at all."""
+    assert model_shape(_config("qwen3", **_SLIDING).to_dict()).windows == (8, 8)
+    assert model_shape(_config("qwen3", sliding_window=8).to_dict()).windows == ()  # use_sliding_window off
+    assert model_shape(_config("qwen3", **(_SLIDING | dict(max_window_layers=1))).to_dict()).windows == (0, 8)
+    assert model_shape(_config("olmo3", sliding_window=8, num_hidden_layers=4).to_dict()).windows == (8, 8, 8, 0)
