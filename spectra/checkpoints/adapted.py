@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from spectra.checkpoints.architectures import missing_stacks, module_info, role_selected, stack_selected
+from spectra.checkpoints.architectures import (missing_stacks, module_info, parallel_experts, role_selected,
+                                              stack_selected)
 from spectra.checkpoints.roles import check_roles, default_roles
 from spectra.errors import ConfigError
 
@@ -92,7 +93,8 @@ def _role_targets(model, roles: tuple[str, ...] | None = None, *, stacks: tuple[
     modules = dict(model.named_modules())
     infos = {name: module_info(name, model_config) for name, module in modules.items()
              if isinstance(module, (torch.nn.Linear, Conv1D))}
-    experts = {name: module_info(name, model_config) for name, p in model.named_parameters()
+    experts = {name: module_info(_expert_module(name, p.shape, model_config), model_config)
+               for name, p in model.named_parameters()
                if p.dim() == 3 and not lora_can_wrap(modules[name.rpartition(".")[0]])}  # (experts, ·, ·)
     infos |= experts
     unwrapped = {name for name in infos if name not in experts and not lora_can_wrap(modules[name])}  # V4's o_a_proj
@@ -131,6 +133,22 @@ def _role_targets(model, roles: tuple[str, ...] | None = None, *, stacks: tuple[
     return split([name for name in stack_of if name not in towers])
 
 
+def _expert_module(name: str, shape, config: dict) -> str:
+    """The name a 3-D expert parameter's role is read from: JetMoE's ``mlp.input_linear.weight`` (a
+    ``JetMoeParallelExperts``' weight, :func:`~spectra.checkpoints.architectures.parallel_experts`) by its module's
+    name, as its checkpoint's tensor is; a fused expert parameter (``mlp.experts.gate_up_proj``) by its own."""
+    module = name.removesuffix(".weight")
+    return module if module != name and parallel_experts(module, tuple(shape), config) else name
+
+
+def _expert_kind(name: str) -> str:
+    """A fused expert parameter's kind, for notes: ``gate_up_proj``, or JetMoE's ``mlp.input_linear``."""
+    module = name.removesuffix(".weight")
+    if module == name:
+        return name.rpartition(".")[2]
+    return ".".join(module.split(".")[-2:]) if ".experts." not in f".{module}." else ".".join(module.split(".")[-3:])
+
+
 def peft_targets(model, config: TargetSelection, *, notes: list[str] | None = None) -> tuple[list[str], list[str]]:
     """(``target_modules``, ``target_parameters``) that make PEFT adapt exactly what ``config`` targets (no plan):
     a :class:`TargetSelection`, or ``spectra train``'s ``TrainConfig``, which has its fields.
@@ -165,11 +183,12 @@ def peft_targets(model, config: TargetSelection, *, notes: list[str] | None = No
                      "takes (…, groups, in)), so PEFT's lora.Linear cannot wrap them; the update is one rank-r "
                      "matrix of the stored weight")
     if parameters and experts and notes is not None:
-        layers = sorted({name.rpartition(".")[0] for name in experts})
+        layers = sorted({name.removesuffix(".weight").rpartition(".")[0] for name in experts})
         notes.append(f"the routed experts of {len(layers)} MoE layer(s) ({layers[0]}, …) are adapted as fused "
-                     f"parameters ({', '.join(sorted({n.rpartition('.')[2] for n in experts}))}; target_parameters): "
-                     "PEFT's LoRA on each is one rank-r update per expert, and gate_up_proj holds gate and up "
-                     "together, so either role adapts both (at rank r, as a fused module is)")
+                     f"parameters ({', '.join(sorted({_expert_kind(n) for n in experts}))}; target_parameters): "
+                     "PEFT's LoRA on each is one rank-r update per expert, and gate_up_proj (JetMoE's "
+                     "mlp.input_linear) holds gate and up together, so either role adapts both (at rank r, as a "
+                     "fused module is)")
     return modules, parameters
 
 

@@ -258,6 +258,16 @@ _ROLE_RULES: tuple[tuple[str, str], ...] = (
     # linear_attn.in_proj_qkv (its in_proj_z, in_proj_a and in_proj_b, a gate and two per-head scalars: other)
     (r"(attn\.c_attn|qkv_proj|query_key_value|Wqkv|attn\.qkv|self_attn\.qkv|linear_attn\.in_proj_qkv)", "qkv"),
     (r"(gate_up_proj)", "gate_up"),
+    # JetMoE's experts (JetMoeParallelExperts: a 3-D weight (experts, out, in), each expert's x @ W[e].T), as its
+    # checkpoints and transformers name them (….weight stripped) and as spectra names one expert's slice (….3): the
+    # MLP's input_linear (experts, 2·intermediate, hidden) is every expert's [gate; up] (its forward chunks the
+    # output in two halves, activation(first) · second), output_linear (experts, hidden, intermediate) its down; the
+    # mixture-of-attention's input_linear (experts, kv_heads·kv_channels, hidden) is each attention expert's query
+    # projection, output_linear its output projection (the keys and values are kv_proj's, shared)
+    (r"mlp\.input_linear(\.\d+)?", "gate_up"),
+    (r"mlp\.output_linear(\.\d+)?", "down"),
+    (r"self_attention\.experts\.input_linear(\.\d+)?", "q"),
+    (r"self_attention\.experts\.output_linear(\.\d+)?", "o"),
     # multi-head latent attention (DeepSeek-V2/V3, Kimi-K2, MiniCPM3, …): the query's and the key-value's factors
     (r"q_a_proj", "q_a"),
     (r"indexer\.q_b_proj", "other"),  # DeepSeek-V4's sparse-attention indexer scores tokens: no attention's query
@@ -395,8 +405,10 @@ _ENCODER_DECODER = re.compile(r"(?:^|\.)(encoder|decoder)\.")
 # A layer's index; Qwen3-VL's deepstack mergers (deepstack_merger_list.N, Qwen3-Omni's merger_list.N) are numbered
 # within the projector stack, the merger of the tower's last layer having none.
 _LAYER = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block|deepstack_merger_list|merger_list)\.(\d+)\.")
-# An expert's index: Mixtral's experts.3.w1, SwitchTransformers' and NLLB-MoE's experts.expert_3.wi
-_EXPERT = re.compile(r"(?:^|\.)experts\.(?:expert_)?(\d+)(?:\.|$)")
+# An expert's index: Mixtral's experts.3.w1, SwitchTransformers' and NLLB-MoE's experts.expert_3.wi; JetMoE's
+# per-expert records, named by their 3-D module and the index (mlp.input_linear.3, self_attention.experts.output_linear.3)
+_EXPERT = re.compile(r"(?:^|\.)experts\.(?:expert_)?(\d+)(?:\.|$)|(?:^|\.)(?:mlp|self_attention\.experts)\."
+                     r"(?:input|output)_linear\.(\d+)$")
 
 # transformers' Conv1D (weight stored (in, out)) is used by these model types.
 CONV1D_MODEL_TYPES = frozenset({"gpt2", "imagegpt", "decision_transformer", "openai-gpt"})
@@ -450,6 +462,9 @@ _CROSS_KV = re.compile(r"(^|\.)crossattention\.c_attn$")
 # outputs; role other, its rows k and v (no other transformers class names a module so: the slow role scan).
 _JETMOE_KV = re.compile(r"(^|\.)self_attention\.kv_proj$")
 _JETMOE_MODEL_TYPES = frozenset({"jetmoe"})
+# JetMoE's experts (JetMoeParallelExperts, module names without .weight): a 3-D weight (experts, out, in) whose
+# expert e computes F.linear(x, W[e]); no LoRA module wraps one, PEFT adapts it through target_parameters
+_JETMOE_EXPERTS = re.compile(r"(^|\.)(mlp|self_attention\.experts)\.(input|output)_linear$")
 # Gemma 4's key projection, which a full-attention layer of a config with attention_k_eq_v reads as keys and values
 # (it holds no v_proj): role kv, decided per layer by _k_is_v
 _K_AS_V = re.compile(r"(^|\.)self_attn\.k_proj$")
@@ -492,7 +507,8 @@ def module_info(name: str, config: dict[str, Any] | None = None) -> ModuleInfo:
     expert = _EXPERT.search(name)
     if role == "k" and stack is None and layer and _K_AS_V.search(name) and _k_is_v(int(layer.group(1)), config):
         role = "kv"  # Gemma 4's full-attention k_proj under attention_k_eq_v: its output is the keys and the values
-    return ModuleInfo(role, int(layer.group(1)) if layer else None, int(expert.group(1)) if expert else None, stack)
+    index = next((int(g) for g in expert.groups() if g is not None), None) if expert else None
+    return ModuleInfo(role, int(layer.group(1)) if layer else None, index, stack)
 
 
 def _k_is_v(layer: int, config: dict[str, Any] | None) -> bool:
@@ -578,6 +594,26 @@ def experts_in_out(name: str, shape: tuple[int, ...], config: dict[str, Any] | N
         return False
     held = {"gate_up_proj": (2 * ffn, hidden), "down_proj": (hidden, ffn)}.get(name.rpartition(".")[2])
     return held is not None and tuple(shape[1:]) != held and tuple(shape[1:]) == held[::-1]
+
+
+def parallel_experts(name: str, shape: tuple[int, ...], config: dict[str, Any] | None) -> bool:
+    """Whether the module `name` (without ``.weight``), whose weight has `shape`, is one of JetMoE's
+    ``JetMoeParallelExperts`` (the MLP's ``mlp.input_linear``, ``mlp.output_linear``, the attention experts'
+    ``self_attention.experts.input_linear``, ``output_linear``): a 3-D weight ``(experts, out, in)``, expert e
+    computing ``F.linear(x, W[e])``, so E matrices ``(out, in)`` (as its class stores them: never transposed),
+    not one. A config of another model type says no; a config of JetMoE's whose sizes are not the weight's too
+    (``num_local_experts`` experts; ``2·intermediate_size`` × ``hidden_size`` for the MLP's input_linear, …)."""
+    cfg = config or {}
+    if len(shape) != 3 or not _JETMOE_EXPERTS.search(name) or cfg.get("model_type") not in (None, *_JETMOE_MODEL_TYPES):
+        return False
+    sizes = [cfg.get(k) for k in ("num_local_experts", "hidden_size", "intermediate_size", "num_key_value_heads",
+                                  "kv_channels")]
+    if not all(isinstance(v, int) for v in sizes):
+        return True  # no config (or an incomplete one): the name and the three dimensions decide
+    experts, hidden, ffn, heads, width = sizes
+    inner = 2 * ffn if name.endswith("mlp.input_linear") else ffn if ".mlp." in f".{name}" else heads * width
+    held = (experts, inner, hidden) if name.endswith("input_linear") else (experts, hidden, inner)
+    return tuple(shape) == held
 
 
 def _stack_config(name: str, config: dict[str, Any] | None) -> dict[str, Any]:

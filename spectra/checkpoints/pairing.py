@@ -5,7 +5,8 @@ upcast to float32 (or float64) *before* subtracting. The pairing handles prefix
 differences between model classes, Conv1D transposition, fused projections (split
 per projection, GQA-aware, with the fused whole kept), tied embeddings, resized
 vocabularies, 3-D MoE expert tensors (each side in its own stored layout: Qwen3-VL-MoE's
-hub (E, in, out) against transformers 5's (E, out, in)), and a PEFT adapter as the tuned side.
+hub (E, in, out) against transformers 5's (E, out, in); JetMoE's ``….input_linear.weight`` (E, out, in), one record
+per expert, ``….input_linear.3``), and a PEFT adapter as the tuned side.
 
 Only metadata is read when a :class:`Pairing` is built; tensors are read one pair at
 a time while iterating, so peak memory is a few tensors whatever the model's size.
@@ -23,8 +24,8 @@ import torch
 
 from spectra.checkpoints.adapter import AdapterDelta, plan_adapter
 from spectra.checkpoints.architectures import (ROLES, ModuleInfo, Projection, experts_in_out, fused_projections,
-                                              is_conv1d, missing_stacks, module_info, parse_stacks, role_named,
-                                              stack_selected)
+                                              is_conv1d, missing_stacks, module_info, parallel_experts, parse_stacks,
+                                              role_named, stack_selected)
 from spectra.checkpoints.buffers import Lease
 from spectra.checkpoints.names import compile_name_filter, match_names
 from spectra.checkpoints.source import AdapterSource, open_checkpoint
@@ -325,6 +326,18 @@ class Pairing:
                 shape = (b.shape[2], b.shape[1]) if in_out else tuple(b.shape[1:])
                 out.append(PairEntry(name=name, info=e_info, kind="matrix", shape=shape, expert_index=e,
                                      conv1d=in_out, projections=self._projections(name, e_info, shape[0]), **common))
+            return out
+        if len(b.shape) == 3 and b_name.endswith(".weight") and parallel_experts(module, b.shape, self.config):
+            # JetMoE's experts (mlp.input_linear, …): a module's (experts, out, in) weight, expert e F.linear(x, W[e])
+            if b.shape != t.shape:
+                raise _shape_error(b_name, b.shape, t.shape, self.base, self.tuned, t_name, experts=True)
+            out = []
+            for e in range(b.shape[0]):
+                name = f"{module}.{e}"  # model.layers.0.mlp.input_linear.3: expert 3's (out, in) matrix
+                e_info = module_info(name, self.config)
+                shape = tuple(b.shape[1:])
+                out.append(PairEntry(name=name, info=e_info, kind="matrix", shape=shape, expert_index=e,
+                                     projections=self._projections(name, e_info, shape[0]), **common))
             return out
         if len(b.shape) > 2:
             if not b_name.endswith(".weight"):

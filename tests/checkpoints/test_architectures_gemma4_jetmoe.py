@@ -19,7 +19,6 @@ import torch
 from spectra.analysis import AnalysisConfig, AnalysisResult, analyze
 from spectra.checkpoints.architectures import (fused_projections, fused_roles, module_info, role_named,
                                                role_selected)
-from spectra.errors import ConfigError
 from tests.cli.test_cli import run
 from tests.models import flat_update, on_grid, save
 
@@ -290,9 +289,10 @@ def test_every_k_eq_v_class_gets_kv_where_it_holds_no_v_proj():
 
 def test_train_targets_take_the_values_wherever_they_come_from():
     """What train, extract and the memory model adapt (role_targets, from the model's own config): --roles v takes
-    Gemma 4's sliding layers' v_proj and full layers' k_proj, and JetMoE's kv_proj whole; --roles q neither's (JetMoE
-    then holds nothing to adapt: its queries and output are the attention experts' 3-D weights); the default roles
-    take JetMoE's kv_proj (no default role took it: role other), never its routers."""
+    Gemma 4's sliding layers' v_proj and full layers' k_proj, and JetMoE's kv_proj whole; --roles q neither's (JetMoE's
+    queries are its attention experts' 3-D input_linear weights, which --roles q,o,gate,up,down take as
+    target_parameters, no module: tests/checkpoints/test_jetmoe_experts.py); the default roles take JetMoE's kv_proj
+    (no default role took it: role other) and its experts, never its routers."""
     from spectra.checkpoints.adapted import role_targets
 
     gemma = tiny_gemma4(True)
@@ -304,7 +304,11 @@ def test_train_targets_take_the_values_wherever_they_come_from():
     jet = tiny_jetmoe()
     kv = [f"model.layers.{i}.self_attention.kv_proj" for i in (0, 1)]
     assert sorted(role_targets(jet, ("v",))[0]) == kv
-    with pytest.raises(ConfigError, match="no Linear/Conv1D module"):  # its experts are 3-D weights, role other
-        role_targets(jet, ("q", "o", "gate", "up", "down"))
-    default = role_targets(jet, None)[0]
-    assert set(kv) <= set(default) and not [n for n in default if "router" in n]
+    modules, parameters = role_targets(jet, ("q", "o", "gate", "up", "down"))  # its experts are 3-D weights
+    assert modules == [] and sorted(parameters) == [
+        f"model.layers.{i}.{kind}.weight" for i in (0, 1)
+        for kind in ("mlp.input_linear", "mlp.output_linear", "self_attention.experts.input_linear",
+                     "self_attention.experts.output_linear")]
+    default, default_parameters = role_targets(jet, None)
+    assert set(kv) <= set(default) and not [n for n in default + default_parameters if "router" in n]
+    assert sorted(default_parameters) == sorted(parameters)

@@ -170,11 +170,14 @@ def _meta_models():
 # may change nothing here); and the projector stack's role (architectures._STACK_ROLES) for its Linears that no rule
 # names. Beside the rules: Gemma 4's k_proj read as K = V (architectures._K_AS_V, role kv by the config: no default
 # config sets attention_k_eq_v, so it may change nothing here; tests/checkpoints/test_architectures_gemma4_jetmoe.py
-# builds the classes with it) and JetMoE's kv_proj rows (architectures._JETMOE_KV: role other, rows k and v)
+# builds the classes with it) and JetMoE's kv_proj rows (architectures._JETMOE_KV: role other, rows k and v). JetMoE's
+# experts' rules (mlp.input_linear …: JetMoeParallelExperts, 3-D weights, no Linear) may change no Linear here
 _NEW_RULES = ("q_a_proj", "(q_b_proj|q_gate_proj)", "kv_a_proj_with_mqa", "kv_b_proj",
               r"compressor\.(indexer\.)?gate_proj", r"(input|post_attention)_layernorm\.mlp\.(fc1|fc2)",
               r"self_attn\.kv_proj", "o_a_proj", "o_b_proj", r"attn\.wq_a", r"attn\.wq_b", r"attn\.wkv", r"attn\.wo_a",
-              r"attn\.wo_b", r"shared_experts\.w1", r"shared_experts\.w3", r"shared_experts\.w2", "^embed", "^head")
+              r"attn\.wo_b", r"shared_experts\.w1", r"shared_experts\.w3", r"shared_experts\.w2", "^embed", "^head",
+              r"mlp\.input_linear(\.\d+)?", r"mlp\.output_linear(\.\d+)?",
+              r"self_attention\.experts\.input_linear(\.\d+)?", r"self_attention\.experts\.output_linear(\.\d+)?")
 # what a changed module's name ends with (TOP_LEVEL: is) → (its role without the new rules, with them): the only
 # changes allowed
 TOP_LEVEL = ("head", "embed")
