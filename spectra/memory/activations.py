@@ -17,6 +17,8 @@ def _norm_bytes(shape: ModelShape, p: int, full: bool, width: int | None = None)
     groups = width // (shape.q_dim // shape.heads) if per_head else 1  # 1/rms per head, or per token
     if shape.norm == "layer":
         return p * h + 8  # LayerNorm keeps its input, its mean and 1/std (fp32)
+    if shape.norm == "layer_fp32":  # OLMo's: its input up-cast to fp32, the mean and 1/std; no weight to train
+        return 4 * h + 8
     # transformers' RMSNorm up-casts its input to fp32 and keeps it, with the fp32 1/rms (b, s, 1); the weight's
     # gradient needs the normalised input, in p (Gemma's in fp32)
     return 4 * h + 4 * groups + ((4 if shape.norm == "rms_fp32" else p) * h if full else 0)
@@ -76,7 +78,7 @@ def _block_bytes(shape: ModelShape, p: int, attention: str, seq_len: int, *, ful
     mask to its logits, which keeps nothing. Against what transformers 5 saves (tests/memory/test_memory.py):
     exact for Llama, Qwen2, Gemma, Gemma 2, Gemma 3, Phi-3, GPT-2, BERT, Mixtral (transformers'
     default grouped_mm experts), PhiMoE, GraniteMoE, Granite, Helium, ERNIE 4.5, Ministral, SmolLM3,
-    GLM, Qwen3, OLMo 2 and OLMo 3 (tests/memory/test_memory_qk_norms.py), sliding layers masked or not, from the
+    GLM, Qwen3, OLMo, OLMo 2 and OLMo 3 (tests/memory/test_memory_qk_norms.py), sliding layers masked or not, from the
     first adapted layer on too.
 
     Returns the bytes, whether the block keeps o_proj's input already (sdpa keeps its output and
@@ -109,6 +111,8 @@ def _block_bytes(shape: ModelShape, p: int, attention: str, seq_len: int, *, ful
         qg = kg = vg = False  # (its own)
     else:  # attention: Q, K, V require grad from the block's input or their own adapter
         qg, kg, vg = g or hit("q", "qkv"), g or hit("k", "qkv"), g or hit("v", "qkv")
+        if shape.clip_qkv:  # OLMo's clamp_ on each projection's output keeps a copy of it (its input) for backward
+            total += p * (shape.q_dim * qg + shape.kv_dim * (kg + vg))
     if shape.qk_norm:  # q_norm and k_norm: RMSNorms per head (Gemma 3, Qwen3) or across the heads (OLMo 2)
         total += _norm_bytes(shape, p, full, q) * qg + _norm_bytes(shape, p, full, shape.kv_dim) * kg
     scores = qg or kg  # Q·Kᵀ and the probabilities

@@ -35,7 +35,8 @@ class ModelShape:
     intermediate: int
     vocab: int
     # "rms": an RMSNorm that up-casts its input to fp32 (Llama-like); "rms_fp32": one that also applies
-    # its weight in fp32 (Gemma); "layer": LayerNorm (GPT-2, BERT)
+    # its weight in fp32 (Gemma); "layer": LayerNorm (GPT-2, BERT); "layer_fp32": a LayerNorm without weight or bias
+    # on its input up-cast to fp32 (OLMo's OlmoLayerNorm)
     norm: str
     mlp_saved: int  # intermediate-sized tensors the MLP's activation keeps for backward, per expert
     softmax_fp32: bool  # eager attention takes its softmax in fp32 and casts it back (Llama-like)
@@ -56,6 +57,8 @@ class ModelShape:
     # OLMo 2 normalises each sublayer's output before the residual (post_attention, post_feedforward) and not its
     # input: the attention and the MLP read the residual stream itself
     output_norms_only: bool = False
+    # OLMo's clip_qkv: Q, K and V clamped in place (clamp_), which keeps a copy of each for its gradient
+    clip_qkv: bool = False
     sparsemixer: bool = False  # PhiMoE routes by SparseMixer (two masked softmaxes), not Mixtral's softmax top-k
     topk_softmax: bool = False  # GraniteMoE takes the softmax of the top-k logits, not the top-k of the softmax
     input_jitter: bool = False  # PhiMoE's input_jitter_noise: in training its MLP input is multiplied by noise
@@ -294,8 +297,8 @@ def _refuse_unless_built_holds(model, counted: int, *, mtype: str, model_class: 
 def _refuse_other_blocks(cfg: dict, mtype: str, shape: ModelShape, base_model=None) -> None:
     """Refuse a ``model_type`` outside :data:`_COUNTED_RIGHT` whose base model, built by transformers from the config
     on the meta device (:func:`_meta_model_for`; ``base_model()`` returns it where already built), holds another
-    number of parameters than ``shape`` counts: its blocks differ from those the memory model describes (OLMo's
-    norms without weights, Cohere's LayerNorms without a residual norm pair, JetMoE's attention experts, …). The
+    number of parameters than ``shape`` counts: its blocks differ from those the memory model describes (StableLM's
+    LayerNorms with biases, Cohere's LayerNorms without a residual norm pair, JetMoE's attention experts, …). The
     base model (``MODEL_MAPPING_NAMES``: no LM head, tied embeddings once, buffers not counted) is compared with
     ``shape.params`` less its head.
 
@@ -322,7 +325,7 @@ def _refuse_other_blocks(cfg: dict, mtype: str, shape: ModelShape, base_model=No
 
 # the dense Llama-like families the memory model is checked on, as its refusals list them
 _LLAMA_LIKE_DESCRIBED = ("Llama-like: Llama, Mistral, Qwen2, Qwen3, Gemma, Phi-3, Granite, Helium, ERNIE 4.5, "
-                         "Ministral, SmolLM3, GLM, OLMo 2, OLMo 3")
+                         "Ministral, SmolLM3, GLM, OLMo, OLMo 2, OLMo 3")
 
 
 def _llama(cfg: dict, mtype: str, base_model) -> ModelShape:
@@ -358,9 +361,9 @@ def _llama(cfg: dict, mtype: str, base_model) -> ModelShape:
     caps = {key: (cfg[key] if key in cfg else getattr(_config_object(mtype), key, None) if mtype == "gemma2" else None)
             is not None for key in ("attn_logit_softcapping", "final_logit_softcapping")}
     qk_norm, across_heads = mtype in _QK_NORMS, mtype in _QK_NORMS_ACROSS_HEADS
-    norm = "layer" if mtype in _LAYER_NORMS else "rms_fp32" if mtype.startswith("gemma") or mtype in _NORM_WEIGHT_FP32 \
-        else "rms"
-    norm_params = 2 * h if norm == "layer" else h  # a LayerNorm has a bias beside its weight
+    norm = "layer" if mtype in _LAYER_NORMS else "layer_fp32" if mtype in _PLAIN_LAYER_NORMS \
+        else "rms_fp32" if mtype.startswith("gemma") or mtype in _NORM_WEIGHT_FP32 else "rms"
+    norm_params = {"layer": 2 * h, "layer_fp32": 0}.get(norm, h)  # a LayerNorm has a bias beside its weight
     # q_norm and k_norm: head_dim each (Gemma 3, Qwen3), or q_dim and kv_dim across the heads (OLMo 2)
     qk_norm_params = ((q_dim + kv_dim) if across_heads else 2 * head_dim) if qk_norm else 0
     # embed + per-layer norm weights and biases + final norm
@@ -374,7 +377,9 @@ def _llama(cfg: dict, mtype: str, base_model) -> ModelShape:
                       norms=norms, attn_softcap=caps["attn_logit_softcapping"],
                       logit_softcap=caps["final_logit_softcapping"], sdpa=mtype not in _EAGER_ONLY, rotary=True,
                       qk_norm=qk_norm, qk_norm_across_heads=across_heads,
-                      output_norms_only=mtype in _OUTPUT_NORMS_ONLY, sparsemixer=mtype in _SPARSEMIXER, topk_softmax=mtype in _TOPK_SOFTMAX,
+                      output_norms_only=mtype in _OUTPUT_NORMS_ONLY,
+                      clip_qkv=mtype in _PLAIN_LAYER_NORMS and cfg.get("clip_qkv") is not None,
+                      sparsemixer=mtype in _SPARSEMIXER, topk_softmax=mtype in _TOPK_SOFTMAX,
                       input_jitter=mtype in _SPARSEMIXER and bool(cfg.get("input_jitter_noise", 0.0)),
                       windows=_sliding_windows(cfg, mtype, layers), rotary_cat=mtype in _FUSED_MLP,
                       routing_cast=mtype in _OWN_EXPERT_SIZES,
@@ -534,6 +539,7 @@ _QK_NORMS_ACROSS_HEADS = frozenset({"olmo2", "olmo3"})
 # for the MLP)
 _OUTPUT_NORMS_ONLY = frozenset({"olmo2", "olmo3"})
 _LAYER_NORMS = frozenset({"phimoe"})  # Llama-like blocks normalised by LayerNorm (weight and bias), not RMSNorm
+_PLAIN_LAYER_NORMS = frozenset({"olmo"})  # … by a LayerNorm without weight or bias, on the input up-cast to fp32
 # RMSNorms that apply their weight to the fp32 normalised input (Gemma's families too, by name): full fine-tuning
 # keeps that fp32 tensor for the weight's gradient (Helium; OLMo 2 and 3, whose norm casts the product to p)
 _NORM_WEIGHT_FP32 = frozenset({"helium", "olmo2", "olmo3"})
@@ -573,7 +579,7 @@ _MOE_COUNTED_WRONG = {
 # the base model built from a tiny config, and against autograd): model_shape skips building the meta model for them
 _COUNTED_RIGHT = frozenset({"llama", "mistral", "qwen2", "gemma", "gemma2", "gemma3_text", "phi3", "gpt2", "bert",
                             "mixtral", "phimoe", "granitemoe", "minimax", "granite", "helium", "ernie4_5",
-                            "ministral", "smollm3", "glm", "qwen3", "olmo2", "olmo3"})
+                            "ministral", "smollm3", "glm", "qwen3", "olmo", "olmo2", "olmo3"})
 # layer_types of attention layers (a sliding or chunked window stores what full attention does per token)
 _ATTENTION_LAYERS = frozenset({"full_attention", "sliding_attention", "chunked_attention"})
 # families with Llama's config keys but other blocks: read as Llama-like they would be counted wrong

@@ -380,7 +380,7 @@ def test_blocks_unlike_the_families_described_are_refused_with_both_counts(famil
 # the families model_shape reads without building the meta model (spectra.memory.shape._COUNTED_RIGHT)
 _READ_WITHOUT_BUILDING = ("llama", "mistral", "qwen2", "gemma", "gemma2", "gemma3_text", "phi3", "gpt2", "bert",
                           "mixtral", "phimoe", "granitemoe", "minimax", "granite", "helium", "ernie4_5", "ministral",
-                          "smollm3", "glm", "qwen3", "olmo2", "olmo3")
+                          "smollm3", "glm", "qwen3", "olmo", "olmo2", "olmo3")
 
 
 @pytest.mark.parametrize("family", _READ_WITHOUT_BUILDING)
@@ -569,7 +569,7 @@ def _tiny_config(family: str):
         return tf.OpenAIPrivacyFilterConfig(head_dim=8, pad_token_id=0, eos_token_id=0, **moe)
     if family == "qwen3_moe":
         return tf.Qwen3MoeConfig(head_dim=8, moe_intermediate_size=24, **moe)
-    if family in ("qwen3", "olmo2", "olmo3"):  # Q/K norms (OLMo's across the heads, its norms after each sublayer)
+    if family in ("qwen3", "olmo", "olmo2", "olmo3"):  # Q/K norms (OLMo 2's across the heads, after each sublayer)
         return tf.AutoConfig.for_model(family, **dense, **ids)
     return tiny_config(family)
 
@@ -589,7 +589,7 @@ _CLASSES = {"gemma2": ("Gemma2Model", "Gemma2ForCausalLM"),  # beside tests.mode
             "ministral": ("MinistralModel", "MinistralForCausalLM"), "mistral": ("MistralModel", "MistralForCausalLM"),
             "smollm3": ("SmolLM3Model", "SmolLM3ForCausalLM"), "glm": ("GlmModel", "GlmForCausalLM"),
             "qwen3": ("Qwen3Model", "Qwen3ForCausalLM"), "olmo2": ("Olmo2Model", "Olmo2ForCausalLM"),
-            "olmo3": ("Olmo3Model", "Olmo3ForCausalLM")}
+            "olmo3": ("Olmo3Model", "Olmo3ForCausalLM"), "olmo": ("OlmoModel", "OlmoForCausalLM")}
 
 
 def _config(family: str, layers: int, attention: str, **sizes):

@@ -1,5 +1,6 @@
-"""Qwen3 (an RMSNorm on each head's Q and K) and OLMo 2 / OLMo 3 (RMSNorms on Q and K across all heads, and each
-sublayer's output normalised before the residual instead of its input). All three were refused ("holds 17600
+"""Qwen3 (an RMSNorm on each head's Q and K), OLMo 2 / OLMo 3 (RMSNorms on Q and K across all heads, and each
+sublayer's output normalised before the residual instead of its input) and OLMo (LayerNorms without weights on the
+fp32 input; clip_qkv clamps Q, K and V in place). All four were refused ("holds 17600
 parameters, spectra's memory model counts 17568"). Checked against the models transformers builds from tiny configs:
 their parameters, PEFT's trainable count, bitsandbytes' 4-bit load, and what autograd saves for backward (one block's
 bytes by tests/memory/test_memory.py's measurement: the double difference of models of 1 and 2 blocks at batch 2
@@ -14,7 +15,8 @@ from tests.memory.test_memory import _PEFT_PATTERN_WARNING, _loss, saved_bytes
 
 _SMALL = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, head_dim=8, vocab_size=64, pad_token_id=0, bos_token_id=0, eos_token_id=0)
-_CAUSAL_LM = {"qwen3": "Qwen3ForCausalLM", "olmo2": "Olmo2ForCausalLM", "olmo3": "Olmo3ForCausalLM"}
+_CAUSAL_LM = {"qwen3": "Qwen3ForCausalLM", "olmo2": "Olmo2ForCausalLM", "olmo3": "Olmo3ForCausalLM",
+              "olmo": "OlmoForCausalLM"}
 # what target_modules names a role (all-linear: every one)
 _MODULES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "gate": "gate_proj", "up": "up_proj",
             "down": "down_proj"}
@@ -36,11 +38,12 @@ def _model(family: str, **overrides):
     return getattr(tf, _CAUSAL_LM[family])(_config(family, **overrides))
 
 
-def _peft(model, method: str, roles):
+def _peft(model, method: str, roles, layers=None):
     from peft import LoraConfig, get_peft_model
 
     targets = "all-linear" if roles is None else [_MODULES[role] for role in roles]
-    return get_peft_model(model, LoraConfig(r=4, target_modules=targets, use_dora=method == "dora"))
+    return get_peft_model(model, LoraConfig(r=4, target_modules=targets, use_dora=method == "dora",
+                                            layers_to_transform=layers))
 
 
 @pytest.mark.parametrize("family", ["qwen3", "olmo2", "olmo3"])
@@ -61,8 +64,23 @@ def test_parameters_are_what_transformers_builds(family):
         assert norms > 0 and shape.params - as_llama.params == norms
 
 
+def test_olmo_counts_norms_without_weights():
+    """OLMo (v1): its LayerNorms have no weight nor bias (OlmoLayerNorm), so the model holds only embeddings and
+    linears; read as Llama it would count 2·h per layer and h more. Its clip_qkv changes no parameter."""
+    from spectra.memory.shape import _refuse_other_blocks
+
+    for overrides in ({}, _CLIP, dict(tie_word_embeddings=True)):
+        model = _model("olmo", **overrides)
+        config = model.config.to_dict()
+        shape = model_shape(config)
+        assert shape.params == sum(p.numel() for p in model.parameters())
+        _refuse_other_blocks(config, "olmo", shape)
+        assert model_shape(config | {"model_type": "llama"}).params - shape.params == (2 * 2 + 1) * 32
+        assert shape.clip_qkv == ("clip_qkv" in overrides)
+
+
 @pytest.mark.parametrize("method", ["full", "lora", "dora"])
-@pytest.mark.parametrize("family", ["qwen3", "olmo2"])
+@pytest.mark.parametrize("family", ["qwen3", "olmo2", "olmo"])
 def test_trainable_parameters_gradients_and_states_count_the_norms(family, method):
     """Full fine-tuning trains the Q/K norms' weights: the estimate's gradients and AdamW states (fp32) are the bytes
     of the gradients one backward leaves and of the moments torch's AdamW keeps after one step. LoRA and DoRA on
@@ -82,7 +100,7 @@ def test_trainable_parameters_gradients_and_states_count_the_norms(family, metho
     optimizer.step()
     moments = [t for p in trained for k, t in optimizer.state[p].items() if k in ("exp_avg", "exp_avg_sq")]
     assert est.optimizer_states == sum(t.numel() * t.element_size() for t in moments)
-    if method == "full":
+    if method == "full" and family != "olmo":
         assert any(n.endswith("q_norm.weight") for n, p in model.named_parameters() if p.grad is not None)
 
 
@@ -110,6 +128,7 @@ def _block(family: str, method: str, precision: str, attention: str, roles=None,
 
 _SLIDING = dict(use_sliding_window=True, sliding_window=8, max_window_layers=0)  # Qwen3: every layer slides by 8
 _OLMO3_SLIDING = dict(sliding_window=8, layer_types=["sliding_attention", "sliding_attention"])
+_CLIP = dict(clip_qkv=8.0)  # OLMo-7B-0424's
 
 
 @_PEFT_PATTERN_WARNING
@@ -125,13 +144,21 @@ _OLMO3_SLIDING = dict(sliding_window=8, layer_types=["sliding_attention", "slidi
     ("olmo2", "dora", "bf16", "sdpa", None, {}), ("olmo2", "lora", "bf16", "sdpa", ("o", "down"), {}),
     ("olmo2", "lora", "bf16", "sdpa", ("q",), {}), ("olmo2", "lora", "bf16", "sdpa", ("up",), {}),
     ("olmo3", "lora", "bf16", "sdpa", None, _OLMO3_SLIDING), ("olmo3", "full", "bf16", "sdpa", None, _OLMO3_SLIDING),
-    ("olmo3", "lora", "fp32", "sdpa", None, {})])
+    ("olmo3", "lora", "fp32", "sdpa", None, {}),
+    # OLMo (v1): LayerNorms without weights on the fp32 input; clip_qkv clamps Q, K and V in place
+    ("olmo", "full", "bf16", "sdpa", None, {}), ("olmo", "full", "fp32", "eager", None, {}),
+    ("olmo", "lora", "bf16", "sdpa", None, {}), ("olmo", "lora", "fp32", "sdpa", None, {}),
+    ("olmo", "dora", "bf16", "sdpa", None, {}), ("olmo", "lora", "bf16", "sdpa", ("o", "down"), {}),
+    ("olmo", "lora", "bf16", "sdpa", None, _CLIP), ("olmo", "full", "bf16", "sdpa", None, _CLIP),
+    ("olmo", "lora", "fp32", "sdpa", ("v",), _CLIP), ("olmo", "lora", "bf16", "eager", None, _CLIP),
+    ("olmo", "full", "fp32", "eager", None, _CLIP)])
 def test_a_blocks_activations_are_what_autograd_saves(family, method, precision, attention, roles, overrides):
     """Qwen3's q_norm and k_norm keep their fp32 input and a 1/rms per head; OLMo 2's one 1/rms a token over q_dim and
     kv_dim, its RMSNorms apply their weight to the fp32 normalised input (kept for the weight's gradient under full
     fine-tuning), and its block normalises the attention's and the MLP's outputs, not their inputs. Sliding layers
     (Qwen3's use_sliding_window, OLMo 3's layer_types) under a window the sequence reaches keep the mask and K, V
-    repeated."""
+    repeated. OLMo's weightless LayerNorms keep their fp32 input, mean and 1/std; its clip_qkv's in-place clamps a
+    copy of each of Q, K and V (unmodelled: 128 bytes a token short at bf16)."""
     block = _block(family, method, precision, attention, roles, **overrides)
     assert block["modelled"] == block["measured"] > 0, block
 
@@ -155,7 +182,7 @@ def test_olmo2_read_with_llamas_norm_placement_is_wrong():
         assert _block("olmo2", "lora", "bf16", "sdpa")["modelled"] != measured
 
 
-@pytest.mark.parametrize("family", ["qwen3", "olmo2"])
+@pytest.mark.parametrize("family", ["qwen3", "olmo2", "olmo"])
 def test_qlora_storage_is_what_bitsandbytes_holds(family, tmp_path):
     """bitsandbytes quantises the block linears and keeps the Q/K norms (and every other norm) in bf16: the
     estimate's weights and constants are the loaded model's bytes."""
@@ -168,7 +195,7 @@ def test_qlora_storage_is_what_bitsandbytes_holds(family, tmp_path):
     assert est.quant_constants == constants
 
 
-@pytest.mark.parametrize("family", ["qwen3", "olmo2"])
+@pytest.mark.parametrize("family", ["qwen3", "olmo2", "olmo"])
 def test_cli_memory_estimates_a_saved_model(family, tmp_path):
     """The user's path: `spectra memory <folder> --rank 8` on a model saved by save_pretrained (refused before)."""
     from typer.testing import CliRunner
@@ -189,3 +216,34 @@ def test_sliding_layers_are_read_as_the_family_builds_them():
     assert model_shape(_config("qwen3", sliding_window=8).to_dict()).windows == ()  # use_sliding_window off
     assert model_shape(_config("qwen3", **(_SLIDING | dict(max_window_layers=1))).to_dict()).windows == (0, 8)
     assert model_shape(_config("olmo3", sliding_window=8, num_hidden_layers=4).to_dict()).windows == (8, 8, 8, 0)
+
+
+def _per_sequence(family: str, precision: str, roles, layers, **overrides) -> dict[str, int]:
+    """Saved bytes of a 3-layer LoRA model at batch 3 less batch 2 (one sequence's), measured and modelled."""
+    import torch
+
+    model = _model(family, num_hidden_layers=3, **overrides)
+    config = model.config
+    model = _peft(model.to({"bf16": torch.bfloat16, "fp32": torch.float32}[precision]), "lora", roles, layers).train()
+    measured = [saved_bytes(model, lambda m: _loss(m, batch, 16)) for batch in (2, 3)]
+    modelled = [estimate_memory(config, method="lora", rank_plan_or_rank=4, batch=batch, seq_len=16,
+                                precision=precision, roles=roles, layers_to_transform=layers).activations
+                for batch in (2, 3)]
+    return {"measured": measured[1] - measured[0], "modelled": modelled[1] - modelled[0]}
+
+
+@_PEFT_PATTERN_WARNING
+@pytest.mark.parametrize(("family", "precision", "roles", "layers", "overrides"), [
+    ("qwen3", "bf16", ("k",), [1], {}), ("qwen3", "fp32", ("q", "down"), [1, 2], {}),
+    ("qwen3", "bf16", tuple(_MODULES), [2], {}), ("olmo2", "bf16", ("o",), [1], {}),
+    ("olmo2", "fp32", ("up",), [1, 2], {}), ("olmo2", "bf16", ("q",), [2], {}),
+    ("olmo2", "bf16", tuple(_MODULES), [1], {}),
+    ("olmo", "bf16", ("v",), [1], _CLIP), ("olmo", "fp32", ("o", "gate"), [2], {})])
+def test_blocks_before_the_first_adapted_module_keep_nothing(family, precision, roles, layers, overrides):
+    """The first adapted layer keeps only what follows its first adapted module: with OLMo 2's norms after each
+    sublayer, an adapted o_proj makes the attention's output norm keep its input and the MLP after it everything;
+    an adapted k_proj makes only k_norm (not q_norm) keep its tensors. Per sequence, less all-linear LoRA on every
+    layer's (the head's tensors cancel)."""
+    part = _per_sequence(family, precision, roles, layers, **overrides)
+    whole = _per_sequence(family, precision, None, None, **overrides)
+    assert whole["modelled"] - part["modelled"] == whole["measured"] - part["measured"] > 0, (part, whole)
