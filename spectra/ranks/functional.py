@@ -39,8 +39,9 @@ def functional_ranks(sweep: Any, epsilon: float, *, non_target: str | None = Non
     trivially True and says nothing about the eval set).
 
     A gap that is not a finite number (NaN or ±inf: the truncated model's outputs overflowed or went NaN at that
-    rank) is not within ε, so the chosen rank lies above that point; the curve's ``nonfinite_gap`` lists such
-    ranks. A full fine-tune whose own metric is not finite leaves no gap defined and is refused.
+    rank; null when read back from ``sweep.json``) is not within ε, so the chosen rank lies above that
+    point; the curve's ``nonfinite_gap`` lists such ranks. A full fine-tune whose own metric is not finite (or null)
+    leaves no gap defined and is refused.
 
     A curve the sweep marked unreached by its eval data (``unreached`` in ``sweep.json``: at rank 0
     its changed modules left every example's loss and metric exactly the full fine-tune's) gets no
@@ -79,8 +80,9 @@ def functional_ranks(sweep: Any, epsilon: float, *, non_target: str | None = Non
     if non_target not in data["non_target"]:
         raise ConfigError(f"non_target {non_target!r}: the sweep measured {data['non_target']} only.")
     tuned_metric = data["reference"]["tuned"].get("metric")  # every gap is against it, whatever the non-targets
-    if tuned_metric is not None and not math.isfinite(tuned_metric):
-        raise ConfigError(f"the sweep's full fine-tune has {data['metric']['name']} {tuned_metric}: every gap is "
+    if not _finite(tuned_metric):  # sweep.json holds a NaN or ±inf as null
+        shown = "null (NaN or ±inf as sweep.json writes it)" if tuned_metric is None else tuned_metric
+        raise ConfigError(f"the sweep's full fine-tune has {data['metric']['name']} {shown}: every gap is "
                           "measured against it, so no functional rank can be read. Check the tuned checkpoint and "
                           "the eval data (a NaN or an overflow in its outputs).")
     modules = data.get("modules") or []
@@ -102,19 +104,20 @@ def functional_ranks(sweep: Any, epsilon: float, *, non_target: str | None = Non
             continue
         chosen = None
         for p in reversed(points):  # from the top: the last rank before the curve leaves the ε band
-            if not (math.isfinite(p["gap"]) and p["gap"] <= epsilon):  # a NaN gap is not known to be within ε
+            if not (_finite(p["gap"]) and p["gap"] <= epsilon):  # a NaN gap is not known to be within ε
                 break
             chosen = p
         entry = {"rank": None if chosen is None else chosen["rank"], "swept": [p["rank"] for p in points],
                  "full_rank": full,
                  "at_full_rank": None if chosen is None or full is None else bool(chosen["rank"] >= full)}
-        nonfinite = [p["rank"] for p in points if not math.isfinite(p["gap"])]
+        nonfinite = [p["rank"] for p in points if not _finite(p["gap"])]
         if nonfinite:
             entry["nonfinite_gap"] = nonfinite
         if chosen is not None:
             interval = chosen.get("gap_interval")
+            known = interval is not None and _finite(interval[1])  # null in sweep.json where its bootstrap went NaN
             entry.update(metric=chosen["metric"], gap=chosen["gap"], gap_interval=interval,
-                         resolved=None if interval is None else bool(interval[1] <= epsilon))
+                         resolved=bool(interval[1] <= epsilon) if known else None)
         groups[group] = entry
     return {"epsilon": float(epsilon), "metric": data["metric"]["name"],
             "higher_is_better": data["metric"]["higher_is_better"], "examples": data["examples"],
@@ -123,6 +126,11 @@ def functional_ranks(sweep: Any, epsilon: float, *, non_target: str | None = Non
             "sweep": {"base": data.get("base"), "tuned": data.get("tuned"), "data": data.get("data"),
                       "fingerprints": data.get("fingerprints")},
             "modules": [m["name"] for m in data.get("modules", [])], "groups": groups}
+
+
+def _finite(value) -> bool:
+    """Whether a number of a sweep is finite: ``sweep.json`` writes NaN and ±inf as null, read back as None."""
+    return value is not None and math.isfinite(value)
 
 
 def role_curves(modules: list[Mapping]) -> dict[str, str]:
