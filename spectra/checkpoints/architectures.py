@@ -406,7 +406,8 @@ _ENCODER_DECODER = re.compile(r"(?:^|\.)(encoder|decoder)\.")
 # within the projector stack, the merger of the tower's last layer having none.
 _LAYER = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block|deepstack_merger_list|merger_list)\.(\d+)\.")
 # An expert's index: Mixtral's experts.3.w1, SwitchTransformers' and NLLB-MoE's experts.expert_3.wi; JetMoE's
-# per-expert records, named by their 3-D module and the index (mlp.input_linear.3, self_attention.experts.output_linear.3)
+# per-expert records, named by their 3-D module and the index (mlp.input_linear.3,
+# self_attention.experts.output_linear.3)
 _EXPERT = re.compile(r"(?:^|\.)experts\.(?:expert_)?(\d+)(?:\.|$)|(?:^|\.)(?:mlp|self_attention\.experts)\."
                      r"(?:input|output)_linear\.(\d+)$")
 

@@ -154,9 +154,8 @@ def test_roles_select_the_experts_in_an_analysis_and_for_peft(tmp_path):
     peft = get_peft_model(copy.deepcopy(model), LoraConfig(r=2, target_modules=[], target_parameters=parameters,
                                                            init_lora_weights=False))
     trainable = {n for n, p in peft.named_parameters() if p.requires_grad}
-    assert trainable and all(any(f"layers.{i}.{k}." in n for i in (0, 1) for k in ("mlp.input_linear",
-                                                                                   "self_attention.experts.output_linear"))
-                             for n in trainable), trainable
+    adapted = [f"layers.{i}.{k}." for i in (0, 1) for k in ("mlp.input_linear", "self_attention.experts.output_linear")]
+    assert trainable and all(any(a in n for a in adapted) for n in trainable), trainable
     merged = peft.merge_and_unload()
     for layer in (0, 1):
         for kind in KINDS:
