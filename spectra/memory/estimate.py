@@ -378,6 +378,7 @@ def _estimate(shape: ModelShape, method: str, adapter_modules: list, batch: int,
     blocks = [shape.block(layer) for layer in range(shape.layers)]
     if method == "qlora":
         quantised = [(o, i) for block in blocks for role, o, i in block.linears if role not in _UNQUANTISED]
+        quantised += shape.outside_quantised  # BERT's pooler
         nf4 = sum(o * i for o, i in quantised + list(shape.tower_quantised))  # the towers' too (never run: no workspace)
         weights = math.ceil(nf4 / 2) + (n - nf4) * w
         quant = sum(_quant_constants(o * i, double_quant) for o, i in quantised + list(shape.tower_quantised))

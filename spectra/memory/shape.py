@@ -23,7 +23,8 @@ class ModelShape:
     ``linears`` lists one block's linear layers as ``(role, out, in)``, MoE experts expanded, with
     the roles of ``spectra.checkpoints.architectures`` (``q k v o qkv gate up down``; ``router``).
     ``other_params`` counts everything that is not a block linear nor the LM head (embeddings,
-    norms, biases, pooler): QLoRA keeps these in 16 bits, like transformers' bitsandbytes path.
+    norms, biases, pooler): QLoRA keeps these in 16 bits, like transformers' bitsandbytes path, but for the
+    linears among them that bitsandbytes converts (``outside_quantised``: BERT's pooler).
     """
 
     family: str
@@ -79,6 +80,9 @@ class ModelShape:
     # the (out, in) of the towers' linears that bitsandbytes stores in 4 bits under QLoRA, as transformers picks them
     # (exactly nn.Linear or Conv1D, outside get_keys_to_not_convert: not a MultiheadAttention's out_proj)
     tower_quantised: tuple[tuple[int, int], ...] = ()
+    # linears outside the blocks that bitsandbytes stores in 4 bits too, counted in other_params (BERT's pooler.dense:
+    # the base model's last module, yet not on transformers' keep list) and run in every forward
+    outside_quantised: tuple[tuple[int, int], ...] = ()
     # each layer's sliding attention window (0: full attention; empty: none slides): transformers masks a layer whose
     # window a sequence reaches (seq_len ≥ window), and sdpa then keeps the mask and K, V repeated (_sliding_windows)
     windows: tuple[int, ...] = ()
@@ -611,4 +615,4 @@ def _bert(cfg: dict) -> ModelShape:
     other = embeddings + layers * per_layer + h * h + h  # + pooler.dense
     return ModelShape(family="bert", hidden=h, layers=layers, heads=heads, kv_dim=h, q_dim=h, intermediate=inter,
                       vocab=vocab, norm="layer", mlp_saved=1, softmax_fp32=False, experts_per_token=1, experts=1,
-                      linears=linears, other_params=other, head_params=0, causal=False)
+                      linears=linears, other_params=other, head_params=0, causal=False, outside_quantised=((h, h),))
