@@ -25,7 +25,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from spectra.checkpoints.architectures import IN_OUT_EXPERT_MODEL_TYPES, is_conv1d, module_info
+from spectra.checkpoints.architectures import IN_OUT_EXPERT_MODEL_TYPES, is_conv1d, module_info, parallel_experts
 from spectra.checkpoints.targets import conversions, resolve_name
 from spectra.errors import SpectraError
 
@@ -168,6 +168,9 @@ def split_sources(checkpoint, parameter: str, shape: tuple[int, ...], sources: l
             conv1d = is_conv1d(module, config)
             return [TensorSlice(tensor, module, (shape[1], shape[0]) if conv1d else shape, conv1d,
                                 ParameterSlice(parameter))]
+        if parallel_experts(module, shape, config):  # JetMoE's mlp.input_linear.weight …: (E, out, in), as paired
+            return [TensorSlice(tensor, f"{module}.{e}", shape[1:], False, ParameterSlice(parameter, e),
+                                stored_expert=e) for e in range(shape[0])]
         if ".experts." not in f".{tensor}." or tensor.endswith(".weight"):
             raise PlacementError(parameter, f"the {label} stores it as {tensor}, a 3-D tensor spectra's pairing does "
                                  "not split per expert")
