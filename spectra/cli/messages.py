@@ -3,6 +3,7 @@ options' numbers as typed), and third-party output kept out of the terminal."""
 
 from __future__ import annotations
 
+import math
 import os
 import re
 
@@ -87,7 +88,8 @@ def _command_options(argv: list[str]) -> dict[str, tuple[str, bool, str | None]]
 def _typed_numbers(argv: list[str]) -> dict[str, str]:
     """The number each float option of the command `argv` runs was given as, as a library message prints it (``2.0``,
     ``-1.0``, ``1e-06``), → the text the user typed for it (``2``, ``-1``, ``1e-6``), where the two differ. A number
-    that two options typed differently share is left out: which one a message means cannot be told."""
+    that two options typed differently share is left out: which one a message means cannot be told; so is one that is
+    not finite (1e400, nan): a message's "inf" or "nan" may come of anything that overflowed."""
     command = _command(argv)
     typed: dict[str, set[str]] = {}
     for param in command.params if command is not None else ():
@@ -106,6 +108,8 @@ def _typed_numbers(argv: list[str]) -> dict[str, str]:
         try:
             shown = str(float(value))  # as the library prints the float the command passed it (str and repr agree)
         except (TypeError, ValueError):
+            continue
+        if not math.isfinite(float(shown)):  # 1e400 is inf
             continue
         if shown != value.strip():
             typed.setdefault(shown, set()).add(value.strip())
@@ -138,11 +142,16 @@ def _cli_words(text: str, argv: list[str]) -> str:
     text = _FIELD.sub(option, text)
     # a float option's number as typed: `recommend --energy 2` was refused as "got 2.0", typer's float of "2". The
     # text stands for the same number, so a message that meant another option's equal number still reads true. Not
-    # inside a longer number or a path (-12.0, 2.05, run-2.0/), nor where the user typed the printed text itself (a
-    # folder named 2.0)
+    # inside a longer number or a file name (-12.0, 2.05, run-2.0/, 2.0.json), nor inside what the user typed as
+    # another value that holds the printed text (a folder named 2.0, -o 'run 2.0'): their own words
     for shown, value in _typed_numbers(argv).items():
-        if shown in typed:
-            continue
-        text = re.sub(rf"(?<![\w.+\-/\\]){re.escape(shown)}(?![\w/\\]|\.\d)", lambda _: value, text)
+        theirs = [(m.start(), m.end()) for word in typed if shown in word and word != value
+                  for m in re.finditer(re.escape(word), text)]
+
+        def as_typed(match: re.Match, value=value, theirs=theirs) -> str:
+            inside = any(start <= match.start() and match.end() <= end for start, end in theirs)
+            return match.group(0) if inside else value
+
+        text = re.sub(rf"(?<![\w.+\-/\\]){re.escape(shown)}(?![\w/\\]|\.\w)", as_typed, text)
     # "--max-length (--max-length) 128", "--overwrite (CLI: --overwrite)": the option once
     return re.sub(r"(--[\w-]+)((?: [^\s()]+)?) \((?:CLI: )?\1\)", r"\1\2", text)

@@ -122,3 +122,33 @@ def test_a_value_typed_as_the_printed_number_is_left_as_it_is(monkeypatch, capsy
     assert _cli_words(text, ["train", "--output=2.0", "--lr", "2"]) == text
     # negative control: without the folder typed, the number is the option's
     assert _cli_words(text, ["train", "m", "--lr", "2"]) == "cannot read 2: no such file"
+
+
+@pytest.mark.parametrize("path", ["1.0.json", "run 1.0.json", "out/1.0"])
+def test_a_path_that_holds_the_printed_number_is_named_as_typed(monkeypatch, capsys, report, tmp_path, path):
+    """recommend --energy 1 -o 1.0.json onto a file it may not replace: the refusal names 1.0.json, the user's own
+    path, not "1.json" (the number rewritten inside it)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / path).write_text("{}")  # a file spectra did not write
+    code, _, err = run(monkeypatch, capsys, "recommend", report, "--energy", "1", "-o", path)
+    assert code != 0 and f"-o {path} exists" in err.replace("\n", ""), err  # it said "-o 1.json exists"
+
+
+def test_the_users_own_words_and_computed_infinities_are_left_as_printed():
+    argv = ["recommend", "r", "--energy", "2", "-o", "2.0.json"]
+    assert _cli_words("cannot write 2.0.json: exists; got 2.0.", argv) == "cannot write 2.0.json: exists; got 2."
+    argv = ["recommend", "r", "--energy", "2", "-o", "run 2.0"]
+    assert _cli_words("cannot write 'run 2.0'; got 2.0.", argv) == "cannot write 'run 2.0'; got 2."
+    argv = ["recommend", "r", "--energy", "2", "--output=/tmp/run 2.0"]
+    assert _cli_words("cannot write '/tmp/run 2.0'.", argv) == "cannot write '/tmp/run 2.0'."
+    # negative control: the same text where the user typed no such path is the option's number
+    assert _cli_words("cannot write 'run 2.0'; got 2.0.", ["recommend", "r", "--energy", "2"]) == \
+        "cannot write 'run 2'; got 2."
+    # a file name that is not typed but holds the number (2.0.json) is not rewritten either
+    assert _cli_words("wrote 2.0.json", ["recommend", "r", "--energy", "2"]) == "wrote 2.0.json"
+    # 1e400 is inf, nan is nan: an "inf" in a message may be any overflow, so it is never put as typed
+    for typed in ("1e400", "-1e400", "NaN"):
+        argv = ["recommend", "r", "--energy", typed]
+        text = "a loss of inf and -inf and nan; got inf"
+        assert _cli_words(text, argv) == "a loss of inf and -inf and nan; got inf", typed
