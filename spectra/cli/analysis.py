@@ -88,7 +88,7 @@ def analyze(
     read_ahead: Annotated[int, typer.Option(help="With one worker: modules read ahead of the math (0: read in line).")] = 2,
     read_ahead_mb: Annotated[int, typer.Option(help="Most ΔW data (MB, float32) held by the modules in flight (one always goes); bounds peak memory. An adapter's expert factors held across a module come out of what it holds beyond room for the two largest modules; more is held on top, with a warning.")] = 512,
     calibration: Annotated[Optional[Path], typer.Option(help="Calibration data (.txt, or .jsonl/.csv/.tsv with a text field): also report each ΔW's activation-weighted spectrum, ΔW·C^{1/2} on the base's inputs.")] = None,
-    calibration_epsilon: Annotated[float, typer.Option(help="Ridge of the input second moment C, relative to its mean eigenvalue.")] = 1e-6,
+    calibration_epsilon: Annotated[float, typer.Option(help="With --calibration: sets each row's input_rank, the count of C's eigenvalues above ε times their mean (C: the input second moment). The activation-weighted spectrum uses C itself, with no ridge, so ε leaves it unchanged.")] = 1e-6,
     base_rounding: Annotated[str, typer.Option(help="Is the base's rounding in ΔW? auto (decided per module from ΔW's residual: when in doubt, counted), exact (the fine-tune started from the base's stored values, e.g. a bf16 release tuned and saved in bf16: only the fine-tune's rounding is noise), counted (both were rounded from finer weights, e.g. two bf16 releases trained in fp32).")] = "auto",
 ) -> None:
     """Measure the spectrum of every ΔW = TUNED − BASE and write a report (JSON, Markdown, HTML, figures).
