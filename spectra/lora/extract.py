@@ -476,17 +476,28 @@ def _not_carried_notes(pairing: Pairing, matrices: list, vectors: list, only_in_
         adapted = {e.name for e in selected}
         # a parameter of the model itself (CLIP's logit_scale), of no submodule: PEFT saves submodules only
         own = [n for n, _ in vectors if "." not in n]
+        # a parameter of a module that holds others (OWL-ViT's owlvit.logit_scale, of the whole OwlViTModel; an
+        # attention's own vector beside its projections): saving that module whole would save them all
+        holders = _holding_modules(pairing.base.names())
+        held = [n for n, _ in vectors if n not in own and n.rpartition(".")[0] in holders]
         # a bias of a module the adapter adapts: PEFT adapts a module or saves it whole, not both
-        owned = [n for n, _ in vectors if n not in own and (n.rpartition(".")[0] in adapted
+        owned = [n for n, _ in vectors if n not in own and n not in held and (n.rpartition(".")[0] in adapted
                  or any(a.startswith(n.rpartition(".")[0] + ".") for a in adapted))]
-        free = [n.rpartition(".")[0] for n, _ in vectors if n not in owned and n not in own]
+        free = [n.rpartition(".")[0] for n, _ in vectors if n not in owned and n not in own and n not in held]
+        owners = list(dict.fromkeys(n.rpartition(".")[0] for n in held))
+        held_params = sum(math.prod(pairing.base.info(t).shape) for t in pairing.base.names()
+                          if any(t.startswith(o + ".") for o in owners))
         fix = ([f"To carry them, save their modules whole (modules_to_save={leaves(free)}){merged}"]
                if free else []) + (
             [f"{len(owned)} {'is a bias' if len(owned) == 1 else 'are biases'} of adapted modules, which no LoRA "
              "carries"] if owned else []) + (
             [f"{named(own)} {'is a parameter' if len(own) == 1 else 'are parameters'} of the model itself, of no "
              "module, which no PEFT adapter carries (modules_to_save saves modules): copy "
-             f"{'it' if len(own) == 1 else 'them'} from TUNED onto the loaded model"] if own else [])
+             f"{'it' if len(own) == 1 else 'them'} from TUNED onto the loaded model"] if own else []) + (
+            [f"{named(held)} {'is a parameter' if len(held) == 1 else 'are parameters'} of "
+             f"{'a module' if len(owners) == 1 else 'modules'} holding other modules ({named(owners)}: "
+             f"{held_params:,} parameters, which modules_to_save would save whole): copy "
+             f"{'it' if len(held) == 1 else 'them'} from TUNED onto the loaded model"] if held else [])
         scalars = ", scalars" if any(e is not None and not e.shape for _, e in vectors) else ""
         notes.append(f"{lead}the adapter leaves out {len(vectors)} changed vector(s) (norms, biases{scalars}: a LoRA "
                      f"holds matrices only): {named([n for n, _ in vectors])}. " + "; ".join(fix))
@@ -496,6 +507,16 @@ def _not_carried_notes(pairing: Pairing, matrices: list, vectors: list, only_in_
                      f"not in the adapter: {named(only_in_tuned)}. To carry them, save their modules whole "
                      f"(modules_to_save={leaves(n.rpartition('.')[0] for n in only_in_tuned)}){merged}")
     return notes
+
+
+def _holding_modules(names) -> set[str]:
+    """The modules that hold other modules, read from a checkpoint's tensor names: ``a`` and ``a.b`` of
+    ``a.b.c.weight`` (``a.b.c`` holds the tensor only)."""
+    holders = set()
+    for name in names:
+        parts = name.split(".")
+        holders.update(".".join(parts[:i]) for i in range(1, len(parts) - 1))
+    return holders
 
 
 def _resized_vocabulary(pairing: Pairing, selected: list, saved_modules: list[str]) -> tuple[list[str], int | None]:
