@@ -101,6 +101,32 @@ def meta_model(config: Mapping | None, model_class: str | None = None):
     return None
 
 
+def bnb_4bit_linears(model) -> set[str] | None:
+    """Names of the modules of ``model`` that transformers' bitsandbytes path stores in NF4
+    (``from_pretrained(quantization_config=BitsAndBytesConfig(load_in_4bit=True, ...))``), asked of transformers
+    itself: its keep list (``get_modules_to_not_convert``: the output embedding, tied weights, the last parameter's
+    module, the class's ``_keep_in_fp32_modules`` such as T5's ``wo``) and its ``replace_with_bnb_linear``, which
+    converts exactly the ``nn.Linear`` and ``Conv1D`` modules no key of that list matches (as a prefix up to a
+    module boundary, a regex or a suffix; not only an equal name). ``model`` is converted in place: pass one built
+    for this on the meta device (:func:`meta_model`). Which modules are converted does not depend on the compute
+    dtype or double quantisation. None where this transformers or bitsandbytes lacks that path."""
+    try:
+        import bitsandbytes as bnb
+        from transformers import BitsAndBytesConfig
+        from transformers.integrations import replace_with_bnb_linear
+        from transformers.quantizers.auto import AutoHfQuantizer
+    except ImportError:
+        return None
+    try:
+        quantizer = AutoHfQuantizer.from_config(BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4"))
+        skip = quantizer.get_modules_to_not_convert(model, quantizer.quantization_config.llm_int8_skip_modules,
+                                                    model._keep_in_fp32_modules)
+        replace_with_bnb_linear(model, modules_to_not_convert=skip, quantization_config=quantizer.quantization_config)
+    except (AttributeError, TypeError):  # a transformers whose bitsandbytes path differs
+        return None
+    return {name for name, module in model.named_modules() if isinstance(module, bnb.nn.Linear4bit)}
+
+
 def resolve_name(name: str, names: Iterable[str]) -> str | None:
     """The one of ``names`` equal to ``name`` or differing from it by a leading prefix, else None."""
     names = list(names)

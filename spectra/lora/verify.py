@@ -556,12 +556,13 @@ def bnb_4bit_modules(names, config: dict | None, task: str = "causal_lm") -> dic
     ``nn.Embedding`` (the token embedding, GPT-2's ``wpe``, T5's ``relative_attention_bias``), a
     Linear subclass (an MoE router) and a bare parameter (fused experts) keep their weights as
     stored. Asked of transformers itself: its ``replace_with_bnb_linear`` is run on the task's model
-    class built from ``config`` on the meta device. Where that model cannot be built, or a name
+    class built from ``config`` on the meta device (:func:`spectra.checkpoints.targets.bnb_4bit_linears`, the rule
+    ``spectra memory`` counts a multimodal model's towers by). Where that model cannot be built, or a name
     does not resolve in it, the rule falls back to the module's role: every role but the
     embedding tables and the head.
     """
     from spectra.checkpoints.architectures import module_info
-    from spectra.checkpoints.targets import meta_model, model_targets
+    from spectra.checkpoints.targets import bnb_4bit_linears, meta_model, model_targets
 
     names = list(names)
     fallback = {n: module_info(n, config).role not in ("embed", "pos_embed", "head") for n in names}
@@ -569,20 +570,9 @@ def bnb_4bit_modules(names, config: dict | None, task: str = "causal_lm") -> dic
     if model is None:
         return fallback
     targets = model_targets(names, model)  # resolved before the swap: the names stay, the Linears' classes go
-    try:
-        import bitsandbytes as bnb
-        from transformers.integrations import replace_with_bnb_linear
-        from transformers.quantizers.auto import AutoHfQuantizer
-
-        from spectra.lora.train import nf4_config
-
-        quantizer = AutoHfQuantizer.from_config(nf4_config())
-        skip = quantizer.get_modules_to_not_convert(model, quantizer.quantization_config.llm_int8_skip_modules,
-                                                    model._keep_in_fp32_modules)
-        replace_with_bnb_linear(model, modules_to_not_convert=skip, quantization_config=quantizer.quantization_config)
-    except (ImportError, AttributeError, TypeError):  # a transformers without this path: the role rule
+    converted = bnb_4bit_linears(model)
+    if converted is None:  # a transformers without this path: the role rule
         return fallback
-    converted = {n for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
     out = {}
     for name, target in targets.items():
         if target is None:

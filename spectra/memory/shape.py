@@ -78,7 +78,8 @@ class ModelShape:
     # spectra train does; its default stacks are those text runs through); stack as architectures names it ("vision")
     tower_linears: tuple[tuple[str, int, int, str | None], ...] = ()
     # the (out, in) of the towers' linears that bitsandbytes stores in 4 bits under QLoRA, as transformers picks them
-    # (exactly nn.Linear or Conv1D, outside get_keys_to_not_convert: not a MultiheadAttention's out_proj)
+    # (spectra.checkpoints.targets.bnb_4bit_linears: exactly nn.Linear or Conv1D, outside its keep list; not a
+    # MultiheadAttention's out_proj)
     tower_quantised: tuple[tuple[int, int], ...] = ()
     # linears outside the blocks that bitsandbytes stores in 4 bits too, counted in other_params (BERT's pooler.dense:
     # the base model's last module, yet not on transformers' keep list) and run in every forward
@@ -228,6 +229,7 @@ def _with_other_towers(cfg: dict, mtype: str) -> ModelShape:
     from transformers.pytorch_utils import Conv1D
 
     from spectra.checkpoints.architectures import module_info
+    from spectra.checkpoints.targets import bnb_4bit_linears
 
     text = model_shape(cfg["text_config"])
     model_class, model = _meta_model_for(cfg, mtype, "MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES")
@@ -243,29 +245,20 @@ def _with_other_towers(cfg: dict, mtype: str) -> ModelShape:
     _refuse_unless_built_holds(model, text.params + towers, mtype=mtype, model_class=model_class,
                                counted_as=f"(its {text.family} language model {text.params}, the other towers "
                                           f"{towers})")
-    linears, quantised = [], []
-    kept = _not_quantised(model)
+    linears, sizes = [], {}
     for name, module in model.named_modules():
         if isinstance(module, (torch.nn.Linear, Conv1D)) and outside(name):
             out, d_in = module.weight.shape if isinstance(module, torch.nn.Linear) else module.weight.shape[::-1]
             info = module_info(name)
             linears.append((info.role, int(out), int(d_in), info.stack))
-            if (type(module) is torch.nn.Linear or isinstance(module, Conv1D)) and name not in kept:
-                quantised.append((int(out), int(d_in)))
+            sizes[name] = (int(out), int(d_in))
+    converted = bnb_4bit_linears(model)  # last: it converts the model in place
+    if converted is None:  # no bitsandbytes path to ask: exactly nn.Linear or Conv1D, no keep list
+        converted = {n for n, m in model.named_modules() if type(m) is torch.nn.Linear or isinstance(m, Conv1D)}
+    quantised = [size for name, size in sizes.items() if name in converted]
     return dataclasses.replace(text, family=f"{mtype} ({text.family} language model; vision tower and projector "
                                             "held frozen, not run: text-only batches)",
                                tower_params=towers, tower_linears=tuple(linears), tower_quantised=tuple(quantised))
-
-
-def _not_quantised(model) -> set[str]:
-    """The modules transformers' bitsandbytes path leaves unconverted whatever their type
-    (``transformers.quantizers.base.get_keys_to_not_convert``: the output embedding, tied weights, the module of
-    the last parameter); empty where this transformers lacks it."""
-    try:
-        from transformers.quantizers.base import get_keys_to_not_convert
-    except ImportError:
-        return set()
-    return set(get_keys_to_not_convert(model))
 
 
 def _meta_model_for(cfg: dict, mtype: str, mapping: str = "MODEL_MAPPING_NAMES", *, models=None):
