@@ -67,7 +67,7 @@ class AnalysisConfig:
     seed: int = 0  # randomized paths are deterministic given the seed
     on_nonfinite: str = "error"
     calibration: str | None = None  # data file: adds each row's activation-weighted spectrum (spectra.calibration)
-    calibration_epsilon: float = 1e-6  # ridge of C relative to its mean eigenvalue; the data term stays exact to ~ε
+    calibration_epsilon: float = 1e-6  # ridge of C relative to its mean eigenvalue: sets input_rank, not the spectrum
     calibration_examples: int | None = 256  # first examples of the file: C of a 1k-dim layer at a few forwards' cost
     # Is the base's rounding in ΔW? "auto": decided per module from ΔW's residual; "exact": the fine-tune started
     # from the base's stored values (a bf16 release tuned and saved in bf16); "counted": both were rounded from finer

@@ -59,7 +59,9 @@ class CalibrationConfig:
     Attributes
     ----------
     epsilon : float
-        Ridge of ``C_ε = C + ε·(tr C / in)·I``, relative to C's mean eigenvalue.
+        Ridge of ``C_ε = C + ε·(tr C / in)·I``, relative to C's mean eigenvalue, where C's inverse root
+        is needed (whitening, the data-optimal truncation of extract and sweep); ``input_rank`` counts
+        C's eigenvalues above it. The activation-weighted spectrum uses C itself, so ε leaves it unchanged.
     max_examples : int or None
         Examples of the data file used (the first ones); None uses all.
     max_length : int, optional
