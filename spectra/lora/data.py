@@ -89,7 +89,8 @@ class ByteTokenizer:
         (generation ends at the model's ``eos_token_id``). None (default): nothing appended,
         as transformers' tokenizers add nothing at the end of a causal LM's text (GPT-2's,
         Llama's) and spectra reads a causal LM's or a classifier's text without special tokens
-        there too. :func:`load_tokenizer` gives one for ``seq2seq_lm``. It shares an id with
+        there too. :func:`load_tokenizer` gives one for ``seq2seq_lm``, and for ``seq_cls`` of a
+        classifier that reads its input's end-of-sequence token (BART's). It shares an id with
         a byte (T5's ``1``: byte 0, NUL, in a lossless vocabulary).
     """
 
@@ -145,7 +146,16 @@ class _HFTokenizer:
         self._tok.save_pretrained(folder)
 
 
-def load_tokenizer(model_dir: str | Path, *, vocab_size: int | None, task: str, eos_token_id: int | None = None):
+# Model types whose sequence classifier reads the hidden state at the input's last end-of-sequence token (BART's
+# eos_mask: "Each example must contain at least one <eos> token"): BART, mBART, PLBART, MVP, BigBird-Pegasus and T5's
+# family. The byte tokenizer closes their classification texts with the model's eos_token_id, as their tokenizers
+# close every text with </s>; every other classifier's text stays its bytes alone. tests/lora/test_data_eos_classifier.py
+# holds this set to the transformers classes whose forward reads an eos_mask.
+EOS_POOLED_CLASSIFIERS = frozenset({"bart", "mbart", "plbart", "mvp", "bigbird_pegasus", "t5", "mt5", "umt5"})
+
+
+def load_tokenizer(model_dir: str | Path, *, vocab_size: int | None, task: str, eos_token_id: int | None = None,
+                   model_type: str | None = None):
     """The checkpoint's tokenizer when ``model_dir`` holds one, else a :class:`ByteTokenizer`.
 
     Parameters
@@ -159,10 +169,15 @@ def load_tokenizer(model_dir: str | Path, *, vocab_size: int | None, task: str, 
         Classification and sequence-to-sequence add the tokenizer's special tokens ([CLS] …
         [SEP]; T5's closing ``</s>``, which the decoder learns to end with); language
         modelling of a cut stream does not. The byte fallback closes each text of
-        ``seq2seq_lm`` with an end-of-sequence id, T5-style: ``eos_token_id``.
+        ``seq2seq_lm`` with an end-of-sequence id, T5-style: ``eos_token_id``, and each text of
+        ``seq_cls`` for a classifier that pools at its end-of-sequence token
+        (:data:`EOS_POOLED_CLASSIFIERS`: BART's, T5's).
     eos_token_id : int, optional
         The model's (``config.eos_token_id``) for the byte fallback of ``seq2seq_lm``; None, or
         one outside the vocabulary or equal to padding (0): the last id, ``vocab_size − 1``.
+    model_type : str, optional
+        The model's ``config.model_type``: whether the byte fallback closes a classification text
+        with ``eos_token_id`` (:data:`EOS_POOLED_CLASSIFIERS`).
     """
     folder = Path(model_dir)
     if folder.is_dir() and any((folder / f).is_file() for f in _TOKENIZER_FILES):
@@ -174,7 +189,7 @@ def load_tokenizer(model_dir: str | Path, *, vocab_size: int | None, task: str, 
         raise ConfigError(f"{folder / 'config.json'} declares no vocab_size (nor text_config.vocab_size), and the "
                           "model ships no tokenizer: spectra's built-in byte tokenizer needs the vocabulary size. "
                           "Save the model's tokenizer beside it (tokenizer.save_pretrained).")
-    if task != "seq2seq_lm":
+    if task != "seq2seq_lm" and not (task == "seq_cls" and model_type in EOS_POOLED_CLASSIFIERS):
         return ByteTokenizer(vocab_size)
     valid = isinstance(eos_token_id, int) and 0 < eos_token_id < vocab_size
     return ByteTokenizer(vocab_size, eos_token_id=eos_token_id if valid else vocab_size - 1)
@@ -811,7 +826,7 @@ def prepare_tokenizer(model_dir: str | Path, *, task: str, max_length: int | Non
     eos = model_config.get("eos_token_id")
     eos = eos[0] if isinstance(eos, list) and eos else eos  # some configs list several; the first ends a text
     return model_config, max_length, load_tokenizer(folder, vocab_size=vocab_size(model_config), task=task,
-                                                    eos_token_id=eos)
+                                                    eos_token_id=eos, model_type=model_config.get("model_type"))
 
 
 def read_model_config(model_dir: str | Path) -> dict:
