@@ -80,7 +80,10 @@ class FusedParameter:
 
     transformers 5 loads an MoE's experts (Mixtral's ``experts.N.w1``/``w3``/``w2``) into fused parameters
     (``mlp.experts.gate_up_proj``: experts × 2·ffn × hidden; ``down_proj``), and PEFT's LoRA on one is
-    ``A (r·E, d_in)``, ``B (d_out, r·E)``: one rank ``r`` for every expert, whatever the plan gives each.
+    ``A (r·E, d_in)``, ``B (d_out, r·E)``: one rank ``r`` for every expert, whatever the plan gives each. JetMoE's
+    ``JetMoeParallelExperts`` weights (``mlp.input_linear.weight``: experts × 2·ffn × hidden, gate and up as one
+    projection; ``output_linear``; the attention experts' q and o), whose experts analysis names
+    ``….input_linear.3``, are adapted the same way.
     The plan therefore gives every expert of one projection the same rank, and ``r`` is the sum over the
     projections the parameter holds (gate's + up's: B block-diagonal, as PEFT converts Mixtral's w1/w3).
 
@@ -383,7 +386,7 @@ class RankPlan:
         for parameter, members in fused.items():
             blocks = defaultdict(list)  # one projection of every expert (…experts.w1): its rows of the parameter
             for m in members:
-                blocks[_EXPERT_INDEX.sub(".experts.", m.name)].append(m.rank)
+                blocks[expert_projection(m.name)].append(m.rank)
             # B block-diagonal over the projections (as extract writes it, as PEFT converts Mixtral's w1 and w3), each
             # as wide as its largest expert rank: r = r_gate + r_up
             rank = sum(max(ranks) for ranks in blocks.values())
@@ -414,11 +417,27 @@ class RankPlan:
 _EXPERT_INDEX = re.compile(r"\.experts\.\d+\.")
 
 
+def expert_projection(name: str) -> str | None:
+    """The projection whose experts share one rank, if ``name`` may name one expert of it, else None.
+
+    Mixtral's ``…experts.3.w1`` (and gpt-oss's ``…experts.3.gate_up_proj``) → ``…experts.w1``; JetMoE's
+    ``…mlp.input_linear.3``, expert 3 of a ``JetMoeParallelExperts`` weight as the pairing names it
+    (``<module>.<expert>``), → the module ``…mlp.input_linear``. Only a candidate: whether the model holds the
+    name in a fused expert parameter is :func:`expert_parameters`' answer (``…attn.to_out.0`` is a Linear).
+    """
+    if _EXPERT_INDEX.search(name):
+        return _EXPERT_INDEX.sub(".experts.", name)
+    head, _, index = name.rpartition(".")
+    return head if head and index.isdigit() else None
+
+
 def _expert_targets(names: list[str], model) -> dict:
     """:func:`~spectra.checkpoints.targets.model_targets`, where a name of one expert of a 3-D tensor the checkpoint
     stores fused (gpt-oss's, Llama 4's, Qwen3-VL-MoE's ``…experts.0.gate_up_proj``: analysis names each expert) is
-    that tensor's target (``…experts.gate_up_proj``, a parameter). Mixtral's ``…experts.0.w1`` resolves as is."""
-    from spectra.checkpoints.targets import model_targets
+    that tensor's target (``…experts.gate_up_proj``, a parameter), and JetMoE's ``…mlp.input_linear.0`` (expert 0 of
+    a ``JetMoeParallelExperts`` weight: :func:`~spectra.checkpoints.architectures.parallel_experts`) is the target
+    ``…mlp.input_linear.weight``, a parameter. Mixtral's ``…experts.0.w1`` resolves as is."""
+    from spectra.checkpoints.targets import ModelTarget, model_targets, resolve_name
 
     found = model_targets(names, model)
     fused = {n: _EXPERT_INDEX.sub(".experts.", n) for n in names if found[n] is None and _EXPERT_INDEX.search(n)}
@@ -426,6 +445,21 @@ def _expert_targets(names: list[str], model) -> dict:
     for name, tensor in fused.items():
         if stored[tensor] is not None and stored[tensor].parameter:
             found[name] = stored[tensor]
+    parallel = {n: expert_projection(n) for n in names if found[n] is None and n not in fused and expert_projection(n)}
+    if parallel:
+        from spectra.checkpoints.architectures import parallel_experts
+
+        config = model.config.to_dict() if getattr(model, "config", None) is not None else None
+        parameters = dict(model.named_parameters())
+        for name, module in parallel.items():
+            weight = resolve_name(f"{module}.weight", parameters)
+            shape = tuple(parameters[weight].shape) if weight is not None else ()
+            if weight is not None and parallel_experts(weight[:-len(".weight")], shape, config) \
+                    and int(name.rpartition(".")[2]) < shape[0]:
+                loaded = f"{module}.weight"  # the expert's name, with or without a prefix, as model_targets writes
+                stored = (weight[:len(weight) - len(loaded)] + name if len(weight) >= len(loaded)
+                          else name[len(loaded) - len(weight):])
+                found[name] = ModelTarget(weight, parameter=True, stored_name=stored)
     return found
 
 
@@ -437,10 +471,10 @@ def expert_parameters(names: Iterable[str], model) -> dict[str, tuple[str, tuple
     projection and layer is resolved (:func:`_expert_targets`): every expert of a projection lies in the same
     parameter, so a model of thousands of experts costs what its layers do.
     """
-    projections = defaultdict(list)  # …experts.w1 -> every expert's …experts.N.w1
+    projections = defaultdict(list)  # …experts.w1 -> every expert's …experts.N.w1 (JetMoE's: …input_linear.N)
     for name in names:
-        if _EXPERT_INDEX.search(name):
-            projections[_EXPERT_INDEX.sub(".experts.", name)].append(name)
+        if expert_projection(name):
+            projections[expert_projection(name)].append(name)
     if model is None or not projections:
         return {}
     found = _expert_targets([members[0] for members in projections.values()], model)

@@ -30,8 +30,8 @@ from spectra.errors import ConfigError
 from spectra.files import record_origin
 from spectra.ranks.budget import allocate_budget
 from spectra.ranks.functional import functional_ranks, read_sweep, role_curves
-from spectra.ranks.plan import (_EXPERT_INDEX, PEFT_TASK_MODULES, FusedParameter, LeftOut, MetaModels, ModuleRank,
-                                RankPlan, SavedModule)
+from spectra.ranks.plan import (PEFT_TASK_MODULES, FusedParameter, LeftOut, MetaModels, ModuleRank, RankPlan,
+                                SavedModule, expert_projection)
 from spectra.ranks.policy import DEFAULT_ENERGY, RankPolicy
 
 # roles a LoRA on linear layers does not target unless asked: embeddings (the token embedding, and the tables looked
@@ -611,7 +611,7 @@ def _expert_parameters(names: list[str], base: Mapping | None, model_config: Map
     """:func:`~spectra.ranks.plan.expert_parameters` on the class ``model_config`` (default: the config beside the
     analysed base) names, built on the meta device (by ``models`` where given); empty when no name is an expert's or
     there is no such class."""
-    if not any(_EXPERT_INDEX.search(name) for name in names):
+    if not any(expert_projection(name) for name in names):
         return {}
     from spectra.checkpoints.targets import meta_model
     from spectra.ranks.plan import base_config, expert_parameters
@@ -626,7 +626,7 @@ def _decisions(plan: list, experts: Mapping[str, tuple[str, tuple[int, int, int]
     out, projections = [], {}  # a projection's place in `out` is its key (…experts.w1) until its members are known
     for s, rank, reason in plan:
         if s.name in experts:
-            key = _EXPERT_INDEX.sub(".experts.", s.name)
+            key = expert_projection(s.name)
             if key not in projections:
                 projections[key] = []
                 out.append(key)
