@@ -95,6 +95,7 @@ def test_energy_plan_gives_each_expert_parameter_its_largest_expert_rank_at_peft
     planned = {m["name"] for m in plan["modules"]}
     assert {"model.layers.1.mlp.output_linear.0", "model.layers.1.mlp.output_linear.2"} <= planned
     assert plan["peft_config"]["target_parameters"] == sorted(expected)
+    assert not any("so PEFT trains" in note for note in plan["peft_config_notes"])  # planned at PEFT's cost
     trained, ranks = _peft(base, plan["peft_config"])
     assert plan["totals"]["params"] == trained
     assert trained == sum(r * 3 * sum(fused[n]["shape"][1:]) for n, r in expected.items())
