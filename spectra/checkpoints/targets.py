@@ -370,3 +370,33 @@ def _loading_conversion(model):
         return name, converter is not None
 
     return rename
+
+
+def head_modules(model, notes: list[str] | None = None) -> list[str]:
+    """A sequence classifier's head: the modules its class holds beside its base model (the one at
+    ``base_model_prefix``: RoBERTa's ``classifier``, DistilBERT's ``pre_classifier`` and ``classifier``, DeBERTa-v2's
+    ``pooler`` and ``classifier``, BART's ``classification_head``, GPT-2's and Llama's ``score``) that hold
+    parameters: what a base checkpoint lacks, so they must be trained and saved, whole, via ``modules_to_save``.
+
+    PEFT matches a ``modules_to_save`` entry as the *end* of a module's name (``key.endswith(entry)``), so each name
+    is a whole top-level module name: a leaf name such as RoBERTa's ``dense`` had also matched every encoder
+    ``….output.dense``, trained in full. A head name that the end of a module inside the base model also matches is
+    left out, with a note (``notes``), rather than train that module whole. PEFT adds ``classifier`` and ``score``
+    itself for ``SEQ_CLS`` (:data:`spectra.ranks.plan.PEFT_TASK_MODULES`). Shared by ``spectra train``
+    (what it saves) and the plan (what it counts). A model with no separate base: ``[]``.
+    """
+    base = model.base_model
+    if base is model:
+        return []
+    heads = [name for name, child in model.named_children()
+             if child is not base and any(True for _ in child.parameters())]
+    inner = [f"{model.base_model_prefix}.{name}" for name, _ in base.named_modules() if name]
+    out = []
+    for head in heads:
+        clash = next((name for name in inner if name.endswith(head)), None)
+        if clash is None or head.endswith(("classifier", "score")):  # PEFT's own SEQ_CLS names: it adds them anyway
+            out.append(head)
+        elif notes is not None:
+            notes.append(f"the head module {head} is not trained in full (modules_to_save): PEFT matches its name as "
+                         f"the end of a module name, and would train {clash} in full too")
+    return out

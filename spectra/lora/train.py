@@ -48,6 +48,7 @@ from spectra.checkpoints.adapted import (  # noqa: F401
 from spectra.checkpoints.architectures import parse_stacks
 from spectra.checkpoints.pairing import check_device
 from spectra.checkpoints.roles import BLOCK_ROLES, check_roles  # noqa: F401
+from spectra.checkpoints.targets import head_modules  # noqa: F401  (spectra.lora.train.head_modules for callers)
 from spectra.errors import ConfigError
 from spectra.files import refuse_replacing_others, staged_directory
 from spectra.lora.data import (
@@ -494,35 +495,6 @@ def nf4_config(compute_dtype: str = "float32"):
 
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                               bnb_4bit_compute_dtype=_COMPUTE_DTYPES[compute_dtype])
-
-
-def head_modules(model, notes: list[str] | None = None) -> list[str]:
-    """A sequence classifier's head: the modules its class holds beside its base model (the one at
-    ``base_model_prefix``: RoBERTa's ``classifier``, DistilBERT's ``pre_classifier`` and ``classifier``, DeBERTa-v2's
-    ``pooler`` and ``classifier``, BART's ``classification_head``, GPT-2's and Llama's ``score``) that hold
-    parameters: what a base checkpoint lacks, so they must be trained and saved, whole, via ``modules_to_save``.
-
-    PEFT matches a ``modules_to_save`` entry as the *end* of a module's name (``key.endswith(entry)``), so each name
-    is a whole top-level module name: a leaf name such as RoBERTa's ``dense`` had also matched every encoder
-    ``….output.dense``, trained in full. A head name that the end of a module inside the base model also matches is
-    left out, with a note (``notes``), rather than train that module whole. PEFT adds ``classifier`` and ``score``
-    itself for ``SEQ_CLS`` (:data:`spectra.ranks.plan.PEFT_TASK_MODULES`). A model with no separate base: ``[]``.
-    """
-    base = model.base_model
-    if base is model:
-        return []
-    heads = [name for name, child in model.named_children()
-             if child is not base and any(True for _ in child.parameters())]
-    inner = [f"{model.base_model_prefix}.{name}" for name, _ in base.named_modules() if name]
-    out = []
-    for head in heads:
-        clash = next((name for name in inner if name.endswith(head)), None)
-        if clash is None or head.endswith(("classifier", "score")):  # PEFT's own SEQ_CLS names: it adds them anyway
-            out.append(head)
-        elif notes is not None:
-            notes.append(f"the head module {head} is not trained in full (modules_to_save): PEFT matches its name as "
-                         f"the end of a module name, and would train {clash} in full too")
-    return out
 
 
 def lora_config(model, config: TrainConfig, *, task: str, notes: list[str] | None = None):

@@ -122,6 +122,16 @@ class SavedModule:
     task_type: str
 
 
+def head_saved_beside_peft(model) -> list[str]:
+    """A sequence classifier's head modules that PEFT's own ``SEQ_CLS`` names (``classifier``, ``score``) miss, and
+    that ``spectra train`` adds to ``modules_to_save`` (:func:`spectra.checkpoints.targets.head_modules`: the
+    modules its class holds beside the base model): BART's and T5's ``classification_head``, DeBERTa-v2's ``pooler``, XLNet's
+    ``sequence_summary`` and ``logits_proj``. Without them such a head stays at random and is not saved."""
+    from spectra.checkpoints.targets import head_modules
+
+    return [name for name in head_modules(model) if not name.endswith(PEFT_TASK_MODULES["SEQ_CLS"])]
+
+
 def task_modules(model, task_type: str | None) -> tuple[SavedModule, ...]:
     """The modules of ``model`` (real or on the meta device) that PEFT trains in full for ``task_type``.
 
@@ -134,6 +144,8 @@ def task_modules(model, task_type: str | None) -> tuple[SavedModule, ...]:
     suffixes = PEFT_TASK_MODULES.get(task_type or "")
     if model is None or not suffixes:
         return ()
+    if task_type == "SEQ_CLS":  # and the rest of the head spectra train saves (BART's classification_head)
+        suffixes += tuple(head_saved_beside_peft(model))
     out = []
     for name, module in model.named_modules(remove_duplicate=False):
         if not name or not name.endswith(suffixes) or any(name.startswith(m.name + ".") for m in out):
@@ -348,6 +360,8 @@ class RankPlan:
         config = lora_config(settings, alpha_for=self.policy.alpha_for, use_rslora=self.policy.rslora,
                              use_dora=self.policy.use_dora, task_type=task_type, lora_dropout=lora_dropout,
                              parameters=parameters)
+        if model is not None and task_type == "SEQ_CLS" and head_saved_beside_peft(model):
+            config["modules_to_save"] = head_saved_beside_peft(model)  # as spectra train passes them
         if model is not None:
             check_peft_config(config, [n for n, _ in model.named_modules() if n],
                               parameter_names=[n for n, _ in model.named_parameters()])
