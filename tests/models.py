@@ -321,10 +321,9 @@ def load_4bit(model, folder: Path, *, double_quant: bool = True):
     return loaded, constants
 
 
-def meta_models():
-    """(model type, model) of every transformers class buildable from its default config on the meta device, at most
-    two layers deep (the slow scans of roles and tables); a class that needs more than its default config (a backbone,
-    a library that is not installed) is skipped."""
+def default_configs():
+    """(model type, class name, default config) of every transformers class a slow scan builds: the causal LM, else
+    the image-text-to-text model, else the base model of each model type (a config that cannot be made is skipped)."""
     import transformers as tf
     from transformers.models.auto import modeling_auto
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
@@ -338,6 +337,19 @@ def meta_models():
             continue
         try:
             config = tf.AutoConfig.for_model(model_type)
+        except Exception:
+            continue
+        yield model_type, cls, config
+
+
+def meta_models():
+    """(model type, model) of every transformers class buildable from its default config on the meta device, at most
+    two layers deep (the slow scans of roles and tables); a class that needs more than its default config (a backbone,
+    a library that is not installed) is skipped."""
+    import transformers as tf
+
+    for model_type, cls, config in default_configs():
+        try:
             for c in (config, getattr(config, "text_config", None)):
                 for key in ("num_hidden_layers", "num_layers", "n_layer", "decoder_layers", "encoder_layers"):
                     if isinstance(getattr(c, key, None), int) and getattr(c, key) > 2:

@@ -230,20 +230,10 @@ def _k_eq_v_models():
     built on the meta device with it set and two layers, sliding then full (:func:`tests.models.meta_models`'s
     class choice)."""
     import transformers as tf
-    from transformers.models.auto import modeling_auto
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 
-    mappings = (modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
-                modeling_auto.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES, modeling_auto.MODEL_MAPPING_NAMES)
-    for model_type in sorted(CONFIG_MAPPING_NAMES):
-        cls = next((m[model_type] for m in mappings if model_type in m), None)
-        cls = cls[0] if isinstance(cls, (list, tuple)) else cls
-        if cls is None or not hasattr(tf, cls):
-            continue
-        try:
-            config = tf.AutoConfig.for_model(model_type)
-        except Exception:
-            continue
+    from tests.models import default_configs
+
+    for model_type, cls, config in default_configs():
         text = getattr(config, "text_config", None) or config
         if not hasattr(text, "attention_k_eq_v"):
             continue

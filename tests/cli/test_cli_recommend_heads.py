@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import copy
 import json
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from spectra.cli import app
-from tests.models import flat_update, save
-from tests.ranks.test_plan_task_heads import _PLANTED, _head_params, _model, _peft_trainable
+from tests.ranks.test_plan_task_heads import _head_params, _peft_trainable, planted_pair
 
 runner = CliRunner()
 
@@ -22,15 +19,8 @@ def roberta_run(tmp_path_factory):
     from spectra.analysis import analyze
 
     root = tmp_path_factory.mktemp("cli_heads")
-    base = _model("roberta")
-    tuned = copy.deepcopy(base)
-    params = dict(tuned.named_parameters())
-    with torch.no_grad():
-        for i, (suffix, rank) in enumerate(_PLANTED["roberta"].items()):
-            name = next(n for n in params if n.endswith(suffix))
-            params[name] += flat_update(tuple(params[name].shape), rank, seed=i).float()
-    result = analyze(str(save(base, root / "base", "safetensors")), str(save(tuned, root / "tuned", "safetensors")),
-                     cache_dir=False, progress=False)
+    base_dir, tuned_dir = planted_pair("roberta", root, head=False)
+    result = analyze(str(base_dir), str(tuned_dir), cache_dir=False, progress=False)
     (root / "run").mkdir()
     return result.save(root / "run" / "analysis.json")
 

@@ -7,7 +7,6 @@ RoBERTa-for-sequence-classification and torch's AdamW after one step.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 
@@ -16,8 +15,7 @@ import torch
 
 from spectra.memory import estimate_memory
 from spectra.ranks import RankPolicy, recommend_ranks, save_plan
-from tests.models import flat_update, save
-from tests.ranks.test_plan_task_heads import _PLANTED, _model
+from tests.ranks.test_plan_task_heads import _model, planted_pair
 
 
 @pytest.fixture(scope="module")
@@ -26,15 +24,8 @@ def roberta_plan(tmp_path_factory):
     from spectra.analysis import analyze
 
     root = tmp_path_factory.mktemp("memory_head")
-    base = _model("roberta")
-    tuned = copy.deepcopy(base)
-    params = dict(tuned.named_parameters())
-    with torch.no_grad():
-        for i, (suffix, rank) in enumerate(_PLANTED["roberta"].items()):
-            name = next(n for n in params if n.endswith(suffix))
-            params[name] += flat_update(tuple(params[name].shape), rank, seed=i).float()
-    base_dir = save(base, root / "base", "safetensors")
-    result = analyze(str(base_dir), str(save(tuned, root / "tuned", "safetensors")), cache_dir=False, progress=False)
+    base_dir, tuned_dir = planted_pair("roberta", root, head=False)
+    result = analyze(str(base_dir), str(tuned_dir), cache_dir=False, progress=False)
     plan = recommend_ranks(result, RankPolicy(energy=0.99))
     peft_config = json.loads(save_plan(plan, root / "plan.json").read_text())["peft_config"]
     return json.loads((base_dir / "config.json").read_text()), plan, peft_config

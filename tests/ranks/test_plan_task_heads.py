@@ -44,13 +44,9 @@ _PLANTED = {  # parameter (without the model's prefix) -> planted rank
 }
 
 
-@pytest.fixture(scope="module", params=["roberta", "bert", "llama"])
-def pair(request, tmp_path_factory):
-    """(family, base folder, analysis) of a tiny model whose tuned copy has planted ranks, and its head moved too."""
-    from spectra.analysis import analyze
-
-    family = request.param
-    root = tmp_path_factory.mktemp(f"heads_{family}")
+def planted_pair(family: str, root, *, head: bool = True):
+    """(base folder, tuned folder) of a tiny `family` model whose tuned copy has the planted ranks of ``_PLANTED``
+    (and, with `head`, its classifier moved too: a fine-tuned classifier's always does)."""
     base = _model(family)
     tuned = copy.deepcopy(base)
     params = dict(tuned.named_parameters())
@@ -58,10 +54,19 @@ def pair(request, tmp_path_factory):
         for i, (suffix, rank) in enumerate(_PLANTED[family].items()):
             name = next(n for n in params if n.endswith(suffix))
             params[name] += flat_update(tuple(params[name].shape), rank, seed=i).float()
-        for name, p in params.items():  # the head changed too: a fine-tuned classifier's always does
+        for name, p in params.items() if head else ():
             if name.startswith("classifier.") and p.ndim == 2:
                 p += flat_update(tuple(p.shape), 2, seed=50).float()
-    base_dir, tuned_dir = save(base, root / "base", "safetensors"), save(tuned, root / "tuned", "safetensors")
+    return save(base, root / "base", "safetensors"), save(tuned, root / "tuned", "safetensors")
+
+
+@pytest.fixture(scope="module", params=["roberta", "bert", "llama"])
+def pair(request, tmp_path_factory):
+    """(family, base folder, analysis) of a tiny model whose tuned copy has planted ranks, and its head moved too."""
+    from spectra.analysis import analyze
+
+    family = request.param
+    base_dir, tuned_dir = planted_pair(family, tmp_path_factory.mktemp(f"heads_{family}"))
     result = analyze(str(base_dir), str(tuned_dir), cache_dir=False, progress=False)
     return family, base_dir, result
 
