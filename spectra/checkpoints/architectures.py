@@ -314,6 +314,22 @@ _ROLE_RULES: tuple[tuple[str, str], ...] = (
     (rf"(v_proj|self\.value|attention\.value|attention\.wv|{_T5_SELF_ATTENTION}\.v|blocks\.\d+\.attn\.v)", "v"),
     (r"(o_proj|out_proj|attention\.output\.dense|attention\.dense|attn\.c_proj|self_attention\.dense|attention\.wo"
      rf"|self_attn\.projection|attn\.proj|{_T5_SELF_ATTENTION}\.o)", "o"),
+    # DistilBERT's attention.q_lin, k_lin, v_lin, out_lin and ffn.lin1, lin2 (XLM's and FlauBERT's attentions.N.q_lin
+    # and ffns.N.lin1 are not matched: no layer rule reads attentions.N); DeBERTa-v2's (SEW-D's)
+    # attention.self.query_proj, key_proj, value_proj; DeBERTa's attention.self.in_proj, per head [q_h; k_h; v_h]
+    # (fused_projections); GPT-J's and CodeGen's mlp.fc_in, fc_out
+    (r"attention\.q_lin", "q"),
+    (r"attention\.k_lin", "k"),
+    (r"attention\.v_lin", "v"),
+    (r"attention\.out_lin", "o"),
+    (r"ffn\.lin1", "up"),
+    (r"ffn\.lin2", "down"),
+    (r"attention\.self\.query_proj", "q"),
+    (r"attention\.self\.key_proj", "k"),
+    (r"attention\.self\.value_proj", "v"),
+    (r"attention\.self\.in_proj", "qkv"),
+    (r"mlp\.fc_in", "up"),
+    (r"mlp\.fc_out", "down"),
     # AXK2's gated RMSNorm (input_layernorm, post_attention_layernorm): a low-rank mlp.fc1, fc2 whose sigmoid scales
     # the normed states, no block's MLP (its up and down)
     (r"(input|post_attention)_layernorm\.mlp\.(fc1|fc2)", "other"),
@@ -418,7 +434,7 @@ _CONV1D_NAMES = re.compile(r"(^|\.)(c_attn|c_proj|c_fc|q_attn)$")
 # Gemma 3's multimodal projector, (vision hidden, text hidden).
 _IN_OUT_MATRICES = {"gemma3": re.compile(r"(^|\.)multi_modal_projector\.mm_input_projection_weight$")}
 # Fused qkv tensors whose rows interleave per head ([q_h; k_h; v_h] for each head h).
-_HEAD_INTERLEAVED_QKV = frozenset({"gpt_neox", "bloom", "gpt_neox_japanese"})
+_HEAD_INTERLEAVED_QKV = frozenset({"gpt_neox", "bloom", "gpt_neox_japanese", "deberta"})
 # 3-D expert tensors stored (experts, in, out) — the model computes x @ W[e] — instead of (experts, out, in).
 # transformers marks them ``is_transposed`` (gpt-oss, OpenAI's privacy filter, Aria), except Llama 4's.
 IN_OUT_EXPERT_MODEL_TYPES = frozenset({"llama4", "llama4_text", "gpt_oss", "openai_privacy_filter", "aria",
@@ -649,8 +665,8 @@ def fused_projections(name: str, role: str, out_features: int, config: dict[str,
 
     - GPT-2 ``c_attn``, Phi-3 ``qkv_proj``: contiguous ``[q; k; v]``; k and v have
       ``num_key_value_heads × head_dim`` rows (GQA), q has ``num_attention_heads × head_dim``.
-    - GPT-NeoX / Bloom ``query_key_value``: per head ``[q_h; k_h; v_h]`` (the output is
-      viewed as ``(heads, 3·head_dim)`` then chunked), so q is every third block.
+    - GPT-NeoX / Bloom ``query_key_value``, DeBERTa's ``attention.self.in_proj``: per head ``[q_h; k_h; v_h]``
+      (the output is viewed as ``(heads, 3·head_dim)`` then chunked), so q is every third block.
     - ``gate_up_proj`` (Phi-3, transformers-5 MoE experts): ``[gate; up]``, equal halves;
       gpt-oss experts alternate them (gate on even rows, up on odd).
     - BLIP-2's (InstructBLIP's) vision tower ``self_attn.qkv``: contiguous ``[q; k; v]`` of the vision
