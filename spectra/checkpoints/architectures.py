@@ -317,7 +317,7 @@ _ROLE_RULES: tuple[tuple[str, str], ...] = (
     # DistilBERT's attention.q_lin, k_lin, v_lin, out_lin and ffn.lin1, lin2 (XLM's and FlauBERT's attentions.N.q_lin
     # and ffns.N.lin1 are not matched: no layer rule reads attentions.N); DeBERTa-v2's (SEW-D's)
     # attention.self.query_proj, key_proj, value_proj; DeBERTa's attention.self.in_proj, per head [q_h; k_h; v_h]
-    # (fused_projections); GPT-J's and CodeGen's mlp.fc_in, fc_out
+    # (fused_projections); GPT-J's and CodeGen's mlp.fc_in, fc_out; ALBERT's albert_layers.N.ffn, ffn_output
     (r"attention\.q_lin", "q"),
     (r"attention\.k_lin", "k"),
     (r"attention\.v_lin", "v"),
@@ -330,6 +330,8 @@ _ROLE_RULES: tuple[tuple[str, str], ...] = (
     (r"attention\.self\.in_proj", "qkv"),
     (r"mlp\.fc_in", "up"),
     (r"mlp\.fc_out", "down"),
+    (r"albert_layers\.\d+\.ffn", "up"),
+    (r"albert_layers\.\d+\.ffn_output", "down"),
     # AXK2's gated RMSNorm (input_layernorm, post_attention_layernorm): a low-rank mlp.fc1, fc2 whose sigmoid scales
     # the normed states, no block's MLP (its up and down)
     (r"(input|post_attention)_layernorm\.mlp\.(fc1|fc2)", "other"),

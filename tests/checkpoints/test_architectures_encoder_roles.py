@@ -1,4 +1,5 @@
-"""DistilBERT's, DeBERTa's, DeBERTa-v2's, GPT-J's and CodeGen's block Linears get roles q, k, v, o, qkv, up, down.
+"""DistilBERT's, DeBERTa's, DeBERTa-v2's, GPT-J's, CodeGen's and ALBERT's block Linears get roles q, k, v, o, qkv,
+up, down.
 
 They were role ``other``: ``spectra train --roles q,v`` refused DistilBERT ("its roles are head, other") and reports
 put its whole blocks under other. The references are the models themselves, built from config in float64: the
@@ -43,6 +44,9 @@ def _build(name: str):
         cls = tf.DebertaModel if name == "deberta" else tf.DebertaV2Model
         config = config_cls(hidden_size=WIDTH, num_attention_heads=HEADS, intermediate_size=48, num_hidden_layers=2,
                             **common)
+    elif name == "albert":
+        cls, config = tf.AlbertModel, tf.AlbertConfig(embedding_size=16, hidden_size=WIDTH, num_attention_heads=HEADS,
+                                                      intermediate_size=48, num_hidden_layers=2, **common)
     elif name == "gptj":
         cls, config = tf.GPTJModel, tf.GPTJConfig(n_embd=WIDTH, n_head=HEADS, n_layer=2, rotary_dim=4,
                                                   vocab_size=64, n_positions=32)
@@ -65,7 +69,8 @@ def _layer0(model, config: dict):
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear):
             info = module_info(name, config)
-            if info.layer == 0 and info.role != "other":
+            # ALBERT's shared layers have no number: its first call is recorded
+            if info.layer in (0, None) and info.role not in ("other", "head", "embed", "pos_embed"):
                 def hook(module, inputs, output, name=name, role=info.role):
                     seen.setdefault(role, (name, inputs[0], output))
 
@@ -108,16 +113,17 @@ def test_the_attention_roles_are_the_queries_keys_values_and_output(name):
     assert not torch.allclose(_attention(k, q, v), context, rtol=1e-3, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", ["distilbert", "deberta-v2", "deberta", "gptj", "codegen"])
+@pytest.mark.parametrize("name", ["distilbert", "deberta-v2", "deberta", "gptj", "codegen", "albert"])
 def test_down_reads_the_activation_of_up(name):
-    """The module given down reads gelu (GPT-J, CodeGen: the tanh gelu) of what the module given up returns."""
+    """The module given down reads gelu (GPT-J, CodeGen, ALBERT: the tanh gelu) of what the module given up
+    returns."""
     model = _build(name)
     seen = _layer0(model, model.config.to_dict())
-    act = _gelu_new if name in ("gptj", "codegen") else _gelu
+    act = _gelu_new if name in ("gptj", "codegen", "albert") else _gelu
     up_name, _, up_out = seen["up"]
     down_name, down_in, _ = seen["down"]
-    assert up_name.endswith(("lin1", "intermediate.dense", "fc_in")) and down_name.endswith(
-        ("lin2", "output.dense", "fc_out"))
+    assert up_name.endswith(("lin1", "intermediate.dense", "fc_in", "ffn")) and down_name.endswith(
+        ("lin2", "output.dense", "fc_out", "ffn_output"))
     torch.testing.assert_close(act(up_out), down_in, rtol=1e-9, atol=1e-12)
     assert not torch.allclose(up_out, down_in)
 
@@ -137,7 +143,8 @@ _NEW_RULES = {r"attention\.q_lin": "q", r"attention\.k_lin": "k", r"attention\.v
               r"attention\.out_lin": "o", r"ffn\.lin1": "up", r"ffn\.lin2": "down",
               r"attention\.self\.query_proj": "q", r"attention\.self\.key_proj": "k",
               r"attention\.self\.value_proj": "v", r"attention\.self\.in_proj": "qkv",
-              r"mlp\.fc_in": "up", r"mlp\.fc_out": "down"}
+              r"mlp\.fc_in": "up", r"mlp\.fc_out": "down", r"albert_layers\.\d+\.ffn": "up",
+              r"albert_layers\.\d+\.ffn_output": "down"}
 # model type → the module-name endings whose role changed there (nothing else may change, in no other model type)
 _EXPECTED = {
     "distilbert": {"attention.q_lin", "attention.k_lin", "attention.v_lin", "attention.out_lin", "ffn.lin1",
@@ -147,6 +154,7 @@ _EXPECTED = {
     "sew-d": {"attention.self.query_proj", "attention.self.key_proj", "attention.self.value_proj"},
     "gptj": {"mlp.fc_in", "mlp.fc_out"},
     "codegen": {"mlp.fc_in", "mlp.fc_out"},
+    "albert": {"ffn", "ffn_output"},
 }
 
 
@@ -154,7 +162,7 @@ _EXPECTED = {
 def test_the_encoder_rules_change_no_other_module_of_any_transformers_class(monkeypatch):
     """Every transformers class built on the meta device: each Linear's role with and without this file's rules
     (:data:`_NEW_RULES`). They differ only at the expected modules (other → the rule's role) of DistilBERT, DeBERTa,
-    DeBERTa-v2, SEW-D (DeBERTa-v2's attention), GPT-J and CodeGen; every such model type changes."""
+    DeBERTa-v2, SEW-D (DeBERTa-v2's attention), GPT-J, CodeGen and ALBERT; every such model type changes."""
     import transformers as tf
 
     kept = tuple(r for r in architectures._ROLE_REGEXES
