@@ -35,7 +35,8 @@ from spectra.checkpoints.architectures import (ROLES, missing_stacks, parse_stac
 from spectra.checkpoints.names import natural_key
 from spectra.checkpoints.pairing import Pairing, PairingOptions
 from spectra.checkpoints.source import AdapterSource, CheckpointSource
-from spectra.checkpoints.targets import architecture, meta_model, model_targets, owning_modules, resolve_name
+from spectra.checkpoints.targets import (architecture, meta_model, model_targets, owning_modules, peft_task_type,
+                                        resolve_name)
 from spectra.errors import ConfigError, PeftConfigWarning
 from spectra.files import refuse_replacing_others, staged_directory
 from spectra.linalg.svd import CONVERGED_TOL, full_svd, randomized_svd
@@ -128,7 +129,11 @@ def extract_adapter(base, tuned, plan_or_rank, out_dir: str | os.PathLike, *, ro
         Modules copied whole from TUNED (e.g. a classification head or resized
         embeddings), matched as name suffixes (``classifier`` matches ``classifier``), and
         saved as the module the model loads them into, whatever its type (an MoE's router
-        ``block_sparse_moe.gate``: PhiMoE's ``mlp.router``, Mixtral's ``mlp.gate``).
+        ``block_sparse_moe.gate``: PhiMoE's ``mlp.router``, Mixtral's ``mlp.gate``). The adapter names each by its
+        full name; PEFT reads an entry as the end of any module's name, not at a dot, so a module it would wrap
+        too (OWL-ViT's ``owlvit.text_model.final_layer_norm`` for ``layer_norm``, DistilBERT's ``pre_classifier``
+        for the ``classifier`` PEFT's ``SEQ_CLS`` adds) is saved whole as well, from TUNED, with a note
+        (:func:`_also_wrapped`); else PEFT refused to load the adapter.
     full_below : int
         Exact SVD when min(out, in) ≤ this, else the randomized block Krylov top-r,
         run until its values converge to 1e-4.
@@ -215,6 +220,11 @@ def extract_adapter(base, tuned, plan_or_rank, out_dir: str | os.PathLike, *, ro
                                            settings={n: (r, a) for n, (r, a, _) in ranks_of.items()},
                                            planned=plan is not None)
     saved_names = _saved_names(saved_modules, model, model_class)
+    # the modules PEFT wraps beside them (their names end with a saved one's): saved too, or PEFT fails to load
+    also_saved, also_keys = _also_wrapped(saved_names, pairing, model, model_class, {
+        *model_names.values(), *(place.parameter for place, _ in on_parameters.values())})
+    save_names = save_names + list(also_keys.values())
+    saved_list = sorted({*saved_modules, *(stored for stored, _, _ in also_saved)})  # TUNED's names
     embeddings = _embedding_entries(selected, model_names, model)
     kernels = _conv_kernels(selected, model_names, pairing, model)
     if isinstance(calibration, (str, os.PathLike)):
@@ -272,17 +282,24 @@ def extract_adapter(base, tuned, plan_or_rank, out_dir: str | os.PathLike, *, ro
         ranks[parameter] = (rank, parameter_alpha, False)
     for tensor_name in save_names:
         module, _, leaf = tensor_name.rpartition(".")
-        tensors[f"{PEFT_PREFIX}{saved_names[module]}.{leaf}"] = pairing.tuned.read(tensor_name).contiguous()
+        if tensor_name not in also_keys.values():
+            tensors[f"{PEFT_PREFIX}{saved_names[module]}.{leaf}"] = pairing.tuned.read(tensor_name).contiguous()
+    for key, tensor_name in also_keys.items():
+        tensors[key] = pairing.tuned.read(tensor_name).contiguous()
     tied = _tied_head(save_names, pairing, model)
     if tied is not None:  # the tied head follows the saved embedding only if the adapter holds it too
         embed = saved_names[tied[1].rpartition(".")[0]]
         tensors[f"{PEFT_PREFIX}{tied[0]}.weight"] = tensors[f"{PEFT_PREFIX}{embed}.weight"].clone()
 
-    config = _peft_config(ranks, use_rslora, list(saved_names.values()), pairing, model, model_class,
+    config = _peft_config(ranks, use_rslora, [*saved_names.values(), *(m for _, m, _ in also_saved)], pairing, model,
+                          model_class,
                           parameters=set(parameter_factors)) | (
         {"ensure_weight_tying": True} if tied else {})
     _write_atomically(out_dir, tensors, config, overwrite=overwrite)
-    notes = _tied_lora_notes(ranks, pairing, model)
+    notes = _tied_lora_notes(ranks, pairing, model) + [
+        f"modules_to_save: PEFT also wraps {module} on loading (its name ends with {entry!r}: PEFT matches "
+        "modules_to_save as the end of a name, not at a dot), so the adapter saves it whole too, from TUNED"
+        for _, module, entry in also_saved]
     if plan is not None and plan.policy.use_dora:
         notes.append("the plan is for DoRA; the adapter is plain LoRA (use_dora false). Its merge, W_base + the "
                      "best rank-r ΔW, is what a DoRA adapter of the same factors would merge to (its magnitudes "
@@ -296,7 +313,7 @@ def extract_adapter(base, tuned, plan_or_rank, out_dir: str | os.PathLike, *, ro
                      f"{unchanged[0]}")
     elif save_names and all(m.fro_norm == 0.0 for m in results):
         notes.append("every targeted module is unchanged (ΔW = 0): their LoRA factors are zeros; the adapter carries "
-                     f"the saved modules ({', '.join(sorted({n.rsplit('.', 1)[0] for n in save_names}))})")
+                     f"the saved modules ({', '.join(saved_list)})")
     left_out, left_out_vectors, only_in_tuned, rounded = _not_carried(pairing, selected, save_names)
     notes += _not_carried_notes(pairing, left_out, left_out_vectors, only_in_tuned, selected,
                                 roles=_roles_used(roles, stacks), stacks=stacks, planned=plan is not None,
@@ -312,7 +329,7 @@ def extract_adapter(base, tuned, plan_or_rank, out_dir: str | os.PathLike, *, ro
         notes += calibration.notes
     complete = not (left_out or left_out_vectors or only_in_tuned) and all(
         e.name in saved_modules for e in pairing.entries if e.kind == "matrix" and e.added_rows)
-    return ExtractResult(out_dir, results, sorted({n.rsplit(".", 1)[0] for n in save_names}), config, model_class,
+    return ExtractResult(out_dir, results, saved_list, config, model_class,
                          notes, vocab_size, unchanged, [n for n, _ in left_out], [n for n, _ in left_out_vectors],
                          only_in_tuned, complete, rounded)
 
@@ -957,6 +974,91 @@ def _saved_names(saved_modules: list[str], model, model_class: str | None) -> di
     return found
 
 
+# where PEFT's task models (PeftModelForSequenceClassification, …) wrap modules_to_save a second time: on the
+# PeftModel itself, whose module names carry this prefix (and which holds these two modules around the model)
+_PEFT_MODEL_PREFIX, _PEFT_MODEL_ROOTS = "base_model.model.", ("base_model", "base_model.model")
+
+
+def peft_wrapped(entries, module_names, *, task: str | None = None) -> dict[str, str]:
+    """Module → the ``modules_to_save`` entry PEFT wraps it for (a ModulesToSaveWrapper), and so expects its tensors
+    in the adapter, loading onto a model of these `module_names` an adapter of this ``task_type``.
+
+    PEFT 0.21's ``_set_trainable`` (``peft/utils/other.py``) wraps every module whose name *ends with* an entry as a
+    plain string, ``key.endswith(entry)``, not at a dot: ``layer_norm`` also wraps OWL-ViT's
+    ``owlvit.text_model.final_layer_norm``. A task model adds its heads to the entries (``classifier`` and ``score``
+    for ``SEQ_CLS``: :data:`_TASK_HEADS`) and wraps them once more on the PeftModel, whose names carry
+    ``base_model.model.``; a match there of the PeftModel's own modules (an entry ``model``) is keyed by their name.
+    """
+    entries = [*entries, *_TASK_HEADS.get(task, ())]
+    keys = {n: n for n in module_names if n}
+    if task in _TASK_HEADS:
+        keys |= {_PEFT_MODEL_PREFIX + n: n for n in keys} | {r: r for r in _PEFT_MODEL_ROOTS}
+    out = {}
+    for key, module in keys.items():
+        entry = next((e for e in entries if key.endswith(e)), None)
+        if entry is not None:
+            out.setdefault(module, entry)
+    return out
+
+
+def _also_wrapped(saved_names: dict[str, str], pairing: Pairing, model, model_class: str | None,
+                  lora_targets: set[str]) -> tuple[list[tuple[str, str, str]], dict[str, str]]:
+    """The modules PEFT wraps as modules to save beside the saved ones (:func:`peft_wrapped`), which the adapter
+    must then hold whole: ([(TUNED's module name, the model's, the entry that matched it)], adapter key → TUNED's
+    tensor name for each tensor of theirs: every one of the module's ``state_dict``, which PEFT loads each of).
+
+    PEFT reads each ``modules_to_save`` entry as the end of a module name, so a saved ``layer_norm`` (OWL-ViT's
+    top-level one) also wraps ``owlvit.text_model.final_layer_norm``, and PEFT refused the adapter without its
+    tensors (``KeyError: 'base_model.model.owlvit.text_model.final_layer_norm.weight'``). The entries are the saved
+    modules' full names already, which no other name can narrow, so those modules are saved too, with TUNED's values
+    (the wrapper replaces the module: its values are the model's then, changed or not). Refused: a module so
+    wrapped that a LoRA of the adapter adapts or lies in (PEFT would wrap the LoRA layer), the PeftModel itself, or
+    one whose tensors TUNED does not hold under its name.
+    """
+    if not saved_names:
+        return [], {}
+    if model is not None:
+        module_names = [n for n, _ in model.named_modules()]
+    else:  # no config.json: the checkpoint's names, holding modules too
+        module_names = sorted(_holding_modules(pairing.tuned.names()) | {n.rpartition(".")[0]
+                                                                        for n in pairing.tuned.names()})
+    saved = list(saved_names.values())
+    task = _task_type(peft_task_type(pairing.config, model_class), saved)  # as _peft_config writes it
+    wrapped = {m: e for m, e in peft_wrapped(saved, module_names, task=task).items() if m not in saved}
+    if not wrapped:
+        return [], {}
+    stored = set(pairing.tuned.names())
+    holders = sorted(_holding_modules(stored) | {n.rpartition(".")[0] for n in stored})
+    also, keys = [], {}
+    for module, entry in sorted(wrapped.items(), key=lambda x: natural_key(x[0])):
+        why = f"modules_to_save: PEFT also wraps {module} (its name ends with {entry!r}; PEFT matches an entry as " \
+              "the end of a module's name, not at a dot)"
+        if module in _PEFT_MODEL_ROOTS:
+            raise ConfigError(f"{why}, which is the whole model. Leave {entry!r} out of --modules-to-save.")
+        lora = sorted(t for t in lora_targets if t == module or t.startswith(module + "."))
+        if lora:
+            raise ConfigError(f"{why}, which the adapter also adapts with a LoRA ({', '.join(lora[:3])}): PEFT "
+                              "would wrap the LoRA layer. Leave its role out (--roles) or drop it from the plan, or "
+                              f"leave {entry!r} out of --modules-to-save.")
+        leaf = module.rpartition(".")[2]
+        if model is None:
+            checkpoint = module if module in holders else None
+            tensors = [n[len(module) + 1:] for n in stored if n.startswith(module + ".")] if checkpoint else []
+        else:
+            candidates = [h for h in holders if h.rpartition(".")[2] == leaf]
+            found, _ = owning_modules(candidates, model)
+            checkpoint = next((c for c in candidates if found[c] == module), None)
+            tensors = list(model.get_submodule(module).state_dict())
+        missing = [t for t in tensors if f"{checkpoint}.{t}" not in stored]
+        if checkpoint is None or missing or not tensors:
+            lacking = f"{checkpoint}.{missing[0]}" if checkpoint and missing else module
+            raise ConfigError(f"{why}, so the adapter must hold it whole, and {pairing.tuned.spec} has no "
+                              f"{lacking} to save. Leave {entry!r} out of --modules-to-save.")
+        also.append((checkpoint, module, entry))
+        keys |= {f"{PEFT_PREFIX}{module}.{t}": f"{checkpoint}.{t}" for t in tensors}
+    return also, keys
+
+
 def _tied_head(save_names: list[str], pairing: Pairing, model) -> tuple[str, str] | None:
     """(the output head's module, the saved embedding tensor) when a tied input embedding is saved whole.
 
@@ -995,7 +1097,8 @@ def _tied_lora_notes(lora_modules, pairing: Pairing, model) -> list[str]:
 
 
 def _modules_to_save(pairing: Pairing, names: tuple[str, ...]) -> list[str]:
-    """Tuned tensor names (weight and bias) of the modules copied whole, matched as name suffixes."""
+    """Tuned tensor names (weight and bias) of the modules copied whole, matched as name suffixes at a dot (the
+    modules PEFT wraps beside them, whose names end with theirs as strings: :func:`_also_wrapped`)."""
     if names and not hasattr(pairing.tuned, "names"):
         raise ConfigError("modules_to_save needs a full tuned checkpoint, not an adapter.")
     out = []
