@@ -205,7 +205,7 @@ def extract(
     stacks: Annotated[Optional[str], typer.Option(help="With --rank: c" + _STACKS_HELP.removeprefix("C"))] = None,
     alpha: Annotated[Optional[float], typer.Option(help="With --rank: lora_alpha (default scale 2: 2·rank, 2·√rank with --rslora).")] = None,
     rslora: Annotated[bool, typer.Option("--rslora", help="With --rank: rsLoRA scaling α/√r.")] = False,
-    modules_to_save: Annotated[Optional[str], typer.Option(help="Comma-separated modules copied whole from TUNED, e.g. classifier.")] = None,
+    modules_to_save: Annotated[Optional[str], typer.Option(help="Comma-separated modules copied whole from TUNED, e.g. classifier (matched at a dot; a module PEFT would also wrap, its name ending with one as a string, is saved too, with a note).")] = None,
     calibration: Annotated[Optional[Path], typer.Option(help="Calibration data (.txt, or .jsonl/.csv/.tsv with a text field): each module's data-optimal rank-r update, best on the base's inputs for these texts (SVD-LLM), instead of the plain truncated SVD.")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help=_OVERWRITE_HELP)] = False,
     device: Annotated[str, typer.Option(help="Torch device for ΔW and its SVD: cpu, cuda, cuda:1.")] = "cpu",
