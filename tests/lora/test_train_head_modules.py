@@ -75,13 +75,7 @@ def test_train_saves_exactly_the_head(family, roles):
     model = _classifier(family)
     head = _HEADS[family]
     head_params = sum(p.numel() for n, p in model.named_parameters() if n.split(".")[0] in head)
-    targets = {}
-    if family == "deberta-v2" and roles is not None:  # its query_proj/key_proj/value_proj have no role q, k, v
-        roles = ("o", "up")  # attention.output.dense, intermediate.dense: a LoRA each, never trained whole
-    if family == "distilbert":  # its q_lin, v_lin, … have no block role: named
-        roles, targets = None, {"target_modules": tuple(n for n, _ in model.named_modules() if n.endswith(
-            ("q_lin", "v_lin", "out_lin", "lin1", "lin2")))}
-    config = lora_config(model, TrainConfig(rank=2, roles=roles, **targets), task="seq_cls")
+    config = lora_config(model, TrainConfig(rank=2, roles=roles), task="seq_cls")
     peft_model = get_peft_model(copy.deepcopy(model), config)
     assert _wrapped(peft_model) == head  # RoBERTa's had been 11 modules: the head's 2 parts, 3 of each layer's dense
     lora = sum(p.numel() for n, p in peft_model.named_parameters() if "lora_" in n)
@@ -89,7 +83,7 @@ def test_train_saves_exactly_the_head(family, roles):
     assert sum(trained.values()) == lora + head_params  # RoBERTa (q, v at rank 8): 12,774 before, head 1,155
     assert all("lora_" in n or ".modules_to_save." in n for n in trained)
     assert lora > 0
-    if roles is None and not targets:  # every block role: a head Linear of an attention-like name (BART's out_proj) gets no LoRA
+    if roles is None:  # every block role: a head Linear of an attention-like name (BART's out_proj) gets no LoRA
         from tests.models import peft_wrapped
 
         adapted = peft_wrapped(peft_model)
