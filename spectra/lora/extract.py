@@ -133,7 +133,9 @@ def extract_adapter(base, tuned, plan_or_rank, out_dir: str | os.PathLike, *, ro
         full name; PEFT reads an entry as the end of any module's name, not at a dot, so a module it would wrap
         too (OWL-ViT's ``owlvit.text_model.final_layer_norm`` for ``layer_norm``, DistilBERT's ``pre_classifier``
         for the ``classifier`` PEFT's ``SEQ_CLS`` adds) is saved whole as well, from TUNED, with a note
-        (:func:`_also_wrapped`); else PEFT refused to load the adapter.
+        (:func:`_also_wrapped`); else PEFT refused to load the adapter. A module is saved with every tensor
+        under it, its children's too (RoBERTa's ``classifier``: ``dense`` and ``out_proj``), as PEFT loads it;
+        a LoRA target inside a saved module is refused (:func:`_saved_tensors`).
     full_below : int
         Exact SVD when min(out, in) ≤ this, else the randomized block Krylov top-r,
         run until its values converge to 1e-4.
@@ -199,8 +201,7 @@ def extract_adapter(base, tuned, plan_or_rank, out_dir: str | os.PathLike, *, ro
                           "stack).")
     if plan is not None:
         plan.check_base(pairing.base)
-    save_names = _modules_to_save(pairing, modules_to_save)
-    saved_modules = sorted({n.rsplit(".", 1)[0] for n in save_names})
+    saved_modules, save_names = _modules_to_save(pairing, modules_to_save)  # save_names: until the model is known
     vocabulary_notes, vocab_size = _resized_vocabulary(pairing, selected, saved_modules)  # may refuse: before work
     model_class, model = _adapter_model(pairing, model_class, selected, saved_modules)  # None: no config.json
     model_names = _model_names(selected, model, model_class)  # checkpoint module name -> the model's
@@ -220,9 +221,11 @@ def extract_adapter(base, tuned, plan_or_rank, out_dir: str | os.PathLike, *, ro
                                            settings={n: (r, a) for n, (r, a, _) in ranks_of.items()},
                                            planned=plan is not None)
     saved_names = _saved_names(saved_modules, model, model_class)
+    lora_targets = {*model_names.values(), *(place.parameter for place, _ in on_parameters.values())}
+    saved_keys = _saved_tensors(saved_names, pairing, model, model_class, lora_targets)  # adapter key -> TUNED's
+    save_names = list(saved_keys.values())
     # the modules PEFT wraps beside them (their names end with a saved one's): saved too, or PEFT fails to load
-    also_saved, also_keys = _also_wrapped(saved_names, pairing, model, model_class, {
-        *model_names.values(), *(place.parameter for place, _ in on_parameters.values())})
+    also_saved, also_keys = _also_wrapped(saved_names, pairing, model, model_class, lora_targets)
     save_names = save_names + list(also_keys.values())
     saved_list = sorted({*saved_modules, *(stored for stored, _, _ in also_saved)})  # TUNED's names
     embeddings = _embedding_entries(selected, model_names, model)
@@ -280,11 +283,7 @@ def extract_adapter(base, tuned, plan_or_rank, out_dir: str | os.PathLike, *, ro
                                                          _peft_shape(model, parameter), use_rslora)
         tensors[f"{key}.lora_A.weight"], tensors[f"{key}.lora_B.weight"] = A, B
         ranks[parameter] = (rank, parameter_alpha, False)
-    for tensor_name in save_names:
-        module, _, leaf = tensor_name.rpartition(".")
-        if tensor_name not in also_keys.values():
-            tensors[f"{PEFT_PREFIX}{saved_names[module]}.{leaf}"] = pairing.tuned.read(tensor_name).contiguous()
-    for key, tensor_name in also_keys.items():
+    for key, tensor_name in (saved_keys | also_keys).items():
         tensors[key] = pairing.tuned.read(tensor_name).contiguous()
     tied = _tied_head(save_names, pairing, model)
     if tied is not None:  # the tied head follows the saved embedding only if the adapter holds it too
@@ -1096,19 +1095,72 @@ def _tied_lora_notes(lora_modules, pairing: Pairing, model) -> list[str]:
             f"embedding whole instead: --modules-to-save {embed.rpartition('.')[2]} (and leave embed out of --roles)."]
 
 
-def _modules_to_save(pairing: Pairing, names: tuple[str, ...]) -> list[str]:
-    """Tuned tensor names (weight and bias) of the modules copied whole, matched as name suffixes at a dot (the
-    modules PEFT wraps beside them, whose names end with theirs as strings: :func:`_also_wrapped`)."""
-    if names and not hasattr(pairing.tuned, "names"):
+def _modules_to_save(pairing: Pairing, names: tuple[str, ...]) -> tuple[list[str], list[str]]:
+    """(TUNED's modules copied whole, the names of every tensor TUNED holds under them), each name matched as a
+    module's name or its end at a dot (the modules PEFT wraps beside them, whose names end with theirs as strings:
+    :func:`_also_wrapped`).
+
+    A module is matched whether it holds its tensors itself or through its children: RoBERTa's ``classifier`` (a
+    RobertaClassificationHead of ``dense`` and ``out_proj``), BART's ``classification_head``, OWL-ViT's ``owlvit``
+    (``logit_scale`` and both towers). PEFT's ModulesToSaveWrapper copies the whole module and loads every tensor of
+    its ``state_dict`` from the adapter (:func:`_saved_tensors`). Only tensors sitting on a module had been matched,
+    so ``classifier`` was refused as no module of RoBERTa, and ``owlvit`` saved ``logit_scale`` alone, which PEFT
+    refused (``KeyError``). A module matched inside another one is saved with it.
+    """
+    if not names:
+        return [], []
+    if not hasattr(pairing.tuned, "names"):
         raise ConfigError("modules_to_save needs a full tuned checkpoint, not an adapter.")
-    out = []
+    stored = list(pairing.tuned.names())
+    modules = (_holding_modules(stored) | {n.rpartition(".")[0] for n in stored}) - {""}
+    matched = set()
     for wanted in names:
-        hits = [n for n in pairing.tuned.names()
-                if (module := n.rpartition(".")[0]) == wanted or module.endswith("." + wanted)]
+        hits = {m for m in modules if m == wanted or m.endswith("." + wanted)}
         if not hits:
             raise ConfigError(f"modules_to_save: no module named {wanted!r} in {pairing.tuned.spec}.")
-        out.extend(hits)
-    return out
+        matched |= hits
+    outer = sorted((m for m in matched if not any(m.startswith(o + ".") for o in matched)), key=natural_key)
+    return outer, [n for n in stored if any(n.startswith(m + ".") for m in outer)]
+
+
+def _saved_tensors(saved_names: dict[str, str], pairing: Pairing, model, model_class: str | None,
+                   lora_targets: set[str]) -> dict[str, str]:
+    """Adapter key → TUNED's tensor, for every tensor of the modules saved whole (`saved_names`: TUNED's module →
+    the model's). Refused, before any work: a saved module that is or holds a LoRA target of the adapter
+    (`lora_targets`, the model's names), which PEFT leaves unwrapped in a module to save, so the LoRA would not load
+    (BART's ``classification_head`` holds ``out_proj``, of role o); the module saved whole carries TUNED's values.
+
+    PEFT loads a module to save by its ``state_dict`` (``ModulesToSaveWrapper.adapter_state_dict_load_map``), each
+    key ``base_model.model.<module>.<tensor>``, children's included (``classifier.dense.weight``), and fails on a
+    missing one (``KeyError``). With a model, those are the model's module's tensors, each read from TUNED under the
+    same name below the module, refused where TUNED lacks one; without one (no config.json), TUNED's tensors under
+    the module.
+    """
+    if not saved_names:
+        return {}
+    stored = list(pairing.tuned.names())
+    held = set(stored)
+    keys = {}
+    for checkpoint, module in saved_names.items():
+        lora = sorted((t for t in lora_targets if t == module or t.startswith(module + ".")), key=natural_key)
+        if lora:
+            raise ConfigError(f"modules_to_save: the adapter saves {module} whole, with TUNED's values, and would "
+                              f"also adapt {', '.join(lora[:3])}{' …' if len(lora) > 3 else ''} in it with a LoRA, "
+                              "which PEFT does not load inside a module to save. Leave those roles out (--roles) or "
+                              f"drop them from the plan, or leave {checkpoint.rpartition('.')[2]!r} out of "
+                              "--modules-to-save.")
+        if model is None:
+            tensors = [n[len(checkpoint) + 1:] for n in stored if n.startswith(checkpoint + ".")]
+        else:
+            tensors = list(model.get_submodule(module).state_dict())
+            missing = [t for t in tensors if f"{checkpoint}.{t}" not in held]
+            if missing:
+                raise ConfigError(f"modules_to_save: PEFT loads every tensor of {module} ({model_class}'s) from the "
+                                  f"adapter, and {pairing.tuned.spec} has no {checkpoint}.{missing[0]} to save "
+                                  f"({len(missing)} of its {len(tensors)} tensors missing), so the adapter would not "
+                                  f"load. Leave {checkpoint.rpartition('.')[2]!r} out of --modules-to-save.")
+        keys |= {f"{PEFT_PREFIX}{module}.{t}": f"{checkpoint}.{t}" for t in tensors}
+    return keys
 
 
 def _factorize(delta: torch.Tensor, rank: int, scaling: float, *, full_below: int, seed: int):
