@@ -17,7 +17,7 @@ import torch
 
 from spectra.analysis import AnalysisConfig, analyze
 from spectra.linalg import metrics
-from tests.models import build_model, flat_update, on_grid, save, tiny_config
+from tests.models import flat_update, on_grid, save, tiny_config
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 QUERY = "bert.encoder.layer.0.attention.self.query"

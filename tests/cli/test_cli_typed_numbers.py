@@ -10,7 +10,7 @@ import pytest
 
 from spectra.cli.messages import _cli_words
 from tests.cli.test_cli import run
-from tests.models import build_model, planted_gpt2, save
+from tests.models import planted_gpt2, save
 
 
 @pytest.fixture(scope="module")
