@@ -303,14 +303,51 @@ def estimate_memory(config_or_model: Any, *, method: str = "lora", rank_plan_or_
                     "transformers keeps them")
         notes.append(f"QLoRA: bitsandbytes quantises nn.Linear modules only, so the routed experts and routers "
                      f"({routed:,} parameters: fused 3-D expert tensors and router weights) {kept}")
-    saved = plan.modules_to_save if plan is not None and method != "full" else ()
+    shape, head = _task_class(shape, cfg, method, models)  # a classifier: its own head, not the base model's
+    saved = () if method == "full" else plan.modules_to_save if plan is not None else head
     if saved:  # a classifier's head: get_peft_model adds it to modules_to_save and trains a copy of it whole
-        notes.append(f"{', '.join(m.name for m in saved)} ({plan.saved_params:,} parameters): trained in full by PEFT "
-                     f"for {saved[0].task_type} (modules_to_save), as the plan counts it; its trainable copy, "
+        counted = "as the plan counts it" if plan is not None else "as `spectra train` saves it"
+        notes.append(f"{', '.join(m.name for m in saved)} ({sum(m.params for m in saved):,} parameters): trained in "
+                     f"full by PEFT for {saved[0].task_type} (modules_to_save), {counted}; its trainable copy, "
                      "gradients and optimizer states are in the base's dtype (PEFT upcasts only the LoRA layers)")
     return _estimate(shape, method, adapter_modules, batch, seq_len, precision, optimizer,
                      gradient_checkpointing, attention, double_quant, use_cache, input_require_grads, notes,
-                     saved=plan.saved_params if saved else 0)
+                     saved=sum(m.params for m in saved))
+
+
+def _task_class(shape: ModelShape, cfg: dict, method: str, models) -> tuple[ModelShape, tuple]:
+    """``shape`` as the class config.json names holds it where that class is one PEFT trains a head of in full (a
+    sequence or token classifier, question answering: :data:`spectra.ranks.plan.PEFT_TASK_MODULES`), and that head
+    (:func:`spectra.ranks.plan.task_modules`: PEFT's own names and the rest of the head ``spectra train`` saves,
+    :func:`spectra.checkpoints.targets.head_modules`); ``shape`` and ``()`` for any other class.
+
+    The shape counts the base model (BERT's with its pooler, a decoder's with its LM head); the classifier holds its
+    head instead (RobertaForSequenceClassification has no pooler and a two-layer ``classifier``; a Llama classifier
+    a ``score`` and no LM head). Its parameters are counted off the class built from the config on the meta device
+    (``models``, or :func:`spectra.checkpoints.targets.meta_model`), the difference going to ``other_params``; under
+    QLoRA the linears outside the blocks that bitsandbytes stores in 4 bits are the class's
+    (:func:`spectra.checkpoints.targets.bnb_4bit_linears`, asked of a model built for it: it converts in place)."""
+    from spectra.checkpoints.targets import peft_task_type
+    from spectra.ranks.plan import PEFT_TASK_MODULES, task_modules
+
+    task = peft_task_type(cfg)
+    if task not in PEFT_TASK_MODULES or shape.tower_params:
+        return shape, ()
+    from spectra.checkpoints.targets import bnb_4bit_linears, meta_model
+
+    model = (models or meta_model)(cfg)
+    if model is None:  # a class this transformers cannot build: the base model's count, as before
+        return shape, ()
+    built = sum(p.numel() for p in model.parameters())  # tied weights once
+    shape = dataclasses.replace(shape, other_params=shape.other_params + built - shape.params)
+    if method == "qlora" and (converted := bnb_4bit_linears(meta_model(cfg))) is not None:
+        from spectra.checkpoints.architectures import module_info
+
+        modules = dict(model.named_modules())
+        outside = [tuple(int(d) for d in modules[n].weight.shape) for n in sorted(converted)
+                   if module_info(n).layer is None]
+        shape = dataclasses.replace(shape, outside_quantised=tuple(outside))
+    return shape, task_modules(model, task)
 
 
 def _check_rank(rank_plan_or_rank: Any, method: str) -> None:
