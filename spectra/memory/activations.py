@@ -78,8 +78,9 @@ def _block_bytes(shape: ModelShape, p: int, attention: str, seq_len: int, *, ful
     mask to its logits, which keeps nothing. Against what transformers 5 saves (tests/memory/test_memory.py):
     exact for Llama, Qwen2, Gemma, Gemma 2, Gemma 3, Phi-3, GPT-2, BERT, Mixtral (transformers'
     default grouped_mm experts), PhiMoE, GraniteMoE, Granite, Helium, ERNIE 4.5, Ministral, SmolLM3,
-    GLM, Qwen3, OLMo, OLMo 2 and OLMo 3 (tests/memory/test_memory_qk_norms.py), sliding layers masked or not, from the
-    first adapted layer on too.
+    GLM, Qwen3, OLMo, OLMo 2 and OLMo 3 (tests/memory/test_memory_qk_norms.py), GPT-NeoX's parallel and sequential
+    blocks (tests/memory/test_memory_gelu_families.py; a parallel block's MLP reads the block's input), sliding layers
+    masked or not, from the first adapted layer on too.
 
     Returns the bytes, whether the block keeps o_proj's input already (sdpa keeps its output and
     o_proj reads that tensor), whether the block's output requires grad, and the bytes it keeps
@@ -139,9 +140,13 @@ def _block_bytes(shape: ModelShape, p: int, attention: str, seq_len: int, *, ful
     o_grad = attention_grad or hit("o")
     if output_norms:  # Gemma 2 and OLMo 2 normalise the attention's output
         total += norm(o_grad)
-    mid = g or o_grad  # the residual stream after attention
-    if input_norms:  # Llama's post_attention_layernorm, GPT-2's ln_2, Gemma 2's pre-feedforward, BERT's
-        total += norm(mid)
+    # the MLP's input: the residual stream after attention, or in a parallel block the block's input
+    mid = g if shape.parallel else g or o_grad
+    if shape.parallel and shape.norms == 2:  # GPT-NeoX's post_attention_layernorm on the block's input: its own
+        # statistics, the input being the tensor the attention's norm keeps (a LayerNorm keeps it as is)
+        total += norm(mid) - (p * h if shape.norm == "layer" and mid else 0)
+    elif input_norms and not shape.parallel:  # Llama's post_attention_layernorm, GPT-2's ln_2, Gemma 2's
+        total += norm(mid)  # pre-feedforward, BERT's
     per_layer = 0
     # the MLP's activation: SwiGLU keeps gate and up for gate's grad, silu(gate) for up's; a fused gate_up keeps
     # its whole output; GPT-2's and BERT's GELU its inputs (one tensor, or gelu_new's four)
@@ -156,10 +161,11 @@ def _block_bytes(shape: ModelShape, p: int, attention: str, seq_len: int, *, ful
         activation = mid or hit("up")
         total += p * shape.mlp_saved * inter * activation
         down = activation or hit("down")
-        total += p * (h + inter) if full else 0  # the inputs of up and down
+        # the inputs of up and down (a parallel block's one norm feeds up the attention's input, counted below)
+        total += p * ((0 if shape.parallel and shape.norms == 1 else h) + inter) if full else 0
     if output_norms:  # Gemma 2 and OLMo 2 normalise the MLP's output
         total += norm(down)
-    out = mid or down
+    out = mid or down or (shape.parallel and o_grad)
     if post_norm:
         total += norm(out)
     if full and not shape.mla:  # the inputs of q/k/v (one tensor) and o (sdpa's output, or a copy)
@@ -300,7 +306,8 @@ _INPUT_OF = {"q": "attention input", "k": "attention input", "v": "attention inp
              "router": "mlp input", "q_a": "attention input", "kv_a": "attention input"}
 
 
-def _adapter_bytes(modules: list[_Adapter], p: int, o_input_kept: bool, dora: bool) -> int:
+def _adapter_bytes(modules: list[_Adapter], p: int, o_input_kept: bool, dora: bool,
+                   one_input: bool = False) -> int:
     """Bytes per token that one layer's adapted modules add to its saved tensors.
 
     PEFT runs ``lora_A`` on its input cast to the adapter's fp32 and keeps that: a fresh copy per
@@ -308,7 +315,8 @@ def _adapter_bytes(modules: list[_Adapter], p: int, o_input_kept: bool, dora: bo
     modules read it, and not at all for ``o`` when the block keeps its input already
     (``o_input_kept``: sdpa keeps its output and o_proj reads it, not a copy). ``lora_B``
     keeps A·x (r values). DoRA also keeps each module's base output (p) and LoRA output (fp32)
-    for its magnitude/direction backward: (p + 4)·d_out.
+    for its magnitude/direction backward: (p + 4)·d_out. ``one_input``: the attention and the MLP read one
+    tensor (a parallel block's one norm: Phi's, Falcon-7B's).
     """
     total, shared = 0, set()
     for m in modules:
@@ -316,6 +324,7 @@ def _adapter_bytes(modules: list[_Adapter], p: int, o_input_kept: bool, dora: bo
             continue
         total += 4 * m.rank + ((p + 4) * m.d_out if dora else 0)
         source = _INPUT_OF.get(m.role)
+        source = "attention input" if one_input and source == "mlp input" else source
         if p < 4 or source is None:
             total += 4 * m.d_in
         elif source not in shared and not (source == "attention output" and o_input_kept):
@@ -400,9 +409,11 @@ def _activations(shape: ModelShape, blocks: list[ModelShape], method: str, adapt
                                                   cache=use_cache and shape.causal, adapted=modules, masked=masked)
         again, o_kept_again, _, _ = _block_bytes(blocks[layer], p, attention, seq_len, full=full, grad=grad,
                                                  cache=False, adapted=modules, masked=masked)
-        per_token += block + _adapter_bytes(modules, p, o_kept, dora)
+        one_input = shape.parallel and shape.norms == 1
+        per_token += block + _adapter_bytes(modules, p, o_kept, dora, one_input)
         per_layer += merged
-        recomputed = max(recomputed, tokens * (again + _adapter_bytes(modules, p, o_kept_again, dora)) + merged)
+        recomputed = max(recomputed, tokens * (again + _adapter_bytes(modules, p, o_kept_again, dora, one_input))
+                         + merged)
         kept_inputs += 1
         grad = out
     head = final = 0

@@ -112,6 +112,10 @@ class ModelShape:
     router_fp32: bool = False
     router_sigmoid: bool = False
     router_group_mask: bool = False
+    # a parallel block (GPT-NeoX's use_parallel_residual, Phi's, Falcon's parallel_attn): the attention and the MLP
+    # both read the block's input, through one norm (``norms`` 1: Phi, Falcon-7B) or a norm each (2: GPT-NeoX, Falcon
+    # 40B/180B's ln_attn and ln_mlp), and their outputs are added to it
+    parallel: bool = False
 
     @property
     def fused_qkv(self) -> bool:
@@ -149,7 +153,7 @@ class ModelShape:
 
 
 def model_shape(config: Mapping, *, models=None) -> ModelShape:
-    """Read a Llama-like (Llama, Mistral, Qwen2, Mixtral …), GPT-2 or BERT ``config.json`` dict.
+    """Read a Llama-like (Llama, Mistral, Qwen2, Mixtral …), GPT-2, BERT or GPT-NeoX ``config.json`` dict.
 
     Other ``model_type`` values with Llama's (GPT-2's, BERT's) keys are read as Llama-like (stated in the
     result's ``family``) where transformers' base model built from the config holds the parameters
@@ -192,8 +196,11 @@ def model_shape(config: Mapping, *, models=None) -> ModelShape:
         if mtype in _NOT_LLAMA_LIKE:
             raise ConfigError(f"model_type {mtype}: its blocks differ from Llama's, GPT-2's and BERT's (parallel "
                               "attention, other MLPs, …), which spectra's memory model does not describe; it reads "
-                              "Llama-like (Llama, Mistral, Qwen2, Gemma, Phi-3, Mixtral …), GPT-2 and BERT configs.")
-        if mtype == "gpt2" or "n_embd" in cfg:
+                              f"Llama-like (Llama, Mistral, Qwen2, Gemma, Phi-3, Mixtral …), GPT-2, BERT and "
+                              f"{_OWN_BLOCKS_DESCRIBED} configs.")
+        if mtype in _GELU_FAMILIES:
+            shape = _GELU_FAMILIES[mtype](cfg, mtype)
+        elif mtype == "gpt2" or "n_embd" in cfg:
             shape = _gpt2(cfg)
         elif mtype == "bert" or "type_vocab_size" in cfg:
             shape = _bert(cfg)
@@ -209,7 +216,7 @@ def model_shape(config: Mapping, *, models=None) -> ModelShape:
                               "text_config alone describes the language model: Gemma 3, LLaVA, Qwen2-VL, …). Pass the "
                               "text_config alone to estimate the language model.") from None
         raise ConfigError(f"config.json of model_type {mtype or '?'} lacks {err}; spectra's memory model reads "
-                          "Llama-like, GPT-2 and BERT configs.") from None
+                          f"Llama-like, GPT-2, BERT and {_OWN_BLOCKS_DESCRIBED} configs.") from None
     if mtype and mtype not in _COUNTED_RIGHT:
         _refuse_other_blocks(cfg, mtype, shape, base_model)
     return shape
@@ -310,17 +317,20 @@ def _refuse_other_blocks(cfg: dict, mtype: str, shape: ModelShape, base_model=No
         if isinstance(base_class, str):
             raise ConfigError(f"model_type {mtype}: transformers' {base_class} cannot be built from this config (on "
                               "the meta device), so spectra's memory model cannot check that its blocks are ones it "
-                              f"describes ({_LLAMA_LIKE_DESCRIBED}; Mixtral-style MoE; GPT-2; BERT) and will not read "
+                              f"describes ({_LLAMA_LIKE_DESCRIBED}; Mixtral-style MoE; GPT-2; BERT; "
+                              f"{_OWN_BLOCKS_DESCRIBED}) and will not read "
                               "it as Llama-like; transformers' AutoConfig.for_model and "
                               f"{base_class}(config) show what fails.")
         return
     _refuse_unless_built_holds(model, shape.params - shape.head_params, mtype=mtype, model_class=base_class,
                                counted_as="(no LM head): its blocks differ from the families the memory model "
                                           f"describes ({_LLAMA_LIKE_DESCRIBED}; Mixtral-style MoE: Mixtral, PhiMoE, "
-                                          "GraniteMoE, MiniMax; GPT-2; BERT)")
+                                          f"GraniteMoE, MiniMax; GPT-2; BERT; {_OWN_BLOCKS_DESCRIBED})")
 
 
-# the dense Llama-like families the memory model is checked on, as its refusals list them
+# the dense Llama-like families the memory model is checked on, as its refusals list them, and those of its own
+# functions beside GPT-2 and BERT (_GELU_FAMILIES)
+_OWN_BLOCKS_DESCRIBED = "GPT-NeoX"
 _LLAMA_LIKE_DESCRIBED = ("Llama-like: Llama, Mistral, Qwen2, Qwen3, Gemma, Phi-3, Granite, Helium, ERNIE 4.5, "
                          "Ministral, SmolLM3, GLM, OLMo, OLMo 2, OLMo 3")
 
@@ -581,8 +591,7 @@ _COUNTED_RIGHT = frozenset({"llama", "mistral", "qwen2", "gemma", "gemma2", "gem
 _ATTENTION_LAYERS = frozenset({"full_attention", "sliding_attention", "chunked_attention"})
 # families with Llama's config keys but other blocks: read as Llama-like they would be counted wrong
 # (ALBERT has BERT's keys but one set of layer weights shared by every layer)
-_NOT_LLAMA_LIKE = frozenset({"gpt_neox", "gptj", "gpt_neo", "bloom", "falcon", "opt", "phi", "mpt",
-                             "starcoder2", "albert"})
+_NOT_LLAMA_LIKE = frozenset({"gptj", "gpt_neo", "bloom", "falcon", "opt", "mpt", "starcoder2", "albert"})
 
 
 def _gpt2(cfg: dict) -> ModelShape:
@@ -609,3 +618,52 @@ def _bert(cfg: dict) -> ModelShape:
     return ModelShape(family="bert", hidden=h, layers=layers, heads=heads, kv_dim=h, q_dim=h, intermediate=inter,
                       vocab=vocab, norm="layer", mlp_saved=1, softmax_fp32=False, experts_per_token=1, experts=1,
                       linears=linears, other_params=other, head_params=0, causal=False, outside_quantised=((h, h),))
+
+
+# what the MLP's activation keeps for backward, in intermediate-sized tensors (ACT2FN by name): a fused GELU its input
+# (tanh-approximated or not), ReLU its output; NewGELU ("gelu_new": GPT-2's, Phi's) is written out in elementwise ops
+# that keep the input, tanh's output, x/2 and 1 + tanh
+_ACTIVATION_SAVED = {"gelu": 1, "gelu_pytorch_tanh": 1, "relu": 1, "gelu_new": 4}
+
+
+def _activation_saved(cfg: dict, mtype: str, key: str) -> int:
+    """Intermediate-sized tensors that the family's MLP activation (config ``key``, its config's default where
+    config.json leaves it out) keeps: :data:`_ACTIVATION_SAVED`; another is refused, naming it."""
+    act = cfg[key] if key in cfg else getattr(_config_object(mtype), key, None)
+    if act not in _ACTIVATION_SAVED:
+        raise ConfigError(f"model_type {mtype}: {key} {act!r}, an activation whose saved tensors spectra's memory "
+                          f"model does not describe; it reads {', '.join(sorted(_ACTIVATION_SAVED))}.")
+    return _ACTIVATION_SAVED[act]
+
+
+def _default(cfg: dict, mtype: str, key: str, fallback=None):
+    """``cfg[key]``, or the family's default (its config class's) where config.json leaves it out."""
+    return cfg[key] if key in cfg else getattr(_config_object(mtype), key, fallback)
+
+
+def _gpt_neox(cfg: dict, mtype: str) -> ModelShape:
+    """A GPT-NeoX config (Pythia, GPT-NeoX-20B), as transformers 5's GPTNeoXModel holds and runs it.
+
+    Each block: LayerNorms with biases (input_layernorm, post_attention_layernorm); one ``query_key_value`` (h → 3h,
+    each head's Q, K and V side by side: views of its output) and ``dense``, biased by ``attention_bias``; rotary
+    embeddings on part of each head (``rotary_pct``), concatenated with the rest (torch.cat, whatever the part: Q and
+    K are fresh (b, heads, s, d) tensors, so o_proj reads a copy of the attention's output); an MLP
+    ``dense_h_to_4h`` → ``hidden_act`` → ``dense_4h_to_h`` with biases. ``use_parallel_residual`` (default) adds
+    attention(ln1(x)) and mlp(ln2(x)) to x; without it the block is sequential, as GPT-2's. The head
+    (``embed_out``) is untied unless ``tie_word_embeddings``."""
+    h, layers, heads = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["num_attention_heads"]
+    inter, vocab = cfg["intermediate_size"], cfg["vocab_size"]
+    bias = bool(_default(cfg, mtype, "attention_bias", True))
+    linears = (("qkv", 3 * h, h), ("o", h, h), ("up", inter, h), ("down", h, inter))
+    per_layer = 2 * 2 * h + (4 * h if bias else 0) + inter + h  # two LayerNorms; qkv and dense biases; the MLP's
+    other = vocab * h + layers * per_layer + 2 * h  # embed_in, blocks, final_layer_norm
+    tied = bool(_default(cfg, mtype, "tie_word_embeddings", False))
+    return ModelShape(family=mtype, hidden=h, layers=layers, heads=heads, kv_dim=h, q_dim=h, intermediate=inter,
+                      vocab=vocab, norm="layer", mlp_saved=_activation_saved(cfg, mtype, "hidden_act"),
+                      softmax_fp32=True, experts_per_token=1, experts=1, linears=linears, other_params=other,
+                      head_params=0 if tied else vocab * h, causal=True, rotary=True, rotary_cat=True,
+                      parallel=bool(_default(cfg, mtype, "use_parallel_residual", True)))
+
+
+# families whose blocks are read by a function of their own (parallel attention and MLP, GELU MLPs, LayerNorms)
+_GELU_FAMILIES = {"gpt_neox": _gpt_neox}

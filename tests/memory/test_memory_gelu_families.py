@@ -1,0 +1,228 @@
+"""Families with LayerNorms, GELU MLPs (no gate) and, most of them, parallel attention and MLP: GPT-NeoX (Pythia;
+use_parallel_residual, one fused query_key_value of each head's Q, K and V side by side, partial rotary
+embeddings concatenated with the rest of the head). `spectra memory` refused them ("its blocks differ from Llama's,
+GPT-2's and BERT's"). Checked against the models transformers builds from tiny configs on the CPU: their parameters,
+PEFT's trainable count, the gradients and AdamW states one step leaves, bitsandbytes' 4-bit load, and what autograd
+saves for backward (one block's bytes per sequence: the double difference of models of 1 and 2 blocks at batch 2 and
+3, tests/memory/test_memory.py's measurement).
+
+At bf16 the CPU's LayerNorm keeps its two statistics in bf16, CUDA's (as modelled) in fp32: a bf16 block measured
+here keeps 4 bytes a token less per LayerNorm that runs than modelled, which the bf16 cases check exactly; the
+others run at fp32, where the two agree."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from spectra.memory import estimate_memory, model_shape
+from tests.memory.test_memory import _PEFT_PATTERN_WARNING, _loss, saved_bytes
+
+_SMALL = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, vocab_size=64,
+              pad_token_id=0, bos_token_id=0, eos_token_id=0)
+# each family's tiny configs: its default layout, then the variants its configs take
+_VARIANTS = {
+    "gpt_neox": [{}, dict(use_parallel_residual=False, rotary_pct=1.0, tie_word_embeddings=True,
+                          attention_bias=False), dict(hidden_act="gelu_new")],
+}
+_CASES = [(family, i) for family, variants in _VARIANTS.items() for i in range(len(variants))]
+# LayerNorms a block runs (the CPU's bf16 statistics: 4 bytes a token short of CUDA's each)
+_LAYER_NORMS = {"gpt_neox": 2}
+# target_modules of a role, as PEFT names the family's modules
+_MODULES = {"gpt_neox": {"qkv": "query_key_value", "o": "dense", "up": "dense_h_to_4h", "down": "dense_4h_to_h"}}
+
+
+def _config(family: str, variant: int = 0, **overrides):
+    import transformers as tf
+
+    return tf.AutoConfig.for_model(family, **(_SMALL | _VARIANTS[family][variant] | overrides))
+
+
+def _model(family: str, variant: int = 0, **overrides):
+    import torch
+    import transformers as tf
+
+    torch.manual_seed(0)
+    return tf.AutoModelForCausalLM.from_config(_config(family, variant, **overrides))
+
+
+def _peft(model, method: str, roles=None, layers=None):
+    from peft import LoraConfig, get_peft_model
+
+    family = model.config.model_type
+    targets = "all-linear" if roles is None else [_MODULES[family][role] for role in roles]
+    return get_peft_model(model, LoraConfig(r=4, target_modules=targets, use_dora=method == "dora",
+                                            layers_to_transform=layers))
+
+
+@pytest.mark.parametrize(("family", "variant"), _CASES)
+def test_parameters_are_what_transformers_builds(family, variant):
+    """Every parameter of the causal LM (tied head once), and the base model's count, which model_shape compares
+    (it builds the meta model for a family outside _COUNTED_RIGHT). Negative control: the same config read as Llama
+    (its keys are Llama's) is off."""
+    import transformers as tf
+
+    from spectra.memory.shape import _refuse_other_blocks
+
+    model = _model(family, variant)
+    config = model.config.to_dict()
+    shape = model_shape(config)
+    assert shape.family == family
+    assert shape.params == sum(p.numel() for p in model.parameters())
+    base = tf.AutoModel.from_config(model.config)
+    assert shape.params - shape.head_params == sum(p.numel() for p in base.parameters())
+    _refuse_other_blocks(config, family, shape)
+    assert model_shape(config | {"model_type": "llama"}).params != shape.params
+
+
+@pytest.mark.parametrize("method", ["full", "lora", "dora"])
+@pytest.mark.parametrize("family", list(_VARIANTS))
+def test_trainable_parameters_gradients_and_states(family, method):
+    """The estimate's trainable count is PEFT's on all-linear (or the whole model), and its gradients and AdamW
+    states (fp32) the bytes one backward and one step leave."""
+    import torch
+
+    model = _model(family)
+    est = estimate_memory(model.config.to_dict(), method=method, rank_plan_or_rank=4, precision="fp32")
+    if method != "full":
+        model = _peft(model, method)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    assert est.trainable_params == sum(p.numel() for p in trained)
+    _loss(model.train(), 2, 8).backward()
+    assert est.gradients == sum(p.grad.numel() * p.grad.element_size() for p in trained)
+    optimizer = torch.optim.AdamW(trained)
+    optimizer.step()
+    moments = [t for p in trained for k, t in optimizer.state[p].items() if k in ("exp_avg", "exp_avg_sq")]
+    assert est.optimizer_states == sum(t.numel() * t.element_size() for t in moments)
+
+
+def _block(family: str, variant: int, method: str, precision: str, attention: str, roles=None,
+           use_cache: bool = True, misread=None) -> dict[str, int]:
+    """One block's saved bytes per sequence of 16 tokens, measured (autograd) and modelled (``misread``: a change
+    to the shape the estimate reads, for a negative control)."""
+    import torch
+
+    import spectra.memory.estimate as estimate_module
+
+    measured, modelled = {}, {}
+    real = estimate_module.model_shape
+    for layers in (1, 2):
+        model = _model(family, variant, num_hidden_layers=layers)
+        model.config._attn_implementation = attention
+        model.config.use_cache = use_cache
+        config = model.config
+        model = model.to({"bf16": torch.bfloat16, "fp32": torch.float32}[precision])
+        if method != "full":
+            model = _peft(model, method, roles)
+        model.train()
+        for batch in (2, 3):
+            measured[layers, batch] = saved_bytes(model, lambda m: _loss(m, batch, 16))
+            with pytest.MonkeyPatch.context() as patch:
+                if misread:
+                    patch.setattr(estimate_module, "model_shape", lambda c, **kw: misread(real(c, **kw)))
+                modelled[layers, batch] = estimate_memory(config, method=method, rank_plan_or_rank=4, batch=batch,
+                                                          seq_len=16, precision=precision, attention=attention,
+                                                          use_cache=use_cache,
+                                                          roles=roles).activations
+    return {kind: d[2, 3] - d[1, 3] - d[2, 2] + d[1, 2] for kind, d in (("measured", measured),
+                                                                       ("modelled", modelled))}
+
+
+_BLOCK_CASES = [
+    # GPT-NeoX: parallel (two LayerNorms on the block's input), sequential with full rotary, NewGELU
+    ("gpt_neox", 0, "full", "fp32", "sdpa", True), ("gpt_neox", 0, "lora", "fp32", "sdpa", True),
+    ("gpt_neox", 0, "full", "fp32", "eager", True), ("gpt_neox", 0, "lora", "fp32", "sdpa", False),
+    ("gpt_neox", 0, "dora", "fp32", "sdpa", True), ("gpt_neox", 0, "lora", "bf16", "sdpa", True),
+    ("gpt_neox", 0, "full", "bf16", "sdpa", True), ("gpt_neox", 0, "lora", "bf16", "eager", True),
+    ("gpt_neox", 1, "full", "fp32", "sdpa", True), ("gpt_neox", 1, "lora", "fp32", "sdpa", True),
+    ("gpt_neox", 1, "dora", "fp32", "eager", True), ("gpt_neox", 1, "full", "fp32", "sdpa", False),
+    ("gpt_neox", 2, "full", "fp32", "sdpa", True), ("gpt_neox", 2, "lora", "fp32", "eager", True),
+]
+
+
+@_PEFT_PATTERN_WARNING
+@pytest.mark.parametrize(("family", "variant", "method", "precision", "attention", "use_cache"), _BLOCK_CASES)
+def test_a_blocks_activations_are_what_autograd_saves(family, variant, method, precision, attention, use_cache):
+    """A parallel block's two norms read one input (kept once, beside each norm's statistics) and its MLP's input
+    requires grad only from the block's input; the fused query_key_value's V is a view that keeps the whole output
+    (without the cache; with it the cache's copy of V), Q and K come out of a torch.cat, and so o's input is a copy
+    of sdpa's output; a fused GELU keeps its input, NewGELU four tensors. bf16: the CPU's LayerNorm statistics, 4
+    bytes a token per norm that runs, short of the model (CUDA's fp32 ones)."""
+    block = _block(family, variant, method, precision, attention, use_cache=use_cache)
+    cpu_statistics = 16 * 4 * _LAYER_NORMS[family] if precision == "bf16" else 0
+    assert block["modelled"] - cpu_statistics == block["measured"] > 0, block
+
+
+@_PEFT_PATTERN_WARNING
+@pytest.mark.parametrize("family", list(_VARIANTS))
+def test_a_parallel_block_read_as_sequential_is_wrong(family):
+    """Negative control: the same parallel block modelled as a sequential one (its MLP reading the attention's
+    output) misses what autograd saves, under LoRA on o alone (the MLP then keeps nothing) and full fine-tuning."""
+    def misread(shape):
+        return dataclasses.replace(shape, parallel=False)
+
+    o_only = _block(family, 0, "lora", "fp32", "sdpa", roles=("o",))
+    assert o_only["modelled"] == o_only["measured"] > 0
+    assert _block(family, 0, "lora", "fp32", "sdpa", roles=("o",), misread=misread)["modelled"] != o_only["measured"]
+    full = _block(family, 0, "full", "fp32", "sdpa", misread=misread)
+    assert full["modelled"] != full["measured"]
+
+
+def _per_sequence(family: str, roles, layers) -> dict[str, int]:
+    """Saved bytes of a 3-layer fp32 LoRA model at batch 3 less batch 2 (one sequence's), measured and modelled."""
+    model = _model(family, num_hidden_layers=3)
+    config = model.config
+    model = _peft(model, "lora", roles, layers).train()
+    measured = [saved_bytes(model, lambda m: _loss(m, batch, 16)) for batch in (2, 3)]
+    modelled = [estimate_memory(config, method="lora", rank_plan_or_rank=4, batch=batch, seq_len=16,
+                                precision="fp32", roles=roles, layers_to_transform=layers).activations
+                for batch in (2, 3)]
+    return {"measured": measured[1] - measured[0], "modelled": modelled[1] - modelled[0]}
+
+
+@_PEFT_PATTERN_WARNING
+@pytest.mark.parametrize(("family", "roles", "layers"), [
+    ("gpt_neox", ("o",), [1]), ("gpt_neox", ("up",), [1, 2]), ("gpt_neox", ("down",), [2]),
+    ("gpt_neox", ("qkv", "down"), [1])])
+def test_blocks_before_the_first_adapted_module_keep_nothing(family, roles, layers):
+    """The first adapted layer keeps what follows its first adapted module: in a parallel block an adapted o or
+    down makes the other branch keep nothing (the block's input requires no grad). Per sequence, less all-linear
+    LoRA on every layer's (the head's tensors cancel)."""
+    part = _per_sequence(family, roles, layers)
+    whole = _per_sequence(family, None, None)
+    assert whole["modelled"] - part["modelled"] == whole["measured"] - part["measured"] > 0, (part, whole)
+
+
+@pytest.mark.parametrize("family", list(_VARIANTS))
+def test_qlora_storage_is_what_bitsandbytes_holds(family, tmp_path):
+    """bitsandbytes quantises the block linears and keeps the embeddings, norms, biases and head in bf16: the
+    estimate's weights and constants are the loaded model's bytes."""
+    from tests.models import load_4bit
+
+    model = _model(family, hidden_size=64, intermediate_size=128)
+    loaded, constants = load_4bit(model, tmp_path)
+    est = estimate_memory(model.config.to_dict(), method="qlora", rank_plan_or_rank=4)
+    assert est.weights == sum(p.numel() * p.element_size() for p in loaded.parameters())
+    assert est.quant_constants == constants
+
+
+@pytest.mark.parametrize("family", list(_VARIANTS))
+def test_cli_memory_estimates_a_saved_model(family, tmp_path):
+    """The user's path: `spectra memory <folder> --rank 8` on a model saved by save_pretrained (refused before)."""
+    from typer.testing import CliRunner
+
+    from spectra.cli import app
+
+    _model(family).save_pretrained(tmp_path)
+    run = CliRunner().invoke(app, ["memory", str(tmp_path), "--rank", "8"])
+    assert run.exit_code == 0, run.output
+    assert "training total" in run.output
+
+
+def test_an_activation_the_model_does_not_describe_is_refused():
+    """An MLP activation whose saved tensors are unchecked (gelu_fast) is refused naming it, not counted as GELU."""
+    from spectra.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="hidden_act 'gelu_fast'"):
+        model_shape(_config("gpt_neox", hidden_act="gelu_fast").to_dict())
