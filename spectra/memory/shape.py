@@ -153,7 +153,7 @@ class ModelShape:
 
 
 def model_shape(config: Mapping, *, models=None) -> ModelShape:
-    """Read a Llama-like (Llama, Mistral, Qwen2, Mixtral …), GPT-2, BERT or GPT-NeoX ``config.json`` dict.
+    """Read a Llama-like (Llama, Mistral, Qwen2, Mixtral …), GPT-2, BERT, GPT-NeoX or Phi ``config.json`` dict.
 
     Other ``model_type`` values with Llama's (GPT-2's, BERT's) keys are read as Llama-like (stated in the
     result's ``family``) where transformers' base model built from the config holds the parameters
@@ -330,7 +330,7 @@ def _refuse_other_blocks(cfg: dict, mtype: str, shape: ModelShape, base_model=No
 
 # the dense Llama-like families the memory model is checked on, as its refusals list them, and those of its own
 # functions beside GPT-2 and BERT (_GELU_FAMILIES)
-_OWN_BLOCKS_DESCRIBED = "GPT-NeoX"
+_OWN_BLOCKS_DESCRIBED = "GPT-NeoX, Phi"
 _LLAMA_LIKE_DESCRIBED = ("Llama-like: Llama, Mistral, Qwen2, Qwen3, Gemma, Phi-3, Granite, Helium, ERNIE 4.5, "
                          "Ministral, SmolLM3, GLM, OLMo, OLMo 2, OLMo 3")
 
@@ -665,5 +665,34 @@ def _gpt_neox(cfg: dict, mtype: str) -> ModelShape:
                       parallel=bool(_default(cfg, mtype, "use_parallel_residual", True)))
 
 
+def _phi(cfg: dict, mtype: str) -> ModelShape:
+    """A Phi config (phi-1, phi-1.5, phi-2), as transformers 5's PhiModel holds and runs it.
+
+    Each block: one LayerNorm (with bias) whose output both the attention and the MLP read (a parallel block,
+    ``norms`` 1); q_proj, k_proj, v_proj (``num_key_value_heads``) and ``dense``, all biased; rotary embeddings on
+    ``partial_rotary_factor`` of each head, concatenated with the rest (Q and K fresh tensors, so o reads a copy);
+    an MLP ``fc1`` → ``hidden_act`` (NewGELU) → ``fc2`` with biases. The head has a bias; it is untied unless
+    ``tie_word_embeddings``. ``qk_layernorm`` (LayerNorms on each head's Q and K) is refused: not described."""
+    h, layers, heads = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["num_attention_heads"]
+    inter, vocab = cfg["intermediate_size"], cfg["vocab_size"]
+    if cfg.get("qk_layernorm"):
+        raise ConfigError(f"model_type {mtype}: qk_layernorm (a LayerNorm on each head's Q and K), whose weights and "
+                          "saved tensors spectra's memory model does not describe for Phi; it reads Phi configs "
+                          "without it (phi-1, phi-1.5, phi-2).")
+    head_dim = cfg.get("head_dim") or h // heads
+    kv_heads = cfg.get("num_key_value_heads") or heads
+    q_dim, kv_dim = heads * head_dim, kv_heads * head_dim
+    linears = (("q", q_dim, h), ("k", kv_dim, h), ("v", kv_dim, h), ("o", h, q_dim), ("up", inter, h),
+               ("down", h, inter))
+    per_layer = 2 * h + q_dim + 2 * kv_dim + h + inter + h  # input_layernorm; q, k, v, dense, fc1, fc2 biases
+    other = vocab * h + layers * per_layer + 2 * h  # embed_tokens, blocks, final_layernorm
+    tied = bool(_default(cfg, mtype, "tie_word_embeddings", False))
+    return ModelShape(family=mtype, hidden=h, layers=layers, heads=heads, kv_dim=kv_dim, q_dim=q_dim,
+                      intermediate=inter, vocab=vocab, norm="layer",
+                      mlp_saved=_activation_saved(cfg, mtype, "hidden_act"), softmax_fp32=True, experts_per_token=1,
+                      experts=1, linears=linears, other_params=other, head_params=(0 if tied else vocab * h) + vocab,
+                      causal=True, norms=1, rotary=True, rotary_cat=True, parallel=True)
+
+
 # families whose blocks are read by a function of their own (parallel attention and MLP, GELU MLPs, LayerNorms)
-_GELU_FAMILIES = {"gpt_neox": _gpt_neox}
+_GELU_FAMILIES = {"gpt_neox": _gpt_neox, "phi": _phi}

@@ -1,6 +1,7 @@
 """Families with LayerNorms, GELU MLPs (no gate) and, most of them, parallel attention and MLP: GPT-NeoX (Pythia;
 use_parallel_residual, one fused query_key_value of each head's Q, K and V side by side, partial rotary
-embeddings concatenated with the rest of the head). `spectra memory` refused them ("its blocks differ from Llama's,
+embeddings concatenated with the rest of the head), Phi (phi-1/phi-2: one LayerNorm feeding both branches, biased
+q/k/v/dense, a biased head). `spectra memory` refused them ("its blocks differ from Llama's,
 GPT-2's and BERT's"). Checked against the models transformers builds from tiny configs on the CPU: their parameters,
 PEFT's trainable count, the gradients and AdamW states one step leaves, bitsandbytes' 4-bit load, and what autograd
 saves for backward (one block's bytes per sequence: the double difference of models of 1 and 2 blocks at batch 2 and
@@ -25,12 +26,14 @@ _SMALL = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_att
 _VARIANTS = {
     "gpt_neox": [{}, dict(use_parallel_residual=False, rotary_pct=1.0, tie_word_embeddings=True,
                           attention_bias=False), dict(hidden_act="gelu_new")],
+    "phi": [{}, dict(num_key_value_heads=2, tie_word_embeddings=True, partial_rotary_factor=1.0, hidden_act="gelu")],
 }
 _CASES = [(family, i) for family, variants in _VARIANTS.items() for i in range(len(variants))]
 # LayerNorms a block runs (the CPU's bf16 statistics: 4 bytes a token short of CUDA's each)
-_LAYER_NORMS = {"gpt_neox": 2}
+_LAYER_NORMS = {"gpt_neox": 2, "phi": 1}
 # target_modules of a role, as PEFT names the family's modules
-_MODULES = {"gpt_neox": {"qkv": "query_key_value", "o": "dense", "up": "dense_h_to_4h", "down": "dense_4h_to_h"}}
+_MODULES = {"gpt_neox": {"qkv": "query_key_value", "o": "dense", "up": "dense_h_to_4h", "down": "dense_4h_to_h"},
+            "phi": {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "dense", "up": "fc1", "down": "fc2"}}
 
 
 def _config(family: str, variant: int = 0, **overrides):
@@ -138,6 +141,13 @@ _BLOCK_CASES = [
     ("gpt_neox", 1, "full", "fp32", "sdpa", True), ("gpt_neox", 1, "lora", "fp32", "sdpa", True),
     ("gpt_neox", 1, "dora", "fp32", "eager", True), ("gpt_neox", 1, "full", "fp32", "sdpa", False),
     ("gpt_neox", 2, "full", "fp32", "sdpa", True), ("gpt_neox", 2, "lora", "fp32", "eager", True),
+    # Phi: one LayerNorm whose output both branches read; GQA, tied head, full rotary, fused GELU
+    ("phi", 0, "full", "fp32", "sdpa", True), ("phi", 0, "lora", "fp32", "sdpa", True),
+    ("phi", 0, "full", "fp32", "eager", True), ("phi", 0, "lora", "fp32", "sdpa", False),
+    ("phi", 0, "dora", "fp32", "sdpa", True), ("phi", 0, "lora", "fp32", "eager", True),
+    ("phi", 0, "lora", "bf16", "sdpa", True), ("phi", 0, "full", "bf16", "sdpa", True),
+    ("phi", 1, "full", "fp32", "sdpa", True), ("phi", 1, "lora", "fp32", "sdpa", True),
+    ("phi", 1, "full", "fp32", "eager", True), ("phi", 1, "lora", "fp32", "eager", False),
 ]
 
 
@@ -184,7 +194,8 @@ def _per_sequence(family: str, roles, layers) -> dict[str, int]:
 @_PEFT_PATTERN_WARNING
 @pytest.mark.parametrize(("family", "roles", "layers"), [
     ("gpt_neox", ("o",), [1]), ("gpt_neox", ("up",), [1, 2]), ("gpt_neox", ("down",), [2]),
-    ("gpt_neox", ("qkv", "down"), [1])])
+    ("gpt_neox", ("qkv", "down"), [1]), ("phi", ("o",), [1]), ("phi", ("up", "k"), [1, 2]),
+    ("phi", ("down",), [2])])
 def test_blocks_before_the_first_adapted_module_keep_nothing(family, roles, layers):
     """The first adapted layer keeps what follows its first adapted module: in a parallel block an adapted o or
     down makes the other branch keep nothing (the block's input requires no grad). Per sequence, less all-linear
@@ -226,3 +237,17 @@ def test_an_activation_the_model_does_not_describe_is_refused():
 
     with pytest.raises(ConfigError, match="hidden_act 'gelu_fast'"):
         model_shape(_config("gpt_neox", hidden_act="gelu_fast").to_dict())
+
+
+def test_phi_with_qk_layernorm_is_refused():
+    """Phi's qk_layernorm (LayerNorms on each head's Q and K: weights and saved tensors not described) is refused
+    naming it; its count would be off by the norms' weights (the negative control)."""
+    import transformers as tf
+
+    from spectra.errors import ConfigError
+
+    config = _config("phi", qk_layernorm=True)
+    with pytest.raises(ConfigError, match="qk_layernorm"):
+        model_shape(config.to_dict())
+    built = sum(p.numel() for p in tf.AutoModelForCausalLM.from_config(config).parameters())
+    assert built != model_shape(config.to_dict() | {"qk_layernorm": False}).params
