@@ -8,9 +8,17 @@ References
 from __future__ import annotations
 
 import heapq
+import math
 from dataclasses import dataclass
 
 from spectra.errors import ConfigError
+
+
+# Bytes a parameter of a module PEFT trains in full (modules_to_save: a classifier's head) takes under a byte budget,
+# as `spectra memory` counts it at its default for an adapter (a bf16 base, AdamW): PEFT's trainable copy (2), its
+# gradient (2) and AdamW's two moments (2·2), all in the base's dtype, as PEFT upcasts only the LoRA layers. A LoRA
+# parameter (fp32: 4 + 4 + 8) takes RankPolicy.bytes_per_param, 16 by default.
+SAVED_BYTES_PER_PARAM = 8
 
 
 @dataclass(frozen=True)
@@ -107,3 +115,20 @@ def allocate_budget(ladders: list[list[int]], gains: list[list[float]], unit_cos
             heapq.heappush(heap, (-nxt[0], m))
     gap = max(lp_bound - gain, 0.0) if lp_bound is not None else 0.0
     return Allocation(ranks=tuple(ladders[m][pos[m]] for m in range(n)), gain=gain, cost=cost, gap=gap)
+
+
+def budget_parameters(budget_params: int | None, budget_bytes: int | None, bytes_per_param: float,
+                      saved: int = 0) -> int | None:
+    """A budget in the parameters :func:`allocate_budget` spends, ``saved`` (the modules PEFT trains in full) among
+    them as its ``fixed_cost``; None without a budget.
+
+    A parameter budget is as given: every trainable parameter counts one. A byte budget charges ``bytes_per_param``
+    for each LoRA parameter (and DoRA magnitude) and :data:`SAVED_BYTES_PER_PARAM` for each saved one, as
+    ``spectra memory`` counts a bf16 head: the result is ``⌊(budget_bytes − 8·saved) / bytes_per_param⌋ + saved``,
+    so that a plan of L LoRA parameters fits when ``bytes_per_param·L + 8·saved ≤ budget_bytes``. A byte budget that
+    does not cover the saved modules gives at most ``saved`` (the caller refuses it).
+    """
+    if budget_bytes is None:
+        return budget_params
+    rest = budget_bytes - SAVED_BYTES_PER_PARAM * saved
+    return (math.floor(rest / bytes_per_param) if rest > 0 else 0) + saved
