@@ -79,7 +79,7 @@ def _block_bytes(shape: ModelShape, p: int, attention: str, seq_len: int, *, ful
     exact for Llama, Qwen2, Gemma, Gemma 2, Gemma 3, Phi-3, GPT-2, BERT, Mixtral (transformers'
     default grouped_mm experts), PhiMoE, GraniteMoE, Granite, Helium, ERNIE 4.5, Ministral, SmolLM3,
     GLM, Qwen3, OLMo, OLMo 2 and OLMo 3 (tests/memory/test_memory_qk_norms.py), GPT-NeoX's parallel and sequential
-    blocks and Phi's (tests/memory/test_memory_gelu_families.py; a parallel block's MLP reads the block's input),
+    blocks, Phi's and StarCoder2's (tests/memory/test_memory_gelu_families.py; a parallel block's MLP reads the block's input),
     sliding layers masked or not, from the first adapted layer on too.
 
     Returns the bytes, whether the block keeps o_proj's input already (sdpa keeps its output and

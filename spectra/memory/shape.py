@@ -332,7 +332,7 @@ def _refuse_other_blocks(cfg: dict, mtype: str, shape: ModelShape, base_model=No
 # functions beside GPT-2 and BERT (_GELU_FAMILIES)
 _OWN_BLOCKS_DESCRIBED = "GPT-NeoX, Phi"
 _LLAMA_LIKE_DESCRIBED = ("Llama-like: Llama, Mistral, Qwen2, Qwen3, Gemma, Phi-3, Granite, Helium, ERNIE 4.5, "
-                         "Ministral, SmolLM3, GLM, OLMo, OLMo 2, OLMo 3")
+                         "Ministral, SmolLM3, GLM, OLMo, OLMo 2, OLMo 3, StarCoder2")
 
 
 def _llama(cfg: dict, mtype: str, base_model) -> ModelShape:
@@ -352,14 +352,16 @@ def _llama(cfg: dict, mtype: str, base_model) -> ModelShape:
     else:
         attention = (("q", q_dim, h), ("k", kv_dim, h), ("v", kv_dim, h), ("o", h, q_dim))
         dense = (("gate_up", 2 * dense_inter, h), ("down", h, dense_inter)) if mtype in _FUSED_MLP \
+            else (("up", dense_inter, h), ("down", h, dense_inter)) if mtype in _PLAIN_MLP \
             else (("gate", dense_inter, h), ("up", dense_inter, h), ("down", h, dense_inter))
     linears = attention + (_routed(experts, inter, h) if experts > 1 else dense)
     # ERNIE 4.5's use_bias puts a bias on every linear of the block (Llama's attention_bias and mlp_bias together)
-    every_bias = mtype in _USE_BIAS and bool(cfg.get("use_bias", False))
+    every_bias = mtype in _USE_BIAS and bool(_default(cfg, mtype, "use_bias", False))
     attention_bias = bool(cfg.get("attention_bias", False)) or every_bias
     qkv_bias = attention_bias or mtype in _QKV_BIAS
     bias = (q_dim + 2 * kv_dim if qkv_bias else 0) + (h if attention_bias and mtype not in _FUSED_MLP else 0)
-    bias += (2 * inter + h) * experts if cfg.get("mlp_bias", False) or every_bias else 0
+    bias += ((1 if mtype in _PLAIN_MLP else 2) * inter + h) * experts if cfg.get("mlp_bias", False) or every_bias \
+        else 0
     tied = bool(cfg.get("tie_word_embeddings", getattr(_config_object(mtype), "tie_word_embeddings", False)))
     # Gemma 2's and Gemma 3's blocks normalise each sublayer's input and output (input, post-attention, pre- and
     # post-feedforward norms); Gemma 2 caps attention and final logits by tanh (config.json may leave the caps to
@@ -377,7 +379,9 @@ def _llama(cfg: dict, mtype: str, base_model) -> ModelShape:
     other = vocab * h + layers * (norms * norm_params + qk_norm_params + bias) + norm_params
     head = (0 if tied else vocab * h) + (vocab if cfg.get("lm_head_bias", False) else 0)  # PhiMoE's head has a bias
     return ModelShape(family=mtype or "llama-like", hidden=h, layers=layers, heads=heads, kv_dim=kv_dim,
-                      q_dim=q_dim, intermediate=inter, vocab=vocab, norm=norm, mlp_saved=3, softmax_fp32=True,
+                      q_dim=q_dim, intermediate=inter, vocab=vocab, norm=norm,
+                      mlp_saved=_activation_saved(cfg, mtype, "hidden_act") if mtype in _PLAIN_MLP else 3,
+                      softmax_fp32=True,
                       experts_per_token=(2 if mtype in _SPARSEMIXER else cfg.get("num_experts_per_tok", 1))
                       if experts > 1 else 1, experts=experts,
                       linears=linears, other_params=other, head_params=head, causal=True,
@@ -545,7 +549,10 @@ _QK_NORMS_ACROSS_HEADS = frozenset({"olmo2", "olmo3"})
 # blocks that normalise each sublayer's output and not its input (OLMo 2, OLMo 3: x + norm(attention(x)), the same
 # for the MLP)
 _OUTPUT_NORMS_ONLY = frozenset({"olmo2", "olmo3"})
-_LAYER_NORMS = frozenset({"phimoe"})  # Llama-like blocks normalised by LayerNorm (weight and bias), not RMSNorm
+# Llama-like blocks normalised by LayerNorm (weight and bias), not RMSNorm
+_LAYER_NORMS = frozenset({"phimoe", "starcoder2"})
+# StarCoder2's MLP: c_fc → hidden_act → c_proj, no gate (use_bias biases it and the attention's four linears)
+_PLAIN_MLP = frozenset({"starcoder2"})
 _PLAIN_LAYER_NORMS = frozenset({"olmo"})  # … by a LayerNorm without weight or bias, on the input up-cast to fp32
 # RMSNorms that apply their weight to the fp32 normalised input (Gemma's families too, by name): full fine-tuning
 # keeps that fp32 tensor for the weight's gradient (Helium; OLMo 2 and 3, whose norm casts the product to p)
@@ -555,10 +562,10 @@ _LANGUAGE_KEYS = frozenset({"hidden_size", "num_hidden_layers", "num_attention_h
                             "vocab_size"})
 # Qwen2's families bias q, k and v whatever attention_bias says (Qwen2-VL's and Qwen2.5-VL's language models too)
 _QKV_BIAS = frozenset({"qwen2", "qwen2_moe", "qwen2_vl_text", "qwen2_5_vl_text"})
-_USE_BIAS = frozenset({"ernie4_5"})  # config key use_bias: a bias on every linear of the block
+_USE_BIAS = frozenset({"ernie4_5", "starcoder2"})  # config key use_bias: a bias on every linear of the block
 # families whose every attention layer slides by config.sliding_window when it is set (MistralModel's mask) and those
 # that slide the layers layer_types names sliding_attention (_sliding_windows); the others ignore sliding_window
-_SLIDING_EVERY_LAYER = frozenset({"mistral", "mixtral", "phi3", "phimoe", "minimax"})
+_SLIDING_EVERY_LAYER = frozenset({"mistral", "mixtral", "phi3", "phimoe", "minimax", "starcoder2"})
 _SLIDING_WHEN_USED = frozenset({"qwen3_moe"})
 _SLIDING_BY_LAYER_TYPE = frozenset({"ministral", "qwen2", "qwen3", "gemma2", "gemma3_text", "smollm3",
                                     "qwen2_vl_text", "qwen2_5_vl_text", "olmo3"})
@@ -591,7 +598,7 @@ _COUNTED_RIGHT = frozenset({"llama", "mistral", "qwen2", "gemma", "gemma2", "gem
 _ATTENTION_LAYERS = frozenset({"full_attention", "sliding_attention", "chunked_attention"})
 # families with Llama's config keys but other blocks: read as Llama-like they would be counted wrong
 # (ALBERT has BERT's keys but one set of layer weights shared by every layer)
-_NOT_LLAMA_LIKE = frozenset({"gptj", "gpt_neo", "bloom", "falcon", "opt", "mpt", "starcoder2", "albert"})
+_NOT_LLAMA_LIKE = frozenset({"gptj", "gpt_neo", "bloom", "falcon", "opt", "mpt", "albert"})
 
 
 def _gpt2(cfg: dict) -> ModelShape:

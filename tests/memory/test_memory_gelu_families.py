@@ -1,7 +1,8 @@
 """Families with LayerNorms, GELU MLPs (no gate) and, most of them, parallel attention and MLP: GPT-NeoX (Pythia;
 use_parallel_residual, one fused query_key_value of each head's Q, K and V side by side, partial rotary
 embeddings concatenated with the rest of the head), Phi (phi-1/phi-2: one LayerNorm feeding both branches, biased
-q/k/v/dense, a biased head). `spectra memory` refused them ("its blocks differ from Llama's,
+q/k/v/dense, a biased head), StarCoder2 (Llama's attention with biases, LayerNorms, a GELU MLP, sliding windows).
+`spectra memory` refused them ("its blocks differ from Llama's,
 GPT-2's and BERT's"). Checked against the models transformers builds from tiny configs on the CPU: their parameters,
 PEFT's trainable count, the gradients and AdamW states one step leaves, bitsandbytes' 4-bit load, and what autograd
 saves for backward (one block's bytes per sequence: the double difference of models of 1 and 2 blocks at batch 2 and
@@ -27,13 +28,17 @@ _VARIANTS = {
     "gpt_neox": [{}, dict(use_parallel_residual=False, rotary_pct=1.0, tie_word_embeddings=True,
                           attention_bias=False), dict(hidden_act="gelu_new")],
     "phi": [{}, dict(num_key_value_heads=2, tie_word_embeddings=True, partial_rotary_factor=1.0, hidden_act="gelu")],
+    "starcoder2": [dict(num_key_value_heads=2), dict(num_key_value_heads=2, use_bias=False, sliding_window=8,
+                                                     tie_word_embeddings=False, hidden_act="gelu_new")],
 }
+_PARALLEL = ["gpt_neox", "phi"]  # the families whose (default) blocks are parallel
 _CASES = [(family, i) for family, variants in _VARIANTS.items() for i in range(len(variants))]
 # LayerNorms a block runs (the CPU's bf16 statistics: 4 bytes a token short of CUDA's each)
-_LAYER_NORMS = {"gpt_neox": 2, "phi": 1}
+_LAYER_NORMS = {"gpt_neox": 2, "phi": 1, "starcoder2": 2}
 # target_modules of a role, as PEFT names the family's modules
 _MODULES = {"gpt_neox": {"qkv": "query_key_value", "o": "dense", "up": "dense_h_to_4h", "down": "dense_4h_to_h"},
-            "phi": {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "dense", "up": "fc1", "down": "fc2"}}
+            "phi": {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "dense", "up": "fc1", "down": "fc2"},
+            "starcoder2": {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "up": "c_fc", "down": "c_proj"}}
 
 
 def _config(family: str, variant: int = 0, **overrides):
@@ -148,6 +153,12 @@ _BLOCK_CASES = [
     ("phi", 0, "lora", "bf16", "sdpa", True), ("phi", 0, "full", "bf16", "sdpa", True),
     ("phi", 1, "full", "fp32", "sdpa", True), ("phi", 1, "lora", "fp32", "sdpa", True),
     ("phi", 1, "full", "fp32", "eager", True), ("phi", 1, "lora", "fp32", "eager", False),
+    # StarCoder2: Llama's attention (GQA, biases), LayerNorms, a GELU MLP; every layer slides by sliding_window (8
+    # under 16 tokens: sdpa keeps the mask and K, V repeated)
+    ("starcoder2", 0, "full", "fp32", "sdpa", True), ("starcoder2", 0, "lora", "fp32", "sdpa", True),
+    ("starcoder2", 0, "full", "fp32", "eager", True), ("starcoder2", 0, "dora", "fp32", "sdpa", True),
+    ("starcoder2", 0, "lora", "bf16", "sdpa", True), ("starcoder2", 1, "full", "fp32", "sdpa", True),
+    ("starcoder2", 1, "lora", "fp32", "sdpa", True), ("starcoder2", 1, "lora", "fp32", "eager", True),
 ]
 
 
@@ -165,7 +176,7 @@ def test_a_blocks_activations_are_what_autograd_saves(family, variant, method, p
 
 
 @_PEFT_PATTERN_WARNING
-@pytest.mark.parametrize("family", list(_VARIANTS))
+@pytest.mark.parametrize("family", _PARALLEL)
 def test_a_parallel_block_read_as_sequential_is_wrong(family):
     """Negative control: the same parallel block modelled as a sequential one (its MLP reading the attention's
     output) misses what autograd saves, under LoRA on o alone (the MLP then keeps nothing) and full fine-tuning."""
@@ -195,7 +206,7 @@ def _per_sequence(family: str, roles, layers) -> dict[str, int]:
 @pytest.mark.parametrize(("family", "roles", "layers"), [
     ("gpt_neox", ("o",), [1]), ("gpt_neox", ("up",), [1, 2]), ("gpt_neox", ("down",), [2]),
     ("gpt_neox", ("qkv", "down"), [1]), ("phi", ("o",), [1]), ("phi", ("up", "k"), [1, 2]),
-    ("phi", ("down",), [2])])
+    ("phi", ("down",), [2]), ("starcoder2", ("o",), [1]), ("starcoder2", ("up",), [1, 2])])
 def test_blocks_before_the_first_adapted_module_keep_nothing(family, roles, layers):
     """The first adapted layer keeps what follows its first adapted module: in a parallel block an adapted o or
     down makes the other branch keep nothing (the block's input requires no grad). Per sequence, less all-linear
@@ -251,3 +262,16 @@ def test_phi_with_qk_layernorm_is_refused():
         model_shape(config.to_dict())
     built = sum(p.numel() for p in tf.AutoModelForCausalLM.from_config(config).parameters())
     assert built != model_shape(config.to_dict() | {"qk_layernorm": False}).params
+
+
+@_PEFT_PATTERN_WARNING
+def test_starcoder2s_sliding_window_is_read():
+    """StarCoder2 masks every layer by sliding_window when it is set (create_sliding_window_causal_mask). Negative
+    control: a window beyond the sequence gets no mask, and both the estimate and autograd are lower."""
+    assert model_shape(_config("starcoder2", 1).to_dict()).windows == (8, 8)
+    assert model_shape(_config("starcoder2", 0).to_dict()).windows == ()
+    masked = _block("starcoder2", 1, "lora", "fp32", "sdpa")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(_VARIANTS, "starcoder2", [_VARIANTS["starcoder2"][1] | dict(sliding_window=17)])
+        unmasked = _block("starcoder2", 0, "lora", "fp32", "sdpa")
+    assert unmasked["modelled"] == unmasked["measured"] < masked["measured"] == masked["modelled"]
