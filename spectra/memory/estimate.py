@@ -28,6 +28,8 @@ ATTENTIONS = ("sdpa", "eager")
 NF4_BLOCK = 64          # weights per NF4 absmax constant [3]
 DQ_BLOCK = 256          # absmax constants per second-level fp32 constant with double quantisation [3]
 ADAM8_BLOCK = 256       # bitsandbytes' blockwise 8-bit optimizer states: one fp32 absmax per 256
+ADAM8_MIN_SIZE = 4096   # bitsandbytes' min_8bit_size: a smaller tensor's two moments are fp32, whatever its dtype
+ADAM8_MAP = 256         # the dynamic quantisation map of each 8-bit moment, fp32, one tensor shared by all parameters
 DEFAULT_SEQ_LEN = 2048  # a common fine-tuning context; cut to a model's position limit when that is shorter
 
 
@@ -215,7 +217,10 @@ def estimate_memory(config_or_model: Any, *, method: str = "lora", rank_plan_or_
       optimizer states, all in w.
     * optimizer_states: AdamW two moments in the parameter's dtype (PyTorch's ``zeros_like``);
       ``mixed`` full fine-tuning adds the fp32 master copy: 12 bytes/param, ZeRO's K = 12 [1]_.
-      ``adamw_8bit``: 2·(1 + 4/256) bytes/param (bitsandbytes blockwise). ``sgd``: none.
+      ``adamw_8bit`` (bitsandbytes, blockwise), by tensor: 2·(1 + 4/256) bytes/param (two 8-bit moments, an fp32
+      absmax per 256 of each) for a tensor of 4,096 elements or more, 8 for a smaller one (a LoRA factor of a
+      small model, a bias, a norm, DoRA's magnitudes: bitsandbytes' ``min_8bit_size`` keeps them fp32), and its
+      two 256-entry fp32 maps once (``_adam8_states``). ``sgd``: none.
     * activations: the tensors autograd saves for backward, each storage once, per token per
       block (``_block_bytes``). Autograd keeps a tensor only for a gradient, so under LoRA the
       blocks before the first adapted layer keep nothing (the frozen embedding's output needs
@@ -303,8 +308,16 @@ def estimate_memory(config_or_model: Any, *, method: str = "lora", rank_plan_or_
                     "transformers keeps them")
         notes.append(f"QLoRA: bitsandbytes quantises nn.Linear modules only, so the routed experts and routers "
                      f"({routed:,} parameters: fused 3-D expert tensors and router weights) {kept}")
-    shape, head = _task_class(shape, cfg, method, models)  # a classifier: its own head, not the base model's
+    shape, head, model = _task_class(shape, cfg, method, models)  # a classifier: its own head, not the base's
     saved = () if method == "full" else plan.modules_to_save if plan is not None else head
+    full_tensors = None  # the sizes of the tensors full fine-tuning steps, for 8-bit Adam's per-tensor rule
+    if optimizer == "adamw_8bit" and method == "full":
+        full_tensors = _full_tensors(shape, cfg, model, models)
+        if full_tensors is None:
+            notes.append("adamw_8bit: the model's tensors are not known here (transformers cannot build its class "
+                         "from the config, or a multimodal model's towers), so every tensor's states are counted "
+                         f"at the 8-bit rate, though bitsandbytes keeps a tensor of fewer than {ADAM8_MIN_SIZE:,} "
+                         "elements (a bias, a norm) in fp32")
     if saved:  # a classifier's head: get_peft_model adds it to modules_to_save and trains a copy of it whole
         counted = "as the plan counts it" if plan is not None else "as `spectra train` saves it"
         notes.append(f"{', '.join(m.name for m in saved)} ({sum(m.params for m in saved):,} parameters): trained in "
@@ -312,14 +325,73 @@ def estimate_memory(config_or_model: Any, *, method: str = "lora", rank_plan_or_
                      "gradients and optimizer states are in the base's dtype (PEFT upcasts only the LoRA layers)")
     return _estimate(shape, method, adapter_modules, batch, seq_len, precision, optimizer,
                      gradient_checkpointing, attention, double_quant, use_cache, input_require_grads, notes,
-                     saved=sum(m.params for m in saved))
+                     saved=sum(m.params for m in saved), saved_tensors=_saved_tensors(saved, model),
+                     full_tensors=full_tensors)
 
 
-def _task_class(shape: ModelShape, cfg: dict, method: str, models) -> tuple[ModelShape, tuple]:
+def _saved_tensors(saved, model) -> list[int]:
+    """The sizes of the parameters of the modules PEFT trains in full (``saved``: SavedModule), from ``model`` (the
+    class built on the meta device) where it holds them, else one tensor of each module's count."""
+    modules = dict(model.named_modules()) if model is not None else {}
+    if not all(m.name in modules for m in saved):
+        return [m.params for m in saved]
+    return [int(p.numel()) for m in saved for p in modules[m.name].parameters()]
+
+
+def _full_tensors(shape: ModelShape, cfg: dict, model, models) -> list[int] | None:
+    """The sizes of the parameters full fine-tuning steps (a tied one once): those of the class the shape counts,
+    built on the meta device (a classifier's own, ``model``; else the class config.json names, the causal LM or the
+    base model, whichever holds ``shape.params``); None where none does, and for a multimodal model (its towers
+    are not stepped on text-only batches)."""
+    if shape.tower_params:
+        return None
+    from spectra.checkpoints.targets import meta_model
+
+    mtype = str(cfg.get("model_type", "")).lower()
+    candidates = (lambda: model, lambda: (models or meta_model)(cfg),
+                  lambda: _meta_model_for(cfg, mtype, "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", models=models)[1],
+                  lambda: _meta_model_for(cfg, mtype, models=models)[1])
+    for build in candidates:
+        built = build()
+        if built is not None:
+            sizes = [int(p.numel()) for p in built.parameters()]  # parameters(): a tied tensor once
+            if sum(sizes) == shape.params:
+                return sizes
+    return None
+
+
+def _adam8_states(sizes) -> int:
+    """Bytes of bitsandbytes' 8-bit AdamW states for tensors of these ``sizes`` (elements): a tensor of fewer than
+    ``min_8bit_size`` (:data:`ADAM8_MIN_SIZE`, 4096) elements keeps two fp32 moments (8 bytes an element, whatever
+    its dtype); a larger one two 8-bit moments and one fp32 absmax per :data:`ADAM8_BLOCK` elements of each
+    (blockwise), beside the two 256-entry fp32 quantisation maps, one tensor each shared by every parameter
+    (counted once). bitsandbytes' ``Optimizer2State.init_state`` (0.50), checked against its optimizer's state
+    after a step in tests/memory/test_memory_adam8_small_tensors.py."""
+    small = sum(n for n in sizes if n < ADAM8_MIN_SIZE)
+    large = [n for n in sizes if n >= ADAM8_MIN_SIZE]
+    blockwise = sum(2 * n + 2 * 4 * math.ceil(n / ADAM8_BLOCK) for n in large)
+    return 8 * small + blockwise + (2 * ADAM8_MAP * 4 if large else 0)
+
+
+def _adapter_tensors(method: str, adapter_modules: list) -> list[int]:
+    """The sizes of the adapter tensors a text-only step steps: each module's lora_A (r·E, d_in) and lora_B
+    (d_out, r·E) (E experts of a fused parameter, else 1) and DoRA's magnitude (d_out); not another tower's."""
+    sizes = []
+    for m in adapter_modules:
+        if m.tower:
+            continue
+        sizes += [m.rank * max(m.experts, 1) * m.d_in, m.rank * max(m.experts, 1) * m.d_out]
+        if method == "dora":
+            sizes.append(m.d_out)
+    return sizes
+
+
+def _task_class(shape: ModelShape, cfg: dict, method: str, models) -> tuple[ModelShape, tuple, Any]:
     """``shape`` as the class config.json names holds it where that class is one PEFT trains a head of in full (a
     sequence or token classifier, question answering: :data:`spectra.ranks.plan.PEFT_TASK_MODULES`), and that head
     (:func:`spectra.ranks.plan.task_modules`: PEFT's own names and the rest of the head ``spectra train`` saves,
-    :func:`spectra.checkpoints.targets.head_modules`); ``shape`` and ``()`` for any other class.
+    :func:`spectra.checkpoints.targets.head_modules`), and the class built; ``shape``, ``()`` and None for any
+    other class.
 
     The shape counts the base model (BERT's with its pooler, a decoder's with its LM head); the classifier holds its
     head instead (RobertaForSequenceClassification has no pooler and a two-layer ``classifier``; a Llama classifier
@@ -332,12 +404,12 @@ def _task_class(shape: ModelShape, cfg: dict, method: str, models) -> tuple[Mode
 
     task = peft_task_type(cfg)
     if task not in PEFT_TASK_MODULES or shape.tower_params:
-        return shape, ()
+        return shape, (), None
     from spectra.checkpoints.targets import bnb_4bit_linears, meta_model
 
     model = (models or meta_model)(cfg)
     if model is None:  # a class this transformers cannot build: the base model's count, as before
-        return shape, ()
+        return shape, (), None
     built = sum(p.numel() for p in model.parameters())  # tied weights once
     shape = dataclasses.replace(shape, other_params=shape.other_params + built - shape.params)
     if method == "qlora" and (converted := bnb_4bit_linears(meta_model(cfg))) is not None:
@@ -347,7 +419,7 @@ def _task_class(shape: ModelShape, cfg: dict, method: str, models) -> tuple[Mode
         outside = [tuple(int(d) for d in modules[n].weight.shape) for n in sorted(converted)
                    if module_info(n).layer is None]
         shape = dataclasses.replace(shape, outside_quantised=tuple(outside))
-    return shape, task_modules(model, task)
+    return shape, task_modules(model, task), model
 
 
 def _check_rank(rank_plan_or_rank: Any, method: str) -> None:
@@ -403,7 +475,8 @@ def _quant_constants(numel: int, double_quant: bool) -> int:
 
 def _estimate(shape: ModelShape, method: str, adapter_modules: list, batch: int, seq_len: int, precision: str,
               optimizer: str, checkpointing: bool, attention: str, double_quant: bool,
-              use_cache: bool, input_require_grads: bool, notes: list[str] = (), saved: int = 0) -> MemoryEstimate:
+              use_cache: bool, input_require_grads: bool, notes: list[str] = (), saved: int = 0,
+              saved_tensors: list[int] = (), full_tensors: list[int] | None = None) -> MemoryEstimate:
     w = 4 if precision == "fp32" else 2          # bytes per frozen/base weight
     p = 4 if precision == "fp32" else 2          # bytes per activation
     tokens = batch * seq_len
@@ -451,6 +524,11 @@ def _estimate(shape: ModelShape, method: str, adapter_modules: list, batch: int,
         optimizer_states += math.ceil(saved * {"adamw": 2 * w, "adamw_8bit": 2 * (1 + 4 / ADAM8_BLOCK),
                                                "sgd": 0}[optimizer])
         trainable += saved
+    if optimizer == "adamw_8bit":  # bitsandbytes' rule by tensor: small ones fp32, the maps once (_adam8_states)
+        tensors = full_tensors if method == "full" else _adapter_tensors(method, adapter_modules)
+        if tensors is not None:
+            master = 4 * stepped if method == "full" and precision == "mixed" else 0  # the fp32 master copy
+            optimizer_states = master + _adam8_states(list(tensors) + list(saved_tensors if saved else ()))
 
     notes = list(notes)
     refused = _activations_refused(shape, attention)
