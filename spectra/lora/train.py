@@ -517,6 +517,7 @@ def lora_config(model, config: TrainConfig, *, task: str, notes: list[str] | Non
                               f"holds no module for) through PEFT's target_parameters, which method "
                               f"{config.method!r} does not support: train with method lora, or plan without "
                               "these modules' roles (spectra recommend --roles q,k,v,o).")
+        fields = _outside_saved_modules(fields, model, task, notes)
         _note_unreached_plan_modules(plan, model, notes)
         if plan.policy.use_dora != (config.method in ("dora", "qdora")):
             warnings.warn(f"the plan {config.plan} was made for {'DoRA' if plan.policy.use_dora else 'plain LoRA'} "
@@ -533,10 +534,43 @@ def lora_config(model, config: TrainConfig, *, task: str, notes: list[str] | Non
                   "fan_in_fan_out": _has_conv1d(model, targets)}
         if parameters:  # an expert's [gate; up] at rank r, as any fused module (GPT-2's c_attn, Phi-3's)
             fields["target_parameters"] = parameters
+        fields = _outside_saved_modules(fields, model, task, notes)
         check_peft_conversion(fields, model)  # PEFT wraps exactly these, or the run is refused
     return LoraConfig(**fields, use_dora=config.method in ("dora", "qdora"), bias="none",
                       task_type=PEFT_TASKS[task],
                       modules_to_save=head_modules(model, notes) if task == "seq_cls" else None)
+
+
+def _outside_saved_modules(fields: dict, model, task: str, notes: list[str] | None) -> dict:
+    """``fields`` without the LoRA targets that lie in a module PEFT trains and saves in full for the task
+    (:func:`spectra.ranks.plan.task_modules`: PEFT's own head names and the rest of the head this trains,
+    :func:`head_modules`), with a note naming them: BART's ``classification_head`` holds ``out_proj``, of role o,
+    which the default roles take. PEFT wraps no LoRA inside a module it saves whole, so such a target trained nothing
+    and was listed in the adapter's config all the same; ``spectra extract`` likewise puts no LoRA inside a module it
+    saves whole (it refuses one asked for there), and ``spectra memory`` and ``recommend`` count none there. Their
+    ``rank_pattern``/``alpha_pattern`` keys go with them. Refused where every target lies in the head."""
+    from spectra.ranks.plan import task_modules
+
+    saved = [m.name for m in task_modules(model, PEFT_TASKS[task])]
+    targets = fields.get("target_modules") or []
+    inside = {t: s for t in targets for s in saved if t == s or t.startswith(s + ".")}
+    if not inside:
+        return fields
+    kept = [t for t in targets if t not in inside]
+    holders = ", ".join(dict.fromkeys(inside.values()))
+    if not kept and not fields.get("target_parameters"):
+        raise ConfigError(f"every LoRA target ({', '.join(inside)}) lies in {holders}, which PEFT trains and saves "
+                          f"in full for task {task} (modules_to_save): the adapter would hold no LoRA. Choose roles "
+                          "of the base model's blocks (--roles q,v) or a plan of them.")
+    keys = {"^" + re.escape(t) for t in inside} | set(inside)
+    fields = fields | {"target_modules": kept} | {
+        p: {k: v for k, v in fields[p].items() if k not in keys} for p in ("rank_pattern", "alpha_pattern")
+        if fields.get(p)}
+    note = (f"no LoRA on {', '.join(inside)}: it lies in {holders}, which PEFT trains and saves in full for task "
+            f"{task} (modules_to_save), and PEFT wraps no LoRA inside a module it saves")
+    if notes is not None and note not in notes:
+        notes.append(note)
+    return fields
 
 
 def _refuse_parameter_methods_early(folder: Path, config: TrainConfig) -> None:

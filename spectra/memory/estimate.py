@@ -289,6 +289,9 @@ def estimate_memory(config_or_model: Any, *, method: str = "lora", rank_plan_or_
                                  cut="{length} tokens per sequence", rotary=shape.rotary)
     if plan is not None:
         _check_plan_base(shape, plan, cfg)
+    shape, head, model = _task_class(shape, cfg, method, models)  # a classifier: its own head, not the base's
+    if plan is not None and method != "full":  # no LoRA inside a module PEFT saves whole, as spectra train drops it
+        rank_plan_or_rank = plan = _outside_saved(plan, [m.name for m in (*plan.modules_to_save, *head)], notes)
     if attention == "sdpa" and not shape.sdpa:
         attention = "eager"  # what transformers runs when asked for no implementation (the result says so)
     # the causal LM spectra train loads (AutoModelForCausalLM), on the meta device: built only for an MoE's int rank
@@ -308,7 +311,6 @@ def estimate_memory(config_or_model: Any, *, method: str = "lora", rank_plan_or_
                     "transformers keeps them")
         notes.append(f"QLoRA: bitsandbytes quantises nn.Linear modules only, so the routed experts and routers "
                      f"({routed:,} parameters: fused 3-D expert tensors and router weights) {kept}")
-    shape, head, model = _task_class(shape, cfg, method, models)  # a classifier: its own head, not the base's
     saved = () if method == "full" else plan.modules_to_save if plan is not None else head
     full_tensors = None  # the sizes of the tensors full fine-tuning steps, for 8-bit Adam's per-tensor rule
     if optimizer == "adamw_8bit" and method == "full":
@@ -327,6 +329,23 @@ def estimate_memory(config_or_model: Any, *, method: str = "lora", rank_plan_or_
                      gradient_checkpointing, attention, double_quant, use_cache, input_require_grads, notes,
                      saved=sum(m.params for m in saved), saved_tensors=_saved_tensors(saved, model),
                      full_tensors=full_tensors)
+
+
+def _outside_saved(plan: RankPlan, saved: list[str], notes: list[str]) -> RankPlan:
+    """``plan`` without its modules inside a module PEFT trains and saves in full (``saved``: a classifier's head),
+    noting them: PEFT wraps no LoRA there, and ``spectra train`` drops such a target with the same note
+    (:func:`spectra.lora.train._outside_saved_modules`). A plan of this model's config holds none (``recommend``
+    leaves them out); one made otherwise (from rows, of another class) may."""
+    inside = {m.name: s for m in plan.modules for s in saved if m.name == s or m.name.startswith(s + ".")}
+    if not inside:
+        return plan
+    if len(inside) == len(plan.modules):
+        raise ConfigError(f"every module of the plan ({', '.join(inside)}) lies in "
+                          f"{', '.join(dict.fromkeys(inside.values()))}, which PEFT trains and saves in full "
+                          "(modules_to_save): the adapter would hold no LoRA. Plan the base model's blocks.")
+    notes.append(f"no LoRA on {', '.join(inside)}: it lies in {', '.join(dict.fromkeys(inside.values()))}, which "
+                 "PEFT trains and saves in full (modules_to_save), and PEFT wraps no LoRA inside a module it saves")
+    return dataclasses.replace(plan, modules=tuple(m for m in plan.modules if m.name not in inside))
 
 
 def _saved_tensors(saved, model) -> list[int]:
