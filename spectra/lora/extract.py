@@ -53,9 +53,10 @@ class ModuleExtraction:
     name: str
     rank: int
     alpha: float
+    # with calibration data X (in, N), each norm is taken of M·X / √N (analyze's rms_output_change): see `calibration`
     fro_norm: float  # ‖ΔW‖_F
     error: float  # ‖ΔW − s·B@A‖_F, measured
-    tail: float  # Eckart–Young tail √(Σ_{i>r} σᵢ²); equals `error` up to round-off
+    tail: float  # Eckart–Young tail √(Σ_{i>r} σᵢ²); equals `error` up to round-off (with calibration: up to O(ε))
     method: str
 
     @property
@@ -146,7 +147,10 @@ def extract_adapter(base, tuned, plan_or_rank, out_dir: str | os.PathLike, *, ro
         :func:`spectra.calibration.collect_calibration`): each module then gets the
         data-optimal rank-r update, best in ‖(ΔW − ΔW_r)X‖_F on those inputs rather than in
         ‖ΔW − ΔW_r‖_F (SVD-LLM, arXiv:2403.07378), and its ``fro_norm``/``error``/``tail`` are
-        measured in that norm, ‖· C_ε^{1/2}‖_F.
+        measured in that norm per token, ‖·X‖_F/√N = ‖·C^{1/2}‖_F, as ``spectra analyze`` measures
+        ``rms_output_change``: ``fro_norm`` is that, ``tail`` the tail of analyze's activation
+        spectrum beyond r. The calibration's ridge ε regularises the truncation only (the SVD of
+        ΔW·C_ε^{1/2}), so ``error`` ≥ ``tail``, equal up to O(ε).
     device : str, default "cpu"
         Where ΔW and its decomposition live (``cuda``, ``cuda:1``); the adapter is written
         from the CPU.
@@ -994,7 +998,8 @@ def _factorize(delta: torch.Tensor, rank: int, scaling: float, *, full_below: in
 
 def _residual_norms(delta: torch.Tensor, B: torch.Tensor, A: torch.Tensor, scaling: float, *,
                     whiten: torch.Tensor | None = None) -> tuple[float, float]:
-    """(‖ΔW‖_F, ‖(ΔW − s·B A)·M‖_F) in float64, M = `whiten` or the identity, a block of ≤ 4 MB rows at a time.
+    """(‖ΔW·M‖_F, ‖(ΔW − s·B A)·M‖_F) in float64, M = `whiten` (in, in) or the identity, a block of ≤ 4 MB rows at
+    a time.
 
     Formed whole, ΔW, s·B A and their difference were float64 temporaries of twice ΔW's size
     each (~280 MB on a 5632×2048 module), whose page faults and passes over memory took a
@@ -1007,7 +1012,7 @@ def _residual_norms(delta: torch.Tensor, B: torch.Tensor, A: torch.Tensor, scali
         D = delta[i:i + rows].double()
         R = D - B[i:i + rows].double() @ A64
         if whiten is not None:
-            R = R @ whiten
+            D, R = D @ whiten, R @ whiten  # (rows, in) @ (in, in)
         fro2 += float((D * D).sum())
         err2 += float((R * R).sum())
     return math.sqrt(fro2), math.sqrt(err2)
@@ -1015,18 +1020,34 @@ def _residual_norms(delta: torch.Tensor, B: torch.Tensor, A: torch.Tensor, scali
 
 def _factorize_on_data(delta: torch.Tensor, rank: int, scaling: float, C: torch.Tensor, *, epsilon: float,
                        full_below: int, seed: int):
-    """As :func:`_factorize`, with s·B@A the data-optimal rank-r update; errors in ‖· C_ε^{1/2}‖_F."""
-    from spectra.calibration import truncation_factors, whitening
+    """As :func:`_factorize`, with s·B@A the data-optimal rank-r update; its norms on the calibration inputs X (in, N).
 
-    whiten, unwhiten, _ = whitening(C.to(delta.device), epsilon=epsilon)  # C is collected on the CPU
+    The truncation is the SVD of ΔW·C_ε^{1/2} (:func:`~spectra.calibration.truncation_factors`: the ridge ε keeps
+    C_ε^{-1/2} defined where the inputs span a subspace). The norms are without the ridge, as analyze's
+    ``rms_output_change`` (:func:`~spectra.calibration.whitened_spectrum`): ‖M·C^{1/2}‖_F = ‖M X‖_F / √N, the RMS
+    output change per token. ``fro`` is ‖ΔW C^{1/2}‖_F (analyze's rms_output_change), ``error`` ‖(ΔW − s·B A)
+    C^{1/2}‖_F, and ``tail`` the Eckart–Young tail of ΔW C^{1/2}, the least error any rank-r update has on X:
+    error ≥ tail, equal up to O(ε). Measured in C_ε's norm they had differed from analyze's by the ridge's share,
+    ε·(tr C / in)·‖ΔW − s·B A‖_F², which is all there is of an update the inputs never see.
+    """
+    from spectra.calibration import _eigen, truncation_factors, whitening
+
+    C = C.to(delta.device)  # C is collected on the CPU
+    whiten, unwhiten, _ = whitening(C, epsilon=epsilon)
     U, S, Vw, spec = truncation_factors(delta, rank, covariance=C, epsilon=epsilon, full_below=full_below, seed=seed,
                                         roots=(whiten, unwhiten))
     root = torch.sqrt(S / scaling)  # (r,): each factor carries √(σ/s)
     B = (U * root).float()  # (out, r)
     A = (root[:, None] * Vw).float()  # (r, in) = √(σ/s) V_rᵀ C_ε^{-1/2}
-    fro = math.sqrt(spec.total_energy)
-    _, error = _residual_norms(delta, B, A, scaling, whiten=whiten)
-    tail = math.sqrt(max(spec.total_energy - float((S ** 2).sum()), 0.0))
+    lam, Q = _eigen(C)  # C's own eigenvalues (its float64 rounding read as 0), as analyze's spectrum takes them
+    data_root = (Q * lam.sqrt()) @ Q.T  # (in, in) C^{1/2}, no ridge
+    fro, error = _residual_norms(delta, B, A, scaling, whiten=data_root)
+    seen = delta.double() @ data_root  # (out, in) @ (in, in): ΔW as the data sees it
+    if min(seen.shape) <= full_below:  # every σ (float64 gesdd, as analyze's): the tail summed as it is
+        tail = math.sqrt(float((full_svd(seen).values[rank:].double() ** 2).sum()))
+    else:
+        top = randomized_svd(seen, rank, compute_vectors=False, random_state=seed, tol=CONVERGED_TOL)  # block Krylov
+        tail = math.sqrt(max(top.total_energy - float((top.values.double() ** 2).sum()), 0.0))
     return A, B, (fro, error, tail, f"data-optimal {spec.method}")
 
 
