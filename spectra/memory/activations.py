@@ -37,7 +37,7 @@ def _qkv_bytes(shape: ModelShape, p: int, cache: bool, masked: bool = False) -> 
     q, kv = shape.q_dim, shape.kv_dim
     if masked and kv < q:
         return 3 * p * q
-    if not shape.fused_qkv:
+    if not shape.fused_qkv or shape.split_copies:  # Falcon's Q, K and V: copies out of the fused output
         return p * (q + 2 * kv)
     whole = q + 2 * kv  # the fused projection's output
     if shape.rotary:
@@ -56,6 +56,8 @@ def _o_input_copied(shape: ModelShape, attention: str) -> bool:
     (``rotary_cat``). GPT-2's strided Q gets a (b, s, heads, d) output: no copy. (CUDA's
     memory-efficient kernel always returns (b, s, heads, d).)
     """
+    if shape.falcon_attention:  # Falcon's Q keeps its (b, s, heads, d) layout, and so does sdpa's output
+        return attention == "eager"
     return attention == "eager" or (shape.fused_qkv and shape.rotary) or shape.rotary_cat
 
 
@@ -79,8 +81,9 @@ def _block_bytes(shape: ModelShape, p: int, attention: str, seq_len: int, *, ful
     exact for Llama, Qwen2, Gemma, Gemma 2, Gemma 3, Phi-3, GPT-2, BERT, Mixtral (transformers'
     default grouped_mm experts), PhiMoE, GraniteMoE, Granite, Helium, ERNIE 4.5, Ministral, SmolLM3,
     GLM, Qwen3, OLMo, OLMo 2 and OLMo 3 (tests/memory/test_memory_qk_norms.py), GPT-NeoX's parallel and sequential
-    blocks, Phi's and StarCoder2's (tests/memory/test_memory_gelu_families.py; a parallel block's MLP reads the block's input),
-    sliding layers masked or not, from the first adapted layer on too.
+    blocks, Phi's, StarCoder2's and Falcon's (tests/memory/test_memory_gelu_families.py; a parallel block's MLP reads
+    the block's input; Falcon's multi-query under eager only), sliding layers masked or not, from the first adapted
+    layer on too.
 
     Returns the bytes, whether the block keeps o_proj's input already (sdpa keeps its output and
     o_proj reads that tensor), whether the block's output requires grad, and the bytes it keeps
@@ -365,6 +368,12 @@ def _activations_refused(shape: ModelShape, attention: str) -> str | None:
     whose Q and K heads are wider than V's (DeepSeek's 192 against 128): FlashAttention takes one head size, so
     CUDA runs another kernel, and the CPU's flash kernel does not take it either (it falls back to the math kernel,
     which keeps the s×s probabilities): what CUDA's kernel keeps is unchecked here."""
+    if shape.falcon_attention and shape.kv_dim < shape.q_dim and attention == "sdpa":
+        return (f"{shape.family}'s multi-query attention under sdpa: transformers passes sdpa one K and one V head "
+                "against every query head, which no fused kernel takes (no enable_gqa), so sdpa runs its math kernel, "
+                "which keeps the s×s probabilities and at 16 bits up-casts its inputs to fp32: its saved tensors are "
+                "not modelled (at fp32 they are eager's); attention='eager' (--attention eager) is estimated. The "
+                "weights, adapter, gradients, optimizer states and KV cache are estimated")
     if not shape.mla or attention != "sdpa":
         return None
     _, _, nope, rope, v_dim = shape.mla
@@ -402,7 +411,8 @@ def _activations(shape: ModelShape, blocks: list[ModelShape], method: str, adapt
         if not (grad or modules):
             continue
         # sdpa gets a mask in a layer whose sliding window the sequence reaches (transformers' masking_utils)
-        masked = attention == "sdpa" and bool(shape.windows) and 0 < shape.windows[layer] <= seq_len
+        masked = attention == "sdpa" and (bool(shape.windows) and 0 < shape.windows[layer] <= seq_len
+                                          or shape.falcon_attention)  # Falcon's mask, always materialised
         # transformers builds a DynamicCache in a decoder's training forward while use_cache is on; under
         # checkpointing it turns the cache off
         block, o_kept, out, merged = _block_bytes(blocks[layer], p, attention, seq_len, full=full, grad=grad,

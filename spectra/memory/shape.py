@@ -116,6 +116,13 @@ class ModelShape:
     # both read the block's input, through one norm (``norms`` 1: Phi, Falcon-7B) or a norm each (2: GPT-NeoX, Falcon
     # 40B/180B's ln_attn and ln_mlp), and their outputs are added to it
     parallel: bool = False
+    # Falcon's new decoder architecture broadcasts K and V to every query head and reshapes Q, K and V out of
+    # query_key_value's output into tensors of their own (copies, not views of the projection's output)
+    split_copies: bool = False
+    # Falcon's Q keeps query_key_value's (b, s, heads, d) layout through its rotation (no torch.cat), so sdpa's
+    # output does too and o reads it, not a copy; and Falcon always materialises its causal mask
+    # (allow_is_causal_skip=False), which sdpa keeps in the activations' dtype, as a sliding layer's
+    falcon_attention: bool = False
 
     @property
     def fused_qkv(self) -> bool:
@@ -153,7 +160,8 @@ class ModelShape:
 
 
 def model_shape(config: Mapping, *, models=None) -> ModelShape:
-    """Read a Llama-like (Llama, Mistral, Qwen2, Mixtral …), GPT-2, BERT, GPT-NeoX or Phi ``config.json`` dict.
+    """Read a Llama-like (Llama, Mistral, Qwen2, StarCoder2, Mixtral …), GPT-2, BERT, GPT-NeoX, Phi or Falcon
+    ``config.json`` dict.
 
     Other ``model_type`` values with Llama's (GPT-2's, BERT's) keys are read as Llama-like (stated in the
     result's ``family``) where transformers' base model built from the config holds the parameters
@@ -330,7 +338,7 @@ def _refuse_other_blocks(cfg: dict, mtype: str, shape: ModelShape, base_model=No
 
 # the dense Llama-like families the memory model is checked on, as its refusals list them, and those of its own
 # functions beside GPT-2 and BERT (_GELU_FAMILIES)
-_OWN_BLOCKS_DESCRIBED = "GPT-NeoX, Phi"
+_OWN_BLOCKS_DESCRIBED = "GPT-NeoX, Phi, Falcon"
 _LLAMA_LIKE_DESCRIBED = ("Llama-like: Llama, Mistral, Qwen2, Qwen3, Gemma, Phi-3, Granite, Helium, ERNIE 4.5, "
                          "Ministral, SmolLM3, GLM, OLMo, OLMo 2, OLMo 3, StarCoder2")
 
@@ -598,7 +606,7 @@ _COUNTED_RIGHT = frozenset({"llama", "mistral", "qwen2", "gemma", "gemma2", "gem
 _ATTENTION_LAYERS = frozenset({"full_attention", "sliding_attention", "chunked_attention"})
 # families with Llama's config keys but other blocks: read as Llama-like they would be counted wrong
 # (ALBERT has BERT's keys but one set of layer weights shared by every layer)
-_NOT_LLAMA_LIKE = frozenset({"gptj", "gpt_neo", "bloom", "falcon", "opt", "mpt", "albert"})
+_NOT_LLAMA_LIKE = frozenset({"gptj", "gpt_neo", "bloom", "opt", "mpt", "albert"})
 
 
 def _gpt2(cfg: dict) -> ModelShape:
@@ -701,5 +709,53 @@ def _phi(cfg: dict, mtype: str) -> ModelShape:
                       causal=True, norms=1, rotary=True, rotary_cat=True, parallel=True)
 
 
+def _falcon(cfg: dict, mtype: str) -> ModelShape:
+    """A Falcon config, as transformers 5's FalconModel holds and runs it, read through FalconConfig (which maps
+    config.json's older n_layer, n_head, n_embed and fills in num_kv_heads and ffn_hidden_size).
+
+    Each block: one fused ``query_key_value`` (``bias``) whose output is split into Q, K and V and reshaped into
+    tensors of their own (``split_copies``): the new decoder architecture (Falcon-40B/180B) holds ``num_kv_heads``
+    K and V heads and broadcasts them to every query head before the split, so attention and the KV cache see as
+    many K and V heads as Q ones; the older multi-query layout (Falcon-7B, ``multi_query``) one K and one V head;
+    otherwise (heads, 3, head_dim) of full multi-head attention. Rotary embeddings on whole heads; eager takes its
+    softmax in the activations' dtype. Parallel attention and MLP (``parallel_attn``) read one LayerNorm's output,
+    or under the new architecture one each (``ln_attn``, ``ln_mlp``; ``num_ln_in_parallel_attn`` 2, its default);
+    else the block is sequential with two. The MLP: ``dense_h_to_4h`` → ``activation`` → ``dense_4h_to_h``. The
+    head is tied unless ``tie_word_embeddings`` is false. ALiBi (Falcon-RW's ``alibi``) is refused."""
+    filled = _config_object(mtype, cfg)
+    if filled is None:
+        raise ConfigError(f"model_type {mtype}: transformers' FalconConfig cannot be built from this config.json, "
+                          "which spectra's memory model reads through it (num_kv_heads, ffn_hidden_size).")
+    if filled.alibi:
+        raise ConfigError(f"model_type {mtype}: alibi (Falcon-RW's ALiBi attention biases: eager keeps fp32 scores "
+                          "and the bias, sdpa a mask), whose saved tensors spectra's memory model does not describe; "
+                          "it reads Falcon's rotary configs.")
+    new, parallel = bool(filled.new_decoder_architecture), bool(filled.parallel_attn)
+    lns = filled.num_ln_in_parallel_attn or (2 if new else 1)
+    if (new or lns == 2) and not (new and parallel):  # FalconDecoderLayer builds norms its forward does not call
+        raise ConfigError(f"model_type {mtype}: new_decoder_architecture {new}, parallel_attn {parallel}, "
+                          f"num_ln_in_parallel_attn {filled.num_ln_in_parallel_attn}: a layout transformers' "
+                          "FalconDecoderLayer cannot run (it calls norms it does not build).")
+    h, layers, heads, vocab = filled.hidden_size, filled.num_hidden_layers, filled.num_attention_heads, \
+        filled.vocab_size
+    inter, head_dim, bias = filled.ffn_hidden_size, h // heads, bool(filled.bias)
+    if new:
+        qkv_out, kv_dim = (2 * filled.num_kv_heads + heads) * head_dim, h  # K, V broadcast to every query head
+    elif filled.multi_query:
+        qkv_out, kv_dim = h + 2 * head_dim, head_dim
+    else:
+        qkv_out, kv_dim = 3 * h, h
+    linears = (("qkv", qkv_out, h), ("o", h, h), ("up", inter, h), ("down", h, inter))
+    norms = lns if parallel else 2
+    per_layer = 2 * h * norms + ((qkv_out + h + inter + h) if bias else 0)
+    other = vocab * h + layers * per_layer + 2 * h  # word_embeddings, blocks, ln_f
+    tied = filled.tie_word_embeddings
+    return ModelShape(family=mtype, hidden=h, layers=layers, heads=heads, kv_dim=kv_dim, q_dim=h, intermediate=inter,
+                      vocab=vocab, norm="layer", mlp_saved=_activation_saved(cfg, mtype, "activation"),
+                      softmax_fp32=False, experts_per_token=1, experts=1, linears=linears, other_params=other,
+                      head_params=0 if tied else vocab * h, causal=True, norms=norms, rotary=True, parallel=parallel,
+                      split_copies=new, falcon_attention=True)
+
+
 # families whose blocks are read by a function of their own (parallel attention and MLP, GELU MLPs, LayerNorms)
-_GELU_FAMILIES = {"gpt_neox": _gpt_neox, "phi": _phi}
+_GELU_FAMILIES = {"gpt_neox": _gpt_neox, "phi": _phi, "falcon": _falcon}

@@ -1,8 +1,9 @@
 """Families with LayerNorms, GELU MLPs (no gate) and, most of them, parallel attention and MLP: GPT-NeoX (Pythia;
 use_parallel_residual, one fused query_key_value of each head's Q, K and V side by side, partial rotary
 embeddings concatenated with the rest of the head), Phi (phi-1/phi-2: one LayerNorm feeding both branches, biased
-q/k/v/dense, a biased head), StarCoder2 (Llama's attention with biases, LayerNorms, a GELU MLP, sliding windows).
-`spectra memory` refused them ("its blocks differ from Llama's,
+q/k/v/dense, a biased head), StarCoder2 (Llama's attention with biases, LayerNorms, a GELU MLP, sliding windows), Falcon
+(parallel_attn; the new decoder architecture's K/V heads broadcast to every query head, ln_attn/ln_mlp; multi-query;
+FalconLinear; an always materialised causal mask). `spectra memory` refused them ("its blocks differ from Llama's,
 GPT-2's and BERT's"). Checked against the models transformers builds from tiny configs on the CPU: their parameters,
 PEFT's trainable count, the gradients and AdamW states one step leaves, bitsandbytes' 4-bit load, and what autograd
 saves for backward (one block's bytes per sequence: the double difference of models of 1 and 2 blocks at batch 2 and
@@ -30,15 +31,21 @@ _VARIANTS = {
     "phi": [{}, dict(num_key_value_heads=2, tie_word_embeddings=True, partial_rotary_factor=1.0, hidden_act="gelu")],
     "starcoder2": [dict(num_key_value_heads=2), dict(num_key_value_heads=2, use_bias=False, sliding_window=8,
                                                      tie_word_embeddings=False, hidden_act="gelu_new")],
+    # Falcon-40B's new decoder architecture (2 K/V heads broadcast to 4, ln_attn and ln_mlp); Falcon-7B's multi-query
+    # attention (one LayerNorm); a sequential multi-head block with biases; Falcon2-11B's new architecture with one
+    # LayerNorm and one K/V head, NewGELU and an untied head
+    "falcon": [dict(new_decoder_architecture=True, num_kv_heads=2), {},
+               dict(multi_query=False, parallel_attn=False, bias=True),
+               dict(new_decoder_architecture=True, num_kv_heads=1, num_ln_in_parallel_attn=1, activation="gelu_new",
+                    tie_word_embeddings=False)],
 }
-_PARALLEL = ["gpt_neox", "phi"]  # the families whose (default) blocks are parallel
+_PARALLEL = ["gpt_neox", "phi", "falcon"]  # the families whose (default) blocks are parallel
 _CASES = [(family, i) for family, variants in _VARIANTS.items() for i in range(len(variants))]
-# LayerNorms a block runs (the CPU's bf16 statistics: 4 bytes a token short of CUDA's each)
-_LAYER_NORMS = {"gpt_neox": 2, "phi": 1, "starcoder2": 2}
 # target_modules of a role, as PEFT names the family's modules
 _MODULES = {"gpt_neox": {"qkv": "query_key_value", "o": "dense", "up": "dense_h_to_4h", "down": "dense_4h_to_h"},
             "phi": {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "dense", "up": "fc1", "down": "fc2"},
-            "starcoder2": {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "up": "c_fc", "down": "c_proj"}}
+            "starcoder2": {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "up": "c_fc", "down": "c_proj"},
+            "falcon": {"qkv": "query_key_value", "o": "dense", "up": "dense_h_to_4h", "down": "dense_4h_to_h"}}
 
 
 def _config(family: str, variant: int = 0, **overrides):
@@ -108,15 +115,16 @@ def test_trainable_parameters_gradients_and_states(family, method):
 def _block(family: str, variant: int, method: str, precision: str, attention: str, roles=None,
            use_cache: bool = True, misread=None) -> dict[str, int]:
     """One block's saved bytes per sequence of 16 tokens, measured (autograd) and modelled (``misread``: a change
-    to the shape the estimate reads, for a negative control)."""
+    to the shape the estimate reads, for a negative control), and the block's LayerNorms (``layer_norms``)."""
     import torch
 
     import spectra.memory.estimate as estimate_module
 
-    measured, modelled = {}, {}
+    measured, modelled, norms = {}, {}, {}
     real = estimate_module.model_shape
     for layers in (1, 2):
         model = _model(family, variant, num_hidden_layers=layers)
+        norms[layers] = sum(isinstance(m, torch.nn.LayerNorm) for m in model.modules())
         model.config._attn_implementation = attention
         model.config.use_cache = use_cache
         config = model.config
@@ -134,7 +142,8 @@ def _block(family: str, variant: int, method: str, precision: str, attention: st
                                                           use_cache=use_cache,
                                                           roles=roles).activations
     return {kind: d[2, 3] - d[1, 3] - d[2, 2] + d[1, 2] for kind, d in (("measured", measured),
-                                                                       ("modelled", modelled))}
+                                                                       ("modelled", modelled))} \
+        | {"layer_norms": norms[2] - norms[1]}
 
 
 _BLOCK_CASES = [
@@ -159,6 +168,18 @@ _BLOCK_CASES = [
     ("starcoder2", 0, "full", "fp32", "eager", True), ("starcoder2", 0, "dora", "fp32", "sdpa", True),
     ("starcoder2", 0, "lora", "bf16", "sdpa", True), ("starcoder2", 1, "full", "fp32", "sdpa", True),
     ("starcoder2", 1, "lora", "fp32", "sdpa", True), ("starcoder2", 1, "lora", "fp32", "eager", True),
+    # Falcon: sdpa always gets its materialised mask and o reads its output; V a copy (new architecture) or a view
+    # of the fused output; multi-query under eager only (sdpa's math kernel is refused)
+    ("falcon", 0, "full", "fp32", "sdpa", True), ("falcon", 0, "lora", "fp32", "sdpa", True),
+    ("falcon", 0, "lora", "fp32", "sdpa", False), ("falcon", 0, "dora", "fp32", "sdpa", True),
+    ("falcon", 0, "lora", "fp32", "eager", True), ("falcon", 0, "lora", "bf16", "sdpa", True),
+    ("falcon", 0, "full", "bf16", "eager", True),
+    ("falcon", 1, "full", "fp32", "eager", True), ("falcon", 1, "lora", "fp32", "eager", True),
+    ("falcon", 1, "dora", "fp32", "eager", False), ("falcon", 1, "lora", "bf16", "eager", True),
+    ("falcon", 2, "full", "fp32", "sdpa", True), ("falcon", 2, "lora", "fp32", "sdpa", True),
+    ("falcon", 2, "lora", "fp32", "sdpa", False), ("falcon", 2, "dora", "fp32", "eager", True),
+    ("falcon", 3, "full", "fp32", "sdpa", True), ("falcon", 3, "lora", "fp32", "sdpa", True),
+    ("falcon", 3, "lora", "fp32", "eager", False),
 ]
 
 
@@ -171,7 +192,7 @@ def test_a_blocks_activations_are_what_autograd_saves(family, variant, method, p
     of sdpa's output; a fused GELU keeps its input, NewGELU four tensors. bf16: the CPU's LayerNorm statistics, 4
     bytes a token per norm that runs, short of the model (CUDA's fp32 ones)."""
     block = _block(family, variant, method, precision, attention, use_cache=use_cache)
-    cpu_statistics = 16 * 4 * _LAYER_NORMS[family] if precision == "bf16" else 0
+    cpu_statistics = 16 * 4 * block["layer_norms"] if precision == "bf16" else 0
     assert block["modelled"] - cpu_statistics == block["measured"] > 0, block
 
 
@@ -206,7 +227,8 @@ def _per_sequence(family: str, roles, layers) -> dict[str, int]:
 @pytest.mark.parametrize(("family", "roles", "layers"), [
     ("gpt_neox", ("o",), [1]), ("gpt_neox", ("up",), [1, 2]), ("gpt_neox", ("down",), [2]),
     ("gpt_neox", ("qkv", "down"), [1]), ("phi", ("o",), [1]), ("phi", ("up", "k"), [1, 2]),
-    ("phi", ("down",), [2]), ("starcoder2", ("o",), [1]), ("starcoder2", ("up",), [1, 2])])
+    ("phi", ("down",), [2]), ("starcoder2", ("o",), [1]), ("starcoder2", ("up",), [1, 2]),
+    ("falcon", ("o",), [1]), ("falcon", ("up", "qkv"), [1, 2])])
 def test_blocks_before_the_first_adapted_module_keep_nothing(family, roles, layers):
     """The first adapted layer keeps what follows its first adapted module: in a parallel block an adapted o or
     down makes the other branch keep nothing (the block's input requires no grad). Per sequence, less all-linear
@@ -216,7 +238,7 @@ def test_blocks_before_the_first_adapted_module_keep_nothing(family, roles, laye
     assert whole["modelled"] - part["modelled"] == whole["measured"] - part["measured"] > 0, (part, whole)
 
 
-@pytest.mark.parametrize("family", list(_VARIANTS))
+@pytest.mark.parametrize("family", ["gpt_neox", "phi", "starcoder2"])
 def test_qlora_storage_is_what_bitsandbytes_holds(family, tmp_path):
     """bitsandbytes quantises the block linears and keeps the embeddings, norms, biases and head in bf16: the
     estimate's weights and constants are the loaded model's bytes."""
@@ -275,3 +297,66 @@ def test_starcoder2s_sliding_window_is_read():
         patch.setitem(_VARIANTS, "starcoder2", [_VARIANTS["starcoder2"][1] | dict(sliding_window=17)])
         unmasked = _block("starcoder2", 0, "lora", "fp32", "sdpa")
     assert unmasked["modelled"] == unmasked["measured"] < masked["measured"] == masked["modelled"]
+
+
+def test_falcon_multi_query_under_sdpa_leaves_the_activations_out():
+    """Falcon-7B's multi-query attention hands sdpa one K/V head against every query head: sdpa runs its math kernel,
+    whose 16-bit saved tensors (inputs up-cast to fp32) are not modelled, so the activations and the training total
+    are left out with a note saying why, and eager is estimated (checked above). Negative control: at bf16 what
+    autograd saves under sdpa is not what the eager model says."""
+    config = _config("falcon", 1).to_dict()
+    est = estimate_memory(config, method="lora", rank_plan_or_rank=4)
+    assert est.activations is None and est.training_total is None
+    assert any("multi-query attention under sdpa" in note for note in est.notes)
+    assert estimate_memory(config, method="lora", rank_plan_or_rank=4, attention="eager").training_total > 0
+    with pytest.MonkeyPatch.context() as patch:
+        import spectra.memory.activations as activations
+
+        patch.setattr(activations, "_activations_refused", lambda shape, attention: None)
+        import spectra.memory.estimate as estimate_module
+
+        patch.setattr(estimate_module, "_activations_refused", lambda shape, attention: None)
+        block = _block("falcon", 1, "lora", "bf16", "sdpa")
+    assert block["modelled"] - 16 * 4 * block["layer_norms"] != block["measured"]
+
+
+@_PEFT_PATTERN_WARNING
+def test_falcons_attention_read_as_phi_3s_is_wrong():
+    """Negative control: Falcon's block modelled without its materialised mask and with o reading a copy of sdpa's
+    output (as other fused, rotary projections) misses what autograd saves."""
+    def misread(shape):
+        return dataclasses.replace(shape, falcon_attention=False)
+
+    assert _block("falcon", 0, "lora", "fp32", "sdpa", misread=misread)["modelled"] != \
+        _block("falcon", 0, "lora", "fp32", "sdpa")["measured"]
+
+
+@pytest.mark.parametrize(("overrides", "match"), [
+    (dict(alibi=True), "alibi"), (dict(new_decoder_architecture=True, parallel_attn=False), "cannot run"),
+    (dict(hidden_act="gelu"), None)])
+def test_falcon_layouts_the_model_does_not_describe_are_refused(overrides, match):
+    """Falcon-RW's ALiBi and a layout FalconDecoderLayer cannot run are refused naming the key."""
+    from spectra.errors import ConfigError
+
+    config = _config("falcon", 0, **overrides).to_dict()
+    if match is None:  # Falcon's key is activation: hidden_act changes nothing
+        assert model_shape(config).mlp_saved == 1
+        return
+    with pytest.raises(ConfigError, match=match):
+        model_shape(config)
+
+
+def test_bitsandbytes_leaves_falcons_linears_in_16_bits(tmp_path):
+    """transformers' 4-bit load converts exactly nn.Linear modules; Falcon's are FalconLinear (a subclass), so it
+    quantises none of them (what a QLoRA estimate of Falcon must not assume: /tmp/s19/memarch-extra.patch)."""
+    import torch
+
+    from tests.models import load_4bit
+
+    model = _model("falcon", hidden_size=64, intermediate_size=128)
+    loaded, constants = load_4bit(model, tmp_path)
+    assert constants == 0
+    held = sum(p.numel() * p.element_size() for p in loaded.parameters())
+    assert held == 2 * sum(p.numel() for p in model.parameters())  # every weight in bf16
+    assert any(type(m).__name__ == "FalconLinear" for m in loaded.modules())
+    assert not any(type(m) is torch.nn.Linear for m in loaded.transformer.h.modules())
