@@ -123,6 +123,9 @@ class ModelShape:
     # output does too and o reads it, not a copy; and Falcon always materialises its causal mask
     # (allow_is_causal_skip=False), which sdpa keeps in the activations' dtype, as a sliding layer's
     falcon_attention: bool = False
+    # the block linears' class where transformers' bitsandbytes load leaves it in 16 bits (it converts exactly
+    # nn.Linear: Falcon's FalconLinear, a subclass), so QLoRA would quantise nothing
+    unquantised_class: str = ""
 
     @property
     def fused_qkv(self) -> bool:
@@ -754,7 +757,7 @@ def _falcon(cfg: dict, mtype: str) -> ModelShape:
                       vocab=vocab, norm="layer", mlp_saved=_activation_saved(cfg, mtype, "activation"),
                       softmax_fp32=False, experts_per_token=1, experts=1, linears=linears, other_params=other,
                       head_params=0 if tied else vocab * h, causal=True, norms=norms, rotary=True, parallel=parallel,
-                      split_copies=new, falcon_attention=True)
+                      split_copies=new, falcon_attention=True, unquantised_class="FalconLinear")
 
 
 # families whose blocks are read by a function of their own (parallel attention and MLP, GELU MLPs, LayerNorms)
