@@ -159,7 +159,8 @@ def _block_bytes(shape: ModelShape, p: int, attention: str, seq_len: int, *, ful
         total += moe
     elif any(role in ("gate", "gate_up") for role, _, _ in shape.linears):
         mlp, per_layer, down = _swiglu_bytes(p, h, inter, full=full, grad=mid, lora=roles, weights=weights)
-        total += mlp
+        # a parallel block's one norm feeds gate/up the attention's input, counted below
+        total += mlp - (p * h if full and shape.parallel and shape.norms == 1 else 0)
     else:
         activation = mid or hit("up")
         total += p * shape.mlp_saved * inter * activation

@@ -343,7 +343,7 @@ def _refuse_other_blocks(cfg: dict, mtype: str, shape: ModelShape, base_model=No
 # functions beside GPT-2 and BERT (_GELU_FAMILIES)
 _OWN_BLOCKS_DESCRIBED = "GPT-NeoX, Phi, Falcon"
 _LLAMA_LIKE_DESCRIBED = ("Llama-like: Llama, Mistral, Qwen2, Qwen3, Gemma, Phi-3, Granite, Helium, ERNIE 4.5, "
-                         "Ministral, SmolLM3, GLM, OLMo, OLMo 2, OLMo 3, StarCoder2")
+                         "Ministral, SmolLM3, GLM, OLMo, OLMo 2, OLMo 3, StarCoder2, StableLM")
 
 
 def _llama(cfg: dict, mtype: str, base_model) -> ModelShape:
@@ -369,7 +369,8 @@ def _llama(cfg: dict, mtype: str, base_model) -> ModelShape:
     # ERNIE 4.5's use_bias puts a bias on every linear of the block (Llama's attention_bias and mlp_bias together)
     every_bias = mtype in _USE_BIAS and bool(_default(cfg, mtype, "use_bias", False))
     attention_bias = bool(cfg.get("attention_bias", False)) or every_bias
-    qkv_bias = attention_bias or mtype in _QKV_BIAS
+    # StableLM biases q, k and v by use_qkv_bias (o_proj never)
+    qkv_bias = attention_bias or mtype in _QKV_BIAS or mtype == "stablelm" and bool(cfg.get("use_qkv_bias", False))
     bias = (q_dim + 2 * kv_dim if qkv_bias else 0) + (h if attention_bias and mtype not in _FUSED_MLP else 0)
     bias += ((1 if mtype in _PLAIN_MLP else 2) * inter + h) * experts if cfg.get("mlp_bias", False) or every_bias \
         else 0
@@ -378,6 +379,13 @@ def _llama(cfg: dict, mtype: str, base_model) -> ModelShape:
     # post-feedforward norms); Gemma 2 caps attention and final logits by tanh (config.json may leave the caps to
     # Gemma2Config's defaults, 50 and 30; null turns them off), Gemma 3 normalises Q and K per head instead
     norms = 4 if mtype in _FOUR_NORMS else 2
+    # StableLM's use_parallel_residual: attention and MLP read one input_layernorm's output (a parallel block)
+    parallel = mtype in _PARALLEL_RESIDUAL and bool(cfg.get("use_parallel_residual", False))
+    norms = 1 if parallel else norms
+    if mtype == "stablelm" and cfg.get("qk_layernorm"):
+        raise ConfigError(f"model_type {mtype}: qk_layernorm (a LayerNorm per head on Q and K, StableLM 2 12B's), "
+                          "whose weights and saved tensors spectra's memory model does not describe; it reads "
+                          "StableLM configs without it.")
     caps = {key: (cfg[key] if key in cfg else getattr(_config_object(mtype), key, None) if mtype == "gemma2" else None)
             is not None for key in ("attn_logit_softcapping", "final_logit_softcapping")}
     qk_norm, across_heads = mtype in _QK_NORMS, mtype in _QK_NORMS_ACROSS_HEADS
@@ -403,7 +411,8 @@ def _llama(cfg: dict, mtype: str, base_model) -> ModelShape:
                       clip_qkv=mtype in _PLAIN_LAYER_NORMS and cfg.get("clip_qkv") is not None,
                       sparsemixer=mtype in _SPARSEMIXER, topk_softmax=mtype in _TOPK_SOFTMAX,
                       input_jitter=mtype in _SPARSEMIXER and bool(cfg.get("input_jitter_noise", 0.0)),
-                      windows=_sliding_windows(cfg, mtype, layers), rotary_cat=mtype in _FUSED_MLP,
+                      windows=_sliding_windows(cfg, mtype, layers), rotary_cat=mtype in _ROTARY_CAT,
+                      parallel=parallel,
                       routing_cast=mtype in _OWN_EXPERT_SIZES,
                       routing_norm=_routing_norm(cfg, mtype),
                       dense_layers=dense_layers, dense_linears=attention + dense if dense_layers else (),
@@ -561,7 +570,12 @@ _QK_NORMS_ACROSS_HEADS = frozenset({"olmo2", "olmo3"})
 # for the MLP)
 _OUTPUT_NORMS_ONLY = frozenset({"olmo2", "olmo3"})
 # Llama-like blocks normalised by LayerNorm (weight and bias), not RMSNorm
-_LAYER_NORMS = frozenset({"phimoe", "starcoder2"})
+_LAYER_NORMS = frozenset({"phimoe", "starcoder2", "stablelm"})
+# rotary embeddings on part of each head, concatenated with the rest (torch.cat): Q comes out (b, heads, s, d)
+# contiguous, and so does sdpa's output, which o_proj reads as a copy (GLM; StableLM's partial_rotary_factor)
+_ROTARY_CAT = frozenset({"glm", "stablelm"})
+# Llama-like blocks that run attention and MLP side by side on one norm's output under use_parallel_residual
+_PARALLEL_RESIDUAL = frozenset({"stablelm"})
 # StarCoder2's MLP: c_fc → hidden_act → c_proj, no gate (use_bias biases it and the attention's four linears)
 _PLAIN_MLP = frozenset({"starcoder2"})
 _PLAIN_LAYER_NORMS = frozenset({"olmo"})  # … by a LayerNorm without weight or bias, on the input up-cast to fp32

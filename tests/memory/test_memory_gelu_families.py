@@ -3,7 +3,8 @@ use_parallel_residual, one fused query_key_value of each head's Q, K and V side 
 embeddings concatenated with the rest of the head), Phi (phi-1/phi-2: one LayerNorm feeding both branches, biased
 q/k/v/dense, a biased head), StarCoder2 (Llama's attention with biases, LayerNorms, a GELU MLP, sliding windows), Falcon
 (parallel_attn; the new decoder architecture's K/V heads broadcast to every query head, ln_attn/ln_mlp; multi-query;
-FalconLinear; an always materialised causal mask). `spectra memory` refused them ("its blocks differ from Llama's,
+FalconLinear; an always materialised causal mask), StableLM (Llama's SwiGLU with LayerNorms, partial rotary,
+use_parallel_residual). `spectra memory` refused the first four by model_type and StableLM by its parameter count ("its blocks differ from Llama's,
 GPT-2's and BERT's"). Checked against the models transformers builds from tiny configs on the CPU: their parameters,
 PEFT's trainable count, the gradients and AdamW states one step leaves, bitsandbytes' 4-bit load, and what autograd
 saves for backward (one block's bytes per sequence: the double difference of models of 1 and 2 blocks at batch 2 and
@@ -39,13 +40,22 @@ _VARIANTS = {
                dict(new_decoder_architecture=True, num_kv_heads=1, num_ln_in_parallel_attn=1, activation="gelu_new",
                     tie_word_embeddings=False)],
 }
+_VARIANTS |= {
+    # StableLM: Llama's SwiGLU with LayerNorms with biases and partial rotary (torch.cat); sequential (StableLM 3B's
+    # default) and parallel on one LayerNorm (use_parallel_residual, StableLM 2's) with q/k/v biases, tied
+    "stablelm": [dict(num_key_value_heads=2), dict(num_key_value_heads=2, use_parallel_residual=True,
+                                                   use_qkv_bias=True, partial_rotary_factor=1.0,
+                                                   tie_word_embeddings=True)],
+}
 _PARALLEL = ["gpt_neox", "phi", "falcon"]  # the families whose (default) blocks are parallel
 _CASES = [(family, i) for family, variants in _VARIANTS.items() for i in range(len(variants))]
 # target_modules of a role, as PEFT names the family's modules
 _MODULES = {"gpt_neox": {"qkv": "query_key_value", "o": "dense", "up": "dense_h_to_4h", "down": "dense_4h_to_h"},
             "phi": {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "dense", "up": "fc1", "down": "fc2"},
             "starcoder2": {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "up": "c_fc", "down": "c_proj"},
-            "falcon": {"qkv": "query_key_value", "o": "dense", "up": "dense_h_to_4h", "down": "dense_4h_to_h"}}
+            "falcon": {"qkv": "query_key_value", "o": "dense", "up": "dense_h_to_4h", "down": "dense_4h_to_h"},
+            "stablelm": {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "gate": "gate_proj",
+                         "up": "up_proj", "down": "down_proj"}}
 
 
 def _config(family: str, variant: int = 0, **overrides):
@@ -180,6 +190,12 @@ _BLOCK_CASES = [
     ("falcon", 2, "lora", "fp32", "sdpa", False), ("falcon", 2, "dora", "fp32", "eager", True),
     ("falcon", 3, "full", "fp32", "sdpa", True), ("falcon", 3, "lora", "fp32", "sdpa", True),
     ("falcon", 3, "lora", "fp32", "eager", False),
+    # StableLM: sequential, and parallel on one LayerNorm (gate/up read the attention's input)
+    ("stablelm", 0, "full", "fp32", "sdpa", True), ("stablelm", 0, "lora", "fp32", "sdpa", True),
+    ("stablelm", 0, "full", "fp32", "eager", True), ("stablelm", 0, "lora", "bf16", "sdpa", True),
+    ("stablelm", 1, "full", "fp32", "sdpa", True), ("stablelm", 1, "lora", "fp32", "sdpa", True),
+    ("stablelm", 1, "full", "fp32", "eager", True), ("stablelm", 1, "dora", "fp32", "sdpa", False),
+    ("stablelm", 1, "lora", "bf16", "eager", True),
 ]
 
 
@@ -228,7 +244,8 @@ def _per_sequence(family: str, roles, layers) -> dict[str, int]:
     ("gpt_neox", ("o",), [1]), ("gpt_neox", ("up",), [1, 2]), ("gpt_neox", ("down",), [2]),
     ("gpt_neox", ("qkv", "down"), [1]), ("phi", ("o",), [1]), ("phi", ("up", "k"), [1, 2]),
     ("phi", ("down",), [2]), ("starcoder2", ("o",), [1]), ("starcoder2", ("up",), [1, 2]),
-    ("falcon", ("o",), [1]), ("falcon", ("up", "qkv"), [1, 2])])
+    ("falcon", ("o",), [1]), ("falcon", ("up", "qkv"), [1, 2]), ("stablelm", ("o",), [1]),
+    ("stablelm", ("gate", "v"), [1, 2])])
 def test_blocks_before_the_first_adapted_module_keep_nothing(family, roles, layers):
     """The first adapted layer keeps what follows its first adapted module: in a parallel block an adapted o or
     down makes the other branch keep nothing (the block's input requires no grad). Per sequence, less all-linear
@@ -238,7 +255,7 @@ def test_blocks_before_the_first_adapted_module_keep_nothing(family, roles, laye
     assert whole["modelled"] - part["modelled"] == whole["measured"] - part["measured"] > 0, (part, whole)
 
 
-@pytest.mark.parametrize("family", ["gpt_neox", "phi", "starcoder2"])
+@pytest.mark.parametrize("family", ["gpt_neox", "phi", "starcoder2", "stablelm"])
 def test_qlora_storage_is_what_bitsandbytes_holds(family, tmp_path):
     """bitsandbytes quantises the block linears and keeps the embeddings, norms, biases and head in bf16: the
     estimate's weights and constants are the loaded model's bytes."""
@@ -360,3 +377,17 @@ def test_bitsandbytes_leaves_falcons_linears_in_16_bits(tmp_path):
     assert held == 2 * sum(p.numel() for p in model.parameters())  # every weight in bf16
     assert any(type(m).__name__ == "FalconLinear" for m in loaded.modules())
     assert not any(type(m) is torch.nn.Linear for m in loaded.transformer.h.modules())
+
+
+def test_stablelm_with_qk_layernorm_is_refused():
+    """StableLM 2 12B's qk_layernorm (a LayerNorm per head on Q and K) is refused naming it; its count would be off
+    by the norms' weights (the negative control)."""
+    import transformers as tf
+
+    from spectra.errors import ConfigError
+
+    config = _config("stablelm", 1, qk_layernorm=True)
+    with pytest.raises(ConfigError, match="qk_layernorm"):
+        model_shape(config.to_dict())
+    built = sum(p.numel() for p in tf.AutoModelForCausalLM.from_config(config).parameters())
+    assert built != model_shape(config.to_dict() | {"qk_layernorm": False}).params
