@@ -77,7 +77,12 @@ class ByteTokenizer:
 
     Id 0 is padding; byte ``b`` maps to ``1 + b`` when the vocabulary holds 257 ids or
     more (lossless), else to ``1 + b mod (vocab_size − 1)``. No files, no training, the
-    same ids on every machine.
+    same ids on every machine. With an end-of-sequence id, no byte maps to it: the bytes
+    whose id it would be (T5's ``1``: NUL; BART's ``2``: 0x01; in a 64-id vocabulary also
+    ``?`` for T5, ``@`` for BART) take :attr:`eos_substitute` instead, the first id past the
+    bytes' (257) when the vocabulary has one, else the id after the end-of-sequence one
+    (which another byte shares: such a vocabulary is lossy already). A text then ends in
+    exactly one end-of-sequence id, which BART's and T5's classifiers count.
 
     Parameters
     ----------
@@ -102,14 +107,23 @@ class ByteTokenizer:
         if eos_token_id is not None and not 0 < eos_token_id < vocab_size:
             raise ConfigError(f"eos_token_id {eos_token_id}: the byte tokenizer's end-of-sequence id must lie in "
                               f"[1, {vocab_size}) (0 is padding).")
+        if eos_token_id is not None and vocab_size < 3:
+            raise ConfigError(f"vocab_size {vocab_size}: a byte tokenizer with an end-of-sequence id needs at least 3 "
+                              "ids (padding, the end-of-sequence id, one for the bytes).")
         self.vocab_size = int(vocab_size)
         self.pad_token_id = 0
         self.eos_token_id = eos_token_id
+        self._byte_ids = [1 + b % (self.vocab_size - 1) for b in range(256)]  # byte -> id, before the EOS rule
+        self.eos_substitute = None
+        if eos_token_id is not None and eos_token_id in self._byte_ids:
+            spare = 257 if self.vocab_size > 257 else None  # an id no byte has (eos ≤ 256 here, so not it either)
+            self.eos_substitute = spare or (eos_token_id + 1 if eos_token_id + 1 < self.vocab_size else 1)
+            self._byte_ids = [self.eos_substitute if i == eos_token_id else i for i in self._byte_ids]
 
     def encode(self, text: str, *, max_length: int | None = None, target: bool = False) -> list[int]:
         """The ids of ``text``'s bytes and the end-of-sequence id if there is one, at most ``max_length`` of them
         (the end kept, as transformers' truncation keeps special tokens); ``target`` changes nothing here."""
-        ids = [1 + b % (self.vocab_size - 1) for b in text.encode("utf-8")]
+        ids = [self._byte_ids[b] for b in text.encode("utf-8")]
         if self.eos_token_id is None:
             return ids[:max_length]
         return ids[:None if max_length is None else max(max_length - 1, 0)] + [self.eos_token_id]
