@@ -7,6 +7,12 @@ rounded from finer masters (an fp32-trained base and its instruct model) carry b
 spectrum tells them apart: :func:`settle_floor` compares ΔW's residual variance, outside
 its directions above the two-sided edge, with the two hypotheses
 (:func:`~spectra.linalg.metrics.counts_base_rounding`), or takes the user's word.
+
+The count of directions above the floor (:func:`rank_above`) compares ΔW's singular values with the bulk
+edge raised by the Tracy–Widom fluctuation of pure noise's largest one (:func:`tracy_widom_edge`): at the
+Marchenko–Pastur edge itself, pure noise's top value lies above it in about 17 % of matrices of any size
+(1 − F₁(0) = 0.168), and bf16 rounding noise, a heavier-tailed mixture of uniform errors, in up to 44 % of
+small ones.
 """
 
 from __future__ import annotations
@@ -14,13 +20,22 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 
+import numpy as np
 import torch
 
 from spectra.errors import ConfigError
 from spectra.linalg import metrics
 from spectra.linalg.sketch import heteroscedastic_edge, mean_ulp_squared
 
-__all__ = ["tuned_side_floor", "settle_floor", "residual_energy"]
+__all__ = ["tuned_side_floor", "settle_floor", "residual_energy", "tracy_widom_edge", "rank_above",
+           "TW1_QUANTILES", "EDGE_QUANTILE"]
+
+# Quantiles s_q of the real (β = 1) Tracy–Widom law, F₁(s_q) = q, from the Fredholm determinant
+# F₁(s) = det(I − K₁) on L²(s, ∞), K₁(x, y) = ½·Ai((x + y)/2) (Ferrari and Spohn 2005), by
+# Bornemann's Gauss–Legendre quadrature (Math. Comp. 79, 2010); tests/linalg/test_noise_edge.py
+# recomputes them. Johnstone (2001, Table 1) lists 0.98 and 2.02 for 0.95 and 0.99.
+TW1_QUANTILES = {0.9: 0.4501, 0.95: 0.9793, 0.99: 2.0234, 0.995: 2.4223, 0.999: 3.2722}
+EDGE_QUANTILE = 0.999  # a pure bf16-noise matrix of short side ≥ 64 goes above it in ≤ 5 % of seeds (0.99: ≤ 11 %)
 
 
 def tuned_side_floor(both: metrics.NoiseFloor, tuned: torch.Tensor, *, tuned_dtype: torch.dtype,
@@ -164,3 +179,76 @@ def residual_energy(delta: torch.Tensor, k: int, *, oversample: int = 8, iterati
     qk = q @ u[:, :k]
     coefficients = transposed(qk).T  # Q_kᵀ ΔW, (k, n)
     return sum(float(((delta[c].double() - qk[c] @ coefficients) ** 2).sum()) for c in chunks)
+
+
+def tracy_widom_edge(edge: float, shape: tuple[int, int], *, quantile: float | None = EDGE_QUANTILE) -> float:
+    """The bulk edge raised by the Tracy–Widom fluctuation of pure noise's largest singular value.
+
+    For an m×n matrix of i.i.d. noise of std σ, the largest eigenvalue of its Gram matrix is
+    ≈ μ + s·τ with μ = σ²(√m + √n)² (the squared Marchenko–Pastur edge), τ = σ²(√m + √n)·
+    (1/√m + 1/√n)^{1/3} and s distributed as TW₁ (Johnstone 2001, Theorem 1.1, with n − 1
+    there taken as n). The threshold on a singular value is √(μ + s_q·τ), i.e.
+    ``edge``·√(1 + s_q·(1/√m + 1/√n)^{1/3} / (√m + √n)): 1.151× the edge at 16×16 (q = 0.999),
+    1.025× at 256×256, 1.006× at 1024×4096. A heteroscedastic edge
+    (:func:`~spectra.linalg.sketch.heteroscedastic_edge`) is raised by the same factor, an
+    approximation: its noise is not i.i.d.
+
+    Parameters
+    ----------
+    edge : float
+        The bulk edge, σ(√m + √n) (``NoiseFloor.mp_edge``).
+    shape : (int, int)
+        (out, in) of ΔW.
+    quantile : float or None, default :data:`EDGE_QUANTILE`
+        q, one of :data:`TW1_QUANTILES`' keys: pure noise's top value passes the threshold with
+        probability ≈ 1 − q (Gaussian noise; bf16 rounding noise more often on small matrices).
+        None: no margin (the edge itself).
+
+    References
+    ----------
+    .. [1] I. M. Johnstone, "On the distribution of the largest eigenvalue in principal components
+       analysis", Ann. Statist. 29(2), 2001, 295–327.
+    .. [2] C. A. Tracy and H. Widom, "On orthogonal and symplectic matrix ensembles",
+       Comm. Math. Phys. 177, 1996, 727–754.
+    """
+    if quantile is None:
+        return float(edge)
+    if quantile not in TW1_QUANTILES:
+        raise ConfigError(f"quantile {quantile!r}: the Tracy–Widom margin takes one of "
+                          f"{', '.join(map(str, TW1_QUANTILES))}, or None for the bare edge.")
+    m, n = (int(d) for d in shape)
+    if m < 1 or n < 1:
+        raise ConfigError(f"shape {tuple(shape)}: both sides must be at least 1.")
+    root_m, root_n = math.sqrt(m), math.sqrt(n)
+    relative = (1 / root_m + 1 / root_n) ** (1 / 3) / (root_m + root_n)  # τ / μ
+    return float(edge) * math.sqrt(1.0 + TW1_QUANTILES[quantile] * relative)
+
+
+def rank_above(s, edge: float, shape: tuple[int, int], *, numerical: float = 0.0,
+               quantile: float | None = EDGE_QUANTILE) -> int:
+    """How many singular values of ΔW stand above its noise floor: above :func:`tracy_widom_edge` and `numerical`.
+
+    Parameters
+    ----------
+    s : Spectrum or torch.Tensor or numpy.ndarray, shape (k,)
+        Singular values of ΔW, descending (the whole spectrum or its top).
+    edge : float
+        The floor's bulk edge (``NoiseFloor.mp_edge``).
+    shape : (int, int)
+        (out, in).
+    numerical : float, default 0.0
+        The decomposition's own round-off level: no value below it counts.
+    quantile : float or None, default :data:`EDGE_QUANTILE`
+        The Tracy–Widom quantile of the margin; None counts above the bare edge (the count
+        before the margin, which pure noise passes in 17–44 % of matrices).
+
+    Returns
+    -------
+    int
+        The count among the values given: where every one of a truncated spectrum's values is
+        above, the true count may be larger.
+    """
+    threshold = max(tracy_widom_edge(edge, shape, quantile=quantile), float(numerical))
+    values = getattr(s, "values", s)  # a Spectrum's, or the values themselves
+    values = values.detach().double().cpu().numpy() if isinstance(values, torch.Tensor) else np.asarray(values, float)
+    return int(np.sum(values > threshold))
