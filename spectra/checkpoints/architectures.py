@@ -305,6 +305,12 @@ _ROLE_RULES: tuple[tuple[str, str], ...] = (
     (rf"{_CROSS_ATTENTION}\.(k_proj|k|self\.key|attention\.key)", "xk"),
     (rf"{_CROSS_ATTENTION}\.(v_proj|v|self\.value|attention\.value)", "xv"),
     (rf"{_CROSS_ATTENTION}\.(out_proj|o_proj|o|output\.dense|c_proj)", "xo"),
+    # MobileBERT's bottleneck.attention.dense (key_query_shared_bottleneck): hidden → intra_bottleneck_size, its
+    # LayerNorm'd output the input of both query and key, no output projection (the o rule's attention.dense would
+    # take it): a bottleneck of the layer's input, as its bottleneck.input.dense (the residual and, under
+    # use_bottleneck_attention, every projection's input) and output.bottleneck.dense (back to hidden_size) are;
+    # role other, no projection of one role
+    (r"bottleneck\.attention\.dense", "other"),
     # attention, Llama/Mistral/Qwen2/Gemma/Phi-3/Mixtral; T5's SelfAttention.q (LongT5: Local-, TransientGlobal-);
     # BLIP-2's Q-Former (and ViT's) attention.attention.query; BLIP-2's vision tower self_attn.projection;
     # Qwen2-VL's, Qwen2.5-VL's, Qwen3-VL's and Qwen3.5's vision tower blocks.N.attn.proj (after its fused attn.qkv);
@@ -314,8 +320,8 @@ _ROLE_RULES: tuple[tuple[str, str], ...] = (
     (rf"(v_proj|self\.value|attention\.value|attention\.wv|{_T5_SELF_ATTENTION}\.v|blocks\.\d+\.attn\.v)", "v"),
     (r"(o_proj|out_proj|attention\.output\.dense|attention\.dense|attn\.c_proj|self_attention\.dense|attention\.wo"
      rf"|self_attn\.projection|attn\.proj|{_T5_SELF_ATTENTION}\.o)", "o"),
-    # DistilBERT's attention.q_lin, k_lin, v_lin, out_lin and ffn.lin1, lin2 (XLM's and FlauBERT's attentions.N.q_lin
-    # and ffns.N.lin1 are not matched: no layer rule reads attentions.N); DeBERTa-v2's (SEW-D's)
+    # DistilBERT's attention.q_lin, k_lin, v_lin, out_lin and ffn.lin1, lin2 (XLM's and FlauBERT's: below);
+    # DeBERTa-v2's (SEW-D's)
     # attention.self.query_proj, key_proj, value_proj; DeBERTa's attention.self.in_proj, per head [q_h; k_h; v_h]
     # (fused_projections); GPT-J's and CodeGen's mlp.fc_in, fc_out; ALBERT's albert_layers.N.ffn, ffn_output
     (r"attention\.q_lin", "q"),
@@ -332,6 +338,41 @@ _ROLE_RULES: tuple[tuple[str, str], ...] = (
     (r"mlp\.fc_out", "down"),
     (r"albert_layers\.\d+\.ffn", "up"),
     (r"albert_layers\.\d+\.ffn_output", "down"),
+    # XLM's and FlauBERT's layers are lists side by side, attentions.N (q_lin, k_lin, v_lin, out_lin: DistilBERT's
+    # MultiHeadAttention) and ffns.N (lin1, then gelu or relu, lin2); _LAYER reads their N
+    (r"attentions\.\d+\.q_lin", "q"),
+    (r"attentions\.\d+\.k_lin", "k"),
+    (r"attentions\.\d+\.v_lin", "v"),
+    (r"attentions\.\d+\.out_lin", "o"),
+    (r"ffns\.\d+\.lin1", "up"),
+    (r"ffns\.\d+\.lin2", "down"),
+    # Phi's (phi-1, phi-1.5, phi-2) and Persimmon's attention output self_attn.dense (Persimmon's query_key_value is
+    # per head [q_h; k_h; v_h]: fused_projections)
+    (r"self_attn\.dense", "o"),
+    # MPNet's attention.attn.q, k, v, o (its intermediate.dense and output.dense are BERT's: up, down)
+    (r"attention\.attn\.q", "q"),
+    (r"attention\.attn\.k", "k"),
+    (r"attention\.attn\.v", "v"),
+    (r"attention\.attn\.o", "o"),
+    # Longformer's (and LED's) global attention: query_global projects the global tokens' hidden states to their
+    # queries, key_global and value_global every token's to the keys and values those queries attend over; the
+    # output replaces the global tokens' rows of the attention's output, which attention.output.dense (o) reads. They
+    # read the layer's own hidden states, as the local query, key and value do (no other stack's, as a
+    # cross-attention's xk does), so they are q, k and v: a second path of one attention, compared and adapted with
+    # it (a report's cell holds both, as a layer's experts share one). Untrained where no token is global (a
+    # masked-LM fine-tune): their ΔW is zero, which an analysis shows as such
+    (r"query_global", "q"),
+    (r"key_global", "k"),
+    (r"value_global", "v"),
+    # LED's encoder attention is Longformer's under other names: self_attn.longformer_self_attn.query, key, value
+    # (and their _global, above), its output projection self_attn.output
+    (r"longformer_self_attn\.query", "q"),
+    (r"longformer_self_attn\.key", "k"),
+    (r"longformer_self_attn\.value", "v"),
+    (r"self_attn\.output", "o"),
+    # MobileBERT's extra FFNs (num_feedforward_networks − 1 per layer, before the layer's own intermediate and
+    # output): ffn.N.intermediate.dense is up (the intermediate rule), ffn.N.output.dense its down
+    (r"ffn\.\d+\.output\.dense", "down"),
     # AXK2's gated RMSNorm (input_layernorm, post_attention_layernorm): a low-rank mlp.fc1, fc2 whose sigmoid scales
     # the normed states, no block's MLP (its up and down)
     (r"(input|post_attention)_layernorm\.mlp\.(fc1|fc2)", "other"),
@@ -421,8 +462,10 @@ _NORM = re.compile(r"(^|\.)(\w*norm\w*|ln(_\w+)?)$")
 # Only then: BERT's encoder.layer.N and OPT's model.decoder.layers.N are an ordinary model's one stack.
 _ENCODER_DECODER = re.compile(r"(?:^|\.)(encoder|decoder)\.")
 # A layer's index; Qwen3-VL's deepstack mergers (deepstack_merger_list.N, Qwen3-Omni's merger_list.N) are numbered
-# within the projector stack, the merger of the tower's last layer having none.
-_LAYER = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block|deepstack_merger_list|merger_list)\.(\d+)\.")
+# within the projector stack, the merger of the tower's last layer having none. XLM and FlauBERT keep a layer's
+# modules in parallel lists (attentions.N, ffns.N, layer_norm1.N …), one entry per layer.
+_LAYER = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block|deepstack_merger_list|merger_list|attentions|ffns)"
+                    r"\.(\d+)\.")
 # An expert's index: Mixtral's experts.3.w1, SwitchTransformers' and NLLB-MoE's experts.expert_3.wi; JetMoE's
 # per-expert records, named by their 3-D module and the index (mlp.input_linear.3,
 # self_attention.experts.output_linear.3)
@@ -436,7 +479,10 @@ _CONV1D_NAMES = re.compile(r"(^|\.)(c_attn|c_proj|c_fc|q_attn)$")
 # Gemma 3's multimodal projector, (vision hidden, text hidden).
 _IN_OUT_MATRICES = {"gemma3": re.compile(r"(^|\.)multi_modal_projector\.mm_input_projection_weight$")}
 # Fused qkv tensors whose rows interleave per head ([q_h; k_h; v_h] for each head h).
-_HEAD_INTERLEAVED_QKV = frozenset({"gpt_neox", "bloom", "gpt_neox_japanese", "deberta"})
+_HEAD_INTERLEAVED_QKV = frozenset({"gpt_neox", "bloom", "gpt_neox_japanese", "deberta", "persimmon"})
+# A model whose language model is another family's, named by model type, its sizes in text_config (which the hub's
+# config.json may leave to the top level): Fuyu's is a Persimmon (query_key_value per head [q_h; k_h; v_h]).
+_TEXT_MODEL_TYPES = {"fuyu": "persimmon"}
 # 3-D expert tensors stored (experts, in, out) — the model computes x @ W[e] — instead of (experts, out, in).
 # transformers marks them ``is_transposed`` (gpt-oss, OpenAI's privacy filter, Aria), except Llama 4's.
 IN_OUT_EXPERT_MODEL_TYPES = frozenset({"llama4", "llama4_text", "gpt_oss", "openai_privacy_filter", "aria",
@@ -667,8 +713,8 @@ def fused_projections(name: str, role: str, out_features: int, config: dict[str,
 
     - GPT-2 ``c_attn``, Phi-3 ``qkv_proj``: contiguous ``[q; k; v]``; k and v have
       ``num_key_value_heads × head_dim`` rows (GQA), q has ``num_attention_heads × head_dim``.
-    - GPT-NeoX / Bloom ``query_key_value``, DeBERTa's ``attention.self.in_proj``: per head ``[q_h; k_h; v_h]``
-      (the output is viewed as ``(heads, 3·head_dim)`` then chunked), so q is every third block.
+    - GPT-NeoX / Bloom / Persimmon ``query_key_value``, DeBERTa's ``attention.self.in_proj``: per head
+      ``[q_h; k_h; v_h]`` (the output is viewed as ``(heads, 3·head_dim)`` then chunked), so q is every third block.
     - ``gate_up_proj`` (Phi-3, transformers-5 MoE experts): ``[gate; up]``, equal halves;
       gpt-oss experts alternate them (gate on even rows, up on odd).
     - BLIP-2's (InstructBLIP's) vision tower ``self_attn.qkv``: contiguous ``[q; k; v]`` of the vision
@@ -713,6 +759,10 @@ def fused_projections(name: str, role: str, out_features: int, config: dict[str,
         return _deltanet_projections(out_features, config)
     cfg = _stack_config(name, config)
     model_type = cfg.get("model_type")
+    if model_type in _TEXT_MODEL_TYPES:  # Fuyu's language model is a Persimmon: text_config sizes it
+        text = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else {}
+        cfg = cfg | {k: v for k, v in text.items() if v is not None} | {"model_type": _TEXT_MODEL_TYPES[model_type]}
+        model_type = cfg["model_type"]
     heads = cfg.get("num_attention_heads", cfg.get("n_head", cfg.get("num_heads")))
     if model_type in _HEAD_INTERLEAVED_QKV:
         if not heads or out_features % (3 * heads):
