@@ -26,6 +26,7 @@ import torch
 from spectra.errors import ConfigError
 from spectra.linalg import metrics
 from spectra.linalg.sketch import heteroscedastic_edge, mean_ulp_squared
+from spectra.linalg.svd import Spectrum
 
 __all__ = ["tuned_side_floor", "settle_floor", "residual_energy", "tracy_widom_edge", "rank_above",
            "TW1_QUANTILES", "EDGE_QUANTILE"]
@@ -249,6 +250,6 @@ def rank_above(s, edge: float, shape: tuple[int, int], *, numerical: float = 0.0
         above, the true count may be larger.
     """
     threshold = max(tracy_widom_edge(edge, shape, quantile=quantile), float(numerical))
-    values = getattr(s, "values", s)  # a Spectrum's, or the values themselves
+    values = s.values if isinstance(s, Spectrum) else s
     values = values.detach().double().cpu().numpy() if isinstance(values, torch.Tensor) else np.asarray(values, float)
     return int(np.sum(values > threshold))

@@ -17,6 +17,7 @@ import torch
 from spectra.errors import ConfigError
 from spectra.linalg import metrics, noise
 from spectra.linalg.sketch import sampled_noise_floor
+from spectra.linalg.svd import full_svd
 
 
 def _tw1_cdf(s: float, nodes: int = 80) -> float:
@@ -52,6 +53,9 @@ def test_the_margin_and_its_options():
     assert noise.rank_above(s, 2.0, (16, 16), quantile=None) == 3
     assert noise.rank_above(s, 2.0, (16, 16)) == 1  # 2.2 < 2.302
     assert noise.rank_above(s, 2.0, (16, 16), numerical=6.0) == 0
+    assert noise.rank_above(s.numpy(), 2.0, (16, 16)) == 1  # a numpy array, a Spectrum: the same count
+    matrix = torch.diag(s).to(torch.float32)
+    assert noise.rank_above(full_svd(matrix), 2.0, (4, 4), quantile=None) == 3
 
 
 def test_gaussian_noise_passes_the_margin_at_about_one_minus_q():
