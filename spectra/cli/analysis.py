@@ -8,7 +8,8 @@ from typing import Annotated, Optional
 import typer
 from rich.markup import escape  # module names hold brackets ("c_attn[q]") that rich would read as markup
 
-from spectra.cli.options import _OVERWRITE_HELP, _STACKS_HELP, _layer_range, _split, _stacks, _writable
+from spectra.cli.options import (_OVERWRITE_HELP, _STACKS_HELP, TypedFloat, _layer_range, _split, _stacks,
+                                 _typed_float, _typed_int, _writable)
 from spectra.cli.tables import _fmt, _module_table
 
 
@@ -67,8 +68,8 @@ def analyze(
     output: Annotated[Path, typer.Option("-o", "--output", help="Report directory to write (refused if it exists, unless --overwrite).")] = Path("reports/analysis"),
     method: Annotated[str, typer.Option(help="SVD: auto (the exact spectrum up to --full-below, the bf16 energy sketch above), full, sketch, "
                                                "adaptive (block Krylov to the energy rank), randomized (top --max-rank, default 256).")] = "auto",
-    max_rank: Annotated[Optional[int], typer.Option(help="Cap on singular values computed by the randomized/adaptive paths.")] = None,
-    full_below: Annotated[int, typer.Option(help="Short side at or below which 'auto' takes the exact full spectrum.")] = 1024,
+    max_rank: Annotated[Optional[int], typer.Option(help="Cap on singular values computed by the randomized/adaptive paths.", parser=_typed_int)] = None,
+    full_below: Annotated[int, typer.Option(help="Short side at or below which 'auto' takes the exact full spectrum.", parser=_typed_int)] = 1024,
     energy: Annotated[str, typer.Option(help="Comma-separated energy fractions whose ranks are reported.")] = "0.5,0.9,0.95,0.99",
     roles: Annotated[Optional[str], typer.Option(help="Comma-separated roles to analyse (q, k, v, o, qkv, q_a, q_b, kv_a, kv_b, kv, o_a, o_b, xq, xk, xv, xo, gate, up, down, gate_up, projector, embed, pos_embed, head, other; q_a…kv_b: DeepSeek's latent attention, q taking q_a and q_b; xq…xo: an encoder–decoder's cross-attention; pos_embed: position, relative-position and token-type tables, GPT-2's wpe, T5's relative_attention_bias, BERT's token_type_embeddings).")] = None,
     stacks: Annotated[Optional[str], typer.Option(help=_STACKS_HELP)] = None,
@@ -77,18 +78,18 @@ def analyze(
     exclude: Annotated[Optional[str], typer.Option(help="Skip modules whose name matches this glob (or re:REGEX).")] = None,
     dtype: Annotated[str, typer.Option(help="Dtype of ΔW and its SVD: float32 or float64.")] = "float32",
     device: Annotated[str, typer.Option(help="Torch device for the math: cpu, cuda, cuda:1.")] = "cpu",
-    seed: Annotated[int, typer.Option(help="Seed of the randomized paths.")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of the randomized paths.", parser=_typed_int)] = 0,
     cache_dir: Annotated[Optional[Path], typer.Option(help="Cache of finished modules (default $SPECTRA_CACHE or ~/.cache/spectra).")] = None,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Recompute everything and cache nothing.")] = False,
     skip_nonfinite: Annotated[bool, typer.Option("--skip-nonfinite", help="Skip tensors holding NaN/Inf instead of stopping.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help=_OVERWRITE_HELP)] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar, no summary (tensors it could not pair are still named, on stderr).")] = False,
-    resolve: Annotated[float, typer.Option(help="Energy whose rank the fast 'sketch' path resolves exactly; higher --energy levels are reported when within reach.")] = 0.9,
-    workers: Annotated[Optional[int], typer.Option(help="Modules analysed at once, each on its own thread with (torch threads ÷ workers) threads. Default: one per torch thread up to 4 on the CPU, 1 on a GPU.")] = None,
-    read_ahead: Annotated[int, typer.Option(help="With one worker: modules read ahead of the math (0: read in line).")] = 2,
-    read_ahead_mb: Annotated[int, typer.Option(help="Most ΔW data (MB, float32) held by the modules in flight (one always goes); bounds peak memory. An adapter's expert factors held across a module come out of what it holds beyond room for the two largest modules; more is held on top, with a warning.")] = 512,
+    resolve: Annotated[float, typer.Option(help="Energy whose rank the fast 'sketch' path resolves exactly; higher --energy levels are reported when within reach.", parser=_typed_float)] = 0.9,
+    workers: Annotated[Optional[int], typer.Option(help="Modules analysed at once, each on its own thread with (torch threads ÷ workers) threads. Default: one per torch thread up to 4 on the CPU, 1 on a GPU.", parser=_typed_int)] = None,
+    read_ahead: Annotated[int, typer.Option(help="With one worker: modules read ahead of the math (0: read in line).", parser=_typed_int)] = 2,
+    read_ahead_mb: Annotated[int, typer.Option(help="Most ΔW data (MB, float32) held by the modules in flight (one always goes); bounds peak memory. An adapter's expert factors held across a module come out of what it holds beyond room for the two largest modules; more is held on top, with a warning.", parser=_typed_int)] = 512,
     calibration: Annotated[Optional[Path], typer.Option(help="Calibration data (.txt, or .jsonl/.csv/.tsv with a text field): also report each ΔW's activation-weighted spectrum, ΔW·C^{1/2} on the base's inputs.")] = None,
-    calibration_epsilon: Annotated[float, typer.Option(help="With --calibration: sets each row's input_rank, the count of C's eigenvalues above ε times their mean (C: the input second moment). The activation-weighted spectrum uses C itself, with no ridge, so ε leaves it unchanged.")] = 1e-6,
+    calibration_epsilon: Annotated[float, typer.Option(help="With --calibration: sets each row's input_rank, the count of C's eigenvalues above ε times their mean (C: the input second moment). The activation-weighted spectrum uses C itself, with no ridge, so ε leaves it unchanged.", parser=_typed_float)] = 1e-6,
     base_rounding: Annotated[str, typer.Option(help="Is the base's rounding in ΔW? auto (decided per module from ΔW's residual: when in doubt, counted), exact (the fine-tune started from the base's stored values, e.g. a bf16 release tuned and saved in bf16: only the fine-tune's rounding is noise), counted (both were rounded from finer weights, e.g. two bf16 releases trained in fp32).")] = "auto",
 ) -> None:
     """Measure the spectrum of every ΔW = TUNED − BASE and write a report (JSON, Markdown, HTML, figures).
@@ -111,10 +112,8 @@ def analyze(
     import os
 
     main_rank = os.environ.get("RANK", "0") == "0"
-    thresholds = tuple(t.strip() for t in energy.split(","))  # as typed: AnalysisConfig names one it refuses so (2)
-    try:
-        for t in thresholds:
-            float(t)
+    try:  # each level as typed, as the number options are: AnalysisConfig names one it refuses so (2, not 2.0)
+        thresholds = tuple(TypedFloat(t) for t in energy.split(","))
     except ValueError:
         raise ConfigError(f"--energy {energy!r}: expected comma-separated fractions like 0.5,0.9,0.99.") from None
     config = AnalysisConfig(method=method, full_below=full_below, max_rank=max_rank, thresholds=thresholds,

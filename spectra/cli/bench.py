@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from spectra.cli.options import _split, _writable
+from spectra.cli.options import _split, _typed_float, _typed_int, _writable
 
 
 def bench_svd(
@@ -16,8 +16,8 @@ def bench_svd(
     kinds: Annotated[str, typer.Option(help="Spectrum types: planted,power_law,bf16.")] = "planted,power_law,bf16",
     ks: Annotated[str, typer.Option(help="Comma-separated top-k sizes.")] = "64,256",
     quick: Annotated[bool, typer.Option(help="Tiny shapes, seconds (a smoke test).")] = False,
-    repeats: Annotated[int, typer.Option(help="Runs per measurement; the best is kept (runs under 1 s are repeated for about a second, 3–20 times).")] = 1,
-    seed: Annotated[int, typer.Option(help="Seed of the test matrices and sketches.")] = 0,
+    repeats: Annotated[int, typer.Option(help="Runs per measurement; the best is kept (runs under 1 s are repeated for about a second, 3–20 times).", parser=_typed_int)] = 1,
+    seed: Annotated[int, typer.Option(help="Seed of the test matrices and sketches.", parser=_typed_int)] = 0,
 ) -> None:
     """Time spectra's full, randomized and adaptive SVD side by side with torch, scikit-learn and SciPy."""
     from spectra.bench.svd import DEFAULT_SHAPES, run_svd_bench
@@ -36,9 +36,9 @@ def bench_svd(
 
 def bench_train(
     out: Annotated[Path, typer.Option("-o", "--output", "--out", help="Output directory for train.{md,json}.")] = Path("reports/bench"),
-    steps: Annotated[int, typer.Option(help="Timed steps per loop (after warm-up).")] = 20,
+    steps: Annotated[int, typer.Option(help="Timed steps per loop (after warm-up).", parser=_typed_int)] = 20,
     quick: Annotated[bool, typer.Option(help="A tiny model and few steps (a smoke test).")] = False,
-    seed: Annotated[int, typer.Option(help="Seed of the model and batch.")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of the model and batch.", parser=_typed_int)] = 0,
 ) -> None:
     """Time the trainer's step against a plain PEFT loop on the same model and batch."""
     from spectra.bench.train import run_train_bench
@@ -61,11 +61,11 @@ def bench_verify(
 def bench_make_pair(
     out: Annotated[Path, typer.Argument(help="Directory to create: OUT/base, OUT/tuned, OUT/ground_truth.json.")],
     shape: Annotated[str, typer.Option(help="Model shapes: tinyllama-1.1b, llama-2-7b, llama-110m, llama-tiny.")] = "tinyllama-1.1b",
-    seed: Annotated[int, typer.Option(help="Seed of every tensor.")] = 0,
-    relative_size: Annotated[float, typer.Option(help="‖ΔW‖/‖W‖ per module.")] = 1e-2,
-    tail: Annotated[float, typer.Option(help="Share of ‖ΔW‖² in the broad Gaussian tail.")] = 0.03,
-    rank_scale: Annotated[float, typer.Option(help="Multiplies every role's planted effective rank.")] = 1.0,
-    shard_mb: Annotated[int, typer.Option(help="Largest safetensors shard, MB.")] = 2048,
+    seed: Annotated[int, typer.Option(help="Seed of every tensor.", parser=_typed_int)] = 0,
+    relative_size: Annotated[float, typer.Option(help="‖ΔW‖/‖W‖ per module.", parser=_typed_float)] = 1e-2,
+    tail: Annotated[float, typer.Option(help="Share of ‖ΔW‖² in the broad Gaussian tail.", parser=_typed_float)] = 0.03,
+    rank_scale: Annotated[float, typer.Option(help="Multiplies every role's planted effective rank.", parser=_typed_float)] = 1.0,
+    shard_mb: Annotated[int, typer.Option(help="Largest safetensors shard, MB.", parser=_typed_int)] = 2048,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing OUT that make-pair wrote (base/, tuned/, ground_truth.json; swapped in when complete); a folder holding any other file is refused.")] = False,
 ) -> None:
     """Write a realistic bf16 base × tuned pair with a real model's names, shapes and sharding (tensor by tensor)."""
@@ -85,7 +85,7 @@ def bench_e2e(
     shape: Annotated[str, typer.Option(help="Shapes of the generated pair when --pair is not given.")] = "tinyllama-1.1b",
     quick: Annotated[bool, typer.Option(help="Tiny pair, no peers, no SIGKILL run: a smoke test in seconds.")] = False,
     skip: Annotated[Optional[str], typer.Option(help="Comma-separated parts to skip: full, peers, kill, torchrun.")] = None,
-    peer_timeout: Annotated[float, typer.Option(help="Seconds a peer may run before it is stopped (reported as a lower bound).")] = 900,
+    peer_timeout: Annotated[float, typer.Option(help="Seconds a peer may run before it is stopped (reported as a lower bound).", parser=_typed_float)] = 900,
 ) -> None:
     """End-to-end: spectra (default and forced full SVD), I/O and GEMM floors, peers, resume after SIGKILL, torchrun."""
     from spectra.bench.e2e import run_e2e_bench

@@ -8,13 +8,13 @@ from typing import Annotated, Optional
 import typer
 from rich.markup import escape  # module names hold brackets ("c_attn[q]") that rich would read as markup
 
-from spectra.cli.options import _layer_range, _split, _stacks
+from spectra.cli.options import _layer_range, _split, _stacks, _typed_int
 
 
 def memory(
     model: Annotated[str, typer.Argument(help="config.json, the model directory holding it, or a hub id.")],
     method: Annotated[str, typer.Option(help="full, lora, qlora or dora.")] = "lora",
-    rank: Annotated[Optional[int], typer.Option(help="LoRA rank of every targeted module (default 16).")] = None,
+    rank: Annotated[Optional[int], typer.Option(help="LoRA rank of every targeted module (default 16).", parser=_typed_int)] = None,
     plan: Annotated[Optional[Path], typer.Option(help="A plan from `spectra recommend` instead of --rank.")] = None,
     roles: Annotated[Optional[str], typer.Option(help="Roles --rank targets, as `spectra train --roles` takes them "
                                                       "(default: all block linears; on an MoE the fused experts, "
@@ -25,10 +25,10 @@ def memory(
                                                        "projector … of a multimodal config. E.g. --stacks "
                                                        "language,vision adds a VLM's vision tower. Default: the "
                                                        "language model alone, as train's.")] = None,
-    batch: Annotated[int, typer.Option(help="Sequences per step.")] = 1,
+    batch: Annotated[int, typer.Option(help="Sequences per step.", parser=_typed_int)] = 1,
     seq_len: Annotated[Optional[int], typer.Option(help="Tokens per sequence (default 2048, or the model's position "
                                                         "limit when shorter; more than a learned position table, "
-                                                        "GPT-2's or BERT's, is refused).")] = None,
+                                                        "GPT-2's or BERT's, is refused).", parser=_typed_int)] = None,
     precision: Annotated[Optional[str], typer.Option(help="fp32, bf16, fp16 or mixed (bf16 weights and activations, "
                                                          "fp32 master weights and Adam states). Default: mixed for "
                                                          "--method full, bf16 otherwise.")] = None,

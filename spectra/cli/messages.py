@@ -1,9 +1,8 @@
-"""The command line's words: library errors and notes in the options of the command that was run (and its float
-options' numbers as typed), and third-party output kept out of the terminal."""
+"""The command line's words: library errors and notes in the options of the command that was run, and third-party
+output kept out of the terminal. (A number option's value is named as typed by the value itself: options.TypedFloat.)"""
 
 from __future__ import annotations
 
-import math
 import os
 import re
 
@@ -47,8 +46,7 @@ def _cli_message(err: Exception, argv: list[str]) -> str:
     ``--energy``, ``max_rank`` → ``--max-rank``), and the NaN/Inf error's hint names --skip-nonfinite only where the
     command has it. A field is read as one where it is qualified, assigned, holds an underscore or opens the
     message: a plain word ("the rank of") stays prose, and so does a bare word the user typed as a value (a folder
-    named eval_data). A field the command has no option for stays as it is. A float option's number is named as
-    typed (``--energy 2``: ``got 2``, not typer's ``2.0``; :func:`_typed_numbers`)."""
+    named eval_data). A field the command has no option for stays as it is."""
     from spectra.errors import NonFiniteWeightError
 
     text = str(err)
@@ -85,37 +83,6 @@ def _command_options(argv: list[str]) -> dict[str, tuple[str, bool, str | None]]
             for p in command.params if p.param_type_name == "option" and any(o.startswith("--") for o in p.opts)}
 
 
-def _typed_numbers(argv: list[str]) -> dict[str, str]:
-    """The number each float option of the command `argv` runs was given as, as a library message prints it (``2.0``,
-    ``-1.0``, ``1e-06``), → the text the user typed for it (``2``, ``-1``, ``1e-6``), where the two differ. A number
-    that two options typed differently share is left out: which one a message means cannot be told; so is one that is
-    not finite (1e400, nan): a message's "inf" or "nan" may come of anything that overflowed."""
-    command = _command(argv)
-    typed: dict[str, set[str]] = {}
-    for param in command.params if command is not None else ():
-        annotation = getattr(getattr(param, "type_descriptor", None), "annotation", None)  # typer 0.29: float
-        kind = getattr(getattr(param, "type", None), "name", None)  # an older typer: click's FLOAT
-        if param.param_type_name != "option" or not (annotation is float or kind in ("float", "float range")):
-            continue
-        value = None
-        for i, arg in enumerate(argv):  # the last one given counts, as for click
-            if arg == "--":
-                break
-            if arg in param.opts and i + 1 < len(argv):
-                value = argv[i + 1]
-            elif arg.startswith(tuple(f"{o}=" for o in param.opts if o.startswith("--"))):
-                value = arg.partition("=")[2]
-        try:
-            shown = str(float(value))  # as the library prints the float the command passed it (str and repr agree)
-        except (TypeError, ValueError):
-            continue
-        if not math.isfinite(float(shown)):  # 1e400 is inf
-            continue
-        if shown != value.strip():
-            typed.setdefault(shown, set()).add(value.strip())
-    return {shown: values.pop() for shown, values in typed.items() if len(values) == 1}
-
-
 def _cli_words(text: str, argv: list[str]) -> str:
     """`text` (an error or a note of the library) with the fields it names as the options of the command `argv`
     runs (see :func:`_cli_message`)."""
@@ -140,18 +107,5 @@ def _cli_words(text: str, argv: list[str]) -> str:
         text = re.sub(r"overwrite=True replaces only a directory that (`spectra [^`]+`) wrote",
                       r"\1 replaces only a directory it wrote", text)
     text = _FIELD.sub(option, text)
-    # a float option's number as typed: `recommend --energy 2` was refused as "got 2.0", typer's float of "2". The
-    # text stands for the same number, so a message that meant another option's equal number still reads true. Not
-    # inside a longer number or a file name (-12.0, 2.05, run-2.0/, 2.0.json), nor inside what the user typed as
-    # another value that holds the printed text (a folder named 2.0, -o 'run 2.0'): their own words
-    for shown, value in _typed_numbers(argv).items():
-        theirs = [(m.start(), m.end()) for word in typed if shown in word and word != value
-                  for m in re.finditer(re.escape(word), text)]
-
-        def as_typed(match: re.Match, value=value, theirs=theirs) -> str:
-            inside = any(start <= match.start() and match.end() <= end for start, end in theirs)
-            return match.group(0) if inside else value
-
-        text = re.sub(rf"(?<![\w.+\-/\\]){re.escape(shown)}(?![\w/\\]|\.\w)", as_typed, text)
     # "--max-length (--max-length) 128", "--overwrite (CLI: --overwrite)": the option once
     return re.sub(r"(--[\w-]+)((?: [^\s()]+)?) \((?:CLI: )?\1\)", r"\1\2", text)

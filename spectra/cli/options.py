@@ -1,5 +1,5 @@
-"""What the commands share of option parsing: comma lists, --stacks, --layers, the check of -o before any work, and
-the help texts several commands give one option."""
+"""What the commands share of option parsing: numbers as typed, comma lists, --stacks, --layers, the check of -o
+before any work, and the help texts several commands give one option."""
 
 from __future__ import annotations
 
@@ -24,6 +24,106 @@ _TASK_HELP = ("auto (default: seq2seq_lm for an encoder-decoder such as T5 or BA
 
 _OVERWRITE_HELP = ("Replace an existing output directory that this command wrote, or an empty one; a folder holding "
                    "any other file is refused, naming it.")
+
+
+class _AsTyped:
+    """A number option's value that prints as the user typed it: ``--energy 2`` is refused as "got 2", not as the
+    float's "2.0" (``--energy 1e-3``: "1e-3", ``--rank +3``: "+3"), with no rewriting of the message. It is the number
+    in all else: it compares, hashes and computes as one, and JSON writes the number (``json`` prints floats and ints
+    by ``float.__repr__`` and ``int.__repr__``)."""
+
+    text: str
+
+    def __new__(cls, text: str):
+        number = super().__new__(cls, text)  # float(text) or int(text): ValueError where text is no such number
+        number.text = text.strip()
+        return number
+
+    def __repr__(self) -> str:  # f"got {x}" and f"got {x!r}" alike; a format spec (f"{x:g}") formats the number
+        return self.text
+
+    __str__ = __repr__
+
+    def __reduce__(self):  # copy, deepcopy (dataclasses.asdict) and pickle keep the text
+        return type(self), (self.text,)
+
+
+class TypedFloat(_AsTyped, float):
+    """A float option's number, printed as typed (see :class:`_AsTyped`)."""
+
+
+class TypedInt(_AsTyped, int):
+    """An int option's number, printed as typed (see :class:`_AsTyped`)."""
+
+
+class _NotANumber(ValueError):
+    """Text a number option cannot read; :func:`_number_refusal` names the option (typer's parser is given the text
+    alone)."""
+
+    def __init__(self, text: str, expected: str) -> None:
+        super().__init__(f"{text!r}: expected {expected}.")
+        self.text, self.expected = text, expected
+
+
+def _typed(typed: type, number: type, value):
+    if not isinstance(value, str):  # the declared default: typer passes it through the parser too (900 → 900.0)
+        return number(value)
+    try:
+        return typed(value)
+    except ValueError:
+        raise _NotANumber(value, "a number" if number is float else "an integer") from None
+
+
+def _typed_float(value) -> float:
+    """The ``parser=`` of every float option: the typed text as a :class:`TypedFloat`."""
+    return _typed(TypedFloat, float, value)
+
+
+def _typed_int(value) -> int:
+    """The ``parser=`` of every int option: the typed text as a :class:`TypedInt`."""
+    return _typed(TypedInt, int, value)
+
+
+_NUMBER_PARSERS = (_typed_float, _typed_int)
+
+
+def _is_number_option(param) -> bool:
+    info = getattr(getattr(param, "type_descriptor", None), "parameter_info", None)
+    return getattr(info, "parser", None) in _NUMBER_PARSERS
+
+
+def _option_name(param) -> str:
+    return max((o for o in param.opts if o.startswith("--")), key=len)
+
+
+def _number_refusal(err: Exception):
+    """A ConfigError in spectra's words (``--energy 'abc': expected a number.``) for typer's refusal `err` of a number
+    option's text, None for any other. typer reads options through pydantic, which hands our parser's error back in
+    the refusal's cause: the option is typer's, the text ours."""
+    from spectra.errors import ConfigError
+
+    param = getattr(err, "param", None)
+    errors = getattr(err.__cause__, "errors", lambda: [])()
+    refused = next((e["ctx"]["error"] for e in errors if isinstance((e.get("ctx") or {}).get("error"), _NotANumber)),
+                   None)
+    if refused is None or param is None or not _is_number_option(param):
+        return None
+    return ConfigError(f"{_option_name(param)} {refused}")
+
+
+def _refuse_out_of_range(ctx) -> None:
+    """Refuse a number option's value outside its declared ``min``/``max``, naming it as typed: typer checks them
+    only with its own number parser, which these options replace (the help still shows the range)."""
+    from spectra.errors import ConfigError
+
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name)
+        if value is None or not _is_number_option(param):
+            continue
+        if param.min is not None and value < param.min:
+            raise ConfigError(f"{_option_name(param)} must be ≥ {param.min}, got {value}.")
+        if param.max is not None and value > param.max:
+            raise ConfigError(f"{_option_name(param)} must be ≤ {param.max}, got {value}.")
 
 
 def _split(value: str | None) -> tuple[str, ...] | None:

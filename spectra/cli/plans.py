@@ -9,7 +9,8 @@ import typer
 from rich.markup import escape  # module names hold brackets ("c_attn[q]") that rich would read as markup
 
 from spectra.cli.messages import _cli_words
-from spectra.cli.options import _OVERWRITE_HELP, _STACKS_HELP, _split, _stacks, _writable
+from spectra.cli.options import (_OVERWRITE_HELP, _STACKS_HELP, _split, _stacks, _typed_float, _typed_int,
+                                 _writable)
 from spectra.cli.tables import _fmt, _module_table
 
 
@@ -17,16 +18,16 @@ def recommend(
     analysis: Annotated[list[str], typer.Argument(help="analysis.json or the report directory of `spectra analyze`; or "
                                                        "BASE TUNED, which are analysed first (cached).")],
     energy: Annotated[Optional[float], typer.Option(help="Per-module energy target τ (default 0.9 unless a budget, "
-                                                         "--rank or --knee decides).")] = None,
+                                                         "--rank or --knee decides).", parser=_typed_float)] = None,
     noise: Annotated[bool, typer.Option(help="Cap ranks at the noise floor.")] = True,
     knee: Annotated[bool, typer.Option(help="Also target the elbow of the energy curve.")] = False,
     uniform: Annotated[bool, typer.Option(help="One power-of-two rank meeting the energy target on --uniform-share "
                                                "of modules.")] = False,
-    uniform_share: Annotated[float, typer.Option(help="Share of modules the uniform rank must satisfy.")] = 0.9,
-    rank: Annotated[Optional[int], typer.Option(help="One fixed rank for every module.")] = None,
+    uniform_share: Annotated[float, typer.Option(help="Share of modules the uniform rank must satisfy.", parser=_typed_float)] = 0.9,
+    rank: Annotated[Optional[int], typer.Option(help="One fixed rank for every module.", parser=_typed_int)] = None,
     budget: Annotated[Optional[str], typer.Option(help="Parameters (20M) or bytes of trainable state (2GB).")] = None,
-    min_rank: Annotated[int, typer.Option(help="Smallest rank of a targeted module.")] = 1,
-    max_rank: Annotated[Optional[int], typer.Option(help="Largest rank of any module.")] = None,
+    min_rank: Annotated[int, typer.Option(help="Smallest rank of a targeted module.", parser=_typed_int)] = 1,
+    max_rank: Annotated[Optional[int], typer.Option(help="Largest rank of any module.", parser=_typed_int)] = None,
     power_of_two: Annotated[bool, typer.Option(help="Round ranks up to powers of two.")] = False,
     roles: Annotated[Optional[str], typer.Option(help="Comma-separated roles to target, e.g. q,k,v,o (q also takes cross-attention's xq; xq only it).")] = None,
     stacks: Annotated[Optional[str], typer.Option(help=_STACKS_HELP)] = None,
@@ -35,12 +36,12 @@ def recommend(
     dora: Annotated[bool, typer.Option(help="Plan DoRA (adds magnitude vectors).")] = False,
     alpha_rule: Annotated[str, typer.Option(help="'scale': same update scale for all; 'constant': one α.")] = "scale",
     scale: Annotated[Optional[float], typer.Option(help="Common update scale for alpha-rule=scale (α = scale·r; "
-                                                        "default 2).")] = None,
-    alpha: Annotated[Optional[float], typer.Option(help="Common α for alpha-rule=constant (default 16).")] = None,
+                                                        "default 2).", parser=_typed_float)] = None,
+    alpha: Annotated[Optional[float], typer.Option(help="Common α for alpha-rule=constant (default 16).", parser=_typed_float)] = None,
     functional: Annotated[Optional[float], typer.Option(
         help="ε in the sweep metric's units: each module gets the smallest swept rank whose truncated model stays "
              "within ε of the full fine-tune (per role when the sweep has role curves). Needs --sweep; replaces "
-             "--energy/--knee.")] = None,
+             "--energy/--knee.", parser=_typed_float)] = None,
     sweep: Annotated[Optional[Path], typer.Option(help="Truncation sweep of the same pair (the directory or "
                                                        "sweep.json of `spectra sweep`), for --functional.")] = None,
     config: Annotated[Optional[str], typer.Option(help="Model config (file, dir or hub id) for the memory estimate, "
@@ -49,10 +50,10 @@ def recommend(
                                                        "default: the analysed base, if local.")] = None,
     method: Annotated[str, typer.Option(help="Method for the memory estimate: lora, qlora or dora.")] = "lora",
     # min=1: refused as the command's input, where the library's refusal would read as "memory: no estimate"
-    batch: Annotated[int, typer.Option(min=1, help="Batch size for the memory estimate.")] = 1,
+    batch: Annotated[int, typer.Option(min=1, help="Batch size for the memory estimate.", parser=_typed_int)] = 1,
     seq_len: Annotated[Optional[int], typer.Option(min=1, help="Sequence length for the memory estimate (default "
                                                                "2048, or the model's position limit when "
-                                                               "shorter).")] = None,
+                                                               "shorter).", parser=_typed_int)] = None,
     output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Write the plan (with its PEFT config) "
                                                                           "as JSON here (refused if it exists, unless "
                                                                           "--overwrite).")] = None,
@@ -203,13 +204,13 @@ def extract(
     rank: Annotated[Optional[str], typer.Option(help="One rank for every targeted module, or 'full': each at rank min(d_in, d_out), lossless for what the adapter holds (a note names the changed tensors it leaves out).")] = None,
     roles: Annotated[Optional[str], typer.Option(help="With --rank: roles to target (default q, k, v, o, gate, up, down; q also takes cross-attention's xq, k xk, v xv, o xo, and DeepSeek's q_a and q_b; k and v its kv_a and kv_b).")] = None,
     stacks: Annotated[Optional[str], typer.Option(help="With --rank: c" + _STACKS_HELP.removeprefix("C"))] = None,
-    alpha: Annotated[Optional[float], typer.Option(help="With --rank: lora_alpha (default scale 2: 2·rank, 2·√rank with --rslora).")] = None,
+    alpha: Annotated[Optional[float], typer.Option(help="With --rank: lora_alpha (default scale 2: 2·rank, 2·√rank with --rslora).", parser=_typed_float)] = None,
     rslora: Annotated[bool, typer.Option("--rslora", help="With --rank: rsLoRA scaling α/√r.")] = False,
     modules_to_save: Annotated[Optional[str], typer.Option(help="Comma-separated modules copied whole from TUNED, e.g. classifier (matched at a dot; a module PEFT would also wrap, its name ending with one as a string, is saved too, with a note).")] = None,
     calibration: Annotated[Optional[Path], typer.Option(help="Calibration data (.txt, or .jsonl/.csv/.tsv with a text field): each module's data-optimal rank-r update, best on the base's inputs for these texts (SVD-LLM), instead of the plain truncated SVD.")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help=_OVERWRITE_HELP)] = False,
     device: Annotated[str, typer.Option(help="Torch device for ΔW and its SVD: cpu, cuda, cuda:1.")] = "cpu",
-    workers: Annotated[Optional[int], typer.Option(help="Modules decomposed at once, each on its own thread with (torch threads ÷ workers) threads. Default: one per torch thread up to 4 on the CPU, 1 on a GPU.")] = None,
+    workers: Annotated[Optional[int], typer.Option(help="Modules decomposed at once, each on its own thread with (torch threads ÷ workers) threads. Default: one per torch thread up to 4 on the CPU, 1 on a GPU.", parser=_typed_int)] = None,
     model_class: Annotated[Optional[str], typer.Option(
         help="transformers class the adapter is for, whose module names its keys use, e.g. LlamaForCausalLM "
              "(default: the base's class; the tuned one's when only it has the modules the adapter needs).")] = None,

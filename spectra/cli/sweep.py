@@ -9,7 +9,8 @@ import typer
 from rich.markup import escape  # module names hold brackets ("c_attn[q]") that rich would read as markup
 
 from spectra.cli.messages import _cli_message
-from spectra.cli.options import _OVERWRITE_HELP, _STACKS_HELP, _TASK_HELP, _split, _stacks, _writable
+from spectra.cli.options import (_OVERWRITE_HELP, _STACKS_HELP, _TASK_HELP, _split, _stacks, _typed_float,
+                                 _typed_int, _writable)
 
 
 def sweep(
@@ -24,17 +25,17 @@ def sweep(
     by_role: Annotated[bool, typer.Option("--by-role", help="Also one curve per role of each stack (that role truncated, the rest full; a vision tower's q is 'vision q').")] = False,
     metric: Annotated[Optional[str], typer.Option(help="accuracy, loss or perplexity (default: accuracy with labels, else perplexity).")] = None,
     plan: Annotated[Optional[Path], typer.Option(help="A plan from `spectra recommend`: its modules are the targets of every curve, plus one point for the adapter `spectra extract --plan` writes (the base with each planned module at its rank, every other tensor the base's).")] = None,
-    epsilon: Annotated[Optional[float], typer.Option(help="Mark the smallest rank within ε of the full fine-tune (metric units).")] = None,
+    epsilon: Annotated[Optional[float], typer.Option(help="Mark the smallest rank within ε of the full fine-tune (metric units).", parser=_typed_float)] = None,
     analysis: Annotated[Optional[Path], typer.Option(help="With --epsilon: an analysis of the pair; writes OUTPUT/plan.json from the functional policy.")] = None,
     calibration: Annotated[Optional[Path], typer.Option(help="Calibration data: truncate data-optimally (best on these inputs) instead of by Eckart–Young.")] = None,
     roles: Annotated[Optional[str], typer.Option(help="Roles to truncate (default every block linear: q, k, v, o, qkv, gate, up, down, gate_up; q also takes DeepSeek's q_a and q_b, k and v its kv_a and kv_b).")] = None,
     stacks: Annotated[Optional[str], typer.Option(help=_STACKS_HELP)] = None,
     task: Annotated[str, typer.Option(help=_TASK_HELP)] = "auto",
-    batch_size: Annotated[int, typer.Option(help="Eval examples per forward pass.")] = 32,
-    max_length: Annotated[Optional[int], typer.Option(help="Tokens per example (default 128, or the model's position limit when shorter, said in a note; a value beyond a learned position table, BERT's or GPT-2's, is refused).")] = None,
-    bootstrap: Annotated[int, typer.Option(help="Bootstrap replicates of the intervals (0: none).")] = 1000,
+    batch_size: Annotated[int, typer.Option(help="Eval examples per forward pass.", parser=_typed_int)] = 32,
+    max_length: Annotated[Optional[int], typer.Option(help="Tokens per example (default 128, or the model's position limit when shorter, said in a note; a value beyond a learned position table, BERT's or GPT-2's, is refused).", parser=_typed_int)] = None,
+    bootstrap: Annotated[int, typer.Option(help="Bootstrap replicates of the intervals (0: none).", parser=_typed_int)] = 1000,
     device: Annotated[str, typer.Option(help="Where the model is evaluated: cpu, cuda, cuda:1.")] = "cpu",
-    seed: Annotated[int, typer.Option(help="Seed of the bootstrap.")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of the bootstrap.", parser=_typed_int)] = 0,
     overwrite: Annotated[bool, typer.Option("--overwrite", help=_OVERWRITE_HELP)] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar, no table.")] = False,
 ) -> None:

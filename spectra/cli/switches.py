@@ -8,6 +8,9 @@ names' width it cuts the names with the help: ``spectra memory --help`` at 80 co
 name goes under the other in the names' column, which frees the ``--no-`` column for the help. At 80 columns and
 wider no name is cut; narrower (40 columns) rich narrows the names' column as well and names are still cut
 (``--gradien…``, ``--no-doub…``), though fewer and less than in typer's own layout.
+
+The command also reads its number options as typed (options.TypedFloat, TypedInt) and refuses a number option's value
+in spectra's words, as every other refusal: ``error: --energy 'abc': expected a number.``
 """
 
 from __future__ import annotations
@@ -15,11 +18,27 @@ from __future__ import annotations
 from rich.measure import Measurement
 from rich.table import Table
 from rich.text import Text
+from typer import BadParameter
 from typer.core import TyperCommand
+
+from spectra.cli.options import _number_refusal, _refuse_out_of_range
 
 
 class SpectraCommand(TyperCommand):
-    """A command whose ``--help`` cuts no option's name at 80 columns and wider (see the module's docstring)."""
+    """A command whose ``--help`` cuts no option's name at 80 columns and wider, and whose number options are refused
+    in spectra's words (see the module's docstring)."""
+
+    def parse_args(self, ctx, args):
+        try:
+            rest = super().parse_args(ctx, args)
+        except BadParameter as err:
+            refusal = _number_refusal(err)
+            if refusal is None:
+                raise
+            raise refusal from None
+        if not ctx.resilient_parsing:
+            _refuse_out_of_range(ctx)
+        return rest
 
     def format_help(self, ctx, formatter) -> None:
         from typer import rich_utils  # the options table is made there, as rich_utils.Table

@@ -8,7 +8,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from spectra.cli.options import _OVERWRITE_HELP, _STACKS_HELP, _TASK_HELP, _split, _stacks, _writable
+from spectra.cli.options import (_OVERWRITE_HELP, _STACKS_HELP, _TASK_HELP, _split, _stacks, _typed_float,
+                                 _typed_int, _writable)
 from spectra.cli.tables import _plain_table
 
 
@@ -23,8 +24,8 @@ def train(
     full: Annotated[bool, typer.Option("--full", help="Full fine-tune instead of an adapter: writes a checkpoint that "
                                                       "pairs with BASE (no --method, --rank, --alpha, --rslora, "
                                                       "--plan, --roles, --stacks).")] = False,
-    rank: Annotated[Optional[int], typer.Option(help="LoRA rank of every targeted module (default 8).")] = None,
-    alpha: Annotated[Optional[float], typer.Option(help="LoRA α (default scale 2: 2·rank, 2·√rank with --rslora).")] = None,
+    rank: Annotated[Optional[int], typer.Option(help="LoRA rank of every targeted module (default 8).", parser=_typed_int)] = None,
+    alpha: Annotated[Optional[float], typer.Option(help="LoRA α (default scale 2: 2·rank, 2·√rank with --rslora).", parser=_typed_float)] = None,
     rslora: Annotated[bool, typer.Option("--rslora", help="Scale by α/√r (rsLoRA).")] = False,
     plan: Annotated[Optional[Path], typer.Option(help="Per-module ranks and α from `spectra recommend -o plan.json` "
                                                       "(instead of --rank, --alpha and --roles).")] = None,
@@ -36,15 +37,15 @@ def train(
     task: Annotated[str, typer.Option(help=_TASK_HELP)] = "auto",
     eval_data: Annotated[Optional[Path], typer.Option(help="Held-out data (default: --eval-fraction of --data).")] = None,
     eval_fraction: Annotated[Optional[float], typer.Option(
-        help="Share of --data held out without --eval-data (default 0.1, at least one example; 0: none).")] = None,
-    epochs: Annotated[int, typer.Option(help="Passes over the data.")] = 1,
-    max_steps: Annotated[Optional[int], typer.Option(help="Stop after this many steps.")] = None,
-    batch_size: Annotated[int, typer.Option(help="Examples per step.")] = 16,
-    max_length: Annotated[Optional[int], typer.Option(help="Tokens per example (default 128, or the model's position limit when shorter, said in a note; a value beyond a learned position table, BERT's or GPT-2's, is refused).")] = None,
+        help="Share of --data held out without --eval-data (default 0.1, at least one example; 0: none).", parser=_typed_float)] = None,
+    epochs: Annotated[int, typer.Option(help="Passes over the data.", parser=_typed_int)] = 1,
+    max_steps: Annotated[Optional[int], typer.Option(help="Stop after this many steps.", parser=_typed_int)] = None,
+    batch_size: Annotated[int, typer.Option(help="Examples per step.", parser=_typed_int)] = 16,
+    max_length: Annotated[Optional[int], typer.Option(help="Tokens per example (default 128, or the model's position limit when shorter, said in a note; a value beyond a learned position table, BERT's or GPT-2's, is refused).", parser=_typed_int)] = None,
     group_by_length: Annotated[bool, typer.Option(
         "--group-by-length", help="Batch texts of similar length together: ~2× faster on short texts of mixed "
                                   "length (less padding), batches a little less random.")] = False,
-    lr: Annotated[Optional[float], typer.Option(help="Learning rate (default 5e-4 adapters, 1e-4 full).")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Learning rate (default 5e-4 adapters, 1e-4 full).", parser=_typed_float)] = None,
     compute_dtype: Annotated[str, typer.Option(help="QLoRA compute dtype: float32, bfloat16 or float16.")] = "float32",
     teacher: Annotated[Optional[str], typer.Option(help="Distil from this checkpoint's outputs instead of labels.")] = None,
     gradient_checkpointing: Annotated[bool, typer.Option(
@@ -52,7 +53,7 @@ def train(
                                          "(less memory, ~1/3 more compute; `spectra memory` shows both).")] = False,
     device: Annotated[str, typer.Option(help="Where the model trains: cpu, cuda, cuda:1 (CUDA runs are not "
                                              "bit-reproducible).")] = "cpu",
-    seed: Annotated[int, typer.Option(help="Seed (same seed, same adapter bytes on CPU).")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed (same seed, same adapter bytes on CPU).", parser=_typed_int)] = 0,
     overwrite: Annotated[bool, typer.Option("--overwrite", help=_OVERWRITE_HELP)] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
@@ -103,21 +104,21 @@ def verify(
     data: Annotated[Optional[Path], typer.Option(help="Training data for --sweep.")] = None,
     eval_data: Annotated[Optional[Path], typer.Option(help="Eval data: loss/accuracy of base, tuned, adapter, SVD.")] = None,
     eval_fraction: Annotated[Optional[float], typer.Option(
-        help="Sweep: share of --data each run holds out for its own eval (default 0.1; 0 for none, e.g. one example).")] = None,
+        help="Sweep: share of --data each run holds out for its own eval (default 0.1; 0 for none, e.g. one example).", parser=_typed_float)] = None,
     adapters_dir: Annotated[Optional[Path], typer.Option(help="Where --sweep puts adapters (default OUTPUT-adapters).")] = None,
     plan: Annotated[Optional[Path], typer.Option(help="The plan from `spectra recommend`: its rank is marked.")] = None,
-    recommended: Annotated[Optional[int], typer.Option(help="Rank to mark as recommended (instead of --plan).")] = None,
+    recommended: Annotated[Optional[int], typer.Option(help="Rank to mark as recommended (instead of --plan).", parser=_typed_int)] = None,
     distill: Annotated[bool, typer.Option("--distill", help="Sweep: fit adapters to TUNED's outputs, not labels.")] = False,
     roles: Annotated[Optional[str], typer.Option(help="Sweep: roles to target (default every block linear).")] = None,
     stacks: Annotated[Optional[str], typer.Option(help="Sweep: c" + _STACKS_HELP.removeprefix("C"))] = None,
-    epochs: Annotated[int, typer.Option(help="Sweep: passes over the data.")] = 1,
-    max_steps: Annotated[Optional[int], typer.Option(help="Sweep: steps per run.")] = None,
-    lr: Annotated[Optional[float], typer.Option(help="Sweep: learning rate.")] = None,
+    epochs: Annotated[int, typer.Option(help="Sweep: passes over the data.", parser=_typed_int)] = 1,
+    max_steps: Annotated[Optional[int], typer.Option(help="Sweep: steps per run.", parser=_typed_int)] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Sweep: learning rate.", parser=_typed_float)] = None,
     group_by_length: Annotated[bool, typer.Option(
         "--group-by-length", help="Sweep: batch texts of similar length together (less padding; see `train`).")] = False,
     device: Annotated[str, typer.Option(help="Where the measures' SVDs, the evaluations and the sweep's training "
                                              "run: cpu, cuda, cuda:1.")] = "cpu",
-    seed: Annotated[int, typer.Option(help="Seed of training and of any new head.")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of training and of any new head.", parser=_typed_int)] = 0,
     overwrite: Annotated[bool, typer.Option("--overwrite", help=_OVERWRITE_HELP + " With --sweep, each "
                                                                 "{method}-r{rank} folder under --adapters-dir is "
                                                                 "replaced too, by the same rule (one `train` wrote, or "

@@ -1,23 +1,21 @@
-"""A refused float option is named as the user typed it: `recommend --energy 2` said "got 2.0", the float typer made
-of "2" (analyze's --energy list was fixed before, test_cli_messages.py). Every command's float options, one rule
-(messages._typed_numbers); the values the commands pass on are unchanged."""
+"""A number option is named back as the user typed it: `recommend --energy 2` said "got 2.0", the float typer made of
+"2". Every float and int option reads its text as a number that prints as typed (options.TypedFloat, TypedInt), so a
+refusal quotes it with no rewriting of the message; a text that is no number, or a value outside the option's range,
+is refused in spectra's words, naming the option. The numbers the commands pass on are unchanged."""
 
 from __future__ import annotations
 
+import copy
 import json
+import pickle
 
 import pytest
+import typer
 
-from spectra.cli.messages import _cli_words
+from spectra.cli import app
+from spectra.cli.options import TypedFloat, TypedInt, _typed_float, _typed_int
+from spectra.cli.switches import SpectraCommand
 from tests.cli.test_cli import run
-from tests.models import planted_gpt2, save
-
-
-@pytest.fixture(scope="module")
-def pair(tmp_path_factory):
-    root = tmp_path_factory.mktemp("typed")
-    base, tuned = planted_gpt2()
-    return save(base, root / "b", "safetensors"), save(tuned, root / "t", "safetensors")
 
 
 @pytest.fixture(scope="module")
@@ -29,87 +27,127 @@ def report(pair, tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("typed", ["2", "1.50", "2e0", "-0", "+3", "1_5"])
+def _commands(command=None, path=()):
+    """Every command of the app, by its words (("bench", "svd"), ...)."""
+    command = command or typer.main.get_command(app)
+    if hasattr(command, "commands"):
+        for name, sub in command.commands.items():
+            yield from _commands(sub, (*path, name))
+    else:
+        yield path, command
+
+
+def test_every_number_option_reads_its_text_as_typed():
+    """One rule for every command: each float option is parsed by _typed_float, each int option by _typed_int, in a
+    command that turns their refusals into spectra's (SpectraCommand). A number option added without it is caught."""
+    seen = {float: 0, int: 0}
+    for path, command in _commands():
+        for param in command.params:
+            descriptor = getattr(param, "type_descriptor", None)
+            kind = getattr(descriptor, "annotation", None)
+            if kind not in (float, int):
+                continue
+            seen[kind] += 1
+            parser = descriptor.parameter_info.parser
+            assert parser is {float: _typed_float, int: _typed_int}[kind], (path, param.name, parser)
+            assert isinstance(command, SpectraCommand), path
+    assert seen[float] >= 15 and seen[int] >= 30, seen  # the check saw the options (18 and 35 today)
+
+
+@pytest.mark.parametrize("typed", ["2", "2.0", "1.50", "2e0", "-0", "+3", "1_5", "1e400", "NaN"])
 def test_recommend_names_a_refused_energy_as_typed(monkeypatch, capsys, report, tmp_path, typed):
     code, _, err = run(monkeypatch, capsys, "recommend", report, "--energy", typed, "-o", tmp_path / "plan.json")
-    assert code == 2 and f"--energy must be in (0, 1], got {typed}.\n" in err, err
-    assert f"got {float(typed)}." not in err  # 2.0, 1.5, -0.0, 3.0, 15.0: what it said before
+    assert code == 2 and f"error: --energy must be in (0, 1], got {typed}.\n" in err, err
+    if str(float(typed)) != typed:
+        assert f"got {float(typed)}." not in err  # 2.0, 1.5, -0.0, 3.0, 15.0, inf, nan: what it said before
     assert not (tmp_path / "plan.json").exists()
     code, _, err = run(monkeypatch, capsys, "recommend", report, f"--energy={typed}")  # the = form too
     assert code == 2 and f"got {typed}.\n" in err, err
 
 
-def test_the_number_of_an_option_not_typed_stays_as_printed(monkeypatch, capsys, report):
-    """--alpha -1 with alpha-rule constant: the typed -1 as typed; a number beside it that no option typed (the
-    default scale, 2.0) as the library prints it."""
-    code, _, err = run(monkeypatch, capsys, "recommend", report, "--alpha-rule", "constant", "--alpha", "-1")
-    assert code == 2 and "--alpha must be > 0, got -1.\n" in err, err
-    code, _, err = run(monkeypatch, capsys, "recommend", report, "--scale", "-1.0")  # typed as printed: unchanged
-    assert code == 2 and "--scale must be > 0, got -1.0." in err, err
-    argv = ["recommend", "r", "--alpha-rule", "constant", "--alpha", "-1"]
-    assert _cli_words("alpha must be > 0, got -1.0 (scale 2.0).", argv) == "--alpha must be > 0, got -1 (scale 2.0)."
+# (command, its arguments, what the refusal says): a typed 2, 2.0, 1e-3, a 0.9,2 list, a non-number, a negative int
+_REFUSED = [
+    (["recommend", "{r}", "--energy", "2"], "--energy must be in (0, 1], got 2.\n"),
+    (["recommend", "{r}", "--energy", "2.0"], "--energy must be in (0, 1], got 2.0.\n"),
+    (["recommend", "{r}", "--scale", "-1e-3"], "--scale must be > 0, got -1e-3.\n"),
+    (["recommend", "{r}", "--energy", "abc"], "--energy 'abc': expected a number.\n"),
+    (["recommend", "{r}", "--rank", "-3"], "--rank must be a positive integer or None, got -3.\n"),
+    (["recommend", "{r}", "--rank", "1e-3"], "--rank '1e-3': expected an integer.\n"),
+    (["recommend", "{r}", "--uniform", "--uniform-share", "2"], "--uniform-share must be in (0, 1], got 2.\n"),
+    (["recommend", "{r}", "--alpha-rule", "constant", "--alpha", "-1"], "--alpha must be > 0, got -1.\n"),
+    (["analyze", "{b}", "{t}", "--resolve", "2"], "--resolve: 2 must be an energy fraction"),
+    (["analyze", "{b}", "{t}", "--resolve", "2.0"], "--resolve: 2.0 must be an energy fraction"),
+    (["analyze", "{b}", "{t}", "--energy", "0.9,2"], "--energy: 2 must be an energy fraction in (0, 1]."),
+    (["analyze", "{b}", "{t}", "--energy", "0.9,1e-3,2.0"], "--energy: 2.0 must be an energy fraction in (0, 1]."),
+    (["analyze", "{b}", "{t}", "--full-below", "-3"], "--full-below: -3 must be ≥ 0."),
+    (["analyze", "{b}", "{t}", "--workers", "abc"], "--workers 'abc': expected an integer.\n"),
+    (["train", "{b}", "--data", "{d}", "--lr", "-2"], "--lr must be positive, got -2.\n"),
+    (["train", "{b}", "--data", "{d}", "--lr", "-1e-3"], "--lr must be positive, got -1e-3.\n"),
+    (["train", "{b}", "--data", "{d}", "--lr", "abc"], "--lr 'abc': expected a number.\n"),
+    (["train", "{b}", "--data", "{d}", "--alpha", "-2.0"], "--alpha must be positive, got -2.0.\n"),
+    (["train", "{b}", "--data", "{d}", "--batch-size", "-3"], "--batch-size must be a positive integer, got -3.\n"),
+    (["extract", "{b}", "{t}", "--rank", "4", "--alpha", "-2"], "--alpha must be positive, got -2 (the update"),
+    (["sweep", "{b}", "{t}", "--data", "{d}", "--epsilon", "-1e-3"], "units, got -1e-3.\n"),
+    (["sweep", "{b}", "{t}", "--data", "{d}", "--batch-size", "-3"], "--batch-size must be ≥ 1, got -3.\n"),
+    (["bench", "make-pair", "{o}", "--tail", "2"], "--tail: 2 must be in [0, 1)."),
+    (["bench", "make-pair", "{o}", "--seed", "abc"], "--seed 'abc': expected an integer.\n"),
+]
 
 
-@pytest.mark.parametrize("args, said, before", [
-    (["analyze", "{b}", "{t}", "--resolve", "2"], "--resolve: 2 must be an energy fraction", "2.0"),
-    (["train", "{b}", "--data", "{d}", "--lr", "-1"], "--lr must be positive, got -1.\n", "-1.0"),
-    (["train", "{b}", "--data", "{d}", "--alpha", "-2"], "--alpha must be positive, got -2.\n", "-2.0"),
-    (["extract", "{b}", "{t}", "--rank", "4", "--alpha", "-2"], "--alpha must be positive, got -2 (the update",
-     "-2.0"),
-    (["sweep", "{b}", "{t}", "--data", "{d}", "--epsilon", "-1e0"], "units, got -1e0.\n", "-1.0"),
-    (["recommend", "{r}", "--uniform", "--uniform-share", "2"], "--uniform-share must be in (0, 1], got 2.\n",
-     "2.0"),
-    (["bench", "make-pair", "{o}", "--tail", "2"], "--tail: 2 must be in [0, 1).", "2.0"),
-])
-def test_every_commands_float_options_are_named_as_typed(monkeypatch, capsys, pair, report, tmp_path, args, said,
-                                                         before):
+@pytest.mark.parametrize("args, said", _REFUSED, ids=[" ".join(a) for a, _ in _REFUSED])
+def test_refusals_quote_the_typed_text_and_name_the_option(monkeypatch, capsys, pair, report, tmp_path, args, said):
     data = tmp_path / "eval.txt"
     data.write_text("some text to evaluate on\n" * 4)
     fill = {"b": pair[0], "t": pair[1], "r": report, "d": data, "o": tmp_path / "out"}
     extra = [] if args[0] == "bench" else ["-o", tmp_path / "out"]
-    code, _, err = run(monkeypatch, capsys, *[a.format(**fill) for a in args], *extra)
-    assert code == 2 and said in err, err
-    assert before not in err  # typer's float of what was typed: what it said before
-    assert not (tmp_path / "out").exists()
+    code, out, err = run(monkeypatch, capsys, *[a.format(**fill) for a in args], *extra)
+    assert code == 2 and err.startswith("error: ") and said in err, err
+    assert "Usage:" not in err and "Invalid value" not in err  # spectra's refusal, not typer's usage box
+    assert not out and not (tmp_path / "out").exists()
 
 
-def test_a_word_that_is_no_number_keeps_typers_own_refusal(monkeypatch, capsys, report):
-    """Negative control: typer refuses "2x" itself, as a usage error, before the command runs."""
-    code, _, err = run(monkeypatch, capsys, "recommend", report, "--energy", "2x")
-    assert code == 2 and "Invalid value for '--energy'" in err and "got" not in err, err
+def test_a_value_outside_the_options_range_is_refused_as_typed(monkeypatch, capsys, report, tmp_path):
+    """recommend --batch and --seq-len are declared min=1 (their help says "[x>=1]"); typer checks that range only
+    with its own number parser, so the command checks it, quoting the value as typed."""
+    for args, said in ((("--batch", "0"), "--batch must be ≥ 1, got 0.\n"),
+                       (("--seq-len", "-00"), "--seq-len must be ≥ 1, got -00.\n")):
+        code, _, err = run(monkeypatch, capsys, "recommend", report, *args, "-o", tmp_path / "plan.json")
+        assert code == 2 and err.startswith("error: " + said), err
+        assert not (tmp_path / "plan.json").exists()
+    # negative control: the least value in range is taken
+    code, out, err = run(monkeypatch, capsys, "recommend", report, "--batch", "1", "--seq-len", "1", "--json")
+    assert code == 0 and json.loads(out)["memory"] is not None, err
 
 
 def test_accepted_values_are_the_numbers_they_were(monkeypatch, capsys, report):
-    """--energy 0.90 and 0.9 make the same plan: the command still passes the float."""
-    code, first, err = run(monkeypatch, capsys, "recommend", report, "--energy", "0.9", "--json")
-    assert code == 0, err
-    code, second, err = run(monkeypatch, capsys, "recommend", report, "--energy", "0.90", "--json")
-    assert code == 0, err
-    assert json.loads(first) == json.loads(second)
+    """--energy 0.90 and 0.9 make the same plan, --min-rank +1 and 1 too: the command passes the number on."""
+    plans = []
+    for args in (("--energy", "0.9"), ("--energy", "0.90"), ("--energy", "9e-1", "--min-rank", "+1")):
+        code, out, err = run(monkeypatch, capsys, "recommend", report, *args, "--json")
+        assert code == 0, err
+        plans.append(json.loads(out))
+    assert plans[0] == plans[1] == plans[2]
+    assert plans[1]["policy"]["energy"] == 0.9  # JSON holds the number, not the text typed
 
 
-def test_only_the_typed_number_is_rewritten():
-    argv = ["recommend", "r", "--energy", "2"]
-    said = "--energy must be in (0, 1], got 2.0."
-    assert _cli_words(said, argv) == "--energy must be in (0, 1], got 2."
-    # not inside a longer number, a path or a version
-    for text in ("got 12.0.", "got 2.05.", "got -2.0.", "see run-2.0/plan.json", "v2.0.1", "/data/2.0/x", "x2.0"):
-        assert _cli_words(text, argv) == text, text
-    # the last one given counts, as it does for the command
-    assert _cli_words("got 3.0.", ["recommend", "r", "--energy", "2", "--energy", "3"]) == "got 3."
-    # an int option is not a float's text: --rank 2 leaves a 2.0
-    assert _cli_words("got 2.0.", ["recommend", "r", "--rank", "2"]) == "got 2.0."
-    # a command without float options, and no command: unchanged
-    assert _cli_words("got 2.0.", ["show", "2"]) == "got 2.0."
-    assert _cli_words("got 2.0.", []) == "got 2.0."
-
-
-def test_one_number_typed_two_ways_is_left_as_printed():
-    """--scale 2 --alpha 2.00 both print 2.0: which one a message means cannot be told, so neither text is put."""
-    text = "--scale and alpha must be > 0, got 2.0, 2.0."
-    assert _cli_words(text, ["recommend", "r", "--scale", "2", "--alpha", "2.00"]) == text
-    assert _cli_words(text, ["recommend", "r", "--scale", "2", "--alpha", "2"]) == \
-        "--scale and alpha must be > 0, got 2, 2."
+def test_typed_numbers_print_as_typed_and_are_the_numbers():
+    energy, rank = _typed_float(" 2 "), _typed_int("+3")
+    assert type(energy) is TypedFloat and type(rank) is TypedInt
+    assert energy == 2.0 and rank == 3 and hash(energy) == hash(2.0) and {rank: "r"}[3] == "r"
+    assert (f"got {energy}", f"got {energy!r}", str(rank), f"{rank!r}") == ("got 2", "got 2", "+3", "+3")
+    assert f"{energy:g} {energy:.3f} {rank:d} {rank:03d}" == "2 2.000 3 003"  # a format spec formats the number
+    assert type(energy * 1) is float and type(rank + 0) is int and str(energy / 4) == "0.5"
+    assert json.dumps({"energy": energy, "rank": rank, rank: 1}) == '{"energy": 2.0, "rank": 3, "3": 1}'
+    for copied in (copy.copy(energy), copy.deepcopy(rank), pickle.loads(pickle.dumps(energy))):
+        assert type(copied) in (TypedFloat, TypedInt) and str(copied) in ("2", "+3")
+    # a default is passed through the parser as the number it was declared (typer does so): no text to keep
+    for default, parser, kind in ((900, _typed_float, float), (0.9, _typed_float, float), (8, _typed_int, int)):
+        parsed = parser(default)
+        assert type(parsed) is kind and parsed == default
+    # negative control: a text that is no number of the option's kind is refused, quoting it
+    for parser, text in ((_typed_float, "abc"), (_typed_float, ""), (_typed_int, "2.0"), (_typed_int, "1e3")):
+        with pytest.raises(ValueError, match=f"^{text!r}: expected"):
+            parser(text)
 
 
 def test_a_value_typed_as_the_printed_number_is_left_as_it_is(monkeypatch, capsys, tmp_path):
@@ -117,11 +155,6 @@ def test_a_value_typed_as_the_printed_number_is_left_as_it_is(monkeypatch, capsy
     monkeypatch.chdir(tmp_path)
     code, _, err = run(monkeypatch, capsys, "train", "2.0", "--data", "eval.txt", "--lr", "2", "-o", "out")
     assert code == 2 and "checkpoint '2.0' does not exist" in err, err
-    text = "cannot read 2.0: no such file"
-    assert _cli_words(text, ["train", "2.0", "--lr", "2"]) == text
-    assert _cli_words(text, ["train", "--output=2.0", "--lr", "2"]) == text
-    # negative control: without the folder typed, the number is the option's
-    assert _cli_words(text, ["train", "m", "--lr", "2"]) == "cannot read 2: no such file"
 
 
 @pytest.mark.parametrize("path", ["1.0.json", "run 1.0.json", "out/1.0"])
@@ -135,20 +168,12 @@ def test_a_path_that_holds_the_printed_number_is_named_as_typed(monkeypatch, cap
     assert code != 0 and f"-o {path} exists" in err.replace("\n", ""), err  # it said "-o 1.json exists"
 
 
-def test_the_users_own_words_and_computed_infinities_are_left_as_printed():
-    argv = ["recommend", "r", "--energy", "2", "-o", "2.0.json"]
-    assert _cli_words("cannot write 2.0.json: exists; got 2.0.", argv) == "cannot write 2.0.json: exists; got 2."
-    argv = ["recommend", "r", "--energy", "2", "-o", "run 2.0"]
-    assert _cli_words("cannot write 'run 2.0'; got 2.0.", argv) == "cannot write 'run 2.0'; got 2."
-    argv = ["recommend", "r", "--energy", "2", "--output=/tmp/run 2.0"]
-    assert _cli_words("cannot write '/tmp/run 2.0'.", argv) == "cannot write '/tmp/run 2.0'."
-    # negative control: the same text where the user typed no such path is the option's number
-    assert _cli_words("cannot write 'run 2.0'; got 2.0.", ["recommend", "r", "--energy", "2"]) == \
-        "cannot write 'run 2'; got 2."
-    # a file name that is not typed but holds the number (2.0.json) is not rewritten either
-    assert _cli_words("wrote 2.0.json", ["recommend", "r", "--energy", "2"]) == "wrote 2.0.json"
-    # 1e400 is inf, nan is nan: an "inf" in a message may be any overflow, so it is never put as typed
-    for typed in ("1e400", "-1e400", "NaN"):
-        argv = ["recommend", "r", "--energy", typed]
-        text = "a loss of inf and -inf and nan; got inf"
-        assert _cli_words(text, argv) == "a loss of inf and -inf and nan; got inf", typed
+def test_two_options_typed_as_one_number_are_each_named_as_typed(monkeypatch, capsys, report, tmp_path):
+    """--scale 2 --alpha 2.00 are one number typed two ways: each refusal quotes its own option's text (the message
+    rewriting this replaced could name neither)."""
+    code, _, err = run(monkeypatch, capsys, "recommend", report, "--uniform", "--uniform-share", "2.00",
+                       "--energy", "2", "-o", tmp_path / "plan.json")
+    assert code == 2 and "--energy must be in (0, 1], got 2.\n" in err, err
+    code, _, err = run(monkeypatch, capsys, "recommend", report, "--uniform", "--uniform-share", "2.00",
+                       "--energy", "0.9", "-o", tmp_path / "plan.json")
+    assert code == 2 and "--uniform-share must be in (0, 1], got 2.00.\n" in err, err
