@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from spectra.cli import main
-from tests.models import build_model, planted_gpt2, save
+from tests.models import build_model, save
 
 
 def run(monkeypatch, capsys, *args, columns: int = 250) -> tuple[int, str, str]:
@@ -22,13 +22,6 @@ def run(monkeypatch, capsys, *args, columns: int = 250) -> tuple[int, str, str]:
         code = exc.code if isinstance(exc.code, int) else 1
     out, err = capsys.readouterr()
     return code, out, err
-
-
-@pytest.fixture(scope="module")
-def pair(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cli")
-    base, tuned = planted_gpt2()
-    return save(base, root / "b", "safetensors"), save(tuned, root / "t", "safetensors")
 
 
 def test_help_is_fast_and_imports_no_torch():

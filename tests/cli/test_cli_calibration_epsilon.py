@@ -6,19 +6,10 @@ from __future__ import annotations
 
 import json
 
-import pytest
 import typer
 
 from spectra.cli import app
 from tests.cli.test_cli import run
-from tests.models import planted_gpt2, save
-
-
-@pytest.fixture(scope="module")
-def pair(tmp_path_factory):
-    root = tmp_path_factory.mktemp("calibration-epsilon")
-    base, tuned = planted_gpt2()
-    return save(base, root / "b", "safetensors"), save(tuned, root / "t", "safetensors")
 
 
 def test_help_says_epsilon_sets_input_rank_and_not_the_spectrum():

@@ -9,14 +9,6 @@ import pytest
 from spectra.errors import ConfigError
 from spectra.files import refuse_replacing_others
 from tests.cli.test_cli import run
-from tests.models import planted_gpt2, save
-
-
-@pytest.fixture(scope="module")
-def pair(tmp_path_factory):
-    root = tmp_path_factory.mktemp("option-messages")
-    base, tuned = planted_gpt2()
-    return save(base, root / "b", "safetensors"), save(tuned, root / "t", "safetensors")
 
 
 @pytest.fixture(scope="module")

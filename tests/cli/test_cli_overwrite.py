@@ -4,17 +4,7 @@ from __future__ import annotations
 
 import shutil
 
-import pytest
-
-from tests.models import planted_gpt2, save
 from tests.cli.test_cli import run
-
-
-@pytest.fixture(scope="module")
-def pair(tmp_path_factory):
-    root = tmp_path_factory.mktemp("overwrite")
-    base, tuned = planted_gpt2()
-    return save(base, root / "b", "safetensors"), save(tuned, root / "t", "safetensors")
 
 
 def test_recommend_never_writes_over_the_checkpoints_it_analysed(monkeypatch, capsys, pair, tmp_path):
