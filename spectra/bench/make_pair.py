@@ -111,7 +111,8 @@ def tensor_plan(shape: str) -> list[tuple[str, tuple[int, ...]]]:
 
 
 def _generator(seed: int, name: str, side: str) -> torch.Generator:
-    digest = hashlib.sha256(f"{seed}:{name}:{side}".encode()).digest()
+    # the seed's number, not its text: the CLI's --seed 007 is 7 (its value prints as typed, cli.options.TypedInt)
+    digest = hashlib.sha256(f"{int(seed)}:{name}:{side}".encode()).digest()
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
 
 

@@ -257,9 +257,14 @@ def extract(
 
         rows = [(str(m.rank), f"{m.alpha:g}", f"{m.fro_norm:.4g}", f"{m.error:.4g}", f"{m.captured_energy:.1%}")
                 for m in result.modules]
+        on_data = any(m.method.startswith("data-optimal") for m in result.modules)
         Console().print(_module_table(f"adapter {output}: {len(result.modules)} modules",
                                       [m.name for m in result.modules], rows,
-                                      ("rank", "alpha", "‖ΔW‖_F", "error ‖ΔW − BA‖_F", "energy kept")))
+                                      ("rank", "alpha", "‖ΔW‖_F" + ("*" if on_data else ""),
+                                       "error ‖ΔW − BA‖_F" + ("*" if on_data else ""), "energy kept")))
+        if on_data:
+            typer.echo("* on the calibration data (data-optimal rows): RMS over its tokens of ΔW·x and (ΔW − BA)·x, "
+                       "analyze's rms_output_change; the other rows (no calibration moments) in Frobenius norm")
     for note in result.notes:
         typer.secho(f"note: {_cli_words(note, ['extract'])}", fg="yellow", err=True)
     if target == "full" and result.complete:  # said only where true: every changed tensor is in the adapter
