@@ -343,7 +343,8 @@ def _refuse_other_blocks(cfg: dict, mtype: str, shape: ModelShape, base_model=No
 # functions beside GPT-2 and BERT (_GELU_FAMILIES)
 _OWN_BLOCKS_DESCRIBED = "GPT-NeoX, Phi, Falcon"
 _LLAMA_LIKE_DESCRIBED = ("Llama-like: Llama, Mistral, Qwen2, Qwen3, Gemma, Phi-3, Granite, Helium, ERNIE 4.5, "
-                         "Ministral, SmolLM3, GLM, OLMo, OLMo 2, OLMo 3, StarCoder2, StableLM")
+                         "Ministral, SmolLM3, GLM, OLMo, OLMo 2, OLMo 3, StarCoder2, StableLM, Arcee, Seed-OSS, "
+                         "Hunyuan dense, EXAONE 4")
 
 
 def _llama(cfg: dict, mtype: str, base_model) -> ModelShape:
@@ -371,7 +372,10 @@ def _llama(cfg: dict, mtype: str, base_model) -> ModelShape:
     attention_bias = bool(cfg.get("attention_bias", False)) or every_bias
     # StableLM biases q, k and v by use_qkv_bias (o_proj never)
     qkv_bias = attention_bias or mtype in _QKV_BIAS or mtype == "stablelm" and bool(cfg.get("use_qkv_bias", False))
-    bias = (q_dim + 2 * kv_dim if qkv_bias else 0) + (h if attention_bias and mtype not in _FUSED_MLP else 0)
+    # o_proj's bias: attention_bias's (GLM's never; Seed-OSS's by attention_out_bias)
+    o_bias = bool(cfg.get("attention_out_bias", False)) if mtype == "seed_oss" \
+        else attention_bias and mtype not in _FUSED_MLP
+    bias = (q_dim + 2 * kv_dim if qkv_bias else 0) + (h if o_bias else 0)
     bias += ((1 if mtype in _PLAIN_MLP else 2) * inter + h) * experts if cfg.get("mlp_bias", False) or every_bias \
         else 0
     tied = bool(cfg.get("tie_word_embeddings", getattr(_config_object(mtype), "tie_word_embeddings", False)))
@@ -379,6 +383,12 @@ def _llama(cfg: dict, mtype: str, base_model) -> ModelShape:
     # post-feedforward norms); Gemma 2 caps attention and final logits by tanh (config.json may leave the caps to
     # Gemma2Config's defaults, 50 and 30; null turns them off), Gemma 3 normalises Q and K per head instead
     norms = 4 if mtype in _FOUR_NORMS else 2
+    if mtype == "seed_oss" and (dropouts := {key: _default(cfg, mtype, key, 0.0) for key in
+                                             ("attention_dropout", "residual_dropout")}) and any(dropouts.values()):
+        raise ConfigError(f"model_type {mtype}: {', '.join(f'{k} {v}' for k, v in dropouts.items())}: dropout in "
+                          "training keeps a mask per dropout (and sdpa with dropout runs another kernel), which "
+                          "spectra's memory model does not describe (it counts Seed-OSS's blocks exactly without "
+                          "dropout); set both to 0 in config.json to estimate training without dropout.")
     # StableLM's use_parallel_residual: attention and MLP read one input_layernorm's output (a parallel block)
     parallel = mtype in _PARALLEL_RESIDUAL and bool(cfg.get("use_parallel_residual", False))
     norms = 1 if parallel else norms
@@ -564,11 +574,12 @@ _FUSED_PROJECTIONS = frozenset({"phi3"})  # PhiMoE has separate q/k/v (transform
 _FUSED_MLP = frozenset({"glm"})
 _FOUR_NORMS = frozenset({"gemma2", "gemma3_text"})  # blocks that normalise each sublayer's input and output
 # an RMSNorm on Q and K (q_norm, k_norm) before the rotation: each head's (over head_dim), or OLMo 2's across all heads
-_QK_NORMS = frozenset({"gemma3_text", "qwen3", "qwen3_moe", "olmo2", "olmo3"})
+# (Hunyuan's query_layernorm and key_layernorm: per head, after the rotation)
+_QK_NORMS = frozenset({"gemma3_text", "qwen3", "qwen3_moe", "olmo2", "olmo3", "hunyuan_v1_dense", "exaone4"})
 _QK_NORMS_ACROSS_HEADS = frozenset({"olmo2", "olmo3"})
 # blocks that normalise each sublayer's output and not its input (OLMo 2, OLMo 3: x + norm(attention(x)), the same
 # for the MLP)
-_OUTPUT_NORMS_ONLY = frozenset({"olmo2", "olmo3"})
+_OUTPUT_NORMS_ONLY = frozenset({"olmo2", "olmo3", "exaone4"})  # and EXAONE 4's
 # Llama-like blocks normalised by LayerNorm (weight and bias), not RMSNorm
 _LAYER_NORMS = frozenset({"phimoe", "starcoder2", "stablelm"})
 # rotary embeddings on part of each head, concatenated with the rest (torch.cat): Q comes out (b, heads, s, d)
@@ -577,7 +588,7 @@ _ROTARY_CAT = frozenset({"glm", "stablelm"})
 # Llama-like blocks that run attention and MLP side by side on one norm's output under use_parallel_residual
 _PARALLEL_RESIDUAL = frozenset({"stablelm"})
 # StarCoder2's MLP: c_fc → hidden_act → c_proj, no gate (use_bias biases it and the attention's four linears)
-_PLAIN_MLP = frozenset({"starcoder2"})
+_PLAIN_MLP = frozenset({"starcoder2", "arcee"})  # and Arcee's (ReLU², no biases unless mlp_bias)
 _PLAIN_LAYER_NORMS = frozenset({"olmo"})  # … by a LayerNorm without weight or bias, on the input up-cast to fp32
 # RMSNorms that apply their weight to the fp32 normalised input (Gemma's families too, by name): full fine-tuning
 # keeps that fp32 tensor for the weight's gradient (Helium; OLMo 2 and 3, whose norm casts the product to p)
@@ -593,7 +604,7 @@ _USE_BIAS = frozenset({"ernie4_5", "starcoder2"})  # config key use_bias: a bias
 _SLIDING_EVERY_LAYER = frozenset({"mistral", "mixtral", "phi3", "phimoe", "minimax", "starcoder2"})
 _SLIDING_WHEN_USED = frozenset({"qwen3_moe"})
 _SLIDING_BY_LAYER_TYPE = frozenset({"ministral", "qwen2", "qwen3", "gemma2", "gemma3_text", "smollm3",
-                                    "qwen2_vl_text", "qwen2_5_vl_text", "olmo3"})
+                                    "qwen2_vl_text", "qwen2_5_vl_text", "olmo3", "exaone4"})
 # MoE routers that pick their two experts by SparseMixer (PhiMoE; two experts whatever num_experts_per_tok says)
 _SPARSEMIXER = frozenset({"phimoe"})
 # MoE routers that weight their top-k experts by a softmax over those k logits (GraniteMoeTopKRouter)
@@ -655,7 +666,7 @@ def _bert(cfg: dict) -> ModelShape:
 # what the MLP's activation keeps for backward, in intermediate-sized tensors (ACT2FN by name): a fused GELU its input
 # (tanh-approximated or not), ReLU its output; NewGELU ("gelu_new": GPT-2's, Phi's) is written out in elementwise ops
 # that keep the input, tanh's output, x/2 and 1 + tanh
-_ACTIVATION_SAVED = {"gelu": 1, "gelu_pytorch_tanh": 1, "relu": 1, "gelu_new": 4}
+_ACTIVATION_SAVED = {"gelu": 1, "gelu_pytorch_tanh": 1, "relu": 1, "gelu_new": 4, "relu2": 1}
 
 
 def _activation_saved(cfg: dict, mtype: str, key: str) -> int:
