@@ -47,7 +47,8 @@ def test_train_drops_the_lora_inside_barts_saved_head_and_trains(tmp_path):
     lora = [name for name, _ in model.named_modules() if name.endswith(".lora_A")]
     assert lora and not any("classification_head" in name for name in lora)  # PEFT's model: none in the head
     assert any("encoder.layers.0.self_attn.out_proj" in name for name in lora)  # negative control: blocks adapted
-    head = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad and "classification_head" in n}
+    head = {n: p.detach().clone() for n, p in model.named_parameters()
+            if p.requires_grad and "classification_head" in n}
     assert head  # the head trains whole
 
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
@@ -70,8 +71,8 @@ def test_memory_drops_a_planned_module_inside_the_head_as_train_does(tmp_path):
     train, the LoRA of the blocks and the head's copy, and notes the module it drops."""
     from peft import LoraConfig, get_peft_model
 
-    from spectra.ranks import ModuleRank, RankPolicy, recommend_ranks, save_plan
     from spectra.analysis import analyze
+    from spectra.ranks import ModuleRank, RankPolicy, recommend_ranks, save_plan
     from tests.ranks.test_plan_task_heads import _model, planted_pair
 
     base_dir, tuned_dir = planted_pair("roberta", tmp_path, head=False)

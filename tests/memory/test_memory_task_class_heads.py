@@ -112,3 +112,20 @@ def test_qlora_classifier_bytes_are_what_bitsandbytes_loads(family, arch, tmp_pa
     copy = est.trainable_params - est.adapter // 4  # the head's trainable copy, in bf16
     assert est.weights - 2 * copy == sum(p.numel() * p.element_size() for p in loaded.parameters())
     assert est.quant_constants == constants
+    # the head bitsandbytes stores in 4 bits, which PEFT cannot train a copy of: said, as get_peft_model fails on it
+    assert any(n.startswith("QLoRA: bitsandbytes stores") and "cannot run this" in n for n in est.notes)
+    lora = estimate_memory(config, method="lora", rank_plan_or_rank=4, seq_len=16)
+    assert not any(n.startswith("QLoRA") for n in lora.notes)  # negative control: no 4-bit head under LoRA
+
+
+def test_qlora_head_note_says_what_peft_does(tmp_path):
+    """The note's claim, against PEFT: get_peft_model with SEQ_CLS on the RoBERTa classifier bitsandbytes loads
+    fails on the 4-bit head's trainable copy."""
+    from peft import LoraConfig, get_peft_model
+
+    from tests.models import load_4bit
+
+    _, model = _classifier("roberta", "RobertaForSequenceClassification")
+    loaded, _ = load_4bit(model, tmp_path)
+    with pytest.raises(RuntimeError, match="floating point dtype can require gradients"):
+        get_peft_model(loaded, LoraConfig(r=4, target_modules=["query", "value"], task_type="SEQ_CLS"))
