@@ -28,7 +28,7 @@ import numpy as np
 from spectra.checkpoints.architectures import missing_stacks, module_stack, role_selected, stack_name, stack_selected
 from spectra.errors import ConfigError
 from spectra.files import record_origin
-from spectra.ranks.budget import allocate_budget
+from spectra.ranks.budget import SAVED_BYTES_PER_PARAM, allocate_budget, budget_parameters
 from spectra.ranks.functional import functional_ranks, read_sweep, role_curves
 from spectra.ranks.plan import (PEFT_TASK_MODULES, FusedParameter, LeftOut, MetaModels, ModuleRank, RankPlan,
                                 SavedModule, expert_projection)
@@ -306,8 +306,10 @@ def recommend_ranks(analysis: Any, policy: RankPolicy | None = None, *, sweep: A
     ``QUESTION_ANS``) PEFT trains the head in full whatever the config says (it adds ``classifier``/``score`` or
     ``qa_outputs`` to ``modules_to_save``). Those modules (:func:`~spectra.ranks.plan.task_modules`, on the model
     built on the meta device) are ``RankPlan.modules_to_save``, their parameters in the total; a budget spends
-    them first (a budget that does not cover them is refused), and a targeted module inside them is left out
-    (PEFT puts no LoRA there).
+    them first (a budget that does not cover them is refused; a byte budget charges each of their parameters
+    :data:`~spectra.ranks.budget.SAVED_BYTES_PER_PARAM`, what ``spectra memory`` counts for a bf16 head, not
+    ``bytes_per_param``: :func:`~spectra.ranks.budget.budget_parameters`), and a targeted module inside them is left
+    out (PEFT puts no LoRA there).
     """
     policy = policy or RankPolicy()
     if policy.functional is not None and sweep is None:
@@ -401,14 +403,19 @@ def recommend_ranks(analysis: Any, policy: RankPolicy | None = None, *, sweep: A
 
     items = _decisions(plan, _expert_parameters([s.name for s, _, _ in plan], base, model_config, models))
     budget_gap = None
-    budget = policy.budget
     head = sum(m.params for m in saved)
+    # a byte budget charges the head what spectra memory counts for it (a bf16 copy, gradient and AdamW moments)
+    budget = budget_parameters(policy.budget_params, policy.budget_bytes, policy.bytes_per_param, head)
     cost = sum(item.upper * item.unit for item in items) + _fixed_cost([s for s, _, _ in plan], policy) + head
     if budget is not None and budget <= head:
-        raise ConfigError(f"The budget (RankPolicy.budget, {budget:,} parameters) does not cover "
+        given, needed = ((f"RankPolicy.budget_bytes, {policy.budget_bytes:,} bytes",
+                          f"{SAVED_BYTES_PER_PARAM * head:,} bytes (its bf16 copy, gradient and AdamW moments)")
+                         if policy.budget_bytes is not None else
+                         (f"RankPolicy.budget, {budget:,} parameters", f"{head:,} parameters"))
+        raise ConfigError(f"The budget ({given}) does not cover "
                           f"{' and '.join(m.name for m in saved)}, which PEFT trains in full for task_type "
                           f"{saved[0].task_type} ({head:,} parameters: get_peft_model adds it to modules_to_save), "
-                          f"and leaves nothing for LoRA. Raise the budget above {head:,} parameters.")
+                          f"and leaves nothing for LoRA. Raise the budget above {needed}.")
     if budget is not None and (cost > budget or (policy.energy is None and not policy.knee
                                                  and policy.rank is None and not policy.uniform)):
         ranks, budget_gap = _apply_budget(items, policy, budget, head)
