@@ -28,21 +28,21 @@ from typing import Any
 
 import torch
 
-from spectra.checkpoints.adapter import PEFT_PREFIX, unpaired_tensors
-from spectra.checkpoints.architectures import (ROLES, missing_stacks, parse_stacks, role_selected, stack_name,
-                                               stack_selected)
+from spectra.checkpoints.adapter import PEFT_PREFIX
+from spectra.checkpoints.architectures import missing_stacks, parse_stacks, role_selected, stack_selected
 from spectra.checkpoints.names import natural_key
 from spectra.checkpoints.pairing import Pairing, PairingOptions
-from spectra.checkpoints.source import AdapterSource, CheckpointSource
+from spectra.checkpoints.source import CheckpointSource
 from spectra.checkpoints.targets import architecture, meta_model, model_targets, owning_modules, resolve_name
 from spectra.errors import ConfigError, PeftConfigWarning
 from spectra.files import refuse_replacing_others, staged_directory
 from spectra.linalg.svd import CONVERGED_TOL, full_svd, randomized_svd
+from spectra.lora.left_out import _not_carried, _not_carried_notes
 from spectra.lora.parameter_targets import (_LEAVE_OUT, _parameter_factors, _parameter_keys, _peft_shape,
                                             _peft_transposes, _unconverted_parameters)
 # peft_wrapped is imported from here by tests and callers, as before the modules_to_save logic moved
-from spectra.lora.saved_modules import (_also_wrapped, _holding_modules, _modules_to_save, _saved_names,  # noqa: F401
-                                        _saved_tensors, _task_type, peft_wrapped)
+from spectra.lora.saved_modules import (_also_wrapped, _modules_to_save, _saved_names, _saved_tensors,  # noqa: F401
+                                        _task_type, peft_wrapped)
 from spectra.scaling import rank_scale
 from spectra.workers import split_workers, thread_pool
 
@@ -362,174 +362,6 @@ def _leave_out_unchanged(results: list, tensors: dict, ranks: dict, save_names: 
             del tensors[key]
         results.remove(m)
     return sorted((m.name for m in zero), key=natural_key)
-
-
-def _not_carried(pairing: Pairing, selected: list, save_names: list[str]):
-    """What TUNED changed that the adapter does not carry: (matrices, vectors), each a list of (name, entry) in
-    natural order, and the tensors only in TUNED.
-
-    The adapter carries the LoRAs of the `selected` matrices and the tensors saved whole (`save_names`, TUNED's
-    names); at rank full it is lossless for those alone. Any other paired tensor that differs between the sides is
-    left out: a matrix outside the roles, stacks or plan (an embedding, a head, a router), or a vector (a norm, a
-    bias, a scalar parameter: CLIP's logit_scale), which no LoRA holds. A matrix of a resized vocabulary is left to
-    :func:`_resized_vocabulary`'s note.
-
-    An adapter TUNED also saves tensors whole that pair with no ΔW (:func:`~spectra.checkpoints.adapter.
-    unpaired_tensors`): a trained bias (``bias="lora_only"``/``"all"``) that differs from the base's is a changed
-    vector, and a module saved whole that the base lacks (a new classifier) is only in TUNED.
-
-    A tensor TUNED stores in a lower precision than the base (a bf16 fine-tune of an fp32 base) whose values are
-    exactly the base's rounded to that precision is a storage cast, not a change: it is left out of these lists and
-    counted in the third item's place, ``rounded`` (names), for a note of its own.
-
-    Cost: each other pair is read once as stored and compared element by element (:func:`_same_values`, one pass
-    over memory-mapped data and no ΔW), a 3-D expert tensor whole; one stored in a lower precision in TUNED that
-    differs is compared once more, with the base rounded to it; an entry that is only part of a stored tensor
-    (some of its experts selected), stored in another layout on each side, or a module of an adapter TUNED, is
-    loaded as a ΔW and tested for a non-zero; an adapter's trained biases are read once each.
-    """
-    carried = {e.name for e in selected}
-    saved = set(save_names)
-    rounded = []
-    by_pair: dict[tuple, list] = {}  # (base tensor, tuned tensor) -> its entries (the experts of a 3-D tensor)
-    for e in pairing.entries:
-        by_pair.setdefault((e.base_tensor, e.tuned_tensor), []).append(e)
-    matrices, vectors = [], []
-    for (base_tensor, tuned_tensor), group in by_pair.items():
-        asked = [e for e in group if e.name not in carried and e.tuned_tensor not in saved and not e.added_rows]
-        if not asked:
-            continue
-        if (len(asked) == len(group) and tuned_tensor is not None and all(e.tuned_conv1d is None for e in group)
-                and pairing.base.info(base_tensor).shape == pairing.tuned.info(tuned_tensor).shape):
-            base_value, tuned_value = pairing.base.read(base_tensor), pairing.tuned.read(tuned_tensor)
-            if _same_values(base_value, tuned_value):
-                continue
-            if _rounded_to(base_value, tuned_value):
-                rounded.append(tuned_tensor)
-                continue
-            # one stored tensor: the module's name, or the stored name of a 3-D tensor of experts
-            changed = [(asked[0].name if len(group) == 1 else base_tensor.removesuffix(".weight"), asked[0])]
-        else:
-            changed = [(e.name, e) for e in asked if _entry_changed(pairing, e)]
-        for name, e in changed:
-            (matrices if e.kind == "matrix" else vectors).append((name, e))
-    only_in_tuned = [n for n in pairing.only_in_tuned if n not in saved]
-    if isinstance(pairing.tuned, AdapterSource):  # its biases and new modules saved whole
-        for t in unpaired_tensors(pairing.tuned, pairing.base, pairing.config):
-            if t.base_tensor is None:
-                only_in_tuned.append(t.name)
-            elif not _same_values(pairing.base.read(t.base_tensor), pairing.tuned.weights.read(t.key)):
-                vectors.append((t.base_tensor, None))
-    return (sorted(matrices, key=lambda x: natural_key(x[0])), sorted(vectors, key=lambda x: natural_key(x[0])),
-            sorted(only_in_tuned, key=natural_key), sorted(rounded, key=natural_key))
-
-
-def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether two stored tensors hold equal values (NaN never equals), compared in blocks of ≤ 1M elements where
-    their dtypes differ (a bf16 base, an fp32 fine-tune that kept its values), so no up-cast copy is made whole."""
-    if a.shape != b.shape:
-        return False
-    if a.dtype == b.dtype:
-        return torch.equal(a, b)
-    dtype = torch.promote_types(a.dtype, b.dtype)
-    a, b = a.reshape(-1), b.reshape(-1)
-    step = 1 << 20
-    return all(torch.equal(a[i:i + step].to(dtype), b[i:i + step].to(dtype)) for i in range(0, a.numel(), step))
-
-
-def _rounded_to(base: torch.Tensor, tuned: torch.Tensor) -> bool:
-    """Whether `tuned`, stored in a lower precision than `base`, holds exactly `base` rounded to its dtype (a storage
-    cast: an fp32 base saved as bf16), compared in blocks of ≤ 1M elements."""
-    if (base.shape != tuned.shape or base.dtype == tuned.dtype or not tuned.is_floating_point()
-            or torch.promote_types(base.dtype, tuned.dtype) != base.dtype):
-        return False
-    a, b = base.reshape(-1), tuned.reshape(-1)
-    step = 1 << 20
-    return all(torch.equal(a[i:i + step].to(tuned.dtype), b[i:i + step]) for i in range(0, a.numel(), step))
-
-
-def _entry_changed(pairing: Pairing, entry) -> bool:
-    """Whether one entry's ΔW is non-zero (a NaN/Inf in it counts as a change: extract does not read it)."""
-    from spectra.errors import NonFiniteWeightError
-
-    try:
-        records = pairing.load(entry)
-    except NonFiniteWeightError:
-        return True
-    return not records or any(r.delta is None or bool(r.delta.any()) for r in records)
-
-
-def _not_carried_notes(pairing: Pairing, matrices: list, vectors: list, only_in_tuned: list[str], selected: list, *,
-                       roles, stacks, planned: bool, full: bool) -> list[str]:
-    """The notes naming what :func:`_not_carried` found (counted, the first few named) and what would carry it."""
-    def named(items: list[str]) -> str:
-        return ", ".join(items[:3]) + (f" and {len(items) - 3} more" if len(items) > 3 else "")
-
-    def leaves(names) -> str:
-        return ",".join(dict.fromkeys(n.rpartition(".")[2] for n in names))
-
-    # extract saves modules whole from a checkpoint TUNED only (:func:`_modules_to_save`)
-    merged = (" from TUNED merged into a checkpoint (PeftModel.from_pretrained(…).merge_and_unload()"
-              ".save_pretrained(DIR); extract saves modules whole from a checkpoint only)"
-              if isinstance(pairing.tuned, AdapterSource) else "")
-
-    notes = []
-    lead = "rank full is not lossless here: " if full else ""
-    if matrices:
-        outside = "plan" if planned else "roles (" + ", ".join(roles) + ")" + (" and stacks" if stacks else "")
-        plain = [n for n, e in matrices if e.info.expert is None]  # a module PEFT can save whole (no expert tensor)
-        asked = () if planned else tuple(roles)  # a plan's own roles are not known here: name every one left out
-        new_roles = [r for r in ROLES if r not in asked and any(e.info.role == r for _, e in matrices)]
-        new_stacks = sorted({stack_name(e.info.stack) for _, e in matrices
-                             if stacks is not None and role_selected(e.info.role, roles, e.name)
-                             and not stack_selected(e.info.stack, stacks)})
-        if planned:
-            fix = [f"plan them (spectra recommend --roles …,{','.join(new_roles)})"]
-        else:
-            fix = ([f"add their roles (roles={','.join([*roles, *new_roles])})"] if new_roles else []) + (
-                [f"their stacks (stacks={','.join([*stacks, *new_stacks])})"] if new_stacks else [])
-        if plain:
-            fix.append(f"save them whole (modules_to_save={leaves(plain)}){merged}")
-        notes.append(f"{lead}the adapter leaves out {len(matrices)} changed matri{'x' if len(matrices) == 1 else 'ces'}"
-                     f" outside the {outside}: "
-                     + named([f"{n} ({e.info.role})" for n, e in matrices])
-                     + "; their fine-tuning is not in it. To carry them, " + " or ".join(fix))
-        lead = ""
-    if vectors:
-        adapted = {e.name for e in selected}
-        # a parameter of the model itself (CLIP's logit_scale), of no submodule: PEFT saves submodules only
-        own = [n for n, _ in vectors if "." not in n]
-        # a parameter of a module that holds others (OWL-ViT's owlvit.logit_scale, of the whole OwlViTModel; an
-        # attention's own vector beside its projections): saving that module whole would save them all
-        holders = _holding_modules(pairing.base.names())
-        held = [n for n, _ in vectors if n not in own and n.rpartition(".")[0] in holders]
-        # a bias of a module the adapter adapts: PEFT adapts a module or saves it whole, not both
-        owned = [n for n, _ in vectors if n not in own and n not in held and (n.rpartition(".")[0] in adapted
-                 or any(a.startswith(n.rpartition(".")[0] + ".") for a in adapted))]
-        free = [n.rpartition(".")[0] for n, _ in vectors if n not in owned and n not in own and n not in held]
-        owners = list(dict.fromkeys(n.rpartition(".")[0] for n in held))
-        held_params = sum(math.prod(pairing.base.info(t).shape) for t in pairing.base.names()
-                          if any(t.startswith(o + ".") for o in owners))
-        fix = ([f"To carry them, save their modules whole (modules_to_save={leaves(free)}){merged}"]
-               if free else []) + (
-            [f"{len(owned)} {'is a bias' if len(owned) == 1 else 'are biases'} of adapted modules, which no LoRA "
-             "carries"] if owned else []) + (
-            [f"{named(own)} {'is a parameter' if len(own) == 1 else 'are parameters'} of the model itself, of no "
-             "module, which no PEFT adapter carries (modules_to_save saves modules): copy "
-             f"{'it' if len(own) == 1 else 'them'} from TUNED onto the loaded model"] if own else []) + (
-            [f"{named(held)} {'is a parameter' if len(held) == 1 else 'are parameters'} of "
-             f"{'a module' if len(owners) == 1 else 'modules'} holding other modules ({named(owners)}: "
-             f"{held_params:,} parameters, which modules_to_save would save whole): copy "
-             f"{'it' if len(held) == 1 else 'them'} from TUNED onto the loaded model"] if held else [])
-        scalars = ", scalars" if any(e is not None and not e.shape for _, e in vectors) else ""
-        notes.append(f"{lead}the adapter leaves out {len(vectors)} changed vector(s) (norms, biases{scalars}: a LoRA "
-                     f"holds matrices only): {named([n for n, _ in vectors])}. " + "; ".join(fix))
-        lead = ""
-    if only_in_tuned:
-        notes.append(f"{lead}{len(only_in_tuned)} tensor(s) only in TUNED (no base tensor to take a ΔW against) are "
-                     f"not in the adapter: {named(only_in_tuned)}. To carry them, save their modules whole "
-                     f"(modules_to_save={leaves(n.rpartition('.')[0] for n in only_in_tuned)}){merged}")
-    return notes
 
 
 def _resized_vocabulary(pairing: Pairing, selected: list, saved_modules: list[str]) -> tuple[list[str], int | None]:

@@ -114,7 +114,7 @@ def test_a_scalar_of_a_module_holding_others_is_copied_not_saved_whole(tmp_path)
 
 
 def test_holding_modules_from_tensor_names():
-    from spectra.lora.extract import _holding_modules
+    from spectra.lora.saved_modules import _holding_modules
 
     names = ["logit_scale", "owlvit.logit_scale", "owlvit.text_model.encoder.layers.0.q_proj.weight",
              "layer_norm.weight", "box_head.dense0.bias"]
