@@ -19,6 +19,9 @@ def _norm_bytes(shape: ModelShape, p: int, full: bool, width: int | None = None)
         return p * h + 8  # LayerNorm keeps its input, its mean and 1/std (fp32)
     if shape.norm == "layer_fp32":  # OLMo's: its input up-cast to fp32, the mean and 1/std; no weight to train
         return 4 * h + 8
+    if shape.norm == "cohere":  # CohereLayerNorm's elementwise fp32 ops: x − mean twice (pow's input, and the product
+        # by 1/std's), 1/std, and for its weight's gradient the fp32 normalised input
+        return 8 * h + 4 + (4 * h if full else 0)
     # transformers' RMSNorm up-casts its input to fp32 and keeps it, with the fp32 1/rms (b, s, 1); the weight's
     # gradient needs the normalised input, in p (Gemma's in fp32)
     return 4 * h + 4 * groups + ((4 if shape.norm == "rms_fp32" else p) * h if full else 0)
@@ -82,8 +85,8 @@ def _block_bytes(shape: ModelShape, p: int, attention: str, seq_len: int, *, ful
     default grouped_mm experts), PhiMoE, GraniteMoE, Granite, Helium, ERNIE 4.5, Ministral, SmolLM3,
     GLM, Qwen3, OLMo, OLMo 2 and OLMo 3 (tests/memory/test_memory_qk_norms.py), GPT-NeoX's parallel and sequential
     blocks, Phi's, StarCoder2's and Falcon's (tests/memory/test_memory_gelu_families.py; a parallel block's MLP reads
-    the block's input; Falcon's multi-query under eager only), StableLM, Arcee, Seed-OSS, Hunyuan dense and EXAONE 4
-    (tests/memory/test_memory_llama_variants.py), sliding layers masked or not, from the first adapted layer on too.
+    the block's input; Falcon's multi-query under eager only), StableLM, Arcee, Seed-OSS, Hunyuan dense, EXAONE 4,
+    Cohere and Cohere 2 (tests/memory/test_memory_llama_variants.py), sliding layers masked or not, from the first adapted layer on too.
 
     Returns the bytes, whether the block keeps o_proj's input already (sdpa keeps its output and
     o_proj reads that tensor), whether the block's output requires grad, and the bytes it keeps

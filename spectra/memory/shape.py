@@ -37,7 +37,8 @@ class ModelShape:
     vocab: int
     # "rms": an RMSNorm that up-casts its input to fp32 (Llama-like); "rms_fp32": one that also applies
     # its weight in fp32 (Gemma); "layer": LayerNorm (GPT-2, BERT); "layer_fp32": a LayerNorm without weight or bias
-    # on its input up-cast to fp32 (OLMo's OlmoLayerNorm)
+    # on its input up-cast to fp32 (OLMo's OlmoLayerNorm); "cohere": CohereLayerNorm (a weight, no bias; fp32
+    # elementwise ops)
     norm: str
     mlp_saved: int  # intermediate-sized tensors the MLP's activation keeps for backward, per expert
     softmax_fp32: bool  # eager attention takes its softmax in fp32 and casts it back (Llama-like)
@@ -344,7 +345,7 @@ def _refuse_other_blocks(cfg: dict, mtype: str, shape: ModelShape, base_model=No
 _OWN_BLOCKS_DESCRIBED = "GPT-NeoX, Phi, Falcon"
 _LLAMA_LIKE_DESCRIBED = ("Llama-like: Llama, Mistral, Qwen2, Qwen3, Gemma, Phi-3, Granite, Helium, ERNIE 4.5, "
                          "Ministral, SmolLM3, GLM, OLMo, OLMo 2, OLMo 3, StarCoder2, StableLM, Arcee, Seed-OSS, "
-                         "Hunyuan dense, EXAONE 4")
+                         "Hunyuan dense, EXAONE 4, Cohere, Cohere 2")
 
 
 def _llama(cfg: dict, mtype: str, base_model) -> ModelShape:
@@ -390,7 +391,7 @@ def _llama(cfg: dict, mtype: str, base_model) -> ModelShape:
                           "spectra's memory model does not describe (it counts Seed-OSS's blocks exactly without "
                           "dropout); set both to 0 in config.json to estimate training without dropout.")
     # StableLM's use_parallel_residual: attention and MLP read one input_layernorm's output (a parallel block)
-    parallel = mtype in _PARALLEL_RESIDUAL and bool(cfg.get("use_parallel_residual", False))
+    parallel = mtype in _PARALLEL_RESIDUAL and bool(cfg.get("use_parallel_residual", False)) or mtype in _COHERE
     norms = 1 if parallel else norms
     if mtype == "stablelm" and cfg.get("qk_layernorm"):
         raise ConfigError(f"model_type {mtype}: qk_layernorm (a LayerNorm per head on Q and K, StableLM 2 12B's), "
@@ -399,7 +400,12 @@ def _llama(cfg: dict, mtype: str, base_model) -> ModelShape:
     caps = {key: (cfg[key] if key in cfg else getattr(_config_object(mtype), key, None) if mtype == "gemma2" else None)
             is not None for key in ("attn_logit_softcapping", "final_logit_softcapping")}
     qk_norm, across_heads = mtype in _QK_NORMS, mtype in _QK_NORMS_ACROSS_HEADS
-    norm = "layer" if mtype in _LAYER_NORMS else "layer_fp32" if mtype in _PLAIN_LAYER_NORMS \
+    if mtype in _COHERE and cfg.get("use_qk_norm"):
+        raise ConfigError(f"model_type {mtype}: use_qk_norm (Command R+'s LayerNorms on each head's Q and K), whose "
+                          "saved tensors spectra's memory model does not describe; it reads Cohere configs without "
+                          "it (Command R).")
+    norm = "cohere" if mtype in _COHERE else "layer" if mtype in _LAYER_NORMS \
+        else "layer_fp32" if mtype in _PLAIN_LAYER_NORMS \
         else "rms_fp32" if mtype.startswith("gemma") or mtype in _NORM_WEIGHT_FP32 else "rms"
     norm_params = {"layer": 2 * h, "layer_fp32": 0}.get(norm, h)  # a LayerNorm has a bias beside its weight
     # q_norm and k_norm: head_dim each (Gemma 3, Qwen3), or q_dim and kv_dim across the heads (OLMo 2)
@@ -587,6 +593,8 @@ _LAYER_NORMS = frozenset({"phimoe", "starcoder2", "stablelm"})
 _ROTARY_CAT = frozenset({"glm", "stablelm"})
 # Llama-like blocks that run attention and MLP side by side on one norm's output under use_parallel_residual
 _PARALLEL_RESIDUAL = frozenset({"stablelm"})
+# Cohere (Command R): a parallel block on one CohereLayerNorm (a weight, no bias, computed in fp32 by elementwise ops)
+_COHERE = frozenset({"cohere", "cohere2"})  # (Cohere2: sliding layers by layer_types, no rotation in the others)
 # StarCoder2's MLP: c_fc → hidden_act → c_proj, no gate (use_bias biases it and the attention's four linears)
 _PLAIN_MLP = frozenset({"starcoder2", "arcee"})  # and Arcee's (ReLU², no biases unless mlp_bias)
 _PLAIN_LAYER_NORMS = frozenset({"olmo"})  # … by a LayerNorm without weight or bias, on the input up-cast to fp32
@@ -604,7 +612,7 @@ _USE_BIAS = frozenset({"ernie4_5", "starcoder2"})  # config key use_bias: a bias
 _SLIDING_EVERY_LAYER = frozenset({"mistral", "mixtral", "phi3", "phimoe", "minimax", "starcoder2"})
 _SLIDING_WHEN_USED = frozenset({"qwen3_moe"})
 _SLIDING_BY_LAYER_TYPE = frozenset({"ministral", "qwen2", "qwen3", "gemma2", "gemma3_text", "smollm3",
-                                    "qwen2_vl_text", "qwen2_5_vl_text", "olmo3", "exaone4"})
+                                    "qwen2_vl_text", "qwen2_5_vl_text", "olmo3", "exaone4", "cohere2"})
 # MoE routers that pick their two experts by SparseMixer (PhiMoE; two experts whatever num_experts_per_tok says)
 _SPARSEMIXER = frozenset({"phimoe"})
 # MoE routers that weight their top-k experts by a softmax over those k logits (GraniteMoeTopKRouter)

@@ -2,7 +2,9 @@
 number than Llama's count of the config): Arcee (AFM: an MLP of up_proj → ReLU² → down_proj, no gate), Seed-OSS
 (q/k/v biased by attention_bias, o_proj by attention_out_bias), Hunyuan dense (an RMSNorm on each head's Q and K
 after the rotation) and EXAONE 4 (per-head Q/K norms, each sublayer's output normalised instead of its input, sliding
-layers by layer_types, no rotation in its full-attention layers). Checked against the models transformers builds from
+layers by layer_types, no rotation in its full-attention layers), Cohere and Cohere 2 (Command R: a parallel block on
+one CohereLayerNorm, a weight without bias computed by elementwise fp32 ops; Cohere 2 slides by layer_types).
+Checked against the models transformers builds from
 tiny configs: their parameters, PEFT's trainable count, gradients and AdamW states, bitsandbytes' 4-bit load, and
 what autograd saves for backward (one block's bytes per sequence: the double difference of models of 1 and 2 blocks
 at batch 2 and 3, tests/memory/test_memory.py's measurement). RMSNorms: bf16 and fp32 agree exactly on the CPU."""
@@ -18,7 +20,7 @@ _SMALL = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_att
               num_key_value_heads=2, head_dim=8, vocab_size=64, pad_token_id=0, bos_token_id=0, eos_token_id=0)
 # Seed-OSS's defaults drop out 10 % (not modelled: refused, test below); its blocks are checked without dropout
 _OWN = {"seed_oss": dict(attention_dropout=0.0, residual_dropout=0.0)}
-_FAMILIES = ["arcee", "seed_oss", "hunyuan_v1_dense", "exaone4"]
+_FAMILIES = ["arcee", "seed_oss", "hunyuan_v1_dense", "exaone4", "cohere", "cohere2"]
 _MODULES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "gate": "gate_proj", "up": "up_proj",
             "down": "down_proj"}
 
@@ -127,7 +129,12 @@ _SLIDING = dict(sliding_window=8)  # EXAONE 4: its first three of every four lay
                                          ("dora", "bf16", "sdpa"))] + [
     ("exaone4", "full", "bf16", "sdpa", _SLIDING), ("exaone4", "lora", "bf16", "sdpa", _SLIDING),
     ("exaone4", "lora", "fp32", "eager", _SLIDING), ("arcee", "lora", "bf16", "eager", dict(mlp_bias=True)),
-    ("seed_oss", "full", "fp32", "sdpa", dict(attention_out_bias=True))])
+    ("seed_oss", "full", "fp32", "sdpa", dict(attention_out_bias=True)),
+    # Cohere 2: its sliding layers (the first three of four, by 8 under 16 tokens), and full layers without rotation
+    ("cohere2", "full", "bf16", "sdpa", _SLIDING), ("cohere2", "lora", "fp32", "sdpa", _SLIDING),
+    ("cohere2", "lora", "bf16", "sdpa", dict(sliding_window=8, sliding_window_pattern=1)),
+    ("cohere", "lora", "bf16", "sdpa", dict(attention_bias=True)),
+    ("cohere", "full", "fp32", "sdpa", dict(tie_word_embeddings=False))])
 def test_a_blocks_activations_are_what_autograd_saves(family, method, precision, attention, overrides):
     """Arcee's ReLU² keeps one tensor (relu's output, which the square reads); Hunyuan's Q/K norms after the
     rotation keep their fp32 input and a 1/rms per head, as Qwen3's before it; EXAONE 4 normalises Q and K per head
@@ -169,7 +176,8 @@ def _per_sequence(family: str, roles, layers) -> dict[str, int]:
 @_PEFT_PATTERN_WARNING
 @pytest.mark.parametrize(("family", "roles", "layers"), [
     ("arcee", ("down",), [1]), ("arcee", ("q", "up"), [1, 2]), ("hunyuan_v1_dense", ("k",), [1]),
-    ("exaone4", ("o",), [2]), ("seed_oss", ("v", "gate"), [1])])
+    ("exaone4", ("o",), [2]), ("seed_oss", ("v", "gate"), [1]), ("cohere", ("o",), [1]),
+    ("cohere", ("up", "k"), [1, 2])])
 def test_blocks_before_the_first_adapted_module_keep_nothing(family, roles, layers):
     """The first adapted layer keeps what follows its first adapted module (per sequence, less all-linear LoRA on
     every layer's, so the head's tensors cancel)."""
@@ -222,3 +230,34 @@ def test_seed_oss_with_dropout_is_refused():
 def test_exaone4s_sliding_layers_are_read():
     """EXAONE 4 slides the layers its layer_types names (by default three of every four, by sliding_window)."""
     assert model_shape(_config("exaone4", num_hidden_layers=4, **_SLIDING).to_dict()).windows == (8, 8, 8, 0)
+
+
+@_PEFT_PATTERN_WARNING
+def test_cohere_read_as_sequential_or_with_a_layernorm_is_wrong():
+    """Negative controls: Cohere's block modelled as a sequential one, or with a plain LayerNorm (input and two
+    statistics) for its CohereLayerNorm, misses what autograd saves."""
+    import dataclasses
+
+    import spectra.memory.estimate as estimate_module
+
+    real = estimate_module.model_shape
+    measured = _block("cohere", "full", "bf16", "sdpa")["measured"]
+    for change in (dict(parallel=False, norms=2), dict(norm="layer")):
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(estimate_module, "model_shape",
+                          lambda config, change=change, **kw: dataclasses.replace(real(config, **kw), **change))
+            assert _block("cohere", "full", "bf16", "sdpa")["modelled"] != measured, change
+
+
+def test_cohere_with_qk_norm_is_refused():
+    """Command R+'s use_qk_norm (LayerNorms on each head's Q and K) is refused naming it; its count would be off by
+    the norms' weights (the negative control)."""
+    import transformers as tf
+
+    from spectra.errors import ConfigError
+
+    config = _config("cohere", use_qk_norm=True)
+    with pytest.raises(ConfigError, match="use_qk_norm"):
+        model_shape(config.to_dict())
+    built = sum(p.numel() for p in tf.AutoModelForCausalLM.from_config(config).parameters())
+    assert built != model_shape(config.to_dict() | {"use_qk_norm": False}).params
