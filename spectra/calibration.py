@@ -189,6 +189,26 @@ def _eigen(C: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.where(lam > floor, lam, torch.zeros_like(lam)), Q
 
 
+def covariance_root(C: torch.Tensor) -> torch.Tensor:
+    """C^{1/2} (in, in), float64 on C's device: the PSD square root of an activation second moment C (in, in), with
+    no ridge added.
+
+    C's eigenvalues at its float64 rounding are read as 0, as :func:`whitened_spectrum` reads them, so a direction
+    the inputs never visit adds nothing: for the tokens X (in, N) of C = X Xᵀ / N, ‖M·C^{1/2}‖_F = ‖M X‖_F / √N,
+    the RMS output change per token of an update M (out, in) (SVD-LLM, arXiv:2403.07378). :func:`whitening`
+    gives the ridged root C_ε^{1/2}, which the data-optimal truncation needs to invert.
+
+    Raises
+    ------
+    ConfigError
+        C is not a square (in, in) matrix.
+    """
+    if C.dim() != 2 or C.shape[0] != C.shape[1]:
+        raise ConfigError(f"calibration: a covariance must be a square (in, in) matrix, got shape {tuple(C.shape)}.")
+    lam, Q = _eigen(C)
+    return (Q * lam.sqrt()) @ Q.T  # (in, in)
+
+
 def _ridge(C: torch.Tensor, epsilon: float) -> float:
     ridge = epsilon * float(torch.diagonal(C).sum()) / C.shape[0]
     if not ridge > 0:

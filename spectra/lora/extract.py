@@ -677,7 +677,7 @@ def _factorize_on_data(delta: torch.Tensor, rank: int, scaling: float, C: torch.
     error ≥ tail, equal up to O(ε). Measured in C_ε's norm they had differed from analyze's by the ridge's share,
     ε·(tr C / in)·‖ΔW − s·B A‖_F², which is all there is of an update the inputs never see.
     """
-    from spectra.calibration import _eigen, truncation_factors, whitening
+    from spectra.calibration import covariance_root, truncation_factors, whitening
 
     C = C.to(delta.device)  # C is collected on the CPU
     whiten, unwhiten, _ = whitening(C, epsilon=epsilon)
@@ -686,8 +686,7 @@ def _factorize_on_data(delta: torch.Tensor, rank: int, scaling: float, C: torch.
     root = torch.sqrt(S / scaling)  # (r,): each factor carries √(σ/s)
     B = (U * root).float()  # (out, r)
     A = (root[:, None] * Vw).float()  # (r, in) = √(σ/s) V_rᵀ C_ε^{-1/2}
-    lam, Q = _eigen(C)  # C's own eigenvalues (its float64 rounding read as 0), as analyze's spectrum takes them
-    data_root = (Q * lam.sqrt()) @ Q.T  # (in, in) C^{1/2}, no ridge
+    data_root = covariance_root(C)  # (in, in) C^{1/2}, no ridge: C's own root, as analyze's spectrum takes it
     fro, error = _residual_norms(delta, B, A, scaling, whiten=data_root)
     seen = delta.double() @ data_root  # (out, in) @ (in, in): ΔW as the data sees it
     if min(seen.shape) <= full_below:  # every σ (float64 gesdd, as analyze's): the tail summed as it is
