@@ -40,9 +40,7 @@ from spectra.linalg.svd import CONVERGED_TOL, full_svd, randomized_svd
 from spectra.lora.left_out import _not_carried, _not_carried_notes
 from spectra.lora.parameter_targets import (_LEAVE_OUT, _parameter_factors, _parameter_keys, _peft_shape,
                                             _peft_transposes, _unconverted_parameters)
-# peft_wrapped is imported from here by tests and callers, as before the modules_to_save logic moved
-from spectra.lora.saved_modules import (_also_wrapped, _modules_to_save, _saved_names, _saved_tensors,  # noqa: F401
-                                        _task_type, peft_wrapped)
+from spectra.lora.saved_modules import _also_wrapped, _modules_to_save, _saved_names, _saved_tensors, _task_type
 from spectra.scaling import rank_scale
 from spectra.workers import split_workers, thread_pool
 

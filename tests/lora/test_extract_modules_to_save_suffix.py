@@ -16,7 +16,8 @@ import torch
 from safetensors.torch import load_file
 
 from spectra.errors import ConfigError
-from spectra.lora.extract import extract_adapter, peft_wrapped
+from spectra.lora.extract import extract_adapter
+from spectra.lora.saved_modules import peft_wrapped
 from tests.lora.test_extract import perturbed
 from tests.lora.test_extract_left_out import _missed
 from tests.lora.test_extract_left_out_scalars import _tiny_owlvit
@@ -109,7 +110,7 @@ def test_distilbert_classifier_saves_pre_classifier(tmp_path):
 
 
 def test_a_lora_on_a_module_peft_would_also_wrap_is_refused(tmp_path):
-    from spectra.lora.extract import _also_wrapped
+    from spectra.lora.saved_modules import _also_wrapped
     from spectra.checkpoints.pairing import Pairing, PairingOptions
 
     base = _tiny_distilbert()
