@@ -86,7 +86,7 @@ def _block_bytes(shape: ModelShape, p: int, attention: str, seq_len: int, *, ful
     GLM, Qwen3, OLMo, OLMo 2 and OLMo 3 (tests/memory/test_memory_qk_norms.py), GPT-NeoX's parallel and sequential
     blocks, Phi's, StarCoder2's and Falcon's (tests/memory/test_memory_gelu_families.py; a parallel block's MLP reads
     the block's input; Falcon's multi-query under eager only), StableLM, Arcee, Seed-OSS, Hunyuan dense, EXAONE 4,
-    Cohere and Cohere 2 (tests/memory/test_memory_llama_variants.py), sliding layers masked or not, from the first adapted layer on too.
+    Cohere, Cohere 2 and Apertus (tests/memory/test_memory_llama_variants.py), sliding layers masked or not, from the first adapted layer on too.
 
     Returns the bytes, whether the block keeps o_proj's input already (sdpa keeps its output and
     o_proj reads that tensor), whether the block's output requires grad, and the bytes it keeps
@@ -167,6 +167,8 @@ def _block_bytes(shape: ModelShape, p: int, attention: str, seq_len: int, *, ful
     else:
         activation = mid or hit("up")
         total += p * shape.mlp_saved * inter * activation
+        if shape.xielu:  # its where's bool mask; alpha_n's gradient (full fine-tuning) the product's other factor
+            total += (inter + (p * inter if full else 0)) * activation
         down = activation or hit("down")
         # the inputs of up and down (a parallel block's one norm feeds up the attention's input, counted below)
         total += p * ((0 if shape.parallel and shape.norms == 1 else h) + inter) if full else 0

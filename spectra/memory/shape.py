@@ -127,6 +127,10 @@ class ModelShape:
     # the block linears' class where transformers' bitsandbytes load leaves it in 16 bits (it converts exactly
     # nn.Linear: Falcon's FalconLinear, a subclass), so QLoRA would quantise nothing
     unquantised_class: str = ""
+    # Apertus' xIELU as transformers' Python fallback runs it (without the xielu CUDA wheel): ``mlp_saved`` p-sized
+    # tensors and its torch.where's bool mask (1 byte a value), and under full fine-tuning expm1(min(x, eps)) − x for
+    # alpha_n's gradient
+    xielu: bool = False
 
     @property
     def fused_qkv(self) -> bool:
@@ -345,7 +349,7 @@ def _refuse_other_blocks(cfg: dict, mtype: str, shape: ModelShape, base_model=No
 _OWN_BLOCKS_DESCRIBED = "GPT-NeoX, Phi, Falcon"
 _LLAMA_LIKE_DESCRIBED = ("Llama-like: Llama, Mistral, Qwen2, Qwen3, Gemma, Phi-3, Granite, Helium, ERNIE 4.5, "
                          "Ministral, SmolLM3, GLM, OLMo, OLMo 2, OLMo 3, StarCoder2, StableLM, Arcee, Seed-OSS, "
-                         "Hunyuan dense, EXAONE 4, Cohere, Cohere 2")
+                         "Hunyuan dense, EXAONE 4, Cohere, Cohere 2, Apertus")
 
 
 def _llama(cfg: dict, mtype: str, base_model) -> ModelShape:
@@ -411,7 +415,9 @@ def _llama(cfg: dict, mtype: str, base_model) -> ModelShape:
     # q_norm and k_norm: head_dim each (Gemma 3, Qwen3), or q_dim and kv_dim across the heads (OLMo 2)
     qk_norm_params = ((q_dim + kv_dim) if across_heads else 2 * head_dim) if qk_norm else 0
     # embed + per-layer norm weights and biases + final norm
-    other = vocab * h + layers * (norms * norm_params + qk_norm_params + bias) + norm_params
+    # Apertus' xIELU holds two learned scalars (alpha_p, alpha_n) per layer
+    activation_params = 2 if mtype in _PLAIN_MLP and _default(cfg, mtype, "hidden_act") == "xielu" else 0
+    other = vocab * h + layers * (norms * norm_params + qk_norm_params + bias + activation_params) + norm_params
     head = (0 if tied else vocab * h) + (vocab if cfg.get("lm_head_bias", False) else 0)  # PhiMoE's head has a bias
     return ModelShape(family=mtype or "llama-like", hidden=h, layers=layers, heads=heads, kv_dim=kv_dim,
                       q_dim=q_dim, intermediate=inter, vocab=vocab, norm=norm,
@@ -428,7 +434,7 @@ def _llama(cfg: dict, mtype: str, base_model) -> ModelShape:
                       sparsemixer=mtype in _SPARSEMIXER, topk_softmax=mtype in _TOPK_SOFTMAX,
                       input_jitter=mtype in _SPARSEMIXER and bool(cfg.get("input_jitter_noise", 0.0)),
                       windows=_sliding_windows(cfg, mtype, layers), rotary_cat=mtype in _ROTARY_CAT,
-                      parallel=parallel,
+                      parallel=parallel, xielu=bool(activation_params),
                       routing_cast=mtype in _OWN_EXPERT_SIZES,
                       routing_norm=_routing_norm(cfg, mtype),
                       dense_layers=dense_layers, dense_linears=attention + dense if dense_layers else (),
@@ -581,7 +587,8 @@ _FUSED_MLP = frozenset({"glm"})
 _FOUR_NORMS = frozenset({"gemma2", "gemma3_text"})  # blocks that normalise each sublayer's input and output
 # an RMSNorm on Q and K (q_norm, k_norm) before the rotation: each head's (over head_dim), or OLMo 2's across all heads
 # (Hunyuan's query_layernorm and key_layernorm: per head, after the rotation)
-_QK_NORMS = frozenset({"gemma3_text", "qwen3", "qwen3_moe", "olmo2", "olmo3", "hunyuan_v1_dense", "exaone4"})
+_QK_NORMS = frozenset({"gemma3_text", "qwen3", "qwen3_moe", "olmo2", "olmo3", "hunyuan_v1_dense", "exaone4",
+                       "apertus"})
 _QK_NORMS_ACROSS_HEADS = frozenset({"olmo2", "olmo3"})
 # blocks that normalise each sublayer's output and not its input (OLMo 2, OLMo 3: x + norm(attention(x)), the same
 # for the MLP)
@@ -596,7 +603,7 @@ _PARALLEL_RESIDUAL = frozenset({"stablelm"})
 # Cohere (Command R): a parallel block on one CohereLayerNorm (a weight, no bias, computed in fp32 by elementwise ops)
 _COHERE = frozenset({"cohere", "cohere2"})  # (Cohere2: sliding layers by layer_types, no rotation in the others)
 # StarCoder2's MLP: c_fc → hidden_act → c_proj, no gate (use_bias biases it and the attention's four linears)
-_PLAIN_MLP = frozenset({"starcoder2", "arcee"})  # and Arcee's (ReLU², no biases unless mlp_bias)
+_PLAIN_MLP = frozenset({"starcoder2", "arcee", "apertus"})  # and Arcee's (ReLU², no biases unless mlp_bias), Apertus'
 _PLAIN_LAYER_NORMS = frozenset({"olmo"})  # … by a LayerNorm without weight or bias, on the input up-cast to fp32
 # RMSNorms that apply their weight to the fp32 normalised input (Gemma's families too, by name): full fine-tuning
 # keeps that fp32 tensor for the weight's gradient (Helium; OLMo 2 and 3, whose norm casts the product to p)
@@ -674,7 +681,7 @@ def _bert(cfg: dict) -> ModelShape:
 # what the MLP's activation keeps for backward, in intermediate-sized tensors (ACT2FN by name): a fused GELU its input
 # (tanh-approximated or not), ReLU its output; NewGELU ("gelu_new": GPT-2's, Phi's) is written out in elementwise ops
 # that keep the input, tanh's output, x/2 and 1 + tanh
-_ACTIVATION_SAVED = {"gelu": 1, "gelu_pytorch_tanh": 1, "relu": 1, "gelu_new": 4, "relu2": 1}
+_ACTIVATION_SAVED = {"gelu": 1, "gelu_pytorch_tanh": 1, "relu": 1, "gelu_new": 4, "relu2": 1, "xielu": 3}
 
 
 def _activation_saved(cfg: dict, mtype: str, key: str) -> int:

@@ -357,12 +357,12 @@ def test_configs_the_model_would_count_wrong_are_refused(config, match):
         estimate_memory(config, method="lora", rank_plan_or_rank=4)
 
 
-@pytest.mark.parametrize("family", ["apertus", "nemotron"])
+@pytest.mark.parametrize("family", ["persimmon", "nemotron"])
 def test_blocks_unlike_the_families_described_are_refused_with_both_counts(family):
-    """Apertus (xIELU MLP with learned parameters, Q/K norms) and Nemotron (LayerNorm1P, ReLU² MLP) have Llama's keys
-    and were read as Llama. Reference: the real base model's parameters; negative control: the same config as Llama.
-    (Qwen3, StableLM and Cohere were cases here; they are described now: tests/memory/test_memory_qk_norms.py,
-    test_memory_gelu_families.py, test_memory_llama_variants.py.)"""
+    """Persimmon (LayerNorms, Q/K LayerNorms, a fused query_key_value) and Nemotron (LayerNorm1P, ReLU² MLP) have
+    Llama's keys and were read as Llama. Reference: the real base model's parameters; negative control: the same
+    config as Llama. (Qwen3, StableLM and Cohere were cases here; they are described now:
+    tests/memory/test_memory_qk_norms.py, test_memory_gelu_families.py, test_memory_llama_variants.py.)"""
     import re
 
     import transformers as tf

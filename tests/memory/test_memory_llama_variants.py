@@ -3,8 +3,9 @@ number than Llama's count of the config): Arcee (AFM: an MLP of up_proj → ReLU
 (q/k/v biased by attention_bias, o_proj by attention_out_bias), Hunyuan dense (an RMSNorm on each head's Q and K
 after the rotation) and EXAONE 4 (per-head Q/K norms, each sublayer's output normalised instead of its input, sliding
 layers by layer_types, no rotation in its full-attention layers), Cohere and Cohere 2 (Command R: a parallel block on
-one CohereLayerNorm, a weight without bias computed by elementwise fp32 ops; Cohere 2 slides by layer_types).
-Checked against the models transformers builds from
+one CohereLayerNorm, a weight without bias computed by elementwise fp32 ops; Cohere 2 slides by layer_types),
+Apertus (up_proj → xIELU → down_proj, xIELU's two learned scalars a layer, per-head Q/K norms; xIELU as transformers'
+Python fallback runs it, without the xielu CUDA wheel). Checked against the models transformers builds from
 tiny configs: their parameters, PEFT's trainable count, gradients and AdamW states, bitsandbytes' 4-bit load, and
 what autograd saves for backward (one block's bytes per sequence: the double difference of models of 1 and 2 blocks
 at batch 2 and 3, tests/memory/test_memory.py's measurement). RMSNorms: bf16 and fp32 agree exactly on the CPU."""
@@ -20,7 +21,7 @@ _SMALL = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_att
               num_key_value_heads=2, head_dim=8, vocab_size=64, pad_token_id=0, bos_token_id=0, eos_token_id=0)
 # Seed-OSS's defaults drop out 10 % (not modelled: refused, test below); its blocks are checked without dropout
 _OWN = {"seed_oss": dict(attention_dropout=0.0, residual_dropout=0.0)}
-_FAMILIES = ["arcee", "seed_oss", "hunyuan_v1_dense", "exaone4", "cohere", "cohere2"]
+_FAMILIES = ["arcee", "seed_oss", "hunyuan_v1_dense", "exaone4", "cohere", "cohere2", "apertus"]
 _MODULES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "gate": "gate_proj", "up": "up_proj",
             "down": "down_proj"}
 
@@ -177,7 +178,7 @@ def _per_sequence(family: str, roles, layers) -> dict[str, int]:
 @pytest.mark.parametrize(("family", "roles", "layers"), [
     ("arcee", ("down",), [1]), ("arcee", ("q", "up"), [1, 2]), ("hunyuan_v1_dense", ("k",), [1]),
     ("exaone4", ("o",), [2]), ("seed_oss", ("v", "gate"), [1]), ("cohere", ("o",), [1]),
-    ("cohere", ("up", "k"), [1, 2])])
+    ("cohere", ("up", "k"), [1, 2]), ("apertus", ("down",), [1]), ("apertus", ("up",), [1, 2])])
 def test_blocks_before_the_first_adapted_module_keep_nothing(family, roles, layers):
     """The first adapted layer keeps what follows its first adapted module (per sequence, less all-linear LoRA on
     every layer's, so the head's tensors cancel)."""
@@ -261,3 +262,20 @@ def test_cohere_with_qk_norm_is_refused():
         model_shape(config.to_dict())
     built = sum(p.numel() for p in tf.AutoModelForCausalLM.from_config(config).parameters())
     assert built != model_shape(config.to_dict() | {"use_qk_norm": False}).params
+
+
+@_PEFT_PATTERN_WARNING
+def test_apertus_xielu_read_as_a_plain_activation_is_wrong():
+    """Negative control: Apertus' block modelled without xIELU's bool mask and alpha_n's saved factor misses what
+    autograd saves, under LoRA and full fine-tuning (which trains the two scalars)."""
+    import dataclasses
+
+    import spectra.memory.estimate as estimate_module
+
+    real = estimate_module.model_shape
+    for method in ("lora", "full"):
+        measured = _block("apertus", method, "bf16", "sdpa")["measured"]
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(estimate_module, "model_shape",
+                          lambda config, **kw: dataclasses.replace(real(config, **kw), xielu=False))
+            assert _block("apertus", method, "bf16", "sdpa")["modelled"] != measured, method
