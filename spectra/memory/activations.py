@@ -85,8 +85,9 @@ def _block_bytes(shape: ModelShape, p: int, attention: str, seq_len: int, *, ful
     default grouped_mm experts), PhiMoE, GraniteMoE, Granite, Helium, ERNIE 4.5, Ministral, SmolLM3,
     GLM, Qwen3, OLMo, OLMo 2 and OLMo 3 (tests/memory/test_memory_qk_norms.py), GPT-NeoX's parallel and sequential
     blocks, Phi's, StarCoder2's and Falcon's (tests/memory/test_memory_gelu_families.py; a parallel block's MLP reads
-    the block's input; Falcon's multi-query under eager only), StableLM, Arcee, Seed-OSS, Hunyuan dense, EXAONE 4,
-    Cohere, Cohere 2 and Apertus (tests/memory/test_memory_llama_variants.py), sliding layers masked or not, from the first adapted layer on too.
+    the block's input; Falcon's multi-query under eager only; StableLM), Arcee, Seed-OSS, Hunyuan dense, EXAONE 4,
+    Cohere, Cohere 2 and Apertus (tests/memory/test_memory_llama_variants.py), sliding layers masked or not, from the
+    first adapted layer on too.
 
     Returns the bytes, whether the block keeps o_proj's input already (sdpa keeps its output and
     o_proj reads that tensor), whether the block's output requires grad, and the bytes it keeps

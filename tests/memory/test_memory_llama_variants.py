@@ -2,8 +2,8 @@
 number than Llama's count of the config): Arcee (AFM: an MLP of up_proj → ReLU² → down_proj, no gate), Seed-OSS
 (q/k/v biased by attention_bias, o_proj by attention_out_bias), Hunyuan dense (an RMSNorm on each head's Q and K
 after the rotation) and EXAONE 4 (per-head Q/K norms, each sublayer's output normalised instead of its input, sliding
-layers by layer_types, no rotation in its full-attention layers), Cohere and Cohere 2 (Command R: a parallel block on
-one CohereLayerNorm, a weight without bias computed by elementwise fp32 ops; Cohere 2 slides by layer_types),
+layers by layer_types, no rotation in its full-attention layers), Cohere and Cohere 2 (Command R: a parallel block
+on one CohereLayerNorm, a weight without bias computed by elementwise fp32 ops; Cohere 2 slides by layer_types),
 Apertus (up_proj → xIELU → down_proj, xIELU's two learned scalars a layer, per-head Q/K norms; xIELU as transformers'
 Python fallback runs it, without the xielu CUDA wheel). Checked against the models transformers builds from
 tiny configs: their parameters, PEFT's trainable count, gradients and AdamW states, bitsandbytes' 4-bit load, and
