@@ -391,3 +391,19 @@ def test_stablelm_with_qk_layernorm_is_refused():
         model_shape(config.to_dict())
     built = sum(p.numel() for p in tf.AutoModelForCausalLM.from_config(config).parameters())
     assert built != model_shape(config.to_dict() | {"qk_layernorm": False}).params
+
+
+@pytest.mark.parametrize(("family", "variant"), _CASES)
+def test_the_kv_cache_is_what_transformers_caches(family, variant):
+    """The inference KV cache is the bytes of transformers' DynamicCache after a forward: Falcon's new architecture
+    caches K and V broadcast to every query head, its multi-query layout one head each, StarCoder2's sliding layers
+    the last window − 1 tokens."""
+    import torch
+
+    model = _model(family, variant).to(torch.bfloat16).eval()
+    with torch.no_grad():
+        out = model(input_ids=torch.randint(0, 64, (3, 16), generator=torch.Generator().manual_seed(0)),
+                    use_cache=True)
+    held = sum(t.numel() * t.element_size() for layer in out.cache.layers for t in (layer.keys, layer.values))
+    est = estimate_memory(model.config.to_dict(), method="lora", rank_plan_or_rank=4, batch=3, seq_len=16)
+    assert est.kv_cache == held > 0

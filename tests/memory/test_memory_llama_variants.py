@@ -279,3 +279,19 @@ def test_apertus_xielu_read_as_a_plain_activation_is_wrong():
             patch.setattr(estimate_module, "model_shape",
                           lambda config, **kw: dataclasses.replace(real(config, **kw), xielu=False))
             assert _block("apertus", method, "bf16", "sdpa")["modelled"] != measured, method
+
+
+@pytest.mark.parametrize(("family", "overrides"), [(family, {}) for family in _FAMILIES]
+                         + [("exaone4", _SLIDING), ("cohere2", _SLIDING)])
+def test_the_kv_cache_is_what_transformers_caches(family, overrides):
+    """The inference KV cache is the bytes of transformers' DynamicCache after a forward (sliding layers: the last
+    window − 1 tokens)."""
+    import torch
+
+    model = _model(family, **overrides).to(torch.bfloat16).eval()
+    with torch.no_grad():
+        out = model(input_ids=torch.randint(0, 64, (3, 16), generator=torch.Generator().manual_seed(0)),
+                    use_cache=True)
+    held = sum(t.numel() * t.element_size() for layer in out.cache.layers for t in (layer.keys, layer.values))
+    est = estimate_memory(model.config.to_dict(), method="lora", rank_plan_or_rank=4, batch=3, seq_len=16)
+    assert est.kv_cache == held > 0
