@@ -101,15 +101,38 @@ def meta_model(config: Mapping | None, model_class: str | None = None):
     return None
 
 
-def bnb_4bit_linears(model) -> set[str] | None:
+def bnb_skip_modules(model, keep: Iterable[str] = ()) -> list[str] | None:
+    """The ``BitsAndBytesConfig.llm_int8_skip_modules`` that keeps the modules ``keep`` names out of 4 bits besides
+    those transformers keeps of ``model`` itself; None (transformers' own rule) where ``keep`` is empty.
+
+    Setting ``llm_int8_skip_modules`` replaces transformers' default keep list (``get_keys_to_not_convert``: the
+    output embedding, tied weights, the last parameter's module) rather than adding to it, so that list, asked of
+    ``model`` (the class ``from_pretrained`` builds; on the meta device will do), is part of this one; the class's
+    ``_keep_in_fp32_modules`` are added by transformers either way. QLoRA keeps a classifier's head out this way
+    (``keep``: :func:`spectra.ranks.plan.task_modules`): PEFT trains a copy of it (``modules_to_save``), which it
+    cannot do of a 4-bit layer (only floating-point tensors can require gradients). Names match as transformers
+    matches them: a key keeps every module under it (``classifier`` keeps RoBERTa's ``classifier.dense``)."""
+    keep = list(keep)
+    if not keep:
+        return None
+    try:  # transformers ≥ 5
+        from transformers.quantizers.base import get_keys_to_not_convert
+    except ImportError:
+        from transformers.integrations import get_keys_to_not_convert
+    return sorted(set(get_keys_to_not_convert(model)) | set(keep))
+
+
+def bnb_4bit_linears(model, keep: Iterable[str] = ()) -> set[str] | None:
     """Names of the modules of ``model`` that transformers' bitsandbytes path stores in NF4
-    (``from_pretrained(quantization_config=BitsAndBytesConfig(load_in_4bit=True, ...))``), asked of transformers
-    itself: its keep list (``get_modules_to_not_convert``: the output embedding, tied weights, the last parameter's
-    module, the class's ``_keep_in_fp32_modules`` such as T5's ``wo``) and its ``replace_with_bnb_linear``, which
-    converts exactly the ``nn.Linear`` and ``Conv1D`` modules no key of that list matches (as a prefix up to a
-    module boundary, a regex or a suffix; not only an equal name). ``model`` is converted in place: pass one built
-    for this on the meta device (:func:`meta_model`). Which modules are converted does not depend on the compute
-    dtype or double quantisation. None where this transformers or bitsandbytes lacks that path."""
+    (``from_pretrained(quantization_config=BitsAndBytesConfig(load_in_4bit=True, ...))``, with
+    ``llm_int8_skip_modules=bnb_skip_modules(model, keep)``: the modules ``keep`` names stay unquantised, as QLoRA
+    keeps a classifier's head), asked of transformers itself: its keep list (``get_modules_to_not_convert``: the
+    output embedding, tied weights, the last parameter's module, the class's ``_keep_in_fp32_modules`` such as T5's
+    ``wo``, and :func:`bnb_skip_modules`'s) and its ``replace_with_bnb_linear``, which converts exactly the
+    ``nn.Linear`` and ``Conv1D`` modules no key of that list matches (as a prefix up to a module boundary, a regex or
+    a suffix; not only an equal name). ``model`` is converted in place: pass one built for this on the meta device
+    (:func:`meta_model`). Which modules are converted does not depend on the compute dtype or double quantisation.
+    None where this transformers or bitsandbytes lacks that path."""
     try:
         import bitsandbytes as bnb
         from transformers import BitsAndBytesConfig
@@ -118,11 +141,12 @@ def bnb_4bit_linears(model) -> set[str] | None:
     except ImportError:
         return None
     try:
-        quantizer = AutoHfQuantizer.from_config(BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4"))
+        quantizer = AutoHfQuantizer.from_config(BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", llm_int8_skip_modules=bnb_skip_modules(model, keep)))
         skip = quantizer.get_modules_to_not_convert(model, quantizer.quantization_config.llm_int8_skip_modules,
                                                     model._keep_in_fp32_modules)
         replace_with_bnb_linear(model, modules_to_not_convert=skip, quantization_config=quantizer.quantization_config)
-    except (AttributeError, TypeError):  # a transformers whose bitsandbytes path differs
+    except (AttributeError, TypeError, ImportError):  # a transformers whose bitsandbytes path differs
         return None
     return {name for name, module in model.named_modules() if isinstance(module, bnb.nn.Linear4bit)}
 

@@ -48,7 +48,7 @@ from spectra.checkpoints.adapted import (  # noqa: F401
 from spectra.checkpoints.architectures import parse_stacks
 from spectra.checkpoints.pairing import check_device
 from spectra.checkpoints.roles import BLOCK_ROLES, check_roles  # noqa: F401
-from spectra.checkpoints.targets import head_modules  # noqa: F401  (spectra.lora.train.head_modules for callers)
+from spectra.checkpoints.targets import bnb_skip_modules, head_modules  # noqa: F401  (head_modules for callers)
 from spectra.errors import ConfigError
 from spectra.files import refuse_replacing_others, staged_directory
 from spectra.lora.data import (
@@ -350,9 +350,14 @@ def load_model(spec, *, task: str, num_labels: int | None = None, quantize: bool
             notes.append(note)
     else:
         auto = tf.AutoModelForCausalLM
-    if quantize:  # bitsandbytes quantises while loading, on the device named here
-        kwargs.update(device_map={"": str(torch_device(device))}, quantization_config=nf4_config(compute_dtype))
     try:
+        if quantize:  # bitsandbytes quantises while loading, on the device named here; the saved head stays whole
+            skip = None
+            if task == "seq_cls":  # transformers' keep list and the head PEFT trains a copy of
+                skeleton = _skeleton(auto, folder)
+                skip = bnb_skip_modules(skeleton, qlora_kept_modules(skeleton, task))
+            kwargs.update(device_map={"": str(torch_device(device))},
+                          quantization_config=nf4_config(compute_dtype, skip_modules=skip))
         with quiet_loading():
             model, info = auto.from_pretrained(str(folder), output_loading_info=True, **kwargs)
     except (OSError, ValueError) as err:
@@ -489,12 +494,36 @@ def to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def nf4_config(compute_dtype: str = "float32"):
-    """QLoRA's storage: NF4 4-bit, blocks of 64, double quantisation (arXiv:2305.14314)."""
+def nf4_config(compute_dtype: str = "float32", *, skip_modules: list[str] | None = None):
+    """QLoRA's storage: NF4 4-bit, blocks of 64, double quantisation (arXiv:2305.14314). ``skip_modules``
+    (``llm_int8_skip_modules``, :func:`spectra.checkpoints.targets.bnb_skip_modules`): the modules left
+    unquantised, which replace transformers' own keep list; None keeps that list."""
     from transformers import BitsAndBytesConfig
 
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=_COMPUTE_DTYPES[compute_dtype])
+                              bnb_4bit_compute_dtype=_COMPUTE_DTYPES[compute_dtype],
+                              llm_int8_skip_modules=skip_modules)
+
+
+def qlora_kept_modules(model, task: str) -> list[str]:
+    """The modules of ``model`` (the class loaded for ``task``; on the meta device will do) that QLoRA's load keeps
+    out of 4 bits besides transformers' own keep list: those PEFT trains a copy of in full for the task
+    (:func:`spectra.ranks.plan.task_modules`: a classifier's head), which it cannot do of a 4-bit layer (only
+    floating-point tensors can require gradients). Empty for a causal or seq2seq LM, whose load keeps transformers'
+    rule as it is. The load passes them to :func:`spectra.checkpoints.targets.bnb_skip_modules`; verify's W₀ and
+    ``spectra memory`` to :func:`spectra.checkpoints.targets.bnb_4bit_linears`."""
+    from spectra.ranks.plan import task_modules
+
+    return [m.name for m in task_modules(model, PEFT_TASKS.get(task))]
+
+
+def _skeleton(auto, folder: Path):
+    """The class ``auto`` loads from ``folder``, built from its config.json on the meta device (names and shapes,
+    no weights): what transformers' keep list is asked of before loading."""
+    import transformers as tf
+
+    with torch.device("meta"):
+        return auto.from_config(tf.AutoConfig.from_pretrained(str(folder)))
 
 
 def lora_config(model, config: TrainConfig, *, task: str, notes: list[str] | None = None):

@@ -552,7 +552,8 @@ def bnb_4bit_modules(names, config: dict | None, task: str = "causal_lm") -> dic
     transformers' bitsandbytes path (``from_pretrained(quantization_config=nf4_config())``, what
     :func:`spectra.lora.train.load_model` does for ``task``) replaces exactly the ``nn.Linear`` and
     ``Conv1D`` modules outside its keep list (the output embedding, tied weights, the last
-    parameter's module, the class's ``_keep_in_fp32_modules`` such as T5's ``wo``); an
+    parameter's module, the class's ``_keep_in_fp32_modules`` such as T5's ``wo``) or the modules PEFT trains a
+    copy of in full for ``task`` (a classifier's head, :func:`spectra.lora.train.qlora_kept_modules`); an
     ``nn.Embedding`` (the token embedding, GPT-2's ``wpe``, T5's ``relative_attention_bias``), a
     Linear subclass (an MoE router) and a bare parameter (fused experts) keep their weights as
     stored. Asked of transformers itself: its ``replace_with_bnb_linear`` is run on the task's model
@@ -563,6 +564,7 @@ def bnb_4bit_modules(names, config: dict | None, task: str = "causal_lm") -> dic
     """
     from spectra.checkpoints.architectures import module_info
     from spectra.checkpoints.targets import bnb_4bit_linears, meta_model, model_targets
+    from spectra.lora.train import qlora_kept_modules
 
     names = list(names)
     fallback = {n: module_info(n, config).role not in ("embed", "pos_embed", "head") for n in names}
@@ -570,7 +572,7 @@ def bnb_4bit_modules(names, config: dict | None, task: str = "causal_lm") -> dic
     if model is None:
         return fallback
     targets = model_targets(names, model)  # resolved before the swap: the names stay, the Linears' classes go
-    converted = bnb_4bit_linears(model)
+    converted = bnb_4bit_linears(model, keep=qlora_kept_modules(model, task))  # a classifier's head stays whole
     if converted is None:  # a transformers without this path: the role rule
         return fallback
     out = {}

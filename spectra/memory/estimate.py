@@ -289,7 +289,7 @@ def estimate_memory(config_or_model: Any, *, method: str = "lora", rank_plan_or_
                                  cut="{length} tokens per sequence", rotary=shape.rotary)
     if plan is not None:
         _check_plan_base(shape, plan, cfg)
-    shape, head, model = _task_class(shape, cfg, method, models, notes)  # a classifier: its own head, not the base's
+    shape, head, model = _task_class(shape, cfg, method, models)  # a classifier: its own head, not the base's
     if plan is not None and method != "full":  # no LoRA inside a module PEFT saves whole, as spectra train drops it
         rank_plan_or_rank = plan = _outside_saved(plan, [m.name for m in (*plan.modules_to_save, *head)], notes)
     if attention == "sdpa" and not shape.sdpa:
@@ -405,8 +405,7 @@ def _adapter_tensors(method: str, adapter_modules: list) -> list[int]:
     return sizes
 
 
-def _task_class(shape: ModelShape, cfg: dict, method: str, models,
-                notes: list[str] | None = None) -> tuple[ModelShape, tuple, Any]:
+def _task_class(shape: ModelShape, cfg: dict, method: str, models) -> tuple[ModelShape, tuple, Any]:
     """``shape`` as the class config.json names holds it where that class is one PEFT trains a head of in full (a
     sequence or token classifier, question answering: :data:`spectra.ranks.plan.PEFT_TASK_MODULES`), and that head
     (:func:`spectra.ranks.plan.task_modules`: PEFT's own names and the rest of the head ``spectra train`` saves,
@@ -418,7 +417,9 @@ def _task_class(shape: ModelShape, cfg: dict, method: str, models,
     a ``score`` and no LM head). Its parameters are counted off the class built from the config on the meta device
     (``models``, or :func:`spectra.checkpoints.targets.meta_model`), the difference going to ``other_params``; under
     QLoRA the linears outside the blocks that bitsandbytes stores in 4 bits are the class's
-    (:func:`spectra.checkpoints.targets.bnb_4bit_linears`, asked of a model built for it: it converts in place)."""
+    (:func:`spectra.checkpoints.targets.bnb_4bit_linears`, asked of a model built for it: it converts in place), the
+    head kept out of them as ``spectra train`` loads it (:func:`spectra.lora.train.qlora_kept_modules`: PEFT cannot
+    train a copy of a 4-bit layer)."""
     from spectra.checkpoints.targets import peft_task_type
     from spectra.ranks.plan import PEFT_TASK_MODULES, task_modules
 
@@ -433,19 +434,15 @@ def _task_class(shape: ModelShape, cfg: dict, method: str, models,
     built = sum(p.numel() for p in model.parameters())  # tied weights once
     shape = dataclasses.replace(shape, other_params=shape.other_params + built - shape.params)
     head = task_modules(model, task)
-    if method == "qlora" and (converted := bnb_4bit_linears(meta_model(cfg))) is not None:
+    # QLoRA keeps the head PEFT trains a copy of out of 4 bits, as spectra train loads it (qlora_kept_modules)
+    kept = [m.name for m in head]
+    if method == "qlora" and (converted := bnb_4bit_linears(meta_model(cfg), keep=kept)) is not None:
         from spectra.checkpoints.architectures import module_info
 
         modules = dict(model.named_modules())
         outside = [tuple(int(d) for d in modules[n].weight.shape) for n in sorted(converted)
                    if module_info(n).layer is None]
         shape = dataclasses.replace(shape, outside_quantised=tuple(outside))
-        in_head = [n for n in sorted(converted) if any(n == m.name or n.startswith(m.name + ".") for m in head)]
-        if in_head and notes is not None:  # PEFT's trainable copy of a 4-bit module cannot take a gradient
-            notes.append(f"QLoRA: bitsandbytes stores {', '.join(in_head)} of the head PEFT trains in full in 4 bits, "
-                         "and PEFT cannot train a copy of a 4-bit layer (get_peft_model fails: only floating-point "
-                         "tensors can require gradients), so `spectra train` cannot run this; the head's copy is "
-                         "counted in the base's dtype")
     return shape, head, model
 
 

@@ -96,36 +96,3 @@ def test_no_head_without_a_classifier_class():
         est = estimate_memory(config, rank_plan_or_rank=4, seq_len=16)
         assert est.params == sum(p.numel() for p in model.parameters())
         assert not any("trained in full" in n for n in est.notes)
-
-
-@pytest.mark.parametrize("family, arch", CLASSES[:2])
-def test_qlora_classifier_bytes_are_what_bitsandbytes_loads(family, arch, tmp_path):
-    """Under QLoRA the linears outside the blocks that bitsandbytes stores in 4 bits are the class's (RoBERTa's
-    classifier.dense and out_proj, no pooler; BERT's pooler and classifier). The estimate's weights less the head's
-    trainable copy (its base-dtype bytes, noted) equal the bytes of the model bitsandbytes loads, its constants
-    theirs."""
-    from tests.models import load_4bit
-
-    config, model = _classifier(family, arch)
-    loaded, constants = load_4bit(model, tmp_path)
-    est = estimate_memory(config, method="qlora", rank_plan_or_rank=4, seq_len=16)
-    copy = est.trainable_params - est.adapter // 4  # the head's trainable copy, in bf16
-    assert est.weights - 2 * copy == sum(p.numel() * p.element_size() for p in loaded.parameters())
-    assert est.quant_constants == constants
-    # the head bitsandbytes stores in 4 bits, which PEFT cannot train a copy of: said, as get_peft_model fails on it
-    assert any(n.startswith("QLoRA: bitsandbytes stores") and "cannot run this" in n for n in est.notes)
-    lora = estimate_memory(config, method="lora", rank_plan_or_rank=4, seq_len=16)
-    assert not any(n.startswith("QLoRA") for n in lora.notes)  # negative control: no 4-bit head under LoRA
-
-
-def test_qlora_head_note_says_what_peft_does(tmp_path):
-    """The note's claim, against PEFT: get_peft_model with SEQ_CLS on the RoBERTa classifier bitsandbytes loads
-    fails on the 4-bit head's trainable copy."""
-    from peft import LoraConfig, get_peft_model
-
-    from tests.models import load_4bit
-
-    _, model = _classifier("roberta", "RobertaForSequenceClassification")
-    loaded, _ = load_4bit(model, tmp_path)
-    with pytest.raises(RuntimeError, match="floating point dtype can require gradients"):
-        get_peft_model(loaded, LoraConfig(r=4, target_modules=["query", "value"], task_type="SEQ_CLS"))
