@@ -6,11 +6,11 @@ projector, embed, pos_embed, head, other``. Unknown architectures still work: ev
 gets role ``other`` and is analysed all the same.
 
 ``embed`` is a vocabulary's table, the token embedding (``embed_tokens``, ``wte``, ``word_embeddings``, ``shared``,
-CLIP's ``token_embedding`` …); ``pos_embed`` every other embedding table, one looked up by position or segment, not by
-token: a learned position table (GPT-2's ``wpe``, BERT's ``position_embeddings``, BART's and OPT's
-``embed_positions``, CLIP's and SigLIP's ``position_embedding``, Qwen3-VL's tower ``pos_embed``, Bark's and CLVP's
-``position_embeds_layer``, Kosmos-2.5's and Florence2's row and column tables), a relative-position table (T5's
-``relative_attention_bias``, DeBERTa's ``rel_embeddings``, WavLM's ``rel_attn_embed``, Wav2Vec2-BERT's
+CLIP's ``token_embedding``, XLM's and Mamba's ``embeddings`` …); ``pos_embed`` every other embedding table, one looked
+up by position or segment, not by token: a learned position table (GPT-2's ``wpe``, BERT's ``position_embeddings``,
+BART's and OPT's ``embed_positions``, CLIP's and SigLIP's ``position_embedding``, Qwen3-VL's tower ``pos_embed``,
+Bark's and CLVP's ``position_embeds_layer``, Kosmos-2.5's and Florence2's row and column tables), a relative-position
+table (T5's ``relative_attention_bias``, DeBERTa's ``rel_embeddings``, WavLM's ``rel_attn_embed``, Wav2Vec2-BERT's
 ``distance_embedding``, SpeechT5's ``embed_positions.pe_k``) and a token-type (segment) table (BERT's
 ``token_type_embeddings``): the tables :data:`_POSITION_TABLES` names, as found in transformers' models (a table under
 a name it does not know stays ``other``). They were ``other``, which ``recommend``'s default plans (every matrix but
@@ -397,6 +397,12 @@ _ROLE_RULES: tuple[tuple[str, str], ...] = (
     # recommend's default planned them
     (_POSITION_TABLES, "pos_embed"),
     (r"(lm_head|embed_out|classifier|score|cls\.predictions\.decoder)", "head"),
+    # A vocabulary held as a module named embeddings: XLM's and FlauBERT's embeddings, Mamba's, Mamba-2's,
+    # FalconMamba's, xLSTM's backbone.embeddings, RWKV's rwkv.embeddings, Nemotron-H's model.embeddings (in
+    # transformers' models every weight so named is the model's input embedding: a container named embeddings, BERT's,
+    # holds its tables under names of their own); XLM's language-model head pred_layer.proj (tied to it by default)
+    (r"embeddings", "embed"),
+    (r"pred_layer\.proj", "head"),
     # DeepSeek-V4's checkpoints' top-level embed and head (transformers' model.embed_tokens and lm_head); "^" keeps
     # any other model's ….head or ….embed module out
     (r"^embed", "embed"),

@@ -345,6 +345,26 @@ def test_train_roles_adapt_the_named_modules(name, cls, roles, expected):
     assert sorted(adapted) == sorted((str(layer), e) for layer in (0, 1) for e in expected)
 
 
+@pytest.mark.parametrize("cls", ["XLMWithLMHeadModel", "FlaubertWithLMHeadModel", "MambaForCausalLM"])
+def test_a_vocabulary_named_embeddings_is_embed_and_xlms_head_is_head(cls):
+    """XLM's and FlauBERT's (transformer.)embeddings and Mamba's backbone.embeddings are the model's input embedding
+    (transformers' get_input_embeddings): role embed, the only one; XLM's pred_layer.proj is its output embedding:
+    role head. They were other, which recommend's default plan takes."""
+    import transformers as tf
+
+    if cls == "MambaForCausalLM":
+        model = tf.MambaForCausalLM(tf.MambaConfig(vocab_size=64, hidden_size=WIDTH, num_hidden_layers=2,
+                                                   state_size=4))
+    else:
+        model = _build("xlm" if cls.startswith("XLM") else "flaubert", cls)
+    config = model.config.to_dict()
+    roles = {n: module_info(n, config).role for n, m in model.named_modules() if n and hasattr(m, "weight")}
+    (embed,) = [n for n, r in roles.items() if r == "embed"]
+    assert model.get_submodule(embed) is model.get_input_embeddings()
+    (head,) = [n for n, r in roles.items() if r == "head"]
+    assert model.get_submodule(head) is model.get_output_embeddings()
+
+
 # The rules this file tests (their patterns) → the role each gives
 _NEW_RULES = {r"bottleneck\.attention\.dense": "other",
               r"attentions\.\d+\.q_lin": "q", r"attentions\.\d+\.k_lin": "k", r"attentions\.\d+\.v_lin": "v",
@@ -352,15 +372,17 @@ _NEW_RULES = {r"bottleneck\.attention\.dense": "other",
               r"self_attn\.dense": "o", r"attention\.attn\.q": "q", r"attention\.attn\.k": "k",
               r"attention\.attn\.v": "v", r"attention\.attn\.o": "o", r"query_global": "q", r"key_global": "k",
               r"value_global": "v", r"longformer_self_attn\.query": "q", r"longformer_self_attn\.key": "k",
-              r"longformer_self_attn\.value": "v", r"self_attn\.output": "o", r"ffn\.\d+\.output\.dense": "down"}
+              r"longformer_self_attn\.value": "v", r"self_attn\.output": "o", r"ffn\.\d+\.output\.dense": "down",
+              r"embeddings": "embed", r"pred_layer\.proj": "head"}
 _OLD_LAYER = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block|deepstack_merger_list|merger_list)\.(\d+)\.")
 # model type → {module-name ending with its layer number as \d+: (role before, role now)}; XLM's and FlauBERT's got
 # their layer too
+_XLM = {r"attentions\.\d+\.q_lin": ("other", "q"), r"attentions\.\d+\.k_lin": ("other", "k"),
+        r"attentions\.\d+\.v_lin": ("other", "v"), r"attentions\.\d+\.out_lin": ("other", "o"),
+        r"ffns\.\d+\.lin1": ("other", "up"), r"ffns\.\d+\.lin2": ("other", "down")}
 _EXPECTED = {
-    **{family: {r"attentions\.\d+\.q_lin": ("other", "q"), r"attentions\.\d+\.k_lin": ("other", "k"),
-                r"attentions\.\d+\.v_lin": ("other", "v"), r"attentions\.\d+\.out_lin": ("other", "o"),
-                r"ffns\.\d+\.lin1": ("other", "up"), r"ffns\.\d+\.lin2": ("other", "down")}
-       for family in ("xlm", "flaubert")},
+    "xlm": {**_XLM, r"pred_layer\.proj": ("other", "head")},  # its class here has the language-model head
+    "flaubert": _XLM,
     **{family: {r"self_attn\.dense": ("other", "o")} for family in ("phi", "persimmon", "fuyu")},
     "mpnet": {r"attention\.attn\.q": ("other", "q"), r"attention\.attn\.k": ("other", "k"),
               r"attention\.attn\.v": ("other", "v"), r"attention\.attn\.o": ("other", "o")},
@@ -377,13 +399,15 @@ def test_the_rules_change_no_other_module_of_any_transformers_class(monkeypatch)
     """Every transformers class built on the meta device: each Linear's role and layer with and without this
     file's rules (:data:`_NEW_RULES`) and layer lists (attentions.N, ffns.N). They differ only at the expected
     modules (:data:`_EXPECTED`) of XLM, FlauBERT, Phi, Persimmon, Fuyu, MPNet, Longformer, LED and MobileBERT, and
-    every such change happens; a layer changes only at XLM's and FlauBERT's."""
+    every such change happens; a layer changes only at XLM's and FlauBERT's. Every weight of a module named
+    embeddings (role embed now) is the model's input embedding (get_input_embeddings)."""
     import transformers as tf
 
     kept = tuple(r for r in architectures._ROLE_REGEXES
                  if r[0].pattern.removeprefix("(^|\\.)").removesuffix("$") not in _NEW_RULES)
     assert len(architectures._ROLE_REGEXES) - len(kept) == len(_NEW_RULES)
     changed: dict[str, set[str]] = {}
+    vocabularies = set()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         verbosity = tf.utils.logging.get_verbosity()
@@ -397,6 +421,12 @@ def test_the_rules_change_no_other_module_of_any_transformers_class(monkeypatch)
                     patch.setattr(architectures, "_ROLE_REGEXES", kept)
                     patch.setattr(architectures, "_LAYER", _OLD_LAYER)
                     before = {n: module_info(n, config) for n in linears}
+                for n, _ in model.named_parameters():
+                    if re.search(r"(^|\.)embeddings$", n.removesuffix(".weight")):
+                        module = model.get_submodule(n.removesuffix(".weight"))
+                        assert module is model.get_input_embeddings(), (model_type, n)
+                        assert module_info(n.removesuffix(".weight"), config).role == "embed"
+                        vocabularies.add(model_type)
                 for n in linears:
                     if now[n].layer != before[n].layer:
                         assert model_type in ("xlm", "flaubert") and before[n].layer is None, (model_type, n)
@@ -409,3 +439,4 @@ def test_the_rules_change_no_other_module_of_any_transformers_class(monkeypatch)
         finally:
             tf.utils.logging.set_verbosity(verbosity)
     assert changed == {t: set(e) for t, e in _EXPECTED.items()}
+    assert vocabularies >= {"xlm", "flaubert", "mamba", "rwkv", "nemotron_h"}
