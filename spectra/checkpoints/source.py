@@ -41,6 +41,14 @@ _SAMPLE = 256 * 1024  # bytes hashed at each of three places per weight file
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+(@[\w.\-/]+)?$")
 
 
+def _sentence(err: BaseException) -> str:
+    """``err``'s message as one sentence ending in a full stop, to go before spectra's own: torch's and json's
+    messages may end in one already ("…modified after saving."), and an empty one (``EOFError()``) is named by its
+    type."""
+    text = str(err).strip() or type(err).__name__
+    return text if text.endswith((".", "!", "?")) else text + "."
+
+
 @dataclass(frozen=True)
 class TensorInfo:
     """Metadata of one stored tensor, read without touching its data."""
@@ -63,7 +71,7 @@ class _SafetensorsFile:
             names = list(self._handle.keys())
         except Exception as err:  # safetensors raises SafetensorError/OSError with terse text
             raise CheckpointError(
-                f"cannot read safetensors file {path}: {err}. The file is truncated or corrupt; "
+                f"cannot read safetensors file {path}: {_sentence(err)} The file is truncated or corrupt; "
                 "download or save it again."
             ) from err
         self.infos: dict[str, TensorInfo] = {}
@@ -75,7 +83,7 @@ class _SafetensorsFile:
         try:
             return self._handle.get_tensor(name)
         except Exception as err:
-            raise CheckpointError(f"cannot read tensor {name!r} from {self.path}: {err}. The file may be "
+            raise CheckpointError(f"cannot read tensor {name!r} from {self.path}: {_sentence(err)} The file may be "
                                   "truncated or corrupt; download or save it again.") from err
 
     def read_expert(self, name: str, expert: int) -> torch.Tensor:
@@ -84,8 +92,9 @@ class _SafetensorsFile:
         try:
             return self._handle.get_slice(name)[expert:expert + 1][0]
         except Exception as err:
-            raise CheckpointError(f"cannot read expert {expert} of tensor {name!r} from {self.path}: {err}. The file "
-                                  "may be truncated or corrupt; download or save it again.") from err
+            raise CheckpointError(f"cannot read expert {expert} of tensor {name!r} from {self.path}: "
+                                  f"{_sentence(err)} The file may be truncated or corrupt; download or save it "
+                                  "again.") from err
 
 
 class _PickleFile:
@@ -108,7 +117,7 @@ class _PickleFile:
                 "environment you trust, then point spectra at the .safetensors file."
             ) from err
         except (RuntimeError, EOFError, OSError, ValueError) as err:
-            raise CheckpointError(f"cannot read {path}: {err}. The file is truncated or not a torch "
+            raise CheckpointError(f"cannot read {path}: {_sentence(err)} The file is truncated or not a torch "
                                   "checkpoint; download or save it again.") from err
         if not isinstance(state, dict):
             raise CheckpointError(f"{path} does not hold a state dict (found {type(state).__name__}); "
@@ -391,7 +400,7 @@ def _files_from_index(index: Path) -> list[Path]:
     try:
         weight_map = json.loads(index.read_text())["weight_map"]
     except (OSError, ValueError, KeyError, TypeError) as err:
-        raise CheckpointError(f"cannot read the shard index {index}: {err}. It must be JSON with a "
+        raise CheckpointError(f"cannot read the shard index {index}: {_sentence(err)} It must be JSON with a "
                               "'weight_map' of tensor name → shard file.") from err
     files = []
     for shard in dict.fromkeys(weight_map.values()):
