@@ -299,6 +299,12 @@ def estimate_memory(config_or_model: Any, *, method: str = "lora", rank_plan_or_
                                     "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", models=models)
     adapter_modules = _adapter_modules(shape, method, rank_plan_or_rank, roles, layers_to_transform,
                                        parse_stacks(stacks), train_model, notes=notes)
+    if method == "qlora" and shape.unquantised_class:  # Falcon: bitsandbytes converts exactly nn.Linear
+        raise ConfigError(f"{shape.family}: QLoRA stores the block linears in 4 bits through transformers' "
+                          f"bitsandbytes load, which converts exactly nn.Linear modules; {shape.family}'s are "
+                          f"{shape.unquantised_class} (a subclass), which it leaves in 16 bits, so nothing would be "
+                          "quantised. Estimate method lora (--method lora): a 16-bit base with a LoRA adapter is what "
+                          "that load trains.")
     if method == "qlora" and (narrow := _narrow_4bit_note(shape)):
         notes.append(narrow)
     if method == "qlora" and shape.experts > 1:
