@@ -319,7 +319,9 @@ def extract_adapter(base, tuned, plan_or_rank, out_dir: str | os.PathLike, *, ro
         notes.append("every targeted module is unchanged (ΔW = 0): their LoRA factors are zeros; the adapter carries "
                      f"the saved modules ({', '.join(saved_list)})")
     left_out, left_out_vectors, only_in_tuned, rounded = _not_carried(pairing, selected, save_names)
+    dropped = set(unchanged)  # the model's names of the modules left out as unchanged (ΔW = 0): not adapted
     notes += _not_carried_notes(pairing, left_out, left_out_vectors, only_in_tuned, selected,
+                                unchanged=frozenset(e.name for e in selected if model_names[e.name] in dropped),
                                 roles=_roles_used(roles, stacks), stacks=stacks, planned=plan is not None,
                                 full=plan_or_rank == "full")
     if rounded:

@@ -120,8 +120,16 @@ def _entry_changed(pairing: Pairing, entry) -> bool:
 
 
 def _not_carried_notes(pairing: Pairing, matrices: list, vectors: list, only_in_tuned: list[str], selected: list, *,
-                       roles, stacks, planned: bool, full: bool) -> list[str]:
-    """The notes naming what :func:`_not_carried` found (counted, the first few named) and what would carry it."""
+                       unchanged: frozenset[str] = frozenset(), roles, stacks, planned: bool,
+                       full: bool) -> list[str]:
+    """The notes naming what :func:`_not_carried` found (counted, the first few named) and what would carry it.
+
+    ``unchanged``: the names of the `selected` entries extract left out of the adapter as unchanged (ΔW = 0). The
+    adapted modules are the others: a changed bias of an unchanged module is advised saved whole (modules_to_save),
+    not called a bias of an adapted module. With a uniform rank, where the roles select a module of the name
+    advised (layer 0's q_proj, unchanged, or another layer's), the advice takes that role out of the roles too:
+    PEFT adapts a module or saves it whole, not both (extract refuses the two together).
+    """
     def named(items: list[str]) -> str:
         return ", ".join(items[:3]) + (f" and {len(items) - 3} more" if len(items) > 3 else "")
 
@@ -156,7 +164,7 @@ def _not_carried_notes(pairing: Pairing, matrices: list, vectors: list, only_in_
                      + "; their fine-tuning is not in it. To carry them, " + " or ".join(fix))
         lead = ""
     if vectors:
-        adapted = {e.name for e in selected}
+        adapted = {e.name for e in selected if e.name not in unchanged}
         # a parameter of the model itself (CLIP's logit_scale), of no submodule: PEFT saves submodules only
         own = [n for n, _ in vectors if "." not in n]
         # a parameter of a module that holds others (OWL-ViT's owlvit.logit_scale, of the whole OwlViTModel; an
@@ -170,7 +178,14 @@ def _not_carried_notes(pairing: Pairing, matrices: list, vectors: list, only_in_
         owners = list(dict.fromkeys(n.rpartition(".")[0] for n in held))
         held_params = sum(math.prod(pairing.base.info(t).shape) for t in pairing.base.names()
                           if any(t.startswith(o + ".") for o in owners))
-        fix = ([f"To carry them, save their modules whole (modules_to_save={leaves(free)}){merged}"]
+        # the roles that select a module modules_to_save would match by its last name (all q_proj for q_proj)
+        clash = [] if planned else list(dict.fromkeys(e.info.role for e in selected
+                                                      if e.name.rpartition(".")[2] in leaves(free).split(",")))
+        kept = [r for r in roles if r not in clash]
+        unadapt = (f" and take {'its role' if len(clash) == 1 else 'their roles'} out of the LoRA "
+                   f"(roles={','.join(kept)}): PEFT adapts a module or saves it whole, not both"
+                   if clash and kept else "")
+        fix = ([f"To carry them, save their modules whole (modules_to_save={leaves(free)}){merged}{unadapt}"]
                if free else []) + (
             [f"{len(owned)} {'is a bias' if len(owned) == 1 else 'are biases'} of adapted modules, which no LoRA "
              "carries"] if owned else []) + (
