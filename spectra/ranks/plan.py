@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 import os
 import re
 import warnings
@@ -212,9 +213,32 @@ class RankPlan:
 
     @property
     def total_energy(self) -> float:
-        """Captured share of the targeted modules' total energy Σ‖ΔW‖_F² (lower bound)."""
+        """Captured share of the targeted modules' total energy Σ‖ΔW‖_F² (lower bound); of the whole update's,
+        :attr:`whole_energy`."""
         total = sum(m.fro_norm ** 2 for m in self.modules)
         return sum(m.energy * m.fro_norm ** 2 for m in self.modules) / total if total > 0 else 1.0
+
+    @property
+    def whole_fro2(self) -> float:
+        """The whole update's Σ‖ΔW‖_F² over every analysed matrix: the targeted modules and those left out (an
+        embedding outside the roles, an unchanged module at 0). A fused tensor counts once (its split projections,
+        ``c_attn[q]``, are no modules of the plan); vectors (norms, biases), which no LoRA holds, are not counted, as
+        in ``spectra verify``'s coverage."""
+        return math.fsum([m.fro_norm ** 2 for m in self.modules] + [m.fro_norm ** 2 for m in self.left_out])
+
+    @property
+    def coverage(self) -> float:
+        """Share of the whole update's Σ‖ΔW‖_F² (:attr:`whole_fro2`) the targeted modules hold: what
+        :attr:`total_energy` is a share of (Gemma 2's tied embedding, left out, can hold most of it)."""
+        whole = self.whole_fro2
+        return math.fsum(m.fro_norm ** 2 for m in self.modules) / whole if whole > 0 else 1.0
+
+    @property
+    def whole_energy(self) -> float:
+        """Captured share of the whole update's Σ‖ΔW‖_F² (:attr:`whole_fro2`, lower bound): :attr:`total_energy`
+        × :attr:`coverage`, the left-out modules capturing nothing."""
+        whole = self.whole_fro2
+        return math.fsum(m.energy * m.fro_norm ** 2 for m in self.modules) / whole if whole > 0 else 1.0
 
     @property
     def mean_energy(self) -> float:
@@ -267,7 +291,8 @@ class RankPlan:
         return {"schema_version": PLAN_SCHEMA_VERSION, "policy": dataclasses.asdict(self.policy),
                 "base": self.base, "budget_gap": self.budget_gap,
                 "totals": {"modules": len(self.modules), "params": self.total_params,
-                           "energy": self.total_energy, "mean_energy": self.mean_energy},
+                           "energy": self.total_energy, "mean_energy": self.mean_energy,
+                           "coverage": self.coverage, "whole_energy": self.whole_energy},
                 "modules": [dataclasses.asdict(m) for m in self.modules],
                 "left_out": [dataclasses.asdict(m) for m in self.left_out], "functional": self.functional,
                 "fused": [dataclasses.asdict(f) for f in self.fused]} | (
