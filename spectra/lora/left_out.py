@@ -182,9 +182,8 @@ def _not_carried_notes(pairing: Pairing, matrices: list, vectors: list, only_in_
         clash = [] if planned else list(dict.fromkeys(e.info.role for e in selected
                                                       if e.name.rpartition(".")[2] in leaves(free).split(",")))
         kept = [r for r in roles if r not in clash]
-        unadapt = (f" and take {'its role' if len(clash) == 1 else 'their roles'} out of the LoRA "
-                   f"(roles={','.join(kept)}): PEFT adapts a module or saves it whole, not both"
-                   if clash and kept else "")
+        unadapt = (f" and take {' and '.join(clash)} out of the roles (roles={','.join(kept)}): PEFT adapts a "
+                   "module or saves it whole, not both" if clash and kept else "")
         fix = ([f"To carry them, save their modules whole (modules_to_save={leaves(free)}){merged}{unadapt}"]
                if free else []) + (
             [f"{len(owned)} {'is a bias' if len(owned) == 1 else 'are biases'} of adapted modules, which no LoRA "

@@ -80,3 +80,13 @@ def test_a_bias_of_an_adapted_module_keeps_the_old_note(tmp_path):
     (vectors,) = [n for n in result.notes if "changed vector(s)" in n]
     assert "1 is a bias of adapted modules, which no LoRA carries" in vectors
     assert "modules_to_save" not in vectors and "roles=" not in vectors
+
+
+def test_the_cli_note_names_the_options(qwen2_bias, tmp_path, monkeypatch, capsys):
+    from tests.cli.test_cli import run
+
+    _, _, b, t = qwen2_bias
+    code, out, err = run(monkeypatch, capsys, "extract", b, t, "--rank", "2", "-q", "-o", tmp_path / "ad")
+    assert code == 0, err
+    text = " ".join((out + err).split())
+    assert "(--modules-to-save q_proj) and take q out of the roles (--roles k,v,o,gate,up,down)" in text, text
