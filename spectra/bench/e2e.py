@@ -271,6 +271,8 @@ def run_e2e_bench(out: str | os.PathLike = "reports/bench", *, pair: str | os.Pa
     Path
         The Markdown report.
     """
+    if not peer_timeout > 0:  # 0 or less stopped every peer at once, reported as "did not finish"
+        raise ConfigError(f"peer_timeout must be > 0 seconds, got {peer_timeout}.")
     unknown = set(skip) - set(_PARTS)
     if unknown:
         raise ConfigError(f"--skip: unknown part(s) {', '.join(sorted(unknown))}; choose from {', '.join(_PARTS)}.")

@@ -219,6 +219,10 @@ def _bench_matrix(M: torch.Tensor, kind: str, ks, repeats: int, seed: int, peers
 # ---------------------------------------------------------------------------- report
 
 
+def _positive_int(n) -> bool:
+    return isinstance(n, int) and not isinstance(n, bool) and n > 0
+
+
 def run_svd_bench(
     out_dir,
     *,
@@ -255,11 +259,17 @@ def run_svd_bench(
     if quick:
         shapes, ks = ((160, 256),), (8,)
     kinds = tuple(kinds)
-    for kind in kinds:
-        if kind not in KINDS:
-            raise ConfigError(f"unknown spectrum kind {kind!r}; choose from {KINDS}.")
+    unknown = [kind for kind in kinds if kind not in KINDS]
+    if unknown:  # each message opens with the argument's name: the command line names its option there
+        raise ConfigError(f"kinds: unknown spectrum kind(s) {', '.join(map(str, unknown))}; choose from "
+                          f"{', '.join(KINDS)}.")
     if repeats < 1:
-        raise ConfigError(f"`repeats` must be ≥ 1, got {repeats}.")
+        raise ConfigError(f"repeats must be ≥ 1, got {repeats}.")
+    shapes, ks = tuple(tuple(shape) for shape in shapes), tuple(ks)
+    if not all(len(shape) == 2 and all(_positive_int(n) for n in shape) for shape in shapes):
+        raise ConfigError(f"shapes must be (out, in) pairs of positive integers, got {shapes}.")
+    if not all(_positive_int(k) for k in ks):
+        raise ConfigError(f"ks must be positive integers, got {ks}.")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows = []

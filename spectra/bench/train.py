@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from spectra.errors import ConfigError
 from spectra.files import write_text_atomic
 from spectra.report.render import markdown_table
 
@@ -44,6 +45,8 @@ def run_train_bench(out_dir, *, steps: int = 20, warmup: int = 3, quick: bool = 
     Path
         The Markdown file.
     """
+    if steps < 1:  # no timed step: the report's median had no data
+        raise ConfigError(f"steps must be ≥ 1, got {steps}.")
     import transformers as tf
 
     from spectra.lora.train import TrainConfig, train_adapter

@@ -16,19 +16,17 @@ def bench_svd(
     kinds: Annotated[str, typer.Option(help="Spectrum types: planted,power_law,bf16.")] = "planted,power_law,bf16",
     ks: Annotated[str, typer.Option(help="Comma-separated top-k sizes.")] = "64,256",
     quick: Annotated[bool, typer.Option(help="Tiny shapes, seconds (a smoke test).")] = False,
-    repeats: Annotated[int, typer.Option(help="Runs per measurement; the best is kept (runs under 1 s are repeated for about a second, 3–20 times).", parser=_typed_int)] = 1,
-    seed: Annotated[int, typer.Option(help="Seed of the test matrices and sketches.", parser=_typed_int)] = 0,
+    repeats: Annotated[int, typer.Option(min=1, help="Runs per measurement; the best is kept (runs under 1 s are repeated for about a second, 3–20 times).", parser=_typed_int)] = 1,
+    # 0 … 2³²−1: scikit-learn's randomized_svd, a peer, takes no other seed
+    seed: Annotated[int, typer.Option(min=0, max=2**32 - 1, help="Seed of the test matrices and sketches.", parser=_typed_int)] = 0,
 ) -> None:
     """Time spectra's full, randomized and adaptive SVD side by side with torch, scikit-learn and SciPy."""
     from spectra.bench.svd import DEFAULT_SHAPES, run_svd_bench
-    from spectra.errors import ConfigError
 
-    try:
-        shape_list = DEFAULT_SHAPES if shapes is None else tuple(
-            tuple(int(x) for x in s.lower().split("x")) for s in _split(shapes))
-        k_list = tuple(int(k) for k in _split(ks))
-    except ValueError as err:
-        raise ConfigError(f"--shapes must look like 1024x1024,768x2304 and --ks like 64,256 ({err}).") from None
+    shape_list = DEFAULT_SHAPES if shapes is None else tuple(
+        tuple(_positive_ints(s, "--shapes", shapes, "OUTxIN shapes like 1024x1024,768x2304", sep="x"))
+        for s in _split(shapes) or ("",))
+    k_list = tuple(_positive_ints(ks, "--ks", ks, "top-k sizes like 64,256"))
     path = run_svd_bench(out, shapes=shape_list, kinds=_split(kinds), ks=k_list, quick=quick, repeats=repeats,
                          seed=seed)
     typer.echo(f"wrote {path}")
@@ -36,7 +34,7 @@ def bench_svd(
 
 def bench_train(
     out: Annotated[Path, typer.Option("-o", "--output", "--out", help="Output directory for train.{md,json}.")] = Path("reports/bench"),
-    steps: Annotated[int, typer.Option(help="Timed steps per loop (after warm-up).", parser=_typed_int)] = 20,
+    steps: Annotated[int, typer.Option(min=1, help="Timed steps per loop (after warm-up).", parser=_typed_int)] = 20,
     quick: Annotated[bool, typer.Option(help="A tiny model and few steps (a smoke test).")] = False,
     seed: Annotated[int, typer.Option(help="Seed of the model and batch.", parser=_typed_int)] = 0,
 ) -> None:
@@ -65,7 +63,8 @@ def bench_make_pair(
     relative_size: Annotated[float, typer.Option(help="‖ΔW‖/‖W‖ per module.", parser=_typed_float)] = 1e-2,
     tail: Annotated[float, typer.Option(help="Share of ‖ΔW‖² in the broad Gaussian tail.", parser=_typed_float)] = 0.03,
     rank_scale: Annotated[float, typer.Option(help="Multiplies every role's planted effective rank.", parser=_typed_float)] = 1.0,
-    shard_mb: Annotated[int, typer.Option(help="Largest safetensors shard, MB.", parser=_typed_int)] = 2048,
+    # min=1: refused as typed, in MB, before it becomes PairConfig.shard_bytes (-3 MB read "got -3145728")
+    shard_mb: Annotated[int, typer.Option(min=1, help="Largest safetensors shard, MB.", parser=_typed_int)] = 2048,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing OUT that make-pair wrote (base/, tuned/, ground_truth.json; swapped in when complete); a folder holding any other file is refused.")] = False,
 ) -> None:
     """Write a realistic bf16 base × tuned pair with a real model's names, shapes and sharding (tensor by tensor)."""
@@ -93,3 +92,14 @@ def bench_e2e(
     path = run_e2e_bench(out, pair=pair, work=work, shape="llama-tiny" if quick else shape, quick=quick,
                          skip=_split(skip) or (), peer_timeout=peer_timeout)
     typer.echo(f"wrote {path}")
+
+
+def _positive_ints(text: str, option: str, typed: str, expected: str, *, sep: str = ",") -> list[int]:
+    """The positive integers `text` lists (split at `sep`), or a refusal naming `option` and what was `typed`: ``--ks
+    0`` and ``--shapes 0x5`` were handed on to fail in scikit-learn's words, ``--shapes 32x48x2`` as a traceback."""
+    from spectra.errors import ConfigError
+
+    parts = [p.strip() for p in text.lower().split(sep)] if sep != "," else list(_split(text) or ())
+    if not parts or (sep == "x" and len(parts) != 2) or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise ConfigError(f"{option} {typed!r}: expected {expected}, each size a positive integer.")
+    return [int(p) for p in parts]

@@ -8,13 +8,15 @@ from typing import Annotated, Optional
 import typer
 from rich.markup import escape  # module names hold brackets ("c_attn[q]") that rich would read as markup
 
-from spectra.cli.options import _layer_range, _split, _stacks, _typed_int
+from spectra.cli.options import _layers, _split, _stacks, _typed_int
 
 
 def memory(
     model: Annotated[str, typer.Argument(help="config.json, the model directory holding it, or a hub id.")],
     method: Annotated[str, typer.Option(help="full, lora, qlora or dora.")] = "lora",
-    rank: Annotated[Optional[int], typer.Option(help="LoRA rank of every targeted module (default 16).", parser=_typed_int)] = None,
+    # min=1: refused as typed, where the library's refusal named its own argument (rank_plan_or_rank)
+    rank: Annotated[Optional[int], typer.Option(min=1, help="LoRA rank of every targeted module (default 16).",
+                                                parser=_typed_int)] = None,
     plan: Annotated[Optional[Path], typer.Option(help="A plan from `spectra recommend` instead of --rank.")] = None,
     roles: Annotated[Optional[str], typer.Option(help="Roles --rank targets, as `spectra train --roles` takes them "
                                                       "(default: all block linears; on an MoE the fused experts, "
@@ -73,8 +75,7 @@ def memory(
                           gradient_checkpointing=gradient_checkpointing, roles=_split(roles), stacks=_stacks(stacks),
                           attention=attention,
                           double_quant=double_quant, use_cache=use_cache, input_require_grads=input_require_grads,
-                          layers_to_transform=tuple(range(span[0], span[1] + 1)) if (span := _layer_range(layers))
-                          else None)
+                          layers_to_transform=_layers(layers))  # refused as typed: --layers 99-100
     if as_json:  # with what it was asked: the JSON describes its own run
         inputs = {"model": model, "method": method, "rank": None if plan else rank_or_plan, "plan": plan and str(plan),
                   "roles": _split(roles), **({"stacks": _stacks(stacks)} if stacks is not None else {}),

@@ -33,7 +33,14 @@ def _quiet_third_party(*, quiet: bool = False) -> None:
 
 # library fields whose option has another name: analyze's --energy fills AnalysisConfig.thresholds, --skip-nonfinite
 # its on_nonfinite='skip'; sweep's --epsilon is the functional policy's ε (recommend's --functional)
-_FIELD_OPTIONS = {"thresholds": "energy", "on_nonfinite": "skip_nonfinite", "functional": "epsilon"}
+# memory's --layers fills layers_to_transform; recommend's --budget fills budget_params or budget_bytes
+_FIELD_OPTIONS = {"thresholds": "energy", "on_nonfinite": "skip_nonfinite", "functional": "epsilon",
+                  "layers_to_transform": "layers", "budget_params": "budget", "budget_bytes": "budget"}
+# Python's words for an option left out and for a set of choices: "a positive integer or None", "(or None for no
+# cap)", "one of ('full', 'lora')"; a user leaves the option out and types the choices unquoted
+_NONE = re.compile(r" or None(?=[,.;)])")
+_NONE_FOR = re.compile(r"\(or None for ")
+_CHOICES = re.compile(r"(?:(?<=one of )|(?<=from ))\('[^']*'(?:, '[^']*')+\)")
 # a library field as an error names it: RankPolicy.energy, workers=0, on_nonfinite='skip', max_rank
 # (never inside a path or a dotted name: /data/eval_data/x.txt, model.layers.0.mlp.gate_proj, max_length.txt)
 _FIELD = re.compile(r"(?<![\w./\\@-])(?:(?:RankPolicy|[A-Z]\w*Config)\.)?([a-z][a-z0-9]*(?:_[a-z0-9]+)*)"
@@ -107,5 +114,7 @@ def _cli_words(text: str, argv: list[str]) -> str:
         text = re.sub(r"overwrite=True replaces only a directory that (`spectra [^`]+`) wrote",
                       r"\1 replaces only a directory it wrote", text)
     text = _FIELD.sub(option, text)
+    text = _NONE_FOR.sub("(or leave it out for ", _NONE.sub("", text))
+    text = _CHOICES.sub(lambda m: m.group(0).replace("'", ""), text)  # (full, lora, qlora, dora)
     # "--max-length (--max-length) 128", "--overwrite (CLI: --overwrite)": the option once
     return re.sub(r"(--[\w-]+)((?: [^\s()]+)?) \((?:CLI: )?\1\)", r"\1\2", text)

@@ -56,6 +56,26 @@ class TypedInt(_AsTyped, int):
     """An int option's number, printed as typed (see :class:`_AsTyped`)."""
 
 
+class TypedLayers(tuple):
+    """--layers FIRST-LAST as the layer numbers it spans, printed as typed: ``--layers 99-100`` on a 2-layer model is
+    refused as "got 99-100", not as the tuple's "(99, 100)" (see :class:`_AsTyped`)."""
+
+    text: str
+
+    def __new__(cls, layers, text: str):
+        span = super().__new__(cls, layers)
+        span.text = text
+        return span
+
+    def __repr__(self) -> str:
+        return self.text
+
+    __str__ = __repr__
+
+    def __reduce__(self):
+        return type(self), (tuple(self), self.text)
+
+
 class _NotANumber(ValueError):
     """Text a number option cannot read; :func:`_number_refusal` names the option (typer's parser is given the text
     alone)."""
@@ -150,6 +170,12 @@ def _layer_range(value: str | None) -> tuple[int, int] | None:
     if not 0 <= span[0] <= span[1]:
         raise ConfigError(f"--layers {value!r}: FIRST-LAST with 0 ≤ FIRST ≤ LAST, e.g. 0-11.")
     return span
+
+
+def _layers(value: str | None) -> TypedLayers | None:
+    """--layers as the layers it names (PEFT's layers_to_transform), printed as typed."""
+    span = _layer_range(value)
+    return None if span is None else TypedLayers(range(span[0], span[1] + 1), value)
 
 
 def _writable(output: Path | None, *inputs, command: str | None = None, overwrite: bool = False) -> None:

@@ -76,10 +76,10 @@ def recommend(
 
     from spectra.errors import ConfigError, PeftConfigWarning
     from spectra.memory import estimate_memory, format_bytes, load_config
-    from spectra.ranks import RankPolicy, parse_budget, recommend_ranks, save_plan
+    from spectra.ranks import RankPolicy, recommend_ranks, save_plan
     from spectra.ranks.plan import MetaModels, base_config
 
-    budget_kw = parse_budget(budget) if budget is not None else {}
+    budget_kw = _budget(budget) if budget is not None else {}
     ignored = {"scale": "--alpha", "constant": "--scale"}.get(alpha_rule)
     if ignored and (alpha if alpha_rule == "scale" else scale) is not None:
         raise ConfigError(f"{ignored} has no effect under --alpha-rule {alpha_rule} (" + (
@@ -158,13 +158,33 @@ def recommend(
         for note in est.notes:
             console.print(escape(f"memory note: {note}"), style="yellow")
     elif memory_skipped:
-        console.print(escape(f"memory: no estimate ({memory_skipped})"), style="yellow")
+        console.print(escape(f"memory: no estimate ({_cli_words(memory_skipped, ['recommend'])})"), style="yellow")
     else:
         console.print("memory: pass --config (config.json, its folder or a hub id) for an estimate")
     for note in notes:
         console.print(escape(f"peft_config: {note}"), style="yellow")
     if output is not None:
         console.print(escape(f"plan written to {output}"))
+
+
+def _budget(text: str) -> dict[str, int]:
+    """--budget as RankPolicy's budget_params or budget_bytes, refused as typed: ``--budget 0.5`` said
+    "RankPolicy.budget_params must be a positive integer, got 0" (the count rounded), ``--budget 1B`` "Cannot read
+    budget '1B'" (no option named)."""
+    from spectra.errors import ConfigError
+    from spectra.ranks import parse_budget
+
+    try:
+        budget = parse_budget(text)
+    except ConfigError:
+        bare_b = text.strip()[-1:] in ("b", "B")  # refused as ambiguous (only here: 2GB is read)
+        raise ConfigError(f"--budget {text!r}: expected parameters like 20M or 1.5e6, or bytes like 2GB or 512MiB"
+                          + (" (a bare B is refused: billions or bytes?)." if bare_b else ".")) from None
+    (value,) = budget.values()
+    if value < 1:
+        unit = "parameter" if "budget_params" in budget else "byte"
+        raise ConfigError(f"--budget {text!r} is less than one {unit}; give a positive budget like 20M or 2GB.")
+    return budget
 
 
 def _analysis_or_pair(sources: list[str]):

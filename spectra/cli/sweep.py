@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 from rich.markup import escape  # module names hold brackets ("c_attn[q]") that rich would read as markup
 
-from spectra.cli.messages import _cli_message
+from spectra.cli.messages import _cli_message, _cli_words
 from spectra.cli.options import (_OVERWRITE_HELP, _STACKS_HELP, _TASK_HELP, _split, _stacks, _typed_float,
                                  _typed_int, _writable)
 
@@ -107,8 +107,8 @@ def sweep(
         if choice is not None:
             for group, c in choice["groups"].items():
                 typer.echo(f"functional rank ({group}, ε={epsilon:g}): {functional_text(c)}")
-    for note in result.data["notes"]:
-        typer.secho(f"note: {note}", fg="yellow", err=True)
+    for note in result.data["notes"]:  # in sweep's words: "--max-length", not "max_length (--max-length)"
+        typer.secho(f"note: {_cli_words(note, ['sweep'])}", fg="yellow", err=True)
     if plan_error is not None:
         typer.secho(f"note: plan.json not written: {_cli_message(plan_error, ['sweep'])}", fg="yellow", err=True)
     typer.echo(f"report: {path / 'report.html'}  (also report.md, sweep.json, figures/"

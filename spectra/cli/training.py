@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from spectra.cli.messages import _cli_words
 from spectra.cli.options import (_OVERWRITE_HELP, _STACKS_HELP, _TASK_HELP, _split, _stacks, _typed_float,
                                  _typed_int, _writable)
 from spectra.cli.tables import _plain_table
@@ -89,8 +90,8 @@ def train(
                "trainable parameters, final "
                f"train loss {result.losses[-1]:.4f}"
                + (f", eval loss {final['loss']:.4f}, accuracy {final['accuracy']:.1%}" if final else ""))
-    for note in result.notes:
-        typer.secho(f"note: {note}", fg="yellow", err=True)
+    for note in result.notes:  # in train's words: "--max-length", not "max_length (--max-length)"
+        typer.secho(f"note: {_cli_words(note, ['train'])}", fg="yellow", err=True)
     typer.echo(f"wrote {result.out_dir}  (training_log.jsonl, spectra_train.json)")
 
 
@@ -107,7 +108,7 @@ def verify(
         help="Sweep: share of --data each run holds out for its own eval (default 0.1; 0 for none, e.g. one example).", parser=_typed_float)] = None,
     adapters_dir: Annotated[Optional[Path], typer.Option(help="Where --sweep puts adapters (default OUTPUT-adapters).")] = None,
     plan: Annotated[Optional[Path], typer.Option(help="The plan from `spectra recommend`: its rank is marked.")] = None,
-    recommended: Annotated[Optional[int], typer.Option(help="Rank to mark as recommended (instead of --plan).", parser=_typed_int)] = None,
+    recommended: Annotated[Optional[int], typer.Option(min=1, help="Rank to mark as recommended (instead of --plan).", parser=_typed_int)] = None,
     distill: Annotated[bool, typer.Option("--distill", help="Sweep: fit adapters to TUNED's outputs, not labels.")] = False,
     roles: Annotated[Optional[str], typer.Option(help="Sweep: roles to target (default every block linear).")] = None,
     stacks: Annotated[Optional[str], typer.Option(help="Sweep: c" + _STACKS_HELP.removeprefix("C"))] = None,

@@ -71,7 +71,7 @@ _REFUSED = [
     (["recommend", "{r}", "--energy", "2.0"], "--energy must be in (0, 1], got 2.0.\n"),
     (["recommend", "{r}", "--scale", "-1e-3"], "--scale must be > 0, got -1e-3.\n"),
     (["recommend", "{r}", "--energy", "abc"], "--energy 'abc': expected a number.\n"),
-    (["recommend", "{r}", "--rank", "-3"], "--rank must be a positive integer or None, got -3.\n"),
+    (["recommend", "{r}", "--rank", "-3"], "--rank must be a positive integer, got -3.\n"),
     (["recommend", "{r}", "--rank", "1e-3"], "--rank '1e-3': expected an integer.\n"),
     (["recommend", "{r}", "--uniform", "--uniform-share", "2"], "--uniform-share must be in (0, 1], got 2.\n"),
     (["recommend", "{r}", "--alpha-rule", "constant", "--alpha", "-1"], "--alpha must be > 0, got -1.\n"),
