@@ -28,7 +28,8 @@ from spectra.checkpoints.architectures import (ROLES, ModuleInfo, Projection, ex
                                               role_named, stack_selected)
 from spectra.checkpoints.buffers import Lease
 from spectra.checkpoints.names import compile_name_filter, match_names
-from spectra.checkpoints.source import AdapterSource, open_checkpoint
+from spectra.checkpoints.source import (AdapterSource, architecture_difference, architecture_note, open_checkpoint,
+                                        recorded_base_note)
 from spectra.errors import ConfigError, NonFiniteWeightError, PairingError
 from spectra.linalg.sketch import BlockSquaredNorm
 
@@ -227,6 +228,11 @@ class Pairing:
         self._mixed_layouts: list[tuple[str, tuple[int, ...], str, tuple[int, ...]]] = []  # experts stored unlike
         self._filters = (compile_name_filter(self.options.include, option="include"),
                          compile_name_filter(self.options.exclude, option="exclude"))
+        # first, so a command that prints only the first notes shows it: every number depends on it
+        provenance = (recorded_base_note(self.tuned, self.base) if isinstance(self.tuned, AdapterSource)
+                      else architecture_note(self.base, self.tuned))
+        if provenance:
+            self.notes.append(provenance)
         if isinstance(self.tuned, AdapterSource):
             entries = self._plan_adapter()
         else:
@@ -246,9 +252,11 @@ class Pairing:
             raise PairingError(f"ambiguous tensor names between {base.spec} and {tuned.spec}: {examples}. Point "
                                "spectra at checkpoints of the same model class, or narrow with --include.")
         if not match.pairs:
+            differ = architecture_difference(base, tuned)
+            differ = f" ({differ})" if differ else ""
             raise PairingError(
                 f"{base.spec} and {tuned.spec} share no tensor names (e.g. {_first(base.names())} vs "
-                f"{_first(tuned.names())}): they are not the same architecture. Check the two paths.")
+                f"{_first(tuned.names())}): they are not the same architecture{differ}. Check the two paths.")
         self.only_in_base, self.only_in_tuned = match.only_in_base, match.only_in_tuned
         entries = []
         for b_name, t_name in match.pairs.items():

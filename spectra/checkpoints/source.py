@@ -472,3 +472,169 @@ def _resolve_hub(repo_id: str, revision: str | None) -> Path:
         f"`hf download {repo_id} --local-dir ./model` (`huggingface-cli download` before huggingface_hub 0.34), "
         "then `spectra analyze ./base ./model`)."
     ) from last_error
+
+
+# -- provenance: is TUNED of BASE's architecture, and an adapter of BASE itself? ---------------------------------
+
+
+def architecture_note(base: CheckpointSource, tuned: CheckpointSource) -> str | None:
+    """A note when the two checkpoints' ``config.json`` files name different model types, else None.
+
+    A fine-tune keeps its base's ``model_type``; a head swap (``LlamaForCausalLM`` → ``…ForSequenceClassification``)
+    keeps it too, so ``architectures`` are compared only where a config lacks ``model_type``. Nothing is said when
+    either config is absent.
+    """
+    difference = architecture_difference(base, tuned)
+    if difference is None:
+        return None
+    return (f"BASE and TUNED are different architectures: {difference}. A fine-tune keeps its base's "
+            "architecture, so TUNED is likely no fine-tune of BASE and its ΔW compares unrelated weights; check the "
+            "two paths (ignore this if TUNED was converted from BASE into another model class).")
+
+
+def architecture_difference(base: CheckpointSource, tuned: CheckpointSource) -> str | None:
+    """``"<base>/config.json names model_type 'mistral' (…) and <tuned>/config.json names …"`` when the two model
+    types differ (see :func:`architecture_note`), else None."""
+    b_family, t_family = _config_family(base.config), _config_family(tuned.config)
+    if b_family is None or t_family is None or b_family == t_family:
+        return None
+    return (f"{_config_file(base)} names {_describe_config(base.config)} and {_config_file(tuned)} names "
+            f"{_describe_config(tuned.config)}")
+
+
+def recorded_base_note(adapter: AdapterSource, base: CheckpointSource) -> str | None:
+    """A note when a PEFT adapter's ``adapter_config.json`` says it was trained on another model than ``base``.
+
+    PEFT records the model's ``name_or_path`` (``base_model_name_or_path``) and, when saved without a
+    ``task_type``, its class (``auto_mapping.base_model_class``, with its module ``parent_library``). They are
+    compared with ``base`` in this order, the first that decides:
+
+    - a local path that exists: the same folder, or the same :meth:`CheckpointSource.fingerprint` (a copy), agrees;
+    - a hub id, with ``base`` a hub id (or a folder of the hub cache): the same repository agrees;
+    - else the recorded class: it agrees when ``base``'s ``config.json`` lists it in ``architectures``, or its
+      transformers module (``transformers.models.llama.modeling_llama``) or class (``Llama…``) names ``base``'s
+      model type.
+
+    None where they agree, where the adapter records nothing, or where nothing recorded can be checked here (a
+    path that no longer exists, with no class: people move folders). Shapes that do not fit are refused elsewhere.
+    """
+    config = adapter.config
+    recorded = config.get("base_model_name_or_path")
+    recorded = str(recorded) if isinstance(recorded, str) and recorded.strip() else None
+    mapping = config.get("auto_mapping") if isinstance(config.get("auto_mapping"), dict) else {}
+    cls, library = mapping.get("base_model_class"), mapping.get("parent_library")
+    cls = cls if isinstance(cls, str) and cls else None
+    library = library if isinstance(library, str) else None
+    where = adapter.path / ADAPTER_CONFIG
+    reason = None
+    if recorded is not None:
+        same = _same_model(recorded, base)
+        if same is True:
+            return None
+        if same is not None:
+            reason = f"{where} records base_model_name_or_path {recorded!r}, but BASE is {base.spec!r}: {same}"
+    other_class = cls is not None and base.config is not None and not _class_fits(cls, library, base.config)
+    if other_class:
+        named = (f"; it records the class {cls} (auto_mapping.base_model_class), and BASE's {_config_file(base)} "
+                 f"names {_describe_config(base.config)}")
+        if reason is not None:
+            reason += named
+        else:
+            trained = f"{recorded!r}, a {cls}" if recorded else f"a {cls}"
+            reason = (f"{where} records that it was trained on {trained} (auto_mapping.base_model_class), but BASE "
+                      f"{base.spec!r} is {_describe_config(base.config)} ({_config_file(base)})")
+    if reason is None:
+        return None
+    whole = [what for what, held in (("a DoRA update", config.get("use_dora")),
+                                     ("a module saved whole (modules_to_save)", config.get("modules_to_save"))) if held]
+    effect = (f"{' and '.join(whole)} depend{'s' if len(whole) == 1 else ''} on the base weight it is merged onto, so ΔW here is the adapter merged "
+              "onto BASE, not onto the model it was trained on" if whole else
+              "a LoRA's ΔW = s·B@A does not depend on the base, but ‖ΔW‖/‖W‖ and every other measure against W use "
+              "BASE's weights")
+    return (f"adapter {adapter.spec} may not be of BASE: {reason}. {effect[0].upper()}{effect[1:]}; pass the model it "
+            "was trained on as BASE (or ignore this if BASE is a copy of it).")
+
+
+def _same_model(recorded: str, base: CheckpointSource) -> bool | str | None:
+    """True when ``recorded`` (an adapter's ``base_model_name_or_path``) is ``base``; why not, when it is known not
+    to be; None when that cannot be told here."""
+    path = Path(recorded).expanduser()
+    if path.exists():
+        here = base.path.resolve()
+        if path.resolve() in (here, here.parent if here.is_file() else here):
+            return True
+        try:
+            theirs = open_checkpoint(path)
+        except CheckpointError:
+            return None  # no readable model there: the class (if recorded) decides
+        if isinstance(theirs, AdapterSource):
+            return None
+        mine, other = base.fingerprint()["fingerprint"], theirs.fingerprint()["fingerprint"]
+        if mine == other:
+            return True
+        return (f"{path} exists here and holds other weights or another config.json than BASE (fingerprint {other} "
+                f"against BASE's {mine})")
+    if not _HUB_ID.match(recorded) or recorded.startswith((".", "/", "~")):
+        return None  # a local path that no longer exists
+    repo = recorded.partition("@")[0]
+    base_repo = _hub_repo(base)
+    if base_repo is None:
+        return None
+    if base_repo.lower() == repo.lower():
+        return True
+    return f"the adapter was trained on hub model {repo}, BASE is hub model {base_repo}"
+
+
+def _hub_repo(source: CheckpointSource) -> str | None:
+    """The hub repository ``source`` came from: the id the user typed, or the ``models--org--name`` folder of the
+    hub cache it lies in; None for another local path."""
+    if not Path(source.spec).expanduser().exists() and _HUB_ID.match(source.spec):
+        return source.spec.partition("@")[0]
+    for part in reversed(source.path.resolve().parts):
+        if part.startswith("models--") and part.count("--") >= 2:
+            return part.removeprefix("models--").replace("--", "/", 1)
+    return None
+
+
+def _class_fits(cls: str, library: str | None, config: dict[str, Any]) -> bool:
+    """Whether a model class an adapter records is of the architecture a ``config.json`` describes."""
+    architectures = [a for a in config.get("architectures") or [] if isinstance(a, str)]
+    if cls in architectures:
+        return True
+    family = _config_family(config)
+    families = {_class_family(a) for a in architectures} | ({family} if family else set())
+    module = re.fullmatch(r"transformers\.models\.(\w+)\.modeling_\w+", library or "")
+    return _class_family(cls) in families or (module is not None and _normal(module.group(1)) in families)
+
+
+def _config_family(config: dict[str, Any] | None) -> str | None:
+    """A config's model type (``model_type``, else its first architecture's family), normalised; None if neither."""
+    if not config:
+        return None
+    model_type = config.get("model_type")
+    if isinstance(model_type, str) and model_type:
+        return _normal(model_type)
+    architectures = [a for a in config.get("architectures") or [] if isinstance(a, str)]
+    return _class_family(architectures[0]) if architectures else None
+
+
+def _class_family(cls: str) -> str:
+    """``LlamaForCausalLM``, ``LlamaModel`` → ``llama``: a class name without its task, normalised."""
+    return _normal(re.sub(r"(Model)?(For[A-Z]\w*)?$", "", cls) or cls)
+
+
+def _normal(name: str) -> str:
+    return name.lower().replace("-", "").replace("_", "")
+
+
+def _describe_config(config: dict[str, Any] | None) -> str:
+    """``model_type 'mistral' (MistralForCausalLM)`` for messages."""
+    config = config or {}
+    architectures = ", ".join(a for a in config.get("architectures") or [] if isinstance(a, str))
+    kind = f"model_type {config['model_type']!r}" if config.get("model_type") else "no model_type"
+    return f"{kind} ({architectures})" if architectures else kind
+
+
+def _config_file(source: CheckpointSource) -> Path:
+    """The ``config.json`` a source's ``config`` was read from (beside a single file or an index)."""
+    return (source.path if source.path.is_dir() else source.path.parent) / "config.json"
