@@ -546,9 +546,10 @@ def recorded_base_note(adapter: AdapterSource, base: CheckpointSource) -> str | 
     if reason is None:
         return None
     whole = [what for what, held in (("a DoRA update", config.get("use_dora")),
-                                     ("a module saved whole (modules_to_save)", config.get("modules_to_save"))) if held]
-    effect = (f"{' and '.join(whole)} depend{'s' if len(whole) == 1 else ''} on the base weight it is merged onto, so ΔW here is the adapter merged "
-              "onto BASE, not onto the model it was trained on" if whole else
+                                     ("a module saved whole (modules_to_save)", config.get("modules_to_save")))
+             if held]
+    effect = (f"{' and '.join(whole)} depend{'s' if len(whole) == 1 else ''} on the base weight it is merged onto, "
+              "so ΔW here is the adapter merged onto BASE, not onto the model it was trained on" if whole else
               "a LoRA's ΔW = s·B@A does not depend on the base, but ‖ΔW‖/‖W‖ and every other measure against W use "
               "BASE's weights")
     return (f"adapter {adapter.spec} may not be of BASE: {reason}. {effect[0].upper()}{effect[1:]}; pass the model it "
