@@ -14,8 +14,7 @@ from spectra.cli.options import _layers, _split, _stacks, _typed_int
 def memory(
     model: Annotated[str, typer.Argument(help="config.json, the model directory holding it, or a hub id.")],
     method: Annotated[str, typer.Option(help="full, lora, qlora or dora.")] = "lora",
-    # min=1: refused as typed, where the library's refusal named its own argument (rank_plan_or_rank)
-    rank: Annotated[Optional[int], typer.Option(min=1, help="LoRA rank of every targeted module (default 16).",
+    rank: Annotated[Optional[int], typer.Option(help="LoRA rank of every targeted module (default 16).",
                                                 parser=_typed_int)] = None,
     plan: Annotated[Optional[Path], typer.Option(help="A plan from `spectra recommend` instead of --rank.")] = None,
     roles: Annotated[Optional[str], typer.Option(help="Roles --rank targets, as `spectra train --roles` takes them "
@@ -67,6 +66,10 @@ def memory(
     if given and (plan is not None or method == "full"):  # each would be ignored
         why = "--plan sets the modules, ranks and layers" if plan else "--method full trains every weight"
         raise ConfigError(f"{why}, so {', '.join(given)} would be ignored; drop {'it' if len(given) == 1 else 'them'}.")
+    # the library's refusal names its own argument, rank_plan_or_rank; refused here, not by min=1, whose range in
+    # --help would widen the type column and cut the switches' names at 80 columns
+    if rank is not None and rank < 1:
+        raise ConfigError(f"--rank must be ≥ 1, got {rank}.")
     if plan is not None and method == "full":
         raise ConfigError("--method full trains every weight, so --plan would be ignored; drop one of them.")
     rank_or_plan = load_plan(plan) if plan else 16 if rank is None else rank  # 0 is refused, not read as 16
