@@ -202,6 +202,15 @@ class Pairing:
         The fine-tuned checkpoint, or a PEFT LoRA/DoRA adapter trained on ``base``.
     options : PairingOptions, optional
 
+    Attributes
+    ----------
+    notes : list of str
+        What the pairing did that a reader should know (tied weights, resized vocabularies, skipped tensors).
+    provenance : str or None
+        The first note, when ``tuned`` may not be of ``base``: an adapter whose ``adapter_config.json`` records
+        another model (:func:`~spectra.checkpoints.source.recorded_base_note`), or two ``config.json`` files that
+        name different model types (:func:`~spectra.checkpoints.source.architecture_note`).
+
     Raises
     ------
     PairingError
@@ -229,10 +238,11 @@ class Pairing:
         self._filters = (compile_name_filter(self.options.include, option="include"),
                          compile_name_filter(self.options.exclude, option="exclude"))
         # first, so a command that prints only the first notes shows it: every number depends on it
-        provenance = (recorded_base_note(self.tuned, self.base) if isinstance(self.tuned, AdapterSource)
-                      else architecture_note(self.base, self.tuned))
-        if provenance:
-            self.notes.append(provenance)
+        self.provenance: str | None = (recorded_base_note(self.tuned, self.base)
+                                       if isinstance(self.tuned, AdapterSource)
+                                       else architecture_note(self.base, self.tuned))
+        if self.provenance:
+            self.notes.append(self.provenance)
         if isinstance(self.tuned, AdapterSource):
             entries = self._plan_adapter()
         else:

@@ -83,7 +83,9 @@ def test_dora_adapter_on_another_architecture_is_noted(models):
     assert str(models["llama"]) in note and str(models["mistral"]) in note
     assert "LlamaForCausalLM" in note and "'mistral'" in note
     assert "DoRA" in note  # and says why the numbers depend on it
-    assert Pairing(models["mistral"], models["dora"]).notes[0] == note  # first, where the CLI shows it
+    pairing = Pairing(models["mistral"], models["dora"])
+    assert pairing.notes[0] == note == pairing.provenance  # first, where the CLI shows it
+    assert Pairing(models["llama"], models["dora"]).provenance is None
 
 
 def test_adapter_on_its_own_base_is_quiet(models):
