@@ -254,6 +254,10 @@ _ROLE_RULES: tuple[tuple[str, str], ...] = (
     (r"router\.classifier", "other"),
     # task heads first: RoBERTa's classifier.out_proj is a head, not an attention output
     (r"(classifier(\.dense|\.out_proj)?|score|qa_outputs)", "head"),
+    # a SequenceSummary's projection (XLM's, FlauBERT's, XLNet's, ELECTRA's sequence_summary.summary; GPT-2's
+    # double-heads multiple_choice_head.summary): the classifier's Linear over the pooled token (hidden → num_labels, or
+    # hidden → hidden before ELECTRA's classifier), a task head as RoBERTa's classifier.dense is
+    (r"(sequence_summary|multiple_choice_head)\.summary", "head"),
     # fused projections; BLIP-2's (and InstructBLIP's) vision tower self_attn.qkv; Qwen3.5's Gated DeltaNet
     # linear_attn.in_proj_qkv (its in_proj_z, in_proj_a and in_proj_b, a gate and two per-head scalars: other)
     (r"(attn\.c_attn|qkv_proj|query_key_value|Wqkv|attn\.qkv|self_attn\.qkv|linear_attn\.in_proj_qkv)", "qkv"),
@@ -330,6 +334,10 @@ _ROLE_RULES: tuple[tuple[str, str], ...] = (
     (r"attention\.out_lin", "o"),
     (r"ffn\.lin1", "up"),
     (r"ffn\.lin2", "down"),
+    # SAM's MLP block (SamMLPBlock: lin1, act, lin2) in its vision encoder's layers and its mask decoder's two-way
+    # transformer; SAM-HQ's, SegGPT's, GOT-OCR2's, DeepSeek-OCR2's and the other SAM-style towers' alike
+    (r"mlp\.lin1", "up"),
+    (r"mlp\.lin2", "down"),
     (r"attention\.self\.query_proj", "q"),
     (r"attention\.self\.key_proj", "k"),
     (r"attention\.self\.value_proj", "v"),
@@ -443,6 +451,11 @@ _STACK_RULES: tuple[tuple[str, str], ...] = (
     (r"(^|\.)visual\.(merger|deepstack_merger_list|merger_list)(\.|$)", "projector"),
     # Gemma 3, PaliGemma, Llava, Pixtral: vision_tower; Mllama, Idefics, Llama 4, BLIP-2: vision_model; Qwen2-VL: visual
     (r"(^|\.)(vision_tower|vision_model|visual|vision_encoder|image_encoder|vision_backbone)(\.|$)", "vision"),
+    # a CLIP-like dual encoder's image projection into the joint embedding (CLIP's, AltCLIP's, OWL-ViT's
+    # owlvit.visual_projection, GroupViT's visual_projection.N): the vision tower's output, as its text_projection is
+    # the text model's (the language model's). One segment above it at most: VisualBERT's
+    # embeddings.visual_projection feeds its text encoder, GIT's git.visual_projection.visual_projection.0 its decoder
+    (r"^(\w+\.)?visual_projection(\.\d+)?$", "vision"),
     (r"(^|\.)qformer(\.|$)", "qformer"),  # BLIP-2: qformer.encoder.layer.0… beside language_model…layers.0…
     (r"(^|\.)(audio_tower|audio_model|audio_encoder)(\.|$)", "audio"),
     (r"^(model\.)?(multi_modal_projector|mm_projector|connector|language_projection)(\.|$)", "projector"),
@@ -452,6 +465,26 @@ _STACK_RULES: tuple[tuple[str, str], ...] = (
     (r"(^|\.)(token2wav|code2wav)(\.|$)", "vocoder"),
 )
 _STACK_REGEXES = tuple((re.compile(pattern), stack) for pattern, stack in _STACK_RULES)
+# Model types (config.json's model_type) of models that hold no language model, only a vision (or an audio) encoder:
+# every module is of that one stack (single_stack), which their names (ViT's encoder.layer.N…, Wav2Vec2's
+# wav2vec2.encoder.layers.N…) do not say. Besides these, a model type ending in _vision_model or _vision_encoder
+# (a VLM's tower config, as CLIPVisionModel saves it alone: clip_vision_model, siglip_vision_model, …) is vision, one
+# ending in _audio_encoder audio. Not a multimodal model's type, whose language model is the stack None; not an
+# encoder–decoder's (DETR's, Whisper's: encoder and decoder stacks). tests/checkpoints/test_single_stack.py holds the
+# names to transformers' config classes.
+_VISION_ONLY = frozenset({
+    "vit", "vit_mae", "vit_msn", "deit", "beit", "data2vec-vision", "dinov2", "dinov2_with_registers", "dinov3_vit",
+    "dinov3_convnext", "ijepa", "swin", "swinv2", "donut-swin", "maskformer-swin", "dinat", "hiera", "focalnet",
+    "convnext", "convnextv2", "levit", "cvt", "pvt", "pvt_v2", "poolformer", "segformer", "swiftformer", "efficientnet",
+    "mobilenet_v1", "mobilenet_v2", "mobilevit", "mobilevitv2", "regnet", "resnet", "bit", "hgnet_v2", "vitdet", "yolos",
+    "dpt", "glpn", "timesformer", "videomae", "vivit", "vjepa2", "imagegpt"})
+_AUDIO_ONLY = frozenset({
+    "wav2vec2", "wav2vec2-conformer", "wav2vec2-bert", "hubert", "wavlm", "sew", "sew-d", "unispeech", "unispeech-sat",
+    "data2vec-audio", "audio-spectrogram-transformer", "clap_audio_model", "parakeet_encoder"})
+# Classes that keep a dual encoder's vision tower alone under the whole model's model type (clip, siglip, …): its
+# names are vision_model.… (the vision stack by name) but its classifier's is not
+_VISION_ONLY_ARCHITECTURES = frozenset({"CLIPForImageClassification", "SiglipForImageClassification",
+                                        "Siglip2ForImageClassification", "MetaClip2ForImageClassification"})
 # The role of a stack's module that no role rule names (it would be other): a projector's Linears (LLaVA's
 # multi_modal_projector.linear_1, Qwen2-VL's visual.merger.mlp.0, BLIP-2's language_projection, …) are what the
 # projector computes. Its norms (Qwen2-VL's merger.ln_q, InternVL's layer_norm, Gemma 3's mm_soft_emb_norm, Pixtral's
@@ -619,10 +652,40 @@ def module_stack(name: str, config: dict[str, Any] | None = None) -> str | None:
     for regex, stack in _STACK_REGEXES:
         if regex.search(name):
             return stack
+    single = single_stack(config)
+    if single is not None:
+        return single
     if (config or {}).get("is_encoder_decoder"):
         first = _ENCODER_DECODER.search(name)
         if first is not None and first.group(1) == "encoder":
             return "encoder"
+    return None
+
+
+def single_stack(config: dict[str, Any] | None) -> str | None:
+    """The one stack of a model that holds no language model, by its ``config.json``: ``"vision"`` for a vision-only
+    model (ViT, DeiT, BEiT, Swin, ConvNeXt, DINOv2, a CLIP or SigLIP vision tower saved alone: :data:`_VISION_ONLY`),
+    ``"audio"`` for an audio-only one (Wav2Vec2, HuBERT, WavLM, AST: :data:`_AUDIO_ONLY`), else None.
+
+    An encoder–decoder model (``is_encoder_decoder``: DETR, Whisper) keeps its encoder and decoder stacks, which its
+    layer numbers need.
+
+    >>> single_stack({"model_type": "vit"}), single_stack({"model_type": "clip"}), single_stack(None)
+    ('vision', None, None)
+    >>> single_stack({"model_type": "clip", "architectures": ["CLIPForImageClassification"]})
+    'vision'
+    """
+    cfg = config or {}
+    model_type = cfg.get("model_type")
+    if not isinstance(model_type, str) or cfg.get("is_encoder_decoder"):
+        return None
+    if model_type in _AUDIO_ONLY or model_type.endswith("_audio_encoder"):
+        return "audio"
+    if model_type in _VISION_ONLY or model_type.endswith(("_vision_model", "_vision_encoder")):
+        return "vision"
+    architectures = cfg.get("architectures")
+    if isinstance(architectures, list) and architectures and set(architectures) <= _VISION_ONLY_ARCHITECTURES:
+        return "vision"
     return None
 
 
