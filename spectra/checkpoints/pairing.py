@@ -799,6 +799,7 @@ def describe(pairing: Pairing) -> dict[str, Any]:
         "only_in_base": list(pairing.only_in_base),
         "only_in_tuned": list(pairing.only_in_tuned),
         "notes": list(pairing.notes),
+        "provenance": pairing.provenance,  # also notes[0]: TUNED may not be of BASE (see Pairing.provenance)
         "skipped": list(pairing.skipped),
         "config_model_type": (pairing.config or {}).get("model_type"),
     }

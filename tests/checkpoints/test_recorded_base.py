@@ -180,8 +180,8 @@ def test_notes_reach_the_cli_and_analysis_json(models, tmp_path):
                                       "--no-cache"], env={"COLUMNS": "400"})
     assert result.exit_code == 0, result.output
     assert NOTE in result.output and "LlamaForCausalLM" in result.output
-    notes = json.loads((out / "analysis.json").read_text())["pairing"]["notes"]
-    assert any(NOTE in n for n in notes)
+    pairing = json.loads((out / "analysis.json").read_text())["pairing"]
+    assert NOTE in pairing["notes"][0] and pairing["provenance"] == pairing["notes"][0]
     assert NOTE in (out / "report.md").read_text()
     control = CliRunner().invoke(app, ["analyze", str(models["llama"]), str(models["dora"]), "-o",
                                        str(tmp_path / "control"), "--no-cache"], env={"COLUMNS": "400"})
