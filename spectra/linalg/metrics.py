@@ -435,10 +435,14 @@ class NoiseFloor:
     noise_fro : float
         Expected ‖noise‖_F = √(m·n·variance).
     mp_edge : float
-        Marchenko–Pastur bulk edge σ(√m + √n): the largest singular value pure noise
-        of this size reaches.
+        Marchenko–Pastur bulk edge σ(√m + √n): where pure noise's largest singular value
+        sits, up to its Tracy–Widom fluctuation (:func:`spectra.linalg.noise.tracy_widom_edge`).
     rank : int or None
-        Number of singular values above `mp_edge` (when a spectrum was given).
+        Number of singular values above the floor (when a spectrum was given): above
+        `mp_edge` raised by the Tracy–Widom margin of pure noise's largest value
+        (:func:`spectra.linalg.noise.rank_above`, its default quantile), the count analyze
+        writes as ``noise.rank_above``. At the bare edge pure noise's top value counts in
+        17–44 % of matrices.
     base_dtype, tuned_dtype : str
     base_rounding : str
         "counted" (the base's rounding is in `variance`) or "exact" (only the fine-tune's: it
@@ -480,7 +484,8 @@ def rounding_noise_floor(
     in bf16), ΔW = round(W_base + δ) − W_base holds the fine-tune's rounding alone,
     ulp_tuned²/12 ("exact"). Treated as white noise of that variance, its singular
     values fill a Marchenko–Pastur bulk whose edge is σ(√m + √n); singular values of
-    ΔW above the edge are signal.
+    ΔW above that edge raised by the Tracy–Widom fluctuation of pure noise's largest
+    value (:func:`spectra.linalg.noise.tracy_widom_edge`) are signal.
 
     Parameters
     ----------
@@ -490,7 +495,10 @@ def rounding_noise_floor(
         Storage dtypes (float32, bfloat16, float16). Default: each tensor's own dtype.
         Pass them when the tensors were up-cast after loading.
     s : Spectrum or torch.Tensor, optional
-        Singular values of ΔW; if given, ``rank`` counts those above the edge.
+        Singular values of ΔW; if given, ``rank`` counts those above the floor
+        (:func:`spectra.linalg.noise.rank_above` of the floor's edge). No value is set
+        aside as the decomposition's own round-off, which analyze also does
+        (σ₁·max(m, n)·eps of float32).
     base_rounding : {"counted", "exact", "auto"}, default "counted"
         Whether the base's rounding is in ΔW; "auto" decides it from ΔW's residual
         (:func:`counts_base_rounding`) and needs `s`, the whole spectrum or its top.
@@ -554,10 +562,12 @@ def rounding_noise_floor(
 
 def _white_floor(var: float, shape: tuple[int, int], s, names: tuple[str, str]) -> NoiseFloor:
     """The floor of white noise of per-element variance `var` on an (m, n) matrix, with the count of `s` above it."""
+    from spectra.linalg.noise import rank_above  # noise builds on this module: imported here, not at the top
+
     m, n = shape
     sigma = math.sqrt(var)
     edge = sigma * (math.sqrt(m) + math.sqrt(n))
-    rank = None if s is None else int(np.sum(_values(s).v > edge))
+    rank = None if s is None else rank_above(_values(s).v, edge, (m, n))  # the edge's Tracy–Widom margin, as analyze
     return NoiseFloor(var, sigma, math.sqrt(m * n * var), edge, rank, *names)
 
 
@@ -568,6 +578,11 @@ def residual_variance(s, shape: tuple[int, int], *, edge: float, total_energy: f
     the k directions above the edge, over the dimensions white noise keeps outside them
     (a rank-k fit removes k(m + n) − k² of its mn dimensions). Exact on top values when
     ‖ΔW‖_F² is known (a Spectrum carries it), since only the k values above the edge enter.
+    The edge here is the bare one on purpose, not :func:`spectra.linalg.noise.rank_above`'s
+    margin: σ̂² estimates the noise's level, and a value between the edge and the margin
+    (signal or noise's own top value) is kept out of it. Were it noise, taking it out
+    (energy ≈ σ²(√m + √n)², m + n − 1 dimensions) lowers σ̂² by about 2/√(mn) relative,
+    small beside the √2 between either hypothesis and :func:`counts_base_rounding`'s threshold.
 
     Parameters
     ----------

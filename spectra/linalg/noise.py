@@ -12,7 +12,9 @@ The count of directions above the floor (:func:`rank_above`) compares ΔW's sing
 edge raised by the Tracy–Widom fluctuation of pure noise's largest one (:func:`tracy_widom_edge`): at the
 Marchenko–Pastur edge itself, pure noise's top value lies above it in about 17 % of matrices of any size
 (1 − F₁(0) = 0.168), and bf16 rounding noise, a heavier-tailed mixture of uniform errors, in up to 44 % of
-small ones.
+small ones. ``NoiseFloor.rank`` (:func:`~spectra.linalg.metrics.rounding_noise_floor`,
+:func:`~spectra.linalg.sketch.sampled_noise_floor`) is the same count. Only the residual that
+decides the floor takes the bare edge (:func:`~spectra.linalg.metrics.residual_variance` says why).
 """
 
 from __future__ import annotations
@@ -122,6 +124,8 @@ def settle_floor(choice: str, both: metrics.NoiseFloor, tuned_only: metrics.Nois
         raise ConfigError(f"base_rounding {choice!r} needs the fine-tune's own floor (tuned_side_floor).")
     if choice == "exact":
         return tuned_only
+    # the bare edge, not rank_above's margin: the residual is the noise's level, with every value above the edge
+    # (signal, or noise's own top one) kept out of it (metrics.residual_variance says what that costs)
     edge = max(both.mp_edge, numerical)
     residual = metrics.residual_variance(s, shape, edge=edge, total_energy=total_energy)
     base_variance = max(both.variance - tuned_only.variance, 0.0)

@@ -195,7 +195,8 @@ def sampled_noise_floor(base: torch.Tensor, tuned: torch.Tensor, *, base_dtype: 
     base_dtype, tuned_dtype : torch.dtype
         Storage dtypes of the two checkpoints.
     s : torch.Tensor, optional
-        Singular values of ΔW; ``rank`` counts those above the edge.
+        Singular values of ΔW; ``rank`` counts those above the floor
+        (:func:`spectra.linalg.noise.rank_above`: the edge raised by its Tracy–Widom margin).
     max_elements : int, default 2²⁰
         Elements sampled per side.
     base_grid, tuned_grid : (str, torch.Tensor), optional
@@ -220,8 +221,10 @@ def sampled_noise_floor(base: torch.Tensor, tuned: torch.Tensor, *, base_dtype: 
         b, t = base[::stride], tuned[::stride]  # (≈m/stride, n) views: only the sample is read
         var = (mean_ulp_squared(b, base_dtype) + mean_ulp_squared(t, tuned_dtype)) / 12.0
         edge = math.sqrt(var) * (math.sqrt(m) + math.sqrt(n))  # Marchenko–Pastur bulk edge
+    from spectra.linalg.noise import rank_above  # noise builds on this module: imported here, not at the top
+
     sigma = math.sqrt(var)
-    rank = None if s is None else int((s.double() > edge).sum())
+    rank = None if s is None else rank_above(s, edge, (m, n))  # the edge's Tracy–Widom margin, as analyze counts
     return metrics.NoiseFloor(var, sigma, math.sqrt(m * n * var), edge, rank,
                               base_grid[0] if base_grid else _name(base_dtype),
                               tuned_grid[0] if tuned_grid else _name(tuned_dtype))
