@@ -4,7 +4,7 @@ blocks (checked tensor by tensor against autograd on tiny models: tests/memory/t
 
 from __future__ import annotations
 
-from spectra.memory.adapters import _Adapter
+from spectra.memory.adapters import TABLES, _Adapter
 from spectra.memory.shape import ModelShape
 
 
@@ -343,14 +343,10 @@ def _adapter_bytes(modules: list[_Adapter], p: int, o_input_kept: bool, dora: bo
     return total
 
 
-# embedding tables, looked up before the blocks: a LoRA on one makes the embeddings' output, every block's input,
-# require grad, and keeps its tensors until backward ends (the tables are the last modules it reaches)
-_TABLES = ("embed", "pos_embed")
-
-
 def _table_bytes(modules: list[_Adapter], p: int, tokens: int, seq_len: int, *, dora: bool,
                  fresh_positions: bool) -> int:
-    """Bytes that LoRA on the embedding tables keeps for backward, in all (not per token).
+    """Bytes that LoRA on the embedding tables (:data:`~spectra.memory.adapters.TABLES`: looked up before the
+    blocks, so their tensors are kept until backward ends) keeps for backward, in all (not per token).
 
     PEFT's ``lora.Embedding`` (0.21) computes ``F.embedding(ids, Aᵀ) @ Bᵀ · s``, A in the adapter's fp32: the
     lookup keeps the ids, the product the lookup (r values, fp32, per id) for B's gradient; the base table is
@@ -358,15 +354,19 @@ def _table_bytes(modules: list[_Adapter], p: int, tokens: int, seq_len: int, *, 
     per token (the ids themselves are not counted, as token ids never are). A position table's ids are the
     positions, (1, s), one row for the whole batch (``by_position``: GPT-2's wpe, BERT's position_embeddings):
     4·r·s, whatever the batch, and the position ids, 8·s (int64), where the model builds them each forward
-    (``fresh_positions``: GPT-2's, from cache_position; BERT's are a slice of its buffer). DoRA adds its base and
-    LoRA outputs per token, (p + 4)·d_out, as for a Linear (unchecked on a table)."""
+    (``fresh_positions``: GPT-2's, from cache_position; BERT's are a slice of its buffer).
+
+    DoRA (PEFT's ``DoraEmbeddingVariant``: m / ‖W + s·ΔW‖ · (base + s·lookup·Bᵀ), ``d_out`` = the table's width w)
+    keeps per id its LoRA output (fp32) and the base output (p), (p + 4)·w, once per position for a position
+    table; and once per step the fp32 W + s·ΔW (rows × w) whose norm it takes (PEFT transposes the frozen weight into
+    a new ``nn.Parameter``, which requires grad, so ``linalg.norm`` keeps its input), that norm and m / norm (4·w
+    each)."""
     total = 0
     for m in modules:
-        if m.by_position:
-            total += seq_len * (4 * m.rank + (8 if fresh_positions else 0))
-        else:
-            total += tokens * 4 * m.rank
-        total += tokens * (p + 4) * m.d_out if dora else 0
+        ids = seq_len if m.by_position else tokens
+        total += ids * 4 * m.rank + (seq_len * 8 if m.by_position and fresh_positions else 0)
+        if dora:
+            total += ids * (p + 4) * m.d_out + 4 * m.d_in * m.d_out + 2 * 4 * m.d_out
     return total
 
 
@@ -409,7 +409,7 @@ def _activations(shape: ModelShape, blocks: list[ModelShape], method: str, adapt
     # enable_input_require_grads, else from the first adapted layer (autograd keeps nothing before it;
     # non-reentrant checkpointing keeps no input there either)
     outside = by_layer.get(None, [])  # modules outside the blocks: embedding tables, a LoRA head
-    tables = [module for module in outside if module.role in _TABLES]
+    tables = [module for module in outside if module.role in TABLES]
     grad = embedded_grad = full or input_require_grads or bool(tables)
     per_token = recomputed = 0
     kept_inputs = per_layer = 0
@@ -446,7 +446,7 @@ def _activations(shape: ModelShape, blocks: list[ModelShape], method: str, adapt
     # backward, by when the head's are freed and a gradient of the MLP's width is in flight (measured: the
     # checkpointed peak of a block recomputed in backward exceeds its saved tensors by 1.0–1.2 of these)
     in_flight = max(p * (block.intermediate * block.experts_per_token + block.shared_intermediate) for block in blocks)
-    final += _adapter_bytes([m for m in outside if m.role not in _TABLES], p, False, dora)  # a LoRA head
+    final += _adapter_bytes([m for m in outside if m.role not in TABLES], p, False, dora)  # a LoRA head
     at_loss = tokens * final + head
     # the tables' LoRA tensors are held through the whole backward, beside either peak, checkpointed or not
     # (transformers checkpoints the blocks, not the embeddings)

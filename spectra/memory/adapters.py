@@ -20,6 +20,10 @@ DEFAULT_ROLES = ("q", "k", "v", "o", "qkv", "gate", "up", "down", "gate_up")
 # the position tables of the families the memory model reads that transformers looks up by position ids of shape
 # (1, s): GPT-2's (built each forward from cache_position) and BERT's (a slice of its position_ids buffer)
 _POSITION_LOOKUPS = ("wpe", "position_embeddings")
+# embedding tables, looked up before the blocks (PEFT's lora.Embedding): the token embedding and a position or
+# token-type table. A table's weight is (rows, width), its output width-wide: as an adapter, d_in = rows (the one-hot
+# it reads), d_out = width (what DoRA's magnitude and output are sized by), unlike a Linear's (out, in) weight
+TABLES = ("embed", "pos_embed")
 
 
 class _Adapter(NamedTuple):
@@ -153,7 +157,8 @@ def _adapter_modules(shape: ModelShape, method: str, plan_or_rank: Any, roles: t
             if m.name in held:
                 fused.setdefault(held[m.name], (m.layer, "down" if m.role == "down" else "gate_up"))
             else:
-                modules.append(_block_adapter(shape, m.layer, _planned_role(shape, m), m.rank, m.shape[1], m.shape[0],
+                d_in, d_out = (m.shape[0], m.shape[1]) if m.role in TABLES else (m.shape[1], m.shape[0])
+                modules.append(_block_adapter(shape, m.layer, _planned_role(shape, m), m.rank, d_in, d_out,
                                               weight=m.name in through_weights)
                                ._replace(by_position=m.role == "pos_embed"
                                          and m.name.rpartition(".")[2] in _POSITION_LOOKUPS))
