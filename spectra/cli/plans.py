@@ -131,8 +131,11 @@ def recommend(
              m.reason) for m in plan.modules]
     head = (f" ({plan.total_params - plan.saved_params:,} LoRA + {plan.saved_params:,} of the head)"
             if plan.modules_to_save else "")
-    table = _module_table(f"LoRA plan: {len(plan.modules)} modules, {plan.total_params:,} parameters{head}, "
-                          f"{plan.total_energy:.1%} of ΔW energy captured", [m.name for m in plan.modules], rows,
+    # of the targeted modules' ΔW, then of the whole update's: a changed module left out (an embedding) is in that one
+    energy = (f"{plan.total_energy:.1%} of their ΔW energy captured, {plan.whole_energy:.1%} of the whole update's "
+              f"(they hold {plan.coverage:.1%} of its ‖ΔW‖_F²)")
+    table = _module_table(f"LoRA plan: {len(plan.modules)} modules, {plan.total_params:,} parameters{head}, {energy}",
+                          [m.name for m in plan.modules], rows,
                           ("role", "shape", "rank", "alpha", "energy", "params", "reason"), fold=("reason",))
     console.print(table)
     if plan.left_out:
