@@ -358,15 +358,14 @@ def _table_bytes(modules: list[_Adapter], p: int, tokens: int, seq_len: int, *, 
 
     DoRA (PEFT's ``DoraEmbeddingVariant``: m / ‖W + s·ΔW‖ · (base + s·lookup·Bᵀ), ``d_out`` = the table's width w)
     keeps per id its LoRA output (fp32) and the base output (p), (p + 4)·w, once per position for a position
-    table; and once per step the fp32 W + s·ΔW (rows × w) whose norm it takes (PEFT transposes the frozen weight into
-    a new ``nn.Parameter``, which requires grad, so ``linalg.norm`` keeps its input), that norm and m / norm (4·w
-    each)."""
+    table; and once a step the column norms ‖W + s·ΔW‖ and m / norm (fp32, 4·w each). The fp32 W + s·ΔW (rows × w)
+    whose norms it takes is a transient (the workspace): its norm's graph is cut by PEFT's detach."""
     total = 0
     for m in modules:
         ids = seq_len if m.by_position else tokens
         total += ids * 4 * m.rank + (seq_len * 8 if m.by_position and fresh_positions else 0)
         if dora:
-            total += ids * (p + 4) * m.d_out + 4 * m.d_in * m.d_out + 2 * 4 * m.d_out
+            total += ids * (p + 4) * m.d_out + 2 * 4 * m.d_out
     return total
 
 

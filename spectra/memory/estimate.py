@@ -242,9 +242,8 @@ def estimate_memory(config_or_model: Any, *, method: str = "lora", rank_plan_or_
       the token and token-type ids, once per sequence position for a table looked up by the (1, s)
       positions (wpe, BERT's position_embeddings; GPT-2's fresh position ids too, 8·s), and makes
       every block's input require grad (BERT's embedding LayerNorm then keeps p·h + 8); DoRA there
-      also keeps, per id, its outputs, (p + 4)·width, and once a step the fp32 W + s·ΔW whose column
-      norms it takes, 4·rows·width (PEFT's transposed weight is a new nn.Parameter, so the norm keeps
-      its input: 500 MiB on Llama-2-7B's table). An MoE MLP
+      also keeps, per id, its outputs, (p + 4)·width, and once a step its column norms and m / norm
+      (4·width each). An MoE MLP
       (transformers' grouped_mm experts) keeps its routing and, per routed copy of a token, the
       experts' tensors (``_moe_bytes``); PEFT adapts its fused experts and router by merging
       W + s·B·A into the weight in every forward, so each layer also keeps the merged weights
@@ -258,7 +257,7 @@ def estimate_memory(config_or_model: Any, *, method: str = "lora", rank_plan_or_
       tensors and one block recomputed in backward (its saved tensors and the p·i in flight).
     * workspace: QLoRA dequantises one weight at a time (largest linear × p); DoRA forms
       B·A and W + s·B·A of the largest module (2 × out·in × 4); on an embedding table (rows × width),
-      (A·B)ᵀ and s·(A·B)ᵀ beside the W + s·ΔW its activations keep (2 × rows·width × 4).
+      (A·B)ᵀ, s·(A·B)ᵀ and W + s·ΔW (3 × rows·width × 4).
     * kv_cache (decoder models, inference): what transformers' DynamicCache holds, 2·kv·b·p per token and layer
       (DeepSeek's MLA: its latent and rotary key), s tokens a full-attention layer, min(s, window − 1) a sliding one
       (Mistral's, Gemma 2's and 3's, …): 2·L·kv·b·s·p without sliding layers; encoders have none.
@@ -580,10 +579,10 @@ def _estimate(shape: ModelShape, method: str, adapter_modules: list, batch: int,
     if method == "dora":
         # PEFT forms B·A as lora_B(lora_A(I)) with an fp32 d_in×d_in identity, beside fp32 copies of the
         # base weight and of W + s·B·A and their norms: ~4·(d_in² + 4·d_in·d_out) for the largest module
-        # (a 704→256 DoRA Linear peaked at 4.90 MB, this gives 4.87 MB); an embedding table's (rows × width) forms
-        # (A·B)ᵀ and s·(A·B)ᵀ in fp32 beside the W + s·ΔW its activations keep: 2·4·rows·width (a 4096 × 256 table's
-        # forward peaked at 3 × 4·rows·width, plus 1 KiB)
-        workspace += max((8 * m.d_in * m.d_out if m.role in TABLES else 4 * (m.d_in * m.d_in + 4 * m.d_in * m.d_out)
+        # (a 704→256 DoRA Linear peaked at 4.90 MB, this gives 4.87 MB); an embedding table (rows × width) forms
+        # (A·B)ᵀ, s·(A·B)ᵀ and W + s·ΔW in fp32 for its column norms: 3·4·rows·width (a 4096 × 256 table's forward
+        # peaked at that plus 1 KiB)
+        workspace += max((12 * m.d_in * m.d_out if m.role in TABLES else 4 * (m.d_in * m.d_in + 4 * m.d_in * m.d_out)
                           for m in adapter_modules), default=0)
 
     # what DynamicCache holds: every token in a full-attention layer, the last window − 1 in a sliding one
