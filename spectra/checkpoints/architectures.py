@@ -110,7 +110,9 @@ A *stack* says which stack of layers a module belongs to, where a checkpoint hol
 than one, each numbered from 0: Gemma 3's vision tower has an ``encoder.layers.0.self_attn.q_proj``
 beside its language model's ``layers.0.self_attn.q_proj``. Role and layer alone would make
 them one cell of a layer × role table. ``None`` is the language model (the text decoder),
-the only stack of an ordinary LM; see :data:`STACKS` for the others.
+the only stack of an ordinary LM; see :data:`STACKS` for the others. A model that holds no language model is one
+stack of its own, read from ``config.json`` (:func:`single_stack`): a ViT's, DINOv2's or a CLIP vision tower's
+modules are ``vision``, a Wav2Vec2's ``audio``.
 
 A selection names stacks as the reports print them (:data:`STACK_NAMES`: ``language`` for None, which the reports
 call "language model", or "decoder" beside an encoder; then ``vision``, ``encoder`` …). Every command selects a
@@ -419,10 +421,11 @@ _ROLE_RULES: tuple[tuple[str, str], ...] = (
 _ROLE_REGEXES = tuple((re.compile(rf"(^|\.){pattern}$"), role) for pattern, role in _ROLE_RULES)
 # Stacks other than the language model's (None), in report order:
 #   encoder        an encoder–decoder model's encoder (T5, BART, Whisper)
-#   vision         a vision tower (Gemma 3, LLaVA, Qwen2-VL, Mllama's local layers, BLIP-2's ViT)
+#   vision         a vision tower (Gemma 3, LLaVA, Qwen2-VL, Mllama's local layers, BLIP-2's ViT, CLIP's with its
+#                  visual_projection), or a whole vision-only model (ViT, DINOv2, …: single_stack)
 #   vision_global  Mllama's second vision stack, numbered from 0 again
 #   qformer        BLIP-2's and InstructBLIP's Q-Former, a BERT of its own between vision and text
-#   audio          an audio tower (Qwen2-Audio)
+#   audio          an audio tower (Qwen2-Audio), or a whole audio-only model (Wav2Vec2, HuBERT, …: single_stack)
 #   projector      the layers that map another stack's features into the language model's
 #   talker         an Omni model's speech decoder (Qwen2.5-Omni's, Qwen3-Omni's talker.…), beside its thinker's
 #                  language model (the stack None) and numbered from 0 again
