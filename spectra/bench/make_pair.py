@@ -87,8 +87,8 @@ class PairConfig:
         if not 0 <= self.tail < 1:
             raise ConfigError(f"tail: {self.tail} must be in [0, 1).")
         for name in ("rank_scale", "init_std"):  # each named with its value (the CLI's --rank-scale)
-            if not getattr(self, name) > 0:
-                raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}.")
+            if not 0 < getattr(self, name) < math.inf:  # inf: no planted rank to round (a traceback)
+                raise ConfigError(f"{name} must be a finite number > 0, got {getattr(self, name)}.")
         if self.shard_bytes < 1 << 16:
             raise ConfigError(f"shard_bytes must be ≥ 64 KiB (65536), got {self.shard_bytes}.")
 

@@ -9,7 +9,7 @@ import typer
 from rich.markup import escape  # module names hold brackets ("c_attn[q]") that rich would read as markup
 
 from spectra.cli.options import (_OVERWRITE_HELP, _STACKS_HELP, TypedFloat, _layer_range, _split, _stacks,
-                                 _typed_float, _typed_int, _writable)
+                                 _typed_float, _typed_int, _typed_seed, _writable)
 from spectra.cli.tables import _fmt, _module_table
 
 
@@ -78,7 +78,7 @@ def analyze(
     exclude: Annotated[Optional[str], typer.Option(help="Skip modules whose name matches this glob (or re:REGEX).")] = None,
     dtype: Annotated[str, typer.Option(help="Dtype of ΔW and its SVD: float32 or float64.")] = "float32",
     device: Annotated[str, typer.Option(help="Torch device for the math: cpu, cuda, cuda:1.")] = "cpu",
-    seed: Annotated[int, typer.Option(help="Seed of the randomized paths.", parser=_typed_int)] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of the randomized paths.", parser=_typed_seed)] = 0,
     cache_dir: Annotated[Optional[Path], typer.Option(help="Cache of finished modules (default $SPECTRA_CACHE or ~/.cache/spectra).")] = None,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Recompute everything and cache nothing.")] = False,
     skip_nonfinite: Annotated[bool, typer.Option("--skip-nonfinite", help="Skip tensors holding NaN/Inf instead of stopping.")] = False,

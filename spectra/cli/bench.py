@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from spectra.cli.options import _split, _typed_float, _typed_int, _writable
+from spectra.cli.options import _split, _typed_float, _typed_int, _typed_seed, _writable
 
 
 def bench_svd(
@@ -36,7 +36,7 @@ def bench_train(
     out: Annotated[Path, typer.Option("-o", "--output", "--out", help="Output directory for train.{md,json}.")] = Path("reports/bench"),
     steps: Annotated[int, typer.Option(min=1, help="Timed steps per loop (after warm-up).", parser=_typed_int)] = 20,
     quick: Annotated[bool, typer.Option(help="A tiny model and few steps (a smoke test).")] = False,
-    seed: Annotated[int, typer.Option(help="Seed of the model and batch.", parser=_typed_int)] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of the model and batch.", parser=_typed_seed)] = 0,
 ) -> None:
     """Time the trainer's step against a plain PEFT loop on the same model and batch."""
     from spectra.bench.train import run_train_bench
@@ -59,7 +59,7 @@ def bench_verify(
 def bench_make_pair(
     out: Annotated[Path, typer.Argument(help="Directory to create: OUT/base, OUT/tuned, OUT/ground_truth.json.")],
     shape: Annotated[str, typer.Option(help="Model shapes: tinyllama-1.1b, llama-2-7b, llama-110m, llama-tiny.")] = "tinyllama-1.1b",
-    seed: Annotated[int, typer.Option(help="Seed of every tensor.", parser=_typed_int)] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of every tensor.", parser=_typed_seed)] = 0,
     relative_size: Annotated[float, typer.Option(help="‖ΔW‖/‖W‖ per module.", parser=_typed_float)] = 1e-2,
     tail: Annotated[float, typer.Option(help="Share of ‖ΔW‖² in the broad Gaussian tail.", parser=_typed_float)] = 0.03,
     rank_scale: Annotated[float, typer.Option(help="Multiplies every role's planted effective rank.", parser=_typed_float)] = 1.0,

@@ -104,7 +104,21 @@ def _typed_int(value) -> int:
     return _typed(TypedInt, int, value)
 
 
-_NUMBER_PARSERS = (_typed_float, _typed_int)
+# a seed seeds torch (manual_seed: at most 2⁶⁴ − 1) and numpy (SeedSequence: no negative number): --seed -1 and
+# --seed 2**64 were tracebacks from one or the other
+_SEED_RANGE = (0, 2**64 - 1)
+
+
+def _typed_seed(value) -> int:
+    """The ``parser=`` of every --seed (bench svd's, which scikit-learn bounds lower, has its own range): an int
+    option's number, refused as typed outside 0 … 2⁶⁴ − 1."""
+    seed = _typed_int(value)
+    if not _SEED_RANGE[0] <= seed <= _SEED_RANGE[1]:
+        raise _NotANumber(str(value), f"a seed, an integer from {_SEED_RANGE[0]} to {_SEED_RANGE[1]}")
+    return seed
+
+
+_NUMBER_PARSERS = (_typed_float, _typed_int, _typed_seed)
 
 
 def _is_number_option(param) -> bool:

@@ -10,7 +10,7 @@ from rich.markup import escape  # module names hold brackets ("c_attn[q]") that 
 
 from spectra.cli.messages import _cli_message, _cli_words
 from spectra.cli.options import (_OVERWRITE_HELP, _STACKS_HELP, _TASK_HELP, _split, _stacks, _typed_float,
-                                 _typed_int, _writable)
+                                 _typed_int, _typed_seed, _writable)
 
 
 def sweep(
@@ -35,7 +35,7 @@ def sweep(
     max_length: Annotated[Optional[int], typer.Option(help="Tokens per example (default 128, or the model's position limit when shorter, said in a note; a value beyond a learned position table, BERT's or GPT-2's, is refused).", parser=_typed_int)] = None,
     bootstrap: Annotated[int, typer.Option(help="Bootstrap replicates of the intervals (0: none).", parser=_typed_int)] = 1000,
     device: Annotated[str, typer.Option(help="Where the model is evaluated: cpu, cuda, cuda:1.")] = "cpu",
-    seed: Annotated[int, typer.Option(help="Seed of the bootstrap.", parser=_typed_int)] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of the bootstrap.", parser=_typed_seed)] = 0,
     overwrite: Annotated[bool, typer.Option("--overwrite", help=_OVERWRITE_HELP)] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar, no table.")] = False,
 ) -> None:

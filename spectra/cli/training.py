@@ -10,7 +10,7 @@ import typer
 
 from spectra.cli.messages import _cli_words
 from spectra.cli.options import (_OVERWRITE_HELP, _STACKS_HELP, _TASK_HELP, _split, _stacks, _typed_float,
-                                 _typed_int, _writable)
+                                 _typed_int, _typed_seed, _writable)
 from spectra.cli.tables import _plain_table
 
 
@@ -54,7 +54,7 @@ def train(
                                          "(less memory, ~1/3 more compute; `spectra memory` shows both).")] = False,
     device: Annotated[str, typer.Option(help="Where the model trains: cpu, cuda, cuda:1 (CUDA runs are not "
                                              "bit-reproducible).")] = "cpu",
-    seed: Annotated[int, typer.Option(help="Seed (same seed, same adapter bytes on CPU).", parser=_typed_int)] = 0,
+    seed: Annotated[int, typer.Option(help="Seed (same seed, same adapter bytes on CPU).", parser=_typed_seed)] = 0,
     overwrite: Annotated[bool, typer.Option("--overwrite", help=_OVERWRITE_HELP)] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
@@ -119,7 +119,7 @@ def verify(
         "--group-by-length", help="Sweep: batch texts of similar length together (less padding; see `train`).")] = False,
     device: Annotated[str, typer.Option(help="Where the measures' SVDs, the evaluations and the sweep's training "
                                              "run: cpu, cuda, cuda:1.")] = "cpu",
-    seed: Annotated[int, typer.Option(help="Seed of training and of any new head.", parser=_typed_int)] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of training and of any new head.", parser=_typed_seed)] = 0,
     overwrite: Annotated[bool, typer.Option("--overwrite", help=_OVERWRITE_HELP + " With --sweep, each "
                                                                 "{method}-r{rank} folder under --adapters-dir is "
                                                                 "replaced too, by the same rule (one `train` wrote, or "

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 
 from spectra.bench.e2e import run_e2e_bench
+from spectra.bench.make_pair import PairConfig
 from spectra.bench.svd import run_svd_bench
 from spectra.bench.train import run_train_bench
 from spectra.errors import ConfigError
@@ -34,3 +35,11 @@ def test_train_and_e2e_benches_refuse_no_steps_and_no_time(tmp_path):
         with pytest.raises(ConfigError, match=r"^peer_timeout must be > 0 seconds"):
             run_e2e_bench(tmp_path / "e2e", work=tmp_path / "work", quick=True, peer_timeout=timeout)
     assert not (tmp_path / "train").exists() and not (tmp_path / "work").exists()
+
+
+def test_make_pair_refuses_an_infinite_rank_scale():
+    """--rank-scale inf was an OverflowError once the first tensor's planted rank was rounded."""
+    for value in (float("inf"), 0.0, float("nan")):
+        with pytest.raises(ConfigError, match=r"^rank_scale must be a finite number > 0"):
+            PairConfig(shape="llama-tiny", rank_scale=value)
+    assert PairConfig(shape="llama-tiny", rank_scale=1e300).rank_scale == 1e300  # negative control: finite is taken

@@ -11,7 +11,7 @@ import pickle
 import pytest
 
 from spectra.cli.messages import _cli_words
-from spectra.cli.options import TypedLayers
+from spectra.cli.options import TypedLayers, _typed_seed
 from tests.cli.test_cli import run
 
 
@@ -68,6 +68,17 @@ _REFUSED = [
      "error: --workers 0 must be ≥ 1 (or leave it out for one per torch thread, up to 4).\n", "None"),
     (["verify", "{b}", "{t}", "--sweep", "1", "--data", "{d}", "--recommended", "0", "-o", "{o}"],
      "error: --recommended must be ≥ 1, got 0.\n", "report:"),  # accepted: rank 0, never swept, marked
+    # a seed outside 0 … 2⁶⁴ − 1: tracebacks from torch.manual_seed (2**64) and numpy's SeedSequence (-1)
+    (["analyze", "{b}", "{t}", "--no-cache", "--seed", str(2**64), "-o", "{o}"],
+     f"error: --seed '{2**64}': expected a seed, an integer from 0 to {2**64 - 1}.\n", "Overflow"),
+    (["sweep", "{b}", "{t}", "--data", "{d}", "--ranks", "1", "--seed=-1", "-o", "{o}"],
+     f"error: --seed '-1': expected a seed, an integer from 0 to {2**64 - 1}.\n", "non-negative"),
+    (["train", "{b}", "--data", "{d}", "--max-steps", "1", "--seed", str(2**70), "-o", "{o}"],
+     f"error: --seed '{2**70}': expected a seed", "Overflow"),
+    (["bench", "make-pair", "{o}", "--shape", "llama-tiny", "--rank-scale", "inf"],
+     "error: --rank-scale must be a finite number > 0, got inf.\n", "Overflow"),  # a traceback
+    (["recommend", "{r}", "--budget", "1e400"],
+     "error: --budget '1e400' is too large to count; give a budget like 20M or 2GB.\n", "Overflow"),  # a traceback
 ]
 
 
@@ -131,6 +142,11 @@ def test_python_words_become_the_command_lines():
     assert _cli_words("the names ('a', 'b') and None of them", ["memory", "m"]) == "the names ('a', 'b') and None of them"
     assert _cli_words("RankPolicy.budget_params must be positive.", ["memory", "m"]) == \
         "RankPolicy.budget_params must be positive."  # memory has no --budget
+
+
+def test_a_seed_is_taken_across_its_whole_range():
+    """Negative control of the seed refusals: the range's ends are seeds, and print as typed."""
+    assert _typed_seed("0") == 0 and _typed_seed(str(2**64 - 1)) == 2**64 - 1 and repr(_typed_seed("007")) == "007"
 
 
 def test_typed_layers_are_the_layers_and_print_as_typed():
