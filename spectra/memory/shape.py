@@ -189,6 +189,8 @@ def model_shape(config: Mapping, *, models=None) -> ModelShape:
                           "over it), which spectra's memory model does not describe; it reads decoder-only "
                           "Llama-like and GPT-2 configs, and BERT encoders. `spectra train --task seq2seq_lm` trains "
                           "it, but its memory is not estimated.")
+    if mtype in _GEMMA4_TEXT:  # before the MoE check: its config.json carries num_experts (null) whether or not
+        raise ConfigError(_gemma4_refusal(cfg, mtype))
     # the base model on the meta device, built at most once (MoE adapters and the parameter check both read it)
     base_model = functools.cache(functools.partial(_meta_model_for, cfg, mtype, models=models))
     try:
@@ -236,6 +238,44 @@ def model_shape(config: Mapping, *, models=None) -> ModelShape:
     if mtype and mtype not in _COUNTED_RIGHT:
         _refuse_other_blocks(cfg, mtype, shape, base_model)
     return shape
+
+
+# Gemma 4's language models (gemma4 and gemma4_unified's text_config, their assistants'): refused, _gemma4_refusal
+_GEMMA4_TEXT = frozenset({"gemma4_text", "gemma4_unified_text"})
+
+
+def _gemma4_refusal(cfg: dict, mtype: str) -> str:
+    """Why a Gemma 4 language model is not estimated: what its blocks hold beyond Gemma 3's (which the memory model
+    describes), as transformers' Gemma4TextModel builds them, naming the keys of this config that add more.
+
+    Every Gemma 4 block: full-attention layers of their own head size and KV heads (``global_head_dim``,
+    ``num_global_key_value_heads``: ``linears`` would differ by layer type, where :class:`ModelShape` has one block
+    layout, an MoE's dense layers aside), V normalised by an RMSNorm without weight (``v_norm``: more saved tensors)
+    and a ``layer_scalar``. By the config: ``attention_k_eq_v`` (no ``v_proj`` in a full-attention layer, whose
+    ``k_proj`` is role ``kv``: the keys and the values), per-layer embeddings (``hidden_size_per_layer_input``: a
+    second table and two Linears per block), ``num_kv_shared_layers`` (the last layers reuse earlier ones' keys and
+    values: no k/v projections there, a smaller KV cache; ``use_double_wide_mlp`` widens their MLP) and
+    ``enable_moe_block`` (routed experts beside the dense MLP)."""
+    extras = []
+    if _default(cfg, mtype, "attention_k_eq_v", False):
+        extras.append("attention_k_eq_v (a full-attention layer has no v_proj: its k_proj, role kv, gives the keys "
+                      "and the values)")
+    if _default(cfg, mtype, "hidden_size_per_layer_input", 0):
+        extras.append(f"per-layer embeddings (hidden_size_per_layer_input "
+                      f"{_default(cfg, mtype, 'hidden_size_per_layer_input')}: a second embedding table and two "
+                      "Linears per block)")
+    if _default(cfg, mtype, "num_kv_shared_layers", 0):
+        extras.append(f"num_kv_shared_layers {_default(cfg, mtype, 'num_kv_shared_layers')} (the last layers "
+                      "reuse earlier layers' keys and values: no k/v projections there"
+                      + (", a double-wide MLP" if _default(cfg, mtype, "use_double_wide_mlp", False) else "") + ")")
+    if _default(cfg, mtype, "enable_moe_block", False):
+        extras.append("enable_moe_block (routed experts beside the dense MLP)")
+    also = f"; this config also sets {'; '.join(extras)}" if extras else ""
+    return (f"model_type {mtype}: Gemma 4's blocks differ from Gemma 3's, which spectra's memory model describes: "
+            "full-attention layers of their own head size and KV heads (global_head_dim, "
+            "num_global_key_value_heads), V normalised by an RMSNorm without weight (v_norm), a layer scalar"
+            f"{also}. Their weights and saved tensors are not modelled, so Gemma 4's memory is not estimated "
+            "(`spectra train` trains it).")
 
 
 def _with_other_towers(cfg: dict, mtype: str) -> ModelShape:
