@@ -675,6 +675,13 @@ _MOE_COUNTED_WRONG = {
     "granitemoeshared": "a shared MLP beside the experts (shared_intermediate_size), whose weights and activations "
                         "are not counted, nor the two Linears in it that all-linear adapts",
     "granitemoehybrid": "Mamba layers beside attention (layer_types) and a shared MLP beside the experts",
+    "jetmoe": "a mixture of attention experts (each token's queries and attention output projected by its top "
+              "num_experts_per_tok of num_local_experts experts: self_attention.experts.input_linear and "
+              "output_linear, 3-D JetMoeParallelExperts weights, routed by a router of their own), one kv_proj "
+              "([k; v]) shared by them, attention over num_key_value_heads × num_experts_per_tok heads (K and V repeated), "
+              "MLP experts of JetMoeParallelExperts (input_linear holding gate and up), a bias added after each "
+              "mixture, and routers that take the softmax of the top-k logits and sort the tokens by expert "
+              "(data-dependent splits, gathers and index_adds whose saved tensors are not described)",
     "minimax_m2": "Q and K normalised across all heads (q_norm, k_norm over heads·head_dim) and a sigmoid router with "
                   "a score-correction bias",
     "openai_privacy_filter": "a bidirectional encoder for token classification (no causal mask, no LM head) with "
