@@ -185,7 +185,10 @@ def _print_notes(analysis: dict, *, quiet: bool = False) -> None:
         if listed:
             console.print(escape(f"note: {len(listed)} tensor(s) {label}: " + ", ".join(listed[:3])
                                  + (", …" if len(listed) > 3 else "") + " (report.md lists them all)"), style="yellow")
-    notes = [str(n) for n in pairing.get("notes") or []]  # tied weights, resized vocabularies, skipped buffers
+    provenance = pairing.get("provenance")  # TUNED may not be of BASE: an adapter of another base, another model type
+    if provenance:
+        console.print(escape(f"warning: {provenance}"), style="yellow")
+    notes = [str(n) for n in pairing.get("notes") or [] if n != provenance]  # tied weights, resized vocabularies, …
     for note in notes[:3]:
         console.print(escape(f"note: {note}"), style="yellow")
     if len(notes) > 3:

@@ -310,6 +310,8 @@ def extract_adapter(base, tuned, plan_or_rank, out_dir: str | os.PathLike, *, ro
                      "would be that weight's row norms)")
     for note in notes:
         warnings.warn(note, PeftConfigWarning, stacklevel=2)
+    if pairing.provenance:  # TUNED may not be of BASE (an adapter recording another base, another model type)
+        notes.insert(0, pairing.provenance)
     if lacking:  # a stack asked for that the pair lacks: said, not warned as the adapter's
         notes.append(lacking)
     if unchanged:
