@@ -357,12 +357,20 @@ class Pairing:
                 out.append(PairEntry(name=name, info=e_info, kind="matrix", shape=shape, expert_index=e,
                                      projections=self._projections(name, e_info, shape[0]), **common))
             return out
-        if len(b.shape) > 2:
-            if not b_name.endswith(".weight"):
-                # a parameter (SigLIP's attention-pool probe) or a buffer: a checkpoint does not say which
+        if len(b.shape) > 2 and not b_name.endswith(".weight"):
+            # a parameter or a buffer (a checkpoint does not say which) of its own, no layer's weight: a ViT's
+            # position table (1, N, d) is an N × d table, its class token or SigLIP's attention-pool probe (1, 1, d)
+            # a vector; one of more dimensions is skipped
+            held = _without_leading_ones(b.shape)
+            if len(held) > 2:
                 self.notes.append(f"{b_name}: skipped, a {len(b.shape)}-D tensor that is no layer's weight (not "
                                   "*.weight: no LoRA module adapts it)")
                 return []
+            if b.shape != t.shape:
+                raise _shape_error(b_name, b.shape, t.shape, self.base, self.tuned, t_name)
+            return [PairEntry(name=module, info=info, kind="matrix" if len(held) == 2 else "vector", shape=held,
+                              **common)]
+        if len(b.shape) > 2:
             shape = (b.shape[0], _prod(b.shape[1:]))  # conv kernels: (out, in·k…), as LoRA for Conv sees them
         else:
             conv1d = is_conv1d(module, self.config)
@@ -746,9 +754,9 @@ def _orient(tensor: torch.Tensor, entry: PairEntry, *, tuned: bool = False) -> t
 
     ``tuned``: the tuned checkpoint's tensor, stored as ``entry.tuned_stored_conv1d`` says."""
     if entry.kind == "vector":
-        return tensor
+        return tensor.reshape(entry.shape)  # a class token (1, 1, d) -> (d,)
     if tensor.dim() > 2:
-        tensor = tensor.reshape(tensor.shape[0], -1)
+        tensor = tensor.reshape(entry.shape)  # a conv kernel (out, in, k…) -> (out, in·k…); a (1, N, d) table -> (N, d)
     return tensor.T if (entry.tuned_stored_conv1d if tuned else entry.conv1d) else tensor  # Conv1D stores (in, out)
 
 
@@ -779,6 +787,14 @@ def _shape_error(name, b_shape, t_shape, base, tuned, t_name=None, *, experts=Fa
 
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
+
+
+def _without_leading_ones(shape) -> tuple[int, ...]:
+    """`shape` less its leading singleton dimensions: (1, 17, 64) -> (17, 64), (1, 1, 64) -> (64,)."""
+    shape = tuple(shape)
+    while len(shape) > 1 and shape[0] == 1:
+        shape = shape[1:]
+    return shape
 
 
 def _prod(values) -> int:

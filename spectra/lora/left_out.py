@@ -119,6 +119,37 @@ def _entry_changed(pairing: Pairing, entry) -> bool:
     return not records or any(r.delta is None or bool(r.delta.any()) for r in records)
 
 
+def _bare_parameter(entry) -> bool:
+    """Whether a matrix entry is a parameter of its own, no layer's weight: a ViT's position table
+    (``embeddings.position_embeddings``, stored (1, N, d)); not a Linear's or a convolution's ``….weight``, not one
+    expert's slice of a stored 3-D tensor, not an adapter's module."""
+    return (entry.kind == "matrix" and entry.expert_index is None and entry.adapter is None
+            and not entry.base_tensor.endswith(".weight"))
+
+
+def _bare_advice(bare: list[str], pairing: Pairing, merged: str) -> str:
+    """What carries the changed parameters `bare` (:func:`_bare_parameter`), which no LoRA adapts: saving their
+    module whole where it holds them alone, else copying them from TUNED (a module holding other modules, the
+    model itself: modules_to_save would save all of it, or cannot save it)."""
+    holders = _holding_modules(pairing.base.names())
+    copied = [n for n in bare if "." not in n or n.rpartition(".")[0] in holders]
+    saved = [n for n in bare if n not in copied]
+    owners = list(dict.fromkeys(n.rpartition(".")[0] for n in copied if "." in n))
+    words = []
+    if saved:
+        words.append(f"{', '.join(saved)} {'is a parameter' if len(saved) == 1 else 'are parameters'}, no layer's "
+                     "weight, which no LoRA adapts: save "
+                     f"{'its module' if len(saved) == 1 else 'their modules'} whole (modules_to_save="
+                     f"{','.join(dict.fromkeys(n.rpartition('.')[0].rpartition('.')[2] for n in saved))}){merged}.")
+    if copied:
+        where = (f"of {'a module' if len(owners) == 1 else 'modules'} holding other modules ({', '.join(owners)}, "
+                 "which modules_to_save would save whole)" if owners else "of the model itself")
+        words.append(f"{', '.join(copied)} {'is a parameter' if len(copied) == 1 else 'are parameters'} {where}, no "
+                     "layer's weight, which no LoRA adapts: copy "
+                     f"{'it' if len(copied) == 1 else 'them'} from TUNED onto the loaded model.")
+    return " ".join(words)
+
+
 def _not_carried_notes(pairing: Pairing, matrices: list, vectors: list, only_in_tuned: list[str], selected: list, *,
                        unchanged: frozenset[str] = frozenset(), roles, stacks, planned: bool,
                        full: bool) -> list[str]:
@@ -145,13 +176,19 @@ def _not_carried_notes(pairing: Pairing, matrices: list, vectors: list, only_in_
     lead = "rank full is not lossless here: " if full else ""
     if matrices:
         outside = "plan" if planned else "roles (" + ", ".join(roles) + ")" + (" and stacks" if stacks else "")
-        plain = [n for n, e in matrices if e.info.expert is None]  # a module PEFT can save whole (no expert tensor)
+        # a matrix that is a parameter of its own, no layer's weight (a ViT's position table (1, N, d), measured as
+        # N × d): no LoRA module adapts it, so no role, stack or plan carries it (below)
+        bare = [n for n, e in matrices if _bare_parameter(e)]
+        layers = [(n, e) for n, e in matrices if n not in bare]
+        plain = [n for n, e in layers if e.info.expert is None]  # a module PEFT can save whole (no expert tensor)
         asked = () if planned else tuple(roles)  # a plan's own roles are not known here: name every one left out
-        new_roles = [r for r in ROLES if r not in asked and any(e.info.role == r for _, e in matrices)]
-        new_stacks = sorted({stack_name(e.info.stack) for _, e in matrices
+        new_roles = [r for r in ROLES if r not in asked and any(e.info.role == r for _, e in layers)]
+        new_stacks = sorted({stack_name(e.info.stack) for _, e in layers
                              if stacks is not None and role_selected(e.info.role, roles, e.name)
                              and not stack_selected(e.info.stack, stacks)})
-        if planned:
+        if not layers:
+            fix = []
+        elif planned:
             fix = [f"plan them (spectra recommend --roles …,{','.join(new_roles)})"]
         else:
             fix = ([f"add their roles (roles={','.join([*roles, *new_roles])})"] if new_roles else []) + (
@@ -161,7 +198,9 @@ def _not_carried_notes(pairing: Pairing, matrices: list, vectors: list, only_in_
         notes.append(f"{lead}the adapter leaves out {len(matrices)} changed matri{'x' if len(matrices) == 1 else 'ces'}"
                      f" outside the {outside}: "
                      + named([f"{n} ({e.info.role})" for n, e in matrices])
-                     + "; their fine-tuning is not in it. To carry them, " + " or ".join(fix))
+                     + "; their fine-tuning is not in it."
+                     + (" To carry them, " + " or ".join(fix) if fix else "")
+                     + (" " + _bare_advice(bare, pairing, merged) if bare else ""))
         lead = ""
     if vectors:
         adapted = {e.name for e in selected if e.name not in unchanged}
