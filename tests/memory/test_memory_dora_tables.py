@@ -181,3 +181,19 @@ def test_dora_on_an_embedding_keeps_no_table():
     assert held < 8 * 4 * 256  # a few width-sized fp32 vectors, not the 4 MiB table
     linear = estimate_memory(config, method="dora", rank_plan_or_rank=4, roles=("down",)).workspace
     assert linear == 4 * (512 * 512 + 4 * 512 * 256)
+
+
+def test_dora_on_gemma3s_scaled_embedding_keeps_what_autograd_saves():
+    """Gemma 3's embedding scales its output by √hidden (Gemma3TextScaledWordEmbedding), and PEFT scales DoRA's LoRA
+    output alike after the norms: a multiplication by a constant, which keeps nothing more. DoRA less LoRA on
+    embed_tokens, bf16, against autograd at batches 2 and 3."""
+    from tests.models import tiny_config
+
+    config = tiny_config("gemma3").to_dict() | {"architectures": ["Gemma3ForCausalLM"]}
+    assert (config["vocab_size"], config["hidden_size"]) == (VOCAB, HIDDEN)
+    plan = _plan(LLAMA_EMBED)
+    for batch in (2, 3):
+        measured = _saved(config, plan, "dora", "bf16", batch) - _saved(config, plan, "lora", "bf16", batch)
+        modelled = (_modelled(config, plan, "dora", "bf16", batch).activations
+                    - _modelled(config, plan, "lora", "bf16", batch).activations)
+        assert modelled == measured == batch * SEQ * (2 + 4) * HIDDEN + 8 * HIDDEN
