@@ -487,6 +487,10 @@ def saved_bytes(model, loss_of) -> int:
 
     Every tensor the graph saves goes through a ``saved_tensors_hooks`` pack hook into a box; after the
     forward the boxes still alive are what the graph holds (a branch the loss does not use frees its own).
+    A box holds a detached alias of the tensor (its storage, no grad_fn): boxing the tensor itself makes a
+    reference cycle where a node saves its own output (box → tensor → grad_fn → box), which keeps a node alive that
+    autograd frees once nothing else reaches it (DoRA's norm of W + s·ΔW on an embedding table, whose output PEFT
+    detaches: tests/memory/test_memory_dora_tables.py).
     """
     import weakref
 
@@ -496,7 +500,7 @@ def saved_bytes(model, loss_of) -> int:
     boxes = []
 
     def pack(tensor):
-        box = _Saved(tensor)
+        box = _Saved(tensor.detach())
         boxes.append(weakref.ref(box))
         return box
 

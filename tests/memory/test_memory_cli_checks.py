@@ -19,7 +19,7 @@ GPT2 = {"model_type": "gpt2", "n_embd": 32, "n_layer": 2, "n_head": 4, "vocab_si
 def test_rank_zero_is_refused_not_read_as_16(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(LLAMA2_7B))
     result = runner.invoke(app, ["memory", str(tmp_path), "--rank", "0"])
-    assert result.exit_code != 0 and "(--rank) must be a positive integer" in str(result.exception)
+    assert result.exit_code != 0 and "--rank must be ≥ 1, got 0" in str(result.exception)
     result = runner.invoke(app, ["memory", str(tmp_path), "--json"])  # unset: 16
     assert result.exit_code == 0 and json.loads(result.output)["inputs"]["rank"] == 16
 
