@@ -122,7 +122,7 @@ def bnb_skip_modules(model, keep: Iterable[str] = ()) -> list[str] | None:
     return sorted(set(get_keys_to_not_convert(model)) | set(keep))
 
 
-def bnb_4bit_linears(model, keep: Iterable[str] = ()) -> set[str] | None:
+def bnb_4bit_linears(model, keep: Iterable[str] = (), *, left_out: dict[str, str] | None = None) -> set[str] | None:
     """Names of the modules of ``model`` that transformers' bitsandbytes path stores in NF4
     (``from_pretrained(quantization_config=BitsAndBytesConfig(load_in_4bit=True, ...))``, with
     ``llm_int8_skip_modules=bnb_skip_modules(model, keep)``: the modules ``keep`` names stay unquantised, as QLoRA
@@ -132,7 +132,9 @@ def bnb_4bit_linears(model, keep: Iterable[str] = ()) -> set[str] | None:
     ``nn.Linear`` and ``Conv1D`` modules no key of that list matches (as a prefix up to a module boundary, a regex or
     a suffix; not only an equal name). ``model`` is converted in place: pass one built for this on the meta device
     (:func:`meta_model`). Which modules are converted does not depend on the compute dtype or double quantisation.
-    None where this transformers or bitsandbytes lacks that path."""
+    ``left_out``, a dict, receives name → class of the ``nn.Linear`` subclasses outside the keep list, which the
+    path leaves unquantised (Falcon's ``FalconLinear``). None where this transformers or bitsandbytes lacks that
+    path."""
     try:
         import bitsandbytes as bnb
         from transformers import BitsAndBytesConfig
@@ -145,10 +147,49 @@ def bnb_4bit_linears(model, keep: Iterable[str] = ()) -> set[str] | None:
             load_in_4bit=True, bnb_4bit_quant_type="nf4", llm_int8_skip_modules=bnb_skip_modules(model, keep)))
         skip = quantizer.get_modules_to_not_convert(model, quantizer.quantization_config.llm_int8_skip_modules,
                                                     model._keep_in_fp32_modules)
+        left = _subclass_linears(model, skip)  # before the conversion, whose Linear4bit is an nn.Linear subclass too
         replace_with_bnb_linear(model, modules_to_not_convert=skip, quantization_config=quantizer.quantization_config)
     except (AttributeError, TypeError, ImportError):  # a transformers whose bitsandbytes path differs
         return None
+    if left_out is not None:
+        left_out.update(left)
     return {name for name, module in model.named_modules() if isinstance(module, bnb.nn.Linear4bit)}
+
+
+def _subclass_linears(model, skip: list[str] | None) -> dict[str, str]:
+    """Module name → class name of the ``nn.Linear`` subclasses of ``model`` that no key of ``skip`` (transformers'
+    keep list) matches: outside the keep list, yet left unquantised, as ``replace_with_bnb_linear`` converts a
+    module whose type is exactly ``nn.Linear`` (or transformers' ``Conv1D``)."""
+    from transformers.pytorch_utils import Conv1D
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    return {name: type(module).__name__ for name, module in model.named_modules()
+            if isinstance(module, torch.nn.Linear) and type(module) is not torch.nn.Linear
+            and not isinstance(module, Conv1D) and should_convert_module(name, skip)}
+
+
+def qlora_unquantised(model, keep: Iterable[str] = ()) -> str | None:
+    """Why a QLoRA load of ``model`` would quantise nothing, or None: the rule ``spectra train`` and ``spectra
+    memory`` both refuse QLoRA by.
+
+    transformers' bitsandbytes load (:func:`bnb_4bit_linears`) converts modules whose type is exactly ``nn.Linear``
+    (or ``Conv1D``); a family whose linears are a subclass (Falcon's ``FalconLinear``) keeps them all in 16 bits, and
+    the run would train a LoRA on an unquantised base while calling itself QLoRA. The reason is given where the load
+    would store no module of ``model`` in 4 bits while linears outside transformers' keep list stay unquantised for
+    their class; it names those classes and a module of each. ``model`` is converted in place: pass one built for
+    this on the meta device (:func:`meta_model`). None also where this transformers or bitsandbytes lacks the path
+    (nothing to tell)."""
+    left: dict[str, str] = {}
+    converted = bnb_4bit_linears(model, keep, left_out=left)
+    if converted is None or converted or not left:
+        return None
+    classes = {}  # class name -> its first module
+    for name, cls in left.items():
+        classes.setdefault(cls, name)
+    named = ", ".join(f"{cls} (e.g. {name})" for cls, name in classes.items())
+    return (f"{type(model).__name__}: QLoRA stores the block linears in 4 bits through transformers' bitsandbytes "
+            f"load, which converts exactly nn.Linear modules; this model's {len(left)} linears are {named}, a "
+            "subclass of nn.Linear, which it leaves in 16 bits, so nothing would be quantised")
 
 
 def resolve_name(name: str, names: Iterable[str]) -> str | None:

@@ -620,6 +620,43 @@ def _refuse_parameter_methods_early(folder: Path, config: TrainConfig) -> None:
     _fit_method(type(model).__name__, modules, weights + experts, config)
 
 
+def _unquantised_fix(config: TrainConfig) -> str:
+    lora = "dora" if config.method == "qdora" else "lora"
+    return (f". Train it with --method {lora}: a 16-bit base with a "
+            f"{'DoRA' if lora == 'dora' else 'LoRA'} adapter is what this load would train.")
+
+
+def _refuse_unquantised_early(folder: Path, config: TrainConfig) -> None:
+    """Refuse QLoRA/QDoRA on a model whose load would store nothing in 4 bits (Falcon, whose linears are
+    ``FalconLinear``, an ``nn.Linear`` subclass transformers' bitsandbytes path leaves alone), asked of the class
+    config.json names, built on the meta device: before the data and weights are loaded, by the rule ``spectra
+    memory`` refuses the same run by (:func:`spectra.checkpoints.targets.qlora_unquantised`). A class that cannot be
+    built so is checked on the loaded model (:func:`_check_quantised`)."""
+    from spectra.checkpoints.targets import meta_model, qlora_unquantised
+
+    if not config.quantized:
+        return
+    model = meta_model(json.loads((folder / "config.json").read_text()))
+    if model is not None and (reason := qlora_unquantised(model)):
+        raise ConfigError(f"{folder}: {reason}" + _unquantised_fix(config))
+
+
+def _check_quantised(model, spec, config: TrainConfig) -> None:
+    """Refuse a QLoRA/QDoRA load that stored no module in 4 bits (no ``Linear4bit``): the run would train an adapter
+    on an unquantised base and record it as quantised. The loaded model's own check, after
+    :func:`_refuse_unquantised_early`'s on its class."""
+    import bitsandbytes as bnb
+
+    if any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules()):
+        return
+    left = {type(m).__name__: name for name, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and type(m) is not torch.nn.Linear}
+    what = (f"its linears are {', '.join(f'{c} (e.g. {n})' for c, n in left.items())}, a subclass of nn.Linear, "
+            "which it leaves in 16 bits") if left else "none of its modules is an nn.Linear it converts"
+    raise ConfigError(f"{spec}: QLoRA's load (transformers' bitsandbytes path, which converts exactly nn.Linear "
+                      f"modules) stored nothing in 4 bits: {what}" + _unquantised_fix(config))
+
+
 def _note_unreached_plan_modules(plan, model, notes: list[str] | None) -> None:
     """Note a plan's modules in a stack text never reaches (a VLM's vision tower, planned from its analysis): trained
     on text-only batches, their adapters get no gradient and stay at zero."""
@@ -778,6 +815,7 @@ def train_adapter(base, data, config: TrainConfig | None = None, out_dir=None, *
 
         load_plan(config.plan).check_base(open_checkpoint(base))
     _refuse_parameter_methods_early(folder, config)
+    _refuse_unquantised_early(folder, config)
     notes: list[str] = []
     task, train, held_out, label_names, tokenizer = prepare_data(
         folder, data, task=config.task, max_length=config.max_length, eval_data=eval_data,
@@ -787,6 +825,7 @@ def train_adapter(base, data, config: TrainConfig | None = None, out_dir=None, *
                        quantize=config.quantized, compute_dtype=config.compute_dtype, label_names=label_names,
                        device=config.device, pad_token_id=tokenizer.pad_token_id, notes=notes)
     if config.quantized:
+        _check_quantised(model, base, config)
         _check_4bit_widths(model, base)
     model = wrap_model(model, config, task=task, notes=notes)
     teacher = None
