@@ -403,6 +403,14 @@ class RankPlan:
         left_out = {m.name: m.reason for m in self.left_out}
         found = _expert_targets([m.name for m in self.modules] + list(left_out), model)
         missing = [m.name for m in self.modules if found[m.name] is None]
+        bare = _bare_parameters(missing, model)
+        if bare:  # a plan written before recommend left such a parameter out (a ViT's position table)
+            one = len(bare) == 1
+            raise ConfigError(f"The plan names {', '.join(bare[:5])}, {'a parameter' if one else 'parameters'}"
+                              f" of {cls} that {'is' if one else 'are'} no layer's weight: PEFT puts a LoRA"
+                              " on a module's weight, or through target_parameters on an expert tensor, not there. "
+                              "Re-run spectra recommend (it leaves such a parameter out) or drop it from the plan, "
+                              "and copy it from TUNED onto the loaded model.")
         if missing:
             raise ConfigError(f"The plan names {len(missing)} module(s) {cls} has no weight for: "
                               f"{', '.join(missing[:5])}. Was the plan made from an analysis of this model?")
@@ -451,6 +459,15 @@ class RankPlan:
                              + (f" ({recorded[parameter].padding:,} parameters, counted in the plan's total)."
                                 if counted else "."))
         return settings, set(fused) | {f"{m}.weight" for m in rewritten}, notes
+
+
+def _bare_parameters(names: list[str], model) -> list[str]:
+    """The ones of ``names`` that are a parameter of ``model`` themselves (exactly or up to a leading prefix), no
+    module's ``.weight``: a ViT's ``embeddings.position_embeddings``."""
+    from spectra.checkpoints.targets import resolve_name
+
+    parameters = [n for n, _ in model.named_parameters()] if names else []
+    return [n for n in names if not n.endswith(".weight") and resolve_name(n, parameters) is not None]
 
 
 _EXPERT_INDEX = re.compile(r"\.experts\.\d+\.")

@@ -338,7 +338,10 @@ def recommend_ranks(analysis: Any, policy: RankPolicy | None = None, *, sweep: A
         raise
     if lacking:  # some of the stacks asked for: the plan holds the others'
         warnings.warn(f"{lacking}: the plan holds no module of it", stacklevel=2)
-    spectra, left_out = [], []
+    spectra, left_out, bare = [], [], []
+    # ‖ΔW‖_F² of the whole update, as the plan's coverage counts it: every analysed matrix, a fused tensor once
+    whole = math.fsum(float(r.get("fro_norm") or 0.0) ** 2 for r in rows
+                      if r.get("kind", "matrix") == "matrix" and not _is_split(r))
     for row in rows:
         if row.get("kind", "matrix") != "matrix" or _is_split(row):
             continue
@@ -346,6 +349,9 @@ def recommend_ranks(analysis: Any, policy: RankPolicy | None = None, *, sweep: A
         why = _excluded(s, policy)
         if why is None and s.fro2 <= 0:
             why = "unchanged (ΔW = 0)"
+        if why is None and _bare_parameter(row):
+            why = _bare_reason(s.fro2 / whole)
+            bare.append(f"{s.name} ({s.role})")
         if why is not None:
             needed = s.energy_rank(policy.energy or DEFAULT_ENERGY)[0] if s.fro2 > 0 else 0
             left_out.append(LeftOut(s.name, why, needed, math.sqrt(s.fro2)))
@@ -354,6 +360,14 @@ def recommend_ranks(analysis: Any, policy: RankPolicy | None = None, *, sweep: A
     saved = _saved_by_peft(base, model_config, models)  # a classifier's head, which PEFT trains in full
     if saved:
         spectra = _outside_saved(spectra, saved, left_out, policy, base, model_config, models)
+    if not spectra and bare:
+        raise ConfigError(f"No targeted module can take a LoRA: {', '.join(bare[:5])}"
+                          f"{' is a parameter' if len(bare) == 1 else ' are parameters'} of "
+                          f"{'its' if len(bare) == 1 else 'their'} own, no layer's weight, which PEFT cannot adapt "
+                          "(it puts a LoRA on a module's weight, or through target_parameters on an expert tensor); "
+                          f"copy {'it' if len(bare) == 1 else 'them'} from TUNED onto the loaded model. To plan "
+                          "layers, name their roles too (roles="
+                          f"{','.join(policy.roles) if policy.roles is not None else 'the default'}).")
     unchanged = sum(m.reason == "unchanged (ΔW = 0)" for m in left_out)
     if not spectra and unchanged and all(float(r.get("fro_norm") or 0.0) == 0.0 for r in rows
                                          if r.get("kind", "matrix") == "matrix"):
@@ -487,6 +501,27 @@ def _outside_saved(spectra: list[_Spectrum], saved: tuple[SavedModule, ...], lef
         left_out.append(LeftOut(s.name, f"{trained(held)}: no LoRA there",
                                 s.energy_rank(policy.energy or DEFAULT_ENERGY)[0], math.sqrt(s.fro2)))
     return kept
+
+
+def _bare_parameter(row: Mapping) -> bool:
+    """Whether a matrix row's tensor is a parameter of its own, no layer's weight: a ViT's position table
+    ``embeddings.position_embeddings`` (stored (1, N, d), measured N × d), Gemma 3's ``mm_input_projection_weight``.
+
+    PEFT puts a LoRA on a module's weight (Linear, Embedding, Conv: a ``….weight``, GPT-2's ``wpe.weight`` included) or,
+    through ``target_parameters``, on a 3-D expert tensor (``…experts.gate_up_proj``, whose rows name an expert), and on
+    nothing else: ``extract --plan`` finds no weight for such a name. Read off the row's ``base_tensor``; a row without
+    one (an analysis written before rows named their tensor) is taken as a weight, as it was.
+    """
+    tensor = row.get("base_tensor")
+    return (isinstance(tensor, str) and not tensor.endswith(".weight") and row.get("expert") is None
+            and ".experts." not in f".{tensor}.")
+
+
+def _bare_reason(share: float) -> str:
+    """The left-out reason of a :func:`_bare_parameter` matrix holding ``share`` of the whole update's ‖ΔW‖_F²."""
+    return ("a parameter of its own, no layer's weight, which PEFT cannot adapt (it puts a LoRA on a module's weight, "
+            "or through target_parameters on an expert tensor): copy it from TUNED onto the loaded model; it holds "
+            f"{share:.1%} of the whole update's ‖ΔW‖_F²")
 
 
 def _excluded(s: _Spectrum, policy: RankPolicy) -> str | None:
