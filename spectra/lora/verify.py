@@ -3,7 +3,7 @@
 For every module an adapter adapts, with ``ΔW_full = W_tuned − W_base`` and the
 adapter's own update ``ΔW_ad = merged − W₀`` (W₀ the weight the adapter was trained
 on: the base, or for QLoRA/QDoRA its NF4 round trip where the 4-bit load stores the module in
-NF4, :func:`bnb_4bit_modules`; an embedding table keeps the base), :func:`verify_adapter` pairs
+NF4, :mod:`spectra.lora.qlora_base`; an embedding table keeps the base), :func:`verify_adapter` pairs
 the three checkpoints, takes :mod:`spectra.lora.verify_measures`' measures of each module (captured
 and optimal energy, φ, principal angles, amplification, intruder dimensions, QLoRA's
 quantisation error) and totals them weighted by ‖ΔW_full‖_F² (:func:`summarize`).
@@ -33,6 +33,7 @@ from spectra.linalg.partial import EXACT_BELOW
 from spectra.linalg.subspace import factor_svd, similarity_matrix
 from spectra.linalg.svd import Spectrum, frobenius_energy
 from spectra.lora.data import check_max_length, check_task
+from spectra.lora.qlora_base import bnb_4bit_modules, nf4_round_trip
 from spectra.lora.verify_measures import delta_decomposition, measure_module, module_measures  # noqa: F401  (callers)
 
 SCHEMA_VERSION = 1
@@ -294,81 +295,6 @@ def summarize(rows: list[dict], coverage: tuple[float, float]) -> dict:
         # over the modules QLoRA stores in NF4 (an embedding table's W₀ is W_base: no row of its own says 0)
         "quant_error": (sum(q) / len(q)) if (q := [r["quant_error"] for r in rows if "quant_error" in r]) else None,
     }
-
-
-def nf4_round_trip(W: torch.Tensor) -> torch.Tensor:
-    """dequant(quant(W)) with bitsandbytes NF4, blocks of 64, double quantisation — the W₀ QLoRA trains on.
-
-    ``W`` is (out, in), Conv1D weights included: transformers turns a Conv1D into a 4-bit
-    Linear and quantises its transpose, so the blocks of 64 run along the input side for
-    every layer. Bit-exact with what ``from_pretrained(quantization_config=nf4_config())``
-    stores for a float32 checkpoint when both run on the same kind of device (Dettmers et
-    al. 2023, arXiv:2305.14314); bitsandbytes' CPU and CUDA kernels sum the second-level
-    offset in different orders, so across the two W₀ differs in the last digit (~1e-7).
-    """
-    import bitsandbytes.functional as bnbf
-
-    packed, state = bnbf.quantize_4bit(W.float().contiguous(), blocksize=64, quant_type="nf4",
-                                       compress_statistics=True)
-    return bnbf.dequantize_4bit(packed, state).to(W.dtype)
-
-
-def bnb_4bit_modules(names, config: dict | None, task: str = "causal_lm") -> dict[str, bool]:
-    """Checkpoint module name → whether QLoRA's load stores its weight in NF4 (its W₀ is then the round trip).
-
-    transformers' bitsandbytes path (``from_pretrained(quantization_config=nf4_config())``, what
-    :func:`spectra.lora.train.load_model` does for ``task``) replaces exactly the ``nn.Linear`` and
-    ``Conv1D`` modules outside its keep list (the output embedding, tied weights, the last
-    parameter's module, the class's ``_keep_in_fp32_modules`` such as T5's ``wo``) or the modules PEFT trains a
-    copy of in full for ``task`` (a classifier's head, :func:`spectra.lora.train.qlora_kept_modules`); an
-    ``nn.Embedding`` (the token embedding, GPT-2's ``wpe``, T5's ``relative_attention_bias``), a
-    Linear subclass (an MoE router) and a bare parameter (fused experts) keep their weights as
-    stored. Asked of transformers itself: its ``replace_with_bnb_linear`` is run on the task's model
-    class built from ``config`` on the meta device (:func:`spectra.checkpoints.targets.bnb_4bit_linears`, the rule
-    ``spectra memory`` counts a multimodal model's towers by). Where that model cannot be built, or a name
-    does not resolve in it, the rule falls back to the module's role: every role but the
-    embedding tables and the head.
-    """
-    from spectra.checkpoints.architectures import module_info
-    from spectra.checkpoints.targets import bnb_4bit_linears, meta_model, model_targets
-    from spectra.lora.train import qlora_kept_modules
-
-    names = list(names)
-    fallback = {n: module_info(n, config).role not in ("embed", "pos_embed", "head") for n in names}
-    model = meta_model(config, _loaded_class(config, task)) if config else None
-    if model is None:
-        return fallback
-    targets = model_targets(names, model)  # resolved before the swap: the names stay, the Linears' classes go
-    converted = bnb_4bit_linears(model, keep=qlora_kept_modules(model, task))  # a classifier's head stays whole
-    if converted is None:  # a transformers without this path: the role rule
-        return fallback
-    out = {}
-    for name, target in targets.items():
-        if target is None:
-            out[name] = fallback[name]
-        else:  # a parameter target's owner (a router's weight) is converted only if it is a plain Linear
-            out[name] = (target.name.rpartition(".")[0] if target.parameter else target.name) in converted
-    return out
-
-
-def _loaded_class(config: dict, task: str) -> str | None:
-    """The transformers class :func:`spectra.lora.train.load_model` loads ``config`` as for ``task`` (its Auto
-    class's choice), else the class the config names."""
-    from transformers.models.auto import modeling_auto as auto
-
-    from spectra.checkpoints.targets import architecture
-    from spectra.lora.train import loads_as_image_text_to_text
-
-    if task == "seq_cls":
-        mapping = auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
-    elif task == "seq2seq_lm":
-        mapping = auto.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES
-    elif loads_as_image_text_to_text(config):
-        mapping = auto.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
-    else:
-        mapping = auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-    cls = mapping.get(config.get("model_type"))
-    return cls if isinstance(cls, str) else architecture(config)
 
 
 def _adapter_task(config: VerifyConfig, adapter_src, trained: dict) -> str:

@@ -3,7 +3,7 @@
 Decides what `spectra verify` reports per module, and how each number is taken. For a module
 with ``ΔW_full = W_tuned − W_base`` and the adapter's own update ``ΔW_ad = merged − W₀`` (W₀
 the weight the adapter was trained on: the base, or for QLoRA/QDoRA its NF4 round trip where
-the 4-bit load stores the module in NF4, :func:`~spectra.lora.verify.bnb_4bit_modules`;
+the 4-bit load stores the module in NF4, :func:`~spectra.lora.qlora_base.bnb_4bit_modules`;
 an embedding table keeps the base):
 
 - ``effective_adapter_rank``: k, the numerical rank of the low-rank update s·B A
