@@ -126,7 +126,7 @@ Names are module names as they appear in checkpoints, without ``.weight``.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from spectra.errors import ConfigError
@@ -616,6 +616,21 @@ def module_info(name: str, config: dict[str, Any] | None = None) -> ModuleInfo:
         role = "kv"  # Gemma 4's full-attention k_proj under attention_k_eq_v: its output is the keys and the values
     index = next((int(g) for g in expert.groups() if g is not None), None) if expert else None
     return ModuleInfo(role, int(layer.group(1)) if layer else None, index, stack)
+
+
+def vector_info(name: str, config: dict[str, Any] | None = None) -> ModuleInfo:
+    """:func:`module_info` of a 1-D or 0-D tensor by its full name: its owner's (``q_proj.bias`` belongs to
+    ``q_proj``: role q), but role ``other`` where the owner's name reads as a table (role embed or pos_embed).
+
+    An embedding table (nn.Embedding) holds one matrix and no vector, so a vector under a module so named is a
+    parameter of a container: CLIP's ``vision_model.embeddings.class_embedding`` (CLIPVisionEmbeddings is named
+    ``embeddings``, the name of XLM's and Mamba's token tables) is no token table.
+
+    >>> vector_info("vision_model.embeddings.class_embedding").role, vector_info("model.layers.0.self_attn.q_proj.bias")
+    ('other', ModuleInfo(role='q', layer=0, expert=None, stack=None))
+    """
+    owner = module_info(name.rpartition(".")[0], config)
+    return replace(owner, role="other") if owner.role in ("embed", "pos_embed") else owner
 
 
 def _k_is_v(layer: int, config: dict[str, Any] | None) -> bool:
