@@ -25,7 +25,7 @@ import torch
 from spectra.checkpoints.adapter import AdapterDelta, plan_adapter
 from spectra.checkpoints.architectures import (ROLES, ModuleInfo, Projection, experts_in_out, fused_projections,
                                               is_conv1d, missing_stacks, module_info, parallel_experts, parse_stacks,
-                                              role_named, stack_selected)
+                                              role_named, stack_selected, vector_info)
 from spectra.checkpoints.buffers import Lease
 from spectra.checkpoints.names import compile_name_filter, match_names
 from spectra.checkpoints.source import (AdapterSource, architecture_difference, architecture_note, open_checkpoint,
@@ -320,7 +320,8 @@ class Pairing:
         if len(b.shape) <= 1:  # a norm, a bias, or a scalar parameter (CLIP's logit_scale: shape ()), kept as stored
             if b.shape != t.shape:
                 raise _shape_error(b_name, b.shape, t.shape, self.base, self.tuned, t_name)
-            owner = module_info(b_name.rpartition(".")[0], self.config)  # q_proj.bias belongs to q_proj
+            # q_proj.bias belongs to q_proj; CLIP's embeddings.class_embedding to no table (vector_info)
+            owner = vector_info(b_name, self.config)
             return [PairEntry(name=b_name, info=owner, kind="vector", shape=b.shape, **common)]
         if len(b.shape) in (2, 3) and ".experts." in f".{b_name}." and not b_name.endswith(".weight"):
             # stacked per-expert tensors: (experts, ·, ·) matrices or (experts, ·) biases
