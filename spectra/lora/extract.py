@@ -37,10 +37,11 @@ from spectra.checkpoints.targets import architecture, meta_model, model_targets,
 from spectra.errors import ConfigError, PeftConfigWarning
 from spectra.files import refuse_replacing_others, staged_directory
 from spectra.linalg.svd import CONVERGED_TOL, full_svd, randomized_svd
-from spectra.lora.left_out import _not_carried, _not_carried_notes
+from spectra.lora.left_out import _entry_changed, _not_carried, _not_carried_notes
 from spectra.lora.parameter_targets import (_LEAVE_OUT, _parameter_factors, _parameter_keys, _peft_shape,
                                             _peft_transposes, _unconverted_parameters)
-from spectra.lora.saved_modules import _also_wrapped, _modules_to_save, _saved_names, _saved_tensors, _task_type
+from spectra.lora.saved_modules import (_also_wrapped, _modules_to_save, _saved_names, _saved_tensors, _task_type,
+                                        saved_whole_notes)
 from spectra.scaling import rank_scale
 from spectra.workers import split_workers, thread_pool
 
@@ -137,7 +138,9 @@ def extract_adapter(base, tuned, plan_or_rank, out_dir: str | os.PathLike, *, ro
         for the ``classifier`` PEFT's ``SEQ_CLS`` adds) is saved whole as well, from TUNED, with a note
         (:func:`_also_wrapped`); else PEFT refused to load the adapter. A module is saved with every tensor
         under it, its children's too (RoBERTa's ``classifier``: ``dense`` and ``out_proj``), as PEFT loads it;
-        a LoRA target inside a saved module is refused (:func:`_saved_tensors`).
+        a LoRA target inside a saved module is refused (:func:`_saved_tensors`), unless its ΔW is 0: it is then
+        left out as unchanged (``model.layers.0.self_attn.q_proj`` saves that module alone, for its changed bias,
+        and q's LoRA stays on the other layers).
     full_below : int
         Exact SVD when min(out, in) ≤ this, else the randomized block Krylov top-r,
         run until its values converge to 1e-4.
@@ -226,11 +229,21 @@ def extract_adapter(base, tuned, plan_or_rank, out_dir: str | os.PathLike, *, ro
                                            settings={n: (r, a) for n, (r, a, _) in ranks_of.items()},
                                            planned=plan is not None)
     saved_names = _saved_names(saved_modules, model, model_class)
-    lora_targets = {*model_names.values(), *(place.parameter for place, _ in on_parameters.values())}
-    saved_keys = _saved_tensors(saved_names, pairing, model, model_class, lora_targets)  # adapter key -> TUNED's
+    # a target in a module saved whole whose ΔW is 0 holds no LoRA (left out as unchanged, as after the
+    # decomposition), so it clashes with nothing: saving layer 0's unchanged q_proj by its full name keeps q's LoRA
+    # on the other layers
+    unchanged_saved = _unchanged_in_saved(selected, model_names, on_parameters, saved_names, pairing)
+    if unchanged_saved and len(unchanged_saved) < len(selected):  # else kept: PEFT needs a target
+        selected = [e for e in selected if e.name not in unchanged_saved]
+    else:
+        unchanged_saved = []
+    lora_targets = {*(model_names[e.name] for e in selected),
+                    *(place.parameter for place, _ in on_parameters.values())}
+    saved_keys = _saved_tensors(saved_names, pairing, model, model_class, lora_targets,  # adapter key -> TUNED's
+                                modules_to_save)
     save_names = list(saved_keys.values())
     # the modules PEFT wraps beside them (their names end with a saved one's): saved too, or PEFT fails to load
-    also_saved, also_keys = _also_wrapped(saved_names, pairing, model, model_class, lora_targets)
+    also_saved, also_keys = _also_wrapped(saved_names, pairing, model, model_class, lora_targets, modules_to_save)
     save_names = save_names + list(also_keys.values())
     saved_list = sorted({*saved_modules, *(stored for stored, _, _ in also_saved)})  # TUNED's names
     embeddings = _embedding_entries(selected, model_names, model)
@@ -282,7 +295,8 @@ def extract_adapter(base, tuned, plan_or_rank, out_dir: str | os.PathLike, *, ro
         if entry.name not in on_parameters:
             ranks[module] = (rank, module_alpha, entry.conv1d)
     bar.close()
-    unchanged = _leave_out_unchanged(results, tensors, ranks, save_names)
+    unchanged = sorted([*_leave_out_unchanged(results, tensors, ranks, save_names),
+                        *(model_names[n] for n in unchanged_saved)], key=natural_key)
     for parameter, key in _parameter_keys(model, parameter_factors).items():
         A, B, rank, parameter_alpha = _parameter_factors(parameter_factors[parameter],
                                                          _peft_shape(model, parameter), use_rslora)
@@ -314,6 +328,7 @@ def extract_adapter(base, tuned, plan_or_rank, out_dir: str | os.PathLike, *, ro
         notes.insert(0, pairing.provenance)
     if lacking:  # a stack asked for that the pair lacks: said, not warned as the adapter's
         notes.append(lacking)
+    notes += saved_whole_notes(modules_to_save, saved_modules, pairing)  # a last name's cost: every layer's module
     if unchanged:
         notes.append(f"{len(unchanged)} targeted module(s) unchanged (ΔW = 0) left out of the adapter, e.g. "
                      f"{unchanged[0]}")
@@ -340,6 +355,27 @@ def extract_adapter(base, tuned, plan_or_rank, out_dir: str | os.PathLike, *, ro
     return ExtractResult(out_dir, results, saved_list, config, model_class,
                          notes, vocab_size, unchanged, [n for n, _ in left_out], [n for n, _ in left_out_vectors],
                          only_in_tuned, complete, rounded)
+
+
+def _unchanged_in_saved(selected: list, model_names: dict, on_parameters: dict, saved_names: dict,
+                        pairing: Pairing) -> list[str]:
+    """The `selected` entries whose module lies in a module saved whole (`saved_names`' values, the model's names),
+    or in one PEFT wraps beside it (a name ending with a saved one's, as a string: :func:`_also_wrapped`), and whose
+    ΔW is 0: left out of the adapter as unchanged before any decomposition, so that they clash with no saved module.
+    Each is read once (:func:`~spectra.lora.left_out._entry_changed`). Parameter targets (experts, routers) and
+    rows of a resized vocabulary stay, as :func:`_leave_out_unchanged` keeps them."""
+    saved = list(saved_names.values())
+    if not saved:
+        return []
+    out = []
+    for entry in selected:
+        if entry.name in on_parameters or entry.added_rows:
+            continue
+        parts = model_names[entry.name].split(".")
+        around = (".".join(parts[:i]) for i in range(1, len(parts) + 1))  # the module and those holding it
+        if any(m.endswith(s) for m in around for s in saved) and not _entry_changed(pairing, entry):
+            out.append(entry.name)
+    return out
 
 
 def _leave_out_unchanged(results: list, tensors: dict, ranks: dict, save_names: list) -> list[str]:

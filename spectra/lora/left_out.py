@@ -150,6 +150,34 @@ def _bare_advice(bare: list[str], pairing: Pairing, merged: str) -> str:
     return " ".join(words)
 
 
+def _params_under(pairing: Pairing, modules) -> int:
+    """The parameters the base holds under `modules` (what saving them whole puts in the adapter)."""
+    modules = tuple(m + "." for m in modules)
+    return sum(math.prod(pairing.base.info(t).shape) for t in pairing.base.names() if t.startswith(modules)) \
+        if modules else 0
+
+
+def _save_entries(free: list[str], pairing: Pairing) -> tuple[list[str], list[str]]:
+    """(the ``modules_to_save`` entries that save the modules `free` whole, the modules they save).
+
+    An entry matches a module by its name or its end at a dot (:func:`~spectra.lora.saved_modules._modules_to_save`),
+    so a last name (``q_proj``) saves every module of that name: it is advised where those are all in `free`, and
+    the full names otherwise (``model.layers.0.self_attn.q_proj``), which save those modules alone and leave the
+    other layers' modules to their LoRA."""
+    modules = _holding_modules(pairing.base.names()) | {n.rpartition(".")[0] for n in pairing.base.names()}
+    entries, saved = [], []
+    for leaf in dict.fromkeys(m.rpartition(".")[2] for m in free):
+        named = sorted((m for m in modules if m.rpartition(".")[2] == leaf), key=natural_key)
+        mine = [m for m in free if m.rpartition(".")[2] == leaf]
+        if set(named) <= set(mine):
+            entries.append(leaf)
+            saved += named
+        else:
+            entries += mine
+            saved += mine
+    return entries, saved
+
+
 def _not_carried_notes(pairing: Pairing, matrices: list, vectors: list, only_in_tuned: list[str], selected: list, *,
                        unchanged: frozenset[str] = frozenset(), roles, stacks, planned: bool,
                        full: bool) -> list[str]:
@@ -157,9 +185,11 @@ def _not_carried_notes(pairing: Pairing, matrices: list, vectors: list, only_in_
 
     ``unchanged``: the names of the `selected` entries extract left out of the adapter as unchanged (ΔW = 0). The
     adapted modules are the others: a changed bias of an unchanged module is advised saved whole (modules_to_save),
-    not called a bias of an adapted module. With a uniform rank, where the roles select a module of the name
-    advised (layer 0's q_proj, unchanged, or another layer's), the advice takes that role out of the roles too:
-    PEFT adapts a module or saves it whole, not both (extract refuses the two together).
+    not called a bias of an adapted module. A module to save is advised by its last name (``q_proj``) where every
+    module of that name is one to save, else by its full name (``model.layers.0.self_attn.q_proj``): a last name
+    saves every layer's module whole, whose LoRA the adapter would then lose (extract refuses a module adapted and
+    saved whole; an unchanged one inside a saved module is left out, as it holds no LoRA). The advice says what
+    saving costs: the parameters of the modules it saves whole, their weights included.
     """
     def named(items: list[str]) -> str:
         return ", ".join(items[:3]) + (f" and {len(items) - 3} more" if len(items) > 3 else "")
@@ -213,18 +243,15 @@ def _not_carried_notes(pairing: Pairing, matrices: list, vectors: list, only_in_
         # a bias of a module the adapter adapts: PEFT adapts a module or saves it whole, not both
         owned = [n for n, _ in vectors if n not in own and n not in held and (n.rpartition(".")[0] in adapted
                  or any(a.startswith(n.rpartition(".")[0] + ".") for a in adapted))]
-        free = [n.rpartition(".")[0] for n, _ in vectors if n not in owned and n not in own and n not in held]
+        free = list(dict.fromkeys(n.rpartition(".")[0] for n, _ in vectors
+                                  if n not in owned and n not in own and n not in held))
         owners = list(dict.fromkeys(n.rpartition(".")[0] for n in held))
-        held_params = sum(math.prod(pairing.base.info(t).shape) for t in pairing.base.names()
-                          if any(t.startswith(o + ".") for o in owners))
-        # the roles that select a module modules_to_save would match by its last name (all q_proj for q_proj)
-        clash = [] if planned else list(dict.fromkeys(e.info.role for e in selected
-                                                      if e.name.rpartition(".")[2] in leaves(free).split(",")))
-        kept = [r for r in roles if r not in clash]
-        unadapt = (f" and take {' and '.join(clash)} out of the roles (roles={','.join(kept)}): PEFT adapts a "
-                   "module or saves it whole, not both" if clash and kept else "")
-        fix = ([f"To carry them, save their modules whole (modules_to_save={leaves(free)}){merged}{unadapt}"]
-               if free else []) + (
+        held_params = _params_under(pairing, owners)
+        entries, saved_whole = _save_entries(free, pairing)
+        carried = sum(1 for n, _ in vectors if n.rpartition(".")[0] in free)
+        fix = ([f"To carry them, save their modules whole (modules_to_save={','.join(entries)}){merged}: "
+                f"{len(saved_whole)} module(s), {_params_under(pairing, saved_whole):,} parameters with their "
+                f"weights, to carry {carried} changed vector(s)"] if free else []) + (
             [f"{len(owned)} {'is a bias' if len(owned) == 1 else 'are biases'} of adapted modules, which no LoRA "
              "carries"] if owned else []) + (
             [f"{named(own)} {'is a parameter' if len(own) == 1 else 'are parameters'} of the model itself, of no "

@@ -14,6 +14,8 @@ Names follow the stages: TUNED's modules matched by name (:func:`_modules_to_sav
 
 from __future__ import annotations
 
+import math
+
 from spectra.checkpoints.adapter import PEFT_PREFIX
 from spectra.checkpoints.names import natural_key
 from spectra.checkpoints.pairing import Pairing
@@ -59,12 +61,47 @@ def _modules_to_save(pairing: Pairing, names: tuple[str, ...]) -> tuple[list[str
     return outer, [n for n in stored if any(n.startswith(m + ".") for m in outer)]
 
 
+def typed_entry(module: str, entries) -> str:
+    """The ``modules_to_save`` entry, as the user gave it, that matched TUNED's `module` (:func:`_modules_to_save`:
+    the module's name or its end at a dot), or one that matched a module holding it; else its last name."""
+    for entry in entries:
+        if module == entry or module.endswith("." + entry):
+            return entry
+    for entry in entries:
+        if f".{entry}." in f".{module}.":
+            return entry
+    return module.rpartition(".")[2]
+
+
+def saved_whole_notes(entries, saved_modules: list[str], pairing: Pairing) -> list[str]:
+    """A note for each ``modules_to_save`` entry (as given) that saves more than one module holding a matrix whole
+    (`saved_modules`, TUNED's names): how many, and their parameters, weights included. A last name (``q_proj``)
+    saves every layer's module of that name, whose change a LoRA could carry at a fraction of that; a full name
+    saves one. Norms saved by their last name (``input_layernorm``) get none: vectors, which no LoRA carries."""
+    if not saved_modules:
+        return []
+    notes, names = [], list(pairing.tuned.names())
+    for entry in entries:
+        matched = [m for m in saved_modules if m == entry or m.endswith("." + entry)]
+        if len(matched) < 2 or not any(len(pairing.tuned.info(t).shape) >= 2 for t in names
+                                       if t.startswith(tuple(m + "." for m in matched))):
+            continue
+        params = sum(math.prod(pairing.tuned.info(t).shape) for t in names
+                     if t.startswith(tuple(m + "." for m in matched)))
+        notes.append(f"modules_to_save {entry!r} saves {len(matched)} modules whole from TUNED ({matched[0]} … "
+                     f"{matched[-1]}): {params:,} parameters, their weights included; a module's full name "
+                     f"({matched[0]}) saves that module alone")
+    return notes
+
+
 def _saved_tensors(saved_names: dict[str, str], pairing: Pairing, model, model_class: str | None,
-                   lora_targets: set[str]) -> dict[str, str]:
+                   lora_targets: set[str], entries=()) -> dict[str, str]:
     """Adapter key → TUNED's tensor, for every tensor of the modules saved whole (`saved_names`: TUNED's module →
     the model's). Refused, before any work: a saved module that is or holds a LoRA target of the adapter
-    (`lora_targets`, the model's names), which PEFT leaves unwrapped in a module to save, so the LoRA would not load
-    (BART's ``classification_head`` holds ``out_proj``, of role o); the module saved whole carries TUNED's values.
+    (`lora_targets`, the model's names: the modules it adapts, those left out as unchanged not among them), which
+    PEFT leaves unwrapped in a module to save, so the LoRA would not load (BART's ``classification_head`` holds
+    ``out_proj``, of role o); the module saved whole carries TUNED's values. The refusal quotes the user's
+    ``modules_to_save`` entry that matched the module (`entries`, as given: :func:`typed_entry`).
 
     PEFT loads a module to save by its ``state_dict`` (``ModulesToSaveWrapper.adapter_state_dict_load_map``), each
     key ``base_model.model.<module>.<tensor>``, children's included (``classifier.dense.weight``), and fails on a
@@ -80,11 +117,14 @@ def _saved_tensors(saved_names: dict[str, str], pairing: Pairing, model, model_c
     for checkpoint, module in saved_names.items():
         lora = sorted((t for t in lora_targets if t == module or t.startswith(module + ".")), key=natural_key)
         if lora:
-            raise ConfigError(f"modules_to_save: the adapter saves {module} whole, with TUNED's values, and would "
-                              f"also adapt {', '.join(lora[:3])}{' …' if len(lora) > 3 else ''} in it with a LoRA, "
-                              "which PEFT does not load inside a module to save. Leave those roles out (--roles) or "
-                              f"drop them from the plan, or leave {checkpoint.rpartition('.')[2]!r} out of "
-                              "--modules-to-save.")
+            entry = typed_entry(checkpoint, entries)
+            precise = (", or name there only the modules the adapter does not adapt, by their full names as TUNED "
+                       "stores them" if sum(typed_entry(c, entries) == entry for c in saved_names) > 1 else "")
+            raise ConfigError(f"modules_to_save: {entry!r} saves {module} whole, with TUNED's values, and the adapter "
+                              f"would also adapt {', '.join(lora[:3])}{' …' if len(lora) > 3 else ''} in it with a "
+                              "LoRA, which PEFT does not load inside a module to save. Leave "
+                              f"those roles out (--roles) or drop them from the plan, or leave {entry!r} out of "
+                              f"--modules-to-save{precise}.")
         if model is None:
             tensors = [n[len(checkpoint) + 1:] for n in stored if n.startswith(checkpoint + ".")]
         else:
@@ -154,7 +194,7 @@ def peft_wrapped(entries, module_names, *, task: str | None = None) -> dict[str,
 
 
 def _also_wrapped(saved_names: dict[str, str], pairing: Pairing, model, model_class: str | None,
-                  lora_targets: set[str]) -> tuple[list[tuple[str, str, str]], dict[str, str]]:
+                  lora_targets: set[str], entries=()) -> tuple[list[tuple[str, str, str]], dict[str, str]]:
     """The modules PEFT wraps as modules to save beside the saved ones (:func:`peft_wrapped`), which the adapter
     must then hold whole: ([(TUNED's module name, the model's, the entry that matched it)], adapter key → TUNED's
     tensor name for each tensor of theirs: every one of the module's ``state_dict``, which PEFT loads each of).
@@ -165,7 +205,8 @@ def _also_wrapped(saved_names: dict[str, str], pairing: Pairing, model, model_cl
     modules' full names already, which no other name can narrow, so those modules are saved too, with TUNED's values
     (the wrapper replaces the module: its values are the model's then, changed or not). Refused: a module so
     wrapped that a LoRA of the adapter adapts or lies in (PEFT would wrap the LoRA layer), the PeftModel itself, or
-    one whose tensors TUNED does not hold under its name.
+    one whose tensors TUNED does not hold under its name; the refusal quotes the user's entry (`entries`, as given)
+    that saved the module whose name matched.
     """
     if not saved_names:
         return [], {}
@@ -182,16 +223,18 @@ def _also_wrapped(saved_names: dict[str, str], pairing: Pairing, model, model_cl
     stored = set(pairing.tuned.names())
     holders = sorted(_holding_modules(stored) | {n.rpartition(".")[0] for n in stored})
     also, keys = [], {}
+    stored_as = {m: c for c, m in saved_names.items()}  # the model's saved module -> TUNED's
     for module, entry in sorted(wrapped.items(), key=lambda x: natural_key(x[0])):
+        typed = typed_entry(stored_as[entry], entries) if entry in stored_as and entries else entry
         why = f"modules_to_save: PEFT also wraps {module} (its name ends with {entry!r}; PEFT matches an entry as " \
               "the end of a module's name, not at a dot)"
         if module in _PEFT_MODEL_ROOTS:
-            raise ConfigError(f"{why}, which is the whole model. Leave {entry!r} out of --modules-to-save.")
+            raise ConfigError(f"{why}, which is the whole model. Leave {typed!r} out of --modules-to-save.")
         lora = sorted(t for t in lora_targets if t == module or t.startswith(module + "."))
         if lora:
             raise ConfigError(f"{why}, which the adapter also adapts with a LoRA ({', '.join(lora[:3])}): PEFT "
                               "would wrap the LoRA layer. Leave its role out (--roles) or drop it from the plan, or "
-                              f"leave {entry!r} out of --modules-to-save.")
+                              f"leave {typed!r} out of --modules-to-save.")
         leaf = module.rpartition(".")[2]
         if model is None:
             checkpoint = module if module in holders else None
@@ -205,7 +248,7 @@ def _also_wrapped(saved_names: dict[str, str], pairing: Pairing, model, model_cl
         if checkpoint is None or missing or not tensors:
             lacking = f"{checkpoint}.{missing[0]}" if checkpoint and missing else module
             raise ConfigError(f"{why}, so the adapter must hold it whole, and {pairing.tuned.spec} has no "
-                              f"{lacking} to save. Leave {entry!r} out of --modules-to-save.")
+                              f"{lacking} to save. Leave {typed!r} out of --modules-to-save.")
         also.append((checkpoint, module, entry))
         keys |= {f"{PEFT_PREFIX}{module}.{t}": f"{checkpoint}.{t}" for t in tensors}
     return also, keys
