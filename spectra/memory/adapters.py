@@ -11,7 +11,7 @@ from spectra.checkpoints.roles import stack_roles
 from spectra.errors import ConfigError
 from spectra.memory.shape import ModelShape, model_shape
 from spectra.ranks import RankPlan
-from spectra.ranks.plan import base_config
+from spectra.ranks.plan import TABLE_ROLES, adapter_dims, base_config
 
 
 # LoRA's usual targets: every linear layer of the blocks ("all-linear", as QLoRA recommends [3]); an MoE's are
@@ -22,8 +22,9 @@ DEFAULT_ROLES = ("q", "k", "v", "o", "qkv", "gate", "up", "down", "gate_up")
 _POSITION_LOOKUPS = ("wpe", "position_embeddings")
 # embedding tables, looked up before the blocks (PEFT's lora.Embedding): the token embedding and a position or
 # token-type table. A table's weight is (rows, width), its output width-wide: as an adapter, d_in = rows (the one-hot
-# it reads), d_out = width (what DoRA's magnitude and output are sized by), unlike a Linear's (out, in) weight
-TABLES = ("embed", "pos_embed")
+# it reads), d_out = width (what DoRA's magnitude and output are sized by), unlike a Linear's (out, in) weight. One
+# rule with the plan's total and recommend's budget (spectra.ranks.plan.adapter_dims)
+TABLES = TABLE_ROLES
 
 
 class _Adapter(NamedTuple):
@@ -157,7 +158,7 @@ def _adapter_modules(shape: ModelShape, method: str, plan_or_rank: Any, roles: t
             if m.name in held:
                 fused.setdefault(held[m.name], (m.layer, "down" if m.role == "down" else "gate_up"))
             else:
-                d_in, d_out = (m.shape[0], m.shape[1]) if m.role in TABLES else (m.shape[1], m.shape[0])
+                d_in, d_out = adapter_dims(m.role, m.shape)
                 modules.append(_block_adapter(shape, m.layer, _planned_role(shape, m), m.rank, d_in, d_out,
                                               weight=m.name in through_weights)
                                ._replace(by_position=m.role == "pos_embed"

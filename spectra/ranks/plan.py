@@ -28,6 +28,30 @@ from spectra.ranks.policy import RankPolicy
 
 PLAN_SCHEMA_VERSION = 1
 
+# Roles of the embedding tables (an nn.Embedding, looked up before the blocks: PEFT's lora.Embedding): the token
+# embedding and a position or token-type table. A table's weight is (rows, width) and its output width-wide, unlike a
+# Linear's (out, in) weight: see :func:`adapter_dims`
+TABLE_ROLES = ("embed", "pos_embed")
+
+
+def adapter_dims(role: str | None, shape: tuple[int, int]) -> tuple[int, int]:
+    """``(d_in, d_out)`` of the LoRA PEFT puts on a module of ``role`` whose weight is ``shape``: a Linear's
+    ``(out, in)`` weight reads ``in`` and writes ``out``; an embedding table's ``(rows, width)`` weight
+    (:data:`TABLE_ROLES`) reads a one-hot of ``rows`` and writes ``width``. DoRA's magnitude holds one value per
+    output, ``d_out`` (PEFT's ``DoraEmbeddingVariant``: one per column of the table); ``RankPlan.total_params``,
+    recommend's budget and ``spectra memory`` all count it so.
+
+    >>> adapter_dims("embed", (32000, 4096)), adapter_dims("q", (4096, 4096))
+    ((32000, 4096), (4096, 4096))
+    """
+    return (shape[0], shape[1]) if role in TABLE_ROLES else (shape[1], shape[0])
+
+
+def dora_magnitudes(modules) -> int:
+    """DoRA's magnitude parameters over ``modules`` (anything with ``role`` and ``shape``): Σ d_out
+    (:func:`adapter_dims`), a table's width, a Linear's out."""
+    return sum(adapter_dims(m.role, m.shape)[1] for m in modules)
+
 
 @dataclass(frozen=True)
 class ModuleRank:
@@ -200,9 +224,9 @@ class RankPlan:
     @property
     def total_params(self) -> int:
         """Trainable parameters: Σ of the modules' ``params``, the fused expert parameters' ``padding``, DoRA
-        magnitudes Σ d_out if used, and the parameters of the modules PEFT trains in full for the task type
+        magnitudes Σ d_out if used (an embedding table's width: :func:`adapter_dims`), and the parameters of the modules PEFT trains in full for the task type
         (``modules_to_save``: a classifier's head). What ``get_peft_model`` trains with the plan's ``peft_config``."""
-        extra = sum(m.shape[0] for m in self.modules) if self.policy.use_dora else 0
+        extra = dora_magnitudes(self.modules) if self.policy.use_dora else 0
         return (sum(m.params for m in self.modules) + sum(f.padding for f in self.fused) + extra
                 + self.saved_params)
 

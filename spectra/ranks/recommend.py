@@ -31,7 +31,7 @@ from spectra.files import record_origin
 from spectra.ranks.budget import SAVED_BYTES_PER_PARAM, allocate_budget, budget_parameters
 from spectra.ranks.functional import functional_ranks, read_sweep, role_curves
 from spectra.ranks.plan import (PEFT_TASK_MODULES, FusedParameter, LeftOut, MetaModels, ModuleRank, RankPlan,
-                                SavedModule, expert_projection)
+                                SavedModule, dora_magnitudes, expert_projection)
 from spectra.ranks.policy import DEFAULT_ENERGY, RankPolicy
 
 # roles a LoRA on linear layers does not target unless asked: embeddings (the token embedding, and the tables looked
@@ -630,7 +630,7 @@ def _shape(s: _Spectrum, rank: int, reason: str, policy: RankPolicy) -> tuple[in
 
 
 def _fixed_cost(spectra: list[_Spectrum], policy: RankPolicy) -> int:
-    return sum(s.shape[0] for s in spectra) if policy.use_dora else 0
+    return dora_magnitudes(spectra) if policy.use_dora else 0
 
 
 @dataclass(frozen=True)
