@@ -10,6 +10,7 @@ References
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
@@ -152,6 +153,8 @@ class RankPolicy:
             raise ConfigError("Give RankPolicy.budget_params or budget_bytes, not both.")
         if not self.bytes_per_param > 0:
             raise ConfigError(f"RankPolicy.bytes_per_param must be > 0, got {self.bytes_per_param}.")
+        if not math.isfinite(self.bytes_per_param):
+            raise ConfigError(f"RankPolicy.bytes_per_param must be finite, got {self.bytes_per_param}.")
         if self.rank is not None and self.uniform:
             raise ConfigError("RankPolicy.rank fixes the rank; it cannot be combined with uniform=True.")
         if self.power_of_two:
@@ -161,16 +164,21 @@ class RankPolicy:
                     raise ConfigError(f"RankPolicy.{name}={value} is not a power of two but power_of_two=True.")
         if self.alpha_rule not in _ALPHA_RULES:
             raise ConfigError(f"RankPolicy.alpha_rule must be one of {_ALPHA_RULES}, got {self.alpha_rule!r}.")
-        for name in ("scale", "alpha"):  # each named with its value: the CLI reads RankPolicy.alpha as --alpha
+        # each named with its value: the CLI reads RankPolicy.alpha as --alpha. Finite: an infinite α is no scaling
+        # PEFT can apply, and plan.json would hold "lora_alpha": Infinity, which is not JSON
+        for name in ("scale", "alpha"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"RankPolicy.{name} must be > 0, got {getattr(self, name)}.")
+            if not math.isfinite(getattr(self, name)):
+                raise ConfigError(f"RankPolicy.{name} must be finite, got {getattr(self, name)}.")
         if self.include is not None and self.include.startswith("re:"):
             try:
                 re.compile(self.include[3:])
             except re.error as err:
                 raise ConfigError(f"RankPolicy.include {self.include!r} is not a valid regex: {err}.") from None
-        if self.functional is not None and not (isinstance(self.functional, (int, float)) and self.functional >= 0):
-            raise ConfigError(f"RankPolicy.functional must be a tolerance ≥ 0 in the sweep metric's units, "
+        if self.functional is not None and not (isinstance(self.functional, (int, float))
+                                                and 0 <= self.functional < math.inf):
+            raise ConfigError(f"RankPolicy.functional must be a finite tolerance ≥ 0 in the sweep metric's units, "
                               f"got {self.functional!r}.")
         if self.functional is not None and (self.rank is not None or self.uniform):
             raise ConfigError("RankPolicy.functional picks the ranks; it cannot be combined with rank or uniform.")
