@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from spectra.errors import ConfigError
+from spectra.ranks.budget import budget_parameters
 from spectra.scaling import rank_scale
 
 _ALPHA_RULES = ("scale", "constant")
@@ -183,15 +184,24 @@ class RankPolicy:
         if self.functional is not None and (self.rank is not None or self.uniform):
             raise ConfigError("RankPolicy.functional picks the ranks; it cannot be combined with rank or uniform.")
         if (self.energy is None and not self.knee and self.rank is None and not self.uniform
-                and self.budget is None and self.functional is None):
+                and not self.has_budget and self.functional is None):
             raise ConfigError("RankPolicy selects no rank: set energy, knee, rank, uniform or a budget.")
 
     @property
+    def has_budget(self) -> bool:
+        """Whether a budget (``budget_params`` or ``budget_bytes``) trims the plan."""
+        return self.budget_params is not None or self.budget_bytes is not None
+
+    @property
     def budget(self) -> int | None:
-        """The budget in trainable parameters (``budget_bytes // bytes_per_param``), or None."""
-        if self.budget_bytes is not None:
-            return int(self.budget_bytes // self.bytes_per_param)
-        return self.budget_params
+        """The budget in trainable parameters of a plan with no module PEFT trains in full: ``budget_params``, or
+        ⌊``budget_bytes`` / ``bytes_per_param``⌋; None without a budget (:attr:`has_budget` asks that).
+
+        Not what recommend spends where the model's task type saves a head (a classifier's ``modules_to_save``):
+        a byte budget charges each of its parameters :data:`~spectra.ranks.budget.SAVED_BYTES_PER_PARAM`, not
+        ``bytes_per_param``, and :func:`~spectra.ranks.budget.budget_parameters` with the head's count gives what it
+        spends; this is that function without a head."""
+        return budget_parameters(self.budget_params, self.budget_bytes, self.bytes_per_param)
 
     def alpha_for(self, rank: int) -> float:
         """``lora_alpha`` for a module of this rank under ``alpha_rule`` (see the class docstring)."""
