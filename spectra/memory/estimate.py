@@ -19,6 +19,7 @@ from spectra.memory.adapters import TABLES, _adapter_modules, _check_plan_base
 from spectra.memory.config import load_config
 from spectra.memory.shape import _UNQUANTISED, ModelShape, _meta_model_for, model_shape
 from spectra.ranks import RankPlan
+from spectra.ranks.plan import inside_saved
 
 
 METHODS = ("full", "lora", "qlora", "dora")
@@ -343,9 +344,9 @@ def estimate_memory(config_or_model: Any, *, method: str = "lora", rank_plan_or_
 def _outside_saved(plan: RankPlan, saved: list[str], notes: list[str]) -> RankPlan:
     """``plan`` without its modules inside a module PEFT trains and saves in full (``saved``: a classifier's head),
     noting them: PEFT wraps no LoRA there, and ``spectra train`` drops such a target with the same note
-    (:func:`spectra.lora.train._outside_saved_modules`). A plan of this model's config holds none (``recommend``
+    (:func:`spectra.lora.train._outside_saved_modules`), by one rule (:func:`spectra.ranks.plan.inside_saved`). A plan of this model's config holds none (``recommend``
     leaves them out); one made otherwise (from rows, of another class) may."""
-    inside = {m.name: s for m in plan.modules for s in saved if m.name == s or m.name.startswith(s + ".")}
+    inside = inside_saved([m.name for m in plan.modules], saved)
     if not inside:
         return plan
     if len(inside) == len(plan.modules):

@@ -181,6 +181,26 @@ def task_modules(model, task_type: str | None) -> tuple[SavedModule, ...]:
     return tuple(out)
 
 
+def inside_saved(names: Iterable[str], saved: Iterable[str]) -> dict[str, str]:
+    """The names among ``names`` that lie in a module PEFT trains and saves in full (``saved``: module names, as
+    :func:`task_modules` finds them), each mapped to the saved module holding it: the module itself, or one under
+    it (``classifier.out_proj`` in ``classifier``; ``pre_classifier`` is not in ``classifier``).
+
+    PEFT wraps no LoRA inside a module it saves whole, so such a name takes none: ``recommend`` leaves it out of the
+    plan, ``spectra memory`` counts no LoRA there, and ``spectra train`` drops it from the targets, each with a note.
+
+    >>> inside_saved(["classifier.out_proj", "pre_classifier", "q_proj"], ["classifier"])
+    {'classifier.out_proj': 'classifier'}
+    """
+    saved = list(saved)
+    found = {}
+    for name in names:
+        holder = next((s for s in saved if name == s or name.startswith(s + ".")), None)
+        if holder is not None:
+            found[name] = holder
+    return found
+
+
 @dataclass(frozen=True)
 class RankPlan:
     """Per-module LoRA ranks and alphas, with their cost and captured energy.

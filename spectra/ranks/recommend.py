@@ -31,7 +31,7 @@ from spectra.files import record_origin
 from spectra.ranks.budget import SAVED_BYTES_PER_PARAM, allocate_budget, budget_parameters
 from spectra.ranks.functional import functional_ranks, read_sweep, role_curves
 from spectra.ranks.plan import (PEFT_TASK_MODULES, FusedParameter, LeftOut, MetaModels, ModuleRank, RankPlan,
-                                SavedModule, dora_magnitudes, expert_projection)
+                                SavedModule, dora_magnitudes, expert_projection, inside_saved)
 from spectra.ranks.policy import DEFAULT_ENERGY, RankPolicy
 
 # roles a LoRA on linear layers does not target unless asked: embeddings (the token embedding, and the tables looked
@@ -483,9 +483,12 @@ def _outside_saved(spectra: list[_Spectrum], saved: tuple[SavedModule, ...], lef
     config = model_config if model_config is not None else base_config(base)
     found = model_targets([s.name for s in spectra] + [m.name for m in left_out], (models or meta_model)(config))
 
+    by_name = {m.name: m for m in saved}
+
     def holder(name: str) -> SavedModule | None:
         target = found[name].name if found[name] is not None else name
-        return next((m for m in saved if target == m.name or target.startswith(m.name + ".")), None)
+        held = inside_saved([target], by_name).get(target)
+        return by_name[held] if held is not None else None
 
     def trained(m: SavedModule) -> str:
         return f"in {m.name}, which PEFT trains in full for task_type {m.task_type} (modules_to_save)"
