@@ -303,12 +303,9 @@ def estimate_memory(config_or_model: Any, *, method: str = "lora", rank_plan_or_
                                     "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", models=models)
     adapter_modules = _adapter_modules(shape, method, rank_plan_or_rank, roles, layers_to_transform,
                                        parse_stacks(stacks), train_model, notes=notes)
-    if method == "qlora" and shape.unquantised_class:  # Falcon: bitsandbytes converts exactly nn.Linear
-        raise ConfigError(f"{shape.family}: QLoRA stores the block linears in 4 bits through transformers' "
-                          f"bitsandbytes load, which converts exactly nn.Linear modules; {shape.family}'s are "
-                          f"{shape.unquantised_class} (a subclass), which it leaves in 16 bits, so nothing would be "
-                          "quantised. Estimate method lora (--method lora): a 16-bit base with a LoRA adapter is what "
-                          "that load trains.")
+    if method == "qlora" and (reason := _nothing_quantised(shape, cfg)):  # Falcon: FalconLinear stays 16-bit
+        raise ConfigError(f"{reason}. Estimate method lora (--method lora): a 16-bit base with a LoRA adapter is "
+                          "what that load trains.")
     if method == "qlora" and (narrow := _narrow_4bit_note(shape)):
         notes.append(narrow)
     if method == "qlora" and shape.experts > 1:
@@ -454,6 +451,26 @@ def _task_class(shape: ModelShape, cfg: dict, method: str, models) -> tuple[Mode
                    if module_info(n).layer is None]
         shape = dataclasses.replace(shape, outside_quantised=tuple(outside))
     return shape, head, model
+
+
+def _nothing_quantised(shape: ModelShape, cfg: dict) -> str | None:
+    """Why QLoRA's load would store nothing in 4 bits, or None: the rule ``spectra train`` refuses the run by
+    (:func:`spectra.checkpoints.targets.qlora_unquantised`: transformers' bitsandbytes load converts exactly
+    nn.Linear, and Falcon's linears are FalconLinear, a subclass), asked of the causal LM train loads, built afresh
+    on the meta device (the rule converts it in place, so no build a ``MetaModels`` cache shares). Where
+    transformers cannot build it, the family's record (:attr:`ModelShape.unquantised_class`)."""
+    from transformers.models.auto import modeling_auto
+
+    from spectra.checkpoints.targets import meta_model, qlora_unquantised
+
+    model_class = modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(str(cfg.get("model_type", "")).lower())
+    model = meta_model(cfg, model_class) if isinstance(model_class, str) else None
+    reason = qlora_unquantised(model) if model is not None else None
+    if reason is None and shape.unquantised_class:
+        reason = (f"{shape.family}: QLoRA stores the block linears in 4 bits through transformers' bitsandbytes "
+                  f"load, which converts exactly nn.Linear modules; {shape.family}'s are {shape.unquantised_class} "
+                  "(a subclass), which it leaves in 16 bits, so nothing would be quantised")
+    return reason
 
 
 def _check_rank(rank_plan_or_rank: Any, method: str) -> None:
