@@ -518,6 +518,8 @@ def _targets(plan_or_rank, alpha, rslora):
     """(name → (rank, alpha)) from a plan, or None for a uniform rank; and the scaling law."""
     if alpha is not None and not alpha > 0:
         raise ConfigError(f"alpha must be positive, got {alpha} (the update is scaled by alpha/r).")
+    if alpha is not None and not math.isfinite(alpha):  # > 0 lets +inf through: every weight of the merge inf/NaN
+        raise ConfigError(f"alpha must be finite, got {alpha} (the update is scaled by alpha/r).")
     if plan_or_rank == "full":
         return None, rslora, None
     if isinstance(plan_or_rank, int):

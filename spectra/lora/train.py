@@ -69,6 +69,7 @@ _KINDS = {"seq_cls": "sequence classification", "causal_lm": "causal language mo
 PEFT_TASKS = {"seq_cls": "SEQ_CLS", "causal_lm": "CAUSAL_LM", "seq2seq_lm": "SEQ_2_SEQ_LM"}  # PEFT's task_type, by task
 _COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_RANK = 8  # the LoRA paper's typical rank; small models need no more
+_MAX_DIM = 2**63 - 1  # torch's sizes are int64
 # the command-line option of each TrainConfig field that some combination ignores (None: library only)
 _OPTIONS = {"rank": "--rank", "alpha": "--alpha", "rslora": "--rslora", "plan": "--plan",
             "roles": "--roles", "stacks": "--stacks", "target_modules": None, "lora_dropout": None,
@@ -196,6 +197,9 @@ class TrainConfig:
                 continue
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)!r}.")
+        if self.rank is not None and self.rank > _MAX_DIM:  # torch sizes are int64: 10**30 was a traceback of empty()
+            raise ConfigError(f"rank (--rank) {self.rank!r} is more than any weight has rows or columns (torch's "
+                              "sizes stop at 2**63 - 1); give at most min(d_in, d_out) of the modules it adapts.")
         check_max_length(self.max_length, option="max_length (--max-length)")
         if self.max_steps is not None and self.max_steps < 1:
             raise ConfigError(f"max_steps must be positive, got {self.max_steps}.")
@@ -203,9 +207,16 @@ class TrainConfig:
             raise ConfigError(f"lr must be positive, got {self.lr}.")
         if self.alpha is not None and not self.alpha > 0:  # α = 0 trains nothing, α < 0 flips the update
             raise ConfigError(f"alpha (--alpha) must be positive, got {self.alpha}.")
-        for name in ("eval_fraction", "warmup_ratio"):  # each named with its value (the CLI's --eval-fraction)
-            if not 0.0 <= getattr(self, name) < 1.0:
+        for name, value in (("lr", self.lr), ("alpha (--alpha)", self.alpha)):  # > 0 lets +inf through: an
+            if value is not None and not math.isfinite(value):  # infinite step or scale makes every weight NaN
+                raise ConfigError(f"{name} must be finite, got {value}.")
+        for name in ("eval_fraction", "warmup_ratio", "lora_dropout"):  # each named with its value (--eval-fraction)
+            if not 0.0 <= getattr(self, name) < 1.0:  # NaN and ±inf fail too; dropout 1 zeroes every LoRA input
                 raise ConfigError(f"{name} must lie in [0, 1), got {getattr(self, name)}.")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):  # < 0 pushes weights away from 0
+            raise ConfigError(f"weight_decay must be a finite number ≥ 0, got {self.weight_decay}.")
+        if not (math.isfinite(self.grad_clip) and self.grad_clip >= 0):  # NaN clipped every gradient to NaN
+            raise ConfigError(f"grad_clip must be a finite number ≥ 0 (0: no clipping), got {self.grad_clip}.")
         if self.compute_dtype not in _COMPUTE_DTYPES:
             raise ConfigError(f"compute_dtype {self.compute_dtype!r} is not one of {', '.join(_COMPUTE_DTYPES)}.")
         self._refuse_ignored_options()
@@ -565,9 +576,52 @@ def lora_config(model, config: TrainConfig, *, task: str, notes: list[str] | Non
             fields["target_parameters"] = parameters
         fields = _outside_saved_modules(fields, model, task, notes)
         check_peft_conversion(fields, model)  # PEFT wraps exactly these, or the run is refused
+        _refuse_rank_beyond_targets(rank, model, fields)
     return LoraConfig(**fields, use_dora=config.method in ("dora", "qdora"), bias="none",
                       task_type=PEFT_TASKS[task],
                       modules_to_save=head_modules(model, notes) if task == "seq_cls" else None)
+
+
+def _target_dims(model, fields: dict) -> dict[str, tuple[int, int]]:
+    """Each LoRA target of ``fields`` → (d_out, d_in) of the matrix its rank-r update adds to: a Linear's (a 4-bit
+    one's as it was before packing), GPT-2's Conv1D's (stored (in, out)), an Embedding's (rows, width), a
+    convolution's (out, in·kernel), an expert parameter's per expert (stored (experts, ·, ·))."""
+    dims = {}
+    for name in fields.get("target_modules") or []:
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:  # not a module name (check_peft_conversion has refused what PEFT would miss)
+            continue
+        if hasattr(module, "out_features") and hasattr(module, "in_features"):
+            dims[name] = (int(module.out_features), int(module.in_features))
+        elif hasattr(module, "nf") and hasattr(module, "nx"):  # transformers' Conv1D
+            dims[name] = (int(module.nf), int(module.nx))
+        elif isinstance(module, torch.nn.Embedding):
+            dims[name] = (module.num_embeddings, module.embedding_dim)
+        elif isinstance(getattr(module, "weight", None), torch.Tensor) and module.weight.dim() >= 2:
+            dims[name] = (int(module.weight.shape[0]), math.prod(module.weight.shape[1:]))
+    for name in fields.get("target_parameters") or []:
+        weight = model.get_parameter(name)
+        if weight.dim() >= 2:
+            dims[name] = tuple(int(d) for d in weight.shape[-2:])
+    return dims
+
+
+def _refuse_rank_beyond_targets(rank: int, model, fields: dict) -> None:
+    """Refuse a uniform ``rank`` above min(d_in, d_out) of a module it adapts, naming the module and the largest rank
+    every target takes, as ``spectra extract``, ``memory`` and ``recommend`` refuse it: a rank-r product B·A of that
+    matrix has rank at most min(d_in, d_out), so the rest only costs parameters (PEFT takes any rank; 10**30 was
+    torch's traceback)."""
+    dims = _target_dims(model, fields)
+    over = {name: (d_out, d_in) for name, (d_out, d_in) in dims.items() if rank > min(d_out, d_in)}
+    if not over:
+        return
+    name, (d_out, d_in) = next(iter(over.items()))
+    largest = min(min(d) for d in dims.values())
+    more = f" and {len(over) - 1} more target(s)" if len(over) > 1 else ""
+    raise ConfigError(f"rank (--rank) {rank!r} exceeds min(d_in, d_out) = {min(d_out, d_in)} of {name} "
+                      f"({d_out}×{d_in}){more}; the largest rank every targeted module takes is {largest}: lower "
+                      "it, or target other modules (--roles).")
 
 
 def _outside_saved_modules(fields: dict, model, task: str, notes: list[str] | None) -> dict:
