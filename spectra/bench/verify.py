@@ -4,7 +4,7 @@ For each shape, a synthetic module: a float32 W_base (a Marchenko–Pastur bulk,
 and four strong directions, σ = 6 … 3), a float32 ΔW_full and a rank-8 LoRA adapter along
 ΔW_full's top directions at σ ≈ 4, above the bulk (so its tuned weight has intruders). The
 top-10 of W_base reach into its bulk edge, whose gaps of ~0.1 % make the intruder checks
-as hard as they get. :func:`~spectra.lora.verify.module_measures`
+as hard as they get. :func:`~spectra.lora.verify_measures.module_measures`
 runs twice on it, side by side: with ``exact_below`` above the short side — the five full
 float64 SVDs with vectors verify took on every module before (W_base, W_base + ΔW_adapter,
 W_base + ΔW_full, ΔW_full, ΔW_adapter) — and with the default, as ``spectra verify`` runs
@@ -65,7 +65,7 @@ def synthetic_module(m: int, n: int, kind: str, *, rank: int = 8, seed: int = 0)
 def _measures(W, delta, B, A, *, exact_below: int, factors: bool, phi_max: int) -> tuple[dict, list, float]:
     """module_measures as verify_adapter calls it, timed (``factors``: ΔW_adapter's SVD from B and A)."""
     from spectra.linalg.partial import lowrank_svd
-    from spectra.lora.verify import delta_decomposition, module_measures
+    from spectra.lora.verify_measures import delta_decomposition, module_measures
 
     rank = B.shape[1]
     start = time.perf_counter()
