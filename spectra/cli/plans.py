@@ -152,7 +152,7 @@ def recommend(
         console.print(escape(f"+ {plan.saved_params:,} parameters of the head ("
                              + ", ".join(f"{m.name} {m.params:,}" for m in plan.modules_to_save)
                              + f"), trained in full by PEFT for {task}: it adds the head to modules_to_save "
-                             "(in the total" + (" and the budget)" if plan.policy.budget is not None else ")")))
+                             "(in the total" + (" and the budget)" if plan.policy.has_budget else ")")))
     if plan.budget_gap:
         console.print(f"budget allocation within {plan.budget_gap:.2%} of ΔW energy of the optimum")
     if est is not None:

@@ -632,11 +632,11 @@ def _outside_saved_modules(fields: dict, model, task: str, notes: list[str] | No
     and was listed in the adapter's config all the same; ``spectra extract`` likewise puts no LoRA inside a module it
     saves whole (it refuses one asked for there), and ``spectra memory`` and ``recommend`` count none there. Their
     ``rank_pattern``/``alpha_pattern`` keys go with them. Refused where every target lies in the head."""
-    from spectra.ranks.plan import task_modules
+    from spectra.ranks.plan import inside_saved, task_modules
 
     saved = [m.name for m in task_modules(model, PEFT_TASKS[task])]
     targets = fields.get("target_modules") or []
-    inside = {t: s for t in targets for s in saved if t == s or t.startswith(s + ".")}
+    inside = inside_saved(targets, saved)
     if not inside:
         return fields
     kept = [t for t in targets if t not in inside]
