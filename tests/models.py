@@ -286,6 +286,30 @@ def moved(model, *, seed: int, scale: float = 1e-2):
     return tuned
 
 
+def planted_vit_pair(root: Path, *, cls_token: bool, weights: tuple[str, ...]) -> tuple[Path, Path]:
+    """A tiny ViTModel (hidden 32, one layer, 16 patches + the class token: a 17 × 32 position table) saved under
+    ``root/base``, and its fine-tune under ``root/tuned``: a rank-3 change planted in ``embeddings.position_embeddings``
+    (stored (1, 17, 32)), then, with ``cls_token``, a change of the class token (1, 1, 32), then a rank-2 change of
+    each of ``weights`` (32 × 32, by the model's parameter names), all in that order from one generator (seed 1)."""
+    import transformers as tf
+
+    config = tf.ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=48,
+                          image_size=32, patch_size=8)
+    torch.manual_seed(0)
+    base = tf.ViTModel(config)
+    base.save_pretrained(root / "base")
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        base.embeddings.position_embeddings += (torch.randn(1, 17, 3, generator=gen)
+                                                @ torch.randn(1, 3, 32, generator=gen))
+        if cls_token:
+            base.embeddings.cls_token += torch.randn(1, 1, 32, generator=gen)
+        for name in weights:
+            base.get_parameter(name).add_(torch.randn(32, 2, generator=gen) @ torch.randn(2, 32, generator=gen))
+    base.save_pretrained(root / "tuned")
+    return root / "base", root / "tuned"
+
+
 def peft_wrapped(peft_model) -> dict:
     """What PEFT put a LoRA on, by the base model's names → its LoRA layer: a module (``lora.Linear``, under the
     module's name) or a parameter (``ParamWrapper``, under ``module.parameter``; PEFT nests the wrappers of one

@@ -18,35 +18,17 @@ from safetensors.torch import save_file
 from spectra.analysis import analyze
 from spectra.checkpoints.pairing import Pairing
 from spectra.errors import PairingError
+from tests.models import planted_vit_pair
 
 TABLE, TOKEN = "embeddings.position_embeddings", "embeddings.cls_token"
-
-
-def _vit():
-    import transformers as tf
-
-    config = tf.ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=48,
-                          image_size=32, patch_size=8)  # 16 patches + the class token: a 17 × 32 table
-    torch.manual_seed(0)
-    return tf.ViTModel(config)
 
 
 @pytest.fixture(scope="module")
 def vit_pair(tmp_path_factory):
     """A ViT and its fine-tune: a rank-3 change planted in the position table, a change of the class token, a rank-2
     change of layer 0's query."""
-    root = tmp_path_factory.mktemp("vit")
-    base = _vit()
-    base.save_pretrained(root / "base")
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        base.embeddings.position_embeddings += (torch.randn(1, 17, 3, generator=gen)
-                                                @ torch.randn(1, 3, 32, generator=gen))
-        base.embeddings.cls_token += torch.randn(1, 1, 32, generator=gen)
-        base.get_parameter("layers.0.attention.q_proj.weight").add_(torch.randn(32, 2, generator=gen)
-                                                                    @ torch.randn(2, 32, generator=gen))
-    base.save_pretrained(root / "tuned")
-    return root / "base", root / "tuned"
+    return planted_vit_pair(tmp_path_factory.mktemp("vit"), cls_token=True,
+                            weights=("layers.0.attention.q_proj.weight",))
 
 
 def _stored(path, name) -> np.ndarray:

@@ -9,7 +9,7 @@ import pytest
 
 from spectra.memory import estimate_memory
 from spectra.ranks import RankPolicy, recommend_ranks
-from tests.memory.test_memory import _Saved
+from tests.memory.test_memory import saved_bytes
 from tests.ranks.rows import analysis, make_row
 
 pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning"),
@@ -50,38 +50,6 @@ def _peft_model(config: dict, plan, method: str, precision: str):
     return get_peft_model(model, LoraConfig(**{k: v for k, v in fields.items() if k != "peft_type"})).train()
 
 
-def _saved_bytes(model, loss_of) -> int:
-    """tests/memory/test_memory.py's saved_bytes, boxing a detached alias of each saved tensor (its storage, no
-    grad_fn). Boxing the tensor itself makes a reference cycle where a node saves its own output: the box holds the
-    tensor, the tensor its grad_fn, that node the box; autograd saves its outputs without their grad_fn, so such a
-    node, once nothing else reaches it, is freed with what it saved. DoRA's norm of W + s·ΔW on an embedding table is
-    one (PEFT's transposed weight is a new nn.Parameter, which requires grad, and PEFT detaches the norm): boxed whole,
-    its fp32 W + s·ΔW (rows × width) would be counted as kept, which the profiler shows freed once the forward returns
-    (:func:`test_dora_on_an_embedding_keeps_no_table`)."""
-    import weakref
-
-    import torch
-
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    boxes = []
-
-    def pack(tensor):
-        box = _Saved(tensor.detach())
-        boxes.append(weakref.ref(box))
-        return box
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda box: box.tensor):
-        loss = loss_of(model)
-    storages = {}
-    for ref in boxes:
-        if (box := ref()) is not None:
-            storage = box.tensor.untyped_storage()
-            if storage.data_ptr() not in params:
-                storages[storage.data_ptr()] = storage.nbytes()
-    del loss
-    return sum(storages.values())
-
-
 def _saved(config: dict, plan, method: str, precision: str, batch: int) -> int:
     """Bytes autograd saves for one step, less the batch's token ids (8 bytes each), which the table's lookup keeps
     a reference to but the caller holds anyway: the memory model counts no token ids."""
@@ -90,7 +58,7 @@ def _saved(config: dict, plan, method: str, precision: str, batch: int) -> int:
     model = _peft_model(config, plan, method, precision)
     ids = torch.randint(0, VOCAB, (batch, SEQ), generator=torch.Generator().manual_seed(1))
     looked_up = 8 * batch * SEQ if any(m.role == "embed" for m in plan.modules) else 0
-    return _saved_bytes(model, lambda m: m(input_ids=ids, labels=ids).loss) - looked_up
+    return saved_bytes(model, lambda m: m(input_ids=ids, labels=ids).loss) - looked_up
 
 
 def _modelled(config: dict, plan, method: str, precision: str, batch: int):

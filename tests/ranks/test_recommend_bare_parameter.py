@@ -22,38 +22,22 @@ from safetensors import safe_open
 from spectra.analysis import analyze
 from spectra.errors import ConfigError
 from spectra.ranks import RankPolicy, recommend_ranks, save_plan
+from tests.models import planted_vit_pair
 
 TABLE = "embeddings.position_embeddings"
 Q, V = "encoder.layer.0.attention.attention.query", "encoder.layer.0.attention.attention.value"
-
-
-def _vit():
-    import transformers as tf
-
-    config = tf.ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=48,
-                          image_size=32, patch_size=8)  # 16 patches + the class token: a 17 × 32 table
-    torch.manual_seed(0)
-    return tf.ViTModel(config)
 
 
 @pytest.fixture(scope="module")
 def vit_pair(tmp_path_factory):
     """A ViT and its fine-tune: a rank-3 change planted in the position table, rank-2 changes of layer 0's query and
     value (transformers names them q_proj/v_proj in the model, the checkpoint query/value)."""
-    root = tmp_path_factory.mktemp("vit")
-    base = _vit()
-    base.save_pretrained(root / "base")
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        base.embeddings.position_embeddings += (torch.randn(1, 17, 3, generator=gen)
-                                                @ torch.randn(1, 3, 32, generator=gen))
-        for name in ("layers.0.attention.q_proj.weight", "layers.0.attention.v_proj.weight"):
-            base.get_parameter(name).add_(torch.randn(32, 2, generator=gen) @ torch.randn(2, 32, generator=gen))
-    base.save_pretrained(root / "tuned")
+    base, tuned = planted_vit_pair(tmp_path_factory.mktemp("vit"), cls_token=False,
+                                   weights=("layers.0.attention.q_proj.weight", "layers.0.attention.v_proj.weight"))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        analysis = analyze(root / "base", root / "tuned", cache_dir=False, progress=False)
-    return root / "base", root / "tuned", analysis
+        analysis = analyze(base, tuned, cache_dir=False, progress=False)
+    return base, tuned, analysis
 
 
 def _stored(path) -> dict[str, np.ndarray]:
