@@ -658,6 +658,75 @@ def _loss(model, batch: int, seq_len: int):
     return model(input_ids=ids, labels=ids).loss
 
 
+# Shared by the family files (test_memory_gelu_families, test_memory_llama_variants, test_memory_qk_norms): each
+# builds its tiny causal LM from config and hands it to these checks.
+
+def lora_on_roles(model, method: str, modules: dict[str, str], roles=None, layers=None):
+    """PEFT's LoRA (DoRA under ``method`` "dora") of rank 4 on the modules ``modules`` names for ``roles`` (all-linear
+    when None), on ``layers`` (every layer when None)."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = "all-linear" if roles is None else [modules[role] for role in roles]
+    return get_peft_model(model, LoraConfig(r=4, target_modules=targets, use_dora=method == "dora",
+                                            layers_to_transform=layers))
+
+
+def check_trainable_gradients_and_states(model, method: str, peft):
+    """The estimate's trainable count is PEFT's (``peft(model, method)``, all-linear) or the whole model's (full),
+    and its gradients and AdamW states (fp32) the bytes one backward and one step leave. Returns the trained model."""
+    import torch
+
+    est = estimate_memory(model.config.to_dict(), method=method, rank_plan_or_rank=4, precision="fp32")
+    if method != "full":
+        model = peft(model, method)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    assert est.trainable_params == sum(p.numel() for p in trained)
+    _loss(model.train(), 2, 8).backward()
+    assert est.gradients == sum(p.grad.numel() * p.grad.element_size() for p in trained)
+    optimizer = torch.optim.AdamW(trained)
+    optimizer.step()
+    moments = [t for p in trained for k, t in optimizer.state[p].items() if k in ("exp_avg", "exp_avg_sq")]
+    assert est.optimizer_states == sum(t.numel() * t.element_size() for t in moments)
+    return model
+
+
+def per_sequence_saved(model, peft, precision: str, roles, layers) -> dict[str, int]:
+    """Saved bytes of ``model`` at ``precision`` under LoRA (``peft(model, "lora", roles, layers)``) at batch 3 less
+    batch 2 (one sequence's, 16 tokens), measured (autograd) and modelled."""
+    import torch
+
+    config = model.config
+    model = peft(model.to({"bf16": torch.bfloat16, "fp32": torch.float32}[precision]), "lora", roles, layers).train()
+    measured = [saved_bytes(model, lambda m: _loss(m, batch, 16)) for batch in (2, 3)]
+    modelled = [estimate_memory(config, method="lora", rank_plan_or_rank=4, batch=batch, seq_len=16,
+                                precision=precision, roles=roles, layers_to_transform=layers).activations
+                for batch in (2, 3)]
+    return {"measured": measured[1] - measured[0], "modelled": modelled[1] - modelled[0]}
+
+
+def check_qlora_storage(model, folder) -> None:
+    """bitsandbytes' 4-bit load of ``model`` (saved under ``folder``): the estimate's weights and quantisation
+    constants are the loaded model's bytes."""
+    from tests.models import load_4bit
+
+    loaded, constants = load_4bit(model, folder)
+    est = estimate_memory(model.config.to_dict(), method="qlora", rank_plan_or_rank=4)
+    assert est.weights == sum(p.numel() * p.element_size() for p in loaded.parameters())
+    assert est.quant_constants == constants
+
+
+def check_cli_memory(model, folder) -> None:
+    """The user's path: `spectra memory <folder> --rank 8` on ``model`` saved by save_pretrained under ``folder``."""
+    from typer.testing import CliRunner
+
+    from spectra.cli import app
+
+    model.save_pretrained(folder)
+    run = CliRunner().invoke(app, ["memory", str(folder), "--rank", "8"])
+    assert run.exit_code == 0, run.output
+    assert "training total" in run.output
+
+
 # (family, method, precision, attention, use_cache). GPT-2 and BERT at fp32 only: on the CPU a bf16 LayerNorm
 # keeps its statistics in bf16 (CUDA's in fp32, as modelled: 8 bytes per token apart). use_cache=True is what a
 # model's config leaves on; the DynamicCache it builds in training copies K and V (GPT-2 under sdpa keeps 2·h·p

@@ -21,7 +21,9 @@ import dataclasses
 import pytest
 
 from spectra.memory import estimate_memory, model_shape
-from tests.memory.test_memory import _PEFT_PATTERN_WARNING, _loss, saved_bytes
+from tests.memory.test_memory import (_PEFT_PATTERN_WARNING, _loss, check_cli_memory, check_qlora_storage,
+                                      check_trainable_gradients_and_states, lora_on_roles, per_sequence_saved,
+                                      saved_bytes)
 
 _SMALL = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, vocab_size=64,
               pad_token_id=0, bos_token_id=0, eos_token_id=0)
@@ -73,12 +75,7 @@ def _model(family: str, variant: int = 0, **overrides):
 
 
 def _peft(model, method: str, roles=None, layers=None):
-    from peft import LoraConfig, get_peft_model
-
-    family = model.config.model_type
-    targets = "all-linear" if roles is None else [_MODULES[family][role] for role in roles]
-    return get_peft_model(model, LoraConfig(r=4, target_modules=targets, use_dora=method == "dora",
-                                            layers_to_transform=layers))
+    return lora_on_roles(model, method, _MODULES[model.config.model_type], roles, layers)
 
 
 @pytest.mark.parametrize(("family", "variant"), _CASES)
@@ -106,20 +103,7 @@ def test_parameters_are_what_transformers_builds(family, variant):
 def test_trainable_parameters_gradients_and_states(family, method):
     """The estimate's trainable count is PEFT's on all-linear (or the whole model), and its gradients and AdamW
     states (fp32) the bytes one backward and one step leave."""
-    import torch
-
-    model = _model(family)
-    est = estimate_memory(model.config.to_dict(), method=method, rank_plan_or_rank=4, precision="fp32")
-    if method != "full":
-        model = _peft(model, method)
-    trained = [p for p in model.parameters() if p.requires_grad]
-    assert est.trainable_params == sum(p.numel() for p in trained)
-    _loss(model.train(), 2, 8).backward()
-    assert est.gradients == sum(p.grad.numel() * p.grad.element_size() for p in trained)
-    optimizer = torch.optim.AdamW(trained)
-    optimizer.step()
-    moments = [t for p in trained for k, t in optimizer.state[p].items() if k in ("exp_avg", "exp_avg_sq")]
-    assert est.optimizer_states == sum(t.numel() * t.element_size() for t in moments)
+    check_trainable_gradients_and_states(_model(family), method, _peft)
 
 
 def _block(family: str, variant: int, method: str, precision: str, attention: str, roles=None,
@@ -229,14 +213,7 @@ def test_a_parallel_block_read_as_sequential_is_wrong(family):
 
 def _per_sequence(family: str, roles, layers) -> dict[str, int]:
     """Saved bytes of a 3-layer fp32 LoRA model at batch 3 less batch 2 (one sequence's), measured and modelled."""
-    model = _model(family, num_hidden_layers=3)
-    config = model.config
-    model = _peft(model, "lora", roles, layers).train()
-    measured = [saved_bytes(model, lambda m: _loss(m, batch, 16)) for batch in (2, 3)]
-    modelled = [estimate_memory(config, method="lora", rank_plan_or_rank=4, batch=batch, seq_len=16,
-                                precision="fp32", roles=roles, layers_to_transform=layers).activations
-                for batch in (2, 3)]
-    return {"measured": measured[1] - measured[0], "modelled": modelled[1] - modelled[0]}
+    return per_sequence_saved(_model(family, num_hidden_layers=3), _peft, "fp32", roles, layers)
 
 
 @_PEFT_PATTERN_WARNING
@@ -259,26 +236,13 @@ def test_blocks_before_the_first_adapted_module_keep_nothing(family, roles, laye
 def test_qlora_storage_is_what_bitsandbytes_holds(family, tmp_path):
     """bitsandbytes quantises the block linears and keeps the embeddings, norms, biases and head in bf16: the
     estimate's weights and constants are the loaded model's bytes."""
-    from tests.models import load_4bit
-
-    model = _model(family, hidden_size=64, intermediate_size=128)
-    loaded, constants = load_4bit(model, tmp_path)
-    est = estimate_memory(model.config.to_dict(), method="qlora", rank_plan_or_rank=4)
-    assert est.weights == sum(p.numel() * p.element_size() for p in loaded.parameters())
-    assert est.quant_constants == constants
+    check_qlora_storage(_model(family, hidden_size=64, intermediate_size=128), tmp_path)
 
 
 @pytest.mark.parametrize("family", list(_VARIANTS))
 def test_cli_memory_estimates_a_saved_model(family, tmp_path):
     """The user's path: `spectra memory <folder> --rank 8` on a model saved by save_pretrained (refused before)."""
-    from typer.testing import CliRunner
-
-    from spectra.cli import app
-
-    _model(family).save_pretrained(tmp_path)
-    run = CliRunner().invoke(app, ["memory", str(tmp_path), "--rank", "8"])
-    assert run.exit_code == 0, run.output
-    assert "training total" in run.output
+    check_cli_memory(_model(family), tmp_path)
 
 
 def test_an_activation_the_model_does_not_describe_is_refused():

@@ -11,7 +11,9 @@ from __future__ import annotations
 import pytest
 
 from spectra.memory import estimate_memory, model_shape
-from tests.memory.test_memory import _PEFT_PATTERN_WARNING, _loss, saved_bytes
+from tests.memory.test_memory import (_PEFT_PATTERN_WARNING, _loss, check_cli_memory, check_qlora_storage,
+                                      check_trainable_gradients_and_states, lora_on_roles, per_sequence_saved,
+                                      saved_bytes)
 
 _SMALL = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, head_dim=8, vocab_size=64, pad_token_id=0, bos_token_id=0, eos_token_id=0)
@@ -38,12 +40,8 @@ def _model(family: str, **overrides):
     return getattr(tf, _CAUSAL_LM[family])(_config(family, **overrides))
 
 
-def _peft(model, method: str, roles, layers=None):
-    from peft import LoraConfig, get_peft_model
-
-    targets = "all-linear" if roles is None else [_MODULES[role] for role in roles]
-    return get_peft_model(model, LoraConfig(r=4, target_modules=targets, use_dora=method == "dora",
-                                            layers_to_transform=layers))
+def _peft(model, method: str, roles=None, layers=None):
+    return lora_on_roles(model, method, _MODULES, roles, layers)
 
 
 @pytest.mark.parametrize("family", ["qwen3", "olmo2", "olmo3"])
@@ -85,21 +83,7 @@ def test_trainable_parameters_gradients_and_states_count_the_norms(family, metho
     """Full fine-tuning trains the Q/K norms' weights: the estimate's gradients and AdamW states (fp32) are the bytes
     of the gradients one backward leaves and of the moments torch's AdamW keeps after one step. LoRA and DoRA on
     all-linear train PEFT's count (norms frozen)."""
-    import torch
-
-    model = _model(family)
-    est = estimate_memory(model.config.to_dict(), method=method, rank_plan_or_rank=4, precision="fp32")
-    if method != "full":
-        model = _peft(model, method, None)
-    trained = [p for p in model.parameters() if p.requires_grad]
-    assert est.trainable_params == sum(p.numel() for p in trained)
-    _loss(model.train(), 2, 8).backward()
-    torch.optim.AdamW(trained).step()
-    assert est.gradients == sum(p.grad.numel() * p.grad.element_size() for p in trained)
-    optimizer = torch.optim.AdamW(trained)
-    optimizer.step()
-    moments = [t for p in trained for k, t in optimizer.state[p].items() if k in ("exp_avg", "exp_avg_sq")]
-    assert est.optimizer_states == sum(t.numel() * t.element_size() for t in moments)
+    model = check_trainable_gradients_and_states(_model(family), method, _peft)
     if method == "full" and family != "olmo":
         assert any(n.endswith("q_norm.weight") for n, p in model.named_parameters() if p.grad is not None)
 
@@ -186,26 +170,13 @@ def test_olmo2_read_with_llamas_norm_placement_is_wrong():
 def test_qlora_storage_is_what_bitsandbytes_holds(family, tmp_path):
     """bitsandbytes quantises the block linears and keeps the Q/K norms (and every other norm) in bf16: the
     estimate's weights and constants are the loaded model's bytes."""
-    from tests.models import load_4bit
-
-    model = _model(family, hidden_size=64, intermediate_size=128, head_dim=16)
-    loaded, constants = load_4bit(model, tmp_path)
-    est = estimate_memory(model.config.to_dict(), method="qlora", rank_plan_or_rank=4)
-    assert est.weights == sum(p.numel() * p.element_size() for p in loaded.parameters())
-    assert est.quant_constants == constants
+    check_qlora_storage(_model(family, hidden_size=64, intermediate_size=128, head_dim=16), tmp_path)
 
 
 @pytest.mark.parametrize("family", ["qwen3", "olmo2", "olmo"])
 def test_cli_memory_estimates_a_saved_model(family, tmp_path):
     """The user's path: `spectra memory <folder> --rank 8` on a model saved by save_pretrained (refused before)."""
-    from typer.testing import CliRunner
-
-    from spectra.cli import app
-
-    _model(family).save_pretrained(tmp_path)
-    run = CliRunner().invoke(app, ["memory", str(tmp_path), "--rank", "8"])
-    assert run.exit_code == 0, run.output
-    assert "training total" in run.output
+    check_cli_memory(_model(family), tmp_path)
 
 
 def test_sliding_layers_are_read_as_the_family_builds_them():
@@ -220,16 +191,7 @@ def test_sliding_layers_are_read_as_the_family_builds_them():
 
 def _per_sequence(family: str, precision: str, roles, layers, **overrides) -> dict[str, int]:
     """Saved bytes of a 3-layer LoRA model at batch 3 less batch 2 (one sequence's), measured and modelled."""
-    import torch
-
-    model = _model(family, num_hidden_layers=3, **overrides)
-    config = model.config
-    model = _peft(model.to({"bf16": torch.bfloat16, "fp32": torch.float32}[precision]), "lora", roles, layers).train()
-    measured = [saved_bytes(model, lambda m: _loss(m, batch, 16)) for batch in (2, 3)]
-    modelled = [estimate_memory(config, method="lora", rank_plan_or_rank=4, batch=batch, seq_len=16,
-                                precision=precision, roles=roles, layers_to_transform=layers).activations
-                for batch in (2, 3)]
-    return {"measured": measured[1] - measured[0], "modelled": modelled[1] - modelled[0]}
+    return per_sequence_saved(_model(family, num_hidden_layers=3, **overrides), _peft, precision, roles, layers)
 
 
 @_PEFT_PATTERN_WARNING
