@@ -545,7 +545,20 @@ def _select(pairing: Pairing, targets, roles, stacks=None):
         return [by_name[n] for n in targets]
     wanted = set(_roles_used(roles, stacks))
     return [e for e in matrices  # GPT-2's crossattention.c_attn: xk, xv
-            if role_selected(e.info.role, wanted, e.name) and stack_selected(e.info.stack, stacks)]
+            if role_selected(e.info.role, wanted, e.name) and stack_selected(e.info.stack, stacks)
+            and not _bare_parameter(e)]
+
+
+def _bare_parameter(entry) -> bool:
+    """Whether a matrix is a parameter of its own, no layer's weight (a ViT's or BLIP-2's (1, N, d) table measured as
+    N × d: ``embeddings.position_embeddings``, ``query_tokens``): PEFT puts a LoRA on a module's weight or, through
+    ``target_parameters``, on an expert tensor, and on nothing else. Roles do not select it (a plan naming one is
+    refused in :func:`_model_names`); changed, it is named among what the adapter does not carry, with the advice to
+    copy it from TUNED (:mod:`spectra.lora.left_out`). The rule of ``spectra.ranks.recommend._bare_parameter``, read
+    off the pairing's entry instead of an analysis row."""
+    tensor = entry.base_tensor
+    return (isinstance(tensor, str) and not tensor.endswith(".weight") and entry.expert_index is None
+            and ".experts." not in f".{tensor}.")
 
 
 def _stored_names(entries) -> dict[str, str]:

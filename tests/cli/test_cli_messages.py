@@ -44,7 +44,7 @@ def report(pair, tmp_path_factory):
     (["extract", "{b}", "{t}", "--rank", "0"], "--rank must be ≥ 1, got 0", "error: rank must"),
     (["sweep", "{b}", "{t}", "--data", "{d}", "--non-target", "foo"], "--non-target 'foo' is not one of",
      "non_target"),
-    (["sweep", "{b}", "{t}", "--data", "{d}", "--epsilon", "-1"], "--epsilon must be a tolerance", "functional"),
+    (["sweep", "{b}", "{t}", "--data", "{d}", "--epsilon", "-1"], "--epsilon must be a finite tolerance", "functional"),
 ])
 def test_errors_name_the_option_not_the_field(monkeypatch, capsys, pair, report, tmp_path, args, said, field):
     data = tmp_path / "eval.txt"
