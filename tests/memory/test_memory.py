@@ -715,6 +715,34 @@ def check_qlora_storage(model, folder) -> None:
     assert est.quant_constants == constants
 
 
+def check_kv_cache(model) -> None:
+    """The inference KV cache is the bytes of transformers' DynamicCache after a bf16 forward of ``model`` at batch 3
+    of 16 tokens (sliding layers: the last window − 1 tokens)."""
+    import torch
+
+    model = model.to(torch.bfloat16).eval()
+    with torch.no_grad():
+        out = model(input_ids=torch.randint(0, 64, (3, 16), generator=torch.Generator().manual_seed(0)),
+                    use_cache=True)
+    held = sum(t.numel() * t.element_size() for layer in out.cache.layers for t in (layer.keys, layer.values))
+    est = estimate_memory(model.config.to_dict(), method="lora", rank_plan_or_rank=4, batch=3, seq_len=16)
+    assert est.kv_cache == held > 0
+
+
+def check_refused_and_miscounted(config, key: str) -> None:
+    """A config whose ``key`` (True) adds weights and saved tensors the estimate does not describe is refused naming
+    it; the negative control: the causal LM transformers builds from it holds another count than the same config
+    without ``key``."""
+    import transformers as tf
+
+    from spectra.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=key):
+        model_shape(config.to_dict())
+    built = sum(p.numel() for p in tf.AutoModelForCausalLM.from_config(config).parameters())
+    assert built != model_shape(config.to_dict() | {key: False}).params
+
+
 def check_cli_memory(model, folder) -> None:
     """The user's path: `spectra memory <folder> --rank 8` on ``model`` saved by save_pretrained under ``folder``."""
     from typer.testing import CliRunner

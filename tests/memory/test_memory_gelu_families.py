@@ -21,7 +21,8 @@ import dataclasses
 import pytest
 
 from spectra.memory import estimate_memory, model_shape
-from tests.memory.test_memory import (_PEFT_PATTERN_WARNING, _loss, check_cli_memory, check_qlora_storage,
+from tests.memory.test_memory import (_PEFT_PATTERN_WARNING, _loss, check_cli_memory, check_kv_cache,
+                                      check_qlora_storage, check_refused_and_miscounted,
                                       check_trainable_gradients_and_states, lora_on_roles, per_sequence_saved,
                                       saved_bytes)
 
@@ -256,15 +257,7 @@ def test_an_activation_the_model_does_not_describe_is_refused():
 def test_phi_with_qk_layernorm_is_refused():
     """Phi's qk_layernorm (LayerNorms on each head's Q and K: weights and saved tensors not described) is refused
     naming it; its count would be off by the norms' weights (the negative control)."""
-    import transformers as tf
-
-    from spectra.errors import ConfigError
-
-    config = _config("phi", qk_layernorm=True)
-    with pytest.raises(ConfigError, match="qk_layernorm"):
-        model_shape(config.to_dict())
-    built = sum(p.numel() for p in tf.AutoModelForCausalLM.from_config(config).parameters())
-    assert built != model_shape(config.to_dict() | {"qk_layernorm": False}).params
+    check_refused_and_miscounted(_config("phi", qk_layernorm=True), "qk_layernorm")
 
 
 @_PEFT_PATTERN_WARNING
@@ -362,12 +355,4 @@ def test_the_kv_cache_is_what_transformers_caches(family, variant):
     """The inference KV cache is the bytes of transformers' DynamicCache after a forward: Falcon's new architecture
     caches K and V broadcast to every query head, its multi-query layout one head each, StarCoder2's sliding layers
     the last window − 1 tokens."""
-    import torch
-
-    model = _model(family, variant).to(torch.bfloat16).eval()
-    with torch.no_grad():
-        out = model(input_ids=torch.randint(0, 64, (3, 16), generator=torch.Generator().manual_seed(0)),
-                    use_cache=True)
-    held = sum(t.numel() * t.element_size() for layer in out.cache.layers for t in (layer.keys, layer.values))
-    est = estimate_memory(model.config.to_dict(), method="lora", rank_plan_or_rank=4, batch=3, seq_len=16)
-    assert est.kv_cache == held > 0
+    check_kv_cache(_model(family, variant))

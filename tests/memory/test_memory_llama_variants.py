@@ -15,7 +15,8 @@ from __future__ import annotations
 import pytest
 
 from spectra.memory import estimate_memory, model_shape
-from tests.memory.test_memory import (_PEFT_PATTERN_WARNING, _loss, check_cli_memory, check_qlora_storage,
+from tests.memory.test_memory import (_PEFT_PATTERN_WARNING, _loss, check_cli_memory, check_kv_cache,
+                                      check_qlora_storage, check_refused_and_miscounted,
                                       check_trainable_gradients_and_states, lora_on_roles, per_sequence_saved,
                                       saved_bytes)
 
@@ -216,15 +217,7 @@ def test_cohere_read_as_sequential_or_with_a_layernorm_is_wrong():
 def test_cohere_with_qk_norm_is_refused():
     """Command R+'s use_qk_norm (LayerNorms on each head's Q and K) is refused naming it; its count would be off by
     the norms' weights (the negative control)."""
-    import transformers as tf
-
-    from spectra.errors import ConfigError
-
-    config = _config("cohere", use_qk_norm=True)
-    with pytest.raises(ConfigError, match="use_qk_norm"):
-        model_shape(config.to_dict())
-    built = sum(p.numel() for p in tf.AutoModelForCausalLM.from_config(config).parameters())
-    assert built != model_shape(config.to_dict() | {"use_qk_norm": False}).params
+    check_refused_and_miscounted(_config("cohere", use_qk_norm=True), "use_qk_norm")
 
 
 @_PEFT_PATTERN_WARNING
@@ -249,12 +242,4 @@ def test_apertus_xielu_read_as_a_plain_activation_is_wrong():
 def test_the_kv_cache_is_what_transformers_caches(family, overrides):
     """The inference KV cache is the bytes of transformers' DynamicCache after a forward (sliding layers: the last
     window − 1 tokens)."""
-    import torch
-
-    model = _model(family, **overrides).to(torch.bfloat16).eval()
-    with torch.no_grad():
-        out = model(input_ids=torch.randint(0, 64, (3, 16), generator=torch.Generator().manual_seed(0)),
-                    use_cache=True)
-    held = sum(t.numel() * t.element_size() for layer in out.cache.layers for t in (layer.keys, layer.values))
-    est = estimate_memory(model.config.to_dict(), method="lora", rank_plan_or_rank=4, batch=3, seq_len=16)
-    assert est.kv_cache == held > 0
+    check_kv_cache(_model(family, **overrides))
