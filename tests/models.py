@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -286,6 +287,21 @@ def moved(model, *, seed: int, scale: float = 1e-2):
     return tuned
 
 
+def tiny_clip():
+    """transformers' CLIPModel from a tiny config (text and vision towers of width 32, one layer each, 16 patches of
+    a 32-pixel image, projection 16), seeded 0."""
+    import transformers as tf
+
+    config = tf.CLIPConfig(
+        text_config=dict(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+                         vocab_size=64, max_position_embeddings=16, bos_token_id=0, eos_token_id=1, pad_token_id=2),
+        vision_config=dict(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+                           image_size=32, patch_size=8),
+        projection_dim=16)
+    torch.manual_seed(0)
+    return tf.CLIPModel(config)
+
+
 def planted_vit_pair(root: Path, *, cls_token: bool, weights: tuple[str, ...]) -> tuple[Path, Path]:
     """A tiny ViTModel (hidden 32, one layer, 16 patches + the class token: a 17 × 32 position table) saved under
     ``root/base``, and its fine-tune under ``root/tuned``: a rank-3 change planted in ``embeddings.position_embeddings``
@@ -364,6 +380,35 @@ def default_configs():
         except Exception:
             continue
         yield model_type, cls, config
+
+
+@contextmanager
+def quiet_transformers():
+    """Python warnings ignored and transformers' logging at error level, restored on the way out: for the slow scans
+    that build every transformers class (:func:`meta_models`)."""
+    import warnings
+
+    import transformers as tf
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        verbosity = tf.utils.logging.get_verbosity()
+        tf.utils.logging.set_verbosity_error()
+        try:
+            yield
+        finally:
+            tf.utils.logging.set_verbosity(verbosity)
+
+
+def role_rules_without(new_rules) -> tuple:
+    """spectra's role rules (``architectures._ROLE_REGEXES``) less those whose pattern ``(^|\\.)NAME$`` names a key
+    of ``new_rules``, each of which must be there: the rules as they stood before a change added ``new_rules``."""
+    from spectra.checkpoints import architectures
+
+    kept = tuple(r for r in architectures._ROLE_REGEXES
+                 if r[0].pattern.removeprefix("(^|\\.)").removesuffix("$") not in new_rules)
+    assert len(architectures._ROLE_REGEXES) - len(kept) == len(new_rules)
+    return kept
 
 
 def meta_models():

@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import math
 import re
-import warnings
 
 import pytest
 import torch
 
 from spectra.checkpoints import architectures
 from spectra.checkpoints.architectures import fused_projections, module_info
-from tests.models import meta_models
+from tests.models import meta_models, quiet_transformers, role_rules_without
 
 HEADS, WIDTH = 4, 32
 
@@ -401,42 +400,32 @@ def test_the_rules_change_no_other_module_of_any_transformers_class(monkeypatch)
     modules (:data:`_EXPECTED`) of XLM, FlauBERT, Phi, Persimmon, Fuyu, MPNet, Longformer, LED and MobileBERT, and
     every such change happens; a layer changes only at XLM's and FlauBERT's. Every weight of a module named
     embeddings (role embed now) is the model's input embedding (get_input_embeddings)."""
-    import transformers as tf
-
-    kept = tuple(r for r in architectures._ROLE_REGEXES
-                 if r[0].pattern.removeprefix("(^|\\.)").removesuffix("$") not in _NEW_RULES)
-    assert len(architectures._ROLE_REGEXES) - len(kept) == len(_NEW_RULES)
+    kept = role_rules_without(_NEW_RULES)
     changed: dict[str, set[str]] = {}
     vocabularies = set()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        verbosity = tf.utils.logging.get_verbosity()
-        tf.utils.logging.set_verbosity_error()
-        try:
-            for model_type, model in meta_models():
-                config = model.config.to_dict()
-                linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
-                now = {n: module_info(n, config) for n in linears}
-                with monkeypatch.context() as patch:
-                    patch.setattr(architectures, "_ROLE_REGEXES", kept)
-                    patch.setattr(architectures, "_LAYER", _OLD_LAYER)
-                    before = {n: module_info(n, config) for n in linears}
-                for n, _ in model.named_parameters():
-                    if re.search(r"(^|\.)embeddings$", n.removesuffix(".weight")):
-                        module = model.get_submodule(n.removesuffix(".weight"))
-                        assert module is model.get_input_embeddings(), (model_type, n)
-                        assert module_info(n.removesuffix(".weight"), config).role == "embed"
-                        vocabularies.add(model_type)
-                for n in linears:
-                    if now[n].layer != before[n].layer:
-                        assert model_type in ("xlm", "flaubert") and before[n].layer is None, (model_type, n)
-                    if now[n].role != before[n].role:
-                        ending = next((e for e in _EXPECTED.get(model_type, ()) if re.search(rf"(^|\.){e}$", n)),
-                                      None)
-                        assert ending is not None, (model_type, n, before[n].role, now[n].role)
-                        assert (before[n].role, now[n].role) == _EXPECTED[model_type][ending], (model_type, n)
-                        changed.setdefault(model_type, set()).add(ending)
-        finally:
-            tf.utils.logging.set_verbosity(verbosity)
+    with quiet_transformers():
+        for model_type, model in meta_models():
+            config = model.config.to_dict()
+            linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+            now = {n: module_info(n, config) for n in linears}
+            with monkeypatch.context() as patch:
+                patch.setattr(architectures, "_ROLE_REGEXES", kept)
+                patch.setattr(architectures, "_LAYER", _OLD_LAYER)
+                before = {n: module_info(n, config) for n in linears}
+            for n, _ in model.named_parameters():
+                if re.search(r"(^|\.)embeddings$", n.removesuffix(".weight")):
+                    module = model.get_submodule(n.removesuffix(".weight"))
+                    assert module is model.get_input_embeddings(), (model_type, n)
+                    assert module_info(n.removesuffix(".weight"), config).role == "embed"
+                    vocabularies.add(model_type)
+            for n in linears:
+                if now[n].layer != before[n].layer:
+                    assert model_type in ("xlm", "flaubert") and before[n].layer is None, (model_type, n)
+                if now[n].role != before[n].role:
+                    ending = next((e for e in _EXPECTED.get(model_type, ()) if re.search(rf"(^|\.){e}$", n)),
+                                  None)
+                    assert ending is not None, (model_type, n, before[n].role, now[n].role)
+                    assert (before[n].role, now[n].role) == _EXPECTED[model_type][ending], (model_type, n)
+                    changed.setdefault(model_type, set()).add(ending)
     assert changed == {t: set(e) for t, e in _EXPECTED.items()}
     assert vocabularies >= {"xlm", "flaubert", "mamba", "rwkv", "nemotron_h"}

@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import math
 import re
-import warnings
 
 import pytest
 import torch
 
 from spectra.checkpoints import architectures
 from spectra.checkpoints.architectures import fused_projections, module_info
-from tests.models import meta_models
+from tests.models import meta_models, quiet_transformers, role_rules_without
 
 HEADS, WIDTH = 4, 32
 
@@ -163,33 +162,23 @@ def test_the_encoder_rules_change_no_other_module_of_any_transformers_class(monk
     """Every transformers class built on the meta device: each Linear's role with and without this file's rules
     (:data:`_NEW_RULES`). They differ only at the expected modules (other → the rule's role) of DistilBERT, DeBERTa,
     DeBERTa-v2, SEW-D (DeBERTa-v2's attention), GPT-J, CodeGen and ALBERT; every such model type changes."""
-    import transformers as tf
-
-    kept = tuple(r for r in architectures._ROLE_REGEXES
-                 if r[0].pattern.removeprefix("(^|\\.)").removesuffix("$") not in _NEW_RULES)
-    assert len(architectures._ROLE_REGEXES) - len(kept) == len(_NEW_RULES)
+    kept = role_rules_without(_NEW_RULES)
     changed: dict[str, set[str]] = {}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        verbosity = tf.utils.logging.get_verbosity()
-        tf.utils.logging.set_verbosity_error()
-        try:
-            for model_type, model in meta_models():
-                config = model.config.to_dict()
-                linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
-                now = {n: module_info(n, config).role for n in linears}
-                with monkeypatch.context() as patch:
-                    patch.setattr(architectures, "_ROLE_REGEXES", kept)
-                    before = {n: module_info(n, config).role for n in linears}
-                for n in linears:
-                    if now[n] != before[n]:
-                        ending = next((e for e in _EXPECTED.get(model_type, ()) if n.endswith("." + e)), None)
-                        assert ending is not None, (model_type, n, before[n], now[n])
-                        pattern = next(p for p in _NEW_RULES if re.search(rf"(^|\.){p}$", n))
-                        assert (before[n], now[n]) == ("other", _NEW_RULES[pattern]), (model_type, n)
-                        changed.setdefault(model_type, set()).add(ending)
-        finally:
-            tf.utils.logging.set_verbosity(verbosity)
+    with quiet_transformers():
+        for model_type, model in meta_models():
+            config = model.config.to_dict()
+            linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+            now = {n: module_info(n, config).role for n in linears}
+            with monkeypatch.context() as patch:
+                patch.setattr(architectures, "_ROLE_REGEXES", kept)
+                before = {n: module_info(n, config).role for n in linears}
+            for n in linears:
+                if now[n] != before[n]:
+                    ending = next((e for e in _EXPECTED.get(model_type, ()) if n.endswith("." + e)), None)
+                    assert ending is not None, (model_type, n, before[n], now[n])
+                    pattern = next(p for p in _NEW_RULES if re.search(rf"(^|\.){p}$", n))
+                    assert (before[n], now[n]) == ("other", _NEW_RULES[pattern]), (model_type, n)
+                    changed.setdefault(model_type, set()).add(ending)
     assert changed == _EXPECTED
 
 

@@ -10,19 +10,11 @@ from __future__ import annotations
 import torch
 
 from spectra.checkpoints.pairing import Pairing
+from tests.models import tiny_clip
 
 
 def test_clip_class_embedding_pairs_as_other(tmp_path):
-    import transformers as tf
-
-    config = tf.CLIPConfig(
-        text_config=dict(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
-                         vocab_size=64, max_position_embeddings=16, bos_token_id=0, eos_token_id=1, pad_token_id=2),
-        vision_config=dict(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
-                           image_size=32, patch_size=8),
-        projection_dim=16)
-    torch.manual_seed(0)
-    model = tf.CLIPModel(config)
+    model = tiny_clip()
     model.save_pretrained(tmp_path / "base")
     with torch.no_grad():
         for p in model.parameters():

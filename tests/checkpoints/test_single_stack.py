@@ -219,44 +219,31 @@ def test_the_rules_change_no_other_module_of_any_transformers_class(monkeypatch)
     differs only where a module ends in one (other → its role, and a lin1 maps hidden → a wider output, lin2 back);
     each module's stack with and without single_stack differs only in a model of a vision- or audio-only type, where
     every module then is of its stack."""
-    import warnings
+    from tests.models import meta_models, quiet_transformers, role_rules_without
 
-    import transformers as tf
-
-    from tests.models import meta_models
-
-    kept = tuple(r for r in architectures._ROLE_REGEXES
-                 if r[0].pattern.removeprefix("(^|\\.)").removesuffix("$") not in _NEW_RULES)
-    assert len(architectures._ROLE_REGEXES) - len(kept) == len(_NEW_RULES)
+    kept = role_rules_without(_NEW_RULES)
     changed, single = set(), set()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        verbosity = tf.utils.logging.get_verbosity()
-        tf.utils.logging.set_verbosity_error()
-        try:
-            for model_type, model in meta_models():
-                config = model.config.to_dict()
-                linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-                now = {n: module_info(n, config) for n in linears}
-                with monkeypatch.context() as patch:
-                    patch.setattr(architectures, "_ROLE_REGEXES", kept)
-                    patch.setattr(architectures, "single_stack", lambda config: None)
-                    before = {n: module_info(n, config) for n in linears}
-                for n, linear in linears.items():
-                    if now[n].role != before[n].role:
-                        pattern = next((p for p in _NEW_RULES if re.search(rf"(^|\.){p}$", n)), None)
-                        assert pattern is not None, (model_type, n, before[n].role, now[n].role)
-                        assert (before[n].role, now[n].role) == ("other", _NEW_RULES[pattern]), (model_type, n)
-                        if now[n].role in ("up", "down"):
-                            wider = linear.out_features > linear.in_features
-                            assert wider == (now[n].role == "up"), (model_type, n)
-                        changed.add(now[n].role)
-                    if now[n].stack != before[n].stack:
-                        stack = single_stack(config)
-                        assert stack is not None and before[n].stack is None and now[n].stack == stack, (model_type,
-                                                                                                       n)
-                        single.add(model_type)
-        finally:
-            tf.utils.logging.set_verbosity(verbosity)
+    with quiet_transformers():
+        for model_type, model in meta_models():
+            config = model.config.to_dict()
+            linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+            now = {n: module_info(n, config) for n in linears}
+            with monkeypatch.context() as patch:
+                patch.setattr(architectures, "_ROLE_REGEXES", kept)
+                patch.setattr(architectures, "single_stack", lambda config: None)
+                before = {n: module_info(n, config) for n in linears}
+            for n, linear in linears.items():
+                if now[n].role != before[n].role:
+                    pattern = next((p for p in _NEW_RULES if re.search(rf"(^|\.){p}$", n)), None)
+                    assert pattern is not None, (model_type, n, before[n].role, now[n].role)
+                    assert (before[n].role, now[n].role) == ("other", _NEW_RULES[pattern]), (model_type, n)
+                    if now[n].role in ("up", "down"):
+                        wider = linear.out_features > linear.in_features
+                        assert wider == (now[n].role == "up"), (model_type, n)
+                    changed.add(now[n].role)
+                if now[n].stack != before[n].stack:
+                    stack = single_stack(config)
+                    assert stack is not None and before[n].stack is None and now[n].stack == stack, (model_type, n)
+                    single.add(model_type)
     assert changed == {"up", "down"}  # SAM's MLPs; no default class holds a SequenceSummary (the XLM test above does)
     assert {"vit", "wav2vec2"} <= single, sorted(single)

@@ -14,19 +14,13 @@ import pytest
 import torch
 
 from spectra.checkpoints.architectures import module_info, vector_info
+from tests.models import tiny_clip
 
 
 @pytest.fixture(scope="module")
 def clip():
-    import transformers as tf
-
-    config = tf.CLIPConfig(
-        text_config=dict(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
-                         vocab_size=64, max_position_embeddings=16, bos_token_id=0, eos_token_id=1, pad_token_id=2),
-        vision_config=dict(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
-                           image_size=32, patch_size=8),
-        projection_dim=16)
-    return tf.CLIPModel(config), config.to_dict()
+    model = tiny_clip()
+    return model, model.config.to_dict()
 
 
 def test_clip_class_embedding_is_other(clip):
