@@ -201,6 +201,8 @@ def extract_adapter(base, tuned, plan_or_rank, out_dir: str | os.PathLike, *, ro
     pairing = Pairing(base, tuned, PairingOptions(split_fused=False, vectors=True, device=device))
     lacking = missing_stacks(stacks, {e.info.stack for e in pairing.entries if e.kind == "matrix"})
     selected = _select(pairing, targets, roles if targets is None else None, stacks)
+    if not selected and targets is None:
+        _refuse_bare_parameters(pairing, roles, stacks)
     if not selected:
         raise ConfigError("nothing to extract: no module of the pair matches the plan or roles "
                           f"({', '.join(_roles_used(roles, stacks))})"
@@ -547,6 +549,21 @@ def _select(pairing: Pairing, targets, roles, stacks=None):
     return [e for e in matrices  # GPT-2's crossattention.c_attn: xk, xv
             if role_selected(e.info.role, wanted, e.name) and stack_selected(e.info.stack, stacks)
             and not _bare_parameter(e)]
+
+
+def _refuse_bare_parameters(pairing: Pairing, roles, stacks) -> None:
+    """Where the roles select nothing but changed matrices that are parameters of their own (:func:`_bare_parameter`:
+    Gemma 3's ``mm_input_projection_weight`` under ``--roles other``), refuse naming them and why, not as "nothing
+    matches"."""
+    wanted = set(_roles_used(roles, stacks))
+    bare = [e.name for e in pairing.entries if e.kind == "matrix" and _bare_parameter(e)
+            and role_selected(e.info.role, wanted, e.name) and stack_selected(e.info.stack, stacks)]
+    if bare:
+        raise ConfigError(f"{', '.join(bare[:5])}: {'a parameter' if len(bare) == 1 else 'parameters'} of "
+                          f"{'its' if len(bare) == 1 else 'their'} own, no layer's weight, which PEFT cannot adapt "
+                          "(it puts a LoRA on a module's weight, or through target_parameters on an expert tensor), "
+                          "and the roles select nothing else: copy it from TUNED onto the loaded model. Leave their "
+                          "role out (--roles) to extract other modules.")
 
 
 def _bare_parameter(entry) -> bool:

@@ -30,9 +30,10 @@ def test_roles_leave_the_table_out_and_the_note_says_to_copy_it(vit_pair, tmp_pa
     assert any(TABLE in n and "TUNED" in n for n in result.notes)  # with the advice to copy it from TUNED
 
 
-def test_the_table_alone_is_nothing_to_extract(vit_pair, tmp_path):
+def test_the_table_alone_is_refused_as_a_parameter_peft_cannot_adapt(vit_pair, tmp_path):
+    """Roles that select nothing but the table are refused naming it and why, not as "nothing matches"."""
     base, tuned = vit_pair
-    with pytest.raises(Exception, match="nothing to extract"):
+    with pytest.raises(Exception, match=f"{TABLE}: a parameter of its own, .*PEFT cannot adapt.*copy it from TUNED"):
         extract_adapter(base, tuned, 2, tmp_path / "ad", roles=("pos_embed",), progress=False)
     assert not (tmp_path / "ad").exists()
 
