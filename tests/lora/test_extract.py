@@ -233,9 +233,14 @@ def test_names_the_model_cannot_adapt_and_bad_alpha_are_refused(tmp_path):
     # no module PEFT can wrap
     base = build_model("gemma3_multimodal")
     b, t = save(base, tmp_path / "b", "safetensors"), save(perturbed(base), tmp_path / "t", "safetensors")
-    with pytest.raises(ConfigError, match="multi_modal_projector.mm_input_projection_weight.*: not module"):
-        extract_adapter(b, t, 2, tmp_path / "ad", roles=("q", "other"), stacks=("language", "projector"),
-                        progress=False)
+    # the roles leave it out (it is no layer's weight), naming it among what the adapter does not carry
+    result = extract_adapter(b, t, 2, tmp_path / "bare", roles=("q", "other"), stacks=("language", "projector"),
+                             progress=False)
+    projector = "multi_modal_projector.mm_input_projection_weight"
+    assert projector not in {m.name for m in result.modules} and projector in result.left_out
+    assert any(projector in n and "TUNED" in n for n in result.notes)
+    with pytest.raises(ConfigError, match=f"{projector}: a parameter of its own.*PEFT cannot adapt"):
+        extract_adapter(b, t, 2, tmp_path / "ad", roles=("other",), stacks=("projector",), progress=False)
     for alpha in (0.0, -4.0):
         with pytest.raises(ConfigError, match="alpha must be positive"):
             extract_adapter(b, t, 2, tmp_path / "ad", roles=("q",), alpha=alpha, progress=False)
