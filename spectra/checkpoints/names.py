@@ -105,3 +105,14 @@ def natural_key(name: str) -> list:
     """Sort key of a module name in natural order, its digit runs read as numbers: layers.2 before layers.10."""
     return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", name)]
 
+
+def is_bare_parameter(tensor: str | None, *, expert: int | None = None) -> bool:
+    """Whether a matrix stored as ``tensor`` is a parameter of its own, no layer's weight: a ViT's position table
+    (``embeddings.position_embeddings``, stored (1, N, d), measured N × d), BLIP-2's ``query_tokens``, Gemma 3's
+    ``mm_input_projection_weight``. PEFT puts a LoRA on a module's weight (Linear, Embedding, Conv: a ``….weight``,
+    GPT-2's ``wpe.weight`` included) or, through ``target_parameters``, on an expert tensor (one ``expert``'s slice,
+    or a name under ``.experts.``), and on nothing else. An unknown ``tensor`` (an analysis written before rows named
+    it) is taken as a weight. The one rule of recommend, extract's selection and its left-out advice."""
+    return (isinstance(tensor, str) and not tensor.endswith(".weight") and expert is None
+            and ".experts." not in f".{tensor}.")
+

@@ -30,7 +30,7 @@ import torch
 
 from spectra.checkpoints.adapter import PEFT_PREFIX
 from spectra.checkpoints.architectures import missing_stacks, parse_stacks, role_selected, stack_selected
-from spectra.checkpoints.names import natural_key
+from spectra.checkpoints.names import is_bare_parameter, natural_key
 from spectra.checkpoints.pairing import Pairing, PairingOptions
 from spectra.checkpoints.source import CheckpointSource
 from spectra.checkpoints.targets import architecture, meta_model, model_targets, owning_modules, resolve_name
@@ -567,15 +567,11 @@ def _refuse_bare_parameters(pairing: Pairing, roles, stacks) -> None:
 
 
 def _bare_parameter(entry) -> bool:
-    """Whether a matrix is a parameter of its own, no layer's weight (a ViT's or BLIP-2's (1, N, d) table measured as
-    N × d: ``embeddings.position_embeddings``, ``query_tokens``): PEFT puts a LoRA on a module's weight or, through
-    ``target_parameters``, on an expert tensor, and on nothing else. Roles do not select it (a plan naming one is
-    refused in :func:`_model_names`); changed, it is named among what the adapter does not carry, with the advice to
-    copy it from TUNED (:mod:`spectra.lora.left_out`). The rule of ``spectra.ranks.recommend._bare_parameter``, read
-    off the pairing's entry instead of an analysis row."""
-    tensor = entry.base_tensor
-    return (isinstance(tensor, str) and not tensor.endswith(".weight") and entry.expert_index is None
-            and ".experts." not in f".{tensor}.")
+    """Whether a pairing entry is a parameter of its own, no layer's weight (a ViT's or BLIP-2's (1, N, d) table
+    measured as N × d: :func:`~spectra.checkpoints.names.is_bare_parameter`). Roles do not select it (a plan naming one
+    is refused in :func:`_model_names`); changed, it is named among what the adapter does not carry, with the advice
+    to copy it from TUNED (:mod:`spectra.lora.left_out`)."""
+    return is_bare_parameter(entry.base_tensor, expert=entry.expert_index)
 
 
 def _stored_names(entries) -> dict[str, str]:

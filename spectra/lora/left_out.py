@@ -18,7 +18,7 @@ import torch
 
 from spectra.checkpoints.adapter import unpaired_tensors
 from spectra.checkpoints.architectures import ROLES, role_selected, stack_name, stack_selected
-from spectra.checkpoints.names import natural_key
+from spectra.checkpoints.names import is_bare_parameter, natural_key
 from spectra.checkpoints.pairing import Pairing
 from spectra.checkpoints.source import AdapterSource
 from spectra.lora.saved_modules import _holding_modules
@@ -123,8 +123,8 @@ def _bare_parameter(entry) -> bool:
     """Whether a matrix entry is a parameter of its own, no layer's weight: a ViT's position table
     (``embeddings.position_embeddings``, stored (1, N, d)); not a Linear's or a convolution's ``….weight``, not one
     expert's slice of a stored 3-D tensor, not an adapter's module."""
-    return (entry.kind == "matrix" and entry.expert_index is None and entry.adapter is None
-            and not entry.base_tensor.endswith(".weight"))
+    return (entry.kind == "matrix" and entry.adapter is None
+            and is_bare_parameter(entry.base_tensor, expert=entry.expert_index))
 
 
 def _bare_advice(bare: list[str], pairing: Pairing, merged: str) -> str:

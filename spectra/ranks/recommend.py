@@ -26,6 +26,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from spectra.checkpoints.architectures import missing_stacks, module_stack, role_selected, stack_name, stack_selected
+from spectra.checkpoints.names import is_bare_parameter
 from spectra.errors import ConfigError
 from spectra.files import record_origin
 from spectra.ranks.budget import SAVED_BYTES_PER_PARAM, allocate_budget, budget_parameters
@@ -507,17 +508,9 @@ def _outside_saved(spectra: list[_Spectrum], saved: tuple[SavedModule, ...], lef
 
 
 def _bare_parameter(row: Mapping) -> bool:
-    """Whether a matrix row's tensor is a parameter of its own, no layer's weight: a ViT's position table
-    ``embeddings.position_embeddings`` (stored (1, N, d), measured N × d), Gemma 3's ``mm_input_projection_weight``.
-
-    PEFT puts a LoRA on a module's weight (Linear, Embedding, Conv: a ``….weight``, GPT-2's ``wpe.weight`` included) or,
-    through ``target_parameters``, on a 3-D expert tensor (``…experts.gate_up_proj``, whose rows name an expert), and on
-    nothing else: ``extract --plan`` finds no weight for such a name. Read off the row's ``base_tensor``; a row without
-    one (an analysis written before rows named their tensor) is taken as a weight, as it was.
-    """
-    tensor = row.get("base_tensor")
-    return (isinstance(tensor, str) and not tensor.endswith(".weight") and row.get("expert") is None
-            and ".experts." not in f".{tensor}.")
+    """Whether a matrix row's tensor is a parameter of its own, no layer's weight (:func:`is_bare_parameter`), read off
+    the row's ``base_tensor`` and ``expert``."""
+    return is_bare_parameter(row.get("base_tensor"), expert=row.get("expert"))
 
 
 def _bare_reason(share: float) -> str:
