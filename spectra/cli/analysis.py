@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 from rich.markup import escape  # module names hold brackets ("c_attn[q]") that rich would read as markup
 
-from spectra.cli.options import (_OVERWRITE_HELP, _STACKS_HELP, TypedFloat, _layer_range, _split, _stacks,
+from spectra.cli.options import (_OVERWRITE_HELP, _STACKS_HELP, _layer_range, _NumberList, _split, _stacks,
                                  _typed_float, _typed_int, _typed_seed, _writable)
 from spectra.cli.tables import _fmt, _module_table
 
@@ -68,9 +68,11 @@ def analyze(
     output: Annotated[Path, typer.Option("-o", "--output", help="Report directory to write (refused if it exists, unless --overwrite).")] = Path("reports/analysis"),
     method: Annotated[str, typer.Option(help="SVD: auto (the exact spectrum up to --full-below, the bf16 energy sketch above), full, sketch, "
                                                "adaptive (block Krylov to the energy rank), randomized (top --max-rank, default 256).")] = "auto",
-    max_rank: Annotated[Optional[int], typer.Option(help="Cap on singular values computed by the randomized/adaptive paths.", parser=_typed_int)] = None,
+    max_rank: Annotated[Optional[int], typer.Option(help="Cap on singular values computed by the randomized/adaptive paths (default: 256 for randomized, no cap for adaptive).", parser=_typed_int)] = None,
     full_below: Annotated[int, typer.Option(help="Short side at or below which 'auto' takes the exact full spectrum.", parser=_typed_int)] = 1024,
-    energy: Annotated[str, typer.Option(help="Comma-separated energy fractions whose ranks are reported.")] = "0.5,0.9,0.95,0.99",
+    energy: Annotated[str, typer.Option(help="Comma-separated energy fractions whose ranks are reported.",
+                                        parser=_NumberList(float, "comma-separated fractions like 0.5,0.9,0.99"))
+                      ] = "0.5,0.9,0.95,0.99",
     roles: Annotated[Optional[str], typer.Option(help="Comma-separated roles to analyse (q, k, v, o, qkv, q_a, q_b, kv_a, kv_b, kv, o_a, o_b, xq, xk, xv, xo, gate, up, down, gate_up, projector, embed, pos_embed, head, other; q_a…kv_b: DeepSeek's latent attention, q taking q_a and q_b; xq…xo: an encoder–decoder's cross-attention; pos_embed: position, relative-position and token-type tables, GPT-2's wpe, T5's relative_attention_bias, BERT's token_type_embeddings).")] = None,
     stacks: Annotated[Optional[str], typer.Option(help=_STACKS_HELP)] = None,
     layers: Annotated[Optional[str], typer.Option(help="Layer range FIRST-LAST (inclusive), e.g. 0-11.")] = None,
@@ -89,7 +91,7 @@ def analyze(
     read_ahead: Annotated[int, typer.Option(help="With one worker: modules read ahead of the math (0: read in line).", parser=_typed_int)] = 2,
     read_ahead_mb: Annotated[int, typer.Option(help="Most ΔW data (MB, float32) held by the modules in flight (one always goes); bounds peak memory. An adapter's expert factors held across a module come out of what it holds beyond room for the two largest modules; more is held on top, with a warning.", parser=_typed_int)] = 512,
     calibration: Annotated[Optional[Path], typer.Option(help="Calibration data (.txt, or .jsonl/.csv/.tsv with a text field): also report each ΔW's activation-weighted spectrum, ΔW·C^{1/2} on the base's inputs.")] = None,
-    calibration_epsilon: Annotated[float, typer.Option(help="With --calibration: sets each row's input_rank, the count of C's eigenvalues above ε times their mean (C: the input second moment). The activation-weighted spectrum uses C itself, with no ridge, so ε leaves it unchanged.", parser=_typed_float)] = 1e-6,
+    calibration_epsilon: Annotated[float, typer.Option(help="With --calibration: the ε that sets each module's input rank (input_rank in analysis.json), the count of C's eigenvalues above ε times their mean (C: the input second moment). The activation-weighted spectrum uses C itself, with no ridge, so ε leaves it unchanged.", parser=_typed_float)] = 1e-6,
     base_rounding: Annotated[str, typer.Option(help="Is the base's rounding in ΔW? auto (decided per module from ΔW's residual: when in doubt, counted), exact (the fine-tune started from the base's stored values, e.g. a bf16 release tuned and saved in bf16: only the fine-tune's rounding is noise), counted (both were rounded from finer weights, e.g. two bf16 releases trained in fp32).")] = "auto",
 ) -> None:
     """Measure the spectrum of every ΔW = TUNED − BASE and write a report (JSON, Markdown, HTML, figures).
@@ -112,11 +114,8 @@ def analyze(
     import os
 
     main_rank = os.environ.get("RANK", "0") == "0"
-    try:  # each level as typed, as the number options are: AnalysisConfig names one it refuses so (2, not 2.0)
-        thresholds = tuple(TypedFloat(t) for t in energy.split(","))
-    except ValueError:
-        raise ConfigError(f"--energy {energy!r}: expected comma-separated fractions like 0.5,0.9,0.99.") from None
-    config = AnalysisConfig(method=method, full_below=full_below, max_rank=max_rank, thresholds=thresholds,
+    # each level as typed (_NumberList): AnalysisConfig names one it refuses so (2, not 2.0)
+    config = AnalysisConfig(method=method, full_below=full_below, max_rank=max_rank, thresholds=energy,
                             roles=_split(roles), stacks=_stacks(stacks), layers=_layer_range(layers),
                             include=include, exclude=exclude, dtype=dtype, device=device, seed=seed, resolve=resolve,
                             on_nonfinite="skip" if skip_nonfinite else "error",

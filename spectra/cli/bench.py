@@ -7,14 +7,19 @@ from typing import Annotated, Optional
 
 import typer
 
-from spectra.cli.options import _split, _typed_float, _typed_int, _typed_seed, _writable
+from spectra.cli.options import _NumberList, _split, _typed_float, _typed_int, _typed_seed, _writable
 
 
 def bench_svd(
     out: Annotated[Path, typer.Option("-o", "--output", "--out", help="Output directory for bench_svd.{md,json,png}.")] = Path("reports/bench"),
-    shapes: Annotated[Optional[str], typer.Option(help="Comma-separated OUTxIN shapes (default: issue 3's four, 1024x1024, 768x2304, 4096x4096, 4096x11008; with --quick tiny ones).")] = None,
+    shapes: Annotated[Optional[str], typer.Option(help="Comma-separated OUTxIN shapes (default: issue 3's four, 1024x1024, 768x2304, 4096x4096, 4096x11008; with --quick tiny ones).",
+                                                  parser=_NumberList(int, "OUTxIN shapes like 1024x1024,768x2304, each "
+                                                                          "size a positive integer", least=1,
+                                                                     form="OUTxIN"))] = None,
     kinds: Annotated[str, typer.Option(help="Spectrum types: planted,power_law,bf16.")] = "planted,power_law,bf16",
-    ks: Annotated[str, typer.Option(help="Comma-separated top-k sizes.")] = "64,256",
+    ks: Annotated[str, typer.Option(help="Comma-separated top-k sizes (singular values computed).",
+                                    parser=_NumberList(int, "top-k sizes like 64,256, each a positive integer",
+                                                       least=1))] = "64,256",
     quick: Annotated[bool, typer.Option(help="Tiny shapes, seconds (a smoke test).")] = False,
     repeats: Annotated[int, typer.Option(min=1, help="Runs per measurement; the best is kept (runs under 1 s are repeated for about a second, 3–20 times).", parser=_typed_int)] = 1,
     # 0 … 2³²−1: scikit-learn's randomized_svd, a peer, takes no other seed
@@ -23,12 +28,10 @@ def bench_svd(
     """Time spectra's full, randomized and adaptive SVD side by side with torch, scikit-learn and SciPy."""
     from spectra.bench.svd import DEFAULT_SHAPES, run_svd_bench
 
-    shape_list = DEFAULT_SHAPES if shapes is None else tuple(
-        tuple(_positive_ints(s, "--shapes", shapes, "OUTxIN shapes like 1024x1024,768x2304", sep="x"))
-        for s in _split(shapes) or ("",))
-    k_list = tuple(_positive_ints(ks, "--ks", ks, "top-k sizes like 64,256"))
-    path = run_svd_bench(out, shapes=shape_list, kinds=_split(kinds), ks=k_list, quick=quick, repeats=repeats,
-                         seed=seed)
+    shape_list = DEFAULT_SHAPES if shapes is None else tuple(tuple(map(int, s)) for s in shapes)
+    # the numbers, not their text: the bench names its shapes and sizes in its tables and files (--ks 064: 64)
+    path = run_svd_bench(out, shapes=shape_list, kinds=_split(kinds), ks=tuple(map(int, ks)), quick=quick,
+                         repeats=repeats, seed=seed)
     typer.echo(f"wrote {path}")
 
 
@@ -92,14 +95,3 @@ def bench_e2e(
     path = run_e2e_bench(out, pair=pair, work=work, shape="llama-tiny" if quick else shape, quick=quick,
                          skip=_split(skip) or (), peer_timeout=peer_timeout)
     typer.echo(f"wrote {path}")
-
-
-def _positive_ints(text: str, option: str, typed: str, expected: str, *, sep: str = ",") -> list[int]:
-    """The positive integers `text` lists (split at `sep`), or a refusal naming `option` and what was `typed`: ``--ks
-    0`` and ``--shapes 0x5`` were handed on to fail in scikit-learn's words, ``--shapes 32x48x2`` as a traceback."""
-    from spectra.errors import ConfigError
-
-    parts = [p.strip() for p in text.lower().split(sep)] if sep != "," else list(_split(text) or ())
-    if not parts or (sep == "x" and len(parts) != 2) or not all(p.isdigit() and int(p) > 0 for p in parts):
-        raise ConfigError(f"{option} {typed!r}: expected {expected}, each size a positive integer.")
-    return [int(p) for p in parts]

@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 import typer
 from rich.markup import escape  # module names hold brackets ("c_attn[q]") that rich would read as markup
 
+from spectra.cli.messages import _cli_words
 from spectra.cli.options import _layers, _split, _stacks, _typed_int
 
 
@@ -85,7 +86,8 @@ def memory(
                   "layers": layers, "batch": batch, "seq_len": seq_len,
                   "gradient_checkpointing": gradient_checkpointing, "attention": attention,
                   "double_quant": double_quant, "use_cache": use_cache, "input_require_grads": input_require_grads}
-        typer.echo(json.dumps(est.to_dict() | {"inputs": inputs}, indent=2))
+        notes = [_cli_words(n, ["memory"]) for n in est.notes]  # "--seq-len: 64 tokens", not "seq_len (--seq-len)"
+        typer.echo(json.dumps(est.to_dict() | {"notes": notes, "inputs": inputs}, indent=2))
         return
     table = Table("component", "bytes", "size",
                   title=f"{method} on {est.params:,} parameters ({est.trainable_params:,} trainable), "
@@ -95,4 +97,4 @@ def memory(
     console = Console()
     console.print(table)
     for note in est.notes:  # what the estimate leaves out or adapts otherwise than asked (an MoE's experts), and why
-        console.print(escape(f"note: {note}"), style="yellow")
+        console.print(escape(f"note: {_cli_words(note, ['memory'])}"), style="yellow")

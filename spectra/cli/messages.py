@@ -116,5 +116,7 @@ def _cli_words(text: str, argv: list[str]) -> str:
     text = _FIELD.sub(option, text)
     text = _NONE_FOR.sub("(or leave it out for ", _NONE.sub("", text))
     text = _CHOICES.sub(lambda m: m.group(0).replace("'", ""), text)  # (full, lora, qlora, dora)
-    # "--max-length (--max-length) 128", "--overwrite (CLI: --overwrite)": the option once
-    return re.sub(r"(--[\w-]+)((?: [^\s()]+)?) \((?:CLI: )?\1\)", r"\1\2", text)
+    # "--max-length (--max-length) 128", "--overwrite (CLI: --overwrite)": the option once; "--attention 'eager'
+    # (--attention eager)" (the library's attention='eager' with the option as typed): once, as typed
+    return re.sub(r"(--[\w-]+)((?: [^\s()]+)?) \((?:CLI: )?\1((?: [^\s()]+)?)\)",
+                  lambda m: m.group(1) + (m.group(3) or m.group(2)), text)

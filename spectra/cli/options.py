@@ -78,10 +78,10 @@ class TypedLayers(tuple):
 
 class _NotANumber(ValueError):
     """Text a number option cannot read; :func:`_number_refusal` names the option (typer's parser is given the text
-    alone)."""
+    alone). `problem` says which item of a list is at fault, as typed (``'x' is not an integer``)."""
 
-    def __init__(self, text: str, expected: str) -> None:
-        super().__init__(f"{text!r}: expected {expected}.")
+    def __init__(self, text: str, expected: str, problem: str | None = None) -> None:
+        super().__init__(f"{text!r}: " + (f"{problem}; " if problem else "") + f"expected {expected}.")
         self.text, self.expected = text, expected
 
 
@@ -118,12 +118,52 @@ def _typed_seed(value) -> int:
     return seed
 
 
+class _NumberList:
+    """The ``parser=`` of an option that takes comma-separated numbers (``--ranks 1,2,4,8``): each item read as a
+    number option's text is (:func:`_typed_int`, :func:`_typed_float`), so each prints as typed, into a tuple. A list
+    with an item that is no such number (``4,x``, ``4.5``, ``true``), an empty item (``4,,8``), no item at all
+    (``''``) or an item below `least` (``4,-1``) is refused naming the option, the list and the item as typed:
+    ``--ranks '4,x': 'x' is not an integer; expected comma-separated ranks ≥ 0 like 1,2,4,8.`` With a `form` such
+    as "OUTxIN", each item is that many numbers joined by "x" (``--shapes 1024x1024,768x2304``), a tuple of them."""
+
+    def __init__(self, number: type, expected: str, *, least: int | None = None, form: str | None = None) -> None:
+        self.number, self.expected, self.least, self.form = number, expected, least, form
+
+    def __call__(self, value) -> tuple:
+        if not isinstance(value, str):  # a declared default that is no text: the numbers it holds
+            return tuple(value)
+        items = value.split(",")
+        if not value.strip():
+            raise _NotANumber(value, self.expected, "nothing given")
+        return tuple(self._item(value, i, item) for i, item in enumerate(items, 1))
+
+    def _item(self, value: str, index: int, item: str):
+        if not item.strip():
+            raise _NotANumber(value, self.expected, f"item {index} is empty")
+        if self.form is None:
+            return self._number(value, item)
+        parts = item.lower().split("x")
+        if len(parts) != len(self.form.split("x")):
+            raise _NotANumber(value, self.expected, f"{item.strip()!r} is not {self.form}")
+        return tuple(self._number(value, part) for part in parts)
+
+    def _number(self, value: str, item: str):
+        try:
+            number = _typed(TypedInt if self.number is int else TypedFloat, self.number, item)
+        except _NotANumber as err:
+            raise _NotANumber(value, self.expected, f"{item.strip()!r} is not {err.expected}") from None
+        if self.least is not None and number < self.least:
+            raise _NotANumber(value, self.expected, f"{number} is less than {self.least}")
+        return number
+
+
 _NUMBER_PARSERS = (_typed_float, _typed_int, _typed_seed)
 
 
 def _is_number_option(param) -> bool:
     info = getattr(getattr(param, "type_descriptor", None), "parameter_info", None)
-    return getattr(info, "parser", None) in _NUMBER_PARSERS
+    parser = getattr(info, "parser", None)
+    return parser in _NUMBER_PARSERS or isinstance(parser, _NumberList)
 
 
 def _option_name(param) -> str:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 from rich.markup import escape  # module names hold brackets ("c_attn[q]") that rich would read as markup
 
-from spectra.cli.messages import _cli_words
+from spectra.cli.messages import _cli_words, _command_options
 from spectra.cli.options import (_OVERWRITE_HELP, _STACKS_HELP, _split, _stacks, _typed_float, _typed_int,
                                  _writable)
 from spectra.cli.tables import _fmt, _module_table
@@ -34,10 +35,12 @@ def recommend(
     include: Annotated[Optional[str], typer.Option(help="Target only names matching this glob (or re:REGEX).")] = None,
     rslora: Annotated[bool, typer.Option(help="Scale by α/√r (rsLoRA).")] = False,
     dora: Annotated[bool, typer.Option(help="Plan DoRA (adds magnitude vectors).")] = False,
-    alpha_rule: Annotated[str, typer.Option(help="'scale': same update scale for all; 'constant': one α.")] = "scale",
-    scale: Annotated[Optional[float], typer.Option(help="Common update scale for alpha-rule=scale (α = scale·r; "
-                                                        "default 2).", parser=_typed_float)] = None,
-    alpha: Annotated[Optional[float], typer.Option(help="Common α for alpha-rule=constant (default 16).", parser=_typed_float)] = None,
+    alpha_rule: Annotated[str, typer.Option(help="scale (α = --scale·r: one update scale for every module) or "
+                                                 "constant (one α, --alpha, for every module).")] = "scale",
+    scale: Annotated[Optional[float], typer.Option(help="The update scale α/r under --alpha-rule scale (default 2).",
+                                                   parser=_typed_float)] = None,
+    alpha: Annotated[Optional[float], typer.Option(help="The one α under --alpha-rule constant (default 16).",
+                                                   parser=_typed_float)] = None,
     functional: Annotated[Optional[float], typer.Option(
         help="ε in the sweep metric's units: each module gets the smallest swept rank whose truncated model stays "
              "within ε of the full fine-tune (per role when the sweep has role curves). Needs --sweep; replaces "
@@ -112,7 +115,7 @@ def recommend(
             est = estimate_memory(source, method="dora" if dora else method, rank_plan_or_rank=plan, batch=batch,
                                   seq_len=seq_len, models=models)
         except ConfigError as exc:  # the estimate is an extra: a model the memory model lacks still gets its plan
-            memory_skipped = str(exc)
+            memory_skipped = _memory_words(str(exc))
     notes = []
     if output is not None:
         with warnings.catch_warnings():
@@ -120,13 +123,13 @@ def recommend(
             save_plan(plan, output, model_config=model_config, models=models)
         notes = json.loads(output.read_text()).get("peft_config_notes") or []
     if as_json:
-        memory = {"memory": est.to_dict() if est else None}
+        memory = {"memory": est.to_dict() | {"notes": [_memory_words(n) for n in est.notes]} if est else None}
         if memory_skipped:
             memory["memory_skipped"] = memory_skipped
         typer.echo(json.dumps(plan.to_dict() | memory, indent=2))
         return
     console = Console()
-    rows = [(_fmt(m.role), "×".join(map(str, m.shape)), str(m.rank), f"{m.alpha:g}",
+    rows = [(_fmt(m.role), "×".join(map(str, m.shape)), _fmt(m.rank), f"{m.alpha:g}",
              f"{m.energy:.1%}" + ("" if m.energy == m.energy_upper else f"–{m.energy_upper:.1%}"), f"{m.params:,}",
              m.reason) for m in plan.modules]
     head = (f" ({plan.total_params - plan.saved_params:,} LoRA + {plan.saved_params:,} of the head)"
@@ -159,15 +162,38 @@ def recommend(
         console.print(f"memory ({est.method}, batch {batch} × {est.seq_len} tokens, {est.precision}): "
                       + ", ".join(f"{name} {format_bytes(n)}" for name, n in est.rows() if n))
         for note in est.notes:
-            console.print(escape(f"memory note: {note}"), style="yellow")
+            console.print(escape(f"memory note: {_memory_words(note)}"), style="yellow")
     elif memory_skipped:
-        console.print(escape(f"memory: no estimate ({_cli_words(memory_skipped, ['recommend'])})"), style="yellow")
+        console.print(escape(f"memory: no estimate ({memory_skipped})"), style="yellow")
     else:
         console.print("memory: pass --config (config.json, its folder or a hub id) for an estimate")
     for note in notes:
         console.print(escape(f"peft_config: {note}"), style="yellow")
     if output is not None:
         console.print(escape(f"plan written to {output}"))
+
+
+# the memory estimate's way of naming its argument with `spectra memory`'s option: "attention='eager' (--attention
+# eager)", "seq_len (--seq-len)"
+_FIELD_AND_OPTION = re.compile(r"\b([a-z][a-z0-9_]*)(?:=\S+)? \((--([\w-]+)(?: [^\s()]+)?)\)")
+
+
+def _memory_words(text: str) -> str:
+    """A refusal or note of the memory estimate in recommend's words: its arguments as recommend's options
+    (``seq_len (--seq-len) 99999`` → ``--seq-len 99999``), and one recommend has no option for, which it leaves at
+    `spectra memory`'s default, as that command's (``attention='eager' (--attention eager) is estimated`` →
+    ``--attention eager (of `spectra memory`) is estimated``), so that --json's memory_skipped and notes, and the
+    table's memory lines, name what a user can type."""
+    text = _cli_words(text, ["recommend"])
+    own = {flag for flag, _, _ in _command_options(["recommend"]).values()}
+
+    def other(match: re.Match) -> str:
+        field, option, name = match.groups()
+        if name != field.replace("_", "-") or f"--{name}" in own:
+            return match.group(0)
+        return f"{option} (of `spectra memory`)"
+
+    return _FIELD_AND_OPTION.sub(other, text)
 
 
 def _budget(text: str) -> dict[str, int]:
@@ -229,7 +255,7 @@ def extract(
     rank: Annotated[Optional[str], typer.Option(help="One rank for every targeted module, or 'full': each at rank min(d_in, d_out), lossless for what the adapter holds (a note names the changed tensors it leaves out).")] = None,
     roles: Annotated[Optional[str], typer.Option(help="With --rank: roles to target (default q, k, v, o, gate, up, down; q also takes cross-attention's xq, k xk, v xv, o xo, and DeepSeek's q_a and q_b; k and v its kv_a and kv_b).")] = None,
     stacks: Annotated[Optional[str], typer.Option(help="With --rank: c" + _STACKS_HELP.removeprefix("C"))] = None,
-    alpha: Annotated[Optional[float], typer.Option(help="With --rank: lora_alpha (default scale 2: 2·rank, 2·√rank with --rslora).", parser=_typed_float)] = None,
+    alpha: Annotated[Optional[float], typer.Option(help="With --rank: LoRA α, the adapter's lora_alpha (default scale 2: 2·rank, 2·√rank with --rslora).", parser=_typed_float)] = None,
     rslora: Annotated[bool, typer.Option("--rslora", help="With --rank: rsLoRA scaling α/√r.")] = False,
     modules_to_save: Annotated[Optional[str], typer.Option(help="Comma-separated modules copied whole from TUNED, e.g. classifier (matched at a dot; a module PEFT would also wrap, its name ending with one as a string, is saved too, with a note).")] = None,
     calibration: Annotated[Optional[Path], typer.Option(help="Calibration data (.txt, or .jsonl/.csv/.tsv with a text field): each module's data-optimal rank-r update, best on the base's inputs for these texts (SVD-LLM), instead of the plain truncated SVD.")] = None,

@@ -9,8 +9,8 @@ import typer
 from rich.markup import escape  # module names hold brackets ("c_attn[q]") that rich would read as markup
 
 from spectra.cli.messages import _cli_message, _cli_words
-from spectra.cli.options import (_OVERWRITE_HELP, _STACKS_HELP, _TASK_HELP, _split, _stacks, _typed_float,
-                                 _typed_int, _typed_seed, _writable)
+from spectra.cli.options import (_OVERWRITE_HELP, _STACKS_HELP, _TASK_HELP, _NumberList, _split, _stacks,
+                                 _typed_float, _typed_int, _typed_seed, _writable)
 
 
 def sweep(
@@ -19,7 +19,9 @@ def sweep(
     data: Annotated[Path, typer.Option(help="Eval data: .txt (perplexity), or .jsonl of {\"text\", \"label\"} / .csv/.tsv "
                                             "with text,label columns (accuracy), or {\"source\", \"target\"} records "
                                             "for an encoder-decoder (perplexity over target tokens).")],
-    ranks: Annotated[str, typer.Option(help="Comma-separated ranks to evaluate (0 allowed).")] = "1,2,4,8,16,32,64",
+    ranks: Annotated[str, typer.Option(help="Comma-separated ranks to evaluate (0: ΔW dropped, the base's weights).",
+                                       parser=_NumberList(int, "comma-separated ranks ≥ 0 like 0,1,2,4,8",
+                                                          least=0))] = "1,2,4,8,16,32,64",
     output: Annotated[Path, typer.Option("-o", "--output", help="Report directory to write (refused if it exists, unless --overwrite).")] = Path("reports/sweep"),
     non_target: Annotated[str, typer.Option(help="Norms, biases, heads, embeddings from: tuned, base or both.")] = "tuned",
     by_role: Annotated[bool, typer.Option("--by-role", help="Also one curve per role of each stack (that role truncated, the rest full; a vision tower's q is 'vision q').")] = False,
@@ -56,13 +58,9 @@ def sweep(
         from spectra.ranks.recommend import check_analysis_pair
 
         check_analysis_pair(analysis, base, tuned)
-    try:
-        rank_list = [int(r) for r in _split(ranks) or ()]
-    except ValueError:
-        raise ConfigError(f"--ranks {ranks!r}: expected comma-separated ranks like 1,2,4,8.") from None
     config = SweepConfig(roles=_split(roles), stacks=_stacks(stacks), task=task, batch_size=batch_size, max_length=max_length,
                          bootstrap=bootstrap, device=device, seed=seed)
-    result = truncation_sweep(base, tuned, data, ranks=rank_list, plan=plan, metric=metric, non_target=non_target,
+    result = truncation_sweep(base, tuned, data, ranks=ranks, plan=plan, metric=metric, non_target=non_target,
                               groups="both" if by_role else "model", calibration=calibration, config=config,
                               progress=not quiet)
     marks = {}
@@ -106,7 +104,7 @@ def sweep(
                        "base's.")
         if choice is not None:
             for group, c in choice["groups"].items():
-                typer.echo(f"functional rank ({group}, ε={epsilon:g}): {functional_text(c)}")
+                typer.echo(f"functional rank ({group}, ε={epsilon}): {functional_text(c)}")  # as typed: 1e-5, not 1e-05
     for note in result.data["notes"]:  # in sweep's words: "--max-length", not "max_length (--max-length)"
         typer.secho(f"note: {_cli_words(note, ['sweep'])}", fg="yellow", err=True)
     if plan_error is not None:

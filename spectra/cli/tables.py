@@ -9,6 +9,7 @@ import shutil
 from rich.markup import escape  # module names hold brackets ("c_attn[q]") that rich would read as markup
 
 from spectra.checkpoints.names import natural_key
+from spectra.cli.options import _AsTyped
 
 
 def _plain_table(title: str, headers, rows: list[list[str]]):
@@ -56,4 +57,11 @@ def _wrap_dotted(name: str, width: int) -> str:
 
 
 def _fmt(value) -> str:
-    return "" if value is None else str(value)
+    """A table cell: blank for None, a number as the number it is. A result derived from an option's value may be that
+    value (a plan's rank capped at --max-rank +2 is the option's own 2, by min()), whose text is the option's as typed
+    (options.TypedInt): a cell is the result, "2", not the echo "+2"."""
+    if value is None:
+        return ""
+    if isinstance(value, _AsTyped):
+        return repr(int(value) if isinstance(value, int) else float(value))
+    return str(value)

@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from spectra.cli.messages import _cli_words
-from spectra.cli.options import (_OVERWRITE_HELP, _STACKS_HELP, _TASK_HELP, _split, _stacks, _typed_float,
+from spectra.cli.options import (_OVERWRITE_HELP, _TASK_HELP, _NumberList, _split, _stacks, _typed_float,
                                  _typed_int, _typed_seed, _writable)
 from spectra.cli.tables import _plain_table
 
@@ -40,7 +40,7 @@ def train(
     eval_fraction: Annotated[Optional[float], typer.Option(
         help="Share of --data held out without --eval-data (default 0.1, at least one example; 0: none).", parser=_typed_float)] = None,
     epochs: Annotated[int, typer.Option(help="Passes over the data.", parser=_typed_int)] = 1,
-    max_steps: Annotated[Optional[int], typer.Option(help="Stop after this many steps.", parser=_typed_int)] = None,
+    max_steps: Annotated[Optional[int], typer.Option(help="Stop after this many steps, or when --epochs end if sooner (default: when --epochs end).", parser=_typed_int)] = None,
     batch_size: Annotated[int, typer.Option(help="Examples per step.", parser=_typed_int)] = 16,
     max_length: Annotated[Optional[int], typer.Option(help="Tokens per example (default 128, or the model's position limit when shorter, said in a note; a value beyond a learned position table, BERT's or GPT-2's, is refused).", parser=_typed_int)] = None,
     group_by_length: Annotated[bool, typer.Option(
@@ -100,7 +100,9 @@ def verify(
     tuned: Annotated[str, typer.Argument(help="The full fine-tune (e.g. from `spectra train --full`).")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Report directory to write (refused if it exists, unless --overwrite).")] = Path("reports/verify"),
     adapter: Annotated[Optional[Path], typer.Option(help="An existing PEFT adapter to check (no training).")] = None,
-    sweep: Annotated[Optional[str], typer.Option(help="Ranks to train and check, e.g. 1,2,4,8,16.")] = None,
+    sweep: Annotated[Optional[str], typer.Option(help="Comma-separated ranks to train and check, e.g. 1,2,4,8,16.",
+                                                 parser=_NumberList(int, "comma-separated ranks ≥ 1 like 1,2,4,8",
+                                                                    least=1))] = None,
     method: Annotated[str, typer.Option(help="Sweep methods, e.g. lora,dora (qlora, qdora too).")] = "lora",
     data: Annotated[Optional[Path], typer.Option(help="Training data for --sweep.")] = None,
     eval_data: Annotated[Optional[Path], typer.Option(help="Eval data: loss/accuracy of base, tuned, adapter, SVD.")] = None,
@@ -111,10 +113,13 @@ def verify(
     recommended: Annotated[Optional[int], typer.Option(min=1, help="Rank to mark as recommended (instead of --plan).", parser=_typed_int)] = None,
     distill: Annotated[bool, typer.Option("--distill", help="Sweep: fit adapters to TUNED's outputs, not labels.")] = False,
     roles: Annotated[Optional[str], typer.Option(help="Sweep: roles to target (default every block linear).")] = None,
-    stacks: Annotated[Optional[str], typer.Option(help="Sweep: c" + _STACKS_HELP.removeprefix("C"))] = None,
+    stacks: Annotated[Optional[str], typer.Option(help="Sweep: stacks whose modules of --roles to target, as `train "
+                                                       "--stacks` takes them (default, as train's: the stacks text "
+                                                       "runs through, a vision-language model's language model, not "
+                                                       "its vision tower).")] = None,
     epochs: Annotated[int, typer.Option(help="Sweep: passes over the data.", parser=_typed_int)] = 1,
-    max_steps: Annotated[Optional[int], typer.Option(help="Sweep: steps per run.", parser=_typed_int)] = None,
-    lr: Annotated[Optional[float], typer.Option(help="Sweep: learning rate.", parser=_typed_float)] = None,
+    max_steps: Annotated[Optional[int], typer.Option(help="Sweep: steps per run (default: when --epochs end).", parser=_typed_int)] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Sweep: learning rate (default 5e-4, train's for adapters).", parser=_typed_float)] = None,
     group_by_length: Annotated[bool, typer.Option(
         "--group-by-length", help="Sweep: batch texts of similar length together (less padding; see `train`).")] = False,
     device: Annotated[str, typer.Option(help="Where the measures' SVDs, the evaluations and the sweep's training "
@@ -166,10 +171,7 @@ def verify(
 
     if data is None:
         raise ConfigError("--sweep trains adapters: pass --data (the fine-tune's training data).")
-    try:
-        ranks = [int(r) for r in _split(sweep) or ()]
-    except ValueError:
-        raise ConfigError(f"--sweep {sweep!r}: expected comma-separated ranks like 1,2,4,8.") from None
+    ranks = [int(r) for r in sweep]  # the numbers: --sweep 08 trains and names lora-r8, as rank_sweep does
     methods = _split(method) or ("lora",)
     adapters_dir = adapters_dir or output.with_name(output.name + "-adapters")
     from spectra.files import refuse_replacing_others
@@ -179,6 +181,8 @@ def verify(
                                 option="--adapters-dir")  # the first trains
     if plan is not None and recommended is None:
         recommended = load_plan(plan).to_peft_config()["r"]
+    if recommended is not None:  # the report's number, checked (≥ 1) as typed: --recommended 02 marks "r=2", not "02"
+        recommended = int(recommended)
     tconfig = TrainConfig(roles=_split(roles), stacks=_stacks(stacks), epochs=epochs, max_steps=max_steps, lr=lr, seed=seed,
                           group_by_length=group_by_length, teacher=tuned if distill else None, device=device,
                           **({} if eval_fraction is None else {"eval_fraction": eval_fraction}))

@@ -64,9 +64,10 @@ def test_a_refused_energy_level_is_named_as_typed(monkeypatch, capsys, pair, tmp
     assert code == 2 and f"--energy: {shown} must be an energy fraction in (0, 1]" in err, err
     assert f"--energy: {float(shown)} must" not in err  # 2.0, 1.5, 7.0, -0.0: the number, not what was typed
     assert not (tmp_path / "out").exists()
-    # negative control: a word that is no number is refused by the command itself, quoting the whole list
+    # negative control: a word that is no number is refused by the command itself, quoting the list and the word
     code, _, err = run(monkeypatch, capsys, "analyze", pair[0], pair[1], "--energy", "0.9,2x", "-o", tmp_path / "out")
-    assert code == 2 and "--energy '0.9,2x': expected comma-separated fractions like 0.5,0.9,0.99." in err, err
+    said = "--energy '0.9,2x': '2x' is not a number; expected comma-separated fractions like 0.5,0.9,0.99."
+    assert code == 2 and said in err, err
 
 
 def test_the_nan_hint_names_skip_nonfinite_only_where_the_command_has_it(monkeypatch, capsys, pair, tmp_path):
@@ -127,7 +128,9 @@ def test_help_says_what_an_existing_output_meets_and_what_extract_reads():
 
     extract = help_of("extract")
     assert "or a PEFT adapter directory" in extract and "With --rank: comma-separated stacks" in extract
-    assert "Sweep: comma-separated stacks" in help_of("verify")
+    # verify --sweep trains: its --stacks default is train's (the stacks text runs through), not "every stack"
+    verify = help_of("verify")
+    assert "Sweep: stacks whose modules of --roles to target" in verify and "every stack" not in verify
     for command in ("analyze", "extract", "train", "sweep", "verify"):
         text = help_of(command)
         assert "refused if it exists, unless --overwrite" in text, command

@@ -31,13 +31,13 @@ _REFUSED = [
     (["bench", "svd", "--quick", "--seed=-1", "-o", "{o}"], "error: --seed must be ≥ 0, got -1.\n",
      "random_state"),  # a traceback from scikit-learn's randomized_svd
     (["bench", "svd", "--shapes", "32x48x2", "--kinds", "planted", "--ks", "2", "-o", "{o}"],
-     "error: --shapes '32x48x2': expected OUTxIN shapes like 1024x1024,768x2304", "unpack"),  # a traceback
+     "error: --shapes '32x48x2': '32x48x2' is not OUTxIN; expected OUTxIN shapes like 1024x1024,768x2304", "unpack"),  # a traceback
     (["bench", "svd", "--shapes", "0x5", "--kinds", "planted", "--ks", "2", "-o", "{o}"],
-     "error: --shapes '0x5': expected OUTxIN shapes", "`M` is empty"),
-    (["bench", "svd", "--shapes", "abc", "-o", "{o}"], "error: --shapes 'abc': expected OUTxIN shapes",
+     "error: --shapes '0x5': 0 is less than 1; expected OUTxIN shapes", "`M` is empty"),
+    (["bench", "svd", "--shapes", "abc", "-o", "{o}"], "error: --shapes 'abc': 'abc' is not OUTxIN; expected OUTxIN",
      "invalid literal for int()"),
     (["bench", "svd", "--shapes", "32x48", "--kinds", "planted", "--ks", "0", "-o", "{o}"],
-     "error: --ks '0': expected top-k sizes like 64,256", "n_components"),
+     "error: --ks '0': 0 is less than 1; expected top-k sizes like 64,256", "n_components"),
     (["bench", "svd", "--quick", "--kinds", "planted,bogus", "-o", "{o}"],
      "error: --kinds: unknown spectrum kind(s) bogus; choose from planted, power_law, bf16.\n", "('planted'"),
     (["bench", "train", "--quick", "--steps", "0", "-o", "{o}"], "error: --steps must be ≥ 1, got 0.\n",
