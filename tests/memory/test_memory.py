@@ -704,6 +704,50 @@ def per_sequence_saved(model, peft, precision: str, roles, layers) -> dict[str, 
     return {"measured": measured[1] - measured[0], "modelled": modelled[1] - modelled[0]}
 
 
+def block_saved(build, peft, method: str, precision: str, attention: str, roles=None, *, use_cache: bool | None = None,
+                misread=None, estimated: bool = True, read=None) -> dict[str, int]:
+    """One block's saved bytes per sequence of 16 tokens: the double difference of models of 1 and 2 blocks
+    (``build(layers)``, a causal LM built from a tiny config) at batch 2 and 3, so that the embeddings, the head and
+    the loss cancel. ``measured``: what autograd saves (:func:`saved_bytes`) under ``peft(model, method, roles)``
+    (none for full fine-tuning) at ``precision``; ``modelled``: the estimate's activations of the model's config
+    (``read(config)`` where given, to read it as a config.json that leaves keys out; none where not ``estimated``:
+    a config the estimate refuses; ``misread``: a change to the shape it reads, for a negative control).
+    ``use_cache``: set on the model and given to the estimate (both left at their defaults when None).
+    ``layer_norms``: the block's nn.LayerNorms."""
+    import torch
+
+    import spectra.memory.estimate as estimate_module
+
+    measured, modelled, norms = {}, {}, {}
+    real = estimate_module.model_shape
+    cache = {} if use_cache is None else {"use_cache": use_cache}
+    for layers in (1, 2):
+        model = build(layers)
+        norms[layers] = sum(isinstance(m, torch.nn.LayerNorm) for m in model.modules())
+        model.config._attn_implementation = attention
+        if use_cache is not None:
+            model.config.use_cache = use_cache
+        config = model.config if read is None else read(model.config)
+        model = model.to({"bf16": torch.bfloat16, "fp32": torch.float32}[precision])
+        if method != "full":
+            model = peft(model, method, roles)
+        model.train()
+        for batch in (2, 3):
+            measured[layers, batch] = saved_bytes(model, lambda m: _loss(m, batch, 16))
+            if not estimated:
+                modelled[layers, batch] = 0
+                continue
+            with pytest.MonkeyPatch.context() as patch:
+                if misread:
+                    patch.setattr(estimate_module, "model_shape", lambda c, **kw: misread(real(c, **kw)))
+                modelled[layers, batch] = estimate_memory(config, method=method, rank_plan_or_rank=4, batch=batch,
+                                                          seq_len=16, precision=precision, attention=attention,
+                                                          roles=roles, **cache).activations
+    return {kind: d[2, 3] - d[1, 3] - d[2, 2] + d[1, 2] for kind, d in (("measured", measured),
+                                                                       ("modelled", modelled))} \
+        | {"layer_norms": norms[2] - norms[1]}
+
+
 def check_qlora_storage(model, folder) -> None:
     """bitsandbytes' 4-bit load of ``model`` (saved under ``folder``): the estimate's weights and quantisation
     constants are the loaded model's bytes."""

@@ -21,10 +21,9 @@ import dataclasses
 import pytest
 
 from spectra.memory import estimate_memory, model_shape
-from tests.memory.test_memory import (_PEFT_PATTERN_WARNING, _loss, check_cli_memory, check_kv_cache,
+from tests.memory.test_memory import (_PEFT_PATTERN_WARNING, block_saved, check_cli_memory, check_kv_cache,
                                       check_qlora_storage, check_refused_and_miscounted,
-                                      check_trainable_gradients_and_states, lora_on_roles, per_sequence_saved,
-                                      saved_bytes)
+                                      check_trainable_gradients_and_states, lora_on_roles, per_sequence_saved)
 
 _SMALL = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, vocab_size=64,
               pad_token_id=0, bos_token_id=0, eos_token_id=0)
@@ -109,36 +108,10 @@ def test_trainable_parameters_gradients_and_states(family, method):
 
 def _block(family: str, variant: int, method: str, precision: str, attention: str, roles=None,
            use_cache: bool = True, misread=None) -> dict[str, int]:
-    """One block's saved bytes per sequence of 16 tokens, measured (autograd) and modelled (``misread``: a change
-    to the shape the estimate reads, for a negative control), and the block's LayerNorms (``layer_norms``)."""
-    import torch
-
-    import spectra.memory.estimate as estimate_module
-
-    measured, modelled, norms = {}, {}, {}
-    real = estimate_module.model_shape
-    for layers in (1, 2):
-        model = _model(family, variant, num_hidden_layers=layers)
-        norms[layers] = sum(isinstance(m, torch.nn.LayerNorm) for m in model.modules())
-        model.config._attn_implementation = attention
-        model.config.use_cache = use_cache
-        config = model.config
-        model = model.to({"bf16": torch.bfloat16, "fp32": torch.float32}[precision])
-        if method != "full":
-            model = _peft(model, method, roles)
-        model.train()
-        for batch in (2, 3):
-            measured[layers, batch] = saved_bytes(model, lambda m: _loss(m, batch, 16))
-            with pytest.MonkeyPatch.context() as patch:
-                if misread:
-                    patch.setattr(estimate_module, "model_shape", lambda c, **kw: misread(real(c, **kw)))
-                modelled[layers, batch] = estimate_memory(config, method=method, rank_plan_or_rank=4, batch=batch,
-                                                          seq_len=16, precision=precision, attention=attention,
-                                                          use_cache=use_cache,
-                                                          roles=roles).activations
-    return {kind: d[2, 3] - d[1, 3] - d[2, 2] + d[1, 2] for kind, d in (("measured", measured),
-                                                                       ("modelled", modelled))} \
-        | {"layer_norms": norms[2] - norms[1]}
+    """One block's saved bytes per sequence of 16 tokens, measured and modelled (``misread``: a negative control),
+    and its LayerNorms (``layer_norms``): :func:`tests.memory.test_memory.block_saved`."""
+    return block_saved(lambda layers: _model(family, variant, num_hidden_layers=layers), _peft, method, precision,
+                       attention, roles, use_cache=use_cache, misread=misread)
 
 
 _BLOCK_CASES = [

@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import pytest
 
-from spectra.memory import estimate_memory, model_shape
-from tests.memory.test_memory import (_PEFT_PATTERN_WARNING, _loss, check_cli_memory, check_kv_cache,
+from spectra.memory import model_shape
+from tests.memory.test_memory import (_PEFT_PATTERN_WARNING, block_saved, check_cli_memory, check_kv_cache,
                                       check_qlora_storage, check_refused_and_miscounted,
-                                      check_trainable_gradients_and_states, lora_on_roles, per_sequence_saved,
-                                      saved_bytes)
+                                      check_trainable_gradients_and_states, lora_on_roles, per_sequence_saved)
 
 _SMALL = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, head_dim=8, vocab_size=64, pad_token_id=0, bos_token_id=0, eos_token_id=0)
@@ -81,28 +80,10 @@ def test_trainable_parameters_gradients_and_states(family, method):
 
 def _block(family: str, method: str, precision: str, attention: str, roles=None, modelled: bool = True,
            **overrides) -> dict[str, int]:
-    """One block's saved bytes per sequence of 16 tokens, measured (autograd) and modelled (unless not
-    ``modelled``: a config the estimate refuses)."""
-    import torch
-
-    model_it = modelled
-
-    measured, modelled = {}, {}
-    for layers in (1, 2):
-        model = _model(family, num_hidden_layers=layers, **overrides)
-        model.config._attn_implementation = attention
-        config = model.config
-        model = model.to({"bf16": torch.bfloat16, "fp32": torch.float32}[precision])
-        if method != "full":
-            model = _peft(model, method, roles)
-        model.train()
-        for batch in (2, 3):
-            measured[layers, batch] = saved_bytes(model, lambda m: _loss(m, batch, 16))
-            modelled[layers, batch] = 0 if not model_it else estimate_memory(
-                config, method=method, rank_plan_or_rank=4, batch=batch, seq_len=16, precision=precision,
-                attention=attention, roles=roles).activations
-    return {kind: d[2, 3] - d[1, 3] - d[2, 2] + d[1, 2] for kind, d in (("measured", measured),
-                                                                       ("modelled", modelled))}
+    """One block's saved bytes per sequence of 16 tokens, measured and modelled (unless not ``modelled``: a config
+    the estimate refuses): :func:`tests.memory.test_memory.block_saved`."""
+    return block_saved(lambda layers: _model(family, num_hidden_layers=layers, **overrides), _peft, method,
+                       precision, attention, roles, estimated=modelled)
 
 
 _SLIDING = dict(sliding_window=8)  # EXAONE 4: its first three of every four layers slide (by 8 under 16 tokens)

@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import pytest
 
-from spectra.memory import estimate_memory, model_shape
-from tests.memory.test_memory import (_PEFT_PATTERN_WARNING, _loss, check_cli_memory, check_qlora_storage,
-                                      check_trainable_gradients_and_states, lora_on_roles, per_sequence_saved,
-                                      saved_bytes)
+from spectra.memory import model_shape
+from tests.memory.test_memory import (_PEFT_PATTERN_WARNING, block_saved, check_cli_memory, check_qlora_storage,
+                                      check_trainable_gradients_and_states, lora_on_roles, per_sequence_saved)
 
 _SMALL = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, head_dim=8, vocab_size=64, pad_token_id=0, bos_token_id=0, eos_token_id=0)
@@ -89,25 +88,9 @@ def test_trainable_parameters_gradients_and_states_count_the_norms(family, metho
 
 
 def _block(family: str, method: str, precision: str, attention: str, roles=None, **overrides) -> dict[str, int]:
-    """One block's saved bytes per sequence, measured (autograd) and modelled."""
-    import torch
-
-    measured, modelled = {}, {}
-    for layers in (1, 2):
-        model = _model(family, num_hidden_layers=layers, **overrides)
-        model.config._attn_implementation = attention
-        config = model.config
-        model = model.to({"bf16": torch.bfloat16, "fp32": torch.float32}[precision])
-        if method != "full":
-            model = _peft(model, method, roles)
-        model.train()
-        for batch in (2, 3):
-            measured[layers, batch] = saved_bytes(model, lambda m: _loss(m, batch, 16))
-            modelled[layers, batch] = estimate_memory(config, method=method, rank_plan_or_rank=4, batch=batch,
-                                                      seq_len=16, precision=precision, attention=attention,
-                                                      roles=roles).activations
-    return {kind: d[2, 3] - d[1, 3] - d[2, 2] + d[1, 2] for kind, d in (("measured", measured),
-                                                                       ("modelled", modelled))}
+    """One block's saved bytes per sequence, measured and modelled: :func:`tests.memory.test_memory.block_saved`."""
+    return block_saved(lambda layers: _model(family, num_hidden_layers=layers, **overrides), _peft, method,
+                       precision, attention, roles)
 
 
 _SLIDING = dict(use_sliding_window=True, sliding_window=8, max_window_layers=0)  # Qwen3: every layer slides by 8
