@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from spectra.checkpoints.architectures import STACKS
+from spectra.checkpoints.architectures import STACKS, module_stack
 
 # Stacks in report order: the language model (None) first, then the others as architectures.STACKS lists them.
 STACK_ORDER = (None, *STACKS)
@@ -25,6 +25,39 @@ def stack_index(stack: str | None) -> tuple[int, str]:
 def stacks_in(rows: list[Mapping]) -> list[str | None]:
     """The distinct stacks of ``rows`` (None: the language model, or a row written without a stack), in order."""
     return sorted({r.get("stack") for r in rows}, key=stack_index)
+
+
+def rows_with_stacks(modules: list, model_type: str | None) -> list:
+    """The rows of an analysis as this spectra labels their stacks: a row without a ``stack`` (a file written
+    before spectra gave a vision-only model its one stack, or before a stack existed) gets the one its name and the
+    checkpoint's model type give (:func:`~spectra.checkpoints.architectures.module_stack`), as a new run does: an
+    old ViT's rows read ``vision``, not the language model's; an old SAM's mask decoder ``mask_decoder``. A row
+    whose stack is the language model keeps none, so an LM's analysis reads as written. Rows that are no dict, or
+    that name no module, are returned as they are (the readers' checks name them).
+
+    `model_type` is ``config.json``'s, as the analysis keeps it (``pairing.config_model_type``, :func:`model_type_of`).
+
+    >>> rows_with_stacks([{"name": "encoder.layer.0.attention.attention.query"}], "vit")
+    [{'name': 'encoder.layer.0.attention.attention.query', 'stack': 'vision'}]
+    >>> rows_with_stacks([{"name": "model.layers.0.self_attn.q_proj"}], "llama")
+    [{'name': 'model.layers.0.self_attn.q_proj'}]
+    """
+    config = {"model_type": model_type} if isinstance(model_type, str) else None
+    out = []
+    for row in modules:
+        if isinstance(row, Mapping) and "stack" not in row and isinstance(row.get("name"), str):
+            stack = module_stack(row["name"], config)
+            row = {**row, "stack": stack} if stack is not None else row
+        out.append(row)
+    return out
+
+
+def model_type_of(analysis: Mapping) -> str | None:
+    """``config.json``'s model type of the checkpoints an analysis dict compared (``pairing.config_model_type``,
+    which every analysis.json holds), or None."""
+    pairing = analysis.get("pairing") if isinstance(analysis, Mapping) else None
+    model_type = pairing.get("config_model_type") if isinstance(pairing, Mapping) else None
+    return model_type if isinstance(model_type, str) else None
 
 
 def group_of(row: Mapping) -> tuple[str | None, str]:

@@ -112,7 +112,13 @@ beside its language model's ``layers.0.self_attn.q_proj``. Role and layer alone 
 them one cell of a layer × role table. ``None`` is the language model (the text decoder),
 the only stack of an ordinary LM; see :data:`STACKS` for the others. A model that holds no language model is one
 stack of its own, read from ``config.json`` (:func:`single_stack`): a ViT's, DINOv2's or a CLIP vision tower's
-modules are ``vision``, a Wav2Vec2's ``audio``.
+modules are ``vision``, a Wav2Vec2's ``audio``. A SAM-style segmenter (SAM, SAM-HQ, SAM 2) holds none either: its
+vision encoder is ``vision``, its prompt encoder and mask decoder (a two-way transformer, its layers numbered from 0
+again) ``mask_decoder``.
+
+A layer is counted within its stack, in the order the model runs its blocks: a hierarchical backbone's (Swin's
+``layers.S.blocks.B``, ConvNeXt's ``stages.S.layers.B``, PVT's ``block.S.B``) block is layer ``sum(depths[:S]) + B``
+by ``config.json``'s ``depths`` (:func:`_staged_layer`), not its stage's number or its number within the stage.
 
 A selection names stacks as the reports print them (:data:`STACK_NAMES`: ``language`` for None, which the reports
 call "language model", or "decoder" beside an encoder; then ``vision``, ``encoder`` …). Every command selects a
@@ -424,6 +430,9 @@ _ROLE_REGEXES = tuple((re.compile(rf"(^|\.){pattern}$"), role) for pattern, role
 #   vision         a vision tower (Gemma 3, LLaVA, Qwen2-VL, Mllama's local layers, BLIP-2's ViT, CLIP's with its
 #                  visual_projection), or a whole vision-only model (ViT, DINOv2, …: single_stack)
 #   vision_global  Mllama's second vision stack, numbered from 0 again
+#   mask_decoder   a SAM-style segmenter's prompt encoder and mask decoder (SAM's, SAM-HQ's, SAM 2's
+#                  prompt_encoder.… and mask_decoder.…, whose two-way transformer's layers are numbered from 0
+#                  again), beside its vision encoder (vision): the model holds no language model
 #   qformer        BLIP-2's and InstructBLIP's Q-Former, a BERT of its own between vision and text
 #   audio          an audio tower (Qwen2-Audio), or a whole audio-only model (Wav2Vec2, HuBERT, …: single_stack)
 #   projector      the layers that map another stack's features into the language model's
@@ -432,7 +441,7 @@ _ROLE_REGEXES = tuple((re.compile(rf"(^|\.){pattern}$"), role) for pattern, role
 #   code_predictor Qwen3-Omni's talker's second decoder (talker.code_predictor.…), numbered from 0 again
 #   vocoder        an Omni model's codes-to-waveform model (Qwen2.5-Omni's token2wav, Qwen3-Omni's code2wav, whose
 #                  pre_transformer.layers.N are q, k, v, o, gate, up, down as the language model's)
-STACKS = ("encoder", "vision", "vision_global", "qformer", "audio", "projector", "talker", "code_predictor", "vocoder")
+STACKS = ("encoder", "vision", "vision_global", "mask_decoder", "qformer", "audio", "projector", "talker", "code_predictor", "vocoder")
 # What a selection (``--stacks``) calls the stack None, the language model; "decoder" and "language model" are the
 # names the reports give it (:func:`spectra.report.tables.stack_label`: "decoder" beside an encoder), so a user may
 # type what a report shows.
@@ -459,6 +468,9 @@ _STACK_RULES: tuple[tuple[str, str], ...] = (
     # the text model's (the language model's). One segment above it at most: VisualBERT's
     # embeddings.visual_projection feeds its text encoder, GIT's git.visual_projection.visual_projection.0 its decoder
     (r"^(\w+\.)?visual_projection(\.\d+)?$", "vision"),
+    # SAM, SAM-HQ, SAM 2 (and the trackers built on them): the prompt encoder (points, boxes, a mask prompt) and the
+    # mask decoder (a two-way transformer between the prompt tokens and the image embedding) beside vision_encoder.…
+    (r"(^|\.)(prompt_encoder|mask_decoder)(\.|$)", "mask_decoder"),
     (r"(^|\.)qformer(\.|$)", "qformer"),  # BLIP-2: qformer.encoder.layer.0… beside language_model…layers.0…
     (r"(^|\.)(audio_tower|audio_model|audio_encoder)(\.|$)", "audio"),
     (r"^(model\.)?(multi_modal_projector|mm_projector|connector|language_projection)(\.|$)", "projector"),
@@ -480,7 +492,11 @@ _VISION_ONLY = frozenset({
     "dinov3_convnext", "ijepa", "swin", "swinv2", "donut-swin", "maskformer-swin", "dinat", "hiera", "focalnet",
     "convnext", "convnextv2", "levit", "cvt", "pvt", "pvt_v2", "poolformer", "segformer", "swiftformer", "efficientnet",
     "mobilenet_v1", "mobilenet_v2", "mobilevit", "mobilevitv2", "regnet", "resnet", "bit", "hgnet_v2", "vitdet", "yolos",
-    "dpt", "glpn", "timesformer", "videomae", "vivit", "vjepa2", "imagegpt"})
+    "dpt", "glpn", "timesformer", "videomae", "vivit", "vjepa2", "imagegpt",
+    # SAM-style segmenters of one image: a vision encoder, a prompt encoder and a mask decoder (the mask_decoder stack,
+    # by name), no language model; their shared positional embedding (shared_image_embedding), SAM 2's
+    # no_memory_embedding are the vision stack's
+    "sam", "sam_hq", "sam2", "sam3_tracker", "edgetam"})
 _AUDIO_ONLY = frozenset({
     "wav2vec2", "wav2vec2-conformer", "wav2vec2-bert", "hubert", "wavlm", "sew", "sew-d", "unispeech", "unispeech-sat",
     "data2vec-audio", "audio-spectrogram-transformer", "clap_audio_model", "parakeet_encoder"})
@@ -508,6 +524,33 @@ _ENCODER_DECODER = re.compile(r"(?:^|\.)(encoder|decoder)\.")
 # modules in parallel lists (attentions.N, ffns.N, layer_norm1.N …), one entry per layer.
 _LAYER = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block|deepstack_merger_list|merger_list|attentions|ffns)"
                     r"\.(\d+)\.")
+# Hierarchical vision backbones keep their blocks in stages, each numbered from 0: Swin's (SwinV2's, Donut-Swin's,
+# MaskFormer-Swin's, PVTv2's) layers.S.blocks.B, ConvNeXt's (FocalNet's, Hiera's, ResNet's, BiT's, CvT's …)
+# stages.S.layers.B, PVT's (PoolFormer's, GLPN's, SegFormer's) block.S.B. _LAYER reads S (Swin, PVT) or B (ConvNeXt)
+# alone, so the blocks of a stage, or the first blocks of every stage, would share one row of a layer × role table; a
+# block's layer is its place in the whole stack instead, sum(depths[:S]) + B (_staged_layer), by config.json's depths
+# (a model type here; the config itself, or a backbone's or an encoder's nested config). The last regex of a layout
+# reads a stage's module outside its blocks (Swin's downsample, ConvNeXt's downsampling_layer): it takes the layer of
+# the stage's block next to it in the model's order, the first block's where _BEFORE_BLOCKS names it (it runs before
+# them), else the last's. tests/checkpoints/test_vision_stacks_s20.py holds each to transformers' module order.
+_SWIN_LAYOUT = ((re.compile(r"(?:^|\.)layers\.(\d+)\.blocks\.(\d+)(?:\.|$)"),), re.compile(r"(?:^|\.)layers\.(\d+)\."))
+_STAGES_LAYOUT = ((re.compile(r"(?:^|\.)stages\.(\d+)\.layers\.(\d+)(?:\.|$)"),), re.compile(r"(?:^|\.)stages\.(\d+)\."))
+# SegFormer's hub checkpoints keep its blocks as PVT's (block.S.B, the stage's patch_embeddings.S and layer_norm.S
+# outside it), transformers 5 as stages.S.blocks.B beside stages.S.patch_embeddings and stages.S.layer_norm
+_PVT_LAYOUT = ((re.compile(r"(?:^|\.)block\.(\d+)\.(\d+)(?:\.|$)"), re.compile(r"(?:^|\.)stages\.(\d+)\.blocks\.(\d+)(?:\.|$)")),
+               re.compile(r"(?:^|\.)stages\.(\d+)\."))
+_STAGE_LAYOUTS = {
+    **dict.fromkeys(("swin", "swinv2", "donut-swin", "maskformer-swin", "pvt_v2"), (_SWIN_LAYOUT, "depths")),
+    **dict.fromkeys(("convnext", "convnextv2", "dinov3_convnext", "focalnet", "hiera", "resnet", "bit", "regnet"),
+                    (_STAGES_LAYOUT, "depths")),
+    "cvt": (_STAGES_LAYOUT, "depth"),
+    **dict.fromkeys(("pvt", "poolformer", "glpn", "segformer"), (_PVT_LAYOUT, "depths")),
+}
+# A stage's modules outside its blocks, as transformers names them: those that run before the blocks (a downsampling
+# or patch embedding at the stage's head: ConvNeXt, DINOv3-ConvNeXt, PVTv2, SegFormer, CvT) and after them (Swin's
+# and FocalNet's downsample, PVTv2's and SegFormer's layer_norm). Another name under a stage keeps _LAYER's reading.
+_BEFORE_BLOCKS = re.compile(r"^(downsampling_layer|downsample_layers|patch_embeddings?|embedding)(\.|$)")
+_AFTER_BLOCKS = re.compile(r"^(downsample|layer_norm)(\.|$)")
 # An expert's index: Mixtral's experts.3.w1, SwitchTransformers' and NLLB-MoE's experts.expert_3.wi; JetMoE's
 # per-expert records, named by their 3-D module and the index (mlp.input_linear.3,
 # self_attention.experts.output_linear.3)
@@ -610,12 +653,54 @@ def module_info(name: str, config: dict[str, Any] | None = None) -> ModuleInfo:
     stack = module_stack(name, config)
     if role == "other" and stack in _STACK_ROLES and not _NORM.search(name) and not _STACK_PARAMETERS.search(name):
         role = _STACK_ROLES[stack]  # a projector's Linear: role projector
-    layer = _LAYER.search(name)
+    found = _LAYER.search(name)
+    layer = _staged_layer(name, config)
+    layer = int(found.group(1)) if layer is None and found else layer
     expert = _EXPERT.search(name)
-    if role == "k" and stack is None and layer and _K_AS_V.search(name) and _k_is_v(int(layer.group(1)), config):
+    if role == "k" and stack is None and layer is not None and _K_AS_V.search(name) and _k_is_v(layer, config):
         role = "kv"  # Gemma 4's full-attention k_proj under attention_k_eq_v: its output is the keys and the values
     index = next((int(g) for g in expert.groups() if g is not None), None) if expert else None
-    return ModuleInfo(role, int(layer.group(1)) if layer else None, index, stack)
+    return ModuleInfo(role, layer, index, stack)
+
+
+def _staged_layer(name: str, config: dict[str, Any] | None) -> int | None:
+    """The layer of a hierarchical vision backbone's module (:data:`_STAGE_LAYOUTS`): block B of stage S is layer
+    ``sum(depths[:S]) + B``, its place among every block of the stack, as a ViT's ``encoder.layer.N`` is N; a
+    stage's module outside its blocks takes the layer of the stage's first block (Swin-style
+    ``layers.S.patch_embedding``, ConvNeXt's ``stages.S.downsampling_layer``: they run before them) or last block
+    (Swin's ``layers.S.downsample``). None where the config names no such backbone or its ``depths`` do not hold
+    the name's stage and block (then :data:`_LAYER` reads the name as before).
+
+    >>> cfg = {"model_type": "swin", "depths": [2, 2, 6, 2]}
+    >>> [_staged_layer(f"encoder.layers.{s}.blocks.{b}.attention.q_proj", cfg) for s, b in ((0, 0), (1, 1), (2, 0))]
+    [0, 3, 4]
+    >>> _staged_layer("encoder.layers.1.downsample.reduction", cfg), _staged_layer("encoder.layers.1.blocks.0.x", None)
+    (3, None)
+    """
+    cfg = config or {}
+    staged = cfg if cfg.get("model_type") in _STAGE_LAYOUTS else None
+    if staged is None:  # a backbone's (MaskFormer's, UperNet's), an encoder's (Donut's) or a vision tower's config
+        nested = [(cfg.get("backbone_config"), None), (cfg.get("encoder"), "encoder"), (cfg.get("vision_config"),
+                                                                                          "vision")]
+        staged = next((c for c, part in nested if isinstance(c, dict) and c.get("model_type") in _STAGE_LAYOUTS
+                       and (part is None or module_stack(name, cfg) == part)), None)
+    if staged is None:
+        return None
+    (blocks, stage), key = _STAGE_LAYOUTS[staged["model_type"]]
+    depths = staged.get(key)
+    if not (isinstance(depths, list) and depths and all(isinstance(d, int) and d > 0 for d in depths)):
+        return None
+    found = next((m for m in (regex.search(name) for regex in blocks) if m is not None), None)
+    if found is not None:
+        s, b = int(found.group(1)), int(found.group(2))
+        return sum(depths[:s]) + b if s < len(depths) and b < depths[s] else None
+    found = stage.search(name)
+    if found is None or int(found.group(1)) >= len(depths):
+        return None
+    s, rest = int(found.group(1)), name[found.end():]
+    if _BEFORE_BLOCKS.match(rest):
+        return sum(depths[:s])
+    return sum(depths[:s]) + depths[s] - 1 if _AFTER_BLOCKS.match(rest) else None
 
 
 def vector_info(name: str, config: dict[str, Any] | None = None) -> ModuleInfo:
