@@ -396,7 +396,9 @@ def _llama(cfg: dict, mtype: str, base_model) -> ModelShape:
     """A Llama-like config; ``base_model()``: :func:`_meta_model_for`'s, built when first asked (MoE only)."""
     h, layers, heads = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["num_attention_heads"]
     kv_heads = cfg.get("num_key_value_heads") or heads
-    head_dim = cfg.get("head_dim") or h // heads
+    # config.json may leave head_dim to the family, whose default need not be h / heads (Seed-OSS's and Qwen3's 128,
+    # Gemma's 256: what their config classes fill in and the models build)
+    head_dim = cfg.get("head_dim") or _filled(cfg, mtype, "head_dim") or h // heads
     inter, vocab = cfg["intermediate_size"], cfg["vocab_size"]
     q_dim, kv_dim = heads * head_dim, kv_heads * head_dim
     experts = cfg.get("num_local_experts") or (cfg.get("num_experts") if mtype in _OWN_EXPERT_SIZES else None) or 1
@@ -414,15 +416,19 @@ def _llama(cfg: dict, mtype: str, base_model) -> ModelShape:
     linears = attention + (_routed(experts, inter, h) if experts > 1 else dense)
     # ERNIE 4.5's use_bias puts a bias on every linear of the block (Llama's attention_bias and mlp_bias together)
     every_bias = mtype in _USE_BIAS and bool(_default(cfg, mtype, "use_bias", False))
-    attention_bias = bool(cfg.get("attention_bias", False)) or every_bias
+    # attention_bias and mlp_bias as the family reads them (its config's default where config.json leaves them out:
+    # Seed-OSS biases q, k and v unless told not to), and only where its model reads them (_ATTENTION_BIAS_IGNORED,
+    # _MLP_BIAS_IGNORED)
+    attention_bias = (mtype not in _ATTENTION_BIAS_IGNORED and bool(_default(cfg, mtype, "attention_bias", False))
+                      or every_bias)
+    mlp_bias = mtype not in _MLP_BIAS_IGNORED and bool(_default(cfg, mtype, "mlp_bias", False)) or every_bias
     # StableLM biases q, k and v by use_qkv_bias (o_proj never)
     qkv_bias = attention_bias or mtype in _QKV_BIAS or mtype == "stablelm" and bool(cfg.get("use_qkv_bias", False))
-    # o_proj's bias: attention_bias's (GLM's never; Seed-OSS's by attention_out_bias)
+    # o_proj's bias: attention_bias's (GLM's and Helium's never; Seed-OSS's by attention_out_bias)
     o_bias = bool(cfg.get("attention_out_bias", False)) if mtype == "seed_oss" \
-        else attention_bias and mtype not in _FUSED_MLP
+        else attention_bias and mtype not in _NO_O_BIAS
     bias = (q_dim + 2 * kv_dim if qkv_bias else 0) + (h if o_bias else 0)
-    bias += ((1 if mtype in _PLAIN_MLP else 2) * inter + h) * experts if cfg.get("mlp_bias", False) or every_bias \
-        else 0
+    bias += ((1 if mtype in _PLAIN_MLP else 2) * inter + h) * experts if mlp_bias else 0
     tied = bool(cfg.get("tie_word_embeddings", getattr(_config_object(mtype), "tie_word_embeddings", False)))
     # Gemma 2's and Gemma 3's blocks normalise each sublayer's input and output (input, post-attention, pre- and
     # post-feedforward norms); Gemma 2 caps attention and final logits by tanh (config.json may leave the caps to
@@ -654,6 +660,17 @@ _LANGUAGE_KEYS = frozenset({"hidden_size", "num_hidden_layers", "num_attention_h
 # Qwen2's families bias q, k and v whatever attention_bias says (Qwen2-VL's and Qwen2.5-VL's language models too)
 _QKV_BIAS = frozenset({"qwen2", "qwen2_moe", "qwen2_vl_text", "qwen2_5_vl_text"})
 _USE_BIAS = frozenset({"ernie4_5", "starcoder2"})  # config key use_bias: a bias on every linear of the block
+# families whose models build their linears without reading attention_bias or mlp_bias, whatever config.json says
+# (Llama's, Granite's, SmolLM3's, Helium's, Arcee's and Seed-OSS's MLPs read mlp_bias; the attention of those below
+# has no bias, or Qwen2's fixed one, or use_bias's): read off the models transformers builds from tiny configs with
+# each key set (tests/memory/test_memory_bias_keys.py)
+_ATTENTION_BIAS_IGNORED = frozenset({"mistral", "qwen2", "qwen2_vl_text", "qwen2_5_vl_text", "phi3", "ernie4_5",
+                                     "ministral", "starcoder2", "stablelm", "exaone4", "mixtral", "minimax"})
+_NO_O_BIAS = frozenset({"glm", "helium"})  # attention_bias biases their q, k and v, never o_proj
+_MLP_BIAS_IGNORED = frozenset({"mistral", "qwen2", "qwen2_vl_text", "qwen2_5_vl_text", "qwen3", "gemma", "gemma2",
+                               "gemma3_text", "phi3", "ernie4_5", "ministral", "glm", "olmo", "olmo2", "olmo3",
+                               "starcoder2", "stablelm", "hunyuan_v1_dense", "exaone4", "cohere", "cohere2",
+                               "apertus", "mixtral", "phimoe", "granitemoe", "minimax", "qwen3_moe"})
 # families whose every attention layer slides by config.sliding_window when it is set (MistralModel's mask) and those
 # that slide the layers layer_types names sliding_attention (_sliding_windows); the others ignore sliding_window
 _SLIDING_EVERY_LAYER = frozenset({"mistral", "mixtral", "phi3", "phimoe", "minimax", "starcoder2"})
@@ -744,6 +761,17 @@ def _activation_saved(cfg: dict, mtype: str, key: str) -> int:
 def _default(cfg: dict, mtype: str, key: str, fallback=None):
     """``cfg[key]``, or the family's default (its config class's) where config.json leaves it out."""
     return cfg[key] if key in cfg else getattr(_config_object(mtype), key, fallback)
+
+
+def _filled(cfg: dict, mtype: str, key: str, fallback=None):
+    """``cfg[key]``, or what the family's config class fills in from ``cfg`` where config.json leaves it out (a
+    default that depends on other keys, as Llama's head_dim on hidden_size)."""
+    if key in cfg:
+        return cfg[key]
+    try:
+        return getattr(_config_object(mtype, cfg), key, fallback)
+    except Exception:  # a config whose key varies by layer refuses to give one value (transformers' heterogeneity)
+        return fallback
 
 
 def _gpt_neox(cfg: dict, mtype: str) -> ModelShape:
