@@ -343,6 +343,38 @@ def _adapter_bytes(modules: list[_Adapter], p: int, o_input_kept: bool, dora: bo
     return total
 
 
+# the adapted roles whose outputs reach a role's input within one block: a role not listed reads the block's input
+# (through its norm) alone; o reads the attention's output; a sequential block's MLP reads the attention's and o's,
+# a parallel block's the block's input; down reads the MLP's up-projections (DeepSeek: q_b reads q_a's, kv_b kv_a's)
+_ATTENTION_ROLES = frozenset({"q", "k", "v", "qkv", "kv", "q_a", "kv_a", "q_b", "kv_b"})
+_MLP_INPUT_ROLES = frozenset({"gate", "up", "gate_up", "router"})
+_UPSTREAM = {"q_b": frozenset({"q_a"}), "kv_b": frozenset({"kv_a"}), "o": _ATTENTION_ROLES}
+_UPSTREAM_SEQUENTIAL = {role: _ATTENTION_ROLES | {"o"} for role in _MLP_INPUT_ROLES} \
+    | {"down": _ATTENTION_ROLES | {"o"} | _MLP_INPUT_ROLES}
+_UPSTREAM_PARALLEL = {"down": _MLP_INPUT_ROLES}
+_READS_BLOCK_INPUT = _ATTENTION_ROLES - {"q_b", "kv_b"}
+
+
+def _dora_step_bytes(modules: list[_Adapter], grad: bool, parallel: bool = False) -> int:
+    """Bytes that PEFT's DoRA keeps once a step, whatever the tokens, for one layer's adapted Linears (0.21's
+    ``DoraLinearLayer.forward``: m / ‖W + s·ΔW‖ · (base + s·B·A·x) − base, the norm detached, all fp32 from the
+    fp32 magnitude m): the norm (d_out), saved by the division for m's gradient; m / norm (d_out), saved by its
+    product with the LoRA output; and m / norm − 1 (d_out), saved by its product with the base output where that
+    requires grad, as the module's input does (``grad``: the block's input does; or an adapted module upstream in
+    the block does, :data:`_UPSTREAM`). A role the table does not place counts as downstream of every other."""
+    lora = [m for m in modules if not m.experts]  # a ParamWrapper takes no DoRA (refused)
+    adapted = {m.role for m in lora}
+    total = 0
+    for m in lora:
+        if m.role in _READS_BLOCK_INPUT or parallel and m.role in _MLP_INPUT_ROLES:
+            upstream = frozenset()
+        else:
+            upstream = (_UPSTREAM_PARALLEL if parallel else _UPSTREAM_SEQUENTIAL).get(m.role) \
+                or _UPSTREAM.get(m.role, adapted - {m.role})
+        total += 4 * m.d_out * (3 if grad or adapted & upstream else 2)
+    return total
+
+
 def _table_bytes(modules: list[_Adapter], p: int, tokens: int, seq_len: int, *, dora: bool,
                  fresh_positions: bool) -> int:
     """Bytes that LoRA on the embedding tables (:data:`~spectra.memory.adapters.TABLES`: looked up before the
@@ -427,6 +459,8 @@ def _activations(shape: ModelShape, blocks: list[ModelShape], method: str, adapt
                                                  cache=False, adapted=modules, masked=masked)
         one_input = shape.parallel and shape.norms == 1
         per_token += block + _adapter_bytes(modules, p, o_kept, dora, one_input)
+        # DoRA's per-step tensors, which a checkpointed block recomputes with the rest
+        merged += _dora_step_bytes(modules, grad, shape.parallel) if dora else 0
         per_layer += merged
         recomputed = max(recomputed, tokens * (again + _adapter_bytes(modules, p, o_kept_again, dora, one_input))
                          + merged)
@@ -445,8 +479,9 @@ def _activations(shape: ModelShape, blocks: list[ModelShape], method: str, adapt
     # backward, by when the head's are freed and a gradient of the MLP's width is in flight (measured: the
     # checkpointed peak of a block recomputed in backward exceeds its saved tensors by 1.0–1.2 of these)
     in_flight = max(p * (block.intermediate * block.experts_per_token + block.shared_intermediate) for block in blocks)
-    final += _adapter_bytes([m for m in outside if m.role not in TABLES], p, False, dora)  # a LoRA head
-    at_loss = tokens * final + head
+    head_adapters = [m for m in outside if m.role not in TABLES]  # a LoRA head
+    final += _adapter_bytes(head_adapters, p, False, dora)
+    at_loss = tokens * final + head + (_dora_step_bytes(head_adapters, grad) if dora else 0)
     # the tables' LoRA tensors are held through the whole backward, beside either peak, checkpointed or not
     # (transformers checkpoints the blocks, not the embeddings)
     embedding = _table_bytes(tables, p, tokens, seq_len, dora=dora, fresh_positions=shape.family == "gpt2")
