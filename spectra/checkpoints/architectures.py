@@ -100,7 +100,8 @@ what the modules compute. ``--roles q_a`` (…) takes that module alone. Reports
 before ``o``, in the order the attention's forward meets them.
 
 ``xq xk xv xo`` are cross-attention's projections: an encoder–decoder's decoder attending to
-its encoder's output (T5's ``EncDecAttention.q``, BART's ``encoder_attn.q_proj``). They hold a
+its encoder's output (T5's ``EncDecAttention.q``, BART's ``encoder_attn.q_proj``; SAM's mask decoder's
+attentions between its prompt tokens and the image embedding). They hold a
 role of their own because a report groups by (stack, role) and layer, and a decoder's
 self-attention q and cross-attention q of one layer are two modules with other inputs; a
 ``--roles q`` still takes them (:func:`role_selected`), as PEFT's ``target_modules=["q"]``
@@ -241,8 +242,13 @@ def role_named(role: str, roles) -> bool:
             or any(named in roles for named in _NAMED_BY.get(role, ())))
 
 
-# A decoder's attention over its encoder's output, by the name of its module; T5's self-attention modules.
-_CROSS_ATTENTION = r"(encoder_attn|EncDecAttention|crossattention|cross_attn)"
+# A decoder's attention over its encoder's output, by the name of its module; T5's self-attention modules. SAM's
+# (SAM-HQ's, SAM 2's) mask decoder, a two-way transformer, holds beside each layer's self_attn a cross-attention of
+# the prompt tokens over the image embedding (cross_attn_token_to_image, and final_attn_token_to_image after the last
+# layer) and one of the image embedding over the tokens (cross_attn_image_to_token): cross-attention's roles, so that
+# a layer's self-attention q is a cell of its own
+_CROSS_ATTENTION = (r"(encoder_attn|EncDecAttention|crossattention|cross_attn|cross_attn_token_to_image"
+                    r"|cross_attn_image_to_token|final_attn_token_to_image)")
 # Embedding tables looked up by position or segment (role pos_embed): GPT-2's wpe, BERT's position_embeddings and
 # token_type_embeddings (TAPAS's token_type_embeddings_N), LayoutLM's x_position_embeddings, CLIP's position_embedding,
 # a ViT's pos_embed, GPT-1's positions_embed, BART's and OPT's embed_positions, T5's relative_attention_bias, …

@@ -25,7 +25,7 @@ from torch import nn
 
 from spectra.checkpoints import architectures
 from spectra.checkpoints.architectures import (STACK_NAMES, STACKS, ModuleInfo, module_info, parse_stacks,
-                                               stack_selected)
+                                               role_selected, stack_selected)
 from spectra.groups import model_type_of, rows_with_stacks
 
 
@@ -75,6 +75,22 @@ def test_sam_has_no_language_stack():
     assert module_info("mask_decoder.transformer.layers.0.mlp.lin2", config) == ModuleInfo(
         "down", 0, None, "mask_decoder")
     assert module_info("vision_encoder.layers.1.attn.qkv", config) == ModuleInfo("qkv", 1, None, "vision")
+    # the two-way transformer's cross-attentions (tokens over the image, the image over the tokens) are
+    # cross-attention's roles, apart from the layer's self-attention q (its three q_proj had shared one cell);
+    # --roles q still takes them, as PEFT's target_modules=["q_proj"] does
+    layer = "mask_decoder.transformer.layers.1"
+    roles = {n: module_info(n, config).role for n in
+             (f"{layer}.cross_attn_token_to_image.q_proj", f"{layer}.cross_attn_image_to_token.k_proj",
+              f"{layer}.cross_attn_token_to_image.v_proj", f"{layer}.cross_attn_image_to_token.out_proj",
+              "mask_decoder.transformer.final_attn_token_to_image.q_proj")}
+    assert list(roles.values()) == ["xq", "xk", "xv", "xo", "xq"]
+    assert role_selected("xq", ("q",)) and not role_selected("q", ("xq",))
+    cells = {}
+    for tensor in names:
+        info = module_info(tensor.removesuffix(".weight"), config)
+        if info.layer is not None and info.role in ("q", "k", "v", "o"):
+            cells.setdefault((info.stack, info.layer, info.role), []).append(tensor)
+    assert all(len(c) == 1 for c in cells.values()), cells  # a self-attention projection per cell
     # without config.json the names still say it: SAM's parts are no language model's
     assert module_info("prompt_encoder.mask_embed.conv1").stack == "mask_decoder"
 
