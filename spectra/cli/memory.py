@@ -10,6 +10,7 @@ from rich.markup import escape  # module names hold brackets ("c_attn[q]") that 
 
 from spectra.cli.messages import _cli_words
 from spectra.cli.options import _layers, _split, _stacks, _typed_int
+from spectra.cli.tables import _fmt  # the run's numbers in its title: --batch 02 is "batch 2"
 
 
 def memory(
@@ -91,7 +92,7 @@ def memory(
         return
     table = Table("component", "bytes", "size",
                   title=f"{method} on {est.params:,} parameters ({est.trainable_params:,} trainable), "
-                        f"batch {batch} × {est.seq_len} tokens, {est.precision}, {optimizer}")
+                        f"batch {_fmt(batch)} × {_fmt(est.seq_len)} tokens, {est.precision}, {optimizer}")
     for name, n in est.rows():
         table.add_row(name, f"{n:,}", format_bytes(n))
     console = Console()

@@ -159,7 +159,7 @@ def recommend(
     if plan.budget_gap:
         console.print(f"budget allocation within {plan.budget_gap:.2%} of ΔW energy of the optimum")
     if est is not None:
-        console.print(f"memory ({est.method}, batch {batch} × {est.seq_len} tokens, {est.precision}): "
+        console.print(f"memory ({est.method}, batch {_fmt(batch)} × {_fmt(est.seq_len)} tokens, {est.precision}): "
                       + ", ".join(f"{name} {format_bytes(n)}" for name, n in est.rows() if n))
         for note in est.notes:
             console.print(escape(f"memory note: {_memory_words(note)}"), style="yellow")

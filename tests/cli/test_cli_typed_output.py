@@ -92,6 +92,11 @@ def test_a_rank_derived_from_a_typed_option_prints_as_the_number(monkeypatch, ca
     # negative control: a refusal names the option as typed
     code, _, err = run(monkeypatch, capsys, "recommend", report, "--rank", "099")
     assert code == 2 and "--rank 099 exceeds min(d_in, d_out) = 32" in err, err
+    # the run's settings in a title are its numbers too: "batch 02 × 0128 tokens" before
+    code, out, err = run(monkeypatch, capsys, "recommend", report, "--batch", "02", "--seq-len", "0128")
+    assert code == 0 and "memory (lora, batch 2 × 128 tokens, bf16)" in out, (out, err)
+    code, out, err = run(monkeypatch, capsys, "memory", tmp_path / "base", "--batch", "+2", "--seq-len", "0128")
+    assert code == 0 and "batch 2 × 128 tokens" in " ".join(out.split()), (out, err)
 
 
 def test_typed_numbers_compare_and_print_the_operand_min_max_returns():
