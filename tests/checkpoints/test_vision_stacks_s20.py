@@ -34,7 +34,7 @@ def _tiny_sam():
 
     vision = tf.SamVisionConfig(hidden_size=16, output_channels=8, num_hidden_layers=2, num_attention_heads=2,
                                 mlp_dim=32, image_size=64, patch_size=16, global_attn_indexes=[1], window_size=2,
-                                num_pos_feats=4)
+                                num_pos_feats=4, initializer_range=0.02)  # its default 1e-10: weights near 0
     prompt = tf.SamPromptEncoderConfig(hidden_size=8, image_size=64, patch_size=16, mask_input_channels=4)
     decoder = tf.SamMaskDecoderConfig(hidden_size=8, num_hidden_layers=2, num_attention_heads=2, mlp_dim=16,
                                       iou_head_hidden_dim=8)
