@@ -44,7 +44,8 @@ def bench_train(
     """Time the trainer's step against a plain PEFT loop on the same model and batch."""
     from spectra.bench.train import run_train_bench
 
-    path = run_train_bench(out, steps=steps, quick=quick, seed=seed)
+    # the number (checked ≥ 1 as typed above): train.md says "20 timed steps" for --steps 020, not "020"
+    path = run_train_bench(out, steps=int(steps), quick=quick, seed=seed)
     typer.echo(f"wrote {path}")
 
 

@@ -99,6 +99,16 @@ def test_a_rank_derived_from_a_typed_option_prints_as_the_number(monkeypatch, ca
     assert code == 0 and "batch 2 × 128 tokens" in " ".join(out.split()), (out, err)
 
 
+def test_bench_train_reports_its_steps_as_the_number(monkeypatch, capsys, tmp_path):
+    """bench train's report says "{steps} timed steps": --steps 020 wrote "020 timed steps" into train.md."""
+    import spectra.bench.train
+
+    seen = {}
+    monkeypatch.setattr(spectra.bench.train, "run_train_bench", lambda out, **kwargs: seen.update(kwargs) or out)
+    code, _, err = run(monkeypatch, capsys, "bench", "train", "--quick", "--steps", "020", "-o", tmp_path)
+    assert code == 0 and seen["steps"] == 20 and f"{seen['steps']} timed steps" == "20 timed steps", (seen, err)
+
+
 def test_typed_numbers_compare_and_print_the_operand_min_max_returns():
     plus, padded = TypedInt("+3"), TypedInt("08")
     assert min(plus, padded) == 3 and max(plus, padded) == 8 and sorted([padded, plus, 5]) == [3, 5, 8]
