@@ -3,8 +3,9 @@ functional ranks, the reports), so that none of them imports a later stage for i
 
 A multimodal checkpoint's vision tower numbers its layers from 0 like its language model, and its q_proj is no more
 the language model's q than its layer 0 is theirs. A row's ``stack`` (absent for the language model, and in files
-written before it existed) keeps them apart: modules are grouped by (stack, role) (:func:`group_of`), and where more
-than one stack is shown, another stack's roles read "vision q" (:func:`group_label`).
+written before it existed, whose readers fill it in as a new run would: :func:`rows_with_stacks`) keeps them apart:
+modules are grouped by (stack, role) (:func:`group_of`), and where more than one stack is shown, another stack's roles
+read "vision q" (:func:`group_label`).
 """
 
 from __future__ import annotations
