@@ -246,13 +246,14 @@ def rounding_edge_factor(tuned: torch.Tensor, *, tuned_dtype: torch.dtype, base:
 
     The floor treats ΔW's rounding noise as white Gaussian-like noise of the mean variance σ̄² = mean(ulp²)/12. It
     is not: each element's error is uniform in ±ulp/2 with that element's own exponent, a scale mixture with a
-    fourth cumulant of ~2× σ̄⁴ for one bf16 side (E[ulp⁴]/E[ulp²]² ≈ 3.4 over Gaussian-like weights). The
-    Marchenko–Pastur edge and the Tracy–Widom law hold for such entries only in the limit: at finite size the top
-    value sits higher and spreads wider (measured on bf16 noise against Gaussian noise of the same σ̄: mean +3.9 %
-    and sd 1.3× at 16×16, +1.9 % at 64×64, +1.0 % at 64×256, +0.1 % at 256×256), and pure noise passed the 0.999
-    threshold in 2–8 % of small matrices instead of ≤ 0.3 %. Gaussian noise with the same per-element variances
-    is no model of it (it sits higher still: a heavier mixture), nor is a uniform variance (the same variances
-    shuffled over the matrix give the same shift: it is the entries' law, not their layout).
+    fourth cumulant of ~3 σ̄⁴ for one bf16 side (1.8·E[ulp⁴]/E[ulp²]² − 3, the ratio ≈ 3.4 over Gaussian-like
+    weights). The Marchenko–Pastur edge and the Tracy–Widom law hold for such entries only in the limit: at
+    finite size the top value sits higher and spreads wider (measured on bf16 noise against Gaussian noise of the
+    same σ̄: mean +3.9 % and sd 1.3× at 16×16, +1.9 % at 64×64, +1.0 % at 64×256, +0.1 % at 256×256), and pure
+    noise passed the 0.999 threshold in up to 8 % of small matrices instead of ≤ 0.3 %. Gaussian noise with the
+    same per-element variances is no model of it (it sits higher still: a heavier mixture), nor is a uniform
+    variance (the same variances shuffled over the matrix give the same shift: it is the entries' law, not their
+    layout).
 
     So the threshold is simulated. `draws` matrices of the noise the floor predicts (each side's error uniform in
     ±ulp/2 of its own elements, independent) and `draws` of Gaussian noise of their mean variance give each law's
