@@ -293,9 +293,15 @@ def extract(
         unknown = sorted(set(_split(roles) or ()) - set(ROLES))
         if unknown:
             raise ConfigError(f"--roles: unknown role(s) {', '.join(unknown)}; choose from {', '.join(ROLES)}.")
-    if rank is not None and rank != "full" and not rank.isdigit():
-        raise ConfigError(f"--rank {rank!r}: expected a positive integer or 'full'.")
-    target = plan if plan is not None else (rank if rank == "full" else int(rank))
+    if rank is not None and rank != "full":  # an int option's text, as typed in a refusal ("²" was a traceback)
+        try:
+            number = _typed_int(rank)
+        except ValueError:
+            raise ConfigError(f"--rank {rank!r}: expected a positive integer or 'full'.") from None
+        if number < 1:
+            raise ConfigError(f"--rank must be ≥ 1, got {number}.")
+        rank = int(number)  # the number: the table's ranks and the adapter's r are 3 for --rank +3, not "+3"
+    target = plan if plan is not None else rank
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", PeftConfigWarning)  # printed below, after the table
         result = extract_adapter(base, tuned, target, output, roles=_split(roles), stacks=_stacks(stacks),

@@ -145,3 +145,19 @@ def test_help_names_options_not_fields():
     assert "every stack" not in helps[("verify", "stacks")] and "train" in helps[("verify", "stacks")]
     assert "default: 256 for randomized" in helps[("analyze", "max_rank")]
     assert "default 5e-4" in helps[("verify", "lr")]
+
+
+def test_extract_reads_its_rank_as_an_int_option(monkeypatch, capsys, pair, tmp_path):
+    """extract --rank ('full' or an integer) took str.isdigit() text: "²" passed it and was a ValueError traceback,
+    "+2" was refused though every other int option takes it. Now an int option's text, the number passed on."""
+    import json as _json
+
+    code, out, err = run(monkeypatch, capsys, "extract", *pair, "--rank", "²", "-o", tmp_path / "a")
+    assert code == 2 and err.startswith("error: --rank '²': expected a positive integer or 'full'.\n"), err
+    code, _, err = run(monkeypatch, capsys, "extract", *pair, "--rank", "-01", "-o", tmp_path / "a")
+    assert code == 2 and err.startswith("error: --rank must be ≥ 1, got -01.\n"), err  # as typed
+    code, out, err = run(monkeypatch, capsys, "extract", *pair, "--rank", "+2", "-o", tmp_path / "b")
+    assert code == 0, err
+    assert _json.loads((tmp_path / "b" / "adapter_config.json").read_text())["r"] == 2
+    ranks = {line.split("│")[2].strip() for line in out.splitlines() if line.count("│") > 5 and "h." in line}
+    assert ranks == {"2"}, out  # the table's rank column: the number
