@@ -134,6 +134,8 @@ class TrainConfig:
         The optimisation (AdamW, linear warm-up then linear decay to 0). Warm-up lasts
         ``ceil(warmup_ratio · total steps)`` steps, as Hugging Face's
         ``TrainingArguments.get_warmup_steps`` counts them: a short run still warms up.
+        A ``batch_size`` above the number of training examples takes them all in each step
+        (as PyTorch's ``DataLoader`` and Hugging Face's ``Trainer`` do), and a note says so.
     group_by_length : bool
         Batch examples of similar length together (sorted within runs of 8 batches, then
         the batches shuffled): about half the padded tokens on short texts of mixed
@@ -144,7 +146,8 @@ class TrainConfig:
         ``round(eval_fraction · n)`` examples, at least 1 and at most ``n − 1``; data of one
         example is refused unless this is 0.
     eval_every : int, optional
-        Also evaluate every this many steps (default: at the end of each epoch).
+        Also evaluate every this many steps, a positive integer (default: at the end of each
+        epoch only).
     compute_dtype : {"float32", "bfloat16", "float16"}
         QLoRA/QDoRA compute dtype of the 4-bit layers.
     teacher : str, optional
@@ -192,17 +195,16 @@ class TrainConfig:
         if self.stacks is not None:
             object.__setattr__(self, "stacks", parse_stacks(self.stacks, option="stacks (--stacks)"))
         check_task(self.task, option="task (--task)")
-        for name in ("rank", "batch_size", "epochs"):
-            if name == "rank" and self.rank is None:
+        for name in ("rank", "batch_size", "epochs", "max_steps", "eval_every"):  # rank, max_steps, eval_every: None
+            value = getattr(self, name)  # a bool is an int to Python: True was taken as 1, eval_every 0 as no eval
+            if value is None and name in ("rank", "max_steps", "eval_every"):
                 continue
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)!r}.")
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}.")
         if self.rank is not None and self.rank > _MAX_DIM:  # torch sizes are int64: 10**30 was a traceback of empty()
             raise ConfigError(f"rank (--rank) {self.rank!r} is more than any weight has rows or columns (torch's "
                               "sizes stop at 2**63 - 1); give at most min(d_in, d_out) of the modules it adapts.")
         check_max_length(self.max_length, option="max_length (--max-length)")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise ConfigError(f"max_steps must be positive, got {self.max_steps}.")
         if self.lr is not None and not self.lr > 0:
             raise ConfigError(f"lr must be positive, got {self.lr}.")
         if self.alpha is not None and not self.alpha > 0:  # α = 0 trains nothing, α < 0 flips the update
@@ -607,11 +609,11 @@ def _target_dims(model, fields: dict) -> dict[str, tuple[int, int]]:
     return dims
 
 
-def _refuse_rank_beyond_targets(rank: int, model, fields: dict) -> None:
+def _refuse_rank_beyond_targets(rank: int, model, fields: dict, *, option: str = "rank (--rank)") -> None:
     """Refuse a uniform ``rank`` above min(d_in, d_out) of a module it adapts, naming the module and the largest rank
     every target takes, as ``spectra extract``, ``memory`` and ``recommend`` refuse it: a rank-r product B·A of that
     matrix has rank at most min(d_in, d_out), so the rest only costs parameters (PEFT takes any rank; 10**30 was
-    torch's traceback)."""
+    torch's traceback). ``option``: how the user gave the rank (``rank (--sweep)`` for a rank sweep's)."""
     dims = _target_dims(model, fields)
     over = {name: (d_out, d_in) for name, (d_out, d_in) in dims.items() if rank > min(d_out, d_in)}
     if not over:
@@ -619,7 +621,7 @@ def _refuse_rank_beyond_targets(rank: int, model, fields: dict) -> None:
     name, (d_out, d_in) = next(iter(over.items()))
     largest = min(min(d) for d in dims.values())
     more = f" and {len(over) - 1} more target(s)" if len(over) > 1 else ""
-    raise ConfigError(f"rank (--rank) {rank!r} exceeds min(d_in, d_out) = {min(d_out, d_in)} of {name} "
+    raise ConfigError(f"{option} {rank!r} exceeds min(d_in, d_out) = {min(d_out, d_in)} of {name} "
                       f"({d_out}×{d_in}){more}; the largest rank every targeted module takes is {largest}: lower "
                       "it, or target other modules (--roles).")
 
@@ -672,6 +674,45 @@ def _refuse_parameter_methods_early(folder: Path, config: TrainConfig) -> None:
     except ConfigError:
         return  # refused for another reason: said, with the loaded model's names, after loading
     _fit_method(type(model).__name__, modules, weights + experts, config)
+
+
+def _refuse_rank_early(folder: Path, config: TrainConfig, *, option: str = "rank (--rank)") -> None:
+    """:func:`_refuse_rank_beyond_targets` on the model built from its config.json on the meta device, with the
+    targets :func:`lora_config` gives it: before the data and weights are loaded. A target inside a classifier's
+    head is left out as a ``seq_cls`` run leaves it out (:func:`_outside_saved_modules`; the class of another task
+    has no such head). A plan's ranks are checked by the plan; anything else it cannot tell there (a class
+    transformers cannot build so, targets refused for another reason) waits for the loaded model."""
+    from spectra.checkpoints.targets import meta_model
+
+    if config.plan is not None or config.method == "full":
+        return
+    model = meta_model(json.loads((folder / "config.json").read_text()))
+    if model is None:
+        return
+    try:
+        targets, parameters = peft_targets(model, config)
+        fields = _outside_saved_modules({"target_modules": targets, "target_parameters": parameters}, model,
+                                        "seq_cls", None)
+    except ConfigError:
+        return  # refused for another reason: said, with the loaded model's names, after loading
+    _refuse_rank_beyond_targets(config.lora_rank, model, fields, option=option)
+
+
+def refuse_before_loading(folder: Path, config: TrainConfig, *, option: str = "rank (--rank)") -> None:
+    """Every refusal of ``config`` that :func:`train_adapter` can make from the model directory ``folder``'s
+    config.json alone (the class it names, built on the meta device), before the data and weights are read: DoRA,
+    QLoRA or dropout on parameter targets, QLoRA where nothing would be quantised, a rank above min(d_in, d_out) of
+    a target (``option`` names the rank's option in that message). ``rank_sweep`` asks it of every (method, rank)
+    before the first run trains. A class transformers cannot build so is checked on the loaded model only.
+
+    Raises
+    ------
+    ConfigError
+        Naming the module, the rank or the method at fault.
+    """
+    _refuse_parameter_methods_early(folder, config)
+    _refuse_unquantised_early(folder, config)
+    _refuse_rank_early(folder, config, option=option)
 
 
 def _unquantised_fix(config: TrainConfig) -> str:
@@ -868,12 +909,14 @@ def train_adapter(base, data, config: TrainConfig | None = None, out_dir=None, *
         from spectra.ranks import load_plan
 
         load_plan(config.plan).check_base(open_checkpoint(base))
-    _refuse_parameter_methods_early(folder, config)
-    _refuse_unquantised_early(folder, config)
+    refuse_before_loading(folder, config)
     notes: list[str] = []
     task, train, held_out, label_names, tokenizer = prepare_data(
         folder, data, task=config.task, max_length=config.max_length, eval_data=eval_data,
         eval_fraction=config.eval_fraction, seed=config.seed, notes=notes)
+    if config.batch_size > len(train):  # batches are slices of the shuffled examples: the one batch holds them all
+        notes.append(f"batch_size {config.batch_size} is more than the {len(train)} training examples: each step "
+                     f"takes all {len(train)} (one step per epoch), as a batch_size of {len(train)} would")
     torch.manual_seed(config.seed)  # head initialisation and LoRA's A init draw from it
     model = load_model(base, task=task, num_labels=len(label_names) if label_names else None,
                        quantize=config.quantized, compute_dtype=config.compute_dtype, label_names=label_names,

@@ -564,6 +564,41 @@ class RankSweepResult:
         return sweep_figures(self.to_dict())
 
 
+def _refuse_failing_runs(base, planned: dict) -> None:
+    """Refuse the whole sweep where train would refuse one of its runs for what ``base``'s config.json tells
+    (:func:`spectra.lora.train.refuse_before_loading`: a rank above min(d_in, d_out) of a targeted module, QLoRA where
+    nothing quantises, DoRA/QLoRA/dropout on parameter targets), before any run trains: such a run had stopped the
+    sweep partway, after the runs before it had trained. Names each refused run, the first one's reason (for a rank:
+    the module and the largest rank every target takes) and the runs that pass."""
+    from spectra.lora.train import model_dir, refuse_before_loading
+
+    folder = model_dir(base)
+    refused = {}
+    for (method, rank), config in planned.items():
+        try:
+            refuse_before_loading(folder, config, option="rank (--sweep)")
+        except ConfigError as err:
+            refused[(method, rank)] = str(err)
+    if not refused:
+        return
+
+    def runs(keys) -> str:
+        return ", ".join(f"{method} r{rank}" for method, rank in keys)
+
+    (method, rank), reason = next(iter(refused.items()))
+    fine = [key for key in planned if key not in refused]
+    methods, ranks = list(dict.fromkeys(m for m, _ in fine)), list(dict.fromkeys(r for _, r in fine))
+    if not fine:
+        rest = " No run of the sweep passes these checks."
+    else:
+        flags = f"--sweep {','.join(map(str, ranks))}"  # where the runs that pass are every method × every rank
+        flags += "" if len(methods) == len({m for m, _ in planned}) else f" --method {','.join(methods)}"
+        flags = f" ({flags})" if len(fine) == len(methods) * len(ranks) else ""
+        rest = f" The runs {runs(fine)} pass them: sweep those{flags}, or change what the others are refused for."
+    raise ConfigError(f"the sweep trains nothing: train would refuse {len(refused)} of its {len(planned)} runs "
+                      f"({runs(refused)}) before they train. {method} r{rank}: {reason}{rest}")
+
+
 def rank_sweep(base, tuned, data, *, ranks, methods=("lora",), adapters_dir, train_config=None, eval_data=None,
                verify_config: VerifyConfig | None = None, recommended_rank: int | None = None,
                overwrite: bool = False, progress: bool = True) -> RankSweepResult:
@@ -608,6 +643,7 @@ def rank_sweep(base, tuned, data, *, ranks, methods=("lora",), adapters_dir, tra
     for method, rank in planned:  # each run replaces its folder whole: all checked before the first trains
         refuse_replacing_others(Path(adapters_dir) / f"{method}-r{rank}", command="train", overwrite=overwrite,
                                 option="adapters_dir")
+    _refuse_failing_runs(base, planned)  # every run checked before the first trains: none stops the sweep partway
     runs, reference, vectors, notes = [], None, {}, []
     for method in methods:
         for rank in ranks:

@@ -204,6 +204,7 @@ def test_sweep_step_time_leaves_out_the_first_step(monkeypatch, tmp_path):
     summary = dict.fromkeys(("captured_energy", "captured_energy_row", "optimal_energy", "phi", "relative_error",
                              "intruders_adapter", "intruders_full"), 0.5)
     monkeypatch.setattr(spectra.lora.train, "train_adapter", trained)
+    monkeypatch.setattr(spectra.lora.verify, "_refuse_failing_runs", lambda base, planned: None)  # no base to check
     monkeypatch.setattr(spectra.lora.verify, "verify_adapter", lambda *a, **k: types.SimpleNamespace(
         summary=summary, evals=None, right_vectors={}, notes=[]))
     result = rank_sweep("base", "tuned", "data", ranks=[1, 2, 4], adapters_dir=tmp_path)
@@ -763,6 +764,7 @@ def test_sweep_keeps_a_tied_lora_s_unmerged_eval_and_its_note(monkeypatch, tmp_p
     monkeypatch.setattr(spectra.lora.train, "train_adapter", lambda base, data, config, folder, **k: TrainResult(
         out_dir=folder, task="causal_lm", method=config.method, steps=1, trainable_params=config.rank, losses=[1.0],
         step_times=[0.1]))
+    monkeypatch.setattr(spectra.lora.verify, "_refuse_failing_runs", lambda base, planned: None)  # no base to check
     summary = dict.fromkeys(("captured_energy", "captured_energy_row", "optimal_energy", "phi", "relative_error",
                              "intruders_adapter", "intruders_full"), 0.5)
     monkeypatch.setattr(spectra.lora.verify, "verify_adapter", lambda base, tuned, folder, **k: types.SimpleNamespace(
