@@ -104,8 +104,9 @@ def test_heatmap_data_keeps_the_towers_apart(multimodal, llama):
 
 
 def test_analysis_json_keeps_the_stack_and_older_files_still_load(multimodal, tmp_path):
-    """The field survives analysis.json; files written before it existed (no ``stack``) load and render as one
-    stack, as they always did."""
+    """The field survives analysis.json; files written before it existed (no ``stack``) load with the stack a new
+    run gives each row (by its name: ``vision_tower.…`` is the vision tower's) and render so. They had read as one
+    stack, the towers' q as one (session 20: an old ViT's rows were the language model's)."""
     AnalysisResult(**{k: multimodal[k] for k in ("config", "base", "tuned", "modules")}).save(tmp_path / "new.json")
     assert ("vision", "q") in _ranks(AnalysisResult.load(tmp_path / "new.json").to_dict())
     old = copy.deepcopy(multimodal)
@@ -115,4 +116,6 @@ def test_analysis_json_keeps_the_stack_and_older_files_still_load(multimodal, tm
     loaded = AnalysisResult.load(tmp_path / "analysis.json")
     out = loaded.write_report(tmp_path / "report")
     assert (out / "report.md").is_file() and (out / "figures" / "rank_heatmap.png").is_file()
-    assert _ranks(loaded.to_dict())[(None, "q")]["n"] == 2  # one stack: the towers' q read as one, as they did
+    assert all("stack" not in row for row in old["modules"])
+    assert _ranks(loaded.to_dict())[(None, "q")]["n"] == 1  # the language model's q alone
+    assert _ranks(loaded.to_dict())[("vision", "q")]["n"] == 1  # the tower's, by its name

@@ -25,7 +25,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from spectra.checkpoints.architectures import missing_stacks, module_stack, role_selected, stack_name, stack_selected
+from spectra.checkpoints.architectures import missing_stacks, role_selected, stack_name, stack_selected
 from spectra.checkpoints.names import is_bare_parameter
 from spectra.errors import ConfigError
 from spectra.files import record_origin
@@ -122,6 +122,7 @@ class _Spectrum:
 def _rows(analysis: Any) -> tuple[list[dict], dict | None, dict | None, dict]:
     """Rows (as dicts), the base and tuned descriptions and the configuration of an analysis object, dict, file or
     directory."""
+    from spectra.groups import model_type_of, rows_with_stacks
     from spectra.report.tables import analysis_problem
 
     if isinstance(analysis, (str, os.PathLike)):
@@ -152,14 +153,18 @@ def _rows(analysis: Any) -> tuple[list[dict], dict | None, dict | None, dict]:
             raise ConfigError(f"{where}is not an analysis spectra wrote ({problem}); pass the report directory of "
                               "`spectra analyze` or its analysis.json.")
         modules, base, tuned = analysis.get("modules"), analysis.get("base"), analysis.get("tuned")
-        config = analysis.get("config")
+        config, pairing = analysis.get("config"), analysis.get("pairing")
     else:
         modules, base = getattr(analysis, "modules", None), getattr(analysis, "base", None)
         tuned, config = getattr(analysis, "tuned", None), getattr(analysis, "config", None)
+        pairing = getattr(analysis, "pairing", None)
     if modules is None:
         raise ConfigError("The analysis has no 'modules' list: pass an AnalysisResult or analysis.json.")
     rows = [m if isinstance(m, Mapping) else
             (dataclasses.asdict(m) if dataclasses.is_dataclass(m) else vars(m)) for m in modules]
+    # a row without a stack (written before rows named it, or before spectra gave a vision-only model its stack)
+    # reads with the one a new run gives it, by its name and the checkpoint's model type: an old ViT's are vision
+    rows = rows_with_stacks(rows, model_type_of({"pairing": pairing}))
     described = []
     for info in (base, tuned):
         if info is not None and not isinstance(info, Mapping):
@@ -322,11 +327,7 @@ def recommend_ranks(analysis: Any, policy: RankPolicy | None = None, *, sweep: A
         curve_of = role_curves(sweep.get("modules") or [])  # module -> its role curve in the sweep: "q", "vision q"
         functional = functional_ranks(sweep, policy.functional, curve_of=curve_of)
         spectral = _spectral_policy(policy)  # for the modules of a curve the sweep's data never reached
-    rows, base, tuned, analysed = _rows(analysis)
-    if policy.stacks is not None and not any("stack" in r for r in rows):
-        # written before rows named their stack (or of one stack): read each row's stack off its name, or a vision
-        # tower's rows would count as the language model's
-        rows = [{**r, "stack": module_stack(r["name"])} for r in rows]
+    rows, base, tuned, analysed = _rows(analysis)  # a row of an older file with its stack (_rows)
     if functional is not None:
         _check_sweep_pair(functional["sweep"], base, tuned)
     # a stack the analysis lacks entirely is refused, naming those it holds (the others' left out say why)
