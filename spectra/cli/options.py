@@ -123,7 +123,7 @@ class _NumberList:
     number option's text is (:func:`_typed_int`, :func:`_typed_float`), so each prints as typed, into a tuple. A list
     with an item that is no such number (``4,x``, ``4.5``, ``true``), an empty item (``4,,8``), no item at all
     (``''``) or an item below `least` (``4,-1``) is refused naming the option, the list and the item as typed:
-    ``--ranks '4,x': 'x' is not an integer; expected comma-separated ranks ≥ 0 like 1,2,4,8.`` With a `form` such
+    ``--ranks '4,x': 'x' is not an integer; expected comma-separated ranks ≥ 0 like 0,1,2,4,8.`` With a `form` such
     as "OUTxIN", each item is that many numbers joined by "x" (``--shapes 1024x1024,768x2304``), a tuple of them."""
 
     def __init__(self, number: type, expected: str, *, least: int | None = None, form: str | None = None) -> None:
