@@ -124,3 +124,21 @@ def test_seed_oss_read_with_llamas_head_dim_is_wrong():
 
     measured = _block("seed_oss", "lora", "bf16", _left_out)["measured"]
     assert _block("seed_oss", "lora", "bf16", as_llama)["modelled"] != measured
+
+
+def test_cli_memory_reads_a_seed_oss_config_that_leaves_the_keys_out(tmp_path):
+    """The user's path: `spectra memory <folder>` on a Seed-OSS config.json without head_dim and attention_bias
+    (refused before, naming both parameter counts) prints the parameters transformers builds from it."""
+    import json
+
+    import transformers as tf
+    from typer.testing import CliRunner
+
+    from spectra.cli import app
+
+    config = _config("seed_oss")
+    (tmp_path / "config.json").write_text(json.dumps(_left_out(config)))
+    run = CliRunner().invoke(app, ["memory", str(tmp_path), "--rank", "8", "--json"])
+    assert run.exit_code == 0, run.output
+    built = sum(p.numel() for p in tf.AutoModelForCausalLM.from_config(config).parameters())
+    assert json.loads(run.output)["params"] == built
