@@ -706,7 +706,7 @@ def per_sequence_saved(model, peft, precision: str, roles, layers) -> dict[str, 
 
 
 def block_saved(build, peft, method: str, precision: str, attention: str, roles=None, *, use_cache: bool | None = None,
-                misread=None, estimated: bool = True, read=None) -> dict[str, int]:
+                misread=None, estimated: bool = True, read=None, prepare=None) -> dict[str, int]:
     """One block's saved bytes per sequence of 16 tokens: the double difference of models of 1 and 2 blocks
     (``build(layers)``, a causal LM built from a tiny config) at batch 2 and 3, so that the embeddings, the head and
     the loss cancel. ``measured``: what autograd saves (:func:`saved_bytes`) under ``peft(model, method, roles)``
@@ -714,6 +714,7 @@ def block_saved(build, peft, method: str, precision: str, attention: str, roles=
     (``read(config)`` where given, to read it as a config.json that leaves keys out; none where not ``estimated``:
     a config the estimate refuses; ``misread``: a change to the shape it reads, for a negative control).
     ``use_cache``: set on the model and given to the estimate (both left at their defaults when None).
+    ``prepare(model)``: what loading does to the model at ``precision`` (DeepSeek's routers kept in fp32).
     ``layer_norms``: the block's nn.LayerNorms."""
     import torch
 
@@ -730,6 +731,8 @@ def block_saved(build, peft, method: str, precision: str, attention: str, roles=
             model.config.use_cache = use_cache
         config = model.config if read is None else read(model.config)
         model = model.to({"bf16": torch.bfloat16, "fp32": torch.float32}[precision])
+        if prepare:
+            prepare(model)
         if method != "full":
             model = peft(model, method, roles)
         model.train()

@@ -12,7 +12,7 @@ import pytest
 
 from spectra.errors import ConfigError
 from spectra.memory import estimate_memory, model_shape
-from tests.memory.test_memory import _PEFT_PATTERN_WARNING, _loss, saved_bytes, train_lora_config
+from tests.memory.test_memory import _PEFT_PATTERN_WARNING, _loss, block_saved, saved_bytes, train_lora_config
 
 _SMALL = dict(hidden_size=32, num_attention_heads=4, vocab_size=64)
 _MLA = dict(moe_intermediate_size=16, num_key_value_heads=4, n_routed_experts=3, num_experts_per_tok=2,
@@ -120,32 +120,19 @@ def test_an_int_rank_trains_what_spectra_train_adapts(name, method, roles):
 
 def _block(name: str, method: str, roles, precision: str, attention: str = "sdpa", *, fp32_routers: bool = False,
            **overrides) -> dict[str, int]:
-    """One block's saved bytes per sequence (the double difference of models of 1 and 2 blocks at batch 2 and 3),
-    measured and modelled, with LoRA as spectra train builds it. ``fp32_routers``: DeepSeek's routers kept in fp32,
-    as from_pretrained keeps them (_keep_in_fp32_modules_strict)."""
-    import torch
+    """One block's saved bytes per sequence, measured and modelled (:func:`tests.memory.test_memory.block_saved`),
+    with LoRA as spectra train builds it. ``fp32_routers``: DeepSeek's routers kept in fp32, as from_pretrained
+    keeps them (_keep_in_fp32_modules_strict)."""
     from peft import get_peft_model
 
-    measured, modelled = {}, {}
-    for layers in (1, 2):
-        model = _model(name, num_hidden_layers=layers, **overrides)
-        model.config._attn_implementation = attention
-        config = model.config
-        model = model.to({"bf16": torch.bfloat16, "fp32": torch.float32}[precision])
-        if fp32_routers:
-            for layer in model.model.layers:
-                if hasattr(layer.mlp, "gate"):
-                    layer.mlp.gate.float()
-        if method != "full":
-            model = get_peft_model(model, train_lora_config(model, method, roles))
-        model.train()
-        for batch in (2, 3):
-            measured[layers, batch] = saved_bytes(model, lambda m: _loss(m, batch, 16))
-            modelled[layers, batch] = estimate_memory(config, method=method, rank_plan_or_rank=4, batch=batch,
-                                                      seq_len=16, precision=precision, roles=roles,
-                                                      attention=attention).activations
-    return {kind: d[2, 3] - d[1, 3] - d[2, 2] + d[1, 2] for kind, d in (("measured", measured),
-                                                                       ("modelled", modelled))}
+    def routers_in_fp32(model):
+        for layer in model.model.layers:
+            if hasattr(layer.mlp, "gate"):
+                layer.mlp.gate.float()
+
+    return block_saved(lambda layers: _model(name, num_hidden_layers=layers, **overrides),
+                       lambda model, method, roles: get_peft_model(model, train_lora_config(model, method, roles)),
+                       method, precision, attention, roles, prepare=routers_in_fp32 if fp32_routers else None)
 
 
 @_PEFT_PATTERN_WARNING
