@@ -3,8 +3,8 @@ once a step, and autograd keeps the norm and m / norm (fp32, d_out each) for eve
 where the module's input requires grad (bytes per step, whatever the tokens: 10·d_out a module on average across a
 2-layer model, which the per-token model and its tests, differences over batches, did not see). Checked as DoRA less
 LoRA on the same modules at one batch (the blocks' own tensors cancel) against what autograd saves
-(tests/memory/test_memory.py's saved_bytes), on tiny Llama (sequential), Phi (parallel) and GPT-2 (Conv1D)
-models built from config."""
+(tests/memory/test_memory.py's saved_bytes), on tiny Llama (sequential), Phi (parallel), GPT-2 (Conv1D) and
+DeepSeek-V3 (latent attention) models built from config."""
 
 from __future__ import annotations
 
@@ -101,3 +101,30 @@ def test_the_per_step_tensors_are_rounding_on_a_7b_model():
             for b in (1, 2)]
     assert per_step - (2 * lora[0].activations - lora[1].activations) == layers * 12 * d_out - 4 * 3 * h
     assert layers * 12 * d_out < 0.001 * one.activations
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("roles", [("q",), ("k",), ("o",), None])
+def test_dora_less_lora_on_deepseeks_latent_attention(roles):
+    """DeepSeek-V3's latent attention (q_a → q_b, kv_a → kv_b: q_b's input requires grad only where q_a is adapted),
+    with LoRA as spectra train builds it and its routers in fp32 as from_pretrained keeps them, at bf16 and batch 1:
+    DoRA less LoRA, measured and modelled, agree."""
+    import torch
+    from peft import get_peft_model
+
+    from tests.memory.test_memory import train_lora_config
+    from tests.memory.test_memory_moe_own_experts import _model
+
+    kept = {}
+    for method in ("lora", "dora"):
+        model = _model("deepseek_v3")
+        config = model.config
+        model = model.to(torch.bfloat16)
+        for layer in model.model.layers:
+            if hasattr(layer.mlp, "gate"):
+                layer.mlp.gate.float()
+        model = get_peft_model(model, train_lora_config(model, method, roles)).train()
+        kept[method] = (saved_bytes(model, lambda m: _loss(m, 1, 16)),
+                        estimate_memory(config, method=method, rank_plan_or_rank=4, batch=1, seq_len=16,
+                                        precision="bf16", roles=roles).activations)
+    assert kept["dora"][1] - kept["lora"][1] == kept["dora"][0] - kept["lora"][0] > 0
