@@ -116,3 +116,11 @@ def is_bare_parameter(tensor: str | None, *, expert: int | None = None) -> bool:
     return (isinstance(tensor, str) and not tensor.endswith(".weight") and expert is None
             and ".experts." not in f".{tensor}.")
 
+
+def bare_parameters_why(count: int) -> str:
+    """Why ``count`` matrices that :func:`is_bare_parameter` takes get no LoRA, in the words every refusal and
+    left-out note about them shares: "a parameter of its own, no layer's weight, which PEFT cannot adapt (…)"."""
+    what = "a parameter of its own" if count == 1 else "parameters of their own"
+    return (f"{what}, no layer's weight, which PEFT cannot adapt (it puts a LoRA on a module's weight, or through "
+            "target_parameters on an expert tensor)")
+

@@ -30,7 +30,7 @@ import torch
 
 from spectra.checkpoints.adapter import PEFT_PREFIX
 from spectra.checkpoints.architectures import missing_stacks, parse_stacks, role_selected, stack_selected
-from spectra.checkpoints.names import is_bare_parameter, natural_key
+from spectra.checkpoints.names import bare_parameters_why, is_bare_parameter, natural_key
 from spectra.checkpoints.pairing import Pairing, PairingOptions
 from spectra.checkpoints.source import CheckpointSource
 from spectra.checkpoints.targets import architecture, meta_model, model_targets, owning_modules, resolve_name
@@ -559,10 +559,7 @@ def _refuse_bare_parameters(pairing: Pairing, roles, stacks) -> None:
     bare = [e.name for e in pairing.entries if e.kind == "matrix" and _bare_parameter(e)
             and role_selected(e.info.role, wanted, e.name) and stack_selected(e.info.stack, stacks)]
     if bare:
-        raise ConfigError(f"{', '.join(bare[:5])}: {'a parameter' if len(bare) == 1 else 'parameters'} of "
-                          f"{'its' if len(bare) == 1 else 'their'} own, no layer's weight, which PEFT cannot adapt "
-                          "(it puts a LoRA on a module's weight, or through target_parameters on an expert tensor), "
-                          "and the roles select nothing else: copy it from TUNED onto the loaded model. Leave their "
+        raise ConfigError(f"{', '.join(bare[:5])}: {bare_parameters_why(len(bare))}, and the roles select nothing else: copy it from TUNED onto the loaded model. Leave their "
                           "role out (--roles) to extract other modules.")
 
 

@@ -26,7 +26,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from spectra.checkpoints.architectures import missing_stacks, role_selected, stack_name, stack_selected
-from spectra.checkpoints.names import is_bare_parameter
+from spectra.checkpoints.names import bare_parameters_why, is_bare_parameter
 from spectra.errors import ConfigError
 from spectra.files import record_origin
 from spectra.ranks.budget import SAVED_BYTES_PER_PARAM, allocate_budget, budget_parameters
@@ -363,10 +363,8 @@ def recommend_ranks(analysis: Any, policy: RankPolicy | None = None, *, sweep: A
     if saved:
         spectra = _outside_saved(spectra, saved, left_out, policy, base, model_config, models)
     if not spectra and bare:
-        raise ConfigError(f"No targeted module can take a LoRA: {', '.join(bare[:5])}"
-                          f"{' is a parameter' if len(bare) == 1 else ' are parameters'} of "
-                          f"{'its' if len(bare) == 1 else 'their'} own, no layer's weight, which PEFT cannot adapt "
-                          "(it puts a LoRA on a module's weight, or through target_parameters on an expert tensor); "
+        raise ConfigError(f"No targeted module can take a LoRA: {', '.join(bare[:5])} "
+                          f"{'is' if len(bare) == 1 else 'are'} {bare_parameters_why(len(bare))}; "
                           f"copy {'it' if len(bare) == 1 else 'them'} from TUNED onto the loaded model. To plan "
                           "layers, name their roles too (roles="
                           f"{','.join(policy.roles) if policy.roles is not None else 'the default'}).")
@@ -516,9 +514,8 @@ def _bare_parameter(row: Mapping) -> bool:
 
 def _bare_reason(share: float) -> str:
     """The left-out reason of a :func:`_bare_parameter` matrix holding ``share`` of the whole update's ‖ΔW‖_F²."""
-    return ("a parameter of its own, no layer's weight, which PEFT cannot adapt (it puts a LoRA on a module's weight, "
-            "or through target_parameters on an expert tensor): copy it from TUNED onto the loaded model; it holds "
-            f"{share:.1%} of the whole update's ‖ΔW‖_F²")
+    return (f"{bare_parameters_why(1)}: copy it from TUNED onto the loaded model; it holds {share:.1%} of the whole "
+            "update's ‖ΔW‖_F²")
 
 
 def _excluded(s: _Spectrum, policy: RankPolicy) -> str | None:
