@@ -725,15 +725,20 @@ def _refuse_unquantised_early(folder: Path, config: TrainConfig) -> None:
     """Refuse QLoRA/QDoRA on a model whose load would store nothing in 4 bits (Falcon, whose linears are
     ``FalconLinear``, an ``nn.Linear`` subclass transformers' bitsandbytes path leaves alone), asked of the class
     config.json names, built on the meta device: before the data and weights are loaded, by the rule ``spectra
-    memory`` refuses the same run by (:func:`spectra.checkpoints.targets.qlora_unquantised`). A class that cannot be
-    built so is checked on the loaded model (:func:`_check_quantised`)."""
+    memory`` refuses the same run by (:func:`spectra.checkpoints.targets.qlora_unquantised`), or with a 4-bit layer
+    narrower than bitsandbytes' blocks (:func:`_check_4bit_widths`, on the layers that conversion made). A class that
+    cannot be built so is checked on the loaded model (:func:`_check_quantised`, :func:`_check_4bit_widths`)."""
     from spectra.checkpoints.targets import meta_model, qlora_unquantised
 
     if not config.quantized:
         return
     model = meta_model(json.loads((folder / "config.json").read_text()))
-    if model is not None and (reason := qlora_unquantised(model)):
+    if model is None:
+        return
+    if reason := qlora_unquantised(model):
         raise ConfigError(f"{folder}: {reason}" + _unquantised_fix(config))
+    if any(type(m).__name__ == "Linear4bit" for m in model.modules()):  # converted in place, as the load would store it
+        _check_4bit_widths(model, folder)
 
 
 def _check_quantised(model, spec, config: TrainConfig) -> None:

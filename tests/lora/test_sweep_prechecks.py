@@ -133,13 +133,40 @@ def test_sweep_refuses_qlora_runs_on_a_base_qlora_cannot_quantise_before_the_lor
     assert "nothing would be quantised" in said and "sweep those (--sweep 2 --method lora)" in said, said
 
 
+def test_sweep_refuses_qlora_runs_on_layers_narrower_than_the_4bit_blocks_before_the_lora_runs(llama, text, tmp_path,
+                                                                                                trained):
+    """The tiny Llama is 32 wide (hidden_size, from its config): bitsandbytes' 4-bit layers need 64 input features,
+    which train refused only once the qlora run had loaded, after the lora runs had trained."""
+    hidden = tiny_config("llama").hidden_size
+    assert hidden < 64
+    with pytest.raises(ConfigError) as exc:
+        rank_sweep(llama, llama, text, ranks=[2, 4], methods=("lora", "qlora"), adapters_dir=tmp_path / "ads",
+                   train_config=TrainConfig(**FAST), progress=False)
+    said = str(exc.value)
+    assert trained == []
+    assert f"refuse 2 of its 4 runs (qlora r2, qlora r4) before they train. qlora r2: {llama}: " in said, said
+    assert f"model.layers.0.self_attn.q_proj has {hidden} input features; 4-bit (QLoRA/QDoRA) layers need at least " \
+           "64" in said, said
+    assert said.endswith("sweep those (--sweep 2,4 --method lora), or change what the others are refused for."), said
+
+
+def test_qlora_width_check_passes_a_base_64_wide(tmp_path):
+    """Negative control: the 64-wide Llama of the Falcon tests (whose QLoRA run trains there) is not refused."""
+    from tests.lora.test_train_qlora_falcon import _llama
+
+    refuse_before_loading(_llama(tmp_path), TrainConfig(method="qlora", rank=2))
+
+
 def test_train_refuses_a_rank_above_a_target_before_reading_the_data(llama, text, tmp_path, monkeypatch):
-    """train asks the same check of the class config.json names: the data is not read, the weights not loaded."""
+    """train asks the same checks of the class config.json names: the data is not read, the weights not loaded (a
+    QLoRA run on 32-wide layers, a rank above k_proj's width)."""
     def never(*args, **kwargs):
         raise AssertionError("read past the refusal")
 
     monkeypatch.setattr(train_module, "prepare_data", never)
     monkeypatch.setattr(train_module, "load_model", never)
+    with pytest.raises(ConfigError, match=r"q_proj has 32 input features; 4-bit \(QLoRA/QDoRA\) layers need at least"):
+        train_adapter(llama, text, TrainConfig(method="qlora", rank=2, **FAST), tmp_path / "ad", progress=False)
     kv = _kv_width()
     with pytest.raises(ConfigError, match=rf"^rank \(--rank\) {kv + 1} exceeds min\(d_in, d_out\) = {kv} of "
                                           r"model\.layers\.0\.self_attn\.k_proj"):
