@@ -719,7 +719,7 @@ def test_cli_sweep_writes_its_report_when_no_plan_is_needed_at_epsilon(bert, ber
     assert (out / "sweep.json").is_file() and (out / "report.md").is_file() and not (out / "plan.json").exists()
     swept = json.loads((out / "sweep.json").read_text())
     assert swept["functional"]["groups"]["model"]["rank"] == 0  # the measured answer: no adapter needed
-    assert "note: plan.json not written: The sweep is within ε=1e+06 of the full fine-tune at rank 0" in result.output
+    assert "note: plan.json not written: The sweep is within ε=1e6 of the full fine-tune at rank 0" in result.output
     assert "(lower --epsilon)" in result.output and "functional" not in result.output
     assert "plan.json)" not in result.output
     # negative control: ε that rank 0 misses still writes the plan

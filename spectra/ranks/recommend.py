@@ -410,7 +410,7 @@ def recommend_ranks(analysis: Any, policy: RankPolicy | None = None, *, sweep: A
                           f"sweep (it truncated e.g. {next(iter(functional['modules']))}): was it run on another "
                           "model? Sweep and analysis must measure the same pair.")
     if not plan and functional is not None:
-        raise ConfigError(f"The sweep is within ε={policy.functional:g} of the full fine-tune at rank 0 for every "
+        raise ConfigError(f"The sweep is within ε={policy.functional} of the full fine-tune at rank 0 for every "
                           "targeted module: no adapter is needed at that tolerance (lower RankPolicy.functional).")
     if not plan:
         raise ConfigError("Every targeted module lies below its noise floor; nothing to plan (try noise=False).")
@@ -437,7 +437,8 @@ def recommend_ranks(analysis: Any, policy: RankPolicy | None = None, *, sweep: A
         ranks = [item.upper for item in items]
 
     modules, fused = [], {}  # fused: parameter -> (shape, its rank: Σ over its projections, planned params)
-    for item, r in zip(items, ranks):
+    # each rank as the number it is: one capped at the command line's --max-rank +2 is 2, not the option's text
+    for item, r in zip(items, map(int, ranks)):
         per_rank = sum(item.shape[1:]) if item.parameter else None  # a fused expert: (d1 + d2) of its parameter
         for s, reason in item.members:
             modules.append(ModuleRank(name=s.name, role=s.role, layer=s.layer, shape=s.shape, rank=r,
