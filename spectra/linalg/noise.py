@@ -43,10 +43,11 @@ __all__ = ["tuned_side_floor", "settle_floor", "residual_energy", "tracy_widom_e
 TW1_QUANTILES = {0.9: 0.4501, 0.95: 0.9793, 0.99: 2.0234, 0.995: 2.4223, 0.999: 3.2722}
 EDGE_QUANTILE = 0.999  # a pure bf16-noise matrix of short side ≥ 64 goes above it in ≤ 5 % of seeds (0.99: ≤ 11 %)
 # Largest ΔW (elements) whose edge rounding_edge_factor simulates: its rounding noise's top value stood 3.9 % (16×16),
-# 1.9 % (64×64) and 1.0 % (64×256) above i.i.d. Gaussian noise's of the same variance, 0.1 % at 256×256 (120 seeds);
-# above it the simulation (~10 ms at 2¹⁵) would cost more than the whole module's analysis for a shift that is gone.
-SIMULATED_MAX_ELEMENTS = 1 << 15
-FACTOR_CAP = 1.5  # rounding_edge_factor's largest: measured up to 1.16 ± 0.08 (16×16, both sides' bf16 rounding)
+# 1.9 % (64×64) and 1.0 % (64×256) above i.i.d. Gaussian noise's of the same variance, 0.5 % at 128×512 and 0.1 % at
+# 256×256, where pure noise passed the 0.999 threshold in 0 of 200 and 0 of 100 seeds. Above it the simulation
+# (~35 ms at 128×128 on 2 busy cores) costs more than the module's own analysis for a shift that is almost gone.
+SIMULATED_MAX_ELEMENTS = 1 << 14
+FACTOR_CAP = 1.5  # rounding_edge_factor's largest: measured 1.15 ± 0.07 at most (16×16, both sides' bf16 rounding)
 
 
 def tuned_side_floor(both: metrics.NoiseFloor, tuned: torch.Tensor, *, tuned_dtype: torch.dtype,
@@ -276,7 +277,9 @@ def rounding_edge_factor(tuned: torch.Tensor, *, tuned_dtype: torch.dtype, base:
     quantile : float or None, default :data:`EDGE_QUANTILE`
         The threshold's Tracy–Widom quantile, as :func:`rank_above` takes it (None: the bare edge).
     draws : int, optional
-        Simulated matrices per law; default 2¹⁸ / (out·in) within [32, 256] (256 at 32×32, 64 at 64×64).
+        Simulated matrices per law; default 2¹⁷ / (out·in) within [16, 128] (128 at 32×32, 32 at 64×64). The
+        factor's own sampling error is then ~0.015 at 64×64 (its spread over pairs of one law), below the
+        margin's 6 %: more draws cost time in proportion.
     seed : int, default 0
         The simulation's generator: the factor is a fixed number for a given pair.
     max_elements : int, default :data:`SIMULATED_MAX_ELEMENTS`
@@ -294,7 +297,7 @@ def rounding_edge_factor(tuned: torch.Tensor, *, tuned_dtype: torch.dtype, base:
     m, n = (int(d) for d in tuned.shape)
     if m * n > max_elements or min(m, n) < 2:
         return 1.0
-    draws = min(256, max(32, (1 << 18) // (m * n))) if draws is None else int(draws)
+    draws = min(128, max(16, (1 << 17) // (m * n))) if draws is None else int(draws)
     if draws < 2:
         raise ConfigError(f"draws {draws}: the simulated threshold needs at least 2 matrices per law.")
     sides = [metrics.ulp(tuned, tuned_dtype).cpu()]  # (m, n) float64
