@@ -105,6 +105,7 @@ class PositionLimit:
         Of a ``learned`` table whose rows are a fixed sinusoid, not trained weights, the family that
         has one: ``model_type = marian`` (Marian, Pegasus, CTRL, RoFormer); empty for a trained table
         and for positions that are no table. The refusal of a longer length says which table it is.
+        :attr:`table` is true of both tables, :attr:`learned` of the trained one only.
     """
 
     length: int
@@ -114,9 +115,16 @@ class PositionLimit:
     fixed: str = ""
 
     @property
-    def learned(self) -> bool:
-        """Whether a longer sequence has no position to embed (a table of absolute positions, learned or fixed)."""
+    def table(self) -> bool:
+        """Whether a longer sequence has no position to embed: a table of absolute positions, learned or fixed (a
+        ``learned`` kind, :attr:`fixed` or not). What a length beyond :attr:`length` is refused by."""
         return self.positions == "learned"
+
+    @property
+    def learned(self) -> bool:
+        """Whether the positions are a table of trained weights (BERT's, GPT-2's): a :attr:`table` whose rows are no
+        fixed sinusoid (Marian's, :attr:`fixed`)."""
+        return self.table and not self.fixed
 
 
 def position_limit(model_config: Mapping) -> PositionLimit | None:
@@ -164,7 +172,7 @@ def position_limit(model_config: Mapping) -> PositionLimit | None:
     stacks = [(name, limit) for name in ("encoder", "decoder") if isinstance(model_config.get(name), Mapping)
               and (limit := position_limit(model_config[name])) is not None]
     if stacks:
-        name, limit = min(stacks, key=lambda stack: (not stack[1].learned, stack[1].length))
+        name, limit = min(stacks, key=lambda stack: (not stack[1].table, stack[1].length))
         return replace(limit, source=f"its {name}'s {limit.source}")
     return None
 
@@ -324,7 +332,7 @@ def resolve_max_length(max_length: int | None, model_config: Mapping, *, option:
         Marian's fixed sinusoid), naming the option, the value, the kind of table and the model's limit.
     """
     limit = position_limit(model_config)
-    if limit is not None and rotary and limit.learned:
+    if limit is not None and rotary and limit.table:
         limit = replace(limit, positions="rotary")
     if max_length is None:
         if limit is None or limit.length >= default:
@@ -336,7 +344,7 @@ def resolve_max_length(max_length: int | None, model_config: Mapping, *, option:
     if limit is None or max_length <= limit.length:
         return max_length
     runs_past = _RUNS_PAST.get(limit.positions, "").format(why=limit.why)
-    if limit.learned:
+    if limit.table:
         table = f"fixed sinusoidal positions ({limit.fixed})" if limit.fixed else "learned positions"
         raise ConfigError(f"{option} {max_length} is more than the model can take: its table of {table} "
                           f"covers {limit.length} tokens ({limit.source} in its config.json), and a longer sequence "
