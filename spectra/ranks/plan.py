@@ -449,12 +449,8 @@ class RankPlan:
         missing = [m.name for m in self.modules if found[m.name] is None]
         bare = _bare_parameters(missing, model)
         if bare:  # a plan written before recommend left such a parameter out (a ViT's position table)
-            one = len(bare) == 1
-            raise ConfigError(f"The plan names {', '.join(bare[:5])}, {'a parameter' if one else 'parameters'}"
-                              f" of {cls} that {'is' if one else 'are'} no layer's weight: PEFT puts a LoRA"
-                              " on a module's weight, or through target_parameters on an expert tensor, not there. "
-                              "Re-run spectra recommend (it leaves such a parameter out) or drop it from the plan, "
-                              "and copy it from TUNED onto the loaded model.")
+            raise planned_bare_parameters(
+                {n: (t, tuple(model.get_parameter(t).shape)) for n, t in bare.items()}, cls)
         if missing:
             raise ConfigError(f"The plan names {len(missing)} module(s) {cls} has no weight for: "
                               f"{', '.join(missing[:5])}. Was the plan made from an analysis of this model?")
@@ -505,13 +501,41 @@ class RankPlan:
         return settings, set(fused) | {f"{m}.weight" for m in rewritten}, notes
 
 
-def _bare_parameters(names: list[str], model) -> list[str]:
+def _bare_parameters(names: list[str], model) -> dict[str, str]:
     """The ones of ``names`` that are a parameter of ``model`` themselves (exactly or up to a leading prefix), no
-    module's ``.weight``: a ViT's ``embeddings.position_embeddings``."""
+    module's ``.weight``: a ViT's ``embeddings.position_embeddings``; each mapped to the parameter's name in
+    ``model`` (``vit.embeddings.position_embeddings`` in a ViTForImageClassification)."""
     from spectra.checkpoints.targets import resolve_name
 
     parameters = [n for n, _ in model.named_parameters()] if names else []
-    return [n for n in names if not n.endswith(".weight") and resolve_name(n, parameters) is not None]
+    found = {n: resolve_name(n, parameters) for n in names if not n.endswith(".weight")}
+    return {n: t for n, t in found.items() if t is not None}
+
+
+def planned_bare_parameters(tensors: Mapping[str, tuple[str, tuple[int, ...]]], where: str) -> ConfigError:
+    """The error for a plan that names parameters of their own, no layer's weight
+    (:func:`~spectra.checkpoints.names.is_bare_parameter`: a ViT's position table, Gemma 3's
+    ``mm_input_projection_weight``), in the words recommend's refusal and left-out reason use
+    (:func:`~spectra.checkpoints.names.bare_parameters_why`). The one error of a plan applied, by
+    :meth:`RankPlan.to_peft_config` (``spectra train``, ``save_plan``) and by extract.
+
+    Parameters
+    ----------
+    tensors : mapping
+        Plan name → (the tensor it names, its shape as stored), in plan order.
+    where : str
+        Whose tensors: a model class (``ViTModel``), or ``the base <path>``.
+    """
+    from spectra.checkpoints.names import bare_parameters_why
+
+    one = len(tensors) == 1
+    named = [f"{name} (tensor {tensor}, {'×'.join(map(str, shape))})" if tensor != name
+             else f"{name} (a {'×'.join(map(str, shape))} tensor)" for name, (tensor, shape) in tensors.items()]
+    listed = ", ".join(named[:5]) + (f" and {len(named) - 5} more" if len(named) > 5 else "")
+    it = "it" if one else "them"
+    return ConfigError(f"The plan names {listed} of {where}: {'it is' if one else 'they are'} "
+                       f"{bare_parameters_why(len(tensors))}. Re-run spectra recommend, which leaves {it} out, or "
+                       f"drop {it} from the plan; copy {it} from TUNED onto the loaded model.")
 
 
 _EXPERT_INDEX = re.compile(r"\.experts\.\d+\.")
