@@ -509,8 +509,17 @@ def recorded_base_note(adapter: AdapterSource, base: CheckpointSource) -> str | 
     ``task_type``, its class (``auto_mapping.base_model_class``, with its module ``parent_library``). They are
     compared with ``base`` in this order, the first that decides:
 
-    - a local path that exists: the same folder, or the same :meth:`CheckpointSource.fingerprint` (a copy), agrees;
-    - a hub id, with ``base`` a hub id (or a folder of the hub cache): the same repository agrees;
+    - a local path that exists: the same folder, or the same :meth:`CheckpointSource.fingerprint` (a copy), agrees.
+      PEFT records the path as the model was loaded, relative to the folder training ran in, which spectra does not
+      know: a relative path is read from the working directory and from the adapter's folder and each folder above
+      it (training usually runs in one of them, and saves the adapter below it), and agrees where any folder it
+      names there is ``base``; where none is, the note names the first (the working directory's first) and where
+      it was read from. An absolute path is read as it is;
+    - a hub id, with ``base`` a hub id (or a folder of the hub cache): the same repository agrees, unless the
+      adapter records a ``revision`` (PEFT's ``get_peft_model(…, revision=…)``) that is known not to be ``base``'s:
+      a commit other than the snapshot ``base`` lies in, or a branch or tag the hub cache's ``refs`` point at
+      another commit. A revision that cannot be told here (a branch the cache does not know, a ``base`` outside
+      the hub cache whose commit is unknown) says nothing;
     - else the recorded class: it agrees when ``base``'s ``config.json`` lists it in ``architectures``, or its
       transformers module (``transformers.models.llama.modeling_llama``) or class (``Llama…``) names ``base``'s
       model type.
@@ -528,7 +537,9 @@ def recorded_base_note(adapter: AdapterSource, base: CheckpointSource) -> str | 
     where = adapter.path / ADAPTER_CONFIG
     reason = None
     if recorded is not None:
-        same = _same_model(recorded, base)
+        revision = config.get("revision")
+        same = _same_model(recorded, base, adapter.path,
+                           revision=revision if isinstance(revision, str) and revision.strip() else None)
         if same is True:
             return None
         if same is not None:
@@ -556,34 +567,104 @@ def recorded_base_note(adapter: AdapterSource, base: CheckpointSource) -> str | 
             "was trained on as BASE (or ignore this if BASE is a copy of it).")
 
 
-def _same_model(recorded: str, base: CheckpointSource) -> bool | str | None:
-    """True when ``recorded`` (an adapter's ``base_model_name_or_path``) is ``base``; why not, when it is known not
-    to be; None when that cannot be told here."""
-    path = Path(recorded).expanduser()
-    if path.exists():
-        here = base.path.resolve()
-        if path.resolve() in (here, here.parent if here.is_file() else here):
-            return True
-        try:
-            theirs = open_checkpoint(path)
-        except CheckpointError:
-            return None  # no readable model there: the class (if recorded) decides
-        if isinstance(theirs, AdapterSource):
-            return None
-        mine, other = base.fingerprint()["fingerprint"], theirs.fingerprint()["fingerprint"]
-        if mine == other:
-            return True
-        return (f"{path} exists here and holds other weights or another config.json than BASE (fingerprint {other} "
-                f"against BASE's {mine})")
+def _same_model(recorded: str, base: CheckpointSource, adapter_dir: Path, *,
+                revision: str | None = None) -> bool | str | None:
+    """True when ``recorded`` (an adapter's ``base_model_name_or_path``, at ``revision`` where it records one) is
+    ``base``; why not, when it is known not to be; None when that cannot be told here. A relative path is read where
+    :func:`_recorded_folders` looks for it."""
+    found = _recorded_folders(recorded, adapter_dir)
+    if found:
+        differs = None
+        for path, read in found:
+            same = _same_folder(path, base)
+            if same is True:
+                return True
+            if same is not None and differs is None:
+                differs = f"{path}{read} exists here and holds other weights or another config.json than BASE ({same})"
+        return differs  # None: no readable model there, so the class (if recorded) decides
     if not _HUB_ID.match(recorded) or recorded.startswith((".", "/", "~")):
         return None  # a local path that no longer exists
     repo = recorded.partition("@")[0]
     base_repo = _hub_repo(base)
     if base_repo is None:
         return None
-    if base_repo.lower() == repo.lower():
+    if base_repo.lower() != repo.lower():
+        at = f" (revision {revision})" if revision else ""
+        return f"the adapter was trained on hub model {repo}{at}, BASE is hub model {base_repo}"
+    other = _other_revision(revision, base) if revision else None
+    return True if other is None else f"the adapter was trained on revision {revision!r} of {repo}, {other}"
+
+
+def _recorded_folders(recorded: str, adapter_dir: Path) -> list[tuple[Path, str]]:
+    """The paths that exist here of a recorded ``base_model_name_or_path``, each with how it was read (``""``, or
+    ``" ('llama' read from the working directory)"``), each folder once: an absolute (or ``~``) path as it is; a
+    relative one from the working directory, then from the adapter's folder and each folder above it, nearest
+    first (PEFT records the path as the model was loaded, relative to the folder training ran in)."""
+    path = Path(recorded).expanduser()
+    if path.is_absolute():
+        return [(path, "")] if path.exists() else []
+    here = adapter_dir.absolute()
+    places = [(Path.cwd(), "the working directory")] + [(folder, f"the adapter's folder {folder}" if folder == here
+                                                         else f"{folder}, above the adapter's folder")
+                                                        for folder in (here, *here.parents)]
+    found: dict[Path, tuple[Path, str]] = {}
+    for folder, name in places:
+        candidate = folder / path
+        if candidate.exists():
+            found.setdefault(candidate.resolve(), (candidate.resolve(), f" ({recorded!r} read from {name})"))
+    return list(found.values())
+
+
+def _same_folder(path: Path, base: CheckpointSource) -> bool | str | None:
+    """True when the existing ``path`` is ``base`` (the same folder, or a copy: the same fingerprint); their
+    fingerprints when it holds another model; None when it holds none spectra can read (or an adapter)."""
+    here = base.path.resolve()
+    if path.resolve() in (here, here.parent if here.is_file() else here):
         return True
-    return f"the adapter was trained on hub model {repo}, BASE is hub model {base_repo}"
+    try:
+        theirs = open_checkpoint(path)
+    except CheckpointError:
+        return None
+    if isinstance(theirs, AdapterSource):
+        return None
+    mine, other = base.fingerprint()["fingerprint"], theirs.fingerprint()["fingerprint"]
+    return True if mine == other else f"fingerprint {other} against BASE's {mine}"
+
+
+def _other_revision(revision: str, base: CheckpointSource) -> str | None:
+    """How ``base`` is known to be another revision of its hub repository than ``revision`` (a commit, branch or
+    tag PEFT recorded), e.g. ``"BASE is commit 0123… (the hub cache's snapshot)"``; None where it is that revision
+    or where that cannot be told: ``base`` outside the hub cache (its commit unknown), or a branch or tag the cache's
+    ``refs`` do not name."""
+    snapshot = _hub_snapshot(base)
+    if snapshot is None:
+        return None
+    repo_dir, commit = snapshot
+    refs = {}  # branch or tag -> the commit the cache last saw it at
+    for ref in (repo_dir / "refs").rglob("*") if (repo_dir / "refs").is_dir() else ():
+        if ref.is_file():
+            refs[ref.relative_to(repo_dir / "refs").as_posix()] = ref.read_text().strip()
+    names = [name for name, at in refs.items() if at == commit]
+    this = f"BASE is commit {commit} (the hub cache's snapshot{', ' + ', '.join(names) if names else ''})"
+    wanted = revision.lower()
+    if re.fullmatch(r"[0-9a-f]{7,40}", wanted):
+        return None if commit.startswith(wanted) else this
+    if wanted.removeprefix("refs/heads/").removeprefix("refs/tags/") in names or revision in names:
+        return None
+    if revision in refs:
+        return f"which the hub cache's refs/{revision} names as commit {refs[revision]}; {this}"
+    return None
+
+
+def _hub_snapshot(source: CheckpointSource) -> tuple[Path, str] | None:
+    """(the hub cache's ``models--org--name`` folder, the commit) of the snapshot ``source`` lies in, else None. Read
+    off the path as given (a snapshot's files are links into ``blobs/``, which resolving would follow)."""
+    parts = Path(os.path.abspath(source.path)).parts
+    for i in range(len(parts) - 2):
+        if (parts[i].startswith("models--") and parts[i + 1] == "snapshots"
+                and re.fullmatch(r"[0-9a-f]{40}", parts[i + 2])):
+            return Path(*parts[:i + 1]), parts[i + 2]
+    return None
 
 
 def _hub_repo(source: CheckpointSource) -> str | None:
