@@ -180,7 +180,7 @@ def _save_entries(free: list[str], pairing: Pairing) -> tuple[list[str], list[st
 
 def _not_carried_notes(pairing: Pairing, matrices: list, vectors: list, only_in_tuned: list[str], selected: list, *,
                        unchanged: frozenset[str] = frozenset(), roles, stacks, planned: bool,
-                       full: bool) -> list[str]:
+                       full: bool, rank: int | None = None, plan=None) -> list[str]:
     """The notes naming what :func:`_not_carried` found (counted, the first few named) and what would carry it.
 
     ``unchanged``: the names of the `selected` entries extract left out of the adapter as unchanged (ΔW = 0). The
@@ -190,6 +190,15 @@ def _not_carried_notes(pairing: Pairing, matrices: list, vectors: list, only_in_
     saves every layer's module whole, whose LoRA the adapter would then lose (extract refuses a module adapted and
     saved whole; an unchanged one inside a saved module is left out, as it holds no LoRA). The advice says what
     saving costs: the parameters of the modules it saves whole, their weights included.
+
+    The changed matrices outside the roles, stacks or plan are advised the exact option that adapts them, and its
+    cost: with a uniform ``rank`` (or ``full``), the roles (``roles=…``, the ones asked and theirs) and the LoRA
+    parameters on them at that rank (r·(d_in + d_out) each, r at most min(d_in, d_out); a 3-D tensor of experts
+    left out whole counts every expert), beside the adapter's own; with a ``plan``
+    (:class:`~spectra.ranks.plan.RankPlan`), the ``spectra recommend --roles …`` that plans them (the plan's roles
+    and theirs), the share of the whole update's ‖ΔW‖_F² they hold and the parameters at the ranks the plan's energy
+    target gives them (its ``left_out``), beside the plan's; and the modules that save them whole, with what that
+    costs.
     """
     def named(items: list[str]) -> str:
         return ", ".join(items[:3]) + (f" and {len(items) - 3} more" if len(items) > 3 else "")
@@ -211,20 +220,27 @@ def _not_carried_notes(pairing: Pairing, matrices: list, vectors: list, only_in_
         bare = [n for n, e in matrices if _bare_parameter(e)]
         layers = [(n, e) for n, e in matrices if n not in bare]
         plain = [n for n, e in layers if e.info.expert is None]  # a module PEFT can save whole (no expert tensor)
-        asked = () if planned else tuple(roles)  # a plan's own roles are not known here: name every one left out
+        asked = _plan_roles(plan) if planned else tuple(roles)  # a plan's own roles, where the plan is given
         new_roles = [r for r in ROLES if r not in asked and any(e.info.role == r for _, e in layers)]
         new_stacks = sorted({stack_name(e.info.stack) for _, e in layers
                              if stacks is not None and role_selected(e.info.role, roles, e.name)
                              and not stack_selected(e.info.stack, stacks)})
         if not layers:
             fix = []
-        elif planned:
+        elif planned and plan is None:  # the plan is not known here: its roles neither
             fix = [f"plan them (spectra recommend --roles …,{','.join(new_roles)})"]
+        elif planned:
+            fix = [_plan_fix(plan, asked, new_roles, layers, pairing)]
         else:
             fix = ([f"add their roles (roles={','.join([*roles, *new_roles])})"] if new_roles else []) + (
                 [f"their stacks (stacks={','.join([*stacks, *new_stacks])})"] if new_stacks else [])
+            if fix and (full or rank is not None):  # inside the last option's parentheses
+                fix[-1] = (fix[-1].removesuffix(")") + "; "
+                           + _lora_cost(layers, selected, unchanged, pairing, None if full else rank) + ")")
         if plain:
-            fix.append(f"save them whole (modules_to_save={leaves(plain)}){merged}")
+            entries, saved_whole = _save_entries(plain, pairing)
+            fix.append(f"save them whole (modules_to_save={','.join(entries)}; {len(saved_whole)} module(s), "
+                       f"{_params_under(pairing, saved_whole):,} parameters with their weights){merged}")
         notes.append(f"{lead}the adapter leaves out {len(matrices)} changed matri{'x' if len(matrices) == 1 else 'ces'}"
                      f" outside the {outside}: "
                      + named([f"{n} ({e.info.role})" for n, e in matrices])
@@ -270,3 +286,63 @@ def _not_carried_notes(pairing: Pairing, matrices: list, vectors: list, only_in_
                      f"not in the adapter: {named(only_in_tuned)}. To carry them, save their modules whole "
                      f"(modules_to_save={leaves(n.rpartition('.')[0] for n in only_in_tuned)}){merged}")
     return notes
+
+
+def _plan_roles(plan) -> tuple[str, ...]:
+    """The roles a plan was made for (its policy's, else those of the modules it plans), in :data:`ROLES` order;
+    empty where the plan is not known."""
+    if plan is None:
+        return ()
+    if plan.policy.roles is not None:
+        return tuple(plan.policy.roles)
+    planned = {m.role for m in plan.modules}
+    return tuple(r for r in ROLES if r in planned)
+
+
+def _lora_params(entry, name: str, rank: int | None, pairing: Pairing) -> int:
+    """The LoRA parameters PEFT trains on one matrix entry at ``rank`` (None: full, min(d_in, d_out)): r·(d_in +
+    d_out), for every expert of a 3-D tensor left out whole (``name`` its stored name, not the entry's)."""
+    shape = entry.shape[-2:]
+    r = min(shape) if rank is None else min(rank, min(shape))
+    experts = (pairing.base.info(entry.base_tensor).shape[0]
+               if name != entry.name and entry.expert_index is not None else 1)
+    return r * sum(shape) * experts
+
+
+def _lora_cost(layers: list, selected: list, unchanged: frozenset[str], pairing: Pairing, rank: int | None) -> str:
+    """``"LoRAs on these 2 matrices at rank 8 add 12,288 parameters to the adapter's 98,304"``."""
+    added = sum(_lora_params(e, n, rank, pairing) for n, e in layers)
+    held = sum(_lora_params(e, e.name, rank, pairing) for e in selected if e.name not in unchanged)
+    at = "full rank (min(d_in, d_out) each)" if rank is None else f"rank {rank}"
+    return (f"LoRAs on these {len(layers)} matri{'x' if len(layers) == 1 else 'ces'} at {at} add {added:,} "
+            f"parameters to the adapter's {held:,}")
+
+
+def _plan_fix(plan, asked: tuple[str, ...], new_roles: list[str], layers: list, pairing: Pairing) -> str:
+    """How to plan the changed matrices `layers` a plan leaves out: the recommend options that plan those of roles
+    the plan was not made for (the plan's roles and theirs, its stacks), and why it left out the others (noise, a
+    pattern: its ``left_out`` reason); with the share of the whole update's ‖ΔW‖_F² they hold and the parameters at
+    the ranks the plan's energy target gives them (its ``left_out``), beside the plan's own."""
+    recorded = {m.name: m for m in plan.left_out}
+    known = [(n, e, recorded[n]) for n, e in layers if n in recorded]
+    whole = plan.whole_fro2
+    cost = ""
+    if known and whole > 0:
+        share = sum(m.fro_norm ** 2 for _, _, m in known) / whole
+        params = sum(_lora_params(e, n, m.rank, pairing) for n, e, m in known if m.rank)
+        cost = (f"; {'they hold' if len(known) == len(layers) else f'{len(known)} of them hold'} {share:.1%} of the "
+                f"whole update's ‖ΔW‖_F², and at the ranks the plan's energy target gives them "
+                f"{params:,} parameters, beside the plan's {plan.total_params:,}")
+    by_role = [n for n, e in layers if e.info.role in new_roles]
+    others = [n for n, e in layers if e.info.role not in new_roles]
+    parts = []
+    if by_role:
+        roles = [r for r in ROLES if r in asked or r in new_roles]
+        stacks = f" --stacks {','.join(plan.policy.stacks)}" if plan.policy.stacks else ""
+        parts.append(f"spectra recommend --roles {','.join(roles)}{stacks}, the plan's other options as they were"
+                     + (f", for the {len(by_role)} of roles it was not made for" if others else ""))
+    if others:  # their roles are the plan's: it left them out for its own reasons (noise, a pattern)
+        reason = next((f"{n}: {recorded[n].reason}" for n in others if n in recorded), None)
+        parts.append(f"the plan left {'the other' if by_role else 'all'} {len(others)} out for its own reasons"
+                     + (f", e.g. {reason}" if reason else ""))
+    return f"plan them ({'; '.join(parts)}{cost})"
