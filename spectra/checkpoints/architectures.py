@@ -282,6 +282,13 @@ _ROLE_RULES: tuple[tuple[str, str], ...] = (
     # output in two halves, activation(first) · second), output_linear (experts, hidden, intermediate) its down; the
     # mixture-of-attention's input_linear (experts, kv_heads·kv_channels, hidden) is each attention expert's query
     # projection, output_linear its output projection (the keys and values are kv_proj's, shared)
+    # GraniteMoE's (GraniteMoeShared's, GraniteMoeHybrid's) shared expert, an nn.Linear pair as JetMoE's MLP
+    # experts are one expert: shared_mlp.input_linear (2·shared_intermediate, hidden) is [gate; up] (its forward
+    # chunks the output in two halves, activation(first) · second), shared_mlp.output_linear its down. Its routed
+    # experts (block_sparse_moe.input_linear and output_linear, 3-D) are read per expert under the names
+    # transformers 5 loads them into (block_sparse_moe.experts.3.gate_up_proj, down_proj: loaded_experts)
+    (r"shared_mlp\.input_linear", "gate_up"),
+    (r"shared_mlp\.output_linear", "down"),
     (r"mlp\.input_linear(\.\d+)?", "gate_up"),
     (r"mlp\.output_linear(\.\d+)?", "down"),
     (r"self_attention\.experts\.input_linear(\.\d+)?", "q"),
@@ -621,6 +628,17 @@ _JETMOE_MODEL_TYPES = frozenset({"jetmoe"})
 # JetMoE's experts (JetMoeParallelExperts, module names without .weight): a 3-D weight (experts, out, in) whose
 # expert e computes F.linear(x, W[e]); no LoRA module wraps one, PEFT adapts it through target_parameters
 _JETMOE_EXPERTS = re.compile(r"(^|\.)(mlp|self_attention\.experts)\.(input|output)_linear$")
+# GraniteMoE's routed experts as its checkpoints store them (GraniteMoeShared's and GraniteMoeHybrid's alike):
+# block_sparse_moe.input_linear.weight (experts, 2·intermediate, hidden), every expert's [gate; up] (its forward
+# chunks F.linear(x, W[e]) in two halves, gate first), output_linear.weight (experts, hidden, intermediate) its down.
+# transformers 5 renames them on loading into block_sparse_moe.experts.gate_up_proj and down_proj, as stored
+# (conversion_mapping's WeightRenaming: no transposition), which PEFT adapts through target_parameters.
+_GRANITE_EXPERTS = re.compile(r"(^|\.)block_sparse_moe\.(input|output)_linear$")
+_GRANITE_MODEL_TYPES = frozenset({"granitemoe", "granitemoeshared", "granitemoehybrid"})
+# A module path under a mixture-of-experts block (experts, block_sparse_moe, moe, sparse_moe, …): a 3-D .weight
+# there that no rule reads per expert is skipped with a note, never read as one flattened matrix as a convolution's
+# kernel (out, in, k) is
+_MOE_CONTAINER = re.compile(r"(^|\.)(\w*experts?|\w*moe\w*|\w*mixture\w*)(\.|$)", re.IGNORECASE)
 # Gemma 4's key projection, which a full-attention layer of a config with attention_k_eq_v reads as keys and values
 # (it holds no v_proj): role kv, decided per layer by _k_is_v
 _K_AS_V = re.compile(r"(^|\.)self_attn\.k_proj$")
@@ -857,6 +875,39 @@ def parallel_experts(name: str, shape: tuple[int, ...], config: dict[str, Any] |
     inner = 2 * ffn if name.endswith("mlp.input_linear") else ffn if ".mlp." in f".{name}" else heads * width
     held = (experts, inner, hidden) if name.endswith("input_linear") else (experts, hidden, inner)
     return tuple(shape) == held
+
+
+def loaded_experts(name: str, shape: tuple[int, ...], config: dict[str, Any] | None) -> str | None:
+    """The parameter a stored 3-D experts weight `name` (without ``.weight``) loads into, where spectra reads it
+    one (out, in) record per expert under that parameter's name (``{…experts}.{e}.{proj}``, as Qwen3-VL-MoE's
+    stored experts), else None.
+
+    GraniteMoE's ``block_sparse_moe.input_linear`` (experts, 2·intermediate, hidden) → ``block_sparse_moe.experts.
+    gate_up_proj``, ``output_linear`` (experts, hidden, intermediate) → ``block_sparse_moe.experts.down_proj``
+    (:data:`_GRANITE_EXPERTS`), where the config is of no other model type and, where it sizes them
+    (``num_local_experts``, ``hidden_size``, ``intermediate_size``), the weight is of those sizes.
+
+    >>> loaded_experts("model.layers.0.block_sparse_moe.input_linear", (4, 64, 32), {"model_type": "granitemoe"})
+    'model.layers.0.block_sparse_moe.experts.gate_up_proj'
+    """
+    cfg = config or {}
+    found = _GRANITE_EXPERTS.search(name)
+    if len(shape) != 3 or found is None or cfg.get("model_type") not in (None, *_GRANITE_MODEL_TYPES):
+        return None
+    sizes = [cfg.get(k) for k in ("num_local_experts", "hidden_size", "intermediate_size")]
+    if all(isinstance(v, int) for v in sizes):
+        experts, hidden, ffn = sizes
+        held = (experts, 2 * ffn, hidden) if found.group(2) == "input" else (experts, hidden, ffn)
+        if tuple(shape) != held:
+            return None
+    proj = "gate_up_proj" if found.group(2) == "input" else "down_proj"
+    return f"{name[:found.start(2) - 1]}.experts.{proj}"
+
+
+def moe_weight(name: str, shape: tuple[int, ...]) -> bool:
+    """Whether a stored weight `name` (without ``.weight``) of `shape` is a 3-D one under a mixture-of-experts
+    block (:data:`_MOE_CONTAINER`): stacked experts that no rule reads per expert are skipped, not flattened."""
+    return len(shape) == 3 and any(r.search(name) for r in (_MOE_CONTAINER, _JETMOE_EXPERTS, _GRANITE_EXPERTS))
 
 
 def _stack_config(name: str, config: dict[str, Any] | None) -> dict[str, Any]:

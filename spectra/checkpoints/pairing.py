@@ -6,7 +6,9 @@ differences between model classes, Conv1D transposition, fused projections (spli
 per projection, GQA-aware, with the fused whole kept), tied embeddings, resized
 vocabularies, 3-D MoE expert tensors (each side in its own stored layout: Qwen3-VL-MoE's
 hub (E, in, out) against transformers 5's (E, out, in); JetMoE's ``….input_linear.weight`` (E, out, in), one record
-per expert, ``….input_linear.3``), and a PEFT adapter as the tuned side.
+per expert, ``….input_linear.3``; GraniteMoE's ``block_sparse_moe.input_linear.weight`` (E, out, in), one record per
+expert named as transformers loads it, ``…block_sparse_moe.experts.3.gate_up_proj``; any other 3-D ``.weight`` under
+an MoE block is skipped with a note, never flattened), and a PEFT adapter as the tuned side.
 
 Only metadata is read when a :class:`Pairing` is built; tensors are read one pair at
 a time while iterating, so peak memory is a few tensors whatever the model's size.
@@ -24,7 +26,8 @@ import torch
 
 from spectra.checkpoints.adapter import AdapterDelta, plan_adapter
 from spectra.checkpoints.architectures import (ROLES, ModuleInfo, Projection, experts_in_out, fused_projections,
-                                              is_conv1d, missing_stacks, module_info, parallel_experts, parse_stacks,
+                                              is_conv1d, loaded_experts, missing_stacks, module_info, moe_weight,
+                                              parallel_experts, parse_stacks,
                                               role_named, stack_selected, vector_info)
 from spectra.checkpoints.buffers import Lease
 from spectra.checkpoints.names import compile_name_filter, match_names
@@ -358,6 +361,26 @@ class Pairing:
                 out.append(PairEntry(name=name, info=e_info, kind="matrix", shape=shape, expert_index=e,
                                      projections=self._projections(name, e_info, shape[0]), **common))
             return out
+        loaded = loaded_experts(module, b.shape, self.config) if b_name.endswith(".weight") else None
+        if loaded is not None:
+            # GraniteMoE's block_sparse_moe.input_linear.weight (experts, 2·intermediate, hidden), …: one (out, in)
+            # record per expert, named as transformers 5 loads it (…block_sparse_moe.experts.3.gate_up_proj)
+            if b.shape != t.shape:
+                raise _shape_error(b_name, b.shape, t.shape, self.base, self.tuned, t_name, experts=True)
+            head, _, proj = loaded.rpartition(".")
+            out = []
+            for e in range(b.shape[0]):
+                name = f"{head}.{e}.{proj}"
+                e_info = module_info(name, self.config)
+                shape = tuple(b.shape[1:])
+                out.append(PairEntry(name=name, info=e_info, kind="matrix", shape=shape, expert_index=e,
+                                     projections=self._projections(name, e_info, shape[0]), **common))
+            return out
+        if b_name.endswith(".weight") and moe_weight(module, b.shape):
+            self.notes.append(f"{b_name}: skipped, a 3-D weight {tuple(b.shape)} under a mixture-of-experts block "
+                              "that spectra does not read per expert (its layout is unknown to it); it is not read "
+                              "as one flattened matrix")
+            return []
         if len(b.shape) > 2 and not b_name.endswith(".weight"):
             # a parameter or a buffer (a checkpoint does not say which) of its own, no layer's weight: a ViT's
             # position table (1, N, d) is an N × d table, its class token or SigLIP's attention-pool probe (1, 1, d)

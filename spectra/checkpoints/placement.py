@@ -25,7 +25,8 @@ from typing import Any, NamedTuple
 
 import torch
 
-from spectra.checkpoints.architectures import IN_OUT_EXPERT_MODEL_TYPES, is_conv1d, module_info, parallel_experts
+from spectra.checkpoints.architectures import (IN_OUT_EXPERT_MODEL_TYPES, is_conv1d, loaded_experts, module_info,
+                                              parallel_experts)
 from spectra.checkpoints.targets import conversions, resolve_name
 from spectra.errors import SpectraError
 
@@ -168,6 +169,11 @@ def split_sources(checkpoint, parameter: str, shape: tuple[int, ...], sources: l
             conv1d = is_conv1d(module, config)
             return [TensorSlice(tensor, module, (shape[1], shape[0]) if conv1d else shape, conv1d,
                                 ParameterSlice(parameter))]
+        loaded = loaded_experts(module, shape, config)  # GraniteMoE's block_sparse_moe.input_linear.weight …
+        if loaded is not None:  # (E, out, in), named per expert as paired: …block_sparse_moe.experts.3.gate_up_proj
+            head, _, proj = loaded.rpartition(".")
+            return [TensorSlice(tensor, f"{head}.{e}.{proj}", shape[1:], False, ParameterSlice(parameter, e),
+                                stored_expert=e) for e in range(shape[0])]
         if parallel_experts(module, shape, config):  # JetMoE's mlp.input_linear.weight …: (E, out, in), as paired
             return [TensorSlice(tensor, f"{module}.{e}", shape[1:], False, ParameterSlice(parameter, e),
                                 stored_expert=e) for e in range(shape[0])]
