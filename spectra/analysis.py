@@ -282,9 +282,6 @@ def analyze_delta(d: DeltaW, config: AnalysisConfig) -> dict[str, Any]:
     if config.base_rounding == "exact" or (config.base_rounding == "auto" and not quantised):
         tuned_floor = noise.tuned_side_floor(floor, d.tuned, tuned_dtype=_dtype(d.tuned_dtype),
                                              tuned_spacing=d.tuned_spacing)
-    # a small ΔW's own rounding noise moves the threshold up (noise.rounding_edge_factor): its weights are kept for
-    # that, drawn on only where a value lies in reach; none above noise.SIMULATED_MAX_ELEMENTS or on a quantised grid
-    small = None if quantised or d.tuned.numel() > noise.SIMULATED_MAX_ELEMENTS else (d.base, d.tuned)
     d.base_spacing = d.tuned_spacing = None
     d.tuned = None  # not needed any more: free it before the decomposition's workspace
     spec = module_spectrum(d.delta, config, total_energy=fro2, low=d.delta_low)
@@ -310,10 +307,7 @@ def analyze_delta(d: DeltaW, config: AnalysisConfig) -> dict[str, Any]:
     row["gd_rank"] = None if not spec.complete and gd_rank == values.numel() else gd_rank  # else a lower bound
     row["gd"] = {"threshold": gd.threshold, "noise_sigma": gd.noise_sigma, "known_noise": gd.known_noise}
     # above the edge's Tracy–Widom margin: pure noise passes the bare edge in 17–44 % of matrices (noise.rank_above)
-    noise_rank = noise.rank_above(values, floor.mp_edge, tuple(d.shape), numerical=numerical, edge_factor=lambda: (
-        1.0 if small is None else noise.rounding_edge_factor(
-            small[1], tuned_dtype=_dtype(d.tuned_dtype), base=small[0] if floor.base_rounding == "counted" else None,
-            base_dtype=_dtype(d.base_dtype))))
+    noise_rank = noise.rank_above(values, floor.mp_edge, tuple(d.shape), numerical=numerical)
     if not spec.complete and noise_rank == values.numel():
         noise_rank = None  # every value held is above the floor: the count is a lower bound, not known
     row["noise"] = {"sigma": floor.sigma, "fro": floor.noise_fro, "mp_edge": floor.mp_edge, "rank_above": noise_rank,

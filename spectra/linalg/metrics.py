@@ -546,11 +546,10 @@ def rounding_noise_floor(
         fro2 += float(((t.double() - b.double()) ** 2).sum())
     var_b, var_t = var_b / 12.0 / (m * n), var_t / 12.0 / (m * n)
     names = str(bd).replace("torch.", ""), str(td).replace("torch.", "")
-    both = _white_floor(var_b + var_t, (m, n), s, names, sides=(base, bd, tuned, td))
+    both = _white_floor(var_b + var_t, (m, n), s, names)
     if base_rounding == "counted":
         return replace(both, tuned_variance=var_t)
-    exact = replace(_white_floor(var_t, (m, n), s, names, sides=(None, None, tuned, td)), base_rounding="exact",
-                    tuned_variance=var_t)
+    exact = replace(_white_floor(var_t, (m, n), s, names), base_rounding="exact", tuned_variance=var_t)
     if base_rounding == "exact":
         return exact
     from spectra.linalg.noise import settle_floor  # noise builds on this module; one decision for both callers
@@ -561,18 +560,14 @@ def rounding_noise_floor(
                         delta=tuned.float() - base.float())
 
 
-def _white_floor(var: float, shape: tuple[int, int], s, names: tuple[str, str], *, sides) -> NoiseFloor:
-    """The floor of white noise of per-element variance `var` on an (m, n) matrix, with the count of `s` above it;
-    `sides` (base or None, its dtype, tuned, its dtype) are the weights whose rounding is in it."""
-    from spectra.linalg.noise import rank_above, rounding_edge_factor  # noise builds on this module: imported here
+def _white_floor(var: float, shape: tuple[int, int], s, names: tuple[str, str]) -> NoiseFloor:
+    """The floor of white noise of per-element variance `var` on an (m, n) matrix, with the count of `s` above it."""
+    from spectra.linalg.noise import rank_above  # noise builds on this module: imported here, not at the top
 
     m, n = shape
     sigma = math.sqrt(var)
     edge = sigma * (math.sqrt(m) + math.sqrt(n))
-    base, base_dtype, tuned, tuned_dtype = sides
-    # the edge's Tracy–Widom margin, moved by a small ΔW's own rounding noise, as analyze counts
-    rank = None if s is None else rank_above(_values(s).v, edge, (m, n), edge_factor=lambda: rounding_edge_factor(
-        tuned, tuned_dtype=tuned_dtype, base=base, base_dtype=base_dtype))
+    rank = None if s is None else rank_above(_values(s).v, edge, (m, n))  # the edge's Tracy–Widom margin, as analyze
     return NoiseFloor(var, sigma, math.sqrt(m * n * var), edge, rank, *names)
 
 

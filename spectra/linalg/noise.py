@@ -12,10 +12,7 @@ The count of directions above the floor (:func:`rank_above`) compares ΔW's sing
 edge raised by the Tracy–Widom fluctuation of pure noise's largest one (:func:`tracy_widom_edge`): at the
 Marchenko–Pastur edge itself, pure noise's top value lies above it in about 17 % of matrices of any size
 (1 − F₁(0) = 0.168), and bf16 rounding noise, a heavier-tailed mixture of uniform errors, in up to 44 % of
-small ones. On a small ΔW (≤ :data:`SIMULATED_MAX_ELEMENTS`) that margin is Gaussian noise's, and the
-rounding noise, a scale mixture of uniform errors, sits higher and spreads wider: :func:`rounding_edge_factor`
-moves the threshold to its own law, simulated from the pair's exponents. ``NoiseFloor.rank``
-(:func:`~spectra.linalg.metrics.rounding_noise_floor`,
+small ones. ``NoiseFloor.rank`` (:func:`~spectra.linalg.metrics.rounding_noise_floor`,
 :func:`~spectra.linalg.sketch.sampled_noise_floor`) is the same count. Only the residual that
 decides the floor takes the bare edge (:func:`~spectra.linalg.metrics.residual_variance` says why).
 """
@@ -33,8 +30,8 @@ from spectra.linalg import metrics
 from spectra.linalg.sketch import heteroscedastic_edge, mean_ulp_squared
 from spectra.linalg.svd import Spectrum
 
-__all__ = ["tuned_side_floor", "settle_floor", "residual_energy", "tracy_widom_edge", "rounding_edge_factor",
-           "rank_above", "TW1_QUANTILES", "EDGE_QUANTILE", "SIMULATED_MAX_ELEMENTS", "FACTOR_CAP"]
+__all__ = ["tuned_side_floor", "settle_floor", "residual_energy", "tracy_widom_edge", "rank_above",
+           "TW1_QUANTILES", "EDGE_QUANTILE"]
 
 # Quantiles s_q of the real (β = 1) Tracy–Widom law, F₁(s_q) = q, from the Fredholm determinant
 # F₁(s) = det(I − K₁) on L²(s, ∞), K₁(x, y) = ½·Ai((x + y)/2) (Ferrari and Spohn 2005), by
@@ -42,12 +39,6 @@ __all__ = ["tuned_side_floor", "settle_floor", "residual_energy", "tracy_widom_e
 # recomputes them. Johnstone (2001, Table 1) lists 0.98 and 2.02 for 0.95 and 0.99.
 TW1_QUANTILES = {0.9: 0.4501, 0.95: 0.9793, 0.99: 2.0234, 0.995: 2.4223, 0.999: 3.2722}
 EDGE_QUANTILE = 0.999  # a pure bf16-noise matrix of short side ≥ 64 goes above it in ≤ 5 % of seeds (0.99: ≤ 11 %)
-# Largest ΔW (elements) whose edge rounding_edge_factor simulates: its rounding noise's top value stood 3.9 % (16×16),
-# 1.9 % (64×64) and 1.0 % (64×256) above i.i.d. Gaussian noise's of the same variance, 0.5 % at 128×512 and 0.1 % at
-# 256×256, where pure noise passed the 0.999 threshold in 0 of 200 and 0 of 100 seeds. Above it the simulation
-# (~35 ms at 128×128 on 2 busy cores) costs more than the module's own analysis for a shift that is almost gone.
-SIMULATED_MAX_ELEMENTS = 1 << 14
-FACTOR_CAP = 1.5  # rounding_edge_factor's largest: measured 1.15 ± 0.07 at most (16×16, both sides' bf16 rounding)
 
 
 def tuned_side_floor(both: metrics.NoiseFloor, tuned: torch.Tensor, *, tuned_dtype: torch.dtype,
@@ -205,8 +196,7 @@ def tracy_widom_edge(edge: float, shape: tuple[int, int], *, quantile: float | N
     ``edge``·√(1 + s_q·(1/√m + 1/√n)^{1/3} / (√m + √n)): 1.151× the edge at 16×16 (q = 0.999),
     1.025× at 256×256, 1.006× at 1024×4096. A heteroscedastic edge
     (:func:`~spectra.linalg.sketch.heteroscedastic_edge`) is raised by the same factor, an
-    approximation: its noise is not i.i.d. Nor is bf16 rounding noise Gaussian: on a small ΔW
-    :func:`rounding_edge_factor` moves this threshold to where its own top value lands.
+    approximation: its noise is not i.i.d.
 
     Parameters
     ----------
@@ -239,99 +229,8 @@ def tracy_widom_edge(edge: float, shape: tuple[int, int], *, quantile: float | N
     return float(edge) * math.sqrt(1.0 + TW1_QUANTILES[quantile] * relative)
 
 
-def rounding_edge_factor(tuned: torch.Tensor, *, tuned_dtype: torch.dtype, base: torch.Tensor | None = None,
-                         base_dtype: torch.dtype | None = None, quantile: float | None = EDGE_QUANTILE,
-                         draws: int | None = None, seed: int = 0,
-                         max_elements: int = SIMULATED_MAX_ELEMENTS) -> float:
-    """How far the floor's own rounding noise moves :func:`tracy_widom_edge`'s threshold up, on a small ΔW.
-
-    The floor treats ΔW's rounding noise as white Gaussian-like noise of the mean variance σ̄² = mean(ulp²)/12. It
-    is not: each element's error is uniform in ±ulp/2 with that element's own exponent, a scale mixture with a
-    fourth cumulant of ~3 σ̄⁴ for one bf16 side (1.8·E[ulp⁴]/E[ulp²]² − 3, the ratio ≈ 3.4 over Gaussian-like
-    weights). The Marchenko–Pastur edge and the Tracy–Widom law hold for such entries only in the limit: at
-    finite size the top value sits higher and spreads wider (measured on bf16 noise against Gaussian noise of the
-    same σ̄: mean +3.9 % and sd 1.3× at 16×16, +1.9 % at 64×64, +1.0 % at 64×256, +0.1 % at 256×256), and pure
-    noise passed the 0.999 threshold in up to 8 % of small matrices instead of ≤ 0.3 %. Gaussian noise with the
-    same per-element variances is no model of it (it sits higher still: a heavier mixture), nor is a uniform
-    variance (the same variances shuffled over the matrix give the same shift: it is the entries' law, not their
-    layout).
-
-    So the threshold is simulated. `draws` matrices of the noise the floor predicts (each side's error uniform in
-    ±ulp/2 of its own elements, independent) and `draws` of Gaussian noise of their mean variance give each law's
-    mean and sd of the top singular value; the threshold is moved as a location–scale map takes the Gaussian law
-    to this one: t = mean_r + (sd_r / sd_g)·(t_g − mean_g), t_g :func:`tracy_widom_edge` of the Gaussian's edge.
-    The factor t / t_g is at least 1 (a lighter-tailed noise keeps the Gaussian threshold) and at most
-    :data:`FACTOR_CAP`; :func:`rank_above` takes it as `edge_factor`, or a function that computes it only where a
-    value of ΔW lies in reach of it. Above `max_elements` it is 1.0 and nothing is read or drawn.
-
-    Parameters
-    ----------
-    tuned : torch.Tensor, shape (out, in)
-        The fine-tune's weight, as stored or up-cast.
-    tuned_dtype : torch.dtype
-        Its storage dtype.
-    base : torch.Tensor, shape (out, in), optional
-        The base's weight, when its rounding is in the floor ("counted"); None for the fine-tune's alone ("exact").
-    base_dtype : torch.dtype, optional
-        The base's storage dtype (default: its own).
-    quantile : float or None, default :data:`EDGE_QUANTILE`
-        The threshold's Tracy–Widom quantile, as :func:`rank_above` takes it (None: the bare edge).
-    draws : int, optional
-        Simulated matrices per law; default 2¹⁷ / (out·in) within [16, 128] (128 at 32×32, 32 at 64×64). The
-        factor's own sampling error is then ~0.015 at 64×64 (its spread over pairs of one law), below the
-        margin's 6 %: more draws cost time in proportion.
-    seed : int, default 0
-        The simulation's generator: the factor is a fixed number for a given pair.
-    max_elements : int, default :data:`SIMULATED_MAX_ELEMENTS`
-
-    Returns
-    -------
-    float
-        In [1, :data:`FACTOR_CAP`].
-
-    References
-    ----------
-    .. [1] J. O. Lee and K. Schnelli, "Local law and Tracy–Widom limit for sparse random matrices", Probab. Theory
-       Relat. Fields 171, 2018 (entries with a large fourth cumulant move the edge out at finite size).
-    """
-    m, n = (int(d) for d in tuned.shape)
-    if m * n > max_elements or min(m, n) < 2:
-        return 1.0
-    draws = min(128, max(16, (1 << 17) // (m * n))) if draws is None else int(draws)
-    if draws < 2:
-        raise ConfigError(f"draws {draws}: the simulated threshold needs at least 2 matrices per law.")
-    sides = [metrics.ulp(tuned, tuned_dtype).cpu()]  # (m, n) float64
-    if base is not None:
-        sides.append(metrics.ulp(base, base.dtype if base_dtype is None else base_dtype).cpu())
-    mean = float(sum(u.square() for u in sides).mean()) / 12.0
-    if not mean > 0.0:
-        return 1.0
-    g = torch.Generator().manual_seed(seed)
-    scaled = [(u / math.sqrt(mean)).float() for u in sides]  # unit mean variance: float32 holds it
-    rounding = _tops(sum(u * (torch.rand(draws, m, n, generator=g) - 0.5) for u in scaled), g)  # (draws,)
-    gaussian = _tops(torch.randn(draws, m, n, generator=g), g)
-    t_g = tracy_widom_edge(math.sqrt(m) + math.sqrt(n), (m, n), quantile=quantile)  # σ = 1
-    spread = float(rounding.std()) / float(gaussian.std())
-    t = float(rounding.mean()) + spread * (t_g - float(gaussian.mean()))
-    return min(max(1.0, t / t_g), FACTOR_CAP)
-
-
-def _tops(x: torch.Tensor, generator: torch.Generator, *, block: int = 4, iterations: int = 24) -> torch.Tensor:
-    """Each draw's largest singular value, (draws, m, n) -> (draws,) float64, from the short side's Gram: its
-    eigenvalues where that side is ≤ 32, else subspace iteration and Rayleigh–Ritz (Halko, Martinsson and Tropp 2011,
-    Algorithm 4.4), within 5e-4 of svdvals at 64×256 for a quarter of its cost."""
-    gram = x @ x.mT if x.shape[1] <= x.shape[2] else x.mT @ x  # (draws, s, s)
-    if gram.shape[1] <= 32:
-        return torch.linalg.eigvalsh(gram)[:, -1].double().clamp(min=0.0).sqrt()
-    q = torch.randn(gram.shape[0], gram.shape[1], min(block, gram.shape[1]), generator=generator)
-    for _ in range(iterations):
-        q = torch.linalg.qr(gram @ q).Q  # (draws, s, block)
-    top = torch.linalg.eigvalsh(q.mT @ gram @ q)[:, -1]  # (draws,)
-    return top.double().clamp(min=0.0).sqrt()
-
-
 def rank_above(s, edge: float, shape: tuple[int, int], *, numerical: float = 0.0,
-               quantile: float | None = EDGE_QUANTILE, edge_factor=1.0) -> int:
+               quantile: float | None = EDGE_QUANTILE) -> int:
     """How many singular values of ΔW stand above its noise floor: above :func:`tracy_widom_edge` and `numerical`.
 
     Parameters
@@ -347,10 +246,6 @@ def rank_above(s, edge: float, shape: tuple[int, int], *, numerical: float = 0.0
     quantile : float or None, default :data:`EDGE_QUANTILE`
         The Tracy–Widom quantile of the margin; None counts above the bare edge (the count
         before the margin, which pure noise passes in 17–44 % of matrices).
-    edge_factor : float or callable, default 1.0
-        What the floor's own rounding noise moves the threshold by (:func:`rounding_edge_factor`, in
-        [1, :data:`FACTOR_CAP`]), or a function of no arguments that returns it: called only where a value lies
-        between the threshold and :data:`FACTOR_CAP`× it, since elsewhere the count is the same for any factor.
 
     Returns
     -------
@@ -358,13 +253,7 @@ def rank_above(s, edge: float, shape: tuple[int, int], *, numerical: float = 0.0
         The count among the values given: where every one of a truncated spectrum's values is
         above, the true count may be larger.
     """
-    gaussian = tracy_widom_edge(edge, shape, quantile=quantile)
+    threshold = max(tracy_widom_edge(edge, shape, quantile=quantile), float(numerical))
     values = s.values if isinstance(s, Spectrum) else s
     values = values.detach().double().cpu().numpy() if isinstance(values, torch.Tensor) else np.asarray(values, float)
-    low, high = max(gaussian, float(numerical)), max(gaussian * FACTOR_CAP, float(numerical))
-    factor = edge_factor
-    if callable(edge_factor):
-        factor = edge_factor() if bool(np.any((values > low) & (values <= high))) else 1.0
-    if not 1.0 <= float(factor) <= FACTOR_CAP:
-        raise ConfigError(f"edge_factor {factor!r}: the rounding noise moves the threshold by 1 to {FACTOR_CAP}.")
-    return int(np.sum(values > max(gaussian * float(factor), float(numerical))))
+    return int(np.sum(values > threshold))

@@ -221,13 +221,10 @@ def sampled_noise_floor(base: torch.Tensor, tuned: torch.Tensor, *, base_dtype: 
         b, t = base[::stride], tuned[::stride]  # (≈m/stride, n) views: only the sample is read
         var = (mean_ulp_squared(b, base_dtype) + mean_ulp_squared(t, tuned_dtype)) / 12.0
         edge = math.sqrt(var) * (math.sqrt(m) + math.sqrt(n))  # Marchenko–Pastur bulk edge
-    from spectra.linalg.noise import rank_above, rounding_edge_factor  # noise builds on this module: imported here
+    from spectra.linalg.noise import rank_above  # noise builds on this module: imported here, not at the top
 
     sigma = math.sqrt(var)
-    quantised = base_grid is not None or tuned_grid is not None
-    # the edge's Tracy–Widom margin, moved by a small ΔW's own rounding noise, as analyze counts
-    rank = None if s is None else rank_above(s, edge, (m, n), edge_factor=lambda: 1.0 if quantised else (
-        rounding_edge_factor(tuned, tuned_dtype=tuned_dtype, base=base, base_dtype=base_dtype)))
+    rank = None if s is None else rank_above(s, edge, (m, n))  # the edge's Tracy–Widom margin, as analyze counts
     return metrics.NoiseFloor(var, sigma, math.sqrt(m * n * var), edge, rank,
                               base_grid[0] if base_grid else _name(base_dtype),
                               tuned_grid[0] if tuned_grid else _name(tuned_dtype))
