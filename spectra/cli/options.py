@@ -121,8 +121,8 @@ def _typed_seed(value) -> int:
 class _NumberList:
     """The ``parser=`` of an option that takes comma-separated numbers (``--ranks 1,2,4,8``): each item read as a
     number option's text is (:func:`_typed_int`, :func:`_typed_float`), so each prints as typed, into a tuple. A list
-    with an item that is no such number (``4,x``, ``4.5``, ``true``), an empty item (``4,,8``), no item at all
-    (``''``) or an item below `least` (``4,-1``) is refused naming the option, the list and the item as typed:
+    with an item that is no such number (``4,x``, ``4.5``, ``true``), an empty item (``4,,8``; one trailing comma,
+    ``1,2,4,``, is taken), no item at all (``''``, ``,``) or an item below `least` (``4,-1``) is refused naming the option, the list and the item as typed:
     ``--ranks '4,x': 'x' is not an integer; expected comma-separated ranks ≥ 0 like 0,1,2,4,8.`` With a `form` such
     as "OUTxIN", each item is that many numbers joined by "x" (``--shapes 1024x1024,768x2304``), a tuple of them."""
 
@@ -135,6 +135,8 @@ class _NumberList:
         items = value.split(",")
         if not value.strip():
             raise _NotANumber(value, self.expected, "nothing given")
+        if len(items) > 1 and not items[-1].strip():
+            items = items[:-1]  # one trailing comma (``--ranks 1,2,4,``), which the parsers before this one took
         return tuple(self._item(value, i, item) for i, item in enumerate(items, 1))
 
     def _item(self, value: str, index: int, item: str):

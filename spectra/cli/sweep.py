@@ -60,7 +60,7 @@ def sweep(
         check_analysis_pair(analysis, base, tuned)
     config = SweepConfig(roles=_split(roles), stacks=_stacks(stacks), task=task, batch_size=batch_size, max_length=max_length,
                          bootstrap=bootstrap, device=device, seed=seed)
-    result = truncation_sweep(base, tuned, data, ranks=ranks, plan=plan, metric=metric, non_target=non_target,
+    result = truncation_sweep(base, tuned, data, ranks=tuple(int(r) for r in ranks), plan=plan, metric=metric, non_target=non_target,
                               groups="both" if by_role else "model", calibration=calibration, config=config,
                               progress=not quiet)
     marks = {}

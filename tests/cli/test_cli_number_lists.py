@@ -23,7 +23,8 @@ _RANKS = "expected comma-separated ranks ≥ 0 like 0,1,2,4,8."
     ("4,x", "'x' is not an integer"),
     ("4,-1", "-1 is less than 0"),
     ("4,,8", "item 2 is empty"),
-    ("4,8,", "item 3 is empty"),
+    ("4,8,,", "item 3 is empty"),
+    (",", "item 1 is empty"),
     ("4.5", "'4.5' is not an integer"),
     ("4,1e3", "'1e3' is not an integer"),
     ("", "nothing given"),
@@ -95,6 +96,7 @@ def test_a_good_list_is_the_numbers_each_printed_as_typed():
     shapes = _NumberList(int, "shapes", least=1, form="OUTxIN")("32x48,8X016")
     assert shapes == ((32, 48), (8, 16))
     assert _NumberList(int, "ranks")((1, 2)) == (1, 2)  # a declared default that is no text: its numbers
+    assert _NumberList(int, "ranks")("1,2,4,") == (1, 2, 4)  # one trailing comma is taken, as before the parser
     # negative control: each refusal of the parser itself
     for text, problem in (("0x5", "0 is less than 1"), ("32x48x2", "'32x48x2' is not OUTxIN"), ("a", "'a' is not")):
         with pytest.raises(ValueError, match=re.escape(f"{text!r}: {problem}")):
@@ -126,7 +128,7 @@ def test_sweep_and_verify_pass_the_numbers_on(monkeypatch, capsys, tmp_path):
     with pytest.raises(Stop):
         run(monkeypatch, capsys, "sweep", tmp_path / "b", tmp_path / "t", "--data", data, "--ranks", "0,02,+4",
             "-o", tmp_path / "s")
-    assert list(seen["sweep"]["ranks"]) == [0, 2, 4]
+    assert list(seen["sweep"]["ranks"]) == [0, 2, 4] and all(type(r) is int for r in seen["sweep"]["ranks"])
     with pytest.raises(Stop):
         run(monkeypatch, capsys, "verify", tmp_path / "b", tmp_path / "t", "--data", data, "--sweep", "02,4",
             "--recommended", "02", "-o", tmp_path / "v")
