@@ -19,6 +19,9 @@ def _norm_bytes(shape: ModelShape, p: int, full: bool, width: int | None = None)
         return p * h + 8  # LayerNorm keeps its input, its mean and 1/std (fp32)
     if shape.norm == "layer_fp32":  # OLMo's: its input up-cast to fp32, the mean and 1/std; no weight to train
         return 4 * h + 8
+    if shape.norm == "gemma4":  # Gemma4RMSNorm: x·pow(mean(x²) + eps, −0.5) on the fp32 input, which it keeps with
+        # mean(x²) + eps (pow's input) and its result; its weight's gradient needs the fp32 normalised input
+        return 4 * h + 8 * groups + (4 * h if full else 0)
     if shape.norm == "cohere":  # CohereLayerNorm's elementwise fp32 ops: x − mean twice (pow's input, and the product
         # by 1/std's), 1/std, and for its weight's gradient the fp32 normalised input
         return 8 * h + 4 + (4 * h if full else 0)
@@ -86,8 +89,9 @@ def _block_bytes(shape: ModelShape, p: int, attention: str, seq_len: int, *, ful
     GLM, Qwen3, OLMo, OLMo 2 and OLMo 3 (tests/memory/test_memory_qk_norms.py), GPT-NeoX's parallel and sequential
     blocks, Phi's, StarCoder2's and Falcon's (tests/memory/test_memory_gelu_families.py; a parallel block's MLP reads
     the block's input; Falcon's multi-query under eager only; StableLM), Arcee, Seed-OSS, Hunyuan dense, EXAONE 4,
-    Cohere, Cohere 2 and Apertus (tests/memory/test_memory_llama_variants.py), sliding layers masked or not, from the
-    first adapted layer on too.
+    Cohere, Cohere 2 and Apertus (tests/memory/test_memory_llama_variants.py), Gemma 4's dense text model (its
+    sliding and full-attention layers, attention_k_eq_v: tests/memory/test_memory_gemma4.py), sliding layers
+    masked or not, from the first adapted layer on too.
 
     Returns the bytes, whether the block keeps o_proj's input already (sdpa keeps its output and
     o_proj reads that tensor), whether the block's output requires grad, and the bytes it keeps
@@ -118,11 +122,16 @@ def _block_bytes(shape: ModelShape, p: int, attention: str, seq_len: int, *, ful
         total += attention_bytes
         qg = kg = vg = False  # (its own)
     else:  # attention: Q, K, V require grad from the block's input or their own adapter
-        qg, kg, vg = g or hit("q", "qkv"), g or hit("k", "qkv"), g or hit("v", "qkv")
+        # (Gemma 4's attention_k_eq_v: one k_proj, role kv, gives K and V)
+        qg, kg, vg = g or hit("q", "qkv"), g or hit("k", "qkv", "kv"), g or hit("v", "qkv", "kv")
         if shape.clip_qkv:  # OLMo's clamp_ on each projection's output keeps a copy of it (its input) for backward
             total += p * (shape.q_dim * qg + shape.kv_dim * (kg + vg))
     if shape.qk_norm:  # q_norm and k_norm: RMSNorms per head (Gemma 3, Qwen3) or across the heads (OLMo 2)
         total += _norm_bytes(shape, p, full, q) * qg + _norm_bytes(shape, p, full, shape.kv_dim) * kg
+    if shape.v_norm and vg:  # Gemma 4's v_norm: an RMSNorm per head without weight; under attention_k_eq_v it
+        # reads k_proj's output as k_norm does, and at fp32 both keep that tensor itself (no up-cast copy)
+        k_eq_v = any(role == "kv" for role, _, _ in shape.linears)
+        total += _norm_bytes(shape, p, False, shape.kv_dim) - (4 * shape.kv_dim if k_eq_v and p == 4 else 0)
     scores = qg or kg  # Q·Kᵀ and the probabilities
     if shape.mla:
         o_input_kept = False  # o_proj reads a copy of the (b, heads, s, v) output
@@ -312,8 +321,8 @@ def _moe_bytes(shape: ModelShape, p: int, *, full: bool, grad: bool, router: boo
 
 # the tensor a module reads, by role: modules that read one tensor share it when LoRA keeps it as is (fp32)
 _INPUT_OF = {"q": "attention input", "k": "attention input", "v": "attention input", "qkv": "attention input",
-             "o": "attention output", "gate": "mlp input", "up": "mlp input", "gate_up": "mlp input",
-             "router": "mlp input", "q_a": "attention input", "kv_a": "attention input"}
+             "kv": "attention input", "o": "attention output", "gate": "mlp input", "up": "mlp input",
+             "gate_up": "mlp input", "router": "mlp input", "q_a": "attention input", "kv_a": "attention input"}
 
 
 def _adapter_bytes(modules: list[_Adapter], p: int, o_input_kept: bool, dora: bool,
@@ -401,17 +410,30 @@ def _table_bytes(modules: list[_Adapter], p: int, tokens: int, seq_len: int, *, 
     return total
 
 
+_FLASH_HEAD_SIZE = 256  # the largest head FlashAttention (sdpa's CUDA flash kernel) takes
+
+
 def _activations_refused(shape: ModelShape, attention: str) -> str | None:
     """Why the activations cannot be estimated for this attention, or None. sdpa on multi-head latent attention
     whose Q and K heads are wider than V's (DeepSeek's 192 against 128): FlashAttention takes one head size, so
     CUDA runs another kernel, and the CPU's flash kernel does not take it either (it falls back to the math kernel,
-    which keeps the s×s probabilities): what CUDA's kernel keeps is unchecked here."""
+    which keeps the s×s probabilities): what CUDA's kernel keeps is unchecked here. So is sdpa on heads wider than
+    FlashAttention takes (Gemma 4's full-attention layers, global_head_dim 512), which the CPU's flash kernel runs
+    (checked) but CUDA's cannot."""
     if shape.falcon_attention and shape.kv_dim < shape.q_dim and attention == "sdpa":
         return (f"{shape.family}'s multi-query attention under sdpa: transformers passes sdpa one K and one V head "
                 "against every query head, which no fused kernel takes (no enable_gqa), so sdpa runs its math kernel, "
                 "which keeps the s×s probabilities and at 16 bits up-casts its inputs to fp32: its saved tensors are "
                 "not modelled (at fp32 they are eager's); attention='eager' (--attention eager) is estimated. The "
                 "weights, adapter, gradients, optimizer states and KV cache are estimated")
+    head_size = max(shape.block(layer).q_dim for layer in range(shape.layers)) // shape.heads
+    if attention == "sdpa" and not shape.mla and head_size > _FLASH_HEAD_SIZE:
+        where = " (its full-attention layers' global_head_dim)" if shape.global_layers else ""
+        return (f"{shape.family}'s attention heads of {head_size} values{where} under sdpa: FlashAttention takes "
+                f"heads of at most {_FLASH_HEAD_SIZE}, so CUDA runs another kernel (the memory-efficient one, or with "
+                "grouped KV heads the math one, which keeps the s×s probabilities), and what it saves has not been "
+                "checked against autograd; attention='eager' (--attention eager) is estimated. The weights, adapter, "
+                "gradients, optimizer states and KV cache are estimated")
     if not shape.mla or attention != "sdpa":
         return None
     _, _, nope, rope, v_dim = shape.mla

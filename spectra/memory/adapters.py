@@ -88,7 +88,8 @@ def _check_plan_base(shape: ModelShape, plan: RankPlan, config: dict) -> None:
 
 def _layout(shape: ModelShape) -> tuple:
     """What a plan's modules depend on: the layers and each block's linear layers (MoE layers' and dense ones')."""
-    return shape.layers, shape.hidden, shape.linears, shape.dense_layers, shape.dense_linears
+    return (shape.layers, shape.hidden, shape.linears, shape.dense_layers, shape.dense_linears, shape.global_layers,
+            shape.global_linears)
 
 
 def _describe(shape: ModelShape) -> str:
@@ -173,18 +174,18 @@ def _adapter_modules(shape: ModelShape, method: str, plan_or_rank: Any, roles: t
     r = plan_or_rank
     if experts > 1:  # what spectra train adapts, asked of its own target selection
         return _trained_moe_adapters(shape, method, r, roles, stacks, layers, train_model, notes=notes)
-    block: list[_Adapter] = []
-    for role, o, d_in in shape.linears:
-        if not role_selected(role, wanted):
-            continue
-        if r > min(o, d_in):  # PEFT takes any rank
-            raise ConfigError(f"rank {r} exceeds min(d_in, d_out) = {min(o, d_in)} of the {role} "
-                              f"projection ({o}×{d_in}).")
-        block.append(_Adapter(None, role, r, d_in, o))
-    if not block:
+    modules: list[_Adapter] = []
+    for layer in sorted(set(layers)):  # each layer's own linears (Gemma 4's full-attention layers: their own)
+        for role, o, d_in in shape.block(layer).linears:
+            if not role_selected(role, wanted):
+                continue
+            if r > min(o, d_in):  # PEFT takes any rank
+                raise ConfigError(f"rank {r} exceeds min(d_in, d_out) = {min(o, d_in)} of the {role} "
+                                  f"projection ({o}×{d_in}).")
+            modules.append(_Adapter(layer, role, r, d_in, o))
+    if not modules:
         raise ConfigError(f"No linear layer of this {shape.family} model has a role in {wanted}; roles here: "
                           f"{sorted({r for r, _, _ in shape.linears})}.")
-    modules = [m._replace(layer=layer) for layer in sorted(set(layers)) for m in block]
     if shape.tower_linears:  # layers_to_transform refused above
         for role, o, d_in, stack in shape.tower_linears:  # the other towers' linears of the roles, where stacks name them
             if stacks is not None and role_selected(role, wanted) and stack_selected(stack, stacks):

@@ -606,7 +606,7 @@ def _estimate(shape: ModelShape, method: str, adapter_modules: list, batch: int,
                           for m in adapter_modules), default=0)
 
     # what DynamicCache holds: every token in a full-attention layer, the last window − 1 in a sliding one
-    kv_cache = shape.cached_tokens(seq_len) * (shape.cache_width or 2 * shape.kv_dim) * batch * p if shape.causal else 0
+    kv_cache = shape.cached_values(seq_len) * batch * p if shape.causal else 0
     return MemoryEstimate(method=method, precision=precision, optimizer=optimizer, batch=batch, seq_len=seq_len,
                           gradient_checkpointing=checkpointing, attention=attention, double_quant=double_quant,
                           use_cache=use_cache,

@@ -38,7 +38,8 @@ class ModelShape:
     # "rms": an RMSNorm that up-casts its input to fp32 (Llama-like); "rms_fp32": one that also applies
     # its weight in fp32 (Gemma); "layer": LayerNorm (GPT-2, BERT); "layer_fp32": a LayerNorm without weight or bias
     # on its input up-cast to fp32 (OLMo's OlmoLayerNorm); "cohere": CohereLayerNorm (a weight, no bias; fp32
-    # elementwise ops)
+    # elementwise ops); "gemma4": Gemma4RMSNorm (x·pow(mean(x²) + eps, −0.5) on the fp32 input: one more fp32 value
+    # a row kept than rsqrt's; its weight, not 1 + weight, applied in fp32)
     norm: str
     mlp_saved: int  # intermediate-sized tensors the MLP's activation keeps for backward, per expert
     softmax_fp32: bool  # eager attention takes its softmax in fp32 and casts it back (Llama-like)
@@ -131,6 +132,14 @@ class ModelShape:
     # tensors and its torch.where's bool mask (1 byte a value), and under full fine-tuning expm1(min(x, eps)) − x for
     # alpha_n's gradient
     xielu: bool = False
+    # Gemma 4's full-attention layers, a block of their own (global_head_dim, num_global_key_value_heads; with
+    # attention_k_eq_v one k_proj, role kv, gives the keys and the values): those layers, their linears and their
+    # (q_dim, kv_dim) (:meth:`block`); ``linears``, ``q_dim`` and ``kv_dim`` are then the sliding layers'
+    global_layers: tuple[int, ...] = ()
+    global_linears: tuple[tuple[str, int, int], ...] = ()
+    global_dims: tuple[int, int] = (0, 0)
+    # Gemma 4 normalises V per head by an RMSNorm without weight (v_norm)
+    v_norm: bool = False
 
     @property
     def fused_qkv(self) -> bool:
@@ -139,7 +148,12 @@ class ModelShape:
 
     def block(self, layer: int) -> ModelShape:
         """The shape of block ``layer``: this one, or for a dense layer of an MoE (``dense_layers``) one without
-        experts, of ``dense_linears`` and ``dense_intermediate``."""
+        experts, of ``dense_linears`` and ``dense_intermediate``; for a Gemma 4 full-attention layer
+        (``global_layers``) one of ``global_linears`` and ``global_dims``."""
+        if layer in self.global_layers:
+            q_dim, kv_dim = self.global_dims
+            return dataclasses.replace(self, linears=self.global_linears, q_dim=q_dim, kv_dim=kv_dim,
+                                       global_layers=())
         if layer not in self.dense_layers:
             return self
         return dataclasses.replace(self, linears=self.dense_linears, intermediate=self.dense_intermediate,
@@ -150,17 +164,30 @@ class ModelShape:
         """Tokens of one sequence of ``seq_len`` that transformers' DynamicCache holds, summed over the layers: a
         sliding layer's (``windows``: DynamicSlidingWindowLayer) keeps the last window − 1 once the sequence is
         longer (the token the next step adds completes its window), a full-attention layer every token."""
-        if not self.windows:
-            return self.layers * seq_len
+        return sum(self._layer_cached_tokens(layer, seq_len) for layer in range(self.layers))
+
+    def _layer_cached_tokens(self, layer: int, seq_len: int) -> int:
+        window = self.windows[layer] if self.windows else 0
         # DynamicSlidingWindowLayer keeps keys[:, :, -window + 1:]: every token under a window of 1 (a slice from 0)
-        return sum(min(seq_len, window - 1) if window > 1 else seq_len for window in self.windows)
+        return min(seq_len, window - 1) if window > 1 else seq_len
+
+    def cached_values(self, seq_len: int) -> int:
+        """Values of one sequence of ``seq_len`` that transformers' DynamicCache holds, summed over the layers:
+        :meth:`cached_tokens` times K's and V's widths (``cache_width`` where set), each layer's own (Gemma 4's
+        full-attention layers: :meth:`block`)."""
+        if self.cache_width:
+            return self.cached_tokens(seq_len) * self.cache_width
+        return sum(self._layer_cached_tokens(layer, seq_len) * 2 * self.block(layer).kv_dim
+                   for layer in range(self.layers))
 
     @property
     def linear_params(self) -> int:
         """The blocks' weight matrices (experts expanded, routers included), every layer's own."""
         moe = sum(o * i for _, o, i in self.linears)
         dense = sum(o * i for _, o, i in self.dense_linears)
-        return (self.layers - len(self.dense_layers)) * moe + len(self.dense_layers) * dense
+        full = sum(o * i for _, o, i in self.global_linears) - moe
+        return (self.layers - len(self.dense_layers)) * moe + len(self.dense_layers) * dense \
+            + len(self.global_layers) * full
 
     @property
     def params(self) -> int:
@@ -189,10 +216,12 @@ def model_shape(config: Mapping, *, models=None) -> ModelShape:
                           "over it), which spectra's memory model does not describe; it reads decoder-only "
                           "Llama-like and GPT-2 configs, and BERT encoders. `spectra train --task seq2seq_lm` trains "
                           "it, but its memory is not estimated.")
-    if mtype in _GEMMA4_TEXT:  # before the MoE check: its config.json carries num_experts (null) whether or not
-        raise ConfigError(_gemma4_refusal(cfg, mtype))
     # the base model on the meta device, built at most once (MoE adapters and the parameter check both read it)
     base_model = functools.cache(functools.partial(_meta_model_for, cfg, mtype, models=models))
+    if mtype in _GEMMA4_TEXT:  # before the MoE check: its config.json carries num_experts (null) whether or not
+        shape = _gemma4(cfg, mtype)
+        _refuse_other_blocks(cfg, mtype, shape, base_model)
+        return shape
     try:
         if mtype not in _OWN_EXPERT_SIZES and ("num_experts" in cfg and "num_local_experts" not in cfg
                                                or "moe_intermediate_size" in cfg):
@@ -240,42 +269,86 @@ def model_shape(config: Mapping, *, models=None) -> ModelShape:
     return shape
 
 
-# Gemma 4's language models (gemma4 and gemma4_unified's text_config, their assistants'): refused, _gemma4_refusal
+# Gemma 4's language models: gemma4's text_config (and its assistants') read by _gemma4; gemma4_unified's refused
 _GEMMA4_TEXT = frozenset({"gemma4_text", "gemma4_unified_text"})
 
 
-def _gemma4_refusal(cfg: dict, mtype: str) -> str:
-    """Why a Gemma 4 language model is not estimated: what its blocks hold beyond Gemma 3's (which the memory model
-    describes), as transformers' Gemma4TextModel builds them, naming the keys of this config that add more.
+def _gemma4(cfg: dict, mtype: str) -> ModelShape:
+    """A Gemma 4 language model (``gemma4_text``), as transformers 5's Gemma4TextModel holds and runs it.
 
-    Every Gemma 4 block: full-attention layers of their own head size and KV heads (``global_head_dim``,
-    ``num_global_key_value_heads``: ``linears`` would differ by layer type, where :class:`ModelShape` has one block
-    layout, an MoE's dense layers aside), V normalised by an RMSNorm without weight (``v_norm``: more saved tensors)
-    and a ``layer_scalar``. By the config: ``attention_k_eq_v`` (no ``v_proj`` in a full-attention layer, whose
-    ``k_proj`` is role ``kv``: the keys and the values), per-layer embeddings (``hidden_size_per_layer_input``: a
-    second table and two Linears per block), ``num_kv_shared_layers`` (the last layers reuse earlier ones' keys and
-    values: no k/v projections there, a smaller KV cache; ``use_double_wide_mlp`` widens their MLP) and
-    ``enable_moe_block`` (routed experts beside the dense MLP)."""
-    extras = []
-    if _default(cfg, mtype, "attention_k_eq_v", False):
-        extras.append("attention_k_eq_v (a full-attention layer has no v_proj: its k_proj, role kv, gives the keys "
-                      "and the values)")
-    if _default(cfg, mtype, "hidden_size_per_layer_input", 0):
-        extras.append(f"per-layer embeddings (hidden_size_per_layer_input "
-                      f"{_default(cfg, mtype, 'hidden_size_per_layer_input')}: a second embedding table and two "
-                      "Linears per block)")
-    if _default(cfg, mtype, "num_kv_shared_layers", 0):
-        extras.append(f"num_kv_shared_layers {_default(cfg, mtype, 'num_kv_shared_layers')} (the last layers "
-                      "reuse earlier layers' keys and values: no k/v projections there"
-                      + (", a double-wide MLP" if _default(cfg, mtype, "use_double_wide_mlp", False) else "") + ")")
-    if _default(cfg, mtype, "enable_moe_block", False):
-        extras.append("enable_moe_block (routed experts beside the dense MLP)")
-    also = f"; this config also sets {'; '.join(extras)}" if extras else ""
-    return (f"model_type {mtype}: Gemma 4's blocks differ from Gemma 3's, which spectra's memory model describes: "
-            "full-attention layers of their own head size and KV heads (global_head_dim, "
-            "num_global_key_value_heads), V normalised by an RMSNorm without weight (v_norm), a layer scalar"
-            f"{also}. Their weights and saved tensors are not modelled, so Gemma 4's memory is not estimated "
-            "(`spectra train` trains it).")
+    Gemma 3's blocks (input, post-attention, pre- and post-feedforward RMSNorms; a GELU-gated MLP; Q and K normalised
+    per head; sliding layers by ``layer_types``; the final logits capped by ``final_logit_softcapping``) with: the
+    full-attention layers' own head size and, with ``attention_k_eq_v``, KV heads (``per_layer_config``, from
+    ``global_head_dim`` and ``num_global_key_value_heads``: :meth:`ModelShape.block`); under ``attention_k_eq_v`` no
+    v_proj in a full-attention layer, whose k_proj (role kv) gives K and V alike; V normalised per head by an RMSNorm
+    without weight (``v_norm``); attention scaled by 1; a ``layer_scalar`` buffer (no parameter). Gemma4RMSNorm takes
+    x·pow(mean(x²) + eps, −0.5) of its input up-cast to fp32 and applies its weight (not 1 + weight) in fp32
+    (norm ``gemma4``). Per-layer embeddings (``hidden_size_per_layer_input``), KV sharing (``num_kv_shared_layers``),
+    the MoE block (``enable_moe_block``) and bidirectional attention are refused, naming the key."""
+    filled = _config_object(mtype, cfg)
+    if mtype != "gemma4_text" or filled is None:
+        raise ConfigError(f"model_type {mtype}: " + ("transformers' Gemma4TextConfig cannot be built from this "
+                                                     "config.json, which spectra's memory model reads through it"
+                                                     if mtype == "gemma4_text" else
+                                                     "Gemma 4 unified's language model, whose blocks spectra's memory "
+                                                     "model has not checked against transformers' (it reads "
+                                                     "gemma4_text: Gemma 4's)") + ".")
+    refused = {"hidden_size_per_layer_input": "per-layer embeddings (a second embedding table, a projection of the "
+                                              "embeddings and two Linears per block, and the tensors they keep)",
+               "num_kv_shared_layers": "the last layers reuse earlier layers' keys and values (no k/v projections "
+                                       "there, use_double_wide_mlp's wider MLP, a smaller KV cache)",
+               "enable_moe_block": "routed experts beside the dense MLP (Gemma4TextRouter, Gemma4TextExperts)",
+               "use_bidirectional_attention": "attention without the causal mask"}
+    for key, what in refused.items():
+        if getattr(filled, key, None):
+            raise ConfigError(f"model_type {mtype}: {key} {getattr(filled, key)!r}: {what}, whose weights and saved "
+                              "tensors spectra's memory model does not describe for Gemma 4; it reads Gemma 4's "
+                              f"dense text models without it ({key} 0 or null). `spectra train` trains it.")
+    if filled.hidden_activation != "gelu_pytorch_tanh":
+        raise ConfigError(f"model_type {mtype}: hidden_activation {filled.hidden_activation!r}, whose saved tensors "
+                          "spectra's memory model does not describe for Gemma 4; it reads gelu_pytorch_tanh.")
+    h, layers, heads = filled.hidden_size, filled.num_hidden_layers, filled.num_attention_heads
+    inter, vocab = filled.intermediate_size, filled.vocab_size
+    layer_types = list(filled.layer_types[:layers])
+    bias = bool(filled.attention_bias)
+
+    def layout(layer: int) -> tuple[int, int, bool]:  # head_dim, KV heads, whether k_proj gives V too
+        per_layer = filled.per_layer_config[layer]
+        return (per_layer.head_dim, per_layer.num_key_value_heads,
+                bool(filled.attention_k_eq_v) and layer_types[layer] != "sliding_attention")
+
+    def linears(head_dim: int, kv_heads: int, k_eq_v: bool) -> tuple[tuple[str, int, int], ...]:
+        q_dim, kv_dim = heads * head_dim, kv_heads * head_dim
+        keys = (("kv", kv_dim, h),) if k_eq_v else (("k", kv_dim, h), ("v", kv_dim, h))
+        return (("q", q_dim, h), *keys, ("o", h, q_dim), ("gate", inter, h), ("up", inter, h), ("down", h, inter))
+
+    layouts = [layout(layer) for layer in range(layers)]
+    kinds = list(dict.fromkeys(layouts))
+    if len(kinds) > 2 or len(kinds) == 2 and len({layouts[i] for i in range(layers)
+                                                  if layer_types[i] == "full_attention"}) != 1:
+        raise ConfigError(f"model_type {mtype}: per_layer_config gives its layers {len(kinds)} attention layouts "
+                          "(head_dim, num_key_value_heads), where spectra's memory model reads Gemma 4's two: the "
+                          "sliding layers' and the full-attention layers'.")
+    full = {layouts[i] for i in range(layers) if layer_types[i] == "full_attention"}
+    main = next((kind for kind in kinds if kind not in full), kinds[0])  # the sliding layers' (or the only one)
+    other = next((kind for kind in kinds if kind != main), None)
+    per_layer = 0
+    for head_dim, kv_heads, k_eq_v in layouts:  # four norms of h, q_norm and k_norm of head_dim; the biases
+        q_dim, kv_dim = heads * head_dim, kv_heads * head_dim
+        per_layer += 4 * h + 2 * head_dim + ((q_dim + kv_dim * (1 if k_eq_v else 2) + h) if bias else 0)
+    tied = bool(filled.tie_word_embeddings)
+    window = filled.sliding_window
+    windows = tuple(int(window) if kind == "sliding_attention" else 0 for kind in layer_types) \
+        if window and "sliding_attention" in layer_types else ()
+    return ModelShape(family=mtype, hidden=h, layers=layers, heads=heads, kv_dim=main[1] * main[0],
+                      q_dim=heads * main[0], intermediate=inter, vocab=vocab, norm="gemma4", mlp_saved=3,
+                      softmax_fp32=True, experts_per_token=1, experts=1, linears=linears(*main),
+                      other_params=vocab * h + per_layer + h, head_params=0 if tied else vocab * h, causal=True,
+                      norms=4, logit_softcap=filled.final_logit_softcapping is not None, rotary=True, qk_norm=True,
+                      windows=windows,
+                      global_layers=tuple(i for i in range(layers) if layouts[i] == other) if other else (),
+                      global_linears=linears(*other) if other else (),
+                      global_dims=(heads * other[0], other[1] * other[0]) if other else (0, 0), v_norm=True)
 
 
 def _with_other_towers(cfg: dict, mtype: str) -> ModelShape:
