@@ -62,9 +62,17 @@ def _o_input_copied(shape: ModelShape, attention: str) -> bool:
     (``rotary_cat``). GPT-2's strided Q gets a (b, s, heads, d) output: no copy. (CUDA's
     memory-efficient kernel always returns (b, s, heads, d).)
     """
-    if shape.falcon_attention:  # Falcon's Q keeps its (b, s, heads, d) layout, and so does sdpa's output
-        return attention == "eager"
+    if shape.falcon_attention:  # Falcon's Q keeps its (b, s, heads, d) layout, and so does sdpa's output (not the
+        # math kernel's, a (b, heads, s, d) product)
+        return attention == "eager" or _sdpa_math(shape, attention)
     return attention == "eager" or (shape.fused_qkv and shape.rotary) or shape.rotary_cat
+
+
+def _sdpa_math(shape: ModelShape, attention: str) -> bool:
+    """Whether sdpa runs its math kernel: Falcon-7B's multi-query attention (not the new decoder architecture, which
+    broadcasts K and V to every head first) hands it one K and one V head against every query head without
+    enable_gqa, which no fused kernel takes (:func:`_block_bytes` counts what the math kernel keeps)."""
+    return attention == "sdpa" and shape.falcon_attention and not shape.split_copies and shape.kv_dim < shape.q_dim
 
 
 def _block_bytes(shape: ModelShape, p: int, attention: str, seq_len: int, *, full: bool, cache: bool,
@@ -88,7 +96,8 @@ def _block_bytes(shape: ModelShape, p: int, attention: str, seq_len: int, *, ful
     default grouped_mm experts), PhiMoE, GraniteMoE, Granite, Helium, ERNIE 4.5, Ministral, SmolLM3,
     GLM, Qwen3, OLMo, OLMo 2 and OLMo 3 (tests/memory/test_memory_qk_norms.py), GPT-NeoX's parallel and sequential
     blocks, Phi's, StarCoder2's and Falcon's (tests/memory/test_memory_gelu_families.py; a parallel block's MLP reads
-    the block's input; Falcon's multi-query under eager only; StableLM), Arcee, Seed-OSS, Hunyuan dense, EXAONE 4,
+    the block's input; Falcon-7B's multi-query under sdpa's math kernel too; StableLM), Arcee, Seed-OSS, Hunyuan
+    dense, EXAONE 4,
     Cohere, Cohere 2 and Apertus (tests/memory/test_memory_llama_variants.py), Gemma 4's dense text model (its
     sliding and full-attention layers, attention_k_eq_v: tests/memory/test_memory_gemma4.py), sliding layers
     masked or not, from the first adapted layer on too.
@@ -135,6 +144,12 @@ def _block_bytes(shape: ModelShape, p: int, attention: str, seq_len: int, *, ful
     scores = qg or kg  # Q·Kᵀ and the probabilities
     if shape.mla:
         o_input_kept = False  # o_proj reads a copy of the (b, heads, s, v) output
+    elif _sdpa_math(shape, attention):  # torch's math kernel, run op by op on inputs up-cast to fp32 (at 16 bits):
+        # Q scaled (a fresh tensor), K and V broadcast to every query head for the batched products (copies), and the
+        # softmax's s×s probabilities, all fp32 whatever p; the mask and the output are not kept
+        attention_grad = scores or vg
+        total += 4 * (3 * q + heads * s) if attention_grad else 0
+        o_input_kept = False
     elif attention == "sdpa":  # the kernel keeps Q, K, V, its output and the fp32 logsumexp for any of their grads
         attention_grad = scores or vg
         if attention_grad:
@@ -420,12 +435,6 @@ def _activations_refused(shape: ModelShape, attention: str) -> str | None:
     which keeps the s×s probabilities): what CUDA's kernel keeps is unchecked here. So is sdpa on heads wider than
     FlashAttention takes (Gemma 4's full-attention layers, global_head_dim 512), which the CPU's flash kernel runs
     (checked) but CUDA's cannot."""
-    if shape.falcon_attention and shape.kv_dim < shape.q_dim and attention == "sdpa":
-        return (f"{shape.family}'s multi-query attention under sdpa: transformers passes sdpa one K and one V head "
-                "against every query head, which no fused kernel takes (no enable_gqa), so sdpa runs its math kernel, "
-                "which keeps the s×s probabilities and at 16 bits up-casts its inputs to fp32: its saved tensors are "
-                "not modelled (at fp32 they are eager's); attention='eager' (--attention eager) is estimated. The "
-                "weights, adapter, gradients, optimizer states and KV cache are estimated")
     head_size = max(shape.block(layer).q_dim for layer in range(shape.layers)) // shape.heads
     if attention == "sdpa" and not shape.mla and head_size > _FLASH_HEAD_SIZE:
         where = " (its full-attention layers' global_head_dim)" if shape.global_layers else ""

@@ -163,7 +163,9 @@ def estimate_memory(config_or_model: Any, *, method: str = "lora", rank_plan_or_
         keeps Q, K, V, its output and an fp32 logsumexp, no s×s matrix; a layer whose sliding
         window the sequence reaches (seq_len ≥ window: Mistral's, Ministral's, Gemma 3's sliding
         layers) gets a mask, which sdpa keeps in the activations' dtype (s·p per token), with K and
-        V repeated to every head. ``"eager"`` keeps the
+        V repeated to every head. Falcon-7B's multi-query attention (one K/V head against every query
+        head, no enable_gqa) runs sdpa's math kernel, which keeps Q, K and V broadcast to every head and
+        the probabilities, all fp32: 4·(3·q + heads·s) per token. ``"eager"`` keeps the
         attention probabilities, ``heads·s`` values per token per layer: in fp32 and again in the
         activation dtype for Llama-like models (softmax in fp32, cast back), once for GPT-2 and BERT;
         Gemma 2 also keeps its logit cap's tanh (p). A family transformers runs only eagerly (Gemma 2,

@@ -907,7 +907,8 @@ def _falcon(cfg: dict, mtype: str) -> ModelShape:
     Each block: one fused ``query_key_value`` (``bias``) whose output is split into Q, K and V and reshaped into
     tensors of their own (``split_copies``): the new decoder architecture (Falcon-40B/180B) holds ``num_kv_heads``
     K and V heads and broadcasts them to every query head before the split, so attention and the KV cache see as
-    many K and V heads as Q ones; the older multi-query layout (Falcon-7B, ``multi_query``) one K and one V head;
+    many K and V heads as Q ones; the older multi-query layout (Falcon-7B, ``multi_query``) one K and one V head (which
+    sdpa takes only in its math kernel: :func:`~spectra.memory.activations._sdpa_math`);
     otherwise (heads, 3, head_dim) of full multi-head attention. Rotary embeddings on whole heads; eager takes its
     softmax in the activations' dtype. Parallel attention and MLP (``parallel_attn``) read one LayerNorm's output,
     or under the new architecture one each (``ln_attn``, ``ln_mlp``; ``num_ln_in_parallel_attn`` 2, its default);

@@ -137,7 +137,10 @@ _BLOCK_CASES = [
     ("starcoder2", 0, "lora", "bf16", "sdpa", True), ("starcoder2", 1, "full", "fp32", "sdpa", True),
     ("starcoder2", 1, "lora", "fp32", "sdpa", True), ("starcoder2", 1, "lora", "fp32", "eager", True),
     # Falcon: sdpa always gets its materialised mask and o reads its output; V a copy (new architecture) or a view
-    # of the fused output; multi-query under eager only (sdpa's math kernel is refused)
+    # of the fused output; multi-query under sdpa runs its math kernel (fp32 Q, K and V broadcast, probabilities)
+    ("falcon", 1, "full", "fp32", "sdpa", True), ("falcon", 1, "lora", "bf16", "sdpa", True),
+    ("falcon", 1, "lora", "fp32", "sdpa", False), ("falcon", 1, "dora", "fp32", "sdpa", True),
+    ("falcon", 1, "full", "bf16", "sdpa", True), ("falcon", 1, "dora", "bf16", "sdpa", False),
     ("falcon", 0, "full", "fp32", "sdpa", True), ("falcon", 0, "lora", "fp32", "sdpa", True),
     ("falcon", 0, "lora", "fp32", "sdpa", False), ("falcon", 0, "dora", "fp32", "sdpa", True),
     ("falcon", 0, "lora", "fp32", "eager", True), ("falcon", 0, "lora", "bf16", "sdpa", True),
@@ -246,25 +249,35 @@ def test_starcoder2s_sliding_window_is_read():
     assert unmasked["modelled"] == unmasked["measured"] < masked["measured"] == masked["modelled"]
 
 
-def test_falcon_multi_query_under_sdpa_leaves_the_activations_out():
-    """Falcon-7B's multi-query attention hands sdpa one K/V head against every query head: sdpa runs its math kernel,
-    whose 16-bit saved tensors (inputs up-cast to fp32) are not modelled, so the activations and the training total
-    are left out with a note saying why, and eager is estimated (checked above). Negative control: at bf16 what
-    autograd saves under sdpa is not what the eager model says."""
+@_PEFT_PATTERN_WARNING
+@pytest.mark.parametrize(("roles", "precision"), [(("o",), "fp32"), (("qkv",), "bf16"), (("up", "o"), "fp32"),
+                                                  (("qkv",), "fp32")])
+def test_falcon_multi_query_math_kernel_by_role(roles, precision):
+    """Falcon-7B's block under sdpa (its math kernel) with LoRA on some roles: o alone keeps no attention tensors (the
+    kernel's inputs require no grad) but its input; qkv the kernel's."""
+    block = _block("falcon", 1, "lora", precision, "sdpa", roles)
+    cpu_statistics = 16 * 4 * block["layer_norms"] if precision == "bf16" else 0
+    assert block["modelled"] - cpu_statistics == block["measured"] > 0, block
+
+
+def test_falcon_multi_query_under_sdpa_is_the_math_kernels():
+    """Falcon-7B's multi-query attention hands sdpa one K/V head against every query head without enable_gqa: sdpa
+    runs its math kernel, which keeps Q scaled, K and V broadcast to every query head and the s×s probabilities, all
+    fp32 at 16 bits too, and neither its output nor the mask (o reads a copy): estimated, not left out with a note
+    (block cases above; roles below). Negative control: the fused kernel's tensors (Q, K, V as sdpa gets them, its
+    output, the logsumexp and the mask), which the estimate would have given, are not autograd's; the new decoder
+    architecture (K and V broadcast before sdpa) still runs a fused kernel (checked above)."""
+    import spectra.memory.activations as activations
+
     config = _config("falcon", 1).to_dict()
     est = estimate_memory(config, method="lora", rank_plan_or_rank=4)
-    assert est.activations is None and est.training_total is None
-    assert any("multi-query attention under sdpa" in note for note in est.notes)
-    assert estimate_memory(config, method="lora", rank_plan_or_rank=4, attention="eager").training_total > 0
-    with pytest.MonkeyPatch.context() as patch:
-        import spectra.memory.activations as activations
-
-        patch.setattr(activations, "_activations_refused", lambda shape, attention: None)
-        import spectra.memory.estimate as estimate_module
-
-        patch.setattr(estimate_module, "_activations_refused", lambda shape, attention: None)
-        block = _block("falcon", 1, "lora", "bf16", "sdpa")
-    assert block["modelled"] - 16 * 4 * block["layer_norms"] != block["measured"]
+    assert est.activations > 0 and est.training_total > 0
+    assert not any("multi-query" in note for note in est.notes)
+    for precision in ("bf16", "fp32"):
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(activations, "_sdpa_math", lambda shape, attention: False)
+            block = _block("falcon", 1, "lora", precision, "sdpa")
+        assert block["modelled"] - 16 * 4 * block["layer_norms"] * (precision == "bf16") != block["measured"]
 
 
 @_PEFT_PATTERN_WARNING
