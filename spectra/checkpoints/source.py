@@ -646,10 +646,10 @@ def _other_revision(revision: str, base: CheckpointSource) -> str | None:
             refs[ref.relative_to(repo_dir / "refs").as_posix()] = ref.read_text().strip()
     names = [name for name, at in refs.items() if at == commit]
     this = f"BASE is commit {commit} (the hub cache's snapshot{', ' + ', '.join(names) if names else ''})"
-    wanted = revision.lower()
-    if re.fullmatch(r"[0-9a-f]{7,40}", wanted):
-        return None if commit.startswith(wanted) else this
-    if wanted.removeprefix("refs/heads/").removeprefix("refs/tags/") in names or revision in names:
+    if re.fullmatch(r"[0-9a-fA-F]{7,40}", revision):  # a commit, in full or abbreviated
+        return None if commit.startswith(revision.lower()) else this
+    revision = revision.removeprefix("refs/heads/").removeprefix("refs/tags/")  # branch and tag names as refs/ holds
+    if revision in names:
         return None
     if revision in refs:
         return f"which the hub cache's refs/{revision} names as commit {refs[revision]}; {this}"

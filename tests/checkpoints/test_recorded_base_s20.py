@@ -144,6 +144,7 @@ def test_a_recorded_revision_other_than_bases_is_noted(project, hub, tmp_path):
     (note,) = provenance(hub / "snapshots" / COMMIT_B, pinned)
     assert f"BASE is commit {COMMIT_B}" in note
     assert provenance("org/tiny-llama", on_hub(project, tmp_path, COMMIT_A[:7])) == []  # a short commit
+    assert provenance(hub / "snapshots" / COMMIT_B, on_hub(project, tmp_path, "refs/tags/v1")) == []  # a full ref
 
 
 def test_a_revision_that_cannot_be_told_says_nothing(project, hub, tmp_path):
