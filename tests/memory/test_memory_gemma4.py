@@ -226,3 +226,44 @@ def test_heads_wider_than_flash_attention_takes_are_left_out_under_sdpa():
                for note in est.notes)
     assert estimate_memory(config, method="lora", rank_plan_or_rank=4, attention="eager").activations > 0
     assert estimate_memory(_text(global_head_dim=256, **K_EQ_V), method="lora", rank_plan_or_rank=4).activations > 0
+
+
+def test_qlora_storage_is_what_bitsandbytes_holds(tmp_path):
+    """bitsandbytes' 4-bit load of Gemma 4 (every block Linear, the full-attention layer's of its own shapes, in NF4;
+    embeddings and norms in bf16): the estimate's weights and constants are the loaded model's bytes. Negative
+    control: every layer read with the sliding layers' linears is off."""
+    from tests.memory.test_memory import check_qlora_storage
+
+    model = _model(hidden_size=64, intermediate_size=128, num_attention_heads=4, head_dim=16, global_head_dim=32,
+                   **K_EQ_V)
+    check_qlora_storage(model, tmp_path / "base")
+    shape = model_shape(model.config.to_dict())
+    assert shape.linear_params != shape.layers * sum(o * i for _, o, i in shape.linears)
+
+
+def test_cli_memory(tmp_path):
+    """The user's path: `spectra memory <folder> --rank 8` on a saved Gemma 4."""
+    from tests.memory.test_memory import check_cli_memory
+
+    check_cli_memory(_model(**K_EQ_V), tmp_path / "base")
+
+
+def test_a_rank_plan_on_gemma4_is_estimated_per_layer():
+    """A plan of the sliding layer's v_proj and the full-attention layer's k_proj (role kv, its own shape): its
+    trainable count is its modules' (a plan's module shapes are checked against each layer's own linears; negative
+    control: the full layer's k_proj at the sliding layers' k_proj shape is refused as another model's)."""
+    from spectra.ranks.plan import ModuleRank, RankPlan
+
+    config = _text(attention_k_eq_v=True, num_global_key_value_heads=2)  # the full layer's k_proj: 2·16 × 32
+
+    def plan(full_shape):
+        rows = (("model.layers.0.self_attn.v_proj", "v", 0, (16, 32), 4),
+                ("model.layers.1.self_attn.k_proj", "kv", 1, full_shape, 2))
+        return RankPlan(tuple(ModuleRank(name=name, role=role, layer=layer, shape=shape, rank=rank, alpha=2.0 * rank,
+                                         energy=1.0, energy_upper=1.0, params=rank * sum(shape), reason="test")
+                              for name, role, layer, shape, rank in rows))
+
+    est = estimate_memory(config, method="lora", rank_plan_or_rank=plan((32, 32)))
+    assert est.trainable_params == 4 * (32 + 16) + 2 * (32 + 32) and est.activations > 0
+    with pytest.raises(ConfigError, match="another model"):  # the sliding layers' k_proj shape
+        estimate_memory(config, method="lora", rank_plan_or_rank=plan((16, 32)))
