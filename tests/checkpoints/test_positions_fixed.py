@@ -74,8 +74,8 @@ def test_a_fixed_sinusoidal_table_is_refused_and_named_as_fixed(family):
     assert _runs(model, 32) and not _runs(model, 40)
     saved = _config(family).to_dict()
     limit = position_limit(saved)
-    assert (limit.length, limit.positions, limit.learned, limit.fixed) == (32, "learned", True,
-                                                                          f"model_type = {family}")
+    assert (limit.length, limit.positions, limit.table, limit.learned, limit.fixed) == (
+        32, "learned", True, False, f"model_type = {family}")  # a table, of no trained weights
     with pytest.raises(ConfigError) as refused:
         resolve_max_length(40, saved)
     assert (f"max_length (--max-length) 40 is more than the model can take: its table of fixed sinusoidal positions "

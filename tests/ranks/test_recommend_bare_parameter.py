@@ -97,7 +97,8 @@ def test_an_old_plan_naming_the_table_gets_a_peft_config_error_saying_why(vit_pa
                        energy_upper=1.0, params=3 * 49, reason="energy")
     old = dataclasses.replace(plan, modules=(*plan.modules, table),
                               left_out=tuple(m for m in plan.left_out if m.name != TABLE))
-    with pytest.raises(ConfigError, match=rf"{TABLE}, a parameter of ViTModel that is no layer's weight.*copy it"):
+    with pytest.raises(ConfigError, match=rf"The plan names {TABLE} \(a 1×17×32 tensor\) of ViTModel: it is a "
+                                          r"parameter of its own, no layer's weight.*copy it"):
         save_plan(old, tmp_path / "plan.json")
     save_plan(plan, tmp_path / "plan.json")  # the control: the plan without it
 
