@@ -192,6 +192,36 @@ def qlora_unquantised(model, keep: Iterable[str] = ()) -> str | None:
             "subclass of nn.Linear, which it leaves in 16 bits, so nothing would be quantised")
 
 
+# PEFT 0.21's rule for Mamba-based models (``peft.tuners.tuners_utils._check_lora_target_modules_mamba``): in a model
+# whose config's model_type is one of PEFT_MAMBA_MODEL_TYPES, get_peft_model and PeftModel.from_pretrained raise on a
+# LoRA target whose own name (the last part of its module name) is one of PEFT_MAMBA_MODULES, whatever the module
+PEFT_MAMBA_MODULES = ("out_proj", "conv1d")
+PEFT_MAMBA_MODEL_TYPES = ("falcon_h1", "falcon_mamba", "mamba", "mamba2", "nemotron_h")
+
+
+def peft_refusal(name: str, model_type: str | None, module: torch.nn.Module | None = None) -> str | None:
+    """Why PEFT puts no LoRA on the module ``name`` of a model of ``model_type``, or None: the one rule ``spectra
+    recommend``, ``extract``, ``train`` and ``verify`` leave such a module out (or refuse) by.
+
+    - PEFT's Mamba rule (:data:`PEFT_MAMBA_MODULES`, :data:`PEFT_MAMBA_MODEL_TYPES`): a Mamba mixer's ``out_proj``
+      and depthwise ``conv1d`` (and any module so named in those models) are refused by name, so an adapter or a
+      ``LoraConfig`` naming one fails in PEFT.
+    - ``module``, where known, a convolution of more than one group (Mamba's, Jamba's and Bamba's depthwise
+      ``conv1d``): PEFT 0.21 wraps one only at a rank divisible by its groups, its B a grouped convolution, so its
+      update is no rank-r factorisation of ΔW, and it cannot merge it (``NotImplementedError``).
+    """
+    leaf = name.rpartition(".")[2]
+    if model_type in PEFT_MAMBA_MODEL_TYPES and leaf in PEFT_MAMBA_MODULES:
+        return (f"PEFT refuses a LoRA on {' and '.join(PEFT_MAMBA_MODULES)} in Mamba-based models (model_type "
+                f"{', '.join(PEFT_MAMBA_MODEL_TYPES[:-1])} or {PEFT_MAMBA_MODEL_TYPES[-1]}; this one is "
+                f"{model_type}): get_peft_model and PeftModel.from_pretrained raise on it")
+    groups = getattr(module, "groups", 1) if isinstance(module, torch.nn.modules.conv._ConvNd) else 1
+    if groups != 1:
+        return (f"a convolution of {groups} groups: PEFT wraps one only at a rank divisible by {groups}, with a "
+                "grouped B that is no rank-r factor of ΔW, and cannot merge it")
+    return None
+
+
 def resolve_name(name: str, names: Iterable[str]) -> str | None:
     """The one of ``names`` equal to ``name`` or differing from it by a leading prefix, else None."""
     names = list(names)

@@ -315,7 +315,7 @@ def extract(
         rows = [(str(m.rank), f"{m.alpha:g}", f"{m.fro_norm:.4g}", f"{m.error:.4g}", f"{m.captured_energy:.1%}")
                 for m in result.modules]
         on_data = any(m.method.startswith("data-optimal") for m in result.modules)
-        Console().print(_module_table(f"adapter {output}: {len(result.modules)} modules",
+        Console().print(_module_table(f"adapter {output}: {_counted(result)}",
                                       [m.name for m in result.modules], rows,
                                       ("rank", "alpha", "‖ΔW‖_F" + ("*" if on_data else ""),
                                        "error ‖ΔW − BA‖_F" + ("*" if on_data else ""), "energy kept")))
@@ -332,3 +332,15 @@ def extract(
     if result.vocab_size is not None:  # whole embedding/head rows of TUNED's resized vocabulary: resize first
         onto += f" resized to the fine-tune's vocabulary, model.resize_token_embeddings({result.vocab_size}),"
     typer.echo(f"adapter: {output}  (load onto {onto} with peft.PeftModel.from_pretrained(model, '{output}'))")
+
+
+def _counted(result) -> str:
+    """What an extract's table counts, so it can be checked against PEFT: its rows, and where experts held in fused
+    parameters make them more than the LoRA modules PEFT creates (``result.peft_modules``: all experts of Qwen2-MoE's
+    ``mlp.experts.gate_up_proj`` are one), how many rows are expert slices and in how many PEFT modules those lie."""
+    rows = len(result.modules)
+    if result.peft_modules is None or result.peft_modules == rows:
+        return f"{rows} modules"
+    experts = sum(bool(re.search(r"\.experts\.\d+\.", m.name)) for m in result.modules)
+    return (f"{rows} matrices in {result.peft_modules} PEFT LoRA modules ({experts} expert slices in "
+            f"{result.peft_modules - (rows - experts)} of them)")

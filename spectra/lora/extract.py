@@ -92,6 +92,10 @@ class ExtractResult:
     complete: bool = True
     # those tensors (outside the adapter, equal to the base's values rounded to TUNED's storage dtype)
     storage_rounded: list[str] = field(default_factory=list)
+    # the LoRA modules PEFT creates loading the adapter (the modules it wraps and the parameters it adapts), which
+    # `modules` outnumbers where experts are held in fused parameters: each expert's matrix is a row of `modules`,
+    # and all experts of a parameter (Qwen2-MoE's mlp.experts.gate_up_proj) are one PEFT module
+    peft_modules: int | None = None
 
 
 def extract_adapter(base, tuned, plan_or_rank, out_dir: str | os.PathLike, *, roles: tuple[str, ...] | None = None,
@@ -215,6 +219,9 @@ def extract_adapter(base, tuned, plan_or_rank, out_dir: str | os.PathLike, *, ro
     vocabulary_notes, vocab_size = _resized_vocabulary(pairing, selected, saved_modules)  # may refuse: before work
     model_class, model = _adapter_model(pairing, model_class, selected, saved_modules)  # None: no config.json
     model_names = _model_names(selected, model, model_class)  # checkpoint module name -> the model's
+    refused = _peft_refused(selected, model_names, model, pairing)  # entry name -> why PEFT puts no LoRA there
+    if refused:
+        selected = _without_refused(selected, refused, pairing, roles, stacks, planned=plan is not None)
     ranks_of = {}  # every module's (rank, alpha, scaling s), checked before any work starts
     for entry in selected:
         rank, module_alpha = targets[entry.name] if targets is not None else (plan_or_rank, None)
@@ -339,10 +346,14 @@ def extract_adapter(base, tuned, plan_or_rank, out_dir: str | os.PathLike, *, ro
                      f"the saved modules ({', '.join(saved_list)})")
     left_out, left_out_vectors, only_in_tuned, rounded = _not_carried(pairing, selected, save_names)
     dropped = set(unchanged)  # the model's names of the modules left out as unchanged (ΔW = 0): not adapted
-    notes += _not_carried_notes(pairing, left_out, left_out_vectors, only_in_tuned, selected,
+    not_adapted = [(n, e) for n, e in left_out if e.name in refused]  # changed, selected, but PEFT puts no LoRA there
+    if not_adapted:
+        notes.append(_refused_note(not_adapted, refused, full=plan_or_rank == "full"))
+    notes += _not_carried_notes(pairing, [(n, e) for n, e in left_out if e.name not in refused], left_out_vectors,
+                                only_in_tuned, selected,
                                 unchanged=frozenset(e.name for e in selected if model_names[e.name] in dropped),
                                 roles=_roles_used(roles, stacks), stacks=stacks, planned=plan is not None,
-                                full=plan_or_rank == "full")
+                                full=plan_or_rank == "full" and not not_adapted)
     if rounded:
         stored = str(pairing.tuned.info(rounded[0]).dtype).removeprefix("torch.")
         notes.append(f"{len(rounded)} tensor(s) outside the adapter differ from the base only by TUNED's lower-"
@@ -356,7 +367,7 @@ def extract_adapter(base, tuned, plan_or_rank, out_dir: str | os.PathLike, *, ro
         e.name in saved_modules for e in pairing.entries if e.kind == "matrix" and e.added_rows)
     return ExtractResult(out_dir, results, saved_list, config, model_class,
                          notes, vocab_size, unchanged, [n for n, _ in left_out], [n for n, _ in left_out_vectors],
-                         only_in_tuned, complete, rounded)
+                         only_in_tuned, complete, rounded, _peft_module_count(config, model))
 
 
 def _unchanged_in_saved(selected: list, model_names: dict, on_parameters: dict, saved_names: dict,
@@ -378,6 +389,60 @@ def _unchanged_in_saved(selected: list, model_names: dict, on_parameters: dict, 
         if any(m.endswith(s) for m in around for s in saved) and not _entry_changed(pairing, entry):
             out.append(entry.name)
     return out
+
+
+def _peft_refused(entries: list, model_names: dict[str, str], model, pairing: Pairing) -> dict[str, str]:
+    """Entry name → why PEFT puts no LoRA on its module (:func:`~spectra.checkpoints.targets.peft_refusal`: a Mamba
+    mixer's ``out_proj`` and ``conv1d``, a grouped convolution), asked of the adapter's model (its model type and
+    modules; without one, of the base's config.json: PEFT's Mamba rule alone)."""
+    from spectra.checkpoints.targets import peft_refusal
+
+    if model is not None:
+        model_type, modules = getattr(model.config, "model_type", None), dict(model.named_modules())
+    else:
+        model_type, modules = (pairing.base.config or {}).get("model_type"), {}
+    refused = {}
+    for e in entries:
+        why = peft_refusal(model_names[e.name], model_type, modules.get(model_names[e.name]))
+        if why is not None:
+            refused[e.name] = why
+    return refused
+
+
+def _without_refused(selected: list, refused: dict[str, str], pairing: Pairing, roles, stacks, *,
+                     planned: bool) -> list:
+    """`selected` without the entries PEFT puts no LoRA on (`refused`: name → why), which roles select and
+    :func:`_refused_note` names among what the adapter leaves out. Refused where a plan names one (it was made
+    without that rule: ``spectra recommend`` leaves them out) or where nothing else is left."""
+    first = next(iter(refused))
+    names = ", ".join(list(refused)[:5]) + (" …" if len(refused) > 5 else "")
+    if planned:
+        raise ConfigError(f"the plan names {names}: {refused[first]}. Drop {'it' if len(refused) == 1 else 'them'} "
+                          "from the plan (`spectra recommend` leaves such modules out).")
+    kept = [e for e in selected if e.name not in refused]
+    if not kept:
+        # the roles of the pair's other layers (an embedding or head only where named: extract's default)
+        others = sorted({e.info.role for e in pairing.entries if e.kind == "matrix" and e.name not in refused
+                         and e.info.role and not _bare_parameter(e)}
+                        - set(_roles_used(roles, stacks)) - {"embed", "pos_embed", "head"})
+        raise ConfigError(f"nothing to extract: the roles ({', '.join(_roles_used(roles, stacks))}) select only "
+                          f"{names}; {refused[first]}. "
+                          + (f"Name other roles (roles={','.join(others)}), or save "
+                             if others else "Save ")
+                          + f"{'it' if len(refused) == 1 else 'them'} whole (modules_to_save="
+                          f"{','.join(dict.fromkeys(n.rpartition('.')[2] for n in refused))}).")
+    return kept
+
+
+def _refused_note(matrices: list, refused: dict[str, str], *, full: bool) -> str:
+    """The note naming the changed `matrices` ((name, entry) pairs) the roles selected and PEFT puts no LoRA on."""
+    names = [n for n, _ in matrices]
+    leaves = ",".join(dict.fromkeys(n.rpartition(".")[2] for n in names))
+    return (("rank full is not lossless here: " if full else "")
+            + f"the adapter leaves out {len(names)} changed matri{'x' if len(names) == 1 else 'ces'} the roles select "
+            f"({', '.join(names[:3])}{f' and {len(names) - 3} more' if len(names) > 3 else ''}): "
+            f"{refused[matrices[0][1].name]}; their fine-tuning is not in it. To carry them, save them whole "
+            f"(modules_to_save={leaves})")
 
 
 def _leave_out_unchanged(results: list, tensors: dict, ranks: dict, save_names: list) -> list[str]:
@@ -804,6 +869,21 @@ def _peft_config(ranks: dict, use_rslora: bool, saved: list[str], pairing: Pairi
     if model is not None:
         check_peft_conversion(config, model)  # what PEFT wraps after rewriting the config is what it names
     return config
+
+
+def _peft_module_count(config: dict, model) -> int:
+    """The LoRA modules PEFT creates loading an adapter of ``config`` onto ``model``: the modules it wraps and the
+    parameters it adapts (:func:`~spectra.checkpoints.peft_match.config_targets`), after its own rewrite of a
+    transformers-5 MoE's config (:func:`~spectra.checkpoints.peft_match.peft_converted`: every expert of a projection
+    in one fused parameter). Without a model (no config.json), the config's entries."""
+    from spectra.checkpoints.peft_match import config_targets, peft_converted
+
+    if model is None or isinstance(config.get("target_modules"), str):
+        return len(config.get("target_modules") or ()) + len(config.get("target_parameters") or ())
+    converted = peft_converted(config, model) or config
+    found = config_targets(converted, [n for n, _ in model.named_modules() if n],
+                           parameter_names=[n for n, _ in model.named_parameters()])
+    return len(found.modules) + len(found.parameters)
 
 
 def _peft_version() -> str | None:

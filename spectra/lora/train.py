@@ -559,6 +559,7 @@ def lora_config(model, config: TrainConfig, *, task: str, notes: list[str] | Non
                               f"holds no module for) through PEFT's target_parameters, which method "
                               f"{config.method!r} does not support: train with method lora, or plan without "
                               "these modules' roles (spectra recommend --roles q,k,v,o).")
+        _refuse_peft_refused_plan(fields.get("target_modules") or [], model, config.plan)
         fields = _outside_saved_modules(fields, model, task, notes)
         _note_unreached_plan_modules(plan, model, notes)
         if plan.policy.use_dora != (config.method in ("dora", "qdora")):
@@ -569,6 +570,7 @@ def lora_config(model, config: TrainConfig, *, task: str, notes: list[str] | Non
         from spectra.ranks import check_peft_conversion
 
         targets, parameters = peft_targets(model, config, notes=notes)
+        targets = _peft_allowed(targets, parameters, model, config, notes)
         rank = config.lora_rank
         scale_2 = 2.0 * rank_scale(rank, config.rslora)
         fields = {"r": rank, "lora_alpha": config.alpha if config.alpha is not None else scale_2,
@@ -582,6 +584,65 @@ def lora_config(model, config: TrainConfig, *, task: str, notes: list[str] | Non
     return LoraConfig(**fields, use_dora=config.method in ("dora", "qdora"), bias="none",
                       task_type=PEFT_TASKS[task],
                       modules_to_save=head_modules(model, notes) if task == "seq_cls" else None)
+
+
+def _peft_refused(targets: list[str], model) -> dict[str, str]:
+    """Each of ``targets`` (module names of ``model``) PEFT puts no LoRA on → why
+    (:func:`~spectra.checkpoints.targets.peft_refusal`: a Mamba mixer's ``out_proj`` and ``conv1d``, a grouped
+    convolution)."""
+    from spectra.checkpoints.targets import peft_refusal
+
+    model_type, modules = getattr(model.config, "model_type", None), dict(model.named_modules())
+    refused = {}
+    for name in targets:
+        why = peft_refusal(name, model_type, modules.get(name))
+        if why is not None:
+            refused[name] = why
+    return refused
+
+
+def _named(names: list[str]) -> str:
+    return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+
+def _peft_allowed(targets: list[str], parameters: list[str], model, config: TrainConfig,
+                  notes: list[str] | None) -> list[str]:
+    """``targets`` without the modules PEFT puts no LoRA on (:func:`_peft_refused`), which roles take (``o`` takes a
+    Mamba mixer's ``out_proj``), with a note naming them; else ``get_peft_model`` raised on them after the model and
+    data were loaded. Refused where ``target_modules`` names one, or where no target is left: naming the Linears
+    PEFT would adapt instead."""
+    refused = _peft_refused(targets, model)
+    if not refused:
+        return targets
+    names, why = list(refused), next(iter(refused.values()))
+    if config.target_modules:
+        raise ConfigError(f"target_modules names {_named(names)}: {why}. Leave {'it' if len(names) == 1 else 'them'} "
+                          "out.")
+    kept = [t for t in targets if t not in refused]
+    if not kept and not parameters:
+        from transformers.pytorch_utils import Conv1D
+
+        layers = list(dict.fromkeys(n.rpartition(".")[2] for n, m in model.named_modules()
+                                    if isinstance(m, (torch.nn.Linear, Conv1D)) and re.search(r"\.\d+\.", n)
+                                    and n not in refused and not _peft_refused([n], model)))
+        raise ConfigError(f"every LoRA target of the roles ({_named(names)}) is one PEFT puts no LoRA on: {why}. "
+                          + (f"Name other modules (target_modules: the full names of e.g. its {', '.join(layers[:4])}"
+                             " modules), or train a plan of `spectra recommend`, which leaves these out."
+                             if layers else "Train a plan of `spectra recommend`, which leaves these out."))
+    if notes is not None:
+        notes.append(f"no LoRA on {len(names)} module(s) the roles take ({_named(names)}): {why}")
+    return kept
+
+
+def _refuse_peft_refused_plan(targets: list[str], model, plan) -> None:
+    """Refuse a plan whose ``target_modules`` name a module PEFT puts no LoRA on (:func:`_peft_refused`; a plan of an
+    older ``spectra recommend``, which did not leave them out), naming them, rather than PEFT's error after loading."""
+    refused = _peft_refused(list(targets), model)
+    if refused:
+        names = list(refused)
+        raise ConfigError(f"the plan {plan} names {_named(names)}: {next(iter(refused.values()))}. Drop "
+                          f"{'it' if len(names) == 1 else 'them'} from the plan (`spectra recommend` leaves such "
+                          "modules out).")
 
 
 def _target_dims(model, fields: dict) -> dict[str, tuple[int, int]]:
@@ -691,6 +752,10 @@ def _refuse_rank_early(folder: Path, config: TrainConfig, *, option: str = "rank
         return
     try:
         targets, parameters = peft_targets(model, config)
+    except ConfigError:
+        return  # refused for another reason: said, with the loaded model's names, after loading
+    targets = _peft_allowed(targets, parameters, model, config, None)  # its refusal: before loading, too
+    try:
         fields = _outside_saved_modules({"target_modules": targets, "target_parameters": parameters}, model,
                                         "seq_cls", None)
     except ConfigError:

@@ -204,6 +204,9 @@ def verify_adapter(base, tuned, adapter, *, eval_data=None, config: VerifyConfig
         else:
             lora[weight] = p
             notes.append(f"{p.module}: tied to {weight}; its LoRA is measured against that weight's ΔW (row {weight})")
+    refused = _peft_refused(adapter_src.path, lora.values(), pairing.config, evaluated=eval_data is not None)
+    if refused:  # measured all the same: the factors are the adapter's, whatever PEFT does with them
+        notes.append(refused)
     notes += [f"{m}: modules_to_save tensor absent from the base (a new head); not measured"
               for m in _InBase.absent(adapter_src, pairing.base)]
     # W₀: the NF4 round trip of W_base where QLoRA's 4-bit loading stores the module in NF4, else W_base itself
@@ -489,6 +492,28 @@ def _tied_eval_note(tied: dict) -> str:
             "full fine-tune, the 'svd' row and the per-module measures. 'adapter_unmerged' is PEFT's unmerged model, "
             "where the LoRA acts on its own module only and the others keep the base weight (what serving the "
             "adapter unmerged gives). Saving the embedding whole (extract --modules-to-save) is exact both ways")
+
+
+def _peft_refused(path, planned, model_config: dict | None, *, evaluated: bool) -> str | None:
+    """What to say of an adapter (at ``path``) with a LoRA on a module PEFT refuses
+    (:func:`~spectra.checkpoints.targets.peft_refusal`: a Mamba mixer's ``out_proj`` and ``conv1d``, by the base's
+    model type): a note, as its factors are still measured, or, where the adapter is to be evaluated
+    (``evaluated``: ``PeftModel.from_pretrained`` would raise), a refusal before any model is loaded."""
+    from spectra.checkpoints.targets import peft_refusal
+
+    model_type = (model_config or {}).get("model_type")
+    refused = {p.module: why for p in planned if p.parameter is None
+               and (why := peft_refusal(p.module, model_type)) is not None}
+    if not refused:
+        return None
+    names = ", ".join(list(refused)[:3]) + (f" and {len(refused) - 3} more" if len(refused) > 3 else "")
+    why = next(iter(refused.values()))
+    if evaluated:
+        raise ConfigError(f"--adapter {path}: it holds a LoRA on {names}, and {why}, so the adapter cannot be loaded "
+                          "to evaluate it. Verify it without eval data (its factors are measured all the same), or "
+                          "extract one without those modules (`spectra extract` leaves them out).")
+    return (f"the adapter holds a LoRA on {names}: {why}, so PEFT cannot load it; its factors are measured all the "
+            "same")
 
 
 def _load_adapter(model, path):

@@ -316,8 +316,13 @@ def recommend_ranks(analysis: Any, policy: RankPolicy | None = None, *, sweep: A
     :data:`~spectra.ranks.budget.SAVED_BYTES_PER_PARAM`, what ``spectra memory`` counts for a bf16 head, not
     ``bytes_per_param``: :func:`~spectra.ranks.budget.budget_parameters`), and a targeted module inside them is left
     out (PEFT puts no LoRA there).
+
+    Modules PEFT refuses. A module PEFT puts no LoRA on (:func:`~spectra.checkpoints.targets.peft_refusal`: the
+    ``out_proj`` and ``conv1d`` of a Mamba-based model, by PEFT's own rule; a grouped convolution) is left out, its
+    reason quoting the rule; where nothing else is targeted, the plan is refused naming them.
     """
     policy = policy or RankPolicy()
+    models = models or MetaModels()  # one build for the steps below (what PEFT refuses, the experts, the head)
     if policy.functional is not None and sweep is None:
         raise ConfigError("RankPolicy.functional needs a truncation sweep: recommend_ranks(..., sweep=…) "
                           "(run `spectra sweep BASE TUNED --data EVAL` first).")
@@ -359,9 +364,21 @@ def recommend_ranks(analysis: Any, policy: RankPolicy | None = None, *, sweep: A
             left_out.append(LeftOut(s.name, why, needed, math.sqrt(s.fro2)))
         else:
             spectra.append(s)
+    refused = _refused_by_peft(spectra, base, model_config, models)  # name -> why PEFT puts no LoRA there
+    for s in spectra:
+        if s.name in refused:
+            left_out.append(LeftOut(s.name, refused[s.name], s.energy_rank(policy.energy or DEFAULT_ENERGY)[0],
+                                    math.sqrt(s.fro2)))
+    spectra = [s for s in spectra if s.name not in refused]
     saved = _saved_by_peft(base, model_config, models)  # a classifier's head, which PEFT trains in full
     if saved:
         spectra = _outside_saved(spectra, saved, left_out, policy, base, model_config, models)
+    if not spectra and refused:
+        first = next(iter(refused))
+        raise ConfigError(f"No targeted module can take a LoRA: {', '.join(list(refused)[:5])}"
+                          f"{' …' if len(refused) > 5 else ''}: {refused[first]}. Name other roles to plan other "
+                          "modules (" + (f"now roles={','.join(policy.roles)}; " if policy.roles is not None else "")
+                          + "`spectra pairs BASE TUNED` lists each module's role).")
     if not spectra and bare:
         raise ConfigError(f"No targeted module can take a LoRA: {', '.join(bare[:5])} "
                           f"{'is' if len(bare) == 1 else 'are'} {bare_parameters_why(len(bare))}; "
@@ -380,9 +397,11 @@ def recommend_ranks(analysis: Any, policy: RankPolicy | None = None, *, sweep: A
                           f"the others changed but are not targeted{f' ({chosen})' if chosen else ''}. Relax "
                           f"roles/{'stacks/' * (policy.stacks is not None)}include.")
     if not spectra:
-        raise ConfigError(f"No module of the analysis is targeted ({len(left_out)} left out; roles={policy.roles}, "
-                          + (f"stacks={policy.stacks}, " if policy.stacks is not None else "")
-                          + f"include={policy.include!r}). Relax roles/{'stacks/' * (policy.stacks is not None)}"
+        chosen = "; ".join(f"{field}={','.join(value) if isinstance(value, tuple) else value}"
+                           for field, value in (("roles", policy.roles), ("stacks", policy.stacks),
+                                                ("include", policy.include)) if value is not None)
+        raise ConfigError(f"No module of the analysis is targeted ({len(left_out)} left out"
+                          f"{f'; {chosen}' if chosen else ''}). Relax roles/{'stacks/' * (policy.stacks is not None)}"
                           "include.")
     uniform_rank = _uniform_rank(spectra, policy) if policy.uniform else None
 
@@ -455,6 +474,31 @@ def recommend_ranks(analysis: Any, policy: RankPolicy | None = None, *, sweep: A
                     for name, (shape, rank, planned) in fused.items())
     return RankPlan(modules=tuple(modules), left_out=tuple(left_out), policy=policy, base=base,
                     budget_gap=budget_gap, functional=functional, fused=records, modules_to_save=saved)
+
+
+def _refused_by_peft(spectra: list[_Spectrum], base: Mapping | None, model_config: Mapping | None,
+                     models: MetaModels | None) -> dict[str, str]:
+    """Targeted module → why PEFT puts no LoRA on it (:func:`~spectra.checkpoints.targets.peft_refusal`: a Mamba
+    mixer's ``out_proj`` and ``conv1d``, a grouped convolution), on the class ``model_config`` (default: the config
+    beside the analysed base) names, built on the meta device (by ``models`` where given); by PEFT's Mamba rule alone
+    where the class cannot be built, nothing without a config (no model type to tell)."""
+    from spectra.checkpoints.targets import meta_model, model_targets, peft_refusal
+    from spectra.ranks.plan import base_config
+
+    config = model_config if model_config is not None else base_config(base)
+    if not spectra or not config:
+        return {}
+    model = (models or meta_model)(config)
+    modules = dict(model.named_modules()) if model is not None else {}
+    found = model_targets([s.name for s in spectra], model) if model is not None else {}
+    refused = {}
+    for s in spectra:
+        target = found.get(s.name)
+        module = modules.get(target.name) if target is not None and not target.parameter else None
+        why = peft_refusal(target.name if module is not None else s.name, config.get("model_type"), module)
+        if why is not None:
+            refused[s.name] = why
+    return refused
 
 
 def _saved_by_peft(base: Mapping | None, model_config: Mapping | None,
