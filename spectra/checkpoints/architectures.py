@@ -573,6 +573,9 @@ _EXPERT = re.compile(r"(?:^|\.)experts\.(?:expert_)?(\d+)(?:\.|$)|(?:^|\.)(?:mlp
 # transformers' Conv1D (weight stored (in, out)) is used by these model types.
 CONV1D_MODEL_TYPES = frozenset({"gpt2", "imagegpt", "decision_transformer", "openai-gpt"})
 _CONV1D_NAMES = re.compile(r"(^|\.)(c_attn|c_proj|c_fc|q_attn)$")
+_MLP_PROJ = re.compile(r"(^|\.)mlp\.c_proj$")
+# GPT-BigCode's self-attention c_attn (nn.Linear); its cross-attention's (add_cross_attention) is crossattention.c_attn
+_BIGCODE_QKV = re.compile(r"(^|\.)attn\.c_attn$")
 # 2-D weights that are no Linear's but a matrix the model multiplies from the right (x @ W), so stored (in, out):
 # Gemma 3's multimodal projector, (vision hidden, text hidden).
 _IN_OUT_MATRICES = {"gemma3": re.compile(r"(^|\.)multi_modal_projector\.mm_input_projection_weight$")}
@@ -591,7 +594,8 @@ IN_OUT_EXPERT_MODEL_TYPES = frozenset({"llama4", "llama4_text", "gpt_oss", "open
 _TRANSPOSED_EXPERT_MODEL_TYPES = frozenset({"qwen3_vl_moe"})
 # Fused expert gate_up whose outputs alternate gate, up, gate, up, … (gpt-oss: gate_up[..., ::2], [..., 1::2]).
 _INTERLEAVED_GATE_UP = frozenset({"gpt_oss"})
-# Fused qkv tensors laid out as contiguous [q; k; v] blocks (GQA-aware widths).
+# Fused qkv tensors laid out as contiguous [q; k; v] blocks (GQA-aware widths). MPT's attn.Wqkv (3·d_model
+# outputs, chunked in three by its forward).
 # BLIP-2's and InstructBLIP's vision towers (model_type of their vision_config): one Linear, out = 3·hidden, viewed
 # (3, heads, head_dim) by their attention's forward.
 # Qwen2-VL's, Qwen2.5-VL's, Qwen3-VL's and Qwen3.5's (and their MoE models') vision towers: attn.qkv, out = 3·width,
@@ -605,12 +609,12 @@ _VISION_MODEL_TYPES = {"qwen2_vl": "qwen2_vl_vision", "qwen2_5_vl": "qwen2_5_vl_
                        "qwen3_5": "qwen3_5_vision", "qwen3_5_moe": "qwen3_5_moe_vision",
                        "qwen3_omni_moe": "qwen3_omni_moe_vision_encoder",
                        "qwen3_omni_moe_thinker": "qwen3_omni_moe_vision_encoder"}
-_CONTIGUOUS_QKV = frozenset({"gpt2", "phi3", "phimoe", "imagegpt", "decision_transformer", "blip_2_vision_model",
+_CONTIGUOUS_QKV = frozenset({"gpt2", "mpt", "phi3", "phimoe", "imagegpt", "decision_transformer", "blip_2_vision_model",
                              "instructblip_vision_model", "instructblipvideo_vision_model",
                              *_VISION_MODEL_TYPES.values()})
 # The config key of an attention's width where it is not hidden_size: Qwen2-VL's vision_config names its tower's width
 # embed_dim, its hidden_size being the merger's output (the language model's width).
-_WIDTH_KEYS = {"qwen2_vl_vision": "embed_dim"}
+_WIDTH_KEYS = {"qwen2_vl_vision": "embed_dim", "mpt": "d_model"}
 _CONTIGUOUS_QKV_NAMES = re.compile(r"(^|\.)(c_attn|qkv_proj)$")
 # Qwen3.5's Gated DeltaNet linear_attn.in_proj_qkv: contiguous [q; k; v] with heads of its own (text_config's
 # linear_num_key_heads × linear_key_head_dim rows each for q and k, linear_num_value_heads × linear_value_head_dim for
@@ -833,6 +837,97 @@ def is_conv1d(name: str, config: dict[str, Any] | None) -> bool:
     return config["model_type"] in CONV1D_MODEL_TYPES
 
 
+def conv1d_by_shape(shapes: dict[str, tuple[int, ...]]) -> tuple[dict[str, bool], str | None]:
+    """For checkpoints without a model type (bare ``.safetensors`` files, no ``config.json``): whether each 2-D weight
+    named as GPT-2's Conv1D modules are (``c_attn``, ``c_proj``, ``c_fc``, ``q_attn``; module name without
+    ``.weight`` → stored shape) is stored ``(in, out)``, GPT-2's Conv1D, or ``(out, in)``, the ``nn.Linear`` of
+    GPT-BigCode (StarCoder, SantaCoder), which names its modules alike; and a note saying what was decided.
+
+    The shapes decide where they can: a ``c_attn`` or ``c_fc`` projects to more outputs than it reads (GPT-2 stores
+    c_attn ``(in, 3·in)``, c_fc ``(in, 4·in)``; GPT-BigCode ``(3·in, in)`` or, multi-query, ``(in + 2·head_dim,
+    in)``, and ``(4·in, in)``), so its longer side is its outputs; the MLP's ``c_proj`` the other way round. A square
+    one (the attention's ``c_proj``, ``q_attn``) follows the decision of its block's other modules (the name less its
+    last two parts: ``transformer.h.0``), a block of none (or of conflicting ones) the checkpoint's majority, and a
+    checkpoint where no shape tells is read as GPT-2's Conv1D, which the note then says was assumed.
+
+    >>> conv1d_by_shape({"h.0.attn.c_attn": (144, 48), "h.0.attn.c_proj": (48, 48)})[0]
+    {'h.0.attn.c_attn': False, 'h.0.attn.c_proj': False}
+    """
+    votes: dict[str, bool | None] = {}
+    for name, shape in shapes.items():
+        found = _CONV1D_NAMES.search(name)
+        if found is None or len(shape) != 2:
+            continue
+        rows, cols = shape
+        kind = found.group(2)
+        if rows == cols:
+            votes[name] = None
+        elif kind in ("c_attn", "c_fc"):
+            votes[name] = cols > rows  # (in, out) when the columns, its outputs, are the longer side
+        elif kind == "c_proj" and _MLP_PROJ.search(name):
+            votes[name] = rows > cols  # the MLP's c_proj reads the wide side: (4·in, in) is Conv1D's (in, out)
+        else:
+            votes[name] = None
+    decided = [v for v in votes.values() if v is not None]
+    overall = None if not decided else sum(decided) * 2 >= len(decided)
+    blocks: dict[str, set] = {}
+    for name, vote in votes.items():
+        if vote is not None:
+            blocks.setdefault(name.rsplit(".", 2)[0], set()).add(vote)
+    out, assumed = {}, []
+    for name, vote in votes.items():
+        if vote is None:
+            block = blocks.get(name.rsplit(".", 2)[0], set())
+            vote = next(iter(block)) if len(block) == 1 else overall
+        if vote is None:
+            assumed.append(name)
+            vote = True
+        out[name] = vote
+    if not out:
+        return out, None
+    if assumed:
+        return out, (f"no config.json names the model type, and no tensor's shape tells GPT-2's Conv1D layout (in, "
+                     f"out) from GPT-BigCode's nn.Linear (out, in): assumed GPT-2's Conv1D for {len(assumed)} "
+                     f"tensor(s) ({assumed[0]}, …); pass the folder with its config.json to be sure")
+    linear = sum(not v for v in out.values())
+    layout = ("GPT-BigCode's nn.Linear layout (out, in)" if linear == len(out) else
+              "GPT-2's Conv1D layout (in, out)" if not linear else
+              f"nn.Linear (out, in) for {linear}, Conv1D (in, out) for {len(out) - linear}")
+    return out, (f"no config.json names the model type: {len(out)} c_attn/c_proj/c_fc tensor(s) read in {layout}, "
+                 "as their shapes say (a square one as its block's others)")
+
+
+def bigcode_projections(name: str, out_features: int, in_features: int, config: dict[str, Any] | None
+                        ) -> list[Projection]:
+    """GPT-BigCode's ``attn.c_attn`` (an ``nn.Linear``, ``(out, in)``) rows as q, k and v, by its forward: multi-query
+    (``multi_query``, its default) contiguous ``[q; k; v]``, q ``n_embd`` rows, k and v one head's (``head_dim``)
+    each (``split((embed_dim, kv_dim, kv_dim))``); else per head ``[q_h; k_h; v_h]`` (``view(…, heads, 3·head_dim)``
+    then split), as BLOOM's. Without a config (:func:`conv1d_by_shape` read it as nn.Linear) the shape sizes a
+    multi-query one (``n_embd`` = in, k and v half the rest each); one of 3·in rows, whose head count nothing gives,
+    is not split. [] for a cross-attention's ``c_attn`` ([k; v] of one head each) or sizes that do not fit.
+
+    >>> [(p.role, p.rows) for p in bigcode_projections("h.0.attn.c_attn", 96, 64, None)]
+    [('q', slice(0, 64, None)), ('k', slice(64, 80, None)), ('v', slice(80, 96, None))]
+    """
+    if not _BIGCODE_QKV.search(name):
+        return []
+    cfg = config or {}
+    width, heads = cfg.get("n_embd", in_features), cfg.get("n_head")
+    multi_query = cfg.get("multi_query", True) if cfg.get("model_type") else out_features != 3 * in_features
+    if multi_query:
+        kv = (out_features - width) // 2
+        if width != in_features or kv <= 0 or width + 2 * kv != out_features or (heads and width // heads != kv):
+            return []
+        return [Projection("q", slice(0, width)), Projection("k", slice(width, width + kv)),
+                Projection("v", slice(width + kv, out_features))]
+    if not heads or out_features != 3 * width or width % heads:
+        return []
+    head_dim = width // heads
+    return [Projection(r, tuple(row for h in range(heads) for row in range((3 * h + i) * head_dim,
+                                                                         (3 * h + i + 1) * head_dim)))
+            for i, r in enumerate(("q", "k", "v"))]
+
+
 def experts_in_out(name: str, shape: tuple[int, ...], config: dict[str, Any] | None) -> bool:
     """Whether a stored 3-D expert tensor (``…experts.gate_up_proj``, without ``.weight``) of `shape` holds each
     expert ``(in, out)``, the model computing ``x @ W[e]``, rather than ``(out, in)``.
@@ -942,6 +1037,9 @@ def fused_projections(name: str, role: str, out_features: int, config: dict[str,
 
     - GPT-2 ``c_attn``, Phi-3 ``qkv_proj``: contiguous ``[q; k; v]``; k and v have
       ``num_key_value_heads × head_dim`` rows (GQA), q has ``num_attention_heads × head_dim``.
+    - MPT's ``attn.Wqkv``: contiguous ``[q; k; v]`` of ``d_model`` rows each (its forward: ``chunk(3)``).
+    - GPT-BigCode's ``attn.c_attn`` (nn.Linear): multi-query contiguous ``[q; k; v]``, k and v one head each, else
+      per head ``[q_h; k_h; v_h]`` (:func:`bigcode_projections`).
     - GPT-NeoX / Bloom / Persimmon ``query_key_value``, DeBERTa's ``attention.self.in_proj``: per head
       ``[q_h; k_h; v_h]`` (the output is viewed as ``(heads, 3·head_dim)`` then chunked), so q is every third block.
     - ``gate_up_proj`` (Phi-3, transformers-5 MoE experts): ``[gate; up]``, equal halves;
@@ -992,7 +1090,9 @@ def fused_projections(name: str, role: str, out_features: int, config: dict[str,
         text = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else {}
         cfg = cfg | {k: v for k, v in text.items() if v is not None} | {"model_type": _TEXT_MODEL_TYPES[model_type]}
         model_type = cfg["model_type"]
-    heads = cfg.get("num_attention_heads", cfg.get("n_head", cfg.get("num_heads")))
+    if model_type == "gpt_bigcode":  # multi-query [q; k; v] or per head [q_h; k_h; v_h], by its config
+        return bigcode_projections(name, out_features, cfg.get("n_embd"), cfg)
+    heads = cfg.get("num_attention_heads", cfg.get("n_head", cfg.get("num_heads", cfg.get("n_heads"))))
     if model_type in _HEAD_INTERLEAVED_QKV:
         if not heads or out_features % (3 * heads):
             return []

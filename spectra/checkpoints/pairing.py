@@ -25,7 +25,8 @@ from typing import Any
 import torch
 
 from spectra.checkpoints.adapter import AdapterDelta, plan_adapter
-from spectra.checkpoints.architectures import (ROLES, ModuleInfo, Projection, experts_in_out, fused_projections,
+from spectra.checkpoints.architectures import (ROLES, ModuleInfo, Projection, bigcode_projections, conv1d_by_shape,
+                                              experts_in_out, fused_projections,
                                               is_conv1d, loaded_experts, missing_stacks, module_info, moe_weight,
                                               parallel_experts, parse_stacks,
                                               role_named, stack_selected, vector_info)
@@ -36,6 +37,7 @@ from spectra.checkpoints.source import (AdapterSource, architecture_difference, 
 from spectra.errors import ConfigError, NonFiniteWeightError, PairingError
 from spectra.linalg.sketch import BlockSquaredNorm
 
+_CONV1D_WEIGHTS = (".c_attn.weight", ".c_proj.weight", ".c_fc.weight", ".q_attn.weight")  # GPT-2's Conv1D names
 _FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 _COMPUTE_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 # the last sentence of a NaN/Inf error: the command line names its own option instead (analyze's --skip-nonfinite), or
@@ -271,6 +273,13 @@ class Pairing:
                 f"{base.spec} and {tuned.spec} share no tensor names (e.g. {_first(base.names())} vs "
                 f"{_first(tuned.names())}): they are not the same architecture{differ}. Check the two paths.")
         self.only_in_base, self.only_in_tuned = match.only_in_base, match.only_in_tuned
+        self._linear_layouts: dict[str, bool] = {}  # no model type: GPT-2-named weights' layout, by their shapes
+        if not (self.config or {}).get("model_type"):
+            shapes = {n.removesuffix(".weight"): tuple(base.info(n).shape) for n in match.pairs
+                      if n.endswith(_CONV1D_WEIGHTS)}
+            self._linear_layouts, note = conv1d_by_shape(shapes)
+            if note:
+                self.notes.append(note)
         entries = []
         for b_name, t_name in match.pairs.items():
             entries.extend(self._entries_for(b_name, t_name))
@@ -397,7 +406,8 @@ class Pairing:
         if len(b.shape) > 2:
             shape = (b.shape[0], _prod(b.shape[1:]))  # conv kernels: (out, in·k…), as LoRA for Conv sees them
         else:
-            conv1d = is_conv1d(module, self.config)
+            conv1d = self._linear_layouts.get(module)
+            conv1d = is_conv1d(module, self.config) if conv1d is None else conv1d
             shape = (b.shape[1], b.shape[0]) if conv1d else tuple(b.shape)
             common["conv1d"] = conv1d
         added = 0
@@ -408,12 +418,20 @@ class Pairing:
             added = t.shape[0] - b.shape[0]
             self.notes.append(f"{module}: vocabulary resized, {added} rows added in tuned (ΔW over the "
                               f"{b.shape[0]} shared rows)")
+        projections = self._projections(module, info, shape[0])
+        if len(shape) == 2 and module in self._linear_layouts and not common["conv1d"]:  # no config: GPT-BigCode's
+            projections = self._projections(module, info, shape[0], in_features=shape[1], linear=True)
         return [PairEntry(name=module, info=info, kind="matrix", shape=tuple(shape), added_rows=added,
-                          projections=self._projections(module, info, shape[0]), **common)]
+                          projections=projections, **common)]
 
-    def _projections(self, name: str, info: ModuleInfo, out_features: int) -> tuple[Projection, ...]:
+    def _projections(self, name: str, info: ModuleInfo, out_features: int, *, in_features: int | None = None,
+                     linear: bool = False) -> tuple[Projection, ...]:
+        """The projections of a fused tensor; `linear`: a GPT-2-named one read as nn.Linear without a config
+        (:func:`~spectra.checkpoints.architectures.conv1d_by_shape`), a GPT-BigCode's, sized by its shape."""
         if not self.options.split_fused:
             return ()
+        if linear:
+            return tuple(bigcode_projections(name, out_features, in_features, self.config))
         return tuple(fused_projections(name, info.role, out_features, self.config))
 
     def _dedupe_tied(self, entries: list[PairEntry]) -> list[PairEntry]:

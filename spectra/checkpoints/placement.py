@@ -25,8 +25,8 @@ from typing import Any, NamedTuple
 
 import torch
 
-from spectra.checkpoints.architectures import (IN_OUT_EXPERT_MODEL_TYPES, is_conv1d, loaded_experts, module_info,
-                                              parallel_experts)
+from spectra.checkpoints.architectures import (IN_OUT_EXPERT_MODEL_TYPES, conv1d_by_shape, is_conv1d, loaded_experts,
+                                              module_info, parallel_experts)
 from spectra.checkpoints.targets import conversions, resolve_name
 from spectra.errors import SpectraError
 
@@ -123,6 +123,21 @@ def parameter_sources(model, names: Iterable[str], parameters: Iterable[str]) ->
     return out
 
 
+def _stored_conv1d(checkpoint, module: str, config) -> bool:
+    """Whether the checkpoint stores the 2-D weight of `module` (in, out): by the config's model type
+    (:func:`~spectra.checkpoints.architectures.is_conv1d`), and without one, for GPT-2's module names, by the
+    shapes of the checkpoint's tensors so named, as the pairing reads them (GPT-BigCode's nn.Linear beside GPT-2's
+    Conv1D: :func:`~spectra.checkpoints.architectures.conv1d_by_shape`)."""
+    if (config or {}).get("model_type") or not module.endswith(_CONV1D_MODULES):
+        return is_conv1d(module, config)
+    shapes = {n.removesuffix(".weight"): tuple(checkpoint.info(n).shape) for n in checkpoint.names()
+              if n.endswith(tuple(f"{m}.weight" for m in _CONV1D_MODULES))}
+    return conv1d_by_shape(shapes)[0].get(module, is_conv1d(module, config))
+
+
+_CONV1D_MODULES = (".c_attn", ".c_proj", ".c_fc", ".q_attn")
+
+
 def split_sources(checkpoint, parameter: str, shape: tuple[int, ...], sources: list[Source], config, *,
                   label: str = "checkpoint") -> list[TensorSlice]:
     """Each checkpoint matrix that lies in `parameter` (of `shape`), and its place there.
@@ -166,7 +181,7 @@ def split_sources(checkpoint, parameter: str, shape: tuple[int, ...], sources: l
         if stored != shape:
             raise PlacementError(parameter, f"the {label}'s {tensor} is {stored}", mismatch=True)
         if len(shape) == 2:
-            conv1d = is_conv1d(module, config)
+            conv1d = _stored_conv1d(checkpoint, module, config)
             return [TensorSlice(tensor, module, (shape[1], shape[0]) if conv1d else shape, conv1d,
                                 ParameterSlice(parameter))]
         loaded = loaded_experts(module, shape, config)  # GraniteMoE's block_sparse_moe.input_linear.weight …
