@@ -219,7 +219,7 @@ def extract_adapter(base, tuned, plan_or_rank, out_dir: str | os.PathLike, *, ro
     vocabulary_notes, vocab_size = _resized_vocabulary(pairing, selected, saved_modules)  # may refuse: before work
     model_class, model = _adapter_model(pairing, model_class, selected, saved_modules)  # None: no config.json
     model_names = _model_names(selected, model, model_class)  # checkpoint module name -> the model's
-    refused = _peft_refused(selected, model_names, model, pairing)  # entry name -> why PEFT puts no LoRA there
+    refused = _peft_refused(selected, model, pairing)  # entry name -> why PEFT puts no LoRA there
     if refused:
         selected = _without_refused(selected, refused, pairing, roles, stacks, planned=plan is not None)
     ranks_of = {}  # every module's (rank, alpha, scaling s), checked before any work starts
@@ -346,7 +346,9 @@ def extract_adapter(base, tuned, plan_or_rank, out_dir: str | os.PathLike, *, ro
                      f"the saved modules ({', '.join(saved_list)})")
     left_out, left_out_vectors, only_in_tuned, rounded = _not_carried(pairing, selected, save_names)
     dropped = set(unchanged)  # the model's names of the modules left out as unchanged (ΔW = 0): not adapted
-    not_adapted = [(n, e) for n, e in left_out if e.name in refused]  # changed, selected, but PEFT puts no LoRA there
+    # changed matrices PEFT puts no LoRA on, selected or not: no roles or plan would carry them, so said apart
+    refused |= _peft_refused([e for _, e in left_out if e.kind == "matrix" and e.name not in refused], model, pairing)
+    not_adapted = [(n, e) for n, e in left_out if e.name in refused]
     if not_adapted:
         notes.append(_refused_note(not_adapted, refused, full=plan_or_rank == "full"))
     notes += _not_carried_notes(pairing, [(n, e) for n, e in left_out if e.name not in refused], left_out_vectors,
@@ -391,19 +393,23 @@ def _unchanged_in_saved(selected: list, model_names: dict, on_parameters: dict, 
     return out
 
 
-def _peft_refused(entries: list, model_names: dict[str, str], model, pairing: Pairing) -> dict[str, str]:
+def _peft_refused(entries: list, model, pairing: Pairing) -> dict[str, str]:
     """Entry name → why PEFT puts no LoRA on its module (:func:`~spectra.checkpoints.targets.peft_refusal`: a Mamba
     mixer's ``out_proj`` and ``conv1d``, a grouped convolution), asked of the adapter's model (its model type and
-    modules; without one, of the base's config.json: PEFT's Mamba rule alone)."""
+    the module the entry resolves to; without one, of the base's config.json: PEFT's Mamba rule alone)."""
     from spectra.checkpoints.targets import peft_refusal
 
+    stored = _stored_names(entries)
     if model is not None:
         model_type, modules = getattr(model.config, "model_type", None), dict(model.named_modules())
+        found = model_targets(list(stored.values()), model)
     else:
-        model_type, modules = (pairing.base.config or {}).get("model_type"), {}
+        model_type, modules, found = (pairing.base.config or {}).get("model_type"), {}, {}
     refused = {}
     for e in entries:
-        why = peft_refusal(model_names[e.name], model_type, modules.get(model_names[e.name]))
+        target = found.get(stored[e.name])
+        name = target.name if target is not None and not target.parameter else stored[e.name]
+        why = peft_refusal(name, model_type, modules.get(name))
         if why is not None:
             refused[e.name] = why
     return refused
@@ -435,12 +441,13 @@ def _without_refused(selected: list, refused: dict[str, str], pairing: Pairing, 
 
 
 def _refused_note(matrices: list, refused: dict[str, str], *, full: bool) -> str:
-    """The note naming the changed `matrices` ((name, entry) pairs) the roles selected and PEFT puts no LoRA on."""
+    """The note naming the changed `matrices` ((name, entry) pairs) PEFT puts no LoRA on, whether the roles selected
+    them or not: no roles or plan would carry them, saving them whole does."""
     names = [n for n, _ in matrices]
     leaves = ",".join(dict.fromkeys(n.rpartition(".")[2] for n in names))
     return (("rank full is not lossless here: " if full else "")
-            + f"the adapter leaves out {len(names)} changed matri{'x' if len(names) == 1 else 'ces'} the roles select "
-            f"({', '.join(names[:3])}{f' and {len(names) - 3} more' if len(names) > 3 else ''}): "
+            + f"the adapter leaves out {len(names)} changed matri{'x' if len(names) == 1 else 'ces'} PEFT puts no LoRA "
+            f"on ({', '.join(names[:3])}{f' and {len(names) - 3} more' if len(names) > 3 else ''}): "
             f"{refused[matrices[0][1].name]}; their fine-tuning is not in it. To carry them, save them whole "
             f"(modules_to_save={leaves})")
 

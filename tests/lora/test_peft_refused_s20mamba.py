@@ -196,7 +196,7 @@ def test_extract_leaves_them_out_and_peft_loads_and_merges_the_rest(mamba_pair, 
     assert {m.name for m in result.modules} == {f"{MIXER}.in_proj", f"{MIXER}.x_proj"}
     assert {f"{MIXER}.out_proj", f"{MIXER}.conv1d"} <= set(result.left_out) and not result.complete
     note = next(n for n in result.notes if "PEFT refuses" in n)
-    assert "2 changed matrices the roles select" in note and "modules_to_save=conv1d,out_proj" in note
+    assert "2 changed matrices PEFT puts no LoRA on" in note and "modules_to_save=conv1d,out_proj" in note
     merged = PeftModel.from_pretrained(type(_mamba()).from_pretrained(base), str(tmp_path / "ad")).merge_and_unload()
     W0, W1 = load_file(str(base / "model.safetensors")), load_file(str(tuned / "model.safetensors"))
     got = merged.state_dict()
@@ -206,6 +206,33 @@ def test_extract_leaves_them_out_and_peft_loads_and_merges_the_rest(mamba_pair, 
     for leaf in ("out_proj", "conv1d"):  # left out: the base's, bit for bit
         key = f"{MIXER}.{leaf}.weight"
         assert torch.equal(got[key], W0[key]) and not torch.equal(W0[key], W1[key])
+
+
+def test_extract_does_not_advise_roles_that_would_take_them(mamba_pair, tmp_path):
+    """out_proj outside the roles (other) is said among what PEFT refuses, not advised to add its role o (which
+    would only leave it out again): saving it whole is the advice, and PEFT loads what it says."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    from spectra.lora.extract import extract_adapter
+
+    base, tuned = mamba_pair
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = extract_adapter(base, tuned, "full", tmp_path / "ad", roles=("other",), progress=False)
+    notes = " ".join(result.notes)
+    assert ("rank full is not lossless here: the adapter leaves out 2 changed matrices PEFT puts no LoRA on "
+            f"({MIXER}.conv1d, {MIXER}.out_proj)") in notes
+    assert "(o)" not in notes and "roles=other,o" not in notes
+    with warnings.catch_warnings():  # the advice followed: PEFT saves them whole, and the merge is TUNED there
+        warnings.simplefilter("ignore")
+        extract_adapter(base, tuned, "full", tmp_path / "ad2", roles=("other",),
+                        modules_to_save=("conv1d", "out_proj"), progress=False)
+    merged = PeftModel.from_pretrained(type(_mamba()).from_pretrained(base), str(tmp_path / "ad2")).merge_and_unload()
+    W1 = load_file(str(tuned / "model.safetensors"))
+    for leaf in ("out_proj", "conv1d", "in_proj"):
+        key = f"{MIXER}.{leaf}.weight"
+        assert torch.allclose(merged.state_dict()[key], W1[key], atol=1e-5)
 
 
 def test_extract_refuses_a_plan_naming_them(mamba_analysis, mamba_pair, tmp_path):
