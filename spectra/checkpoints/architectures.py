@@ -825,7 +825,9 @@ def is_conv1d(name: str, config: dict[str, Any] | None) -> bool:
     weight stored ``(in, out)`` (Gemma 3's ``multi_modal_projector.mm_input_projection_weight``).
 
     Decided by the model type in ``config.json`` when present, else by the GPT-2
-    module names (``c_attn``, ``c_proj``, ``c_fc``).
+    module names (``c_attn``, ``c_proj``, ``c_fc``). Without a model type, the pairing and the
+    placement read those names' layout from the checkpoint's shapes first (:func:`conv1d_by_shape`:
+    GPT-BigCode's nn.Linear names its modules alike), and this name rule only where none tells.
     """
     in_out = _IN_OUT_MATRICES.get((config or {}).get("model_type"))
     if in_out is not None and in_out.search(name):
