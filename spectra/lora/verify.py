@@ -510,7 +510,7 @@ def _peft_refused(path, planned, model_config: dict | None, *, evaluated: bool) 
     why = next(iter(refused.values()))
     if evaluated:
         raise ConfigError(f"--adapter {path}: it holds a LoRA on {names}, and {why}, so the adapter cannot be loaded "
-                          "to evaluate it. Verify it without eval data (its factors are measured all the same), or "
+                          "to evaluate it. Verify it without eval_data (its factors are measured all the same), or "
                           "extract one without those modules (`spectra extract` leaves them out).")
     return (f"the adapter holds a LoRA on {names}: {why}, so PEFT cannot load it; its factors are measured all the "
             "same")
