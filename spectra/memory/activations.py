@@ -435,6 +435,12 @@ def _activations_refused(shape: ModelShape, attention: str) -> str | None:
     which keeps the s×s probabilities): what CUDA's kernel keeps is unchecked here. So is sdpa on heads wider than
     FlashAttention takes (Gemma 4's full-attention layers, global_head_dim 512), which the CPU's flash kernel runs
     (checked) but CUDA's cannot."""
+    if shape.attention_experts:
+        return (f"{shape.family}'s mixtures of attention and MLP experts: their routers sort the tokens by expert, "
+                "and the gathers, per-expert splits and index_adds that route them (and attention over "
+                "num_key_value_heads × num_experts_per_tok heads, K and V repeated) keep tensors that spectra's "
+                "memory model does not describe. The weights, adapter, gradients, optimizer states and KV cache are "
+                "estimated")
     head_size = max(shape.block(layer).q_dim for layer in range(shape.layers)) // shape.heads
     if attention == "sdpa" and not shape.mla and head_size > _FLASH_HEAD_SIZE:
         where = " (its full-attention layers' global_head_dim)" if shape.global_layers else ""

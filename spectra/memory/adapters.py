@@ -166,6 +166,12 @@ def _adapter_modules(shape: ModelShape, method: str, plan_or_rank: Any, roles: t
                                          and m.name.rpartition(".")[2] in _POSITION_LOOKUPS))
         for parameter, (layer, role) in fused.items():
             d_in, d_out = (i, h) if role == "down" else (h, 2 * i)
+            if shape.attention_experts:  # JetMoE's JetMoeParallelExperts, the attention's query and output experts
+                # too: (experts, out, in) each, of the module's role
+                from spectra.checkpoints.architectures import module_info
+
+                _, d_out, d_in = (int(n) for n in model.get_parameter(parameter).shape)
+                role = module_info(parameter.removesuffix(".weight")).role
             modules.append(_Adapter(layer, role, ranks[parameter], d_in, d_out, experts))
         _refuse_dora_on_parameters(shape, method, modules)
         return modules
@@ -230,7 +236,9 @@ def _trained_moe_adapters(shape: ModelShape, method: str, rank: int, roles: tupl
             role = module_info(name.removesuffix(".weight")).role  # the module's role, not its weight's
             adapters.append(_Adapter(info.layer, role, rank, int(d_in), int(d_out), 1))
             continue
-        if weight.dim() != 3 or info.role not in ("gate_up", "down"):
+        if weight.dim() == 3 and info.role == "other":  # JetMoE's JetMoeParallelExperts: the module's role
+            info = module_info(name.removesuffix(".weight"))
+        if weight.dim() != 3 or info.role not in ("gate_up", "down", "q", "o"):
             raise ConfigError(f"{shape.family}: `spectra train` adapts {name} through its weight "
                               "(target_parameters), which spectra's memory model does not describe.")
         count, d_out, d_in = weight.shape  # PEFT's ParamWrapper: (experts, out, in), one rank-r update each

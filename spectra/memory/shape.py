@@ -140,6 +140,8 @@ class ModelShape:
     global_dims: tuple[int, int] = (0, 0)
     # Gemma 4 normalises V per head by an RMSNorm without weight (v_norm)
     v_norm: bool = False
+    # JetMoE's mixture of attention experts (queries and outputs by routed experts; _jetmoe): activations not modelled
+    attention_experts: bool = False
 
     @property
     def fused_qkv(self) -> bool:
@@ -220,6 +222,10 @@ def model_shape(config: Mapping, *, models=None) -> ModelShape:
     base_model = functools.cache(functools.partial(_meta_model_for, cfg, mtype, models=models))
     if mtype in _GEMMA4_TEXT:  # before the MoE check: its config.json carries num_experts (null) whether or not
         shape = _gemma4(cfg, mtype)
+        _refuse_other_blocks(cfg, mtype, shape, base_model)
+        return shape
+    if mtype == "jetmoe":  # Mixtral's keys (num_local_experts), its own blocks
+        shape = _jetmoe(cfg, mtype)
         _refuse_other_blocks(cfg, mtype, shape, base_model)
         return shape
     try:
@@ -351,6 +357,37 @@ def _gemma4(cfg: dict, mtype: str) -> ModelShape:
                       global_dims=(heads * other[0], other[1] * other[0]) if other else (0, 0), v_norm=True)
 
 
+def _jetmoe(cfg: dict, mtype: str) -> ModelShape:
+    """A JetMoE config, as transformers 5's JetMoeModel holds it (read through JetMoeConfig): RMSNorms (input,
+    post-attention); a mixture of attention experts (JetMoeMoA: each token's queries projected by its top
+    ``num_experts_per_tok`` of ``num_local_experts`` experts, ``experts.input_linear`` (experts, kv_channels·
+    num_key_value_heads, hidden) and their outputs by ``experts.output_linear``, 3-D JetMoeParallelExperts weights,
+    routed by ``experts.router.layer`` (an nn.Linear), a bias after the mixture) with one ``kv_proj`` ([k; v]) shared by
+    them; a mixture of MLP experts of the same kind (``mlp.input_linear`` holding gate and up, ``mlp.output_linear``,
+    ``mlp.router.layer``, a bias). The head is tied unless ``tie_word_embeddings`` is false. The KV cache holds
+    kv_proj's K and V (num_key_value_heads heads; attention repeats them top-k times after the cache).
+
+    Parameters, weights (bitsandbytes quantises kv_proj and the routers, nn.Linear, not the 3-D experts), adapters,
+    gradients, optimizer states and the KV cache are estimated; the activations are not
+    (:func:`~spectra.memory.activations._activations_refused`: the routers' sorts, gathers and index_adds)."""
+    filled = _config_object(mtype, cfg)
+    if filled is None:
+        raise ConfigError(f"model_type {mtype}: transformers' JetMoeConfig cannot be built from this config.json, "
+                          "which spectra's memory model reads through it.")
+    h, layers, vocab = filled.hidden_size, filled.num_hidden_layers, filled.vocab_size
+    experts, k, inter = filled.num_local_experts, filled.num_experts_per_tok, filled.intermediate_size
+    kv_width = filled.kv_channels * filled.num_key_value_heads  # each attention expert's query width, K's and V's
+    linears = ((("routed q", kv_width, h), ("routed o", h, kv_width)) * experts + (("other", experts, h),)
+               + (("other", 2 * kv_width, h),)
+               + (("routed gate_up", 2 * inter, h), ("routed down", h, inter)) * experts + (("other", experts, h),))
+    other = vocab * h + layers * (2 * h + 2 * h) + h  # embed; two norms and two biases a layer; the final norm
+    tied = bool(filled.tie_word_embeddings)
+    return ModelShape(family=mtype, hidden=h, layers=layers, heads=filled.num_key_value_heads * k, kv_dim=kv_width,
+                      q_dim=kv_width * k, intermediate=inter, vocab=vocab, norm="rms", mlp_saved=3,
+                      softmax_fp32=True, experts_per_token=k, experts=experts, linears=linears, other_params=other,
+                      head_params=0 if tied else vocab * h, causal=True, rotary=True, attention_experts=True)
+
+
 def _with_other_towers(cfg: dict, mtype: str) -> ModelShape:
     """A multimodal config (Gemma 3's ``Gemma3ForConditionalGeneration``: a ``text_config`` beside a
     ``vision_config``) read as its language model, from ``text_config``, plus the other towers (vision tower,
@@ -431,7 +468,7 @@ def _refuse_other_blocks(cfg: dict, mtype: str, shape: ModelShape, base_model=No
     """Refuse a ``model_type`` outside :data:`_COUNTED_RIGHT` whose base model, built by transformers from the config
     on the meta device (:func:`_meta_model_for`; ``base_model()`` returns it where already built), holds another
     number of parameters than ``shape`` counts: its blocks differ from those the memory model describes (StableLM's
-    LayerNorms with biases, Cohere's LayerNorms without a residual norm pair, JetMoE's attention experts, …). The
+    LayerNorms with biases, Cohere's LayerNorms without a residual norm pair, …). The
     base model (``MODEL_MAPPING_NAMES``: no LM head, tied embeddings once, buffers not counted) is compared with
     ``shape.params`` less its head.
 
@@ -698,7 +735,7 @@ def _sliding_windows(cfg: dict, mtype: str, layers: int) -> tuple[int, ...]:
 _OWN_EXPERT_SIZES = frozenset({"qwen3_moe", "deepseek_v2", "deepseek_v3"})
 _MLA = frozenset({"deepseek_v2", "deepseek_v3"})
 # what bitsandbytes leaves in 16 bits in an MoE block: the routed experts (3-D parameters, no nn.Linear) and the router
-_UNQUANTISED = frozenset({"routed gate_up", "routed down", "router"})
+_UNQUANTISED = frozenset({"routed gate_up", "routed down", "router", "routed q", "routed o"})  # JetMoE's q, o experts
 _FUSED_PROJECTIONS = frozenset({"phi3"})  # PhiMoE has separate q/k/v (transformers' PhimoeForCausalLM)
 # GLM: Phi-3's fused gate_up_proj beside separate q/k/v (attention_bias biases them, never o_proj), its rotary
 # embeddings on part of each head (partial_rotary_factor: Q and K are fresh tensors all the same)
@@ -765,13 +802,6 @@ _MOE_COUNTED_WRONG = {
     "granitemoeshared": "a shared MLP beside the experts (shared_intermediate_size), whose weights and activations "
                         "are not counted, nor the two Linears in it that all-linear adapts",
     "granitemoehybrid": "Mamba layers beside attention (layer_types) and a shared MLP beside the experts",
-    "jetmoe": "a mixture of attention experts (each token's queries and attention output projected by its top "
-              "num_experts_per_tok of num_local_experts experts: self_attention.experts.input_linear and "
-              "output_linear, 3-D JetMoeParallelExperts weights, routed by a router of their own), one kv_proj "
-              "([k; v]) shared by them, attention over num_key_value_heads × num_experts_per_tok heads (K and V repeated), "
-              "MLP experts of JetMoeParallelExperts (input_linear holding gate and up), a bias added after each "
-              "mixture, and routers that take the softmax of the top-k logits and sort the tokens by expert "
-              "(data-dependent splits, gathers and index_adds whose saved tensors are not described)",
     "minimax_m2": "Q and K normalised across all heads (q_norm, k_norm over heads·head_dim) and a sigmoid router with "
                   "a score-correction bias",
     "openai_privacy_filter": "a bidirectional encoder for token classification (no causal mask, no LM head) with "
