@@ -355,7 +355,8 @@ def extract_adapter(base, tuned, plan_or_rank, out_dir: str | os.PathLike, *, ro
                                 only_in_tuned, selected,
                                 unchanged=frozenset(e.name for e in selected if model_names[e.name] in dropped),
                                 roles=_roles_used(roles, stacks), stacks=stacks, planned=plan is not None,
-                                full=plan_or_rank == "full" and not not_adapted)
+                                full=plan_or_rank == "full" and not not_adapted, plan=plan,
+                                rank=plan_or_rank if isinstance(plan_or_rank, int) else None)
     if rounded:
         stored = str(pairing.tuned.info(rounded[0]).dtype).removeprefix("torch.")
         notes.append(f"{len(rounded)} tensor(s) outside the adapter differ from the base only by TUNED's lower-"
@@ -616,6 +617,12 @@ def _select(pairing: Pairing, targets, roles, stacks=None):
         if missing:
             raise ConfigError(f"the plan names module(s) absent from the base {pairing.base.spec}: "
                               f"{', '.join(missing[:5])}. Was it made from an analysis of another model?")
+        bare = {n: (by_name[n].base_tensor, tuple(pairing.base.info(by_name[n].base_tensor).shape)) for n in targets
+                if _bare_parameter(by_name[n])}
+        if bare:  # a plan written before recommend left such a parameter out (a ViT's position table)
+            from spectra.ranks.plan import planned_bare_parameters
+
+            raise planned_bare_parameters(bare, f"the base {pairing.base.spec}")
         return [by_name[n] for n in targets]
     wanted = set(_roles_used(roles, stacks))
     return [e for e in matrices  # GPT-2's crossattention.c_attn: xk, xv
@@ -637,9 +644,10 @@ def _refuse_bare_parameters(pairing: Pairing, roles, stacks) -> None:
 
 def _bare_parameter(entry) -> bool:
     """Whether a pairing entry is a parameter of its own, no layer's weight (a ViT's or BLIP-2's (1, N, d) table
-    measured as N × d: :func:`~spectra.checkpoints.names.is_bare_parameter`). Roles do not select it (a plan naming one
-    is refused in :func:`_model_names`); changed, it is named among what the adapter does not carry, with the advice
-    to copy it from TUNED (:mod:`spectra.lora.left_out`)."""
+    measured as N × d: :func:`~spectra.checkpoints.names.is_bare_parameter`). Roles do not select it; a plan naming one
+    is refused in :func:`_select`, in the words of a plan applied to a model
+    (:func:`~spectra.ranks.plan.planned_bare_parameters`); changed, it is named among what the adapter does not carry,
+    with the advice to copy it from TUNED (:mod:`spectra.lora.left_out`)."""
     return is_bare_parameter(entry.base_tensor, expert=entry.expert_index)
 
 

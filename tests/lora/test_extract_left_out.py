@@ -154,7 +154,11 @@ def test_a_plan_and_experts_stored_stacked(tmp_path):
     experts = [n for n in planned.left_out if ".experts." in n]
     assert experts == [f"model.layers.{i}.mlp.experts.{e}.{p}" for i in (0, 1) for e in (1, 2)
                        for p in ("down_proj", "gate_up_proj")]
-    assert "outside the plan" in planned.notes[0] and "spectra recommend --roles …," in planned.notes[0]
+    assert "outside the plan" in planned.notes[0]
+    # the exact options: the plan's roles (the experts') and the attention's, and why it left the other experts out
+    assert ("plan them (spectra recommend --roles q,k,v,o,down,gate_up, the plan's other options as they were, for "
+            "the 8 of roles it was not made for; the plan left the other 8 out for its own reasons, e.g. "
+            "model.layers.0.mlp.experts.1.down_proj: name does not match include=") in planned.notes[0]
 
 
 def test_the_cli_says_lossless_only_when_nothing_is_left_out(llama_all, monkeypatch, capsys, tmp_path):
