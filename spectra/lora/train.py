@@ -26,6 +26,7 @@ import copy
 import dataclasses
 import json
 import math
+import numbers
 import re
 import statistics
 import time
@@ -199,8 +200,9 @@ class TrainConfig:
             value = getattr(self, name)  # a bool is an int to Python: True was taken as 1, eval_every 0 as no eval
             if value is None and name in ("rank", "max_steps", "eval_every"):
                 continue
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}.")
+            object.__setattr__(self, name, int(value))  # numpy's np.int64(5), as a plain int
         if self.rank is not None and self.rank > _MAX_DIM:  # torch sizes are int64: 10**30 was a traceback of empty()
             raise ConfigError(f"rank (--rank) {self.rank!r} is more than any weight has rows or columns (torch's "
                               "sizes stop at 2**63 - 1); give at most min(d_in, d_out) of the modules it adapts.")
@@ -719,15 +721,14 @@ def _outside_saved_modules(fields: dict, model, task: str, notes: list[str] | No
     return fields
 
 
-def _refuse_parameter_methods_early(folder: Path, config: TrainConfig) -> None:
+def _refuse_parameter_methods_early(model, config: TrainConfig) -> None:
     """:func:`_fit_method`'s refusal of DoRA, QLoRA or dropout on parameter targets, on the model built from its
-    config.json on the meta device: before the data and weights are loaded. Anything else it cannot tell there
-    (a class transformers cannot build so, a name of another class) waits for the loaded model."""
-    from spectra.checkpoints.targets import meta_model
-
+    config.json on the meta device (``model()`` builds it: None where transformers cannot): before the data and
+    weights are loaded. Anything else it cannot tell there (a class transformers cannot build so, a name of another
+    class) waits for the loaded model."""
     if config.plan is not None or (config.method == "lora" and not config.lora_dropout):
         return
-    model = meta_model(json.loads((folder / "config.json").read_text()))
+    model = model()
     if model is None:
         return
     try:
@@ -737,17 +738,16 @@ def _refuse_parameter_methods_early(folder: Path, config: TrainConfig) -> None:
     _fit_method(type(model).__name__, modules, weights + experts, config)
 
 
-def _refuse_rank_early(folder: Path, config: TrainConfig, *, option: str = "rank (--rank)") -> None:
+def _refuse_rank_early(model, config: TrainConfig, *, option: str = "rank (--rank)") -> None:
     """:func:`_refuse_rank_beyond_targets` on the model built from its config.json on the meta device, with the
     targets :func:`lora_config` gives it: before the data and weights are loaded. A target inside a classifier's
     head is left out as a ``seq_cls`` run leaves it out (:func:`_outside_saved_modules`; the class of another task
     has no such head). A plan's ranks are checked by the plan; anything else it cannot tell there (a class
-    transformers cannot build so, targets refused for another reason) waits for the loaded model."""
-    from spectra.checkpoints.targets import meta_model
-
+    transformers cannot build so, targets refused for another reason) waits for the loaded model. ``model()``
+    builds the model (None where transformers cannot)."""
     if config.plan is not None or config.method == "full":
         return
-    model = meta_model(json.loads((folder / "config.json").read_text()))
+    model = model()
     if model is None:
         return
     try:
@@ -775,9 +775,18 @@ def refuse_before_loading(folder: Path, config: TrainConfig, *, option: str = "r
     ConfigError
         Naming the module, the rank or the method at fault.
     """
-    _refuse_parameter_methods_early(folder, config)
+    from spectra.checkpoints.targets import meta_model
+
+    built = []
+
+    def model():  # one meta build for the checks that leave it as it is (the 4-bit one converts its own)
+        if not built:
+            built.append(meta_model(json.loads((folder / "config.json").read_text())))
+        return built[0]
+
+    _refuse_parameter_methods_early(model, config)
     _refuse_unquantised_early(folder, config)
-    _refuse_rank_early(folder, config, option=option)
+    _refuse_rank_early(model, config, option=option)
 
 
 def _unquantised_fix(config: TrainConfig) -> str:

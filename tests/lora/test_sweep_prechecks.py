@@ -227,6 +227,30 @@ def test_train_config_takes_positive_integer_counts():
     assert TrainConfig().eval_every is None and TrainConfig().max_steps is None
 
 
+def test_train_config_takes_numpy_integers_as_ints():
+    """numpy's integers (a count read from an array, np.int64(5)) are integers: taken, stored as plain ints (they
+    were refused as 'got np.int64(5)'); numpy's bool is no count (negative control)."""
+    import numpy as np
+
+    config = TrainConfig(eval_every=np.int64(5), max_steps=np.int32(3), batch_size=np.int64(4), rank=np.int16(2))
+    assert (config.eval_every, config.max_steps, config.batch_size, config.rank) == (5, 3, 4, 2)
+    assert all(type(v) is int for v in (config.eval_every, config.max_steps, config.batch_size, config.rank))
+    with pytest.raises(ConfigError, match="eval_every must be a positive integer"):
+        TrainConfig(eval_every=np.bool_(True))
+
+
+def test_checks_before_loading_build_the_meta_model_once(llama, monkeypatch):
+    """refuse_before_loading's checks that leave the model as it is share one build from config.json (a DoRA run
+    asks two of them; each had built its own, ~0.25 s on a 70B config)."""
+    import spectra.checkpoints.targets as targets
+
+    builds = []
+    real = targets.meta_model
+    monkeypatch.setattr(targets, "meta_model", lambda *a, **k: builds.append(1) or real(*a, **k))
+    refuse_before_loading(llama, TrainConfig(method="dora", rank=4))
+    assert len(builds) == 1
+
+
 def test_eval_every_evaluates_at_those_steps(llama, text, tmp_path):
     """eval_every 2 over 4 steps evaluates at steps 2 and 4 (and not again at the epoch's end, step 4)."""
     result = train_adapter(llama, text, TrainConfig(rank=2, batch_size=4, max_length=16, max_steps=4,
