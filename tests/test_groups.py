@@ -110,3 +110,26 @@ def _without_stack(cells: dict) -> dict:
     for (_, layer, role), prefixes in cells.items():
         merged.setdefault((layer, role), set()).update(prefixes)
     return merged
+
+
+@pytest.mark.parametrize("model_type", ["llava", "qwen2_vl", "mllama", "sam", "blip-2", "whisper", "vit", "swin",
+                                        "clip", "t5"])
+def test_rows_without_a_stack_get_each_rows_own_stack_with_names_told_apart_by_their_numbers_only(model_type):
+    """rows_with_stacks decides a stack once per shape of name (numbers read as 0), so that a 47k-row analysis is
+    not 47k regex scans: on every weight of each model (transformers' default config, built on the meta device)
+    that is what module_stack gives each row by itself."""
+    import torch
+    from transformers import CONFIG_MAPPING, AutoModel
+
+    from spectra.checkpoints.architectures import module_stack
+    from spectra.groups import rows_with_stacks
+
+    config = CONFIG_MAPPING[model_type]()
+    with torch.device("meta"):
+        model = AutoModel.from_config(config)
+    names = [n.removesuffix(".weight") for n, p in model.named_parameters() if p.dim() >= 2]
+    rows = rows_with_stacks([{"name": n} for n in names], model_type)
+    expected = [module_stack(n, {"model_type": model_type}) for n in names]
+    assert [r.get("stack") for r in rows] == expected
+    if model_type in ("llava", "qwen2_vl", "mllama", "sam", "blip-2", "clip"):  # their names tell the stacks apart
+        assert len(set(expected)) >= 2
