@@ -9,11 +9,10 @@ from __future__ import annotations
 import re
 
 import pytest
-import typer
 
-from spectra.cli import app
 from spectra.cli.options import TypedFloat, TypedInt, _NumberList
 from tests.cli.test_cli import run
+from tests.cli.test_cli_typed_numbers import _commands
 
 _RANKS = "expected comma-separated ranks ≥ 0 like 0,1,2,4,8."
 
@@ -60,15 +59,6 @@ def test_every_number_list_refuses_a_bad_item_naming_it(monkeypatch, capsys, tmp
     code, out, err = run(monkeypatch, capsys, *[a.format(**fill) for a in args])
     assert code == 2 and err.startswith(said), err
     assert not (tmp_path / "out").exists()
-
-
-def _commands(command=None, path=()):
-    command = command or typer.main.get_command(app)
-    if hasattr(command, "commands"):
-        for name, sub in command.commands.items():
-            yield from _commands(sub, (*path, name))
-    else:
-        yield path, command
 
 
 def test_every_list_of_numbers_is_read_by_the_one_parser():
