@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from spectra.checkpoints.architectures import is_conv1d, module_info
+from spectra.checkpoints.architectures import conv1d_by_shape, is_conv1d, module_info
 from spectra.checkpoints.names import match_names
 from spectra.checkpoints.placement import PlacementError, held_in_out, parameter_sources, split_sources
 from spectra.checkpoints.targets import architecture, meta_model, resolve_name
@@ -352,6 +352,11 @@ def _plan(adapter, base, config) -> tuple[list[AdapterDelta], list[str], list[Un
     if missing:
         raise AdapterError(f"adapter {adapter.spec} targets module(s) absent from the base {base.spec}: "
                            f"{', '.join(missing[:5])}. Was it trained on another model? Pass the adapter's own base.")
+    layouts = None
+    if not (config or {}).get("model_type"):
+        layouts = conv1d_by_shape({n.removesuffix(".weight"): tuple(base.info(n).shape) for n in base.names()
+                                   if n.endswith((".c_attn.weight", ".c_proj.weight", ".c_fc.weight",
+                                                  ".q_attn.weight"))})[0]
     alpha_default = cfg.get("lora_alpha", 8)
     alpha_pattern = cfg.get("alpha_pattern") or {}
     for adapter_module, parts in modules.items():
@@ -364,8 +369,11 @@ def _plan(adapter, base, config) -> tuple[list[AdapterDelta], list[str], list[Un
         # a convolution's kernel (out, in, k…) is read flattened, (out, in·k…), as pairing reads it; PEFT's LoRA on
         # it holds A as a convolution of that kernel (r, in, k…) and B as a 1×…×1 one (out, r, 1…)
         kernel = tuple(info.shape[2:])
-        conv1d = not kernel and (is_conv1d(module, config)
-                                 or bool(cfg.get("fan_in_fan_out") and is_conv1d(module, None)))
+        if (config or {}).get("model_type") or layouts is None:
+            conv1d = not kernel and (is_conv1d(module, config)
+                                     or bool(cfg.get("fan_in_fan_out") and is_conv1d(module, None)))
+        else:  # no model type: GPT-2-named weights by their shapes (GPT-BigCode's nn.Linear), as the pairing reads them
+            conv1d = not kernel and layouts.get(module, is_conv1d(module, None))
         shape = (info.shape[1], info.shape[0]) if conv1d else (info.shape[0], math.prod(info.shape[1:]))
         embedding = "emb_A" in parts
         scaling, dtype = 1.0, info.dtype
