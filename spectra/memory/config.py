@@ -46,13 +46,24 @@ def load_config(config_or_model: Any) -> dict:
         if path.suffix == ".json" or text.startswith((".", "/", "~")) or text.count("/") > 1:
             raise CheckpointError(f"No config.json at {path}.")
         path = _download_config(text)
+    if Path(path).suffix in _WEIGHT_SUFFIXES:
+        beside = Path(path).parent / "config.json"
+        raise CheckpointError(f"{path} is a weights file; spectra reads the model's config: pass "
+                              + (f"{beside} or its folder." if beside.exists() else "its config.json or its folder."))
     try:
         data = json.loads(Path(path).read_text())
-    except ValueError as err:  # UnicodeDecodeError (a weights file given for the config) included
+    except UnicodeDecodeError:  # binary: a weights file of another name
+        raise CheckpointError(f"{path} is not a text file (a weights file?); pass config.json, its folder or a hub "
+                              "id.") from None
+    except ValueError as err:
         raise CheckpointError(f"{path} is not valid JSON ({err}); pass config.json, its folder or a hub id.") from None
     if not isinstance(data, dict):
         raise CheckpointError(f"{path} must be a JSON object (a model config), not {type(data).__name__}.")
     return data
+
+
+# files that hold weights, not a config: named for what they are rather than read as JSON
+_WEIGHT_SUFFIXES = frozenset({".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack"})
 
 
 def _download_config(repo_id: str) -> Path:

@@ -242,8 +242,11 @@ def model_shape(config: Mapping, *, models=None) -> ModelShape:
         layer_types = cfg.get("layer_types") or (getattr(_config_object(mtype), "layer_types", None) if mtype else None)
         other_layers = sorted(set(layer_types or ()) - _ATTENTION_LAYERS)
         if other_layers and mtype != "gpt2" and "n_embd" not in cfg and "type_vocab_size" not in cfg:
-            raise ConfigError(f"model_type {mtype}: layers of type {', '.join(map(str, other_layers))} beside "
-                              "attention (MiniMax's lightning attention, …), whose weights and activations spectra's "
+            # transformers 5 calls every recurrent mixer linear_attention: Mamba's state-space layers too
+            beside = "beside attention" if set(layer_types) & _ATTENTION_LAYERS else "and no attention layer"
+            raise ConfigError(f"model_type {mtype}: layers of type {', '.join(map(str, other_layers))} {beside} "
+                              "(linear_attention is transformers' name for a recurrent mixer: a Mamba state-space "
+                              "layer, MiniMax's lightning attention, …), whose weights and activations spectra's "
                               "memory model does not describe; it reads models of attention layers "
                               f"({', '.join(sorted(_ATTENTION_LAYERS))}).")
         if mtype in _NOT_LLAMA_LIKE:
