@@ -68,12 +68,29 @@ def _stop_on_ctrl_c(command):
         try:
             return command(*args, **kwargs)
         except KeyboardInterrupt:
+            _close_progress_bars()
             if _state["debug"]:
                 raise
             typer.echo("stopped (Ctrl-C).", err=True)
             raise typer.Exit(130) from None
 
     return run
+
+
+def _close_progress_bars() -> None:
+    """Close every tqdm bar still open, each left at its last state on a line of its own.
+
+    A bar ends its line without a newline ("\ranalyze:  35%|…"), so a message printed while one is open landed on
+    the bar's line, and the bar, closed when collected at exit, was drawn again after it: in a log, the error was
+    glued to the bar and hidden by its redraw. Closed here, the bar says where the command stopped, and the message
+    that follows (an error, "stopped (Ctrl-C).", a traceback) starts a line. No bar was made where tqdm was never
+    imported (``spectra --help``, a usage error)."""
+    std = sys.modules.get("tqdm.std")
+    if std is None:
+        return
+    for bar in sorted(list(std.tqdm._instances), key=lambda bar: abs(getattr(bar, "pos", 0))):
+        bar.leave = True  # train's bar clears itself (leave=False): on an error, its last state tells where
+        bar.close()  # a disabled bar (-q, not rank 0) does nothing
 
 
 def _interruptible(typer_app: typer.Typer) -> None:
@@ -111,11 +128,16 @@ def main() -> None:
     try:
         app()
     except (SpectraError, OSError) as err:  # OSError: a path that cannot be read or written, named in the message
+        _close_progress_bars()
         if _state["debug"]:
             raise
         message = _cli_message(err, sys.argv[1:]) if isinstance(err, SpectraError) else str(err)
         typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
         typer.echo("(run with --debug for the full traceback)", err=True)
         sys.exit(2)
+    except BaseException as err:  # a bug's traceback, --debug's, Ctrl-C under --debug: on a line of its own too
+        if not (isinstance(err, SystemExit) and err.code in (0, None)):  # Click ends every run with SystemExit
+            _close_progress_bars()
+        raise
     finally:
         warnings.showwarning = default_show  # main() called in-process (tests) leaves the caller's display
