@@ -411,6 +411,11 @@ _ROLE_RULES: tuple[tuple[str, str], ...] = (
     # experts (experts.expert_N.fc1, fc2) and dense layers (layers.N.ffn.fc1, fc2);
     # BLIP-2's Q-Former: intermediate_query.dense and output_query.dense (the query tokens' MLP), as BERT's;
     # Qwen3-VL's and Qwen3.5's vision tower blocks.N.mlp.linear_fc1 and linear_fc2 (the merger's: projector)
+    # DBRX's routed experts, read per expert as spectra names them (ffn.experts.mlp.3.w1: dbrx_experts): w1 is each
+    # expert's gate (x @ w1[e].T, activated), v1 its up, w2 its down (h @ w2[e]: stored (in, out), read transposed)
+    (r"ffn\.experts\.mlp\.\d+\.w1", "gate"),
+    (r"ffn\.experts\.mlp\.\d+\.v1", "up"),
+    (r"ffn\.experts\.mlp\.\d+\.w2", "down"),
     (r"(gate_proj|experts\.\d+\.w1|mlp\.fc_gate|feed_forward\.w1|DenseReluDense\.wi_0)", "gate"),
     (r"(up_proj|experts\.\d+\.w3|intermediate(_query)?\.dense|mlp\.c_fc|dense_h_to_4h|mlp\.(linear_)?fc1"
      r"|feed_forward\.w3|DenseReluDense\.wi(_1)?|layers\.\d+\.(ffn\.)?fc1|experts\.expert_\d+\.(wi|fc1)"
@@ -568,7 +573,7 @@ _AFTER_BLOCKS = re.compile(r"^(downsample|layer_norm)(\.|$)")
 # per-expert records, named by their 3-D module and the index (mlp.input_linear.3,
 # self_attention.experts.output_linear.3)
 _EXPERT = re.compile(r"(?:^|\.)experts\.(?:expert_)?(\d+)(?:\.|$)|(?:^|\.)(?:mlp|self_attention\.experts)\."
-                     r"(?:input|output)_linear\.(\d+)$")
+                     r"(?:input|output)_linear\.(\d+)$|(?:^|\.)ffn\.experts\.mlp\.(\d+)\.(?:w1|v1|w2)$")
 
 # transformers' Conv1D (weight stored (in, out)) is used by these model types.
 CONV1D_MODEL_TYPES = frozenset({"gpt2", "imagegpt", "decision_transformer", "openai-gpt"})
@@ -639,6 +644,11 @@ _JETMOE_EXPERTS = re.compile(r"(^|\.)(mlp|self_attention\.experts)\.(input|outpu
 # (conversion_mapping's WeightRenaming: no transposition), which PEFT adapts through target_parameters.
 _GRANITE_EXPERTS = re.compile(r"(^|\.)block_sparse_moe\.(input|output)_linear$")
 _GRANITE_MODEL_TYPES = frozenset({"granitemoe", "granitemoeshared", "granitemoehybrid"})
+# DBRX's routed experts (DbrxExpertGLU): ffn.experts.mlp.w1, v1 and w2, each ONE 2-D parameter (experts·ffn, d_model)
+# (no .weight). Its forward views each (experts, ffn, d_model) and takes expert e's [e]: gate x @ w1[e].T, up
+# x @ v1[e].T, down h @ w2[e] (so w2[e] is the expert's down projection stored (in, out)). Read per expert by
+# dbrx_experts, named ffn.experts.mlp.3.w1 (roles gate, up, down).
+_DBRX_EXPERTS = re.compile(r"(^|\.)ffn\.experts\.mlp\.(w1|v1|w2)$")
 # A module path under a mixture-of-experts block (experts, block_sparse_moe, moe, sparse_moe, …): a 3-D .weight
 # there that no rule reads per expert is skipped with a note, never read as one flattened matrix as a convolution's
 # kernel (out, in, k) is
@@ -999,6 +1009,52 @@ def loaded_experts(name: str, shape: tuple[int, ...], config: dict[str, Any] | N
             return None
     proj = "gate_up_proj" if found.group(2) == "input" else "down_proj"
     return f"{name[:found.start(2) - 1]}.experts.{proj}"
+
+
+def dbrx_experts(name: str, shape: tuple[int, ...], config: dict[str, Any] | None) -> int | None:
+    """The number of experts stacked in DBRX's 2-D expert parameter `name` (``…ffn.experts.mlp.w1``, ``v1``,
+    ``w2``: (experts·ffn, d_model), :data:`_DBRX_EXPERTS`), by ``config.json``'s ``ffn_config.moe_num_experts``;
+    0 where the name and shape are DBRX's but no config of DBRX's sizes it (the split is not guessed: the caller skips
+    it with a note); None where `name` is no such parameter (another model type's config, another name or shape).
+
+    >>> dbrx_experts("transformer.blocks.0.ffn.experts.mlp.w1", (128, 64),
+    ...              {"model_type": "dbrx", "d_model": 64, "ffn_config": {"moe_num_experts": 4, "ffn_hidden_size": 32}})
+    4
+    """
+    cfg = config or {}
+    if len(shape) != 2 or not _DBRX_EXPERTS.search(name) or cfg.get("model_type") not in (None, "dbrx"):
+        return None
+    ffn = cfg.get("ffn_config") if isinstance(cfg.get("ffn_config"), dict) else {}
+    experts, width, hidden = ffn.get("moe_num_experts"), ffn.get("ffn_hidden_size"), cfg.get("d_model")
+    if cfg.get("model_type") != "dbrx" or not isinstance(experts, int) or experts < 1 or shape[0] % experts:
+        return 0
+    if (isinstance(width, int) and shape[0] != experts * width) or (isinstance(hidden, int) and shape[1] != hidden):
+        return 0
+    return experts
+
+
+_DBRX_EXPERT = re.compile(r"(^|\.)ffn\.experts\.mlp\.(\d+\.)?(w1|v1|w2)$")
+
+
+def dbrx_expert_refusal(name: str, model_type: str | None) -> str | None:
+    """Why no per-expert LoRA goes on ``name``, one expert of DBRX's stacked 2-D expert parameters as the pairing
+    names it (``…ffn.experts.mlp.3.w1``: :func:`dbrx_experts`) or the stored parameter itself
+    (``…ffn.experts.mlp.w1``), else None.
+
+    PEFT 0.21 adapts ``ffn.experts.mlp.w1`` only whole (``target_parameters``; a 2-D parameter is one (out, in)
+    matrix to its ``ParamWrapper``, ``num_experts`` 1): one LoRA ``B (experts·ffn, r) · A (r, d_model)`` whose A
+    every expert shares, not one rank-r LoRA per expert, so a plan or an extraction of each expert's own ΔW has no
+    place there.
+
+    >>> dbrx_expert_refusal("transformer.blocks.0.ffn.experts.mlp.3.w1", "dbrx")[:40]
+    "DBRX's ffn.experts.mlp.w1 stacks every e"
+    """
+    found = _DBRX_EXPERT.search(name)
+    if found is None or model_type not in (None, "dbrx"):
+        return None
+    return (f"DBRX's ffn.experts.mlp.{found.group(3)} stacks every expert's matrix in one 2-D parameter "
+            "(experts·ffn, d_model), which PEFT adapts only whole (target_parameters): one rank-r LoRA whose A all "
+            "experts share, not one LoRA per expert, so spectra neither plans nor extracts per-expert ranks there")
 
 
 def moe_weight(name: str, shape: tuple[int, ...]) -> bool:

@@ -27,7 +27,7 @@ import torch
 from spectra.checkpoints.adapter import AdapterDelta, plan_adapter
 from spectra.checkpoints.architectures import (ROLES, ModuleInfo, Projection, bigcode_projections, conv1d_by_shape,
                                               experts_in_out, fused_projections,
-                                              is_conv1d, loaded_experts, missing_stacks, module_info, moe_weight,
+                                              dbrx_experts, is_conv1d, loaded_experts, missing_stacks, module_info, moe_weight,
                                               parallel_experts, parse_stacks,
                                               role_named, stack_selected, vector_info)
 from spectra.checkpoints.buffers import Lease
@@ -183,6 +183,9 @@ class PairEntry:
     conv1d: bool = False  # the base stores it (in, out): a Conv1D, gpt-oss's experts, the hub's Qwen3-VL-MoE experts
     added_rows: int = 0
     expert_index: int | None = None  # slice of a 3-D (experts, out, in) tensor
+    # rows per expert where the stored tensor is 2-D, experts stacked on its rows (DBRX's ffn.experts.mlp.w1
+    # (experts·ffn, d_model)): expert e is rows [e·expert_rows, (e+1)·expert_rows); 0: expert_index indexes dim 0
+    expert_rows: int = 0
     # the tuned checkpoint's layout where it is not the base's (``conv1d``): True, it stores the expert (in, out)
     # where the base stores it (out, in); False, the reverse (Qwen3-VL-MoE's hub experts against a fine-tune saved
     # by transformers 5); None, as the base
@@ -321,6 +324,28 @@ class Pairing:
                               f"tensor in the tuned checkpoint; its ΔW is taken against {embed}")
         return out
 
+    def _dbrx_entries(self, b_name: str, t_name: str, b_shape, t_shape, experts: int, common: dict) -> list[PairEntry]:
+        """DBRX's ``ffn.experts.mlp.w1`` (``v1``, ``w2``), one 2-D parameter (experts·ffn, d_model): one (out, in)
+        record per expert, ``ffn.experts.mlp.3.w1`` (gate, up: rows of expert 3 as stored; down: ``w2``'s rows
+        transposed, the forward computing ``h @ w2[e]``). Without a config of DBRX's that sizes them, skipped."""
+        if b_shape != t_shape:
+            raise _shape_error(b_name, b_shape, t_shape, self.base, self.tuned, t_name, experts=True)
+        if not experts:
+            self.notes.append(f"{b_name}: skipped, DBRX's experts stacked in one {tuple(b_shape)} tensor, but no "
+                              "config.json of DBRX's (ffn_config.moe_num_experts, ffn_hidden_size, d_model) sizes "
+                              "them, so the experts cannot be told apart; it is not read as rows")
+            return []
+        head, _, proj = b_name.rpartition(".")  # transformer.blocks.0.ffn.experts.mlp . w1
+        rows, down = b_shape[0] // experts, proj == "w2"
+        shape = (b_shape[1], rows) if down else (rows, b_shape[1])
+        out = []
+        for e in range(experts):
+            name = f"{head}.{e}.{proj}"
+            e_info = module_info(name, self.config)
+            out.append(PairEntry(name=name, info=e_info, kind="matrix", shape=shape, expert_index=e,
+                                 expert_rows=rows, conv1d=down, **common))
+        return out
+
     def _entries_for(self, b_name: str, t_name: str) -> list[PairEntry]:
         b, t = self.base.info(b_name), self.tuned.info(t_name)
         if b.dtype not in _FLOAT_DTYPES or t.dtype not in _FLOAT_DTYPES:
@@ -335,6 +360,9 @@ class Pairing:
             # q_proj.bias belongs to q_proj; CLIP's embeddings.class_embedding to no table (vector_info)
             owner = vector_info(b_name, self.config)
             return [PairEntry(name=b_name, info=owner, kind="vector", shape=b.shape, **common)]
+        dbrx = dbrx_experts(module, tuple(b.shape), self.config)
+        if dbrx is not None:
+            return self._dbrx_entries(b_name, t_name, b.shape, t.shape, dbrx, common)
         if len(b.shape) in (2, 3) and ".experts." in f".{b_name}." and not b_name.endswith(".weight"):
             # stacked per-expert tensors: (experts, ·, ·) matrices or (experts, ·) biases
             head, _, proj = module.rpartition(".")  # model.layers.0.mlp.experts . gate_up_proj
@@ -774,12 +802,22 @@ def _read_stored(source, name: str, entry: PairEntry) -> torch.Tensor:
 
     A 3-D expert tensor is E entries. Read whole for each, its data was scanned for NaN/Inf
     (and handed out) E times per parameter: 128× on gpt-oss-120b's (128, 2880, 5760) weights."""
+    if entry.expert_rows:  # DBRX's experts stacked on the rows of one 2-D tensor
+        start = entry.expert_index * entry.expert_rows
+        return source.read(name)[start:start + entry.expert_rows]
     return source.read(name) if entry.expert_index is None else source.read_expert(name, entry.expert_index)
 
 
 def _spacing(source, tensor: str, entry: PairEntry, proj, *, tuned: bool = False) -> torch.Tensor:
     """A quantised tensor's grid spacing at each element of a record (its rows of the oriented matrix)."""
-    spacing = source.quantized_spacing(tensor, entry.expert_index)
+    if entry.expert_rows:  # DBRX's experts stacked on the rows of one 2-D tensor
+        spacing = source.quantized_spacing(tensor)
+        start = entry.expert_index * entry.expert_rows
+        spacing = None if spacing is None else spacing[start:start + entry.expert_rows]
+    else:
+        spacing = source.quantized_spacing(tensor, entry.expert_index)
+    if spacing is None:
+        return spacing
     spacing = _orient(spacing, entry, tuned=tuned)
     if proj is not None:
         spacing = spacing[proj.rows if isinstance(proj.rows, slice) else list(proj.rows)]
@@ -788,6 +826,9 @@ def _spacing(source, tensor: str, entry: PairEntry, proj, *, tuned: bool = False
 
 def _stored_name(name: str, entry: PairEntry) -> str:
     """The stored tensor an entry reads, for messages: ``…experts.gate_up_proj[3]`` for an expert's slice."""
+    if entry.expert_rows:
+        start = entry.expert_index * entry.expert_rows
+        return f"{name}[{start}:{start + entry.expert_rows}] (expert {entry.expert_index}'s rows)"
     return name if entry.expert_index is None else f"{name}[{entry.expert_index}]"
 
 
