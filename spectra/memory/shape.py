@@ -12,6 +12,7 @@ import functools
 from dataclasses import dataclass
 from typing import Mapping
 
+from spectra.checkpoints.architectures import module_info
 from spectra.errors import ConfigError
 from spectra.memory.config import _config_object
 
@@ -224,6 +225,10 @@ def model_shape(config: Mapping, *, models=None) -> ModelShape:
         shape = _gemma4(cfg, mtype)
         _refuse_other_blocks(cfg, mtype, shape, base_model)
         return shape
+    if mtype in _OWN_DESIGN_REFUSED:  # before the key reads and the MoE check, whose reasons would not be its own
+        raise ConfigError(f"model_type {mtype}: {_OWN_DESIGN_REFUSED[mtype]}, which spectra's memory model does "
+                          f"not describe; it reads {_LLAMA_LIKE_DESCRIBED}; Mixtral-style MoE, GPT-2, "
+                          f"BERT and {_OWN_BLOCKS_DESCRIBED} configs.")
     if mtype == "jetmoe":  # Mixtral's keys (num_local_experts), its own blocks
         shape = _jetmoe(cfg, mtype)
         _refuse_other_blocks(cfg, mtype, shape, base_model)
@@ -495,6 +500,54 @@ def _refuse_other_blocks(cfg: dict, mtype: str, shape: ModelShape, base_model=No
                                counted_as="(no LM head): its blocks differ from the families the memory model "
                                           f"describes ({_LLAMA_LIKE_DESCRIBED}; Mixtral-style MoE: Mixtral, PhiMoE, "
                                           f"GraniteMoE, MiniMax; GPT-2; BERT; {_OWN_BLOCKS_DESCRIBED})")
+    _refuse_other_linears(model, shape, mtype=mtype, model_class=base_class, cfg=cfg)
+
+
+def _refuse_other_linears(model, shape: ModelShape, *, mtype: str, model_class: str, cfg: dict) -> None:
+    """Refuse where a block of ``model`` (transformers' ``model_class`` built from the config on the meta device)
+    holds other linear layers than ``shape`` assumes: (role, out, in) of each nn.Linear (transformers' Conv1D
+    alike) of the layer, roles as ``spectra.checkpoints.architectures.module_info`` reads the module names (what
+    ``spectra train`` selects by), against ``shape.block(layer).linears``.
+
+    The parameter count alone lets fused projections through: ModernBERT's Wqkv (3·h × h) and Wi (2·inter × h) hold
+    what Llama's q, k, v, gate and up do, so it was counted as Llama, its adapters as seven a layer where PEFT
+    wraps four (Wqkv, attn.Wo, mlp.Wi, mlp.Wo; spectra's roles select Wqkv). An MoE block is compared on its Linears
+    outside the routed experts and the router (roles of :data:`_UNQUANTISED`); JetMoE's (attention experts) is not."""
+    from collections import Counter
+
+    layers: dict[int, Counter] = {}
+    for name, module in model.named_modules():
+        kind = type(module).__name__
+        if kind == "Linear":
+            out, inp = module.out_features, module.in_features
+        elif kind == "Conv1D":  # GPT-2's: weight (in, out)
+            inp, out = module.weight.shape
+        else:
+            continue
+        info = module_info(name, cfg)
+        if info.layer is None or info.stack is not None or info.expert is not None:
+            continue
+        layers.setdefault(info.layer, Counter())[(info.role, int(out), int(inp))] += 1
+    if not layers:  # no block Linear read off the names: nothing to compare (the parameter count checked the rest)
+        return
+    for layer in range(shape.layers):
+        block = shape.block(layer)
+        if block.attention_experts:  # JetMoE's attention experts: 3-D parameters, checked by count
+            continue
+        # an MoE's routed experts (3-D parameters, no Linear) and its router are checked by count; its attention,
+        # shared experts and dense layers are Linears compared here
+        assumed = Counter(linear for linear in block.linears if linear[0] not in _UNQUANTISED)
+        built = Counter({key: n for key, n in layers.get(layer, Counter()).items() if key[0] not in _UNQUANTISED})
+        if assumed != built:
+            def listed(linears: Counter) -> str:
+                return ", ".join(f"{role} {o}×{i}" + (f" (×{n})" if n > 1 else "")
+                                 for (role, o, i), n in sorted(linears.items())) or "none"
+            raise ConfigError(f"model_type {mtype}: transformers' {model_class} built from this config holds in "
+                              f"layer {layer} the linear layers {listed(built)} (by role, out×in), where spectra's "
+                              f"memory model assumes {listed(assumed)}: its blocks differ from the families it "
+                              f"describes ({_LLAMA_LIKE_DESCRIBED}; Mixtral-style MoE; GPT-2; BERT; "
+                              f"{_OWN_BLOCKS_DESCRIBED}), so it would count the adapters (and activations) wrong "
+                              "even where the parameter total agrees.")
 
 
 # the dense Llama-like families the memory model is checked on, as its refusals list them, and those of its own
@@ -820,6 +873,18 @@ _ATTENTION_LAYERS = frozenset({"full_attention", "sliding_attention", "chunked_a
 # families with Llama's config keys but other blocks: read as Llama-like they would be counted wrong
 # (ALBERT has BERT's keys but one set of layer weights shared by every layer)
 _NOT_LLAMA_LIKE = frozenset({"gptj", "gpt_neo", "bloom", "opt", "mpt", "albert"})
+# families whose own block designs the memory model does not describe, refused with what they are (read as Llama-like or
+# MoE they were counted wrong or refused for a key or MoE layout that is not the gap)
+_OWN_DESIGN_REFUSED = {
+    "modernbert": "an encoder whose blocks fuse Q, K and V into one Linear (attn.Wqkv) and the MLP's two input halves "
+                  "into another (mlp.Wi, a GLU), with attn.Wo and mlp.Wo as outputs and alternating global and local "
+                  "attention (PEFT adapts these four Linears a layer, not Llama's seven)",
+    "dbrx": "DBRX's blocks (d_model; one fused Wqkv; experts stored as fused w1, v1 and w2 matrices of all experts "
+            "in ffn.experts.mlp; attention and MoE settings in attn_config and ffn_config)",
+    "jamba": "Mamba state-space layers beside attention (attn_layer_period, attn_layer_offset), whose weights "
+             "(in_proj, conv1d, x_proj, dt_proj, out_proj, A_log, D) and activations are not described (its experts, "
+             "every expert_layer_period-th layer, are Mixtral-like)",
+}
 
 
 def _gpt2(cfg: dict) -> ModelShape:
