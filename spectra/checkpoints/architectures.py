@@ -276,6 +276,11 @@ _ROLE_RULES: tuple[tuple[str, str], ...] = (
     # linear_attn.in_proj_qkv (its in_proj_z, in_proj_a and in_proj_b, a gate and two per-head scalars: other)
     (r"(attn\.c_attn|qkv_proj|query_key_value|Wqkv|attn\.qkv|self_attn\.qkv|linear_attn\.in_proj_qkv)", "qkv"),
     (r"(gate_up_proj)", "gate_up"),
+    # ModernBERT's (and ModernBERT-decoder's) attn.Wo, the attention's output; its MLP's Wi, [gate; up] (its forward:
+    # input, gate = Wi(x).chunk(2); Wo(act(input) · gate): the first half is activated, Llama's gate), and mlp.Wo, down
+    (r"attn\.Wo", "o"),
+    (r"mlp\.Wi", "gate_up"),
+    (r"mlp\.Wo", "down"),
     # JetMoE's experts (JetMoeParallelExperts: a 3-D weight (experts, out, in), each expert's x @ W[e].T), as its
     # checkpoints and transformers name them (….weight stripped) and as spectra names one expert's slice (….3): the
     # MLP's input_linear (experts, 2·intermediate, hidden) is every expert's [gate; up] (its forward chunks the
@@ -614,7 +619,7 @@ _VISION_MODEL_TYPES = {"qwen2_vl": "qwen2_vl_vision", "qwen2_5_vl": "qwen2_5_vl_
                        "qwen3_5": "qwen3_5_vision", "qwen3_5_moe": "qwen3_5_moe_vision",
                        "qwen3_omni_moe": "qwen3_omni_moe_vision_encoder",
                        "qwen3_omni_moe_thinker": "qwen3_omni_moe_vision_encoder"}
-_CONTIGUOUS_QKV = frozenset({"gpt2", "mpt", "phi3", "phimoe", "imagegpt", "decision_transformer", "blip_2_vision_model",
+_CONTIGUOUS_QKV = frozenset({"gpt2", "mpt", "modernbert", "phi3", "phimoe", "imagegpt", "decision_transformer", "blip_2_vision_model",
                              "instructblip_vision_model", "instructblipvideo_vision_model",
                              *_VISION_MODEL_TYPES.values()})
 # The config key of an attention's width where it is not hidden_size: Qwen2-VL's vision_config names its tower's width
@@ -1096,6 +1101,10 @@ def fused_projections(name: str, role: str, out_features: int, config: dict[str,
     - GPT-2 ``c_attn``, Phi-3 ``qkv_proj``: contiguous ``[q; k; v]``; k and v have
       ``num_key_value_heads × head_dim`` rows (GQA), q has ``num_attention_heads × head_dim``.
     - MPT's ``attn.Wqkv``: contiguous ``[q; k; v]`` of ``d_model`` rows each (its forward: ``chunk(3)``).
+    - ModernBERT's ``attn.Wqkv``: contiguous ``[q; k; v]`` of ``hidden_size`` rows each (its forward:
+      ``view(…, 3, -1, head_dim).unbind``).
+    - DBRX's ``attn.Wqkv``: contiguous ``[q; k; v]``, q ``d_model`` rows, k and v ``attn_config.kv_n_heads ×
+      head_dim`` each (its forward's ``split``).
     - GPT-BigCode's ``attn.c_attn`` (nn.Linear): multi-query contiguous ``[q; k; v]``, k and v one head each, else
       per head ``[q_h; k_h; v_h]`` (:func:`bigcode_projections`).
     - GPT-NeoX / Bloom / Persimmon ``query_key_value``, DeBERTa's ``attention.self.in_proj``: per head
@@ -1161,6 +1170,8 @@ def fused_projections(name: str, role: str, out_features: int, config: dict[str,
                 start = (3 * h + i) * head_dim
                 blocks[r].extend(range(start, start + head_dim))
         return [Projection(r, tuple(rows)) for r, rows in blocks.items()]
+    if model_type == "dbrx":  # attn.Wqkv: split([d_model, kv_n_heads·head_dim, kv_n_heads·head_dim])
+        return _dbrx_qkv_projections(out_features, cfg)
     if model_type not in _CONTIGUOUS_QKV and not (model_type is None and _CONTIGUOUS_QKV_NAMES.search(name)):
         return []  # layout unknown for this family (e.g. Falcon's grouped qkv): analyse the whole only
     hidden = cfg.get(_WIDTH_KEYS.get(model_type, "hidden_size"), cfg.get("n_embd"))
@@ -1179,6 +1190,20 @@ def fused_projections(name: str, role: str, out_features: int, config: dict[str,
         Projection("k", slice(q_rows, q_rows + kv_rows)),
         Projection("v", slice(q_rows + kv_rows, out_features)),
     ]
+
+
+def _dbrx_qkv_projections(out_features: int, config: dict[str, Any]) -> list[Projection]:
+    """DBRX's ``attn.Wqkv`` rows as q (``d_model``), k and v (``attn_config.kv_n_heads × head_dim`` each, head_dim
+    ``d_model / n_heads``), contiguous as its forward splits them; [] where the config does not size them so."""
+    attn = config.get("attn_config") if isinstance(config.get("attn_config"), dict) else {}
+    hidden, heads, kv_heads = config.get("d_model"), config.get("n_heads"), attn.get("kv_n_heads")
+    if not hidden or not heads or not kv_heads or hidden % heads:
+        return []
+    kv_rows = kv_heads * (hidden // heads)
+    if hidden + 2 * kv_rows != out_features:
+        return []
+    return [Projection("q", slice(0, hidden)), Projection("k", slice(hidden, hidden + kv_rows)),
+            Projection("v", slice(hidden + kv_rows, out_features))]
 
 
 def _jetmoe_kv_projections(out_features: int, config: dict[str, Any] | None) -> list[Projection]:
