@@ -3,6 +3,7 @@ that transformers fills in where it is silent."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -18,9 +19,28 @@ def _config_object(mtype: str, cfg: Mapping | None = None):
     try:
         import transformers
 
-        return transformers.AutoConfig.for_model(mtype, **{k: v for k, v in (cfg or {}).items() if k != "model_type"})
+        if cfg is not None:
+            return transformers.AutoConfig.for_model(mtype, **{k: v for k, v in cfg.items() if k != "model_type"})
+        with _quiet_logger("transformers.configuration_utils"):
+            return transformers.AutoConfig.for_model(mtype)
     except Exception:  # no transformers, an unknown model_type, a config its strict validation refuses
         return None
+
+
+@contextlib.contextmanager
+def _quiet_logger(name: str):
+    """Drop the warnings of logger `name` while the family's defaults alone are built: what transformers says of
+    them is not about the user's checkpoint (StarCoder2's default bos/eos 50256 lie outside its default vocabulary
+    of 49,152, so every StarCoder2 recommend/memory printed "bos_token_id must be … between 0 and 49151")."""
+    import logging
+
+    logger = logging.getLogger(name)
+    drop = logging.Filter("-")  # passes no record (records are named transformers.…)
+    logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)
 
 
 def load_config(config_or_model: Any) -> dict:
