@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
+from spectra.checkpoints.architectures import dbrx_expert_refusal
 from spectra.errors import ConfigError
 
 
@@ -206,10 +207,16 @@ def peft_refusal(name: str, model_type: str | None, module: torch.nn.Module | No
     - PEFT's Mamba rule (:data:`PEFT_MAMBA_MODULES`, :data:`PEFT_MAMBA_MODEL_TYPES`): a Mamba mixer's ``out_proj``
       and depthwise ``conv1d`` (and any module so named in those models) are refused by name, so an adapter or a
       ``LoraConfig`` naming one fails in PEFT.
+    - One expert of DBRX's stacked 2-D ``ffn.experts.mlp.w1`` (``v1``, ``w2``), as the pairing names it
+      (``…ffn.experts.mlp.3.w1``): PEFT adapts the parameter only whole, one LoRA all experts share
+      (:func:`~spectra.checkpoints.architectures.dbrx_expert_refusal`).
     - ``module``, where known, a convolution of more than one group (Mamba's, Jamba's and Bamba's depthwise
       ``conv1d``): PEFT 0.21 wraps one only at a rank divisible by its groups, its B a grouped convolution, so its
       update is no rank-r factorisation of ΔW, and it cannot merge it (``NotImplementedError``).
     """
+    stacked = dbrx_expert_refusal(name, model_type)  # one expert of DBRX's 2-D ffn.experts.mlp.w1 (v1, w2)
+    if stacked is not None:
+        return stacked
     leaf = name.rpartition(".")[2]
     if model_type in PEFT_MAMBA_MODEL_TYPES and leaf in PEFT_MAMBA_MODULES:
         return (f"PEFT refuses a LoRA on {' and '.join(PEFT_MAMBA_MODULES)} in Mamba-based models (model_type "

@@ -445,7 +445,10 @@ def _refused_note(matrices: list, refused: dict[str, str], *, full: bool) -> str
     """The note naming the changed `matrices` ((name, entry) pairs) PEFT puts no LoRA on, whether the roles selected
     them or not: no roles or plan would carry them, saving them whole does."""
     names = [n for n, _ in matrices]
-    leaves = ",".join(dict.fromkeys(n.rpartition(".")[2] for n in names))
+    # the module holding each (DBRX's stacked experts ffn.experts.mlp.w1 are a parameter of ffn.experts.mlp)
+    owners = [e.base_tensor.removesuffix(".weight") if e.base_tensor.endswith(".weight")
+              else e.base_tensor.rpartition(".")[0] for _, e in matrices]
+    leaves = ",".join(dict.fromkeys(n.rpartition(".")[2] for n in owners))
     return (("rank full is not lossless here: " if full else "")
             + f"the adapter leaves out {len(names)} changed matri{'x' if len(names) == 1 else 'ces'} PEFT puts no LoRA "
             f"on ({', '.join(names[:3])}{f' and {len(names) - 3} more' if len(names) > 3 else ''}): "
