@@ -42,8 +42,8 @@ def test_token_ids_outside_the_vocabulary_build_the_same_model():
 def test_trains_early_refusal_reaches_configs_with_such_ids(pad_token_id, tmp_path):
     """DoRA with roles that take a Mixtral's fused experts is refused from config.json, before data and weights
     are read, whether or not its pad_token_id lies in the vocabulary (it was skipped when it did not)."""
-    from spectra.lora.train import TrainConfig, _refuse_parameter_methods_early
+    from spectra.lora.train import TrainConfig, refuse_before_loading
 
     (tmp_path / "config.json").write_text(json.dumps(_mixtral(pad_token_id=pad_token_id)))
     with pytest.raises(ConfigError, match="target_parameters"):
-        _refuse_parameter_methods_early(tmp_path, TrainConfig(method="dora", rank=4, roles=("gate",)))
+        refuse_before_loading(tmp_path, TrainConfig(method="dora", rank=4, roles=("gate",)))

@@ -20,7 +20,6 @@ import pytest
 import torch
 
 import spectra.lora.train as train_module
-import spectra.lora.verify as verify_module
 from spectra.errors import ConfigError
 from spectra.lora.train import TrainConfig, refuse_before_loading, train_adapter
 from spectra.lora.verify import rank_sweep
