@@ -224,6 +224,26 @@ def random_adapter(model, path: Path, *, seed: int = 123, scale: float = 0.1, sa
     return peft_model
 
 
+
+def graded_update(shape, rank, *, seed):
+    """(out, in) float64 update of `rank` distinct singular values 0.08, 0.04, 0.02, …: a rank-r truncation is
+    unique (a flat spectrum's is not, and PEFT's merge would match some truncation, not numpy's)."""
+    g = torch.Generator().manual_seed(seed)
+    u, _ = torch.linalg.qr(torch.randn(shape[0], rank, generator=g, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(shape[1], rank, generator=g, dtype=torch.float64))
+    return u @ torch.diag(0.08 * 0.5 ** torch.arange(rank, dtype=torch.float64)) @ v.T
+
+
+def energy_ranks64(delta) -> dict:
+    """The energy ranks at τ = 0.5/0.9/0.95/0.99 of a float64 numpy (out, in) ΔW, from numpy's full SVD: the
+    reference analyze's ``energy_rank`` is held to."""
+    import numpy as np
+
+    s2 = np.linalg.svd(delta, compute_uv=False) ** 2
+    cum = np.cumsum(s2)
+    return {tau: int(np.searchsorted(cum, float(tau) * cum[-1] * (1 - 1e-9))) + 1
+            for tau in ("0.5", "0.9", "0.95", "0.99")}
+
 def flat_update(shape, rank, *, seed, scale=0.05):
     """(out, in) update with `rank` equal singular values `scale`: every energy rank equals `rank`."""
     g = torch.Generator().manual_seed(seed)

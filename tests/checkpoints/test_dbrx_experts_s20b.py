@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.models import save
+from tests.models import energy_ranks64, graded_update, save
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning", "ignore::UserWarning")
 
@@ -33,14 +33,6 @@ def tiny_dbrx():
                            attn_config={"kv_n_heads": 2, "rope_theta": 10000.0},
                            ffn_config={"ffn_hidden_size": FFN, "moe_num_experts": E, "moe_top_k": 2})
     return tf.DbrxForCausalLM(config).eval()
-
-
-def graded_update(shape, rank, *, seed):
-    """(out, in) update of `rank` distinct singular values 0.08, 0.04, …"""
-    g = torch.Generator().manual_seed(seed)
-    u, _ = torch.linalg.qr(torch.randn(shape[0], rank, generator=g, dtype=torch.float64))
-    v, _ = torch.linalg.qr(torch.randn(shape[1], rank, generator=g, dtype=torch.float64))
-    return u @ torch.diag(0.08 * 0.5 ** torch.arange(rank, dtype=torch.float64)) @ v.T
 
 
 def _oriented(name: str) -> tuple[int, int]:
@@ -66,13 +58,6 @@ def dbrx(tmp_path_factory):
             _plant(params, name, e, deltas[name, e])
     b, t = save(base, root / "b", "safetensors"), save(tuned, root / "t", "safetensors")
     return base, tuned, b, t, deltas, root
-
-
-def _energy_ranks(delta: np.ndarray) -> dict:
-    s2 = np.linalg.svd(delta, compute_uv=False) ** 2
-    cum = np.cumsum(s2)
-    return {tau: int(np.searchsorted(cum, float(tau) * cum[-1] * (1 - 1e-9))) + 1
-            for tau in ("0.5", "0.9", "0.95", "0.99")}
 
 
 def test_the_model_applies_each_planted_update_in_out_in_orientation(dbrx):
@@ -130,7 +115,7 @@ def test_one_record_per_expert_with_roles_and_energy_ranks_of_float64_svd(dbrx):
     for (name, e), rank in PLANTED.items():
         head, _, proj = name.rpartition(".")
         record = modules[f"{head}.{e}.{proj}"]
-        assert record["energy_rank"] == _energy_ranks(deltas[name, e].numpy()), record["name"]
+        assert record["energy_rank"] == energy_ranks64(deltas[name, e].numpy()), record["name"]
         assert record["energy_rank"]["0.99"] == rank
         assert record["shape"] == list(_oriented(name)) and record["expert"] == e
         assert record["fro_norm"] == pytest.approx(float(np.linalg.norm(deltas[name, e].numpy())), rel=1e-5)

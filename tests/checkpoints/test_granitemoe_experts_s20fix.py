@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from tests.cli.test_cli import run
-from tests.models import save
+from tests.models import energy_ranks64, graded_update, save
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning", "ignore::UserWarning",
                                         "ignore:The following (rank|alpha)_pattern keys:RuntimeWarning")
@@ -36,15 +36,6 @@ def tiny_granitemoe():
                                  num_key_value_heads=2, num_local_experts=3, num_experts_per_tok=2, vocab_size=64,
                                  max_position_embeddings=64, tie_word_embeddings=False)
     return tf.GraniteMoeForCausalLM(config).eval()
-
-
-def graded_update(shape, rank, *, seed):
-    """(out, in) update of `rank` distinct singular values 0.08, 0.04, 0.02, …: a rank-r truncation is unique (a
-    flat spectrum's is not, and PEFT's merge would match some truncation, not numpy's)."""
-    g = torch.Generator().manual_seed(seed)
-    u, _ = torch.linalg.qr(torch.randn(shape[0], rank, generator=g, dtype=torch.float64))
-    v, _ = torch.linalg.qr(torch.randn(shape[1], rank, generator=g, dtype=torch.float64))
-    return u @ torch.diag(0.08 * 0.5 ** torch.arange(rank, dtype=torch.float64)) @ v.T
 
 
 @pytest.fixture(scope="module")
@@ -67,13 +58,6 @@ def granite(tmp_path_factory):
 def _delta64(base, tuned, name, e) -> np.ndarray:
     b, t = dict(base.named_parameters()), dict(tuned.named_parameters())
     return t[name][e].detach().double().numpy() - b[name][e].detach().double().numpy()
-
-
-def _energy_ranks(delta: np.ndarray) -> dict:
-    s2 = np.linalg.svd(delta, compute_uv=False) ** 2
-    cum = np.cumsum(s2)
-    return {tau: int(np.searchsorted(cum, float(tau) * cum[-1] * (1 - 1e-9))) + 1
-            for tau in ("0.5", "0.9", "0.95", "0.99")}
 
 
 def test_checkpoint_stores_the_layout_this_test_reads(granite):
@@ -106,12 +90,12 @@ def test_one_record_per_expert_with_roles_and_energy_ranks_of_float64_svd(granit
     for (name, e), rank in PLANTED.items():
         delta = _delta64(base, tuned, name, e)
         record = name.replace(".experts.", f".experts.{e}.")
-        assert modules[record]["energy_rank"] == _energy_ranks(delta), record
+        assert modules[record]["energy_rank"] == energy_ranks64(delta), record
         assert modules[record]["energy_rank"]["0.99"] == rank
         assert modules[record]["fro_norm"] == pytest.approx(np.linalg.norm(delta), rel=1e-5)
         if name == GATE_UP:  # the forward's chunk(2): gate the first half of the rows
             for half, rows in (("gate", slice(0, 16)), ("up", slice(16, 32))):
-                assert modules[f"{record}[{half}]"]["energy_rank"] == _energy_ranks(delta[rows])
+                assert modules[f"{record}[{half}]"]["energy_rank"] == energy_ranks64(delta[rows])
     unchanged = [m for m in modules.values() if ".experts." in m["name"] and m["fro_norm"] == 0]
     assert len(unchanged) == 2 * 3 * 4 - 4  # all records less the planted ones (gate_up whole, gate, up; down)
 
@@ -134,7 +118,7 @@ def test_plan_trains_what_it_states_and_extract_merges_to_the_truncation(granite
     assert plan["totals"]["params"] == sum(p.numel() for p in model.parameters() if p.requires_grad)
     fused = {f["name"]: f["rank"] for f in plan["fused"]}
     assert fused == {GATE_UP: 2, DOWN: 2}  # the largest τ = 0.9 rank of its experts (float64: 2 and 2)
-    assert fused[GATE_UP] == _energy_ranks(_delta64(base, tuned, GATE_UP, 1))["0.9"]
+    assert fused[GATE_UP] == energy_ranks64(_delta64(base, tuned, GATE_UP, 1))["0.9"]
 
     start = {n: p.detach().double() for n, p in base.named_parameters()}
     for option, ranks in ((("--plan", plan_path), fused), (("--rank", "2"), {GATE_UP: 2, DOWN: 2})):
