@@ -90,7 +90,8 @@ def test_recommend_refuses_a_bad_method_or_role_and_memory_a_weights_file(tmp_pa
     weights = tmp_path / "model.safetensors"
     weights.write_bytes(b"\x89binary\xff" * 10)
     result = runner.invoke(app, ["memory", str(weights)])
-    assert result.exit_code != 0 and "not valid JSON" in str(result.exception)  # was: UnicodeDecodeError
+    assert result.exit_code != 0 and "is a weights file" in str(result.exception)  # was: UnicodeDecodeError, then
+    assert "pass its config.json or its folder" in str(result.exception)  # "not valid JSON ('utf-8' codec …)"
     (tmp_path / "list.json").write_text("[1]")
     result = runner.invoke(app, ["memory", str(tmp_path / "list.json")])
     assert result.exit_code != 0 and "must be a JSON object" in str(result.exception)
