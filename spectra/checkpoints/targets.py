@@ -212,7 +212,7 @@ def peft_refusal(name: str, model_type: str | None, module: torch.nn.Module | No
       (:func:`~spectra.checkpoints.architectures.dbrx_expert_refusal`).
     - ``module``, where known, a convolution of more than one group (Mamba's, Jamba's and Bamba's depthwise
       ``conv1d``): PEFT 0.21 wraps one only at a rank divisible by its groups, its B a grouped convolution, so its
-      update is no rank-r factorisation of ΔW, and it cannot merge it (``NotImplementedError``).
+      update is no rank-r factorisation of ΔW, and its merge of one raises (PEFT has no merge for it).
     """
     stacked = dbrx_expert_refusal(name, model_type)  # one expert of DBRX's 2-D ffn.experts.mlp.w1 (v1, w2)
     if stacked is not None:
