@@ -244,6 +244,37 @@ def energy_ranks64(delta) -> dict:
     return {tau: int(np.searchsorted(cum, float(tau) * cum[-1] * (1 - 1e-9))) + 1
             for tau in ("0.5", "0.9", "0.95", "0.99")}
 
+def planted_expert_pair(root: Path, base, planted: dict, *, where=None, update=None, seeds: dict | None = None):
+    """(tuned, base folder, tuned folder, deltas): a copy of ``base`` with one planted (out, in) update per
+    (parameter, expert), both saved as safetensors (``root/b``, ``root/t``).
+
+    Parameters
+    ----------
+    planted : {(parameter name, expert): rank}
+        The update of each is ``update(shape, rank, seed=…)`` (default :func:`graded_update`), float64, drawn with
+        seed ``seeds[key]`` (default: its place in ``planted`` plus one), shaped as its view.
+    where : callable, optional
+        ``where(name, parameter, expert)``: the view of the parameter that is the expert's (out, in) matrix, which
+        the update is added to. Default ``parameter[expert]`` (experts stored (E, out, in)); DBRX's stacked rows,
+        a transposed down projection or half of a [gate; up] are views the caller gives.
+
+    Returns
+    -------
+    tuned, base folder, tuned folder, deltas ({key: the float64 update added})
+    """
+    update = update or graded_update
+    tuned = copy.deepcopy(base)
+    params = dict(tuned.named_parameters())
+    deltas = {}
+    with torch.no_grad():
+        for i, (key, rank) in enumerate(planted.items()):
+            name, expert = key
+            view = where(name, params[name], expert) if where else params[name][expert]
+            deltas[key] = update(tuple(view.shape), rank, seed=seeds[key] if seeds else i + 1)
+            view += deltas[key].to(view.dtype)
+    return tuned, save(base, root / "b", "safetensors"), save(tuned, root / "t", "safetensors"), deltas
+
+
 def flat_update(shape, rank, *, seed, scale=0.05):
     """(out, in) update with `rank` equal singular values `scale`: every energy rank equals `rank`."""
     g = torch.Generator().manual_seed(seed)

@@ -9,14 +9,13 @@ cannot be told apart: skipped with a note (negative control), never read as rows
 
 from __future__ import annotations
 
-import copy
 import json
 
 import numpy as np
 import pytest
 import torch
 
-from tests.models import energy_ranks64, graded_update, save
+from tests.models import energy_ranks64, planted_expert_pair
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning", "ignore::UserWarning")
 
@@ -39,24 +38,20 @@ def _oriented(name: str) -> tuple[int, int]:
     return (D, FFN) if name.endswith("w2") else (FFN, D)  # the expert's (out, in)
 
 
-def _plant(params, name, e, delta):
-    """Adds the expert's (out, in) ΔW where DbrxExperts reads it: rows e·ffn… of w1/v1, transposed for w2."""
-    rows = slice(e * FFN, (e + 1) * FFN)
-    params[name][rows] += (delta.T if name.endswith("w2") else delta).float()
+def expert_view(name: str, param: torch.Tensor, e: int | None) -> torch.Tensor:
+    """Expert e's (out, in) matrix as DbrxExperts reads it: rows e·ffn… of w1/v1, transposed for w2 (a view, which
+    :func:`~tests.models.planted_expert_pair` adds the update to); a parameter of no expert (None) whole."""
+    if e is None:
+        return param
+    rows = param[e * FFN:(e + 1) * FFN]
+    return rows.T if name.endswith("w2") else rows
 
 
 @pytest.fixture(scope="module")
 def dbrx(tmp_path_factory):
     root = tmp_path_factory.mktemp("dbrx")
     base = tiny_dbrx()
-    tuned = copy.deepcopy(base)
-    params = dict(tuned.named_parameters())
-    deltas = {}
-    with torch.no_grad():
-        for i, ((name, e), rank) in enumerate(PLANTED.items()):
-            deltas[name, e] = graded_update(_oriented(name), rank, seed=i + 1)
-            _plant(params, name, e, deltas[name, e])
-    b, t = save(base, root / "b", "safetensors"), save(tuned, root / "t", "safetensors")
+    tuned, b, t, deltas = planted_expert_pair(root, base, PLANTED, where=expert_view)
     return base, tuned, b, t, deltas, root
 
 

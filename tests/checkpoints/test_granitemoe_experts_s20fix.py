@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from tests.cli.test_cli import run
-from tests.models import energy_ranks64, graded_update, save
+from tests.models import energy_ranks64, planted_expert_pair
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning", "ignore::UserWarning",
                                         "ignore:The following (rank|alpha)_pattern keys:RuntimeWarning")
@@ -44,12 +44,7 @@ def granite(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("granitemoe")
     base = tiny_granitemoe()
-    tuned = copy.deepcopy(base)
-    params = dict(tuned.named_parameters())
-    with torch.no_grad():
-        for i, ((name, e), rank) in enumerate(PLANTED.items()):
-            params[name][e] += graded_update(tuple(params[name][e].shape), rank, seed=i + 1).float()
-    b, t = save(base, root / "b", "safetensors"), save(tuned, root / "t", "safetensors")
+    tuned, b, t, _ = planted_expert_pair(root, base, PLANTED)
     (root / "run").mkdir()
     analyze(b, t, cache_dir=False, progress=False).save(root / "run" / "analysis.json")
     return base, tuned, b, t, root / "run"

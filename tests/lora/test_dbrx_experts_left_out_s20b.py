@@ -15,15 +15,16 @@ import numpy as np
 import pytest
 import torch
 
-from tests.checkpoints.test_dbrx_experts_s20b import D, E, FFN, _plant, graded_update, tiny_dbrx
+from tests.checkpoints.test_dbrx_experts_s20b import D, E, FFN, expert_view, tiny_dbrx
 from tests.cli.test_cli import run
-from tests.models import save
+from tests.models import planted_expert_pair
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning", "ignore::UserWarning")
 
 W1 = "transformer.blocks.0.ffn.experts.mlp.w1"
 W2 = "transformer.blocks.1.ffn.experts.mlp.w2"
 O = "transformer.blocks.0.norm_attn_norm.attn.out_proj"
+OUT = (f"{O}.weight", None)  # planted beside the experts: the attention's out_proj whole
 
 
 @pytest.fixture(scope="module")
@@ -32,18 +33,8 @@ def pair(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("dbrx_left_out")
     base = tiny_dbrx()
-    tuned = copy.deepcopy(base)
-    params = dict(tuned.named_parameters())
-    deltas = {}
-    with torch.no_grad():
-        for e in range(E):
-            deltas[W1, e] = graded_update((FFN, D), 2, seed=10 + e)
-            _plant(params, W1, e, deltas[W1, e])
-        deltas[W2, 1] = graded_update((D, FFN), 2, seed=20)
-        _plant(params, W2, 1, deltas[W2, 1])
-        deltas[O] = graded_update((D, D), 2, seed=30)
-        params[f"{O}.weight"] += deltas[O].float()
-    b, t = save(base, root / "b", "safetensors"), save(tuned, root / "t", "safetensors")
+    seeds = {(W1, e): 10 + e for e in range(E)} | {(W2, 1): 20, OUT: 30}
+    tuned, b, t, deltas = planted_expert_pair(root, base, dict.fromkeys(seeds, 2), where=expert_view, seeds=seeds)
     (root / "run").mkdir()
     analyze(b, t, cache_dir=False, progress=False).save(root / "run" / "analysis.json")
     return base, tuned, b, t, deltas, root
@@ -69,11 +60,11 @@ def test_recommend_leaves_the_experts_out_and_counts_them_uncovered(pair, tmp_pa
     assert [m["name"] for m in plan["modules"]] == [O]
     assert not plan["peft_config"].get("target_parameters")
     left = {m["name"]: m["reason"] for m in plan["left_out"]}
-    for (name, e) in [k for k in deltas if isinstance(k, tuple)]:
+    for (name, e) in [k for k in deltas if k != OUT]:
         head, _, proj = name.rpartition(".")
         assert left[f"{head}.{e}.{proj}"].startswith(f"DBRX's ffn.experts.mlp.{proj} stacks every expert's matrix")
     fro2 = {k: float(np.linalg.norm(v.numpy())) ** 2 for k, v in deltas.items()}
-    assert plan["totals"]["coverage"] == pytest.approx(fro2[O] / sum(fro2.values()), rel=1e-4)
+    assert plan["totals"]["coverage"] == pytest.approx(fro2[OUT] / sum(fro2.values()), rel=1e-4)
 
 
 def test_extract_leaves_the_experts_out_with_the_reason_and_merges_the_rest(pair, tmp_path, monkeypatch, capsys):
@@ -92,6 +83,6 @@ def test_extract_leaves_the_experts_out_with_the_reason_and_merges_the_rest(pair
     assert not config.get("target_parameters")
     merged = PeftModel.from_pretrained(copy.deepcopy(base), out).merge_and_unload()
     got, start = dict(merged.named_parameters()), dict(base.named_parameters())
-    assert torch.allclose(got[f"{O}.weight"].double(), start[f"{O}.weight"].double() + deltas[O], atol=1e-6)
+    assert torch.allclose(got[f"{O}.weight"].double(), start[f"{O}.weight"].double() + deltas[OUT], atol=1e-6)
     for name in (W1, W2):
         assert torch.equal(got[name], start[name])

@@ -16,7 +16,7 @@ import torch
 
 from tests.checkpoints.test_architectures_gemma4_jetmoe import tiny_jetmoe
 from tests.cli.test_cli import run
-from tests.models import flat_update, peft_wrapped, save
+from tests.models import flat_update, peft_wrapped, planted_expert_pair
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning", "ignore::UserWarning",
                                         "ignore:The following (rank|alpha)_pattern keys:RuntimeWarning")
@@ -36,14 +36,10 @@ def jetmoe(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("jetmoe_plan")
     base = tiny_jetmoe()
-    tuned = copy.deepcopy(base)
-    params = dict(tuned.named_parameters())
-    with torch.no_grad():
-        for i, (name, experts) in enumerate(PLANTED.items()):
-            for e, (rows, rank) in experts.items():
-                block = params[name][e, rows]
-                block += flat_update(tuple(block.shape), rank, seed=10 * i + e).float()
-    b, t = save(base, root / "b", "safetensors"), save(tuned, root / "t", "safetensors")
+    keys = [(name, e) for name, experts in PLANTED.items() for e in experts]
+    tuned, b, t, _ = planted_expert_pair(root, base, {(n, e): PLANTED[n][e][1] for n, e in keys},
+                                         where=lambda n, param, e: param[e, PLANTED[n][e][0]], update=flat_update,
+                                         seeds={(n, e): 10 * list(PLANTED).index(n) + e for n, e in keys})
     (root / "run").mkdir()
     analyze(b, t, cache_dir=False, progress=False).save(root / "run" / "analysis.json")
     return base, tuned, b, t, root / "run"
