@@ -585,8 +585,9 @@ class Pairing:
     def _checked_by_norms(self, entry: PairEntry) -> bool:
         """Whether this pair's subtraction is chunked into float32, so its norms can stand in for the NaN/Inf scan
         (two stored half-precision weights of a plain module, or one expert's slice of a stored 3-D tensor, on the
-        CPU). An expert's slice is read alone (``read_expert``) and is contiguous like a module's weight, so the
-        norms cover exactly its data; where it is too small to be chunked they are None and it is scanned after all.
+        CPU). An expert's slice is read alone (``read_expert``; DBRX's rows: ``read_rows``) and is contiguous like a
+        module's weight, so the norms cover exactly its data; where it is too small to be chunked they are None and
+        it is scanned after all.
         """
         half = (torch.float16, torch.bfloat16)
         return (self.options.torch_dtype == torch.float32 and self.options.device.startswith("cpu")
@@ -798,22 +799,27 @@ def _finite_number(x: float | None) -> bool:
 
 
 def _read_stored(source, name: str, entry: PairEntry) -> torch.Tensor:
-    """The entry's stored tensor: one expert's slice of a stored (E, ·, ·) tensor, not the whole.
+    """The entry's stored tensor: one expert's slice of a stored (E, ·, ·) tensor, or its rows of experts stacked on
+    a 2-D tensor's rows, read alone, not the whole.
 
-    A 3-D expert tensor is E entries. Read whole for each, its data was scanned for NaN/Inf
-    (and handed out) E times per parameter: 128× on gpt-oss-120b's (128, 2880, 5760) weights."""
-    if entry.expert_rows:  # DBRX's experts stacked on the rows of one 2-D tensor
-        start = entry.expert_index * entry.expert_rows
-        return source.read(name)[start:start + entry.expert_rows]
+    A stacked expert tensor is E entries. Read whole for each, its data was read, scanned for NaN/Inf
+    and handed out E times per parameter: 128× on gpt-oss-120b's (128, 2880, 5760) weights, 16× on
+    each of DBRX's (16·10752, 6144) w1, v1, w2 in all 40 layers."""
+    if entry.expert_rows:
+        return source.read_rows(name, *_expert_rows(entry))
     return source.read(name) if entry.expert_index is None else source.read_expert(name, entry.expert_index)
+
+
+def _expert_rows(entry: PairEntry) -> tuple[int, int]:
+    """(start, stop): the rows of a 2-D tensor that hold an entry's expert (DBRX's experts stacked on the rows)."""
+    start = entry.expert_index * entry.expert_rows
+    return start, start + entry.expert_rows
 
 
 def _spacing(source, tensor: str, entry: PairEntry, proj, *, tuned: bool = False) -> torch.Tensor:
     """A quantised tensor's grid spacing at each element of a record (its rows of the oriented matrix)."""
-    if entry.expert_rows:  # DBRX's experts stacked on the rows of one 2-D tensor
-        spacing = source.quantized_spacing(tensor)
-        start = entry.expert_index * entry.expert_rows
-        spacing = None if spacing is None else spacing[start:start + entry.expert_rows]
+    if entry.expert_rows:
+        spacing = source.quantized_spacing(tensor, rows=_expert_rows(entry))
     else:
         spacing = source.quantized_spacing(tensor, entry.expert_index)
     if spacing is None:
@@ -827,8 +833,8 @@ def _spacing(source, tensor: str, entry: PairEntry, proj, *, tuned: bool = False
 def _stored_name(name: str, entry: PairEntry) -> str:
     """The stored tensor an entry reads, for messages: ``…experts.gate_up_proj[3]`` for an expert's slice."""
     if entry.expert_rows:
-        start = entry.expert_index * entry.expert_rows
-        return f"{name}[{start}:{start + entry.expert_rows}] (expert {entry.expert_index}'s rows)"
+        start, stop = _expert_rows(entry)
+        return f"{name}[{start}:{stop}] (expert {entry.expert_index}'s rows)"
     return name if entry.expert_index is None else f"{name}[{entry.expert_index}]"
 
 

@@ -47,6 +47,28 @@ class QuantizedTensor:
     decode: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     grid: str  # the storage format, as the noise floor names it: "mxfp4", "float8_e4m3fn"
     spacing: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # each element's grid spacing (its ulp), decoded
+    block: tuple[int, int] | None = None  # FP8: the configured weight_block_size (rows, cols) of one scale
+
+    def stored_rows(self, shapes: list[tuple[int, ...]], start: int,
+                    stop: int) -> list[tuple[int, int] | None] | None:
+        """The rows of each stored part (``shapes``: theirs, in ``parts`` order) that hold rows [start, stop) of the
+        listed tensor's first dimension, None for a part read whole (it holds nothing per row: one scale for all);
+        None in all where the rows cut through a scale's block, so that only the tensor decoded whole holds them.
+
+        Experts (E, …) on the first dimension: a part with one slice per expert (MXFP4's blocks and scales, FP8's
+        per-expert scale grids) has the same rows. A 2-D block-scaled FP8 weight (DBRX's experts stacked on its
+        rows): its codes have the same rows, its scales the rows of the blocks those rows fall in, the rows
+        starting and ending on a block's edge (or the weight's end: a partial edge block).
+        """
+        if len(self.shape) != 2:
+            return [(start, stop) if len(s) >= len(self.shape) and s[0] == self.shape[0] else None for s in shapes]
+        codes, scales = shapes
+        if math.prod(scales) == 1:
+            return [(start, stop), None]
+        b = fp8_block(tuple(codes), tuple(scales), self.block)
+        if len(scales) != 2 or b is None or start % b[0] or (stop % b[0] and stop != codes[0]):
+            return None
+        return [(start, stop), (start // b[0], math.ceil(stop / b[0]))]
 
 
 def code_spacing(codes: torch.Tensor, significand_bits: int, min_exponent: int) -> torch.Tensor:
@@ -195,7 +217,8 @@ def quantized_tensors(infos: Mapping[str, Any], config: Mapping | None, spec: st
         configured = None if block is None else (int(block[0]), int(block[1]))
         found[name] = QuantizedTensor(tuple(w.shape), torch.float32, (name, scales),
                                       functools.partial(dequantize_fp8, block=configured),
-                                      str(w.dtype).removeprefix("torch."), functools.partial(fp8_spacing, block=configured))
+                                      str(w.dtype).removeprefix("torch."), functools.partial(fp8_spacing, block=configured),
+                                      configured)
     parts = {p for q in found.values() for p in q.parts}
     codes = [n for n, i in infos.items() if n not in parts and i.dtype in _CODES and len(i.shape) >= 2]
     scaled = [n for n in codes if str(infos[n].dtype).startswith("torch.float8")

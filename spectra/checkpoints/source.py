@@ -86,15 +86,15 @@ class _SafetensorsFile:
             raise CheckpointError(f"cannot read tensor {name!r} from {self.path}: {_sentence(err)} The file may be "
                                   "truncated or corrupt; download or save it again.") from err
 
-    def read_expert(self, name: str, expert: int) -> torch.Tensor:
+    def read_rows(self, name: str, start: int, stop: int, *, what: str) -> torch.Tensor:
+        """Rows [start, stop) of a tensor's first dimension, read alone; ``what`` names them in an error."""
         # get_slice reads the slice's bytes alone (a view of the mapping where safetensors maps through torch);
         # a range, not an int: safetensors < 0.4.3 cannot index a slice by an integer
         try:
-            return self._handle.get_slice(name)[expert:expert + 1][0]
+            return self._handle.get_slice(name)[start:stop]
         except Exception as err:
-            raise CheckpointError(f"cannot read expert {expert} of tensor {name!r} from {self.path}: "
-                                  f"{_sentence(err)} The file may be truncated or corrupt; download or save it "
-                                  "again.") from err
+            raise CheckpointError(f"cannot read {what} of tensor {name!r} from {self.path}: {_sentence(err)} The "
+                                  "file may be truncated or corrupt; download or save it again.") from err
 
 
 class _PickleFile:
@@ -130,8 +130,8 @@ class _PickleFile:
     def read(self, name: str) -> torch.Tensor:
         return self._tensors[name]
 
-    def read_expert(self, name: str, expert: int) -> torch.Tensor:
-        return self._tensors[name][expert]  # a view of the memory-mapped tensor
+    def read_rows(self, name: str, start: int, stop: int, *, what: str) -> torch.Tensor:
+        return self._tensors[name][start:stop]  # a view of the memory-mapped tensor: only these rows are paged in
 
 
 _SAFETENSORS_DTYPES = {
@@ -266,36 +266,66 @@ class CheckpointSource:
         info = self.info(name)
         if not len(info.shape) or not 0 <= expert < info.shape[0]:
             raise CheckpointError(f"tensor {name!r} in {self.spec} has shape {info.shape}: no expert {expert}")
-        if name in self._quantized:
-            return self._quantized[name].decode(*self._stored_parts(name, expert))[0]
-        return self._reader(info.file).read_expert(name, expert)
+        return self._rows(name, expert, expert + 1, what=f"expert {expert}")[0]
+
+    def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Read rows ``[start, stop)`` of a stored tensor alone: one expert of experts stacked on the rows of one 2-D
+        tensor (DBRX's ``ffn.experts.mlp.w1`` (E·ffn, d_model), expert e its rows e·ffn … (e+1)·ffn).
+
+        ``read(name)[start:stop]`` would read and hand out all E experts' rows for each one, E× the tensor's data per
+        parameter (and E× its NaN/Inf scan where the caller scans what it is handed).
+        """
+        info = self.info(name)
+        if not len(info.shape) or not 0 <= start < stop <= info.shape[0]:
+            raise CheckpointError(f"tensor {name!r} in {self.spec} has shape {info.shape}: no rows {start}:{stop}")
+        return self._rows(name, start, stop, what=f"rows {start}:{stop}")
+
+    def _rows(self, name: str, start: int, stop: int, *, what: str) -> torch.Tensor:
+        """Rows [start, stop) of a listed tensor (checked), read alone where its storage allows; ``what`` names them
+        in an error."""
+        if name not in self._quantized:
+            return self._reader(self.info(name).file).read_rows(name, start, stop, what=what)
+        parts = self._stored_parts(name, (start, stop))
+        if parts is None:  # the rows cut through a scale's block: decoded whole
+            return self.read(name)[start:stop]
+        return self._quantized[name].decode(*parts)
 
     def storage_format(self, name: str) -> str | None:
         """The quantised format a tensor is stored in (``mxfp4``, ``float8_e4m3fn``), None where it is stored as listed."""
         q = self._quantized.get(name)
         return None if q is None else q.grid
 
-    def quantized_spacing(self, name: str, expert: int | None = None) -> torch.Tensor | None:
-        """Each element's grid spacing in a quantised tensor, shaped as :meth:`read`/:meth:`read_expert` give it: the
-        rounding its storage made (:mod:`spectra.checkpoints.quantized`); None for any other tensor."""
+    def quantized_spacing(self, name: str, expert: int | None = None, *,
+                          rows: tuple[int, int] | None = None) -> torch.Tensor | None:
+        """Each element's grid spacing in a quantised tensor, shaped as :meth:`read`, :meth:`read_expert` (``expert``)
+        or :meth:`read_rows` (``rows``, (start, stop)) give it: the rounding its storage made
+        (:mod:`spectra.checkpoints.quantized`); None for any other tensor."""
         q = self._quantized.get(name)
         if q is None:
             return None
-        spacing = q.spacing(*self._stored_parts(name, expert))
-        return spacing if expert is None else spacing[0]
+        if expert is not None:
+            return self.quantized_spacing(name, rows=(expert, expert + 1))[0]
+        parts = None if rows is None else self._stored_parts(name, rows)
+        if parts is None:  # the whole tensor, or rows that cut through a scale's block: its spacing whole
+            spacing = q.spacing(*self._stored_parts(name))
+            return spacing if rows is None else spacing[rows[0]:rows[1]]
+        return q.spacing(*parts)
 
-    def _stored_parts(self, name: str, expert: int | None = None) -> list[torch.Tensor]:
-        """A quantised tensor's stored parts (codes, scales): whole, or for one expert each part's slice of it
-        (shaped (1, …)), or the part whole where it holds none per expert (one scale for all)."""
-        shape = self.info(name).shape
-        out = []
-        for part in self._quantized[name].parts:
-            stored = self._parts[part]
-            reader = self._reader(stored.file)
-            per_expert = len(stored.shape) >= len(shape) and stored.shape[0] == shape[0]
-            out.append(reader.read(part) if expert is None or not per_expert
-                       else reader.read_expert(part, expert)[None])
-        return out
+    def _stored_parts(self, name: str, rows: tuple[int, int] | None = None) -> list[torch.Tensor] | None:
+        """A quantised tensor's stored parts (codes, scales): whole, or for rows (start, stop) of the tensor each
+        part's rows that hold them (:meth:`QuantizedTensor.stored_rows`), read alone; None where those rows cut
+        through a scale's block (the caller decodes the tensor whole)."""
+        q = self._quantized[name]
+        stored = [self._parts[part] for part in q.parts]
+        if rows is None:
+            return [self._reader(s.file).read(s.name) for s in stored]
+        ranges = q.stored_rows([s.shape for s in stored], *rows)
+        if ranges is None:
+            return None
+        return [self._reader(s.file).read(s.name) if r is None
+                else self._reader(s.file).read_rows(s.name, *r, what=f"rows {r[0]}:{r[1]} (those of rows "
+                                                                  f"{rows[0]}:{rows[1]} of {name!r})")
+                for s, r in zip(stored, ranges)]
 
     def _reader(self, file: Path):
         if file not in self._readers:
