@@ -13,7 +13,8 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 
-from spectra.checkpoints.architectures import STACKS, module_stack
+from spectra.checkpoints.architectures import (STACKS, encoder_decoder_config, module_info, module_stack,
+                                               stage_depths)
 
 _DIGITS = re.compile(r"\d+")
 
@@ -35,9 +36,17 @@ def rows_with_stacks(modules: list, model_type: str | None) -> list:
     """The rows of an analysis as this spectra labels their stacks: a row without a ``stack`` (a file written
     before spectra gave a vision-only model its one stack, or before a stack existed) gets the one its name and the
     checkpoint's model type give (:func:`~spectra.checkpoints.architectures.module_stack`), as a new run does: an
-    old ViT's rows read ``vision``, not the language model's; an old SAM's mask decoder ``mask_decoder``. A row
-    whose stack is the language model keeps none, so an LM's analysis reads as written. Rows that are no dict, or
-    that name no module, are returned as they are (the readers' checks name them).
+    old ViT's rows read ``vision``, not the language model's; an old SAM's mask decoder ``mask_decoder``; an old
+    T5's or Whisper's encoder ``encoder`` (an encoder–decoder's model type says what config.json's
+    ``is_encoder_decoder`` did: :func:`~spectra.checkpoints.architectures.encoder_decoder_config`). A row whose stack
+    is the language model keeps none, so an LM's analysis reads as written. Rows that are no dict, or that name no
+    module, are returned as they are (the readers' checks name them).
+
+    A hierarchical backbone's rows (Swin's ``layers.S.blocks.B``, ConvNeXt's ``stages.S.layers.B`` …) written before
+    spectra numbered its blocks over the whole stack (``sum(depths[:S]) + B``) carry the old reading (S for Swin, B
+    for ConvNeXt): where every row's layer is the old reading and the names hold every stage's blocks
+    (:func:`~spectra.checkpoints.architectures.stage_depths`), their layers are renumbered as a new run gives them.
+    A file of the new numbering, or one whose names do not give the depths, reads as written.
 
     `model_type` is ``config.json``'s, as the analysis keeps it (``pairing.config_model_type``, :func:`model_type_of`).
 
@@ -45,8 +54,10 @@ def rows_with_stacks(modules: list, model_type: str | None) -> list:
     [{'name': 'encoder.layer.0.attention.attention.query', 'stack': 'vision'}]
     >>> rows_with_stacks([{"name": "model.layers.0.self_attn.q_proj"}], "llama")
     [{'name': 'model.layers.0.self_attn.q_proj'}]
+    >>> rows_with_stacks([{"name": "encoder.block.0.layer.0.SelfAttention.q"}], "t5")
+    [{'name': 'encoder.block.0.layer.0.SelfAttention.q', 'stack': 'encoder'}]
     """
-    config = {"model_type": model_type} if isinstance(model_type, str) else None
+    config = encoder_decoder_config(model_type)
     known: dict[str, str | None] = {}  # by the name with its numbers as 0: no stack rule tells layer 3 from layer 4
     out = []
     for row in modules:
@@ -57,7 +68,26 @@ def rows_with_stacks(modules: list, model_type: str | None) -> list:
             stack = known[shape]
             row = {**row, "stack": stack} if stack is not None else row
         out.append(row)
-    return out
+    return _renumbered_stages(out, model_type)
+
+
+def _renumbered_stages(rows: list, model_type: str | None) -> list:
+    """`rows` with a hierarchical backbone's layers as a new run numbers them, where every row that the two
+    numberings tell apart holds the old one (:func:`rows_with_stacks`); else `rows` as they are."""
+    named = [r for r in rows if isinstance(r, Mapping) and isinstance(r.get("name"), str)]
+    depths = stage_depths([r["name"] for r in named], model_type)
+    if depths is None:
+        return rows
+    old_config = {"model_type": model_type}  # no depths: module_info reads the stage (or block) number, as it did
+    changed = {}
+    for row in named:
+        old, new = module_info(row["name"], old_config).layer, module_info(row["name"], depths).layer
+        if old != new:
+            if row.get("layer") != old:
+                return rows  # written with the new numbering (or another): as written
+            changed[row["name"]] = new
+    return [{**r, "layer": changed[r["name"]]} if isinstance(r, Mapping) and r.get("name") in changed else r
+            for r in rows]
 
 
 def model_type_of(analysis: Mapping) -> str | None:

@@ -117,7 +117,8 @@ def _without_stack(cells: dict) -> dict:
 def test_rows_without_a_stack_get_each_rows_own_stack_with_names_told_apart_by_their_numbers_only(model_type):
     """rows_with_stacks decides a stack once per shape of name (numbers read as 0), so that a 47k-row analysis is
     not 47k regex scans: on every weight of each model (transformers' default config, built on the meta device)
-    that is what module_stack gives each row by itself."""
+    that is what module_stack gives each row by itself, with the whole config.json as a new run reads it (an
+    encoder–decoder's, Whisper's and T5's, holding is_encoder_decoder: their encoders are the encoder stack)."""
     import torch
     from transformers import CONFIG_MAPPING, AutoModel
 
@@ -129,7 +130,7 @@ def test_rows_without_a_stack_get_each_rows_own_stack_with_names_told_apart_by_t
         model = AutoModel.from_config(config)
     names = [n.removesuffix(".weight") for n, p in model.named_parameters() if p.dim() >= 2]
     rows = rows_with_stacks([{"name": n} for n in names], model_type)
-    expected = [module_stack(n, {"model_type": model_type}) for n in names]
+    expected = [module_stack(n, config.to_dict()) for n in names]
     assert [r.get("stack") for r in rows] == expected
-    if model_type in ("llava", "qwen2_vl", "mllama", "sam", "blip-2", "clip"):  # their names tell the stacks apart
+    if model_type in ("llava", "qwen2_vl", "mllama", "sam", "blip-2", "clip", "whisper", "t5"):  # stacks told apart
         assert len(set(expected)) >= 2

@@ -115,7 +115,11 @@ the only stack of an ordinary LM; see :data:`STACKS` for the others. A model tha
 stack of its own, read from ``config.json`` (:func:`single_stack`): a ViT's, DINOv2's or a CLIP vision tower's
 modules are ``vision``, a Wav2Vec2's ``audio``. A SAM-style segmenter (SAM, SAM-HQ, SAM 2) holds none either: its
 vision encoder is ``vision``, its prompt encoder and mask decoder (a two-way transformer, its layers numbered from 0
-again) ``mask_decoder``.
+again) ``mask_decoder``. A video tracker built on one (SAM 2 video, SAM 3 tracker video, EdgeTAM video) holds beside
+them its ``memory_attention`` (the frame attending to the memory bank) and its ``memory_encoder`` (what writes the
+bank: the mask's encoder, EdgeTAM's spatial perceiver, the object pointer's MLP); SAM 3 a detector, its
+``detr_encoder`` and ``detr_decoder``, beside its ``geometry_encoder`` (its box and point prompts' encoder), its mask
+decoder (``mask_decoder``) and its CLIP text encoder, the language model.
 
 A layer is counted within its stack, in the order the model runs its blocks: a hierarchical backbone's (Swin's
 ``layers.S.blocks.B``, ConvNeXt's ``stages.S.layers.B``, PVT's ``block.S.B``) block is layer ``sum(depths[:S]) + B``
@@ -247,8 +251,12 @@ def role_named(role: str, roles) -> bool:
 # the prompt tokens over the image embedding (cross_attn_token_to_image, and final_attn_token_to_image after the last
 # layer) and one of the image embedding over the tokens (cross_attn_image_to_token): cross-attention's roles, so that
 # a layer's self-attention q is a cell of its own
+# SAM 2's (SAM 3 tracker's, EdgeTAM's) video memory attention holds beside each layer's self_attn a cross_attn_image
+# of the current frame over the memory bank; SAM 3's DETR decoder a text_cross_attn (queries over the prompt tokens)
+# and a vision_cross_attn (queries over the image)
 _CROSS_ATTENTION = (r"(encoder_attn|EncDecAttention|crossattention|cross_attn|cross_attn_token_to_image"
-                    r"|cross_attn_image_to_token|final_attn_token_to_image)")
+                    r"|cross_attn_image_to_token|final_attn_token_to_image|cross_attn_image|text_cross_attn"
+                    r"|vision_cross_attn)")
 # Embedding tables looked up by position or segment (role pos_embed): GPT-2's wpe, BERT's position_embeddings and
 # token_type_embeddings (TAPAS's token_type_embeddings_N), LayoutLM's x_position_embeddings, CLIP's position_embedding,
 # a ViT's pos_embed, GPT-1's positions_embed, BART's and OPT's embed_positions, T5's relative_attention_bias, …
@@ -367,6 +375,13 @@ _ROLE_RULES: tuple[tuple[str, str], ...] = (
     (r"attention\.self\.query_proj", "q"),
     (r"attention\.self\.key_proj", "k"),
     (r"attention\.self\.value_proj", "v"),
+    # DeBERTa-v2's (SEW-D's) disentangled attention without share_att_key: pos_query_proj and pos_key_proj project
+    # the relative-position embeddings to the position queries and keys (the p2c and c2p terms: content queries
+    # against position keys, position queries against content keys). With share_att_key (DeBERTa-v3's configs)
+    # query_proj and key_proj themselves project the positions, so these are a second path of the layer's q and k,
+    # as Longformer's query_global is (below)
+    (r"attention\.self\.pos_query_proj", "q"),
+    (r"attention\.self\.pos_key_proj", "k"),
     (r"attention\.self\.in_proj", "qkv"),
     (r"mlp\.fc_in", "up"),
     (r"mlp\.fc_out", "down"),
@@ -455,7 +470,25 @@ _ROLE_REGEXES = tuple((re.compile(rf"(^|\.){pattern}$"), role) for pattern, role
 #   vision_global  Mllama's second vision stack, numbered from 0 again
 #   mask_decoder   a SAM-style segmenter's prompt encoder and mask decoder (SAM's, SAM-HQ's, SAM 2's
 #                  prompt_encoder.… and mask_decoder.…, whose two-way transformer's layers are numbered from 0
-#                  again), beside its vision encoder (vision): the model holds no language model
+#                  again; a video tracker's mask_downsample, which shrinks a mask prompt for the prompt encoder),
+#                  beside its vision encoder (vision): a SAM or a tracker holds no language model, SAM 3's is its
+#                  text encoder
+#   geometry_encoder  SAM 3's prompt encoder of boxes and points (geometry_encoder.layers.N: the prompts attending
+#                  to each other and to the image), numbered from 0 again: a stack of its own, since SAM 3 video holds
+#                  it beside its tracker's mask decoder, whose two-way transformer's layers are numbered alike
+#   detr_encoder   SAM 3's detector encoder (detr_encoder.layers.N: the image features attending to the prompt's
+#                  text and geometry tokens), numbered from 0 again
+#   detr_decoder   SAM 3's detector decoder (detr_decoder.…: object queries attending to the prompt and the image,
+#                  and their box, presence and reference-point heads) and its scoring of the queries against the text
+#                  prompt (dot_product_scoring.…), numbered from 0 again
+#   memory_attention  a video tracker's memory attention (SAM 2 video's, SAM 3 tracker video's, EdgeTAM video's
+#                  memory_attention.layers.N: the current frame's features attending to the memory bank, numbered from
+#                  0 again) and the projection of the memory's temporal positions it reads
+#                  (temporal_positional_encoding_projection_layer)
+#   memory_encoder a video tracker's memory encoder, what writes the memory bank: memory_encoder.… (the predicted
+#                  mask downsampled and fused with the frame's features), EdgeTAM's spatial_perceiver.… (which
+#                  compresses them, its layers numbered from 0 again) and object_pointer_proj.… (the mask decoder's
+#                  output token → the object pointer kept beside them)
 #   qformer        BLIP-2's and InstructBLIP's Q-Former, a BERT of its own between vision and text
 #   audio          an audio tower (Qwen2-Audio), or a whole audio-only model (Wav2Vec2, HuBERT, …: single_stack)
 #   projector      the layers that map another stack's features into the language model's
@@ -464,7 +497,8 @@ _ROLE_REGEXES = tuple((re.compile(rf"(^|\.){pattern}$"), role) for pattern, role
 #   code_predictor Qwen3-Omni's talker's second decoder (talker.code_predictor.…), numbered from 0 again
 #   vocoder        an Omni model's codes-to-waveform model (Qwen2.5-Omni's token2wav, Qwen3-Omni's code2wav, whose
 #                  pre_transformer.layers.N are q, k, v, o, gate, up, down as the language model's)
-STACKS = ("encoder", "vision", "vision_global", "mask_decoder", "qformer", "audio", "projector", "talker", "code_predictor", "vocoder")
+STACKS = ("encoder", "vision", "vision_global", "mask_decoder", "geometry_encoder", "detr_encoder", "detr_decoder",
+          "memory_attention", "memory_encoder", "qformer", "audio", "projector", "talker", "code_predictor", "vocoder")
 # What a selection (``--stacks``) calls the stack None, the language model; "decoder" and "language model" are the
 # names the reports give it (:func:`spectra.report.tables.stack_label`: "decoder" beside an encoder), so a user may
 # type what a report shows.
@@ -493,10 +527,21 @@ _STACK_RULES: tuple[tuple[str, str], ...] = (
     (r"^(\w+\.)?visual_projection(\.\d+)?$", "vision"),
     # SAM, SAM-HQ, SAM 2 (and the trackers built on them): the prompt encoder (points, boxes, a mask prompt) and the
     # mask decoder (a two-way transformer between the prompt tokens and the image embedding) beside vision_encoder.…
-    (r"(^|\.)(prompt_encoder|mask_decoder)(\.|$)", "mask_decoder"),
+    (r"(^|\.)(prompt_encoder|mask_decoder|mask_downsample)(\.|$)", "mask_decoder"),
+    # SAM 2's (SAM 3 tracker's, EdgeTAM's) video trackers: the memory attention and the memory encoder beside the
+    # image model's vision encoder and mask decoder; SAM 3's detector (a DETR encoder and decoder between the vision
+    # encoder and the mask decoder, its text encoder the language model); SAM 3 video's tracker_neck (the tracker's
+    # feature pyramid over the shared vision backbone) is vision
+    (r"(^|\.)(memory_attention|temporal_positional_encoding_projection_layer)(\.|$)", "memory_attention"),
+    (r"(^|\.)(memory_encoder|spatial_perceiver|object_pointer_proj)(\.|$)", "memory_encoder"),
+    (r"(^|\.)geometry_encoder(\.|$)", "geometry_encoder"),
+    (r"(^|\.)detr_encoder(\.|$)", "detr_encoder"),
+    (r"(^|\.)(detr_decoder|dot_product_scoring)(\.|$)", "detr_decoder"),
+    (r"(^|\.)tracker_neck(\.|$)", "vision"),
     (r"(^|\.)qformer(\.|$)", "qformer"),  # BLIP-2: qformer.encoder.layer.0… beside language_model…layers.0…
     (r"(^|\.)(audio_tower|audio_model|audio_encoder)(\.|$)", "audio"),
-    (r"^(model\.)?(multi_modal_projector|mm_projector|connector|language_projection)(\.|$)", "projector"),
+    # ColPali's, ColQwen2's and ColModernVBERT's retrievers wrap their VLM as vlm.…
+    (r"^(vlm\.)?(model\.)?(multi_modal_projector|mm_projector|connector|language_projection)(\.|$)", "projector"),
     # Qwen2.5-Omni, Qwen3-Omni: the whole model's talker.…, token2wav.… / code2wav.… beside its thinker.…
     (r"(^|\.)talker\.code_predictor(\.|$)", "code_predictor"),
     (r"(^|\.)talker(\.|$)", "talker"),
@@ -519,7 +564,11 @@ _VISION_ONLY = frozenset({
     # SAM-style segmenters of one image: a vision encoder, a prompt encoder and a mask decoder (the mask_decoder stack,
     # by name), no language model; their shared positional embedding (shared_image_embedding), SAM 2's
     # no_memory_embedding are the vision stack's
-    "sam", "sam_hq", "sam2", "sam3_tracker", "edgetam"})
+    "sam", "sam_hq", "sam2", "sam3_tracker", "edgetam",
+    # their video trackers: beside those stacks, the memory_attention and memory_encoder stacks (by name); the
+    # memory's learned parameters (no_memory_embedding, no_object_pointer, memory_temporal_positional_encoding …)
+    # are the vision stack's as SAM 2's no_memory_embedding is
+    "sam2_video", "sam3_tracker_video", "edgetam_video"})
 _AUDIO_ONLY = frozenset({
     "wav2vec2", "wav2vec2-conformer", "wav2vec2-bert", "hubert", "wavlm", "sew", "sew-d", "unispeech", "unispeech-sat",
     "data2vec-audio", "audio-spectrogram-transformer", "clap_audio_model", "parakeet_encoder"})
@@ -542,6 +591,20 @@ _NORM = re.compile(r"(^|\.)(\w*norm\w*|ln(_\w+)?)$")
 # segments decides: T5's encoder.block.0 is the encoder, EncoderDecoderModel's decoder.bert.encoder.layer.0 the decoder.
 # Only then: BERT's encoder.layer.N and OPT's model.decoder.layers.N are an ordinary model's one stack.
 _ENCODER_DECODER = re.compile(r"(?:^|\.)(encoder|decoder)\.")
+# Model types whose default config (transformers 5.24) is an encoder–decoder's (is_encoder_decoder): what a reader of
+# an analysis.json, which keeps the model type but not the config, takes config.json's is_encoder_decoder to be
+# (encoder_decoder_config). tests/checkpoints/test_composite_stacks_s21.py holds it to transformers' configs.
+ENCODER_DECODER_MODEL_TYPES = frozenset({
+    "autoformer", "bart", "bigbird_pegasus", "blenderbot", "blenderbot-small", "canary", "canary_decoder", "cohere_asr",
+    "conditional_detr", "d_fine", "dab-detr", "deformable_detr", "deimv2", "detr", "dia", "dia_decoder",
+    "encoder-decoder", "fastspeech2_conformer", "florence2", "fsmt", "grounding-dino", "informer", "led", "longt5",
+    "m2m_100", "marian", "mbart", "mm-grounding-dino", "moonshine", "moonshine_streaming", "mt5", "musicgen",
+    "musicgen_melody", "mvp", "nemotron3_5_asr", "nemotron_asr_streaming", "nllb-moe", "omdet-turbo", "parakeet_rnnt",
+    "parakeet_tdt", "pegasus", "pegasus_x", "pix2struct", "plbart", "pop2piano", "pp_doclayout_v2", "pp_doclayout_v3",
+    "pp_doclayout_v4", "pp_formulanet", "pp_formulanet_text", "prophetnet", "rag", "rt_detr", "rt_detr_v2",
+    "seamless_m4t", "seamless_m4t_v2", "speech-encoder-decoder", "speech_to_text", "speecht5", "switch_transformers",
+    "t5", "t5gemma", "t5gemma2", "table-transformer", "time_series_transformer", "udop", "umt5",
+    "vision-encoder-decoder", "whisper"})
 # A layer's index; Qwen3-VL's deepstack mergers (deepstack_merger_list.N, Qwen3-Omni's merger_list.N) are numbered
 # within the projector stack, the merger of the tower's last layer having none. XLM and FlauBERT keep a layer's
 # modules in parallel lists (attentions.N, ffns.N, layer_norm1.N …), one entry per layer.
@@ -592,8 +655,12 @@ _IN_OUT_MATRICES = {"gemma3": re.compile(r"(^|\.)multi_modal_projector\.mm_input
 # Fused qkv tensors whose rows interleave per head ([q_h; k_h; v_h] for each head h).
 _HEAD_INTERLEAVED_QKV = frozenset({"gpt_neox", "bloom", "gpt_neox_japanese", "deberta", "persimmon"})
 # A model whose language model is another family's, named by model type, its sizes in text_config (which the hub's
-# config.json may leave to the top level): Fuyu's is a Persimmon (query_key_value per head [q_h; k_h; v_h]).
-_TEXT_MODEL_TYPES = {"fuyu": "persimmon"}
+# config.json may leave to the top level): Fuyu's is a Persimmon (query_key_value per head [q_h; k_h; v_h]);
+# ModernVBERT's, PE-Audio's, PE-Video's and PE-Audio-Video's text_model is a ModernBERT (AutoModel.from_config of
+# their text_config, whose attn.Wqkv is contiguous [q; k; v]), as is ColModernVBERT's (its vlm_config's text_config).
+# Read for the language model's modules only: a tower's are sized by its own config.
+_TEXT_MODEL_TYPES = {"fuyu": "persimmon", "modernvbert": "modernbert", "pe_audio": "modernbert",
+                     "pe_video": "modernbert", "pe_audio_video": "modernbert", "colmodernvbert": "modernbert"}
 # 3-D expert tensors stored (experts, in, out) — the model computes x @ W[e] — instead of (experts, out, in).
 # transformers marks them ``is_transposed`` (gpt-oss, OpenAI's privacy filter, Aria), except Llama 4's.
 IN_OUT_EXPERT_MODEL_TYPES = frozenset({"llama4", "llama4_text", "gpt_oss", "openai_privacy_filter", "aria",
@@ -744,6 +811,46 @@ def _staged_layer(name: str, config: dict[str, Any] | None) -> int | None:
     if _BEFORE_BLOCKS.match(rest):
         return sum(depths[:s])
     return sum(depths[:s]) + depths[s] - 1 if _AFTER_BLOCKS.match(rest) else None
+
+
+def stage_depths(names, model_type: str | None) -> dict[str, Any] | None:
+    """The ``config.json`` entries that number a hierarchical backbone's blocks over its whole stack
+    (:func:`_staged_layer`: ``{"model_type": …, "depths": […]}``), read off its module `names` where the config is not
+    at hand (an analysis.json keeps the names and the model type): stage S's depth is one more than the highest block
+    B that a name ``…layers.S.blocks.B…`` (the layout's) holds. None for a model type of no such layout, or where a
+    stage before the last one named has no block among `names` (its depth, which the later stages' numbers need, is
+    unknown). Exact where the names hold every block's module, as an analysis's rows do (each block holds Linears).
+
+    >>> stage_depths(["encoder.layers.0.blocks.1.attention.self.query", "encoder.layers.1.blocks.0.output.dense"],
+    ...              "swin")
+    {'model_type': 'swin', 'depths': [2, 1]}
+    """
+    if model_type not in _STAGE_LAYOUTS:
+        return None
+    (blocks, _), key = _STAGE_LAYOUTS[model_type]
+    depths: dict[int, int] = {}
+    for name in names:
+        found = next((m for m in (regex.search(name) for regex in blocks) if m is not None), None)
+        if found is not None:
+            stage, block = int(found.group(1)), int(found.group(2))
+            depths[stage] = max(depths.get(stage, 0), block + 1)
+    if not depths or sorted(depths) != list(range(max(depths) + 1)):
+        return None
+    return {"model_type": model_type, key: [depths[s] for s in sorted(depths)]}
+
+
+def encoder_decoder_config(model_type: str | None) -> dict[str, Any] | None:
+    """A config that names `model_type` and says whether it is an encoder–decoder's
+    (:data:`ENCODER_DECODER_MODEL_TYPES`): what :func:`module_stack` reads off ``config.json`` to tell an encoder's
+    modules (T5's ``encoder.block.0``, Whisper's ``model.encoder.layers.0``) from the language model's, where only the
+    model type is kept (an analysis.json's ``pairing.config_model_type``). None without a model type.
+
+    >>> encoder_decoder_config("whisper"), encoder_decoder_config("bert")
+    ({'model_type': 'whisper', 'is_encoder_decoder': True}, {'model_type': 'bert', 'is_encoder_decoder': False})
+    """
+    if not isinstance(model_type, str):
+        return None
+    return {"model_type": model_type, "is_encoder_decoder": model_type in ENCODER_DECODER_MODEL_TYPES}
 
 
 def vector_info(name: str, config: dict[str, Any] | None = None) -> ModuleInfo:
@@ -1102,7 +1209,8 @@ def fused_projections(name: str, role: str, out_features: int, config: dict[str,
       ``num_key_value_heads × head_dim`` rows (GQA), q has ``num_attention_heads × head_dim``.
     - MPT's ``attn.Wqkv``: contiguous ``[q; k; v]`` of ``d_model`` rows each (its forward: ``chunk(3)``).
     - ModernBERT's ``attn.Wqkv``: contiguous ``[q; k; v]`` of ``hidden_size`` rows each (its forward:
-      ``view(…, 3, -1, head_dim).unbind``).
+      ``view(…, 3, -1, head_dim).unbind``); in a composite model whose text model is a ModernBERT (ModernVBERT,
+      ColModernVBERT, PE-Audio, PE-Video, PE-Audio-Video: :data:`_TEXT_MODEL_TYPES`), sized by its ``text_config``.
     - DBRX's ``attn.Wqkv``: contiguous ``[q; k; v]``, q ``d_model`` rows, k and v ``attn_config.kv_n_heads ×
       head_dim`` each (its forward's ``split``).
     - GPT-BigCode's ``attn.c_attn`` (nn.Linear): multi-query contiguous ``[q; k; v]``, k and v one head each, else
@@ -1153,9 +1261,8 @@ def fused_projections(name: str, role: str, out_features: int, config: dict[str,
         return _deltanet_projections(out_features, config)
     cfg = _stack_config(name, config)
     model_type = cfg.get("model_type")
-    if model_type in _TEXT_MODEL_TYPES:  # Fuyu's language model is a Persimmon: text_config sizes it
-        text = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else {}
-        cfg = cfg | {k: v for k, v in text.items() if v is not None} | {"model_type": _TEXT_MODEL_TYPES[model_type]}
+    if model_type in _TEXT_MODEL_TYPES and module_stack(name, config) is None:  # Fuyu's language model is a
+        cfg = cfg | _text_config(cfg) | {"model_type": _TEXT_MODEL_TYPES[model_type]}  # Persimmon: text_config sizes it
         model_type = cfg["model_type"]
     if model_type == "gpt_bigcode":  # multi-query [q; k; v] or per head [q_h; k_h; v_h], by its config
         return bigcode_projections(name, out_features, cfg.get("n_embd"), cfg)
@@ -1190,6 +1297,13 @@ def fused_projections(name: str, role: str, out_features: int, config: dict[str,
         Projection("k", slice(q_rows, q_rows + kv_rows)),
         Projection("v", slice(q_rows + kv_rows, out_features)),
     ]
+
+
+def _text_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The set entries of a composite model's ``text_config`` (ColModernVBERT's: its ``vlm_config``'s), else {}."""
+    vlm = config.get("vlm_config") if isinstance(config.get("vlm_config"), dict) else {}
+    text = next((c for c in (config.get("text_config"), vlm.get("text_config")) if isinstance(c, dict)), {})
+    return {k: v for k, v in text.items() if v is not None}
 
 
 def _dbrx_qkv_projections(out_features: int, config: dict[str, Any]) -> list[Projection]:
