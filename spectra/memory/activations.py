@@ -99,7 +99,8 @@ def _block_bytes(shape: ModelShape, p: int, attention: str, seq_len: int, *, ful
     the block's input; Falcon-7B's multi-query under sdpa's math kernel too; StableLM), Arcee, Seed-OSS, Hunyuan
     dense, EXAONE 4,
     Cohere, Cohere 2 and Apertus (tests/memory/test_memory_llama_variants.py), Gemma 4's dense text model (its
-    sliding and full-attention layers, attention_k_eq_v: tests/memory/test_memory_gemma4.py), sliding layers
+    sliding and full-attention layers, attention_k_eq_v: tests/memory/test_memory_gemma4.py), JetMoE's mixtures of
+    attention and MLP experts (:func:`_jetmoe_bytes`: tests/memory/test_memory_jetmoe.py), sliding layers
     masked or not, from the first adapted layer on too.
 
     Returns the bytes, whether the block keeps o_proj's input already (sdpa keeps its output and
@@ -118,6 +119,11 @@ def _block_bytes(shape: ModelShape, p: int, attention: str, seq_len: int, *, ful
 
     def norm(requires_grad: bool) -> int:  # a norm keeps its tensors when its input requires grad
         return _norm_bytes(shape, p, full) if requires_grad else 0
+
+    if shape.attention_experts:  # JetMoE: mixtures of attention and of MLP experts, routed by index
+        total, per_layer, mid, out = _jetmoe_bytes(shape, p, attention, s, full=full, grad=g, lora=roles,
+                                                   wrapped=wrapped)
+        return norm(g) + total + norm(mid), False, out, per_layer  # its input and post-attention RMSNorms
 
     def hit(*names: str) -> bool:
         return bool(roles.intersection(names))
@@ -266,6 +272,82 @@ def _mla_bytes(shape: ModelShape, p: int, attention: str, s: int, *, full: bool,
     if full:
         total += p * (h + q_lora + kv_lora + o_in)
     return total, qg or kvg
+
+
+def _jetmoe_bytes(shape: ModelShape, p: int, attention: str, s: int, *, full: bool, grad: bool, lora: set[str],
+                  wrapped: dict) -> tuple[int, int, bool, bool]:
+    """Bytes per token that a JetMoE block keeps beside its two norms, as transformers 5 runs it (JetMoeMoA,
+    JetMoeMoE), the bytes it keeps per layer, and whether the MoE's input (the post-attention norm's) and the block's
+    output require grad. ``grad``: the block's input requires grad; ``lora``: roles of its lora.Linear modules
+    (kv_proj's, ``other``: a plan's LoRA on a router, role other too, is read as kv_proj's, unchecked);
+    ``wrapped``: its PEFT ParamWrappers by role
+    (the experts' 3-D weights: ``q``, ``o``, ``gate_up``, ``down``), which merge W + s·B·A in every forward, so the
+    product keeps its input, as full fine-tuning's does.
+
+    With k experts a token (S = k·tokens routed rows), W = kv_channels·num_key_value_heads, i = intermediate_size:
+
+    * each router (JetMoeTopKGating: top-k of the fp32 logits, softmax over those k): for its logits' grad the top-k
+      indices (8·k), the softmax (4·k) and the index that sorts the routed rows by expert (8·k; its gather of the
+      gates, the MoA's index_add and output gather read it too); the row → token index (8·k) where the routed copies
+      of the input (a gather) or the closing index_add need a grad; its input (p·h) for a trained weight;
+    * the MoA: the query experts' input (p·h·k) for a trained weight and, for their output's grad, the index_add that
+      places them (its source: p·W·k); attention over k·num_key_value_heads heads of K and V repeated k times
+      (copies): sdpa's Q, K, V, output (p·W·k each) and fp32 logsumexp, or eager's as Llama's; the output experts'
+      input (p·W·k) for a trained weight;
+    * the MoE: gate_up's input (p·h·k) for a trained weight, its output (p·2i·k) and silu(gate) (p·i·k), down's
+      input (p·i·k) for a trained weight;
+    * each mixture's close: the product of the experts' output by the gate (p·h·k for the gate's grad, the gate
+      p·k for the output's) and the index_add summing the rows per token (its source, p·h·k).
+
+    Per layer: each ParamWrapper's merged weight in p (E·out·in) where its product's input requires grad, and the
+    factors it casts to p when p < 4 (E·r·(in + out)).
+    """
+    h, k, w, i = shape.hidden, shape.experts_per_token, shape.kv_dim, shape.intermediate
+    q_w, o_w, gate_up_w, down_w = (full or role in wrapped for role in ("q", "o", "gate_up", "down"))
+    per_layer = 0
+
+    def merged(role: str, needed: bool) -> int:  # a ParamWrapper's merged weight and factors cast to p
+        m = wrapped.get(role)
+        if m is None:
+            return 0
+        return p * m.experts * m.d_in * m.d_out * needed + (p * m.experts * m.rank * (m.d_in + m.d_out) if p < 4
+                                                                  else 0)
+
+    # the MoA: the router reads the normed input x; so do the query experts (a gathered copy) and kv_proj
+    logits = grad  # the router's weight trains only under full fine-tuning, when x requires grad too
+    q_out = grad or q_w
+    kv = grad or "other" in lora  # kv_proj's output: K and V
+    total = p * h * full  # x, for the router's and kv_proj's weights
+    total += p * h * k * q_w + p * w * k * q_out  # the query experts' input; index_add's source
+    per_layer += merged("q", grad)
+    attended = q_out or kv
+    heads, q = shape.heads, shape.q_dim  # k·num_key_value_heads heads, Q of W·k a token
+    if attention == "sdpa":
+        total += (4 * p * q + 4 * heads) * attended
+    else:  # as Llama's eager: K (repeated) for Q's grad, Q for K's, V and the probabilities for each other's
+        total += p * q * (q_out + kv + attended)
+        total += heads * s * 4 * attended + heads * s * p * (kv and (p < 4 or not attended))
+    total += p * w * k * o_w  # the output experts' input (a gathered copy of the attention's output)
+    per_layer += merged("o", attended)
+    o_out = attended or o_w
+    total += p * h * k * logits + p * k * o_out  # the product by the gates: its two factors
+    closed = o_out or logits  # the index_add's source requires grad
+    total += p * h * k * closed
+    # the MoA's indices: top-k and softmax (logits), the sorting index, the row → token index
+    total += 12 * k * logits + 8 * k * (logits or q_out or attended) + 8 * k * (grad or closed)
+    # the MoE, on the residual stream's norm (its input requires grad from the block's input or the MoA's output)
+    mid = grad or closed
+    total += p * h * full  # the norm's output, for the router's weight
+    total += p * h * k * gate_up_w
+    per_layer += merged("gate_up", mid)
+    gate_up_out = mid or gate_up_w
+    total += 3 * p * i * k * gate_up_out + p * i * k * down_w
+    per_layer += merged("down", gate_up_out)
+    down_out = gate_up_out or down_w
+    total += p * h * k * mid + p * k * down_out  # the product by the gates
+    closed = down_out or mid
+    total += p * h * k * closed + 12 * k * mid + 8 * k * mid + 8 * k * (mid or closed)
+    return total, per_layer, mid, closed
 
 
 def _moe_bytes(shape: ModelShape, p: int, *, full: bool, grad: bool, router: bool, wrapped: dict,
@@ -435,12 +517,6 @@ def _activations_refused(shape: ModelShape, attention: str) -> str | None:
     which keeps the s×s probabilities): what CUDA's kernel keeps is unchecked here. So is sdpa on heads wider than
     FlashAttention takes (Gemma 4's full-attention layers, global_head_dim 512), which the CPU's flash kernel runs
     (checked) but CUDA's cannot."""
-    if shape.attention_experts:
-        return (f"{shape.family}'s mixtures of attention and MLP experts: their routers sort the tokens by expert, "
-                "and the gathers, per-expert splits and index_adds that route them (and attention over "
-                "num_key_value_heads × num_experts_per_tok heads, K and V repeated) keep tensors that spectra's "
-                "memory model does not describe. The weights, adapter, gradients, optimizer states and KV cache are "
-                "estimated")
     head_size = max(shape.block(layer).q_dim for layer in range(shape.layers)) // shape.heads
     if attention == "sdpa" and not shape.mla and head_size > _FLASH_HEAD_SIZE:
         where = " (its full-attention layers' global_head_dim)" if shape.global_layers else ""

@@ -295,6 +295,13 @@ def estimate_memory(config_or_model: Any, *, method: str = "lora", rank_plan_or_
     # family decides rotary where config.json names no rotary key (a Llama config.json of its required keys alone)
     seq_len = resolve_max_length(seq_len, cfg, option="seq_len (--seq-len)", notes=notes, default=DEFAULT_SEQ_LEN,
                                  cut="{length} tokens per sequence", rotary=shape.rotary)
+    if shape.dropouts:
+        notes.append(f"dropout left out: {', '.join(f'{key} {value}' for key, value in shape.dropouts)} (the "
+                     f"{shape.family} config's, its class default where config.json leaves a key out). Training "
+                     "with dropout keeps a mask per dropout for backward (on CUDA a byte a value: residual dropout "
+                     "2·hidden_size a token and layer; attention dropout under eager one per attention probability, "
+                     "under sdpa's flash kernel none), which the activations do not count, as for every family; "
+                     "set them to 0 in config.json to train without dropout")
     if plan is not None:
         _check_plan_base(shape, plan, cfg)
     shape, head, model = _task_class(shape, cfg, method, models)  # a classifier: its own head, not the base's

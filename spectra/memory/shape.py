@@ -1,14 +1,16 @@
 """The model a ``config.json`` describes, as the memory model needs it: :class:`ModelShape` and :func:`model_shape`.
 
 Each family's blocks (their linear layers, norms, attention and MoE layout) are read off the config as transformers 5
-builds them; families it would count wrong are refused with the reason (:func:`model_shape`). Where a family is not
-in :data:`_COUNTED_RIGHT`, transformers' base model built from the config on the meta device checks the count.
+builds them; families it would count wrong are refused with the reason (:func:`model_shape`). transformers' base
+model built from the config on the meta device checks the count and each block's linear layers, every family's
+(:func:`_refuse_other_blocks`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -141,7 +143,11 @@ class ModelShape:
     global_dims: tuple[int, int] = (0, 0)
     # Gemma 4 normalises V per head by an RMSNorm without weight (v_norm)
     v_norm: bool = False
-    # JetMoE's mixture of attention experts (queries and outputs by routed experts; _jetmoe): activations not modelled
+    # dropout probabilities the config sets (its family's defaults where config.json leaves them out) whose masks the
+    # activations leave out, as (key, value): Seed-OSS's attention_dropout and residual_dropout (a note says so)
+    dropouts: tuple[tuple[str, float], ...] = ()
+    # JetMoE's mixture of attention experts (queries and outputs by routed experts; _jetmoe), whose blocks'
+    # activations are activations._jetmoe_bytes'
     attention_experts: bool = False
 
     @property
@@ -278,7 +284,8 @@ def model_shape(config: Mapping, *, models=None) -> ModelShape:
                               "text_config alone to estimate the language model.") from None
         raise ConfigError(f"config.json of model_type {mtype or '?'} lacks {err}; spectra's memory model reads "
                           f"Llama-like, GPT-2, BERT and {_OWN_BLOCKS_DESCRIBED} configs.") from None
-    if mtype and mtype not in _COUNTED_RIGHT:
+    if mtype:  # every family's, those the tests check too: a user's config may set what they do not (GPT-2's
+        # add_cross_attention); ~10-30 ms a build once transformers' modelling is imported (_meta_model_for)
         _refuse_other_blocks(cfg, mtype, shape, base_model)
     return shape
 
@@ -376,8 +383,8 @@ def _jetmoe(cfg: dict, mtype: str) -> ModelShape:
     kv_proj's K and V (num_key_value_heads heads; attention repeats them top-k times after the cache).
 
     Parameters, weights (bitsandbytes quantises kv_proj and the routers, nn.Linear, not the 3-D experts), adapters,
-    gradients, optimizer states and the KV cache are estimated; the activations are not
-    (:func:`~spectra.memory.activations._activations_refused`: the routers' sorts, gathers and index_adds)."""
+    gradients, optimizer states, the KV cache and the activations (the routers' indices, the routed copies, the
+    index_adds' sources: :func:`~spectra.memory.activations._jetmoe_bytes`) are estimated."""
     filled = _config_object(mtype, cfg)
     if filled is None:
         raise ConfigError(f"model_type {mtype}: transformers' JetMoeConfig cannot be built from this config.json, "
@@ -449,9 +456,9 @@ def _meta_model_for(cfg: dict, mtype: str, mapping: str = "MODEL_MAPPING_NAMES",
     build it from the config (token ids outside the vocabulary aside: :func:`spectra.checkpoints.targets.meta_model`).
 
     Costs transformers' modelling import, ~0.8 s once per process, then 10-30 ms a build (Llama-2-70B's,
-    Mixtral-8x7B's); :func:`model_shape` builds at most one base model a config, none for :data:`_COUNTED_RIGHT`'s
-    dense families. ``models`` (:class:`~spectra.ranks.plan.MetaModels`) builds it instead, where one command's
-    other steps may have built it (or the causal LM holding it) already."""
+    Mixtral-8x7B's); :func:`model_shape` builds one base model a config. ``models``
+    (:class:`~spectra.ranks.plan.MetaModels`) builds it instead, where one command's other steps may have built it
+    (or the causal LM holding it) already."""
     from transformers.models.auto import modeling_auto
 
     from spectra.checkpoints.targets import meta_model
@@ -473,7 +480,7 @@ def _refuse_unless_built_holds(model, counted: int, *, mtype: str, model_class: 
 
 
 def _refuse_other_blocks(cfg: dict, mtype: str, shape: ModelShape, base_model=None) -> None:
-    """Refuse a ``model_type`` outside :data:`_COUNTED_RIGHT` whose base model, built by transformers from the config
+    """Refuse a ``model_type`` whose base model, built by transformers from the config
     on the meta device (:func:`_meta_model_for`; ``base_model()`` returns it where already built), holds another
     number of parameters than ``shape`` counts: its blocks differ from those the memory model describes (StableLM's
     LayerNorms with biases, Cohere's LayerNorms without a residual norm pair, …). The
@@ -564,9 +571,15 @@ def _llama(cfg: dict, mtype: str, base_model) -> ModelShape:
     kv_heads = cfg.get("num_key_value_heads") or heads
     # config.json may leave head_dim to the family, whose default need not be h / heads (Seed-OSS's and Qwen3's 128,
     # Gemma's 256: what their config classes fill in and the models build)
-    head_dim = cfg.get("head_dim") or _filled(cfg, mtype, "head_dim") or h // heads
+    head_dim = cfg.get("head_dim") or _family_value(cfg, mtype, "head_dim") or h // heads
     inter, vocab = cfg["intermediate_size"], cfg["vocab_size"]
     q_dim, kv_dim = heads * head_dim, kv_heads * head_dim
+    if mtype in _O_PROJ_HIDDEN and q_dim != h:
+        raise ConfigError(f"model_type {mtype}: num_attention_heads {heads} × head_dim {head_dim} = {q_dim}, not "
+                          f"hidden_size {h}: transformers' {mtype} attention builds o_proj as hidden_size × "
+                          f"hidden_size, so its forward cannot take the attention's {q_dim}-wide output (a shape "
+                          "error), and the model cannot be trained; spectra's memory model reads such configs with "
+                          "num_attention_heads × head_dim = hidden_size.")
     experts = cfg.get("num_local_experts") or (cfg.get("num_experts") if mtype in _OWN_EXPERT_SIZES else None) or 1
     dense_inter, dense_layers = inter, ()
     if experts > 1 and mtype in _OWN_EXPERT_SIZES:  # Qwen3-MoE: experts of moe_intermediate_size, some layers dense
@@ -581,13 +594,13 @@ def _llama(cfg: dict, mtype: str, base_model) -> ModelShape:
             else (("gate", dense_inter, h), ("up", dense_inter, h), ("down", h, dense_inter))
     linears = attention + (_routed(experts, inter, h) if experts > 1 else dense)
     # ERNIE 4.5's use_bias puts a bias on every linear of the block (Llama's attention_bias and mlp_bias together)
-    every_bias = mtype in _USE_BIAS and bool(_default(cfg, mtype, "use_bias", False))
+    every_bias = mtype in _USE_BIAS and bool(_family_value(cfg, mtype, "use_bias", False))
     # attention_bias and mlp_bias as the family reads them (its config's default where config.json leaves them out:
     # Seed-OSS biases q, k and v unless told not to), and only where its model reads them (_ATTENTION_BIAS_IGNORED,
     # _MLP_BIAS_IGNORED)
-    attention_bias = (mtype not in _ATTENTION_BIAS_IGNORED and bool(_default(cfg, mtype, "attention_bias", False))
+    attention_bias = (mtype not in _ATTENTION_BIAS_IGNORED and bool(_family_value(cfg, mtype, "attention_bias", False))
                       or every_bias)
-    mlp_bias = mtype not in _MLP_BIAS_IGNORED and bool(_default(cfg, mtype, "mlp_bias", False)) or every_bias
+    mlp_bias = mtype not in _MLP_BIAS_IGNORED and bool(_family_value(cfg, mtype, "mlp_bias", False)) or every_bias
     # StableLM biases q, k and v by use_qkv_bias (o_proj never)
     qkv_bias = attention_bias or mtype in _QKV_BIAS or mtype == "stablelm" and bool(cfg.get("use_qkv_bias", False))
     # o_proj's bias: attention_bias's (GLM's and Helium's never; Seed-OSS's by attention_out_bias)
@@ -595,17 +608,15 @@ def _llama(cfg: dict, mtype: str, base_model) -> ModelShape:
         else attention_bias and mtype not in _NO_O_BIAS
     bias = (q_dim + 2 * kv_dim if qkv_bias else 0) + (h if o_bias else 0)
     bias += ((1 if mtype in _PLAIN_MLP else 2) * inter + h) * experts if mlp_bias else 0
-    tied = bool(cfg.get("tie_word_embeddings", getattr(_config_object(mtype), "tie_word_embeddings", False)))
+    tied = bool(_family_value(cfg, mtype, "tie_word_embeddings", False))
     # Gemma 2's and Gemma 3's blocks normalise each sublayer's input and output (input, post-attention, pre- and
     # post-feedforward norms); Gemma 2 caps attention and final logits by tanh (config.json may leave the caps to
     # Gemma2Config's defaults, 50 and 30; null turns them off), Gemma 3 normalises Q and K per head instead
     norms = 4 if mtype in _FOUR_NORMS else 2
-    if mtype == "seed_oss" and (dropouts := {key: _default(cfg, mtype, key, 0.0) for key in
-                                             ("attention_dropout", "residual_dropout")}) and any(dropouts.values()):
-        raise ConfigError(f"model_type {mtype}: {', '.join(f'{k} {v}' for k, v in dropouts.items())}: dropout in "
-                          "training keeps a mask per dropout (and sdpa with dropout runs another kernel), which "
-                          "spectra's memory model does not describe (it counts Seed-OSS's blocks exactly without "
-                          "dropout); set both to 0 in config.json to estimate training without dropout.")
+    # Seed-OSS drops out 10 % by default (attention_dropout, residual_dropout): the masks are left out as every
+    # family's are (the estimate notes them)
+    dropouts = tuple((key, value) for key in _DROPOUT_KEYS.get(mtype, ())
+                     if (value := _family_value(cfg, mtype, key, 0.0)))
     # StableLM's use_parallel_residual: attention and MLP read one input_layernorm's output (a parallel block)
     parallel = mtype in _PARALLEL_RESIDUAL and bool(cfg.get("use_parallel_residual", False)) or mtype in _COHERE
     norms = 1 if parallel else norms
@@ -613,7 +624,7 @@ def _llama(cfg: dict, mtype: str, base_model) -> ModelShape:
         raise ConfigError(f"model_type {mtype}: qk_layernorm (a LayerNorm per head on Q and K, StableLM 2 12B's), "
                           "whose weights and saved tensors spectra's memory model does not describe; it reads "
                           "StableLM configs without it.")
-    caps = {key: (cfg[key] if key in cfg else getattr(_config_object(mtype), key, None) if mtype == "gemma2" else None)
+    caps = {key: (cfg[key] if key in cfg else _family_value(cfg, mtype, key) if mtype == "gemma2" else None)
             is not None for key in ("attn_logit_softcapping", "final_logit_softcapping")}
     qk_norm, across_heads = mtype in _QK_NORMS, mtype in _QK_NORMS_ACROSS_HEADS
     if mtype in _COHERE and cfg.get("use_qk_norm"):
@@ -628,7 +639,7 @@ def _llama(cfg: dict, mtype: str, base_model) -> ModelShape:
     qk_norm_params = ((q_dim + kv_dim) if across_heads else 2 * head_dim) if qk_norm else 0
     # embed + per-layer norm weights and biases + final norm
     # Apertus' xIELU holds two learned scalars (alpha_p, alpha_n) per layer
-    activation_params = 2 if mtype in _PLAIN_MLP and _default(cfg, mtype, "hidden_act") == "xielu" else 0
+    activation_params = 2 if mtype in _PLAIN_MLP and _family_value(cfg, mtype, "hidden_act") == "xielu" else 0
     other = vocab * h + layers * (norms * norm_params + qk_norm_params + bias + activation_params) + norm_params
     head = (0 if tied else vocab * h) + (vocab if cfg.get("lm_head_bias", False) else 0)  # PhiMoE's head has a bias
     return ModelShape(family=mtype or "llama-like", hidden=h, layers=layers, heads=heads, kv_dim=kv_dim,
@@ -650,7 +661,7 @@ def _llama(cfg: dict, mtype: str, base_model) -> ModelShape:
                       routing_cast=mtype in _OWN_EXPERT_SIZES,
                       routing_norm=_routing_norm(cfg, mtype),
                       dense_layers=dense_layers, dense_linears=attention + dense if dense_layers else (),
-                      dense_intermediate=dense_inter if dense_layers else 0,
+                      dense_intermediate=dense_inter if dense_layers else 0, dropouts=dropouts,
                       **(_moe_adapters(base_model()[1], experts, h) if experts > 1 else {}))
 
 
@@ -660,7 +671,7 @@ def _routing_norm(cfg: dict, mtype: str) -> bool:
     ``norm_topk_prob`` in config.json says (MixtralTopKRouter reads none)."""
     if mtype not in _OWN_EXPERT_SIZES:
         return True
-    return bool(cfg.get("norm_topk_prob", getattr(_config_object(mtype), "norm_topk_prob", True)))
+    return bool(_family_value(cfg, mtype, "norm_topk_prob", True))
 
 
 def _deepseek(cfg: dict, mtype: str, base_model) -> ModelShape:
@@ -697,7 +708,7 @@ def _deepseek(cfg: dict, mtype: str, base_model) -> ModelShape:
     per_layer = (((q_lora or 0) + kv_lora + rope + h) if attention_bias else 0) + (q_lora or 0) + kv_lora + 2 * h
     dense_bias, moe_bias = (2 * inter + h, 2 * shared + h) if mlp_bias else (0, 0)
     other = vocab * h + layers * per_layer + first_dense * dense_bias + (layers - first_dense) * moe_bias + h
-    tied = bool(cfg.get("tie_word_embeddings", getattr(_config_object(mtype), "tie_word_embeddings", False)))
+    tied = bool(_family_value(cfg, mtype, "tie_word_embeddings", False))
     return ModelShape(family=mtype, hidden=h, layers=layers, heads=heads, kv_dim=heads * (nope + rope), q_dim=q_dim,
                       intermediate=moe_inter, vocab=vocab, norm="rms", mlp_saved=3, softmax_fp32=True,
                       experts_per_token=cfg.get("num_experts_per_tok") or 1, experts=experts,
@@ -709,8 +720,7 @@ def _deepseek(cfg: dict, mtype: str, base_model) -> ModelShape:
                       mla=(q_lora or 0, kv_lora, nope, rope, v_dim), router_fp32=True,
                       router_sigmoid=mtype == "deepseek_v3",
                       router_group_mask=mtype == "deepseek_v2" and cfg.get("topk_method") == "group_limited_greedy",
-                      routing_norm=bool(cfg.get("norm_topk_prob", getattr(_config_object(mtype), "norm_topk_prob",
-                                                                          False))) and mtype == "deepseek_v3",
+                      routing_norm=bool(_family_value(cfg, mtype, "norm_topk_prob", False)) and mtype == "deepseek_v3",
                       **_moe_adapters(base_model()[1], experts, h))
 
 
@@ -724,9 +734,8 @@ def _routed(experts: int, inter: int, hidden: int) -> tuple[tuple[str, int, int]
 def _qwen_moe_dense_layers(cfg: dict, mtype: str, layers: int) -> tuple[int, ...]:
     """The layers of a Qwen3-MoE whose MLP is dense, as Qwen3MoeDecoderLayer decides: those in ``mlp_only_layers``
     and those ``decoder_sparse_step`` skips (layer + 1 not a multiple of it); defaults from the family's config."""
-    family = _config_object(mtype)
-    only = cfg.get("mlp_only_layers", getattr(family, "mlp_only_layers", None)) or ()
-    step = cfg.get("decoder_sparse_step", getattr(family, "decoder_sparse_step", 1)) or 1
+    only = _family_value(cfg, mtype, "mlp_only_layers") or ()
+    step = _family_value(cfg, mtype, "decoder_sparse_step", 1) or 1
     return tuple(layer for layer in range(layers) if layer in only or (layer + 1) % step)
 
 
@@ -833,6 +842,11 @@ _USE_BIAS = frozenset({"ernie4_5", "starcoder2"})  # config key use_bias: a bias
 _ATTENTION_BIAS_IGNORED = frozenset({"mistral", "qwen2", "qwen2_vl_text", "qwen2_5_vl_text", "phi3", "ernie4_5",
                                      "ministral", "starcoder2", "stablelm", "exaone4", "mixtral", "minimax"})
 _NO_O_BIAS = frozenset({"glm", "helium"})  # attention_bias biases their q, k and v, never o_proj
+# the dropout keys a family's config sets by default, whose masks the estimate notes as left out
+_DROPOUT_KEYS = {"seed_oss": ("attention_dropout", "residual_dropout")}
+# families whose o_proj is hidden_size × hidden_size whatever num_attention_heads × head_dim (Helium's
+# HeliumAttention): a config where the two differ builds, but its forward fails (refused by _llama)
+_O_PROJ_HIDDEN = frozenset({"helium"})
 _MLP_BIAS_IGNORED = frozenset({"mistral", "qwen2", "qwen2_vl_text", "qwen2_5_vl_text", "qwen3", "gemma", "gemma2",
                                "gemma3_text", "phi3", "ernie4_5", "ministral", "glm", "olmo", "olmo2", "olmo3",
                                "starcoder2", "stablelm", "hunyuan_v1_dense", "exaone4", "cohere", "cohere2",
@@ -863,11 +877,6 @@ _MOE_COUNTED_WRONG = {
     "openai_privacy_filter": "a bidirectional encoder for token classification (no causal mask, no LM head) with "
                              "GPT-OSS's blocks: attention sinks, attention and expert biases",
 }
-# families whose config the memory model reads as transformers builds them (checked by tests/memory/test_memory.py against
-# the base model built from a tiny config, and against autograd): model_shape skips building the meta model for them
-_COUNTED_RIGHT = frozenset({"llama", "mistral", "qwen2", "gemma", "gemma2", "gemma3_text", "phi3", "gpt2", "bert",
-                            "mixtral", "phimoe", "granitemoe", "minimax", "granite", "helium", "ernie4_5",
-                            "ministral", "smollm3", "glm", "qwen3", "olmo", "olmo2", "olmo3"})
 # layer_types of attention layers (a sliding or chunked window stores what full attention does per token)
 _ATTENTION_LAYERS = frozenset({"full_attention", "sliding_attention", "chunked_attention"})
 # families with Llama's config keys but other blocks: read as Llama-like they would be counted wrong
@@ -922,27 +931,35 @@ _ACTIVATION_SAVED = {"gelu": 1, "gelu_pytorch_tanh": 1, "relu": 1, "gelu_new": 4
 def _activation_saved(cfg: dict, mtype: str, key: str) -> int:
     """Intermediate-sized tensors that the family's MLP activation (config ``key``, its config's default where
     config.json leaves it out) keeps: :data:`_ACTIVATION_SAVED`; another is refused, naming it."""
-    act = cfg[key] if key in cfg else getattr(_config_object(mtype), key, None)
+    act = _family_value(cfg, mtype, key)
     if act not in _ACTIVATION_SAVED:
         raise ConfigError(f"model_type {mtype}: {key} {act!r}, an activation whose saved tensors spectra's memory "
                           f"model does not describe; it reads {', '.join(sorted(_ACTIVATION_SAVED))}.")
     return _ACTIVATION_SAVED[act]
 
 
-def _default(cfg: dict, mtype: str, key: str, fallback=None):
-    """``cfg[key]``, or the family's default (its config class's) where config.json leaves it out."""
-    return cfg[key] if key in cfg else getattr(_config_object(mtype), key, fallback)
-
-
-def _filled(cfg: dict, mtype: str, key: str, fallback=None):
-    """``cfg[key]``, or what the family's config class fills in from ``cfg`` where config.json leaves it out (a
-    default that depends on other keys, as Llama's head_dim on hidden_size)."""
+def _family_value(cfg: dict, mtype: str, key: str, fallback=None):
+    """``cfg[key]``, or where config.json leaves it out what the family's config class holds for it: built from
+    ``cfg`` (its default, or one it derives from other keys, as Llama's head_dim from hidden_size and
+    num_attention_heads), or where the class cannot be built from ``cfg`` its default; ``fallback`` where it has no
+    such key (or no config class), or where the key varies by layer and the class refuses to give one value
+    (transformers' heterogeneity)."""
     if key in cfg:
         return cfg[key]
+    family = _filled_config(mtype, json.dumps(cfg, sort_keys=True, default=repr))
+    if family is None:
+        family = _config_object(mtype)
     try:
-        return getattr(_config_object(mtype, cfg), key, fallback)
-    except Exception:  # a config whose key varies by layer refuses to give one value (transformers' heterogeneity)
+        return getattr(family, key, fallback)
+    except Exception:  # a key that varies by layer
         return fallback
+
+
+@functools.lru_cache(maxsize=16)
+def _filled_config(mtype: str, cfg_json: str):
+    """transformers' config of ``mtype`` built from a config.json (as JSON text: one build per config however many
+    keys are read off it, and transformers' warnings about it said once), None where it cannot be built."""
+    return _config_object(mtype, json.loads(cfg_json))
 
 
 def _gpt_neox(cfg: dict, mtype: str) -> ModelShape:
@@ -957,16 +974,16 @@ def _gpt_neox(cfg: dict, mtype: str) -> ModelShape:
     (``embed_out``) is untied unless ``tie_word_embeddings``."""
     h, layers, heads = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["num_attention_heads"]
     inter, vocab = cfg["intermediate_size"], cfg["vocab_size"]
-    bias = bool(_default(cfg, mtype, "attention_bias", True))
+    bias = bool(_family_value(cfg, mtype, "attention_bias", True))
     linears = (("qkv", 3 * h, h), ("o", h, h), ("up", inter, h), ("down", h, inter))
     per_layer = 2 * 2 * h + (4 * h if bias else 0) + inter + h  # two LayerNorms; qkv and dense biases; the MLP's
     other = vocab * h + layers * per_layer + 2 * h  # embed_in, blocks, final_layer_norm
-    tied = bool(_default(cfg, mtype, "tie_word_embeddings", False))
+    tied = bool(_family_value(cfg, mtype, "tie_word_embeddings", False))
     return ModelShape(family=mtype, hidden=h, layers=layers, heads=heads, kv_dim=h, q_dim=h, intermediate=inter,
                       vocab=vocab, norm="layer", mlp_saved=_activation_saved(cfg, mtype, "hidden_act"),
                       softmax_fp32=True, experts_per_token=1, experts=1, linears=linears, other_params=other,
                       head_params=0 if tied else vocab * h, causal=True, rotary=True, rotary_cat=True,
-                      parallel=bool(_default(cfg, mtype, "use_parallel_residual", True)))
+                      parallel=bool(_family_value(cfg, mtype, "use_parallel_residual", True)))
 
 
 def _phi(cfg: dict, mtype: str) -> ModelShape:
@@ -990,7 +1007,7 @@ def _phi(cfg: dict, mtype: str) -> ModelShape:
                ("down", h, inter))
     per_layer = 2 * h + q_dim + 2 * kv_dim + h + inter + h  # input_layernorm; q, k, v, dense, fc1, fc2 biases
     other = vocab * h + layers * per_layer + 2 * h  # embed_tokens, blocks, final_layernorm
-    tied = bool(_default(cfg, mtype, "tie_word_embeddings", False))
+    tied = bool(_family_value(cfg, mtype, "tie_word_embeddings", False))
     return ModelShape(family=mtype, hidden=h, layers=layers, heads=heads, kv_dim=kv_dim, q_dim=q_dim,
                       intermediate=inter, vocab=vocab, norm="layer",
                       mlp_saved=_activation_saved(cfg, mtype, "hidden_act"), softmax_fp32=True, experts_per_token=1,

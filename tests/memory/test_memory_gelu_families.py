@@ -81,7 +81,7 @@ def _peft(model, method: str, roles=None, layers=None):
 @pytest.mark.parametrize(("family", "variant"), _CASES)
 def test_parameters_are_what_transformers_builds(family, variant):
     """Every parameter of the causal LM (tied head once), and the base model's count, which model_shape compares
-    (it builds the meta model for a family outside _COUNTED_RIGHT). Negative control: the same config read as Llama
+    (it builds the meta model for every family). Negative control: the same config read as Llama
     (its keys are Llama's) is off."""
     import transformers as tf
 

@@ -1,9 +1,10 @@
 """JetMoE (a mixture of attention experts beside one shared kv_proj, and a mixture of MLP experts, 3-D
 JetMoeParallelExperts weights): its parameters, the weights bitsandbytes' 4-bit load holds, what `spectra train`
 adapts (kv_proj, and under LoRA the four expert weights a layer through PEFT's ParamWrapper), their gradients and
-AdamW states, and the KV cache are estimated, checked against transformers' JetMoeForCausalLM built from a tiny
-config, PEFT and bitsandbytes; its activations are left out with a note (the routers' sorts, gathers and index_adds
-are not described). It had been refused whole."""
+AdamW states, the KV cache, and the activations (the routers' indices, the routed copies, the index_adds' sources,
+attention over k·num_key_value_heads heads), checked against transformers' JetMoeForCausalLM built from a tiny
+config, PEFT, bitsandbytes and autograd's saved tensors. It had been refused whole, then estimated without its
+activations."""
 
 from __future__ import annotations
 
@@ -97,23 +98,120 @@ def test_kv_cache_is_what_dynamic_cache_holds():
     check_kv_cache(_model())
 
 
-def test_activations_are_left_out_with_the_reason():
-    """Routing's saved tensors are not described: no activations and no training total, a note saying why (eager
-    alike); the rest estimated. Negative control: a Mixtral of the same sizes has its activations."""
-    from transformers import MixtralConfig
+def _block(method: str, precision: str, attention: str, *, seq_len: int = 16, batches=(2, 3),
+           misread=None) -> dict[str, int]:
+    """One block's saved bytes per sequence of ``seq_len`` tokens, measured (autograd's saved tensors) and modelled:
+    the double difference of models of 1 and 2 blocks at two batch sizes, which cancels the embeddings, the head,
+    the loss and what is kept per layer whatever the tokens. ``misread``: a change to the shape the estimate reads
+    (a negative control)."""
+    import torch
 
+    import spectra.memory.estimate as estimate_module
+    from tests.memory.test_memory import _loss, saved_bytes
+
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[precision]
+    real = estimate_module.model_shape
+    measured, modelled = {}, {}
+    for layers in (1, 2):
+        model = _model(num_hidden_layers=layers)
+        model.config._attn_implementation = attention
+        config = model.config.to_dict()
+        model = model.to(dtype)
+        model = (model if method == "full" else _train_peft(model, method)).train()
+        for batch in batches:
+            measured[layers, batch] = saved_bytes(model, lambda m: _loss(m, batch, seq_len))
+            with pytest.MonkeyPatch.context() as patch:
+                if misread:
+                    patch.setattr(estimate_module, "model_shape", lambda c, **kw: misread(real(c, **kw)))
+                modelled[layers, batch] = estimate_memory(config, method=method, rank_plan_or_rank=4, batch=batch,
+                                                          seq_len=seq_len, precision=precision,
+                                                          attention=attention).activations
+    one, two = batches
+    return {kind: (d[2, two] - d[1, two] - d[2, one] + d[1, one]) // (two - one)
+            for kind, d in (("measured", measured), ("modelled", modelled))}
+
+
+@_PEFT_PATTERN_WARNING
+@pytest.mark.parametrize(("method", "precision", "attention", "seq_len", "batches"), [
+    ("full", "fp32", "sdpa", 16, (2, 3)), ("full", "bf16", "eager", 16, (2, 3)), ("full", "fp32", "eager", 24, (1, 3)),
+    ("lora", "bf16", "sdpa", 16, (2, 3)), ("lora", "fp32", "sdpa", 24, (1, 3)), ("lora", "bf16", "eager", 16, (2, 3)),
+    ("lora", "fp32", "eager", 24, (1, 3)), ("dora", "fp32", "sdpa", 16, (2, 3)), ("dora", "bf16", "eager", 24, (1, 3))])
+def test_a_blocks_activations_are_what_autograd_saves(method, precision, attention, seq_len, batches):
+    """One block's bytes per sequence (the block's input requires grad: the second of two), measured against
+    autograd's saved tensors at two sequence lengths and batch sizes: the routers' top-k indices, softmax and sorting
+    and row indices; the routed copies' products (their inputs where a weight trains: full fine-tuning, or the
+    experts' ParamWrappers under LoRA); the MoA's index_add source; sdpa's Q, K, V (repeated k times), output and
+    logsumexp over k·num_key_value_heads heads, or eager's products and fp32 softmax (which grow with the sequence);
+    SwiGLU's gate_up output and silu; each mixture's product by the gates and its index_add's source. DoRA adapts
+    kv_proj alone, so the queries keep no grad of their own. It had no activations at all (refused)."""
+    block = _block(method, precision, attention, seq_len=seq_len, batches=batches)
+    assert block["modelled"] == block["measured"] > 0, block
+
+
+@_PEFT_PATTERN_WARNING
+def test_a_block_read_with_one_expert_a_token_is_wrong():
+    """Negative control: the same block modelled as routing each token to one expert (Q and the attention over
+    num_key_value_heads heads, one routed copy a token) misses what autograd saves."""
+    block = _block("lora", "bf16", "sdpa", misread=lambda shape: dataclasses.replace(
+        shape, experts_per_token=1, heads=shape.heads // shape.experts_per_token, q_dim=shape.kv_dim))
+    assert block["modelled"] != block["measured"], block
+
+
+@_PEFT_PATTERN_WARNING
+@pytest.mark.parametrize(("method", "precision"), [("lora", "bf16"), ("lora", "fp32"), ("dora", "fp32")])
+def test_the_first_block_keeps_only_what_follows_its_adapters(method, precision):
+    """The first block's input requires no grad (the embedding is frozen): it keeps only what follows its adapted
+    modules (the query experts' ParamWrapper under LoRA, kv_proj's DoRA: no router indices, no routed copies of its
+    input). Per sequence (batch 3 less batch 2) of a 1-block model, less the same model under
+    enable_input_require_grads (its block's input requiring grad, as the block test above checks it), so that the
+    head and the loss cancel; measured against autograd and modelled (input_require_grads)."""
+    import torch
+
+    from tests.memory.test_memory import _loss, saved_bytes
+
+    measured, modelled = {}, {}
+    for hooked in (False, True):
+        model = _model(num_hidden_layers=1)
+        config = model.config.to_dict()
+        model = _train_peft(model.to({"bf16": torch.bfloat16, "fp32": torch.float32}[precision]), method).train()
+        if hooked:
+            model.enable_input_require_grads()
+        saved = [saved_bytes(model, lambda m: _loss(m, batch, 16)) for batch in (2, 3)]
+        measured[hooked] = saved[1] - saved[0]
+        estimates = [estimate_memory(config, method=method, rank_plan_or_rank=4, batch=batch, seq_len=16,
+                                     precision=precision, input_require_grads=hooked).activations for batch in (2, 3)]
+        modelled[hooked] = estimates[1] - estimates[0]
+    assert modelled[True] - modelled[False] == measured[True] - measured[False] > 0, (modelled, measured)
+
+
+@_PEFT_PATTERN_WARNING
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_the_weights_peft_merges_are_kept_per_layer(precision):
+    """PEFT's ParamWrapper merges W + s·B·A into each expert weight in every forward; the products keep that merged
+    weight for their input's gradient (and at bf16 the factors cast for the merge): one layer's bytes at batch 2,
+    from models of 1 and 2 layers, whatever the tokens plus the block's per-token bytes."""
+    import torch
+
+    from tests.memory.test_memory import _loss, saved_bytes
+
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[precision]
+    measured, modelled = [], []
+    for layers in (1, 2):
+        model = _model(num_hidden_layers=layers)
+        config = model.config.to_dict()
+        model = _train_peft(model.to(dtype), "lora").train()
+        measured.append(saved_bytes(model, lambda m: _loss(m, 2, 16)))
+        modelled.append(estimate_memory(config, method="lora", rank_plan_or_rank=4, batch=2, seq_len=16,
+                                        precision=precision).activations)
+    assert modelled[1] - modelled[0] == measured[1] - measured[0]
+
+
+def test_activations_are_estimated_without_a_note_of_refusal():
+    """The activations and the training total are given, eager alike, with no note leaving them out."""
     for attention in ("sdpa", "eager"):
         est = estimate_memory(_config().to_dict(), method="lora", rank_plan_or_rank=4, attention=attention)
-        assert est.activations is None and est.training_total is None and est.weights > 0 and est.kv_cache > 0
-        assert any("mixtures of attention and MLP experts" in note for note in est.notes)
-    config = MixtralConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
-                           num_experts_per_tok=2).to_dict()
-    assert estimate_memory(config, method="lora", rank_plan_or_rank=4).activations > 0
-    shape = model_shape(_config().to_dict())
-    from spectra.memory.activations import _activations_refused
-
-    assert _activations_refused(dataclasses.replace(shape, attention_experts=False), "eager") is None
+        assert est.activations > 0 and est.training_total > est.weights > 0 and est.kv_cache > 0
+        assert not any("activations not estimated" in note for note in est.notes)
 
 
 @_PEFT_PATTERN_WARNING

@@ -107,8 +107,8 @@ _MATCHING = [
 
 @pytest.mark.parametrize("overrides", _MATCHING, ids=lambda o: o["model_type"])
 def test_linear_check_passes_described_families_and_counts_are_peft(overrides):
-    """Negative control for the check: families whose blocks the memory model describes (in _COUNTED_RIGHT, which
-    skips the check at run time, or not) pass it on their built base model, and their LoRA trainable count at rank 8
+    """Negative control for the check: families whose blocks the memory model describes (those model_shape
+    had skipped the check for at run time too) pass it on their built base model, and their LoRA trainable count at rank 8
     on the default roles is PEFT's."""
     config = _SMALL | overrides
     shape = model_shape(config)
@@ -160,8 +160,8 @@ _OWN = {"seed_oss": dict(attention_dropout=0.0, residual_dropout=0.0), "gemma": 
 
 @pytest.mark.parametrize("family", _DENSE)
 def test_linear_check_passes_dense_families(family):
-    """The check passes every dense family the memory model describes, those it skips at run time (_COUNTED_RIGHT)
-    included: each block's Linears by role and shape are the shape's."""
+    """The check passes every dense family the memory model describes, those it had skipped at run time (the former
+    _COUNTED_RIGHT) included: each block's Linears by role and shape are the shape's."""
     config = _SMALL | {"model_type": family} | _OWN.get(family, {})
     shape_module._refuse_other_linears(_built(config, "AutoModel"), model_shape(config), mtype=family,
                                        model_class="base", cfg=config)
