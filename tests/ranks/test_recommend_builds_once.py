@@ -94,8 +94,8 @@ def test_plan_and_its_peft_config_share_one_build(tmp_path, builds):
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
 def test_memory_shape_reads_the_base_model_inside_the_plans(family, builds):
-    """The memory model's base model (MixtralModel: its router; Qwen3-MoE, outside _COUNTED_RIGHT: its parameter
-    count too) is the causal LM's own, built for the plan: no second build, the same shape."""
+    """The memory model's base model (its parameter count and linear layers, every family's; MixtralModel's router
+    too) is the causal LM's own, built for the plan: no second build, the same shape."""
     config = _config(tiny_moe(family))
     before = model_shape(config)
     assert len(builds) == 1 and builds[0].endswith("Model")  # built its own base model
