@@ -184,11 +184,12 @@ def peft_targets(model, config: TargetSelection, *, notes: list[str] | None = No
                      "matrix of the stored weight")
     if parameters and experts and notes is not None:
         layers = sorted({name.removesuffix(".weight").rpartition(".")[0] for name in experts})
+        kinds = sorted({_expert_kind(n) for n in experts})
+        both = [k for k in kinds if k.endswith(("gate_up_proj", "input_linear"))]  # gate and up in one parameter
         notes.append(f"the routed experts of {len(layers)} MoE layer(s) ({layers[0]}, …) are adapted as fused "
-                     f"parameters ({', '.join(sorted({_expert_kind(n) for n in experts}))}; target_parameters): "
-                     "PEFT's LoRA on each is one rank-r update per expert, and gate_up_proj (JetMoE's "
-                     "mlp.input_linear) holds gate and up together, so either role adapts both (at rank r, as a "
-                     "fused module is)")
+                     f"parameters ({', '.join(kinds)}; target_parameters): PEFT's LoRA on each is one rank-r update "
+                     "per expert" + (f", and {both[0]} holds gate and up together, so either role adapts both (at "
+                                     "rank r, as a fused module is)" if both else ""))
     return modules, parameters
 
 

@@ -72,6 +72,10 @@ def test_peft_wraps_the_dense_mlps_the_shared_expert_and_every_expert(family):
         dense = [n for n in wrapped if _DENSE.search(n)]
         assert any("through their weights" in n and f"{len(dense)} module(s)" in n for n in notes) == bool(dense)
         assert any("adapted as fused parameters" in n for n in notes) == any(_EXPERTS.search(n) for n in wrapped)
+        fused = [n for n in notes if "adapted as fused parameters" in n]
+        # the note names the parameter holding gate and up as the model calls it, no other model's (JetMoE's)
+        assert all("JetMoE" not in n for n in fused), fused
+        assert all(("and gate_up_proj holds gate and up together" in n) == (roles != ("down",)) for n in fused)
     if family == "mixtral":  # no dense MLP to lose
         return
     old = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"
