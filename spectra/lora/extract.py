@@ -41,7 +41,7 @@ from spectra.lora.left_out import _entry_changed, _not_carried, _not_carried_not
 from spectra.lora.parameter_targets import (_LEAVE_OUT, _parameter_factors, _parameter_keys, _peft_shape,
                                             _peft_transposes, _unconverted_parameters)
 from spectra.lora.saved_modules import (_also_wrapped, _modules_to_save, _saved_names, _saved_tensors, _task_type,
-                                        saved_whole_notes)
+                                        saved_num_labels, saved_whole_notes)
 from spectra.scaling import rank_scale
 from spectra.workers import split_workers, thread_pool
 
@@ -96,6 +96,10 @@ class ExtractResult:
     # `modules` outnumbers where experts are held in fused parameters: each expert's matrix is a row of `modules`,
     # and all experts of a parameter (Qwen2-MoE's mlp.experts.gate_up_proj) are one PEFT module
     peft_modules: int | None = None
+    # TUNED's number of classes, where a head saved whole has TUNED's shape and the model built from the base's
+    # config another (3 labels against 2): the model is built with num_labels= it (from_pretrained(BASE,
+    # num_labels=…)) before the adapter loads. None: BASE's config as it is
+    num_labels: int | None = None
 
 
 def extract_adapter(base, tuned, plan_or_rank, out_dir: str | os.PathLike, *, roles: tuple[str, ...] | None = None,
@@ -254,6 +258,9 @@ def extract_adapter(base, tuned, plan_or_rank, out_dir: str | os.PathLike, *, ro
     # the modules PEFT wraps beside them (their names end with a saved one's): saved too, or PEFT fails to load
     also_saved, also_keys = _also_wrapped(saved_names, pairing, model, model_class, lora_targets, modules_to_save)
     save_names = save_names + list(also_keys.values())
+    # a head saved from a fine-tune of another class count loads onto a model built with TUNED's num_labels
+    num_labels, head_notes = saved_num_labels(saved_keys | also_keys, pairing, model_class,
+                                              frozenset(e.tuned_tensor for e in pairing.entries if e.added_rows))
     saved_list = sorted({*saved_modules, *(stored for stored, _, _ in also_saved)})  # TUNED's names
     embeddings = _embedding_entries(selected, model_names, model)
     kernels = _conv_kernels(selected, model_names, pairing, model)
@@ -363,14 +370,14 @@ def extract_adapter(base, tuned, plan_or_rank, out_dir: str | os.PathLike, *, ro
                      f"precision storage (the base's values rounded to {stored}), "
                      f"not by fine-tuning: {', '.join(rounded[:3])}{' …' if len(rounded) > 3 else ''}. PEFT's "
                      "merge gives them back to within that rounding")
-    notes += vocabulary_notes
+    notes += vocabulary_notes + head_notes
     if calibration is not None:
         notes += calibration.notes
     complete = not (left_out or left_out_vectors or only_in_tuned) and all(
         e.name in saved_modules for e in pairing.entries if e.kind == "matrix" and e.added_rows)
     return ExtractResult(out_dir, results, saved_list, config, model_class,
                          notes, vocab_size, unchanged, [n for n, _ in left_out], [n for n, _ in left_out_vectors],
-                         only_in_tuned, complete, rounded, _peft_module_count(config, model))
+                         only_in_tuned, complete, rounded, _peft_module_count(config, model), num_labels)
 
 
 def _unchanged_in_saved(selected: list, model_names: dict, on_parameters: dict, saved_names: dict,

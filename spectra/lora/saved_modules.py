@@ -19,7 +19,7 @@ import math
 from spectra.checkpoints.adapter import PEFT_PREFIX
 from spectra.checkpoints.names import natural_key
 from spectra.checkpoints.pairing import Pairing
-from spectra.checkpoints.targets import owning_modules, peft_task_type
+from spectra.checkpoints.targets import meta_model, owning_modules, peft_task_type
 from spectra.errors import ConfigError
 
 
@@ -263,3 +263,49 @@ def _task_type(task: str | None, saved: list[str]) -> str | None:
     if task in _TASK_HEADS and not any(name.rpartition(".")[2] in _TASK_HEADS[task] for name in saved):
         return None
     return task
+
+
+def saved_num_labels(saved_keys: dict[str, str], pairing: Pairing, model_class: str | None,
+                     resized: frozenset[str] = frozenset()) -> tuple[int | None, list[str]]:
+    """(the ``num_labels`` to build ``model_class`` from BASE with, so that the saved tensors fit it; None: BASE's
+    config as it is), and a note where no ``num_labels`` makes them fit.
+
+    The adapter loads onto ``model_class.from_pretrained(BASE)``, built from the base's config: a head saved whole
+    from a fine-tune with more or fewer classes (a DistilBERT classifier of 3 labels, the base's config 2) has
+    TUNED's (3, d) weight, and PEFT's load fails on the size mismatch. Built with TUNED's class count
+    (``from_pretrained(BASE, num_labels=3)``) the model holds that shape. `saved_keys` maps the adapter's keys to
+    TUNED's tensors; `resized` names TUNED's tensors of a resized vocabulary (``resize_token_embeddings`` instead).
+    """
+    from spectra.lora.data import configured_labels
+
+    base_config = pairing.base.config
+    tuned_config = pairing.tuned.config if hasattr(pairing.tuned, "names") else None
+    if not saved_keys or not model_class or not base_config or not base_config.get("model_type"):
+        return None, []
+
+    def misfits(config) -> list[tuple[str, tuple, tuple | None]] | None:  # (TUNED's tensor, its shape, the model's)
+        model = meta_model(config, model_class)
+        if model is None:
+            return None
+        shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+        out = []
+        for key, tensor in saved_keys.items():
+            held = tuple(pairing.tuned.info(tensor).shape)
+            if tensor not in resized and shapes.get(key.removeprefix(PEFT_PREFIX), held) != held:
+                out.append((tensor, held, shapes[key.removeprefix(PEFT_PREFIX)]))
+        return out
+
+    found = misfits(base_config)
+    if not found:
+        return None, []
+    classes = configured_labels(tuned_config) if tuned_config else None
+    if classes is not None and classes != configured_labels(base_config):
+        config = {k: v for k, v in base_config.items() if k not in ("id2label", "label2id")} | {"num_labels": classes}
+        if misfits(config) == []:
+            return classes, []
+    tensor, held, built = found[0]
+    return None, [f"modules_to_save: {tensor} is {'×'.join(map(str, held))} in TUNED but "
+                  f"{'×'.join(map(str, built))} in a {model_class} built from the base's config"
+                  + (f" ({len(found)} such tensors)" if len(found) > 1 else "")
+                  + ", so PEFT refuses to load the adapter onto that model: build the model with TUNED's shapes "
+                  "(from TUNED's config) before loading it"]
