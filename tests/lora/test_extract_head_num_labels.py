@@ -71,3 +71,19 @@ def test_a_head_of_the_base_configs_classes_asks_for_nothing(tmp_path):
     result = extract_adapter(base, tuned, "full", tmp_path / "ad", modules_to_save=("pre_classifier", "classifier"),
                              progress=False)
     assert result.num_labels is None
+
+
+def test_a_head_no_num_labels_fits_gets_a_note(tmp_path):
+    """A TUNED config.json that says 2 classes beside a 3×32 classifier: no num_labels read off the configs fits, so
+    nothing is asked for and a note names the tensor and both shapes."""
+    import json
+
+    base, tuned, _ = _classifier_pair(tmp_path, tuned_labels=3)
+    config = json.loads((tuned / "config.json").read_text())
+    config["id2label"], config["label2id"] = {"0": "LABEL_0", "1": "LABEL_1"}, {"LABEL_0": 0, "LABEL_1": 1}
+    (tuned / "config.json").write_text(json.dumps(config))
+    result = extract_adapter(base, tuned, "full", tmp_path / "ad", modules_to_save=("pre_classifier", "classifier"),
+                             progress=False)
+    assert result.num_labels is None
+    (note,) = [n for n in result.notes if n.startswith("modules_to_save: classifier.")]
+    assert "is 3×32 in TUNED but 2×32 in a DistilBertForSequenceClassification built from the base's config" in note
