@@ -418,10 +418,11 @@ class Pairing:
                               "that spectra does not read per expert (its layout is unknown to it); it is not read "
                               "as one flattened matrix")
             return []
-        if len(b.shape) > 2 and not b_name.endswith(".weight"):
+        if (len(b.shape) > 2 or b.shape[0] == 1) and not b_name.endswith(".weight"):
             # a parameter or a buffer (a checkpoint does not say which) of its own, no layer's weight: a ViT's
             # position table (1, N, d) is an N × d table, its class token or SigLIP's attention-pool probe (1, 1, d)
-            # a vector; one of more dimensions is skipped
+            # a vector, as is BART's final_logits_bias (1, vocab); one of more dimensions is skipped. A layer's
+            # (1, N) weight (nn.Linear(N, 1), a one-output head) is a matrix a LoRA adapts: it ends with .weight
             held = _without_leading_ones(b.shape)
             if len(held) > 2:
                 self.notes.append(f"{b_name}: skipped, a {len(b.shape)}-D tensor that is no layer's weight (not "

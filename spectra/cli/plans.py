@@ -329,6 +329,9 @@ def extract(
                    "merge gives TUNED back" + (" (to within TUNED's storage rounding of the tensors a note names)"
                                                if result.storage_rounded else ""))
     onto = f"a {result.model_class}" if result.model_class else "the model"
+    if result.num_labels is not None:  # a head saved whole with TUNED's classes, another count than BASE's config's
+        onto += (f" built with the fine-tune's classes, {result.model_class}.from_pretrained({base!r}, "
+                 f"num_labels={result.num_labels}),")
     if result.vocab_size is not None:  # whole embedding/head rows of TUNED's resized vocabulary: resize first
         onto += f" resized to the fine-tune's vocabulary, model.resize_token_embeddings({result.vocab_size}),"
     typer.echo(f"adapter: {output}  (load onto {onto} with peft.PeftModel.from_pretrained(model, '{output}'))")

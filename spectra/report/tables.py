@@ -295,13 +295,15 @@ def by_projection(rows: list[Mapping]) -> list[Mapping]:
 
 
 def unchanged_text(analysis: Mapping, *, stacks: list | None = None) -> str:
-    """How many of the analysis's weight matrices a statistic leaves out as unchanged, in one sentence ('' when
-    none): '2 unchanged matrices are left out (ΔW = 0; every k matrix).'
+    """How many of the analysis's weight matrices a statistic leaves out as unchanged, and which, in one sentence
+    ('' when none): '3 unchanged matrices are left out (ΔW = 0; every embed, pos_embed matrix; v of layer 1).'
 
     A fused tensor reported whole and by projection counts once, through its projections, as the rank picture
-    counts modules; its whole (role qkv, …) is left out with them, which the sentence then says. The roles named
-    are those with no changed matrix among the rows so counted. Where every row is unchanged there is nothing left
-    to state a statistic of: each caller says that instead."""
+    counts modules; its whole (role qkv, …) is left out with them, which the sentence then says. A role with no
+    changed matrix among the rows so counted is named whole ('every k matrix'); the unchanged matrices of a role
+    changed elsewhere by their layers (:func:`_unchanged_where`). Naming the whole roles alone had read as if they
+    were all: 'every embed, pos_embed matrix' of DistilBERT's two embeddings and a layer's v. Where every row is
+    unchanged there is nothing left to state a statistic of: each caller says that instead."""
     rows = matrix_rows(analysis)
     split = fused_wholes(rows)
     counted = by_projection(rows)
@@ -311,10 +313,33 @@ def unchanged_text(analysis: Mapping, *, stacks: list | None = None) -> str:
     changed = {group_of(r) for r in counted if not unchanged(r)}
     stacks = stacks_of(analysis) if stacks is None else stacks
     still = [group_label(g, stacks) for g in groups_in(left) if g not in changed]  # roles left alone entirely
+    partly = _unchanged_where([r for r in left if group_of(r) in changed], stacks)
     wholes = any(unchanged(r) for r in rows if r["name"] in split)
     return (f"{len(left)} unchanged {'matrix is' if len(left) == 1 else 'matrices are'} left out (ΔW = 0"
             + (f"; every {', '.join(still)} matrix" if still else "")
+            + (f"; {partly}" if partly else "")
             + ("; a fused tensor counted by its projections, its whole left out with them" if wholes else "") + ").")
+
+
+def _unchanged_where(left: list[Mapping], stacks, *, shown: int = 4) -> str:
+    """Where the unchanged matrices `left` (of roles changed elsewhere) lie, in reading order: their roles by layer,
+    layers of the same roles together ('v of layer 1', 'q, k, v of layers 0, 2'), a module of no layer by its name;
+    the first `shown` parts, then '…'."""
+    by_layer: dict = {}  # layer -> its unchanged roles' labels, in reading order
+    named = []
+    for row in left:
+        if row.get("layer") is None:
+            named.append(row["name"])
+            continue
+        labels = by_layer.setdefault(row["layer"], [])
+        if (label := group_label(group_of(row), stacks)) not in labels:
+            labels.append(label)
+    layers_of: dict = {}  # the same roles -> their layers
+    for layer in sorted(by_layer):
+        layers_of.setdefault(tuple(by_layer[layer]), []).append(str(layer))
+    parts = [f"{', '.join(labels)} of {'layer' if len(layers) == 1 else 'layers'} {', '.join(layers)}"
+             for labels, layers in layers_of.items()] + named
+    return "; ".join(parts[:shown]) + (" …" if len(parts) > shown else "")
 
 
 def summary_rows(analysis: Mapping, *, stacks: list | None = None) -> list[dict]:

@@ -256,7 +256,7 @@ def test_per_role_table_leaves_unchanged_matrices_out_and_says_so(analysis, unch
         values = [get(m) for m in kept]
         assert by_role["q"][key]["median"] == pytest.approx(np.median(values))
         assert by_role["q"][key]["min"] == pytest.approx(min(values)) and min(values) > 0
-    note = "4 unchanged matrices are left out (ΔW = 0; every k matrix)."
+    note = "4 unchanged matrices are left out (ΔW = 0; every k matrix; q of layer 0)."  # q: 1 of 4 unchanged
     assert tables.role_table_note(analysis) == note
     assert note in tables.rank_picture(analysis)  # the rank picture's words, from the one predicate
     assert [row[0] for row in tables.role_table(analysis)[1]] == [r["role"] for r in summary_rows(analysis)]
@@ -300,8 +300,8 @@ def test_an_unchanged_fused_tensor_counts_the_same_beside_the_table_and_in_the_r
     for row in data["modules"]:
         if row["name"].startswith("transformer.h.0.attn.c_attn"):
             unchange(row)  # layer 0's c_attn: the whole (qkv) and its q, k, v projections
-    note = ("3 unchanged matrices are left out (ΔW = 0; a fused tensor counted by its projections, its whole left "
-            "out with them).")
+    note = ("3 unchanged matrices are left out (ΔW = 0; q, k, v of layer 0; a fused tensor counted by its "
+            "projections, its whole left out with them).")
     assert tables.role_table_note(data) == note
     assert "Across 5 modules (fused tensors by projection), a median" in tables.rank_picture(data)
     assert f". {note} By role" in tables.rank_picture(data)
