@@ -8,7 +8,10 @@ vocabularies, 3-D MoE expert tensors (each side in its own stored layout: Qwen3-
 hub (E, in, out) against transformers 5's (E, out, in); JetMoE's ``….input_linear.weight`` (E, out, in), one record
 per expert, ``….input_linear.3``; GraniteMoE's ``block_sparse_moe.input_linear.weight`` (E, out, in), one record per
 expert named as transformers loads it, ``…block_sparse_moe.experts.3.gate_up_proj``; any other 3-D ``.weight`` under
-an MoE block is skipped with a note, never flattened), and a PEFT adapter as the tuned side.
+an MoE block is skipped with a note, never flattened), experts stored per expert on one side and fused on the other
+(``save_pretrained``'s Mixtral ``block_sparse_moe.experts.3.w1.weight`` against a state dict's
+``mlp.experts.gate_up_proj``: each expert read from its place in the fused parameter, as transformers' loading
+conversions place it, and named as the base names it), and a PEFT adapter as the tuned side.
 
 Only metadata is read when a :class:`Pairing` is built; tensors are read one pair at
 a time while iterating, so peak memory is a few tensors whatever the model's size.
@@ -169,6 +172,23 @@ class DeltaW:
 
 
 @dataclass(frozen=True)
+class TunedSlice:
+    """Where an entry's tuned (out, in) matrix lies when the tuned checkpoint stores the experts in the other of the
+    two layouts transformers loads into one parameter (its weight converters).
+
+    ``expert`` set: rows ``rows`` (all when None) of expert ``expert`` of the fused 3-D ``tensors[0]`` (E, out, in)
+    (Mixtral's ``block_sparse_moe.experts.3.w3.weight`` of a base against rows [ffn, 2·ffn) of expert 3 of the
+    tuned ``mlp.experts.gate_up_proj``). ``expert`` None: the per-expert 2-D ``tensors`` stacked on their rows in
+    this order (a fused base's ``experts.gate_up_proj[3]`` against the tuned ``experts.3.w1.weight`` then
+    ``….w3.weight``).
+    """
+
+    tensors: tuple[str, ...]
+    expert: int | None = None
+    rows: tuple[int, int] | None = None
+
+
+@dataclass(frozen=True)
 class PairEntry:
     """One planned tensor pair (metadata only); loading it gives one or more DeltaW."""
 
@@ -177,7 +197,7 @@ class PairEntry:
     kind: str
     shape: tuple[int, ...]  # oriented (out, in) for matrices
     base_tensor: str
-    tuned_tensor: str | None  # None when the tuned side is an adapter module
+    tuned_tensor: str | None  # None when the tuned side is an adapter module, or read through tuned_slice
     base_dtype: torch.dtype
     tuned_dtype: torch.dtype
     conv1d: bool = False  # the base stores it (in, out): a Conv1D, gpt-oss's experts, the hub's Qwen3-VL-MoE experts
@@ -192,6 +212,10 @@ class PairEntry:
     tuned_conv1d: bool | None = None
     projections: tuple[Projection, ...] = ()
     adapter: AdapterDelta | None = None
+    # the tuned checkpoint stores the experts in the other layout of the two transformers loads into one parameter
+    # (per-expert 2-D matrices against the fused (E, ·, ·) one): where this entry's tuned matrix lies there, read in
+    # place of ``tuned_tensor``, which is then None (``expert_index`` indexes the base's tensor only)
+    tuned_slice: TunedSlice | None = None
 
     @property
     def tuned_stored_conv1d(self) -> bool:
@@ -224,7 +248,8 @@ class Pairing:
     PairingError
         No common tensors (mismatched architectures), a shape mismatch on a shared name
         (other than a resized vocabulary, or 3-D experts stored transposed on one side, which
-        transformers loads as the same model), ambiguous names.
+        transformers loads as the same model), experts stored per expert on one side and fused on
+        the other that do not fit the model's parameter, ambiguous names.
     AdapterError
         An adapter whose modules or shapes do not fit the base.
     """
@@ -293,8 +318,181 @@ class Pairing:
                 f"in the base (e.g. {b_name} {b_shape} in the base, {t_name} {t_shape} in the tuned one: one stores "
                 "each expert (in, out), the other (out, in), as transformers loads both); each expert's ΔW is taken "
                 "as the model holds both sides, (out, in)")
+        entries.extend(self._mixed_experts())
         entries.extend(self._untied_heads(match))
         return self._dedupe_tied(entries)
+
+    def _mixed_experts(self) -> list[PairEntry]:
+        """Experts stored per expert on one side and fused on the other: the two layouts transformers loads into one
+        parameter (its weight converters). ``save_pretrained`` writes Mixtral's experts per expert
+        (``block_sparse_moe.experts.3.w1.weight``, ``w3``, ``w2``; Qwen3-MoE's ``mlp.experts.3.gate_proj.weight`` …),
+        a ``save_file(model.state_dict())`` the loaded model's ``mlp.experts.gate_up_proj`` (E, 2·ffn, hidden) and
+        ``down_proj``, and Mixtral's router as ``mlp.gate.weight``. The names differ, so no tensor pairs by name.
+
+        The model class built from the config on the meta device says which tensors of each side load into which
+        parameter, and where (:func:`~spectra.checkpoints.placement.parameter_sources`,
+        :func:`~spectra.checkpoints.placement.split_sources`, the machinery that places an adapter's per-expert
+        updates). Each expert's ΔW is then the per-expert side's matrix against its place in the fused side's
+        parameter, and every record is named as the base names it: a per-expert base's ``…experts.3.w1``, a fused
+        base's ``…experts.3.gate_up_proj`` (with its ``[gate]`` and ``[up]``), as a run on two checkpoints of the
+        base's layout names them. What cannot be placed exactly stays "only in" BASE/TUNED, with a note that says so.
+        """
+        if not self.only_in_base or not self.only_in_tuned or not any(
+                ".experts." in f".{n}." for n in (*self.only_in_base, *self.only_in_tuned)):
+            return []
+        from spectra.checkpoints.placement import PlacementError, parameter_sources
+        from spectra.checkpoints.targets import meta_model
+
+        model = meta_model(self.config)
+        if model is None:
+            self._unpaired_experts_note("no config.json names a model class this transformers can build, and only "
+                                        "the class's loading conversions say where each expert lies")
+            return []
+        shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
+        b_sources = parameter_sources(model, self.only_in_base, shapes)
+        t_sources = parameter_sources(model, self.only_in_tuned, shapes)
+        entries, paired, reasons, counts = [], set(), [], {"forward": 0, "reverse": 0}
+        for parameter in [p for p in shapes if p in b_sources and p in t_sources]:
+            b_src, t_src, shape = b_sources[parameter], t_sources[parameter], shapes[parameter]
+            plain_b = len(b_src) == 1 and b_src[0].converter is None
+            plain_t = len(t_src) == 1 and t_src[0].converter is None
+            try:
+                if plain_b and plain_t:  # one tensor each side, renamed on loading (Mixtral's router)
+                    found = [self._renamed(e) for e in self._entries_for(b_src[0].tensor, t_src[0].tensor)]
+                elif plain_t and not plain_b:  # per-expert base, fused fine-tune
+                    found = self._per_expert_base(parameter, shape, b_src, t_src[0].tensor)
+                    counts["forward"] += 1
+                elif plain_b and not plain_t:  # fused base, per-expert fine-tune
+                    found = self._fused_base(parameter, shape, b_src[0].tensor, t_src)
+                    counts["reverse"] += 1
+                else:
+                    continue
+            except PlacementError as err:
+                if err.mismatch:
+                    raise PairingError(f"{self.base.spec} and {self.tuned.spec} store the experts in different "
+                                       f"layouts that do not load into one model: {err}. The checkpoints are "
+                                       "different architectures or sizes.") from None
+                reasons.append(str(err))
+                continue
+            entries.extend(found)
+            paired.update(s.tensor for s in b_src)
+            paired.update(s.tensor for s in t_src)
+        self.only_in_base = [n for n in self.only_in_base if n not in paired]
+        self.only_in_tuned = [n for n in self.only_in_tuned if n not in paired]
+        if counts["forward"] or counts["reverse"]:
+            example = next(e for e in entries if e.tuned_slice is not None and e.info.expert is not None)
+            per_expert, fused = (("base", "tuned") if counts["forward"] else ("tuned", "base"))
+            self.notes.append(
+                f"the experts are stored per expert in the {per_expert} checkpoint and fused in the {fused} one "
+                f"({counts['forward'] + counts['reverse']} fused parameter(s), e.g. "
+                f"{_stored_name(example.base_tensor, example)} against "
+                f"{_tuned_stored_name(example)}), as transformers loads both into one parameter; each expert's ΔW is "
+                "taken from its place there and named as the base names it")
+        if reasons or any(".experts." in f".{n}." for n in (*self.only_in_base, *self.only_in_tuned)):
+            self._unpaired_experts_note(reasons[0] if reasons else None)
+        return entries
+
+    def _per_expert_base(self, parameter, shape, b_src, t_name) -> list[PairEntry]:
+        """Per-expert base matrices against their places in the tuned checkpoint's fused 3-D `t_name`."""
+        from spectra.checkpoints.placement import PlacementError, split_sources
+
+        t = self.tuned.info(t_name)
+        if tuple(t.shape) != tuple(shape):
+            raise PlacementError(parameter, f"the tuned checkpoint's {t_name} is {tuple(t.shape)}, the parameter "
+                                 f"{tuple(shape)} (by the base's config.json)", mismatch=True)
+        slices = split_sources(self.base, parameter, shape, b_src, self.config, label="base")
+        self._plain_layout(parameter, slices, self.base, self.tuned, t_name)
+        out = []
+        for s in slices:
+            b = self.base.info(s.tensor)
+            info = module_info(s.module, self.config)
+            out.append(PairEntry(name=s.module, info=info, kind="matrix", shape=tuple(s.shape), base_tensor=s.tensor,
+                                 tuned_tensor=None, base_dtype=b.dtype, tuned_dtype=t.dtype,
+                                 projections=self._projections(s.module, info, s.shape[0]),
+                                 tuned_slice=TunedSlice((t_name,), s.place.expert, s.place.rows)))
+        return out
+
+    def _fused_base(self, parameter, shape, b_name, t_src) -> list[PairEntry]:
+        """The base's fused 3-D `b_name`, per expert as a fused pair reads it, against the tuned checkpoint's
+        per-expert matrices stacked on their rows."""
+        from spectra.checkpoints.placement import PlacementError, split_sources
+
+        b = self.base.info(b_name)
+        if tuple(b.shape) != tuple(shape):
+            raise PlacementError(parameter, f"the base's {b_name} is {tuple(b.shape)}, the parameter {tuple(shape)} "
+                                 "(by its config.json)", mismatch=True)
+        first = [src.tensor for src in t_src if module_info(src.tensor.removesuffix(".weight")).expert == 0]
+        held = [tuple(self.tuned.info(t).shape) for t in first]
+        if first and (any(len(h) != 2 or h[1] != shape[2] for h in held) or sum(h[0] for h in held) != shape[1]):
+            raise PlacementError(parameter, f"the tuned checkpoint's expert 0 is {', '.join(first)} of shape(s) "
+                                 f"{', '.join(map(str, held))}, the base's {b_name} holds ({shape[1]}, {shape[2]}) "
+                                 "per expert", mismatch=True)
+        slices = split_sources(self.tuned, parameter, shape, t_src, self.config, label="tuned checkpoint")
+        self._plain_layout(parameter, slices, self.tuned, self.base, b_name)
+        dtypes = {self.tuned.info(s.tensor).dtype for s in slices}
+        if len(dtypes) != 1:
+            raise PlacementError(parameter, f"its tuned tensors ({slices[0].tensor}, …) mix dtypes "
+                                 f"{', '.join(sorted(map(_dtype_name, dtypes)))}")
+        (dtype,) = dtypes
+        entries = self._entries_for(b_name, b_name, t_info=replace(b, dtype=dtype))
+        by_expert: dict[int, list] = {}
+        for s in slices:
+            by_expert.setdefault(s.place.expert, []).append(s)
+        out = []
+        for entry in entries:
+            if entry.kind != "matrix" or entry.conv1d or entry.tuned_conv1d is not None \
+                    or entry.expert_index not in by_expert:
+                raise PlacementError(parameter, f"the base's {b_name} is not read per expert (out, in)")
+            parts = sorted(by_expert[entry.expert_index], key=lambda s: s.place.rows or (0, 0))
+            out.append(replace(entry, tuned_tensor=None, tuned_slice=TunedSlice(tuple(s.tensor for s in parts))))
+        return out
+
+    @staticmethod
+    def _renamed(entry: PairEntry) -> PairEntry:
+        """A pair of one tensor each side under names that differ (Mixtral's router, ``block_sparse_moe.gate`` in
+        a per-expert checkpoint, ``mlp.gate`` in a fused one), read through ``tuned_slice``: the entry then names
+        only the base's tensor, so what plans by the checkpoint's names plans it as for the base's layout."""
+        if entry.kind != "matrix" or entry.conv1d or entry.tuned_conv1d is not None or entry.added_rows:
+            return entry
+        return replace(entry, tuned_tensor=None, tuned_slice=TunedSlice((entry.tuned_tensor,)))
+
+    @staticmethod
+    def _plain_layout(parameter, slices, per_expert_source, fused_source, fused_name) -> None:
+        """Refuse slices other than per-expert (out, in) matrices stacked on a fused (E, out, in) parameter's rows,
+        or a quantised tensor on either side (its grid is read per stored tensor)."""
+        from spectra.checkpoints.placement import PlacementError
+
+        for s in slices:
+            if s.conv1d or s.place.stored_transposed or s.stored_expert is not None:
+                raise PlacementError(parameter, f"{s.tensor} lies in it other than as an expert's (out, in) rows")
+        for source, tensor in ((fused_source, fused_name), *((per_expert_source, s.tensor) for s in slices)):
+            if source.storage_format(tensor):
+                raise PlacementError(parameter, f"{tensor} is stored quantised ({source.storage_format(tensor)}), "
+                                     "whose grid spectra reads per stored tensor only")
+
+    def _unpaired_experts_note(self, why: str | None) -> None:
+        """Say loudly, first among the notes after the provenance, that expert tensors stored in another layout on
+        each side were left out (what the analysis then covers is not the experts)."""
+        def experts(names):
+            return [n for n in names if ".experts." in f".{n}."]
+
+        b_experts, t_experts = experts(self.only_in_base), experts(self.only_in_tuned)
+        if not b_experts or not t_experts:
+            return
+
+        def layout(source, names):
+            shapes = [tuple(source.info(n).shape) for n in names]
+            fused = sum(len(shape) == 3 for shape in shapes)
+            kind = ("stored fused, one (experts, ·, ·) tensor per projection" if fused == len(names) else
+                    "stored per expert" if not fused else "stored partly fused, partly per expert")
+            return f"{kind} (e.g. {names[0]} {shapes[0]})"
+
+        note = (f"{len(b_experts)} expert tensor(s) only in BASE, {layout(self.base, b_experts)}, and "
+                f"{len(t_experts)} only in TUNED, {layout(self.tuned, t_experts)}, were NOT analysed"
+                + (f": {why}" if why else "")
+                + "; the results cover the other tensors only. Save both checkpoints in one layout (load each with "
+                "transformers and save_pretrained) to analyse the experts")
+        self.notes.insert(1 if self.provenance else 0, note)
 
     def _untied_heads(self, match) -> list[PairEntry]:
         """A head the tuned checkpoint stores while the base ties it to its input embedding (stored once):
@@ -346,8 +544,8 @@ class Pairing:
                                  expert_rows=rows, conv1d=down, **common))
         return out
 
-    def _entries_for(self, b_name: str, t_name: str) -> list[PairEntry]:
-        b, t = self.base.info(b_name), self.tuned.info(t_name)
+    def _entries_for(self, b_name: str, t_name: str, t_info=None) -> list[PairEntry]:
+        b, t = self.base.info(b_name), (self.tuned.info(t_name) if t_info is None else t_info)
         if b.dtype not in _FLOAT_DTYPES or t.dtype not in _FLOAT_DTYPES:
             self.notes.append(f"{b_name}: skipped, not a floating-point tensor ({b.dtype}, {t.dtype})")
             return []
@@ -565,7 +763,7 @@ class Pairing:
         delta, delta_low, delta_sq, base_sq = _difference(tuned, base, dtype, norms=by_norms, out=out, low=low)
         if by_norms and not (_finite_number(delta_sq) and _finite_number(base_sq)):
             if not (self._finite(base, _stored_name(entry.base_tensor, entry), self.base.spec, entry.name)
-                    and self._finite(tuned, _stored_name(entry.tuned_tensor, entry), self.tuned.spec, entry.name)):
+                    and self._finite(tuned, _tuned_stored_name(entry), self.tuned.spec, entry.name)):
                 return []
             if delta_sq is not None:  # both weights finite, yet a norm is not
                 message = f"ΔW of {entry.name} overflows float32 (|tuned − base| beyond 3.4e38)"
@@ -609,9 +807,9 @@ class Pairing:
             if not self._finite(tuned, entry.name + " (adapter merged)", self.tuned.spec, entry.name):
                 return None
             return base, tuned
-        raw_tuned = _read_stored(self.tuned, entry.tuned_tensor, entry)
-        if check and not self._finite(raw_tuned, _stored_name(entry.tuned_tensor, entry), self.tuned.spec,
-                                      entry.name):
+        raw_tuned = (_read_stored(self.tuned, entry.tuned_tensor, entry) if entry.tuned_slice is None
+                     else _read_slice(self.tuned, entry.tuned_slice))
+        if check and not self._finite(raw_tuned, _tuned_stored_name(entry), self.tuned.spec, entry.name):
             return None
         base, tuned = _orient(raw_base, entry), _orient(raw_tuned, entry, tuned=True)
         if entry.tuned_conv1d is not None:  # stored the other way round: copied into the base's layout (one expert),
@@ -809,6 +1007,29 @@ def _read_stored(source, name: str, entry: PairEntry) -> torch.Tensor:
     if entry.expert_rows:
         return source.read_rows(name, *_expert_rows(entry))
     return source.read(name) if entry.expert_index is None else source.read_expert(name, entry.expert_index)
+
+
+def _read_slice(source, where: TunedSlice) -> torch.Tensor:
+    """The matrix a :class:`TunedSlice` names, (out, in), contiguous: rows of one expert of a fused 3-D tensor, or
+    per-expert 2-D tensors stacked on their rows."""
+    if where.expert is None:
+        parts = [source.read(t) for t in where.tensors]
+        return parts[0].contiguous() if len(parts) == 1 else torch.cat(parts, dim=0)
+    matrix = source.read_expert(where.tensors[0], where.expert)
+    if where.rows is not None:
+        matrix = matrix[where.rows[0]:where.rows[1]]
+    return matrix.contiguous()
+
+
+def _tuned_stored_name(entry: PairEntry) -> str:
+    """The stored tensor(s) an entry's tuned side reads, for messages."""
+    where = entry.tuned_slice
+    if where is None:
+        return _stored_name(entry.tuned_tensor, entry)
+    if where.expert is None:
+        return " + ".join(where.tensors)
+    rows = "" if where.rows is None else f", rows {where.rows[0]}:{where.rows[1]}"
+    return f"{where.tensors[0]}[{where.expert}{rows}]"
 
 
 def _expert_rows(entry: PairEntry) -> tuple[int, int]:
