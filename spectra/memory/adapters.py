@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 from spectra.checkpoints.adapted import TargetSelection, peft_targets
-from spectra.checkpoints.architectures import missing_stacks, role_selected, stack_selected
+from spectra.checkpoints.architectures import missing_stacks, module_info, role_selected, stack_selected
 from spectra.checkpoints.roles import stack_roles
 from spectra.errors import ConfigError
 from spectra.memory.shape import ModelShape, model_shape
@@ -74,6 +74,10 @@ def _check_plan_base(shape: ModelShape, plan: RankPlan, config: dict) -> None:
             raise ConfigError(f"the plan was made from an analysis of another model ({plan.base['path']}: "
                               f"{theirs}), not of this config ({ours}). {again}")
     for m in plan.modules:
+        stack = module_info(m.name).stack
+        if stack is not None:  # another tower's (vision, projector, …): judged by that stack's linears
+            _check_tower_module(shape, m, stack, again)
+            continue
         if m.layer is not None and not 0 <= m.layer < shape.layers:
             raise ConfigError(f"the plan was made from an analysis of another model: {m.name} is in layer {m.layer}, "
                               f"and this {shape.family} config has {shape.layers} layers. {again}")
@@ -84,6 +88,22 @@ def _check_plan_base(shape: ModelShape, plan: RankPlan, config: dict) -> None:
             raise ConfigError(f"the plan was made from an analysis of another model: {m.name} is "
                               f"{'×'.join(map(str, m.shape))}, and this {shape.family} config's {m.role} projection "
                               f"is {' or '.join('×'.join(map(str, s)) for s in sorted(held))}. {again}")
+
+
+def _check_tower_module(shape: ModelShape, module, stack: str, again: str) -> None:
+    """Refuse a planned module of another tower (``stack``: a vision tower's, a projector's) unless this config's
+    ``stack`` holds a linear of its role and (out, in): its layers are the tower's, not the language model's."""
+    held = {(o, i) for role, o, i, s in shape.tower_linears if s == stack and role == module.role}
+    if not any(s == stack for *_, s in shape.tower_linears):
+        raise ConfigError(f"the plan was made from an analysis of another model: {module.name} is a linear of the "
+                          f"{stack} stack, and this {shape.family} config has no {stack} stack with linear layers. "
+                          f"{again}")
+    if tuple(module.shape) not in held:
+        found = " or ".join("×".join(map(str, s)) for s in sorted(held))
+        raise ConfigError(f"the plan was made from an analysis of another model: {module.name} is "
+                          f"{'×'.join(map(str, module.shape))}, and this {shape.family} config's {stack} stack "
+                          + (f"has {module.role} linears of {found}" if held
+                             else f"has no linear of role {module.role}") + f". {again}")
 
 
 def _layout(shape: ModelShape) -> tuple:
@@ -135,28 +155,39 @@ def _adapter_modules(shape: ModelShape, method: str, plan_or_rank: Any, roles: t
             raise ConfigError(f"layers_to_transform must name layers of this {shape.layers}-layer model "
                               f"(0 … {shape.layers - 1}), got {layers_to_transform!r}.")
     h, i, experts = shape.hidden, shape.intermediate, shape.experts
-    if shape.tower_params and (isinstance(plan_or_rank, RankPlan) or layers_to_transform is not None):
-        raise ConfigError(f"{shape.family}: spectra's memory model estimates full fine-tuning and an int rank on "
-                          "every layer of a multimodal model; a plan's tower modules and the tower layers "
-                          "layers_to_transform picks are not modelled. Pass the text_config alone to estimate the "
-                          "language model.")
+    if shape.tower_params and layers_to_transform is not None:
+        raise ConfigError(f"{shape.family}: layers_to_transform on a multimodal model is not modelled. Leave it out "
+                          "(or plan the layers with `spectra recommend`), or pass the text_config alone to estimate "
+                          "the language model.")
     wanted = DEFAULT_ROLES + stack_roles(stacks) if roles is None else tuple(roles)  # --stacks projector: projector
-    adapted_towers = sorted({stack for role, _, _, stack in shape.tower_linears if stacks is not None
-                             and stack_selected(stack, stacks) and role_selected(role, wanted)}, key=str)
+    if isinstance(plan_or_rank, RankPlan):  # a plan adapts the other towers' modules it names
+        planned_stacks = {module_info(m.name).stack for m in plan_or_rank.modules}
+        adapted_towers = sorted(planned_stacks - {None}, key=str)
+    else:
+        adapted_towers = sorted({stack for role, _, _, stack in shape.tower_linears if stacks is not None
+                                 and stack_selected(stack, stacks) and role_selected(role, wanted)}, key=str)
     if method in ("qlora", "dora") and adapted_towers:
-        raise ConfigError(f"{shape.family}: {method} on the {', '.join(map(str, adapted_towers))} stack's linears "
-                          f"(stacks {','.join(stacks)}) is not modelled: "
+        towers = ", ".join(map(str, adapted_towers))
+        raise ConfigError(f"{shape.family}: {method} on the {towers} stack's linears "
+                          + (f"(stacks {','.join(stacks)})" if stacks else "(the plan's modules)")
+                          + " is not modelled: "
                           + ("a LoRA module on a 4-bit tower linear (QLoRA)" if method == "qlora"
                              else "DoRA's weight norms and transients on the tower's linears")
-                          + f". Leave {', '.join(map(str, adapted_towers))} out of stacks (the default adapts the "
-                            "language model alone) or estimate lora.")
+                          + (f". Leave {towers} out of stacks (the default adapts the language model alone) or "
+                             "estimate lora." if stacks else
+                             f". Plan the language model alone (`spectra recommend --stacks language`) or estimate "
+                             "lora."))
     if isinstance(plan_or_rank, RankPlan):
         model = _moe_model(shape, train_model, "which rank the plan's peft_config gives its fused experts")
         through_weights = _planned_weights(plan_or_rank, model)
         held, ranks = _fused_ranks(plan_or_rank, model)
         modules, fused = [], {}  # fused: the parameter PEFT adapts -> its layer and role (down or gate_up)
         for m in plan_or_rank.modules:
-            if m.name in held:
+            if module_info(m.name).stack is not None:  # another tower's linear: held, never run on text-only
+                # batches (no activations, no gradient), as an int rank's on the stacks that name it
+                d_in, d_out = adapter_dims(m.role, m.shape)
+                modules.append(_Adapter(None, m.role, m.rank, d_in, d_out, tower=True))
+            elif m.name in held:
                 fused.setdefault(held[m.name], (m.layer, "down" if m.role == "down" else "gate_up"))
             else:
                 d_in, d_out = adapter_dims(m.role, m.shape)
@@ -168,8 +199,6 @@ def _adapter_modules(shape: ModelShape, method: str, plan_or_rank: Any, roles: t
             d_in, d_out = (i, h) if role == "down" else (h, 2 * i)
             if shape.attention_experts:  # JetMoE's JetMoeParallelExperts, the attention's query and output experts
                 # too: (experts, out, in) each, of the module's role
-                from spectra.checkpoints.architectures import module_info
-
                 _, d_out, d_in = (int(n) for n in model.get_parameter(parameter).shape)
                 role = module_info(parameter.removesuffix(".weight")).role
             modules.append(_Adapter(layer, role, ranks[parameter], d_in, d_out, experts))
@@ -212,8 +241,6 @@ def _trained_moe_adapters(shape: ModelShape, method: str, rank: int, roles: tupl
     ParamWrappers at ``rank`` per expert (``target_parameters``); a router is never adapted (no block role). DoRA and
     QLoRA leave the experts out of the default roles (PEFT's ParamWrapper takes neither) and refuse roles that ask
     for them, with train's own error (:func:`spectra.checkpoints.adapted._fit_method`)."""
-    from spectra.checkpoints.architectures import module_info
-
     model = train_model()[1] if train_model is not None else None
     if model is None:
         raise ConfigError(f"{shape.family}: transformers cannot build this MoE from its config on the meta device, "

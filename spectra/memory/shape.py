@@ -282,12 +282,39 @@ def model_shape(config: Mapping, *, models=None) -> ModelShape:
                               "which spectra's memory model does not read as a multimodal model (it reads those whose "
                               "text_config alone describes the language model: Gemma 3, LLaVA, Qwen2-VL, …). Pass the "
                               "text_config alone to estimate the language model.") from None
-        raise ConfigError(f"config.json of model_type {mtype or '?'} lacks {err}; spectra's memory model reads "
-                          f"Llama-like, GPT-2, BERT and {_OWN_BLOCKS_DESCRIBED} configs.") from None
+        raise _unread_config(mtype, err.args[0]) from None
+    except TypeError:  # a size of another kind: a list per stage (CLAP audio's heads), a mapping (LXMERT's layers),
+        # none (ESM's default vocabulary)
+        raise _unread_config(mtype, None) from None
+    if not all(type(n) is int for n in (shape.hidden, shape.layers, shape.heads, shape.intermediate, shape.vocab)):
+        raise _unread_config(mtype, None)  # Gemma 3n's intermediate_size: a list, one width a layer
     if mtype:  # every family's, those the tests check too: a user's config may set what they do not (GPT-2's
         # add_cross_attention); ~10-30 ms a build once transformers' modelling is imported (_meta_model_for)
         _refuse_other_blocks(cfg, mtype, shape, base_model)
     return shape
+
+
+def _unread_config(mtype: str, key: str | None) -> ConfigError:
+    """Why a config.json whose keys the memory model could not read is refused: its ``key`` missing (None: a size of
+    another kind than one int). A family transformers knows whose own default config lacks the key too (DistilBERT's
+    ``dim`` for hidden_size, a vision tower's) or holds sizes of another kind (Gemma 3n's intermediate_size per
+    layer) is an architecture the memory model does not describe; a config of a family whose default has the key as
+    one int (or of one transformers does not know) lacks it, or holds it wrong."""
+    described = f"reads Llama-like, GPT-2, BERT and {_OWN_BLOCKS_DESCRIBED} configs"
+    default = _config_object(mtype) if mtype else None
+    default = default.to_dict() if default is not None else None
+    if default is not None and (key not in default if key is not None
+                                else any(type(default[k]) is not int for k in _LANGUAGE_KEYS & set(default))):
+        found = ("sizes of other kinds than one number (a list per layer or stage, a mapping, none) where its hidden "
+                 "size, layers, heads, MLP width and vocabulary are read" if key is None else f"no {key!r}, as "
+                 f"transformers' default {mtype} config has none: it names its sizes otherwise")
+        return ConfigError(f"model_type {mtype}: an architecture spectra's memory model does not describe (its "
+                           f"config.json holds {found}); it {described}.")
+    if key is None:
+        return ConfigError(f"config.json of model_type {mtype or '?'} holds sizes of other kinds than one number "
+                           "where its hidden size, layers, heads, MLP width and vocabulary are read; spectra's "
+                           f"memory model {described}.")
+    return ConfigError(f"config.json of model_type {mtype or '?'} lacks {key!r}; spectra's memory model {described}.")
 
 
 # Gemma 4's language models: gemma4's text_config (and its assistants') read by _gemma4; gemma4_unified's refused
