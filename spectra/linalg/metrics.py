@@ -552,12 +552,14 @@ def rounding_noise_floor(
     exact = replace(_white_floor(var_t, (m, n), s, names), base_rounding="exact", tuned_variance=var_t)
     if base_rounding == "exact":
         return exact
-    from spectra.linalg.noise import settle_floor  # noise builds on this module; one decision for both callers
+    from spectra.linalg.noise import rounding_profile, settle_floor  # noise builds on this module; one decision
 
     # ΔW in float32, as the analysis holds it: settle_floor resolves the residual from it in float64 where the
-    # float32 values cannot (a large update on a bf16 base)
+    # float32 values cannot (a large update on a bf16 base); each side's variance by row and column weighs what
+    # each hypothesis leaves outside ΔW's top directions
     return settle_floor("auto", replace(both, tuned_variance=var_t), exact, s, (m, n), total_energy=fro2,
-                        delta=tuned.float() - base.float())
+                        delta=tuned.float() - base.float(),
+                        profile=rounding_profile(base, tuned, base_dtype=bd, tuned_dtype=td))
 
 
 def _white_floor(var: float, shape: tuple[int, int], s, names: tuple[str, str]) -> NoiseFloor:
