@@ -248,7 +248,8 @@ def model_shape(config: Mapping, *, models=None) -> ModelShape:
                               "(num_local_experts, experts of intermediate_size), Qwen3-MoE and DeepSeek-V2/V3.")
         if mtype in _MOE_COUNTED_WRONG:
             raise ConfigError(f"model_type {mtype}: {_MOE_COUNTED_WRONG[mtype]}, which spectra's memory model "
-                              "would count wrong; it reads Mixtral-style MoE (Mixtral, MiniMax, PhiMoE, GraniteMoE).")
+                              "would count wrong; it reads Mixtral-style MoE (Mixtral, MiniMax, PhiMoE, GraniteMoE), "
+                              "Qwen3-MoE, DeepSeek-V2/V3 and JetMoE.")
         # a config.json without layer_types gets the family's (MiniMax: lightning attention every other layer)
         layer_types = cfg.get("layer_types") or (getattr(_config_object(mtype), "layer_types", None) if mtype else None)
         other_layers = sorted(set(layer_types or ()) - _ATTENTION_LAYERS)
@@ -533,7 +534,8 @@ def _refuse_other_blocks(cfg: dict, mtype: str, shape: ModelShape, base_model=No
     _refuse_unless_built_holds(model, shape.params - shape.head_params, mtype=mtype, model_class=base_class,
                                counted_as="(no LM head): its blocks differ from the families the memory model "
                                           f"describes ({_LLAMA_LIKE_DESCRIBED}; Mixtral-style MoE: Mixtral, PhiMoE, "
-                                          f"GraniteMoE, MiniMax; GPT-2; BERT; {_OWN_BLOCKS_DESCRIBED})")
+                                          f"GraniteMoE, MiniMax; Qwen3-MoE; DeepSeek-V2/V3; JetMoE; GPT-2; BERT; "
+                                          f"{_OWN_BLOCKS_DESCRIBED})")
     _refuse_other_linears(model, shape, mtype=mtype, model_class=base_class, cfg=cfg)
 
 
