@@ -39,7 +39,7 @@ class Target:
     stack: str | None  # None: the language model; else a vision tower, an encoder, … (ModuleInfo.stack)
     shape: tuple[int, int]  # (out, in)
     base_tensor: str
-    tuned_tensor: str
+    tuned_tensor: str | None  # None: read through entry.tuned_slice (experts per expert on one side, fused on other)
     key: str  # the model's state_dict key: the parameter it is, or lies in
     conv1d: bool  # the fine-tune stores it (in, out): a Conv1D, gpt-oss's experts, Qwen3-VL-MoE's hub experts
     entry: object
@@ -140,6 +140,8 @@ class ModelWeights:
                 key, place = key_of[e.tuned_tensor], stacked_places[e.name]
             elif e.expert_index is None and e.tuned_tensor in fused:
                 key, place = fused[e.tuned_tensor]
+            elif e.tuned_slice is not None and (found := self._sliced_place(e, key_of, fused)) is not None:
+                key, place = found
             else:
                 unplaced.append(e.name)
                 continue
@@ -149,6 +151,27 @@ class ModelWeights:
         if unplaced:  # no parameter of its name, and no slice of one that spectra can locate
             self.notes.append(_unplaced_note(unplaced, refused, type(model).__name__, planned=planned is not None))
         return targets
+
+    def _sliced_place(self, entry, key_of: dict[str, str], fused: dict) -> tuple[str, torch.Tensor] | None:
+        """(key, place) of an entry the pairing reads through ``tuned_slice``: the experts stored per expert on one
+        side and fused on the other (:meth:`~spectra.checkpoints.pairing.Pairing._mixed_experts`), None without one.
+
+        A fused fine-tune loads as stored: the entry's rows of expert e of its parameter (a per-expert base's
+        ``experts.3.w3`` is rows [ffn, 2·ffn) of ``gate_up_proj[3]``), or a renamed tensor's whole parameter. A
+        per-expert fine-tune is fused on loading: a fused base's expert e is ``parameter[e]``, which its per-expert
+        tensors fill in the order the pairing stacks them (the converter's)."""
+        where, first = entry.tuned_slice, entry.tuned_slice.tensors[0]
+        if first in key_of and where.expert is not None:
+            key = key_of[first]
+            place = self.state[key][where.expert]  # (E, out, in) -> (out, in)
+            return key, place if where.rows is None else place[where.rows[0]:where.rows[1]]
+        if first in key_of and len(where.tensors) == 1:  # a tensor renamed on loading (Mixtral's router)
+            return key_of[first], self.state[key_of[first]]
+        if first in fused and where.expert is None and entry.expert_index is not None:
+            key = fused[first][0]
+            if all(fused.get(t, (None,))[0] == key for t in where.tensors) and self.state[key].dim() == 3:
+                return key, self.state[key][entry.expert_index]
+        return None
 
     def _filled_keys(self) -> set[str]:
         """The keys the targets fill whole: their places' sizes add up to the parameter's."""
@@ -187,7 +210,9 @@ class ModelWeights:
     def _untargeted_slots(self, fused: dict[str, tuple[str, torch.Tensor]], targeted: set[str]) -> list[_Slot]:
         """The fused slices no target covers, each from the base's or the fine-tune's tensor of the same name."""
         base_of = {t: b for b, t in match_names(self.pairing.base.names(), self.pairing.tuned.names()).pairs.items()}
-        target_tensors = {t.tuned_tensor for t in self.targets}
+        target_tensors = {t.tuned_tensor for t in self.targets}  # and those read through a pairing's tuned_slice
+        target_tensors |= {n for t in self.targets if t.entry.tuned_slice is not None
+                           for n in t.entry.tuned_slice.tensors}
         slots = []
         for tensor, (key, place) in fused.items():
             if tensor in target_tensors or key in targeted:
@@ -286,6 +311,12 @@ class ModelWeights:
         ``read(side, name)`` reads a tensor from the ``"base"`` or ``"tuned"`` checkpoint.
         """
         expert = target.entry.expert_index  # one expert of a stored (E, ·, ·) tensor
+        where = target.entry.tuned_slice  # the experts stored per expert on one side, fused on the other
+        if rank >= target.full_rank and where is not None:
+            if where.expert is None:  # per-expert (out, in) matrices stacked on their rows: [gate; up]
+                return torch.cat([read("tuned", t) for t in where.tensors])
+            tuned = read("tuned", where.tensors[0])[where.expert]  # rows of expert e of a fused (E, out, in)
+            return tuned if where.rows is None else tuned[where.rows[0]:where.rows[1]]
         if rank >= target.full_rank:
             tuned = read("tuned", target.tuned_tensor)
             return tuned if expert is None else tuned[expert]
