@@ -40,6 +40,10 @@ __all__ = ["tuned_side_floor", "settle_floor", "RoundingProfile", "rounding_prof
 # recomputes them. Johnstone (2001, Table 1) lists 0.98 and 2.02 for 0.95 and 0.99.
 TW1_QUANTILES = {0.9: 0.4501, 0.95: 0.9793, 0.99: 2.0234, 0.995: 2.4223, 0.999: 3.2722}
 EDGE_QUANTILE = 0.999  # a pure bf16-noise matrix of short side ≥ 64 goes above it in ≤ 5 % of seeds (0.99: ≤ 11 %)
+# settle_floor weighs the hypotheses by the profile only where σ̂² lies within these factors of the plain threshold:
+# the weighting moved the threshold by 0.71–1.03× over planted pairs 16² to 256², ‖δ‖ up to 4‖W‖, rank up to 8 (the
+# lowest at rank 8 of 16); elsewhere the top directions' cost (k + 8 power-step columns over ΔW) would buy nothing
+NEAR = (0.5, 1.25)
 
 
 def tuned_side_floor(both: metrics.NoiseFloor, tuned: torch.Tensor, *, tuned_dtype: torch.dtype,
@@ -116,7 +120,8 @@ def settle_floor(choice: str, both: metrics.NoiseFloor, tuned_only: metrics.Nois
         directions (:func:`expected_residual`) instead of with its mean variance: under a
         large update (‖ΔW‖ ≈ ‖W‖) the fine-tune's ulps are largest on the rows and columns
         the update moved most, which are the ones its top directions take out, and the mean
-        overstates what is left. Pairs rounded from fp32 masters (W ~ N(0, 0.02²), rank 1–3
+        overstates what is left (weighed only where σ̂² is within `NEAR` of the plain threshold,
+        the most the weighting moved it). Pairs rounded from fp32 masters (W ~ N(0, 0.02²), rank 1–3
         update, ‖δ‖ = ‖W‖, 10 seeds each) read as "exact" without it in 27, 23, 7, 7, 3 % of
         16², 16×32, 32², 32×64, 64² matrices, with it in 13, 10, 0, 0, 0 %; at ‖δ‖ = 2‖W‖
         (hypotheses 1.2× apart) in 80–100 % at every size to 512², with it 27–50 %. Its cost:
@@ -154,7 +159,8 @@ def settle_floor(choice: str, both: metrics.NoiseFloor, tuned_only: metrics.Nois
                         else residual_energy(delta, k, seed=seed) / ((m - k) * (n - k)))
     sigma_residual = None if residual is None else math.sqrt(residual)
     tuned_variance = tuned_only.variance
-    if residual is not None and profile is not None and delta is not None and k:
+    near = residual is not None and threshold * NEAR[0] <= residual < threshold * NEAR[1]
+    if near and profile is not None and delta is not None and k:
         # each hypothesis' mean variance over the (m − k)(n − k) dimensions its noise keeps outside the top k
         u, v = top_leverages(delta, k, seed=seed)
         kept = (m - k) * (n - k)
