@@ -21,6 +21,7 @@ decides the floor takes the bare edge (:func:`~spectra.linalg.metrics.residual_v
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -84,7 +85,7 @@ def tuned_side_floor(both: metrics.NoiseFloor, tuned: torch.Tensor, *, tuned_dty
 def settle_floor(choice: str, both: metrics.NoiseFloor, tuned_only: metrics.NoiseFloor | None, s, shape, *,
                  total_energy: float, numerical: float = 0.0, quantised: bool = False,
                  delta: torch.Tensor | None = None, seed: int = 0,
-                 profile: RoundingProfile | None = None) -> metrics.NoiseFloor:
+                 profile: RoundingProfile | Callable[[], RoundingProfile] | None = None) -> metrics.NoiseFloor:
     """The floor under ΔW: both sides' rounding ("counted") or the fine-tune's alone ("exact").
 
     Parameters
@@ -114,8 +115,11 @@ def settle_floor(choice: str, both: metrics.NoiseFloor, tuned_only: metrics.Nois
         residual from the matrix in float64 instead (:func:`residual_energy`).
     seed : int, default 0
         Start of that residual's subspace iteration (and of the top directions' for `profile`).
-    profile : RoundingProfile, optional
-        Each side's rounding variance summed by row and by column (:func:`rounding_profile`).
+    profile : RoundingProfile or callable returning one, optional
+        Each side's rounding variance summed by row and by column (:func:`rounding_profile`);
+        a callable is called only where the weighting below runs (analyze passes one: the
+        profile reads every element of both sides, ~0.3 s a 4096² pair at one thread, and
+        most modules' σ̂² lies far from the threshold).
         With `delta`, "auto" compares σ̂² with what each hypothesis leaves outside ΔW's top k
         directions (:func:`expected_residual`) instead of with its mean variance: under a
         large update (‖ΔW‖ ≈ ‖W‖) the fine-tune's ulps are largest on the rows and columns
@@ -162,6 +166,7 @@ def settle_floor(choice: str, both: metrics.NoiseFloor, tuned_only: metrics.Nois
     near = residual is not None and threshold * NEAR[0] <= residual < threshold * NEAR[1]
     if near and profile is not None and delta is not None and k:
         # each hypothesis' mean variance over the (m − k)(n − k) dimensions its noise keeps outside the top k
+        profile = profile() if callable(profile) else profile
         u, v = top_leverages(delta, k, seed=seed)
         kept = (m - k) * (n - k)
         tuned_variance = expected_residual(profile.tuned_rows, profile.tuned_cols, u, v) / kept

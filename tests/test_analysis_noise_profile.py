@@ -1,0 +1,59 @@
+"""analyze's auto choice of floor weighs the hypotheses by each side's rounding profile (noise.settle_floor's
+`profile`), computed only where σ̂² lies near the threshold (noise.NEAR).
+
+Pairs as tests/linalg/test_noise_large_update.py builds them (32×32, ‖δ‖ ≈ ‖W‖, rank 2): seeds 3, 10 and 29 of the
+master-rounded ones read "exact" without the profile. Through `spectra.analysis.analyze` they now read "counted" at
+the true σ (float64 std of ΔW_stored − δ) to 10 %; the same seeds fine-tuned from the stored base stay "exact". A
+pair with a small update (σ̂² far from the threshold) never reads the profile."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from spectra.analysis import AnalysisConfig, analyze
+from spectra.linalg import noise
+from tests.linalg.test_noise_large_update import _pair
+
+NAME = "model.layers.0.self_attn.q_proj"
+
+
+def _row(tmp_path, base, tuned):
+    for side, weight in (("b", base), ("t", tuned)):
+        (tmp_path / side).mkdir(parents=True)
+        save_file({NAME + ".weight": weight.contiguous()}, tmp_path / side / "model.safetensors")
+    (row,) = analyze(tmp_path / "b", tmp_path / "t", AnalysisConfig(), cache_dir=False, progress=False).modules
+    return row["noise"]
+
+
+@pytest.mark.parametrize("seed", [3, 10, 29])
+def test_analyze_counts_the_base_of_master_rounded_pairs_under_a_large_update(tmp_path, seed):
+    base, tuned, _, true = _pair(seed, (32, 32), "B")
+    floor = _row(tmp_path, base, tuned)
+    assert floor["base_rounding"] == "counted"
+    assert floor["sigma"] == pytest.approx(true, rel=0.1)
+
+
+@pytest.mark.parametrize("seed", [3, 10, 29])
+def test_analyze_keeps_fine_tunes_of_the_stored_base_exact(tmp_path, seed):
+    base, tuned, _, true = _pair(seed, (32, 32), "A")
+    floor = _row(tmp_path, base, tuned)
+    assert floor["base_rounding"] == "exact"
+    assert floor["sigma"] == pytest.approx(true, rel=0.1)
+
+
+def test_the_profile_is_read_only_near_the_threshold(tmp_path, monkeypatch):
+    """Both sides rounded from fp32 masters, 64×64, the update ~1 % of W: σ̂² is ~2× the exact hypothesis, far above its
+    threshold, so the row/column profile (every element of both sides) is never computed; seed 3's large update
+    lies near it and reads it once."""
+    calls = []
+    real = noise.rounding_profile
+    monkeypatch.setattr(noise, "rounding_profile", lambda *a, **k: calls.append(1) or real(*a, **k))
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(64, 64, generator=g) * 0.02
+    update = (torch.randn(64, 2, generator=g) @ torch.randn(2, 64, generator=g)) * 2e-4
+    assert _row(tmp_path / "small", w.bfloat16(), (w + update).bfloat16())["base_rounding"] == "counted"
+    assert calls == []
+    base, tuned, _, _ = _pair(3, (32, 32), "B")
+    assert _row(tmp_path / "near", base, tuned)["base_rounding"] == "counted" and calls == [1]
