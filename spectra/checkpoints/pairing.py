@@ -4,7 +4,8 @@ Every matrix ΔW comes out oriented like ``torch.nn.Linear.weight``, ``(out, in)
 upcast to float32 (or float64) *before* subtracting. The pairing handles prefix
 differences between model classes, Conv1D transposition, fused projections (split
 per projection, GQA-aware, with the fused whole kept), tied embeddings, resized
-vocabularies, 3-D MoE expert tensors (each side in its own stored layout: Qwen3-VL-MoE's
+vocabularies, a classification head of another class count (set aside with a note: re-initialised, it has no ΔW),
+3-D MoE expert tensors (each side in its own stored layout: Qwen3-VL-MoE's
 hub (E, in, out) against transformers 5's (E, out, in); JetMoE's ``….input_linear.weight`` (E, out, in), one record
 per expert, ``….input_linear.3``; GraniteMoE's ``block_sparse_moe.input_linear.weight`` (E, out, in), one record per
 expert named as transformers loads it, ``…block_sparse_moe.experts.3.gate_up_proj``; any other 3-D ``.weight`` under
@@ -247,7 +248,7 @@ class Pairing:
     ------
     PairingError
         No common tensors (mismatched architectures), a shape mismatch on a shared name
-        (other than a resized vocabulary, or 3-D experts stored transposed on one side, which
+        (other than a resized vocabulary, a classification head of another class count, or 3-D experts stored transposed on one side, which
         transformers loads as the same model), experts stored per expert on one side and fused on
         the other that do not fit the model's parameter, ambiguous names.
     AdapterError
@@ -308,9 +309,11 @@ class Pairing:
             self._linear_layouts, note = conv1d_by_shape(shapes)
             if note:
                 self.notes.append(note)
+        reset = self._class_heads(match.pairs)  # a head of another class count: no ΔW, set aside before pairing
         entries = []
         for b_name, t_name in match.pairs.items():
-            entries.extend(self._entries_for(b_name, t_name))
+            if b_name not in reset:
+                entries.extend(self._entries_for(b_name, t_name))
         if self._mixed_layouts:
             b_name, b_shape, t_name, t_shape = self._mixed_layouts[0]
             self.notes.append(
@@ -321,6 +324,56 @@ class Pairing:
         entries.extend(self._mixed_experts())
         entries.extend(self._untied_heads(match))
         return self._dedupe_tied(entries)
+
+    def _class_heads(self, pairs: dict[str, str]) -> set[str]:
+        """The base's tensors of a classification head whose class count differs between the checkpoints (a
+        classifier of 2 labels fine-tuned into 3: the head re-initialised), moved to "only in" BASE and TUNED
+        with a note naming each tensor and both shapes.
+
+        Such a head's rows are new, not updated: it has no ΔW, and an adapter carries it saved whole
+        (modules_to_save), as a head new in TUNED. A head is told from a resized vocabulary (extra rows of the
+        embedding and its head in TUNED, paired over the shared rows) by its rows: a class head's base rows are
+        neither the base config's ``vocab_size`` nor the rows of an embedding table. Where neither is known (no
+        config, no embedding), nothing is set aside and the shapes are checked as before. The head's weight
+        (role head, 2-D, same columns) and its bias (the same module's, one entry per class) go together; any other
+        tensor of another shape is still refused as another model."""
+        vocab = {v for c in (self.config or {}, (self.config or {}).get("text_config") or {})
+                 if isinstance(c, dict) and isinstance(v := c.get("vocab_size"), int)}
+        for b_name in pairs:
+            if b_name.endswith(".weight") and module_info(b_name.removesuffix(".weight"), self.config).role == "embed":
+                shape = tuple(self.base.info(b_name).shape)
+                if len(shape) == 2:
+                    vocab.add(shape[0])
+        if not vocab:
+            return set()
+        reset, shown = set(), []
+        for b_name, t_name in pairs.items():
+            if not b_name.endswith(".weight"):
+                continue
+            module = b_name.removesuffix(".weight")
+            b_shape, t_shape = tuple(self.base.info(b_name).shape), tuple(self.tuned.info(t_name).shape)
+            if (module_info(module, self.config).role != "head" or len(b_shape) != 2 or len(t_shape) != 2
+                    or b_shape[1] != t_shape[1] or b_shape[0] == t_shape[0] or b_shape[0] in vocab):
+                continue
+            tensors = [(b_name, t_name, b_shape, t_shape)]
+            bias = f"{module}.bias"
+            if bias in pairs:
+                bb, tb = tuple(self.base.info(bias).shape), tuple(self.tuned.info(pairs[bias]).shape)
+                if bb != (b_shape[0],) or tb != (t_shape[0],):  # not this head's per-class bias: refused as before
+                    continue
+                tensors.append((bias, pairs[bias], bb, tb))
+            for b, t, _, _ in tensors:
+                reset.add(b)
+                self.only_in_base.append(b)
+                self.only_in_tuned.append(t)
+            shown.append(
+                f"{module}: a classification head of {b_shape[0]} classes in BASE and {t_shape[0]} in TUNED ("
+                + ", ".join(f"{b} {bs} in BASE, {'' if t == b else t + ' '}{ts} in TUNED" for b, t, bs, ts in tensors)
+                + "): re-initialised for the new classes, its rows are new, not updated, so it has no ΔW and is "
+                "left out of the analysis; an adapter carries it saved whole "
+                f"(modules_to_save={module.rpartition('.')[2]}), loaded onto a model built with num_labels={t_shape[0]}")
+        self.notes.extend(shown)
+        return reset
 
     def _mixed_experts(self) -> list[PairEntry]:
         """Experts stored per expert on one side and fused on the other: the two layouts transformers loads into one
@@ -1093,7 +1146,8 @@ def _shape_error(name, b_shape, t_shape, base, tuned, t_name=None, *, experts=Fa
     return PairingError(f"tensor {name} has shape {tuple(b_shape)} in {base.spec} but {tuned_name}"
                         f"{tuple(t_shape)} in {tuned.spec}{layouts}: the checkpoints are different architectures or "
                         "sizes. Only a resized vocabulary (extra embedding/head rows in tuned) is paired across "
-                        "shapes.")
+                        "shapes, and a classification head of another class count (its weight and bias) is left "
+                        "out with a note.")
 
 
 def _dtype_name(dtype: torch.dtype) -> str:

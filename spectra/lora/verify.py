@@ -176,7 +176,7 @@ def verify_adapter(base, tuned, adapter, *, eval_data=None, config: VerifyConfig
     """
     import tqdm
 
-    from spectra.checkpoints.adapter import plan_adapter
+    from spectra.checkpoints.adapter import PEFT_PREFIX, plan_adapter
     from spectra.checkpoints.pairing import Pairing, PairingOptions
     from spectra.checkpoints.source import AdapterSource, open_checkpoint
     from spectra.lora.train import read_train_summary
@@ -189,7 +189,11 @@ def verify_adapter(base, tuned, adapter, *, eval_data=None, config: VerifyConfig
                                                   device=config.device))
     trained = read_train_summary(adapter_src.path) or {}
     quantized = config.quantized if config.quantized is not None else trained.get("method") in ("qlora", "qdora")
-    planned, notes = plan_adapter(_InBase(adapter_src, pairing.base), pairing.base, pairing.config)
+    # a head saved whole with TUNED's class count, another than the base's (2 → 3 labels): it fits a model built with
+    # num_labels=that count, not the base's tensor; set aside as a head new to the base is, and evaluated on that model
+    num_labels, head_notes, other_classes = _saved_head_classes(adapter_src, pairing)
+    planned, notes = plan_adapter(_InBase(adapter_src, pairing.base, other_classes), pairing.base, pairing.config)
+    notes += head_notes
     task = _adapter_task(config, adapter_src, trained)
     saved = {p.module: p for p in planned if "full" in p.keys}
     lora = {p.module: p for p in planned if "full" not in p.keys  # an expert of a parameter LoRA: its own row
@@ -209,6 +213,12 @@ def verify_adapter(base, tuned, adapter, *, eval_data=None, config: VerifyConfig
         notes.append(refused)
     notes += [f"{m}: modules_to_save tensor absent from the base (a new head); not measured"
               for m in _InBase.absent(adapter_src, pairing.base)]
+    if num_labels is not None:
+        notes += [f"{k.removeprefix(PEFT_PREFIX).removesuffix('.weight')}: saved whole with TUNED's {num_labels} "
+                  f"classes, {tuple(adapter_src.weights.info(k).shape)} in the adapter against the base's "
+                  f"{tuple(pairing.base.info(t).shape)} (a head re-initialised for them, no ΔW); not measured"
+                  + ("" if eval_data is None else f", and the eval models are built with num_labels={num_labels}")
+                  for k, t in other_classes.items() if k.endswith(".weight")]
     # W₀: the NF4 round trip of W_base where QLoRA's 4-bit loading stores the module in NF4, else W_base itself
     in_4bit = bnb_4bit_modules(lora, pairing.config, task) if quantized else {}
     rows, saved_rows, phis, truncated, right, deficient = [], [], {}, {}, {}, []
@@ -270,7 +280,7 @@ def verify_adapter(base, tuned, adapter, *, eval_data=None, config: VerifyConfig
     if eval_data is not None:
         result.evals = evaluate_models(base, tuned, adapter_src, eval_data, truncated, config=config,
                                        quantized=quantized, trained=trained, reference=reference_evals,
-                                       notes=result.notes)
+                                       notes=result.notes, num_labels=num_labels)
     return result
 
 
@@ -326,12 +336,41 @@ def _method(adapter_src) -> str:
     return "dora" if adapter_src.config.get("use_dora") else "lora"
 
 
-class _InBase:
-    """An adapter view without modules_to_save tensors the base lacks (a head new to a bare base)."""
+def _saved_head_classes(adapter_src, pairing) -> tuple[int | None, list[str], dict[str, str]]:
+    """(the ``num_labels`` the adapter's tensors saved whole need the model built with, None: the base's config as
+    it is; notes where none fits; the adapter keys of those tensors that then differ from the base's own → the base's
+    tensor). What :func:`~spectra.lora.saved_modules.saved_num_labels` asks of ``extract``'s adapter, asked of this
+    one: its keys saved whole matched to TUNED's tensors, against the class TUNED's config names."""
+    from spectra.checkpoints.adapter import PEFT_PREFIX
+    from spectra.checkpoints.names import match_names
+    from spectra.checkpoints.targets import architecture
+    from spectra.lora.saved_modules import saved_num_labels
 
-    def __init__(self, adapter_src, base_src):
+    full = [k for k in adapter_src.weights.names() if "lora_" not in k and ".base_layer." not in k]
+    match = match_names([k.removeprefix(PEFT_PREFIX) for k in full], pairing.tuned.names())
+    saved_keys = {PEFT_PREFIX + k: t for k, t in match.pairs.items()}
+    resized = frozenset(e.tuned_tensor for e in pairing.entries if e.added_rows)
+    num_labels, notes = saved_num_labels(saved_keys, pairing, architecture(getattr(pairing.tuned, "config", None)),
+                                         resized)
+    if num_labels is None:
+        return None, notes, {}
+    in_base = match_names([k.removeprefix(PEFT_PREFIX) for k in saved_keys], pairing.base.names()).pairs
+    other = {}
+    for key in saved_keys:
+        base_name = in_base.get(key.removeprefix(PEFT_PREFIX))
+        if base_name and tuple(pairing.base.info(base_name).shape) != tuple(adapter_src.weights.info(key).shape):
+            other[key] = base_name
+    return num_labels, notes, other
+
+
+class _InBase:
+    """An adapter view without modules_to_save tensors the base lacks (a head new to a bare base), nor those
+    `other` names (a head saved with another class count than the base's: adapter key → the base's tensor)."""
+
+    def __init__(self, adapter_src, base_src, other: dict[str, str] | None = None):
         self.spec, self.config, self.path = adapter_src.spec, adapter_src.config, adapter_src.path
-        drop = set(self.absent_keys(adapter_src, base_src))
+        absent = [k.removesuffix("weight") for k in self.absent_keys(adapter_src, base_src)]  # with their biases
+        drop = {k for k in adapter_src.weights.names() if k.startswith(tuple(absent))} | set(other or ())
         self.weights = _FilteredWeights(adapter_src.weights, drop)
 
     @staticmethod
@@ -347,7 +386,9 @@ class _InBase:
 
     @classmethod
     def absent(cls, adapter_src, base_src) -> list[str]:
-        return [k.removesuffix(".weight") for k in cls.absent_keys(adapter_src, base_src)]
+        from spectra.checkpoints.adapter import PEFT_PREFIX
+
+        return [k.removeprefix(PEFT_PREFIX).removesuffix(".weight") for k in cls.absent_keys(adapter_src, base_src)]
 
 
 class _FilteredWeights:
@@ -368,7 +409,8 @@ class _FilteredWeights:
 
 
 def evaluate_models(base, tuned, adapter_src, eval_data, truncated: dict, *, config: VerifyConfig, quantized: bool,
-                    trained: dict, reference: dict | None = None, notes: list[str] | None = None) -> dict:
+                    trained: dict, reference: dict | None = None, notes: list[str] | None = None,
+                    num_labels: int | None = None) -> dict:
     """Eval loss/accuracy of the base, the full fine-tune, the adapter and the truncated-SVD merge.
 
     Models are loaded one at a time. ``truncated`` maps module name → (W_base + rank-r
@@ -380,7 +422,8 @@ def evaluate_models(base, tuned, adapter_src, eval_data, truncated: dict, *, con
     :func:`~spectra.checkpoints.placement.weight_places`). Where a module has no place in the
     loaded model, the SVD model is left out and `notes` says so. The adapter's LoRA layers on a weight that
     another module reads as is (:func:`_tied_loras`) are merged before its eval, and its unmerged eval is
-    ``adapter_unmerged``.
+    ``adapter_unmerged``. ``num_labels``: the class count a head saved whole in the adapter needs the models built
+    with (:func:`_saved_head_classes`); None: the labels' count (spectra_train.json's, else TUNED's ``id2label``).
     """
     import json
 
@@ -395,8 +438,11 @@ def evaluate_models(base, tuned, adapter_src, eval_data, truncated: dict, *, con
         labels = [tuned_config["id2label"][k] for k in sorted(tuned_config["id2label"], key=int)]
     _, max_length, tokenizer = prepare_tokenizer(model_dir(base), task=task, max_length=config.max_length,
                                                  option="VerifyConfig max_length", notes=notes)
+    if num_labels is None:  # else the class count the adapter's saved head needs (_saved_head_classes)
+        num_labels = len(labels) if task == "seq_cls" and labels else None
+    elif labels is not None and len(labels) != num_labels:
+        labels = None  # names of another count than the saved head's classes: the data's labels are read as ids
     data = tokenize_file(eval_data, tokenizer, task=task, max_length=max_length, label_names=labels)
-    num_labels = len(labels) if task == "seq_cls" and labels else None
     compute = (trained.get("config") or {}).get("compute_dtype", "float32")
 
     def base_model(quantize: bool = False):
