@@ -282,12 +282,12 @@ def analyze_delta(d: DeltaW, config: AnalysisConfig) -> dict[str, Any]:
     if config.base_rounding == "exact" or (config.base_rounding == "auto" and not quantised):
         tuned_floor = noise.tuned_side_floor(floor, d.tuned, tuned_dtype=_dtype(d.tuned_dtype),
                                              tuned_spacing=d.tuned_spacing)
-    profile = None  # each side's rounding variance by row and column, where auto's choice weighs by it (noise.NEAR)
-    if config.base_rounding == "auto" and not quantised:  # read only then: it keeps both sides until the choice
-        profile = functools.partial(noise.rounding_profile, d.base, d.tuned, base_dtype=_dtype(d.base_dtype),
-                                    tuned_dtype=_dtype(d.tuned_dtype))
+    profile = None  # each side's rounding variance by row and column: auto's choice weighs by it under a large update
+    if config.base_rounding == "auto" and not quantised and relative >= noise.LARGE_UPDATE:
+        profile = noise.rounding_profile(d.base, d.tuned, base_dtype=_dtype(d.base_dtype),
+                                         tuned_dtype=_dtype(d.tuned_dtype))
     d.base_spacing = d.tuned_spacing = None
-    d.tuned = None  # not needed any more but by `profile`: free it before the decomposition's workspace
+    d.tuned = None  # not needed any more: free it before the decomposition's workspace
     spec = module_spectrum(d.delta, config, total_energy=fro2, low=d.delta_low)
     values = spec.values.double().cpu()
     ranks = metrics.energy_ranks(spec, config.thresholds, total_energy=spec.total_energy) if fro else {}
@@ -307,7 +307,6 @@ def analyze_delta(d: DeltaW, config: AnalysisConfig) -> dict[str, Any]:
     floor = noise.settle_floor(config.base_rounding, floor, tuned_floor, spec, tuple(d.shape), total_energy=fro2,
                                numerical=numerical, quantised=quantised, delta=d.delta, seed=config.seed,
                                profile=profile)
-    profile = None
     gd = _gavish_donoho(spec, d.shape, floor)
     gd_rank = int((values > max(gd.threshold, numerical)).sum())
     row["gd_rank"] = None if not spec.complete and gd_rank == values.numel() else gd_rank  # else a lower bound

@@ -1,10 +1,11 @@
 """analyze's auto choice of floor weighs the hypotheses by each side's rounding profile (noise.settle_floor's
-`profile`), computed only where σ̂² lies near the threshold (noise.NEAR).
+`profile`) under a large update (‖ΔW‖/‖W‖ ≥ noise.LARGE_UPDATE), where σ̂² lies near the threshold (noise.NEAR).
 
 Pairs as tests/linalg/test_noise_large_update.py builds them (32×32, ‖δ‖ ≈ ‖W‖, rank 2): seeds 3, 10 and 29 of the
 master-rounded ones read "exact" without the profile. Through `spectra.analysis.analyze` they now read "counted" at
 the true σ (float64 std of ΔW_stored − δ) to 10 %; the same seeds fine-tuned from the stored base stay "exact". A
-pair with a small update (σ̂² far from the threshold) never reads the profile."""
+pair with a small update never reads the profile, nor a fine-tune of the stored base with one (whose σ̂² sits inside
+NEAR: reading it there had cost a 2048² module 3.5 s)."""
 
 from __future__ import annotations
 
@@ -43,17 +44,20 @@ def test_analyze_keeps_fine_tunes_of_the_stored_base_exact(tmp_path, seed):
     assert floor["sigma"] == pytest.approx(true, rel=0.1)
 
 
-def test_the_profile_is_read_only_near_the_threshold(tmp_path, monkeypatch):
-    """Both sides rounded from fp32 masters, 64×64, the update ~1 % of W: σ̂² is ~2× the exact hypothesis, far above its
-    threshold, so the row/column profile (every element of both sides) is never computed; seed 3's large update
-    lies near it and reads it once."""
+def test_the_profile_is_read_only_under_a_large_update(tmp_path, monkeypatch):
+    """64×64, an update ~1 % of W, both sides rounded from fp32 masters (σ̂² ~2× the exact hypothesis) and fine-tuned
+    from the stored base (σ̂² ~0.7× the threshold, inside NEAR): the row/column profile (every element of both sides)
+    and the top directions are never computed; seed 3's large update reads them once."""
     calls = []
-    real = noise.rounding_profile
-    monkeypatch.setattr(noise, "rounding_profile", lambda *a, **k: calls.append(1) or real(*a, **k))
+    profile, leverages = noise.rounding_profile, noise.top_leverages
+    monkeypatch.setattr(noise, "rounding_profile", lambda *a, **k: calls.append(1) or profile(*a, **k))
+    monkeypatch.setattr(noise, "top_leverages", lambda *a, **k: calls.append(2) or leverages(*a, **k))
     g = torch.Generator().manual_seed(0)
     w = torch.randn(64, 64, generator=g) * 0.02
     update = (torch.randn(64, 2, generator=g) @ torch.randn(2, 64, generator=g)) * 2e-4
-    assert _row(tmp_path / "small", w.bfloat16(), (w + update).bfloat16())["base_rounding"] == "counted"
+    assert _row(tmp_path / "master", w.bfloat16(), (w + update).bfloat16())["base_rounding"] == "counted"
+    stored = w.bfloat16()
+    assert _row(tmp_path / "stored", stored, (stored.float() + update).bfloat16())["base_rounding"] == "exact"
     assert calls == []
     base, tuned, _, _ = _pair(3, (32, 32), "B")
-    assert _row(tmp_path / "near", base, tuned)["base_rounding"] == "counted" and calls == [1]
+    assert _row(tmp_path / "near", base, tuned)["base_rounding"] == "counted" and calls == [1, 2]

@@ -21,7 +21,6 @@ decides the floor takes the bare edge (:func:`~spectra.linalg.metrics.residual_v
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -32,8 +31,8 @@ from spectra.linalg import metrics
 from spectra.linalg.sketch import _MIN_NORMAL_EXP, _SIGNIFICAND_BITS, heteroscedastic_edge, mean_ulp_squared
 from spectra.linalg.svd import Spectrum
 
-__all__ = ["tuned_side_floor", "settle_floor", "RoundingProfile", "rounding_profile", "expected_residual",
-           "top_leverages", "residual_energy", "tracy_widom_edge", "rank_above", "TW1_QUANTILES", "EDGE_QUANTILE"]
+__all__ = ["LARGE_UPDATE", "tuned_side_floor", "settle_floor", "RoundingProfile", "rounding_profile",
+           "expected_residual", "top_leverages", "residual_energy", "tracy_widom_edge", "rank_above", "TW1_QUANTILES", "EDGE_QUANTILE"]
 
 # Quantiles s_q of the real (β = 1) Tracy–Widom law, F₁(s_q) = q, from the Fredholm determinant
 # F₁(s) = det(I − K₁) on L²(s, ∞), K₁(x, y) = ½·Ai((x + y)/2) (Ferrari and Spohn 2005), by
@@ -45,6 +44,10 @@ EDGE_QUANTILE = 0.999  # a pure bf16-noise matrix of short side ≥ 64 goes abov
 # the weighting moved the threshold by 0.71–1.03× over planted pairs 16² to 256², ‖δ‖ up to 4‖W‖, rank up to 8 (the
 # lowest at rank 8 of 16); elsewhere the top directions' cost (k + 8 power-step columns over ΔW) would buy nothing
 NEAR = (0.5, 1.25)
+# ‖ΔW‖/‖W_base‖ from which analyze weighs auto's choice by the rounding profile: at ‖δ‖ ≤ 0.1‖W‖ the weighting
+# changed no rate (master-rounded pairs read "exact" in ≤ 1.1 % of 16²–512² with and without it), while the profile
+# reads every element of both sides and a fine-tune of the stored base sits inside NEAR (σ̂² ≈ 0.71× the threshold)
+LARGE_UPDATE = 0.25
 
 
 def tuned_side_floor(both: metrics.NoiseFloor, tuned: torch.Tensor, *, tuned_dtype: torch.dtype,
@@ -85,7 +88,7 @@ def tuned_side_floor(both: metrics.NoiseFloor, tuned: torch.Tensor, *, tuned_dty
 def settle_floor(choice: str, both: metrics.NoiseFloor, tuned_only: metrics.NoiseFloor | None, s, shape, *,
                  total_energy: float, numerical: float = 0.0, quantised: bool = False,
                  delta: torch.Tensor | None = None, seed: int = 0,
-                 profile: RoundingProfile | Callable[[], RoundingProfile] | None = None) -> metrics.NoiseFloor:
+                 profile: RoundingProfile | None = None) -> metrics.NoiseFloor:
     """The floor under ΔW: both sides' rounding ("counted") or the fine-tune's alone ("exact").
 
     Parameters
@@ -115,11 +118,9 @@ def settle_floor(choice: str, both: metrics.NoiseFloor, tuned_only: metrics.Nois
         residual from the matrix in float64 instead (:func:`residual_energy`).
     seed : int, default 0
         Start of that residual's subspace iteration (and of the top directions' for `profile`).
-    profile : RoundingProfile or callable returning one, optional
+    profile : RoundingProfile, optional
         Each side's rounding variance summed by row and by column (:func:`rounding_profile`);
-        a callable is called only where the weighting below runs (analyze passes one: the
-        profile reads every element of both sides, ~0.3 s a 4096² pair at one thread, and
-        most modules' σ̂² lies far from the threshold).
+        analyze passes one only under a large update (‖ΔW‖/‖W‖ ≥ :data:`LARGE_UPDATE`).
         With `delta`, "auto" compares σ̂² with what each hypothesis leaves outside ΔW's top k
         directions (:func:`expected_residual`) instead of with its mean variance: under a
         large update (‖ΔW‖ ≈ ‖W‖) the fine-tune's ulps are largest on the rows and columns
@@ -166,7 +167,6 @@ def settle_floor(choice: str, both: metrics.NoiseFloor, tuned_only: metrics.Nois
     near = residual is not None and threshold * NEAR[0] <= residual < threshold * NEAR[1]
     if near and profile is not None and delta is not None and k:
         # each hypothesis' mean variance over the (m − k)(n − k) dimensions its noise keeps outside the top k
-        profile = profile() if callable(profile) else profile
         u, v = top_leverages(delta, k, seed=seed)
         kept = (m - k) * (n - k)
         tuned_variance = expected_residual(profile.tuned_rows, profile.tuned_cols, u, v) / kept
@@ -242,7 +242,7 @@ def expected_residual(rows: torch.Tensor, cols: torch.Tensor, u: torch.Tensor, v
 
 
 def top_leverages(delta: torch.Tensor, k: int, *, seed: int = 0, iterations: int = 4,
-                  full_up_to: int = 1 << 22) -> tuple[torch.Tensor, torch.Tensor]:
+                  full_up_to: int = 1 << 16) -> tuple[torch.Tensor, torch.Tensor]:
     """Leverages (‖U_k[i]‖², ‖V_k[j]‖²) of ΔW's top `k` singular directions: a full SVD up to `full_up_to` elements,
     else subspace iteration (Halko et al. 2011, Algorithm 4.4) in float32, which places the top directions of a ΔW
     whose top values stand clear of the rest to far better than these weights need."""
@@ -267,13 +267,13 @@ def residual_energy(delta: torch.Tensor, k: int, *, oversample: int = 8, iterati
     Summed from the residual matrix itself, so it holds no cancellation: ‖ΔW‖_F² − Σ_{i≤k} σᵢ²
     from float32 values loses everything below ~eps32·‖ΔW‖_F², which a large update's
     rounding residual is. Q_k is found by subspace iteration (`k` + `oversample` vectors,
-    `iterations` power steps, then Rayleigh–Ritz): every step but the last in ΔW's own dtype,
+    `iterations` power steps, at least one, then Rayleigh–Ritz): every step but the last in ΔW's own dtype,
     the last, the Rayleigh–Ritz projection and the residual in float64. The float64 step
     shrinks the float32 iterate's round-off outside the top directions by the ratio of the
     tail's values to the top's, as any power step shrinks what lies there; an inexact Q_k
     only leaves more energy out, so the result errs towards more noise. Rows are read in
     chunks of ≤ 2²⁰ elements through one reused float64 buffer: no float64 copy of ΔW is
-    made, and a float64 pass costs one up-cast of each chunk (4 passes in all, against 13
+    made, and a float64 pass costs one up-cast of each chunk (4 passes in all, against 12
     when every step ran in float64: a 32000×2048 embedding's residual took 5.8 s at one thread,
     ~1.5 s now).
 
