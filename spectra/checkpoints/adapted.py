@@ -185,7 +185,8 @@ def peft_targets(model, config: TargetSelection, *, notes: list[str] | None = No
     if parameters and experts and notes is not None:
         layers = sorted({name.removesuffix(".weight").rpartition(".")[0] for name in experts})
         kinds = sorted({_expert_kind(n) for n in experts})
-        both = [k for k in kinds if k.endswith(("gate_up_proj", "input_linear"))]  # gate and up in one parameter
+        # gate and up in one parameter (JetMoE's attention experts, self_attention.experts.input_linear, hold queries)
+        both = [k for k in kinds if k.endswith("gate_up_proj") or k == "mlp.input_linear"]
         notes.append(f"the routed experts of {len(layers)} MoE layer(s) ({layers[0]}, …) are adapted as fused "
                      f"parameters ({', '.join(kinds)}; target_parameters): PEFT's LoRA on each is one rank-r update "
                      "per expert" + (f", and {both[0]} holds gate and up together, so either role adapts both (at "

@@ -227,3 +227,19 @@ def test_glm4v_moe_stacks_pick_the_tower_mlp_or_the_language_experts_as_asked():
     for stacks, expected in ((("vision",), tower), (None, language)):
         config = lora_config(model, TrainConfig(rank=2, roles=roles, stacks=stacks), task="causal_lm")
         assert set(_wrapped(get_peft_model(copy.deepcopy(model), config))) == expected, stacks
+
+
+@pytest.mark.parametrize(("roles", "gate_up"), [(("q",), False), (("gate",), True), (None, True)])
+def test_jetmoe_note_says_gate_and_up_only_of_its_mlp_experts(roles, gate_up):
+    """JetMoE's attention experts (self_attention.experts.input_linear) hold queries, its MLP's (mlp.input_linear)
+    gate and up: the fused-parameter note says "holds gate and up together" only where mlp.input_linear is adapted
+    (review: --roles q said it of the attention experts)."""
+    from spectra.checkpoints.adapted import TargetSelection, peft_targets
+    from tests.checkpoints.test_architectures_gemma4_jetmoe import tiny_jetmoe
+
+    notes: list[str] = []
+    _, parameters = peft_targets(tiny_jetmoe(), TargetSelection(roles=roles), notes=notes)
+    assert parameters and any("adapted as fused parameters" in n for n in notes)
+    said = [n for n in notes if "holds gate and up together" in n]
+    assert bool(said) == gate_up, notes
+    assert all("mlp.input_linear holds" in n for n in said)
