@@ -219,7 +219,7 @@ class AnalysisResult:
 
         # a row without a stack (a file written before spectra labelled it: an old ViT's, an old SAM's mask decoder)
         # reads with the stack a new run gives it, by its name and the checkpoint's model type
-        modules = rows_with_stacks(data["modules"], model_type_of(data))
+        modules = rows_with_stacks(data["modules"], model_type_of(data), data.get("config"))
         return cls(**{k: data[k] for k in ("config", "base", "tuned")}, modules=modules,
                    versions=data.get("versions", {}), timings=data.get("timings", {}),
                    pairing=data.get("pairing", {}), calibration=data.get("calibration"), schema_version=version)

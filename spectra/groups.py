@@ -32,7 +32,11 @@ def stacks_in(rows: list[Mapping]) -> list[str | None]:
     return sorted({r.get("stack") for r in rows}, key=stack_index)
 
 
-def rows_with_stacks(modules: list, model_type: str | None) -> list:
+# analysis settings that select modules by layer or name: the rows may lack whole blocks
+_SELECTING = ("layers", "include", "exclude")
+
+
+def rows_with_stacks(modules: list, model_type: str | None, settings: Mapping | None = None) -> list:
     """The rows of an analysis as this spectra labels their stacks: a row without a ``stack`` (a file written
     before spectra gave a vision-only model its one stack, or before a stack existed) gets the one its name and the
     checkpoint's model type give (:func:`~spectra.checkpoints.architectures.module_stack`), as a new run does: an
@@ -46,7 +50,10 @@ def rows_with_stacks(modules: list, model_type: str | None) -> list:
     spectra numbered its blocks over the whole stack (``sum(depths[:S]) + B``) carry the old reading (S for Swin, B
     for ConvNeXt): where every row's layer is the old reading and the names hold every stage's blocks
     (:func:`~spectra.checkpoints.architectures.stage_depths`), their layers are renumbered as a new run gives them.
-    A file of the new numbering, or one whose names do not give the depths, reads as written.
+    A file of the new numbering, or one whose names do not give the depths, reads as written, and so does one whose
+    `settings` (the analysis's ``config``) selected modules by ``layers``, ``include`` or ``exclude``: its names may
+    lack whole blocks, which would give wrong depths (ConvNeXt's block 0 of each stage read [0, 1, 2, 3], not
+    [0, 3, 6, 15]).
 
     `model_type` is ``config.json``'s, as the analysis keeps it (``pairing.config_model_type``, :func:`model_type_of`).
 
@@ -68,6 +75,8 @@ def rows_with_stacks(modules: list, model_type: str | None) -> list:
             stack = known[shape]
             row = {**row, "stack": stack} if stack is not None else row
         out.append(row)
+    if any((settings or {}).get(key) for key in _SELECTING):  # a selection may have dropped a stage's blocks
+        return out
     return _renumbered_stages(out, model_type)
 
 

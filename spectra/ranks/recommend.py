@@ -164,7 +164,8 @@ def _rows(analysis: Any) -> tuple[list[dict], dict | None, dict | None, dict]:
             (dataclasses.asdict(m) if dataclasses.is_dataclass(m) else vars(m)) for m in modules]
     # a row without a stack (written before rows named it, or before spectra gave a vision-only model its stack)
     # reads with the one a new run gives it, by its name and the checkpoint's model type: an old ViT's are vision
-    rows = rows_with_stacks(rows, model_type_of({"pairing": pairing}))
+    settings = config if isinstance(config, Mapping) or config is None else vars(config)
+    rows = rows_with_stacks(rows, model_type_of({"pairing": pairing}), settings)
     described = []
     for info in (base, tuned):
         if info is not None and not isinstance(info, Mapping):

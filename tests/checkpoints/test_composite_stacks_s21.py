@@ -342,6 +342,14 @@ def test_an_old_staged_backbone_analysis_is_renumbered_over_its_whole_stack(fami
     first = min(truth, key=truth.get).split(".layers." if family == "swin" else ".stages.")[0]
     partial = [r for r in old if not re.search(r"(layers|stages)\.0\.", r["name"])]
     assert first and rows_with_stacks(partial, config.model_type) == partial
+    # an analysis that selected modules may lack blocks of a stage: its rows keep their layers (review: block 0 of
+    # every stage alone had been renumbered 0, 1, 2, … as if each stage held one block)
+    firsts = [r for r in old if re.search(r"(blocks|layers)\.0\.", r["name"].split(".layers.", 1)[-1]
+                                          if family == "swin" else r["name"].split(".stages.", 1)[-1])]
+    for selected in ({"layers": [0, 9]}, {"include": "blocks.0|layers.0"}, {"exclude": "blocks.1"}):
+        assert rows_with_stacks(firsts, config.model_type, selected) == firsts
+        assert rows_with_stacks(old, config.model_type, selected) == old
+    assert rows_with_stacks(old, config.model_type, {"layers": None, "include": None}) != old
 
 
 # --------------------------------------------------------------------------------------------------- 4. DeBERTa-v2
