@@ -331,7 +331,7 @@ def extract(
     onto = f"a {result.model_class}" if result.model_class else "the model"
     if result.num_labels is not None:  # a head saved whole with TUNED's classes, another count than BASE's config's
         onto += (f" built with the fine-tune's classes, {result.model_class}.from_pretrained({base!r}, "
-                 f"num_labels={result.num_labels}),")
+                 f"num_labels={result.num_labels}, ignore_mismatched_sizes=True),")  # BASE's own head of other classes
     if result.vocab_size is not None:  # whole embedding/head rows of TUNED's resized vocabulary: resize first
         onto += f" resized to the fine-tune's vocabulary, model.resize_token_embeddings({result.vocab_size}),"
     typer.echo(f"adapter: {output}  (load onto {onto} with peft.PeftModel.from_pretrained(model, '{output}'))")

@@ -31,13 +31,14 @@ def test_following_the_printed_hint_gives_the_fine_tune(tmp_path):
 
     base, tuned, fine_tuned = _classifier_pair(tmp_path, tuned_labels=3)
     output = _extract(base, tuned, tmp_path / "ad")
-    built = re.search(r"built with the fine-tune's classes, (\w+)\.from_pretrained\('([^']+)', num_labels=(\d+)\),",
+    built = re.search(r"built with the fine-tune's classes, (\w+)\.from_pretrained\('([^']+)', num_labels=(\d+), "
+                      r"ignore_mismatched_sizes=True\),",
                       output)
     assert built, output
     cls, path, labels = built.groups()
     (adapter,) = re.findall(r"with peft\.PeftModel\.from_pretrained\(model, '([^']+)'\)\)", output)
     assert (cls, path, labels) == ("DistilBertForSequenceClassification", str(base), "3")
-    model = getattr(tf, cls).from_pretrained(path, num_labels=int(labels))
+    model = getattr(tf, cls).from_pretrained(path, num_labels=int(labels), ignore_mismatched_sizes=True)
     model = PeftModel.from_pretrained(model, adapter).eval()
     x = _inputs()
     with torch.no_grad():
