@@ -300,7 +300,8 @@ def estimate_memory(config_or_model: Any, *, method: str = "lora", rank_plan_or_
                      f"{shape.family} config's, its class default where config.json leaves a key out). Training "
                      "with dropout keeps a mask per dropout for backward (on CUDA a byte a value: residual dropout "
                      "2·hidden_size a token and layer; attention dropout under eager one per attention probability, "
-                     "under sdpa's flash kernel none), which the activations do not count, as for every family; "
+                     "under sdpa's flash kernel none), which the activations do not count (no family's dropout masks are "
+                     "counted); "
                      "set them to 0 in config.json to train without dropout")
     if plan is not None:
         _check_plan_base(shape, plan, cfg)
