@@ -29,18 +29,11 @@ def _row(tmp_path, base, tuned):
 
 
 @pytest.mark.parametrize("seed", [3, 10, 29])
-def test_analyze_counts_the_base_of_master_rounded_pairs_under_a_large_update(tmp_path, seed):
-    base, tuned, _, true = _pair(seed, (32, 32), "B")
+@pytest.mark.parametrize(("scenario", "choice"), [("B", "counted"), ("A", "exact")], ids=["masters", "stored-base"])
+def test_analyze_counts_the_base_of_master_rounded_pairs_only_under_a_large_update(tmp_path, seed, scenario, choice):
+    base, tuned, _, true = _pair(seed, (32, 32), scenario)
     floor = _row(tmp_path, base, tuned)
-    assert floor["base_rounding"] == "counted"
-    assert floor["sigma"] == pytest.approx(true, rel=0.1)
-
-
-@pytest.mark.parametrize("seed", [3, 10, 29])
-def test_analyze_keeps_fine_tunes_of_the_stored_base_exact(tmp_path, seed):
-    base, tuned, _, true = _pair(seed, (32, 32), "A")
-    floor = _row(tmp_path, base, tuned)
-    assert floor["base_rounding"] == "exact"
+    assert floor["base_rounding"] == choice
     assert floor["sigma"] == pytest.approx(true, rel=0.1)
 
 

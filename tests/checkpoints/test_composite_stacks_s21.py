@@ -53,21 +53,9 @@ def _captured_qkv(monkeypatch):
     to (batch, seq, heads·head_dim)."""
     from transformers.models.modernbert import modeling_modernbert as module
 
-    seen = {}
-    flat = lambda t: t.transpose(1, 2).reshape(t.shape[0], t.shape[2], -1)  # noqa: E731
-    rotary, eager = module.apply_rotary_pos_emb, module.eager_attention_forward
+    from tests.checkpoints.test_modernbert_dbrx_roles_s20b import _captured
 
-    def rope(q, k, *args, **kwargs):
-        seen["q"], seen["k"] = flat(q), flat(k)
-        return rotary(q, k, *args, **kwargs)
-
-    def attention(mod, query, key, value, *args, **kwargs):
-        seen["v"] = flat(value)
-        return eager(mod, query, key, value, *args, **kwargs)
-
-    monkeypatch.setattr(module, "apply_rotary_pos_emb", rope)
-    monkeypatch.setattr(module, "eager_attention_forward", attention)
-    return seen
+    return _captured(module, monkeypatch)
 
 
 def _check_text_model_split(model, text_model, prefix, monkeypatch):
