@@ -251,14 +251,22 @@ def top_leverages(delta: torch.Tensor, k: int, *, seed: int = 0, iterations: int
     if m * n <= full_up_to:
         u, _, vh = torch.linalg.svd(work, full_matrices=False)
         return (u[:, :k] ** 2).sum(1), (vh[:k] ** 2).sum(0)
-    width = min(k + 8, m, n)
-    start = torch.randn(n, width, generator=torch.Generator().manual_seed(seed), dtype=work.dtype)
-    q = torch.linalg.qr(work @ start.to(work.device)).Q
-    for _ in range(max(iterations - 1, 0)):
-        q = torch.linalg.qr(work @ torch.linalg.qr(work.T @ q).Q).Q
+    q = _power_basis(work, min(k + 8, m, n), iterations, seed)
     small, _, vh = torch.linalg.svd(q.T @ work, full_matrices=False)  # Rayleigh–Ritz in span(Q)
     u = q @ small[:, :k]
     return (u ** 2).sum(1), (vh[:k] ** 2).sum(0)
+
+
+def _power_basis(work: torch.Tensor, width: int, iterations: int, seed: int) -> torch.Tensor:
+    """An orthonormal basis (m, width) of ``work``'s top range: a seeded Gaussian start, then ``iterations`` − 1
+    power steps (at least none), re-orthonormalised at each half step (Halko et al. 2011, Algorithm 4.4), in
+    ``work``'s dtype. :func:`top_leverages` takes it as it is; :func:`residual_energy` adds its last step in
+    float64."""
+    start = torch.randn(work.shape[1], width, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    q = torch.linalg.qr(work @ start.to(device=work.device, dtype=work.dtype)).Q
+    for _ in range(max(iterations - 1, 0)):
+        q = torch.linalg.qr(work @ torch.linalg.qr(work.T @ q).Q).Q
+    return q
 
 
 def residual_energy(delta: torch.Tensor, k: int, *, oversample: int = 8, iterations: int = 4, seed: int = 0) -> float:
@@ -303,12 +311,8 @@ def residual_energy(delta: torch.Tensor, k: int, *, oversample: int = 8, iterati
             out += wide(c).T @ y[c]
         return out
 
-    width = min(k + oversample, m, n)
     work = delta if delta.dtype in (torch.float32, torch.float64) else delta.float()
-    start = torch.randn(n, width, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    q = torch.linalg.qr(work @ start.to(device=delta.device, dtype=work.dtype)).Q
-    for _ in range(max(iterations - 1, 0)):
-        q = torch.linalg.qr(work @ torch.linalg.qr(work.T @ q).Q).Q
+    q = _power_basis(work, min(k + oversample, m, n), iterations, seed)
     q = torch.linalg.qr(times(torch.linalg.qr(transposed(q.double())).Q)).Q  # the last step in float64
     z = transposed(q)  # ΔWᵀ Q, (n, l)
     u = torch.linalg.svd(z.T, full_matrices=False).U[:, :k]  # Rayleigh–Ritz in span(Q)
