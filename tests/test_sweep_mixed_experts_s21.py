@@ -30,8 +30,6 @@ MIXED = [("per_expert", "fused"), ("fused", "per_expert")]  # (base's layout, fi
 @pytest.fixture(scope="module", params=FAMILIES)
 def folders(request, tmp_path_factory):
     """family, {(side, layout): folder}, the model class."""
-    import transformers as tf
-
     family = request.param
     root = tmp_path_factory.mktemp(f"sweep-{family}")
     base = tiny_moe(family)
