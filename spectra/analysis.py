@@ -283,9 +283,9 @@ def analyze_delta(d: DeltaW, config: AnalysisConfig) -> dict[str, Any]:
         tuned_floor = noise.tuned_side_floor(floor, d.tuned, tuned_dtype=_dtype(d.tuned_dtype),
                                              tuned_spacing=d.tuned_spacing)
     profile = None  # each side's rounding variance by row and column: auto's choice weighs by it under a large update
-    if config.base_rounding == "auto" and not quantised and relative >= noise.LARGE_UPDATE:
-        profile = noise.rounding_profile(d.base, d.tuned, base_dtype=_dtype(d.base_dtype),
-                                         tuned_dtype=_dtype(d.tuned_dtype))
+    if config.base_rounding == "auto" and not quantised:
+        profile = noise.large_update_profile(d.base, d.tuned, base_dtype=_dtype(d.base_dtype),
+                                             tuned_dtype=_dtype(d.tuned_dtype), relative=relative)
     d.base_spacing = d.tuned_spacing = None
     d.tuned = None  # not needed any more: free it before the decomposition's workspace
     spec = module_spectrum(d.delta, config, total_energy=fro2, low=d.delta_low)

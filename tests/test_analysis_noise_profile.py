@@ -54,3 +54,27 @@ def test_the_profile_is_read_only_under_a_large_update(tmp_path, monkeypatch):
     assert calls == []
     base, tuned, _, _ = _pair(3, (32, 32), "B")
     assert _row(tmp_path / "near", base, tuned)["base_rounding"] == "counted" and calls == [1, 2]
+
+
+def test_the_library_floor_reads_the_profile_under_the_same_rule(monkeypatch):
+    """metrics.rounding_noise_floor (auto) and analyze share noise.large_update_profile: the 1 %-of-W update from the
+    stored base (inside NEAR) reads no profile in the library either, and both pick "exact"; seed 3's large update
+    reads it (review: the library had read it for every pair, so the two could decide apart)."""
+    from spectra.linalg import metrics
+
+    calls = []
+    profile = noise.rounding_profile
+    monkeypatch.setattr(noise, "rounding_profile", lambda *a, **k: calls.append(1) or profile(*a, **k))
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(64, 64, generator=g) * 0.02
+    update = (torch.randn(64, 2, generator=g) @ torch.randn(2, 64, generator=g)) * 2e-4
+    stored = w.bfloat16()
+    tuned = (stored.float() + update).bfloat16()
+
+    def floor(base, tuned):
+        values = torch.linalg.svdvals((tuned.double() - base.double()))
+        return metrics.rounding_noise_floor(base, tuned, s=values, base_rounding="auto").base_rounding
+
+    assert floor(stored, tuned) == "exact" and calls == []
+    base, tuned, _, _ = _pair(3, (32, 32), "B")
+    assert floor(base, tuned) == "counted" and calls == [1]

@@ -536,7 +536,7 @@ def rounding_noise_floor(
     bd = base.dtype if base_dtype is None else base_dtype
     td = tuned.dtype if tuned_dtype is None else tuned_dtype
     m, n = base.shape
-    var_b = var_t = fro2 = 0.0
+    var_b = var_t = fro2 = base2 = 0.0
     # Chunk rows: ulp() and the float64 difference make float64 copies.
     rows = max(1, (4 << 20) // max(1, n))
     for start in range(0, m, rows):
@@ -544,6 +544,7 @@ def rounding_noise_floor(
         var_b += float((ulp(b, bd) ** 2).sum())
         var_t += float((ulp(t, td) ** 2).sum())
         fro2 += float(((t.double() - b.double()) ** 2).sum())
+        base2 += float((b.double() ** 2).sum())
     var_b, var_t = var_b / 12.0 / (m * n), var_t / 12.0 / (m * n)
     names = str(bd).replace("torch.", ""), str(td).replace("torch.", "")
     both = _white_floor(var_b + var_t, (m, n), s, names)
@@ -552,14 +553,15 @@ def rounding_noise_floor(
     exact = replace(_white_floor(var_t, (m, n), s, names), base_rounding="exact", tuned_variance=var_t)
     if base_rounding == "exact":
         return exact
-    from spectra.linalg.noise import rounding_profile, settle_floor  # noise builds on this module; one decision
+    from spectra.linalg.noise import large_update_profile, settle_floor  # noise builds on this module; one decision
 
     # ΔW in float32, as the analysis holds it: settle_floor resolves the residual from it in float64 where the
     # float32 values cannot (a large update on a bf16 base); each side's variance by row and column weighs what
     # each hypothesis leaves outside ΔW's top directions
     return settle_floor("auto", replace(both, tuned_variance=var_t), exact, s, (m, n), total_energy=fro2,
                         delta=tuned.float() - base.float(),
-                        profile=rounding_profile(base, tuned, base_dtype=bd, tuned_dtype=td))
+                        profile=large_update_profile(base, tuned, base_dtype=bd, tuned_dtype=td,
+                                                     relative=math.sqrt(fro2 / base2) if base2 else math.inf))
 
 
 def _white_floor(var: float, shape: tuple[int, int], s, names: tuple[str, str]) -> NoiseFloor:

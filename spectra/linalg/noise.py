@@ -31,8 +31,9 @@ from spectra.linalg import metrics
 from spectra.linalg.sketch import _MIN_NORMAL_EXP, _SIGNIFICAND_BITS, heteroscedastic_edge, mean_ulp_squared
 from spectra.linalg.svd import Spectrum
 
-__all__ = ["LARGE_UPDATE", "tuned_side_floor", "settle_floor", "RoundingProfile", "rounding_profile",
-           "expected_residual", "top_leverages", "residual_energy", "tracy_widom_edge", "rank_above", "TW1_QUANTILES", "EDGE_QUANTILE"]
+__all__ = ["LARGE_UPDATE", "tuned_side_floor", "settle_floor", "RoundingProfile", "large_update_profile",
+           "rounding_profile", "expected_residual", "top_leverages", "residual_energy", "tracy_widom_edge",
+           "rank_above", "TW1_QUANTILES", "EDGE_QUANTILE"]
 
 # Quantiles s_q of the real (β = 1) Tracy–Widom law, F₁(s_q) = q, from the Fredholm determinant
 # F₁(s) = det(I − K₁) on L²(s, ∞), K₁(x, y) = ½·Ai((x + y)/2) (Ferrari and Spohn 2005), by
@@ -189,6 +190,16 @@ class RoundingProfile:
     tuned_cols: torch.Tensor
 
 
+def large_update_profile(base: torch.Tensor, tuned: torch.Tensor, *, base_dtype: torch.dtype,
+                         tuned_dtype: torch.dtype, relative: float) -> RoundingProfile | None:
+    """:func:`rounding_profile` where the update is large enough for :func:`settle_floor` to weigh by it
+    (‖ΔW‖/‖W_base‖ = `relative` ≥ :data:`LARGE_UPDATE`), else None: the one rule analyze and
+    :func:`~spectra.linalg.metrics.rounding_noise_floor` share, so both decide alike."""
+    if relative < LARGE_UPDATE:
+        return None
+    return rounding_profile(base, tuned, base_dtype=base_dtype, tuned_dtype=tuned_dtype)
+
+
 def rounding_profile(base: torch.Tensor, tuned: torch.Tensor, *, base_dtype: torch.dtype,
                      tuned_dtype: torch.dtype) -> RoundingProfile:
     """Row and column sums of ulp²/12 of each side in its storage dtype, over every element, in row chunks.
@@ -259,7 +270,7 @@ def top_leverages(delta: torch.Tensor, k: int, *, seed: int = 0, iterations: int
 
 def _power_basis(work: torch.Tensor, width: int, iterations: int, seed: int) -> torch.Tensor:
     """An orthonormal basis (m, width) of ``work``'s top range: a seeded Gaussian start, then ``iterations`` − 1
-    power steps (at least none), re-orthonormalised at each half step (Halko et al. 2011, Algorithm 4.4), in
+    power steps (none for `iterations` ≤ 1), re-orthonormalised at each half step (Halko et al. 2011, Algorithm 4.4), in
     ``work``'s dtype. :func:`top_leverages` takes it as it is; :func:`residual_energy` adds its last step in
     float64."""
     start = torch.randn(work.shape[1], width, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
