@@ -233,8 +233,7 @@ def model_shape(config: Mapping, *, models=None) -> ModelShape:
         return shape
     if mtype in _OWN_DESIGN_REFUSED:  # before the key reads and the MoE check, whose reasons would not be its own
         raise ConfigError(f"model_type {mtype}: {_OWN_DESIGN_REFUSED[mtype]}, which spectra's memory model does "
-                          f"not describe; it reads {_LLAMA_LIKE_DESCRIBED}; Mixtral-style MoE, GPT-2, "
-                          f"BERT and {_OWN_BLOCKS_DESCRIBED} configs.")
+                          f"not describe; it reads {_DESCRIBED}.")
     if mtype == "jetmoe":  # Mixtral's keys (num_local_experts), its own blocks
         shape = _jetmoe(cfg, mtype)
         _refuse_other_blocks(cfg, mtype, shape, base_model)
@@ -264,8 +263,7 @@ def model_shape(config: Mapping, *, models=None) -> ModelShape:
         if mtype in _NOT_LLAMA_LIKE:
             raise ConfigError(f"model_type {mtype}: its blocks differ from Llama's, GPT-2's and BERT's (parallel "
                               "attention, other MLPs, …), which spectra's memory model does not describe; it reads "
-                              f"Llama-like (Llama, Mistral, Qwen2, Gemma, Phi-3, Mixtral …), GPT-2, BERT and "
-                              f"{_OWN_BLOCKS_DESCRIBED} configs.")
+                              f"{_DESCRIBED}.")
         if mtype in _GELU_FAMILIES:
             shape = _GELU_FAMILIES[mtype](cfg, mtype)
         elif mtype == "gpt2" or "n_embd" in cfg:
@@ -301,7 +299,7 @@ def _unread_config(mtype: str, key: str | None) -> ConfigError:
     ``dim`` for hidden_size, a vision tower's) or holds sizes of another kind (Gemma 3n's intermediate_size per
     layer) is an architecture the memory model does not describe; a config of a family whose default has the key as
     one int (or of one transformers does not know) lacks it, or holds it wrong."""
-    described = f"reads Llama-like, GPT-2, BERT and {_OWN_BLOCKS_DESCRIBED} configs"
+    described = f"reads {_DESCRIBED}"
     default = _config_object(mtype) if mtype else None
     default = default.to_dict() if default is not None else None
     if default is not None and (key not in default if key is not None
@@ -526,16 +524,13 @@ def _refuse_other_blocks(cfg: dict, mtype: str, shape: ModelShape, base_model=No
         if isinstance(base_class, str):
             raise ConfigError(f"model_type {mtype}: transformers' {base_class} cannot be built from this config (on "
                               "the meta device), so spectra's memory model cannot check that its blocks are ones it "
-                              f"describes ({_LLAMA_LIKE_DESCRIBED}; Mixtral-style MoE; GPT-2; BERT; "
-                              f"{_OWN_BLOCKS_DESCRIBED}) and will not read "
+                              f"describes ({_DESCRIBED}) and will not read "
                               "it as Llama-like; transformers' AutoConfig.for_model and "
                               f"{base_class}(config) show what fails.")
         return
     _refuse_unless_built_holds(model, shape.params - shape.head_params, mtype=mtype, model_class=base_class,
                                counted_as="(no LM head): its blocks differ from the families the memory model "
-                                          f"describes ({_LLAMA_LIKE_DESCRIBED}; Mixtral-style MoE: Mixtral, PhiMoE, "
-                                          f"GraniteMoE, MiniMax; Qwen3-MoE; DeepSeek-V2/V3; JetMoE; GPT-2; BERT; "
-                                          f"{_OWN_BLOCKS_DESCRIBED})")
+                                          f"describes ({_DESCRIBED})")
     _refuse_other_linears(model, shape, mtype=mtype, model_class=base_class, cfg=cfg)
 
 
@@ -581,8 +576,7 @@ def _refuse_other_linears(model, shape: ModelShape, *, mtype: str, model_class: 
             raise ConfigError(f"model_type {mtype}: transformers' {model_class} built from this config holds in "
                               f"layer {layer} the linear layers {listed(built)} (by role, out×in), where spectra's "
                               f"memory model assumes {listed(assumed)}: its blocks differ from the families it "
-                              f"describes ({_LLAMA_LIKE_DESCRIBED}; Mixtral-style MoE; GPT-2; BERT; "
-                              f"{_OWN_BLOCKS_DESCRIBED}), so it would count the adapters (and activations) wrong "
+                              f"describes ({_DESCRIBED}), so it would count the adapters (and activations) wrong "
                               "even where the parameter total agrees.")
 
 
@@ -592,6 +586,9 @@ _OWN_BLOCKS_DESCRIBED = "GPT-NeoX, Phi, Falcon"
 _LLAMA_LIKE_DESCRIBED = ("Llama-like: Llama, Mistral, Qwen2, Qwen3, Gemma, Phi-3, Granite, Helium, ERNIE 4.5, "
                          "Ministral, SmolLM3, GLM, OLMo, OLMo 2, OLMo 3, StarCoder2, StableLM, Arcee, Seed-OSS, "
                          "Hunyuan dense, EXAONE 4, Cohere, Cohere 2, Apertus")
+# every family the memory model describes, as each refusal names them (one list, so none of them falls behind)
+_DESCRIBED = (f"{_LLAMA_LIKE_DESCRIBED}; Mixtral-style MoE: Mixtral, PhiMoE, GraniteMoE, MiniMax; Qwen3-MoE; "
+              f"DeepSeek-V2/V3; JetMoE; GPT-2; BERT; {_OWN_BLOCKS_DESCRIBED}")
 
 
 def _llama(cfg: dict, mtype: str, base_model) -> ModelShape:
