@@ -28,7 +28,8 @@ import torch
 
 from spectra.errors import ConfigError
 from spectra.linalg import metrics
-from spectra.linalg.sketch import _MIN_NORMAL_EXP, _SIGNIFICAND_BITS, heteroscedastic_edge, mean_ulp_squared
+from spectra.linalg.sketch import (_MIN_NORMAL_EXP, _SIGNIFICAND_BITS, heteroscedastic_edge, mean_ulp_squared,
+                                   thin_product)
 from spectra.linalg.svd import Spectrum
 
 __all__ = ["LARGE_UPDATE", "tuned_side_floor", "settle_floor", "RoundingProfile", "large_update_profile",
@@ -276,7 +277,7 @@ def _power_basis(work: torch.Tensor, width: int, iterations: int, seed: int) -> 
     start = torch.randn(work.shape[1], width, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     q = torch.linalg.qr(work @ start.to(device=work.device, dtype=work.dtype)).Q
     for _ in range(max(iterations - 1, 0)):
-        q = torch.linalg.qr(work @ torch.linalg.qr(work.T @ q).Q).Q
+        q = torch.linalg.qr(work @ torch.linalg.qr(thin_product(work.T, q)).Q).Q  # Wᵀ q read as (qᵀ W)ᵀ
     return q
 
 
@@ -313,14 +314,16 @@ def residual_energy(delta: torch.Tensor, k: int, *, oversample: int = 8, iterati
     if k <= 0:
         return math.fsum(float((wide(c) ** 2).sum()) for c in chunks)
 
+    # both products as (l, ·) row blocks, xᵀ ΔW[c]ᵀ and y[c]ᵀ ΔW[c]: MKL's float64 GEMM ran ΔW[c]ᵀ y[c] with a
+    # column-major y (as QR returns it) at ~1 GFLOP/s for l = 22 (2.2 s a call on a 32000×2048 ΔW), these at 17–40
     def times(x: torch.Tensor) -> torch.Tensor:  # ΔW x, (m, l)
-        return torch.cat([wide(c) @ x for c in chunks])
+        return torch.cat([x.T @ wide(c).T for c in chunks], 1).T
 
     def transposed(y: torch.Tensor) -> torch.Tensor:  # ΔWᵀ y, (n, l)
-        out = torch.zeros(n, y.shape[1], dtype=torch.float64, device=delta.device)
+        out = torch.zeros(y.shape[1], n, dtype=torch.float64, device=delta.device)
         for c in chunks:
-            out += wide(c).T @ y[c]
-        return out
+            out.addmm_(y[c].T, wide(c))
+        return out.T
 
     work = delta if delta.dtype in (torch.float32, torch.float64) else delta.float()
     q = _power_basis(work, min(k + oversample, m, n), iterations, seed)
