@@ -179,7 +179,9 @@ def test_method_adaptive_keeps_every_value_of_a_full_fall_back(planted_pair):
 
 
 def test_base_top_singular_values_match_numpy(planted_pair):
-    result = analyze(*planted_pair, AnalysisConfig(roles=("o",)), cache_dir=False, progress=False)
+    default = analyze(*planted_pair, AnalysisConfig(roles=("o",)), cache_dir=False, progress=False)
+    assert default.module("model.layers.0.self_attn.o_proj")["base_top_singular_values"] == []  # asked for, not default
+    result = analyze(*planted_pair, AnalysisConfig(roles=("o",), base_top_k=16), cache_dir=False, progress=False)
     from spectra.checkpoints.source import open_checkpoint
 
     w = open_checkpoint(planted_pair[0]).read("model.layers.0.self_attn.o_proj.weight").double().numpy()

@@ -51,6 +51,19 @@ def test_analyze_writes_report_and_show_reads_it(monkeypatch, capsys, pair, tmp_
     assert code == 0 and "E90" in stdout and "…" not in stdout and max(map(len, stdout.splitlines())) <= 80
 
 
+def test_analyze_base_top_k_keeps_that_many_base_values(monkeypatch, capsys, pair, tmp_path):
+    """--base-top-k reaches the config: W_base's top values are kept only when asked for (none by default)."""
+    import json
+
+    code, _, err = run(monkeypatch, capsys, "analyze", *pair, "-o", tmp_path / "r", "--no-cache", "-q",
+                       "--base-top-k", "4")
+    assert code == 0, err
+    data = json.loads((tmp_path / "r" / "analysis.json").read_text())
+    matrices = [row for row in data["modules"] if row["kind"] == "matrix"]
+    assert matrices and all(len(row["base_top_singular_values"]) == 4 for row in matrices)
+    assert data["config"]["base_top_k"] == 4
+
+
 def test_show_of_identical_checkpoints_prints_no_empty_table(monkeypatch, capsys, pair, tmp_path):
     """Every ΔW = 0: the per-role table has no rows; the terminal said so with an empty table."""
     code, stdout, err = run(monkeypatch, capsys, "analyze", pair[0], pair[0], "-o", tmp_path / "r", "--no-cache", "-q")
