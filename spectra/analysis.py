@@ -57,7 +57,10 @@ class AnalysisConfig:
     # TinyLlama-shaped pair 16 of them cost 12 % of the analysis, so they are asked for (--base-top-k)
     base_top_iter: int = 2  # Krylov depth for W_base's top σ above full_below (sketch.top_values: outliers to ~1e-3)
     resolve: float = 0.9  # energy whose rank "sketch" must get exactly (±1); higher thresholds only when within reach
-    sketch_dtype: str = "bfloat16"  # GEMM dtype of the sketch's power steps (4× fp32's rate); Rayleigh–Ritz stays fp32
+    # GEMM dtype of the sketch's power steps; Rayleigh–Ritz stays fp32. "auto": bfloat16 where this device runs its
+    # GEMMs ≥ 1.25× float32's rate (2–5× with AMX, AVX-512 BF16, GPUs since Ampere), else float32 (an AVX2-only CPU
+    # emulates bf16 50–300× slower than float32): measured once per process, and written into the report resolved
+    sketch_dtype: str = "auto"
     roles: tuple[str, ...] | None = None  # passed to the pairing: which modules to analyse
     stacks: tuple[str, ...] | None = None  # and of which stacks (language, vision, encoder, …); None: every one
     layers: tuple[int, int] | None = None
@@ -89,10 +92,14 @@ class AnalysisConfig:
         if self.base_rounding not in metrics.BASE_ROUNDING:
             raise ConfigError(f"base_rounding: {self.base_rounding!r} is not one of "
                               f"{', '.join(metrics.BASE_ROUNDING)}.")
-        if self.sketch_dtype not in ("bfloat16", "float16", "float32"):
-            raise ConfigError(f"sketch_dtype: {self.sketch_dtype!r} is not one of bfloat16, float16, float32.")
+        if self.sketch_dtype not in ("auto", "bfloat16", "float16", "float32"):
+            raise ConfigError(f"sketch_dtype: {self.sketch_dtype!r} is not one of auto, bfloat16, float16, float32.")
         object.__setattr__(self, "stacks", parse_stacks(self.stacks))  # "decoder" spelled "language", once
         self.pairing_options()  # validates roles, stacks, layers, filters, dtype, device
+        if self.sketch_dtype == "auto":
+            from spectra.linalg.hardware import fast_sketch_dtype
+
+            object.__setattr__(self, "sketch_dtype", fast_sketch_dtype(self.device))
         if self.calibration is not None:
             object.__setattr__(self, "calibration", str(self.calibration))
             if not Path(self.calibration).is_file():
@@ -355,7 +362,8 @@ def _top_values(base: torch.Tensor, config: AnalysisConfig) -> list[float]:
     if min(base.shape) <= config.full_below:
         values = full_svd(base).values[:k]
     else:
-        values = sketch.top_values(base, k, n_iter=config.base_top_iter, seed=config.seed)
+        values = sketch.top_values(base, k, n_iter=config.base_top_iter, seed=config.seed,
+                                   gemm_dtype=torch.bfloat16 if config.sketch_dtype == "bfloat16" else torch.float32)
     return [float(v) for v in values.double().cpu()]
 
 
@@ -556,6 +564,8 @@ def analyze(base, tuned, config: AnalysisConfig | None = None, *, cache_dir: str
     n_workers, threads = split_workers(workers, config.device)
     t0 = time.perf_counter()
     me = world(config.device)
+    if me.distributed:  # every rank sketches in rank 0's dtype, so the rows equal a single process's
+        config = replace(config, sketch_dtype=me.broadcast(config.sketch_dtype))
     pairing = Pairing(base, tuned, replace(config.pairing_options(), device=me.device))
     base_fp, tuned_fp = pairing.base.fingerprint(), pairing.tuned.fingerprint()
     root = ModuleCache.default_root() if cache_dir is True else (cache_dir or None)

@@ -40,6 +40,16 @@ class World:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    def broadcast(self, value: Any) -> Any:
+        """Rank 0's `value` on every rank (`value` itself outside torchrun): one choice for a whole job."""
+        if not self.distributed:
+            return value
+        import torch.distributed as dist
+
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
 
 def world(device: str = "cpu") -> World:
     """Join the torchrun process group if this process was launched by torchrun.

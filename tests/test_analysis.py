@@ -355,7 +355,8 @@ def test_cli_ctrl_c_exits_130_with_one_line(planted_pair, monkeypatch, tmp_path)
     assert "Traceback" not in result.output and not (tmp_path / "r").exists()
 
 
-def test_sketch_rows_leave_out_what_needs_the_whole_spectrum(tmp_path):
+@pytest.mark.parametrize("sketch_dtype", ["bfloat16", "float32"])
+def test_sketch_rows_leave_out_what_needs_the_whole_spectrum(tmp_path, sketch_dtype):
     """Above full_below only the top of the spectrum is known: entropy rank and ‖·‖_*/‖·‖_F are null, not
     computed from the top values, and a Gavish–Donoho count that every held value passes is a lower bound."""
     g = torch.Generator().manual_seed(0)
@@ -363,8 +364,8 @@ def test_sketch_rows_leave_out_what_needs_the_whole_spectrum(tmp_path):
     U = torch.linalg.qr(torch.randn(400, 300, generator=g))[0]
     V = torch.linalg.qr(torch.randn(600, 300, generator=g))[0]
     D = (U * torch.exp(-torch.arange(300) / 40.0)) @ V.T
-    sketched, full = _sketched_and_full(tmp_path, W, W + 0.05 * W.norm() / D.norm() * D)
-    assert sketched["method"] == "adaptive-bf16" and not sketched["complete"] and full["complete"]
+    sketched, full = _sketched_and_full(tmp_path, W, W + 0.05 * W.norm() / D.norm() * D, sketch_dtype)
+    assert sketched["method"] == _SKETCH_METHOD[sketch_dtype] and not sketched["complete"] and full["complete"]
     assert sketched["effective_rank"] is None and sketched["nuclear_fro_ratio"] is None
     ref = np.linalg.svd((W + 0.05 * W.norm() / D.norm() * D - W).double().numpy(), compute_uv=False)
     p = ref / ref.sum()
@@ -373,7 +374,8 @@ def test_sketch_rows_leave_out_what_needs_the_whole_spectrum(tmp_path):
     assert abs(sketched["energy_rank"]["0.9"] - full["energy_rank"]["0.9"]) <= 1
 
 
-def test_a_sketch_row_gives_an_energy_level_it_cannot_settle_as_an_interval(tmp_path):
+@pytest.mark.parametrize("sketch_dtype", ["bfloat16", "float32"])
+def test_a_sketch_row_gives_an_energy_level_it_cannot_settle_as_an_interval(tmp_path, sketch_dtype):
     """A noise tail (1 % of ‖ΔW‖², and bf16 rounding) leaves the sketch's 95 % rank unsettled: null in
     energy_rank, and an interval around the exact rank in energy_rank_bounds (the row carried the Ritz
     values' rank as a number)."""
@@ -384,7 +386,8 @@ def test_a_sketch_row_gives_an_energy_level_it_cannot_settle_as_an_interval(tmp_
     D = (U * torch.exp(-torch.arange(24) / 4.0)) @ V.T
     D = D / D.norm() * 0.99**0.5 + torch.randn(400, 1100, generator=g) * (0.01 / (400 * 1100)) ** 0.5
     # bf16: its rounding is the noise
-    sketched, full = _sketched_and_full(tmp_path, W.bfloat16(), (W + 0.01 * W.norm() / D.norm() * D).bfloat16())
+    sketched, full = _sketched_and_full(tmp_path, W.bfloat16(), (W + 0.01 * W.norm() / D.norm() * D).bfloat16(),
+                                        sketch_dtype)
     assert sketched["energy_rank"]["0.95"] is None and "energy_rank_bounds" not in full
     lo, hi = sketched["energy_rank_bounds"]["0.95"]
     assert lo <= full["energy_rank"]["0.95"] <= hi and len(sketched["singular_values"]) < hi
@@ -465,15 +468,19 @@ def test_a_cache_entry_that_is_not_rows_is_recomputed(planted_pair, tmp_path):
     assert len(again) == len(first) and strip_timing(again) == strip_timing(first)
 
 
-def _sketched_and_full(folder, base, tuned):
-    """The one q_proj row of a base/tuned pair saved under `folder`, analysed by the sketch and by a full SVD."""
+_SKETCH_METHOD = {"bfloat16": "adaptive-bf16", "float32": "adaptive-fp32"}
+
+
+def _sketched_and_full(folder, base, tuned, sketch_dtype="bfloat16"):
+    """The one q_proj row of a base/tuned pair saved under `folder`, analysed by the sketch (its power steps in
+    `sketch_dtype`) and by a full SVD."""
     from safetensors.torch import save_file
 
     for side, weight in (("b", base), ("t", tuned)):
         (folder / side).mkdir()
         save_file({"model.layers.0.self_attn.q_proj.weight": weight.contiguous()}, folder / side / "model.safetensors")
-    (sketched,) = analyze(folder / "b", folder / "t", AnalysisConfig(full_below=0), cache_dir=False,
-                          progress=False).modules
+    (sketched,) = analyze(folder / "b", folder / "t", AnalysisConfig(full_below=0, sketch_dtype=sketch_dtype),
+                          cache_dir=False, progress=False).modules
     (full,) = analyze(folder / "b", folder / "t", AnalysisConfig(method="full"), cache_dir=False,
                       progress=False).modules
     return sketched, full

@@ -48,7 +48,10 @@ def test_entry_cost_and_bad_input(monkeypatch):
 _JOB = textwrap.dedent("""
     import json, os, sys, torch
     torch.set_num_threads(1)
+    import spectra.linalg.hardware as hardware
     from spectra.analysis import AnalysisConfig, analyze
+    # rank 1 measures another sketch dtype than rank 0: every rank must still take rank 0's
+    hardware.fast_sketch_dtype = lambda device="cpu": "float32" if os.environ.get("RANK") == "1" else "bfloat16"
     pair, out = sys.argv[1], sys.argv[2]
     r = analyze(pair + "/base", pair + "/tuned", AnalysisConfig(full_below=32), cache_dir=False, progress=False)
     if os.environ.get("RANK", "0") == "0":
@@ -81,4 +84,5 @@ def test_two_gloo_ranks_match_single_process(tmp_path):
     assert b["timings"]["world_size"] == 2 and a["timings"]["world_size"] == 1
     strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
     assert strip(a["modules"]) == strip(b["modules"])  # same rows, same order, bit for bit
-    assert any(m.get("method") == "adaptive-bf16" for m in a["modules"])  # the sketch path ran on both
+    assert any(m.get("method") == "adaptive-bf16" for m in a["modules"])  # the sketch path ran on both,
+    assert not any(m.get("method", "").startswith("adaptive-fp32") for m in b["modules"])  # in rank 0's dtype

@@ -185,6 +185,7 @@ def _job_analyze(pair: str, out: str, method: str, threads: int, read_ahead: int
     if os.environ.get("RANK", "0") != "0":
         return
     payload = {"wall_s": wall, "timings": result.timings, "modules": result.modules,
+               "sketch_dtype": result.config.get("sketch_dtype"),
                "flops": dict(mode.flops) if mode is not None else None}
     write_text_atomic(out, json.dumps(payload))
 
@@ -303,6 +304,7 @@ def run_e2e_bench(out: str | os.PathLike = "reports/bench", *, pair: str | os.Pa
             data = json.loads(path.read_text())
             rows[tag] = data["modules"]
             m.update(analysis_s=data["wall_s"], timings=data["timings"], flops=data["flops"],
+                     sketch_dtype=data.get("sketch_dtype"),
                      modules_per_s=len(data["modules"]) / data["wall_s"])
         res[tag] = {k: v for k, v in m.items() if k != "tail"} | ({"tail": m["tail"]} if m.get("rc") else {})
         return m

@@ -116,6 +116,8 @@ def write_report(res: dict[str, Any], out: str | os.PathLike, *, ground_truth: P
             t = r.get("timings") or {}
             if key.startswith("spectra_") and t.get("workers"):
                 label += f", {t['workers']} workers × {t.get('threads_per_worker', '?')} thread(s)"
+            if key == "spectra_default" and r.get("sketch_dtype"):
+                label += f", sketch power steps in {r['sketch_dtype']} (auto)"
             lines.append(f"| {label} | {_fmt(r.get('wall_s'))} | {_fmt(r.get('analysis_s'))} | "
                          f"{_fmt(r.get('peak_anon_mb'), 0)} | {_fmt(r.get('modules_per_s'), 2)} |")
     for key, r in (res.get("peers") or {}).items():

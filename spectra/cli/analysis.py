@@ -66,7 +66,7 @@ def analyze(
     base: Annotated[str, typer.Argument(help="Pretrained checkpoint: directory, .safetensors/.bin file, index JSON or hub id.")],
     tuned: Annotated[str, typer.Argument(help="Fine-tuned checkpoint (same forms), or a PEFT adapter directory.")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Report directory to write (refused if it exists, unless --overwrite).")] = Path("reports/analysis"),
-    method: Annotated[str, typer.Option(help="SVD: auto (the exact spectrum up to --full-below, the bf16 energy sketch above), full, sketch, "
+    method: Annotated[str, typer.Option(help="SVD: auto (the exact spectrum up to --full-below, the energy sketch above), full, sketch, "
                                                "adaptive (block Krylov to the energy rank), randomized (top --max-rank, default 256).")] = "auto",
     max_rank: Annotated[Optional[int], typer.Option(help="Cap on singular values computed by the randomized/adaptive paths (default: 256 for randomized, no cap for adaptive).", parser=_typed_int)] = None,
     full_below: Annotated[int, typer.Option(help="Short side at or below which 'auto' takes the exact full spectrum.", parser=_typed_int)] = 1024,
@@ -92,7 +92,8 @@ def analyze(
     read_ahead_mb: Annotated[int, typer.Option(help="Most ΔW data (MB, float32) held by the modules in flight (one always goes); bounds peak memory. An adapter's expert factors held across a module come out of what it holds beyond room for the two largest modules; more is held on top, with a warning.", parser=_typed_int)] = 512,
     calibration: Annotated[Optional[Path], typer.Option(help="Calibration data (.txt, or .jsonl/.csv/.tsv with a text field): also report each ΔW's activation-weighted spectrum, ΔW·C^{1/2} on the base's inputs.")] = None,
     calibration_epsilon: Annotated[float, typer.Option(help="With --calibration: the ε that sets each module's input rank (input_rank in analysis.json), the count of C's eigenvalues above ε times their mean (C: the input second moment). The activation-weighted spectrum uses C itself, with no ridge, so ε leaves it unchanged.", parser=_typed_float)] = 1e-6,
-    base_top_k: Annotated[int, typer.Option(help="Also keep the top K singular values of each W_base (base_top_singular_values in analysis.json: exact up to --full-below, above it from a bf16 Krylov space, outliers to ~1e-3), to compare ΔW's top values with W's. 0: none (no report needs them; 16 cost ~12 % more time on a TinyLlama-shaped pair).", parser=_typed_int)] = 0,
+    base_top_k: Annotated[int, typer.Option(help="Also keep the top K singular values of each W_base (base_top_singular_values in analysis.json: exact up to --full-below, above it from a Krylov space in the --sketch-dtype, outliers to ~1e-3), to compare ΔW's top values with W's. 0: none (no report needs them; 16 cost ~12 % more time on a TinyLlama-shaped pair).", parser=_typed_int)] = 0,
+    sketch_dtype: Annotated[str, typer.Option(help="GEMM dtype of the energy sketch's power steps (its values come from an exact float32 step whatever this is): auto (bfloat16 where this device runs it ≥ 1.25× faster than float32, e.g. CPUs with AMX or AVX-512 BF16 and GPUs since Ampere; else float32: an AVX2-only CPU emulates bfloat16 50–300× slower), bfloat16, float16, float32.")] = "auto",
     base_rounding: Annotated[str, typer.Option(help="Is the base's rounding in ΔW? auto (decided per module from ΔW's residual: when in doubt, counted), exact (the fine-tune started from the base's stored values, e.g. a bf16 release tuned and saved in bf16: only the fine-tune's rounding is noise), counted (both were rounded from finer weights, e.g. two bf16 releases trained in fp32).")] = "auto",
 ) -> None:
     """Measure the spectrum of every ΔW = TUNED − BASE and write a report (JSON, Markdown, HTML, figures).
@@ -122,7 +123,7 @@ def analyze(
                             on_nonfinite="skip" if skip_nonfinite else "error",
                             calibration=str(calibration) if calibration else None,
                             calibration_epsilon=calibration_epsilon, base_rounding=base_rounding,
-                            base_top_k=base_top_k)
+                            base_top_k=base_top_k, sketch_dtype=sketch_dtype)
     result = run_analysis(base, tuned, config, cache_dir=False if no_cache else (cache_dir or True), progress=not quiet,
                           read_ahead=read_ahead, read_ahead_mb=read_ahead_mb, workers=workers)
     if not main_rank:

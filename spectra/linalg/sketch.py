@@ -5,7 +5,7 @@ route at the accuracy a rank decision needs:
 
 - :func:`energy_sketch` — the top of the spectrum up to a requested energy rank by
   randomized subspace iteration whose GEMMs run in bf16 (AMX / tensor cores, ~4× the
-  fp32 rate), with the Rayleigh–Ritz projection and every singular value it returns in
+  fp32 rate; float32 on devices without them, see :mod:`spectra.linalg.hardware`), with the Rayleigh–Ritz projection and every singular value it returns in
   fp32/fp64. ΔW of a bf16 pair is nearly exact in bf16 (the difference of two bf16
   numbers a few ulps apart is exact by Sterbenz's lemma; on a TinyLlama-shaped pair
   0.5 % of the entries, those where the weight is near zero, round, 2e-4 of ‖ΔW‖_F),
@@ -446,7 +446,7 @@ def _value_error(s: torch.Tensor, before: torch.Tensor, k: int) -> float:
 
 
 def _sketch_result(s: torch.Tensor, before: torch.Tensor, ranks: dict[float, tuple[int, bool]], wanted: list[float],
-                   total: float, shape: tuple[int, int], steps: int, whole: bool) -> Spectrum:
+                   total: float, shape: tuple[int, int], steps: int, whole: bool, method: str) -> Spectrum:
     """The sketch's Spectrum: the Ritz values `s` (l,) up to the largest settled rank, and bounds for the rest;
     its ``tolerance`` is :func:`_value_error` of the values returned (`before`: those half a step back), 0 when
     the basis spans the whole short side (`whole`: the values are then σ(A) to fp32 rounding).
@@ -465,12 +465,15 @@ def _sketch_result(s: torch.Tensor, before: torch.Tensor, ranks: dict[float, tup
     if whole:  # a basis spanning the whole short side holds the whole spectrum: keep all of it. Its values are
         # σ(Qᵀ A) for an orthonormal Q of the whole short side, i.e. σ(A) to the fp32 product's rounding (~2e-7
         # relative where full_svd's is ~5e-8): a full decomposition at working precision, tolerance 0 as full_svd's
-        return Spectrum(s.float(), total, shape, "adaptive-bf16", tolerance=0.0, n_iter=steps, complete=True)
+        return Spectrum(s.float(), total, shape, method, tolerance=0.0, n_iter=steps, complete=True)
     out = _settled_rank(ranks, wanted)
     outside = max(0.0, total - float((s * s).sum())) / total  # share of ‖A‖_F² outside span(Q)
     bounds = {t: (_rank(s, total, t - outside), k) for t, (k, _) in ranks.items() if k > out}  # (lo, hi)
-    return Spectrum(s[:out].float(), total, shape, "adaptive-bf16", tolerance=_value_error(s, before, out),
+    return Spectrum(s[:out].float(), total, shape, method, tolerance=_value_error(s, before, out),
                     n_iter=steps, complete=False, rank_bounds=bounds)
+
+
+_STEP_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.float64: "fp64"}
 
 
 def _in_half_range(sketch):
@@ -565,7 +568,8 @@ def energy_sketch(A: torch.Tensor, *, energy: float, thresholds: tuple[float, ..
     Returns
     -------
     Spectrum
-        ``method="adaptive-bf16"`` (``"adaptive-bf16->full"`` after a fall-back);
+        ``method="adaptive-bf16"`` (``"adaptive-bf16->full"`` after a fall-back; ``adaptive-fp32``,
+        ``adaptive-fp16`` for power steps in those dtypes);
         ``tolerance`` the estimated largest relative error of the values returned (:func:`_value_error`:
         each value's last half-step gain extrapolated at its convergence rate; in 192 sketches
         against float64 SVDs at most 1.2× below the true error, there for errors of ~1e-6);
@@ -578,8 +582,9 @@ def energy_sketch(A: torch.Tensor, *, energy: float, thresholds: tuple[float, ..
     """
     shape = (int(A.shape[0]), int(A.shape[1]))
     wanted = sorted({float(energy), *(float(t) for t in thresholds)})
+    method = "adaptive-" + _STEP_NAMES.get(sketch_dtype or A.dtype, str(sketch_dtype or A.dtype))
     if total_energy == 0.0:  # every σ is 0: the whole spectrum is known, as full_svd gives it
-        return Spectrum(torch.zeros(min(shape)), 0.0, shape, "adaptive-bf16", complete=True)
+        return Spectrum(torch.zeros(min(shape)), 0.0, shape, method, complete=True)
     if low is not None and (low.shape != A.shape or low.dtype != (sketch_dtype or A.dtype)):
         raise ValueError(f"energy_sketch: low is {tuple(low.shape)} {low.dtype}, not A's shape {tuple(A.shape)} "
                          f"in {sketch_dtype}.")
@@ -589,6 +594,7 @@ def energy_sketch(A: torch.Tensor, *, energy: float, thresholds: tuple[float, ..
     cap = max(block, short // 4) if max_rank is None else max_rank
     if low is None:
         low = A if sketch_dtype in (None, A.dtype) else A.to(sketch_dtype)  # (short, long), in A's layout
+    cheap_steps = low.dtype.itemsize < A.dtype.itemsize  # a power step costs less than the exact pass (bf16: 4–5×)
     gen = None  # set after the first draw, which comes from a cache
     Q = A.new_zeros(short, 0)
     steps = 0
@@ -611,9 +617,10 @@ def energy_sketch(A: torch.Tensor, *, energy: float, thresholds: tuple[float, ..
         usable = l if l == short else l - max(8, l // 4)
         prev = None  # the last bf16 step's estimate σ(A W) of the top-l σ
         for i in range(n_iter):
-            if prev is None or (i == 1 and _rank(prev, total_energy, energy) > l // 2):
+            if prev is None or (cheap_steps and i == 1 and _rank(prev, total_energy, energy) > l // 2):
                 # a bf16 step; a second one before the first exact check when the estimated rank fills
-                # over half the basis, where convergence (σ_{l+1}/σ_k per step) is slow
+                # over half the basis, where convergence (σ_{l+1}/σ_k per step) is slow (with float32 steps
+                # the exact pass costs what a step does: every step after the first is checked)
                 W, _ = _orth(thin_product(low.T, Q.to(low.dtype)).float())  # (long, l)
             else:
                 # check: the exact fp32 Rayleigh–Ritz pass on Q doubles as the next step's first half;
@@ -629,7 +636,7 @@ def energy_sketch(A: torch.Tensor, *, energy: float, thresholds: tuple[float, ..
                 before = _ritz_before(Z, W)  # (l,): the values half a step back, on W's side
                 ranks = _threshold_ranks(s, before, total_energy, wanted, usable)
                 if _settled_rank(ranks, wanted) >= k or l == short:  # every level up to the resolve one settled
-                    return _sketch_result(s, before, ranks, wanted, total_energy, shape, steps, l == short)
+                    return _sketch_result(s, before, ranks, wanted, total_energy, shape, steps, l == short, method)
                 W, _ = _orth(Z, G)
             Q, R = _orth(thin_product(low, W.to(low.dtype)).float())  # (short, l), (l, l)
             steps += 1
@@ -641,7 +648,7 @@ def energy_sketch(A: torch.Tensor, *, energy: float, thresholds: tuple[float, ..
         # not settled within n_iter steps, or the rank lies beyond the basis: grow it
     F = full_svd(A)
     out = max(r or F.k for r in (_rank(F.values.double(), total_energy, t) for t in wanted))
-    return Spectrum(F.values[:out], total_energy, shape, "adaptive-bf16->full", tolerance=0.0, n_iter=steps,
+    return Spectrum(F.values[:out], total_energy, shape, method + "->full", tolerance=0.0, n_iter=steps,
                     complete=out == short)
 
 
@@ -681,8 +688,10 @@ def _basis_for(k: int) -> int:
     return -(-l // 16) * 16
 
 
-def top_values(W: torch.Tensor, k: int, *, n_iter: int = 2, seed: int = 0) -> torch.Tensor:
-    """Approximate top-`k` singular values of a weight by a bf16 block Krylov space.
+def top_values(W: torch.Tensor, k: int, *, n_iter: int = 2, seed: int = 0,
+               gemm_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """Approximate top-`k` singular values of a weight by a bf16 block Krylov space (`gemm_dtype`
+    ``torch.float32`` for devices whose bf16 GEMMs are slow: :mod:`spectra.linalg.hardware`).
 
     Blocks of b = max(k, 8) columns, A Ω, (A Aᵀ) A Ω, …, `n_iter` products deep, each
     orthogonalised against those before (the last one cut to what is left of the short
@@ -701,16 +710,17 @@ def top_values(W: torch.Tensor, k: int, *, n_iter: int = 2, seed: int = 0) -> to
     if W.shape[0] > W.shape[1]:
         W = W.T  # (short, long)
     short, long_ = W.shape
-    low = W.to(torch.bfloat16)
+    low = W.to(gemm_dtype)
     b = min(max(k, 8), short)
-    Omega, _ = _first_gaussian(long_, b, torch.bfloat16, W.device, seed)
+    Omega, _ = _first_gaussian(long_, b, gemm_dtype, W.device, seed)
     blocks = [torch.linalg.qr(thin_product(low, Omega).float())[0]]  # (short, b) each
     for _ in range(n_iter):
         left = short - len(blocks) * b
         if left <= 0:
             break  # the space is the whole short side
-        Y = thin_product(low, thin_product(low.T, blocks[-1][:, :left].to(torch.bfloat16))).float()  # (A Aᵀ) Qⱼ, (short, ≤ b)
+        Y = thin_product(low, thin_product(low.T, blocks[-1][:, :left].to(gemm_dtype))).float()  # (A Aᵀ) Qⱼ, (short, ≤ b)
         reorthogonalize(Y, torch.cat(blocks, 1), blocks[-1].shape[1])  # ⊥ the space so far, to fp32 rounding
         blocks.append(torch.linalg.qr(Y)[0])
     Q, _ = torch.linalg.qr(torch.cat(blocks, 1))  # (short, ≤ (n_iter + 1)·b), exactly orthonormal
-    return (_ritz_bf16(W, Q) if W.dtype == torch.bfloat16 else _ritz(W, Q))[:k]
+    bf16 = W.dtype == torch.bfloat16 and gemm_dtype == torch.bfloat16
+    return (_ritz_bf16(W, Q) if bf16 else _ritz(W, Q))[:k]

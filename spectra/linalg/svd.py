@@ -63,7 +63,8 @@ class Spectrum:
     method : str
         Which path produced it: ``"full-gram"``, ``"full-gesdd"``, ``"full-torch"``,
         ``"randomized"``, ``"krylov"``, ``"adaptive"`` (``"adaptive->full"`` when it fell back),
-        ``"adaptive-bf16"`` (``"adaptive-bf16->full"``; :func:`spectra.linalg.sketch.energy_sketch`)
+        ``"adaptive-bf16"`` (``"adaptive-bf16->full"``; :func:`spectra.linalg.sketch.energy_sketch`, whose
+        power steps ran in bf16; ``"adaptive-fp32"``, ``"adaptive-fp16"`` in those dtypes)
         or ``"lowrank-qr"`` (:func:`spectra.linalg.partial.lowrank_svd`).
     U : torch.Tensor or None, shape (out, k)
         Left singular vectors, when requested.

@@ -210,7 +210,7 @@ def test_float16_sketch_gives_the_float32_ranks_at_any_scale(rms):
     runs = {dt: sketch.energy_sketch(d, energy=0.9, thresholds=(0.5, 0.99), total_energy=total, block=16,
                                      sketch_dtype=dt) for dt in (None, torch.float16)}
     half, single = runs[torch.float16], runs[None]
-    assert half.method == "adaptive-bf16" and half.total_energy == total  # no fall-back, the caller's total
+    assert half.method == "adaptive-fp16" and half.total_energy == total  # no fall-back, the caller's total
     for tau in (0.5, 0.9, 0.99):
         assert metrics.energy_rank(half, tau) == metrics.energy_rank(single, tau) is not None
     exact = full_svd(d.double()).values[:5].numpy()

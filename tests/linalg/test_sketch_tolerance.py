@@ -139,7 +139,8 @@ def test_a_basis_spanning_the_short_side_reports_a_full_decompositions_tolerance
     assert _true_error(d, fast.values) < 1e-6
 
 
-def test_analysis_json_carries_the_sketch_tolerance(tmp_path):
+@pytest.mark.parametrize("sketch_dtype", ["bfloat16", "float32"])
+def test_analysis_json_carries_the_sketch_tolerance(tmp_path, sketch_dtype):
     """The analysis row's ``tolerance`` on the default sketch path (here forced with full_below=32, as the audit's
     repro did) holds the float64 error of the row's singular_values; unchanged modules report 0."""
     import transformers as tf
@@ -156,11 +157,12 @@ def test_analysis_json_carries_the_sketch_tolerance(tmp_path):
         tuned.model.layers[0].self_attn.q_proj.weight += delta
     save(base, tmp_path / "base", "safetensors")
     save(tuned, tmp_path / "tuned", "safetensors")
-    result = analyze(tmp_path / "base", tmp_path / "tuned", AnalysisConfig(full_below=32), cache_dir=False,
-                     progress=False)
+    result = analyze(tmp_path / "base", tmp_path / "tuned", AnalysisConfig(full_below=32, sketch_dtype=sketch_dtype),
+                     cache_dir=False, progress=False)
     rows = {r["name"]: r for r in result.modules}
     row = rows["model.layers.0.self_attn.q_proj"]
-    assert row["method"] == "adaptive-bf16" and not row["complete"]
+    assert row["method"] == {"bfloat16": "adaptive-bf16", "float32": "adaptive-fp32"}[sketch_dtype]
+    assert not row["complete"] and result.config["sketch_dtype"] == sketch_dtype
     exact = (tuned.model.layers[0].self_attn.q_proj.weight.double() - base.model.layers[0].self_attn.q_proj.weight.double())
     err = _true_error(exact.detach(), torch.tensor(row["singular_values"]))
     assert err <= BELOW * row["tolerance"] and row["tolerance"] <= ABOVE * err
