@@ -75,6 +75,22 @@ def peft_task_type(config: Mapping | None, model_class: str | None = None) -> st
     return None
 
 
+def configured_labels(config: Mapping) -> int:
+    """The classes a config declares: ``len(id2label)``, else ``num_labels``, else transformers' default 2."""
+    id2label = config.get("id2label")
+    if id2label:
+        return len(id2label)
+    return int(config.get("num_labels") or 2)
+
+
+def with_labels(config: Mapping, num_labels: int | None) -> Mapping:
+    """``config`` with ``num_labels`` classes, as ``from_pretrained(BASE, num_labels=…)`` builds the model: its own
+    ``id2label``/``label2id`` (of another count) dropped. ``config`` itself where ``num_labels`` is None."""
+    if num_labels is None:
+        return config
+    return {k: v for k, v in config.items() if k not in ("id2label", "label2id")} | {"num_labels": num_labels}
+
+
 def meta_model(config: Mapping | None, model_class: str | None = None):
     """The class ``model_class`` (default: the one ``config`` names), built on the meta device, or None.
 

@@ -51,6 +51,7 @@ from spectra.checkpoints.positions import (  # noqa: F401
     position_limit,
     resolve_max_length,
 )
+from spectra.checkpoints.targets import configured_labels  # noqa: F401 - shared with spectra.ranks, name kept here
 from spectra.errors import ConfigError
 
 TASKS = ("causal_lm", "seq_cls", "seq2seq_lm")
@@ -996,14 +997,6 @@ def model_label2id(model_config: Mapping) -> dict[str, int] | None:
     if not label2id or all(str(k).startswith("LABEL_") for k in label2id):
         return None
     return {str(k): int(v) for k, v in label2id.items()}
-
-
-def configured_labels(model_config: Mapping) -> int:
-    """The classes a config declares: ``len(id2label)``, else ``num_labels``, else transformers' default 2."""
-    id2label = model_config.get("id2label")
-    if id2label:
-        return len(id2label)
-    return int(model_config.get("num_labels") or 2)
 
 
 def has_classifier(model_config: Mapping) -> bool:

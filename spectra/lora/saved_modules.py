@@ -19,7 +19,7 @@ import math
 from spectra.checkpoints.adapter import PEFT_PREFIX
 from spectra.checkpoints.names import natural_key
 from spectra.checkpoints.pairing import Pairing
-from spectra.checkpoints.targets import meta_model, owning_modules, peft_task_type
+from spectra.checkpoints.targets import configured_labels, meta_model, owning_modules, peft_task_type, with_labels
 from spectra.errors import ConfigError
 
 
@@ -276,8 +276,6 @@ def saved_num_labels(saved_keys: dict[str, str], pairing: Pairing, model_class: 
     (``from_pretrained(BASE, num_labels=3)``) the model holds that shape. `saved_keys` maps the adapter's keys to
     TUNED's tensors; `resized` names TUNED's tensors of a resized vocabulary (``resize_token_embeddings`` instead).
     """
-    from spectra.lora.data import configured_labels
-
     base_config = pairing.base.config
     tuned_config = pairing.tuned.config if hasattr(pairing.tuned, "names") else None
     if not saved_keys or not model_class or not base_config or not base_config.get("model_type"):
@@ -300,8 +298,7 @@ def saved_num_labels(saved_keys: dict[str, str], pairing: Pairing, model_class: 
         return None, []
     classes = configured_labels(tuned_config) if tuned_config else None
     if classes is not None and classes != configured_labels(base_config):
-        config = {k: v for k, v in base_config.items() if k not in ("id2label", "label2id")} | {"num_labels": classes}
-        if misfits(config) == []:
+        if misfits(with_labels(base_config, classes)) == []:
             return classes, []
     tensor, held, built = found[0]
     return None, [f"modules_to_save: {tensor} is {'×'.join(map(str, held))} in TUNED but "

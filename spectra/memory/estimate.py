@@ -217,7 +217,8 @@ def estimate_memory(config_or_model: Any, *, method: str = "lora", rank_plan_or_
       per parameter, as PEFT adapts them (``_adapter_modules``).
     * gradients: one per trainable parameter in its dtype (full: w, adapters: 4). A plan's ``modules_to_save`` (the
       head PEFT trains in full for a classifier's task type) adds its copy to the weights, and its gradients and
-      optimizer states, all in w.
+      optimizer states, all in w. A plan's ``num_labels`` (TUNED's class count, where the base's config declares
+      another) builds the classifier with it, its frozen head as well as the copy.
     * optimizer_states: AdamW two moments in the parameter's dtype (PyTorch's ``zeros_like``);
       ``mixed`` full fine-tuning adds the fp32 master copy: 12 bytes/param, ZeRO's K = 12 [1]_.
       ``adamw_8bit`` (bitsandbytes, blockwise), by tensor: 2·(1 + 4/256) bytes/param (two 8-bit moments, an fp32
@@ -305,7 +306,8 @@ def estimate_memory(config_or_model: Any, *, method: str = "lora", rank_plan_or_
                      "set them to 0 in config.json to train without dropout")
     if plan is not None:
         _check_plan_base(shape, plan, cfg)
-    shape, head, model = _task_class(shape, cfg, method, models)  # a classifier: its own head, not the base's
+    # a classifier: its own head, not the base's, with the plan's class count (TUNED's, where the base's differs)
+    shape, head, model = _task_class(shape, cfg, method, models, plan.num_labels if plan is not None else None)
     if plan is not None and method != "full":  # no LoRA inside a module PEFT saves whole, as spectra train drops it
         rank_plan_or_rank = plan = _outside_saved(plan, [m.name for m in (*plan.modules_to_save, *head)], notes)
     if attention == "sdpa" and not shape.sdpa:
@@ -424,7 +426,8 @@ def _adapter_tensors(method: str, adapter_modules: list) -> list[int]:
     return sizes
 
 
-def _task_class(shape: ModelShape, cfg: dict, method: str, models) -> tuple[ModelShape, tuple, Any]:
+def _task_class(shape: ModelShape, cfg: dict, method: str, models,
+                num_labels: int | None = None) -> tuple[ModelShape, tuple, Any]:
     """``shape`` as the class config.json names holds it where that class is one PEFT trains a head of in full (a
     sequence or token classifier, question answering: :data:`spectra.ranks.plan.PEFT_TASK_MODULES`), and that head
     (:func:`spectra.ranks.plan.task_modules`: PEFT's own names and the rest of the head ``spectra train`` saves,
@@ -438,8 +441,9 @@ def _task_class(shape: ModelShape, cfg: dict, method: str, models) -> tuple[Mode
     QLoRA the linears outside the blocks that bitsandbytes stores in 4 bits are the class's
     (:func:`spectra.checkpoints.targets.bnb_4bit_linears`, asked of a model built for it: it converts in place), the
     head kept out of them as ``spectra train`` loads it (:func:`spectra.lora.train.qlora_kept_modules`: PEFT cannot
-    train a copy of a 4-bit layer)."""
-    from spectra.checkpoints.targets import peft_task_type
+    train a copy of a 4-bit layer). ``num_labels`` (a plan's: TUNED's class count, where the base's config declares
+    another) builds the class with that many classes, as the model trained is built."""
+    from spectra.checkpoints.targets import peft_task_type, with_labels
     from spectra.ranks.plan import PEFT_TASK_MODULES, task_modules
 
     task = peft_task_type(cfg)
@@ -447,6 +451,7 @@ def _task_class(shape: ModelShape, cfg: dict, method: str, models) -> tuple[Mode
         return shape, (), None
     from spectra.checkpoints.targets import bnb_4bit_linears, meta_model
 
+    cfg = with_labels(cfg, num_labels)
     model = (models or meta_model)(cfg)
     if model is None:  # a class this transformers cannot build: the base model's count, as before
         return shape, (), None

@@ -224,6 +224,10 @@ class RankPlan:
     modules_to_save : tuple of SavedModule
         The modules PEFT trains in full for the model's task type (a sequence classifier's head,
         :func:`task_modules`), counted in ``total_params``; empty for a causal LM.
+    num_labels : int or None
+        The class count those modules are counted with where it is not the config's: TUNED's, whose config.json
+        declares other classes than the base's (:func:`tuned_labels`); the model trained is then built with it
+        (``from_pretrained(BASE, num_labels=…)``). None: the config's own.
     """
 
     modules: tuple[ModuleRank, ...]
@@ -234,6 +238,7 @@ class RankPlan:
     functional: dict | None = None
     fused: tuple[FusedParameter, ...] = ()
     modules_to_save: tuple[SavedModule, ...] = ()
+    num_labels: int | None = None
 
     def __post_init__(self) -> None:
         names = [m.name for m in self.modules]
@@ -341,7 +346,8 @@ class RankPlan:
                 "left_out": [dataclasses.asdict(m) for m in self.left_out], "functional": self.functional,
                 "fused": [dataclasses.asdict(f) for f in self.fused]} | (
                     {"modules_to_save": [dataclasses.asdict(m) for m in self.modules_to_save]}
-                    if self.modules_to_save else {})  # only where PEFT trains some: other plans' files unchanged
+                    if self.modules_to_save else {}) | (  # only where PEFT trains some: other plans' files unchanged
+                    {"num_labels": self.num_labels} if self.num_labels is not None else {})
 
     @classmethod
     def from_dict(cls, data: Mapping) -> "RankPlan":
@@ -356,7 +362,8 @@ class RankPlan:
                    policy=RankPolicy(**policy), base=data.get("base"), budget_gap=data.get("budget_gap"),
                    functional=data.get("functional"),
                    fused=tuple(FusedParameter(**f) for f in data.get("fused") or ()),
-                   modules_to_save=tuple(SavedModule(**m) for m in data.get("modules_to_save") or ()))
+                   modules_to_save=tuple(SavedModule(**m) for m in data.get("modules_to_save") or ()),
+                   num_labels=data.get("num_labels"))
 
     def to_peft_config(self, *, module_names: Iterable[str] | None = None, model=None,
                        task_type: str | None = "CAUSAL_LM", lora_dropout: float = 0.0) -> dict:
@@ -832,10 +839,11 @@ def save_plan(plan: RankPlan, path: str | os.PathLike, *, model_config: Mapping 
     ``peft_config_model`` is null. Its ``task_type`` is that class's
     (:func:`~spectra.checkpoints.targets.peft_task_type`: ``CAUSAL_LM`` for a causal LM,
     ``SEQ_CLS`` for a sequence classifier, …, null for a bare model or no config); a note says where PEFT, for that
-    task type, trains other modules in full than the plan counts (``RankPlan.modules_to_save``). ``models``: the
+    task type, trains other modules in full than the plan counts (``RankPlan.modules_to_save``, with the class count
+    ``RankPlan.num_labels`` where set: TUNED's). ``models``: the
     command's :class:`MetaModels`, where that model may have been built already (default: built here).
     """
-    from spectra.checkpoints.targets import architecture, meta_model, peft_task_type
+    from spectra.checkpoints.targets import architecture, meta_model, peft_task_type, with_labels
 
     path = Path(path)
     if path.is_dir():
@@ -847,7 +855,10 @@ def save_plan(plan: RankPlan, path: str | os.PathLike, *, model_config: Mapping 
         model = (models or meta_model)(config)
         task_type = peft_task_type(config)
         data["peft_config"], notes = plan._peft_config(model=model, task_type=task_type)
-        saved = task_modules(model, task_type)
+        # the head with the plan's class count (TUNED's where the base's config declares another), as it counts it
+        labelled = model if not (plan.num_labels and config) else (models or meta_model)(
+            with_labels(config, plan.num_labels))
+        saved = task_modules(labelled, task_type)
         if saved != plan.modules_to_save:  # a plan made without this model's config (from rows, another class)
             notes.append(f"get_peft_model trains {_saved_text(saved) or 'no module'} in full for task_type "
                          f"{task_type} (it adds them to modules_to_save), the plan's total counts "
@@ -866,7 +877,8 @@ def _saved_text(saved: Iterable[SavedModule]) -> str:
 
 
 def base_config(base: Mapping | None) -> dict | None:
-    """The ``config.json`` beside the analysed base (``analysis["base"]["path"]``, a local path), or None."""
+    """The ``config.json`` beside an analysed checkpoint (``analysis["base"]["path"]``, or ``["tuned"]``'s: a local
+    path), or None."""
     text = str((base or {}).get("path") or "")
     where = Path(text)
     if not text or not where.exists():
@@ -877,6 +889,26 @@ def base_config(base: Mapping | None) -> dict | None:
     except (OSError, ValueError):  # unreadable: the plan's own names are written, as without one
         return None
     return data if isinstance(data, dict) else None
+
+
+def tuned_labels(config: Mapping | None, tuned_config: Mapping | None) -> int | None:
+    """TUNED's class count where its ``config.json`` (``tuned_config``) declares other classes than ``config`` (the
+    base's) for a class of the same task type, one whose head PEFT trains in full (:data:`PEFT_TASK_MODULES`), else
+    None (either config unknown, or no such class).
+
+    A sequence classifier fine-tuned into 3 classes from a config of 2 holds a (3, hidden) head, which the pairing
+    sets aside (only in BASE, only in TUNED); the head an adapter of it trains and saves (``modules_to_save``) is
+    that one, on the model built with TUNED's count (``from_pretrained(BASE, num_labels=3)``, the count
+    :func:`spectra.lora.saved_modules.saved_num_labels` asks for), not the base config's. Classes are read as
+    :func:`~spectra.checkpoints.targets.configured_labels` reads them (``len(id2label)``, else ``num_labels``).
+    """
+    from spectra.checkpoints.targets import configured_labels, peft_task_type
+
+    task = peft_task_type(config)
+    if task not in PEFT_TASK_MODULES or not tuned_config or peft_task_type(tuned_config) != task:
+        return None
+    classes = configured_labels(tuned_config)
+    return classes if classes != configured_labels(config) else None
 
 
 def load_plan(path: str | os.PathLike) -> RankPlan:

@@ -312,8 +312,9 @@ def recommend_ranks(analysis: Any, policy: RankPolicy | None = None, *, sweep: A
     Task heads. For a classifier (``…ForSequenceClassification``: task type ``SEQ_CLS``; ``TOKEN_CLS``,
     ``QUESTION_ANS``) PEFT trains the head in full whatever the config says (it adds ``classifier``/``score`` or
     ``qa_outputs`` to ``modules_to_save``). Those modules (:func:`~spectra.ranks.plan.task_modules`, on the model
-    built on the meta device) are ``RankPlan.modules_to_save``, their parameters in the total; a budget spends
-    them first (a budget that does not cover them is refused; a byte budget charges each of their parameters
+    built on the meta device; with TUNED's class count where the config beside TUNED declares other classes than
+    the base's, ``RankPlan.num_labels``) are ``RankPlan.modules_to_save``, their parameters in the total; a budget
+    spends them first (a budget that does not cover them is refused; a byte budget charges each of their parameters
     :data:`~spectra.ranks.budget.SAVED_BYTES_PER_PARAM`, what ``spectra memory`` counts for a bf16 head, not
     ``bytes_per_param``: :func:`~spectra.ranks.budget.budget_parameters`), and a targeted module inside them is left
     out (PEFT puts no LoRA there).
@@ -371,7 +372,8 @@ def recommend_ranks(analysis: Any, policy: RankPolicy | None = None, *, sweep: A
             left_out.append(LeftOut(s.name, refused[s.name], s.energy_rank(policy.energy or DEFAULT_ENERGY)[0],
                                     math.sqrt(s.fro2)))
     spectra = [s for s in spectra if s.name not in refused]
-    saved = _saved_by_peft(base, model_config, models)  # a classifier's head, which PEFT trains in full
+    # a classifier's head, which PEFT trains in full: with TUNED's class count where its config declares another
+    saved, num_labels = _saved_by_peft(base, tuned, model_config, models)
     if saved:
         spectra = _outside_saved(spectra, saved, left_out, policy, base, model_config, models)
     if not spectra and refused:
@@ -474,7 +476,8 @@ def recommend_ranks(analysis: Any, policy: RankPolicy | None = None, *, sweep: A
                                    rank * shape[0] * (shape[1] + shape[2]) - planned)
                     for name, (shape, rank, planned) in fused.items())
     return RankPlan(modules=tuple(modules), left_out=tuple(left_out), policy=policy, base=base,
-                    budget_gap=budget_gap, functional=functional, fused=records, modules_to_save=saved)
+                    budget_gap=budget_gap, functional=functional, fused=records, modules_to_save=saved,
+                    num_labels=num_labels)
 
 
 def _refused_by_peft(spectra: list[_Spectrum], base: Mapping | None, model_config: Mapping | None,
@@ -502,19 +505,24 @@ def _refused_by_peft(spectra: list[_Spectrum], base: Mapping | None, model_confi
     return refused
 
 
-def _saved_by_peft(base: Mapping | None, model_config: Mapping | None,
-                   models: MetaModels | None) -> tuple[SavedModule, ...]:
-    """The modules PEFT trains in full for the task type of the class ``model_config`` names (default: the config
-    beside the analysed base): :func:`~spectra.ranks.plan.task_modules` on it, built on the meta device (by
-    ``models`` where given) only for a task type that has such modules (a classifier's); empty otherwise."""
-    from spectra.checkpoints.targets import meta_model, peft_task_type
-    from spectra.ranks.plan import base_config, task_modules
+def _saved_by_peft(base: Mapping | None, tuned: Mapping | None, model_config: Mapping | None,
+                   models: MetaModels | None) -> tuple[tuple[SavedModule, ...], int | None]:
+    """(the modules PEFT trains in full for the task type of the class ``model_config`` names (default: the config
+    beside the analysed base), the class count they are counted with where not that config's: TUNED's, None).
+
+    :func:`~spectra.ranks.plan.task_modules` on that class, built on the meta device (by ``models`` where given)
+    only for a task type that has such modules (a classifier's); empty otherwise. Where the config beside the
+    analysed TUNED declares other classes (:func:`~spectra.ranks.plan.tuned_labels`: a classifier fine-tuned from
+    2 classes into 3), the class is built with TUNED's count: the head PEFT trains and saves is that one."""
+    from spectra.checkpoints.targets import meta_model, peft_task_type, with_labels
+    from spectra.ranks.plan import base_config, task_modules, tuned_labels
 
     config = model_config if model_config is not None else base_config(base)
     task = peft_task_type(config)
     if task not in PEFT_TASK_MODULES:
-        return ()
-    return task_modules((models or meta_model)(config), task)
+        return (), None
+    num_labels = tuned_labels(config, base_config(tuned))
+    return task_modules((models or meta_model)(with_labels(config, num_labels)), task), num_labels
 
 
 def _outside_saved(spectra: list[_Spectrum], saved: tuple[SavedModule, ...], left_out: list[LeftOut],

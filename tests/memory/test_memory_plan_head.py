@@ -15,7 +15,7 @@ import torch
 
 from spectra.memory import estimate_memory
 from spectra.ranks import RankPolicy, recommend_ranks, save_plan
-from tests.ranks.test_plan_task_heads import _model, planted_pair
+from tests.ranks.test_plan_task_heads import _model, planted_pair, relabelled_pair
 
 
 @pytest.fixture(scope="module")
@@ -67,3 +67,31 @@ def test_full_fine_tuning_ignores_the_plan_head(roberta_plan):
     config, plan, _ = roberta_plan
     est = estimate_memory(config, method="full", rank_plan_or_rank=None, seq_len=16)
     assert not any("trained in full by PEFT" in note for note in est.notes)
+
+
+@pytest.mark.parametrize("tuned_labels", [3, 2])  # 2: the negative control, the base config's own count
+def test_memory_counts_a_head_fine_tuned_into_other_classes_with_tuneds(tmp_path, tuned_labels):
+    """A BERT classifier of 2 classes fine-tuned into 3: the estimate of its plan (from BASE's config.json, 2
+    classes) builds the model with TUNED's 3, as it is trained: its frozen head and the trainable copy PEFT saves
+    are (3, hidden) + 3. The reference is PEFT's bf16 model loaded with ``num_labels=3``: its trainable count, and
+    its weights' bytes outside the LoRA factors."""
+    import transformers as tf
+    from peft import LoraConfig, get_peft_model
+
+    from spectra.analysis import analyze
+
+    base_dir, tuned_dir = relabelled_pair("bert", tmp_path, tuned_labels=tuned_labels)
+    result = analyze(str(base_dir), str(tuned_dir), cache_dir=False, progress=False)
+    plan = recommend_ranks(result, RankPolicy(energy=0.99))
+    assert plan.saved_params == 32 * tuned_labels + tuned_labels  # hidden × labels + labels
+    peft_config = json.loads(save_plan(plan, tmp_path / "plan.json").read_text())["peft_config"]
+    model = tf.BertForSequenceClassification.from_pretrained(base_dir, num_labels=tuned_labels,
+                                                             ignore_mismatched_sizes=True).to(torch.bfloat16)
+    peft_model = get_peft_model(model, LoraConfig(**{k: v for k, v in peft_config.items() if k != "peft_type"}))
+
+    est = estimate_memory(json.loads((base_dir / "config.json").read_text()), rank_plan_or_rank=plan, seq_len=16,
+                          precision="bf16")
+    assert est.trainable_params == plan.total_params == sum(p.numel() for p in peft_model.parameters()
+                                                             if p.requires_grad)
+    assert est.weights == sum(p.numel() * p.element_size() for n, p in peft_model.named_parameters()
+                              if "lora_" not in n)  # the base's frozen head of 3 classes too, and its copy

@@ -16,7 +16,7 @@ import torch
 
 from spectra.errors import ConfigError
 from spectra.ranks import RankPolicy, load_plan, recommend_ranks, save_plan
-from tests.models import build_model, flat_update, on_grid, save
+from tests.models import build_model, flat_update, on_grid, save, tiny_config
 
 
 def _roberta_config():
@@ -57,6 +57,26 @@ def planted_pair(family: str, root, *, head: bool = True):
         for name, p in params.items() if head else ():
             if name.startswith("classifier.") and p.ndim == 2:
                 p += flat_update(tuple(p.shape), 2, seed=50).float()
+    return save(base, root / "base", "safetensors"), save(tuned, root / "tuned", "safetensors")
+
+
+def relabelled_pair(family: str, root, *, tuned_labels: int, base_labels: int = 2):
+    """(base folder, tuned folder) of a tiny `family` sequence classifier (BERT's ``classifier``, Llama's ``score``)
+    of `base_labels` classes fine-tuned into `tuned_labels`: TUNED's body is the base's with the planted ranks of
+    ``_PLANTED``, its head a new one of its own classes (where the counts differ, the pairing sets both aside)."""
+    import transformers as tf
+
+    cls = tf.BertForSequenceClassification if family == "bert" else tf.LlamaForSequenceClassification
+    base_config, tuned_config = tiny_config(family), tiny_config(family)
+    base_config.num_labels, tuned_config.num_labels = base_labels, tuned_labels
+    base, tuned = on_grid(cls, base_config), on_grid(cls, tuned_config, seed=1)
+    tuned.load_state_dict({n: t for n, t in base.state_dict().items() if not n.startswith(("classifier.", "score."))},
+                          strict=False)
+    params = dict(tuned.named_parameters())
+    with torch.no_grad():
+        for i, (suffix, rank) in enumerate(_PLANTED[family].items()):
+            name = next(n for n in params if n.endswith(suffix))
+            params[name] += flat_update(tuple(params[name].shape), rank, seed=i).float()
     return save(base, root / "base", "safetensors"), save(tuned, root / "tuned", "safetensors")
 
 
@@ -182,3 +202,56 @@ def test_task_modules_are_those_peft_wraps(cls, family, target):
     assert trained - lora == sum(m.params for m in found)
     if cls in ("LlamaForCausalLM", "BertModel"):
         assert found == ()
+
+
+@pytest.mark.parametrize("family", ["bert", "llama"])
+@pytest.mark.parametrize("tuned_labels", [3, 2])  # 2: the negative control, the base config's own count
+def test_a_head_fine_tuned_into_other_classes_is_counted_with_tuneds(family, tuned_labels, tmp_path):
+    """A classifier of 2 classes fine-tuned into 3: the head PEFT trains and saves is TUNED's, (3, hidden), on the
+    model built with ``num_labels=3``. The plan, its file and its total count that head, not the base config's 2
+    classes (66 parameters of BERT's classifier before, 99 now). The reference is PEFT on that model, loaded as a
+    user loads it (``from_pretrained(BASE, num_labels=3, ignore_mismatched_sizes=True)``)."""
+    import transformers as tf
+    from peft import LoraConfig, get_peft_model
+
+    from spectra.analysis import analyze
+    from spectra.ranks.plan import SavedModule
+
+    base_dir, tuned_dir = relabelled_pair(family, tmp_path, tuned_labels=tuned_labels)
+    result = analyze(str(base_dir), str(tuned_dir), cache_dir=False, progress=False)
+    name = "classifier" if family == "bert" else "score"
+    assert (f"{name}.weight" in result.pairing["only_in_tuned"]) == (tuned_labels != 2)  # the head set aside
+    head = 32 * tuned_labels + (tuned_labels if family == "bert" else 0)  # hidden × labels (+ labels: BERT's bias)
+
+    plan = recommend_ranks(result, RankPolicy(energy=0.99))
+    assert plan.modules_to_save == (SavedModule(name, head, "SEQ_CLS"),)
+    assert plan.num_labels == (3 if tuned_labels == 3 else None)
+    assert plan.total_params == sum(m.params for m in plan.modules) + head
+    saved = json.loads(save_plan(plan, tmp_path / "plan.json").read_text())
+    assert saved["peft_config_notes"] == []  # the file's check counts the head as the plan does
+    assert saved["modules_to_save"] == [{"name": name, "params": head, "task_type": "SEQ_CLS"}]
+    assert saved.get("num_labels") == plan.num_labels  # no key where the counts agree: other plans' files unchanged
+    read = load_plan(tmp_path / "plan.json")
+    assert (read.modules_to_save, read.num_labels) == (plan.modules_to_save, plan.num_labels)
+
+    cls = tf.BertForSequenceClassification if family == "bert" else tf.LlamaForSequenceClassification
+    model = cls.from_pretrained(base_dir, num_labels=tuned_labels, ignore_mismatched_sizes=True)
+    peft_model = get_peft_model(model, LoraConfig(**{k: v for k, v in saved["peft_config"].items()
+                                                     if k != "peft_type"}))
+    assert sum(p.numel() for p in peft_model.parameters() if p.requires_grad) == plan.total_params
+
+
+def test_tuned_labels_reads_tuneds_classes_only_where_they_differ():
+    """TUNED's count as :func:`~spectra.checkpoints.targets.configured_labels` reads it (``id2label`` before
+    ``num_labels``), for a class of the base's task type alone."""
+    from spectra.ranks.plan import tuned_labels
+
+    base = {"architectures": ["BertForSequenceClassification"], "num_labels": 2}
+    labels = {str(i): f"c{i}" for i in range(66)}
+    assert tuned_labels(base, base | {"id2label": labels, "num_labels": 2}) == 66  # id2label decides
+    assert tuned_labels(base | {"id2label": labels}, base | {"num_labels": 99}) == 99
+    assert tuned_labels(base, base | {"num_labels": 2}) is None  # the same count
+    assert tuned_labels(base, None) is None  # TUNED's config unknown (a hub id, an adapter folder)
+    assert tuned_labels(base, {"architectures": ["BertModel"], "num_labels": 3}) is None  # no head in TUNED
+    causal = {"architectures": ["LlamaForCausalLM"]}
+    assert tuned_labels(causal, causal | {"num_labels": 3}) is None  # no head PEFT trains in full
