@@ -144,6 +144,30 @@ def planted_gpt2() -> tuple:
     return base, tuned
 
 
+def resized_bert_mlm(root: Path, *, tie: bool = True, bias: bool = True) -> PlantedPair:
+    """A tiny BertForMaskedLM (vocabulary 100) and a fine-tune resized to 108 tokens, saved as safetensors: rank-1
+    updates of the shared rows of the word embeddings and (untied) of the decoder, and (`bias`) of the shared
+    entries of ``cls.predictions.bias``, the vocabulary's bias (``decoder.bias`` is tied to it). ``planted``: the
+    updates by record name, float64."""
+    import transformers as tf
+
+    config = tf.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                           intermediate_size=48, max_position_embeddings=32, tie_word_embeddings=tie)
+    base = on_grid(tf.BertForMaskedLM, config)
+    tuned = copy.deepcopy(base)
+    tuned.resize_token_embeddings(108)
+    planted = {"bert.embeddings.word_embeddings": low_rank(100, 32, 1, seed=5)}
+    if bias:
+        planted["cls.predictions.bias"] = low_rank(100, 1, 1, seed=6)[:, 0]
+    if not tie:
+        planted["cls.predictions.decoder"] = low_rank(100, 32, 1, seed=7)
+    params = dict(tuned.named_parameters())
+    with torch.no_grad():
+        for name, update in planted.items():
+            params[name if name.endswith(".bias") else f"{name}.weight"][:100] += update.float()
+    return PlantedPair(save(base, root / "b", "safetensors"), save(tuned, root / "t", "safetensors"), planted)
+
+
 def save(model, path: Path, fmt: str) -> Path:
     """Save the way users' checkpoints look: safetensors, sharded safetensors, or .bin."""
     path.mkdir(parents=True, exist_ok=True)

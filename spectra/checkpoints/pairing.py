@@ -309,6 +309,10 @@ class Pairing:
             self._linear_layouts, note = conv1d_by_shape(shapes)
             if note:
                 self.notes.append(note)
+        # (base rows, tuned rows) of each vocabulary matrix resized in TUNED: a vector of those sizes is its bias
+        resized = (_vocab_rows(module_info(b.removesuffix(".weight"), self.config).role, base.info(b).shape,
+                               tuned.info(t).shape) for b, t in match.pairs.items() if b.endswith(".weight"))
+        self._resized_vocab: set[tuple[int, int]] = {rows for rows in resized if rows is not None}
         reset = self._class_heads(match.pairs)  # a head of another class count: no ΔW, set aside before pairing
         entries = []
         for b_name, t_name in match.pairs.items():
@@ -606,11 +610,10 @@ class Pairing:
         info = module_info(module, self.config)
         common = dict(base_tensor=b_name, tuned_tensor=t_name, base_dtype=b.dtype, tuned_dtype=t.dtype)
         if len(b.shape) <= 1:  # a norm, a bias, or a scalar parameter (CLIP's logit_scale: shape ()), kept as stored
-            if b.shape != t.shape:
-                raise _shape_error(b_name, b.shape, t.shape, self.base, self.tuned, t_name)
+            added = 0 if b.shape == t.shape else self._vocab_bias(b_name, t_name, b.shape, t.shape)
             # q_proj.bias belongs to q_proj; CLIP's embeddings.class_embedding to no table (vector_info)
             owner = vector_info(b_name, self.config)
-            return [PairEntry(name=b_name, info=owner, kind="vector", shape=b.shape, **common)]
+            return [PairEntry(name=b_name, info=owner, kind="vector", shape=b.shape, added_rows=added, **common)]
         dbrx = dbrx_experts(module, tuple(b.shape), self.config)
         if dbrx is not None:
             return self._dbrx_entries(b_name, t_name, b.shape, t.shape, dbrx, common)
@@ -679,10 +682,9 @@ class Pairing:
                 self.notes.append(f"{b_name}: skipped, a {len(b.shape)}-D tensor that is no layer's weight (not "
                                   "*.weight: no LoRA module adapts it)")
                 return []
-            if b.shape != t.shape:
-                raise _shape_error(b_name, b.shape, t.shape, self.base, self.tuned, t_name)
+            added = 0 if b.shape == t.shape else self._vocab_bias(b_name, t_name, b.shape, t.shape)
             return [PairEntry(name=module, info=info, kind="matrix" if len(held) == 2 else "vector", shape=held,
-                              **common)]
+                              added_rows=added, **common)]
         if len(b.shape) > 2:
             shape = (b.shape[0], _prod(b.shape[1:]))  # conv kernels: (out, in·k…), as LoRA for Conv sees them
         else:
@@ -692,8 +694,7 @@ class Pairing:
             common["conv1d"] = conv1d
         added = 0
         if b.shape != t.shape:
-            rows_only = len(b.shape) == 2 and b.shape[1:] == t.shape[1:] and t.shape[0] > b.shape[0]
-            if not (rows_only and info.role in ("embed", "head")):
+            if _vocab_rows(info.role, b.shape, t.shape) is None:
                 raise _shape_error(b_name, b.shape, t.shape, self.base, self.tuned, t_name)
             added = t.shape[0] - b.shape[0]
             self.notes.append(f"{module}: vocabulary resized, {added} rows added in tuned (ΔW over the "
@@ -703,6 +704,19 @@ class Pairing:
             projections = self._projections(module, info, shape[0], in_features=shape[1], linear=True)
         return [PairEntry(name=module, info=info, kind="matrix", shape=tuple(shape), added_rows=added,
                           projections=projections, **common)]
+
+    def _vocab_bias(self, b_name: str, t_name: str, b_shape, t_shape) -> int:
+        """Entries added in TUNED to a vocabulary's bias (BERT's ``cls.predictions.bias``, a biased lm_head's, BART's
+        ``final_logits_bias`` (1, vocab)), resized as its embedding or head was: paired over the shared entries, with
+        a note. Any other vector whose shape differs is refused as another model."""
+        b_held, t_held = _without_leading_ones(b_shape), _without_leading_ones(t_shape)
+        if (len(b_shape) != len(t_shape) or len(b_held) != 1 or len(t_held) != 1
+                or (b_held[0], t_held[0]) not in self._resized_vocab):
+            raise _shape_error(b_name, b_shape, t_shape, self.base, self.tuned, t_name)
+        added = t_held[0] - b_held[0]
+        self.notes.append(f"{b_name}: vocabulary resized, {added} entries added in tuned (ΔW over the {b_held[0]} "
+                          "shared entries)")
+        return added
 
     def _projections(self, name: str, info: ModuleInfo, out_features: int, *, in_features: int | None = None,
                      linear: bool = False) -> tuple[Projection, ...]:
@@ -1117,8 +1131,8 @@ def _orient(tensor: torch.Tensor, entry: PairEntry, *, tuned: bool = False) -> t
     """Stored tensor (an expert's slice for an expert entry) → ``(out, in)`` matrix (or the vector as is).
 
     ``tuned``: the tuned checkpoint's tensor, stored as ``entry.tuned_stored_conv1d`` says."""
-    if entry.kind == "vector":
-        return tensor.reshape(entry.shape)  # a class token (1, 1, d) -> (d,)
+    if entry.kind == "vector":  # a class token (1, 1, d) -> (d,); a resized vocabulary's tuned bias keeps every entry
+        return tensor.reshape((entry.shape[0] + entry.added_rows,) if tuned and entry.added_rows else entry.shape)
     if tensor.dim() > 2:
         tensor = tensor.reshape(entry.shape)  # a conv kernel (out, in, k…) -> (out, in·k…); a (1, N, d) table -> (N, d)
     return tensor.T if (entry.tuned_stored_conv1d if tuned else entry.conv1d) else tensor  # Conv1D stores (in, out)
@@ -1139,15 +1153,22 @@ def _held(shape: tuple[int, ...], in_out: bool) -> tuple[int, ...]:
     return (shape[0], shape[2], shape[1]) if in_out and len(shape) == 3 else tuple(shape)
 
 
+def _vocab_rows(role: str, b_shape, t_shape) -> tuple[int, int] | None:
+    """(base rows, tuned rows) of a vocabulary's matrix (role embed or head) resized in TUNED: rows added
+    (``resize_token_embeddings``), the columns alike; None for any other pair of shapes."""
+    resized = len(b_shape) == 2 and tuple(b_shape[1:]) == tuple(t_shape[1:]) and t_shape[0] > b_shape[0]
+    return (b_shape[0], t_shape[0]) if resized and role in ("embed", "head") else None
+
+
 def _shape_error(name, b_shape, t_shape, base, tuned, t_name=None, *, experts=False) -> PairingError:
     tuned_name = "" if t_name in (None, name) else f"{t_name} "
     layouts = (" (read as the model holds each expert, (out, in), whichever way round each checkpoint stores it)"
                if experts else "")
     return PairingError(f"tensor {name} has shape {tuple(b_shape)} in {base.spec} but {tuned_name}"
                         f"{tuple(t_shape)} in {tuned.spec}{layouts}: the checkpoints are different architectures or "
-                        "sizes. Only a resized vocabulary (extra embedding/head rows in tuned) is paired across "
-                        "shapes, and a classification head of another class count (its weight and bias) is left "
-                        "out with a note.")
+                        "sizes. Only a resized vocabulary (extra embedding/head rows in tuned, extra entries of its "
+                        "bias) is paired across shapes, and a classification head of another class count (its weight "
+                        "and bias) is left out with a note.")
 
 
 def _dtype_name(dtype: torch.dtype) -> str:

@@ -32,7 +32,8 @@ def _not_carried(pairing: Pairing, selected: list, save_names: list[str]):
     names); at rank full it is lossless for those alone. Any other paired tensor that differs between the sides is
     left out: a matrix outside the roles, stacks or plan (an embedding, a head, a router), or a vector (a norm, a
     bias, a scalar parameter: CLIP's logit_scale), which no LoRA holds. A matrix of a resized vocabulary is left to
-    :func:`~spectra.lora.extract._resized_vocabulary`'s note.
+    :func:`~spectra.lora.extract._resized_vocabulary`'s note; its bias (BERT's ``cls.predictions.bias``) is a vector,
+    changed where its shared entries are.
 
     An adapter TUNED also saves tensors whole that pair with no ΔW (:func:`~spectra.checkpoints.adapter.
     unpaired_tensors`): a trained bias (``bias="lora_only"``/``"all"``) that differs from the base's is a changed
@@ -56,7 +57,8 @@ def _not_carried(pairing: Pairing, selected: list, save_names: list[str]):
         by_pair.setdefault((e.base_tensor, e.tuned_tensor), []).append(e)
     matrices, vectors = [], []
     for (base_tensor, tuned_tensor), group in by_pair.items():
-        asked = [e for e in group if e.name not in carried and e.tuned_tensor not in saved and not e.added_rows]
+        asked = [e for e in group if e.name not in carried and e.tuned_tensor not in saved
+                 and not (e.added_rows and e.kind == "matrix")]  # a resized vocabulary's bias is a vector as any
         if not asked:
             continue
         if (len(asked) == len(group) and tuned_tensor is not None and all(e.tuned_conv1d is None for e in group)

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from spectra.checkpoints.pairing import Pairing, PairingOptions, iter_deltas
-from tests.models import add_to_parameter, build_model, low_rank, save
+from tests.models import add_to_parameter, build_model, low_rank, resized_bert_mlm, save
 
 F64 = PairingOptions(dtype="float64")
 
@@ -304,6 +304,76 @@ def test_resized_vocabulary(tmp_path):
     torch.testing.assert_close(embed.delta, dembed, rtol=0, atol=0)
     assert seen["lm_head"].added_rows == 6
     assert any("vocabulary resized" in n for n in pairing.notes)
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_resized_vocabulary_bias_is_paired_over_its_shared_entries(tmp_path, tie):
+    """A BERT masked LM with a resized vocabulary was refused on cls.predictions.bias ((100,) vs (108,)): a 1-D
+    tensor of the vocabulary's size is now paired as its embedding and head are, ΔW over the 100 shared entries and
+    the 8 added ones noted. The decoder (tied to the word embeddings, or stored untied) is a head resized alike."""
+    from safetensors.numpy import load_file as load_numpy
+
+    pair = resized_bert_mlm(tmp_path, tie=tie)
+    b, t, planted = pair.base, pair.tuned, pair.planted
+    pairing = Pairing(b, t, PairingOptions(dtype="float64", with_weights=True))
+    seen = {d.name: d for d in pairing}
+    stored_b, stored_t = load_numpy(b / "model.safetensors"), load_numpy(t / "model.safetensors")
+    for name, update in planted.items():
+        d = seen[name]
+        assert d.added_rows == 8 and d.delta.shape == d.shape == update.shape, name
+        torch.testing.assert_close(d.delta, update, rtol=0, atol=0, msg=name)
+        want = stored_t[d.base_tensor][:100].astype("float64") - stored_b[d.base_tensor].astype("float64")
+        torch.testing.assert_close(d.delta, torch.from_numpy(want), rtol=0, atol=0, msg=name)
+        assert d.tuned.shape == d.base.shape == update.shape  # W_tuned over the shared rows, as a matrix's
+    bias = seen["cls.predictions.bias"]
+    assert bias.kind == "vector" and bias.shape == (100,)
+    assert "cls.predictions.bias: vocabulary resized, 8 entries added in tuned (ΔW over the 100 shared entries)" \
+        in pairing.notes
+    if not tie:
+        assert seen["cls.predictions.decoder"].role == "head" and seen["cls.predictions.decoder"].kind == "matrix"
+        assert "cls.predictions.decoder: vocabulary resized, 8 rows added in tuned (ΔW over the 100 shared rows)" \
+            in pairing.notes
+    else:
+        assert "cls.predictions.decoder" not in seen and "cls.predictions.decoder.weight" not in stored_t  # tied
+    for name, d in seen.items():
+        if name not in planted:
+            assert d.added_rows == 0 and torch.count_nonzero(d.delta) == 0, name
+
+
+@pytest.mark.parametrize("family, name", [("phimoe", "lm_head.bias"), ("bart", "final_logits_bias")])
+def test_resized_lm_head_bias_is_paired_over_its_shared_entries(tmp_path, family, name):
+    """A biased LM head's bias (PhiMoE's lm_head.bias (64,); BART's final_logits_bias, a (1, 64) buffer), resized
+    to 72 with the vocabulary, is paired as BERT's cls.predictions.bias is."""
+    base = build_model(family)
+    tuned = copy.deepcopy(base)
+    tuned.resize_token_embeddings(72)
+    dbias = low_rank(64, 1, 1, seed=8)[:, 0]
+    with torch.no_grad():
+        (dict(tuned.named_parameters()) | dict(tuned.named_buffers()))[name].view(-1)[:64] += dbias.float()
+    seen = {d.name: d for d in Pairing(save(base, tmp_path / "b", "safetensors"),
+                                        save(tuned, tmp_path / "t", "safetensors"), F64)}
+    bias = seen[name]
+    assert bias.kind == "vector" and bias.shape == (64,) and bias.added_rows == 8
+    torch.testing.assert_close(bias.delta, dbias, rtol=0, atol=0)
+    assert any(d.role == "embed" and d.added_rows == 8 for d in seen.values())
+
+
+@pytest.mark.parametrize("name, size", [
+    ("bert.encoder.layer.0.intermediate.dense.bias", 56),  # no vocabulary's size: another model's MLP
+    ("cls.predictions.bias", 104),  # the vocabulary's, resized otherwise than the embedding (108)
+])
+def test_a_resized_bias_not_sized_as_the_resized_vocabulary_is_refused(tmp_path, name, size):
+    from safetensors.torch import load_file, save_file
+
+    from spectra.errors import PairingError
+
+    pair = resized_bert_mlm(tmp_path)
+    b, t = pair.base, pair.tuned
+    state = load_file(t / "model.safetensors")
+    state[name] = torch.zeros(size)
+    save_file(state, t / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(PairingError, match=rf"tensor {re.escape(name)} has shape \(\d+,\) in .* but \({size},\)"):
+        Pairing(b, t)
 
 
 def test_selection_by_role_layer_and_name(tmp_path):
