@@ -251,7 +251,7 @@ def extract(
     tuned: Annotated[str, typer.Argument(help="Fine-tuned checkpoint (same forms), or a PEFT adapter directory (its "
                                               "merge onto BASE, re-extracted at --rank or --plan).")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Adapter directory to write (refused if it exists, unless --overwrite).")],
-    plan: Annotated[Optional[Path], typer.Option(help="Plan JSON from `spectra recommend` (per-module ranks and alphas).")] = None,
+    plan: Annotated[Optional[Path], typer.Option(help="Plan JSON from `spectra recommend` (per-module ranks and alphas; the modules PEFT trains in full for a classifier's task type, its modules_to_save, are saved whole from TUNED).")] = None,
     rank: Annotated[Optional[str], typer.Option(help="One rank for every targeted module, or 'full': each at rank min(d_in, d_out), lossless for what the adapter holds (a note names the changed tensors it leaves out).")] = None,
     roles: Annotated[Optional[str], typer.Option(help="With --rank: roles to target (default q, k, v, o, gate, up, down; q also takes cross-attention's xq, k xk, v xv, o xo, and DeepSeek's q_a and q_b; k and v its kv_a and kv_b).")] = None,
     stacks: Annotated[Optional[str], typer.Option(help="With --rank: c" + _STACKS_HELP.removeprefix("C"))] = None,

@@ -41,7 +41,7 @@ from spectra.lora.left_out import _entry_changed, _not_carried, _not_carried_not
 from spectra.lora.parameter_targets import (_LEAVE_OUT, _parameter_factors, _parameter_keys, _peft_shape,
                                             _peft_transposes, _unconverted_parameters)
 from spectra.lora.saved_modules import (_also_wrapped, _modules_to_save, _saved_names, _saved_tensors, _task_type,
-                                        saved_num_labels, saved_whole_notes)
+                                        saved_num_labels, saved_whole_notes, with_planned)
 from spectra.scaling import rank_scale
 from spectra.workers import split_workers, thread_pool
 
@@ -118,7 +118,9 @@ def extract_adapter(base, tuned, plan_or_rank, out_dir: str | os.PathLike, *, ro
         Per-module ranks and alphas from ``spectra recommend``, one rank for every
         targeted module, or ``"full"``: each module at rank min(d_in, d_out), lossless for
         what the adapter holds: the whole fine-tune when it holds every changed tensor
-        (``ExtractResult.complete``); else the notes name what it leaves out.
+        (``ExtractResult.complete``); else the notes name what it leaves out. A plan's
+        ``modules_to_save`` (a classifier's head, which PEFT trains in full for its task type)
+        are saved whole, as ``modules_to_save`` saves them.
     out_dir : path
         Adapter directory to create (refused if it exists, unless ``overwrite``; even then a
         folder holding a file that ``extract`` does not write is refused and left intact).
@@ -219,6 +221,7 @@ def extract_adapter(base, tuned, plan_or_rank, out_dir: str | os.PathLike, *, ro
                           "stack).")
     if plan is not None:
         plan.check_base(pairing.base)
+    modules_to_save = with_planned(modules_to_save, plan, pairing)  # a classifier's head, which PEFT saves whole
     saved_modules, save_names = _modules_to_save(pairing, modules_to_save)  # save_names: until the model is known
     vocabulary_notes, vocab_size = _resized_vocabulary(pairing, selected, saved_modules)  # may refuse: before work
     model_class, model = _adapter_model(pairing, model_class, selected, saved_modules)  # None: no config.json

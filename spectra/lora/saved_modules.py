@@ -61,6 +61,19 @@ def _modules_to_save(pairing: Pairing, names: tuple[str, ...]) -> tuple[list[str
     return outer, [n for n in stored if any(n.startswith(m + ".") for m in outer)]
 
 
+def with_planned(entries: tuple[str, ...], plan, pairing: Pairing) -> tuple[str, ...]:
+    """The ``modules_to_save`` entries as given, then the plan's (``RankPlan.modules_to_save``: the modules PEFT trains
+    in full for its task type, a sequence classifier's ``classifier`` or ``score``), each once.
+
+    PEFT saves those whole, so an adapter of the plan carries TUNED's, as ``--modules-to-save`` would; extract had
+    left them out, and the adapter task-less (:func:`_task_type`). Not where TUNED is an adapter, which holds no
+    modules to copy (:func:`_modules_to_save`): its change there is left out, with a note.
+    """
+    if plan is None or not hasattr(pairing.tuned, "names"):
+        return entries
+    return tuple(dict.fromkeys([*entries, *(m.name for m in plan.modules_to_save)]))
+
+
 def typed_entry(module: str, entries) -> str:
     """The ``modules_to_save`` entry, as the user gave it, that matched TUNED's `module` (:func:`_modules_to_save`:
     the module's name or its end at a dot), or one that matched a module holding it; else its last name."""

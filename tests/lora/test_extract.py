@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import re
 import warnings
@@ -16,7 +17,7 @@ from spectra.analysis import analyze
 from spectra.errors import ConfigError
 from spectra.lora.extract import extract_adapter
 from spectra.ranks import RankPolicy, recommend_ranks, save_plan
-from tests.models import build_model, save
+from tests.models import build_model, on_grid, save, tiny_config
 
 
 def perturbed(model, *, seed=0, scale=0.02, names=None, select=None):
@@ -173,6 +174,57 @@ def test_modules_to_save_classification_head(tmp_path):
     extract_adapter(b, t, 2, tmp_path / "ad2", roles=("q",), progress=False)
     assert json.loads((tmp_path / "ad2" / "adapter_config.json").read_text())["task_type"] is None
     merged_state(base, tmp_path / "ad2")  # loads
+
+
+def _classifier(family):
+    """A tiny sequence classifier of `family` and its head, the module PEFT's SEQ_CLS saves whole (Llama's score
+    reads the last token that is not padding, so its config needs a pad token)."""
+    if family == "bert":
+        return build_model("bert"), "classifier"
+    import transformers as tf
+
+    config = tiny_config("llama")
+    config.pad_token_id = 0
+    return on_grid(tf.LlamaForSequenceClassification, config), "score"
+
+
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_a_classifier_plan_saves_its_head_whole(family, tmp_path):
+    """extract --plan saves the modules the plan's modules_to_save lists (the head PEFT trains in full for SEQ_CLS)
+    from TUNED, as --modules-to-save does: it had left them out, so PEFT ran the base's head, task-less."""
+    from peft import PeftModel
+
+    base, head = _classifier(family)
+    tuned = perturbed(base, names=("attention.self", "self_attn", head))
+    b, t = save(base, tmp_path / "b", "safetensors"), save(tuned, tmp_path / "t", "safetensors")
+    plan = recommend_ranks(analyze(b, t, cache_dir=False, progress=False), RankPolicy(energy=0.5, noise=False))
+    assert [m.name for m in plan.modules_to_save] == [head]
+    full = dataclasses.replace(plan, modules=tuple(dataclasses.replace(m, rank=min(m.shape)) for m in plan.modules))
+    result = extract_adapter(b, t, save_plan(full, tmp_path / "plan.json"), tmp_path / "ad", progress=False)
+    config = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
+    assert result.modules_to_save == [head] and config["modules_to_save"] == [head]
+    assert config["task_type"] == "SEQ_CLS" and head not in result.left_out
+    model = PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "ad"))
+    saved = model.base_model.model.get_submodule(head).modules_to_save["default"]  # PEFT's copy, from the adapter
+    for name, value in tuned.get_submodule(head).state_dict().items():
+        assert torch.equal(saved.state_dict()[name], value), name  # bit for bit: copied, not decomposed
+    merged = model.merge_and_unload()
+    ids = torch.randint(1, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want, got, before = tuned(input_ids=ids).logits, merged(input_ids=ids).logits, base(input_ids=ids).logits
+    assert (want - before).abs().max() > 1e-3  # the fine-tune moves the logits, so agreeing below says something
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)  # full rank: float32 round-off of B@A alone
+
+
+def test_a_causal_lm_plan_saves_no_module_whole(llama_pair, tmp_path):
+    """The negative control: a causal LM's plan lists no modules_to_save (PEFT trains no head in full for
+    CAUSAL_LM), and its adapter saves none."""
+    base, tuned, b, t = llama_pair
+    plan = recommend_ranks(analyze(b, t, cache_dir=False, progress=False), RankPolicy(energy=0.5, noise=False))
+    assert plan.modules_to_save == ()
+    result = extract_adapter(b, t, plan, tmp_path / "ad", progress=False)
+    assert result.modules_to_save == [] and result.config["modules_to_save"] is None
+    assert result.config["task_type"] == "CAUSAL_LM"
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "bert"])
