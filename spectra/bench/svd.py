@@ -364,7 +364,7 @@ def _plot(rows, path: Path) -> None:
                 continue
             for k, res in r["topk"].items():
                 for name, v in res.items():
-                    if not isinstance(v, dict):
+                    if not isinstance(v, dict) or "skipped" in v:
                         continue
                     family = name.split(" niter")[0].split(" n_iter")[0]
                     colour = seen.setdefault(family, f"C{len(seen)}")

@@ -17,6 +17,19 @@ def test_quick_bench_writes_report(tmp_path):
     assert "svd_lowrank" in md.read_text()
 
 
+def test_the_bf16_sketch_row_is_skipped_where_bf16_is_slower_and_measured_where_faster(tmp_path, monkeypatch):
+    """An emulated bf16 GEMM (AVX2-only CPUs) would take minutes per matrix: the row says why it is missing."""
+    from spectra.bench import svd as bench_svd
+
+    for speedup, skipped in ((0.02, True), (4.0, False)):
+        monkeypatch.setattr(bench_svd, "bfloat16_speedup", lambda device, s=speedup: s)
+        md = run_svd_bench(tmp_path / str(speedup), quick=True, kinds=("power_law",))
+        row = json.loads((tmp_path / str(speedup) / "bench_svd.json").read_text())["rows"][0]["topk"]["8"]
+        bf16 = row["spectra randomized bf16 sketch"]
+        assert ("skipped" in bf16) == skipped and ("s" in bf16) != skipped
+        assert ("skipped: bf16 GEMMs 50× slower than float32 on this device" in md.read_text()) == skipped
+
+
 def test_cli_bench_svd_quick(tmp_path):
     from typer.testing import CliRunner
 
