@@ -207,3 +207,29 @@ def test_a_report_finds_the_stacks_of_its_analysis_once(tmp_path, monkeypatch, m
     assert len(calls) == 1
     assert (out / "report.md").read_text() == render.to_markdown(render.report_blocks(analysis, figures=FIGURES))
     assert len(calls) == 2  # negative control: report_blocks called alone computes them itself
+
+
+def test_the_svg_keeps_the_pngs_layout_and_the_figure_its_engine(tmp_path):
+    """save_figure lays the figure out once (for the PNG) and draws the SVG with those axes positions."""
+    def figure():
+        fig = Figure(figsize=(4, 3), layout="constrained")
+        ax = fig.subplots()
+        ax.plot([1, 10, 100], [1, 0.1, 0.01])
+        ax.set_yscale("log")
+        ax.set_ylabel("a long label that constrained layout makes room for")
+        return fig
+
+    fig = figure()
+    engine = fig.get_layout_engine()
+    render.save_figure(fig, tmp_path, "f")
+    assert fig.get_layout_engine() is engine
+    laid_out = fig.axes[0].get_position().bounds
+    assert laid_out != figure().axes[0].get_position().bounds  # the layout did move the axes
+    svg = (tmp_path / "f.svg").read_text()
+    assert (tmp_path / "f.png").read_bytes().startswith(b"\x89PNG") and "<svg" in svg
+    # The SVG's axes patch sits at the laid-out position (72 px per inch: 288 × 216 px)
+    x0, y0, w, h = laid_out
+    path = re.search(r'<g id="patch_2">\s*<path d="M ([\d.]+) ([\d.]+)', svg)
+    assert path is not None
+    assert float(path.group(1)) == pytest.approx(x0 * 288, abs=0.01)
+    assert float(path.group(2)) == pytest.approx((1 - y0) * 216, abs=0.01)
