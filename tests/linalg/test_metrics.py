@@ -145,6 +145,52 @@ def test_marchenko_pastur_median_matches_simulation(beta):
     assert np.median(eig) == pytest.approx(mt.marchenko_pastur_median(beta), rel=0.015)
 
 
+@pytest.mark.parametrize("beta", [1.0, 0.9, 0.5, 2048 / 5632, 0.125, 1e-3])
+def test_marchenko_pastur_cdf_matches_quadrature_of_the_density(beta):
+    """The closed-form CDF against SciPy's adaptive quadrature of the density (an independent reference),
+    inside the support and at both edges; the median against root-finding on that quadrature."""
+    from scipy.integrate import quad
+    from scipy.optimize import brentq
+
+    lo, hi = (1 - math.sqrt(beta)) ** 2, (1 + math.sqrt(beta)) ** 2
+
+    def density(t):
+        return math.sqrt(max((hi - t) * (t - lo), 0.0)) / (2 * math.pi * beta * t)
+
+    def integral(x):
+        return quad(density, lo, x, limit=200, epsabs=1e-13, epsrel=1e-12)[0]
+
+    for x in np.linspace(lo, hi, 9):
+        assert mt.marchenko_pastur_cdf(x, beta) == pytest.approx(integral(x), abs=1e-12)
+    assert mt.marchenko_pastur_cdf(lo, beta) == 0.0
+    assert mt.marchenko_pastur_cdf(np.nextafter(hi, 0), beta) == pytest.approx(1.0, abs=1e-13)
+    assert mt.marchenko_pastur_cdf(lo - 1.0, beta) == 0.0 and mt.marchenko_pastur_cdf(hi + 1.0, beta) == 1.0
+    median = brentq(lambda x: integral(x) - 0.5, lo, hi, xtol=1e-14, rtol=1e-13)
+    assert mt.marchenko_pastur_median(beta) == pytest.approx(median, rel=1e-12)
+
+
+def test_marchenko_pastur_median_is_monotone_up_to_the_square_case():
+    """μ_β falls from 1 (β → 0) to μ₁ ≈ 0.6528 (β = 1) without a jump near β = 1, where quadrature of the density
+    (its 1/t pole meets the lower edge β₋ → 0) had put μ at 0.9999 2e-4 below μ at 1."""
+    betas = [1e-6, 0.01, 0.1, 0.5, 0.9, 0.99, 0.9999, 1.0]
+    medians = [mt.marchenko_pastur_median(b) for b in betas]
+    assert all(a > b for a, b in zip(medians, medians[1:]))
+    assert medians[0] == pytest.approx(1.0, abs=1e-5)
+    assert medians[-1] == pytest.approx(0.6527759416, rel=1e-9)
+    assert medians[-2] - medians[-1] < 1e-4
+
+
+@pytest.mark.parametrize("m", [12, 13])
+def test_gavish_donoho_unknown_noise_reads_the_median_of_every_value(m):
+    """τ = ω(β)·median σ and σ̂ = median/√(n·μ_β), with numpy's median (even and odd counts) as the reference."""
+    n = 40
+    s = np.sort(np.random.default_rng(m).uniform(0.1, 3.0, m))[::-1].copy()
+    gd = mt.gavish_donoho(torch.from_numpy(s), (m, n))
+    assert gd.threshold == pytest.approx(mt.gd_omega(m / n) * np.median(s), rel=1e-14)
+    assert gd.noise_sigma == pytest.approx(np.median(s) / math.sqrt(n * mt.marchenko_pastur_median(m / n)), rel=1e-14)
+    assert gd.rank == int(np.sum(s > gd.threshold))
+
+
 @pytest.mark.parametrize("known", [True, False])
 def test_gavish_donoho_recovers_planted_rank(known):
     noise = 0.01
