@@ -59,7 +59,9 @@ def tuned_side_floor(both: metrics.NoiseFloor, tuned: torch.Tensor, *, tuned_dty
     Parameters
     ----------
     both : NoiseFloor
-        :func:`~spectra.linalg.sketch.sampled_noise_floor` of the pair, with the same `max_elements`.
+        :func:`~spectra.linalg.sketch.sampled_noise_floor` of the pair, with the same `max_elements`;
+        its ``tuned_variance``, where set, is taken as the fine-tune's variance instead of sampling
+        `tuned` again.
     tuned : torch.Tensor, shape (out, in)
         The fine-tune's weight, as stored or up-cast.
     tuned_dtype : torch.dtype
@@ -80,8 +82,10 @@ def tuned_side_floor(both: metrics.NoiseFloor, tuned: torch.Tensor, *, tuned_dty
         none = torch.zeros((), dtype=torch.float64).expand(m, n)  # the base puts no variance in
         var, edge = heteroscedastic_edge(tuned, tuned, tuned_dtype, tuned_dtype, none, tuned_spacing)
     else:
-        stride = max(1, math.ceil(m * n / max_elements))  # the rows sampled_noise_floor read
-        var = mean_ulp_squared(tuned[::stride], tuned_dtype) / 12.0
+        var = both.tuned_variance  # sampled_noise_floor kept the fine-tune's share, from the same sample
+        if var is None:
+            stride = max(1, math.ceil(m * n / max_elements))  # the rows sampled_noise_floor read
+            var = mean_ulp_squared(tuned[::stride], tuned_dtype) / 12.0
         edge = math.sqrt(var) * (math.sqrt(m) + math.sqrt(n))  # Marchenko–Pastur bulk edge
     return replace(both, variance=var, sigma=math.sqrt(var), noise_fro=math.sqrt(m * n * var), mp_edge=edge,
                    rank=None, base_rounding="exact", tuned_variance=var)

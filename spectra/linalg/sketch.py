@@ -210,8 +210,10 @@ def sampled_noise_floor(base: torch.Tensor, tuned: torch.Tensor, *, base_dtype: 
     Returns
     -------
     NoiseFloor
+        With ``tuned_variance``, the fine-tune's share of ``variance``, on the white-noise path.
     """
     m, n = base.shape
+    var_t = None  # the fine-tune's share, kept for spectra.linalg.noise.tuned_side_floor
     if base_grid is not None or tuned_grid is not None:
         var, edge = heteroscedastic_edge(base, tuned, base_dtype, tuned_dtype,
                                          None if base_grid is None else base_grid[1],
@@ -219,7 +221,8 @@ def sampled_noise_floor(base: torch.Tensor, tuned: torch.Tensor, *, base_dtype: 
     else:
         stride = max(1, math.ceil(m * n / max_elements))
         b, t = base[::stride], tuned[::stride]  # (≈m/stride, n) views: only the sample is read
-        var = (mean_ulp_squared(b, base_dtype) + mean_ulp_squared(t, tuned_dtype)) / 12.0
+        var_t = mean_ulp_squared(t, tuned_dtype) / 12.0
+        var = mean_ulp_squared(b, base_dtype) / 12.0 + var_t
         edge = math.sqrt(var) * (math.sqrt(m) + math.sqrt(n))  # Marchenko–Pastur bulk edge
     from spectra.linalg.noise import rank_above  # noise builds on this module: imported here, not at the top
 
@@ -227,7 +230,7 @@ def sampled_noise_floor(base: torch.Tensor, tuned: torch.Tensor, *, base_dtype: 
     rank = None if s is None else rank_above(s, edge, (m, n))  # the edge's Tracy–Widom margin, as analyze counts
     return metrics.NoiseFloor(var, sigma, math.sqrt(m * n * var), edge, rank,
                               base_grid[0] if base_grid else _name(base_dtype),
-                              tuned_grid[0] if tuned_grid else _name(tuned_dtype))
+                              tuned_grid[0] if tuned_grid else _name(tuned_dtype), tuned_variance=var_t)
 
 
 def heteroscedastic_edge(base: torch.Tensor, tuned: torch.Tensor, base_dtype: torch.dtype, tuned_dtype: torch.dtype,

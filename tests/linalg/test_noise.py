@@ -6,6 +6,7 @@ References are float64: the true rounding noise ΔW_stored − δ of a planted �
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -163,6 +164,21 @@ def test_sampled_floor_settles_as_the_dense_reference(scenario, expected):
         assert floor.sigma_residual == pytest.approx(reference.sigma_residual, rel=1e-6)
     kept = noise.settle_floor("auto", both, None, s, (M, N), total_energy=fro2, quantised=True)
     assert kept.base_rounding == "counted" and kept.sigma == both.sigma
+
+
+def test_the_sampled_floor_keeps_the_fine_tunes_share_for_the_tuned_side_floor(monkeypatch):
+    """sampled_noise_floor's tuned_variance is the fine-tune's ulp²/12 (against the dense ulp of metrics.ulp), and
+    tuned_side_floor takes it instead of reading the tuned weight a second time."""
+    W, d = _planted()
+    base, tuned = _pair("A", W, d)
+    both = sampled_noise_floor(base, tuned, base_dtype=torch.bfloat16, tuned_dtype=torch.bfloat16)
+    u_t, u_b = metrics.ulp(tuned.float(), torch.bfloat16).double(), metrics.ulp(base.float(), torch.bfloat16).double()
+    assert both.tuned_variance == pytest.approx(float((u_t**2).mean()) / 12, rel=1e-12)
+    assert both.variance == pytest.approx(float((u_t**2).mean() + (u_b**2).mean()) / 12, rel=1e-12)
+    fresh = noise.tuned_side_floor(replace(both, tuned_variance=None), tuned, tuned_dtype=torch.bfloat16)
+    monkeypatch.setattr(noise, "mean_ulp_squared", lambda *a, **k: pytest.fail("sampled the tuned weight again"))
+    reused = noise.tuned_side_floor(both, tuned, tuned_dtype=torch.bfloat16)
+    assert reused == fresh
 
 
 def test_bad_options_name_themselves():
