@@ -16,7 +16,9 @@ fine-tune, and the result says so), or both curves are measured.
 Given a plan, its modules are the targets of every curve, and one more point is the
 function of the adapter ``spectra extract --plan`` writes for it: each planned module at its
 rank and every other tensor, the modules the plan leaves out included, the base's (whatever
-``non_target`` says: an adapter on the base changes nothing else). With calibration data it
+``non_target`` says: an adapter on the base changes nothing else), but for the plan's
+``modules_to_save`` (a sequence classifier's head, which PEFT trains in full): the adapter
+saves the fine-tune's, so the point takes the fine-tune's. With calibration data it
 is the adapter ``spectra extract --plan --calibration`` writes (data-optimal truncations). A
 planned embedding whose head is tied to it moves the head too, as the merged adapter does
 (PEFT's unmerged embedding LoRA leaves a tied head at the base's: ``spectra extract`` says so).
@@ -358,8 +360,8 @@ def _key(weights, curves: list[str], mode: str, group: str, label: str, rank: in
     full = [m.full_rank for m in weights.targets]
     if group == "reference":
         return mode, tuple(full if label == "tuned" else [0] * len(full))
-    if group == "plan":
-        return mode, tuple(plan_ranks)
+    if group == "plan":  # the base's non-targets, but for the modules the plan saves whole (weights.plan_source)
+        return weights.plan_source, tuple(plan_ranks)
     if group == "model":
         return mode, tuple(min(rank, f) for f in full)
     return mode, tuple(min(rank, m.full_rank) if curve == group else m.full_rank

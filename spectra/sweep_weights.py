@@ -113,6 +113,9 @@ class ModelWeights:
         self._fused_values: dict[str, dict[str, torch.Tensor]] = {
             "tuned": {k: self.state[k].detach().to("cpu", copy=True) for k in self.fused}}
         self._base_spec, self._model_class = base, type(model)
+        # the plan's modules_to_save (a classifier's head, which PEFT trains in full): `spectra extract --plan`
+        # saves the fine-tune's whole, so the plan point ("plan" non-targets) takes them from the fine-tune
+        self.saved_keys = _saved_keys(self.non_target, plan)
         self._mode = "tuned"  # the model as loaded
         self._ranks: list[int | None] = [t.full_rank for t in self.targets]
         # targets in a key the non-targets rewrite whole (some experts of a stored 3-D tensor): rewritten after it
@@ -242,21 +245,28 @@ class ModelWeights:
             return None
         return tuple(min(t.plan_rank, t.full_rank) for t in self.targets)
 
+    @property
+    def plan_source(self) -> str:
+        """The non-target source of the plan point: ``"plan"`` where the plan saves modules whole, else ``"base"``."""
+        return "plan" if self.saved_keys else "base"
+
     @torch.no_grad()
     def apply(self, ranks: tuple[int, ...], *, non_target: str) -> None:
-        """Set every target to its rank (0: base, full: tuned) and the non-targets from ``non_target``."""
+        """Set every target to its rank (0: base, full: tuned) and the non-targets from ``non_target``: ``"base"``,
+        ``"tuned"``, or ``"plan"`` (the base's but for :attr:`saved_keys`, the fine-tune's: the adapter of the plan)."""
         if non_target != self._mode:
+            on_base = non_target in ("base", "plan")
             for key in self.non_target:
-                source, name = ((self.pairing.base, self._base_names[key])
-                                if non_target == "base" and key in self._base_names
+                from_base = on_base and key in self._base_names and not (non_target == "plan" and key in self.saved_keys)
+                source, name = ((self.pairing.base, self._base_names[key]) if from_base
                                 else (self.pairing.tuned, self._tuned_names[key]))
                 value = source.read(name)
                 self._stored_view(key).copy_(value.transpose(1, 2) if key in self._base_t and source is
                                              self.pairing.base else value)
-            for key, value in self._fused_for(non_target).items():
+            for key, value in self._fused_for("base" if on_base else "tuned").items():
                 self.state[key].copy_(value)
             for slot in self.slots:
-                base_side = non_target == "base" and slot.base_tensor is not None
+                base_side = on_base and slot.base_tensor is not None
                 slot.place.copy_(self.pairing.base.read(slot.base_tensor) if base_side
                                  else self.pairing.tuned.read(slot.tuned_tensor))
             for i in self._overwritten:
@@ -331,6 +341,14 @@ class ModelWeights:
             raise ValueError(f"{target.name}: rank {rank} asked of factors computed to rank {S.shape[0]}")
         delta = (U[:, :rank] * S[:rank]) @ Vw[:rank]  # (out, r) @ (r, in) -> (out, in)
         return base.double() + (delta.T if target.conv1d else delta)  # Conv1D stores (in, out)
+
+
+def _saved_keys(non_target: list[str], plan) -> set[str]:
+    """The non-target keys inside the plan's ``modules_to_save`` (:class:`~spectra.ranks.plan.SavedModule`): a
+    parameter of a module PEFT saves whole for an entry, one named the entry or ending in it at a dot
+    (``classifier`` holds ``classifier.weight`` and RoBERTa's ``classifier.dense.bias``)."""
+    names = [m.name for m in getattr(plan, "modules_to_save", ())]
+    return {key for key in non_target for name in names if f".{name}." in f".{key}"}
 
 
 def _sweep_pairing(base, tuned, *, plan, roles, stacks=None):

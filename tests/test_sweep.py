@@ -251,6 +251,38 @@ def test_the_plan_point_is_the_base_with_the_plans_extracted_adapter(sharp_llama
     assert "plan (median rank; the rest from base)" in labels
 
 
+def test_the_plan_point_of_a_classifier_takes_the_head_the_plans_adapter_saves(bert, tmp_path):
+    """A sequence classifier's plan saves its head whole (modules_to_save, as PEFT trains it in full), and `spectra
+    extract --plan` writes the fine-tune's head into the adapter: the plan point is that adapter on the base, the
+    fine-tune's head included, not the base's (the base here has a head of the same shape)."""
+    from peft import PeftModel
+
+    from spectra.lora.extract import extract_adapter
+    from spectra.ranks.plan import SavedModule
+
+    base, tuned, data = bert
+    query = "bert.encoder.layer.0.attention.self.query"
+    head = load_model(tuned, task="seq_cls").classifier
+    saved = SavedModule("classifier", sum(p.numel() for p in head.parameters()), "SEQ_CLS")
+    plan = replace(a_plan({query: (2, (32, 32))}), modules_to_save=(saved,))
+    result = truncation_sweep(base, tuned, data, ranks=[1], plan=plan, non_target="base", config=FAST,
+                              progress=False)
+    (point,) = [p for p in result.points if p["group"] == "plan"]
+    assert point["non_target"] == "base"
+
+    extract_adapter(base, tuned, plan, tmp_path / "adapter", progress=False)
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["modules_to_save"] == ["classifier"]
+    _, tokens, *_ = prepare_data(base, data, task="seq_cls", max_length=16)
+    expected = evaluate(PeftModel.from_pretrained(load_model(base, task="seq_cls"), tmp_path / "adapter"), tokens)
+    assert point["loss"] == pytest.approx(expected["loss"], rel=1e-5)
+    assert point["accuracy"] == pytest.approx(expected["accuracy"], abs=1e-12)
+    # negative control: the same plan without the saved head keeps the base's head, a different function
+    bare = truncation_sweep(base, tuned, data, ranks=[1], plan=a_plan({query: (2, (32, 32))}), non_target="base",
+                            config=FAST, progress=False)
+    (without,) = [p for p in bare.points if p["group"] == "plan"]
+    assert without["loss"] != pytest.approx(expected["loss"], rel=1e-4)  # 4.8e-4 apart: 40× the match's tolerance
+
+
 def models_loaded(monkeypatch) -> list[Path]:
     """The folders transformers' from_pretrained loads a model from, from now on."""
     import transformers
