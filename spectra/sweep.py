@@ -223,7 +223,9 @@ def truncation_sweep(base, tuned, data, *, ranks=(1, 2, 4, 8, 16, 32, 64), plan=
     plan : RankPlan or path, optional
         Its modules become the targets, and one more point (group ``"plan"``, non-targets
         ``"base"``) is the base with the plan's extracted adapter: each planned module at
-        its rank, every other tensor at the base's, as ``spectra extract --plan`` gives.
+        its rank, every other tensor at the base's but for the plan's ``modules_to_save``
+        (a classifier's head: the fine-tune's, listed in the point's ``saved_from_tuned``),
+        as ``spectra extract --plan`` gives.
     metric : Metric, {"accuracy", "loss", "perplexity"} or callable, optional
         The curve's metric; default accuracy for classification, perplexity for language
         modelling. A callable ``f(logits, batch) -> Tensor (B,)`` gives per-example scores
@@ -474,11 +476,13 @@ def _summarize(jobs, keys, stats, metric: Metric, weights, modules: list[dict], 
                 "accuracy": float(s["correct"].sum() / s["count"].sum())}
 
     reference, points = {}, []
+    saved = sorted(weights.saved_keys)  # the plan point's tensors from the fine-tune: the modules its adapter saves
     for (mode, group, label, rank), k in zip(jobs, keys):
         if group == "reference":
             reference[label] = point(k)
         else:
-            points.append({"group": group, "non_target": mode, "rank": rank, "label": label, **point(k)})
+            points.append({"group": group, "non_target": mode, "rank": rank, "label": label, **point(k)}
+                          | ({"saved_from_tuned": saved} if group == "plan" and saved else {}))
     first = stats[tuned_key]
     return {
         "schema_version": SCHEMA_VERSION, "kind": "truncation_sweep", "base": str(base), "tuned": str(tuned),

@@ -115,7 +115,7 @@ class ModelWeights:
         self._base_spec, self._model_class = base, type(model)
         # the plan's modules_to_save (a classifier's head, which PEFT trains in full): `spectra extract --plan`
         # saves the fine-tune's whole, so the plan point ("plan" non-targets) takes them from the fine-tune
-        self.saved_keys = _saved_keys(self.non_target, plan)
+        self.saved_keys = _saved_keys(self.non_target, plan, model)
         self._mode = "tuned"  # the model as loaded
         self._ranks: list[int | None] = [t.full_rank for t in self.targets]
         # targets in a key the non-targets rewrite whole (some experts of a stored 3-D tensor): rewritten after it
@@ -256,21 +256,28 @@ class ModelWeights:
         ``"tuned"``, or ``"plan"`` (the base's but for :attr:`saved_keys`, the fine-tune's: the adapter of the plan)."""
         if non_target != self._mode:
             on_base = non_target in ("base", "plan")
+            # between "base" and "plan" only the saved modules differ: the rest is the base's either way
+            only_saved = {non_target, self._mode} == {"base", "plan"}
+            rewritten = self.saved_keys if only_saved else set(self.non_target)
             for key in self.non_target:
+                if key not in rewritten:
+                    continue
                 from_base = on_base and key in self._base_names and not (non_target == "plan" and key in self.saved_keys)
                 source, name = ((self.pairing.base, self._base_names[key]) if from_base
                                 else (self.pairing.tuned, self._tuned_names[key]))
                 value = source.read(name)
                 self._stored_view(key).copy_(value.transpose(1, 2) if key in self._base_t and source is
                                              self.pairing.base else value)
-            for key, value in self._fused_for("base" if on_base else "tuned").items():
-                self.state[key].copy_(value)
-            for slot in self.slots:
-                base_side = on_base and slot.base_tensor is not None
-                slot.place.copy_(self.pairing.base.read(slot.base_tensor) if base_side
-                                 else self.pairing.tuned.read(slot.tuned_tensor))
+            if not only_saved:
+                for key, value in self._fused_for("base" if on_base else "tuned").items():
+                    self.state[key].copy_(value)
+                for slot in self.slots:
+                    base_side = on_base and slot.base_tensor is not None
+                    slot.place.copy_(self.pairing.base.read(slot.base_tensor) if base_side
+                                     else self.pairing.tuned.read(slot.tuned_tensor))
             for i in self._overwritten:
-                self._ranks[i] = None
+                if self.targets[i].key in rewritten:
+                    self._ranks[i] = None
             self._mode = non_target
         changed: dict[tuple[str, str], list[int]] = {}  # (base tensor, tuned tensor) -> the targets to rewrite
         for i, (target, rank) in enumerate(zip(self.targets, ranks)):
@@ -343,12 +350,19 @@ class ModelWeights:
         return base.double() + (delta.T if target.conv1d else delta)  # Conv1D stores (in, out)
 
 
-def _saved_keys(non_target: list[str], plan) -> set[str]:
-    """The non-target keys inside the plan's ``modules_to_save`` (:class:`~spectra.ranks.plan.SavedModule`): a
-    parameter of a module PEFT saves whole for an entry, one named the entry or ending in it at a dot
-    (``classifier`` holds ``classifier.weight`` and RoBERTa's ``classifier.dense.bias``)."""
-    names = [m.name for m in getattr(plan, "modules_to_save", ())]
-    return {key for key in non_target for name in names if f".{name}." in f".{key}"}
+def _saved_keys(non_target: list[str], plan, model) -> set[str]:
+    """The non-target keys inside the modules PEFT saves whole for the plan's ``modules_to_save``
+    (:class:`~spectra.ranks.plan.SavedModule`), found by PEFT's own rule (:func:`~spectra.lora.saved_modules.peft_wrapped`:
+    a module whose name ends with an entry, or with its task's heads): ``classifier`` holds ``classifier.weight``,
+    RoBERTa's ``classifier.dense.bias`` and DistilBERT's ``pre_classifier.weight``, as ``spectra extract`` saves them."""
+    saved = tuple(getattr(plan, "modules_to_save", ()))
+    if not saved:
+        return set()
+    from spectra.lora.saved_modules import peft_wrapped
+
+    wrapped = peft_wrapped([m.name for m in saved], [name for name, _ in model.named_modules()],
+                           task=saved[0].task_type)
+    return {key for key in non_target if any(key.startswith(f"{module}.") for module in wrapped)}
 
 
 def _sweep_pairing(base, tuned, *, plan, roles, stacks=None):

@@ -268,7 +268,9 @@ def test_the_plan_point_of_a_classifier_takes_the_head_the_plans_adapter_saves(b
     result = truncation_sweep(base, tuned, data, ranks=[1], plan=plan, non_target="base", config=FAST,
                               progress=False)
     (point,) = [p for p in result.points if p["group"] == "plan"]
-    assert point["non_target"] == "base"
+    assert point["non_target"] == "base" and point["saved_from_tuned"] == ["classifier.bias", "classifier.weight"]
+    labels = result.figure().axes[0].get_legend_handles_labels()[1]
+    assert "plan (median rank; the rest from base, its saved head from tuned)" in labels
 
     extract_adapter(base, tuned, plan, tmp_path / "adapter", progress=False)
     assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["modules_to_save"] == ["classifier"]
@@ -281,6 +283,21 @@ def test_the_plan_point_of_a_classifier_takes_the_head_the_plans_adapter_saves(b
                             config=FAST, progress=False)
     (without,) = [p for p in bare.points if p["group"] == "plan"]
     assert without["loss"] != pytest.approx(expected["loss"], rel=1e-4)  # 4.8e-4 apart: 40× the match's tolerance
+    assert "saved_from_tuned" not in without
+
+    # switching between the plan point and the base's non-targets moves the head, and only the head
+    model = load_model(tuned, task="seq_cls")
+    weights = ModelWeights(model, base, tuned, plan=plan)
+    base_head, tuned_head = (load_model(s, task="seq_cls").classifier.weight.detach().clone() for s in (base, tuned))
+    embeddings = model.bert.embeddings.word_embeddings.weight
+    ranks = tuple(0 for _ in weights.targets)  # the targets at the base's (no factors computed here)
+    weights.apply(ranks, non_target="base")
+    assert torch.equal(model.classifier.weight, base_head)
+    kept = embeddings.detach().clone()
+    weights.apply(ranks, non_target="plan")
+    assert torch.equal(model.classifier.weight, tuned_head) and torch.equal(embeddings, kept)
+    weights.apply(ranks, non_target="base")
+    assert torch.equal(model.classifier.weight, base_head)
 
 
 def models_loaded(monkeypatch) -> list[Path]:

@@ -303,11 +303,15 @@ def marchenko_pastur_cdf(x: float, beta: float) -> float:
     so F(x) = (G(x) − G(a)) / (2πβ). Each asin is taken as an atan2 of the factored
     sine and cosine (1 − s and 1 + s both carry a factor b − t or t − a), which keeps
     full accuracy at the edges where asin's slope is infinite (plain asin lost 1e-6 of
-    the mass at β = 1e-3). Matches quadrature of the density to ~1e-15 (tests).
+    the mass at β = 1e-3). Against 40-digit quadrature of the density: ≤ 6e-16 for
+    β ≥ 0.125, 5e-14 at β = 1e-3, 3e-11 at 1e-6 (G(x) − G(a) cancels two O(1) terms to an
+    O(β) result, so the error grows as eps/β; a matrix of short side m ≥ 10 has β ≥ 10/n).
     """
     b_ = _check_beta(beta)
     a, b = (1 - math.sqrt(b_)) ** 2, (1 + math.sqrt(b_)) ** 2
     x = float(x)
+    if math.isnan(x):
+        raise ConfigError("marchenko_pastur_cdf: x is NaN.")
     if x <= a or x >= b:  # outside the support: exactly 0 or 1
         return 0.0 if x <= a else 1.0
     return min(1.0, max(0.0, (_mp_antiderivative(x, a, b) - _mp_antiderivative(a, a, b)) / (2 * math.pi * b_)))

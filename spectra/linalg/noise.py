@@ -61,7 +61,7 @@ def tuned_side_floor(both: metrics.NoiseFloor, tuned: torch.Tensor, *, tuned_dty
     both : NoiseFloor
         :func:`~spectra.linalg.sketch.sampled_noise_floor` of the pair, with the same `max_elements`;
         its ``tuned_variance``, where set, is taken as the fine-tune's variance instead of sampling
-        `tuned` again.
+        `tuned` again (`both`'s sample then decides, whatever `max_elements` says here).
     tuned : torch.Tensor, shape (out, in)
         The fine-tune's weight, as stored or up-cast.
     tuned_dtype : torch.dtype

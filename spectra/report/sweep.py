@@ -93,7 +93,8 @@ def plot_truncation_curve(sweep: Mapping, *, marks: Mapping[str, int] | None = N
     for p in (p for p in sweep["points"] if p["group"] == "plan" and planned):  # the plan's adapter on the base
         ax.scatter([planned[len(planned) // 2]], [p["metric"]], marker="*", s=160, zorder=4,
                    color=_STYLE.get(p["non_target"], {}).get("color", "black"),
-                   label=f"plan (median rank; the rest from {p['non_target']})")
+                   label=f"plan (median rank; the rest from {p['non_target']}"
+                         + (", its saved head from tuned)" if p.get("saved_from_tuned") else ")"))
     ref = sweep.get("reference", {})
     for name, style in (("tuned", dict(color="black", ls="-")), ("base", dict(color="0.55", ls=":"))):
         if name in ref:

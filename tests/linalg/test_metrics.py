@@ -316,3 +316,8 @@ def test_float32_energy_ranks_are_not_cut_short_by_a_loose_slack():
         for tau, rank in got.items():
             exact = int(np.argmax(share >= tau * (1 - 1e-12))) + 1
             assert rank == exact, (trial, tau, rank, exact)
+
+
+def test_marchenko_pastur_cdf_refuses_nan():
+    with pytest.raises(ConfigError, match="NaN"):
+        mt.marchenko_pastur_cdf(float("nan"), 0.5)

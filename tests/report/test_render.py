@@ -209,7 +209,7 @@ def test_a_report_finds_the_stacks_of_its_analysis_once(tmp_path, monkeypatch, m
     assert len(calls) == 2  # negative control: report_blocks called alone computes them itself
 
 
-def test_the_svg_keeps_the_pngs_layout_and_the_figure_its_engine(tmp_path):
+def test_the_svg_keeps_the_pngs_layout_and_the_figure_its_engine(tmp_path, monkeypatch):
     """save_figure lays the figure out once (for the PNG) and draws the SVG with those axes positions."""
     def figure():
         fig = Figure(figsize=(4, 3), layout="constrained")
@@ -219,9 +219,15 @@ def test_the_svg_keeps_the_pngs_layout_and_the_figure_its_engine(tmp_path):
         ax.set_ylabel("a long label that constrained layout makes room for")
         return fig
 
+    from matplotlib.layout_engine import ConstrainedLayoutEngine
+
+    layouts = []
+    real = ConstrainedLayoutEngine.execute
+    monkeypatch.setattr(ConstrainedLayoutEngine, "execute", lambda self, f: layouts.append(f) or real(self, f))
     fig = figure()
     engine = fig.get_layout_engine()
     render.save_figure(fig, tmp_path, "f")
+    assert len(layouts) == 1  # one layout for both formats (one per format before)
     assert fig.get_layout_engine() is engine
     laid_out = fig.axes[0].get_position().bounds
     assert laid_out != figure().axes[0].get_position().bounds  # the layout did move the axes
