@@ -35,7 +35,7 @@ import torch
 from spectra.linalg import metrics
 from spectra.linalg.krylov import reorthogonalize
 from spectra.linalg.lapack import gram_singular_values
-from spectra.linalg.svd import Spectrum, full_svd, half_range_scale
+from spectra.linalg.svd import Spectrum, frobenius_energy, full_svd, half_range_scale
 
 __all__ = ["BlockSquaredNorm", "energy_sketch", "mean_ulp_squared", "sampled_noise_floor", "squared_norm",
            "thin_product", "top_values"]
@@ -152,7 +152,9 @@ def mean_ulp_squared(x: torch.Tensor, storage: torch.dtype) -> float:
     ulp(x) = 2^(e − p + 1) with 2^e = 2^⌊log₂|x|⌋, which is x with its sign and significand
     bits cleared: one bitwise AND gives every 2^e (bfloat16 is float32 with the low 16
     bits cut off, so its pattern is read as it is, then up-cast exactly), and
-    Σ 2^(2e) is a float64 norm, taken chunk by chunk (:func:`_squared_sum64`). Equal to the exponent histogram it replaced (bincount of
+    Σ 2^(2e) is a float64 sum, chunk by chunk (:func:`~spectra.linalg.svd.frobenius_energy`: a fresh
+    float64 copy of a 2²⁰-element sample had cost 2.5× as long, mostly its page faults). Equal to the
+    exponent histogram it replaced (bincount of
     the shifted bits) to float64 rounding, and faster: 0.34 against 3.0 ms on 2²⁰ bf16
     entries in cache; :func:`sampled_noise_floor` of a 5632×2048 bf16 pair 1.65 → 1.32 ms,
     the rest being the read of the strided sample. Zeros (and float32 subnormals) give 0
@@ -164,33 +166,17 @@ def mean_ulp_squared(x: torch.Tensor, storage: torch.dtype) -> float:
         u = metrics.ulp(x, storage)
         return float((u * u).mean())
     flat = x.reshape(-1)
-    if flat.dtype == torch.bfloat16:  # 2^e exactly in bf16: up-cast only chunk by chunk, in _squared_sum64
+    if flat.dtype == torch.bfloat16:  # 2^e exactly in bf16: up-cast chunk by chunk by frobenius_energy
         power = torch.bitwise_and(flat.view(torch.int16), 0x7F80).view(torch.bfloat16)
     else:
         power = torch.bitwise_and(flat.view(torch.int32), 0x7F800000).view(torch.float32)
     p, emin = _SIGNIFICAND_BITS[storage], _MIN_NORMAL_EXP[storage]
     if emin > -126:  # float16 storage: entries below its normal range have its subnormal spacing
         power = torch.where(power > 0, power.clamp(min=2.0 ** emin), power)
-    total = _squared_sum64(power)
+    total = frobenius_energy(power)  # float64, chunk by chunk: no float64 copy of the sample
     if not math.isfinite(total):  # inf/nan entries (2^e = inf here): the pairing rejects them; count them as 0
-        total = _squared_sum64(power.masked_fill(torch.isinf(power), 0.0))
+        total = frobenius_energy(power.masked_fill(torch.isinf(power), 0.0))
     return total * 2.0 ** (-2 * (p - 1)) / x.numel()
-
-
-_SUM_CHUNK = 1 << 16  # elements up-cast to float64 at a time: a 512 KB buffer the allocator reuses
-
-
-def _squared_sum64(flat: torch.Tensor) -> float:
-    """Σ x² of a flat tensor in float64, chunk by chunk: no float64 copy of the whole.
-
-    One float64 norm of a fresh up-cast copy cost 2.5× as long on a 2²⁰-element sample (4.8–5.1 against
-    1.8–2.0 ms a call of :func:`mean_ulp_squared`, one thread): most of it the page faults of the new 8 MB
-    buffer, every call. Same sum to 1e-16.
-    """
-    total = 0.0
-    for i in range(0, flat.numel(), _SUM_CHUNK):
-        total += float(torch.linalg.vector_norm(flat[i:i + _SUM_CHUNK], dtype=torch.float64)) ** 2
-    return total
 
 
 def sampled_noise_floor(base: torch.Tensor, tuned: torch.Tensor, *, base_dtype: torch.dtype,
