@@ -111,3 +111,49 @@ def test_residual_energy_over_several_row_chunks_matches_float64_numpy(dtype):
     # negative control: a Q_k one direction short leaves the fifth value's energy in the residual
     assert noise.residual_energy(delta, 4) == pytest.approx(float(np.sum(s[4:] ** 2)), rel=1e-6)
     assert noise.residual_energy(delta, 4) > 1e6 * noise.residual_energy(delta, 5)
+
+
+@pytest.mark.parametrize("shape", [(3000, 700), (700, 3000)])
+def test_residual_energy_from_the_sketch_basis_matches_float64_numpy(shape):
+    """The energy sketch's basis (on ΔW's shorter side: columns' for 3000×700, rows' for 700×3000) replaces the
+    float32 iteration: the residual is numpy's float64 one, and settle_floor given the sketch's Spectrum decides
+    and measures as from bare values. Negative control: where the signal stands only ~12× above the noise's top
+    value (one float64 step then restores a missing direction by ~150×, from float32's ~1e-7), a basis with one
+    signal direction taken out leaves that direction's energy (1) in the residual: the basis is what is used."""
+    from spectra.linalg import sketch
+
+    signal = flat_update(shape, 5, seed=3, scale=1.0)
+    delta = (signal + 1e-8 * torch.randn(*shape, generator=torch.Generator().manual_seed(4),
+                                         dtype=torch.float64)).float()
+    u, s, vh = np.linalg.svd(delta.double().numpy(), full_matrices=False)
+    reference = float(np.sum(s[5:] ** 2))
+    fro2 = float((delta.double() ** 2).sum())
+    spec = sketch.energy_sketch(delta, energy=0.9, total_energy=fro2, sketch_dtype=torch.float32)
+    short = min(shape)
+    assert spec.basis is not None and spec.basis.shape[0] == short
+    assert noise.residual_energy(delta, 5, basis=spec.basis) == pytest.approx(reference, rel=1e-6)
+
+    noisy = (signal + 1e-3 * torch.randn(*shape, generator=torch.Generator().manual_seed(5),
+                                         dtype=torch.float64)).float()
+    u, s, vh = np.linalg.svd(noisy.double().numpy(), full_matrices=False)
+    loud = sketch.energy_sketch(noisy, energy=0.5, total_energy=float((noisy.double() ** 2).sum()),
+                                sketch_dtype=torch.float32)  # (0.9 lies in the noise, past the sketch's reach)
+    assert loud.basis is not None
+    assert noise.residual_energy(noisy, 5, basis=loud.basis) == pytest.approx(float(np.sum(s[5:] ** 2)), rel=1e-6)
+    top = torch.from_numpy(u[:, 0] if shape[0] <= shape[1] else vh[0]).float()[:, None]  # on the basis's side
+    without = torch.linalg.qr(loud.basis - top @ (top.T @ loud.basis)).Q
+    assert noise.residual_energy(noisy, 5, basis=without) > float(np.sum(s[5:] ** 2)) + 0.9 * s[0] ** 2
+    with pytest.raises(ValueError, match="shorter side"):
+        noise.residual_energy(delta, 5, basis=torch.linalg.qr(torch.randn(max(shape), 16)).Q)
+
+    var_t, var_b = 1e-18, 1e-10  # an fp32 fine-tune's rounding, a bf16 base's: the residual needs ΔW in float64
+    edge = lambda v: v ** 0.5 * (shape[0] ** 0.5 + shape[1] ** 0.5)  # noqa: E731
+    both = metrics.NoiseFloor(var_t + var_b, (var_t + var_b) ** 0.5, 0.0, edge(var_t + var_b), None, "bfloat16",
+                              "float32", tuned_variance=var_t)
+    exact = metrics.NoiseFloor(var_t, var_t ** 0.5, 0.0, edge(var_t), None, "bfloat16", "float32",
+                               base_rounding="exact", tuned_variance=var_t)
+    seeded = noise.settle_floor("auto", both, exact, spec, shape, total_energy=fro2, delta=delta)
+    bare = noise.settle_floor("auto", both, exact, spec.values, shape, total_energy=fro2, delta=delta)
+    assert seeded.base_rounding == bare.base_rounding == "exact"
+    assert seeded.sigma_residual == pytest.approx(bare.sigma_residual, rel=1e-6)
+    assert seeded.sigma_residual ** 2 == pytest.approx(reference / ((shape[0] - 5) * (shape[1] - 5)), rel=1e-6)

@@ -451,10 +451,12 @@ def _value_error(s: torch.Tensor, before: torch.Tensor, k: int) -> float:
 
 
 def _sketch_result(s: torch.Tensor, before: torch.Tensor, ranks: dict[float, tuple[int, bool]], wanted: list[float],
-                   total: float, shape: tuple[int, int], steps: int, whole: bool, method: str) -> Spectrum:
+                   total: float, shape: tuple[int, int], steps: int, whole: bool, method: str,
+                   basis: torch.Tensor) -> Spectrum:
     """The sketch's Spectrum: the Ritz values `s` (l,) up to the largest settled rank, and bounds for the rest;
     its ``tolerance`` is :func:`_value_error` of the values returned (`before`: those half a step back), 0 when
-    the basis spans the whole short side (`whole`: the values are then σ(A) to fp32 rounding).
+    the basis spans the whole short side (`whole`: the values are then σ(A) to fp32 rounding). ``basis`` is
+    the orthonormal Q (short, l) the values are the Ritz values of, but when it is `whole`.
 
     A threshold whose rank lies past the settled part gets the interval [lo, hi] in
     ``rank_bounds`` and no values (so it reads ``None`` from them): hi is its rank on the
@@ -475,7 +477,7 @@ def _sketch_result(s: torch.Tensor, before: torch.Tensor, ranks: dict[float, tup
     outside = max(0.0, total - float((s * s).sum())) / total  # share of ‖A‖_F² outside span(Q)
     bounds = {t: (_rank(s, total, t - outside), k) for t, (k, _) in ranks.items() if k > out}  # (lo, hi)
     return Spectrum(s[:out].float(), total, shape, method, tolerance=_value_error(s, before, out),
-                    n_iter=steps, complete=False, rank_bounds=bounds)
+                    n_iter=steps, complete=False, rank_bounds=bounds, basis=basis)
 
 
 _STEP_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.float64: "fp64"}
@@ -578,8 +580,9 @@ def energy_sketch(A: torch.Tensor, *, energy: float, thresholds: tuple[float, ..
         ``tolerance`` the estimated largest relative error of the values returned (:func:`_value_error`:
         each value's last half-step gain extrapolated at its convergence rate; in 192 sketches
         against float64 SVDs at most 1.2× below the true error, there for errors of ~1e-6);
-        ``rank_bounds`` the thresholds left open, ``{τ: (lo, hi)}``. A zero `A`
-        (`total_energy` 0) gives its whole spectrum, zeros, at once.
+        ``rank_bounds`` the thresholds left open, ``{τ: (lo, hi)}``; ``basis`` the orthonormal
+        basis (min(out, in), l) on A's shorter side whose Ritz values these are, unless it spans
+        that whole side. A zero `A` (`total_energy` 0) gives its whole spectrum, zeros, at once.
 
     References
     ----------
@@ -641,7 +644,8 @@ def energy_sketch(A: torch.Tensor, *, energy: float, thresholds: tuple[float, ..
                 before = _ritz_before(Z, W)  # (l,): the values half a step back, on W's side
                 ranks = _threshold_ranks(s, before, total_energy, wanted, usable)
                 if _settled_rank(ranks, wanted) >= k or l == short:  # every level up to the resolve one settled
-                    return _sketch_result(s, before, ranks, wanted, total_energy, shape, steps, l == short, method)
+                    return _sketch_result(s, before, ranks, wanted, total_energy, shape, steps, l == short, method,
+                                          basis=Q)
                 W, _ = _orth(Z, G)
             Q, R = _orth(thin_product(low, W.to(low.dtype)).float())  # (short, l), (l, l)
             steps += 1

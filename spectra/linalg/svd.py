@@ -82,6 +82,11 @@ class Spectrum:
         Energy ranks known only as an interval, ``{τ: (lo, hi)}`` with lo ≤ rank ≤ hi; the
         values stop before such a τ, so :func:`~spectra.linalg.metrics.energy_rank` reads
         ``None`` there. Empty but for :func:`spectra.linalg.sketch.energy_sketch`.
+    basis : torch.Tensor or None, shape (min(out, in), l)
+        An orthonormal basis of the subspace whose Ritz values ``values`` are, on the
+        matrix's shorter side (its rows' side, out, when out ≤ in): set by
+        :func:`spectra.linalg.sketch.energy_sketch` when it stops short of the whole side,
+        else None. :func:`spectra.linalg.noise.residual_energy` starts from it.
     """
 
     values: torch.Tensor
@@ -94,6 +99,7 @@ class Spectrum:
     n_iter: int = 0
     complete: bool = True
     rank_bounds: dict[float, tuple[int, int]] = field(default_factory=dict)
+    basis: torch.Tensor | None = field(default=None, repr=False)
 
     @property
     def k(self) -> int:

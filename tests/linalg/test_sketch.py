@@ -381,10 +381,25 @@ def test_ritz_values_in_either_layout_match_float64(transposed):
     assert not np.allclose(sketch._ritz(A, Q).numpy()[:19], wrong, rtol=1e-3)
 
 
+@pytest.mark.parametrize("tall", [False, True])
+def test_energy_sketch_basis_is_orthonormal_on_the_short_side_and_gives_its_values(tall):
+    """``basis`` (short, l): orthonormal, and the top of σ(Qᵀ A) on it, in float64, are the values returned."""
+    w, t = bf16_pair(600, 900, rank=12, rel=1e-2)
+    d = (t - w).T.contiguous() if tall else t - w
+    fast = sketch.energy_sketch(d, energy=0.9, thresholds=(0.5, 0.9), total_energy=sketch.squared_norm(d), block=32)
+    q = fast.basis.double()
+    assert not fast.complete and q.shape[0] == 600 and fast.k < q.shape[1] < 600
+    np.testing.assert_allclose((q.T @ q).numpy(), np.eye(q.shape[1]), atol=1e-6)
+    side = d.double().T if tall else d.double()  # (600, 900): the basis's side first
+    ritz = np.linalg.svd((q.T @ side).numpy(), compute_uv=False)
+    np.testing.assert_allclose(fast.values.double().numpy(), ritz[:fast.k], rtol=1e-5)
+
+
 def test_energy_sketch_whose_basis_spans_the_short_side_returns_the_whole_spectrum():
     d = torch.randn(48, 300, generator=torch.Generator().manual_seed(3))  # short side 48 < the first block of 64
     fast = sketch.energy_sketch(d, energy=0.9, total_energy=sketch.squared_norm(d), block=64)
     assert fast.complete and fast.k == 48 and fast.method == "adaptive-bf16"
+    assert fast.basis is None  # the whole side: nothing to start a residual from that the values do not give
     np.testing.assert_allclose(fast.values.double().numpy(), np.linalg.svd(d.double().numpy(), compute_uv=False),
                                rtol=1e-5)
 
