@@ -59,7 +59,8 @@ class AnalysisConfig:
     resolve: float = 0.9  # energy whose rank "sketch" must get exactly (±1); higher thresholds only when within reach
     # GEMM dtype of the sketch's power steps; Rayleigh–Ritz stays fp32. "auto": bfloat16 where this device runs its
     # GEMMs ≥ 1.25× float32's rate (2–5× with AMX, AVX-512 BF16, GPUs since Ampere), else float32 (an AVX2-only CPU
-    # emulates bf16 50–300× slower than float32): measured once per process, and written into the report resolved
+    # emulates bf16 50–300× slower than float32): measured once per process, and written into the report resolved.
+    # Left "auto" (not measured, nothing sketches) for method full/randomized/adaptive without base_top_k
     sketch_dtype: str = "auto"
     roles: tuple[str, ...] | None = None  # passed to the pairing: which modules to analyse
     stacks: tuple[str, ...] | None = None  # and of which stacks (language, vision, encoder, …); None: every one
@@ -96,7 +97,7 @@ class AnalysisConfig:
             raise ConfigError(f"sketch_dtype: {self.sketch_dtype!r} is not one of auto, bfloat16, float16, float32.")
         object.__setattr__(self, "stacks", parse_stacks(self.stacks))  # "decoder" spelled "language", once
         self.pairing_options()  # validates roles, stacks, layers, filters, dtype, device
-        if self.sketch_dtype == "auto":
+        if self.sketch_dtype == "auto" and (self.method in ("auto", "sketch") or self.base_top_k > 0):
             from spectra.linalg.hardware import fast_sketch_dtype
 
             object.__setattr__(self, "sketch_dtype", fast_sketch_dtype(self.device))

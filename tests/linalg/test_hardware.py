@@ -42,3 +42,15 @@ def test_auto_takes_bf16_only_where_it_is_clearly_faster(monkeypatch):
 def test_an_unknown_sketch_dtype_is_refused_with_the_choices():
     with pytest.raises(ConfigError, match="sketch_dtype: 'int8' is not one of auto, bfloat16, float16, float32"):
         AnalysisConfig(sketch_dtype="int8")
+
+
+def test_auto_is_measured_only_where_something_sketches(monkeypatch):
+    """method full/randomized/adaptive never sketch: no probe (~0.2 s a process on an AVX2 host), and the report
+    keeps "auto" rather than a dtype that was not used; base_top_k's top values of W_base do take it."""
+    calls = []
+    monkeypatch.setattr(hardware, "bfloat16_speedup", lambda device, repeats=2: calls.append(device) or 4.0)
+    for method in ("full", "randomized", "adaptive"):
+        assert AnalysisConfig(method=method).sketch_dtype == "auto"
+    assert calls == []
+    assert AnalysisConfig(method="full", base_top_k=4).sketch_dtype == "bfloat16"
+    assert AnalysisConfig(method="sketch").sketch_dtype == "bfloat16" and len(calls) == 2
