@@ -313,8 +313,10 @@ def run_e2e_bench(out: str | os.PathLike = "reports/bench", *, pair: str | os.Pa
     io = _measure(_job("read", str(pair)))
     io.update(json.loads(io.pop("tail").strip().splitlines()[-1]))
     res["io_floor"] = io
-    gemm = _measure(_job("gemm"))
-    res["gemm_rates"] = json.loads(gemm["tail"].strip().splitlines()[-1])["flops_per_s"]
+    def gemm_rates() -> dict[str, float]:
+        return json.loads(_measure(_job("gemm"))["tail"].strip().splitlines()[-1])["flops_per_s"]
+
+    res["gemm_rates"] = gemm_rates()  # probed again after spectra's runs: the floor takes the faster of the two
     from spectra.bench.e2e_report import write_report
 
     def report() -> Path:  # after every step, so a long run that is stopped still leaves its results
@@ -346,6 +348,11 @@ def run_e2e_bench(out: str | os.PathLike = "reports/bench", *, pair: str | os.Pa
         analyze("spectra_full", method="full")
         res["rank_agreement_0.9"] = _rank_agreement(rows["spectra_default"], rows["spectra_full"])
         report()
+    # A busy neighbour during the ~0.1 s probe halves a rate (bf16 445 against 904 GFLOP/s in two runs on one
+    # host), which would shrink the floor's ratio in spectra's favour: a second probe, and the faster rate kept
+    later = gemm_rates()
+    res["gemm_rates"] = {dt: max(rate, later.get(dt, 0.0)) for dt, rate in res["gemm_rates"].items()}
+    report()
     if "peers" not in skip:
         res["peers"] = _peers(pair, work, peer_timeout)
     return report()
