@@ -113,7 +113,7 @@ def test_residual_energy_over_several_row_chunks_matches_float64_numpy(dtype):
     assert noise.residual_energy(delta, 4) > 1e6 * noise.residual_energy(delta, 5)
 
 
-@pytest.mark.parametrize("shape", [(3000, 700), (700, 3000)])
+@pytest.mark.parametrize("shape", [(3000, 700), (700, 3000), (900, 900)])
 def test_residual_energy_from_the_sketch_basis_matches_float64_numpy(shape):
     """The energy sketch's basis (on ΔW's shorter side: columns' for 3000×700, rows' for 700×3000) replaces the
     float32 iteration: the residual is numpy's float64 one, and settle_floor given the sketch's Spectrum decides
@@ -141,10 +141,17 @@ def test_residual_energy_from_the_sketch_basis_matches_float64_numpy(shape):
     assert loud.basis is not None
     assert noise.residual_energy(noisy, 5, basis=loud.basis) == pytest.approx(float(np.sum(s[5:] ** 2)), rel=1e-6)
     top = torch.from_numpy(u[:, 0] if shape[0] <= shape[1] else vh[0]).float()[:, None]  # on the basis's side
-    without = torch.linalg.qr(loud.basis - top @ (top.T @ loud.basis)).Q
+    without = loud.basis
+    for _ in range(2):  # twice: once leaves ~5e-4 of it in float32, which the steps below would amplify ~5000×
+        without = torch.linalg.qr(without - top @ (top.T @ without)).Q
     assert noise.residual_energy(noisy, 5, basis=without) > float(np.sum(s[5:] ** 2)) + 0.9 * s[0] ** 2
+    noisy_view = noisy.T.contiguous().T  # read from its stored layout, the basis still on ΔW's side (900×900 too)
+    assert noise.residual_energy(noisy_view, 5, basis=loud.basis) == pytest.approx(float(np.sum(s[5:] ** 2)), rel=1e-6)
+    assert noise.residual_energy(noisy_view, 5, basis=without) > float(np.sum(s[5:] ** 2)) + 0.9 * s[0] ** 2
+    view = delta.T.contiguous().T  # Conv1D's layout: ΔW a transposed view of its stored (in, out) tensor
+    assert noise.residual_energy(view, 5, basis=spec.basis) == pytest.approx(reference, rel=1e-6)
     with pytest.raises(ValueError, match="shorter side"):
-        noise.residual_energy(delta, 5, basis=torch.linalg.qr(torch.randn(max(shape), 16)).Q)
+        noise.residual_energy(delta, 5, basis=torch.linalg.qr(torch.randn(sum(shape), 16)).Q)  # neither side
 
     var_t, var_b = 1e-18, 1e-10  # an fp32 fine-tune's rounding, a bf16 base's: the residual needs ΔW in float64
     edge = lambda v: v ** 0.5 * (shape[0] ** 0.5 + shape[1] ** 0.5)  # noqa: E731

@@ -287,25 +287,24 @@ def _power_basis(work: torch.Tensor, width: int, iterations: int, seed: int) -> 
     return q
 
 
-def _ritz_rows(work: torch.Tensor, basis: torch.Tensor, width: int) -> torch.Tensor:
+def _ritz_rows(work: torch.Tensor, basis: torch.Tensor, width: int, *, rows: bool) -> torch.Tensor:
     """The top `width` Ritz directions of ``work`` on span(`basis`), on its rows' side: (m, width), orthonormal.
 
-    `basis` (short, l) lies on ``work``'s shorter side, its rows' when m ≤ n (the side
-    :func:`~spectra.linalg.sketch.energy_sketch` builds its basis on). Rows' side: the top
+    `basis` (·, l) lies on ``work``'s rows' side (`rows`) or its columns'. Rows' side: the top
     eigenvectors W of the Gram of Wᵀ B give B W. Columns' side: those of the Gram of Y = W B give
     Y W / ‖Y W‖, the left singular vectors of W restricted to span(B) (a half power step). One
     float32 pass over ``work`` either way; the Gram and its eigenvectors in float64.
     """
     m, n = work.shape
-    short = m if m <= n else n
-    if basis.shape[0] != short:
-        raise ValueError(f"residual_energy: basis has {basis.shape[0]} rows; ΔW {m}×{n} takes its shorter side, "
-                         f"{short}.")
+    side = m if rows else n
+    if basis.shape[0] != side:
+        raise ValueError(f"residual_energy: basis has {basis.shape[0]} rows; a basis lies on ΔW's shorter side, "
+                         f"{side} long here.")
     b = basis.to(device=work.device, dtype=work.dtype)
-    y = thin_product(work.T, b) if m <= n else _times_thin(work, b)  # Wᵀ B (n, l), or W B (m, l)
+    y = thin_product(work.T, b) if rows else _times_thin(work, b)  # Wᵀ B (n, l), or W B (m, l)
     _, vectors = torch.linalg.eigh(y.T.double() @ y.double())  # ascending
     top = vectors[:, -width:].flip(1).to(work.dtype)  # (l, width)
-    return torch.linalg.qr(b @ top if m <= n else y @ top).Q
+    return torch.linalg.qr(b @ top if rows else y @ top).Q
 
 
 def _times_thin(work: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -349,6 +348,11 @@ def residual_energy(delta: torch.Tensor, k: int, *, oversample: int = 8, iterati
        SIAM Review 53(2), 2011, Algorithms 4.4 (subspace iteration) and 5.1.
     """
     m, n = delta.shape
+    basis_rows = m <= n  # a basis lies on ΔW's shorter side: its rows' when out ≤ in (as energy_sketch builds it)
+    if not delta.is_contiguous() and delta.T.is_contiguous():
+        # a transposed view (Conv1D's stored (in, out)): ΔWᵀ has the same energy outside its top k directions, and
+        # its rows are read in place instead of strided (0.18 → 0.045 s on a 5120×1280 view at k = 16)
+        delta, basis_rows, (m, n) = delta.T, not basis_rows, (n, m)
     rows = max(1, (1 << 20) // max(1, n))
     chunks = [slice(i, min(i + rows, m)) for i in range(0, m, rows)]
     buffer = torch.empty(min(rows, m), n, dtype=torch.float64, device=delta.device)
@@ -384,7 +388,7 @@ def residual_energy(delta: torch.Tensor, k: int, *, oversample: int = 8, iterati
     work = delta if delta.dtype in (torch.float32, torch.float64) else delta.float()
     width = min(k + oversample, m, n)
     if basis is not None and basis.shape[1] >= width:
-        q = _ritz_rows(work, basis, width)
+        q = _ritz_rows(work, basis, width, rows=basis_rows)
     else:
         q = _power_basis(work, width, iterations, seed)
     q = torch.linalg.qr(times(torch.linalg.qr(transposed(q.double())).Q)).Q  # the last step in float64
