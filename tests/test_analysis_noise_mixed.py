@@ -114,7 +114,7 @@ def test_residual_energy_over_several_row_chunks_matches_float64_numpy(dtype):
 
 
 @pytest.mark.parametrize("shape", [(3000, 700), (700, 3000), (900, 900)])
-def test_residual_energy_from_the_sketch_basis_matches_float64_numpy(shape):
+def test_residual_energy_from_the_sketch_basis_matches_float64_numpy(shape, monkeypatch):
     """The energy sketch's basis (on ΔW's shorter side: columns' for 3000×700, rows' for 700×3000) replaces the
     float32 iteration: the residual is numpy's float64 one, and settle_floor given the sketch's Spectrum decides
     and measures as from bare values. Negative control: where the signal stands only ~12× above the noise's top
@@ -159,8 +159,13 @@ def test_residual_energy_from_the_sketch_basis_matches_float64_numpy(shape):
                               "float32", tuned_variance=var_t)
     exact = metrics.NoiseFloor(var_t, var_t ** 0.5, 0.0, edge(var_t), None, "bfloat16", "float32",
                                base_rounding="exact", tuned_variance=var_t)
-    seeded = noise.settle_floor("auto", both, exact, spec, shape, total_energy=fro2, delta=delta)
     bare = noise.settle_floor("auto", both, exact, spec.values, shape, total_energy=fro2, delta=delta)
+    given = []  # the basis settle_floor hands residual_energy
+    real = noise.residual_energy
+    monkeypatch.setattr(noise, "residual_energy", lambda *a, basis=None, **kw: given.append(basis) or real(
+        *a, basis=basis, **kw))
+    seeded = noise.settle_floor("auto", both, exact, spec, shape, total_energy=fro2, delta=delta)
+    assert len(given) == 1 and given[0] is spec.basis
     assert seeded.base_rounding == bare.base_rounding == "exact"
     assert seeded.sigma_residual == pytest.approx(bare.sigma_residual, rel=1e-6)
     assert seeded.sigma_residual ** 2 == pytest.approx(reference / ((shape[0] - 5) * (shape[1] - 5)), rel=1e-6)

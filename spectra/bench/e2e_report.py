@@ -133,7 +133,9 @@ def write_report(res: dict[str, Any], out: str | os.PathLike, *, ground_truth: P
     f = res.get("floors", {})
     rates = res.get("gemm_rates", {})
     lines += ["", "## Floors", "",
-              "- GEMM rates measured here (the faster of a probe before and one after spectra's runs): "
+              "- GEMM rates measured here"
+              + (" (the faster of a probe before and one after spectra's runs)" if res.get("gemm_probes") == 2 else "")
+              + ": "
               + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in rates.items()) + ".",
               "- Default method's GEMM flops (counted per dtype by a torch dispatch mode in the 1×1 run; every "
               "product, the full path's float64 Gram included): "

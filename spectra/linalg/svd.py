@@ -86,7 +86,7 @@ class Spectrum:
         An orthonormal basis of the subspace whose Ritz values ``values`` are, on the
         matrix's shorter side (its rows' side, out, when out ≤ in): set by
         :func:`spectra.linalg.sketch.energy_sketch` when it stops short of the whole side,
-        else None. :func:`spectra.linalg.noise.residual_energy` starts from it.
+        else None (also after its fall-back to a full decomposition). :func:`spectra.linalg.noise.residual_energy` starts from it.
     """
 
     values: torch.Tensor
