@@ -63,3 +63,16 @@ def test_short_runs_are_repeated_and_the_best_kept(monkeypatch):
     monkeypatch.setattr(bench_svd, "_QUICK_S", 0.0)  # every run counts as long: no extra repeats
     bench_svd._run(fn, repeats=1)
     assert len(calls) == 1
+
+
+def test_a_top_k_row_that_fell_back_to_a_full_decomposition_is_reported_without_a_gemm_bound(tmp_path, monkeypatch):
+    """randomized_svd decomposes fully where no Krylov space fits beyond the answer (768×2304, k = 256 in a real
+    run): no Krylov flops, so no GEMM bound to divide by; the report wrote a ZeroDivisionError after 19 minutes."""
+    from spectra.linalg import svd
+    from spectra.linalg.svd import _full_top
+
+    monkeypatch.setattr(svd, "randomized_svd", lambda M, k, compute_vectors=False, **kw: _full_top(
+        M, k, compute_vectors=compute_vectors, energy=float((M.double() ** 2).sum())))
+    md = run_svd_bench(tmp_path, quick=True, kinds=("power_law",)).read_text()
+    row = next(line for line in md.splitlines() if line.startswith("| 160×256 | power_law | 8 |"))
+    assert "full-gesdd" in row and row.endswith("| — (fell back to full) |")
