@@ -28,9 +28,9 @@ import torch
 
 from spectra.errors import ConfigError
 from spectra.linalg import metrics
-from spectra.linalg.sketch import (_MIN_NORMAL_EXP, _SIGNIFICAND_BITS, heteroscedastic_edge, mean_ulp_squared,
-                                   thin_product)
-from spectra.linalg.svd import Spectrum
+from spectra.linalg.sketch import (_MIN_NORMAL_EXP, _SIGNIFICAND_BITS, _gram64, heteroscedastic_edge,
+                                   mean_ulp_squared, thin_product)
+from spectra.linalg.svd import Spectrum, frobenius_energy, full_svd
 
 __all__ = ["LARGE_UPDATE", "tuned_side_floor", "settle_floor", "RoundingProfile", "large_update_profile",
            "rounding_profile", "expected_residual", "top_leverages", "residual_energy", "tracy_widom_edge",
@@ -283,9 +283,9 @@ def _power_basis(work: torch.Tensor, width: int, iterations: int, seed: int) -> 
     ``work``'s dtype. :func:`top_leverages` takes it as it is; :func:`residual_energy` adds its last step in
     float64."""
     start = torch.randn(work.shape[1], width, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    q = torch.linalg.qr(_times_thin(work, start.to(device=work.device, dtype=work.dtype))).Q
+    q = torch.linalg.qr(thin_product(work, start.to(device=work.device, dtype=work.dtype))).Q
     for _ in range(max(iterations - 1, 0)):
-        q = torch.linalg.qr(_times_thin(work, torch.linalg.qr(thin_product(work.T, q)).Q)).Q  # Wᵀ q read as (qᵀ W)ᵀ
+        q = torch.linalg.qr(thin_product(work, torch.linalg.qr(thin_product(work.T, q)).Q)).Q
     return q
 
 
@@ -303,16 +303,10 @@ def _ritz_rows(work: torch.Tensor, basis: torch.Tensor, width: int, *, rows: boo
         raise ValueError(f"residual_energy: basis has {basis.shape[0]} rows; a basis lies on ΔW's shorter side, "
                          f"{side} long here.")
     b = basis.to(device=work.device, dtype=work.dtype)
-    y = thin_product(work.T, b) if rows else _times_thin(work, b)  # Wᵀ B (n, l), or W B (m, l)
-    _, vectors = torch.linalg.eigh(y.T.double() @ y.double())  # ascending
+    y = thin_product(work.T if rows else work, b)  # Wᵀ B (n, l), or W B (m, l)
+    _, vectors = torch.linalg.eigh(_gram64(y))  # ascending
     top = vectors[:, -width:].flip(1).to(work.dtype)  # (l, width)
     return torch.linalg.qr(b @ top if rows else y @ top).Q
-
-
-def _times_thin(work: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """W x for a thin x, as (xᵀ Wᵀ)ᵀ: MKL's float32 GEMM ran W x at 48–59 GFLOP/s and (xᵀ Wᵀ)ᵀ at 68–77 for
-    width 37 on 2048×2048 … 32000×2048 (one thread, an AMD EPYC host; equal from width 64 up)."""
-    return (x.T @ work.T).T
 
 
 def residual_energy(delta: torch.Tensor, k: int, *, oversample: int = 8, iterations: int = 4, seed: int = 0,
@@ -364,17 +358,13 @@ def residual_energy(delta: torch.Tensor, k: int, *, oversample: int = 8, iterati
         out = buffer[:c.stop - c.start]
         return out.copy_(delta[c])
 
-    def energy(x: torch.Tensor) -> float:  # ‖x‖_F², with no temporary the size of x
-        flat = x.view(-1)
-        return float(torch.dot(flat, flat))
-
     if k <= 0:
-        return math.fsum(energy(wide(c)) for c in chunks)
+        return math.fsum(frobenius_energy(wide(c)) for c in chunks)
     if k + oversample > min(m, n) // 2:
         # Most of the space is "top" (a float32 pair: every value above the numerical tolerance): a subspace
         # iteration that wide costs more than LAPACK's float64 values, and inside a noise bulk its 4 steps do not
         # converge — on 768×3072 at k = 728 it left 6 % of the residual too much (1.8 s; these values: 0.5 s)
-        values = torch.linalg.svdvals(delta.to(torch.float64))
+        values = full_svd(delta.to(torch.float64)).values  # float64 data: LAPACK gesdd, on the tall orientation
         return float((values[k:] ** 2).sum())
 
     # both products as (l, ·) row blocks, xᵀ ΔW[c]ᵀ and y[c]ᵀ ΔW[c]: MKL's float64 GEMM ran ΔW[c]ᵀ y[c] with a
@@ -400,7 +390,7 @@ def residual_energy(delta: torch.Tensor, k: int, *, oversample: int = 8, iterati
     qk, coefficients = q @ u, (z @ u).T  # Q_k and Q_kᵀ ΔW, (k, n)
     # ΔW[c] − Q_k[c] Q_kᵀ ΔW formed in the buffer itself: a fresh (rows, n) float64 result per chunk for the product,
     # the difference and its square cost ~18 ms each in page faults (a 32000×2048 ΔW at k = 29: 1.2 s → 0.6 s)
-    return math.fsum(energy(wide(c).addmm_(qk[c], coefficients, alpha=-1)) for c in chunks)
+    return math.fsum(frobenius_energy(wide(c).addmm_(qk[c], coefficients, alpha=-1)) for c in chunks)
 
 
 def tracy_widom_edge(edge: float, shape: tuple[int, int], *, quantile: float | None = EDGE_QUANTILE) -> float:

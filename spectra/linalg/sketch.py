@@ -297,12 +297,18 @@ def _gram64(Y: torch.Tensor) -> torch.Tensor:
 
 
 def thin_product(M: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
-    """M @ X for a thin X, with M read in its stored layout: a transposed view Sᵀ of a
-    contiguous S is multiplied as (Xᵀ S)ᵀ. MKL's bf16 GEMM ran Sᵀ X 10–25 % slower than
-    (Xᵀ S)ᵀ at widths 16–64 on 2048×5632, 5632×2048 and 32000×2048 weights (one thread, an
-    Intel host); on an AMD EPYC host the two take the same time (±2 % at width 64).
+    """M @ X for a thin X, in the operand order MKL runs fastest for M's layout and dtype.
+
+    A transposed view Sᵀ of a contiguous S is multiplied as (Xᵀ S)ᵀ: MKL's bf16 GEMM ran
+    Sᵀ X 10–25 % slower than (Xᵀ S)ᵀ at widths 16–64 on 2048×5632, 5632×2048 and 32000×2048
+    weights (one thread, an Intel host; the same time on an AMD EPYC host). A contiguous
+    float32/float64 M is multiplied as (Xᵀ Mᵀ)ᵀ too: on an AVX-512 AMD EPYC (one thread,
+    2048×5632 … 32000×2048) float32 ran M X at 48–59 GFLOP/s against 68–77 at width 37 (equal
+    from 64 up), float64 at 24–36 against 37–49 at widths 37–64; a contiguous bf16 M stays
+    M X (436–441 against 362–369 GFLOP/s at width 64).
     """
-    if not M.is_contiguous() and M.T.is_contiguous():
+    if (not M.is_contiguous() and M.T.is_contiguous()) or (M.is_contiguous()
+                                                            and M.dtype in (torch.float32, torch.float64)):
         return (X.T @ M.T).T
     return M @ X
 
