@@ -120,6 +120,10 @@ class AnalysisConfig:
                               dtype=self.dtype, device=self.device, with_weights=True, weights_as_stored=True,
                               on_nonfinite=self.on_nonfinite, low_copy_above=self._sketched_above())
 
+    def sketched_above(self) -> int | None:
+        """Short side above which a matrix goes to the energy sketch, in any sketch dtype (None: none does)."""
+        return {"auto": self.full_below, "sketch": 0}.get(self.method)
+
     def _sketched_above(self) -> int | None:
         """Short side above which a matrix goes to the bf16 sketch (None: none does)."""
         if self.sketch_dtype != "bfloat16" or self.method not in ("auto", "sketch"):
@@ -576,7 +580,7 @@ def analyze(base, tuned, config: AnalysisConfig | None = None, *, cache_dir: str
 
     mine = pairing.entries
     if me.distributed:
-        shares = shard([entry_cost(e.shape) for e in pairing.entries], me.size)
+        shares = shard([entry_cost(e.shape, config.sketched_above()) for e in pairing.entries], me.size)
         mine = [pairing.entries[i] for i in shares[me.rank]]
     rows_by_entry: dict[str, list[dict]] = {}
     todo = []
@@ -706,7 +710,7 @@ def _parallel(pairing: Pairing, todo: list, config: AnalysisConfig, calibration,
         return rows, loaded - start, time.perf_counter() - loaded
 
     opts = pairing.options
-    queue = sorted(todo, key=lambda e: -entry_cost(e.shape))
+    queue = sorted(todo, key=lambda e: -entry_cost(e.shape, config.sketched_above()))
     sizes = [_entry_bytes(e, opts) for e in queue]  # kept in step with queue
     running: dict = {}  # future -> (entry, its bytes)
     with thread_pool(workers, threads, "spectra-analyze") as pool:
