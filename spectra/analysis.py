@@ -561,7 +561,7 @@ def analyze(base, tuned, config: AnalysisConfig | None = None, *, cache_dir: str
     """
     import tqdm
 
-    from spectra.distributed import all_gather_rows, entry_cost, shard, world
+    from spectra.distributed import all_gather_rows, claims, entry_cost, shard, world
 
     config = config or AnalysisConfig()
     if read_ahead < 0 or read_ahead_mb < 0:
@@ -578,35 +578,43 @@ def analyze(base, tuned, config: AnalysisConfig | None = None, *, cache_dir: str
     cache = ModuleCache(root, cache_key(base_fp, tuned_fp, config, _stamps(pairing.base, pairing.tuned))
                         + calibration_key)
 
-    mine = pairing.entries
-    if me.distributed:
-        shares = shard([entry_cost(e.shape, config.sketched_above()) for e in pairing.entries], me.size)
-        mine = [pairing.entries[i] for i in shares[me.rank]]
     rows_by_entry: dict[str, list[dict]] = {}
     todo = []
-    for entry in mine:
+    for entry in pairing.entries if me.is_main else ():  # under torchrun rank 0 reads the cache, for every rank
         cached = cache.get(entry.name)
         if cached is None:
             todo.append(entry)
         elif cached and all("skipped" in row for row in cached):  # skipped before (NaN/Inf): still skipped
             pairing.skipped.extend(row["skipped"] for row in cached)
+            pairing.skipped_entries[entry.name] = "; ".join(row["skipped"] for row in cached)
             rows_by_entry[entry.name] = []
         else:
             rows_by_entry[entry.name] = cached
-    bar = tqdm.tqdm(total=len(mine), initial=len(mine) - len(todo), unit="module",
+    source, claimed = todo, None  # what this process computes; under torchrun, claimed from every rank's todo
+    if me.distributed:
+        names = set(me.broadcast([entry.name for entry in todo]))  # before any rank writes the cache
+        todo = [entry for entry in pairing.entries if entry.name in names]
+        costs = [entry_cost(entry.shape, config.sketched_above()) for entry in todo]
+        claimed = claims([todo[i] for i in sorted(range(len(todo)), key=lambda i: (-costs[i], i))], me)
+        source = claimed if claimed is not None else [todo[i] for i in shard(costs, me.size)[me.rank]]
+    cached_count = len(pairing.entries) - len(todo)
+    bar = tqdm.tqdm(total=len(pairing.entries), initial=cached_count, unit="module",
                     disable=not progress or not me.is_main, desc="analyze", dynamic_ncols=True)
     read_s = compute_s = 0.0
+    computed = 0
     calibration, calibration_record = _calibration(base, config, cache, collect=bool(todo),
                                                    progress=progress and me.is_main)
     if n_workers == 1:
-        stream = _serial(pairing, todo, config, calibration, read_ahead, read_ahead_mb << 20)
+        stream = _serial(pairing, source, config, calibration, read_ahead, read_ahead_mb << 20, known=todo)
     else:
-        stream = _parallel(pairing, todo, config, calibration, n_workers, threads, read_ahead_mb << 20)
+        stream = _parallel(pairing, source, config, calibration, n_workers, threads, read_ahead_mb << 20,
+                           known=todo)
     with contextlib.closing(stream):  # an error here stops the workers now, not at garbage collection
         try:
             for entry, rows, entry_read_s, entry_compute_s in stream:
                 read_s += entry_read_s
                 compute_s += entry_compute_s
+                computed += 1
                 bar.set_postfix_str(entry.name, refresh=False)
                 skipped = entry.name in pairing.skipped_entries and not rows
                 cache.put(entry.name, [{"name": entry.name, "skipped": pairing.skipped_entries[entry.name]}]
@@ -614,13 +622,18 @@ def analyze(base, tuned, config: AnalysisConfig | None = None, *, cache_dir: str
                 rows_by_entry[entry.name] = rows
                 if on_module is not None:
                     on_module(entry.name, rows)
-                bar.update(1)
+                # under torchrun: every rank's progress, as entries handed out less one in flight per other rank
+                bar.update(1 if claimed is None else
+                           max(1, cached_count + claimed.handed_out() - (me.size - 1) - bar.n))
         except KeyboardInterrupt:
             bar.close()
-            _interrupted(len(rows_by_entry), len(mine), cache, parallel=n_workers > 1)
+            _interrupted(len(rows_by_entry), len(pairing.entries), cache, parallel=n_workers > 1)
             raise  # closing the stream then waits for the modules in flight (torch cannot be stopped mid-GEMM)
     bar.close()
     rows_by_entry = all_gather_rows(rows_by_entry, me)
+    skipped = all_gather_rows(dict(pairing.skipped_entries), me)  # every rank's (under torchrun)
+    pairing.skipped_entries = {e.name: skipped[e.name] for e in pairing.entries if e.name in skipped}
+    pairing.skipped = list(pairing.skipped_entries.values())  # in entry order, however the work was spread
 
     modules = [row for entry in pairing.entries for row in rows_by_entry[entry.name]]
     from spectra import __version__
@@ -629,7 +642,7 @@ def analyze(base, tuned, config: AnalysisConfig | None = None, *, cache_dir: str
         config=_config_dict(config), base=base_fp, tuned=tuned_fp, modules=modules,
         versions={"spectra": __version__, "torch": torch.__version__, "python": platform.python_version()},
         timings={"total_s": time.perf_counter() - t0, "read_wait_s": read_s, "compute_s": compute_s,
-                 "modules_computed": len(todo), "modules_cached": len(mine) - len(todo), "world_size": me.size,
+                 "modules_computed": computed, "modules_cached": cached_count, "world_size": me.size,
                  "workers": n_workers, "threads_per_worker": threads},
         pairing=describe(pairing), calibration=calibration_record,
     )
@@ -670,9 +683,12 @@ def _analyze_entry(deltas: list[DeltaW], config: AnalysisConfig, calibration) ->
     return rows
 
 
-def _serial(pairing: Pairing, todo: list, config: AnalysisConfig, calibration, depth: int, budget: int):
-    """Yield (entry, rows, read s, compute s) in order, decomposing on this thread (read-ahead aside)."""
-    for entry, deltas, waited, lease in _read_ahead(pairing, todo, depth, budget):
+def _serial(pairing: Pairing, todo, config: AnalysisConfig, calibration, depth: int, budget: int, *,
+            known: list | None = None):
+    """Yield (entry, rows, read s, compute s) in order, decomposing on this thread (read-ahead aside).
+    `todo` may be an iterable that hands entries out as they are asked for (:class:`~spectra.distributed.Claims`);
+    `known` then lists every entry it may hand out, for the memory budget."""
+    for entry, deltas, waited, lease in _read_ahead(pairing, todo, depth, budget, known=known):
         start = time.perf_counter()
         rows = _analyze_entry(deltas, config, calibration)
         del deltas
@@ -680,8 +696,8 @@ def _serial(pairing: Pairing, todo: list, config: AnalysisConfig, calibration, d
         yield entry, rows, waited, time.perf_counter() - start
 
 
-def _parallel(pairing: Pairing, todo: list, config: AnalysisConfig, calibration, workers: int, threads: int,
-              budget: int):
+def _parallel(pairing: Pairing, todo, config: AnalysisConfig, calibration, workers: int, threads: int,
+              budget: int, *, known: list | None = None):
     """Yield (entry, rows, read s, compute s) as entries finish, from `workers` threads that each
     read and decompose whole entries.
 
@@ -697,7 +713,8 @@ def _parallel(pairing: Pairing, todo: list, config: AnalysisConfig, calibration,
     """
     from spectra.distributed import entry_cost
 
-    budget = _entry_budget(pairing, todo, budget, readers=workers)
+    claimed = None if isinstance(todo, list) else iter(todo)  # handed out one at a time (under torchrun)
+    budget = _entry_budget(pairing, todo if claimed is None else known or [], budget, readers=workers)
     buffers = BufferPool(max_free=2 * workers)
 
     def task(entry):
@@ -710,18 +727,30 @@ def _parallel(pairing: Pairing, todo: list, config: AnalysisConfig, calibration,
         return rows, loaded - start, time.perf_counter() - loaded
 
     opts = pairing.options
-    queue = sorted(todo, key=lambda e: -entry_cost(e.shape, config.sketched_above()))
+    # claimed entries come largest first already, and one is claimed only when a worker is free for it
+    queue = [] if claimed is not None else sorted(todo, key=lambda e: -entry_cost(e.shape, config.sketched_above()))
     sizes = [_entry_bytes(e, opts) for e in queue]  # kept in step with queue
     running: dict = {}  # future -> (entry, its bytes)
     with thread_pool(workers, threads, "spectra-analyze") as pool:
-        while queue or running:
-            while queue and len(running) < workers:
+        while queue or running or claimed is not None:
+            while len(running) < workers:
+                if not queue and claimed is not None:  # a worker is free: claim the next entry for it
+                    entry = next(claimed, None)
+                    if entry is None:
+                        claimed = None
+                    else:
+                        queue.append(entry)
+                        sizes.append(_entry_bytes(entry, opts))
+                if not queue:
+                    break
                 busy = sum(size for _, size in running.values()) if running else None
                 i = _first_fitting(sizes, busy, budget)
                 if i is None:
                     break
                 entry = queue.pop(i)
                 running[pool.submit(task, entry)] = (entry, sizes.pop(i))
+            if not running:
+                continue  # nothing left: the claims ran out with the queue empty
             done, _ = wait(running, return_when=FIRST_COMPLETED)
             for future in done:
                 entry, _ = running.pop(future)
@@ -804,7 +833,7 @@ def _held_factors(pairing: Pairing, todo: list, *, readers: int) -> int:
     return held_factor_bytes(adapters, pairing.tuned.weights, pairing.options.torch_dtype, readers=readers)
 
 
-def _read_ahead(pairing: Pairing, todo: list, depth: int, budget: int):
+def _read_ahead(pairing: Pairing, todo, depth: int, budget: int, *, known: list | None = None):
     """Yield (entry, ΔW records, seconds waited, lease) in order, reading up to `depth` entries ahead.
 
     One reader thread (torch releases the GIL while copying and subtracting) runs ahead of
@@ -813,10 +842,12 @@ def _read_ahead(pairing: Pairing, todo: list, depth: int, budget: int):
     adapter's factors held across a module's experts (one module: one thread reads) are reserved
     from `budget` first, down to room for the largest entry (:func:`_entry_budget`). Each entry's ΔW lives in a
     :class:`~spectra.checkpoints.buffers.Lease` of one pool of reused buffers, which the
-    consumer closes once it is done with the records.
+    consumer closes once it is done with the records. `todo` may hand entries out as they are
+    asked for (:class:`~spectra.distributed.Claims`): the next one is taken only when there is
+    room to read it ahead, and `known` (every entry it may hand out) sizes the budget.
     """
     buffers = BufferPool(max_free=2 * (depth + 1))
-    if depth == 0 or not todo:
+    if depth == 0:
         for entry in todo:
             start = time.perf_counter()
             lease = buffers.lease()
@@ -825,31 +856,38 @@ def _read_ahead(pairing: Pairing, todo: list, depth: int, budget: int):
             del deltas
         return
     opts = pairing.options
-    budget = _entry_budget(pairing, todo, budget, readers=1)
+    budget = _entry_budget(pairing, todo if known is None else known, budget, readers=1)
     pending: deque = deque()  # (entry, future, lease), in order
-    nxt = 0
+    source = iter(todo)
+    ahead: list = []  # the next entry, taken from `todo` but not read yet (it did not fit the budget)
 
     def submit(entry):
         lease = buffers.lease()
         pending.append((entry, reader.submit(pairing.load, entry, lease=lease), lease))
 
+    def fill(*, first: bool) -> None:  # read ahead up to `depth` entries within `budget` (first: one always)
+        in_flight = sum(_entry_bytes(e, opts) for e, _, _ in pending)
+        while len(pending) < depth:
+            if not ahead:
+                entry = next(source, None)
+                if entry is None:
+                    return
+                ahead.append(entry)
+            size = _entry_bytes(ahead[0], opts)
+            if not ((first and not pending) or in_flight + size <= budget):
+                return
+            submit(ahead.pop())
+            in_flight += size
+
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="spectra-read") as reader:
-        while nxt < len(todo) or pending:
-            in_flight = sum(_entry_bytes(e, opts) for e, _, _ in pending)
-            while nxt < len(todo) and len(pending) < depth and (
-                    not pending or in_flight + _entry_bytes(todo[nxt], opts) <= budget):
-                submit(todo[nxt])
-                in_flight += _entry_bytes(todo[nxt], opts)
-                nxt += 1
+        while True:
+            fill(first=True)
+            if not pending:
+                return
             entry, future, lease = pending.popleft()
             wait = time.perf_counter()
             deltas = future.result()
             waited = time.perf_counter() - wait
-            # top up the queue before the math starts, so the reader works while we compute
-            in_flight = sum(_entry_bytes(e, opts) for e, _, _ in pending)
-            while nxt < len(todo) and len(pending) < depth and in_flight + _entry_bytes(todo[nxt], opts) <= budget:
-                submit(todo[nxt])
-                in_flight += _entry_bytes(todo[nxt], opts)
-                nxt += 1
+            fill(first=False)  # top up the queue before the math starts, so the reader works while we compute
             yield entry, deltas, waited, lease
             del deltas

@@ -8,6 +8,8 @@ import subprocess
 import sys
 import textwrap
 
+import contextlib
+
 import pytest
 
 from spectra.bench.make_pair import PairConfig, make_pair
@@ -58,10 +60,28 @@ _JOB = textwrap.dedent("""
     # rank 1 measures another sketch dtype than rank 0: every rank must still take rank 0's
     hardware.fast_sketch_dtype = lambda device="cpu": "float32" if os.environ.get("RANK") == "1" else "bfloat16"
     pair, out = sys.argv[1], sys.argv[2]
-    r = analyze(pair + "/base", pair + "/tuned", AnalysisConfig(full_below=32), cache_dir=False, progress=False)
-    if os.environ.get("RANK", "0") == "0":
-        json.dump({"modules": r.modules, "timings": r.timings}, open(out, "w"))
+    r = analyze(pair + "/base", pair + "/tuned", AnalysisConfig(full_below=32, on_nonfinite="skip"), cache_dir=False,
+                progress=False)
+    rank = os.environ.get("RANK", "0")
+    json.dump({"timings": r.timings}, open(out + ".rank" + rank, "w"))
+    if rank == "0":
+        json.dump({"modules": r.modules, "timings": r.timings, "skipped": r.pairing["skipped"]}, open(out, "w"))
 """)
+
+
+def _plant_nan(pair, every: str) -> int:
+    """NaN into the tuned side's tensors whose names end in `every` ("": all; each is then a skipped entry)."""
+    from safetensors.torch import load_file, save_file
+
+    planted = 0
+    for path in (pair / "tuned").glob("*.safetensors"):
+        tensors = load_file(path)
+        for name, t in tensors.items():
+            if name.endswith(every):
+                t.view(-1)[3] = float("nan")
+                planted += 1
+        save_file(tensors, path, metadata={"format": "pt"})
+    return planted
 
 
 def _free_port() -> int:
@@ -73,21 +93,93 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _torchrun(job, pair, out, env) -> None:
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                           "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), str(job), str(pair),
+                           str(out)], env=env, timeout=300, capture_output=True, text=True)
+    assert done.returncode == 0, f"torchrun failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
+
+
 def test_two_gloo_ranks_match_single_process(tmp_path):
     pair = make_pair(tmp_path / "pair", PairConfig(shape="llama-tiny"))
+    planted = _plant_nan(pair, "o_proj.weight")  # skipped entries beside computed ones
     job = tmp_path / "job.py"
     job.write_text(_JOB)
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
     env["OMP_NUM_THREADS"] = "1"
     single, multi = tmp_path / "single.json", tmp_path / "multi.json"
     subprocess.run([sys.executable, str(job), str(pair), str(single)], check=True, env=env, timeout=300)
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                           "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), str(job), str(pair),
-                           str(multi)], env=env, timeout=300, capture_output=True, text=True)
-    assert done.returncode == 0, f"torchrun failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
+    _torchrun(job, pair, multi, env)
     a, b = json.loads(single.read_text()), json.loads(multi.read_text())
     assert b["timings"]["world_size"] == 2 and a["timings"]["world_size"] == 1
     strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
     assert strip(a["modules"]) == strip(b["modules"])  # same rows, same order, bit for bit
     assert any(m.get("method") == "adaptive-bf16" for m in a["modules"])  # the sketch path ran on both,
     assert not any(m.get("method", "").startswith("adaptive-fp32") for m in b["modules"])  # in rank 0's dtype
+    assert len(a["skipped"]) == planted > 1 and b["skipped"] == a["skipped"]
+    # the entries were handed out one at a time: both ranks computed, none twice, none left out
+    counts = [json.loads((tmp_path / f"multi.json.rank{r}").read_text())["timings"]["modules_computed"] for r in "01"]
+    assert min(counts) > 0 and sum(counts) == a["timings"]["modules_computed"]
+    # every tensor NaN: every entry either rank computes is skipped, and rank 0 lists rank 1's too (it did not)
+    _plant_nan(pair, "")
+    _torchrun(job, pair, multi, env)
+    assert len(json.loads(multi.read_text())["skipped"]) == len(a["modules"]) + planted  # one per entry
+
+
+def test_claims_hand_every_entry_out_once_whoever_asks():
+    import torch.distributed as dist
+
+    from spectra.distributed import Claims
+
+    store = dist.HashStore()
+    entries = list("abcdefg")
+    first, second = Claims(entries, store, "k"), Claims(entries, store, "k")  # two ranks on one counter
+    a, b = iter(first), iter(second)
+    got = [next(a), next(b), next(b), next(a)]
+    assert got == list("abcd") and first.handed_out() == second.handed_out() == 4
+    got += list(a) + list(b)  # one rank takes the rest; the other finds nothing left
+    assert got == entries and (first.taken, second.taken) == (5, 2) and first.handed_out() == 7
+    assert list(Claims(entries, store, "other")) == entries  # another run's counter starts afresh
+
+
+@pytest.fixture(scope="module")
+def tiny_pair(tmp_path_factory):
+    pair = make_pair(tmp_path_factory.mktemp("claims") / "pair", PairConfig(shape="llama-tiny"))
+    return pair / "base", pair / "tuned"
+
+
+def test_read_ahead_and_workers_take_claimed_entries_only_when_they_have_room(tiny_pair):
+    """Under torchrun an entry is claimed from the other ranks when taken: the read-ahead takes the next one only
+    when it may read it ahead (depth 2: three by the first yield), the workers one per free worker; the rows are
+    those of the whole list either way."""
+    from spectra.analysis import AnalysisConfig, _parallel, _read_ahead
+    from spectra.checkpoints.pairing import Pairing
+
+    pairing = Pairing(*tiny_pair, AnalysisConfig().pairing_options())
+    entries = pairing.entries
+    taken = []
+
+    def claimed():
+        for entry in entries:
+            taken.append(entry.name)
+            yield entry
+
+    stream = _read_ahead(pairing, claimed(), 2, 1 << 30, known=entries)
+    with contextlib.closing(stream):
+        _, _, _, lease = next(stream)
+        lease.close()
+        assert len(taken) == 3  # the one handed out and two read ahead
+        rest = [entry.name for entry, _, _, lease in stream if not lease.close()]
+    assert len(rest) == len(entries) - 1 and taken == [e.name for e in entries]
+    taken.clear()
+    started = []
+    stream = _parallel(pairing, claimed(), AnalysisConfig(), None, 2, 1, 1 << 30, known=entries)
+    with contextlib.closing(stream):
+        first = next(stream)
+        started.append(len(taken))
+        rows = [first] + list(stream)
+    assert started == [2]  # two workers took one each; the next is taken once one finished
+    listed = _parallel(pairing, list(entries), AnalysisConfig(), None, 2, 1, 1 << 30)
+    by_name = lambda out: {e.name: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
+                           for e, rows, _, _ in out}
+    assert by_name(rows) == by_name(listed) and len(rows) == len(entries)
