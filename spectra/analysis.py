@@ -622,12 +622,14 @@ def analyze(base, tuned, config: AnalysisConfig | None = None, *, cache_dir: str
                 rows_by_entry[entry.name] = rows
                 if on_module is not None:
                     on_module(entry.name, rows)
-                # under torchrun: every rank's progress, as entries handed out less one in flight per other rank
-                bar.update(1 if claimed is None else
+                # under torchrun rank 0's bar shows every rank's progress: entries handed out, less one in flight
+                # per other rank
+                bar.update(1 if claimed is None or bar.disable else
                            max(1, cached_count + claimed.handed_out() - (me.size - 1) - bar.n))
         except KeyboardInterrupt:
             bar.close()
-            _interrupted(len(rows_by_entry), len(pairing.entries), cache, parallel=n_workers > 1)
+            _interrupted(cached_count + computed if me.is_main else computed, len(pairing.entries), cache,
+                         parallel=n_workers > 1, rank=me.rank if me.distributed else None)
             raise  # closing the stream then waits for the modules in flight (torch cannot be stopped mid-GEMM)
     bar.close()
     rows_by_entry = all_gather_rows(rows_by_entry, me)
@@ -668,12 +670,14 @@ def _calibration(base, config: AnalysisConfig, cache: ModuleCache, *, collect: b
     return (calibration if collect else None), record
 
 
-def _interrupted(done: int, total: int, cache: ModuleCache, *, parallel: bool) -> None:
-    """Tell the user what an interrupt keeps, before the wait for the modules in flight."""
+def _interrupted(done: int, total: int, cache: ModuleCache, *, parallel: bool, rank: int | None = None) -> None:
+    """Tell the user what an interrupt keeps, before the wait for the modules in flight. Under torchrun (`rank`)
+    each rank counts what it finished itself, beside the `done` ones cached before."""
     where = (f"are cached in {cache.dir}: the same command resumes from there" if cache.dir is not None
              else "were not cached (no cache directory): a rerun starts over")
     wait_note = "; stopping after the modules in flight" if parallel else ""
-    print(f"\ninterrupted: {done} of {total} modules finished and {where}{wait_note}.", file=sys.stderr, flush=True)
+    print(f"\ninterrupted: {done} of {total} modules finished{'' if rank is None else f' on rank {rank}'} and "
+          f"{where}{wait_note}.", file=sys.stderr, flush=True)
 
 
 def _analyze_entry(deltas: list[DeltaW], config: AnalysisConfig, calibration) -> list[dict]:
