@@ -301,7 +301,8 @@ def _ritz_rows(work: torch.Tensor, basis: torch.Tensor, width: int, *, rows: boo
     side = m if rows else n
     if basis.shape[0] != side:
         raise ValueError(f"residual_energy: basis has {basis.shape[0]} rows; a basis lies on ΔW's shorter side, "
-                         f"{side} long here.")
+                         f"{side} long here. Pass the basis of a Spectrum of this ΔW as given (not of ΔWᵀ or "
+                         f"another matrix), or basis=None to start from a random one.")
     b = basis.to(device=work.device, dtype=work.dtype)
     y = thin_product(work.T if rows else work, b)  # Wᵀ B (n, l), or W B (m, l)
     _, vectors = torch.linalg.eigh(_gram64(y))  # ascending
