@@ -596,3 +596,19 @@ def test_krylov_paths_do_not_miss_copies_of_a_repeated_value():
     # negative control: distinct values (a power law) keep the Krylov path
     P = torch.diag(torch.arange(1, n + 1, dtype=torch.float64) ** -0.7)
     assert randomized_svd(P, 80, tol=1e-3, random_state=0, compute_vectors=False).method == "krylov"
+
+
+def test_auto_takes_the_full_decomposition_where_the_shortest_krylov_run_costs_more():
+    """Values only, k a third of a small matrix's short side: the Krylov space would fill most of the matrix
+    (768×2304 at k = 256 took 0.18–0.43 s against 0.05–0.16 s full); with vectors, or k small, Krylov stays."""
+    M = planted(m=192, n=576)
+    full = randomized_svd(M, 64, tol=1e-3, random_state=0, compute_vectors=False)
+    assert full.method.startswith("full") and full.tolerance == 0.0
+    ref = np.linalg.svd(M.double().numpy(), compute_uv=False)[:64]
+    assert np.allclose(full.values.double().numpy(), ref, rtol=1e-5)
+    P, _ = power_law(m=192, n=576)  # converges within the space: a Krylov run is seen as one
+    assert randomized_svd(P, 64, tol=1e-3, random_state=0, compute_vectors=False).method.startswith("full")
+    assert randomized_svd(P, 64, tol=1e-3, random_state=0, compute_vectors=False, algorithm="krylov").method == "krylov"
+    assert randomized_svd(P, 64, tol=1e-3, random_state=0).method == "krylov"  # with vectors: gesdd costs 3.5×
+    big = planted(m=512, n=1536)  # k small against the short side: Krylov stays
+    assert randomized_svd(big, 16, tol=1e-3, random_state=0, compute_vectors=False).method == "krylov"
