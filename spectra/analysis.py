@@ -518,9 +518,11 @@ def analyze(base, tuned, config: AnalysisConfig | None = None, *, cache_dir: str
             read_ahead: int = 2, read_ahead_mb: int = 512, workers: int | None = None) -> AnalysisResult:
     """Analyse every ΔW of a checkpoint pair.
 
-    Under ``torchrun`` (``WORLD_SIZE`` > 1) each rank analyses a cost-balanced share of
-    the modules, reading only its own tensors, and every rank returns the whole result
-    (see :mod:`spectra.distributed`); it equals a single-process run's.
+    Under ``torchrun`` (``WORLD_SIZE`` > 1) the modules are handed out one at a time to
+    whichever rank asks next, each rank reading only the tensors of those it took, and
+    every rank returns the whole result (see :mod:`spectra.distributed`); it equals a
+    single-process run's. ``timings`` then counts this rank's modules (``modules_computed``,
+    and ``modules_cached``: those it found cached and reports).
 
     Parameters
     ----------
@@ -561,7 +563,7 @@ def analyze(base, tuned, config: AnalysisConfig | None = None, *, cache_dir: str
     """
     import tqdm
 
-    from spectra.distributed import all_gather_rows, claims, entry_cost, shard, world
+    from spectra.distributed import all_gather_rows, cached_owners, claims, entry_cost, shard, world
 
     config = config or AnalysisConfig()
     if read_ahead < 0 or read_ahead_mb < 0:
@@ -578,37 +580,39 @@ def analyze(base, tuned, config: AnalysisConfig | None = None, *, cache_dir: str
     cache = ModuleCache(root, cache_key(base_fp, tuned_fp, config, _stamps(pairing.base, pairing.tuned))
                         + calibration_key)
 
+    found = {entry.name: rows for entry in pairing.entries if (rows := cache.get(entry.name)) is not None}
+    known = found  # every module cached anywhere in the job
+    if me.distributed:  # every rank looked (a node's own cache holds what it computed); the lowest that found one
+        known = cached_owners(list(found), me)  # reports it
+        found = {name: rows for name, rows in found.items() if known[name] == me.rank}
     rows_by_entry: dict[str, list[dict]] = {}
-    todo = []
-    for entry in pairing.entries if me.is_main else ():  # under torchrun rank 0 reads the cache, for every rank
-        cached = cache.get(entry.name)
-        if cached is None:
-            todo.append(entry)
-        elif cached and all("skipped" in row for row in cached):  # skipped before (NaN/Inf): still skipped
-            pairing.skipped.extend(row["skipped"] for row in cached)
-            pairing.skipped_entries[entry.name] = "; ".join(row["skipped"] for row in cached)
-            rows_by_entry[entry.name] = []
-        else:
-            rows_by_entry[entry.name] = cached
-    source, claimed = todo, None  # what this process computes; under torchrun, claimed from every rank's todo
+    for name, cached in found.items():
+        if cached and all("skipped" in row for row in cached):  # skipped before (NaN/Inf): still skipped
+            pairing.skipped_entries[name] = "; ".join(row["skipped"] for row in cached)
+        rows_by_entry[name] = [] if name in pairing.skipped_entries else cached
+    todo = [entry for entry in pairing.entries if entry.name not in known]  # the whole job's, on every rank
+    source, claimed = todo, None  # what this process computes: under torchrun, claimed from `todo` as it goes
     if me.distributed:
-        names = set(me.broadcast([entry.name for entry in todo]))  # before any rank writes the cache
-        todo = [entry for entry in pairing.entries if entry.name in names]
         costs = [entry_cost(entry.shape, config.sketched_above()) for entry in todo]
-        claimed = claims([todo[i] for i in sorted(range(len(todo)), key=lambda i: (-costs[i], i))], me)
+        # Several workers keep fixed shares: their scheduler picks, from the whole share, the largest module that
+        # fits the memory left beside the running ones, which one claimed module at a time cannot offer (on
+        # Llama-3-8B shapes, 512 MB: a simulation had 2 workers idle for +26 % per rank on claims)
+        if n_workers == 1:
+            claimed = claims([todo[i] for i in sorted(range(len(todo)), key=lambda i: (-costs[i], i))], me)
+        else:
+            claimed = None
         source = claimed if claimed is not None else [todo[i] for i in shard(costs, me.size)[me.rank]]
-    cached_count = len(pairing.entries) - len(todo)
-    bar = tqdm.tqdm(total=len(pairing.entries), initial=cached_count, unit="module",
+    bar = tqdm.tqdm(total=len(pairing.entries), initial=len(pairing.entries) - len(todo), unit="module",
                     disable=not progress or not me.is_main, desc="analyze", dynamic_ncols=True)
     read_s = compute_s = 0.0
     computed = 0
     calibration, calibration_record = _calibration(base, config, cache, collect=bool(todo),
                                                    progress=progress and me.is_main)
     if n_workers == 1:
-        stream = _serial(pairing, source, config, calibration, read_ahead, read_ahead_mb << 20, known=todo)
+        stream = _serial(pairing, source, config, calibration, read_ahead, read_ahead_mb << 20,
+                         known=source if claimed is None else todo)
     else:
-        stream = _parallel(pairing, source, config, calibration, n_workers, threads, read_ahead_mb << 20,
-                           known=todo)
+        stream = _parallel(pairing, source, config, calibration, n_workers, threads, read_ahead_mb << 20)
     with contextlib.closing(stream):  # an error here stops the workers now, not at garbage collection
         try:
             for entry, rows, entry_read_s, entry_compute_s in stream:
@@ -622,17 +626,19 @@ def analyze(base, tuned, config: AnalysisConfig | None = None, *, cache_dir: str
                 rows_by_entry[entry.name] = rows
                 if on_module is not None:
                     on_module(entry.name, rows)
-                # under torchrun rank 0's bar shows every rank's progress: entries handed out, less one in flight
-                # per other rank
-                bar.update(1 if claimed is None or bar.disable else
-                           max(1, cached_count + claimed.handed_out() - (me.size - 1) - bar.n))
+                if claimed is None:
+                    bar.update(1)
+                else:  # every rank counts its finished modules in the store: rank 0's bar shows the job's
+                    claimed.finish()
+                    bar.update(min(bar.total, bar.total - len(todo) + claimed.finished()) - bar.n)
         except KeyboardInterrupt:
             bar.close()
-            _interrupted(cached_count + computed if me.is_main else computed, len(pairing.entries), cache,
+            _interrupted(computed, len(pairing.entries), cache, cached=len(pairing.entries) - len(todo),
                          parallel=n_workers > 1, rank=me.rank if me.distributed else None)
             raise  # closing the stream then waits for the modules in flight (torch cannot be stopped mid-GEMM)
+    rows_by_entry = all_gather_rows(rows_by_entry, me)  # (every rank has finished once this returns)
+    bar.update(bar.total - bar.n)
     bar.close()
-    rows_by_entry = all_gather_rows(rows_by_entry, me)
     skipped = all_gather_rows(dict(pairing.skipped_entries), me)  # every rank's (under torchrun)
     pairing.skipped_entries = {e.name: skipped[e.name] for e in pairing.entries if e.name in skipped}
     pairing.skipped = list(pairing.skipped_entries.values())  # in entry order, however the work was spread
@@ -644,8 +650,9 @@ def analyze(base, tuned, config: AnalysisConfig | None = None, *, cache_dir: str
         config=_config_dict(config), base=base_fp, tuned=tuned_fp, modules=modules,
         versions={"spectra": __version__, "torch": torch.__version__, "python": platform.python_version()},
         timings={"total_s": time.perf_counter() - t0, "read_wait_s": read_s, "compute_s": compute_s,
-                 "modules_computed": computed, "modules_cached": cached_count, "world_size": me.size,
-                 "workers": n_workers, "threads_per_worker": threads},
+                 "modules_computed": computed, "modules_cached": len(found), "world_size": me.size,
+                 "workers": n_workers, "threads_per_worker": threads}
+                | ({"shared_by": "claims" if claimed is not None else "fixed shares"} if me.distributed else {}),
         pairing=describe(pairing), calibration=calibration_record,
     )
 
@@ -670,14 +677,16 @@ def _calibration(base, config: AnalysisConfig, cache: ModuleCache, *, collect: b
     return (calibration if collect else None), record
 
 
-def _interrupted(done: int, total: int, cache: ModuleCache, *, parallel: bool, rank: int | None = None) -> None:
-    """Tell the user what an interrupt keeps, before the wait for the modules in flight. Under torchrun (`rank`)
-    each rank counts what it finished itself, beside the `done` ones cached before."""
+def _interrupted(finished: int, total: int, cache: ModuleCache, *, cached: int, parallel: bool,
+                 rank: int | None = None) -> None:
+    """Tell the user what an interrupt keeps, before the wait for the modules in flight: `finished` by this
+    process, `cached` before it started (the whole job's), of `total`; under torchrun (`rank`) each rank says its own."""
     where = (f"are cached in {cache.dir}: the same command resumes from there" if cache.dir is not None
              else "were not cached (no cache directory): a rerun starts over")
     wait_note = "; stopping after the modules in flight" if parallel else ""
-    print(f"\ninterrupted: {done} of {total} modules finished{'' if rank is None else f' on rank {rank}'} and "
-          f"{where}{wait_note}.", file=sys.stderr, flush=True)
+    count = (f"{cached + finished} of {total} modules finished" if rank is None else
+             f"{finished} modules finished on rank {rank} ({cached} were cached before, {total} in all)")
+    print(f"\ninterrupted: {count} and {where}{wait_note}.", file=sys.stderr, flush=True)
 
 
 def _analyze_entry(deltas: list[DeltaW], config: AnalysisConfig, calibration) -> list[dict]:
@@ -700,8 +709,8 @@ def _serial(pairing: Pairing, todo, config: AnalysisConfig, calibration, depth: 
         yield entry, rows, waited, time.perf_counter() - start
 
 
-def _parallel(pairing: Pairing, todo, config: AnalysisConfig, calibration, workers: int, threads: int,
-              budget: int, *, known: list | None = None):
+def _parallel(pairing: Pairing, todo: list, config: AnalysisConfig, calibration, workers: int, threads: int,
+              budget: int):
     """Yield (entry, rows, read s, compute s) as entries finish, from `workers` threads that each
     read and decompose whole entries.
 
@@ -717,8 +726,7 @@ def _parallel(pairing: Pairing, todo, config: AnalysisConfig, calibration, worke
     """
     from spectra.distributed import entry_cost
 
-    claimed = None if isinstance(todo, list) else iter(todo)  # handed out one at a time (under torchrun)
-    budget = _entry_budget(pairing, todo if claimed is None else known or [], budget, readers=workers)
+    budget = _entry_budget(pairing, todo, budget, readers=workers)
     buffers = BufferPool(max_free=2 * workers)
 
     def task(entry):
@@ -731,30 +739,18 @@ def _parallel(pairing: Pairing, todo, config: AnalysisConfig, calibration, worke
         return rows, loaded - start, time.perf_counter() - loaded
 
     opts = pairing.options
-    # claimed entries come largest first already, and one is claimed only when a worker is free for it
-    queue = [] if claimed is not None else sorted(todo, key=lambda e: -entry_cost(e.shape, config.sketched_above()))
+    queue = sorted(todo, key=lambda e: -entry_cost(e.shape, config.sketched_above()))
     sizes = [_entry_bytes(e, opts) for e in queue]  # kept in step with queue
     running: dict = {}  # future -> (entry, its bytes)
     with thread_pool(workers, threads, "spectra-analyze") as pool:
-        while queue or running or claimed is not None:
-            while len(running) < workers:
-                if not queue and claimed is not None:  # a worker is free: claim the next entry for it
-                    entry = next(claimed, None)
-                    if entry is None:
-                        claimed = None
-                    else:
-                        queue.append(entry)
-                        sizes.append(_entry_bytes(entry, opts))
-                if not queue:
-                    break
+        while queue or running:
+            while queue and len(running) < workers:
                 busy = sum(size for _, size in running.values()) if running else None
                 i = _first_fitting(sizes, busy, budget)
                 if i is None:
                     break
                 entry = queue.pop(i)
                 running[pool.submit(task, entry)] = (entry, sizes.pop(i))
-            if not running:
-                continue  # nothing left: the claims ran out with the queue empty
             done, _ = wait(running, return_when=FIRST_COMPLETED)
             for future in done:
                 entry, _ = running.pop(future)
@@ -847,8 +843,9 @@ def _read_ahead(pairing: Pairing, todo, depth: int, budget: int, *, known: list 
     from `budget` first, down to room for the largest entry (:func:`_entry_budget`). Each entry's ΔW lives in a
     :class:`~spectra.checkpoints.buffers.Lease` of one pool of reused buffers, which the
     consumer closes once it is done with the records. `todo` may hand entries out as they are
-    asked for (:class:`~spectra.distributed.Claims`): the next one is taken only when there is
-    room to read it ahead, and `known` (every entry it may hand out) sizes the budget.
+    asked for (:class:`~spectra.distributed.Claims`): the next one is taken when a read-ahead
+    slot is free (and waits there, taken but unread, while it does not fit the budget), and
+    `known` (every entry it may hand out) sizes the budget.
     """
     buffers = BufferPool(max_free=2 * (depth + 1))
     if depth == 0:
@@ -860,7 +857,8 @@ def _read_ahead(pairing: Pairing, todo, depth: int, budget: int, *, known: list 
             del deltas
         return
     opts = pairing.options
-    budget = _entry_budget(pairing, todo if known is None else known, budget, readers=1)
+    budget = _entry_budget(pairing, known if known is not None else todo if isinstance(todo, list) else [], budget,
+                           readers=1)
     pending: deque = deque()  # (entry, future, lease), in order
     source = iter(todo)
     ahead: list = []  # the next entry, taken from `todo` but not read yet (it did not fit the budget)

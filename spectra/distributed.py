@@ -1,11 +1,16 @@
 """Whole-model analysis across processes and machines, under ``torchrun``.
 
 ``spectra analyze`` launched by ``torchrun --nproc-per-node N [--nnodes M …]`` runs
-the same code in every process. Each rank takes a share of the pairing's entries,
-balanced by estimated cost rather than by count, reads only its own tensors, and the
-finished rows are all-gathered so that rank 0 can write the report. Every module's
-numbers depend only on that module and the config, so the result equals a
-single-process run's.
+the same code in every process. The entries still to compute are handed out one at a
+time, largest estimated cost first, to whichever rank asks next (:class:`Claims`: a
+counter in the job's rendezvous store), so a rank that drew cheaper modules than the
+estimate said takes more of them; each rank reads only the tensors of the entries it
+claimed, and the finished rows are all-gathered so that rank 0 can write the report.
+Where torchrun's store is not available to every rank, each rank takes a fixed share
+instead, balanced by estimated cost (:func:`shard`). Every rank looks modules up in the
+cache (:func:`cached_owners`), so a resumed job on nodes with caches of their own computes
+none twice. Every module's numbers depend only on that module and the config, so the
+result equals a single-process run's.
 
 torchrun is detected from its environment (``RANK``, ``WORLD_SIZE``); the process group
 uses gloo on CPU and NCCL when the analysis runs on CUDA.
@@ -22,7 +27,7 @@ from typing import Any, Iterator, Sequence
 
 from spectra.errors import ConfigError
 
-__all__ = ["World", "world", "entry_cost", "shard", "Claims", "claims", "all_gather_rows"]
+__all__ = ["World", "world", "entry_cost", "shard", "Claims", "claims", "cached_owners", "all_gather_rows"]
 
 
 @dataclass(frozen=True)
@@ -176,9 +181,9 @@ class Claims:
     Each ``next`` atomically increments one counter in the job's store (``Store.add``, one
     round trip to rank 0's host) and takes the entry at the old value; past the last entry
     the iteration ends. Every rank must hold the same `entries` in the same order. With
-    the largest entries first, a rank finishes at most one small entry after the others:
-    fixed shares (:func:`shard`) lean on the cost model, whose errors stay (on the
-    TinyLlama-shaped pair one rank computed 0.2 s longer of ~4 s).
+    the largest entries first, a rank finishes at most the few small entries it holds (read
+    ahead, or one per worker) after the others: fixed shares (:func:`shard`) lean on the cost
+    model, whose errors stay (on the TinyLlama-shaped pair one rank computed 0.2 s longer of ~4 s).
     """
 
     def __init__(self, entries: Sequence, store: Any, key: str):
@@ -197,6 +202,14 @@ class Claims:
         """Entries claimed so far by all ranks together."""
         return min(len(self.entries), int(self.store.add(self.key, 0)))
 
+    def finish(self) -> None:
+        """Count one entry this rank has finished (in the store, for the job's progress)."""
+        self.store.add(self.key + "/done", 1)
+
+    def finished(self) -> int:
+        """Entries finished so far by all ranks together."""
+        return int(self.store.add(self.key + "/done", 0))
+
 
 def claims(entries: Sequence, me: World) -> Claims | None:
     """A :class:`Claims` over `entries` shared by every rank of the job, or None when not under torchrun or
@@ -206,17 +219,36 @@ def claims(entries: Sequence, me: World) -> Claims | None:
         return None
     import torch.distributed as dist
 
-    try:
+    try:  # torchrun's rendezvous store, asked once: one that cannot count is no use
         from torch.distributed.distributed_c10d import _get_default_store
 
         store = _get_default_store()
-    except (ImportError, RuntimeError, ValueError, AttributeError):
+        store.add("spectra/claims/probe", 0)
+    except Exception:  # noqa: BLE001  a private API gone, or a store that does not answer: fixed shares
         store = None
     flags: list[Any] = [None] * me.size
     dist.all_gather_object(flags, store is not None)
     if not all(flags):
         return None
     return Claims(entries, store, me.broadcast(f"spectra/claims/{uuid.uuid4().hex}"))
+
+
+def cached_owners(found: list[str], me: World) -> dict[str, int]:
+    """{module name: the lowest rank that found it cached} over every rank's `found` (collective).
+
+    Every rank reads the cache: on several nodes whose cache directories are their own, each
+    holds the modules it computed, and a resumed job must not compute them again. The lowest
+    rank reports each one's rows, so they are gathered once.
+    """
+    import torch.distributed as dist
+
+    parts: list[Any] = [None] * me.size
+    dist.all_gather_object(parts, found)
+    owners: dict[str, int] = {}
+    for rank, names in enumerate(parts):
+        for name in names:
+            owners.setdefault(name, rank)
+    return owners
 
 
 def all_gather_rows(local: dict[str, Any], me: World) -> dict[str, Any]:

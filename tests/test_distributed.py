@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import contextlib
 
@@ -60,8 +61,9 @@ _JOB = textwrap.dedent("""
     # rank 1 measures another sketch dtype than rank 0: every rank must still take rank 0's
     hardware.fast_sketch_dtype = lambda device="cpu": "float32" if os.environ.get("RANK") == "1" else "bfloat16"
     pair, out = sys.argv[1], sys.argv[2]
-    r = analyze(pair + "/base", pair + "/tuned", AnalysisConfig(full_below=32, on_nonfinite="skip"), cache_dir=False,
-                progress=False)
+    r = analyze(pair + "/base", pair + "/tuned", AnalysisConfig(full_below=32, on_nonfinite="skip"),
+                cache_dir=os.environ.get("TEST_CACHE") or False, progress=False,
+                workers=int(os.environ.get("TEST_WORKERS", "1")))
     rank = os.environ.get("RANK", "0")
     json.dump({"timings": r.timings}, open(out + ".rank" + rank, "w"))
     if rank == "0":
@@ -93,11 +95,14 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _torchrun(job, pair, out, env) -> None:
+def _torchrun(job, pair, out, env, **extra) -> list[dict]:
+    """Run `job` on 2 gloo ranks; each rank's timings."""
+    env = {**env, **extra}
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
                            "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), str(job), str(pair),
                            str(out)], env=env, timeout=300, capture_output=True, text=True)
     assert done.returncode == 0, f"torchrun failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
+    return [json.loads(Path(f"{out}.rank{r}").read_text())["timings"] for r in "01"]
 
 
 def test_two_gloo_ranks_match_single_process(tmp_path):
@@ -118,8 +123,23 @@ def test_two_gloo_ranks_match_single_process(tmp_path):
     assert not any(m.get("method", "").startswith("adaptive-fp32") for m in b["modules"])  # in rank 0's dtype
     assert len(a["skipped"]) == planted > 1 and b["skipped"] == a["skipped"]
     # the entries were handed out one at a time: both ranks computed, none twice, none left out
-    counts = [json.loads((tmp_path / f"multi.json.rank{r}").read_text())["timings"]["modules_computed"] for r in "01"]
-    assert min(counts) > 0 and sum(counts) == a["timings"]["modules_computed"]
+    ranks = [json.loads((tmp_path / f"multi.json.rank{r}").read_text())["timings"] for r in "01"]
+    assert [t["shared_by"] for t in ranks] == ["claims"] * 2
+    assert min(t["modules_computed"] for t in ranks) > 0
+    assert sum(t["modules_computed"] for t in ranks) == a["timings"]["modules_computed"]
+    # resumed from a cache: each rank looks modules up, the lowest reports them, only the missing are computed
+    cache = tmp_path / "cache"
+    _torchrun(job, pair, multi, env, TEST_CACHE=str(cache))
+    for lost in sorted(cache.rglob("*.json"))[:3]:
+        lost.unlink()
+    ranks = _torchrun(job, pair, multi, env, TEST_CACHE=str(cache))
+    assert sum(t["modules_computed"] for t in ranks) == 3 and ranks[1]["modules_cached"] == 0
+    assert ranks[0]["modules_cached"] == a["timings"]["modules_computed"] - 3
+    assert strip(json.loads(multi.read_text())["modules"]) == strip(a["modules"])
+    # several workers a rank keep fixed shares (their scheduler picks from the whole share)
+    ranks = _torchrun(job, pair, multi, env, TEST_WORKERS="2")
+    assert [t["shared_by"] for t in ranks] == ["fixed shares"] * 2
+    assert strip(json.loads(multi.read_text())["modules"]) == strip(a["modules"])
     # every tensor NaN: every entry either rank computes is skipped, and rank 0 lists rank 1's too (it did not)
     _plant_nan(pair, "")
     _torchrun(job, pair, multi, env)
@@ -148,11 +168,10 @@ def tiny_pair(tmp_path_factory):
     return pair / "base", pair / "tuned"
 
 
-def test_read_ahead_and_workers_take_claimed_entries_only_when_they_have_room(tiny_pair):
-    """Under torchrun an entry is claimed from the other ranks when taken: the read-ahead takes the next one only
-    when it may read it ahead (depth 2: three by the first yield), the workers one per free worker; the rows are
-    those of the whole list either way."""
-    from spectra.analysis import AnalysisConfig, _parallel, _read_ahead
+def test_read_ahead_takes_claimed_entries_as_slots_free(tiny_pair):
+    """Under torchrun (one worker a rank) an entry is claimed from the other ranks when taken: the read-ahead takes
+    the next one when a read-ahead slot is free (depth 2: three by the first yield), and yields them in order."""
+    from spectra.analysis import AnalysisConfig, _read_ahead
     from spectra.checkpoints.pairing import Pairing
 
     pairing = Pairing(*tiny_pair, AnalysisConfig().pairing_options())
@@ -170,16 +189,13 @@ def test_read_ahead_and_workers_take_claimed_entries_only_when_they_have_room(ti
         lease.close()
         assert len(taken) == 3  # the one handed out and two read ahead
         rest = [entry.name for entry, _, _, lease in stream if not lease.close()]
-    assert len(rest) == len(entries) - 1 and taken == [e.name for e in entries]
-    taken.clear()
-    started = []
-    stream = _parallel(pairing, claimed(), AnalysisConfig(), None, 2, 1, 1 << 30, known=entries)
+    assert rest == [e.name for e in entries[1:]] and taken == [e.name for e in entries]
+    # without `known`, a claiming source is not read for the budget (it would claim every entry at once)
+    from spectra.distributed import Claims
+    import torch.distributed as dist
+
+    source = Claims(entries, dist.HashStore(), "k")
+    stream = _read_ahead(pairing, source, 2, 1 << 30)
     with contextlib.closing(stream):
-        first = next(stream)
-        started.append(len(taken))
-        rows = [first] + list(stream)
-    assert started == [2]  # two workers took one each; the next is taken once one finished
-    listed = _parallel(pairing, list(entries), AnalysisConfig(), None, 2, 1, 1 << 30)
-    by_name = lambda out: {e.name: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
-                           for e, rows, _, _ in out}
-    assert by_name(rows) == by_name(listed) and len(rows) == len(entries)
+        next(stream)[3].close()
+        assert source.taken == 3

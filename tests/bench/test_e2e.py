@@ -79,3 +79,12 @@ def test_the_faster_default_run_is_kept_with_its_rows_and_the_larger_peak():
     res, rows = {"spectra_default": failed}, {"spectra_default": ["first"]}
     _keep_faster(res, rows, "spectra_default", first, ["first"])
     assert res["spectra_default"]["analysis_s"] == 5.5 and res["spectra_default"]["runs"][1]["analysis_s"] is None
+
+
+def test_a_peer_run_once_meets_spectras_slower_default_run():
+    from spectra.bench.e2e_report import targets
+
+    res = {"spectra_default": {"analysis_s": 4.0, "runs": [{"analysis_s": 4.0}, {"analysis_s": 5.0}]},
+           "floors": {}, "peers": {"weightwatcher": {"wall_s": 14.0, "rc": 0}}}
+    row = next(r for r in targets(res) if r[0].startswith("≥ 3×"))
+    assert "5.0 s → 2.8×" in row[1] and row[2] == "**not met**"  # 14 / 4.0 would have read 3.5×, met
