@@ -181,9 +181,9 @@ class Claims:
     Each ``next`` atomically increments one counter in the job's store (``Store.add``, one
     round trip to rank 0's host) and takes the entry at the old value; past the last entry
     the iteration ends. Every rank must hold the same `entries` in the same order. With
-    the largest entries first, a rank finishes at most the few small entries it holds (read
-    ahead, or one per worker) after the others: fixed shares (:func:`shard`) lean on the cost
-    model, whose errors stay (on the TinyLlama-shaped pair one rank computed 0.2 s longer of ~4 s).
+    the largest entries first, a rank finishes at most the few small entries it read ahead
+    after the others: fixed shares (:func:`shard`) lean on the cost model, whose errors stay
+    (on the TinyLlama-shaped pair one rank computed 0.2 s longer of ~4 s; 0.05 s on claims).
     """
 
     def __init__(self, entries: Sequence, store: Any, key: str):
@@ -197,10 +197,6 @@ class Claims:
                 return
             self.taken += 1
             yield self.entries[i]
-
-    def handed_out(self) -> int:
-        """Entries claimed so far by all ranks together."""
-        return min(len(self.entries), int(self.store.add(self.key, 0)))
 
     def finish(self) -> None:
         """Count one entry this rank has finished (in the store, for the job's progress)."""

@@ -156,9 +156,11 @@ def test_claims_hand_every_entry_out_once_whoever_asks():
     first, second = Claims(entries, store, "k"), Claims(entries, store, "k")  # two ranks on one counter
     a, b = iter(first), iter(second)
     got = [next(a), next(b), next(b), next(a)]
-    assert got == list("abcd") and first.handed_out() == second.handed_out() == 4
+    assert got == list("abcd") and (first.taken, second.taken) == (2, 2)
     got += list(a) + list(b)  # one rank takes the rest; the other finds nothing left
-    assert got == entries and (first.taken, second.taken) == (5, 2) and first.handed_out() == 7
+    assert got == entries and (first.taken, second.taken) == (5, 2)
+    first.finish(), second.finish()
+    assert first.finished() == second.finished() == 2  # the job's count, whoever finished
     assert list(Claims(entries, store, "other")) == entries  # another run's counter starts afresh
 
 

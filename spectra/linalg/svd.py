@@ -523,9 +523,9 @@ def _krylov_outweighs_full(shape, k: int, b: int, compute_vectors: bool) -> bool
 
     A Krylov flop costs ~1.5× a full-spectrum flop in time (thin GEMMs, per-step Ritz values: see
     :func:`adaptive_svd`'s budget), so at half the flops the shortest run already takes ~¾ of the full
-    path's time, and most runs take longer. On 768×2304 at k = 256 the Krylov path took 0.13 s (power law,
-    converged) and 0.38 s (planted and bf16: the space filled the matrix first, then the full decomposition)
-    against 0.10–0.19 s for the full spectrum; at k = 64 it took 0.03 s against 0.05 and stays.
+    path's time, and most runs take longer. On 768×2304 at k = 256, values only, the Krylov path took 0.43 s
+    (power law, converged) and 0.18–0.22 s (planted and bf16: the space filled the matrix first, then the
+    full decomposition) against 0.05–0.16 s full; at k = 64 it stays (the SVD bench: 0.03 s against 0.05 s).
     """
     short, long_ = min(shape), max(shape)
     steps = -(-k // b) + 2
