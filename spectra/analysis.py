@@ -596,11 +596,10 @@ def analyze(base, tuned, config: AnalysisConfig | None = None, *, cache_dir: str
         costs = [entry_cost(entry.shape, config.sketched_above()) for entry in todo]
         # Several workers keep fixed shares: their scheduler picks, from the whole share, the largest module that
         # fits the memory left beside the running ones, which one claimed module at a time cannot offer (on
-        # Llama-3-8B shapes, 512 MB: a simulation had 2 workers idle for +26 % per rank on claims)
-        if n_workers == 1:
-            claimed = claims([todo[i] for i in sorted(range(len(todo)), key=lambda i: (-costs[i], i))], me)
-        else:
-            claimed = None
+        # Llama-3-8B shapes, 512 MB: a simulation had 2 workers idle for +26 % per rank on claims). Every rank
+        # asks (a collective): claims only where every rank has one worker (thread counts may differ by node)
+        claimed = claims([todo[i] for i in sorted(range(len(todo)), key=lambda i: (-costs[i], i))], me,
+                         wanted=n_workers == 1)
         source = claimed if claimed is not None else [todo[i] for i in shard(costs, me.size)[me.rank]]
     bar = tqdm.tqdm(total=len(pairing.entries), initial=len(pairing.entries) - len(todo), unit="module",
                     disable=not progress or not me.is_main, desc="analyze", dynamic_ncols=True)

@@ -207,21 +207,24 @@ class Claims:
         return int(self.store.add(self.key + "/done", 0))
 
 
-def claims(entries: Sequence, me: World) -> Claims | None:
-    """A :class:`Claims` over `entries` shared by every rank of the job, or None when not under torchrun or
-    where some rank cannot reach the job's store (every rank then gets None: they all shard alike).
-    Collective: every rank calls it, with the same `entries`."""
+def claims(entries: Sequence, me: World, *, wanted: bool = True) -> Claims | None:
+    """A :class:`Claims` over `entries` shared by every rank of the job, or None when not under torchrun,
+    where some rank cannot reach the job's store, or where some rank does not want claims (`wanted` False:
+    every rank then gets None, and they all shard alike). Collective: every rank calls it, with the same
+    `entries`, whatever its `wanted`."""
     if not me.distributed:
         return None
     import torch.distributed as dist
 
-    try:  # torchrun's rendezvous store, asked once: one that cannot count is no use
-        from torch.distributed.distributed_c10d import _get_default_store
+    store = None
+    if wanted:
+        try:  # torchrun's rendezvous store, asked once: one that cannot count is no use
+            from torch.distributed.distributed_c10d import _get_default_store
 
-        store = _get_default_store()
-        store.add("spectra/claims/probe", 0)
-    except Exception:  # noqa: BLE001  a private API gone, or a store that does not answer: fixed shares
-        store = None
+            store = _get_default_store()
+            store.add("spectra/claims/probe", 0)
+        except Exception:  # noqa: BLE001  a private API gone, or a store that does not answer: fixed shares
+            store = None
     flags: list[Any] = [None] * me.size
     dist.all_gather_object(flags, store is not None)
     if not all(flags):

@@ -61,10 +61,10 @@ _JOB = textwrap.dedent("""
     # rank 1 measures another sketch dtype than rank 0: every rank must still take rank 0's
     hardware.fast_sketch_dtype = lambda device="cpu": "float32" if os.environ.get("RANK") == "1" else "bfloat16"
     pair, out = sys.argv[1], sys.argv[2]
-    r = analyze(pair + "/base", pair + "/tuned", AnalysisConfig(full_below=32, on_nonfinite="skip"),
-                cache_dir=os.environ.get("TEST_CACHE") or False, progress=False,
-                workers=int(os.environ.get("TEST_WORKERS", "1")))
     rank = os.environ.get("RANK", "0")
+    r = analyze(pair + "/base", pair + "/tuned", AnalysisConfig(full_below=32, on_nonfinite="skip"),
+                cache_dir=(os.environ.get("TEST_CACHE", "") + os.environ.get("TEST_CACHE_" + rank, "")) or False,
+                progress=False, workers=int(os.environ.get("TEST_WORKERS_" + rank, os.environ.get("TEST_WORKERS", "1"))))
     json.dump({"timings": r.timings}, open(out + ".rank" + rank, "w"))
     if rank == "0":
         json.dump({"modules": r.modules, "timings": r.timings, "skipped": r.pairing["skipped"]}, open(out, "w"))
@@ -136,10 +136,19 @@ def test_two_gloo_ranks_match_single_process(tmp_path):
     assert sum(t["modules_computed"] for t in ranks) == 3 and ranks[1]["modules_cached"] == 0
     assert ranks[0]["modules_cached"] == a["timings"]["modules_computed"] - 3
     assert strip(json.loads(multi.read_text())["modules"]) == strip(a["modules"])
-    # several workers a rank keep fixed shares (their scheduler picks from the whole share)
-    ranks = _torchrun(job, pair, multi, env, TEST_WORKERS="2")
-    assert [t["shared_by"] for t in ranks] == ["fixed shares"] * 2
+    # caches of each node's own (a directory per rank): each finds what it computed, none is computed again
+    own = dict(TEST_CACHE=str(tmp_path / "own"), TEST_CACHE_0="/r0", TEST_CACHE_1="/r1")
+    first = _torchrun(job, pair, multi, env, **own)
+    again = _torchrun(job, pair, multi, env, **own)
+    assert sum(t["modules_computed"] for t in again) == 0 and min(t["modules_computed"] for t in first) > 0
+    assert sum(t["modules_cached"] for t in again) == a["timings"]["modules_computed"]
     assert strip(json.loads(multi.read_text())["modules"]) == strip(a["modules"])
+    # several workers a rank keep fixed shares (their scheduler picks from the whole share); so does every rank
+    # when one has several (claims is collective: a rank with 2 workers left the other waiting in it)
+    for workers in (dict(TEST_WORKERS="2"), dict(TEST_WORKERS_0="2")):
+        ranks = _torchrun(job, pair, multi, env, **workers)
+        assert [t["shared_by"] for t in ranks] == ["fixed shares"] * 2
+        assert strip(json.loads(multi.read_text())["modules"]) == strip(a["modules"])
     # every tensor NaN: every entry either rank computes is skipped, and rank 0 lists rank 1's too (it did not)
     _plant_nan(pair, "")
     _torchrun(job, pair, multi, env)
