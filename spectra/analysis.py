@@ -126,9 +126,7 @@ class AnalysisConfig:
 
     def _sketched_above(self) -> int | None:
         """Short side above which a matrix goes to the bf16 sketch (None: none does)."""
-        if self.sketch_dtype != "bfloat16" or self.method not in ("auto", "sketch"):
-            return None
-        return self.full_below if self.method == "auto" else 0
+        return self.sketched_above() if self.sketch_dtype == "bfloat16" else None
 
 
 def _energy_fractions(thresholds) -> tuple[float, ...]:
@@ -581,16 +579,16 @@ def analyze(base, tuned, config: AnalysisConfig | None = None, *, cache_dir: str
                         + calibration_key)
 
     found = {entry.name: rows for entry in pairing.entries if (rows := cache.get(entry.name)) is not None}
-    known = found  # every module cached anywhere in the job
+    cached_anywhere = found  # every module cached anywhere in the job (under torchrun: → the rank reporting it)
     if me.distributed:  # every rank looked (a node's own cache holds what it computed); the lowest that found one
-        known = cached_owners(list(found), me)  # reports it
-        found = {name: rows for name, rows in found.items() if known[name] == me.rank}
+        cached_anywhere = cached_owners(list(found), me)  # reports it
+        found = {name: rows for name, rows in found.items() if cached_anywhere[name] == me.rank}
     rows_by_entry: dict[str, list[dict]] = {}
     for name, cached in found.items():
         if cached and all("skipped" in row for row in cached):  # skipped before (NaN/Inf): still skipped
             pairing.skipped_entries[name] = "; ".join(row["skipped"] for row in cached)
         rows_by_entry[name] = [] if name in pairing.skipped_entries else cached
-    todo = [entry for entry in pairing.entries if entry.name not in known]  # the whole job's, on every rank
+    todo = [entry for entry in pairing.entries if entry.name not in cached_anywhere]  # the job's, on every rank
     source, claimed = todo, None  # what this process computes: under torchrun, claimed from `todo` as it goes
     if me.distributed:
         costs = [entry_cost(entry.shape, config.sketched_above()) for entry in todo]

@@ -188,14 +188,12 @@ class Claims:
 
     def __init__(self, entries: Sequence, store: Any, key: str):
         self.entries, self.store, self.key = list(entries), store, key
-        self.taken = 0  # entries this rank claimed
 
     def __iter__(self) -> Iterator:
         while True:
             i = int(self.store.add(self.key, 1)) - 1
             if i >= len(self.entries):
                 return
-            self.taken += 1
             yield self.entries[i]
 
     def finish(self) -> None:

@@ -362,17 +362,11 @@ def run_e2e_bench(out: str | os.PathLike = "reports/bench", *, pair: str | os.Pa
     # runs on one host), and slows a spectra run as much (the default 5.5–6.0 s against 4.8 s within an hour) or
     # the read pass (1.1 s against 0.4): every quantity a target compares is measured twice, and the faster kept,
     # so that noise flatters neither side
-    try:
-        later = gemm_rates()
-    except (ValueError, IndexError, KeyError):  # a probe that printed no rates: keep the first, and go on
-        later = None
+    later = _printed_or_none(gemm_rates)  # a probe that printed no rates: keep the first, and go on
     if later is not None:
         res["gemm_rates"] = {dt: max(rate, later.get(dt, 0.0)) for dt, rate in res["gemm_rates"].items()}
         res["gemm_probes"] = 2
-    try:
-        again = read_floor()
-    except (ValueError, IndexError, KeyError):  # a read pass that printed no result: keep the first
-        again = None
+    again = _printed_or_none(read_floor)
     if again is not None:
         reads = [res["io_floor"]["read_s"], again["read_s"]]
         res["io_floor"] = {**min(res["io_floor"], again, key=lambda r: r["read_s"]), "reads_s": reads,
@@ -391,6 +385,14 @@ def run_e2e_bench(out: str | os.PathLike = "reports/bench", *, pair: str | os.Pa
     if "peers" not in skip:
         res["peers"] = _peers(pair, work, peer_timeout)
     return report()
+
+
+def _printed_or_none(measure):
+    """`measure()`, or None where its job printed no parsable result (the bench goes on with the first pass's)."""
+    try:
+        return measure()
+    except (ValueError, IndexError, KeyError):
+        return None
 
 
 def _keep_faster(res: dict[str, Any], rows: dict[str, list[dict]], tag: str, first: dict[str, Any],

@@ -57,7 +57,7 @@ def _targets(res: dict[str, Any]) -> list[tuple[str, str, str]]:
         lower = min(t for _, w, t in peers if not w) if len(finished) < len(peers) else None
         best = min(x for x in (fastest, lower) if x)
         # a peer runs once: it meets spectra's slower default run, so that noise does not favour spectra
-        slow = max([r["analysis_s"] for r in d.get("runs") or [] if r.get("analysis_s")] or [wall or 0]) or None
+        slow = max((r["analysis_s"] for r in d.get("runs") or [] if r.get("analysis_s")), default=wall)
         ok = best / slow >= 3 if slow else None
         note = (f"fastest peer {_fmt(best)} s{' (did not finish; lower bound)' if fastest is None else ''} against "
                 f"spectra's slower run, {_fmt(slow)} s → {_fmt(best / slow if slow else None)}×")

@@ -528,10 +528,19 @@ def _krylov_outweighs_full(shape, k: int, b: int, compute_vectors: bool) -> bool
     full decomposition) against 0.05–0.16 s full; at k = 64 it stays (the SVD bench: 0.03 s against 0.05 s).
     """
     short, long_ = min(shape), max(shape)
-    steps = -(-k // b) + 2
-    krylov = sum(4.0 * short * long_ * b + 8.0 * (short + long_) * (j * b) * b for j in range(1, steps + 1))
-    full = (short * short * long_ + 9.0 * short**3) * (3.5 if compute_vectors else 1.0)
-    return krylov > 0.5 * full
+    krylov = sum(_krylov_step_flops(short, long_, b, j * b) for j in range(1, -(-k // b) + 3))
+    return krylov > 0.5 * _full_flops(short, long_) * (3.5 if compute_vectors else 1.0)
+
+
+def _full_flops(short: int, long_: int) -> float:
+    """The flop model of a full spectrum: the (triangular) Gram product plus a symmetric eigen-solve (~9·short³)."""
+    return short * short * long_ + 9.0 * short**3
+
+
+def _krylov_step_flops(short: int, long_: int, b: int, d: int) -> float:
+    """The flop model of one block-Krylov step of width b that brings the space to d columns: the two products with
+    the matrix, and re-orthogonalisation against the d columns on both sides."""
+    return 4.0 * short * long_ * b + 8.0 * (short + long_) * d * b
 
 
 def _orth(Y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -928,8 +937,8 @@ def _adaptive_svd(A, energy, rtol, block, max_rank, tol, gen, compute_vectors, t
     # eigen-solve. A Krylov flop costs ~1.5× a full-spectrum flop in time (smaller GEMMs,
     # the per-step Ritz values), so 15 % of the flops keeps a fall-back within ~1.2× of
     # going full at once (0.2 measured 1.22–1.25× on the bench's worst cases).
-    budget = 0.15 * (short * short * long_ + 9.0 * short**3)
-    step_flops = lambda d: 4.0 * short * long_ * block + 8.0 * (short + long_) * d * block  # noqa: E731  at d columns
+    budget = 0.15 * _full_flops(short, long_)
+    step_flops = lambda d: _krylov_step_flops(short, long_, block, d)  # noqa: E731  at d columns
     rank_of = lambda v: _stop_rank(v, total, energy, rtol, usable=v.numel()) or v.numel()  # noqa: E731
     if step_flops(block) + step_flops(2 * block) + step_flops(3 * block) > budget:
         # The budget does not cover three steps (a run returns after two at the earliest, when the
