@@ -34,7 +34,8 @@ from spectra.linalg.svd import Spectrum, frobenius_energy, full_svd
 
 __all__ = ["LARGE_UPDATE", "tuned_side_floor", "settle_floor", "RoundingProfile", "large_update_profile",
            "rounding_profile", "expected_residual", "top_leverages", "residual_energy", "tracy_widom_edge",
-           "rank_above", "TW1_QUANTILES", "EDGE_QUANTILE"]
+           "rank_above", "residual_error", "TOTAL_ENERGY_ERROR", "TW1_QUANTILES",
+           "EDGE_QUANTILE"]
 
 # Quantiles s_q of the real (β = 1) Tracy–Widom law, F₁(s_q) = q, from the Fredholm determinant
 # F₁(s) = det(I − K₁) on L²(s, ∞), K₁(x, y) = ½·Ai((x + y)/2) (Ferrari and Spohn 2005), by
@@ -50,6 +51,9 @@ NEAR = (0.5, 1.25)
 # changed no rate (master-rounded pairs read "exact" in ≤ 1.1 % of 16²–512² with and without it), while the profile
 # reads every element of both sides and a fine-tune of the stored base sits inside NEAR (σ̂² ≈ 0.71× the threshold)
 LARGE_UPDATE = 0.25
+# Relative error allowed for ‖ΔW‖_F² where residual_error weighs it: analyze's fp32 block sums (sketch.squared_norm) are
+# within ~1e-6 of the float64 sum (7e-7 measured on bf16-valued data, where the block sums round with a slight bias)
+TOTAL_ENERGY_ERROR = 2e-6
 
 
 def tuned_side_floor(both: metrics.NoiseFloor, tuned: torch.Tensor, *, tuned_dtype: torch.dtype,
@@ -114,17 +118,18 @@ def settle_floor(choice: str, both: metrics.NoiseFloor, tuned_only: metrics.Nois
     shape : (int, int)
         (out, in).
     total_energy : float
-        ‖ΔW‖_F², exact.
+        ‖ΔW‖_F², to :data:`TOTAL_ENERGY_ERROR` of itself or better.
     numerical : float, default 0.0
         The decomposition's own round-off level: no value below it counts as signal.
     quantised : bool, default False
         A side rounds on a quantised grid: "auto" keeps the pairing's rule (the base's grid
         counts only where the fine-tune is quantised too) and counts what it gave.
     delta : torch.Tensor, shape (out, in), optional
-        ΔW itself. Where ‖ΔW‖_F² − Σ_{i≤k} σᵢ² cannot resolve the threshold (the values' own
-        round-off, 2·`numerical`·Σ_{i≤k} σᵢ, reaches a tenth of the threshold's energy: a
-        fine-tune stored in fp32 from a bf16 base, with a large update), "auto" takes the
-        residual from the matrix in float64 instead (:func:`residual_energy`).
+        ΔW itself. Where ‖ΔW‖_F² − Σ_{i≤k} σᵢ² cannot resolve the threshold (its estimated
+        error, :func:`residual_error` — the total's, the values' round-off and an iterative
+        method's convergence — reaches a tenth of the threshold's energy: a fine-tune stored in
+        fp32 from a bf16 base, with a large update), "auto" takes the residual from the matrix
+        in float64 instead (:func:`residual_energy`).
     seed : int, default 0
         Start of that residual's subspace iteration (and of the top directions' for `profile`).
     profile : RoundingProfile, optional
@@ -167,8 +172,10 @@ def settle_floor(choice: str, both: metrics.NoiseFloor, tuned_only: metrics.Nois
     top = values[values > edge]
     k, (m, n) = top.size, (int(d) for d in shape)
     if residual is not None and k:
-        tolerance = numerical or float(values[0]) * max(m, n) * torch.finfo(torch.float32).eps
-        if 2.0 * tolerance * float(top.sum()) > 0.1 * threshold * (m - k) * (n - k):  # round-off, not noise
+        error = residual_error(top, float(values[0]), (m, n), total_energy=total_energy,
+                               tolerance=s.tolerance if isinstance(s, Spectrum) else 0.0,
+                               energy_error=s.energy_error if isinstance(s, Spectrum) else None)
+        if error > 0.1 * threshold * (m - k) * (n - k):  # the values' errors, not noise
             basis = s.basis if isinstance(s, Spectrum) else None  # the sketch's: the residual starts from it
             residual = (None if delta is None
                         else residual_energy(delta, k, seed=seed, basis=basis) / ((m - k) * (n - k)))
@@ -392,6 +399,40 @@ def residual_energy(delta: torch.Tensor, k: int, *, oversample: int = 8, iterati
     # ΔW[c] − Q_k[c] Q_kᵀ ΔW formed in the buffer itself: a fresh (rows, n) float64 result per chunk for the product,
     # the difference and its square cost ~18 ms each in page faults (a 32000×2048 ΔW at k = 29: 1.2 s → 0.6 s)
     return math.fsum(frobenius_energy(wide(c).addmm_(qk[c], coefficients, alpha=-1)) for c in chunks)
+
+
+def residual_error(top, sigma_1: float, shape: tuple[int, int], *, total_energy: float,
+                   tolerance: float = 0.0, energy_error: float | None = None) -> float:
+    """Estimated error of ‖ΔW‖_F² − Σ_{i≤k} σ̂ᵢ², the residual taken from the values `top` (the k above the edge).
+
+    The sum of three parts, each an estimate with a margin rather than a proof:
+
+    - ‖ΔW‖_F² itself, to :data:`TOTAL_ENERGY_ERROR` of itself (analyze sums it from float32
+      block norms, :func:`~spectra.linalg.sketch.squared_norm`: ~1e-6, 7e-7 measured);
+    - the values' round-off, σ₁·√max(m, n)·eps32 each, so 2·that·Σ σ̂ᵢ on the sum of squares:
+      the probabilistic bound of a float32 inner product of that length (λ√n·u, Higham &
+      Mary, SIAM J. Sci. Comput. 41(5), 2019), where numpy's ``matrix_rank`` tolerance
+      σ₁·max(m, n)·eps is the worst case, which no product of a real ΔW comes near: on the
+      TinyLlama-shaped pair's 32000×2048 embeddings (residual 6–9 % of ‖ΔW‖_F²) the residual
+      from the sketch's values agreed with :func:`residual_energy`'s float64 one to 2e-5–4e-5
+      of itself, 1e-5 absolute, against this term's 2e-4 and the worst case's 3e-2;
+    - an iterative method's convergence: its Ritz values are lower bounds, short in their
+      energy by twice `energy_error` where the method estimated it (the energy sketch's
+      :attr:`~spectra.linalg.svd.Spectrum.energy_error`, each value's error weighed by its
+      energy: 1.0–18× the float64 SVD's shortfall over 21 sketches of 7 spectrum kinds, so
+      twice it, as the sketch's stop test takes its extrapolation), else by at most
+      (2·tol + tol²)·Σ σ̂ᵢ², each value short by at most `tolerance` of itself (a Spectrum's
+      estimated largest relative error; 0 for a complete decomposition).
+
+    A fine-tune saved in float32 from a bf16 base with an update of 10 % of ‖W‖ has a residual
+    of ~1e-7·‖ΔW‖_F², twenty times below the first part alone: its residual comes from the matrix.
+    """
+    top = np.asarray(top, dtype=np.float64)
+    m, n = shape
+    round_off = sigma_1 * math.sqrt(max(m, n)) * float(torch.finfo(torch.float32).eps)
+    convergence = ((2.0 * tolerance + tolerance ** 2) * float(np.sum(top ** 2)) if energy_error is None
+                   else 2.0 * energy_error)  # twice it: the margin the sketch's stop test gives its extrapolation
+    return TOTAL_ENERGY_ERROR * total_energy + 2.0 * round_off * float(top.sum()) + convergence
 
 
 def tracy_widom_edge(edge: float, shape: tuple[int, int], *, quantile: float | None = EDGE_QUANTILE) -> float:

@@ -87,6 +87,11 @@ class Spectrum:
         matrix's shorter side (its rows' side, out, when out ≤ in): set by
         :func:`spectra.linalg.sketch.energy_sketch` when it stops short of the whole side,
         else None (also after its fall-back to a full decomposition). :func:`spectra.linalg.noise.residual_energy` starts from it.
+    energy_error : float or None
+        Estimated shortfall of Σ ``values``² below the same number of true σᵢ² (Ritz values are
+        lower bounds): set by :func:`spectra.linalg.sketch.energy_sketch`, which weighs each value's
+        own estimated error by its energy; None elsewhere, where (2·``tolerance`` + ``tolerance``²)·Σ ``values``²
+        bounds it (:func:`spectra.linalg.noise.residual_error`).
     """
 
     values: torch.Tensor
@@ -100,6 +105,7 @@ class Spectrum:
     complete: bool = True
     rank_bounds: dict[float, tuple[int, int]] = field(default_factory=dict)
     basis: torch.Tensor | None = field(default=None, repr=False)
+    energy_error: float | None = None
 
     @property
     def k(self) -> int:
