@@ -39,7 +39,7 @@ from spectra.linalg import sketch
 from spectra.linalg import metrics, noise
 from spectra.linalg.svd import Spectrum, adaptive_svd, full_svd, randomized_svd
 from spectra.report.tables import analysis_problem
-from spectra.workers import split_workers, thread_pool
+from spectra.workers import frozen_gc, split_workers, thread_pool
 
 SCHEMA_VERSION = 1
 _METHODS = ("auto", "full", "randomized", "adaptive", "sketch")
@@ -511,6 +511,7 @@ def _config_dict(config: AnalysisConfig) -> dict[str, Any]:
 # ---------------------------------------------------------------------------- whole model
 
 
+@frozen_gc
 def analyze(base, tuned, config: AnalysisConfig | None = None, *, cache_dir: str | os.PathLike | None | bool = True,
             progress: bool = True, on_module: Callable[[str, list[dict]], None] | None = None,
             read_ahead: int = 2, read_ahead_mb: int = 512, workers: int | None = None) -> AnalysisResult:

@@ -10,6 +10,8 @@ its GEMMs. On a GPU one worker drives the device.
 from __future__ import annotations
 
 import contextlib
+import functools
+import gc
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
@@ -17,7 +19,7 @@ import torch
 
 from spectra.errors import ConfigError
 
-__all__ = ["split_workers", "thread_pool"]
+__all__ = ["frozen_gc", "split_workers", "thread_pool"]
 
 
 def split_workers(workers: int | None, device: str) -> tuple[int, int]:
@@ -49,3 +51,28 @@ def thread_pool(workers: int, threads: int, name: str) -> Iterator[ThreadPoolExe
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
         torch.set_num_threads(restore)
+
+
+def frozen_gc(fn):
+    """Decorate a long run so that Python's cyclic garbage collector skips the objects that exist before it.
+
+    The objects alive at the call (torch's and transformers' modules, the caller's) are moved
+    to the permanent generation for the run (:func:`gc.freeze`) and back after it
+    (:func:`gc.unfreeze`), so the collections that the run's own allocations trigger traverse
+    only what the run made. A full collection of the ~170k objects an ``analyze`` process
+    tracks took ~0.08 s, holding the GIL, once or twice a TinyLlama-shaped run (the one under
+    torchrun came at the rows' gather, which it made take 0.1 s instead of 0.02). A caller that
+    froze objects itself keeps its own freeze untouched: nothing is frozen or unfrozen then.
+    """
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        if gc.get_freeze_count():
+            return fn(*args, **kwargs)
+        gc.freeze()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            gc.unfreeze()
+
+    return run
