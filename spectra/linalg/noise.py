@@ -34,7 +34,7 @@ from spectra.linalg.svd import Spectrum, frobenius_energy, full_svd
 
 __all__ = ["LARGE_UPDATE", "tuned_side_floor", "settle_floor", "RoundingProfile", "large_update_profile",
            "rounding_profile", "expected_residual", "top_leverages", "residual_energy", "tracy_widom_edge",
-           "rank_above", "residual_error", "TOTAL_ENERGY_ERROR", "TW1_QUANTILES",
+           "rank_above", "residual_error", "highest_threshold", "TOTAL_ENERGY_ERROR", "TW1_QUANTILES",
            "EDGE_QUANTILE"]
 
 # Quantiles s_q of the real (β = 1) Tracy–Widom law, F₁(s_q) = q, from the Fredholm determinant
@@ -120,7 +120,9 @@ def settle_floor(choice: str, both: metrics.NoiseFloor, tuned_only: metrics.Nois
     total_energy : float
         ‖ΔW‖_F², to :data:`TOTAL_ENERGY_ERROR` of itself or better.
     numerical : float, default 0.0
-        The decomposition's own round-off level: no value below it counts as signal.
+        The decomposition's own round-off level: no value below it counts as signal. Where even
+        the two-sided floor's highest threshold (:func:`highest_threshold`) lies below it, "auto"
+        returns `both` ("counted", no σ̂) at once: no count could differ between the hypotheses.
     quantised : bool, default False
         A side rounds on a quantised grid: "auto" keeps the pairing's rule (the base's grid
         counts only where the fine-tune is quantised too) and counts what it gave.
@@ -162,6 +164,10 @@ def settle_floor(choice: str, both: metrics.NoiseFloor, tuned_only: metrics.Nois
         raise ConfigError(f"base_rounding {choice!r} needs the fine-tune's own floor (tuned_side_floor).")
     if choice == "exact":
         return tuned_only
+    if numerical and highest_threshold(both, shape) < numerical:
+        # every count either floor sets is cut at the values' round-off instead (an fp32 pair: floors ~1e-9 against
+        # ~1e-5): nothing the choice moves is worth a float64 pass over ΔW; the larger floor, as where it is unmeasured
+        return replace(both, base_rounding="counted")
     # the bare edge, not rank_above's margin: the residual is the noise's level, with every value above the edge
     # (signal, or noise's own top one) kept out of it (metrics.residual_variance says what that costs)
     edge = max(both.mp_edge, numerical)
@@ -399,6 +405,15 @@ def residual_energy(delta: torch.Tensor, k: int, *, oversample: int = 8, iterati
     # ΔW[c] − Q_k[c] Q_kᵀ ΔW formed in the buffer itself: a fresh (rows, n) float64 result per chunk for the product,
     # the difference and its square cost ~18 ms each in page faults (a 32000×2048 ΔW at k = 29: 1.2 s → 0.6 s)
     return math.fsum(frobenius_energy(wide(c).addmm_(qk[c], coefficients, alpha=-1)) for c in chunks)
+
+
+def highest_threshold(floor: metrics.NoiseFloor, shape: tuple[int, int]) -> float:
+    """The largest singular-value threshold `floor` sets on an (out, in) ΔW: :func:`rank_above`'s (the bulk edge
+    past its Tracy–Widom margin) or Gavish–Donoho's known-noise λ*(β)·√n·σ (analyze's ``gd_rank`` on a partial
+    spectrum), whichever is higher (GD's is 1.15–1.41× the bare edge, by the aspect ratio)."""
+    m, n = sorted(int(d) for d in shape)
+    gd = metrics.gd_lambda_star(m / n) * math.sqrt(n) * floor.sigma
+    return max(tracy_widom_edge(floor.mp_edge, tuple(shape)), gd)
 
 
 def residual_error(top, sigma_1: float, shape: tuple[int, int], *, total_energy: float,

@@ -10,6 +10,7 @@ of ‖ΔW‖² (an fp32 fine-tune's rounding under a large update) still goes to
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -93,3 +94,79 @@ def test_each_part_of_the_estimate():
     # an estimated energy shortfall replaces the tolerance's bound, counted twice
     assert noise.residual_error(top, 2.0, (400, 100), total_energy=10.0, tolerance=0.01, energy_error=1e-5) == (
         pytest.approx(2e-6 * 10.0 + 2 * 2.0 * 20.0 * eps * 3.0 + 2e-5))
+
+
+@pytest.mark.parametrize("shape", [(16, 32), (256, 256), (64, 4096), (4096, 64)])
+def test_highest_threshold_is_gavish_donohos_or_the_tracy_widom_edge(shape):
+    both, _ = _floors(shape, 1e-10, 1e-10)
+    gd = metrics.gavish_donoho(torch.ones(3), shape, sigma=both.sigma).threshold
+    high = noise.highest_threshold(both, shape)
+    assert high == pytest.approx(max(noise.tracy_widom_edge(both.mp_edge, shape), gd), rel=1e-12)
+    assert both.mp_edge < high <= 1.5 * both.mp_edge
+
+
+def test_floors_under_the_values_round_off_are_not_weighed(monkeypatch):
+    """An fp32 pair: both hypotheses' thresholds lie far below the values' numerical tolerance, so no count can
+    differ between them; auto keeps the larger floor with no σ̂ and no float64 pass (on an fp32 copy of the
+    llama-110m pair: 24 passes, 1.5 of 6.2 s at one thread, every count the same without them). Negative control:
+    with the tolerance under those thresholds it measures σ̂ as before."""
+    shape = (300, 500)
+    delta = (flat_update(shape, 4, seed=1, scale=1.0)
+             + 1e-10 * torch.randn(*shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)).float()
+    values = torch.linalg.svdvals(delta.double())
+    fro2 = float((delta.double() ** 2).sum())
+    both, exact = _floors(shape, 1e-18, 1e-18)  # fp32 roundings of weights ~1e-2
+    numerical = float(values[0]) * max(shape) * EPS32
+    assert noise.highest_threshold(both, shape) < numerical
+    called = []
+    real = noise.residual_energy
+    monkeypatch.setattr(noise, "residual_energy", lambda *a, **kw: called.append(a) or real(*a, **kw))
+    floor = noise.settle_floor("auto", both, exact, values, shape, total_energy=fro2, numerical=numerical,
+                               delta=delta)
+    assert floor == dataclasses.replace(both, base_rounding="counted") and floor.sigma_residual is None
+    assert not called
+    measured = noise.settle_floor("auto", both, exact, values, shape, total_energy=fro2, delta=delta)
+    assert measured.sigma_residual is not None and called  # numerical 0: the residual is taken, from ΔW
+
+
+def test_an_fp32_pair_analyses_to_the_same_counts_without_the_float64_residual(tmp_path, monkeypatch):
+    """analyze on a float32 pair with rank-3 updates (ΔW's tail: float32 rounding, under the edge): no float64
+    residual, and every count the same as when the hypotheses are weighed (highest_threshold made to clear the
+    tolerance): the floor reported is the two-sided one, under the tolerance as the other, and σ̂ is left out."""
+    import copy
+
+    from spectra.analysis import AnalysisConfig, analyze
+    from tests.models import add_to_parameter, build_model, save
+
+    base = build_model("llama")
+    tuned = copy.deepcopy(base)
+    for i, name in enumerate(("model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.up_proj.weight")):
+        shape = tuple(dict(tuned.named_parameters())[name].shape)
+        add_to_parameter(tuned, name, flat_update(shape, 3, seed=i, scale=0.1))
+    b, t = save(base, tmp_path / "b", "safetensors"), save(tuned, tmp_path / "t", "safetensors")
+    called = []
+    real = noise.residual_energy
+    monkeypatch.setattr(noise, "residual_energy", lambda *a, **kw: called.append(a) or real(*a, **kw))
+
+    def run():
+        return {r["name"]: r for r in analyze(b, t, AnalysisConfig(), cache_dir=False, progress=False).modules
+                if r.get("noise")}
+
+    fast = run()
+    assert not called
+    monkeypatch.setattr(noise, "highest_threshold", lambda floor, shape: math.inf)
+    weighed = run()
+    assert called  # the negative control took the float64 residual
+    assert fast.keys() == weighed.keys()
+    planted = [n for n in fast if n.endswith(("layers.0.self_attn.q_proj", "layers.1.mlp.up_proj"))]
+    assert len(planted) == 2 and all(weighed[n]["noise"]["sigma_residual"] is not None for n in planted)
+    for name, row in fast.items():
+        if row["numerical_tolerance"]:  # (an unchanged module, ΔW = 0, has none: its σ̂ is 0 either way)
+            assert row["noise"]["sigma_residual"] is None
+        assert row["noise"]["rank_above"] == weighed[name]["noise"]["rank_above"], name
+        if row["numerical_tolerance"]:  # the two-sided floor, at or above the one weighing picked; both under it
+            assert row["noise"]["base_rounding"] == "counted" and row["noise"]["sigma"] >= weighed[name]["noise"]["sigma"]
+            assert row["noise"]["mp_edge"] < row["numerical_tolerance"]
+        for key in ("gd_rank", "energy_rank", "singular_values"):
+            assert row[key] == weighed[name][key], (name, key)
+    assert fast[planted[0]]["noise"]["rank_above"] == 3
