@@ -28,7 +28,7 @@ from spectra.linalg.svd import Spectrum
 
 __all__ = [
     "energy_rank", "energy_ranks", "effective_rank", "stable_rank", "participation_ratio",
-    "nuclear_frobenius_ratio", "GavishDonoho", "gd_lambda_star", "gd_omega", "gd_omega_approx",
+    "nuclear_frobenius_ratio", "GavishDonoho", "gd_known_threshold", "gd_lambda_star", "gd_omega", "gd_omega_approx",
     "marchenko_pastur_median", "marchenko_pastur_cdf", "gavish_donoho", "GD_MIN_SHORT_SIDE", "NoiseFloor", "rounding_noise_floor", "ulp", "BASE_ROUNDING",
     "residual_variance", "counts_base_rounding",
     "DecayFit", "decay_fit", "relative_update_size",
@@ -255,6 +255,13 @@ def _check_beta(beta: float) -> float:
     return float(beta)
 
 
+def gd_known_threshold(shape: tuple[int, int], sigma: float) -> float:
+    """Gavish–Donoho's threshold for a known noise std σ on an (out, in) matrix: λ*(β)·√n·σ, n the long side,
+    β = short/long (:func:`gavish_donoho`, which counts the values above it)."""
+    m, n = sorted(int(x) for x in shape)
+    return gd_lambda_star(m / n) * math.sqrt(n) * sigma
+
+
 def gd_lambda_star(beta: float) -> float:
     """λ*(β) = √(2(β+1) + 8β / ((β+1) + √(β²+14β+1))); 4/√3 for β = 1.
 
@@ -419,9 +426,8 @@ def gavish_donoho(s, shape: tuple[int, int], *, sigma: float | None = None) -> G
     if sigma is not None:
         if not (float(sigma) >= 0.0):
             raise ConfigError(f"`sigma` must be a non-negative noise std, got {sigma!r}.")
-        lam = gd_lambda_star(beta)
-        tau = lam * math.sqrt(n) * float(sigma)
-        return GavishDonoho(tau, int(np.sum(v > tau)), beta, float(sigma), True, lam)
+        tau = gd_known_threshold((m, n), float(sigma))
+        return GavishDonoho(tau, int(np.sum(v > tau)), beta, float(sigma), True, gd_lambda_star(beta))
     if m < GD_MIN_SHORT_SIDE:
         raise ConfigError(
             f"gavish_donoho without `sigma` needs a short side of at least {GD_MIN_SHORT_SIDE} to read the noise "

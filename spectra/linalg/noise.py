@@ -178,11 +178,11 @@ def settle_floor(choice: str, both: metrics.NoiseFloor, tuned_only: metrics.Nois
     top = values[values > edge]
     k, (m, n) = top.size, (int(d) for d in shape)
     if residual is not None and k:
+        spec = s if isinstance(s, Spectrum) else None  # a bare tensor: values as from a full decomposition
         error = residual_error(top, float(values[0]), (m, n), total_energy=total_energy,
-                               tolerance=s.tolerance if isinstance(s, Spectrum) else 0.0,
-                               energy_error=s.energy_error if isinstance(s, Spectrum) else None)
+                               tolerance=spec.tolerance if spec else 0.0, energy_error=spec.energy_error if spec else None)
         if error > 0.1 * threshold * (m - k) * (n - k):  # the values' errors, not noise
-            basis = s.basis if isinstance(s, Spectrum) else None  # the sketch's: the residual starts from it
+            basis = spec.basis if spec else None  # the sketch's: the residual starts from it
             residual = (None if delta is None
                         else residual_energy(delta, k, seed=seed, basis=basis) / ((m - k) * (n - k)))
     sigma_residual = None if residual is None else math.sqrt(residual)
@@ -411,9 +411,7 @@ def highest_threshold(floor: metrics.NoiseFloor, shape: tuple[int, int]) -> floa
     """The largest singular-value threshold `floor` sets on an (out, in) ΔW: :func:`rank_above`'s (the bulk edge
     past its Tracy–Widom margin) or Gavish–Donoho's known-noise λ*(β)·√n·σ (analyze's ``gd_rank`` on a partial
     spectrum), whichever is higher (GD's is 1.15–1.41× the bare edge, by the aspect ratio)."""
-    m, n = sorted(int(d) for d in shape)
-    gd = metrics.gd_lambda_star(m / n) * math.sqrt(n) * floor.sigma
-    return max(tracy_widom_edge(floor.mp_edge, tuple(shape)), gd)
+    return max(tracy_widom_edge(floor.mp_edge, tuple(shape)), metrics.gd_known_threshold(shape, floor.sigma))
 
 
 def residual_error(top, sigma_1: float, shape: tuple[int, int], *, total_energy: float,
