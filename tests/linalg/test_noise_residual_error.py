@@ -170,3 +170,42 @@ def test_an_fp32_pair_analyses_to_the_same_counts_without_the_float64_residual(t
         for key in ("gd_rank", "energy_rank", "singular_values"):
             assert row[key] == weighed[name][key], (name, key)
     assert fast[planted[0]]["noise"]["rank_above"] == 3
+
+
+@pytest.mark.parametrize("origin", ["stored base", "fp32 master"])
+@pytest.mark.parametrize("rel", [1e-2, 0.1])
+def test_auto_decides_on_a_bf16_pair_as_with_the_float64_residual(tmp_path, monkeypatch, origin, rel):
+    """A one-module bf16 pair (1152×2048, past full_below: the energy sketch's values; a rank-32 update of 10⁻² or
+    0.1 of ‖W‖), fine-tuned from the stored base or from its fp32 master: auto's choice from the values' residual
+    is the one the float64 residual, forced, gives, and σ̂² is within 5 % of it (the README's sweep of 96 pairs,
+    with a full-rank part in the update too: no choice changed, 2.2 % at most). Negative control: the two origins
+    are told apart."""
+    from safetensors.torch import save_file
+
+    from spectra.analysis import AnalysisConfig, analyze
+
+    name = "model.layers.0.self_attn.q_proj"
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(1152, 2048, generator=g, dtype=torch.float64) * 0.02
+    update = flat_update((1152, 2048), 32, seed=10, scale=1.0)
+    base = w.to(torch.bfloat16)
+    tuned = ((base.double() if origin == "stored base" else w) + update * rel * float(w.norm()) / float(update.norm()))
+    for side, weight in (("b", base), ("t", tuned.to(torch.bfloat16))):
+        (tmp_path / side).mkdir()
+        save_file({name + ".weight": weight.contiguous()}, tmp_path / side / "model.safetensors")
+
+    def run():
+        (row,) = analyze(tmp_path / "b", tmp_path / "t", AnalysisConfig(), cache_dir=False, progress=False).modules
+        assert row["method"] == "adaptive-bf16"
+        return row["noise"]
+
+    called = []
+    real = noise.residual_energy
+    monkeypatch.setattr(noise, "residual_energy", lambda *a, **kw: called.append(a) or real(*a, **kw))
+    fast = run()
+    assert not called
+    monkeypatch.setattr(noise, "residual_error", lambda *a, **kw: math.inf)  # every residual from ΔW in float64
+    forced = run()
+    assert called
+    assert fast["base_rounding"] == forced["base_rounding"] == ("exact" if origin == "stored base" else "counted")
+    assert fast["sigma_residual"] ** 2 == pytest.approx(forced["sigma_residual"] ** 2, rel=0.05)
