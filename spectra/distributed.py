@@ -122,8 +122,8 @@ def entry_cost(shape: Sequence[int], sketched_above: int | None = None) -> float
     min(m, n)³ for the eigen-solve. Every matrix pays reading and a fixed ~4 ms beside; a vector
     only its reading. The constants are one host's (bf16 power steps): with float32 steps the
     sketch's share is larger, and a module whose noise floor needs a float64 residual
-    (``lm_head``, ``embed_tokens`` of a bf16 pair: 13 ns an element there) costs more than
-    estimated. The full-spectrum-flops model this replaced weighed a 256×2048 k_proj (full
+    (:func:`spectra.linalg.noise.residual_error`: an fp32 fine-tune of a bf16 base under a large
+    update; 13 ns an element on a 32000×2048 embedding) costs more than estimated. The full-spectrum-flops model this replaced weighed a 256×2048 k_proj (full
     path, 10 ms) at 1/176 of a 5632×2048 MLP (sketched, 57 ms), not 1/6.
     """
     dims = [int(x) for x in shape]

@@ -511,7 +511,8 @@ def _in_half_range(sketch):
     """Run :func:`energy_sketch` with a float16 `sketch_dtype` on A scaled into float16's range.
 
     The scale c (:func:`~spectra.linalg.svd.half_range_scale`, a power of two, so exact)
-    multiplies A and ‖A‖_F² by c and c², and the values come back divided by c: a ΔW of
+    multiplies A and ‖A‖_F² by c and c², and the values come back divided by c (the energy
+    error by c²): a ΔW of
     entries ~1e-6 or ~1e3 then neither flushes to zero nor overflows in its float16 copy
     or products. Other sketch dtypes (bfloat16 has float32's range) pass through.
     """
@@ -523,7 +524,8 @@ def _in_half_range(sketch):
             return sketch(A, **options)
         options.pop("low", None)  # a rounding of the unscaled A: of no use for the scaled one
         out = sketch(A * c, **{**options, "total_energy": total * c * c})  # (out, in) fp32 copy, scaled
-        return dataclasses.replace(out, values=out.values / c, total_energy=total)
+        return dataclasses.replace(out, values=out.values / c, total_energy=total,
+                                   energy_error=None if out.energy_error is None else out.energy_error / (c * c))
 
     return scaled
 

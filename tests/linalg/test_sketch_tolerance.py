@@ -94,6 +94,24 @@ def test_energy_error_covers_the_shortfall_of_the_values_energy(case):
     assert fast.energy_error <= (2 * fast.tolerance + fast.tolerance ** 2) * float(np.sum(theta ** 2))
 
 
+def test_energy_error_comes_back_in_the_matrix_units_from_a_float16_sketch():
+    """A float16 sketch runs on A scaled by a power of two c into float16's range: its energy error comes back
+    divided by c², as the values by c. A 2⁻¹⁴ copy of A is scaled to the same matrix, so its values are the
+    original's times 2⁻¹⁴ and its energy error times 2⁻²⁸, exactly; the estimate still covers the float64
+    shortfall (negative control: left in the scaled units it read 1292 for both, c² = 2²² and 2⁵⁰ too large)."""
+    d = CASES["power law"]()
+    small = d * 2.0 ** -14
+    runs = [sketch.energy_sketch(a, energy=0.9, thresholds=TAUS, total_energy=sketch.squared_norm(a), block=32,
+                                 sketch_dtype=torch.float16) for a in (d, small)]
+    assert runs[0].method == runs[1].method == "adaptive-fp16"
+    assert torch.equal(runs[1].values, runs[0].values * 2.0 ** -14)
+    assert runs[1].energy_error == runs[0].energy_error * 2.0 ** -28
+    theta = runs[1].values.double().numpy()
+    s = np.linalg.svd(small.double().numpy(), compute_uv=False)[: runs[1].k]
+    shortfall = float(np.sum(s ** 2) - np.sum(theta ** 2))
+    assert shortfall <= BELOW * runs[1].energy_error <= ABOVE * shortfall
+
+
 def _captured(monkeypatch):
     """Record the Ritz values and those half a step back that energy_sketch hands to _value_error."""
     seen = {}
