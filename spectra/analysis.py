@@ -410,6 +410,10 @@ class ModuleCache:
         digest = hashlib.sha1(entry_name.encode()).hexdigest()[:8]
         return self.dir / f"{safe}-{digest}.json"
 
+    def has(self, entry_name: str) -> bool:
+        """Whether a file for this entry exists (not read: :meth:`get` still refuses an unreadable one)."""
+        return self.dir is not None and self._path(entry_name).is_file()
+
     def get(self, entry_name: str) -> list[dict] | None:
         if self.dir is None:
             return None
@@ -521,7 +525,8 @@ def analyze(base, tuned, config: AnalysisConfig | None = None, *, cache_dir: str
     whichever rank asks next, each rank reading only the tensors of those it took, and
     every rank returns the whole result (see :mod:`spectra.distributed`); it equals a
     single-process run's. ``timings`` then counts this rank's modules (``modules_computed``,
-    and ``modules_cached``: those it found cached and reports).
+    and ``modules_cached``: those it read from a cache and reports, its turn of the modules
+    its cache holds).
 
     Parameters
     ----------
@@ -579,11 +584,15 @@ def analyze(base, tuned, config: AnalysisConfig | None = None, *, cache_dir: str
     cache = ModuleCache(root, cache_key(base_fp, tuned_fp, config, _stamps(pairing.base, pairing.tuned))
                         + calibration_key)
 
-    found = {entry.name: rows for entry in pairing.entries if (rows := cache.get(entry.name)) is not None}
-    cached_anywhere = found  # every module cached anywhere in the job (under torchrun: → the rank reporting it)
-    if me.distributed:  # every rank looked (a node's own cache holds what it computed); the lowest that found one
-        cached_anywhere = cached_owners(list(found), me)  # reports it
-        found = {name: rows for name, rows in found.items() if cached_anywhere[name] == me.rank}
+    if not me.distributed:
+        found = {entry.name: rows for entry in pairing.entries if (rows := cache.get(entry.name)) is not None}
+        cached_anywhere = found  # every module cached anywhere in the job (under torchrun: → the rank reporting it)
+    else:  # every rank looks (a node's own cache holds what it computed); one holder of each reads and reports it
+        cached_anywhere = cached_owners([e.name for e in pairing.entries if cache.has(e.name)], me)
+        mine = [name for name, rank in cached_anywhere.items() if rank == me.rank]
+        found = {name: rows for name in mine if (rows := cache.get(name)) is not None}
+        unreadable = cached_owners([name for name in mine if name not in found], me)  # (collective) recomputed
+        cached_anywhere = {name: rank for name, rank in cached_anywhere.items() if name not in unreadable}
     rows_by_entry: dict[str, list[dict]] = {}
     for name, cached in found.items():
         if cached and all("skipped" in row for row in cached):  # skipped before (NaN/Inf): still skipped

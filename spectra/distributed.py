@@ -8,8 +8,9 @@ estimate said takes more of them; each rank reads only the tensors of the entrie
 claimed, and the finished rows are all-gathered so that rank 0 can write the report.
 Where torchrun's store is not available to every rank, each rank takes a fixed share
 instead, balanced by estimated cost (:func:`shard`). Every rank looks modules up in the
-cache (:func:`cached_owners`), so a resumed job on nodes with caches of their own computes
-none twice. Every module's numbers depend only on that module and the config, so the
+cache, and each cached one is read by one rank that holds it (:func:`cached_owners`), so a
+resumed job on nodes with caches of their own computes none twice, and a shared cache is
+parsed once in all. Every module's numbers depend only on that module and the config, so the
 result equals a single-process run's.
 
 torchrun is detected from its environment (``RANK``, ``WORLD_SIZE``); the process group
@@ -231,21 +232,24 @@ def claims(entries: Sequence, me: World, *, wanted: bool = True) -> Claims | Non
 
 
 def cached_owners(found: list[str], me: World) -> dict[str, int]:
-    """{module name: the lowest rank that found it cached} over every rank's `found` (collective).
+    """{module name: the rank that reads and reports it} over every rank's `found` (collective).
 
-    Every rank reads the cache: on several nodes whose cache directories are their own, each
-    holds the modules it computed, and a resumed job must not compute them again. The lowest
-    rank reports each one's rows, so they are gathered once.
+    Every rank looks in its cache: on several nodes whose cache directories are their own,
+    each holds the modules it computed, and a resumed job must not compute them again. Each
+    cached module is read by one of the ranks that hold it, taken in turn (the i-th name of
+    the job's sorted list by the i-th of its holders, modulo their count), so that a cache
+    shared by every rank is parsed once in all, a 1/N share by each rank, instead of whole by
+    every rank; its rows then travel in the final gather.
     """
     import torch.distributed as dist
 
     parts: list[Any] = [None] * me.size
     dist.all_gather_object(parts, found)
-    owners: dict[str, int] = {}
-    for rank, names in enumerate(parts):
+    holders: dict[str, list[int]] = {}
+    for rank, names in enumerate(parts):  # in rank order: each holder list ascends
         for name in names:
-            owners.setdefault(name, rank)
-    return owners
+            holders.setdefault(name, []).append(rank)
+    return {name: holders[name][i % len(holders[name])] for i, name in enumerate(sorted(holders))}
 
 
 def all_gather_rows(local: dict[str, Any], me: World) -> dict[str, Any]:
