@@ -289,6 +289,15 @@ def test_energy_rank_at_full_energy_from_a_float32_spectrum():
     assert mt.energy_rank(torch.tensor([3.0, 1.0]), 0.95, total_energy=100.0) is None  # truncated: beyond k
 
 
+def test_energy_rank_at_full_energy_leaves_out_a_tail_under_1e12_of_the_energy():
+    """As documented: τ = 1 on a complete spectrum stops once the rest holds under 1e-12 of Σσᵢ²."""
+    s = torch.exp(-0.3 * torch.arange(73, dtype=torch.float64))
+    share = torch.flip(torch.cumsum(torch.flip(s**2, [0]), 0), [0]) / (s**2).sum()  # share[i] = Σ_{j≥i} σⱼ² / Σσ²
+    expected = int((share >= 1e-12).sum())  # the values whose tail share is still ≥ 1e-12
+    assert mt.energy_rank(s, 1.0) == expected == 47
+    assert mt.energy_rank(s[:20], 1.0) == 20  # a slower spectrum keeps every value
+
+
 def test_bf16_sketch_runs_every_requested_iteration():
     A, _ = power_law(600, 500, seed=4)
     fixed = randomized_svd(A, 16, n_iter=7, sketch_dtype=torch.bfloat16, random_state=0)
