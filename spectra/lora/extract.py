@@ -627,6 +627,11 @@ def _select(pairing: Pairing, targets, roles, stacks=None):
     if targets is not None:
         by_name = {e.name: e for e in matrices}
         missing = [n for n in targets if n not in by_name]
+        only_base = [n for n in missing if f"{n}.weight" in pairing.base and f"{n}.weight" not in pairing.tuned]
+        if only_base:  # the base holds it: the fine-tune is the one that lacks it
+            raise ConfigError(f"the plan names module(s) that the base holds but the tuned checkpoint "
+                              f"{pairing.tuned.spec} lacks: {', '.join(only_base[:5])}. Is TUNED a fine-tune of "
+                              f"this base, saved whole?")
         if missing:
             raise ConfigError(f"the plan names module(s) absent from the base {pairing.base.spec}: "
                               f"{', '.join(missing[:5])}. Was it made from an analysis of another model?")

@@ -631,6 +631,16 @@ def test_bad_input_writes_nothing(llama_pair, tmp_path):
     (tmp_path / "plan.json").write_text(json.dumps(data))
     with pytest.raises(ConfigError, match="absent from the base"):
         extract_adapter(b, t, tmp_path / "plan.json", tmp_path / "ad", progress=False)
+    from safetensors.torch import save_file  # a TUNED that lacks a planned module: TUNED is named, not the base
+    state = load_file(str(next(t.glob("*.safetensors"))))
+    name = plan.modules[0].name
+    del state[f"{name}.weight"]
+    (tmp_path / "short").mkdir()
+    (tmp_path / "short" / "config.json").write_text((t / "config.json").read_text())
+    save_file(state, str(tmp_path / "short" / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ConfigError, match=f"the base holds but the tuned checkpoint .*short lacks: {re.escape(name)}"):
+        extract_adapter(b, tmp_path / "short", plan, tmp_path / "ad", progress=False)
+    assert not (tmp_path / "ad").exists()
     other = save(perturbed(build_model("llama", seed=1)), tmp_path / "other", "safetensors")
     with pytest.raises(ConfigError, match="another base"):
         extract_adapter(other, t, plan, tmp_path / "ad", progress=False)
