@@ -15,7 +15,8 @@ from spectra.cli.tables import _fmt  # the run's numbers in its title: --batch 0
 
 def memory(
     model: Annotated[str, typer.Argument(help="config.json, the model directory holding it, or a hub id.")],
-    method: Annotated[str, typer.Option(help="full, lora, qlora or dora.")] = "lora",
+    method: Annotated[Optional[str], typer.Option(help="full, lora, qlora or dora (default lora; dora for a plan "
+                                                       "made with `recommend --dora`).")] = None,
     rank: Annotated[Optional[int], typer.Option(help="LoRA rank of every targeted module (default 16).",
                                                 parser=_typed_int)] = None,
     plan: Annotated[Optional[Path], typer.Option(help="A plan from `spectra recommend` instead of --rank.")] = None,
@@ -75,6 +76,8 @@ def memory(
     if plan is not None and method == "full":
         raise ConfigError("--method full trains every weight, so --plan would be ignored; drop one of them.")
     rank_or_plan = load_plan(plan) if plan else 16 if rank is None else rank  # 0 is refused, not read as 16
+    if method is None:  # a DoRA plan (`recommend --dora`) is estimated as DoRA, as `spectra train` trains it
+        method = "dora" if plan is not None and rank_or_plan.policy.use_dora else "lora"
     est = estimate_memory(model, method=method, rank_plan_or_rank=rank_or_plan,
                           batch=batch, seq_len=seq_len, precision=precision, optimizer=optimizer,
                           gradient_checkpointing=gradient_checkpointing, roles=_split(roles), stacks=_stacks(stacks),

@@ -51,7 +51,8 @@ def recommend(
                                                        "the module names of the plan's peft_config and the ranks and "
                                                        "costs of fused MoE experts (one rank per fused parameter); "
                                                        "default: the analysed base, if local.")] = None,
-    method: Annotated[str, typer.Option(help="Method for the memory estimate: lora, qlora or dora.")] = "lora",
+    method: Annotated[Optional[str], typer.Option(help="Method for the memory estimate: lora, qlora or dora "
+                                                       "(default lora; dora with --dora).")] = None,
     # min=1: refused as the command's input, where the library's refusal would read as "memory: no estimate"
     batch: Annotated[int, typer.Option(min=1, help="Batch size for the memory estimate.", parser=_typed_int)] = 1,
     seq_len: Annotated[Optional[int], typer.Option(min=1, help="Sequence length for the memory estimate (default "
@@ -96,8 +97,12 @@ def recommend(
                           "rank, ε says how close to the full fine-tune it must stay.")
     if energy is None and not (budget_kw or rank is not None or knee or functional is not None):
         energy = 0.9
-    if method not in ("lora", "qlora", "dora"):
+    if method is not None and method not in ("lora", "qlora", "dora"):
         raise ConfigError(f"--method {method!r}: the memory estimate takes lora, qlora or dora.")
+    if dora and method not in (None, "dora"):  # the estimate follows the plan's DoRA (QDoRA is not modelled)
+        raise ConfigError(f"--dora plans DoRA, whose memory the estimate then takes, so --method {method} would be "
+                          "ignored; drop one of them.")
+    method = "dora" if dora else method or "lora"
     policy = RankPolicy(energy=energy, noise=noise, knee=knee, uniform=uniform, uniform_share=uniform_share,
                         rank=rank, min_rank=min_rank, max_rank=max_rank, power_of_two=power_of_two,
                         roles=_split(roles), stacks=_stacks(stacks), include=include, rslora=rslora, use_dora=dora,
@@ -112,7 +117,7 @@ def recommend(
     est, memory_skipped = None, None
     if source:
         try:
-            est = estimate_memory(source, method="dora" if dora else method, rank_plan_or_rank=plan, batch=batch,
+            est = estimate_memory(source, method=method, rank_plan_or_rank=plan, batch=batch,
                                   seq_len=seq_len, models=models)
         except ConfigError as exc:  # the estimate is an extra: a model the memory model lacks still gets its plan
             memory_skipped = _memory_words(str(exc))

@@ -214,3 +214,25 @@ def test_recommend_refuses_a_batch_or_length_below_one(tmp_path):
         assert "LoRA plan" not in result.output
     result = runner.invoke(app, ["recommend", str(run), "--batch", "2"], env={"COLUMNS": "200"})
     assert result.exit_code == 0 and "batch 2 ×" in result.output, result.output  # negative control
+
+
+def test_a_dora_plan_is_estimated_as_dora_and_recommend_refuses_a_method_dora_overrides(tmp_path):
+    """`memory --plan` of a `recommend --dora` plan estimated plain LoRA (no magnitudes, ~40 % less) without a word,
+    and `recommend --dora --method qlora` printed a DoRA estimate, dropping the typed method."""
+    run = _analysis_dir(tmp_path)
+    plan = tmp_path / "dora.json"
+    assert runner.invoke(app, ["recommend", str(run), "--dora", "-o", str(plan)]).exit_code == 0
+
+    def estimate(*extra):
+        result = runner.invoke(app, ["memory", str(tmp_path / "base"), "--plan", str(plan), "--json", *extra])
+        assert result.exit_code == 0, result.output
+        return json.loads(result.output)
+
+    default, dora, lora = estimate(), estimate("--method", "dora"), estimate("--method", "lora")
+    assert default["method"] == "dora" and default["inputs"]["method"] == "dora"
+    assert default["training_total"] == dora["training_total"] > lora["training_total"]  # the typed method still wins
+    assert default["dora_magnitude"] > 0 == lora["dora_magnitude"]
+    for method in ("qlora", "lora"):
+        result = runner.invoke(app, ["recommend", str(run), "--dora", "--method", method])
+        assert result.exit_code != 0 and f"--method {method} would be ignored" in str(result.exception)
+    assert runner.invoke(app, ["recommend", str(run), "--dora", "--method", "dora"]).exit_code == 0
