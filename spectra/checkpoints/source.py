@@ -39,6 +39,7 @@ BIN_INDEX = "pytorch_model.bin.index.json"
 ADAPTER_CONFIG = "adapter_config.json"
 _SAMPLE = 256 * 1024  # bytes hashed at each of three places per weight file
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+(@[\w.\-/]+)?$")
+_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".json")  # names of files, not of hub repositories
 
 
 def _sentence(err: BaseException) -> str:
@@ -386,7 +387,8 @@ def open_checkpoint(spec: str | os.PathLike, *, revision: str | None = None) -> 
     text = str(spec)
     path = Path(text).expanduser()
     if not path.exists():
-        if _HUB_ID.match(text) and not text.startswith((".", "/", "~")):
+        if (_HUB_ID.match(text) and not text.startswith((".", "/", "~"))
+                and not text.lower().endswith(_FILE_SUFFIXES)):  # models/x.safetensors is a missing file, no repo
             repo_id, _, rev = text.partition("@")
             path = _resolve_hub(repo_id, revision or rev or None)
         else:

@@ -86,6 +86,11 @@ def test_adapter_directory(tmp_path):
 def test_missing_path_and_empty_dir(tmp_path):
     with pytest.raises(CheckpointError, match="does not exist"):
         open_checkpoint(tmp_path / "nope")
+    for relative in ("models/nofile.safetensors", "models/pytorch_model.bin", "run/model.safetensors.index.json"):
+        # shaped like org/name, but a file's name: a missing file, not a hub id to fetch (huggingface_hub's
+        # error and an `hf download models/nofile.safetensors` hint were printed)
+        with pytest.raises(CheckpointError, match=f"checkpoint '{relative}' does not exist"):
+            open_checkpoint(relative)
     with pytest.raises(CheckpointError, match="no weights found in directory"):
         open_checkpoint(tmp_path)
 
