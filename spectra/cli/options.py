@@ -258,3 +258,13 @@ def _writable(output: Path | None, *inputs, command: str | None = None, overwrit
     if folder.exists() and not (folder.is_dir() and os.access(folder, os.W_OK)):
         raise ConfigError(f"cannot write {output}: {folder} is not a folder this user may write to. Choose another "
                           "-o/--output.")
+    if folder.is_dir():  # os.access trusts the mode bits: /proc, or a full or odd file system, still refuse files
+        import tempfile
+
+        try:
+            fd, probe = tempfile.mkstemp(dir=folder, prefix=".spectra-probe-")
+        except OSError as exc:
+            raise ConfigError(f"cannot write {output}: no file can be created in {folder} ({exc.strerror}). Choose "
+                              "another -o/--output.") from None
+        os.close(fd)
+        os.unlink(probe)

@@ -99,3 +99,25 @@ def test_verify_sweep_replaces_only_adapter_folders_it_wrote(monkeypatch, capsys
     code, _, err = run(monkeypatch, capsys, *sweep, "-o", tmp_path / "v2", "--overwrite")  # what the sweep wrote
     assert code == 0, err
     assert (ads / "lora-r1" / "adapter_model.safetensors").read_bytes() == written
+
+
+def test_an_output_folder_that_refuses_files_is_refused_before_any_work(monkeypatch, capsys, pair, tmp_path):
+    """Where the mode bits allow writing but no file can be made (/proc as root, a full disk), the run computed
+    everything and then failed with a raw errno naming its hidden temporary file."""
+    import errno
+    import tempfile
+
+    base, tuned = pair
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(tempfile, "mkstemp", full)
+    code, _, err = run(monkeypatch, capsys, "analyze", base, tuned, "--no-cache", "-q", "-o", tmp_path / "run")
+    assert code == 2 and f"cannot write {tmp_path / 'run'}: no file can be created in {tmp_path}" in err, err
+    assert "No space left on device" in err and "Choose another -o/--output" in err
+    assert list(tmp_path.iterdir()) == []  # nothing written, nothing left behind
+    monkeypatch.undo()
+    code, _, err = run(monkeypatch, capsys, "analyze", base, tuned, "--no-cache", "-q", "-o", tmp_path / "run")
+    assert code == 0 and (tmp_path / "run" / "analysis.json").is_file(), err  # negative control
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".spectra-probe-")]  # the probe is removed
