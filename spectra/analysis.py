@@ -129,6 +129,24 @@ class AnalysisConfig:
         return self.sketched_above() if self.sketch_dtype == "bfloat16" else None
 
 
+def _refuse_an_empty_selection(pairing: Pairing, config: AnalysisConfig) -> None:
+    """Refuse, before any tensor is read, a selection (roles, stacks, layers, include, exclude) that leaves no weight
+    matrix: the run read the whole pair and then failed on an empty report, naming no option."""
+    if any(e.kind == "matrix" for e in pairing.entries):
+        return
+    def typed(name, value):  # as typed on the command line: layers 5-9, roles q,v
+        if name == "layers" and isinstance(value, tuple) and len(value) == 2:
+            return f"{value[0]}-{value[1]}"
+        return ",".join(map(str, value)) if isinstance(value, (tuple, list)) else str(value)
+
+    chosen = [f"{name}={typed(name, value)}" for name in ("roles", "stacks", "layers", "include", "exclude")
+              if (value := getattr(config, name)) is not None]
+    if chosen:
+        raise ConfigError(f"no weight matrix of {pairing.base.spec} × {pairing.tuned.spec} matches "
+                          f"{', '.join(chosen)}; `spectra pairs BASE TUNED` lists every pair with its name, role "
+                          "and layer.")
+
+
 def _energy_fractions(thresholds) -> tuple[float, ...]:
     """``thresholds`` as sorted floats, each an energy fraction in (0, 1]; an error names the values at fault as
     given (``1.5``), not the tuple that holds them."""
@@ -578,6 +596,7 @@ def analyze(base, tuned, config: AnalysisConfig | None = None, *, cache_dir: str
     if me.distributed:  # every rank sketches in rank 0's dtype, so the rows equal a single process's
         config = replace(config, sketch_dtype=me.broadcast(config.sketch_dtype))
     pairing = Pairing(base, tuned, replace(config.pairing_options(), device=me.device))
+    _refuse_an_empty_selection(pairing, config)
     base_fp, tuned_fp = pairing.base.fingerprint(), pairing.tuned.fingerprint()
     root = ModuleCache.default_root() if cache_dir is True else (cache_dir or None)
     calibration_key = "" if config.calibration is None else "-" + _calibration_digest(config.calibration, base)

@@ -54,3 +54,21 @@ def test_analyze_names_only_the_option_at_fault(option, value, says, not_said, m
     code, err = _run(monkeypatch, capsys, "analyze", tmp_path / "base", tmp_path / "tuned", option, value,
                      "-o", tmp_path / "r")
     assert code == 2 and says in err and not_said not in err, err
+
+
+def test_a_selection_that_leaves_no_weight_matrix_is_refused_naming_its_options(monkeypatch, capsys, tmp_path):
+    """`analyze --layers 5-9` on a 2-layer model read the whole pair, then failed on an empty report ("the analysis
+    holds no weight-matrix modules … check the role/layer/name filters") naming no option."""
+    from spectra.analysis import analyze
+    from tests.models import build_model, moved, save
+
+    base = save(build_model("llama"), tmp_path / "base", "safetensors")
+    tuned = save(moved(build_model("llama"), seed=1), tmp_path / "tuned", "safetensors")
+    code, err = _run(monkeypatch, capsys, "analyze", base, tuned, "--no-cache", "-q", "--layers", "5-9",
+                     "--roles", "q,v", "-o", tmp_path / "r")
+    assert code == 2 and f"no weight matrix of {base} × {tuned} matches --roles q,v, --layers 5-9" in err, err
+    assert not (tmp_path / "r").exists()
+    with pytest.raises(ConfigError, match="matches include=nomatch"):
+        analyze(base, tuned, AnalysisConfig(include="nomatch"), cache_dir=False, progress=False)
+    rows = analyze(base, tuned, AnalysisConfig(layers=(0, 0)), cache_dir=False, progress=False).modules
+    assert rows and {r["layer"] for r in rows if r["kind"] == "matrix"} == {0}  # negative control
