@@ -787,6 +787,15 @@ def _tied_lora_notes(lora_modules, pairing: Pairing, model) -> list[str]:
             f"embedding whole instead: --modules-to-save {embed.rpartition('.')[2]} (and leave embed out of --roles)."]
 
 
+def _base_name_or_path(path) -> str:
+    """What the adapter records as its base: a weights file's folder when that folder holds the model's config.json
+    (``AutoPeftModel`` loads the base from it; a ``model.safetensors`` path it reads as a malformed hub id)."""
+    path = Path(path)
+    if path.is_file() and (path.parent / "config.json").is_file():
+        return str(path.parent)
+    return str(path)
+
+
 def _factorize(delta: torch.Tensor, rank: int, scaling: float, *, full_below: int, seed: int):
     """A (r, in), B (out, r) with s·B@A the best rank-r approximation of delta; plus its error."""
     if min(delta.shape) <= full_below:
@@ -889,7 +898,7 @@ def _peft_config(ranks: dict, use_rslora: bool, saved: list[str], pairing: Pairi
         "init_lora_weights": True,
         "task_type": _task_type(peft_task_type(pairing.config, model_class), saved),
         "modules_to_save": sorted(saved) or None,
-        "base_model_name_or_path": str(pairing.base.path),
+        "base_model_name_or_path": _base_name_or_path(pairing.base.path),
         "peft_version": _peft_version(),
     }
     if model_modules is None:

@@ -722,3 +722,18 @@ def test_fused_experts_get_their_rank_when_other_modules_outnumber_them(tmp_path
             d = (W1[key][e] - W0[key][e]).double().numpy()
             np.testing.assert_allclose(state[key][e].double().numpy() - W0[key][e].double().numpy(), _best_rank(d, 3),
                                        atol=2e-6)
+
+
+def test_an_adapter_from_weights_files_records_their_model_folder_as_its_base(llama_pair, tmp_path):
+    """From `base/model.safetensors` the adapter recorded that file as base_model_name_or_path, which
+    AutoPeftModelForCausalLM read as a malformed hub id; the folder holding config.json is what loads."""
+    _, _, b, t = llama_pair
+    weights = next(b.glob("*.safetensors"))
+    extract_adapter(weights, next(t.glob("*.safetensors")), 2, tmp_path / "ad", progress=False)
+    assert json.loads((tmp_path / "ad" / "adapter_config.json").read_text())["base_model_name_or_path"] == str(b)
+    lone = tmp_path / "lone"  # negative control: a file with no config.json beside it is recorded as it was given
+    lone.mkdir()
+    (lone / "model.safetensors").write_bytes(weights.read_bytes())
+    extract_adapter(lone / "model.safetensors", t, 2, tmp_path / "ad2", roles=("q",), progress=False)
+    recorded = json.loads((tmp_path / "ad2" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert recorded == str(lone / "model.safetensors")
