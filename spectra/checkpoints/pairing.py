@@ -296,6 +296,13 @@ class Pairing:
             raise PairingError(f"ambiguous tensor names between {base.spec} and {tuned.spec}: {examples}. Point "
                                "spectra at checkpoints of the same model class, or narrow with --include.")
         if not match.pairs:
+            for side, src in (("TUNED", tuned), ("BASE", base)):
+                factor = next((n for n in src.names() if re.search(r"\.lora_[AB]\.", n)), None)
+                if factor is not None:  # an adapter's weights file, passed without its adapter_config.json
+                    raise PairingError(
+                        f"{side} {src.spec} holds LoRA factors ({factor}): it is a PEFT adapter's weights file. "
+                        "Pass the adapter's folder (with its adapter_config.json) as TUNED, and the model it adapts "
+                        "as BASE.")
             differ = architecture_difference(base, tuned)
             differ = f" ({differ})" if differ else ""
             raise PairingError(

@@ -135,6 +135,19 @@ def test_unknown_dtype(tmp_path):
         open_checkpoint(path)
 
 
+def test_an_adapters_weights_file_is_named_as_such(tmp_path):
+    """Its weights file passed without adapter_config.json read as two architectures that share no tensor name."""
+    from tests.models import random_adapter
+
+    llama = save(build_model("llama"), tmp_path / "llama", "safetensors")
+    random_adapter(build_model("llama"), tmp_path / "adapter", r=2, target_modules=["q_proj"])
+    weights = tmp_path / "adapter" / "adapter_model.safetensors"
+    with pytest.raises(PairingError, match=r"TUNED .*adapter_model.safetensors holds LoRA factors \(.*lora_A.*\): "
+                                           r"it is a PEFT adapter's weights file. Pass the adapter's folder"):
+        Pairing(llama, weights)
+    assert Pairing(llama, tmp_path / "adapter").entries  # negative control: the folder pairs
+
+
 def test_mismatched_architectures(tmp_path):
     llama = save(build_model("llama"), tmp_path / "llama", "safetensors")
     bert = save(build_model("bert", head=False), tmp_path / "bert", "safetensors")
