@@ -367,6 +367,10 @@ def extract_adapter(base, tuned, plan_or_rank, out_dir: str | os.PathLike, *, ro
                                 roles=_roles_used(roles, stacks), stacks=stacks, planned=plan is not None,
                                 full=plan_or_rank == "full" and not not_adapted, plan=plan,
                                 rank=plan_or_rank if isinstance(plan_or_rank, int) else None)
+    only_in_base = list(getattr(pairing, "only_in_base", None) or ())
+    if only_in_base:  # as analyze says it: a targeted module TUNED lacks was left out without a word
+        notes.append(f"{len(only_in_base)} tensor(s) only in BASE (TUNED lacks them: no ΔW to take), not in the "
+                     f"adapter: {', '.join(only_in_base[:3])}{' …' if len(only_in_base) > 3 else ''}")
     if rounded:
         stored = str(pairing.tuned.info(rounded[0]).dtype).removeprefix("torch.")
         notes.append(f"{len(rounded)} tensor(s) outside the adapter differ from the base only by TUNED's lower-"

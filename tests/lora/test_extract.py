@@ -641,6 +641,10 @@ def test_bad_input_writes_nothing(llama_pair, tmp_path):
     with pytest.raises(ConfigError, match=f"the base holds but the tuned checkpoint .*short lacks: {re.escape(name)}"):
         extract_adapter(b, tmp_path / "short", plan, tmp_path / "ad", progress=False)
     assert not (tmp_path / "ad").exists()
+    result = extract_adapter(b, tmp_path / "short", 2, tmp_path / "ad3", progress=False)  # --rank: left out, said
+    assert f"1 tensor(s) only in BASE (TUNED lacks them: no ΔW to take), not in the adapter: {name}.weight" \
+        in result.notes
+    assert not any("only in BASE" in n for n in extract_adapter(b, t, 2, tmp_path / "ad4", progress=False).notes)
     other = save(perturbed(build_model("llama", seed=1)), tmp_path / "other", "safetensors")
     with pytest.raises(ConfigError, match="another base"):
         extract_adapter(other, t, plan, tmp_path / "ad", progress=False)
