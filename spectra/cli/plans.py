@@ -24,7 +24,9 @@ def recommend(
     knee: Annotated[bool, typer.Option(help="Also target the elbow of the energy curve.")] = False,
     uniform: Annotated[bool, typer.Option(help="One power-of-two rank meeting the energy target on --uniform-share "
                                                "of modules.")] = False,
-    uniform_share: Annotated[float, typer.Option(help="Share of modules the uniform rank must satisfy.", parser=_typed_float)] = 0.9,
+    uniform_share: Annotated[Optional[float], typer.Option(help="Share of modules the uniform rank must satisfy "
+                                                                "(with --uniform; default 0.9).",
+                                                           parser=_typed_float)] = None,
     rank: Annotated[Optional[int], typer.Option(help="One fixed rank for every module.", parser=_typed_int)] = None,
     budget: Annotated[Optional[str], typer.Option(help="Parameters (20M) or bytes of trainable state (2GB).")] = None,
     min_rank: Annotated[int, typer.Option(help="Smallest rank of a targeted module.", parser=_typed_int)] = 1,
@@ -97,6 +99,13 @@ def recommend(
                           "rank, ε says how close to the full fine-tune it must stay.")
     if energy is None and not (budget_kw or rank is not None or knee or functional is not None):
         energy = 0.9
+    if uniform_share is not None and not uniform:
+        raise ConfigError("--uniform-share sets the share of modules --uniform's one rank must satisfy; without "
+                          "--uniform it would be ignored: add --uniform, or drop it.")
+    if rank is not None and max_rank is not None and rank > max_rank:
+        raise ConfigError(f"--rank {rank} is above --max-rank {max_rank}, which would cap every module at "
+                          f"{max_rank}: drop one of them.")
+    uniform_share = 0.9 if uniform_share is None else uniform_share
     if method is not None and method not in ("lora", "qlora", "dora"):
         raise ConfigError(f"--method {method!r}: the memory estimate takes lora, qlora or dora.")
     if dora and method not in (None, "dora"):  # the estimate follows the plan's DoRA (QDoRA is not modelled)

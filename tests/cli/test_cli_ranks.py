@@ -236,3 +236,17 @@ def test_a_dora_plan_is_estimated_as_dora_and_recommend_refuses_a_method_dora_ov
         result = runner.invoke(app, ["recommend", str(run), "--dora", "--method", method])
         assert result.exit_code != 0 and f"--method {method} would be ignored" in str(result.exception)
     assert runner.invoke(app, ["recommend", str(run), "--dora", "--method", "dora"]).exit_code == 0
+
+
+def test_recommend_refuses_options_it_would_ignore_or_override(tmp_path):
+    """--uniform-share without --uniform was ignored, and --rank 4 --max-rank 2 planned rank 2 everywhere, silently."""
+    run = _analysis_dir(tmp_path)
+    result = runner.invoke(app, ["recommend", str(run), "--uniform-share", "0.5"])
+    assert result.exit_code != 0 and "without --uniform it would be ignored" in str(result.exception)
+    result = runner.invoke(app, ["recommend", str(run), "--rank", "4", "--max-rank", "2"])
+    assert result.exit_code != 0 and "--rank 4 is above --max-rank 2" in str(result.exception)
+    result = runner.invoke(app, ["recommend", str(run), "--uniform", "--uniform-share", "0.5", "--json"])
+    assert result.exit_code == 0 and json.loads(result.output)["policy"]["uniform_share"] == 0.5  # with --uniform
+    result = runner.invoke(app, ["recommend", str(run), "--uniform", "--json"])
+    assert result.exit_code == 0 and json.loads(result.output)["policy"]["uniform_share"] == 0.9  # the default
+    assert runner.invoke(app, ["recommend", str(run), "--rank", "2", "--max-rank", "2"]).exit_code == 0
