@@ -238,6 +238,12 @@ class AnalysisResult:
         except (OSError, ValueError) as err:
             raise ConfigError(f"cannot read analysis {path}: {err}. Pass a report directory written by "
                               "`spectra analyze` or its analysis.json.") from err
+        from spectra.ranks.recommend import _other_spectra_file  # a plan, a sweep: named, as recommend names it
+
+        other = _other_spectra_file(data)
+        if other:
+            raise ConfigError(f"{path} is {other}, not an analysis: pass the report directory of `spectra analyze` "
+                              "or its analysis.json.")
         version = data.get("schema_version") if isinstance(data, dict) else None
         if version != SCHEMA_VERSION:
             raise ConfigError(f"{path} has schema_version {version!r}; this spectra reads version {SCHEMA_VERSION}.")

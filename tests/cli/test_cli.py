@@ -49,6 +49,10 @@ def test_analyze_writes_report_and_show_reads_it(monkeypatch, capsys, pair, tmp_
     assert code == 0 and "energy-90% rank" in stdout and "qkv" in stdout
     code, stdout, _ = run(monkeypatch, capsys, "show", out, columns=80)  # a classic terminal: cells wrap, never cut
     assert code == 0 and "E90" in stdout and "…" not in stdout and max(map(len, stdout.splitlines())) <= 80
+    code, _, _ = run(monkeypatch, capsys, "recommend", out, "-o", tmp_path / "plan.json")
+    assert code == 0
+    code, _, err = run(monkeypatch, capsys, "show", tmp_path / "plan.json")  # said "re-run spectra analyze"
+    assert code == 2 and "plan.json is a rank plan (`spectra recommend -o`), not an analysis" in " ".join(err.split())
 
 
 def test_analyze_base_top_k_keeps_that_many_base_values(monkeypatch, capsys, pair, tmp_path):
