@@ -758,7 +758,16 @@ def _apply_budget(items: list[_Decision], policy: RankPolicy, budget: int, saved
     dora = _fixed_cost(spectra, policy)
     parts = ([f"{dora:,} DoRA magnitudes"] if dora else []) + ([f"{saved:,} the head PEFT trains in full"]
                                                                if saved else [])
-    result = allocate_budget(ladders, gains, costs, budget, fixed_cost=dora + saved,
-                             fixed_label="fixed: " + " and ".join(parts) if parts else "fixed")
+    try:
+        result = allocate_budget(ladders, gains, costs, budget, fixed_cost=dora + saved,
+                                 fixed_label="fixed: " + " and ".join(parts) if parts else "fixed")
+    except ConfigError as err:  # a byte budget is refused in the bytes given, not only the parameters they buy
+        if policy.budget_bytes is None:
+            raise
+        head, said, rest = str(err).partition(" parameters is ")
+        if not said:
+            raise
+        raise ConfigError(f"Budget of {policy.budget_bytes:,} bytes ({budget:,} parameters at "
+                          f"{policy.bytes_per_param:g} bytes each) is {rest}") from None
     total = sum(s.fro2 for s in spectra)
     return list(result.ranks), (result.gap / total if total > 0 else 0.0)
