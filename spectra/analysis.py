@@ -130,10 +130,11 @@ class AnalysisConfig:
 
 
 def _refuse_an_empty_selection(pairing: Pairing, config: AnalysisConfig) -> None:
-    """Refuse, before any tensor is read, a selection (roles, stacks, layers, include, exclude) that leaves no weight
+    """Refuse, before the stream starts, a selection (roles, stacks, layers, include, exclude) that leaves no weight
     matrix: the run read the whole pair and then failed on an empty report, naming no option."""
     if any(e.kind == "matrix" for e in pairing.entries):
         return
+
     def typed(name, value):  # as typed on the command line: layers 5-9, roles q,v
         if name == "layers" and isinstance(value, tuple) and len(value) == 2:
             return f"{value[0]}-{value[1]}"

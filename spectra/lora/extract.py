@@ -631,11 +631,19 @@ def _select(pairing: Pairing, targets, roles, stacks=None):
     if targets is not None:
         by_name = {e.name: e for e in matrices}
         missing = [n for n in targets if n not in by_name]
-        only_base = [n for n in missing if f"{n}.weight" in pairing.base and f"{n}.weight" not in pairing.tuned]
+        lookup = all(hasattr(side, "__contains__") for side in (pairing.base, pairing.tuned))  # (not an adapter)
+        only_base = [n for n in missing if lookup and f"{n}.weight" in pairing.base
+                     and f"{n}.weight" not in pairing.tuned]
         if only_base:  # the base holds it: the fine-tune is the one that lacks it
             raise ConfigError(f"the plan names module(s) that the base holds but the tuned checkpoint "
                               f"{pairing.tuned.spec} lacks: {', '.join(only_base[:5])}. Is TUNED a fine-tune of "
                               f"this base, saved whole?")
+        unadapted = [n for n in missing if not lookup and hasattr(pairing.base, "__contains__")
+                     and f"{n}.weight" in pairing.base]
+        if unadapted:  # TUNED is a PEFT adapter that does not adapt them: their ΔW is 0
+            raise ConfigError(f"the plan names module(s) that the adapter {pairing.tuned.spec} does not adapt (their "
+                              f"ΔW is 0): {', '.join(unadapted[:5])}. Plan from an analysis of this adapter "
+                              "(spectra analyze BASE ADAPTER), or extract with --rank.")
         if missing:
             raise ConfigError(f"the plan names module(s) absent from the base {pairing.base.spec}: "
                               f"{', '.join(missing[:5])}. Was it made from an analysis of another model?")

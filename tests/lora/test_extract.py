@@ -645,6 +645,13 @@ def test_bad_input_writes_nothing(llama_pair, tmp_path):
     assert f"1 tensor(s) only in BASE (TUNED lacks them: no ΔW to take), not in the adapter: {name}.weight" \
         in result.notes
     assert not any("only in BASE" in n for n in extract_adapter(b, t, 2, tmp_path / "ad4", progress=False).notes)
+    from tests.models import random_adapter  # TUNED a PEFT adapter of q_proj alone, the plan of every module
+
+    random_adapter(base, tmp_path / "peft", r=2, target_modules=["q_proj"])
+    unadapted = next(m.name for m in plan.modules if not m.name.endswith("q_proj"))
+    with pytest.raises(ConfigError, match=f"the adapter .*peft does not adapt .*{re.escape(unadapted)}"):
+        extract_adapter(b, tmp_path / "peft", plan, tmp_path / "ad5", progress=False)
+    assert not (tmp_path / "ad5").exists()
     other = save(perturbed(build_model("llama", seed=1)), tmp_path / "other", "safetensors")
     with pytest.raises(ConfigError, match="another base"):
         extract_adapter(other, t, plan, tmp_path / "ad", progress=False)
