@@ -34,7 +34,7 @@ from spectra.checkpoints.architectures import parse_stacks
 from spectra.checkpoints.buffers import BufferPool
 from spectra.checkpoints.pairing import DeltaW, Pairing, PairingOptions, describe
 from spectra.errors import ConfigError
-from spectra.files import write_text_atomic
+from spectra.files import other_spectra_file, write_text_atomic
 from spectra.linalg import sketch
 from spectra.linalg import metrics, noise
 from spectra.linalg.svd import Spectrum, adaptive_svd, full_svd, randomized_svd
@@ -239,9 +239,7 @@ class AnalysisResult:
         except (OSError, ValueError) as err:
             raise ConfigError(f"cannot read analysis {path}: {err}. Pass a report directory written by "
                               "`spectra analyze` or its analysis.json.") from err
-        from spectra.ranks.recommend import _other_spectra_file  # a plan, a sweep: named, as recommend names it
-
-        other = _other_spectra_file(data)
+        other = other_spectra_file(data)  # a plan, a sweep: named, as recommend names it
         if other:
             raise ConfigError(f"{path} is {other}, not an analysis: pass the report directory of `spectra analyze` "
                               "or its analysis.json.")

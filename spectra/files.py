@@ -28,8 +28,8 @@ import socket
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
-__all__ = ["OUTPUTS", "RECORD_WRITERS", "command_of", "move_into_place", "record_origin", "record_writer",
-           "refuse_replacing_inputs", "refuse_replacing_others", "staged_directory", "write_atomic",
+__all__ = ["OUTPUTS", "RECORD_WRITERS", "command_of", "move_into_place", "other_spectra_file", "record_origin",
+           "record_writer", "refuse_replacing_inputs", "refuse_replacing_others", "staged_directory", "write_atomic",
            "write_text_atomic"]
 
 
@@ -167,6 +167,22 @@ def record_origin(record) -> str | None:
         return None
     what = RECORD_WRITERS.get(writer, (None, "a record"))[1]
     return f"{what} of `spectra {writer}`"
+
+
+def other_spectra_file(data) -> str | None:
+    """What another spectra output is ("a rank plan (…)"), when `data` is one rather than an analysis."""
+    if not isinstance(data, Mapping):
+        return None
+    if "policy" in data and "modules" in data:
+        return "a rank plan (`spectra recommend -o`)"
+    origin = record_origin(data)  # a sweep.json of `spectra sweep` or `verify --sweep`, a verify.json: by their
+    if origin:  # "command", or their "kind" where older (spectra.files.RECORD_WRITERS)
+        return origin
+    if "summary" in data and "adapter" in data:  # a verify.json written before records said their command
+        return "an adapter check (`spectra verify`)"
+    if "per_module_plan" in data:
+        return "the demo's results (`spectra demo`)"
+    return None
 
 
 def command_of(writer: str) -> str | None:

@@ -32,7 +32,7 @@ from spectra.checkpoints.adapter import PEFT_PREFIX
 from spectra.checkpoints.architectures import missing_stacks, parse_stacks, role_selected, stack_selected
 from spectra.checkpoints.names import bare_parameters_why, is_bare_parameter, natural_key
 from spectra.checkpoints.pairing import Pairing, PairingOptions
-from spectra.checkpoints.source import CheckpointSource
+from spectra.checkpoints.source import AdapterSource, CheckpointSource
 from spectra.checkpoints.targets import architecture, meta_model, model_targets, owning_modules, resolve_name
 from spectra.errors import ConfigError, PeftConfigWarning
 from spectra.files import refuse_replacing_others, staged_directory
@@ -367,10 +367,10 @@ def extract_adapter(base, tuned, plan_or_rank, out_dir: str | os.PathLike, *, ro
                                 roles=_roles_used(roles, stacks), stacks=stacks, planned=plan is not None,
                                 full=plan_or_rank == "full" and not not_adapted, plan=plan,
                                 rank=plan_or_rank if isinstance(plan_or_rank, int) else None)
-    only_in_base = list(getattr(pairing, "only_in_base", None) or ())
-    if only_in_base:  # as analyze says it: a targeted module TUNED lacks was left out without a word
-        notes.append(f"{len(only_in_base)} tensor(s) only in BASE (TUNED lacks them: no ΔW to take), not in the "
-                     f"adapter: {', '.join(only_in_base[:3])}{' …' if len(only_in_base) > 3 else ''}")
+    if pairing.only_in_base:  # as analyze says it: a targeted module TUNED lacks was left out without a word
+        only = pairing.only_in_base
+        notes.append(f"{len(only)} tensor(s) only in BASE (TUNED lacks them: no ΔW to take), not in the "
+                     f"adapter: {', '.join(only[:3])}{' …' if len(only) > 3 else ''}")
     if rounded:
         stored = str(pairing.tuned.info(rounded[0]).dtype).removeprefix("torch.")
         notes.append(f"{len(rounded)} tensor(s) outside the adapter differ from the base only by TUNED's lower-"
@@ -631,19 +631,16 @@ def _select(pairing: Pairing, targets, roles, stacks=None):
     if targets is not None:
         by_name = {e.name: e for e in matrices}
         missing = [n for n in targets if n not in by_name]
-        lookup = all(hasattr(side, "__contains__") for side in (pairing.base, pairing.tuned))  # (not an adapter)
-        only_base = [n for n in missing if lookup and f"{n}.weight" in pairing.base
-                     and f"{n}.weight" not in pairing.tuned]
-        if only_base:  # the base holds it: the fine-tune is the one that lacks it
-            raise ConfigError(f"the plan names module(s) that the base holds but the tuned checkpoint "
-                              f"{pairing.tuned.spec} lacks: {', '.join(only_base[:5])}. Is TUNED a fine-tune of "
-                              f"this base, saved whole?")
-        unadapted = [n for n in missing if not lookup and hasattr(pairing.base, "__contains__")
-                     and f"{n}.weight" in pairing.base]
-        if unadapted:  # TUNED is a PEFT adapter that does not adapt them: their ΔW is 0
+        in_base = [n for n in missing if f"{n}.weight" in pairing.base]  # so TUNED is the side that lacks them
+        if in_base and isinstance(pairing.tuned, AdapterSource):  # their ΔW is 0
             raise ConfigError(f"the plan names module(s) that the adapter {pairing.tuned.spec} does not adapt (their "
-                              f"ΔW is 0): {', '.join(unadapted[:5])}. Plan from an analysis of this adapter "
+                              f"ΔW is 0): {', '.join(in_base[:5])}. Plan from an analysis of this adapter "
                               "(spectra analyze BASE ADAPTER), or extract with --rank.")
+        lacking = [n for n in in_base if f"{n}.weight" not in pairing.tuned]
+        if lacking:
+            raise ConfigError(f"the plan names module(s) that the base holds but the tuned checkpoint "
+                              f"{pairing.tuned.spec} lacks: {', '.join(lacking[:5])}. Is TUNED a fine-tune of "
+                              f"this base, saved whole?")
         if missing:
             raise ConfigError(f"the plan names module(s) absent from the base {pairing.base.spec}: "
                               f"{', '.join(missing[:5])}. Was it made from an analysis of another model?")

@@ -28,7 +28,7 @@ import numpy as np
 from spectra.checkpoints.architectures import missing_stacks, role_selected, stack_name, stack_selected
 from spectra.checkpoints.names import bare_parameters_why, is_bare_parameter
 from spectra.errors import ConfigError
-from spectra.files import record_origin
+from spectra.files import other_spectra_file
 from spectra.ranks.budget import SAVED_BYTES_PER_PARAM, allocate_budget, budget_parameters
 from spectra.ranks.functional import functional_ranks, read_sweep, role_curves
 from spectra.ranks.plan import (PEFT_TASK_MODULES, FusedParameter, LeftOut, MetaModels, ModuleRank, RankPlan,
@@ -138,7 +138,7 @@ def _rows(analysis: Any) -> tuple[list[dict], dict | None, dict | None, dict]:
             data = json.loads(path.read_text())
         except json.JSONDecodeError as err:
             raise ConfigError(f"{path} is not valid JSON ({err}); re-run `spectra analyze`.") from None
-        other = _other_spectra_file(data)
+        other = other_spectra_file(data)
         if other:
             raise ConfigError(f"{path} is {other}, not an analysis: pass the report directory of `spectra analyze` "
                               "or its analysis.json.")
@@ -172,22 +172,6 @@ def _rows(analysis: Any) -> tuple[list[dict], dict | None, dict | None, dict]:
             info = dataclasses.asdict(info) if dataclasses.is_dataclass(info) else vars(info)
         described.append(dict(info) if info is not None else None)
     return rows, described[0], described[1], dict(config) if isinstance(config, Mapping) else {}
-
-
-def _other_spectra_file(data: Any) -> str | None:
-    """What another spectra output is ("a rank plan (…)"), when `data` is one rather than an analysis."""
-    if not isinstance(data, Mapping):
-        return None
-    if "policy" in data and "modules" in data:
-        return "a rank plan (`spectra recommend -o`)"
-    origin = record_origin(data)  # a sweep.json of `spectra sweep` or `verify --sweep`, a verify.json: by their
-    if origin:  # "command", or their "kind" where older (spectra.files.RECORD_WRITERS)
-        return origin
-    if "summary" in data and "adapter" in data:  # a verify.json written before records said their command
-        return "an adapter check (`spectra verify`)"
-    if "per_module_plan" in data:
-        return "the demo's results (`spectra demo`)"
-    return None
 
 
 def _check_sweep_pair(sweep: Mapping, base: dict | None, tuned: dict | None) -> None:
@@ -758,16 +742,10 @@ def _apply_budget(items: list[_Decision], policy: RankPolicy, budget: int, saved
     dora = _fixed_cost(spectra, policy)
     parts = ([f"{dora:,} DoRA magnitudes"] if dora else []) + ([f"{saved:,} the head PEFT trains in full"]
                                                                if saved else [])
-    try:
-        result = allocate_budget(ladders, gains, costs, budget, fixed_cost=dora + saved,
-                                 fixed_label="fixed: " + " and ".join(parts) if parts else "fixed")
-    except ConfigError as err:  # a byte budget is refused in the bytes given, not only the parameters they buy
-        if policy.budget_bytes is None:
-            raise
-        head, said, rest = str(err).partition(" parameters is ")
-        if not said:
-            raise
-        raise ConfigError(f"Budget of {policy.budget_bytes:,} bytes ({budget:,} parameters at "
-                          f"{policy.bytes_per_param:g} bytes each) is {rest}") from None
+    # a byte budget is refused in the bytes given, not only the parameters they buy
+    label = (None if policy.budget_bytes is None else
+             f"{policy.budget_bytes:,} bytes ({budget:,} parameters at {policy.bytes_per_param:g} bytes each)")
+    result = allocate_budget(ladders, gains, costs, budget, fixed_cost=dora + saved,
+                             fixed_label="fixed: " + " and ".join(parts) if parts else "fixed", budget_label=label)
     total = sum(s.fro2 for s in spectra)
     return list(result.ranks), (result.gap / total if total > 0 else 0.0)
