@@ -29,7 +29,8 @@ from typing import Any
 import torch
 
 from spectra.checkpoints.adapter import PEFT_PREFIX
-from spectra.checkpoints.architectures import missing_stacks, parse_stacks, role_selected, stack_selected
+from spectra.checkpoints.architectures import (missing_stacks, module_info, parse_stacks, role_selected,
+                                                stack_selected)
 from spectra.checkpoints.names import bare_parameters_why, is_bare_parameter, natural_key
 from spectra.checkpoints.pairing import Pairing, PairingOptions
 from spectra.checkpoints.source import AdapterSource, CheckpointSource
@@ -367,8 +368,8 @@ def extract_adapter(base, tuned, plan_or_rank, out_dir: str | os.PathLike, *, ro
                                 roles=_roles_used(roles, stacks), stacks=stacks, planned=plan is not None,
                                 full=plan_or_rank == "full" and not not_adapted, plan=plan,
                                 rank=plan_or_rank if isinstance(plan_or_rank, int) else None)
-    if pairing.only_in_base:  # as analyze says it: a targeted module TUNED lacks was left out without a word
-        only = pairing.only_in_base
+    only = _targeted_only_in_base(pairing, roles, stacks) if plan is None else []  # a plan's are refused
+    if only:  # as analyze says it: a targeted module TUNED lacks was left out without a word
         notes.append(f"{len(only)} tensor(s) only in BASE (TUNED lacks them: no ΔW to take), not in the "
                      f"adapter: {', '.join(only[:3])}{' …' if len(only) > 3 else ''}")
     if rounded:
@@ -563,6 +564,19 @@ def _roles_used(roles, stacks) -> tuple[str, ...]:
     from spectra.checkpoints.roles import stack_roles
 
     return tuple(roles) if roles else _DEFAULT_ROLES + stack_roles(stacks)
+
+
+def _targeted_only_in_base(pairing: Pairing, roles, stacks) -> list[str]:
+    """The weights only BASE holds whose module the roles and stacks target: left out of the adapter for want of a
+    TUNED tensor. A head TUNED replaced (a causal LM's lm_head under a classifier's score) is not targeted."""
+    out = []
+    for name in pairing.only_in_base:
+        module = name.removesuffix(".weight")
+        info = module_info(module, pairing.config)
+        if (name.endswith(".weight") and role_selected(info.role, _roles_used(roles, stacks), module)
+                and stack_selected(info.stack, stacks)):
+            out.append(name)
+    return out
 
 
 def _embedding_entries(entries, model_names: dict[str, str], model) -> set[str]:
