@@ -82,8 +82,8 @@ def recommend(
 
     from spectra.errors import ConfigError, PeftConfigWarning
     from spectra.memory import estimate_memory, format_bytes, load_config
-    from spectra.ranks import RankPolicy, recommend_ranks, save_plan
-    from spectra.ranks.plan import MetaModels, base_config
+    from spectra.ranks import RankPolicy, plan_document, recommend_ranks
+    from spectra.ranks.plan import MetaModels, base_config, write_plan
 
     budget_kw = _budget(budget) if budget is not None else {}
     ignored = {"scale": "--alpha", "constant": "--scale"}.get(alpha_rule)
@@ -130,17 +130,17 @@ def recommend(
                                   seq_len=seq_len, models=models)
         except ConfigError as exc:  # the estimate is an extra: a model the memory model lacks still gets its plan
             memory_skipped = _memory_words(str(exc))
-    notes = []
-    if output is not None:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", PeftConfigWarning)  # printed below from the plan, with the report
-            save_plan(plan, output, model_config=model_config, models=models)
-        notes = json.loads(output.read_text()).get("peft_config_notes") or []
+    memory = {"memory": est.to_dict() | {"notes": [_memory_words(n) for n in est.notes]} if est else None}
+    if memory_skipped:
+        memory["memory_skipped"] = memory_skipped
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PeftConfigWarning)  # printed below from the plan, with the report
+        document = plan_document(plan, model_config=model_config, models=models)
+    notes = document.get("peft_config_notes") or []
+    if output is not None:  # what --json prints: the plan, its peft_config and the memory estimate
+        write_plan(document | memory, output)
     if as_json:
-        memory = {"memory": est.to_dict() | {"notes": [_memory_words(n) for n in est.notes]} if est else None}
-        if memory_skipped:
-            memory["memory_skipped"] = memory_skipped
-        typer.echo(json.dumps(plan.to_dict() | memory, indent=2))
+        typer.echo(json.dumps(document | memory, indent=2))
         return
     console = Console()
     rows = [(_fmt(m.role), "×".join(map(str, m.shape)), _fmt(m.rank), f"{m.alpha:g}",

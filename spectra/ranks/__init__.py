@@ -20,10 +20,11 @@ Modules: :mod:`~spectra.ranks.policy` (what decides a rank), :mod:`~spectra.rank
 from spectra.ranks.budget import Allocation, allocate_budget
 from spectra.ranks.functional import functional_ranks, read_sweep
 from spectra.ranks.plan import (PLAN_SCHEMA_VERSION, LeftOut, ModuleRank, RankPlan, check_peft_config,
-                                check_peft_conversion, load_plan, lora_config, save_plan)
+                                check_peft_conversion, load_plan, lora_config, plan_document,
+                                save_plan)
 from spectra.ranks.policy import RankPolicy, parse_budget
 from spectra.ranks.recommend import recommend_ranks
 
 __all__ = ["Allocation", "LeftOut", "ModuleRank", "PLAN_SCHEMA_VERSION", "RankPlan", "RankPolicy", "allocate_budget",
            "check_peft_config", "check_peft_conversion", "functional_ranks", "load_plan", "lora_config", "parse_budget",
-           "read_sweep", "recommend_ranks", "save_plan"]
+           "plan_document", "read_sweep", "recommend_ranks", "save_plan"]

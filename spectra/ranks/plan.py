@@ -824,10 +824,27 @@ class MetaModels:
 
 
 def save_plan(plan: RankPlan, path: str | os.PathLike, *, model_config: Mapping | None = None,
-              models: MetaModels | None = None) -> Path:
-    """Write the plan as JSON atomically (temp file in the same folder, then rename).
+              models: MetaModels | None = None, extra: Mapping | None = None) -> Path:
+    """Write the plan as JSON atomically (temp file in the same folder, then rename): :func:`plan_document`,
+    with ``extra``'s keys added (``spectra recommend`` adds its ``memory`` estimate; none is read back)."""
+    return write_plan(plan_document(plan, model_config=model_config, models=models) | dict(extra or {}), path)
 
-    The file also carries ``peft_config``, the plan's :meth:`RankPlan.to_peft_config`, for users
+
+def write_plan(document: Mapping, path: str | os.PathLike) -> Path:
+    """Write a :func:`plan_document` (with any keys added) as JSON atomically; :func:`load_plan` reads it."""
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path} is a directory; the plan is a file, e.g. {path / 'plan.json'}.")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(path, json.dumps(document, indent=2) + "\n")
+    return path
+
+
+def plan_document(plan: RankPlan, *, model_config: Mapping | None = None,
+                  models: MetaModels | None = None) -> dict:
+    """The plan file's contents: :meth:`RankPlan.to_dict` and the PEFT config it makes.
+
+    The document also carries ``peft_config``, the plan's :meth:`RankPlan.to_peft_config`, for users
     who pass it to ``LoraConfig(**…)``; it is not read back. Its names are those of the model
     class that ``model_config`` names (a ``config.json`` dict; default: the one beside the
     analysed base, ``plan.base["path"]``), built on the meta device, so PEFT matches them on
@@ -845,10 +862,6 @@ def save_plan(plan: RankPlan, path: str | os.PathLike, *, model_config: Mapping 
     """
     from spectra.checkpoints.targets import architecture, meta_model, peft_task_type, with_labels
 
-    path = Path(path)
-    if path.is_dir():
-        raise ConfigError(f"{path} is a directory; the plan is a file, e.g. {path / 'plan.json'}.")
-    path.parent.mkdir(parents=True, exist_ok=True)
     data = plan.to_dict()
     if plan.modules:
         config = model_config if model_config is not None else base_config(plan.base)
@@ -868,8 +881,7 @@ def save_plan(plan: RankPlan, path: str | os.PathLike, *, model_config: Mapping 
         data["peft_config_notes"] = notes
         for note in notes:
             warnings.warn(note, PeftConfigWarning, stacklevel=2)
-    write_text_atomic(path, json.dumps(data, indent=2) + "\n")
-    return path
+    return data
 
 
 def _saved_text(saved: Iterable[SavedModule]) -> str:

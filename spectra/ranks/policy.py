@@ -218,7 +218,8 @@ def parse_budget(text: str) -> dict[str, int]:
     """Parse a CLI budget: ``"20M"``/``"1.5e6"`` parameters, ``"2GB"``/``"512MiB"`` bytes.
 
     Returns ``{"budget_params": n}`` or ``{"budget_bytes": n}`` to pass to :class:`RankPolicy`.
-    A bare ``B`` is refused as ambiguous (billion parameters or bytes?).
+    A bare ``B`` is refused as ambiguous (billion parameters or bytes?). A fractional count is rounded down,
+    the whole count within the budget (``0.1GiB`` holds 107374182 bytes).
     """
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][0-9]+)?)\s*([A-Za-z]*)\s*", text)
     params = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9}
@@ -228,7 +229,8 @@ def parse_budget(text: str) -> dict[str, int]:
     if m is None or (unit not in params and unit not in data) or unit == "B":
         raise ConfigError(f"Cannot read budget {text!r}: use parameters like 20M or 1.5e6, "
                           "or bytes like 2GB or 512MiB.")
-    value = float(m.group(1))
-    if unit in params:  # rounded: 4.1 × 10⁶ is 4099999.9999999995 in binary floating point
-        return {"budget_params": round(value * params[unit])}
-    return {"budget_bytes": round(value * data[unit])}
+    value = float(m.group(1)) * (params[unit] if unit in params else data[unit])
+    # the whole count within the budget (2000.7 parameters hold 2000, where rounding let 2001 in), with the last
+    # bits of binary floating point forgiven: 4.1 × 10⁶ is 4099999.9999999995
+    count = round(value) if abs(value - round(value)) <= 1e-9 * value else math.floor(value)
+    return {"budget_params" if unit in params else "budget_bytes": count}

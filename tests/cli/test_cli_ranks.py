@@ -44,6 +44,23 @@ def test_recommend_prints_table_memory_and_writes_plan(tmp_path):
     assert json.loads(out.read_text())["peft_config"]["rank_pattern"] == {r"^model\.layers\.0\.self_attn\.q_proj": 3}
 
 
+
+def test_recommend_json_and_plan_file_hold_the_same_document(tmp_path):
+    # --json printed the plan and the memory estimate but not the peft_config the file holds; the file had the
+    # peft_config but not the memory estimate the table and --json show
+    run = _analysis_dir(tmp_path)
+    out = tmp_path / "plan.json"
+    result = runner.invoke(app, ["recommend", str(run), "--energy", "0.9", "-o", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    printed, written = json.loads(result.output), json.loads(out.read_text())
+    assert printed == written
+    assert printed["peft_config"]["rank_pattern"] == {r"^model\.layers\.0\.self_attn\.q_proj": 3}
+    assert printed["peft_config"]["r"] == 1 and printed["peft_config"]["target_modules"]
+    assert printed["memory"]["method"] == "lora" and printed["memory"]["training_total"] > 0
+    assert [m.rank for m in load_plan(out).modules] == [3, 1]  # the added keys are not read back
+    alone = runner.invoke(app, ["recommend", str(run), "--energy", "0.9", "--json"])  # without -o: the same
+    assert json.loads(alone.output) == printed
+
 def test_recommend_budget_json_and_without_config(tmp_path):
     run = _analysis_dir(tmp_path, with_config=False)
     result = runner.invoke(app, ["recommend", str(run / "analysis.json"), "--budget", "200", "--json"])

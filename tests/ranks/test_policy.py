@@ -24,6 +24,9 @@ def test_parse_budget():
     assert parse_budget("1.5e6") == {"budget_params": 1_500_000}
     assert parse_budget("2GB") == {"budget_bytes": 2_000_000_000}
     assert parse_budget("512MiB") == {"budget_bytes": 512 * 2**20}
+    # a fractional count: the whole count within it (rounding let 2001 parameters into a budget of 2000.7)
+    assert parse_budget("2000.7") == {"budget_params": 2000} and parse_budget("2000.5") == {"budget_params": 2000}
+    assert parse_budget("0.1GiB") == {"budget_bytes": 107_374_182}
     for bad in ("7B", "lots", "3 parsecs"):
         with pytest.raises(ConfigError):
             parse_budget(bad)
