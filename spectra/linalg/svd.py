@@ -461,8 +461,8 @@ def randomized_svd(
         ``"auto"`` takes ``"krylov"`` when `tol` is set (the run stops when the values
         have converged) and ``"subspace"`` when a fixed `n_iter` or a `sketch_dtype` is
         asked for; with `tol`, a full decomposition instead where the shortest Krylov
-        run would cost over half its flops (values only, k a large share of a small
-        matrix: 768×2304 at k = 256 took 0.05–0.16 s so, against 0.18–0.43 by Krylov). With
+        run would cost over half its flops, or, values only, k > min(out, in)/8 (768×2304
+        at k = 128 took 0.04 s so, against 0.04–0.09 s by Krylov). With
         ``"krylov"``, `n_iter` bounds the number of block steps beyond the first and
         `n_oversamples` is not used.
     block_size : int, optional
@@ -523,8 +523,9 @@ def randomized_svd(
 
 
 def _krylov_outweighs_full(shape, k: int, b: int, compute_vectors: bool) -> bool:
-    """Whether the shortest block-Krylov run for the top k — ⌈k/b⌉ steps to hold k values, two more to check
-    them — costs over half the flops of a full decomposition (the short side's Gram product plus ~9·short³ for
+    """Whether a full decomposition is the faster way to the top k: values only with k over an eighth of the short
+    side, or the shortest block-Krylov run for the top k — ⌈k/b⌉ steps to hold k values, two more to check
+    them — costing over half the flops of a full decomposition (the short side's Gram product plus ~9·short³ for
     the eigen-solve, 3.5× that with vectors: gesdd's measured cost over the values on 768×2304 and 4096²).
 
     A Krylov flop costs ~1.5× a full-spectrum flop in time (thin GEMMs, per-step Ritz values: see
@@ -532,8 +533,17 @@ def _krylov_outweighs_full(shape, k: int, b: int, compute_vectors: bool) -> bool
     path's time, and most runs take longer. On 768×2304 at k = 256, values only, the Krylov path took 0.43 s
     (power law, converged) and 0.18–0.22 s (planted and bf16: the space filled the matrix first, then the
     full decomposition) against 0.05–0.16 s full; at k = 64 it stays (the SVD bench: 0.03 s against 0.05 s).
+
+    The flop rule alone let values-only runs at k = short/6 … short/4 through (tol 1e-3, 2 threads, 1024²,
+    768×2304, 2048², 1024×2816): the steps a run takes (7–21) are 2–4× the shortest, most where k reaches into
+    a flat tail (a planted rank plus noise, ΔW's usual form). Values only, Krylov over full took 1.7–3.1× the
+    time there at k > short/8 (0.8–1.6× on a power law) and 0.3–1.0× at k ≤ short/8, hence the eighth, the
+    cut :func:`compute_spectrum` makes too. With vectors the full path costs 3.5× more and Krylov took 0.1–0.8×
+    its time up to k = short/6 (1.1–1.3× at short/4 planted, 0.5–0.6× on a power law): the flop rule stays.
     """
     short, long_ = min(shape), max(shape)
+    if not compute_vectors and k > short / 8:
+        return True
     krylov = sum(_krylov_step_flops(short, long_, b, j * b) for j in range(1, -(-k // b) + 3))
     return krylov > 0.5 * _full_flops(short, long_) * (3.5 if compute_vectors else 1.0)
 

@@ -528,7 +528,8 @@ def test_krylov_spaces_its_checks_where_they_are_expensive(monkeypatch):
 
     def run():
         checks.clear()
-        F = randomized_svd(A, 96, tol=1e-4, random_state=0, compute_vectors=False, block_size=24)
+        F = randomized_svd(A, 96, tol=1e-4, random_state=0, compute_vectors=False, block_size=24,
+                           algorithm="krylov")  # auto would decompose fully: k > 400/8, values only
         return len(checks), float(np.max(np.abs(F.values.double().numpy() - ref) / ref))
 
     spaced, err = run()
@@ -588,14 +589,15 @@ def test_krylov_paths_do_not_miss_copies_of_a_repeated_value():
     n = 512
     tail = 0.3 * torch.arange(1, n + 1, dtype=torch.float64) ** -0.5
     M = torch.diag(torch.cat([torch.ones(100, dtype=torch.float64), tail[: n - 100]]))
-    F = randomized_svd(M, 80, tol=1e-3, random_state=0, compute_vectors=False)
+    # the Krylov path asked for: auto decomposes fully at k > 512/8, values only
+    F = randomized_svd(M, 80, tol=1e-3, random_state=0, compute_vectors=False, algorithm="krylov")
     assert torch.equal(F.values, torch.ones(80, dtype=torch.float64))
     s2 = torch.cat([torch.ones(64, dtype=torch.float64), tail[: n - 64]])
     exact = int((torch.cumsum(s2**2, 0) >= 0.5 * (s2**2).sum()).nonzero()[0]) + 1
     assert adaptive_svd(torch.diag(s2), energy=0.5, random_state=0).k == exact
     # negative control: distinct values (a power law) keep the Krylov path
     P = torch.diag(torch.arange(1, n + 1, dtype=torch.float64) ** -0.7)
-    assert randomized_svd(P, 80, tol=1e-3, random_state=0, compute_vectors=False).method == "krylov"
+    assert randomized_svd(P, 80, tol=1e-3, random_state=0, compute_vectors=False, algorithm="krylov").method == "krylov"
 
 
 def test_auto_takes_the_full_decomposition_where_the_shortest_krylov_run_costs_more():
@@ -612,3 +614,10 @@ def test_auto_takes_the_full_decomposition_where_the_shortest_krylov_run_costs_m
     assert randomized_svd(P, 64, tol=1e-3, random_state=0).method == "krylov"  # with vectors: gesdd costs 3.5×
     big = planted(m=512, n=1536)  # k small against the short side: Krylov stays
     assert randomized_svd(big, 16, tol=1e-3, random_state=0, compute_vectors=False).method == "krylov"
+    # values only, past an eighth of the short side: full, though the shortest Krylov run is under half its flops
+    # (k reaching into the planted noise's flat tail, Krylov took 1.7-3.1x a full decomposition's time)
+    assert randomized_svd(big, 64, tol=1e-3, random_state=0, compute_vectors=False).method == "krylov"
+    over = randomized_svd(big, 65, tol=1e-3, random_state=0, compute_vectors=False)
+    ref = np.linalg.svd(big.double().numpy(), compute_uv=False)[:65]
+    assert over.method.startswith("full") and np.allclose(over.values.double().numpy(), ref, rtol=1e-5)
+    assert randomized_svd(big, 65, tol=1e-3, random_state=0).method == "krylov"  # with vectors: the flop rule
