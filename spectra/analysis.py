@@ -888,8 +888,9 @@ def _read_ahead(pairing: Pairing, todo, depth: int, budget: int, *, known: list 
             del deltas
         return
     opts = pairing.options
-    budget = _entry_budget(pairing, known if known is not None else todo if isinstance(todo, list) else [], budget,
-                           readers=1)
+    if known is None:  # a list of entries sizes the budget itself; entries handed out as asked for need `known`
+        known = todo if isinstance(todo, list) else []
+    budget = _entry_budget(pairing, known, budget, readers=1)
     pending: deque = deque()  # (entry, future, lease), in order
     source = iter(todo)
     ahead: list = []  # the next entry, taken from `todo` but not read yet (it did not fit the budget)
