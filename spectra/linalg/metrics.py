@@ -428,9 +428,12 @@ def gavish_donoho(s, shape: tuple[int, int], *, sigma: float | None = None) -> G
         raise ConfigError(f"`shape` must be (out, in) with positive sides, got {shape!r}.")
     m, n = sorted(int(x) for x in shape)
     beta = m / n
+    if v.size > m:  # a spectrum of another matrix: the count of values above the threshold would pass the rank
+        raise ConfigError(f"{v.size} singular values for a {shape[0]}×{shape[1]} matrix, which has {m}: "
+                          "`shape` is not that of the matrix they came from.")
     if sigma is not None:
-        if not (float(sigma) >= 0.0):
-            raise ConfigError(f"`sigma` must be a non-negative noise std, got {sigma!r}.")
+        if not (0.0 <= float(sigma) < math.inf):
+            raise ConfigError(f"`sigma` must be a finite, non-negative noise std, got {sigma!r}.")
         tau = gd_known_threshold((m, n), float(sigma))
         return GavishDonoho(tau, int(np.sum(v > tau)), beta, float(sigma), True, gd_lambda_star(beta))
     if m < GD_MIN_SHORT_SIDE:
@@ -573,6 +576,8 @@ def rounding_noise_floor(
             raise ConfigError(f"`{name}` must be a 2-D tensor (out, in).")
     if base.shape != tuned.shape:
         raise ConfigError(f"`base` {tuple(base.shape)} and `tuned` {tuple(tuned.shape)} differ in shape.")
+    if base.numel() == 0:
+        raise ConfigError(f"`base` and `tuned` are empty (shape {tuple(base.shape)}): no rounding noise to measure.")
     for name, t in (("base", base), ("tuned", tuned)):
         if not bool(torch.isfinite(t).all()):
             raise ConfigError(f"`{name}` holds NaN or Inf values: its rounding noise is undefined.")
@@ -757,4 +762,7 @@ def relative_update_size(delta: torch.Tensor, base: torch.Tensor) -> float:
         raise ConfigError(f"`delta` {tuple(delta.shape)} and `base` {tuple(base.shape)} differ in shape.")
     d = math.sqrt(float((delta.double() ** 2).sum()))
     b = math.sqrt(float((base.double() ** 2).sum()))
+    for name, norm in (("delta", d), ("base", b)):
+        if not math.isfinite(norm):  # a NaN entry, an Inf, or squares past float64
+            raise ConfigError(f"`{name}` holds NaN or Inf values, or is too large for its norm in float64.")
     return math.inf if b == 0 else d / b

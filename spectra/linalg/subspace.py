@@ -315,6 +315,7 @@ def _captured(delta: torch.Tensor, U: torch.Tensor | None, V: torch.Tensor | Non
             raise ConfigError(f"`{name}` has {X.shape[0]} rows but `delta` has {side}={delta.shape[dim]}.")
         spaces.append(_orthonormal(X))
     Qu, Qv = spaces  # (out, p'), (in, q') orthonormal
+    delta = _in_square_range(delta)
     total = frobenius_energy(delta)
     if total == 0:
         return 0.0, 0.0, 0.0
@@ -333,6 +334,22 @@ def _check_finite(t: torch.Tensor, name: str) -> None:
     lo, hi = torch.aminmax(t)
     if not (math.isfinite(float(lo)) and math.isfinite(float(hi))):
         raise ConfigError(f"`{name}` holds NaN or Inf values.")
+
+
+def _in_square_range(t: torch.Tensor) -> torch.Tensor:
+    """`t` times a power of two (exact) that brings a float64 tensor's largest |entry| from beyond 2^±400 to ~1, so
+    that its squares sum in float64's normal range: 1e155 had overflowed to a NaN fraction, 1e-170 lost the small
+    values' squares to subnormals (−0.67 on a rank-5 energy). Ratios of energies do not change. Any other tensor is
+    returned as it is; a scaled one is a copy."""
+    if t.dtype != torch.float64 or t.numel() == 0:
+        return t
+    lo, hi = torch.aminmax(t)
+    top = max(-float(lo), float(hi))
+    if top == 0 or 2.0**-400 <= top <= 2.0**400:
+        return t
+    e = -math.frexp(top)[1]  # top · 2ᵉ in [½, 1)
+    half = e // 2  # in two steps: 2ᵉ alone may pass float64's range (e up to 1074)
+    return t * 2.0**half * 2.0**(e - half)
 
 
 def _check_given(F: Spectrum, name: str, shape, vectors: int) -> None:
@@ -358,7 +375,7 @@ def best_rank_energy(delta: torch.Tensor, rank: int) -> float:
         raise ConfigError("`delta` must be a 2-D tensor (out, in).")
     _check_rank(rank, min(delta.shape))
     _check_finite(delta, "delta")
-    F = full_svd(delta, dtype=torch.float64)
+    F = full_svd(_in_square_range(delta), dtype=torch.float64)
     return 0.0 if F.total_energy == 0 else float((F.values[:rank].double() ** 2).sum()) / F.total_energy
 
 
@@ -378,6 +395,8 @@ def amplification_factor(delta: torch.Tensor | None, W: torch.Tensor, rank: int,
     W : torch.Tensor, shape (out, in)
         Usually W_base (the paper's W_q). Read by row blocks up-cast to float64.
     rank : int
+        At most ΔW's numerical rank (σᵢ above max(out, in)·ε₆₄·σ₁), where its singular vectors are determined;
+        a larger one is refused (a zero ΔW gives 0 at any rank).
     svd : Spectrum, optional
         A decomposition of `delta` with vectors, when already computed.
 
@@ -408,6 +427,12 @@ def amplification_factor(delta: torch.Tensor | None, W: torch.Tensor, rank: int,
         F = svd
     else:
         F = full_svd(delta, compute_vectors=True, dtype=torch.float64)
+        if F.total_energy == 0:
+            return 0.0  # whatever the (arbitrary) vectors of a zero ΔW
+        numerical = int((F.values > max(W.shape) * torch.finfo(torch.float64).eps * F.values[0]).sum())
+        if rank > numerical:  # the vectors past it belong to zero singular values: LAPACK's arbitrary choice
+            raise ConfigError(f"`rank` {rank} passes ΔW's numerical rank {numerical}: its singular vectors beyond "
+                              f"that are arbitrary, and so would the factor be. Pass rank ≤ {numerical}.")
     U, Vh = F.U[:, :rank].double(), F.Vh[:rank].double()  # (out, r), (r, in)
     WV = times64(W, Vh.T)  # (out, r): W read once by row blocks in float64, never copied whole
     proj = U.T @ WV  # (r, out) @ (out, r) -> (r, r)

@@ -277,6 +277,24 @@ def test_relative_update_size():
     base = torch.ones(4, 4)
     assert mt.relative_update_size(0.1 * base, base) == pytest.approx(0.1)
     assert math.isinf(mt.relative_update_size(base, torch.zeros(4, 4)))
+    with pytest.raises(ConfigError, match="`delta` holds NaN"):  # it returned nan
+        mt.relative_update_size(torch.tensor([[math.nan]]), torch.ones(1, 1))
+    with pytest.raises(ConfigError, match="`base` holds NaN"):
+        mt.relative_update_size(torch.ones(1, 1), torch.tensor([[math.inf]]))
+
+
+def test_metrics_refuse_what_cannot_be_measured():
+    """A spectrum longer than `shape` allows (it gave rank 15 for a 3×500 matrix), an infinite noise level (rank 0),
+    an empty pair (ZeroDivisionError): each refused, naming the input."""
+    s = torch.linspace(10, 1, 20, dtype=torch.float64)
+    with pytest.raises(ConfigError, match="20 singular values for a 3×500 matrix"):
+        mt.gavish_donoho(s, (3, 500), sigma=0.1)
+    tau = mt.gd_lambda_star(20 / 500) * math.sqrt(500) * 0.1  # the same values with their own shape: λ*(β)·√n·σ
+    assert mt.gavish_donoho(s, (20, 500), sigma=0.1).rank == int((s > tau).sum()) == 15
+    with pytest.raises(ConfigError, match="finite, non-negative"):
+        mt.gavish_donoho(s, (20, 500), sigma=math.inf)
+    with pytest.raises(ConfigError, match="empty"):
+        mt.rounding_noise_floor(torch.zeros(0, 3), torch.zeros(0, 3))
 
 
 def test_energy_rank_at_full_energy_from_a_float32_spectrum():

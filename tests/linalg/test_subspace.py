@@ -97,6 +97,38 @@ def test_amplification_large_for_update_orthogonal_to_weight():
     assert ss.amplification_factor(delta, W, 1) > 5 * aligned
 
 
+
+def test_amplification_refuses_a_rank_past_the_updates_own():
+    """A rank-1 ΔW at rank 3 used the vectors of two zero singular values, LAPACK's arbitrary choice: 12.68, and
+    18.76 after a 1e-14 change of ΔW (rank 1: 24.34 both times). Refused, as the `svd=` route refuses it."""
+    rng = np.random.default_rng(0)
+    D = np.outer(rng.standard_normal(60), rng.standard_normal(40))
+    W = torch.tensor(rng.standard_normal((60, 40)))
+    nudged = torch.tensor(D + 1e-14 * rng.standard_normal((60, 40)))
+    u, s, vt = np.linalg.svd(D)
+    want = np.linalg.norm(D) / abs(u[:, 0] @ W.numpy() @ vt[0])  # the closed form at rank 1
+    assert ss.amplification_factor(torch.tensor(D), W, 1) == pytest.approx(want, rel=1e-10)
+    assert ss.amplification_factor(nudged, W, 1) == pytest.approx(want, rel=1e-10)
+    with pytest.raises(ConfigError, match="numerical rank 1"):
+        ss.amplification_factor(torch.tensor(D), W, 3)
+    assert ss.amplification_factor(torch.zeros(60, 40, dtype=torch.float64), W, 3) == 0.0  # zero ΔW: 0 at any rank
+
+
+@pytest.mark.parametrize("scale", [1e155, 1e-160, 1e-170, 1e-300, 1e300])
+def test_energy_fractions_of_a_float64_update_at_any_scale(scale):
+    """Float64 entries of 1e155 overflowed ‖ΔW‖_F² to a NaN fraction; at 1e-170 the squares fell to subnormals
+    (−0.67 on the Eckart–Young energy at rank 5). The fractions do not depend on the scale."""
+    rng = np.random.default_rng(1)
+    D, U = rng.standard_normal((60, 40)), rng.standard_normal((60, 5))
+    Q = np.linalg.qr(U)[0]
+    s = np.linalg.svd(D, compute_uv=False)
+    col = np.linalg.norm(Q.T @ D) ** 2 / np.linalg.norm(D) ** 2  # the reference at scale 1
+    top5 = (s[:5] ** 2).sum() / (s**2).sum()
+    scaled = torch.tensor(D * scale)
+    assert ss.captured_energy(scaled, U=torch.tensor(U)) == pytest.approx(col, rel=1e-12)
+    assert ss.captured_energies(scaled, torch.tensor(U), torch.tensor(D[:5].T))[0] == pytest.approx(col, rel=1e-12)
+    assert ss.best_rank_energy(scaled, 5) == pytest.approx(top5, rel=1e-12)
+
 def test_planted_intruder_found_and_aligned_update_has_none():
     g = torch.Generator().manual_seed(11)
     base = torch.randn(128, 256, generator=g, dtype=torch.float64) / 16
