@@ -178,7 +178,7 @@ def verify_adapter(base, tuned, adapter, *, eval_data=None, config: VerifyConfig
 
     from spectra.checkpoints.adapter import PEFT_PREFIX, plan_adapter
     from spectra.checkpoints.pairing import Pairing, PairingOptions
-    from spectra.checkpoints.source import AdapterSource, open_checkpoint
+    from spectra.checkpoints.source import AdapterSource, open_checkpoint, recorded_base_note
     from spectra.lora.train import read_train_summary
 
     config = config or VerifyConfig()
@@ -193,6 +193,8 @@ def verify_adapter(base, tuned, adapter, *, eval_data=None, config: VerifyConfig
     # num_labels=that count, not the base's tensor; set aside as a head new to the base is, and evaluated on that model
     num_labels, head_notes, other_classes = _saved_head_classes(adapter_src, pairing)
     planned, notes = plan_adapter(_InBase(adapter_src, pairing.base, other_classes), pairing.base, pairing.config)
+    recorded = recorded_base_note(adapter_src, pairing.base)  # the adapter may be of another model than BASE
+    notes = ([f"--{recorded}"] if recorded else []) + notes
     notes += head_notes
     task = _adapter_task(config, adapter_src, trained)
     saved = {p.module: p for p in planned if "full" in p.keys}
@@ -302,6 +304,8 @@ def summarize(rows: list[dict], coverage: tuple[float, float]) -> dict:
         "captured_energy": weighted("captured_energy"), "captured_energy_row": weighted("captured_energy_row"),
         "optimal_energy": weighted("optimal_energy"), "phi": weighted("phi"),
         "relative_error": weighted("relative_error"),
+        # modules whose adapter update is farther from ΔW_full than no update: spaces can agree with the sign wrong
+        "worse_than_none": sum((r.get("relative_error") or 0.0) > 1.0 for r in rows),
         "intruders_adapter": sum(r["intruders_adapter"] for r in rows),
         "intruders_full": sum(r["intruders_full"] for r in rows),
         "coverage": coverage[0] / coverage[1] if coverage[1] else None,
@@ -346,6 +350,8 @@ def _saved_head_classes(adapter_src, pairing) -> tuple[int | None, list[str], di
     from spectra.checkpoints.targets import architecture
     from spectra.lora.saved_modules import saved_num_labels
 
+    if not hasattr(pairing.tuned, "names"):  # TUNED a PEFT adapter: its heads are its own saved tensors, not a model's
+        return None, [], {}
     full = [k for k in adapter_src.weights.names() if "lora_" not in k and ".base_layer." not in k]
     match = match_names([k.removeprefix(PEFT_PREFIX) for k in full], pairing.tuned.names())
     saved_keys = {PEFT_PREFIX + k: t for k, t in match.pairs.items()}

@@ -146,9 +146,17 @@ def headline(summary: Mapping) -> str:
     coverage = summary.get("coverage")
     whole = ("" if coverage is None or coverage >= 0.9995 else
              f" Those modules hold {pct(coverage)} of the whole update's ‖ΔW_full‖_F².")
+    worse, error = summary.get("worse_than_none") or 0, summary.get("relative_error")
+    # the shares measure spaces, blind to sign: an adapter of −ΔW_full (BASE and TUNED swapped) "captured" all of it
+    wrong = ("" if not worse else
+             f" But in {worse} of {summary.get('modules', '')} modules its update is farther from the fine-tune's "
+             "than no update at all (‖ΔW_adapter − ΔW_full‖ > ‖ΔW_full‖; relative error "
+             + (f"{error:.2f} overall" if error is not None else "above 1")
+             + "): the shares measure column spaces, not direction or size (a flipped sign, BASE and TUNED "
+               "swapped, or an update larger than the fine-tune's there).")
     return (f"The adapter captured {pct(summary.get('captured_energy'))} of the full fine-tune's update in the "
             f"{summary.get('modules', '')} modules it adapts (share of their ‖ΔW_full‖_F² in its column spaces) where "
-            f"{at} could capture {pct(summary.get('optimal_energy'))} (Eckart–Young).{whole}")
+            f"{at} could capture {pct(summary.get('optimal_energy'))} (Eckart–Young).{whole}{wrong}")
 
 
 # ---------------------------------------------------------------------------- tables (report and terminal)

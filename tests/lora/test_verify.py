@@ -79,6 +79,49 @@ def test_verify_reproduces_numpy(trio):
         assert row["captured_energy"] <= row["optimal_energy"] + 1e-9
 
 
+
+def test_verify_against_a_fine_tune_given_as_an_adapter(trio, tmp_path):
+    """TUNED a PEFT adapter (ΔW_full its merged update): verify stopped on an AttributeError looking for TUNED's
+    tensor names; it measures as against a model, the measures those of numpy on PEFT's own merges."""
+    base_model, base, _, adapter, lora, merged, _ = trio
+    with quiet_peft():
+        other = random_adapter(base_model, tmp_path / "tuned_adapter", seed=11, r=4, lora_alpha=8,
+                               target_modules=["q_proj", "v_proj"])
+    full = {k: v.double().numpy() for k, v in other.merge_and_unload().state_dict().items()}
+    result = verify_adapter(base, tmp_path / "tuned_adapter", adapter, progress=False)
+    rows = {r["name"]: r for r in result.modules}
+    assert {r["role"] for r in rows.values()} == {"q", "v"}  # down_proj: no ΔW_full in TUNED
+    base_state = {k: v.double().numpy() for k, v in base_model.state_dict().items()}
+    for name, row in rows.items():
+        B = lora[f"base_model.model.{name}.lora_B.default.weight"]
+        ref = _numpy_reference(base_state[name + ".weight"], full[name + ".weight"], merged[name + ".weight"], B, 3)
+        for key in ("captured_energy", "optimal_energy", "phi", "relative_error"):
+            assert row[key] == pytest.approx(ref[key], rel=2e-4, abs=1e-6), (name, key)
+
+
+def test_an_adapter_of_the_opposite_update_is_called_worse_than_none(trio, tmp_path):
+    """The captured shares measure spaces: an adapter of −ΔW_full captured 'all Eckart–Young allows' and the
+    headline said no more. Against itself as TUNED the adapter's relative error is 0; negated, exactly 2."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from spectra.report.verify import headline
+
+    _, base, _, adapter, _, _, _ = trio
+    negated = tmp_path / "negated"
+    shutil.copytree(adapter, negated)
+    weights = load_file(negated / "adapter_model.safetensors")
+    save_file({k: -v if "lora_B" in k else v for k, v in weights.items()}, negated / "adapter_model.safetensors")
+    same = verify_adapter(base, adapter, adapter, progress=False).summary
+    assert same["relative_error"] == pytest.approx(0.0, abs=1e-6) and same["worse_than_none"] == 0
+    assert "farther" not in headline(same)
+    flipped = verify_adapter(base, adapter, negated, progress=False).summary
+    assert flipped["relative_error"] == pytest.approx(2.0, rel=1e-6)
+    assert flipped["captured_energy"] == pytest.approx(flipped["optimal_energy"], rel=1e-9)  # blind to the sign
+    assert flipped["worse_than_none"] == flipped["modules"] == 6
+    assert "But in 6 of 6 modules its update is farther" in headline(flipped) and "2.00 overall" in headline(flipped)
+
 @pytest.mark.parametrize("method", ["lora", "dora"])
 def test_adapter_update_equals_peft_merge(llama_base, text_data, tmp_path, method):
     """Verify's ΔW_adapter is PEFT's merge: against the merged model as 'tuned', the error is zero."""
@@ -185,6 +228,27 @@ def test_cli_verify_writes_the_report(trio, tmp_path):
                                        str(tmp_path / "other"), "--recommended", "4"])
     assert ignored.exit_code != 0 and "only apply to --sweep" in str(ignored.exception)  # not silently ignored
 
+
+def test_cli_verify_notes_an_adapter_of_another_base(trio, tmp_path):
+    """--adapter's adapter_config.json recording another model than BASE: noted in verify.json, report.md and as a
+    warning line (verify said nothing, where pairs and extract note it); nothing when it records BASE."""
+    import shutil
+
+    _, base, tuned, adapter, _, _, _ = trio
+    moved = tmp_path / "moved"
+    shutil.copytree(adapter, moved)
+    config = json.loads((moved / "adapter_config.json").read_text())
+    (moved / "adapter_config.json").write_text(json.dumps(config | {"base_model_name_or_path": str(tuned)}))
+    out = tmp_path / "report"
+    result = CliRunner().invoke(app, ["verify", str(base), str(tuned), "--adapter", str(moved), "-o", str(out), "-q"])
+    assert result.exit_code == 0, result.output
+    assert f"warning: --adapter {moved} may not be of BASE" in result.output and str(tuned) in result.output
+    assert "may not be of BASE" in json.loads((out / "verify.json").read_text())["notes"][0]
+    assert "may not be of BASE" in (out / "report.md").read_text()
+    (moved / "adapter_config.json").write_text(json.dumps(config | {"base_model_name_or_path": str(base)}))
+    same = CliRunner().invoke(app, ["verify", str(base), str(tuned), "--adapter", str(moved), "-o",
+                                    str(tmp_path / "same"), "-q"])
+    assert same.exit_code == 0 and "may not be of BASE" not in same.output
 
 def test_sweep_step_time_leaves_out_the_first_step(monkeypatch, tmp_path):
     """With two steps, the median of all steps had been the warm-up step (2036 ms against 23 ms)."""
