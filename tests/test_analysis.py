@@ -354,6 +354,24 @@ def test_cli_ctrl_c_exits_130_with_one_line(planted_pair, monkeypatch, tmp_path)
     assert "stopped (Ctrl-C)" in result.output + (result.stderr if result.stderr_bytes is not None else "")
     assert "Traceback" not in result.output and not (tmp_path / "r").exists()
 
+    def in_an_import(*args, **kwargs):  # Ctrl-C in a lazy import: Python re-raises it as a RuntimeError
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt as err:
+            raise RuntimeError("Error calling __set_name__ on '_AxesBase'") from err
+
+    monkeypatch.setattr(spectra.analysis, "analyze", in_an_import)
+    result = CliRunner().invoke(app, ["analyze", *map(str, planted_pair), "-o", str(tmp_path / "r"), "-q"])
+    assert result.exit_code == 130 and "Traceback" not in result.output  # it was a RuntimeError traceback, exit 1
+    assert "stopped (Ctrl-C)" in result.output + (result.stderr if result.stderr_bytes is not None else "")
+
+    def a_bug(*args, **kwargs):  # negative control: an error with no Ctrl-C behind it stays that error
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(spectra.analysis, "analyze", a_bug)
+    result = CliRunner().invoke(app, ["analyze", *map(str, planted_pair), "-o", str(tmp_path / "r"), "-q"])
+    assert result.exit_code == 1 and isinstance(result.exception, RuntimeError)
+
 
 @pytest.mark.parametrize("sketch_dtype", ["bfloat16", "float32"])
 def test_sketch_rows_leave_out_what_needs_the_whole_spectrum(tmp_path, sketch_dtype):

@@ -67,14 +67,30 @@ def _stop_on_ctrl_c(command):
     def run(*args, **kwargs):
         try:
             return command(*args, **kwargs)
-        except KeyboardInterrupt:
-            _close_progress_bars()
-            if _state["debug"]:
+        except Exception as err:
+            if not _from_ctrl_c(err):
                 raise
-            typer.echo("stopped (Ctrl-C).", err=True)
-            raise typer.Exit(130) from None
+            stopped = err  # Ctrl-C inside an import, re-raised by Python as its own error (matplotlib's
+        except KeyboardInterrupt as err:  # lazy import: "RuntimeError: Error calling __set_name__")
+            stopped = err
+        _close_progress_bars()
+        if _state["debug"]:
+            raise stopped
+        typer.echo("stopped (Ctrl-C).", err=True)
+        raise typer.Exit(130) from None
 
     return run
+
+
+def _from_ctrl_c(err: BaseException) -> bool:
+    """Whether a KeyboardInterrupt is behind `err` (its cause or context, at any depth)."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, KeyboardInterrupt):
+            return True
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return False
 
 
 def _close_progress_bars() -> None:
