@@ -231,8 +231,14 @@ class AnalysisResult:
     @classmethod
     def load(cls, path: str | os.PathLike) -> AnalysisResult:
         """Read an ``analysis.json`` (or a report directory holding one)."""
+        from spectra.files import records_in
+
         path = Path(path)
         if path.is_dir():
+            inside = records_in(path)
+            if not (path / "analysis.json").exists() and inside:  # a sweep's, a check's folder: named
+                raise ConfigError(f"{path} holds no analysis.json but {'; '.join(inside)}: pass the report directory "
+                                  "of `spectra analyze` or its analysis.json.")
             path = path / "analysis.json"
         try:
             data = json.loads(path.read_text())
@@ -244,6 +250,9 @@ class AnalysisResult:
             raise ConfigError(f"{path} is {other}, not an analysis: pass the report directory of `spectra analyze` "
                               "or its analysis.json.")
         version = data.get("schema_version") if isinstance(data, dict) else None
+        if version is None and "modules" not in (data if isinstance(data, dict) else {}):  # a config.json, {}
+            raise ConfigError(f"{path} is not an analysis spectra wrote (no schema_version): pass the report "
+                              "directory of `spectra analyze` or its analysis.json.")
         if version != SCHEMA_VERSION:
             raise ConfigError(f"{path} has schema_version {version!r}; this spectra reads version {SCHEMA_VERSION}.")
         problem = analysis_problem(data)

@@ -185,6 +185,25 @@ def other_spectra_file(data) -> str | None:
     return None
 
 
+def is_analysis(data) -> bool:
+    """Whether `data` looks like an ``analysis.json`` (its rows and both checkpoints), of any schema version."""
+    return (isinstance(data, Mapping) and {"modules", "base", "tuned"} <= data.keys()
+            and other_spectra_file(data) is None)
+
+
+def records_in(folder: Path) -> list[str]:
+    """What the spectra record files in `folder` are ("analysis.json (an analysis, `spectra analyze`)", …), for an
+    error that was handed a folder where a file, or another record, was expected."""
+    found = []
+    for name in ("analysis.json", "plan.json", "sweep.json", "verify.json", "results.json"):
+        data = _read_record(folder / name)
+        if data is not None:
+            what = ("an analysis (`spectra analyze`)" if is_analysis(data) else other_spectra_file(data)
+                    or "a JSON file")
+            found.append(f"{folder / name}, {what}")
+    return found
+
+
 def command_of(writer: str) -> str | None:
     """The :data:`OUTPUTS` command a record's command line belongs to ("verify --sweep" → "verify"); None for none."""
     return next((c for c in sorted(OUTPUTS, key=len, reverse=True) if writer == c or writer.startswith(c + " -")), None)

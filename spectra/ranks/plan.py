@@ -925,13 +925,25 @@ def tuned_labels(config: Mapping | None, tuned_config: Mapping | None) -> int | 
 
 def load_plan(path: str | os.PathLike) -> RankPlan:
     """Read a plan written by :func:`save_plan`, validating every module's rank."""
+    from spectra.files import is_analysis, other_spectra_file, records_in
+
     path = Path(path)
+    if path.is_dir():  # a report folder: it was "[Errno 21] Is a directory"
+        inside = records_in(path)
+        raise ConfigError(f"{path} is a folder; a plan is a file, written by `spectra recommend … -o plan.json`"
+                          + (f". It holds {'; '.join(inside)}" if inside else "") + ".")
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError:
         raise ConfigError(f"No plan at {path}; write one with `spectra recommend … -o {path}`.") from None
     except json.JSONDecodeError as err:
         raise ConfigError(f"Plan {path} is not valid JSON ({err}).") from None
+    if is_analysis(data):  # it was "malformed ('policy')"
+        raise ConfigError(f"{path} is an analysis (`spectra analyze`), not a plan; make a plan from it with "
+                          f"`spectra recommend {path} -o plan.json`.")
+    other = other_spectra_file(data)
+    if other and "rank plan" not in other:
+        raise ConfigError(f"{path} is {other}, not a rank plan; write one with `spectra recommend … -o plan.json`.")
     try:
         return RankPlan.from_dict(data)
     except (KeyError, TypeError) as err:

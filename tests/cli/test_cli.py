@@ -224,6 +224,22 @@ def test_recommend_names_the_spectra_file_it_was_given_instead_of_an_analysis(mo
     assert code == 2 and "'base' must be an object" in err
     code, _, err = run(monkeypatch, capsys, "recommend", pair[0])
     assert code == 2 and "is a model folder, not an analysis: pass BASE TUNED" in err
+    # show: a config.json read as "schema_version None; this spectra reads version 1", a sweep's folder as
+    # "No such file … analysis.json"
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    code, _, err = run(monkeypatch, capsys, "show", tmp_path / "config.json")
+    assert code == 2 and "is not an analysis spectra wrote (no schema_version)" in err
+    (tmp_path / "sw").mkdir()
+    (tmp_path / "sw" / "sweep.json").write_text((tmp_path / "sweep.json").read_text())
+    code, _, err = run(monkeypatch, capsys, "show", tmp_path / "sw")
+    assert code == 2 and "holds no analysis.json but" in err and "a truncation sweep" in " ".join(err.split())
+    # a plan option given an analysis, its folder or a sweep (read as "[Errno 21] Is a directory", "malformed")
+    for given, said in ((tmp_path / "run", "It holds"), (tmp_path / "run" / "analysis.json", "is an analysis"),
+                        (tmp_path / "sweep.json", "is a truncation sweep")):
+        code, _, err = run(monkeypatch, capsys, "extract", *pair, "--plan", given, "-o", tmp_path / "ad")
+        assert code == 2 and said in " ".join(err.split()) and not (tmp_path / "ad").exists(), err
+    code, _, err = run(monkeypatch, capsys, "extract", *pair, "--plan", tmp_path / "plan.json", "-o", tmp_path / "ad")
+    assert code == 0, err  # the plan itself
 
 
 def test_debug_shows_traceback(monkeypatch, capsys, pair, tmp_path):
