@@ -332,9 +332,9 @@ def extract(
         Console().print(_module_table(f"adapter {output}: {_counted(result)}",
                                       [m.name for m in result.modules], rows,
                                       ("rank", "alpha", "‖ΔW‖_F" + ("*" if on_data else ""),
-                                       "error ‖ΔW − BA‖_F" + ("*" if on_data else ""), "energy kept")))
+                                       "error ‖ΔW − s·BA‖_F" + ("*" if on_data else ""), "energy kept")))
         if on_data:
-            typer.echo("* on the calibration data (data-optimal rows): RMS over its tokens of ΔW·x and (ΔW − BA)·x, "
+            typer.echo("* on the calibration data (data-optimal rows): RMS over its tokens of ΔW·x and (ΔW − s·BA)·x, "
                        "analyze's rms_output_change; the other rows (no calibration moments) in Frobenius norm")
     for note in result.notes:
         typer.secho(f"note: {_cli_words(note, ['extract'])}", fg="yellow", err=True)

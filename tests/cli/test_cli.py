@@ -268,7 +268,7 @@ def test_extract_uniform_rank_form(monkeypatch, capsys, pair, tmp_path):
                             "-o", tmp_path / "ad")
     assert code == 0, err
     # the one changed module (c_attn); the unchanged ones are left out, said in a note
-    assert "error ‖ΔW − BA‖_F" in stdout and "│ transformer.h.0.attn.c_attn" in stdout and "1 modules" in stdout
+    assert "error ‖ΔW − s·BA‖_F" in stdout and "│ transformer.h.0.attn.c_attn" in stdout and "1 modules" in stdout
     assert "7 targeted module(s) unchanged (ΔW = 0) left out of the adapter" in err  # 8 modules, c_attn changed
     assert "load onto a GPT2LMHeadModel" in stdout
     code, _, err = run(monkeypatch, capsys, "extract", *pair, "--rank", "2", "--model-class", "GPT2ForNothing",
