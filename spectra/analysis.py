@@ -104,7 +104,8 @@ class AnalysisConfig:
         if self.calibration is not None:
             object.__setattr__(self, "calibration", str(self.calibration))
             if not Path(self.calibration).is_file():
-                raise ConfigError(f"calibration: data file {self.calibration} does not exist; pass a .txt or .jsonl "
+                what = "is a folder, not a file" if Path(self.calibration).is_dir() else "does not exist"
+                raise ConfigError(f"calibration: data file {self.calibration} {what}; pass a .txt or .jsonl "
                                   "file of the inputs the model sees.")
             self.calibration_config()  # validates epsilon and examples
 

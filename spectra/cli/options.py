@@ -255,7 +255,9 @@ def _writable(output: Path | None, *inputs, command: str | None = None, overwrit
     folder = output.absolute().parent
     while not folder.exists() and folder != folder.parent:
         folder = folder.parent
-    if folder.exists() and not (folder.is_dir() and os.access(folder, os.W_OK)):
+    if folder.exists() and not folder.is_dir():  # -o afile/sub: a file on the way, not a permission
+        raise ConfigError(f"cannot write {output}: {folder} is a file, not a folder. Choose another -o/--output.")
+    if folder.exists() and not os.access(folder, os.W_OK):
         raise ConfigError(f"cannot write {output}: {folder} is not a folder this user may write to. Choose another "
                           "-o/--output.")
     if folder.is_dir():  # os.access trusts the mode bits: /proc, or a full or odd file system, still refuse files

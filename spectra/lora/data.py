@@ -247,7 +247,8 @@ def read_records(path: str | Path, *, task: str) -> list[dict]:
     check_task(task)
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"data file {path} does not exist; pass {DATA_FORMATS}.")
+        what = "is a folder, not a file" if path.is_dir() else "does not exist"
+        raise ConfigError(f"data file {path} {what}; pass {DATA_FORMATS}.")
     suffix = path.suffix.lower()
     if suffix == ".txt":
         if task == "seq_cls":

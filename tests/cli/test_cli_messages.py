@@ -178,3 +178,17 @@ def test_two_unrelated_checkpoints_are_said_to_be_no_fine_tune(monkeypatch, caps
     assert "Check that TUNED is a fine-tune of BASE" in " ".join(out.split())
     code, out, err = run(monkeypatch, capsys, "analyze", pair[0], pair[1], "--no-cache", "-o", tmp_path / "f")
     assert code == 0 and "a fine-tune of BASE" not in " ".join((out + err).split())  # negative control: a real update
+
+
+def test_a_path_of_the_wrong_kind_is_named_as_what_it_is(monkeypatch, capsys, pair, tmp_path):
+    """A folder given as data ("does not exist"), a config.json given as weights ("cannot read the shard index …
+    'weight_map'"), a file on an output's path ("not a folder this user may write to"): each said as it is."""
+    (tmp_path / "texts").mkdir()
+    code, _, err = run(monkeypatch, capsys, "sweep", pair[0], pair[1], "--data", tmp_path / "texts",
+                       "-o", tmp_path / "sw")
+    assert code == 2 and "is a folder, not a file" in err
+    code, _, err = run(monkeypatch, capsys, "pairs", pair[0], pair[1] / "config.json")
+    assert code == 2 and f"{pair[1] / 'config.json'} is a model's config, not weights" in " ".join(err.split())
+    (tmp_path / "afile").write_text("x")
+    code, _, err = run(monkeypatch, capsys, "extract", pair[0], pair[1], "--rank", "2", "-o", tmp_path / "afile" / "ad")
+    assert code == 2 and "afile is a file, not a folder" in " ".join(err.split())
