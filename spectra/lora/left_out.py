@@ -13,6 +13,7 @@ tensor only in TUNED. :func:`_not_carried` finds them, comparing each other pair
 from __future__ import annotations
 
 import math
+import re
 
 import torch
 
@@ -205,9 +206,6 @@ def _not_carried_notes(pairing: Pairing, matrices: list, vectors: list, only_in_
     def named(items: list[str]) -> str:
         return ", ".join(items[:3]) + (f" and {len(items) - 3} more" if len(items) > 3 else "")
 
-    def leaves(names) -> str:
-        return ",".join(dict.fromkeys(n.rpartition(".")[2] for n in names))
-
     # extract saves modules whole from a checkpoint TUNED only (:func:`~spectra.lora.saved_modules._modules_to_save`)
     merged = (" from TUNED merged into a checkpoint (PeftModel.from_pretrained(…).merge_and_unload()"
               ".save_pretrained(DIR); extract saves modules whole from a checkpoint only)"
@@ -284,9 +282,21 @@ def _not_carried_notes(pairing: Pairing, matrices: list, vectors: list, only_in_
                      f"holds matrices only): {named([n for n, _ in vectors])}. " + "; ".join(fix))
         lead = ""
     if only_in_tuned:
+        modules = list(dict.fromkeys(n.rpartition(".")[0] for n in only_in_tuned))
+        # a layer or expert BASE lacks (TUNED has 3 layers to its 2): BASE's model, which the adapter loads onto,
+        # has no place for it, so modules_to_save cannot carry it (the advice was refused when followed)
+        shapes = {re.sub(r"\.\d+(?=\.|$)", ".#", m) for m in _holding_modules(pairing.base.names())
+                  | {n.rpartition(".")[0] for n in pairing.base.names()}}
+        beyond = [m for m in modules if re.search(r"\.\d+(\.|$)", m) and re.sub(r"\.\d+(?=\.|$)", ".#", m) in shapes]
+        carried = [m for m in modules if m not in beyond]
+        entries, _ = _save_entries(carried, pairing)
         notes.append(f"{lead}{len(only_in_tuned)} tensor(s) only in TUNED (no base tensor to take a ΔW against) are "
-                     f"not in the adapter: {named(only_in_tuned)}. To carry them, save their modules whole "
-                     f"(modules_to_save={leaves(n.rpartition('.')[0] for n in only_in_tuned)}){merged}")
+                     f"not in the adapter: {named(only_in_tuned)}."
+                     + (f" To carry them, save their modules whole (modules_to_save={','.join(entries)}){merged}."
+                        if carried else "")
+                     + (f" {len(beyond)} module(s) are of layers or experts BASE does not have ({named(beyond)}): "
+                        "no adapter loaded onto BASE's model can carry them; is TUNED a fine-tune of BASE, or "
+                        "another model (`spectra pairs BASE TUNED` lists both)?" if beyond else ""))
     return notes
 
 

@@ -14,7 +14,7 @@ import torch
 
 from spectra.lora.extract import extract_adapter
 from tests.lora.test_extract import perturbed
-from tests.models import build_model, save
+from tests.models import build_model, save, tiny_config
 from tests.cli.test_cli import run
 
 ALL = lambda name, p: True  # noqa: E731 - every parameter, vectors (norms, biases) too
@@ -194,6 +194,20 @@ def test_a_head_only_in_tuned_and_an_adapter_as_tuned(tmp_path):
     saved = extract_adapter(b, t, 2, tmp_path / "saved", roles=("q", "k", "v"), modules_to_save=("classifier",),
                             progress=False)
     assert saved.notes == [] and saved.complete  # negative control
+
+    # a layer BASE lacks (TUNED has one more): its modules are not advised as modules_to_save, whose short names
+    # (q_proj, …) matched every layer's and which extract then refused (BASE's model has no layer 2)
+    import transformers as tf
+
+    config = tiny_config("llama")
+    deeper = tf.LlamaForCausalLM(tf.LlamaConfig(**(config.to_dict() | {"num_hidden_layers": 3})))
+    shallow = tf.LlamaForCausalLM(config)
+    deeper.load_state_dict(shallow.state_dict(), strict=False)  # BASE's layers, and one more
+    deeper = perturbed(deeper, names=("self_attn",))
+    b, t = save(shallow, tmp_path / "b2", "safetensors"), save(deeper, tmp_path / "t3", "safetensors")
+    result = extract_adapter(b, t, 2, tmp_path / "ad3", progress=False)
+    (note,) = [n for n in result.notes if "only in TUNED" in n]
+    assert "modules_to_save" not in note and "of layers or experts BASE does not have (model.layers.2." in note
 
     llama = build_model("llama")
     random_adapter(llama, tmp_path / "lora", r=2, target_modules=["q_proj", "embed_tokens"],
