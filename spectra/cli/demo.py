@@ -26,8 +26,17 @@ def demo(
 
     from spectra.demo.run import DemoConfig, run_demo
 
+    from transformers.utils import logging as hf_logging
+
     start = time.perf_counter()
-    result = run_demo(DemoConfig(base=base), out_dir=output, cache_dir=cache_dir, progress=not quiet)
+    # transformers' load reports ("classifier.weight | MISSING … newly initialized", 11 of them) tell of the heads
+    # the demo starts fresh by design; its own errors still print
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        result = run_demo(DemoConfig(base=base), out_dir=output, cache_dir=cache_dir, progress=not quiet)
+    finally:
+        hf_logging.set_verbosity(verbosity)
     from spectra.demo.report import headline
 
     typer.echo("\n" + headline(result.summary))

@@ -543,6 +543,23 @@ def rank_picture(analysis: Mapping, *, stacks: list | None = None) -> str:
         return (f"All {len(rows)} weight matrices are unchanged (ΔW = 0): the two checkpoints hold the same values "
                 "in every compared tensor, so there is no update to measure. Check that TUNED is the fine-tune.")
     rows = [r for r in rows if not unchanged(r)]  # no update: no rank to report, none to rank
+    # no singular value above the storage dtype's rounding-noise floor (an fp32 base, a bf16 fine-tune that left
+    # the module alone): the energy rank of rounding noise is near full, and it had ranked k, gate and down at
+    # 66-78 % of full rank beside q's 9 % on such a pair
+    noise = [r for r in rows if _noise(r) == 0]
+    if noise and len(noise) == len(rows):
+        return (f"All {len(rows)} changed weight matrices hold no singular value above the storage dtype's "
+                "rounding-noise floor: ΔW is rounding, not fine-tuning, so there is no rank to read. Check that "
+                "TUNED is the fine-tune (an fp32 BASE saved as bf16 looks like this).")
+    rows = [r for r in rows if _noise(r) != 0]
+    noise_groups = {group_of(r) for r in noise} - {group_of(r) for r in rows}
+    if noise:
+        named = ", ".join(dict.fromkeys(group_label(group_of(r), stacks_of(analysis) if stacks is None else stacks)
+                                        for r in noise))
+        more, too = ("more ", " too") if left_out else ("", "")
+        left_out = ((left_out + " ") if left_out else "") + (
+            f"{len(noise)} {more}matrices ({named}) hold no singular value above the storage dtype's rounding-noise "
+            f"floor (ΔW is rounding there, not fine-tuning) and are left out{too}.")
     level = headline_level(analysis)
     at = percent(level)
     shares = stats(_share(level)(r) for r in rows)
@@ -561,7 +578,7 @@ def rank_picture(analysis: Mapping, *, stacks: list | None = None) -> str:
     )
     # summary_rows leaves ΔW = 0 out too (and roles with no changed matrix); qkv/gate_up read through their parts
     by_role = [(entry["label"], entry[f"energy_rank_{level}_share"]) for entry in summary_rows(analysis, stacks=stacks)
-               if (entry["stack"], entry["role"]) not in whole_groups]
+               if (entry["stack"], entry["role"]) not in whole_groups | noise_groups]
     missing = [role for role, s in by_role if s is None]
     by_role = sorted(((role, s["median"]) for role, s in by_role if s is not None), key=lambda item: item[1])
     parts = ", ".join(f"{role} {share:.1%}" for role, share in by_role)

@@ -314,3 +314,30 @@ def test_an_unchanged_fused_tensor_counts_the_same_beside_the_table_and_in_the_r
             "projections, its whole left out with them).")
     assert tables.role_table_note(data) == note and f" {note} " in tables.rank_picture(data)
     assert [r["role"] for r in summary_rows(data)] == ["o"]
+
+
+def test_rank_picture_leaves_out_matrices_of_rounding_noise_alone(analysis):
+    """An fp32 base and its bf16 save where only some roles were fine-tuned: the others' ΔW is rounding, whose
+    energy rank is near full, and the picture had ranked them at 66-78 % of full rank beside the tuned roles' 9 %.
+    They are left out of the medians and the role order, and named; all of them: no rank to read at all."""
+    import copy
+
+    data = copy.deepcopy(analysis)
+    rows = [r for r in data["modules"] if r.get("kind", "matrix") == "matrix"]
+    for r in rows:
+        if r["role"] in ("q", "o"):
+            r["noise"]["rank_above"] = 0
+    text = tables.rank_picture(data)
+    split = {r["fused_name"] for r in matrix_rows(data) if r.get("fused_name")}
+    kept = [r for r in matrix_rows(data) if r["name"] not in split and r["role"] not in ("q", "o")]
+    share = np.median([r["energy_rank"]["0.9"] / min(r["shape"]) for r in kept])
+    assert f"{share:.1%} of the full rank" in text and f"Across {len(kept)} " in text
+    noise = [r for r in matrix_rows(data) if r["name"] not in split and r["role"] in ("q", "o")]
+    assert f"{len(noise)} matrices (q, o) hold no singular value above the storage dtype's rounding-noise" in text
+    order = text[text.index("runs from lowest to highest"):]
+    assert " q " not in order and " o " not in order and "v " in order
+    for r in rows:
+        r["noise"]["rank_above"] = 0
+    assert "ΔW is rounding, not fine-tuning, so there is no rank to read" in tables.rank_picture(data)
+    negative = tables.rank_picture(analysis)  # the fixture's own rows: each has signal above the floor
+    assert "rounding-noise floor" not in negative
