@@ -38,7 +38,7 @@ from spectra.checkpoints.targets import architecture, meta_model, model_targets,
 from spectra.errors import ConfigError, PeftConfigWarning
 from spectra.files import refuse_replacing_others, staged_directory
 from spectra.linalg.svd import CONVERGED_TOL, full_svd, randomized_svd
-from spectra.lora.left_out import _entry_changed, _not_carried, _not_carried_notes
+from spectra.lora.left_out import _entry_changed, _not_carried, _not_carried_notes, storage_casts
 from spectra.lora.parameter_targets import (_LEAVE_OUT, _parameter_factors, _parameter_keys, _peft_shape,
                                             _peft_transposes, _unconverted_parameters)
 from spectra.lora.saved_modules import (_also_wrapped, _modules_to_save, _saved_names, _saved_tensors, _task_type,
@@ -220,6 +220,16 @@ def extract_adapter(base, tuned, plan_or_rank, out_dir: str | os.PathLike, *, ro
                           + (f" of the stacks {', '.join(stacks)}" if stacks is not None else "")
                           + "; widen --roles or --stacks (`spectra pairs BASE TUNED` lists each module's role and "
                           "stack).")
+    # TUNED holding BASE's values rounded to its storage dtype (an fp32 BASE, a bf16 fine-tune that left the module
+    # alone): ΔW is rounding, whose LoRA would be noise; left out, and named with the other such tensors below
+    cast = storage_casts(pairing, selected)
+    if cast and len(cast) == len(selected) and not modules_to_save:
+        raise ConfigError(f"every targeted module ({len(cast)}) holds in TUNED exactly BASE's values rounded to "
+                          "TUNED's storage dtype: the fine-tune changed none of them, and the adapter would hold "
+                          "rounding only. Check that TUNED is the fine-tune (an fp32 BASE saved in bf16 looks like "
+                          "this), or widen --roles.")
+    cast = cast if len(cast) < len(selected) else []  # all, with modules saved whole: kept (PEFT needs a target)
+    selected = [e for e in selected if e.name not in cast]
     if plan is not None:
         plan.check_base(pairing.base)
     modules_to_save = with_planned(modules_to_save, plan, pairing)  # a classifier's head, which PEFT saves whole
@@ -376,8 +386,10 @@ def extract_adapter(base, tuned, plan_or_rank, out_dir: str | os.PathLike, *, ro
         stored = str(pairing.tuned.info(rounded[0]).dtype).removeprefix("torch.")
         notes.append(f"{len(rounded)} tensor(s) outside the adapter differ from the base only by TUNED's lower-"
                      f"precision storage (the base's values rounded to {stored}), "
-                     f"not by fine-tuning: {', '.join(rounded[:3])}{' …' if len(rounded) > 3 else ''}. PEFT's "
-                     "merge gives them back to within that rounding")
+                     f"not by fine-tuning: {', '.join(rounded[:3])}{' …' if len(rounded) > 3 else ''}"
+                     + (f" ({len(cast)} of them targeted, left out: their LoRA would be of rounding noise)"
+                        if cast else "")
+                     + ". PEFT's merge gives them back to within that rounding")
     notes += vocabulary_notes + head_notes
     if calibration is not None:
         notes += calibration.notes

@@ -111,6 +111,30 @@ def _rounded_to(base: torch.Tensor, tuned: torch.Tensor) -> bool:
     return all(torch.equal(a[i:i + step].to(tuned.dtype), b[i:i + step]) for i in range(0, a.numel(), step))
 
 
+def storage_casts(pairing: Pairing, entries: list) -> list[str]:
+    """The names of `entries` whose stored TUNED tensor is exactly BASE's rounded to TUNED's lower precision (an fp32
+    base saved as a bf16 fine-tune that left the module alone): ΔW is rounding there, not fine-tuning. Read only where
+    the two sides' dtypes say it may be so; one stored tensor per entry, in one layout on both sides (as
+    :func:`_not_carried` compares them); never for an adapter TUNED."""
+    if isinstance(pairing.tuned, AdapterSource):
+        return []
+    per_pair = {}
+    for e in pairing.entries:
+        per_pair[(e.base_tensor, e.tuned_tensor)] = per_pair.get((e.base_tensor, e.tuned_tensor), 0) + 1
+    cast = []
+    for e in entries:
+        if e.tuned_tensor is None or e.tuned_conv1d is not None or per_pair[(e.base_tensor, e.tuned_tensor)] != 1:
+            continue
+        b, t = pairing.base.info(e.base_tensor), pairing.tuned.info(e.tuned_tensor)
+        if (b.dtype == t.dtype or torch.promote_types(b.dtype, t.dtype) != b.dtype
+                or tuple(b.shape) != tuple(t.shape)):
+            continue
+        base, tuned = pairing.base.read(e.base_tensor), pairing.tuned.read(e.tuned_tensor)
+        if not _same_values(base, tuned) and _rounded_to(base, tuned):  # equal values: ΔW = 0, left out as unchanged
+            cast.append(e.name)
+    return cast
+
+
 def _entry_changed(pairing: Pairing, entry) -> bool:
     """Whether one entry's ΔW is non-zero (a NaN/Inf in it counts as a change: extract does not read it)."""
     from spectra.errors import NonFiniteWeightError

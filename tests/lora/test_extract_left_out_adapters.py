@@ -9,9 +9,11 @@ from __future__ import annotations
 import copy
 import warnings
 
+import pytest
 import torch
 import transformers as tf
 
+from spectra.errors import ConfigError
 from spectra.lora.extract import extract_adapter
 from tests.lora.test_extract import perturbed
 from tests.lora.test_extract_left_out import _advice
@@ -176,3 +178,18 @@ def test_a_lower_precision_fine_tune_s_rounding_is_not_a_change(tmp_path):
     t2 = save(moved, tmp_path / "t2", "safetensors")
     control = extract_adapter(b, t2, "full", tmp_path / "re2", roles=("q",), progress=False)
     assert control.left_out_vectors == ["model.norm.weight"] and not control.complete
+
+    # targeted modules the fine-tune left alone (o, gate here, whose values bf16 rounds): a LoRA of their rounding
+    # would be noise. Left out and counted in the rounding note; the merge is still TUNED to within its rounding.
+    # All of them: refused
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        wide = extract_adapter(b, t, 2, tmp_path / "wide", roles=("q", "o", "gate"), progress=False)
+    assert all(m.name.endswith("q_proj") for m in wide.modules) and wide.complete
+    cast = [n for n in rounded if n.endswith(("o_proj.weight", "gate_proj.weight"))]
+    assert cast and set(cast) <= set(wide.storage_rounded)
+    (note,) = [n for n in wide.notes if "lower-precision storage" in n]
+    assert f"({len(cast)} of them targeted, left out" in note
+    with pytest.raises(ConfigError, match=r"every targeted module \(\d+\) holds in TUNED exactly BASE's values"):
+        extract_adapter(b, t, 2, tmp_path / "none", roles=("o", "gate"), progress=False)
+    assert not (tmp_path / "none").exists()
