@@ -347,10 +347,11 @@ def _saved_head_classes(adapter_src, pairing) -> tuple[int | None, list[str], di
     one: its keys saved whole matched to TUNED's tensors, against the class TUNED's config names."""
     from spectra.checkpoints.adapter import PEFT_PREFIX
     from spectra.checkpoints.names import match_names
+    from spectra.checkpoints.source import AdapterSource
     from spectra.checkpoints.targets import architecture
     from spectra.lora.saved_modules import saved_num_labels
 
-    if not hasattr(pairing.tuned, "names"):  # TUNED a PEFT adapter: its heads are its own saved tensors, not a model's
+    if isinstance(pairing.tuned, AdapterSource):  # TUNED a PEFT adapter: no model's tensors to match heads against
         return None, [], {}
     full = [k for k in adapter_src.weights.names() if "lora_" not in k and ".base_layer." not in k]
     match = match_names([k.removeprefix(PEFT_PREFIX) for k in full], pairing.tuned.names())

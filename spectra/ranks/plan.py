@@ -824,14 +824,14 @@ class MetaModels:
 
 
 def save_plan(plan: RankPlan, path: str | os.PathLike, *, model_config: Mapping | None = None,
-              models: MetaModels | None = None, extra: Mapping | None = None) -> Path:
-    """Write the plan as JSON atomically (temp file in the same folder, then rename): :func:`plan_document`,
-    with ``extra``'s keys added (``spectra recommend`` adds its ``memory`` estimate; none is read back)."""
-    return write_plan(plan_document(plan, model_config=model_config, models=models) | dict(extra or {}), path)
+              models: MetaModels | None = None) -> Path:
+    """Write the plan's :func:`plan_document` as JSON atomically (temp file in the same folder, then rename)."""
+    return write_plan(plan_document(plan, model_config=model_config, models=models), path)
 
 
 def write_plan(document: Mapping, path: str | os.PathLike) -> Path:
-    """Write a :func:`plan_document` (with any keys added) as JSON atomically; :func:`load_plan` reads it."""
+    """Write a :func:`plan_document` as JSON atomically, with any keys added (``spectra recommend`` adds its memory
+    estimate; :func:`load_plan` reads the plan and ignores them)."""
     path = Path(path)
     if path.is_dir():
         raise ConfigError(f"{path} is a directory; the plan is a file, e.g. {path / 'plan.json'}.")
