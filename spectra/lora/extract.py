@@ -365,7 +365,8 @@ def extract_adapter(base, tuned, plan_or_rank, out_dir: str | os.PathLike, *, ro
     elif save_names and all(m.fro_norm == 0.0 for m in results):
         notes.append("every targeted module is unchanged (ΔW = 0): their LoRA factors are zeros; the adapter carries "
                      f"the saved modules ({', '.join(saved_list)})")
-    left_out, left_out_vectors, only_in_tuned, rounded = _not_carried(pairing, selected, save_names)
+    left_out, left_out_vectors, only_in_tuned, rounded = _not_carried(pairing, selected, save_names,
+                                                                      cast=tuple(cast))
     dropped = set(unchanged)  # the model's names of the modules left out as unchanged (ΔW = 0): not adapted
     # changed matrices PEFT puts no LoRA on, selected or not: no roles or plan would carry them, so said apart
     refused |= _peft_refused([e for _, e in left_out if e.kind == "matrix" and e.name not in refused], model, pairing)

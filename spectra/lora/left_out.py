@@ -25,7 +25,7 @@ from spectra.checkpoints.source import AdapterSource
 from spectra.lora.saved_modules import _holding_modules
 
 
-def _not_carried(pairing: Pairing, selected: list, save_names: list[str]):
+def _not_carried(pairing: Pairing, selected: list, save_names: list[str], *, cast: tuple[str, ...] = ()):
     """What TUNED changed that the adapter does not carry: (matrices, vectors), each a list of (name, entry) in
     natural order, and the tensors only in TUNED.
 
@@ -42,7 +42,8 @@ def _not_carried(pairing: Pairing, selected: list, save_names: list[str]):
 
     A tensor TUNED stores in a lower precision than the base (a bf16 fine-tune of an fp32 base) whose values are
     exactly the base's rounded to that precision is a storage cast, not a change: it is left out of these lists and
-    counted in the third item's place, ``rounded`` (names), for a note of its own.
+    counted in the third item's place, ``rounded`` (names), for a note of its own. ``cast``: the entries
+    :func:`storage_casts` already found so (targets left out for it), counted without reading them again.
 
     Cost: each other pair is read once as stored and compared element by element (:func:`_same_values`, one pass
     over memory-mapped data and no ΔW), a 3-D expert tensor whole; one stored in a lower precision in TUNED that
@@ -61,6 +62,9 @@ def _not_carried(pairing: Pairing, selected: list, save_names: list[str]):
         asked = [e for e in group if e.name not in carried and e.tuned_tensor not in saved
                  and not (e.added_rows and e.kind == "matrix")]  # a resized vocabulary's bias is a vector as any
         if not asked:
+            continue
+        if len(group) == 1 and group[0].name in cast:
+            rounded.append(tuned_tensor)
             continue
         if (len(asked) == len(group) and tuned_tensor is not None and all(e.tuned_conv1d is None for e in group)
                 and pairing.base.info(base_tensor).shape == pairing.tuned.info(tuned_tensor).shape):
