@@ -34,7 +34,7 @@ from spectra.checkpoints.architectures import parse_stacks
 from spectra.checkpoints.buffers import BufferPool
 from spectra.checkpoints.pairing import DeltaW, Pairing, PairingOptions, describe
 from spectra.errors import ConfigError
-from spectra.files import other_spectra_file, write_text_atomic
+from spectra.files import other_spectra_file, records_in, write_text_atomic
 from spectra.linalg import sketch
 from spectra.linalg import metrics, noise
 from spectra.linalg.svd import Spectrum, adaptive_svd, full_svd, randomized_svd
@@ -232,12 +232,10 @@ class AnalysisResult:
     @classmethod
     def load(cls, path: str | os.PathLike) -> AnalysisResult:
         """Read an ``analysis.json`` (or a report directory holding one)."""
-        from spectra.files import records_in
-
         path = Path(path)
         if path.is_dir():
-            inside = records_in(path)
-            if not (path / "analysis.json").exists() and inside:  # a sweep's, a check's folder: named
+            inside = [] if (path / "analysis.json").exists() else records_in(path)
+            if inside:  # a sweep's, a check's folder: named
                 raise ConfigError(f"{path} holds no analysis.json but {'; '.join(inside)}: pass the report directory "
                                   "of `spectra analyze` or its analysis.json.")
             path = path / "analysis.json"

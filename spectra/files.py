@@ -192,8 +192,8 @@ def is_analysis(data) -> bool:
 
 
 def records_in(folder: Path) -> list[str]:
-    """What the spectra record files in `folder` are ("analysis.json (an analysis, `spectra analyze`)", …), for an
-    error that was handed a folder where a file, or another record, was expected."""
+    """The spectra record files in `folder`, each with what it is ("run/sweep.json, a truncation sweep of `spectra
+    sweep`"), for an error that was handed a folder where a file, or another record, was expected."""
     found = []
     for name in ("analysis.json", "plan.json", "sweep.json", "verify.json", "results.json"):
         data = _read_record(folder / name)

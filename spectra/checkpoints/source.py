@@ -431,16 +431,12 @@ def _weight_files_in_dir(path: Path) -> list[Path]:
 def _files_from_index(index: Path) -> list[Path]:
     try:
         data = json.loads(index.read_text())
-    except (OSError, ValueError) as err:
-        raise CheckpointError(f"cannot read the shard index {index}: {_sentence(err)} It must be JSON with a "
-                              "'weight_map' of tensor name → shard file.") from err
-    if isinstance(data, dict) and "weight_map" not in data and ("model_type" in data or "peft_type" in data):
-        # a config.json or adapter_config.json given for the checkpoint: it was "cannot read the shard index"
-        kind = "a PEFT adapter's config" if "peft_type" in data else "a model's config"
-        raise CheckpointError(f"{index} is {kind}, not weights: pass the folder that holds it ({index.parent}).")
-    try:
+        if isinstance(data, dict) and "weight_map" not in data and ("model_type" in data or "peft_type" in data):
+            # a config.json or adapter_config.json given for the checkpoint: it was "cannot read the shard index"
+            kind = "a PEFT adapter's config" if "peft_type" in data else "a model's config"
+            raise CheckpointError(f"{index} is {kind}, not weights: pass the folder that holds it ({index.parent}).")
         weight_map = data["weight_map"]
-    except (KeyError, TypeError) as err:
+    except (OSError, ValueError, KeyError, TypeError) as err:
         raise CheckpointError(f"cannot read the shard index {index}: {_sentence(err)} It must be JSON with a "
                               "'weight_map' of tensor name → shard file.") from err
     files = []

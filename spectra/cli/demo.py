@@ -24,9 +24,9 @@ def demo(
     _writable(output, base, cache_dir, command="demo", overwrite=True)  # replaced if spectra demo wrote it, or empty
     import time
 
-    from spectra.demo.run import DemoConfig, run_demo
-
     from transformers.utils import logging as hf_logging
+
+    from spectra.demo.run import DemoConfig, run_demo
 
     start = time.perf_counter()
     # transformers' load reports ("classifier.weight | MISSING … newly initialized", 11 of them) tell of the heads

@@ -164,11 +164,11 @@ def verify(
             if result.evals:
                 console.print(_plain_table("eval (loss gap: the loss minus the full fine-tune's; svd: the rank-r "
                                            "truncated SVD of ΔW_full)", EVAL_HEADERS, eval_rows(result.evals)))
-        provenance = [n for n in result.notes if "may not be of BASE" in n]  # every measure against W rests on it
-        for note in provenance:
+        for note in result.provenance:  # every measure against W rests on BASE being the adapter's model
             typer.echo(f"warning: {note}", err=True)
-        if len(result.notes) > len(provenance):
-            typer.echo(f"{len(result.notes) - len(provenance)} more note(s) in report.md (Notes) and verify.json.")
+        if len(result.notes) > len(result.provenance):
+            typer.echo(f"{len(result.notes) - len(result.provenance)} more note(s) in report.md (Notes) and "
+                       "verify.json.")
         typer.echo(f"report: {path / 'report.html'}  (also report.md, verify.json, figures/)")
         return
     from spectra.lora.train import TrainConfig

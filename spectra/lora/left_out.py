@@ -54,9 +54,7 @@ def _not_carried(pairing: Pairing, selected: list, save_names: list[str], *, cas
     carried = {e.name for e in selected}
     saved = set(save_names)
     rounded = []
-    by_pair: dict[tuple, list] = {}  # (base tensor, tuned tensor) -> its entries (the experts of a 3-D tensor)
-    for e in pairing.entries:
-        by_pair.setdefault((e.base_tensor, e.tuned_tensor), []).append(e)
+    by_pair = _by_stored_pair(pairing)
     matrices, vectors = [], []
     for (base_tensor, tuned_tensor), group in by_pair.items():
         asked = [e for e in group if e.name not in carried and e.tuned_tensor not in saved
@@ -66,8 +64,7 @@ def _not_carried(pairing: Pairing, selected: list, save_names: list[str], *, cas
         if len(group) == 1 and group[0].name in cast:
             rounded.append(tuned_tensor)
             continue
-        if (len(asked) == len(group) and tuned_tensor is not None and all(e.tuned_conv1d is None for e in group)
-                and pairing.base.info(base_tensor).shape == pairing.tuned.info(tuned_tensor).shape):
+        if len(asked) == len(group) and _stored_alike(pairing, base_tensor, tuned_tensor, group):
             base_value, tuned_value = pairing.base.read(base_tensor), pairing.tuned.read(tuned_tensor)
             if _same_values(base_value, tuned_value):
                 continue
@@ -115,6 +112,20 @@ def _rounded_to(base: torch.Tensor, tuned: torch.Tensor) -> bool:
     return all(torch.equal(a[i:i + step].to(tuned.dtype), b[i:i + step]) for i in range(0, a.numel(), step))
 
 
+def _by_stored_pair(pairing: Pairing) -> dict[tuple, list]:
+    """(base tensor, tuned tensor) → its entries (one, or the experts of a 3-D tensor)."""
+    by_pair: dict[tuple, list] = {}
+    for e in pairing.entries:
+        by_pair.setdefault((e.base_tensor, e.tuned_tensor), []).append(e)
+    return by_pair
+
+
+def _stored_alike(pairing: Pairing, base_tensor: str, tuned_tensor: str | None, group: list) -> bool:
+    """Whether a stored pair can be compared as stored: TUNED holds the tensor, in BASE's layout and shape."""
+    return (tuned_tensor is not None and all(e.tuned_conv1d is None for e in group)
+            and pairing.base.info(base_tensor).shape == pairing.tuned.info(tuned_tensor).shape)
+
+
 def storage_casts(pairing: Pairing, entries: list) -> list[str]:
     """The names of `entries` whose stored TUNED tensor is exactly BASE's rounded to TUNED's lower precision (an fp32
     base saved as a bf16 fine-tune that left the module alone): ΔW is rounding there, not fine-tuning. Read only where
@@ -122,16 +133,14 @@ def storage_casts(pairing: Pairing, entries: list) -> list[str]:
     :func:`_not_carried` compares them); never for an adapter TUNED."""
     if isinstance(pairing.tuned, AdapterSource):
         return []
-    per_pair = {}
-    for e in pairing.entries:
-        per_pair[(e.base_tensor, e.tuned_tensor)] = per_pair.get((e.base_tensor, e.tuned_tensor), 0) + 1
+    by_pair = _by_stored_pair(pairing)
     cast = []
     for e in entries:
-        if e.tuned_tensor is None or e.tuned_conv1d is not None or per_pair[(e.base_tensor, e.tuned_tensor)] != 1:
+        group = by_pair[(e.base_tensor, e.tuned_tensor)]
+        if len(group) != 1 or not _stored_alike(pairing, e.base_tensor, e.tuned_tensor, group):
             continue
-        b, t = pairing.base.info(e.base_tensor), pairing.tuned.info(e.tuned_tensor)
-        if (b.dtype == t.dtype or torch.promote_types(b.dtype, t.dtype) != b.dtype
-                or tuple(b.shape) != tuple(t.shape)):
+        b, t = pairing.base.info(e.base_tensor).dtype, pairing.tuned.info(e.tuned_tensor).dtype
+        if b == t or torch.promote_types(b, t) != b:  # TUNED not stored in a lower precision: no cast
             continue
         base, tuned = pairing.base.read(e.base_tensor), pairing.tuned.read(e.tuned_tensor)
         if not _same_values(base, tuned) and _rounded_to(base, tuned):  # equal values: ΔW = 0, left out as unchanged
@@ -313,9 +322,12 @@ def _not_carried_notes(pairing: Pairing, matrices: list, vectors: list, only_in_
         modules = list(dict.fromkeys(n.rpartition(".")[0] for n in only_in_tuned))
         # a layer or expert BASE lacks (TUNED has 3 layers to its 2): BASE's model, which the adapter loads onto,
         # has no place for it, so modules_to_save cannot carry it (the advice was refused when followed)
-        shapes = {re.sub(r"\.\d+(?=\.|$)", ".#", m) for m in _holding_modules(pairing.base.names())
+        def indexless(module: str) -> str:  # model.layers.2.mlp -> model.layers.#.mlp
+            return re.sub(r"\.\d+(?=\.|$)", ".#", module)
+
+        shapes = {indexless(m) for m in _holding_modules(pairing.base.names())
                   | {n.rpartition(".")[0] for n in pairing.base.names()}}
-        beyond = [m for m in modules if re.search(r"\.\d+(\.|$)", m) and re.sub(r"\.\d+(?=\.|$)", ".#", m) in shapes]
+        beyond = [m for m in modules if indexless(m) != m and indexless(m) in shapes]
         carried = [m for m in modules if m not in beyond]
         entries, _ = _save_entries(carried, pairing)
         notes.append(f"{lead}{len(only_in_tuned)} tensor(s) only in TUNED (no base tensor to take a ΔW against) are "

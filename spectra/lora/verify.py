@@ -127,6 +127,8 @@ class VerifyResult:
     config: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     right_vectors: dict = field(default_factory=dict, repr=False)  # name -> (r, in), not serialised
+    # the notes saying TUNED or the adapter may not be of BASE (in `notes` too): every measure against W rests on it
+    provenance: list[str] = field(default_factory=list, repr=False)
 
     def to_dict(self) -> dict:
         return {"schema_version": SCHEMA_VERSION, **self.sources, "config": self.config, "summary": self.summary,
@@ -193,8 +195,10 @@ def verify_adapter(base, tuned, adapter, *, eval_data=None, config: VerifyConfig
     # num_labels=that count, not the base's tensor; set aside as a head new to the base is, and evaluated on that model
     num_labels, head_notes, other_classes = _saved_head_classes(adapter_src, pairing)
     planned, notes = plan_adapter(_InBase(adapter_src, pairing.base, other_classes), pairing.base, pairing.config)
-    recorded = recorded_base_note(adapter_src, pairing.base)  # the adapter may be of another model than BASE
-    notes = ([f"--{recorded}"] if recorded else []) + notes
+    recorded = recorded_base_note(adapter_src, pairing.base)  # "adapter … may not be of BASE": --adapter's here
+    own = [f"--{recorded}"] if recorded else []
+    notes = own + notes
+    provenance = own + ([pairing.provenance] if pairing.provenance else [])  # TUNED's is in pairing.notes
     notes += head_notes
     task = _adapter_task(config, adapter_src, trained)
     saved = {p.module: p for p in planned if "full" in p.keys}
@@ -278,7 +282,8 @@ def verify_adapter(base, tuned, adapter, *, eval_data=None, config: VerifyConfig
         sources={"base": pairing.base.fingerprint(), "tuned": pairing.tuned.fingerprint(),
                  "adapter": adapter_src.fingerprint() | {"method": trained.get("method") or _method(adapter_src),
                                                          "quantized": quantized}},
-        config=asdict(config), notes=notes + list(pairing.notes), right_vectors={n: right[n] for n in keep})
+        config=asdict(config), notes=notes + list(pairing.notes), right_vectors={n: right[n] for n in keep},
+        provenance=provenance)
     if eval_data is not None:
         result.evals = evaluate_models(base, tuned, adapter_src, eval_data, truncated, config=config,
                                        quantized=quantized, trained=trained, reference=reference_evals,
