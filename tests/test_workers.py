@@ -87,7 +87,9 @@ def test_frozen_gc_freezes_what_exists_for_the_run_and_restores_it():
     try:
         frozen = gc.get_freeze_count()
         run()
-        assert seen[2] == frozen and gc.get_freeze_count() == frozen
+        # left as it was: a frozen object may die meanwhile (CI saw 2 of 1,350,701 go: another test's thread), but a
+        # freeze of the run's own would add every object made since, and an unfreeze would leave 0
+        assert frozen - 100 < seen[2] <= frozen and frozen - 100 < gc.get_freeze_count() <= frozen
     finally:
         gc.unfreeze()
     assert analyze.__wrapped__ is not None
