@@ -452,10 +452,12 @@ class Intruders:
     indices : tuple of int
         0-based positions j among the top-k singular vectors of W_tuned that are intruders.
     max_cos : torch.Tensor, shape (k,)
-        max_i |cos(y_j, x_i)| over every singular vector x_i of W_base, per top-k y_j, with
-        ``method="full"``. With ``method="certified"`` a bound on the same side of ε as
-        that maximum: a lower bound ≥ ε for a direction the base has, an upper bound < ε
-        for an intruder (so ``max_cos < epsilon`` marks the intruders either way).
+        max_i |cos(y_j, x_i)| over every singular vector x_i of W_base with a nonzero value
+        (0 for a zero base), per top-k y_j, with ``method="full"``. With
+        ``method="certified"`` a bound on the same side of ε as that maximum: a lower bound
+        ≥ ε for a direction the base has, an upper bound < ε for an intruder (so
+        ``max_cos < epsilon`` marks the intruders either way). NaN where y_j's own value is
+        zero (W_tuned's rank is below k): no direction of W_tuned, no intruder.
     k : int
     epsilon : float
     side : str
@@ -529,6 +531,13 @@ def intruder_dimensions(
 
     y_j (j ≤ k) is an intruder if max_i |cos(y_j, x_i)| < ε over all singular vectors
     x_i of W_base (same side).
+
+    Only vectors of a nonzero singular value count, on both sides (nonzero: above
+    max(m, n)·eps·σ₁ of the decomposition, as ``matrix_rank`` counts). Those of a zero
+    value are an arbitrary basis of a null space, so against a rank-deficient W_base the
+    published definition would turn on LAPACK's choice of basis; here a tuned direction
+    inside the base's null space is an intruder (max |cos| = 0 against a zero base). A
+    y_j beyond W_tuned's own rank is no intruder.
 
     Small matrices (short side ≤ `exact_below`), or a complete `base_svd`, take full
     float64 decompositions. Larger ones decide every y_j without W_base's full
@@ -607,10 +616,26 @@ def intruder_dimensions(
             return found
         Fb = full_svd(W_base, compute_vectors=True, dtype=torch.float64)  # some direction undecided
     Ft = tuned_svd if tuned_svd is not None else full_svd(W_tuned, compute_vectors=True, dtype=torch.float64)
-    X, Y = _side(Fb, side), _side(Ft, side)[:, :k]  # (dim, r), (dim, k)
-    max_cos = (X.T @ Y).abs().amax(0)  # (r, k) -> (k,)
+    # vectors of a zero singular value are any basis of a null space: only the rank's are the weight's
+    X = _side(Fb, side)[:, :_numerical_rank(Fb, W_base.shape)]  # (dim, r)
+    Y = _side(Ft, side)[:, :k]  # (dim, k)
+    max_cos = (X.T @ Y).abs().amax(0) if X.shape[1] else Y.new_zeros(k)  # (r, k) -> (k,)
+    max_cos[_numerical_rank(Ft, W_tuned.shape):] = math.nan  # no direction of W_tuned: not an intruder
     idx = tuple(int(j) for j in torch.nonzero(max_cos < epsilon).flatten())
     return Intruders(idx, max_cos, k, float(epsilon), side)
+
+
+def _numerical_rank(F: Spectrum, shape: tuple[int, int]) -> int:
+    """How many of `F`'s values exceed max(m, n)·eps·σ₁ (eps of the values' dtype), as ``matrix_rank`` counts.
+
+    Below that a value is zero to the decomposition's precision, and its vectors are an
+    arbitrary basis of a null space rather than directions of the weight.
+    """
+    values = F.values.double()
+    if not values.numel():
+        return 0
+    cut = max(shape) * torch.finfo(F.values.dtype).eps * float(values[0])
+    return int((values > cut).sum())
 
 
 def _side(F: Spectrum, side: str) -> torch.Tensor:
@@ -622,13 +647,18 @@ def _certified_intruders(W_base, W_tuned, Fb: Spectrum, tuned_svd, k: int, epsil
                          random_state: int) -> Intruders | None:
     """Intruders decided from a few triplets (see :func:`intruder_dimensions`), or None if any is undecided."""
     chord = math.sqrt(2.0)  # ‖x − x̃‖ ≤ √2·sin θ for the better-signed of ±x̃
+    if _numerical_rank(Fb, W_base.shape) < Fb.k:
+        return None  # a null space among the base triplets: only the full decomposition sets it apart
     if tuned_svd is not None:
-        Y, ey = _side(tuned_svd, side)[:, :k], torch.zeros(k, dtype=torch.float64, device=W_base.device)
+        Ft, ey = tuned_svd, torch.zeros(k, dtype=torch.float64, device=W_base.device)
     else:
         short = min(W_tuned.shape)
         Ft = _orthonormal_triplets(krylov_triplets(W_tuned.float(), k + 1, steps=_krylov_steps(k + 1, short),
                                                    random_state=random_state))
-        Y, ey = _side(Ft, side)[:, :k], chord * ritz_bounds(W_tuned, Ft).vector_sin[:k]
+        ey = chord * ritz_bounds(W_tuned, Ft).vector_sin[:k]
+    if _numerical_rank(Ft, W_tuned.shape) < k:
+        return None  # W_tuned's top k reach its null space, which the full path leaves out
+    Y = _side(Ft, side)[:, :k]
     Fb = _orthonormal_triplets(Fb)
     K = Fb.k - 1  # the last triplet only bounds the gaps of the others
     X, ex = _side(Fb, side)[:, :K], chord * ritz_bounds(W_base, Fb).vector_sin[:K]

@@ -143,6 +143,43 @@ def test_planted_intruder_found_and_aligned_update_has_none():
     assert none.count == 0 and float(none.max_cos.min()) > 0.99
 
 
+def _rank_deficient(m: int, n: int, rank: int, seed: int):
+    """A float64 (m, n) weight of exactly `rank`, with orthonormal bases of its left and right null spaces."""
+    g = torch.Generator().manual_seed(seed)
+    U, _ = torch.linalg.qr(torch.randn(m, m, generator=g, dtype=torch.float64))
+    V, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    s = torch.linspace(2.0, 1.0, rank, dtype=torch.float64)
+    return (U[:, :rank] * s) @ V[:, :rank].T, U[:, rank:], V[:, rank:]
+
+
+@pytest.mark.parametrize("exact_below", [640, 0])  # full decompositions; the certified path (which must defer)
+def test_a_tuned_direction_in_a_rank_deficient_bases_null_space_is_an_intruder(exact_below):
+    base, null_left, null_right = _rank_deficient(200, 200, 198, seed=5)  # null planes
+    u = null_left.sum(1) / math.sqrt(2)  # spread over the null plane: no basis of it holds u
+    v = null_right.sum(1) / math.sqrt(2)
+    tuned = base + 4.0 * torch.outer(u, v)  # σ = 4 above the base's 2
+    found = ss.intruder_dimensions(base, tuned, k=4, exact_below=exact_below)
+    # reference: numpy's float64 SVD, cosines against the 198 vectors of nonzero σ only
+    Ub, sb, _ = np.linalg.svd(base.numpy(), full_matrices=False)
+    Ut = np.linalg.svd(tuned.numpy(), full_matrices=False)[0][:, :4]
+    reference = np.abs(Ub[:, :198].T @ Ut).max(0)
+    assert found.indices == (0,)
+    assert found.max_cos[0] < 1e-6 and reference[0] < 1e-6
+    assert np.allclose(found.max_cos[1:].numpy(), reference[1:], atol=1e-9)
+    # negative control: over every returned vector, LAPACK's null basis decides, and any basis of a
+    # plane holds some vector within 45° of u, so the published count would miss it
+    assert np.abs(Ub.T @ Ut[:, 0]).max() >= 1 / math.sqrt(2) - 1e-9 and sb[198] < 1e-12
+
+
+def test_a_zero_base_makes_every_tuned_direction_an_intruder_and_a_rank_short_tuned_none_beyond_its_rank():
+    tuned, _, _ = _rank_deficient(24, 16, 3, seed=6)
+    found = ss.intruder_dimensions(torch.zeros(24, 16, dtype=torch.float64), tuned, k=5)
+    assert found.indices == (0, 1, 2)  # the two vectors of zero σ are no directions of W_tuned
+    assert found.max_cos[:3].tolist() == [0.0, 0.0, 0.0] and bool(found.max_cos[3:].isnan().all())
+    same = ss.intruder_dimensions(tuned, tuned, k=5)  # negative control: a weight against itself
+    assert same.count == 0 and float(same.max_cos[:3].min()) > 1 - 1e-9
+
+
 def test_rejects_mismatched_inputs():
     with pytest.raises(ConfigError, match="different spaces"):
         ss.principal_angles(_basis(10, 2, 0), _basis(12, 2, 0))
