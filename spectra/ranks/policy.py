@@ -10,6 +10,7 @@ References
 
 from __future__ import annotations
 
+import decimal
 import math
 import re
 from dataclasses import dataclass
@@ -229,8 +230,13 @@ def parse_budget(text: str) -> dict[str, int]:
     if m is None or (unit not in params and unit not in data) or unit == "B":
         raise ConfigError(f"Cannot read budget {text!r}: use parameters like 20M or 1.5e6, "
                           "or bytes like 2GB or 512MiB.")
-    value = float(m.group(1)) * (params[unit] if unit in params else data[unit])
-    # the whole count within the budget (2000.7 parameters hold 2000, where rounding let 2001 in), with the last
-    # bits of binary floating point forgiven: 4.1 × 10⁶ is 4099999.9999999995
-    count = round(value) if abs(value - round(value)) <= 1e-9 * value else math.floor(value)
+    # in decimal, exactly as typed: the whole count within the budget (2000.7 parameters hold 2000, where rounding
+    # let 2001 in); binary floating point made 4.1 × 10⁶ 4099999.9999999995, and a tolerance for that rounded
+    # 0.7GiB (751619276.8 bytes) up
+    number = decimal.Decimal(m.group(1))
+    # past a yotta-count no model comes near it, and 1e999999999 would be a billion-digit integer (or overflow)
+    value = number * (params[unit] if unit in params else data[unit]) if number.adjusted() <= 24 else None
+    if value is None or value > 10**24:
+        raise ConfigError(f"Budget {text!r} is beyond any model; give parameters like 20M or bytes like 2GB.")
+    count = int(value.to_integral_value(rounding=decimal.ROUND_FLOOR))
     return {"budget_params" if unit in params else "budget_bytes": count}

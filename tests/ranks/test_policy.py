@@ -27,7 +27,12 @@ def test_parse_budget():
     # a fractional count: the whole count within it (rounding let 2001 parameters into a budget of 2000.7)
     assert parse_budget("2000.7") == {"budget_params": 2000} and parse_budget("2000.5") == {"budget_params": 2000}
     assert parse_budget("0.1GiB") == {"budget_bytes": 107_374_182}
-    for bad in ("7B", "lots", "3 parsecs"):
+    # read in decimal: a float tolerance for 4.1 × 10⁶'s binary rounding had rounded these up, over the cap
+    assert parse_budget("0.7GiB") == {"budget_bytes": 751_619_276}  # 751619276.8
+    assert parse_budget("2.2GiB") == {"budget_bytes": 2_362_232_012}  # 2362232012.8
+    assert parse_budget("1500000000.7") == {"budget_params": 1_500_000_000}
+    assert parse_budget("1e24") == {"budget_params": 10**24}
+    for bad in ("7B", "lots", "3 parsecs", "1e25", "1e999999999"):
         with pytest.raises(ConfigError):
             parse_budget(bad)
 
