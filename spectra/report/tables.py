@@ -552,7 +552,6 @@ def rank_picture(analysis: Mapping, *, stacks: list | None = None) -> str:
                 "rounding-noise floor: ΔW is rounding, not fine-tuning, so there is no rank to read. Check that "
                 "TUNED is the fine-tune (an fp32 BASE saved as bf16 looks like this).")
     rows = [r for r in rows if _noise(r) != 0]
-    noise_groups = {group_of(r) for r in noise} - {group_of(r) for r in rows}
     if noise:
         named = ", ".join(dict.fromkeys(group_label(group_of(r), stacks_of(analysis) if stacks is None else stacks)
                                         for r in noise))
@@ -576,9 +575,13 @@ def rank_picture(analysis: Mapping, *, stacks: list | None = None) -> str:
         + ("" if counted == len(rows) else f" (the others' energy-{at} ranks are beyond the values they hold)") + "."
         + (f" {left_out}" if left_out else "")
     )
-    # summary_rows leaves ΔW = 0 out too (and roles with no changed matrix); qkv/gate_up read through their parts
-    by_role = [(entry["label"], entry[f"energy_rank_{level}_share"]) for entry in summary_rows(analysis, stacks=stacks)
-               if (entry["stack"], entry["role"]) not in whole_groups | noise_groups]
+    # summary_rows leaves ΔW = 0 out too (and roles with no changed matrix); qkv/gate_up read through their parts;
+    # the rounding-only matrices are left out of each role's median as of the overall one (a role of frozen layers
+    # and tuned ones had read at the frozen ones' near-full rank)
+    quiet = {r["name"] for r in noise}
+    signal = {**analysis, "modules": [m for m in analysis.get("modules") or [] if m.get("name") not in quiet]}
+    by_role = [(entry["label"], entry[f"energy_rank_{level}_share"]) for entry in summary_rows(signal, stacks=stacks)
+               if (entry["stack"], entry["role"]) not in whole_groups]
     missing = [role for role, s in by_role if s is None]
     by_role = sorted(((role, s["median"]) for role, s in by_role if s is not None), key=lambda item: item[1])
     parts = ", ".join(f"{role} {share:.1%}" for role, share in by_role)

@@ -341,3 +341,23 @@ def test_rank_picture_leaves_out_matrices_of_rounding_noise_alone(analysis):
     assert "ΔW is rounding, not fine-tuning, so there is no rank to read" in tables.rank_picture(data)
     negative = tables.rank_picture(analysis)  # the fixture's own rows: each has signal above the floor
     assert "rounding-noise floor" not in negative
+
+
+def test_a_roles_rounding_only_matrices_are_left_out_of_its_median_too(analysis):
+    """Frozen layers beside tuned ones: v's matrices of layers 1 and 2 rounding only (near-full energy rank), layer
+    0's tuned. The picture named the two as left out, yet ranked v by the median of all three: 93.8 %, not 25 %."""
+    import copy
+
+    data = copy.deepcopy(analysis)
+    for r in data["modules"]:
+        if r.get("role") == "v" and r.get("layer") in (1, 2):
+            r["noise"]["rank_above"] = 0
+            r["energy_rank"]["0.9"] = min(r["shape"]) - 1
+    tuned = [r for r in matrix_rows(data) if r.get("role") == "v" and r.get("layer") == 0]
+    share = float(np.median([r["energy_rank"]["0.9"] / min(r["shape"]) for r in tuned]))
+    text = tables.rank_picture(data)
+    assert "2 matrices (v) hold no singular value above" in text
+    order = text[text.index("runs from lowest to highest"):]
+    assert f"v {share:.1%}" in order, order
+    everything = [e for e in summary_rows(data) if e["role"] == "v"][0]["energy_rank_0.9_share"]["median"]
+    assert f"v {everything:.1%}" not in order  # negative control: the median with the rounding-only matrices
