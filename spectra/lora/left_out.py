@@ -325,15 +325,22 @@ def _not_carried_notes(pairing: Pairing, matrices: list, vectors: list, only_in_
         def indexless(module: str) -> str:  # model.layers.2.mlp -> model.layers.#.mlp
             return re.sub(r"\.\d+(?=\.|$)", ".#", module)
 
-        shapes = {indexless(m) for m in _holding_modules(pairing.base.names())
-                  | {n.rpartition(".")[0] for n in pairing.base.names()}}
-        beyond = [m for m in modules if indexless(m) != m and indexless(m) in shapes]
-        carried = [m for m in modules if m not in beyond]
+        base_modules = _holding_modules(pairing.base.names()) | {n.rpartition(".")[0] for n in pairing.base.names()}
+        shapes = {indexless(m) for m in base_modules}
+        # a module BASE has, with a tensor it lacks (a bias of TUNED's attention_bias=True): BASE's config builds the
+        # module without it, so saving the module whole cannot carry it either
+        extra = [n for n in only_in_tuned if n.rpartition(".")[0] in base_modules]
+        beyond = [m for m in modules if m not in base_modules and indexless(m) != m and indexless(m) in shapes]
+        carried = [m for m in modules if m not in beyond and m not in base_modules]
         entries, _ = _save_entries(carried, pairing)
         notes.append(f"{lead}{len(only_in_tuned)} tensor(s) only in TUNED (no base tensor to take a ΔW against) are "
                      f"not in the adapter: {named(only_in_tuned)}."
                      + (f" To carry them, save their modules whole (modules_to_save={','.join(entries)}){merged}."
                         if carried else "")
+                     + ((" They are" if len(extra) == len(only_in_tuned) else f" {len(extra)} ({named(extra)}) are")
+                        + " tensors of modules BASE has, built there without them: TUNED's config differs from "
+                        "BASE's (a bias added, as attention_bias does?), and no adapter loaded onto BASE's model can "
+                        "carry them." if extra else "")
                      + (f" {len(beyond)} module(s) are of layers or experts BASE does not have ({named(beyond)}): "
                         "no adapter loaded onto BASE's model can carry them; is TUNED a fine-tune of BASE, or "
                         "another model (`spectra pairs BASE TUNED` lists both)?" if beyond else ""))

@@ -208,6 +208,16 @@ def test_a_head_only_in_tuned_and_an_adapter_as_tuned(tmp_path):
     result = extract_adapter(b, t, 2, tmp_path / "ad3", progress=False)
     (note,) = [n for n in result.notes if "only in TUNED" in n]
     assert "modules_to_save" not in note and "of layers or experts BASE does not have (model.layers.2." in note
+    # biases of modules BASE has (TUNED's attention_bias=True): said as a config difference, not as layers BASE
+    # lacks ("8 module(s) are of layers or experts BASE does not have (model.layers.0.self_attn.k_proj, …")
+    biased = tf.LlamaForCausalLM(tf.LlamaConfig(**(config.to_dict() | {"attention_bias": True})))
+    biased.load_state_dict(shallow.state_dict(), strict=False)
+    t = save(perturbed(biased, names=("mlp",)), tmp_path / "tb", "safetensors")
+    result = extract_adapter(b, t, 2, tmp_path / "adb", progress=False)
+    (note,) = [n for n in result.notes if "only in TUNED" in n]
+    assert len(result.only_in_tuned) == 8 and all(n.endswith("_proj.bias") for n in result.only_in_tuned)
+    assert "They are tensors of modules BASE has, built there without them" in note
+    assert "BASE does not have" not in note and "modules_to_save" not in note
 
     llama = build_model("llama")
     random_adapter(llama, tmp_path / "lora", r=2, target_modules=["q_proj", "embed_tokens"],
