@@ -33,6 +33,7 @@ from spectra.checkpoints.adapter import held_factor_bytes
 from spectra.checkpoints.architectures import parse_stacks
 from spectra.checkpoints.buffers import BufferPool
 from spectra.checkpoints.pairing import DeltaW, Pairing, PairingOptions, describe
+from spectra.checkpoints.relatedness import relative_size, squared_norms
 from spectra.errors import ConfigError
 from spectra.files import other_spectra_file, records_in, write_text_atomic
 from spectra.linalg import sketch
@@ -304,10 +305,9 @@ def analyze_delta(d: DeltaW, config: AnalysisConfig) -> dict[str, Any]:
         "base_dtype": d.base_format or d.base_dtype, "tuned_dtype": d.tuned_format or d.tuned_dtype,
         "base_tensor": d.base_tensor,
     })
-    fro2 = sketch.squared_norm(d.delta) if d.delta_sq is None else d.delta_sq
-    base_fro = math.sqrt(sketch.squared_norm(d.base) if d.base_sq is None else d.base_sq)
-    fro = math.sqrt(fro2)
-    relative = fro / base_fro if base_fro else (0.0 if fro == 0 else math.inf)  # unchanged zeros: no update
+    fro2, base2 = squared_norms(d)
+    fro, base_fro = math.sqrt(fro2), math.sqrt(base2)
+    relative = relative_size(fro, base_fro)  # 0 for unchanged zeros: no update
     row.update(fro_norm=fro, base_fro_norm=base_fro, relative_size=relative)
     if d.added_rows:
         row["added_rows"] = d.added_rows

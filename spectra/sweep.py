@@ -58,6 +58,7 @@ import numpy as np
 from spectra.calibration import Calibration, CalibrationConfig, collect_calibration, truncation_factors
 from spectra.checkpoints.architectures import parse_stacks
 from spectra.checkpoints.pairing import check_device
+from spectra.checkpoints.relatedness import unrelated_note
 from spectra.errors import ConfigError
 from spectra.groups import curve_name, stack_index
 from spectra.lora.data import check_max_length, check_task
@@ -296,6 +297,9 @@ def truncation_sweep(base, tuned, data, *, ranks=(1, 2, 4, 8, 16, 32, 64), plan=
             U, S, Vw, _ = truncation_factors(delta, k, covariance=C, epsilon=epsilon,
                                              full_below=config.full_below, seed=config.seed)
             module.factors = (U, S, Vw)
+    unrelated = unrelated_note(size for size in weights.relative_sizes.values() if size)  # as analyze warns
+    if unrelated:
+        weights.notes.append(unrelated)
     if uncalibrated:  # as extract_adapter(calibration=...) truncates them
         weights.notes.append(f"{len(uncalibrated)} targeted module(s) have no calibration moments (calibration hooks "
                              "Linear layers: an MoE expert held in a fused parameter, an embedding is none) and are "

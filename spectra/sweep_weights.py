@@ -19,12 +19,14 @@ adapter on fused experts is (:mod:`spectra.checkpoints.placement`).
 from __future__ import annotations
 
 import functools
+import math
 from collections import Counter
 from dataclasses import dataclass
 
 import torch
 
 from spectra.checkpoints.names import match_names
+from spectra.checkpoints.relatedness import relative_size
 from spectra.checkpoints.placement import (PlacementError, TensorSlice, parameter_sources, split_sources,
                                            weight_places)
 from spectra.errors import ConfigError
@@ -87,6 +89,7 @@ class ModelWeights:
             plan = load_plan(plan)
         self.pairing = _sweep_pairing(base, tuned, plan=plan, roles=roles, stacks=stacks)
         self.notes: list[str] = list(self.pairing.notes)
+        self.relative_sizes: dict[str, float] = {}  # target -> ‖ΔW‖_F/‖W_base‖_F, as `delta` reads it
         entries, planned = _target_entries(self.pairing, plan, roles, base, tuned)
         rename = loading_rename(model)
         self._tuned_names = names_by_key(self.pairing.tuned.names(), list(self.state), rename)
@@ -236,8 +239,9 @@ class ModelWeights:
                 and k not in fused_keys and self.state[k].data_ptr() not in known]
 
     def delta(self, target: Target) -> torch.Tensor:
-        """ΔW of one target, (out, in) float32."""
+        """ΔW of one target, (out, in) float32 (its size against W_base kept in :attr:`relative_sizes`)."""
         (d,) = self.pairing.load(target.entry)
+        self.relative_sizes[target.name] = relative_size(math.sqrt(d.delta_sq), math.sqrt(d.base_sq))
         return d.delta
 
     def plan_ranks(self) -> tuple[int, ...] | None:
@@ -375,7 +379,7 @@ def _sweep_pairing(base, tuned, *, plan, roles, stacks=None):
     unknown = sorted(set(roles or ()) - set(ROLES))
     if plan is None and unknown:
         raise ConfigError(f"roles: unknown role(s) {', '.join(unknown)}; choose from {', '.join(ROLES)}.")
-    options = PairingOptions(stacks=None if plan is not None else stacks, split_fused=False, vectors=False)
+    options = PairingOptions(stacks=None if plan is not None else stacks, split_fused=False, vectors=False, norms=True)
     pairing = Pairing(base, tuned, options)
     if isinstance(pairing.tuned, AdapterSource):
         raise ConfigError(f"{tuned} is a PEFT adapter; a truncation sweep needs the full fine-tune's checkpoint.")

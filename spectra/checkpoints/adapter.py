@@ -226,6 +226,20 @@ class AdapterDelta:
         view.mul_(magnitude[:, None]).div_(norms)
         return combined
 
+    @property
+    def low_rank(self) -> bool:
+        """Whether the update is the LoRA product s·col@rowᵀ alone (no DoRA magnitude, no weight saved whole)."""
+        return not {"full", "base_layer", "magnitude"} & set(self.keys)
+
+    def update(self, weights, device: torch.device | str, dtype: torch.dtype) -> torch.Tensor:
+        """ΔW = s·col@rowᵀ (out, in) of a :attr:`low_rank` update, as :meth:`merged` forms it before adding W0.
+
+        Taken from the factors, it holds no rounding of W0 + ΔW: merged − W0 in float32 carried
+        ~6e-8·|W0| of full-rank noise, whose directions filled ΔW's singular vectors past r.
+        """
+        col, row = self.factors(weights, device, dtype)
+        return (col @ row.T).mul_(self.scaling)
+
     def factors(self, weights, device: torch.device | str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """(col, row) with the LoRA update ``ΔW = scaling·col@rowᵀ`` in the ``(out, in)`` orientation.
 

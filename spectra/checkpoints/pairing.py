@@ -39,7 +39,7 @@ from spectra.checkpoints.names import compile_name_filter, match_names
 from spectra.checkpoints.source import (AdapterSource, architecture_difference, architecture_note, open_checkpoint,
                                         recorded_base_note)
 from spectra.errors import ConfigError, NonFiniteWeightError, PairingError
-from spectra.linalg.sketch import BlockSquaredNorm
+from spectra.linalg.sketch import BlockSquaredNorm, squared_norm
 
 _CONV1D_WEIGHTS = (".c_attn.weight", ".c_proj.weight", ".c_fc.weight", ".q_attn.weight")  # GPT-2's Conv1D names
 _FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
@@ -81,6 +81,10 @@ class PairingOptions:
         With `with_weights`, attach the weights in their storage dtype instead (oriented
         views of the checkpoint's memory map, no up-cast copy): for consumers that only
         sample, sketch or up-cast them piecewise.
+    norms : bool
+        Give every whole record ``delta_sq`` and ``base_sq`` (‖ΔW‖_F², ‖W_base‖_F²), taken
+        while the pair is read; the chunked subtraction takes them anyway, others pay one
+        pass over each tensor (:func:`~spectra.linalg.sketch.squared_norm`).
     load : bool
         Read tensors; False yields metadata only (``delta`` is None), for listings.
     on_nonfinite : {"error", "skip"}
@@ -103,6 +107,7 @@ class PairingOptions:
     vectors: bool = True  # norm/bias drift is cheap to report and often telling
     with_weights: bool = False  # analysis needs W_base for noise floors and amplification
     weights_as_stored: bool = False  # bf16 views cost no memory; an fp32 copy of both costs 4 bytes/param
+    norms: bool = False  # extract and sweep weigh each update against its weight without keeping the weight
     load: bool = True
     on_nonfinite: str = "error"  # a NaN in a weight is a broken checkpoint, not data
     low_copy_above: int | None = None  # bf16 copy of ΔW for the sketch, made while each chunk is in cache
@@ -824,7 +829,7 @@ class Pairing:
         weights = self._read_pair(entry, check=not by_norms)
         if weights is None:
             return []
-        base, tuned = weights
+        base, tuned, update = weights
         if entry.added_rows:
             tuned = tuned[: base.shape[0]]
         out = low = None
@@ -834,7 +839,10 @@ class Pairing:
                 out = lease.take(n, dtype)
             if self.options.low_copy(entry.kind, base.shape):
                 low = torch.empty(n, dtype=torch.bfloat16) if lease is None else lease.take(n, torch.bfloat16)
-        delta, delta_low, delta_sq, base_sq = _difference(tuned, base, dtype, norms=by_norms, out=out, low=low)
+        if update is not None:  # a LoRA's s·B A itself, without the rounding of W_base + s·B A in it
+            delta, delta_low, delta_sq, base_sq = update, None, None, None
+        else:
+            delta, delta_low, delta_sq, base_sq = _difference(tuned, base, dtype, norms=by_norms, out=out, low=low)
         if by_norms and not (_finite_number(delta_sq) and _finite_number(base_sq)):
             if not (self._finite(base, _stored_name(entry.base_tensor, entry), self.base.spec, entry.name)
                     and self._finite(tuned, _tuned_stored_name(entry), self.tuned.spec, entry.name)):
@@ -845,6 +853,8 @@ class Pairing:
                     self._skip(entry.name, message)
                     return []
                 raise NonFiniteWeightError(f"{message}: the checkpoint is broken. {SKIP_NONFINITE_HINT}")
+        if self.options.norms and (delta_sq is None or base_sq is None):
+            delta_sq, base_sq = squared_norm(delta), squared_norm(base)
         if not self.options.with_weights:
             base = tuned = None
         elif not self.options.weights_as_stored:
@@ -867,8 +877,10 @@ class Pairing:
                 and entry.base_dtype in half and entry.tuned_dtype in half
                 and entry.adapter is None and not entry.added_rows)
 
-    def _read_pair(self, entry: PairEntry, *, check: bool = True) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(W_base, W_tuned) oriented (out, in) on the device, as stored (an adapter's merge: up-cast).
+    def _read_pair(self, entry: PairEntry, *, check: bool = True
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
+        """(W_base, W_tuned, a LoRA's update s·B A or None) oriented (out, in) on the device, as stored (an adapter's
+        merge: up-cast; its update read once, W_tuned its sum with W_base as PEFT's merge forms it).
 
         With ``check=False`` the caller checks them for NaN/Inf itself."""
         opts = self.options
@@ -877,10 +889,13 @@ class Pairing:
             return None
         if entry.adapter is not None:
             base = _orient(raw_base, entry).to(device=opts.device, dtype=opts.torch_dtype)
-            tuned = entry.adapter.merged(base, self.tuned.weights, opts.torch_dtype)
+            update = (entry.adapter.update(self.tuned.weights, base.device, opts.torch_dtype)
+                      if entry.adapter.low_rank else None)
+            tuned = (entry.adapter.merged(base, self.tuned.weights, opts.torch_dtype) if update is None
+                     else update + base)
             if not self._finite(tuned, entry.name + " (adapter merged)", self.tuned.spec, entry.name):
                 return None
-            return base, tuned
+            return base, tuned, update
         raw_tuned = (_read_stored(self.tuned, entry.tuned_tensor, entry) if entry.tuned_slice is None
                      else _read_slice(self.tuned, entry.tuned_slice))
         if check and not self._finite(raw_tuned, _tuned_stored_name(entry), self.tuned.spec, entry.name):
@@ -888,7 +903,7 @@ class Pairing:
         base, tuned = _orient(raw_base, entry), _orient(raw_tuned, entry, tuned=True)
         if entry.tuned_conv1d is not None:  # stored the other way round: copied into the base's layout (one expert),
             tuned = tuned.T.contiguous().T if entry.conv1d else tuned.contiguous()  # so the pair is subtracted chunked
-        return base.to(device=opts.device), tuned.to(device=opts.device)
+        return base.to(device=opts.device), tuned.to(device=opts.device), None
 
     def _skip(self, entry_name: str, message: str) -> None:
         self.skipped.append(message)

@@ -195,34 +195,23 @@ def _print_notes(analysis: dict, *, quiet: bool = False) -> None:
         console.print(escape(f"note: {note}"), style="yellow")
     if len(notes) > 3:
         console.print(escape(f"note: {len(notes) - 3} more pairing note(s) (report.md lists them all)"), style="yellow")
-    unrelated = _unrelated_size(analysis)
+    unrelated = _unrelated_note(analysis)
     if unrelated is not None:
-        console.print(escape(
-            f"warning: the median module's ‖ΔW‖/‖W‖ is {unrelated:.2f}: TUNED differs from BASE by as much as the "
-            f"weights themselves (two independent initialisations of one architecture give √2 ≈ 1.41; a fine-tune "
-            f"moves a weight by a small fraction of it). Check that TUNED is a fine-tune of BASE."), style="yellow")
+        console.print(escape(f"warning: {unrelated}"), style="yellow")
     for note in (analysis.get("calibration") or {}).get("notes") or []:  # e.g. texts cut at the model's positions
         # a note that names the calibration's own option ("calibration max_length: …") says it is the calibration's
         console.print(escape(f"note: {note}" if note.startswith("calibration") else f"note: calibration: {note}"),
                       style="yellow")
 
 
-# the median ‖ΔW‖/‖W‖ from which a pair reads as two unrelated checkpoints: ΔW as large as W itself is no fine-tune
-# (independent initialisations of one architecture give √2; full fine-tunes move weights by well under 1)
-_UNRELATED_SIZE = 1.0
-
-
-def _unrelated_size(analysis: dict) -> float | None:
-    """The median ‖ΔW‖/‖W‖ over the changed weight matrices (fused tensors by projection) when it reaches
-    ``_UNRELATED_SIZE``, else None."""
-    import statistics
-
+def _unrelated_note(analysis: dict) -> str | None:
+    """:func:`~spectra.checkpoints.relatedness.unrelated_note` over the changed weight matrices (fused tensors by
+    projection)."""
+    from spectra.checkpoints.relatedness import unrelated_note
     from spectra.report.tables import by_projection, matrix_rows, unchanged
 
-    sizes = [float(r["relative_size"]) for r in by_projection(matrix_rows(analysis))
-             if not unchanged(r) and r.get("relative_size") is not None]
-    median = statistics.median(sizes) if sizes else None
-    return median if median is not None and median >= _UNRELATED_SIZE else None
+    return unrelated_note(float(r["relative_size"]) for r in by_projection(matrix_rows(analysis))
+                          if not unchanged(r) and r.get("relative_size") is not None)
 
 
 # the columns that decide a rank, with labels short enough for an 80-column terminal

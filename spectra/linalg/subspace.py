@@ -427,12 +427,12 @@ def amplification_factor(delta: torch.Tensor | None, W: torch.Tensor, rank: int,
         F = svd
     else:
         F = full_svd(delta, compute_vectors=True, dtype=torch.float64)
-        if F.total_energy == 0:
-            return 0.0  # whatever the (arbitrary) vectors of a zero ΔW
-        numerical = int((F.values > max(W.shape) * torch.finfo(torch.float64).eps * F.values[0]).sum())
-        if rank > numerical:  # the vectors past it belong to zero singular values: LAPACK's arbitrary choice
-            raise ConfigError(f"`rank` {rank} passes ΔW's numerical rank {numerical}: its singular vectors beyond "
-                              f"that are arbitrary, and so would the factor be. Pass rank ≤ {numerical}.")
+    if F.total_energy == 0:
+        return 0.0  # whatever the (arbitrary) vectors of a zero ΔW
+    numerical = numerical_rank(F, W.shape)
+    if rank > numerical:  # the vectors past it belong to zero singular values: LAPACK's arbitrary choice
+        raise ConfigError(f"`rank` {rank} passes ΔW's numerical rank {numerical}: its singular vectors beyond "
+                          f"that are arbitrary, and so would the factor be. Pass rank ≤ {numerical}.")
     U, Vh = F.U[:, :rank].double(), F.Vh[:rank].double()  # (out, r), (r, in)
     WV = times64(W, Vh.T)  # (out, r): W read once by row blocks in float64, never copied whole
     proj = U.T @ WV  # (r, out) @ (out, r) -> (r, r)
@@ -617,16 +617,19 @@ def intruder_dimensions(
         Fb = full_svd(W_base, compute_vectors=True, dtype=torch.float64)  # some direction undecided
     Ft = tuned_svd if tuned_svd is not None else full_svd(W_tuned, compute_vectors=True, dtype=torch.float64)
     # vectors of a zero singular value are any basis of a null space: only the rank's are the weight's
-    X = _side(Fb, side)[:, :_numerical_rank(Fb, W_base.shape)]  # (dim, r)
+    X = _side(Fb, side)[:, :numerical_rank(Fb, W_base.shape)]  # (dim, r)
     Y = _side(Ft, side)[:, :k]  # (dim, k)
     max_cos = (X.T @ Y).abs().amax(0) if X.shape[1] else Y.new_zeros(k)  # (r, k) -> (k,)
-    max_cos[_numerical_rank(Ft, W_tuned.shape):] = math.nan  # no direction of W_tuned: not an intruder
+    max_cos[numerical_rank(Ft, W_tuned.shape):] = math.nan  # no direction of W_tuned: not an intruder
     idx = tuple(int(j) for j in torch.nonzero(max_cos < epsilon).flatten())
     return Intruders(idx, max_cos, k, float(epsilon), side)
 
 
-def _numerical_rank(F: Spectrum, shape: tuple[int, int]) -> int:
-    """How many of `F`'s values exceed max(m, n)·eps·σ₁ (eps of the values' dtype), as ``matrix_rank`` counts.
+def numerical_rank(F: Spectrum, shape: tuple[int, ...] | None = None, *, dtype: torch.dtype | None = None) -> int:
+    """How many of `F`'s values exceed max(m, n)·eps·σ₁, as ``matrix_rank`` counts.
+
+    (m, n) is `shape`, else ``F.shape``; eps is `dtype`'s, the precision the matrix was held
+    in (a float32 ΔW decomposed in float64: float32's), else that of the values.
 
     Below that a value is zero to the decomposition's precision, and its vectors are an
     arbitrary basis of a null space rather than directions of the weight.
@@ -634,7 +637,8 @@ def _numerical_rank(F: Spectrum, shape: tuple[int, int]) -> int:
     values = F.values.double()
     if not values.numel():
         return 0
-    cut = max(shape) * torch.finfo(F.values.dtype).eps * float(values[0])
+    eps = torch.finfo(F.values.dtype if dtype is None else dtype).eps
+    cut = max(F.shape if shape is None else shape) * eps * float(values[0])
     return int((values > cut).sum())
 
 
@@ -647,7 +651,7 @@ def _certified_intruders(W_base, W_tuned, Fb: Spectrum, tuned_svd, k: int, epsil
                          random_state: int) -> Intruders | None:
     """Intruders decided from a few triplets (see :func:`intruder_dimensions`), or None if any is undecided."""
     chord = math.sqrt(2.0)  # ‖x − x̃‖ ≤ √2·sin θ for the better-signed of ±x̃
-    if _numerical_rank(Fb, W_base.shape) < Fb.k:
+    if numerical_rank(Fb, W_base.shape) < Fb.k:
         return None  # a null space among the base triplets: only the full decomposition sets it apart
     if tuned_svd is not None:
         Ft, ey = tuned_svd, torch.zeros(k, dtype=torch.float64, device=W_base.device)
@@ -656,7 +660,7 @@ def _certified_intruders(W_base, W_tuned, Fb: Spectrum, tuned_svd, k: int, epsil
         Ft = _orthonormal_triplets(krylov_triplets(W_tuned.float(), k + 1, steps=_krylov_steps(k + 1, short),
                                                    random_state=random_state))
         ey = chord * ritz_bounds(W_tuned, Ft).vector_sin[:k]
-    if _numerical_rank(Ft, W_tuned.shape) < k:
+    if numerical_rank(Ft, W_tuned.shape) < k:
         return None  # W_tuned's top k reach its null space, which the full path leaves out
     Y = _side(Ft, side)[:, :k]
     Fb = _orthonormal_triplets(Fb)

@@ -33,6 +33,7 @@ from spectra.checkpoints.architectures import (missing_stacks, module_info, pars
                                                 stack_selected)
 from spectra.checkpoints.names import bare_parameters_why, is_bare_parameter, natural_key
 from spectra.checkpoints.pairing import Pairing, PairingOptions
+from spectra.checkpoints.relatedness import relative_size, unrelated_note
 from spectra.checkpoints.source import AdapterSource, CheckpointSource
 from spectra.checkpoints.targets import architecture, meta_model, model_targets, owning_modules, resolve_name
 from spectra.errors import ConfigError, PeftConfigWarning
@@ -59,6 +60,7 @@ class ModuleExtraction:
     error: float  # ‖ΔW − s·B@A‖_F, measured
     tail: float  # Eckart–Young tail √(Σ_{i>r} σᵢ²); equals `error` up to round-off (with calibration: up to O(ε))
     method: str
+    relative_size: float | None = None  # ‖ΔW‖_F / ‖W_base‖_F, in Frobenius norm with calibration too
 
     @property
     def captured_energy(self) -> float:
@@ -209,7 +211,8 @@ def extract_adapter(base, tuned, plan_or_rank, out_dir: str | os.PathLike, *, ro
                           "the stacks with `spectra recommend --stacks`, or extract with a rank.")
     n_workers, threads = split_workers(workers, device)  # checked before any work starts
     # vectors too, to name the changed ones the adapter leaves out (:func:`_not_carried`); it selects matrices only
-    pairing = Pairing(base, tuned, PairingOptions(split_fused=False, vectors=True, device=device))
+    # with the norm of each W_base that its update is measured against (norms)
+    pairing = Pairing(base, tuned, PairingOptions(split_fused=False, vectors=True, device=device, norms=True))
     lacking = missing_stacks(stacks, {e.info.stack for e in pairing.entries if e.kind == "matrix"})
     selected = _select(pairing, targets, roles if targets is None else None, stacks)
     if not selected and targets is None:
@@ -287,11 +290,14 @@ def extract_adapter(base, tuned, plan_or_rank, out_dir: str | os.PathLike, *, ro
     def factorize(entry):
         rank, _, scaling = ranks_of[entry.name]
         (d,) = pairing.load(entry)
+        size = relative_size(math.sqrt(d.delta_sq), math.sqrt(d.base_sq))  # is TUNED a fine-tune of BASE?
         C = None if calibration is None else calibration.covariance(entry.base_tensor)
         if C is not None:
-            return _factorize_on_data(d.delta, rank, scaling, C, epsilon=calibration.config.epsilon,
-                                      full_below=full_below, seed=seed)
-        return _factorize(d.delta, rank, scaling, full_below=full_below, seed=seed)
+            A, B, extraction = _factorize_on_data(d.delta, rank, scaling, C, epsilon=calibration.config.epsilon,
+                                                  full_below=full_below, seed=seed)
+        else:
+            A, B, extraction = _factorize(d.delta, rank, scaling, full_below=full_below, seed=seed)
+        return A, B, (*extraction, size)
 
     tensors: dict[str, torch.Tensor] = {}
     results = []
@@ -394,6 +400,12 @@ def extract_adapter(base, tuned, plan_or_rank, out_dir: str | os.PathLike, *, ro
     notes += vocabulary_notes + head_notes
     if calibration is not None:
         notes += calibration.notes
+    # the changed modules' sizes, as analyze warns; an adapter's update is its own whatever BASE is (its recorded
+    # base is checked instead: pairing.provenance)
+    unrelated = (None if isinstance(pairing.tuned, AdapterSource)
+                 else unrelated_note(m.relative_size for m in results if m.relative_size))
+    if unrelated:
+        notes.append(unrelated)
     complete = not (left_out or left_out_vectors or only_in_tuned) and all(
         e.name in saved_modules for e in pairing.entries if e.kind == "matrix" and e.added_rows)
     return ExtractResult(out_dir, results, saved_list, config, model_class,

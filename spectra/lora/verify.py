@@ -310,7 +310,8 @@ def summarize(rows: list[dict], coverage: tuple[float, float]) -> dict:
         "optimal_energy": weighted("optimal_energy"), "phi": weighted("phi"),
         "relative_error": weighted("relative_error"),
         # modules whose adapter update is farther from ΔW_full than no update: spaces can agree with the sign wrong
-        "worse_than_none": sum((r.get("relative_error") or 0.0) > 1.0 for r in rows),
+        # (QLoRA: its weight W0 + ΔW_ad farther from W_tuned than W0 alone, whose NF4 error the update may undo)
+        "worse_than_none": sum((r.get("relative_error") or 0.0) > r.get("relative_error_none", 1.0) for r in rows),
         "intruders_adapter": sum(r["intruders_adapter"] for r in rows),
         "intruders_full": sum(r["intruders_full"] for r in rows),
         "coverage": coverage[0] / coverage[1] if coverage[1] else None,

@@ -49,6 +49,7 @@ from spectra.linalg.subspace import (
     captured_energy,
     intruder_dimensions,
     intruder_reference,
+    numerical_rank,
     principal_angles,
     similarity_matrix,
 )
@@ -136,9 +137,11 @@ def module_measures(delta_full: torch.Tensor, delta_adapter: torch.Tensor | Spec
         raise ConfigError("a factored `delta_adapter` must be the triplets (with vectors) of an update of ΔW_full's "
                           "shape, and needs `adapter_svd`.")
     full_energy = frobenius_energy(delta_full)
-    ad_energy, error_energy, inner, W_adapted = _adapter_pass(delta_adapter, delta_full, W0, W_base)
+    ad_energy, error_energy, none_energy, inner, W_adapted = _adapter_pass(delta_adapter, delta_full, W0, W_base)
     row = {"rank": rank, "fro_norm_full": math.sqrt(full_energy), "fro_norm_adapter": math.sqrt(ad_energy)}
     row["relative_error"] = math.sqrt(error_energy / full_energy) if full_energy else None
+    if W0 is not W_base and full_energy:  # QLoRA: no update leaves W0, not W_base (for LoRA this is 1)
+        row["relative_error_none"] = math.sqrt(none_energy / full_energy)
     if ad_energy and full_energy:
         row["cosine"] = inner / math.sqrt(ad_energy * full_energy)
     k = min(intruder_k, short)
@@ -165,6 +168,10 @@ def module_measures(delta_full: torch.Tensor, delta_adapter: torch.Tensor | Spec
     if Ff.U is None or Ff.U.shape[1] < j_max:
         raise ConfigError(f"`delta_svd` must hold the top {j_max} singular vectors of ΔW_full (delta_decomposition).")
     used = min(rank, Fa.U.shape[1])  # k': ΔW_ad's singular vectors past its rank would be arbitrary
+    # likewise ΔW_full's past its numerical rank at its own precision (another adapter of lower rank as TUNED): φ,
+    # the angles and the amplification read its top min(r, that rank)
+    full_rank = numerical_rank(Ff, delta_full.shape, dtype=torch.promote_types(delta_full.dtype, torch.float32))
+    r_full, j_max = min(rank, full_rank), min(j_max, full_rank)
     # Eckart–Young optimum Σ_{i≤r} σᵢ² / ‖ΔW_full‖² from the decomposition already at hand
     row["optimal_energy"] = float((Ff.values[:rank].double() ** 2).sum()) / Ff.total_energy
     row["energy_gap"] = row["optimal_energy"] - row["captured_energy"]
@@ -172,21 +179,23 @@ def module_measures(delta_full: torch.Tensor, delta_adapter: torch.Tensor | Spec
     ad_columns = delta_adapter.U * delta_adapter.values if factored else delta_adapter  # (out, k) or (out, in)
     row["outside_lowrank"] = 1.0 - captured_energy(ad_columns, U=col_basis)
     phi = similarity_matrix(Fa.U[:, :used], Ff.U[:, :j_max])  # (k', J)
-    row["phi"] = float(phi[used - 1, rank - 1])  # φ(k', r)
-    row["phi_row"] = float(similarity_matrix(Fa.Vh[:used].T, Ff.Vh[:rank].T)[used - 1, rank - 1])
-    angles = principal_angles(col_basis, Ff.U[:, :rank])  # (min(k, r),) radians, ascending
+    row["phi"] = float(phi[used - 1, r_full - 1])  # φ(k', r)
+    row["phi_row"] = float(similarity_matrix(Fa.Vh[:used].T, Ff.Vh[:r_full].T)[used - 1, r_full - 1])
+    angles = principal_angles(col_basis, Ff.U[:, :r_full])  # (min(k, r),) radians, ascending
     row["principal_angles_deg"] = [round(math.degrees(a), 4) for a in angles.tolist()]
     row["amplification_adapter"] = amplification_factor(None if factored else delta_adapter, W0, used, svd=Fa)
-    row["amplification_full"] = amplification_factor(delta_full, W_base, rank, svd=Ff)
+    row["amplification_full"] = amplification_factor(delta_full, W_base, r_full, svd=Ff)
     return row, phi.tolist(), Fa.Vh[:used]
 
 
 def _adapter_pass(delta_adapter: torch.Tensor | Spectrum, delta_full: torch.Tensor, W0: torch.Tensor,
-                  W_base: torch.Tensor) -> tuple[float, float, float, torch.Tensor]:
-    """(‖ΔW_ad‖_F², ‖(W0 + ΔW_ad) − W_tuned‖_F², ⟨ΔW_ad, ΔW_full⟩, W0 + ΔW_ad) from one pass over the rows.
+                  W_base: torch.Tensor) -> tuple[float, float, float, float, torch.Tensor]:
+    """(‖ΔW_ad‖_F², ‖(W0 + ΔW_ad) − W_tuned‖_F², ‖W0 − W_tuned‖_F², ⟨ΔW_ad, ΔW_full⟩, W0 + ΔW_ad) from one pass
+    over the rows.
 
     Sums in float64, a block of ≤ 4 MB rows at a time; W_tuned = W_base + ΔW_full, so the
-    error is ΔW_ad + (W0 − W_base) − ΔW_full. The adapter's tuned weight (out, in) is
+    error is ΔW_ad + (W0 − W_base) − ΔW_full, and no update's (W0 alone) (W0 − W_base) −
+    ΔW_full: ‖ΔW_full‖_F² when W0 is W_base. The adapter's tuned weight (out, in) is
     summed in float64 and stored at W0's precision (float32 or better): its intruders are
     decided on it, as a merged checkpoint would store it. A factored ΔW_ad = U Σ Vh is
     formed block by block. ΔW_ad and W0 + ΔW_ad formed whole in float64 held 4× the float32
@@ -194,7 +203,7 @@ def _adapter_pass(delta_adapter: torch.Tensor | Spectrum, delta_full: torch.Tens
     """
     W_adapted = torch.empty(W0.shape, dtype=torch.promote_types(W0.dtype, torch.float32), device=W0.device)
     rows = max(1, (4 << 20) // (8 * delta_full.shape[1]))
-    energy = error = inner = 0.0
+    energy = error = none = inner = 0.0
     for i in range(0, delta_full.shape[0], rows):
         # copies (copy=True): .double() of a float64 input is the input itself, which the in-place steps would change
         ad = _rows64(delta_adapter, i, i + rows).ravel()
@@ -202,13 +211,14 @@ def _adapter_pass(delta_adapter: torch.Tensor | Spectrum, delta_full: torch.Tens
         energy += float(torch.dot(ad, ad))
         inner += float(torch.dot(ad, full))
         w0 = W0[i:i + rows].to(torch.float64, copy=True)  # (rows, in)
-        full.sub_(ad)  # ΔW_full − ΔW_ad, in place: the error up to its sign
         if W0 is not W_base:
             full += W_base[i:i + rows].to(torch.float64, copy=True).sub_(w0).ravel()  # + W_base − W0
+        none += float(torch.dot(full, full))
+        full.sub_(ad)  # W_tuned − W0 − ΔW_ad, in place: the error up to its sign
         error += float(torch.dot(full, full))
         W_adapted[i:i + rows] = w0.add_(ad.view_as(w0))  # summed in float64, rounded once
         del ad, full, w0  # before the next block's are made: one block of each at a time
-    return energy, error, inner, W_adapted
+    return energy, error, none, inner, W_adapted
 
 
 def _rows64(delta: torch.Tensor | Spectrum, i: int, j: int) -> torch.Tensor:

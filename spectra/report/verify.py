@@ -148,9 +148,11 @@ def headline(summary: Mapping) -> str:
              f" Those modules hold {pct(coverage)} of the whole update's ‖ΔW_full‖_F².")
     worse, error = summary.get("worse_than_none") or 0, summary.get("relative_error")
     # the shares measure spaces, blind to sign: an adapter of −ΔW_full (BASE and TUNED swapped) "captured" all of it
+    farther = ("‖W₀ + ΔW_adapter − W_tuned‖ > ‖W₀ − W_tuned‖, W₀ the 4-bit base" if _quantised(summary)
+               else "‖ΔW_adapter − ΔW_full‖ > ‖ΔW_full‖")
     wrong = ("" if not worse else
              f" But in {worse} of {summary.get('modules', '')} modules its update is farther from the fine-tune's "
-             "than no update at all (‖ΔW_adapter − ΔW_full‖ > ‖ΔW_full‖; relative error "
+             f"than no update at all ({farther}; relative error "
              + (f"{error:.2f} overall" if error is not None else "above 1")
              + "): the shares measure column spaces, not direction or size (a flipped sign, BASE and TUNED "
                "swapped, or an update larger than the fine-tune's there).")
@@ -166,13 +168,21 @@ SWEEP_HEADERS = ("method", "rank", "params", "captured", "Eckart–Young", "φ(r
                  "eval accuracy", "SVD eval loss", "step (ms)")
 
 
+def _quantised(summary: Mapping) -> bool:
+    """Whether QLoRA stored some adapted module in 4 bits: its relative error is then of W₀ + ΔW_adapter, W₀ the
+    dequantised base, against W_tuned (ΔW_adapter may undo some of W₀'s NF4 error)."""
+    return summary.get("quant_error") is not None
+
+
 def summary_rows(summary: Mapping) -> list[list[str]]:
     """The verify summary's headline measures as (measure, value) rows: what `spectra verify` prints."""
+    error = ("relative error ‖W₀ + ΔW_adapter − W_tuned‖/‖ΔW_full‖ (W₀ 4-bit)" if _quantised(summary)
+             else "relative error ‖ΔW_adapter − ΔW_full‖/‖ΔW_full‖")
     return [["captured (column space)", pct(summary.get("captured_energy"))],
             ["captured (row space)", pct(summary.get("captured_energy_row"))],
             ["Eckart–Young optimum at the same ranks", pct(summary.get("optimal_energy"))],
             ["φ(k, r), energy-weighted", num(summary.get("phi"))],
-            ["relative error ‖ΔW_adapter − ΔW_full‖/‖ΔW_full‖", num(summary.get("relative_error"))],
+            [error, num(summary.get("relative_error"))],
             ["intruder dimensions adapter / full", f"{_text(summary.get('intruders_adapter'))} / "
                                                    f"{_text(summary.get('intruders_full'))}"]]
 

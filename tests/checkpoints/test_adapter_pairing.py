@@ -41,6 +41,25 @@ def test_lora_adapter_equals_peft_merge(tmp_path):
     assert all(torch.linalg.matrix_rank(d.delta.double(), rtol=1e-4) == 4 for d in yielded.values())
 
 
+def test_a_lora_adapters_update_is_its_factors_product_without_the_bases_rounding(tmp_path):
+    """ΔW of a plain LoRA is s·B A from the factors. It was (W + s·B A) − W in float32, which carries the rounding
+    of the sum, ~6e-8·|W|: full-rank noise that a small update's singular vectors past r were made of."""
+    from safetensors.torch import load_file
+
+    base = build_model("llama")
+    base_dir = save(base, tmp_path / "base", "safetensors")
+    merged = make_adapter(base, tmp_path / "ad", scale=1e-4, r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"])
+    weights = load_file(str(tmp_path / "ad" / "adapter_model.safetensors"))
+    state = base.state_dict()
+    for d in Pairing(base_dir, tmp_path / "ad", PairingOptions(vectors=False)):
+        A, B = (weights[f"base_model.model.{d.name}.lora_{x}.weight"] for x in "AB")
+        reference = 2.0 * B.double() @ A.double()  # s = α/r = 2, in float64
+        assert torch.equal(d.delta, (B @ A).mul_(2.0)), d.name  # the product PEFT's merge adds, as it forms it
+        assert float((d.delta.double() - reference).abs().max()) <= 1e-6 * float(reference.abs().max())
+        subtracted = merged[d.base_tensor].float() - state[d.base_tensor].float()  # negative control: the old ΔW
+        assert float((subtracted.double() - reference).abs().max()) > 1e-4 * float(reference.abs().max()), d.name
+
+
 def test_rslora_with_rank_and_alpha_patterns(tmp_path):
     base = build_model("llama")
     base_dir = save(base, tmp_path / "base", "safetensors")
@@ -369,7 +388,8 @@ def test_target_parameters_unreadable_or_foreign_is_refused(tmp_path):
 def test_target_parameters_factors_are_read_once_per_parameter(tmp_path, monkeypatch):
     """Each expert's update is a slice of its parameter's A (r·E, in) and B (out, r·E): the pairing read both whole
     for every expert (E reads of A and B per parameter, 2E for gate_up_proj, whose w1 and w3 are separate rows).
-    Now each is read once, and every ΔW is still s·B[:, e::E]@A[e·r:(e+1)·r] added to the base, bit for bit."""
+    Now each is read once, and every ΔW is s·B[:, e::E]@A[e·r:(e+1)·r], bit for bit (it was that added to the base
+    and subtracted again, with the sum's rounding)."""
     from safetensors.torch import load_file
 
     base = build_model("mixtral")
@@ -389,8 +409,9 @@ def test_target_parameters_factors_are_read_once_per_parameter(tmp_path, monkeyp
                 prefix = f"base_model.model.model.layers.{layer}.mlp.experts.{key}"
                 a, b = saved[prefix + "lora_A.weight"][2 * e:2 * e + 2], saved[prefix + "lora_B.weight"][:, e::3]
                 w0 = state[f"model.layers.{layer}.mlp.experts.{'down_proj' if proj == 'w2' else 'gate_up_proj'}"][e]
-                expected = (b[rows] @ a).mul_(3.0).add_(w0[rows]) - w0[rows]
+                expected = (b[rows] @ a).mul_(3.0)
                 assert torch.equal(yielded[f"model.layers.{layer}.block_sparse_moe.experts.{e}.{proj}"].delta, expected)
+                assert not torch.equal(expected.add(w0[rows]) - w0[rows], expected)  # the old ΔW, rounded
 
 
 def test_target_parameters_base_experts_stored_stacked_are_read_once(tmp_path, monkeypatch):

@@ -180,6 +180,41 @@ def test_two_unrelated_checkpoints_are_said_to_be_no_fine_tune(monkeypatch, caps
     assert code == 0 and "a fine-tune of BASE" not in " ".join((out + err).split())  # negative control: a real update
 
 
+def test_extract_and_sweep_say_two_unrelated_checkpoints_are_no_fine_tune(monkeypatch, capsys, pair, tmp_path):
+    """analyze warned of an unrelated pair; extract wrote an adapter of TUNED − BASE and sweep measured its truncations
+    without a word. Each now says it, from its own modules' ‖ΔW‖_F/‖W_base‖_F (ModuleExtraction.relative_size)."""
+    import numpy as np
+
+    from spectra.lora.extract import extract_adapter
+
+    other = save(build_model("gpt2", seed=7), tmp_path / "other", "safetensors")
+    code, _, err = run(monkeypatch, capsys, "extract", pair[0], other, "--rank", "2", "-q", "-o", tmp_path / "ad")
+    assert code == 0 and "note: the median module's ‖ΔW‖/‖W‖ is 1.4" in err, err
+    assert "Check that TUNED is a fine-tune of BASE" in " ".join(err.split())
+    data = tmp_path / "texts.jsonl"
+    data.write_text("".join(json.dumps({"text": f"sentence {i} of some plain words"}) + "\n" for i in range(8)))
+    code, _, err = run(monkeypatch, capsys, "sweep", pair[0], other, "--data", data, "--ranks", "1", "-q",
+                       "-o", tmp_path / "sw")
+    assert code == 0 and "note: the median module's ‖ΔW‖/‖W‖ is 1.4" in err, err
+    assert any("the median module's" in n for n in json.loads((tmp_path / "sw" / "sweep.json").read_text())["notes"])
+    # the sizes are each module's ‖ΔW‖_F / ‖W_base‖_F, checked against float64 on the stored weights
+    from safetensors.torch import load_file
+
+    b, t = (load_file(str(p / "model.safetensors")) for p in (pair[0], other))
+    result = extract_adapter(pair[0], other, 2, tmp_path / "unrelated", progress=False)
+    assert len(result.modules) > 4
+    for m in result.modules:
+        key = next(k for k in b if k.endswith(m.name.removeprefix("transformer.") + ".weight"))
+        expected = float((t[key].double() - b[key].double()).norm() / b[key].double().norm())
+        assert m.relative_size == pytest.approx(expected, rel=1e-6), m.name
+    assert 1.3 < float(np.median([m.relative_size for m in result.modules])) < 1.5
+    result = extract_adapter(pair[0], pair[1], 2, tmp_path / "real", progress=False)
+    assert not any("median module" in n for n in result.notes)  # negative control: a fine-tune
+    code, _, err = run(monkeypatch, capsys, "sweep", pair[0], pair[1], "--data", data, "--ranks", "1", "-q",
+                       "-o", tmp_path / "sw2")
+    assert code == 0 and "median module" not in err
+
+
 def test_a_path_of_the_wrong_kind_is_named_as_what_it_is(monkeypatch, capsys, pair, tmp_path):
     """A folder given as data ("does not exist"), a config.json given as weights ("cannot read the shard index …
     'weight_map'"), a file on an output's path ("not a folder this user may write to"): each said as it is."""

@@ -112,6 +112,16 @@ def test_amplification_refuses_a_rank_past_the_updates_own():
     with pytest.raises(ConfigError, match="numerical rank 1"):
         ss.amplification_factor(torch.tensor(D), W, 3)
     assert ss.amplification_factor(torch.zeros(60, 40, dtype=torch.float64), W, 3) == 0.0  # zero ΔW: 0 at any rank
+    # with its decomposition given (verify's route) too: it returned 11.4, and 9.8 after the 1e-14 change
+    from spectra.linalg.svd import full_svd
+
+    given = full_svd(torch.tensor(D), compute_vectors=True, dtype=torch.float64)
+    assert ss.amplification_factor(None, W, 1, svd=given) == pytest.approx(want, rel=1e-10)
+    for delta in (None, torch.tensor(D)):
+        with pytest.raises(ConfigError, match="numerical rank 1"):
+            ss.amplification_factor(delta, W, 3, svd=given)
+    zero = full_svd(torch.zeros(60, 40, dtype=torch.float64), compute_vectors=True, dtype=torch.float64)
+    assert ss.amplification_factor(None, W, 3, svd=zero) == 0.0
 
 
 @pytest.mark.parametrize("scale", [1e155, 1e-160, 1e-170, 1e-300, 1e300])

@@ -20,7 +20,7 @@ from spectra.ranks import RankPolicy, recommend_ranks, save_plan
 from tests.models import build_model, on_grid, save, tiny_config
 
 
-def perturbed(model, *, seed=0, scale=0.02, names=None, select=None):
+def perturbed(model, *, seed=0, scale=0.005, names=None, select=None):
     """A copy of `model` whose chosen parameters each moved by N(0, scale²) noise, drawn in parameter order: every
     matrix (2-D) whose name holds one of `names` (any, without), or those `select(name, parameter)` picks."""
     if select is None:
@@ -471,7 +471,7 @@ def _qwen2_embedding_fine_tune(tmp_path):
     base = build_model("qwen2")
     tuned = copy.deepcopy(base)
     with torch.no_grad():
-        tuned.model.embed_tokens.weight.add_(0.05 * torch.randn_like(tuned.model.embed_tokens.weight))
+        tuned.model.embed_tokens.weight.add_(0.01 * torch.randn_like(tuned.model.embed_tokens.weight))  # ½ its norm
     return base, tuned, save(base, tmp_path / "b", "safetensors"), save(tuned, tmp_path / "t", "safetensors")
 
 
@@ -508,7 +508,7 @@ def test_a_lora_on_a_tied_embedding_says_it_holds_only_merged(tmp_path):
     untied = build_model("llama")  # no tie: no note
     tuned = copy.deepcopy(untied)
     with torch.no_grad():
-        tuned.model.embed_tokens.weight.add_(0.05 * torch.randn_like(tuned.model.embed_tokens.weight))
+        tuned.model.embed_tokens.weight.add_(0.01 * torch.randn_like(tuned.model.embed_tokens.weight))  # ½ its norm
     b, t = save(untied, tmp_path / "b2", "safetensors"), save(tuned, tmp_path / "t2", "safetensors")
     assert extract_adapter(b, t, "full", tmp_path / "ad2", roles=("embed",), progress=False).notes == []
 

@@ -89,7 +89,8 @@ def _seq_cls_adapter(tmp_path):
     cfg.num_labels, cfg.pad_token_id = 3, 0
     cls = tf.LlamaForSequenceClassification(cfg)
     cls.model.load_state_dict(lm.model.state_dict())
-    peft_model = random_adapter(cls, tmp_path / "lora", r=2, target_modules=["q_proj", "v_proj"],
+    # a fine-tune's size of update (the default 0.1 moves q and v by 3× their norm: 'no fine-tune of BASE')
+    peft_model = random_adapter(cls, tmp_path / "lora", scale=0.02, r=2, target_modules=["q_proj", "v_proj"],
                                 modules_to_save=["score"], task_type="SEQ_CLS")
     return b, peft_model, tmp_path / "lora"
 

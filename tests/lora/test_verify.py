@@ -99,6 +99,38 @@ def test_verify_against_a_fine_tune_given_as_an_adapter(trio, tmp_path):
             assert row[key] == pytest.approx(ref[key], rel=2e-4, abs=1e-6), (name, key)
 
 
+def test_against_an_adapter_of_lower_rank_the_measures_read_only_its_rank(trio, tmp_path):
+    """TUNED a rank-2 adapter whose factors are the first two of the rank-3 adapter checked: ΔW_full has rank 2, and
+    φ(3, r = 3), the angles and the amplification read its 3rd singular vectors, which belong to zero σ (float32
+    rounding of s·B A): φ_row 0.52 where the rank-2 row space lies inside the adapter's. They read the top 2 now."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    base_model, base, _, adapter, _, _, _ = trio
+    low = tmp_path / "rank2"
+    shutil.copytree(adapter, low)
+    weights = load_file(low / "adapter_model.safetensors")
+    save_file({k: (v[:2] if "lora_A" in k else v[:, :2]).contiguous() for k, v in weights.items()},
+              low / "adapter_model.safetensors")
+    config = json.loads((low / "adapter_config.json").read_text())
+    (low / "adapter_config.json").write_text(json.dumps(config | {"r": 2, "lora_alpha": 4}))  # s = 2 as before
+    result = verify_adapter(base, low, adapter, progress=False)
+    W = {k: v.double() for k, v in base_model.state_dict().items()}
+    for row in result.modules:
+        A, B = (weights[f"base_model.model.{row['name']}.lora_{x}.weight"].double() for x in "AB")
+        D = 2.0 * B[:, :2] @ A[:2]  # ΔW_full, rank 2, in float64
+        u, s, vt = np.linalg.svd(D.numpy())
+        assert s[2] < 1e-12 * s[0]
+        assert row["phi"] == pytest.approx(1.0, abs=1e-6) and row["phi_row"] == pytest.approx(1.0, abs=1e-6)
+        assert len(row["principal_angles_deg"]) == 2 and max(row["principal_angles_deg"]) < 1e-2
+        want = np.linalg.norm(D.numpy()) / np.linalg.norm(u[:, :2].T @ W[row["name"] + ".weight"].numpy() @ vt[:2].T)
+        assert row["amplification_full"] == pytest.approx(want, rel=1e-5), row["name"]
+    same = verify_adapter(base, adapter, adapter, progress=False)  # negative control: ranks equal, all 3 read
+    assert all(len(r["principal_angles_deg"]) == 3 for r in same.modules)
+
+
 def test_an_adapter_of_the_opposite_update_is_called_worse_than_none(trio, tmp_path):
     """The captured shares measure spaces: an adapter of −ΔW_full captured 'all Eckart–Young allows' and the
     headline said no more. Against itself as TUNED the adapter's relative error is 0; negated, exactly 2."""

@@ -88,3 +88,41 @@ def test_qlora_verify_keeps_a_position_tables_base_weight(tmp_path):
     expected = float((nf4_round_trip(W) - W).norm() / W.norm())
     assert rows["transformer.h.0.attn.c_attn"]["quant_error"] == pytest.approx(expected, rel=1e-5)
     assert report.summary["quant_error"] == pytest.approx(expected, rel=1e-5)  # the mean over NF4 modules
+
+
+def test_a_qlora_adapter_is_called_worse_than_none_against_w0_not_against_no_error(tmp_path):
+    """QLoRA's relative error holds W₀'s NF4 error, often larger than the fine-tune's update: an adapter equal to the
+    fine-tune's update (TUNED = the adapter) had relative error 4.9 and was 'farther than no update' in every module.
+    No update under QLoRA leaves W₀, so the comparison is ‖W₀ + ΔW_ad − W_tuned‖ against ‖W₀ − W_tuned‖."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from spectra.report.verify import headline, summary_rows
+
+    model, _ = _tiny("gpt2")
+    base = save(model, tmp_path / "base", "safetensors")
+    with quiet_peft():
+        merged = random_adapter(model, tmp_path / "adapter", seed=5, scale=0.02, r=2, lora_alpha=4,
+                                target_modules=["c_attn"], fan_in_fan_out=True).merge_and_unload()
+    negated = tmp_path / "negated"
+    shutil.copytree(tmp_path / "adapter", negated)
+    weights = load_file(negated / "adapter_model.safetensors")
+    save_file({k: -v if "lora_B" in k else v for k, v in weights.items()}, negated / "adapter_model.safetensors")
+    config = VerifyConfig(quantized=True)
+    same = verify_adapter(base, tmp_path / "adapter", tmp_path / "adapter", config=config, progress=False)
+    row = next(r for r in same.modules if r["name"] == "transformer.h.0.attn.c_attn")
+    W = model.transformer.h[0].attn.c_attn.weight.detach().T.double()  # (out, in)
+    Wt = merged.transformer.h[0].attn.c_attn.weight.detach().T.double()
+    W0 = nf4_round_trip(W.float()).double()
+    assert row["relative_error"] == pytest.approx(float((W0 - W).norm() / (Wt - W).norm()), rel=1e-5)  # the NF4 error
+    assert row["relative_error"] > 1  # the 4-bit error outweighs the update: the old rule called it worse than none
+    assert row["relative_error_none"] == pytest.approx(float((W0 - Wt).norm() / (Wt - W).norm()), rel=1e-5)
+    assert same.summary["worse_than_none"] == 0 and "farther" not in headline(same.summary)
+    assert "W₀ + ΔW_adapter − W_tuned" in summary_rows(same.summary)[4][0]
+    flipped = verify_adapter(base, tmp_path / "adapter", negated, config=config, progress=False).summary
+    assert flipped["worse_than_none"] == flipped["modules"]  # negative control: the opposite update
+    assert "‖W₀ + ΔW_adapter − W_tuned‖ > ‖W₀ − W_tuned‖" in headline(flipped)
+    plain = verify_adapter(base, tmp_path / "adapter", tmp_path / "adapter", progress=False)  # LoRA: no W₀ of its own
+    assert all("relative_error_none" not in r for r in plain.modules)
+    assert "‖ΔW_adapter − ΔW_full‖/‖ΔW_full‖" in summary_rows(plain.summary)[4][0]
