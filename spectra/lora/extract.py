@@ -223,19 +223,21 @@ def extract_adapter(base, tuned, plan_or_rank, out_dir: str | os.PathLike, *, ro
                           + (f" of the stacks {', '.join(stacks)}" if stacks is not None else "")
                           + "; widen --roles or --stacks (`spectra pairs BASE TUNED` lists each module's role and "
                           "stack).")
-    # TUNED holding BASE's values rounded to its storage dtype (an fp32 BASE, a bf16 fine-tune that left the module
-    # alone): ΔW is rounding, whose LoRA would be noise; left out, and named with the other such tensors below
-    cast = storage_casts(pairing, selected)
-    if cast and len(cast) == len(selected) and not modules_to_save:
-        raise ConfigError(f"every targeted module ({len(cast)}) holds in TUNED exactly BASE's values rounded to "
-                          "TUNED's storage dtype: the fine-tune changed none of them, and the adapter would hold "
-                          "rounding only. Check that TUNED is the fine-tune (an fp32 BASE saved in bf16 looks like "
-                          "this), or widen --roles.")
-    cast = cast if len(cast) < len(selected) else []  # all, with modules saved whole: kept (PEFT needs a target)
-    selected = [e for e in selected if e.name not in cast]
     if plan is not None:
         plan.check_base(pairing.base)
     modules_to_save = with_planned(modules_to_save, plan, pairing)  # a classifier's head, which PEFT saves whole
+    # TUNED holding BASE's values rounded to its storage dtype (an fp32 BASE, a bf16 fine-tune that left the module
+    # alone): ΔW is rounding, whose LoRA would be noise; left out, and named with the other such tensors below.
+    # Refused where every target is that or BASE's very values (nothing would be left but zeros)
+    cast, same = storage_casts(pairing, selected)
+    if cast and len(cast) + len(same) == len(selected) and not modules_to_save:
+        held = (f"exactly BASE's values rounded to TUNED's storage dtype" if not same else
+                f"exactly BASE's values ({len(same)}) or them rounded to TUNED's storage dtype ({len(cast)})")
+        raise ConfigError(f"every targeted module ({len(selected)}) holds in TUNED {held}: the fine-tune changed "
+                          "none of them, and the adapter would hold rounding only. Check that TUNED is the fine-tune "
+                          "(an fp32 BASE saved in bf16 looks like this), or widen --roles.")
+    cast = cast if len(cast) < len(selected) else []  # all, with modules saved whole: kept (PEFT needs a target)
+    selected = [e for e in selected if e.name not in cast]
     saved_modules, save_names = _modules_to_save(pairing, modules_to_save)  # save_names: until the model is known
     vocabulary_notes, vocab_size = _resized_vocabulary(pairing, selected, saved_modules)  # may refuse: before work
     model_class, model = _adapter_model(pairing, model_class, selected, saved_modules)  # None: no config.json

@@ -126,15 +126,16 @@ def _stored_alike(pairing: Pairing, base_tensor: str, tuned_tensor: str | None, 
             and pairing.base.info(base_tensor).shape == pairing.tuned.info(tuned_tensor).shape)
 
 
-def storage_casts(pairing: Pairing, entries: list) -> list[str]:
+def storage_casts(pairing: Pairing, entries: list) -> tuple[list[str], list[str]]:
     """The names of `entries` whose stored TUNED tensor is exactly BASE's rounded to TUNED's lower precision (an fp32
-    base saved as a bf16 fine-tune that left the module alone): ΔW is rounding there, not fine-tuning. Read only where
-    the two sides' dtypes say it may be so; one stored tensor per entry, in one layout on both sides (as
-    :func:`_not_carried` compares them); never for an adapter TUNED."""
+    base saved as a bf16 fine-tune that left the module alone): ΔW is rounding there, not fine-tuning; and of those
+    read on the way that hold BASE's very values (ΔW = 0). Read only where the two sides' dtypes say it may be so; one
+    stored tensor per entry, in one layout on both sides (as :func:`_not_carried` compares them); never for an
+    adapter TUNED."""
     if isinstance(pairing.tuned, AdapterSource):
-        return []
+        return [], []
     by_pair = _by_stored_pair(pairing)
-    cast = []
+    cast, same = [], []
     for e in entries:
         group = by_pair[(e.base_tensor, e.tuned_tensor)]
         if len(group) != 1 or not _stored_alike(pairing, e.base_tensor, e.tuned_tensor, group):
@@ -143,9 +144,11 @@ def storage_casts(pairing: Pairing, entries: list) -> list[str]:
         if b == t or torch.promote_types(b, t) != b:  # TUNED not stored in a lower precision: no cast
             continue
         base, tuned = pairing.base.read(e.base_tensor), pairing.tuned.read(e.tuned_tensor)
-        if not _same_values(base, tuned) and _rounded_to(base, tuned):  # equal values: ΔW = 0, left out as unchanged
+        if _same_values(base, tuned):  # ΔW = 0: left out as unchanged
+            same.append(e.name)
+        elif _rounded_to(base, tuned):
             cast.append(e.name)
-    return cast
+    return cast, same
 
 
 def _entry_changed(pairing: Pairing, entry) -> bool:

@@ -194,3 +194,22 @@ def test_a_lower_precision_fine_tune_s_rounding_is_not_a_change(tmp_path):
     with pytest.raises(ConfigError, match=r"every targeted module \(\d+\) holds in TUNED exactly BASE's values"):
         extract_adapter(b, t, 2, tmp_path / "none", roles=("o", "gate"), progress=False)
     assert not (tmp_path / "none").exists()
+
+
+def test_targets_all_unchanged_or_rounded_are_refused_as_such(tmp_path):
+    """TUNED the fp32 base saved in bf16 (no fine-tune at all): of Llama's targets some hold values bf16 holds exactly
+    (ΔW = 0), the rest those rounded. The rounded ones were left out and the rest refused as 'every ΔW is 0: all 7
+    targeted modules are unchanged … (the same checkpoint twice?)', of 14 targets, rounding unsaid."""
+    model = build_model("llama")
+    b = save(model, tmp_path / "b", "safetensors")
+    t = save(build_model("llama").to(torch.bfloat16), tmp_path / "t", "safetensors")
+    state = model.state_dict()
+    exact = [n for n, p in state.items() if "proj" in n and torch.equal(p, p.to(torch.bfloat16).float())]
+    rounded = [n for n, p in state.items() if "proj" in n and n not in exact]
+    assert exact and rounded  # the mix this case needs
+    with pytest.raises(ConfigError) as refused:
+        extract_adapter(b, t, 2, tmp_path / "ad", progress=False)
+    message = str(refused.value)
+    assert (f"every targeted module ({len(exact) + len(rounded)}) holds in TUNED exactly BASE's values "
+            f"({len(exact)}) or them rounded to TUNED's storage dtype ({len(rounded)})") in message, message
+    assert "same checkpoint twice" not in message and not (tmp_path / "ad").exists()
