@@ -4,7 +4,8 @@ A fine-tune moves each weight by a small fraction of it; two independent initial
 one architecture differ by ‖W₁ − W₂‖_F/‖W₁‖_F ≈ √2 (independent weights of equal norm). So
 when the median module's ‖ΔW‖_F/‖W_base‖_F reaches :data:`UNRELATED_SIZE`, the pair is
 most likely not a fine-tune and its ΔW compares unrelated weights. analyze, extract and
-sweep each say so in the same words (:func:`unrelated_note`).
+sweep each say so in the same words (:func:`unrelated_note`). A PEFT adapter as TUNED is not
+judged so: its update is its own whatever BASE is (its recorded base is checked instead).
 """
 
 from __future__ import annotations

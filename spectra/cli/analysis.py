@@ -206,10 +206,13 @@ def _print_notes(analysis: dict, *, quiet: bool = False) -> None:
 
 def _unrelated_note(analysis: dict) -> str | None:
     """:func:`~spectra.checkpoints.relatedness.unrelated_note` over the changed weight matrices (fused tensors by
-    projection)."""
+    projection); None for a PEFT adapter as TUNED, whose update is its own whatever BASE is (its recorded base is
+    checked instead: the pairing's provenance)."""
     from spectra.checkpoints.relatedness import unrelated_note
     from spectra.report.tables import by_projection, matrix_rows, unchanged
 
+    if (analysis.get("tuned") or {}).get("format") == "peft-adapter":
+        return None
     return unrelated_note(float(r["relative_size"]) for r in by_projection(matrix_rows(analysis))
                           if not unchanged(r) and r.get("relative_size") is not None)
 

@@ -213,6 +213,20 @@ def test_extract_and_sweep_say_two_unrelated_checkpoints_are_no_fine_tune(monkey
     code, _, err = run(monkeypatch, capsys, "sweep", pair[0], pair[1], "--data", data, "--ranks", "1", "-q",
                        "-o", tmp_path / "sw2")
     assert code == 0 and "median module" not in err
+    # an adapter as TUNED is not judged by its size: its update is its own whatever BASE is
+    from tests.models import random_adapter
+
+    base_model, _ = planted_gpt2()
+    random_adapter(base_model, tmp_path / "big", scale=0.5, r=2, target_modules=["c_attn", "c_fc"],
+                   fan_in_fan_out=True)
+    code, _, err = run(monkeypatch, capsys, "analyze", pair[0], tmp_path / "big", "--no-cache", "-q",
+                       "-o", tmp_path / "ra")
+    rows = json.loads((tmp_path / "ra" / "analysis.json").read_text())["modules"]
+    assert float(np.median([r["relative_size"] for r in rows if r.get("relative_size") and "[" not in r["name"]])) > 1
+    assert code == 0 and "median module" not in err, err
+    code, _, err = run(monkeypatch, capsys, "extract", pair[0], tmp_path / "big", "--rank", "1", "-q",
+                       "-o", tmp_path / "adb")
+    assert code == 0 and "median module" not in err, err
 
 
 def test_a_path_of_the_wrong_kind_is_named_as_what_it_is(monkeypatch, capsys, pair, tmp_path):
