@@ -219,12 +219,12 @@ def _budget(text: str) -> dict[str, int]:
 
     try:
         budget = parse_budget(text)
+    except OverflowError:  # 1e400, 1e25: past any model's count (BudgetOverflow)
+        raise ConfigError(f"--budget {text!r} is too large to count; give a budget like 20M or 2GB.") from None
     except ConfigError:
         bare_b = text.strip()[-1:] in ("b", "B")  # refused as ambiguous (only here: 2GB is read)
         raise ConfigError(f"--budget {text!r}: expected parameters like 20M or 1.5e6, or bytes like 2GB or 512MiB"
                           + (" (a bare B is refused: billions or bytes?)." if bare_b else ".")) from None
-    except OverflowError:  # 1e400: a float's infinity, no count
-        raise ConfigError(f"--budget {text!r} is too large to count; give a budget like 20M or 2GB.") from None
     (value,) = budget.values()
     if value < 1:
         unit = "parameter" if "budget_params" in budget else "byte"

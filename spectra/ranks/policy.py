@@ -215,6 +215,10 @@ class RankPolicy:
         return self.alpha_for(rank) / rank_scale(rank, self.rslora)
 
 
+class BudgetOverflow(ConfigError, OverflowError):
+    """A budget past any count a model has (1e25, 1e400): refused as too large rather than as unreadable."""
+
+
 def parse_budget(text: str) -> dict[str, int]:
     """Parse a CLI budget: ``"20M"``/``"1.5e6"`` parameters, ``"2GB"``/``"512MiB"`` bytes.
 
@@ -237,6 +241,6 @@ def parse_budget(text: str) -> dict[str, int]:
     # past a yotta-count no model comes near it, and 1e999999999 would be a billion-digit integer (or overflow)
     value = number * (params[unit] if unit in params else data[unit]) if number.adjusted() <= 24 else None
     if value is None or value > 10**24:
-        raise ConfigError(f"Budget {text!r} is beyond any model; give parameters like 20M or bytes like 2GB.")
+        raise BudgetOverflow(f"Budget {text!r} is beyond any model; give parameters like 20M or bytes like 2GB.")
     count = int(value.to_integral_value(rounding=decimal.ROUND_FLOOR))
     return {"budget_params" if unit in params else "budget_bytes": count}

@@ -32,6 +32,9 @@ def test_parse_budget():
     assert parse_budget("2.2GiB") == {"budget_bytes": 2_362_232_012}  # 2362232012.8
     assert parse_budget("1500000000.7") == {"budget_params": 1_500_000_000}
     assert parse_budget("1e24") == {"budget_params": 10**24}
+    for huge in ("1e25", "1e999999999", "2e24KiB"):  # too large, a ConfigError the CLI says as such
+        with pytest.raises(OverflowError, match="beyond any model"):
+            parse_budget(huge)
     for bad in ("7B", "lots", "3 parsecs", "1e25", "1e999999999"):
         with pytest.raises(ConfigError):
             parse_budget(bad)
