@@ -46,6 +46,9 @@ _FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 _COMPUTE_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 # the last sentence of a NaN/Inf error: the command line names its own option instead (analyze's --skip-nonfinite), or
 # drops the sentence where the command has none (extract, sweep, verify: a broken checkpoint is re-saved, not skipped)
+# a LoRA factor as PEFT saves it (base_model.model.….lora_A.weight, ….lora_embedding_B): only an adapter holds these
+# (a checkpoint with LoRA modules of its own, Phi-4-multimodal's, names them without PEFT's prefix)
+_PEFT_FACTOR = re.compile(r"^base_model\.model\..*\.lora_(?:embedding_)?[AB](?:\.|$)")
 SKIP_NONFINITE_HINT = "Pass on_nonfinite='skip' to analyse the rest."
 
 
@@ -300,14 +303,16 @@ class Pairing:
             examples = "; ".join(f"{k} ↔ {', '.join(v)}" for k, v in list(match.ambiguous.items())[:3])
             raise PairingError(f"ambiguous tensor names between {base.spec} and {tuned.spec}: {examples}. Point "
                                "spectra at checkpoints of the same model class, or narrow with --include.")
+        # an adapter's weights file, passed without its adapter_config.json: PEFT's keys, whatever else pairs (a
+        # head it saved whole pairs with BASE's: 'lm_head' was analysed alone, the factors listed as only in TUNED)
+        for side, src in (("TUNED", tuned), ("BASE", base)):
+            factor = next((n for n in src.names() if _PEFT_FACTOR.search(n)), None)
+            if factor is not None:
+                raise PairingError(
+                    f"{side} {src.spec} holds LoRA factors ({factor}): it is a PEFT adapter's weights file. "
+                    "Pass the adapter's folder (with its adapter_config.json) as TUNED, and the model it adapts "
+                    "as BASE.")
         if not match.pairs:
-            for side, src in (("TUNED", tuned), ("BASE", base)):
-                factor = next((n for n in src.names() if re.search(r"\.lora_[AB]\.", n)), None)
-                if factor is not None:  # an adapter's weights file, passed without its adapter_config.json
-                    raise PairingError(
-                        f"{side} {src.spec} holds LoRA factors ({factor}): it is a PEFT adapter's weights file. "
-                        "Pass the adapter's folder (with its adapter_config.json) as TUNED, and the model it adapts "
-                        "as BASE.")
             differ = architecture_difference(base, tuned)
             differ = f" ({differ})" if differ else ""
             raise PairingError(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -146,6 +147,25 @@ def test_an_adapters_weights_file_is_named_as_such(tmp_path):
                                            r"it is a PEFT adapter's weights file. Pass the adapter's folder"):
         Pairing(llama, weights)
     assert Pairing(llama, tmp_path / "adapter").entries  # negative control: the folder pairs
+    # with a module saved whole, which pairs with BASE's (lm_head was analysed alone, the factors only in TUNED),
+    # and an embedding LoRA's factors (lora_embedding_A, no .weight: it read as two architectures)
+    random_adapter(build_model("llama"), tmp_path / "saved", r=2, target_modules=["q_proj"],
+                   modules_to_save=["lm_head"])
+    random_adapter(build_model("llama"), tmp_path / "embedding", r=2, target_modules=["embed_tokens"],
+                   save_embedding_layers=False)
+    for folder, factor in (("saved", "q_proj.lora_A.weight"), ("embedding", "embed_tokens.lora_embedding_")):
+        with pytest.raises(PairingError, match=rf"holds LoRA factors \(\S*{re.escape(factor)}"):
+            Pairing(llama, tmp_path / folder / "adapter_model.safetensors")
+        assert Pairing(llama, tmp_path / folder).entries  # negative control: the folder pairs
+    # a checkpoint with LoRA modules of its own (Phi-4-multimodal's, without PEFT's prefix) is no adapter
+    from safetensors.torch import load_file, save_file
+
+    own = tmp_path / "own"
+    own.mkdir()
+    state = load_file(llama / "model.safetensors")
+    extra = {"model.layers.0.mlp.down_proj.lora_A.speech.weight": torch.zeros(2, 64)}
+    save_file(state | extra, own / "model.safetensors")
+    assert Pairing(llama, own).entries
 
 
 def test_mismatched_architectures(tmp_path):
