@@ -33,7 +33,7 @@ class Allocation:
 
 def allocate_budget(ladders: list[list[int]], gains: list[list[float]], unit_costs: list[int],
                     budget: int, *, fixed_cost: int = 0, fixed_label: str = "fixed",
-                    budget_label: str | None = None) -> Allocation:
+                    budget_label: str | None = None, cost_label=None) -> Allocation:
     """Maximise Σ_m gain_m(r_m) subject to Σ_m r_m·c_m + fixed ≤ budget, r_m on its ladder.
 
     Greedy on marginal gain per parameter: start every module at the first rung of its ladder
@@ -52,7 +52,8 @@ def allocate_budget(ladders: list[list[int]], gains: list[list[float]], unit_cos
         Parameters available. ``fixed_cost`` (DoRA magnitudes, the modules PEFT trains in full for a
         classifier's task type) is spent first; ``fixed_label`` says what it is in the refusal, and
         ``budget_label`` what the budget was as given (a byte budget: its bytes and the parameters they
-        buy; default "N parameters").
+        buy; default "N parameters"), and ``cost_label`` (a function of the cheapest plan's parameters) what
+        that plan costs in the budget's units (default "N").
 
     Returns
     -------
@@ -89,7 +90,8 @@ def allocate_budget(ladders: list[list[int]], gains: list[list[float]], unit_cos
     if cost > budget:
         fixed = f", {fixed_cost:,} of it {fixed_label}" if fixed_cost else ""
         said = budget_label or f"{budget:,} parameters"
-        raise ConfigError(f"Budget of {said} is below the cheapest plan ({cost:,}: every module at "
+        raise ConfigError(f"Budget of {said} is below the cheapest plan "
+                          f"({cost_label(cost) if cost_label else f'{cost:,}'}: every module at "
                           f"its minimum rank{fixed}). Raise the budget, lower min_rank, or target fewer modules.")
     gain = sum(gains[m][0] for m in range(n))
 

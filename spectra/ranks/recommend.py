@@ -742,10 +742,21 @@ def _apply_budget(items: list[_Decision], policy: RankPolicy, budget: int, saved
     dora = _fixed_cost(spectra, policy)
     parts = ([f"{dora:,} DoRA magnitudes"] if dora else []) + ([f"{saved:,} the head PEFT trains in full"]
                                                                if saved else [])
-    # a byte budget is refused in the bytes given, not only the parameters they buy
-    label = (None if policy.budget_bytes is None else
-             f"{policy.budget_bytes:,} bytes ({budget:,} parameters at {policy.bytes_per_param:g} bytes each)")
+    # a byte budget is refused in the bytes given, not only the parameters they buy (budget_parameters: the saved
+    # head's at SAVED_BYTES_PER_PARAM, the rest at bytes_per_param), and the cheapest plan in bytes too
+    label = cost_label = None
+    if policy.budget_bytes is not None:
+        per = policy.bytes_per_param
+        # (a budget that does not cover the saved head was refused before, by `budget <= head` in recommend_ranks)
+        label = (f"{policy.budget_bytes:,} bytes ({budget:,} parameters at {per:g} bytes each)" if not saved else
+                 f"{policy.budget_bytes:,} bytes ({saved:,} saved parameters at {SAVED_BYTES_PER_PARAM:g} bytes each "
+                 f"and {budget - saved:,} LoRA parameters at {per:g} bytes each)")
+
+        def cost_label(cost: int) -> str:
+            return f"{cost:,} parameters, {math.ceil(SAVED_BYTES_PER_PARAM * saved + per * (cost - saved)):,} bytes"
+
     result = allocate_budget(ladders, gains, costs, budget, fixed_cost=dora + saved,
-                             fixed_label="fixed: " + " and ".join(parts) if parts else "fixed", budget_label=label)
+                             fixed_label="fixed: " + " and ".join(parts) if parts else "fixed", budget_label=label,
+                             cost_label=cost_label)
     total = sum(s.fro2 for s in spectra)
     return list(result.ranks), (result.gap / total if total > 0 else 0.0)

@@ -96,5 +96,6 @@ def test_budget_below_cheapest_plan_and_bytes_budget():
     assert [m.rank for m in plan.modules] == [1, 1]
     # a byte budget is refused in its bytes, with the parameters they buy (it gave only "Budget of 127 parameters")
     with pytest.raises(ConfigError, match=r"^Budget of 2,032 bytes \(127 parameters at 16 bytes each\) is below the "
-                                          r"cheapest plan \(128: every module at its minimum rank\)"):
+                                          r"cheapest plan \(128 parameters, 2,048 bytes: every module at its minimum "
+                                          r"rank\)"):
         recommend_ranks(analysis(*rows), RankPolicy(energy=None, noise=False, budget_bytes=127 * 16))

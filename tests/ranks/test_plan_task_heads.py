@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 
 import pytest
 import torch
@@ -144,6 +145,17 @@ def test_budget_below_the_head_is_refused_naming_both(pair):
         recommend_ranks(result, RankPolicy(energy=None, budget_params=head - 1))
     with pytest.raises(ConfigError, match=f"below the cheapest plan .*{head:,} the head PEFT trains in full"):
         recommend_ranks(result, RankPolicy(energy=None, budget_params=head + 1))  # covers the head, not rank 1
+    # a byte budget: the head's parameters at 8 bytes, the LoRA's at 16, each counted as such, and the cheapest plan
+    # in bytes too (it said "(174 parameters at 16 bytes each)" of 2,000 bytes: 2,784 bytes at 16 each)
+    lora = 13
+    budget_bytes = 8 * head + 16 * lora + 7  # 7 bytes short of one more LoRA parameter
+    with pytest.raises(ConfigError) as refused:
+        recommend_ranks(result, RankPolicy(energy=None, budget_bytes=budget_bytes))
+    message = str(refused.value)
+    assert (f"Budget of {budget_bytes:,} bytes ({head:,} saved parameters at 8 bytes each and {lora} LoRA "
+            f"parameters at 16 bytes each)") in message, message
+    cheapest = int(re.search(r"cheapest plan \(([\d,]+) parameters, ([\d,]+) bytes", message).group(1).replace(",", ""))
+    assert f"{cheapest:,} parameters, {8 * head + 16 * (cheapest - head):,} bytes" in message
 
 
 def test_a_targeted_module_in_the_head_is_left_out(pair, tmp_path):
