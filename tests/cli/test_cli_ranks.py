@@ -267,3 +267,7 @@ def test_recommend_refuses_options_it_would_ignore_or_override(tmp_path):
     result = runner.invoke(app, ["recommend", str(run), "--uniform", "--json"])
     assert result.exit_code == 0 and json.loads(result.output)["policy"]["uniform_share"] == 0.9  # the default
     assert runner.invoke(app, ["recommend", str(run), "--rank", "2", "--max-rank", "2"]).exit_code == 0
+    # --rank 2 --min-rank 4 planned rank 4 everywhere, silently
+    result = runner.invoke(app, ["recommend", str(run), "--rank", "2", "--min-rank", "4"])
+    assert result.exit_code != 0 and "--rank 2 is below --min-rank 4" in str(result.exception)
+    assert runner.invoke(app, ["recommend", str(run), "--rank", "4", "--min-rank", "4"]).exit_code == 0
