@@ -837,12 +837,20 @@ def _tied_lora_notes(lora_modules, pairing: Pairing, model) -> list[str]:
             f"embedding whole instead: --modules-to-save {embed.rpartition('.')[2]} (and leave embed out of --roles)."]
 
 
+# the weights from_pretrained(folder) loads, in its order of preference
+_LOADED_FIRST = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
 def _base_name_or_path(path) -> str:
     """What the adapter records as its base: a weights file's folder when that folder holds the model's config.json
-    (``AutoPeftModel`` loads the base from it; a ``model.safetensors`` path it reads as a malformed hub id)."""
+    and from_pretrained(folder) loads that very file (``AutoPeftModel`` loads the base from it; a
+    ``model.safetensors`` path it reads as a malformed hub id). A folder that would load other weights (base.safetensors
+    beside the fine-tune's model.safetensors) is not recorded: the adapter would be applied to the fine-tune."""
     path = Path(path)
     if path.is_file() and (path.parent / "config.json").is_file():
-        return str(path.parent)
+        loaded = next((name for name in _LOADED_FIRST if (path.parent / name).is_file()), None)
+        if loaded == path.name:
+            return str(path.parent)
     return str(path)
 
 

@@ -748,3 +748,14 @@ def test_an_adapter_from_weights_files_records_their_model_folder_as_its_base(ll
     extract_adapter(lone / "model.safetensors", t, 2, tmp_path / "ad2", roles=("q",), progress=False)
     recorded = json.loads((tmp_path / "ad2" / "adapter_config.json").read_text())["base_model_name_or_path"]
     assert recorded == str(lone / "model.safetensors")
+    # a folder whose from_pretrained loads other weights (TUNED's model.safetensors beside base.safetensors) is not
+    # recorded: AutoPeftModel would have applied the update on top of the fine-tune
+    import shutil
+
+    same = tmp_path / "same"
+    shutil.copytree(t, same)
+    shutil.copy(weights, same / "base.safetensors")
+    extract_adapter(same / "base.safetensors", same / "model.safetensors", 2, tmp_path / "ad3", roles=("q",),
+                    progress=False)
+    recorded = json.loads((tmp_path / "ad3" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert recorded == str(same / "base.safetensors")
