@@ -138,8 +138,8 @@ def _refuse_an_empty_selection(pairing: Pairing, config: AnalysisConfig) -> None
         return
 
     def typed(name, value):  # as typed on the command line: layers 5-9, roles q,v
-        if name == "layers" and isinstance(value, tuple) and len(value) == 2:
-            return f"{value[0]}-{value[1]}"
+        if name == "layers" and isinstance(value, tuple) and len(value) == 2:  # --layers 5 is (5, 5)
+            return f"{value[0]}" if value[0] == value[1] else f"{value[0]}-{value[1]}"
         return ",".join(map(str, value)) if isinstance(value, (tuple, list)) else str(value)
 
     chosen = [f"{name}={typed(name, value)}" for name in ("roles", "stacks", "layers", "include", "exclude")

@@ -68,6 +68,9 @@ def test_a_selection_that_leaves_no_weight_matrix_is_refused_naming_its_options(
                      "--roles", "q,v", "-o", tmp_path / "r")
     assert code == 2 and f"no weight matrix of {base} × {tuned} matches --roles q,v, --layers 5-9" in err, err
     assert not (tmp_path / "r").exists()
+    code, err = _run(monkeypatch, capsys, "analyze", base, tuned, "--no-cache", "-q", "--layers", "5",
+                     "-o", tmp_path / "r")
+    assert code == 2 and "matches --layers 5;" in err, err  # as typed, not "5-5"
     with pytest.raises(ConfigError, match="matches include=nomatch"):
         analyze(base, tuned, AnalysisConfig(include="nomatch"), cache_dir=False, progress=False)
     rows = analyze(base, tuned, AnalysisConfig(layers=(0, 0)), cache_dir=False, progress=False).modules

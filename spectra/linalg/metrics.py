@@ -139,9 +139,12 @@ def _energy_rank(v: np.ndarray, total: float, tau: float, slack: float = 1e-12, 
 
     A complete spectrum is measured against its own Σσᵢ², which differs from the exact
     ‖M‖_F² only by the values' rounding, less a 1e-12 share: so τ = 1 stops where the values
-    left hold under 1e-12 of the energy (e^(−0.3i), i < 73, in float64: 47, not 73), and a
-    float32 spectrum's rounding-level tail (σ ~ 1e-7·σ₁ of an exactly rank-5 product) is not
-    counted. A partial one is measured against ‖M‖_F², less `slack`.
+    left hold under 1e-12 of the energy (e^(−0.3i), i < 73, in float64: 47, not 73). A float32
+    spectrum's rounding-level tail (σ ~ 1e-7·σ₁ of an exactly rank-5 product) holds a share
+    that grows with the matrix: under the cut to about 1024² (τ = 1 gives 5), above it at LLM
+    sizes (6e-12 at 2048×8192, where τ = 1 gives 12). τ = 1 is a rank of the values as held,
+    not a numerical rank (:func:`~spectra.linalg.subspace.numerical_rank`). A partial one is
+    measured against ‖M‖_F², less `slack`.
     """
     if total == 0.0:
         return 0
