@@ -44,11 +44,11 @@ from spectra.linalg.sketch import BlockSquaredNorm, squared_norm
 _CONV1D_WEIGHTS = (".c_attn.weight", ".c_proj.weight", ".c_fc.weight", ".q_attn.weight")  # GPT-2's Conv1D names
 _FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 _COMPUTE_DTYPES = {"float32": torch.float32, "float64": torch.float64}
-# the last sentence of a NaN/Inf error: the command line names its own option instead (analyze's --skip-nonfinite), or
-# drops the sentence where the command has none (extract, sweep, verify: a broken checkpoint is re-saved, not skipped)
 # a LoRA factor as PEFT saves it (base_model.model.….lora_A.weight, ….lora_embedding_B): only an adapter holds these
 # (a checkpoint with LoRA modules of its own, Phi-4-multimodal's, names them without PEFT's prefix)
 _PEFT_FACTOR = re.compile(r"^base_model\.model\..*\.lora_(?:embedding_)?[AB](?:\.|$)")
+# the last sentence of a NaN/Inf error: the command line names its own option instead (analyze's --skip-nonfinite), or
+# drops the sentence where the command has none (extract, sweep, verify: a broken checkpoint is re-saved, not skipped)
 SKIP_NONFINITE_HINT = "Pass on_nonfinite='skip' to analyse the rest."
 
 
