@@ -429,7 +429,7 @@ def amplification_factor(delta: torch.Tensor | None, W: torch.Tensor, rank: int,
         F = full_svd(delta, compute_vectors=True, dtype=torch.float64)
     if F.total_energy == 0:
         return 0.0  # whatever the (arbitrary) vectors of a zero ΔW
-    numerical = numerical_rank(F, W.shape)
+    numerical = numerical_rank(F, W.shape, dtype=None if delta is None else _held(delta))
     if rank > numerical:  # the vectors past it belong to zero singular values: LAPACK's arbitrary choice
         raise ConfigError(f"`rank` {rank} passes ΔW's numerical rank {numerical}: its singular vectors beyond "
                           f"that are arbitrary, and so would the factor be. Pass rank ≤ {numerical}.")
@@ -617,29 +617,47 @@ def intruder_dimensions(
         Fb = full_svd(W_base, compute_vectors=True, dtype=torch.float64)  # some direction undecided
     Ft = tuned_svd if tuned_svd is not None else full_svd(W_tuned, compute_vectors=True, dtype=torch.float64)
     # vectors of a zero singular value are any basis of a null space: only the rank's are the weight's
-    X = _side(Fb, side)[:, :numerical_rank(Fb, W_base.shape)]  # (dim, r)
+    X = _side(Fb, side)[:, :numerical_rank(Fb, W_base.shape, dtype=_held(W_base))]  # (dim, r)
     Y = _side(Ft, side)[:, :k]  # (dim, k)
     max_cos = (X.T @ Y).abs().amax(0) if X.shape[1] else Y.new_zeros(k)  # (r, k) -> (k,)
-    max_cos[numerical_rank(Ft, W_tuned.shape):] = math.nan  # no direction of W_tuned: not an intruder
+    max_cos[numerical_rank(Ft, W_tuned.shape, dtype=_held(W_tuned)):] = math.nan  # no direction of W_tuned
     idx = tuple(int(j) for j in torch.nonzero(max_cos < epsilon).flatten())
     return Intruders(idx, max_cos, k, float(epsilon), side)
 
 
+# how far above the rounding noise's largest singular value a value must lie to count (a float32 product's entries
+# err by up to ~√r·eps, not eps: a margin of 100)
+_RANK_SLACK = 100.0
+
+
 def numerical_rank(F: Spectrum, shape: tuple[int, ...] | None = None, *, dtype: torch.dtype | None = None) -> int:
-    """How many of `F`'s values exceed max(m, n)·eps·σ₁, as ``matrix_rank`` counts.
+    """How many of `F`'s values stand above the rounding noise of the matrix as held.
 
-    (m, n) is `shape`, else ``F.shape``; eps is `dtype`'s, the precision the matrix was held
-    in (a float32 ΔW decomposed in float64: float32's), else that of the values.
+    Rounding every entry of an (m, n) matrix M to relative precision eps adds noise E whose
+    largest singular value is about eps·rms(M)·(√m + √n) (the Marchenko–Pastur edge,
+    rms(M) = ‖M‖_F/√(mn), ‖M‖_F² from ``F.total_energy``). A value under ``_RANK_SLACK`` times
+    that is zero to the matrix's precision: its vectors are an arbitrary basis of a null
+    space, or directions of the rounding, not of the weight. eps is `dtype`'s, the precision
+    the matrix was held in (a float32 ΔW decomposed in float64: float32's), else that of the
+    values; (m, n) is `shape`, else ``F.shape``.
 
-    Below that a value is zero to the decomposition's precision, and its vectors are an
-    arbitrary basis of a null space rather than directions of the weight.
+    ``matrix_rank``'s max(m, n)·eps·σ₁ is far coarser for a well-spread matrix (4.9e-4·σ₁ at
+    4096² in float32, which dropped a trained adapter's weak direction at 1e-4·σ₁).
     """
     values = F.values.double()
     if not values.numel():
         return 0
+    m, n = F.shape if shape is None else shape
     eps = torch.finfo(F.values.dtype if dtype is None else dtype).eps
-    cut = max(F.shape if shape is None else shape) * eps * float(values[0])
+    rms = math.sqrt(max(float(F.total_energy), 0.0) / (m * n))
+    cut = _RANK_SLACK * eps * rms * (math.sqrt(m) + math.sqrt(n))
     return int((values > cut).sum())
+
+
+def _held(W: torch.Tensor) -> torch.dtype:
+    """The precision a weight's values are held to, for :func:`numerical_rank`: its dtype, float32 at least (bf16
+    weights are read into float32 exactly, and their rank is judged at that arithmetic's rounding)."""
+    return torch.promote_types(W.dtype, torch.float32)
 
 
 def _side(F: Spectrum, side: str) -> torch.Tensor:
@@ -651,7 +669,7 @@ def _certified_intruders(W_base, W_tuned, Fb: Spectrum, tuned_svd, k: int, epsil
                          random_state: int) -> Intruders | None:
     """Intruders decided from a few triplets (see :func:`intruder_dimensions`), or None if any is undecided."""
     chord = math.sqrt(2.0)  # ‖x − x̃‖ ≤ √2·sin θ for the better-signed of ±x̃
-    if numerical_rank(Fb, W_base.shape) < Fb.k:
+    if numerical_rank(Fb, W_base.shape, dtype=_held(W_base)) < Fb.k:
         return None  # a null space among the base triplets: only the full decomposition sets it apart
     if tuned_svd is not None:
         Ft, ey = tuned_svd, torch.zeros(k, dtype=torch.float64, device=W_base.device)
@@ -660,7 +678,7 @@ def _certified_intruders(W_base, W_tuned, Fb: Spectrum, tuned_svd, k: int, epsil
         Ft = _orthonormal_triplets(krylov_triplets(W_tuned.float(), k + 1, steps=_krylov_steps(k + 1, short),
                                                    random_state=random_state))
         ey = chord * ritz_bounds(W_tuned, Ft).vector_sin[:k]
-    if numerical_rank(Ft, W_tuned.shape) < k:
+    if numerical_rank(Ft, W_tuned.shape, dtype=_held(W_tuned)) < k:
         return None  # W_tuned's top k reach its null space, which the full path leaves out
     Y = _side(Ft, side)[:, :k]
     Fb = _orthonormal_triplets(Fb)
