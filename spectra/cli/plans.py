@@ -105,7 +105,7 @@ def recommend(
     if rank is not None and max_rank is not None and rank > max_rank:
         raise ConfigError(f"--rank {rank} is above --max-rank {max_rank}, which would cap every module at "
                           f"{max_rank}: drop one of them.")
-    if rank is not None and min_rank is not None and rank < min_rank:
+    if rank is not None and 1 <= rank < min_rank:  # --rank 0 is refused as no rank at all, below
         raise ConfigError(f"--rank {rank} is below --min-rank {min_rank}, which would raise every module to "
                           f"{min_rank}: drop one of them.")
     uniform_share = 0.9 if uniform_share is None else uniform_share

@@ -10,7 +10,7 @@ References
 
 from __future__ import annotations
 
-import decimal
+import fractions
 import math
 import re
 from dataclasses import dataclass
@@ -234,13 +234,15 @@ def parse_budget(text: str) -> dict[str, int]:
     if m is None or (unit not in params and unit not in data) or unit == "B":
         raise ConfigError(f"Cannot read budget {text!r}: use parameters like 20M or 1.5e6, "
                           "or bytes like 2GB or 512MiB.")
-    # in decimal, exactly as typed: the whole count within the budget (2000.7 parameters hold 2000, where rounding
-    # let 2001 in); binary floating point made 4.1 × 10⁶ 4099999.9999999995, and a tolerance for that rounded
-    # 0.7GiB (751619276.8 bytes) up
-    number = decimal.Decimal(m.group(1))
-    # past a yotta-count no model comes near it, and 1e999999999 would be a billion-digit integer (or overflow)
-    value = number * (params[unit] if unit in params else data[unit]) if number.adjusted() <= 24 else None
-    if value is None or value > 10**24:
+    # exactly as typed, as a fraction: the whole count within the budget (2000.7 parameters hold 2000, where rounding
+    # let 2001 in); binary floating point made 4.1 × 10⁶ 4099999.9999999995, a tolerance for that rounded 0.7GiB
+    # (751619276.8 bytes) up, and Decimal's 28 digits 2000.9999999999999999999999999 up
+    mantissa, _, exponent = m.group(1).lower().partition("e")
+    # past a yotta-count no model comes near it (and 1e999999999 would be a billion-digit integer)
+    if exponent and int(exponent) > 60:
         raise BudgetOverflow(f"Budget {text!r} is beyond any model; give parameters like 20M or bytes like 2GB.")
-    count = int(value.to_integral_value(rounding=decimal.ROUND_FLOOR))
+    value = fractions.Fraction(mantissa) * 10 ** int(exponent or 0) * (params[unit] if unit in params else data[unit])
+    if value > 10**24:
+        raise BudgetOverflow(f"Budget {text!r} is beyond any model; give parameters like 20M or bytes like 2GB.")
+    count = math.floor(value)
     return {"budget_params" if unit in params else "budget_bytes": count}

@@ -32,7 +32,10 @@ def test_parse_budget():
     assert parse_budget("2.2GiB") == {"budget_bytes": 2_362_232_012}  # 2362232012.8
     assert parse_budget("1500000000.7") == {"budget_params": 1_500_000_000}
     assert parse_budget("1e24") == {"budget_params": 10**24}
-    for huge in ("1e25", "1e999999999", "2e24KiB"):  # too large, a ConfigError the CLI says as such
+    # exactly, past Decimal's 28 digits too (they rounded these up to 2001 and 1024)
+    assert parse_budget("2000.9999999999999999999999999") == {"budget_params": 2000}
+    assert parse_budget("0.99999999999999999999999999999KiB") == {"budget_bytes": 1023}
+    for huge in ("1e25", "1e999999999", "2e24KiB", "1e99999999999999999999"):  # too large, said as such by the CLI
         with pytest.raises(OverflowError, match="beyond any model"):
             parse_budget(huge)
     for bad in ("7B", "lots", "3 parsecs", "1e25", "1e999999999"):
