@@ -29,6 +29,10 @@ _ROW_COLUMNS = (("module", "name", "s"), ("rank (used)", "rank", "rank"), ("capt
                 ("amplification ad/full", ("amplification_adapter", "amplification_full"), "2f"),
                 ("intruders ad/full", ("intruders_adapter", "intruders_full"), "2d"), ("NF4 error", "quant_error", "%"))
 
+_PLAIN_ERROR = "rel. error: ‖ΔW_adapter − ΔW_full‖_F / ‖ΔW_full‖_F."
+_QLORA_ERROR = ("rel. error: ‖W₀ + ΔW_adapter − W_tuned‖_F / ‖ΔW_full‖_F, W₀ the 4-bit base (it holds W₀'s NF4 "
+                "error); rel. error (none): ‖W₀ − W_tuned‖_F / ‖ΔW_full‖_F, no update's, which a module's "
+                "adapter is 'worse than' where its error is larger (– where W₀ is W_base).")
 _COLUMN_LEGEND = (
     "rank (used): the adapter's rank r (and the directions its factors use, where fewer). captured (col) / (row): "
     "share of ‖ΔW_full‖_F² inside the adapter's column / row space; Eckart–Young: the most any rank-r update could "
@@ -127,10 +131,15 @@ def verify_blocks(result: Mapping, *, figures: list[str]) -> list[tuple]:
                 "phi": "Subspace similarity φ(i, j) between the adapter's top-i and the full update's top-j "
                        "left singular vectors, for the modules with the largest updates."}
     blocks += [("figure", f, captions.get(f, f)) for f in figures]
-    blocks += [("h", 2, "Per module"), ("table", [c[0] for c in _ROW_COLUMNS],
-                                        [[_cell(row, key, kind) for _, key, kind in _ROW_COLUMNS]
+    columns, legend = _ROW_COLUMNS, _COLUMN_LEGEND
+    if _quantised(result.get("summary") or {}):  # QLoRA: the error is of W₀ + ΔW_adapter, beside W₀'s own
+        at = [c[1] for c in columns].index("relative_error") + 1
+        columns = (*columns[:at], ("rel. error (none)", "relative_error_none", "f"), *columns[at:])
+        legend = legend.replace(_PLAIN_ERROR, _QLORA_ERROR)
+    blocks += [("h", 2, "Per module"), ("table", [c[0] for c in columns],
+                                        [[_cell(row, key, kind) for _, key, kind in columns]
                                          for row in result["modules"]]),
-               ("p", _COLUMN_LEGEND)]
+               ("p", legend)]
     if result.get("notes"):
         blocks += [("h", 3, "Notes"), ("ul", list(result["notes"]))]
     blocks += [("h", 2, "Configuration"), ("code", json.dumps(plain(result.get("config", {})), indent=2))]

@@ -120,9 +120,14 @@ def test_a_qlora_adapter_is_called_worse_than_none_against_w0_not_against_no_err
     assert row["relative_error_none"] == pytest.approx(float((W0 - Wt).norm() / (Wt - W).norm()), rel=1e-5)
     assert same.summary["worse_than_none"] == 0 and "farther" not in headline(same.summary)
     assert "W₀ + ΔW_adapter − W_tuned" in summary_rows(same.summary)[4][0]
+    report = (same.write_report(tmp_path / "report") / "report.md").read_text()  # the per-module table says it too
+    assert "rel. error (none)" in report and "rel. error: ‖W₀ + ΔW_adapter − W_tuned‖_F" in report
+    assert "rel. error: ‖ΔW_adapter − ΔW_full‖_F" not in report
     flipped = verify_adapter(base, tmp_path / "adapter", negated, config=config, progress=False).summary
     assert flipped["worse_than_none"] == flipped["modules"]  # negative control: the opposite update
     assert "‖W₀ + ΔW_adapter − W_tuned‖ > ‖W₀ − W_tuned‖" in headline(flipped)
     plain = verify_adapter(base, tmp_path / "adapter", tmp_path / "adapter", progress=False)  # LoRA: no W₀ of its own
     assert all("relative_error_none" not in r for r in plain.modules)
     assert "‖ΔW_adapter − ΔW_full‖/‖ΔW_full‖" in summary_rows(plain.summary)[4][0]
+    report = (plain.write_report(tmp_path / "plain") / "report.md").read_text()
+    assert "rel. error (none)" not in report and "rel. error: ‖ΔW_adapter − ΔW_full‖_F" in report
