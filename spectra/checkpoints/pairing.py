@@ -47,6 +47,7 @@ _COMPUTE_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 # a LoRA factor as PEFT saves it (base_model.model.….lora_A.weight, ….lora_embedding_B): only an adapter holds these
 # (a checkpoint with LoRA modules of its own, Phi-4-multimodal's, names them without PEFT's prefix)
 _PEFT_FACTOR = re.compile(r"^base_model\.model\..*\.lora_(?:embedding_)?[AB](?:\.|$)")
+_LORA_FACTOR = re.compile(r"\.lora_(?:embedding_)?[AB](?:\.|$)")
 # the last sentence of a NaN/Inf error: the command line names its own option instead (analyze's --skip-nonfinite), or
 # drops the sentence where the command has none (extract, sweep, verify: a broken checkpoint is re-saved, not skipped)
 SKIP_NONFINITE_HINT = "Pass on_nonfinite='skip' to analyse the rest."
@@ -304,9 +305,11 @@ class Pairing:
             raise PairingError(f"ambiguous tensor names between {base.spec} and {tuned.spec}: {examples}. Point "
                                "spectra at checkpoints of the same model class, or narrow with --include.")
         # an adapter's weights file, passed without its adapter_config.json: PEFT's keys, whatever else pairs (a
-        # head it saved whole pairs with BASE's: 'lm_head' was analysed alone, the factors listed as only in TUNED)
+        # head it saved whole pairs with BASE's: 'lm_head' was analysed alone, the factors listed as only in TUNED);
+        # where nothing pairs, LoRA factors under any prefix (another trainer's file) are said as such too
         for side, src in (("TUNED", tuned), ("BASE", base)):
-            factor = next((n for n in src.names() if _PEFT_FACTOR.search(n)), None)
+            pattern = _PEFT_FACTOR if match.pairs else _LORA_FACTOR
+            factor = next((n for n in src.names() if pattern.search(n)), None)
             if factor is not None:
                 raise PairingError(
                     f"{side} {src.spec} holds LoRA factors ({factor}): it is a PEFT adapter's weights file. "
@@ -835,19 +838,21 @@ class Pairing:
         if weights is None:
             return []
         base, tuned, update = weights
-        if entry.added_rows:
+        if entry.added_rows and tuned is not None:
             tuned = tuned[: base.shape[0]]
-        out = low = None
-        if _chunked(tuned, base) or (tuned.dim() == 2 and _chunked(tuned.T, base.T)):
-            n = base.numel()
-            if lease is not None:
-                out = lease.take(n, dtype)
-            if self.options.low_copy(entry.kind, base.shape):
-                low = torch.empty(n, dtype=torch.bfloat16) if lease is None else lease.take(n, torch.bfloat16)
         if update is not None:  # a LoRA's s·B A itself, without the rounding of W_base + s·B A in it
             delta, delta_low, delta_sq, base_sq = update, None, None, None
         else:
-            delta, delta_low, delta_sq, base_sq = _difference(tuned, base, dtype, norms=by_norms, out=out, low=low)
+            out = low = None
+            if _chunked(tuned, base) or (tuned.dim() == 2 and _chunked(tuned.T, base.T)):
+                n = base.numel()
+                if lease is not None:
+                    out = lease.take(n, dtype)
+                if self.options.low_copy(entry.kind, base.shape):
+                    low = torch.empty(n, dtype=torch.bfloat16) if lease is None else lease.take(n, torch.bfloat16)
+            # the chunked subtraction takes the norms in passing where the finite check or the caller wants them
+            delta, delta_low, delta_sq, base_sq = _difference(tuned, base, dtype, norms=by_norms or self.options.norms,
+                                                              out=out, low=low)
         if by_norms and not (_finite_number(delta_sq) and _finite_number(base_sq)):
             if not (self._finite(base, _stored_name(entry.base_tensor, entry), self.base.spec, entry.name)
                     and self._finite(tuned, _tuned_stored_name(entry), self.tuned.spec, entry.name)):
@@ -894,13 +899,17 @@ class Pairing:
             return None
         if entry.adapter is not None:
             base = _orient(raw_base, entry).to(device=opts.device, dtype=opts.torch_dtype)
-            update = (entry.adapter.update(self.tuned.weights, base.device, opts.torch_dtype)
-                      if entry.adapter.low_rank else None)
-            tuned = (entry.adapter.merged(base, self.tuned.weights, opts.torch_dtype) if update is None
-                     else update + base)
-            if not self._finite(tuned, entry.name + " (adapter merged)", self.tuned.spec, entry.name):
+            if not entry.adapter.low_rank:
+                tuned = entry.adapter.merged(base, self.tuned.weights, opts.torch_dtype)
+                if not self._finite(tuned, entry.name + " (adapter merged)", self.tuned.spec, entry.name):
+                    return None
+                return base, tuned, None
+            # a LoRA: its update checked (the base is, above), and summed with the base only for a caller that keeps
+            # the weights (as PEFT's merge forms it)
+            update = entry.adapter.update(self.tuned.weights, base.device, opts.torch_dtype)
+            if not self._finite(update, entry.name + " (adapter update)", self.tuned.spec, entry.name):
                 return None
-            return base, tuned, update
+            return base, (update + base if opts.with_weights else None), update
         raw_tuned = (_read_stored(self.tuned, entry.tuned_tensor, entry) if entry.tuned_slice is None
                      else _read_slice(self.tuned, entry.tuned_slice))
         if check and not self._finite(raw_tuned, _tuned_stored_name(entry), self.tuned.spec, entry.name):

@@ -166,6 +166,13 @@ def test_an_adapters_weights_file_is_named_as_such(tmp_path):
     extra = {"model.layers.0.mlp.down_proj.lora_A.speech.weight": torch.zeros(2, 64)}
     save_file(state | extra, own / "model.safetensors")
     assert Pairing(llama, own).entries
+    # LoRA factors without PEFT's prefix, where nothing pairs: still said to be an adapter's (another trainer's)
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    factors = load_file(weights)
+    save_file({k.removeprefix("base_model.model."): v for k, v in factors.items()}, bare / "lora.safetensors")
+    with pytest.raises(PairingError, match=r"holds LoRA factors \(model\.layers\.\d\.self_attn\.q_proj\.lora_"):
+        Pairing(llama, bare / "lora.safetensors")
 
 
 def test_mismatched_architectures(tmp_path):
