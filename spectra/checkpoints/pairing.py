@@ -47,7 +47,7 @@ _COMPUTE_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 # a LoRA factor as PEFT saves it (base_model.model.….lora_A.weight, ….lora_embedding_B): only an adapter holds these
 # (a checkpoint with LoRA modules of its own, Phi-4-multimodal's, names them without PEFT's prefix)
 _PEFT_FACTOR = re.compile(r"^base_model\.model\..*\.lora_(?:embedding_)?[AB](?:\.|$)")
-_LORA_FACTOR = re.compile(r"\.lora_(?:embedding_)?[AB](?:\.|$)")
+_LORA_FACTOR = re.compile(r"\.lora_(?:embedding_)?[AB](?:\.|$)|\.lora_magnitude_vector")
 # the last sentence of a NaN/Inf error: the command line names its own option instead (analyze's --skip-nonfinite), or
 # drops the sentence where the command has none (extract, sweep, verify: a broken checkpoint is re-saved, not skipped)
 SKIP_NONFINITE_HINT = "Pass on_nonfinite='skip' to analyse the rest."
@@ -306,10 +306,12 @@ class Pairing:
                                "spectra at checkpoints of the same model class, or narrow with --include.")
         # an adapter's weights file, passed without its adapter_config.json: PEFT's keys, whatever else pairs (a
         # head it saved whole pairs with BASE's: 'lm_head' was analysed alone, the factors listed as only in TUNED);
-        # where nothing pairs, LoRA factors under any prefix (another trainer's file) are said as such too
+        # where nothing pairs, a file of nothing but LoRA factors under another prefix (another trainer's) too; a
+        # model with LoRA modules of its own beside its weights (Phi-4-multimodal's) is no adapter
         for side, src in (("TUNED", tuned), ("BASE", base)):
-            pattern = _PEFT_FACTOR if match.pairs else _LORA_FACTOR
-            factor = next((n for n in src.names() if pattern.search(n)), None)
+            factor = next((n for n in src.names() if _PEFT_FACTOR.search(n)), None)
+            if factor is None and not match.pairs and all(_LORA_FACTOR.search(n) for n in src.names()):
+                factor = next(iter(src.names()), None)
             if factor is not None:
                 raise PairingError(
                     f"{side} {src.spec} holds LoRA factors ({factor}): it is a PEFT adapter's weights file. "

@@ -380,7 +380,7 @@ def best_rank_energy(delta: torch.Tensor, rank: int) -> float:
 
 
 def amplification_factor(delta: torch.Tensor | None, W: torch.Tensor, rank: int, *,
-                         svd: Spectrum | None = None) -> float:
+                         svd: Spectrum | None = None, rounded_energy: float | None = None) -> float:
     """‖ΔW‖_F / ‖Uᵀ W V‖_F, U, V the top-`rank` singular vectors of ΔW.
 
     How strongly the update amplifies directions that W itself barely uses. Hu et al.
@@ -395,10 +395,13 @@ def amplification_factor(delta: torch.Tensor | None, W: torch.Tensor, rank: int,
     W : torch.Tensor, shape (out, in)
         Usually W_base (the paper's W_q). Read by row blocks up-cast to float64.
     rank : int
-        At most ΔW's numerical rank (σᵢ above max(out, in)·ε₆₄·σ₁), where its singular vectors are determined;
-        a larger one is refused (a zero ΔW gives 0 at any rank).
+        At most ΔW's :func:`numerical_rank`, where its singular vectors are determined; a
+        larger one is refused (a zero ΔW gives 0 at any rank).
     svd : Spectrum, optional
         A decomposition of `delta` with vectors, when already computed.
+    rounded_energy : float, optional
+        For a ΔW taken as the difference of two stored weights, ‖W‖_F²: the rounding ΔW
+        carries is theirs (see :func:`numerical_rank`). None: ΔW's own (an exact update).
 
     Returns
     -------
@@ -429,7 +432,8 @@ def amplification_factor(delta: torch.Tensor | None, W: torch.Tensor, rank: int,
         F = full_svd(delta, compute_vectors=True, dtype=torch.float64)
     if F.total_energy == 0:
         return 0.0  # whatever the (arbitrary) vectors of a zero ΔW
-    numerical = numerical_rank(F, W.shape, dtype=None if delta is None else _held(delta))
+    numerical = numerical_rank(F, W.shape, dtype=None if delta is None else _held(delta),
+                               rounded_energy=rounded_energy)
     if rank > numerical:  # the vectors past it belong to zero singular values: LAPACK's arbitrary choice
         raise ConfigError(f"`rank` {rank} passes ΔW's numerical rank {numerical}: its singular vectors beyond "
                           f"that are arbitrary, and so would the factor be. Pass rank ≤ {numerical}.")
@@ -630,28 +634,35 @@ def intruder_dimensions(
 _RANK_SLACK = 100.0
 
 
-def numerical_rank(F: Spectrum, shape: tuple[int, ...] | None = None, *, dtype: torch.dtype | None = None) -> int:
+def numerical_rank(F: Spectrum, shape: tuple[int, ...] | None = None, *, dtype: torch.dtype | None = None,
+                   rounded_energy: float | None = None) -> int:
     """How many of `F`'s values stand above the rounding noise of the matrix as held.
 
     Rounding every entry of an (m, n) matrix M to relative precision eps adds noise E whose
-    largest singular value is about eps·rms(M)·(√m + √n) (the Marchenko–Pastur edge,
-    rms(M) = ‖M‖_F/√(mn), ‖M‖_F² from ``F.total_energy``). A value under ``_RANK_SLACK`` times
-    that is zero to the matrix's precision: its vectors are an arbitrary basis of a null
-    space, or directions of the rounding, not of the weight. eps is `dtype`'s, the precision
-    the matrix was held in (a float32 ΔW decomposed in float64: float32's), else that of the
-    values; (m, n) is `shape`, else ``F.shape``.
+    largest singular value is about eps·rms·(√m + √n) (the Marchenko–Pastur edge), rms the
+    root mean square of the entries rounded: M's own (``F.total_energy``), or, for a ΔW that
+    is the difference of two stored weights, the weights' (`rounded_energy` = ‖W‖_F²: their
+    rounding is what ΔW carries, ~1e-7·|W| in float32, far above a small update's own). A
+    value under ``_RANK_SLACK`` times that edge is zero to the matrix's precision: its vectors
+    are an arbitrary basis of a null space, or directions of the rounding, not of the weight.
+    eps is `dtype`'s, the precision the matrix was held in (a float32 ΔW decomposed in
+    float64: float32's), else that of the values; (m, n) is `shape`, else ``F.shape``.
+    Computed relative to σ₁, so a float64 matrix whose energy underflows keeps its cut.
 
     ``matrix_rank``'s max(m, n)·eps·σ₁ is far coarser for a well-spread matrix (4.9e-4·σ₁ at
     4096² in float32, which dropped a trained adapter's weak direction at 1e-4·σ₁).
     """
     values = F.values.double()
-    if not values.numel():
+    if not values.numel() or float(values[0]) <= 0.0:
         return 0
     m, n = F.shape if shape is None else shape
     eps = torch.finfo(F.values.dtype if dtype is None else dtype).eps
-    rms = math.sqrt(max(float(F.total_energy), 0.0) / (m * n))
-    cut = _RANK_SLACK * eps * rms * (math.sqrt(m) + math.sqrt(n))
-    return int((values > cut).sum())
+    top = float(values[0])
+    energy = float(F.total_energy if rounded_energy is None else rounded_energy)
+    # ‖·‖_F²/σ₁², from the values themselves where the energy underflowed (entries near 1e-170)
+    relative = energy / top**2 if energy > 0 and math.isfinite(energy / top**2) else float(((values / top) ** 2).sum())
+    cut = _RANK_SLACK * eps * math.sqrt(relative / (m * n)) * (math.sqrt(m) + math.sqrt(n))  # over σ₁
+    return int((values / top > cut).sum())
 
 
 def _held(W: torch.Tensor) -> torch.dtype:

@@ -257,8 +257,12 @@ def verify_adapter(base, tuned, adapter, *, eval_data=None, config: VerifyConfig
         used = low.values.numel()
         if used < rank:
             deficient.append(f"{d.name} ({used} of {rank})")
+        # ΔW_full's rounding: a TUNED checkpoint's is its weights' (the difference of two stored weights), a LoRA
+        # adapter as TUNED gives its update exactly
+        exact = entry.adapter is not None and entry.adapter.low_rank
         measures, phi, vectors, Ff = measure_module(d.delta, W0, p, adapter_src.weights, low, rank, config,
-                                                    W_base=d.base)
+                                                    W_base=d.base,
+                                                    rounded_energy=None if exact else frobenius_energy(d.base))
         rows.append({"name": d.name, "role": d.role, "layer": d.layer, "shape": list(d.shape),
                      "scaling": p.scaling, "dora": "magnitude" in p.keys, "effective_adapter_rank": used, **measures}
                     | ({"adapter_module": p.module} if p.module != d.name else {}))

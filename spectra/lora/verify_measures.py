@@ -63,7 +63,8 @@ def module_measures(delta_full: torch.Tensor, delta_adapter: torch.Tensor | Spec
                     col_basis: torch.Tensor, row_basis: torch.Tensor, rank: int, W_base: torch.Tensor | None = None,
                     intruder_k: int = 10, intruder_epsilon: float = 0.5, phi_max: int = 64,
                     delta_svd: Spectrum | None = None, adapter_svd: Spectrum | None = None,
-                    exact_below: int = EXACT_BELOW) -> tuple[dict, list[list[float]] | None, torch.Tensor | None]:
+                    exact_below: int = EXACT_BELOW, rounded_energy: float | None = None
+                    ) -> tuple[dict, list[list[float]] | None, torch.Tensor | None]:
     """Measures of one adapted module; see the module docstring.
 
     Every measure reads only a few singular triplets: the top J = max(r, min(phi_max, short))
@@ -120,6 +121,10 @@ def module_measures(delta_full: torch.Tensor, delta_adapter: torch.Tensor | Spec
         rank: vectors of zero singular values are arbitrary, and φ would read them).
     exact_below : int, default EXACT_BELOW
         Short side at or below which full decompositions are taken.
+    rounded_energy : float, optional
+        ‖W‖_F² of the weights whose difference `delta_full` is (a TUNED checkpoint): their
+        rounding sets its numerical rank (:func:`~spectra.linalg.subspace.numerical_rank`).
+        None: `delta_full` is exact (a LoRA adapter as TUNED).
 
     Returns
     -------
@@ -170,7 +175,8 @@ def module_measures(delta_full: torch.Tensor, delta_adapter: torch.Tensor | Spec
     used = min(rank, Fa.U.shape[1])  # k': ΔW_ad's singular vectors past its rank would be arbitrary
     # likewise ΔW_full's past its numerical rank at its own precision (another adapter of lower rank as TUNED): φ,
     # the angles and the amplification read its top min(r, that rank)
-    full_rank = numerical_rank(Ff, delta_full.shape, dtype=torch.promote_types(delta_full.dtype, torch.float32))
+    full_rank = numerical_rank(Ff, delta_full.shape, dtype=torch.promote_types(delta_full.dtype, torch.float32),
+                               rounded_energy=rounded_energy)
     r_full, j_max = min(rank, full_rank), min(j_max, full_rank)
     # Eckart–Young optimum Σ_{i≤r} σᵢ² / ‖ΔW_full‖² from the decomposition already at hand
     row["optimal_energy"] = float((Ff.values[:rank].double() ** 2).sum()) / Ff.total_energy
@@ -184,7 +190,7 @@ def module_measures(delta_full: torch.Tensor, delta_adapter: torch.Tensor | Spec
     angles = principal_angles(col_basis, Ff.U[:, :r_full])  # (min(k, r),) radians, ascending
     row["principal_angles_deg"] = [round(math.degrees(a), 4) for a in angles.tolist()]
     row["amplification_adapter"] = amplification_factor(None if factored else delta_adapter, W0, used, svd=Fa)
-    row["amplification_full"] = amplification_factor(delta_full, W_base, r_full, svd=Ff)
+    row["amplification_full"] = amplification_factor(delta_full, W_base, r_full, svd=Ff, rounded_energy=rounded_energy)
     return row, phi.tolist(), Fa.Vh[:used]
 
 
@@ -246,7 +252,7 @@ def _phi_width(rank: int, phi_max: int, short: int) -> int:
 
 
 def measure_module(delta_full: torch.Tensor, W0: torch.Tensor, p, weights, low: Spectrum, rank: int,
-                   config: VerifyConfig, *, W_base: torch.Tensor | None = None
+                   config: VerifyConfig, *, W_base: torch.Tensor | None = None, rounded_energy: float | None = None
                    ) -> tuple[dict, list[list[float]] | None, torch.Tensor | None, Spectrum]:
     """:func:`module_measures` of the adapter module `p` (an :class:`~spectra.checkpoints.adapter.AdapterDelta`
     read from `weights`), and ΔW_full's :func:`delta_decomposition`, which it returns too.
@@ -267,5 +273,5 @@ def measure_module(delta_full: torch.Tensor, W0: torch.Tensor, p, weights, low: 
                                              rank=rank, W_base=W_base, intruder_k=config.intruder_k,
                                              intruder_epsilon=config.intruder_epsilon, phi_max=config.phi_max,
                                              delta_svd=Ff, adapter_svd=low if plain else None,
-                                             exact_below=config.exact_below)
+                                             exact_below=config.exact_below, rounded_energy=rounded_energy)
     return measures, phi, vectors, Ff

@@ -238,6 +238,8 @@ def parse_budget(text: str) -> dict[str, int]:
     # let 2001 in); binary floating point made 4.1 × 10⁶ 4099999.9999999995, a tolerance for that rounded 0.7GiB
     # (751619276.8 bytes) up, and Decimal's 28 digits 2000.9999999999999999999999999 up
     mantissa, _, exponent = m.group(1).lower().partition("e")
+    if len(mantissa) > 200 or len(exponent) > 200:  # Python's int() refuses 4300 digits with a traceback
+        raise ConfigError(f"Cannot read budget {text[:40]!r}…: {len(text)} characters, too many digits to count.")
     # past a yotta-count no model comes near it (and 1e999999999 would be a billion-digit integer)
     if exponent and int(exponent) > 60:
         raise BudgetOverflow(f"Budget {text!r} is beyond any model; give parameters like 20M or bytes like 2GB.")

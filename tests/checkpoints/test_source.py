@@ -173,6 +173,13 @@ def test_an_adapters_weights_file_is_named_as_such(tmp_path):
     save_file({k.removeprefix("base_model.model."): v for k, v in factors.items()}, bare / "lora.safetensors")
     with pytest.raises(PairingError, match=r"holds LoRA factors \(model\.layers\.\d\.self_attn\.q_proj\.lora_"):
         Pairing(llama, bare / "lora.safetensors")
+    # negative control: a model of another architecture with LoRA modules beside its weights is no adapter
+    other = tmp_path / "other"
+    other.mkdir()
+    save_file({"encoder.qkv.base_layer.weight": torch.zeros(4, 4), "encoder.qkv.lora_A.speech.weight": torch.zeros(2, 4),
+               "encoder.qkv.lora_B.speech.weight": torch.zeros(4, 2)}, other / "model.safetensors")
+    with pytest.raises(PairingError, match="share no tensor names"):
+        Pairing(llama, other)
 
 
 def test_mismatched_architectures(tmp_path):

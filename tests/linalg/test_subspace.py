@@ -212,6 +212,29 @@ def test_numerical_rank_stands_on_the_rounding_noise_not_on_sigma_1():
     assert ss.numerical_rank(F, D.shape) > 4  # at float64's precision the float32 rounding is rank too
 
 
+def test_numerical_rank_of_a_difference_of_stored_weights_stands_on_their_rounding():
+    """A rank-4 LoRA merged into a float32 checkpoint, subtracted: ΔW carries the rounding of W + ΔW (~1e-7·|W|),
+    not of ΔW, so at rms(ΔW)/rms(W) = 5e-4 ΔW's own noise edge counted 721 directions; W's gives 4, and the
+    amplification at 8 is refused, as matrix_rank's rule refused it."""
+    from spectra.linalg.svd import full_svd
+
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(512, 512, generator=g) * 0.02
+    D = (torch.randn(512, 4, generator=g, dtype=torch.float64) @ torch.randn(4, 512, generator=g, dtype=torch.float64))
+    D = D / D.pow(2).mean().sqrt() * 1e-5
+    delta = (W.double() + D).float() - W  # the merged checkpoint's ΔW
+    F = full_svd(delta, compute_vectors=True, dtype=torch.float64)
+    weights = float(W.double().pow(2).sum())
+    assert ss.numerical_rank(F, delta.shape, dtype=torch.float32, rounded_energy=weights) == 4
+    assert ss.numerical_rank(F, delta.shape, dtype=torch.float32) > 100  # ΔW's own edge: the rounding counted
+    with pytest.raises(ConfigError, match="numerical rank 4"):
+        ss.amplification_factor(delta, W, 8, rounded_energy=weights)
+    assert ss.amplification_factor(delta, W, 4, rounded_energy=weights) > 0
+    # scale-free: a float64 matrix whose energy underflows keeps its cut (it counted every value, null ones too)
+    tiny = torch.tensor(_rank_deficient(24, 16, 3, seed=6)[0].numpy() * 1e-170)
+    assert ss.numerical_rank(full_svd(tiny, dtype=torch.float64), tiny.shape) == 3
+
+
 def test_rejects_mismatched_inputs():
     with pytest.raises(ConfigError, match="different spaces"):
         ss.principal_angles(_basis(10, 2, 0), _basis(12, 2, 0))

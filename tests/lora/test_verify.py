@@ -131,6 +131,36 @@ def test_against_an_adapter_of_lower_rank_the_measures_read_only_its_rank(trio, 
     assert all(len(r["principal_angles_deg"]) == 3 for r in same.modules)
 
 
+def test_against_a_merged_float32_checkpoint_its_rounding_is_no_rank(trio, tmp_path):
+    """TUNED a rank-2 LoRA merged into a float32 checkpoint, its update ~1/800 of the weights: ΔW_full = TUNED − BASE
+    carries the rounding of W + ΔW (~1e-7·|W|), full rank above ΔW's own noise edge. Judged at the weights' rounding
+    (a checkpoint's ΔW is a difference), its rank is 2: the rank-3 adapter holding those factors reads φ_row = 1."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    base_model, base, _, _, _, _, _ = trio
+    with quiet_peft():
+        small = random_adapter(base_model, tmp_path / "small", seed=7, scale=3e-3, r=2, lora_alpha=4,
+                               target_modules=["q_proj"])
+    merged = save(copy.deepcopy(small).merge_and_unload(), tmp_path / "merged", "safetensors")  # float32
+    wider = tmp_path / "wider"  # its two factors and a third: rank 3, the same s = 2
+    shutil.copytree(tmp_path / "small", wider)
+    weights = load_file(wider / "adapter_model.safetensors")
+    g = torch.Generator().manual_seed(3)
+    save_file({k: torch.cat([v, 3e-3 * torch.randn(1, v.shape[1], generator=g)]) if "lora_A" in k
+               else torch.cat([v, 3e-3 * torch.randn(v.shape[0], 1, generator=g)], 1) for k, v in weights.items()},
+              wider / "adapter_model.safetensors")
+    config = json.loads((wider / "adapter_config.json").read_text())
+    (wider / "adapter_config.json").write_text(json.dumps(config | {"r": 3, "lora_alpha": 6}))
+    result = verify_adapter(base, merged, wider, progress=False)
+    assert result.modules
+    for row in result.modules:
+        assert len(row["principal_angles_deg"]) == 2, row["name"]
+        assert row["phi_row"] == pytest.approx(1.0, abs=1e-4), row["name"]
+
+
 def test_an_adapter_of_the_opposite_update_is_called_worse_than_none(trio, tmp_path):
     """The captured shares measure spaces: an adapter of −ΔW_full captured 'all Eckart–Young allows' and the
     headline said no more. Against itself as TUNED the adapter's relative error is 0; negated, exactly 2."""

@@ -38,7 +38,8 @@ def test_parse_budget():
     for huge in ("1e25", "1e999999999", "2e24KiB", "1e99999999999999999999"):  # too large, said as such by the CLI
         with pytest.raises(OverflowError, match="beyond any model"):
             parse_budget(huge)
-    for bad in ("7B", "lots", "3 parsecs", "1e25", "1e999999999"):
+    for bad in ("7B", "lots", "3 parsecs", "1e25", "1e999999999", "9" * 5000, "1e" + "0" * 4400 + "1",
+                "0." + "0" * 5000 + "1M"):  # the long ones: int()'s 4300-digit limit was a ValueError traceback
         with pytest.raises(ConfigError):
             parse_budget(bad)
 
