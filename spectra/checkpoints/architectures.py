@@ -663,7 +663,7 @@ _TEXT_MODEL_TYPES = {"fuyu": "persimmon", "modernvbert": "modernbert", "pe_audio
                      "pe_video": "modernbert", "pe_audio_video": "modernbert", "colmodernvbert": "modernbert"}
 # 3-D expert tensors stored (experts, in, out) — the model computes x @ W[e] — instead of (experts, out, in).
 # transformers marks them ``is_transposed`` (gpt-oss, OpenAI's privacy filter, Aria), except Llama 4's.
-IN_OUT_EXPERT_MODEL_TYPES = frozenset({"llama4", "llama4_text", "gpt_oss", "openai_privacy_filter", "aria",
+IN_OUT_EXPERT_MODEL_TYPES = frozenset({"llama4", "llama4_text", "gpt_oss", "openai_privacy_filter", "aria", "ergo",
                                        "aria_text"})
 # 3-D expert tensors that transformers transposes on loading only where their shape is the transpose of the model's
 # (Transpose(1, 2, check_dims=True)): Qwen3-VL-MoE's hub checkpoints store them (experts, in, out), as its first

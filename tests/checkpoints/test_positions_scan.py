@@ -57,6 +57,9 @@ _DISAGREE = {
     # audio codecs: their rope_parameters, read as rotary, belong to no module this scan sees; no text to cut
     "neucodec": ("rotary", "none"),
     "xcodec2": ("rotary", "none"),
+    # Ovis2.5's vision tower (transformers 5.25): a learned patch table of max_position_embeddings rows beside its
+    # axial rotary; read as rotary at that length: patches, not text, and no --max-length reaches it
+    "ovis2_5_vision": ("rotary", "learned"),
 }
 
 
