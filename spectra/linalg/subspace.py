@@ -430,8 +430,12 @@ def amplification_factor(delta: torch.Tensor | None, W: torch.Tensor, rank: int,
         F = svd
     else:
         F = full_svd(delta, compute_vectors=True, dtype=torch.float64)
-    if F.total_energy == 0:
+    top = float(F.values[0]) if F.values.numel() else 0.0
+    if top == 0.0:
         return 0.0  # whatever the (arbitrary) vectors of a zero ΔW
+    # ‖ΔW‖_F, from the values held where ‖ΔW‖_F² underflows (a float64 ΔW of entries near 1e-170 gave 0)
+    fro = (math.sqrt(F.total_energy) if F.total_energy > 0
+           else top * math.sqrt(float(((F.values.double() / top) ** 2).sum())))
     numerical = numerical_rank(F, W.shape, dtype=None if delta is None else _held(delta),
                                rounded_energy=rounded_energy)
     if rank > numerical:  # the vectors past it belong to zero singular values: LAPACK's arbitrary choice
@@ -441,7 +445,7 @@ def amplification_factor(delta: torch.Tensor | None, W: torch.Tensor, rank: int,
     WV = times64(W, Vh.T)  # (out, r): W read once by row blocks in float64, never copied whole
     proj = U.T @ WV  # (r, out) @ (out, r) -> (r, r)
     den = float(torch.linalg.matrix_norm(proj))
-    return math.inf if den == 0 else math.sqrt(F.total_energy) / den
+    return math.inf if den == 0 else fro / den
 
 
 # ---------------------------------------------------------------------------- intruders

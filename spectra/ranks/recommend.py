@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import functools
 import json
 import math
 import os
@@ -722,6 +723,11 @@ def _projection(members: list, parameter: str, shape: tuple[int, int, int]) -> _
                      shape[0] * (shape[1] + shape[2]), parameter, shape)
 
 
+def _cost_in_bytes(cost: int, *, saved: int, per: float) -> str:
+    """A plan of `cost` parameters, `saved` of them trained in full (SAVED_BYTES_PER_PARAM each), in bytes too."""
+    return f"{cost:,} parameters, {math.ceil(SAVED_BYTES_PER_PARAM * saved + per * (cost - saved)):,} bytes"
+
+
 def _apply_budget(items: list[_Decision], policy: RankPolicy, budget: int, saved: int = 0) -> tuple[list[int], float]:
     """Ranks within ``budget`` and the gap bound; ``saved``: the parameters PEFT trains in full (a classifier's
     head), spent before any rank, beside DoRA's magnitudes."""
@@ -751,10 +757,7 @@ def _apply_budget(items: list[_Decision], policy: RankPolicy, budget: int, saved
         label = (f"{policy.budget_bytes:,} bytes ({budget:,} parameters at {per:g} bytes each)" if not saved else
                  f"{policy.budget_bytes:,} bytes ({saved:,} saved parameters at {SAVED_BYTES_PER_PARAM:g} bytes each "
                  f"and {budget - saved:,} LoRA parameters at {per:g} bytes each)")
-
-        def cost_label(cost: int) -> str:
-            return f"{cost:,} parameters, {math.ceil(SAVED_BYTES_PER_PARAM * saved + per * (cost - saved)):,} bytes"
-
+        cost_label = functools.partial(_cost_in_bytes, saved=saved, per=per)
     result = allocate_budget(ladders, gains, costs, budget, fixed_cost=dora + saved,
                              fixed_label="fixed: " + " and ".join(parts) if parts else "fixed", budget_label=label,
                              cost_label=cost_label)

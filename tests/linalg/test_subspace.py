@@ -122,6 +122,8 @@ def test_amplification_refuses_a_rank_past_the_updates_own():
             ss.amplification_factor(delta, W, 3, svd=given)
     zero = full_svd(torch.zeros(60, 40, dtype=torch.float64), compute_vectors=True, dtype=torch.float64)
     assert ss.amplification_factor(None, W, 3, svd=zero) == 0.0
+    # ‖ΔW‖_F² underflows at entries near 1e-170: the factor (linear in ΔW) was 0, now 1e-170 of ΔW's
+    assert ss.amplification_factor(torch.tensor(D * 1e-170), W, 1) == pytest.approx(want * 1e-170, rel=1e-10)
 
 
 @pytest.mark.parametrize("scale", [1e155, 1e-160, 1e-170, 1e-300, 1e300])
