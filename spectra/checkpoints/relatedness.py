@@ -37,17 +37,12 @@ def relative_size(fro: float, base_fro: float) -> float:
     return fro / base_fro if base_fro else (0.0 if fro == 0 else math.inf)
 
 
-def unrelated_median(sizes: Iterable[float]) -> float | None:
-    """The median of `sizes` (the changed modules' ‖ΔW‖/‖W‖) when it reaches :data:`UNRELATED_SIZE`, else None."""
+def unrelated_note(sizes: Iterable[float]) -> str | None:
+    """What to tell a user whose changed modules' ‖ΔW‖/‖W‖ (`sizes`) have a median at or above
+    :data:`UNRELATED_SIZE`; None below it, or with no sizes."""
     sizes = [float(s) for s in sizes]
     median = statistics.median(sizes) if sizes else None
-    return median if median is not None and median >= UNRELATED_SIZE else None
-
-
-def unrelated_note(sizes: Iterable[float]) -> str | None:
-    """What to tell a user whose changed modules' ‖ΔW‖/‖W‖ have a median at or above :data:`UNRELATED_SIZE`."""
-    median = unrelated_median(sizes)
-    if median is None:
+    if median is None or median < UNRELATED_SIZE:
         return None
     return (f"the median module's ‖ΔW‖/‖W‖ is {median:.2f}: TUNED differs from BASE by as much as the weights "
             f"themselves (two independent initialisations of one architecture give √2 ≈ 1.41; a fine-tune moves a "

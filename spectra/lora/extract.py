@@ -231,7 +231,7 @@ def extract_adapter(base, tuned, plan_or_rank, out_dir: str | os.PathLike, *, ro
     # Refused where every target is that or BASE's very values (nothing would be left but zeros)
     cast, same = storage_casts(pairing, selected)
     if cast and len(cast) + len(same) == len(selected) and not modules_to_save:
-        held = (f"exactly BASE's values rounded to TUNED's storage dtype" if not same else
+        held = ("exactly BASE's values rounded to TUNED's storage dtype" if not same else
                 f"exactly BASE's values ({len(same)}) or them rounded to TUNED's storage dtype ({len(cast)})")
         raise ConfigError(f"every targeted module ({len(selected)}) holds in TUNED {held}: the fine-tune changed "
                           "none of them, and the adapter would hold rounding only. Check that TUNED is the fine-tune "
