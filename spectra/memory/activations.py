@@ -37,11 +37,12 @@ def _qkv_bytes(shape: ModelShape, p: int, cache: bool, masked: bool = False) -> 
     copies. A fused projection's Q, K and V are views of its output, kept whole by any view
     sdpa keeps: GPT-2's Q (beside the cache's copies of K and V), Phi-3's V without the cache
     (its rotary embeddings make Q and K fresh tensors). ``masked``: the layer gets a mask (a
-    sliding window the sequence reaches), with which transformers does not ask sdpa for GQA
-    but repeats K and V to every query head (``repeat_kv``): fresh copies of Q's size.
+    sliding window the sequence reaches, Falcon's), with which transformers does not ask sdpa for GQA
+    but repeats K and V to every query head (``repeat_kv``): fresh copies of Q's size, save that one
+    K/V head (multi-query) repeats as a stride-0 view of itself, which keeps what it views.
     """
     q, kv = shape.q_dim, shape.kv_dim
-    if masked and kv < q:
+    if masked and q > kv and kv * shape.heads > q:  # K/V heads fewer than Q's, but more than one
         return 3 * p * q
     if not shape.fused_qkv or shape.split_copies:  # Falcon's Q, K and V: copies out of the fused output
         return p * (q + 2 * kv)
@@ -69,10 +70,11 @@ def _o_input_copied(shape: ModelShape, attention: str) -> bool:
 
 
 def _sdpa_math(shape: ModelShape, attention: str) -> bool:
-    """Whether sdpa runs its math kernel: Falcon-7B's multi-query attention (not the new decoder architecture, which
-    broadcasts K and V to every head first) hands it one K and one V head against every query head without
-    enable_gqa, which no fused kernel takes (:func:`_block_bytes` counts what the math kernel keeps)."""
-    return attention == "sdpa" and shape.falcon_attention and not shape.split_copies and shape.kv_dim < shape.q_dim
+    """Whether sdpa runs its math kernel: before transformers 5.25, Falcon-7B's multi-query attention (not the new
+    decoder architecture, which broadcast K and V to every head first) handed it one K and one V head against every
+    query head without enable_gqa, which no fused kernel takes (:func:`_block_bytes` counts what the math kernel
+    keeps); from 5.25 transformers' sdpa repeats them to every head under Falcon's mask."""
+    return attention == "sdpa" and shape.sdpa_math
 
 
 def _block_bytes(shape: ModelShape, p: int, attention: str, seq_len: int, *, full: bool, cache: bool,

@@ -121,13 +121,15 @@ class ModelShape:
     # both read the block's input, through one norm (``norms`` 1: Phi, Falcon-7B) or a norm each (2: GPT-NeoX, Falcon
     # 40B/180B's ln_attn and ln_mlp), and their outputs are added to it
     parallel: bool = False
-    # Falcon's new decoder architecture broadcasts K and V to every query head and reshapes Q, K and V out of
-    # query_key_value's output into tensors of their own (copies, not views of the projection's output)
+    # Falcon's new decoder architecture (transformers < 5.25) broadcasts K and V to every query head and reshapes Q,
+    # K and V out of query_key_value's output into tensors of their own (copies, not views of the projection's output)
     split_copies: bool = False
-    # Falcon's Q keeps query_key_value's (b, s, heads, d) layout through its rotation (no torch.cat), so sdpa's
-    # output does too and o reads it, not a copy; and Falcon always materialises its causal mask
-    # (allow_is_causal_skip=False), which sdpa keeps in the activations' dtype, as a sliding layer's
+    # Falcon's Q keeps query_key_value's (b, s, heads, d) layout through its rotation, so sdpa's output does too and o
+    # reads it, not a copy; and Falcon always materialises its causal mask (allow_is_causal_skip=False), which sdpa
+    # keeps in the activations' dtype, as a sliding layer's (transformers' sdpa then repeats K and V to every head)
     falcon_attention: bool = False
+    # sdpa runs its math kernel: Falcon-7B's one K/V head handed to it without enable_gqa (transformers < 5.25)
+    sdpa_math: bool = False
     # the block linears' class where transformers' bitsandbytes load leaves it in 16 bits (it converts exactly
     # nn.Linear: Falcon's FalconLinear, a subclass), so QLoRA would quantise nothing
     unquantised_class: str = ""
@@ -1041,20 +1043,34 @@ def _phi(cfg: dict, mtype: str) -> ModelShape:
                       causal=True, norms=1, rotary=True, rotary_cat=True, parallel=True)
 
 
+def _falcon_views() -> bool:
+    """Whether the installed transformers runs Falcon's attention as Llama's (5.25 on): Q, K and V views of
+    query_key_value's output, K and V cached and handed to attention at ``num_kv_heads`` heads (the attention
+    functions repeat them to every query head under a mask), Llama's rotation; before 5.25 FalconAttention split
+    them into copies and broadcast the new architecture's K and V first."""
+    import transformers
+    from packaging.version import Version
+
+    return Version(transformers.__version__) >= Version("5.25.0.dev0")
+
+
 def _falcon(cfg: dict, mtype: str) -> ModelShape:
     """A Falcon config, as transformers 5's FalconModel holds and runs it, read through FalconConfig (which maps
     config.json's older n_layer, n_head, n_embed and fills in num_kv_heads and ffn_hidden_size).
 
-    Each block: one fused ``query_key_value`` (``bias``) whose output is split into Q, K and V and reshaped into
-    tensors of their own (``split_copies``): the new decoder architecture (Falcon-40B/180B) holds ``num_kv_heads``
-    K and V heads and broadcasts them to every query head before the split, so attention and the KV cache see as
-    many K and V heads as Q ones; the older multi-query layout (Falcon-7B, ``multi_query``) one K and one V head (which
-    sdpa takes only in its math kernel: :func:`~spectra.memory.activations._sdpa_math`);
-    otherwise (heads, 3, head_dim) of full multi-head attention. Rotary embeddings on whole heads; eager takes its
-    softmax in the activations' dtype. Parallel attention and MLP (``parallel_attn``) read one LayerNorm's output,
-    or under the new architecture one each (``ln_attn``, ``ln_mlp``; ``num_ln_in_parallel_attn`` 2, its default);
-    else the block is sequential with two. The MLP: ``dense_h_to_4h`` → ``activation`` → ``dense_4h_to_h``. The
-    head is tied unless ``tie_word_embeddings`` is false. ALiBi (Falcon-RW's ``alibi``) is refused."""
+    Each block: one fused ``query_key_value`` (``bias``) whose output holds Q, K and V: the new decoder
+    architecture (Falcon-40B/180B) ``num_kv_heads`` K and V heads, the older multi-query layout (Falcon-7B,
+    ``multi_query``) one K and one V head, otherwise (heads, 3, head_dim) of full multi-head attention. From
+    transformers 5.25 (:func:`_falcon_views`) Q, K and V are views of it, attended as Llama's (Phi-3's fused
+    projection); before, they were reshaped into tensors of their own (``split_copies``), the new architecture's K
+    and V broadcast to every query head first, and Falcon-7B's one K/V head went to sdpa without enable_gqa, which
+    only its math kernel takes (:func:`~spectra.memory.activations._sdpa_math`). Either way the causal mask is
+    always materialised (``falcon_attention``). Rotary embeddings on whole heads; eager takes its softmax in the
+    activations' dtype before 5.25, in fp32 from it. Parallel attention and MLP (``parallel_attn``) read one
+    LayerNorm's output, or under the new architecture one each (``ln_attn``, ``ln_mlp``; ``num_ln_in_parallel_attn``
+    2, its default); else the block is sequential with two. The MLP: ``dense_h_to_4h`` → ``activation`` →
+    ``dense_4h_to_h``. The head is tied unless ``tie_word_embeddings`` is false. ALiBi (Falcon-RW's ``alibi``) is
+    refused."""
     filled = _config_object(mtype, cfg)
     if filled is None:
         raise ConfigError(f"model_type {mtype}: transformers' FalconConfig cannot be built from this config.json, "
@@ -1072,8 +1088,9 @@ def _falcon(cfg: dict, mtype: str) -> ModelShape:
     h, layers, heads, vocab = filled.hidden_size, filled.num_hidden_layers, filled.num_attention_heads, \
         filled.vocab_size
     inter, head_dim, bias = filled.ffn_hidden_size, h // heads, bool(filled.bias)
-    if new:
-        qkv_out, kv_dim = (2 * filled.num_kv_heads + heads) * head_dim, h  # K, V broadcast to every query head
+    views = _falcon_views()
+    if new:  # before 5.25, K and V broadcast to every query head
+        qkv_out, kv_dim = (2 * filled.num_kv_heads + heads) * head_dim, filled.num_kv_heads * head_dim if views else h
     elif filled.multi_query:
         qkv_out, kv_dim = h + 2 * head_dim, head_dim
     else:
@@ -1085,9 +1102,11 @@ def _falcon(cfg: dict, mtype: str) -> ModelShape:
     tied = filled.tie_word_embeddings
     return ModelShape(family=mtype, hidden=h, layers=layers, heads=heads, kv_dim=kv_dim, q_dim=h, intermediate=inter,
                       vocab=vocab, norm="layer", mlp_saved=_activation_saved(cfg, mtype, "activation"),
-                      softmax_fp32=False, experts_per_token=1, experts=1, linears=linears, other_params=other,
+                      softmax_fp32=views, experts_per_token=1, experts=1, linears=linears, other_params=other,
                       head_params=0 if tied else vocab * h, causal=True, norms=norms, rotary=True, parallel=parallel,
-                      split_copies=new, falcon_attention=True, unquantised_class="FalconLinear")
+                      split_copies=new and not views, falcon_attention=True,
+                      sdpa_math=filled.multi_query and not new and not views,
+                      unquantised_class="FalconLinear")
 
 
 # families whose blocks are read by a function of their own (parallel attention and MLP, GELU MLPs, LayerNorms)

@@ -2,8 +2,8 @@
 use_parallel_residual, one fused query_key_value of each head's Q, K and V side by side, partial rotary
 embeddings concatenated with the rest of the head), Phi (phi-1/phi-2: one LayerNorm feeding both branches, biased
 q/k/v/dense, a biased head), StarCoder2 (Llama's attention with biases, LayerNorms, a GELU MLP, sliding windows), Falcon
-(parallel_attn; the new decoder architecture's K/V heads broadcast to every query head, ln_attn/ln_mlp; multi-query;
-FalconLinear; an always materialised causal mask), StableLM (Llama's SwiGLU with LayerNorms, partial rotary,
+(parallel_attn; the new decoder architecture's K/V heads, broadcast to every query head before transformers 5.25,
+ln_attn/ln_mlp; multi-query; FalconLinear; an always materialised causal mask), StableLM (Llama's SwiGLU with LayerNorms, partial rotary,
 use_parallel_residual). `spectra memory` refused the first four by model_type ("its blocks differ from Llama's,
 GPT-2's and BERT's") and StableLM by its parameter count. Checked against the models transformers builds from tiny configs on the CPU: their parameters,
 PEFT's trainable count, the gradients and AdamW states one step leaves, bitsandbytes' 4-bit load, and what autograd
@@ -21,6 +21,7 @@ import dataclasses
 import pytest
 
 from spectra.memory import estimate_memory, model_shape
+from spectra.memory.shape import _falcon_views
 from tests.memory.test_memory import (_PEFT_PATTERN_WARNING, block_saved, check_cli_memory, check_kv_cache,
                                       check_qlora_storage, check_refused_and_miscounted,
                                       check_trainable_gradients_and_states, lora_on_roles, per_sequence_saved)
@@ -33,7 +34,8 @@ _VARIANTS = {
                           attention_bias=False), dict(hidden_act="gelu_new")],
     "phi": [{}, dict(num_key_value_heads=2, tie_word_embeddings=True, partial_rotary_factor=1.0, hidden_act="gelu")],
     "starcoder2": [dict(num_key_value_heads=2), dict(num_key_value_heads=2, use_bias=False, sliding_window=8,
-                                                     tie_word_embeddings=False, hidden_act="gelu_new")],
+                                                     tie_word_embeddings=False, hidden_act="gelu_new"),
+                   dict(num_key_value_heads=1, sliding_window=8)],  # one K/V head under a mask
     # Falcon-40B's new decoder architecture (2 K/V heads broadcast to 4, ln_attn and ln_mlp); Falcon-7B's multi-query
     # attention (one LayerNorm); a sequential multi-head block with biases; Falcon2-11B's new architecture with one
     # LayerNorm and one K/V head, NewGELU and an untied head
@@ -136,8 +138,13 @@ _BLOCK_CASES = [
     ("starcoder2", 0, "full", "fp32", "eager", True), ("starcoder2", 0, "dora", "fp32", "sdpa", True),
     ("starcoder2", 0, "lora", "bf16", "sdpa", True), ("starcoder2", 1, "full", "fp32", "sdpa", True),
     ("starcoder2", 1, "lora", "fp32", "sdpa", True), ("starcoder2", 1, "lora", "fp32", "eager", True),
-    # Falcon: sdpa always gets its materialised mask and o reads its output; V a copy (new architecture) or a view
-    # of the fused output; multi-query under sdpa runs its math kernel (fp32 Q, K and V broadcast, probabilities)
+    # one K/V head under the sliding mask: repeat_kv's stride-0 view keeps K and V at one head (not Q's size)
+    ("starcoder2", 2, "full", "fp32", "sdpa", True), ("starcoder2", 2, "lora", "fp32", "sdpa", False),
+    ("starcoder2", 2, "lora", "bf16", "sdpa", True),
+    # Falcon: sdpa always gets its materialised mask and o reads its output. Before transformers 5.25: V a copy (new
+    # architecture) or a view of the fused output; multi-query under sdpa runs its math kernel (fp32 Q, K and V
+    # broadcast, probabilities). From 5.25: Q, K, V views of the fused output, K and V repeated to every head (one
+    # K/V head, variants 1 and 3: a view that keeps V's, the whole fused output without the cache)
     ("falcon", 1, "full", "fp32", "sdpa", True), ("falcon", 1, "lora", "bf16", "sdpa", True),
     ("falcon", 1, "lora", "fp32", "sdpa", False), ("falcon", 1, "dora", "fp32", "sdpa", True),
     ("falcon", 1, "full", "bf16", "sdpa", True), ("falcon", 1, "dora", "bf16", "sdpa", False),
@@ -260,6 +267,8 @@ def test_falcon_multi_query_math_kernel_by_role(roles, precision):
     assert block["modelled"] - cpu_statistics == block["measured"] > 0, block
 
 
+@pytest.mark.skipif(_falcon_views(), reason="transformers >= 5.25 repeats Falcon-7B's K/V head before sdpa, which "
+                    "runs a fused kernel (test_falcon_multi_query_under_sdpa_keeps_one_kv_head)")
 def test_falcon_multi_query_under_sdpa_is_the_math_kernels():
     """Falcon-7B's multi-query attention hands sdpa one K/V head against every query head without enable_gqa: sdpa
     runs its math kernel, which keeps Q scaled, K and V broadcast to every query head and the s×s probabilities, all
@@ -278,6 +287,30 @@ def test_falcon_multi_query_under_sdpa_is_the_math_kernels():
             patch.setattr(activations, "_sdpa_math", lambda shape, attention: False)
             block = _block("falcon", 1, "lora", precision, "sdpa")
         assert block["modelled"] - 16 * 4 * block["layer_norms"] * (precision == "bf16") != block["measured"]
+
+
+@_PEFT_PATTERN_WARNING
+@pytest.mark.skipif(not _falcon_views(), reason="before transformers 5.25 Falcon-7B's attention runs sdpa's math "
+                    "kernel (test_falcon_multi_query_under_sdpa_is_the_math_kernels)")
+@pytest.mark.parametrize("variant", [1, 3])
+def test_falcon_multi_query_under_sdpa_keeps_one_kv_head(variant):
+    """From transformers 5.25 Falcon's one K/V head (Falcon-7B's multi-query, Falcon2-11B's new architecture) goes
+    to sdpa repeated to every query head under the materialised mask: repeat_kv's stride-0 view, so sdpa keeps the
+    rotated K at one head and V's view of the fused output, and the block is the fused kernel's (not the math
+    kernel's). Negative controls: modelled as copies of Q's size (as more K/V heads repeat), or as the math kernel
+    before 5.25, the block is off."""
+    import spectra.memory.activations as activations
+
+    block = _block("falcon", variant, "lora", "fp32", "sdpa", use_cache=False)
+    assert block["modelled"] == block["measured"] > 0, block
+    real = activations._qkv_bytes
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(activations, "_qkv_bytes",
+                      lambda shape, p, cache, masked=False: 3 * p * shape.q_dim if masked else real(shape, p, cache))
+        assert _block("falcon", variant, "lora", "fp32", "sdpa", use_cache=False)["modelled"] != block["measured"]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(activations, "_sdpa_math", lambda shape, attention: attention == "sdpa")
+        assert _block("falcon", variant, "lora", "fp32", "sdpa", use_cache=False)["modelled"] != block["measured"]
 
 
 @_PEFT_PATTERN_WARNING
