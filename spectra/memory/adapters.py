@@ -175,7 +175,7 @@ def _adapter_modules(shape: ModelShape, method: str, plan_or_rank: Any, roles: t
                              else "DoRA's weight norms and transients on the tower's linears")
                           + (f". Leave {towers} out of stacks (the default adapts the language model alone) or "
                              "estimate lora." if stacks else
-                             f". Plan the language model alone (`spectra recommend --stacks language`) or estimate "
+                             ". Plan the language model alone (`spectra recommend --stacks language`) or estimate "
                              "lora."))
     if isinstance(plan_or_rank, RankPlan):
         model = _moe_model(shape, train_model, "which rank the plan's peft_config gives its fused experts")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import re
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -1049,9 +1050,9 @@ def _falcon_views() -> bool:
     functions repeat them to every query head under a mask), Llama's rotation; before 5.25 FalconAttention split
     them into copies and broadcast the new architecture's K and V first."""
     import transformers
-    from packaging.version import Version
 
-    return Version(transformers.__version__) >= Version("5.25.0.dev0")
+    major, minor = re.match(r"(\d+)\.(\d+)", transformers.__version__).groups()
+    return (int(major), int(minor)) >= (5, 25)  # 5.25's dev builds too
 
 
 def _falcon(cfg: dict, mtype: str) -> ModelShape:
