@@ -162,13 +162,16 @@ def estimate_memory(config_or_model: Any, *, method: str = "lora", rank_plan_or_
         memory-efficient on CUDA, the flash kernel on CPU), which is what an unpadded batch gets: it
         keeps Q, K, V, its output and an fp32 logsumexp, no s×s matrix; a layer whose sliding
         window the sequence reaches (seq_len ≥ window: Mistral's, Ministral's, Gemma 3's sliding
-        layers) gets a mask, which sdpa keeps in the activations' dtype (s·p per token), with K and
-        V repeated to every head. Falcon-7B's multi-query attention (one K/V head against every query
-        head, no enable_gqa) runs sdpa's math kernel, which keeps Q, K and V broadcast to every head and
-        the probabilities, all fp32: 4·(3·q + heads·s) per token. ``"eager"`` keeps the
-        attention probabilities, ``heads·s`` values per token per layer: in fp32 and again in the
-        activation dtype for Llama-like models (softmax in fp32, cast back), once for GPT-2 and BERT;
-        Gemma 2 also keeps its logit cap's tanh (p). A family transformers runs only eagerly (Gemma 2,
+        layers; Falcon's every layer) gets a mask, which sdpa keeps in the activations' dtype (s·p per
+        token), with K and V repeated to every head (copies of Q's size; one K/V head repeats as a
+        stride-0 view that keeps the one head). Before transformers 5.25, Falcon-7B's multi-query
+        attention (one K/V head against every query head, no enable_gqa) runs sdpa's math kernel, which
+        keeps Q, K and V broadcast to every head and the probabilities, all fp32: 4·(3·q + heads·s) per
+        token. ``"eager"`` keeps the attention probabilities, ``heads·s`` values per token per layer: in
+        fp32 and again in the activation dtype for Llama-like models (softmax in fp32, cast back), once
+        for GPT-2 and BERT; Gemma 2 also keeps its logit cap's tanh (p); and K and V repeated to every
+        head, save at batch 1 with one K/V head, where its products keep the one head (and GPT-2's Q the
+        view of c_attn's whole output it is, beside the cache's K and V). A family transformers runs only eagerly (Gemma 2,
         whose capped logits sdpa refuses) is estimated with "eager" whatever is asked, as transformers
         falls back when asked for no implementation; the result's ``attention`` says so.
         Default "sdpa".

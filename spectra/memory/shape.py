@@ -122,8 +122,9 @@ class ModelShape:
     # both read the block's input, through one norm (``norms`` 1: Phi, Falcon-7B) or a norm each (2: GPT-NeoX, Falcon
     # 40B/180B's ln_attn and ln_mlp), and their outputs are added to it
     parallel: bool = False
-    # Falcon's new decoder architecture (transformers < 5.25) broadcasts K and V to every query head and reshapes Q,
-    # K and V out of query_key_value's output into tensors of their own (copies, not views of the projection's output)
+    # Falcon's new decoder architecture and multi-query layout (transformers < 5.25) index K and V out of
+    # query_key_value's output into tensors of their own (copies, not views of the projection's output), the new
+    # architecture's broadcast to every query head
     split_copies: bool = False
     # Falcon's Q keeps query_key_value's (b, s, heads, d) layout through its rotation, so sdpa's output does too and o
     # reads it, not a copy; and Falcon always materialises its causal mask (allow_is_causal_skip=False), which sdpa
@@ -1105,7 +1106,7 @@ def _falcon(cfg: dict, mtype: str) -> ModelShape:
                       vocab=vocab, norm="layer", mlp_saved=_activation_saved(cfg, mtype, "activation"),
                       softmax_fp32=views, experts_per_token=1, experts=1, linears=linears, other_params=other,
                       head_params=0 if tied else vocab * h, causal=True, norms=norms, rotary=True, parallel=parallel,
-                      split_copies=new and not views, falcon_attention=True,
+                      split_copies=(new or filled.multi_query) and not views, falcon_attention=True,
                       sdpa_math=filled.multi_query and not new and not views,
                       unquantised_class="FalconLinear")
 

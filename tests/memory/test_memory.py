@@ -749,6 +749,36 @@ def block_saved(build, peft, method: str, precision: str, attention: str, roles=
         | {"layer_norms": norms[2] - norms[1]}
 
 
+def layer_saved(build, peft, method: str, precision: str, attention: str, *, batch: int, use_cache: bool,
+                misread=None) -> dict[str, int]:
+    """One block's saved bytes at ``batch`` sequences of 16 tokens, measured and modelled: the difference of models of
+    1 and 2 blocks at that batch alone (the embeddings, the head and the loss cancel), where :func:`block_saved`'s
+    double difference over batches 2 and 3 cannot see what batch 1 keeps otherwise (``misread``: a change to the
+    estimate's activations module, patched in, for a negative control)."""
+    import torch
+
+    import spectra.memory.activations as activations
+
+    measured, modelled = {}, {}
+    for layers in (1, 2):
+        model = build(layers)
+        model.config._attn_implementation = attention
+        model.config.use_cache = use_cache
+        config = model.config
+        model = model.to({"bf16": torch.bfloat16, "fp32": torch.float32}[precision])
+        if method != "full":
+            model = peft(model, method, None)
+        model.train()
+        measured[layers] = saved_bytes(model, lambda m: _loss(m, batch, 16))
+        with pytest.MonkeyPatch.context() as patch:
+            if misread:
+                misread(patch, activations)
+            modelled[layers] = estimate_memory(config, method=method, rank_plan_or_rank=4, batch=batch, seq_len=16,
+                                               precision=precision, attention=attention,
+                                               use_cache=use_cache).activations
+    return {"measured": measured[2] - measured[1], "modelled": modelled[2] - modelled[1]}
+
+
 def check_qlora_storage(model, folder) -> None:
     """bitsandbytes' 4-bit load of ``model`` (saved under ``folder``): the estimate's weights and quantisation
     constants are the loaded model's bytes."""
@@ -868,7 +898,7 @@ def _one_block(family: str, method: str, precision: str, attention: str, tmp_pat
         config = _config(family, layers, attention, **sizes)
         config.use_cache = use_cache
         model = _trainable(config, method, precision, tmp_path / str(layers))
-        for batch in (2, 3):  # not 1: GPT-2 at batch 1 copies two views that it shares at other sizes
+        for batch in (2, 3):  # batch 1, where eager's products keep views they copy at other sizes: below
             measured[layers, batch] = saved_bytes(model, lambda m: _loss(m, batch, seq_len))
             modelled[layers, batch] = estimate_memory(config, method=method, rank_plan_or_rank=4, batch=batch,
                                                       seq_len=seq_len, precision=precision, attention=attention,
@@ -878,6 +908,49 @@ def _one_block(family: str, method: str, precision: str, attention: str, tmp_pat
 
 
 _SLIDING, _FULL = "sliding_attention", "full_attention"
+
+
+@_PEFT_PATTERN_WARNING
+@pytest.mark.parametrize(("family", "method", "precision", "use_cache", "sizes", "views"), [
+    ("mistral", "lora", "fp32", True, dict(num_key_value_heads=1), True),
+    ("mistral", "lora", "bf16", False, dict(num_key_value_heads=1), True),
+    ("mistral", "full", "fp32", True, {}, False),  # two K/V heads: copies at any batch
+    ("phi3", "lora", "fp32", False, dict(num_key_value_heads=1), True),  # V a view of qkv_proj's whole output
+    ("phi3", "dora", "fp32", True, dict(num_key_value_heads=1), True),
+    ("gemma3", "lora", "bf16", True, dict(num_key_value_heads=1, layer_types=[_FULL, _FULL]), True),
+    ("gpt2", "lora", "fp32", True, {}, True),  # Q a view of c_attn's whole output beside the cache's K and V
+    ("gpt2", "full", "fp32", False, {}, False)])  # K, V and Q views of it at any batch: all of it once
+def test_eager_attention_at_batch_1_keeps_views(family, method, precision, use_cache, sizes, views, tmp_path):
+    """At batch 1 (`spectra memory`'s default) eager attention's products fold (batch, heads) without a copy, so
+    they keep what repeat_kv's stride-0 view of one K/V head views (K and V at one head: the cache's copies, K's
+    rotation, V's projection or a fused projection's whole output) and GPT-2's Q as the view of c_attn's output it
+    is; from batch 2 they keep copies of Q's size. One block at batch 1 less at batch 2, measured and modelled
+    (blocks of 1 and 2 layers at each batch: :func:`layer_saved`; Gemma 3 counts its norms' 1 + weight, a few
+    hundred bytes a layer whatever the batch, which the difference cancels). Negative control: batch 1 modelled as
+    batch 2 (``views``: where they differ) is off."""
+    import spectra.memory.activations as activations
+
+    def build(layers):
+        return _trainable(_config(family, layers, "eager", **sizes), "full", precision, tmp_path / str(layers))
+
+    def adapted(model, method, roles):  # as _trainable adapts it, once at `precision`
+        from peft import LoraConfig, get_peft_model
+
+        gpt2 = family == "gpt2"
+        return get_peft_model(model, LoraConfig(r=4, target_modules=["c_attn", "c_proj", "c_fc"] if gpt2
+                                                else "all-linear", fan_in_fan_out=gpt2, use_dora=method == "dora"))
+
+    def as_batch_2(patch, module):
+        real = module._block_bytes
+        patch.setattr(module, "_block_bytes", lambda *a, **kw: real(*a, **(kw | {"batch": 2})))
+
+    one, two = (layer_saved(build, adapted, method, precision, "eager", batch=b, use_cache=use_cache) for b in (1, 2))
+    step = {kind: two[kind] - one[kind] for kind in ("measured", "modelled")}
+    assert step["modelled"] == step["measured"] > 0, (one, two)
+    misread = layer_saved(build, adapted, method, precision, "eager", batch=1, use_cache=use_cache,
+                          misread=as_batch_2)
+    assert (two["modelled"] - misread["modelled"] != step["measured"]) == views
+    assert activations._block_bytes  # the name the negative control patches
 
 
 @_PEFT_PATTERN_WARNING

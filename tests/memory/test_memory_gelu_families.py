@@ -24,7 +24,8 @@ from spectra.memory import estimate_memory, model_shape
 from spectra.memory.shape import _falcon_views
 from tests.memory.test_memory import (_PEFT_PATTERN_WARNING, block_saved, check_cli_memory, check_kv_cache,
                                       check_qlora_storage, check_refused_and_miscounted,
-                                      check_trainable_gradients_and_states, lora_on_roles, per_sequence_saved)
+                                      check_trainable_gradients_and_states, layer_saved, lora_on_roles,
+                                      per_sequence_saved)
 
 _SMALL = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, vocab_size=64,
               pad_token_id=0, bos_token_id=0, eos_token_id=0)
@@ -36,9 +37,9 @@ _VARIANTS = {
     "starcoder2": [dict(num_key_value_heads=2), dict(num_key_value_heads=2, use_bias=False, sliding_window=8,
                                                      tie_word_embeddings=False, hidden_act="gelu_new"),
                    dict(num_key_value_heads=1, sliding_window=8)],  # one K/V head under a mask
-    # Falcon-40B's new decoder architecture (2 K/V heads broadcast to 4, ln_attn and ln_mlp); Falcon-7B's multi-query
-    # attention (one LayerNorm); a sequential multi-head block with biases; Falcon2-11B's new architecture with one
-    # LayerNorm and one K/V head, NewGELU and an untied head
+    # Falcon-40B's new decoder architecture (2 K/V heads, broadcast to 4 before transformers 5.25; ln_attn and
+    # ln_mlp); Falcon-7B's multi-query attention (one LayerNorm); a sequential multi-head block with biases; the new
+    # architecture with one LayerNorm (Falcon2-11B's layout), one K/V head (Falcon2-11B has 8), NewGELU, untied head
     "falcon": [dict(new_decoder_architecture=True, num_kv_heads=2), {},
                dict(multi_query=False, parallel_attn=False, bias=True),
                dict(new_decoder_architecture=True, num_kv_heads=1, num_ln_in_parallel_attn=1, activation="gelu_new",
@@ -259,9 +260,10 @@ def test_starcoder2s_sliding_window_is_read():
 @_PEFT_PATTERN_WARNING
 @pytest.mark.parametrize(("roles", "precision"), [(("o",), "fp32"), (("qkv",), "bf16"), (("up", "o"), "fp32"),
                                                   (("qkv",), "fp32")])
-def test_falcon_multi_query_math_kernel_by_role(roles, precision):
-    """Falcon-7B's block under sdpa (its math kernel) with LoRA on some roles: o alone keeps no attention tensors (the
-    kernel's inputs require no grad) but its input; qkv the kernel's."""
+def test_falcon_multi_query_by_role(roles, precision):
+    """Falcon-7B's block under sdpa with LoRA on some roles: o alone keeps no attention tensors (their inputs
+    require no grad) but its input; qkv the kernel's (before transformers 5.25 the math kernel's, from it the fused
+    kernel's of Q against one K/V head repeated as a view)."""
     block = _block("falcon", 1, "lora", precision, "sdpa", roles)
     cpu_statistics = 16 * 4 * block["layer_norms"] if precision == "bf16" else 0
     assert block["modelled"] - cpu_statistics == block["measured"] > 0, block
@@ -294,7 +296,7 @@ def test_falcon_multi_query_under_sdpa_is_the_math_kernels():
                     "kernel (test_falcon_multi_query_under_sdpa_is_the_math_kernels)")
 @pytest.mark.parametrize("variant", [1, 3])
 def test_falcon_multi_query_under_sdpa_keeps_one_kv_head(variant):
-    """From transformers 5.25 Falcon's one K/V head (Falcon-7B's multi-query, Falcon2-11B's new architecture) goes
+    """From transformers 5.25 Falcon's one K/V head (Falcon-7B's multi-query, the new architecture with one) goes
     to sdpa repeated to every query head under the materialised mask: repeat_kv's stride-0 view, so sdpa keeps the
     rotated K at one head and V's view of the fused output, and the block is the fused kernel's (not the math
     kernel's). Negative controls: modelled as copies of Q's size (as more K/V heads repeat), or as the math kernel
@@ -311,6 +313,38 @@ def test_falcon_multi_query_under_sdpa_keeps_one_kv_head(variant):
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(activations, "_sdpa_math", lambda shape, attention: attention == "sdpa")
         assert _block("falcon", variant, "lora", "fp32", "sdpa", use_cache=False)["modelled"] != block["measured"]
+
+
+@_PEFT_PATTERN_WARNING
+@pytest.mark.parametrize(("family", "variant", "method", "use_cache"), [
+    ("falcon", 1, "lora", True), ("falcon", 1, "lora", False), ("falcon", 1, "full", True),
+    ("falcon", 3, "lora", True), ("falcon", 3, "dora", False), ("starcoder2", 2, "lora", True),
+    ("starcoder2", 2, "full", False), ("starcoder2", 0, "lora", True)])
+def test_eager_at_batch_1_keeps_one_kv_head_once(family, variant, method, use_cache):
+    """Eager attention at batch 1 (`spectra memory`'s default) with one K/V head: torch.matmul folds repeat_kv's
+    stride-0 view without a copy, so the products keep K and V at one head (the cache's copies, or K's rotation and
+    V's view of the fused output: all of it) where from batch 2 they keep copies of Q's size. One block, measured
+    against the estimate at batch 1 (fp32); StarCoder2's two K/V heads (variant 0) copy at any batch. Negative
+    control: K and V counted at Q's size at batch 1 too, the one-head blocks are off."""
+    import spectra.memory.activations as activations
+
+    if family == "falcon" and not _falcon_views():
+        pytest.skip("before transformers 5.25 Falcon's attention keeps 16 bytes a layer beside, whatever the tokens "
+                    "(not modelled), and a new-architecture block with one K/V head without the cache its V at one "
+                    "head (modelled at Q's size: README)")
+
+    def build(layers):
+        return _model(family, variant, num_hidden_layers=layers)
+
+    def misread(patch, module):
+        patch.setattr(module, "_eager_kv_bytes", lambda shape, p, cache, batch, *, k, v: p * shape.q_dim * (k + v))
+
+    block = layer_saved(build, _peft, method, "fp32", "eager", batch=1, use_cache=use_cache)
+    assert block["modelled"] == block["measured"] > 0, block
+    copied = layer_saved(build, _peft, method, "fp32", "eager", batch=1, use_cache=use_cache, misread=misread)
+    one_head = model_shape(_config(family, variant).to_dict()).kv_dim * 4 == 32  # 4 heads of 8 in _SMALL
+    assert (copied["modelled"] != block["measured"]) == one_head, copied
+    assert activations._eager_kv_bytes  # the name the negative control patches
 
 
 @_PEFT_PATTERN_WARNING
@@ -372,6 +406,6 @@ def test_stablelm_with_qk_layernorm_is_refused():
 @pytest.mark.parametrize(("family", "variant"), _CASES)
 def test_the_kv_cache_is_what_transformers_caches(family, variant):
     """The inference KV cache is the bytes of transformers' DynamicCache after a forward: Falcon's new architecture
-    caches K and V broadcast to every query head, its multi-query layout one head each, StarCoder2's sliding layers
-    the last window − 1 tokens."""
+    caches K and V broadcast to every query head before transformers 5.25 and num_kv_heads heads from it, its
+    multi-query layout one head each, StarCoder2's sliding layers the last window − 1 tokens."""
     check_kv_cache(_model(family, variant))
