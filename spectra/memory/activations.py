@@ -158,7 +158,8 @@ def _block_bytes(shape: ModelShape, p: int, attention: str, seq_len: int, *, ful
     output_norms, input_norms = shape.norms == 4 or shape.output_norms_only, not shape.output_norms_only
     total = 0 if post_norm or not input_norms else norm(g)
     if shape.mla:  # DeepSeek's multi-head latent attention
-        attention_bytes, attention_grad = _mla_bytes(shape, p, attention, s, full=full, grad=g, hit=hit)
+        attention_bytes, attention_grad = _mla_bytes(shape, p, attention, s, full=full, grad=g, hit=hit,
+                                                     batch=batch)
         total += attention_bytes
         qg = kg = vg = False  # (its own)
     else:  # attention: Q, K, V require grad from the block's input or their own adapter
@@ -266,7 +267,8 @@ def _swiglu_bytes(p: int, h: int, width: int, *, full: bool, grad: bool, lora: s
     return total, per_layer, activation or "down" in lora or "down" in weights
 
 
-def _mla_bytes(shape: ModelShape, p: int, attention: str, s: int, *, full: bool, grad: bool, hit) -> tuple[int, bool]:
+def _mla_bytes(shape: ModelShape, p: int, attention: str, s: int, *, full: bool, grad: bool, hit,
+               batch: int = 2) -> tuple[int, bool]:
     """Bytes per token that DeepSeek's multi-head latent attention keeps (arXiv:2405.04434, as transformers 5 runs
     it), and whether its output requires grad; ``grad``: its input does; ``hit(*roles)``: a lora.Linear adapts one.
 
@@ -277,7 +279,8 @@ def _mla_bytes(shape: ModelShape, p: int, attention: str, s: int, *, full: bool,
     fresh (b, heads, s, nope + rope) tensor and Q a concatenation, so o_proj reads a copy of the attention's output.
     sdpa (where Q's head size is V's: :func:`_activations_refused`) keeps Q, K, V (kv_b's whole output), its output
     and the fp32 logsumexp; eager keeps Q for K's grad, K for Q's, V for the probabilities', the fp32 softmax and
-    its cast to p (as Llama's). Full fine-tuning also keeps the inputs of q_a/kv_a (one tensor), q_b, kv_b and o,
+    its cast to p (as Llama's): V a copy, save at batch 1, where torch.matmul folds (batch, heads) of the strided
+    view without copying and keeps kv_b's whole output. Full fine-tuning also keeps the inputs of q_a/kv_a (one tensor), q_b, kv_b and o,
     and each latent norm's normalised input.
     """
     q_lora, kv_lora, nope, rope, v_dim = shape.mla
@@ -295,8 +298,8 @@ def _mla_bytes(shape: ModelShape, p: int, attention: str, s: int, *, full: bool,
     if attention == "sdpa":
         total += (p * (2 * qk + kv_out + o_in) + 4 * heads) * (qg or kvg)
     else:
-        scores = qg or kvg  # V, a strided view of kv_b's output, reaches the matmul as a copy
-        total += p * qk * (kvg + qg) + p * o_in * scores
+        scores = qg or kvg  # V, a strided view of kv_b's output, reaches the matmul as a copy (at batch 1, as is)
+        total += p * qk * (kvg + qg) + p * (kv_out if batch == 1 else o_in) * scores
         total += heads * s * (4 * scores + p * (kvg and (p < 4 or not scores)))
     if full:
         total += p * (h + q_lora + kv_lora + o_in)

@@ -257,11 +257,45 @@ def test_deepseeks_sdpa_activations_are_refused_where_q_and_v_heads_differ():
     ("deepseek_v2", "full", None, "fp32", "eager", {}), ("deepseek_v2", "lora", None, "bf16", "sdpa", {}),
     ("deepseek_v2", "full", None, "bf16", "sdpa", dict(topk_method="group_limited_greedy", n_group=3, topk_group=2))])
 def test_a_deepseek_blocks_activations_are_what_autograd_saves(name, method, roles, precision, attention, overrides):
-    """MLA keeps its latents' norms, Q, K (fresh), V (kv_b's whole output under sdpa, a copy under eager) and
+    """MLA keeps its latents' norms, Q, K (fresh), V (kv_b's whole output under sdpa, a copy under eager from batch
+    2: test_deepseeks_eager_v_at_batch_1_is_kv_bs_whole_output) and
     o_proj reads a copy; while the model was being written, a 1/rms counted for the absent Q latent (q_proj) put
     V2 4 bytes a token over, eager's V counted as kv_b's whole output 32 over."""
     block = _block(name, method, roles, precision, attention, fp32_routers=True, **overrides)
     assert block["modelled"] == block["measured"] > 0, block
+
+
+@_PEFT_PATTERN_WARNING
+@pytest.mark.parametrize(("name", "method", "overrides"), [
+    ("deepseek_v3", "full", {}), ("deepseek_v3", "lora", dict(v_head_dim=4)), ("deepseek_v2", "full", {}),
+    ("deepseek_v3_no_q_lora", "lora", {})])
+def test_deepseeks_eager_v_at_batch_1_is_kv_bs_whole_output(name, method, overrides):
+    """Under eager at batch 1 (`spectra memory`'s default) probabilities·V keeps V as the strided view of kv_b's
+    output it is (torch.matmul folds (1, heads) without a copy), so kv_b's whole output, K's part too; from batch
+    2 a copy of V. One block at batch 1 less at batch 2 (fp32, where DeepSeek's routers are in fp32 anyway),
+    measured and modelled (:func:`tests.memory.test_memory.layer_saved`). Negative control: V counted as a copy at
+    batch 1 too is off by heads·qk_nope_head_dim·4 bytes a token."""
+    from peft import get_peft_model
+
+    import spectra.memory.activations as activations
+    from tests.memory.test_memory import layer_saved
+
+    def build(layers):
+        return _model(name, num_hidden_layers=layers, **overrides)
+
+    def adapted(model, method, roles):
+        return get_peft_model(model, train_lora_config(model, method, roles))
+
+    def as_batch_2(patch, module):
+        real = module._mla_bytes
+        patch.setattr(module, "_mla_bytes", lambda *a, **kw: real(*a, **(kw | {"batch": 2})))
+
+    one, two = (layer_saved(build, adapted, method, "fp32", "eager", batch=b, use_cache=True) for b in (1, 2))
+    assert two["modelled"] - one["modelled"] == two["measured"] - one["measured"] > 0, (one, two)
+    copied = layer_saved(build, adapted, method, "fp32", "eager", batch=1, use_cache=True, misread=as_batch_2)
+    config = build(1).config
+    assert one["modelled"] - copied["modelled"] == 16 * 4 * config.num_attention_heads * config.qk_nope_head_dim
+    assert activations._mla_bytes  # the name the negative control patches
 
 
 @_PEFT_PATTERN_WARNING
