@@ -99,8 +99,8 @@ def _eager_kv_bytes(shape: ModelShape, p: int, cache: bool, batch: int, *, k: bo
 
 
 def _block_bytes(shape: ModelShape, p: int, attention: str, seq_len: int, *, full: bool, cache: bool,
-                 grad: bool = True, adapted: list[_Adapter] = (), masked: bool = False,
-                 batch: int = 2) -> tuple[int, bool, bool, int]:
+                 batch: int, grad: bool = True, adapted: list[_Adapter] = (),
+                 masked: bool = False) -> tuple[int, bool, bool, int]:
     """Bytes per token that one block's autograd graph keeps for backward (each storage once), lora.Linear
     adapters aside.
 
@@ -116,8 +116,8 @@ def _block_bytes(shape: ModelShape, p: int, attention: str, seq_len: int, *, ful
     to a multiple of 16: not counted, so on CUDA this is short by up to 15·p per token where s is
     not a multiple of 16; unchecked, no GPU here), and K, V repeated to every head (:func:`_qkv_bytes`); eager adds the
     mask to its logits, which keeps nothing. ``batch``: the sequences a step holds; eager's products with one K/V
-    head keep K and V at one head at batch 1 (:func:`_eager_kv_bytes`). Against what transformers 5 saves (tests/memory/test_memory.py):
-    exact for Llama, Qwen2, Gemma, Gemma 2, Gemma 3, Phi-3, GPT-2, BERT, Mixtral (transformers'
+    head keep K and V at one head at batch 1 (:func:`_eager_kv_bytes`). Against what transformers 5 saves
+    (tests/memory/test_memory.py): exact for Llama, Qwen2, Gemma, Gemma 2, Gemma 3, Phi-3, GPT-2, BERT, Mixtral (transformers'
     default grouped_mm experts), PhiMoE, GraniteMoE, Granite, Helium, ERNIE 4.5, Ministral, SmolLM3,
     GLM, Qwen3, OLMo, OLMo 2 and OLMo 3 (tests/memory/test_memory_qk_norms.py), GPT-NeoX's parallel and sequential
     blocks, Phi's, StarCoder2's and Falcon's (tests/memory/test_memory_gelu_families.py; a parallel block's MLP reads
@@ -268,7 +268,7 @@ def _swiglu_bytes(p: int, h: int, width: int, *, full: bool, grad: bool, lora: s
 
 
 def _mla_bytes(shape: ModelShape, p: int, attention: str, s: int, *, full: bool, grad: bool, hit,
-               batch: int = 2) -> tuple[int, bool]:
+               batch: int) -> tuple[int, bool]:
     """Bytes per token that DeepSeek's multi-head latent attention keeps (arXiv:2405.04434, as transformers 5 runs
     it), and whether its output requires grad; ``grad``: its input does; ``hit(*roles)``: a lora.Linear adapts one.
 
@@ -280,8 +280,8 @@ def _mla_bytes(shape: ModelShape, p: int, attention: str, s: int, *, full: bool,
     sdpa (where Q's head size is V's: :func:`_activations_refused`) keeps Q, K, V (kv_b's whole output), its output
     and the fp32 logsumexp; eager keeps Q for K's grad, K for Q's, V for the probabilities', the fp32 softmax and
     its cast to p (as Llama's): V a copy, save at batch 1, where torch.matmul folds (batch, heads) of the strided
-    view without copying and keeps kv_b's whole output. Full fine-tuning also keeps the inputs of q_a/kv_a (one tensor), q_b, kv_b and o,
-    and each latent norm's normalised input.
+    view without copying and keeps kv_b's whole output. Full fine-tuning also keeps the inputs of q_a/kv_a (one
+    tensor), q_b, kv_b and o, and each latent norm's normalised input.
     """
     q_lora, kv_lora, nope, rope, v_dim = shape.mla
     heads, h = shape.heads, shape.hidden

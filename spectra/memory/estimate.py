@@ -171,9 +171,10 @@ def estimate_memory(config_or_model: Any, *, method: str = "lora", rank_plan_or_
         fp32 and again in the activation dtype for Llama-like models (softmax in fp32, cast back), once
         for GPT-2 and BERT; Gemma 2 also keeps its logit cap's tanh (p); and K and V repeated to every
         head, save at batch 1 with one K/V head, where its products keep the one head (and GPT-2's Q the
-        view of c_attn's whole output it is, beside the cache's K and V). A family transformers runs only eagerly (Gemma 2,
-        whose capped logits sdpa refuses) is estimated with "eager" whatever is asked, as transformers
-        falls back when asked for no implementation; the result's ``attention`` says so.
+        view of c_attn's whole output it is, beside the cache's K and V; DeepSeek's V of kv_b_proj's).
+        A family transformers runs only eagerly (Gemma 2, whose capped logits sdpa refuses) is estimated
+        with "eager" whatever is asked, as transformers falls back when asked for no implementation; the
+        result's ``attention`` says so.
         Default "sdpa".
     double_quant : bool
         QLoRA only: bitsandbytes' double quantisation of the NF4 absmax constants

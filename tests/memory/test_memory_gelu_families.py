@@ -2,9 +2,9 @@
 use_parallel_residual, one fused query_key_value of each head's Q, K and V side by side, partial rotary
 embeddings concatenated with the rest of the head), Phi (phi-1/phi-2: one LayerNorm feeding both branches, biased
 q/k/v/dense, a biased head), StarCoder2 (Llama's attention with biases, LayerNorms, a GELU MLP, sliding windows), Falcon
-(parallel_attn; the new decoder architecture's K/V heads, broadcast to every query head before transformers 5.25,
-ln_attn/ln_mlp; multi-query; FalconLinear; an always materialised causal mask), StableLM (Llama's SwiGLU with LayerNorms, partial rotary,
-use_parallel_residual). `spectra memory` refused the first four by model_type ("its blocks differ from Llama's,
+(parallel_attn; the new decoder architecture's K/V heads, broadcast to every query head before transformers
+5.25, ln_attn/ln_mlp; multi-query; FalconLinear; an always materialised causal mask), StableLM (Llama's SwiGLU
+with LayerNorms, partial rotary, use_parallel_residual). `spectra memory` refused the first four by model_type ("its blocks differ from Llama's,
 GPT-2's and BERT's") and StableLM by its parameter count. Checked against the models transformers builds from tiny configs on the CPU: their parameters,
 PEFT's trainable count, the gradients and AdamW states one step leaves, bitsandbytes' 4-bit load, and what autograd
 saves for backward (one block's bytes per sequence: the double difference of models of 1 and 2 blocks at batch 2 and
