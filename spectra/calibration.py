@@ -397,6 +397,7 @@ def collect_calibration(model_spec, data, *, config: CalibrationConfig | None = 
 
     moments = SecondMoments()
     groups: dict[str, str] = {}
+    unmasked: dict[str, tuple[int, ...]] = {}  # module -> an input layout whose padding could not be told apart
     state: dict = {"batch": None, "last": (None, None)}  # this batch; last input and its group
     # the padding mask over each module's inputs: the source's, but for a decoder module reading the decoder's stream
     model_config = model.config.to_dict()
@@ -410,9 +411,7 @@ def collect_calibration(model_spec, data, *, config: CalibrationConfig | None = 
             if x is not last:  # q, k, v (gate, up) are called one after another on the same tensor
                 group = module_name
                 state["last"] = (x, group)
-                mask = state["batch"][mask_of[module_name]]  # (B, T)
-                if tuple(x.shape[:-1]) == tuple(mask.shape):
-                    x = x[mask.bool()]  # (n_tokens, in): padding never counts
+                x = _unpadded(x, state["batch"][mask_of[module_name]].bool(), module_name, unmasked)
                 moments.add(group, x)
             groups[hooked[module_name]] = group
         return pre_hook
@@ -433,10 +432,32 @@ def collect_calibration(model_spec, data, *, config: CalibrationConfig | None = 
             handle.remove()
         state["last"] = (None, None)
         model.train(was_training)
+    if unmasked:
+        shown = ", ".join(f"{name} {tuple(shape)}" for name, shape in sorted(unmasked.items())[:4])
+        notes.append(f"calibration: padding counted in the activations of {len(unmasked)} module(s) whose input is "
+                     f"laid out otherwise than the batch's tokens (e.g. {shown}); calibrate with --batch-size 1, "
+                     "which pads nothing, to leave it out")
     moments.sums = {key: total.cpu() for key, total in moments.sums.items()}  # a Calibration lives on the CPU
     source = {"data": str(data), "data_sha256": file_digest(data), "model": str(model_spec), "task": task,
               "examples": len(tokens), "max_length": tokens.max_length}
     return Calibration(moments=moments, groups=groups, config=config, source=source, notes=notes)
+
+
+def _unpadded(x: torch.Tensor, mask: torch.Tensor, module: str, unmasked: dict) -> torch.Tensor:
+    """The rows of a module's input `x` (…, in) at the batch's real tokens, `mask` (B, T) bool.
+
+    The input holds one row per token in (B, T) order: (B, T, in) as the blocks run, (B·T, in) where a module reads
+    the stream flattened (Qwen2-MoE's shared expert), (B, 1, T, in) with a head axis of one (DeepSeek's kv_b_proj
+    under MLA). Any other layout (a routed expert's gathered tokens) is taken whole, padding included, and
+    `module` recorded in `unmasked` where the batch pads."""
+    lead = tuple(x.shape[:-1])
+    if lead == tuple(mask.shape):
+        return x[mask]  # (n_tokens, in): padding never counts
+    if tuple(d for d in lead if d != 1) in (tuple(mask.shape), (mask.numel(),)):
+        return x.reshape(-1, x.shape[-1])[mask.reshape(-1)]
+    if not bool(mask.all()):
+        unmasked.setdefault(module, lead)
+    return x
 
 
 def _mask_key(name: str, info) -> str:
