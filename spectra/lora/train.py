@@ -710,7 +710,7 @@ def _outside_saved_modules(fields: dict, model, task: str, notes: list[str] | No
         raise ConfigError(f"every LoRA target ({', '.join(inside)}) lies in {holders}, which PEFT trains and saves "
                           f"in full for task {task} (modules_to_save): the adapter would hold no LoRA. Choose roles "
                           "of the base model's blocks (--roles q,v) or a plan of them.")
-    keys = {"^" + re.escape(t) for t in inside} | set(inside)
+    keys = {"^" + re.escape(t) for t in inside} | {re.escape(t) for t in inside} | set(inside)
     fields = fields | {"target_modules": kept} | {
         p: {k: v for k, v in fields[p].items() if k not in keys} for p in ("rank_pattern", "alpha_pattern")
         if fields.get(p)}

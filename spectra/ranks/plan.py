@@ -373,8 +373,10 @@ class RankPlan:
         a ``rank_pattern``/``alpha_pattern`` entry. PEFT 0.21 looks a key up with
         ``re.match(rf"(.*\\.)?({key})$", module_name)`` (``peft.utils.other.get_pattern_key``),
         so a bare name matches as a *suffix* and its dots match any character; keys are written
-        ``"^" + re.escape(name)``, which only the full name matches. ``target_modules`` lists
-        full names (PEFT matches them exactly or as a ``.``-suffix).
+        ``re.escape(name)``, which matches the name and the name under a wrapper's prefix (the plan of
+        a ``BertModel`` on ``BertForSequenceClassification``'s ``bert.…``), as ``target_modules``' full
+        names do (PEFT matches them exactly or as a ``.``-suffix); ``"^" + re.escape(name)``, the full
+        name alone, where another target ends in ``.`` + name (:func:`lora_config`).
 
         Parameters
         ----------
@@ -627,8 +629,11 @@ def lora_config(modules: Mapping[str, tuple[int, float, bool]], *, alpha_for=Non
 
     ``r`` is the most common rank (ties: the smallest) and ``lora_alpha`` is ``alpha_for(r)``
     (default: the most common α among modules of rank ``r``); every module that differs gets
-    a ``rank_pattern``/``alpha_pattern`` key anchored with ``^`` so that PEFT's suffix-regex
-    match (``get_pattern_key``) hits only that module. ``fan_in_fan_out`` is set when any
+    a ``rank_pattern``/``alpha_pattern`` key, its escaped name, which PEFT's suffix-regex match
+    (``get_pattern_key``) hits for that module alone, under any prefix a wrapping class adds, as it
+    does ``target_modules``; anchored with ``^`` (the full name alone) where another module's name ends
+    in ``.`` + that name, whose key PEFT would otherwise take for both (it takes the first key that
+    matches, rank_pattern's before alpha_pattern's). ``fan_in_fan_out`` is set when any
     module is a Conv1D. Names in ``parameters`` are parameters, not modules: they are listed
     in ``target_parameters`` (PEFT matches pattern keys against them the same way). `r` and
     `alpha` fix the global values instead (for modules PEFT adapts at the global rank whatever
@@ -647,16 +652,18 @@ def lora_config(modules: Mapping[str, tuple[int, float, bool]], *, alpha_for=Non
         "peft_type": "LORA", "task_type": task_type, "r": r, "lora_alpha": alpha,
         "target_modules": sorted(set(modules) - parameters),
     } | ({"target_parameters": sorted(parameters)} if parameters else {}) | {
-        "rank_pattern": {_anchor(n): rank for n, (rank, _, _) in modules.items() if rank != r},
-        "alpha_pattern": {_anchor(n): a for n, (_, a, _) in modules.items() if a != alpha},
+        "rank_pattern": {_pattern_key(n, modules): rank for n, (rank, _, _) in modules.items() if rank != r},
+        "alpha_pattern": {_pattern_key(n, modules): a for n, (_, a, _) in modules.items() if a != alpha},
         "use_rslora": use_rslora, "use_dora": use_dora,
         "fan_in_fan_out": any(conv1d for _, _, conv1d in modules.values()),
         "lora_dropout": lora_dropout, "bias": "none",
     }
 
 
-def _anchor(name: str) -> str:
-    return "^" + re.escape(name)
+def _pattern_key(name: str, names: Iterable[str]) -> str:
+    """The rank_pattern/alpha_pattern key of `name` among the targets `names` (see :func:`lora_config`)."""
+    nested = any(other.endswith("." + name) for other in names)
+    return ("^" if nested else "") + re.escape(name)
 
 
 def _resolve_names(plan_names: list[str], module_names: list[str]) -> dict[str, str]:

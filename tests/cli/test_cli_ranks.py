@@ -41,7 +41,7 @@ def test_recommend_prints_table_memory_and_writes_plan(tmp_path):
     assert "┃ model.layers.… " in result.output and "│ 0.self_attn.q_proj" in result.output
     plan = load_plan(out)
     assert [m.rank for m in plan.modules] == [3, 1] and plan.policy.rslora
-    assert json.loads(out.read_text())["peft_config"]["rank_pattern"] == {r"^model\.layers\.0\.self_attn\.q_proj": 3}
+    assert json.loads(out.read_text())["peft_config"]["rank_pattern"] == {r"model\.layers\.0\.self_attn\.q_proj": 3}
 
 
 
@@ -54,7 +54,7 @@ def test_recommend_json_and_plan_file_hold_the_same_document(tmp_path):
     assert result.exit_code == 0, result.output
     printed, written = json.loads(result.output), json.loads(out.read_text())
     assert printed == written
-    assert printed["peft_config"]["rank_pattern"] == {r"^model\.layers\.0\.self_attn\.q_proj": 3}
+    assert printed["peft_config"]["rank_pattern"] == {r"model\.layers\.0\.self_attn\.q_proj": 3}
     assert printed["peft_config"]["r"] == 1 and printed["peft_config"]["target_modules"]
     assert printed["memory"]["method"] == "lora" and printed["memory"]["training_total"] > 0
     assert [m.rank for m in load_plan(out).modules] == [3, 1]  # the added keys are not read back

@@ -383,8 +383,10 @@ def test_mixtrals_router_is_written_onto_its_weight(tmp_path):
     planned = plan.to_peft_config(model=meta_model(json.loads((b / "config.json").read_text())))
     assert result.config["target_parameters"] == routers == [p for p in planned["target_parameters"] if "gate." in p]
 
-    def setting(config, name):  # the rank and α a PEFT config gives `name`
-        key = "^" + re.escape(name)
+    def setting(config, name):  # the rank and α a PEFT config gives `name`, looked up as PEFT does
+        from peft.utils.other import get_pattern_key
+
+        key = get_pattern_key([*config["rank_pattern"], *config["alpha_pattern"]], name)
         return config["rank_pattern"].get(key, config["r"]), config["alpha_pattern"].get(key, config["lora_alpha"])
 
     assert all(setting(result.config, p) == setting(planned, p) == (1, 2.0) for p in routers)

@@ -74,6 +74,7 @@ EXPERTS = {"thinker.model.language_model.layers.0.mlp.experts": 12, "talker.mode
 def test_full_rank_experts_of_two_shapes_are_written_on_their_parameters_and_merge_to_the_fine_tune(omni_pair,
                                                                                                      tmp_path):
     from peft import PeftModel
+    from peft.utils.other import get_pattern_key
 
     from spectra.lora.train import quiet_peft
 
@@ -86,8 +87,8 @@ def test_full_rank_experts_of_two_shapes_are_written_on_their_parameters_and_mer
     config = json.loads((tmp_path / "full" / "adapter_config.json").read_text())
     for holder, width in EXPERTS.items():  # gate and up fused: 2·width per expert; down: width
         assert {f"{holder}.gate_up_proj", f"{holder}.down_proj"} <= set(config["target_parameters"])
-        ranks = {p: config["rank_pattern"].get(f"^{p}".replace(".", r"\."), config["r"])
-                 for p in (f"{holder}.gate_up_proj", f"{holder}.down_proj")}
+        ranks = {p: config["rank_pattern"].get(get_pattern_key(list(config["rank_pattern"]), p), config["r"])
+                 for p in (f"{holder}.gate_up_proj", f"{holder}.down_proj")}  # looked up as PEFT does
         assert ranks == {f"{holder}.gate_up_proj": 2 * width, f"{holder}.down_proj": width}
     assert not any(".experts." in m for m in config["target_modules"])
     model = copy.deepcopy(base)

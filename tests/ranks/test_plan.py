@@ -13,15 +13,22 @@ from tests.models import planted_mixtral_pair
 from tests.ranks.rows import PLANTED, analysis, make_row
 
 
-def test_peft_keys_are_anchored_and_checked():
+def test_peft_keys_are_escaped_names_and_checked():
+    """A key is the escaped full name: layers 1 and 11 stay apart (the dots are literal), and a wrapper's prefix
+    still matches, as target_modules does; anchored with ^ where another target ends in "." + the name."""
     rows = [make_row("model.layers.1.self_attn.q_proj", PLANTED, layer=1),
             make_row("model.layers.11.self_attn.q_proj", [4.0, 0.1, 0.1, 0.1], layer=11)]
     plan = recommend_ranks(analysis(*rows), RankPolicy(energy=0.9))
     names = ["model", "model.layers.1.self_attn.q_proj", "model.layers.11.self_attn.q_proj",
              "x.model.layers.1.self_attn.q_proj"]
     cfg = plan.to_peft_config()
-    assert cfg["rank_pattern"] == {r"^model\.layers\.1\.self_attn\.q_proj": 3} and cfg["r"] == 1
-    assert check_peft_config(cfg, names[:3])[r"^model\.layers\.1\.self_attn\.q_proj"] == names[1]
+    assert cfg["rank_pattern"] == {r"model\.layers\.1\.self_attn\.q_proj": 3} and cfg["r"] == 1
+    assert check_peft_config(cfg, names[:3])[r"model\.layers\.1\.self_attn\.q_proj"] == names[1]
+    nested = recommend_ranks(analysis(*rows, make_row("x.model.layers.11.self_attn.q_proj", PLANTED, layer=11)),
+                             RankPolicy(energy=0.9)).to_peft_config()
+    # x.model.layers.11… ends in .model.layers.11…: that key is anchored, or PEFT would give both its rank 1
+    assert nested["r"] == 3 and nested["rank_pattern"] == {r"^model\.layers\.11\.self_attn\.q_proj": 1}
+    assert nested["alpha_pattern"] == {r"^model\.layers\.11\.self_attn\.q_proj": 2.0}
     # negative controls: a suffix key hits two modules; a module absent from the base
     with pytest.raises(ConfigError, match="matches 2 modules"):
         check_peft_config(cfg | {"rank_pattern": {"q_proj": 3}}, names[:3])
@@ -101,7 +108,7 @@ def test_every_pattern_key_hits_exactly_its_module_in_peft(tmp_path, family, hea
     assert len({m.rank for m in plan.modules}) == 4  # patterns are really exercised
     module_names = [n for n, _ in model.named_modules()]
     cfg = plan.to_peft_config(module_names=module_names, task_type=task_type)
-    assert cfg["rank_pattern"] and all(k.startswith("^") for k in cfg["rank_pattern"])
+    assert cfg["rank_pattern"] and not any(k.startswith("^") for k in cfg["rank_pattern"])
     (tmp_path / "adapter_config.json").write_text(json.dumps(cfg))
     peft_model = get_peft_model(model, LoraConfig.from_pretrained(tmp_path))
 
@@ -116,6 +123,37 @@ def test_every_pattern_key_hits_exactly_its_module_in_peft(tmp_path, family, hea
     bare = cfg | {"rank_pattern": {k.rsplit(".", 1)[-1]: v for k, v in cfg["rank_pattern"].items()}}
     with pytest.raises(ConfigError):
         check_peft_config(bare, module_names)
+
+
+@pytest.mark.filterwarnings("ignore:The following (rank|alpha)_pattern keys:RuntimeWarning")
+def test_a_plan_of_a_bare_model_keeps_its_ranks_under_a_task_class(tmp_path):
+    """plan.json's peft_config is written for the class config.json names: a BertModel checkpoint (a
+    sentence-transformers base) planned, then applied to BertForSequenceClassification, whose modules are the same
+    under bert.…. target_modules wraps them (a .-suffix match), and so must the rank_pattern/alpha_pattern keys:
+    every LoRA layer at its planned rank and scaling. Negative control: keys anchored with ^ (as they were) match
+    no prefixed name, and PEFT leaves every module at the global r."""
+    import transformers as tf
+    from peft import LoraConfig, get_peft_model
+    from peft.tuners.lora import LoraLayer
+
+    from tests.models import build_model
+
+    bare = build_model("bert", head=False)
+    plan = recommend_ranks(analysis(*_plan_rows(bare)), RankPolicy(energy=0.99))
+    cfg = plan.to_peft_config(task_type="SEQ_CLS")
+    planned = {m.name: m.rank for m in plan.modules}
+    assert len(set(planned.values())) > 1
+
+    def ranks(config) -> dict[str, int]:
+        torch.manual_seed(0)
+        model = tf.BertForSequenceClassification(bare.config)
+        peft_model = get_peft_model(model, LoraConfig(**config))
+        return {n.removeprefix("base_model.model.bert."): m.r["default"] for n, m in peft_model.named_modules()
+                if isinstance(m, LoraLayer)}
+
+    assert ranks(cfg) == planned
+    anchored = cfg | {p: {"^" + k: v for k, v in cfg[p].items()} for p in ("rank_pattern", "alpha_pattern")}
+    assert set(ranks(anchored).values()) == {cfg["r"]} != set(planned.values())
 
 
 def _adapted_ranks(peft_model) -> dict[str, tuple[int, float, tuple]]:
