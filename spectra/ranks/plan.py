@@ -640,6 +640,7 @@ def lora_config(modules: Mapping[str, tuple[int, float, bool]], *, alpha_for=Non
     the patterns say, such as fused experts it converts from per-expert keys).
     """
     parameters = set(parameters)
+    nested = _dotted_suffixes(modules)
     counts = Counter(rank for rank, _, _ in modules.values())
     if r is None:
         r = max(counts, key=lambda k: (counts[k], -k))
@@ -652,18 +653,29 @@ def lora_config(modules: Mapping[str, tuple[int, float, bool]], *, alpha_for=Non
         "peft_type": "LORA", "task_type": task_type, "r": r, "lora_alpha": alpha,
         "target_modules": sorted(set(modules) - parameters),
     } | ({"target_parameters": sorted(parameters)} if parameters else {}) | {
-        "rank_pattern": {_pattern_key(n, modules): rank for n, (rank, _, _) in modules.items() if rank != r},
-        "alpha_pattern": {_pattern_key(n, modules): a for n, (_, a, _) in modules.items() if a != alpha},
+        "rank_pattern": {_pattern_key(n, nested): rank for n, (rank, _, _) in modules.items() if rank != r},
+        "alpha_pattern": {_pattern_key(n, nested): a for n, (_, a, _) in modules.items() if a != alpha},
         "use_rslora": use_rslora, "use_dora": use_dora,
         "fan_in_fan_out": any(conv1d for _, _, conv1d in modules.values()),
         "lora_dropout": lora_dropout, "bias": "none",
     }
 
 
-def _pattern_key(name: str, names: Iterable[str]) -> str:
-    """The rank_pattern/alpha_pattern key of `name` among the targets `names` (see :func:`lora_config`)."""
-    nested = any(other.endswith("." + name) for other in names)
-    return ("^" if nested else "") + re.escape(name)
+def _dotted_suffixes(names: Iterable[str]) -> set[str]:
+    """Every proper ``.``-suffix of `names` (``b.c`` and ``c`` of ``a.b.c``): the names another ends in."""
+    out = set()
+    for name in names:
+        i = name.find(".")
+        while i >= 0:
+            out.add(name[i + 1:])
+            i = name.find(".", i + 1)
+    return out
+
+
+def _pattern_key(name: str, nested: set[str]) -> str:
+    """The rank_pattern/alpha_pattern key of `name`, anchored where another target ends in ``.`` + `name`
+    (`nested`: :func:`_dotted_suffixes` of the targets; see :func:`lora_config`)."""
+    return ("^" if name in nested else "") + re.escape(name)
 
 
 def _resolve_names(plan_names: list[str], module_names: list[str]) -> dict[str, str]:
