@@ -435,8 +435,8 @@ def collect_calibration(model_spec, data, *, config: CalibrationConfig | None = 
     if unmasked:
         shown = ", ".join(f"{name} {tuple(shape)}" for name, shape in sorted(unmasked.items())[:4])
         notes.append(f"calibration: padding counted in the activations of {len(unmasked)} module(s) whose input is "
-                     f"laid out otherwise than the batch's tokens (e.g. {shown}); calibrate with --batch-size 1, "
-                     "which pads nothing, to leave it out")
+                     f"laid out otherwise than the batch's tokens (e.g. {shown}); examples of one length pad nothing "
+                     "(or, from Python, CalibrationConfig(batch_size=1))")
     moments.sums = {key: total.cpu() for key, total in moments.sums.items()}  # a Calibration lives on the CPU
     source = {"data": str(data), "data_sha256": file_digest(data), "model": str(model_spec), "task": task,
               "examples": len(tokens), "max_length": tokens.max_length}
