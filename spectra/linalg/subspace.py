@@ -433,9 +433,7 @@ def amplification_factor(delta: torch.Tensor | None, W: torch.Tensor, rank: int,
     top = float(F.values[0]) if F.values.numel() else 0.0
     if top == 0.0:
         return 0.0  # whatever the (arbitrary) vectors of a zero ΔW
-    # ‖ΔW‖_F, from the values held where ‖ΔW‖_F² underflows (a float64 ΔW of entries near 1e-170 gave 0)
-    fro = (math.sqrt(F.total_energy) if F.total_energy > 0
-           else top * math.sqrt(float(((F.values.double() / top) ** 2).sum())))
+    fro = top * math.sqrt(_energy_over_top(F, F.total_energy))  # ‖ΔW‖_F, where its square underflows too
     numerical = numerical_rank(F, W.shape, dtype=None if delta is None else _held(delta),
                                rounded_energy=rounded_energy)
     if rank > numerical:  # the vectors past it belong to zero singular values: LAPACK's arbitrary choice
@@ -661,12 +659,17 @@ def numerical_rank(F: Spectrum, shape: tuple[int, ...] | None = None, *, dtype: 
         return 0
     m, n = F.shape if shape is None else shape
     eps = torch.finfo(F.values.dtype if dtype is None else dtype).eps
-    top = float(values[0])
-    energy = float(F.total_energy if rounded_energy is None else rounded_energy)
-    # ‖·‖_F²/σ₁², from the values themselves where the energy underflowed (entries near 1e-170)
-    relative = energy / top**2 if energy > 0 and math.isfinite(energy / top**2) else float(((values / top) ** 2).sum())
+    relative = _energy_over_top(F, F.total_energy if rounded_energy is None else rounded_energy)
     cut = _RANK_SLACK * eps * math.sqrt(relative / (m * n)) * (math.sqrt(m) + math.sqrt(n))  # over σ₁
-    return int((values / top > cut).sum())
+    return int((values / float(values[0]) > cut).sum())
+
+
+def _energy_over_top(F: Spectrum, energy: float) -> float:
+    """`energy` (a ‖·‖_F²) over F's σ₁², from F's values themselves where the energy underflowed (a float64
+    matrix of entries near 1e-170, whose squares are 0); F's σ₁ > 0."""
+    top = float(F.values[0])
+    ratio = float(energy) / top**2 if float(energy) > 0 else math.nan
+    return ratio if math.isfinite(ratio) else float(((F.values.double() / top) ** 2).sum())
 
 
 def _held(W: torch.Tensor) -> torch.dtype:

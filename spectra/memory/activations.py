@@ -42,7 +42,7 @@ def _qkv_bytes(shape: ModelShape, p: int, cache: bool, masked: bool = False) -> 
     K/V head (multi-query) repeats as a stride-0 view of itself, which keeps what it views.
     """
     q, kv = shape.q_dim, shape.kv_dim
-    if masked and q > kv and kv * shape.heads > q:  # K/V heads fewer than Q's, but more than one
+    if masked and q > kv and not shape.one_kv_head:  # K/V heads fewer than Q's, but more than one
         return 3 * p * q
     if not shape.fused_qkv or shape.split_copies:  # Falcon's Q, K and V: copies out of the fused output
         return p * (q + 2 * kv)
@@ -77,25 +77,29 @@ def _sdpa_math(shape: ModelShape, attention: str) -> bool:
     return attention == "sdpa" and shape.sdpa_math
 
 
-def _eager_kv_bytes(shape: ModelShape, p: int, cache: bool, batch: int, *, k: bool, v: bool) -> int:
-    """Bytes per token of K and V as eager attention's two products keep them (``k``: Q·Kᵀ keeps K for Q's
-    gradient; ``v``: probabilities·V keeps V for theirs), repeated to every query head.
+def _eager_qkv_bytes(shape: ModelShape, p: int, cache: bool, batch: int, *, q_kept: bool, k: bool, v: bool) -> int:
+    """Bytes per token of Q, K and V as eager attention's two products keep them (``q_kept``: Q·Kᵀ keeps Q for K's
+    gradient, ``k``: K for Q's; ``v``: probabilities·V keeps V for theirs), K and V repeated to every query head.
 
-    torch.matmul folds the (batch, heads) dimensions of repeat_kv's output into one: a copy of Q's size, save
-    at batch 1 with one K/V head, where the repeat is a stride-0 view that folds as it is and the products keep
-    what it views: K and V as the cache returns them (copies, one head each), else K fresh from its rotation
-    (or k_proj's output) and V v_proj's output (or its copy out of a fused one: Falcon before transformers
-    5.25), or a fused projection's whole output, which V views.
+    torch.matmul folds the (batch, heads) dimensions of its operands into one: a copy of Q's size each, save at
+    batch 1, where a view folds as it is and the products keep what it views. GPT-2's Q (a view of c_attn's
+    output) keeps all of that output where the cache's copies stand for K and V (without the cache K's and V's
+    views keep it already: their q + 2·kv is counted as 3·q). With one K/V head the repeat is a stride-0 view:
+    K and V as the cache returns them (copies, one head each), else K fresh from its rotation (or k_proj's
+    output) and V v_proj's output (or its copy out of a fused one: Falcon before transformers 5.25), or a fused
+    projection's whole output, which V views.
     """
     q, kv = shape.q_dim, shape.kv_dim
-    if not (batch == 1 and q > kv and kv * shape.heads == q):
-        return p * q * (k + v)
+    viewed_q = batch == 1 and cache and shape.fused_qkv and not (shape.rotary or shape.split_copies)
+    q_bytes = p * (q + 2 * kv if viewed_q else q) * q_kept
+    if not (batch == 1 and shape.one_kv_head):
+        return q_bytes + p * q * (k + v)
     viewed = shape.fused_qkv and not shape.split_copies  # K and V views of one fused output
     k_bytes = kv if cache or not viewed or shape.rotary else q + 2 * kv
     v_bytes = q + 2 * kv if viewed and not cache else kv
     if k and v and k_bytes == v_bytes == q + 2 * kv:  # K and V views of one fused output: kept once
-        return p * k_bytes
-    return p * (k_bytes * k + v_bytes * v)
+        return q_bytes + p * k_bytes
+    return q_bytes + p * (k_bytes * k + v_bytes * v)
 
 
 def _block_bytes(shape: ModelShape, p: int, attention: str, seq_len: int, *, full: bool, cache: bool,
@@ -116,7 +120,7 @@ def _block_bytes(shape: ModelShape, p: int, attention: str, seq_len: int, *, ful
     to a multiple of 16: not counted, so on CUDA this is short by up to 15·p per token where s is
     not a multiple of 16; unchecked, no GPU here), and K, V repeated to every head (:func:`_qkv_bytes`); eager adds the
     mask to its logits, which keeps nothing. ``batch``: the sequences a step holds; eager's products with one K/V
-    head keep K and V at one head at batch 1 (:func:`_eager_kv_bytes`). Against what transformers 5 saves
+    head keep K and V at one head at batch 1 (:func:`_eager_qkv_bytes`). Against what transformers 5 saves
     (tests/memory/test_memory.py): exact for Llama, Qwen2, Gemma, Gemma 2, Gemma 3, Phi-3, GPT-2, BERT, Mixtral (transformers'
     default grouped_mm experts), PhiMoE, GraniteMoE, Granite, Helium, ERNIE 4.5, Ministral, SmolLM3,
     GLM, Qwen3, OLMo, OLMo 2 and OLMo 3 (tests/memory/test_memory_qk_norms.py), GPT-NeoX's parallel and sequential
@@ -191,11 +195,7 @@ def _block_bytes(shape: ModelShape, p: int, attention: str, seq_len: int, *, ful
         attention_grad = scores or vg
         # Q·Kᵀ keeps K repeated to every head (for Q's grad) and Q (for K's); probabilities·V keeps V repeated
         # (for the probabilities' grad) and the probabilities (for V's)
-        # at batch 1 Q folds without a copy too: GPT-2's, a view of c_attn's output, keeps all of it (without the
-        # cache K's and V's views keep it already: their q + 2·kv is counted as 3·q)
-        viewed_q = batch == 1 and cache and shape.fused_qkv and not (shape.rotary or shape.split_copies)
-        total += p * (q + 2 * shape.kv_dim if viewed_q else q) * kg + _eager_kv_bytes(shape, p, cache, batch, k=qg,
-                                                                                       v=scores)
+        total += _eager_qkv_bytes(shape, p, cache, batch, q_kept=kg, k=qg, v=scores)
         if shape.softmax_fp32:  # Llama-like: softmax in fp32, cast back to p (the same tensor when p = 4)
             if scores:
                 total += heads * s * (4 + (p if shape.attn_softcap else 0))  # Gemma 2: tanh(logits / cap) too

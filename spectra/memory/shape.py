@@ -155,6 +155,12 @@ class ModelShape:
     attention_experts: bool = False
 
     @property
+    def one_kv_head(self) -> bool:
+        """Multi-query attention: one K/V head for several query heads, which transformers' repeat_kv repeats as a
+        stride-0 view of itself (more K/V heads are repeated into copies)."""
+        return self.q_dim > self.kv_dim and self.kv_dim * self.heads == self.q_dim
+
+    @property
     def fused_qkv(self) -> bool:
         """One linear computes Q, K and V (GPT-2's c_attn, Phi-3's qkv_proj), which are views of its output."""
         return any(role == "qkv" for role, _, _ in self.linears)

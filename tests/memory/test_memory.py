@@ -723,16 +723,8 @@ def block_saved(build, peft, method: str, precision: str, attention: str, roles=
     for layers in (1, 2):
         model = build(layers)
         norms[layers] = sum(isinstance(m, torch.nn.LayerNorm) for m in model.modules())
-        model.config._attn_implementation = attention
-        if use_cache is not None:
-            model.config.use_cache = use_cache
-        config = model.config if read is None else read(model.config)
-        model = model.to({"bf16": torch.bfloat16, "fp32": torch.float32}[precision])
-        if prepare:
-            prepare(model)
-        if method != "full":
-            model = peft(model, method, roles)
-        model.train()
+        model, config = _trained(model, peft, method, precision, attention, roles, use_cache, prepare)
+        config = config if read is None else read(config)
         for batch in (2, 3):
             measured[layers, batch] = saved_bytes(model, lambda m: _loss(m, batch, 16))
             if not estimated:
@@ -749,26 +741,36 @@ def block_saved(build, peft, method: str, precision: str, attention: str, roles=
         | {"layer_norms": norms[2] - norms[1]}
 
 
+def _trained(model, peft, method: str, precision: str, attention: str, roles, use_cache: bool | None,
+             prepare=None):
+    """``model`` set up as the measurements train it: ``attention``, ``use_cache`` (the model's own where None),
+    ``precision``, ``prepare(model)`` (what loading does), ``peft(model, method, roles)`` unless full fine-tuning,
+    in train mode; and its config (taken before PEFT wraps it)."""
+    import torch
+
+    model.config._attn_implementation = attention
+    if use_cache is not None:
+        model.config.use_cache = use_cache
+    config = model.config
+    model = model.to({"bf16": torch.bfloat16, "fp32": torch.float32}[precision])
+    if prepare:
+        prepare(model)
+    if method != "full":
+        model = peft(model, method, roles)
+    return model.train(), config
+
+
 def layer_saved(build, peft, method: str, precision: str, attention: str, *, batch: int, use_cache: bool,
                 misread=None) -> dict[str, int]:
     """One block's saved bytes at ``batch`` sequences of 16 tokens, measured and modelled: the difference of models of
     1 and 2 blocks at that batch alone (the embeddings, the head and the loss cancel), where :func:`block_saved`'s
     double difference over batches 2 and 3 cannot see what batch 1 keeps otherwise (``misread``: a change to the
     estimate's activations module, patched in, for a negative control)."""
-    import torch
-
     import spectra.memory.activations as activations
 
     measured, modelled = {}, {}
     for layers in (1, 2):
-        model = build(layers)
-        model.config._attn_implementation = attention
-        model.config.use_cache = use_cache
-        config = model.config
-        model = model.to({"bf16": torch.bfloat16, "fp32": torch.float32}[precision])
-        if method != "full":
-            model = peft(model, method, None)
-        model.train()
+        model, config = _trained(build(layers), peft, method, precision, attention, None, use_cache)
         measured[layers] = saved_bytes(model, lambda m: _loss(m, batch, 16))
         with pytest.MonkeyPatch.context() as patch:
             if misread:

@@ -337,14 +337,15 @@ def test_eager_at_batch_1_keeps_one_kv_head_once(family, variant, method, use_ca
         return _model(family, variant, num_hidden_layers=layers)
 
     def misread(patch, module):
-        patch.setattr(module, "_eager_kv_bytes", lambda shape, p, cache, batch, *, k, v: p * shape.q_dim * (k + v))
+        patch.setattr(module, "_eager_qkv_bytes",
+                      lambda shape, p, cache, batch, *, q_kept, k, v: p * shape.q_dim * (q_kept + k + v))
 
     block = layer_saved(build, _peft, method, "fp32", "eager", batch=1, use_cache=use_cache)
     assert block["modelled"] == block["measured"] > 0, block
     copied = layer_saved(build, _peft, method, "fp32", "eager", batch=1, use_cache=use_cache, misread=misread)
     one_head = model_shape(_config(family, variant).to_dict()).kv_dim * 4 == 32  # 4 heads of 8 in _SMALL
     assert (copied["modelled"] != block["measured"]) == one_head, copied
-    assert activations._eager_kv_bytes  # the name the negative control patches
+    assert activations._eager_qkv_bytes  # the name the negative control patches
 
 
 @_PEFT_PATTERN_WARNING
