@@ -193,10 +193,18 @@ def _principal_angles(Qa: torch.Tensor, Qb: torch.Tensor) -> torch.Tensor:
 def grassmann_distance(A: torch.Tensor, B: torch.Tensor) -> float:
     """Geodesic distance on the Grassmannian, ‖θ‖₂ over the principal angles.
 
+    For subspaces of unequal dimensions p' ≠ q' it is ‖θ‖₂ over the min(p', q') angles:
+    the distance from the smaller subspace to the nearest subspace of its size inside the
+    larger (Ye & Lim 2016, arXiv:1407.0900, δ). Their other conventions count π/2 for each
+    of the |p' − q'| missing dimensions; a user comparing adapters of different ranks gets 0
+    here when the smaller one's span lies inside the larger's.
+
     References
     ----------
     .. [1] A. Edelman, T. A. Arias, S. T. Smith, "The geometry of algorithms with
        orthogonality constraints", SIAM J. Matrix Anal. Appl. 20(2), 1998.
+    .. [2] K. Ye and L.-H. Lim, "Schubert varieties and distances between subspaces of
+       different dimensions", SIAM J. Matrix Anal. Appl. 37(3), 2016.
     """
     return float(torch.linalg.vector_norm(principal_angles(A, B)))
 
@@ -210,7 +218,9 @@ def subspace_similarity(U_A: torch.Tensor, U_B: torch.Tensor, i: int, j: int) ->
     Parameters
     ----------
     U_A : torch.Tensor, shape (dim, ≥ i)
-        Singular vectors of A (columns, by decreasing σ); orthonormal is assumed.
+        Singular vectors of A (columns, by decreasing σ), orthonormal: columns that are not
+        (a LoRA factor itself, say) raise :class:`ConfigError`, since φ of them can exceed 1;
+        take their singular vectors or :func:`orthonormal_basis` first.
     U_B : torch.Tensor, shape (dim, ≥ j)
     i, j : int
         How many leading columns of each to compare.
@@ -223,6 +233,8 @@ def subspace_similarity(U_A: torch.Tensor, U_B: torch.Tensor, i: int, j: int) ->
     _check_pair(U_A, U_B)
     _check_rank(i, U_A.shape[1], "i")
     _check_rank(j, U_B.shape[1], "j")
+    _check_orthonormal(U_A[:, :i], "U_A")
+    _check_orthonormal(U_B[:, :j], "U_B")
     return float(_similarity_matrix(U_A[:, :i], U_B[:, :j])[i - 1, j - 1])
 
 
@@ -234,11 +246,30 @@ def similarity_matrix(U_A: torch.Tensor, U_B: torch.Tensor, max_i: int | None = 
     -------
     torch.Tensor, shape (max_i, max_j), float64
         Entry [i-1, j-1] is φ(A, B, i, j) (Hu et al. 2021, arXiv:2106.09685, §7.2).
+
+    `U_A` and `U_B` must have orthonormal columns, as in :func:`subspace_similarity`.
     """
     _check_pair(U_A, U_B)
     max_i = U_A.shape[1] if max_i is None else _check_rank(max_i, U_A.shape[1], "max_i")
     max_j = U_B.shape[1] if max_j is None else _check_rank(max_j, U_B.shape[1], "max_j")
+    _check_orthonormal(U_A[:, :max_i], "U_A")
+    _check_orthonormal(U_B[:, :max_j], "U_B")
     return _similarity_matrix(U_A[:, :max_i], U_B[:, :max_j])
+
+
+def _check_orthonormal(U: torch.Tensor, name: str) -> None:
+    """Raise unless max|UᵀU − I| is within rounding of U's dtype (1e-3, or 8·ε for 16-bit types).
+
+    Singular vectors from any LAPACK or Krylov path sit far inside it (~√dim·ε); a factor
+    that merely spans a subspace (norms ≠ 1, correlated columns) is far outside.
+    """
+    tol = max(1e-3, 8 * torch.finfo(U.dtype).eps)
+    Ud = U.double()
+    off = float((Ud.T @ Ud - torch.eye(U.shape[1], dtype=torch.float64, device=U.device)).abs().max()) \
+        if U.shape[1] else 0.0
+    if off > tol:
+        raise ConfigError(f"`{name}`'s columns are not orthonormal (max |UᵀU − I| = {off:.3g} > {tol:.3g}): φ "
+                          "compares singular vectors; pass the SVD's U (or V) or orthonormal_basis(X) of a factor.")
 
 
 def _similarity_matrix(Ua: torch.Tensor, Ub: torch.Tensor) -> torch.Tensor:

@@ -58,6 +58,15 @@ def test_principal_angles_match_scipy():
     assert ss.grassmann_distance(A, B) == pytest.approx(float(np.linalg.norm(ref)), rel=1e-10)
 
 
+def test_grassmann_distance_of_unequal_dimensions_is_ye_lim_delta():
+    """A 2-dim span inside a 5-dim one is at distance 0; one direction rotated out by θ adds θ."""
+    Q = _basis(40, 6, 9)
+    assert ss.grassmann_distance(Q[:, :2], Q[:, :5]) == pytest.approx(0.0, abs=1e-7)
+    theta = 0.4
+    A = torch.cat([Q[:, :1], math.cos(theta) * Q[:, 1:2] + math.sin(theta) * Q[:, 5:6]], 1)
+    assert ss.grassmann_distance(A, Q[:, :5]) == pytest.approx(theta, rel=1e-9)
+
+
 def test_similarity_matrix_matches_definition():
     A, B = _basis(40, 5, 5), _basis(40, 6, 6)
     phi = ss.similarity_matrix(A, B)
@@ -66,6 +75,23 @@ def test_similarity_matrix_matches_definition():
             want = float(torch.linalg.matrix_norm(A[:, :i].T @ B[:, :j]) ** 2) / min(i, j)
             assert float(phi[i - 1, j - 1]) == pytest.approx(want, abs=1e-12)
     assert float(phi.min()) >= 0 and float(phi.max()) <= 1 + 1e-12
+
+
+def test_phi_refuses_columns_that_are_not_orthonormal():
+    """φ of a LoRA factor itself (norms ≠ 1) exceeds 1: a ConfigError names it; its SVD's U is accepted."""
+    g = torch.Generator().manual_seed(7)
+    B = torch.randn(64, 8, generator=g) * 3.0  # a trained B: spans a subspace, not orthonormal
+    U = _basis(64, 8, 8)
+    assert float(ss._similarity_matrix(B, B).max()) > 1  # what φ would have reported
+    with pytest.raises(ConfigError, match="`U_A`'s columns are not orthonormal"):
+        ss.similarity_matrix(B, U)
+    with pytest.raises(ConfigError, match="`U_B`'s columns are not orthonormal"):
+        ss.subspace_similarity(U, B, 2, 2)
+    Ub = torch.linalg.svd(B.double(), full_matrices=False)[0]
+    assert float(ss.similarity_matrix(Ub, Ub).diagonal().min()) == pytest.approx(1.0, abs=1e-12)
+    # Singular vectors stored in bfloat16 or float32 are within rounding: accepted.
+    for dtype in (torch.bfloat16, torch.float32):
+        assert float(ss.similarity_matrix(Ub.to(dtype), U.to(dtype)).max()) <= 1 + 0.05
 
 
 def test_captured_energy_in_own_top_subspace_is_eckart_young():
