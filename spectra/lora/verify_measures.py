@@ -63,7 +63,7 @@ def module_measures(delta_full: torch.Tensor, delta_adapter: torch.Tensor | Spec
                     col_basis: torch.Tensor, row_basis: torch.Tensor, rank: int, W_base: torch.Tensor | None = None,
                     intruder_k: int = 10, intruder_epsilon: float = 0.5, phi_max: int = 64,
                     delta_svd: Spectrum | None = None, adapter_svd: Spectrum | None = None,
-                    exact_below: int = EXACT_BELOW, rounded_energy: float | None = None
+                    exact_below: int = EXACT_BELOW, rounded_energy: float | None = None, storage_rank=None
                     ) -> tuple[dict, list[list[float]] | None, torch.Tensor | None]:
     """Measures of one adapted module; see the module docstring.
 
@@ -125,6 +125,11 @@ def module_measures(delta_full: torch.Tensor, delta_adapter: torch.Tensor | Spec
         ‖W‖_F² of the weights whose difference `delta_full` is (a TUNED checkpoint): their
         rounding sets its numerical rank (:func:`~spectra.linalg.subspace.numerical_rank`).
         None: `delta_full` is exact (a LoRA adapter as TUNED).
+    storage_rank : callable, optional
+        ΔW_full's decomposition → how many of its values stand above the rounding-noise floor of the
+        checkpoints' storage dtypes (:func:`storage_noise_rank`). For a bf16/fp16 pair that floor is far above
+        float32's, which `rounded_energy` judges by: the directions of the checkpoints' rounding (~1e-3·σ₁ on
+        a merged bf16 LoRA) had counted as ΔW_full's, and φ read their arbitrary vectors (0.67 for 1.0).
 
     Returns
     -------
@@ -160,26 +165,33 @@ def module_measures(delta_full: torch.Tensor, delta_adapter: torch.Tensor | Spec
         q = math.sqrt(frobenius_energy(W0 - W_base))
         row["quant_error"] = q / math.sqrt(frobenius_energy(W_base))
         row["quant_error_vs_update"] = q / row["fro_norm_full"] if full_energy else None
-    Fa = None
-    if full_energy and ad_energy:
-        Fa = adapter_svd if adapter_svd is not None else top_svd(delta_adapter, rank, exact_below=exact_below)
-    if Fa is None or not Fa.values.numel():  # no update, or one its factors' precision cannot tell from zero
+    if not full_energy:  # nothing to capture: no share, no optimum
         return row | {"captured_energy": None, "optimal_energy": None, "phi": None}, None, None
-    row["captured_energy"], row["captured_energy_row"], row["captured_energy_both"] = captured_energies(
-        delta_full, col_basis, row_basis)  # one pass over ΔW_full
+    Fa = adapter_svd if adapter_svd is not None else (
+        top_svd(delta_adapter, rank, exact_below=exact_below) if ad_energy else None)
     j_max = _phi_width(rank, phi_max, short)
     Ff = delta_svd if delta_svd is not None else delta_decomposition(delta_full, rank, phi_max=phi_max,
                                                                       exact_below=exact_below)
     if Ff.U is None or Ff.U.shape[1] < j_max:
         raise ConfigError(f"`delta_svd` must hold the top {j_max} singular vectors of ΔW_full (delta_decomposition).")
+    # Eckart–Young optimum Σ_{i≤r} σᵢ² / ‖ΔW_full‖² from the decomposition already at hand: ΔW_full's alone
+    row["optimal_energy"] = float((Ff.values[:rank].double() ** 2).sum()) / Ff.total_energy
+    if not ad_energy or Fa is None or not Fa.values.numel():
+        # no update (a B never trained), or one its factors' precision cannot tell from zero: its column and row
+        # spaces are {0}, which hold none of ΔW_full. These had been None and dropped out of the totals, whose
+        # denominator then lost the module's energy too (10.5 % captured over 7 modules, 6.6 % with them)
+        return row | {"captured_energy": 0.0, "captured_energy_row": 0.0, "captured_energy_both": 0.0,
+                      "energy_gap": row["optimal_energy"], "phi": None}, None, None
+    row["captured_energy"], row["captured_energy_row"], row["captured_energy_both"] = captured_energies(
+        delta_full, col_basis, row_basis)  # one pass over ΔW_full
     used = min(rank, Fa.U.shape[1])  # k': ΔW_ad's singular vectors past its rank would be arbitrary
     # likewise ΔW_full's past its numerical rank at its own precision (another adapter of lower rank as TUNED): φ,
     # the angles and the amplification read its top min(r, that rank)
     full_rank = numerical_rank(Ff, delta_full.shape, dtype=torch.promote_types(delta_full.dtype, torch.float32),
                                rounded_energy=rounded_energy)
+    if storage_rank is not None:  # and above the checkpoints' own rounding, where they were stored coarser
+        full_rank = min(full_rank, max(1, storage_rank(Ff)))
     r_full, j_max = min(rank, full_rank), min(j_max, full_rank)
-    # Eckart–Young optimum Σ_{i≤r} σᵢ² / ‖ΔW_full‖² from the decomposition already at hand
-    row["optimal_energy"] = float((Ff.values[:rank].double() ** 2).sum()) / Ff.total_energy
     row["energy_gap"] = row["optimal_energy"] - row["captured_energy"]
     # DoRA's magnitude part. A factored ΔW_ad = U Σ Vh (orthonormal rows Vh) has the column-space energies of U Σ
     ad_columns = delta_adapter.U * delta_adapter.values if factored else delta_adapter  # (out, k) or (out, in)
@@ -192,6 +204,24 @@ def module_measures(delta_full: torch.Tensor, delta_adapter: torch.Tensor | Spec
     row["amplification_adapter"] = amplification_factor(None if factored else delta_adapter, W0, used, svd=Fa)
     row["amplification_full"] = amplification_factor(delta_full, W_base, r_full, svd=Ff, rounded_energy=rounded_energy)
     return row, phi.tolist(), Fa.Vh[:used]
+
+
+def storage_noise_rank(base: torch.Tensor, tuned: torch.Tensor, base_dtype: torch.dtype, tuned_dtype: torch.dtype):
+    """For a TUNED checkpoint stored coarser than float32 (bf16, fp16 on either side): a function from ΔW_full's
+    decomposition to the count of its values above the storage dtypes' rounding-noise floor, the floor analyze
+    reports (:func:`~spectra.linalg.metrics.rounding_noise_floor`, ``base_rounding="auto"``: whether the base's
+    rounding is in ΔW decided from ΔW itself; the Tracy–Widom margin of pure noise's top value); None for a
+    float32/float64 pair, whose rounding `numerical_rank` judges. `base`, `tuned`: the two weights (out, in)."""
+    coarse, known = (torch.bfloat16, torch.float16), (torch.bfloat16, torch.float16, torch.float32, torch.float64)
+    if not ({base_dtype, tuned_dtype} & set(coarse)) or not {base_dtype, tuned_dtype} <= set(known):
+        return None  # a float32/float64 pair; a quantised or float8 side is the analysis's business, not read here
+    from spectra.linalg.metrics import rounding_noise_floor
+
+    def rank(F: Spectrum) -> int:
+        return rounding_noise_floor(base, tuned, base_dtype=base_dtype, tuned_dtype=tuned_dtype, s=F,
+                                    base_rounding="auto").rank
+
+    return rank
 
 
 def _adapter_pass(delta_adapter: torch.Tensor | Spectrum, delta_full: torch.Tensor, W0: torch.Tensor,
@@ -252,8 +282,8 @@ def _phi_width(rank: int, phi_max: int, short: int) -> int:
 
 
 def measure_module(delta_full: torch.Tensor, W0: torch.Tensor, p, weights, low: Spectrum, rank: int,
-                   config: VerifyConfig, *, W_base: torch.Tensor | None = None, rounded_energy: float | None = None
-                   ) -> tuple[dict, list[list[float]] | None, torch.Tensor | None, Spectrum]:
+                   config: VerifyConfig, *, W_base: torch.Tensor | None = None, rounded_energy: float | None = None,
+                   storage_rank=None) -> tuple[dict, list[list[float]] | None, torch.Tensor | None, Spectrum]:
     """:func:`module_measures` of the adapter module `p` (an :class:`~spectra.checkpoints.adapter.AdapterDelta`
     read from `weights`), and ΔW_full's :func:`delta_decomposition`, which it returns too.
 
@@ -273,5 +303,6 @@ def measure_module(delta_full: torch.Tensor, W0: torch.Tensor, p, weights, low: 
                                              rank=rank, W_base=W_base, intruder_k=config.intruder_k,
                                              intruder_epsilon=config.intruder_epsilon, phi_max=config.phi_max,
                                              delta_svd=Ff, adapter_svd=low if plain else None,
-                                             exact_below=config.exact_below, rounded_energy=rounded_energy)
+                                             exact_below=config.exact_below, rounded_energy=rounded_energy,
+                                             storage_rank=storage_rank)
     return measures, phi, vectors, Ff

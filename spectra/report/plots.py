@@ -18,28 +18,31 @@ from matplotlib import colormaps
 from matplotlib.cm import ScalarMappable
 from matplotlib.colors import ListedColormap, LogNorm, Normalize
 from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
 from matplotlib.ticker import MaxNLocator
 
 from spectra.groups import group_label, group_of
 from spectra.report.tables import (
+    _energy_bounds,
     by_projection,
     energy_curve,
     energy_levels,
-    format_value,
+    format_median,
     full_rank,
     fused_wholes,
     groups_in,
     headline,
     headline_level,
+    interval_stats,
     layer_role_grids,
+    left_out_text,
     matrix_rows,
     number,
     percent,
+    rounding_only,
     stack_label,
     stacks_of,
-    stats,
     unchanged,
-    unchanged_text,
 )
 
 # viridis without its pale-yellow top, so the last layer's line stays visible on white.
@@ -156,7 +159,7 @@ def plot_cumulative_energy(analysis: Mapping, *, stacks: list | None = None) -> 
             drawn += 1
         for level in marks:
             ax.axhline(level, color="0.3", ls=":", lw=0.9)
-            ax.annotate(f"{level:.0%}", (1.0, level), xycoords=("axes fraction", "data"), xytext=(2, 0),
+            ax.annotate(f"{100 * level:.4g}%", (1.0, level), xycoords=("axes fraction", "data"), xytext=(2, 0),
                         textcoords="offset points", va="center", fontsize=7, color="0.3")
         _finish_panel(ax, group_label(group, stacks), members, drawn)
         if drawn:
@@ -186,12 +189,13 @@ def plot_rank_heatmap(analysis: Mapping, *, level: str | None = None) -> Figure:
     matplotlib.figure.Figure
     """
     level = headline_level(analysis) if level is None else level
-
-    def value(row):
-        return number((row.get("energy_rank") or {}).get(level))
-
-    return _heatmap(matrix_rows(analysis), value, label=f"energy-{percent(level)} rank (directions)",
-                    title=f"Energy-{percent(level)} rank of ΔW by layer and role", fmt="{:.0f}", integer=True)
+    bounds = _energy_bounds(level)
+    # a cell is the median of its modules' ranks (a layer's experts); where the sketch left some open, the medians
+    # of their lower and upper ends bound it: the colour is the lower, the text "lo–hi", the cell hatched
+    return _heatmap(matrix_rows(analysis), lambda row: (bounds(row) or (None,))[0],
+                    label=f"energy-{percent(level)} rank (directions)",
+                    title=f"Energy-{percent(level)} rank of ΔW by layer and role", fmt="{:g}", integer=True,
+                    high=lambda row: (bounds(row) or (None, None))[1])
 
 
 def plot_relative_size_heatmap(analysis: Mapping) -> Figure:
@@ -228,9 +232,12 @@ def plot_effective_rank_histogram(analysis: Mapping, *, stacks: list | None = No
         ``c_attn``) is counted by its projections, as the rank picture counts it.
     """
     every = matrix_rows(analysis)
-    # ΔW = 0 has no rank to count (its 0 would drag the median); a fused whole is counted through its projections
+    # ΔW = 0 has no rank to count (its 0 would drag the median), rounding alone no rank of the fine-tune's; a fused
+    # whole is counted through its projections
     rows = [r for r in by_projection(every) if not unchanged(r)]
-    left_out = unchanged_text(analysis, stacks=stacks)
+    if not all(rounding_only(r) for r in rows):
+        rows = [r for r in rows if not rounding_only(r)]
+    left_out = left_out_text(analysis, stacks=stacks)
     pairs = [(number(r.get("effective_rank")), full_rank(r)) for r in rows]
     pairs = [(e, f) for e, f in pairs if e is not None]
     fig = Figure(figsize=(10, 4), layout="constrained")
@@ -319,31 +326,33 @@ def _energy_zoom(members: list[dict]) -> float:
     """
     longest = max(len(r["singular_values"]) for r in members)
     top_level = max((k for r in members for k in (r.get("energy_rank") or {})), key=float, default="0.99")
-    ranks = [number((r.get("energy_rank") or {}).get(top_level)) for r in members]
-    top = max((v for v in ranks if v is not None), default=longest)
+    ranks = [_energy_bounds(top_level)(r) for r in members]  # an unsettled rank: the top of its interval
+    top = max((hi for _, hi in filter(None, ranks)), default=longest)
     return float(min(longest, max(8.0, np.ceil(1.5 * top))))
 
 
 def _noise_floor(row: Mapping) -> float | None:
     """MP edge of the dtype noise relative to σ₁, or None when either is missing."""
     edge = number((row.get("noise") or {}).get("mp_edge"))
-    s = row["singular_values"]
-    if edge is None or edge <= 0 or not s or s[0] <= 0:
+    top = number(row["singular_values"][0]) if row["singular_values"] else None  # null in a file: a non-finite σ₁
+    if edge is None or edge <= 0 or top is None or top <= 0:
         return None
-    return edge / s[0]
+    return edge / top
 
 
 def _finish_panel(ax, role: str, members: list[dict], drawn: int) -> None:
     """Panel title with the role's median energy-90% rank (`role`: its label, "vision q" beside another stack); a
     note where nothing could be drawn."""
     level = headline({k for r in members for k in (r.get("energy_rank") or {})})
-    # the median over changed modules, as the per-role table gives it: ΔW = 0 has no rank
-    median = stats(number((r.get("energy_rank") or {}).get(level)) for r in members if not unchanged(r))
+    # the median over the modules the per-role table counts, as it gives it: ΔW = 0 has no rank, rounding alone
+    # none of the fine-tune's, an unsettled rank enters as its interval
+    median = interval_stats(_energy_bounds(level)(r) for r in members if not unchanged(r) and not rounding_only(r))
     full = int(np.median([full_rank(r) for r in members]))
-    rank = "–" if median is None else format_value(median["median"], "rank")  # as the tables print it
+    rank = "–" if median is None else format_median(median, "rank")  # as the tables print it
     still = sum(unchanged(r) for r in members)
+    noise = sum(rounding_only(r) for r in members if not unchanged(r))
     ax.set_title(f"{role}: {len(members)} module{'s' * (len(members) != 1)}"
-                 + (f", {still} unchanged" if still else "")
+                 + (f", {still} unchanged" if still else "") + (f", {noise} rounding only" if noise else "")
                  + f", median E{percent(level)[:-1]} rank {rank} of {full}", fontsize=10)
     if not drawn:
         _empty(ax, "ΔW = 0 in every module of this role")
@@ -372,12 +381,16 @@ def _empty(ax, message: str) -> None:
 # ---------------------------------------------------------------------------- heatmaps
 
 
-def _heatmap(rows: list[dict], value, *, label: str, title: str, fmt: str, integer: bool = False) -> Figure:
+def _heatmap(rows: list[dict], value, *, label: str, title: str, fmt: str, integer: bool = False,
+             high=None) -> Figure:
     """Layer × role grid of ``value(row)`` (median where a cell holds several experts), one panel per stack
     (:func:`~spectra.report.tables.layer_role_grids`: a language model and its vision tower), top to bottom, each as
     tall as its layers, on one colour scale so that colours compare across them; ``integer``: the values are counts,
-    so a linear colorbar ticks whole numbers only."""
+    so a linear colorbar ticks whole numbers only. ``high(row)``, where given, is the upper end of an interval
+    whose lower end ``value(row)`` is (an energy rank the sketch left unsettled): a cell whose medians of the two
+    differ is hatched and reads "lo–hi"."""
     grids = layer_role_grids(rows, value)
+    highs = [g.values for g in layer_role_grids(rows, high)] if high is not None else [g.values for g in grids]
     heights = [len(g.layers) for g in grids]
     width = max(len(g.roles) for g in grids)
     fig = Figure(figsize=(min(1.0 * width + 3.0, 14), min(0.32 * sum(heights) + 1.0 * len(grids) + 1.2, 24)),
@@ -387,20 +400,28 @@ def _heatmap(rows: list[dict], value, *, label: str, title: str, fmt: str, integ
     cmap = colormaps["cividis"].with_extremes(bad="0.93")
     norm = _color_norm(np.concatenate([g.values.ravel() for g in grids]))
     annotate = sum(g.values.size for g in grids) <= _ANNOTATE_CELLS
-    for ax, g in zip(axes, grids):
+    open_cells = False
+    for ax, g, top in zip(axes, grids, highs):
         image = ax.imshow(np.ma.masked_invalid(g.values), cmap=cmap, norm=norm, aspect="auto",
                           interpolation="nearest")
+        unsettled = np.isfinite(g.values) & (top != g.values)  # (layers, roles)
+        for i, j in zip(*np.nonzero(unsettled)):
+            ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, hatch="///", lw=0, ec="0.55"))
+        open_cells = open_cells or bool(unsettled.any())
         if annotate:
-            _annotate(ax, g.values, norm, cmap, fmt)
+            _annotate(ax, g.values, norm, cmap, fmt, np.where(unsettled, top, g.values))
         _heatmap_axes(ax, g.roles, g.layers)
         ax.set_xlim(-0.5, width - 0.5)  # cells of one width in every panel; a stack with fewer roles ends early
         if len(grids) > 1:
             ax.set_title(stack_label(g.stack, [h.stack for h in grids]), fontsize=10, loc="left")
     _heatmap_colorbar(fig.colorbar(image, ax=list(axes)), norm, label, integer)
+    heading = _heatmap_title(title, grids, fmt) + (
+        "\nhatched: the sketch left the rank open in some module of the cell; lo–hi bound its median, the colour "
+        "is lo" if open_cells else "")
     if len(grids) > 1:  # the title above every panel, each panel named by its stack
-        fig.suptitle(_heatmap_title(title, grids, fmt), fontsize=10)
+        fig.suptitle(heading, fontsize=10)
     else:
-        axes[0].set_title(_heatmap_title(title, grids, fmt), fontsize=10)
+        axes[0].set_title(heading, fontsize=10)
     return fig
 
 
@@ -416,6 +437,9 @@ def _heatmap_axes(ax, roles: list[str], layers: list) -> None:
     ax.set_xticks(range(len(roles)), labels=roles)
     step = max(1, len(layers) // 40)
     ticks = list(range(0, len(layers), step))
+    if layers and layers[-1] is None and ticks[-1] != len(layers) - 1:
+        # the "no layer" row is always labelled: unlabelled under "98", it read as layer 99
+        ticks = [t for t in ticks if t < len(layers) - 1 - step / 2] + [len(layers) - 1]
     ax.set_yticks(ticks, labels=["no layer" if layers[i] is None else str(layers[i]) for i in ticks])
     ax.set_xlabel("role")
     ax.set_ylabel("layer (index)")
@@ -435,16 +459,17 @@ def _color_norm(grid: np.ndarray) -> Normalize:
     return Normalize(vmin=min(low, 0.0), vmax=high if high > min(low, 0.0) else min(low, 0.0) + 1.0)
 
 
-def _annotate(ax, grid: np.ndarray, norm: Normalize, cmap, fmt: str) -> None:
-    """Write each cell's number, light on dark cells and dark on light ones."""
+def _annotate(ax, grid: np.ndarray, norm: Normalize, cmap, fmt: str, top: np.ndarray | None = None) -> None:
+    """Write each cell's number, light on dark cells and dark on light ones; "lo–hi" where ``top`` (the upper
+    ends of open intervals, same shape) differs from the cell."""
     for (i, j), v in np.ndenumerate(grid):
         if not np.isfinite(v):
             continue
         shade = float(np.clip(norm(v), 0, 1)) if v > 0 or not isinstance(norm, LogNorm) else 0.0
         r, g, b, _ = cmap(shade)
         dark = 0.299 * r + 0.587 * g + 0.114 * b < 0.5  # perceived luminance
-        ax.text(j, i, fmt.format(v), ha="center", va="center", fontsize=8,
-                color="white" if dark else "black")
+        text = fmt.format(v) if top is None or top[i, j] == v else f"{fmt.format(v)}–{fmt.format(top[i, j])}"
+        ax.text(j, i, text, ha="center", va="center", fontsize=8, color="white" if dark else "black")
 
 
 def _heatmap_title(title: str, grids: list, fmt: str) -> str:

@@ -240,6 +240,10 @@ def _stacks_note(stacks: list) -> str:
             + (f", the {stack_label(None, stacks)}'s without one." if None in stacks else "."))
 
 
+def _count(n: int, one: str, many: str) -> str:
+    return f"{n} {one if n == 1 else many}"
+
+
 def _summary_items(analysis: Mapping, matrices: list[dict], vectors: list[dict], stacks: list) -> list[str]:
     items = [f"{label}: {_checkpoint(analysis.get(key))}" for key, label in (("base", "Base"), ("tuned", "Tuned"))]
     layers = {r["layer"] for r in matrices if r.get("layer") is not None}
@@ -251,9 +255,11 @@ def _summary_items(analysis: Mapping, matrices: list[dict], vectors: list[dict],
         where = ", ".join(f"{n} layer{'s' * (n != 1)} ({name})" for name, n in counts)
     else:
         where = f"{len(layers)} layer{'s' * (len(layers) != 1)}"
-    items.append(f"Modules: {len(tensors)} weight matrices"
-                 + (f" (and {split} projections of fused ones)" if split else "") + f" and {len(vectors)} vector deltas over "
-                 f"{where}; roles {', '.join(group_label(g, stacks) for g in groups_in(matrices))}")
+    items.append(f"Modules: {_count(len(tensors), 'weight matrix', 'weight matrices')}"
+                 + (f" (and {_count(split, 'projection', 'projections')} of fused ones)" if split else "")
+                 + f" and {_count(len(vectors), 'vector delta', 'vector deltas')}"
+                 + (f" over {where}" if layers else ", none in a layer")
+                 + f"; roles {', '.join(group_label(g, stacks) for g in groups_in(matrices))}")
     floor = _floor_item(analysis, matrices)
     if floor:
         items.append(floor)

@@ -187,6 +187,29 @@ def _share(level: str) -> Callable[[Mapping], float | None]:
     return share
 
 
+def _energy_bounds(level: str) -> Callable[[Mapping], tuple[float, float] | None]:
+    """(lo, hi) of a module's energy rank at `level`: (r, r) where it is settled, the sketch's interval
+    (``energy_rank_bounds``) where the sketch left it open (null in ``energy_rank``), None where neither."""
+    def bounds(row: Mapping) -> tuple[float, float] | None:
+        rank = _energy(level)(row)
+        if rank is not None:
+            return rank, rank
+        interval = (row.get("energy_rank_bounds") or {}).get(level) or ()
+        lo, hi = (number(v) for v in interval) if len(interval) == 2 else (None, None)
+        return None if lo is None or hi is None else (lo, hi)
+
+    return bounds
+
+
+def _share_bounds(level: str) -> Callable[[Mapping], tuple[float, float] | None]:
+    def bounds(row: Mapping) -> tuple[float, float] | None:
+        interval = _energy_bounds(level)(row)
+        return None if interval is None or full_rank(row) == 0 else (interval[0] / full_rank(row),
+                                                                      interval[1] / full_rank(row))
+
+    return bounds
+
+
 _share90 = _share("0.9")
 
 
@@ -220,6 +243,8 @@ class Metric:
     label: str
     value: Callable[[Mapping], float | None]
     kind: str  # "rank" (count), "ratio" (plain number), "share" (percent)
+    # an energy rank the sketch may leave unsettled: (lo, hi) per module, which interval_stats takes the median of
+    bounds: Callable[[Mapping], tuple[float, float] | None] | None = None
 
 
 SUMMARY_METRICS = (
@@ -235,12 +260,6 @@ SUMMARY_METRICS = (
     Metric("relative_size", "‖ΔW‖/‖W‖", lambda r: number(r.get("relative_size")), "ratio"),
     Metric("decay_exponent", "decay exponent", _decay, "ratio"),
 )
-# Shown when the analysis ran with calibration data (``analyze --calibration``): ranks of the
-# whitened update ΔW·C^½, i.e. of the output change on the data's inputs.
-ACTIVATION_METRICS = (
-    Metric("activation_rank_0.9", "activation-weighted energy-90% rank", _activation_energy("0.9"), "rank"),
-    Metric("activation_rank_0.99", "activation-weighted energy-99% rank", _activation_energy("0.99"), "rank"),
-)
 
 
 def has_activation(analysis: Mapping) -> bool:
@@ -248,18 +267,35 @@ def has_activation(analysis: Mapping) -> bool:
     return any(r.get("activation") for r in matrix_rows(analysis))
 
 
+def activation_levels(analysis: Mapping) -> tuple[str, ...]:
+    """The levels of a calibrated analysis's activation-weighted ranks (its ``--energy`` levels), ascending."""
+    levels = {k for r in matrix_rows(analysis) for k in ((r.get("activation") or {}).get("energy_rank") or {})}
+    return tuple(sorted(levels, key=float))
+
+
+def activation_metrics(analysis: Mapping) -> tuple[Metric, ...]:
+    """Shown when the analysis ran with calibration data (``analyze --calibration``): ranks of the whitened update
+    ΔW·C^½, i.e. of the output change on the data's inputs, at the headline level (:func:`headline`: 0.9, else the
+    nearest measured) and the top one (0.99 by default); none for an analysis without calibration."""
+    levels = activation_levels(analysis)
+    shown = dict.fromkeys([headline(levels), levels[-1]]) if levels else {}
+    return tuple(Metric(f"activation_rank_{level}", f"activation-weighted energy-{percent(level)} rank",
+                        _activation_energy(level), "rank") for level in shown)
+
+
 def _metrics(analysis: Mapping) -> tuple[Metric, ...]:
     """:data:`SUMMARY_METRICS` with the energy levels the analysis measured (and its headline level's
-    share of full rank), plus :data:`ACTIVATION_METRICS` for a calibrated analysis."""
+    share of full rank), plus :func:`activation_metrics` for a calibrated analysis."""
     levels, head = energy_levels(analysis), headline_level(analysis)
     energy = []
     for level in levels:
-        energy.append(Metric(f"energy_rank_{level}", f"energy-{percent(level)} rank", _energy(level), "rank"))
+        energy.append(Metric(f"energy_rank_{level}", f"energy-{percent(level)} rank", _energy(level), "rank",
+                             _energy_bounds(level)))
         if level == head:
             energy.append(Metric(f"energy_rank_{level}_share", f"energy-{percent(level)} rank / full rank",
-                                 _share(level), "share"))
+                                 _share(level), "share", _share_bounds(level)))
     rest = tuple(m for m in SUMMARY_METRICS if not m.key.startswith("energy_rank_"))
-    return tuple(energy) + rest + (ACTIVATION_METRICS if has_activation(analysis) else ())
+    return tuple(energy) + rest + activation_metrics(analysis)
 
 
 def stats(values) -> dict | None:
@@ -272,6 +308,26 @@ def stats(values) -> dict | None:
             "min": float(finite.min()), "max": float(finite.max()), "n": int(finite.size)}
 
 
+def interval_stats(intervals) -> dict | None:
+    """:func:`stats` of values some of which are only known to lie in an interval (lo, hi).
+
+    Every statistic here is monotone in each value, so it lies between its value over the lower ends and its
+    value over the upper ends: ``median``, ``q1`` and ``min`` are those of the lower ends, ``q3`` and ``max`` of
+    the upper ends, and where some interval is open, ``median_hi`` (the upper ends' median) and ``unsettled``
+    (how many) are added. With every interval closed (lo = hi) it equals :func:`stats`. Leaving the open ones out
+    instead had reported the median of the settled ones alone: 10 for a role of ranks 10, ≥ 40 and ≥ 50.
+    """
+    known = [(float(lo), float(hi)) for lo, hi in (i for i in intervals if i is not None)]
+    low = stats(lo for lo, _ in known)
+    if low is None:
+        return None
+    open_ = sum(lo < hi for lo, hi in known)
+    if not open_:
+        return low
+    high = stats(hi for _, hi in known)
+    return {**low, "q3": high["q3"], "max": high["max"], "median_hi": high["median"], "unsettled": open_}
+
+
 def unchanged(row: Mapping) -> bool:
     """Whether the module's ΔW is exactly zero (base and tuned hold the same tensor): it has no rank to report.
 
@@ -280,6 +336,17 @@ def unchanged(row: Mapping) -> bool:
     (:func:`unchanged_text`).
     """
     return number(row.get("fro_norm")) == 0.0
+
+
+def rounding_only(row: Mapping) -> bool:
+    """Whether a changed module's ΔW holds no singular value above its storage dtype's rounding-noise floor
+    (``noise.rank_above`` = 0: an fp32 base saved as bf16, a bf16 fine-tune that left the module alone).
+
+    Its energy ranks measure rounding, near full rank, not the fine-tune: the rank picture, the per-role table, the
+    role panels' titles and the histogram leave such modules out as they leave out ΔW = 0, and say so
+    (:func:`left_out_text`). It had ranked k, gate and down at 66–78 % of full rank beside q's 9 % on such a pair.
+    """
+    return _noise(row) == 0
 
 
 def fused_wholes(rows: list[Mapping]) -> set[str]:
@@ -321,6 +388,23 @@ def unchanged_text(analysis: Mapping, *, stacks: list | None = None) -> str:
             + ("; a fused tensor counted by its projections, its whole left out with them" if wholes else "") + ").")
 
 
+def left_out_text(analysis: Mapping, *, stacks: list | None = None) -> str:
+    """Every matrix a statistic of the report leaves out, in one or two sentences ('' when none): the unchanged
+    ones (:func:`unchanged_text`), then the changed ones holding rounding alone (:func:`rounding_only`), by role.
+    The rank picture, the per-role table's note, the role panels and the histogram all say it in these words."""
+    stacks = stacks_of(analysis) if stacks is None else stacks
+    unchanged_part = unchanged_text(analysis, stacks=stacks)
+    noise = [r for r in by_projection(matrix_rows(analysis)) if not unchanged(r) and rounding_only(r)]
+    if not noise:
+        return unchanged_part
+    named = ", ".join(dict.fromkeys(group_label(group_of(r), stacks) for r in noise))
+    more, too = ("more ", " too") if unchanged_part else ("", "")
+    count = f"{len(noise)} {more}{'matrix' if len(noise) == 1 else 'matrices'} ({named}) {'holds' if len(noise) == 1 else 'hold'}"
+    return ((unchanged_part + " ") if unchanged_part else "") + (
+        f"{count} no singular value above the storage dtype's rounding-noise floor (ΔW is rounding there, not "
+        f"fine-tuning) and {'is' if len(noise) == 1 else 'are'} left out{too}.")
+
+
 def _unchanged_where(left: list[Mapping], stacks, *, shown: int = 4) -> str:
     """Where the unchanged matrices `left` (of roles changed elsewhere) lie, in reading order: their roles by layer,
     layers of the same roles together ('v of layer 1', 'q, k, v of layers 0, 2'), a module of no layer by its name;
@@ -346,8 +430,9 @@ def summary_rows(analysis: Mapping, *, stacks: list | None = None) -> list[dict]
     """The per-role table: each metric's median and spread over the role's changed modules.
 
     Modules with ΔW = 0 (:func:`unchanged`) are left out: their zero ranks are no measurement of the
-    fine-tune's rank; a role none of whose modules changed has no entry. :func:`role_table_note` says
-    how many were left out.
+    fine-tune's rank; so are modules whose ΔW is rounding alone (:func:`rounding_only`), whose energy ranks
+    measure the noise; a role with no other module has no entry. :func:`role_table_note` says which were left
+    out. An energy rank the sketch left unsettled in some module enters as its interval (:func:`interval_stats`).
 
     Parameters
     ----------
@@ -363,11 +448,11 @@ def summary_rows(analysis: Mapping, *, stacks: list | None = None) -> list[dict]
         ``stack`` (None: the language model), ``label`` (:func:`~spectra.groups.group_label`: "q", or "vision q"
         beside another stack), ``modules`` (count of changed ones), ``layers`` (distinct non-null layers),
         ``full_rank`` (median of ``min(shape)``) and, for each :data:`SUMMARY_METRICS` key (and
-        :data:`ACTIVATION_METRICS` key when the analysis was calibrated), a :func:`stats` dict or None where no
-        module of the role has the metric.
+        :func:`activation_metrics` key when the analysis was calibrated), a :func:`stats` dict (energy ranks:
+        :func:`interval_stats`) or None where no module of the role has the metric.
     """
     stacks = stacks_of(analysis) if stacks is None else stacks
-    rows = [r for r in matrix_rows(analysis) if not unchanged(r)]
+    rows = [r for r in matrix_rows(analysis) if not unchanged(r) and not rounding_only(r)]
     table = []
     for group in groups_in(rows):
         members = [r for r in rows if group_of(r) == group]
@@ -380,7 +465,8 @@ def summary_rows(analysis: Mapping, *, stacks: list | None = None) -> list[dict]
             "full_rank": float(np.median([full_rank(r) for r in members])),
         }
         for metric in _metrics(analysis):
-            entry[metric.key] = stats(metric.value(r) for r in members)
+            entry[metric.key] = (interval_stats(metric.bounds(r) for r in members) if metric.bounds
+                                 else stats(metric.value(r) for r in members))
         table.append(entry)
     return table
 
@@ -433,12 +519,18 @@ def num(value, *, digits: int = 4) -> str:
     return "–" if value is None else f"{value + 0.0:.{digits}g}"
 
 
+def share_text(value: float) -> str:
+    """A share in percent: one decimal from 1 % up, two significant digits below (a rank of 1 in 4096 reads
+    0.024%, not 0.0%, and two such roles still rank apart); 0 reads 0.0%."""
+    return f"{value + 0.0:.1%}" if value == 0 or abs(value) >= 0.01 else f"{100 * value:.2g}%"
+
+
 def format_value(value: float | None, kind: str) -> str:
     """Short text for one number: ranks as integers where whole, shares in percent."""
     if value is None:
         return "–"
     if kind == "share":
-        return f"{value:.1%}"
+        return share_text(value)
     if kind == "rank" and float(value).is_integer():
         return str(int(value))
     if kind == "rank":
@@ -446,11 +538,19 @@ def format_value(value: float | None, kind: str) -> str:
     return f"{value:.3g}"
 
 
+def format_median(entry: dict, kind: str) -> str:
+    """A :func:`stats` (or :func:`interval_stats`) median as text; "40–60" where open intervals leave it so."""
+    median = format_value(entry["median"], kind)
+    high = entry.get("median_hi", entry["median"])
+    return median if high == entry["median"] else f"{median}–{format_value(high, kind)}"
+
+
 def format_stats(entry: dict | None, kind: str) -> str:
-    """``median (min–max)``, or the single value when the spread is nil."""
+    """``median (min–max)``, or the single value when the spread is nil; a median of open intervals as
+    "lo–hi" (:func:`format_median`)."""
     if entry is None:
         return "–"
-    median = format_value(entry["median"], kind)
+    median = format_median(entry, kind)
     if entry["min"] == entry["max"]:
         return median
     return f"{median} ({format_value(entry['min'], kind)}–{format_value(entry['max'], kind)})"
@@ -469,27 +569,37 @@ def role_table(analysis: Mapping, *, stacks: list | None = None) -> tuple[list[s
 
 
 def role_table_note(analysis: Mapping, *, stacks: list | None = None) -> str:
-    """What the per-role table leaves out, for the line beside it: '' when every matrix changed, the unchanged
-    count (:func:`unchanged_text`, in the rank picture's words) when some did not, and that there is no table when
-    none changed. The table leaves out every unchanged row, a fused tensor's whole as well as its projections; the
-    count takes that tensor once, by its projections, and says its whole went with them."""
+    """What the per-role table leaves out, for the line beside it: '' when every matrix changed above the rounding
+    floor; the unchanged and rounding-only matrices (:func:`left_out_text`, in the rank picture's words) when some
+    did not, and that there is no table when none did; and how it reads an energy rank the sketch left unsettled.
+    The table leaves out every unchanged row, a fused tensor's whole as well as its projections; the count takes
+    that tensor once, by its projections, and says its whole went with them."""
     rows = matrix_rows(analysis)
     if all(unchanged(r) for r in rows):
         return ("Every weight matrix is unchanged (ΔW = 0): the two checkpoints hold the same values, so no role "
                 "has a rank to tabulate.")
-    return unchanged_text(analysis, stacks=stacks)
+    if all(unchanged(r) or rounding_only(r) for r in rows):
+        return ("No changed weight matrix holds a singular value above the storage dtype's rounding-noise floor: "
+                "ΔW is rounding, not fine-tuning, so no role has a rank to tabulate.")
+    note = left_out_text(analysis, stacks=stacks)
+    if any(e.get("unsettled") for entry in summary_rows(analysis, stacks=stacks) for e in entry.values()
+           if isinstance(e, dict)):
+        note += ((" " if note else "") + "A median written lo–hi includes modules whose energy rank the sketch "
+                 "left unsettled at that level (their rank lies in an interval; see the per-module table): the "
+                 "median lies between the two.")
+    return note
 
 
-_MODULE_METRICS = ("effective_rank",
-                   "stable_rank", "gd_rank", "noise_rank", "relative_size", "decay_exponent",
-                   "activation_rank_0.9", "activation_rank_0.99")
+_MODULE_METRICS = ("effective_rank", "stable_rank", "gd_rank", "noise_rank", "relative_size", "decay_exponent")
 
 
 def module_table(analysis: Mapping, *, stacks: list | None = None) -> tuple[list[str], list[list[str]]]:
     """Headers and text cells of the per-module table (one row per weight matrix)."""
-    levels = energy_levels(analysis)
-    shown = [level for level in levels if level != "0.95" or len(levels) < 4]  # the default four: 95 % left out
-    keys = set(_MODULE_METRICS) | {f"energy_rank_{level}" for level in shown}
+    levels, head = energy_levels(analysis), headline_level(analysis)
+    # the default four leave 95 % out, for width; a headline level (the one every other view shows) never is
+    shown = [level for level in levels if level == head or not (level == "0.95" and set(levels) == set(ENERGY_LEVELS))]
+    keys = (set(_MODULE_METRICS) | {f"energy_rank_{level}" for level in shown}
+            | {m.key for m in activation_metrics(analysis)})
     metrics = [m for m in _metrics(analysis) if m.key in keys and m.kind != "share"]
     headers = ["module", "role", "layer", "shape", "‖ΔW‖_F"] + [m.label for m in metrics] + ["method"]
     stacks = stacks_of(analysis) if stacks is None else stacks
@@ -536,71 +646,68 @@ def rank_picture(analysis: Mapping, *, stacks: list | None = None) -> str:
     split = fused_wholes(rows)
     whole_groups = ({group_of(r) for r in rows if r["name"] in split}
                     - {group_of(r) for r in rows if r["name"] not in split})
-    # the sentence beside the per-role table (role_table_note), word for word
-    left_out = unchanged_text(analysis, stacks=stacks)
+    stacks = stacks_of(analysis) if stacks is None else stacks
     rows = by_projection(rows)  # a fused tensor counts once: through its projections
     if rows and all(unchanged(r) for r in rows):
         return (f"All {len(rows)} weight matrices are unchanged (ΔW = 0): the two checkpoints hold the same values "
                 "in every compared tensor, so there is no update to measure. Check that TUNED is the fine-tune.")
     rows = [r for r in rows if not unchanged(r)]  # no update: no rank to report, none to rank
-    # no singular value above the storage dtype's rounding-noise floor (an fp32 base, a bf16 fine-tune that left
-    # the module alone): the energy rank of rounding noise is near full, and it had ranked k, gate and down at
-    # 66-78 % of full rank beside q's 9 % on such a pair
-    noise = [r for r in rows if _noise(r) == 0]
-    if noise and len(noise) == len(rows):
+    if all(rounding_only(r) for r in rows):
         return (f"All {len(rows)} changed weight matrices hold no singular value above the storage dtype's "
                 "rounding-noise floor: ΔW is rounding, not fine-tuning, so there is no rank to read. Check that "
                 "TUNED is the fine-tune (an fp32 BASE saved as bf16 looks like this).")
-    rows = [r for r in rows if _noise(r) != 0]
-    if noise:
-        named = ", ".join(dict.fromkeys(group_label(group_of(r), stacks_of(analysis) if stacks is None else stacks)
-                                        for r in noise))
-        more, too = ("more ", " too") if left_out else ("", "")
-        left_out = ((left_out + " ") if left_out else "") + (
-            f"{len(noise)} {more}matrices ({named}) hold no singular value above the storage dtype's rounding-noise "
-            f"floor (ΔW is rounding there, not fine-tuning) and are left out{too}.")
+    rows = [r for r in rows if not rounding_only(r)]
+    left_out = left_out_text(analysis, stacks=stacks)  # the sentence beside the per-role table, word for word
     level = headline_level(analysis)
     at = percent(level)
-    shares = stats(_share(level)(r) for r in rows)
-    ranks = stats(_energy(level)(r) for r in rows)
+    shares = interval_stats(_share_bounds(level)(r) for r in rows)
+    ranks = interval_stats(_energy_bounds(level)(r) for r in rows)
     if shares is None or ranks is None:
         return (f"The analysis holds {len(rows)} weight matrices but no energy-{at} ranks, "
                 "so no rank picture can be drawn.")
-    spread = f" (middle half of modules: {shares['q1']:.1%}–{shares['q3']:.1%})" if shares["q1"] < shares["q3"] else ""
-    counted = sum(_share(level)(r) is not None for r in rows)  # a sketched module may stop short of the level
+    spread = (f" (middle half of modules: {share_text(shares['q1'])}–{share_text(shares['q3'])})"
+              if shares["q1"] < shares["q3"] else "")
+    counted = shares["n"]  # a sketched module may stop short of the level (and hold no interval for it)
     of = f"{counted}" if counted == len(rows) else f"{counted} of {len(rows)}"
+    one = ranks["median"] == ranks.get("median_hi", ranks["median"]) == 1
     first = (
-        f"Across {of} {'modules (fused tensors by projection)' if split else 'weight matrices'}, a median of {format_value(ranks['median'], 'rank')} singular "
-        f"directions hold {at} of the update's energy, {shares['median']:.1%} of the full rank{spread}"
-        + ("" if counted == len(rows) else f" (the others' energy-{at} ranks are beyond the values they hold)") + "."
+        f"Across {of} {'modules (fused tensors by projection)' if split else 'weight matrices'}, a median of "
+        f"{format_median(ranks, 'rank')} singular direction{'' if one else 's'} {'holds' if one else 'hold'} {at} of "
+        f"the update's energy, {format_median(shares, 'share')} of the full rank{spread}"
+        + ("" if counted == len(rows) else f" (the others' energy-{at} ranks are beyond the values they hold)")
+        + (f" ({ranks['unsettled']} of them only known to lie in an interval: the median lies in the range given)"
+           if ranks.get("unsettled") else "") + "."
         + (f" {left_out}" if left_out else "")
     )
-    # summary_rows leaves ΔW = 0 out too (and roles with no changed matrix); qkv/gate_up read through their parts;
-    # the rounding-only matrices are left out of each role's median as of the overall one (a role of frozen layers
-    # and tuned ones had read at the frozen ones' near-full rank)
-    quiet = {r["name"] for r in noise}
-    signal = {**analysis, "modules": [m for m in analysis.get("modules") or [] if m.get("name") not in quiet]}
-    by_role = [(entry["label"], entry[f"energy_rank_{level}_share"]) for entry in summary_rows(signal, stacks=stacks)
+    # summary_rows leaves ΔW = 0 and the rounding-only matrices out too (and roles with no other matrix); qkv and
+    # gate_up read through their parts
+    by_role = [(entry["label"], entry[f"energy_rank_{level}_share"]) for entry in summary_rows(analysis, stacks=stacks)
                if (entry["stack"], entry["role"]) not in whole_groups]
     missing = [role for role, s in by_role if s is None]
-    by_role = sorted(((role, s["median"]) for role, s in by_role if s is not None), key=lambda item: item[1])
-    parts = ", ".join(f"{role} {share:.1%}" for role, share in by_role)
+    by_role = sorted(((role, s) for role, s in by_role if s is not None), key=lambda item: item[1]["median"])
+    parts = ", ".join(f"{role} {format_median(s, 'share')}" for role, s in by_role)
     second = (f"By role, the median energy-{at} rank as a share of full rank runs from lowest to highest: {parts}"
               + (f" (none for {', '.join(missing)})" if missing else "") + ".")
     return f"{first} {second}{_activation_picture(rows)}"
 
 
 def _activation_picture(rows: list[Mapping]) -> str:
-    """A third sentence for a calibrated analysis: the rank of the output change on the data."""
+    """A third sentence for a calibrated analysis: the rank of the output change on the data, at the headline
+    level of the levels both spectra were measured at (0.9 by default)."""
     calibrated = [r for r in rows if r.get("activation")]
-    weighted = stats(_activation_energy("0.9")(r) for r in calibrated)
-    plain = stats(_energy("0.9")(r) for r in calibrated)
+    levels = ({k for r in calibrated for k in (r["activation"].get("energy_rank") or {})}
+              & {k for r in calibrated for k in (r.get("energy_rank") or {})})
+    if not levels:
+        return ""
+    level = headline(levels)
+    weighted = stats(_activation_energy(level)(r) for r in calibrated)
+    plain = interval_stats(_energy_bounds(level)(r) for r in calibrated)
     if weighted is None or plain is None:
         return ""
     tokens = max(int(r["activation"].get("tokens") or 0) for r in calibrated)
     return (f" Weighted by the calibration data's inputs ({tokens:,} tokens, {len(calibrated)} modules), the "
-            f"median energy-90% rank of the output change ΔW·x is {format_value(weighted['median'], 'rank')}, "
-            f"against {format_value(plain['median'], 'rank')} for ΔW itself.")
+            f"median energy-{percent(level)} rank of the output change ΔW·x is "
+            f"{format_value(weighted['median'], 'rank')}, against {format_median(plain, 'rank')} for ΔW itself.")
 
 
 def _text(value) -> str:

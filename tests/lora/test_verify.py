@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import warnings
 
 import numpy as np
@@ -159,6 +160,45 @@ def test_against_a_merged_float32_checkpoint_its_rounding_is_no_rank(trio, tmp_p
     for row in result.modules:
         assert len(row["principal_angles_deg"]) == 2, row["name"]
         assert row["phi_row"] == pytest.approx(1.0, abs=1e-4), row["name"]
+
+
+def test_against_a_merged_bf16_checkpoint_its_rounding_is_no_rank(tmp_path):
+    """The bf16 case of the test above: TUNED a rank-2 LoRA merged into a bf16 checkpoint, whose rounding (~1e-3·σ₁
+    of ΔW_full here) is far above float32's. Judged at float32's precision the rounding directions had counted as
+    ΔW_full's rank (3 angles, φ_row 0.67); at the storage dtypes' noise floor (analyze's) the rank is 2: φ_row = 1.
+    The float32 pair, whose floor is float32's, keeps its own test above (no storage rank is taken for it)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from spectra.lora.verify_measures import storage_noise_rank
+
+    base_model = build_model("llama").to(torch.bfloat16)
+    base = save(base_model, tmp_path / "base", "safetensors")
+    with quiet_peft():
+        small = random_adapter(base_model.float(), tmp_path / "small", seed=7, scale=0.1, r=2, lora_alpha=4,
+                               target_modules=["q_proj"])
+    merged = save(copy.deepcopy(small).merge_and_unload().to(torch.bfloat16), tmp_path / "merged", "safetensors")
+    wider = tmp_path / "wider"  # its two factors and a third: rank 3, the same s = 2
+    shutil.copytree(tmp_path / "small", wider)
+    weights = load_file(wider / "adapter_model.safetensors")
+    g = torch.Generator().manual_seed(3)
+    save_file({k: torch.cat([v, 0.1 * torch.randn(1, v.shape[1], generator=g)]) if "lora_A" in k
+               else torch.cat([v, 0.1 * torch.randn(v.shape[0], 1, generator=g)], 1) for k, v in weights.items()},
+              wider / "adapter_model.safetensors")
+    config = json.loads((wider / "adapter_config.json").read_text())
+    (wider / "adapter_config.json").write_text(json.dumps(config | {"r": 3, "lora_alpha": 6}))
+    result = verify_adapter(base, merged, wider, progress=False)
+    assert result.modules
+    for row in result.modules:
+        assert len(row["principal_angles_deg"]) == 2, row["name"]
+        assert row["phi_row"] == pytest.approx(1.0, abs=1e-3), row["name"]
+    # the ΔW_full really holds the rounding above float32's floor: its σ₃ is far from 0 (the negative control)
+    W = base_model.model.layers[0].self_attn.q_proj.weight.detach().double()
+    delta = load_file(merged / "model.safetensors")["model.layers.0.self_attn.q_proj.weight"].double() - W
+    s = torch.linalg.svdvals(delta)
+    assert float(s[2] / s[0]) > 1e-4
+    assert storage_noise_rank(W, W, torch.float32, torch.float32) is None  # a float32 pair: float32's own cut
 
 
 def test_an_adapter_of_the_opposite_update_is_called_worse_than_none(trio, tmp_path):
@@ -636,11 +676,30 @@ def test_summary_averages_each_measure_over_the_rows_that_have_it():
             {"rank": 4, "fro_norm_full": 2.0, "relative_error": 0.5, "captured_energy": 0.8, "optimal_energy": 0.9,
              "phi": 0.7, "captured_energy_row": 0.6, "intruders_adapter": 1, "intruders_full": 2}]
     s = summarize(rows, (5.0, 10.0))
-    assert s["relative_error"] == pytest.approx((1 * 1.0 + 4 * 0.5) / 5)  # was None unless every row had φ
+    # the whole model's ‖E‖/‖ΔW_full‖: √((1²·1 + 2²·0.5²) / (1 + 4)), not the energy-weighted mean of the ratios
+    assert s["relative_error"] == pytest.approx(math.sqrt((1.0 * 1.0 + 4.0 * 0.25) / 5.0))
+    assert s["relative_error"] != pytest.approx((1 * 1.0 + 4 * 0.5) / 5)  # the mean of ratios it had reported
     assert s["captured_energy"] == pytest.approx(0.8) and s["phi"] == pytest.approx(0.7)
     assert s["coverage"] == 0.5 and s["intruders_full"] == 2
     untrained = summarize(rows[:1], (1.0, 2.0))
     assert untrained["relative_error"] == 1.0 and untrained["captured_energy"] is None
+    # an untrained module as module_measures now writes it: captured 0, optimum its own; both count in the totals
+    rows[0] |= {"captured_energy": 0.0, "optimal_energy": 0.5}
+    s = summarize(rows, (5.0, 10.0))
+    assert s["captured_energy"] == pytest.approx((1 * 0.0 + 4 * 0.8) / 5)
+    assert s["optimal_energy"] == pytest.approx((1 * 0.5 + 4 * 0.9) / 5) and s["phi"] == pytest.approx(0.7)
+
+
+def test_the_summary_relative_error_is_the_whole_models(tmp_path):
+    """One big module matched exactly and a small one 10× off: the whole update's error is ‖E‖/‖ΔW‖ ≈ 1, which the
+    energy-weighted mean of the per-module ratios (0.10) had hidden."""
+    from spectra.lora.verify import summarize
+
+    rows = [{"rank": 2, "fro_norm_full": 10.0, "relative_error": 0.0, "intruders_adapter": 0, "intruders_full": 0},
+            {"rank": 2, "fro_norm_full": 1.0, "relative_error": 10.0, "intruders_adapter": 0, "intruders_full": 0}]
+    errors = np.array([0.0, 10.0]) * np.array([10.0, 1.0])  # ‖E_i‖
+    whole = float(np.sqrt((errors ** 2).sum() / (np.array([10.0, 1.0]) ** 2).sum()))
+    assert summarize(rows, (1.0, 1.0))["relative_error"] == pytest.approx(whole) == pytest.approx(0.995, abs=1e-3)
 
 
 def test_an_adapter_with_untrained_components_reports_its_effective_rank(tmp_path):
@@ -718,9 +777,10 @@ def test_float64_inputs_are_left_unchanged():
     assert row32["relative_error"] == pytest.approx(row["relative_error"], rel=1e-5)
 
 
-def test_an_update_that_cancels_to_zero_is_measured_as_none():
+def test_an_update_that_cancels_to_zero_captures_nothing():
     """B = [b, b], A = [a; −a]: s·B A = 0 exactly though neither factor is zero, so it has no directions (rank 0)
-    and no subspace measures (verify had crashed on such an update)."""
+    and no φ (verify had crashed on such an update). Its spaces are {0}: it captures 0 of ΔW_full, and the
+    Eckart–Young optimum is ΔW_full's alone (it had been None, and the module dropped out of the totals)."""
     from spectra.linalg.subspace import factor_svd
     from spectra.lora.verify import module_measures
 
@@ -731,9 +791,14 @@ def test_an_update_that_cancels_to_zero_is_measured_as_none():
     delta_ad = 2.0 * B.double() @ A.double()
     assert low.values.numel() == 0 and float(delta_ad.norm()) == 0 and float(B.norm() * A.norm()) > 0
     W = torch.randn(24, 16, generator=g)
-    row, phi, vectors = module_measures(torch.randn(24, 16, generator=g), delta_ad, W, col_basis=low.U,
-                                        row_basis=low.Vh.T, rank=2, adapter_svd=low)
-    assert row["captured_energy"] is None and row["phi"] is None and phi is None and vectors is None
+    full = torch.randn(24, 16, generator=g)
+    row, phi, vectors = module_measures(full, delta_ad, W, col_basis=low.U, row_basis=low.Vh.T, rank=2,
+                                        adapter_svd=low)
+    assert row["phi"] is None and phi is None and vectors is None
+    assert row["captured_energy"] == row["captured_energy_row"] == row["captured_energy_both"] == 0.0
+    s = np.linalg.svd(full.double().numpy(), compute_uv=False)
+    assert row["optimal_energy"] == pytest.approx(float((s[:2] ** 2).sum() / (s ** 2).sum()), rel=1e-6)
+    assert row["energy_gap"] == row["optimal_energy"]
     assert row["relative_error"] == pytest.approx(1.0, abs=1e-3)  # still measured
 
 

@@ -12,7 +12,7 @@ from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 
 from spectra.errors import ConfigError
-from spectra.report import plots
+from spectra.report import plots, tables
 from spectra.report.tables import matrix_rows
 from tests.report.conftest import assert_whole_steps
 
@@ -248,7 +248,7 @@ def test_role_panels_give_the_median_over_changed_modules(analysis, unchange):
     median = np.median([r["energy_rank"]["0.9"] for r in qs if r["name"] != zeroed["name"]])
     for plot in (plots.plot_decay, plots.plot_cumulative_energy):
         title = _panel(plot(analysis), "q").get_title()
-        assert title == f"q: 4 modules, 1 unchanged, median E90 rank {plots.format_value(median, 'rank')} of 32"
+        assert title == f"q: 4 modules, 1 unchanged, median E90 rank {tables.format_value(median, 'rank')} of 32"
 
 
 def _ticks_in_view(axis) -> np.ndarray:
