@@ -817,24 +817,37 @@ def _tied_head(save_names: list[str], pairing: Pairing, model) -> tuple[str, str
 
 
 def _tied_lora_notes(lora_modules, pairing: Pairing, model) -> list[str]:
-    """A note when the adapter puts LoRA on an input embedding that the output head is tied to.
+    """A note when the adapter puts LoRA on an input embedding that another module reads.
 
-    PEFT applies an Embedding LoRA to the lookup only; the tied head keeps reading the base
-    weight until ``merge_and_unload()`` writes ΔW into the shared tensor. (Its
-    ``ensure_weight_tying`` does not help here: on Qwen2 the merge then adds ΔW twice.)
+    PEFT applies an Embedding LoRA to that module's own lookup only. Where the model looks tokens
+    up through other modules sharing its weight (T5, BART: ``shared`` beside ``encoder.embed_tokens``
+    and ``decoder.embed_tokens``, tied head or not), the LoRA is never called: unmerged, the adapter
+    carries none of the embedding's update. Where only the output head is tied to it, the head keeps
+    reading the base weight. Either way ``merge_and_unload()`` writes ΔW into the shared tensor and is
+    exact. (PEFT's ``ensure_weight_tying`` does not help a LoRA: on Qwen2 the merge then adds ΔW twice.)
     """
-    if model is None or not (pairing.config or {}).get("tie_word_embeddings", False):
-        return []
-    if model.get_input_embeddings() is None or model.get_output_embeddings() is None:
+    if model is None or model.get_input_embeddings() is None:
         return []
     modules = {id(m): name for name, m in model.named_modules()}
-    embed, head = modules.get(id(model.get_input_embeddings())), modules.get(id(model.get_output_embeddings()))
+    embedding = model.get_input_embeddings()
+    embed = modules.get(id(embedding))
     if not embed or embed not in lora_modules:
         return []
+    whole = (f"To be exact both ways, save the embedding whole instead: --modules-to-save "
+             f"{embed.rpartition('.')[2]} (and leave embed out of --roles).")
+    lookups = [name for name, m in model.named_modules()
+               if m is not embedding and isinstance(m, torch.nn.Embedding) and m.weight is embedding.weight]
+    if lookups:
+        return [f"{embed}'s LoRA is never called: the model looks tokens up through {', '.join(lookups)}, "
+                f"separate modules sharing its weight, and PEFT applies an embedding's LoRA to its own lookup only. "
+                f"Unmerged, the adapter carries none of {embed}'s update; merge_and_unload() writes it into the "
+                f"shared weight and reproduces the fine-tune. {whole}"]
+    if not (pairing.config or {}).get("tie_word_embeddings", False) or model.get_output_embeddings() is None:
+        return []
+    head = modules.get(id(model.get_output_embeddings()))
     return [f"{embed} is tied to the output head {head}: PEFT applies its LoRA to the embedding lookup only, so "
             f"the adapter reproduces the fine-tune after merge_and_unload() (the head then shares the merged "
-            f"weight) but not unmerged, where {head} keeps the base embedding. To be exact both ways, save the "
-            f"embedding whole instead: --modules-to-save {embed.rpartition('.')[2]} (and leave embed out of --roles)."]
+            f"weight) but not unmerged, where {head} keeps the base embedding. {whole}"]
 
 
 # the weights from_pretrained(folder) loads, in its order of preference

@@ -279,8 +279,15 @@ def _not_carried_notes(pairing: Pairing, matrices: list, vectors: list, only_in_
                            + _lora_cost(layers, selected, unchanged, pairing, None if full else rank) + ")")
         if plain:
             entries, saved_whole = _save_entries(plain, pairing)
-            fix.append(f"save them whole (modules_to_save={','.join(entries)}; {len(saved_whole)} module(s), "
-                       f"{_params_under(pairing, saved_whole):,} parameters with their weights){merged}")
+            # experts' slices of a fused tensor have no module to save: where some are among them, the option
+            # carries the others only, and says so (it had read as carrying all: 2 routers of 14 matrices)
+            which = "them" if len(plain) == len(layers) else f"the {len(plain)} of them held in modules"
+            rest = len(layers) - len(plain)
+            fix.append(f"save {which} whole (modules_to_save={','.join(entries)}; {len(saved_whole)} module(s), "
+                       f"{_params_under(pairing, saved_whole):,} parameters with their weights){merged}"
+                       + ("" if not rest else
+                          f", the other {rest} being experts' slices of a fused tensor, which no module saves: "
+                          "only their roles carry them"))
         notes.append(f"{lead}the adapter leaves out {len(matrices)} changed matri{'x' if len(matrices) == 1 else 'ces'}"
                      f" outside the {outside}: "
                      + named([f"{n} ({e.info.role})" for n, e in matrices])

@@ -726,7 +726,19 @@ def _refuse_parameter_methods_early(model, config: TrainConfig) -> None:
     config.json on the meta device (``model()`` builds it: None where transformers cannot): before the data and
     weights are loaded. Anything else it cannot tell there (a class transformers cannot build so, a name of another
     class) waits for the loaded model."""
-    if config.plan is not None or (config.method == "lora" and not config.lora_dropout):
+    if config.plan is not None:  # the plan's own rule: DoRA (`recommend --dora`) or dropout on its parameter targets
+        from spectra.ranks import load_plan
+
+        plan = load_plan(config.plan)
+        if not (plan.policy.use_dora or config.lora_dropout) or (built := model()) is None:
+            return
+        try:
+            parameters = plan.parameter_targets(built)
+        except ConfigError:
+            return  # refused for another reason: said, with the loaded model's names, after loading
+        plan.refuse_parameter_methods(parameters, built, config.lora_dropout)
+        return
+    if config.method == "lora" and not config.lora_dropout:
         return
     model = model()
     if model is None:

@@ -429,12 +429,7 @@ class RankPlan:
                 module_names = list(module_names)
                 names = _resolve_names(list(names), module_names)
             settings = {names[m.name]: (m.rank, m.alpha, m.conv1d) for m in self.modules}
-        if parameters and (self.policy.use_dora or lora_dropout):
-            raise ConfigError(f"PEFT adapts {sorted(parameters)[0]} (a parameter {type(model).__name__} holds no "
-                              "module for, or the weight of a module PEFT would rewrite into a fused expert target) "
-                              f"through target_parameters, which takes no "
-                              f"{'DoRA' if self.policy.use_dora else 'lora_dropout'}: plan LoRA without dropout, "
-                              "or leave these modules' roles out (e.g. --roles q,k,v,o).")
+        self.refuse_parameter_methods(parameters, model, lora_dropout)
         config = lora_config(settings, alpha_for=self.policy.alpha_for, use_rslora=self.policy.rslora,
                              use_dora=self.policy.use_dora, task_type=task_type, lora_dropout=lora_dropout,
                              parameters=parameters)
@@ -447,6 +442,22 @@ class RankPlan:
         elif module_names is not None:
             check_peft_config(config, module_names)
         return config, notes
+
+    def parameter_targets(self, model) -> set[str]:
+        """The plan's targets that ``model`` holds as parameters, adapted through ``target_parameters`` (an MoE's
+        fused experts); ``model`` may be built on the meta device."""
+        return self._model_settings(model)[1]
+
+    def refuse_parameter_methods(self, parameters, model, lora_dropout: float = 0.0) -> None:
+        """Raise :class:`ConfigError` where the plan adapts ``parameters`` (:meth:`parameter_targets`) with DoRA or
+        dropout, which PEFT supports on neither: what :meth:`to_peft_config` refuses, askable before any weight
+        is loaded."""
+        if parameters and (self.policy.use_dora or lora_dropout):
+            raise ConfigError(f"PEFT adapts {sorted(parameters)[0]} (a parameter {type(model).__name__} holds no "
+                              "module for, or the weight of a module PEFT would rewrite into a fused expert target) "
+                              f"through target_parameters, which takes no "
+                              f"{'DoRA' if self.policy.use_dora else 'lora_dropout'}: plan LoRA without dropout, "
+                              "or leave these modules' roles out (e.g. --roles q,k,v,o).")
 
     def _model_settings(self, model) -> tuple[dict, set, list]:
         """Target → (rank, alpha, conv1d) on ``model``, the targets that are parameters, and notes."""

@@ -515,6 +515,43 @@ def test_a_lora_on_a_tied_embedding_says_it_holds_only_merged(tmp_path):
     assert extract_adapter(b, t, "full", tmp_path / "ad2", roles=("embed",), progress=False).notes == []
 
 
+def test_a_lora_on_t5s_shared_embedding_says_it_is_never_called(tmp_path):
+    """T5 looks tokens up through encoder.embed_tokens and decoder.embed_tokens, modules of their own that share
+    shared's weight (tied, as transformers 5 ties them with tie_word_embeddings): PEFT's LoRA on `shared` is never
+    called, so unmerged the adapter carries none of the embedding's update (the note had said only the head
+    missed it). Reference: PEFT's unmerged model equals the q-only adapter's; its merge is the fine-tune."""
+    import transformers as tf
+    from peft import PeftModel
+
+    config = tiny_config("t5")
+    assert config.tie_word_embeddings
+    torch.manual_seed(0)
+    base = tf.T5ForConditionalGeneration(config).eval()
+    tuned = copy.deepcopy(base)
+    with torch.no_grad():
+        tuned.shared.weight += 0.05 * torch.randn(tuned.shared.weight.shape)
+        tuned.encoder.block[0].layer[0].SelfAttention.q.weight += 0.05
+    b, t = save(base, tmp_path / "b", "safetensors"), save(tuned, tmp_path / "t", "safetensors")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        both = extract_adapter(b, t, "full", tmp_path / "both", roles=("q", "embed"), progress=False)
+        extract_adapter(b, t, "full", tmp_path / "q", roles=("q",), progress=False)
+    note = next(n for n in both.notes if "shared" in n)
+    assert "shared's LoRA is never called" in note and "encoder.embed_tokens" in note
+    assert "--modules-to-save shared" in note
+    ids, dec = torch.tensor([[3, 4, 5, 6, 1]]), torch.tensor([[0, 7, 8]])
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        adapted = PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "both")).eval()
+        q_only = PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "q")).eval()
+        got = adapted(input_ids=ids, decoder_input_ids=dec).logits
+        want = tuned(input_ids=ids, decoder_input_ids=dec).logits
+        torch.testing.assert_close(got, q_only(input_ids=ids, decoder_input_ids=dec).logits)  # what the note says
+        assert float((got - want).abs().max()) > 1e-3
+        merged = adapted.merge_and_unload()(input_ids=ids, decoder_input_ids=dec).logits
+        torch.testing.assert_close(merged, want, rtol=1e-4, atol=1e-5)
+
+
 def test_keys_use_the_model_names_when_the_checkpoint_lacks_their_prefix(tmp_path):
     """The original GPT-2 checkpoint stores h.0.attn.c_attn; GPT2LMHeadModel's module is transformer.h.0.attn.c_attn."""
     from safetensors.torch import load_file, save_file

@@ -149,3 +149,30 @@ def test_saving_whole_names_full_names_where_a_last_name_would_save_adapted_modu
     assert torch.allclose(state[name], want[name].double(), atol=1e-6)
     assert not torch.allclose(base.state_dict()[name].double(), want[name].double(), atol=1e-6)  # it changed
     assert not any("changed matri" in n for n in followed.notes)  # nothing of them left out
+
+
+def test_saving_whole_says_it_carries_only_the_modules_among_expert_slices(tmp_path):
+    """A Mixtral fine-tune of its routers and fused experts, extracted with roles=q: 'save them whole' had read as
+    carrying all 14 matrices left out, yet carries the 2 routers alone (the 12 experts' slices have no module).
+    Followed, it leaves exactly those 12 out; the roles option carries all of them."""
+    base = build_model("mixtral")
+    tuned = copy.deepcopy(base)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in tuned.named_parameters():
+            if any(k in name for k in ("mlp.gate.", "experts.gate_up", "q_proj")):
+                p += 0.01 * torch.randn(p.shape, generator=g)
+    b, t = save(base, tmp_path / "b", "safetensors"), save(tuned, tmp_path / "t", "safetensors")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = extract_adapter(b, t, 2, tmp_path / "a", roles=("q",), progress=False)
+    note = next(n for n in result.notes if "outside the roles" in n)
+    left = len(result.left_out)
+    routers = [n for n in result.left_out if n.endswith(".gate")]
+    assert routers and len(routers) < left
+    assert f"save the {len(routers)} of them held in modules whole (modules_to_save=gate;" in note
+    assert f"the other {left - len(routers)} being experts' slices of a fused tensor" in note
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        saved = extract_adapter(b, t, 2, tmp_path / "s", roles=("q",), modules_to_save=("gate",), progress=False)
+    assert len(saved.left_out) == left - len(routers) and not any(n.endswith(".gate") for n in saved.left_out)

@@ -428,6 +428,13 @@ def test_plan_with_fused_experts_trains_them_through_target_parameters(text_data
         train_adapter(b, text_data, TrainConfig(plan=str(path), method="dora", **FAST), tmp_path / "dora",
                       progress=False)
     assert not (tmp_path / "dora").exists()
+    # dropout on the plan's fused experts: refused from config.json alone, before the data and weights are read
+    # (it had passed there and been refused only after loading); the same plan without dropout passes
+    from spectra.lora.train import refuse_before_loading
+
+    with pytest.raises(ConfigError, match="target_parameters, which takes no lora_dropout"):
+        refuse_before_loading(b, TrainConfig(plan=str(path), lora_dropout=0.1))
+    refuse_before_loading(b, TrainConfig(plan=str(path)))
 
 
 @pytest.fixture(scope="module")
