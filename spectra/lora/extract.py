@@ -826,10 +826,13 @@ def _tied_lora_notes(lora_modules, pairing: Pairing, model) -> list[str]:
     reading the base weight. Either way ``merge_and_unload()`` writes ΔW into the shared tensor and is
     exact. (PEFT's ``ensure_weight_tying`` does not help a LoRA: on Qwen2 the merge then adds ΔW twice.)
     """
-    if model is None or model.get_input_embeddings() is None:
+    try:
+        embedding = None if model is None else model.get_input_embeddings()
+    except NotImplementedError:  # a composite model (CLIP, OWL-ViT) that names no one input embedding
+        return []
+    if embedding is None:
         return []
     modules = {id(m): name for name, m in model.named_modules()}
-    embedding = model.get_input_embeddings()
     embed = modules.get(id(embedding))
     if not embed or embed not in lora_modules:
         return []
