@@ -48,6 +48,7 @@ across points for the gap to the full fine-tune.
 
 from __future__ import annotations
 
+import operator
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -346,14 +347,21 @@ def truncation_sweep(base, tuned, data, *, ranks=(1, 2, 4, 8, 16, 32, 64), plan=
                                   seconds=time.perf_counter() - start))
 
 
+def _whole(r) -> int:
+    """A rank as an int: an int or numpy integer; a bool, float or string is refused (TypeError)."""
+    if isinstance(r, bool):
+        raise TypeError(f"{r!r} is not a rank")
+    return operator.index(r)
+
+
 def _check(ranks, non_target: str, groups: str) -> list[int]:
     if non_target not in NON_TARGET:
         raise ConfigError(f"non_target {non_target!r} is not one of {', '.join(NON_TARGET)}.")
     if groups not in GROUPS:
         raise ConfigError(f"groups {groups!r} is not one of {', '.join(GROUPS)}.")
-    try:
-        out = sorted({int(r) for r in ranks})
-    except (TypeError, ValueError):
+    try:  # whole numbers only: int(2.7) had swept rank 2 (and True rank 1) and recorded that, not what was asked
+        out = sorted({_whole(r) for r in ranks})
+    except TypeError:
         raise ConfigError(f"ranks {ranks!r}: expected integers like 1,2,4,8.") from None
     if not out or out[0] < 0:
         raise ConfigError(f"ranks {ranks!r}: give ranks ≥ 0, e.g. 0,1,2,4,8.")
@@ -498,8 +506,11 @@ def _summarize(jobs, keys, stats, metric: Metric, weights, modules: list[dict], 
         "unit": "examples" if task == "seq_cls" else "tokens",
         "truncation": "eckart-young" if calibration is None else "data-optimal",
         "ranks": ranks, "non_target": list(non_target), "groups": groups,
-        "bootstrap": {"replicates": config.bootstrap, "confidence": config.confidence, "seed": config.seed,
-                      "resampled": "eval examples"},
+        # the replicates run: none for one eval example (nothing to resample), with the reason
+        "bootstrap": {"replicates": config.bootstrap if first["num"].shape[0] >= 2 else 0,
+                      "confidence": config.confidence, "seed": config.seed, "resampled": "eval examples"}
+        | ({"none_because": "bootstrap=0" if config.bootstrap == 0 else "one eval example: nothing to resample"}
+           if config.bootstrap == 0 or first["num"].shape[0] < 2 else {}),
         "reference": reference, "points": points,
         "modules": modules, "unreached": unreached,
         "config": asdict(config), "calibration": None if calibration is None else calibration.describe(),

@@ -881,3 +881,15 @@ def test_default_length_fits_a_short_position_table(bert, llama, tmp_path):
     result = truncation_sweep(base, tuned, text, ranks=[1], calibration=text, config=config, progress=False)
     assert result.data["calibration"]["max_length"] == 128
     assert not [n for n in result.data["notes"] if "max_length" in n]
+
+
+@pytest.mark.parametrize("ranks", [[2.7, 1], [True], ["3", 1]])
+def test_ranks_that_are_not_whole_numbers_are_refused(ranks):
+    """int(2.7) had swept rank 2 and recorded it as asked; True had been rank 1."""
+    from spectra.sweep import _check
+
+    with pytest.raises(ConfigError, match="expected integers"):
+        _check(ranks, "tuned", "model")
+    import numpy as np
+
+    assert _check([np.int64(4), 1, 4], "tuned", "model") == [1, 4]  # numpy integers are whole numbers

@@ -373,6 +373,7 @@ def _plan(adapter, base, config) -> tuple[list[AdapterDelta], list[str], list[Un
                                                   ".q_attn.weight"))})[0]
     alpha_default = cfg.get("lora_alpha", 8)
     alpha_pattern = cfg.get("alpha_pattern") or {}
+    _check_alphas(adapter, alpha_default, alpha_pattern)
     for adapter_module, parts in modules.items():
         base_tensor = tied_to.get(adapter_module) or base_tensors[adapter_module]
         module = adapter_module if adapter_module in tied_to else base_tensor.removesuffix(".weight")
@@ -398,6 +399,10 @@ def _plan(adapter, base, config) -> tuple[list[AdapterDelta], list[str], list[Un
                                    f"{', '.join(sorted(parts))}; a LoRA module needs both A and B.")
             a_info, b_info = adapter.weights.info(parts[a_key]), adapter.weights.info(parts[b_key])
             rank = a_info.shape[0]
+            if not rank:
+                raise AdapterError(f"adapter {adapter.spec}: module {adapter_module} has rank 0 (A {tuple(a_info.shape)}"
+                                   f", B {tuple(b_info.shape)}): it holds no update and α/r is undefined. Save the "
+                                   "adapter again without it.")
             # A (r, in), B (out, r); an embedding's A is (r, vocab) and B (dim, r), i.e. transposed roles
             want_a, want_b = ((rank, shape[0]), (shape[1], rank)) if embedding else (
                 (rank, *info.shape[1:]), (shape[0], rank, *(1,) * len(kernel))) if kernel else (
@@ -410,6 +415,7 @@ def _plan(adapter, base, config) -> tuple[list[AdapterDelta], list[str], list[Un
             alpha = pattern_value(alpha_pattern, adapter_module, alpha_default)
             scaling = alpha / rank_scale(rank, bool(cfg.get("use_rslora")))
             dtype = a_info.dtype
+            _check_dora_parts(adapter, adapter_module, parts, shape, tuple(info.shape), embedding)
         else:
             full_shape = tuple(adapter.weights.info(parts["full"]).shape)
             if full_shape != tuple(info.shape):
@@ -418,6 +424,36 @@ def _plan(adapter, base, config) -> tuple[list[AdapterDelta], list[str], list[Un
         deltas.append(AdapterDelta(module=module, base_tensor=base_tensor, shape=shape, dtype=dtype, conv1d=conv1d,
                                    keys=parts, scaling=scaling, embedding=embedding))
     return deltas, notes, unpaired + _paired_biases(biases, base, base_tensors)
+
+
+def _check_alphas(adapter, alpha, pattern) -> None:
+    """Refuse an ``adapter_config.json`` whose ``lora_alpha`` or an ``alpha_pattern`` value is no finite number."""
+    if not isinstance(pattern, dict):
+        raise AdapterError(f"adapter {adapter.spec}: alpha_pattern in adapter_config.json must map module names to "
+                           f"numbers, got {type(pattern).__name__}. Fix the config or save the adapter again.")
+    for key, value in [("lora_alpha", alpha)] + [(f"alpha_pattern[{k!r}]", v) for k, v in pattern.items()]:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise AdapterError(f"adapter {adapter.spec}: {key} in adapter_config.json is {value!r}; it must be a "
+                               "number (LoRA's α, the update's scale α/r). Fix the config or save the adapter again.")
+
+
+def _check_dora_parts(adapter, module: str, parts: dict[str, str], shape: tuple[int, int], stored: tuple[int, ...],
+                      embedding: bool) -> None:
+    """Refuse a DoRA magnitude of another length than the rows it rescales (PEFT's ``(out,)``, a convolution's
+    ``(1, out, 1…)``; an embedding's: its dim) and a saved ``base_layer`` of another shape than the base weight
+    (`stored`, as the base holds it): one magnitude element had broadcast to every row, ΔW 38× too large."""
+    if "magnitude" in parts:
+        got = tuple(adapter.weights.info(parts["magnitude"]).shape)
+        want = shape[1] if embedding else shape[0]
+        if math.prod(got) != want:
+            raise AdapterError(f"adapter {adapter.spec}: module {module}'s DoRA magnitude "
+                               f"{parts['magnitude']} has shape {got}, but it rescales {want} rows of the base weight "
+                               f"(out, in) {shape}. The adapter is damaged or of another model; save it again.")
+    if "base_layer" in parts:
+        got = tuple(adapter.weights.info(parts["base_layer"]).shape)
+        if got != stored:
+            raise AdapterError(f"adapter {adapter.spec}: module {module}'s saved base weight {parts['base_layer']} has "
+                               f"shape {got}, but the base's is {stored}. The adapter is of another model.")
 
 
 def _paired_biases(biases: dict[str, str], base, base_tensors: dict[str, str]) -> list[UnpairedTensor]:
@@ -481,6 +517,7 @@ def _plan_parameters(adapter, base, config, modules: dict[str, dict[str, str]], 
     sources = parameter_sources(model, base.names(), {f"{h}.{p}" for h, ps in holders.items() for p in ps})
     alpha_default = adapter.config.get("lora_alpha", 8)
     alpha_pattern = adapter.config.get("alpha_pattern") or {}
+    _check_alphas(adapter, alpha_default, alpha_pattern)
     held = _HeldFactors()  # each parameter's A and B read once for all of its experts
     deltas = []
     for name in list(modules):

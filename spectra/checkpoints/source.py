@@ -98,6 +98,35 @@ class _SafetensorsFile:
                                   "file may be truncated or corrupt; download or save it again.") from err
 
 
+def _unreadable_pickle(path: Path, err: Exception) -> CheckpointError:
+    """The error for a .bin/.pt file torch could not load with ``weights_only=True``, by what is wrong with it."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(64)
+    except OSError:
+        head = b""
+    if head.startswith(b"version https://git-lfs"):
+        return CheckpointError(f"{path} is a git-lfs pointer, not the weights: run `git lfs pull` in its repository "
+                               "(or download the file itself).")
+    # torch's weights-only unpickler: "Unsupported global: GLOBAL posix.system" (a torch zip), "Trying to load
+    # unsupported GLOBAL posix.system whose module posix is blocked." (a raw pickle)
+    unsupported = [line.strip() for line in str(err).splitlines() if "unsupported global" in line.lower()]
+    if unsupported:  # torch's weights-only unpickler met a callable: loading it would run code
+        return CheckpointError(f"refusing to unpickle {path}: it holds objects other than tensors, and loading it "
+                               f"would execute code from the file ({unsupported[0]}). Convert it to safetensors in "
+                               "an environment you trust, then point spectra at the .safetensors file.")
+    if isinstance(err, pickle.UnpicklingError):  # torch's text advises weights_only=False: quote its cause alone
+        causes = [line.strip() for line in str(err).splitlines()[1:] if line.strip()
+                  and not line.startswith(("Please file", "Check the documentation"))]
+        what = f"its pickle is not a state dict torch can read safely ({causes[0] if causes else 'UnpicklingError'})."
+    elif isinstance(err, (RuntimeError, OSError, ValueError, EOFError)):
+        what = _sentence(err)
+    else:
+        what = f"{type(err).__name__} {err} while unpickling."  # a KeyError's message alone reads "101."
+    return CheckpointError(f"cannot read {path}: {what} The file is truncated or not a torch checkpoint; download or "
+                           "save it again.")
+
+
 class _PickleFile:
     """One pickle .bin file, loaded with ``weights_only=True`` and memory-mapped."""
 
@@ -111,21 +140,20 @@ class _PickleFile:
                     raise
                 # torch's legacy (pre-1.6, non-zip) format cannot be memory-mapped: read it whole
                 state = torch.load(str(path), map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as err:
-            raise CheckpointError(
-                f"refusing to unpickle {path}: it holds objects other than tensors, and loading it would "
-                f"execute code from the file ({str(err).splitlines()[0]}). Convert it to safetensors in an "
-                "environment you trust, then point spectra at the .safetensors file."
-            ) from err
-        except (RuntimeError, EOFError, OSError, ValueError) as err:
-            raise CheckpointError(f"cannot read {path}: {_sentence(err)} The file is truncated or not a torch "
-                                  "checkpoint; download or save it again.") from err
+        except Exception as err:  # noqa: BLE001 - torch raises KeyError, UnpicklingError, RuntimeError… on bad files
+            raise _unreadable_pickle(path, err) from err
         if not isinstance(state, dict):
             raise CheckpointError(f"{path} does not hold a state dict (found {type(state).__name__}); "
                                   "spectra needs a mapping of tensor names to tensors.")
-        if "state_dict" in state and isinstance(state["state_dict"], dict):
-            state = state["state_dict"]
+        for key in ("state_dict", "model", "module", "model_state_dict"):  # a trainer's checkpoint: the weights
+            if not any(isinstance(v, torch.Tensor) for v in state.values()) and isinstance(state.get(key), dict):
+                state = state[key]
         self._tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+        if not self._tensors:
+            keys = ", ".join(map(str, list(state)[:8])) + (" …" if len(state) > 8 else "")
+            raise CheckpointError(f"{path} holds no tensors at its top level (keys: {keys or 'none'}); spectra needs "
+                                  "a state dict of tensor names to tensors. Save the model's state_dict() alone (or "
+                                  "the entry of this file that holds it) and point spectra at that.")
         self.infos = {k: TensorInfo(k, tuple(v.shape), v.dtype, path) for k, v in self._tensors.items()}
 
     def read(self, name: str) -> torch.Tensor:
@@ -169,12 +197,17 @@ class CheckpointSource:
         ``config.json`` beside the weights, when present.
     files : list of Path
         Weight files, in index order.
+    weight_map : dict or None
+        A shard index's tensor name → shard file: each tensor it names is read from that shard (a stale copy
+        in another shard is not), and a shard that lacks a tensor named for it is refused. None: the files'
+        own tensors, a name in two files refused.
     """
 
     path: Path
     spec: str
     files: list[Path]
     config: dict[str, Any] | None = None
+    weight_map: dict[str, Path] | None = None
     _readers: dict[Path, Any] = field(default_factory=dict, repr=False)
     _infos: dict[str, TensorInfo] = field(default_factory=dict, repr=False)
 
@@ -182,10 +215,26 @@ class CheckpointSource:
     _parts: dict[str, TensorInfo] = field(default_factory=dict, repr=False)  # a quantised weight's stored tensors
 
     def __post_init__(self) -> None:
+        if self.weight_map is not None:
+            for name, file in self.weight_map.items():
+                info = self._reader(file).infos.get(name)
+                if info is None:
+                    raise CheckpointError(
+                        f"tensor {name!r}: the shard index of {self.path} places it in {file.name}, which does not "
+                        "hold it; the download is incomplete or the index is stale. Download the complete "
+                        "checkpoint again.")
+                self._infos[name] = info
         for file in self.files:
-            reader = self._reader(file)
-            for name, info in reader.infos.items():
-                self._infos.setdefault(name, info)
+            for name, info in self._reader(file).infos.items():
+                if self.weight_map is not None:
+                    self._infos.setdefault(name, info)  # a tensor the index does not name: its shard's
+                elif name in self._infos and self._infos[name].file != file:
+                    raise CheckpointError(
+                        f"tensor {name!r} is in two weight files of {self.path}: {self._infos[name].file.name} "
+                        f"and {file.name}. The folder holds two checkpoints (or a leftover file); pass the one "
+                        "file, or an index .json that says which shard holds each tensor.")
+                else:
+                    self._infos[name] = info
         # a quantised weight (MXFP4, block-scaled FP8) is listed in its codes' place, as the tensor it encodes
         self._quantized = quantized_tensors(self._infos, self.config, self.spec)
         listed = {q.parts[0]: name for name, q in self._quantized.items()}
@@ -402,33 +451,41 @@ def _open_local(path: Path, spec: str) -> CheckpointSource | AdapterSource:
     if path.is_dir():
         if (path / ADAPTER_CONFIG).is_file():
             return _open_adapter(path, spec)
-        files = _weight_files_in_dir(path)
-        return CheckpointSource(path=path, spec=spec, files=files, config=_read_config(path / "config.json"))
+        files, weight_map = _weight_files_in_dir(path)
+        return CheckpointSource(path=path, spec=spec, files=files, config=_read_config(path / "config.json"),
+                                weight_map=weight_map)
     if path.name.endswith(".json"):
-        files = _files_from_index(path)
-        return CheckpointSource(path=path, spec=spec, files=files, config=_read_config(path.parent / "config.json"))
+        files, weight_map = _files_from_index(path)
+        return CheckpointSource(path=path, spec=spec, files=files, config=_read_config(path.parent / "config.json"),
+                                weight_map=weight_map)
     if path.suffix in (".safetensors", ".bin", ".pt", ".pth"):
         return CheckpointSource(path=path, spec=spec, files=[path], config=_read_config(path.parent / "config.json"))
     raise CheckpointError(f"{path} is not a directory, a .safetensors/.bin file or an index .json; "
                           "spectra does not know how to read it.")
 
 
-def _weight_files_in_dir(path: Path) -> list[Path]:
-    # Preference order follows transformers: safetensors over pickle, index over single file.
-    for candidate in (SAFETENSORS_INDEX, "model.safetensors", BIN_INDEX, "pytorch_model.bin"):
+def _weight_files_in_dir(path: Path) -> tuple[list[Path], dict[str, Path] | None]:
+    """The folder's weight files, and its index's tensor → shard map where it has one.
+
+    Preference order follows transformers (``modeling_utils``): safetensors over pickle, and a single file over
+    an index. ``save_pretrained`` of a smaller model into a folder that held shards deletes the shards but leaves
+    the index behind; transformers loads the single file, and spectra had refused the folder for the missing shards.
+    """
+    for candidate in ("model.safetensors", SAFETENSORS_INDEX, "pytorch_model.bin", BIN_INDEX):
         p = path / candidate
         if p.is_file():
-            return _files_from_index(p) if candidate.endswith(".json") else [p]
+            return _files_from_index(p) if candidate.endswith(".json") else ([p], None)
     loose = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
     if loose:
-        return loose
+        return loose, None
     raise CheckpointError(
         f"no weights found in directory {path}: expected {SAFETENSORS_INDEX}, model.safetensors, "
         f"{BIN_INDEX}, pytorch_model.bin, any *.safetensors file, or {ADAPTER_CONFIG} for a PEFT adapter."
     )
 
 
-def _files_from_index(index: Path) -> list[Path]:
+def _files_from_index(index: Path) -> tuple[list[Path], dict[str, Path]]:
+    """The shard files an index names, in its order, and its tensor name → shard file map."""
     try:
         data = json.loads(index.read_text())
         if isinstance(data, dict) and "weight_map" not in data and ("model_type" in data or "peft_type" in data):
@@ -439,13 +496,20 @@ def _files_from_index(index: Path) -> list[Path]:
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise CheckpointError(f"cannot read the shard index {index}: {_sentence(err)} It must be JSON with a "
                               "'weight_map' of tensor name → shard file.") from err
-    files = []
+    if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                   for k, v in weight_map.items()):
+        raise CheckpointError(f"cannot read the shard index {index}: its 'weight_map' must map tensor names to shard "
+                              "file names (strings). Download the checkpoint again.")
+    files = {}
     for shard in dict.fromkeys(weight_map.values()):
         file = index.parent / shard
+        if not shard.endswith((".safetensors", ".bin", ".pt", ".pth")):
+            raise CheckpointError(f"shard {shard!r} named in {index} is not a weight file (.safetensors, .bin, .pt "
+                                  "or .pth); the index is damaged. Download the checkpoint again.")
         if not file.is_file():
             raise CheckpointError(f"shard {shard!r} named in {index} is missing; download the complete checkpoint.")
-        files.append(file)
-    return files
+        files[shard] = file
+    return list(files.values()), {name: files[shard] for name, shard in weight_map.items()}
 
 
 def _read_config(path: Path) -> dict[str, Any] | None:
@@ -476,14 +540,29 @@ def _open_adapter(path: Path, spec: str) -> AdapterSource:
                           "or adapter_model.bin.")
 
 
-_HUB_PATTERNS = ["config.json", "adapter_config.json", "*.safetensors", "*.safetensors.index.json",
-                 "adapter_model.safetensors"]
-_HUB_BIN_PATTERNS = ["config.json", "adapter_config.json", "pytorch_model*.bin", "pytorch_model.bin.index.json",
-                     "adapter_model.bin"]
+_HUB_META = ["config.json", "adapter_config.json", SAFETENSORS_INDEX, BIN_INDEX]
+
+
+def _hub_weight_patterns(meta: Path) -> list[list[str]]:
+    """The weight files to fetch into a hub snapshot holding its metadata (`_HUB_META`), in the order
+    :func:`_weight_files_in_dir` prefers them: an adapter's; ``model.safetensors``; the shards its index names (and
+    nothing else: ``*.safetensors`` had also fetched a full copy beside them, Mistral's ``consolidated.safetensors``,
+    doubling the download for a file never read); ``pytorch_model.bin``; the bin index's shards; any loose files."""
+    if (meta / ADAPTER_CONFIG).is_file():
+        return [["adapter_model.safetensors"], ["adapter_model.bin"]]
+    def shards(index: str) -> list[list[str]]:
+        try:
+            names = sorted(set(json.loads((meta / index).read_text())["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return []  # absent or unreadable: opening the snapshot says which
+        return [names] if names and all(isinstance(n, str) for n in names) else []
+
+    return ([["model.safetensors"]] + shards(SAFETENSORS_INDEX) + [["pytorch_model.bin"]] + shards(BIN_INDEX)
+            + [["*.safetensors"], ["*.bin"]])
 
 
 def _resolve_hub(repo_id: str, revision: str | None) -> Path:
-    """Resolve a hub id to a local snapshot: cache first, then the network (config + weights only)."""
+    """Resolve a hub id to a local snapshot: cache first, then the network (config, index and the weights read)."""
     try:
         from huggingface_hub import snapshot_download
     except ImportError as err:  # pragma: no cover - huggingface_hub is a dependency
@@ -491,14 +570,20 @@ def _resolve_hub(repo_id: str, revision: str | None) -> Path:
 
     last_error: Exception | None = None
     for local_only in (True, False):
-        for patterns in (_HUB_PATTERNS, _HUB_BIN_PATTERNS):
+        try:
+            meta = Path(snapshot_download(repo_id, revision=revision, allow_patterns=_HUB_META,
+                                          local_files_only=local_only))
+        except Exception as err:  # offline, 404, gated: all become one clear message below
+            last_error = err
+            continue
+        for patterns in _hub_weight_patterns(meta):
             try:
-                path = Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns,
+                path = Path(snapshot_download(repo_id, revision=revision, allow_patterns=_HUB_META + patterns,
                                               local_files_only=local_only))
-            except Exception as err:  # offline, 404, gated: all become one clear message below
+            except Exception as err:
                 last_error = err
                 continue
-            if any(path.glob("*.safetensors")) or any(path.glob("*.bin")):
+            if all(any(path.glob(p)) for p in patterns):
                 return path
     raise CheckpointError(
         f"no local path {repo_id!r} exists, and cannot fetch hub id {repo_id!r}{'@' + revision if revision else ''}: "

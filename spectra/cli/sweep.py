@@ -65,8 +65,9 @@ def sweep(
                               progress=not quiet)
     marks = {}
     if plan is not None:
-        planned = sorted(m.rank for m in load_plan(plan).modules)
-        marks["plan (median rank)"] = planned[len(planned) // 2]
+        planned = sorted(m.rank for m in load_plan(plan).modules if m.rank)  # as the figure's star takes it
+        if planned:
+            marks["plan (median rank)"] = planned[len(planned) // 2]
     choice, functional_plan, plan_error = None, None, None
     if epsilon is not None:
         choice = functional_ranks(result, epsilon)

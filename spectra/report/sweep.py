@@ -104,11 +104,15 @@ def plot_truncation_curve(sweep: Mapping, *, marks: Mapping[str, int] | None = N
     for (label, rank), color in zip((marks or {}).items(), ("tab:red", "tab:green", "tab:purple", "tab:brown")):
         ax.axvline(rank, color=color, ls=":", lw=1.6, label=f"{label}: r={rank}")
     if any(p["rank"] for p in sweep["points"] if p["rank"]):
-        ax.set_xscale("log", base=2)
+        # a mark at rank 0 (a functional rank within a loose ε) has no place on a log axis, which had stretched to
+        # 2⁻⁴⁹ to reach it: a symmetric log axis is linear from 0 to 1, then log₂
+        zero = any(rank == 0 for rank in (marks or {}).values())
+        ax.set_xscale("symlog", base=2, linthresh=1, linscale=0.5) if zero else ax.set_xscale("log", base=2)
     ax.set_xlabel("rank r of every truncated ΔW" if group == "model" else f"rank r of the {group} updates")
     ax.set_ylabel(f"eval {metric}")
     ax.set_title(f"{metric} vs rank ({sweep.get('truncation')} truncation, {sweep.get('examples')} eval examples, "
-                 f"{_pct_conf(sweep)} bootstrap intervals)", fontsize=9)
+                 + (f"{_pct_conf(sweep)} bootstrap intervals)" if _has_intervals(sweep) else "no intervals)"),
+                 fontsize=9)
     ax.legend(fontsize=7, loc="best")
     return fig
 
@@ -169,8 +173,10 @@ def truncation_blocks(sweep: Mapping, *, figures: list[str]) -> list[tuple]:
     boot = sweep.get("bootstrap") or {}
     items = [f"Base: {sweep.get('base')}", f"Full fine-tune: {sweep.get('tuned')}",
              f"Eval data: {sweep.get('data')} — {sweep.get('examples')} examples ({sweep.get('units')} "
-             f"{sweep.get('unit')}); intervals: {_pct_conf(sweep)} percentile bootstrap over examples, "
-             f"{boot.get('replicates')} replicates, paired for the gap",
+             f"{sweep.get('unit')}); intervals: "
+             + (f"{_pct_conf(sweep)} percentile bootstrap over examples, {boot.get('replicates')} replicates, "
+                "paired for the gap" if _has_intervals(sweep) else
+                f"none ({boot.get('none_because') or 'no bootstrap'})"),
              f"Truncation: {sweep.get('truncation')}; non-targeted tensors from: {', '.join(sweep['non_target'])}",
              f"Metric: {metric} ({'higher' if sweep['metric']['higher_is_better'] else 'lower'} is better)"]
     items += [f"{k}: {metric} {num(v['metric'])} {interval_text(v.get('interval'))}" for k, v in ref.items()]
@@ -248,6 +254,11 @@ def interval_text(interval) -> str:
     """'[lo, hi]' with 4 significant digits ('[0, 0]', never '-0'); '' for none."""
     return "" if not interval else f"[{num(interval[0] + 0.0)}, {num(interval[1] + 0.0)}]"
 
+
+
+def _has_intervals(sweep: Mapping) -> bool:
+    """Whether the sweep computed bootstrap intervals (replicates run, more than one eval example)."""
+    return bool((sweep.get("bootstrap") or {}).get("replicates")) and (sweep.get("examples") or 0) >= 2
 
 
 def _pct_conf(sweep: Mapping) -> str:

@@ -171,3 +171,32 @@ def test_a_curve_the_eval_data_never_reached_is_said_so(tmp_path):
           / "report.md").read_text()
     assert "Not reached" not in md and "Functional rank (vision q, ε=0.01, non-targets from tuned): 1 (" in md
     assert labels(sweep) == ["q", "vision q"]
+
+
+def test_a_mark_at_rank_0_keeps_the_rank_axis_readable():
+    """A functional rank of 0 (a loose ε) on the log₂ axis had stretched it to 2⁻⁴⁹ and squeezed the curve into its
+    right edge; the axis is then symmetric-log (linear from 0 to 1) and the mark sits at 0. Without it: log₂."""
+    from spectra.report.sweep import plot_truncation_curve
+
+    sweep = sweep_like_the_review()
+    marked = plot_truncation_curve(sweep, marks={"functional ε=0.5": 0}).axes[0]
+    assert marked.get_xscale() == "symlog"
+    low, high = marked.get_xlim()
+    assert -16 < low <= 0 and 100 <= high < 400  # the mark at 0 inside, no 2⁻⁴⁹ on the left
+    plain = plot_truncation_curve(sweep, marks={"functional ε=0.01": 2}).axes[0]
+    assert plain.get_xscale() == "log" and plain.get_xlim()[0] > 0.5
+
+
+@pytest.mark.parametrize("replicates, examples, because", [(0, 5, "bootstrap=0"),
+                                                           (1000, 1, "one eval example: nothing to resample")])
+def test_a_sweep_without_intervals_does_not_claim_them(tmp_path, replicates, examples, because):
+    from spectra.report.sweep import plot_truncation_curve, truncation_blocks
+
+    sweep = sweep_like_the_review() | {"examples": examples,
+                                       "bootstrap": {"replicates": 0, "confidence": 0.95, "none_because": because}}
+    text = json.dumps(truncation_blocks(sweep, figures=[]))
+    assert f"intervals: none ({because})" in text and "percentile bootstrap" not in text
+    assert plot_truncation_curve(sweep).axes[0].get_title().endswith("no intervals)")
+    claimed = sweep_like_the_review()  # the control: 1000 replicates over 5 examples
+    assert "95% percentile bootstrap over examples, 1000 replicates" in json.dumps(truncation_blocks(claimed, figures=[]))
+    assert "bootstrap intervals" in plot_truncation_curve(claimed).axes[0].get_title()
