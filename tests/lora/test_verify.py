@@ -132,29 +132,33 @@ def test_against_an_adapter_of_lower_rank_the_measures_read_only_its_rank(trio, 
     assert all(len(r["principal_angles_deg"]) == 3 for r in same.modules)
 
 
-def test_against_a_merged_float32_checkpoint_its_rounding_is_no_rank(trio, tmp_path):
-    """TUNED a rank-2 LoRA merged into a float32 checkpoint, its update ~1/800 of the weights: ΔW_full = TUNED − BASE
-    carries the rounding of W + ΔW (~1e-7·|W|), full rank above ΔW's own noise edge. Judged at the weights' rounding
-    (a checkpoint's ΔW is a difference), its rank is 2: the rank-3 adapter holding those factors reads φ_row = 1."""
-    import json
+def _wider_adapter(small, wider, scale: float):
+    """The rank-2 adapter `small` with a third random factor pair of size `scale`: rank 3, the same s = 2."""
     import shutil
 
     from safetensors.torch import load_file, save_file
 
+    shutil.copytree(small, wider)
+    weights = load_file(wider / "adapter_model.safetensors")
+    g = torch.Generator().manual_seed(3)
+    save_file({k: torch.cat([v, scale * torch.randn(1, v.shape[1], generator=g)]) if "lora_A" in k
+               else torch.cat([v, scale * torch.randn(v.shape[0], 1, generator=g)], 1) for k, v in weights.items()},
+              wider / "adapter_model.safetensors")
+    config = json.loads((wider / "adapter_config.json").read_text())
+    (wider / "adapter_config.json").write_text(json.dumps(config | {"r": 3, "lora_alpha": 6}))
+    return wider
+
+
+def test_against_a_merged_float32_checkpoint_its_rounding_is_no_rank(trio, tmp_path):
+    """TUNED a rank-2 LoRA merged into a float32 checkpoint, its update ~1/800 of the weights: ΔW_full = TUNED − BASE
+    carries the rounding of W + ΔW (~1e-7·|W|), full rank above ΔW's own noise edge. Judged at the weights' rounding
+    (a checkpoint's ΔW is a difference), its rank is 2: the rank-3 adapter holding those factors reads φ_row = 1."""
     base_model, base, _, _, _, _, _ = trio
     with quiet_peft():
         small = random_adapter(base_model, tmp_path / "small", seed=7, scale=3e-3, r=2, lora_alpha=4,
                                target_modules=["q_proj"])
     merged = save(copy.deepcopy(small).merge_and_unload(), tmp_path / "merged", "safetensors")  # float32
-    wider = tmp_path / "wider"  # its two factors and a third: rank 3, the same s = 2
-    shutil.copytree(tmp_path / "small", wider)
-    weights = load_file(wider / "adapter_model.safetensors")
-    g = torch.Generator().manual_seed(3)
-    save_file({k: torch.cat([v, 3e-3 * torch.randn(1, v.shape[1], generator=g)]) if "lora_A" in k
-               else torch.cat([v, 3e-3 * torch.randn(v.shape[0], 1, generator=g)], 1) for k, v in weights.items()},
-              wider / "adapter_model.safetensors")
-    config = json.loads((wider / "adapter_config.json").read_text())
-    (wider / "adapter_config.json").write_text(json.dumps(config | {"r": 3, "lora_alpha": 6}))
+    wider = _wider_adapter(tmp_path / "small", tmp_path / "wider", 3e-3)
     result = verify_adapter(base, merged, wider, progress=False)
     assert result.modules
     for row in result.modules:
@@ -167,9 +171,7 @@ def test_against_a_merged_bf16_checkpoint_its_rounding_is_no_rank(tmp_path):
     of ΔW_full here) is far above float32's. Judged at float32's precision the rounding directions had counted as
     ΔW_full's rank (3 angles, φ_row 0.67); at the storage dtypes' noise floor (analyze's) the rank is 2: φ_row = 1.
     The float32 pair, whose floor is float32's, keeps its own test above (no storage rank is taken for it)."""
-    import shutil
-
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     from spectra.lora.verify_measures import storage_noise_rank
 
@@ -179,15 +181,7 @@ def test_against_a_merged_bf16_checkpoint_its_rounding_is_no_rank(tmp_path):
         small = random_adapter(base_model.float(), tmp_path / "small", seed=7, scale=0.1, r=2, lora_alpha=4,
                                target_modules=["q_proj"])
     merged = save(copy.deepcopy(small).merge_and_unload().to(torch.bfloat16), tmp_path / "merged", "safetensors")
-    wider = tmp_path / "wider"  # its two factors and a third: rank 3, the same s = 2
-    shutil.copytree(tmp_path / "small", wider)
-    weights = load_file(wider / "adapter_model.safetensors")
-    g = torch.Generator().manual_seed(3)
-    save_file({k: torch.cat([v, 0.1 * torch.randn(1, v.shape[1], generator=g)]) if "lora_A" in k
-               else torch.cat([v, 0.1 * torch.randn(v.shape[0], 1, generator=g)], 1) for k, v in weights.items()},
-              wider / "adapter_model.safetensors")
-    config = json.loads((wider / "adapter_config.json").read_text())
-    (wider / "adapter_config.json").write_text(json.dumps(config | {"r": 3, "lora_alpha": 6}))
+    wider = _wider_adapter(tmp_path / "small", tmp_path / "wider", 0.1)
     result = verify_adapter(base, merged, wider, progress=False)
     assert result.modules
     for row in result.modules:
