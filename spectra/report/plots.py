@@ -23,9 +23,9 @@ from matplotlib.ticker import MaxNLocator
 
 from spectra.groups import group_label, group_of
 from spectra.report.tables import (
-    _energy_bounds,
     by_projection,
     energy_curve,
+    energy_bounds,
     energy_levels,
     format_median,
     full_rank,
@@ -43,6 +43,7 @@ from spectra.report.tables import (
     stack_label,
     stacks_of,
     unchanged,
+    unchanged_text,
 )
 
 # viridis without its pale-yellow top, so the last layer's line stays visible on white.
@@ -189,7 +190,7 @@ def plot_rank_heatmap(analysis: Mapping, *, level: str | None = None) -> Figure:
     matplotlib.figure.Figure
     """
     level = headline_level(analysis) if level is None else level
-    bounds = _energy_bounds(level)
+    bounds = energy_bounds(level)
     # a cell is the median of its modules' ranks (a layer's experts); where the sketch left some open, the medians
     # of their lower and upper ends bound it: the colour is the lower, the text "lo–hi", the cell hatched
     return _heatmap(matrix_rows(analysis), lambda row: (bounds(row) or (None,))[0],
@@ -235,9 +236,10 @@ def plot_effective_rank_histogram(analysis: Mapping, *, stacks: list | None = No
     # ΔW = 0 has no rank to count (its 0 would drag the median), rounding alone no rank of the fine-tune's; a fused
     # whole is counted through its projections
     rows = [r for r in by_projection(every) if not unchanged(r)]
-    if not all(rounding_only(r) for r in rows):
-        rows = [r for r in rows if not rounding_only(r)]
-    left_out = left_out_text(analysis, stacks=stacks)
+    if all(rounding_only(r) for r in rows):  # no signal anywhere: the rounding's ranks are all there is to show
+        left_out = unchanged_text(analysis, stacks=stacks)
+    else:
+        rows, left_out = [r for r in rows if not rounding_only(r)], left_out_text(analysis, stacks=stacks)
     pairs = [(number(r.get("effective_rank")), full_rank(r)) for r in rows]
     pairs = [(e, f) for e, f in pairs if e is not None]
     fig = Figure(figsize=(10, 4), layout="constrained")
@@ -326,7 +328,7 @@ def _energy_zoom(members: list[dict]) -> float:
     """
     longest = max(len(r["singular_values"]) for r in members)
     top_level = max((k for r in members for k in (r.get("energy_rank") or {})), key=float, default="0.99")
-    ranks = [_energy_bounds(top_level)(r) for r in members]  # an unsettled rank: the top of its interval
+    ranks = [energy_bounds(top_level)(r) for r in members]  # an unsettled rank: the top of its interval
     top = max((hi for _, hi in filter(None, ranks)), default=longest)
     return float(min(longest, max(8.0, np.ceil(1.5 * top))))
 
@@ -346,7 +348,7 @@ def _finish_panel(ax, role: str, members: list[dict], drawn: int) -> None:
     level = headline({k for r in members for k in (r.get("energy_rank") or {})})
     # the median over the modules the per-role table counts, as it gives it: ΔW = 0 has no rank, rounding alone
     # none of the fine-tune's, an unsettled rank enters as its interval
-    median = interval_stats(_energy_bounds(level)(r) for r in members if not unchanged(r) and not rounding_only(r))
+    median = interval_stats(energy_bounds(level)(r) for r in members if not unchanged(r) and not rounding_only(r))
     full = int(np.median([full_rank(r) for r in members]))
     rank = "–" if median is None else format_median(median, "rank")  # as the tables print it
     still = sum(unchanged(r) for r in members)

@@ -187,7 +187,7 @@ def _share(level: str) -> Callable[[Mapping], float | None]:
     return share
 
 
-def _energy_bounds(level: str) -> Callable[[Mapping], tuple[float, float] | None]:
+def energy_bounds(level: str) -> Callable[[Mapping], tuple[float, float] | None]:
     """(lo, hi) of a module's energy rank at `level`: (r, r) where it is settled, the sketch's interval
     (``energy_rank_bounds``) where the sketch left it open (null in ``energy_rank``), None where neither."""
     def bounds(row: Mapping) -> tuple[float, float] | None:
@@ -203,7 +203,7 @@ def _energy_bounds(level: str) -> Callable[[Mapping], tuple[float, float] | None
 
 def _share_bounds(level: str) -> Callable[[Mapping], tuple[float, float] | None]:
     def bounds(row: Mapping) -> tuple[float, float] | None:
-        interval = _energy_bounds(level)(row)
+        interval = energy_bounds(level)(row)
         return None if interval is None or full_rank(row) == 0 else (interval[0] / full_rank(row),
                                                                       interval[1] / full_rank(row))
 
@@ -290,7 +290,7 @@ def _metrics(analysis: Mapping) -> tuple[Metric, ...]:
     energy = []
     for level in levels:
         energy.append(Metric(f"energy_rank_{level}", f"energy-{percent(level)} rank", _energy(level), "rank",
-                             _energy_bounds(level)))
+                             energy_bounds(level)))
         if level == head:
             energy.append(Metric(f"energy_rank_{level}_share", f"energy-{percent(level)} rank / full rank",
                                  _share(level), "share", _share_bounds(level)))
@@ -399,10 +399,11 @@ def left_out_text(analysis: Mapping, *, stacks: list | None = None) -> str:
         return unchanged_part
     named = ", ".join(dict.fromkeys(group_label(group_of(r), stacks) for r in noise))
     more, too = ("more ", " too") if unchanged_part else ("", "")
-    count = f"{len(noise)} {more}{'matrix' if len(noise) == 1 else 'matrices'} ({named}) {'holds' if len(noise) == 1 else 'hold'}"
+    one = len(noise) == 1
     return ((unchanged_part + " ") if unchanged_part else "") + (
-        f"{count} no singular value above the storage dtype's rounding-noise floor (ΔW is rounding there, not "
-        f"fine-tuning) and {'is' if len(noise) == 1 else 'are'} left out{too}.")
+        f"{len(noise)} {more}{'matrix' if one else 'matrices'} ({named}) {'holds' if one else 'hold'} no singular "
+        f"value above the storage dtype's rounding-noise floor (ΔW is rounding there, not fine-tuning) and "
+        f"{'is' if one else 'are'} left out{too}.")
 
 
 def _unchanged_where(left: list[Mapping], stacks, *, shown: int = 4) -> str:
@@ -661,7 +662,7 @@ def rank_picture(analysis: Mapping, *, stacks: list | None = None) -> str:
     level = headline_level(analysis)
     at = percent(level)
     shares = interval_stats(_share_bounds(level)(r) for r in rows)
-    ranks = interval_stats(_energy_bounds(level)(r) for r in rows)
+    ranks = interval_stats(energy_bounds(level)(r) for r in rows)
     if shares is None or ranks is None:
         return (f"The analysis holds {len(rows)} weight matrices but no energy-{at} ranks, "
                 "so no rank picture can be drawn.")
@@ -701,7 +702,7 @@ def _activation_picture(rows: list[Mapping]) -> str:
         return ""
     level = headline(levels)
     weighted = stats(_activation_energy(level)(r) for r in calibrated)
-    plain = interval_stats(_energy_bounds(level)(r) for r in calibrated)
+    plain = interval_stats(energy_bounds(level)(r) for r in calibrated)
     if weighted is None or plain is None:
         return ""
     tokens = max(int(r["activation"].get("tokens") or 0) for r in calibrated)
