@@ -349,6 +349,7 @@ class Pairing:
                 "as the model holds both sides, (out, in)")
         entries.extend(self._mixed_experts())
         entries.extend(self._untied_heads(match))
+        entries.extend(self._tied_in_tuned(match))
         return self._dedupe_tied(entries)
 
     def _class_heads(self, pairs: dict[str, str]) -> set[str]:
@@ -599,6 +600,37 @@ class Pairing:
             self.only_in_tuned = [n for n in self.only_in_tuned if n != head]
             self.notes.append(f"{module}: tied to {embed.removesuffix('.weight')} in the base (stored once), its own "
                               f"tensor in the tuned checkpoint; its ΔW is taken against {embed}")
+        return out
+
+    def _tied_in_tuned(self, match) -> list[PairEntry]:
+        """The reverse of :meth:`_untied_heads`: a head the base stores as its own tensor while the tuned checkpoint
+        ties it to its input embedding (its config.json says ``tie_word_embeddings``, the head stored once, as the
+        embedding): the tuned model's head is that embedding, so its ΔW is taken against it (it was left out as
+        "only in BASE", with no word of why)."""
+        tuned_config = getattr(self.tuned, "config", None) or {}
+        if not tuned_config.get("tie_word_embeddings", False):
+            return []
+        def role(name: str) -> str:
+            return module_info(name.removesuffix(".weight")).role if name.endswith(".weight") else ""
+
+        embeds = [t for t in match.pairs.values() if role(t) == "embed"]
+        heads = [n for n in match.only_in_base if role(n) == "head"]
+        if len(embeds) != 1 or not heads:
+            return []
+        (embed,) = embeds
+        t = self.tuned.info(embed)
+        out = []
+        for head in heads:
+            b = self.base.info(head)
+            if t.shape != b.shape or b.dtype not in _FLOAT_DTYPES or t.dtype not in _FLOAT_DTYPES:
+                continue
+            module = head.removesuffix(".weight")
+            out.append(PairEntry(name=module, info=module_info(module, self.config), kind="matrix",
+                                 shape=tuple(b.shape), base_tensor=head, tuned_tensor=embed, base_dtype=b.dtype,
+                                 tuned_dtype=t.dtype))
+            self.only_in_base = [n for n in self.only_in_base if n != head]
+            self.notes.append(f"{module}: its own tensor in the base, tied to {embed.removesuffix('.weight')} in the "
+                              f"tuned checkpoint (stored once); its ΔW is taken against the tuned {embed}")
         return out
 
     def _dbrx_entries(self, b_name: str, t_name: str, b_shape, t_shape, experts: int, common: dict) -> list[PairEntry]:

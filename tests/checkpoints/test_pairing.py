@@ -289,6 +289,36 @@ def test_a_head_the_fine_tune_unties_is_measured_against_the_base_embedding(tmp_
     assert any("tied to model.embed_tokens in the base" in n for n in pairing.notes)
 
 
+def test_a_head_the_fine_tune_ties_is_measured_against_the_tuned_embedding(tmp_path):
+    """The reverse: Llama's base stores lm_head, a fine-tune saved with tie_word_embeddings stores only the
+    embedding, which its model's head is. The head had been left "only in BASE" with no note; its ΔW is the tuned
+    embedding − the base head. Control: the same pair with the tuned config untied keeps it "only in BASE"."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    base = build_model("llama")
+    b = save(base, tmp_path / "b", "safetensors")
+    shutil.copytree(b, tmp_path / "t")
+    state = load_file(tmp_path / "t" / "model.safetensors")
+    state["model.embed_tokens.weight"] = (state["model.embed_tokens.weight"].double()
+                                          + low_rank(*state["model.embed_tokens.weight"].shape, 2, seed=6)).float()
+    head = state.pop("lm_head.weight")
+    save_file(state, tmp_path / "t" / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((tmp_path / "t" / "config.json").read_text())
+    (tmp_path / "t" / "config.json").write_text(json.dumps(config | {"tie_word_embeddings": True}))
+    pairing = Pairing(b, tmp_path / "t", F64)
+    seen = {d.name: d for d in pairing}
+    assert "lm_head" in seen and pairing.only_in_base == [] and seen["lm_head"].role == "head"
+    torch.testing.assert_close(seen["lm_head"].delta, state["model.embed_tokens.weight"].double() - head.double(),
+                               rtol=0, atol=0)
+    assert any("tied to model.embed_tokens in the tuned checkpoint" in n for n in pairing.notes)
+    (tmp_path / "t" / "config.json").write_text(json.dumps(config | {"tie_word_embeddings": False}))
+    untied = Pairing(b, tmp_path / "t", F64)
+    assert "lm_head" not in {d.name for d in untied} and untied.only_in_base == ["lm_head.weight"]
+
+
 def test_resized_vocabulary(tmp_path):
     base = build_model("llama")
     tuned = copy.deepcopy(base)
